@@ -1,0 +1,135 @@
+"""The ``cachegate`` command: run, check, demo (and the operator tools beside them).
+
+Every subcommand validates the config the same way; a bad config exits 2 with
+one ``FILE:LINE: message`` line per problem, before any port is bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from proxy import __version__
+from proxy.config import Overrides, Settings, load_config
+from proxy.errors import ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def run_async(coro: Coroutine[Any, Any, int], use_uvloop: bool = True) -> int:
+    """Run on uvloop when it is importable (Linux), else on asyncio's default loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(coro)
+    return asyncio.run(coro)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, metavar="FILE", help="YAML config file")
+
+
+def _add_run_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", metavar="HOST:PORT", help="client listener (overrides listen:)")
+    p.add_argument("--upstream", action="append", default=[], metavar="URL",
+                   help="upstream URL, repeatable (overrides upstreams:)")
+    p.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener, or 'off'")
+    p.add_argument("--workers", metavar="N", help="worker processes, or 'auto' for one per CPU")
+    p.add_argument("--log-level", default=os.environ.get("CACHEGATE_LOG_LEVEL", "info"),
+                   choices=("debug", "info", "warning", "error"))
+    p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
+
+
+def _overrides(args: argparse.Namespace) -> Overrides:
+    return Overrides(listen=args.listen, upstreams=tuple(args.upstream),
+                     admin_listen=args.admin_listen, workers=args.workers)
+
+
+def _load(path: str | None, overrides: Overrides) -> Settings | None:
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _load(args.config, Overrides())
+    if settings is None:
+        return EXIT_CONFIG
+    rules = settings.rules
+    print(f"{args.config}: OK ({len(settings.upstreams)} upstream(s), {len(rules.rules)} rule(s) "
+          f"from {len(rules.files)} file(s))")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    overrides = _overrides(args)
+    settings = _load(args.config, overrides)
+    if settings is None:
+        return EXIT_CONFIG
+    if settings.workers > 1:
+        from proxy.supervisor import supervise
+
+        return supervise(settings, args.config, overrides, use_uvloop=not args.no_uvloop)
+    from proxy.web.server import serve
+
+    return run_async(serve(settings, args.config, overrides), not args.no_uvloop)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from proxy.demo import run_demo
+
+    return run_async(run_demo(args), not args.no_uvloop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cachegate", description="HTTP caching reverse proxy")
+    parser.add_argument("--version", action="version", version=f"cachegate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the proxy")
+    _add_config_args(p)
+    _add_run_overrides(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a config and its rule files")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo", help="run a sample origin with cachegate in front of it")
+    p.add_argument("--origin-listen", default="127.0.0.1:9000", metavar="HOST:PORT")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    p.add_argument("--admin-listen", default="127.0.0.1:8081", metavar="HOST:PORT")
+    p.add_argument("--rules", default="rules/default.yaml", metavar="FILE")
+    p.add_argument("--cache-dir", default="var/cache", metavar="DIR")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--no-uvloop", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""One in-flight origin fetch per cache key, owned by the coalescer, not by a client.
+
+A ``Flight`` is a task that fetches one response from the origin and fans its
+body out (``Broadcast``) to every client that joined while it was in flight, as
+the bytes arrive. The flight belongs to the coalescer: a client that goes away
+only stops reading; the fetch goes on to fill the cache for the others.
+
+The wait is bounded: a follower that has not seen the response head within
+``lock_timeout`` goes upstream on its own. A response that turns out not to be
+shareable (private, Set-Cookie, a Vary mismatch, ...) is not handed to
+followers; they fetch for themselves, and the key is remembered as
+"hit-for-pass" for a short time so the next herd goes straight through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from multidict import CIMultiDictProxy
+
+HIGH_WATER = 4 * 1024 * 1024  # unread bytes a reader may fall behind before the fetch waits
+
+
+class _Reader:
+    __slots__ = ("_broadcast", "_items", "_pending", "_waiter", "closed")
+
+    def __init__(self, broadcast: Broadcast) -> None:
+        self._broadcast = broadcast
+        self._items: collections.deque[bytes | BaseException | None] = collections.deque()
+        self._pending = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        self._items.append(item)
+        if isinstance(item, bytes):
+            self._pending += len(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                while not self._items:
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    await self._waiter
+                    self._waiter = None
+                item = self._items.popleft()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                self._pending -= len(item)
+                self._broadcast._reader_progressed()
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._items.clear()
+            self._pending = 0
+            self._broadcast._remove(self)
+
+
+class Broadcast:
+    """A body read once from upstream and streamed to any number of readers.
+
+    Readers may join late as long as the history (chunks so far) is still kept,
+    which it is up to ``history_limit`` bytes.
+    """
+
+    def __init__(self, history_limit: int) -> None:
+        self._history: list[bytes] | None = []
+        self._history_size = 0
+        self._history_limit = history_limit
+        self._readers: list[_Reader] = []
+        self._ended: bytes | BaseException | None | bool = False
+        self._drained: asyncio.Event | None = None
+        self.size = 0
+
+    @property
+    def readers(self) -> int:
+        return len(self._readers)
+
+    def join(self) -> _Reader | None:
+        """A reader from the first byte, or None when the start is no longer kept."""
+        if self._history is None:
+            return None
+        reader = _Reader(self)
+        for chunk in self._history:
+            reader._put(chunk)
+        if self._ended is not False:
+            reader._put(self._ended if isinstance(self._ended, BaseException) else None)
+        else:
+            self._readers.append(reader)
+        return reader
+
+    async def push(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        for r in self._readers:
+            r._put(chunk)
+        if self._history is not None:
+            self._history.append(chunk)
+            self._history_size += len(chunk)
+            if self._history_size > self._history_limit:
+                self._history = None
+        while any(r._pending > HIGH_WATER for r in self._readers):
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+
+    def finish(self) -> None:
+        self._end(None)
+
+    def fail(self, exc: BaseException) -> None:
+        self._end(exc)
+
+    def _end(self, item: BaseException | None) -> None:
+        if self._ended is not False:
+            return
+        self._ended = item
+        for r in self._readers:
+            r._put(item)
+        self._readers = []
+
+    def _reader_progressed(self) -> None:
+        if self._drained is not None and not any(r._pending > HIGH_WATER for r in self._readers):
+            self._drained.set()
+
+    def _remove(self, reader: _Reader) -> None:
+        if reader in self._readers:
+            self._readers.remove(reader)
+        self._reader_progressed()
+
+
+@dataclass(frozen=True, slots=True)
+class FlightHead:
+    """The response head a flight received, and whether followers may be given it."""
+
+    status: int
+    reason: str
+    headers: CIMultiDictProxy[str]
+    shareable: bool
+    store_detail: str  # "" when it is being stored, else the DontStore detail
+    content_length: int | None
+    vary: tuple[tuple[str, str], ...] = ()  # selecting values of the leader's request
+
+
+@dataclass(frozen=True, slots=True)
+class FlightResult:
+    stored: bool
+    detail: str = ""
+
+
+class Flight:
+    def __init__(self, key: str, history_limit: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.key = key
+        self.head: asyncio.Future[FlightHead] = loop.create_future()
+        self.result: asyncio.Future[FlightResult] = loop.create_future()
+        self.body = Broadcast(history_limit)
+        self.task: asyncio.Task[None] | None = None
+        self.followers = 0
+        # A failed head must not log "exception never retrieved" when nobody waited.
+        self.head.add_done_callback(_consume)
+        self.result.add_done_callback(_consume)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class Coalescer:
+    def __init__(self, history_limit: int, hit_for_pass: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._flights: dict[str, Flight] = {}
+        self._pass_until: dict[str, float] = {}
+        self._history_limit = history_limit
+        self._hit_for_pass = hit_for_pass
+        self._clock = clock
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, key: str) -> Flight | None:
+        return self._flights.get(key)
+
+    def start(self, key: str, run: Callable[[Flight], Coroutine[Any, Any, None]]) -> Flight:
+        """Start the one flight for ``key``; it removes itself when its body is done."""
+        flight = Flight(key, self._history_limit)
+        self._flights[key] = flight
+
+        async def runner() -> None:
+            try:
+                await run(flight)
+            finally:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+                if not flight.head.done():
+                    flight.head.set_exception(ConnectionError("flight ended without a response"))
+                if not flight.result.done():
+                    flight.result.set_result(FlightResult(False, "ABORTED"))
+
+        flight.task = asyncio.get_running_loop().create_task(runner())
+        self._tasks.add(flight.task)
+        flight.task.add_done_callback(self._tasks.discard)
+        return flight
+
+    def mark_pass(self, key: str) -> None:
+        """Remember ``key`` as uncacheable for a while (hit-for-pass)."""
+        if self._hit_for_pass > 0:
+            self._pass_until[key] = self._clock() + self._hit_for_pass
+            if len(self._pass_until) > 100_000:
+                now = self._clock()
+                self._pass_until = {k: t for k, t in self._pass_until.items() if t > now}
+
+    def clear_pass(self, key: str) -> None:
+        self._pass_until.pop(key, None)
+
+    def is_pass(self, key: str) -> bool:
+        until = self._pass_until.get(key)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._pass_until[key]
+            return False
+        return True
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a background job (a stale-while-revalidate refresh) owned by the coalescer."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self, grace: float = 5.0) -> None:
+        tasks = list(self._tasks)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,338 @@
+"""The YAML config file -> frozen ``Settings``; every problem reported as ``FILE:LINE: message``.
+
+``load_config`` reads the file, applies command-line overrides, compiles the rule
+files it references, and either returns ``Settings`` or raises ``ConfigError``
+with every problem found (not just the first). Nothing here binds a port or
+touches the cache directory: ``cachegate check`` and ``cachegate run`` share it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from yarl import URL
+
+from proxy.errors import ConfigError
+from proxy.policy.messages import CacheOptions
+from proxy.rules import RuleSet, load_rules
+from proxy.schema import Section, parse_hostport
+from proxy.storage.disk import DiskEviction
+from proxy.storage.memory import MemoryPolicy
+from proxy.yamlsrc import Problems, Src, load_yaml
+
+HostPort = tuple[str, int]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    url: URL
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 60.0  # between bytes
+    total: float | None = None
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    balance: Literal["round_robin", "least_conn"] = "round_robin"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    pool_size: int = 256  # keep-alive connections per upstream
+    preserve_host: bool = True  # send the client's Host upstream (nginx: proxy_set_header Host $host)
+    retries: int = 1  # extra attempts on another upstream when the connection failed
+
+
+@dataclass(frozen=True)
+class DiskSettings:
+    path: str
+    size: int = 10 * 1024 * MB
+    shards: int = 8
+    eviction: DiskEviction = "least-recently-stored"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    memory: int = 256 * MB
+    memory_max_object: int = 1 * MB
+    memory_policy: MemoryPolicy = "lru"
+    max_object: int = 100 * MB
+    lock_timeout: float = 5.0
+    disk: DiskSettings | None = None
+    tag_headers: tuple[str, ...] = ("Surrogate-Key", "Cache-Tag")
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: HostPort | None = ("127.0.0.1", 8081)
+    token: str | None = None
+    purge_from: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str  # the config file, or "<defaults>"
+    listen: HostPort = ("127.0.0.1", 8080)
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    rule_files: tuple[str, ...] = ()
+    rules: RuleSet = field(default_factory=RuleSet)
+    trusted_proxies: tuple[Network, ...] = ()
+    workers: int = 1
+    shutdown_grace: float = 10.0
+    via: str = "cachegate"
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
+class Overrides:
+    listen: str | None = None
+    upstreams: tuple[str, ...] = ()
+    admin_listen: str | None = None
+    workers: str | None = None
+    cache_path: str | None = None
+
+
+_TOP = ("listen", "upstreams", "upstream", "cache", "admin", "rules", "trusted_proxies",
+        "workers", "shutdown_grace", "via", "access_log")  # fmt: skip
+
+
+def _hostport(sec: Section, key: str, default: HostPort | None) -> HostPort | None:
+    item = sec.raw(key)
+    if item is None:
+        return default
+    if item.value is None or item.value is False:
+        return None
+    try:
+        return parse_hostport(str(item.value))
+    except ValueError as exc:
+        sec.problems.add(item, f"{key}: {exc}")
+        return default
+
+
+def _upstream_url(text: str, at: Src | tuple[str, int], problems: Problems) -> URL | None:
+    try:
+        url = URL(text)
+    except ValueError as exc:
+        problems.add(at, f"upstream url {text!r}: {exc}")
+        return None
+    if url.scheme not in ("http", "https") or not url.host:
+        problems.add(at, f"upstream url {text!r}: expected http://HOST[:PORT] or https://...")
+        return None
+    if url.path not in ("", "/") or url.query_string:
+        problems.add(at, f"upstream url {text!r}: must not have a path or query")
+        return None
+    return url.with_path("")
+
+
+def _networks(sec: Section, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+    if not sec.has(key):
+        return default
+    nets: list[Network] = []
+    for item in sec.list(key) if not isinstance(sec.raw(key).value, str) else [sec.raw(key)]:  # type: ignore[union-attr]
+        try:
+            nets.append(ipaddress.ip_network(str(item.value), strict=False))
+        except ValueError:
+            sec.problems.add(item, f"{key}: {item.value!r} is not an IP address or CIDR network")
+    return tuple(nets)
+
+
+def _resolve(base_dir: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
+
+
+def parse_workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"workers: expected a positive number or auto, got {text!r}")
+    return int(text)
+
+
+def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
+    """Settings from a parsed config document (problems recorded, defaults used for bad values)."""
+    if not isinstance(root.value, dict):
+        problems.add(root, "the config file must be a mapping (listen:, upstreams:, cache:, ...)")
+        root = Src({}, root.file, root.line)
+    top = Section(root, problems, "", _TOP)
+
+    upstreams: list[UpstreamSettings] = []
+    for item in top.list("upstreams"):
+        if isinstance(item.value, str):
+            url = _upstream_url(item.value, item, problems)
+            if url is not None:
+                upstreams.append(UpstreamSettings(url))
+            continue
+        if not isinstance(item.value, dict):
+            problems.add(item, "upstreams: each entry is a URL or {url: ..., weight: ...}")
+            continue
+        up = Section(item, problems, "upstreams[]", ("url", "weight"))
+        url_text = up.optional_str("url")
+        if url_text is None:
+            problems.add(item, "upstreams[]: url is required")
+            continue
+        url = _upstream_url(url_text, up.raw("url") or item, problems)
+        if url is not None:
+            upstreams.append(UpstreamSettings(url, up.int("weight", 1, minimum=1)))
+
+    pool = PoolSettings()
+    ps = top.section("upstream", ("balance", "timeouts", "pool_size", "preserve_host", "retries"))
+    if ps is not None:
+        ts = ps.section("timeouts", ("connect", "read", "total"))
+        timeouts = Timeouts()
+        if ts is not None:
+            timeouts = Timeouts(ts.duration("connect", 5.0), ts.duration("read", 60.0),
+                                ts.optional_duration("total"))
+        pool = PoolSettings(
+            balance=ps.choice("balance", "round_robin", ("round_robin", "least_conn")),  # type: ignore[arg-type]
+            timeouts=timeouts,
+            pool_size=ps.int("pool_size", 256, minimum=1),
+            preserve_host=ps.bool("preserve_host", True),
+            retries=ps.int("retries", 1, minimum=0),
+        )
+
+    cache = CacheSettings(disk=DiskSettings(path=_resolve(base_dir, "var/cache")))
+    cs = top.section("cache", ("memory", "memory_max_object", "memory_policy", "max_object",
+                               "lock_timeout", "disk", "tag_headers"))
+    if cs is not None:
+        disk: DiskSettings | None = cache.disk
+        if cs.has("disk") and cs.raw("disk").value is None:  # type: ignore[union-attr]
+            disk = None  # "disk: null" runs memory-only
+        else:
+            ds = cs.section("disk", ("path", "size", "shards", "eviction"))
+            if ds is not None:
+                disk = DiskSettings(
+                    path=_resolve(base_dir, ds.str("path", "var/cache")),
+                    size=ds.size("size", 10 * 1024 * MB),
+                    shards=ds.int("shards", 8, minimum=1),
+                    eviction=ds.choice("eviction", "least-recently-stored",  # type: ignore[arg-type]
+                                       ("least-recently-stored", "least-recently-used")),
+                )
+        cache = CacheSettings(
+            memory=cs.size("memory", 256 * MB),
+            memory_max_object=cs.size("memory_max_object", 1 * MB),
+            memory_policy=cs.choice("memory_policy", "lru", ("lru", "lfu")),  # type: ignore[arg-type]
+            max_object=cs.size("max_object", 100 * MB),
+            lock_timeout=cs.duration("lock_timeout", 5.0),
+            disk=disk,
+            tag_headers=tuple(cs.str_list("tag_headers")) if cs.has("tag_headers")
+            else ("Surrogate-Key", "Cache-Tag"),
+        )
+
+    admin = AdminSettings()
+    ad = top.section("admin", ("listen", "token", "purge_from"))
+    if ad is not None:
+        admin = AdminSettings(
+            listen=_hostport(ad, "listen", ("127.0.0.1", 8081)),
+            token=ad.optional_str("token") or None,
+            purge_from=_networks(ad, "purge_from", AdminSettings().purge_from),
+        )
+
+    workers = 1
+    if top.has("workers"):
+        item = top.raw("workers")
+        try:
+            workers = parse_workers(str(item.value))  # type: ignore[union-attr]
+        except ValueError as exc:
+            problems.add(item, str(exc))  # type: ignore[arg-type]
+
+    rule_files = tuple(_resolve(base_dir, f) for f in top.str_list("rules"))
+    for item, path in zip(top.list("rules"), rule_files, strict=False):
+        if not os.path.isfile(path):
+            problems.add(item, f"rules: rule file {path} does not exist")
+
+    return Settings(
+        source=root.file,
+        listen=_hostport(top, "listen", ("127.0.0.1", 8080)) or ("127.0.0.1", 8080),
+        upstreams=tuple(upstreams),
+        pool=pool,
+        cache=cache,
+        admin=admin,
+        rule_files=rule_files,
+        trusted_proxies=_networks(top, "trusted_proxies", ()),
+        workers=workers,
+        shutdown_grace=top.duration("shutdown_grace", 10.0),
+        via=top.str("via", "cachegate"),
+        access_log=top.bool("access_log", False),
+    )
+
+
+def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
+    at = ("<command line>", 0)
+    if o.listen is not None:
+        try:
+            s = replace(s, listen=parse_hostport(o.listen))
+        except ValueError as exc:
+            problems.add(at, f"--listen: {exc}")
+    if o.upstreams:
+        ups = [UpstreamSettings(u) for t in o.upstreams if (u := _upstream_url(t, at, problems))]
+        s = replace(s, upstreams=tuple(ups))
+    if o.admin_listen is not None:
+        try:
+            admin_listen = None if o.admin_listen in ("", "off") else parse_hostport(o.admin_listen)
+            s = replace(s, admin=replace(s.admin, listen=admin_listen))
+        except ValueError as exc:
+            problems.add(at, f"--admin-listen: {exc}")
+    if o.workers is not None:
+        try:
+            s = replace(s, workers=parse_workers(o.workers))
+        except ValueError as exc:
+            problems.add(at, f"--workers: {exc}")
+    if o.cache_path is not None and s.cache.disk is not None:
+        s = replace(s, cache=replace(s.cache, disk=replace(s.cache.disk, path=o.cache_path)))
+    return s
+
+
+def _check(s: Settings, problems: Problems, file: str) -> None:
+    if not s.upstreams:
+        problems.add((file, 1), "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
+    admin = s.admin
+    if admin.listen is not None and admin.token is None:
+        try:
+            loopback = ipaddress.ip_address(admin.listen[0]).is_loopback
+        except ValueError:
+            loopback = admin.listen[0] == "localhost"
+        if not loopback:
+            problems.add((file, 1), f"admin.listen {admin.listen[0]}:{admin.listen[1]} is not loopback "
+                                    "and admin.token is not set: the admin API would be open to "
+                                    "anyone who can reach it; set admin.token or listen on 127.0.0.1")
+
+
+def base_cache_options(s: Settings) -> CacheOptions:
+    return CacheOptions(max_object=s.cache.max_object)
+
+
+def load_config(path: str | None, overrides: Overrides | None = None) -> Settings:
+    """Load and validate; raise ConfigError with every ``FILE:LINE: message`` found."""
+    problems = Problems()
+    overrides = overrides or Overrides()
+    if path is None:
+        root = Src({}, "<defaults>", 1)
+        base_dir = os.getcwd()
+    else:
+        loaded = load_yaml(path, problems)
+        if loaded is None:
+            raise ConfigError(problems.items)
+        root = loaded
+        base_dir = os.path.dirname(os.path.abspath(path))
+    settings = read_settings(root, problems, base_dir)
+    settings = _apply_overrides(settings, overrides, problems)
+    _check(settings, problems, root.file)
+    files = [(f, os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f)
+             for f in settings.rule_files if os.path.isfile(f)]
+    rules = load_rules(files, base_cache_options(settings), problems)
+    if problems:
+        raise ConfigError(problems.items)
+    return replace(settings, rules=rules)

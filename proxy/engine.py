@@ -1,0 +1,685 @@
+"""The engine: runs the policy's decisions against storage, the coalescer and the upstream pool.
+
+It knows nothing of aiohttp's server side: it takes a ``ClientRequest`` (a
+request head, the peer address and a body stream) and returns a ``Reply``
+(status, headers, and a body as bytes, a file or an async iterator) that the web
+layer writes out. Every path through ``handle`` is one ``match`` over a policy
+decision, closed with ``assert_never``:
+
+- ``Serve``       -> a reply from the stored response (HIT, STALE, UPDATING)
+- ``Revalidate``  -> a conditional request in a flight; 304 freshens (REVALIDATED)
+- ``Forward``     -> a fill in a flight, body teed to the client and the store (MISS)
+- ``OnlyIfCachedMiss`` -> 504
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import IO, Any, assert_never
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.coalescer import Coalescer, Flight, FlightHead, FlightResult
+from proxy.config import Settings
+from proxy.errors import StorageError, UpstreamError, UpstreamTimeout
+from proxy.metrics import Metrics
+from proxy.policy.cache_status import cache_status
+from proxy.policy.deception import content_type_agrees
+from proxy.policy.headers import end_to_end
+from proxy.policy.invalidation import invalidated_urls
+from proxy.policy.keys import cache_key, variant_of
+from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
+from proxy.policy.ranges import if_range_allows, parse_range
+from proxy.policy.freshness import compute_freshness
+from proxy.policy.reuse import (
+    Forward,
+    OnlyIfCachedMiss,
+    Revalidate,
+    Serve,
+    decide_lookup,
+    select_variant,
+)
+from proxy.policy.storability import DontStore, Store, decide_store, response_cache_control
+from proxy.policy.validation import (
+    Freshen,
+    PassThrough,
+    Replace,
+    ServeStale,
+    client_not_modified,
+    conditional_headers,
+    decide_on_validation,
+)
+from proxy.rules import HeaderEdits, RequestPlan, RuleSet
+from proxy.storage.entry import Entry
+from proxy.storage.memory import Cached
+from proxy.storage.tiered import Storage
+from proxy.upstream import UpstreamPool, UpstreamResponse
+
+log = logging.getLogger("cachegate.engine")
+
+# Request fields never sent upstream as the client gave them: cachegate sets its own
+# forwarding fields, and these others can change a response without being in the key.
+FORWARDING_FIELDS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+UNKEYED_OVERRIDES = frozenset({
+    "x-forwarded-server", "x-forwarded-port", "x-forwarded-scheme", "x-host", "x-original-url",
+    "x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override",
+})  # fmt: skip
+# A cache fill asks for the full representation; the client's conditionals and
+# ranges are answered from the stored response afterwards.
+FILL_DROPS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
+                        "if-range", "range"})  # fmt: skip
+NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
+                       "last-modified")  # fmt: skip
+# Reasons a response is not shareable with coalesced followers (hit-for-pass).
+PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    head: RequestHead
+    remote: str  # the peer's IP address
+    body: AsyncIterable[bytes] | None = None  # None when the request has no body
+    trusted: bool = False  # the peer is a trusted proxy: keep its X-Forwarded-* fields
+
+
+Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: Body = None
+    length: int | None = None  # Content-Length, when known
+    x_cache: str = "MISS"
+    tier: str = "upstream"  # where the body comes from: memory, disk, upstream, none
+    offset: int = 0  # for a file body: where to start
+    head_only: bool = False
+
+
+def _error_reply(status: int, reason: str, text: str, x_cache: str, cs: str) -> Reply:
+    body = (text + "\n").encode()
+    return Reply(status, reason, [("Content-Type", "text/plain; charset=utf-8"),
+                                  ("Cache-Status", cs), ("X-Cache-Status", x_cache)],
+                 body, len(body), x_cache, "none")
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        pool: UpstreamPool,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        invalidate: Callable[[Sequence[str]], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.rules: RuleSet = settings.rules
+        self.storage = storage
+        self.pool = pool
+        self.metrics = metrics
+        self.clock = clock
+        self.coalescer = Coalescer(
+            history_limit=max(settings.cache.memory_max_object, 1 << 20), hit_for_pass=5.0
+        )
+        self._invalidate_hook = invalidate
+        self._via = f"1.1 {settings.via}"
+        self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
+        self._random = random.Random()
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take a reloaded config's rules (storage, pool and listeners stay as they are)."""
+        self.settings = settings
+        self.rules = settings.rules
+        self._via = f"1.1 {settings.via}"
+        self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
+
+    async def close(self) -> None:
+        await self.coalescer.close(self.settings.shutdown_grace)
+
+    # -- entry point -----------------------------------------------------------------------
+
+    async def handle(self, req: ClientRequest) -> Reply:
+        head = req.head
+        plan = self.rules.plan(head)
+        if head.method not in ("GET", "HEAD"):
+            return await self._pass(req, plan, fwd="method", detail=None)
+        if plan.bypass:
+            assert plan.rule is not None
+            return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
+        key = cache_key(head, plan.key)
+        variants = self.storage.memory_get(key)
+        if variants is None:
+            variants = await self._load(key)
+        now = self.clock()
+        decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options)
+        match decision:
+            case Serve():
+                cached = variants[decision.index]
+                if decision.refresh:
+                    self._refresh_in_background(req, plan, key, cached)
+                reply = await self._serve(req, plan, cached, decision.status, decision.ttl,
+                                          decision.age, decision.not_modified, hit=True)
+                if reply is not None:
+                    return reply
+                return await self._fetch(req, plan, key, None, "uri-miss", None)
+            case Revalidate():
+                cached = variants[decision.index]
+                stale = cached if decision.stale_if_error else None
+                return await self._fetch(req, plan, key, cached, decision.fwd, stale)
+            case Forward():
+                stale = variants[decision.stale_index] if decision.stale_index is not None else None
+                return await self._fetch(req, plan, key, None, decision.fwd, stale,
+                                         coalesce=decision.fwd != "request")
+            case OnlyIfCachedMiss():
+                return self._finish(plan, _error_reply(
+                    504, "Gateway Timeout", "only-if-cached: no stored response", "MISS",
+                    cache_status(detail="ONLY-IF-CACHED")))
+            case _:
+                assert_never(decision)
+
+    async def _load(self, key: str) -> tuple[Cached, ...]:
+        try:
+            return await self.storage.get(key)
+        except Exception:  # storage failures degrade to a miss
+            log.exception("storage read failed for %s", key)
+            self.metrics.storage_errors.labels("read").inc()
+            return ()
+
+    # -- serving from the store ------------------------------------------------------------
+
+    async def _serve(
+        self,
+        req: ClientRequest,
+        plan: RequestPlan,
+        cached: Cached,
+        x_cache: str,
+        ttl: float,
+        age: float,
+        not_modified: bool,
+        *,
+        hit: bool,
+        fwd: str | None = None,
+        fwd_status: int | None = None,
+        detail: str | None = None,
+        collapsed: bool = False,
+    ) -> Reply | None:
+        """A reply from a stored variant; None when its body has gone missing from disk."""
+        entry = cached.entry
+        stored = entry.response
+        cs = cache_status(hit=hit, fwd=fwd, fwd_status=fwd_status, ttl=ttl, detail=detail,
+                          collapsed=collapsed)
+        headers = [(k, v) for k, v in stored.headers if k.lower() != "age"]
+        headers.append(("Age", str(int(age))))
+        headers.append(("Cache-Status", cs))
+        headers.append(("X-Cache-Status", x_cache))
+        if not_modified:
+            kept = [(k, v) for k, v in headers
+                    if k.lower() in NOT_MODIFIED_FIELDS or k in ("Age", "Cache-Status", "X-Cache-Status")]
+            return self._finish(plan, Reply(304, "Not Modified", kept, None, None, x_cache, "none"))
+        head_only = req.head.method == "HEAD"
+        tier = "memory" if cached.body is not None else "disk"
+        body: Body
+        if head_only:
+            body = None
+        else:
+            body = await self._open_body(cached)
+            if body is None:
+                return None
+        status, reason, length, offset = stored.status, stored.reason, entry.body_size, 0
+        range_header = req.head.headers.get("Range")
+        if range_header is not None and stored.status == 200 and if_range_allows(req.head.headers, stored):
+            rng = parse_range(range_header, entry.body_size)
+            if rng == "unsatisfiable":
+                _close(body)
+                headers = [(k, v) for k, v in headers if k.lower() not in ("content-length",)]
+                headers.append(("Content-Range", f"bytes */{entry.body_size}"))
+                return self._finish(plan, Reply(416, "Range Not Satisfiable", headers, b"", 0,
+                                                x_cache, "none"))
+            if rng is not None:
+                first, last = rng
+                status, reason = 206, "Partial Content"
+                headers.append(("Content-Range", f"bytes {first}-{last}/{entry.body_size}"))
+                length, offset = last - first + 1, first
+                if isinstance(body, bytes):
+                    body, offset = body[first:last + 1], 0
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        return self._finish(plan, Reply(status, reason, headers, body, length, x_cache, tier,
+                                        offset, head_only))
+
+    async def _open_body(self, cached: Cached) -> bytes | IO[bytes] | None:
+        if cached.body is not None:
+            return cached.body
+        try:
+            body = await self.storage.open_body(cached)
+        except Exception:
+            log.exception("storage body read failed for %s", cached.entry.key)
+            self.metrics.storage_errors.labels("read").inc()
+            body = None
+        if body is None:
+            # The disk tier culled the body: forget the variant so the next request refetches.
+            try:
+                await self.storage.delete([cached.entry.key])
+            except Exception:
+                log.exception("could not drop %s", cached.entry.key)
+        return body
+
+    # -- going upstream --------------------------------------------------------------------
+
+    def _upstream_headers(self, req: ClientRequest, *, fill: bool) -> list[tuple[str, str]]:
+        head = req.head
+        drop = end_to_end(head.headers)
+        out: list[tuple[str, str]] = []
+        prior_xff: list[str] = []
+        for k, v in drop:
+            lk = k.lower()
+            if lk in FORWARDING_FIELDS:
+                if req.trusted:
+                    if lk == "x-forwarded-for":
+                        prior_xff.append(v)
+                    else:
+                        out.append((k, v))
+                continue
+            if lk in UNKEYED_OVERRIDES and not req.trusted:
+                continue
+            if fill and lk in FILL_DROPS:
+                continue
+            if lk == "host" and not self.settings.pool.preserve_host:
+                continue
+            out.append((k, v))
+        xff = ", ".join([*prior_xff, req.remote]) if prior_xff else req.remote
+        out.append(("X-Forwarded-For", xff))
+        if not (req.trusted and "x-forwarded-proto" in head.headers):
+            out.append(("X-Forwarded-Proto", head.scheme))
+        if not (req.trusted and "x-forwarded-host" in head.headers):
+            out.append(("X-Forwarded-Host", head.host))
+        via = head.headers.get("Via")
+        out = [(k, v) for k, v in out if k.lower() != "via"]
+        out.append(("Via", f"{via}, {self._via}" if via else self._via))
+        return out
+
+    def _response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
+        out = list(end_to_end(headers))
+        via = headers.get("Via")
+        out = [(k, v) for k, v in out if k.lower() not in ("via", "content-length")]
+        out.append(("Via", f"{via}, {self._via}" if via else self._via))
+        return out
+
+    async def _pass(self, req: ClientRequest, plan: RequestPlan, *, fwd: str, detail: str | None) -> Reply:
+        """Forward without lookup or store (other methods, rule bypass); invalidate after unsafe ones."""
+        head = req.head
+        try:
+            resp = await self._send(head.method, head.target, self._upstream_headers(req, fill=False),
+                                    req.body)
+        except UpstreamError as exc:
+            return self._upstream_failed(plan, exc, fwd, x_cache="BYPASS")
+        urls = invalidated_urls(head, resp.status, resp.headers)
+        if urls:
+            await self._invalidate(urls)
+        cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
+        return self._stream_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
+
+    async def _send(self, method: str, target: str, headers: list[tuple[str, str]],
+                    body: AsyncIterable[bytes] | None = None) -> UpstreamResponse:
+        started = time.monotonic()
+        try:
+            resp = await self.pool.send(method, target, headers, body)
+        except UpstreamError as exc:
+            kind = "timeout" if isinstance(exc, UpstreamTimeout) else type(exc).__name__
+            self.metrics.upstream_errors.labels("pool", kind).inc()
+            raise
+        name = resp.upstream.name
+        self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
+        self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
+        return resp
+
+    def _stream_reply(self, plan: RequestPlan, resp: UpstreamResponse, x_cache: str, cs: str,
+                      head_only: bool) -> Reply:
+        headers = self._response_headers(resp.headers)
+        headers.append(("Cache-Status", cs))
+        headers.append(("X-Cache-Status", x_cache))
+        if head_only or resp.status in (204, 304) or 100 <= resp.status < 200:
+            resp.release()
+            length = resp.content_length if head_only else None
+            return self._finish(plan, Reply(resp.status, resp.reason, headers, None, length,
+                                            x_cache, "none", head_only=True))
+        return self._finish(plan, Reply(resp.status, resp.reason, headers, resp.iter_chunks(),
+                                        resp.content_length, x_cache, "upstream"))
+
+    def _upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str = "MISS"
+                         ) -> Reply:
+        status = exc.status_hint
+        reason = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}.get(status, "Bad Gateway")
+        detail = {504: "UPSTREAM-TIMEOUT", 503: "NO-UPSTREAM"}.get(status, "UPSTREAM-UNREACHABLE")
+        log.warning("upstream failed: %s", exc)
+        return self._finish(plan, _error_reply(status, reason, f"{status} {reason}: {exc}", x_cache,
+                                               cache_status(fwd=fwd, detail=detail)))
+
+    async def _invalidate(self, urls: Sequence[str]) -> None:
+        try:
+            if self._invalidate_hook is not None:
+                await self._invalidate_hook(urls)
+            else:
+                keys = await self.storage.keys_for(urls=urls)
+                await self.storage.delete(keys)
+        except Exception:
+            log.exception("invalidation of %s failed", urls)
+            self.metrics.storage_errors.labels("invalidate").inc()
+
+    # -- fills and revalidations in flights -----------------------------------------------
+
+    async def _fetch(
+        self,
+        req: ClientRequest,
+        plan: RequestPlan,
+        key: str,
+        revalidating: Cached | None,
+        fwd: str,
+        stale: Cached | None,
+        *,
+        coalesce: bool = True,
+    ) -> Reply:
+        """Join the key's flight, or start one, and answer this client from it."""
+        head = req.head
+        flight = self.coalescer.get(key) if coalesce and not self.coalescer.is_pass(key) else None
+        collapsed = False
+        if flight is not None:
+            reader = flight.body.join()
+            if reader is None:
+                # Too late to stream this flight from its first byte: wait until it
+                # is stored and answer from the store.
+                return await self._serve_after_flight(req, plan, key, fwd, 200, "HIT", True)
+            flight.followers += 1
+            collapsed = True
+        if flight is None:
+            flight = self._start_flight(req, plan, key, revalidating, register=coalesce)
+            reader = flight.body.join()
+        assert reader is not None
+        try:
+            if collapsed:
+                fhead = await asyncio.wait_for(asyncio.shield(flight.head),
+                                               self.settings.cache.lock_timeout)
+            else:
+                fhead = await asyncio.shield(flight.head)
+        except TimeoutError:
+            reader.close()
+            return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False)
+        except UpstreamError as exc:
+            reader.close()
+            if stale is not None:
+                return await self._serve_stale(req, plan, stale, fwd, None, "ORIGIN-UNREACHABLE")
+            return self._upstream_failed(plan, exc, fwd)
+        except ConnectionError as exc:
+            reader.close()
+            if collapsed:
+                return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False)
+            return self._upstream_failed(plan, UpstreamError(str(exc)), fwd)
+
+        if fhead.status >= 500 and stale is not None and fhead.store_detail != "":
+            reader.close()
+            return await self._serve_stale(req, plan, stale, fwd, fhead.status, "ORIGIN-ERROR")
+
+        if fhead.status == 304 and fhead.store_detail == "FRESHENED":
+            # The stored response was revalidated: answer from it.
+            reader.close()
+            return await self._serve_after_flight(req, plan, key, fwd, 304, "REVALIDATED", collapsed)
+
+        if collapsed:
+            if not fhead.shareable or fhead.vary != variant_of(
+                tuple(n for n, _ in fhead.vary), head.headers
+            ):
+                reader.close()
+                return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False)
+            self.metrics.coalesced.inc()
+
+        x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")
+        stored = fhead.store_detail == ""
+        cs = cache_status(fwd=fwd, fwd_status=fhead.status, stored=stored, collapsed=collapsed,
+                          detail=None if stored else fhead.store_detail)
+        headers = self._response_headers(fhead.headers)
+        headers.append(("Cache-Status", cs))
+        headers.append(("X-Cache-Status", x_cache))
+
+        client_headers = head.headers
+        if stored and fhead.status == 200 and (
+            "if-none-match" in client_headers or "if-modified-since" in client_headers
+            or "range" in client_headers
+        ):
+            # Fill requests drop the client's conditionals and ranges; answer them from the
+            # stored response once the flight has stored it.
+            reader.close()
+            return await self._serve_after_flight(req, plan, key, fwd, fhead.status, x_cache, collapsed)
+
+        if head.method == "HEAD" or fhead.status in (204, 304):
+            reader.close()
+            return self._finish(plan, Reply(fhead.status, fhead.reason, headers, None,
+                                            fhead.content_length if head.method == "HEAD" else None,
+                                            x_cache, "none", head_only=True))
+        return self._finish(plan, Reply(fhead.status, fhead.reason, headers, reader.__aiter__(),
+                                        fhead.content_length, x_cache, "upstream"))
+
+    async def _serve_after_flight(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
+                                  fwd_status: int, x_cache: str, collapsed: bool) -> Reply:
+        flight = self.coalescer.get(key)
+        if flight is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(flight.result), self.settings.cache.lock_timeout)
+            except TimeoutError:
+                pass
+        variants = await self._load(key)
+        index = select_variant(req.head, [c.entry.response for c in variants]) if variants else None
+        if index is not None:
+            cached = variants[index]
+            f = cached.entry.response.freshness
+            now = self.clock()
+            reply = await self._serve(
+                req, plan, cached, x_cache, f.ttl(now), f.age(now),
+                client_not_modified(req.head.headers, cached.entry.response),
+                hit=x_cache == "HIT", fwd=fwd, fwd_status=fwd_status, collapsed=collapsed,
+            )
+            if reply is not None:
+                return reply
+        return await self._fetch(req, plan, key, None, fwd, None, coalesce=False)
+
+    async def _serve_stale(self, req: ClientRequest, plan: RequestPlan, stale: Cached, fwd: str,
+                           fwd_status: int | None, detail: str) -> Reply:
+        f = stale.entry.response.freshness
+        now = self.clock()
+        reply = await self._serve(req, plan, stale, "STALE", f.ttl(now), f.age(now),
+                                  client_not_modified(req.head.headers, stale.entry.response),
+                                  hit=True, fwd=fwd, fwd_status=fwd_status, detail=detail)
+        if reply is None:
+            return self._finish(plan, _error_reply(502, "Bad Gateway", "502 Bad Gateway", "MISS",
+                                                   cache_status(fwd=fwd, detail=detail)))
+        return reply
+
+    def _start_flight(self, req: ClientRequest, plan: RequestPlan, key: str,
+                      revalidating: Cached | None, *, register: bool) -> Flight:
+        async def run(flight: Flight) -> None:
+            await self._run_flight(flight, req, plan, key, revalidating)
+
+        if register:
+            return self.coalescer.start(key, run)
+        # An uncoalesced flight (the client asked for the origin, or hit-for-pass):
+        # same machinery, not findable by other clients.
+        return self.coalescer.start(f"\x00solo:{id(req)}:{key}", run)
+
+    def _refresh_in_background(self, req: ClientRequest, plan: RequestPlan, key: str, cached: Cached) -> None:
+        """stale-while-revalidate: one revalidation per key, whoever asks while it runs."""
+        if self.coalescer.get(key) is not None:
+            return
+        flight = self._start_flight(req, plan, key, cached, register=True)
+        del flight  # nobody reads it; it stores or freshens and ends
+
+    async def _run_flight(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
+                          revalidating: Cached | None) -> None:
+        head = req.head
+        headers = self._upstream_headers(req, fill=True)
+        if revalidating is not None:
+            headers.extend(conditional_headers(revalidating.entry.response))
+        request_time = self.clock()
+        try:
+            resp = await self._send("GET", head.target, headers)
+        except UpstreamError as exc:
+            flight.head.set_exception(exc)
+            return
+        response_time = self.clock()
+
+        if revalidating is not None:
+            stored = revalidating.entry.response
+            outcome = decide_on_validation(stored, resp.status, resp.headers, stale_if_error=True)
+            match outcome:
+                case Freshen():
+                    resp.release()
+                    await self._freshen(revalidating, outcome.headers, plan, request_time,
+                                        response_time)
+                    flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True,
+                                                      "FRESHENED", None))
+                    flight.body.finish()
+                    flight.result.set_result(FlightResult(True, "FRESHENED"))
+                    return
+                case ServeStale() | PassThrough():
+                    pass  # handed to the clients as is; they decide on stale-if-error
+                case Replace():
+                    pass
+                case _:
+                    assert_never(outcome)
+            if resp.status == 304:
+                # A 304 that does not validate what we hold: fetch the full response.
+                resp.release()
+                await self._run_flight(flight, req, plan, key, None)
+                return
+
+        store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
+        store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
+                                                   response_time)
+        shareable = entry is not None
+        vary = entry.response.vary if entry is not None else ()
+        flight.head.set_result(FlightHead(resp.status, resp.reason, resp.headers, shareable,
+                                          store_detail, resp.content_length, vary))
+        if store_detail in PASS_DETAILS:
+            self.coalescer.mark_pass(key)
+        if not shareable:
+            self.metrics.not_stored.labels(store_detail).inc()
+        spool = self.storage.spool(resp.content_length) if entry is not None else None
+        try:
+            async for chunk in resp.iter_chunks():
+                if spool is not None and not await spool.write(chunk):
+                    spool = None
+                    self.metrics.not_stored.labels("TOO-LARGE").inc()
+                if flight.body.readers == 0 and spool is None:
+                    resp.close()  # nobody reads it and nothing stores it
+                    flight.body.fail(ConnectionAbortedError("no readers"))
+                    flight.result.set_result(FlightResult(False, "ABANDONED"))
+                    return
+                await flight.body.push(chunk)
+        except UpstreamError as exc:
+            log.warning("upstream body broke off for %s: %s", key, exc)
+            if spool is not None:
+                spool.discard()
+            flight.body.fail(exc)
+            flight.result.set_result(FlightResult(False, "UPSTREAM-BROKE-OFF"))
+            return
+        except BaseException:
+            if spool is not None:
+                spool.discard()
+            resp.close()
+            raise
+        final = self.storage.finalize(entry, spool) if spool is not None and entry is not None else None
+        if final is None or spool is None:
+            flight.body.finish()
+            flight.result.set_result(FlightResult(False, store_detail or "INCOMPLETE"))
+            return
+        # Visible in memory before the last reader sees the end of the body, so the
+        # client's next request is a hit; the disk copy follows.
+        self.storage.put_memory(final, spool)
+        flight.body.finish()
+        try:
+            stored = await self.storage.put_disk(final, spool)
+        except Exception:
+            log.exception("storing %s failed", key)
+            self.metrics.storage_errors.labels("write").inc()
+            stored = False
+        if stored:
+            self.coalescer.clear_pass(key)
+        flight.result.set_result(FlightResult(stored, "" if stored else "STORE-FAILED"))
+
+    def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: Any, key: str,
+                        resp: UpstreamResponse, request_time: float, response_time: float
+                        ) -> tuple[str, Entry | None]:
+        if head.method == "HEAD":
+            head = replace(head, method="GET")  # a HEAD miss fills with a GET
+        if store_plan.no_store:
+            return f"RULE-NO-STORE:{store_plan.rule.name}", None
+        decision = decide_store(head, resp.status, resp.reason, resp.headers, request_time,
+                                response_time, store_plan.options)
+        if isinstance(decision, DontStore):
+            return decision.detail, None
+        assert isinstance(decision, Store)
+        stored = decision.response
+        if store_plan.deception_guard and not content_type_agrees(
+            head.target, resp.headers.get("Content-Type")
+        ):
+            return "DECEPTION-GUARD", None
+        if store_plan.ttl_jitter and stored.freshness.lifetime > 0:
+            spread = 1 + self._random.uniform(-store_plan.ttl_jitter, store_plan.ttl_jitter)
+            stored = replace(stored, freshness=replace(
+                stored.freshness, lifetime=stored.freshness.lifetime * spread))
+        tags = self._tags(resp.headers) + tuple(store_plan.tags)
+        entry = Entry(key=key, url=head.url, response=stored, body_id="", body_size=0,
+                      tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
+        return "", entry
+
+    def _tags(self, headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
+        tags: list[str] = []
+        for name in self._tag_headers:
+            for line in headers.getall(name, ()):
+                sep = "," if name == "cache-tag" else None
+                tags.extend(t.strip() for t in line.split(sep) if t.strip())
+        return tuple(tags)
+
+    async def _freshen(self, cached: Cached, headers: HeaderList, plan: RequestPlan,
+                       request_time: float, response_time: float) -> None:
+        """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays."""
+        entry = cached.entry
+        old = entry.response
+        merged = CIMultiDict(headers)
+        store_plan = plan.for_response(old.status, merged.get("Content-Type"))
+        cc, _ = response_cache_control(merged, store_plan.options)
+        freshness = compute_freshness(old.status, merged, cc, request_time, response_time,
+                                      store_plan.options)
+        updated = replace(old, headers=headers, request_time=request_time,
+                          response_time=response_time, freshness=freshness,
+                          etag=merged.get("ETag"), last_modified=merged.get("Last-Modified"),
+                          invalidated=False)
+        try:
+            await self.storage.update(entry.with_response(updated))
+        except Exception:
+            log.exception("freshening %s failed", entry.key)
+            self.metrics.storage_errors.labels("write").inc()
+
+    # -- finishing ---------------------------------------------------------------------------
+
+    def _finish(self, plan: RequestPlan, reply: Reply) -> Reply:
+        edits: HeaderEdits | None = plan.response_headers
+        if edits:
+            drop = {n.lower() for n in edits.remove} | {n.lower() for n, _ in edits.add}
+            reply.headers = [(k, v) for k, v in reply.headers if k.lower() not in drop]
+            reply.headers.extend(edits.add)
+        return reply
+
+
+def _close(body: Body) -> None:
+    if body is not None and not isinstance(body, bytes) and hasattr(body, "close"):
+        body.close()  # type: ignore[union-attr]
+
+
+__all__ = ["ClientRequest", "Engine", "Reply", "StorageError", "StoredResponse"]

@@ -1,0 +1,60 @@
+"""The ``Cache-Status`` (RFC 9211) and ``X-Cache-Status`` (nginx's vocabulary) values.
+
+``Cache-Status`` says what this cache did, with the parameters of RFC 9211 §2:
+``hit``, ``fwd`` (bypass, method, uri-miss, vary-miss, miss, request, stale),
+``fwd-status``, ``ttl``, ``stored``, ``collapsed`` and a ``detail`` token saying
+why a response was not stored or not served (``PRIVATE``, ``NO-STORE``, ...).
+
+>>> cache_status(hit=True, ttl=42.7)
+'cachegate; hit; ttl=42'
+>>> cache_status(fwd="uri-miss", fwd_status=200, stored=True)
+'cachegate; fwd=uri-miss; fwd-status=200; stored'
+>>> cache_status(fwd="bypass", detail="RULE-BYPASS:logged in")
+'cachegate; fwd=bypass; detail="RULE-BYPASS:logged in"'
+"""
+
+from __future__ import annotations
+
+import math
+
+CACHE_NAME = "cachegate"
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~:/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _sf_token_or_string(value: str) -> str:
+    if value and value[0].isalpha() and all(c in _TOKEN_CHARS for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(c for c in escaped if " " <= c <= "~") + '"'
+
+
+def cache_status(
+    *,
+    hit: bool = False,
+    fwd: str | None = None,
+    fwd_status: int | None = None,
+    ttl: float | None = None,
+    stored: bool = False,
+    collapsed: bool = False,
+    detail: str | None = None,
+    key: str | None = None,
+) -> str:
+    parts = [CACHE_NAME]
+    if hit:
+        parts.append("hit")
+    if fwd is not None:
+        parts.append(f"fwd={fwd}")
+    if fwd_status is not None:
+        parts.append(f"fwd-status={fwd_status}")
+    if ttl is not None:
+        parts.append(f"ttl={math.floor(ttl)}")
+    if stored:
+        parts.append("stored")
+    if collapsed:
+        parts.append("collapsed")
+    if key is not None:
+        parts.append(f"key={_sf_token_or_string(key)}")
+    if detail:
+        parts.append(f"detail={_sf_token_or_string(detail)}")
+    return "; ".join(parts)

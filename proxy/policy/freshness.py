@@ -1,0 +1,131 @@
+"""Freshness lifetime, heuristic freshness and current age (RFC 9111 §4.2).
+
+Computed once when a response is stored or freshened, never on the hit path.
+
+Lifetime precedence for a shared cache (§4.2.1): ``s-maxage``, then ``max-age``,
+then ``Expires`` minus ``Date``; an invalid ``Expires`` means already expired.
+With none of them, a rule TTL (the operator's explicit choice) applies, else a
+heuristic of 10% of the time since ``Last-Modified`` for heuristically cacheable
+statuses (§4.2.2), else zero. ``override_origin`` makes the rule TTL win.
+"""
+
+from __future__ import annotations
+
+from proxy.policy.cache_control import CacheControl
+from proxy.policy.httpdate import parse_http_date
+from proxy.policy.messages import CacheOptions, Freshness, Headers
+
+# RFC 9110 §15.1: statuses that are heuristically cacheable by default.
+HEURISTICALLY_CACHEABLE = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+
+
+def parse_age(headers: Headers) -> float:
+    """The ``Age`` field value in seconds; 0 when absent or invalid (RFC 9111 §5.1)."""
+    values = headers.getall("Age", ())
+    if not values:
+        return 0.0
+    text = values[0].split(",")[0].strip()
+    if not text.isdigit() or not text.isascii():
+        return 0.0
+    return float(min(int(text.lstrip("0") or "0"), 2**31))
+
+
+def corrected_initial_age(
+    headers: Headers, request_time: float, response_time: float
+) -> float:
+    """RFC 9111 §4.2.3 ``corrected_initial_age``: the age when the response arrived."""
+    date_values = headers.getall("Date", ())
+    date_value = parse_http_date(date_values[0]) if date_values else None
+    if date_value is None:
+        date_value = response_time
+    apparent_age = max(0.0, response_time - date_value)
+    response_delay = max(0.0, response_time - request_time)
+    corrected_age_value = parse_age(headers) + response_delay
+    return max(apparent_age, corrected_age_value)
+
+
+def explicit_lifetime(headers: Headers, cc: CacheControl) -> tuple[float, str] | None:
+    """The origin's explicit freshness lifetime and which field gave it, or None."""
+    s_maxage = cc.delta("s-maxage")
+    if s_maxage is not None:
+        return float(s_maxage), "s-maxage"
+    max_age = cc.delta("max-age")
+    if max_age is not None:
+        return float(max_age), "max-age"
+    expires_values = headers.getall("Expires", ())
+    if expires_values:
+        if len(expires_values) > 1:
+            return 0.0, "expires"  # §4.2.1: multiple Expires lines: treat as stale
+        expires = parse_http_date(expires_values[0])
+        if expires is None:
+            return 0.0, "expires"  # §5.3: an invalid Expires means "already expired"
+        date_values = headers.getall("Date", ())
+        date = parse_http_date(date_values[0]) if date_values else None
+        if date is None:
+            return None  # the caller substitutes response_time for the missing Date
+        return max(0.0, expires - date), "expires"
+    return None
+
+
+def heuristic_lifetime(
+    status: int, headers: Headers, cc: CacheControl, response_time: float, options: CacheOptions
+) -> float | None:
+    """10% of the time since Last-Modified, capped (RFC 9111 §4.2.2); None when not allowed."""
+    if status not in HEURISTICALLY_CACHEABLE and "public" not in cc:
+        return None
+    lm_values = headers.getall("Last-Modified", ())
+    if not lm_values:
+        return None
+    last_modified = parse_http_date(lm_values[0])
+    if last_modified is None:
+        return None
+    date_values = headers.getall("Date", ())
+    date = parse_http_date(date_values[0]) if date_values else None
+    reference = date if date is not None else response_time
+    if last_modified >= reference:
+        return None
+    return min((reference - last_modified) * options.heuristic_fraction, options.heuristic_max)
+
+
+def compute_freshness(
+    status: int,
+    headers: Headers,
+    cc: CacheControl,
+    request_time: float,
+    response_time: float,
+    options: CacheOptions,
+) -> Freshness:
+    """Everything the reuse decision needs, from the response headers and the rule."""
+    lifetime: float
+    source: str
+    explicit = explicit_lifetime(headers, cc)
+    if explicit is None and headers.getall("Expires", ()):
+        # Expires without Date: measure from when the response arrived.
+        expires = parse_http_date(headers.getall("Expires")[0])
+        explicit = (max(0.0, (expires or 0.0) - response_time), "expires")
+    rule_ttl = options.rule_ttl(status)
+    if rule_ttl is not None and (options.override_origin or explicit is None):
+        lifetime, source = rule_ttl, "rule"
+    elif explicit is not None:
+        lifetime, source = explicit
+    else:
+        heuristic = heuristic_lifetime(status, headers, cc, response_time, options)
+        lifetime, source = (heuristic, "heuristic") if heuristic is not None else (0.0, "none")
+
+    must_revalidate = (
+        "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc
+    ) and not options.override_origin
+    swr = cc.delta("stale-while-revalidate")
+    sie = cc.delta("stale-if-error")
+    return Freshness(
+        lifetime=lifetime,
+        source=source,
+        initial_age=corrected_initial_age(headers, request_time, response_time),
+        response_time=response_time,
+        must_revalidate=must_revalidate,
+        # no-cache="field" is treated as strictly as plain no-cache: revalidate every use.
+        no_cache="no-cache" in cc and not options.override_origin,
+        stale_while_revalidate=float(swr) if swr is not None else options.stale_while_revalidate,
+        stale_if_error=float(sie) if sie is not None else options.stale_if_error,
+        immutable="immutable" in cc,
+    )

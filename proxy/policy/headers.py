@@ -1,0 +1,25 @@
+"""Header-field facts shared by the policy and the proxy: hop-by-hop fields and friends."""
+
+from __future__ import annotations
+
+from proxy.policy.messages import HeaderList, Headers
+
+# RFC 9110 §7.6.1 and the fields a proxy must not forward or store.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate",
+})  # fmt: skip
+
+
+def connection_tokens(headers: Headers) -> frozenset[str]:
+    """The field names listed in ``Connection`` (they are hop-by-hop too)."""
+    tokens: set[str] = set()
+    for line in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in line.split(",") if t.strip())
+    return frozenset(tokens)
+
+
+def end_to_end(headers: Headers) -> HeaderList:
+    """The header list without hop-by-hop fields, order kept."""
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    return tuple((k, v) for k, v in headers.items() if k.lower() not in drop)

@@ -1,0 +1,144 @@
+"""The primary cache key and Vary variant selection (RFC 9111 §2, §4.1).
+
+The primary key is the request's absolute URI as the client addressed it:
+scheme, the client's Host (lower-cased, default port dropped) and the raw request
+target. GET and HEAD share it (a HEAD is answered from the stored GET); other
+methods are never looked up. Rules may reshape the key (query filtering, extra
+headers or cookies) with a ``KeySpec``.
+
+Variants: a stored response's ``Vary`` names request fields; the values those
+fields had are stored normalised, and a later request selects a variant only
+when every value matches (an absent field matches only an absent field).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, urlencode
+
+from proxy.policy.cache_control import split_directives
+from proxy.policy.messages import HeaderList, Headers, RequestHead
+
+ABSENT = "\n"  # a value no header can have: marks a Vary field the request lacked
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """How a rule reshapes the key; the default keeps the URI as it is."""
+
+    query_include: tuple[str, ...] | None = None
+    query_exclude: tuple[str, ...] = ()
+    query_sort: bool = False
+    query_ignore: bool = False
+    headers: tuple[str, ...] = ()
+    cookies: tuple[str, ...] = ()
+    lowercase_path: bool = False
+
+    @property
+    def is_default(self) -> bool:
+        return self == DEFAULT_KEY
+
+
+DEFAULT_KEY = KeySpec()
+
+
+def normalise_host(host: str, scheme: str) -> str:
+    """Lower-case a Host value and drop the scheme's default port.
+
+    >>> normalise_host("Example.COM:80", "http"), normalise_host("a.b:8443", "https")
+    ('example.com', 'a.b:8443')
+    """
+    host = host.strip().lower().rstrip(".")
+    default = ":80" if scheme == "http" else ":443"
+    if host.endswith(default):
+        host = host[: -len(default)]
+    return host
+
+
+def _filter_query(query: str, spec: KeySpec) -> str:
+    if spec.query_ignore or not query:
+        return ""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if spec.query_include is not None:
+        wanted = set(spec.query_include)
+        pairs = [(k, v) for k, v in pairs if k in wanted]
+    if spec.query_exclude:
+        unwanted = set(spec.query_exclude)
+        pairs = [(k, v) for k, v in pairs if k not in unwanted]
+    if spec.query_sort:
+        pairs.sort()
+    return urlencode(pairs, quote_via=quote)
+
+
+def _cookie_value(headers: Headers, name: str) -> str | None:
+    for line in headers.getall("Cookie", ()):
+        for part in line.split(";"):
+            k, eq, v = part.strip().partition("=")
+            if eq and k == name:
+                return v
+    return None
+
+
+def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
+    """The primary key for ``request`` under ``spec``.
+
+    >>> from multidict import CIMultiDict
+    >>> head = RequestHead("GET", "https", "example.com", "/a?b=2&a=1", CIMultiDict())
+    >>> cache_key(head)
+    'https://example.com/a?b=2&a=1'
+    >>> cache_key(head, KeySpec(query_include=("a", "b"), query_sort=True))
+    'https://example.com/a?a=1&b=2'
+    """
+    if spec is DEFAULT_KEY:
+        return f"{request.scheme}://{request.host}{request.target}"
+    path, _, query = request.target.partition("?")
+    if spec.lowercase_path:
+        path = path.lower()
+    query = _filter_query(query, spec)
+    key = f"{request.scheme}://{request.host}{path}"
+    if query:
+        key += "?" + query
+    for name in spec.headers:
+        values = request.headers.getall(name, ())
+        key += f"\x1fh:{name.lower()}={normalise_field(values)}"
+    for name in spec.cookies:
+        value = _cookie_value(request.headers, name)
+        key += f"\x1fc:{name}={'' if value is None else value}"
+    return key
+
+
+def url_of_key(key: str) -> str:
+    """The URL part of a key (the key minus the extra header and cookie parts)."""
+    return key.split("\x1f", 1)[0]
+
+
+def normalise_field(values: list[str] | tuple[str, ...]) -> str:
+    """Combine field lines and normalise list whitespace (RFC 9111 §4.1)."""
+    if not values:
+        return ABSENT
+    return ", ".join(" ".join(item.split()) for item in split_directives(", ".join(values)))
+
+
+def vary_names(headers: Headers) -> tuple[str, ...] | None:
+    """The field names a response varies on, lower-cased and sorted; None for ``Vary: *``."""
+    names: set[str] = set()
+    for line in headers.getall("Vary", ()):
+        for name in line.split(","):
+            name = name.strip().lower()
+            if name == "*":
+                return None
+            if name:
+                names.add(name)
+    return tuple(sorted(names))
+
+
+def variant_of(names: tuple[str, ...], request_headers: Headers) -> HeaderList:
+    """The normalised values of the selecting fields, as stored beside a response."""
+    return tuple((name, normalise_field(request_headers.getall(name, ()))) for name in names)
+
+
+def vary_matches(stored_vary: HeaderList, request_headers: Headers) -> bool:
+    for name, value in stored_vary:
+        if normalise_field(request_headers.getall(name, ())) != value:
+            return False
+    return True

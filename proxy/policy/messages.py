@@ -1,0 +1,113 @@
+"""The values the policy reasons about: a request head, a stored response, options.
+
+They are plain frozen data so that the policy can be tested with literals and
+``now`` as a number. The storage layer persists ``StoredResponse``; the rules
+layer produces ``CacheOptions`` for a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+
+Headers = MultiMapping[str]
+HeaderList = tuple[tuple[str, str], ...]
+
+ClientCacheControl = Literal["honor", "revalidate", "ignore"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What the cache needs of a request: never the body."""
+
+    method: str
+    scheme: str
+    host: str  # lower-cased, default port dropped
+    target: str  # raw path and query, as received (not decoded)
+    headers: Headers
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}{self.target}"
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """Everything about a stored response's freshness, computed once when it is stored.
+
+    The current age is ``initial_age + (now - response_time)`` (RFC 9111 §4.2.3),
+    so the hit path does one subtraction and one comparison.
+    """
+
+    lifetime: float  # seconds; 0 when none was given
+    source: str  # what decided the lifetime: s-maxage, max-age, expires, heuristic, rule, none
+    initial_age: float  # corrected_initial_age of RFC 9111 §4.2.3
+    response_time: float
+    must_revalidate: bool = False  # must-revalidate, proxy-revalidate or s-maxage: never serve stale
+    no_cache: bool = False  # unqualified no-cache: revalidate before every use
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    immutable: bool = False
+
+    def age(self, now: float) -> float:
+        return self.initial_age + max(0.0, now - self.response_time)
+
+    def ttl(self, now: float) -> float:
+        """Seconds of freshness left; negative once stale."""
+        return self.lifetime - self.age(now)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response as the cache keeps it: status, headers and what was derived from them."""
+
+    status: int
+    reason: str
+    headers: HeaderList  # hop-by-hop fields already removed
+    request_time: float
+    response_time: float
+    freshness: Freshness
+    vary: HeaderList = ()  # (lower-cased field name, normalised request value) at store time
+    etag: str | None = None
+    last_modified: str | None = None
+    invalidated: bool = False  # soft purge: stale from now on, whatever its freshness said
+
+    def header_dict(self) -> CIMultiDict[str]:
+        return CIMultiDict(self.headers)
+
+
+_NO_TTLS: Mapping[int, float] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOptions:
+    """The knobs the policy takes from config and the matched rule.
+
+    Defaults are RFC 9111's behaviour with no operator choices: no TTL is added to
+    responses without freshness information (heuristics aside).
+    """
+
+    ttl_by_status: Mapping[int, float] = field(default_factory=lambda: _NO_TTLS)
+    ttl_default: float | None = None  # rule TTL for statuses not listed in ttl_by_status
+    override_origin: bool = False  # rule TTL wins over the origin's Cache-Control / Expires
+    stale_while_revalidate: float = 0.0  # used when the origin gives none
+    stale_if_error: float = 0.0  # used when the origin gives none
+    heuristic_fraction: float = 0.1  # of the time since Last-Modified (RFC 9111 §4.2.2)
+    heuristic_max: float = 86400.0
+    allow_set_cookie: bool = False
+    client_cache_control: ClientCacheControl = "honor"
+    targeted_fields: tuple[str, ...] = ("cachegate-cache-control", "cdn-cache-control")
+    max_object: int = 100 * 1024 * 1024
+
+    def rule_ttl(self, status: int) -> float | None:
+        ttl = self.ttl_by_status.get(status)
+        return self.ttl_default if ttl is None else ttl
+
+
+DEFAULT_OPTIONS = CacheOptions()
+
+EMPTY_HEADERS: Headers = CIMultiDictProxy(CIMultiDict())

@@ -1,0 +1,156 @@
+"""May a stored response satisfy this request? (RFC 9111 §4, RFC 5861)
+
+``decide_lookup`` returns what the engine must do next:
+
+- ``Serve``: answer from the stored response (``HIT``, ``STALE`` or ``UPDATING``;
+  ``refresh`` asks for one background revalidation, for stale-while-revalidate);
+- ``Revalidate``: send a conditional request first (§4.3);
+- ``Forward``: go to the origin, with ``fwd`` naming why (RFC 9211 vocabulary);
+- ``OnlyIfCachedMiss``: the client sent ``only-if-cached`` and nothing usable is
+  stored: answer 504 (§5.2.1.7).
+
+Stale responses are never served when the response said ``must-revalidate``,
+``proxy-revalidate``, ``s-maxage`` or ``no-cache`` (§4.2.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from proxy.policy.cache_control import EMPTY_CACHE_CONTROL, CacheControl, parse_cache_control
+from proxy.policy.keys import vary_matches
+from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
+from proxy.policy.validation import client_not_modified, has_validator
+
+LOOKUP_METHODS = frozenset({"GET", "HEAD"})
+
+ServeStatus = Literal["HIT", "STALE", "UPDATING"]
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    index: int  # which candidate
+    status: ServeStatus
+    age: float
+    ttl: float
+    refresh: bool = False  # start one background revalidation
+    not_modified: bool = False  # the client's own conditional matched: answer 304
+
+
+@dataclass(frozen=True, slots=True)
+class Revalidate:
+    index: int
+    fwd: str  # "stale" or "request"
+    stale_if_error: bool  # the stored response may be served if the origin fails
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    fwd: str  # uri-miss, vary-miss, method, request, stale, bypass
+    stale_index: int | None = None  # a stored response usable under stale-if-error
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OnlyIfCachedMiss:
+    pass
+
+
+LookupDecision = Serve | Revalidate | Forward | OnlyIfCachedMiss
+
+
+def effective_request_cache_control(request: RequestHead) -> CacheControl:
+    """Request directives, with ``Pragma: no-cache`` standing in when there is no Cache-Control."""
+    values = request.headers.getall("Cache-Control", ())
+    if values:
+        return parse_cache_control(values)
+    for line in request.headers.getall("Pragma", ()):
+        if "no-cache" in (t.strip().lower() for t in line.split(",")):
+            return parse_cache_control(["no-cache"])
+    return EMPTY_CACHE_CONTROL
+
+
+def select_variant(request: RequestHead, candidates: Sequence[StoredResponse]) -> int | None:
+    """The most recently stored candidate whose Vary values match the request."""
+    best: int | None = None
+    for i, stored in enumerate(candidates):
+        if vary_matches(stored.vary, request.headers) and (
+            best is None or stored.response_time > candidates[best].response_time
+        ):
+            best = i
+    return best
+
+
+def decide_lookup(
+    request: RequestHead,
+    candidates: Sequence[StoredResponse],
+    now: float,
+    options: CacheOptions,
+) -> LookupDecision:
+    if request.method not in LOOKUP_METHODS:
+        return Forward("method")
+    req_cc = effective_request_cache_control(request)
+    only_if_cached = "only-if-cached" in req_cc
+
+    index = select_variant(request, candidates) if candidates else None
+    if index is None:
+        if only_if_cached:
+            return OnlyIfCachedMiss()
+        return Forward("vary-miss" if candidates else "uri-miss")
+
+    stored = candidates[index]
+    fresh_info = stored.freshness
+    age = fresh_info.age(now)
+    ttl = fresh_info.lifetime - age
+    stale = ttl <= 0 or stored.invalidated
+    may_serve_stale = not (fresh_info.must_revalidate or fresh_info.no_cache)
+    mode = options.client_cache_control
+    validator = has_validator(stored)
+
+    def serve(status: ServeStatus, refresh: bool = False) -> Serve:
+        return Serve(index, status, age, ttl, refresh, client_not_modified(request.headers, stored))
+
+    if mode != "ignore" and req_cc:
+        if "no-cache" in req_cc:
+            if only_if_cached:
+                return OnlyIfCachedMiss()
+            if mode == "revalidate" and validator:
+                return Revalidate(index, "request", stale_if_error=False)
+            return Forward("request")
+        max_age = req_cc.delta("max-age")
+        min_fresh = req_cc.delta("min-fresh")
+        if (max_age is not None and age > max_age) or (min_fresh is not None and ttl < min_fresh):
+            if only_if_cached:
+                return OnlyIfCachedMiss()
+            if validator:
+                return Revalidate(index, "request", stale_if_error=False)
+            return Forward("request")
+
+    if not stale and not fresh_info.no_cache:
+        return serve("HIT")
+
+    if stale and may_serve_stale:
+        if "max-stale" in req_cc and mode != "ignore":
+            max_stale = req_cc.get("max-stale")
+            limit = float("inf") if max_stale is None else float(req_cc.delta("max-stale") or 0)
+            if -ttl <= limit:
+                return serve("STALE")
+        if stored.invalidated or -ttl <= fresh_info.stale_while_revalidate:
+            return serve("UPDATING", refresh=True)
+
+    if only_if_cached:
+        return OnlyIfCachedMiss()
+    stale_if_error = may_serve_stale and (
+        -ttl <= fresh_info.stale_if_error or _request_allows_stale_on_error(req_cc, -ttl)
+    )
+    if validator:
+        return Revalidate(index, "stale", stale_if_error)
+    return Forward("stale", stale_index=index if stale_if_error else None)
+
+
+def _request_allows_stale_on_error(req_cc: CacheControl, staleness: float) -> bool:
+    """RFC 5861 §4: a request's own ``stale-if-error=N``."""
+    limit = req_cc.delta("stale-if-error")
+    return limit is not None and staleness <= limit

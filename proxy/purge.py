@@ -1,0 +1,138 @@
+"""Purge requests: validation of the admin JSON (pure) and carrying them out on a store.
+
+``parse_purge`` turns a JSON document into a ``PurgeSpec`` or raises ``BadPurge``
+with a precise message; nothing is purged from an invalid request. A URL given
+to purge is reshaped by the same rules as a client request for it, so purging
+``https://shop.example/search?q=a&utm=x`` finds the entry a rule keyed as
+``...?q=a``. ``Purger`` resolves the spec to keys (both tiers, all variants) and
+removes them, or marks them stale when ``soft``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.errors import BadRequest
+from proxy.policy.keys import cache_key, normalise_host, url_of_key
+from proxy.policy.messages import RequestHead
+from proxy.rules import RuleSet
+from proxy.storage.tiered import Storage
+
+_FIELDS = {"urls", "prefixes", "tags", "all", "soft"}
+
+
+class BadPurge(BadRequest):
+    pass
+
+
+@dataclass(frozen=True)
+class PurgeSpec:
+    urls: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    all: bool = False
+    soft: bool = False
+    keys: tuple[str, ...] = field(default=())  # exact keys (invalidation after unsafe methods)
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k, v in (("url", self.urls or self.keys), ("prefix", self.prefixes),
+                               ("tag", self.tags), ("all", self.all)) if v]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"urls": list(self.urls), "prefixes": list(self.prefixes), "tags": list(self.tags),
+                "all": self.all, "soft": self.soft, "keys": list(self.keys)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PurgeSpec:
+        return cls(tuple(d.get("urls", ())), tuple(d.get("prefixes", ())), tuple(d.get("tags", ())),
+                   bool(d.get("all")), bool(d.get("soft")), tuple(d.get("keys", ())))
+
+
+def normalise_url(text: str) -> str:
+    """An absolute http(s) URL with the host normalised as keys have it; BadPurge otherwise."""
+    try:
+        url = URL(text, encoded=True)
+    except ValueError as exc:
+        raise BadPurge(f"{text!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
+    host = normalise_host(url.raw_authority, url.scheme)
+    target = url.raw_path_qs or "/"
+    return f"{url.scheme}://{host}{target}"
+
+
+def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> PurgeSpec:
+    if not isinstance(doc, dict):
+        raise BadPurge("the body must be a JSON object like {\"urls\": [...]}")
+    unknown = sorted(set(doc) - _FIELDS)
+    if unknown:
+        raise BadPurge(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(_FIELDS))}")
+
+    def strings(name: str) -> tuple[str, ...]:
+        value = doc.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise BadPurge(f"{name!r} must be a list of non-empty strings")
+        return tuple(value)
+
+    def flag(name: str) -> bool:
+        value = doc.get(name, False)
+        if not isinstance(value, bool):
+            raise BadPurge(f"{name!r} must be true or false")
+        return value
+
+    urls = tuple(normalise_url(u) for u in strings("urls"))
+    prefixes = tuple(normalise_url(p) for p in strings("prefixes"))
+    spec = PurgeSpec(urls, prefixes, strings("tags"), flag("all"), flag("soft"))
+    if host_allowed is not None:
+        for u in (*urls, *prefixes):
+            host = URL(u).raw_authority
+            if not host_allowed(host):
+                raise BadPurge(f"{u!r}: cachegate does not serve host {host!r}")
+    if not (spec.urls or spec.prefixes or spec.tags or spec.all):
+        raise BadPurge("nothing to purge: give urls, prefixes, tags or all: true")
+    return spec
+
+
+def keys_for_url(url: str, rules: RuleSet) -> str:
+    """The key a plain GET of ``url`` has under the rules (without header or cookie parts)."""
+    parsed = URL(url, encoded=True)
+    head = RequestHead("GET", parsed.scheme, normalise_host(parsed.raw_authority, parsed.scheme),
+                       parsed.raw_path_qs or "/", CIMultiDictProxy(CIMultiDict()))
+    return url_of_key(cache_key(head, rules.plan(head).key))
+
+
+class Purger:
+    """Carries out purges on one process's store."""
+
+    def __init__(self, storage: Storage, rules: Callable[[], RuleSet]) -> None:
+        self.storage = storage
+        self._rules = rules
+
+    async def resolve(self, spec: PurgeSpec) -> set[str]:
+        rules = self._rules()
+        urls = {u for raw in spec.urls for u in (raw, keys_for_url(raw, rules))}
+        keys = await self.storage.keys_for(urls=urls, prefixes=spec.prefixes, tags=spec.tags)
+        keys.update(spec.keys)
+        return keys
+
+    async def purge(self, spec: PurgeSpec) -> int:
+        if spec.all:
+            return await self.storage.delete_all(soft=spec.soft)
+        return await self.storage.delete(await self.resolve(spec), soft=spec.soft)
+
+    async def purge_memory(self, spec: PurgeSpec, keys: set[str]) -> int:
+        """Only the memory tier (another process already purged the shared disk tier)."""
+        if spec.all:
+            if spec.soft:
+                return sum(self.storage.forget_in_memory(k, True) for k in list(self.storage.memory.keys()))
+            return self.storage.memory.clear()
+        mem = set(keys)
+        mem.update(await self.storage.keys_for(
+            urls=spec.urls, prefixes=spec.prefixes, tags=spec.tags, memory_only=True))
+        return sum(self.storage.forget_in_memory(k, spec.soft) for k in mem)

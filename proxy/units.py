@@ -1,0 +1,67 @@
+"""Parse the human units of config files: durations (``30s``, ``5m``) and sizes (``256MB``).
+
+>>> parse_duration("1h30m")
+5400.0
+>>> parse_duration(45)
+45.0
+>>> parse_size("1.5KB")
+1536
+>>> parse_size("10GB")
+10737418240
+"""
+
+from __future__ import annotations
+
+import re
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib|k|m|g|t)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+}  # fmt: skip
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like ``30s``, ``5m``, ``1h30m``, ``7d``; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 30s, 5m, 1h, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration like 30s, 5m, 1h, got {value!r}")
+    text = value.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"bad duration {value!r}: use seconds or 30s, 5m, 1h, 1d")
+    return total
+
+
+def parse_size(value: object) -> int:
+    """Bytes from a number or a string like ``512KB``, ``256MB``, ``10GB`` (binary multiples)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 256MB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size like 256MB, got {value!r}")
+    m = _SIZE.fullmatch(value.strip())
+    if not m:
+        raise ValueError(f"bad size {value!r}: use bytes or KB, MB, GB")
+    unit = m.group(2).lower() if m.group(2) else None
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])

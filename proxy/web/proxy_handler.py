@@ -1,0 +1,181 @@
+"""The client-facing handler: aiohttp request -> ``ClientRequest`` -> engine -> ``Reply`` -> bytes.
+
+It runs on aiohttp's low-level server (no router, no middleware chain: every
+request goes to the engine). Errors are mapped to responses in one place,
+``handle``: a ``CachegateError`` becomes its ``status_hint``; anything else is a
+logged 500 and the proxy keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import IO
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.engine import ClientRequest, Reply
+from proxy.errors import BadRequest, CachegateError, UpstreamError
+from proxy.policy.cache_status import cache_status
+from proxy.policy.keys import normalise_host
+from proxy.policy.messages import RequestHead
+from proxy.runtime import Runtime
+
+log = logging.getLogger("cachegate.proxy")
+
+_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+FILE_CHUNK = 256 * 1024
+
+
+def _is_trusted(runtime: Runtime, remote: str) -> bool:
+    nets = runtime.settings.trusted_proxies
+    if not nets or not remote:
+        return False
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)
+
+
+def request_head(request: web.BaseRequest, trusted: bool, default_host: str) -> RequestHead:
+    """The request as the cache sees it: raw target, normalised Host, scheme."""
+    target = request.raw_path
+    headers = request.headers
+    scheme = "https" if request.secure else "http"
+    if trusted:
+        proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        if proto in ("http", "https"):
+            scheme = proto
+    host_header = headers.get("Host")
+    if target.startswith(("http://", "https://")):
+        # absolute-form (RFC 9112 §3.2.2): its authority wins over Host.
+        try:
+            url = URL(target, encoded=True)
+        except ValueError:
+            raise BadRequest("malformed request target") from None
+        host_header = url.raw_authority
+        target = url.raw_path_qs or "/"
+    if not target.startswith("/") and not (request.method == "OPTIONS" and target == "*"):
+        raise BadRequest("malformed request target")
+    if host_header is None:
+        if request.version >= (1, 1):
+            raise BadRequest("missing Host header")
+        host_header = default_host
+    if len(headers.getall("Host", ())) > 1 or not _HOST.fullmatch(host_header):
+        raise BadRequest("invalid Host header")
+    return RequestHead(request.method, scheme, normalise_host(host_header, scheme), target, headers)
+
+
+async def _body_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        yield chunk
+
+
+def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseRequest], object]:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        runtime = runtime_ref()
+        metrics = runtime.metrics
+        try:
+            if request.method == "CONNECT":
+                return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS")
+            remote = request.remote or ""
+            trusted = _is_trusted(runtime, remote)
+            listen = runtime.settings.listen
+            head = request_head(request, trusted, f"{listen[0]}:{listen[1]}")
+            body = _body_stream(request) if request.body_exists else None
+            reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted))
+        except CachegateError as exc:
+            metrics.requests.labels("ERROR", request.method).inc()
+            return _plain(exc.status_hint, str(exc) or "error", "MISS")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.raw_path)
+            metrics.requests.labels("ERROR", request.method).inc()
+            return _plain(500, "internal error", "MISS")
+        metrics.requests.labels(reply.x_cache, request.method).inc()
+        return await write_reply(request, reply, runtime)
+
+    return handle
+
+
+def _plain(status: int, text: str, x_cache: str) -> web.Response:
+    headers = CIMultiDict({"Cache-Status": cache_status(detail="PROXY-ERROR"),
+                           "X-Cache-Status": x_cache})
+    return web.Response(status=status, text=text + "\n", headers=headers)
+
+
+async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) -> web.StreamResponse:
+    headers = CIMultiDict(reply.headers)
+    body = reply.body
+    if isinstance(body, bytes) and not reply.head_only:
+        runtime.metrics.response_bytes.labels(reply.tier).inc(len(body))
+        return web.Response(status=reply.status, reason=reply.reason, body=body, headers=headers)
+    resp = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
+    if reply.length is not None and reply.status not in (204, 304) and reply.status >= 200:
+        resp.content_length = reply.length
+    await resp.prepare(request)
+    if body is None or reply.head_only:
+        _close_body(body)
+        await resp.write_eof()
+        return resp
+    sent = 0
+    try:
+        if isinstance(body, bytes):
+            await resp.write(body)
+            sent = len(body)
+        elif hasattr(body, "__anext__"):
+            async for chunk in body:  # type: ignore[union-attr]
+                await resp.write(chunk)
+                sent += len(chunk)
+        else:
+            sent = await _send_file(resp, body, reply.offset, reply.length)  # type: ignore[arg-type]
+    except UpstreamError as exc:
+        # The upstream broke off mid-body: end the connection so the client sees an
+        # incomplete response, never a truncated "complete" one.
+        log.warning("aborting client response: %s", exc)
+        if request.transport is not None:
+            request.transport.abort()
+        runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
+        return resp
+    except (ConnectionResetError, asyncio.CancelledError):
+        _close_body(body)
+        raise
+    finally:
+        _close_body(body)
+    runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
+    await resp.write_eof()
+    return resp
+
+
+async def _send_file(resp: web.StreamResponse, f: IO[bytes], offset: int, length: int | None) -> int:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, f.seek, offset)
+    remaining = length if length is not None else -1
+    sent = 0
+    while remaining != 0:
+        size = FILE_CHUNK if remaining < 0 else min(FILE_CHUNK, remaining)
+        chunk = await loop.run_in_executor(None, f.read, size)
+        if not chunk:
+            break
+        await resp.write(chunk)
+        sent += len(chunk)
+        if remaining > 0:
+            remaining -= len(chunk)
+    return sent
+
+
+def _close_body(body: object) -> None:
+    if body is None or isinstance(body, bytes):
+        return
+    close = getattr(body, "close", None)
+    if close is not None and not hasattr(body, "__anext__"):
+        close()
+    elif hasattr(body, "aclose"):
+        asyncio.ensure_future(body.aclose())  # type: ignore[attr-defined]

@@ -1,0 +1,179 @@
+"""Running the listeners: proxy and admin, signals, hot reload and graceful shutdown.
+
+SIGTERM/SIGINT: stop accepting, let in-flight requests finish within
+``shutdown_grace``, finish background fills, close the store, exit 0.
+SIGHUP: re-read config and rules; a bad new config is logged and the old one
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy.config import Overrides, Settings, load_config
+from proxy.errors import ConfigError
+from proxy.purge import PurgeSpec
+from proxy.runtime import Runtime
+from proxy.web.admin import create_admin_app
+from proxy.web.proxy_handler import make_handler
+
+log = logging.getLogger("cachegate.server")
+
+
+def check_c_parser() -> None:
+    """Refuse to run on aiohttp's pure-Python HTTP parser (request-smuggling advisories)."""
+    from aiohttp import http_parser
+
+    c_parser = getattr(http_parser, "HttpRequestParserC", None)
+    if c_parser is None or http_parser.HttpRequestParser is not c_parser:
+        raise SystemExit(
+            "cachegate: aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or no "
+            "compiled wheel for this platform); refusing to start: the pure-Python parser has had "
+            "request-smuggling advisories"
+        )
+
+
+@dataclass
+class Listeners:
+    runners: list[web.BaseRunner] = field(default_factory=list)
+    proxy_addresses: list[tuple[str, int]] = field(default_factory=list)
+    admin_addresses: list[tuple[str, int]] = field(default_factory=list)
+
+    async def stop(self, grace: float) -> None:
+        for runner in self.runners:
+            runner._shutdown_timeout = grace  # type: ignore[attr-defined]
+        await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
+
+
+def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
+    out = []
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            out.append((str(addr[0]), int(addr[1])))
+    return out
+
+
+async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Settings, *,
+                               reuse_port: bool = False, sock: socket.socket | None = None
+                               ) -> web.ServerRunner:
+    server = web.Server(
+        make_handler(runtime_ref),  # type: ignore[arg-type]
+        max_line_size=8190,
+        max_field_size=8190,
+        max_headers=128,
+        keepalive_timeout=75.0,
+        access_log=None,
+    )
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
+    await runner.setup()
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock)
+    else:
+        host, port = settings.listen
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
+    return runner
+
+
+async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Settings,
+                               purge: Callable[[PurgeSpec], Awaitable[int]] | None = None
+                               ) -> web.AppRunner | None:
+    if settings.admin.listen is None:
+        return None
+    app = create_admin_app(runtime_ref, purge)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=settings.shutdown_grace)
+    await runner.setup()
+    host, port = settings.admin.listen
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+def announce(listeners: Listeners) -> None:
+    for host, port in listeners.proxy_addresses:
+        print(f"cachegate: proxy listening on http://{_fmt(host)}:{port}", flush=True)
+    for host, port in listeners.admin_addresses:
+        print(f"cachegate: admin listening on http://{_fmt(host)}:{port}", flush=True)
+
+
+def _fmt(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class Reloader:
+    """Re-reads config and rules; applies them only when valid."""
+
+    def __init__(self, path: str | None, overrides: Overrides, apply: Callable[[Settings], None],
+                 on_result: Callable[[bool], None] | None = None) -> None:
+        self.path = path
+        self.overrides = overrides
+        self._apply = apply
+        self._on_result = on_result
+
+    def reload(self) -> list[str]:
+        """[] on success, else the problems (the old config stays)."""
+        try:
+            settings = load_config(self.path, self.overrides)
+        except ConfigError as exc:
+            for p in exc.problems:
+                log.error("reload rejected: %s", p)
+            if self._on_result:
+                self._on_result(False)
+            return exc.problems
+        self._apply(settings)
+        log.info("config reloaded from %s", self.path)
+        if self._on_result:
+            self._on_result(True)
+        return []
+
+
+async def serve(settings: Settings, config_path: str | None, overrides: Overrides) -> int:
+    """Run one serving process until SIGTERM/SIGINT; returns the exit status."""
+    check_c_parser()
+    runtime = await Runtime.open(settings)
+    listeners = Listeners()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def apply(new: Settings) -> None:
+        runtime.reconfigure(new)
+
+    reloader = Reloader(config_path, overrides, apply,
+                        lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc())
+    runtime.reload_config = reloader.reload
+    try:
+        proxy_runner = await start_proxy_listener(lambda: runtime, settings)
+        listeners.runners.append(proxy_runner)
+        listeners.proxy_addresses = _bound(proxy_runner)
+        admin_runner = await start_admin_listener(lambda: runtime, settings)
+        if admin_runner is not None:
+            listeners.runners.append(admin_runner)
+            listeners.admin_addresses = _bound(admin_runner)
+    except OSError as exc:
+        print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+        await listeners.stop(0)
+        await runtime.close()
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    announce(listeners)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: finishing in-flight requests (grace %.0fs)", settings.shutdown_grace)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await listeners.stop(runtime.settings.shutdown_grace)
+        await runtime.close()
+    print("cachegate: stopped", flush=True)
+    return 0

@@ -1,0 +1,114 @@
+"""YAML loading that remembers where every value came from, for ``FILE:LINE:`` errors.
+
+``load_yaml`` composes the YAML node graph (keeping each node's mark) and turns
+it into ``Src`` values: the plain Python value plus file and line. ``Problems``
+collects messages in the ``FILE:LINE: message`` shape every config error uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass
+class Src:
+    value: Any  # dict[str, Src] | list[Src] | str | int | float | bool | None
+    file: str
+    line: int  # 1-based
+    key_lines: dict[Any, int] = field(default_factory=dict)  # for mappings: the line of each key
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+class Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, at: Src | tuple[str, int], message: str) -> None:
+        file, line = (at.file, at.line) if isinstance(at, Src) else at
+        self.items.append(f"{file}:{line}: {message}")
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def extend(self, other: Problems) -> None:
+        self.items.extend(other.items)
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _expand_env(text: str, at: tuple[str, int], problems: Problems) -> str:
+    def sub(m: re.Match[str]) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            if m.group(2) is not None:
+                return m.group(2)
+            problems.add(at, f"environment variable {m.group(1)} is not set")
+            return ""
+        return value
+
+    return _ENV.sub(sub, text)
+
+
+def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) -> Src:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Src] = {}
+        key_lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in out:
+                problems.add((file, key_node.start_mark.line + 1), f"duplicate key {key!r}")
+            if isinstance(key, list | dict):
+                problems.add((file, key_node.start_mark.line + 1), "a key must be a scalar")
+                continue
+            out[key] = _convert(value_node, file, loader, problems)
+            key_lines[key] = key_node.start_mark.line + 1
+        return Src(out, file, line, key_lines)
+    if isinstance(node, yaml.SequenceNode):
+        return Src([_convert(n, file, loader, problems) for n in node.value], file, line)
+    value = loader.construct_object(node, deep=True)
+    if isinstance(value, str) and node.tag == "tag:yaml.org,2002:str":
+        value = _expand_env(value, (file, line), problems)
+    return Src(value, file, line)
+
+
+def load_yaml(path: str, problems: Problems, display: str | None = None) -> Src | None:
+    """Parse ``path``; on failure record ``FILE:LINE: message`` and return None."""
+    name = display or path
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        problems.add((name, 0), f"cannot read file: {exc.strerror or exc}")
+        return None
+    return parse_yaml(text, name, problems)
+
+
+def parse_yaml(text: str, name: str, problems: Problems) -> Src | None:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return Src({}, name, 1)
+        return _convert(node, name, loader, problems)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        problems.add((name, line), f"YAML syntax error: {exc.problem or exc.context}")
+        return None
+    except yaml.YAMLError as exc:
+        problems.add((name, 0), f"YAML error: {exc}")
+        return None
+    finally:
+        loader.dispose()

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Origin, Proxy, start_proxy
+
+MakeProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    o = Origin()
+    await o.start()
+    yield o
+    await o.stop()
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Path, origin: Origin) -> AsyncIterator[MakeProxy]:
+    """Start cachegate in front of ``origin``: ``await make_proxy(config="...", rules="...")``."""
+    proxies: list[Proxy] = []
+
+    async def make(config: str = "", rules: str | None = None, directory: Path | None = None) -> Proxy:
+        d = directory or tmp_path
+        d.mkdir(parents=True, exist_ok=True)
+        p = await start_proxy(str(d), origin.url, config, rules)
+        proxies.append(p)
+        return p
+
+    yield make
+    for p in proxies:
+        await p.session.close()
+        await p.close()
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> Proxy:
+    return await make_proxy()

@@ -1,0 +1,181 @@
+"""Real parts for tests: an origin server on a loopback port, and cachegate in front of it.
+
+Nothing here is a mock: the origin is an aiohttp app listening on 127.0.0.1:0,
+the proxy is cachegate's own runtime and listeners on port 0, with its disk tier
+in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import textwrap
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.config import Overrides, load_config
+from proxy.runtime import Runtime
+from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listener
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+class Origin:
+    """An origin whose routes a test sets; it records every request it receives."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Handler] = {}
+        self.seen: list[Seen] = []
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def route(self, path: str, handler: Handler | None = None, *, status: int = 200,
+              body: bytes | str = b"", headers: dict[str, str] | None = None,
+              delay: float = 0.0) -> None:
+        if handler is None:
+            data = body.encode() if isinstance(body, str) else body
+
+            async def fixed(request: web.Request) -> web.StreamResponse:
+                if delay:
+                    await asyncio.sleep(delay)
+                return web.Response(status=status, body=data, headers=headers or {})
+
+            handler = fixed
+        self.routes[path] = handler
+
+    def count(self, path: str) -> int:
+        return self.counts[path]
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.path_qs, request.headers, body))
+        self.counts[request.path] += 1
+        handler = self.routes.get(request.path)
+        if handler is None:
+            return web.Response(status=404, text="no such route")
+        return await handler(request)
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port or self.port)
+        await site.start()
+        self.port = _bound(self.runner)[0][1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    @property
+    def x_cache(self) -> str:
+        return self.headers.get("X-Cache-Status", "")
+
+    @property
+    def cache_status(self) -> str:
+        return self.headers.get("Cache-Status", "")
+
+
+@dataclass
+class Proxy:
+    runtime: Runtime
+    listeners: Listeners
+    session: aiohttp.ClientSession
+    cache_dir: str
+    config_path: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        host, port = self.listeners.proxy_addresses[0]
+        return f"http://{host}:{port}"
+
+    @property
+    def admin_url(self) -> str:
+        host, port = self.listeners.admin_addresses[0]
+        return f"http://{host}:{port}"
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Reply:
+        async with self.session.request(method, self.url + path, allow_redirects=False,
+                                        **kwargs) as resp:
+            body = await resp.read()
+            return Reply(resp.status, resp.headers, body)
+
+    async def get(self, path: str, **kwargs: Any) -> Reply:
+        return await self.request("GET", path, **kwargs)
+
+    async def admin(self, method: str, path: str, **kwargs: Any) -> Reply:
+        async with self.session.request(method, self.admin_url + path, **kwargs) as resp:
+            return Reply(resp.status, resp.headers, await resp.read())
+
+    async def close(self) -> None:
+        await self.listeners.stop(1.0)
+        await self.runtime.close()
+
+
+def write_config(directory: str, origin_url: str, config: str = "", rules: str | None = None) -> str:
+    """A config file in ``directory``: loopback listeners on port 0, the disk tier beside it."""
+    rules_line = ""
+    if rules is not None:
+        with open(os.path.join(directory, "rules.yaml"), "w") as f:
+            f.write(textwrap.dedent(rules))
+        rules_line = "rules: [rules.yaml]\n"
+    text = (
+        "listen: 127.0.0.1:0\n"
+        f"upstreams: [{{url: '{origin_url}'}}]\n"
+        "admin: {listen: '127.0.0.1:0'}\n"
+        + rules_line
+        + textwrap.dedent(config)
+    )
+    if "cache:" not in config:
+        text += "cache: {memory: 64MB, disk: {path: cache, size: 512MB, shards: 2}}\n"
+    path = os.path.join(directory, "cachegate.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+async def start_proxy(directory: str, origin_url: str, config: str = "", rules: str | None = None
+                      ) -> Proxy:
+    path = write_config(directory, origin_url, config, rules)
+    settings = load_config(path, Overrides())
+    runtime = await Runtime.open(settings)
+    listeners = Listeners()
+    runner = await start_proxy_listener(lambda: runtime, settings)
+    listeners.runners.append(runner)
+    listeners.proxy_addresses = _bound(runner)
+    admin = await start_admin_listener(lambda: runtime, settings)
+    if admin is not None:
+        listeners.runners.append(admin)
+        listeners.admin_addresses = _bound(admin)
+    session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+    cache_dir = settings.cache.disk.path if settings.cache.disk else directory
+    return Proxy(runtime, listeners, session, cache_dir, path)

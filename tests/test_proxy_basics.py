@@ -1,0 +1,80 @@
+"""The foundation end to end: a real origin, cachegate in front, real disk cache."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from tests.harness import Origin, Proxy
+
+
+async def test_a_fresh_response_is_stored_then_served_from_the_cache(origin: Origin, proxy: Proxy) -> None:
+    origin.route("/a", body=b"hello", headers={"Cache-Control": "max-age=60"})
+    first = await proxy.get("/a")
+    second = await proxy.get("/a")
+    assert (first.status, first.body, first.x_cache) == (200, b"hello", "MISS")
+    assert first.cache_status == "cachegate; fwd=uri-miss; fwd-status=200; stored"
+    assert (second.status, second.body, second.x_cache) == (200, b"hello", "HIT")
+    assert second.cache_status.startswith("cachegate; hit; ttl=")
+    assert second.headers["Age"] in ("0", "1")
+    assert origin.count("/a") == 1
+
+
+async def test_private_and_no_store_responses_are_never_stored(origin: Origin, proxy: Proxy) -> None:
+    origin.route("/p", body=b"mine", headers={"Cache-Control": "private, max-age=60"})
+    origin.route("/n", body=b"none", headers={"Cache-Control": "no-store, max-age=60"})
+    for path, detail in (("/p", "PRIVATE"), ("/n", "NO-STORE")):
+        a = await proxy.get(path)
+        b = await proxy.get(path)
+        assert a.x_cache == b.x_cache == "MISS"
+        assert f"detail={detail}" in b.cache_status
+        assert origin.count(path) == 2
+
+
+async def test_expired_entry_is_revalidated_with_if_none_match(origin: Origin, proxy: Proxy) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        headers = {"Cache-Control": "max-age=1", "ETag": '"v1"'}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=b"body-v1", headers=headers)
+
+    origin.route("/r", handler)
+    assert (await proxy.get("/r")).x_cache == "MISS"
+    await asyncio.sleep(1.1)
+    again = await proxy.get("/r")
+    assert (again.status, again.body, again.x_cache) == (200, b"body-v1", "REVALIDATED")
+    assert origin.seen[-1].headers.get("If-None-Match") == '"v1"'
+    assert (await proxy.get("/r")).x_cache == "HIT"
+
+
+async def test_head_is_answered_from_the_stored_get(origin: Origin, proxy: Proxy) -> None:
+    origin.route("/h", body=b"0123456789", headers={"Cache-Control": "max-age=60"})
+    await proxy.get("/h")
+    head = await proxy.request("HEAD", "/h")
+    assert (head.status, head.body, head.x_cache) == (200, b"", "HIT")
+    assert head.headers["Content-Length"] == "10"
+    assert origin.count("/h") == 1
+
+
+async def test_host_is_part_of_the_key(origin: Origin, proxy: Proxy) -> None:
+    async def by_host(request: web.Request) -> web.Response:
+        return web.Response(text=request.host, headers={"Cache-Control": "max-age=60"})
+
+    origin.route("/v", by_host)
+    a = await proxy.get("/v", headers={"Host": "a.example"})
+    b = await proxy.get("/v", headers={"Host": "B.EXAMPLE:80"})
+    a2 = await proxy.get("/v", headers={"Host": "a.example"})
+    assert (a.body, b.body, a2.body) == (b"a.example", b"B.EXAMPLE:80", b"a.example")
+    assert a2.x_cache == "HIT"
+    assert origin.count("/v") == 2
+
+
+async def test_purge_removes_an_entry(origin: Origin, proxy: Proxy) -> None:
+    origin.route("/x", body=b"x", headers={"Cache-Control": "max-age=60"})
+    await proxy.get("/x")
+    assert (await proxy.get("/x")).x_cache == "HIT"
+    host = proxy.url.removeprefix("http://")
+    reply = await proxy.admin("POST", "/purge", json={"urls": [f"http://{host}/x"]})
+    assert (reply.status, reply.body) == (200, b'{"purged": 1, "soft": false}')
+    assert (await proxy.get("/x")).x_cache == "MISS"
