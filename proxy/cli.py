@@ -100,6 +100,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_async(run_demo(args), not args.no_uvloop)
 
 
+def cmd_sample_origin(args: argparse.Namespace) -> int:
+    from proxy.demo import run_origin
+
+    return run_async(run_origin(args.listen), True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachegate", description="HTTP caching reverse proxy")
     parser.add_argument("--version", action="version", version=f"cachegate {__version__}")
@@ -123,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-uvloop", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sample-origin", help="only the demo's sample origin (for deploy/compose.yaml)")
+    p.add_argument("--listen", default="127.0.0.1:9000", metavar="HOST:PORT")
+    p.set_defaults(func=cmd_sample_origin)
     return parser
 
 

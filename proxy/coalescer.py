@@ -168,6 +168,7 @@ class Flight:
         self.body = Broadcast(history_limit)
         self.task: asyncio.Task[None] | None = None
         self.followers = 0
+        self.spool: Any = None  # the BodySpool storing this flight's body, once there is one
         # A failed head must not log "exception never retrieved" when nobody waited.
         self.head.add_done_callback(_consume)
         self.result.add_done_callback(_consume)

@@ -132,3 +132,24 @@ async def run_demo(args: object) -> int:
         return await serve(settings, config, Overrides())
     finally:
         await origin.cleanup()
+
+
+async def run_origin(listen: str) -> int:
+    """Serve only the sample origin until interrupted."""
+    import asyncio
+    import signal
+
+    from proxy.schema import parse_hostport
+
+    host, port = parse_hostport(listen)
+    runner = web.AppRunner(create_origin_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    print(f"cachegate sample origin listening on http://{host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    return 0

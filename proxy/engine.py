@@ -390,6 +390,8 @@ class Engine:
         """Join the key's flight, or start one, and answer this client from it."""
         head = req.head
         flight = self.coalescer.get(key) if coalesce and not self.coalescer.is_pass(key) else None
+        if flight is not None and flight.spool is not None and flight.spool.doomed:
+            flight = None  # purged while in flight: what it carries must not be served anew
         collapsed = False
         if flight is not None:
             reader = flight.body.join()
@@ -569,7 +571,8 @@ class Engine:
             self.coalescer.mark_pass(key)
         if not shareable:
             self.metrics.not_stored.labels(store_detail).inc()
-        spool = self.storage.spool(resp.content_length) if entry is not None else None
+        spool = self.storage.spool(entry, resp.content_length) if entry is not None else None
+        flight.spool = spool
         try:
             async for chunk in resp.iter_chunks():
                 if spool is not None and not await spool.write(chunk):

@@ -10,7 +10,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import signal
+import subprocess
+import sys
 import textwrap
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +71,9 @@ class Origin:
         return self.counts[path]
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        # Small bodies are recorded; big ones are left for the route to stream.
+        length = request.content_length
+        body = await request.read() if length is not None and length <= 1 << 20 else b""
         self.seen.append(Seen(request.method, request.path_qs, request.headers, body))
         self.counts[request.path] += 1
         handler = self.routes.get(request.path)
@@ -179,3 +186,73 @@ async def start_proxy(directory: str, origin_url: str, config: str = "", rules: 
     session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
     cache_dir = settings.cache.disk.path if settings.cache.disk else directory
     return Proxy(runtime, listeners, session, cache_dir, path)
+
+
+@dataclass
+class ProxyProcess:
+    """``cachegate run`` as a real subprocess, with the addresses it announced."""
+
+    proc: subprocess.Popen[str]
+    proxy_url: str
+    admin_url: str | None
+    output: list[str]
+    drain: threading.Thread | None = None
+
+    def wait(self, timeout: float = 20.0) -> int:
+        """Wait for the process to end (killing it after ``timeout``) and close its pipe."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if self.drain is not None:
+            self.drain.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+def spawn_cachegate(args: list[str], env: dict[str, str] | None = None, *, expect_admin: bool = True,
+                    timeout: float = 20.0) -> ProxyProcess:
+    """Start ``python -m proxy <args>`` and wait until it announces its listeners."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    output: list[str] = []
+    proxy_url = admin_url = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (proxy_url and (admin_url or not expect_admin)):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if "proxy listening on " in line:
+            proxy_url = line.split("proxy listening on ", 1)[1].strip()
+        elif "admin listening on " in line:
+            admin_url = line.split("admin listening on ", 1)[1].strip()
+    if proxy_url is None:
+        proc.kill()
+        raise RuntimeError("cachegate did not start:\n" + "".join(output) + proc.stdout.read())
+    drain = threading.Thread(target=_drain, args=(proc, output), daemon=True)
+    drain.start()
+    return ProxyProcess(proc, proxy_url, admin_url, output, drain)
+
+
+def _drain(proc: subprocess.Popen[str], output: list[str]) -> None:
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            output.append(line)
+    except ValueError:  # closed by ProxyProcess.wait
+        pass

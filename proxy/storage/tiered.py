@@ -40,8 +40,10 @@ class BodySpool:
     abandoned (the response still streams to the client, it is just not stored).
     """
 
-    def __init__(self, storage: Storage, expected_length: int | None) -> None:
+    def __init__(self, storage: Storage, entry: Entry, expected_length: int | None) -> None:
         self._storage = storage
+        self.entry = entry  # what this body will be stored as (key, url, tags)
+        self.doomed = False  # a purge matched it while it was being received: never store it
         self.expected_length = expected_length
         self.size = 0
         self._chunks: list[bytes] = []
@@ -80,6 +82,7 @@ class BodySpool:
         return self._file
 
     def discard(self) -> None:
+        self._storage._spools.discard(self)
         self._chunks = []
         if self._file is not None:
             f, self._file = self._file, None
@@ -112,6 +115,7 @@ class Storage:
         self._tmpdir = tmpdir or (os.path.join(disk.path, "tmp") if disk else tempfile.gettempdir())
         os.makedirs(self._tmpdir, exist_ok=True)
         self.failed_writes = 0
+        self._spools: set[BodySpool] = set()  # bodies being received, not yet stored
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -171,8 +175,11 @@ class Storage:
 
     # -- writing ------------------------------------------------------------------------
 
-    def spool(self, expected_length: int | None) -> BodySpool:
-        return BodySpool(self, expected_length)
+    def spool(self, entry: Entry, expected_length: int | None) -> BodySpool:
+        """Start receiving a body for ``entry``; purges from now on doom it (see ``delete``)."""
+        spool = BodySpool(self, entry, expected_length)
+        self._spools.add(spool)
+        return spool
 
     def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None:
         """The entry with its body's id and size; None when the body is incomplete."""
@@ -184,7 +191,7 @@ class Storage:
     def put_memory(self, entry: Entry, spool: BodySpool) -> bool:
         """Make a finalized entry visible in memory at once (small bodies only)."""
         body = spool.body_bytes()
-        if body is None or entry.body_size > self.memory.max_object:
+        if spool.doomed or body is None or entry.body_size > self.memory.max_object:
             return False
         current = self.memory.peek(entry.key) or ()
         return self.memory.put(entry.key, _merge_variant(current, Cached(entry, body)))
@@ -192,11 +199,17 @@ class Storage:
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
         """Write a finalized entry to the disk tier; big bodies become visible here."""
         try:
+            if spool.doomed:
+                return False
             if self.disk is None:
                 return spool.body_bytes() is not None
             ok = await self.run(self._commit_to_disk, entry, spool.body_bytes(), spool.file())
             if not ok:
                 self.failed_writes += 1
+                return False
+            if spool.doomed:
+                # Purged while the write was under way: the purge must win.
+                await self.run(self._delete_on_disk, [entry.key], False)
                 return False
         finally:
             spool.discard()
@@ -272,6 +285,12 @@ class Storage:
                 keys.add(k)
         for t in tags:
             keys.update(self.memory.keys_for_tag(t))
+        tag_set = set(tags)
+        for spool in self._spools:
+            e = spool.entry
+            u = url_of_key(e.key)
+            if u in url_set or any(u.startswith(p) for p in prefixes) or tag_set & set(e.tags):
+                keys.add(e.key)
         if self.index is not None and not memory_only:
             keys.update(await self.run(self._index_keys, urls, prefixes, tags))
         return keys
@@ -290,6 +309,11 @@ class Storage:
     async def delete(self, keys: Iterable[str], soft: bool = False) -> int:
         """Remove (or, when ``soft``, mark stale) these keys in both tiers; count the keys found."""
         keys = list(keys)
+        if not soft:
+            wanted = set(keys)
+            for spool in self._spools:
+                if spool.entry.key in wanted:
+                    spool.doomed = True
         found = {k for k in keys if self.forget_in_memory(k, soft)}
         if self.disk is not None and keys:
             found |= await self.run(self._delete_on_disk, keys, soft)
@@ -325,6 +349,8 @@ class Storage:
             if self.disk is not None:
                 keys.update(await self.run(self.disk.iter_keys))
             return await self.delete(keys, soft=True)
+        for spool in self._spools:
+            spool.doomed = True
         count = len(self.memory)
         self.memory.clear()
         if self.disk is not None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import IO
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -77,7 +78,32 @@ async def _body_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:
         yield chunk
 
 
+class _ClientErrorFilter(logging.Filter):
+    """aiohttp logs every malformed client request at ERROR with a traceback.
+
+    Hostile or broken clients must not be able to flood the log with tracebacks:
+    their requests are answered 400 and noted in one line at INFO.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        text = f"{record.getMessage()}: {' '.join(str(exc.message).split())}"
+        record.msg, record.args = "%s", (text,)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger("cachegate").isEnabledFor(logging.INFO)
+
+
+_CLIENT_ERROR_FILTER = _ClientErrorFilter()
+
+
 def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseRequest], object]:
+    server_log = logging.getLogger("aiohttp.server")
+    if _CLIENT_ERROR_FILTER not in server_log.filters:
+        server_log.addFilter(_CLIENT_ERROR_FILTER)
+
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         runtime = runtime_ref()
         metrics = runtime.metrics

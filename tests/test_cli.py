@@ -1,0 +1,76 @@
+"""The command line: check reports FILE:LINE, run stops gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.cli import main
+from tests.harness import Origin, spawn_cachegate
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_check_accepts_a_valid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = write(tmp_path / "r.yaml", "defaults: {ttl: {200: 5m}}\nrules: []\n")
+    config = write(tmp_path / "c.yaml", f"upstreams: [{{url: 'http://127.0.0.1:9'}}]\nrules: [{rules}]\n")
+    assert main(["check", "--config", config]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_check_reports_every_problem_by_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = write(tmp_path / "r.yaml", "rules:\n  - name: x\n    ttl: {200: soon}\n")
+    config = write(tmp_path / "c.yaml", (
+        "listen: 127.0.0.1:99999\n"
+        "upstreams:\n"
+        "  - url: ftp://nope\n"
+        "cache:\n"
+        "  memry: 1GB\n"
+        "  disk: {size: 10XB}\n"
+        f"rules: [{rules}, missing.yaml]\n"
+    ))
+    assert main(["check", "--config", config]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert f"{config}:1: listen: expected HOST:PORT, got '127.0.0.1:99999'" in err
+    assert f"{config}:3: upstream url 'ftp://nope': expected http://HOST[:PORT] or https://..." in err
+    assert f"{config}:5: unknown key 'cache.memry' (did you mean 'memory'?)" in err
+    assert any(line.startswith(f"{config}:6: cache.disk.size: bad size '10XB'") for line in err)
+    assert any(line.startswith(f"{config}:7: rules: rule file") and "missing.yaml" in line for line in err)
+    assert any(":3: ttl.200: bad duration 'soon'" in line for line in err)
+
+
+def test_check_reports_yaml_syntax_errors_with_their_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:8080\nupstreams: [\n  {url: x\n")
+    assert main(["check", "--config", config]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{config}:") and "YAML syntax error" in line
+
+
+def test_run_refuses_a_bad_config_before_binding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path / "c.yaml", "upstreams: [{url: 'http://127.0.0.1:9'}]\nworkers: lots\n")
+    assert main(["run", "--config", config]) == 2
+    assert f"{config}:2: workers: expected a positive number or auto" in capsys.readouterr().err
+
+
+async def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, origin: Origin) -> None:
+    origin.route("/slow", body=b"done", delay=1.5)
+    config = write(tmp_path / "c.yaml", "cache: {disk: {path: cache, size: 64MB, shards: 2}}\n")
+    proc = await asyncio.to_thread(spawn_cachegate, [
+        "run", "--config", config, "--upstream", origin.url, "--listen", "127.0.0.1:0",
+        "--admin-listen", "127.0.0.1:0", "--no-uvloop"])
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.ensure_future(session.get(proc.proxy_url + "/slow"))
+        await asyncio.sleep(0.5)
+        proc.proc.send_signal(signal.SIGTERM)
+        resp = await pending
+        assert (resp.status, await resp.read()) == (200, b"done")
+        code = await asyncio.to_thread(proc.wait, 20)
+    assert code == 0, proc.text
+    assert "cachegate: stopped" in proc.text
