@@ -155,12 +155,13 @@ def write_config(directory: str, origin_url: str, config: str = "", rules: str |
         with open(os.path.join(directory, "rules.yaml"), "w") as f:
             f.write(textwrap.dedent(rules))
         rules_line = "rules: [rules.yaml]\n"
+    config = textwrap.dedent(config)
     text = (
         "listen: 127.0.0.1:0\n"
         f"upstreams: [{{url: '{origin_url}'}}]\n"
-        "admin: {listen: '127.0.0.1:0'}\n"
+        + ("" if "admin:" in config else "admin: {listen: '127.0.0.1:0'}\n")
         + rules_line
-        + textwrap.dedent(config)
+        + config
     )
     if "cache:" not in config:
         text += "cache: {memory: 64MB, disk: {path: cache, size: 512MB, shards: 2}}\n"
