@@ -43,12 +43,41 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """Active health checks: GET ``path`` every ``interval``; 2xx/3xx within ``timeout`` is a success."""
+
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy: int = 2  # consecutive successes that bring a down upstream back
+    unhealthy: int = 3  # consecutive failures that take an upstream out
+
+
+@dataclass(frozen=True)
+class PassiveHealth:
+    """Passive checks: consecutive connection failures or 5xx take an upstream out for a cool-down."""
+
+    failures: int = 3  # 0 turns passive checks off
+    cooldown: float = 10.0
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    verify: bool = True
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     balance: Literal["round_robin", "least_conn"] = "round_robin"
     timeouts: Timeouts = field(default_factory=Timeouts)
     pool_size: int = 256  # keep-alive connections per upstream
     preserve_host: bool = True  # send the client's Host upstream (nginx: proxy_set_header Host $host)
     retries: int = 1  # extra attempts on another upstream when the connection failed
+    retry_non_idempotent: bool = False  # POST/PATCH are never retried unless this says so
+    health: HealthSettings | None = None
+    passive: PassiveHealth = field(default_factory=PassiveHealth)
+    tls: TLSSettings = field(default_factory=TLSSettings)
 
 
 @dataclass(frozen=True)
@@ -188,19 +217,45 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
             upstreams.append(UpstreamSettings(url, up.int("weight", 1, minimum=1)))
 
     pool = PoolSettings()
-    ps = top.section("upstream", ("balance", "timeouts", "pool_size", "preserve_host", "retries"))
+    ps = top.section("upstream", ("balance", "timeouts", "pool_size", "preserve_host", "retries",
+                                  "retry_non_idempotent", "health", "passive", "tls"))
     if ps is not None:
         ts = ps.section("timeouts", ("connect", "read", "total"))
         timeouts = Timeouts()
         if ts is not None:
             timeouts = Timeouts(ts.duration("connect", 5.0), ts.duration("read", 60.0),
                                 ts.optional_duration("total"))
+        health: HealthSettings | None = None
+        hs = ps.section("health", ("path", "interval", "timeout", "healthy", "unhealthy"))
+        if hs is not None:
+            path = hs.str("path", "/healthz")
+            if not path.startswith("/"):
+                problems.add(hs.raw("path") or hs.src, f"upstream.health.path: must start with '/', got {path!r}")
+            health = HealthSettings(path, hs.duration("interval", 5.0), hs.duration("timeout", 1.0),
+                                    hs.int("healthy", 2, minimum=1), hs.int("unhealthy", 3, minimum=1))
+        passive = PassiveHealth()
+        pv = ps.section("passive", ("failures", "cooldown"))
+        if pv is not None:
+            passive = PassiveHealth(pv.int("failures", 3, minimum=0), pv.duration("cooldown", 10.0))
+        tls = TLSSettings()
+        tl = ps.section("tls", ("verify", "ca_file"))
+        if tl is not None:
+            ca_file = tl.optional_str("ca_file")
+            if ca_file is not None:
+                ca_file = _resolve(base_dir, ca_file)
+                if not os.path.isfile(ca_file):
+                    problems.add(tl.raw("ca_file") or tl.src, f"upstream.tls.ca_file: {ca_file} does not exist")
+            tls = TLSSettings(tl.bool("verify", True), ca_file)
         pool = PoolSettings(
             balance=ps.choice("balance", "round_robin", ("round_robin", "least_conn")),  # type: ignore[arg-type]
             timeouts=timeouts,
             pool_size=ps.int("pool_size", 256, minimum=1),
             preserve_host=ps.bool("preserve_host", True),
             retries=ps.int("retries", 1, minimum=0),
+            retry_non_idempotent=ps.bool("retry_non_idempotent", False),
+            health=health,
+            passive=passive,
+            tls=tls,
         )
 
     cache = CacheSettings(disk=DiskSettings(path=_resolve(base_dir, "var/cache")))

@@ -26,7 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.coalescer import Coalescer, Flight, FlightHead, FlightResult
 from proxy.config import Settings
-from proxy.errors import StorageError, UpstreamError, UpstreamTimeout
+from proxy.errors import StorageError, UpstreamError
 from proxy.metrics import Metrics
 from proxy.policy.cache_status import cache_status
 from proxy.policy.deception import content_type_agrees
@@ -330,12 +330,7 @@ class Engine:
     async def _send(self, method: str, target: str, headers: list[tuple[str, str]],
                     body: AsyncIterable[bytes] | None = None) -> UpstreamResponse:
         started = time.monotonic()
-        try:
-            resp = await self.pool.send(method, target, headers, body)
-        except UpstreamError as exc:
-            kind = "timeout" if isinstance(exc, UpstreamTimeout) else type(exc).__name__
-            self.metrics.upstream_errors.labels("pool", kind).inc()
-            raise
+        resp = await self.pool.send(method, target, headers, body)  # errors are counted by the pool
         name = resp.upstream.name
         self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
         self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()

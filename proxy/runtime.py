@@ -43,9 +43,11 @@ class Runtime:
             disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction)
             index = UrlTagIndex(c.disk.path)
         storage = Storage(memory, disk, index, max_object=c.max_object)
-        pool = UpstreamPool(settings.upstreams, settings.pool)
-        await pool.start()
         metrics = Metrics()
+        pool = UpstreamPool(settings.upstreams, settings.pool,
+                            on_error=lambda name, kind: metrics.upstream_errors.labels(name, kind).inc())
+        await pool.start()
+        metrics.add_collector(pool.collect)
         runtime: Runtime
 
         async def invalidate(urls: Sequence[str]) -> None:

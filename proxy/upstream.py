@@ -6,18 +6,32 @@ httpcore keeps its pool bookkeeping). Sending uses one long-lived aiohttp
 ``ClientSession`` per pool: keep-alive, no cookie jar (``DummyCookieJar``), no
 decompression (bytes and ``Content-Encoding`` pass through unchanged), and
 connect/read timeouts instead of aiohttp's 5-minute total timeout.
+
+Health:
+
+- active: ``GET health.path`` every ``interval``; ``unhealthy`` consecutive
+  failures take an upstream out, ``healthy`` consecutive successes bring it back;
+- passive: ``passive.failures`` consecutive connection failures or 5xx answers
+  take it out for ``passive.cooldown``.
+
+A request is retried on another upstream only when the connection failed before
+any response byte arrived, only for idempotent methods (unless
+``retry_non_idempotent``), and never when the request body was streamed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import logging
+import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from prometheus_client.core import GaugeMetricFamily, Metric
 from yarl import URL
 
 from proxy.config import PoolSettings, UpstreamSettings
@@ -29,18 +43,28 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 
+log = logging.getLogger("cachegate.upstream")
+
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CHUNK = 64 * 1024
 
 
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """The TCP (or TLS) connection was not established in time: safe to retry elsewhere."""
+
+
 @dataclass
 class Upstream:
+    """One upstream's state. Mutated by the pool; read by the pure selection function."""
+
     url: URL
     weight: int = 1
     in_flight: int = 0
-    healthy: bool = True
-    down_until: float = 0.0  # passive health: cool-down after consecutive failures
-    consecutive_failures: int = 0
+    healthy: bool = True  # the active checks' verdict
+    down_until: float = 0.0  # passive checks: out of rotation until this monotonic time
+    passive_failures: int = 0  # consecutive
+    check_successes: int = 0  # consecutive active-check results
+    check_failures: int = 0
     requests: int = 0
     failures: int = 0
 
@@ -51,10 +75,17 @@ class Upstream:
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.down_until
 
+    def state(self, now: float) -> str:
+        if not self.healthy:
+            return "down (health check)"
+        if now < self.down_until:
+            return f"down (passive, {self.down_until - now:.1f}s left)"
+        return "up"
+
 
 @dataclass
 class Selector:
-    """Smooth weighted round robin (nginx's algorithm) or least connections."""
+    """Smooth weighted round robin (nginx's algorithm) or least connections per weight."""
 
     balance: str = "round_robin"
     _current: dict[str, int] = field(default_factory=dict)
@@ -64,6 +95,8 @@ class Selector:
         candidates = [u for u in upstreams if u.available(now) and u.name not in exclude]
         if not candidates:
             return None
+        if len(candidates) == 1:
+            return candidates[0]
         if self.balance == "least_conn":
             return min(candidates, key=lambda u: (u.in_flight / u.weight, -u.weight))
         total = sum(u.weight for u in candidates)
@@ -125,19 +158,31 @@ class UpstreamResponse:
             self._resp.close()
 
 
+ErrorHook = Callable[[str, str], None]  # (upstream name, error kind)
+
+
 class UpstreamPool:
-    def __init__(self, upstreams: tuple[UpstreamSettings, ...], settings: PoolSettings) -> None:
+    def __init__(self, upstreams: tuple[UpstreamSettings, ...], settings: PoolSettings,
+                 *, on_error: ErrorHook | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.upstreams = [Upstream(u.url, u.weight) for u in upstreams]
         self.selector = Selector(settings.balance)
         self._session: aiohttp.ClientSession | None = None
-        self._rr = itertools.count()
+        self._checks: list[asyncio.Task[None]] = []
+        self._on_error = on_error
+        self._clock = clock
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        tls = self.settings.tls
+        if not tls.verify:
+            return False
+        return ssl.create_default_context(cafile=tls.ca_file)
 
     async def start(self) -> None:
         t = self.settings.timeouts
         connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=self.settings.pool_size, ttl_dns_cache=60,
-            enable_cleanup_closed=False,
+            limit=0, limit_per_host=self.settings.pool_size, ttl_dns_cache=60, ssl=self._ssl(),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -149,21 +194,99 @@ class UpstreamPool:
             max_line_size=16 * 1024,
             max_field_size=16 * 1024,
         )
+        if self.settings.health is not None:
+            loop = asyncio.get_running_loop()
+            self._checks = [loop.create_task(self._check_loop(u)) for u in self.upstreams]
 
     async def close(self) -> None:
+        for task in self._checks:
+            task.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
+        self._checks = []
         if self._session is not None:
             await self._session.close()
             self._session = None
 
+    # -- bookkeeping ---------------------------------------------------------------------
+
     def _done(self, upstream: Upstream) -> None:
         upstream.in_flight = max(0, upstream.in_flight - 1)
 
-    def _failed(self, upstream: Upstream) -> None:
+    def _passive_failure(self, upstream: Upstream, kind: str) -> None:
         upstream.failures += 1
-        upstream.consecutive_failures += 1
-        if upstream.consecutive_failures >= 3:
-            upstream.down_until = time.monotonic() + 10.0
-            upstream.consecutive_failures = 0
+        if self._on_error is not None:
+            self._on_error(upstream.name, kind)
+        passive = self.settings.passive
+        if passive.failures <= 0:
+            return
+        upstream.passive_failures += 1
+        if upstream.passive_failures >= passive.failures:
+            upstream.down_until = self._clock() + passive.cooldown
+            upstream.passive_failures = 0
+            log.warning("upstream %s marked down for %.0fs after %d consecutive failures",
+                        upstream.name, passive.cooldown, passive.failures)
+
+    def _passive_success(self, upstream: Upstream) -> None:
+        upstream.passive_failures = 0
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = self._clock()
+        return [{"url": u.name, "state": u.state(now), "weight": u.weight, "in_flight": u.in_flight,
+                 "requests": u.requests, "failures": u.failures} for u in self.upstreams]
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        up = GaugeMetricFamily("cachegate_upstream_up", "1 when the upstream takes traffic",
+                               labels=["upstream"])
+        flying = GaugeMetricFamily("cachegate_upstream_in_flight", "Requests in flight per upstream",
+                                   labels=["upstream"])
+        for u in self.upstreams:
+            up.add_metric([u.name], 1.0 if u.available(now) else 0.0)
+            flying.add_metric([u.name], u.in_flight)
+        yield up
+        yield flying
+
+    # -- active health checks ------------------------------------------------------------
+
+    async def _check_loop(self, upstream: Upstream) -> None:
+        health = self.settings.health
+        assert health is not None
+        while True:
+            ok = await self.check_once(upstream)
+            self.record_check(upstream, ok)
+            await asyncio.sleep(health.interval)
+
+    async def check_once(self, upstream: Upstream) -> bool:
+        health = self.settings.health
+        assert health is not None and self._session is not None
+        url = URL(str(upstream.url) + health.path, encoded=True)
+        try:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=health.timeout),
+                                         allow_redirects=False) as resp:
+                await resp.read()
+                return 200 <= resp.status < 400
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    def record_check(self, upstream: Upstream, ok: bool) -> None:
+        health = self.settings.health
+        assert health is not None
+        if ok:
+            upstream.check_failures = 0
+            upstream.check_successes += 1
+            if not upstream.healthy and upstream.check_successes >= health.healthy:
+                upstream.healthy = True
+                upstream.down_until = 0.0
+                log.warning("upstream %s is healthy again", upstream.name)
+        else:
+            upstream.check_successes = 0
+            upstream.check_failures += 1
+            if upstream.healthy and upstream.check_failures >= health.unhealthy:
+                upstream.healthy = False
+                log.warning("upstream %s failed %d health checks: taken out", upstream.name,
+                            upstream.check_failures)
+
+    # -- sending ---------------------------------------------------------------------------
 
     async def send(
         self,
@@ -171,25 +294,23 @@ class UpstreamPool:
         target: str,
         headers: list[tuple[str, str]],
         body: AsyncIterable[bytes] | bytes | None = None,
-        *,
-        retry: bool | None = None,
     ) -> UpstreamResponse:
-        """Send a request; retry idempotent ones on another upstream when the connection failed."""
-        assert self._session is not None, "pool not started"
-        can_retry = (method in IDEMPOTENT and not isinstance(body, AsyncIterable)) if retry is None else retry
-        attempts = 1 + (self.settings.retries if can_retry else 0)
+        """Send a request; retry on another upstream when the connection failed before any byte."""
+        streamed = body is not None and not isinstance(body, bytes)
+        retryable = not streamed and (method in IDEMPOTENT or self.settings.retry_non_idempotent)
+        attempts = 1 + (self.settings.retries if retryable else 0)
         tried: set[str] = set()
         last: UpstreamError | None = None
         for _ in range(attempts):
-            upstream = self.selector.choose(self.upstreams, time.monotonic(), frozenset(tried))
+            upstream = self.selector.choose(self.upstreams, self._clock(), frozenset(tried))
             if upstream is None:
                 if last is not None:
                     raise last
-                raise NoUpstreamAvailable("no upstream is available")
+                raise NoUpstreamAvailable("no upstream is available (all are down)")
             tried.add(upstream.name)
             try:
                 return await self._send_once(upstream, method, target, headers, body)
-            except UpstreamConnectError as exc:
+            except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
                 last = exc
                 continue
         assert last is not None
@@ -203,34 +324,34 @@ class UpstreamPool:
         headers: list[tuple[str, str]],
         body: AsyncIterable[bytes] | bytes | None,
     ) -> UpstreamResponse:
-        assert self._session is not None
+        assert self._session is not None, "pool not started"
         upstream.in_flight += 1
         upstream.requests += 1
         url = URL(str(upstream.url) + target, encoded=True)
+        error: UpstreamError
         try:
-            resp = await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False,
-                compress=None, chunked=None,
-            )
+            resp = await self._session.request(method, url, headers=headers, data=body,
+                                               allow_redirects=False, compress=None, chunked=None)
+        except aiohttp.ConnectionTimeoutError as exc:
+            error, kind = UpstreamConnectTimeout(f"{upstream.name}: connect timed out"), "connect_timeout"
+            cause: BaseException = exc
         except TimeoutError as exc:
-            self._done(upstream)
-            self._failed(upstream)
-            raise UpstreamTimeout(f"{upstream.name}: timed out") from exc
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError) as exc:
-            self._done(upstream)
-            self._failed(upstream)
-            raise UpstreamConnectError(f"{upstream.name}: {exc}") from exc
+            error, kind, cause = UpstreamTimeout(f"{upstream.name}: timed out"), "timeout", exc
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            error, kind, cause = UpstreamConnectError(f"{upstream.name}: {exc}"), "connect", exc
         except aiohttp.ClientResponseError as exc:
-            self._done(upstream)
-            self._failed(upstream)
-            raise UpstreamProtocolError(f"{upstream.name}: {exc.message}") from exc
+            error, kind, cause = UpstreamProtocolError(f"{upstream.name}: {exc.message}"), "protocol", exc
         except aiohttp.ClientError as exc:
-            self._done(upstream)
-            self._failed(upstream)
-            raise UpstreamConnectError(f"{upstream.name}: {exc}") from exc
-        except asyncio.CancelledError:
+            error, kind, cause = UpstreamConnectError(f"{upstream.name}: {exc}"), "connect", exc
+        except BaseException:
             self._done(upstream)
             raise
-        upstream.consecutive_failures = 0
-        return UpstreamResponse(resp, upstream, self)
+        else:
+            if resp.status >= 500:
+                self._passive_failure(upstream, f"status_{resp.status}")
+            else:
+                self._passive_success(upstream)
+            return UpstreamResponse(resp, upstream, self)
+        self._done(upstream)
+        self._passive_failure(upstream, kind)
+        raise error from cause

@@ -23,10 +23,11 @@ async def make_proxy(tmp_path: Path, origin: Origin) -> AsyncIterator[MakeProxy]
     """Start cachegate in front of ``origin``: ``await make_proxy(config="...", rules="...")``."""
     proxies: list[Proxy] = []
 
-    async def make(config: str = "", rules: str | None = None, directory: Path | None = None) -> Proxy:
+    async def make(config: str = "", rules: str | None = None, directory: Path | None = None,
+                   upstreams: list[str] | None = None) -> Proxy:
         d = directory or tmp_path
         d.mkdir(parents=True, exist_ok=True)
-        p = await start_proxy(str(d), origin.url, config, rules)
+        p = await start_proxy(str(d), origin.url, config, rules, upstreams)
         proxies.append(p)
         return p
 

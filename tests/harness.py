@@ -48,10 +48,12 @@ class Origin:
         self.counts: collections.Counter[str] = collections.Counter()
         self.runner: web.AppRunner | None = None
         self.port = 0
+        self.ssl_context: Any = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def route(self, path: str, handler: Handler | None = None, *, status: int = 200,
               body: bytes | str = b"", headers: dict[str, str] | None = None,
@@ -86,7 +88,7 @@ class Origin:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port or self.port)
+        site = web.TCPSite(self.runner, "127.0.0.1", port or self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = _bound(self.runner)[0][1]
 
@@ -148,7 +150,8 @@ class Proxy:
         await self.runtime.close()
 
 
-def write_config(directory: str, origin_url: str, config: str = "", rules: str | None = None) -> str:
+def write_config(directory: str, origin_url: str, config: str = "", rules: str | None = None,
+                 upstreams: list[str] | None = None) -> str:
     """A config file in ``directory``: loopback listeners on port 0, the disk tier beside it."""
     rules_line = ""
     if rules is not None:
@@ -158,7 +161,7 @@ def write_config(directory: str, origin_url: str, config: str = "", rules: str |
     config = textwrap.dedent(config)
     text = (
         "listen: 127.0.0.1:0\n"
-        f"upstreams: [{{url: '{origin_url}'}}]\n"
+        f"upstreams: [{', '.join(f'{{url: {u!r}}}' for u in upstreams or [origin_url])}]\n"
         + ("" if "admin:" in config else "admin: {listen: '127.0.0.1:0'}\n")
         + rules_line
         + config
@@ -171,9 +174,9 @@ def write_config(directory: str, origin_url: str, config: str = "", rules: str |
     return path
 
 
-async def start_proxy(directory: str, origin_url: str, config: str = "", rules: str | None = None
-                      ) -> Proxy:
-    path = write_config(directory, origin_url, config, rules)
+async def start_proxy(directory: str, origin_url: str, config: str = "", rules: str | None = None,
+                      upstreams: list[str] | None = None) -> Proxy:
+    path = write_config(directory, origin_url, config, rules, upstreams)
     settings = load_config(path, Overrides())
     runtime = await Runtime.open(settings)
     listeners = Listeners()
