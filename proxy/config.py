@@ -95,6 +95,7 @@ class CacheSettings:
     memory_policy: MemoryPolicy = "lru"
     max_object: int = 100 * MB
     lock_timeout: float = 5.0
+    hit_for_pass: float = 5.0  # how long a key whose response was not shareable skips coalescing
     disk: DiskSettings | None = None
     tag_headers: tuple[str, ...] = ("Surrogate-Key", "Cache-Tag")
 
@@ -260,7 +261,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
 
     cache = CacheSettings(disk=DiskSettings(path=_resolve(base_dir, "var/cache")))
     cs = top.section("cache", ("memory", "memory_max_object", "memory_policy", "max_object",
-                               "lock_timeout", "disk", "tag_headers"))
+                               "lock_timeout", "hit_for_pass", "disk", "tag_headers"))
     if cs is not None:
         disk: DiskSettings | None = cache.disk
         if cs.has("disk") and cs.raw("disk").value is None:  # type: ignore[union-attr]
@@ -281,6 +282,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
             memory_policy=cs.choice("memory_policy", "lru", ("lru", "lfu")),  # type: ignore[arg-type]
             max_object=cs.size("max_object", 100 * MB),
             lock_timeout=cs.duration("lock_timeout", 5.0),
+            hit_for_pass=cs.duration("hit_for_pass", 5.0),
             disk=disk,
             tag_headers=tuple(cs.str_list("tag_headers")) if cs.has("tag_headers")
             else ("Surrogate-Key", "Cache-Tag"),

@@ -128,7 +128,8 @@ class Engine:
         self.metrics = metrics
         self.clock = clock
         self.coalescer = Coalescer(
-            history_limit=max(settings.cache.memory_max_object, 1 << 20), hit_for_pass=5.0
+            history_limit=max(settings.cache.memory_max_object, 1 << 20),
+            hit_for_pass=settings.cache.hit_for_pass,
         )
         self._invalidate_hook = invalidate
         self._via = f"1.1 {settings.via}"
