@@ -95,9 +95,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
-    from proxy.demo import run_demo
+    from proxy.demo import prepare_demo, run_demo
 
-    return run_async(run_demo(args), not args.no_uvloop)
+    try:
+        config, settings = prepare_demo(args.listen, args.admin_listen, args.origin_listen, args.rules,
+                                        args.cache_dir)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return EXIT_CONFIG
+    return run_async(run_demo(settings, config, args.origin_listen), not args.no_uvloop)
 
 
 def cmd_sample_origin(args: argparse.Namespace) -> int:

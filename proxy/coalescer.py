@@ -82,7 +82,8 @@ class Broadcast:
         self._history_size = 0
         self._history_limit = history_limit
         self._readers: list[_Reader] = []
-        self._ended: bytes | BaseException | None | bool = False
+        self._ended = False
+        self._end_error: BaseException | None = None  # what readers get at the end (None: EOF)
         self._drained: asyncio.Event | None = None
         self.size = 0
 
@@ -97,8 +98,8 @@ class Broadcast:
         reader = _Reader(self)
         for chunk in self._history:
             reader._put(chunk)
-        if self._ended is not False:
-            reader._put(self._ended if isinstance(self._ended, BaseException) else None)
+        if self._ended:
+            reader._put(self._end_error)
         else:
             self._readers.append(reader)
         return reader
@@ -123,9 +124,10 @@ class Broadcast:
         self._end(exc)
 
     def _end(self, item: BaseException | None) -> None:
-        if self._ended is not False:
+        if self._ended:
             return
-        self._ended = item
+        self._ended = True
+        self._end_error = item
         for r in self._readers:
             r._put(item)
         self._readers = []

@@ -7,10 +7,18 @@ that show MISS, HIT, REVALIDATED and a purge.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import signal
+import sys
 import time
 
 from aiohttp import web
+
+from proxy.config import Overrides, Settings, load_config
+from proxy.schema import parse_hostport
+from proxy.web.server import serve
 
 ORIGIN_HITS = web.AppKey("origin_hits", dict)
 
@@ -51,8 +59,6 @@ def create_origin_app() -> web.Application:
                             headers={"Cache-Control": "private, max-age=60"})
 
     async def slow(request: web.Request) -> web.Response:
-        import asyncio
-
         n = count(request)
         await asyncio.sleep(1.0)
         return web.Response(text=f"slow page built at {time.strftime('%X')} (origin request {n})\n",
@@ -87,35 +93,28 @@ Press Ctrl-C to stop.
 """
 
 
-async def run_demo(args: object) -> int:
-    """Start the sample origin, then cachegate in front of it, until Ctrl-C."""
-    import os
-    import sys
-
-    from proxy.config import Overrides, load_config
-    from proxy.errors import ConfigError
-    from proxy.schema import parse_hostport
-    from proxy.web.server import serve
-
-    origin_host, origin_port = parse_hostport(args.origin_listen)  # type: ignore[attr-defined]
-    cache_dir = os.path.abspath(args.cache_dir)  # type: ignore[attr-defined]
-    rules = args.rules  # type: ignore[attr-defined]
+def prepare_demo(listen: str, admin_listen: str, origin_listen: str, rules: str, cache_dir: str
+                 ) -> tuple[str, Settings]:
+    """Write the demo's config beside its cache directory and load it (ConfigError if broken)."""
+    origin_host, origin_port = parse_hostport(origin_listen)
+    cache_dir = os.path.abspath(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     config = os.path.join(os.path.dirname(cache_dir), "demo.yaml")
     rules_line = f"rules: [{os.path.abspath(rules)!s}]\n" if os.path.isfile(rules) else ""
     with open(config, "w") as f:
         f.write(
-            f"listen: {args.listen}\n"  # type: ignore[attr-defined]
+            f"listen: {listen}\n"
             f"upstreams: [{{url: 'http://{origin_host}:{origin_port}'}}]\n"
             f"cache: {{memory: 64MB, disk: {{path: '{cache_dir}', size: 1GB, shards: 4}}}}\n"
-            f"admin: {{listen: '{args.admin_listen}'}}\n"  # type: ignore[attr-defined]
+            f"admin: {{listen: '{admin_listen}'}}\n"
             + rules_line
         )
-    try:
-        settings = load_config(config, Overrides())
-    except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return 2
+    return config, load_config(config, Overrides())
+
+
+async def run_demo(settings: Settings, config: str, origin_listen: str) -> int:
+    """Start the sample origin, then cachegate in front of it, until Ctrl-C."""
+    origin_host, origin_port = parse_hostport(origin_listen)
     origin = web.AppRunner(create_origin_app(), access_log=None)
     await origin.setup()
     try:
@@ -136,11 +135,6 @@ async def run_demo(args: object) -> int:
 
 async def run_origin(listen: str) -> int:
     """Serve only the sample origin until interrupted."""
-    import asyncio
-    import signal
-
-    from proxy.schema import parse_hostport
-
     host, port = parse_hostport(listen)
     runner = web.AppRunner(create_origin_app(), access_log=None)
     await runner.setup()

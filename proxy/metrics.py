@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 # The *_created series double the scrape size and no dashboard uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -33,8 +33,8 @@ class Metrics:
         self.upstream_latency = Histogram("cachegate_upstream_latency_seconds",
                                           "Time to the upstream response head", ["upstream"],
                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.coalesced = Counter("cachegate_coalesced_requests", "Requests served from another request's fetch",
-                                 registry=r)
+        self.coalesced = Counter("cachegate_coalesced_requests",
+                                 "Requests served from another request's fetch", registry=r)
         self.not_stored = Counter("cachegate_not_stored", "Responses not stored, by reason",
                                   ["reason"], registry=r)
         self.purges = Counter("cachegate_purges", "Purge operations by kind", ["kind"], registry=r)

@@ -13,7 +13,7 @@ from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 
 
-async def raw_exchange(url: str, data: bytes, timeout: float = 5.0) -> bytes:
+async def raw_exchange(url: str, data: bytes, quiet: float = 5.0) -> bytes:
     """Send raw bytes on a new connection; return what came back up to the end of the response head."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -22,7 +22,7 @@ async def raw_exchange(url: str, data: bytes, timeout: float = 5.0) -> bytes:
     chunks = []
     try:
         while True:
-            chunk = await asyncio.wait_for(reader.read(65536), timeout)
+            chunk = await asyncio.wait_for(reader.read(65536), quiet)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -230,7 +230,8 @@ async def test_cachegate_refuses_to_start_on_the_pure_python_parser(tmp_path: ob
     import sys
 
     env = {**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"}
-    done = subprocess.run(
+    done = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "proxy", "run", "--config", "/dev/null", "--upstream", "http://127.0.0.1:9",
          "--listen", "127.0.0.1:0", "--admin-listen", "off"],
         env=env, capture_output=True, text=True, timeout=30,

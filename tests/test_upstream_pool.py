@@ -109,9 +109,9 @@ async def test_active_health_checks_eject_and_return_an_upstream(
     assert bodies == {origin.url.encode(), second.url.encode()}
 
 
-async def wait_for(condition: object, timeout: float = 5.0) -> None:
+async def wait_for(condition: object, within: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not condition():  # type: ignore[operator]
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)

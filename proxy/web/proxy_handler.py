@@ -148,7 +148,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
         resp.content_length = reply.length
     await resp.prepare(request)
     if body is None or reply.head_only:
-        _close_body(body)
+        await _close_body(body)
         await resp.write_eof()
         return resp
     sent = 0
@@ -170,11 +170,8 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
             request.transport.abort()
         runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
         return resp
-    except (ConnectionResetError, asyncio.CancelledError):
-        _close_body(body)
-        raise
     finally:
-        _close_body(body)
+        await _close_body(body)
     runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
     await resp.write_eof()
     return resp
@@ -197,11 +194,14 @@ async def _send_file(resp: web.StreamResponse, f: IO[bytes], offset: int, length
     return sent
 
 
-def _close_body(body: object) -> None:
+async def _close_body(body: object) -> None:
+    """Close a file, or finish an async generator so its cleanup (leaving a broadcast) runs."""
     if body is None or isinstance(body, bytes):
         return
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
+        return
     close = getattr(body, "close", None)
-    if close is not None and not hasattr(body, "__anext__"):
+    if close is not None:
         close()
-    elif hasattr(body, "aclose"):
-        asyncio.ensure_future(body.aclose())  # type: ignore[attr-defined]
