@@ -391,5 +391,5 @@ def load_config(path: str | None, overrides: Overrides | None = None) -> Setting
              for f in settings.rule_files if os.path.isfile(f)]
     rules = load_rules(files, base_cache_options(settings), problems)
     if problems:
-        raise ConfigError(problems.items)
+        raise ConfigError(problems.ordered())
     return replace(settings, rules=rules)

@@ -1,18 +1,28 @@
 """YAML rule files: compiled once at load, matched per request without I/O.
 
 A rule file has ``defaults`` (applied before any rule) and ``rules`` (the first
-matching rule wins; its fields override the defaults). Matching happens twice:
+matching rule wins; its fields override the defaults). Matching happens at two
+moments, with one meaning of "first match":
 
-- at request time, the first rule whose request conditions hold and that has no
-  response conditions decides ``bypass``, the cache ``key`` and
-  ``client_cache_control``;
-- at store time, the first rule whose request *and* response conditions
-  (``status``, ``content_type``) hold decides ``ttl``, ``no_store``, ``tags`` and
-  the rest.
+- at request time, before the lookup, the first rule whose request conditions
+  hold *and that has no response conditions* decides ``bypass``, the cache
+  ``key`` and ``client_cache_control``;
+- at store time (and when a reply is written, for ``response_headers``), the
+  first rule whose request *and* response conditions (``status``,
+  ``content_type``) hold decides ``ttl``, ``no_store``, ``tags`` and the rest.
+  A rule with no response conditions holds for every response, so the two
+  moments agree unless a rule with response conditions comes first.
 
-Rules that can never do what they say (``bypass`` or ``key`` with a ``status``
-condition, which is only known after the lookup) are rejected at load with
-``FILE:LINE``, like every other mistake.
+Rules that can never do what they say (``bypass`` with a ``status`` condition,
+which is only known after the lookup; cache actions on a POST-only rule; rules
+after a catch-all) are rejected at load with ``FILE:LINE``, like every other
+mistake.
+
+Speed: everything is compiled at load. Per request, the path is normalised once,
+its first segment picks the (precomputed, ordered) list of rules that can match
+it, and the scan stops at the first request-time rule. When no rule with
+response conditions is involved, the plan for that rule was built at load too,
+so a hit allocates nothing here but a small view of the request.
 """
 
 from __future__ import annotations
@@ -20,10 +30,11 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
+from urllib.parse import parse_qsl, unquote
 
 from proxy.policy.keys import DEFAULT_KEY, KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
@@ -31,22 +42,119 @@ from proxy.schema import Section, type_name
 from proxy.units import parse_duration
 from proxy.yamlsrc import Problems, Src, load_yaml
 
+T = TypeVar("T")
 CondKind = Literal["present", "absent", "equals", "regex"]
 
-_MATCH_KEYS = ("host", "path", "method", "query", "header", "cookie", "status", "content_type")
-_RULE_KEYS = (
+MATCH_KEYS = ("host", "path", "method", "query", "header", "cookie", "status", "content_type")
+RULE_KEYS = (
     "name", "match", "ttl", "override_origin", "bypass", "no_store", "key",
     "stale_while_revalidate", "stale_if_error", "tags", "response_headers",
     "client_cache_control", "deception_guard", "ttl_jitter", "allow_set_cookie",
 )  # fmt: skip
-_DEFAULT_KEYS = (
+DEFAULT_KEYS = (
     "ttl", "stale_while_revalidate", "stale_if_error", "client_cache_control",
     "ttl_jitter", "allow_set_cookie", "response_headers",
 )  # fmt: skip
+# Fields that only matter for a response that is looked up or stored.
+CACHE_ACTIONS = (
+    "ttl", "override_origin", "no_store", "key", "stale_while_revalidate", "stale_if_error",
+    "tags", "client_cache_control", "deception_guard", "ttl_jitter", "allow_set_cookie",
+)  # fmt: skip
+REQUEST_TIME_ACTIONS = ("bypass", "key", "client_cache_control")
+CACHED_METHODS = frozenset({"GET", "HEAD"})
+# response_headers may not touch the message framing or the connection.
+FRAMING_FIELDS = frozenset({
+    "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "trailer",
+    "te", "proxy-connection", "content-encoding", "content-range",
+})  # fmt: skip
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_MULTI_SLASH = re.compile(r"//+")
+
+
+# -- matching -------------------------------------------------------------------------------
+
+
+def normalise_path(path: str) -> str:
+    """The path rules match against: percent-decoded, ``//`` collapsed, dot-segments removed.
+
+    So ``/static/..%2Faccount`` does not match ``/static/**`` and ``/%61dmin`` does
+    match ``/admin``: a rule sees the path the origin will most likely act on.
+
+    >>> normalise_path("/static/..%2Faccount"), normalise_path("//a/./b/"), normalise_path("/a")
+    ('/account', '/a/b/', '/a')
+    """
+    if "%" in path:
+        path = unquote(path, errors="replace")
+    if "//" in path:
+        path = _MULTI_SLASH.sub("/", path)
+    if "/." not in path:
+        return path
+    out: list[str] = []
+    parts = path.split("/")
+    for part in parts[1:]:
+        if part == "..":
+            if out:
+                out.pop()
+        elif part != ".":
+            out.append(part)
+    trailing = parts[-1] in (".", "..")
+    return "/" + "/".join(out) + ("/" if trailing and out else "")
+
+
+Predicate = Callable[["RequestView"], bool]
+
+
+def _always(v: RequestView) -> bool:
+    return True
+
+
+def _all(checks: list[Predicate]) -> Predicate:
+    """One predicate for all of ``checks`` (unrolled for the common short cases)."""
+    if not checks:
+        return _always
+    if len(checks) == 1:
+        return checks[0]
+    if len(checks) == 2:
+        a, b = checks
+        return lambda v: a(v) and b(v)
+    if len(checks) == 3:
+        a, b, c = checks
+        return lambda v: a(v) and b(v) and c(v)
+    every = tuple(checks)
+
+    def all_hold(v: RequestView) -> bool:
+        for check in every:  # noqa: SIM110 (a loop is faster than all() over a generator)
+            if not check(v):
+                return False
+        return True
+
+    return all_hold
+
+
+_REGEX_SEGMENT = re.compile(r"\^/([A-Za-z0-9_~!&',;=@-]+)/")
+
+
+def _regex_first_segment(pattern: str) -> str | None:
+    """The literal first segment of an anchored regex like ``^/assets/...``, else None.
+
+    >>> _regex_first_segment(r"^/assets/.+\\.css$"), _regex_first_segment(r"^/a/x|/b")
+    ('assets', None)
+    """
+    if "|" in pattern:  # a top-level alternative could match anywhere
+        return None
+    m = _REGEX_SEGMENT.match(pattern)
+    return m.group(1) if m else None
+
+
+def _first_segment(path: str) -> str:
+    end = path.find("/", 1)
+    return path[1:] if end < 0 else path[1:end]
 
 
 @dataclass(frozen=True, slots=True)
 class Condition:
+    """One query parameter, header or cookie condition."""
+
     name: str
     kind: CondKind
     value: str | None = None
@@ -64,11 +172,96 @@ class Condition:
         assert self.pattern is not None
         return self.pattern.search(actual) is not None
 
+    def predicate(self, source: Callable[[RequestView], dict[str, str]] | None) -> Predicate:
+        """A check of this condition on a request; ``source`` None means a header field."""
+        name, kind, value, pattern = self.name, self.kind, self.value, self.pattern
+        if source is None:
+            if kind == "present":
+                return lambda v: name in v.head.headers
+            if kind == "absent":
+                return lambda v: name not in v.head.headers
+            get: Callable[[RequestView], str | None] = lambda v: v.header(name)  # noqa: E731
+        else:
+            if kind == "present":
+                return lambda v: name in source(v)
+            if kind == "absent":
+                return lambda v: name not in source(v)
+            get = lambda v: source(v).get(name)  # noqa: E731
+        if kind == "equals":
+            return lambda v: get(v) == value
+        assert pattern is not None
+        search = pattern.search
+
+        def matches(v: RequestView) -> bool:
+            actual = get(v)
+            return actual is not None and search(actual) is not None
+
+        return matches
+
+    def describe(self) -> str:
+        if self.kind in ("present", "absent"):
+            return f"{self.name} {self.kind}"
+        if self.kind == "equals":
+            return f"{self.name} = {self.value!r}"
+        assert self.pattern is not None
+        return f"{self.name} ~ /{self.pattern.pattern}/"
+
+
+class RequestView:
+    """A request as rules see it; query parameters and cookies are parsed on first use."""
+
+    __slots__ = ("_cookies", "_params", "head", "host", "path", "query")
+
+    def __init__(self, head: RequestHead) -> None:
+        raw_path, _, self.query = head.target.partition("?")
+        self.head = head
+        self.path = normalise_path(raw_path)
+        host = head.host
+        self.host = host.rsplit(":", 1)[0] if ":" in host and not host.endswith("]") else host
+        self._params: dict[str, str] | None = None
+        self._cookies: dict[str, str] | None = None
+
+    def params(self) -> dict[str, str]:
+        """Query parameters, decoded; the first value of a repeated one."""
+        if self._params is None:
+            params: dict[str, str] = {}
+            if "%" in self.query or "+" in self.query:
+                pairs: list[tuple[str, str]] = parse_qsl(self.query, keep_blank_values=True)
+            else:  # nothing to decode: skip parse_qsl's unquoting
+                pairs = [(k, v) for k, _, v in (p.partition("=") for p in self.query.split("&")) if k]
+            for k, v in pairs:
+                params.setdefault(k, v)
+            self._params = params
+        return self._params
+
+    def cookies(self) -> dict[str, str]:
+        if self._cookies is None:
+            self._cookies = {}
+            for line in self.head.headers.getall("Cookie", ()):
+                for part in line.split(";"):
+                    k, eq, v = part.strip().partition("=")
+                    if eq and k:
+                        self._cookies.setdefault(k, v)
+        return self._cookies
+
+    def header(self, name: str) -> str | None:
+        values = self.head.headers.getall(name, ())
+        return ", ".join(values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class HostPattern:
+    pattern: re.Pattern[str]
+    with_port: bool  # the pattern names a port: compare with the Host's port
+    text: str
+
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    hosts: tuple[re.Pattern[str], ...] = ()
+    hosts: tuple[HostPattern, ...] = ()
     path: re.Pattern[str] | None = None
+    path_is_regex: bool = False  # regex: searched; glob: the whole path
+    path_text: str = ""
     methods: frozenset[str] | None = None
     query: tuple[Condition, ...] = ()
     headers: tuple[Condition, ...] = ()
@@ -80,47 +273,107 @@ class Match:
     def needs_response(self) -> bool:
         return self.status is not None or bool(self.content_types)
 
-    def request_holds(self, request: RequestHead, path: str, query: str) -> bool:
-        if self.methods is not None and request.method not in self.methods:
-            return False
+    def first_segment(self) -> str | None:
+        """The literal first path segment every matching path has, if the glob fixes one."""
+        if self.path is None:
+            return None
+        if self.path_is_regex:
+            return _regex_first_segment(self.path.pattern)
+        seg = _first_segment(self.path_text)
+        if not seg or "*" in seg or "?" in seg:
+            return None
+        return seg
+
+    def request_holds(self, v: RequestView) -> bool:
+        return self.predicate()(v)
+
+    def predicate(self) -> Predicate:
+        """A closure checking only the conditions this match has, cheapest first (the hot path).
+
+        Built once at load; per request it costs one call per condition instead of
+        walking every field of the match.
+        """
+        checks: list[Predicate] = []
+        if self.methods is not None:
+            methods = self.methods
+            checks.append(lambda v: v.head.method in methods)
         if self.hosts:
-            host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
-            if not any(h.fullmatch(host) for h in self.hosts):
+            hosts = tuple((h.pattern.fullmatch, h.with_port) for h in self.hosts)
+
+            def host_ok(v: RequestView) -> bool:
+                for fullmatch, with_port in hosts:
+                    if fullmatch(v.head.host if with_port else v.host) is not None:
+                        return True
                 return False
-        if self.path is not None and not self.path.fullmatch(path):
-            return False
-        if self.query:
-            params = _query_params(query)
-            if not all(c.holds(params.get(c.name)) for c in self.query):
-                return False
-        if self.headers:
-            for c in self.headers:
-                values = request.headers.getall(c.name, ())
-                if not c.holds(", ".join(values) if values else None):
-                    return False
-        if self.cookies:
-            jar = _cookies(request)
-            if not all(c.holds(jar.get(c.name)) for c in self.cookies):
-                return False
-        return True
+
+            checks.append(host_ok)
+        if self.path is not None:
+            path_match = self.path.search if self.path_is_regex else self.path.fullmatch
+            checks.append(lambda v: path_match(v.path) is not None)
+        checks.extend(c.predicate(lambda v: v.params()) for c in self.query)
+        checks.extend(c.predicate(None) for c in self.headers)
+        checks.extend(c.predicate(lambda v: v.cookies()) for c in self.cookies)
+        return _all(checks)
+
+    def request_mismatch(self, v: RequestView) -> str | None:
+        """None when every request condition holds, else the first that does not (for explain)."""
+        if self.methods is not None and v.head.method not in self.methods:
+            return f"method {v.head.method} not in {sorted(self.methods)}"
+        if self.hosts and not any(
+            h.pattern.fullmatch(v.head.host if h.with_port else v.host) for h in self.hosts
+        ):
+            return f"host {v.head.host} not in {[h.text for h in self.hosts]}"
+        if self.path is not None:
+            m = self.path.search(v.path) if self.path_is_regex else self.path.fullmatch(v.path)
+            if m is None:
+                return f"path {v.path} does not match {self.path_text!r}"
+        params = v.params()
+        for c in self.query:
+            if not c.holds(params.get(c.name)):
+                return f"query: not {c.describe()}"
+        for c in self.headers:
+            if not c.holds(v.header(c.name)):
+                return f"header: not {c.describe()}"
+        jar = v.cookies()
+        for c in self.cookies:
+            if not c.holds(jar.get(c.name)):
+                return f"cookie: not {c.describe()}"
+        return None
 
     def response_holds(self, status: int, content_type: str | None) -> bool:
+        return self.response_mismatch(status, content_type) is None
+
+    def response_mismatch(self, status: int, content_type: str | None) -> str | None:
         if self.status is not None and status not in self.status:
-            return False
+            return f"status {status} not in {sorted(self.status)}"
         if self.content_types:
             ct = (content_type or "").split(";", 1)[0].strip().lower()
             if not any(fnmatch.fnmatchcase(ct, pattern) for pattern in self.content_types):
-                return False
-        return True
+                return f"content type {ct or '(none)'!r} not in {list(self.content_types)}"
+        return None
+
+
+# -- what rules do ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class HeaderEdits:
-    add: tuple[tuple[str, str], ...] = ()  # set (replacing) these on the way to the client
+    add: tuple[tuple[str, str], ...] = ()  # set (replacing any origin value) on the way to the client
     remove: tuple[str, ...] = ()
+    drop: frozenset[str] = frozenset()  # lower-cased names of both, precomputed
 
     def __bool__(self) -> bool:
         return bool(self.add or self.remove)
+
+    def apply(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        out = [(k, v) for k, v in headers if k.lower() not in self.drop]
+        out.extend(self.add)
+        return out
+
+
+def header_edits(add: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> HeaderEdits:
+    drop = frozenset(n.lower() for n in remove) | frozenset(n.lower() for n, _ in add)
+    return HeaderEdits(add, remove, drop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,17 +392,8 @@ class Actions:
     response_headers: HeaderEdits | None = None
     client_cache_control: ClientCacheControl | None = None
     deception_guard: bool | None = None
-    ttl_jitter: float | None = None  # a fraction: 0.1 spreads expiries over ±10%
+    ttl_jitter: float | None = None  # a fraction: 0.1 shortens lifetimes by 0-10%
     allow_set_cookie: bool | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    name: str
-    file: str
-    line: int
-    match: Match
-    actions: Actions
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +406,26 @@ class StorePlan:
     tags: tuple[str, ...]
     deception_guard: bool
     ttl_jitter: float
+    response_headers: HeaderEdits | None  # the rule's, else the defaults'
+
+
+@dataclass(eq=False, slots=True)
+class Rule:
+    name: str
+    file: str
+    line: int
+    match: Match
+    actions: Actions
+    set_fields: tuple[str, ...] = ()  # the action keys written in the file, for explain
+    catch_all: bool = False  # written without match conditions: it wins for every request
+    store: StorePlan = field(init=False)  # built by RuleSet, which knows the defaults
+    holds: Predicate = field(init=False)  # the request conditions, compiled
+    needs_response: bool = field(init=False)
+    plan: RequestPlan = field(init=False)  # the request plan when this rule decides alone
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,109 +433,134 @@ class RequestPlan:
     """The request-time outcome of the rules for one request."""
 
     rule: Rule | None  # decides bypass, key and client_cache_control
-    candidates: tuple[Rule, ...]  # rules whose request conditions hold, in order
     bypass: bool
     key: KeySpec
     options: CacheOptions
-    response_headers: HeaderEdits | None
-    ruleset: RuleSet
+    store: StorePlan  # the store-time plan when no rule with response conditions applies
+    # Rules with response conditions whose request conditions held, before ``rule``.
+    response_rules: tuple[Rule, ...] = ()
+
+    @property
+    def response_headers(self) -> HeaderEdits | None:
+        """The edits when they do not depend on the response (see ``response_headers_for``)."""
+        return self.store.response_headers
 
     def for_response(self, status: int, content_type: str | None) -> StorePlan:
-        return self.ruleset.store_plan(self, status, content_type)
+        for r in self.response_rules:
+            if r.match.response_holds(status, content_type):
+                return r.store
+        return self.store
+
+    def response_headers_for(self, status: int, content_type: str | None) -> HeaderEdits | None:
+        if not self.response_rules:
+            return self.store.response_headers
+        return self.for_response(status, content_type).response_headers
 
 
-@dataclass(frozen=True)
-class RuleSet:
-    defaults: Actions = field(default_factory=Actions)
-    rules: tuple[Rule, ...] = ()
-    base: CacheOptions = field(default_factory=CacheOptions)
-    files: tuple[str, ...] = ()
-
-    def plan(self, request: RequestHead) -> RequestPlan:
-        path, _, query = request.target.partition("?")
-        candidates = tuple(r for r in self.rules if r.match.request_holds(request, path, query))
-        rule = next((r for r in candidates if not r.match.needs_response), None)
-        actions = rule.actions if rule is not None else None
-        options = self._options(actions)
-        return RequestPlan(
-            rule=rule,
-            candidates=candidates,
-            bypass=bool(actions and actions.bypass),
-            key=(actions.key if actions and actions.key else DEFAULT_KEY),
-            options=options,
-            response_headers=(actions.response_headers if actions and actions.response_headers
-                              else self.defaults.response_headers),
-            ruleset=self,
-        )
-
-    def store_plan(self, plan: RequestPlan, status: int, content_type: str | None) -> StorePlan:
-        rule = next((r for r in plan.candidates if r.match.response_holds(status, content_type)), None)
-        actions = rule.actions if rule is not None else None
-        options = self._options(actions)
-        if plan.rule is not None and plan.rule is not rule:
-            # client_cache_control was decided at request time; keep it consistent.
-            options = replace(options, client_cache_control=plan.options.client_cache_control)
-        deception = (actions.deception_guard if actions and actions.deception_guard is not None
-                     else bool(actions and actions.override_origin))
-        jitter = _first(actions.ttl_jitter if actions else None, self.defaults.ttl_jitter, 0.0)
-        return StorePlan(
-            rule=rule,
-            options=options,
-            no_store=bool(actions and actions.no_store),
-            tags=(actions.tags if actions else ()) + self.defaults.tags,
-            deception_guard=deception,
-            ttl_jitter=jitter,
-        )
-
-    def _options(self, a: Actions | None) -> CacheOptions:
-        d = self.defaults
-        ttl = a.ttl if a is not None and a.ttl is not None else d.ttl
-        ttl_default = a.ttl_default if a is not None and a.ttl is not None else d.ttl_default
-        return replace(
-            self.base,
-            ttl_by_status=ttl if ttl is not None else self.base.ttl_by_status,
-            ttl_default=ttl_default,
-            override_origin=bool(a.override_origin) if a is not None else False,
-            stale_while_revalidate=_first(a.stale_while_revalidate if a else None,
-                                          d.stale_while_revalidate, 0.0),
-            stale_if_error=_first(a.stale_if_error if a else None, d.stale_if_error, 0.0),
-            client_cache_control=_first(a.client_cache_control if a else None,
-                                        d.client_cache_control, "honor"),
-            allow_set_cookie=_first(a.allow_set_cookie if a else None, d.allow_set_cookie, False),
-        )
-
-
-def _first(*values):  # type: ignore[no-untyped-def]
+def _first(*values: T | None) -> T | None:
     for v in values:
         if v is not None:
             return v
     return None
 
 
-def _query_params(query: str) -> dict[str, str]:
-    from urllib.parse import parse_qsl
+class RuleSet:
+    """Compiled rules of every file, in order, with the merged defaults."""
 
-    params: dict[str, str] = {}
-    for k, v in parse_qsl(query, keep_blank_values=True):
-        params.setdefault(k, v)
-    return params
+    def __init__(self, defaults: Actions | None = None, rules: tuple[Rule, ...] = (),
+                 base: CacheOptions | None = None, files: tuple[str, ...] = ()) -> None:
+        self.defaults = defaults or Actions()
+        self.rules = rules
+        self.base = base or CacheOptions()
+        self.files = files
+        self.default_store = self._store_plan(None)
+        self.default_plan = RequestPlan(None, False, DEFAULT_KEY, self.default_store.options,
+                                        self.default_store)
+        for r in rules:
+            r.holds = r.match.predicate()
+            r.needs_response = r.match.needs_response
+            r.store = self._store_plan(r)
+            a = r.actions
+            r.plan = RequestPlan(r, a.bypass, a.key or DEFAULT_KEY, r.store.options, r.store)
+        self._plans: dict[tuple[Rule | None, ...], RequestPlan] = {}
+        # Index by the first path segment: the rules a path with segment S can match, in order.
+        segs = {r.match.first_segment() for r in rules} - {None}
+        self._other = tuple(r for r in rules if r.match.first_segment() is None)
+        self._by_segment = {
+            s: tuple(r for r in rules if r.match.first_segment() in (None, s)) for s in segs
+        }
 
+    def rebased(self, base: CacheOptions) -> RuleSet:
+        return RuleSet(self.defaults, tuple(replace(r) for r in self.rules), base, self.files)
 
-def _cookies(request: RequestHead) -> dict[str, str]:
-    jar: dict[str, str] = {}
-    for line in request.headers.getall("Cookie", ()):
-        for part in line.split(";"):
-            k, eq, v = part.strip().partition("=")
-            if eq and k:
-                jar.setdefault(k, v)
-    return jar
+    def plan(self, request: RequestHead) -> RequestPlan:
+        view = RequestView(request)
+        response_rules: list[Rule] | None = None
+        for r in self._by_segment.get(_first_segment(view.path), self._other):
+            if not r.holds(view):
+                continue
+            if r.needs_response:
+                if response_rules is None:
+                    response_rules = []
+                response_rules.append(r)
+                continue
+            if response_rules is None:
+                return r.plan
+            return self._composed(r.plan, response_rules)
+        if response_rules is None:
+            return self.default_plan
+        return self._composed(self.default_plan, response_rules)
+
+    def _composed(self, plan: RequestPlan, response_rules: list[Rule]) -> RequestPlan:
+        """``plan`` with response-dependent rules before it; the few combinations are memoised."""
+        key = (plan.rule, *response_rules)
+        composed = self._plans.get(key)
+        if composed is None:
+            composed = replace(plan, response_rules=tuple(response_rules))
+            if len(self._plans) < 4096:
+                self._plans[key] = composed
+        return composed
+
+    def trace(self, request: RequestHead) -> list[tuple[Rule, str | None]]:
+        """Every rule with the first request condition that fails (None: it holds). For explain."""
+        view = RequestView(request)
+        return [(r, r.match.request_mismatch(view)) for r in self.rules]
+
+    def _store_plan(self, rule: Rule | None) -> StorePlan:
+        a = rule.actions if rule is not None else None
+        d = self.defaults
+        ttl = a.ttl if a is not None and a.ttl is not None else d.ttl
+        ttl_default = a.ttl_default if a is not None and a.ttl is not None else d.ttl_default
+        override = bool(a and a.override_origin)
+        options = replace(
+            self.base,
+            ttl_by_status=ttl if ttl is not None else self.base.ttl_by_status,
+            ttl_default=ttl_default,
+            override_origin=override,
+            stale_while_revalidate=_first(a.stale_while_revalidate if a else None,
+                                          d.stale_while_revalidate) or 0.0,
+            stale_if_error=_first(a.stale_if_error if a else None, d.stale_if_error) or 0.0,
+            client_cache_control=_first(a.client_cache_control if a else None,
+                                        d.client_cache_control) or "honor",
+            allow_set_cookie=bool(_first(a.allow_set_cookie if a else None, d.allow_set_cookie)),
+        )
+        guard = a.deception_guard if a is not None and a.deception_guard is not None else override
+        return StorePlan(
+            rule=rule,
+            options=options,
+            no_store=bool(a and a.no_store),
+            tags=a.tags if a else (),
+            deception_guard=guard,
+            ttl_jitter=_first(a.ttl_jitter if a else None, d.ttl_jitter) or 0.0,
+            response_headers=_first(a.response_headers if a else None, d.response_headers),
+        )
 
 
 # -- compiling ----------------------------------------------------------------------------
 
 
 def glob_to_regex(glob: str) -> str:
-    """``*`` matches within one path segment, ``**`` across segments.
+    """``*`` and ``?`` match within one path segment, ``**`` across segments.
 
     >>> re.fullmatch(glob_to_regex("/static/**"), "/static/a/b.css") is not None
     True
@@ -297,6 +586,9 @@ def glob_to_regex(glob: str) -> str:
 
 
 def _compile_regex(text: str, at: Src, problems: Problems, what: str) -> re.Pattern[str] | None:
+    if not text:
+        problems.add(at, f"{what}: empty regex (it would match everything)")
+        return None
     try:
         return re.compile(text)
     except re.error as exc:
@@ -304,51 +596,85 @@ def _compile_regex(text: str, at: Src, problems: Problems, what: str) -> re.Patt
         return None
 
 
-def _path_pattern(src: Src, problems: Problems) -> re.Pattern[str] | None:
+def _path_pattern(src: Src, problems: Problems) -> tuple[re.Pattern[str] | None, bool, str]:
     if not isinstance(src.value, str) or not src.value:
-        problems.add(src, f"match.path: expected a glob or regex: string, got {type_name(src.value)}")
-        return None
+        problems.add(src, f"match.path: expected a glob like /static/** or regex:..., "
+                          f"got {type_name(src.value)}")
+        return None, False, ""
     text = src.value
     if text.startswith("regex:"):
-        return _compile_regex(text[6:].strip(), src, problems, "match.path")
+        return _compile_regex(text[6:].strip(), src, problems, "match.path"), True, text
     if not text.startswith("/"):
-        problems.add(src, f"match.path: a path glob starts with '/', got {text!r}")
+        problems.add(src, f"match.path: a path glob starts with '/', got {text!r} "
+                          "(use regex:... for a regular expression)")
+        return None, False, text
+    if "?" in text[1:] and "=" in text:
+        problems.add(src, f"match.path: {text!r} looks like it has a query; match it with query:")
+    return re.compile(glob_to_regex(text)), False, text
+
+
+def _host_pattern(text: str, at: Src, problems: Problems) -> HostPattern | None:
+    host = text.strip().lower().rstrip(".")
+    with_port = bool(re.search(r":\d+$", host))
+    bare = host.rsplit(":", 1)[0] if with_port else host
+    if not bare or not re.fullmatch(r"(\*\.)?[a-z0-9_.\[\]:-]+", bare):
+        problems.add(at, f"match.host: {text!r} is not a host name or *.domain")
         return None
-    return re.compile(glob_to_regex(text))
+    pattern = r"(?:[^.]+\.)+" + re.escape(host[2:]) if host.startswith("*.") else re.escape(host)
+    return HostPattern(re.compile(pattern), with_port, text)
 
 
-def _host_pattern(text: str) -> re.Pattern[str]:
-    text = text.lower()
-    if text.startswith("*."):
-        return re.compile(r"(?:[^.]+\.)+" + re.escape(text[2:]))
-    return re.compile(re.escape(text))
+def _str_items(src: Src, problems: Problems, what: str) -> list[tuple[str, Src]]:
+    """A string or a list of strings, each with where it came from; an empty list is an error."""
+    if isinstance(src.value, str | int) and not isinstance(src.value, bool):
+        return [(str(src.value), src)]
+    if not isinstance(src.value, list):
+        problems.add(src, f"{what}: expected a string or a list of strings, got {type_name(src.value)}")
+        return []
+    if not src.value:
+        problems.add(src, f"{what}: an empty list never matches; remove the condition instead")
+        return []
+    out: list[tuple[str, Src]] = []
+    for item in src.value:
+        if isinstance(item.value, str | int) and not isinstance(item.value, bool):
+            out.append((str(item.value), item))
+        else:
+            problems.add(item, f"{what}: expected strings in the list, got {type_name(item.value)}")
+    return out
 
 
-def _conditions(src: Src, problems: Problems, what: str, lower_names: bool) -> tuple[Condition, ...]:
-    if not isinstance(src.value, dict):
-        problems.add(src, f"match.{what}: expected a mapping of name to condition, "
-                          f"got {type_name(src.value)}")
+def _conditions(src: Src, problems: Problems, what: str) -> tuple[Condition, ...]:
+    if not isinstance(src.value, dict) or not src.value:
+        problems.add(src, f"match.{what}: expected a mapping of name to condition "
+                          f"(present, absent, a value, {{equals: ...}} or {{regex: ...}}), "
+                          f"got {type_name(src.value) if src.value != {} else 'an empty mapping'}")
         return ()
     out: list[Condition] = []
-    for name, cond in src.value.items():
-        key = str(name).lower() if lower_names else str(name)
+    for raw_name, cond in src.value.items():
+        name = str(raw_name)
+        where = f"match.{what}.{name}"
+        if what != "query" and not _TOKEN.fullmatch(name):
+            problems.add(cond, f"match.{what}: {name!r} is not a valid {what} name")
+            continue
         v = cond.value
         if v in ("present", "absent"):
-            out.append(Condition(key, v))
+            out.append(Condition(name, v))
         elif isinstance(v, dict):
-            sec = Section(cond, problems, f"match.{what}.{name}", ("equals", "regex"))
-            if sec.has("regex"):
-                pattern = _compile_regex(sec.str("regex", ""), cond, problems, f"match.{what}.{name}")
+            sec = Section(cond, problems, where, ("equals", "regex"))
+            if sec.has("regex") and sec.has("equals"):
+                problems.add(cond, f"{where}: give equals: or regex:, not both")
+            elif sec.has("regex"):
+                pattern = _compile_regex(sec.str("regex", ""), sec.raw("regex") or cond, problems, where)
                 if pattern is not None:
-                    out.append(Condition(key, "regex", pattern=pattern))
+                    out.append(Condition(name, "regex", pattern=pattern))
             elif sec.has("equals"):
-                out.append(Condition(key, "equals", value=sec.str("equals", "")))
+                out.append(Condition(name, "equals", value=sec.str("equals", "")))
             else:
-                problems.add(cond, f"match.{what}.{name}: give equals: or regex:")
+                problems.add(cond, f"{where}: give equals: or regex:")
         elif isinstance(v, str | int | float) and not isinstance(v, bool):
-            out.append(Condition(key, "equals", value=str(v)))
+            out.append(Condition(name, "equals", value=str(v)))
         else:
-            problems.add(cond, f"match.{what}.{name}: expected present, absent, a value, "
+            problems.add(cond, f"{where}: expected present, absent, a value, "
                                f"{{equals: ...}} or {{regex: ...}}, got {type_name(v)}")
     return tuple(out)
 
@@ -359,29 +685,50 @@ def _compile_match(src: Src | None, problems: Problems) -> Match:
     if not isinstance(src.value, dict):
         problems.add(src, f"match: expected a mapping, got {type_name(src.value)}")
         return Match()
-    sec = Section(src, problems, "match", _MATCH_KEYS)
-    hosts = tuple(_host_pattern(h) for h in sec.str_list("host"))
-    path = _path_pattern(sec.values["path"], problems) if sec.has("path") else None
-    methods = frozenset(m.upper() for m in sec.str_list("method")) if sec.has("method") else None
+    sec = Section(src, problems, "match", MATCH_KEYS)
+    raw = sec.values
+    hosts = tuple(h for text, at in (_str_items(raw["host"], problems, "match.host")
+                                     if "host" in raw else [])
+                  if (h := _host_pattern(text, at, problems)) is not None)
+    path, path_is_regex, path_text = (_path_pattern(raw["path"], problems) if "path" in raw
+                                      else (None, False, ""))
+    methods: frozenset[str] | None = None
+    if "method" in raw:
+        names: set[str] = set()
+        for m, at in _str_items(raw["method"], problems, "match.method"):
+            if _TOKEN.fullmatch(m):
+                names.add(m.upper())
+            else:
+                problems.add(at, f"match.method: {m!r} is not an HTTP method")
+        if "GET" in names:
+            names.add("HEAD")  # a HEAD is answered from the stored GET: same rule, same key
+        methods = frozenset(names)
     status: frozenset[int] | None = None
-    if sec.has("status"):
+    if "status" in raw:
         codes: set[int] = set()
-        items = sec.values["status"]
+        items = raw["status"]
+        if isinstance(items.value, list) and not items.value:
+            problems.add(items, "match.status: an empty list never matches")
         for item in (items.value if isinstance(items.value, list) else [items]):
             if isinstance(item.value, int) and not isinstance(item.value, bool) and 100 <= item.value <= 599:
                 codes.add(item.value)
             else:
-                problems.add(item, f"match.status: expected HTTP status codes, got {item.value!r}")
+                problems.add(item, f"match.status: expected HTTP status codes (100-599), got {item.value!r}")
         status = frozenset(codes)
+    content_types = tuple(t.strip().lower() for t, _ in _str_items(raw["content_type"], problems,
+                                                                   "match.content_type")
+                          ) if "content_type" in raw else ()
     return Match(
         hosts=hosts,
         path=path,
+        path_is_regex=path_is_regex,
+        path_text=path_text,
         methods=methods,
-        query=_conditions(sec.values["query"], problems, "query", False) if sec.has("query") else (),
-        headers=_conditions(sec.values["header"], problems, "header", True) if sec.has("header") else (),
-        cookies=_conditions(sec.values["cookie"], problems, "cookie", False) if sec.has("cookie") else (),
+        query=_conditions(raw["query"], problems, "query") if "query" in raw else (),
+        headers=_conditions(raw["header"], problems, "header") if "header" in raw else (),
+        cookies=_conditions(raw["cookie"], problems, "cookie") if "cookie" in raw else (),
         status=status,
-        content_types=tuple(c.lower() for c in sec.str_list("content_type")),
+        content_types=content_types,
     )
 
 
@@ -390,12 +737,18 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
         try:
             return MappingProxyType({}), parse_duration(src.value)
         except ValueError:
-            problems.add(src, f"{what}: expected a mapping of status to duration "
-                              f"(e.g. {{200: 5m, default: 1m}}), got {src.value!r}")
+            problems.add(src, f"{what}: expected a duration or a mapping of status to duration "
+                              f"(e.g. {{200: 5m, 404: 1m, default: 1m}}), got {src.value!r}")
             return MappingProxyType({}), None
     table: dict[int, float] = {}
     default: float | None = None
     for status, value in src.value.items():
+        line = src.key_lines.get(status, value.line)
+        if status == "default":
+            pass
+        elif not (isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599):
+            problems.add((src.file, line), f"{what}: {status!r} is not a status code (100-599) or 'default'")
+            continue
         try:
             seconds = parse_duration(value.value)
         except ValueError as exc:
@@ -403,62 +756,99 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
             continue
         if status == "default":
             default = seconds
-        elif isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
-            table[status] = seconds
         else:
-            line = src.key_lines.get(status, src.line)
-            problems.add((src.file, line), f"{what}: {status!r} is not a status code or 'default'")
+            table[status] = seconds
     return MappingProxyType(table), default
+
+
+def _names(src: Src | None, problems: Problems, what: str) -> tuple[str, ...]:
+    if src is None or src.value is None:
+        return ()
+    out: list[str] = []
+    for name, at in _str_items(src, problems, what):
+        if not _TOKEN.fullmatch(name):
+            problems.add(at, f"{what}: {name!r} is not a valid name")
+        else:
+            out.append(name)
+    return tuple(out)
 
 
 def _key_spec(src: Src, problems: Problems) -> KeySpec | None:
     if not isinstance(src.value, dict):
-        problems.add(src, f"key: expected a mapping, got {type_name(src.value)}")
+        problems.add(src, f"key: expected a mapping (query:, headers:, cookies:, lowercase_path:), "
+                          f"got {type_name(src.value)}")
         return None
     sec = Section(src, problems, "key", ("query", "headers", "cookies", "lowercase_path"))
     spec = KeySpec(
-        headers=tuple(h.lower() for h in sec.str_list("headers")),
-        cookies=tuple(sec.str_list("cookies")),
+        headers=tuple(h.lower() for h in _names(sec.raw("headers"), problems, "key.headers")),
+        cookies=_names(sec.raw("cookies"), problems, "key.cookies"),
         lowercase_path=sec.bool("lowercase_path", False),
     )
     q = sec.raw("query")
     if q is not None:
-        if q.value in ("ignore", "ignore-all", False):
+        if q.value in ("ignore", "ignore-all") or q.value is False:
             spec = replace(spec, query_ignore=True)
         elif q.value == "sort":
             spec = replace(spec, query_sort=True)
         elif isinstance(q.value, dict):
             qs = Section(q, problems, "key.query", ("include", "exclude", "sort", "ignore"))
-            include = qs.str_list("include") if qs.has("include") else None
-            spec = replace(
-                spec,
-                query_include=tuple(include) if include is not None else None,
-                query_exclude=tuple(qs.str_list("exclude")),
-                query_sort=qs.bool("sort", False),
-                query_ignore=qs.bool("ignore", False),
-            )
+            include = (tuple(n for n, _ in _str_items(qs.values["include"], problems, "key.query.include"))
+                       if qs.has("include") else None)
+            exclude = (tuple(n for n, _ in _str_items(qs.values["exclude"], problems, "key.query.exclude"))
+                       if qs.has("exclude") else ())
+            ignore = qs.bool("ignore", False)
+            if ignore and (include is not None or exclude):
+                problems.add(q, "key.query: ignore: true drops the whole query; include/exclude "
+                                "would never apply")
+            if include is not None and exclude:
+                problems.add(q, "key.query: give include: or exclude:, not both "
+                                "(include already drops every other parameter)")
+            spec = replace(spec, query_include=include, query_exclude=exclude,
+                           query_sort=qs.bool("sort", False), query_ignore=ignore)
         else:
-            problems.add(q, "key.query: expected ignore, sort or {include: [...], exclude: [...], sort: true}")
+            problems.add(q, "key.query: expected ignore, sort or a mapping "
+                            "{include: [...] | exclude: [...], sort: true}")
     return spec
 
 
 def _header_edits(src: Src, problems: Problems) -> HeaderEdits | None:
     if not isinstance(src.value, dict):
-        problems.add(src, f"response_headers: expected a mapping with add:/remove:, got {type_name(src.value)}")
+        problems.add(src, "response_headers: expected a mapping with add:/remove:, "
+                          f"got {type_name(src.value)}")
         return None
     sec = Section(src, problems, "response_headers", ("add", "remove"))
     add: list[tuple[str, str]] = []
+
+    def check_name(name: str, at: Src | tuple[str, int]) -> bool:
+        if not _TOKEN.fullmatch(name):
+            problems.add(at, f"response_headers: {name!r} is not a valid header name")
+            return False
+        if name.lower() in FRAMING_FIELDS:
+            problems.add(at, f"response_headers: {name} describes the message framing or "
+                             "connection; cachegate sets it")
+            return False
+        return True
+
     adds = sec.raw("add")
     if adds is not None:
         if isinstance(adds.value, dict):
             for name, value in adds.value.items():
-                if isinstance(value.value, str | int) and not isinstance(value.value, bool):
-                    add.append((str(name), str(value.value)))
+                at = (adds.file, adds.key_lines.get(name, value.line))
+                if not check_name(str(name), at):
+                    continue
+                v = value.value
+                if not isinstance(v, str | int) or isinstance(v, bool):
+                    problems.add(value, f"response_headers.add.{name}: expected a string, got {type_name(v)}")
+                elif any(c in str(v) for c in "\r\n\x00"):
+                    problems.add(value, f"response_headers.add.{name}: a header value cannot contain "
+                                        "line breaks")
                 else:
-                    problems.add(value, f"response_headers.add.{name}: expected a string")
+                    add.append((str(name), str(v)))
         else:
             problems.add(adds, "response_headers.add: expected a mapping of header to value")
-    return HeaderEdits(tuple(add), tuple(sec.str_list("remove")))
+    remove = [n for n, at in (_str_items(sec.values["remove"], problems, "response_headers.remove")
+                              if sec.has("remove") else []) if check_name(n, at)]
+    return header_edits(tuple(add), tuple(remove))
 
 
 def _jitter(sec: Section) -> float | None:
@@ -470,10 +860,14 @@ def _jitter(sec: Section) -> float | None:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < 1:
-        sec.problems.add(item, f"ttl_jitter: expected a percentage like 10%, got {item.value!r}")
+    if isinstance(item.value, bool) or not 0 <= value < 1:
+        sec.problems.add(item, f"ttl_jitter: expected a percentage below 100% like 10%, got {item.value!r}")
         return None
     return value
+
+
+def _optional_bool(sec: Section, key: str) -> bool | None:
+    return sec.bool(key, False) if sec.has(key) else None
 
 
 def _actions(sec: Section, problems: Problems) -> Actions:
@@ -481,42 +875,66 @@ def _actions(sec: Section, problems: Problems) -> Actions:
     ttl_default: float | None = None
     if sec.has("ttl"):
         ttl, ttl_default = _ttl_table(sec.values["ttl"], problems, "ttl")
-    mode = sec.choice("client_cache_control", "", ("", "honor", "revalidate", "ignore")) or None
+    mode: ClientCacheControl | None = None
+    if sec.has("client_cache_control"):
+        choice = sec.choice("client_cache_control", "honor", ("honor", "revalidate", "ignore"))
+        mode = "revalidate" if choice == "revalidate" else "ignore" if choice == "ignore" else "honor"
     return Actions(
         ttl=ttl,
         ttl_default=ttl_default,
-        override_origin=sec.bool("override_origin", False) if sec.has("override_origin") else None,
+        override_origin=_optional_bool(sec, "override_origin"),
         bypass=sec.bool("bypass", False),
         no_store=sec.bool("no_store", False),
         key=_key_spec(sec.values["key"], problems) if sec.has("key") else None,
         stale_while_revalidate=sec.optional_duration("stale_while_revalidate"),
         stale_if_error=sec.optional_duration("stale_if_error"),
-        tags=tuple(sec.str_list("tags")),
+        tags=_names(sec.raw("tags"), problems, "tags"),
         response_headers=(_header_edits(sec.values["response_headers"], problems)
                           if sec.has("response_headers") else None),
-        client_cache_control=mode,  # type: ignore[arg-type]
-        deception_guard=sec.bool("deception_guard", False) if sec.has("deception_guard") else None,
+        client_cache_control=mode,
+        deception_guard=_optional_bool(sec, "deception_guard"),
         ttl_jitter=_jitter(sec),
-        allow_set_cookie=sec.bool("allow_set_cookie", False) if sec.has("allow_set_cookie") else None,
+        allow_set_cookie=_optional_bool(sec, "allow_set_cookie"),
     )
 
 
 def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
     if not isinstance(src.value, dict):
-        problems.add(src, f"rules[{index}]: expected a mapping, got {type_name(src.value)}")
+        problems.add(src, f"rules[{index}]: expected a mapping (name:, match:, and actions), "
+                          f"got {type_name(src.value)}")
         return None
-    sec = Section(src, problems, f"rules[{index}]", _RULE_KEYS)
-    name = sec.str("name", f"rule {index + 1} ({os.path.basename(src.file)}:{src.line})")
+    sec = Section(src, problems, f"rules[{index}]", RULE_KEYS)
+    name = sec.str("name", f"#{index + 1} ({os.path.basename(src.file)}:{src.line})")
     match = _compile_match(sec.raw("match"), problems)
     actions = _actions(sec, problems)
+    written = tuple(k for k in RULE_KEYS if sec.has(k) and k not in ("name", "match"))
+    label = f"rule {name!r}"
     if match.needs_response:
-        for field_name, set_ in (("bypass", actions.bypass), ("key", actions.key is not None),
-                                 ("client_cache_control", actions.client_cache_control is not None)):
-            if set_:
-                problems.add(sec.line_of(field_name),
-                             f"rule {name!r}: {field_name} is decided before the response exists, "
-                             f"so it can never apply with a status/content_type condition")
-    return Rule(name=name, file=src.file, line=src.line, match=match, actions=actions)
+        for key in REQUEST_TIME_ACTIONS:
+            if sec.has(key):
+                problems.add(sec.line_of(key),
+                             f"{label}: {key} is decided before the response exists, so it can "
+                             "never apply to a rule with a status/content_type condition; "
+                             "put it in a rule without one")
+    if actions.bypass:
+        for key in CACHE_ACTIONS:
+            if sec.has(key):
+                problems.add(sec.line_of(key),
+                             f"{label}: {key} never applies: bypass: true means the request is "
+                             "neither looked up nor stored")
+    if match.methods and not (match.methods & CACHED_METHODS):
+        for key in CACHE_ACTIONS:
+            if sec.has(key):
+                problems.add(sec.line_of(key),
+                             f"{label}: {key} never applies: only GET and HEAD are cached, and this "
+                             f"rule matches only {', '.join(sorted(match.methods))}")
+    if not written and all(k in RULE_KEYS for k in sec.values):
+        problems.add(src, f"{label}: the rule has no action (ttl, bypass, key, ...), so it only "
+                          "hides the rules after it; remove it or give it an action")
+    raw_match = sec.raw("match")
+    catch_all = raw_match is None or raw_match.value in ({}, None)
+    return Rule(name=name, file=src.file, line=src.line, match=match, actions=actions,
+                set_fields=written, catch_all=catch_all)
 
 
 def compile_rule_file(root: Src, problems: Problems) -> tuple[Actions | None, list[Rule]]:
@@ -525,7 +943,7 @@ def compile_rule_file(root: Src, problems: Problems) -> tuple[Actions | None, li
         return None, []
     sec = Section(root, problems, "", ("defaults", "rules"))
     defaults: Actions | None = None
-    d = sec.section("defaults", _DEFAULT_KEYS)
+    d = sec.section("defaults", DEFAULT_KEYS)
     if d is not None:
         defaults = _actions(d, problems)
     rules = [r for i, s in enumerate(sec.list("rules")) if (r := _compile_rule(s, i, problems))]
@@ -546,6 +964,27 @@ def _merge_defaults(a: Actions, b: Actions) -> Actions:
     )
 
 
+def _check_rule_set(defaults: Actions, rules: list[Rule], problems: Problems) -> None:
+    """Mistakes visible only across rules and files: duplicate names, shadowed rules."""
+    seen: dict[str, Rule] = {}
+    catch_all: Rule | None = None
+    for r in rules:
+        if r.name in seen:
+            problems.add((r.file, r.line), f"rule {r.name!r}: the name is already used at "
+                                           f"{seen[r.name].where}; names identify rules in "
+                                           "Cache-Status and explain, make them unique")
+        seen.setdefault(r.name, r)
+        if catch_all is not None:
+            problems.add((r.file, r.line), f"rule {r.name!r} can never match: rule "
+                                           f"{catch_all.name!r} at {catch_all.where} has no match: "
+                                           "conditions and wins for every request")
+        elif r.catch_all:
+            catch_all = r
+        if r.actions.override_origin and r.actions.ttl is None and defaults.ttl is None:
+            problems.add((r.file, r.line), f"rule {r.name!r}: override_origin: true needs a ttl "
+                                           "(in the rule or in defaults) to replace the origin's")
+
+
 def load_rules(files: list[tuple[str, str]], base: CacheOptions, problems: Problems) -> RuleSet:
     """Compile rule files (``(path, name to show)`` pairs) in order into one RuleSet."""
     defaults = Actions()
@@ -558,5 +997,6 @@ def load_rules(files: list[tuple[str, str]], base: CacheOptions, problems: Probl
         if file_defaults is not None:
             defaults = _merge_defaults(defaults, file_defaults)
         rules.extend(file_rules)
+    _check_rule_set(defaults, rules, problems)
     return RuleSet(defaults=defaults, rules=tuple(rules), base=base,
                    files=tuple(d for _, d in files))

@@ -31,16 +31,28 @@ class Src:
 class Problems:
     def __init__(self) -> None:
         self.items: list[str] = []
+        self._where: list[tuple[str, int]] = []
 
     def add(self, at: Src | tuple[str, int], message: str) -> None:
         file, line = (at.file, at.line) if isinstance(at, Src) else at
         self.items.append(f"{file}:{line}: {message}")
+        self._where.append((file, line))
 
     def __bool__(self) -> bool:
         return bool(self.items)
 
     def extend(self, other: Problems) -> None:
         self.items.extend(other.items)
+        self._where.extend(other._where)
+
+    def ordered(self) -> list[str]:
+        """The messages by file (in the order files came up) and line, to read top-down."""
+        files: dict[str, int] = {}
+        for file, _ in self._where:
+            files.setdefault(file, len(files))
+        order = sorted(range(len(self.items)),
+                       key=lambda i: (files[self._where[i][0]], self._where[i][1]))
+        return [self.items[i] for i in order]
 
 
 class _Loader(yaml.SafeLoader):
