@@ -32,8 +32,8 @@ from proxy.policy.cache_status import cache_status
 from proxy.policy.deception import content_type_agrees
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
-from proxy.policy.keys import cache_key, variant_of
-from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
+from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
+from proxy.policy.messages import Freshness, HeaderList, RequestHead, StoredResponse
 from proxy.policy.ranges import if_range_allows, parse_range
 from proxy.policy.freshness import compute_freshness
 from proxy.policy.reuse import (
@@ -54,7 +54,7 @@ from proxy.policy.validation import (
     conditional_headers,
     decide_on_validation,
 )
-from proxy.rules import HeaderEdits, RequestPlan, RuleSet
+from proxy.rules import RequestPlan, RuleSet, StorePlan
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import Storage
@@ -443,6 +443,8 @@ class Engine:
         cs = cache_status(fwd=fwd, fwd_status=fhead.status, stored=stored, collapsed=collapsed,
                           detail=None if stored else fhead.store_detail)
         headers = self._response_headers(fhead.headers)
+        if collapsed:  # a Set-Cookie stored under allow_set_cookie was the leader's, not theirs
+            headers = [(k, v) for k, v in headers if k.lower() != "set-cookie"]
         headers.append(("Cache-Status", cs))
         headers.append(("X-Cache-Status", x_cache))
 
@@ -525,7 +527,7 @@ class Engine:
             headers.extend(conditional_headers(revalidating.entry.response))
         request_time = self.clock()
         try:
-            resp = await self._send("GET", head.target, headers)
+            resp = await self._send("GET", fill_target(head, plan.key, key), headers)
         except UpstreamError as exc:
             flight.head.set_exception(exc)
             return
@@ -611,12 +613,13 @@ class Engine:
             self.coalescer.clear_pass(key)
         flight.result.set_result(FlightResult(stored, "" if stored else "STORE-FAILED"))
 
-    def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: Any, key: str,
+    def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: StorePlan, key: str,
                         resp: UpstreamResponse, request_time: float, response_time: float
                         ) -> tuple[str, Entry | None]:
         if head.method == "HEAD":
             head = replace(head, method="GET")  # a HEAD miss fills with a GET
         if store_plan.no_store:
+            assert store_plan.rule is not None
             return f"RULE-NO-STORE:{store_plan.rule.name}", None
         decision = decide_store(head, resp.status, resp.reason, resp.headers, request_time,
                                 response_time, store_plan.options)
@@ -628,14 +631,25 @@ class Engine:
             head.target, resp.headers.get("Content-Type")
         ):
             return "DECEPTION-GUARD", None
-        if store_plan.ttl_jitter and stored.freshness.lifetime > 0:
-            spread = 1 + self._random.uniform(-store_plan.ttl_jitter, store_plan.ttl_jitter)
-            stored = replace(stored, freshness=replace(
-                stored.freshness, lifetime=stored.freshness.lifetime * spread))
+        stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter))
+        if "set-cookie" in resp.headers:
+            # Stored only because a rule says allow_set_cookie: the cookie was for the client
+            # that caused the fill, never for everyone served from the store afterwards.
+            stored = replace(stored, headers=tuple(
+                (k, v) for k, v in stored.headers if k.lower() != "set-cookie"))
         tags = self._tags(resp.headers) + tuple(store_plan.tags)
         entry = Entry(key=key, url=head.url, response=stored, body_id="", body_size=0,
                       tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
         return "", entry
+
+    def _jittered(self, freshness: Freshness, fraction: float) -> Freshness:
+        """ttl_jitter: shorten the lifetime by a random 0..fraction, never lengthen it.
+
+        Entries stored together then expire apart, and an origin's max-age is never exceeded.
+        """
+        if not fraction or freshness.lifetime <= 0:
+            return freshness
+        return replace(freshness, lifetime=freshness.lifetime * (1 - self._random.uniform(0, fraction)))
 
     def _tags(self, headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
         tags: list[str] = []
@@ -653,8 +667,9 @@ class Engine:
         merged = CIMultiDict(headers)
         store_plan = plan.for_response(old.status, merged.get("Content-Type"))
         cc, _ = response_cache_control(merged, store_plan.options)
-        freshness = compute_freshness(old.status, merged, cc, request_time, response_time,
-                                      store_plan.options)
+        freshness = self._jittered(compute_freshness(old.status, merged, cc, request_time,
+                                                     response_time, store_plan.options),
+                                   store_plan.ttl_jitter)
         updated = replace(old, headers=headers, request_time=request_time,
                           response_time=response_time, freshness=freshness,
                           etag=merged.get("ETag"), last_modified=merged.get("Last-Modified"),
@@ -668,12 +683,32 @@ class Engine:
     # -- finishing ---------------------------------------------------------------------------
 
     def _finish(self, plan: RequestPlan, reply: Reply) -> Reply:
-        edits: HeaderEdits | None = plan.response_headers
+        """Apply the rule's response_headers (chosen by the reply's status and type) for the client."""
+        if plan.response_rules:
+            ctype = next((v for k, v in reply.headers if k.lower() == "content-type"), None)
+            edits = plan.response_headers_for(reply.status, ctype)
+        else:
+            edits = plan.response_headers
         if edits:
-            drop = {n.lower() for n in edits.remove} | {n.lower() for n, _ in edits.add}
-            reply.headers = [(k, v) for k, v in reply.headers if k.lower() not in drop]
-            reply.headers.extend(edits.add)
+            reply.headers = edits.apply(reply.headers)
         return reply
+
+
+def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:
+    """The target a fill asks the origin for: the URL as keyed.
+
+    When a rule's key drops or reorders query parameters (or lower-cases the path), the
+    origin sees exactly what the key sees, so a parameter left out of the key cannot
+    change a response stored for everyone (unkeyed-parameter cache poisoning).
+    """
+    if not (spec.query_include is not None or spec.query_exclude or spec.query_sort
+            or spec.query_ignore or spec.lowercase_path):
+        return head.target
+    url = url_of_key(key)
+    prefix = f"{head.scheme}://{head.host}"
+    if url == head.url or not url.startswith(prefix):
+        return head.target
+    return url[len(prefix):] or "/"
 
 
 def _close(body: Body) -> None:
