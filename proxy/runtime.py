@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.core import Metric
 
@@ -23,6 +23,20 @@ from proxy.upstream import UpstreamPool
 
 
 @dataclass
+class ReloadResult:
+    """What a reload did: the problems that rejected it, or what it applied."""
+
+    problems: list[str]  # FILE:LINE: message; empty when the new config was applied
+    restart_required: list[str] = field(default_factory=list)  # changed, applied at next start
+    rules: int = 0
+    rule_files: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
 class Runtime:
     settings: Settings
     storage: Storage
@@ -30,8 +44,8 @@ class Runtime:
     engine: Engine
     metrics: Metrics
     purger: Purger
-    # Set by the server: re-read config and rules; returns the problems ([] when applied).
-    reload_config: Callable[[], list[str]] | None = None
+    # Set by the server (install_reloader): re-read config and rules, apply them when valid.
+    reload_config: Callable[[], ReloadResult] | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:

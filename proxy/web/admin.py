@@ -1,4 +1,4 @@
-"""The admin API: purge, metrics, health. Closed to strangers.
+"""The admin API: purge, reload, metrics, health. Closed to strangers.
 
 With a token configured, every endpoint but ``/healthz`` requires
 ``Authorization: Bearer <token>`` (compared in constant time); without one, the
@@ -76,6 +76,21 @@ async def purge(request: web.Request) -> web.Response:
     return web.json_response({"purged": count, "soft": spec.soft})
 
 
+async def reload(request: web.Request) -> web.Response:
+    """Re-read config and rules: 200 when applied; 400 with every FILE:LINE problem when not
+    (the running config stays); 501 when this process was started without a config file."""
+    runtime = request.app[RUNTIME_REF]()
+    if runtime.reload_config is None:
+        return json_error(501, "reload is not available in this process")
+    result = runtime.reload_config()
+    if not result.ok:
+        return web.json_response({"error": "config rejected; the running config stays",
+                                  "problems": result.problems}, status=400)
+    return web.json_response({"reloaded": True, "rules": result.rules,
+                              "rule_files": list(result.rule_files),
+                              "restart_required": result.restart_required})
+
+
 async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME_REF]()
     return web.Response(body=runtime.metrics.render(),
@@ -92,6 +107,7 @@ def create_admin_app(runtime_ref: RuntimeRef,
     app[RUNTIME_REF] = runtime_ref
     app[PURGE] = purge_fn or (lambda spec: runtime_ref().purge(spec))
     app.router.add_post("/purge", purge)
+    app.router.add_post("/reload", reload)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     return app

@@ -14,14 +14,14 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
-from proxy.config import Overrides, Settings, load_config
+from proxy.config import Overrides, Settings, base_cache_options, load_config
 from proxy.errors import ConfigError
 from proxy.purge import PurgeSpec
-from proxy.runtime import Runtime
+from proxy.runtime import ReloadResult, Runtime
 from proxy.web.admin import create_admin_app
 from proxy.web.proxy_handler import make_handler
 
@@ -109,31 +109,79 @@ def _fmt(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-class Reloader:
-    """Re-reads config and rules; applies them only when valid."""
+def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """What a running process can take from a reloaded config, and what needs a restart.
 
-    def __init__(self, path: str | None, overrides: Overrides, apply: Callable[[Settings], None],
+    Rules, the admin token and purge_from, trusted_proxies, via, tag_headers, lock_timeout
+    and shutdown_grace apply at once (they are read per request). Listeners, upstreams,
+    cache tiers and workers keep their running values until a restart; they are named so
+    the operator is told instead of silently ignored.
+    """
+    restart = [name for name, a, b in (
+        ("listen", old.listen, new.listen),
+        ("admin.listen", old.admin.listen, new.admin.listen),
+        ("upstreams", old.upstreams, new.upstreams),
+        ("upstream", old.pool, new.pool),
+        ("cache", replace(old.cache, tag_headers=(), lock_timeout=0),
+         replace(new.cache, tag_headers=(), lock_timeout=0)),
+        ("workers", old.workers, new.workers),
+    ) if a != b]
+    merged = replace(
+        new, listen=old.listen, upstreams=old.upstreams, pool=old.pool, workers=old.workers,
+        admin=replace(new.admin, listen=old.admin.listen),
+        cache=replace(old.cache, tag_headers=new.cache.tag_headers,
+                      lock_timeout=new.cache.lock_timeout),
+    )
+    if merged.cache.max_object != new.cache.max_object:
+        merged = replace(merged, rules=new.rules.rebased(base_cache_options(merged)))
+    return merged, restart
+
+
+class Reloader:
+    """Re-reads config and rules; applies them only when valid, else the old ones keep running."""
+
+    def __init__(self, path: str | None, overrides: Overrides, current: Callable[[], Settings],
+                 apply: Callable[[Settings], None],
                  on_result: Callable[[bool], None] | None = None) -> None:
         self.path = path
         self.overrides = overrides
+        self._current = current
         self._apply = apply
         self._on_result = on_result
 
-    def reload(self) -> list[str]:
-        """[] on success, else the problems (the old config stays)."""
+    def reload(self) -> ReloadResult:
         try:
-            settings = load_config(self.path, self.overrides)
+            new = load_config(self.path, self.overrides)
         except ConfigError as exc:
-            for p in exc.problems:
-                log.error("reload rejected: %s", p)
-            if self._on_result:
-                self._on_result(False)
-            return exc.problems
-        self._apply(settings)
-        log.info("config reloaded from %s", self.path)
+            return self._rejected(exc.problems)
+        except Exception as exc:  # a bug must not take the serving process down with it
+            log.exception("reload failed")
+            return self._rejected([f"{self.path}:0: reload failed: {exc!r}"])
+        merged, restart = live_settings(self._current(), new)
+        self._apply(merged)
+        for name in restart:
+            log.warning("reload: %s changed; it applies at the next restart", name)
+        log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.path,
+                 len(merged.rules.rules), len(merged.rules.files))
         if self._on_result:
             self._on_result(True)
-        return []
+        return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files)
+
+
+    def _rejected(self, problems: list[str]) -> ReloadResult:
+        for p in problems:
+            log.error("reload rejected, the running config stays: %s", p)
+        if self._on_result:
+            self._on_result(False)
+        return ReloadResult(problems)
+
+
+def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides) -> Reloader:
+    """Give ``runtime`` its reload (used by SIGHUP and ``POST /reload``)."""
+    reloader = Reloader(path, overrides, lambda: runtime.settings, runtime.reconfigure,
+                        lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc())
+    runtime.reload_config = reloader.reload
+    return reloader
 
 
 async def serve(settings: Settings, config_path: str | None, overrides: Overrides) -> int:
@@ -144,12 +192,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def apply(new: Settings) -> None:
-        runtime.reconfigure(new)
-
-    reloader = Reloader(config_path, overrides, apply,
-                        lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc())
-    runtime.reload_config = reloader.reload
+    reloader = install_reloader(runtime, config_path, overrides)
     try:
         proxy_runner = await start_proxy_listener(lambda: runtime, settings)
         listeners.runners.append(proxy_runner)
