@@ -1,4 +1,4 @@
-"""The ``cachegate`` command: run, check, demo (and the operator tools beside them).
+"""The ``cachegate`` command: run, check, explain, demo (and the operator tools beside them).
 
 Every subcommand validates the config the same way; a bad config exits 2 with
 one ``FILE:LINE: message`` line per problem, before any port is bound.
@@ -78,6 +78,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    import time
+
+    from proxy.explain import ExplainRequest, explain, parse_header
+
+    settings = _load(args.config, Overrides())
+    if settings is None:
+        return EXIT_CONFIG
+    try:
+        req = ExplainRequest(
+            url=args.url, method=args.method,
+            headers=tuple(parse_header(h) for h in args.header),
+            statuses=tuple(args.status) or (200,),
+            response_headers=tuple(parse_header(h) for h in args.response_header),
+        )
+        lines = explain(settings.rules, req, time.time(), show_all=not args.brief)
+    except ValueError as exc:
+        print(f"cachegate explain: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     overrides = _overrides(args)
@@ -125,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config and its rule files")
     _add_config_args(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("explain", help="show the rule, cache key and TTL decision for a URL",
+                       description="Why was this (not) cached? Shows which rule matches URL, the cache "
+                                   "key, and what happens to a response of each --status.")
+    _add_config_args(p)
+    p.add_argument("url", metavar="URL", help="absolute URL as a client would request it")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="request header, repeatable (Cookie, Accept-Language, Cache-Control, ...)")
+    p.add_argument("-X", "--method", default="GET", help="request method (default GET)")
+    p.add_argument("--status", action="append", type=int, default=[], metavar="N",
+                   help="origin status to decide for, repeatable (default 200)")
+    p.add_argument("-R", "--response-header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="a header the origin would send, repeatable (default: none, i.e. no "
+                        "freshness information)")
+    p.add_argument("--brief", action="store_true", help="leave out the list of every rule")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="run a sample origin with cachegate in front of it")
     p.add_argument("--origin-listen", default="127.0.0.1:9000", metavar="HOST:PORT")
