@@ -1,0 +1,258 @@
+"""Bad rule files are named FILE:LINE by `cachegate check` and refused by `cachegate run`;
+`cachegate explain` shows the rule, the key and the decision."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, rules: str, config_extra: str = "") -> str:
+    (tmp_path / "rules.yaml").write_text(textwrap.dedent(rules).lstrip("\n"))
+    config = tmp_path / "cachegate.yaml"
+    config.write_text("listen: 127.0.0.1:0\nadmin: {listen: '127.0.0.1:0'}\n"
+                      "upstreams: [http://127.0.0.1:9]\ncache: {disk: null}\nrules: [rules.yaml]\n"
+                      + config_extra)
+    return str(config)
+
+
+# (rule file, line the problem is on, words the message must contain)
+BAD_RULES = [
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         tll: {200: 5m}
+     """, 4, "unknown key 'rules[0].tll' (did you mean 'ttl'?)"),
+    ("""
+     rules:
+       - name: a
+         match:
+           paht: /a
+         bypass: true
+     """, 4, "unknown key 'match.paht' (did you mean 'path'?)"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         bypass: "yes"
+     """, 4, "bypass: expected true or false, got a string"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         ttl:
+           200: 5m
+           404: five minutes
+     """, 6, "ttl.404: bad duration 'five minutes'"),
+    ("""
+     defaults:
+       stale_if_error: 1 hour
+     """, 2, "defaults.stale_if_error: bad duration"),
+    ("""
+     rules:
+       - name: a
+         match: {path: "regex:^/(a|b"}
+         bypass: true
+     """, 3, "match.path: bad regex '^/(a|b'"),
+    ("""
+     rules:
+       - name: a
+         match: {header: {Accept: {regex: "[json"}}}
+         bypass: true
+     """, 3, "match.header.Accept: bad regex"),
+    ("""
+     rules:
+       - name: errors skip the cache
+         match: {path: /api/**, status: [500, 503]}
+         bypass: true
+     """, 4, "rule 'errors skip the cache': bypass is decided before the response exists"),
+    ("""
+     rules:
+       - name: html key
+         match: {content_type: text/html}
+         key: {query: ignore}
+     """, 4, "key is decided before the response exists"),
+    ("""
+     rules:
+       - name: everything
+         ttl: {200: 1m}
+       - name: never
+         match: {path: /x}
+         bypass: true
+     """, 4, "rule 'never' can never match: rule 'everything' at rules.yaml:2"),
+    ("""
+     rules:
+       - name: posts
+         match: {method: POST}
+         ttl: {200: 1m}
+     """, 4, "ttl never applies: only GET and HEAD are cached"),
+    ("""
+     rules:
+       - name: b
+         match: {path: /b}
+         bypass: true
+         ttl: {200: 1m}
+     """, 5, "ttl never applies: bypass: true"),
+    ("""
+     rules:
+       - name: a
+         match: {path: static/**}
+         bypass: true
+     """, 3, "a path glob starts with '/'"),
+    ("""
+     rules:
+       - name: a
+         match: {status: [200, 999]}
+         no_store: true
+     """, 3, "match.status: expected HTTP status codes (100-599), got 999"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         ttl_jitter: 150%
+     """, 4, "ttl_jitter: expected a percentage below 100%"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         response_headers: {add: {Transfer-Encoding: chunked}}
+     """, 4, "Transfer-Encoding describes the message framing"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         client_cache_control: bust
+     """, 4, "client_cache_control: must be one of honor, revalidate, ignore, got 'bust'"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         override_origin: true
+     """, 2, "override_origin: true needs a ttl"),
+    ("""
+     rules:
+       - {name: a, match: {path: /a}, bypass: true}
+       - {name: a, match: {path: /b}, bypass: true}
+     """, 3, "rule 'a': the name is already used at rules.yaml:2"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a
+     """, 4, "YAML syntax error"),
+]
+
+
+@pytest.mark.parametrize(("rules", "line", "message"), BAD_RULES,
+                         ids=[m.split(":")[0][:40] for _, _, m in BAD_RULES])
+def test_check_names_file_line_and_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch, rules: str, line: int,
+                                               message: str) -> None:
+    monkeypatch.chdir(tmp_path)  # rule files are shown relative to the working directory
+    config = write(tmp_path, rules)
+    assert main(["check", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert f"rules.yaml:{line}: " in err, err
+    assert message in err, err
+    assert any(f"rules.yaml:{line}: " in e and message in e for e in err.splitlines()), err
+
+
+def test_check_accepts_the_shipped_rules_and_examples(capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    examples = sorted(f"rules/examples/{n}" for n in os.listdir(ROOT / "rules/examples"))
+    files = ["rules/default.yaml", *examples]
+    assert len(files) >= 4
+    for f in files:
+        config = tmp_path / "c.yaml"
+        config.write_text(f"upstreams: [http://127.0.0.1:9]\ncache: {{disk: null}}\nrules: ['{ROOT / f}']\n")
+        assert main(["check", "--config", str(config)]) == 0, capsys.readouterr().err
+        assert "OK" in capsys.readouterr().out
+
+
+def test_run_refuses_to_start_with_a_bad_rule_file(tmp_path: Path) -> None:
+    config = write(tmp_path, """
+        rules:
+          - name: a
+            match: {path: /a, status: 500}
+            bypass: true
+    """)
+    proc = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", config],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "rules.yaml:4: rule 'a': bypass is decided before the response exists" in proc.stderr
+    assert "listening" not in proc.stdout
+
+
+# -- explain ------------------------------------------------------------------------------------------
+
+EXPLAIN_RULES = """
+    defaults:
+      ttl: {200: 5m}
+      stale_if_error: 1h
+    rules:
+      - name: logged-in users
+        match: {cookie: {session: present}}
+        bypass: true
+      - name: api errors
+        match: {path: /api/**, status: [500, 503]}
+        no_store: true
+      - name: search
+        match: {path: /api/search}
+        key: {query: {include: [q], sort: true}, headers: [Accept-Language]}
+        ttl: {200: 1m, 404: 10s}
+"""
+
+
+def explain(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    config = write(tmp_path, EXPLAIN_RULES)
+    assert main(["explain", "--config", config, *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_explain_shows_rule_key_and_ttl(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = explain(tmp_path, capsys, "http://shop.example/api/search?utm=1&q=shoes",
+                  "-H", "Accept-Language: de", "--status", "200", "--status", "404", "--status", "503")
+    assert "request-time rule   'search' (rules.yaml:11)" in out
+    assert "cache key           http://shop.example/api/search?q=shoes  + header accept-language='de'" in out
+    assert "fresh for 1m (rule ttl; used because the origin gave no freshness)" in out
+    assert "fresh for 10s" in out
+    assert "store-time rule     'api errors' (rules.yaml:8)" in out
+    assert "not stored: RULE-NO-STORE:api errors" in out
+    assert "- logged-in users (rules.yaml:5): cookie: not session present" in out
+
+
+def test_explain_shows_a_bypass_and_origin_freshness(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = explain(tmp_path, capsys, "http://shop.example/home", "-H", "Cookie: session=1")
+    assert "BYPASS: neither looked up nor stored (Cache-Status detail RULE-BYPASS:logged-in users)" in out
+    out = explain(tmp_path, capsys, "http://shop.example/home", "-R", "Cache-Control: max-age=30")
+    assert "request-time rule   none (defaults only)" in out
+    assert "fresh for 30s (from the origin's max-age)" in out
+    out = explain(tmp_path, capsys, "http://shop.example/home", "-R", "Cache-Control: private")
+    assert "not stored: PRIVATE" in out
+
+
+def test_explain_without_rules_adds_no_ttl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\ncache: {disk: null}\n")
+    assert main(["explain", "--config", str(config), "http://a.example/x"]) == 0
+    out = capsys.readouterr().out
+    assert "not stored: NO-FRESHNESS" in out
+    assert "(no rules: RFC 9111 behaviour, nothing added)" in out
+
+
+def test_explain_rejects_a_relative_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path, EXPLAIN_RULES)
+    assert main(["explain", "--config", config, "/relative"]) == 1
+    assert "give an absolute http:// or https:// URL" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""The rule compiler and matcher without a proxy: first-match semantics, the path index, normalisation."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config import Settings
+from proxy.policy.messages import CacheOptions, RequestHead
+from proxy.rules import RequestView, RuleSet, compile_rule_file, normalise_path
+from proxy.web.server import live_settings
+from proxy.yamlsrc import Problems, parse_yaml
+
+
+def compile_text(text: str) -> RuleSet:
+    problems = Problems()
+    root = parse_yaml(textwrap.dedent(text), "t.yaml", problems)
+    assert root is not None
+    defaults, rules = compile_rule_file(root, problems)
+    assert not problems, problems.items
+    return RuleSet(defaults, tuple(rules), CacheOptions(), ("t.yaml",))
+
+
+def head(target: str, method: str = "GET", host: str = "a.example", **headers: str) -> RequestHead:
+    h = CIMultiDict({k.replace("_", "-"): v for k, v in headers.items()})
+    return RequestHead(method, "http", host, target, CIMultiDictProxy(h))
+
+
+RULES = compile_text("""
+    defaults:
+      ttl: {200: 5m}
+      stale_if_error: 1h
+      response_headers: {add: {X-Default: "1"}}
+    rules:
+      - name: api errors
+        match: {path: /api/**, status: [500, 503]}
+        no_store: true
+        response_headers: {add: {X-Error: "1"}}
+      - name: api json
+        match: {path: /api/**, content_type: application/json}
+        ttl: {200: 30s}
+      - name: api
+        match: {path: /api/**}
+        key: {query: ignore}
+        client_cache_control: ignore
+        stale_if_error: 0s
+      - name: late
+        match: {path: /api/x}
+        bypass: true
+""")
+
+
+def test_request_time_rule_skips_rules_with_response_conditions() -> None:
+    plan = RULES.plan(head("/api/x?a=1"))
+    assert plan.rule is not None and plan.rule.name == "api"  # "late" is never reached
+    assert plan.key.query_ignore and plan.options.client_cache_control == "ignore"
+    assert [r.name for r in plan.response_rules] == ["api errors", "api json"]
+
+
+def test_store_time_rule_is_the_first_whose_request_and_response_conditions_hold() -> None:
+    plan = RULES.plan(head("/api/x"))
+    error = plan.for_response(503, "application/json")
+    assert error.rule is not None and error.rule.name == "api errors" and error.no_store
+    json = plan.for_response(200, "application/json; charset=utf-8")
+    assert json.rule is not None and json.rule.name == "api json"
+    assert json.options.rule_ttl(200) == 30 and json.options.stale_if_error == 3600  # from defaults
+    other = plan.for_response(200, "text/plain")
+    assert other.rule is plan.rule and other.options.stale_if_error == 0  # the rule's 0s wins
+    assert other.options.rule_ttl(200) == 300
+
+
+def test_response_headers_follow_the_store_time_rule_or_the_defaults() -> None:
+    plan = RULES.plan(head("/api/x"))
+    assert plan.response_headers_for(503, None).add == (("X-Error", "1"),)  # type: ignore[union-attr]
+    assert plan.response_headers_for(200, "text/plain").add == (("X-Default", "1"),)  # type: ignore[union-attr]
+
+
+def test_no_matching_rule_uses_the_defaults_and_the_default_key() -> None:
+    plan = RULES.plan(head("/page"))
+    assert plan.rule is None and plan.key.is_default and not plan.bypass
+    assert plan.for_response(200, None).options.rule_ttl(200) == 300
+
+
+def test_plans_without_response_rules_are_built_once() -> None:
+    rules = compile_text("""
+        rules:
+          - {name: a, match: {path: /a}, bypass: true}
+    """)
+    assert rules.plan(head("/a")) is rules.plan(head("/a?x"))
+    assert RULES.plan(head("/api/x")) is RULES.plan(head("/api/y"))  # composed plans are memoised
+
+
+def test_get_in_a_method_list_implies_head() -> None:
+    rules = compile_text("""
+        rules:
+          - {name: a, match: {method: GET}, bypass: true}
+    """)
+    assert rules.plan(head("/", "HEAD")).bypass and not rules.plan(head("/", "POST")).bypass
+
+
+@pytest.mark.parametrize(("raw", "normal"), [
+    ("/a/b", "/a/b"),
+    ("/a/./b", "/a/b"),
+    ("/a/../b", "/b"),
+    ("/../../b", "/b"),
+    ("/a/b/..", "/a/"),
+    ("/a//b", "/a/b"),
+    ("/%61dmin", "/admin"),
+    ("/static/..%2Fadmin", "/admin"),
+    ("/a%2f..%2fb", "/b"),
+    ("/caf%C3%A9", "/café"),
+    ("/.hidden/x", "/.hidden/x"),
+])
+def test_paths_are_matched_decoded_and_without_dot_segments(raw: str, normal: str) -> None:
+    assert normalise_path(raw) == normal
+
+
+# -- properties: the fast paths agree with the plain definitions ------------------------------------
+
+SEGMENTS = ["a", "b", "api", "static", "x.css", "%61", "..", ".", ""]
+GLOBS = ["/a/**", "/b/*", "/api/**", "/static/*.css", "/**", "/a", "/*/x.css", "regex:^/a/",
+         "regex:^/api/|^/b", "regex:css$", "regex:^/static/.+"]
+
+
+def paths() -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from(SEGMENTS), min_size=0, max_size=4).map(lambda p: "/" + "/".join(p))
+
+
+@settings(max_examples=300, deadline=None)
+@given(globs=st.lists(st.sampled_from(GLOBS), min_size=1, max_size=6), path=paths(),
+       cookie=st.booleans(), query=st.sampled_from(["", "q=1", "q=2&p", "%71=1"]))
+def test_the_path_index_finds_the_same_rule_as_a_scan_of_every_rule(
+        globs: list[str], path: str, cookie: bool, query: str) -> None:
+    lines = ["rules:"]
+    for i, g in enumerate(globs):
+        cond = ", cookie: {s: present}" if i % 3 == 1 else ", query: {q: '1'}" if i % 3 == 2 else ""
+        status = ", status: [500]" if i == 1 else ""
+        action = "no_store: true" if status else "ttl: {200: 1m}"
+        lines.append(f"  - {{name: r{i}, match: {{path: '{g}'{cond}{status}}}, {action}}}")
+    rules = compile_text("\n".join(lines) + "\n")
+    request = head(path + ("?" + query if query else ""), Cookie="s=1" if cookie else "x=1")
+    view = RequestView(request)
+    holding = [r for r in rules.rules if r.match.request_mismatch(view) is None]
+    expected = next((r for r in holding if not r.match.needs_response), None)
+    plan = rules.plan(request)
+    assert plan.rule is expected
+    before = holding[:holding.index(expected)] if expected is not None else holding
+    assert list(plan.response_rules) == [r for r in before if r.match.needs_response]
+    for r in rules.rules:  # the compiled predicate and the explaining check agree
+        assert r.holds(view) is (r.match.request_mismatch(view) is None)
+
+
+def test_reload_keeps_what_needs_a_restart() -> None:
+    old = Settings(source="a", listen=("127.0.0.1", 1), via="old")
+    new = Settings(source="a", listen=("127.0.0.1", 2), via="new", rules=RULES)
+    merged, restart = live_settings(old, new)
+    assert restart == ["listen"]
+    assert (merged.listen, merged.via, merged.rules) == (("127.0.0.1", 1), "new", RULES)
