@@ -47,6 +47,12 @@ log = logging.getLogger("cachegate.upstream")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CHUNK = 64 * 1024
+# Idle keep-alive connections are closed after this long: shorter than the 5 s that
+# Node.js and Apache servers use by default, so cachegate closes an idle connection
+# before the origin does. Otherwise a request can take a connection the origin has
+# just closed and fail with "Server disconnected" (a body that was streamed cannot
+# be resent).
+KEEPALIVE_IDLE = 4.0
 
 
 class UpstreamConnectTimeout(UpstreamTimeout):
@@ -183,6 +189,7 @@ class UpstreamPool:
         t = self.settings.timeouts
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=self.settings.pool_size, ttl_dns_cache=60, ssl=self._ssl(),
+            keepalive_timeout=KEEPALIVE_IDLE,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
