@@ -215,6 +215,16 @@ class Coalescer:
         flight.task.add_done_callback(self._tasks.discard)
         return flight
 
+    def retire(self, flight: Flight) -> None:
+        """Stop handing ``flight`` to newcomers: its body is complete and the store has it.
+
+        A request that arrives after the response was delivered must look at the
+        store (and decide afresh whether the stored response is fresh for it),
+        not replay a flight that may have fetched an already stale response.
+        """
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
     def mark_pass(self, key: str) -> None:
         """Remember ``key`` as uncacheable for a while (hit-for-pass)."""
         if self._hit_for_pass > 0:

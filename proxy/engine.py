@@ -543,6 +543,7 @@ class Engine:
                                         response_time)
                     flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True,
                                                       "FRESHENED", None))
+                    self.coalescer.retire(flight)
                     flight.body.finish()
                     flight.result.set_result(FlightResult(True, "FRESHENED"))
                     return
@@ -561,7 +562,10 @@ class Engine:
         store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
         store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
                                                    response_time)
-        shareable = entry is not None
+        # Followers get the leader's response only when it is fresh on arrival: handing
+        # them a response that is already stale (or no-cache) would reuse it unvalidated.
+        shareable = entry is not None and entry.response.freshness.ttl(response_time) > 0 \
+            and not entry.response.freshness.no_cache
         vary = entry.response.vary if entry is not None else ()
         flight.head.set_result(FlightHead(resp.status, resp.reason, resp.headers, shareable,
                                           store_detail, resp.content_length, vary))
@@ -596,12 +600,14 @@ class Engine:
             raise
         final = self.storage.finalize(entry, spool) if spool is not None and entry is not None else None
         if final is None or spool is None:
+            self.coalescer.retire(flight)
             flight.body.finish()
             flight.result.set_result(FlightResult(False, store_detail or "INCOMPLETE"))
             return
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
         self.storage.put_memory(final, spool)
+        self.coalescer.retire(flight)
         flight.body.finish()
         try:
             stored = await self.storage.put_disk(final, spool)
