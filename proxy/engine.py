@@ -28,14 +28,14 @@ from proxy.coalescer import Coalescer, Flight, FlightHead, FlightResult
 from proxy.config import Settings
 from proxy.errors import StorageError, UpstreamError
 from proxy.metrics import Metrics
+from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status
 from proxy.policy.deception import content_type_agrees
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
-from proxy.policy.messages import Freshness, HeaderList, RequestHead, StoredResponse
+from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 from proxy.policy.ranges import if_range_allows, parse_range
-from proxy.policy.freshness import compute_freshness
 from proxy.policy.reuse import (
     Forward,
     OnlyIfCachedMiss,
@@ -44,7 +44,7 @@ from proxy.policy.reuse import (
     decide_lookup,
     select_variant,
 )
-from proxy.policy.storability import DontStore, Store, decide_store, response_cache_control
+from proxy.policy.storability import DontStore, Store, decide_store
 from proxy.policy.validation import (
     Freshen,
     PassThrough,
@@ -53,6 +53,7 @@ from proxy.policy.validation import (
     client_not_modified,
     conditional_headers,
     decide_on_validation,
+    freshen_stored,
 )
 from proxy.rules import RequestPlan, RuleSet, StorePlan
 from proxy.storage.entry import Entry
@@ -65,6 +66,8 @@ log = logging.getLogger("cachegate.engine")
 # Request fields never sent upstream as the client gave them: cachegate sets its own
 # forwarding fields, and these others can change a response without being in the key.
 FORWARDING_FIELDS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+# Surrogate-Capability names the devices an origin may target with Surrogate-Control:
+# a client could otherwise make the origin target a response it then stores for all.
 UNKEYED_OVERRIDES = frozenset({
     "x-forwarded-server", "x-forwarded-port", "x-forwarded-scheme", "x-host", "x-original-url",
     "x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override",
@@ -289,7 +292,7 @@ class Engine:
                     else:
                         out.append((k, v))
                 continue
-            if lk in UNKEYED_OVERRIDES and not req.trusted:
+            if (lk in UNKEYED_OVERRIDES or lk == "surrogate-capability") and not req.trusted:
                 continue
             if fill and lk in FILL_DROPS:
                 continue
@@ -305,6 +308,7 @@ class Engine:
         via = head.headers.get("Via")
         out = [(k, v) for k, v in out if k.lower() != "via"]
         out.append(("Via", f"{via}, {self._via}" if via else self._via))
+        out.append(("Surrogate-Capability", SURROGATE_CAPABILITY))
         return out
 
     def _response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
@@ -414,6 +418,13 @@ class Engine:
             reader.close()
             if stale is not None:
                 return await self._serve_stale(req, plan, stale, fwd, None, "ORIGIN-UNREACHABLE")
+            if revalidating is not None or fwd == "stale":
+                # RFC 9111 §5.2.2.2: a stored response that may not be served stale
+                # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
+                log.warning("upstream failed, stale response not allowed: %s", exc)
+                return self._finish(plan, _error_reply(
+                    504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", "MISS",
+                    cache_status(fwd=fwd, detail="STALE-NOT-ALLOWED")))
             return self._upstream_failed(plan, exc, fwd)
         except ConnectionError as exc:
             reader.close()
@@ -539,7 +550,7 @@ class Engine:
             match outcome:
                 case Freshen():
                     resp.release()
-                    await self._freshen(revalidating, outcome.headers, plan, request_time,
+                    await self._freshen(revalidating, resp.headers, plan, request_time,
                                         response_time)
                     flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True,
                                                       "FRESHENED", None))
@@ -665,23 +676,21 @@ class Engine:
                 tags.extend(t.strip() for t in line.split(sep) if t.strip())
         return tuple(tags)
 
-    async def _freshen(self, cached: Cached, headers: HeaderList, plan: RequestPlan,
+    async def _freshen(self, cached: Cached, update: CIMultiDictProxy[str], plan: RequestPlan,
                        request_time: float, response_time: float) -> None:
         """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays."""
         entry = cached.entry
         old = entry.response
-        merged = CIMultiDict(headers)
-        store_plan = plan.for_response(old.status, merged.get("Content-Type"))
-        cc, _ = response_cache_control(merged, store_plan.options)
-        freshness = self._jittered(compute_freshness(old.status, merged, cc, request_time,
-                                                     response_time, store_plan.options),
-                                   store_plan.ttl_jitter)
-        updated = replace(old, headers=headers, request_time=request_time,
-                          response_time=response_time, freshness=freshness,
-                          etag=merged.get("ETag"), last_modified=merged.get("Last-Modified"),
-                          invalidated=False)
+        content_type = update.get("Content-Type") or old.header_dict().get("Content-Type")
+        store_plan = plan.for_response(old.status, content_type)
+        updated = freshen_stored(old, update, request_time, response_time, store_plan.options)
+        if updated is not None:
+            updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter))
         try:
-            await self.storage.update(entry.with_response(updated))
+            if updated is None:  # the 304 said no-store or private: forget the stored response
+                await self.storage.delete([entry.key])
+            else:
+                await self.storage.update(entry.with_response(updated))
         except Exception:
             log.exception("freshening %s failed", entry.key)
             self.metrics.storage_errors.labels("write").inc()

@@ -1,4 +1,4 @@
-"""Cache-Control parsing (RFC 9111 §5.2) and targeted cache-control fields (RFC 9213).
+"""Cache-Control parsing (RFC 9111 §5.2) and targeted cache-control fields (RFC 9213, Surrogate-Control).
 
 Parsing never raises. Directive names are case-insensitive; unknown directives
 are kept (extensions are ignored by the decisions, never fatal); commas inside
@@ -14,6 +14,15 @@ fresh. Values above 2**31 are capped there (RFC 9111 §1.2.2).
 (60, ('set-cookie',), True)
 >>> parse_cache_control(["max-age=abc"]).delta("max-age")
 0
+
+Surrogate-Control (W3C Edge Architecture 1.0) predates RFC 9213 and is still what
+many origins send to their CDN: directives apply to every surrogate unless a
+``;device`` suffix targets one. cachegate announces itself upstream as
+``Surrogate-Capability: cachegate="Surrogate/1.0"`` and obeys directives that are
+untargeted or targeted at ``cachegate`` (targeted ones win).
+
+>>> parse_surrogate_control(["max-age=60;other, max-age=30+600;cachegate, no-store;other"]).directives
+mappingproxy({'max-age': '30', 'stale-if-error': '600'})
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 DELTA_SECONDS_MAX = 2**31
+SURROGATE_DEVICE = "cachegate"  # our device token in Surrogate-Capability / Surrogate-Control
+SURROGATE_CAPABILITY = f'{SURROGATE_DEVICE}="Surrogate/1.0"'
 
 _EMPTY: Mapping[str, str | None] = MappingProxyType({})
 
@@ -183,3 +194,43 @@ def _parse_sf_dictionary(values: Sequence[str]) -> CacheControl | None:
         else:
             return None
     return CacheControl(MappingProxyType(directives))
+
+
+def _partition_outside_quotes(text: str, sep: str) -> tuple[str, str, str]:
+    in_quotes = escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif in_quotes and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_quotes = not in_quotes
+        elif ch == sep and not in_quotes:
+            return text[:i], sep, text[i + 1:]
+    return text, "", ""
+
+
+def parse_surrogate_control(values: Sequence[str], device: str = SURROGATE_DEVICE) -> CacheControl | None:
+    """The Surrogate-Control directives that apply to ``device``; None when none do.
+
+    ``max-age=A+B`` means A seconds fresh, then B more seconds usable when the
+    origin cannot be reached: it reads as ``max-age=A, stale-if-error=B``.
+    """
+    general: dict[str, str | None] = {}
+    targeted: dict[str, str | None] = {}
+    for part in split_directives(", ".join(values)):
+        directive, semi, target = _partition_outside_quotes(part, ";")
+        if semi and target.strip().lower() != device:
+            continue
+        bucket = targeted if semi else general
+        for name, arg in parse_cache_control([directive]).directives.items():
+            bucket.setdefault(name, arg)
+    merged = {**general, **targeted}
+    if not merged:
+        return None
+    max_age = merged.get("max-age")
+    if max_age is not None and "+" in max_age:
+        fresh, _, extra = max_age.partition("+")
+        merged["max-age"] = fresh
+        merged.setdefault("stale-if-error", extra)
+    return CacheControl(MappingProxyType(merged))

@@ -11,7 +11,7 @@ statuses (§4.2.2), else zero. ``override_origin`` makes the rule TTL win.
 
 from __future__ import annotations
 
-from proxy.policy.cache_control import CacheControl
+from proxy.policy.cache_control import DELTA_SECONDS_MAX, CacheControl, parse_delta_seconds
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions, Freshness, Headers
 
@@ -19,40 +19,64 @@ from proxy.policy.messages import CacheOptions, Freshness, Headers
 HEURISTICALLY_CACHEABLE = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
 
 
-def parse_age(headers: Headers) -> float:
-    """The ``Age`` field value in seconds; 0 when absent or invalid (RFC 9111 §5.1)."""
+def parse_age(headers: Headers) -> float | None:
+    """The ``Age`` field value in seconds: 0 when absent, None when it cannot be trusted.
+
+    RFC 9111 §5.1 asks for the first member of a list-based value and says to ignore
+    an invalid one. cachegate is more careful, because either reading can make a
+    stale response look fresh: ``Age`` is a singleton, so a list (``0, 7200``), two
+    field lines, or anything but digits (``-1``, ``1.5``, ``abc``, ``7200;x=1``)
+    means some hop is broken and the real age is unknown. None tells the caller to
+    treat the response as stale (it will be revalidated, never served as fresh).
+    """
     values = headers.getall("Age", ())
     if not values:
         return 0.0
-    text = values[0].split(",")[0].strip()
+    if len(values) > 1:
+        return None
+    text = values[0].strip(" \t")
     if not text.isdigit() or not text.isascii():
-        return 0.0
-    return float(min(int(text.lstrip("0") or "0"), 2**31))
+        return None
+    return float(parse_delta_seconds(text))
 
 
 def corrected_initial_age(
     headers: Headers, request_time: float, response_time: float
 ) -> float:
-    """RFC 9111 §4.2.3 ``corrected_initial_age``: the age when the response arrived."""
+    """RFC 9111 §4.2.3 ``corrected_initial_age``: the age when the response arrived.
+
+    ``apparent_age = max(0, response_time - date_value)`` (a Date in the future
+    gives 0), ``corrected_age_value = age_value + (response_time - request_time)``,
+    and the larger of the two wins. An untrustworthy Age counts as 2**31 seconds.
+    """
     date_values = headers.getall("Date", ())
     date_value = parse_http_date(date_values[0]) if date_values else None
     if date_value is None:
         date_value = response_time
     apparent_age = max(0.0, response_time - date_value)
     response_delay = max(0.0, response_time - request_time)
-    corrected_age_value = parse_age(headers) + response_delay
+    age_value = parse_age(headers)
+    if age_value is None:
+        return float(DELTA_SECONDS_MAX)
+    corrected_age_value = age_value + response_delay
     return max(apparent_age, corrected_age_value)
 
 
-def explicit_lifetime(headers: Headers, cc: CacheControl) -> tuple[float, str] | None:
-    """The origin's explicit freshness lifetime and which field gave it, or None."""
+def explicit_lifetime(
+    headers: Headers, cc: CacheControl, *, use_expires: bool = True
+) -> tuple[float, str] | None:
+    """The origin's explicit freshness lifetime and which field gave it, or None.
+
+    ``use_expires`` is False when the directives come from a targeted field
+    (RFC 9213 §2.1: the cache then ignores Cache-Control *and* Expires).
+    """
     s_maxage = cc.delta("s-maxage")
     if s_maxage is not None:
         return float(s_maxage), "s-maxage"
     max_age = cc.delta("max-age")
     if max_age is not None:
         return float(max_age), "max-age"
-    expires_values = headers.getall("Expires", ())
+    expires_values = headers.getall("Expires", ()) if use_expires else ()
     if expires_values:
         if len(expires_values) > 1:
             return 0.0, "expires"  # §4.2.1: multiple Expires lines: treat as stale
@@ -62,7 +86,7 @@ def explicit_lifetime(headers: Headers, cc: CacheControl) -> tuple[float, str] |
         date_values = headers.getall("Date", ())
         date = parse_http_date(date_values[0]) if date_values else None
         if date is None:
-            return None  # the caller substitutes response_time for the missing Date
+            return None  # the caller measures from response_time instead of Date
         return max(0.0, expires - date), "expires"
     return None
 
@@ -94,14 +118,27 @@ def compute_freshness(
     request_time: float,
     response_time: float,
     options: CacheOptions,
+    *,
+    cc_source: str = "cache-control",
 ) -> Freshness:
-    """Everything the reuse decision needs, from the response headers and the rule."""
+    """Everything the reuse decision needs, from the response headers and the rule.
+
+    ``cc_source`` names the field ``cc`` came from; with a targeted field
+    (CDN-Cache-Control, ...) Expires is ignored (RFC 9213 §2.1).
+
+    The rule's default ``stale_if_error`` / ``stale_while_revalidate`` apply only
+    when the response had some freshness (explicit, heuristic or a rule TTL): a
+    response the origin gave no freshness information for is never served stale
+    unless the origin itself sent ``stale-if-error`` / ``stale-while-revalidate``.
+    """
     lifetime: float
     source: str
-    explicit = explicit_lifetime(headers, cc)
-    if explicit is None and headers.getall("Expires", ()):
-        # Expires without Date: measure from when the response arrived.
-        expires = parse_http_date(headers.getall("Expires")[0])
+    use_expires = cc_source == "cache-control"
+    explicit = explicit_lifetime(headers, cc, use_expires=use_expires)
+    expires_values: list[str] = list(headers.getall("Expires", ())) if use_expires else []
+    if explicit is None and expires_values:
+        # Expires without a valid Date: measure from when the response arrived.
+        expires = parse_http_date(expires_values[0])
         explicit = (max(0.0, (expires or 0.0) - response_time), "expires")
     rule_ttl = options.rule_ttl(status)
     if rule_ttl is not None and (options.override_origin or explicit is None):
@@ -117,6 +154,9 @@ def compute_freshness(
     ) and not options.override_origin
     swr = cc.delta("stale-while-revalidate")
     sie = cc.delta("stale-if-error")
+    has_freshness = source != "none"
+    default_swr = options.stale_while_revalidate if has_freshness else 0.0
+    default_sie = options.stale_if_error if has_freshness else 0.0
     return Freshness(
         lifetime=lifetime,
         source=source,
@@ -125,7 +165,7 @@ def compute_freshness(
         must_revalidate=must_revalidate,
         # no-cache="field" is treated as strictly as plain no-cache: revalidate every use.
         no_cache="no-cache" in cc and not options.override_origin,
-        stale_while_revalidate=float(swr) if swr is not None else options.stale_while_revalidate,
-        stale_if_error=float(sie) if sie is not None else options.stale_if_error,
+        stale_while_revalidate=float(swr) if swr is not None else default_swr,
+        stale_if_error=float(sie) if sie is not None else default_sie,
         immutable="immutable" in cc,
     )

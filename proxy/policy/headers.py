@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from proxy.policy.messages import HeaderList, Headers
 
-# RFC 9110 §7.6.1 and the fields a proxy must not forward or store.
+# RFC 9110 §7.6.1 and the fields a proxy must not forward or store (RFC 9111 §3.1 names
+# Proxy-Authenticate, Proxy-Authentication-Info and Proxy-Authorization).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authorization", "proxy-authenticate",
+    "upgrade", "proxy-authorization", "proxy-authenticate", "proxy-authentication-info",
 })  # fmt: skip
 
 

@@ -113,10 +113,34 @@ def url_of_key(key: str) -> str:
 
 
 def normalise_field(values: list[str] | tuple[str, ...]) -> str:
-    """Combine field lines and normalise list whitespace (RFC 9111 §4.1)."""
+    """Combine field lines and normalise list whitespace (RFC 9111 §4.1).
+
+    >>> normalise_field(["1,2"]) == normalise_field([" 1 ,  2 "]) == normalise_field(["1", "2"])
+    True
+    >>> normalise_field(["text/html ; q=0.5"])
+    'text/html;q=0.5'
+    """
     if not values:
         return ABSENT
-    return ", ".join(" ".join(item.split()) for item in split_directives(", ".join(values)))
+    items = split_directives(", ".join(values))
+    return ", ".join(";".join(" ".join(p.split()) for p in item.split(";")) for item in items)
+
+
+# Selecting fields whose values are case-insensitive tokens (language tags, content
+# codings), so that RFC 9111 §4.1's case normalisation can be applied to them.
+CASE_INSENSITIVE_FIELDS = frozenset({"accept-language", "accept-encoding"})
+
+
+def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
+    """A Vary selecting field's value, normalised as RFC 9111 §4.1 allows.
+
+    >>> normalise_selecting("accept-language", ["eN, De"])
+    'en, de'
+    >>> normalise_selecting("foo", ["eN, De"])
+    'eN, De'
+    """
+    value = normalise_field(values)
+    return value.lower() if name.lower() in CASE_INSENSITIVE_FIELDS else value
 
 
 def vary_names(headers: Headers) -> tuple[str, ...] | None:
@@ -134,11 +158,12 @@ def vary_names(headers: Headers) -> tuple[str, ...] | None:
 
 def variant_of(names: tuple[str, ...], request_headers: Headers) -> HeaderList:
     """The normalised values of the selecting fields, as stored beside a response."""
-    return tuple((name, normalise_field(request_headers.getall(name, ()))) for name in names)
+    return tuple((name, normalise_selecting(name, request_headers.getall(name, ()))) for name in names)
 
 
 def vary_matches(stored_vary: HeaderList, request_headers: Headers) -> bool:
-    for name, value in stored_vary:
-        if normalise_field(request_headers.getall(name, ())) != value:
-            return False
-    return True
+    """Do the request's selecting fields match the stored ones (RFC 9111 §4.1)?"""
+    return all(
+        normalise_selecting(name, request_headers.getall(name, ())) == value
+        for name, value in stored_vary
+    )

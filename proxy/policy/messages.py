@@ -101,6 +101,7 @@ class CacheOptions:
     allow_set_cookie: bool = False
     client_cache_control: ClientCacheControl = "honor"
     targeted_fields: tuple[str, ...] = ("cachegate-cache-control", "cdn-cache-control")
+    surrogate_device: str | None = "cachegate"  # obey Surrogate-Control for this device; None: ignore it
     max_object: int = 100 * 1024 * 1024
 
     def rule_ttl(self, status: int) -> float | None:

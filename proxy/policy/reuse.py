@@ -10,7 +10,14 @@
   stored: answer 504 (§5.2.1.7).
 
 Stale responses are never served when the response said ``must-revalidate``,
-``proxy-revalidate``, ``s-maxage`` or ``no-cache`` (§4.2.4).
+``proxy-revalidate``, ``s-maxage`` or ``no-cache`` (§4.2.4), whatever the request's
+``max-stale`` or the rules' stale-if-error say.
+
+Request directives (§5.2.1): ``no-cache`` and ``Pragma: no-cache`` (when there is no
+Cache-Control) go to the origin; ``max-age``, ``min-fresh`` and ``max-stale`` bound
+the age accepted; ``only-if-cached`` never goes to the origin (504 instead);
+unknown directives change nothing. A fresh ``immutable`` response is not
+revalidated for a client's ``max-age`` (RFC 8246).
 """
 
 from __future__ import annotations
@@ -121,6 +128,10 @@ def decide_lookup(
             return Forward("request")
         max_age = req_cc.delta("max-age")
         min_fresh = req_cc.delta("min-fresh")
+        if fresh_info.immutable and not stale:
+            # RFC 8246 §2.1: a fresh immutable response is not revalidated on a reload
+            # (max-age=0); only no-cache (a forced reload) reaches the origin.
+            max_age = None
         if (max_age is not None and age > max_age) or (min_fresh is not None and ttl < min_fresh):
             if only_if_cached:
                 return OnlyIfCachedMiss()

@@ -5,17 +5,37 @@ or ``DontStore`` with the ``Cache-Status`` detail token naming why not. Safety
 first: a shared cache never stores ``private``, ``no-store``, responses to
 requests with ``Authorization`` (unless ``public``, ``s-maxage`` or
 ``must-revalidate`` allow it), nor ``Set-Cookie`` responses unless a rule says so.
+
+``must-understand`` (§5.2.2.3): a response with a status code whose caching rules
+this cache does not know is never stored. The RFC adds that a cache which knows the
+status code SHOULD ignore a ``no-store`` beside it; cachegate keeps obeying
+``no-store`` (never storing what no-store forbids is a promise of its defaults).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.policy.cache_control import CacheControl, parse_cache_control, targeted_cache_control
+from proxy.policy.cache_control import (
+    CacheControl,
+    parse_cache_control,
+    parse_surrogate_control,
+    targeted_cache_control,
+)
 from proxy.policy.freshness import HEURISTICALLY_CACHEABLE, compute_freshness
 from proxy.policy.headers import end_to_end
 from proxy.policy.keys import variant_of, vary_names
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
+
+# Final status codes whose caching semantics RFC 9110 §15 defines: what "understands
+# the status code" means for must-understand (RFC 9111 §5.2.2.3).
+UNDERSTOOD_STATUSES = frozenset({
+    200, 201, 202, 203, 204, 205, 206,
+    300, 301, 302, 303, 304, 305, 307, 308,
+    400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417,
+    421, 422, 426,
+    500, 501, 502, 503, 504, 505,
+})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +49,20 @@ class DontStore:
 
 
 def response_cache_control(headers: Headers, options: CacheOptions) -> tuple[CacheControl, str]:
-    """The directives this cache obeys: a targeted field (RFC 9213) if present, else Cache-Control."""
+    """The directives this cache obeys, and the field they came from.
+
+    The first targeted field present and valid (RFC 9213: Cachegate-Cache-Control,
+    then CDN-Cache-Control), else Surrogate-Control directives for this device,
+    else Cache-Control. With a targeted field, Cache-Control and Expires are ignored.
+    """
     targeted = targeted_cache_control(options.targeted_fields, lambda n: headers.getall(n, ()))
     if targeted is not None:
         return targeted
+    if options.surrogate_device is not None:
+        values = headers.getall("Surrogate-Control", ())
+        surrogate = parse_surrogate_control(values, options.surrogate_device) if values else None
+        if surrogate is not None:
+            return surrogate, "surrogate-control"
     return parse_cache_control(headers.getall("Cache-Control", ())), "cache-control"
 
 
@@ -49,6 +79,7 @@ def decide_store(
     response_time: float,
     options: CacheOptions,
 ) -> Store | DontStore:
+    """May a shared cache store this response (RFC 9111 §3), and as what?"""
     if request.method != "GET":
         return DontStore("METHOD")
     if status < 200 or status in (206, 304):
@@ -56,11 +87,14 @@ def decide_store(
     if "no-store" in request_cache_control(request.headers):
         return DontStore("REQUEST-NO-STORE")
 
-    cc, _source = response_cache_control(headers, options)
+    cc, source = response_cache_control(headers, options)
+    must_understand = "must-understand" in cc
+    if must_understand and status not in UNDERSTOOD_STATUSES:
+        return DontStore("MUST-UNDERSTAND")  # §5.2.2.3: an unknown status code is never stored
     if "no-store" in cc:
-        return DontStore("NO-STORE")
+        return DontStore("NO-STORE")  # even beside must-understand (see the module docstring)
     if "private" in cc:
-        return DontStore("PRIVATE")
+        return DontStore("PRIVATE")  # qualified private="f" too: stricter than §5.2.2.7 requires
     if "authorization" in request.headers and not (
         "public" in cc or "s-maxage" in cc or "must-revalidate" in cc
     ):
@@ -75,7 +109,8 @@ def decide_store(
         return DontStore("TOO-LARGE")
 
     has_explicit = (
-        "max-age" in cc or "s-maxage" in cc or "public" in cc or "expires" in headers
+        "max-age" in cc or "s-maxage" in cc or "public" in cc
+        or (source == "cache-control" and "expires" in headers)
     )
     if not (
         has_explicit
@@ -84,7 +119,8 @@ def decide_store(
     ):
         return DontStore("UNCACHEABLE-STATUS")
 
-    freshness = compute_freshness(status, headers, cc, request_time, response_time, options)
+    freshness = compute_freshness(status, headers, cc, request_time, response_time, options,
+                                  cc_source=source)
     etag = headers.get("ETag")
     last_modified = headers.get("Last-Modified")
     reusable = (

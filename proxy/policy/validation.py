@@ -2,7 +2,8 @@
 
 - ``conditional_headers``: the validators a revalidation sends (§4.3.1).
 - ``decide_on_validation``: what the origin's answer means for the stored
-  response: ``Freshen`` (304: update its headers, keep the body, §4.3.4),
+  response: ``Freshen`` (304: update its headers, keep the body, §4.3.4, done by
+  ``freshen_stored``),
   ``Replace`` (a full new response), ``ServeStale`` (5xx or unreachable within
   stale-if-error, RFC 5861) or ``PassThrough`` (hand the answer to the client).
 - ``client_not_modified``: may we answer the client's own conditional GET with 304?
@@ -10,16 +11,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from multidict import CIMultiDict
 
 from proxy.policy.cache_control import split_directives
-from proxy.policy.headers import HOP_BY_HOP
+from proxy.policy.freshness import compute_freshness
+from proxy.policy.headers import HOP_BY_HOP, end_to_end
 from proxy.policy.httpdate import parse_http_date
-from proxy.policy.messages import HeaderList, Headers, StoredResponse
+from proxy.policy.messages import CacheOptions, HeaderList, Headers, StoredResponse
+from proxy.policy.storability import response_cache_control
 
-# Fields a 304 must not overwrite in the stored response (RFC 9111 §3.2): the
-# stored body's framing and encoding are the stored body's, not the 304's.
-NOT_UPDATED_BY_304 = HOP_BY_HOP | {"content-length", "content-encoding", "content-range"}
+# Fields a 304 must not overwrite in the stored response (RFC 9111 §3.2): fields not
+# stored at all (§3.1: hop-by-hop, Proxy-*), Content-Length, and the fields "that the
+# cache's stored response depends upon": the stored body's encoding, range and digests
+# describe the bytes we hold, not whatever the 304 says.
+NOT_UPDATED_BY_304 = HOP_BY_HOP | {
+    "content-length", "content-encoding", "content-range", "content-md5", "content-digest",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,26 +67,100 @@ def conditional_headers(stored: StoredResponse) -> HeaderList:
     return tuple(headers)
 
 
-def merge_headers(stored: HeaderList, update: Headers) -> HeaderList:
-    """Stored headers with every field present in ``update`` replaced (RFC 9111 §3.2)."""
-    replaced = {k.lower() for k in update if k.lower() not in NOT_UPDATED_BY_304}
+def merge_headers(stored: HeaderList, update: Headers, *, allow_set_cookie: bool = False) -> HeaderList:
+    """Stored headers with every field present in ``update`` replaced (RFC 9111 §3.2).
+
+    Never replaced: ``NOT_UPDATED_BY_304`` and the fields the 304's Connection lists.
+    A Set-Cookie arriving on a 304 is not stored (unless a rule allows Set-Cookie):
+    it would otherwise be replayed to everyone who gets the stored response.
+    """
+    fresh = end_to_end(update)
+    skip = set(NOT_UPDATED_BY_304)
+    if not allow_set_cookie:
+        skip.add("set-cookie")  # Set-Cookie2 (RFC 2965) is obsolete and ignored by user agents
+    replaced = {k.lower() for k, _ in fresh if k.lower() not in skip}
     kept = [(k, v) for k, v in stored if k.lower() not in replaced]
-    added = [(k, v) for k, v in update.items() if k.lower() in replaced]
+    added = [(k, v) for k, v in fresh if k.lower() in replaced]
     return (*kept, *added)
+
+
+def freshen_stored(
+    stored: StoredResponse,
+    update: Headers,
+    request_time: float,
+    response_time: float,
+    options: CacheOptions,
+) -> StoredResponse | None:
+    """The stored response freshened by a 304 (RFC 9111 §4.3.4); None when it may no longer be kept.
+
+    Headers are merged as §3.2 says; freshness is computed afresh from the merged
+    headers, except that ``Age`` and ``Date`` are the 304's own (a stored Age or
+    Date describes the old exchange, not this one). A 304 that adds ``no-store``
+    or ``private`` ends the stored response's life.
+    """
+    merged = merge_headers(stored.headers, update, allow_set_cookie=options.allow_set_cookie)
+    view: CIMultiDict[str] = CIMultiDict((k, v) for k, v in merged if k.lower() not in ("age", "date"))
+    for name in ("Age", "Date"):
+        for value in update.getall(name, ()):
+            view.add(name, value)
+    cc, source = response_cache_control(view, options)
+    if "no-store" in cc or "private" in cc:
+        return None
+    freshness = compute_freshness(stored.status, view, cc, request_time, response_time, options,
+                                  cc_source=source)
+    return replace(
+        stored,
+        headers=merged,
+        request_time=request_time,
+        response_time=response_time,
+        freshness=freshness,
+        etag=view.get("ETag"),
+        last_modified=view.get("Last-Modified"),
+        invalidated=False,
+    )
 
 
 def _strong(tag: str) -> str:
     return tag[2:] if tag.startswith("W/") else tag
 
 
+def validates_stored(stored: StoredResponse, headers: Headers) -> bool:
+    """Does this 304 refer to the stored response (RFC 9111 §4.3.4)?
+
+    A strong ETag in the 304 must equal the stored strong ETag; a weak one must
+    match it weakly; a 304 without an ETag but with a Last-Modified must carry the
+    stored one. A 304 with no validator at all answers the conditional request we
+    made about this very response, so it refers to it.
+    """
+    etag = headers.get("ETag")
+    if etag is not None:
+        etag = etag.strip()
+        if stored.etag is None:
+            return False
+        if not etag.startswith("W/"):
+            return not stored.etag.startswith("W/") and stored.etag == etag
+        return _strong(stored.etag) == _strong(etag)
+    last_modified = headers.get("Last-Modified")
+    if last_modified is not None and stored.last_modified is not None:
+        new, old = parse_http_date(last_modified), parse_http_date(stored.last_modified)
+        return new is not None and new == old
+    return True
+
+
 def decide_on_validation(
     stored: StoredResponse, status: int, headers: Headers, stale_if_error: bool
 ) -> ValidationOutcome:
+    """What the origin's answer to our conditional request means for the stored response.
+
+    304: ``Freshen`` when it refers to the stored response, else ``Replace`` (the
+    engine then fetches the full response; §4.3.4 forbids using the 304). 5xx:
+    ``ServeStale`` within stale-if-error, else ``PassThrough``. Anything else
+    replaces the stored response (§4.3.3).
+    """
     if status == 304:
-        etag = headers.get("ETag")
-        if etag is not None and stored.etag is not None and _strong(etag) != _strong(stored.etag):
-            return Replace()  # the 304 is about another representation (§4.3.4)
-        return Freshen(merge_headers(stored.headers, headers))
+        if not validates_stored(stored, headers):
+            return Replace()
+        return Freshen(merge_headers(stored.headers, headers))  # the engine stores freshen_stored()
     if status >= 500 and stale_if_error:
         return ServeStale("ORIGIN-ERROR")
     if status >= 500:
@@ -90,7 +173,12 @@ def etag_list(values: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def client_not_modified(request_headers: Headers, stored: StoredResponse) -> bool:
-    """RFC 9110 §13.2.2 for GET/HEAD: If-None-Match wins over If-Modified-Since."""
+    """May the client's own conditional GET/HEAD be answered 304 (RFC 9110 §13.2.2)?
+
+    If-None-Match (weak comparison) wins over If-Modified-Since. Without a stored
+    Last-Modified, the stored Date stands in, then the time it was received
+    (RFC 9111 §4.3.2).
+    """
     if stored.status != 200:
         return False
     inm = request_headers.getall("If-None-Match", ())
@@ -103,8 +191,15 @@ def client_not_modified(request_headers: Headers, stored: StoredResponse) -> boo
         mine = _strong(stored.etag)
         return any(_strong(t) == mine for t in tags)
     ims = request_headers.get("If-Modified-Since")
-    if ims is not None and stored.last_modified is not None:
-        since = parse_http_date(ims)
+    if ims is None:
+        return False
+    since = parse_http_date(ims)
+    if since is None:
+        return False  # an invalid date: the condition is ignored (RFC 9110 §13.1.3)
+    modified: float | None = None
+    if stored.last_modified is not None:
         modified = parse_http_date(stored.last_modified)
-        return since is not None and modified is not None and modified <= since
-    return False
+    else:
+        date = next((v for k, v in stored.headers if k.lower() == "date"), None)
+        modified = parse_http_date(date) if date is not None else stored.response_time
+    return modified is not None and modified <= since
