@@ -148,20 +148,25 @@ def decide_lookup(
             limit = float("inf") if max_stale is None else float(req_cc.delta("max-stale") or 0)
             if -ttl <= limit:
                 return serve("STALE")
-        if stored.invalidated or -ttl <= fresh_info.stale_while_revalidate:
+        if stored.invalidated or _within(-ttl, fresh_info.stale_while_revalidate):
             return serve("UPDATING", refresh=True)
 
     if only_if_cached:
         return OnlyIfCachedMiss()
     stale_if_error = may_serve_stale and (
-        -ttl <= fresh_info.stale_if_error or _request_allows_stale_on_error(req_cc, -ttl)
+        _within(-ttl, fresh_info.stale_if_error) or _request_allows_stale_on_error(req_cc, -ttl)
     )
     if validator:
         return Revalidate(index, "stale", stale_if_error)
     return Forward("stale", stale_index=index if stale_if_error else None)
 
 
+def _within(staleness: float, window: float) -> bool:
+    """Inside a stale-serving window; a window of 0 grants nothing."""
+    return window > 0 and staleness <= window
+
+
 def _request_allows_stale_on_error(req_cc: CacheControl, staleness: float) -> bool:
     """RFC 5861 §4: a request's own ``stale-if-error=N``."""
     limit = req_cc.delta("stale-if-error")
-    return limit is not None and staleness <= limit
+    return limit is not None and _within(staleness, limit)

@@ -1,0 +1,112 @@
+"""Vary normalisation (RFC 9111 §4.1), ranges (RFC 9110 §14) and invalidation (RFC 9111 §4.4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.policy.invalidation import invalidated_urls
+from proxy.policy.keys import normalise_selecting, vary_matches, vary_names
+from proxy.policy.ranges import if_range_allows, parse_range
+from tests.policy.build import date, headers, request, stored
+
+Pairs = list[tuple[str, str]]
+
+# (case, field name, first request's lines, second request's lines, same variant?)
+NORMALISE: list[tuple[str, str, list[str], list[str], bool]] = [
+    ("field lines combine into one list (RFC 9111 §4.1)", "Foo", ["1, 2"], ["1", "2"], True),
+    ("whitespace around list items is removed", "Foo", ["1,2"], [" 1 ,  2 "], True),
+    ("whitespace around parameters is removed", "Accept", ["a/b;q=0.5"], ["a/b ; q=0.5"], True),
+    ("Accept-Language is case-insensitive (RFC 4647)", "Accept-Language", ["en, de"], ["eN, De"], True),
+    ("Accept-Encoding is case-insensitive (RFC 9110 §8.4.1)", "Accept-Encoding", ["gzip"], ["GZIP"], True),
+    ("other fields keep their case", "Foo", ["a"], ["A"], False),
+    ("order is significant in general", "Accept-Language", ["en, de"], ["de, en"], False),
+    ("different values differ", "Foo", ["1"], ["2"], False),
+]
+
+
+@pytest.mark.parametrize(("case", "field", "first", "second", "same"), NORMALISE,
+                         ids=[n[0] for n in NORMALISE])
+def test_selecting_fields_match_after_rfc_9111_section_4_1_normalisation(
+    case: str, field: str, first: list[str], second: list[str], same: bool
+) -> None:
+    assert (normalise_selecting(field, first) == normalise_selecting(field, second)) is same
+
+
+def test_vary_names_are_lower_cased_combined_and_star_is_none() -> None:
+    names = vary_names(headers(("Vary", "Accept-Encoding, FOO"), ("Vary", "bar")))
+    assert names == ("accept-encoding", "bar", "foo")
+    assert vary_names(headers(("Vary", "foo, *"))) is None
+    assert vary_names(headers()) == ()
+
+
+def test_an_absent_selecting_field_matches_only_an_absent_one() -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("Vary", "Foo")], req=request())
+    assert vary_matches(s.vary, headers())
+    assert not vary_matches(s.vary, headers(("Foo", "")))
+
+
+RANGES = [
+    ("a first-last range", "bytes=0-99", 1000, (0, 99)),
+    ("a suffix range (RFC 9110 §14.1.2)", "bytes=-100", 1000, (900, 999)),
+    ("an open range", "bytes=900-", 1000, (900, 999)),
+    ("a last position past the end is clipped", "bytes=990-5000", 1000, (990, 999)),
+    ("a suffix longer than the body is the whole body", "bytes=-5000", 1000, (0, 999)),
+    ("a first position past the end is unsatisfiable (RFC 9110 §15.5.17)", "bytes=1000-", 1000,
+     "unsatisfiable"),
+    ("a zero-length suffix is unsatisfiable", "bytes=-0", 1000, "unsatisfiable"),
+    ("several ranges are ignored: the full 200 is allowed", "bytes=0-1,5-6", 1000, None),
+    ("another unit is ignored", "items=0-1", 1000, None),
+    ("last before first is invalid and ignored", "bytes=5-1", 1000, None),
+    ("garbage is ignored", "bytes=abc", 1000, None),
+    ("units are case-insensitive", "Bytes=0-0", 10, (0, 0)),
+]
+
+
+@pytest.mark.parametrize(("case", "value", "size", "expected"), RANGES, ids=[r[0] for r in RANGES])
+def test_single_byte_ranges_are_answered_from_a_stored_200_rfc_9110_section_14(
+    case: str, value: str, size: int, expected: object
+) -> None:
+    assert parse_range(value, size) == expected
+
+
+IF_RANGE = [
+    ("no If-Range: the range applies", [], True),
+    ("If-Range with the stored strong ETag (RFC 9110 §13.1.5)", [("If-Range", '"a"')], True),
+    ("If-Range with another ETag: the full response", [("If-Range", '"b"')], False),
+    ("a weak ETag never matches If-Range", [("If-Range", 'W/"a"')], False),
+    ("If-Range with the stored Last-Modified", [("If-Range", date(-100))], True),
+    ("If-Range with another date", [("If-Range", date(-5))], False),
+]
+
+
+@pytest.mark.parametrize(("case", "req", "expected"), IF_RANGE, ids=[r[0] for r in IF_RANGE])
+def test_if_range_needs_a_strong_match_rfc_9110_section_13_1_5(case: str, req: Pairs, expected: bool) -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Last-Modified", date(-100))])
+    assert if_range_allows(headers(*req), s) is expected
+
+
+# (case, method, status, response fields, invalidated URLs)
+INVALIDATIONS: list[tuple[str, str, int, Pairs, tuple[str, ...]]] = [
+    ("a successful POST invalidates its target URI (RFC 9111 §4.4)", "POST", 201, [], ("http://example.com/r",)),
+    ("PUT, DELETE and PATCH do too", "PATCH", 204, [], ("http://example.com/r",)),
+    ("an unknown method is not known to be safe: it invalidates", "M-SEARCH", 200, [], ("http://example.com/r",)),
+    ("a 3xx answer counts as non-error", "DELETE", 302, [], ("http://example.com/r",)),
+    ("an error answer invalidates nothing", "POST", 500, [], ()),
+    ("a 4xx answer invalidates nothing", "PUT", 409, [], ()),
+    ("safe methods invalidate nothing", "GET", 200, [], ()),
+    ("a same-origin Location is invalidated too", "POST", 201, [("Location", "/new")],
+     ("http://example.com/r", "http://example.com/new")),
+    ("a same-origin absolute Content-Location too", "PUT", 200,
+     [("Content-Location", "http://example.com/c?x=1")], ("http://example.com/r", "http://example.com/c?x=1")),
+    ("another origin's URI is left alone", "POST", 201,
+     [("Location", "http://other.example/x"), ("Content-Location", "https://example.com/x")],
+     ("http://example.com/r",)),
+]
+
+
+@pytest.mark.parametrize(("case", "method", "status", "fields", "urls"), INVALIDATIONS,
+                         ids=[i[0] for i in INVALIDATIONS])
+def test_unsafe_requests_invalidate_the_target_and_same_origin_locations_rfc_9111_section_4_4(
+    case: str, method: str, status: int, fields: Pairs, urls: tuple[str, ...]
+) -> None:
+    assert invalidated_urls(request(method=method), status, headers(*fields)) == urls

@@ -1,0 +1,202 @@
+"""May a stored response satisfy this request? (RFC 9111 §4, §5.2.1, RFC 5861, RFC 8246)
+
+Every stored response below arrived at T0; ``now`` is T0 plus the seconds in the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
+from proxy.policy.reuse import Forward, LookupDecision, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup
+from tests.policy.build import T0, request, stored
+
+Pairs = list[tuple[str, str]]
+ETAG = ("ETag", '"v1"')
+
+
+def lookup(response: Pairs, after: float, *req_fields: tuple[str, str],
+           options: CacheOptions | None = None, method: str = "GET") -> LookupDecision:
+    s = stored(response)
+    return decide_lookup(request(*req_fields, method=method), [s], T0 + after, options or CacheOptions())
+
+
+def kind(decision: LookupDecision) -> str:
+    match decision:
+        case Serve():
+            return f"serve {decision.status}" + (" refresh" if decision.refresh else "")
+        case Revalidate():
+            return f"revalidate {decision.fwd}" + (" sie" if decision.stale_if_error else "")
+        case Forward():
+            return f"forward {decision.fwd}" + (" sie" if decision.stale_index is not None else "")
+        case OnlyIfCachedMiss():
+            return "504"
+    raise AssertionError(decision)
+
+
+# (case, response fields, seconds after storing, request fields, expected decision)
+CASES: list[tuple[str, Pairs, float, Pairs, str]] = [
+    ("a fresh response is served (RFC 9111 §4.2)", [("Cache-Control", "max-age=60")], 10, [], "serve HIT"),
+    ("a stale response with a validator is revalidated (RFC 9111 §4.3.1)",
+     [("Cache-Control", "max-age=60"), ETAG], 61, [], "revalidate stale"),
+    ("a stale response without a validator is fetched again",
+     [("Cache-Control", "max-age=60")], 61, [], "forward stale"),
+    ("age equal to the lifetime is already stale (fresh means lifetime > age)",
+     [("Cache-Control", "max-age=60")], 60, [], "forward stale"),
+    ("an unknown request directive changes nothing (RFC 9111 §5.2.3)",
+     [("Cache-Control", "max-age=60")], 10, [("Cache-Control", "nothing-to-see-here"), ("Pragma", "foo")],
+     "serve HIT"),
+    ("request no-cache goes to the origin (RFC 9111 §5.2.1.4)",
+     [("Cache-Control", "max-age=60"), ETAG], 10, [("Cache-Control", "no-cache")], "forward request"),
+    ("Pragma: no-cache counts when there is no Cache-Control (RFC 9111 §5.4)",
+     [("Cache-Control", "max-age=60")], 10, [("Pragma", "no-cache")], "forward request"),
+    ("Pragma: no-cache is ignored beside a Cache-Control",
+     [("Cache-Control", "max-age=60")], 10, [("Pragma", "no-cache"), ("Cache-Control", "max-stale")],
+     "serve HIT"),
+    ("request max-age=0 revalidates a fresh response (RFC 9111 §5.2.1.1)",
+     [("Cache-Control", "max-age=60"), ETAG], 10, [("Cache-Control", "max-age=0")], "revalidate request"),
+    ("request max-age above the age is satisfied (RFC 9111 §5.2.1.1)",
+     [("Cache-Control", "max-age=60")], 10, [("Cache-Control", "max-age=20")], "serve HIT"),
+    ("request min-fresh asks for that much freshness left (RFC 9111 §5.2.1.3)",
+     [("Cache-Control", "max-age=60")], 10, [("Cache-Control", "min-fresh=55")], "forward request"),
+    ("request min-fresh within the lifetime is satisfied",
+     [("Cache-Control", "max-age=60")], 10, [("Cache-Control", "min-fresh=30")], "serve HIT"),
+    ("request max-stale accepts a stale response within its bound (RFC 9111 §5.2.1.2)",
+     [("Cache-Control", "max-age=60")], 70, [("Cache-Control", "max-stale=20")], "serve STALE"),
+    ("request max-stale beyond its bound does not",
+     [("Cache-Control", "max-age=60")], 100, [("Cache-Control", "max-stale=20")], "forward stale"),
+    ("max-stale without a value accepts any staleness",
+     [("Cache-Control", "max-age=60")], 10_000, [("Cache-Control", "max-stale")], "serve STALE"),
+    ("must-revalidate overrides max-stale (RFC 9111 §5.2.2.2)",
+     [("Cache-Control", "max-age=60, must-revalidate"), ETAG], 70, [("Cache-Control", "max-stale")],
+     "revalidate stale"),
+    ("s-maxage overrides max-stale (RFC 9111 §5.2.2.10)",
+     [("Cache-Control", "s-maxage=60")], 70, [("Cache-Control", "max-stale")], "forward stale"),
+    ("only-if-cached with a fresh response serves it (RFC 9111 §5.2.1.7)",
+     [("Cache-Control", "max-age=60")], 10, [("Cache-Control", "only-if-cached")], "serve HIT"),
+    ("only-if-cached with only a stale response answers 504 (RFC 9111 §5.2.1.7)",
+     [("Cache-Control", "max-age=60"), ETAG], 70, [("Cache-Control", "only-if-cached")], "504"),
+    ("only-if-cached with no-cache answers 504",
+     [("Cache-Control", "max-age=60")], 10, [("Cache-Control", "only-if-cached, no-cache")], "504"),
+    ("response no-cache is revalidated even when fresh (RFC 9111 §5.2.2.4)",
+     [("Cache-Control", "max-age=60, no-cache"), ETAG], 10, [], "revalidate stale"),
+    ("stale-while-revalidate serves stale and refreshes once (RFC 5861 §3)",
+     [("Cache-Control", "max-age=60, stale-while-revalidate=30"), ETAG], 80, [], "serve UPDATING refresh"),
+    ("past stale-while-revalidate the response is revalidated first",
+     [("Cache-Control", "max-age=60, stale-while-revalidate=30"), ETAG], 100, [], "revalidate stale"),
+    ("stale-if-error keeps the stale response for an origin failure (RFC 5861 §4)",
+     [("Cache-Control", "max-age=60, stale-if-error=100"), ETAG], 100, [], "revalidate stale sie"),
+    ("past stale-if-error an origin failure passes through",
+     [("Cache-Control", "max-age=60, stale-if-error=100"), ETAG], 200, [], "revalidate stale"),
+    ("stale-if-error without a validator keeps the stale response too",
+     [("Cache-Control", "max-age=60, stale-if-error=100")], 100, [], "forward stale sie"),
+    ("a request's own stale-if-error allows it (RFC 5861 §4)",
+     [("Cache-Control", "max-age=60"), ETAG], 100, [("Cache-Control", "stale-if-error=60")],
+     "revalidate stale sie"),
+    ("must-revalidate is never served stale on error, whatever stale-if-error says",
+     [("Cache-Control", "max-age=60, must-revalidate, stale-if-error=100"), ETAG], 100, [],
+     "revalidate stale"),
+    ("a fresh immutable response ignores a reload's max-age=0 (RFC 8246 §2.1)",
+     [("Cache-Control", "max-age=60, immutable")], 10, [("Cache-Control", "max-age=0")], "serve HIT"),
+    ("a fresh immutable response still honours no-cache",
+     [("Cache-Control", "max-age=60, immutable")], 10, [("Cache-Control", "no-cache")], "forward request"),
+    ("a stale immutable response is revalidated",
+     [("Cache-Control", "max-age=60, immutable"), ETAG], 70, [], "revalidate stale"),
+    ("a Date far in the future does not make the response fresher",
+     [("Cache-Control", "max-age=60"), ("Date", "Tue, 01 Jan 2999 00:00:00 GMT")], 61, [], "forward stale"),
+]
+
+
+@pytest.mark.parametrize(("case", "response", "after", "req", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_stored_responses_are_reused_only_as_rfc_9111_section_4_allows(
+    case: str, response: Pairs, after: float, req: Pairs, expected: str
+) -> None:
+    assert kind(lookup(response, after, *req)) == expected
+
+
+def test_a_hit_reports_age_and_remaining_freshness() -> None:
+    d = lookup([("Cache-Control", "max-age=60"), ("Age", "5")], 10)
+    assert isinstance(d, Serve)
+    assert (d.age, d.ttl) == (15, 45)
+
+
+def test_unsafe_methods_are_never_looked_up_rfc_9111_section_4() -> None:
+    assert kind(lookup([("Cache-Control", "max-age=60")], 1, method="POST")) == "forward method"
+
+
+def test_head_is_answered_from_a_stored_get_rfc_9110_section_9_3_2() -> None:
+    assert kind(lookup([("Cache-Control", "max-age=60")], 1, method="HEAD")) == "serve HIT"
+
+
+def test_nothing_stored_is_a_uri_miss_and_only_if_cached_gets_504() -> None:
+    options = CacheOptions()
+    assert decide_lookup(request(), [], T0, options) == Forward("uri-miss")
+    assert decide_lookup(request(("Cache-Control", "only-if-cached")), [], T0, options) == OnlyIfCachedMiss()
+
+
+VARY = [
+    ("the same selecting value matches (RFC 9111 §4.1)", [("Foo", "1")], 0),
+    ("whitespace is normalised and unlisted fields do not matter", [("Foo", " 1 "), ("Bar", "a")], 0),
+    ("another value does not match", [("Foo", "2")], None),
+    ("an absent field matches only an absent field", [], 1),
+]
+
+
+@pytest.mark.parametrize(("case", "req", "index"), VARY, ids=[v[0] for v in VARY])
+def test_vary_selects_the_stored_variant_whose_selecting_fields_match_rfc_9111_section_4_1(
+    case: str, req: Pairs, index: int | None
+) -> None:
+    response = [("Cache-Control", "max-age=60"), ("Vary", "Foo")]
+    with_foo = stored(response, req=request(("Foo", "1")))
+    without = stored(response, req=request())
+    decision = decide_lookup(request(*req), [with_foo, without], T0 + 1, CacheOptions())
+    if index is None:
+        assert decision == Forward("vary-miss")
+    else:
+        assert isinstance(decision, Serve) and decision.index == index
+
+
+def test_the_most_recently_stored_matching_variant_wins_rfc_9111_section_4_1() -> None:
+    older = stored([("Cache-Control", "max-age=600")])
+    newer = replace(older, response_time=T0 + 5, freshness=replace(older.freshness, response_time=T0 + 5))
+    decision = decide_lookup(request(), [older, newer], T0 + 10, CacheOptions())
+    assert isinstance(decision, Serve) and decision.index == 1
+
+
+def test_a_client_conditional_that_matches_is_answered_304_rfc_9110_section_13_2_2() -> None:
+    d = lookup([("Cache-Control", "max-age=60"), ETAG], 1, ("If-None-Match", 'W/"v1", "v9"'))
+    assert isinstance(d, Serve) and d.not_modified
+    d = lookup([("Cache-Control", "max-age=60"), ETAG], 1, ("If-None-Match", '"v9"'))
+    assert isinstance(d, Serve) and not d.not_modified
+
+
+MODES = [
+    ("honor", "forward request"),
+    ("revalidate", "revalidate request"),
+    ("ignore", "serve HIT"),
+]
+
+
+@pytest.mark.parametrize(("mode", "expected"), MODES)
+def test_rules_decide_what_a_client_no_cache_does(mode: str, expected: str) -> None:
+    options = CacheOptions(client_cache_control=mode)  # type: ignore[arg-type]
+    d = lookup([("Cache-Control", "max-age=60"), ETAG], 1, ("Cache-Control", "no-cache"), options=options)
+    assert kind(d) == expected
+
+
+def test_a_soft_purged_response_is_served_while_it_refreshes() -> None:
+    s: StoredResponse = replace(stored([("Cache-Control", "max-age=60"), ETAG]), invalidated=True)
+    d = decide_lookup(request(), [s], T0 + 1, CacheOptions())
+    assert kind(d) == "serve UPDATING refresh"
+
+
+def test_a_soft_purged_must_revalidate_response_is_revalidated_first() -> None:
+    s = replace(stored([("Cache-Control", "max-age=60, must-revalidate"), ETAG]), invalidated=True)
+    assert kind(decide_lookup(request(), [s], T0 + 1, CacheOptions())) == "revalidate stale"
+
+
+def test_request_heads_are_plain_data() -> None:
+    head: RequestHead = request(("Cache-Control", "max-age=5"), target="/x?y=1")
+    assert head.url == "http://example.com/x?y=1"

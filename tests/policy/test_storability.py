@@ -1,0 +1,108 @@
+"""May a shared cache store this response? (RFC 9111 §3)"""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.policy.messages import CacheOptions, RequestHead
+from proxy.policy.storability import DontStore, Store
+from tests.policy.build import date, request, store
+
+Pairs = list[tuple[str, str]]
+FRESH = ("Cache-Control", "max-age=60")
+
+# (case, request, status, response fields, options, None when stored or the DontStore detail)
+CASES: list[tuple[str, RequestHead, int, Pairs, CacheOptions, str | None]] = [
+    ("a 200 with max-age is stored", request(), 200, [FRESH], CacheOptions(), None),
+    ("no-store is never stored (RFC 9111 §5.2.2.5)", request(), 200,
+     [("Cache-Control", "max-age=60, no-store")], CacheOptions(), "NO-STORE"),
+    ("no-store in any field line counts", request(), 200,
+     [FRESH, ("Cache-Control", "no-store")], CacheOptions(), "NO-STORE"),
+    ("NO-STORE in capitals counts (names are case-insensitive)", request(), 200,
+     [("Cache-Control", "NO-STORE, max-age=60")], CacheOptions(), "NO-STORE"),
+    ("a request's no-store forbids storing its response (RFC 9111 §5.2.1.5)",
+     request(("Cache-Control", "no-store")), 200, [FRESH], CacheOptions(), "REQUEST-NO-STORE"),
+    ("private is never stored by a shared cache (RFC 9111 §5.2.2.7)", request(), 200,
+     [("Cache-Control", "private, max-age=60")], CacheOptions(), "PRIVATE"),
+    ('private="field" is handled as strictly as private', request(), 200,
+     [("Cache-Control", 'private="Set-Cookie", max-age=60')], CacheOptions(), "PRIVATE"),
+    ("a request with Authorization is not stored (RFC 9111 §3.5)",
+     request(("Authorization", "Basic x")), 200, [FRESH], CacheOptions(), "AUTHORIZATION"),
+    ("Authorization with public is stored (RFC 9111 §3.5)", request(("Authorization", "Basic x")), 200,
+     [("Cache-Control", "max-age=60, public")], CacheOptions(), None),
+    ("Authorization with s-maxage is stored (RFC 9111 §3.5)", request(("Authorization", "Basic x")), 200,
+     [("Cache-Control", "s-maxage=60")], CacheOptions(), None),
+    ("Authorization with must-revalidate is stored (RFC 9111 §3.5)",
+     request(("Authorization", "Basic x")), 200,
+     [("Cache-Control", "max-age=60, must-revalidate")], CacheOptions(), None),
+    ("Set-Cookie is not stored by default", request(), 200, [FRESH, ("Set-Cookie", "a=b")],
+     CacheOptions(), "SET-COOKIE"),
+    ("Set-Cookie is stored when a rule allows it", request(), 200, [FRESH, ("Set-Cookie", "a=b")],
+     CacheOptions(allow_set_cookie=True), None),
+    ("Vary: * is never stored: it could never be reused (RFC 9111 §4.1)", request(), 200,
+     [FRESH, ("Vary", "Accept, *")], CacheOptions(), "VARY-STAR"),
+    ("a HEAD response is not stored as a GET", request(method="HEAD"), 200, [FRESH], CacheOptions(),
+     "METHOD"),
+    ("a POST response is not stored", request(method="POST"), 200, [FRESH], CacheOptions(), "METHOD"),
+    ("a 206 is not stored (no partial storage)", request(), 206, [FRESH], CacheOptions(),
+     "UNCACHEABLE-STATUS"),
+    ("a 304 is not stored", request(), 304, [FRESH], CacheOptions(), "UNCACHEABLE-STATUS"),
+    ("a 1xx is not a final response (RFC 9111 §3)", request(), 103, [FRESH], CacheOptions(),
+     "UNCACHEABLE-STATUS"),
+    ("a 302 without explicit freshness is not stored (RFC 9111 §3)", request(), 302,
+     [("Last-Modified", date(-100)), ("ETag", '"a"')], CacheOptions(), "UNCACHEABLE-STATUS"),
+    ("a 302 with max-age is stored", request(), 302, [FRESH], CacheOptions(), None),
+    ("a 500 with Expires is stored", request(), 500, [("Date", date(0)), ("Expires", date(60))],
+     CacheOptions(), None),
+    ("must-understand with an unknown status is never stored (RFC 9111 §5.2.2.3)", request(), 599,
+     [("Cache-Control", "max-age=60, must-understand")], CacheOptions(), "MUST-UNDERSTAND"),
+    ("must-understand with a known status is stored", request(), 200,
+     [("Cache-Control", "max-age=60, must-understand")], CacheOptions(), None),
+    ("must-understand does not override no-store here", request(), 200,
+     [("Cache-Control", "max-age=60, must-understand, no-store")], CacheOptions(), "NO-STORE"),
+    ("an unknown status without must-understand follows the usual rules", request(), 599,
+     [("Cache-Control", "max-age=60")], CacheOptions(), None),
+    ("no freshness, no validator and no stale permission: nothing to reuse", request(), 200,
+     [("Date", date(0))], CacheOptions(stale_if_error=3600), "NO-FRESHNESS"),
+    ("no freshness but a validator: stored, to be revalidated (RFC 9111 §4.3)", request(), 200,
+     [("ETag", '"v1"')], CacheOptions(), None),
+    ("no-cache is stored, to be revalidated before each use (RFC 9111 §5.2.2.4)", request(), 200,
+     [("Cache-Control", "no-cache, max-age=60")], CacheOptions(), None),
+    ("Content-Length above max_object is not stored", request(), 200,
+     [FRESH, ("Content-Length", "2000")], CacheOptions(max_object=1000), "TOO-LARGE"),
+    ("an unknown request directive does not switch caching off",
+     request(("Cache-Control", "nothing-to-see-here"), ("Pragma", "foo")), 200, [FRESH], CacheOptions(),
+     None),
+    ("CDN-Cache-Control: no-store wins over a fresh Cache-Control (RFC 9213)", request(), 200,
+     [FRESH, ("CDN-Cache-Control", "no-store")], CacheOptions(), "NO-STORE"),
+    ("Surrogate-Control: no-store wins over a fresh Cache-Control", request(), 200,
+     [FRESH, ("Surrogate-Control", "no-store")], CacheOptions(), "NO-STORE"),
+]
+
+
+@pytest.mark.parametrize(("case", "req", "status", "pairs", "options", "detail"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_a_shared_cache_stores_only_what_rfc_9111_section_3_allows(
+    case: str, req: RequestHead, status: int, pairs: Pairs, options: CacheOptions, detail: str | None
+) -> None:
+    decision = store(pairs, status=status, req=req, options=options)
+    if detail is None:
+        assert isinstance(decision, Store), decision
+    else:
+        assert decision == DontStore(detail)
+
+
+def test_hop_by_hop_and_connection_listed_fields_are_not_stored_rfc_9111_section_3_1() -> None:
+    decision = store([FRESH, ("Connection", "X-A"), ("X-A", "1"), ("X-B", "2"), ("Keep-Alive", "5"),
+                      ("Proxy-Authenticate", "Basic"), ("Proxy-Authentication-Info", "a"),
+                      ("Transfer-Encoding", "chunked")])
+    assert isinstance(decision, Store)
+    names = {k.lower() for k, _ in decision.response.headers}
+    assert names == {"cache-control", "x-b"}
+
+
+def test_the_variant_records_the_normalised_selecting_fields_rfc_9111_section_4_1() -> None:
+    decision = store([FRESH, ("Vary", "Accept-Language, Foo"), ("Vary", "bar")],
+                     req=request(("Accept-Language", "EN , De"), ("Foo", "1"), ("Foo", "2")))
+    assert isinstance(decision, Store)
+    assert decision.response.vary == (("accept-language", "en, de"), ("bar", "\n"), ("foo", "1, 2"))

@@ -1,0 +1,175 @@
+"""Our conditional requests, 304 freshening and the client's conditionals (RFC 9111 §4.3, RFC 9110 §13)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.policy.messages import CacheOptions
+from proxy.policy.validation import (
+    Freshen,
+    PassThrough,
+    Replace,
+    ServeStale,
+    ValidationOutcome,
+    client_not_modified,
+    conditional_headers,
+    decide_on_validation,
+    freshen_stored,
+    merge_headers,
+)
+from tests.policy.build import T0, date, headers, stored
+
+Pairs = list[tuple[str, str]]
+LM = date(-10_000)
+
+
+def test_a_revalidation_sends_every_validator_it_has_rfc_9111_section_4_3_1() -> None:
+    s = stored([("Cache-Control", "max-age=1"), ("ETag", '"v1"'), ("Last-Modified", LM)])
+    assert conditional_headers(s) == (("If-None-Match", '"v1"'), ("If-Modified-Since", LM))
+    assert conditional_headers(stored([("Cache-Control", "max-age=1"), ("ETag", 'W/"w"')])) == (
+        ("If-None-Match", 'W/"w"'),
+    )
+
+
+def name(outcome: ValidationOutcome) -> str:
+    return type(outcome).__name__
+
+
+# (case, stored validators, answer status, answer fields, stale_if_error allowed, outcome)
+ANSWERS: list[tuple[str, Pairs, int, Pairs, bool, str]] = [
+    ("a 304 with the stored strong ETag freshens it (RFC 9111 §4.3.4)",
+     [("ETag", '"a"')], 304, [("ETag", '"a"')], False, "Freshen"),
+    ("a 304 with another strong ETag must not update it (RFC 9111 §4.3.4)",
+     [("ETag", '"a"')], 304, [("ETag", '"b"')], False, "Replace"),
+    ("a 304 with a strong ETag does not select a weakly validated response",
+     [("ETag", 'W/"a"')], 304, [("ETag", '"a"')], False, "Replace"),
+    ("a 304 with a weak ETag selects by weak comparison",
+     [("ETag", '"a"')], 304, [("ETag", 'W/"a"')], False, "Freshen"),
+    ("a 304 with only the stored Last-Modified freshens it",
+     [("Last-Modified", LM)], 304, [("Last-Modified", LM)], False, "Freshen"),
+    ("a 304 with another Last-Modified does not",
+     [("Last-Modified", LM)], 304, [("Last-Modified", date(-5))], False, "Replace"),
+    ("a 304 without validators answers our conditional about this response",
+     [("ETag", '"a"')], 304, [], False, "Freshen"),
+    ("a 200 replaces the stored response (RFC 9111 §4.3.3)", [("ETag", '"a"')], 200, [], False, "Replace"),
+    ("a 404 replaces it too", [("ETag", '"a"')], 404, [], True, "Replace"),
+    ("a 5xx within stale-if-error serves the stale response (RFC 5861 §4)",
+     [("ETag", '"a"')], 503, [], True, "ServeStale"),
+    ("a 5xx otherwise passes through to the client (RFC 9111 §4.3.3)",
+     [("ETag", '"a"')], 502, [], False, "PassThrough"),
+]
+
+
+@pytest.mark.parametrize(("case", "validators", "status", "answer", "sie", "expected"), ANSWERS,
+                         ids=[a[0] for a in ANSWERS])
+def test_the_origin_s_answer_to_a_revalidation_is_handled_as_rfc_9111_section_4_3_3_says(
+    case: str, validators: Pairs, status: int, answer: Pairs, sie: bool, expected: str
+) -> None:
+    s = stored([("Cache-Control", "max-age=1"), *validators])
+    assert name(decide_on_validation(s, status, headers(*answer), sie)) == expected
+    assert expected in {c.__name__ for c in (Freshen, Replace, ServeStale, PassThrough)}
+
+
+# (field, updated by a 304?) — RFC 9111 §3.2 and the suite's update304 list.
+UPDATES = [
+    ("Test-Header", True),
+    ("Cache-Control", True),
+    ("Content-Type", True),
+    ("Content-Location", True),
+    ("Expires", True),
+    ("X-Frame-Options", True),
+    ("Set-Cookie2", True),
+    ("Content-Length", False),
+    ("Content-Encoding", False),
+    ("Content-Range", False),
+    ("Content-MD5", False),
+    ("Content-Digest", False),
+    ("Transfer-Encoding", False),
+    ("Keep-Alive", False),
+    ("Proxy-Authenticate", False),
+    ("Set-Cookie", False),
+]
+
+
+@pytest.mark.parametrize(("field", "updated"), UPDATES)
+def test_a_304_updates_stored_fields_except_those_rfc_9111_section_3_2_excludes(
+    field: str, updated: bool
+) -> None:
+    merged = dict(merge_headers(((field, "old"), ("Keep", "1")), headers((field, "new"))))
+    assert merged[field] == ("new" if updated else "old")
+    assert merged["Keep"] == "1"
+
+
+def test_fields_listed_in_the_304_s_connection_are_not_merged_rfc_9110_section_7_6_1() -> None:
+    merged = merge_headers((("X-A", "old"),), headers(("Connection", "x-a"), ("X-A", "new")))
+    assert merged == (("X-A", "old"),)
+
+
+def test_a_rule_allowing_set_cookie_lets_a_304_update_it() -> None:
+    merged = merge_headers((("Set-Cookie", "a=1"),), headers(("Set-Cookie", "a=2")), allow_set_cookie=True)
+    assert merged == (("Set-Cookie", "a=2"),)
+
+
+def test_freshening_takes_age_and_date_from_the_304_only_rfc_9111_section_4_3_4() -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("Age", "50"), ("Date", date(-50)), ("ETag", '"a"')])
+    assert s.freshness.ttl(T0 + 20) < 0
+    later = T0 + 100
+    fresh = freshen_stored(s, headers(("ETag", '"a"'), ("Date", date(100))), later, later, CacheOptions())
+    assert fresh is not None
+    assert fresh.freshness.age(later) == 0
+    assert fresh.freshness.ttl(later + 30) == 30
+    assert dict(fresh.headers)["Date"] == date(100)
+    assert "Age" in dict(fresh.headers)  # kept as stored; the engine writes the current Age on use
+
+
+def test_a_304_with_a_new_max_age_changes_the_lifetime() -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"')])
+    fresh = freshen_stored(s, headers(("Cache-Control", "max-age=600")), T0 + 70, T0 + 70, CacheOptions())
+    assert fresh is not None and fresh.freshness.lifetime == 600
+    assert fresh.response_time == T0 + 70
+
+
+@pytest.mark.parametrize("directive", ["no-store", "private"])
+def test_a_304_that_forbids_storing_ends_the_stored_response(directive: str) -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"')])
+    assert freshen_stored(s, headers(("Cache-Control", directive)), T0, T0, CacheOptions()) is None
+
+
+# (case, stored fields, request fields, 304?)
+CONDITIONALS: list[tuple[str, Pairs, Pairs, bool]] = [
+    ("If-None-Match with the stored ETag (RFC 9110 §13.1.2)", [("ETag", '"a"')],
+     [("If-None-Match", '"a"')], True),
+    ("If-None-Match uses weak comparison", [("ETag", '"a"')], [("If-None-Match", 'W/"a"')], True),
+    ("one of several entity-tags", [("ETag", '"b"')], [("If-None-Match", '"a", "b"')], True),
+    ("If-None-Match: * matches any stored representation", [("ETag", '"a"')], [("If-None-Match", "*")], True),
+    ("another ETag does not match", [("ETag", '"a"')], [("If-None-Match", '"z"')], False),
+    ("If-None-Match wins over If-Modified-Since (RFC 9110 §13.2.2)", [("ETag", '"a"'), ("Last-Modified", LM)],
+     [("If-None-Match", '"z"'), ("If-Modified-Since", date(0))], False),
+    ("If-Modified-Since equal to Last-Modified (RFC 9110 §13.1.3)", [("Last-Modified", LM)],
+     [("If-Modified-Since", LM)], True),
+    ("If-Modified-Since before Last-Modified", [("Last-Modified", LM)],
+     [("If-Modified-Since", date(-20_000))], False),
+    ("an invalid If-Modified-Since is ignored", [("Last-Modified", LM)],
+     [("If-Modified-Since", "soon")], False),
+    ("an RFC 850 date is understood", [("Last-Modified", "Sun, 06 Nov 1994 08:49:37 GMT")],
+     [("If-Modified-Since", "Sunday, 06-Nov-94 08:49:37 GMT")], True),
+    ("without Last-Modified the stored Date stands in (RFC 9111 §4.3.2)", [("Date", date(-100))],
+     [("If-Modified-Since", date(-50))], True),
+    ("without Last-Modified or Date, the arrival time stands in", [],
+     [("If-Modified-Since", date(-1))], False),
+    ("no conditional, no 304", [("ETag", '"a"')], [], False),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "req", "expected"), CONDITIONALS,
+                         ids=[c[0] for c in CONDITIONALS])
+def test_a_client_s_conditional_request_is_evaluated_against_the_stored_response(
+    case: str, fields: Pairs, req: Pairs, expected: bool
+) -> None:
+    s = stored([("Cache-Control", "max-age=60"), *fields])
+    assert client_not_modified(headers(*req), s) is expected
+
+
+def test_only_a_stored_200_answers_a_conditional_with_304() -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"')], status=404)
+    assert not client_not_modified(headers(("If-None-Match", '"a"')), s)
