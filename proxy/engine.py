@@ -53,6 +53,7 @@ from proxy.policy.validation import (
     client_not_modified,
     conditional_headers,
     decide_on_validation,
+    error_keeps_stored,
     freshen_stored,
 )
 from proxy.rules import RequestPlan, RuleSet, StorePlan
@@ -138,6 +139,9 @@ class Engine:
         self._via = f"1.1 {settings.via}"
         self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
         self._random = random.Random()
+        # Disk commits still running, by key: an invalidation waits for them, or the
+        # commit would bring back the entry it just deleted.
+        self._disk_writes: dict[str, set[asyncio.Future[None]]] = {}
 
     def reconfigure(self, settings: Settings) -> None:
         """Take a reloaded config's rules (storage, pool and listeners stay as they are)."""
@@ -364,6 +368,10 @@ class Engine:
                                                cache_status(fwd=fwd, detail=detail)))
 
     async def _invalidate(self, urls: Sequence[str]) -> None:
+        targets = set(urls)
+        writes = [f for k, fs in self._disk_writes.items() if url_of_key(k) in targets for f in fs]
+        if writes:
+            await asyncio.wait(writes, timeout=self.settings.cache.lock_timeout)
         try:
             if self._invalidate_hook is not None:
                 await self._invalidate_hook(urls)
@@ -402,7 +410,7 @@ class Engine:
             flight.followers += 1
             collapsed = True
         if flight is None:
-            flight = self._start_flight(req, plan, key, revalidating, register=coalesce)
+            flight = self._start_flight(req, plan, key, revalidating, register=coalesce, stale=stale)
             reader = flight.body.join()
         assert reader is not None
         try:
@@ -513,9 +521,10 @@ class Engine:
         return reply
 
     def _start_flight(self, req: ClientRequest, plan: RequestPlan, key: str,
-                      revalidating: Cached | None, *, register: bool) -> Flight:
+                      revalidating: Cached | None, *, register: bool, stale: Cached | None = None
+                      ) -> Flight:
         async def run(flight: Flight) -> None:
-            await self._run_flight(flight, req, plan, key, revalidating)
+            await self._run_flight(flight, req, plan, key, revalidating, stale)
 
         if register:
             return self.coalescer.start(key, run)
@@ -531,7 +540,7 @@ class Engine:
         del flight  # nobody reads it; it stores or freshens and ends
 
     async def _run_flight(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
-                          revalidating: Cached | None) -> None:
+                          revalidating: Cached | None, stale: Cached | None = None) -> None:
         head = req.head
         headers = self._upstream_headers(req, fill=True)
         if revalidating is not None:
@@ -567,12 +576,17 @@ class Engine:
             if resp.status == 304:
                 # A 304 that does not validate what we hold: fetch the full response.
                 resp.release()
-                await self._run_flight(flight, req, plan, key, None)
+                await self._run_flight(flight, req, plan, key, None, stale)
                 return
 
         store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
-        store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
-                                                   response_time)
+        kept = revalidating or stale
+        if kept is not None and error_keeps_stored(kept.entry.response, resp.status, response_time):
+            # RFC 5861 §4: the origin failed; the stored response stays, to be served stale.
+            store_detail, entry = "ORIGIN-ERROR", None
+        else:
+            store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
+                                                       response_time)
         # Followers get the leader's response only when it is fresh on arrival: handing
         # them a response that is already stale (or no-cache) would reuse it unvalidated.
         shareable = entry is not None and entry.response.freshness.ttl(response_time) > 0 \
@@ -620,12 +634,21 @@ class Engine:
         self.storage.put_memory(final, spool)
         self.coalescer.retire(flight)
         flight.body.finish()
+        writing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._disk_writes.setdefault(key, set()).add(writing)
         try:
             stored = await self.storage.put_disk(final, spool)
         except Exception:
             log.exception("storing %s failed", key)
             self.metrics.storage_errors.labels("write").inc()
             stored = False
+        finally:
+            writing.set_result(None)
+            pending = self._disk_writes.get(key)
+            if pending is not None:
+                pending.discard(writing)
+                if not pending:
+                    del self._disk_writes[key]
         if stored:
             self.coalescer.clear_pass(key)
         flight.result.set_result(FlightResult(stored, "" if stored else "STORE-FAILED"))

@@ -168,6 +168,19 @@ def decide_on_validation(
     return Replace()
 
 
+def error_keeps_stored(stored: StoredResponse, status: int, now: float) -> bool:
+    """Must this 5xx leave the stored response in place rather than replace it (RFC 5861 §4)?
+
+    True when the stored response is not an error itself, may be served stale,
+    and is still fresh or within its stale-if-error window: an origin's failure
+    then hides behind the stored response instead of being cached over it.
+    """
+    f = stored.freshness
+    if status < 500 or stored.status >= 500 or f.must_revalidate or f.no_cache:
+        return False
+    return -f.ttl(now) <= f.stale_if_error
+
+
 def etag_list(values: list[str] | tuple[str, ...]) -> list[str]:
     return split_directives(", ".join(values))
 

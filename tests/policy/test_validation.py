@@ -14,6 +14,7 @@ from proxy.policy.validation import (
     client_not_modified,
     conditional_headers,
     decide_on_validation,
+    error_keeps_stored,
     freshen_stored,
     merge_headers,
 )
@@ -173,3 +174,25 @@ def test_a_client_s_conditional_request_is_evaluated_against_the_stored_response
 def test_only_a_stored_200_answers_a_conditional_with_304() -> None:
     s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"')], status=404)
     assert not client_not_modified(headers(("If-None-Match", '"a"')), s)
+
+
+# (case, stored Cache-Control, stored status, answer status, seconds after storing, keep the stored one?)
+ERRORS = [
+    ("a 5xx within stale-if-error leaves the stored response in place (RFC 5861 §4)",
+     "max-age=10, stale-if-error=60", 200, 503, 30, True),
+    ("a 5xx while the stored response is still fresh leaves it too", "max-age=10", 200, 500, 5, True),
+    ("past the window the 5xx replaces it", "max-age=10, stale-if-error=60", 200, 503, 100, False),
+    ("a stored error is replaced by the new error", "max-age=10, stale-if-error=60", 503, 503, 30, False),
+    ("must-revalidate is never kept for stale serving (RFC 9111 §5.2.2.2)",
+     "max-age=10, must-revalidate, stale-if-error=60", 200, 503, 30, False),
+    ("a non-error answer always replaces", "max-age=10, stale-if-error=60", 200, 404, 30, False),
+]
+
+
+@pytest.mark.parametrize(("case", "cc", "status", "answer", "after", "keep"), ERRORS,
+                         ids=[e[0] for e in ERRORS])
+def test_an_origin_error_does_not_replace_a_response_that_may_hide_it(
+    case: str, cc: str, status: int, answer: int, after: float, keep: bool
+) -> None:
+    s = stored([("Cache-Control", cc)], status=status)
+    assert error_keeps_stored(s, answer, T0 + after) is keep
