@@ -240,7 +240,9 @@ def write_cachegate_config(work: Path, origin_port: int, port: int, admin_port: 
 
 
 def start_cachegate(work: Path, origin_port: int) -> tuple[subprocess.Popen[bytes], int]:
-    cachegate = ROOT / ".venv" / "bin" / "cachegate"
+    cachegate = Path(sys.executable).parent / "cachegate"  # the venv running this script
+    if not cachegate.exists():
+        cachegate = ROOT / ".venv" / "bin" / "cachegate"
     if not cachegate.exists():
         raise SetupFailed(f"{cachegate} is missing: run scripts/test (or scripts/run) once to create .venv")
     log = (work / "cachegate.log").open("wb")
