@@ -59,6 +59,10 @@ class PassiveHealth:
 
     failures: int = 3  # 0 turns passive checks off
     cooldown: float = 10.0
+    # False when the config has no passive: section. Then, like nginx's max_fails, a pool
+    # of one upstream is never taken out: with nowhere else to send requests, a cool-down
+    # would only turn three failed requests into 10 s of 503s for everyone.
+    configured: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,8 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         passive = PassiveHealth()
         pv = ps.section("passive", ("failures", "cooldown"))
         if pv is not None:
-            passive = PassiveHealth(pv.int("failures", 3, minimum=0), pv.duration("cooldown", 10.0))
+            passive = PassiveHealth(pv.int("failures", 3, minimum=0), pv.duration("cooldown", 10.0),
+                                    configured=True)
         tls = TLSSettings()
         tl = ps.section("tls", ("verify", "ca_file"))
         if tl is not None:

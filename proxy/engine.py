@@ -182,11 +182,13 @@ class Engine:
             case Revalidate():
                 cached = variants[decision.index]
                 stale = cached if decision.stale_if_error else None
-                return await self._fetch(req, plan, key, cached, decision.fwd, stale)
+                return await self._fetch(req, plan, key, cached, decision.fwd, stale,
+                                         stale_prohibited=decision.stale_prohibited)
             case Forward():
                 stale = variants[decision.stale_index] if decision.stale_index is not None else None
                 return await self._fetch(req, plan, key, None, decision.fwd, stale,
-                                         coalesce=decision.fwd != "request")
+                                         coalesce=decision.fwd != "request",
+                                         stale_prohibited=decision.stale_prohibited)
             case OnlyIfCachedMiss():
                 return self._finish(plan, _error_reply(
                     504, "Gateway Timeout", "only-if-cached: no stored response", "MISS",
@@ -394,6 +396,7 @@ class Engine:
         stale: Cached | None,
         *,
         coalesce: bool = True,
+        stale_prohibited: bool = False,
     ) -> Reply:
         """Join the key's flight, or start one, and answer this client from it."""
         head = req.head
@@ -421,12 +424,13 @@ class Engine:
                 fhead = await asyncio.shield(flight.head)
         except TimeoutError:
             reader.close()
-            return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False)
+            return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False,
+                                     stale_prohibited=stale_prohibited)
         except UpstreamError as exc:
             reader.close()
             if stale is not None:
                 return await self._serve_stale(req, plan, stale, fwd, None, "ORIGIN-UNREACHABLE")
-            if revalidating is not None or fwd == "stale":
+            if stale_prohibited:
                 # RFC 9111 §5.2.2.2: a stored response that may not be served stale
                 # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
                 log.warning("upstream failed, stale response not allowed: %s", exc)
@@ -437,7 +441,8 @@ class Engine:
         except ConnectionError as exc:
             reader.close()
             if collapsed:
-                return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False)
+                return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False,
+                                         stale_prohibited=stale_prohibited)
             return self._upstream_failed(plan, UpstreamError(str(exc)), fwd)
 
         if fhead.status >= 500 and stale is not None and fhead.store_detail != "":
@@ -454,7 +459,8 @@ class Engine:
                 tuple(n for n, _ in fhead.vary), head.headers
             ):
                 reader.close()
-                return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False)
+                return await self._fetch(req, plan, key, revalidating, fwd, stale, coalesce=False,
+                                         stale_prohibited=stale_prohibited)
             self.metrics.coalesced.inc()
 
         x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")

@@ -12,7 +12,9 @@ Health:
 - active: ``GET health.path`` every ``interval``; ``unhealthy`` consecutive
   failures take an upstream out, ``healthy`` consecutive successes bring it back;
 - passive: ``passive.failures`` consecutive connection failures or 5xx answers
-  take it out for ``passive.cooldown``.
+  take it out for ``passive.cooldown`` (by default only in pools of two or more:
+  like nginx's max_fails, a single upstream is never taken out unless ``passive:``
+  is configured).
 
 A request is retried on another upstream only when the connection failed before
 any response byte arrived, only for idempotent methods (unless
@@ -224,7 +226,7 @@ class UpstreamPool:
         if self._on_error is not None:
             self._on_error(upstream.name, kind)
         passive = self.settings.passive
-        if passive.failures <= 0:
+        if passive.failures <= 0 or (len(self.upstreams) == 1 and not passive.configured):
             return
         upstream.passive_failures += 1
         if upstream.passive_failures >= passive.failures:

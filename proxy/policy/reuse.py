@@ -4,7 +4,9 @@
 
 - ``Serve``: answer from the stored response (``HIT``, ``STALE`` or ``UPDATING``;
   ``refresh`` asks for one background revalidation, for stale-while-revalidate);
-- ``Revalidate``: send a conditional request first (§4.3);
+- ``Revalidate``: send a conditional request first (§4.3); ``stale_prohibited``
+  says the stored response may never be served stale, so an unreachable origin
+  means 504 (§5.2.2.2);
 - ``Forward``: go to the origin, with ``fwd`` naming why (RFC 9211 vocabulary);
 - ``OnlyIfCachedMiss``: the client sent ``only-if-cached`` and nothing usable is
   stored: answer 504 (§5.2.1.7).
@@ -51,6 +53,7 @@ class Revalidate:
     index: int
     fwd: str  # "stale" or "request"
     stale_if_error: bool  # the stored response may be served if the origin fails
+    stale_prohibited: bool = False  # must-revalidate & co: an unreachable origin means 504
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,7 @@ class Forward:
     fwd: str  # uri-miss, vary-miss, method, request, stale, bypass
     stale_index: int | None = None  # a stored response usable under stale-if-error
     detail: str = ""
+    stale_prohibited: bool = False  # must-revalidate & co: an unreachable origin means 504
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +161,9 @@ def decide_lookup(
         _within(-ttl, fresh_info.stale_if_error) or _request_allows_stale_on_error(req_cc, -ttl)
     )
     if validator:
-        return Revalidate(index, "stale", stale_if_error)
-    return Forward("stale", stale_index=index if stale_if_error else None)
+        return Revalidate(index, "stale", stale_if_error, stale_prohibited=not may_serve_stale)
+    return Forward("stale", stale_index=index if stale_if_error else None,
+                   stale_prohibited=not may_serve_stale)
 
 
 def _within(staleness: float, window: float) -> bool:

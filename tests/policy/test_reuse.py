@@ -200,3 +200,23 @@ def test_a_soft_purged_must_revalidate_response_is_revalidated_first() -> None:
 def test_request_heads_are_plain_data() -> None:
     head: RequestHead = request(("Cache-Control", "max-age=5"), target="/x?y=1")
     assert head.url == "http://example.com/x?y=1"
+
+
+PROHIBITED = [
+    ("must-revalidate", "max-age=60, must-revalidate", True),
+    ("proxy-revalidate", "max-age=60, proxy-revalidate", True),
+    ("s-maxage", "s-maxage=60", True),
+    ("no-cache", "max-age=60, no-cache", True),
+    ("plain max-age", "max-age=60", False),
+]
+
+
+@pytest.mark.parametrize(("case", "cc", "prohibited"), PROHIBITED, ids=[p[0] for p in PROHIBITED])
+def test_a_stale_response_that_may_never_be_served_stale_says_so_rfc_9111_section_5_2_2_2(
+    case: str, cc: str, prohibited: bool
+) -> None:
+    """The engine then answers 504 when the origin cannot be reached."""
+    with_validator = lookup([("Cache-Control", cc), ETAG], 70)
+    without = lookup([("Cache-Control", cc)], 70)
+    assert isinstance(with_validator, Revalidate) and isinstance(without, Forward)
+    assert with_validator.stale_prohibited is without.stale_prohibited is prohibited
