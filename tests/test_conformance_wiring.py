@@ -334,3 +334,16 @@ async def test_a_response_stored_already_stale_is_not_replayed_to_the_next_reque
 
     origin.route("/z", handler)
     assert [(await proxy.get("/z")).body for _ in range(3)] == [b"1", b"2", b"3"]
+
+
+async def test_a_single_upstream_answering_5xx_is_not_taken_out_by_default(
+    origin: Origin, make_proxy: MakeProxy, clock: Clock
+) -> None:
+    """Passive checks would leave no upstream at all: every other URL would get 503."""
+    proxy = await start(make_proxy, clock)
+    route(origin, clock, "/broken", status=503)
+    route(origin, clock, "/fine", body=b"fine")
+    assert [(await proxy.get("/broken")).status for _ in range(5)] == [503] * 5
+    fine = await proxy.get("/fine")
+    assert (fine.status, fine.body) == (200, b"fine")
+    assert origin.count("/broken") == 5
