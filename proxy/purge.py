@@ -4,8 +4,10 @@
 with a precise message; nothing is purged from an invalid request. A URL given
 to purge is reshaped by the same rules as a client request for it, so purging
 ``https://shop.example/search?q=a&utm=x`` finds the entry a rule keyed as
-``...?q=a``. ``Purger`` resolves the spec to keys (both tiers, all variants) and
-removes them, or marks them stale when ``soft``.
+``...?q=a``. ``Purger`` resolves URLs to keys (both tiers, all variants) and
+removes them, or marks them stale when ``soft``; tags, prefixes and "all" become
+bans on the shared disk tier (see ``proxy.storage.index``) and eager drops in
+every process's memory tier.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from proxy.errors import BadRequest
 from proxy.policy.keys import cache_key, normalise_host, url_of_key
 from proxy.policy.messages import RequestHead
 from proxy.rules import RuleSet
+from proxy.storage.bans import PurgeMatch
+from proxy.storage.index import Ban
 from proxy.storage.tiered import Storage
 
 _FIELDS = {"urls", "prefixes", "tags", "all", "soft"}
@@ -108,31 +112,45 @@ def keys_for_url(url: str, rules: RuleSet) -> str:
 
 
 class Purger:
-    """Carries out purges on one process's store."""
+    """Carries out purges: the shared half once on the disk tier, the local half in a process.
+
+    One process (``purge``) does both; with several workers the supervisor does the
+    shared half and asks every worker for its local half (``proxy.supervisor``).
+    """
 
     def __init__(self, storage: Storage, rules: Callable[[], RuleSet]) -> None:
         self.storage = storage
         self._rules = rules
 
-    async def resolve(self, spec: PurgeSpec) -> set[str]:
+    async def plan(self, spec: PurgeSpec) -> tuple[set[str], PurgeMatch]:
+        """The keys of the spec's URLs (every key shape, as the rules reshape them) and the match
+        that tells any process what the purge covers."""
         rules = self._rules()
         urls = {u for raw in spec.urls for u in (raw, keys_for_url(raw, rules))}
-        keys = await self.storage.keys_for(urls=urls, prefixes=spec.prefixes, tags=spec.tags)
+        keys = await self.storage.keys_for_urls(urls)
         keys.update(spec.keys)
-        return keys
+        match = PurgeMatch(keys=frozenset(keys), urls=frozenset(urls), prefixes=spec.prefixes,
+                           tags=frozenset(spec.tags), all=spec.all, soft=spec.soft)
+        return keys, match
+
+    async def purge_shared(self, spec: PurgeSpec) -> tuple[int, list[Ban], PurgeMatch]:
+        keys, match = await self.plan(spec)
+        count, bans = await self.storage.purge_shared(keys, spec.prefixes, spec.tags, spec.all,
+                                                      spec.soft)
+        return count, bans, match
 
     async def purge(self, spec: PurgeSpec) -> int:
-        if spec.all:
-            return await self.storage.delete_all(soft=spec.soft)
-        return await self.storage.delete(await self.resolve(spec), soft=spec.soft)
+        count, bans, match = await self.purge_shared(spec)
+        local = await self.storage.purge_local(match, bans)
+        return max(count, local)
 
-    async def purge_memory(self, spec: PurgeSpec, keys: set[str]) -> int:
-        """Only the memory tier (another process already purged the shared disk tier)."""
-        if spec.all:
-            if spec.soft:
-                return sum(self.storage.forget_in_memory(k, True) for k in list(self.storage.memory.keys()))
-            return self.storage.memory.clear()
-        mem = set(keys)
-        mem.update(await self.storage.keys_for(
-            urls=spec.urls, prefixes=spec.prefixes, tags=spec.tags, memory_only=True))
-        return sum(self.storage.forget_in_memory(k, spec.soft) for k in mem)
+
+def match_to_json(m: PurgeMatch) -> dict[str, Any]:
+    return {"keys": sorted(m.keys), "urls": sorted(m.urls), "prefixes": list(m.prefixes),
+            "tags": sorted(m.tags), "all": m.all, "soft": m.soft}
+
+
+def match_from_json(d: dict[str, Any]) -> PurgeMatch:
+    return PurgeMatch(keys=frozenset(d["keys"]), urls=frozenset(d["urls"]),
+                      prefixes=tuple(d["prefixes"]), tags=frozenset(d["tags"]), all=bool(d["all"]),
+                      soft=bool(d["soft"]))

@@ -1,25 +1,51 @@
 """Everything one serving process owns, opened and closed together (no singletons).
 
 The web apps hold a ``Runtime`` under an ``AppKey``; tests build one directly.
+
+Exactly one process per cache directory is its *owner* and runs the store's
+upkeep in the background (sweeping bans into deletions, dropping index rows of
+evicted entries, removing what a crash left behind): the only process, or with
+``--workers N`` the supervisor. Workers only reload the ban list now and then.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from proxy.config import Settings
 from proxy.engine import Engine
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import Purger, PurgeSpec
-from proxy.storage.disk import DiskTier
+from proxy.storage.disk import ORPHAN_AGE, DiskTier
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import Storage
 from proxy.upstream import UpstreamPool
+
+log = logging.getLogger("cachegate.runtime")
+
+UPKEEP_INTERVAL = 1.0  # seconds between upkeep rounds (bans are swept within about this)
+ORPHAN_SWEEP_INTERVAL = 3600.0
+BAN_RELOAD_INTERVAL = 30.0  # workers: pick up bans the sweeper removed
+
+
+def open_storage(settings: Settings) -> Storage:
+    c = settings.cache
+    memory = MemoryTier(c.memory, c.memory_max_object, c.memory_policy)
+    disk = index = None
+    if c.disk is not None:
+        os.makedirs(c.disk.path, exist_ok=True)
+        disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction)
+        index = UrlTagIndex(c.disk.path)
+    return Storage(memory, disk, index, max_object=c.max_object)
 
 
 @dataclass
@@ -46,17 +72,19 @@ class Runtime:
     purger: Purger
     # Set by the server (install_reloader): re-read config and rules, apply them when valid.
     reload_config: Callable[[], ReloadResult] | None = None
+    # Set in multi-worker mode: where a purge really happens (the supervisor's cluster purge;
+    # in a worker, a call to the supervisor). None: purge this process's store.
+    purge_fn: Callable[[PurgeSpec], Awaitable[int]] | None = None
+    worker_id: int | None = None
+    # CACHEGATE_DEBUG_HEADERS=1: responses say which tier served them and which worker
+    # (X-Cachegate-Tier, X-Cachegate-Worker), for debugging and the multi-worker tests.
+    debug_headers: bool = field(default_factory=lambda: os.environ.get("CACHEGATE_DEBUG_HEADERS") == "1")
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, settings: Settings) -> Runtime:
-        c = settings.cache
-        memory = MemoryTier(c.memory, c.memory_max_object, c.memory_policy)
-        disk = index = None
-        if c.disk is not None:
-            os.makedirs(c.disk.path, exist_ok=True)
-            disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction)
-            index = UrlTagIndex(c.disk.path)
-        storage = Storage(memory, disk, index, max_object=c.max_object)
+    async def open(cls, settings: Settings, *, owner: bool = True) -> Runtime:
+        started = time.time()
+        storage = open_storage(settings)
         metrics = Metrics()
         pool = UpstreamPool(settings.upstreams, settings.pool,
                             on_error=lambda name, kind: metrics.upstream_errors.labels(name, kind).inc())
@@ -71,28 +99,75 @@ class Runtime:
         purger = Purger(storage, lambda: runtime.settings.rules)
         runtime = cls(settings, storage, pool, engine, metrics, purger)
         metrics.add_collector(runtime._collect_tiers)
+        if storage.disk is not None:
+            loop = runtime._upkeep(started) if owner else runtime._reload_bans()
+            runtime._tasks.append(asyncio.ensure_future(loop))
         return runtime
 
     async def purge(self, spec: PurgeSpec) -> int:
-        """Purge in this process (both tiers). Multi-worker deployments override this."""
+        """Purge everywhere this cache lives (every worker, when there are several)."""
+        if self.purge_fn is not None:
+            return await self.purge_fn(spec)
         count = await self.purger.purge(spec)
+        self.count_purge(spec, count)
+        return count
+
+    def count_purge(self, spec: PurgeSpec, count: int) -> None:
         for kind in spec.kinds:
             self.metrics.purges.labels(kind).inc()
         self.metrics.purged_entries.inc(count)
-        return count
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
         self.engine.reconfigure(settings)
 
     async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
         await self.engine.close()
         await self.pool.close()
         self.storage.close()
 
+    async def _upkeep(self, started: float) -> None:
+        """The owner's background upkeep. The first orphan sweep takes everything older than
+        this process (no other writer existed yet); later ones only what is surely not a write
+        in progress."""
+        orphans_before: float | None = started
+        next_orphans = time.monotonic() + ORPHAN_SWEEP_INTERVAL
+        while True:
+            try:
+                await self.storage.maintain(orphans_before=orphans_before)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("storage upkeep failed; retrying")
+            orphans_before = None
+            if time.monotonic() >= next_orphans:
+                orphans_before = time.time() - ORPHAN_AGE
+                next_orphans = time.monotonic() + ORPHAN_SWEEP_INTERVAL
+            await asyncio.sleep(UPKEEP_INTERVAL)
+
+    async def _reload_bans(self) -> None:
+        while True:
+            await asyncio.sleep(BAN_RELOAD_INTERVAL)
+            try:
+                await self.storage.reload_bans()
+            except Exception:
+                log.exception("reloading bans failed")
+
     def _collect_tiers(self) -> Iterator[Metric]:
-        m = self.storage.memory
+        s = self.storage
+        m = s.memory
         entries = {"memory": len(m)}
         size = {"memory": m.bytes}
         evictions = {"memory": m.evictions}
+        if s.disk is not None:
+            size["disk"] = s.disk.volume()
         yield from tier_families(entries, size, evictions)
+        c = CounterMetricFamily("cachegate_storage_write_failures",
+                                "Disk writes that failed (shard lock timeout); the response was not stored")
+        c.add_metric([], s.failed_writes)
+        yield c

@@ -1,10 +1,360 @@
-"""Multi-worker mode: N processes on one port (SO_REUSEPORT) sharing the disk tier."""
+"""Multi-worker mode: N processes accepting on one port (SO_REUSEPORT), sharing the disk tier.
+
+The supervisor (the process ``cachegate run --workers N`` starts) does not serve
+clients. It
+
+- reserves the port: it binds a SO_REUSEPORT socket without listening on it, so
+  ``listen: 127.0.0.1:0`` resolves to one port that every worker then binds (a
+  socket that does not listen takes no connections);
+- starts the workers as fresh interpreters (``python -m proxy.supervisor worker``),
+  each with one end of a ``socketpair`` as its control channel
+  (``proxy.control``), and restarts one that dies (with backoff when it keeps dying);
+- owns the cache directory's upkeep and runs the admin API;
+- purges for everyone: the shared half once on the disk tier (deletes and bans),
+  then ``purge_local`` in every worker, and answers only when every worker has
+  acknowledged. A worker that cannot acknowledge in time is killed (SIGKILL) and
+  restarted with an empty memory tier, so no worker can serve a purged object
+  after the purge answered. A PURGE or an invalidation that arises in a worker is
+  forwarded here (the worker's ``Runtime.purge`` calls ``purge``) and done the same way;
+- on SIGTERM/SIGINT stops the workers with SIGTERM (each drains within
+  ``shutdown_grace``), then exits 0; on SIGHUP re-reads the config and has every
+  worker do the same.
+
+Why processes that share a port rather than one accept socket handed down: with
+SO_REUSEPORT the kernel spreads connections across workers evenly, and a worker
+that dies takes only its own queue with it. Why a supervisor in the middle of
+purges rather than workers telling each other: one place knows which workers are
+alive, and a purge needs exactly that.
+"""
 
 from __future__ import annotations
 
-from proxy.config import Overrides, Settings
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from proxy.config import Overrides, Settings, load_config
+from proxy.control import Channel, ChannelClosed
+from proxy.purge import PurgeSpec, match_to_json
+from proxy.runtime import Runtime
+from proxy.web.server import (
+    Listeners,
+    Reloader,
+    WorkerLink,
+    _bound,
+    _fmt,
+    check_c_parser,
+    serve,
+    start_admin_listener,
+)
+
+log = logging.getLogger("cachegate.supervisor")
+
+PURGE_ACK_TIMEOUT = 10.0  # seconds a worker has to drop purged keys before it is killed
+READY_TIMEOUT = 60.0
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class Worker:
+    worker_id: int
+    process: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = 0.0
+    backoff: float = 0.5
+    restarts: int = 0
 
 
 def supervise(settings: Settings, config_path: str | None, overrides: Overrides,
               use_uvloop: bool = True) -> int:
-    raise SystemExit("cachegate: --workers > 1 is not available yet")
+    from proxy.cli import run_async
+
+    return run_async(Supervisor(settings, config_path, overrides, use_uvloop).run(), use_uvloop)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, config_path: str | None, overrides: Overrides,
+                 use_uvloop: bool = True) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.overrides = overrides
+        self.use_uvloop = use_uvloop
+        self.workers = [Worker(i) for i in range(settings.workers)]
+        self.stopping = False
+        self.runtime: Runtime | None = None
+        self._listen: tuple[str, int] = settings.listen
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        check_c_parser()
+        try:
+            reserved = self._reserve_port()
+        except OSError as exc:
+            print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+            return 1
+        runtime = self.runtime = await Runtime.open(self.settings, owner=True)
+        runtime.purge_fn = self.purge
+        reloader = Reloader(self.config_path, self.overrides, runtime.reconfigure,
+                            lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc())
+        runtime.reload_config = lambda: self.reload(reloader)
+        listeners = Listeners()
+        try:
+            admin = await start_admin_listener(lambda: runtime, self.settings, self.purge)
+        except OSError as exc:
+            print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+            await runtime.close()
+            reserved.close()
+            return 1
+        if admin is not None:
+            listeners.runners.append(admin)
+            listeners.admin_addresses = _bound(admin)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload_config and runtime.reload_config())
+        for w in self.workers:
+            self._spawn_soon(w, 0)
+        try:
+            waits = [asyncio.ensure_future(w.ready.wait()) for w in self.workers]
+            stopped = asyncio.ensure_future(stop.wait())
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not stop.is_set() and not all(w.ready.is_set() for w in self.workers):
+                await asyncio.wait([*waits, stopped], timeout=max(0.0, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if time.monotonic() >= deadline:
+                    break
+            for t in (*waits, stopped):
+                t.cancel()
+            if not stop.is_set():
+                if not all(w.ready.is_set() for w in self.workers):
+                    print("cachegate: workers did not start in time", file=sys.stderr, flush=True)
+                    stop.set()
+                else:
+                    host, port = self._listen
+                    print(f"cachegate: proxy listening on http://{_fmt(host)}:{port} "
+                          f"({len(self.workers)} workers)", flush=True)
+                    for host, port in listeners.admin_addresses:
+                        print(f"cachegate: admin listening on http://{_fmt(host)}:{port}", flush=True)
+            await stop.wait()
+        finally:
+            self.stopping = True
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._stop_workers()
+            await listeners.stop(self.settings.shutdown_grace)
+            for t in list(self._tasks):
+                t.cancel()
+            await runtime.close()
+            reserved.close()
+        print("cachegate: stopped", flush=True)
+        return 0
+
+    def _reserve_port(self) -> socket.socket:
+        host, port = self.settings.listen
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        self._listen = (host, sock.getsockname()[1])
+        return sock
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _spawn_soon(self, w: Worker, delay: float) -> None:
+        async def later() -> None:
+            if delay:
+                await asyncio.sleep(delay)
+            if not self.stopping:
+                await self._spawn(w)
+
+        self._track(later())
+
+    async def _spawn(self, w: Worker) -> None:
+        parent_end, child_end = socket.socketpair()
+        host, port = self._listen
+        overrides = replace(self.overrides, listen=f"{_fmt(host)}:{port}", workers="1",
+                            admin_listen="off")
+        args = [sys.executable, "-m", "proxy.supervisor", "worker",
+                "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
+                "--overrides", json.dumps(asdict(overrides))]
+        if self.config_path is not None:
+            args += ["--config", self.config_path]
+        if not self.use_uvloop:
+            args.append("--no-uvloop")
+        args += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
+        w.ready.clear()
+        try:
+            w.process = await asyncio.create_subprocess_exec(*args, pass_fds=(child_end.fileno(),))
+        except OSError as exc:
+            log.error("cannot start worker %d: %s", w.worker_id, exc)
+            parent_end.close()
+            child_end.close()
+            self._spawn_soon(w, self._next_backoff(w))
+            return
+        finally:
+            child_end.close()
+        w.started_at = time.monotonic()
+        w.channel = await Channel.open(parent_end, self._handlers(w), name=f"worker {w.worker_id}")
+        print(f"cachegate: worker {w.worker_id} started (pid {w.process.pid})", flush=True)
+        self._track(self._watch(w, w.process, w.channel))
+
+    def _handlers(self, w: Worker) -> dict[str, Any]:
+        async def ready(worker_id: int, pid: int) -> None:
+            w.ready.set()
+
+        async def purge(spec: dict[str, Any]) -> int:
+            return await self.purge(PurgeSpec.from_json(spec))
+
+        return {"ready": ready, "purge": purge}
+
+    def _next_backoff(self, w: Worker) -> float:
+        delay = w.backoff
+        w.backoff = min(w.backoff * 2, MAX_BACKOFF)
+        return delay
+
+    async def _watch(self, w: Worker, process: asyncio.subprocess.Process, channel: Channel) -> None:
+        code = await process.wait()
+        await channel.close()
+        if w.process is process:
+            w.channel = None
+        if self.stopping:
+            return
+        w.restarts += 1
+        # A worker that lived a while is restarted at once; one that keeps dying, with backoff.
+        if time.monotonic() - w.started_at > 10:
+            w.backoff = 0.5
+            delay = 0.0
+        else:
+            delay = self._next_backoff(w)
+        log.error("worker %d (pid %d) exited with %s; restarting in %.1fs", w.worker_id, process.pid,
+                  code, delay)
+        print(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
+              flush=True)
+        self._spawn_soon(w, delay)
+
+    async def _stop_workers(self) -> None:
+        procs = [w.process for w in self.workers if w.process is not None and w.process.returncode is None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        deadline = self.settings.shutdown_grace + 5.0
+        for p in procs:
+            try:
+                await asyncio.wait_for(p.wait(), deadline)
+            except TimeoutError:
+                log.error("worker pid %d did not stop in time; killing it", p.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                await p.wait()
+
+    # -- calls into every worker -----------------------------------------------------------
+
+    async def purge(self, spec: PurgeSpec) -> int:
+        """Purge the shared disk tier once, then every worker's memory; answer when all acked."""
+        runtime = self.runtime
+        assert runtime is not None
+        count, bans, match = await runtime.purger.purge_shared(spec)
+        await runtime.storage.purge_local(match, bans)
+        args = {"match": match_to_json(match), "bans": [b.to_json() for b in bans]}
+        live = [w for w in self.workers if w.channel is not None and w.process is not None
+                and w.process.returncode is None]
+        results = await asyncio.gather(
+            *(self._purge_worker(w, args) for w in live), return_exceptions=True)
+        local = sum(r for r in results if isinstance(r, int))
+        total = max(count, local)
+        runtime.count_purge(spec, total)
+        return total
+
+    async def _purge_worker(self, w: Worker, args: dict[str, Any]) -> int:
+        channel, process = w.channel, w.process
+        assert channel is not None and process is not None
+        try:
+            return int(await channel.call("purge_local", timeout=PURGE_ACK_TIMEOUT, **args))
+        except ChannelClosed:
+            return 0  # it died: it comes back with an empty memory tier
+        except Exception as exc:
+            # It may still hold purged objects in memory: it must not serve again.
+            log.error("worker %d did not acknowledge a purge (%s); killing it", w.worker_id, exc)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            return 0
+
+    def reload(self, reloader: Reloader) -> list[str]:
+        """Re-read the config here (validating it) and then in every worker."""
+        problems = reloader.reload()
+        if not problems:
+            self._track(self._reload_workers())
+        return problems
+
+    async def _reload_workers(self) -> None:
+        for w in self.workers:
+            if w.channel is None:
+                continue
+            try:
+                problems = await w.channel.call("reload", timeout=30)
+            except Exception as exc:
+                log.error("worker %d: reload failed: %s", w.worker_id, exc)
+                continue
+            for p in problems or ():
+                log.error("worker %d: reload rejected: %s", w.worker_id, p)
+
+    async def call_all(self, name: str, timeout: float = 10.0, **args: Any) -> list[Any]:
+        """Call ``name`` in every live worker (for stats aggregation and the like)."""
+        live = [w for w in self.workers if w.channel is not None]
+        return list(await asyncio.gather(
+            *(w.channel.call(name, timeout=timeout, **args) for w in live if w.channel is not None),
+            return_exceptions=True))
+
+
+def _worker_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cachegate-worker")
+    parser.add_argument("--worker-id", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--overrides", required=True)
+    parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    from proxy.cli import _setup_logging, run_async
+    from proxy.errors import ConfigError
+
+    level = args.log_level if args.log_level in ("debug", "info", "warning", "error") else "info"
+    _setup_logging(level)
+    raw = json.loads(args.overrides)
+    raw["upstreams"] = tuple(raw.get("upstreams") or ())
+    overrides = Overrides(**raw)
+    try:
+        settings = load_config(args.config, overrides)
+    except ConfigError as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        return 2
+    # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return run_async(serve(settings, args.config, overrides,
+                           WorkerLink(args.worker_id, args.control_fd)), not args.no_uvloop)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        raise SystemExit(_worker_main(sys.argv[2:]))
+    raise SystemExit("usage: python -m proxy.supervisor worker ... (started by cachegate run --workers N)")

@@ -1,27 +1,86 @@
-"""The disk tier: a diskcache ``FanoutCache`` shared by every worker process.
+"""The disk tier: diskcache shards shared by every worker process.
 
-This is the only module that imports diskcache. Every method blocks; callers
-run them in a thread executor. Facts of diskcache respected here:
+This is the only module that imports diskcache. Every method blocks; callers run
+them in a thread executor.
+
+Layout: ``cache.disk.shards`` ``diskcache.Cache`` databases in ``<path>/000``,
+``<path>/001``, ... (the layout of a ``FanoutCache``), each with
+``size / shards`` bytes of budget and the configured eviction policy. Unlike
+``FanoutCache``, a key's records are placed by our own stable hash of the
+*primary key*, so a key's metadata and its bodies live in the same shard: a
+commit of a small body is one SQLite transaction (body and metadata together,
+atomic), and a purge batch is one transaction per shard.
+
+Records in a shard:
+
+- ``m:<key>``: the metadata of every Vary variant of the key (JSON, small);
+- ``b:<body id>``: one body; diskcache keeps values of 32 KiB and more as files,
+  read back as open files so big bodies stream instead of loading whole.
+
+Facts of diskcache respected here:
 
 - keys are ``str`` and values ``bytes`` or files, never pickles;
-- ``set`` may return False on a lock timeout: callers check and count it;
-- values of 32 KiB and more are separate files, read back as open files so big
-  bodies stream instead of loading whole;
-- the metadata record (``m:<key>``) and the body record (``b:<body id>``) are
-  written body first, so a crash between the two leaves an orphan body (culled
-  later), never metadata pointing at a missing or partial body.
+- a write can time out on the shard lock (``diskcache.Timeout``): it is caught,
+  counted in ``failed_writes`` and reported as False, never raised to a client;
+- an object bigger than a shard's budget is culled as soon as it is stored (and a
+  big one flushes the shard): ``max_body`` is half a shard, and bigger bodies are
+  not stored on disk at all;
+- ``least-recently-used`` turns every read into a write; the memory tier keeps
+  the recency of hot objects, so only memory misses reach the disk;
+- a big body is written before its metadata (outside the lock, since copying it
+  takes time), so a crash in between leaves an orphan body, never metadata that
+  points at a missing or partial body. ``sweep_orphans`` removes orphan bodies,
+  and files diskcache wrote but never committed, once they are old enough not
+  to be a write in progress.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import sqlite3
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable
 from typing import IO, Literal
 
 import diskcache
 
 from proxy.storage.entry import Entry, decode_variants, encode_variants
 
+log = logging.getLogger("cachegate.storage")
+
 DiskEviction = Literal["least-recently-stored", "least-recently-used"]
+
+INLINE_LIMIT = 32 * 1024  # diskcache's disk_min_file_size: smaller values live in the database
+ORPHAN_AGE = 600.0  # seconds: an unreferenced body or file younger than this may be a write in progress
+
+Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
+
+
+def _drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+    return (), [e.body_id for e in current]
+
+
+def new_body_id(now: float | None = None) -> str:
+    """A unique body id that starts with its creation time (hex ns), so sweeps can tell its age."""
+    ns = time.time_ns() if now is None else int(now * 1e9)
+    return f"{ns:x}-{uuid.uuid4().hex[:16]}"
+
+
+def body_time(body_id: str) -> float:
+    """When a body id was made (0 for ids of another shape: old enough to sweep)."""
+    try:
+        return int(body_id.split("-", 1)[0], 16) / 1e9
+    except ValueError:
+        return 0.0
+
+
+def shard_of(key: str, shards: int) -> int:
+    """A hash that every process computes alike (``hash()`` is salted per process)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % shards
 
 
 class DiskTier:
@@ -36,64 +95,214 @@ class DiskTier:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.size_limit = size_limit
-        self._cache = diskcache.FanoutCache(
-            directory=path,
-            shards=shards,
-            timeout=timeout,
-            size_limit=size_limit,
-            eviction_policy=eviction_policy,
-            statistics=False,
-            cull_limit=16,
-        )
+        self.shard_limit = max(size_limit // shards, 1)
+        self.max_body = self.shard_limit // 2
         self.failed_writes = 0
+        self._shards = [
+            diskcache.Cache(
+                directory=os.path.join(path, f"{i:03d}"),
+                timeout=timeout,
+                size_limit=self.shard_limit,
+                eviction_policy=eviction_policy,
+                statistics=False,
+                cull_limit=16,
+                # Bound the WAL file: by default it grows to ~4 MB per shard before a
+                # checkpoint and is never truncated, outside diskcache's size accounting.
+                sqlite_wal_autocheckpoint=256,
+                sqlite_journal_size_limit=1 << 20,
+            )
+            for i in range(shards)
+        ]
 
     def close(self) -> None:
-        self._cache.close()
+        for s in self._shards:
+            s.close()
+
+    def _shard(self, key: str) -> diskcache.Cache:
+        return self._shards[shard_of(key, len(self._shards))]
+
+    # -- metadata ----------------------------------------------------------------------------
 
     def get_variants(self, key: str) -> tuple[Entry, ...]:
-        blob = self._cache.get("m:" + key, default=None, retry=True)
+        blob = self._shard(key).get("m:" + key, default=None, retry=True)
         if blob is None:
             return ()
         return decode_variants(blob)
 
-    def set_variants(self, key: str, variants: tuple[Entry, ...]) -> bool:
-        if not variants:
-            return self.delete_variants(key) != ()
-        ok = bool(self._cache.set("m:" + key, encode_variants(variants), retry=True))
+    def has(self, key: str) -> bool:
+        return ("m:" + key) in self._shard(key)
+
+    def put_body(self, key: str, body_id: str, body: bytes | IO[bytes]) -> bool:
+        """Copy a big body in, outside any transaction (the copy takes time); False when it timed out."""
+        try:
+            ok = bool(self._shard(key).set("b:" + body_id, body, read=not isinstance(body, bytes),
+                                           retry=False))
+        except diskcache.Timeout:
+            ok = False
         if not ok:
             self.failed_writes += 1
+            log.warning("disk write of a body for %s timed out on the shard lock; not stored", key)
         return ok
 
-    def delete_variants(self, key: str) -> tuple[Entry, ...]:
-        """Remove a key's metadata and bodies; return what was removed."""
-        variants = self.get_variants(key)
-        self._cache.delete("m:" + key, retry=True)
-        for e in variants:
-            self._cache.delete("b:" + e.body_id, retry=True)
-        return variants
+    def commit(self, key: str, merge: Merge, body_id: str = "", body: bytes | None = None) -> bool:
+        """Rewrite a key's metadata (and store a small body with it) in one transaction.
 
-    def get_body(self, body_id: str) -> bytes | IO[bytes] | None:
+        ``merge`` gets the key's current variants and returns the variants to keep and
+        the body ids they no longer use; it runs under the shard's lock, so two
+        processes storing different variants of one key do not lose one of them.
+        False (counted in ``failed_writes``) when the shard lock timed out.
+        """
+        shard = self._shard(key)
+        try:
+            with shard.transact():
+                if body is not None:
+                    shard.set("b:" + body_id, body)
+                self._merge_locked(shard, key, merge)
+        except diskcache.Timeout:
+            self.failed_writes += 1
+            log.warning("disk write for %s timed out on the shard lock; not stored", key)
+            return False
+        return True
+
+    def delete_body(self, key: str, body_id: str) -> None:
+        try:
+            self._shard(key).delete("b:" + body_id, retry=True)
+        except diskcache.Timeout:
+            pass  # left as an orphan: the sweep removes it
+
+    @staticmethod
+    def _merge_locked(shard: diskcache.Cache, key: str, merge: Merge) -> bool:
+        current = shard.get("m:" + key, default=None)
+        before = decode_variants(current) if current is not None else ()
+        variants, dropped = merge(before)
+        if variants != before:
+            if variants:
+                shard.set("m:" + key, encode_variants(variants))
+            else:
+                shard.delete("m:" + key)
+        for old in dropped:
+            shard.delete("b:" + old)
+        return bool(before)
+
+    def update_many(self, keys: Iterable[str], merge: Merge) -> list[str]:
+        """Apply ``merge`` to many keys, one transaction per shard and batch; return the keys found."""
+        by_shard: dict[int, list[str]] = {}
+        for k in keys:
+            by_shard.setdefault(shard_of(k, len(self._shards)), []).append(k)
+        found: list[str] = []
+        for i, ks in by_shard.items():
+            shard = self._shards[i]
+            for start in range(0, len(ks), 500):  # bounded lock hold time
+                with shard.transact(retry=True):
+                    for k in ks[start:start + 500]:
+                        if self._merge_locked(shard, k, merge):
+                            found.append(k)
+        return found
+
+    def delete_keys(self, keys: Iterable[str]) -> list[str]:
+        """Remove keys with all their variants and bodies; return those found."""
+        return self.update_many(keys, _drop_all)
+
+    # -- bodies ------------------------------------------------------------------------------
+
+    def get_body(self, key: str, body_id: str) -> bytes | IO[bytes] | None:
         """The body: bytes when small, an open file when stored as a file, None when gone."""
-        return self._cache.get("b:" + body_id, default=None, read=True, retry=True)  # type: ignore[no-any-return]
+        value = self._shard(key).get("b:" + body_id, default=None, read=True, retry=True)
+        if isinstance(value, io.BytesIO):
+            return value.getvalue()
+        return value  # type: ignore[no-any-return]
 
-    def set_body(self, body_id: str, body: bytes | IO[bytes]) -> bool:
-        read = not isinstance(body, bytes)
-        ok = bool(self._cache.set("b:" + body_id, body, read=read, retry=True))
-        if not ok:
-            self.failed_writes += 1
-        return ok
-
-    def delete_body(self, body_id: str) -> None:
-        self._cache.delete("b:" + body_id, retry=True)
+    # -- whole tier --------------------------------------------------------------------------
 
     def clear(self) -> None:
-        self._cache.clear(retry=True)
+        for s in self._shards:
+            s.clear(retry=True)
 
     def volume(self) -> int:
-        return int(self._cache.volume())
+        """Bytes on disk as diskcache counts them (database pages and value files)."""
+        return sum(int(s.volume()) for s in self._shards)
 
     def count(self) -> int:
-        return int(len(self._cache))
+        return sum(int(len(s)) for s in self._shards)
 
     def iter_keys(self) -> list[str]:
-        return [k[2:] for k in self._cache.iterkeys() if isinstance(k, str) and k.startswith("m:")]
+        return [k[2:] for s in self._shards for k in s.iterkeys()
+                if isinstance(k, str) and k.startswith("m:")]
+
+    def disk_usage(self) -> int:
+        """Every byte under the cache directory (what ``du`` would say, roughly)."""
+        total = 0
+        for dirpath, _, files in os.walk(self.path):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, f))
+                except OSError:
+                    pass
+        return total
+
+    def sweep_orphans(self, before: float) -> int:
+        """Remove bodies no metadata refers to and files no row refers to; return how many.
+
+        An orphan is what a crash between "body written" and "metadata written"
+        leaves behind. Only what was created before ``before`` is considered: pass
+        the start-up time when no other process writes yet, or a time well in the
+        past (``ORPHAN_AGE``) while other processes may be writing.
+        """
+        removed = 0
+        for shard in self._shards:
+            removed += self._sweep_bodies(shard, before)
+            removed += self._sweep_files(shard, before)
+        return removed
+
+    def _sweep_bodies(self, shard: diskcache.Cache, before: float) -> int:
+        bodies: list[str] = []
+        metas: list[str] = []
+        for k in shard.iterkeys():
+            if isinstance(k, str):
+                if k.startswith("b:"):
+                    bodies.append(k[2:])
+                elif k.startswith("m:"):
+                    metas.append(k)
+        candidates = {b for b in bodies if body_time(b) < before}
+        if not candidates:
+            return 0
+        for m in metas:
+            blob = shard.get(m, default=None, retry=True)
+            if blob is not None:
+                candidates.difference_update(e.body_id for e in decode_variants(blob))
+        for b in candidates:
+            shard.delete("b:" + b, retry=True)
+        return len(candidates)
+
+    def _sweep_files(self, shard: diskcache.Cache, before: float) -> int:
+        old: list[str] = []
+        for dirpath, _, files in os.walk(shard.directory):
+            for f in files:
+                if not f.endswith(".val"):
+                    continue
+                full = os.path.join(dirpath, f)
+                try:
+                    if os.path.getmtime(full) < before:
+                        old.append(full)
+                except OSError:
+                    pass
+        if not old:
+            return 0
+        # Read diskcache's own table (read-only) for the files its rows refer to; listed
+        # after the walk, so a file committed in between counts as referenced.
+        db = sqlite3.connect(f"file:{os.path.join(shard.directory, 'cache.db')}?mode=ro", uri=True,
+                             timeout=30)
+        try:
+            referenced = {os.path.join(shard.directory, r[0]) for r in
+                          db.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+        finally:
+            db.close()
+        removed = 0
+        for full in old:
+            if full not in referenced:
+                try:
+                    os.remove(full)
+                    removed += 1
+                except OSError:
+                    pass
+        return removed

@@ -23,11 +23,18 @@ class Entry:
     body_size: int
     tags: tuple[str, ...] = ()
     stored_at: float = 0.0
+    # The index's commit sequence number of this variant: a purge by tag, prefix or "all"
+    # (a ban) hides exactly the variants committed at or before the ban's sequence number.
+    seq: int = 0
     # Per-process cache of the serialised header block (not persisted, not compared).
     wire_headers: bytes | None = field(default=None, compare=False, repr=False)
 
     def with_response(self, response: StoredResponse) -> Entry:
         return replace(self, response=response, wire_headers=None)
+
+    def invalidated(self) -> Entry:
+        """This variant marked stale (soft purge): served only after revalidation."""
+        return self.with_response(replace(self.response, invalidated=True))
 
 
 def _freshness_to_json(f: Freshness) -> list[Any]:
@@ -44,7 +51,7 @@ def entry_to_json(e: Entry) -> dict[str, Any]:
     r = e.response
     return {
         "key": e.key, "url": e.url, "body_id": e.body_id, "body_size": e.body_size,
-        "tags": list(e.tags), "stored_at": e.stored_at,
+        "tags": list(e.tags), "stored_at": e.stored_at, "seq": e.seq,
         "status": r.status, "reason": r.reason, "headers": [list(h) for h in r.headers],
         "request_time": r.request_time, "response_time": r.response_time,
         "freshness": _freshness_to_json(r.freshness), "vary": [list(v) for v in r.vary],
@@ -68,6 +75,7 @@ def entry_from_json(d: dict[str, Any]) -> Entry:
     return Entry(
         key=str(d["key"]), url=str(d["url"]), response=response, body_id=str(d["body_id"]),
         body_size=int(d["body_size"]), tags=tuple(d["tags"]), stored_at=float(d["stored_at"]),
+        seq=int(d.get("seq", 0)),
     )  # fmt: skip
 
 

@@ -1,8 +1,22 @@
-"""The URL and tag index beside the disk tier: purge by URL, prefix or tag without a scan.
+"""The URL and tag index beside the disk tier, and the bans that make big purges O(1).
 
-A small SQLite database (stdlib ``sqlite3``) in the cache directory maps keys to
-their URL and tags. It may hold rows for entries the disk tier has since culled;
-purging such a row is a harmless no-op, and rows are deleted with their entry.
+A small SQLite database (stdlib ``sqlite3``, WAL) in the cache directory, shared by
+every worker process:
+
+- ``entries``: key -> URL, with a commit sequence number (``seq``, AUTOINCREMENT:
+  strictly increasing across processes, never reused). Every commit of a variant
+  takes a new ``seq`` and stores it in the variant's metadata.
+- ``tags``: (tag, key) pairs, for purge by tag without a scan.
+- ``bans``: a purge by tag, prefix or "all" is recorded as a ban ``(kind, value,
+  soft, seq)``: it hides every variant with that tag (or URL prefix, or any) whose
+  ``seq`` is at most the ban's. Recording a ban is one INSERT, whatever the number
+  of entries it covers, and a sweeper deletes the covered entries afterwards in
+  batches (Varnish's "ban lurker"). Deleting 100k entries synchronously costs one
+  metadata read and two diskcache deletes each: seconds, not the 2 s budget.
+
+The index may hold rows for entries the disk tier has since culled (diskcache
+evicts without telling anyone); ``live_keys`` lets the sweeper drop them, so the
+index does not grow forever.
 """
 
 from __future__ import annotations
@@ -10,48 +24,110 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+BanKind = Literal["tag", "prefix", "all"]
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, url TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, url TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS entries_url ON entries (url);
-CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tag, key));
+CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tag, key))
+    WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_key ON tags (key);
+CREATE TABLE IF NOT EXISTS bans (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, value TEXT NOT NULL,
+    soft INTEGER NOT NULL, seq INTEGER NOT NULL);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    id: int
+    kind: BanKind
+    value: str  # the tag or URL prefix; "" for all
+    soft: bool  # mark stale instead of removing
+    seq: int  # hides variants with seq <= this
+
+    def to_json(self) -> list[object]:
+        return [self.id, self.kind, self.value, self.soft, self.seq]
+
+    @classmethod
+    def from_json(cls, v: list[object]) -> Ban:
+        return cls(int(v[0]), v[1], str(v[2]), bool(v[3]), int(v[4]))  # type: ignore[arg-type]
 
 
 class UrlTagIndex:
     def __init__(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
-        self._file = os.path.join(path, "index.sqlite3")
+        self.file = os.path.join(path, "index.sqlite3")
         self._local = threading.local()
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        db = self._db()
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file
+        db.executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self._file, timeout=30, isolation_level=None)
+            db = sqlite3.connect(self.file, timeout=30, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=200")
+            db.execute("PRAGMA journal_size_limit=1048576")  # keep the WAL file small after checkpoints
             self._local.db = db
+            with self._lock:
+                self._all.append(db)
         return db
 
-    def add(self, key: str, url: str, tags: tuple[str, ...]) -> None:
+    def _write(self, statements: Iterable[tuple[str, Iterable[object]]]) -> None:
         db = self._db()
-        db.execute("BEGIN")
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("INSERT OR REPLACE INTO entries (key, url) VALUES (?, ?)", (key, url))
-            db.execute("DELETE FROM tags WHERE key = ?", (key,))
-            db.executemany("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)",
-                           [(t, key) for t in tags])
+            for sql, params in statements:
+                db.execute(sql, tuple(params))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    def remove(self, keys: list[str]) -> None:
+    # -- entries ---------------------------------------------------------------------------
+
+    def add(self, key: str, url: str, tags: tuple[str, ...]) -> int:
+        """Record a commit of ``key``; return its new sequence number."""
         db = self._db()
-        db.execute("BEGIN")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute("INSERT OR REPLACE INTO entries (key, url) VALUES (?, ?)", (key, url))
+            seq = int(cur.lastrowid or 0)
+            db.execute("DELETE FROM tags WHERE key = ?", (key,))
+            if tags:
+                db.executemany("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)",
+                               [(t, key) for t in tags])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return seq
+
+    def add_tags(self, key: str, tags: Iterable[str]) -> None:
+        """Add tags to a key without a new sequence number (other variants' tags)."""
+        self._write([("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)", (t, key)) for t in tags])
+
+    def scan(self, after: str, limit: int) -> list[tuple[str, int]]:
+        """(key, seq) pairs in key order after ``after``: the index GC's cursor."""
+        rows = self._db().execute(
+            "SELECT key, seq FROM entries WHERE key > ? ORDER BY key LIMIT ?", (after, limit))
+        return [(r[0], int(r[1])) for r in rows]
+
+    def remove(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
             db.executemany("DELETE FROM tags WHERE key = ?", [(k,) for k in keys])
@@ -64,24 +140,98 @@ class UrlTagIndex:
         rows = self._db().execute("SELECT key FROM entries WHERE url = ?", (url,))
         return [r[0] for r in rows]
 
-    def keys_for_prefix(self, prefix: str) -> list[str]:
-        # A range scan on the url index: every url >= prefix and < prefix with its last char + 1.
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+    def keys_for_prefix(self, prefix: str, after: str = "", limit: int = -1) -> list[str]:
+        """Keys whose URL starts with ``prefix``, in key order, after ``after`` (for paging)."""
+        if not prefix:
+            return self.all_keys(after, limit)
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         rows = self._db().execute(
-            "SELECT key FROM entries WHERE url >= ? AND url < ?", (prefix, upper)
+            "SELECT key FROM entries WHERE key >= ? AND key < ? AND key > ? ORDER BY key LIMIT ?",
+            (prefix, upper, after, limit),
         )
         return [r[0] for r in rows]
 
-    def keys_for_tag(self, tag: str) -> list[str]:
-        return [r[0] for r in self._db().execute("SELECT key FROM tags WHERE tag = ?", (tag,))]
+    def keys_for_tag(self, tag: str, after: str = "", limit: int = -1) -> list[str]:
+        rows = self._db().execute(
+            "SELECT key FROM tags WHERE tag = ? AND key > ? ORDER BY key LIMIT ?", (tag, after, limit)
+        )
+        return [r[0] for r in rows]
+
+    def all_keys(self, after: str = "", limit: int = -1) -> list[str]:
+        rows = self._db().execute(
+            "SELECT key FROM entries WHERE key > ? ORDER BY key LIMIT ?", (after, limit)
+        )
+        return [r[0] for r in rows]
+
+    def count_tag(self, tag: str) -> int:
+        return int(self._db().execute("SELECT COUNT(*) FROM tags WHERE tag = ?", (tag,)).fetchone()[0])
+
+    def count_prefix(self, prefix: str) -> int:
+        if not prefix:
+            return self.count()
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        row = self._db().execute("SELECT COUNT(*) FROM entries WHERE key >= ? AND key < ?",
+                                 (prefix, upper)).fetchone()
+        return int(row[0])
+
+    def count(self) -> int:
+        return int(self._db().execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def current_seq(self) -> int:
+        row = self._db().execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+        return int(row[0]) if row else 0
+
+    # -- bans ------------------------------------------------------------------------------
+
+    def add_ban(self, kind: BanKind, value: str, soft: bool) -> Ban:
+        """Record a ban covering every variant committed so far."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+            seq = int(row[0]) if row else 0
+            cur = db.execute("INSERT INTO bans (kind, value, soft, seq) VALUES (?, ?, ?, ?)",
+                             (kind, value, int(soft), seq))
+            ban_id = int(cur.lastrowid or 0)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return Ban(ban_id, kind, value, soft, seq)
+
+    def bans(self) -> list[Ban]:
+        rows = self._db().execute("SELECT id, kind, value, soft, seq FROM bans ORDER BY id")
+        return [Ban(int(r[0]), r[1], str(r[2]), bool(r[3]), int(r[4])) for r in rows]
+
+    def remove_ban(self, ban_id: int) -> None:
+        self._db().execute("DELETE FROM bans WHERE id = ?", (ban_id,))
+
+    # -- housekeeping ----------------------------------------------------------------------
 
     def clear(self) -> None:
+        self._write([("DELETE FROM entries", ()), ("DELETE FROM tags", ()), ("DELETE FROM bans", ())])
+
+    def vacuum(self) -> None:
+        """Give freed pages back to the file system (the index shrinks after sweeps)."""
         db = self._db()
-        db.execute("DELETE FROM entries")
-        db.execute("DELETE FROM tags")
+        db.execute("PRAGMA incremental_vacuum")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def size(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.path.getsize(self.file + suffix)
+            except OSError:
+                pass
+        return total
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        with self._lock:
+            dbs, self._all = self._all, []
+        for db in dbs:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()

@@ -1,9 +1,15 @@
-"""The memory tier: per-process, byte-budgeted, LRU (default) or LFU.
+"""The memory tier: per-process, byte-budgeted, LRU (default) or LFU, every operation O(1).
 
-A lookup is one dict access (plus the recency bump). Objects larger than
-``max_object`` keep only their metadata here (their body stays on disk), so a
-hit on them still needs no disk read for the freshness decision. Eviction from
-memory never touches the disk copy.
+A lookup is one dict access plus the recency (or frequency) bump. Objects whose
+body is larger than ``max_object`` keep only their metadata here (the body stays
+on disk), so a hit on them still needs no disk read for the freshness decision.
+Eviction from memory never touches the disk copy.
+
+LRU is an ``OrderedDict`` (``move_to_end`` on a hit, evict from the front). LFU
+is the classic O(1) scheme: one ``OrderedDict`` bucket per use count, the
+least-used bucket remembered, ties evicted oldest first. (The alternative, a
+``min()`` scan over every key on each eviction, is O(n) per insert and made a
+full 256 MB tier of small objects stall for milliseconds.)
 """
 
 from __future__ import annotations
@@ -11,13 +17,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from proxy.storage.entry import Entry
 
 MemoryPolicy = Literal["lru", "lfu"]
 
-ENTRY_OVERHEAD = 400  # bytes of Python objects around an entry, measured roughly
+ENTRY_OVERHEAD = 400  # bytes of Python objects around an entry (dataclasses, tuples, dict slots)
 
 
 @dataclass(slots=True)
@@ -29,26 +35,37 @@ class Cached:
 
 
 def cost(variants: tuple[Cached, ...]) -> int:
+    """What a key's variants cost against the budget: bodies, headers and object overhead."""
     total = 0
     for c in variants:
         e = c.entry
-        total += ENTRY_OVERHEAD + len(e.key) + (len(c.body) if c.body is not None else 0)
+        total += ENTRY_OVERHEAD + 2 * len(e.key) + (len(c.body) if c.body is not None else 0)
         for k, v in e.response.headers:
             total += len(k) + len(v) + 64
+        for t in e.tags:
+            total += len(t) + 64
     return total
 
 
 class MemoryTier:
     def __init__(self, budget: int, max_object: int, policy: MemoryPolicy = "lru") -> None:
+        if policy not in ("lru", "lfu"):
+            raise ValueError(f"memory policy must be lru or lfu, not {policy!r}")
         self.budget = budget
         self.max_object = max_object
         self.policy = policy
-        self._items: OrderedDict[str, tuple[Cached, ...]] = OrderedDict()
-        self._sizes: dict[str, int] = {}
-        self._hits: dict[str, int] = {}  # LFU frequency (and inspection hit counts)
+        # key -> [variants, cost, uses]: one dict entry per key, so a hit is one lookup.
+        self._items: OrderedDict[str, list[Any]] = OrderedDict()
         self._tags: dict[str, set[str]] = {}
+        self._extra_keys: dict[str, set[str]] = {}  # url -> keys with header/cookie parts
+        # LFU: use count -> keys with that count, oldest first; and the smallest count present.
+        self._buckets: dict[int, OrderedDict[str, None]] = {}
+        self._min_hits = 0
         self.bytes = 0
         self.evictions = 0
+        self._move_to_end = self._items.move_to_end
+        if policy == "lfu":
+            self.get = self._get_lfu  # type: ignore[method-assign]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -60,66 +77,147 @@ class MemoryTier:
         return iter(list(self._items))
 
     def get(self, key: str) -> tuple[Cached, ...] | None:
-        variants = self._items.get(key)
-        if variants is not None:
-            if self.policy == "lru":
-                self._items.move_to_end(key)
-            self._hits[key] = self._hits.get(key, 0) + 1
-        return variants
+        """The variants under ``key`` (a use: bumps recency and the use count), or None."""
+        try:
+            self._move_to_end(key)
+        except KeyError:
+            return None
+        slot = self._items[key]
+        slot[2] += 1
+        return slot[0]  # type: ignore[no-any-return]
+
+    def _get_lfu(self, key: str) -> tuple[Cached, ...] | None:
+        slot = self._items.get(key)
+        if slot is None:
+            return None
+        self._bump(key, slot)
+        return slot[0]  # type: ignore[no-any-return]
 
     def peek(self, key: str) -> tuple[Cached, ...] | None:
-        """Like ``get`` without counting as a use (for inspection)."""
-        return self._items.get(key)
+        """Like ``get`` without counting as a use (for inspection and internal updates)."""
+        slot = self._items.get(key)
+        return None if slot is None else slot[0]  # type: ignore[no-any-return]
 
     def hits(self, key: str) -> int:
-        return self._hits.get(key, 0)
+        """Uses of ``key`` since it was stored."""
+        slot = self._items.get(key)
+        return 0 if slot is None else int(slot[2])
 
     def put(self, key: str, variants: tuple[Cached, ...]) -> bool:
         """Hold ``variants`` under ``key``; False when they can never fit the budget."""
+        old = self._items.get(key)
+        # A replaced key keeps its use count: a refreshed hot object stays hot under LFU.
+        hits = 0 if old is None else int(old[2])
         self.delete(key)
         size = cost(variants)
         if size > self.budget:
             return False
-        self._items[key] = variants
-        self._sizes[key] = size
+        self._items[key] = [variants, size, hits]
         self.bytes += size
+        if self.policy == "lfu":
+            self._buckets.setdefault(hits, OrderedDict())[key] = None
+            if hits < self._min_hits or len(self._items) == 1:
+                self._min_hits = hits
         for tag in {t for c in variants for t in c.entry.tags}:
             self._tags.setdefault(tag, set()).add(key)
-        self._evict()
+        if "\x1f" in key:
+            self._extra_keys.setdefault(key.split("\x1f", 1)[0], set()).add(key)
+        self._evict(keep=key)
         return key in self._items
 
-    def delete(self, key: str) -> bool:
-        variants = self._items.pop(key, None)
-        if variants is None:
+    def replace(self, key: str, variants: tuple[Cached, ...]) -> bool:
+        """Update a present key in place (metadata changes) without counting a use."""
+        if key not in self._items:
             return False
-        self.bytes -= self._sizes.pop(key)
-        self._hits.pop(key, None)
+        return self.put(key, variants)
+
+    def delete(self, key: str) -> bool:
+        slot = self._items.pop(key, None)
+        if slot is None:
+            return False
+        variants, size, hits = slot
+        self.bytes -= size
+        if self.policy == "lfu":
+            bucket = self._buckets[hits]
+            del bucket[key]
+            if not bucket:
+                del self._buckets[hits]
         for tag in {t for c in variants for t in c.entry.tags}:
             members = self._tags.get(tag)
             if members is not None:
                 members.discard(key)
                 if not members:
                     del self._tags[tag]
+        if "\x1f" in key:
+            url = key.split("\x1f", 1)[0]
+            extra = self._extra_keys.get(url)
+            if extra is not None:
+                extra.discard(key)
+                if not extra:
+                    del self._extra_keys[url]
         return True
 
     def keys_for_tag(self, tag: str) -> list[str]:
         return list(self._tags.get(tag, ()))
 
+    def keys_for_url(self, url: str) -> list[str]:
+        """Every key of ``url``: the plain one and those with header or cookie parts."""
+        keys = list(self._extra_keys.get(url, ()))
+        if url in self._items:
+            keys.append(url)
+        return keys
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return [k for k in self._items if k.startswith(prefix)]
+
     def clear(self) -> int:
         n = len(self._items)
         self._items.clear()
-        self._sizes.clear()
-        self._hits.clear()
         self._tags.clear()
+        self._extra_keys.clear()
+        self._buckets.clear()
+        self._min_hits = 0
         self.bytes = 0
         return n
 
-    def _evict(self) -> None:
-        while self.bytes > self.budget and self._items:
-            if self.policy == "lru":
-                victim = next(iter(self._items))
-            else:
-                # LFU: the least used; ties go to the least recently inserted.
-                victim = min(self._items, key=lambda k: self._hits.get(k, 0))
+    def _bump(self, key: str, slot: list[Any]) -> None:
+        hits = slot[2]
+        bucket = self._buckets[hits]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[hits]
+            if self._min_hits == hits:
+                self._min_hits = hits + 1
+        slot[2] = hits + 1
+        self._buckets.setdefault(hits + 1, OrderedDict())[key] = None
+
+    def _victim(self) -> str:
+        if self.policy == "lru":
+            return next(iter(self._items))
+        bucket = self._buckets.get(self._min_hits)
+        if bucket is None:  # the minimum moved (deletes): find it again, rare
+            self._min_hits = min(self._buckets)
+            bucket = self._buckets[self._min_hits]
+        return next(iter(bucket))
+
+    def _evict(self, keep: str) -> None:
+        while self.bytes > self.budget and len(self._items) > 1:
+            victim = self._victim()
+            if victim == keep:
+                # The newcomer is the least used: evict the next one instead, so a new
+                # object gets a chance to be used (LFU would otherwise never admit anything).
+                if self.policy == "lru":
+                    break
+                keep_hits = self._items[keep][2]
+                bucket = self._buckets[keep_hits]
+                if len(bucket) > 1:
+                    victim = next(k for k in bucket if k != keep)
+                else:
+                    others = [h for h in self._buckets if h != keep_hits]
+                    if not others:
+                        break
+                    victim = next(iter(self._buckets[min(others)]))
             self.delete(victim)
             self.evictions += 1
+        if self.bytes > self.budget and keep in self._items:
+            self.delete(keep)

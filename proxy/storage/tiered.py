@@ -1,55 +1,79 @@
-"""The memory and disk tiers as one store.
+"""The memory and disk tiers as one store: lookup, promotion, streamed writes, purge, upkeep.
 
-Reads look in memory first (synchronously: the hit path awaits nothing), then
-on disk in the executor; a disk hit is promoted into memory when its body is
-small enough. Writes go to both tiers, disk first. A body is collected by a
-``BodySpool`` while it streams to the client, and committed only when it is
-complete: an upstream that breaks off leaves no entry.
+Reads look in memory first (synchronously: the hit path awaits nothing), then on
+disk in the executor; a disk hit is promoted into memory (with its body when the
+body is small enough, metadata only otherwise). Every variant read from disk
+passes the ban list first, so a purge by tag or prefix is in force at once.
+
+Writes: a body is collected by a ``BodySpool`` while it streams to the client and
+committed only when complete (an upstream that breaks off leaves no entry). A
+small body becomes visible in memory first, then the disk copy follows; a big
+one becomes visible once it is on disk.
+
+Purges have two halves, so that several worker processes can share the disk:
+
+- ``purge_shared`` acts once on the shared disk tier and index (URL keys are
+  deleted at once; tags, prefixes and "all" become bans);
+- ``purge_local`` acts in one process: its ban list, its memory tier, and the
+  fills it has in flight (a fill that was running when the purge arrived is not
+  stored; one being written to disk is waited for and removed again).
+
+A process that answers ``purge_local`` cannot serve a purged object afterwards:
+disk reads that were running during the purge are done again (``epoch``).
+
+``maintain`` is the upkeep one process runs (the only process, or the
+supervisor): it sweeps the bans into real deletions, drops index rows of
+entries diskcache evicted, and removes orphans a crash left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import os
 import tempfile
-import uuid
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import IO, Any, TypeVar
 
 from proxy.policy.keys import url_of_key
-from proxy.storage.disk import DiskTier
+from proxy.storage.bans import GONE, BanList, PurgeMatch
+from proxy.storage.disk import ORPHAN_AGE, DiskTier, new_body_id
 from proxy.storage.entry import Entry
-from proxy.storage.index import UrlTagIndex
+from proxy.storage.index import Ban, UrlTagIndex
 from proxy.storage.memory import Cached, MemoryTier
+from proxy.storage.spool import SpoolDir, sweep_dead_spools
 
 T = TypeVar("T")
+log = logging.getLogger("cachegate.storage")
 
 MAX_VARIANTS = 32
-
-
-def new_body_id() -> str:
-    return uuid.uuid4().hex
+SPOOL_IN_MEMORY = 64 * 1024  # a body being received stays in memory up to this (or memory_max_object)
+SWEEP_BATCH = 1000
+GC_BATCH = 2000
+GC_SEQ_LAG = 10.0  # seconds: index rows younger than this may belong to a commit in progress
 
 
 class BodySpool:
-    """A body being received: bytes in memory up to ``memory_limit``, then a temp file.
+    """A body being received: bytes in memory up to a threshold, then a temp file.
 
-    ``write`` returns False once the body grew past ``max_size``; the spool is then
-    abandoned (the response still streams to the client, it is just not stored).
+    ``write`` returns False once the body grew past the store's ``max_object``; the
+    spool is then abandoned (the response still streams to the client, it is just
+    not stored).
     """
 
-    def __init__(self, storage: Storage, entry: Entry, expected_length: int | None) -> None:
+    def __init__(self, storage: Storage, expected_length: int | None) -> None:
         self._storage = storage
-        self.entry = entry  # what this body will be stored as (key, url, tags)
-        self.doomed = False  # a purge matched it while it was being received: never store it
         self.expected_length = expected_length
         self.size = 0
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
         self.too_large = expected_length is not None and expected_length > storage.max_object
         self.body_id = new_body_id()
+        self.epoch = storage.epoch  # purges after this cancel the fill
 
     async def write(self, chunk: bytes) -> bool:
         if self.too_large:
@@ -82,7 +106,6 @@ class BodySpool:
         return self._file
 
     def discard(self) -> None:
-        self._storage._spools.discard(self)
         self._chunks = []
         if self._file is not None:
             f, self._file = self._file, None
@@ -94,6 +117,14 @@ class BodySpool:
                 pass
 
 
+@dataclass
+class UpkeepStats:
+    bans_swept: int = 0
+    entries_swept: int = 0
+    index_rows_dropped: int = 0
+    orphans_removed: int = 0
+
+
 class Storage:
     def __init__(
         self,
@@ -103,25 +134,42 @@ class Storage:
         *,
         max_object: int,
         executor: ThreadPoolExecutor | None = None,
-        tmpdir: str | None = None,
+        spool_root: str | None = None,
     ) -> None:
         self.memory = memory
         self.disk = disk
         self.index = index
-        self.max_object = max_object
-        self.spill_threshold = max(memory.max_object, 64 * 1024)
+        self.configured_max_object = max_object
+        # What can be stored at all: a body bigger than half a disk shard would be culled at
+        # once (or flush the shard); memory-only, it must fit the memory budget.
+        self.max_object = min(max_object, disk.max_body if disk is not None else memory.budget // 2)
+        if self.max_object < max_object:
+            log.warning("cache.max_object %d is more than the store can keep (half a disk shard, "
+                        "or half the memory tier): responses over %d bytes are passed through",
+                        max_object, self.max_object)
+        self.spill_threshold = max(memory.max_object, SPOOL_IN_MEMORY)
         self._executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="disk")
         self._own_executor = executor is None
-        self._tmpdir = tmpdir or (os.path.join(disk.path, "tmp") if disk else tempfile.gettempdir())
-        os.makedirs(self._tmpdir, exist_ok=True)
+        root = spool_root or (os.path.join(disk.path, "tmp") if disk is not None
+                              else os.path.join(tempfile.gettempdir(), "cachegate-spool"))
+        self.spools = SpoolDir(root)
         self.failed_writes = 0
-        self._spools: set[BodySpool] = set()  # bodies being received, not yet stored
+        self.bans = BanList(index.bans() if index is not None else ())
+        self.epoch = 0  # local purges so far
+        self._purge_log: collections.deque[tuple[int, PurgeMatch]] = collections.deque(maxlen=4096)
+        self._committing: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
+        self._gc_cursor = ""
+        self._gc_seq_marks: collections.deque[tuple[float, int]] = collections.deque()
+        self._gc_dropped_since_vacuum = 0
+        self.upkeep = UpkeepStats()
+        # The hit path: one call straight into the memory tier.
+        self.memory_get: Callable[[str], tuple[Cached, ...] | None] = memory.get
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def make_tempfile(self) -> IO[bytes]:
-        return tempfile.NamedTemporaryFile(dir=self._tmpdir, prefix="spool-", delete=False)
+        return self.spools.make_file()
 
     def close(self) -> None:
         if self._own_executor:
@@ -130,11 +178,9 @@ class Storage:
             self.disk.close()
         if self.index is not None:
             self.index.close()
+        self.spools.close()
 
     # -- reading ------------------------------------------------------------------------
-
-    def memory_get(self, key: str) -> tuple[Cached, ...] | None:
-        return self.memory.get(key)
 
     async def get(self, key: str) -> tuple[Cached, ...]:
         variants = self.memory.get(key)
@@ -142,21 +188,29 @@ class Storage:
             return variants
         if self.disk is None:
             return ()
-        variants = await self.run(self._load_from_disk, key)
-        if variants and key not in self.memory:
+        for _ in range(3):
+            epoch = self.epoch
+            variants = await self.run(self._load_from_disk, key)
+            if epoch == self.epoch:
+                break
+            # A purge arrived while we read: what we read may be purged. Read again.
+        else:
+            return ()
+        if variants:
+            current = self.memory.peek(key)
+            if current is not None:
+                return current  # promoted meanwhile by another request
             self.memory.put(key, variants)  # promotion; big bodies stay on disk
         return variants
 
     def _load_from_disk(self, key: str) -> tuple[Cached, ...]:
         assert self.disk is not None
-        entries = self.disk.get_variants(key)
-        if not entries:
-            return ()
+        entries = self.bans.apply(self.disk.get_variants(key))
         variants: list[Cached] = []
         for e in entries:
             body: bytes | None = None
             if e.body_size <= self.memory.max_object:
-                raw = self.disk.get_body(e.body_id)
+                raw = self.disk.get_body(key, e.body_id)
                 if raw is None:
                     continue  # the body was culled: this variant is gone
                 body = raw if isinstance(raw, bytes) else _read_all(raw)
@@ -166,24 +220,29 @@ class Storage:
         return tuple(variants)
 
     async def open_body(self, cached: Cached) -> bytes | IO[bytes] | None:
-        """The body of a variant: bytes from memory, or a file (or bytes) from disk."""
+        """The body of a variant: bytes from memory, or an open file (or bytes) from disk."""
         if cached.body is not None:
             return cached.body
         if self.disk is None:
             return None
-        return await self.run(self.disk.get_body, cached.entry.body_id)
+        return await self.run(self.disk.get_body, cached.entry.key, cached.entry.body_id)
 
     # -- writing ------------------------------------------------------------------------
 
-    def spool(self, entry: Entry, expected_length: int | None) -> BodySpool:
-        """Start receiving a body for ``entry``; purges from now on doom it (see ``delete``)."""
-        spool = BodySpool(self, entry, expected_length)
-        self._spools.add(spool)
-        return spool
+    def spool(self, expected_length: int | None) -> BodySpool:
+        return BodySpool(self, expected_length)
+
+    def _cancelled(self, entry: Entry, since: int) -> bool:
+        """Did a purge since local epoch ``since`` cover ``entry``?"""
+        if since >= self.epoch:
+            return False
+        if not self._purge_log or self._purge_log[0][0] > since + 1:
+            return True  # the log no longer reaches back that far: assume it did
+        return any(m.covers(entry) for ep, m in self._purge_log if ep > since)
 
     def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None:
-        """The entry with its body's id and size; None when the body is incomplete."""
-        if not spool.complete:
+        """The entry with its body's id and size; None when incomplete or purged meanwhile."""
+        if not spool.complete or self._cancelled(entry, spool.epoch):
             spool.discard()
             return None
         return replace(entry, body_id=spool.body_id, body_size=spool.size)
@@ -191,32 +250,44 @@ class Storage:
     def put_memory(self, entry: Entry, spool: BodySpool) -> bool:
         """Make a finalized entry visible in memory at once (small bodies only)."""
         body = spool.body_bytes()
-        if spool.doomed or body is None or entry.body_size > self.memory.max_object:
+        if body is None or entry.body_size > self.memory.max_object:
+            return False
+        if self._cancelled(entry, spool.epoch):
             return False
         current = self.memory.peek(entry.key) or ()
-        return self.memory.put(entry.key, _merge_variant(current, Cached(entry, body)))
+        merged, _ = _merge_variant(tuple(c.entry for c in current), entry)
+        bodies = {c.entry.body_id: c.body for c in current}
+        bodies[entry.body_id] = body
+        return self.memory.put(entry.key, tuple(Cached(e, bodies.get(e.body_id)) for e in merged))
 
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
         """Write a finalized entry to the disk tier; big bodies become visible here."""
-        try:
-            if spool.doomed:
-                return False
-            if self.disk is None:
-                return spool.body_bytes() is not None
-            ok = await self.run(self._commit_to_disk, entry, spool.body_bytes(), spool.file())
-            if not ok:
-                self.failed_writes += 1
-                return False
-            if spool.doomed:
-                # Purged while the write was under way: the purge must win.
-                await self.run(self._delete_on_disk, [entry.key], False)
-                return False
-        finally:
+        if self._cancelled(entry, spool.epoch):
             spool.discard()
-        if entry.body_size > self.memory.max_object:
+            return False
+        if self.disk is None:
+            ok = spool.body_bytes() is not None
+            spool.discard()
+            return ok
+        started = self.epoch
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        token = id(done)
+        self._committing[token] = (entry, done)
+        try:
+            stored = await self.run(self._commit_to_disk, entry, spool.body_bytes(), spool.file())
+        finally:
+            del self._committing[token]
+            done.set_result(None)
+            spool.discard()
+        if stored is None:
+            self.failed_writes += 1
+            return False
+        if entry.body_size > self.memory.max_object and not self._cancelled(entry, started):
             current = self.memory.peek(entry.key)
             if current is not None:  # keep memory's view of the key consistent
-                self.memory.put(entry.key, _merge_variant(current, Cached(entry, None)))
+                merged, _ = _merge_variant(tuple(c.entry for c in current), stored)
+                bodies = {c.entry.body_id: c.body for c in current}
+                self.memory.replace(entry.key, tuple(Cached(e, bodies.get(e.body_id)) for e in merged))
         return True
 
     async def commit(self, entry: Entry, spool: BodySpool) -> bool:
@@ -227,97 +298,191 @@ class Storage:
         in_memory = self.put_memory(final, spool)
         return await self.put_disk(final, spool) or (in_memory and self.disk is None)
 
-    def _commit_to_disk(self, entry: Entry, body: bytes | None, file: IO[bytes] | None) -> bool:
-        assert self.disk is not None
-        if body is not None:
-            ok = self.disk.set_body(entry.body_id, body)
+    def _commit_to_disk(self, entry: Entry, body: bytes | None, file: IO[bytes] | None) -> Entry | None:
+        """Body, then index (a new seq), then metadata; the stored entry, or None on failure."""
+        disk = self.disk
+        assert disk is not None
+        small: bytes | None = None
+        if body is not None and len(body) < 32 * 1024:
+            small = body
         else:
-            assert file is not None
-            file.flush()
-            file.seek(0)
-            ok = self.disk.set_body(entry.body_id, file)
-        if not ok:
-            return False
-        current = self.disk.get_variants(entry.key)
-        merged = _merge_variant(tuple(Cached(e, None) for e in current), Cached(entry, None))
-        kept = {c.entry.body_id for c in merged}
-        if not self.disk.set_variants(entry.key, tuple(c.entry for c in merged)):
-            self.disk.delete_body(entry.body_id)
-            return False
+            payload: bytes | IO[bytes]
+            if body is not None:
+                payload = body
+            else:
+                assert file is not None
+                file.flush()
+                file.seek(0)
+                payload = file
+            if not disk.put_body(entry.key, entry.body_id, payload):
+                return None
+        seq = self.index.add(entry.key, url_of_key(entry.key), entry.tags) if self.index else 0
+        new = replace(entry, seq=seq)
+        kept: list[tuple[Entry, ...]] = []
+
+        def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+            banned: list[str] = []
+            out, replaced = _merge_variant(self._unbanned(current, banned), new)
+            kept.append(out)
+            return out, replaced + banned
+
+        if not disk.commit(entry.key, merge, entry.body_id, small):
+            if small is None:
+                disk.delete_body(entry.key, entry.body_id)
+            return None
+        self._index_other_tags(entry.key, entry.tags, kept)
+        return new
+
+    def _unbanned(self, current: tuple[Entry, ...], dropped: list[str]) -> tuple[Entry, ...]:
+        """Variants minus the hard-banned ones (their bodies go to ``dropped``); soft-banned made stale."""
+        out: list[Entry] = []
         for e in current:
-            if e.body_id not in kept:
-                self.disk.delete_body(e.body_id)
-        if self.index is not None:
-            tags = tuple(sorted({t for c in merged for t in c.entry.tags}))
-            self.index.add(entry.key, url_of_key(entry.key), tags)
-        return True
+            v = self.bans.verdict(e)
+            if v == GONE:
+                dropped.append(e.body_id)
+            elif v is None:
+                out.append(e)
+            else:
+                out.append(e if e.response.invalidated else e.invalidated())
+        return tuple(out)
+
+    def _index_other_tags(self, key: str, written: tuple[str, ...], kept: list[tuple[Entry, ...]]) -> None:
+        if self.index is None or not kept:
+            return
+        extra = {t for e in kept[-1] for t in e.tags} - set(written)
+        if extra:
+            self.index.add_tags(key, sorted(extra))
 
     async def update(self, entry: Entry) -> None:
         """Replace a variant's metadata (after a 304), keeping its body."""
         current = self.memory.peek(entry.key)
         if current is not None:
-            self.memory.put(entry.key, tuple(
+            self.memory.replace(entry.key, tuple(
                 Cached(entry, c.body) if c.entry.body_id == entry.body_id else c for c in current
             ))
         if self.disk is not None:
             await self.run(self._update_on_disk, entry)
 
     def _update_on_disk(self, entry: Entry) -> None:
-        assert self.disk is not None
-        current = self.disk.get_variants(entry.key)
-        if any(e.body_id == entry.body_id for e in current):
-            self.disk.set_variants(
-                entry.key, tuple(entry if e.body_id == entry.body_id else e for e in current)
-            )
+        disk = self.disk
+        assert disk is not None
+        # A new seq: a soft purge that covered the old copy does not cover the revalidated one.
+        seq = self.index.add(entry.key, url_of_key(entry.key), entry.tags) if self.index else 0
+        new = replace(entry, seq=seq)
+        kept: list[tuple[Entry, ...]] = []
 
-    # -- removing -----------------------------------------------------------------------
+        def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+            dropped: list[str] = []
+            current = self._unbanned(current, dropped)
+            out = tuple(new if e.body_id == entry.body_id else e for e in current)
+            kept.append(out)
+            return out, dropped
+
+        disk.commit(entry.key, merge)
+        self._index_other_tags(entry.key, entry.tags, kept)
+
+    # -- purging ------------------------------------------------------------------------
+
+    async def keys_for_urls(self, urls: Iterable[str]) -> set[str]:
+        """Every key of these URLs (all key shapes: header and cookie parts), in both tiers."""
+        urls = list(urls)
+        keys = {k for u in urls for k in self.memory.keys_for_url(u)}
+        if self.index is not None and urls:
+            index = self.index
+            keys.update(await self.run(lambda: [k for u in urls for k in index.keys_for_url(u)]))
+        return keys
 
     async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
                        tags: Iterable[str] = (), memory_only: bool = False) -> set[str]:
-        """Every stored key for these URLs (all variants), prefixes and tags, in both tiers."""
+        """Every stored key for these URLs, prefixes and tags (small purges and inspection)."""
         urls, prefixes, tags = list(urls), list(prefixes), list(tags)
-        keys: set[str] = set()
-        mem_keys = list(self.memory.keys()) if (urls or prefixes) else []
-        url_set = set(urls)
-        for k in mem_keys:
-            u = url_of_key(k)
-            if u in url_set or any(u.startswith(p) for p in prefixes):
-                keys.add(k)
-        for t in tags:
-            keys.update(self.memory.keys_for_tag(t))
-        tag_set = set(tags)
-        for spool in self._spools:
-            e = spool.entry
-            u = url_of_key(e.key)
-            if u in url_set or any(u.startswith(p) for p in prefixes) or tag_set & set(e.tags):
-                keys.add(e.key)
+        keys = {k for u in urls for k in self.memory.keys_for_url(u)}
+        keys.update(k for p in prefixes for k in self.memory.keys_with_prefix(p))
+        keys.update(k for t in tags for k in self.memory.keys_for_tag(t))
         if self.index is not None and not memory_only:
-            keys.update(await self.run(self._index_keys, urls, prefixes, tags))
+            index = self.index
+
+            def lookup() -> set[str]:
+                found = {k for u in urls for k in index.keys_for_url(u)}
+                found.update(k for p in prefixes for k in index.keys_for_prefix(p))
+                found.update(k for t in tags for k in index.keys_for_tag(t))
+                return found
+
+            keys.update(await self.run(lookup))
         return keys
 
-    def _index_keys(self, urls: list[str], prefixes: list[str], tags: list[str]) -> set[str]:
-        assert self.index is not None
-        keys: set[str] = set()
-        for u in urls:
-            keys.update(self.index.keys_for_url(u))
-        for p in prefixes:
-            keys.update(self.index.keys_for_prefix(p))
-        for t in tags:
-            keys.update(self.index.keys_for_tag(t))
-        return keys
+    async def purge_shared(self, keys: Iterable[str], prefixes: Iterable[str] = (),
+                           tags: Iterable[str] = (), all: bool = False, soft: bool = False
+                           ) -> tuple[int, list[Ban]]:
+        """The shared half of a purge (once per cache directory): delete (or mark stale) the
+        keys on disk now; record tags, prefixes and "all" as bans. Returns (entries, bans)."""
+        if self.disk is None:
+            return 0, []
+        return await self.run(self._purge_shared, list(keys), list(prefixes), list(tags), all, soft)
 
-    async def delete(self, keys: Iterable[str], soft: bool = False) -> int:
-        """Remove (or, when ``soft``, mark stale) these keys in both tiers; count the keys found."""
-        keys = list(keys)
-        if not soft:
-            wanted = set(keys)
-            for spool in self._spools:
-                if spool.entry.key in wanted:
-                    spool.doomed = True
-        found = {k for k in keys if self.forget_in_memory(k, soft)}
-        if self.disk is not None and keys:
-            found |= await self.run(self._delete_on_disk, keys, soft)
-        return len(found)
+    def _purge_shared(self, keys: list[str], prefixes: list[str], tags: list[str], all_: bool,
+                      soft: bool) -> tuple[int, list[Ban]]:
+        disk, index = self.disk, self.index
+        assert disk is not None
+        count = 0
+        bans: list[Ban] = []
+        if index is not None:
+            if all_:
+                bans.append(index.add_ban("all", "", soft))
+                count += index.count()
+            for t in tags:
+                bans.append(index.add_ban("tag", t, soft))
+                count += index.count_tag(t)
+            for p in prefixes:
+                bans.append(index.add_ban("prefix", p, soft))
+                count += index.count_prefix(p)
+        elif all_:
+            count += len(disk.iter_keys())
+            disk.clear()
+        if keys:
+            if soft:
+                found = disk.update_many(keys, _mark_stale)
+            else:
+                found = disk.delete_keys(keys)
+                if index is not None:
+                    index.remove(keys)
+            count += len(found)
+        return count, bans
+
+    async def purge_local(self, match: PurgeMatch, bans: Iterable[Ban] = ()) -> int:
+        """This process's half of a purge: bans, memory tier, and fills in flight. Returns the
+        number of keys dropped (or marked stale) from memory."""
+        self.bans.add(bans)
+        self.epoch += 1
+        self._purge_log.append((self.epoch, match))
+        count = self._purge_memory(match)
+        waits = [(e, fut) for e, fut in self._committing.values() if match.covers(e)]
+        if waits:
+            # Fills being written to disk right now: let them finish, then undo them.
+            await asyncio.gather(*(fut for _, fut in waits))
+            keys = sorted({e.key for e, _ in waits})
+            if self.disk is not None:
+                disk = self.disk
+                if match.soft:
+                    await self.run(disk.update_many, keys, _mark_stale)
+                else:
+                    await self.run(disk.delete_keys, keys)
+            for k in keys:
+                self.forget_in_memory(k, match.soft)
+        return count
+
+    def _purge_memory(self, match: PurgeMatch) -> int:
+        m = self.memory
+        if match.all:
+            if not match.soft:
+                return m.clear()
+            keys: set[str] = set(m.keys())
+        else:
+            keys = {k for k in match.keys if k in m}
+            keys.update(k for u in match.urls for k in m.keys_for_url(u))
+            keys.update(k for t in match.tags for k in m.keys_for_tag(t))
+            keys.update(k for p in match.prefixes for k in m.keys_with_prefix(p))
+        return sum(self.forget_in_memory(k, match.soft) for k in keys)
 
     def forget_in_memory(self, key: str, soft: bool) -> bool:
         if not soft:
@@ -325,57 +490,142 @@ class Storage:
         current = self.memory.peek(key)
         if current is None:
             return False
-        self.memory.put(key, tuple(Cached(_invalidated(c.entry), c.body) for c in current))
+        self.memory.replace(key, tuple(
+            c if c.entry.response.invalidated else Cached(c.entry.invalidated(), c.body) for c in current
+        ))
         return True
 
-    def _delete_on_disk(self, keys: list[str], soft: bool) -> set[str]:
-        assert self.disk is not None
-        found: set[str] = set()
-        for k in keys:
-            if soft:
-                current = self.disk.get_variants(k)
-                if current:
-                    self.disk.set_variants(k, tuple(_invalidated(e) for e in current))
-                    found.add(k)
-            elif self.disk.delete_variants(k):
-                found.add(k)
-        if not soft and self.index is not None:
-            self.index.remove(keys)
-        return found
+    async def delete(self, keys: Iterable[str], soft: bool = False) -> int:
+        """Remove (or mark stale) these keys in this process and on disk."""
+        keys = set(keys)
+        local = await self.purge_local(PurgeMatch(keys=frozenset(keys), soft=soft))
+        shared, _ = await self.purge_shared(keys, soft=soft)
+        return max(local, shared)
 
     async def delete_all(self, soft: bool = False) -> int:
-        if soft:
-            keys = set(self.memory.keys())
-            if self.disk is not None:
-                keys.update(await self.run(self.disk.iter_keys))
-            return await self.delete(keys, soft=True)
-        for spool in self._spools:
-            spool.doomed = True
-        count = len(self.memory)
-        self.memory.clear()
-        if self.disk is not None:
-            count = max(count, await self.run(self._clear_disk))
-        return count
+        shared, bans = await self.purge_shared((), all=True, soft=soft)
+        local = await self.purge_local(PurgeMatch(all=True, soft=soft), bans)
+        return max(shared, local)
 
-    def _clear_disk(self) -> int:
-        assert self.disk is not None
-        n = len(self.disk.iter_keys())
-        self.disk.clear()
+    # -- upkeep (one process per cache directory) ----------------------------------------
+
+    async def maintain(self, *, orphans_before: float | None = None) -> UpkeepStats:
+        """One round of upkeep: sweep bans, a step of index GC, and (when asked) orphans."""
+        if self.index is None or self.disk is None:
+            return self.upkeep
+        index = self.index
+        bans = await self.run(index.bans)
+        self.bans.replace(bans)
+        for ban in bans:
+            await self._sweep_ban(ban)
+        if bans:
+            self.bans.replace(await self.run(index.bans))
+        await self.run(self._gc_step)
+        if orphans_before is not None:
+            disk = self.disk
+            removed = await self.run(disk.sweep_orphans, orphans_before)
+            removed += await self.run(sweep_dead_spools, self.spools.root)
+            if removed:
+                log.info("removed %d orphan(s) left by an earlier crash", removed)
+            self.upkeep.orphans_removed += removed
+        return self.upkeep
+
+    async def _sweep_ban(self, ban: Ban) -> None:
+        index, disk = self.index, self.disk
+        assert index is not None and disk is not None
+        pages: dict[str, Callable[[str, int], list[str]]] = {
+            "tag": lambda after, n: index.keys_for_tag(ban.value, after, n),
+            "prefix": lambda after, n: index.keys_for_prefix(ban.value, after, n),
+            "all": index.all_keys,
+        }
+        page = pages[ban.kind]
+        after = ""
+        while True:
+            keys = await self.run(page, after, SWEEP_BATCH)
+            if not keys:
+                break
+            await self.run(self._apply_ban, ban, keys)
+            after = keys[-1]
+        await self.run(index.remove_ban, ban.id)
+        self.upkeep.bans_swept += 1
+
+    def _apply_ban(self, ban: Ban, keys: list[str]) -> None:
+        disk, index = self.disk, self.index
+        assert disk is not None and index is not None
+        one = BanList([ban])
+        emptied: list[str] = []
+        swept = 0
+
+        def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+            nonlocal swept
+            out: list[Entry] = []
+            dropped: list[str] = []
+            for e in current:
+                v = one.verdict(e)
+                if v is None:
+                    out.append(e)
+                    continue
+                swept += 1
+                if v == GONE:
+                    dropped.append(e.body_id)
+                else:
+                    out.append(e if e.response.invalidated else e.invalidated())
+            if current and not out:
+                emptied.append(current[0].key)
+            return tuple(out), dropped
+
+        found = set(disk.update_many(keys, merge))
+        index.remove(emptied + [k for k in keys if k not in found])
+        self.upkeep.entries_swept += swept
+
+    def _gc_step(self) -> None:
+        """Check the next batch of index rows; drop those whose entry diskcache evicted."""
+        index, disk = self.index, self.disk
+        assert index is not None and disk is not None
+        # Only rows older than GC_SEQ_LAG are judged: a younger row may belong to a commit
+        # whose metadata is not written yet. Marks remember which seq was current when.
+        now = time.monotonic()
+        marks = self._gc_seq_marks
+        marks.append((now, index.current_seq()))
+        while len(marks) >= 2 and now - marks[1][0] >= GC_SEQ_LAG:
+            marks.popleft()
+        if now - marks[0][0] < GC_SEQ_LAG:
+            return
+        cutoff = marks[0][1]
+        rows = index.scan(self._gc_cursor, GC_BATCH)
+        self._gc_cursor = rows[-1][0] if len(rows) == GC_BATCH else ""
+        dead = [k for k, seq in rows if seq <= cutoff and not disk.has(k)]
+        if dead:
+            index.remove(dead)
+            self.upkeep.index_rows_dropped += len(dead)
+            self._gc_dropped_since_vacuum += len(dead)
+        if self._gc_cursor == "" and self._gc_dropped_since_vacuum:
+            index.vacuum()
+            self._gc_dropped_since_vacuum = 0
+
+    async def reload_bans(self) -> None:
         if self.index is not None:
-            self.index.clear()
-        return n
+            self.bans.replace(await self.run(self.index.bans))
 
 
-def _invalidated(e: Entry) -> Entry:
-    return e.with_response(replace(e.response, invalidated=True))
+def _mark_stale(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+    return tuple(e if e.response.invalidated else e.invalidated() for e in current), []
 
 
-def _merge_variant(current: tuple[Cached, ...], new: Cached) -> tuple[Cached, ...]:
-    kept = [c for c in current if c.entry.response.vary != new.entry.response.vary]
+def _merge_variant(current: tuple[Entry, ...], new: Entry) -> tuple[tuple[Entry, ...], list[str]]:
+    """``new`` replaces the variant with the same Vary values; at most MAX_VARIANTS are kept.
+    Returns the variants and the body ids no longer used."""
+    kept = [e for e in current if e.response.vary != new.response.vary]
+    dropped = [e.body_id for e in current if e.response.vary == new.response.vary]
     kept.append(new)
-    return tuple(kept[-MAX_VARIANTS:])
+    while len(kept) > MAX_VARIANTS:
+        dropped.append(kept.pop(0).body_id)
+    return tuple(kept), dropped
 
 
 def _read_all(f: IO[bytes]) -> bytes:
     with f:
         return f.read()
+
+
+__all__ = ["ORPHAN_AGE", "BodySpool", "Cached", "Storage"]

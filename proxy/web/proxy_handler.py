@@ -139,6 +139,10 @@ def _plain(status: int, text: str, x_cache: str) -> web.Response:
 
 async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) -> web.StreamResponse:
     headers = CIMultiDict(reply.headers)
+    if runtime.debug_headers:
+        headers["X-Cachegate-Tier"] = reply.tier
+        if runtime.worker_id is not None:
+            headers["X-Cachegate-Worker"] = str(runtime.worker_id)
     body = reply.body
     if isinstance(body, bytes) and not reply.head_only:
         runtime.metrics.response_bytes.labels(reply.tier).inc(len(body))

@@ -4,21 +4,27 @@ SIGTERM/SIGINT: stop accepting, let in-flight requests finish within
 ``shutdown_grace``, finish background fills, close the store, exit 0.
 SIGHUP: re-read config and rules; a bad new config is logged and the old one
 keeps serving.
+
+The same ``serve`` runs a worker of ``cachegate run --workers N``; the
+supervisor itself is ``proxy.supervisor``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from aiohttp import web
 
 from proxy.config import Overrides, Settings, base_cache_options, load_config
+from proxy.control import Channel
 from proxy.errors import ConfigError
 from proxy.purge import PurgeSpec
 from proxy.runtime import ReloadResult, Runtime
@@ -184,39 +190,106 @@ def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides) -
     return reloader
 
 
-async def serve(settings: Settings, config_path: str | None, overrides: Overrides) -> int:
-    """Run one serving process until SIGTERM/SIGINT; returns the exit status."""
+@dataclass
+class WorkerLink:
+    """How a worker process talks to its supervisor (see ``proxy.supervisor``)."""
+
+    worker_id: int
+    control_fd: int
+
+
+async def serve(settings: Settings, config_path: str | None, overrides: Overrides,
+                worker: WorkerLink | None = None) -> int:
+    """Run one serving process until SIGTERM/SIGINT; returns the exit status.
+
+    Alone, it owns the cache directory (upkeep) and runs the admin API. As a worker
+    of a supervisor (``worker``), it accepts on the shared port (SO_REUSEPORT), leaves
+    the admin API and the upkeep to the supervisor, sends purges through it, and
+    answers its calls (``purge_local``, ``reload``, ``ping``).
+    """
     check_c_parser()
-    runtime = await Runtime.open(settings)
+    runtime = await Runtime.open(settings, owner=worker is None)
     listeners = Listeners()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
     reloader = install_reloader(runtime, config_path, overrides)
+    channel = None
+    if worker is not None:
+        channel = await _connect_supervisor(runtime, worker, reloader, stop)
     try:
-        proxy_runner = await start_proxy_listener(lambda: runtime, settings)
+        proxy_runner = await start_proxy_listener(lambda: runtime, settings,
+                                                  reuse_port=worker is not None)
         listeners.runners.append(proxy_runner)
         listeners.proxy_addresses = _bound(proxy_runner)
-        admin_runner = await start_admin_listener(lambda: runtime, settings)
-        if admin_runner is not None:
-            listeners.runners.append(admin_runner)
-            listeners.admin_addresses = _bound(admin_runner)
+        if worker is None:
+            admin_runner = await start_admin_listener(lambda: runtime, settings)
+            if admin_runner is not None:
+                listeners.runners.append(admin_runner)
+                listeners.admin_addresses = _bound(admin_runner)
     except OSError as exc:
         print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
         await listeners.stop(0)
+        if channel is not None:
+            await channel.close()
         await runtime.close()
         return 1
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # A worker leaves SIGINT (Ctrl-C reaches the whole process group) to its supervisor.
+    stop_signals = (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT)
+    for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
-    announce(listeners)
+    if channel is not None:
+        await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
+    else:
+        announce(listeners)
     try:
         await stop.wait()
     finally:
         log.info("shutting down: finishing in-flight requests (grace %.0fs)", settings.shutdown_grace)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (*stop_signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await listeners.stop(runtime.settings.shutdown_grace)
+        if channel is not None:
+            await channel.close()
         await runtime.close()
-    print("cachegate: stopped", flush=True)
+    if worker is None:
+        print("cachegate: stopped", flush=True)
     return 0
+
+
+async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Reloader,
+                              stop: asyncio.Event) -> Channel:
+    from proxy.purge import match_from_json
+    from proxy.storage.index import Ban
+
+    async def purge_local(match: dict[str, Any], bans: list[list[Any]]) -> int:
+        return await runtime.storage.purge_local(match_from_json(match),
+                                                 [Ban.from_json(b) for b in bans])
+
+    async def reload() -> dict[str, Any]:
+        result = reloader.reload()
+        return {"problems": result.problems, "restart_required": result.restart_required}
+
+    async def ping() -> dict[str, Any]:
+        return {"worker_id": worker.worker_id, "pid": os.getpid(),
+                "memory_entries": len(runtime.storage.memory)}
+
+    sock = socket.socket(fileno=worker.control_fd)
+    channel = await Channel.open(sock, {"purge_local": purge_local, "reload": reload, "ping": ping},
+                                 name=f"worker {worker.worker_id}")
+
+    async def purge_via_supervisor(spec: PurgeSpec) -> int:
+        return int(await channel.call("purge", spec=spec.to_json()))
+
+    runtime.purge_fn = purge_via_supervisor
+    runtime.worker_id = worker.worker_id
+
+    async def watch_supervisor() -> None:
+        await channel.closed.wait()
+        if not stop.is_set():
+            log.error("worker %d: the supervisor is gone; stopping", worker.worker_id)
+            stop.set()
+
+    runtime._tasks.append(asyncio.ensure_future(watch_supervisor()))
+    return channel

@@ -1,0 +1,112 @@
+"""Which stored variants a purge covers: bans (lazy, for the disk tier) and purge matches (eager).
+
+Pure bookkeeping, no I/O. A ``BanList`` is each process's copy of the index's
+bans; a variant read from disk passes ``BanList.apply`` before anyone sees it.
+A ``PurgeMatch`` says whether a purge covers one entry; it is how a process
+cancels the fills that were in flight when the purge arrived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from proxy.policy.keys import url_of_key
+from proxy.storage.entry import Entry
+from proxy.storage.index import Ban
+
+GONE, STALE = "gone", "stale"
+
+
+class BanList:
+    """Bans in force in this process. Read from executor threads, changed on the loop thread:
+    every change replaces a whole container, so a reader never sees one half-updated."""
+
+    def __init__(self, bans: Iterable[Ban] = ()) -> None:
+        self._ids: frozenset[int] = frozenset()
+        self._tags: dict[tuple[str, bool], int] = {}
+        self._prefixes: tuple[tuple[str, bool, int], ...] = ()
+        self._all: dict[bool, int] = {}
+        self.replace(bans)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def replace(self, bans: Iterable[Ban]) -> None:
+        ids: set[int] = set()
+        tags: dict[tuple[str, bool], int] = {}
+        prefixes: list[tuple[str, bool, int]] = []
+        all_: dict[bool, int] = {}
+        for b in bans:
+            ids.add(b.id)
+            if b.kind == "tag":
+                tags[(b.value, b.soft)] = max(tags.get((b.value, b.soft), 0), b.seq)
+            elif b.kind == "prefix":
+                prefixes.append((b.value, b.soft, b.seq))
+            else:
+                all_[b.soft] = max(all_.get(b.soft, 0), b.seq)
+        self._tags, self._prefixes, self._all, self._ids = tags, tuple(prefixes), all_, frozenset(ids)
+        self._bans = list(bans) if not isinstance(bans, list) else bans
+
+    def add(self, bans: Iterable[Ban]) -> None:
+        new = [b for b in bans if b.id not in self._ids]
+        if new:
+            self.replace([*self._bans, *new])
+
+    def verdict(self, e: Entry) -> str | None:
+        """GONE when a hard ban covers ``e``, STALE when only a soft one does, else None."""
+        if not self._ids:
+            return None
+        soft = False
+        for is_soft, seq in self._all.items():
+            if e.seq <= seq:
+                if not is_soft:
+                    return GONE
+                soft = True
+        for t in e.tags:
+            for is_soft in (False, True):
+                seq = self._tags.get((t, is_soft))
+                if seq is not None and e.seq <= seq:
+                    if not is_soft:
+                        return GONE
+                    soft = True
+        for prefix, is_soft, seq in self._prefixes:
+            if e.seq <= seq and e.key.startswith(prefix):
+                if not is_soft:
+                    return GONE
+                soft = True
+        return STALE if soft else None
+
+    def apply(self, entries: tuple[Entry, ...]) -> tuple[Entry, ...]:
+        """The variants as a reader may see them: banned ones dropped, soft-banned ones stale."""
+        if not self._ids:
+            return entries
+        out: list[Entry] = []
+        for e in entries:
+            v = self.verdict(e)
+            if v is None:
+                out.append(e)
+            elif v == STALE:
+                out.append(e if e.response.invalidated else e.invalidated())
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class PurgeMatch:
+    """What one purge covers, tested entry by entry (fills in flight, memory scans)."""
+
+    keys: frozenset[str] = frozenset()
+    urls: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    tags: frozenset[str] = frozenset()
+    all: bool = False
+    soft: bool = False
+
+    def covers(self, e: Entry) -> bool:
+        if self.all or e.key in self.keys:
+            return True
+        if self.urls and url_of_key(e.key) in self.urls:
+            return True
+        if self.tags and not self.tags.isdisjoint(e.tags):
+            return True
+        return any(e.key.startswith(p) for p in self.prefixes)
