@@ -219,6 +219,7 @@ class Supervisor:
     def _handlers(self, w: Worker) -> dict[str, Any]:
         async def ready(worker_id: int, pid: int) -> None:
             w.ready.set()
+            print(f"cachegate: worker {worker_id} ready (pid {pid})", flush=True)
 
         async def purge(spec: dict[str, Any]) -> int:
             return await self.purge(PurgeSpec.from_json(spec))

@@ -1,0 +1,160 @@
+"""cachegate as a real subprocess (``cachegate run``) for crash, restart, budget and worker tests.
+
+The origin runs in the test's event loop (tests/harness.py), so everything here
+is async: the loop keeps serving the origin while a test waits on the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+LISTEN = re.compile(r"proxy listening on http://([^\s]+)")
+ADMIN = re.compile(r"admin listening on http://([^\s]+)")
+WORKER = re.compile(r"worker (\d+) ready \(pid (\d+)\)")
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Any
+    body: bytes
+
+    @property
+    def x_cache(self) -> str:
+        return str(self.headers.get("X-Cache-Status", ""))
+
+    @property
+    def tier(self) -> str:
+        return str(self.headers.get("X-Cachegate-Tier", ""))
+
+    @property
+    def worker(self) -> str:
+        return str(self.headers.get("X-Cachegate-Worker", ""))
+
+
+@dataclass
+class ProxyProcess:
+    directory: str
+    config_path: str
+    process: asyncio.subprocess.Process | None = None
+    url: str = ""
+    admin_url: str = ""
+    lines: list[str] = field(default_factory=list)
+    workers: dict[int, int] = field(default_factory=dict)  # worker id -> pid (latest)
+    _reader: asyncio.Task[None] | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self, *args: str, timeout: float = 30.0) -> None:
+        env = dict(os.environ, CACHEGATE_DEBUG_HEADERS="1")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "--config", self.config_path, "--log-level",
+            "warning", *args, stdout=asyncio.subprocess.PIPE, stderr=None, env=env,
+            cwd=self.directory)
+        self.url = self.admin_url = ""
+        self._reader = asyncio.ensure_future(self._read())
+        await self.wait_for(lambda: bool(self.url), timeout)
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        async for raw in self.process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            if m := LISTEN.search(line):
+                self.url = "http://" + m.group(1)
+            if m := ADMIN.search(line):
+                self.admin_url = "http://" + m.group(1)
+            if m := WORKER.search(line):
+                self.workers[int(m.group(1))] = int(m.group(2))
+            self._changed.set()
+        self._changed.set()
+
+    async def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+        async def loop() -> None:
+            while not predicate():
+                if self.process is not None and self.process.returncode is not None:
+                    raise AssertionError(f"cachegate exited ({self.process.returncode}):\n"
+                                         + "\n".join(self.lines))
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.2)
+
+        await asyncio.wait_for(loop(), timeout)
+
+    async def get(self, path: str, **kwargs: Any) -> Response:
+        """A GET on a new connection (so that SO_REUSEPORT may pick any worker)."""
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as s:
+            async with s.get(self.url + path, allow_redirects=False, **kwargs) as r:
+                return Response(r.status, r.headers, await r.read())
+
+    async def admin(self, method: str, path: str, **kwargs: Any) -> Response:
+        async with aiohttp.ClientSession() as s, s.request(method, self.admin_url + path, **kwargs) as r:
+            return Response(r.status, r.headers, await r.read())
+
+    def send(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def kill(self) -> None:
+        """SIGKILL the whole process group (a supervisor and its workers)."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        for pid in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+
+
+def write_config(directory: str, origin_url: str, cache: str, extra: str = "") -> str:
+    text = (
+        "listen: 127.0.0.1:0\n"
+        f"upstreams: [{{url: '{origin_url}'}}]\n"
+        "admin: {listen: '127.0.0.1:0'}\n"
+        "shutdown_grace: 2s\n"
+        + textwrap.dedent(cache) + textwrap.dedent(extra)
+    )
+    path = os.path.join(directory, "cachegate.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def disk_usage(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+    return total

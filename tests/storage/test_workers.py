@@ -1,0 +1,154 @@
+"""``cachegate run --workers 2`` as a real process tree: shared port, shared disk, purges everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.harness import Origin
+from tests.storage.procs import ProxyProcess, Response, write_config
+
+pytestmark = pytest.mark.slow
+
+CACHE = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
+
+
+async def _until_each_worker(proxy: ProxyProcess, path: str, want: int, check: object) -> dict[str, Response]:
+    """New connections until every worker answered ``path`` with a response ``check`` accepts."""
+    seen: dict[str, Response] = {}
+    for _ in range(400):
+        r = await proxy.get(path)
+        if check(r):  # type: ignore[operator]
+            seen[r.worker] = r
+        if len(seen) == want:
+            return seen
+    raise AssertionError(f"only workers {sorted(seen)} answered as wanted")
+
+
+async def test_a_purge_through_the_admin_api_reaches_every_workers_memory(
+        origin: Origin, tmp_path: Path) -> None:
+    version = {"v": b"v1"}
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=version["v"] * 100, headers={
+            "Cache-Control": "max-age=300", "Surrogate-Key": "pages"})
+
+    origin.route("/p", page)
+    origin.route("/q", page)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    try:
+        for path in ("/p", "/q"):
+            assert (await proxy.get(path)).x_cache == "MISS"
+            # Every worker serves it from its own memory tier (promoted from the shared disk).
+            hits = await _until_each_worker(
+                proxy, path, 2, lambda r: r.x_cache == "HIT" and r.tier == "memory")
+            assert sorted(hits) == ["0", "1"]
+            assert all(r.body == b"v1" * 100 for r in hits.values())
+        assert origin.count("/p") == origin.count("/q") == 1
+
+        version["v"] = b"v2"
+        host = proxy.url.removeprefix("http://")
+        purged = await proxy.admin("POST", "/purge", json={"urls": [f"http://{host}/p"]})
+        assert purged.status == 200, purged.body
+        purged = await proxy.admin("POST", "/purge", json={"tags": ["pages"]})
+        assert purged.status == 200, purged.body
+
+        # No worker may answer with the purged body, from memory or from disk.
+        seen = set()
+        for _ in range(40):
+            for path in ("/p", "/q"):
+                r = await proxy.get(path)
+                assert r.status == 200
+                assert r.body == b"v2" * 100, (path, r.worker, r.x_cache, r.tier)
+                seen.add(r.worker)
+        assert seen == {"0", "1"}
+    finally:
+        await proxy.stop()
+
+
+async def test_a_purge_sent_to_a_worker_as_an_unsafe_method_reaches_the_other_worker(
+        origin: Origin, tmp_path: Path) -> None:
+    version = {"v": b"old"}
+
+    async def page(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            version["v"] = b"new"
+            return web.Response(status=204)
+        return web.Response(body=version["v"], headers={"Cache-Control": "max-age=300"})
+
+    origin.route("/doc", page)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.get("/doc")
+        await _until_each_worker(proxy, "/doc", 2, lambda r: r.tier == "memory")
+        # A POST through one worker invalidates /doc (RFC 9111 §4.4) in both.
+        connector_resp = await _post(proxy, "/doc")
+        assert connector_resp == 204
+        for _ in range(30):
+            r = await proxy.get("/doc")
+            assert r.body == b"new", (r.worker, r.x_cache, r.tier)
+    finally:
+        await proxy.stop()
+
+
+async def _post(proxy: ProxyProcess, path: str) -> int:
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+            s.post(proxy.url + path, data=b"x") as r:
+        return r.status
+
+
+async def test_a_worker_killed_with_sigkill_is_restarted_and_sigterm_stops_all_with_exit_0(
+        origin: Origin, tmp_path: Path) -> None:
+    origin.route("/k", body=b"k", headers={"Cache-Control": "max-age=300"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        old = proxy.workers[1]
+        os.kill(old, signal.SIGKILL)
+        await proxy.wait_for(lambda: proxy.workers[1] != old, timeout=30)
+        new = proxy.workers[1]
+        assert new != old
+        # Both workers serve again (the new one from the shared disk tier).
+        seen = await _until_each_worker(proxy, "/k", 2, lambda r: r.status == 200 and r.body == b"k")
+        assert sorted(seen) == ["0", "1"]
+        pids = list(proxy.workers.values())
+    finally:
+        code = await proxy.stop(signal.SIGTERM)
+    assert code == 0
+    assert "cachegate: stopped" in proxy.lines
+    for pid in pids:  # no worker outlives the supervisor
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_sighup_reloads_the_config_in_every_worker(origin: Origin, tmp_path: Path) -> None:
+    origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
+    config = write_config(str(tmp_path), origin.url, CACHE, "via: before\n")
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start("--workers", "2")
+    try:
+        seen = await _until_each_worker(proxy, "/h", 2, lambda r: "1.1 before" in r.headers["Via"])
+        assert len(seen) == 2
+        write_config(str(tmp_path), origin.url, CACHE, "via: after\n")
+        proxy.send(signal.SIGHUP)
+        for _ in range(100):
+            rs = [await proxy.get("/h") for _ in range(6)]
+            if all("1.1 after" in r.headers["Via"] for r in rs):
+                break
+            await asyncio.sleep(0.1)
+        seen = await _until_each_worker(proxy, "/h", 2, lambda r: "1.1 after" in r.headers["Via"])
+        assert len(seen) == 2
+        for _ in range(20):
+            assert "1.1 after" in (await proxy.get("/h")).headers["Via"]
+    finally:
+        assert await proxy.stop() == 0
