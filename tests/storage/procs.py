@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+HOST = "cachegate.test"
 LISTEN = re.compile(r"proxy listening on http://([^\s]+)")
 ADMIN = re.compile(r"admin listening on http://([^\s]+)")
 WORKER = re.compile(r"worker (\d+) ready \(pid (\d+)\)")
@@ -91,7 +92,11 @@ class ProxyProcess:
         await asyncio.wait_for(loop(), timeout)
 
     async def get(self, path: str, **kwargs: Any) -> Response:
-        """A GET on a new connection (so that SO_REUSEPORT may pick any worker)."""
+        """A GET on a new connection (so that SO_REUSEPORT may pick any worker).
+
+        The Host is fixed (it is part of the cache key, and a restarted proxy on port 0
+        listens on another port)."""
+        kwargs.setdefault("headers", {}).setdefault("Host", HOST)
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as s:
             async with s.get(self.url + path, allow_redirects=False, **kwargs) as r:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests.harness import Origin
-from tests.storage.procs import ProxyProcess, Response, write_config
+from tests.storage.procs import HOST, ProxyProcess, Response, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ async def test_a_purge_through_the_admin_api_reaches_every_workers_memory(
         assert origin.count("/p") == origin.count("/q") == 1
 
         version["v"] = b"v2"
-        host = proxy.url.removeprefix("http://")
+        host = HOST
         purged = await proxy.admin("POST", "/purge", json={"urls": [f"http://{host}/p"]})
         assert purged.status == 200, purged.body
         purged = await proxy.admin("POST", "/purge", json={"tags": ["pages"]})
@@ -102,7 +102,7 @@ async def _post(proxy: ProxyProcess, path: str) -> int:
     import aiohttp
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
-            s.post(proxy.url + path, data=b"x") as r:
+            s.post(proxy.url + path, data=b"x", headers={"Host": HOST}) as r:
         return r.status
 
 

@@ -1,0 +1,216 @@
+"""Crash safety: kill -9 while writing, upstreams that break off, restarts that come back warm."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import signal
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.harness import Origin, Proxy
+from tests.storage.procs import HOST, ProxyProcess, write_config
+
+CACHE = ("cache: {memory: 8MB, memory_max_object: 256KB, max_object: 16MB,\n"
+         "        disk: {path: cache, size: 256MB, shards: 4}}\n")
+
+
+def _bodies(n: int, seed: int = 7) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    return {f"/big/{i}": rnd.randbytes(rnd.choice((40_000, 300_000, 1_500_000, 3_000_000)))
+            for i in range(n)}
+
+
+def _serve_bodies(origin: Origin, bodies: dict[str, bytes], chunk: int = 64 * 1024,
+                  pause: float = 0.0) -> None:
+    for path, body in bodies.items():
+        async def handler(request: web.Request, body: bytes = body) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"Cache-Control": "max-age=600",
+                                               "Content-Type": "application/octet-stream"})
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            for i in range(0, len(body), chunk):
+                await resp.write(body[i:i + chunk])
+                if pause:
+                    await asyncio.sleep(pause)
+            await resp.write_eof()
+            return resp
+
+        origin.route(path, handler)
+
+
+async def _fetch_all(proxy: ProxyProcess, paths: list[str], done: list[str]) -> None:
+    async def one(session: aiohttp.ClientSession, path: str) -> None:
+        try:
+            async with session.get(proxy.url + path, headers={"Host": HOST}) as r:
+                await r.read()
+                done.append(path)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass  # the proxy was killed under us
+
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(*(one(s, p) for p in paths))
+
+
+def _referenced_files(cache: str) -> tuple[set[str], set[str]]:
+    """Files diskcache's rows refer to, and the .val files that exist, over every shard."""
+    referenced, present = set(), set()
+    for shard in sorted(os.listdir(cache)):
+        db_path = os.path.join(cache, shard, "cache.db")
+        if not os.path.exists(db_path):
+            continue
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            referenced |= {os.path.join(cache, shard, r[0]) for r in
+                           db.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+        finally:
+            db.close()
+        for dirpath, _, files in os.walk(os.path.join(cache, shard)):
+            present |= {os.path.join(dirpath, f) for f in files if f.endswith(".val")}
+    return referenced, present
+
+
+@pytest.mark.slow
+async def test_kill_9_while_writing_large_entries_then_every_served_entry_is_byte_identical(
+        origin: Origin, tmp_path: Path) -> None:
+    bodies = _bodies(24)
+    digests = {p: hashlib.sha256(b).hexdigest() for p, b in bodies.items()}
+    _serve_bodies(origin, bodies, pause=0.01)  # slow enough that many writes are in progress
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start()
+    done: list[str] = []
+    fetch = asyncio.ensure_future(_fetch_all(proxy, list(bodies), done))
+    # Kill once some bodies went through (stored), while others are half-way.
+    for _ in range(1000):
+        if len(done) >= 8:
+            break
+        await asyncio.sleep(0.01)
+    assert 8 <= len(done) < len(bodies)
+    proxy.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    await proxy.process.wait()  # type: ignore[union-attr]
+    await fetch
+    cache = str(tmp_path / "cache")
+    spool_dirs = os.listdir(os.path.join(cache, "tmp"))
+    assert spool_dirs, "the killed process left its spool folder"
+
+    restarted = ProxyProcess(str(tmp_path), proxy.config_path)
+    await restarted.start()  # opens the same cache directory without any repair step
+    try:
+        first_round = []
+        for _round in range(2):
+            for path, digest in digests.items():
+                r = await restarted.get(path)
+                assert r.status == 200
+                assert hashlib.sha256(r.body).hexdigest() == digest, (path, r.x_cache, r.tier)
+                if _round == 0:
+                    first_round.append(r.x_cache)
+        # Entries committed before the kill are served from disk; the others were refetched.
+        assert "HIT" in first_round and "MISS" in first_round, first_round
+        # The restarted process swept what the killed one left: its spool folder ...
+        for _ in range(100):
+            if not set(os.listdir(os.path.join(cache, "tmp"))) & set(spool_dirs):
+                break
+            await asyncio.sleep(0.05)
+        assert not set(os.listdir(os.path.join(cache, "tmp"))) & set(spool_dirs)
+    finally:
+        assert await restarted.stop() == 0
+    # ... and no body file is left that no row refers to.
+    referenced, present = _referenced_files(cache)
+    assert present <= referenced
+
+
+@pytest.mark.slow
+async def test_a_stopped_and_restarted_proxy_answers_from_disk(origin: Origin, tmp_path: Path) -> None:
+    bodies = {"/small": b"s" * 1000, "/large": os.urandom(2_000_000)}
+    for path, body in bodies.items():
+        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
+    config = write_config(str(tmp_path), origin.url, CACHE)
+    first = ProxyProcess(str(tmp_path), config)
+    await first.start()
+    for path in bodies:
+        assert (await first.get(path)).x_cache == "MISS"
+        assert (await first.get(path)).x_cache == "HIT"
+    assert await first.stop(signal.SIGTERM) == 0
+
+    second = ProxyProcess(str(tmp_path), config)
+    await second.start()
+    try:
+        # The memory tier starts empty, so these hits come from the disk tier (the small body
+        # is promoted on the way and served from that copy; the large one streams from its file).
+        for path, body in bodies.items():
+            r = await second.get(path)
+            assert (r.status, r.x_cache) == (200, "HIT")
+            assert r.body == body
+        # The small one now lives in memory; the large one stays on disk.
+        assert (await second.get("/small")).tier == "memory"
+        assert (await second.get("/large")).tier == "disk"
+        assert origin.count("/small") == origin.count("/large") == 1
+    finally:
+        assert await second.stop() == 0
+
+
+async def _broken(request: web.Request, declared: int, sent: int) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Cache-Control": "max-age=600"})
+    if declared:
+        resp.content_length = declared
+    else:
+        resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    await resp.write(b"x" * sent)
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.close()  # break off mid-body
+    return resp
+
+
+@pytest.mark.parametrize("declared", [1_000_000, 0], ids=["content-length", "chunked"])
+async def test_an_upstream_that_breaks_off_mid_body_leaves_no_entry_and_the_client_sees_it(
+        origin: Origin, proxy: Proxy, declared: int) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _broken(request, declared, 300_000)
+
+    origin.route("/cut", handler)
+    for _ in range(2):
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await proxy.get("/cut")
+    assert origin.count("/cut") == 2  # nothing was stored: the second request went upstream again
+    assert await proxy.runtime.storage.get(await _key(proxy, "/cut")) == ()
+
+
+async def _key(proxy: Proxy, path: str) -> str:
+    return proxy.url + path
+
+
+async def test_a_response_over_max_object_is_streamed_whole_not_stored_and_counted(
+        origin: Origin, make_proxy: object) -> None:
+    body = os.urandom(3_000_000)
+    origin.route("/huge", body=body, headers={"Cache-Control": "max-age=600"})
+    origin.route("/chunked", _chunked_handler(body))
+    proxy: Proxy = await make_proxy(  # type: ignore[operator]
+        config="cache: {memory: 8MB, max_object: 1MB, disk: {path: cache, size: 64MB, shards: 2}}\n")
+    for path in ("/huge", "/chunked"):
+        for _ in range(2):
+            r = await proxy.get(path)
+            assert (r.status, r.body == body, r.x_cache) == (200, True, "MISS")
+        assert origin.count(path) == 2
+    metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+    assert 'cachegate_not_stored_total{reason="TOO-LARGE"}' in metrics
+
+
+def _chunked_handler(body: bytes):  # type: ignore[no-untyped-def]
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=600"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(body), 100_000):
+            await resp.write(body[i:i + 100_000])
+        await resp.write_eof()
+        return resp
+
+    return handler
