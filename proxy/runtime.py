@@ -24,7 +24,7 @@ from proxy.config import Settings
 from proxy.engine import Engine
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import Purger, PurgeSpec
-from proxy.storage.disk import ORPHAN_AGE, DiskTier
+from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import Storage
@@ -44,7 +44,7 @@ def open_storage(settings: Settings) -> Storage:
     if c.disk is not None:
         os.makedirs(c.disk.path, exist_ok=True)
         disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction)
-        index = UrlTagIndex(c.disk.path)
+        index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size))
     return Storage(memory, disk, index, max_object=c.max_object)
 
 

@@ -55,9 +55,15 @@ log = logging.getLogger("cachegate.storage")
 DiskEviction = Literal["least-recently-stored", "least-recently-used"]
 
 INLINE_LIMIT = 32 * 1024  # diskcache's disk_min_file_size: smaller values live in the database
+RESERVE = 0.10  # of cache.disk.size, kept for the index and SQLite's journal files
 ORPHAN_AGE = 600.0  # seconds: an unreferenced body or file younger than this may be a write in progress
 
 Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
+
+
+def wal_limit(budget: int) -> int:
+    """How big a database's write-ahead log may grow: 1/32 of its budget, 64 KiB to 4 MiB."""
+    return min(max(budget // 32, 64 * 1024), 4 << 20)
 
 
 def _drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
@@ -95,9 +101,12 @@ class DiskTier:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.size_limit = size_limit
-        self.shard_limit = max(size_limit // shards, 1)
+        # diskcache counts its database pages and value files; the index and the SQLite
+        # journals (WAL, shared memory) live in the remaining RESERVE of the budget.
+        self.shard_limit = max(int(size_limit * (1 - RESERVE)) // shards, 1)
         self.max_body = self.shard_limit // 2
         self.failed_writes = 0
+        wal = wal_limit(self.shard_limit)
         self._shards = [
             diskcache.Cache(
                 directory=os.path.join(path, f"{i:03d}"),
@@ -108,8 +117,8 @@ class DiskTier:
                 cull_limit=16,
                 # Bound the WAL file: by default it grows to ~4 MB per shard before a
                 # checkpoint and is never truncated, outside diskcache's size accounting.
-                sqlite_wal_autocheckpoint=256,
-                sqlite_journal_size_limit=1 << 20,
+                sqlite_wal_autocheckpoint=max(wal // 4096, 16),
+                sqlite_journal_size_limit=wal,
             )
             for i in range(shards)
         ]

@@ -60,8 +60,9 @@ class Ban:
 
 
 class UrlTagIndex:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, wal_limit: int = 1 << 20) -> None:
         os.makedirs(path, exist_ok=True)
+        self._wal_limit = wal_limit
         self.file = os.path.join(path, "index.sqlite3")
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
@@ -76,8 +77,9 @@ class UrlTagIndex:
             db = sqlite3.connect(self.file, timeout=30, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA wal_autocheckpoint=200")
-            db.execute("PRAGMA journal_size_limit=1048576")  # keep the WAL file small after checkpoints
+            # Keep the WAL file small: checkpoint often, truncate it after each checkpoint.
+            db.execute(f"PRAGMA wal_autocheckpoint={max(self._wal_limit // 4096, 16)}")
+            db.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
             self._local.db = db
             with self._lock:
                 self._all.append(db)

@@ -1,0 +1,86 @@
+"""Budgets hold: 10x the memory and disk budgets written through a real cachegate process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.harness import Origin
+from tests.storage.procs import HOST, ProxyProcess, disk_usage, rss_bytes, write_config
+
+pytestmark = pytest.mark.slow
+
+MB = 1 << 20
+MEMORY, DISK = 4 * MB, 8 * MB
+# What a cachegate process takes besides its memory tier: the interpreter with aiohttp,
+# uvloop, yaml and prometheus-client loaded (~45 MB), SQLite page caches and mapped
+# database pages (bounded by the database sizes), spools of fills in flight, and malloc's
+# free lists. Stated in the README.
+RSS_OVERHEAD = 80 * MB
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+async def test_ten_times_the_budgets_leaves_disk_and_rss_within_bounds_and_recent_objects_hit(
+        origin: Origin, tmp_path: Path, policy: str) -> None:
+    rnd = random.Random(policy)
+    sizes = {}
+    total = 0
+    while total < 10 * DISK:
+        i = len(sizes)
+        sizes[f"/o/{i}"] = n = rnd.choice((2_000, 9_000, 30_000, 70_000, 150_000))
+        total += n
+
+    async def obj(request: web.Request) -> web.Response:
+        n = sizes[request.path]
+        return web.Response(body=request.path.encode().ljust(n, b"."),
+                            headers={"Cache-Control": "max-age=600"})
+
+    for path in sizes:
+        origin.route(path, obj)
+    cache = f"""\
+        cache:
+          memory: {MEMORY}
+          memory_max_object: 256KB
+          memory_policy: {policy}
+          max_object: 1MB
+          disk: {{path: cache, size: {DISK}, shards: 2}}
+        """
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
+    await proxy.start()
+    assert proxy.process is not None
+    idle_rss = rss_bytes(proxy.process.pid)
+    paths = list(sizes)
+    try:
+        connector = aiohttp.TCPConnector(limit=8)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            async def fetch(path: str) -> None:
+                async with s.get(proxy.url + path, headers={"Host": HOST}) as r:
+                    assert r.status == 200
+                    assert len(await r.read()) == sizes[path]
+
+            for start in range(0, len(paths), 32):
+                await asyncio.gather(*(fetch(p) for p in paths[start:start + 32]))
+        await asyncio.sleep(1.0)  # let the last disk commits land
+        rss = rss_bytes(proxy.process.pid)
+        usage = disk_usage(str(tmp_path / "cache"))
+        print(f"\n{policy}: {len(paths)} objects, {total / MB:.0f} MB written; disk {usage / MB:.2f} MB "
+              f"(budget {DISK / MB:.0f} MB); RSS idle {idle_rss / MB:.0f} MB, after {rss / MB:.0f} MB")
+        assert usage <= DISK * 1.10
+        assert rss <= MEMORY + RSS_OVERHEAD
+        # The most recently used objects are still there.
+        recent = paths[-8:]
+        for path in recent:
+            r = await proxy.get(path)
+            assert r.x_cache == "HIT", (path, r.x_cache)
+            assert len(r.body) == sizes[path]
+        # And the oldest are long gone (the budget really was exceeded many times over).
+        assert (await proxy.get(paths[0])).x_cache == "MISS"
+    finally:
+        assert await proxy.stop() == 0
+    assert os.path.isdir(tmp_path / "cache")
