@@ -141,11 +141,13 @@ class Storage:
         self.index = index
         self.configured_max_object = max_object
         # What can be stored at all: a body bigger than half a disk shard would be culled at
-        # once (or flush the shard); memory-only, it must fit the memory budget.
-        self.max_object = min(max_object, disk.max_body if disk is not None else memory.budget // 2)
+        # once (or flush the shard); memory-only, it must be small enough for the memory tier.
+        self.max_object = min(max_object, disk.max_body if disk is not None
+                              else min(memory.max_object, memory.budget // 2))
         if self.max_object < max_object:
-            log.warning("cache.max_object %d is more than the store can keep (half a disk shard, "
-                        "or half the memory tier): responses over %d bytes are passed through",
+            log.warning("cache.max_object %d is more than the store can keep (half a disk shard; "
+                        "without a disk tier, memory_max_object): responses over %d bytes are "
+                        "passed through",
                         max_object, self.max_object)
         self.spill_threshold = max(memory.max_object, SPOOL_IN_MEMORY)
         self._executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="disk")

@@ -1,0 +1,53 @@
+"""Entries and stores for storage tests: real tiers on a real temporary directory."""
+
+from __future__ import annotations
+
+from proxy.policy.messages import Freshness, StoredResponse
+from proxy.storage.disk import DiskTier
+from proxy.storage.entry import Entry
+from proxy.storage.index import UrlTagIndex
+from proxy.storage.memory import MemoryTier, MemoryPolicy
+from proxy.storage.tiered import Storage
+
+MB = 1 << 20
+
+
+def entry(key: str, *, tags: tuple[str, ...] = (), vary: tuple[tuple[str, str], ...] = (),
+          headers: tuple[tuple[str, str], ...] = (("Content-Type", "text/plain"),)) -> Entry:
+    response = StoredResponse(200, "OK", headers, 1000.0, 1000.0,
+                              Freshness(60.0, "max-age", 0.0, 1000.0), vary=vary)
+    return Entry(key=key, url=key.split("\x1f")[0], response=response, body_id="", body_size=0,
+                 tags=tags, stored_at=1000.0)
+
+
+def open_store(path: str | None, *, memory: int = 8 * MB, memory_max_object: int = 64 * 1024,
+               disk_size: int = 64 * MB, shards: int = 2, policy: MemoryPolicy = "lru",
+               max_object: int = 16 * MB) -> Storage:
+    mem = MemoryTier(memory, memory_max_object, policy)
+    if path is None:
+        return Storage(mem, None, None, max_object=max_object)
+    return Storage(mem, DiskTier(path, disk_size, shards), UrlTagIndex(path), max_object=max_object)
+
+
+async def store(s: Storage, e: Entry, body: bytes, chunk: int = 16 * 1024) -> bool:
+    """Stream ``body`` into a spool and commit it, as the engine does."""
+    spool = s.spool(len(body))
+    for i in range(0, len(body), chunk):
+        if not await spool.write(body[i:i + chunk]):
+            return False
+    final = s.finalize(e, spool)
+    if final is None:
+        return False
+    s.put_memory(final, spool)
+    return await s.put_disk(final, spool)
+
+
+async def read_body(s: Storage, key: str, index: int = 0) -> bytes | None:
+    variants = await s.get(key)
+    if not variants:
+        return None
+    body = await s.open_body(variants[index])
+    if body is None or isinstance(body, bytes):
+        return body
+    with body:
+        return body.read()

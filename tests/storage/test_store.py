@@ -1,0 +1,268 @@
+"""The store's contract on every tier set-up, and what the disk tier adds: sharing between
+processes, bans and their sweeping, index upkeep, orphans, lock timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.storage import tiered
+from proxy.storage.bans import PurgeMatch
+from proxy.storage.disk import DiskTier, new_body_id
+from proxy.storage.index import UrlTagIndex
+from proxy.storage.memory import MemoryTier
+from proxy.storage.spool import SpoolDir, sweep_dead_spools
+from proxy.storage.tiered import Storage
+from tests.storage.helpers import MB, entry, open_store, read_body, store
+
+KEY = "http://h.test/a"
+
+
+@pytest.fixture(params=["memory", "memory+disk"])
+async def s(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    if request.param == "memory":
+        st = open_store(None, memory_max_object=MB)
+    else:
+        st = open_store(str(tmp_path / "cache"))
+    yield st
+    st.close()
+
+
+@pytest.fixture
+async def disk_store(tmp_path: Path) -> AsyncIterator[Storage]:
+    st = open_store(str(tmp_path / "cache"))
+    yield st
+    st.close()
+
+
+# -- the contract: every set-up ------------------------------------------------------------
+
+async def test_a_committed_body_reads_back_byte_for_byte(s: Storage) -> None:
+    small, large = os.urandom(1000), os.urandom(300_000)
+    assert await store(s, entry(KEY), small)
+    assert await store(s, entry(KEY + "/large"), large)
+    assert await read_body(s, KEY) == small
+    assert await read_body(s, KEY + "/large") == large
+    (c,) = await s.get(KEY)
+    assert (c.entry.body_size, c.entry.url) == (1000, KEY)
+
+
+async def test_variants_of_a_key_are_kept_side_by_side_and_replaced_by_vary_values(s: Storage) -> None:
+    gz = entry(KEY, vary=(("accept-encoding", "gzip"),))
+    br = entry(KEY, vary=(("accept-encoding", "br"),))
+    assert await store(s, gz, b"gzip-1")
+    assert await store(s, br, b"br-1")
+    assert await store(s, gz, b"gzip-2")
+    variants = await s.get(KEY)
+    bodies = sorted([(await s.open_body(c)) for c in variants])  # type: ignore[type-var]
+    assert bodies == [b"br-1", b"gzip-2"]
+
+
+async def test_an_incomplete_body_is_never_stored(s: Storage) -> None:
+    spool = s.spool(1000)
+    await spool.write(b"x" * 600)  # the upstream broke off here
+    assert s.finalize(entry(KEY), spool) is None
+    assert await s.get(KEY) == ()
+
+
+async def test_a_body_over_max_object_is_not_stored(s: Storage) -> None:
+    s.max_object = 100_000
+    assert not await store(s, entry(KEY), b"x" * 150_000)
+    spool = s.spool(None)  # no Content-Length: found out while streaming
+    assert await spool.write(b"x" * 90_000)
+    assert not await spool.write(b"x" * 20_000)
+    assert await s.get(KEY) == ()
+
+
+async def test_purges_by_url_tag_prefix_and_all_hard_and_soft(s: Storage) -> None:
+    for i, tags in enumerate([("red",), ("red", "blue"), ("blue",), ()]):
+        assert await store(s, entry(f"http://h.test/p/{i}", tags=tags), b"b%d" % i)
+
+    async def purge(match: PurgeMatch) -> None:
+        _, bans = await s.purge_shared(match.keys, match.prefixes, match.tags, match.all, match.soft)
+        await s.purge_local(match, bans)
+
+    await purge(PurgeMatch(tags=frozenset({"red"}), soft=True))
+    for i in (0, 1):
+        (c,) = await s.get(f"http://h.test/p/{i}")
+        assert c.entry.response.invalidated
+    await purge(PurgeMatch(tags=frozenset({"blue"})))
+    assert await s.get("http://h.test/p/1") == () and await s.get("http://h.test/p/2") == ()
+    await purge(PurgeMatch(keys=frozenset({"http://h.test/p/3"})))
+    assert await s.get("http://h.test/p/3") == ()
+    await purge(PurgeMatch(prefixes=("http://h.test/p/",)))
+    assert await s.get("http://h.test/p/0") == ()
+    assert await store(s, entry(KEY), b"again")
+    await purge(PurgeMatch(all=True))
+    assert await s.get(KEY) == ()
+    assert await store(s, entry(KEY), b"after")  # a purge does not block later stores
+    assert await read_body(s, KEY) == b"after"
+
+
+async def test_a_fill_in_flight_when_a_purge_arrives_is_not_stored(s: Storage) -> None:
+    e = entry(KEY, tags=("t",))
+    spool = s.spool(10)
+    await spool.write(b"01234")
+    await s.purge_local(PurgeMatch(tags=frozenset({"t"})))
+    await spool.write(b"56789")
+    assert s.finalize(e, spool) is None
+    assert await s.get(KEY) == ()
+
+
+# -- the disk tier ---------------------------------------------------------------------------
+
+async def test_a_large_body_streams_from_a_file_and_only_its_metadata_enters_memory(
+        disk_store: Storage) -> None:
+    body = os.urandom(500_000)  # over memory_max_object (64 KiB)
+    assert await store(disk_store, entry(KEY), body)
+    (c,) = await disk_store.get(KEY)
+    assert c.body is None  # metadata in memory, body on disk
+    f = await disk_store.open_body(c)
+    assert f is not None and not isinstance(f, bytes)
+    with f:
+        assert f.read(1000) == body[:1000]  # read in pieces, not loaded whole
+        assert f.read() == body[1000:]
+
+
+async def test_two_processes_share_the_disk_and_a_purge_reaches_both(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache")
+    a, b = open_store(path), open_store(path)
+    try:
+        assert await store(a, entry(KEY, tags=("t",)), b"shared")
+        assert await read_body(b, KEY) == b"shared"  # b promoted it into its memory
+        count, bans = await a.purge_shared((), tags=["t"])
+        assert count == 1
+        await a.purge_local(PurgeMatch(tags=frozenset({"t"})), bans)
+        await b.purge_local(PurgeMatch(tags=frozenset({"t"})), bans)  # what the supervisor asks
+        assert await b.get(KEY) == () and await a.get(KEY) == ()
+        c = open_store(path)  # a process started later reads the ban from the index
+        try:
+            assert await c.get(KEY) == ()
+        finally:
+            c.close()
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_purge_waits_for_a_disk_write_in_progress_and_removes_it(disk_store: Storage) -> None:
+    e = entry(KEY, tags=("t",))
+    spool = disk_store.spool(None)
+    await spool.write(os.urandom(3 * MB))
+    final = disk_store.finalize(e, spool)
+    assert final is not None
+    writing = asyncio.ensure_future(disk_store.put_disk(final, spool))
+    await asyncio.sleep(0)  # the write has started in the executor
+    assert disk_store._committing
+    _, bans = await disk_store.purge_shared([KEY], tags=["t"])
+    await disk_store.purge_local(PurgeMatch(keys=frozenset({KEY}), tags=frozenset({"t"})), bans)
+    await writing
+    assert await disk_store.get(KEY) == ()
+    assert disk_store.disk is not None and not disk_store.disk.has(KEY)
+
+
+async def test_upkeep_sweeps_bans_into_deletions_and_then_drops_the_ban(
+        disk_store: Storage, tmp_path: Path) -> None:
+    for i in range(30):
+        assert await store(disk_store, entry(f"http://h.test/{i}", tags=("even",) if i % 2 == 0 else ()),
+                           b"x" * (i * 1000))
+    _, bans = await disk_store.purge_shared((), tags=["even"])
+    await disk_store.purge_local(PurgeMatch(tags=frozenset({"even"})), bans)
+    assert await store(disk_store, entry("http://h.test/0", tags=("even",)), b"new")  # after the ban
+    await disk_store.maintain()
+    index, disk = disk_store.index, disk_store.disk
+    assert index is not None and disk is not None
+    assert index.bans() == [] and len(disk_store.bans) == 0
+    assert index.keys_for_tag("even") == ["http://h.test/0"]
+    assert disk.has("http://h.test/0") and not disk.has("http://h.test/2") and disk.has("http://h.test/1")
+    fresh = open_store(str(tmp_path / "cache"))  # no ban any more, and nothing reappears
+    try:
+        assert await fresh.get("http://h.test/2") == ()
+        assert await read_body(fresh, "http://h.test/0") == b"new"
+    finally:
+        fresh.close()
+
+
+async def test_index_rows_of_entries_diskcache_evicted_are_dropped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiered, "GC_SEQ_LAG", 0.0)
+    st = open_store(str(tmp_path / "cache"), disk_size=2 * MB, shards=1)
+    try:
+        for i in range(200):  # 200 x 40 KB in a 1.8 MB shard: most are evicted
+            assert await store(st, entry(f"http://h.test/{i}"), os.urandom(40_000))
+        index, disk = st.index, st.disk
+        assert index is not None and disk is not None
+        assert index.count() == 200
+        await st.maintain()
+        live = [k for k in index.all_keys() if disk.has(k)]
+        assert index.count() == len(live) < 60
+    finally:
+        st.close()
+
+
+async def test_orphan_bodies_and_files_from_a_crash_are_swept(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache")
+    disk = DiskTier(path, 64 * MB, shards=1)
+    try:
+        old = time.time() - 3600
+        # A crash between "body written" and "metadata written", long ago and just now:
+        assert disk.put_body(KEY, new_body_id(old), os.urandom(100_000))
+        young = new_body_id()
+        assert disk.put_body(KEY, young, os.urandom(100_000))
+        # A file diskcache wrote but never committed a row for:
+        stray = os.path.join(path, "000", "ab", "cd", "0123456789abcdef0123456789ab.val")
+        os.makedirs(os.path.dirname(stray))
+        with open(stray, "wb") as f:
+            f.write(b"x" * 50_000)
+        os.utime(stray, (old, old))
+        st = Storage(MemoryTier(MB, 1000), disk, None, max_object=MB)
+        assert await store(st, entry(KEY), os.urandom(100_000))  # a referenced body
+        removed = disk.sweep_orphans(before=time.time() - 600)
+        assert removed == 2
+        assert not os.path.exists(stray)
+        kept = disk.get_body(KEY, young)  # may be a write in progress: kept
+        assert kept is not None and not isinstance(kept, bytes)
+        kept.close()
+        assert await read_body(st, KEY) is not None
+        st.close()
+    finally:
+        disk.close()
+
+
+def test_spool_folders_of_dead_processes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    root = str(tmp_path / "tmp")
+    mine = SpoolDir(root)
+    code = ("import os, sys; from proxy.storage.spool import SpoolDir; "
+            "d = SpoolDir(sys.argv[1]); f = d.make_file(); f.write(b'x' * 1000); f.flush(); "
+            "os.kill(os.getpid(), 9)")
+    subprocess.run([sys.executable, "-c", code, root], check=False)
+    assert len(os.listdir(root)) == 2
+    assert sweep_dead_spools(root) == 1
+    assert os.listdir(root) == [os.path.basename(mine.path)]
+    mine.close()
+
+
+async def test_a_write_that_times_out_on_the_shard_lock_is_counted_and_not_stored(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache")
+    st = Storage(MemoryTier(MB, 1000), DiskTier(path, 64 * MB, shards=1, timeout=0.05),
+                 UrlTagIndex(path), max_object=MB)
+    blocker = sqlite3.connect(os.path.join(path, "000", "cache.db"), isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the shard's write lock
+        assert not await store(st, entry(KEY), b"small body")
+        assert st.failed_writes == 1
+        blocker.execute("ROLLBACK")
+        # This process keeps its (complete) copy in memory; the disk has nothing.
+        assert st.disk is not None and not st.disk.has(KEY)
+        assert await store(st, entry(KEY), b"small body")  # and works again once the lock is free
+    finally:
+        blocker.close()
+        st.close()
