@@ -214,8 +214,11 @@ class DiskTier:
 
     # -- bodies ------------------------------------------------------------------------------
 
-    def get_body(self, key: str, body_id: str) -> bytes | IO[bytes] | None:
+    def get_body(self, key: str, body_id: str, size: int | None = None) -> bytes | IO[bytes] | None:
         """The body: bytes when small, an open file when stored as a file, None when gone."""
+        if size is not None and size < INLINE_LIMIT:  # kept in the database: no file to open
+            small = self._shard(key).get("b:" + body_id, default=None, retry=True)
+            return small if small is None or isinstance(small, bytes) else None
         value = self._shard(key).get("b:" + body_id, default=None, read=True, retry=True)
         if isinstance(value, io.BytesIO):
             return value.getvalue()

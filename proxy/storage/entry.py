@@ -79,13 +79,41 @@ def entry_from_json(d: dict[str, Any]) -> Entry:
     )  # fmt: skip
 
 
+# The stored record: one positional JSON array per variant (field names would double its
+# size and its decoding time; a disk read decodes one on every memory miss).
+RECORD_VERSION = 1
+_RECORD_LEN = 18
+
+
+def _record(e: Entry) -> list[Any]:
+    r = e.response
+    return [RECORD_VERSION, e.key, e.url, e.body_id, e.body_size, list(e.tags), e.stored_at, e.seq,
+            r.status, r.reason, [x for h in r.headers for x in h], r.request_time, r.response_time,
+            _freshness_to_json(r.freshness), [x for v in r.vary for x in v], r.etag,
+            r.last_modified, r.invalidated]
+
+
+def _from_record(v: list[Any]) -> Entry:
+    if len(v) != _RECORD_LEN or v[0] != RECORD_VERSION:
+        raise ValueError("unknown record version")
+    h, vary, f = v[10], v[14], v[13]
+    response = StoredResponse(
+        int(v[8]), str(v[9]), tuple(zip(h[::2], h[1::2], strict=True)), float(v[11]), float(v[12]),
+        Freshness(float(f[0]), str(f[1]), float(f[2]), float(f[3]), bool(f[4]), bool(f[5]),
+                  float(f[6]), float(f[7]), bool(f[8])),
+        tuple(zip(vary[::2], vary[1::2], strict=True)), v[15], v[16], bool(v[17]))
+    return Entry(str(v[1]), str(v[2]), response, str(v[3]), int(v[4]), tuple(v[5]), float(v[6]),
+                 int(v[7]))
+
+
 def encode_variants(entries: tuple[Entry, ...]) -> bytes:
-    return json.dumps([entry_to_json(e) for e in entries], separators=(",", ":")).encode()
+    return json.dumps([_record(e) for e in entries], separators=(",", ":")).encode()
 
 
 def decode_variants(blob: bytes) -> tuple[Entry, ...]:
     """Decode a metadata record; a damaged record reads as empty (a miss), never as an error."""
     try:
-        return tuple(entry_from_json(d) for d in json.loads(blob))
-    except (ValueError, KeyError, TypeError, IndexError):
+        return tuple(_from_record(v) if isinstance(v, list) else entry_from_json(v)
+                     for v in json.loads(blob.decode()))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return ()

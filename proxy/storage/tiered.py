@@ -212,7 +212,7 @@ class Storage:
         for e in entries:
             body: bytes | None = None
             if e.body_size <= self.memory.max_object:
-                raw = self.disk.get_body(key, e.body_id)
+                raw = self.disk.get_body(key, e.body_id, e.body_size)
                 if raw is None:
                     continue  # the body was culled: this variant is gone
                 body = raw if isinstance(raw, bytes) else _read_all(raw)
@@ -227,7 +227,8 @@ class Storage:
             return cached.body
         if self.disk is None:
             return None
-        return await self.run(self.disk.get_body, cached.entry.key, cached.entry.body_id)
+        e = cached.entry
+        return await self.run(self.disk.get_body, e.key, e.body_id, e.body_size)
 
     # -- writing ------------------------------------------------------------------------
 
