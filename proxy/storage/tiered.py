@@ -1,9 +1,11 @@
 """The memory and disk tiers as one store: lookup, promotion, streamed writes, purge, upkeep.
 
 Reads look in memory first (synchronously: the hit path awaits nothing), then on
-disk in the executor; a disk hit is promoted into memory (with its body when the
-body is small enough, metadata only otherwise). Every variant read from disk
-passes the ban list first, so a purge by tag or prefix is in force at once.
+disk in the executor. A disk hit is promoted into memory in two halves: the
+metadata at once (so freshness checks, HEAD and 304s never read a body), the body
+when it is first sent, if it is small enough for the memory tier. Every variant
+read from disk passes the ban list first, so a purge by tag or prefix is in force
+at once.
 
 Writes: a body is collected by a ``BodySpool`` while it streams to the client and
 committed only when complete (an upstream that breaks off leaves no entry). A
@@ -206,29 +208,41 @@ class Storage:
         return variants
 
     def _load_from_disk(self, key: str) -> tuple[Cached, ...]:
+        """The key's variants from disk, metadata only: freshness decisions, HEAD, 304s and
+        inspection never read a body. ``open_body`` reads it when a body is really sent."""
         assert self.disk is not None
-        entries = self.bans.apply(self.disk.get_variants(key))
-        variants: list[Cached] = []
-        for e in entries:
-            body: bytes | None = None
-            if e.body_size <= self.memory.max_object:
-                raw = self.disk.get_body(key, e.body_id, e.body_size)
-                if raw is None:
-                    continue  # the body was culled: this variant is gone
-                body = raw if isinstance(raw, bytes) else _read_all(raw)
-                if len(body) != e.body_size:
-                    continue
-            variants.append(Cached(e, body))
-        return tuple(variants)
+        return tuple(Cached(e, None) for e in self.bans.apply(self.disk.get_variants(key)))
 
     async def open_body(self, cached: Cached) -> bytes | IO[bytes] | None:
-        """The body of a variant: bytes from memory, or an open file (or bytes) from disk."""
+        """The body of a variant: bytes from memory, else from disk (an open file when big).
+
+        A body small enough for the memory tier is read whole and kept in memory beside
+        its metadata (the second half of a promotion)."""
         if cached.body is not None:
             return cached.body
         if self.disk is None:
             return None
         e = cached.entry
-        return await self.run(self.disk.get_body, e.key, e.body_id, e.body_size)
+        if e.body_size > self.memory.max_object:
+            return await self.run(self.disk.get_body, e.key, e.body_id, e.body_size)
+        epoch = self.epoch
+        body = await self.run(self._read_small_body, e)
+        if body is None:
+            return None
+        current = self.memory.peek(e.key)
+        if current is not None and epoch == self.epoch:
+            self.memory.replace(e.key, tuple(
+                Cached(c.entry, body) if c.entry.body_id == e.body_id and c.body is None else c
+                for c in current))
+        return body
+
+    def _read_small_body(self, e: Entry) -> bytes | None:
+        assert self.disk is not None
+        raw = self.disk.get_body(e.key, e.body_id, e.body_size)
+        if raw is None:
+            return None
+        body = raw if isinstance(raw, bytes) else _read_all(raw)
+        return body if len(body) == e.body_size else None
 
     # -- writing ------------------------------------------------------------------------
 

@@ -141,11 +141,9 @@ async def test_a_stopped_and_restarted_proxy_answers_from_disk(origin: Origin, t
     second = ProxyProcess(str(tmp_path), config)
     await second.start()
     try:
-        # The memory tier starts empty, so these hits come from the disk tier (the small body
-        # is promoted on the way and served from that copy; the large one streams from its file).
         for path, body in bodies.items():
             r = await second.get(path)
-            assert (r.status, r.x_cache) == (200, "HIT")
+            assert (r.status, r.x_cache, r.tier) == (200, "HIT", "disk")
             assert r.body == body
         # The small one now lives in memory; the large one stays on disk.
         assert (await second.get("/small")).tier == "memory"
