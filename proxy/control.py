@@ -57,8 +57,9 @@ class Channel:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
         return cls(reader, writer, handlers, name)
 
-    async def call(self, name: str, timeout: float | None = None, **args: Any) -> Any:
-        """Call ``name`` on the other side; its result, or RemoteError / ChannelClosed / TimeoutError."""
+    async def call(self, name: str, wait: float | None = None, **args: Any) -> Any:
+        """Call ``name`` on the other side (at most ``wait`` seconds); its result, or RemoteError,
+        ChannelClosed or TimeoutError."""
         if self.closed.is_set():
             raise ChannelClosed(f"{self.name}: channel closed")
         self._next_id += 1
@@ -67,7 +68,7 @@ class Channel:
         self._pending[call_id] = fut
         try:
             self._send({"id": call_id, "call": name, "args": args})
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return await asyncio.wait_for(asyncio.shield(fut), wait)
         finally:
             self._pending.pop(call_id, None)
 

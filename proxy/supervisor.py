@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -288,7 +287,7 @@ class Supervisor:
         channel, process = w.channel, w.process
         assert channel is not None and process is not None
         try:
-            return int(await channel.call("purge_local", timeout=PURGE_ACK_TIMEOUT, **args))
+            return int(await channel.call("purge_local", wait=PURGE_ACK_TIMEOUT, **args))
         except ChannelClosed:
             return 0  # it died: it comes back with an empty memory tier
         except Exception as exc:
@@ -311,19 +310,19 @@ class Supervisor:
             if w.channel is None:
                 continue
             try:
-                problems = await w.channel.call("reload", timeout=30)
+                problems = await w.channel.call("reload", wait=30)
             except Exception as exc:
                 log.error("worker %d: reload failed: %s", w.worker_id, exc)
                 continue
             for p in problems or ():
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
 
-    async def call_all(self, name: str, timeout: float = 10.0, **args: Any) -> list[Any]:
-        """Call ``name`` in every live worker (for stats aggregation and the like)."""
-        live = [w for w in self.workers if w.channel is not None]
-        return list(await asyncio.gather(
-            *(w.channel.call(name, timeout=timeout, **args) for w in live if w.channel is not None),
-            return_exceptions=True))
+    async def call_all(self, name: str, wait: float = 10.0, **args: Any) -> list[Any]:
+        """Call ``name`` in every live worker (for stats aggregation and the like); a worker
+        that fails or does not answer within ``wait`` seconds gives its exception."""
+        live = [w.channel for w in self.workers if w.channel is not None]
+        return list(await asyncio.gather(*(c.call(name, wait=wait, **args) for c in live),
+                                         return_exceptions=True))
 
 
 def _worker_main(argv: list[str]) -> int:

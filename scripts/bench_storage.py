@@ -85,8 +85,9 @@ def bench_memory(rounds: int, quick: bool) -> list[Row]:
         store = Storage(mem, None, None, max_object=2 << 20)
         values = {k: (Cached(make_entry(k, size), body),) for k in keys}
         plain: dict[str, Any] = {}
-        put_lat = timed(lambda k: mem.put(k, values[k]), keys)
-        dict_put = loop_time(lambda k: plain.__setitem__(k, values[k]), keys, rounds)
+        put_lat = timed(lambda k, mem=mem, values=values: mem.put(k, values[k]), keys)
+        dict_put = loop_time(lambda k, plain=plain, values=values: plain.__setitem__(k, values[k]),
+                             keys, rounds)
         get = store.memory_get
         mem_get = loop_time(get, keys, rounds)
         dict_get = loop_time(plain.get, keys, rounds)
@@ -104,7 +105,8 @@ def bench_disk(rounds: int, quick: bool, base: str) -> list[Row]:
     for label, size in SIZES.items():
         count = {"1KB": 2000, "100KB": 400, "1MB": 60}[label] // (4 if quick else 1)
         body = os.urandom(size)
-        results: dict[str, list[list[float]]] = {k: [] for k in ("ours_put", "raw_put", "ours_get", "raw_get")}
+        results: dict[str, list[list[float]]] = {
+            k: [] for k in ("ours_put", "raw_put", "ours_get", "raw_get")}
         for r in range(rounds):
             ours_dir = os.path.join(base, f"ours-{label}-{r}")
             raw_dir = os.path.join(base, f"raw-{label}-{r}")

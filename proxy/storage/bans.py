@@ -65,8 +65,8 @@ class BanList:
                 soft = True
         for t in e.tags:
             for is_soft in (False, True):
-                seq = self._tags.get((t, is_soft))
-                if seq is not None and e.seq <= seq:
+                tag_seq = self._tags.get((t, is_soft))
+                if tag_seq is not None and e.seq <= tag_seq:
                     if not is_soft:
                         return GONE
                     soft = True

@@ -21,12 +21,13 @@ index does not grow forever.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 BanKind = Literal["tag", "prefix", "all"]
 
@@ -55,8 +56,9 @@ class Ban:
         return [self.id, self.kind, self.value, self.soft, self.seq]
 
     @classmethod
-    def from_json(cls, v: list[object]) -> Ban:
-        return cls(int(v[0]), v[1], str(v[2]), bool(v[3]), int(v[4]))  # type: ignore[arg-type]
+    def from_json(cls, v: list[Any]) -> Ban:
+        kind: BanKind = v[1]
+        return cls(int(v[0]), kind, str(v[2]), bool(v[3]), int(v[4]))
 
 
 class UrlTagIndex:
@@ -216,24 +218,25 @@ class UrlTagIndex:
     def vacuum(self) -> None:
         """Give freed pages back to the file system (the index shrinks after sweeps)."""
         db = self._db()
-        db.execute("PRAGMA incremental_vacuum")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("PRAGMA incremental_vacuum").fetchall()
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database and truncate it (see ``DiskTier.checkpoint``)."""
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def size(self) -> int:
         total = 0
         for suffix in ("", "-wal", "-shm"):
-            try:
+            with contextlib.suppress(OSError):
                 total += os.path.getsize(self.file + suffix)
-            except OSError:
-                pass
         return total
 
     def close(self) -> None:
         with self._lock:
             dbs, self._all = self._all, []
         for db in dbs:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 db.close()
-            except sqlite3.Error:
-                pass
         self._local = threading.local()

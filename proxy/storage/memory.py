@@ -100,7 +100,7 @@ class MemoryTier:
     def peek(self, key: str) -> tuple[Cached, ...] | None:
         """Like ``get`` without counting as a use (for inspection and internal updates)."""
         slot = self._items.get(key)
-        return None if slot is None else slot[0]  # type: ignore[no-any-return]
+        return None if slot is None else slot[0]
 
     def hits(self, key: str) -> int:
         """Uses of ``key`` since it was stored."""

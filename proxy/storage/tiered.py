@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import tempfile
@@ -113,10 +114,8 @@ class BodySpool:
             f, self._file = self._file, None
             name = f.name
             f.close()
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(name)
-            except OSError:
-                pass
 
 
 @dataclass
@@ -538,6 +537,7 @@ class Storage:
         if bans:
             self.bans.replace(await self.run(index.bans))
         await self.run(self._gc_step)
+        await self.run(self._checkpoint)
         if orphans_before is not None:
             disk = self.disk
             removed = await self.run(disk.sweep_orphans, orphans_before)
@@ -619,6 +619,11 @@ class Storage:
         if self._gc_cursor == "" and self._gc_dropped_since_vacuum:
             index.vacuum()
             self._gc_dropped_since_vacuum = 0
+
+    def _checkpoint(self) -> None:
+        assert self.disk is not None and self.index is not None
+        self.disk.checkpoint()
+        self.index.checkpoint()
 
     async def reload_bans(self) -> None:
         if self.index is not None:

@@ -6,7 +6,7 @@ from proxy.policy.messages import Freshness, StoredResponse
 from proxy.storage.disk import DiskTier
 from proxy.storage.entry import Entry
 from proxy.storage.index import UrlTagIndex
-from proxy.storage.memory import MemoryTier, MemoryPolicy
+from proxy.storage.memory import MemoryPolicy, MemoryTier
 from proxy.storage.tiered import Storage
 
 MB = 1 << 20

@@ -55,7 +55,7 @@ class ProxyProcess:
     _reader: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self, *args: str, timeout: float = 30.0) -> None:
+    async def start(self, *args: str, wait: float = 30.0) -> None:
         env = dict(os.environ, CACHEGATE_DEBUG_HEADERS="1")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "run", "--config", self.config_path, "--log-level",
@@ -63,7 +63,7 @@ class ProxyProcess:
             cwd=self.directory)
         self.url = self.admin_url = ""
         self._reader = asyncio.ensure_future(self._read())
-        await self.wait_for(lambda: bool(self.url), timeout)
+        await self.wait_for(lambda: bool(self.url), wait)
 
     async def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -79,7 +79,7 @@ class ProxyProcess:
             self._changed.set()
         self._changed.set()
 
-    async def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+    async def wait_for(self, predicate: Any, wait: float = 30.0) -> None:
         async def loop() -> None:
             while not predicate():
                 if self.process is not None and self.process.returncode is not None:
@@ -89,7 +89,7 @@ class ProxyProcess:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), 0.2)
 
-        await asyncio.wait_for(loop(), timeout)
+        await asyncio.wait_for(loop(), wait)
 
     async def get(self, path: str, **kwargs: Any) -> Response:
         """A GET on a new connection (so that SO_REUSEPORT may pick any worker).
@@ -98,9 +98,9 @@ class ProxyProcess:
         listens on another port)."""
         kwargs.setdefault("headers", {}).setdefault("Host", HOST)
         connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as s:
-            async with s.get(self.url + path, allow_redirects=False, **kwargs) as r:
-                return Response(r.status, r.headers, await r.read())
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as s, \
+                s.get(self.url + path, allow_redirects=False, **kwargs) as r:
+            return Response(r.status, r.headers, await r.read())
 
     async def admin(self, method: str, path: str, **kwargs: Any) -> Response:
         async with aiohttp.ClientSession() as s, s.request(method, self.admin_url + path, **kwargs) as r:
@@ -110,12 +110,12 @@ class ProxyProcess:
         assert self.process is not None
         self.process.send_signal(sig)
 
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    async def stop(self, sig: int = signal.SIGTERM, wait: float = 30.0) -> int:
         assert self.process is not None
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
-        code = await asyncio.wait_for(self.process.wait(), timeout)
+        code = await asyncio.wait_for(self.process.wait(), wait)
         if self._reader is not None:
             await self._reader
         return code
@@ -163,3 +163,15 @@ def disk_usage(path: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
     return total
+
+
+def breakdown(path: str) -> dict[str, int]:
+    """Bytes on disk by kind: value files, databases, WAL and shared-memory files, spools."""
+    out: dict[str, int] = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            kind = ("spool" if os.path.relpath(dirpath, path).startswith("tmp") else "val" if name.endswith(".val")
+                    else name.split(".", 1)[-1])
+            with contextlib.suppress(OSError):
+                out[kind] = out.get(kind, 0) + os.stat(os.path.join(dirpath, name)).st_blocks * 512
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests.harness import Origin
-from tests.storage.procs import HOST, ProxyProcess, disk_usage, rss_bytes, write_config
+from tests.storage.procs import HOST, ProxyProcess, breakdown, disk_usage, rss_bytes, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -64,15 +63,26 @@ async def test_ten_times_the_budgets_leaves_disk_and_rss_within_bounds_and_recen
                     assert r.status == 200
                     assert len(await r.read()) == sizes[path]
 
+            peak_disk = peak_rss = 0
+            peak_parts: dict[str, int] = {}
             for start in range(0, len(paths), 32):
                 await asyncio.gather(*(fetch(p) for p in paths[start:start + 32]))
+                # While writing, too: every 32 objects (about 1.5 MB).
+                now_disk = disk_usage(str(tmp_path / "cache"))
+                if now_disk > peak_disk:
+                    peak_disk, peak_parts = now_disk, breakdown(str(tmp_path / "cache"))
+                peak_rss = max(peak_rss, rss_bytes(proxy.process.pid))
         await asyncio.sleep(1.0)  # let the last disk commits land
         rss = rss_bytes(proxy.process.pid)
         usage = disk_usage(str(tmp_path / "cache"))
-        print(f"\n{policy}: {len(paths)} objects, {total / MB:.0f} MB written; disk {usage / MB:.2f} MB "
-              f"(budget {DISK / MB:.0f} MB); RSS idle {idle_rss / MB:.0f} MB, after {rss / MB:.0f} MB")
+        print(f"\n{policy}: {len(paths)} objects, {total / MB:.0f} MB written; disk {usage / MB:.2f} MB, "
+              f"peak {peak_disk / MB:.2f} MB (budget {DISK / MB:.0f} MB); RSS idle {idle_rss / MB:.0f} MB, "
+              f"after {rss / MB:.0f} MB, peak {peak_rss / MB:.0f} MB; at the peak: {peak_parts}")
         assert usage <= DISK * 1.10
-        assert rss <= MEMORY + RSS_OVERHEAD
+        # While writes go on, SQLite's write-ahead logs (folded back every upkeep round) and
+        # value files not yet culled add a bounded transient on top.
+        assert peak_disk <= DISK * 2
+        assert max(rss, peak_rss) <= MEMORY + RSS_OVERHEAD
         # The most recently used objects are still there.
         recent = paths[-8:]
         for path in recent:
@@ -83,4 +93,3 @@ async def test_ten_times_the_budgets_leaves_disk_and_rss_within_bounds_and_recen
         assert (await proxy.get(paths[0])).x_cache == "MISS"
     finally:
         assert await proxy.stop() == 0
-    assert os.path.isdir(tmp_path / "cache")

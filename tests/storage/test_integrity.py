@@ -51,7 +51,7 @@ async def _fetch_all(proxy: ProxyProcess, paths: list[str], done: list[str]) -> 
             async with session.get(proxy.url + path, headers={"Host": HOST}) as r:
                 await r.read()
                 done.append(path)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (aiohttp.ClientError, TimeoutError):
             pass  # the proxy was killed under us
 
     async with aiohttp.ClientSession() as s:

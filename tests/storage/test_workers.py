@@ -115,7 +115,7 @@ async def test_a_worker_killed_with_sigkill_is_restarted_and_sigterm_stops_all_w
         await proxy.wait_for(lambda: len(proxy.workers) == 2)
         old = proxy.workers[1]
         os.kill(old, signal.SIGKILL)
-        await proxy.wait_for(lambda: proxy.workers[1] != old, timeout=30)
+        await proxy.wait_for(lambda: proxy.workers[1] != old, wait=30)
         new = proxy.workers[1]
         assert new != old
         # Both workers serve again (the new one from the shared disk tier).
