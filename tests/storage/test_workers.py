@@ -45,12 +45,14 @@ async def test_a_purge_through_the_admin_api_reaches_every_workers_memory(
     try:
         for path in ("/p", "/q"):
             assert (await proxy.get(path)).x_cache == "MISS"
+            # (Another worker may miss too until the first one's disk write has landed:
+            # workers coalesce only within themselves.)
             # Every worker serves it from its own memory tier (promoted from the shared disk).
             hits = await _until_each_worker(
                 proxy, path, 2, lambda r: r.x_cache == "HIT" and r.tier == "memory")
             assert sorted(hits) == ["0", "1"]
             assert all(r.body == b"v1" * 100 for r in hits.values())
-        assert origin.count("/p") == origin.count("/q") == 1
+        assert origin.count("/p") <= 2 and origin.count("/q") <= 2
 
         version["v"] = b"v2"
         host = HOST
