@@ -126,6 +126,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload_config and runtime.reload_config())
         for w in self.workers:
             self._spawn_soon(w, 0)
+        status = 0
         try:
             waits = [asyncio.ensure_future(w.ready.wait()) for w in self.workers]
             stopped = asyncio.ensure_future(stop.wait())
@@ -140,6 +141,7 @@ class Supervisor:
             if not stop.is_set():
                 if not all(w.ready.is_set() for w in self.workers):
                     print("cachegate: workers did not start in time", file=sys.stderr, flush=True)
+                    status = 1
                     stop.set()
                 else:
                     host, port = self._listen
@@ -159,7 +161,7 @@ class Supervisor:
             await runtime.close()
             reserved.close()
         print("cachegate: stopped", flush=True)
-        return 0
+        return status
 
     def _reserve_port(self) -> socket.socket:
         host, port = self.settings.listen

@@ -154,3 +154,30 @@ async def test_sighup_reloads_the_config_in_every_worker(origin: Origin, tmp_pat
             assert "1.1 after" in (await proxy.get("/h")).headers["Via"]
     finally:
         assert await proxy.stop() == 0
+
+
+async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
+        origin: Origin, tmp_path: Path) -> None:
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    await proxy.wait_for(lambda: len(proxy.workers) == 2)
+    pids = list(proxy.workers.values())
+    assert proxy.process is not None
+    proxy.process.kill()  # SIGKILL: no chance to stop the workers
+    await proxy.process.wait()
+    for _ in range(200):  # they notice the control channel closing and drain (grace 2 s)
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            break
+        await asyncio.sleep(0.05)
+    assert not alive, "workers outlived their supervisor"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
