@@ -15,6 +15,7 @@ Each figure is the median of several rounds; latency percentiles are per operati
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import shutil
@@ -56,14 +57,37 @@ def timed(fn: Callable[[Any], Any], items: list[Any]) -> list[float]:
 
 
 def loop_time(fn: Callable[[Any], Any], items: list[Any], rounds: int) -> float:
-    """Median seconds per call of a tight loop (for sub-microsecond operations)."""
+    """Median seconds per call of a tight loop (for sub-microsecond operations); the garbage
+    collector is off while it runs, as timeit does."""
+    gc.collect()
+    gc.disable()
+    try:
+        return _loop_time(fn, items, rounds)
+    finally:
+        gc.enable()
+
+
+def _loop_time(fn: Callable[[Any], Any], items: list[Any], rounds: int) -> float:
     per = []
+    for it in items:  # warm-up round, not counted
+        fn(it)
     for _ in range(rounds):
         t0 = time.perf_counter()
         for it in items:
             fn(it)
         per.append((time.perf_counter() - t0) / len(items))
     return statistics.median(per)
+
+
+def paired_loop_time(fn: Callable[[Any], Any], base: Callable[[Any], Any], items: list[Any],
+                     rounds: int) -> tuple[float, float]:
+    """Like ``loop_time`` for two functions, their rounds interleaved so that both see the
+    same machine (this one is shared and noisy)."""
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(loop_time(fn, items, 1))
+        theirs.append(loop_time(base, items, 1))
+    return statistics.median(ours), statistics.median(theirs)
 
 
 def pct(lat: list[float], p: float) -> float:
@@ -89,8 +113,7 @@ def bench_memory(rounds: int, quick: bool) -> list[Row]:
         dict_put = loop_time(lambda k, plain=plain, values=values: plain.__setitem__(k, values[k]),
                              keys, rounds)
         get = store.memory_get
-        mem_get = loop_time(get, keys, rounds)
-        dict_get = loop_time(plain.get, keys, rounds)
+        mem_get, dict_get = paired_loop_time(get, plain.get, keys, rounds * 2)
         get_lat = timed(get, keys[: min(len(keys), 20_000)])
         rows.append(("memory", label, "get", mem_get, pct(get_lat, 0.5), pct(get_lat, 0.99),
                      dict_get, f"{mem_get / dict_get:.2f}x dict"))

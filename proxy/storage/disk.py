@@ -5,7 +5,8 @@ them in a thread executor.
 
 Layout: ``cache.disk.shards`` ``diskcache.Cache`` databases in ``<path>/000``,
 ``<path>/001``, ... (the layout of a ``FanoutCache``), each with
-``size / shards`` bytes of budget and the configured eviction policy. Unlike
+``0.9 * size / shards`` bytes of budget (the index and SQLite's journal files
+live in the rest) and the configured eviction policy. Unlike
 ``FanoutCache``, a key's records are placed by our own stable hash of the
 *primary key*, so a key's metadata and its bodies live in the same shard: a
 commit of a small body is one SQLite transaction (body and metadata together,
@@ -13,7 +14,9 @@ atomic), and a purge batch is one transaction per shard.
 
 Records in a shard:
 
-- ``m:<key>``: the metadata of every Vary variant of the key (JSON, small);
+- ``m:<key>``: the metadata of every Vary variant of the key (a compact JSON
+  array per variant, see ``entry``); rewritten under the shard lock, so two
+  processes storing two variants of one key keep both;
 - ``b:<body id>``: one body; diskcache keeps values of 32 KiB and more as files,
   read back as open files so big bodies stream instead of loading whole.
 
