@@ -44,7 +44,7 @@ from typing import Any
 from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.purge import PurgeSpec, match_to_json
-from proxy.runtime import Runtime
+from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
     Listeners,
     Reloader,
@@ -52,6 +52,7 @@ from proxy.web.server import (
     _bound,
     _fmt,
     check_c_parser,
+    install_reloader,
     serve,
     start_admin_listener,
 )
@@ -105,8 +106,7 @@ class Supervisor:
             return 1
         runtime = self.runtime = await Runtime.open(self.settings, owner=True)
         runtime.purge_fn = self.purge
-        reloader = Reloader(self.config_path, self.overrides, runtime.reconfigure,
-                            lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc())
+        reloader = install_reloader(runtime, self.config_path, self.overrides)
         runtime.reload_config = lambda: self.reload(reloader)
         listeners = Listeners()
         try:
@@ -300,23 +300,26 @@ class Supervisor:
             await process.wait()
             return 0
 
-    def reload(self, reloader: Reloader) -> list[str]:
-        """Re-read the config here (validating it) and then in every worker."""
-        problems = reloader.reload()
-        if not problems:
+    def reload(self, reloader: Reloader) -> ReloadResult:
+        """Re-read the config here (validating it), then in every worker (SIGHUP, POST /reload).
+
+        The answer is the supervisor's own reload; the workers follow within moments (each
+        reads the same files; a worker that rejects them logs why and keeps its config)."""
+        result = reloader.reload()
+        if result.ok:
             self._track(self._reload_workers())
-        return problems
+        return result
 
     async def _reload_workers(self) -> None:
         for w in self.workers:
             if w.channel is None:
                 continue
             try:
-                problems = await w.channel.call("reload", wait=30)
+                answer = await w.channel.call("reload", wait=30)
             except Exception as exc:
                 log.error("worker %d: reload failed: %s", w.worker_id, exc)
                 continue
-            for p in problems or ():
+            for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
 
     async def call_all(self, name: str, wait: float = 10.0, **args: Any) -> list[Any]:

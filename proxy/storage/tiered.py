@@ -68,15 +68,16 @@ class BodySpool:
     not stored).
     """
 
-    def __init__(self, storage: Storage, expected_length: int | None) -> None:
+    def __init__(self, storage: Storage, entry: Entry, expected_length: int | None) -> None:
         self._storage = storage
+        self.entry = entry  # what this body will be stored as (key, url, tags)
+        self.doomed = False  # a purge covered it while it was being received: never store it
         self.expected_length = expected_length
         self.size = 0
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
         self.too_large = expected_length is not None and expected_length > storage.max_object
         self.body_id = new_body_id()
-        self.epoch = storage.epoch  # purges after this cancel the fill
 
     async def write(self, chunk: bytes) -> bool:
         if self.too_large:
@@ -109,6 +110,7 @@ class BodySpool:
         return self._file
 
     def discard(self) -> None:
+        self._storage._spools.discard(self)
         self._chunks = []
         if self._file is not None:
             f, self._file = self._file, None
@@ -159,7 +161,7 @@ class Storage:
         self.failed_writes = 0
         self.bans = BanList(index.bans() if index is not None else ())
         self.epoch = 0  # local purges so far
-        self._purge_log: collections.deque[tuple[int, PurgeMatch]] = collections.deque(maxlen=4096)
+        self._spools: set[BodySpool] = set()  # bodies being received, not yet stored
         self._committing: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
         self._gc_cursor = ""
         self._gc_seq_marks: collections.deque[tuple[float, int]] = collections.deque()
@@ -245,20 +247,15 @@ class Storage:
 
     # -- writing ------------------------------------------------------------------------
 
-    def spool(self, expected_length: int | None) -> BodySpool:
-        return BodySpool(self, expected_length)
-
-    def _cancelled(self, entry: Entry, since: int) -> bool:
-        """Did a purge since local epoch ``since`` cover ``entry``?"""
-        if since >= self.epoch:
-            return False
-        if not self._purge_log or self._purge_log[0][0] > since + 1:
-            return True  # the log no longer reaches back that far: assume it did
-        return any(m.covers(entry) for ep, m in self._purge_log if ep > since)
+    def spool(self, entry: Entry, expected_length: int | None) -> BodySpool:
+        """Start receiving a body for ``entry``; a purge that covers it from now on dooms it."""
+        spool = BodySpool(self, entry, expected_length)
+        self._spools.add(spool)
+        return spool
 
     def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None:
         """The entry with its body's id and size; None when incomplete or purged meanwhile."""
-        if not spool.complete or self._cancelled(entry, spool.epoch):
+        if not spool.complete or spool.doomed:
             spool.discard()
             return None
         return replace(entry, body_id=spool.body_id, body_size=spool.size)
@@ -268,7 +265,7 @@ class Storage:
         body = spool.body_bytes()
         if body is None or entry.body_size > self.memory.max_object:
             return False
-        if self._cancelled(entry, spool.epoch):
+        if spool.doomed:
             return False
         current = self.memory.peek(entry.key) or ()
         merged, _ = _merge_variant(tuple(c.entry for c in current), entry)
@@ -278,14 +275,13 @@ class Storage:
 
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
         """Write a finalized entry to the disk tier; big bodies become visible here."""
-        if self._cancelled(entry, spool.epoch):
+        if spool.doomed:
             spool.discard()
             return False
         if self.disk is None:
             ok = spool.body_bytes() is not None
             spool.discard()
             return ok
-        started = self.epoch
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         token = id(done)
         self._committing[token] = (entry, done)
@@ -298,7 +294,7 @@ class Storage:
         if stored is None:
             self.failed_writes += 1
             return False
-        if entry.body_size > self.memory.max_object and not self._cancelled(entry, started):
+        if entry.body_size > self.memory.max_object and not spool.doomed:
             current = self.memory.peek(entry.key)
             if current is not None:  # keep memory's view of the key consistent
                 merged, _ = _merge_variant(tuple(c.entry for c in current), stored)
@@ -470,7 +466,9 @@ class Storage:
         number of keys dropped (or marked stale) from memory."""
         self.bans.add(bans)
         self.epoch += 1
-        self._purge_log.append((self.epoch, match))
+        for spool in self._spools:
+            if match.covers(spool.entry):
+                spool.doomed = True
         count = self._purge_memory(match)
         waits = [(e, fut) for e, fut in self._committing.values() if match.covers(e)]
         if waits:

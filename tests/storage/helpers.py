@@ -31,7 +31,7 @@ def open_store(path: str | None, *, memory: int = 8 * MB, memory_max_object: int
 
 async def store(s: Storage, e: Entry, body: bytes, chunk: int = 16 * 1024) -> bool:
     """Stream ``body`` into a spool and commit it, as the engine does."""
-    spool = s.spool(len(body))
+    spool = s.spool(e, len(body))
     for i in range(0, len(body), chunk):
         if not await spool.write(body[i:i + chunk]):
             return False

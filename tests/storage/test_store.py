@@ -67,7 +67,7 @@ async def test_variants_of_a_key_are_kept_side_by_side_and_replaced_by_vary_valu
 
 
 async def test_an_incomplete_body_is_never_stored(s: Storage) -> None:
-    spool = s.spool(1000)
+    spool = s.spool(entry(KEY), 1000)
     await spool.write(b"x" * 600)  # the upstream broke off here
     assert s.finalize(entry(KEY), spool) is None
     assert await s.get(KEY) == ()
@@ -76,7 +76,7 @@ async def test_an_incomplete_body_is_never_stored(s: Storage) -> None:
 async def test_a_body_over_max_object_is_not_stored(s: Storage) -> None:
     s.max_object = 100_000
     assert not await store(s, entry(KEY), b"x" * 150_000)
-    spool = s.spool(None)  # no Content-Length: found out while streaming
+    spool = s.spool(entry(KEY), None)  # no Content-Length: found out while streaming
     assert await spool.write(b"x" * 90_000)
     assert not await spool.write(b"x" * 20_000)
     assert await s.get(KEY) == ()
@@ -109,7 +109,7 @@ async def test_purges_by_url_tag_prefix_and_all_hard_and_soft(s: Storage) -> Non
 
 async def test_a_fill_in_flight_when_a_purge_arrives_is_not_stored(s: Storage) -> None:
     e = entry(KEY, tags=("t",))
-    spool = s.spool(10)
+    spool = s.spool(e, 10)
     await spool.write(b"01234")
     await s.purge_local(PurgeMatch(tags=frozenset({"t"})))
     await spool.write(b"56789")
@@ -155,7 +155,7 @@ async def test_two_processes_share_the_disk_and_a_purge_reaches_both(tmp_path: P
 
 async def test_a_purge_waits_for_a_disk_write_in_progress_and_removes_it(disk_store: Storage) -> None:
     e = entry(KEY, tags=("t",))
-    spool = disk_store.spool(None)
+    spool = disk_store.spool(e, None)
     await spool.write(os.urandom(3 * MB))
     final = disk_store.finalize(e, spool)
     assert final is not None
