@@ -152,6 +152,17 @@ async def test_sighup_reloads_the_config_in_every_worker(origin: Origin, tmp_pat
         assert len(seen) == 2
         for _ in range(20):
             assert "1.1 after" in (await proxy.get("/h")).headers["Via"]
+        # POST /reload on the supervisor's admin API reaches the workers the same way.
+        write_config(str(tmp_path), origin.url, CACHE, "via: third\n")
+        reply = await proxy.admin("POST", "/reload")
+        assert reply.status == 200, reply.body
+        for _ in range(100):
+            rs = [await proxy.get("/h") for _ in range(6)]
+            if all("1.1 third" in r.headers["Via"] for r in rs):
+                break
+            await asyncio.sleep(0.1)
+        seen = await _until_each_worker(proxy, "/h", 2, lambda r: "1.1 third" in r.headers["Via"])
+        assert len(seen) == 2
     finally:
         assert await proxy.stop() == 0
 
