@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from proxy.config import Settings
+from proxy.control import Channel
 from proxy.engine import Engine
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import Purger, PurgeSpec
@@ -76,6 +77,9 @@ class Runtime:
     # in a worker, a call to the supervisor). None: purge this process's store.
     purge_fn: Callable[[PurgeSpec], Awaitable[int]] | None = None
     worker_id: int | None = None
+    # In a worker: the control channel to the supervisor. Features add named calls to
+    # ``control.handlers`` (answered here) and call the supervisor with ``control.call``.
+    control: Channel | None = None
     # CACHEGATE_DEBUG_HEADERS=1: responses say which tier served them and which worker
     # (X-Cachegate-Tier, X-Cachegate-Worker), for debugging and the multi-worker tests.
     debug_headers: bool = field(default_factory=lambda: os.environ.get("CACHEGATE_DEBUG_HEADERS") == "1")

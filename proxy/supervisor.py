@@ -32,12 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -94,6 +96,9 @@ class Supervisor:
         self.runtime: Runtime | None = None
         self._listen: tuple[str, int] = settings.listen
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Calls the workers may make to the supervisor, by name (features add their own);
+        # each gets the calling worker's id as ``worker_id`` besides the call's arguments.
+        self.worker_calls: dict[str, Callable[..., Awaitable[Any]]] = {}
 
     # -- running ---------------------------------------------------------------------------
 
@@ -225,7 +230,10 @@ class Supervisor:
         async def purge(spec: dict[str, Any]) -> int:
             return await self.purge(PurgeSpec.from_json(spec))
 
-        return {"ready": ready, "purge": purge}
+        calls: dict[str, Any] = {
+            name: functools.partial(fn, worker_id=w.worker_id) for name, fn in self.worker_calls.items()}
+        calls.update({"ready": ready, "purge": purge})
+        return calls
 
     def _next_backoff(self, w: Worker) -> float:
         delay = w.backoff

@@ -284,6 +284,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
 
     runtime.purge_fn = purge_via_supervisor
     runtime.worker_id = worker.worker_id
+    runtime.control = channel
 
     async def watch_supervisor() -> None:
         await channel.closed.wait()
