@@ -57,6 +57,7 @@ MAX_VARIANTS = 32
 SPOOL_IN_MEMORY = 64 * 1024  # a body being received stays in memory up to this (or memory_max_object)
 SWEEP_BATCH = 1000
 GC_BATCH = 2000
+COMMIT_WAIT = 5.0  # seconds a read waits for this process's disk write of the same key
 GC_SEQ_LAG = 10.0  # seconds: index rows younger than this may belong to a commit in progress
 
 
@@ -193,6 +194,11 @@ class Storage:
             return variants
         if self.disk is None:
             return ()
+        writing = [fut for e, fut in self._committing.values() if e.key == key]
+        if writing:
+            # This process is writing the key to disk right now (a big body, which memory
+            # does not hold): read our own write rather than miss and fetch it again.
+            await asyncio.wait(writing, timeout=COMMIT_WAIT)
         for _ in range(3):
             epoch = self.epoch
             variants = await self.run(self._load_from_disk, key)

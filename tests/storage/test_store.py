@@ -275,3 +275,19 @@ async def test_a_write_that_times_out_on_the_shard_lock_is_counted_and_not_store
     finally:
         blocker.close()
         st.close()
+
+
+async def test_a_read_during_this_process_s_disk_write_of_a_big_body_waits_for_it(
+        disk_store: Storage) -> None:
+    e = entry(KEY)
+    spool = disk_store.spool(e, None)
+    body = os.urandom(3 * MB)  # too big for memory: visible only once on disk
+    await spool.write(body)
+    final = disk_store.finalize(e, spool)
+    assert final is not None
+    assert not disk_store.put_memory(final, spool)
+    writing = asyncio.ensure_future(disk_store.put_disk(final, spool))
+    await asyncio.sleep(0)
+    assert disk_store._committing
+    assert await read_body(disk_store, KEY) == body  # not a miss
+    assert await writing
