@@ -19,7 +19,7 @@ from proxy.errors import ConfigError
 from proxy.policy.messages import CacheOptions
 from proxy.rules import RuleSet, load_rules
 from proxy.schema import Section, parse_hostport
-from proxy.storage.disk import DiskEviction
+from proxy.storage.disk import DiskEviction, storable_limit
 from proxy.storage.memory import MemoryPolicy
 from proxy.yamlsrc import Problems, Src, load_yaml
 
@@ -373,7 +373,11 @@ def _check(s: Settings, problems: Problems, file: str) -> None:
 
 
 def base_cache_options(s: Settings) -> CacheOptions:
-    return CacheOptions(max_object=s.cache.max_object)
+    # What the store can really keep (half a disk shard at most), so that a response over it
+    # is refused up front with Cache-Status detail=TOO-LARGE, not after streaming.
+    c = s.cache
+    disk = (c.disk.size, c.disk.shards) if c.disk is not None else None
+    return CacheOptions(max_object=storable_limit(c.max_object, disk, c.memory_max_object, c.memory))
 
 
 def load_config(path: str | None, overrides: Overrides | None = None) -> Settings:

@@ -65,6 +65,20 @@ ORPHAN_AGE = 600.0  # seconds: an unreferenced body or file younger than this ma
 Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
 
 
+def shard_budget(size: int, shards: int) -> int:
+    """diskcache's budget per shard: its share of ``size`` less the RESERVE."""
+    return max(int(size * (1 - RESERVE)) // shards, 1)
+
+
+def storable_limit(max_object: int, disk: tuple[int, int] | None, memory_max_object: int,
+                   memory: int) -> int:
+    """The biggest body the store can keep: ``max_object``, but at most half a disk shard
+    (``disk`` = (size, shards)), or without a disk tier what the memory tier takes."""
+    if disk is not None:
+        return min(max_object, shard_budget(*disk) // 2)
+    return min(max_object, memory_max_object, memory // 2)
+
+
 def wal_limit(budget: int) -> int:
     """How big a database's write-ahead log may grow: 1/32 of its budget, 64 KiB to 4 MiB."""
     return min(max(budget // 32, 64 * 1024), 4 << 20)
@@ -107,7 +121,7 @@ class DiskTier:
         self.size_limit = size_limit
         # diskcache counts its database pages and value files; the index and the SQLite
         # journals (WAL, shared memory) live in the remaining RESERVE of the budget.
-        self.shard_limit = max(int(size_limit * (1 - RESERVE)) // shards, 1)
+        self.shard_limit = shard_budget(size_limit, shards)
         self.max_body = self.shard_limit // 2
         self.failed_writes = 0
         wal = wal_limit(self.shard_limit)

@@ -197,8 +197,25 @@ async def test_a_response_over_max_object_is_streamed_whole_not_stored_and_count
             r = await proxy.get(path)
             assert (r.status, r.body == body, r.x_cache) == (200, True, "MISS")
         assert origin.count(path) == 2
+    assert "detail=TOO-LARGE" in (await proxy.get("/huge")).cache_status  # known up front
     metrics = (await proxy.admin("GET", "/metrics")).body.decode()
     assert 'cachegate_not_stored_total{reason="TOO-LARGE"}' in metrics
+
+
+async def test_max_object_is_capped_at_half_a_disk_shard(origin: Origin, make_proxy: object) -> None:
+    body = os.urandom(3_000_000)
+    origin.route("/big", body=body, headers={"Cache-Control": "max-age=600"})
+    origin.route("/fits", body=body[:1_000_000], headers={"Cache-Control": "max-age=600"})
+    # 8 MB over 2 shards: diskcache gets 3.6 MB per shard, so 1.8 MB is the most one body may be
+    # (diskcache would cull a body bigger than its shard at once, or flush the shard for it).
+    proxy: Proxy = await make_proxy(  # type: ignore[operator]
+        config="cache: {memory: 8MB, max_object: 100MB, disk: {path: cache, size: 8MB, shards: 2}}\n")
+    first, second = await proxy.get("/big"), await proxy.get("/big")
+    assert first.body == second.body == body
+    assert (first.x_cache, second.x_cache) == ("MISS", "MISS")
+    assert "detail=TOO-LARGE" in second.cache_status
+    await proxy.get("/fits")
+    assert (await proxy.get("/fits")).x_cache == "HIT"
 
 
 def _chunked_handler(body: bytes):  # type: ignore[no-untyped-def]
