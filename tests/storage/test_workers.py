@@ -192,3 +192,14 @@ def _alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped by init) counts as gone.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(")")[-1].split()[0] != "Z"
+
+
+async def test_sigint_to_the_supervisor_stops_every_worker_and_exits_0(
+        origin: Origin, tmp_path: Path) -> None:
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    await proxy.wait_for(lambda: len(proxy.workers) == 2)
+    pids = list(proxy.workers.values())
+    assert await proxy.stop(signal.SIGINT) == 0
+    assert "cachegate: stopped" in proxy.lines
+    assert not [p for p in pids if _alive(p)]
