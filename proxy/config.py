@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, cast
 
 from yarl import URL
 
@@ -24,6 +24,7 @@ from proxy.storage.memory import MemoryPolicy
 from proxy.yamlsrc import Problems, Src, load_yaml
 
 HostPort = tuple[str, int]
+Balance = Literal["round_robin", "least_conn"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MB = 1 << 20
@@ -73,7 +74,7 @@ class TLSSettings:
 
 @dataclass(frozen=True)
 class PoolSettings:
-    balance: Literal["round_robin", "least_conn"] = "round_robin"
+    balance: Balance = "round_robin"
     timeouts: Timeouts = field(default_factory=Timeouts)
     pool_size: int = 256  # keep-alive connections per upstream
     preserve_host: bool = True  # send the client's Host upstream (nginx: proxy_set_header Host $host)
@@ -175,7 +176,9 @@ def _networks(sec: Section, key: str, default: tuple[Network, ...]) -> tuple[Net
     if not sec.has(key):
         return default
     nets: list[Network] = []
-    for item in sec.list(key) if not isinstance(sec.raw(key).value, str) else [sec.raw(key)]:  # type: ignore[union-attr]
+    raw = sec.raw(key)
+    assert raw is not None
+    for item in [raw] if isinstance(raw.value, str) else sec.list(key):
         try:
             nets.append(ipaddress.ip_network(str(item.value), strict=False))
         except ValueError:
@@ -253,7 +256,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
                     problems.add(tl.raw("ca_file") or tl.src, f"upstream.tls.ca_file: {ca_file} does not exist")
             tls = TLSSettings(tl.bool("verify", True), ca_file)
         pool = PoolSettings(
-            balance=ps.choice("balance", "round_robin", ("round_robin", "least_conn")),  # type: ignore[arg-type]
+            balance=cast(Balance, ps.choice("balance", "round_robin", ("round_robin", "least_conn"))),
             timeouts=timeouts,
             pool_size=ps.int("pool_size", 256, minimum=1),
             preserve_host=ps.bool("preserve_host", True),
@@ -278,13 +281,13 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
                     path=_resolve(base_dir, ds.str("path", "var/cache")),
                     size=ds.size("size", 10 * 1024 * MB),
                     shards=ds.int("shards", 8, minimum=1),
-                    eviction=ds.choice("eviction", "least-recently-stored",  # type: ignore[arg-type]
-                                       ("least-recently-stored", "least-recently-used")),
+                    eviction=cast(DiskEviction, ds.choice(
+                        "eviction", "least-recently-stored", ("least-recently-stored", "least-recently-used"))),
                 )
         cache = CacheSettings(
             memory=cs.size("memory", 256 * MB),
             memory_max_object=cs.size("memory_max_object", 1 * MB),
-            memory_policy=cs.choice("memory_policy", "lru", ("lru", "lfu")),  # type: ignore[arg-type]
+            memory_policy=cast(MemoryPolicy, cs.choice("memory_policy", "lru", ("lru", "lfu"))),
             max_object=cs.size("max_object", 100 * MB),
             lock_timeout=cs.duration("lock_timeout", 5.0),
             hit_for_pass=cs.duration("hit_for_pass", 5.0),
@@ -304,11 +307,12 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
 
     workers = 1
     if top.has("workers"):
-        item = top.raw("workers")
+        workers_item = top.raw("workers")
+        assert workers_item is not None
         try:
-            workers = parse_workers(str(item.value))  # type: ignore[union-attr]
+            workers = parse_workers(str(workers_item.value))
         except ValueError as exc:
-            problems.add(item, str(exc))  # type: ignore[arg-type]
+            problems.add(workers_item, str(exc))
 
     rule_files = tuple(_resolve(base_dir, f) for f in top.str_list("rules"))
     for item, path in zip(top.list("rules"), rule_files, strict=False):

@@ -6,8 +6,10 @@ every problem in a file instead of stopping at the first.
 
 from __future__ import annotations
 
+import builtins
+
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from proxy.units import parse_duration, parse_size
 from proxy.yamlsrc import Problems, Src
@@ -36,10 +38,17 @@ def type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# Section's readers are named after the types they read (str, int, bool, list), which
+# shadows the builtins inside the class body: annotations there use these aliases.
+Str: TypeAlias = str
+Int: TypeAlias = int
+Bool: TypeAlias = bool
+
+
 class Section:
     """A mapping being read: tracks the keys read so unknown ones can be reported."""
 
-    def __init__(self, src: Src, problems: Problems, path: str, allowed: Iterable[str]) -> None:
+    def __init__(self, src: Src, problems: Problems, path: Str, allowed: Iterable[Str]) -> None:
         self.src = src
         self.problems = problems
         self.path = path
@@ -51,31 +60,31 @@ class Section:
                 hint = _suggest(str(key), allowed)
                 self.problems.add((src.file, line), f"unknown key {self._name(key)!r}{hint}")
 
-    def _name(self, key: Any) -> str:
+    def _name(self, key: Any) -> Str:
         return f"{self.path}.{key}" if self.path else str(key)
 
-    def has(self, key: str) -> bool:
+    def has(self, key: Str) -> Bool:
         return key in self.values
 
-    def raw(self, key: str) -> Src | None:
+    def raw(self, key: Str) -> Src | None:
         return self.values.get(key)
 
-    def line_of(self, key: str) -> tuple[str, int]:
+    def line_of(self, key: Str) -> tuple[Str, int]:
         return (self.src.file, self.src.key_lines.get(key, self.src.line))
 
-    def _bad(self, item: Src, key: str, expected: str) -> None:
+    def _bad(self, item: Src, key: Str, expected: Str) -> None:
         self.problems.add(item, f"{self._name(key)}: expected {expected}, got {type_name(item.value)}")
 
-    def str(self, key: str, default: str) -> str:
+    def str(self, key: Str, default: Str) -> Str:
         item = self.values.get(key)
         if item is None or item.value is None:
             return default
-        if not isinstance(item.value, str | int) or isinstance(item.value, bool):
+        if not isinstance(item.value, str | Int) or isinstance(item.value, bool):
             self._bad(item, key, "a string")
             return default
         return str(item.value)
 
-    def optional_str(self, key: str) -> str | None:
+    def optional_str(self, key: Str) -> Str | None:
         item = self.values.get(key)
         if item is None or item.value is None:
             return None
@@ -84,7 +93,7 @@ class Section:
             return None
         return item.value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def bool(self, key: Str, default: Bool) -> Bool:
         item = self.values.get(key)
         if item is None or item.value is None:
             return default
@@ -93,7 +102,7 @@ class Section:
             return default
         return item.value
 
-    def int(self, key: str, default: int, minimum: int | None = None) -> int:
+    def int(self, key: Str, default: Int, minimum: Int | None = None) -> Int:
         item = self.values.get(key)
         if item is None or item.value is None:
             return default
@@ -105,7 +114,7 @@ class Section:
             return default
         return item.value
 
-    def number(self, key: str, default: float) -> float:
+    def number(self, key: Str, default: float) -> float:
         item = self.values.get(key)
         if item is None or item.value is None:
             return default
@@ -114,16 +123,16 @@ class Section:
             return default
         return float(item.value)
 
-    def duration(self, key: str, default: float) -> float:
+    def duration(self, key: Str, default: float) -> float:
         return self._parsed(key, default, parse_duration)
 
-    def optional_duration(self, key: str) -> float | None:
+    def optional_duration(self, key: Str) -> float | None:
         return self._parsed(key, None, parse_duration)
 
-    def size(self, key: str, default: int) -> int:
+    def size(self, key: Str, default: Int) -> Int:
         return self._parsed(key, default, parse_size)
 
-    def _parsed(self, key: str, default: T, parse: Callable[[object], Any]) -> T:
+    def _parsed(self, key: Str, default: T, parse: Callable[[object], Any]) -> T:
         item = self.values.get(key)
         if item is None or item.value is None:
             return default
@@ -133,7 +142,7 @@ class Section:
             self.problems.add(item, f"{self._name(key)}: {exc}")
             return default
 
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(self, key: Str, default: Str, choices: tuple[Str, ...]) -> Str:
         value = self.str(key, default)
         if value not in choices:
             item = self.values[key]
@@ -141,7 +150,7 @@ class Section:
             return default
         return value
 
-    def section(self, key: str, allowed: Iterable[str]) -> Section | None:
+    def section(self, key: Str, allowed: Iterable[Str]) -> Section | None:
         item = self.values.get(key)
         if item is None or item.value is None:
             return None
@@ -150,7 +159,7 @@ class Section:
             return None
         return Section(item, self.problems, self._name(key), allowed)
 
-    def list(self, key: str) -> list[Src]:
+    def list(self, key: Str) -> builtins.list[Src]:
         item = self.values.get(key)
         if item is None or item.value is None:
             return []
@@ -159,16 +168,16 @@ class Section:
             return []
         return list(item.value)
 
-    def str_list(self, key: str) -> list[str]:
+    def str_list(self, key: Str) -> builtins.list[Str]:
         """A list of strings; a single string is accepted as a list of one."""
         item = self.values.get(key)
         if item is None or item.value is None:
             return []
         if isinstance(item.value, str):
             return [item.value]
-        out: list[str] = []
+        out: builtins.list[Str] = []
         for element in self.list(key):
-            if isinstance(element.value, str | int) and not isinstance(element.value, bool):
+            if isinstance(element.value, str | Int) and not isinstance(element.value, bool):
                 out.append(str(element.value))
             else:
                 self.problems.add(element, f"{self._name(key)}: expected strings in the list, "

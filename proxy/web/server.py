@@ -55,7 +55,7 @@ class Listeners:
 
     async def stop(self, grace: float) -> None:
         for runner in self.runners:
-            runner._shutdown_timeout = grace  # type: ignore[attr-defined]
+            runner._shutdown_timeout = grace  # aiohttp reads it in cleanup()
         await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
 
 
