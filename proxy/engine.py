@@ -29,7 +29,7 @@ from proxy.config import Settings
 from proxy.errors import StorageError, UpstreamError
 from proxy.metrics import Metrics
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
-from proxy.policy.cache_status import cache_status
+from proxy.policy.cache_status import cache_status, serve_detail
 from proxy.policy.deception import content_type_agrees
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
@@ -56,6 +56,7 @@ from proxy.policy.validation import (
     error_keeps_stored,
     freshen_stored,
 )
+from proxy.purge import tags_from_headers
 from proxy.rules import RequestPlan, RuleSet, StorePlan
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
@@ -175,7 +176,8 @@ class Engine:
                 if decision.refresh:
                     self._refresh_in_background(req, plan, key, cached)
                 reply = await self._serve(req, plan, cached, decision.status, decision.ttl,
-                                          decision.age, decision.not_modified, hit=True)
+                                          decision.age, decision.not_modified, hit=True,
+                                          detail=serve_detail(decision.status, cached.entry.response))
                 if reply is not None:
                     return reply
                 return await self._fetch(req, plan, key, None, "uri-miss", None)
@@ -221,12 +223,13 @@ class Engine:
         fwd_status: int | None = None,
         detail: str | None = None,
         collapsed: bool = False,
+        mark_stored: bool = False,
     ) -> Reply | None:
         """A reply from a stored variant; None when its body has gone missing from disk."""
         entry = cached.entry
         stored = entry.response
         cs = cache_status(hit=hit, fwd=fwd, fwd_status=fwd_status, ttl=ttl, detail=detail,
-                          collapsed=collapsed)
+                          collapsed=collapsed, stored=mark_stored)
         headers = [(k, v) for k, v in stored.headers if k.lower() != "age"]
         headers.append(("Age", str(int(age))))
         headers.append(("Cache-Status", cs))
@@ -409,7 +412,7 @@ class Engine:
             if reader is None:
                 # Too late to stream this flight from its first byte: wait until it
                 # is stored and answer from the store.
-                return await self._serve_after_flight(req, plan, key, fwd, 200, "HIT", True)
+                return await self._serve_after_flight(req, plan, key, fwd, None, "HIT", True)
             flight.followers += 1
             collapsed = True
         if flight is None:
@@ -481,7 +484,8 @@ class Engine:
             # Fill requests drop the client's conditionals and ranges; answer them from the
             # stored response once the flight has stored it.
             reader.close()
-            return await self._serve_after_flight(req, plan, key, fwd, fhead.status, x_cache, collapsed)
+            return await self._serve_after_flight(req, plan, key, fwd, fhead.status, x_cache, collapsed,
+                                                  stored=not collapsed)
 
         if head.method == "HEAD" or fhead.status in (204, 304):
             reader.close()
@@ -492,7 +496,8 @@ class Engine:
                                         fhead.content_length, x_cache, "upstream"))
 
     async def _serve_after_flight(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
-                                  fwd_status: int, x_cache: str, collapsed: bool) -> Reply:
+                                  fwd_status: int | None, x_cache: str, collapsed: bool, *,
+                                  stored: bool = False) -> Reply:
         flight = self.coalescer.get(key)
         if flight is not None:
             try:
@@ -508,7 +513,9 @@ class Engine:
             reply = await self._serve(
                 req, plan, cached, x_cache, f.ttl(now), f.age(now),
                 client_not_modified(req.head.headers, cached.entry.response),
-                hit=x_cache == "HIT", fwd=fwd, fwd_status=fwd_status, collapsed=collapsed,
+                # RFC 9211: a collapsed request went forward (with the leader's): never "hit".
+                hit=x_cache == "HIT" and not collapsed, fwd=fwd, collapsed=collapsed, mark_stored=stored,
+                fwd_status=fwd_status if fwd_status is not None else cached.entry.response.status,
             )
             if reply is not None:
                 return reply
@@ -520,7 +527,7 @@ class Engine:
         now = self.clock()
         reply = await self._serve(req, plan, stale, "STALE", f.ttl(now), f.age(now),
                                   client_not_modified(req.head.headers, stale.entry.response),
-                                  hit=True, fwd=fwd, fwd_status=fwd_status, detail=detail)
+                                  hit=False, fwd=fwd, fwd_status=fwd_status, detail=detail)
         if reply is None:
             return self._finish(plan, _error_reply(502, "Bad Gateway", "502 Bad Gateway", "MISS",
                                                    cache_status(fwd=fwd, detail=detail)))
@@ -683,7 +690,7 @@ class Engine:
             # that caused the fill, never for everyone served from the store afterwards.
             stored = replace(stored, headers=tuple(
                 (k, v) for k, v in stored.headers if k.lower() != "set-cookie"))
-        tags = self._tags(resp.headers) + tuple(store_plan.tags)
+        tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
         entry = Entry(key=key, url=head.url, response=stored, body_id="", body_size=0,
                       tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
         return "", entry
@@ -696,14 +703,6 @@ class Engine:
         if not fraction or freshness.lifetime <= 0:
             return freshness
         return replace(freshness, lifetime=freshness.lifetime * (1 - self._random.uniform(0, fraction)))
-
-    def _tags(self, headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
-        tags: list[str] = []
-        for name in self._tag_headers:
-            for line in headers.getall(name, ()):
-                sep = "," if name == "cache-tag" else None
-                tags.extend(t.strip() for t in line.split(sep) if t.strip())
-        return tuple(tags)
 
     async def _freshen(self, cached: Cached, update: CIMultiDictProxy[str], plan: RequestPlan,
                        request_time: float, response_time: float) -> None:

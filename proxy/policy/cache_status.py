@@ -16,6 +16,7 @@ why a response was not stored or not served (``PRIVATE``, ``NO-STORE``, ...).
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 CACHE_NAME = "cachegate"
 
@@ -58,3 +59,21 @@ def cache_status(
     if detail:
         parts.append(f"detail={_sf_token_or_string(detail)}")
     return "; ".join(parts)
+
+
+class _Invalidatable(Protocol):
+    @property
+    def invalidated(self) -> bool: ...
+
+
+def serve_detail(status: str, stored: _Invalidatable) -> str | None:
+    """The ``detail`` of a response served from the store: why a stale one was served.
+
+    >>> serve_detail("UPDATING", type("R", (), {"invalidated": False})())
+    'STALE-WHILE-REVALIDATE'
+    """
+    if status == "HIT":
+        return None
+    if stored.invalidated:
+        return "SOFT-PURGED"  # a soft purge: served while one request revalidates it
+    return "STALE-WHILE-REVALIDATE" if status == "UPDATING" else "MAX-STALE"
