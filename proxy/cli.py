@@ -1,4 +1,4 @@
-"""The ``cachegate`` command: run, check, explain, demo (and the operator tools beside them).
+"""The ``cachegate`` command: run, check, explain, purge, demo (and the operator tools beside them).
 
 Every subcommand validates the config the same way; a bad config exits 2 with
 one ``FILE:LINE: message`` line per problem, before any port is bound.
@@ -101,6 +101,48 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Call ``POST /purge`` on the admin API; print its JSON answer, or its error and exit 1."""
+    from proxy.admin_client import AdminClientError, admin_url_of, call_admin
+
+    spec: dict[str, Any] = {}
+    if args.urls:
+        spec["urls"] = args.urls
+    if args.tag:
+        spec["tags"] = args.tag
+    if args.prefix:
+        spec["prefixes"] = args.prefix
+    if args.all:
+        spec["all"] = True
+    if not spec:
+        print("cachegate purge: give URLs, --tag, --prefix or --all", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.soft:
+        spec["soft"] = True
+    token = os.environ.get("CACHEGATE_ADMIN_TOKEN") or None
+    if args.admin:
+        base = args.admin
+    elif args.config:
+        settings = _load(args.config, Overrides())
+        if settings is None:
+            return EXIT_CONFIG
+        if settings.admin.listen is None:
+            print(f"cachegate purge: {args.config} has no admin listener (admin.listen); use --admin URL",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        base = admin_url_of(settings.admin.listen)
+        token = token or settings.admin.token
+    else:
+        base = "http://127.0.0.1:8081"
+    try:
+        answer = call_admin(base, "POST", "/purge", spec, token, timeout=args.timeout)
+    except AdminClientError as exc:
+        print(f"cachegate purge: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(answer)
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     overrides = _overrides(args)
@@ -164,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "freshness information)")
     p.add_argument("--brief", action="store_true", help="leave out the list of every rule")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("purge", help="purge URLs, tags, prefixes or everything through the admin API",
+                       description="Calls POST /purge on the admin API (its address from --admin, or "
+                                   "--config's admin.listen, else http://127.0.0.1:8081) with the "
+                                   "token from CACHEGATE_ADMIN_TOKEN (or --config's admin.token), and "
+                                   "prints the JSON answer. Exit 1 with the server's message on error.")
+    p.add_argument("urls", nargs="*", metavar="URL", help="absolute URL: every variant of it is purged")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG",
+                   help="purge every entry with this surrogate key, repeatable")
+    p.add_argument("--prefix", action="append", default=[], metavar="URL",
+                   help="purge every URL starting with this, repeatable")
+    p.add_argument("--all", action="store_true", help="purge everything")
+    p.add_argument("--soft", action="store_true",
+                   help="mark stale instead of removing: served while one request revalidates")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
+    where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("demo", help="run a sample origin with cachegate in front of it")
     p.add_argument("--origin-listen", default="127.0.0.1:9000", metavar="HOST:PORT")

@@ -1,0 +1,121 @@
+"""``cachegate purge`` as a real command against a running proxy's admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from tests.admin.util import absolute, settle, swept
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+TOKEN = "cli-token-42"
+
+
+async def cachegate(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``python -m proxy ARGS`` without blocking the loop that serves the origin and proxy."""
+    environment = {k: v for k, v in os.environ.items() if k != "CACHEGATE_ADMIN_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**environment, **(env or {})})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def cached(origin: Origin, proxy: Proxy, *paths: str, tag: str = "t") -> None:
+    for p in paths:
+        origin.route(p, body=p.encode(), headers={"Cache-Control": "max-age=300", "Surrogate-Key": tag})
+        await proxy.get(p)
+    await settle(proxy)
+
+
+async def test_purging_urls_prints_the_json_answer(origin: Origin, proxy: Proxy) -> None:
+    await cached(origin, proxy, "/a", "/b", "/c")
+    code, out, err = await cachegate("purge", "--admin", proxy.admin_url, absolute(proxy, "/a"),
+                                     absolute(proxy, "/b"))
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"purged": 2, "soft": False}
+    assert (await proxy.get("/a")).x_cache == "MISS"
+    assert (await proxy.get("/c")).x_cache == "HIT"
+
+
+async def test_tags_prefixes_all_and_soft(origin: Origin, proxy: Proxy) -> None:
+    await cached(origin, proxy, "/t/1", "/t/2", tag="red")
+    await cached(origin, proxy, "/p/1", "/p/2", "/z", tag="blue")
+    code, out, _ = await cachegate("purge", "--admin", proxy.admin_url, "--tag", "red", "--tag", "none")
+    assert (code, json.loads(out)) == (0, {"purged": 2, "soft": False})
+    code, out, _ = await cachegate("purge", "--admin", proxy.admin_url, "--prefix", absolute(proxy, "/p/"))
+    assert (code, json.loads(out)) == (0, {"purged": 2, "soft": False})
+    assert (await proxy.get("/z")).x_cache == "HIT"
+    await swept(proxy)  # "all" counts the index's entries: let the upkeep drop the purged ones first
+    code, out, _ = await cachegate("purge", "--admin", proxy.admin_url, "--all", "--soft")
+    assert (code, json.loads(out)) == (0, {"purged": 1, "soft": True})
+    assert (await proxy.get("/z")).x_cache == "UPDATING"
+
+
+async def test_the_token_comes_from_the_environment(origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    await cached(origin, proxy, "/a")
+    code, out, err = await cachegate("purge", "--admin", proxy.admin_url, absolute(proxy, "/a"))
+    assert (code, out) == (1, "")
+    assert "401" in err and "admin token required" in err
+    code, out, err = await cachegate("purge", "--admin", proxy.admin_url, absolute(proxy, "/a"),
+                                     env={"CACHEGATE_ADMIN_TOKEN": "wrong"})
+    assert code == 1 and "401" in err
+    assert (await proxy.get("/a")).x_cache == "HIT"
+    code, out, err = await cachegate("purge", "--admin", proxy.admin_url, absolute(proxy, "/a"),
+                                     env={"CACHEGATE_ADMIN_TOKEN": TOKEN})
+    assert (code, json.loads(out)) == (0, {"purged": 1, "soft": False})
+
+
+async def test_the_address_and_token_can_come_from_the_config(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n",
+                             directory=tmp_path / "proxy")
+    await cached(origin, proxy, "/a")
+    port = proxy.admin_url.rsplit(":", 1)[1]
+    config = tmp_path / "operator.yaml"
+    config.write_text(f"upstreams: [{{url: '{origin.url}'}}]\nadmin:\n  listen: '0.0.0.0:{port}'\n"
+                      "  token: ${OPERATOR_TOKEN}\n")
+    # No CACHEGATE_ADMIN_TOKEN: the config's admin.token is used; 0.0.0.0 is reached on loopback.
+    code, out, err = await cachegate("purge", "--config", str(config), absolute(proxy, "/a"),
+                                     env={"OPERATOR_TOKEN": TOKEN})
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"purged": 1, "soft": False}
+    code, _, err = await cachegate("purge", "--config", str(config), absolute(proxy, "/a"),
+                                   env={"OPERATOR_TOKEN": "not-it"})
+    assert code == 1 and "401" in err
+
+
+async def test_the_servers_error_is_printed_and_the_exit_status_is_1(origin: Origin, proxy: Proxy) -> None:
+    await cached(origin, proxy, "/a")
+    code, out, err = await cachegate("purge", "--admin", proxy.admin_url, "/a")
+    assert (code, out) == (1, "")
+    assert "400 Bad Request: '/a': give an absolute http:// or https:// URL" in err
+    code, out, err = await cachegate("purge", "--admin", proxy.admin_url, "http://elsewhere.example/a")
+    assert code == 1 and "does not serve host 'elsewhere.example'" in err
+    assert (await proxy.get("/a")).x_cache == "HIT"
+
+
+async def test_no_target_or_no_admin_api_is_an_error() -> None:
+    code, _, err = await cachegate("purge", "--admin", "http://127.0.0.1:9")
+    assert code == 2 and "give URLs, --tag, --prefix or --all" in err
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = await cachegate("purge", "--admin", f"http://127.0.0.1:{port}", "--all")
+    assert (code, out) == (1, "")
+    assert f"cannot reach the admin API at http://127.0.0.1:{port}" in err
+
+
+async def test_the_purge_command_has_help(origin: Origin) -> None:
+    del origin
+    code, out, _ = await cachegate("purge", "--help")
+    assert code == 0 and "--tag TAG" in out and "CACHEGATE_ADMIN_TOKEN" in out
+
+
