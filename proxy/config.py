@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
@@ -112,6 +113,9 @@ class AdminSettings:
     purge_from: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
     )  # fmt: skip
+    # Hosts the admin API accepts URLs for (patterns as match.host); empty: the hosts clients
+    # asked for since start and the hosts in the store.
+    hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,22 @@ def _upstream_url(text: str, at: Src | tuple[str, int], problems: Problems) -> U
         problems.add(at, f"upstream url {text!r}: must not have a path or query")
         return None
     return url.with_path("")
+
+
+def _admin_hosts(sec: Section) -> tuple[str, ...]:
+    raw = sec.raw("hosts")
+    if raw is None or raw.value is None:
+        return ()
+    items = [raw] if isinstance(raw.value, str) else sec.list("hosts")
+    hosts = []
+    for item in items:
+        host = str(item.value).strip().lower().rstrip(".")
+        if not isinstance(item.value, str) or not re.fullmatch(
+                r"(\*\.)?[a-z0-9_.-]+(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?", host):
+            sec.problems.add(item, f"admin.hosts: {item.value!r} is not a host name, host:port or *.domain")
+            continue
+        hosts.append(host)
+    return tuple(hosts)
 
 
 def _networks(sec: Section, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
@@ -297,12 +317,13 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         )
 
     admin = AdminSettings()
-    ad = top.section("admin", ("listen", "token", "purge_from"))
+    ad = top.section("admin", ("listen", "token", "purge_from", "hosts"))
     if ad is not None:
         admin = AdminSettings(
             listen=_hostport(ad, "listen", ("127.0.0.1", 8081)),
             token=ad.optional_str("token") or None,
             purge_from=_networks(ad, "purge_from", AdminSettings().purge_from),
+            hosts=_admin_hosts(ad),
         )
 
     workers = 1

@@ -1,24 +1,34 @@
-"""``cachegate explain``: which rule a URL matches, its cache key, and what happens to a response.
+"""``cachegate explain`` and ``GET /explain``: which rule a URL matches, its key, what happens now.
 
 The way to debug "why was this not cached": it runs the same compiled rules and
 the same policy functions the proxy runs (``RuleSet.plan``, ``cache_key``,
 ``decide_store``, the deception guard), on a request described on the command
 line and a response of the given status and headers, and prints every step with
 the rule that decided it (``FILE:LINE``). Pure: ``now`` is a parameter.
+
+``explain_trace`` is the same for the admin API's ``GET /explain``, as JSON, with
+the variants the running store holds under the request's key: it adds what the
+proxy would do with the request right now (``decide_lookup``) and, for each
+stored variant, which directive decided its freshness and whether it would be
+stored again under the current rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.policy.cache_control import CacheControl
+from proxy.policy.cache_status import cache_status
 from proxy.policy.deception import content_type_agrees
-from proxy.policy.keys import KeySpec, cache_key
-from proxy.policy.messages import RequestHead
-from proxy.policy.storability import DontStore, decide_store
+from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
+from proxy.policy.messages import Freshness, RequestHead, StoredResponse
+from proxy.policy.reuse import Forward, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup, select_variant
+from proxy.policy.storability import DontStore, decide_store, response_cache_control
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan
 
 # What each "not stored" detail means, and what to change.
@@ -237,3 +247,257 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
         if not rules.rules:
             lines.append("  (no rules: RFC 9111 behaviour, nothing added)")
     return lines
+
+
+# -- the JSON trace behind GET /explain --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredVariant:
+    """A variant the store holds under the request's key, and where (from ``proxy.inspection``)."""
+
+    response: StoredResponse
+    tiers: tuple[str, ...]  # "memory", "disk"
+    tags: tuple[str, ...] = ()
+    size: int = 0
+    hits: int = 0
+
+
+def _rule_json(rule: Rule | None) -> dict[str, str] | None:
+    return None if rule is None else {"name": rule.name, "where": rule.where}
+
+
+def _directives(cc: CacheControl) -> str:
+    return ", ".join(k if v is None else f"{k}={v}" for k, v in cc.directives.items())
+
+
+def freshness_decided_by(f: Freshness, cc: CacheControl, cc_field: str, rule: Rule | None) -> str:
+    """The directive (or rule, or heuristic) that gave a stored response its lifetime, in words."""
+    if f.source in ("s-maxage", "max-age"):
+        return f"{f.source}={cc.delta(f.source)} in {cc_field}"
+    if f.source == "expires":
+        return "Expires minus Date"
+    if f.source == "rule":
+        where = f"rule {rule.name!r} ({rule.where})" if rule is not None else "the rules' defaults"
+        return f"a ttl from {where}"
+    if f.source == "heuristic":
+        return "heuristic: 10% of the time since Last-Modified (RFC 9111 §4.2.2)"
+    return "no freshness information: every use is revalidated"
+
+
+def _storability(head: RequestHead, plan: RequestPlan, status: int,
+                 headers: CIMultiDictProxy[str], now: float) -> dict[str, Any]:
+    """Whether a response with these headers is stored under the current rules, and what decided."""
+    ctype = headers.get("Content-Type")
+    sp = plan.for_response(status, ctype)
+    cc, cc_field = response_cache_control(headers, sp.options)
+    fill = head if head.method != "HEAD" else RequestHead("GET", head.scheme, head.host, head.target,
+                                                           head.headers)
+    out: dict[str, Any] = {"store_rule": _rule_json(sp.rule), "directives_from": cc_field,
+                           "directives": _directives(cc)}
+    detail = ""
+    decision = None
+    if sp.no_store:
+        assert sp.rule is not None
+        detail = f"RULE-NO-STORE:{sp.rule.name}"
+        why = f"rule {sp.rule.name!r} says no_store"
+    else:
+        decision = decide_store(fill, status, "", headers, now, now, sp.options)
+        if isinstance(decision, DontStore):
+            detail = decision.detail
+        elif sp.deception_guard and not content_type_agrees(head.target, ctype):
+            detail = "DECEPTION-GUARD"
+        why = WHY_NOT.get(detail, "")
+    if detail:
+        out.update(stored=False, detail=detail, why=why)
+        return out
+    assert decision is not None and not isinstance(decision, DontStore)
+    f = decision.response.freshness
+    reasons = []
+    if "authorization" in head.headers:
+        allowed = [d for d in ("public", "s-maxage", "must-revalidate") if d in cc]
+        reasons.append(f"the request has Authorization; {', '.join(allowed)} in {cc_field} allows storing it")
+    if "set-cookie" in headers:
+        reasons.append("it sets a cookie; allow_set_cookie stores it without the Set-Cookie")
+    out.update(stored=True, detail=None, lifetime=f.lifetime, freshness_source=f.source,
+               freshness_decided_by=freshness_decided_by(f, cc, cc_field, sp.rule),
+               stale_while_revalidate=f.stale_while_revalidate, stale_if_error=f.stale_if_error,
+               tags=list(sp.tags), why="; ".join(reasons) or "storable: " + (
+                   f"fresh for {fmt_duration(f.lifetime)}" if f.lifetime > 0 else "to be revalidated"))
+    return out
+
+
+def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index: int, selected: int | None,
+                  now: float) -> dict[str, Any]:
+    r = v.response
+    f = r.freshness
+    headers = CIMultiDictProxy(CIMultiDict(r.headers))
+    sp = plan.for_response(r.status, headers.get("Content-Type"))
+    cc, cc_field = response_cache_control(headers, sp.options)
+    ttl = f.ttl(now)
+    return {
+        "index": index,
+        "selected": index == selected,
+        "vary": dict(r.vary),
+        "vary_matches": vary_matches(r.vary, head.headers),
+        "status": r.status,
+        "tiers": list(v.tiers),
+        "tags": list(v.tags),
+        "size": v.size,
+        "hits": v.hits,
+        "age": round(f.age(now), 3),
+        "ttl": round(ttl, 3),
+        "fresh": ttl > 0 and not r.invalidated and not f.no_cache,
+        "soft_purged": r.invalidated,
+        "validators": {"etag": r.etag, "last_modified": r.last_modified},
+        "freshness": {
+            "source": f.source, "lifetime": f.lifetime,
+            "decided_by": freshness_decided_by(f, cc, cc_field, sp.rule),
+            "stale_while_revalidate": f.stale_while_revalidate, "stale_if_error": f.stale_if_error,
+            "must_revalidate": f.must_revalidate, "no_cache": f.no_cache, "immutable": f.immutable,
+        },
+        "storability": _storability(head, plan, r.status, headers, now),
+    }
+
+
+def _vary_mismatch(head: RequestHead, variants: Sequence[StoredVariant]) -> str:
+    parts = []
+    for v in variants[:3]:
+        for name, value in v.response.vary:
+            mine = variant_of((name,), head.headers)[0][1]
+            if mine != value:
+                parts.append(f"{name}: stored {value!r}, request {mine!r}")
+                break
+    return "; ".join(parts)
+
+
+def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
+                  variants: Sequence[StoredVariant], now: float) -> dict[str, Any]:
+    """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
+    if head.method not in CACHED_METHODS:
+        return {"action": "forward", "fwd": "method", "x_cache_status": "BYPASS",
+                "cache_status": cache_status(fwd="method"),
+                "why": f"{head.method} is never looked up or stored; a 2xx/3xx answer to it "
+                       "invalidates this URL (RFC 9111 §4.4)"}
+    if plan.bypass:
+        assert plan.rule is not None
+        return {"action": "forward", "fwd": "bypass", "x_cache_status": "BYPASS",
+                "cache_status": cache_status(fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}"),
+                "why": f"rule {plan.rule.name!r} ({plan.rule.where}) says bypass: neither looked up "
+                       "nor stored"}
+    decision = decide_lookup(head, [v.response for v in variants], now, plan.options)
+    out: dict[str, Any]
+    match decision:
+        case Serve():
+            v = variants[decision.index].response
+            out = {"action": "serve", "variant": decision.index, "x_cache_status": decision.status,
+                   "status": 304 if decision.not_modified else v.status}
+            detail: str | None
+            if decision.status == "HIT":
+                why = f"a stored variant is fresh for {fmt_duration(max(decision.ttl, 0))} more"
+                detail = None
+            elif decision.status == "STALE":
+                why = f"stale by {fmt_duration(-decision.ttl)}, within the client's max-stale"
+                detail = "MAX-STALE"
+            elif v.invalidated:
+                why = ("soft-purged: served at once while one background request revalidates it")
+                detail = "SOFT-PURGED"
+            else:
+                why = (f"stale by {fmt_duration(-decision.ttl)}, within stale-while-revalidate "
+                       f"({fmt_duration(v.freshness.stale_while_revalidate)}): served at once while one "
+                       "background request revalidates it")
+                detail = "STALE-WHILE-REVALIDATE"
+            if decision.not_modified:
+                why += "; the client's conditional matches: 304"
+            out["cache_status"] = cache_status(hit=True, ttl=decision.ttl, detail=detail)
+            out["why"] = why
+            return out
+        case Revalidate():
+            v = variants[decision.index].response
+            validators = ", ".join(n for n, x in (("If-None-Match", v.etag),
+                                                  ("If-Modified-Since", v.last_modified)) if x)
+            if decision.fwd == "request":
+                why = "the client asked for a fresh response (Cache-Control no-cache/max-age/min-fresh)"
+            elif v.invalidated:
+                why = "soft-purged and not allowed to be served stale"
+            else:
+                why = f"stale by {fmt_duration(-v.freshness.ttl(now))}" if v.freshness.ttl(now) <= 0 \
+                    else "the stored response requires revalidation (no-cache)"
+            why += f": a conditional request ({validators or 'no validator'}); a 304 refreshes it"
+            if decision.stale_if_error:
+                why += "; if the origin fails, the stored response is served (stale-if-error)"
+            elif decision.stale_prohibited:
+                why += "; if the origin is unreachable: 504 (must-revalidate, no-cache or s-maxage)"
+            return {"action": "revalidate", "variant": decision.index, "fwd": decision.fwd,
+                    "x_cache_status": "REVALIDATED",
+                    "x_cache_status_if_changed": "EXPIRED" if decision.fwd == "stale" else "MISS",
+                    "cache_status": cache_status(fwd=decision.fwd, fwd_status=304),
+                    "why": why}
+        case Forward():
+            if decision.fwd == "uri-miss":
+                why = "nothing is stored under this key: the origin is asked"
+            elif decision.fwd == "vary-miss":
+                why = (f"{len(variants)} variant(s) stored, none matches the request's Vary fields ("
+                       f"{_vary_mismatch(head, variants)})")
+            elif decision.fwd == "request":
+                why = "the client asked for a fresh response and the stored one has no validator"
+            else:
+                why = "the stored response is stale and has no validator: a full fetch"
+            if decision.stale_index is not None:
+                why += "; if the origin fails, the stored response is served (stale-if-error)"
+            x = "EXPIRED" if decision.fwd == "stale" else "MISS"
+            return {"action": "forward", "fwd": decision.fwd, "x_cache_status": x,
+                    "cache_status": cache_status(fwd=decision.fwd), "why": why}
+        case OnlyIfCachedMiss():
+            return {"action": "reject", "status": 504, "x_cache_status": "MISS",
+                    "cache_status": cache_status(detail="ONLY-IF-CACHED"),
+                    "why": "the client sent only-if-cached and nothing usable is stored"}
+        case _:
+            assert_never(decision)
+
+
+def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVariant], now: float,
+                  responses: Sequence[tuple[int, Sequence[tuple[str, str]]]] = ()) -> dict[str, Any]:
+    """The whole decision trace for one request, as JSON-ready data (``GET /explain``).
+
+    ``variants`` are what the store holds under the request's key, in every tier;
+    ``responses`` are hypothetical origin answers (status, headers) to decide storing for.
+    Pure: nothing here touches the origin or the store.
+    """
+    plan = rules.plan(head)
+    cached_method = head.method in CACHED_METHODS
+    key = cache_key(head, plan.key) if cached_method and not plan.bypass else None
+    selected = select_variant(head, [v.response for v in variants]) if variants else None
+    rule_trace = []
+    decided = False
+    for rule, why in rules.trace(head):
+        if why is None:
+            if decided:
+                role = "not reached: an earlier rule won"
+            elif rule.match.needs_response:
+                role = "applies when its status/content_type holds"
+            else:
+                role, decided = "wins", True
+            rule_trace.append({"name": rule.name, "where": rule.where, "holds": True, "role": role})
+        else:
+            rule_trace.append({"name": rule.name, "where": rule.where, "holds": False, "why": why})
+    out: dict[str, Any] = {
+        "request": {"method": head.method, "url": head.url,
+                    "headers": [[k, v] for k, v in head.headers.items()]},
+        "rule": _rule_json(plan.rule),
+        "response_rules": [_rule_json(r) for r in plan.response_rules],
+        "bypass": plan.bypass,
+        "cache_key": key,
+        "key_changes": _key_changes(plan.key),
+        "client_cache_control": plan.options.client_cache_control,
+        "stored": [_variant_json(head, plan, v, i, selected, now) for i, v in enumerate(variants)],
+        "decision": _now_decision(head, plan, key, variants, now),
+        "rules": rule_trace,
+    }
+    if responses and cached_method and not plan.bypass:
+        out["if_fetched"] = [
+            {"status": status, "headers": [list(h) for h in hdrs],
+             **_storability(head, plan, status, CIMultiDictProxy(CIMultiDict(hdrs)), now)}
+            for status, hdrs in responses
+        ]
+    return out

@@ -2,11 +2,32 @@
 
 Counters are updated on the request path; tier sizes are read when scraped, by a
 collector, so the hit path never updates a gauge.
+
+With several workers (``cachegate run --workers N``) every process keeps its own
+registry and the supervisor adds them up when ``/metrics`` is scraped: each worker
+sends a ``snapshot`` of its samples over the control channel and
+``ClusterMetrics`` merges them. Why not prometheus-client's multiprocess mode: it
+needs a shared directory and an environment variable set before the library is
+imported, it cannot run our scrape-time collectors (tier sizes, upstream health),
+and it leaves a file per process id behind; the control channel already connects
+every worker to the supervisor. Merging rules:
+
+- counters and histograms are summed over the supervisor and every worker; a
+  worker that dies has its last reported values kept (``retired``), so the sums
+  never go down when a worker is restarted (Prometheus would read that as a reset);
+- families only the supervisor keeps (reloads, purges) and the shared disk tier's
+  gauges come from the supervisor alone (every worker sees the same disk);
+- gauges are summed over workers (memory tier entries and bytes, requests in
+  flight), except ``cachegate_upstream_up``, the mean over workers (0.5: half of
+  the workers send it traffic).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import collections
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,6 +37,22 @@ from prometheus_client.registry import Collector
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# X-Cache-Status values that count as hits in hit ratios: answered from the store
+# without waiting for the origin (a collapsed waiter says HIT too: it cost no origin request).
+HIT_STATUSES = frozenset({"HIT", "STALE", "UPDATING"})
+
+# Families that only the supervisor's numbers describe (workers forward these to it).
+SUPERVISOR_ONLY = frozenset({"cachegate_config_reloads", "cachegate_purges", "cachegate_purged_entries",
+                             "cachegate_admin_unauthorized"})
+# Families with a "tier" label whose tier="disk" samples describe the shared disk tier.
+SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "cachegate_evictions"})
+# Families describing each worker's own upstream pool: workers only, never the supervisor's.
+WORKER_ONLY = frozenset({"cachegate_upstream_up", "cachegate_upstream_in_flight"})
+MEAN_GAUGES = frozenset({"cachegate_upstream_up"})
+
+# A snapshot: [[family name, type, help, [[sample name, {labels}, value], ...]], ...]
+Snapshot = list[list[Any]]
 
 
 class Metrics:
@@ -40,6 +77,12 @@ class Metrics:
         self.purges = Counter("cachegate_purges", "Purge operations by kind", ["kind"], registry=r)
         self.purged_entries = Counter("cachegate_purged_entries", "Entries removed or marked stale by purges",
                                       registry=r)
+        self.purge_refused = Counter("cachegate_purge_refused",
+                                     "PURGE requests on the client listener refused, by reason",
+                                     ["reason"], registry=r)
+        self.admin_unauthorized = Counter("cachegate_admin_unauthorized",
+                                          "Admin API requests refused for a missing or wrong token",
+                                          registry=r)
         self.reloads = Counter("cachegate_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.storage_errors = Counter("cachegate_storage_errors", "Storage failures degraded to a miss",
                                       ["operation"], registry=r)
@@ -49,6 +92,20 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> Snapshot:
+        """Every sample of this process's registry, as JSON-ready lists (sent to the supervisor)."""
+        return snapshot_of(self.registry.collect())
+
+    def request_counts(self) -> dict[str, int]:
+        """Client requests so far by X-Cache-Status (all methods together)."""
+        out: dict[str, int] = {}
+        for family in self.requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    status = s.labels["cache_status"]
+                    out[status] = out.get(status, 0) + int(s.value)
+        return out
 
 
 class _FunctionCollector(Collector):
@@ -73,3 +130,137 @@ def tier_families(entries: dict[str, int], size: dict[str, int], evictions: dict
     yield e
     yield b
     yield ev
+
+
+def snapshot_of(families: Iterable[Metric]) -> Snapshot:
+    out: Snapshot = []
+    for f in families:
+        samples = [[s.name, dict(s.labels), float(s.value)] for s in f.samples
+                   if not s.name.endswith("_created")]
+        out.append([f.name, f.type, f.documentation, samples])
+    return out
+
+
+def hit_ratio(counts: dict[str, int]) -> float | None:
+    """Hits (HIT, STALE, UPDATING) over every client request; None before the first request."""
+    total = sum(counts.values())
+    if total == 0:
+        return None
+    return sum(n for s, n in counts.items() if s in HIT_STATUSES) / total
+
+
+class RequestWindow:
+    """Request counts sampled every few seconds, for "hit ratio over the last minute".
+
+    Sampling cumulative counters (rather than counting into per-second buckets)
+    keeps the request path untouched: the window is the difference between the
+    latest counts and those of about a minute ago.
+    """
+
+    def __init__(self, span: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.span = span
+        self.clock = clock
+        self._samples: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
+
+    def add(self, counts: dict[str, int]) -> None:
+        now = self.clock()
+        self._samples.append((now, dict(counts)))
+        # Keep one sample at least ``span`` old, so the window covers the whole minute.
+        while len(self._samples) >= 2 and now - self._samples[1][0] >= self.span:
+            self._samples.popleft()
+
+    def last(self, counts: dict[str, int]) -> tuple[float, dict[str, int]]:
+        """(seconds covered, counts in that time) up to ``counts`` (the current totals)."""
+        now = self.clock()
+        base_time, base = now, counts
+        for t, c in self._samples:
+            if now - t <= self.span + 1e-9:
+                base_time, base = t, c
+                break
+        delta = {k: v - base.get(k, 0) for k, v in counts.items()}
+        return now - base_time, {k: v for k, v in delta.items() if v > 0}
+
+
+class ClusterMetrics:
+    """Adds up the supervisor's registry and its workers' snapshots (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, Snapshot] = {}  # worker pid -> its latest snapshot
+        self._worker_pid: dict[int, int] = {}  # worker id -> pid of its current process
+        self._retired: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        self._types: dict[str, tuple[str, str]] = {}
+
+    def update(self, worker_id: int, pid: int, snapshot: Snapshot) -> None:
+        """Record a worker's snapshot; a new pid for a worker id retires the old process's counters."""
+        old = self._worker_pid.get(worker_id)
+        if old is not None and old != pid:
+            self.retire(old)
+        self._worker_pid[worker_id] = pid
+        self._last[pid] = snapshot
+
+    def retire(self, pid: int) -> None:
+        snap = self._last.pop(pid, None)
+        if snap is None:
+            return
+        for name, kind, doc, samples in snap:
+            if kind == "gauge":
+                continue
+            self._types.setdefault(name, (kind, doc))
+            for sample, labels, value in samples:
+                k = (name, sample, tuple(sorted(labels.items())))
+                self._retired[k] = self._retired.get(k, 0.0) + value
+
+    def workers(self) -> list[Snapshot]:
+        live = set(self._worker_pid.values())
+        return [s for pid, s in self._last.items() if pid in live]
+
+    def merge(self, own: Snapshot, workers: list[Snapshot]) -> list[Metric]:
+        """The supervisor's snapshot ``own`` (plus extra families) and the live workers', merged."""
+        sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = dict(self._retired)
+        counts: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
+        types = dict(self._types)
+
+        def add(snap: Snapshot, is_worker: bool) -> None:
+            for name, kind, doc, samples in snap:
+                if is_worker and name in SUPERVISOR_ONLY:
+                    continue
+                if not is_worker and name in WORKER_ONLY:
+                    continue
+                types.setdefault(name, (kind, doc))
+                for sample, labels, value in samples:
+                    if name in SHARED_TIER and (labels.get("tier") == "disk") == is_worker:
+                        continue  # disk samples from the supervisor, memory ones from workers
+                    k = (name, sample, tuple(sorted(labels.items())))
+                    sums[k] = sums.get(k, 0.0) + value
+                    counts[k] = counts.get(k, 0) + 1
+
+        add(own, False)
+        for snap in workers:
+            add(snap, True)
+        families: dict[str, Metric] = {}
+        for name, (kind, doc) in types.items():
+            families[name] = Metric(name, doc, kind)
+        for (name, sample, labels), value in sorted(sums.items()):
+            if name in MEAN_GAUGES and counts.get((name, sample, labels)):
+                value /= counts[(name, sample, labels)]
+            families[name].add_sample(sample, dict(labels), value)
+        return list(families.values())
+
+
+def render_families(families: Iterable[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    fams = list(families)
+    registry.register(_FunctionCollector(lambda: iter(fams)))
+    return generate_latest(registry)
+
+
+def merge_single(own: Snapshot, extra: Snapshot) -> list[Metric]:
+    """One process: its registry plus extra families (or extra samples of the same families)."""
+    merged: dict[str, Metric] = {}
+    for name, kind, doc, samples in [*own, *extra]:
+        m = merged.get(name)
+        if m is None:
+            m = merged[name] = Metric(name, doc, kind)
+        for sample, labels, value in samples:
+            m.add_sample(sample, labels, value)
+    return list(merged.values())

@@ -1,4 +1,4 @@
-"""Purge requests: validation of the admin JSON (pure) and carrying them out on a store.
+"""Purge requests: validation of the admin JSON (pure), surrogate keys, and carrying purges out.
 
 ``parse_purge`` turns a JSON document into a ``PurgeSpec`` or raises ``BadPurge``
 with a precise message; nothing is purged from an invalid request. A URL given
@@ -8,15 +8,19 @@ to purge is reshaped by the same rules as a client request for it, so purging
 removes them, or marks them stale when ``soft``; tags, prefixes and "all" become
 bans on the shared disk tier (see ``proxy.storage.index``) and eager drops in
 every process's memory tier.
+
+Tags (surrogate keys) come from the origin's response headers named in
+``cache.tag_headers`` (``tags_from_headers``) plus a rule's ``tags``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
 from proxy.errors import BadRequest
@@ -42,20 +46,31 @@ class PurgeSpec:
     all: bool = False
     soft: bool = False
     keys: tuple[str, ...] = field(default=())  # exact keys (invalidation after unsafe methods)
+    # Not an operator's purge: an unsafe method's invalidation (RFC 9111 §4.4), counted apart.
+    invalidation: bool = False
+
+    @property
+    def hosts(self) -> set[str]:
+        """The hosts (``host[:port]``, as keys have them) that the URLs and prefixes name."""
+        return {url_host(u) for u in (*self.urls, *self.prefixes)}
 
     @property
     def kinds(self) -> list[str]:
+        if self.invalidation:
+            return ["invalidation"]
         return [k for k, v in (("url", self.urls or self.keys), ("prefix", self.prefixes),
                                ("tag", self.tags), ("all", self.all)) if v]
 
     def to_json(self) -> dict[str, Any]:
         return {"urls": list(self.urls), "prefixes": list(self.prefixes), "tags": list(self.tags),
-                "all": self.all, "soft": self.soft, "keys": list(self.keys)}
+                "all": self.all, "soft": self.soft, "keys": list(self.keys),
+                "invalidation": self.invalidation}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PurgeSpec:
         return cls(tuple(d.get("urls", ())), tuple(d.get("prefixes", ())), tuple(d.get("tags", ())),
-                   bool(d.get("all")), bool(d.get("soft")), tuple(d.get("keys", ())))
+                   bool(d.get("all")), bool(d.get("soft")), tuple(d.get("keys", ())),
+                   bool(d.get("invalidation")))
 
 
 def normalise_url(text: str) -> str:
@@ -69,6 +84,61 @@ def normalise_url(text: str) -> str:
     host = normalise_host(url.raw_authority, url.scheme)
     target = url.raw_path_qs or "/"
     return f"{url.scheme}://{host}{target}"
+
+
+def url_host(url: str) -> str:
+    """``host[:port]`` of a normalised URL (``https://a.example:8443/x`` -> ``a.example:8443``)."""
+    return url.split("://", 1)[1].split("/", 1)[0]
+
+
+def host_matches(patterns: Iterable[str], host: str) -> bool:
+    """Whether ``host`` (``name[:port]``) matches one of ``admin.hosts``' patterns.
+
+    A pattern is a name (any port), ``name:port`` (that port only) or ``*.domain``
+    (subdomains only), as a rule's ``match.host``.
+
+    >>> host_matches(["shop.example", "*.cdn.example"], "shop.example:8080")
+    True
+    >>> host_matches(["*.cdn.example"], "cdn.example"), host_matches(["a.example:80"], "a.example:81")
+    (False, False)
+    """
+    name = host.rsplit(":", 1)[0] if re.search(r":\d+$", host) and not host.endswith("]") else host
+    for p in patterns:
+        p = p.strip().lower().rstrip(".")
+        with_port = re.search(r":\d+$", p) is not None and not p.endswith("]")
+        subject = host if with_port else name
+        if p.startswith("*."):
+            if subject.endswith(p[1:]) and len(subject) > len(p) - 1:
+                return True
+        elif subject == p:
+            return True
+    return False
+
+
+def tags_from_headers(headers: MultiMapping[str], names: Iterable[str]) -> tuple[str, ...]:
+    """Surrogate keys from the response fields ``names`` (``cache.tag_headers``), in order, deduplicated.
+
+    ``Surrogate-Key`` is space separated (Fastly), ``Cache-Tag`` comma separated
+    (Cloudflare, where a tag may contain spaces); any other configured field is split
+    on commas and whitespace both (``X-Magento-Tags: a,b``, ``X-Drupal-Cache-Tags: a b``).
+
+    >>> from multidict import CIMultiDict
+    >>> h = CIMultiDict([("Surrogate-Key", "a  b"), ("Cache-Tag", "c d, e"), ("X-Tags", "f,g h")])
+    >>> tags_from_headers(h, ["surrogate-key", "cache-tag", "x-tags"])
+    ('a', 'b', 'c d', 'e', 'f', 'g', 'h')
+    """
+    tags: list[str] = []
+    for name in names:
+        lname = name.lower()
+        for line in headers.getall(name, ()):
+            if lname == "surrogate-key":
+                parts = line.split()
+            elif lname == "cache-tag":
+                parts = line.split(",")
+            else:
+                parts = re.split(r"[,\s]+", line)
+            tags.extend(t.strip() for t in parts if t.strip())
+    return tuple(dict.fromkeys(tags))
 
 
 def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> PurgeSpec:
@@ -95,7 +165,7 @@ def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> 
     spec = PurgeSpec(urls, prefixes, strings("tags"), flag("all"), flag("soft"))
     if host_allowed is not None:
         for u in (*urls, *prefixes):
-            host = URL(u).raw_authority
+            host = url_host(u)
             if not host_allowed(host):
                 raise BadPurge(f"{u!r}: cachegate does not serve host {host!r}")
     if not (spec.urls or spec.prefixes or spec.tags or spec.all):

@@ -36,6 +36,7 @@ log = logging.getLogger("cachegate.runtime")
 UPKEEP_INTERVAL = 1.0  # seconds between upkeep rounds (bans are swept within about this)
 ORPHAN_SWEEP_INTERVAL = 3600.0
 BAN_RELOAD_INTERVAL = 30.0  # workers: pick up bans the sweeper removed
+MAX_HOSTS_SEEN = 10_000
 
 
 def open_storage(settings: Settings) -> Storage:
@@ -83,6 +84,9 @@ class Runtime:
     # CACHEGATE_DEBUG_HEADERS=1: responses say which tier served them and which worker
     # (X-Cachegate-Tier, X-Cachegate-Worker), for debugging and the multi-worker tests.
     debug_headers: bool = field(default_factory=lambda: os.environ.get("CACHEGATE_DEBUG_HEADERS") == "1")
+    # Hosts clients asked for (up to MAX_HOSTS_SEEN): with the hosts in the store, what the
+    # admin API takes as "hosts cachegate serves" when admin.hosts does not list them.
+    hosts_seen: set[str] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -97,7 +101,7 @@ class Runtime:
         runtime: Runtime
 
         async def invalidate(urls: Sequence[str]) -> None:
-            await runtime.purge(PurgeSpec(urls=tuple(urls)))
+            await runtime.purge(PurgeSpec(urls=tuple(urls), invalidation=True))
 
         engine = Engine(settings, storage, pool, metrics, invalidate=invalidate)
         purger = Purger(storage, lambda: runtime.settings.rules)

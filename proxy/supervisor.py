@@ -45,6 +45,7 @@ from typing import Any
 
 from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
+from proxy.inspection import Inspector
 from proxy.purge import PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
@@ -115,7 +116,8 @@ class Supervisor:
         runtime.reload_config = lambda: self.reload(reloader)
         listeners = Listeners()
         try:
-            admin = await start_admin_listener(lambda: runtime, self.settings, self.purge)
+            admin = await start_admin_listener(lambda: runtime, self.settings, self.purge,
+                                               Inspector(lambda: runtime, self.call_all))
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             await runtime.close()

@@ -1,45 +1,96 @@
-"""The admin API: purge, reload, metrics, health. Closed to strangers.
+"""The admin API (purge, explain, inspection, stats, metrics, reload, health) and the PURGE method.
 
-With a token configured, every endpoint but ``/healthz`` requires
-``Authorization: Bearer <token>`` (compared in constant time); without one, the
-config refuses any listener but loopback. Bad JSON, unknown fields and wrong
-types answer 400 with a JSON error, and nothing is purged.
+Closed to strangers: with ``admin.token`` set, every endpoint but ``/healthz``
+requires ``Authorization: Bearer <token>`` (compared in constant time: both sides
+are hashed first, so neither the content nor the length of the token leaks through
+timing); without a token, the config refuses any admin listener but loopback.
+Bad JSON, unknown fields or parameters, wrong types and URLs for a host cachegate
+does not serve answer 400 with ``{"error": "..."}``, and nothing is purged.
+
+Which hosts cachegate serves: the patterns in ``admin.hosts`` when set; otherwise
+any host a client has asked this proxy for since it started, the configured
+listen address, or a host with entries in the store (so a typo in a purge URL is
+an error, not a silent no-op).
+
+``PURGE <path>`` on the *client* listener (the Varnish/nginx convention) purges
+that URL (every variant, as ``POST /purge {"urls": [...]}``) when the peer address
+is in ``admin.purge_from`` or the request carries the admin token; anyone else
+gets 403. With ``purge_from: []`` and no token the method is switched off: 405.
+PURGE is never forwarded to the origin (a 2xx from it would invalidate the URL
+for anyone who asks, RFC 9111 §4.4).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import hmac
+import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from proxy.errors import BadRequest
-from proxy.purge import PurgeSpec, parse_purge
+from proxy.explain import ExplainRequest, StoredVariant, explain_trace
+from proxy.explain import request_head as explain_head
+from proxy.inspection import Inspector, group_copies, variant_view
+from proxy.policy.keys import cache_key
+from proxy.policy.messages import RequestHead
+from proxy.purge import PurgeSpec, keys_for_url, normalise_url, parse_purge, url_host
 from proxy.runtime import Runtime
 
 log = logging.getLogger("cachegate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RuntimeRef = Callable[[], Runtime]
-PURGE = web.AppKey("purge", Callable[[PurgeSpec], Awaitable[int]])
-RUNTIME_REF = web.AppKey("runtime_ref", RuntimeRef)
+PurgeFn = Callable[[PurgeSpec], Awaitable[int]]
+SOFT_PURGE_HEADER = "Cachegate-Soft-Purge"
+MAX_BODY = 1 << 20
 
 
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+@dataclass
+class AdminContext:
+    runtime: RuntimeRef
+    purge: PurgeFn
+    inspector: Inspector
+
+
+ADMIN = web.AppKey("admin", AdminContext)
+
+
+def json_error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def token_matches(given: str | None, token: str) -> bool:
+    """Constant time, whatever the lengths: compare digests, never the strings themselves."""
+    if given is None:
+        return False
+    def digest(s: str) -> bytes:
+        return hashlib.sha256(s.encode("utf-8", "surrogateescape")).digest()
+
+    return hmac.compare_digest(digest(given), digest(token))
+
+
+def bearer(headers: MultiMapping[str]) -> str | None:
+    scheme, _, value = headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[RUNTIME_REF]().settings.admin.token
+    runtime = request.app[ADMIN].runtime()
+    token = runtime.settings.admin.token
     if token is None or request.path == "/healthz":
         return await handler(request)
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    if not token_matches(bearer(request.headers), token):
+        runtime.metrics.admin_unauthorized.inc()
         return web.json_response({"error": "admin token required: Authorization: Bearer <token>"},
                                  status=401, headers={"WWW-Authenticate": 'Bearer realm="cachegate"'})
     return await handler(request)
@@ -61,7 +112,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def read_json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > 1 << 20:
+    if request.content_length is not None and request.content_length > MAX_BODY:
         raise BadRequest("request body too large")
     raw = await request.read()
     try:
@@ -70,16 +121,50 @@ async def read_json(request: web.Request) -> Any:
         raise BadRequest(f"invalid JSON: {exc}") from None
 
 
+def query_params(request: web.Request, allowed: tuple[str, ...], repeatable: tuple[str, ...] = ()
+                 ) -> dict[str, list[str]]:
+    """The query parameters, each at most once (unless repeatable); unknown ones are an error."""
+    out: dict[str, list[str]] = {}
+    for name, value in request.query.items():
+        if name not in allowed:
+            raise BadRequest(f"unknown parameter {name!r}; allowed: {', '.join(allowed)}")
+        out.setdefault(name, []).append(value)
+        if len(out[name]) > 1 and name not in repeatable:
+            raise BadRequest(f"parameter {name!r} given twice")
+    return out
+
+
+async def check_hosts(ctx: AdminContext, hosts: set[str]) -> None:
+    """400 when a URL names a host cachegate does not serve (see the module docstring)."""
+    unknown = await ctx.inspector.unknown_hosts(hosts)
+    if not unknown:
+        return
+    runtime = ctx.runtime()
+    listed = runtime.settings.admin.hosts
+    if listed:
+        raise BadRequest(f"cachegate does not serve host {unknown[0]!r}: admin.hosts lists "
+                         f"{', '.join(listed)}")
+    known = await ctx.inspector.known_hosts()
+    raise BadRequest(f"cachegate does not serve host {unknown[0]!r}: no client asked for it since start "
+                     f"and the cache holds nothing for it (hosts seen: {', '.join(known) or 'none'}); "
+                     "list the hosts in admin.hosts to name them before any traffic")
+
+
+# -- endpoints -----------------------------------------------------------------------------
+
+
 async def purge(request: web.Request) -> web.Response:
+    ctx = request.app[ADMIN]
     spec = parse_purge(await read_json(request))
-    count = await request.app[PURGE](spec)
+    await check_hosts(ctx, spec.hosts)
+    count = await ctx.purge(spec)
     return web.json_response({"purged": count, "soft": spec.soft})
 
 
 async def reload(request: web.Request) -> web.Response:
     """Re-read config and rules: 200 when applied; 400 with every FILE:LINE problem when not
     (the running config stays); 501 when this process was started without a config file."""
-    runtime = request.app[RUNTIME_REF]()
+    runtime = request.app[ADMIN].runtime()
     if runtime.reload_config is None:
         return json_error(501, "reload is not available in this process")
     result = runtime.reload_config()
@@ -92,22 +177,187 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME_REF]()
-    return web.Response(body=runtime.metrics.render(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    query_params(request, ())
+    body = await request.app[ADMIN].inspector.metrics()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_admin_app(runtime_ref: RuntimeRef,
-                     purge_fn: Callable[[PurgeSpec], Awaitable[int]] | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1 << 20)
-    app[RUNTIME_REF] = runtime_ref
-    app[PURGE] = purge_fn or (lambda spec: runtime_ref().purge(spec))
+async def stats(request: web.Request) -> web.Response:
+    params = query_params(request, ("top",))
+    top = 20
+    if "top" in params:
+        text = params["top"][0]
+        if not text.isdigit() or int(text) > 1000:
+            raise BadRequest("'top' must be a whole number from 0 to 1000")
+        top = int(text)
+    return web.json_response(await request.app[ADMIN].inspector.stats(top))
+
+
+async def cache(request: web.Request) -> web.Response:
+    """Every stored variant of a URL (all key shapes, all tiers, every worker)."""
+    ctx = request.app[ADMIN]
+    params = query_params(request, ("url",))
+    if "url" not in params:
+        raise BadRequest("give the URL: GET /cache?url=https://host/path")
+    url = normalise_url(params["url"][0])
+    await check_hosts(ctx, {url_host(url)})
+    keyed = keys_for_url(url, ctx.runtime().settings.rules)
+    copies = await ctx.inspector.copies({url, keyed})
+    now = ctx.runtime().engine.clock()  # the clock the engine decides freshness with
+    variants = [variant_view(entry, cs, now) for entry, cs in group_copies(copies)]
+    return web.json_response({"url": url, "variants": variants})
+
+
+EXAMPLE_HEADERS = '{"Accept": "text/html"}'
+_EXPLAIN_FIELDS = ("url", "method", "headers", "status", "response_headers")
+
+
+def _header_pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
+    """``{"Name": "value" | ["v1", "v2"]}`` -> pairs; BadRequest otherwise."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise BadRequest(f"{what!r} must be a JSON object like {EXAMPLE_HEADERS}: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what!r} must be a JSON object like {EXAMPLE_HEADERS}")
+    out: list[tuple[str, str]] = []
+    for name, v in value.items():
+        values = v if isinstance(v, list) else [v]
+        if not name or any(c in name for c in " \t\r\n:") or not all(
+            isinstance(x, str) and "\r" not in x and "\n" not in x for x in values
+        ):
+            raise BadRequest(f"{what!r}: {name!r} must map to a string or a list of strings")
+        out.extend((name, x) for x in values)
+    return tuple(out)
+
+
+def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
+    unknown = sorted(set(doc) - set(_EXPLAIN_FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(_EXPLAIN_FIELDS)}")
+    url = doc.get("url")
+    if not isinstance(url, str) or not url:
+        raise BadRequest("give the URL: {\"url\": \"https://host/path\"} or ?url=...")
+    method = doc.get("method", "GET")
+    if not isinstance(method, str) or not method.isalpha():
+        raise BadRequest("'method' must be a method name like GET")
+    raw_status = doc.get("status", [])
+    statuses = raw_status if isinstance(raw_status, list) else [raw_status]
+    parsed: list[int] = []
+    for s in statuses:
+        if isinstance(s, str) and s.isdigit():
+            s = int(s)
+        if not isinstance(s, int) or isinstance(s, bool) or not 100 <= s <= 599:
+            raise BadRequest("'status' must be an HTTP status (100-599) or a list of them")
+        parsed.append(s)
+    response_headers = _header_pairs(doc.get("response_headers"), "response_headers")
+    if response_headers and not parsed:
+        parsed = [200]
+    return ExplainRequest(url=normalise_url(url), method=method.upper(),
+                          headers=_header_pairs(doc.get("headers"), "headers"), statuses=tuple(parsed),
+                          response_headers=response_headers)
+
+
+async def explain(request: web.Request) -> web.Response:
+    """The decision trace for a request, from the running rules and store; the origin is not asked."""
+    ctx = request.app[ADMIN]
+    if request.method == "POST":
+        query_params(request, ())
+        doc = await read_json(request)
+        if not isinstance(doc, dict):
+            raise BadRequest("the body must be a JSON object like {\"url\": \"https://host/path\"}")
+    else:
+        params = query_params(request, _EXPLAIN_FIELDS, repeatable=("status",))
+        doc = {k: (v if k == "status" else v[0]) for k, v in params.items()}
+    req = parse_explain(doc)
+    try:
+        head = explain_head(req)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    await check_hosts(ctx, {head.host})
+    runtime = ctx.runtime()
+    rules = runtime.settings.rules
+    plan = rules.plan(head)
+    key = cache_key(head, plan.key)
+    variants: list[StoredVariant] = []
+    if head.method in ("GET", "HEAD") and not plan.bypass:
+        copies = [c for c in await ctx.inspector.copies((), (key,)) if c.entry.key == key]
+        for entry, cs in group_copies(copies):
+            tiers = tuple(sorted({c.tier for c in cs}, key=("memory", "disk").index))
+            variants.append(StoredVariant(entry.response, tiers, entry.tags, entry.body_size,
+                                          sum(c.hits or 0 for c in cs if c.tier == "memory")))
+    trace = explain_trace(rules, head, variants, runtime.engine.clock(),
+                          [(s, req.response_headers) for s in req.statuses])
+    return web.json_response(trace)
+
+
+# -- the PURGE method on the client listener ----------------------------------------------------
+
+
+def _purge_allowed_peer(runtime: Runtime, remote: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    return any(ip in net for net in runtime.settings.admin.purge_from)
+
+
+async def purge_method(request: web.BaseRequest, runtime: Runtime, head: RequestHead) -> web.Response:
+    """``PURGE <path>`` sent to the proxy: purge that URL's variants, or refuse (see the docstring)."""
+    admin = runtime.settings.admin
+    if not admin.purge_from and admin.token is None:
+        runtime.metrics.purge_refused.labels("disabled").inc()
+        return json_error(405, "PURGE is switched off: admin.purge_from is empty and no admin.token is set")
+    allowed = _purge_allowed_peer(runtime, request.remote or "") or (
+        admin.token is not None and token_matches(bearer(request.headers), admin.token))
+    if not allowed:
+        runtime.metrics.purge_refused.labels("forbidden").inc()
+        log.info("PURGE %s refused for %s", head.url, request.remote)
+        return json_error(403, "PURGE is allowed only from admin.purge_from or with the admin token")
+    soft = request.headers.get(SOFT_PURGE_HEADER, "").strip().lower() in ("1", "true", "yes")
+    try:
+        url = normalise_url(head.url)
+    except BadRequest as exc:
+        return json_error(400, str(exc))
+    count = await runtime.purge(PurgeSpec(urls=(url,), soft=soft))
+    return web.json_response({"purged": count, "soft": soft, "url": url})
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+
+def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
+                     inspector: Inspector | None = None) -> web.Application:
+    """The admin app; ``purge_fn`` and ``inspector`` are the supervisor's in multi-worker mode."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
+    ctx = AdminContext(runtime_ref, purge_fn or (lambda spec: runtime_ref().purge(spec)),
+                       inspector or Inspector(runtime_ref))
+    app[ADMIN] = ctx
+
+    async def sampler(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(ctx.inspector.sample_forever())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(sampler)
     app.router.add_post("/purge", purge)
     app.router.add_post("/reload", reload)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/cache", cache)
+    app.router.add_get("/explain", explain)
+    app.router.add_post("/explain", explain)
     return app
+
+
+__all__ = ["create_admin_app", "purge_method", "token_matches"]

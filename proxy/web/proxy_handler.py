@@ -25,7 +25,8 @@ from proxy.errors import BadRequest, CachegateError, UpstreamError
 from proxy.policy.cache_status import cache_status
 from proxy.policy.keys import normalise_host
 from proxy.policy.messages import RequestHead
-from proxy.runtime import Runtime
+from proxy.runtime import MAX_HOSTS_SEEN, Runtime
+from proxy.web.admin import purge_method
 
 log = logging.getLogger("cachegate.proxy")
 
@@ -114,6 +115,10 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
             trusted = _is_trusted(runtime, remote)
             listen = runtime.settings.listen
             head = request_head(request, trusted, f"{listen[0]}:{listen[1]}")
+            if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
+                return await purge_method(request, runtime, head)
+            if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
+                runtime.hosts_seen.add(head.host)
             body = _body_stream(request) if request.body_exists else None
             reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted))
         except CachegateError as exc:

@@ -26,6 +26,7 @@ from aiohttp import web
 from proxy.config import Overrides, Settings, base_cache_options, load_config
 from proxy.control import Channel
 from proxy.errors import ConfigError
+from proxy.inspection import Inspector, register_worker_calls
 from proxy.purge import PurgeSpec
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.admin import create_admin_app
@@ -91,11 +92,11 @@ async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Set
 
 
 async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Settings,
-                               purge: Callable[[PurgeSpec], Awaitable[int]] | None = None
-                               ) -> web.AppRunner | None:
+                               purge: Callable[[PurgeSpec], Awaitable[int]] | None = None,
+                               inspector: Inspector | None = None) -> web.AppRunner | None:
     if settings.admin.listen is None:
         return None
-    app = create_admin_app(runtime_ref, purge)
+    app = create_admin_app(runtime_ref, purge, inspector)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
@@ -285,6 +286,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     runtime.purge_fn = purge_via_supervisor
     runtime.worker_id = worker.worker_id
     runtime.control = channel
+    register_worker_calls(runtime)  # GET /cache, /stats, /metrics on the supervisor ask workers
 
     async def watch_supervisor() -> None:
         await channel.closed.wait()

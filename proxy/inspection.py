@@ -1,0 +1,380 @@
+"""Looking into the cache for the admin API: stored copies of a URL, stats, served hosts, metrics.
+
+Every process has a half it can answer alone (what its memory tier holds, its
+request counters); the disk tier and its index are shared. ``Inspector`` is the
+view the admin API answers from:
+
+- in one process (``cachegate run``), its own memory tier and the disk tier;
+- in the supervisor of ``--workers N``, the disk tier (the supervisor has it open
+  too) and every worker's half, asked for over the control channel with the named
+  calls ``register_worker_calls`` installs in each worker (``admin_copies``,
+  ``admin_stats``, ``admin_metrics``, ``admin_hosts``).
+
+A *copy* is one variant in one tier of one process (a variant may be on disk and
+in the memory of both workers at once); ``group_copies`` folds the copies of a
+variant into one view for ``GET /cache``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.metrics import ClusterMetrics, RequestWindow, Snapshot, hit_ratio, merge_single, render_families
+from proxy.policy.keys import normalise_host, url_of_key
+from proxy.purge import host_matches
+from proxy.runtime import Runtime
+from proxy.storage.entry import Entry, entry_from_json, entry_to_json
+from proxy.storage.tiered import Storage
+
+WorkerCall = Callable[..., Awaitable[list[Any]]]  # Supervisor.call_all(name, wait=..., **args)
+
+SAMPLE_INTERVAL = 5.0  # seconds between samples of the request counters (hit ratio, last minute)
+DISK_COUNT_MAX_AGE = 10.0  # seconds a counted number of disk entries is reused (COUNT(*) is O(n))
+TOP_KEYS = 20
+CALL_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One stored variant as one tier of one process holds it."""
+
+    entry: Entry
+    tier: str  # "memory" or "disk"
+    worker: int | None = None  # the worker whose memory holds it (None: this process / the disk)
+    hits: int | None = None  # memory-tier uses of the key since it entered that memory
+    body_in_memory: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"entry": entry_to_json(self.entry), "tier": self.tier, "worker": self.worker,
+                "hits": self.hits, "body_in_memory": self.body_in_memory}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Copy:
+        return cls(entry_from_json(d["entry"]), str(d["tier"]), d.get("worker"), d.get("hits"),
+                   bool(d.get("body_in_memory")))
+
+
+# -- one process's half ----------------------------------------------------------------------
+
+
+def memory_copies(runtime: Runtime, urls: Iterable[str], keys: Iterable[str]) -> list[Copy]:
+    """The variants this process's memory tier holds for these URLs (every key shape) and keys."""
+    memory = runtime.storage.memory
+    found = {k for k in keys if k in memory}
+    found.update(k for u in urls for k in memory.keys_for_url(u))
+    out: list[Copy] = []
+    for key in sorted(found):
+        variants = memory.peek(key) or ()
+        hits = memory.hits(key)
+        out.extend(Copy(c.entry, "memory", runtime.worker_id, hits, c.body is not None) for c in variants)
+    return out
+
+
+def disk_copies(storage: Storage, urls: Iterable[str], keys: Iterable[str]) -> list[Copy]:
+    """The variants on disk for these URLs and keys, as a reader sees them (bans applied). Blocking."""
+    if storage.disk is None:
+        return []
+    found = set(keys)
+    if storage.index is not None:
+        found.update(k for u in urls for k in storage.index.keys_for_url(u))
+    out: list[Copy] = []
+    for key in sorted(found):
+        out.extend(Copy(e, "disk") for e in storage.bans.apply(storage.disk.get_variants(key)))
+    return out
+
+
+def local_stats(runtime: Runtime, top: int = TOP_KEYS) -> dict[str, Any]:
+    """This process's memory tier and request counters (``GET /stats``' per-process half)."""
+    memory = runtime.storage.memory
+    return {
+        "worker": runtime.worker_id, "pid": os.getpid(),
+        "memory": {"entries": len(memory), "bytes": memory.bytes, "evictions": memory.evictions},
+        "requests": runtime.metrics.request_counts(),
+        "hosts": sorted(runtime.hosts_seen)[:100],
+        "top": [[url_of_key(k), k, n] for k, n in memory.top(top)] if top else [],
+    }
+
+
+def known_hosts_local(runtime: Runtime, hosts: Iterable[str]) -> list[str]:
+    """Which of ``hosts`` this process has served or holds in memory."""
+    memory = runtime.storage.memory
+    out = []
+    for host in hosts:
+        if host in runtime.hosts_seen or any(
+            memory.keys_with_prefix(f"{scheme}://{host}/") for scheme in ("http", "https")
+        ):
+            out.append(host)
+    return out
+
+
+def register_worker_calls(runtime: Runtime) -> None:
+    """Answer the supervisor's inspection calls in a worker (``runtime.control`` is its channel)."""
+    channel = runtime.control
+    assert channel is not None
+
+    async def admin_copies(urls: list[str], keys: list[str]) -> list[dict[str, Any]]:
+        return [c.to_json() for c in memory_copies(runtime, urls, keys)]
+
+    async def admin_stats(top: int) -> dict[str, Any]:
+        return local_stats(runtime, top)
+
+    async def admin_metrics() -> dict[str, Any]:
+        return {"worker": runtime.worker_id, "pid": os.getpid(), "snapshot": runtime.metrics.snapshot()}
+
+    async def admin_hosts(hosts: list[str]) -> list[str]:
+        return known_hosts_local(runtime, hosts)
+
+    channel.handlers.update({"admin_copies": admin_copies, "admin_stats": admin_stats,
+                             "admin_metrics": admin_metrics, "admin_hosts": admin_hosts})
+
+
+# -- the cluster view --------------------------------------------------------------------------
+
+
+class Inspector:
+    """What the admin API sees: this process alone, or (``call_workers`` given) the supervisor
+    with its workers."""
+
+    def __init__(self, runtime_ref: Callable[[], Runtime], call_workers: WorkerCall | None = None) -> None:
+        self._runtime = runtime_ref
+        self._call = call_workers
+        self.cluster = ClusterMetrics()
+        self.window = RequestWindow()
+        self.started = time.time()
+        self._disk_count: tuple[float, int] | None = None
+        self._worker_counts: dict[str, int] = {}
+
+    @property
+    def multi(self) -> bool:
+        return self._call is not None
+
+    async def _workers(self, name: str, **args: Any) -> list[Any]:
+        """Answers of every live worker that answered (failures are left out)."""
+        assert self._call is not None
+        results = await self._call(name, wait=CALL_WAIT, **args)
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    # -- variants ------------------------------------------------------------------------------
+
+    async def copies(self, urls: Iterable[str], keys: Iterable[str] = ()) -> list[Copy]:
+        """Every stored copy of these URLs (all key shapes) and keys, in every tier and worker."""
+        runtime = self._runtime()
+        urls, keys = sorted(set(urls)), sorted(set(keys))
+        if self._call is None:
+            memory = memory_copies(runtime, urls, keys)
+        else:
+            answers = await self._workers("admin_copies", urls=urls, keys=keys)
+            memory = [Copy.from_json(d) for a in answers for d in a]
+        storage = runtime.storage
+        disk = await storage.run(disk_copies, storage, urls, keys)
+        return memory + disk
+
+    # -- hosts ---------------------------------------------------------------------------------
+
+    async def unknown_hosts(self, hosts: Iterable[str]) -> list[str]:
+        """Hosts (``name[:port]``) cachegate does not serve: not in ``admin.hosts`` when that is
+        set; otherwise neither asked for by a client since start, nor the listen address, nor
+        held in the store."""
+        runtime = self._runtime()
+        hosts = sorted(set(hosts))
+        listed = runtime.settings.admin.hosts
+        if listed:
+            return [h for h in hosts if not host_matches(listed, h)]
+        known = set(known_hosts_local(runtime, hosts))
+        listen_host, port = runtime.settings.listen
+        if port:  # the configured listen address (a client may use it as Host)
+            literal = f"[{listen_host}]" if ":" in listen_host else listen_host
+            known.add(normalise_host(f"{literal}:{port}", "http"))
+        rest = [h for h in hosts if h not in known]
+        if rest and self._call is not None:
+            for answer in await self._workers("admin_hosts", hosts=rest):
+                known.update(answer)
+            rest = [h for h in rest if h not in known]
+        index = runtime.storage.index
+        if rest and index is not None:
+            def stored(host: str) -> bool:
+                return any(index.keys_for_prefix(f"{s}://{host}/", limit=1) for s in ("http", "https"))
+
+            held = await runtime.storage.run(lambda: [h for h in rest if stored(h)])
+            rest = [h for h in rest if h not in held]
+        return rest
+
+    async def known_hosts(self, limit: int = 20) -> list[str]:
+        """Some of the hosts cachegate serves (for error messages)."""
+        runtime = self._runtime()
+        if runtime.settings.admin.hosts:
+            return list(runtime.settings.admin.hosts)
+        seen = set(runtime.hosts_seen)
+        if self._call is not None:
+            for p in await self._workers("admin_stats", top=0):
+                seen.update(p.get("hosts", ()))
+        return sorted(seen)[:limit]
+
+    # -- metrics and stats ---------------------------------------------------------------------
+
+    async def _disk_extras(self) -> Snapshot:
+        """Families only the owner of the cache directory reports: disk entries and evictions."""
+        storage = self._runtime().storage
+        if storage.disk is None or storage.index is None:
+            return []
+        now = time.monotonic()
+        if self._disk_count is None or now - self._disk_count[0] > DISK_COUNT_MAX_AGE:
+            index = storage.index
+            self._disk_count = (now, await storage.run(index.count))
+        entries = self._disk_count[1]
+        return [
+            ["cachegate_cache_entries", "gauge", "Stored keys per tier",
+             [["cachegate_cache_entries", {"tier": "disk"}, float(entries)]]],
+            ["cachegate_evictions", "counter", "Evictions per tier",
+             [["cachegate_evictions_total", {"tier": "disk"}, float(storage.upkeep.index_rows_dropped)]]],
+        ]
+
+    async def refresh(self) -> None:
+        """Fetch every worker's metrics snapshot (multi-worker) and sample the request counts."""
+        if self._call is not None:
+            for a in await self._workers("admin_metrics"):
+                self.cluster.update(int(a["worker"]), int(a["pid"]), a["snapshot"])
+        self.window.add(self.request_counts())
+
+    def request_counts(self) -> dict[str, int]:
+        """Client requests by X-Cache-Status since start, over every worker (as last refreshed)."""
+        if self._call is None:
+            return self._runtime().metrics.request_counts()
+        own = self._runtime().metrics.snapshot()
+        counts: dict[str, int] = {}
+        for family in self.cluster.merge(own, self.cluster.workers()):
+            if family.name != "cachegate_requests":
+                continue
+            for s in family.samples:
+                status = s.labels["cache_status"]
+                counts[status] = counts.get(status, 0) + int(s.value)
+        return counts
+
+    async def metrics(self) -> bytes:
+        runtime = self._runtime()
+        extras = await self._disk_extras()
+        own = runtime.metrics.snapshot()
+        if self._call is None:
+            return render_families(merge_single(own, extras))
+        for a in await self._workers("admin_metrics"):
+            self.cluster.update(int(a["worker"]), int(a["pid"]), a["snapshot"])
+        return render_families(self.cluster.merge(own + extras, self.cluster.workers()))
+
+    async def stats(self, top: int = TOP_KEYS) -> dict[str, Any]:
+        runtime = self._runtime()
+        storage = runtime.storage
+        if self._call is None:
+            parts = [local_stats(runtime, top)]
+        else:
+            parts = await self._workers("admin_stats", top=top)
+            for a in await self._workers("admin_metrics"):
+                self.cluster.update(int(a["worker"]), int(a["pid"]), a["snapshot"])
+        memory = {"entries": sum(p["memory"]["entries"] for p in parts),
+                  "bytes": sum(p["memory"]["bytes"] for p in parts),
+                  "evictions": sum(p["memory"]["evictions"] for p in parts)}
+        tiers: dict[str, Any] = {"memory": memory}
+        if storage.disk is not None:
+            extras = await self._disk_extras()
+            disk = storage.disk
+            tiers["disk"] = {"entries": int(extras[0][3][0][2]) if extras else 0,
+                             "bytes": await storage.run(disk.volume),
+                             "evictions": storage.upkeep.index_rows_dropped}
+        counts = self.request_counts()
+        seconds, recent = self.window.last(counts)
+        hits: dict[tuple[str, str], int] = {}
+        for p in parts:
+            for url, key, n in p["top"]:
+                hits[(url, key)] = hits.get((url, key), 0) + int(n)
+        ranked = sorted(hits.items(), key=lambda kv: (-kv[1], kv[0][1]))[:top]
+        out: dict[str, Any] = {
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "tiers": tiers,
+            "requests": {"total": sum(counts.values()), "by_cache_status": dict(sorted(counts.items()))},
+            "hit_ratio": {
+                "since_start": _round(hit_ratio(counts)),
+                "last_minute": _round(hit_ratio(recent)),
+                "last_minute_requests": sum(recent.values()),
+                "last_minute_window_seconds": round(seconds, 1),
+            },
+            "top_keys": [{"url": url, "key": key, "hits": n} for (url, key), n in ranked],
+        }
+        if self._call is not None:
+            out["workers"] = [{"worker": p["worker"], "pid": p["pid"], "memory": p["memory"],
+                               "requests": sum(p["requests"].values())}
+                              for p in sorted(parts, key=lambda p: p["worker"])]
+        return out
+
+    async def sample_forever(self) -> None:
+        """The admin app's background task: a sample every SAMPLE_INTERVAL seconds."""
+        while True:
+            with contextlib.suppress(Exception):
+                await self.refresh()
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+# -- views ----------------------------------------------------------------------------------
+
+
+def copy_priority(c: Copy) -> tuple[bool, float, int]:
+    """Which copy of a variant tells its current state: a soft-purged mark or a later freshening wins."""
+    r = c.entry.response
+    return (r.invalidated, r.response_time, c.entry.seq)
+
+
+def group_copies(copies: Iterable[Copy]) -> list[tuple[Entry, list[Copy]]]:
+    """Copies folded per variant (key and body id), most recently stored first."""
+    groups: dict[tuple[str, str], list[Copy]] = {}
+    for c in copies:
+        groups.setdefault((c.entry.key, c.entry.body_id), []).append(c)
+    out = [(max(cs, key=copy_priority).entry, cs) for cs in groups.values()]
+    out.sort(key=lambda g: (g[0].key, -g[0].stored_at))
+    return out
+
+
+def variant_view(entry: Entry, copies: list[Copy], now: float) -> dict[str, Any]:
+    """One stored variant for ``GET /cache``: where it is, how old, how fresh, its tags and hits."""
+    r = entry.response
+    f = r.freshness
+    tiers = sorted({c.tier for c in copies}, key=("memory", "disk").index)
+    in_memory = [c for c in copies if c.tier == "memory"]
+    hits = sum(c.hits or 0 for c in in_memory)
+    ttl = f.ttl(now)
+    view: dict[str, Any] = {
+        "key": entry.key,
+        "url": entry.url,
+        "vary": dict(r.vary),
+        "status": r.status,
+        "headers": [list(h) for h in r.headers],
+        "size": entry.body_size,
+        "age": round(f.age(now), 3),
+        "ttl": round(ttl, 3),
+        "fresh": ttl > 0 and not r.invalidated and not f.no_cache,
+        "soft_purged": r.invalidated,
+        "freshness_source": f.source,
+        "lifetime": f.lifetime,
+        "stale_while_revalidate": f.stale_while_revalidate,
+        "stale_if_error": f.stale_if_error,
+        "tags": list(entry.tags),
+        # Where the next request's body comes from: memory when a worker's memory holds it.
+        "tier": "memory" if any(c.body_in_memory for c in in_memory) or "disk" not in tiers else "disk",
+        "tiers": tiers,
+        "hits": hits,
+        "stored_at": entry.stored_at,
+        "etag": r.etag,
+        "last_modified": r.last_modified,
+    }
+    workers = sorted({c.worker for c in in_memory if c.worker is not None})
+    if workers:
+        view["memory_workers"] = workers
+    view["body_in_memory"] = any(c.body_in_memory for c in in_memory)
+    return view

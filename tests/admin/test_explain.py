@@ -1,0 +1,168 @@
+"""GET/POST /explain: the whole decision trace for a request, from the running rules and store."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from tests.admin.util import absolute, js, settle
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+from tests.rules.util import shift_clock
+
+RULES = """
+rules:
+  - name: logged-in users
+    match: {cookie: {session: present}}
+    bypass: true
+  - name: search keyed by q
+    match: {path: /search}
+    key: {query: {include: [q]}, headers: [Accept-Language]}
+  - name: api errors
+    match: {path: "/api/**", status: [500, 503]}
+    no_store: true
+  - name: static
+    match: {path: "/static/**"}
+    ttl: {200: 1h}
+    tags: [assets]
+"""
+
+
+@pytest.fixture
+async def ruled(origin: Origin, make_proxy: MakeProxy) -> Proxy:
+    proxy = await make_proxy(rules=RULES)
+    await proxy.get("/")  # a request names the listener's host: a host it serves
+    return proxy
+
+
+async def explain(proxy: Proxy, path: str, **params: Any) -> Any:
+    query = "&".join(f"{k}={quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in params.items())
+    reply = await proxy.admin("GET", f"/explain?url={quote(absolute(proxy, path))}" + (f"&{query}" if query else ""))
+    assert reply.status == 200, reply.body
+    return js(reply)
+
+
+async def test_a_fresh_entry_is_a_hit_and_the_trace_says_which_directive_decided(
+        origin: Origin, ruled: Proxy) -> None:
+    origin.route("/page", body=b"p", headers={"Cache-Control": "public, s-maxage=120, max-age=10",
+                                             "Surrogate-Key": "pages"})
+    await ruled.get("/page")
+    await settle(ruled)
+    before = origin.count("/page")
+    trace = await explain(ruled, "/page")
+    assert origin.count("/page") == before  # the origin was not asked
+    assert trace["rule"] is None
+    assert trace["cache_key"] == absolute(ruled, "/page")
+    [variant] = trace["stored"]
+    assert variant["selected"] and variant["tiers"] == ["memory", "disk"]
+    assert variant["tags"] == ["pages"]
+    assert variant["freshness"]["source"] == "s-maxage"
+    assert variant["freshness"]["decided_by"] == "s-maxage=120 in cache-control"
+    assert variant["freshness"]["must_revalidate"] is True  # s-maxage: never served stale
+    assert variant["storability"]["stored"] is True
+    assert variant["storability"]["directives"] == "public, s-maxage=120, max-age=10"
+    decision = trace["decision"]
+    assert (decision["action"], decision["x_cache_status"]) == ("serve", "HIT")
+    assert decision["cache_status"].startswith("cachegate; hit; ttl=")
+    # What the trace predicts is what the proxy does.
+    assert (await ruled.get("/page")).x_cache == "HIT"
+
+
+async def test_a_stale_entry_with_a_validator_is_revalidated(origin: Origin, ruled: Proxy) -> None:
+    origin.route("/old", body=b"o", headers={"Cache-Control": "max-age=1, stale-if-error=600", "ETag": '"v1"'})
+    await ruled.get("/old")
+    await settle(ruled)
+    shift_clock(ruled, 30)
+    decision = (await explain(ruled, "/old"))["decision"]
+    assert decision["action"] == "revalidate" and decision["fwd"] == "stale"
+    assert "If-None-Match" in decision["why"] and "stale-if-error" in decision["why"]
+    assert decision["x_cache_status"] == "REVALIDATED"
+
+
+async def test_a_vary_miss_names_the_header_that_differs(origin: Origin, ruled: Proxy) -> None:
+    origin.route("/v", body=b"v", headers={"Cache-Control": "max-age=60", "Vary": "Accept-Language"})
+    await ruled.get("/v", headers={"Accept-Language": "de"})
+    await settle(ruled)
+    trace = await explain(ruled, "/v", headers={"Accept-Language": "fr"})
+    assert trace["decision"]["fwd"] == "vary-miss"
+    assert "accept-language: stored 'de', request 'fr'" in trace["decision"]["why"]
+    assert trace["stored"][0]["vary_matches"] is False
+    hit = await explain(ruled, "/v", headers={"Accept-Language": "de"})
+    assert hit["decision"]["x_cache_status"] == "HIT"
+
+
+async def test_rules_key_and_bypass_are_explained(origin: Origin, ruled: Proxy) -> None:
+    trace = await explain(ruled, "/search?q=shoe&utm=x", headers={"Accept-Language": "de"})
+    assert trace["rule"]["name"] == "search keyed by q" and trace["rule"]["where"].endswith("rules.yaml:6")
+    assert trace["cache_key"].startswith(absolute(ruled, "/search?q=shoe"))
+    assert "utm" not in trace["cache_key"]
+    assert trace["key_changes"] == ["query only q"]
+    assert trace["decision"]["fwd"] == "uri-miss"
+    assert [r["holds"] for r in trace["rules"]] == [False, True, False, False]
+    assert trace["rules"][1]["role"] == "wins"
+    assert "session" in trace["rules"][0]["why"]
+    bypassed = await explain(ruled, "/search?q=x", headers={"Cookie": "session=1"})
+    assert bypassed["bypass"] is True and bypassed["cache_key"] is None
+    assert bypassed["decision"]["cache_status"] == 'cachegate; fwd=bypass; detail="RULE-BYPASS:logged-in users"'
+
+
+async def test_a_post_body_can_ask_what_a_response_would_do(origin: Origin, ruled: Proxy) -> None:
+    url = absolute(ruled, "/api/orders")
+    reply = await ruled.admin("POST", "/explain", json={
+        "url": url, "headers": {"Authorization": "Bearer t"}, "status": [200, 503],
+        "response_headers": {"Cache-Control": "private, max-age=60"}})
+    assert reply.status == 200, reply.body
+    ok, error = js(reply)["if_fetched"]
+    assert (ok["stored"], ok["detail"]) == (False, "PRIVATE")
+    assert (error["stored"], error["detail"], error["store_rule"]["name"]) == (False, "RULE-NO-STORE:api errors",
+                                                                            "api errors")
+    public = js(await ruled.admin("POST", "/explain", json={
+        "url": url, "headers": {"Authorization": "Bearer t"}, "response_headers": {"Cache-Control": "public, max-age=60"}}))
+    [fetched] = public["if_fetched"]
+    assert fetched["stored"] is True and "public in cache-control allows storing it" in fetched["why"]
+    static = js(await ruled.admin("POST", "/explain", json={"url": absolute(ruled, "/static/a.js"), "status": 200}))
+    [asset] = static["if_fetched"]
+    assert asset["freshness_source"] == "rule" and asset["lifetime"] == 3600 and asset["tags"] == ["assets"]
+    assert "static" in asset["freshness_decided_by"]
+
+
+async def test_methods_that_are_never_cached_and_soft_purged_entries(origin: Origin, ruled: Proxy) -> None:
+    posted = await explain(ruled, "/form", method="POST")
+    assert posted["decision"]["fwd"] == "method" and "invalidates" in posted["decision"]["why"]
+    origin.route("/s", body=b"s", headers={"Cache-Control": "max-age=600"})
+    await ruled.get("/s")
+    await settle(ruled)
+    await ruled.admin("POST", "/purge", json={"urls": [absolute(ruled, "/s")], "soft": True})
+    trace = await explain(ruled, "/s")
+    assert trace["stored"][0]["soft_purged"] is True
+    assert trace["decision"]["x_cache_status"] == "UPDATING"
+    assert trace["decision"]["cache_status"].endswith("detail=SOFT-PURGED")
+
+
+@pytest.mark.parametrize("query, message", [
+    ("", "give the URL"),
+    ("url=/relative", "absolute http"),
+    ("url=http://h/&bogus=1", "unknown parameter 'bogus'"),
+    ("url=http://h/&url=http://h/x", "given twice"),
+    ("url=http://h/&headers=notjson", "'headers' must be a JSON object"),
+    ("url=http://h/&headers=[1]", "'headers' must be a JSON object"),
+    ("url=http://h/&headers={\"A\": 1}", "must map to a string"),
+    ("url=http://h/&status=999", "'status' must be an HTTP status"),
+    ("url=http://h/&method=G%20T", "'method' must be a method name"),
+    ("url=http://unknown.example/", "does not serve host 'unknown.example'"),
+])
+async def test_bad_explain_requests_get_400(ruled: Proxy, query: str, message: str) -> None:
+    query = query.replace("http://h/", absolute(ruled, "/"))
+    reply = await ruled.admin("GET", "/explain?" + query)
+    assert reply.status == 400
+    assert message in js(reply)["error"]
+
+
+async def test_a_bad_post_body_gets_400(ruled: Proxy) -> None:
+    for body, message in ((b"{", "invalid JSON"), (b"[]", "JSON object"),
+                          (b'{"url": "http://x/", "extra": 1}', "unknown field(s): extra")):
+        reply = await ruled.admin("POST", "/explain", data=body)
+        assert (reply.status, message in js(reply)["error"]) == (400, True), reply.body

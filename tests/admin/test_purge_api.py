@@ -1,0 +1,189 @@
+"""POST /purge against a running proxy: URLs with every variant, prefixes, tags, all, soft, hosts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.admin.util import absolute, js, settle
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+
+def versioned(origin: Origin, path: str, headers: dict[str, str] | None = None) -> dict[str, int]:
+    """A route whose body names how many times the origin served it (v1, v2, ...)."""
+    state = {"n": 0}
+
+    async def handler(request: web.Request) -> web.Response:
+        state["n"] += 1
+        return web.Response(text=f"{path} v{state['n']}", headers={"Cache-Control": "max-age=300",
+                                                                  **(headers or {})})
+
+    origin.route(path, handler)
+    return state
+
+
+async def warm(proxy: Proxy, *paths: str) -> None:
+    for p in paths:
+        await proxy.get(p)
+        assert (await proxy.get(p)).x_cache == "HIT", p
+    await settle(proxy)
+
+
+async def test_a_url_purge_removes_every_variant_and_key_shape(origin: Origin, make_proxy: MakeProxy) -> None:
+    # Vary: Accept-Language makes two variants; the rule keys /k by a cookie too (another key shape).
+    proxy = await make_proxy(rules="""
+        rules:
+          - name: keyed by bucket
+            match: {path: /k}
+            key: {cookies: [bucket]}
+    """)
+    versioned(origin, "/v", {"Vary": "Accept-Language"})
+    versioned(origin, "/k")
+    for lang in ("de", "fr"):
+        await proxy.get("/v", headers={"Accept-Language": lang})
+        assert (await proxy.get("/v", headers={"Accept-Language": lang})).x_cache == "HIT"
+    for bucket in ("a", "b"):
+        await proxy.get("/k", headers={"Cookie": f"bucket={bucket}"})
+    await settle(proxy)
+
+    reply = await proxy.admin("POST", "/purge", json={"urls": [absolute(proxy, "/v"), absolute(proxy, "/k")]})
+    assert reply.status == 200, reply.body
+    assert js(reply) == {"purged": 3, "soft": False}  # 1 key for /v (2 variants), 2 for /k
+    for lang in ("de", "fr"):
+        assert (await proxy.get("/v", headers={"Accept-Language": lang})).x_cache == "MISS"
+    for bucket in ("a", "b"):
+        assert (await proxy.get("/k", headers={"Cookie": f"bucket={bucket}"})).x_cache == "MISS"
+
+
+async def test_a_prefix_purge_takes_the_urls_under_it_only(origin: Origin, proxy: Proxy) -> None:
+    for p in ("/p/1", "/p/2", "/p/deep/3", "/q/1", "/p"):
+        versioned(origin, p)
+    await warm(proxy, "/p/1", "/p/2", "/p/deep/3", "/q/1", "/p")
+    reply = await proxy.admin("POST", "/purge", json={"prefixes": [absolute(proxy, "/p/")]})
+    assert (reply.status, js(reply)) == (200, {"purged": 3, "soft": False})
+    for p in ("/p/1", "/p/2", "/p/deep/3"):
+        again = await proxy.get(p)
+        assert (again.x_cache, again.body) == ("MISS", f"{p} v2".encode()), p
+    assert (await proxy.get("/q/1")).x_cache == "HIT"
+    assert (await proxy.get("/p")).x_cache == "HIT"
+
+
+async def test_tags_come_from_surrogate_key_cache_tag_and_rules(origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(rules="""
+        rules:
+          - name: catalogue pages
+            match: {path: "/cat/**"}
+            tags: [catalogue]
+    """)
+    versioned(origin, "/sk", {"Surrogate-Key": "product-1  shelf-a"})
+    versioned(origin, "/ct", {"Cache-Tag": "product 2,shelf-a"})
+    versioned(origin, "/cat/x")
+    versioned(origin, "/none")
+    await warm(proxy, "/sk", "/ct", "/cat/x", "/none")
+
+    async def purge_tag(tag: str) -> Any:
+        reply = await proxy.admin("POST", "/purge", json={"tags": [tag]})
+        assert reply.status == 200, reply.body
+        return js(reply)
+
+    assert await purge_tag("product 2") == {"purged": 1, "soft": False}  # Cache-Tag keeps inner spaces
+    assert (await proxy.get("/ct")).x_cache == "MISS"
+    assert (await proxy.get("/sk")).x_cache == "HIT"
+    await settle(proxy)
+    assert await purge_tag("shelf-a") == {"purged": 2, "soft": False}
+    assert (await proxy.get("/sk")).x_cache == "MISS"
+    assert (await proxy.get("/ct")).x_cache == "MISS"
+    assert await purge_tag("catalogue") == {"purged": 1, "soft": False}
+    assert (await proxy.get("/cat/x")).x_cache == "MISS"
+    assert (await proxy.get("/none")).x_cache == "HIT"
+    assert await purge_tag("no-such-tag") == {"purged": 0, "soft": False}
+
+
+async def test_the_tag_header_names_are_configurable(origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(config="""
+        cache:
+          memory: 16MB
+          disk: {path: cache, size: 64MB, shards: 2}
+          tag_headers: [X-Magento-Tags]
+    """)
+    versioned(origin, "/m", {"X-Magento-Tags": "cat_p_1,cat_c_2 store_1", "Surrogate-Key": "ignored"})
+    await warm(proxy, "/m")
+    ignored = await proxy.admin("POST", "/purge", json={"tags": ["ignored"]})
+    assert js(ignored) == {"purged": 0, "soft": False}
+    assert (await proxy.get("/m")).x_cache == "HIT"
+    purged = await proxy.admin("POST", "/purge", json={"tags": ["cat_c_2"]})
+    assert js(purged) == {"purged": 1, "soft": False}
+    assert (await proxy.get("/m")).x_cache == "MISS"
+
+
+async def test_purge_all_empties_both_tiers(origin: Origin, proxy: Proxy) -> None:
+    for p in ("/a", "/b", "/c"):
+        versioned(origin, p)
+    await warm(proxy, "/a", "/b", "/c")
+    reply = await proxy.admin("POST", "/purge", json={"all": True})
+    assert (reply.status, js(reply)) == (200, {"purged": 3, "soft": False})
+    assert len(proxy.runtime.storage.memory) == 0
+    for p in ("/a", "/b", "/c"):
+        assert (await proxy.get(p)).x_cache == "MISS"
+
+
+@pytest.mark.parametrize("kind", ["urls", "prefixes", "tags", "all"])
+async def test_a_soft_purge_serves_the_old_copy_while_one_request_revalidates(
+        origin: Origin, proxy: Proxy, kind: str) -> None:
+    calls = {"n": 0}
+
+    async def slow_page(request: web.Request) -> web.Response:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            await asyncio.sleep(0.3)  # the revalidation takes a while: others keep being served
+        return web.Response(text=f"v{calls['n']}", headers={
+            "Cache-Control": "max-age=300", "ETag": f'"{calls["n"]}"', "Surrogate-Key": "soft"})
+
+    origin.route("/s/page", slow_page)
+    await warm(proxy, "/s/page")
+    spec = {"urls": {"urls": [absolute(proxy, "/s/page")]}, "prefixes": {"prefixes": [absolute(proxy, "/s/")]},
+            "tags": {"tags": ["soft"]}, "all": {"all": True}}[kind]
+    reply = await proxy.admin("POST", "/purge", json={**spec, "soft": True})
+    assert (reply.status, js(reply)) == (200, {"purged": 1, "soft": True})
+
+    herd = await asyncio.gather(*(proxy.get("/s/page") for _ in range(5)))
+    assert {(r.body, r.x_cache) for r in herd} == {(b"v1", "UPDATING")}
+    assert all("detail=SOFT-PURGED" in r.cache_status for r in herd)
+    await settle(proxy)
+    assert calls["n"] == 2  # exactly one revalidation for all five
+    fresh = await proxy.get("/s/page")
+    assert (fresh.body, fresh.x_cache) == (b"v2", "HIT")
+
+
+async def test_a_url_for_a_host_cachegate_does_not_serve_is_refused(origin: Origin, proxy: Proxy) -> None:
+    versioned(origin, "/x")
+    await warm(proxy, "/x")
+    for body in ({"urls": [absolute(proxy, "/x"), "http://typo.example/x"]},
+                 {"prefixes": ["https://typo.example/"], "tags": ["t"]}):
+        reply = await proxy.admin("POST", "/purge", json=body)
+        assert reply.status == 400
+        error = (js(reply))["error"]
+        assert "does not serve host 'typo.example'" in error
+        assert proxy.url.removeprefix("http://") in error  # names the hosts it does serve
+    assert (await proxy.get("/x")).x_cache == "HIT"  # nothing was purged
+    # A host with entries in the store counts as served, even with no request since start.
+    proxy.runtime.hosts_seen.clear()
+    ok = await proxy.admin("POST", "/purge", json={"urls": [absolute(proxy, "/x")]})
+    assert ok.status == 200, ok.body
+
+
+async def test_admin_hosts_lists_the_served_hosts_up_front(origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', hosts: [shop.example, '*.cdn.example']}\n")
+    for url in ("https://shop.example/a", "http://img.cdn.example:8080/b"):
+        reply = await proxy.admin("POST", "/purge", json={"urls": [url]})
+        assert (reply.status, js(reply)) == (200, {"purged": 0, "soft": False})
+    versioned(origin, "/y")
+    await proxy.get("/y")  # seen, but not listed: admin.hosts is the whole list
+    for url in ("http://cdn.example/", absolute(proxy, "/y")):
+        reply = await proxy.admin("POST", "/purge", json={"urls": [url]})
+        assert reply.status == 400
+        assert "admin.hosts lists shop.example, *.cdn.example" in (js(reply))["error"]

@@ -1,0 +1,115 @@
+"""PURGE <path> on the client listener: allowed from admin.purge_from or with the token, else refused."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp import web
+
+from tests.admin.util import absolute, js, settle
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+TOKEN = "purge-token-0123"
+
+
+def page(origin: Origin, path: str, vary: str | None = None) -> dict[str, int]:
+    state = {"n": 0}
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.method != "GET":
+            state["other"] = state.get("other", 0) + 1
+            return web.Response(status=204)
+        state["n"] += 1
+        headers = {"Cache-Control": "max-age=300", "ETag": f'"{state["n"]}"'}
+        if vary:
+            headers["Vary"] = vary
+        return web.Response(text=f"v{state['n']}", headers=headers)
+
+    origin.route(path, handler)
+    return state
+
+
+async def test_purge_from_loopback_purges_every_variant_and_never_reaches_the_origin(
+        origin: Origin, proxy: Proxy) -> None:
+    state = page(origin, "/doc", vary="Accept-Encoding")
+    for enc in ("gzip", "br"):
+        await proxy.get("/doc", headers={"Accept-Encoding": enc})
+    await settle(proxy)
+    reply = await proxy.request("PURGE", "/doc")
+    assert reply.status == 200
+    assert js(reply) == {"purged": 1, "soft": False, "url": absolute(proxy, "/doc")}
+    assert "other" not in state  # the origin never saw the PURGE
+    for enc in ("gzip", "br"):
+        assert (await proxy.get("/doc", headers={"Accept-Encoding": enc})).x_cache == "MISS"
+    metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+    assert 'cachegate_purges_total{kind="url"} 1.0' in metrics
+
+
+async def test_a_purge_of_a_url_with_a_query_purges_that_url_only(origin: Origin, proxy: Proxy) -> None:
+    page(origin, "/q")
+    await proxy.get("/q?a=1")
+    await proxy.get("/q?a=2")
+    await settle(proxy)
+    assert js(await proxy.request("PURGE", "/q?a=1"))["purged"] == 1
+    assert (await proxy.get("/q?a=1")).x_cache == "MISS"
+    assert (await proxy.get("/q?a=2")).x_cache == "HIT"
+
+
+async def test_a_soft_purge_header_marks_the_url_stale(origin: Origin, proxy: Proxy) -> None:
+    page(origin, "/soft")
+    await proxy.get("/soft")
+    await settle(proxy)
+    reply = await proxy.request("PURGE", "/soft", headers={"Cachegate-Soft-Purge": "1"})
+    assert js(reply)["soft"] is True
+    stale = await proxy.get("/soft")
+    assert (stale.body, stale.x_cache) == (b"v1", "UPDATING")
+    await settle(proxy)
+    assert (await proxy.get("/soft")).body == b"v2"
+
+
+@pytest.fixture
+async def guarded(make_proxy: MakeProxy) -> Proxy:
+    """A proxy that takes PURGE only from 10.0.0.0/8 (not from the test, on 127.0.0.1) or with a token."""
+    return await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}, purge_from: [10.0.0.0/8]}}\n")
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer wrong-token"},
+    {"Authorization": f"Basic {TOKEN}"},
+    {"Authorization": f"Bearer {TOKEN}x"},
+])
+async def test_anyone_else_gets_403_and_nothing_is_purged(
+        origin: Origin, guarded: Proxy, headers: dict[str, str]) -> None:
+    state = page(origin, "/doc")
+    await guarded.get("/doc")
+    await settle(guarded)
+    reply = await guarded.request("PURGE", "/doc", headers=headers)
+    assert reply.status == 403
+    assert "admin.purge_from" in js(reply)["error"]
+    assert "other" not in state  # not forwarded either
+    assert (await guarded.get("/doc")).x_cache == "HIT"
+    metrics = (await guarded.admin("GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})).body
+    assert b'cachegate_purge_refused_total{reason="forbidden"} 1.0' in metrics
+
+
+async def test_the_admin_token_lets_a_caller_outside_purge_from_purge(origin: Origin, guarded: Proxy) -> None:
+    page(origin, "/doc")
+    await guarded.get("/doc")
+    await settle(guarded)
+    reply = await guarded.request("PURGE", "/doc", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert (reply.status, js(reply)["purged"]) == (200, 1)
+    assert (await guarded.get("/doc")).x_cache == "MISS"
+
+
+async def test_with_no_purge_from_and_no_token_the_method_is_switched_off(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', purge_from: []}\n")
+    state = page(origin, "/doc")
+    await proxy.get("/doc")
+    await settle(proxy)
+    reply = await proxy.request("PURGE", "/doc")
+    assert reply.status == 405
+    assert "PURGE is switched off" in js(reply)["error"]
+    assert "other" not in state
+    assert (await proxy.get("/doc")).x_cache == "HIT"

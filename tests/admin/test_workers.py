@@ -1,0 +1,165 @@
+"""The admin API of ``cachegate run --workers 2``: sums over workers, every tier, purges everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import Origin
+from tests.storage.procs import HOST, ProxyProcess, Response, write_config
+
+pytestmark = pytest.mark.slow
+
+CACHE = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
+
+
+async def start(origin: Origin, tmp_path: Path) -> ProxyProcess:
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+    return proxy
+
+
+async def in_both_memories(proxy: ProxyProcess, path: str) -> None:
+    seen: set[str] = set()
+    for _ in range(400):
+        r = await proxy.get(path)
+        if r.x_cache == "HIT" and r.tier == "memory":
+            seen.add(r.worker)
+        if len(seen) == 2:
+            return
+    raise AssertionError(f"{path} reached the memory of workers {sorted(seen)} only")
+
+
+async def purge_method(proxy: ProxyProcess, path: str, headers: dict[str, str] | None = None) -> Response:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+            s.request("PURGE", proxy.url + path, headers={"Host": HOST, **(headers or {})}) as r:
+        return Response(r.status, r.headers, await r.read())
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+
+
+def requests_total(m: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+    return sum(v for (name, _), v in m.items() if name == "cachegate_requests_total")
+
+
+async def test_counters_add_up_across_workers_and_survive_a_worker_restart(
+        origin: Origin, tmp_path: Path) -> None:
+    origin.route("/n", body=b"n" * 100, headers={"Cache-Control": "max-age=300"})
+    proxy = await start(origin, tmp_path)
+    try:
+        per_worker: dict[str, int] = {}
+        total = 0
+        while min(per_worker.get("0", 0), per_worker.get("1", 0)) < 3:
+            r = await proxy.get("/n")
+            per_worker[r.worker] = per_worker.get(r.worker, 0) + 1
+            total += 1
+            assert total < 500
+        m = samples((await proxy.admin("GET", "/metrics")).body)
+        assert requests_total(m) == total  # each worker counted its own; the sum is exact
+        assert m[("cachegate_response_bytes_total", (("tier", "memory"),))] + m.get(
+            ("cachegate_response_bytes_total", (("tier", "disk"),)), 0) + m[
+            ("cachegate_response_bytes_total", (("tier", "upstream"),))] == 100 * total
+        stats = json.loads((await proxy.admin("GET", "/stats")).body)
+        assert stats["requests"]["total"] == total
+        assert {str(w["worker"]): w["requests"] for w in stats["workers"]} == per_worker
+        assert stats["tiers"]["memory"]["entries"] == 2  # /n in each worker's memory
+        assert stats["tiers"]["disk"]["entries"] == 1  # and once on the shared disk
+        assert stats["top_keys"][0]["url"] == f"http://{HOST}/n"
+
+        # A worker dies and comes back: the sum keeps what it had counted.
+        old = proxy.workers[1]
+        os.kill(old, signal.SIGKILL)
+        await proxy.wait_for(lambda: proxy.workers[1] != old, wait=30)
+        await proxy.wait_for(lambda: sum(1 for line in proxy.lines if "ready" in line) >= 3, wait=30)
+        after = samples((await proxy.admin("GET", "/metrics")).body)
+        assert requests_total(after) == total
+    finally:
+        await proxy.stop()
+
+
+async def test_cache_stats_and_explain_see_every_workers_memory_and_the_disk(
+        origin: Origin, tmp_path: Path) -> None:
+    origin.route("/p", body=b"page", headers={"Cache-Control": "max-age=300", "Surrogate-Key": "pages"})
+    proxy = await start(origin, tmp_path)
+    try:
+        await proxy.get("/p")
+        await in_both_memories(proxy, "/p")
+        url = quote(f"http://{HOST}/p")
+        [variant] = json.loads((await proxy.admin("GET", f"/cache?url={url}")).body)["variants"]
+        assert variant["tiers"] == ["memory", "disk"] and variant["memory_workers"] == [0, 1]
+        assert variant["tags"] == ["pages"] and variant["hits"] >= 2
+        trace = json.loads((await proxy.admin("GET", f"/explain?url={url}")).body)
+        assert trace["stored"][0]["tiers"] == ["memory", "disk"]
+        assert trace["decision"]["x_cache_status"] == "HIT"
+        unknown = await proxy.admin("GET", "/cache?url=" + quote("http://other.test/p"))
+        assert unknown.status == 400
+    finally:
+        await proxy.stop()
+
+
+async def test_every_kind_of_purge_is_complete_in_both_workers_when_it_answers(
+        origin: Origin, tmp_path: Path) -> None:
+    version = {"v": 1}
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=f"{request.path} v{version['v']}", headers={
+            "Cache-Control": "max-age=300", "ETag": f'"{version["v"]}"', "Surrogate-Key": "all-pages"})
+
+    paths = ("/a/1", "/a/2", "/b/1")
+    for p in paths:
+        origin.route(p, page)
+    proxy = await start(origin, tmp_path)
+
+    async def warm() -> None:
+        for p in paths:
+            await proxy.get(p)
+            await in_both_memories(proxy, p)
+
+    async def never_old(purged: tuple[str, ...], soft: bool = False) -> None:
+        """Right after the purge answered: no worker serves an old copy as fresh."""
+        for _ in range(10):
+            for p in purged:
+                r = await proxy.get(p)
+                old = r.body == f"{p} v{version['v'] - 1}".encode()
+                assert not old or (soft and r.x_cache == "UPDATING"), (p, r.worker, r.x_cache, r.body)
+
+    purges: list[tuple[str, Any, tuple[str, ...], bool]] = [
+        ("prefix", {"prefixes": [f"http://{HOST}/a/"]}, ("/a/1", "/a/2"), False),
+        ("all", {"all": True}, paths, False),
+        ("soft tag", {"tags": ["all-pages"], "soft": True}, paths, True),
+        ("soft url", {"urls": [f"http://{HOST}/b/1"], "soft": True}, ("/b/1",), True),
+    ]
+    try:
+        for name, spec, purged, soft in purges:
+            await warm()
+            version["v"] += 1
+            reply = await proxy.admin("POST", "/purge", json=spec)
+            assert reply.status == 200, (name, reply.body)
+            assert json.loads(reply.body)["purged"] >= len(purged), name
+            await never_old(purged, soft)
+        # PURGE on the client listener, whichever worker takes it, purges in both.
+        for headers, soft in (({}, False), ({"Cachegate-Soft-Purge": "1"}, True)):
+            await warm()
+            version["v"] += 1
+            reply = await purge_method(proxy, "/b/1", headers)
+            assert reply.status == 200 and json.loads(reply.body)["soft"] is soft
+            await never_old(("/b/1",), soft)
+            assert (await proxy.get("/a/1")).x_cache == "HIT"  # untouched
+        metrics = samples((await proxy.admin("GET", "/metrics")).body)
+        assert metrics[("cachegate_purges_total", (("kind", "url"),))] == 3  # soft url + 2 PURGEs
+        assert metrics[("cachegate_purges_total", (("kind", "prefix"),))] == 1
+    finally:
+        await proxy.stop()

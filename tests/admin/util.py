@@ -1,0 +1,45 @@
+"""Helpers for the admin tests: absolute URLs of a running proxy, its admin context, settling."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.inspection import Inspector
+from proxy.web.admin import ADMIN
+from tests.harness import Proxy
+from tests.rules.util import settle
+
+__all__ = ["absolute", "inspector", "js", "settle", "swept"]
+
+
+async def swept(proxy: Proxy, wait: float = 10.0) -> None:
+    """Wait until the upkeep has swept every ban (a tag/prefix/all purge's entries are gone from
+    the index, so the next purge's count does not include them again)."""
+    import asyncio
+
+    storage = proxy.runtime.storage
+    for _ in range(int(wait / 0.05)):
+        if len(storage.bans) == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("bans were not swept in time")
+
+
+def js(reply: Any) -> Any:
+    """The JSON body of a reply."""
+    return json.loads(reply.body)
+
+
+def absolute(proxy: Proxy, path: str) -> str:
+    """The URL a client's request for ``path`` is keyed under (its Host is the listener)."""
+    return proxy.url + path
+
+
+def inspector(proxy: Proxy) -> Inspector:
+    """The admin app's inspector (to move its window's clock or sample on demand)."""
+    for runner in proxy.listeners.runners:
+        app = getattr(runner, "app", None)
+        if app is not None and ADMIN in app:
+            return app[ADMIN].inspector
+    raise AssertionError("no admin app")
