@@ -218,16 +218,24 @@ class Inspector:
 
     # -- metrics and stats ---------------------------------------------------------------------
 
-    async def _disk_extras(self) -> Snapshot:
-        """Families only the owner of the cache directory reports: disk entries and evictions."""
+    async def _disk_entries(self) -> int:
+        """Keys on the shared disk tier (the index's count, at most DISK_COUNT_MAX_AGE old)."""
         storage = self._runtime().storage
-        if storage.disk is None or storage.index is None:
-            return []
+        if storage.index is None:
+            return 0
         now = time.monotonic()
         if self._disk_count is None or now - self._disk_count[0] > DISK_COUNT_MAX_AGE:
             index = storage.index
             self._disk_count = (now, await storage.run(index.count))
-        entries = self._disk_count[1]
+        return self._disk_count[1]
+
+    async def _disk_extras(self) -> Snapshot:
+        """Families only the owner of the cache directory reports: disk entries and evictions
+        (entries diskcache culled, as the index's upkeep finds them)."""
+        storage = self._runtime().storage
+        if storage.disk is None or storage.index is None:
+            return []
+        entries = await self._disk_entries()
         return [
             ["cachegate_cache_entries", "gauge", "Stored keys per tier",
              [["cachegate_cache_entries", {"tier": "disk"}, float(entries)]]],
@@ -280,9 +288,8 @@ class Inspector:
                   "evictions": sum(p["memory"]["evictions"] for p in parts)}
         tiers: dict[str, Any] = {"memory": memory}
         if storage.disk is not None:
-            extras = await self._disk_extras()
             disk = storage.disk
-            tiers["disk"] = {"entries": int(extras[0][3][0][2]) if extras else 0,
+            tiers["disk"] = {"entries": await self._disk_entries(),
                              "bytes": await storage.run(disk.volume),
                              "evictions": storage.upkeep.index_rows_dropped}
         counts = self.request_counts()
@@ -332,7 +339,7 @@ def copy_priority(c: Copy) -> tuple[bool, float, int]:
 
 
 def group_copies(copies: Iterable[Copy]) -> list[tuple[Entry, list[Copy]]]:
-    """Copies folded per variant (key and body id), most recently stored first."""
+    """Copies folded per stored response (key and body id), by key, most recently stored first."""
     groups: dict[tuple[str, str], list[Copy]] = {}
     for c in copies:
         groups.setdefault((c.entry.key, c.entry.body_id), []).append(c)
@@ -352,6 +359,9 @@ def variant_view(entry: Entry, copies: list[Copy], now: float) -> dict[str, Any]
     view: dict[str, Any] = {
         "key": entry.key,
         "url": entry.url,
+        # Workers that each fetched the same variant before the other's copy reached the disk
+        # hold different copies for a while: each copy is listed, told apart by its body id.
+        "body_id": entry.body_id,
         "vary": dict(r.vary),
         "status": r.status,
         "headers": [list(h) for h in r.headers],

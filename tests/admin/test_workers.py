@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -95,9 +96,14 @@ async def test_cache_stats_and_explain_see_every_workers_memory_and_the_disk(
     origin.route("/p", body=b"page", headers={"Cache-Control": "max-age=300", "Surrogate-Key": "pages"})
     proxy = await start(origin, tmp_path)
     try:
-        await proxy.get("/p")
-        await in_both_memories(proxy, "/p")
         url = quote(f"http://{HOST}/p")
+        await proxy.get("/p")
+        for _ in range(100):  # on disk before the other worker asks (else it fetches a copy of its own)
+            variants = json.loads((await proxy.admin("GET", f"/cache?url={url}")).body)["variants"]
+            if variants and "disk" in variants[0]["tiers"]:
+                break
+            await asyncio.sleep(0.05)
+        await in_both_memories(proxy, "/p")
         [variant] = json.loads((await proxy.admin("GET", f"/cache?url={url}")).body)["variants"]
         assert variant["tiers"] == ["memory", "disk"] and variant["memory_workers"] == [0, 1]
         assert variant["tags"] == ["pages"] and variant["hits"] >= 2
