@@ -1,0 +1,599 @@
+"""scripts/bench: cachegate side by side with aiohttp's ceiling, a toy aiohttp proxy, nginx and Varnish.
+
+One run starts an origin, cachegate (``cachegate run`` with a generated config), the bare
+aiohttp ceiling app (1 and 2 processes), the bare aiohttp pass-through proxy (1 and 2
+processes) and, when they are on the PATH, nginx proxy_cache (1 and 2 workers) and Varnish,
+all on free loopback ports in a temporary directory. It primes each system, checks that
+the answers are what the workload claims (hits are hits, passes reach the origin), drives
+each with ``wrk -t1 -c64`` for the same duration, system after system within a round and
+in a rotated order each round, and prints the medians and the issue's ratios with
+PASS/FAIL. Raw results go to ``var/bench/*.json``.
+
+Absolute numbers drift on a shared machine; the ratios are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_apps import route
+from bench_procs import CACHEGATE_MEMORY, HERE, ROOT, Fleet, System, cpu_seconds, rss_bytes
+from bench_report import (
+    Run,
+    format_results,
+    format_verdicts,
+    judge,
+    parse_wrk,
+    rss_verdict,
+    summarise,
+)
+
+REPORT_LUA = HERE / "report.lua"
+
+
+@dataclass
+class Workload:
+    name: str
+    path: str  # a URL path, or the prefix of ``keys`` distinct paths
+    expect: str  # "hit": every answer from the cache; "pass": every answer from the origin
+    systems: list[str]
+    keys: int = 0
+    about: str = ""
+
+    def sample_paths(self, n: int) -> list[str]:
+        if not self.keys:
+            return [self.path]
+        return [f"{self.path}{i}" for i in random.sample(range(self.keys), min(n, self.keys))]
+
+
+def workloads(keys: int) -> list[Workload]:
+    """The benchmark's workloads; ``{w}`` in a system name = cachegate's worker count."""
+    return [
+        Workload("hit-1k", "/obj/1k", "hit",
+                 ["cachegate", "ceiling-1p", "ceiling-2p", "origin-raw", "nginx-1w", "nginx-2w", "varnish"],
+                 about="one 1 KiB object, memory-tier hit"),
+        Workload("hit-100k", "/obj/100k", "hit", ["cachegate", "ceiling-{w}p", "nginx-2w", "varnish"],
+                 about="one 100 KiB object, memory-tier hit"),
+        Workload("hit-1m", "/obj/1m", "hit", ["cachegate", "ceiling-{w}p", "nginx-2w", "varnish"],
+                 about="one 1 MiB object, memory-tier hit"),
+        Workload("disk-100k", "/obj/100k", "hit", ["cachegate-disk"],
+                 about="one 100 KiB object, disk-tier hit (memory_max_object 64KB)"),
+        Workload("pass-1k", "/pass/1k", "pass",
+                 ["cachegate", "passthrough-1p", "passthrough-2p", "nginx-2w", "varnish"],
+                 about="1 KiB Cache-Control: private, forwarded every time (keep-alive upstream)"),
+        Workload("keys-1k", "/obj/1k/k", "hit", ["cachegate", "nginx-2w", "varnish"], keys=keys,
+                 about=f"{keys} distinct cached 1 KiB keys at random (RSS measured)"),
+    ]
+
+
+# -- machine ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, object]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for mod in ("aiohttp", "uvloop", "multidict", "yarl"):
+        with contextlib.suppress(Exception):
+            versions[mod] = __import__(mod).__version__
+    for tool, flag in (("wrk", "-v"), ("nginx", "-v"), ("varnishd", "-V")):
+        exe = shutil.which(tool)
+        if exe:
+            with contextlib.suppress(Exception):
+                out = subprocess.run([exe, flag], capture_output=True, text=True, timeout=10)
+                versions[tool] = (out.stdout + out.stderr).strip().splitlines()[0]
+    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "versions": versions,
+            "load": load()}
+
+
+def load() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+# -- priming and checking -------------------------------------------------------------------------
+
+
+class CheckFailed(RuntimeError):
+    pass
+
+
+def describe(kind: str, headers: dict[str, str]) -> str:
+    """What the cache says it did, from the headers each system uses."""
+    if kind in ("cachegate", "nginx", "varnish"):
+        status = headers.get("x-cache-status", "?")
+        if kind == "varnish":
+            ids = headers.get("x-varnish", "").split()
+            status += f" (X-Varnish ids: {len(ids)}, Age: {headers.get('age', '?')})"
+        return status
+    return "origin-less" if kind == "ceiling" else "forwarded"
+
+
+def check_answer(system: System, expect: str, path: str, status: int, headers: dict[str, str],
+                 length: int) -> str | None:
+    """None when the answer is what the workload claims; else why not."""
+    found = route(path)
+    assert found is not None
+    if status != 200:
+        return f"{system.name} {path}: status {status}"
+    if length != found[1]:
+        return f"{system.name} {path}: {length} body bytes, expected {found[1]}"
+    kind = system.kind
+    cache_status = headers.get("x-cache-status", "")
+    if expect == "hit" and kind in ("cachegate", "nginx", "varnish"):
+        if cache_status != "HIT":
+            return f"{system.name} {path}: not a hit (X-Cache-Status: {cache_status or 'absent'})"
+        if kind == "varnish" and len(headers.get("x-varnish", "").split()) != 2:
+            return f"{system.name} {path}: Varnish did not answer from cache (X-Varnish)"
+    if expect == "pass" and kind in ("cachegate", "nginx", "varnish") and cache_status == "HIT":
+        return f"{system.name} {path}: answered from cache, but the workload is a pass"
+    return None
+
+
+async def _session_get(concurrency: int) -> tuple[object, object]:
+    import aiohttp
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                    timeout=aiohttp.ClientTimeout(total=60), auto_decompress=False)
+
+    async def get(url: str) -> tuple[int, dict[str, str], int]:
+        async with session.get(url) as resp:
+            body = await resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, len(body)
+
+    return session, get
+
+
+async def _prime(system: System, workload: Workload, concurrency: int = 64) -> float:
+    """Ask for every key once (concurrently); the seconds it took."""
+    session, get = await _session_get(concurrency)
+    started = time.monotonic()
+    try:
+        if workload.keys:
+            todo = iter(range(workload.keys))
+
+            async def filler() -> None:
+                for i in todo:
+                    await get(system.url(f"{workload.path}{i}"))  # type: ignore[operator]
+
+            await asyncio.gather(*(filler() for _ in range(concurrency)))
+        else:
+            await get(system.url(workload.path))  # type: ignore[operator]
+    finally:
+        await session.close()  # type: ignore[attr-defined]
+    return time.monotonic() - started
+
+
+async def _check(system: System, workload: Workload, samples: int = 200) -> dict[str, object]:
+    """A sample of the keys, each asked twice: every answer must be what the workload claims."""
+    session, get = await _session_get(1)
+    problems: list[str] = []
+    last: dict[str, str] = {}
+    paths = workload.sample_paths(samples)
+    try:
+        for path in paths:
+            for _ in range(2):
+                status, headers, length = await get(system.url(path))  # type: ignore[operator]
+                problem = check_answer(system, workload.expect, path, status, headers, length)
+                if problem:
+                    problems.append(problem)
+                last = headers
+    finally:
+        await session.close()  # type: ignore[attr-defined]
+    return {"checked": len(paths), "problems": problems, "says": describe(system.kind, last)}
+
+
+def prime_and_check(system: System, workload: Workload) -> dict[str, object]:
+    """Prime, let background fills land (disk writes finish after the response), then check.
+
+    For cachegate, its admin metrics must also show the checked bodies coming from the tier
+    the workload is about (memory, or disk for the disk workload).
+    """
+    primed = asyncio.run(_prime(system, workload))
+    time.sleep(0.5)
+    before = tier_bytes(system)
+    report = asyncio.run(_check(system, workload))
+    report["primed_s"] = round(primed, 2)
+    after = tier_bytes(system)
+    if before or after:
+        delta = {t: after.get(t, 0) - before.get(t, 0) for t in after}
+        report["tier_bytes"] = delta
+        tier = "disk" if workload.name.startswith("disk") else "memory"
+        if workload.expect == "hit" and delta.get(tier, 0) <= 0:
+            report["problems"].append(  # type: ignore[attr-defined]
+                f"{system.name} {workload.path}: no body bytes came from the {tier} tier ({delta})")
+        if workload.expect == "hit" and delta.get("upstream", 0) > 0:
+            report["problems"].append(  # type: ignore[attr-defined]
+                f"{system.name} {workload.path}: {delta['upstream']:.0f} body bytes came from upstream")
+    return report
+
+
+def tier_bytes(system: System) -> dict[str, float]:
+    """cachegate's cachegate_response_bytes_total by tier, from its admin /metrics ({} if absent)."""
+    if system.admin_port is None:
+        return {}
+    import urllib.request
+
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{system.admin_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        if line.startswith("cachegate_response_bytes_total{"):
+            labels, value = line.rsplit(" ", 1)
+            tier = labels.split('tier="', 1)[1].split('"', 1)[0]
+            out[tier] = float(value)
+    return out
+
+
+# -- driving ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    rounds: int
+    duration: float
+    connections: int
+    threads: int
+    keys: int
+    workers: int
+    use_wrk: bool
+    profile: bool
+    profile_seconds: float
+    out_dir: Path
+    only: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+
+
+def wrk_argv(system: System, workload: Workload, opts: Options, duration: float | None = None) -> list[str]:
+    d = duration if duration is not None else opts.duration
+    argv = ["wrk", f"-t{opts.threads}", f"-c{opts.connections}", f"-d{d:g}s", "--timeout", "5s",
+            "-s", str(REPORT_LUA), system.url(workload.path if not workload.keys else "/")]
+    if workload.keys:
+        argv += ["--", workload.path, str(workload.keys)]
+    return argv
+
+
+def drive(system: System, workload: Workload, opts: Options, round_: int) -> Run:
+    """One wrk run; also the CPU time the system's processes spent per request meanwhile."""
+    argv = wrk_argv(system, workload, opts)
+    pids = system.all_pids()
+    cpu = cpu_seconds(pids)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=opts.duration + 60, check=False)
+    cpu = cpu_seconds(pids) - cpu
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed for {system.name}: {out.stderr.strip()}")
+    result = parse_wrk(out.stdout, workload.name, system.name, round_)
+    cpu_us = cpu / result.requests * 1e6 if result.requests else None
+    return dataclasses.replace(result, cpu_us=cpu_us)
+
+
+class RssSampler:
+    """Samples the RSS of a system's workers every 0.25 s while a run lasts; keeps the peak."""
+
+    def __init__(self, system: System) -> None:
+        self.pids = system.worker_pids()
+        self.peak: dict[int, int] = dict.fromkeys(self.pids, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for pid in self.pids:
+                self.peak[pid] = max(self.peak[pid], rss_bytes(pid))
+            self._stop.wait(0.25)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def rotated(items: list[str], by: int) -> list[str]:
+    if not items:
+        return items
+    k = by % len(items)
+    return items[k:] + items[:k]
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def start_fleet(fleet: Fleet, wanted: set[str], workers: int) -> None:
+    """Start every system a selected workload names (those whose tools are missing are skipped)."""
+    origin = fleet.start_app("origin-raw", "origin", 2)
+    print(f"  origin-raw       127.0.0.1:{origin.port}  (raw asyncio protocol, 2 processes)", flush=True)
+    for name in sorted(wanted):
+        if name == "origin-raw":
+            continue
+        system: System | None = None
+        if name.startswith("ceiling-"):
+            system = fleet.start_app(name, "ceiling", int(name[len("ceiling-"):-1]))
+        elif name.startswith("passthrough-"):
+            system = fleet.start_app(name, "passthrough", int(name[len("passthrough-"):-1]),
+                                     upstream=f"http://127.0.0.1:{origin.port}")
+        elif name == "cachegate":
+            system = fleet.start_cachegate(name, origin, workers)
+        elif name == "cachegate-disk":
+            system = fleet.start_cachegate(name, origin, workers, memory_max_object="64KB")
+        elif name.startswith("nginx-"):
+            if shutil.which("nginx"):
+                system = fleet.start_nginx(name, origin, int(name[len("nginx-"):-1]))
+            else:
+                fleet.notes.append(f"{name}: nginx is not on the PATH; skipped")
+        elif name == "varnish":
+            if shutil.which("varnishd"):
+                system = fleet.start_varnish(name, origin)
+            else:
+                fleet.notes.append("varnish: varnishd is not on the PATH; skipped")
+        if system is not None:
+            print(f"  {name:<16} 127.0.0.1:{system.port}  ({system.workers} process(es))", flush=True)
+
+
+def run(opts: Options) -> int:
+    all_loads = workloads(opts.keys)
+    loads = [w for w in all_loads if (not opts.only or w.name in opts.only)]
+    if not loads:
+        print(f"no workload selected; choose from {', '.join(w.name for w in all_loads)}", file=sys.stderr)
+        return 2
+    info = machine()
+    print(f"machine: {info['nproc']} CPU(s), {info['cpu']}, Linux {info['kernel']}, load {info['load']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))  # type: ignore[attr-defined]
+    print(f"plan: {opts.rounds} round(s) × wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s; "
+          f"cachegate --workers {opts.workers}")
+
+    fleet = Fleet()
+    results: dict[str, object] = {"started": dt.datetime.now().isoformat(timespec="seconds"),
+                                  "machine": info, "options": {k: str(v) for k, v in opts.__dict__.items()}}
+    runs: list[Run] = []
+    checks: dict[str, object] = {}
+    rss: dict[str, object] = {}
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        print("starting:", flush=True)
+        wanted = {s for w in loads for s in w.systems if s not in opts.skip}
+        wanted = {s.replace("{w}", str(opts.workers)) for s in wanted}
+        start_fleet(fleet, wanted, opts.workers)
+        results["pids"] = {n: s.all_pids() for n, s in fleet.systems.items()}
+        cg = fleet.systems.get("cachegate") or fleet.systems.get("cachegate-disk")
+        workers = cg.workers if cg is not None else opts.workers
+        for w in loads:
+            w.systems = [s.replace("{w}", str(workers)) for s in w.systems]
+            w.systems = [s for s in w.systems if s in fleet.systems]
+
+        print("priming and checking:", flush=True)
+        failures = 0
+        for w in loads:
+            for name in w.systems:
+                system = fleet.systems[name]
+                report = prime_and_check(system, w)
+                checks[f"{w.name}/{name}"] = report
+                problems = report["problems"]
+                ok = "ok" if not problems else f"{len(problems)} PROBLEM(S): {problems[0]}"  # type: ignore[index]
+                tiers = report.get("tier_bytes")
+                tier_note = f" tiers {tiers}" if tiers else ""
+                print(f"  {w.name:<9} {name:<16} primed in {report['primed_s']}s, "
+                      f"{report['checked']} checked, says {report['says']}{tier_note}: {ok}", flush=True)
+                failures += bool(problems)
+            if w.keys and "cachegate" in w.systems:
+                idle = {pid: rss_bytes(pid) for pid in fleet.systems["cachegate"].worker_pids()}
+                rss["after_priming"] = idle
+        if failures:
+            print(f"{failures} system(s) did not answer as the workload needs; their numbers would "
+                  "mean something else. Stopping.", file=sys.stderr)
+            return 1
+        results["checks"] = checks
+        if not opts.use_wrk:
+            print("--no-wrk: started, primed and checked every system; not measuring.")
+            return 0
+
+        for r in range(opts.rounds):
+            print(f"round {r + 1}/{opts.rounds} (load {load()}):", flush=True)
+            for w in loads:
+                for name in rotated(w.systems, r):
+                    system = fleet.systems[name]
+                    if not system.alive():
+                        raise RuntimeError(f"{name} died\n{system.log_tail()}")
+                    if w.keys and name == "cachegate":
+                        with RssSampler(system) as sampler:
+                            result = drive(system, w, opts, r)
+                        rss.setdefault("peak_per_worker", {})
+                        for pid, peak in sampler.peak.items():
+                            old = rss["peak_per_worker"].get(pid, 0)  # type: ignore[attr-defined]
+                            rss["peak_per_worker"][pid] = max(old, peak)  # type: ignore[index]
+                    else:
+                        result = drive(system, w, opts, r)
+                    runs.append(result)
+                    flag = "" if result.clean else f"  errors {result.errors}"
+                    cpu = f"{result.cpu_us:6.1f}" if result.cpu_us is not None else "     ?"
+                    print(f"  {w.name:<9} {name:<16} {result.rps:>10,.0f} req/s  p50 {result.p50_ms:6.2f} ms"
+                          f"  p99 {result.p99_ms:6.2f} ms  CPU {cpu} µs/req{flag}", flush=True)
+                    time.sleep(0.3)
+
+        summaries = summarise(runs)
+        workers_of = {n: s.workers for n, s in fleet.systems.items()}
+        verdicts = judge(summaries, workers)
+        peaks = rss.get("peak_per_worker") or {}
+        peak = max(peaks.values()) if peaks else None  # type: ignore[attr-defined]
+        verdicts.append(rss_verdict(peak, CACHEGATE_MEMORY, opts.keys))
+        results.update({
+            "finished": dt.datetime.now().isoformat(timespec="seconds"), "load_after": load(),
+            "cachegate_workers": workers, "notes": fleet.notes, "checks": checks,
+            "workloads": {w.name: {"path": w.path, "keys": w.keys, "about": w.about, "systems": w.systems}
+                          for w in loads},
+            "runs": [r.__dict__ for r in runs],
+            "summary": [s.as_dict() for s in summaries.values()],
+            "targets": [v.as_dict() for v in verdicts],
+            "rss": {k: ({str(p): b for p, b in v.items()} if isinstance(v, dict) else v)
+                    for k, v in rss.items()},
+        })
+        print()
+        print(f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s, {opts.rounds} round(s); "
+              f"cachegate {workers} worker(s); load before {info['load']}, after {load()}")
+        print(format_results(summaries, workers_of, [w.name for w in loads]))
+        print()
+        print(format_verdicts(verdicts))
+        for note in fleet.notes:
+            print(f"note: {note}")
+        if opts.profile:
+            results["profiles"] = profile(fleet, loads, opts)
+    except KeyboardInterrupt:
+        print("interrupted; stopping every system", file=sys.stderr)
+        return 130
+    finally:
+        fleet.stop()
+        if "pids" in results:
+            save(results, opts.out_dir)
+    return 0
+
+
+def save(results: dict[str, object], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"bench-{stamp}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    shutil.copyfile(path, out_dir / "latest.json")
+    print(f"raw results: {path}")
+
+
+# -- profiling -------------------------------------------------------------------------------------
+
+
+def py_spy() -> str | None:
+    exe = shutil.which("py-spy")
+    if exe:
+        return exe
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else None
+
+
+def profile(fleet: Fleet, loads: list[Workload], opts: Options) -> dict[str, object]:
+    """py-spy record one cachegate worker while wrk drives the 1 KiB hit and the pass-through."""
+    exe = py_spy()
+    if exe is None:
+        print("profile: py-spy not found; `.venv/bin/pip install py-spy` (it is not a dependency)")
+        return {}
+    out: dict[str, object] = {}
+    system = fleet.systems.get("cachegate")
+    if system is None:
+        return out
+    pid = system.worker_pids()[0]
+    for w in loads:
+        if w.name not in ("hit-1k", "pass-1k"):
+            continue
+        raw = opts.out_dir / f"profile-{w.name}.txt"
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        wrk = subprocess.Popen(wrk_argv(system, w, opts, opts.profile_seconds + 4),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        subprocess.run([exe, "record", "--pid", str(pid), "--duration", f"{opts.profile_seconds:g}",
+                        "--rate", "200", "--format", "raw", "--output", str(raw)],
+                       capture_output=True, check=False)
+        wrk.communicate()
+        if not raw.exists():
+            print(f"profile {w.name}: py-spy wrote nothing (needs ptrace permission)")
+            continue
+        self_top, incl_top, total = top_frames(raw.read_text())
+        out[w.name] = {"file": str(raw), "samples": total, "self": self_top, "inclusive": incl_top}
+        print(f"\nprofile {w.name} ({total} samples of worker {pid}; {raw}):")
+        print("  self time:")
+        for frame, n in self_top[:15]:
+            print(f"    {100 * n / total:5.1f}%  {frame}")
+        print("  inclusive:")
+        for frame, n in incl_top[:25]:
+            print(f"    {100 * n / total:5.1f}%  {frame}")
+    return out
+
+
+def top_frames(collapsed: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
+    """py-spy's raw (collapsed) stacks -> frames by self and by inclusive samples (line numbers dropped)."""
+    import re
+
+    strip = re.compile(r":\d+\)$")
+    self_counts: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [strip.sub(")", f) for f in stack.split(";")]
+        self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    by = sorted(self_counts.items(), key=lambda kv: -kv[1])
+    return by, sorted(incl.items(), key=lambda kv: -kv[1]), total
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="scripts/bench/bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 round of 3 s, 5000 keys: a smoke run")
+    p.add_argument("--rounds", type=int, help="rounds (default 3)")
+    p.add_argument("--duration", type=float, help="seconds per wrk run (default 10)")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keys", type=int, help="distinct keys for keys-1k (default 100000)")
+    p.add_argument("--workers", type=int, default=2, help="cachegate worker processes (default 2)")
+    p.add_argument("--only", default="", help="comma-separated workloads (hit-1k,hit-100k,hit-1m,"
+                                               "disk-100k,pass-1k,keys-1k)")
+    p.add_argument("--skip", default="", help="comma-separated systems to leave out")
+    p.add_argument("--no-wrk", action="store_true", help="start, prime and check every system; no load")
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, py-spy record cachegate on hit-1k and pass-1k")
+    p.add_argument("--profile-seconds", type=float, default=10)
+    p.add_argument("--out", default=str(ROOT / "var" / "bench"), help="where the JSON goes")
+    a = p.parse_args(argv)
+    rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
+    duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
+    keys = a.keys if a.keys is not None else (5000 if a.quick else 100_000)
+    return Options(rounds, duration, a.connections, a.threads, keys, a.workers, not a.no_wrk, a.profile,
+                   a.profile_seconds, Path(a.out), [s for s in a.only.split(",") if s],
+                   [s for s in a.skip.split(",") if s])
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    if opts.use_wrk and shutil.which("wrk") is None:
+        print("wrk is not installed. Debian/Ubuntu: sudo apt-get install wrk; Fedora: sudo dnf install wrk; "
+              "macOS: brew install wrk; or build it from https://github.com/wg/wrk. "
+              "(--no-wrk starts, primes and checks the systems without measuring.)", file=sys.stderr)
+        return 2
+    return run(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

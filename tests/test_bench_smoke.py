@@ -1,0 +1,123 @@
+"""scripts/bench works: its pieces compute the right thing, and one tiny real round runs clean.
+
+Correctness only: nothing here looks at how fast anything is. The end-to-end test runs
+the real command for one 1-second round (or, without wrk, starts, primes and checks every
+system), then checks that every answer was what the workload claims and that nothing it
+started is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
+
+from bench_apps import route  # noqa: E402
+from bench_procs import render  # noqa: E402
+from bench_report import TARGETS, Run, judge, parse_wrk, rss_verdict, summarise  # noqa: E402
+
+WRK_LINE = ('BENCH-RESULT {"requests": 30000, "duration_us": 2000000, "bytes": 1, "errors": {"connect": 0, '
+            '"read": 0, "write": 0, "status": 2, "timeout": 0}, "latency_us": {"mean": 1.0, "p50": 1500, '
+            '"p90": 2000, "p99": 4000, "max": 9000}}')
+
+
+def test_the_url_space_names_kind_and_size() -> None:
+    assert route("/obj/1k") == ("obj", 1024)
+    assert route("/obj/100k/k17") == ("obj", 100 * 1024)
+    assert route("/pass/1m?x=1") == ("pass", 1 << 20)
+    assert route("/obj/2048") == ("obj", 2048)
+    assert route("/other/1k") is None
+    assert route("/obj/lots") is None
+
+
+def test_wrk_result_line_becomes_a_run() -> None:
+    run = parse_wrk("Running 2s test\n" + WRK_LINE + "\n", "hit-1k", "cachegate", 0)
+    assert run.rps == 15000
+    assert (run.p50_ms, run.p99_ms) == (1.5, 4.0)
+    assert not run.clean  # two non-2xx answers
+    with pytest.raises(ValueError, match="BENCH-RESULT"):
+        parse_wrk("wrk crashed", "hit-1k", "cachegate", 0)
+
+
+def test_targets_are_ratios_of_medians_with_pass_and_fail() -> None:
+    runs = [Run("hit-1k", "cachegate", r, rps, 1.0, p99, 1) for r, rps, p99 in
+            ((0, 900, 3.0), (1, 1000, 5.0), (2, 5000, 4.0))]
+    runs += [Run("hit-1k", "ceiling-2p", r, 1000, 1.0, 2.0, 1) for r in range(3)]
+    runs += [Run("hit-1k", "varnish", r, 2000, 1.0, 1.0, 1) for r in range(3)]
+    summaries = summarise(runs)
+    assert summaries[("hit-1k", "cachegate")].rps == 1000  # the median, not the mean
+    verdicts = {v.label: v for v in judge(summaries, workers=2)}
+    ceiling = verdicts["1 KiB memory hit / aiohttp ceiling (same workers)"]
+    assert (ceiling.value, ceiling.result) == (1.0, "PASS")
+    varnish = verdicts["1 KiB hit / Varnish"]
+    assert (varnish.value, varnish.result) == (0.5, "FAIL")
+    p99 = verdicts["p99 of 1 KiB hits / aiohttp ceiling's p99"]
+    assert (p99.value, p99.result) == (2.0, "PASS")  # median p99 4.0 ms vs 2.0 ms, bound <= 2
+    assert verdicts["100 KiB hit / Varnish"].result == "n/a"  # not measured: no verdict
+    assert len(verdicts) == len(TARGETS)
+    assert rss_verdict(300 << 20, 256 << 20, 100_000).result == "PASS"
+    assert rss_verdict(400 << 20, 256 << 20, 100_000).result == "FAIL"
+
+
+def test_config_templates_fill_every_placeholder(tmp_path: Path) -> None:
+    nginx = render(BENCH / "nginx.conf.in", USER="", WORKERS="2", DIR=str(tmp_path), ORIGIN_PORT="1",
+                   PORT="2")
+    assert "listen 127.0.0.1:2" in nginx and "server 127.0.0.1:1;" in nginx
+    assert '"1"' in render(BENCH / "varnish.vcl.in", ORIGIN_PORT="1")
+    with pytest.raises(ValueError, match="ORIGIN_PORT"):
+        render(BENCH / "varnish.vcl.in")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_one_tiny_round_runs_clean_and_leaves_nothing_running(tmp_path: Path) -> None:
+    has_wrk = shutil.which("wrk") is not None
+    argv = [sys.executable, str(BENCH / "bench.py"), "--only", "hit-1k,pass-1k", "--rounds", "1",
+            "--duration", "1", "--skip", "nginx-1w,ceiling-2p,passthrough-2p", "--out", str(tmp_path)]
+    if not has_wrk:
+        argv.append("--no-wrk")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=170, cwd=ROOT,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+
+    checks = results["checks"]
+    assert "hit-1k/cachegate" in checks and "pass-1k/cachegate" in checks
+    for name, check in checks.items():
+        assert check["problems"] == [], name
+    assert checks["hit-1k/cachegate"]["says"] == "HIT"
+    assert checks["hit-1k/cachegate"]["tier_bytes"]["memory"] > 0
+    assert checks["pass-1k/cachegate"]["says"] != "HIT"
+    if shutil.which("varnishd"):
+        assert checks["hit-1k/varnish"]["says"].startswith("HIT")
+    if shutil.which("nginx"):
+        assert checks["hit-1k/nginx-2w"]["says"] == "HIT"
+
+    if has_wrk:
+        measured = {(r["workload"], r["system"]) for r in results["runs"]}
+        assert {("hit-1k", "cachegate"), ("hit-1k", "ceiling-1p"), ("pass-1k", "cachegate"),
+                ("pass-1k", "passthrough-1p")} <= measured
+        for r in results["runs"]:
+            assert r["requests"] > 0 and not any(r["errors"].values()), r
+        assert "| target" in out.stdout and "1 KiB memory hit / aiohttp ceiling" in out.stdout
+
+    for name, pids in results["pids"].items():
+        for pid in pids:
+            assert not _running(pid), f"{name} (pid {pid}) is still running"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; its parent (not us) reaps it
