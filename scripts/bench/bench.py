@@ -23,12 +23,14 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -419,7 +421,10 @@ def run(opts: Options) -> int:
             print("--no-wrk: started, primed and checked every system; not measuring.")
             return 0
 
+        round_loads: list[str] = []
+        results["round_loads"] = round_loads
         for r in range(opts.rounds):
+            round_loads.append(load())
             print(f"round {r + 1}/{opts.rounds} (load {load()}):", flush=True)
             for w in loads:
                 for name in rotated(w.systems, r):
@@ -500,7 +505,11 @@ def py_spy() -> str | None:
 
 
 def profile(fleet: Fleet, loads: list[Workload], opts: Options) -> dict[str, object]:
-    """py-spy record one cachegate worker while wrk drives the 1 KiB hit and the pass-through."""
+    """py-spy record one cachegate worker while wrk drives the 1 KiB hit and the pass-through.
+
+    ``--gil`` keeps only samples of the thread holding the GIL: in a GIL-bound worker that is
+    where the CPU goes (idle executor threads and the loop's wait in epoll drop out).
+    """
     exe = py_spy()
     if exe is None:
         print("profile: py-spy not found; `.venv/bin/pip install py-spy` (it is not a dependency)")
@@ -519,44 +528,112 @@ def profile(fleet: Fleet, loads: list[Workload], opts: Options) -> dict[str, obj
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(2)
         subprocess.run([exe, "record", "--pid", str(pid), "--duration", f"{opts.profile_seconds:g}",
-                        "--rate", "200", "--format", "raw", "--output", str(raw)],
+                        "--rate", "250", "--gil", "--format", "raw", "--output", str(raw)],
                        capture_output=True, check=False)
-        wrk.communicate()
+        wrk_out, _ = wrk.communicate()
         if not raw.exists():
-            print(f"profile {w.name}: py-spy wrote nothing (needs ptrace permission)")
+            print(f"profile {w.name}: py-spy wrote nothing (it needs ptrace permission)")
             continue
-        self_top, incl_top, total = top_frames(raw.read_text())
-        out[w.name] = {"file": str(raw), "samples": total, "self": self_top, "inclusive": incl_top}
-        print(f"\nprofile {w.name} ({total} samples of worker {pid}; {raw}):")
+        text = raw.read_text()
+        self_top, incl_top, total = top_frames(text)
+        by_area = areas(text)
+        try:
+            rps = parse_wrk(wrk_out, w.name, system.name, 0).rps
+        except ValueError:
+            rps = 0.0
+        out[w.name] = {"file": str(raw), "samples": total, "rps_while_sampled": rps,
+                       "areas": by_area, "self": self_top[:40], "inclusive": incl_top[:60],
+                       "callers": {f: callers(text, f) for f, _ in self_top[:8]}}
+        print(f"\nprofile {w.name}: {total} GIL-holding samples of worker {pid} at "
+              f"{rps:,.0f} req/s under wrk ({raw})")
+        print("  by area (self time, generic frames charged to their caller):")
+        for area, n in by_area[:12]:
+            print(f"    {100 * n / total:5.1f}%  {area}")
         print("  self time:")
-        for frame, n in self_top[:15]:
+        for frame, n in self_top[:20]:
             print(f"    {100 * n / total:5.1f}%  {frame}")
+            for chain, m in callers(text, frame)[:1]:
+                print(f"             from {chain} ({100 * m / total:.1f}%)")
         print("  inclusive:")
-        for frame, n in incl_top[:25]:
+        for frame, n in incl_top[:30]:
             print(f"    {100 * n / total:5.1f}%  {frame}")
     return out
 
 
+_LINE = re.compile(r":\d+\)$")
+GENERIC = ("(dataclasses.py)", "(<string>)", "(functools.py)", "(typing.py)", "(enum.py)", "(re/",
+           "(abc.py)", "(contextlib.py)", "(copy.py)")
+AREAS = (
+    ("proxy/web/", "cachegate web layer (proxy/web)"),
+    ("proxy/engine.py", "cachegate engine"),
+    ("proxy/coalescer.py", "cachegate coalescer"),
+    ("proxy/rules.py", "cachegate rules"),
+    ("proxy/policy/", "cachegate policy"),
+    ("proxy/storage/", "cachegate storage"),
+    ("proxy/upstream.py", "cachegate upstream pool"),
+    ("proxy/", "cachegate other"),
+    ("aiohttp/client", "aiohttp client"),
+    ("aiohttp/connector", "aiohttp client"),
+    ("aiohttp/tracing", "aiohttp client"),
+    ("aiohttp/cookiejar", "aiohttp client"),
+    ("aiohttp/helpers", "aiohttp helpers"),
+    ("aiohttp/", "aiohttp server and HTTP (web_*, http_*, streams)"),
+    ("prometheus_client/", "prometheus_client (metrics)"),
+    ("diskcache/", "diskcache"),
+    ("multidict/", "multidict"),
+    ("yarl/", "yarl"),
+    ("asyncio/", "event loop (asyncio/uvloop)"),
+    ("uvloop/", "event loop (asyncio/uvloop)"),
+    ("concurrent/", "thread pool"),
+    ("threading.py", "thread pool"),
+)
+
+
+def _frames(collapsed: str) -> Iterator[tuple[list[str], int]]:
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            yield [_LINE.sub(")", f) for f in stack.split(";")], int(count)
+
+
 def top_frames(collapsed: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
     """py-spy's raw (collapsed) stacks -> frames by self and by inclusive samples (line numbers dropped)."""
-    import re
-
-    strip = re.compile(r":\d+\)$")
     self_counts: dict[str, int] = {}
     incl: dict[str, int] = {}
     total = 0
-    for line in collapsed.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
+    for frames, n in _frames(collapsed):
         total += n
-        frames = [strip.sub(")", f) for f in stack.split(";")]
         self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
     by = sorted(self_counts.items(), key=lambda kv: -kv[1])
     return by, sorted(incl.items(), key=lambda kv: -kv[1]), total
+
+
+def areas(collapsed: str) -> list[tuple[str, int]]:
+    """Self time by component; a generic frame (dataclasses, re, ...) is charged to its caller."""
+    out: dict[str, int] = {}
+    for frames, n in _frames(collapsed):
+        i = len(frames) - 1
+        while i > 0 and any(g in frames[i] for g in GENERIC):
+            i -= 1
+        frame = frames[i]
+        area = next((name for needle, name in AREAS if needle in frame), None)
+        if area is None:
+            area = "runtime (" + frame.split(" (", 1)[-1].rstrip(")") + ")"
+        out[area] = out.get(area, 0) + n
+    return sorted(out.items(), key=lambda kv: -kv[1])
+
+
+def callers(collapsed: str, frame: str, depth: int = 3) -> list[tuple[str, int]]:
+    """Who calls ``frame``: the ``depth`` frames above it, most samples first."""
+    out: dict[str, int] = {}
+    for frames, n in _frames(collapsed):
+        if frame in frames:
+            i = frames.index(frame)
+            chain = " < ".join(f.split(" (", 1)[0] for f in reversed(frames[max(0, i - depth):i]))
+            out[chain] = out.get(chain, 0) + n
+    return sorted(out.items(), key=lambda kv: -kv[1])
 
 
 def parse_args(argv: list[str] | None) -> Options:
