@@ -351,11 +351,13 @@ def start_fleet(fleet: Fleet, wanted: set[str], workers: int) -> None:
                 system = fleet.start_nginx(name, origin, int(name[len("nginx-"):-1]))
             else:
                 fleet.notes.append(f"{name}: nginx is not on the PATH; skipped")
+                print(f"  note: {fleet.notes[-1]}", flush=True)
         elif name == "varnish":
             if shutil.which("varnishd"):
                 system = fleet.start_varnish(name, origin)
             else:
                 fleet.notes.append("varnish: varnishd is not on the PATH; skipped")
+                print(f"  note: {fleet.notes[-1]}", flush=True)
         if system is not None:
             print(f"  {name:<16} 127.0.0.1:{system.port}  ({system.workers} process(es))", flush=True)
 
