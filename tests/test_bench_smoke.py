@@ -82,7 +82,8 @@ def test_config_templates_fill_every_placeholder(tmp_path: Path) -> None:
 def test_one_tiny_round_runs_clean_and_leaves_nothing_running(tmp_path: Path) -> None:
     has_wrk = shutil.which("wrk") is not None
     argv = [sys.executable, str(BENCH / "bench.py"), "--only", "hit-1k,pass-1k", "--rounds", "1",
-            "--duration", "1", "--skip", "nginx-1w,ceiling-2p,passthrough-2p", "--out", str(tmp_path)]
+            "--duration", "1", "--skip", "nginx-1w,ceiling-2p,passthrough-2p", "--out", str(tmp_path),
+            "--workers", "1"]  # 1 worker: its admin /metrics show which tier every body came from
     if not has_wrk:
         argv.append("--no-wrk")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=170, cwd=ROOT,
