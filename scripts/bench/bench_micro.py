@@ -78,7 +78,8 @@ def hit(fleet: Fleet) -> None:
     origin = fleet.start_app("origin", "origin", 1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-micro-", dir=fleet.dir))
     config = tmp / "c.yaml"
-    config.write_text(f"upstreams: ['http://127.0.0.1:{origin.port}']\ncache: {{disk: null}}\n"
+    config.write_text(f"upstreams: ['http://127.0.0.1:{origin.port}']\n"
+                      "cache: {disk: null, max_object: 1MB}\n"
                       f"admin: {{listen: null}}\nrules: ['{ROOT / 'rules' / 'default.yaml'}']\n")
     settings = load_config(str(config), Overrides())
     loop = uvloop.new_event_loop()
