@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "scripts" / "bench"
+BENCH = ROOT / "scripts" / "benchlib"
 sys.path.insert(0, str(BENCH))
 
 from bench_apps import route  # noqa: E402

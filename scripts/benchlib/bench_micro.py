@@ -1,6 +1,6 @@
 """Micro-measurements behind scripts/bench's table: what each piece of a request costs, in µs.
 
-``python scripts/bench/bench_micro.py [hit] [client]``
+``python scripts/benchlib/bench_micro.py [hit] [client]``
 
 - hit: cachegate's own pieces of a 1 KiB memory hit, in-process, without sockets: the whole
   ``Engine.handle``, each step inside it, the web layer's header/response building, and

@@ -664,7 +664,7 @@ def callers(collapsed: str, frame: str, depth: int = 3) -> list[tuple[str, int]]
 
 
 def parse_args(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(prog="scripts/bench/bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1 round of 3 s, 5000 keys: a smoke run")
     p.add_argument("--rounds", type=int, help="rounds (default 3)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 10)")
