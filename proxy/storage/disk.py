@@ -32,9 +32,10 @@ Facts of diskcache respected here:
   the recency of hot objects, so only memory misses reach the disk;
 - a big body is written before its metadata (outside the lock, since copying it
   takes time), so a crash in between leaves an orphan body, never metadata that
-  points at a missing or partial body. ``sweep_orphans`` removes orphan bodies,
-  and files diskcache wrote but never committed, once they are old enough not
-  to be a write in progress.
+  points at a missing or partial body. The writer notes the body in its intent
+  log first (``spool.SpoolDir.intend``); ``sweep_intents`` removes what a dead
+  process left pending, ``sweep_stray_files`` the files diskcache wrote but never
+  committed, and ``sweep_orphans`` is the full (slow) repair.
 """
 
 from __future__ import annotations
@@ -283,11 +284,30 @@ class DiskTier:
                     total += os.path.getsize(os.path.join(dirpath, f))
         return total
 
+    def sweep_intents(self, intents: list[tuple[str, str]]) -> int:
+        """Remove the bodies of a dead process's intent log that no metadata refers to."""
+        removed = 0
+        for key, body_id in intents:
+            shard = self._shard(key)
+            if ("b:" + body_id) not in shard:
+                continue
+            if any(e.body_id == body_id for e in self.get_variants(key)):
+                continue
+            with contextlib.suppress(diskcache.Timeout):
+                if shard.delete("b:" + body_id, retry=True):
+                    removed += 1
+        return removed
+
+    def sweep_stray_files(self, before: float) -> int:
+        """Remove value files older than ``before`` that no row refers to (a crash inside diskcache's set)."""
+        return sum(self._sweep_files(shard, before) for shard in self._shards)
+
     def sweep_orphans(self, before: float) -> int:
         """Remove bodies no metadata refers to and files no row refers to; return how many.
 
-        An orphan is what a crash between "body written" and "metadata written"
-        leaves behind. Only what was created before ``before`` is considered: pass
+        A full repair: it decodes every metadata record, so upkeep does not run it
+        (intent logs find a crash's orphans; see ``sweep_intents``). An orphan is what
+        a crash between "body written" and "metadata written" leaves behind. Only what was created before ``before`` is considered: pass
         the start-up time when no other process writes yet, or a time well in the
         past (``ORPHAN_AGE``) while other processes may be writing.
         """

@@ -5,6 +5,13 @@ exclusive ``flock`` on a lock file inside it for as long as it lives. The kernel
 drops the lock when the process dies, even by SIGKILL, so ``sweep_dead_spools``
 can tell a dead process's leftovers (remove them) from a live one's (leave them)
 without trusting PIDs, which a container restart reuses.
+
+The folder also holds the process's intent log: a line ``key<US>body id`` before
+each big body is written to the disk tier, settled once its metadata commit (or
+the clean-up after a failed one) is done. A crash between the two can only orphan
+the bodies still pending there, so the sweep of a dead process's folder checks
+exactly those, instead of decoding every metadata record in the cache (minutes of
+CPU at a million entries).
 """
 
 from __future__ import annotations
@@ -14,13 +21,18 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import IO
 
 log = logging.getLogger("cachegate.storage")
 
 LOCK_NAME = ".owner.lock"
+INTENTS_NAME = ".intents"
+INTENTS_COMPACT = 256 * 1024  # rewrite the log with only the pending lines past this size
+SEP = "\x1f"
 
 
 class SpoolDir:
@@ -34,6 +46,31 @@ class SpoolDir:
         self._lock_fd: int | None = os.open(os.path.join(self.path, LOCK_NAME),
                                             os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._intents_path = os.path.join(self.path, INTENTS_NAME)
+        self._pending: dict[str, str] = {}  # body id -> key
+        self._intents_lock = threading.Lock()  # disk writes run in several executor threads
+        self._intents_size = 0
+
+    def intend(self, key: str, body_id: str) -> None:
+        """Note a big body about to be written, before its metadata exists."""
+        line = f"{key}{SEP}{body_id}\n".encode()
+        with self._intents_lock:
+            self._pending[body_id] = key
+            with open(self._intents_path, "ab") as f:
+                f.write(line)
+            self._intents_size += len(line)
+
+    def settle(self, body_id: str) -> None:
+        """The body is referenced by committed metadata, or gone: nothing to sweep."""
+        with self._intents_lock:
+            self._pending.pop(body_id, None)
+            if self._intents_size > INTENTS_COMPACT:
+                text = "".join(f"{k}{SEP}{b}\n" for b, k in self._pending.items()).encode()
+                tmp = self._intents_path + ".new"
+                with open(tmp, "wb") as f:
+                    f.write(text)
+                os.replace(tmp, self._intents_path)
+                self._intents_size = len(text)
 
     def make_file(self) -> IO[bytes]:
         return tempfile.NamedTemporaryFile(dir=self.path, prefix="spool-", delete=False)
@@ -45,8 +82,28 @@ class SpoolDir:
             self._lock_fd = None
 
 
-def sweep_dead_spools(root: str) -> int:
-    """Remove the spool folders of processes that are gone; return how many."""
+def read_intents(folder: str) -> list[tuple[str, str]]:
+    """The (key, body id) lines of a spool folder's intent log (settled ones included)."""
+    try:
+        with open(os.path.join(folder, INTENTS_NAME), "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        key, sep, body_id = line.rpartition(SEP)
+        if sep and key and body_id:
+            out.append((key, body_id))
+    return out
+
+
+def sweep_dead_spools(root: str, on_intents: Callable[[list[tuple[str, str]]], None] | None = None
+                      ) -> int:
+    """Remove the spool folders of processes that are gone; return how many.
+
+    ``on_intents`` gets each dead folder's intent log first, so the bodies a crash
+    may have orphaned can be checked before the log is deleted with the folder.
+    """
     removed = 0
     try:
         names = os.listdir(root)
@@ -74,6 +131,10 @@ def sweep_dead_spools(root: str) -> int:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # its owner is alive
+            if on_intents is not None:
+                intents = read_intents(path)
+                if intents:
+                    on_intents(intents)
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
         finally:

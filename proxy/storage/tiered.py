@@ -332,7 +332,10 @@ class Storage:
                 file.flush()
                 file.seek(0)
                 payload = file
+            self.spools.intend(entry.key, entry.body_id)
             if not disk.put_body(entry.key, entry.body_id, payload):
+                disk.delete_body(entry.key, entry.body_id)  # a partial write may have left it
+                self.spools.settle(entry.body_id)
                 return None
         seq = self.index.add(entry.key, url_of_key(entry.key), entry.tags) if self.index else 0
         new = replace(entry, seq=seq)
@@ -344,9 +347,12 @@ class Storage:
             kept.append(out)
             return out, replaced + banned
 
-        if not disk.commit(entry.key, merge, entry.body_id, small):
-            if small is None:
-                disk.delete_body(entry.key, entry.body_id)
+        committed = disk.commit(entry.key, merge, entry.body_id, small)
+        if not committed and small is None:
+            disk.delete_body(entry.key, entry.body_id)
+        if small is None:
+            self.spools.settle(entry.body_id)
+        if not committed:
             return None
         self._index_other_tags(entry.key, entry.tags, kept)
         return new
@@ -544,8 +550,19 @@ class Storage:
         await self.run(self._checkpoint)
         if orphans_before is not None:
             disk = self.disk
-            removed = await self.run(disk.sweep_orphans, orphans_before)
-            removed += await self.run(sweep_dead_spools, self.spools.root)
+            removed = await self.run(disk.sweep_stray_files, orphans_before)
+
+            def sweep_dead() -> int:
+                orphans = 0
+
+                def check(intents: list[tuple[str, str]]) -> None:
+                    nonlocal orphans
+                    orphans += disk.sweep_intents(intents)
+
+                folders = sweep_dead_spools(self.spools.root, check)
+                return folders + orphans
+
+            removed += await self.run(sweep_dead)
             if removed:
                 log.info("removed %d orphan(s) left by an earlier crash", removed)
             self.upkeep.orphans_removed += removed

@@ -259,6 +259,35 @@ def test_spool_folders_of_dead_processes_are_removed_and_live_ones_kept(tmp_path
     mine.close()
 
 
+async def test_a_body_a_killed_writer_left_without_metadata_is_swept_from_its_intent_log(
+    tmp_path: Path,
+) -> None:
+    """Only the dead process's pending intents are checked: no scan of every metadata record."""
+    path, root = str(tmp_path / "cache"), str(tmp_path / "cache" / "tmp")
+    code = ("import os, sys; from proxy.storage.disk import DiskTier; from proxy.storage.spool import SpoolDir\n"
+            "disk = DiskTier(sys.argv[1], 64 << 20, shards=1); spools = SpoolDir(sys.argv[2])\n"
+            "spools.intend('http://h.test/gone', 'b1'); spools.settle('b1')\n"
+            "spools.intend(sys.argv[3], 'b2'); disk.put_body(sys.argv[3], 'b2', b'y' * 40000)\n"
+            "os.kill(os.getpid(), 9)")
+    subprocess.run([sys.executable, "-c", code, path, root, KEY], check=False)
+    disk = DiskTier(path, 64 * MB, shards=1)
+    try:
+        orphan = disk.get_body(KEY, "b2")  # a body no metadata refers to
+        assert orphan is not None and not isinstance(orphan, bytes)
+        orphan.close()
+        seen: list[list[tuple[str, str]]] = []
+
+        def check(intents: list[tuple[str, str]]) -> None:
+            seen.append(intents)
+            assert disk.sweep_intents(intents) == 1
+
+        assert sweep_dead_spools(root, check) == 1
+        assert seen == [[("http://h.test/gone", "b1"), (KEY, "b2")]]
+        assert disk.get_body(KEY, "b2") is None
+    finally:
+        disk.close()
+
+
 async def test_a_write_that_times_out_on_the_shard_lock_is_counted_and_not_stored(tmp_path: Path) -> None:
     path = str(tmp_path / "cache")
     st = Storage(MemoryTier(MB, 1000), DiskTier(path, 64 * MB, shards=1, timeout=0.05),
