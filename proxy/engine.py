@@ -15,6 +15,7 @@ decision, closed with ``assert_never``:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -26,7 +27,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.coalescer import Coalescer, Flight, FlightHead, FlightResult
 from proxy.config import Settings
-from proxy.errors import StorageError, UpstreamError
+from proxy.control import Channel
+from proxy.errors import (
+    NoUpstreamAvailable,
+    StorageError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from proxy.leases import Busy, Granted, LeaseClient, Waiting
 from proxy.metrics import Metrics
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status, serve_detail
@@ -82,6 +91,8 @@ NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "exp
                        "last-modified")  # fmt: skip
 # Reasons a response is not shareable with coalesced followers (hit-for-pass).
 PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
+# A flight answered from what another worker fetched and stored (proxy.leases).
+STORED_ELSEWHERE = "STORED-ELSEWHERE"
 
 
 @dataclass(slots=True)
@@ -143,6 +154,9 @@ class Engine:
         # Disk commits still running, by key: an invalidation waits for them, or the
         # commit would bring back the entry it just deleted.
         self._disk_writes: dict[str, set[asyncio.Future[None]]] = {}
+        self._loads: dict[str, asyncio.Future[tuple[Cached, ...]]] = {}  # disk lookups in progress
+        # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
+        self.leases: LeaseClient | None = None
 
     def reconfigure(self, settings: Settings) -> None:
         """Take a reloaded config's rules (storage, pool and listeners stay as they are)."""
@@ -153,6 +167,13 @@ class Engine:
 
     async def close(self) -> None:
         await self.coalescer.close(self.settings.shutdown_grace)
+
+    def join_cluster(self, channel: Channel) -> None:
+        """In a worker of ``--workers N``: coalesce fetches with the other workers through the
+        supervisor's lease broker (``proxy.leases``). Without a shared disk tier there is
+        nothing to share, and each worker fetches for itself."""
+        if self.storage.disk is not None:
+            self.leases = LeaseClient(channel)
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -167,7 +188,7 @@ class Engine:
         key = cache_key(head, plan.key)
         variants = self.storage.memory_get(key)
         if variants is None:
-            variants = await self._load(key)
+            variants = await self._load_shared(key)
         now = self.clock()
         decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options)
         match decision:
@@ -197,6 +218,20 @@ class Engine:
                     cache_status(detail="ONLY-IF-CACHED")))
             case _:
                 assert_never(decision)
+
+    async def _load_shared(self, key: str) -> tuple[Cached, ...]:
+        """A lookup that misses memory: concurrent ones for the same key share one disk read.
+
+        A herd on a cold key would otherwise queue one disk read per client in the
+        executor, and the last clients would join the flight (or find its response)
+        only after all of them: the waiters would pay for the wait.
+        """
+        pending = self._loads.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(key))
+            self._loads[key] = pending
+            pending.add_done_callback(lambda _: self._loads.pop(key, None))
+        return await asyncio.shield(pending)
 
     async def _load(self, key: str) -> tuple[Cached, ...]:
         try:
@@ -448,6 +483,12 @@ class Engine:
                                          stale_prohibited=stale_prohibited)
             return self._upstream_failed(plan, UpstreamError(str(exc)), fwd)
 
+        if fhead.store_detail == STORED_ELSEWHERE:
+            # Another worker fetched and stored it (proxy.leases): answer from the store.
+            reader.close()
+            self.metrics.coalesced.inc()
+            return await self._serve_after_flight(req, plan, key, fwd, fhead.status, "HIT", True)
+
         if fhead.status >= 500 and stale is not None and fhead.store_detail != "":
             reader.close()
             return await self._serve_stale(req, plan, stale, fwd, fhead.status, "ORIGIN-ERROR")
@@ -534,10 +575,13 @@ class Engine:
         return reply
 
     def _start_flight(self, req: ClientRequest, plan: RequestPlan, key: str,
-                      revalidating: Cached | None, *, register: bool, stale: Cached | None = None
-                      ) -> Flight:
+                      revalidating: Cached | None, *, register: bool, stale: Cached | None = None,
+                      background: bool = False) -> Flight:
         async def run(flight: Flight) -> None:
-            await self._run_flight(flight, req, plan, key, revalidating, stale)
+            if register and self.leases is not None:
+                await self._run_leased_flight(flight, req, plan, key, revalidating, stale, background)
+            else:
+                await self._run_flight(flight, req, plan, key, revalidating, stale)
 
         if register:
             return self.coalescer.start(key, run)
@@ -549,8 +593,104 @@ class Engine:
         """stale-while-revalidate: one revalidation per key, whoever asks while it runs."""
         if self.coalescer.get(key) is not None:
             return
-        flight = self._start_flight(req, plan, key, cached, register=True)
+        flight = self._start_flight(req, plan, key, cached, register=True, background=True)
         del flight  # nobody reads it; it stores or freshens and ends
+
+    async def _run_leased_flight(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
+                                 revalidating: Cached | None, stale: Cached | None,
+                                 background: bool) -> None:
+        """A flight in a worker of several: fetch under the key's cross-worker lease, or wait for
+        the worker that holds it and answer from what it stored (``proxy.leases``)."""
+        leases = self.leases
+        assert leases is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.cache.lock_timeout
+        lease = await leases.acquire(key, wait=not background)
+        match lease:
+            case Granted():
+                # Look again first when another worker may have stored it since we looked.
+                if (lease.recent or revalidating is not None) and \
+                        await self._answer_from_store(flight, req, plan, key):
+                    leases.release(key, lease, "stored")
+                    return
+                flight.head.add_done_callback(functools.partial(self._report_head, key, lease))
+                try:
+                    await self._run_flight(flight, req, plan, key, revalidating, stale)
+                finally:
+                    self._release_lease(key, lease, flight)
+                return
+            case Busy():
+                return  # a refresh another worker is already doing
+            case Waiting():
+                if background:
+                    return
+                try:
+                    outcome = await asyncio.wait_for(asyncio.shield(lease.outcome),
+                                                     max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    outcome = {"outcome": "timeout"}  # past lock_timeout: fetch on our own
+                finally:
+                    leases.forget(key, lease)
+                match outcome["outcome"]:
+                    case "stored":
+                        if await self._answer_from_store(flight, req, plan, key):
+                            return
+                    case "error":  # what the holder's own followers get: stale-if-error or the error
+                        flight.head.set_exception(_upstream_error(outcome["status"], outcome["message"]))
+                        return
+                    case "pass":
+                        self.coalescer.mark_pass(key)
+            case None:
+                pass  # the broker cannot be asked: fetch for this worker alone
+            case _:
+                assert_never(lease)
+        await self._run_flight(flight, req, plan, key, revalidating, stale)
+
+    async def _answer_from_store(self, flight: Flight, req: ClientRequest, plan: RequestPlan,
+                                 key: str) -> bool:
+        """End ``flight`` with what the shared store now holds for ``key``, when that is fresh
+        for the flight's request (another worker stored it); False when it is not."""
+        try:
+            variants = await self.storage.reread(key)
+        except Exception:
+            log.exception("storage read failed for %s", key)
+            self.metrics.storage_errors.labels("read").inc()
+            return False
+        decision = decide_lookup(req.head, [c.entry.response for c in variants], self.clock(),
+                                 plan.options)
+        if not isinstance(decision, Serve) or decision.status != "HIT":
+            return False
+        cached = variants[decision.index]
+        entry = cached.entry
+        # Bring a small body into memory once, for every client of the flight.
+        if cached.body is None and entry.body_size <= self.storage.memory.max_object \
+                and await self._open_body(cached) is None:
+            return False
+        stored = entry.response
+        flight.head.set_result(FlightHead(stored.status, stored.reason,
+                                          CIMultiDictProxy(CIMultiDict(stored.headers)), True,
+                                          STORED_ELSEWHERE, entry.body_size, stored.vary))
+        self.coalescer.retire(flight)
+        flight.body.finish()
+        flight.result.set_result(FlightResult(True, STORED_ELSEWHERE))
+        return True
+
+    def _report_head(self, key: str, lease: Granted, head: asyncio.Future[FlightHead]) -> None:
+        """Tell the waiting workers at once when the response turns out not shareable."""
+        if self.leases is None or head.cancelled() or head.exception() is not None:
+            return
+        h = head.result()
+        self.leases.head(key, lease, h.shareable, h.store_detail in PASS_DETAILS)
+
+    def _release_lease(self, key: str, lease: Granted, flight: Flight) -> None:
+        assert self.leases is not None
+        error = flight.head.exception() if flight.head.done() and not flight.head.cancelled() else None
+        if isinstance(error, UpstreamError):
+            self.leases.release(key, lease, "error", error.status_hint, str(error))
+        elif flight.result.done() and not flight.result.cancelled() and flight.result.result().stored:
+            self.leases.release(key, lease, "stored")
+        else:
+            self.leases.release(key, lease, "failed")
 
     async def _run_flight(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
                           revalidating: Cached | None, stale: Cached | None = None) -> None:
@@ -752,6 +892,12 @@ def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:
     if url == head.url or not url.startswith(prefix):
         return head.target
     return url[len(prefix):] or "/"
+
+
+def _upstream_error(status: int, message: str) -> UpstreamError:
+    """The error another worker's fetch of the same key met, as this worker's own."""
+    cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(status, UpstreamConnectError)
+    return cls(f"{message} (fetched by another worker)")
 
 
 def _close(body: Body) -> None:

@@ -46,6 +46,7 @@ from typing import Any
 from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
+from proxy.leases import LeaseBroker
 from proxy.purge import PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
@@ -100,6 +101,9 @@ class Supervisor:
         # Calls the workers may make to the supervisor, by name (features add their own);
         # each gets the calling worker's id as ``worker_id`` besides the call's arguments.
         self.worker_calls: dict[str, Callable[..., Awaitable[Any]]] = {}
+        # Cross-worker coalescing: one origin fetch per key for all the workers.
+        self.leases = LeaseBroker(self._notify_worker)
+        self.worker_calls.update(self.leases.calls())
 
     # -- running ---------------------------------------------------------------------------
 
@@ -111,6 +115,7 @@ class Supervisor:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             return 1
         runtime = self.runtime = await Runtime.open(self.settings, owner=True)
+        runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
         reloader = install_reloader(runtime, self.config_path, self.overrides)
         runtime.reload_config = lambda: self.reload(reloader)
@@ -244,6 +249,7 @@ class Supervisor:
 
     async def _watch(self, w: Worker, process: asyncio.subprocess.Process, channel: Channel) -> None:
         code = await process.wait()
+        self.leases.worker_gone(w.worker_id)
         await channel.close()
         if w.process is process:
             w.channel = None
@@ -331,6 +337,19 @@ class Supervisor:
                 continue
             for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
+
+    def _notify_worker(self, worker_id: int, event: dict[str, Any]) -> None:
+        """Tell a worker how another worker's fetch of a key it waits for went (no answer needed)."""
+        w = self.workers[worker_id] if 0 <= worker_id < len(self.workers) else None
+        channel = w.channel if w is not None else None
+        if channel is None:
+            return
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await channel.call("lease_event", wait=10.0, **event)
+
+        self._track(send())
 
     async def call_all(self, name: str, wait: float = 10.0, **args: Any) -> list[Any]:
         """Call ``name`` in every live worker (for stats aggregation and the like); a worker

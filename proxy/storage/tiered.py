@@ -214,6 +214,26 @@ class Storage:
             self.memory.put(key, variants)  # promotion; big bodies stay on disk
         return variants
 
+    async def reread(self, key: str) -> tuple[Cached, ...]:
+        """The key's variants as the shared disk has them now, in memory instead of this
+        process's copy: another worker may have stored or freshened the key since this
+        process read it (multi-worker coalescing answers from what it stored). Bodies held
+        in memory are kept for variants whose body did not change."""
+        if self.disk is None:
+            return self.memory.peek(key) or ()
+        for _ in range(3):
+            epoch = self.epoch
+            variants = await self.run(self._load_from_disk, key)
+            if epoch == self.epoch:
+                break
+        else:
+            return ()
+        if variants:
+            bodies = {c.entry.body_id: c.body for c in self.memory.peek(key) or () if c.body is not None}
+            variants = tuple(Cached(c.entry, bodies.get(c.entry.body_id)) for c in variants)
+            self.memory.put(key, variants)
+        return variants
+
     def _load_from_disk(self, key: str) -> tuple[Cached, ...]:
         """The key's variants from disk, metadata only: freshness decisions, HEAD, 304s and
         inspection never read a body. ``open_body`` reads it when a body is really sent."""

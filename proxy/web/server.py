@@ -287,6 +287,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     runtime.worker_id = worker.worker_id
     runtime.control = channel
     register_worker_calls(runtime)  # GET /cache, /stats, /metrics on the supervisor ask workers
+    runtime.engine.join_cluster(channel)
 
     async def watch_supervisor() -> None:
         await channel.closed.wait()

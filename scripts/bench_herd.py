@@ -1,0 +1,464 @@
+"""The herd benchmark behind scripts/bench-herd (not a test: it prints numbers).
+
+N clients (200 by default) ask for one cold URL at the same moment; the origin
+takes ``--delay`` (50 ms) to answer. For each proxy we count the requests the
+origin saw for that URL and time every client, from the moment its request was
+written to the last byte of its response. Waiters should pay nothing for the
+wait: their latency should be the origin's own.
+
+Measured in the same run, interleaved round by round, each round on a fresh cold URL:
+
+- ``origin alone``: one request straight to the origin (its own latency), and the
+  same herd straight to the origin (what the herd costs without a cache);
+- cachegate with ``--workers 1`` and ``--workers 2``;
+- nginx with ``proxy_cache_lock on`` and Varnish (default waiting list), when they
+  are installed: they run as the current user on free ports, from temp dirs, and
+  are stopped at the end.
+
+Clients connect first (fresh connections, so SO_REUSEPORT spreads them over the
+workers), then all requests are written at once; connection set-up is not timed.
+The origin is a separate process; the client runs on uvloop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = "herd.test"
+
+
+# -- the origin (a separate process) ------------------------------------------------------
+
+def origin_main(port_file: str, delay: float, size: int) -> None:
+    """An aiohttp origin: every path answers ``size`` bytes after ``delay``; /_count?path=P
+    says how many requests P received."""
+    from aiohttp import web
+
+    counts: Counter[str] = Counter()
+    body = (b"0123456789abcdef" * (size // 16 + 1))[:size]
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"count": counts[request.query["path"]]})
+
+    async def page(request: web.Request) -> web.Response:
+        counts[request.path] += 1
+        await asyncio.sleep(delay)
+        return web.Response(body=body, headers={"Cache-Control": "public, max-age=300",
+                                                "Content-Type": "application/octet-stream"})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/_count", count)
+        app.router.add_get("/{tail:.*}", page)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+        await site.start()
+        port = runner.addresses[0][1]
+        write_port(port_file, port)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    run(main())
+
+
+def write_port(port_file: str, port: int) -> None:
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(port))
+    os.replace(port_file + ".tmp", port_file)
+
+
+def run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(coro)  # type: ignore[arg-type]
+
+
+# -- the clients -----------------------------------------------------------------------
+
+@dataclass
+class Answer:
+    status: int
+    latency: float
+    body: bytes
+    x_cache: str = ""
+    worker: str = ""
+
+
+async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes,
+               start: asyncio.Event) -> Answer:
+    await start.wait()
+    t0 = time.perf_counter()
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    fields = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            fields[k.strip().lower()] = v.strip()
+    if "content-length" in fields:
+        body = await reader.readexactly(int(fields["content-length"]))
+    elif fields.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(parts)
+    else:
+        body = await reader.read()
+    latency = time.perf_counter() - t0
+    writer.close()
+    return Answer(status, latency, body, fields.get("x-cache-status", fields.get("x-cache", "")),
+                  fields.get("x-cachegate-worker", ""))
+
+
+async def herd(port: int, path: str, n: int) -> list[Answer]:
+    """Open ``n`` fresh connections, then write the same request on all of them at once."""
+    conns = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(n)))
+    await asyncio.sleep(0.2)  # let the server accept every connection before the clock starts
+    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n"
+               "User-Agent: bench-herd\r\n\r\n").encode()
+    start = asyncio.Event()
+    tasks = [asyncio.ensure_future(_one(r, w, request, start)) for r, w in conns]
+    await asyncio.sleep(0)
+    start.set()
+    answers = await asyncio.gather(*tasks, return_exceptions=True)
+    for _, w in conns:
+        w.close()
+    out = []
+    for a in answers:
+        if isinstance(a, BaseException):
+            out.append(Answer(0, float("nan"), b""))
+        else:
+            out.append(a)
+    return out
+
+
+async def origin_count(origin_port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", origin_port)
+    writer.write(f"GET /_count?path={path} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    return int(json.loads(data.split(b"\r\n\r\n", 1)[1])["count"])
+
+
+# -- the proxies -------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} in time")
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    answers: list[list[Answer]] = field(default_factory=list)
+    origin_requests: list[int] = field(default_factory=list)
+    note: str = ""
+
+
+def start_cachegate(workdir: str, origin_port: int, workers: int) -> Target:
+    d = os.path.join(workdir, f"cachegate-{workers}")
+    os.makedirs(d)
+    config = os.path.join(d, "cachegate.yaml")
+    with open(config, "w") as f:
+        f.write(textwrap.dedent(f"""\
+            listen: 127.0.0.1:0
+            upstreams: [{{url: http://127.0.0.1:{origin_port}}}]
+            cache: {{memory: 64MB, disk: {{path: cache, size: 256MB, shards: 4}}}}
+            """))
+    env = dict(os.environ, CACHEGATE_DEBUG_HEADERS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--config", config, "--workers", str(workers),
+         "--admin-listen", "off", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().decode(errors="replace")
+        if not line:
+            raise RuntimeError(f"cachegate --workers {workers} exited")
+        m = re.search(r"proxy listening on http://[^\s]+:(\d+)", line)
+        if m:
+            # Keep reading its output so the pipe never fills.
+            import threading
+
+            threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()  # type: ignore[union-attr]
+            return Target(f"cachegate --workers {workers}", int(m.group(1)), proc)
+    raise RuntimeError("cachegate did not start")
+
+
+def find(binary: str) -> str | None:
+    return shutil.which(binary) or next(
+        (p for p in (f"/usr/sbin/{binary}", f"/usr/local/sbin/{binary}") if os.path.exists(p)), None)
+
+
+def start_nginx(workdir: str, origin_port: int) -> Target | None:
+    nginx = find("nginx")
+    if nginx is None:
+        return None
+    d = os.path.join(workdir, "nginx")
+    os.makedirs(os.path.join(d, "cache"))
+    port = free_port()
+    user = ""
+    if os.geteuid() == 0:  # keep the workers as the current user, not nobody
+        import pwd
+
+        user = f"user {pwd.getpwuid(os.getuid()).pw_name};"
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(textwrap.dedent(f"""\
+            {user}
+            worker_processes 2;
+            daemon off;
+            pid {d}/nginx.pid;
+            error_log {d}/error.log warn;
+            events {{ worker_connections 4096; }}
+            http {{
+                access_log off;
+                client_body_temp_path {d}/client_temp;
+                proxy_temp_path {d}/proxy_temp;
+                fastcgi_temp_path {d}/fastcgi_temp;
+                uwsgi_temp_path {d}/uwsgi_temp;
+                scgi_temp_path {d}/scgi_temp;
+                proxy_cache_path {d}/cache keys_zone=herd:10m;
+                server {{
+                    listen 127.0.0.1:{port} backlog=4096;
+                    location / {{
+                        proxy_pass http://127.0.0.1:{origin_port};
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection "";
+                        proxy_cache herd;
+                        proxy_cache_lock on;
+                        proxy_cache_lock_timeout 5s;
+                        add_header X-Cache-Status $upstream_cache_status;
+                    }}
+                }}
+            }}
+            """))
+    proc = subprocess.Popen([nginx, "-p", d, "-e", f"{d}/error.log", "-c", conf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc, "nginx")
+    version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
+    return Target("nginx proxy_cache_lock", port, proc, note=version.replace("nginx version: ", ""))
+
+
+def start_varnish(workdir: str, origin_port: int) -> Target | None:
+    varnishd = find("varnishd")
+    if varnishd is None:
+        return None
+    d = os.path.join(workdir, "varnish")
+    os.makedirs(d)
+    port = free_port()
+    vcl = os.path.join(d, "herd.vcl")
+    with open(vcl, "w") as f:
+        f.write(textwrap.dedent(f"""\
+            vcl 4.1;
+            backend origin {{ .host = "127.0.0.1"; .port = "{origin_port}"; }}
+            sub vcl_deliver {{
+                if (obj.hits > 0) {{ set resp.http.X-Cache-Status = "HIT"; }}
+                else {{ set resp.http.X-Cache-Status = "MISS"; }}
+            }}
+            """))
+    proc = subprocess.Popen(
+        [varnishd, "-F", "-j", "none", "-n", os.path.join(d, "work"), "-a", f"127.0.0.1:{port}",
+         "-f", vcl, "-s", "malloc,64m", "-T", "none", "-p", "listen_depth=4096"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc, "varnishd", timeout=60)
+    version = subprocess.run([varnishd, "-V"], capture_output=True, text=True).stderr.splitlines()
+    return Target("varnish", port, proc, note=version[0] if version else "")
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- running ---------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(v for v in values if v == v)
+    if not s:
+        return float("nan")
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def ms(v: float) -> str:
+    return f"{v * 1000:.1f}"
+
+
+async def bench(args: argparse.Namespace, origin_port: int, targets: list[Target]) -> dict[str, object]:
+    single: list[float] = []
+    direct = Target("origin alone (same herd)", origin_port)
+    expected: bytes | None = None
+    for r in range(args.rounds):
+        for _ in range(3):  # the origin's own latency: one request at a time
+            t0 = time.perf_counter()
+            a = await herd(origin_port, f"/single/{r}", 1)
+            single.append(a[0].latency if a[0].status == 200 else time.perf_counter() - t0)
+        for t in [direct, *targets]:
+            path = f"/herd/{r}/{t.port}"
+            answers = await herd(t.port, path, args.clients)
+            bad = [a for a in answers if a.status != 200]
+            bodies = {a.body for a in answers if a.status == 200}
+            if expected is None and bodies:
+                expected = next(iter(bodies))
+            if bad or bodies != {expected}:
+                print(f"  {t.name} round {r}: {len(bad)} failed, {len(bodies)} distinct bodies",
+                      file=sys.stderr)
+            t.answers.append(answers)
+            t.origin_requests.append(await origin_count(origin_port, path))
+            await asyncio.sleep(0.1)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    return {"single": single, "direct": direct}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--delay", type=float, default=0.05, help="the origin's latency, seconds")
+    parser.add_argument("--size", type=int, default=8192, help="response body bytes")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--workers", default="1,2", help="cachegate worker counts to run")
+    parser.add_argument("--no-others", action="store_true", help="skip nginx and Varnish")
+    parser.add_argument("--origin", nargs=3, metavar=("PORTFILE", "DELAY", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.origin:
+        origin_main(args.origin[0], float(args.origin[1]), int(args.origin[2]))
+        return 0
+
+    workdir = tempfile.mkdtemp(prefix="bench-herd-")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        port_file = os.path.join(workdir, "origin.port")
+        origin = subprocess.Popen([sys.executable, __file__, "--origin", port_file, str(args.delay),
+                                   str(args.size)], cwd=ROOT)
+        procs.append(origin)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(port_file):
+            if origin.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("origin did not start")
+            time.sleep(0.05)
+        with open(port_file) as f:
+            origin_port = int(f.read())
+        targets: list[Target] = []
+        for w in (int(x) for x in args.workers.split(",") if x):
+            t = start_cachegate(workdir, origin_port, w)
+            procs.append(t.proc)  # type: ignore[arg-type]
+            targets.append(t)
+        if not args.no_others:
+            for starter in (start_nginx, start_varnish):
+                try:
+                    other = starter(workdir, origin_port)
+                except Exception as exc:
+                    print(f"could not start {starter.__name__[6:]}: {exc}", file=sys.stderr)
+                    continue
+                if other is not None:
+                    procs.append(other.proc)  # type: ignore[arg-type]
+                    targets.append(other)
+        time.sleep(0.5)
+        result: dict[str, object] = {}
+
+        async def go() -> None:
+            result.update(await bench(args, origin_port, targets))
+
+        run(go())
+        report(args, result, targets)
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def report(args: argparse.Namespace, result: dict[str, object], targets: list[Target]) -> None:
+    single = result["single"]
+    direct = result["direct"]
+    assert isinstance(single, list) and isinstance(direct, Target)
+    origin_ms = statistics.median(single)
+    print(f"\n{args.clients} concurrent clients, one cold URL, origin delay {args.delay * 1000:.0f} ms, "
+          f"{args.size} B body; medians of {args.rounds} rounds")
+    print(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"origin's own latency (one request): {ms(origin_ms)} ms\n")
+    header = (f"{'proxy':28} {'origin reqs':>11} {'(max)':>5} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'max ms':>8} {'p50 - origin':>13} {'ok':>5}")
+    print(header)
+    print("-" * len(header))
+    for t in [direct, *targets]:
+        p50 = statistics.median(pct([a.latency for a in rs], 0.5) for rs in t.answers)
+        p99 = statistics.median(pct([a.latency for a in rs], 0.99) for rs in t.answers)
+        mx = statistics.median(max((a.latency for a in rs if a.latency == a.latency), default=0.0)
+                               for rs in t.answers)
+        reqs = statistics.median(t.origin_requests)
+        ok = statistics.median(sum(a.status == 200 for a in rs) for rs in t.answers)
+        print(f"{t.name:28} {reqs:>11g} {max(t.origin_requests):>5} {ms(p50):>8} {ms(p99):>8} "
+              f"{ms(mx):>8} {'+' + ms(p50 - origin_ms):>13} {ok:>5g}")
+    for t in targets:
+        if t.note:
+            print(f"  {t.name}: {t.note}")
+        workers = Counter(a.worker for rs in t.answers for a in rs if a.worker)
+        if len(workers) > 1:
+            print(f"  {t.name}: clients per worker over all rounds: "
+                  + ", ".join(f"worker {w}: {n}" for w, n in sorted(workers.items())))
+
+
+def _iter(x: object) -> Iterator[object]:
+    yield x
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
