@@ -85,6 +85,8 @@ class Broadcast:
         self._ended = False
         self._end_error: BaseException | None = None  # what readers get at the end (None: EOF)
         self._drained: asyncio.Event | None = None
+        self._done: asyncio.Future[None] | None = None  # for whole(): resolved at the end
+        self._whole: bytes | None = None
         self.size = 0
 
     @property
@@ -117,6 +119,23 @@ class Broadcast:
             self._drained = asyncio.Event()
             await self._drained.wait()
 
+    async def whole(self) -> bytes:
+        """The complete body once it has ended, joined once for every caller (a coalesced
+        follower of a small response sends it in one write rather than chunk by chunk).
+
+        Only while the history is kept; raises what the body ended with when it broke off."""
+        if not self._ended:
+            if self._done is None:
+                self._done = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._done)
+        if self._end_error is not None:
+            raise self._end_error
+        if self._whole is None:
+            if self._history is None:
+                raise RuntimeError("the body is no longer kept whole")
+            self._whole = b"".join(self._history)
+        return self._whole
+
     def finish(self) -> None:
         self._end(None)
 
@@ -131,6 +150,8 @@ class Broadcast:
         for r in self._readers:
             r._put(item)
         self._readers = []
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
     def _reader_progressed(self) -> None:
         if self._drained is not None and not any(r._pending > HIGH_WATER for r in self._readers):
@@ -170,6 +191,8 @@ class Flight:
         self.body = Broadcast(history_limit)
         self.task: asyncio.Task[None] | None = None
         self.followers = 0
+        # Reply headers prepared once for every follower (by the engine), by their variant.
+        self.follower_headers: dict[Any, list[tuple[str, str]]] = {}
         self.spool: Any = None  # the BodySpool storing this flight's body, once there is one
         # A failed head must not log "exception never retrieved" when nobody waited.
         self.head.add_done_callback(_consume)

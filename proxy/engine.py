@@ -91,6 +91,8 @@ NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "exp
                        "last-modified")  # fmt: skip
 # Reasons a response is not shareable with coalesced followers (hit-for-pass).
 PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
+# Followers of a flight whose body is at most this big get it whole, in one write.
+WHOLE_FOR_FOLLOWERS = 256 * 1024
 # A flight answered from what another worker fetched and stored (proxy.leases).
 STORED_ELSEWHERE = "STORED-ELSEWHERE"
 
@@ -509,13 +511,19 @@ class Engine:
 
         x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")
         stored = fhead.store_detail == ""
-        cs = cache_status(fwd=fwd, fwd_status=fhead.status, stored=stored, collapsed=collapsed,
-                          detail=None if stored else fhead.store_detail)
-        headers = self._response_headers(fhead.headers)
-        if collapsed:  # a Set-Cookie stored under allow_set_cookie was the leader's, not theirs
-            headers = [(k, v) for k, v in headers if k.lower() != "set-cookie"]
-        headers.append(("Cache-Status", cs))
-        headers.append(("X-Cache-Status", x_cache))
+        prepared = flight.follower_headers.get(fwd) if collapsed else None
+        if prepared is not None:
+            headers = list(prepared)
+        else:
+            cs = cache_status(fwd=fwd, fwd_status=fhead.status, stored=stored, collapsed=collapsed,
+                              detail=None if stored else fhead.store_detail)
+            headers = self._response_headers(fhead.headers)
+            if collapsed:  # a Set-Cookie stored under allow_set_cookie was the leader's, not theirs
+                headers = [(k, v) for k, v in headers if k.lower() != "set-cookie"]
+            headers.append(("Cache-Status", cs))
+            headers.append(("X-Cache-Status", x_cache))
+            if collapsed:  # the same for every follower: prepared once
+                flight.follower_headers[fwd] = list(headers)
 
         client_headers = head.headers
         if stored and fhead.status == 200 and (
@@ -533,8 +541,18 @@ class Engine:
             return self._finish(plan, Reply(fhead.status, fhead.reason, headers, None,
                                             fhead.content_length if head.method == "HEAD" else None,
                                             x_cache, "none", head_only=True))
+        length = fhead.content_length
+        if collapsed and length is not None and length <= WHOLE_FOR_FOLLOWERS:
+            # A small body: a follower waits for it whole and sends it in one write, which
+            # costs less per follower than streaming it chunk by chunk (a herd's fan-out).
+            try:
+                body = await flight.body.whole()
+            finally:
+                reader.close()
+            return self._finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
+                                            x_cache, "upstream"))
         return self._finish(plan, Reply(fhead.status, fhead.reason, headers, reader.__aiter__(),
-                                        fhead.content_length, x_cache, "upstream"))
+                                        length, x_cache, "upstream"))
 
     async def _serve_after_flight(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
                                   fwd_status: int | None, x_cache: str, collapsed: bool, *,

@@ -17,7 +17,11 @@ Measured in the same run, interleaved round by round, each round on a fresh cold
 
 Clients connect first (fresh connections, so SO_REUSEPORT spreads them over the
 workers), then all requests are written at once; connection set-up is not timed.
-The origin is a separate process; the client runs on uvloop.
+The origin is a separate process. Each client's latency runs from just before its
+request is written to the kernel's receive timestamp of the last segment of its
+response (SO_TIMESTAMPNS): the benchmark's own scheduling on a busy machine does
+not count. The CPU column is the CPU time the proxy's processes (all of them)
+used per herd.
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ import json
 import os
 import platform
 import re
+import selectors
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +108,9 @@ def run(coro: object) -> None:
 
 # -- the clients -----------------------------------------------------------------------
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux: the kernel stamps each received segment
+
+
 @dataclass
 class Answer:
     status: int
@@ -110,70 +120,124 @@ class Answer:
     worker: str = ""
 
 
-async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes,
-               start: asyncio.Event) -> Answer:
-    await start.wait()
-    t0 = time.perf_counter()
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
+def _parse(data: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    """(status, fields, body) once ``data`` holds a whole response, else None."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].decode("latin-1").split("\r\n")
     fields = {}
     for line in lines[1:]:
         if ":" in line:
             k, v = line.split(":", 1)
             fields[k.strip().lower()] = v.strip()
+    rest = data[end + 4:]
     if "content-length" in fields:
-        body = await reader.readexactly(int(fields["content-length"]))
-    elif fields.get("transfer-encoding", "").lower() == "chunked":
-        parts = []
+        n = int(fields["content-length"])
+        return (int(lines[0].split()[1]), fields, rest[:n]) if len(rest) >= n else None
+    if fields.get("transfer-encoding", "").lower() == "chunked":
+        parts, pos = [], 0
         while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            eol = rest.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            size = int(rest[pos:eol].split(b";")[0], 16)
             if size == 0:
-                await reader.readuntil(b"\r\n")
-                break
-            parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
-        body = b"".join(parts)
-    else:
-        body = await reader.read()
-    latency = time.perf_counter() - t0
-    writer.close()
-    return Answer(status, latency, body, fields.get("x-cache-status", fields.get("x-cache", "")),
-                  fields.get("x-cachegate-worker", ""))
+                done = rest.find(b"\r\n", eol + 2) >= 0
+                return (int(lines[0].split()[1]), fields, b"".join(parts)) if done else None
+            if len(rest) < eol + 2 + size + 2:
+                return None
+            parts.append(rest[eol + 2:eol + 2 + size])
+            pos = eol + 2 + size + 2
+    return None  # read to EOF
 
 
-async def herd(port: int, path: str, n: int) -> list[Answer]:
-    """Open ``n`` fresh connections, then write the same request on all of them at once."""
-    conns = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(n)))
-    await asyncio.sleep(0.2)  # let the server accept every connection before the clock starts
+def herd(port: int, path: str, n: int, timeout: float = 30.0) -> list[Answer]:
+    """Open ``n`` fresh connections, then write the same request on all of them at once.
+
+    A client's latency runs from just before its request is written to the kernel's
+    receive timestamp of the last segment of its response (SO_TIMESTAMPNS), so the
+    client's own scheduling on a busy machine does not count."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        socks.append(s)
+    time.sleep(0.2)  # let the server accept every connection before the clock starts
     request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n"
                "User-Agent: bench-herd\r\n\r\n").encode()
-    start = asyncio.Event()
-    tasks = [asyncio.ensure_future(_one(r, w, request, start)) for r, w in conns]
-    await asyncio.sleep(0)
-    start.set()
-    answers = await asyncio.gather(*tasks, return_exceptions=True)
-    for _, w in conns:
-        w.close()
-    out = []
-    for a in answers:
-        if isinstance(a, BaseException):
-            out.append(Answer(0, float("nan"), b""))
-        else:
-            out.append(a)
-    return out
+    sel = selectors.DefaultSelector()
+    sent: dict[socket.socket, float] = {}
+    for s in socks:
+        sent[s] = time.time()
+        s.sendall(request)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    data: dict[socket.socket, bytes] = dict.fromkeys(socks, b"")
+    stamp: dict[socket.socket, float] = {}
+    out: dict[socket.socket, Answer] = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=1.0):
+            s = key.fileobj
+            assert isinstance(s, socket.socket)
+            try:
+                chunk, anc, _, _ = s.recvmsg(1 << 20, 256)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                chunk, anc = b"", []
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", raw[:16])
+                    stamp[s] = sec + nsec / 1e9
+            data[s] += chunk
+            parsed = _parse(data[s])
+            if parsed is None and chunk:
+                continue
+            sel.unregister(s)
+            if parsed is None:
+                out[s] = Answer(0, float("nan"), b"")
+                continue
+            status, fields, body = parsed
+            out[s] = Answer(status, stamp.get(s, time.time()) - sent[s], body,
+                            fields.get("x-cache-status", ""), fields.get("x-cachegate-worker", ""))
+    sel.close()
+    for s in socks:
+        s.close()
+    return [out.get(s, Answer(0, float("nan"), b"")) for s in socks]
 
 
-async def origin_count(origin_port: int, path: str) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", origin_port)
-    writer.write(f"GET /_count?path={path} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n".encode())
-    data = await reader.read()
-    writer.close()
-    return int(json.loads(data.split(b"\r\n\r\n", 1)[1])["count"])
+def origin_count(origin_port: int, path: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{origin_port}/_count?path={path}", timeout=10) as r:
+        return int(json.loads(r.read())["count"])
 
 
 # -- the proxies -------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by ``pid``, its threads and all its descendants (Linux schedstat, ns)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, ()))
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+    return total / 1e9
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -200,6 +264,7 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     answers: list[list[Answer]] = field(default_factory=list)
     origin_requests: list[int] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # seconds of CPU the proxy's processes used per herd
     note: str = ""
 
 
@@ -227,8 +292,6 @@ def start_cachegate(workdir: str, origin_port: int, workers: int) -> Target:
         m = re.search(r"proxy listening on http://[^\s]+:(\d+)", line)
         if m:
             # Keep reading its output so the pipe never fills.
-            import threading
-
             threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()  # type: ignore[union-attr]
             return Target(f"cachegate --workers {workers}", int(m.group(1)), proc)
     raise RuntimeError("cachegate did not start")
@@ -339,18 +402,22 @@ def ms(v: float) -> str:
     return f"{v * 1000:.1f}"
 
 
-async def bench(args: argparse.Namespace, origin_port: int, targets: list[Target]) -> dict[str, object]:
+def bench(args: argparse.Namespace, origin_port: int, origin_pid: int, targets: list[Target]
+          ) -> dict[str, object]:
     single: list[float] = []
     direct = Target("origin alone (same herd)", origin_port)
     expected: bytes | None = None
     for r in range(args.rounds):
         for _ in range(3):  # the origin's own latency: one request at a time
-            t0 = time.perf_counter()
-            a = await herd(origin_port, f"/single/{r}", 1)
-            single.append(a[0].latency if a[0].status == 200 else time.perf_counter() - t0)
+            a = herd(origin_port, f"/single/{r}/{len(single)}", 1)
+            single.append(a[0].latency)
         for t in [direct, *targets]:
             path = f"/herd/{r}/{t.port}"
-            answers = await herd(t.port, path, args.clients)
+            pid = t.proc.pid if t.proc is not None else origin_pid
+            cpu0 = cpu_seconds(pid)
+            answers = herd(t.port, path, args.clients)
+            time.sleep(0.05)  # let the proxy finish its bookkeeping (disk commit)
+            t.cpu.append(cpu_seconds(pid) - cpu0)
             bad = [a for a in answers if a.status != 200]
             bodies = {a.body for a in answers if a.status == 200}
             if expected is None and bodies:
@@ -359,8 +426,8 @@ async def bench(args: argparse.Namespace, origin_port: int, targets: list[Target
                 print(f"  {t.name} round {r}: {len(bad)} failed, {len(bodies)} distinct bodies",
                       file=sys.stderr)
             t.answers.append(answers)
-            t.origin_requests.append(await origin_count(origin_port, path))
-            await asyncio.sleep(0.1)
+            t.origin_requests.append(origin_count(origin_port, path))
+            time.sleep(0.1)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     return {"single": single, "direct": direct}
 
@@ -409,13 +476,7 @@ def main() -> int:
                     procs.append(other.proc)  # type: ignore[arg-type]
                     targets.append(other)
         time.sleep(0.5)
-        result: dict[str, object] = {}
-
-        async def go() -> None:
-            result.update(await bench(args, origin_port, targets))
-
-        run(go())
-        report(args, result, targets)
+        report(args, bench(args, origin_port, origin.pid, targets), targets)
     finally:
         for p in reversed(procs):
             stop(p)
@@ -434,7 +495,7 @@ def report(args: argparse.Namespace, result: dict[str, object], targets: list[Ta
           f"load {os.getloadavg()[0]:.1f}")
     print(f"origin's own latency (one request): {ms(origin_ms)} ms\n")
     header = (f"{'proxy':28} {'origin reqs':>11} {'(max)':>5} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'max ms':>8} {'p50 - origin':>13} {'ok':>5}")
+              f"{'max ms':>8} {'p50 - origin':>13} {'CPU ms':>7} {'ok':>5}")
     print(header)
     print("-" * len(header))
     for t in [direct, *targets]:
@@ -444,19 +505,18 @@ def report(args: argparse.Namespace, result: dict[str, object], targets: list[Ta
                                for rs in t.answers)
         reqs = statistics.median(t.origin_requests)
         ok = statistics.median(sum(a.status == 200 for a in rs) for rs in t.answers)
+        cpu = statistics.median(t.cpu)
         print(f"{t.name:28} {reqs:>11g} {max(t.origin_requests):>5} {ms(p50):>8} {ms(p99):>8} "
-              f"{ms(mx):>8} {'+' + ms(p50 - origin_ms):>13} {ok:>5g}")
+              f"{ms(mx):>8} {'+' + ms(p50 - origin_ms):>13} {ms(cpu):>7} {ok:>5g}")
     for t in targets:
         if t.note:
             print(f"  {t.name}: {t.note}")
         workers = Counter(a.worker for rs in t.answers for a in rs if a.worker)
         if len(workers) > 1:
+            per = {w: statistics.median(pct([a.latency for a in rs if a.worker == w], 0.5)
+                                        for rs in t.answers) for w in workers}
             print(f"  {t.name}: clients per worker over all rounds: "
-                  + ", ".join(f"worker {w}: {n}" for w, n in sorted(workers.items())))
-
-
-def _iter(x: object) -> Iterator[object]:
-    yield x
+                  + ", ".join(f"worker {w}: {n} (p50 {ms(per[w])} ms)" for w, n in sorted(workers.items())))
 
 
 if __name__ == "__main__":
