@@ -233,7 +233,12 @@ class Engine:
             pending = asyncio.ensure_future(self._load(key))
             self._loads[key] = pending
             pending.add_done_callback(lambda _: self._loads.pop(key, None))
-        return await asyncio.shield(pending)
+            return await asyncio.shield(pending)
+        variants = await asyncio.shield(pending)
+        # Step aside once: the first caller (woken first) starts the key's flight, whose
+        # request then leaves for the origin before the rest of the herd joins it.
+        await asyncio.sleep(0)
+        return variants
 
     async def _load(self, key: str) -> tuple[Cached, ...]:
         try:
@@ -719,6 +724,7 @@ class Engine:
         request_time = self.clock()
         try:
             resp = await self._send("GET", fill_target(head, plan.key, key), headers)
+
         except UpstreamError as exc:
             flight.head.set_exception(exc)
             return
