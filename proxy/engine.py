@@ -724,7 +724,6 @@ class Engine:
         request_time = self.clock()
         try:
             resp = await self._send("GET", fill_target(head, plan.key, key), headers)
-
         except UpstreamError as exc:
             flight.head.set_exception(exc)
             return
