@@ -17,8 +17,19 @@ Health:
   is configured).
 
 A request is retried on another upstream only when the connection failed before
-any response byte arrived, only for idempotent methods (unless
-``retry_non_idempotent``), and never when the request body was streamed.
+any response byte arrived (refused, reset, closed with nothing read, or a connect
+timeout), only for idempotent methods (unless ``retry_non_idempotent``), and never
+when the request body was streamed. A connection that closes with nothing read
+gets one more try besides, on any upstream (the same one when it is alone): that is
+a keep-alive connection closed by the upstream as the request left, and aiohttp's
+own silent retry (which also resends after part of a response head) is off. A 5xx
+answer, a read timeout or a connection that closes part-way through the response
+head is not retried: the upstream may have acted on the request.
+
+Timeouts (all 504 for the client, ``detail=UPSTREAM-TIMEOUT``) are told apart in
+the error and in ``cachegate_upstream_errors_total{kind}``: ``connect_timeout``
+(no connection within ``timeouts.connect``), ``read_timeout`` (``timeouts.read``
+without a byte), ``total_timeout`` (``timeouts.total`` for the whole exchange).
 """
 
 from __future__ import annotations
@@ -59,6 +70,12 @@ KEEPALIVE_IDLE = 4.0
 
 class UpstreamConnectTimeout(UpstreamTimeout):
     """The TCP (or TLS) connection was not established in time: safe to retry elsewhere."""
+
+
+class UpstreamDisconnected(UpstreamConnectError):
+    """The connection closed after the request was sent, before any response byte: most often
+    a keep-alive connection the upstream had just closed. One more try, even on the same
+    upstream, is safe for a request that may be retried at all."""
 
 
 @dataclass
@@ -140,8 +157,10 @@ class UpstreamResponse:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
-        except TimeoutError as exc:
+        except aiohttp.SocketTimeoutError as exc:
             raise UpstreamTimeout(f"{self.upstream.name}: read timed out mid-body") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"{self.upstream.name}: total timeout exceeded mid-body") from exc
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamProtocolError(f"{self.upstream.name}: body broke off: {exc}") from exc
         except aiohttp.ClientError as exc:
@@ -203,6 +222,10 @@ class UpstreamPool:
             max_line_size=16 * 1024,
             max_field_size=16 * 1024,
         )
+        # aiohttp resends an idempotent request once when the connection closes, even after part
+        # of the response head arrived; retries are decided here instead (see send).
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
         if self.settings.health is not None:
             loop = asyncio.get_running_loop()
             self._checks = [loop.create_task(self._check_loop(u)) for u in self.upstreams]
@@ -239,9 +262,24 @@ class UpstreamPool:
         upstream.passive_failures = 0
 
     def snapshot(self) -> list[dict[str, Any]]:
+        """Each upstream's state, for the admin API's ``GET /upstreams``."""
         now = self._clock()
-        return [{"url": u.name, "state": u.state(now), "weight": u.weight, "in_flight": u.in_flight,
-                 "requests": u.requests, "failures": u.failures} for u in self.upstreams]
+        health = self.settings.health
+        return [{
+            "url": u.name,
+            "state": u.state(now),
+            "available": u.available(now),
+            "weight": u.weight,
+            "in_flight": u.in_flight,
+            "requests": u.requests,
+            "failures": u.failures,
+            "passive": {"consecutive_failures": u.passive_failures,
+                        "down_for": round(max(0.0, u.down_until - now), 3)},
+            "health_check": None if health is None else {
+                "path": health.path, "healthy": u.healthy,
+                "consecutive_successes": u.check_successes,
+                "consecutive_failures": u.check_failures},
+        } for u in self.upstreams]
 
     def collect(self) -> Iterator[Metric]:
         now = self._clock()
@@ -308,9 +346,10 @@ class UpstreamPool:
         streamed = body is not None and not isinstance(body, bytes)
         retryable = not streamed and (method in IDEMPOTENT or self.settings.retry_non_idempotent)
         attempts = 1 + (self.settings.retries if retryable else 0)
+        reconnect = retryable  # one try more after a connection closed with nothing read
         tried: set[str] = set()
         last: UpstreamError | None = None
-        for _ in range(attempts):
+        while attempts > 0:
             upstream = self.selector.choose(self.upstreams, self._clock(), frozenset(tried))
             if upstream is None:
                 if last is not None:
@@ -319,9 +358,16 @@ class UpstreamPool:
             tried.add(upstream.name)
             try:
                 return await self._send_once(upstream, method, target, headers, body)
+            except UpstreamDisconnected as exc:
+                last = exc
+                if reconnect:
+                    reconnect = False
+                    tried.discard(upstream.name)
+                    continue
+                attempts -= 1
             except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
                 last = exc
-                continue
+                attempts -= 1
         assert last is not None
         raise last
 
@@ -344,9 +390,23 @@ class UpstreamPool:
         except aiohttp.ConnectionTimeoutError as exc:
             error, kind = UpstreamConnectTimeout(f"{upstream.name}: connect timed out"), "connect_timeout"
             cause: BaseException = exc
+        except aiohttp.SocketTimeoutError as exc:
+            error, kind, cause = (UpstreamTimeout(f"{upstream.name}: read timed out (no byte for "
+                                                  f"{self.settings.timeouts.read:g}s)"), "read_timeout", exc)
         except TimeoutError as exc:
-            error, kind, cause = UpstreamTimeout(f"{upstream.name}: timed out"), "timeout", exc
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            error, kind, cause = (UpstreamTimeout(f"{upstream.name}: total timeout "
+                                                  f"({self.settings.timeouts.total or 0:g}s) exceeded"),
+                                  "total_timeout", exc)
+        except aiohttp.ServerDisconnectedError as exc:
+            if exc.message is not None and not isinstance(exc.message, str):
+                # It closed part-way through a response head: it got the request, and may
+                # have acted on it. Never retried.
+                error, kind, cause = (UpstreamProtocolError(f"{upstream.name}: closed the connection "
+                                                            "in the middle of the response head"),
+                                      "protocol", exc)
+            else:
+                error, kind, cause = UpstreamDisconnected(f"{upstream.name}: {exc}"), "connect", exc
+        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
             error, kind, cause = UpstreamConnectError(f"{upstream.name}: {exc}"), "connect", exc
         except aiohttp.ClientResponseError as exc:
             error, kind, cause = UpstreamProtocolError(f"{upstream.name}: {exc.message}"), "protocol", exc

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from yarl import URL
 
-from proxy.upstream import Selector, Upstream
+from proxy.config import HealthSettings, Overrides, PoolSettings, UpstreamSettings, load_config
+from proxy.runtime import Runtime
+from proxy.upstream import Selector, Upstream, UpstreamPool
+from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listener
 from tests.conftest import MakeProxy
-from tests.harness import Origin
+from tests.harness import Origin, Proxy
 
 
 def test_weighted_round_robin_spreads_by_weight_and_interleaves() -> None:
@@ -164,5 +172,320 @@ async def test_upstream_tls_is_verified_by_default(
         lax = await make_proxy(config="upstream: {tls: {verify: false}}\n", upstreams=[secure.url],
                                directory=tmp_path / "lax")
         assert (await lax.get("/t")).status == 200
+    finally:
+        await secure.stop()
+
+
+# -- weights and balancing through the running proxy ---------------------------------------
+
+def write_exact_config(directory: Path, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "cachegate.yaml"
+    path.write_text("listen: 127.0.0.1:0\nadmin: {listen: '127.0.0.1:0'}\n"
+                    "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 1}}\n" + text)
+    return path
+
+
+async def start_with(directory: Path, text: str) -> Proxy:
+    """cachegate with exactly this config (weights and all), loopback listeners on port 0."""
+    path = write_exact_config(directory, text)
+    settings = load_config(str(path), Overrides())
+    runtime = await Runtime.open(settings)
+    listeners = Listeners()
+    for start in (start_proxy_listener, start_admin_listener):
+        runner = await start(lambda: runtime, settings)
+        assert runner is not None
+        listeners.runners.append(runner)
+    listeners.proxy_addresses = _bound(listeners.runners[0])
+    listeners.admin_addresses = _bound(listeners.runners[1])
+    session = aiohttp.ClientSession(auto_decompress=False)
+    return Proxy(runtime, listeners, session, str(directory / "cache"), str(path))
+
+
+@pytest.fixture
+async def started(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Proxy]]]:
+    proxies: list[Proxy] = []
+
+    async def start(text: str) -> Proxy:
+        p = await start_with(tmp_path / f"p{len(proxies)}", text)
+        proxies.append(p)
+        return p
+
+    yield start
+    for p in proxies:
+        await p.session.close()
+        await p.close()
+
+
+async def test_weights_from_the_config_share_the_traffic(
+    origin: Origin, second: Origin, started: Callable[[str], Awaitable[Proxy]]
+) -> None:
+    for o in (origin, second):
+        o.route("/w", body=b"not cached")  # no freshness: every request goes upstream
+    proxy = await started(f"upstreams: [{{url: '{origin.url}', weight: 3}}, {{url: '{second.url}', weight: 1}}]\n")
+    for _ in range(8):
+        assert (await proxy.get("/w")).status == 200
+    assert (origin.count("/w"), second.count("/w")) == (6, 2)
+
+
+async def test_least_conn_is_chosen_per_pool_and_avoids_a_busy_upstream(
+    origin: Origin, second: Origin, started: Callable[[str], Awaitable[Proxy]]
+) -> None:
+    origin.route("/lc", body=b"slow", delay=1.0)
+    second.route("/lc", body=b"quick")
+    ups = f"upstreams: ['{origin.url}', '{second.url}']\n"
+    for balance, busy_share in (("least_conn", 0), ("round_robin", 3)):
+        proxy = await started(ups + f"upstream: {{balance: {balance}}}\n")
+        assert proxy.runtime.pool.selector.balance == balance
+        before = origin.count("/lc"), second.count("/lc")
+        slow = asyncio.ensure_future(proxy.get("/lc"))  # ties go to the first upstream: it is busy now
+        await wait_for(lambda b=before[0]: origin.count("/lc") == b + 1)  # type: ignore[misc]
+        for i in range(6):
+            await proxy.get(f"/lc?n={i}")  # distinct keys: no coalescing with the slow one
+        await slow
+        # least_conn sends nothing more to the busy upstream; round robin keeps alternating.
+        assert origin.count("/lc") - before[0] == 1 + busy_share
+        assert second.count("/lc") - before[1] == 6 - busy_share
+
+
+# -- health ------------------------------------------------------------------------------
+
+def test_active_checks_count_consecutive_results_against_their_thresholds() -> None:
+    pool = UpstreamPool((UpstreamSettings(URL("http://a")),),
+                        PoolSettings(health=HealthSettings("/healthz", 5.0, 1.0, healthy=2, unhealthy=3)))
+    up = pool.upstreams[0]
+    for ok, healthy in [(False, True), (False, True), (True, True), (False, True), (False, True),
+                        (False, False), (True, False), (False, False), (True, False), (True, True)]:
+        pool.record_check(up, ok)
+        assert up.healthy is healthy
+    pool.record_check(up, False)
+    assert pool.snapshot()[0]["health_check"] == {
+        "path": "/healthz", "healthy": True, "consecutive_successes": 0, "consecutive_failures": 1}
+
+
+async def test_a_passively_ejected_upstream_returns_after_its_cooldown(
+    origin: Origin, second: Origin, make_proxy: MakeProxy
+) -> None:
+    origin.route("/c", status=502, body=b"broken")
+    second.route("/c", body=b"fine")
+    proxy = await make_proxy(config="upstream: {passive: {failures: 2, cooldown: 400ms}, retries: 0}\n",
+                             upstreams=[origin.url, second.url])
+    for _ in range(6):
+        await proxy.get("/c")
+    assert origin.count("/c") == 2
+    state = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"]
+    assert state[0]["url"] == origin.url and state[0]["available"] is False
+    assert state[0]["state"].startswith("down (passive")
+    assert state[1]["available"] is True
+    origin.route("/c", body=b"recovered")
+    await wait_for(lambda: proxy.runtime.pool.upstreams[0].available(time.monotonic()))
+    bodies = {(await proxy.get("/c")).body for _ in range(4)}
+    assert bodies == {b"recovered", b"fine"}
+    state = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"]
+    assert state[0]["state"] == "up"
+
+
+# -- timeouts ----------------------------------------------------------------------------
+
+@pytest.fixture
+def unresponsive_port() -> Iterator[int]:
+    """A port whose accept queue is full: a new connection's SYN is dropped, connect hangs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    yield port
+    for s in fillers:
+        s.close()
+    listener.close()
+
+
+async def test_connect_read_and_total_timeouts_are_504s_told_apart(
+    origin: Origin, make_proxy: MakeProxy, unresponsive_port: int, tmp_path: Path
+) -> None:
+    hanging = await make_proxy(config="upstream: {timeouts: {connect: 300ms}, retries: 0}\n",
+                               upstreams=[f"http://127.0.0.1:{unresponsive_port}"], directory=tmp_path / "c")
+    reply = await hanging.get("/x")
+    assert reply.status == 504 and "detail=UPSTREAM-TIMEOUT" in reply.cache_status
+    assert b"connect timed out" in reply.body
+
+    origin.route("/silent", body=b"late", delay=1.0)
+    proxy = await make_proxy(config="upstream: {timeouts: {read: 300ms}, retries: 0}\n",
+                             directory=tmp_path / "r")
+    reply = await proxy.get("/silent")
+    assert reply.status == 504 and "detail=UPSTREAM-TIMEOUT" in reply.cache_status
+    assert b"read timed out" in reply.body
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.15)  # each silence shorter than the read timeout...
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        for _ in range(10):
+            await asyncio.sleep(0.15)
+            await resp.write(b".")
+        return resp
+
+    origin.route("/trickle", trickle)
+    origin.route("/late-head", body=b"late", delay=0.5)
+    bounded = await make_proxy(config="upstream: {timeouts: {read: 1s, total: 300ms}, retries: 0}\n",
+                               directory=tmp_path / "t")
+    reply = await bounded.get("/late-head")  # ...but the whole exchange is bounded
+    assert reply.status == 504 and "detail=UPSTREAM-TIMEOUT" in reply.cache_status
+    assert b"total timeout" in reply.body
+    for p, kind in ((hanging, "connect_timeout"), (proxy, "read_timeout"), (bounded, "total_timeout")):
+        metrics = (await p.admin("GET", "/metrics")).body.decode()
+        assert f'cachegate_upstream_errors_total{{kind="{kind}"' in metrics
+
+
+async def test_the_pool_keeps_at_most_pool_size_connections_per_upstream_and_reuses_them(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    active = peak = 0
+    ports: set[int] = set()
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal active, peak
+        ports.add(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.2)
+        active -= 1
+        return web.Response(body=b"not cached")
+
+    origin.route("/k", slow)
+    proxy = await make_proxy(config="upstream: {pool_size: 2}\n")
+    replies = await asyncio.gather(*(proxy.get(f"/k?n={i}") for i in range(6)))
+    assert {r.status for r in replies} == {200}
+    assert peak == 2  # the other four waited for a pooled connection
+    for i in range(3):
+        await proxy.get(f"/k?again={i}")
+    assert len(ports) == 2  # kept alive and reused
+
+
+# -- retries -----------------------------------------------------------------------------
+
+@pytest.fixture
+async def half_answering() -> AsyncIterator[tuple[str, list[int]]]:
+    """An upstream that reads a request, sends part of a response head and hangs up."""
+    seen: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            seen.append(1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Len")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+    server.close()
+    await server.wait_closed()
+
+
+async def test_retries_happen_only_before_any_response_byte_and_not_for_5xx(
+    origin: Origin, second: Origin, make_proxy: MakeProxy, half_answering: tuple[str, list[int]],
+    tmp_path: Path
+) -> None:
+    url, seen = half_answering
+    second.route("/r", body=b"from b")
+    proxy = await make_proxy(config="upstream: {retries: 1, passive: {failures: 0}}\n",
+                             upstreams=[url, second.url], directory=tmp_path / "half")
+    statuses = [(await proxy.get("/r")).status for _ in range(4)]
+    assert sorted(statuses) == [200, 200, 502, 502]  # the half answer was not retried elsewhere
+    assert len(seen) == 2 and second.count("/r") == 2
+
+    origin.route("/five", status=503, body=b"busy")
+    second.route("/five", body=b"fine")
+    proxy = await make_proxy(config="upstream: {retries: 1, passive: {failures: 0}}\n",
+                             upstreams=[origin.url, second.url], directory=tmp_path / "5xx")
+    statuses = [(await proxy.get("/five")).status for _ in range(4)]
+    assert sorted(statuses) == [200, 200, 503, 503]  # an answer is an answer: not retried
+    assert origin.count("/five") == 2
+
+
+async def test_a_connection_closed_before_any_byte_gets_one_more_try_even_with_one_upstream(
+    make_proxy: MakeProxy
+) -> None:
+    requests: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            requests.append(1)
+            if len(requests) % 2:  # as a keep-alive connection the server has just dropped
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[url])
+        reply = await proxy.get("/k")
+        assert (reply.status, reply.body) == (200, b"ok")
+        assert len(requests) == 2
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_post_is_retried_only_when_configured_and_its_body_was_not_streamed(
+    second: Origin, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    second.route("/p", body=b"done")
+    dead = closed_port_url()
+    for configured, expected in ((False, {200, 502}), (True, {200})):
+        proxy = await make_proxy(
+            config=f"upstream: {{retries: 1, retry_non_idempotent: {str(configured).lower()}, "
+                   "passive: {failures: 0}}\n",
+            upstreams=[dead, second.url], directory=tmp_path / str(configured))
+        statuses = {(await proxy.request("POST", "/p")).status for _ in range(4)}
+        assert statuses == expected
+        if configured:  # a body streamed from the client is never sent twice
+            streamed = {(await proxy.request("POST", "/p", data=b"payload")).status for _ in range(4)}
+            assert streamed == {200, 502}
+
+
+# -- TLS: SNI ----------------------------------------------------------------------------
+
+@pytest.fixture
+def localhost_cert(tmp_path: Path) -> tuple[Path, Path]:
+    key, cert = tmp_path / "lkey.pem", tmp_path / "lcert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return key, cert
+
+
+async def test_upstream_tls_sends_the_upstream_host_as_sni_whatever_the_client_host(
+    tmp_path: Path, make_proxy: MakeProxy, localhost_cert: tuple[Path, Path]
+) -> None:
+    key, cert = localhost_cert
+    names: list[str | None] = []
+    secure = Origin()
+    secure.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    secure.ssl_context.load_cert_chain(cert, key)
+    secure.ssl_context.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment,misc]
+    secure.route("/sni", body=b"over tls")
+    await secure.start()
+    try:
+        proxy = await make_proxy(config=f"upstream: {{tls: {{ca_file: '{cert}'}}, preserve_host: true}}\n",
+                                 upstreams=[f"https://localhost:{secure.port}"], directory=tmp_path / "sni")
+        reply = await proxy.get("/sni", headers={"Host": "shop.example"})
+        assert (reply.status, reply.body) == (200, b"over tls")
+        assert names == ["localhost"]  # the upstream's name, not the client's Host
+        assert secure.seen[-1].headers["Host"] == "shop.example"  # which still reaches the origin
     finally:
         await secure.stop()

@@ -357,7 +357,17 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
     app.router.add_get("/cache", cache)
     app.router.add_get("/explain", explain)
     app.router.add_post("/explain", explain)
+    app.router.add_get("/upstreams", upstreams)
     return app
+
+
+async def upstreams(request: web.Request) -> web.Response:
+    """Each upstream's state: up or down and why, requests in flight, totals, and the passive
+    and active health counters (``UpstreamPool.snapshot``). With ``--workers N`` this is the
+    supervisor's pool, which runs the active health checks too; passive ejections happen in
+    each worker and show in its ``cachegate_upstream_up``."""
+    runtime = request.app[RUNTIME_REF]()
+    return web.json_response({"upstreams": runtime.pool.snapshot()})
 
 
 __all__ = ["create_admin_app", "purge_method", "token_matches"]
