@@ -445,9 +445,14 @@ class Engine:
     ) -> Reply:
         """Join the key's flight, or start one, and answer this client from it."""
         head = req.head
-        flight = self.coalescer.get(key) if coalesce and not self.coalescer.is_pass(key) else None
+        passing = coalesce and self.coalescer.is_pass(key)
+        flight = self.coalescer.get(key) if coalesce and not passing else None
         if flight is not None and flight.spool is not None and flight.spool.doomed:
             flight = None  # purged while in flight: what it carries must not be served anew
+        elif flight is None and coalesce and not passing:
+            reply = await self._stored_meanwhile(req, plan, key)
+            if reply is not None:
+                return reply
         collapsed = False
         if flight is not None:
             reader = flight.body.join()
@@ -458,7 +463,9 @@ class Engine:
             flight.followers += 1
             collapsed = True
         if flight is None:
-            flight = self._start_flight(req, plan, key, revalidating, register=coalesce, stale=stale)
+            # A hit-for-pass key's fetch is nobody else's to join (nor to hold a lease for).
+            flight = self._start_flight(req, plan, key, revalidating, register=coalesce and not passing,
+                                        stale=stale)
             reader = flight.body.join()
         assert reader is not None
         try:
@@ -559,6 +566,30 @@ class Engine:
         return self._finish(plan, Reply(fhead.status, fhead.reason, headers, reader.__aiter__(),
                                         length, x_cache, "upstream"))
 
+    async def _stored_meanwhile(self, req: ClientRequest, plan: RequestPlan, key: str) -> Reply | None:
+        """A reply from the response a flight for ``key`` stored while this request looked on
+        disk (in memory now, or being written to disk by this process); None when there is none.
+
+        Without this, a request that missed memory just before a flight ended would find no
+        flight after its disk lookup and fetch the key again."""
+        writes = self._disk_writes.get(key)
+        if writes:
+            await asyncio.wait(list(writes), timeout=self.settings.cache.lock_timeout)
+            variants: tuple[Cached, ...] | None = await self._load(key)
+        else:
+            variants = self.storage.memory_get(key)
+        if not variants:
+            return None
+        decision = decide_lookup(req.head, [c.entry.response for c in variants], self.clock(),
+                                 plan.options)
+        if not isinstance(decision, Serve) or decision.status != "HIT":
+            return None
+        reply = await self._serve(req, plan, variants[decision.index], "HIT", decision.ttl, decision.age,
+                                  decision.not_modified, hit=True, collapsed=True)
+        if reply is not None:
+            self.metrics.coalesced.inc()
+        return reply
+
     async def _serve_after_flight(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
                                   fwd_status: int | None, x_cache: str, collapsed: bool, *,
                                   stored: bool = False) -> Reply:
@@ -628,45 +659,49 @@ class Engine:
         assert leases is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.cache.lock_timeout
-        lease = await leases.acquire(key, wait=not background)
-        match lease:
-            case Granted():
-                # Look again first when another worker may have stored it since we looked.
-                if (lease.recent or revalidating is not None) and \
-                        await self._answer_from_store(flight, req, plan, key):
-                    leases.release(key, lease, "stored")
-                    return
-                flight.head.add_done_callback(functools.partial(self._report_head, key, lease))
-                try:
-                    await self._run_flight(flight, req, plan, key, revalidating, stale)
-                finally:
-                    self._release_lease(key, lease, flight)
-                return
-            case Busy():
-                return  # a refresh another worker is already doing
-            case Waiting():
-                if background:
-                    return
-                try:
-                    outcome = await asyncio.wait_for(asyncio.shield(lease.outcome),
-                                                     max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    outcome = {"outcome": "timeout"}  # past lock_timeout: fetch on our own
-                finally:
-                    leases.forget(key, lease)
-                match outcome["outcome"]:
-                    case "stored":
-                        if await self._answer_from_store(flight, req, plan, key):
-                            return
-                    case "error":  # what the holder's own followers get: stale-if-error or the error
-                        flight.head.set_exception(_upstream_error(outcome["status"], outcome["message"]))
+        for _ in range(3):  # a holder that dies hands the lease on: ask again
+            lease = await leases.acquire(key, wait=not background)
+            match lease:
+                case Granted():
+                    # Look again first when another worker may have stored it since we looked.
+                    if (lease.recent or revalidating is not None) and \
+                            await self._answer_from_store(flight, req, plan, key):
+                        leases.release(key, lease, "stored")
                         return
-                    case "pass":
-                        self.coalescer.mark_pass(key)
-            case None:
-                pass  # the broker cannot be asked: fetch for this worker alone
-            case _:
-                assert_never(lease)
+                    flight.head.add_done_callback(functools.partial(self._report_head, key, lease))
+                    try:
+                        await self._run_flight(flight, req, plan, key, revalidating, stale)
+                    finally:
+                        self._release_lease(key, lease, flight)
+                    return
+                case Busy():
+                    return  # a refresh another worker is already doing
+                case Waiting():
+                    if background:
+                        return
+                    try:
+                        outcome = await asyncio.wait_for(asyncio.shield(lease.outcome),
+                                                         max(0.0, deadline - loop.time()))
+                    except TimeoutError:
+                        outcome = {"outcome": "timeout"}  # past lock_timeout: fetch on our own
+                    finally:
+                        leases.forget(key, lease)
+                    match outcome["outcome"]:
+                        case "stored":
+                            if await self._answer_from_store(flight, req, plan, key):
+                                return
+                        case "error":  # what the holder's own followers get: stale-if-error or the error
+                            flight.head.set_exception(_upstream_error(outcome["status"], outcome["message"]))
+                            return
+                        case "gone" if loop.time() < deadline:
+                            continue  # the holder died: one of the waiters takes the lease on
+                        case "pass":
+                            self.coalescer.mark_pass(key)
+                case None:
+                    pass  # the broker cannot be asked: fetch for this worker alone
+                case _:
+                    assert_never(lease)
+            break
         await self._run_flight(flight, req, plan, key, revalidating, stale)
 
     async def _answer_from_store(self, flight: Flight, req: ClientRequest, plan: RequestPlan,

@@ -17,7 +17,7 @@ Within a process the coalescer already makes one fetch per key. With
   holder's own followers do, with stale-if-error or the error), or ``failed``
   (not stored: the waiters fetch for themselves).
 - A holder that dies releases its leases (the supervisor sees its channel close):
-  the waiters fetch for themselves.
+  the waiters are told ``gone`` and ask again, so one of them takes the lease on.
 
 The waiters' clients are served from the store once the body is complete, not
 streamed as it arrives (a body in another process's memory cannot be joined):
@@ -102,7 +102,7 @@ class LeaseBroker:
         if lease is not None and now - lease.started > LEASE_MAX_AGE:
             log.error("lease on %s held by worker %d for %.0fs: taken over", key, lease.holder,
                       now - lease.started)
-            self._end(key, lease, {"outcome": "failed"})
+            self._end(key, lease, {"outcome": "gone"})
             lease = None
         if lease is None:
             self._next_token += 1
@@ -129,7 +129,7 @@ class LeaseBroker:
         if not shareable:
             # Nobody may be given this response: the waiters go upstream now.
             for w in lease.waiters:
-                self._notify(w, {"key": key, "token": token, "outcome": "pass" if pass_ else "failed"})
+                self._notify(w, {"key": key, "token": token, "outcome": "pass" if pass_ else "unshareable"})
             lease.waiters.clear()
 
     async def release(self, worker_id: int, key: str, token: int, outcome: str, status: int = 0,
@@ -150,7 +150,7 @@ class LeaseBroker:
             lease.waiters.discard(worker_id)
             if lease.holder == worker_id:
                 self.counts["holder_gone"] += 1
-                self._end(key, lease, {"outcome": "failed"})
+                self._end(key, lease, {"outcome": "gone"})
 
     def _end(self, key: str, lease: _Lease, event: dict[str, Any]) -> None:
         if self._leases.get(key) is lease:
@@ -223,7 +223,7 @@ class LeaseClient:
         head = answer.get("head")
         if head is not None:  # the holder's response is not shareable
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            fut.set_result({"outcome": "pass" if head.get("pass") else "failed"})
+            fut.set_result({"outcome": "pass" if head.get("pass") else "unshareable"})
             return Waiting(int(answer["token"]), fut)
         if not wait:
             return Busy()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+from collections.abc import Callable
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from proxy.policy.httpdate import format_http_date
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Handler, Origin, Proxy
 
 BODY = bytes(range(256)) * 1024  # 256 KiB: streamed to waiters in several chunks
 
@@ -68,47 +72,143 @@ async def test_a_waiter_goes_upstream_itself_after_lock_timeout(origin: Origin, 
     assert origin.count("/slow") == 3
 
 
-async def test_stale_while_revalidate_refreshes_once_in_the_background(origin: Origin, proxy: Proxy) -> None:
-    version = 0
+# -- stale serving: the engine's clock is the test's, so nothing sleeps for freshness to run out --
 
-    async def page(request: web.Request) -> web.Response:
-        nonlocal version
-        version += 1
-        await asyncio.sleep(0.3)
-        return web.Response(text=f"v{version}",
-                            headers={"Cache-Control": "max-age=1, stale-while-revalidate=30"})
+class Clock:
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
 
-    origin.route("/swr", page)
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def clocked(make_proxy: MakeProxy, clock: Clock, config: str = "", rules: str | None = None) -> Proxy:
+    proxy = await make_proxy(config=config, rules=rules)
+    proxy.runtime.engine.clock = clock
+    return proxy
+
+
+def versions(clock: Clock, cache_control: str, delay: float = 0.0,
+             answers: list[tuple[int, bytes]] | None = None) -> Handler:
+    """A handler answering v1, v2, ... (or the given (status, body) answers in turn), its Date
+    from the test's clock."""
+    served = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal served
+        served += 1
+        status, body = answers.pop(0) if answers else (200, f"v{served}".encode())
+        if delay and served > 1:
+            await asyncio.sleep(delay)
+        return web.Response(status=status, body=body, headers={
+            "Date": format_http_date(clock()), "Cache-Control": cache_control, "ETag": f'"{served}"'})
+
+    return handler
+
+
+async def test_stale_while_revalidate_refreshes_once_whatever_arrives_during_the_refresh(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    origin.route("/swr", versions(clock, "max-age=1, stale-while-revalidate=30", delay=0.4))
+    proxy = await clocked(make_proxy, clock)
     assert (await proxy.get("/swr")).body == b"v1"
-    await asyncio.sleep(1.1)
+    clock.advance(2)
     results = await herd(proxy.url + "/swr", 20)
     assert {(s, x, b) for s, x, b in results} == {(200, "UPDATING", b"v1")}
+    # Requests keep coming while the refresh is at the origin: none starts another.
+    for _ in range(10):
+        reply = await proxy.get("/swr")
+        assert (reply.x_cache, reply.body) == ("UPDATING", b"v1")
+        await asyncio.sleep(0.02)
+    await wait_until(lambda: origin.count("/swr") == 2)
     for _ in range(50):
         if (await proxy.get("/swr")).body == b"v2":
             break
-        await asyncio.sleep(0.05)
-    assert origin.count("/swr") == 2  # one background refresh for the whole herd
+        await asyncio.sleep(0.02)
     fresh = await proxy.get("/swr")
     assert (fresh.body, fresh.x_cache) == (b"v2", "HIT")
+    assert origin.count("/swr") == 2  # one background refresh for everyone
 
 
-async def test_stale_if_error_serves_stale_while_the_origin_is_stopped(origin: Origin, proxy: Proxy) -> None:
-    origin.route("/sie", body=b"kept", headers={"Cache-Control": "max-age=1, stale-if-error=2"})
+async def test_stale_if_error_with_the_origin_stopped_within_the_window_then_the_error(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    origin.route("/sie", versions(clock, "max-age=1, stale-if-error=10"))
+    proxy = await clocked(make_proxy, clock)
     await proxy.get("/sie")
     await origin.stop()
-    await asyncio.sleep(1.1)
+    clock.advance(6)  # stale for 5 s: inside the 10 s window
     stale = await proxy.get("/sie")
-    assert (stale.status, stale.body, stale.x_cache) == (200, b"kept", "STALE")
+    assert (stale.status, stale.body, stale.x_cache) == (200, b"v1", "STALE")
     assert "detail=ORIGIN-UNREACHABLE" in stale.cache_status
-    await asyncio.sleep(2.0)  # past the stale-if-error window: the error passes through
-    assert (await proxy.get("/sie")).status == 502
+    clock.advance(10)  # stale for 15 s: past the window, the error passes through
+    after = await proxy.get("/sie")
+    assert (after.status, after.x_cache) == (502, "MISS")
+    assert "detail=UPSTREAM-UNREACHABLE" in after.cache_status
 
 
-async def test_stale_if_error_covers_5xx_answers(origin: Origin, proxy: Proxy) -> None:
-    origin.route("/e", body=b"good", headers={"Cache-Control": "max-age=1, stale-if-error=60", "ETag": '"1"'})
+async def test_stale_if_error_with_an_origin_that_times_out_within_the_window_then_504(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    origin.route("/slow", versions(clock, "max-age=1, stale-if-error=10", delay=2.0))
+    proxy = await clocked(make_proxy, clock, config="upstream: {timeouts: {read: 200ms}, retries: 0}\n")
+    await proxy.get("/slow")
+    clock.advance(6)
+    stale = await proxy.get("/slow")
+    assert (stale.status, stale.body, stale.x_cache) == (200, b"v1", "STALE")
+    clock.advance(10)
+    after = await proxy.get("/slow")
+    assert after.status == 504
+    assert "detail=UPSTREAM-TIMEOUT" in after.cache_status
+
+
+async def test_stale_if_error_covers_5xx_answers_within_the_window_then_the_5xx_passes(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    answers = [(200, b"good"), (503, b"down for maintenance"), (503, b"down for maintenance")]
+    origin.route("/e", versions(clock, "max-age=1, stale-if-error=10", answers=answers))
+    proxy = await clocked(make_proxy, clock)
     await proxy.get("/e")
-    origin.route("/e", status=503, body=b"down for maintenance")
-    await asyncio.sleep(1.1)
+    clock.advance(6)
     reply = await proxy.get("/e")
     assert (reply.status, reply.body, reply.x_cache) == (200, b"good", "STALE")
     assert "fwd-status=503" in reply.cache_status
+    clock.advance(10)
+    after = await proxy.get("/e")
+    assert (after.status, after.body) == (503, b"down for maintenance")
+
+
+@pytest.mark.parametrize("directive", ["must-revalidate", "proxy-revalidate"])
+async def test_must_and_proxy_revalidate_are_never_served_stale(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock, directive: str) -> None:
+    cc = f"max-age=1, {directive}, stale-while-revalidate=60, stale-if-error=60"
+    answers = [(200, b"v1"), (200, b"v2"), (503, b"broken")]
+    origin.route("/m", versions(clock, cc, delay=0.1, answers=answers))
+    rules = "defaults:\n  stale_while_revalidate: 1h\n  stale_if_error: 1h\nrules: []\n"
+    proxy = await clocked(make_proxy, clock, rules=rules)
+    await proxy.get("/m")
+    clock.advance(5)
+    # Not UPDATING with the old body: the client waits for the origin.
+    reply = await proxy.get("/m")
+    assert (reply.status, reply.body) == (200, b"v2") and reply.x_cache != "UPDATING"
+    clock.advance(5)
+    failed = await proxy.get("/m")  # a 5xx is not covered by stale-if-error here
+    assert (failed.status, failed.body) == (503, b"broken")
+    await origin.stop()
+    clock.advance(5)
+    down = await proxy.get("/m")
+    assert down.status == 504
+    assert "detail=STALE-NOT-ALLOWED" in down.cache_status
+    assert origin.count("/m") == 3
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)

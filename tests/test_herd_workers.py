@@ -8,11 +8,12 @@ supervisor's lease broker (proxy/leases.py): one origin fetch per key for the ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -68,3 +69,140 @@ async def test_500_concurrent_clients_over_two_workers_make_one_origin_request(
     metrics = (await two_workers.admin("GET", "/metrics")).body.decode()
     assert 'cachegate_cross_worker_leases_total{event="granted"} 1.0' in metrics
     assert 'cachegate_cross_worker_leases_total{event="stored"} 1.0' in metrics
+
+
+async def until_each_worker(proxy: ProxyProcess, path: str, check: Callable[[Response], bool],
+                            within: float = 10.0) -> None:
+    """New connections until every worker answered ``path`` with a response ``check`` accepts."""
+    seen: set[str] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        r = await proxy.get(path)
+        if check(r):
+            seen.add(r.worker)
+        if seen == {"0", "1"}:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"only workers {sorted(seen)} answered as wanted")
+
+
+async def test_stale_while_revalidate_refreshes_once_for_both_workers(
+        origin: Origin, two_workers: ProxyProcess) -> None:
+    version = 0
+
+    async def page(request: web.Request) -> web.Response:
+        nonlocal version
+        version += 1
+        if version > 1:
+            await asyncio.sleep(0.5)
+        return web.Response(text=f"v{version}", headers={"Cache-Control": "max-age=2, stale-while-revalidate=30"})
+
+    origin.route("/swr", page)
+    assert (await two_workers.get("/swr")).body == b"v1"
+    await until_each_worker(two_workers, "/swr", lambda r: r.body == b"v1")  # both hold it in memory
+    await asyncio.sleep(2.1)  # stale in both
+    results = answered(await herd(two_workers.url, "/swr", 40))
+    assert {(r.status, r.x_cache, r.body) for r in results} == {(200, "UPDATING", b"v1")}
+    assert {r.worker for r in results} == {"0", "1"}
+    for _ in range(10):  # more requests while the refresh is at the origin
+        assert (await two_workers.get("/swr")).x_cache == "UPDATING"
+    await until_each_worker(two_workers, "/swr", lambda r: r.body == b"v2")
+    assert origin.count("/swr") == 2  # one refresh for the machine
+
+
+async def test_a_response_that_is_not_shareable_sends_every_worker_upstream_then_straight_through(
+        origin: Origin, two_workers: ProxyProcess) -> None:
+    calls = 0
+
+    async def personal(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        mine = calls
+        await asyncio.sleep(0.3)
+        return web.Response(text=f"for caller {mine}", headers={"Cache-Control": "private, max-age=60"})
+
+    origin.route("/me", personal)
+
+    async def leases() -> str:
+        return (await two_workers.admin("GET", "/metrics")).body.decode()
+
+    results = answered(await herd(two_workers.url, "/me", 40))
+    assert len({r.body for r in results}) == 40  # nobody was given another's response
+    assert {r.worker for r in results} == {"0", "1"}
+    granted = grants(await leases())
+    assert 1 <= granted <= 2
+    # Both workers now know the key as hit-for-pass: the next herd asks nobody and waits for nobody.
+    results = answered(await herd(two_workers.url, "/me", 40))
+    assert len({r.body for r in results}) == 40
+    assert origin.count("/me") == 80
+    assert grants(await leases()) == granted
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def grants(metrics: str) -> int:
+    for line in metrics.splitlines():
+        if line.startswith('cachegate_cross_worker_leases_total{event="granted"}'):
+            return int(float(line.split()[-1]))
+    raise AssertionError("no lease metrics")
+
+
+def pid_owning_connection(local_port: int, remote_port: int, pids: list[int]) -> int:
+    """The process that owns the TCP connection 127.0.0.1:local_port -> :remote_port (Linux /proc)."""
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == local_port and int(fields[2].split(":")[1], 16) == remote_port:
+                inode = fields[9]
+    assert inode is not None, "connection not found"
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+    raise AssertionError("no worker owns the connection")
+
+
+async def test_waiters_fetch_for_themselves_at_once_when_the_lease_holder_dies(
+        origin: Origin, tmp_path: Path) -> None:
+    release = asyncio.Event()
+    peers: list[int] = []
+
+    async def page(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        if len(peers) == 1:
+            await release.wait()  # the first fetch never finishes: its worker will die
+        return web.Response(body=BODY, headers={"Cache-Control": "max-age=60"})
+
+    origin.route("/held", page)
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url,
+        "cache: {memory: 64MB, lock_timeout: 30s, disk: {path: cache, size: 256MB, shards: 2}}\n"))
+    await proxy.start("--workers", "2")
+    await proxy.wait_for(lambda: len(proxy.workers) == 2)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        clients = asyncio.ensure_future(herd(proxy.url, "/held", 30))
+        await wait_until(lambda: bool(peers))
+        await asyncio.sleep(0.3)  # every client has asked by now; the other worker waits on the lease
+        holder = pid_owning_connection(peers[0], origin.port, list(proxy.workers.values()))
+        os.kill(holder, signal.SIGKILL)
+        results = await clients
+        survivors = answered(results)
+        holder_id = next(str(w) for w, pid in proxy.workers.items() if pid == holder)
+        assert survivors and {r.worker for r in survivors} == {"0", "1"} - {holder_id}
+        assert {(r.status, r.body) for r in survivors} == {(200, BODY)}
+        assert loop.time() - started < 10  # not the 30 s lock_timeout: the broker said so at once
+        assert len(peers) == 2  # the survivor fetched once, for all its clients
+    finally:
+        release.set()
+        await proxy.stop()
