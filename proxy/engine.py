@@ -15,6 +15,7 @@ decision, closed with ``assert_never``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -69,7 +70,7 @@ from proxy.purge import tags_from_headers
 from proxy.rules import RequestPlan, RuleSet, StorePlan
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
-from proxy.storage.tiered import Storage
+from proxy.storage.tiered import BodySpool, Storage
 from proxy.upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
@@ -595,10 +596,8 @@ class Engine:
                                   stored: bool = False) -> Reply:
         flight = self.coalescer.get(key)
         if flight is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flight.result), self.settings.cache.lock_timeout)
-            except TimeoutError:
-                pass
         variants = await self._load(key)
         index = select_variant(req.head, [c.entry.response for c in variants]) if variants else None
         if index is not None:
@@ -669,10 +668,21 @@ class Engine:
                         leases.release(key, lease, "stored")
                         return
                     flight.head.add_done_callback(functools.partial(self._report_head, key, lease))
+                    done = False
+
+                    def release(outcome: str, status: int = 0, message: str = "",
+                                held: Granted = lease) -> None:
+                        nonlocal done
+                        if not done:
+                            done = True
+                            leases.release(key, held, outcome, status, message)
+
+                    # Told the moment the response is on disk, not when the flight ends.
+                    flight.on_stored = lambda stored: release("stored" if stored else "failed")
                     try:
                         await self._run_flight(flight, req, plan, key, revalidating, stale)
                     finally:
-                        self._release_lease(key, lease, flight)
+                        self._release_lease(flight, release)
                     return
                 case Busy():
                     return  # a refresh another worker is already doing
@@ -740,15 +750,16 @@ class Engine:
         h = head.result()
         self.leases.head(key, lease, h.shareable, h.store_detail in PASS_DETAILS)
 
-    def _release_lease(self, key: str, lease: Granted, flight: Flight) -> None:
-        assert self.leases is not None
+    @staticmethod
+    def _release_lease(flight: Flight, release: Callable[..., None]) -> None:
+        """End a flight's lease with how it went (unless on_stored already did)."""
         error = flight.head.exception() if flight.head.done() and not flight.head.cancelled() else None
         if isinstance(error, UpstreamError):
-            self.leases.release(key, lease, "error", error.status_hint, str(error))
+            release("error", error.status_hint, str(error))
         elif flight.result.done() and not flight.result.cancelled() and flight.result.result().stored:
-            self.leases.release(key, lease, "stored")
+            release("stored")
         else:
-            self.leases.release(key, lease, "failed")
+            release("failed")
 
     async def _run_flight(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
                           revalidating: Cached | None, stale: Cached | None = None) -> None:
@@ -844,15 +855,31 @@ class Engine:
         # client's next request is a hit; the disk copy follows.
         self.storage.put_memory(final, spool)
         self.coalescer.retire(flight)
-        flight.body.finish()
+        if flight.on_stored is not None and spool.body_bytes() is not None:
+            # Other workers wait for this key (proxy.leases): a small body goes to disk before
+            # this worker's own followers take the CPU, and they hear of it at once; then both
+            # workers answer their clients at the same time.
+            on_disk = await self._put_disk(key, final, spool)
+            flight.on_stored(on_disk)
+            flight.body.finish()
+        else:
+            flight.body.finish()
+            on_disk = await self._put_disk(key, final, spool)
+            if flight.on_stored is not None:
+                flight.on_stored(on_disk)
+        if on_disk:
+            self.coalescer.clear_pass(key)
+        flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED"))
+
+    async def _put_disk(self, key: str, final: Entry, spool: BodySpool) -> bool:
         writing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._disk_writes.setdefault(key, set()).add(writing)
         try:
-            stored = await self.storage.put_disk(final, spool)
+            return await self.storage.put_disk(final, spool)
         except Exception:
             log.exception("storing %s failed", key)
             self.metrics.storage_errors.labels("write").inc()
-            stored = False
+            return False
         finally:
             writing.set_result(None)
             pending = self._disk_writes.get(key)
@@ -860,9 +887,6 @@ class Engine:
                 pending.discard(writing)
                 if not pending:
                     del self._disk_writes[key]
-        if stored:
-            self.coalescer.clear_pass(key)
-        flight.result.set_result(FlightResult(stored, "" if stored else "STORE-FAILED"))
 
     def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: StorePlan, key: str,
                         resp: UpstreamResponse, request_time: float, response_time: float
