@@ -171,12 +171,19 @@ class Engine:
     async def close(self) -> None:
         await self.coalescer.close(self.settings.shutdown_grace)
 
-    def join_cluster(self, channel: Channel) -> None:
+    def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the
-        supervisor's lease broker (``proxy.leases``). Without a shared disk tier there is
-        nothing to share, and each worker fetches for itself."""
+        supervisor's lease broker (``proxy.leases``; without a shared disk tier there is
+        nothing to share, and each worker fetches for itself), and show this worker's
+        upstream pool to the admin API (``GET /upstreams``)."""
         if self.storage.disk is not None:
             self.leases = LeaseClient(channel)
+        pool = self.pool
+
+        async def upstream_states() -> dict[str, Any]:
+            return {"worker": worker_id, "upstreams": pool.snapshot()}
+
+        channel.handlers["upstream_states"] = upstream_states
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -409,7 +416,8 @@ class Engine:
     def _upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str = "MISS"
                          ) -> Reply:
         status = exc.status_hint
-        reason = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}.get(status, "Bad Gateway")
+        reason = {502: "Bad Gateway", 503: "Service Unavailable",
+                  504: "Gateway Timeout"}.get(status, "Bad Gateway")
         detail = {504: "UPSTREAM-TIMEOUT", 503: "NO-UPSTREAM"}.get(status, "UPSTREAM-UNREACHABLE")
         log.warning("upstream failed: %s", exc)
         return self._finish(plan, _error_reply(status, reason, f"{status} {reason}: {exc}", x_cache,
@@ -984,7 +992,7 @@ def _upstream_error(status: int, message: str) -> UpstreamError:
 
 def _close(body: Body) -> None:
     if body is not None and not isinstance(body, bytes) and hasattr(body, "close"):
-        body.close()  # type: ignore[union-attr]
+        body.close()
 
 
 __all__ = ["ClientRequest", "Engine", "Reply", "StorageError", "StoredResponse"]

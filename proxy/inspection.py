@@ -154,6 +154,10 @@ class Inspector:
     def multi(self) -> bool:
         return self._call is not None
 
+    async def ask_workers(self, name: str, **args: Any) -> list[Any]:
+        """Every live worker's answer to a named call (admin endpoints of other features)."""
+        return await self._workers(name, **args)
+
     async def _workers(self, name: str, **args: Any) -> list[Any]:
         """Answers of every live worker that answered (failures are left out)."""
         assert self._call is not None

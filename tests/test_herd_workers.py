@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import signal
 from collections import Counter
@@ -69,6 +70,12 @@ async def test_500_concurrent_clients_over_two_workers_make_one_origin_request(
     metrics = (await two_workers.admin("GET", "/metrics")).body.decode()
     assert 'cachegate_cross_worker_leases_total{event="granted"} 1.0' in metrics
     assert 'cachegate_cross_worker_leases_total{event="stored"} 1.0' in metrics
+    # Each worker's own pool, as the admin API shows it: one request upstream for the machine.
+    state = json.loads((await two_workers.admin("GET", "/upstreams")).body)
+    assert [w["worker"] for w in state["workers"]] == [0, 1]
+    assert all(w["upstreams"][0]["state"] == "up" for w in state["workers"])
+    assert sum(w["upstreams"][0]["requests"] for w in state["workers"]) == 1
+    assert state["upstreams"][0]["url"] == origin.url
 
 
 async def until_each_worker(proxy: ProxyProcess, path: str, check: Callable[[Response], bool],

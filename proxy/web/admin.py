@@ -363,11 +363,16 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
 
 async def upstreams(request: web.Request) -> web.Response:
     """Each upstream's state: up or down and why, requests in flight, totals, and the passive
-    and active health counters (``UpstreamPool.snapshot``). With ``--workers N`` this is the
-    supervisor's pool, which runs the active health checks too; passive ejections happen in
-    each worker and show in its ``cachegate_upstream_up``."""
-    runtime = request.app[RUNTIME_REF]()
-    return web.json_response({"upstreams": runtime.pool.snapshot()})
+    and active health counters (``UpstreamPool.snapshot``). With ``--workers N``, ``upstreams``
+    is the supervisor's pool (it runs the active health checks too) and ``workers`` has each
+    worker's own pool, where requests are sent and passive ejections happen."""
+    query_params(request, ())
+    ctx = request.app[ADMIN]
+    body: dict[str, Any] = {"upstreams": ctx.runtime().pool.snapshot()}
+    if ctx.inspector.multi:
+        answers = await ctx.inspector.ask_workers("upstream_states")
+        body["workers"] = sorted(answers, key=lambda a: a["worker"])
+    return web.json_response(body)
 
 
 __all__ = ["create_admin_app", "purge_method", "token_matches"]

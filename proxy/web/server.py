@@ -287,7 +287,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     runtime.worker_id = worker.worker_id
     runtime.control = channel
     register_worker_calls(runtime)  # GET /cache, /stats, /metrics on the supervisor ask workers
-    runtime.engine.join_cluster(channel)
+    runtime.engine.join_cluster(channel, worker.worker_id)  # cross-worker coalescing (proxy.leases)
 
     async def watch_supervisor() -> None:
         await channel.closed.wait()
