@@ -593,11 +593,9 @@ class Engine:
                                  plan.options)
         if not isinstance(decision, Serve) or decision.status != "HIT":
             return None
-        reply = await self._serve(req, plan, variants[decision.index], "HIT", decision.ttl, decision.age,
-                                  decision.not_modified, hit=True, collapsed=True)
-        if reply is not None:
-            self.metrics.coalesced.inc()
-        return reply
+        # A plain hit: it found the response stored, without waiting for anyone's fetch.
+        return await self._serve(req, plan, variants[decision.index], "HIT", decision.ttl, decision.age,
+                                 decision.not_modified, hit=True)
 
     async def _serve_after_flight(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
                                   fwd_status: int | None, x_cache: str, collapsed: bool, *,
