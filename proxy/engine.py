@@ -234,19 +234,30 @@ class Engine:
 
         A herd on a cold key would otherwise queue one disk read per client in the
         executor, and the last clients would join the flight (or find its response)
-        only after all of them: the waiters would pay for the wait.
+        only after all of them: the waiters would pay for the wait. The first caller
+        reads in its own step (no task in between), so the read is under way before the
+        rest of the herd is even parsed.
         """
         pending = self._loads.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._load(key))
-            self._loads[key] = pending
-            pending.add_done_callback(lambda _: self._loads.pop(key, None))
-            return await asyncio.shield(pending)
-        variants = await asyncio.shield(pending)
+            shared: asyncio.Future[tuple[Cached, ...]] = asyncio.get_running_loop().create_future()
+            self._loads[key] = shared
+            try:
+                variants = await self._load(key)
+                shared.set_result(variants)
+            finally:
+                if self._loads.get(key) is shared:
+                    del self._loads[key]
+                if not shared.done():
+                    shared.cancel()  # this caller was cancelled: the others read for themselves
+            return variants
+        await asyncio.wait((pending,))
+        if pending.cancelled():
+            return await self._load(key)
         # Step aside once: the first caller (woken first) starts the key's flight, whose
         # request then leaves for the origin before the rest of the herd joins it.
         await asyncio.sleep(0)
-        return variants
+        return pending.result()
 
     async def _load(self, key: str) -> tuple[Cached, ...]:
         try:
