@@ -16,7 +16,8 @@ Measured in the same run, interleaved round by round, each round on a fresh cold
   are stopped at the end.
 
 Clients connect first (fresh connections, so SO_REUSEPORT spreads them over the
-workers), then all requests are written at once; connection set-up is not timed.
+workers), then all requests are written at once (HTTP/1.1 keep-alive, as browsers
+and API clients send them); connection set-up is not timed.
 The origin is a separate process. Each client's latency runs from just before its
 request is written to the kernel's receive timestamp of the last segment of its
 response (SO_TIMESTAMPNS): the benchmark's own scheduling on a busy machine does
@@ -165,7 +166,7 @@ def herd(port: int, path: str, n: int, timeout: float = 30.0) -> list[Answer]:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socks.append(s)
     time.sleep(0.2)  # let the server accept every connection before the clock starts
-    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n"
+    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n"
                "User-Agent: bench-herd\r\n\r\n").encode()
     sel = selectors.DefaultSelector()
     sent: dict[socket.socket, float] = {}
