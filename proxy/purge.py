@@ -15,6 +15,8 @@ Tags (surrogate keys) come from the origin's response headers named in
 
 from __future__ import annotations
 
+import time
+
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -195,12 +197,13 @@ class Purger:
     async def plan(self, spec: PurgeSpec) -> tuple[set[str], PurgeMatch]:
         """The keys of the spec's URLs (every key shape, as the rules reshape them) and the match
         that tells any process what the purge covers."""
+        since = time.monotonic()
         rules = self._rules()
         urls = {u for raw in spec.urls for u in (raw, keys_for_url(raw, rules))}
         keys = await self.storage.keys_for_urls(urls)
         keys.update(spec.keys)
         match = PurgeMatch(keys=frozenset(keys), urls=frozenset(urls), prefixes=spec.prefixes,
-                           tags=frozenset(spec.tags), all=spec.all, soft=spec.soft)
+                           tags=frozenset(spec.tags), all=spec.all, soft=spec.soft, since=since)
         return keys, match
 
     async def purge_shared(self, spec: PurgeSpec) -> tuple[int, list[Ban], PurgeMatch]:
@@ -217,10 +220,10 @@ class Purger:
 
 def match_to_json(m: PurgeMatch) -> dict[str, Any]:
     return {"keys": sorted(m.keys), "urls": sorted(m.urls), "prefixes": list(m.prefixes),
-            "tags": sorted(m.tags), "all": m.all, "soft": m.soft}
+            "tags": sorted(m.tags), "all": m.all, "soft": m.soft, "since": m.since}
 
 
 def match_from_json(d: dict[str, Any]) -> PurgeMatch:
     return PurgeMatch(keys=frozenset(d["keys"]), urls=frozenset(d["urls"]),
                       prefixes=tuple(d["prefixes"]), tags=frozenset(d["tags"]), all=bool(d["all"]),
-                      soft=bool(d["soft"]))
+                      soft=bool(d["soft"]), since=float(d.get("since", 0.0)))

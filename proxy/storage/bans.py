@@ -101,6 +101,9 @@ class PurgeMatch:
     tags: frozenset[str] = frozenset()
     all: bool = False
     soft: bool = False
+    # When the purge began (time.monotonic(), the same clock in every process of the machine):
+    # a fill of a covered key that reached the disk after this predates the purge and is undone.
+    since: float = 0.0
 
     def covers(self, e: Entry) -> bool:
         if self.all or e.key in self.keys:

@@ -54,6 +54,7 @@ T = TypeVar("T")
 log = logging.getLogger("cachegate.storage")
 
 MAX_VARIANTS = 32
+RECENT_COMMITS_WINDOW = 60.0  # seconds a disk commit is remembered, for purges that raced it
 SPOOL_IN_MEMORY = 64 * 1024  # a body being received stays in memory up to this (or memory_max_object)
 SWEEP_BATCH = 1000
 GC_BATCH = 2000
@@ -162,7 +163,8 @@ class Storage:
         self.failed_writes = 0
         self.bans = BanList(index.bans() if index is not None else ())
         self.epoch = 0  # local purges so far
-        self._spools: set[BodySpool] = set()  # bodies being received, not yet stored
+        self._spools: set[BodySpool] = set()
+        self._recent: collections.deque[tuple[Entry, float]] = collections.deque()  # disk commits  # bodies being received, not yet stored
         self._committing: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
         self._gc_cursor = ""
         self._gc_seq_marks: collections.deque[tuple[float, int]] = collections.deque()
@@ -320,6 +322,10 @@ class Storage:
         if stored is None:
             self.failed_writes += 1
             return False
+        now = time.monotonic()
+        self._recent.append((stored, now))
+        while self._recent and self._recent[0][1] < now - RECENT_COMMITS_WINDOW:
+            self._recent.popleft()
         if entry.body_size > self.memory.max_object and not spool.doomed:
             current = self.memory.peek(entry.key)
             if current is not None:  # keep memory's view of the key consistent
@@ -506,7 +512,11 @@ class Storage:
         if waits:
             # Fills being written to disk right now: let them finish, then undo them.
             await asyncio.gather(*(fut for _, fut in waits))
-            keys = sorted({e.key for e, _ in waits})
+        # ... and fills that reached the disk after the purge began (after its shared half
+        # looked): they carry responses from before the purge.
+        late = {e.key for e, at in self._recent if at >= match.since and match.covers(e)} if match.since else set()
+        if waits or late:
+            keys = sorted({e.key for e, _ in waits} | late)
             if self.disk is not None:
                 disk = self.disk
                 if match.soft:

@@ -320,3 +320,23 @@ async def test_a_read_during_this_process_s_disk_write_of_a_big_body_waits_for_i
     assert disk_store._committing
     assert await read_body(disk_store, KEY) == body  # not a miss
     assert await writing
+
+
+async def test_a_fill_that_reaches_the_disk_between_a_purges_two_halves_is_undone(tmp_path: Path) -> None:
+    """The shared half found nothing; the fill (a response from before the purge) landed
+    after it; the local half must still remove it, or the purged object comes back."""
+    path = str(tmp_path / "cache")
+    st = Storage(MemoryTier(MB, 1000), DiskTier(path, 64 * MB, shards=1), UrlTagIndex(path), max_object=MB)
+    try:
+        since = time.monotonic()
+        await st.purge_shared([KEY])
+        assert await store(st, entry(KEY), b"from before the purge")
+        await st.purge_local(PurgeMatch(keys=frozenset({KEY}), since=since))
+        assert st.disk is not None and not st.disk.has(KEY)
+        assert await st.get(KEY) == ()
+        # A fill that lands after a purge that began later than it is not touched.
+        assert await store(st, entry(KEY), b"after the purge")
+        await st.purge_local(PurgeMatch(keys=frozenset({"http://h.test/other"}), since=since))
+        assert st.disk.has(KEY)
+    finally:
+        st.close()
