@@ -258,7 +258,8 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         if hs is not None:
             path = hs.str("path", "/healthz")
             if not path.startswith("/"):
-                problems.add(hs.raw("path") or hs.src, f"upstream.health.path: must start with '/', got {path!r}")
+                problems.add(hs.raw("path") or hs.src,
+                             f"upstream.health.path: must start with '/', got {path!r}")
             health = HealthSettings(path, hs.duration("interval", 5.0), hs.duration("timeout", 1.0),
                                     hs.int("healthy", 2, minimum=1), hs.int("unhealthy", 3, minimum=1))
         passive = PassiveHealth()
@@ -273,7 +274,8 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
             if ca_file is not None:
                 ca_file = _resolve(base_dir, ca_file)
                 if not os.path.isfile(ca_file):
-                    problems.add(tl.raw("ca_file") or tl.src, f"upstream.tls.ca_file: {ca_file} does not exist")
+                    problems.add(tl.raw("ca_file") or tl.src,
+                                 f"upstream.tls.ca_file: {ca_file} does not exist")
             tls = TLSSettings(tl.bool("verify", True), ca_file)
         pool = PoolSettings(
             balance=cast(Balance, ps.choice("balance", "round_robin", ("round_robin", "least_conn"))),
@@ -302,7 +304,8 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
                     size=ds.size("size", 10 * 1024 * MB),
                     shards=ds.int("shards", 8, minimum=1),
                     eviction=cast(DiskEviction, ds.choice(
-                        "eviction", "least-recently-stored", ("least-recently-stored", "least-recently-used"))),
+                        "eviction", "least-recently-stored",
+                        ("least-recently-stored", "least-recently-used"))),
                 )
         cache = CacheSettings(
             memory=cs.size("memory", 256 * MB),

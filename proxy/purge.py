@@ -15,9 +15,8 @@ Tags (surrogate keys) come from the origin's response headers named in
 
 from __future__ import annotations
 
-import time
-
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any

@@ -7,7 +7,6 @@ every problem in a file instead of stopping at the first.
 from __future__ import annotations
 
 import builtins
-
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias, TypeVar
 

@@ -307,9 +307,10 @@ class DiskTier:
 
         A full repair: it decodes every metadata record, so upkeep does not run it
         (intent logs find a crash's orphans; see ``sweep_intents``). An orphan is what
-        a crash between "body written" and "metadata written" leaves behind. Only what was created before ``before`` is considered: pass
-        the start-up time when no other process writes yet, or a time well in the
-        past (``ORPHAN_AGE``) while other processes may be writing.
+        a crash between "body written" and "metadata written" leaves behind. Only what
+        was created before ``before`` is considered: pass the start-up time when no
+        other process writes yet, or a time well in the past (``ORPHAN_AGE``) while
+        other processes may be writing.
         """
         removed = 0
         for shard in self._shards:

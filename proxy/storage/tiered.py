@@ -163,8 +163,8 @@ class Storage:
         self.failed_writes = 0
         self.bans = BanList(index.bans() if index is not None else ())
         self.epoch = 0  # local purges so far
-        self._spools: set[BodySpool] = set()
-        self._recent: collections.deque[tuple[Entry, float]] = collections.deque()  # disk commits  # bodies being received, not yet stored
+        self._spools: set[BodySpool] = set()  # bodies being received, not yet stored
+        self._recent: collections.deque[tuple[Entry, float]] = collections.deque()  # recent disk commits
         self._committing: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
         self._gc_cursor = ""
         self._gc_seq_marks: collections.deque[tuple[float, int]] = collections.deque()
@@ -514,7 +514,7 @@ class Storage:
             await asyncio.gather(*(fut for _, fut in waits))
         # ... and fills that reached the disk after the purge began (after its shared half
         # looked): they carry responses from before the purge.
-        late = {e.key for e, at in self._recent if at >= match.since and match.covers(e)} if match.since else set()
+        late = {e.key for e, at in self._recent if match.since and at >= match.since and match.covers(e)}
         if waits or late:
             keys = sorted({e.key for e, _ in waits} | late)
             if self.disk is not None:

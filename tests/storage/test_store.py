@@ -269,7 +269,7 @@ async def test_a_body_a_killed_writer_left_without_metadata_is_swept_from_its_in
             "spools.intend('http://h.test/gone', 'b1'); spools.settle('b1')\n"
             "spools.intend(sys.argv[3], 'b2'); disk.put_body(sys.argv[3], 'b2', b'y' * 40000)\n"
             "os.kill(os.getpid(), 9)")
-    subprocess.run([sys.executable, "-c", code, path, root, KEY], check=False)
+    await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code, path, root, KEY], check=False)
     disk = DiskTier(path, 64 * MB, shards=1)
     try:
         orphan = disk.get_body(KEY, "b2")  # a body no metadata refers to
