@@ -170,7 +170,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
                 await resp.write(chunk)
                 sent += len(chunk)
         else:
-            sent = await _send_file(resp, body, reply.offset, reply.length)  # type: ignore[arg-type]
+            sent = await _send_file(resp, body, reply.offset, reply.length)
     except UpstreamError as exc:
         # The upstream broke off mid-body: end the connection so the client sees an
         # incomplete response, never a truncated "complete" one.
