@@ -1,7 +1,12 @@
 """Prometheus metrics: one registry per process, Prometheus naming (``_total``, ``_seconds``, ``_bytes``).
 
-Counters are updated on the request path; tier sizes are read when scraped, by a
-collector, so the hit path never updates a gauge.
+Counters are plain numbers on the request path (``LeanCounter``: one dict lookup and
+an addition) exported when scraped, as prometheus-client's own ``Counter`` would
+export them (same family names, samples and labels). prometheus-client's ``Counter``
+takes a lock and builds a label key per ``labels().inc()``, ~1-2.5 µs each, and a
+hit makes two of them: 5-10 % of a whole 1 KiB hit. The event loop is the only
+writer, so no lock is needed. Tier sizes are read when scraped, by a collector, so
+the hit path never updates a gauge.
 
 With several workers (``cachegate run --workers N``) every process keeps its own
 registry and the supervisor adds them up when ``/metrics`` is scraped: each worker
@@ -29,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -53,6 +58,72 @@ MEAN_GAUGES = frozenset({"cachegate_upstream_up"})
 
 # A snapshot: [[family name, type, help, [[sample name, {labels}, value], ...]], ...]
 Snapshot = list[list[Any]]
+
+
+class CounterChild:
+    """One label set's value of a ``LeanCounter``: ``inc`` is an attribute addition."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+
+class LeanCounter(Collector):
+    """A counter family with prometheus-client's ``Counter`` interface for updates
+    (``labels(...).inc()``, or ``inc()`` without labels) and its exposition at scrape time.
+
+    Hot paths keep the child (``labels(...)`` once) and add to ``child.value`` directly.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (),
+                 registry: CollectorRegistry | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], CounterChild] = {}
+        self._plain = CounterChild() if not self.labelnames else None
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> CounterChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values!r}")
+            key = tuple(str(v) for v in values)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = CounterChild()
+        return child
+
+    def inc(self, amount: float = 1) -> None:
+        if self._plain is None:
+            raise ValueError(f"{self.name} has labels {self.labelnames}: use labels(...).inc()")
+        self._plain.inc(amount)
+
+    def values(self) -> dict[tuple[str, ...], float]:
+        """Every label set's value (``()`` for a counter without labels)."""
+        if self._plain is not None:
+            return {(): self._plain.value}
+        return {k: c.value for k, c in self._children.items()}
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in list(self.values().items()):
+            family.add_metric(list(labels), value)
+        yield family
+
+
+Counter = LeanCounter
 
 
 class Metrics:
@@ -100,11 +171,8 @@ class Metrics:
     def request_counts(self) -> dict[str, int]:
         """Client requests so far by X-Cache-Status (all methods together)."""
         out: dict[str, int] = {}
-        for family in self.requests.collect():
-            for s in family.samples:
-                if s.name.endswith("_total"):
-                    status = s.labels["cache_status"]
-                    out[status] = out.get(status, 0) + int(s.value)
+        for (status, _method), n in list(self.requests.values().items()):
+            out[status] = out.get(status, 0) + int(n)
         return out
 
 
