@@ -52,6 +52,7 @@ from proxy.policy.reuse import (
     Revalidate,
     Serve,
     decide_lookup,
+    plain_fresh_hit,
     select_variant,
 )
 from proxy.policy.storability import DontStore, Store, decide_store
@@ -67,7 +68,7 @@ from proxy.policy.validation import (
     freshen_stored,
 )
 from proxy.purge import tags_from_headers
-from proxy.rules import RequestPlan, RuleSet, StorePlan
+from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool, Storage
@@ -229,6 +230,32 @@ class Engine:
             case _:
                 assert_never(decision)
 
+    def fresh_hit(self, head: RequestHead) -> tuple[RequestPlan, Cached, float, float] | None:
+        """``handle`` up to its decision, for the fast path (``proxy.web.fastpath``): a GET or
+        HEAD that ``handle`` would answer with ``_serve`` as a plain fresh HIT from a body held
+        in memory (no 304, no refresh, no disk read), as (plan, variant, age, ttl). None for
+        anything else: the general path then starts over, and no use of the key was counted.
+        ``plain_fresh_hit`` is the first step of ``decide_lookup``: the same decision."""
+        plan = self.rules.plan(head)
+        if plan.bypass:
+            return None
+        key = cache_key(head, plan.key)
+        memory = self.storage.memory
+        slot = memory.slot(key)
+        if slot is None:
+            return None
+        variants: tuple[Cached, ...] = slot[0]
+        responses = ((variants[0].entry.response,) if len(variants) == 1
+                     else tuple(c.entry.response for c in variants))
+        plain = plain_fresh_hit(head, responses, self.clock())
+        if plain is None:
+            return None
+        cached = variants[plain[0]]
+        if cached.body is None:
+            return None
+        memory.use(key, slot)
+        return plan, cached, plain[1], plain[2]
+
     async def _load_shared(self, key: str) -> tuple[Cached, ...]:
         """A lookup that misses memory: concurrent ones for the same key share one disk read.
 
@@ -291,10 +318,7 @@ class Engine:
         stored = entry.response
         cs = cache_status(hit=hit, fwd=fwd, fwd_status=fwd_status, ttl=ttl, detail=detail,
                           collapsed=collapsed, stored=mark_stored)
-        headers = [(k, v) for k, v in stored.headers if k.lower() != "age"]
-        headers.append(("Age", str(int(age))))
-        headers.append(("Cache-Status", cs))
-        headers.append(("X-Cache-Status", x_cache))
+        headers = served_headers(stored.headers, str(int(age)), cs, x_cache)
         if not_modified:
             kept = [(k, v) for k, v in headers
                     if k.lower() in NOT_MODIFIED_FIELDS or k in ("Age", "Cache-Status", "X-Cache-Status")]
@@ -314,7 +338,6 @@ class Engine:
             rng = parse_range(range_header, entry.body_size)
             if rng == "unsatisfiable":
                 _close(body)
-                headers = [(k, v) for k, v in headers if k.lower() not in ("content-length",)]
                 headers.append(("Content-Range", f"bytes */{entry.body_size}"))
                 return self._finish(plan, Reply(416, "Range Not Satisfiable", headers, b"", 0,
                                                 x_cache, "none"))
@@ -325,7 +348,6 @@ class Engine:
                 length, offset = last - first + 1, first
                 if isinstance(body, bytes):
                     body, offset = body[first:last + 1], 0
-        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         return self._finish(plan, Reply(status, reason, headers, body, length, x_cache, tier,
                                         offset, head_only))
 
@@ -966,14 +988,31 @@ class Engine:
 
     def _finish(self, plan: RequestPlan, reply: Reply) -> Reply:
         """Apply the rule's response_headers (chosen by the reply's status and type) for the client."""
-        if plan.response_rules:
-            ctype = next((v for k, v in reply.headers if k.lower() == "content-type"), None)
-            edits = plan.response_headers_for(reply.status, ctype)
-        else:
-            edits = plan.response_headers
+        edits = response_edits(plan, reply.status, reply.headers)
         if edits:
             reply.headers = edits.apply(reply.headers)
         return reply
+
+
+def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
+                   ) -> list[tuple[str, str]]:
+    """A stored response's fields as served: its own Age and Content-Length dropped (the
+    web layer frames the body), this cache's Age, Cache-Status and X-Cache-Status added.
+    Shared by ``Engine._serve`` and the fast path (``proxy.web.fastpath``)."""
+    headers = [(k, v) for k, v in stored if k.lower() not in ("age", "content-length")]
+    headers.append(("Age", age))
+    headers.append(("Cache-Status", cs))
+    headers.append(("X-Cache-Status", x_cache))
+    return headers
+
+
+def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, str]]
+                   ) -> HeaderEdits | None:
+    """The rule's response_headers for a reply with this status and these fields."""
+    if plan.response_rules:
+        ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
+        return plan.response_headers_for(status, ctype)
+    return plan.response_headers
 
 
 def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:

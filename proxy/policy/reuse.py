@@ -94,12 +94,60 @@ def select_variant(request: RequestHead, candidates: Sequence[StoredResponse]) -
     return best
 
 
+def plain_fresh_hit(
+    request: RequestHead, candidates: Sequence[StoredResponse], now: float
+) -> tuple[int, float, float] | None:
+    """The common case of ``decide_lookup``, decided without building a decision.
+
+    A GET or HEAD without Cache-Control, Pragma, If-None-Match or If-Modified-Since,
+    and a matching stored response that is fresh (not no-cache, not soft-purged): it
+    is served as a plain HIT, whatever the options say (they only bound what a request's
+    own directives may ask). Returns (index, age, ttl) exactly as ``decide_lookup``'s
+    ``Serve`` would carry them; None means "not this case: ask ``decide_lookup``".
+    """
+    headers = request.headers
+    if (not candidates or "Cache-Control" in headers or "Pragma" in headers
+            or "If-None-Match" in headers or "If-Modified-Since" in headers
+            or request.method not in LOOKUP_METHODS):
+        return None
+    if len(candidates) == 1:
+        index = 0
+        stored = candidates[0]
+        if stored.vary and not vary_matches(stored.vary, headers):
+            return None
+    else:
+        found = select_variant(request, candidates)
+        if found is None:
+            return None
+        index = found
+        stored = candidates[index]
+    f = stored.freshness
+    age = f.age(now)
+    ttl = f.lifetime - age
+    if ttl <= 0 or stored.invalidated or f.no_cache:
+        return None
+    return index, age, ttl
+
+
 def decide_lookup(
     request: RequestHead,
     candidates: Sequence[StoredResponse],
     now: float,
     options: CacheOptions,
 ) -> LookupDecision:
+    plain = plain_fresh_hit(request, candidates, now)
+    if plain is not None:
+        return Serve(plain[0], "HIT", plain[1], plain[2])
+    return decide_lookup_in_full(request, candidates, now, options)
+
+
+def decide_lookup_in_full(
+    request: RequestHead,
+    candidates: Sequence[StoredResponse],
+    now: float,
+    options: CacheOptions,
+) -> LookupDecision:
+    """``decide_lookup`` without its shortcut for plain fresh hits (the tests compare both)."""
     if request.method not in LOOKUP_METHODS:
         return Forward("method")
     req_cc = effective_request_cache_control(request)

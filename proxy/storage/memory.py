@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxy.storage.entry import Entry
@@ -38,6 +38,9 @@ class Cached:
 
     entry: Entry
     body: bytes | None  # None: the body is on disk only
+    # The fast path's pre-serialised response heads for this variant (proxy.web.fastpath),
+    # built on its first fast hit; a freshened or replaced variant is a new Cached.
+    heads: list[Any] | None = field(default=None, compare=False, repr=False)
 
 
 def cost(variants: tuple[Cached, ...]) -> int:
@@ -97,6 +100,18 @@ class MemoryTier:
             return None
         self._bump(key, slot)
         return slot[0]  # type: ignore[no-any-return]
+
+    def slot(self, key: str) -> list[Any] | None:
+        """The key's slot ``[variants, cost, uses, ...]`` without counting a use; ``use`` counts
+        one once the caller knows it serves from it (the fast path)."""
+        return self._get(key)
+
+    def use(self, key: str, slot: list[Any]) -> None:
+        """Count a use of ``key`` (whose ``slot`` came from ``slot``), as ``get`` does."""
+        if self.policy == "lfu":
+            self._bump(key, slot)
+        else:
+            slot[2] += 1
 
     def peek(self, key: str) -> tuple[Cached, ...] | None:
         """Like ``get`` without counting as a use (for inspection and internal updates)."""

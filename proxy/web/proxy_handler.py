@@ -17,7 +17,7 @@ from typing import IO
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.engine import ClientRequest, Reply
@@ -47,9 +47,14 @@ def _is_trusted(runtime: Runtime, remote: str) -> bool:
 
 def request_head(request: web.BaseRequest, trusted: bool, default_host: str) -> RequestHead:
     """The request as the cache sees it: raw target, normalised Host, scheme."""
-    target = request.raw_path
-    headers = request.headers
-    scheme = "https" if request.secure else "http"
+    return head_of(request.method, request.raw_path, request.headers, request.version,
+                   request.secure, trusted, default_host)
+
+
+def head_of(method: str, target: str, headers: CIMultiDictProxy[str], version: tuple[int, int],
+            secure: bool, trusted: bool, default_host: str) -> RequestHead:
+    """``request_head`` from the parsed message's parts (the fast path has no aiohttp request)."""
+    scheme = "https" if secure else "http"
     if trusted:
         proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
         if proto in ("http", "https"):
@@ -63,15 +68,15 @@ def request_head(request: web.BaseRequest, trusted: bool, default_host: str) -> 
             raise BadRequest("malformed request target") from None
         host_header = url.raw_authority
         target = url.raw_path_qs or "/"
-    if not target.startswith("/") and not (request.method == "OPTIONS" and target == "*"):
+    if not target.startswith("/") and not (method == "OPTIONS" and target == "*"):
         raise BadRequest("malformed request target")
     if host_header is None:
-        if request.version >= (1, 1):
+        if version >= (1, 1):
             raise BadRequest("missing Host header")
         host_header = default_host
     if len(headers.getall("Host", ())) > 1 or not _HOST.fullmatch(host_header):
         raise BadRequest("invalid Host header")
-    return RequestHead(request.method, scheme, normalise_host(host_header, scheme), target, headers)
+    return RequestHead(method, scheme, normalise_host(host_header, scheme), target, headers)
 
 
 async def _body_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:

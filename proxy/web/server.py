@@ -30,6 +30,7 @@ from proxy.inspection import Inspector, register_worker_calls
 from proxy.purge import PurgeSpec
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.admin import create_admin_app
+from proxy.web.fastpath import FastPath, ProxyServer
 from proxy.web.proxy_handler import make_handler
 
 log = logging.getLogger("cachegate.server")
@@ -69,10 +70,12 @@ def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
 
 
 async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Settings, *,
-                               reuse_port: bool = False, sock: socket.socket | None = None
-                               ) -> web.ServerRunner:
-    server = web.Server(
-        make_handler(runtime_ref),  # type: ignore[arg-type]
+                               reuse_port: bool = False, sock: socket.socket | None = None,
+                               fast: bool = True) -> web.ServerRunner:
+    server = ProxyServer(
+        make_handler(runtime_ref),
+        # Fresh memory hits below web.Response (proxy.web.fastpath); tests compare without.
+        fast=FastPath(runtime_ref) if fast else None,
         max_line_size=8190,
         max_field_size=8190,
         max_headers=128,

@@ -117,3 +117,55 @@ def test_a_lookup_never_raises_and_never_serves_a_no_cache_response_unvalidated(
     result = decide_lookup(req, [stored], T0 + after, CacheOptions())
     if stored.freshness.no_cache:
         assert type(result).__name__ != "Serve"
+
+
+REQUEST_FIELDS = [
+    *(("Cache-Control", v) for v in ("no-cache", "max-age=0", "max-age=5", "min-fresh=100", "max-stale",
+                                     "max-stale=10", "only-if-cached", "x")),
+    ("Pragma", "no-cache"), ("Pragma", "x"), ("If-None-Match", '"a"'), ("If-None-Match", "*"),
+    ("If-None-Match", '"b"'), ("If-Modified-Since", "Tue, 14 Nov 2023 22:13:20 GMT"),
+    ("If-Modified-Since", "Tue, 14 Nov 2023 22:13:19 GMT"), ("Accept-Encoding", "gzip"),
+    ("Accept-Encoding", "br"), ("Accept-Language", "en"), ("Authorization", "x"), ("Range", "bytes=0-1"),
+]
+RESPONSE_DIRECTIVES = ["max-age=60", "max-age=0", "s-maxage=10", "no-cache", "must-revalidate",
+                       "stale-while-revalidate=30", "stale-if-error=30", "immutable", "public"]
+
+
+@settings(max_examples=400)
+@given(st.lists(st.tuples(st.lists(st.sampled_from(RESPONSE_DIRECTIVES), max_size=3).map(", ".join),
+                          st.sampled_from(["", "Accept-Encoding", "Accept-Language"]),
+                          st.sampled_from(["", "gzip", "br"]),
+                          st.booleans(), st.booleans()), min_size=1, max_size=3),
+       st.lists(st.sampled_from(REQUEST_FIELDS), max_size=3),
+       st.sampled_from(["GET", "HEAD", "POST"]), st.floats(min_value=0, max_value=200),
+       st.sampled_from(["honor", "revalidate", "ignore"]))
+def test_the_plain_hit_shortcut_decides_as_the_full_lookup(
+    variants: list[tuple[str, str, str, bool, bool]], req_fields: list[tuple[str, str]], method: str,
+    elapsed: float, mode: str,
+) -> None:
+    """decide_lookup's shortcut for plain fresh hits (which the fast path uses) never
+    disagrees with the full decision, whatever the request and the stored variants."""
+    from dataclasses import replace
+
+    from proxy.policy.reuse import decide_lookup_in_full, plain_fresh_hit
+
+    candidates = []
+    for i, (cc, vary, encoding, etag, invalidated) in enumerate(variants):
+        response = [("Cache-Control", cc or "max-age=60"), ("Date", format_http_date(T0))]
+        if vary:
+            response.append(("Vary", vary))
+        if etag:
+            response.append(("ETag", '"a"'))
+        fill = RequestHead("GET", "http", "h", "/", headers([("Accept-Encoding", encoding)] if encoding else []))
+        decision = decide_store(fill, 200, "OK", headers(response), T0 + i, T0 + i, CacheOptions())
+        if isinstance(decision, Store):
+            candidates.append(replace(decision.response, invalidated=invalidated))
+    req = RequestHead(method, "http", "h", "/", headers(req_fields))
+    options = CacheOptions(client_cache_control=mode)  # type: ignore[arg-type]
+    now = T0 + elapsed
+    full = decide_lookup_in_full(req, candidates, now, options)
+    plain = plain_fresh_hit(req, candidates, now)
+    if plain is not None:
+        assert (full.index, full.status, full.age, full.ttl, full.refresh, full.not_modified) == (  # type: ignore[union-attr]
+            plain[0], "HIT", plain[1], plain[2], False, False)
+    assert decide_lookup(req, candidates, now, options) == full

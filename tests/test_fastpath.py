@@ -1,0 +1,352 @@
+"""The fast hit path (proxy.web.fastpath) answers exactly what the general path answers.
+
+Every comparison sends the same raw bytes to two listeners of one running cachegate: the
+normal one (fast path on) and a second one started with ``fast=False`` (aiohttp's
+handler, ``web.Response``). Responses are compared field by field, in order, except the
+values of Date and Age (they depend on the second the answer is written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+
+from proxy.web.fastpath import FastPath, ProxyServer, build_head, fast_path_supported
+from proxy.web.server import _bound, start_proxy_listener
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+
+@dataclass
+class Raw:
+    status_line: str
+    fields: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.fields if k.lower() == name.lower()), None)
+
+    def comparable(self) -> tuple[str, list[tuple[str, str]], bytes]:
+        fields = [(k, "*" if k.lower() in ("date", "age") else v) for k, v in self.fields]
+        return self.status_line, fields, self.body
+
+
+async def read_response(reader: asyncio.StreamReader, method: str) -> Raw:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")[:-2]
+    fields = [tuple(line.split(": ", 1)) for line in lines[1:]]
+    raw = Raw(lines[0], fields, b"")  # type: ignore[arg-type]
+    length = raw.header("Content-Length")
+    status = int(lines[0].split(" ")[1])
+    if method != "HEAD" and status not in (204, 304) and length is not None:
+        raw.body = await reader.readexactly(int(length))
+    return raw
+
+
+async def exchange(port: int, request: bytes, methods: list[str], check_close: bool = False
+                   ) -> tuple[list[Raw], bool]:
+    """Send ``request`` (one or several pipelined requests) on a new connection; read one
+    response per method; also (``check_close``) whether the server closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        out = [await read_response(reader, m) for m in methods]
+        closed = False
+        if check_close:
+            try:
+                closed = await asyncio.wait_for(reader.read(1), 0.3) == b""
+            except TimeoutError:
+                closed = False
+        return out, closed
+    finally:
+        writer.close()
+
+
+def req(method: str, path: str, *extra: str, version: str = "1.1", host: str = "example.test") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}"]
+    if host:
+        lines.append(f"Host: {host}")
+    lines.extend(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass
+class Pair:
+    proxy: Proxy
+    fast_port: int
+    general_port: int
+
+    @property
+    def fast(self) -> FastPath:
+        server = self.proxy.listeners.runners[0].server
+        assert isinstance(server, ProxyServer) and server.fast is not None
+        return server.fast
+
+
+async def pair(make_proxy: MakeProxy, **kwargs: str) -> Pair:
+    proxy = await make_proxy(**kwargs)
+    runner = await start_proxy_listener(lambda: proxy.runtime, proxy.runtime.settings, fast=False)
+    proxy.listeners.runners.append(runner)
+    return Pair(proxy, proxy.listeners.proxy_addresses[0][1], _bound(runner)[0][1])
+
+
+RULES = """
+rules:
+  - name: edited
+    match: {path: "/edited/**"}
+    response_headers:
+      add: {X-Served-By: cachegate, Cache-Control: "public, max-age=5"}
+      remove: [Server, X-Origin]
+  - name: no-date
+    match: {path: "/nodate/**"}
+    response_headers:
+      remove: [Date, Content-Type]
+  - name: typed
+    match: {path: "/typed/**", content_type: ["text/*"]}
+    response_headers:
+      add: {X-Text: "yes"}
+"""
+
+
+def routes(origin: Origin) -> None:
+    cc = {"Cache-Control": "max-age=300"}
+    origin.route("/plain", body=b"p" * 1024, headers={**cc, "ETag": '"v1"', "X-Origin": "o"})
+    origin.route("/big", body=bytes(range(256)) * 200, headers=cc)  # 51,200 bytes
+    origin.route("/empty", body=b"", headers=cc)
+    origin.route("/missing", status=404, body=b"nope", headers=cc)
+    origin.route("/vary", body=b"v", headers={**cc, "Vary": "Accept-Encoding"})
+    origin.route("/edited/a", body=b"e", headers={**cc, "X-Origin": "o"})
+    origin.route("/nodate/a", body=b"n" * 10, headers=cc)
+    origin.route("/typed/a", body=b"t", headers={**cc, "Content-Type": "text/plain"})
+    origin.route("/percent", body=b"%", headers={**cc, "X-Odd": "100% %d %s"})
+
+
+# (request bytes, the method of each response, whether the fast path must answer it)
+CASES: list[tuple[str, bytes, str, bool]] = [
+    ("GET", req("GET", "/plain"), "GET", True),
+    ("HEAD", req("HEAD", "/plain"), "HEAD", True),
+    ("big body", req("GET", "/big"), "GET", True),
+    ("empty body", req("GET", "/empty"), "GET", True),
+    ("HEAD of an empty body", req("HEAD", "/empty"), "HEAD", True),
+    ("cached 404", req("GET", "/missing"), "GET", True),
+    ("a Vary variant", req("GET", "/vary", "Accept-Encoding: gzip"), "GET", True),
+    ("rule edits", req("GET", "/edited/a"), "GET", True),
+    ("no Date, no Content-Type", req("GET", "/nodate/a"), "GET", True),
+    ("rule by response type", req("GET", "/typed/a"), "GET", True),
+    ("% in fields", req("GET", "/percent"), "GET", True),
+    ("HTTP/1.0 keep-alive", req("GET", "/plain", "Connection: keep-alive", version="1.0"), "GET", True),
+    ("Host case and default port", req("GET", "/plain", host="EXAMPLE.test:80"), "GET", True),
+    ("absolute-form target", req("GET", "http://example.test/plain"), "GET", True),
+    ("Authorization", req("GET", "/plain", "Authorization: Bearer x"), "GET", True),
+    ("HTTP/1.0", req("GET", "/plain", version="1.0"), "GET", False),
+    ("HTTP/1.0 without Host", req("GET", "/plain", version="1.0", host=""), "GET", False),
+    ("Connection: close", req("GET", "/plain", "Connection: close"), "GET", False),
+    ("Range", req("GET", "/plain", "Range: bytes=0-9"), "GET", False),
+    ("If-None-Match", req("GET", "/plain", 'If-None-Match: "v1"'), "GET", False),
+    ("If-None-Match, other tag", req("GET", "/plain", 'If-None-Match: "v0"'), "GET", False),
+    ("Cache-Control: max-stale", req("GET", "/plain", "Cache-Control: max-stale=5"), "GET", False),
+    ("Pragma", req("GET", "/plain", "Pragma: x"), "GET", False),
+    ("POST", req("POST", "/plain", "Content-Length: 0"), "GET", False),
+    ("GET with a body", req("GET", "/plain", "Content-Length: 2") + b"ab", "GET", False),
+    ("bad Host", req("GET", "/plain", host="a b"), "GET", False),
+    ("two Hosts", req("GET", "/plain", "Host: other.test"), "GET", False),
+    ("another Vary variant", req("GET", "/vary", "Accept-Encoding: br"), "GET", True),
+]
+
+
+async def warm(p: Pair) -> None:
+    for path, extra in (("/plain", ()), ("/big", ()), ("/empty", ()), ("/missing", ()),
+                        ("/vary", ("Accept-Encoding: gzip",)), ("/edited/a", ()), ("/nodate/a", ()),
+                        ("/typed/a", ()), ("/percent", ())):
+        await exchange(p.general_port, req("GET", path, *extra), ["GET"])
+    await asyncio.sleep(0.1)  # disk writes finish after the response
+
+
+def freeze_clock(p: Pair) -> None:
+    """Both paths see the same second: equal ttl in Cache-Status, equal Age."""
+    now = time.time()
+    p.proxy.runtime.engine.clock = lambda: now
+
+
+@pytest.mark.parametrize(("name", "request_bytes", "method", "fast"), CASES, ids=[c[0] for c in CASES])
+async def test_fast_and_general_answers_are_identical(
+    origin: Origin, make_proxy: MakeProxy, name: str, request_bytes: bytes, method: str, fast: bool
+) -> None:
+    routes(origin)
+    p = await pair(make_proxy, rules=RULES)
+    await warm(p)
+    for _ in range(2):  # this very request, so that both paths find the cache in the same state
+        await exchange(p.general_port, request_bytes, [method])
+    await asyncio.sleep(0.05)
+    freeze_clock(p)
+    check_close = "close" in name or "1.0" in name
+    before = p.fast.answered
+    (got,), got_closed = await exchange(p.fast_port, request_bytes, [method], check_close)
+    assert p.fast.answered - before == int(fast), name
+    (want,), want_closed = await exchange(p.general_port, request_bytes, [method], check_close)
+    assert got.comparable() == want.comparable()
+    assert got_closed == want_closed
+    if fast:
+        assert got.header("X-Cache-Status") == "HIT"
+        assert got.header("Age") is not None
+        assert got.header("Date") is not None
+
+
+async def test_debug_headers_are_the_same_on_both_paths(origin: Origin, make_proxy: MakeProxy) -> None:
+    routes(origin)
+    p = await pair(make_proxy)
+    p.proxy.runtime.debug_headers = True
+    p.proxy.runtime.worker_id = 3
+    await warm(p)
+    freeze_clock(p)
+    for method in ("GET", "HEAD"):
+        (got,), _ = await exchange(p.fast_port, req(method, "/plain"), [method])
+        (want,), _ = await exchange(p.general_port, req(method, "/plain"), [method])
+        assert got.comparable() == want.comparable()
+        assert got.header("X-Cachegate-Tier") == "memory"
+        assert got.header("X-Cachegate-Worker") == "3"
+    assert p.fast.answered == 2
+
+
+async def test_close_requests_close_and_keep_alive_ones_stay_open(origin: Origin,
+                                                                 make_proxy: MakeProxy) -> None:
+    routes(origin)
+    p = await pair(make_proxy)
+    await warm(p)
+    for request, closes in ((req("GET", "/plain"), False),
+                            (req("GET", "/plain", "Connection: close"), True),
+                            (req("GET", "/plain", version="1.0"), True),
+                            (req("GET", "/plain", "Connection: keep-alive", version="1.0"), False)):
+        (reply,), closed = await exchange(p.fast_port, request, ["GET"], check_close=True)
+        assert reply.status_line.endswith("200 OK")
+        assert closed == closes, request
+
+
+async def test_pipelined_requests_are_answered_in_order(origin: Origin, make_proxy: MakeProxy) -> None:
+    routes(origin)
+    origin.route("/fresh-miss", body=b"m" * 7, headers={"Cache-Control": "max-age=60"}, delay=0.05)
+    p = await pair(make_proxy)
+    await warm(p)
+    batch = (req("GET", "/plain") + req("HEAD", "/plain") + req("GET", "/fresh-miss")  # a miss, slow
+             + req("GET", "/empty") + req("GET", "/plain", "Range: bytes=0-1") + req("GET", "/missing"))
+    replies, _ = await exchange(p.fast_port, batch, ["GET", "HEAD", "GET", "GET", "GET", "GET"])
+    assert [r.body for r in replies] == [b"p" * 1024, b"", b"m" * 7, b"", b"pp", b"nope"]
+    assert [r.header("X-Cache-Status") for r in replies] == ["HIT", "HIT", "MISS", "HIT", "HIT", "HIT"]
+    assert p.fast.answered == 2  # the two before the miss; the rest queued behind it, in order
+
+
+async def test_more_pipelined_hits_than_aiohttp_queues_at_once(origin: Origin, make_proxy: MakeProxy) -> None:
+    """aiohttp's parser stops after 32 queued requests; the fast path must go on parsing."""
+    routes(origin)
+    p = await pair(make_proxy)
+    await warm(p)
+    n = 100
+    replies, closed = await exchange(p.fast_port, req("GET", "/plain") * n, ["GET"] * n, check_close=True)
+    assert len(replies) == n and all(r.body == b"p" * 1024 for r in replies)
+    assert not closed
+    assert p.fast.answered == n
+
+
+async def test_a_client_that_leaves_mid_batch_breaks_nothing(origin: Origin, make_proxy: MakeProxy) -> None:
+    routes(origin)
+    p = await pair(make_proxy)
+    await warm(p)
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", p.fast_port))
+        sock.sendall(req("GET", "/big") * 50)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # reset, with responses still being written
+    await asyncio.sleep(0.2)
+    before = p.fast.answered
+    (reply,), _ = await exchange(p.fast_port, req("GET", "/plain"), ["GET"])
+    assert reply.header("X-Cache-Status") == "HIT" and reply.body == b"p" * 1024
+    assert p.fast.answered == before + 1
+
+
+async def test_a_client_that_does_not_read_gets_back_pressure(origin: Origin, make_proxy: MakeProxy) -> None:
+    """Pipelined hits from a client that never reads: the fast path stops writing when the
+    transport is over its high-water mark; aiohttp's handler then waits for the client."""
+    routes(origin)
+    p = await pair(make_proxy)
+    await warm(p)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", p.fast_port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, req("GET", "/big") * 2000)  # ~100 MB of answers asked for
+        await asyncio.sleep(0.5)
+        server = p.proxy.listeners.runners[0].server
+        assert isinstance(server, web.Server)
+        buffered = max(h.transport.get_write_buffer_size() for h in server.connections
+                       if h.transport is not None)
+        assert buffered < 4 * 1024 * 1024
+        assert p.fast.answered < 2000
+    finally:
+        sock.close()
+    reply = await p.proxy.get("/plain")
+    assert reply.status == 200
+
+
+async def test_smuggling_shapes_are_still_refused(origin: Origin, make_proxy: MakeProxy) -> None:
+    routes(origin)
+    p = await pair(make_proxy)
+    await warm(p)
+    request = req("GET", "/plain", "Content-Length: 3", "Transfer-Encoding: chunked") + b"0\r\n\r\n"
+    for smuggled in (request, req("GET", "/plain") + request):  # alone, and behind a fast hit
+        # aiohttp's parser refuses the whole batch: one 400, then the connection closes.
+        (reply,), closed = await exchange(p.fast_port, smuggled, ["GET"], check_close=True)
+        assert " 400 " in reply.status_line
+        assert closed
+        (general,), _ = await exchange(p.general_port, smuggled, ["GET"])
+        assert reply.comparable() == general.comparable()
+    assert p.fast.answered == 0  # the parser refused the whole batch: nothing was answered
+
+
+async def test_fast_hits_are_counted_like_general_ones(origin: Origin, make_proxy: MakeProxy) -> None:
+    routes(origin)
+    p = await pair(make_proxy)
+    await warm(p)
+    metrics = p.proxy.runtime.metrics
+    hits = metrics.requests.labels("HIT", "GET").value
+    heads = metrics.requests.labels("HIT", "HEAD").value
+    sent = metrics.response_bytes.labels("memory").value
+    await exchange(p.fast_port, req("GET", "/plain") + req("HEAD", "/plain"), ["GET", "HEAD"])
+    assert p.fast.answered == 2
+    assert metrics.requests.labels("HIT", "GET").value == hits + 1
+    assert metrics.requests.labels("HIT", "HEAD").value == heads + 1
+    assert metrics.response_bytes.labels("memory").value == sent + 1024
+    assert p.proxy.runtime.storage.memory.hits("http://example.test/plain") >= 2
+
+
+async def test_stale_and_purged_entries_go_to_the_general_path(origin: Origin, make_proxy: MakeProxy) -> None:
+    origin.route("/short", body=b"s", headers={"Cache-Control": "max-age=1"})
+    p = await pair(make_proxy)
+    await exchange(p.general_port, req("GET", "/short"), ["GET"])
+    await asyncio.sleep(0.05)
+    (hit,), _ = await exchange(p.fast_port, req("GET", "/short"), ["GET"])
+    assert hit.header("X-Cache-Status") == "HIT" and p.fast.answered == 1
+    p.proxy.runtime.engine.clock = lambda: 10**10  # far later: stale
+    (stale,), _ = await exchange(p.fast_port, req("GET", "/short"), ["GET"])
+    assert stale.header("X-Cache-Status") != "HIT"
+    assert p.fast.answered == 1
+
+
+def test_heads_are_refused_for_what_aiohttp_would_refuse() -> None:
+    assert build_head(200, "OK\r\nX: y", [], (), 1, False, (1, 1)) is None
+    assert build_head(200, "OK", [("X", "a\x01b")], (), 1, False, (1, 1)) is None
+    assert build_head(200, "OK", [("X", "a\ue000b")], (), 1, False, (1, 1)) is None
+    built = build_head(200, "OK", [("X", "50%")], (), 1, False, (1, 1))
+    assert built is not None and b"50%%" in built[0]
+
+
+def test_this_aiohttp_has_what_the_fast_path_needs() -> None:
+    """If an aiohttp upgrade moves the handler internals, this fails (and hits fall back)."""
+    assert fast_path_supported()
