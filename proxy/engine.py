@@ -69,6 +69,7 @@ from proxy.policy.validation import (
 )
 from proxy.purge import tags_from_headers
 from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
+from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool, Storage
@@ -108,6 +109,8 @@ class ClientRequest:
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
+# Engine.fresh_hit: (plan, variant, age, ttl, its open body file when the body is on disk)
+FreshHit = tuple["RequestPlan", Cached, float, float, SharedFile | None]
 
 
 @dataclass(slots=True)
@@ -230,12 +233,13 @@ class Engine:
             case _:
                 assert_never(decision)
 
-    def fresh_hit(self, head: RequestHead) -> tuple[RequestPlan, Cached, float, float] | None:
+    def fresh_hit(self, head: RequestHead) -> FreshHit | None:
         """``handle`` up to its decision, for the fast path (``proxy.web.fastpath``): a GET or
-        HEAD that ``handle`` would answer with ``_serve`` as a plain fresh HIT from a body held
-        in memory (no 304, no refresh, no disk read), as (plan, variant, age, ttl). None for
-        anything else: the general path then starts over, and no use of the key was counted.
-        ``plain_fresh_hit`` is the first step of ``decide_lookup``: the same decision."""
+        HEAD that ``handle`` would answer with ``_serve`` as a plain fresh HIT, with the body at
+        hand (in memory, or a big body's file already open; a HEAD needs none), as (plan,
+        variant, age, ttl, open body file). None for anything else: the general path then
+        starts over, and no use of the key was counted. ``plain_fresh_hit`` is the first step
+        of ``decide_lookup``: the same decision."""
         plan = self.rules.plan(head)
         if plan.bypass:
             return None
@@ -251,10 +255,13 @@ class Engine:
         if plain is None:
             return None
         cached = variants[plain[0]]
-        if cached.body is None:
-            return None
+        shared = None
+        if cached.body is None and head.method != "HEAD":
+            shared = self.storage.body_files.get(key, cached.entry.body_id)
+            if shared is None:
+                return None
         memory.use(key, slot)
-        return plan, cached, plain[1], plain[2]
+        return plan, cached, plain[1], plain[2], shared
 
     async def _load_shared(self, key: str) -> tuple[Cached, ...]:
         """A lookup that misses memory: concurrent ones for the same key share one disk read.

@@ -12,6 +12,7 @@ import asyncio
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -350,3 +351,77 @@ def test_heads_are_refused_for_what_aiohttp_would_refuse() -> None:
 def test_this_aiohttp_has_what_the_fast_path_needs() -> None:
     """If an aiohttp upgrade moves the handler internals, this fails (and hits fall back)."""
     assert fast_path_supported()
+
+
+DISK_CONFIG = "cache: {memory: 64MB, memory_max_object: 16KB, disk: {path: cache, size: 512MB, shards: 2}}\n"
+
+
+async def test_disk_bodies_are_sent_from_their_open_file(origin: Origin, make_proxy: MakeProxy) -> None:
+    """A big body on disk: the first hit opens its file (general path), later ones send it
+    with sendfile on the fast path; bytes and fields as the general path sends them."""
+    routes(origin)
+    origin.route("/inline", body=b"i" * 20_000, headers={"Cache-Control": "max-age=300"})  # in SQLite
+    p = await pair(make_proxy, config=DISK_CONFIG)
+    p.proxy.runtime.debug_headers = True
+    for path in ("/big", "/inline"):
+        await exchange(p.general_port, req("GET", path), ["GET"])
+    await asyncio.sleep(0.2)
+    p.proxy.runtime.storage.memory.clear()  # metadata comes back from disk, bodies stay there
+    for path in ("/big", "/inline"):
+        (first,), _ = await exchange(p.general_port, req("GET", path), ["GET"])
+        assert first.header("X-Cachegate-Tier") == "disk"
+    freeze_clock(p)
+    body_files = p.proxy.runtime.storage.body_files
+    assert len(body_files) == 1  # /big's file stays open; /inline has none
+    for method in ("GET", "HEAD"):
+        before = p.fast.answered
+        (got,), _ = await exchange(p.fast_port, req(method, "/big"), [method])
+        assert p.fast.answered == before + 1
+        (want,), _ = await exchange(p.general_port, req(method, "/big"), [method])
+        assert got.comparable() == want.comparable()
+        assert got.header("X-Cachegate-Tier") == "disk"
+    assert got.body == b"" and want.body == b""
+    (whole,), _ = await exchange(p.fast_port, req("GET", "/big"), ["GET"])
+    assert whole.body == bytes(range(256)) * 200
+    before = p.fast.answered
+    (inline,), _ = await exchange(p.fast_port, req("GET", "/inline"), ["GET"])
+    assert inline.body == b"i" * 20_000 and p.fast.answered == before  # no open file: general path
+    (part,), _ = await exchange(p.fast_port, req("GET", "/big", "Range: bytes=1000-1999"), ["GET"])
+    assert part.status_line.endswith("206 Partial Content")
+    assert part.body == (bytes(range(256)) * 200)[1000:2000]
+    metrics = p.proxy.runtime.metrics
+    assert metrics.response_bytes.labels("disk").value >= 4 * 51_200
+
+
+async def test_many_disk_hits_pipelined_and_unread_are_answered_in_order(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    routes(origin)
+    p = await pair(make_proxy, config=DISK_CONFIG)
+    await exchange(p.general_port, req("GET", "/big"), ["GET"])
+    await asyncio.sleep(0.2)
+    await exchange(p.general_port, req("GET", "/big"), ["GET"])
+    n = 60  # ~3 MB of answers asked for at once: the socket takes only part of it
+    replies, _ = await exchange(p.fast_port, (req("GET", "/big") + req("GET", "/plain")) * n,
+                                ["GET", "GET"] * n)
+    assert [r.body for r in replies] == [bytes(range(256)) * 200, b"p" * 1024] * n
+
+
+def test_open_body_files_are_closed_only_when_unused(tmp_path: Path) -> None:
+    from proxy.storage.bodyfiles import BodyFile, OpenBodies
+
+    files = OpenBodies(limit=2)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"b{i}"
+        path.write_bytes(bytes([i]) * 10)
+        paths.append(path)
+    first = files.add("k0", "b0", open(paths[0], "rb"), 10)  # noqa: SIM115
+    reader = BodyFile(first)
+    files.add("k1", "b1", open(paths[1], "rb"), 10)  # noqa: SIM115
+    files.add("k2", "b2", open(paths[2], "rb"), 10)  # noqa: SIM115  # evicts k0, still being read
+    assert files.get("k0", "b0") is None and len(files) == 2
+    assert not first.file.closed
+    assert reader.read(4) == b"\x00" * 4 and reader.read() == b"\x00" * 6
+    reader.close()
+    assert first.file.closed
+    files.close()

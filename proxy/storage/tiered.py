@@ -40,10 +40,11 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 from proxy.policy.keys import url_of_key
 from proxy.storage.bans import GONE, BanList, PurgeMatch
+from proxy.storage.bodyfiles import BodyFile, OpenBodies
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, new_body_id
 from proxy.storage.entry import Entry
 from proxy.storage.index import Ban, UrlTagIndex
@@ -172,6 +173,8 @@ class Storage:
         self.upkeep = UpkeepStats()
         # The hit path: one call straight into the memory tier.
         self.memory_get: Callable[[str], tuple[Cached, ...] | None] = memory.get
+        # Big bodies on disk: their files stay open for the next hits (sendfile).
+        self.body_files = OpenBodies()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -187,6 +190,7 @@ class Storage:
         if self.index is not None:
             self.index.close()
         self.spools.close()
+        self.body_files.close()
 
     # -- reading ------------------------------------------------------------------------
 
@@ -253,7 +257,14 @@ class Storage:
             return None
         e = cached.entry
         if e.body_size > self.memory.max_object:
-            return await self.run(self.disk.get_body, e.key, e.body_id, e.body_size)
+            shared = self.body_files.get(e.key, e.body_id)
+            if shared is None:
+                opened = await self.run(self._open_big_body, e)
+                if opened is None or isinstance(opened, bytes):
+                    return opened
+                shared = self.body_files.get(e.key, e.body_id) or self.body_files.add(
+                    e.key, e.body_id, opened, e.body_size)
+            return cast(IO[bytes], BodyFile(shared))  # read/seek/close/fileno like a file
         epoch = self.epoch
         body = await self.run(self._read_small_body, e)
         if body is None:
@@ -264,6 +275,17 @@ class Storage:
                 Cached(c.entry, body) if c.entry.body_id == e.body_id and c.body is None else c
                 for c in current))
         return body
+
+    def _open_big_body(self, e: Entry) -> bytes | IO[bytes] | None:
+        """A big body's file, open, when it holds exactly the body (else None: gone or cut)."""
+        assert self.disk is not None
+        raw = self.disk.get_body(e.key, e.body_id, e.body_size)
+        if raw is None or isinstance(raw, bytes):
+            return raw
+        if os.fstat(raw.fileno()).st_size != e.body_size:
+            raw.close()
+            return None
+        return raw
 
     def _read_small_body(self, e: Entry) -> bytes | None:
         assert self.disk is not None

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,8 +55,9 @@ from proxy.errors import BadRequest
 from proxy.policy.cache_status import cache_status
 from proxy.rules import HeaderEdits
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
+from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.memory import Cached
-from proxy.web.proxy_handler import head_of
+from proxy.web.proxy_handler import head_of, sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
 
@@ -151,7 +153,9 @@ class FastPath:
         self._metrics: object = None
         self._counters: dict[str, Any] = {}
         self._memory_bytes: Any = None
+        self._disk_bytes: Any = None
         self._debug: tuple[tuple[str, str], ...] = ()
+        self._debug_disk: tuple[tuple[str, str], ...] = ()
         self.answered = 0  # requests answered here (tests check that the fast path ran)
 
     def _refresh(self, runtime: Runtime) -> None:
@@ -166,12 +170,12 @@ class FastPath:
             self._metrics = runtime.metrics
             self._counters = {m: runtime.metrics.requests.labels("HIT", m) for m in ("GET", "HEAD")}
             self._memory_bytes = runtime.metrics.response_bytes.labels("memory")
-        debug: tuple[tuple[str, str], ...] = ()
+            self._disk_bytes = runtime.metrics.response_bytes.labels("disk")
+        self._debug, self._debug_disk = (), ()
         if runtime.debug_headers:
-            debug = (("X-Cachegate-Tier", "memory"),)
-            if runtime.worker_id is not None:
-                debug += (("X-Cachegate-Worker", str(runtime.worker_id)),)
-        self._debug = debug
+            worker = () if runtime.worker_id is None else (("X-Cachegate-Worker", str(runtime.worker_id)),)
+            self._debug = (("X-Cachegate-Tier", "memory"), *worker)
+            self._debug_disk = (("X-Cachegate-Tier", "disk"), *worker)
 
     def _is_trusted(self, remote: str) -> bool:
         known = self._trusted.get(remote)
@@ -187,7 +191,8 @@ class FastPath:
             self._trusted[remote] = known
         return known
 
-    def answer(self, msg: Any, remote: str, secure: bool) -> bytes | tuple[bytes, bytes] | None:
+    def answer(self, msg: Any, remote: str, secure: bool
+               ) -> bytes | tuple[bytes, bytes] | tuple[bytes, SharedFile] | None:
         """The whole response to a parsed GET/HEAD ``msg``, or None for the general path."""
         headers = msg.headers
         if "Range" in headers:
@@ -205,12 +210,13 @@ class FastPath:
         found = runtime.engine.fresh_hit(head)
         if found is None:
             return None
-        plan, cached, age, ttl = found
+        plan, cached, age, ttl, shared = found
         stored = cached.entry.response
         edits = response_edits(plan, stored.status, stored.headers)
         head_only = method == "HEAD"
         flavor = (2 if head_only else 0) + (version == HttpVersion10)
-        debug = self._debug
+        body = cached.body
+        debug = self._debug if body is not None else self._debug_disk
         ready = None
         heads = cached.heads
         if heads is not None:
@@ -230,8 +236,10 @@ class FastPath:
         block = ready.render(age, ttl)
         if head_only:
             return block
-        body = cached.body
-        assert body is not None
+        if body is None:
+            assert shared is not None
+            self._disk_bytes.value += shared.size
+            return block, shared
         self._memory_bytes.value += len(body)
         if len(body) > LARGE_BODY:
             return block, body
@@ -247,7 +255,7 @@ class FastPath:
             headers = served_headers(stored.headers, MARK_AGE, MARK_STATUS, "HIT")
             if edits:
                 headers = edits.apply(headers)
-            length = cached.entry.body_size if head_only else len(cached.body or b"")
+            length = cached.entry.body_size if head_only or cached.body is None else len(cached.body)
             built = build_head(stored.status, stored.reason, headers, debug, length, head_only, version)
         head = Head(edits, flavor, debug, *(built or (None, b"")))
         if cached.heads is None:
@@ -287,7 +295,10 @@ class ProxyRequestHandler(RequestHandler):
                 return
             done = self._answer(messages)
             if done < len(messages) or upgraded:
-                self._enqueue(messages[done:], upgraded, tail)
+                # A full batch means the parser stopped and holds more requests: aiohttp's
+                # handler re-feeds it once it has drained the queue (read paused till then).
+                self._enqueue(messages[done:], upgraded, tail,
+                              full=len(messages) >= self._max_msg_queue_size)
                 return
             if len(messages) < self._max_msg_queue_size or self._force_close:
                 return
@@ -318,6 +329,8 @@ class ProxyRequestHandler(RequestHandler):
                 return i
             if isinstance(out, bytes):
                 transport.write(out)
+            elif isinstance(out[1], SharedFile):
+                self._send_file(transport, out[0], out[1])
             else:
                 transport.writelines(out)
             self._request_count += 1
@@ -328,6 +341,18 @@ class ProxyRequestHandler(RequestHandler):
             self._kept_alive()
         return len(messages)
 
+    @staticmethod
+    def _send_file(transport: Any, head: bytes, shared: SharedFile) -> None:
+        """The head, then the body file with ``os.sendfile`` as far as the socket takes it at
+        once; the rest (a socket buffer full, rare on a kept-alive connection) read with
+        ``os.pread`` and handed to the transport. Both read pages that sendfile has just
+        brought into the page cache; a file never read is never sent from here (the general
+        path opens it in the thread pool first)."""
+        transport.write(head)
+        sent = sendfile_now(transport, shared.fd, 0, shared.size)
+        if sent < shared.size:
+            transport.write(os.pread(shared.fd, shared.size - sent, sent))
+
     def _kept_alive(self) -> None:
         """What aiohttp's loop does after a kept-alive response: restart the idle timer."""
         if self._keepalive_timeout > 0:
@@ -336,7 +361,7 @@ class ProxyRequestHandler(RequestHandler):
             if self._keepalive_handle is None:
                 self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
-    def _enqueue(self, messages: Sequence[Any], upgraded: bool, tail: bytes) -> None:
+    def _enqueue(self, messages: Sequence[Any], upgraded: bool, tail: bytes, full: bool = False) -> None:
         """Hand parsed messages to aiohttp's handler, as ``RequestHandler.data_received`` does."""
         for msg, payload in messages:
             self._request_count += 1
@@ -344,7 +369,7 @@ class ProxyRequestHandler(RequestHandler):
         waiter = self._waiter
         if messages and waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if not self._buffer_paused and len(self._messages) >= self._max_msg_queue_size:
+        if not self._buffer_paused and (full or len(self._messages) >= self._max_msg_queue_size):
             self._pause_reading_for_buffer()
         self._upgraded = upgraded
         if upgraded and tail:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import IO
@@ -26,6 +27,7 @@ from proxy.policy.cache_status import cache_status
 from proxy.policy.keys import normalise_host
 from proxy.policy.messages import RequestHead
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
+from proxy.storage.bodyfiles import BodyFile
 from proxy.web.admin import purge_method
 
 log = logging.getLogger("cachegate.proxy")
@@ -175,7 +177,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
                 await resp.write(chunk)
                 sent += len(chunk)
         else:
-            sent = await _send_file(resp, body, reply.offset, reply.length)
+            sent = await _send_file(request, resp, body, reply.offset, reply.length)
     except UpstreamError as exc:
         # The upstream broke off mid-body: end the connection so the client sees an
         # incomplete response, never a truncated "complete" one.
@@ -191,11 +193,20 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
     return resp
 
 
-async def _send_file(resp: web.StreamResponse, f: IO[bytes], offset: int, length: int | None) -> int:
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, f.seek, offset)
-    remaining = length if length is not None else -1
+async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[bytes], offset: int,
+                     length: int | None) -> int:
+    """Send a file body: ``os.sendfile`` into the socket as far as it takes it at once (an
+    open body file: ``proxy.storage.bodyfiles``), the rest read in the thread pool."""
     sent = 0
+    if isinstance(f, BodyFile):
+        end = f.size if length is None else min(f.size, offset + length)
+        sent = sendfile_now(request.transport, f.fileno(), offset, end - offset)
+        if sent == end - offset:
+            return sent
+        length = end - offset - sent
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, f.seek, offset + sent)
+    remaining = length if length is not None else -1
     while remaining != 0:
         size = FILE_CHUNK if remaining < 0 else min(FILE_CHUNK, remaining)
         chunk = await loop.run_in_executor(None, f.read, size)
@@ -206,6 +217,24 @@ async def _send_file(resp: web.StreamResponse, f: IO[bytes], offset: int, length
         if remaining > 0:
             remaining -= len(chunk)
     return sent
+
+
+def sendfile_now(transport: asyncio.BaseTransport | None, fd: int, offset: int, count: int) -> int:
+    """``os.sendfile`` as much of ``fd`` as the socket takes now; the bytes sent (0 when the
+    transport still holds unsent data, whose order the file must not overtake)."""
+    if transport is None or transport.is_closing() or count <= 0:
+        return 0
+    if transport.get_write_buffer_size() != 0:  # type: ignore[attr-defined]
+        return 0
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return os.sendfile(sock.fileno(), fd, offset, count)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError:
+        return 0  # a broken connection: the write that follows meets it as aiohttp expects
 
 
 async def _close_body(body: object) -> None:
