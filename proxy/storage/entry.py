@@ -93,17 +93,38 @@ def _record(e: Entry) -> list[Any]:
             r.last_modified, r.invalidated]
 
 
+# Field names and short values read back from disk, one str object each (100k entries
+# otherwise hold 100k copies of "Content-Type", "public, max-age=86400", ...).
+_SHARED: dict[str, str] = {}
+SHARED_LIMIT = 20_000
+
+
+def shared_str(text: str) -> str:
+    """``text`` as the one object all decoded records use for it (short strings only)."""
+    if len(text) > 128:
+        return text
+    found = _SHARED.get(text)
+    if found is None:
+        if len(_SHARED) >= SHARED_LIMIT:
+            _SHARED.clear()
+        found = _SHARED[text] = text
+    return found
+
+
 def _from_record(v: list[Any]) -> Entry:
     if len(v) != _RECORD_LEN or v[0] != RECORD_VERSION:
         raise ValueError("unknown record version")
     h, vary, f = v[10], v[14], v[13]
+    h = [shared_str(x) for x in h]
     response = StoredResponse(
-        int(v[8]), str(v[9]), tuple(zip(h[::2], h[1::2], strict=True)), float(v[11]), float(v[12]),
+        int(v[8]), shared_str(str(v[9])), tuple(zip(h[::2], h[1::2], strict=True)), float(v[11]),
+        float(v[12]),
         Freshness(float(f[0]), str(f[1]), float(f[2]), float(f[3]), bool(f[4]), bool(f[5]),
                   float(f[6]), float(f[7]), bool(f[8])),
         tuple(zip(vary[::2], vary[1::2], strict=True)), v[15], v[16], bool(v[17]))
-    return Entry(str(v[1]), str(v[2]), response, str(v[3]), int(v[4]), tuple(v[5]), float(v[6]),
-                 int(v[7]))
+    key, url = str(v[1]), str(v[2])
+    return Entry(key, key if url == key else url, response, str(v[3]), int(v[4]), tuple(v[5]),
+                 float(v[6]), int(v[7]))
 
 
 def encode_variants(entries: tuple[Entry, ...]) -> bytes:

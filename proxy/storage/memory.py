@@ -29,7 +29,13 @@ from proxy.storage.entry import Entry
 
 MemoryPolicy = Literal["lru", "lfu"]
 
-ENTRY_OVERHEAD = 400  # bytes of Python objects around an entry (dataclasses, tuples, dict slots)
+# What a key and a variant cost beyond their strings and body, measured with tracemalloc
+# (tests/storage/test_memory.py keeps cost() within 10% of the real figure): the key's slot,
+# list and OrderedDict links; per variant Cached, Entry, StoredResponse, Freshness, their
+# floats and tuples, and the fast path's pre-serialised head with its Head object.
+KEY_OVERHEAD = 250
+VARIANT_OVERHEAD = 1180
+FIELD_OVERHEAD = 170  # a (name, value) tuple, two str objects, its slot, its line in the head
 
 
 @dataclass(slots=True)
@@ -44,13 +50,17 @@ class Cached:
 
 
 def cost(variants: tuple[Cached, ...]) -> int:
-    """What a key's variants cost against the budget: bodies, headers and object overhead."""
-    total = 0
+    """What a key's variants cost against the budget, close to the memory they really take
+    (bodies, strings and the Python objects around them), so that a worker's RSS stays near
+    the budget it was given."""
+    total = KEY_OVERHEAD
     for c in variants:
         e = c.entry
-        total += ENTRY_OVERHEAD + 2 * len(e.key) + (len(c.body) if c.body is not None else 0)
+        total += VARIANT_OVERHEAD + 3 * len(e.key) + len(e.body_id)
+        if c.body is not None:
+            total += len(c.body)
         for k, v in e.response.headers:
-            total += len(k) + len(v) + 64
+            total += FIELD_OVERHEAD + 2 * (len(k) + len(v))  # the field, and its line in the head
         for t in e.tags:
             total += len(t) + 64
     return total

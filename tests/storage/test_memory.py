@@ -93,3 +93,44 @@ def test_the_budget_and_the_bookkeeping_always_agree(policy: str, ops: list[tupl
         assert m.bytes == sum(cost(m.peek(x) or ()) for x in m.keys())  # noqa: SIM118 (keys() is a method here)
         tagged = {x for t in ("t0", "t1", "t2") for x in m.keys_for_tag(t)}
         assert tagged == set(m.keys())
+
+
+def test_the_budget_counts_what_entries_really_take() -> None:
+    """cost() is not far below the memory an entry takes (measured with tracemalloc): else a
+    worker's RSS would outgrow its memory budget (issue 8 measured 1.8 KB counted against
+    3.3 KB taken per 1 KiB entry). Entries as a miss stores them (no strings shared), each
+    with the fast path's pre-serialised head."""
+    import gc
+    import os
+    import tracemalloc
+
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from proxy.policy.messages import CacheOptions, RequestHead
+    from proxy.policy.storability import Store, decide_store
+    from proxy.storage.entry import Entry
+    from proxy.web.fastpath import FastPath
+
+    n = 2000
+    tier = MemoryTier(1 << 30, 1 << 20)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for i in range(n):
+            fields = CIMultiDictProxy(CIMultiDict([
+                ("Date", "Thu, 26 Nov 2026 11:00:00 GMT"), ("Content-Type", "application/octet-stream"),
+                ("Content-Length", "1024"), ("Cache-Control", "public, max-age=86400"),
+                ("Server", "Python/3.11 aiohttp/3.14.5")]))
+            url = f"http://127.0.0.1:8080/obj/1k/k{i}"
+            req = RequestHead("GET", "http", "127.0.0.1:8080", f"/obj/1k/k{i}", fields)
+            stored = decide_store(req, 200, "OK", fields, 1e9, 1e9, CacheOptions())
+            assert isinstance(stored, Store)
+            e = Entry(url, url, stored.response, os.urandom(16).hex(), 1024, stored_at=1e9)
+            variants = (Cached(e, os.urandom(1024)),)
+            tier.put(e.key, variants)
+            FastPath._new_head(variants[0], None, 0, (), (1, 1))
+        taken, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tier.bytes >= 0.9 * taken, (tier.bytes / n, taken / n)
+    assert tier.bytes <= 1.5 * taken, (tier.bytes / n, taken / n)
