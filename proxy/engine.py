@@ -202,7 +202,7 @@ class Engine:
         key = cache_key(head, plan.key)
         variants = self.storage.memory_get(key)
         if variants is None:
-            variants = await self._load_shared(key)
+            variants = await self._load_shared(key, bodies=head.method == "GET")
         now = self.clock()
         decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options)
         match decision:
@@ -263,7 +263,7 @@ class Engine:
         memory.use(key, slot)
         return plan, cached, plain[1], plain[2], shared
 
-    async def _load_shared(self, key: str) -> tuple[Cached, ...]:
+    async def _load_shared(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:
         """A lookup that misses memory: concurrent ones for the same key share one disk read.
 
         A herd on a cold key would otherwise queue one disk read per client in the
@@ -277,7 +277,7 @@ class Engine:
             shared: asyncio.Future[tuple[Cached, ...]] = asyncio.get_running_loop().create_future()
             self._loads[key] = shared
             try:
-                variants = await self._load(key)
+                variants = await self._load(key, bodies)
                 shared.set_result(variants)
             finally:
                 if self._loads.get(key) is shared:
@@ -287,15 +287,17 @@ class Engine:
             return variants
         await asyncio.wait((pending,))
         if pending.cancelled():
-            return await self._load(key)
+            return await self._load(key, bodies)
         # Step aside once: the first caller (woken first) starts the key's flight, whose
         # request then leaves for the origin before the rest of the herd joins it.
         await asyncio.sleep(0)
         return pending.result()
 
-    async def _load(self, key: str) -> tuple[Cached, ...]:
+    async def _load(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:
+        """The key's variants (``bodies``: a GET, which will send one: read a small body with
+        its metadata, in the same trip to the thread pool)."""
         try:
-            return await self.storage.get(key)
+            return await self.storage.get(key, bodies=bodies)
         except Exception:  # storage failures degrade to a miss
             log.exception("storage read failed for %s", key)
             self.metrics.storage_errors.labels("read").inc()
@@ -331,7 +333,7 @@ class Engine:
                     if k.lower() in NOT_MODIFIED_FIELDS or k in ("Age", "Cache-Status", "X-Cache-Status")]
             return self._finish(plan, Reply(304, "Not Modified", kept, None, None, x_cache, "none"))
         head_only = req.head.method == "HEAD"
-        tier = "memory" if cached.body is not None else "disk"
+        tier = "memory" if cached.body is not None and not cached.from_disk else "disk"
         body: Body
         if head_only:
             body = None

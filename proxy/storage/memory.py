@@ -47,6 +47,9 @@ class Cached:
     # The fast path's pre-serialised response heads for this variant (proxy.web.fastpath),
     # built on its first fast hit; a freshened or replaced variant is a new Cached.
     heads: list[Any] | None = field(default=None, compare=False, repr=False)
+    # A variant just read from disk with its body (``Storage.get(bodies=True)``): this
+    # request's body comes from the disk tier; memory holds a copy without the mark.
+    from_disk: bool = field(default=False, compare=False, repr=False)
 
 
 def cost(variants: tuple[Cached, ...]) -> int:

@@ -76,9 +76,21 @@ def head_of(method: str, target: str, headers: CIMultiDictProxy[str], version: t
         if version >= (1, 1):
             raise BadRequest("missing Host header")
         host_header = default_host
-    if len(headers.getall("Host", ())) > 1 or not _HOST.fullmatch(host_header):
+    if len(headers.getall("Host", ())) > 1:
         raise BadRequest("invalid Host header")
-    return RequestHead(method, scheme, normalise_host(host_header, scheme), target, headers)
+    host = _HOSTS.get((host_header, scheme))
+    if host is None:
+        if not _HOST.fullmatch(host_header):
+            raise BadRequest("invalid Host header")
+        host = normalise_host(host_header, scheme)
+        if len(_HOSTS) >= 1024:
+            _HOSTS.clear()
+        _HOSTS[(host_header, scheme)] = host
+    return RequestHead(method, scheme, host, target, headers)
+
+
+# Valid Host values seen, normalised: a site has few, and every request checks its own.
+_HOSTS: dict[tuple[str, str], str] = {}
 
 
 async def _body_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:
