@@ -84,10 +84,10 @@ class Upstream:
     check_failures: int = 0
     requests: int = 0
     failures: int = 0
+    name: str = field(init=False, default="")  # str(url), made once (it is asked for on every request)
 
-    @property
-    def name(self) -> str:
-        return str(self.url)
+    def __post_init__(self) -> None:
+        self.name = str(self.url)
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.down_until
@@ -109,6 +109,9 @@ class Selector:
 
     def choose(self, upstreams: list[Upstream], now: float, exclude: frozenset[str] = frozenset()
                ) -> Upstream | None:
+        if len(upstreams) == 1:  # the common case, without building lists
+            only = upstreams[0]
+            return only if only.available(now) and only.name not in exclude else None
         candidates = [u for u in upstreams if u.available(now) and u.name not in exclude]
         if not candidates:
             return None
