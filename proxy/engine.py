@@ -825,11 +825,14 @@ class Engine:
         return True
 
     def _report_head(self, key: str, lease: Granted, head: asyncio.Future[FlightHead]) -> None:
-        """Tell the waiting workers at once when the response turns out not shareable."""
+        """Tell the waiting workers at once when the response turns out not shareable (a
+        shareable head changes nothing for them: they wait for the release either way, so it
+        costs no message)."""
         if self.leases is None or head.cancelled() or head.exception() is not None:
             return
         h = head.result()
-        self.leases.head(key, lease, h.shareable, h.store_detail in PASS_DETAILS)
+        if not h.shareable:
+            self.leases.head(key, lease, h.shareable, h.store_detail in PASS_DETAILS)
 
     @staticmethod
     def _release_lease(flight: Flight, release: Callable[..., None]) -> None:
