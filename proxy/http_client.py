@@ -269,6 +269,7 @@ class UpstreamConnection(BaseProtocol):
                                             f"{exc!r}"))
         finally:
             self._body_task = None
+            self._last_read = self._loop.time()  # the upstream's silence starts now
             if self._message is not None and self._payload is not None and self._payload.is_eof():
                 self._finish()  # the response ended before the body was sent
 
@@ -421,8 +422,9 @@ class UpstreamConnection(BaseProtocol):
         if not self.busy or self._failed or not self._read_timeout:
             return
         now = self._loop.time()
-        if self._reading_paused:
-            due = now + self._read_timeout  # paused by us: the upstream is not silent
+        if self._reading_paused or self._body_task is not None:
+            # Paused by us, or still sending the request body: the upstream is not the silent one.
+            due = now + self._read_timeout
         else:
             due = self._last_read + self._read_timeout
             if now >= due:

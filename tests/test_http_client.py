@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from proxy.errors import UpstreamProtocolError
 from proxy.http_client import KEEPALIVE_IDLE, HostPool, request_head
 from tests.conftest import MakeProxy
+from tests.harness import Origin
 
 Answer = Callable[[bytes], bytes | list[bytes]]  # request head -> response bytes (or packets)
 
@@ -334,3 +336,19 @@ async def test_idle_connections_are_reused_and_closed_before_the_origin_would() 
         for writer in accepted:
             writer.close()
         await server.wait_closed()
+
+
+async def test_a_slow_upload_is_not_a_read_timeout(origin: Origin, make_proxy: MakeProxy) -> None:
+    async def echo_size(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
+
+    origin.route("/up", echo_size)
+    proxy = await make_proxy(config="upstream: {timeouts: {read: 300ms}, retries: 0}\n")
+
+    async def slowly() -> AsyncIterator[bytes]:
+        for _ in range(5):  # 750 ms in all, while the upstream waits for the rest of it
+            await asyncio.sleep(0.15)
+            yield b"x" * 1000
+
+    reply = await proxy.request("POST", "/up", data=slowly())
+    assert (reply.status, reply.body) == (200, b"5000")
