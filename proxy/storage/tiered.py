@@ -60,8 +60,8 @@ SWEEP_BATCH = 1000
 GC_BATCH = 2000
 COMMIT_WAIT = 5.0  # seconds a read waits for this process's disk write of the same key
 COMMIT_BATCH = 128  # small-body commits written in one go (one transaction per shard and batch)
-LOOKUP_PARALLEL = 2  # groups of disk lookups read at the same time (see _lookup)
-LOOKUP_BATCH = 64
+LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 executor threads)
+LOOKUP_BATCH = 16  # keys per group: a group waits for its slowest read
 GC_SEQ_LAG = 10.0  # seconds: index rows younger than this may belong to a commit in progress
 
 
