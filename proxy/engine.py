@@ -94,8 +94,10 @@ NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "exp
                        "last-modified")  # fmt: skip
 # Reasons a response is not shareable with coalesced followers (hit-for-pass).
 PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
-# Followers of a flight whose body is at most this big get it whole, in one write.
+# Followers of a flight whose body is at most this big get it whole, in one write; so
+# does the client that started the flight, for bodies up to WHOLE_FOR_LEADER.
 WHOLE_FOR_FOLLOWERS = 256 * 1024
+WHOLE_FOR_LEADER = 64 * 1024
 # A flight answered from what another worker fetched and stored (proxy.leases).
 STORED_ELSEWHERE = "STORED-ELSEWHERE"
 
@@ -162,6 +164,7 @@ class Engine:
         # commit would bring back the entry it just deleted.
         self._disk_writes: dict[str, set[asyncio.Future[None]]] = {}
         self._loads: dict[str, asyncio.Future[tuple[Cached, ...]]] = {}  # disk lookups in progress
+        self._stores = 0  # fills this process began storing: a lookup that overlapped one proves nothing
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
 
@@ -202,7 +205,9 @@ class Engine:
         key = cache_key(head, plan.key)
         variants = self.storage.memory_get(key)
         if variants is None:
-            variants = await self._load_shared(key, bodies=head.method == "GET")
+            # Known absent (this process looked lately, and has stored nothing since): no disk lookup.
+            variants = () if self.coalescer.is_absent(key) else await self._load_shared(
+                key, bodies=head.method == "GET")
         now = self.clock()
         decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options)
         match decision:
@@ -276,9 +281,12 @@ class Engine:
         if pending is None:
             shared: asyncio.Future[tuple[Cached, ...]] = asyncio.get_running_loop().create_future()
             self._loads[key] = shared
+            stores = self._stores
             try:
                 variants = await self._load(key, bodies)
                 shared.set_result(variants)
+                if not variants and stores == self._stores:  # nothing stored while it read
+                    self.coalescer.mark_absent(key)
             finally:
                 if self._loads.get(key) is shared:
                     del self._loads[key]
@@ -431,7 +439,7 @@ class Engine:
         if urls:
             await self._invalidate(urls)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
-        return self._stream_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
+        return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
     async def _send(self, method: str, target: str, headers: list[tuple[str, str]],
                     body: AsyncIterable[bytes] | None = None) -> UpstreamResponse:
@@ -441,19 +449,6 @@ class Engine:
         self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
         self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
         return resp
-
-    def _stream_reply(self, plan: RequestPlan, resp: UpstreamResponse, x_cache: str, cs: str,
-                      head_only: bool) -> Reply:
-        headers = self._response_headers(resp.headers)
-        headers.append(("Cache-Status", cs))
-        headers.append(("X-Cache-Status", x_cache))
-        if head_only or resp.status in (204, 304) or 100 <= resp.status < 200:
-            resp.release()
-            length = resp.content_length if head_only else None
-            return self._finish(plan, Reply(resp.status, resp.reason, headers, None, length,
-                                            x_cache, "none", head_only=True))
-        return self._finish(plan, Reply(resp.status, resp.reason, headers, resp.iter_chunks(),
-                                        resp.content_length, x_cache, "upstream"))
 
     def _upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str = "MISS"
                          ) -> Reply:
@@ -495,8 +490,9 @@ class Engine:
         stale_prohibited: bool = False,
     ) -> Reply:
         """Join the key's flight, or start one, and answer this client from it."""
-        head = req.head
         passing = coalesce and self.coalescer.is_pass(key)
+        if passing and revalidating is None and stale is None:
+            return await self._forward_passing(req, plan, key, fwd)
         flight = self.coalescer.get(key) if coalesce and not passing else None
         if flight is not None and flight.spool is not None and flight.spool.doomed:
             flight = None  # purged while in flight: what it carries must not be served anew
@@ -519,6 +515,14 @@ class Engine:
                                         stale=stale)
             reader = flight.body.join()
         assert reader is not None
+        return await self._reply_from_flight(req, plan, key, flight, reader, collapsed, revalidating, fwd,
+                                             stale, stale_prohibited)
+
+    async def _reply_from_flight(self, req: ClientRequest, plan: RequestPlan, key: str, flight: Flight,
+                                 reader: Any, collapsed: bool, revalidating: Cached | None, fwd: str,
+                                 stale: Cached | None, stale_prohibited: bool) -> Reply:
+        """Answer a client that joined ``flight`` (as its leader, or ``collapsed`` as a follower)."""
+        head = req.head
         try:
             if collapsed:
                 fhead = await asyncio.wait_for(asyncio.shield(flight.head),
@@ -605,17 +609,78 @@ class Engine:
                                             fhead.content_length if head.method == "HEAD" else None,
                                             x_cache, "none", head_only=True))
         length = fhead.content_length
-        if collapsed and length is not None and length <= WHOLE_FOR_FOLLOWERS:
+        if length is not None and length <= (WHOLE_FOR_FOLLOWERS if collapsed else WHOLE_FOR_LEADER):
             # A small body: a follower waits for it whole and sends it in one write, which
-            # costs less per follower than streaming it chunk by chunk (a herd's fan-out).
+            # costs less per follower than streaming it chunk by chunk (a herd's fan-out);
+            # so does the leader when the body is small enough not to delay its first byte.
             try:
                 body = await flight.body.whole()
+            except UpstreamError as exc:
+                if collapsed:
+                    raise
+                # The leader's client sees the response break off, as when it is streamed.
+                return self._finish(plan, Reply(fhead.status, fhead.reason, headers, _broken(exc),
+                                                length, x_cache, "upstream"))
             finally:
                 reader.close()
             return self._finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
                                             x_cache, "upstream"))
         return self._finish(plan, Reply(fhead.status, fhead.reason, headers, reader.__aiter__(),
                                         length, x_cache, "upstream"))
+
+    async def _forward_passing(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str) -> Reply:
+        """A hit-for-pass key: forwarded in the request's own task, without a flight (nobody may
+        join it). Should the response turn out storable now, a flight takes it over and stores it
+        (and this client is answered from that flight), which ends the hit-for-pass."""
+        head = req.head
+        request_time = self.clock()
+        try:
+            resp = await self._send("GET", fill_target(head, plan.key, key),
+                                    self._upstream_headers(req, fill=True))
+        except UpstreamError as exc:
+            return self._upstream_failed(plan, exc, fwd)
+        response_time = self.clock()
+        store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
+        try:
+            store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
+                                                       response_time)
+        except BaseException:
+            resp.close()
+            raise
+        if entry is not None:
+            async def deliver(flight: Flight) -> None:
+                await self._deliver(flight, key, resp, store_detail, entry, response_time)
+
+            flight = self.coalescer.start(f"\x00solo:{id(req)}:{key}", deliver)
+            reader = flight.body.join()
+            assert reader is not None
+            return await self._reply_from_flight(req, plan, key, flight, reader, False, None, fwd, None,
+                                                 False)
+        if store_detail in PASS_DETAILS:
+            self.coalescer.mark_pass(key)
+        self.metrics.not_stored.labels(store_detail).inc()
+        cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=store_detail)
+        return self._direct_reply(plan, resp, "MISS", cs, head.method == "HEAD")
+
+    def _direct_reply(self, plan: RequestPlan, resp: UpstreamResponse, x_cache: str, cs: str,
+                      head_only: bool) -> Reply:
+        """A reply straight from an upstream response (nothing stored): a small body that has
+        already arrived whole goes out as bytes, in one write; any other is streamed."""
+        headers = self._response_headers(resp.headers)
+        headers.append(("Cache-Status", cs))
+        headers.append(("X-Cache-Status", x_cache))
+        if head_only or resp.status in (204, 304) or 100 <= resp.status < 200:
+            length = resp.content_length if head_only else None
+            if resp.complete_body() is None:  # read whole: the connection is reused
+                resp.release()
+            return self._finish(plan, Reply(resp.status, resp.reason, headers, None, length,
+                                            x_cache, "none", head_only=True))
+        body = resp.complete_body()
+        if body is not None:
+            return self._finish(plan, Reply(resp.status, resp.reason, headers, body, len(body),
+                                            x_cache, "upstream"))
+        return self._finish(plan, Reply(resp.status, resp.reason, headers, resp.iter_chunks(),
+                                        resp.content_length, x_cache, "upstream"))
 
     async def _stored_meanwhile(self, req: ClientRequest, plan: RequestPlan, key: str) -> Reply | None:
         """A reply from the response a flight for ``key`` stored while this request looked on
@@ -792,11 +857,14 @@ class Engine:
         return True
 
     def _report_head(self, key: str, lease: Granted, head: asyncio.Future[FlightHead]) -> None:
-        """Tell the waiting workers at once when the response turns out not shareable."""
+        """Tell the waiting workers at once when the response turns out not shareable (a
+        shareable head changes nothing for them: they wait for the release either way, so it
+        costs no message)."""
         if self.leases is None or head.cancelled() or head.exception() is not None:
             return
         h = head.result()
-        self.leases.head(key, lease, h.shareable, h.store_detail in PASS_DETAILS)
+        if not h.shareable:
+            self.leases.head(key, lease, h.shareable, h.store_detail in PASS_DETAILS)
 
     @staticmethod
     def _release_lease(flight: Flight, release: Callable[..., None]) -> None:
@@ -857,6 +925,11 @@ class Engine:
         else:
             store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
                                                        response_time)
+        await self._deliver(flight, key, resp, store_detail, entry, response_time)
+
+    async def _deliver(self, flight: Flight, key: str, resp: UpstreamResponse, store_detail: str,
+                       entry: Entry | None, response_time: float) -> None:
+        """A flight's response: its head to the clients, its body to them and to the store."""
         # Followers get the leader's response only when it is fresh on arrival: handing
         # them a response that is already stale (or no-cache) would reuse it unvalidated.
         shareable = entry is not None and entry.response.freshness.ttl(response_time) > 0 \
@@ -868,7 +941,11 @@ class Engine:
             self.coalescer.mark_pass(key)
         if not shareable:
             self.metrics.not_stored.labels(store_detail).inc()
-        spool = self.storage.spool(entry, resp.content_length) if entry is not None else None
+        spool = None
+        if entry is not None:
+            self._stores += 1
+            self.coalescer.clear_absent(key)
+            spool = self.storage.spool(entry, resp.content_length)
         flight.spool = spool
         try:
             async for chunk in resp.iter_chunks():
@@ -917,6 +994,7 @@ class Engine:
                 flight.on_stored(on_disk)
         if on_disk:
             self.coalescer.clear_pass(key)
+        self.coalescer.clear_absent(key)
         flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED"))
 
     async def _put_disk(self, key: str, final: Entry, spool: BodySpool) -> bool:
@@ -1045,6 +1123,12 @@ def _upstream_error(status: int, message: str) -> UpstreamError:
     """The error another worker's fetch of the same key met, as this worker's own."""
     cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(status, UpstreamConnectError)
     return cls(f"{message} (fetched by another worker)")
+
+
+async def _broken(exc: BaseException) -> AsyncIterator[bytes]:
+    """A body that fails at once (the web layer then aborts the client's connection)."""
+    raise exc
+    yield b""  # pragma: no cover  (makes this an async generator)
 
 
 def _close(body: Body) -> None:

@@ -2,10 +2,12 @@
 
 Selection is a pure function of the pool's state (weights, in-flight counts,
 health), kept apart from the I/O, so it is unit-testable without sockets (as
-httpcore keeps its pool bookkeeping). Sending uses one long-lived aiohttp
-``ClientSession`` per pool: keep-alive, no cookie jar (``DummyCookieJar``), no
-decompression (bytes and ``Content-Encoding`` pass through unchanged), and
-connect/read timeouts instead of aiohttp's 5-minute total timeout.
+httpcore keeps its pool bookkeeping). Sending uses cachegate's own lean
+HTTP/1.1 client (``proxy.http_client``: asyncio protocols and aiohttp's C parser;
+why not aiohttp's ``ClientSession`` is measured there): one keep-alive pool of
+``pool_size`` connections per upstream, no cookie jar, no decompression (bytes and
+``Content-Encoding`` pass through unchanged), connect/read timeouts and an optional
+total one.
 
 Health:
 
@@ -21,8 +23,7 @@ any response byte arrived (refused, reset, closed with nothing read, or a connec
 timeout), only for idempotent methods (unless ``retry_non_idempotent``), and never
 when the request body was streamed. A connection that closes with nothing read
 gets one more try besides, on any upstream (the same one when it is alone): that is
-a keep-alive connection closed by the upstream as the request left, and aiohttp's
-own silent retry (which also resends after part of a response head) is off. A 5xx
+a keep-alive connection closed by the upstream as the request left. A 5xx
 answer, a read timeout or a connection that closes part-way through the response
 head is not retried: the upstream may have acted on the request.
 
@@ -42,7 +43,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDictProxy
 from prometheus_client.core import GaugeMetricFamily, Metric
 from yarl import URL
@@ -52,30 +52,22 @@ from proxy.errors import (
     NoUpstreamAvailable,
     UpstreamConnectError,
     UpstreamError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
+)
+from proxy.http_client import (
+    KEEPALIVE_IDLE,
+    SMALL_BODY,
+    HostPool,
+    Response,
+    UpstreamConnectTimeout,
+    UpstreamDisconnected,
+    body_once,
+    error_kind,
+    request_head,
 )
 
 log = logging.getLogger("cachegate.upstream")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-CHUNK = 64 * 1024
-# Idle keep-alive connections are closed after this long: shorter than the 5 s that
-# Node.js and Apache servers use by default, so cachegate closes an idle connection
-# before the origin does. Otherwise a request can take a connection the origin has
-# just closed and fail with "Server disconnected" (a body that was streamed cannot
-# be resent).
-KEEPALIVE_IDLE = 4.0
-
-
-class UpstreamConnectTimeout(UpstreamTimeout):
-    """The TCP (or TLS) connection was not established in time: safe to retry elsewhere."""
-
-
-class UpstreamDisconnected(UpstreamConnectError):
-    """The connection closed after the request was sent, before any response byte: most often
-    a keep-alive connection the upstream had just closed. One more try, even on the same
-    upstream, is safe for a request that may be retried at all."""
 
 
 @dataclass
@@ -92,10 +84,10 @@ class Upstream:
     check_failures: int = 0
     requests: int = 0
     failures: int = 0
+    name: str = field(init=False, default="")  # str(url), made once (it is asked for on every request)
 
-    @property
-    def name(self) -> str:
-        return str(self.url)
+    def __post_init__(self) -> None:
+        self.name = str(self.url)
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.down_until
@@ -117,6 +109,9 @@ class Selector:
 
     def choose(self, upstreams: list[Upstream], now: float, exclude: frozenset[str] = frozenset()
                ) -> Upstream | None:
+        if len(upstreams) == 1:  # the common case, without building lists
+            only = upstreams[0]
+            return only if only.available(now) and only.name not in exclude else None
         candidates = [u for u in upstreams if u.available(now) and u.name not in exclude]
         if not candidates:
             return None
@@ -139,12 +134,14 @@ class Selector:
 class UpstreamResponse:
     """A response head from an upstream, and its body as an async iterator of chunks."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, upstream: Upstream, pool: UpstreamPool) -> None:
+    __slots__ = ("_pool", "_released", "_resp", "headers", "reason", "status", "upstream")
+
+    def __init__(self, resp: Response, upstream: Upstream, pool: UpstreamPool) -> None:
         self._resp = resp
         self.upstream = upstream
         self._pool = pool
         self.status = resp.status
-        self.reason = resp.reason or ""
+        self.reason = resp.reason
         self.headers: CIMultiDictProxy[str] = resp.headers
         self._released = False
 
@@ -153,18 +150,26 @@ class UpstreamResponse:
         value = self.headers.get("Content-Length")
         return int(value) if value is not None and value.isdigit() else None
 
+    def complete_body(self) -> bytes | None:
+        """The whole body when it has already arrived with the head (a small response): no
+        waiting, no chunk iteration. None otherwise (then use ``iter_chunks``)."""
+        body = self._resp.complete_body()
+        if body is not None:
+            self.release()
+        return body
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._resp.content.iter_any():
+            while True:
+                try:
+                    chunk = await self._resp.read_chunk()
+                except UpstreamError:
+                    raise
+                except (OSError, RuntimeError) as exc:
+                    raise UpstreamConnectError(f"{self.upstream.name}: {exc}") from exc
+                if not chunk:
+                    return
                 yield chunk
-        except aiohttp.SocketTimeoutError as exc:
-            raise UpstreamTimeout(f"{self.upstream.name}: read timed out mid-body") from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"{self.upstream.name}: total timeout exceeded mid-body") from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamProtocolError(f"{self.upstream.name}: body broke off: {exc}") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"{self.upstream.name}: {exc}") from exc
         finally:
             self.release()
 
@@ -172,17 +177,16 @@ class UpstreamResponse:
         return b"".join([c async for c in self.iter_chunks()])
 
     def release(self) -> None:
+        """Done with the response: the connection goes back to the pool when the body was read
+        to the end, and is closed otherwise."""
         if not self._released:
             self._released = True
             self._pool._done(self.upstream)
-            self._resp.release()
+            self._resp.discard()
 
     def close(self) -> None:
         """Drop the connection (the body was not read to the end)."""
-        if not self._released:
-            self._released = True
-            self._pool._done(self.upstream)
-            self._resp.close()
+        self.release()
 
 
 ErrorHook = Callable[[str, str], None]  # (upstream name, error kind)
@@ -195,37 +199,29 @@ class UpstreamPool:
         self.settings = settings
         self.upstreams = [Upstream(u.url, u.weight) for u in upstreams]
         self.selector = Selector(settings.balance)
-        self._session: aiohttp.ClientSession | None = None
+        self._hosts: dict[str, HostPool] = {}
         self._checks: list[asyncio.Task[None]] = []
         self._on_error = on_error
         self._clock = clock
 
-    def _ssl(self) -> ssl.SSLContext | bool:
+    def _ssl(self) -> ssl.SSLContext:
+        """Verification on by default (the system's CAs, or ``ca_file``); SNI is the upstream's
+        host name (``HostPool``), whatever Host the client sent."""
         tls = self.settings.tls
         if not tls.verify:
-            return False
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            return ctx
         return ssl.create_default_context(cafile=tls.ca_file)
 
     async def start(self) -> None:
-        t = self.settings.timeouts
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=self.settings.pool_size, ttl_dns_cache=60, ssl=self._ssl(),
-            keepalive_timeout=KEEPALIVE_IDLE,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.read),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            read_bufsize=CHUNK,
-            max_line_size=16 * 1024,
-            max_field_size=16 * 1024,
-        )
-        # aiohttp resends an idempotent request once when the connection closes, even after part
-        # of the response head arrived; retries are decided here instead (see send).
-        if hasattr(self._session, "_retry_connection"):
-            self._session._retry_connection = False
+        needs_tls = any(u.url.scheme == "https" for u in self.upstreams)
+        context = self._ssl() if needs_tls else None
+        for u in self.upstreams:
+            self._hosts[u.name] = HostPool(u.url, self.settings.pool_size, context,
+                                           self.settings.timeouts.connect,
+                                           total_timeout=self.settings.timeouts.total)
         if self.settings.health is not None:
             loop = asyncio.get_running_loop()
             self._checks = [loop.create_task(self._check_loop(u)) for u in self.upstreams]
@@ -235,9 +231,8 @@ class UpstreamPool:
             task.cancel()
         await asyncio.gather(*self._checks, return_exceptions=True)
         self._checks = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        hosts, self._hosts = list(self._hosts.values()), {}
+        await asyncio.gather(*(h.close() for h in hosts), return_exceptions=True)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -304,15 +299,25 @@ class UpstreamPool:
             await asyncio.sleep(health.interval)
 
     async def check_once(self, upstream: Upstream) -> bool:
+        """One active check: ``GET health.path``; a 2xx or 3xx within ``health.timeout`` is a success."""
         health = self.settings.health
-        assert health is not None and self._session is not None
-        url = URL(str(upstream.url) + health.path, encoded=True)
+        assert health is not None
+        host = self._hosts.get(upstream.name)
+        if host is None:
+            return False
         try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=health.timeout),
-                                         allow_redirects=False) as resp:
-                await resp.read()
+            async with asyncio.timeout(health.timeout):
+                head, _, _ = request_head("GET", health.path, (), host.host_header, None)
+                conn = await host.acquire()
+                resp = await conn.request(head, None, False, None, head_method=False,
+                                          read_timeout=health.timeout)
+                try:
+                    while await resp.read_chunk():
+                        pass
+                finally:
+                    resp.discard()
                 return 200 <= resp.status < 400
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except (UpstreamError, TimeoutError, OSError, RuntimeError):
             return False
 
     def record_check(self, upstream: Upstream, ok: bool) -> None:
@@ -379,48 +384,36 @@ class UpstreamPool:
         headers: list[tuple[str, str]],
         body: AsyncIterable[bytes] | bytes | None,
     ) -> UpstreamResponse:
-        assert self._session is not None, "pool not started"
+        host = self._hosts.get(upstream.name)
+        if host is None:
+            raise UpstreamConnectError(f"{upstream.name}: pool not started")
         upstream.in_flight += 1
         upstream.requests += 1
-        url = URL(str(upstream.url) + target, encoded=True)
-        error: UpstreamError
+        t = self.settings.timeouts
         try:
-            resp = await self._session.request(method, url, headers=headers, data=body,
-                                               allow_redirects=False, compress=None, chunked=None)
-        except aiohttp.ConnectionTimeoutError as exc:
-            error, kind = UpstreamConnectTimeout(f"{upstream.name}: connect timed out"), "connect_timeout"
-            cause: BaseException = exc
-        except aiohttp.SocketTimeoutError as exc:
-            error, kind, cause = (UpstreamTimeout(f"{upstream.name}: read timed out (no byte for "
-                                                  f"{self.settings.timeouts.read:g}s)"), "read_timeout", exc)
-        except TimeoutError as exc:
-            error, kind, cause = (UpstreamTimeout(f"{upstream.name}: total timeout "
-                                                  f"({self.settings.timeouts.total or 0:g}s) exceeded"),
-                                  "total_timeout", exc)
-        except aiohttp.ServerDisconnectedError as exc:
-            if exc.message is not None and not isinstance(exc.message, str):
-                # It closed part-way through a response head: it got the request, and may
-                # have acted on it. Never retried.
-                error, kind, cause = (UpstreamProtocolError(f"{upstream.name}: closed the connection "
-                                                            "in the middle of the response head"),
-                                      "protocol", exc)
+            total_deadline = asyncio.get_running_loop().time() + t.total if t.total else None
+            head, chunked, expected = request_head(method, target, headers, host.host_header, body)
+            stream: AsyncIterable[bytes] | None
+            if isinstance(body, bytes):
+                stream = body_once(body) if len(body) > SMALL_BODY else None
             else:
-                error, kind, cause = UpstreamDisconnected(f"{upstream.name}: {exc}"), "connect", exc
-        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
-            error, kind, cause = UpstreamConnectError(f"{upstream.name}: {exc}"), "connect", exc
-        except aiohttp.ClientResponseError as exc:
-            error, kind, cause = UpstreamProtocolError(f"{upstream.name}: {exc.message}"), "protocol", exc
-        except aiohttp.ClientError as exc:
-            error, kind, cause = UpstreamConnectError(f"{upstream.name}: {exc}"), "connect", exc
+                stream = body
+            conn = await host.acquire()
+            resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",
+                                      read_timeout=t.read, total_deadline=total_deadline)
+        except UpstreamError as exc:
+            self._done(upstream)
+            self._passive_failure(upstream, error_kind(exc))
+            raise
         except BaseException:
             self._done(upstream)
             raise
+        if resp.status >= 500:
+            self._passive_failure(upstream, f"status_{resp.status}")
         else:
-            if resp.status >= 500:
-                self._passive_failure(upstream, f"status_{resp.status}")
-            else:
-                self._passive_success(upstream)
-            return UpstreamResponse(resp, upstream, self)
-        self._done(upstream)
-        self._passive_failure(upstream, kind)
-        raise error from cause
+            self._passive_success(upstream)
+        return UpstreamResponse(resp, upstream, self)
+
+
+__all__ = ["KEEPALIVE_IDLE", "Selector", "Upstream", "UpstreamConnectTimeout", "UpstreamDisconnected",
+           "UpstreamPool", "UpstreamResponse"]

@@ -44,11 +44,11 @@ import contextlib
 import io
 import logging
 import os
+import random
 import sqlite3
 import time
-import uuid
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Literal
 
 import diskcache
@@ -92,9 +92,12 @@ def _drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]
 
 
 def new_body_id(now: float | None = None) -> str:
-    """A unique body id that starts with its creation time (hex ns), so sweeps can tell its age."""
+    """A unique body id that starts with its creation time (hex ns), so sweeps can tell its age.
+
+    The 64 random bits come from ``random`` (seeded from the OS, and again in a forked child),
+    not ``uuid4``: a body id needs to be unique, not secret, and uuid4 costs a system call."""
     ns = time.time_ns() if now is None else int(now * 1e9)
-    return f"{ns:x}-{uuid.uuid4().hex[:16]}"
+    return f"{ns:x}-{random.getrandbits(64):016x}"
 
 
 def body_time(body_id: str) -> float:
@@ -135,7 +138,9 @@ class DiskTier:
                 size_limit=self.shard_limit,
                 eviction_policy=eviction_policy,
                 statistics=False,
-                cull_limit=16,
+                # No culling inside every set (3 more queries each): writes cull once
+                # afterwards, when the shard is over its budget (``_cull``).
+                cull_limit=0,
                 # Bound the WAL file: by default it grows to ~4 MB per shard before a
                 # checkpoint and is never truncated, outside diskcache's size accounting.
                 sqlite_wal_autocheckpoint=max(wal // 4096, 16),
@@ -170,11 +175,12 @@ class DiskTier:
 
     def put_body(self, key: str, body_id: str, body: bytes | IO[bytes]) -> bool:
         """Copy a big body in, outside any transaction (the copy takes time); False when it timed out."""
+        shard = self._shard(key)
         try:
-            ok = bool(self._shard(key).set("b:" + body_id, body, read=not isinstance(body, bytes),
-                                           retry=False))
+            ok = bool(shard.set("b:" + body_id, body, read=not isinstance(body, bytes), retry=False))
         except diskcache.Timeout:
             ok = False
+        self._cull(shard)
         if not ok:
             self.failed_writes += 1
             log.warning("disk write of a body for %s timed out on the shard lock; not stored", key)
@@ -198,7 +204,52 @@ class DiskTier:
             self.failed_writes += 1
             log.warning("disk write for %s timed out on the shard lock; not stored", key)
             return False
+        self._cull(shard)
         return True
+
+    def commit_many(self, items: Sequence[tuple[str, Merge, str, bytes | None]]) -> list[bool]:
+        """``commit`` for many keys: one transaction per shard (``(key, merge, body id, small
+        body)`` each, merged in order). Whether each was committed: a shard whose lock timed
+        out (or whose merge failed) commits none of its items."""
+        by_shard: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            by_shard.setdefault(shard_of(item[0], len(self._shards)), []).append(i)
+        done = [False] * len(items)
+        for index, positions in by_shard.items():
+            shard = self._shards[index]
+            try:
+                with shard.transact():
+                    for i in positions:
+                        key, merge, body_id, body = items[i]
+                        if body is not None:
+                            shard.set("b:" + body_id, body)
+                        self._merge_locked(shard, key, merge)
+            except diskcache.Timeout:
+                self.failed_writes += len(positions)
+                log.warning("disk write of %d entries timed out on the shard lock; not stored",
+                            len(positions))
+                continue
+            except Exception:
+                self.failed_writes += len(positions)
+                log.exception("disk write of %d entries failed; not stored", len(positions))
+                continue
+            self._cull(shard)
+            for i in positions:
+                done[i] = True
+        return done
+
+    @staticmethod
+    def _cull(shard: diskcache.Cache) -> None:
+        """Evict by the shard's policy while it is over its budget (after a write).
+
+        diskcache would cull up to ``cull_limit`` entries inside every ``set``, which costs
+        three queries per set; checking once per write (or batch) costs two, and a shard
+        over budget is brought back under it at once rather than 16 entries a set."""
+        try:
+            if shard.volume() > shard.size_limit:
+                shard.cull()
+        except diskcache.Timeout:
+            pass  # busy: the next write culls
 
     def delete_body(self, key: str, body_id: str) -> None:
         with contextlib.suppress(diskcache.Timeout):  # else left as an orphan: the sweep removes it

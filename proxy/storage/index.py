@@ -117,6 +117,25 @@ class UrlTagIndex:
             raise
         return seq
 
+    def add_many(self, rows: list[tuple[str, str, tuple[str, ...]]]) -> list[int]:
+        """``add`` for many (key, url, tags) rows in one transaction; their new sequence numbers."""
+        db = self._db()
+        seqs: list[int] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for key, url, tags in rows:
+                cur = db.execute("INSERT OR REPLACE INTO entries (key, url) VALUES (?, ?)", (key, url))
+                seqs.append(int(cur.lastrowid or 0))
+                db.execute("DELETE FROM tags WHERE key = ?", (key,))
+                if tags:
+                    db.executemany("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)",
+                                   [(t, key) for t in tags])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return seqs
+
     def add_tags(self, key: str, tags: Iterable[str]) -> None:
         """Add tags to a key without a new sequence number (other variants' tags)."""
         self._write([("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)", (t, key)) for t in tags])

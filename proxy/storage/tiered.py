@@ -45,7 +45,7 @@ from typing import IO, Any, TypeVar, cast
 from proxy.policy.keys import url_of_key
 from proxy.storage.bans import GONE, BanList, PurgeMatch
 from proxy.storage.bodyfiles import BodyFile, OpenBodies
-from proxy.storage.disk import ORPHAN_AGE, DiskTier, new_body_id
+from proxy.storage.disk import INLINE_LIMIT, ORPHAN_AGE, DiskTier, new_body_id
 from proxy.storage.entry import Entry
 from proxy.storage.index import Ban, UrlTagIndex
 from proxy.storage.memory import Cached, MemoryTier
@@ -60,6 +60,9 @@ SPOOL_IN_MEMORY = 64 * 1024  # a body being received stays in memory up to this 
 SWEEP_BATCH = 1000
 GC_BATCH = 2000
 COMMIT_WAIT = 5.0  # seconds a read waits for this process's disk write of the same key
+COMMIT_BATCH = 128  # small-body commits written in one go (one transaction per shard and batch)
+LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 executor threads)
+LOOKUP_BATCH = 16  # keys per group: a group waits for its slowest read
 GC_SEQ_LAG = 10.0  # seconds: index rows younger than this may belong to a commit in progress
 
 
@@ -167,6 +170,14 @@ class Storage:
         self._spools: set[BodySpool] = set()  # bodies being received, not yet stored
         self._recent: collections.deque[tuple[Entry, float]] = collections.deque()  # recent disk commits
         self._committing: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
+        self._committing_keys: dict[str, int] = {}  # how many of them per key (lookups ask)
+        # Small-body commits go to one writer thread, which takes all that queued up while it
+        # wrote the previous batch (group commit).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-commit")
+        self._commit_queue: list[tuple[Entry, bytes, asyncio.Future[Entry | None]]] = []
+        self._committing_batch = False
+        self._lookups: list[tuple[str, bool, asyncio.Future[tuple[Cached, ...]]]] = []  # see _lookup
+        self._lookups_running = 0
         self._gc_cursor = ""
         self._gc_seq_marks: collections.deque[tuple[float, int]] = collections.deque()
         self._gc_dropped_since_vacuum = 0
@@ -183,6 +194,7 @@ class Storage:
         return self.spools.make_file()
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True)
         if self._own_executor:
             self._executor.shutdown(wait=True)
         if self.disk is not None:
@@ -204,14 +216,14 @@ class Storage:
             return variants
         if self.disk is None:
             return ()
-        writing = [fut for e, fut in self._committing.values() if e.key == key]
+        writing = self._writes_of(key)
         if writing:
             # This process is writing the key to disk right now (a big body, which memory
             # does not hold): read our own write rather than miss and fetch it again.
             await asyncio.wait(writing, timeout=COMMIT_WAIT)
         for _ in range(3):
             epoch = self.epoch
-            variants = await self.run(self._load_from_disk, key, bodies)
+            variants = await self._lookup(key, bodies)
             if epoch == self.epoch:
                 break
             # A purge arrived while we read: what we read may be purged. Read again.
@@ -224,6 +236,54 @@ class Storage:
             # Promotion (big bodies stay on disk); memory's copy is not marked as read from disk.
             self.memory.put(key, tuple(Cached(c.entry, c.body) if c.from_disk else c for c in variants))
         return variants
+
+    async def _lookup(self, key: str, bodies: bool) -> tuple[Cached, ...]:
+        """``_load_from_disk`` in the executor, grouped: lookups that queue up while
+        LOOKUP_PARALLEL groups are being read go together in the next one (one thread hop
+        for many misses, as commits are grouped; alone, a lookup goes at once)."""
+        done: asyncio.Future[tuple[Cached, ...]] = asyncio.get_running_loop().create_future()
+        self._lookups.append((key, bodies, done))
+        if self._lookups_running < LOOKUP_PARALLEL:
+            self._read_group()
+        return await done
+
+    def _read_group(self) -> None:
+        group = self._lookups[:LOOKUP_BATCH]
+        del self._lookups[:LOOKUP_BATCH]
+        self._lookups_running += 1
+        job = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._load_group, [(k, b) for k, b, _ in group])
+        job.add_done_callback(lambda f: self._group_read(f, group))
+
+    def _load_group(self, keys: list[tuple[str, bool]]) -> list[tuple[Cached, ...] | BaseException]:
+        out: list[tuple[Cached, ...] | BaseException] = []
+        for key, bodies in keys:
+            try:
+                out.append(self._load_from_disk(key, bodies))
+            except Exception as exc:  # that key fails alone
+                out.append(exc)
+        return out
+
+    def _group_read(self, job: asyncio.Future[list[tuple[Cached, ...] | BaseException]],
+                    group: list[tuple[str, bool, asyncio.Future[tuple[Cached, ...]]]]) -> None:
+        self._lookups_running -= 1
+        error = None if job.cancelled() else job.exception()
+        results = job.result() if not job.cancelled() and error is None else []
+        for i, (_, _, done) in enumerate(group):
+            if done.done():
+                continue
+            if job.cancelled():
+                done.cancel()
+            elif error is not None:
+                done.set_exception(error)
+            else:
+                result = results[i]
+                if isinstance(result, BaseException):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+        while self._lookups and self._lookups_running < LOOKUP_PARALLEL:
+            self._read_group()
 
     async def reread(self, key: str) -> tuple[Cached, ...]:
         """The key's variants as the shared disk has them now, in memory instead of this
@@ -345,10 +405,20 @@ class Storage:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         token = id(done)
         self._committing[token] = (entry, done)
+        keys = self._committing_keys
+        keys[entry.key] = keys.get(entry.key, 0) + 1
         try:
-            stored = await self.run(self._commit_to_disk, entry, spool.body_bytes(), spool.file())
+            body = spool.body_bytes()
+            if body is not None and len(body) < INLINE_LIMIT:
+                stored = await self._commit_small(entry, body)
+            else:
+                stored = await self.run(self._commit_to_disk, entry, body, spool.file())
         finally:
             del self._committing[token]
+            if keys[entry.key] == 1:
+                del keys[entry.key]
+            else:
+                keys[entry.key] -= 1
             done.set_result(None)
             spool.discard()
         if stored is None:
@@ -374,6 +444,78 @@ class Storage:
         in_memory = self.put_memory(final, spool)
         return await self.put_disk(final, spool) or (in_memory and self.disk is None)
 
+    def _writes_of(self, key: str) -> list[asyncio.Future[None]]:
+        """This process's disk writes of ``key`` in progress (a dict lookup when there are none)."""
+        if key not in self._committing_keys:
+            return []
+        return [fut for e, fut in self._committing.values() if e.key == key]
+
+    async def _commit_small(self, entry: Entry, body: bytes) -> Entry | None:
+        """Queue a small-body commit for the writer thread; the stored entry, or None."""
+        done: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._commit_queue.append((entry, body, done))
+        if not self._committing_batch:
+            self._write_batch()
+        return await done
+
+    def _write_batch(self) -> None:
+        batch = self._commit_queue[:COMMIT_BATCH]
+        del self._commit_queue[:COMMIT_BATCH]
+        self._committing_batch = True
+        job = asyncio.get_running_loop().run_in_executor(
+            self._writer, self._commit_batch, [(e, b) for e, b, _ in batch])
+        job.add_done_callback(lambda f: self._batch_written(f, batch))
+
+    def _batch_written(self, job: asyncio.Future[list[Entry | None]],
+                       batch: list[tuple[Entry, bytes, asyncio.Future[Entry | None]]]) -> None:
+        self._committing_batch = False
+        error = None if job.cancelled() else job.exception()
+        for i, (_, _, done) in enumerate(batch):
+            if done.done():
+                continue
+            if job.cancelled():
+                done.cancel()
+            elif error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(job.result()[i])
+        if self._commit_queue:
+            self._write_batch()
+
+    def _commit_batch(self, items: list[tuple[Entry, bytes]]) -> list[Entry | None]:
+        """Small bodies with their metadata, many at once (in the writer thread): one index
+        transaction for the batch, then one transaction per shard. Each entry is as safe as
+        when written alone: its index row (new seq) first, then its body and metadata
+        together (a crash in between leaves an index row the upkeep drops)."""
+        disk = self.disk
+        assert disk is not None
+        if self.index is not None:
+            seqs = self.index.add_many([(e.key, url_of_key(e.key), e.tags) for e, _ in items])
+        else:
+            seqs = [0] * len(items)
+        news = [replace(e, seq=seq) for (e, _), seq in zip(items, seqs, strict=True)]
+        kept: list[list[tuple[Entry, ...]]] = [[] for _ in items]
+        jobs = [(e.key, self._merger(new, k), e.body_id, body)
+                for (e, body), new, k in zip(items, news, kept, strict=True)]
+        committed = disk.commit_many(jobs)
+        out: list[Entry | None] = []
+        for (e, _), new, k, ok in zip(items, news, kept, committed, strict=True):
+            if ok:
+                self._index_other_tags(e.key, e.tags, k)
+            out.append(new if ok else None)
+        return out
+
+    def _merger(self, new: Entry, kept: list[tuple[Entry, ...]]) -> Callable[
+            [tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]:
+        """The merge that adds ``new`` to a key's variants (run under the shard's lock)."""
+        def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+            banned: list[str] = []
+            out, replaced = _merge_variant(self._unbanned(current, banned), new)
+            kept.append(out)
+            return out, replaced + banned
+
+        return merge
+
     def _commit_to_disk(self, entry: Entry, body: bytes | None, file: IO[bytes] | None) -> Entry | None:
         """Body, then index (a new seq), then metadata; the stored entry, or None on failure."""
         disk = self.disk
@@ -398,14 +540,7 @@ class Storage:
         seq = self.index.add(entry.key, url_of_key(entry.key), entry.tags) if self.index else 0
         new = replace(entry, seq=seq)
         kept: list[tuple[Entry, ...]] = []
-
-        def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
-            banned: list[str] = []
-            out, replaced = _merge_variant(self._unbanned(current, banned), new)
-            kept.append(out)
-            return out, replaced + banned
-
-        committed = disk.commit(entry.key, merge, entry.body_id, small)
+        committed = disk.commit(entry.key, self._merger(new, kept), entry.body_id, small)
         if not committed and small is None:
             disk.delete_body(entry.key, entry.body_id)
         if small is None:

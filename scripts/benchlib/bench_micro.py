@@ -1,12 +1,16 @@
 """Micro-measurements behind scripts/bench's table: what each piece of a request costs, in µs.
 
-``python scripts/benchlib/bench_micro.py [hit] [client]``
+``python scripts/benchlib/bench_micro.py [hit] [client] [fill]``
 
 - hit: cachegate's own pieces of a 1 KiB memory hit, in-process, without sockets: the whole
   ``Engine.handle``, each step inside it, the web layer's header/response building, and
   what a pre-serialised header block would cost instead.
 - client: CPU per upstream request of aiohttp's ClientSession vs a minimal asyncio-protocol
   keep-alive client, both against the raw origin (the client's own process CPU time).
+- fill: cache fills (stored misses) per second and CPU per stored miss: FILL_KEYS distinct
+  1 KiB keys asked once each by 64 concurrent keep-alive clients, through cachegate with
+  1 and 2 workers (disk tier on) and, when installed, nginx proxy_cache (2 workers) and
+  Varnish; CPU is the system's processes' (all threads, user + system) per fill.
 
 Every number is a median of several repeats of many iterations, in CPU time of this process
 (``time.process_time``), so they hold up better on a busy machine than req/s do. These are
@@ -28,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_procs import ROOT, Fleet
+from bench_procs import ROOT, Fleet, cpu_seconds
 
 sys.path.insert(0, str(ROOT))
 
@@ -287,13 +291,69 @@ def client(fleet: Fleet, total: int = 30000, concurrency: int = 64) -> None:
         row(label, cpu, f"{rps:,.0f} req/s")
 
 
+# -- cache fills ---------------------------------------------------------------------------------
+
+FILL_KEYS = 20000
+
+
+def fill(fleet: Fleet, keys: int = FILL_KEYS, concurrency: int = 64) -> None:
+    import shutil
+
+    import aiohttp
+
+    origin = fleet.systems.get("origin") or fleet.start_app("origin", "origin", 2)
+
+    async def prime(url: str) -> tuple[float, dict[str, int], list[float]]:
+        statuses: dict[str, int] = {}
+        latencies: list[float] = []
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            todo = iter(range(keys))
+
+            async def filler() -> None:
+                for i in todo:
+                    started = time.perf_counter()
+                    async with session.get(f"{url}/obj/1k/fill{i}") as r:
+                        await r.read()
+                        said = r.headers.get("X-Cache-Status", "?")
+                        statuses[said] = statuses.get(said, 0) + 1
+                    latencies.append(time.perf_counter() - started)
+
+            wall = time.perf_counter()
+            await asyncio.gather(*(filler() for _ in range(concurrency)))
+            return time.perf_counter() - wall, statuses, latencies
+
+    systems = [("cachegate 1 worker", lambda: fleet.start_cachegate("fill-cg1", origin, 1)),
+               ("cachegate 2 workers", lambda: fleet.start_cachegate("fill-cg2", origin, 2))]
+    if shutil.which("nginx"):
+        systems.append(("nginx 2 workers", lambda: fleet.start_nginx("fill-nginx", origin, 2)))
+    if shutil.which("varnishd"):
+        systems.append(("varnish", lambda: fleet.start_varnish("fill-varnish", origin)))
+    print(f"cache fills: {keys} distinct 1 KiB keys, each asked once, {concurrency} keep-alive clients "
+          "(CPU: the system's processes, all threads):")
+    for label, start in systems:
+        system = start()
+        time.sleep(1.0)
+        pids = system.all_pids()
+        before = cpu_seconds(pids)
+        wall, statuses, latencies = asyncio.run(prime(system.url("")))
+        time.sleep(1.0)  # disk writes that finish after the responses count too
+        cpu = cpu_seconds(pids) - before
+        latencies.sort()
+        p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+        row(f"{label}: {keys / wall:,.0f} fills/s, p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms",
+            cpu / keys * 1e6, f"CPU per fill; answers {statuses}")
+        fleet._stop_system(system)  # one at a time: they share the two CPUs
+        fleet.systems.pop(system.name, None)
+
+
 def main(argv: list[str]) -> int:
     parts = argv or ["hit", "client"]
     fleet = Fleet()
     try:
         for part in parts:
             try:
-                {"hit": hit, "client": client}[part](fleet)
+                {"hit": hit, "client": client, "fill": fill}[part](fleet)
             except (ImportError, AttributeError, TypeError) as exc:
                 print(f"  {part}: could not measure ({type(exc).__name__}: {exc})")
     finally:

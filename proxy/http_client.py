@@ -1,0 +1,731 @@
+"""A lean HTTP/1.1 client for the upstream pool: asyncio protocols and aiohttp's C parser (llhttp).
+
+Why not aiohttp's ``ClientSession``: measured on the pass-through path (``scripts/bench
+--only pass-1k --profile``, ``scripts/benchlib/bench_micro.py client``), its per-request
+machinery (ClientRequest/ClientResponse objects, tracing, cookie and redirect handling,
+timer contexts, a head write and an EOF write) costs 82-93 µs of CPU per request, against
+6 µs for a minimal asyncio protocol client; it was a third of a pass-through request's CPU.
+This client keeps what a reverse proxy needs and nothing else:
+
+- one ``UpstreamConnection`` (an asyncio protocol) per TCP/TLS connection, one request at a
+  time; the request head (and a small body) leaves in one write;
+- responses are parsed by aiohttp's own C parser (``aiohttp._http_parser``, llhttp) in its
+  *strict* mode (aiohttp's client runs it lenient: bare LF line ends, control characters
+  in field values and spaces after a chunk size are accepted there, refused here), with no
+  decompression: bytes and ``Content-Encoding`` pass through unchanged;
+- bodies arrive in the parser's ``StreamReader``, which stops reading the socket past
+  ``limit`` unread bytes (flow control: a 1 GiB download is never held in memory);
+- ``HostPool`` keeps up to ``pool_size`` connections per upstream, reuses idle ones (most
+  recently used first) and closes those idle for ``KEEPALIVE_IDLE`` (before the origin's own
+  keep-alive timeout closes them under a request).
+
+A connection is reused only when its response was read to the end by the parser, the
+response did not ask to close, the request body was sent whole, and nothing followed the
+response: bytes after the end of a response (a second response, more body than
+``Content-Length`` said) are a framing error. When they arrive with the response itself,
+the response is refused (502); later ones close the connection. A response that is not
+read to the end is never followed by another request on its connection.
+
+Errors are ``proxy.errors`` types whose ``kind`` names them for the metrics: ``connect``
+(refused, reset, TLS), ``connect_timeout``, ``read_timeout`` (no byte for ``read``
+seconds while waiting for one), ``total_timeout`` (the whole exchange), ``protocol``
+(unparseable, or closed part-way through the head). ``UpstreamDisconnected`` means the
+connection closed after the request left and before any response byte: most often a
+keep-alive connection the upstream had just closed, which the pool may retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterable, Callable, Sequence
+from typing import Any
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from proxy.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+
+CHUNK = 64 * 1024  # the StreamReader's limit: reading stops past twice this many unread bytes
+MAX_LINE = 16 * 1024  # the longest status line or header field accepted
+MAX_HEADERS = 256
+# Idle keep-alive connections are closed after this long: shorter than the 5 s that
+# Node.js and Apache servers use by default, so cachegate closes an idle connection
+# before the origin does. Otherwise a request can take a connection the origin has
+# just closed and fail (a body that was streamed cannot be resent).
+KEEPALIVE_IDLE = 4.0
+DNS_TTL = 60.0
+SMALL_BODY = 64 * 1024  # a request body up to this size leaves with the head, in one write
+# Methods whose request carries a body by definition: sent with "Content-Length: 0" when
+# there is none (RFC 9110 §8.6), as aiohttp's client did.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_FRAMING = ("content-length", "transfer-encoding")
+# aiohttp's C parser (cachegate refuses to start without it: proxy.web.server).
+_http_parser: Any = importlib.import_module("aiohttp._http_parser")
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """The TCP (or TLS) connection was not established in time: safe to retry elsewhere."""
+
+    kind = "connect_timeout"
+
+
+class UpstreamDisconnected(UpstreamConnectError):
+    """The connection closed after the request was sent, before any response byte: most often
+    a keep-alive connection the upstream had just closed. One more try, even on the same
+    upstream, is safe for a request that may be retried at all."""
+
+
+class UpstreamReadTimeout(UpstreamTimeout):
+    kind = "read_timeout"
+
+
+class UpstreamTotalTimeout(UpstreamTimeout):
+    kind = "total_timeout"
+
+
+class UpstreamBodyError(UpstreamProtocolError):
+    """The response body broke off or was malformed (raised by the body reader)."""
+
+
+def error_kind(exc: UpstreamError) -> str:
+    """The ``cachegate_upstream_errors_total{kind}`` label of an error."""
+    kind = getattr(exc, "kind", None)
+    if isinstance(kind, str):
+        return kind
+    return "protocol" if isinstance(exc, UpstreamProtocolError) else "connect"
+
+
+def strict_response_parser(protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, *, head: bool,
+                           name: str) -> Any:
+    """aiohttp's C response parser with llhttp's lenient flags off.
+
+    aiohttp turns them on for its client unless in debug mode, reading its module global
+    ``DEBUG`` when a parser is made; it is set for the duration of this call only (the
+    event loop's thread makes every parser, so nothing else sees it changed)."""
+    before = _http_parser.DEBUG
+    _http_parser.DEBUG = True
+    try:
+        return _http_parser.HttpResponseParser(
+            protocol, loop, CHUNK, max_line_size=MAX_LINE, max_field_size=MAX_LINE,
+            max_headers=MAX_HEADERS, payload_exception=_payload_error(name),
+            response_with_body=not head, read_until_eof=True, auto_decompress=False)
+    finally:
+        _http_parser.DEBUG = before
+
+
+_payload_errors: dict[str, type[UpstreamBodyError]] = {}
+
+
+def _payload_error(name: str) -> type[UpstreamBodyError]:
+    """An exception class whose message names the upstream (the parser builds it from a string)."""
+    cls = _payload_errors.get(name)
+    if cls is None:
+        def init(self: UpstreamBodyError, message: str = "") -> None:
+            UpstreamBodyError.__init__(self, f"{name}: body broke off: {message}")
+
+        cls = type("UpstreamBodyError", (UpstreamBodyError,), {"__init__": init})
+        _payload_errors[name] = cls
+    return cls
+
+
+class Response:
+    """A response head, and its body as the parser's stream."""
+
+    __slots__ = ("_conn", "_exchange", "_payload", "headers", "reason", "should_close", "status")
+
+    def __init__(self, message: Any, payload: StreamReader, conn: UpstreamConnection, exchange: int) -> None:
+        self.status: int = message.code
+        self.reason: str = message.reason or ""
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.should_close: bool = message.should_close
+        self._payload = payload
+        self._conn = conn
+        self._exchange = exchange
+
+    def complete_body(self) -> bytes | None:
+        """The whole body when it has already arrived (no waiting); else None."""
+        payload = self._payload
+        if payload is EMPTY_PAYLOAD:
+            return b""
+        if not payload.is_eof() or payload.exception() is not None:
+            return None
+        return payload.read_nowait(-1)
+
+    async def read_chunk(self) -> bytes:
+        """The next bytes of the body (all that are buffered); b"" at its end."""
+        return await self._payload.readany()
+
+    def discard(self) -> None:
+        """Give up on the rest of the body: the connection is closed unless it was already
+        read to the end (and went back to the pool)."""
+        conn = self._conn
+        if conn.exchange == self._exchange and conn.busy:
+            conn.abort()
+
+
+class UpstreamConnection(BaseProtocol):
+    """One keep-alive connection to an upstream; one exchange (request + response) at a time."""
+
+    __slots__ = (
+        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_last_read", "_message",
+        "_payload", "_pool", "_read_timeout", "_read_timer", "_total_timer", "busy", "exchange",
+        "idle_since",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
+        super().__init__(loop)
+        self._pool = pool
+        self.busy = False
+        self.exchange = 0
+        self.idle_since = 0.0
+        self._head: asyncio.Future[Response] | None = None
+        self._message: Any = None
+        self._payload: StreamReader | None = None
+        self._got_bytes = False
+        self._failed = False
+        self._read_timeout = 0.0
+        self._last_read = 0.0
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._total_timer: asyncio.TimerHandle | None = None
+        self._body_task: asyncio.Task[None] | None = None
+        self._closed_waiter: asyncio.Future[None] | None = None
+
+    # -- the exchange ----------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        t = self.transport
+        return t is not None and not t.is_closing()
+
+    async def request(self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool,
+                      expected: int | None, *, head_method: bool, read_timeout: float,
+                      total_deadline: float | None = None) -> Response:
+        """Send a request (head, then a streamed body if any) and wait for the response head."""
+        loop = self._loop
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.busy:
+            raise UpstreamDisconnected(f"{self._pool.name}: the pooled connection has closed")
+        self.busy = True
+        self.exchange += 1
+        self._message = self._payload = None
+        self._got_bytes = self._failed = False
+        self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
+        head_future: asyncio.Future[Response] = loop.create_future()
+        self._head = head_future
+        self._read_timeout = read_timeout
+        self._last_read = loop.time()
+        if read_timeout and self._read_timer is None:
+            self._read_timer = loop.call_at(self._last_read + read_timeout, self._check_read)
+        if total_deadline is not None:
+            self._total_timer = loop.call_at(total_deadline, self._on_total_timeout)
+        transport.write(head)
+        if body is not None:
+            self._body_task = loop.create_task(self._send_body(body, chunked, expected))
+        try:
+            return await head_future
+        except BaseException:
+            self.abort()  # cancelled, or failed: the connection is in an unknown state
+            raise
+
+    async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, expected: int | None) -> None:
+        """Stream a request body (chunked, or exactly ``expected`` bytes), minding the socket's
+        write buffer; a failure ends the exchange."""
+        sent = 0
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                transport = self.transport
+                if transport is None or self._failed:
+                    return
+                sent += len(chunk)
+                if expected is not None and sent > expected:
+                    raise UpstreamConnectError(f"{self._pool.name}: request body longer than its "
+                                               "Content-Length")
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
+                if self._paused:
+                    await self._drain_helper()
+            if expected is not None and sent != expected:
+                raise UpstreamConnectError(f"{self._pool.name}: request body ended after {sent} of "
+                                           f"{expected} bytes")
+            if chunked and self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            raise
+        except UpstreamError as exc:
+            self._fail(exc)
+        except Exception as exc:  # the client's body broke off, or the connection did
+            self._fail(UpstreamConnectError(f"{self._pool.name}: sending the request body failed: "
+                                            f"{exc!r}"))
+        finally:
+            self._body_task = None
+            self._last_read = self._loop.time()  # the upstream's silence starts now
+            if self._message is not None and self._payload is not None and self._payload.is_eof():
+                self._finish()  # the response ended before the body was sent
+
+    # -- protocol callbacks ----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self._last_read = self._loop.time()
+            if not self.busy:
+                self._violation()  # bytes nobody asked for: never reuse this connection
+                return
+            self._got_bytes = True
+        parser = self._parser
+        if parser is None:
+            return
+        try:
+            messages, upgraded, _tail = parser.feed_data(data)
+        except Exception as exc:
+            self._fail(UpstreamProtocolError(f"{self._pool.name}: invalid response: "
+                                             f"{_describe(exc)}"))
+            return
+        for message, payload in messages:
+            if self._message is None:
+                code = message.code
+                if 100 <= code < 200 and code != 101:
+                    continue  # an interim response (100 Continue, 103 Early Hints)
+                if code == 101 or upgraded:
+                    self._fail(UpstreamProtocolError(f"{self._pool.name}: unexpected protocol switch"))
+                    return
+                self._message, self._payload = message, payload
+            else:  # a second response to one request
+                self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the response"))
+                return
+        response_payload = self._payload
+        if self._message is None or response_payload is None:
+            return
+        payload = response_payload
+        head = self._head
+        if payload.is_eof() and self._parser is not None:
+            # The whole response has arrived: anything that followed it is a framing error.
+            if self._leftovers():
+                if head is not None:
+                    self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the "
+                                                     "response (bad framing)"))
+                    return
+                self._message_done(reuse=False)
+            else:
+                self._message_done(reuse=True)
+        if head is not None:
+            self._head = None
+            if not head.done():
+                head.set_result(Response(self._message, payload, self, self.exchange))
+
+    def _leftovers(self) -> bool:
+        """Whether the parser holds the start of another message (after a complete one)."""
+        parser: Any = self._parser
+        self._parser = None
+        try:
+            return parser.feed_eof() is not None
+        except Exception:
+            return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._cancel_timers()
+        self._pool.forget(self)
+        waiter = self._closed_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self.busy or self._failed:
+            self.busy = False
+            return
+        name = self._pool.name
+        parser, self._parser = self._parser, None
+        if self._message is None:
+            head = self._head
+            self._head = None
+            if head is not None and not head.done():
+                if self._got_bytes:
+                    # It got the request and may have acted on it: never retried.
+                    head.set_exception(UpstreamProtocolError(
+                        f"{name}: closed the connection in the middle of the response head"))
+                else:
+                    head.set_exception(UpstreamDisconnected(
+                        f"{name}: closed the connection before answering"
+                        + (f" ({exc})" if exc is not None else "")))
+            self.busy = False
+            return
+        payload = self._payload
+        if parser is not None and payload is not None:
+            try:
+                parser.feed_eof()  # ends a body framed by the connection's end
+            except Exception as err:
+                payload.set_exception(UpstreamBodyError(f"{name}: body broke off: {_describe(err)}"))
+            else:
+                if not payload.is_eof() and payload.exception() is None:
+                    payload.set_exception(UpstreamBodyError(f"{name}: body broke off"))
+        self.busy = False
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # The StreamReader asks after every read; only a real pause needs the work.
+        if self._reading_paused:
+            self._last_read = self._loop.time()  # silence while paused was ours, not the peer's
+            super().resume_reading(resume_parser)
+
+    # -- ends ------------------------------------------------------------------------------
+
+    def _message_done(self, reuse: bool) -> None:
+        """The parser has the whole response: hand the connection back, or close it."""
+        if self._total_timer is not None:
+            self._total_timer.cancel()
+            self._total_timer = None
+        if not reuse or (self._message is not None and self._message.should_close):
+            self._parser = None
+            self.busy = False
+            self.close()
+            return
+        if self._body_task is not None:
+            return  # _send_body finishes the exchange once the request body is out
+        self._finish()
+
+    def _finish(self) -> None:
+        self._parser = None
+        self.busy = False
+        if self._failed or not self.alive():
+            self.close()
+            return
+        self._pool.release(self)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        """End the exchange with an error: the head waiter or the body reader gets it."""
+        if self._failed:
+            return
+        self._failed = True
+        self._parser = None
+        head = self._head
+        self._head = None
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        elif self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(exc)
+        self.abort()
+
+    def _violation(self) -> None:
+        self._failed = True
+        self.abort()
+
+    def _check_read(self) -> None:
+        self._read_timer = None
+        if not self.busy or self._failed or not self._read_timeout:
+            return
+        now = self._loop.time()
+        if self._reading_paused or self._body_task is not None:
+            # Paused by us, or still sending the request body: the upstream is not the silent one.
+            due = now + self._read_timeout
+        else:
+            due = self._last_read + self._read_timeout
+            if now >= due:
+                where = "" if self._message is None else " mid-body"
+                self._fail(UpstreamReadTimeout(f"{self._pool.name}: read timed out{where} (no byte for "
+                                               f"{self._read_timeout:g}s)"))
+                return
+        self._read_timer = self._loop.call_at(due, self._check_read)
+
+    def _on_total_timeout(self) -> None:
+        self._total_timer = None
+        if self.busy and not self._failed:
+            where = "" if self._message is None else " mid-body"
+            total = self._pool.total_timeout or 0
+            self._fail(UpstreamTotalTimeout(f"{self._pool.name}: total timeout ({total:g}s) exceeded{where}"))
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._read_timer, self._total_timer):
+            if timer is not None:
+                timer.cancel()
+        self._read_timer = self._total_timer = None
+
+    def close(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+        self._pool.forget(self)
+
+    def abort(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+        self._pool.forget(self)
+        if self._body_task is not None:
+            self._body_task.cancel()
+
+    async def wait_closed(self) -> None:
+        if self.transport is None:
+            return
+        if self._closed_waiter is None:
+            self._closed_waiter = self._loop.create_future()
+        await self._closed_waiter
+
+
+def _describe(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    text = message if isinstance(message, str) else str(exc)
+    return " ".join(text.split())[:200]
+
+
+class HostPool:
+    """Up to ``limit`` keep-alive connections to one upstream (``scheme://host:port``)."""
+
+    def __init__(self, url: URL, limit: int, ssl_context: ssl.SSLContext | None, connect_timeout: float,
+                 *, total_timeout: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url
+        self.name = str(url)
+        self.host = url.raw_host or ""
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.host_header = url.host_port_subcomponent or self.host
+        self.limit = max(1, limit)
+        self.ssl = ssl_context if url.scheme == "https" else None
+        self.connect_timeout = connect_timeout
+        self.total_timeout = total_timeout  # for error messages (the deadline is per request)
+        self._clock = clock
+        self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._conns: set[UpstreamConnection] = set()  # open (busy or idle)
+        self._connecting = 0
+        self._waiters: collections.deque[asyncio.Future[UpstreamConnection | None]] = collections.deque()
+        self._addresses: tuple[float, list[tuple[int, str]]] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return len(self._conns) + self._connecting
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    # -- taking and giving back ------------------------------------------------------------
+
+    async def acquire(self) -> UpstreamConnection:
+        """An idle live connection, a new one, or (at the limit) the next one given back.
+
+        Waiting for a free connection and connecting share the connect timeout."""
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
+        if self.size < self.limit and not self._waiters:
+            self._connecting += 1  # the slot is ours
+            return await self._connect_reserved(None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                given = await waiter
+        except TimeoutError:
+            self._give_back(waiter)
+            raise UpstreamConnectTimeout(f"{self.name}: connect timed out (no free pooled "
+                                         f"connection within {self.connect_timeout:g}s)") from None
+        except BaseException:
+            self._give_back(waiter)
+            raise
+        if given is not None:
+            return given
+        return await self._connect_reserved(deadline)
+
+    def _give_back(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+        """A waiter that gave up: what it was handed (a connection, or a slot) goes on."""
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            conn = waiter.result()
+            if conn is not None:
+                self.release(conn)
+            else:
+                self._connecting -= 1
+                self._wake()
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()  # the most recently used: its TCP window is warm
+            if conn.alive() and self._clock() - conn.idle_since < KEEPALIVE_IDLE:
+                return conn
+            conn.close()
+        return None
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A connection whose exchange ended cleanly: to a waiter, or idle."""
+        if self._closed or not conn.alive():
+            conn.close()
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        conn.idle_since = self._clock()
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE_IDLE / 2, self._sweep)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed (or closing): its slot is free."""
+        if conn in self._conns:
+            self._conns.discard(conn)
+            with contextlib.suppress(ValueError):
+                self._idle.remove(conn)
+            self._wake()
+
+    def _wake(self) -> None:
+        """A slot is free: the first waiter may connect (the slot is reserved for it)."""
+        while self._waiters and self.size < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._connecting += 1
+                waiter.set_result(None)
+                return
+
+    def _sweep(self) -> None:
+        """Close connections idle for KEEPALIVE_IDLE (oldest first)."""
+        self._sweeper = None
+        now = self._clock()
+        idle = self._idle
+        while idle and now - idle[0].idle_since >= KEEPALIVE_IDLE:
+            idle.popleft().close()
+        if idle:
+            self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE_IDLE / 2, self._sweep)
+
+    # -- connecting ------------------------------------------------------------------------
+
+    async def _connect_reserved(self, deadline: float | None) -> UpstreamConnection:
+        """Connect in a slot already counted in ``_connecting``."""
+        try:
+            conn = await self._connect(deadline)
+            if not conn.alive():
+                raise UpstreamConnectError(f"{self.name}: the connection closed as it opened")
+        except BaseException:
+            self._connecting -= 1
+            self._wake()
+            raise
+        self._connecting -= 1
+        self._conns.add(conn)
+        return conn
+
+    async def _connect(self, deadline: float | None) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.connect_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                addresses = await self._resolve(loop)
+                last: OSError | None = None
+                for family, address in addresses:
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: UpstreamConnection(loop, self), address, self.port, family=family,
+                            ssl=self.ssl, server_hostname=self.host if self.ssl is not None else None)
+                        return conn
+                    except OSError as exc:
+                        last = exc
+                raise last if last is not None else OSError(f"{self.host}: no address")
+        except TimeoutError:
+            raise UpstreamConnectTimeout(f"{self.name}: connect timed out") from None
+        except OSError as exc:  # refused, unreachable, DNS, TLS verification (ssl.SSLError)
+            raise UpstreamConnectError(f"{self.name}: cannot connect: {exc}") from exc
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, str]]:
+        """The upstream's addresses (an IP literal as is; names cached for DNS_TTL)."""
+        host = self.host
+        for family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                socket.inet_pton(family, host)
+                return [(family, host)]
+        cached = self._addresses
+        now = self._clock()
+        if cached is not None and now - cached[0] < DNS_TTL:
+            return cached[1]
+        infos = await loop.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys((int(i[0]), str(i[4][0])) for i in infos))
+        self._addresses = (now, addresses)
+        return addresses
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        conns = list(self._conns)
+        for conn in conns:
+            conn.close()
+        self._idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(UpstreamConnectError(f"{self.name}: the pool is closed"))
+        self._waiters.clear()
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=1.0)
+
+
+def request_head(method: str, target: str, headers: Sequence[tuple[str, str]], default_host: str,
+                 body: bytes | AsyncIterable[bytes] | None) -> tuple[bytes, bool, int | None]:
+    """The request head as bytes, with the framing this client decides: (head, chunked,
+    expected body length). The caller's Content-Length and Transfer-Encoding are dropped
+    and set for the body really sent, except that a streamed body keeps its Content-Length
+    (sent exactly, or the exchange fails); no body means no framing fields (or
+    ``Content-Length: 0`` for POST, PUT, PATCH). A CR or LF anywhere is refused."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    has_host = False
+    length: str | None = None
+    for k, v in headers:
+        lk = k.lower()
+        if lk in _FRAMING:
+            if lk == "content-length":
+                length = v
+            continue
+        if lk == "host":
+            has_host = True
+        lines.append(f"{k}: {v}")
+    if not has_host:
+        lines.insert(1, f"Host: {default_host}")
+    chunked = False
+    expected: int | None = None
+    if isinstance(body, bytes):
+        lines.append(f"Content-Length: {len(body)}")
+    elif body is not None:
+        if length is not None and length.isdigit():
+            expected = int(length)
+            lines.append(f"Content-Length: {expected}")
+        else:
+            chunked = True
+            lines.append("Transfer-Encoding: chunked")
+    elif method in BODY_METHODS:
+        lines.append("Content-Length: 0")
+    text = "\r\n".join(lines)
+    separators = len(lines) - 1
+    if text.count("\n") != separators or text.count("\r") != separators or " " in target:
+        raise UpstreamProtocolError("refusing to send a request with CR, LF or space inside a field "
+                                    "or the target")
+    data = (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    if isinstance(body, bytes) and len(body) <= SMALL_BODY:
+        data += body
+    return data, chunked, expected
+
+
+async def body_once(body: bytes) -> AsyncIterable[bytes]:
+    yield body
+
+
+__all__ = [
+    "KEEPALIVE_IDLE",
+    "HostPool",
+    "Response",
+    "UpstreamConnectTimeout",
+    "UpstreamConnection",
+    "UpstreamDisconnected",
+    "error_kind",
+    "request_head",
+]

@@ -1,0 +1,122 @@
+"""The write side of the disk tier: grouped commits, grouped lookups, culling after writes, and
+a purge that meets a grouped commit which ended while it was under way."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.storage.bans import PurgeMatch
+from proxy.storage.disk import DiskTier, shard_budget
+from proxy.storage.index import UrlTagIndex
+from proxy.storage.memory import MemoryTier
+from proxy.storage.tiered import Storage
+from tests.storage.helpers import MB, entry, open_store, read_body, store
+
+KEY = "http://h.test/a"
+
+
+@pytest.fixture
+async def disk_store(tmp_path: Path) -> AsyncIterator[Storage]:
+    st = open_store(str(tmp_path / "cache"), memory_max_object=1024)
+    yield st
+    st.close()
+
+
+async def test_concurrent_small_commits_are_written_in_groups_and_all_read_back(
+    disk_store: Storage
+) -> None:
+    batches: list[int] = []
+    commit_batch = disk_store._commit_batch
+
+    def counting(items: list[tuple[object, bytes]]) -> list[object]:
+        batches.append(len(items))
+        return commit_batch(items)  # type: ignore[arg-type]
+
+    disk_store._commit_batch = counting  # type: ignore[assignment, method-assign]
+    bodies = {f"{KEY}/{i}": os.urandom(2000) for i in range(200)}
+    results = await asyncio.gather(*(store(disk_store, entry(k), b) for k, b in bodies.items()))
+    assert all(results)
+    assert sum(batches) == 200 and len(batches) < 200  # grouped while the writer was busy
+    disk_store.memory.clear()  # read them back from disk
+    for k, b in bodies.items():
+        assert await read_body(disk_store, k) == b
+    seqs = [(await disk_store.get(k))[0].entry.seq for k in bodies]
+    assert len(set(seqs)) == 200 and min(seqs) > 0  # each entry took its own index seq
+
+
+async def test_two_variants_of_one_key_in_one_group_are_both_kept(disk_store: Storage) -> None:
+    gz = entry(KEY, vary=(("accept-encoding", "gzip"),))
+    br = entry(KEY, vary=(("accept-encoding", "br"),))
+    assert all(await asyncio.gather(store(disk_store, gz, b"gzip body"), store(disk_store, br, b"br body")))
+    disk_store.memory.clear()
+    variants = await disk_store.get(KEY)
+    assert sorted(c.entry.response.vary for c in variants) == [
+        (("accept-encoding", "br"),), (("accept-encoding", "gzip"),)]
+
+
+async def test_grouped_lookups_answer_each_key_and_a_failing_key_fails_alone(disk_store: Storage) -> None:
+    for i in range(20):
+        assert await store(disk_store, entry(f"{KEY}/{i}"), b"body %d" % i)
+    disk_store.memory.clear()
+    load = disk_store._load_from_disk
+
+    def failing(key: str) -> tuple[object, ...]:
+        if key.endswith("/13"):
+            raise OSError("disk went away")
+        return load(key)
+
+    disk_store._load_from_disk = failing  # type: ignore[assignment, method-assign]
+    results = await asyncio.gather(*(disk_store.get(f"{KEY}/{i}") for i in range(30)),
+                                   return_exceptions=True)
+    assert isinstance(results[13], OSError)
+    for i, found in enumerate(results):
+        if i != 13:
+            assert isinstance(found, tuple) and len(found) == (1 if i < 20 else 0), i
+
+
+async def test_a_purge_undoes_a_grouped_commit_that_ended_after_the_purge_began(disk_store: Storage) -> None:
+    # With several workers the supervisor purges the disk first, then tells each worker. A
+    # commit that ended in between (queued for the writer thread when the disk was purged)
+    # must not survive the purge.
+    began = time.monotonic()
+    assert await store(disk_store, entry(KEY), b"fetched before the purge")
+    assert disk_store.disk is not None and disk_store.disk.has(KEY)
+    await disk_store.purge_local(PurgeMatch(urls=frozenset({KEY}), since=began))
+    assert not disk_store.disk.has(KEY)
+    assert await disk_store.get(KEY) == ()
+
+
+async def test_a_shard_over_its_budget_is_culled_after_writes(tmp_path: Path) -> None:
+    disk = DiskTier(str(tmp_path / "cache"), 8 * MB, shards=1)
+    try:
+        for i in range(60):  # 60 x 300 KB into a shard of 7.2 MB
+            assert disk.put_body(f"{KEY}/{i}", f"b{i}", os.urandom(300_000))
+        assert disk.volume() <= shard_budget(8 * MB, 1) + 300_000
+    finally:
+        disk.close()
+
+
+async def test_a_commit_group_on_a_locked_shard_fails_and_the_others_are_stored(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache")
+    st = Storage(MemoryTier(MB, 1000), DiskTier(path, 64 * MB, shards=2, timeout=0.05), UrlTagIndex(path),
+                 max_object=MB)
+    assert st.disk is not None
+    locked = [k for k in (f"{KEY}/{i}" for i in range(20)) if st.disk._shard(k) is st.disk._shards[0]]
+    free = [k for k in (f"{KEY}/{i}" for i in range(20)) if k not in locked]
+    blocker = sqlite3.connect(os.path.join(path, "000", "cache.db"), isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        results = await asyncio.gather(*(store(st, entry(k), b"x") for k in locked + free))
+        assert results == [False] * len(locked) + [True] * len(free)
+        assert st.failed_writes == len(locked)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        st.close()

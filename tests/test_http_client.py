@@ -1,0 +1,354 @@
+"""The lean upstream HTTP/1.1 client (proxy.http_client) through the running proxy: framing,
+strict parsing, connection reuse, what is sent upstream, and the pool's idle connections.
+
+The upstreams here are raw asyncio servers that answer with exactly the bytes a test gives,
+so that malformed and unusual responses can be sent; they record each connection and the
+raw request heads they received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from proxy.errors import UpstreamProtocolError
+from proxy.http_client import KEEPALIVE_IDLE, HostPool, request_head
+from tests.conftest import MakeProxy
+from tests.harness import Origin
+
+Answer = Callable[[bytes], bytes | list[bytes]]  # request head -> response bytes (or packets)
+
+
+@dataclass
+class RawUpstream:
+    """An upstream that answers each request with the bytes ``answer`` gives for its head."""
+
+    answer: Answer
+    connections: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    close_after: bool = False  # close each connection after one response
+    server: asyncio.Server | None = None
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = await _read_body(reader, head)
+                self.heads.append(head)
+                self.bodies.append(body)
+                out = self.answer(head)
+                for packet in out if isinstance(out, list) else [out]:
+                    writer.write(packet)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                if self.close_after:
+                    break
+        writer.close()
+        self.writers.discard(writer)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 2)
+
+
+async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    lines = head.decode("latin-1").lower().split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    if "content-length" in fields:
+        return await reader.readexactly(int(fields["content-length"]))
+    if fields.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                return body
+            body += chunk[:-2]
+    return b""
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[Answer], Awaitable[RawUpstream]]]:
+    servers: list[RawUpstream] = []
+
+    async def start(answer: Answer) -> RawUpstream:
+        up = RawUpstream(answer)
+        up.server = await asyncio.start_server(up.handle, "127.0.0.1", 0)
+        servers.append(up)
+        return up
+
+    yield start
+    for up in servers:
+        await up.stop()
+
+
+def fixed(response: bytes | list[bytes]) -> Answer:
+    return lambda head: response
+
+
+NO_STORE = "upstream: {retries: 0}\n"
+
+
+# -- framing -------------------------------------------------------------------------------
+
+async def test_more_body_than_content_length_is_a_502_and_the_connection_is_not_reused(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    up = await raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"))
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    reply = await proxy.get("/a")
+    assert reply.status == 502 and "UPSTREAM" in reply.cache_status
+    up.answer = fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert (await proxy.get("/b")).body == b"ok"
+    assert up.connections == 2
+
+
+async def test_a_second_response_to_one_request_is_a_502(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    smuggled = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+    up = await raw_upstream(fixed(smuggled))
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    assert (await proxy.get("/a")).status == 502
+    up.answer = fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+    reply = await proxy.get("/b")
+    assert (reply.status, reply.body) == (200, b"good")  # never the queued "evil"
+
+
+async def test_bytes_after_a_complete_response_close_its_connection(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    late = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Len"]
+    up = await raw_upstream(fixed(late))
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    assert (await proxy.get("/a")).body == b"ok"  # answered before the stray bytes came
+    await asyncio.sleep(0.1)
+    up.answer = fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+    assert (await proxy.get("/b")).body == b"next"
+    assert up.connections == 2  # the connection that got stray bytes was dropped
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",  # bare LF
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok",  # control character
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 \r\nok\r\n0\r\n\r\n",  # space after size
+], ids=["bare-lf", "control-char", "cl-and-te", "two-cl", "chunk-size-space"])
+async def test_malformed_responses_are_refused_strictly(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy, response: bytes
+) -> None:
+    up = await raw_upstream(fixed(response))
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    reply = await proxy.get("/m")
+    assert reply.status == 502
+    assert b"invalid response" in reply.body
+
+
+async def test_chunked_close_framed_and_interim_responses_arrive_whole(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    answers = {
+        b"/chunked": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                      b"4\r\ndefg\r\n0\r\n\r\n"],
+        b"/eof": [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil", b" the end"],
+        b"/hints": [b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"],
+    }
+
+    def answer(head: bytes) -> list[bytes]:
+        return answers[head.split(b" ")[1]]
+
+    up = await raw_upstream(answer)
+    up.close_after = True  # the close-framed response ends with the connection
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    chunked = await proxy.get("/chunked")
+    assert (chunked.status, chunked.body) == (200, b"abcdefg")
+    assert (await proxy.get("/eof")).body == b"until the end"
+    hints = await proxy.get("/hints")
+    assert (hints.status, hints.body) == (200, b"final")
+
+
+async def test_204_and_304_have_no_body_and_keep_the_connection(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    def answer(head: bytes) -> bytes:
+        if b"/nc" in head:
+            return b"HTTP/1.1 204 No Content\r\n\r\n"
+        return b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n"
+
+    up = await raw_upstream(answer)
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    assert (await proxy.request("DELETE", "/nc")).status == 204
+    assert (await proxy.request("POST", "/nm")).status == 304
+    assert (await proxy.request("DELETE", "/nc")).status == 204
+    assert up.connections == 1
+
+
+async def test_content_encoding_and_bytes_pass_through_unchanged(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    packed = gzip.compress(b"hello " * 100)
+    up = await raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: "
+                                  + str(len(packed)).encode() + b"\r\n\r\n" + packed))
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    reply = await proxy.get("/z", headers={"Accept-Encoding": "gzip"})
+    assert reply.headers["Content-Encoding"] == "gzip"
+    assert reply.body == packed
+
+
+# -- what goes upstream ----------------------------------------------------------------------
+
+async def test_only_the_clients_fields_and_the_forwarding_fields_go_upstream(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    up = await raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    raw = (b"GET /f?q=1 HTTP/1.1\r\nHost: shop.example\r\nX-Mine: 1\r\n\r\n")
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)
+    await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    lines = up.heads[-1].decode().split("\r\n")
+    assert lines[0] == "GET /f?q=1 HTTP/1.1"
+    names = [line.split(":", 1)[0] for line in lines[1:] if line]
+    assert sorted(names) == sorted(["Host", "X-Mine", "X-Forwarded-For", "X-Forwarded-Proto",
+                                    "X-Forwarded-Host", "Via", "Surrogate-Capability"])
+
+
+async def test_request_bodies_are_framed_by_what_is_really_sent(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    up = await raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"abc"
+        yield b"def"
+
+    assert (await proxy.request("POST", "/len", data=b"payload")).status == 200
+    assert b"Content-Length: 7" in up.heads[-1] and up.bodies[-1] == b"payload"
+    assert (await proxy.request("POST", "/chunked", data=chunks())).status == 200
+    assert b"Transfer-Encoding: chunked" in up.heads[-1] and up.bodies[-1] == b"abcdef"
+    # A GET with a body is filled without it: no Content-Length may go with no body.
+    assert (await proxy.request("GET", "/get", data=b"ignored")).status == 200
+    assert b"Content-Length" not in up.heads[-1]
+    assert (await proxy.request("POST", "/empty")).status == 200
+    assert b"Content-Length: 0" in up.heads[-1]
+    assert up.connections == 1  # every exchange ended cleanly: one connection throughout
+
+
+def test_a_request_head_with_cr_or_lf_inside_a_field_is_refused() -> None:
+    head, chunked, expected = request_head("GET", "/x", [("X-A", "1")], "h:1", None)
+    assert head == b"GET /x HTTP/1.1\r\nHost: h:1\r\nX-A: 1\r\n\r\n" and not chunked and expected is None
+    for headers in ([("X-A", "1\r\nX-Injected: 1")], [("X-A", "1\nX-B: 2")], [("X-A\r", "1")]):
+        with pytest.raises(UpstreamProtocolError):
+            request_head("GET", "/x", headers, "h:1", None)
+    with pytest.raises(UpstreamProtocolError):
+        request_head("GET", "/x HTTP/1.1\r\nX: y", [], "h:1", None)
+
+
+# -- the pool ----------------------------------------------------------------------------------
+
+async def test_a_response_not_read_to_the_end_never_carries_another_request(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    big = b"x" * (4 << 20)
+    up = await raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(big)).encode()
+                                  + b"\r\n\r\n" + big))
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    async with proxy.session.get(proxy.url + "/big") as resp:
+        await resp.content.readexactly(1024)  # then the client goes away
+    up.answer = fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await asyncio.sleep(0.1)
+    assert (await proxy.get("/next")).body == b"ok"
+    assert up.connections == 2
+
+
+async def test_idle_connections_are_reused_and_closed_before_the_origin_would() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+                             + (b"" if head.startswith(b"HEAD") else b"ok"))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    now = [0.0]
+    pool = HostPool(URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"), 4, None, 1.0,
+                    clock=lambda: now[0])
+
+    async def exchange() -> None:
+        conn = await pool.acquire()
+        head, _, _ = request_head("GET", "/", [], pool.host_header, None)
+        resp = await conn.request(head, None, False, None, head_method=False, read_timeout=5.0)
+        assert resp.complete_body() == b"ok"
+
+    try:
+        await exchange()
+        # A HEAD response announces a length but has no body: the connection stays usable.
+        conn = await pool.acquire()
+        head, _, _ = request_head("HEAD", "/", [], pool.host_header, None)
+        resp = await conn.request(head, None, False, None, head_method=True, read_timeout=5.0)
+        assert (resp.headers["Content-Length"], resp.complete_body()) == ("2", b"")
+        now[0] += KEEPALIVE_IDLE / 2
+        await exchange()  # reused
+        assert len(accepted) == 1 and pool.idle == 1
+        now[0] += KEEPALIVE_IDLE
+        await exchange()  # the idle one was too old: closed, a new one made
+        assert len(accepted) == 2 and pool.size == 1
+    finally:
+        await pool.close()
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
+
+
+async def test_a_slow_upload_is_not_a_read_timeout(origin: Origin, make_proxy: MakeProxy) -> None:
+    async def echo_size(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
+
+    origin.route("/up", echo_size)
+    proxy = await make_proxy(config="upstream: {timeouts: {read: 300ms}, retries: 0}\n")
+
+    async def slowly() -> AsyncIterator[bytes]:
+        for _ in range(5):  # 750 ms in all, while the upstream waits for the rest of it
+            await asyncio.sleep(0.15)
+            yield b"x" * 1000
+
+    reply = await proxy.request("POST", "/up", data=slowly())
+    assert (reply.status, reply.body) == (200, b"5000")

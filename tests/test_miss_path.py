@@ -1,0 +1,156 @@
+"""The miss and pass-through path: hit-for-pass keys go straight through (no flight, no disk
+lookup), the store remembers what it lately did not have, and small responses are handed to
+the web layer whole."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.coalescer import Coalescer
+from proxy.engine import ClientRequest, Reply
+from proxy.policy.messages import RequestHead
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+from tests.storage.procs import ProxyProcess, write_config
+
+
+def count_calls(obj: Any, name: str) -> list[tuple[Any, ...]]:
+    """Record every call of ``obj.name`` (the real method still runs)."""
+    calls: list[tuple[Any, ...]] = []
+    real: Callable[..., Any] = getattr(obj, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    setattr(obj, name, spy)
+    return calls
+
+
+async def test_a_hit_for_pass_key_costs_no_flight_and_no_disk_lookup(origin: Origin, proxy: Proxy) -> None:
+    origin.route("/private", body=b"yours only", headers={"Cache-Control": "private"})
+    lookups = count_calls(proxy.runtime.storage, "_load_from_disk")
+    flights = count_calls(proxy.runtime.engine.coalescer, "start")
+    first = await proxy.get("/private")
+    assert (first.x_cache, first.body) == ("MISS", b"yours only")
+    assert "detail=PRIVATE" in first.cache_status
+    assert (len(lookups), len(flights)) == (1, 1)
+    for _ in range(5):
+        reply = await proxy.get("/private")
+        assert (reply.status, reply.x_cache, reply.body) == (200, "MISS", b"yours only")
+        assert "detail=PRIVATE" in reply.cache_status
+    assert (len(lookups), len(flights)) == (1, 1)  # straight through, in the request's own task
+    assert origin.count("/private") == 6
+
+
+async def test_a_hit_for_pass_key_whose_response_turns_cacheable_is_stored(
+    origin: Origin, proxy: Proxy
+) -> None:
+    origin.route("/turns", body=b"private", headers={"Cache-Control": "private"})
+    await proxy.get("/turns")
+    assert proxy.runtime.engine.coalescer.is_pass(_key(proxy, "/turns"))
+    origin.route("/turns", body=b"public now", headers={"Cache-Control": "max-age=60"})
+    stored = await proxy.get("/turns")
+    assert (stored.x_cache, stored.body) == ("MISS", b"public now")
+    assert "stored" in stored.cache_status
+    hit = await proxy.get("/turns")
+    assert (hit.x_cache, hit.body) == ("HIT", b"public now")
+    assert origin.count("/turns") == 2
+
+
+def _key(proxy: Proxy, path: str) -> str:
+    from proxy.policy.keys import cache_key
+
+    host = proxy.url.removeprefix("http://")
+    head = RequestHead("GET", "http", host, path, CIMultiDictProxy(CIMultiDict({"Host": host})))
+    return cache_key(head, proxy.runtime.engine.rules.plan(head).key)
+
+
+async def test_an_absent_key_is_looked_up_once_until_this_process_stores_it(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    # memory_max_object 1 KB: a bigger body is on disk only, so a hit must come from a lookup.
+    proxy = await make_proxy(config="cache: {memory: 8MB, memory_max_object: 1KB, "
+                                    "disk: {path: cache, size: 64MB, shards: 1}}\n")
+    origin.route("/n", body=b"no freshness: not stored")
+    lookups = count_calls(proxy.runtime.storage, "_load_from_disk")
+    for _ in range(3):
+        assert (await proxy.get("/n")).x_cache == "MISS"
+    assert len(lookups) == 1  # then known absent
+    origin.route("/n", body=b"x" * 5000, headers={"Cache-Control": "max-age=60"})
+    assert (await proxy.get("/n")).x_cache == "MISS"  # stored on disk only
+    hit = await proxy.get("/n")
+    assert (hit.x_cache, len(hit.body)) == ("HIT", 5000)  # the store cleared the mark
+    assert origin.count("/n") == 4
+
+
+def test_absent_marks_expire_with_the_hit_for_pass_window_and_are_bounded(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    c = Coalescer(1 << 20, hit_for_pass=5.0, clock=lambda: now[0])
+    c.mark_absent("k")
+    assert c.is_absent("k")
+    now[0] += 5.0
+    assert not c.is_absent("k")
+    c.mark_absent("k")
+    c.clear_absent("k")
+    assert not c.is_absent("k")
+    monkeypatch.setattr("proxy.coalescer.ABSENT_MAX", 10)
+    for i in range(25):
+        c.mark_absent(f"k{i}")
+    assert not c.is_absent("k0") and c.is_absent("k24")  # the oldest were forgotten
+    assert not Coalescer(1 << 20, hit_for_pass=0.0)._absent_until  # no window: no marks
+    off = Coalescer(1 << 20, hit_for_pass=0.0)
+    off.mark_absent("k")
+    assert not off.is_absent("k")
+
+
+async def test_a_small_response_that_arrived_whole_is_handed_over_as_bytes(
+    origin: Origin, proxy: Proxy
+) -> None:
+    origin.route("/small", body=b"s" * 1024, headers={"Cache-Control": "private"})
+    host = proxy.url.removeprefix("http://")
+    head = RequestHead("GET", "http", host, "/small", CIMultiDictProxy(CIMultiDict({"Host": host})))
+    engine = proxy.runtime.engine
+    replies: list[Reply] = []
+    for _ in range(3):  # the fill's leader, then hit-for-pass passes
+        replies.append(await engine.handle(ClientRequest(head, "127.0.0.1")))
+    for reply in replies:
+        assert (reply.status, reply.body, reply.length) == (200, b"s" * 1024, 1024)
+    post = RequestHead("POST", "http", host, "/small", CIMultiDictProxy(CIMultiDict({"Host": host})))
+    bypass = await engine.handle(ClientRequest(post, "127.0.0.1"))
+    assert (bypass.x_cache, bypass.body) == ("BYPASS", b"s" * 1024)
+
+
+@pytest.mark.slow
+async def test_with_two_workers_a_key_one_worker_knows_absent_is_found_once_the_other_stored_it(
+    origin: Origin, tmp_path: Path
+) -> None:
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url, "cache: {memory: 64MB, disk: {path: cache, size: 256MB, shards: 2}}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        origin.route("/flip", body=b"not yet")  # no freshness: not stored (and not hit-for-pass)
+        seen: set[str] = set()
+        for _ in range(40):  # until both workers have looked the key up and found nothing
+            reply = await proxy.get("/flip")
+            assert reply.x_cache == "MISS" and "stored" not in reply.headers["Cache-Status"]
+            seen.add(reply.worker)
+            if len(seen) == 2:
+                break
+        assert seen == {"0", "1"}
+        before = origin.count("/flip")
+        origin.route("/flip", body=b"cacheable", headers={"Cache-Control": "max-age=60"})
+        replies = [await proxy.get("/flip") for _ in range(16)]
+        assert replies[0].x_cache == "MISS" and all(r.x_cache == "HIT" for r in replies[1:])
+        assert {r.worker for r in replies} == {"0", "1"}
+        assert origin.count("/flip") == before + 1  # the other worker found it in the store
+    finally:
+        await proxy.stop()
