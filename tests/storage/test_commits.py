@@ -67,10 +67,10 @@ async def test_grouped_lookups_answer_each_key_and_a_failing_key_fails_alone(dis
     disk_store.memory.clear()
     load = disk_store._load_from_disk
 
-    def failing(key: str) -> tuple[object, ...]:
+    def failing(key: str, bodies: bool = False) -> tuple[object, ...]:
         if key.endswith("/13"):
             raise OSError("disk went away")
-        return load(key)
+        return load(key, bodies)
 
     disk_store._load_from_disk = failing  # type: ignore[assignment, method-assign]
     results = await asyncio.gather(*(disk_store.get(f"{KEY}/{i}") for i in range(30)),
