@@ -102,20 +102,7 @@ class UrlTagIndex:
 
     def add(self, key: str, url: str, tags: tuple[str, ...]) -> int:
         """Record a commit of ``key``; return its new sequence number."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            cur = db.execute("INSERT OR REPLACE INTO entries (key, url) VALUES (?, ?)", (key, url))
-            seq = int(cur.lastrowid or 0)
-            db.execute("DELETE FROM tags WHERE key = ?", (key,))
-            if tags:
-                db.executemany("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)",
-                               [(t, key) for t in tags])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return seq
+        return self.add_many([(key, url, tags)])[0]
 
     def add_many(self, rows: list[tuple[str, str, tuple[str, ...]]]) -> list[int]:
         """``add`` for many (key, url, tags) rows in one transaction; their new sequence numbers."""

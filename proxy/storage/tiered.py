@@ -267,21 +267,7 @@ class Storage:
     def _group_read(self, job: asyncio.Future[list[tuple[Cached, ...] | BaseException]],
                     group: list[tuple[str, bool, asyncio.Future[tuple[Cached, ...]]]]) -> None:
         self._lookups_running -= 1
-        error = None if job.cancelled() else job.exception()
-        results = job.result() if not job.cancelled() and error is None else []
-        for i, (_, _, done) in enumerate(group):
-            if done.done():
-                continue
-            if job.cancelled():
-                done.cancel()
-            elif error is not None:
-                done.set_exception(error)
-            else:
-                result = results[i]
-                if isinstance(result, BaseException):
-                    done.set_exception(result)
-                else:
-                    done.set_result(result)
+        _settle(job, [done for _, _, done in group])
         while self._lookups and self._lookups_running < LOOKUP_PARALLEL:
             self._read_group()
 
@@ -469,16 +455,7 @@ class Storage:
     def _batch_written(self, job: asyncio.Future[list[Entry | None]],
                        batch: list[tuple[Entry, bytes, asyncio.Future[Entry | None]]]) -> None:
         self._committing_batch = False
-        error = None if job.cancelled() else job.exception()
-        for i, (_, _, done) in enumerate(batch):
-            if done.done():
-                continue
-            if job.cancelled():
-                done.cancel()
-            elif error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(job.result()[i])
+        _settle(job, [done for _, _, done in batch])
         if self._commit_queue:
             self._write_batch()
 
@@ -869,3 +846,21 @@ def _read_all(f: IO[bytes]) -> bytes:
 
 
 __all__ = ["ORPHAN_AGE", "BodySpool", "Cached", "Storage"]
+
+
+def _settle(job: asyncio.Future[list[Any]], waiters: list[asyncio.Future[Any]]) -> None:
+    """Hand each waiter of a grouped thread-pool job its item of the job's result list: the
+    job's cancellation or exception goes to all of them; an exception as an item to its own."""
+    error = None if job.cancelled() else job.exception()
+    results = job.result() if not job.cancelled() and error is None else []
+    for i, done in enumerate(waiters):
+        if done.done():
+            continue
+        if job.cancelled():
+            done.cancel()
+        elif error is not None:
+            done.set_exception(error)
+        elif isinstance(results[i], BaseException):
+            done.set_exception(results[i])
+        else:
+            done.set_result(results[i])
