@@ -70,6 +70,7 @@ from proxy.policy.validation import (
 from proxy.purge import tags_from_headers
 from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
 from proxy.storage.bodyfiles import SharedFile
+from proxy.storage.disk import INLINE_LIMIT
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool, Storage
@@ -242,7 +243,8 @@ class Engine:
         """``handle`` up to its decision, for the fast path (``proxy.web.fastpath``): a GET or
         HEAD that ``handle`` would answer with ``_serve`` as a plain fresh HIT, with the body at
         hand (in memory, or a big body's file already open; a HEAD needs none), as (plan,
-        variant, age, ttl, open body file). None for anything else: the general path then
+        variant, age, ttl, open body file: also for a big body in memory once its disk file
+        is open, since sendfile is cheaper than writing it). None for anything else: the general path then
         starts over, and no use of the key was counted. ``plain_fresh_hit`` is the first step
         of ``decide_lookup``: the same decision."""
         plan = self.rules.plan(head)
@@ -261,10 +263,13 @@ class Engine:
             return None
         cached = variants[plain[0]]
         shared = None
-        if cached.body is None and head.method != "HEAD":
-            shared = self.storage.body_files.get(key, cached.entry.body_id)
-            if shared is None:
-                return None
+        if head.method != "HEAD":
+            if cached.body is None:
+                shared = self.storage.body_files.get(key, cached.entry.body_id)
+                if shared is None:
+                    return None
+            elif len(cached.body) > INLINE_LIMIT:
+                shared = self.storage.sendable_file(cached.entry)
         memory.use(key, slot)
         return plan, cached, plain[1], plain[2], shared
 

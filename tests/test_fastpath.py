@@ -406,6 +406,44 @@ async def test_many_disk_hits_pipelined_and_unread_are_answered_in_order(
     assert [r.body for r in replies] == [bytes(range(256)) * 200, b"p" * 1024] * n
 
 
+MEMORY_AND_DISK = "cache: {memory: 64MB, disk: {path: cache, size: 512MB, shards: 2}}\n"
+
+
+async def test_big_memory_bodies_are_sent_from_their_disk_file_once_open(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A body memory holds that is also a file on disk (over 32 KiB): the first fast hit is
+    written from memory and asks for the file; once open, hits are sent from it with
+    sendfile, the rest of a full socket from memory. Bytes and fields as the general path."""
+    routes(origin)
+    p = await pair(make_proxy, config=MEMORY_AND_DISK)
+    p.proxy.runtime.debug_headers = True
+    storage = p.proxy.runtime.storage
+    await exchange(p.general_port, req("GET", "/big"), ["GET"])
+    await asyncio.sleep(0.2)  # the disk commit
+    freeze_clock(p)
+    assert len(storage.body_files) == 0
+    (first,), _ = await exchange(p.fast_port, req("GET", "/big"), ["GET"])
+    assert first.body == bytes(range(256)) * 200 and first.header("X-Cachegate-Tier") == "memory"
+    for _ in range(50):
+        if len(storage.body_files):
+            break
+        await asyncio.sleep(0.02)
+    assert len(storage.body_files) == 1  # opened in the thread pool after the first hit
+    before = p.fast.answered
+    (got,), _ = await exchange(p.fast_port, req("GET", "/big"), ["GET"])
+    (want,), _ = await exchange(p.general_port, req("GET", "/big"), ["GET"])
+    assert p.fast.answered == before + 1
+    assert got.comparable() == want.comparable() and got.body == want.body
+    n = 60  # more than the socket takes at once: the rest is written from memory, in order
+    replies, _ = await exchange(p.fast_port, (req("GET", "/big") + req("GET", "/plain")) * n,
+                                ["GET", "GET"] * n)
+    assert [r.body for r in replies] == [bytes(range(256)) * 200, b"p" * 1024] * n
+    purged = await p.proxy.admin("POST", "/purge", json={"urls": ["http://example.test/big"]})
+    assert purged.status == 200 and b'"purged": 1' in purged.body, purged.body
+    (after,), _ = await exchange(p.fast_port, req("GET", "/big"), ["GET"])
+    assert after.header("X-Cache-Status") == "MISS"
+
+
 def test_open_body_files_are_closed_only_when_unused(tmp_path: Path) -> None:
     from proxy.storage.bodyfiles import BodyFile, OpenBodies
 

@@ -44,7 +44,7 @@ from typing import IO, Any, TypeVar, cast
 
 from proxy.policy.keys import url_of_key
 from proxy.storage.bans import GONE, BanList, PurgeMatch
-from proxy.storage.bodyfiles import BodyFile, OpenBodies
+from proxy.storage.bodyfiles import BodyFile, OpenBodies, SharedFile
 from proxy.storage.disk import INLINE_LIMIT, ORPHAN_AGE, DiskTier, new_body_id
 from proxy.storage.entry import Entry
 from proxy.storage.index import Ban, UrlTagIndex
@@ -63,6 +63,7 @@ COMMIT_WAIT = 5.0  # seconds a read waits for this process's disk write of the s
 COMMIT_BATCH = 128  # small-body commits written in one go (one transaction per shard and batch)
 LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 executor threads)
 LOOKUP_BATCH = 16  # keys per group: a group waits for its slowest read
+OPENING_LIMIT = 8  # body files being opened for sendfile at once (see sendable_file)
 GC_SEQ_LAG = 10.0  # seconds: index rows younger than this may belong to a commit in progress
 
 
@@ -186,6 +187,7 @@ class Storage:
         self.memory_get: Callable[[str], tuple[Cached, ...] | None] = memory.get
         # Big bodies on disk: their files stay open for the next hits (sendfile).
         self.body_files = OpenBodies()
+        self._opening: set[tuple[str, str]] = set()  # see sendable_file
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -331,6 +333,36 @@ class Storage:
                 Cached(c.entry, body) if c.entry.body_id == e.body_id and c.body is None else c
                 for c in current))
         return body
+
+    def sendable_file(self, e: Entry) -> SharedFile | None:
+        """The open disk file of a body that memory holds too, for ``os.sendfile``; None
+        until it is open. The first hit asks the thread pool to open it and is answered
+        from memory meanwhile.
+
+        Why: a body of more than INLINE_LIMIT bytes is also a file on disk, and sent from
+        the page cache it costs the kernel no copy on the sending side (the pages are lent
+        to the socket): 100 KiB hits measured ≈ 1.1-1.3× faster than writing the same bytes
+        from memory, which is what it takes to keep up with Varnish on big objects."""
+        shared = self.body_files.get(e.key, e.body_id)
+        if shared is not None or self.disk is None or e.body_size <= INLINE_LIMIT:
+            return shared
+        ident = (e.key, e.body_id)
+        if ident not in self._opening and len(self._opening) < OPENING_LIMIT:
+            self._opening.add(ident)
+            job = asyncio.get_running_loop().run_in_executor(self._executor, self._open_big_body, e)
+            job.add_done_callback(lambda f: self._opened(ident, e.body_size, f))
+        return None
+
+    def _opened(self, ident: tuple[str, str], size: int,
+                job: asyncio.Future[bytes | IO[bytes] | None]) -> None:
+        self._opening.discard(ident)
+        opened = None if job.cancelled() or job.exception() is not None else job.result()
+        if opened is None or isinstance(opened, bytes):
+            return  # gone, cut short, or held in the database: sent from memory
+        if self.body_files.get(*ident) is not None:
+            opened.close()
+        else:
+            self.body_files.add(ident[0], ident[1], opened, size)
 
     def _open_big_body(self, e: Entry) -> bytes | IO[bytes] | None:
         """A big body's file, open, when it holds exactly the body (else None: gone or cut)."""

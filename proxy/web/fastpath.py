@@ -72,6 +72,9 @@ assert _HIT_ZERO.endswith("=0"), _HIT_ZERO
 # truncation is the floor.
 _HIT_PREFIX = _HIT_ZERO[:-1].encode().replace(b"%", b"%%")
 _FILL = {b"A": b"%d", b"C": _HIT_PREFIX + b"%d", b"D": b"%s"}
+# The head and body in one block; head and body; head and body file; head, body file and the
+# same body in memory (see ``_send_file``).
+FastAnswer = bytes | tuple[bytes, bytes] | tuple[bytes, SharedFile] | tuple[bytes, SharedFile, bytes]
 LARGE_BODY = 16 * 1024  # bigger bodies are written beside the head, not copied after it
 MAX_HEADS = 8  # heads kept per variant (rule edits x HTTP version x GET/HEAD)
 UNSERVABLE = (204, 304)  # aiohttp frames these differently; the general path answers them
@@ -191,8 +194,7 @@ class FastPath:
             self._trusted[remote] = known
         return known
 
-    def answer(self, msg: Any, remote: str, secure: bool
-               ) -> bytes | tuple[bytes, bytes] | tuple[bytes, SharedFile] | None:
+    def answer(self, msg: Any, remote: str, secure: bool) -> FastAnswer | None:
         """The whole response to a parsed GET/HEAD ``msg``, or None for the general path."""
         headers = msg.headers
         if "Range" in headers:
@@ -241,6 +243,8 @@ class FastPath:
             self._disk_bytes.value += shared.size
             return block, shared
         self._memory_bytes.value += len(body)
+        if shared is not None:
+            return block, shared, body
         if len(body) > LARGE_BODY:
             return block, body
         return block + body
@@ -330,7 +334,7 @@ class ProxyRequestHandler(RequestHandler):
             if isinstance(out, bytes):
                 transport.write(out)
             elif isinstance(out[1], SharedFile):
-                self._send_file(transport, out[0], out[1])
+                self._send_file(transport, *out)
             else:
                 transport.writelines(out)
             self._request_count += 1
@@ -342,16 +346,17 @@ class ProxyRequestHandler(RequestHandler):
         return len(messages)
 
     @staticmethod
-    def _send_file(transport: Any, head: bytes, shared: SharedFile) -> None:
+    def _send_file(transport: Any, head: bytes, shared: SharedFile, body: bytes | None = None) -> None:
         """The head, then the body file with ``os.sendfile`` as far as the socket takes it at
-        once; the rest (a socket buffer full, rare on a kept-alive connection) read with
-        ``os.pread`` and handed to the transport. Both read pages that sendfile has just
-        brought into the page cache; a file never read is never sent from here (the general
-        path opens it in the thread pool first)."""
+        once; the rest (the socket buffer full) from ``body`` when memory holds it too, else
+        read with ``os.pread`` and handed to the transport. Both read pages that sendfile has
+        just brought into the page cache; a file never read is never sent from here (the
+        general path, or ``Storage.sendable_file``, opens it in the thread pool first)."""
         transport.write(head)
         sent = sendfile_now(transport, shared.fd, 0, shared.size)
         if sent < shared.size:
-            transport.write(os.pread(shared.fd, shared.size - sent, sent))
+            transport.write(memoryview(body)[sent:] if body is not None
+                            else os.pread(shared.fd, shared.size - sent, sent))
 
     def _kept_alive(self) -> None:
         """What aiohttp's loop does after a kept-alive response: restart the idle timer."""
