@@ -76,9 +76,9 @@ def create_origin_app() -> web.Application:
     return app
 
 
-def instructions(proxy: str, admin: str) -> str:
+def instructions(origin: str, proxy: str, admin: str) -> str:
     return f"""
-cachegate demo: origin on http://127.0.0.1:9000, cachegate on {proxy}, admin API on {admin}
+cachegate demo: origin on {origin}, cachegate on {proxy}, admin API on {admin}
 
   curl -si {proxy}/hello | grep -i x-cache-status    # MISS: fetched from the origin and stored
   curl -si {proxy}/hello | grep -i x-cache-status    # HIT: served from the cache
@@ -126,7 +126,8 @@ async def run_demo(settings: Settings, config: str, origin_listen: str) -> int:
         return 1
     proxy = f"http://{settings.listen[0]}:{settings.listen[1]}"
     admin_listen = settings.admin.listen or ("127.0.0.1", 8081)
-    print(instructions(proxy, f"http://{admin_listen[0]}:{admin_listen[1]}"), flush=True)
+    print(instructions(f"http://{origin_host}:{origin_port}", proxy,
+                       f"http://{admin_listen[0]}:{admin_listen[1]}"), flush=True)
     try:
         return await serve(settings, config, Overrides())
     finally:
