@@ -415,7 +415,7 @@ async def test_ttl_jitter_spreads_lifetimes_downwards_only(origin: Origin, make_
     for prefix in ("j", "o"):
         assert all(49 <= t <= 100 for t in spreads[prefix]), spreads
         assert len(spreads[prefix]) > 3, spreads  # 12 draws from 50 values: not all alike
-    assert spreads["s"] <= {99, 100}
+    assert min(spreads["s"]) >= 95, spreads  # no jitter: only the seconds the test took
 
 
 # -- allow_set_cookie -------------------------------------------------------------------------------
