@@ -239,14 +239,14 @@ class Engine:
             case _:
                 assert_never(decision)
 
-    def fresh_hit(self, head: RequestHead) -> FreshHit | None:
+    def fresh_hit(self, head: RequestHead, max_file: int = 0) -> FreshHit | None:
         """``handle`` up to its decision, for the fast path (``proxy.web.fastpath``): a GET or
         HEAD that ``handle`` would answer with ``_serve`` as a plain fresh HIT, with the body at
-        hand (in memory, or a big body's file already open; a HEAD needs none), as (plan,
-        variant, age, ttl, open body file: also for a big body in memory once its disk file
-        is open, since sendfile is cheaper than writing it). None for anything else: the general path then
-        starts over, and no use of the key was counted. ``plain_fresh_hit`` is the first step
-        of ``decide_lookup``: the same decision."""
+        hand (in memory, or a disk-only body of at most ``max_file`` bytes whose file is already
+        open; a HEAD needs none), as (plan, variant, age, ttl, open body file: also for a big
+        body in memory once its disk file is open, since sendfile is cheaper than writing it).
+        None for anything else: the general path then starts over, and no use of the key was
+        counted. ``plain_fresh_hit`` is the first step of ``decide_lookup``: the same decision."""
         plan = self.rules.plan(head)
         if plan.bypass:
             return None
@@ -265,6 +265,8 @@ class Engine:
         shared = None
         if head.method != "HEAD":
             if cached.body is None:
+                if cached.entry.body_size > max_file:
+                    return None
                 shared = self.storage.body_files.get(key, cached.entry.body_id)
                 if shared is None:
                     return None

@@ -463,3 +463,45 @@ def test_open_body_files_are_closed_only_when_unused(tmp_path: Path) -> None:
     reader.close()
     assert first.file.closed
     files.close()
+
+
+async def test_a_big_disk_body_for_a_client_that_does_not_read_is_not_buffered_whole(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A disk body bigger than the socket takes at once: the fast path would read the rest
+    on the event loop into the transport's buffer (the whole body, per request, whatever
+    the client reads); the general path streams it under aiohttp's back-pressure."""
+    body = bytes(range(256)) * 4 * 1024 * 8  # 8 MiB
+    origin.route("/huge", body=body, headers={"Cache-Control": "max-age=300"})
+    p = await pair(make_proxy, config=DISK_CONFIG)
+    body_files = p.proxy.runtime.storage.body_files
+
+    async def opened() -> bool:
+        await exchange(p.general_port, req("GET", "/huge"), ["GET"])
+        return len(body_files) == 1
+
+    for _ in range(100):  # the fill reaches the disk, then a hit opens its file
+        if await opened():
+            break
+        await asyncio.sleep(0.05)
+    assert len(body_files) == 1
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", p.fast_port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, req("GET", "/huge"))
+        await asyncio.sleep(0.3)
+        server = p.proxy.listeners.runners[0].server
+        assert isinstance(server, web.Server)
+        buffered = max(h.transport.get_write_buffer_size() for h in server.connections
+                       if h.transport is not None)
+        assert buffered < 1024 * 1024
+        received = b""
+        while b"\r\n\r\n" not in received or len(received) < received.index(b"\r\n\r\n") + 4 + len(body):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5)
+            assert chunk
+            received += chunk
+        assert received[received.index(b"\r\n\r\n") + 4:] == body
+    finally:
+        sock.close()

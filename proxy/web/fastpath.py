@@ -76,6 +76,10 @@ _FILL = {b"A": b"%d", b"C": _HIT_PREFIX + b"%d", b"D": b"%s"}
 # same body in memory (see ``_send_file``).
 FastAnswer = bytes | tuple[bytes, bytes] | tuple[bytes, SharedFile] | tuple[bytes, SharedFile, bytes]
 LARGE_BODY = 16 * 1024  # bigger bodies are written beside the head, not copied after it
+# Bigger disk bodies take the general path: what sendfile leaves is read here on the event
+# loop and buffered whole in the transport, with no back-pressure (the general path streams
+# it in the thread pool, waiting for the client).
+FAST_FILE_MAX = 1024 * 1024
 MAX_HEADS = 8  # heads kept per variant (rule edits x HTTP version x GET/HEAD)
 UNSERVABLE = (204, 304)  # aiohttp frames these differently; the general path answers them
 
@@ -209,7 +213,7 @@ class FastPath:
             head = head_of(method, msg.path, headers, version, secure, trusted, self._default_host)
         except BadRequest:
             return None
-        found = runtime.engine.fresh_hit(head)
+        found = runtime.engine.fresh_hit(head, FAST_FILE_MAX)
         if found is None:
             return None
         plan, cached, age, ttl, shared = found
@@ -348,10 +352,10 @@ class ProxyRequestHandler(RequestHandler):
     @staticmethod
     def _send_file(transport: Any, head: bytes, shared: SharedFile, body: bytes | None = None) -> None:
         """The head, then the body file with ``os.sendfile`` as far as the socket takes it at
-        once; the rest (the socket buffer full) from ``body`` when memory holds it too, else
-        read with ``os.pread`` and handed to the transport. Both read pages that sendfile has
-        just brought into the page cache; a file never read is never sent from here (the
-        general path, or ``Storage.sendable_file``, opens it in the thread pool first)."""
+        once; the rest from ``body`` when memory holds it too, else read with ``os.pread``
+        and handed to the transport (at most FAST_FILE_MAX bytes: bigger disk-only bodies take
+        the general path). A file never read is never sent from here (the general path, or
+        ``Storage.sendable_file``, opens it in the thread pool first)."""
         transport.write(head)
         sent = sendfile_now(transport, shared.fd, 0, shared.size)
         if sent < shared.size:
