@@ -9,8 +9,10 @@ values of Date and Age (they depend on the second the answer is written).
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,3 +507,28 @@ async def test_a_big_disk_body_for_a_client_that_does_not_read_is_not_buffered_w
         assert received[received.index(b"\r\n\r\n") + 4:] == body
     finally:
         sock.close()
+
+
+async def test_concurrent_first_hits_of_a_disk_body_keep_one_open_file(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """Hits that open the same body file at once: one file is kept, the others are closed
+    (not left to the garbage collector, which warns of an unclosed file)."""
+    routes(origin)
+    proxy = await make_proxy(config=DISK_CONFIG)
+    await proxy.get("/big")
+    storage = proxy.runtime.storage
+    for _ in range(100):  # until the fill is on disk: a hit once memory is cleared
+        await asyncio.sleep(0.05)
+        storage.memory.clear()
+        if (await proxy.get("/big")).x_cache == "HIT":
+            break
+    for _ in range(3):
+        storage.body_files.close()  # the next hits open the file again, all at once
+        storage.memory.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            replies = await asyncio.gather(*(proxy.get("/big") for _ in range(8)))
+            gc.collect()
+        assert all(r.body == bytes(range(256)) * 200 for r in replies)
+        assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+        assert len(storage.body_files) == 1

@@ -320,8 +320,11 @@ class Storage:
                 opened = await self.run(self._open_big_body, e)
                 if opened is None or isinstance(opened, bytes):
                     return opened
-                shared = self.body_files.get(e.key, e.body_id) or self.body_files.add(
-                    e.key, e.body_id, opened, e.body_size)
+                shared = self.body_files.get(e.key, e.body_id)
+                if shared is None:
+                    shared = self.body_files.add(e.key, e.body_id, opened, e.body_size)
+                else:  # another hit opened it meanwhile: keep one
+                    opened.close()
             return cast(IO[bytes], BodyFile(shared))  # read/seek/close/fileno like a file
         epoch = self.epoch
         body = await self.run(self._read_small_body, e)
