@@ -532,3 +532,31 @@ async def test_concurrent_first_hits_of_a_disk_body_keep_one_open_file(
         assert all(r.body == bytes(range(256)) * 200 for r in replies)
         assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
         assert len(storage.body_files) == 1
+
+
+@pytest.mark.parametrize("purge", ["url", "prefix", "all", "soft"])
+async def test_a_purge_closes_the_open_files_of_the_bodies_it_removes(
+        origin: Origin, make_proxy: MakeProxy, purge: str) -> None:
+    """A body file kept open for sendfile holds its disk space after the purge deleted it,
+    until the descriptor is closed: a hard purge closes it (a soft one keeps the body, which
+    may still be served stale)."""
+    routes(origin)
+    proxy = await make_proxy(config=DISK_CONFIG)
+    storage = proxy.runtime.storage
+    key = proxy.url + "/big"
+    await proxy.get("/big")
+    for _ in range(100):  # until the fill is on disk: a hit once memory is cleared
+        await asyncio.sleep(0.05)
+        storage.memory.clear()
+        if (await proxy.get("/big")).x_cache == "HIT":
+            break
+    variants = storage.memory.peek(key)
+    assert variants is not None
+    shared = storage.body_files.get(key, variants[0].entry.body_id)
+    assert shared is not None and not shared.file.closed
+    spec = {"url": {"urls": [key]}, "prefix": {"prefixes": [proxy.url + "/b"]}, "all": {"all": True},
+            "soft": {"urls": [key], "soft": True}}[purge]
+    assert (await proxy.admin("POST", "/purge", json=spec)).status == 200
+    assert shared.file.closed == (purge != "soft")
+    assert len(storage.body_files) == (1 if purge == "soft" else 0)
+    assert (await proxy.get("/big")).body == bytes(range(256)) * 200

@@ -18,16 +18,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import IO
+
+from proxy.storage.entry import Entry
 
 
 class SharedFile:
     """One open body file, shared by the responses that stream from it."""
 
-    __slots__ = ("evicted", "fd", "file", "size", "users")
+    __slots__ = ("entry", "evicted", "fd", "file", "size", "users")
 
-    def __init__(self, file: IO[bytes], size: int) -> None:
+    def __init__(self, file: IO[bytes], size: int, entry: Entry | None = None) -> None:
         self.file = file
+        self.entry = entry  # whose body it is (a purge closes the files of what it removes)
         self.fd = file.fileno()
         self.size = size
         self.users = 0
@@ -99,16 +103,26 @@ class OpenBodies:
             self._files.move_to_end((key, body_id))
         return shared
 
-    def add(self, key: str, body_id: str, file: IO[bytes], size: int) -> SharedFile:
+    def add(self, key: str, body_id: str, file: IO[bytes], size: int, entry: Entry | None = None
+            ) -> SharedFile:
         """Keep ``file`` (open, ``size`` bytes) for the next hits; it is ours to close."""
         old = self._files.pop((key, body_id), None)
         if old is not None:
             self._evict(old)
-        shared = self._files[(key, body_id)] = SharedFile(file, size)
+        shared = self._files[(key, body_id)] = SharedFile(file, size, entry)
         while len(self._files) > self.limit:
             _, victim = self._files.popitem(last=False)
             self._evict(victim)
         return shared
+
+    def drop(self, covered: Callable[[Entry], bool]) -> int:
+        """Close (once unused) the files of the entries ``covered`` says are gone: a deleted
+        file's disk space is freed only when its last descriptor closes. How many."""
+        gone = [k for k, shared in self._files.items()
+                if shared.entry is not None and covered(shared.entry)]
+        for k in gone:
+            self._evict(self._files.pop(k))
+        return len(gone)
 
     def close(self) -> None:
         while self._files:

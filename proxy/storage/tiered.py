@@ -322,7 +322,7 @@ class Storage:
                     return opened
                 shared = self.body_files.get(e.key, e.body_id)
                 if shared is None:
-                    shared = self.body_files.add(e.key, e.body_id, opened, e.body_size)
+                    shared = self.body_files.add(e.key, e.body_id, opened, e.body_size, e)
                 else:  # another hit opened it meanwhile: keep one
                     opened.close()
             return cast(IO[bytes], BodyFile(shared))  # read/seek/close/fileno like a file
@@ -687,6 +687,8 @@ class Storage:
             if match.covers(spool.entry):
                 spool.doomed = True
         count = self._purge_memory(match)
+        if not match.soft:
+            self.body_files.drop(match.covers)
         waits = [(e, fut) for e, fut in self._committing.values() if match.covers(e)]
         if waits:
             # Fills being written to disk right now: let them finish, then undo them.
