@@ -186,8 +186,8 @@ class DiskTier:
             log.warning("disk write of a body for %s timed out on the shard lock; not stored", key)
         return ok
 
-    def commit(self, key: str, merge: Merge, body_id: str = "", body: bytes | None = None) -> bool:
-        """Rewrite a key's metadata (and store a small body with it) in one transaction.
+    def commit(self, key: str, merge: Merge) -> bool:
+        """Rewrite a key's metadata in one transaction (``commit_many`` stores small bodies too).
 
         ``merge`` gets the key's current variants and returns the variants to keep and
         the body ids they no longer use; it runs under the shard's lock, so two
@@ -197,8 +197,6 @@ class DiskTier:
         shard = self._shard(key)
         try:
             with shard.transact():
-                if body is not None:
-                    shard.set("b:" + body_id, body)
                 self._merge_locked(shard, key, merge)
         except diskcache.Timeout:
             self.failed_writes += 1

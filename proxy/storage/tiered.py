@@ -529,34 +529,30 @@ class Storage:
         return merge
 
     def _commit_to_disk(self, entry: Entry, body: bytes | None, file: IO[bytes] | None) -> Entry | None:
-        """Body, then index (a new seq), then metadata; the stored entry, or None on failure."""
+        """A big body (a file of its own; small ones go by ``_commit_small``), then index (a new
+        seq), then metadata; the stored entry, or None on failure."""
         disk = self.disk
         assert disk is not None
-        small: bytes | None = None
-        if body is not None and len(body) < 32 * 1024:
-            small = body
+        payload: bytes | IO[bytes]
+        if body is not None:
+            payload = body
         else:
-            payload: bytes | IO[bytes]
-            if body is not None:
-                payload = body
-            else:
-                assert file is not None
-                file.flush()
-                file.seek(0)
-                payload = file
-            self.spools.intend(entry.key, entry.body_id)
-            if not disk.put_body(entry.key, entry.body_id, payload):
-                disk.delete_body(entry.key, entry.body_id)  # a partial write may have left it
-                self.spools.settle(entry.body_id)
-                return None
+            assert file is not None
+            file.flush()
+            file.seek(0)
+            payload = file
+        self.spools.intend(entry.key, entry.body_id)
+        if not disk.put_body(entry.key, entry.body_id, payload):
+            disk.delete_body(entry.key, entry.body_id)  # a partial write may have left it
+            self.spools.settle(entry.body_id)
+            return None
         seq = self.index.add(entry.key, url_of_key(entry.key), entry.tags) if self.index else 0
         new = replace(entry, seq=seq)
         kept: list[tuple[Entry, ...]] = []
-        committed = disk.commit(entry.key, self._merger(new, kept), entry.body_id, small)
-        if not committed and small is None:
+        committed = disk.commit(entry.key, self._merger(new, kept))
+        if not committed:
             disk.delete_body(entry.key, entry.body_id)
-        if small is None:
-            self.spools.settle(entry.body_id)
+        self.spools.settle(entry.body_id)
         if not committed:
             return None
         self._index_other_tags(entry.key, entry.tags, kept)
