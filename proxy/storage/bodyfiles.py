@@ -88,10 +88,16 @@ class BodyFile:
 
 
 class OpenBodies:
-    """(key, body id) -> an open ``SharedFile``, least recently used evicted beyond ``limit``."""
+    """(key, body id) -> an open ``SharedFile``, least recently used evicted beyond ``limit``
+    files or ``max_bytes`` of bodies (the newest file is kept whatever its size).
 
-    def __init__(self, limit: int = 256) -> None:
+    Why a byte bound: a file diskcache has culled or a purge has deleted keeps its disk
+    space while it is open here, outside the disk budget."""
+
+    def __init__(self, limit: int = 256, max_bytes: int | None = None) -> None:
         self.limit = limit
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the bodies of the files kept open
         self._files: OrderedDict[tuple[str, str], SharedFile] = OrderedDict()
 
     def __len__(self) -> int:
@@ -110,7 +116,9 @@ class OpenBodies:
         if old is not None:
             self._evict(old)
         shared = self._files[(key, body_id)] = SharedFile(file, size, entry)
-        while len(self._files) > self.limit:
+        self.bytes += size
+        while len(self._files) > 1 and (len(self._files) > self.limit or (
+                self.max_bytes is not None and self.bytes > self.max_bytes)):
             _, victim = self._files.popitem(last=False)
             self._evict(victim)
         return shared
@@ -129,8 +137,8 @@ class OpenBodies:
             _, victim = self._files.popitem()
             self._evict(victim)
 
-    @staticmethod
-    def _evict(shared: SharedFile) -> None:
+    def _evict(self, shared: SharedFile) -> None:
+        self.bytes -= shared.size
         shared.evicted = True
         if shared.users <= 0:
             with contextlib.suppress(OSError):

@@ -185,8 +185,9 @@ class Storage:
         self.upkeep = UpkeepStats()
         # The hit path: one call straight into the memory tier.
         self.memory_get: Callable[[str], tuple[Cached, ...] | None] = memory.get
-        # Big bodies on disk: their files stay open for the next hits (sendfile).
-        self.body_files = OpenBodies()
+        # Big bodies on disk: their files stay open for the next hits (sendfile), holding at
+        # most a twentieth of the disk budget (deleted files among them hold their space).
+        self.body_files = OpenBodies(max_bytes=disk.size_limit // 20 if disk is not None else None)
         self._opening: set[tuple[str, str]] = set()  # see sendable_file
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

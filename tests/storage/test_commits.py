@@ -120,3 +120,24 @@ async def test_a_commit_group_on_a_locked_shard_fails_and_the_others_are_stored(
         blocker.execute("ROLLBACK")
         blocker.close()
         st.close()
+
+
+async def test_open_body_files_hold_at_most_a_twentieth_of_the_disk_budget(tmp_path: Path) -> None:
+    """Files kept open for sendfile keep their disk space after diskcache culls or a purge
+    deletes them: what they hold is bounded by the disk budget, not by a count alone."""
+    st = open_store(str(tmp_path / "cache"), memory_max_object=1024, disk_size=64 * MB)
+    try:
+        bodies = {f"{KEY}/{i}": os.urandom(MB) for i in range(8)}
+        for key, body in bodies.items():
+            assert await store(st, entry(key), body)
+        st.memory.clear()
+        for key, body in bodies.items():
+            assert await read_body(st, key) == body
+        assert 1 <= len(st.body_files) <= 64 // 20
+        huge = os.urandom(5 * MB)  # alone over the bound: still sent from its open file
+        assert await store(st, entry(f"{KEY}/huge"), huge)
+        st.memory.clear()
+        assert await read_body(st, f"{KEY}/huge") == huge
+        assert len(st.body_files) == 1
+    finally:
+        st.close()
