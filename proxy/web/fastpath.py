@@ -10,7 +10,8 @@ everything else goes on to aiohttp's request handler exactly as before.
 
 What a fast answer is, and why it is the same answer: ``Engine.fresh_hit`` runs the very
 rule match, key, memory lookup and ``decide_lookup`` that ``Engine.handle`` runs, and says
-yes only for a plain fresh HIT from a body held in memory (no 304, no refresh, no disk).
+yes only for a plain fresh HIT from a body held in memory, or a disk body of at most
+FAST_FILE_MAX bytes whose file is already open (sendfile; no 304, no refresh, no disk read).
 The head is built once per variant (and per rule edits, HTTP version, GET/HEAD) by the
 same steps the general path takes: ``served_headers`` and ``response_edits`` from the
 engine, the web layer's debug headers, then what aiohttp's ``Response``/``StreamResponse``
