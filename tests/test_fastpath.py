@@ -560,3 +560,45 @@ async def test_a_purge_closes_the_open_files_of_the_bodies_it_removes(
     assert shared.file.closed == (purge != "soft")
     assert len(storage.body_files) == (1 if purge == "soft" else 0)
     assert (await proxy.get("/big")).body == bytes(range(256)) * 200
+
+
+async def test_a_purge_closes_the_open_file_of_a_body_memory_holds_too(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The disk file of a memory-tier body, opened for sendfile after a fast hit: a purge
+    closes it as it does the files of disk-only bodies, and a file still being opened when
+    a purge comes is not kept."""
+    from proxy.storage.bans import PurgeMatch
+
+    routes(origin)
+    p = await pair(make_proxy, config=MEMORY_AND_DISK)
+    storage = p.proxy.runtime.storage
+    key = "http://example.test/big"
+    await exchange(p.general_port, req("GET", "/big"), ["GET"])
+    await asyncio.sleep(0.2)  # the disk commit
+
+    async def fast_hit_opens_the_file() -> None:
+        await exchange(p.fast_port, req("GET", "/big"), ["GET"])  # asks for the file
+        for _ in range(50):
+            if len(storage.body_files):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the body file was not opened")
+
+    await fast_hit_opens_the_file()
+    variants = storage.memory.peek(key)
+    assert variants is not None and variants[0].body is not None
+    entry = variants[0].entry
+    # A purge (this process's half) while the file is being opened in the thread pool.
+    storage.body_files.close()
+    assert storage.sendable_file(entry) is None  # the open starts
+    await storage.purge_local(PurgeMatch(keys=frozenset({key})))
+    await asyncio.sleep(0.3)
+    assert len(storage.body_files) == 0
+    # Back in memory from disk, its file open again; a purge closes it.
+    (again,), _ = await exchange(p.general_port, req("GET", "/big"), ["GET"])
+    assert again.body == bytes(range(256)) * 200
+    await fast_hit_opens_the_file()
+    shared = storage.body_files.get(key, entry.body_id)
+    assert shared is not None
+    assert (await p.proxy.admin("POST", "/purge", json={"urls": [key]})).status == 200
+    assert shared.file.closed and len(storage.body_files) == 0

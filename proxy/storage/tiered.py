@@ -353,20 +353,21 @@ class Storage:
         ident = (e.key, e.body_id)
         if ident not in self._opening and len(self._opening) < OPENING_LIMIT:
             self._opening.add(ident)
+            epoch = self.epoch
             job = asyncio.get_running_loop().run_in_executor(self._executor, self._open_big_body, e)
-            job.add_done_callback(lambda f: self._opened(ident, e.body_size, f))
+            job.add_done_callback(lambda f: self._opened(e, epoch, f))
         return None
 
-    def _opened(self, ident: tuple[str, str], size: int,
-                job: asyncio.Future[bytes | IO[bytes] | None]) -> None:
+    def _opened(self, e: Entry, epoch: int, job: asyncio.Future[bytes | IO[bytes] | None]) -> None:
+        ident = (e.key, e.body_id)
         self._opening.discard(ident)
         opened = None if job.cancelled() or job.exception() is not None else job.result()
         if opened is None or isinstance(opened, bytes):
             return  # gone, cut short, or held in the database: sent from memory
-        if self.body_files.get(*ident) is not None:
-            opened.close()
+        if epoch != self.epoch or self.body_files.get(*ident) is not None:
+            opened.close()  # a purge came meanwhile (it may have removed it), or another hit opened it
         else:
-            self.body_files.add(ident[0], ident[1], opened, size)
+            self.body_files.add(e.key, e.body_id, opened, e.body_size, e)
 
     def _open_big_body(self, e: Entry) -> bytes | IO[bytes] | None:
         """A big body's file, open, when it holds exactly the body (else None: gone or cut)."""
