@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.cli import main
-from tests.harness import Origin, spawn_cachegate
+from tests.harness import Origin, spawn_cachegate, write_config
 
 
 def write(path: Path, text: str) -> str:
@@ -74,3 +74,27 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, o
         code = await asyncio.to_thread(proc.wait, 20)
     assert code == 0, proc.text
     assert "cachegate: stopped" in proc.text
+
+
+async def test_access_log_writes_a_line_per_request_with_its_cache_status(
+        tmp_path: Path, origin: Origin) -> None:
+    origin.route("/page", body=b"hello", headers={"Cache-Control": "max-age=60"})
+    config = write_config(str(tmp_path), origin.url, "access_log: true\n")
+    proxy = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):
+                async with session.get(proxy.proxy_url + "/page",
+                                       headers={"User-Agent": "probe/1"}) as r:
+                    assert await r.read() == b"hello"
+        for _ in range(100):
+            if sum('"GET /page HTTP/1.1"' in line for line in proxy.output) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        assert await asyncio.to_thread(proxy.stop) == 0
+    lines = [line for line in proxy.output if '"GET /page HTTP/1.1"' in line]
+    fields = [line.split('" ')[1].split()[:3] for line in lines]  # status, bytes sent, cache
+    assert [(f[0], f[2]) for f in fields] == [("200", "MISS"), ("200", "HIT")]
+    assert all(int(f[1]) > len("hello") for f in fields)  # the head counts, as nginx's $bytes_sent
+    assert lines[0].startswith("127.0.0.1 [") and lines[0].rstrip().endswith('"probe/1"')
