@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -188,7 +189,10 @@ class Storage:
         # Big bodies on disk: their files stay open for the next hits (sendfile), holding at
         # most a twentieth of the disk budget (deleted files among them hold their space).
         self.body_files = OpenBodies(max_bytes=disk.size_limit // 20 if disk is not None else None)
-        self._opening: set[tuple[str, str]] = set()  # see sendable_file
+        # Body files being opened for sendable_file, and whether close() ran (it closes what
+        # they opened that the event loop has not taken yet).
+        self._opening: dict[tuple[str, str], concurrent.futures.Future[bytes | IO[bytes] | None]] = {}
+        self._closed = False
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -197,9 +201,16 @@ class Storage:
         return self.spools.make_file()
 
     def close(self) -> None:
+        self._closed = True
         self._writer.shutdown(wait=True)
         if self._own_executor:
             self._executor.shutdown(wait=True)
+        for job in self._opening.values():
+            concurrent.futures.wait([job])
+            opened = _opened_file(job)
+            if opened is not None:
+                opened.close()
+        self._opening.clear()
         if self.disk is not None:
             self.disk.close()
         if self.index is not None:
@@ -351,20 +362,28 @@ class Storage:
         if shared is not None or self.disk is None or e.body_size <= INLINE_LIMIT:
             return shared
         ident = (e.key, e.body_id)
-        if ident not in self._opening and len(self._opening) < OPENING_LIMIT:
-            self._opening.add(ident)
+        if ident not in self._opening and len(self._opening) < OPENING_LIMIT and not self._closed:
+            loop = asyncio.get_running_loop()
             epoch = self.epoch
-            job = asyncio.get_running_loop().run_in_executor(self._executor, self._open_big_body, e)
-            job.add_done_callback(lambda f: self._opened(e, epoch, f))
+            job = self._executor.submit(self._open_big_body, e)
+            self._opening[ident] = job
+
+            def done(f: concurrent.futures.Future[bytes | IO[bytes] | None]) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: close() closes it
+                    loop.call_soon_threadsafe(self._opened, e, epoch, f)
+
+            job.add_done_callback(done)
         return None
 
-    def _opened(self, e: Entry, epoch: int, job: asyncio.Future[bytes | IO[bytes] | None]) -> None:
+    def _opened(self, e: Entry, epoch: int, job: concurrent.futures.Future[bytes | IO[bytes] | None]
+                ) -> None:
         ident = (e.key, e.body_id)
-        self._opening.discard(ident)
-        opened = None if job.cancelled() or job.exception() is not None else job.result()
-        if opened is None or isinstance(opened, bytes):
-            return  # gone, cut short, or held in the database: sent from memory
-        if epoch != self.epoch or self.body_files.get(*ident) is not None:
+        if self._opening.get(ident) is job:
+            del self._opening[ident]
+        opened = _opened_file(job)
+        if opened is None:
+            return  # gone, cut short, held in the database (sent from memory), or closed
+        if self._closed or epoch != self.epoch or self.body_files.get(*ident) is not None:
             opened.close()  # a purge came meanwhile (it may have removed it), or another hit opened it
         else:
             self.body_files.add(e.key, e.body_id, opened, e.body_size, e)
@@ -881,6 +900,16 @@ def _read_all(f: IO[bytes]) -> bytes:
 
 
 __all__ = ["ORPHAN_AGE", "BodySpool", "Cached", "Storage"]
+
+
+def _opened_file(job: concurrent.futures.Future[bytes | IO[bytes] | None]) -> IO[bytes] | None:
+    """The open file a finished ``_open_big_body`` job holds, if it holds one not yet closed."""
+    if job.cancelled() or job.exception() is not None:
+        return None
+    opened = job.result()
+    if opened is None or isinstance(opened, bytes) or opened.closed:
+        return None
+    return opened
 
 
 def _settle(job: asyncio.Future[list[Any]], waiters: list[asyncio.Future[Any]]) -> None:

@@ -141,3 +141,30 @@ async def test_open_body_files_hold_at_most_a_twentieth_of_the_disk_budget(tmp_p
         assert len(st.body_files) == 1
     finally:
         st.close()
+
+
+async def test_a_body_file_being_opened_for_sendfile_when_the_store_closes_is_closed(
+        tmp_path: Path) -> None:
+    st = open_store(str(tmp_path / "cache"))  # 64 KiB bodies stay in memory, and are files on disk
+    assert await store(st, entry(KEY), b"b" * 60_000)
+    await asyncio.sleep(0.2)  # the disk commit
+    (cached,) = st.memory.peek(KEY) or ()
+    assert cached.body is not None
+    assert st.sendable_file(cached.entry) is None  # being opened in the thread pool
+    st.close()  # before the event loop took the open file
+    await asyncio.sleep(0.1)  # whatever the loop still had to do with it
+    assert open_body_files(tmp_path) == []
+    assert len(st.body_files) == 0
+
+
+def open_body_files(under: Path) -> list[str]:
+    """The body files under ``under`` this process holds open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(under)) and target.endswith(".val"):
+            found.append(target)
+    return found
