@@ -330,7 +330,7 @@ async def test_fast_hits_are_counted_like_general_ones(origin: Origin, make_prox
 
 
 async def test_stale_and_purged_entries_go_to_the_general_path(origin: Origin, make_proxy: MakeProxy) -> None:
-    origin.route("/short", body=b"s", headers={"Cache-Control": "max-age=1"})
+    origin.route("/short", body=b"s", headers={"Cache-Control": "max-age=30"})
     p = await pair(make_proxy)
     await exchange(p.general_port, req("GET", "/short"), ["GET"])
     await asyncio.sleep(0.05)
