@@ -139,13 +139,12 @@ def _payload_error(name: str) -> type[UpstreamBodyError]:
 class Response:
     """A response head, and its body as the parser's stream."""
 
-    __slots__ = ("_conn", "_exchange", "_payload", "headers", "reason", "should_close", "status")
+    __slots__ = ("_conn", "_exchange", "_payload", "headers", "reason", "status")
 
     def __init__(self, message: Any, payload: StreamReader, conn: UpstreamConnection, exchange: int) -> None:
         self.status: int = message.code
         self.reason: str = message.reason or ""
         self.headers: CIMultiDictProxy[str] = message.headers
-        self.should_close: bool = message.should_close
         self._payload = payload
         self._conn = conn
         self._exchange = exchange
