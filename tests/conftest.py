@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Origin, Proxy, start_proxy
+from tests.harness import Clock, Origin, Proxy, start_proxy
 
 MakeProxy = Callable[..., Awaitable[Proxy]]
 
@@ -40,3 +40,15 @@ async def make_proxy(tmp_path: Path, origin: Origin) -> AsyncIterator[MakeProxy]
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy) -> Proxy:
     return await make_proxy()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def clocked(make_proxy: MakeProxy, clock: Clock, config: str = "", rules: str | None = None) -> Proxy:
+    """A proxy whose engine runs on ``clock``."""
+    proxy = await make_proxy(config=config, rules=rules)
+    proxy.runtime.engine.clock = clock
+    return proxy

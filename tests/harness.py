@@ -113,6 +113,20 @@ class Reply:
         return self.headers.get("Cache-Status", "")
 
 
+class Clock:
+    """A clock a test moves by hand (set as ``runtime.engine.clock``), so nothing sleeps for
+    freshness to run out. It starts at the current whole second, as Date headers have it."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class Proxy:
     runtime: Runtime

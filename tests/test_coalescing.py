@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import Callable
 
 import aiohttp
@@ -12,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from proxy.policy.httpdate import format_http_date
-from tests.conftest import MakeProxy
-from tests.harness import Handler, Origin, Proxy
+from tests.conftest import MakeProxy, clocked
+from tests.harness import Clock, Handler, Origin, Proxy
 
 BODY = bytes(range(256)) * 1024  # 256 KiB: streamed to waiters in several chunks
 
@@ -73,28 +72,6 @@ async def test_a_waiter_goes_upstream_itself_after_lock_timeout(origin: Origin, 
 
 
 # -- stale serving: the engine's clock is the test's, so nothing sleeps for freshness to run out --
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-async def clocked(make_proxy: MakeProxy, clock: Clock, config: str = "", rules: str | None = None) -> Proxy:
-    proxy = await make_proxy(config=config, rules=rules)
-    proxy.runtime.engine.clock = clock
-    return proxy
-
 
 def versions(clock: Clock, cache_control: str, delay: float = 0.0,
              answers: list[tuple[int, bytes]] | None = None) -> Handler:

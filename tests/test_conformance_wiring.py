@@ -8,39 +8,15 @@ its Date from the same clock), so nothing sleeps for freshness to run out.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
 
 from proxy.policy.httpdate import format_http_date
-from tests.harness import Origin, Proxy
+from tests.conftest import MakeProxy, clocked
+from tests.harness import Clock, Origin
 
-MakeProxy = Callable[..., Awaitable[Proxy]]
 STALE_IF_ERROR_RULES = "defaults:\n  stale_if_error: 1h\nrules: []\n"  # as rules/default.yaml
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-async def start(make_proxy: MakeProxy, clock: Clock, rules: str | None = None) -> Proxy:
-    proxy = await make_proxy(rules=rules)
-    proxy.runtime.engine.clock = clock
-    return proxy
 
 
 def route(origin: Origin, clock: Clock, path: str, *, body: bytes = b"body", status: int = 200,
@@ -57,7 +33,7 @@ def route(origin: Origin, clock: Clock, path: str, *, body: bytes = b"body", sta
 async def test_head_is_answered_from_the_stored_get_without_a_body(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/h", body=b"hello", Cache_Control="max-age=60")
     assert (await proxy.get("/h")).x_cache == "MISS"
     head = await proxy.request("HEAD", "/h")
@@ -69,7 +45,7 @@ async def test_head_is_answered_from_the_stored_get_without_a_body(
 async def test_a_head_miss_fills_the_cache_with_a_get(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/h2", body=b"hello", Cache_Control="max-age=60")
     head = await proxy.request("HEAD", "/h2")
     assert (head.status, head.body) == (200, b"")
@@ -81,7 +57,7 @@ async def test_a_head_miss_fills_the_cache_with_a_get(
 async def test_client_conditionals_are_answered_304_from_a_fresh_stored_response(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     last_modified = format_http_date(clock() - 3600)
     route(origin, clock, "/c", body=b"content", Cache_Control="max-age=60", ETag='"v1"',
           Last_Modified=last_modified)
@@ -100,7 +76,7 @@ async def test_client_conditionals_are_answered_304_from_a_fresh_stored_response
 async def test_only_if_cached_answers_504_without_asking_the_origin(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/o", Cache_Control="max-age=60")
     miss = await proxy.get("/o", headers={"Cache-Control": "only-if-cached"})
     assert miss.status == 504
@@ -117,7 +93,7 @@ async def test_only_if_cached_answers_504_without_asking_the_origin(
 async def test_must_revalidate_is_never_served_stale_and_gets_504_when_the_origin_is_down(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock, rules=STALE_IF_ERROR_RULES)
+    proxy = await clocked(make_proxy, clock, rules=STALE_IF_ERROR_RULES)
     route(origin, clock, "/m", body=b"strict", Cache_Control="max-age=1, must-revalidate", ETag='"m"')
     route(origin, clock, "/l", body=b"lenient", Cache_Control="max-age=1", ETag='"l"')
     await proxy.get("/m")
@@ -135,7 +111,7 @@ async def test_must_revalidate_is_never_served_stale_and_gets_504_when_the_origi
 async def test_stale_if_error_serves_the_stale_response_on_a_5xx_within_its_window(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     answers = [(200, b"good"), (503, b"down"), (503, b"down")]
 
     async def handler(request: web.Request) -> web.Response:
@@ -157,7 +133,7 @@ async def test_stale_if_error_serves_the_stale_response_on_a_5xx_within_its_wind
 async def test_a_response_without_freshness_is_never_served_stale_by_the_rule_default(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock, rules=STALE_IF_ERROR_RULES)
+    proxy = await clocked(make_proxy, clock, rules=STALE_IF_ERROR_RULES)
     answers = [200, 500]
 
     async def handler(request: web.Request) -> web.Response:
@@ -172,7 +148,7 @@ async def test_a_response_without_freshness_is_never_served_stale_by_the_rule_de
 async def test_stale_while_revalidate_serves_updating_and_refreshes_once(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     bodies = [b"v1", b"v2", b"v3"]
 
     async def handler(request: web.Request) -> web.Response:
@@ -197,7 +173,7 @@ async def test_stale_while_revalidate_serves_updating_and_refreshes_once(
 async def test_a_successful_unsafe_request_invalidates_the_uri_and_same_origin_locations(
     origin: Origin, make_proxy: MakeProxy, clock: Clock, method: str
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     for path in ("/i", "/j", "/k", "/x"):
         route(origin, clock, path, Cache_Control="max-age=600")
         await proxy.get(path)
@@ -218,7 +194,7 @@ async def test_a_successful_unsafe_request_invalidates_the_uri_and_same_origin_l
 async def test_a_failed_unsafe_request_invalidates_nothing(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
 
     async def handler(request: web.Request) -> web.Response:
         if request.method == "POST":
@@ -234,7 +210,7 @@ async def test_a_failed_unsafe_request_invalidates_nothing(
 async def test_a_range_request_is_answered_206_from_a_stored_200(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/g", body=b"0123456789", Cache_Control="max-age=600", ETag='"g"')
     first = await proxy.get("/g", headers={"Range": "bytes=2-4"})  # a miss: the fill is a full GET
     assert (first.status, first.body, first.headers["Content-Range"]) == (206, b"234", "bytes 2-4/10")
@@ -254,7 +230,7 @@ async def test_a_range_request_is_answered_206_from_a_stored_200(
 async def test_the_age_header_counts_the_time_in_the_cache_rfc_9111_section_5_1(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/a", Cache_Control="max-age=600", Age="30")
     await proxy.get("/a")
     clock.advance(10)
@@ -264,7 +240,7 @@ async def test_the_age_header_counts_the_time_in_the_cache_rfc_9111_section_5_1(
 async def test_a_304_freshens_the_stored_headers_but_not_the_excluded_ones(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     state = {"n": 0}
 
     async def handler(request: web.Request) -> web.Response:
@@ -293,7 +269,7 @@ async def test_a_304_freshens_the_stored_headers_but_not_the_excluded_ones(
 async def test_targeted_fields_win_over_cache_control_for_this_cache_rfc_9213(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/t", Cache_Control="no-store", CDN_Cache_Control="max-age=60")
     route(origin, clock, "/u", Cache_Control="max-age=60", Cachegate_Cache_Control="no-store")
     for _ in range(2):
@@ -305,7 +281,7 @@ async def test_targeted_fields_win_over_cache_control_for_this_cache_rfc_9213(
 async def test_cachegate_announces_its_surrogate_capability_and_drops_the_client_s(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/sc", Cache_Control="no-store", Surrogate_Control="max-age=60;cachegate")
     await proxy.get("/sc", headers={"Surrogate-Capability": 'evil="ESI/1.0"'})
     assert origin.seen[0].headers.getall("Surrogate-Capability") == ['cachegate="Surrogate/1.0"']
@@ -315,7 +291,7 @@ async def test_cachegate_announces_its_surrogate_capability_and_drops_the_client
 async def test_unknown_request_directives_do_not_switch_caching_off(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/q", Cache_Control="max-age=60")
     fields = {"Cache-Control": "nothing-to-see-here", "Pragma": "foo"}
     assert [(await proxy.get("/q", headers=fields)).x_cache for _ in range(2)] == ["MISS", "HIT"]
@@ -324,7 +300,7 @@ async def test_unknown_request_directives_do_not_switch_caching_off(
 async def test_a_response_stored_already_stale_is_not_replayed_to_the_next_request(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     n = {"count": 0}
 
     async def handler(request: web.Request) -> web.Response:
@@ -340,7 +316,7 @@ async def test_a_single_upstream_answering_5xx_is_not_taken_out_by_default(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:
     """Passive checks would leave no upstream at all: every other URL would get 503."""
-    proxy = await start(make_proxy, clock)
+    proxy = await clocked(make_proxy, clock)
     route(origin, clock, "/broken", status=503)
     route(origin, clock, "/fine", body=b"fine")
     assert [(await proxy.get("/broken")).status for _ in range(5)] == [503] * 5
