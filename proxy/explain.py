@@ -232,21 +232,33 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
     if show_all:
         lines.append("")
         lines.append("rules in order (first match wins):")
-        decided = False
-        for rule, why in rules.trace(head):
+        for rule, why, role in _rule_roles(rules, head):
             if why is None:
-                if decided:
-                    role = "not reached: an earlier rule won"
-                elif rule.match.needs_response:
-                    role = "applies when its status/content_type holds"
-                else:
-                    role, decided = "wins", True
                 lines.append(f"  + {rule.name} ({rule.where}): request conditions hold -> {role}")
             else:
                 lines.append(f"  - {rule.name} ({rule.where}): {why}")
         if not rules.rules:
             lines.append("  (no rules: RFC 9111 behaviour, nothing added)")
     return lines
+
+
+def _rule_roles(rules: RuleSet, head: RequestHead) -> list[tuple[Rule, str | None, str]]:
+    """Every rule, the first request condition that fails (None: they hold), and for a rule
+    whose request conditions hold, its part: the winner, one decided by the response, or one
+    an earlier rule shadows (first match wins)."""
+    out = []
+    decided = False
+    for rule, why in rules.trace(head):
+        role = ""
+        if why is None:
+            if decided:
+                role = "not reached: an earlier rule won"
+            elif rule.match.needs_response:
+                role = "applies when its status/content_type holds"
+            else:
+                role, decided = "wins", True
+        out.append((rule, why, role))
+    return out
 
 
 # -- the JSON trace behind GET /explain --------------------------------------------------------
@@ -469,15 +481,8 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     key = cache_key(head, plan.key) if cached_method and not plan.bypass else None
     selected = select_variant(head, [v.response for v in variants]) if variants else None
     rule_trace = []
-    decided = False
-    for rule, why in rules.trace(head):
+    for rule, why, role in _rule_roles(rules, head):
         if why is None:
-            if decided:
-                role = "not reached: an earlier rule won"
-            elif rule.match.needs_response:
-                role = "applies when its status/content_type holds"
-            else:
-                role, decided = "wins", True
             rule_trace.append({"name": rule.name, "where": rule.where, "holds": True, "role": role})
         else:
             rule_trace.append({"name": rule.name, "where": rule.where, "holds": False, "why": why})
