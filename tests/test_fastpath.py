@@ -92,6 +92,15 @@ class Pair:
         return server.fast
 
 
+def unread_connection(port: int) -> socket.socket:
+    """A non-blocking connection with a tiny receive buffer, for a client that does not read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
 async def pair(make_proxy: MakeProxy, **kwargs: str) -> Pair:
     proxy = await make_proxy(**kwargs)
     runner = await start_proxy_listener(lambda: proxy.runtime, proxy.runtime.settings, fast=False)
@@ -278,10 +287,7 @@ async def test_a_client_that_does_not_read_gets_back_pressure(origin: Origin, ma
     routes(origin)
     p = await pair(make_proxy)
     await warm(p)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", p.fast_port))
-    sock.setblocking(False)
+    sock = unread_connection(p.fast_port)
     loop = asyncio.get_running_loop()
     try:
         await loop.sock_sendall(sock, req("GET", "/big") * 2000)  # ~100 MB of answers asked for
@@ -486,10 +492,7 @@ async def test_a_big_disk_body_for_a_client_that_does_not_read_is_not_buffered_w
             break
         await asyncio.sleep(0.05)
     assert len(body_files) == 1
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", p.fast_port))
-    sock.setblocking(False)
+    sock = unread_connection(p.fast_port)
     loop = asyncio.get_running_loop()
     try:
         await loop.sock_sendall(sock, req("GET", "/huge"))
