@@ -142,15 +142,20 @@ async def test_with_every_upstream_down_it_is_503_or_stale_if_error(
     assert "detail=NO-UPSTREAM" in down.cache_status
 
 
-@pytest.fixture
-def tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+def self_signed(directory: Path, name: str, cn: str, alt_names: str) -> tuple[Path, Path]:
+    """A throwaway key and self-signed certificate (openssl), valid for a day."""
+    key, cert = directory / f"{name}key.pem", directory / f"{name}cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+         "-days", "1", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={alt_names}"],
         check=True, capture_output=True,
     )
     return key, cert
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    return self_signed(tmp_path, "", "127.0.0.1", "IP:127.0.0.1")
 
 
 async def test_upstream_tls_is_verified_by_default(
@@ -460,13 +465,7 @@ async def test_post_is_retried_only_when_configured_and_its_body_was_not_streame
 
 @pytest.fixture
 def localhost_cert(tmp_path: Path) -> tuple[Path, Path]:
-    key, cert = tmp_path / "lkey.pem", tmp_path / "lcert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )
-    return key, cert
+    return self_signed(tmp_path, "l", "localhost", "DNS:localhost,IP:127.0.0.1")
 
 
 async def test_upstream_tls_sends_the_upstream_host_as_sni_whatever_the_client_host(
