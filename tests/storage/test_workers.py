@@ -133,6 +133,18 @@ async def test_a_worker_killed_with_sigkill_is_restarted_and_sigterm_stops_all_w
             os.kill(pid, 0)
 
 
+async def every_worker_says(proxy: ProxyProcess, via: str) -> None:
+    """Wait until the reloaded config answers everywhere: six answers in a row carry ``via``,
+    then each of the two workers has answered with it."""
+    for _ in range(100):
+        rs = [await proxy.get("/h") for _ in range(6)]
+        if all(via in r.headers["Via"] for r in rs):
+            break
+        await asyncio.sleep(0.1)
+    seen = await _until_each_worker(proxy, "/h", 2, lambda r: via in r.headers["Via"])
+    assert len(seen) == 2
+
+
 async def test_sighup_reloads_the_config_in_every_worker(origin: Origin, tmp_path: Path) -> None:
     origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
     config = write_config(str(tmp_path), origin.url, CACHE, "via: before\n")
@@ -143,26 +155,14 @@ async def test_sighup_reloads_the_config_in_every_worker(origin: Origin, tmp_pat
         assert len(seen) == 2
         write_config(str(tmp_path), origin.url, CACHE, "via: after\n")
         proxy.send(signal.SIGHUP)
-        for _ in range(100):
-            rs = [await proxy.get("/h") for _ in range(6)]
-            if all("1.1 after" in r.headers["Via"] for r in rs):
-                break
-            await asyncio.sleep(0.1)
-        seen = await _until_each_worker(proxy, "/h", 2, lambda r: "1.1 after" in r.headers["Via"])
-        assert len(seen) == 2
+        await every_worker_says(proxy, "1.1 after")
         for _ in range(20):
             assert "1.1 after" in (await proxy.get("/h")).headers["Via"]
         # POST /reload on the supervisor's admin API reaches the workers the same way.
         write_config(str(tmp_path), origin.url, CACHE, "via: third\n")
         reply = await proxy.admin("POST", "/reload")
         assert reply.status == 200, reply.body
-        for _ in range(100):
-            rs = [await proxy.get("/h") for _ in range(6)]
-            if all("1.1 third" in r.headers["Via"] for r in rs):
-                break
-            await asyncio.sleep(0.1)
-        seen = await _until_each_worker(proxy, "/h", 2, lambda r: "1.1 third" in r.headers["Via"])
-        assert len(seen) == 2
+        await every_worker_says(proxy, "1.1 third")
     finally:
         assert await proxy.stop() == 0
 
