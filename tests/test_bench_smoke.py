@@ -21,9 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "benchlib"
 sys.path.insert(0, str(BENCH))
 
-from bench_apps import route  # noqa: E402
+from bench_apps import keyed_body, route  # noqa: E402
 from bench_procs import render  # noqa: E402
-from bench_report import TARGETS, Run, judge, parse_wrk, rss_verdict, summarise  # noqa: E402
+from bench_report import (  # noqa: E402
+    TARGETS,
+    Run,
+    judge,
+    miss_curve,
+    parse_wrk,
+    rss_verdict,
+    summarise,
+)
 
 WRK_LINE = ('BENCH-RESULT {"requests": 30000, "duration_us": 2000000, "bytes": 1, "errors": {"connect": 0, '
             '"read": 0, "write": 0, "status": 2, "timeout": 0}, "latency_us": {"mean": 1.0, "p50": 1500, '
@@ -37,6 +45,35 @@ def test_the_url_space_names_kind_and_size() -> None:
     assert route("/obj/2048") == ("obj", 2048)
     assert route("/other/1k") is None
     assert route("/obj/lots") is None
+    assert route("/zipf/3000/17") == ("zipf", 3000)
+
+
+def test_zipf_bodies_are_the_keys_own() -> None:
+    one, other = keyed_body("/zipf/3000/1", 3000), keyed_body("/zipf/3000/2", 3000)
+    assert len(one) == len(other) == 3000 and one != other
+    assert one == keyed_body("/zipf/3000/1", 3000)  # the same bytes every time
+    assert one.startswith(b"/zipf/3000/1\n")
+    assert len(keyed_body("/zipf/4/1", 4)) == 4
+
+
+def test_hit_ratio_is_compared_over_the_same_requests() -> None:
+    # Misses are the request numbers (from 1) that reached the origin, counted per step.
+    assert miss_curve([1, 2, 3, 1500, 2999], sent=3000, step=1000) == (3, 4, 5)
+    assert miss_curve([3001], sent=3500, step=1000) == (0, 0, 0)  # past the last full step
+
+    def run(system: str, sent: int, misses: tuple[int, ...]) -> Run:
+        return Run("zipf-cold", system, 0, sent / 10, 1.0, 2.0, sent, sent=sent, step=1000,
+                   distinct_curve=(500, 800, 1000, 1100)[:sent // 1000], miss_curve=misses,
+                   misses=misses[-1], seconds=10.0)
+
+    # The slow system sent 2,000 requests, the fast one 4,000: both are judged over the first 2,000.
+    summaries = summarise([run("cachegate", 2000, (500, 800)), run("nginx-2w", 4000, (600, 900, 1100, 1200))])
+    assert summaries[("zipf-cold", "cachegate")].hit_ratio == 1 - 800 / 2000
+    assert summaries[("zipf-cold", "nginx-2w")].hit_ratio == 1 - 900 / 2000
+    assert summaries[("zipf-cold", "nginx-2w")].ideal_hit_ratio == 1 - 800 / 2000
+    assert summaries[("zipf-cold", "nginx-2w")].fills_per_s == 120.0
+    verdict = next(v for v in judge(summaries, workers=2) if "hit ratio" in v.label)
+    assert verdict.result == "PASS" and verdict.value is not None and verdict.value > 1
 
 
 def test_wrk_result_line_becomes_a_run() -> None:
@@ -63,6 +100,7 @@ def test_targets_are_ratios_of_medians_with_pass_and_fail() -> None:
     p99 = verdicts["p99 of 1 KiB hits / aiohttp ceiling's p99"]
     assert (p99.value, p99.result) == (2.0, "PASS")  # median p99 4.0 ms vs 2.0 ms, bound <= 2
     assert verdicts["100 KiB hit / Varnish"].result == "n/a"  # not measured: no verdict
+    assert verdicts["fill: CPU µs per fill"].result == "n/a"
     assert len(verdicts) == len(TARGETS)
     assert rss_verdict(300 << 20, 256 << 20, 100_000).result == "PASS"
     assert rss_verdict(400 << 20, 256 << 20, 100_000).result == "FAIL"
@@ -81,9 +119,10 @@ def test_config_templates_fill_every_placeholder(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_one_tiny_round_runs_clean_and_leaves_nothing_running(tmp_path: Path) -> None:
     has_wrk = shutil.which("wrk") is not None
-    argv = [sys.executable, str(BENCH / "bench.py"), "--only", "hit-1k,pass-1k", "--rounds", "1",
+    argv = [sys.executable, str(BENCH / "bench.py"), "--only", "hit-1k,pass-1k,zipf", "--rounds", "1",
             "--duration", "1", "--skip", "nginx-1w,ceiling-2p,passthrough-2p", "--out", str(tmp_path),
-            "--workers", "1"]  # 1 worker: its admin /metrics show which tier every body came from
+            "--workers", "1",  # 1 worker: its admin /metrics show which tier every body came from
+            "--zipf-keys", "300", "--zipf-duration", "1"]
     if not has_wrk:
         argv.append("--no-wrk")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=170, cwd=ROOT,
@@ -110,6 +149,12 @@ def test_one_tiny_round_runs_clean_and_leaves_nothing_running(tmp_path: Path) ->
         for r in results["runs"]:
             assert r["requests"] > 0 and not any(r["errors"].values()), r
         assert "| target" in out.stdout and "1 KiB memory hit / aiohttp ceiling" in out.stdout
+        zipf = {r["workload"]: r for r in results["runs"] if r["system"] == "cachegate"
+                and r["workload"].startswith("zipf")}
+        assert set(zipf) == {"zipf-cold", "zipf-warm"}
+        # Every request of the cold phase was new to an empty cache or a hit; misses <= requests.
+        assert 0 < zipf["zipf-cold"]["misses"] <= zipf["zipf-cold"]["sent"]
+        assert checks["zipf/cachegate/round1"]["problems"] == []
 
     for name, pids in results["pids"].items():
         for pid in pids:

@@ -9,6 +9,13 @@ each with ``wrk -t1 -c64`` for the same duration, system after system within a r
 in a rotated order each round, and prints the medians and the issue's ratios with
 PASS/FAIL. Raw results go to ``var/bench/*.json``.
 
+The long-tail workloads (``zipf``, ``fill``) start cachegate, nginx and Varnish empty in every
+round instead: ``zipf`` asks for 100,000 keys of mixed sizes with Zipf 0.9 popularity, a cold
+phase then a warm one, and checks a sample of bodies byte for byte afterwards; ``fill`` asks
+for distinct keys, each once. Each request carries its number (``zipf.lua``), the origin
+records the numbers that reach it, and so every system's hit ratio is taken over the same
+first requests. Caches live in the temporary directory (``TMPDIR``).
+
 Absolute numbers drift on a shared machine; the ratios are measured in the same run.
 """
 
@@ -36,19 +43,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_apps import route
-from bench_procs import CACHEGATE_MEMORY, HERE, ROOT, Fleet, System, cpu_seconds, rss_bytes
+from bench_apps import keyed_body, read_records, route
+from bench_procs import CACHEGATE_MEMORY, HERE, ROOT, Fleet, System, cpu_seconds, pss_bytes, rss_bytes
 from bench_report import (
     Run,
     format_results,
+    format_tail,
     format_verdicts,
     judge,
+    miss_curve,
     parse_wrk,
     rss_verdict,
     summarise,
 )
 
 REPORT_LUA = HERE / "report.lua"
+ZIPF_LUA = HERE / "zipf.lua"
+ZIPF_EXPONENT = 0.9
+ZIPF_SEED = 1127  # the cold phase's sequence; the warm phase's is the next seed
 
 
 @dataclass
@@ -59,6 +71,13 @@ class Workload:
     systems: list[str]
     keys: int = 0
     about: str = ""
+    # Fresh workloads (zipf, fill) start every system empty in every round and run these wrk
+    # phases one after the other on it (zipf.lua), instead of priming a shared one.
+    phases: tuple[str, ...] = ()
+
+    @property
+    def fresh(self) -> bool:
+        return bool(self.phases)
 
     def sample_paths(self, n: int) -> list[str]:
         if not self.keys:
@@ -66,7 +85,7 @@ class Workload:
         return [f"{self.path}{i}" for i in random.sample(range(self.keys), min(n, self.keys))]
 
 
-def workloads(keys: int) -> list[Workload]:
+def workloads(keys: int, zipf_keys: int = 100_000) -> list[Workload]:
     """The benchmark's workloads; ``{w}`` in a system name = cachegate's worker count."""
     return [
         Workload("hit-1k", "/obj/1k", "hit",
@@ -83,7 +102,34 @@ def workloads(keys: int) -> list[Workload]:
                  about="1 KiB Cache-Control: private, forwarded every time (keep-alive upstream)"),
         Workload("keys-1k", "/obj/1k/k", "hit", ["cachegate", "nginx-2w", "varnish"], keys=keys,
                  about=f"{keys} distinct cached 1 KiB keys at random (RSS measured)"),
+        Workload("zipf", "/zipf/", "mixed", ["cachegate", "nginx-2w", "varnish"], keys=zipf_keys,
+                 phases=("cold", "warm"),
+                 about=f"{zipf_keys} keys, popularity Zipf {ZIPF_EXPONENT}, bodies 70% 1-4 KiB / 28% "
+                       "8-32 KiB / 2% 128-256 KiB, every system started empty: a cold phase, then a "
+                       "warm one; a sample of bodies checked byte for byte afterwards"),
+        Workload("fill", "/zipf/1024/f", "miss", ["cachegate", "nginx-2w", "varnish"], phases=("fill",),
+                 about="distinct 1 KiB keys, each asked once, from empty (cache fills)"),
     ]
+
+
+def zipf_sizes(keys: int, seed: int = 20261127) -> list[int]:
+    """The body size of each zipf key, by popularity rank: 70 % 1-4 KiB, 28 % 8-32 KiB,
+    2 % 128-256 KiB, drawn from a fixed seed (the same keys in every run)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(keys):
+        r = rng.random()
+        if r < 0.70:
+            out.append(rng.randint(1024, 4096))
+        elif r < 0.98:
+            out.append(rng.randint(8192, 32768))
+        else:
+            out.append(rng.randint(128 * 1024, 256 * 1024))
+    return out
+
+
+def zipf_paths(keys: int) -> list[str]:
+    return [f"/zipf/{size}/{rank}" for rank, size in enumerate(zipf_sizes(keys))]
 
 
 # -- machine ---------------------------------------------------------------------------------------
@@ -279,6 +325,8 @@ class Options:
     out_dir: Path
     only: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
+    zipf_keys: int = 100_000
+    zipf_duration: float = 20.0  # seconds of each zipf phase (and of fill)
 
 
 def wrk_argv(system: System, workload: Workload, opts: Options, duration: float | None = None) -> list[str]:
@@ -337,6 +385,164 @@ class RssSampler:
         self._thread.join()
 
 
+# -- fresh workloads (zipf, fill): every system started empty in every round -----------------------
+
+
+class PssSampler:
+    """The peak of the summed PSS of a system's processes (all of them: supervisor, workers,
+    Varnish's child, nginx's master), every 0.25 s while a run lasts."""
+
+    def __init__(self, system: System) -> None:
+        self.pids = system.all_pids()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(pss_bytes(p) for p in self.pids))
+            self._stop.wait(0.25)
+
+    def take(self) -> int:
+        """The peak since the last take."""
+        peak, self.peak = self.peak, 0
+        return peak
+
+    def __enter__(self) -> PssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def start_fresh(fleet: Fleet, name: str, origin: System, workers: int, tag: str
+                ) -> tuple[System, list[Path]]:
+    """An empty ``name`` (cachegate, nginx-2w, varnish) for one round of a fresh workload, and
+    the folders it keeps its cache in (removed when the round is over)."""
+    inner = f"{tag}-{name}"
+    if name == "cachegate":
+        return fleet.start_cachegate(inner, origin, workers), [fleet.dir / f"{inner}-cache"]
+    if name.startswith("nginx-"):
+        return fleet.start_nginx(inner, origin, int(name[len("nginx-"):-1])), [fleet.dir / inner]
+    if name == "varnish":
+        # The same memory budget as cachegate's (the issue's comparison: malloc 256 MB).
+        return fleet.start_varnish(inner, origin, storage=f"malloc,{CACHEGATE_MEMORY >> 20}m"), \
+            [fleet.dir / inner]
+    raise ValueError(f"no fresh start for {name}")
+
+
+def fresh_available(name: str) -> bool:
+    return name == "cachegate" or (name.startswith("nginx-") and shutil.which("nginx") is not None) \
+        or (name == "varnish" and shutil.which("varnishd") is not None)
+
+
+def settle_cpu(pids: list[int], limit: float = 30.0) -> float:
+    """CPU the processes go on spending once the load stopped (writes behind, flushes), until
+    they are idle (under 2 % of a core for half a second) or ``limit`` seconds passed."""
+    total = 0.0
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pids)
+        time.sleep(0.5)
+        spent = cpu_seconds(pids) - before
+        total += spent
+        if spent < 0.01:
+            break
+    return total
+
+
+def phase_argv(system: System, workload: Workload, phase: str, opts: Options, run_id: str,
+               keys_file: Path, duration: float | None = None) -> list[str]:
+    d = opts.zipf_duration if duration is None else duration
+    argv = ["wrk", "-t1", f"-c{opts.connections}", f"-d{d:g}s", "--timeout", "5s", "-s", str(ZIPF_LUA),
+            system.url("/"), "--", run_id]
+    if workload.name == "zipf":
+        seed = ZIPF_SEED + (1 if phase == "warm" else 0)
+        return [*argv, "zipf", str(keys_file), str(seed), str(ZIPF_EXPONENT)]
+    return [*argv, "fill", workload.path]
+
+
+def drive_phase(fleet: Fleet, system: System, name: str, workload: Workload, phase: str, opts: Options,
+                round_: int, keys_file: Path, settle: bool) -> Run:
+    """One wrk phase of a fresh workload; the misses among its requests come from the origin's
+    records of X-Bench, and the CPU of writes that go on after the load counts too (``settle``)."""
+    run_id = f"r{round_}-{name}-{workload.name}-{phase}"
+    label = f"{workload.name}-{phase}" if len(workload.phases) > 1 else workload.name
+    pids = system.all_pids()
+    cpu = cpu_seconds(pids)
+    out = subprocess.run(phase_argv(system, workload, phase, opts, run_id, keys_file), capture_output=True,
+                         text=True, timeout=opts.zipf_duration + 60, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed for {name}: {out.stderr.strip()}")
+    if settle:
+        settle_cpu(pids)
+    cpu = cpu_seconds(pids) - cpu
+    result = parse_wrk(out.stdout, label, name, round_)
+    time.sleep(0.3)  # the origin writes its records every 0.1 s
+    seqs = read_records(str(fleet.records), run_id)
+    return dataclasses.replace(result, cpu_us=cpu / result.requests * 1e6 if result.requests else None,
+                               misses=len(seqs), miss_curve=miss_curve(seqs, result.sent, result.step))
+
+
+async def _byte_check(system: System, paths: list[str], samples: int = 200) -> list[str]:
+    """A random sample of zipf keys (half among the 1,000 most popular), each on a new
+    connection: the answer must be 200 with exactly the origin's bytes for that key."""
+    import aiohttp
+
+    picks = random.sample(range(min(1000, len(paths))), min(samples // 2, len(paths)))
+    picks += random.sample(range(len(paths)), min(samples - len(picks), len(paths)))
+    problems: list[str] = []
+    connector = aiohttp.TCPConnector(limit=8, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def one(path: str) -> None:
+            found = route(path)
+            assert found is not None
+            async with session.get(system.url(path)) as resp:
+                body = await resp.read()
+            if resp.status != 200:
+                problems.append(f"{path}: status {resp.status}")
+            elif body != keyed_body(path, found[1]):
+                problems.append(f"{path}: {len(body)} bytes that are not the origin's "
+                                f"({resp.headers.get('X-Cache-Status', '?')})")
+
+        await asyncio.gather(*(one(paths[i]) for i in picks))
+    return problems
+
+
+def run_fresh(fleet: Fleet, origin: System, workload: Workload, opts: Options, round_: int,
+              keys_file: Path, paths: list[str], checks: dict[str, object]) -> list[Run]:
+    """One round of a fresh workload: each system started empty, in a rotated order, driven
+    through every phase, its bodies checked (zipf), and stopped with its cache removed."""
+    runs: list[Run] = []
+    for name in rotated(workload.systems, round_):
+        system, folders = start_fresh(fleet, name, origin, opts.workers, f"{workload.name}-r{round_}")
+        try:
+            with PssSampler(system) as sampler:
+                for phase in workload.phases:
+                    result = drive_phase(fleet, system, name, workload, phase, opts, round_, keys_file,
+                                         settle=phase == workload.phases[-1])
+                    runs.append(dataclasses.replace(result, peak_pss=sampler.take()))
+                    r = runs[-1]
+                    flag = "" if r.clean else f"  errors {r.errors}"
+                    distinct = r.distinct_curve[-1] if r.distinct_curve else "?"
+                    print(f"  {r.workload:<9} {name:<16} {r.rps:>10,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+                          f"p99 {r.p99_ms:6.2f} ms  CPU {r.cpu_us or 0:6.1f} µs/req  "
+                          f"misses {r.misses}/{r.sent} (distinct {distinct})"
+                          f"  PSS {(r.peak_pss or 0) / (1 << 20):.0f} MB{flag}", flush=True)
+            if workload.name == "zipf":
+                problems = asyncio.run(_byte_check(system, paths))
+                checks[f"zipf/{name}/round{round_ + 1}"] = {"checked": 200, "problems": problems}
+                print(f"  zipf      {name:<16} bytes of 200 sampled keys: "
+                      f"{'ok' if not problems else f'{len(problems)} PROBLEM(S): {problems[0]}'}", flush=True)
+        finally:
+            fleet.discard(system, *folders)
+        time.sleep(0.5)
+    return runs
+
+
 def rotated(items: list[str], by: int) -> list[str]:
     if not items:
         return items
@@ -349,7 +555,7 @@ def rotated(items: list[str], by: int) -> list[str]:
 
 def start_fleet(fleet: Fleet, wanted: set[str], workers: int) -> None:
     """Start every system a selected workload names (those whose tools are missing are skipped)."""
-    origin = fleet.start_app("origin-raw", "origin", 2)
+    origin = fleet.start_app("origin-raw", "origin", 2, record=str(fleet.records))
     print(f"  origin-raw       127.0.0.1:{origin.port}  (raw asyncio protocol, 2 processes)", flush=True)
     for name in sorted(wanted):
         if name == "origin-raw":
@@ -381,7 +587,7 @@ def start_fleet(fleet: Fleet, wanted: set[str], workers: int) -> None:
 
 
 def run(opts: Options) -> int:
-    all_loads = workloads(opts.keys)
+    all_loads = workloads(opts.keys, opts.zipf_keys)
     loads = [w for w in all_loads if (not opts.only or w.name in opts.only)]
     if not loads:
         print(f"no workload selected; choose from {', '.join(w.name for w in all_loads)}", file=sys.stderr)
@@ -405,19 +611,28 @@ def run(opts: Options) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         print("starting:", flush=True)
-        wanted = {s for w in loads for s in w.systems if s not in opts.skip}
+        wanted = {s for w in loads if not w.fresh for s in w.systems if s not in opts.skip}
         wanted = {s.replace("{w}", str(opts.workers)) for s in wanted}
         start_fleet(fleet, wanted, opts.workers)
         results["pids"] = {n: s.all_pids() for n, s in fleet.systems.items()}
         cg = fleet.systems.get("cachegate") or fleet.systems.get("cachegate-disk")
         workers = cg.workers if cg is not None else opts.workers
         for w in loads:
+            if w.fresh:
+                w.systems = [s for s in w.systems if s not in opts.skip and fresh_available(s)]
+                continue
             w.systems = [s.replace("{w}", str(workers)) for s in w.systems]
             w.systems = [s for s in w.systems if s in fleet.systems]
+        origin = fleet.systems["origin-raw"]
+        paths = zipf_paths(opts.zipf_keys)
+        keys_file = fleet.dir / "zipf-keys.txt"
+        keys_file.write_text("\n".join(paths) + "\n")
 
         print("priming and checking:", flush=True)
         failures = 0
         for w in loads:
+            if w.fresh:
+                continue
             for name in w.systems:
                 system = fleet.systems[name]
                 report = prime_and_check(system, w)
@@ -449,6 +664,9 @@ def run(opts: Options) -> int:
             round_loads.append(load())
             print(f"round {r + 1}/{opts.rounds} (load {load()}):", flush=True)
             for w in loads:
+                if w.fresh:
+                    runs.extend(run_fresh(fleet, origin, w, opts, r, keys_file, paths, checks))
+                    continue
                 for name in rotated(w.systems, r):
                     system = fleet.systems[name]
                     if not system.alive():
@@ -483,8 +701,8 @@ def run(opts: Options) -> int:
         results.update({
             "finished": dt.datetime.now().isoformat(timespec="seconds"), "load_after": load(),
             "cachegate_workers": workers, "notes": fleet.notes, "checks": checks,
-            "workloads": {w.name: {"path": w.path, "keys": w.keys, "about": w.about, "systems": w.systems}
-                          for w in loads},
+            "workloads": {w.name: {"path": w.path, "keys": w.keys, "about": w.about, "systems": w.systems,
+                                   "phases": list(w.phases)} for w in loads},
             "runs": [r.__dict__ for r in runs],
             "summary": [s.as_dict() for s in summaries.values()],
             "targets": [v.as_dict() for v in verdicts],
@@ -494,13 +712,21 @@ def run(opts: Options) -> int:
         print()
         print(f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s, {opts.rounds} round(s); "
               f"cachegate {workers} worker(s); load before {info['load']}, after {load()}")
-        print(format_results(summaries, workers_of, [w.name for w in loads]))
+        order = [n for w in loads for n in ([f"{w.name}-{p}" for p in w.phases] if len(w.phases) > 1
+                                            else [w.name])]
+        print(format_results(summaries, workers_of, order))
+        if any(w.fresh for w in loads):
+            print()
+            print(format_tail(summaries, CACHEGATE_MEMORY, workers))
         print()
         print(format_verdicts(verdicts))
         for note in fleet.notes:
             print(f"note: {note}")
         if opts.profile:
             results["profiles"] = profile(fleet, loads, opts)
+            if any(w.name == "zipf" for w in loads):
+                results["profiles"]["zipf"] = profile_zipf(  # type: ignore[index]
+                    fleet, origin, next(w for w in loads if w.name == "zipf"), opts, keys_file)
     except KeyboardInterrupt:
         print("interrupted; stopping every system", file=sys.stderr)
         return 130
@@ -583,6 +809,65 @@ def profile(fleet: Fleet, loads: list[Workload], opts: Options) -> dict[str, obj
                 print(f"             from {chain} ({100 * m / total:.1f}%)")
         print("  inclusive:")
         for frame, n in incl_top[:30]:
+            print(f"    {100 * n / total:5.1f}%  {frame}")
+    return out
+
+
+def profile_zipf(fleet: Fleet, origin: System, workload: Workload, opts: Options,
+                 keys_file: Path) -> dict[str, object]:
+    """py-spy record one worker of an empty cachegate through a zipf cold phase, every thread
+    (no --gil: where each thread spends its time, the disk threads included): per thread, the
+    share of samples it was busy (py-spy leaves idle threads out) and its top frames."""
+    exe = py_spy()
+    if exe is None:
+        print("profile: py-spy not found; `.venv/bin/pip install py-spy` (it is not a dependency)")
+        return {}
+    system, folders = start_fresh(fleet, "cachegate", origin, opts.workers, "zipf-profile")
+    raw = opts.out_dir / "profile-zipf.txt"
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    rate = 100
+    try:
+        pid = system.worker_pids()[0]
+        seconds = max(opts.zipf_duration - 3, 3)
+        wrk = subprocess.Popen(phase_argv(system, workload, "cold", opts, "profile", keys_file),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        subprocess.run([exe, "record", "--pid", str(pid), "--duration", f"{seconds:g}", "--rate",
+                        str(rate), "--threads", "--format", "raw", "--output", str(raw)],
+                       capture_output=True, check=False)
+        wrk_out, _ = wrk.communicate()
+    finally:
+        fleet.discard(system, *folders)
+    if not raw.exists():
+        print("profile zipf: py-spy wrote nothing (it needs ptrace permission)")
+        return {}
+    try:
+        rps = parse_wrk(wrk_out, "zipf-cold", "cachegate", 0).rps
+    except ValueError:
+        rps = 0.0
+    text = raw.read_text()
+    possible = seconds * rate
+    threads: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        first, _, rest = stack.partition(";")
+        threads.setdefault(first, []).append(f"{rest} {count}")
+    out: dict[str, object] = {"file": str(raw), "rps_while_sampled": rps, "threads": {}}
+    print(f"\nprofile zipf (cold): worker {pid} at {rps:,.0f} req/s under wrk, {seconds:g} s at {rate} Hz "
+          f"({raw}); busy = samples the thread was not idle / samples possible")
+    def samples(lines: list[str]) -> int:
+        return sum(int(x.rsplit(" ", 1)[1]) for x in lines)
+
+    for thread, lines in sorted(threads.items(), key=lambda kv: -samples(kv[1])):
+        body = "\n".join(lines)
+        self_top, _, total = top_frames(body)
+        busy = total / possible
+        out["threads"][thread] = {"busy": busy, "samples": total, "self": self_top[:15],  # type: ignore[index]
+                                  "areas": areas(body)}
+        print(f"  {thread}: busy {100 * busy:.0f}%")
+        for frame, n in self_top[:8]:
             print(f"    {100 * n / total:5.1f}%  {frame}")
     return out
 
@@ -673,7 +958,10 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--keys", type=int, help="distinct keys for keys-1k (default 100000)")
     p.add_argument("--workers", type=int, default=2, help="cachegate worker processes (default 2)")
     p.add_argument("--only", default="", help="comma-separated workloads (hit-1k,hit-100k,hit-1m,"
-                                               "disk-100k,pass-1k,keys-1k)")
+                                               "disk-100k,pass-1k,keys-1k,zipf,fill)")
+    p.add_argument("--zipf-keys", type=int, help="distinct keys of zipf (default 100000)")
+    p.add_argument("--zipf-duration", type=float,
+                   help="seconds of each zipf phase and of fill (default 20)")
     p.add_argument("--skip", default="", help="comma-separated systems to leave out")
     p.add_argument("--no-wrk", action="store_true", help="start, prime and check every system; no load")
     p.add_argument("--profile", action="store_true",
@@ -684,9 +972,11 @@ def parse_args(argv: list[str] | None) -> Options:
     rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
     duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
     keys = a.keys if a.keys is not None else (5000 if a.quick else 100_000)
+    zipf_keys = a.zipf_keys if a.zipf_keys is not None else (5000 if a.quick else 100_000)
+    zipf_duration = a.zipf_duration if a.zipf_duration is not None else (3.0 if a.quick else 20.0)
     return Options(rounds, duration, a.connections, a.threads, keys, a.workers, not a.no_wrk, a.profile,
                    a.profile_seconds, Path(a.out), [s for s in a.only.split(",") if s],
-                   [s for s in a.skip.split(",") if s])
+                   [s for s in a.skip.split(",") if s], zipf_keys, zipf_duration)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ URL space (the same on every server):
 
 - ``/obj/<size>[/<anything>]``  cacheable: ``Cache-Control: public, max-age=86400``
 - ``/pass/<size>[/<anything>]`` uncacheable: ``Cache-Control: private`` (what a cache forwards)
+- ``/zipf/<size>/<anything>``   cacheable: ``Cache-Control: public, max-age=3600``, and a body
+  of its own per path (``keyed_body``), so a check of the bytes tells keys apart
 
 ``<size>`` is ``1k``, ``100k``, ``1m`` or a byte count. The suffix makes distinct keys.
 
@@ -25,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import socket
 import sys
 import time
+import zlib
 from email.utils import formatdate
 
 SIZES = {"1k": 1024, "100k": 100 * 1024, "1m": 1024 * 1024}
@@ -47,7 +51,7 @@ def parse_size(text: str) -> int | None:
 def route(path: str) -> tuple[str, int] | None:
     """``/obj/1k/7`` -> ("obj", 1024); None for anything outside the benchmark's URL space."""
     parts = path.split("?", 1)[0].split("/")
-    if len(parts) < 3 or parts[0] != "" or parts[1] not in ("obj", "pass"):
+    if len(parts) < 3 or parts[0] != "" or parts[1] not in ("obj", "pass", "zipf"):
         return None
     size = parse_size(parts[2])
     return None if size is None else (parts[1], size)
@@ -59,7 +63,22 @@ def body_of(size: int) -> bytes:
     return (pattern * (size // len(pattern) + 1))[:size]
 
 
-CACHE_CONTROL = {"obj": "public, max-age=86400", "pass": "private"}
+CACHE_CONTROL = {"obj": "public, max-age=86400", "pass": "private", "zipf": "public, max-age=3600"}
+
+# Bytes that keyed bodies are cut from: pseudo-random (fixed seed), 1 MiB to start from + 256 KiB.
+_NOISE = random.Random(20261127).randbytes((1 << 20) + (256 << 10) + 4096)
+
+
+def keyed_body(path: str, size: int) -> bytes:
+    """The body of ``path`` (``size`` bytes): the path itself, then bytes cut from a fixed
+    pseudo-random buffer at an offset the path decides. Two keys of the same size get
+    different bytes, so a cache that answered one key with another's body is caught; the
+    cost is one slice (the origin must never be the bottleneck)."""
+    head = path.encode() + b"\n"
+    if size <= len(head):
+        return head[:size]
+    start = zlib.crc32(head) % (1 << 20)
+    return head + _NOISE[start:start + size - len(head)]
 
 
 # -- origin: raw asyncio protocol --------------------------------------------------------------
@@ -85,12 +104,12 @@ _HEADS: dict[tuple[str, int, str], bytes] = {}
 _BODIES: dict[int, bytes] = {}
 
 
-def origin_response(kind: str, size: int, head_only: bool) -> list[bytes]:
+def origin_response(kind: str, size: int, head_only: bool, path: str = "") -> list[bytes]:
     date = _DATE.now()
     key = (kind, size, date)
     head = _HEADS.get(key)
     if head is None:
-        if len(_HEADS) > 64:
+        if len(_HEADS) > 20000:  # zipf keys come in thousands of sizes
             _HEADS.clear()
         head = (
             "HTTP/1.1 200 OK\r\n"
@@ -103,10 +122,49 @@ def origin_response(kind: str, size: int, head_only: bool) -> list[bytes]:
         _HEADS[key] = head
     if head_only:
         return [head]
+    if kind == "zipf":
+        return [head, keyed_body(path, size)]
     body = _BODIES.get(size)
     if body is None:
         body = _BODIES[size] = body_of(size)
     return [head, body]
+
+
+# --record: the X-Bench field of every request that reached the origin ("RUN N": the N-th
+# request of a wrk run), flushed to a file per process (see zipf.lua and ``read_records``).
+_RECORDED: list[bytes] = []
+
+
+def _note(lower_fields: bytes, fields: bytes) -> None:
+    at = lower_fields.find(b"x-bench:")
+    if at >= 0:
+        end = fields.find(b"\r\n", at)
+        _RECORDED.append(fields[at + 8:end if end >= 0 else len(fields)].strip())
+
+
+async def _flush_records(path: str) -> None:
+    while True:
+        await asyncio.sleep(0.1)
+        if _RECORDED:
+            lines = b"\n".join(_RECORDED) + b"\n"
+            _RECORDED.clear()
+            with open(path, "ab") as f:  # noqa: ASYNC230  (a few KB: not worth a thread)
+                f.write(lines)
+
+
+def read_records(folder: str, run: str) -> list[int]:
+    """The request numbers of run ``run`` that reached the origin (every origin process's file)."""
+    import os
+
+    out: list[int] = []
+    prefix = run.encode() + b" "
+    for name in os.listdir(folder):
+        if name.startswith("origin-"):
+            with open(os.path.join(folder, name), "rb") as f:
+                for line in f:
+                    if line.startswith(prefix):
+                        out.append(int(line[len(prefix):]))
+    return out
 
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nContent-Type: text/plain\r\n\r\nnot found\n"
@@ -141,11 +199,14 @@ class OriginProtocol(asyncio.Protocol):
                 close = True
                 break
             method, target, version = parts
-            found = route(target.decode("latin-1"))
+            path = target.decode("latin-1")
+            if RECORD:
+                _note(lower, fields)
+            found = route(path)
             if found is None:
                 out.append(NOT_FOUND)
             else:
-                out.extend(origin_response(found[0], found[1], method == b"HEAD"))
+                out.extend(origin_response(found[0], found[1], method == b"HEAD", path))
             if version == b"HTTP/1.0" or b"connection: close" in lower:
                 close = True
                 break
@@ -156,8 +217,19 @@ class OriginProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve_origin(sock: socket.socket) -> None:
+RECORD = False
+_FLUSHER: list[asyncio.Task[None]] = []
+
+
+async def serve_origin(sock: socket.socket, record: str = "") -> None:
+    global RECORD
     loop = asyncio.get_running_loop()
+    if record:
+        import os
+
+        RECORD = True
+        # Kept referenced: the loop holds tasks weakly.
+        _FLUSHER.append(loop.create_task(_flush_records(os.path.join(record, f"origin-{os.getpid()}.log"))))
     server = await loop.create_server(OriginProtocol, sock=sock, backlog=1024)
     print("ready", flush=True)
     async with server:
@@ -248,10 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-port", action="store_true")
     parser.add_argument("--upstream", default="", help="origin URL, for passthrough")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--record", default="", help="origin: a folder for the X-Bench records")
     args = parser.parse_args(argv)
     sock = listen_socket(args.port, args.reuse_port)
     if args.app == "origin":
-        coro = serve_origin(sock)
+        coro = serve_origin(sock, args.record)
     elif args.app == "ceiling":
         coro = serve_ceiling(sock)
     else:

@@ -141,6 +141,16 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of a process (/proc/PID/smaps_rollup): pages shared by several
+    processes count a share in each, so the sum over processes is what they take together."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
     """Resident memory of a process from /proc/PID/status: VmRSS (all), RssAnon or RssFile."""
     with contextlib.suppress(OSError):
@@ -173,6 +183,8 @@ class Fleet:
     def __init__(self, python: str = sys.executable) -> None:
         self.python = python
         self.dir = Path(tempfile.mkdtemp(prefix="cachegate-bench-"))
+        self.records = self.dir / "records"  # the origin's X-Bench records (zipf.lua)
+        self.records.mkdir()
         self.systems: dict[str, System] = {}
         self.notes: list[str] = []
 
@@ -202,6 +214,13 @@ class Fleet:
         self.systems.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def discard(self, system: System, *folders: Path) -> None:
+        """Stop one system and remove what it kept on disk (a fresh workload's round is over)."""
+        self._stop_system(system)
+        self.systems = {n: s for n, s in self.systems.items() if s is not system}
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
     @staticmethod
     def _stop_system(system: System) -> None:
         for p in system.procs:
@@ -224,7 +243,7 @@ class Fleet:
     # -- the systems ---------------------------------------------------------------------------
 
     def start_app(self, name: str, app: str, procs: int, *, upstream: str = "",
-                  port: int | None = None) -> System:
+                  port: int | None = None, record: str = "") -> System:
         """``procs`` processes of one bench_apps app on one port (SO_REUSEPORT when > 1)."""
         system = System(name, app, procs, port or free_port())
         for i in range(procs):
@@ -233,6 +252,8 @@ class Fleet:
                 argv.append("--reuse-port")
             if upstream:
                 argv += ["--upstream", upstream]
+            if record:
+                argv += ["--record", record]
             self._spawn(system, argv, f"{name}-{i}.log")
         return self.add(system)
 
