@@ -1,0 +1,614 @@
+"""The machine's shared memory: a ring of records every process maps, its index, and the
+directory of the keys the disk tier holds.
+
+Why: with N worker processes, a per-process memory tier holds every hot body N times and a
+fill made by one worker is a miss in the others until it reaches the disk (measured: two
+workers kept 686 MB for a 256 MB budget each, and the other worker's first request for a key
+just filled paid a SQLite read). One mapping shared by all of them is the budget of the whole
+machine, holds a body once, and what one worker writes the others read at once. It lives in
+a ``memfd`` (RAM, no file in the cache directory, gone when the last process holding it
+exits), made by the process that owns the cache directory and handed to the workers.
+
+Layout: a header page, the index (``BUCKET_SLOTS``-way buckets of (fingerprint, position)),
+the directory of disk keys (buckets of fingerprints), then the ring.
+
+**The ring** is a log of records written at ``head`` (a logical position that only grows;
+the byte offset is ``position % capacity``). To make room, the writer drops the oldest
+records at ``tail``. A record read while it is in the oldest quarter of the ring is written
+again at the head (``refresh``): what is read stays, what is not goes first (CLOCK's second
+chance, paid once per lap by the records that are read, and by the reader that found it
+due). A record that does not fit before the end of the mapping starts the next lap; the gap
+left is a filler record (or, when too short for a header, simply skipped by everyone
+alike). Record header (``_HEAD``)::
+
+    pos u64 | fp u64 | size u32 | meta u32 | body u32 | key u16 | flags u8 | accessed u8 | crc u32 | spare u32
+
+**Writes** hold the arena lock: a POSIX record lock on the memfd (``lockf``: per process,
+released by the kernel when a holder dies, even by SIGKILL) plus a thread lock (POSIX locks
+do not exclude threads of one process). A record is written whole, its ``pos`` field last;
+then ``head`` moves past it; only then does the index point to it. A record's ``pos`` is
+zeroed when it dies (dropped, replaced, deleted) and before its bytes are overwritten.
+
+**Reads** take no lock: a reader copies what it needs, then checks that the record's ``pos``
+field still holds the record's position (a seqlock). A record overwritten meanwhile reads
+as gone (a miss), never as another key's bytes. This relies on stores becoming visible in
+program order, which x86-64 guarantees (TSO); on other CPUs ``CHECK_BODIES`` makes readers
+check a body's CRC after copying it as well.
+
+**The directory** holds a fingerprint per key the disk tier has, so a request for a key no
+process ever stored costs no disk I/O: the owner fills it from the disk tier's index at
+start (``ready`` once done: until then a miss asks the disk), and every commit and deletion
+keeps it current. A bucket that overflowed is flagged: its keys are asked on disk.
+
+Fingerprints are a keyed BLAKE2b (the key is random per arena, in its header): clients pick
+URLs, and an unkeyed hash would let them aim many keys at one bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import platform
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+MAGIC = 0xCA_C4_E6_A7_E0_00_00_01
+PAGE = 4096
+BUCKET_SLOTS = 8
+SLOT = 16  # index slot: fingerprint u64, position u64
+DIR_SLOT = 8  # directory slot: fingerprint u64
+RECORD_BYTES_PER_SLOT = 512  # index size: one slot per this many bytes of ring (8-way buckets)
+DISK_BYTES_PER_SLOT = 4096  # directory size: one slot per this many bytes of disk budget
+MIN_BUCKETS = 64
+REFRESH_AFTER = 0.75  # a record read in the oldest quarter of the ring is written again at the head
+
+# Header fields (u64 each, at these offsets of page 0).
+H_MAGIC, H_HEAD, H_TAIL, H_CAPACITY, H_ENTRIES, H_EVICTIONS, H_LOST, H_READY = (8 * i for i in range(8))
+H_INDEX_BUCKETS, H_DIR_BUCKETS, H_DIR_ENTRIES, H_WRITES, H_BYTES = (8 * i for i in range(8, 13))
+H_SECRET = 128  # 16 bytes
+
+_HEAD = struct.Struct("<QQIIIHBBII")
+HEADER = _HEAD.size  # 40
+F_PERSISTED = 1  # the disk tier has this record's content
+F_FILLER = 2  # not a record: the unused end of a lap
+F_SOFT = 4  # soft-purged: its variants read as stale
+_Q = struct.Struct("<Q")
+_BUCKET = struct.Struct(f"<{2 * BUCKET_SLOTS}Q")
+_DIR_BUCKET = struct.Struct(f"<{BUCKET_SLOTS}Q")
+# Only x86-64 orders stores as the lock-free readers assume (see the module docstring).
+CHECK_BODIES = platform.machine().lower() not in ("x86_64", "amd64")
+
+
+def _align(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A record as a reader copied it: its key, metadata and where its body lies."""
+
+    pos: int
+    key: str
+    meta: bytes
+    body_at: int  # byte offset of the body in the mapping
+    body_len: int
+    flags: int
+    crc: int
+
+
+class Arena:
+    """One shared mapping: the ring, its index and the disk directory (see the module docstring).
+
+    Open one with ``Arena.create`` (the owner) or ``Arena.attach`` (a worker, given the fd)."""
+
+    def __init__(self, fd: int, size: int, *, owner_fd: bool) -> None:
+        self.fd = fd
+        self._owns_fd = owner_fd
+        self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.mm)
+        mm = self.mm
+        if _Q.unpack_from(mm, H_MAGIC)[0] != MAGIC:
+            raise ValueError("not a cachegate arena")
+        self.capacity = int(_Q.unpack_from(mm, H_CAPACITY)[0])
+        self.index_buckets = int(_Q.unpack_from(mm, H_INDEX_BUCKETS)[0])
+        self.dir_buckets = int(_Q.unpack_from(mm, H_DIR_BUCKETS)[0])
+        self._index_at = PAGE
+        self._dir_flags_at = self._index_at + self.index_buckets * BUCKET_SLOTS * SLOT
+        self._dir_at = _align(self._dir_flags_at + self.dir_buckets)
+        self._ring_at = _align(self._dir_at + self.dir_buckets * BUCKET_SLOTS * DIR_SLOT)
+        self.size = size
+        self._keyed = hashlib.blake2b(key=bytes(mm[H_SECRET:H_SECRET + 16]), digest_size=8)
+        self._thread_lock = threading.Lock()
+        self.closed = False
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @staticmethod
+    def layout(capacity: int, disk_budget: int = 0) -> tuple[int, int, int]:
+        """(index buckets, directory buckets, total bytes) for a ring of ``capacity`` bytes and a
+        disk tier of ``disk_budget`` bytes (0: no directory)."""
+        index_buckets = _pow2(max(MIN_BUCKETS, capacity // RECORD_BYTES_PER_SLOT // BUCKET_SLOTS))
+        dir_buckets = _pow2(max(MIN_BUCKETS, disk_budget // DISK_BYTES_PER_SLOT // BUCKET_SLOTS)) \
+            if disk_budget else 0
+        at = PAGE + index_buckets * BUCKET_SLOTS * SLOT
+        at = _align(at + dir_buckets) + dir_buckets * BUCKET_SLOTS * DIR_SLOT
+        return index_buckets, dir_buckets, _align(at) + _align(capacity)
+
+    @classmethod
+    def create(cls, capacity: int, disk_budget: int = 0) -> Arena:
+        """A new, empty arena in a memfd (an unlinked temporary file where there is no memfd)."""
+        index_buckets, dir_buckets, size = cls.layout(capacity, disk_budget)
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("cachegate-arena", os.MFD_CLOEXEC)
+        else:  # pragma: no cover (not Linux)
+            import tempfile
+
+            with tempfile.TemporaryFile() as f:
+                fd = os.dup(f.fileno())
+        os.ftruncate(fd, size)
+        head = bytearray(PAGE)
+        for at, value in ((H_MAGIC, MAGIC), (H_CAPACITY, _align(capacity)), (H_INDEX_BUCKETS, index_buckets),
+                          (H_DIR_BUCKETS, dir_buckets), (H_HEAD, 8), (H_TAIL, 8)):  # 0: a dead record
+            _Q.pack_into(head, at, value)
+        head[H_SECRET:H_SECRET + 16] = os.urandom(16)
+        os.pwrite(fd, bytes(head), 0)
+        return cls(fd, size, owner_fd=True)
+
+    @classmethod
+    def attach(cls, fd: int) -> Arena:
+        """The arena another process made (its memfd, inherited)."""
+        return cls(fd, os.fstat(fd).st_size, owner_fd=True)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.view.release()
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+        if self._owns_fd:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+    # -- header ----------------------------------------------------------------------------
+
+    def _get(self, at: int) -> int:
+        return int(_Q.unpack_from(self.mm, at)[0])
+
+    def _set(self, at: int, value: int) -> None:
+        _Q.pack_into(self.mm, at, value)
+
+    @property
+    def entries(self) -> int:
+        return self._get(H_ENTRIES)
+
+    @property
+    def used(self) -> int:
+        """Ring bytes between tail and head: what the records (live or not yet reclaimed) take."""
+        return self._get(H_HEAD) - self._get(H_TAIL)
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes of the records the index points to."""
+        return self._get(H_BYTES)
+
+    @property
+    def evictions(self) -> int:
+        return self._get(H_EVICTIONS)
+
+    @property
+    def lost(self) -> int:
+        """Records dropped before the disk tier had them (the ring outran write-behind)."""
+        return self._get(H_LOST)
+
+    @property
+    def head(self) -> int:
+        return self._get(H_HEAD)
+
+    @property
+    def tail(self) -> int:
+        return self._get(H_TAIL)
+
+    # -- locking ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def fingerprint(self, key: str) -> int:
+        h = self._keyed.copy()
+        h.update(key.encode("utf-8", "surrogatepass"))
+        return int.from_bytes(h.digest(), "little") or 1
+
+    def _bucket_at(self, fp: int) -> int:
+        return self._index_at + (fp & (self.index_buckets - 1)) * BUCKET_SLOTS * SLOT
+
+    def _phys(self, pos: int) -> int:
+        return self._ring_at + pos % self.capacity
+
+    # -- reading (no lock) -----------------------------------------------------------------
+
+    def alive(self, pos: int) -> bool:
+        """Whether the record at ``pos`` is still there (checked after copying from it)."""
+        return bool(_Q.unpack_from(self.mm, self._phys(pos))[0] == pos)
+
+    def find(self, key: str, fp: int | None = None) -> Record | None:
+        """The live record of ``key``, copied (its body stays in place: ``body_at``), or None."""
+        if fp is None:
+            fp = self.fingerprint(key)
+        slots = _BUCKET.unpack_from(self.mm, self._bucket_at(fp))
+        for i in range(0, 2 * BUCKET_SLOTS, 2):
+            if slots[i] == fp:
+                found = self.read(slots[i + 1], key)
+                if found is not None:
+                    return found
+        return None
+
+    def read(self, pos: int, key: str | None = None) -> Record | None:
+        """The record at ``pos`` (None when it is gone, damaged, or another key's)."""
+        mm = self.mm
+        at = self._phys(pos)
+        try:
+            rpos, _, size, meta_len, body_len, key_len, flags, _, crc, _ = _HEAD.unpack_from(mm, at)
+        except struct.error:
+            return None
+        if rpos != pos or flags & F_FILLER or HEADER + key_len + meta_len + body_len > size:
+            return None
+        start = at + HEADER
+        raw = mm[start:start + key_len + meta_len]
+        if zlib.crc32(raw) != crc or not self.alive(pos):
+            return None
+        try:
+            rkey = raw[:key_len].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return None
+        if key is not None and rkey != key:
+            return None
+        return Record(pos, rkey, raw[key_len:], start + key_len + meta_len, body_len, flags, crc)
+
+    def body(self, record: Record) -> bytes | None:
+        """A copy of the record's body; None when it was overwritten while being copied."""
+        data = self.mm[record.body_at:record.body_at + record.body_len]
+        return data if self.alive(record.pos) else None
+
+    def scan(self, start: int = 0, end: int | None = None) -> Iterator[Record]:
+        """The live records from ``start`` (a position; 0: the tail) to ``end`` (default: the
+        head when the scan began), oldest first. Records written or dropped meanwhile may be
+        missed or skipped; each one yielded was alive when it was copied."""
+        mm = self.mm
+        pos = max(start, self._get(H_TAIL))
+        stop = self._get(H_HEAD) if end is None else end
+        while pos < stop:
+            pos = self._lap(pos)
+            if pos >= stop:
+                break
+            at = self._phys(pos)
+            rpos, _, size, *_ = _HEAD.unpack_from(mm, at)
+            tail = self._get(H_TAIL)
+            if pos < tail:  # overwritten under us: go on from the tail
+                pos = tail
+                continue
+            if size < HEADER or size % 8:
+                return  # unreadable (should not happen): stop rather than loop
+            if rpos == pos:
+                found = self.read(pos)
+                if found is not None:
+                    yield found
+            pos += size
+
+    def _lap(self, pos: int) -> int:
+        """``pos``, or the start of the next lap when no record header fits before the end."""
+        if self.capacity - pos % self.capacity < HEADER:
+            return pos + self.capacity - pos % self.capacity
+        return pos
+
+    # -- writing (under the lock) ------------------------------------------------------------
+
+    def put(self, key: str, meta: bytes, body: bytes | memoryview | list[bytes | memoryview] = b"",
+            flags: int = 0, fp: int | None = None) -> int:
+        """Write a record for ``key`` (replacing the one it had); its position, or 0 when it can
+        never fit (more than half the ring)."""
+        parts = body if isinstance(body, list) else [body]
+        body_len = sum(len(p) for p in parts)
+        kb = key.encode("utf-8", "surrogatepass")
+        size = _align(HEADER + len(kb) + len(meta) + body_len)
+        if size > self.capacity // 2 or len(kb) > 0xFFFF:
+            return 0
+        if fp is None:
+            fp = self.fingerprint(key)
+        crc = zlib.crc32(meta, zlib.crc32(kb))
+        with self.locked():
+            pos = self._reserve(size)
+            at = self._phys(pos)
+            mm = self.mm
+            _HEAD.pack_into(mm, at, 0, fp, size, len(meta), body_len, len(kb), flags, 0, crc, 0)
+            off = at + HEADER
+            mm[off:off + len(kb)] = kb
+            off += len(kb)
+            mm[off:off + len(meta)] = meta
+            off += len(meta)
+            for p in parts:
+                mm[off:off + len(p)] = p
+                off += len(p)
+            _Q.pack_into(mm, at, pos)  # complete: readers may take it from now on
+            self._set(H_HEAD, pos + size)
+            self._set(H_WRITES, self._get(H_WRITES) + 1)
+            self._link(key, fp, pos, size)
+        return pos
+
+    def _reserve(self, size: int) -> int:
+        """Make room for ``size`` bytes at the head (second chances, then drops); where they go."""
+        mm = self.mm
+        head = self._get(H_HEAD)
+        if self.capacity - head % self.capacity < size:
+            # Not before the end of the mapping: the rest of this lap is a filler.
+            gap = self.capacity - head % self.capacity
+            self._make_room(head, gap)
+            if gap >= HEADER:
+                at = self._phys(head)
+                _HEAD.pack_into(mm, at, 0, 0, gap, 0, 0, 0, F_FILLER, 0, 0, 0)
+                _Q.pack_into(mm, at, head)
+            head += gap
+            self._set(H_HEAD, head)
+        self._make_room(head, size)
+        return head
+
+    def _make_room(self, head: int, size: int) -> None:
+        """Drop the oldest records until ``size`` bytes at ``head`` are free."""
+        mm = self.mm
+        tail = self._get(H_TAIL)
+        while head + size - tail > self.capacity:
+            tail = self._lap(tail)
+            if head + size - tail <= self.capacity:
+                break
+            at = self._phys(tail)
+            rpos, fp, rsize, _, _, _, flags, _, _, _ = _HEAD.unpack_from(mm, at)
+            if rpos == tail and not flags & F_FILLER:
+                _Q.pack_into(mm, at, 0)
+                if self._slot_of(fp, tail) is not None:
+                    self._unlink(fp, tail, rsize)
+                    self._set(H_EVICTIONS, self._get(H_EVICTIONS) + 1)
+                    if not flags & F_PERSISTED:
+                        self._set(H_LOST, self._get(H_LOST) + 1)
+            if rsize < HEADER or rsize % 8:  # pragma: no cover (a damaged ring): start it afresh
+                self._reset()
+                return
+            tail += rsize
+            self._set(H_TAIL, tail)
+
+    def due(self, pos: int) -> bool:
+        """Whether the record at ``pos`` is in the oldest part of the ring, next to go: a record
+        read there is written again at the head (``refresh``), so what is read stays and what is
+        not goes first (CLOCK's second chance, paid once per lap by records that are read)."""
+        return self._get(H_HEAD) - pos > self.capacity * REFRESH_AFTER
+
+    def refresh(self, record: Record) -> int:
+        """Write ``record`` again at the head (it was read while ``due``); its new position, or 0
+        when it is gone (or was moved meanwhile)."""
+        raw = self.mm[record.body_at:record.body_at + record.body_len]
+        with self.locked():
+            at = self._phys(record.pos)
+            if _Q.unpack_from(self.mm, at)[0] != record.pos:
+                return 0
+            _, fp, size, meta_len, body_len, key_len, flags, _, crc, _ = _HEAD.unpack_from(self.mm, at)
+            start = at + HEADER
+            head_bytes = self.mm[start:start + key_len + meta_len]
+            if self._slot_of(fp, record.pos) is None:
+                return 0
+            pos = self._reserve(size)
+            new = self._phys(pos)
+            mm = self.mm
+            _HEAD.pack_into(mm, new, 0, fp, size, meta_len, body_len, key_len, flags, 0, crc, 0)
+            mm[new + HEADER:new + HEADER + len(head_bytes)] = head_bytes
+            off = new + HEADER + len(head_bytes)
+            mm[off:off + len(raw)] = raw
+            _Q.pack_into(mm, new, pos)
+            self._set(H_HEAD, pos + size)
+            if self._slot_of(fp, record.pos) is None:
+                # Making room dropped the old copy (it was at the tail): the new one takes its place.
+                self._link(record.key, fp, pos, size)
+            else:
+                self._repoint(fp, record.pos, pos)
+                self._kill(record.pos)
+            return pos
+
+    def _reset(self) -> None:
+        """Empty the ring and its index (damage that no reader or writer can walk through)."""
+        head = self._get(H_HEAD)
+        self.mm[self._index_at:self._dir_flags_at] = bytes(self._dir_flags_at - self._index_at)
+        self._set(H_TAIL, head)
+        self._set(H_ENTRIES, 0)
+        self._set(H_BYTES, 0)
+
+    def _slot_of(self, fp: int, pos: int) -> int | None:
+        at = self._bucket_at(fp)
+        slots = _BUCKET.unpack_from(self.mm, at)
+        for i in range(0, 2 * BUCKET_SLOTS, 2):
+            if slots[i] == fp and slots[i + 1] == pos:
+                return at + i * 8
+        return None
+
+    def _repoint(self, fp: int, old: int, new: int) -> None:
+        slot = self._slot_of(fp, old)
+        if slot is not None:
+            _Q.pack_into(self.mm, slot + 8, new)
+
+    def _unlink(self, fp: int, pos: int, size: int) -> None:
+        slot = self._slot_of(fp, pos)
+        if slot is not None:
+            self.mm[slot:slot + SLOT] = bytes(SLOT)
+            self._set(H_ENTRIES, self._get(H_ENTRIES) - 1)
+            self._set(H_BYTES, self._get(H_BYTES) - size)
+
+    def _link(self, key: str, fp: int, pos: int, size: int) -> None:
+        """Point the index at the new record ``pos`` of ``key``: in place of the key's older
+        record (which dies), else in a free slot, else in place of the bucket's oldest."""
+        mm = self.mm
+        at = self._bucket_at(fp)
+        slots = _BUCKET.unpack_from(mm, at)
+        free = oldest = -1
+        for i in range(0, 2 * BUCKET_SLOTS, 2):
+            sfp, spos = slots[i], slots[i + 1]
+            if sfp == fp and spos != pos and self._key_at(spos) == key:
+                self._kill(spos)
+                _Q.pack_into(mm, at + i * 8 + 8, pos)
+                self._set(H_BYTES, self._get(H_BYTES) - self._size_at(spos) + size)
+                return
+            if sfp == 0:
+                if free < 0:
+                    free = i
+            elif oldest < 0 or spos < slots[oldest + 1]:
+                oldest = i
+        if free < 0:  # a full bucket: its oldest record leaves memory early
+            victim = slots[oldest + 1]
+            self._set(H_BYTES, self._get(H_BYTES) - self._size_at(victim))
+            self._set(H_EVICTIONS, self._get(H_EVICTIONS) + 1)
+            if not self._flags_at(victim) & F_PERSISTED:
+                self._set(H_LOST, self._get(H_LOST) + 1)
+            self._kill(victim)
+            self._set(H_ENTRIES, self._get(H_ENTRIES) - 1)
+            free = oldest
+        _Q.pack_into(mm, at + free * 8, fp)
+        _Q.pack_into(mm, at + free * 8 + 8, pos)
+        self._set(H_ENTRIES, self._get(H_ENTRIES) + 1)
+        self._set(H_BYTES, self._get(H_BYTES) + size)
+
+    def _key_at(self, pos: int) -> str | None:
+        at = self._phys(pos)
+        rpos, _, _, _, _, key_len, *_ = _HEAD.unpack_from(self.mm, at)
+        if rpos != pos:
+            return None
+        return bytes(self.mm[at + HEADER:at + HEADER + key_len]).decode("utf-8", "surrogatepass")
+
+    def _size_at(self, pos: int) -> int:
+        return int(_HEAD.unpack_from(self.mm, self._phys(pos))[2])
+
+    def _flags_at(self, pos: int) -> int:
+        return int(self.mm[self._phys(pos) + 30])
+
+    def _kill(self, pos: int) -> None:
+        at = self._phys(pos)
+        if _Q.unpack_from(self.mm, at)[0] == pos:
+            _Q.pack_into(self.mm, at, 0)
+
+    def delete(self, key: str, pos: int | None = None) -> bool:
+        """Drop ``key``'s record (only the one at ``pos``, when given); whether one was dropped."""
+        fp = self.fingerprint(key)
+        with self.locked():
+            found = self.find(key, fp) if pos is None else self.read(pos, key)
+            if found is None:
+                return False
+            self._unlink(fp, found.pos, self._size_at(found.pos))
+            self._kill(found.pos)
+            return True
+
+    def set_flags(self, pos: int, add: int) -> bool:
+        """Set flag bits of the live record at ``pos``; whether it was still there."""
+        with self.locked():
+            at = self._phys(pos)
+            if _Q.unpack_from(self.mm, at)[0] != pos:
+                return False
+            self.mm[at + 30] = self.mm[at + 30] | add
+            return True
+
+    def clear(self) -> int:
+        """Drop every record; how many there were."""
+        with self.locked():
+            n = self.entries
+            self._reset()
+            return n
+
+    # -- the directory of disk keys ------------------------------------------------------------
+
+    @property
+    def directory(self) -> bool:
+        """Whether this arena keeps a directory (a disk tier exists)."""
+        return self.dir_buckets > 0
+
+    @property
+    def directory_ready(self) -> bool:
+        return self.dir_buckets > 0 and self._get(H_READY) == 1
+
+    def set_directory_ready(self, ready: bool = True) -> None:
+        self._set(H_READY, 1 if ready else 0)
+
+    @property
+    def directory_entries(self) -> int:
+        return self._get(H_DIR_ENTRIES)
+
+    def on_disk(self, key: str, fp: int | None = None) -> bool | None:
+        """Whether the disk tier holds ``key``: True, False, or None (not known: ask the disk)."""
+        if not self.directory_ready:
+            return None
+        if fp is None:
+            fp = self.fingerprint(key)
+        b = fp & (self.dir_buckets - 1)
+        if fp in _DIR_BUCKET.unpack_from(self.mm, self._dir_at + b * BUCKET_SLOTS * DIR_SLOT):
+            return True
+        return None if self.mm[self._dir_flags_at + b] else False
+
+    def disk_add(self, keys: list[str]) -> None:
+        """Note keys the disk tier now holds."""
+        if not self.dir_buckets or not keys:
+            return
+        fps = [self.fingerprint(k) for k in keys]
+        mm = self.mm
+        with self.locked():
+            added = 0
+            for fp in fps:
+                b = fp & (self.dir_buckets - 1)
+                at = self._dir_at + b * BUCKET_SLOTS * DIR_SLOT
+                slots = _DIR_BUCKET.unpack_from(mm, at)
+                if fp in slots:
+                    continue
+                try:
+                    i = slots.index(0)
+                except ValueError:
+                    mm[self._dir_flags_at + b] = 1  # overflowed: its keys are asked on disk
+                    continue
+                _Q.pack_into(mm, at + i * DIR_SLOT, fp)
+                added += 1
+            self._set(H_DIR_ENTRIES, self._get(H_DIR_ENTRIES) + added)
+
+    def disk_remove(self, keys: list[str]) -> None:
+        """Note keys the disk tier no longer holds."""
+        if not self.dir_buckets or not keys:
+            return
+        fps = [self.fingerprint(k) for k in keys]
+        mm = self.mm
+        with self.locked():
+            removed = 0
+            for fp in fps:
+                at = self._dir_at + (fp & (self.dir_buckets - 1)) * BUCKET_SLOTS * DIR_SLOT
+                slots = _DIR_BUCKET.unpack_from(mm, at)
+                if fp in slots:
+                    _Q.pack_into(mm, at + slots.index(fp) * DIR_SLOT, 0)
+                    removed += 1
+            self._set(H_DIR_ENTRIES, self._get(H_DIR_ENTRIES) - removed)
+
+    def disk_clear(self) -> None:
+        if not self.dir_buckets:
+            return
+        with self.locked():
+            self.mm[self._dir_flags_at:self._ring_at] = bytes(self._ring_at - self._dir_flags_at)
+            self._set(H_DIR_ENTRIES, 0)
