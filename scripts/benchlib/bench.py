@@ -500,8 +500,12 @@ async def _byte_check(system: System, paths: list[str], samples: int = 200) -> l
         async def one(path: str) -> None:
             found = route(path)
             assert found is not None
-            async with session.get(system.url(path)) as resp:
-                body = await resp.read()
+            try:
+                async with session.get(system.url(path)) as resp:
+                    body = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problems.append(f"{path}: {type(exc).__name__}: {exc}")
+                return
             if resp.status != 200:
                 problems.append(f"{path}: status {resp.status}")
             elif body != keyed_body(path, found[1]):
