@@ -376,7 +376,7 @@ class Engine:
                                         offset, head_only))
 
     async def _open_body(self, cached: Cached) -> bytes | IO[bytes] | None:
-        if cached.body is not None:
+        if isinstance(cached.body, bytes):
             return cached.body
         try:
             body = await self.storage.open_body(cached)

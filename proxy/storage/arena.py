@@ -13,13 +13,12 @@ Layout: a header page, the index (``BUCKET_SLOTS``-way buckets of (fingerprint, 
 the directory of disk keys (buckets of fingerprints), then the ring.
 
 **The ring** is a log of records written at ``head`` (a logical position that only grows;
-the byte offset is ``position % capacity``). To make room, the writer drops the oldest
-records at ``tail``. A record read while it is in the oldest quarter of the ring is written
-again at the head (``refresh``): what is read stays, what is not goes first (CLOCK's second
-chance, paid once per lap by the records that are read, and by the reader that found it
-due). A record that does not fit before the end of the mapping starts the next lap; the gap
-left is a filler record (or, when too short for a header, simply skipped by everyone
-alike). Record header (``_HEAD``)::
+the byte offset is ``position % capacity``). To make room, the writer takes the oldest
+records at ``tail``: one that was read since it was written (readers ``mark`` it, once per
+process) goes round again, written anew at the head; the others are dropped (CLOCK's second
+chance: what is read stays, what is not goes first). A record that does not fit before the
+end of the mapping starts the next lap; the gap left is a filler record (or, when too short
+for a header, simply skipped by everyone alike). Record header (``_HEAD``)::
 
     pos u64 | fp u64 | size u32 | meta u32 | body u32 | key u16 | flags u8 | accessed u8 | crc u32 | spare u32
 
@@ -55,7 +54,7 @@ import platform
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 MAGIC = 0xCA_C4_E6_A7_E0_00_00_01
@@ -66,7 +65,7 @@ DIR_SLOT = 8  # directory slot: fingerprint u64
 RECORD_BYTES_PER_SLOT = 512  # index size: one slot per this many bytes of ring (8-way buckets)
 DISK_BYTES_PER_SLOT = 4096  # directory size: one slot per this many bytes of disk budget
 MIN_BUCKETS = 64
-REFRESH_AFTER = 0.75  # a record read in the oldest quarter of the ring is written again at the head
+MAX_SECOND_CHANCES = 16  # records read since written that go round again per write (bounds its work)
 
 # Header fields (u64 each, at these offsets of page 0).
 H_MAGIC, H_HEAD, H_TAIL, H_CAPACITY, H_ENTRIES, H_EVICTIONS, H_LOST, H_READY = (8 * i for i in range(8))
@@ -87,13 +86,6 @@ CHECK_BODIES = platform.machine().lower() not in ("x86_64", "amd64")
 
 def _align(n: int) -> int:
     return (n + 7) & ~7
-
-
-def _pow2(n: int) -> int:
-    p = 1
-    while p < n:
-        p <<= 1
-    return p
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +132,8 @@ class Arena:
     def layout(capacity: int, disk_budget: int = 0) -> tuple[int, int, int]:
         """(index buckets, directory buckets, total bytes) for a ring of ``capacity`` bytes and a
         disk tier of ``disk_budget`` bytes (0: no directory)."""
-        index_buckets = _pow2(max(MIN_BUCKETS, capacity // RECORD_BYTES_PER_SLOT // BUCKET_SLOTS))
-        dir_buckets = _pow2(max(MIN_BUCKETS, disk_budget // DISK_BYTES_PER_SLOT // BUCKET_SLOTS)) \
+        index_buckets = max(MIN_BUCKETS, capacity // RECORD_BYTES_PER_SLOT // BUCKET_SLOTS)
+        dir_buckets = max(MIN_BUCKETS, disk_budget // DISK_BYTES_PER_SLOT // BUCKET_SLOTS) \
             if disk_budget else 0
         at = PAGE + index_buckets * BUCKET_SLOTS * SLOT
         at = _align(at + dir_buckets) + dir_buckets * BUCKET_SLOTS * DIR_SLOT
@@ -241,7 +233,7 @@ class Arena:
         return int.from_bytes(h.digest(), "little") or 1
 
     def _bucket_at(self, fp: int) -> int:
-        return self._index_at + (fp & (self.index_buckets - 1)) * BUCKET_SLOTS * SLOT
+        return self._index_at + (fp % self.index_buckets) * BUCKET_SLOTS * SLOT
 
     def _phys(self, pos: int) -> int:
         return self._ring_at + pos % self.capacity
@@ -324,11 +316,11 @@ class Arena:
 
     # -- writing (under the lock) ------------------------------------------------------------
 
-    def put(self, key: str, meta: bytes, body: bytes | memoryview | list[bytes | memoryview] = b"",
+    def put(self, key: str, meta: bytes, body: bytes | memoryview | Sequence[bytes | memoryview] = b"",
             flags: int = 0, fp: int | None = None) -> int:
         """Write a record for ``key`` (replacing the one it had); its position, or 0 when it can
         never fit (more than half the ring)."""
-        parts = body if isinstance(body, list) else [body]
+        parts = [body] if isinstance(body, (bytes, memoryview)) else body
         body_len = sum(len(p) for p in parts)
         kb = key.encode("utf-8", "surrogatepass")
         size = _align(HEADER + len(kb) + len(meta) + body_len)
@@ -356,81 +348,76 @@ class Arena:
             self._link(key, fp, pos, size)
         return pos
 
-    def _reserve(self, size: int) -> int:
-        """Make room for ``size`` bytes at the head (second chances, then drops); where they go."""
+    def _reserve(self, size: int, chances: int = MAX_SECOND_CHANCES) -> int:
+        """Make room for ``size`` bytes at the head; where they go. Records read since they were
+        written that had to make room go round again first (at most ``chances`` of them)."""
         mm = self.mm
         head = self._get(H_HEAD)
         if self.capacity - head % self.capacity < size:
             # Not before the end of the mapping: the rest of this lap is a filler.
             gap = self.capacity - head % self.capacity
-            self._make_room(head, gap)
+            self._make_room(head, gap, 0)
             if gap >= HEADER:
                 at = self._phys(head)
                 _HEAD.pack_into(mm, at, 0, 0, gap, 0, 0, 0, F_FILLER, 0, 0, 0)
                 _Q.pack_into(mm, at, head)
             head += gap
             self._set(H_HEAD, head)
-        self._make_room(head, size)
-        return head
+        survivors = self._make_room(head, size, chances)
+        if not survivors:
+            return head
+        for key, fp, raw in survivors:  # round again, without a second chance this lap
+            pos = self._reserve(len(raw), 0)
+            at = self._phys(pos)
+            mm[at:at + len(raw)] = raw
+            mm[at:at + 8] = bytes(8)
+            mm[at + 31] = 0
+            _Q.pack_into(mm, at, pos)
+            self._set(H_HEAD, pos + len(raw))
+            self._link(key, fp, pos, len(raw))
+        return self._reserve(size, 0)
 
-    def _make_room(self, head: int, size: int) -> None:
-        """Drop the oldest records until ``size`` bytes at ``head`` are free."""
+    def _make_room(self, head: int, size: int, chances: int) -> list[tuple[str, int, bytes]]:
+        """Drop the oldest records until ``size`` bytes at ``head`` are free. Up to ``chances``
+        of them that were read since they were written are taken out instead, to be written
+        again: (key, fingerprint, bytes) each."""
         mm = self.mm
         tail = self._get(H_TAIL)
+        survivors: list[tuple[str, int, bytes]] = []
         while head + size - tail > self.capacity:
             tail = self._lap(tail)
             if head + size - tail <= self.capacity:
                 break
             at = self._phys(tail)
-            rpos, fp, rsize, _, _, _, flags, _, _, _ = _HEAD.unpack_from(mm, at)
-            if rpos == tail and not flags & F_FILLER:
-                _Q.pack_into(mm, at, 0)
-                if self._slot_of(fp, tail) is not None:
+            rpos, fp, rsize, _, _, key_len, flags, accessed, _, _ = _HEAD.unpack_from(mm, at)
+            if rpos == tail and not flags & F_FILLER and self._slot_of(fp, tail) is not None:
+                if accessed and len(survivors) < chances:
+                    key = bytes(mm[at + HEADER:at + HEADER + key_len]).decode("utf-8", "surrogatepass")
+                    survivors.append((key, fp, mm[at:at + rsize]))
+                    self._unlink(fp, tail, rsize)
+                else:
                     self._unlink(fp, tail, rsize)
                     self._set(H_EVICTIONS, self._get(H_EVICTIONS) + 1)
                     if not flags & F_PERSISTED:
                         self._set(H_LOST, self._get(H_LOST) + 1)
+            if rpos == tail:
+                _Q.pack_into(mm, at, 0)
             if rsize < HEADER or rsize % 8:  # pragma: no cover (a damaged ring): start it afresh
                 self._reset()
-                return
+                return []
             tail += rsize
             self._set(H_TAIL, tail)
+        return survivors
 
-    def due(self, pos: int) -> bool:
-        """Whether the record at ``pos`` is in the oldest part of the ring, next to go: a record
-        read there is written again at the head (``refresh``), so what is read stays and what is
-        not goes first (CLOCK's second chance, paid once per lap by records that are read)."""
-        return self._get(H_HEAD) - pos > self.capacity * REFRESH_AFTER
+    def mark(self, pos: int) -> None:
+        """Note that the record at ``pos`` was read: when it reaches the tail, it goes round the
+        ring once more instead of out (readers mark a record once, not on every read)."""
+        self.mm[self._phys(pos) + 31] = 1
 
-    def refresh(self, record: Record) -> int:
-        """Write ``record`` again at the head (it was read while ``due``); its new position, or 0
-        when it is gone (or was moved meanwhile)."""
-        raw = self.mm[record.body_at:record.body_at + record.body_len]
-        with self.locked():
-            at = self._phys(record.pos)
-            if _Q.unpack_from(self.mm, at)[0] != record.pos:
-                return 0
-            _, fp, size, meta_len, body_len, key_len, flags, _, crc, _ = _HEAD.unpack_from(self.mm, at)
-            start = at + HEADER
-            head_bytes = self.mm[start:start + key_len + meta_len]
-            if self._slot_of(fp, record.pos) is None:
-                return 0
-            pos = self._reserve(size)
-            new = self._phys(pos)
-            mm = self.mm
-            _HEAD.pack_into(mm, new, 0, fp, size, meta_len, body_len, key_len, flags, 0, crc, 0)
-            mm[new + HEADER:new + HEADER + len(head_bytes)] = head_bytes
-            off = new + HEADER + len(head_bytes)
-            mm[off:off + len(raw)] = raw
-            _Q.pack_into(mm, new, pos)
-            self._set(H_HEAD, pos + size)
-            if self._slot_of(fp, record.pos) is None:
-                # Making room dropped the old copy (it was at the tail): the new one takes its place.
-                self._link(record.key, fp, pos, size)
-            else:
-                self._repoint(fp, record.pos, pos)
-                self._kill(record.pos)
-            return pos
+    def body_at(self, pos: int, key_len: int, meta_len: int) -> int:
+        """Where the body of the record at ``pos`` starts in the mapping (its key and metadata
+        ``key_len`` and ``meta_len`` bytes long, as written)."""
+        return self._phys(pos) + HEADER + key_len + meta_len
 
     def _reset(self) -> None:
         """Empty the ring and its index (damage that no reader or writer can walk through)."""
@@ -562,7 +549,7 @@ class Arena:
             return None
         if fp is None:
             fp = self.fingerprint(key)
-        b = fp & (self.dir_buckets - 1)
+        b = fp % self.dir_buckets
         if fp in _DIR_BUCKET.unpack_from(self.mm, self._dir_at + b * BUCKET_SLOTS * DIR_SLOT):
             return True
         return None if self.mm[self._dir_flags_at + b] else False
@@ -576,7 +563,7 @@ class Arena:
         with self.locked():
             added = 0
             for fp in fps:
-                b = fp & (self.dir_buckets - 1)
+                b = fp % self.dir_buckets
                 at = self._dir_at + b * BUCKET_SLOTS * DIR_SLOT
                 slots = _DIR_BUCKET.unpack_from(mm, at)
                 if fp in slots:
@@ -599,7 +586,7 @@ class Arena:
         with self.locked():
             removed = 0
             for fp in fps:
-                at = self._dir_at + (fp & (self.dir_buckets - 1)) * BUCKET_SLOTS * DIR_SLOT
+                at = self._dir_at + (fp % self.dir_buckets) * BUCKET_SLOTS * DIR_SLOT
                 slots = _DIR_BUCKET.unpack_from(mm, at)
                 if fp in slots:
                     _Q.pack_into(mm, at + slots.index(fp) * DIR_SLOT, 0)

@@ -7,7 +7,9 @@ directory must not be able to execute code).
 
 from __future__ import annotations
 
+import http
 import json
+import marshal
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -138,3 +140,91 @@ def decode_variants(blob: bytes) -> tuple[Entry, ...]:
                      for v in json.loads(blob.decode()))
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return ()
+
+
+# -- the arena's records ----------------------------------------------------------------------
+# One record per key in the shared memory (proxy.storage.arena): every variant's metadata in a
+# ``marshal``-ed tuple, their bodies after it. marshal, not JSON: it decodes ≈ 4x faster, and
+# the arena is memory our own processes wrote (CRC-checked before decoding), never a file a
+# stranger could hand us; the disk tier stays JSON.
+ARENA_VERSION = 1
+
+# Where a variant stands against the disk tier (write-behind: proxy.storage.persist).
+ON_DISK = 0  # the disk tier has it as it is
+META_TO_WRITE = 1  # its body is on disk, its metadata changed (a revalidation)
+ALL_TO_WRITE = 2  # neither is on disk yet (a fill)
+
+
+# Common field names, as one character in a record (``\x01``...): a record holds a 1 KiB
+# response in ≈ 1.4 KiB, and these names were 50 of its bytes.
+_NAMES = ("Date", "Content-Type", "Content-Length", "Cache-Control", "Server", "Last-Modified", "ETag",
+          "Expires", "Vary", "Content-Encoding", "Age", "Via", "Accept-Ranges", "Connection",
+          "Surrogate-Key", "Cache-Tag", "X-Cache", "Content-Language", "Access-Control-Allow-Origin",
+          "Strict-Transport-Security", "X-Content-Type-Options", "Link", "Location", "Set-Cookie",
+          "Content-Location", "Content-Disposition", "Transfer-Encoding", "Keep-Alive", "Pragma")
+_NAME_CODE = {n: chr(i + 1) for i, n in enumerate(_NAMES)}
+_NAME_OF = {chr(i + 1): n for i, n in enumerate(_NAMES)}
+
+
+def encode_record(variants: list[tuple[Entry, int, int]]) -> bytes:
+    """The metadata of a key's variants for an arena record: (entry, length of its body in the
+    record or -1 when the record holds none, disk state) each. Times equal to the response
+    time, and a reason that is the status's usual phrase, are left out (None)."""
+    out = []
+    for e, body_len, state in variants:
+        r = e.response
+        f = r.freshness
+        at = r.response_time
+        fields = []
+        for k, v in r.headers:
+            fields.append(_NAME_CODE.get(k) or _plain(k))
+            fields.append(_plain(v))
+        out.append((
+            "" if e.url == e.key else str(e.url), e.body_id, e.body_size, body_len,
+            tuple(_plain(t) for t in e.tags), None if e.stored_at == at else e.stored_at, e.seq,
+            r.status, None if r.reason == _phrase(r.status) else str(r.reason), tuple(fields),
+            None if r.request_time == at else r.request_time, at,
+            (f.lifetime, f.source, f.initial_age, None if f.response_time == at else f.response_time,
+             f.must_revalidate, f.no_cache, f.stale_while_revalidate, f.stale_if_error, f.immutable),
+            tuple(_plain(x) for v in r.vary for x in v), r.etag and str(r.etag),
+            r.last_modified and str(r.last_modified), r.invalidated, state))
+    return marshal.dumps((ARENA_VERSION, tuple(out)))
+
+
+def _phrase(status: int) -> str | None:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return None
+
+
+def decode_record(key: str, meta: bytes) -> list[tuple[Entry, int, int]] | None:
+    """``encode_record`` undone: (entry, body length in the record or -1, disk state) per
+    variant; None when the record is not one this version wrote."""
+    try:
+        version, variants = marshal.loads(meta)
+    except (EOFError, ValueError, TypeError):
+        return None
+    if version != ARENA_VERSION:
+        return None
+    out = []
+    names = _NAME_OF
+    for (url, body_id, body_size, body_len, tags, stored_at, seq, status, reason, fields, request_time,
+         at, f, vary, etag, last_modified, invalidated, state) in variants:
+        h = [shared_str(x) for x in fields]
+        response = StoredResponse(
+            status, shared_str(_phrase(status) or "") if reason is None else shared_str(reason),
+            tuple(zip([names.get(k) or k for k in h[::2]], h[1::2], strict=True)),
+            at if request_time is None else request_time, at,
+            Freshness(f[0], shared_str(f[1]), f[2], at if f[3] is None else f[3], *f[4:]),
+            tuple(zip(vary[::2], vary[1::2], strict=True)), etag, last_modified, invalidated)
+        out.append((Entry(key, url or key, response, body_id, body_size, tags,
+                          at if stored_at is None else stored_at, seq), body_len, state))
+    return out
+
+
+def _plain(x: str) -> str:
+    """marshal takes ``str`` only, not its subclasses (multidict's ``istr`` field names)."""
+    return x if type(x) is str else str(x)
+
+

@@ -1,66 +1,76 @@
-"""The memory tier: per-process, byte-budgeted, LRU (default) or LFU, every operation O(1).
+"""The memory tier: the machine's shared memory (``proxy.storage.arena``) holding each key's
+variants and bodies once, in front of a small per-process cache of decoded entries.
 
-A lookup is one dict access plus a use count. Objects whose body is larger than
-``max_object`` keep only their metadata here (the body stays on disk), so a hit
-on them still needs no disk read for the freshness decision. Eviction from
-memory never touches the disk copy.
+A key's variants are one record in the arena: their metadata (``entry.encode_record``) and
+the bodies the memory tier holds (over ``max_object``, a body stays on disk and only its
+metadata is here, so a hit on it still decides freshness without a disk read). Every
+process maps the same arena, so what one worker stores the others find at once, and a
+body is in RAM once however many workers serve it.
 
-LRU is approximated by CLOCK ("second chance", as page caches do): entries sit
-in insertion order; a hit only increments the entry's use count; eviction takes
-the oldest entry unless it was used since the clock hand last passed it, in
-which case it moves to the young end and the hand goes on. Exact LRU
-(``move_to_end`` on every hit) relinks list nodes on the hit path and measured
-about 1.5x slower per lookup at 100k keys; the order it keeps differs from
-CLOCK's only for entries used once long ago. LFU is the classic O(1) scheme:
-one ``OrderedDict`` bucket per use count, the least-used bucket remembered,
-ties evicted oldest first (a ``min()`` scan over every key per eviction was
-O(n) per insert).
+Reading a record means copying and decoding its metadata (≈ 5-10 µs), so each process keeps
+the entries it used lately decoded (``decoded_budget`` bytes, counted by ``cost``): a hit on
+one of them is a dict lookup, and a check that its record is still there (the arena's
+``alive``: one 8-byte read). A decoded entry's body is a view into the arena, never a copy:
+whoever sends it copies it out (or hands it to the kernel) and checks ``alive`` afterwards,
+since the ring may have reclaimed the record meanwhile (a miss, never another key's bytes).
+
+Eviction is the arena's: oldest first, and a record read since it was written goes round
+again (CLOCK's second chance). ``memory_policy: lfu`` gives that second chance only to
+records read at least twice in one process since it decoded them. The decoded cache evicts
+by CLOCK.
 """
 
 from __future__ import annotations
 
+import builtins
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from proxy.storage.entry import Entry
+from proxy.policy.keys import url_of_key
+from proxy.storage.arena import Arena
+from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
 
 MemoryPolicy = Literal["lru", "lfu"]
 
-# What a key and a variant cost beyond their strings and body, measured with tracemalloc
-# (tests/storage/test_memory.py keeps cost() within 10% of the real figure): the key's slot,
-# list and OrderedDict links; per variant Cached, Entry, StoredResponse, Freshness, their
-# floats and tuples, and the fast path's pre-serialised head with its Head object.
+# What a decoded key and variant cost in a process beyond their strings, measured with
+# tracemalloc (tests/storage/test_memory.py keeps cost() within 10% of the real figure): the
+# key's slot, list and OrderedDict links; per variant Cached, Entry, StoredResponse,
+# Freshness, their floats and tuples, the view of its body, and the fast path's pre-serialised
+# head with its Head object.
 KEY_OVERHEAD = 250
-VARIANT_OVERHEAD = 1180
+VARIANT_OVERHEAD = 1250
 FIELD_OVERHEAD = 170  # a (name, value) tuple, two str objects, its slot, its line in the head
 
 
 @dataclass(slots=True)
 class Cached:
-    """One stored variant: its metadata, and its body when the body is held in memory."""
+    """One stored variant: its metadata, and its body when the body is at hand."""
 
     entry: Entry
-    body: bytes | None  # None: the body is on disk only
+    # bytes (read from disk, or a fill's own), a view of the arena's copy (check that the
+    # record is still ``alive`` after copying from it), or None: the body is on disk only.
+    body: bytes | memoryview | None
     # The fast path's pre-serialised response heads for this variant (proxy.web.fastpath),
     # built on its first fast hit; a freshened or replaced variant is a new Cached.
     heads: list[Any] | None = field(default=None, compare=False, repr=False)
     # A variant just read from disk with its body (``Storage.get(bodies=True)``): this
     # request's body comes from the disk tier; memory holds a copy without the mark.
     from_disk: bool = field(default=False, compare=False, repr=False)
+    pos: int = field(default=0, compare=False, repr=False)  # its arena record (0: none)
+    state: int = field(default=ON_DISK, compare=False, repr=False)  # see entry.ON_DISK
 
 
 def cost(variants: tuple[Cached, ...]) -> int:
-    """What a key's variants cost against the budget, close to the memory they really take
-    (bodies, strings and the Python objects around them), so that a worker's RSS stays near
-    the budget it was given."""
+    """What a key's decoded variants cost a process (bodies excepted: they are the arena's,
+    unless a variant holds its own bytes)."""
     total = KEY_OVERHEAD
     for c in variants:
         e = c.entry
         total += VARIANT_OVERHEAD + 3 * len(e.key) + len(e.body_id)
-        if c.body is not None:
+        if isinstance(c.body, bytes):
             total += len(c.body)
         for k, v in e.response.headers:
             total += FIELD_OVERHEAD + 2 * (len(k) + len(v))  # the field, and its line in the head
@@ -69,203 +79,235 @@ def cost(variants: tuple[Cached, ...]) -> int:
     return total
 
 
+def arena_capacity(budget: int, processes: int = 1) -> int:
+    """The part of a memory budget the arena's ring gets: what is left once each process's
+    decoded cache (``decoded_budget``) and the arena's index have theirs."""
+    ring = budget - processes * decoded_budget(budget)
+    return max(ring - ring // 32, 8 * 1024)  # the index: 16 bytes per 512 of ring
+
+
+def decoded_budget(budget: int) -> int:
+    """Each process's cache of decoded entries: 1/32 of the memory budget, 16 KiB to 32 MB
+    (and at most a quarter of a tiny budget)."""
+    return min(max(budget // 32, 16 * 1024), 32 << 20, budget // 4)
+
+
 class MemoryTier:
-    def __init__(self, budget: int, max_object: int, policy: MemoryPolicy = "lru") -> None:
+    def __init__(self, budget: int, max_object: int, policy: MemoryPolicy = "lru", *,
+                 arena: Arena | None = None, decoded: int | None = None) -> None:
         if policy not in ("lru", "lfu"):
             raise ValueError(f"memory policy must be lru or lfu, not {policy!r}")
-        self.budget = budget
+        self.arena = arena if arena is not None else Arena.create(arena_capacity(budget))
+        self._own_arena = arena is None
+        self.budget = self.arena.capacity
         self.max_object = max_object
         self.policy = policy
-        # key -> [variants, cost, uses, uses when the clock hand last passed]: one dict entry
-        # per key, so a hit is one lookup and one increment.
-        self._items: OrderedDict[str, list[Any]] = OrderedDict()
-        self._get = self._items.get
-        self._tags: dict[str, set[str]] = {}
-        self._extra_keys: dict[str, set[str]] = {}  # url -> keys with header/cookie parts
-        # LFU: use count -> keys with that count, oldest first; and the smallest count present.
-        self._buckets: dict[int, OrderedDict[str, None]] = {}
-        self._min_hits = 0
-        self.bytes = 0
-        self.evictions = 0
-        if policy == "lfu":
-            self.get = self._get_lfu  # type: ignore[method-assign]
+        self.decoded_budget = decoded if decoded is not None else decoded_budget(budget)
+        # key -> [variants, cost, uses, uses when the clock hand last passed, record position,
+        #         where each variant's body starts in the record (-1: none), record last marked read]
+        self._decoded: OrderedDict[str, list[Any]] = OrderedDict()
+        self._get = self._decoded.get
+        self._alive = self.arena.alive
+        self.decoded_bytes = 0
+
+    def close(self) -> None:
+        self._decoded.clear()
+        if self._own_arena:
+            self.arena.close()
+
+    # -- counts (the arena's: the whole machine) ---------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self.arena.entries
+
+    @property
+    def bytes(self) -> int:
+        return self.arena.live_bytes
+
+    @property
+    def evictions(self) -> int:
+        return self.arena.evictions
 
     def __contains__(self, key: str) -> bool:
-        return key in self._items
+        return self.slot(key) is not None
 
     def keys(self) -> Iterator[str]:
-        return iter(list(self._items))
+        return iter([r.key for r in self.arena.scan()])
+
+    # -- reading -----------------------------------------------------------------------------
 
     def get(self, key: str) -> tuple[Cached, ...] | None:
-        """The variants under ``key`` (a use: counted, which also marks it recently used), or None."""
-        slot = self._get(key)
+        """The variants under ``key`` (a use: counted), or None."""
+        slot = self.slot(key)
         if slot is None:
             return None
-        slot[2] += 1
-        return slot[0]  # type: ignore[no-any-return]
-
-    def _get_lfu(self, key: str) -> tuple[Cached, ...] | None:
-        slot = self._items.get(key)
-        if slot is None:
-            return None
-        self._bump(key, slot)
+        self.use(key, slot)
         return slot[0]  # type: ignore[no-any-return]
 
     def slot(self, key: str) -> list[Any] | None:
-        """The key's slot ``[variants, cost, uses, ...]`` without counting a use; ``use`` counts
-        one once the caller knows it serves from it (the fast path)."""
-        return self._get(key)
+        """The key's decoded slot ``[variants, cost, uses, ...]`` without counting a use (``use``
+        counts one once the caller serves from it: the fast path)."""
+        slot = self._get(key)
+        if slot is not None:
+            if self._alive(slot[4]):
+                return slot
+            self._forget(key)
+        return self._load(key)
 
     def use(self, key: str, slot: list[Any]) -> None:
-        """Count a use of ``key`` (whose ``slot`` came from ``slot``), as ``get`` does."""
-        if self.policy == "lfu":
-            self._bump(key, slot)
-        else:
-            slot[2] += 1
+        """Count a use of ``key`` (whose ``slot`` came from ``slot``), and mark its record as read
+        (once per record: it then goes round the ring again instead of out)."""
+        uses = slot[2] = slot[2] + 1
+        if slot[6] != slot[4] and (uses > 1 or self.policy == "lru"):
+            self.arena.mark(slot[4])
+            slot[6] = slot[4]
 
     def peek(self, key: str) -> tuple[Cached, ...] | None:
-        """Like ``get`` without counting as a use (for inspection and internal updates)."""
-        slot = self._items.get(key)
+        """Like ``get`` without counting a use (for inspection and internal updates)."""
+        slot = self.slot(key)
         return None if slot is None else slot[0]
 
     def hits(self, key: str) -> int:
-        """Uses of ``key`` since it was stored."""
-        slot = self._items.get(key)
+        """Uses of ``key`` in this process since it was decoded here."""
+        slot = self._decoded.get(key)
         return 0 if slot is None else int(slot[2])
 
     def top(self, n: int) -> list[tuple[str, int]]:
-        """The ``n`` keys with the most uses (for ``GET /stats``): a scan, ~0.2 s per million keys."""
-        best = heapq.nlargest(n, self._items.items(), key=lambda kv: kv[1][2])
+        """The ``n`` keys with the most uses in this process (for ``GET /stats``)."""
+        best = heapq.nlargest(n, self._decoded.items(), key=lambda kv: kv[1][2])
         return [(k, int(slot[2])) for k, slot in best]
 
-    def put(self, key: str, variants: tuple[Cached, ...]) -> bool:
-        """Hold ``variants`` under ``key``; False when they can never fit the budget."""
-        old = self._items.get(key)
-        # A replaced key keeps its use count: a refreshed hot object stays hot under LFU.
-        hits = 0 if old is None else int(old[2])
-        self.delete(key)
+    def alive(self, cached: Cached) -> bool:
+        """Whether a variant's view of the arena still shows its body (after copying from it)."""
+        return not cached.pos or self._alive(cached.pos)
+
+    def body_bytes(self, cached: Cached) -> builtins.bytes | None:
+        """The variant's body as bytes: its own, or copied from the arena (None: not at hand, or
+        the arena reclaimed it while it was copied)."""
+        body = cached.body
+        if body is None or isinstance(body, bytes):
+            return body
+        data = bytes(body)
+        return data if self._alive(cached.pos) else None
+
+    def _load(self, key: str) -> list[Any] | None:
+        record = self.arena.find(key)
+        if record is None:
+            return None
+        decoded = decode_record(key, record.meta)
+        if decoded is None:
+            return None
+        view = self.arena.view
+        base = self.arena.body_at(record.pos, 0, 0)
+        at = record.body_at
+        variants, starts = [], []
+        for e, body_len, state in decoded:
+            body = None
+            if body_len >= 0:
+                body = view[at:at + body_len]
+                starts.append(at - base)
+                at += body_len
+            else:
+                starts.append(-1)
+            variants.append(Cached(e, body, pos=record.pos, state=state))
+        return self._hold(key, tuple(variants), record.pos, tuple(starts))
+
+    def _hold(self, key: str, variants: tuple[Cached, ...], pos: int, starts: tuple[int, ...]) -> list[Any]:
+        old = self._decoded.pop(key, None)
+        if old is not None:
+            self.decoded_bytes -= old[1]
         size = cost(variants)
-        if size > self.budget:
+        slot = [variants, size, 0 if old is None else old[2], 0, pos, starts, 0]
+        self._decoded[key] = slot
+        self.decoded_bytes += size
+        self._shrink(key)
+        return slot
+
+    def _forget(self, key: str) -> None:
+        slot = self._decoded.pop(key, None)
+        if slot is not None:
+            self.decoded_bytes -= slot[1]
+
+    def _shrink(self, keep: str) -> None:
+        """CLOCK over the decoded entries until they fit ``decoded_budget``."""
+        items = self._decoded
+        while self.decoded_bytes > self.decoded_budget and len(items) > 1:
+            key = next(iter(items))
+            slot = items[key]
+            if key != keep and slot[2] == slot[3]:
+                self._forget(key)
+                continue
+            slot[3] = slot[2]
+            items.move_to_end(key)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(self, key: str, variants: tuple[Cached, ...]) -> bool:
+        """Hold ``variants`` under ``key`` (a new record: whatever the key had is replaced); False
+        when they can never fit. Bodies that are views of the arena are copied first."""
+        metas: list[tuple[Entry, int, int]] = []
+        parts: list[builtins.bytes] = []
+        for c in variants:
+            body = c.body
+            if isinstance(body, memoryview):
+                body = self.body_bytes(c)
+            if body is None:
+                metas.append((c.entry, -1, c.state))
+            else:
+                metas.append((c.entry, len(body), c.state))
+                parts.append(body)
+        meta = encode_record(metas)
+        pos = self.arena.put(key, meta, parts)
+        if not pos:
+            self._forget(key)
             return False
-        self._items[key] = [variants, size, hits, hits]
-        self.bytes += size
-        if self.policy == "lfu":
-            self._buckets.setdefault(hits, OrderedDict())[key] = None
-            if hits < self._min_hits or len(self._items) == 1:
-                self._min_hits = hits
-        for tag in {t for c in variants for t in c.entry.tags}:
-            self._tags.setdefault(tag, set()).add(key)
-        if "\x1f" in key:
-            self._extra_keys.setdefault(key.split("\x1f", 1)[0], set()).add(key)
-        self._evict(keep=key)
-        return key in self._items
+        base = self.arena.body_at(pos, 0, 0)
+        at = self.arena.body_at(pos, len(key.encode("utf-8", "surrogatepass")), len(meta))
+        view = self.arena.view
+        held, starts = [], []
+        for c, (_, body_len, _) in zip(variants, metas, strict=True):
+            view_of: memoryview | None = None
+            if body_len >= 0:
+                view_of = view[at:at + body_len]
+                starts.append(at - base)
+                at += body_len
+            else:
+                starts.append(-1)
+            held.append(replace(c, body=view_of, pos=pos, from_disk=False))
+        self._hold(key, tuple(held), pos, tuple(starts))
+        return True
 
     def replace(self, key: str, variants: tuple[Cached, ...]) -> bool:
-        """Update a present key in place (metadata changes) without counting a use."""
-        if key not in self._items:
+        """Update a present key (metadata changes) without counting a use."""
+        if self.slot(key) is None:
             return False
         return self.put(key, variants)
 
     def delete(self, key: str) -> bool:
-        slot = self._items.pop(key, None)
-        if slot is None:
-            return False
-        variants, size, hits, _ = slot
-        self.bytes -= size
-        if self.policy == "lfu":
-            bucket = self._buckets[hits]
-            del bucket[key]
-            if not bucket:
-                del self._buckets[hits]
-        for tag in {t for c in variants for t in c.entry.tags}:
-            members = self._tags.get(tag)
-            if members is not None:
-                members.discard(key)
-                if not members:
-                    del self._tags[tag]
-        if "\x1f" in key:
-            url = key.split("\x1f", 1)[0]
-            extra = self._extra_keys.get(url)
-            if extra is not None:
-                extra.discard(key)
-                if not extra:
-                    del self._extra_keys[url]
-        return True
+        self._forget(key)
+        return self.arena.delete(key)
+
+    def clear(self) -> int:
+        self._decoded.clear()
+        self.decoded_bytes = 0
+        return self.arena.clear()
+
+    # -- finding keys (scans of the arena: purges and inspection) ----------------------------
 
     def keys_for_tag(self, tag: str) -> list[str]:
-        return list(self._tags.get(tag, ()))
+        out = []
+        for r in self.arena.scan():
+            decoded = decode_record(r.key, r.meta)
+            if decoded and any(tag in e.tags for e, _, _ in decoded):
+                out.append(r.key)
+        return out
 
     def keys_for_url(self, url: str) -> list[str]:
         """Every key of ``url``: the plain one and those with header or cookie parts."""
-        keys = list(self._extra_keys.get(url, ()))
-        if url in self._items:
-            keys.append(url)
-        return keys
+        return [r.key for r in self.arena.scan() if r.key == url or url_of_key(r.key) == url]
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
-        return [k for k in self._items if k.startswith(prefix)]
+        return [r.key for r in self.arena.scan() if r.key.startswith(prefix)]
 
-    def clear(self) -> int:
-        n = len(self._items)
-        self._items.clear()
-        self._tags.clear()
-        self._extra_keys.clear()
-        self._buckets.clear()
-        self._min_hits = 0
-        self.bytes = 0
-        return n
 
-    def _bump(self, key: str, slot: list[Any]) -> None:
-        hits = slot[2]
-        bucket = self._buckets[hits]
-        del bucket[key]
-        if not bucket:
-            del self._buckets[hits]
-            if self._min_hits == hits:
-                self._min_hits = hits + 1
-        slot[2] = hits + 1
-        self._buckets.setdefault(hits + 1, OrderedDict())[key] = None
-
-    def _victim(self) -> str:
-        if self.policy == "lru":
-            # CLOCK: the oldest entry goes unless it was used since the hand last passed it;
-            # a used one gets a second chance at the young end. Amortised O(1): each pass
-            # clears the mark it looks at.
-            items = self._items
-            while True:
-                key = next(iter(items))
-                slot = items[key]
-                if slot[2] == slot[3]:
-                    return key
-                slot[3] = slot[2]
-                items.move_to_end(key)
-        bucket = self._buckets.get(self._min_hits)
-        if bucket is None:  # the minimum moved (deletes): find it again, rare
-            self._min_hits = min(self._buckets)
-            bucket = self._buckets[self._min_hits]
-        return next(iter(bucket))
-
-    def _evict(self, keep: str) -> None:
-        while self.bytes > self.budget and len(self._items) > 1:
-            victim = self._victim()
-            if victim == keep:
-                # The newcomer is the least used: evict the next one instead, so a new
-                # object gets a chance to be used (LFU would otherwise never admit anything).
-                if self.policy == "lru":
-                    break
-                keep_hits = self._items[keep][2]
-                bucket = self._buckets[keep_hits]
-                if len(bucket) > 1:
-                    victim = next(k for k in bucket if k != keep)
-                else:
-                    others = [h for h in self._buckets if h != keep_hits]
-                    if not others:
-                        break
-                    victim = next(iter(self._buckets[min(others)]))
-            self.delete(victim)
-            self.evictions += 1
-        if self.bytes > self.budget and keep in self._items:
-            self.delete(keep)
+__all__ = ["ALL_TO_WRITE", "Cached", "MemoryPolicy", "MemoryTier", "cost"]

@@ -217,6 +217,7 @@ class Storage:
             self.index.close()
         self.spools.close()
         self.body_files.close()
+        self.memory.close()
 
     # -- reading ------------------------------------------------------------------------
 
@@ -322,7 +323,15 @@ class Storage:
         A body small enough for the memory tier is read whole and kept in memory beside
         its metadata (the second half of a promotion)."""
         if cached.body is not None:
-            return cached.body
+            body = self.memory.body_bytes(cached)
+            if body is not None:
+                return body
+            # The arena reclaimed it while it was copied: its current copy, if memory has one.
+            for c in self.memory.peek(cached.entry.key) or ():
+                if c.entry.body_id == cached.entry.body_id and c.body is not None:
+                    body = self.memory.body_bytes(c)
+                    if body is not None:
+                        return body
         if self.disk is None:
             return None
         e = cached.entry

@@ -238,21 +238,28 @@ class FastPath:
         hosts = runtime.hosts_seen
         if len(hosts) < MAX_HOSTS_SEEN:
             hosts.add(head.host)
-        self._counters[method].value += 1
-        self.answered += 1
         block = ready.render(age, ttl)
+        answer: FastAnswer
         if head_only:
-            return block
-        if body is None:
+            answer = block
+        elif body is None:
             assert shared is not None
             self._disk_bytes.value += shared.size
-            return block, shared
-        self._memory_bytes.value += len(body)
-        if shared is not None:
-            return block, shared, body
-        if len(body) > LARGE_BODY:
-            return block, body
-        return block + body
+            answer = block, shared
+        else:
+            # A body in the shared memory is copied out here (into the answer, or the bytes
+            # written beside it), then its record is checked: still there, or the general path.
+            if len(body) > LARGE_BODY or shared is not None:
+                body = bytes(body)
+                answer = (block, shared, body) if shared is not None else (block, body)
+            else:
+                answer = block + body
+            if cached.pos and not runtime.storage.memory.alive(cached):
+                return None
+            self._memory_bytes.value += len(body)
+        self._counters[method].value += 1
+        self.answered += 1
+        return answer
 
     @staticmethod
     def _new_head(cached: Cached, edits: HeaderEdits | None, flavor: int,
