@@ -94,7 +94,8 @@ def local_stats(runtime: Runtime, top: int = TOP_KEYS) -> dict[str, Any]:
     memory = runtime.storage.memory
     return {
         "worker": runtime.worker_id, "pid": os.getpid(),
-        "memory": {"entries": len(memory), "bytes": memory.bytes, "evictions": memory.evictions},
+        # Its cache of decoded entries (the memory tier itself is the machine's, in /stats' tiers).
+        "memory": {"decoded_entries": memory.decoded_entries, "decoded_bytes": memory.decoded_bytes},
         "requests": runtime.metrics.request_counts(),
         "hosts": sorted(runtime.hosts_seen)[:100],
         "top": [[url_of_key(k), k, n] for k, n in memory.top(top)] if top else [],
@@ -287,10 +288,8 @@ class Inspector:
             parts = await self._workers("admin_stats", top=top)
             for a in await self._workers("admin_metrics"):
                 self.cluster.update(int(a["worker"]), int(a["pid"]), a["snapshot"])
-        memory = {"entries": sum(p["memory"]["entries"] for p in parts),
-                  "bytes": sum(p["memory"]["bytes"] for p in parts),
-                  "evictions": sum(p["memory"]["evictions"] for p in parts)}
-        tiers: dict[str, Any] = {"memory": memory}
+        m = storage.memory  # the machine's shared memory: the same in every process
+        tiers: dict[str, Any] = {"memory": {"entries": len(m), "bytes": m.bytes, "evictions": m.evictions}}
         if storage.disk is not None:
             disk = storage.disk
             tiers["disk"] = {"entries": await self._disk_entries(),

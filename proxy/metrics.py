@@ -20,11 +20,11 @@ every worker to the supervisor. Merging rules:
 - counters and histograms are summed over the supervisor and every worker; a
   worker that dies has its last reported values kept (``retired``), so the sums
   never go down when a worker is restarted (Prometheus would read that as a reset);
-- families only the supervisor keeps (reloads, purges) and the shared disk tier's
-  gauges come from the supervisor alone (every worker sees the same disk);
-- gauges are summed over workers (memory tier entries and bytes, requests in
-  flight), except ``cachegate_upstream_up``, the mean over workers (0.5: half of
-  the workers send it traffic).
+- families only the supervisor keeps (reloads, purges) and the tiers' gauges come
+  from the supervisor alone (every worker sees the same shared memory and disk);
+- other gauges are summed over workers (requests in flight), except
+  ``cachegate_upstream_up``, the mean over workers (0.5: half of the workers send it
+  traffic).
 """
 
 from __future__ import annotations
@@ -296,8 +296,8 @@ class ClusterMetrics:
                     continue
                 types.setdefault(name, (kind, doc))
                 for sample, labels, value in samples:
-                    if name in SHARED_TIER and (labels.get("tier") == "disk") == is_worker:
-                        continue  # disk samples from the supervisor, memory ones from workers
+                    if name in SHARED_TIER and is_worker:
+                        continue  # the machine's memory and disk: counted once, by the supervisor
                     k = (name, sample, tuple(sorted(labels.items())))
                     sums[k] = sums.get(k, 0.0) + value
                     counts[k] = counts.get(k, 0) + 1

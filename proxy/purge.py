@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
@@ -206,10 +206,13 @@ class Purger:
         return keys, match
 
     async def purge_shared(self, spec: PurgeSpec) -> tuple[int, list[Ban], PurgeMatch]:
+        """The purge's shared half: the disk tier and the machine's shared memory, once; the
+        match each process then finishes it with (``Storage.purge_local``)."""
         keys, match = await self.plan(spec)
         count, bans = await self.storage.purge_shared(keys, spec.prefixes, spec.tags, spec.all,
                                                       spec.soft)
-        return count, bans, match
+        in_memory, arena_from = self.storage.purge_memory(match)
+        return max(count, in_memory), bans, replace(match, arena_from=arena_from)
 
     async def purge(self, spec: PurgeSpec) -> int:
         count, bans, match = await self.purge_shared(spec)
@@ -219,10 +222,12 @@ class Purger:
 
 def match_to_json(m: PurgeMatch) -> dict[str, Any]:
     return {"keys": sorted(m.keys), "urls": sorted(m.urls), "prefixes": list(m.prefixes),
-            "tags": sorted(m.tags), "all": m.all, "soft": m.soft, "since": m.since}
+            "tags": sorted(m.tags), "all": m.all, "soft": m.soft, "since": m.since,
+            "arena_from": m.arena_from}
 
 
 def match_from_json(d: dict[str, Any]) -> PurgeMatch:
     return PurgeMatch(keys=frozenset(d["keys"]), urls=frozenset(d["urls"]),
                       prefixes=tuple(d["prefixes"]), tags=frozenset(d["tags"]), all=bool(d["all"]),
-                      soft=bool(d["soft"]), since=float(d.get("since", 0.0)))
+                      soft=bool(d["soft"]), since=float(d.get("since", 0.0)),
+                      arena_from=int(d.get("arena_from", 0)))

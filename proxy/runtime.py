@@ -25,9 +25,10 @@ from proxy.control import Channel
 from proxy.engine import Engine
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import Purger, PurgeSpec
+from proxy.storage.arena import Arena
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
-from proxy.storage.memory import MemoryTier
+from proxy.storage.memory import MemoryTier, arena_capacity
 from proxy.storage.tiered import Storage
 from proxy.upstream import UpstreamPool
 
@@ -39,9 +40,16 @@ BAN_RELOAD_INTERVAL = 30.0  # workers: pick up bans the sweeper removed
 MAX_HOSTS_SEEN = 10_000
 
 
-def open_storage(settings: Settings) -> Storage:
+def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: int = 1) -> Storage:
+    """The store of one process. The owner of the cache directory makes the machine's shared
+    memory (``processes`` serving processes take their decoded caches out of ``cache.memory``);
+    a worker attaches to it (``arena_fd``, inherited from its supervisor)."""
     c = settings.cache
-    memory = MemoryTier(c.memory, c.memory_max_object, c.memory_policy)
+    if arena_fd is not None:
+        arena = Arena.attach(arena_fd)
+    else:
+        arena = Arena.create(arena_capacity(c.memory, processes))
+    memory = MemoryTier(c.memory, c.memory_max_object, c.memory_policy, arena=arena, owns_arena=True)
     disk = index = None
     if c.disk is not None:
         os.makedirs(c.disk.path, exist_ok=True)
@@ -90,9 +98,10 @@ class Runtime:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, settings: Settings, *, owner: bool = True) -> Runtime:
+    async def open(cls, settings: Settings, *, owner: bool = True, arena_fd: int | None = None,
+                   processes: int = 1) -> Runtime:
         started = time.time()
-        storage = open_storage(settings)
+        storage = open_storage(settings, arena_fd=arena_fd, processes=processes)
         metrics = Metrics()
         pool = UpstreamPool(settings.upstreams, settings.pool,
                             on_error=lambda name, kind: metrics.upstream_errors.labels(name, kind).inc())

@@ -114,7 +114,8 @@ class Supervisor:
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             return 1
-        runtime = self.runtime = await Runtime.open(self.settings, owner=True)
+        runtime = self.runtime = await Runtime.open(self.settings, owner=True,
+                                                    processes=self.settings.workers)
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
         reloader = install_reloader(runtime, self.config_path, self.overrides)
@@ -205,9 +206,11 @@ class Supervisor:
         host, port = self._listen
         overrides = replace(self.overrides, listen=f"{_fmt(host)}:{port}", workers="1",
                             admin_listen="off")
+        assert self.runtime is not None
+        arena_fd = self.runtime.storage.memory.arena.fd  # the machine's shared memory
         args = [sys.executable, "-m", "proxy.supervisor", "worker",
                 "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
-                "--overrides", json.dumps(asdict(overrides))]
+                "--arena-fd", str(arena_fd), "--overrides", json.dumps(asdict(overrides))]
         if self.config_path is not None:
             args += ["--config", self.config_path]
         if not self.use_uvloop:
@@ -215,7 +218,7 @@ class Supervisor:
         args += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
         w.ready.clear()
         try:
-            w.process = await asyncio.create_subprocess_exec(*args, pass_fds=(child_end.fileno(),))
+            w.process = await asyncio.create_subprocess_exec(*args, pass_fds=(child_end.fileno(), arena_fd))
         except OSError as exc:
             log.error("cannot start worker %d: %s", w.worker_id, exc)
             parent_end.close()
@@ -363,6 +366,7 @@ def _worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cachegate-worker")
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--arena-fd", type=int)
     parser.add_argument("--config")
     parser.add_argument("--overrides", required=True)
     parser.add_argument("--no-uvloop", action="store_true")
@@ -385,7 +389,7 @@ def _worker_main(argv: list[str]) -> int:
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_async(serve(settings, args.config, overrides,
-                           WorkerLink(args.worker_id, args.control_fd)), not args.no_uvloop)
+                           WorkerLink(args.worker_id, args.control_fd, args.arena_fd)), not args.no_uvloop)
 
 
 if __name__ == "__main__":

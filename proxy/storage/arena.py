@@ -420,9 +420,22 @@ class Arena:
         return self._phys(pos) + HEADER + key_len + meta_len
 
     def _reset(self) -> None:
-        """Empty the ring and its index (damage that no reader or writer can walk through)."""
+        """Empty the ring and its index: every record dies (readers holding one see it gone)."""
         head = self._get(H_HEAD)
+        mm = self.mm
         self.mm[self._index_at:self._dir_flags_at] = bytes(self._dir_flags_at - self._index_at)
+        pos = self._get(H_TAIL)
+        while pos < head:
+            pos = self._lap(pos)
+            if pos >= head:
+                break
+            at = self._phys(pos)
+            size = _HEAD.unpack_from(mm, at)[2]
+            if size < HEADER or size % 8:  # damage: no walking on, wipe the ring's headers
+                mm[self._ring_at:self._ring_at + self.capacity] = bytes(self.capacity)
+                break
+            _Q.pack_into(mm, at, 0)
+            pos += size
         self._set(H_TAIL, head)
         self._set(H_ENTRIES, 0)
         self._set(H_BYTES, 0)

@@ -94,11 +94,13 @@ def decoded_budget(budget: int) -> int:
 
 class MemoryTier:
     def __init__(self, budget: int, max_object: int, policy: MemoryPolicy = "lru", *,
-                 arena: Arena | None = None, decoded: int | None = None) -> None:
+                 arena: Arena | None = None, decoded: int | None = None, owns_arena: bool = False) -> None:
+        """``budget``: ``cache.memory`` (of the machine); ``arena``: the machine's shared memory
+        (a new one of this process's own when None); ``owns_arena``: close it with the tier."""
         if policy not in ("lru", "lfu"):
             raise ValueError(f"memory policy must be lru or lfu, not {policy!r}")
         self.arena = arena if arena is not None else Arena.create(arena_capacity(budget))
-        self._own_arena = arena is None
+        self._own_arena = arena is None or owns_arena
         self.budget = self.arena.capacity
         self.max_object = max_object
         self.policy = policy
@@ -127,6 +129,10 @@ class MemoryTier:
     @property
     def evictions(self) -> int:
         return self.arena.evictions
+
+    @property
+    def decoded_entries(self) -> int:
+        return len(self._decoded)
 
     def __contains__(self, key: str) -> bool:
         return self.slot(key) is not None
@@ -302,8 +308,11 @@ class MemoryTier:
                 out.append(r.key)
         return out
 
-    def keys_for_url(self, url: str) -> list[str]:
-        """Every key of ``url``: the plain one and those with header or cookie parts."""
+    def keys_for_url(self, url: str, scan: bool = True) -> list[str]:
+        """Every key of ``url``: the plain one and those with header or cookie parts (those only
+        with ``scan``: a pass over every record, which the disk tier's index spares)."""
+        if not scan:
+            return [url] if self.slot(url) is not None else []
         return [r.key for r in self.arena.scan() if r.key == url or url_of_key(r.key) == url]
 
     def keys_with_prefix(self, prefix: str) -> list[str]:

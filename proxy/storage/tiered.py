@@ -44,10 +44,11 @@ from dataclasses import dataclass, replace
 from typing import IO, Any, TypeVar, cast
 
 from proxy.policy.keys import url_of_key
+from proxy.storage.arena import Record
 from proxy.storage.bans import GONE, BanList, PurgeMatch
 from proxy.storage.bodyfiles import BodyFile, OpenBodies, SharedFile
 from proxy.storage.disk import INLINE_LIMIT, ORPHAN_AGE, DiskTier, new_body_id
-from proxy.storage.entry import Entry
+from proxy.storage.entry import Entry, decode_record
 from proxy.storage.index import Ban, UrlTagIndex
 from proxy.storage.memory import Cached, MemoryTier
 from proxy.storage.spool import SpoolDir, sweep_dead_spools
@@ -641,7 +642,9 @@ class Storage:
     async def keys_for_urls(self, urls: Iterable[str]) -> set[str]:
         """Every key of these URLs (all key shapes: header and cookie parts), in both tiers."""
         urls = list(urls)
-        keys = {k for u in urls for k in self.memory.keys_for_url(u)}
+        # The index knows every key shape of what reached the disk; memory is asked for the
+        # plain keys (and, without an index, looked through for the others).
+        keys = {k for u in urls for k in self.memory.keys_for_url(u, scan=self.index is None)}
         if self.index is not None and urls:
             index = self.index
             keys.update(await self.run(lambda: [k for u in urls for k in index.keys_for_url(u)]))
@@ -651,7 +654,7 @@ class Storage:
                        tags: Iterable[str] = (), memory_only: bool = False) -> set[str]:
         """Every stored key for these URLs, prefixes and tags (small purges and inspection)."""
         urls, prefixes, tags = list(urls), list(prefixes), list(tags)
-        keys = {k for u in urls for k in self.memory.keys_for_url(u)}
+        keys = {k for u in urls for k in self.memory.keys_for_url(u, scan=self.index is None)}
         keys.update(k for p in prefixes for k in self.memory.keys_with_prefix(p))
         keys.update(k for t in tags for k in self.memory.keys_for_tag(t))
         if self.index is not None and not memory_only:
@@ -704,15 +707,34 @@ class Storage:
             count += len(found)
         return count, bans
 
+    def purge_memory(self, match: PurgeMatch) -> tuple[int, int]:
+        """The machine's shared memory's half of a purge, once (the process that does the
+        shared half): (keys dropped or marked stale, where in the arena this pass began: the
+        processes finishing the purge look from there on, ``PurgeMatch.arena_from``)."""
+        m = self.memory
+        start = m.arena.head
+        if match.all and not match.soft:
+            return m.clear(), start
+        count = sum(self.forget_in_memory(k, match.soft) for k in match.keys)
+        if match.all or match.tags or match.prefixes or (match.urls and self.index is None):
+            count += self._purge_arena(match, 0, start)
+        return count, start
+
+    def _purge_arena(self, match: PurgeMatch, start: int, end: int | None = None) -> int:
+        """Drop (or mark stale) the records from ``start`` to ``end`` that ``match`` covers."""
+        covered = [r.key for r in self.memory.arena.scan(start, end) if _record_covered(match, r)]
+        return sum(self.forget_in_memory(k, match.soft) for k in covered)
+
     async def purge_local(self, match: PurgeMatch, bans: Iterable[Ban] = ()) -> int:
-        """This process's half of a purge: bans, memory tier, and fills in flight. Returns the
-        number of keys dropped (or marked stale) from memory."""
+        """This process's half of a purge: bans, fills in flight, and what reached the shared
+        memory since the purge's pass over it (``match.arena_from``; all of it when 0). Returns
+        the number of keys dropped (or marked stale) from memory."""
         self.bans.add(bans)
         self.epoch += 1
         for spool in self._spools:
             if match.covers(spool.entry):
                 spool.doomed = True
-        count = self._purge_memory(match)
+        count = self._purge_arena(match, match.arena_from)
         if not match.soft:
             self.body_files.drop(match.covers)
         waits = [(e, fut) for e, fut in self._committing.values() if match.covers(e)]
@@ -734,19 +756,6 @@ class Storage:
                 self.forget_in_memory(k, match.soft)
         return count
 
-    def _purge_memory(self, match: PurgeMatch) -> int:
-        m = self.memory
-        if match.all:
-            if not match.soft:
-                return m.clear()
-            keys: set[str] = set(m.keys())
-        else:
-            keys = {k for k in match.keys if k in m}
-            keys.update(k for u in match.urls for k in m.keys_for_url(u))
-            keys.update(k for t in match.tags for k in m.keys_for_tag(t))
-            keys.update(k for p in match.prefixes for k in m.keys_with_prefix(p))
-        return sum(self.forget_in_memory(k, match.soft) for k in keys)
-
     def forget_in_memory(self, key: str, soft: bool) -> bool:
         if not soft:
             return self.memory.delete(key)
@@ -759,16 +768,20 @@ class Storage:
         return True
 
     async def delete(self, keys: Iterable[str], soft: bool = False) -> int:
-        """Remove (or mark stale) these keys in this process and on disk."""
+        """Remove (or mark stale) these keys in this process, the shared memory and on disk."""
         keys = set(keys)
-        local = await self.purge_local(PurgeMatch(keys=frozenset(keys), soft=soft))
+        match = PurgeMatch(keys=frozenset(keys), soft=soft)
+        in_memory, start = self.purge_memory(match)
+        local = await self.purge_local(replace(match, arena_from=start))
         shared, _ = await self.purge_shared(keys, soft=soft)
-        return max(local, shared)
+        return max(in_memory + local, shared)
 
     async def delete_all(self, soft: bool = False) -> int:
         shared, bans = await self.purge_shared((), all=True, soft=soft)
-        local = await self.purge_local(PurgeMatch(all=True, soft=soft), bans)
-        return max(shared, local)
+        match = PurgeMatch(all=True, soft=soft)
+        in_memory, start = self.purge_memory(match)
+        local = await self.purge_local(replace(match, arena_from=start), bans)
+        return max(shared, in_memory + local)
 
     # -- upkeep (one process per cache directory) ----------------------------------------
 
@@ -886,6 +899,20 @@ class Storage:
     async def reload_bans(self) -> None:
         if self.index is not None:
             self.bans.replace(await self.run(self.index.bans))
+
+
+def _record_covered(match: PurgeMatch, record: Record) -> bool:
+    """Whether a purge covers the variants in an arena record (their tags are decoded only
+    when the purge names tags)."""
+    key = record.key
+    if match.all or key in match.keys or (match.urls and url_of_key(key) in match.urls):
+        return True
+    if any(key.startswith(p) for p in match.prefixes):
+        return True
+    if match.tags:
+        decoded = decode_record(key, record.meta) or ()
+        return any(not match.tags.isdisjoint(e.tags) for e, _, _ in decoded)
+    return False
 
 
 def _mark_stale(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:

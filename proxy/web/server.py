@@ -222,6 +222,7 @@ class WorkerLink:
 
     worker_id: int
     control_fd: int
+    arena_fd: int | None = None  # the machine's shared memory (proxy.storage.arena), a memfd
 
 
 async def serve(settings: Settings, config_path: str | None, overrides: Overrides,
@@ -234,7 +235,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     answers its calls (``purge_local``, ``reload``, ``ping``).
     """
     check_c_parser()
-    runtime = await Runtime.open(settings, owner=worker is None)
+    runtime = await Runtime.open(settings, owner=worker is None,
+                                 arena_fd=worker.arena_fd if worker is not None else None)
     listeners = Listeners()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -86,7 +86,7 @@ def _parse(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_counters_add_up_across_workers_and_shared_gauges_are_counted_once() -> None:
-    supervisor = _worker({}, 0, 5000, 1.0)
+    supervisor = _worker({}, 12, 5000, 1.0)
     supervisor.purges.labels("tag").inc()
     cluster = ClusterMetrics()
     cluster.update(0, 100, _worker({"HIT": 3, "MISS": 1}, 10, 5000, 1.0).snapshot())
@@ -95,8 +95,9 @@ def test_counters_add_up_across_workers_and_shared_gauges_are_counted_once() -> 
     assert m[("cachegate_requests_total", (("cache_status", "HIT"), ("method", "GET")))] == 5
     assert m[("cachegate_requests_total", (("cache_status", "MISS"), ("method", "GET")))] == 1
     assert m[("cachegate_upstream_latency_seconds_count", (("upstream", "u"),))] == 3
-    assert m[("cachegate_cache_entries", (("tier", "memory"),))] == 17
-    assert m[("cachegate_cache_bytes", (("tier", "disk"),))] == 5000  # the supervisor's, once
+    # The machine's shared memory and disk: the supervisor's figures, once.
+    assert m[("cachegate_cache_entries", (("tier", "memory"),))] == 12
+    assert m[("cachegate_cache_bytes", (("tier", "disk"),))] == 5000
     assert m[("cachegate_config_reloads_total", (("result", "success"),))] == 1
     assert m[("cachegate_purges_total", (("kind", "tag"),))] == 1
     assert m[("cachegate_upstream_up", (("upstream", "u"),))] == 0.5  # the mean over workers
@@ -104,7 +105,7 @@ def test_counters_add_up_across_workers_and_shared_gauges_are_counted_once() -> 
 
 def test_a_restarted_workers_old_counts_are_kept_so_sums_never_go_down() -> None:
     cluster = ClusterMetrics()
-    supervisor = Metrics().snapshot()
+    supervisor = _worker({}, 0, 0, 1.0).snapshot()
     cluster.update(0, 100, _worker({"HIT": 10}, 5, 0, 1.0).snapshot())
     cluster.update(1, 101, _worker({"HIT": 4}, 5, 0, 1.0).snapshot())
     before = _parse(render_families(cluster.merge(supervisor, cluster.workers())))
@@ -112,7 +113,7 @@ def test_a_restarted_workers_old_counts_are_kept_so_sums_never_go_down() -> None
     after = _parse(render_families(cluster.merge(supervisor, cluster.workers())))
     key = ("cachegate_requests_total", (("cache_status", "HIT"), ("method", "GET")))
     assert (before[key], after[key]) == (14, 15)
-    assert after[("cachegate_cache_entries", (("tier", "memory"),))] == 6  # gauges: live processes only
+    assert after[("cachegate_cache_entries", (("tier", "memory"),))] == 0  # the supervisor's
 
 
 def test_the_window_covers_the_last_minute_of_samples() -> None:

@@ -38,6 +38,13 @@ def test_a_record_reads_back_whole_and_a_new_one_replaces_it(arena: Arena) -> No
     assert arena.find("http://h/b") is None
 
 
+def test_clearing_kills_every_record_for_readers_that_hold_one(arena: Arena) -> None:
+    positions = [arena.put(f"k{i}", b"m", b"b" * 100) for i in range(50)]
+    assert arena.clear() == 50
+    assert not any(arena.alive(p) for p in positions) and arena.find("k1") is None
+    assert arena.put("k1", b"m", b"again") and arena.find("k1") is not None
+
+
 def test_a_deleted_record_is_gone_and_its_old_copies_read_as_gone(arena: Arena) -> None:
     arena.put("k", b"m", b"b")
     found = arena.find("k")

@@ -203,3 +203,77 @@ async def test_sigint_to_the_supervisor_stops_every_worker_and_exits_0(
     assert await proxy.stop(signal.SIGINT) == 0
     assert "cachegate: stopped" in proxy.lines
     assert not [p for p in pids if _alive(p)]
+
+
+async def test_what_one_worker_stored_the_other_serves_from_memory_without_a_miss(
+        origin: Origin, tmp_path: Path) -> None:
+    """One cache per machine: the workers share one memory tier. Memory only (no disk tier to
+    meet in, no cross-worker lease): each key reaches the origin once, whichever worker asks."""
+    for i in range(20):
+        origin.route(f"/f/{i}", body=b"%d" % i * 50, headers={"Cache-Control": "max-age=300"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url,
+                                                     "cache: {memory: 16MB, disk: null}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        for i in range(20):
+            first = await proxy.get(f"/f/{i}")
+            assert first.x_cache == "MISS"
+            # The other worker, asked right after: a hit from the shared memory.
+            seen = await _until_each_worker(proxy, f"/f/{i}", 2, lambda r: r.status == 200)
+            for worker, r in seen.items():
+                if worker != first.worker:
+                    assert (r.x_cache, r.tier, r.body) == ("HIT", "memory", b"%d" % i * 50)
+            assert origin.count(f"/f/{i}") == 1
+    finally:
+        await proxy.stop()
+
+
+def _pss(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Pss")
+
+
+# What each worker process costs beyond the machine's cache.memory, measured with two workers
+# at 100,000 keys (docs/storage.md): the interpreter with aiohttp, uvloop, yaml, diskcache and
+# prometheus-client, SQLite's page caches, spools in flight, and the supervisor's share.
+WORKER_OVERHEAD = 80 << 20
+
+
+async def test_two_workers_together_stay_within_the_machines_memory_budget(
+        origin: Origin, tmp_path: Path) -> None:
+    """cache.memory is the budget of the machine: with two workers that both fill and read a
+    set of bodies twice the budget, all cachegate processes together (proportional set size:
+    shared pages counted once) stay within cache.memory + 2 x the fixed overhead."""
+    body = os.urandom(64 * 1024)
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"Cache-Control": "max-age=300"})
+
+    for i in range(3200):  # 200 MB of distinct bodies against a 96 MB budget
+        origin.route(f"/b/{i}", page)
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url, "cache: {memory: 96MB, disk: {path: cache, size: 1GB, shards: 4}}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        assert proxy.process is not None
+        pids = [proxy.process.pid, *proxy.workers.values()]
+        peak = 0
+        sem = asyncio.Semaphore(16)
+
+        async def get(i: int) -> None:
+            async with sem:
+                r = await proxy.get(f"/b/{i}")
+                assert r.status == 200 and len(r.body) == len(body)
+
+        for _ in range(2):  # fill, then read it all again (both workers promote what they read)
+            for start in range(0, 3200, 400):
+                await asyncio.gather(*(get(i) for i in range(start, start + 400)))
+                peak = max(peak, sum(_pss(p) for p in pids))
+        assert peak <= (96 << 20) + 2 * WORKER_OVERHEAD, peak / (1 << 20)
+    finally:
+        await proxy.stop()
