@@ -215,8 +215,9 @@ class Purger:
         return max(count, in_memory), bans, replace(match, arena_from=arena_from)
 
     async def purge(self, spec: PurgeSpec) -> int:
-        count, bans, match = await self.purge_shared(spec)
-        local = await self.storage.purge_local(match, bans)
+        async with self.storage.purging():
+            count, bans, match = await self.purge_shared(spec)
+            local = await self.storage.purge_local(match, bans)
         return max(count, local)
 
 

@@ -29,6 +29,7 @@ from proxy.storage.arena import Arena
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier, arena_capacity
+from proxy.storage.persist import PERSIST_INTERVAL
 from proxy.storage.tiered import Storage
 from proxy.upstream import UpstreamPool
 
@@ -95,6 +96,7 @@ class Runtime:
     # Hosts clients asked for (up to MAX_HOSTS_SEEN): with the hosts in the store, what the
     # admin API takes as "hosts cachegate serves" when admin.hosts does not list them.
     hosts_seen: set[str] = field(default_factory=set)
+    owner: bool = True  # owns the cache directory: upkeep and write-behind
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -119,6 +121,10 @@ class Runtime:
         if storage.disk is not None:
             loop = runtime._upkeep(started) if owner else runtime._reload_bans()
             runtime._tasks.append(asyncio.ensure_future(loop))
+            if owner and storage.persister is not None:  # write-behind: the owner's alone
+                interval = float(os.environ.get("CACHEGATE_PERSIST_INTERVAL") or PERSIST_INTERVAL)
+                runtime._tasks.append(asyncio.ensure_future(storage.persister.run_forever(interval)))
+        runtime.owner = owner
         return runtime
 
     async def purge(self, spec: PurgeSpec) -> int:
@@ -146,6 +152,11 @@ class Runtime:
                 await t
         await self.engine.close()
         await self.pool.close()
+        if self.owner:  # what the shared memory holds that the disk does not yet: a clean stop keeps it
+            try:
+                await self.storage.flush()
+            except Exception:
+                log.exception("writing the last fills to disk failed")
         self.storage.close()
 
     async def _upkeep(self, started: float) -> None:

@@ -292,13 +292,16 @@ class Supervisor:
         """Purge the shared disk tier once, then every worker's memory; answer when all acked."""
         runtime = self.runtime
         assert runtime is not None
-        count, bans, match = await runtime.purger.purge_shared(spec)
-        await runtime.storage.purge_local(match, bans)
-        args = {"match": match_to_json(match), "bans": [b.to_json() for b in bans]}
-        live = [w for w in self.workers if w.channel is not None and w.process is not None
-                and w.process.returncode is None]
-        results = await asyncio.gather(
-            *(self._purge_worker(w, args) for w in live), return_exceptions=True)
+        # Write-behind waits for the whole purge: what a worker finds covered in the shared
+        # memory before it answers is never committed to disk afterwards.
+        async with runtime.storage.purging():
+            count, bans, match = await runtime.purger.purge_shared(spec)
+            await runtime.storage.purge_local(match, bans)
+            args = {"match": match_to_json(match), "bans": [b.to_json() for b in bans]}
+            live = [w for w in self.workers if w.channel is not None and w.process is not None
+                    and w.process.returncode is None]
+            results = await asyncio.gather(
+                *(self._purge_worker(w, args) for w in live), return_exceptions=True)
         local = sum(r for r in results if isinstance(r, int))
         total = max(count, local)
         runtime.count_purge(spec, total)

@@ -250,8 +250,10 @@ class DiskTier:
             pass  # busy: the next write culls
 
     def delete_body(self, key: str, body_id: str) -> None:
-        with contextlib.suppress(diskcache.Timeout):  # else left as an orphan: the sweep removes it
-            self._shard(key).delete("b:" + body_id, retry=True)
+        # Without retries: a shard whose lock is held would keep this thread forever (the write
+        # that failed met the same lock); the body is then an orphan the sweep removes.
+        with contextlib.suppress(diskcache.Timeout):
+            self._shard(key).delete("b:" + body_id, retry=False)
 
     @staticmethod
     def _merge_locked(shard: diskcache.Cache, key: str, merge: Merge) -> bool:

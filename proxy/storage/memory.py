@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from proxy.policy.keys import url_of_key
-from proxy.storage.arena import Arena
+from proxy.storage.arena import F_PERSISTED, Arena
 from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
 
 MemoryPolicy = Literal["lru", "lfu"]
@@ -215,7 +215,8 @@ class MemoryTier:
                 at += body_len
             else:
                 starts.append(-1)
-            variants.append(Cached(e, body, pos=record.pos, state=state))
+            variants.append(Cached(e, body, pos=record.pos,
+                                   state=ON_DISK if record.flags & F_PERSISTED else state))
         return self._hold(key, tuple(variants), record.pos, tuple(starts))
 
     def _hold(self, key: str, variants: tuple[Cached, ...], pos: int, starts: tuple[int, ...]) -> list[Any]:
@@ -263,7 +264,8 @@ class MemoryTier:
                 metas.append((c.entry, len(body), c.state))
                 parts.append(body)
         meta = encode_record(metas)
-        pos = self.arena.put(key, meta, parts)
+        persisted = all(state == ON_DISK for _, _, state in metas)
+        pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0)
         if not pos:
             self._forget(key)
             return False

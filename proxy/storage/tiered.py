@@ -48,21 +48,20 @@ from proxy.storage.arena import Record
 from proxy.storage.bans import GONE, BanList, PurgeMatch
 from proxy.storage.bodyfiles import BodyFile, OpenBodies, SharedFile
 from proxy.storage.disk import INLINE_LIMIT, ORPHAN_AGE, DiskTier, new_body_id
-from proxy.storage.entry import Entry, decode_record
+from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry, decode_record
 from proxy.storage.index import Ban, UrlTagIndex
 from proxy.storage.memory import Cached, MemoryTier
+from proxy.storage.persist import Persister, adding, merge_variant, updating
 from proxy.storage.spool import SpoolDir, sweep_dead_spools
 
 T = TypeVar("T")
 log = logging.getLogger("cachegate.storage")
 
-MAX_VARIANTS = 32
 RECENT_COMMITS_WINDOW = 60.0  # seconds a disk commit is remembered, for purges that raced it
 SPOOL_IN_MEMORY = 64 * 1024  # a body being received stays in memory up to this (or memory_max_object)
 SWEEP_BATCH = 1000
 GC_BATCH = 2000
 COMMIT_WAIT = 5.0  # seconds a read waits for this process's disk write of the same key
-COMMIT_BATCH = 128  # small-body commits written in one go (one transaction per shard and batch)
 LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 executor threads)
 LOOKUP_BATCH = 16  # keys per group: a group waits for its slowest read
 OPENING_LIMIT = 8  # body files being opened for sendfile at once (see sendable_file)
@@ -87,6 +86,7 @@ class BodySpool:
         self._file: IO[bytes] | None = None
         self.too_large = expected_length is not None and expected_length > storage.max_object
         self.body_id = new_body_id()
+        self.in_memory = False  # its body went into the shared memory (the disk gets it behind)
 
     async def write(self, chunk: bytes) -> bool:
         if self.too_large:
@@ -167,18 +167,16 @@ class Storage:
         root = spool_root or (os.path.join(disk.path, "tmp") if disk is not None
                               else os.path.join(tempfile.gettempdir(), "cachegate-spool"))
         self.spools = SpoolDir(root)
-        self.failed_writes = 0
+        self._failed_writes = 0  # this process's own disk commits (big bodies) that failed
         self.bans = BanList(index.bans() if index is not None else ())
         self.epoch = 0  # local purges so far
         self._spools: set[BodySpool] = set()  # bodies being received, not yet stored
         self._recent: collections.deque[tuple[Entry, float]] = collections.deque()  # recent disk commits
         self._committing: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
         self._committing_keys: dict[str, int] = {}  # how many of them per key (lookups ask)
-        # Small-body commits go to one writer thread, which takes all that queued up while it
-        # wrote the previous batch (group commit).
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-commit")
-        self._commit_queue: list[tuple[Entry, bytes, asyncio.Future[Entry | None]]] = []
-        self._committing_batch = False
+        # What fills put in the shared memory reaches the disk behind them (proxy.storage.persist),
+        # written by the process that owns the cache directory (``persist_forever``).
+        self.persister = Persister(memory.arena, disk, index, self.bans) if disk is not None else None
         self._lookups: list[tuple[str, bool, asyncio.Future[tuple[Cached, ...]]]] = []  # see _lookup
         self._lookups_running = 0
         self._gc_cursor = ""
@@ -195,6 +193,11 @@ class Storage:
         self._opening: dict[tuple[str, str], concurrent.futures.Future[bytes | IO[bytes] | None]] = {}
         self._closed = False
 
+    @property
+    def failed_writes(self) -> int:
+        """Disk writes that failed (a shard's lock timed out): this process's own, and write-behind's."""
+        return self._failed_writes + (self.persister.stats.failed if self.persister is not None else 0)
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -203,7 +206,8 @@ class Storage:
 
     def close(self) -> None:
         self._closed = True
-        self._writer.shutdown(wait=True)
+        if self.persister is not None:
+            self.persister.close()
         if self._own_executor:
             self._executor.shutdown(wait=True)
         for job in self._opening.values():
@@ -288,12 +292,13 @@ class Storage:
             self._read_group()
 
     async def reread(self, key: str) -> tuple[Cached, ...]:
-        """The key's variants as the shared disk has them now, in memory instead of this
-        process's copy: another worker may have stored or freshened the key since this
-        process read it (multi-worker coalescing answers from what it stored). Bodies held
-        in memory are kept for variants whose body did not change."""
-        if self.disk is None:
-            return self.memory.peek(key) or ()
+        """The key's variants as the machine has them now: another worker may have stored or
+        freshened the key since this process looked (multi-worker coalescing answers from
+        what it stored). The shared memory holds what any worker stored lately (the disk gets
+        it behind); else the disk tier is read, and what it has goes into memory."""
+        current = self.memory.peek(key)
+        if current is not None or self.disk is None:
+            return current or ()
         for _ in range(3):
             epoch = self.epoch
             variants = await self.run(self._load_from_disk, key)
@@ -433,25 +438,28 @@ class Storage:
         return replace(entry, body_id=spool.body_id, body_size=spool.size)
 
     def put_memory(self, entry: Entry, spool: BodySpool) -> bool:
-        """Make a finalized entry visible in memory at once (small bodies only)."""
+        """Make a finalized entry visible at once, to every process of the machine (bodies up to
+        ``memory_max_object``); the disk tier gets it behind (``persist``)."""
         body = spool.body_bytes()
-        if body is None or entry.body_size > self.memory.max_object:
-            return False
-        if spool.doomed:
+        if body is None or entry.body_size > self.memory.max_object or spool.doomed:
             return False
         current = self.memory.peek(entry.key) or ()
-        merged, _ = _merge_variant(tuple(c.entry for c in current), entry)
-        bodies = {c.entry.body_id: c.body for c in current}
-        bodies[entry.body_id] = body
-        return self.memory.put(entry.key, tuple(Cached(e, bodies.get(e.body_id)) for e in merged))
+        merged, _ = merge_variant(tuple(c.entry for c in current), entry)
+        held = {c.entry.body_id: c for c in current}
+        new = Cached(entry, body, state=ALL_TO_WRITE)
+        spool.in_memory = self.memory.put(entry.key, tuple(
+            new if e.body_id == entry.body_id else held[e.body_id] for e in merged))
+        return spool.in_memory
 
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
-        """Write a finalized entry to the disk tier; big bodies become visible here."""
+        """The disk tier's part of a finalized entry: nothing now for a body the shared memory
+        holds (written behind, by the owner); a big body is committed here, and becomes
+        visible once it is on disk."""
         if spool.doomed:
             spool.discard()
             return False
-        if self.disk is None:
-            ok = spool.body_bytes() is not None
+        if self.disk is None or spool.in_memory:
+            ok = spool.in_memory or (self.disk is None and spool.body_bytes() is not None)
             spool.discard()
             return ok
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -460,11 +468,7 @@ class Storage:
         keys = self._committing_keys
         keys[entry.key] = keys.get(entry.key, 0) + 1
         try:
-            body = spool.body_bytes()
-            if body is not None and len(body) < INLINE_LIMIT:
-                stored = await self._commit_small(entry, body)
-            else:
-                stored = await self.run(self._commit_to_disk, entry, body, spool.file())
+            stored = await self.run(self._commit_to_disk, entry, spool.body_bytes(), spool.file())
         finally:
             del self._committing[token]
             if keys[entry.key] == 1:
@@ -474,18 +478,21 @@ class Storage:
             done.set_result(None)
             spool.discard()
         if stored is None:
-            self.failed_writes += 1
+            self._failed_writes += 1
             return False
         now = time.monotonic()
         self._recent.append((stored, now))
         while self._recent and self._recent[0][1] < now - RECENT_COMMITS_WINDOW:
             self._recent.popleft()
-        if entry.body_size > self.memory.max_object and not spool.doomed:
-            current = self.memory.peek(entry.key)
-            if current is not None:  # keep memory's view of the key consistent
-                merged, _ = _merge_variant(tuple(c.entry for c in current), stored)
-                bodies = {c.entry.body_id: c.body for c in current}
-                self.memory.replace(entry.key, tuple(Cached(e, bodies.get(e.body_id)) for e in merged))
+        self.memory.arena.disk_add([entry.key])
+        if not spool.doomed:
+            # Its metadata in the shared memory too (the body stays on disk), beside the key's
+            # other variants there.
+            current = self.memory.peek(entry.key) or ()
+            merged, _ = merge_variant(tuple(c.entry for c in current), stored)
+            held = {c.entry.body_id: c for c in current}
+            self.memory.put(entry.key, tuple(
+                Cached(stored, None) if e.body_id == stored.body_id else held[e.body_id] for e in merged))
         return True
 
     async def commit(self, entry: Entry, spool: BodySpool) -> bool:
@@ -496,72 +503,27 @@ class Storage:
         in_memory = self.put_memory(final, spool)
         return await self.put_disk(final, spool) or (in_memory and self.disk is None)
 
+    async def flush(self) -> int:
+        """Commit to the disk tier what the shared memory holds that it does not yet (the owner's
+        write-behind, done now: tests, and a clean stop); how many variants."""
+        return await self.persister.flush() if self.persister is not None else 0
+
+    def purging(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held by a purge while it acts on the shared memory and the disk: no write-behind batch
+        is in flight meanwhile, and none commits what the purge removed."""
+        if self.persister is None:
+            return contextlib.nullcontext()
+        return self.persister.paused()
+
     def _writes_of(self, key: str) -> list[asyncio.Future[None]]:
         """This process's disk writes of ``key`` in progress (a dict lookup when there are none)."""
         if key not in self._committing_keys:
             return []
         return [fut for e, fut in self._committing.values() if e.key == key]
 
-    async def _commit_small(self, entry: Entry, body: bytes) -> Entry | None:
-        """Queue a small-body commit for the writer thread; the stored entry, or None."""
-        done: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
-        self._commit_queue.append((entry, body, done))
-        if not self._committing_batch:
-            self._write_batch()
-        return await done
-
-    def _write_batch(self) -> None:
-        batch = self._commit_queue[:COMMIT_BATCH]
-        del self._commit_queue[:COMMIT_BATCH]
-        self._committing_batch = True
-        job = asyncio.get_running_loop().run_in_executor(
-            self._writer, self._commit_batch, [(e, b) for e, b, _ in batch])
-        job.add_done_callback(lambda f: self._batch_written(f, batch))
-
-    def _batch_written(self, job: asyncio.Future[list[Entry | None]],
-                       batch: list[tuple[Entry, bytes, asyncio.Future[Entry | None]]]) -> None:
-        self._committing_batch = False
-        _settle(job, [done for _, _, done in batch])
-        if self._commit_queue:
-            self._write_batch()
-
-    def _commit_batch(self, items: list[tuple[Entry, bytes]]) -> list[Entry | None]:
-        """Small bodies with their metadata, many at once (in the writer thread): one index
-        transaction for the batch, then one transaction per shard. Each entry is as safe as
-        when written alone: its index row (new seq) first, then its body and metadata
-        together (a crash in between leaves an index row the upkeep drops)."""
-        disk = self.disk
-        assert disk is not None
-        if self.index is not None:
-            seqs = self.index.add_many([(e.key, url_of_key(e.key), e.tags) for e, _ in items])
-        else:
-            seqs = [0] * len(items)
-        news = [replace(e, seq=seq) for (e, _), seq in zip(items, seqs, strict=True)]
-        kept: list[list[tuple[Entry, ...]]] = [[] for _ in items]
-        jobs = [(e.key, self._merger(new, k), e.body_id, body)
-                for (e, body), new, k in zip(items, news, kept, strict=True)]
-        committed = disk.commit_many(jobs)
-        out: list[Entry | None] = []
-        for (e, _), new, k, ok in zip(items, news, kept, committed, strict=True):
-            if ok:
-                self._index_other_tags(e.key, e.tags, k)
-            out.append(new if ok else None)
-        return out
-
-    def _merger(self, new: Entry, kept: list[tuple[Entry, ...]]) -> Callable[
-            [tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]:
-        """The merge that adds ``new`` to a key's variants (run under the shard's lock)."""
-        def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
-            banned: list[str] = []
-            out, replaced = _merge_variant(self._unbanned(current, banned), new)
-            kept.append(out)
-            return out, replaced + banned
-
-        return merge
-
     def _commit_to_disk(self, entry: Entry, body: bytes | None, file: IO[bytes] | None) -> Entry | None:
-        """A big body (a file of its own; small ones go by ``_commit_small``), then index (a new
-        seq), then metadata; the stored entry, or None on failure."""
+        """A body the shared memory does not hold (too big), then index (a new seq), then
+        metadata; the stored entry, or None on failure."""
         disk = self.disk
         assert disk is not None
         payload: bytes | IO[bytes]
@@ -580,7 +542,7 @@ class Storage:
         seq = self.index.add(entry.key, url_of_key(entry.key), entry.tags) if self.index else 0
         new = replace(entry, seq=seq)
         kept: list[tuple[Entry, ...]] = []
-        committed = disk.commit(entry.key, self._merger(new, kept))
+        committed = disk.commit(entry.key, adding(self.bans, new, kept))
         if not committed:
             disk.delete_body(entry.key, entry.body_id)
         self.spools.settle(entry.body_id)
@@ -588,19 +550,6 @@ class Storage:
             return None
         self._index_other_tags(entry.key, entry.tags, kept)
         return new
-
-    def _unbanned(self, current: tuple[Entry, ...], dropped: list[str]) -> tuple[Entry, ...]:
-        """Variants minus the hard-banned ones (their bodies go to ``dropped``); soft-banned made stale."""
-        out: list[Entry] = []
-        for e in current:
-            v = self.bans.verdict(e)
-            if v == GONE:
-                dropped.append(e.body_id)
-            elif v is None:
-                out.append(e)
-            else:
-                out.append(e if e.response.invalidated else e.invalidated())
-        return tuple(out)
 
     def _index_other_tags(self, key: str, written: tuple[str, ...], kept: list[tuple[Entry, ...]]) -> None:
         if self.index is None or not kept:
@@ -610,12 +559,14 @@ class Storage:
             self.index.add_tags(key, sorted(extra))
 
     async def update(self, entry: Entry) -> None:
-        """Replace a variant's metadata (after a 304), keeping its body."""
+        """Replace a variant's metadata (after a 304), keeping its body: in the shared memory at
+        once, and on disk behind it (or now, when memory does not hold the key)."""
         current = self.memory.peek(entry.key)
-        if current is not None:
-            self.memory.replace(entry.key, tuple(
-                Cached(entry, c.body) if c.entry.body_id == entry.body_id else c for c in current
-            ))
+        if current is not None and any(c.entry.body_id == entry.body_id for c in current):
+            self.memory.put(entry.key, tuple(
+                Cached(entry, c.body, state=max(c.state, META_TO_WRITE))
+                if c.entry.body_id == entry.body_id else c for c in current))
+            return
         if self.disk is not None:
             await self.run(self._update_on_disk, entry)
 
@@ -624,17 +575,8 @@ class Storage:
         assert disk is not None
         # A new seq: a soft purge that covered the old copy does not cover the revalidated one.
         seq = self.index.add(entry.key, url_of_key(entry.key), entry.tags) if self.index else 0
-        new = replace(entry, seq=seq)
         kept: list[tuple[Entry, ...]] = []
-
-        def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
-            dropped: list[str] = []
-            current = self._unbanned(current, dropped)
-            out = tuple(new if e.body_id == entry.body_id else e for e in current)
-            kept.append(out)
-            return out, dropped
-
-        disk.commit(entry.key, merge)
+        disk.commit(entry.key, updating(self.bans, replace(entry, seq=seq), kept))
         self._index_other_tags(entry.key, entry.tags, kept)
 
     # -- purging ------------------------------------------------------------------------
@@ -763,7 +705,8 @@ class Storage:
         if current is None:
             return False
         self.memory.replace(key, tuple(
-            c if c.entry.response.invalidated else Cached(c.entry.invalidated(), c.body) for c in current
+            c if c.entry.response.invalidated else Cached(c.entry.invalidated(), c.body, state=c.state)
+            for c in current
         ))
         return True
 
@@ -771,16 +714,18 @@ class Storage:
         """Remove (or mark stale) these keys in this process, the shared memory and on disk."""
         keys = set(keys)
         match = PurgeMatch(keys=frozenset(keys), soft=soft)
-        in_memory, start = self.purge_memory(match)
-        local = await self.purge_local(replace(match, arena_from=start))
-        shared, _ = await self.purge_shared(keys, soft=soft)
+        async with self.purging():
+            in_memory, start = self.purge_memory(match)
+            local = await self.purge_local(replace(match, arena_from=start))
+            shared, _ = await self.purge_shared(keys, soft=soft)
         return max(in_memory + local, shared)
 
     async def delete_all(self, soft: bool = False) -> int:
-        shared, bans = await self.purge_shared((), all=True, soft=soft)
-        match = PurgeMatch(all=True, soft=soft)
-        in_memory, start = self.purge_memory(match)
-        local = await self.purge_local(replace(match, arena_from=start), bans)
+        async with self.purging():
+            shared, bans = await self.purge_shared((), all=True, soft=soft)
+            match = PurgeMatch(all=True, soft=soft)
+            in_memory, start = self.purge_memory(match)
+            local = await self.purge_local(replace(match, arena_from=start), bans)
         return max(shared, in_memory + local)
 
     # -- upkeep (one process per cache directory) ----------------------------------------
@@ -917,17 +862,6 @@ def _record_covered(match: PurgeMatch, record: Record) -> bool:
 
 def _mark_stale(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
     return tuple(e if e.response.invalidated else e.invalidated() for e in current), []
-
-
-def _merge_variant(current: tuple[Entry, ...], new: Entry) -> tuple[tuple[Entry, ...], list[str]]:
-    """``new`` replaces the variant with the same Vary values; at most MAX_VARIANTS are kept.
-    Returns the variants and the body ids no longer used."""
-    kept = [e for e in current if e.response.vary != new.response.vary]
-    dropped = [e.body_id for e in current if e.response.vary == new.response.vary]
-    kept.append(new)
-    while len(kept) > MAX_VARIANTS:
-        dropped.append(kept.pop(0).body_id)
-    return tuple(kept), dropped
 
 
 def _read_all(f: IO[bytes]) -> bytes:

@@ -47,6 +47,16 @@ async def purge_method(proxy: ProxyProcess, path: str, headers: dict[str, str] |
         return Response(r.status, r.headers, await r.read())
 
 
+async def on_disk(proxy: ProxyProcess, url: str) -> None:
+    """Until the disk tier has ``url`` (the supervisor writes fills behind them)."""
+    for _ in range(100):
+        variants = json.loads((await proxy.admin("GET", f"/cache?url={quote(url)}")).body)["variants"]
+        if variants and "disk" in variants[0]["tiers"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never reached the disk")
+
+
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(text.decode()) for s in f.samples}
@@ -68,6 +78,7 @@ async def test_counters_add_up_across_workers_and_survive_a_worker_restart(
             per_worker[r.worker] = per_worker.get(r.worker, 0) + 1
             total += 1
             assert total < 500
+        await on_disk(proxy, f"http://{HOST}/n")  # written behind by the supervisor
         m = samples((await proxy.admin("GET", "/metrics")).body)
         assert requests_total(m) == total  # each worker counted its own; the sum is exact
         assert m[("cachegate_response_bytes_total", (("tier", "memory"),))] + m.get(
@@ -99,11 +110,7 @@ async def test_cache_stats_and_explain_see_every_workers_memory_and_the_disk(
     try:
         url = quote(f"http://{HOST}/p")
         await proxy.get("/p")
-        for _ in range(100):  # on disk before the other worker asks (else it fetches a copy of its own)
-            variants = json.loads((await proxy.admin("GET", f"/cache?url={url}")).body)["variants"]
-            if variants and "disk" in variants[0]["tiers"]:
-                break
-            await asyncio.sleep(0.05)
+        await on_disk(proxy, f"http://{HOST}/p")
         await in_both_memories(proxy, "/p")
         [variant] = json.loads((await proxy.admin("GET", f"/cache?url={url}")).body)["variants"]
         assert variant["tiers"] == ["memory", "disk"] and variant["memory_workers"] == [0, 1]

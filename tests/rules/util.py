@@ -15,8 +15,9 @@ async def settle(proxy: Proxy) -> None:
     for _ in range(100):
         tasks = list(coalescer._tasks)
         if not tasks:
-            return
+            break
         await asyncio.gather(*tasks, return_exceptions=True)
+    await proxy.runtime.storage.flush()  # what write-behind would commit moments later
 
 
 def shift_clock(proxy: Proxy, seconds: float) -> None:

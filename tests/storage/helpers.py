@@ -29,8 +29,9 @@ def open_store(path: str | None, *, memory: int = 8 * MB, memory_max_object: int
     return Storage(mem, DiskTier(path, disk_size, shards), UrlTagIndex(path), max_object=max_object)
 
 
-async def store(s: Storage, e: Entry, body: bytes, chunk: int = 16 * 1024) -> bool:
-    """Stream ``body`` into a spool and commit it, as the engine does."""
+async def store(s: Storage, e: Entry, body: bytes, chunk: int = 16 * 1024, flush: bool = True) -> bool:
+    """Stream ``body`` into a spool and commit it, as the engine does; then (``flush``) write it
+    to disk at once, as the owner's write-behind would soon after."""
     spool = s.spool(e, len(body))
     for i in range(0, len(body), chunk):
         if not await spool.write(body[i:i + chunk]):
@@ -39,7 +40,10 @@ async def store(s: Storage, e: Entry, body: bytes, chunk: int = 16 * 1024) -> bo
     if final is None:
         return False
     s.put_memory(final, spool)
-    return await s.put_disk(final, spool)
+    stored = await s.put_disk(final, spool)
+    if flush:
+        await s.flush()
+    return stored
 
 
 async def read_body(s: Storage, key: str, index: int = 0) -> bytes | None:

@@ -4,10 +4,12 @@ a purge that meets a grouped commit which ended while it was under way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,26 +31,36 @@ async def disk_store(tmp_path: Path) -> AsyncIterator[Storage]:
     st.close()
 
 
-async def test_concurrent_small_commits_are_written_in_groups_and_all_read_back(
-    disk_store: Storage
-) -> None:
+async def test_fills_are_written_behind_in_one_batch_and_all_read_back(disk_store: Storage) -> None:
+    assert disk_store.disk is not None
     batches: list[int] = []
-    commit_batch = disk_store._commit_batch
+    commit_many = disk_store.disk.commit_many
 
-    def counting(items: list[tuple[object, bytes]]) -> list[object]:
+    def counting(items: list[tuple[object, ...]]) -> list[bool]:
         batches.append(len(items))
-        return commit_batch(items)  # type: ignore[arg-type]
+        return commit_many(items)  # type: ignore[arg-type]
 
-    disk_store._commit_batch = counting  # type: ignore[assignment, method-assign]
-    bodies = {f"{KEY}/{i}": os.urandom(2000) for i in range(200)}
-    results = await asyncio.gather(*(store(disk_store, entry(k), b) for k, b in bodies.items()))
-    assert all(results)
-    assert sum(batches) == 200 and len(batches) < 200  # grouped while the writer was busy
+    disk_store.disk.commit_many = counting  # type: ignore[method-assign]
+    bodies = {f"{KEY}/{i}": os.urandom(1000) for i in range(200)}
+    results = await asyncio.gather(*(store(disk_store, entry(k), b, flush=False) for k, b in bodies.items()))
+    assert all(results)  # stored: answered from memory, before the disk has any of them
+    assert not any(disk_store.disk.has(k) for k in bodies)
+    assert await disk_store.flush() == 200
+    assert batches == [200]  # one transaction per shard for all of them
     disk_store.memory.clear()  # read them back from disk
     for k, b in bodies.items():
         assert await read_body(disk_store, k) == b
     seqs = [(await disk_store.get(k))[0].entry.seq for k in bodies]
     assert len(set(seqs)) == 200 and min(seqs) > 0  # each entry took its own index seq
+    assert await disk_store.flush() == 0  # nothing twice
+
+
+async def test_a_fill_purged_before_its_turn_never_reaches_the_disk(disk_store: Storage) -> None:
+    assert disk_store.disk is not None
+    assert await store(disk_store, entry(KEY), b"purged before written", flush=False)
+    await disk_store.delete([KEY])
+    await disk_store.flush()
+    assert not disk_store.disk.has(KEY) and await disk_store.get(KEY) == ()
 
 
 async def test_two_variants_of_one_key_in_one_group_are_both_kept(disk_store: Storage) -> None:
@@ -81,14 +93,22 @@ async def test_grouped_lookups_answer_each_key_and_a_failing_key_fails_alone(dis
             assert isinstance(found, tuple) and len(found) == (1 if i < 20 else 0), i
 
 
-async def test_a_purge_undoes_a_grouped_commit_that_ended_after_the_purge_began(disk_store: Storage) -> None:
-    # With several workers the supervisor purges the disk first, then tells each worker. A
-    # commit that ended in between (queued for the writer thread when the disk was purged)
-    # must not survive the purge.
-    began = time.monotonic()
-    assert await store(disk_store, entry(KEY), b"fetched before the purge")
-    assert disk_store.disk is not None and disk_store.disk.has(KEY)
-    await disk_store.purge_local(PurgeMatch(urls=frozenset({KEY}), since=began))
+async def test_a_fill_that_lands_between_a_purges_halves_is_never_written(disk_store: Storage) -> None:
+    # With several workers the supervisor purges the disk and the shared memory first, then
+    # tells each worker. A fill that reached the shared memory in between (a response from
+    # before the purge) is found by the worker's half, and write-behind, held for the whole
+    # purge, never commits it.
+    assert disk_store.disk is not None
+    match = PurgeMatch(keys=frozenset({KEY}), since=time.monotonic())
+    async with disk_store.purging():
+        _, bans = await disk_store.purge_shared([KEY])
+        _, start = disk_store.purge_memory(match)
+        assert await store(disk_store, entry(KEY), b"fetched before the purge", flush=False)
+        flushing = asyncio.ensure_future(disk_store.flush())  # waits for the purge
+        await asyncio.sleep(0.05)
+        assert not flushing.done()
+        await disk_store.purge_local(replace(match, arena_from=start), bans)
+    await flushing
     assert not disk_store.disk.has(KEY)
     assert await disk_store.get(KEY) == ()
 
@@ -113,11 +133,17 @@ async def test_a_commit_group_on_a_locked_shard_fails_and_the_others_are_stored(
     blocker = sqlite3.connect(os.path.join(path, "000", "cache.db"), isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")
-        results = await asyncio.gather(*(store(st, entry(k), b"x") for k in locked + free))
-        assert results == [False] * len(locked) + [True] * len(free)
+        results = await asyncio.gather(*(store(st, entry(k), b"x", flush=False) for k in locked + free))
+        assert all(results)  # answered and in memory; the disk gets them behind
+        await st.flush()
         assert st.failed_writes == len(locked)
-    finally:
+        assert not any(st.disk.has(k) for k in locked) and all(st.disk.has(k) for k in free)
         blocker.execute("ROLLBACK")
+        await st.flush()  # tried again, now that the shard is free
+        assert all(st.disk.has(k) for k in locked)
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            blocker.execute("ROLLBACK")
         blocker.close()
         st.close()
 

@@ -126,6 +126,89 @@ async def test_kill_9_while_writing_large_entries_then_every_served_entry_is_byt
 
 
 @pytest.mark.slow
+async def test_kill_9_with_writes_queued_behind_loses_only_those_and_never_corrupts_an_entry(
+        origin: Origin, tmp_path: Path) -> None:
+    """Write-behind's guarantee: fills answered but not yet on disk when every process is
+    killed are lost (a miss after the restart), never stored half or wrong."""
+    rnd = random.Random(11)
+    before = {f"/w/a{i}": rnd.randbytes(rnd.choice((100, 3_000, 40_000, 200_000))) for i in range(40)}
+    queued = {f"/w/b{i}": rnd.randbytes(rnd.choice((100, 3_000, 40_000, 200_000))) for i in range(40)}
+    for path, body in {**before, **queued}.items():
+        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
+    config = write_config(str(tmp_path), origin.url, CACHE)
+    first = ProxyProcess(str(tmp_path), config)
+    await first.start()
+    for path in before:  # committed: a clean stop writes what is still queued
+        assert (await first.get(path)).x_cache == "MISS"
+    assert await first.stop(signal.SIGTERM) == 0
+
+    os.environ["CACHEGATE_PERSIST_INTERVAL"] = "3600"  # nothing written behind before the kill
+    try:
+        second = ProxyProcess(str(tmp_path), config)
+        await second.start("--workers", "2")
+    finally:
+        del os.environ["CACHEGATE_PERSIST_INTERVAL"]
+    await second.wait_for(lambda: len(second.workers) == 2)
+    for path, body in queued.items():
+        r = await second.get(path)
+        assert (r.x_cache, r.body) == ("MISS", body)
+        assert (await second.get(path)).x_cache == "HIT"  # held in the shared memory
+    for path, body in before.items():  # read from disk into the shared memory, and revalidated nowhere
+        assert (await second.get(path)).body == body
+    await second.kill()  # SIGKILL: the supervisor (and the shared memory) and both workers
+
+    third = ProxyProcess(str(tmp_path), config)
+    await third.start()
+    try:
+        for path, body in before.items():
+            r = await third.get(path)
+            assert (r.status, r.x_cache, r.body) == (200, "HIT", body), path
+        for path, body in queued.items():
+            r = await third.get(path)
+            assert (r.status, r.x_cache, r.body) == (200, "MISS", body), path  # lost, not corrupt
+            assert (await third.get(path)).x_cache == "HIT"
+    finally:
+        assert await third.stop() == 0
+    referenced, present = _referenced_files(str(tmp_path / "cache"))
+    assert present <= referenced
+
+
+@pytest.mark.slow
+async def test_kill_9_while_write_behind_commits_then_every_entry_is_whole(
+        origin: Origin, tmp_path: Path) -> None:
+    rnd = random.Random(12)
+    bodies = {f"/s/{i}": rnd.randbytes(rnd.choice((200, 5_000, 40_000, 150_000))) for i in range(400)}
+    for path, body in bodies.items():
+        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
+    config = write_config(str(tmp_path), origin.url, CACHE)
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start("--workers", "2")
+    await proxy.wait_for(lambda: len(proxy.workers) == 2)
+    done: list[str] = []
+    fetch = asyncio.ensure_future(_fetch_all(proxy, list(bodies), done))
+    for _ in range(3000):  # kill while fills keep coming and batches are being written
+        if len(done) >= 200:
+            break
+        await asyncio.sleep(0.01)
+    await proxy.kill()
+    await fetch
+
+    restarted = ProxyProcess(str(tmp_path), config)
+    await restarted.start()
+    try:
+        said = []
+        for path, body in bodies.items():
+            r = await restarted.get(path)
+            assert (r.status, r.body == body) == (200, True), (path, r.x_cache, r.tier)
+            said.append(r.x_cache)
+        assert "HIT" in said and "MISS" in said, said
+    finally:
+        assert await restarted.stop() == 0
+    referenced, present = _referenced_files(str(tmp_path / "cache"))
+    assert present <= referenced
+
+
+@pytest.mark.slow
 async def test_a_stopped_and_restarted_proxy_answers_from_disk(origin: Origin, tmp_path: Path) -> None:
     bodies = {"/small": b"s" * 1000, "/large": os.urandom(2_000_000)}
     for path, body in bodies.items():

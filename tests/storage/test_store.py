@@ -295,12 +295,12 @@ async def test_a_write_that_times_out_on_the_shard_lock_is_counted_and_not_store
     blocker = sqlite3.connect(os.path.join(path, "000", "cache.db"), isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")  # another process holds the shard's write lock
-        assert not await store(st, entry(KEY), b"small body")
+        big = b"a body too big for memory, written to disk by this process" * 100
+        assert not await store(st, entry(KEY), big)
         assert st.failed_writes == 1
         blocker.execute("ROLLBACK")
-        # This process keeps its (complete) copy in memory; the disk has nothing.
         assert st.disk is not None and not st.disk.has(KEY)
-        assert await store(st, entry(KEY), b"small body")  # and works again once the lock is free
+        assert await store(st, entry(KEY), big)  # and works again once the lock is free
     finally:
         blocker.close()
         st.close()
@@ -323,19 +323,20 @@ async def test_a_read_during_this_process_s_disk_write_of_a_big_body_waits_for_i
 
 
 async def test_a_fill_that_reaches_the_disk_between_a_purges_two_halves_is_undone(tmp_path: Path) -> None:
-    """The shared half found nothing; the fill (a response from before the purge) landed
-    after it; the local half must still remove it, or the purged object comes back."""
+    """The shared half found nothing; the fill (a response from before the purge, too big for
+    memory: this process writes it to disk itself) landed after it; the local half must still
+    remove it, or the purged object comes back."""
     path = str(tmp_path / "cache")
     st = Storage(MemoryTier(MB, 1000), DiskTier(path, 64 * MB, shards=1), UrlTagIndex(path), max_object=MB)
     try:
         since = time.monotonic()
         await st.purge_shared([KEY])
-        assert await store(st, entry(KEY), b"from before the purge")
+        assert await store(st, entry(KEY), b"from before the purge" * 100)
         await st.purge_local(PurgeMatch(keys=frozenset({KEY}), since=since))
         assert st.disk is not None and not st.disk.has(KEY)
         assert await st.get(KEY) == ()
         # A fill that lands after a purge that began later than it is not touched.
-        assert await store(st, entry(KEY), b"after the purge")
+        assert await store(st, entry(KEY), b"after the purge" * 100)
         await st.purge_local(PurgeMatch(keys=frozenset({"http://h.test/other"}), since=since))
         assert st.disk.has(KEY)
     finally:

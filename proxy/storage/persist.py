@@ -1,0 +1,261 @@
+"""Write-behind: what fills put in the machine's shared memory reaches the disk tier later, in
+large batches, written by one process.
+
+Why: a fill used to wait for its own SQLite transactions (an index row, a body and a metadata
+record), queued behind the others' in each worker's writer thread; with two workers the
+commit threads were busy 91 % of the time and fought the event loops for the GIL (py-spy of a
+``zipf`` worker), and a fill cost 770-1,040 µs of CPU. Now a fill is answered and visible to
+every worker as soon as its record is in the shared memory (``MemoryTier.put``), and the
+process that owns the cache directory (the only process, or the supervisor: never a worker)
+walks the ring behind the writers and commits what it has not yet: one index transaction and
+one diskcache transaction per shard for all that accumulated, in a thread of its own.
+
+Each record says what the disk lacks (``entry.ON_DISK`` / ``META_TO_WRITE`` after a
+revalidation / ``ALL_TO_WRITE`` after a fill) and carries ``arena.F_PERSISTED`` once committed.
+A record that died before its turn (replaced by a newer one, which is committed instead, or
+purged) is skipped; one the ring dropped before its turn is lost for the disk tier and counted
+(``Arena.lost``: the ring outran write-behind).
+
+**What a crash may lose.** A kill -9 of every process of the machine (the shared memory is gone
+with them) loses the records not committed yet: at most what accumulated since the last batch
+(``PERSIST_INTERVAL`` plus a batch's commit time; the supervisor of ``--workers N`` survives a
+worker's crash, and so do the records). It never leaves a corrupt entry: a batch is one
+transaction per shard, each entry's index row (its new sequence number) is written before it
+and an index row without its entry is dropped by the upkeep, and a body that went in as a file
+is written before the transaction that refers to it. After a restart the lost entries are
+simply misses (tested: ``tests/storage/test_integrity.py``).
+
+**Purges** hold ``paused`` while they act on the shared memory and the disk, so no batch is in
+flight meanwhile, and what a purge killed in the shared memory is never committed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from proxy.policy.keys import url_of_key
+from proxy.storage.arena import F_PERSISTED, Arena, Record
+from proxy.storage.bans import GONE, BanList
+from proxy.storage.disk import DiskTier
+from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry, decode_record
+from proxy.storage.index import UrlTagIndex
+
+log = logging.getLogger("cachegate.storage")
+
+MAX_VARIANTS = 32
+PERSIST_INTERVAL = 0.05  # seconds between looks at what the writers added
+BATCH_BYTES = 16 << 20  # bodies committed in one go at most (a batch holds them in memory)
+MAX_ATTEMPTS = 3  # batches that may fail (a shard's lock timed out) on a record before it is left out
+
+Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
+
+
+@dataclass
+class PersistStats:
+    batches: int = 0
+    entries: int = 0  # variants committed
+    failed: int = 0  # variants a batch could not commit (a shard's lock timed out; tried again)
+
+
+def merge_variant(current: tuple[Entry, ...], new: Entry) -> tuple[tuple[Entry, ...], list[str]]:
+    """``new`` replaces the variant with the same Vary values; at most MAX_VARIANTS are kept.
+    Returns the variants and the body ids no longer used (never ``new``'s own: committing the
+    same variant twice must not delete the body it has just written)."""
+    kept = [e for e in current if e.response.vary != new.response.vary]
+    dropped = [e.body_id for e in current if e.response.vary == new.response.vary
+               and e.body_id != new.body_id]
+    kept.append(new)
+    while len(kept) > MAX_VARIANTS:
+        dropped.append(kept.pop(0).body_id)
+    return tuple(kept), dropped
+
+
+def unbanned(bans: BanList, current: tuple[Entry, ...], dropped: list[str]) -> tuple[Entry, ...]:
+    """Variants minus the hard-banned ones (their bodies go to ``dropped``); soft-banned made stale."""
+    out: list[Entry] = []
+    for e in current:
+        v = bans.verdict(e)
+        if v == GONE:
+            dropped.append(e.body_id)
+        elif v is None:
+            out.append(e)
+        else:
+            out.append(e if e.response.invalidated else e.invalidated())
+    return tuple(out)
+
+
+def adding(bans: BanList, new: Entry, kept: list[tuple[Entry, ...]]) -> Merge:
+    """The merge that adds ``new`` to a key's variants (run under the shard's lock)."""
+    def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+        banned: list[str] = []
+        out, replaced = merge_variant(unbanned(bans, current, banned), new)
+        kept.append(out)
+        return out, replaced + banned
+
+    return merge
+
+
+def updating(bans: BanList, new: Entry, kept: list[tuple[Entry, ...]]) -> Merge:
+    """The merge that puts ``new``'s metadata on the variant with its body (a revalidation)."""
+    def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+        dropped: list[str] = []
+        current = unbanned(bans, current, dropped)
+        out = tuple(new if e.body_id == new.body_id else e for e in current)
+        kept.append(out)
+        return out, dropped
+
+    return merge
+
+
+@dataclass
+class _Item:
+    pos: int
+    entry: Entry
+    body: bytes | None  # the body to write with it (ALL_TO_WRITE), None: metadata only
+    whole: bool  # ALL_TO_WRITE (else META_TO_WRITE)
+
+
+class Persister:
+    """Commits the shared memory's new records to the disk tier, behind the writers."""
+
+    def __init__(self, arena: Arena, disk: DiskTier, index: UrlTagIndex | None, bans: BanList) -> None:
+        self.arena = arena
+        self.disk = disk
+        self.index = index
+        self.bans = bans
+        self.stats = PersistStats()
+        self._cursor = 0
+        self._retry: dict[int, int] = {}  # position of a record a batch failed to commit -> attempts
+        self._lock = asyncio.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist")
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self._thread.shutdown(wait=True)
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No batch in flight while inside (a purge acting on memory and disk together)."""
+        async with self._lock:
+            yield
+
+    @property
+    def pending(self) -> bool:
+        """Whether the writers added anything since the last look."""
+        return self.arena.head > self._cursor
+
+    async def run_forever(self, interval: float = PERSIST_INTERVAL) -> None:
+        """The owner's background loop."""
+        while not self.closed:
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("writing behind to the disk tier failed; retrying")
+            await asyncio.sleep(interval)
+
+    async def flush(self) -> int:
+        """Commit what the shared memory holds that the disk tier does not (up to now); how
+        many variants were committed."""
+        committed = 0
+        while self.pending and not self.closed:
+            async with self._lock:
+                start, end = self._cursor, self.arena.head
+                records = [r for r in self.arena.scan(start, end) if not r.flags & F_PERSISTED]
+                self._cursor = end
+                if not records:
+                    continue
+                before = self.stats.entries
+                failed = await asyncio.get_running_loop().run_in_executor(self._thread, self._commit, records)
+                committed += self.stats.entries - before
+                again = [p for p in failed if self._retry.get(p, 0) < MAX_ATTEMPTS]
+                for p in again:
+                    self._retry[p] = self._retry.get(p, 0) + 1
+                if again:  # a shard's lock timed out: those records are tried again next time
+                    self._cursor = min(again)
+                    break
+        return committed
+
+    def _commit(self, records: list[Record]) -> list[int]:
+        """In the persist thread: read the records' new variants (bodies copied out and checked),
+        then commit them: an index transaction, then one transaction per shard. The positions
+        of the records a shard failed to take."""
+        items: list[_Item] = []
+        batch_bytes = 0
+        done_positions: list[int] = []
+        failed: list[int] = []
+        for record in records:
+            decoded = decode_record(record.key, record.meta)
+            if decoded is None:
+                continue
+            at = record.body_at
+            found: list[_Item] = []
+            for e, body_len, state in decoded:
+                body = None
+                if body_len >= 0:
+                    if state == ALL_TO_WRITE:
+                        body = self.arena.mm[at:at + body_len]
+                    at += body_len
+                if state == ALL_TO_WRITE and body is not None:
+                    found.append(_Item(record.pos, e, body, True))
+                elif state == META_TO_WRITE:
+                    found.append(_Item(record.pos, e, None, False))
+                elif state == ALL_TO_WRITE:  # pragma: no cover (a writer's mistake): never a body-less entry
+                    log.error("a record of %s holds no body to write for %s; skipped", record.key, e.body_id)
+            if not self.arena.alive(record.pos):
+                continue  # replaced (the newer record comes later), purged, or dropped by the ring
+            items.extend(found)
+            done_positions.append(record.pos)
+            batch_bytes += sum(len(i.body) for i in found if i.body is not None)
+            if batch_bytes > BATCH_BYTES:
+                failed += self._write(items, done_positions)
+                items, done_positions, batch_bytes = [], [], 0
+        failed += self._write(items, done_positions)
+        return failed
+
+    def _write(self, items: list[_Item], positions: list[int]) -> list[int]:
+        if not items and not positions:
+            return []
+        disk = self.disk
+        if self.index is not None and items:
+            seqs = self.index.add_many([(i.entry.key, url_of_key(i.entry.key), i.entry.tags) for i in items])
+        else:
+            seqs = [0] * len(items)
+        kept: list[list[tuple[Entry, ...]]] = [[] for _ in items]
+        jobs: list[tuple[str, Merge, str, bytes | None]] = []
+        for item, seq, k in zip(items, seqs, kept, strict=True):
+            new = replace(item.entry, seq=seq)
+            merge = adding(self.bans, new, k) if item.whole else updating(self.bans, new, k)
+            jobs.append((new.key, merge, new.body_id, item.body))
+        ok = disk.commit_many(jobs) if jobs else []
+        stored: list[str] = []
+        failed_positions: set[int] = set()
+        for item, k, good in zip(items, kept, ok, strict=True):
+            if good:
+                stored.append(item.entry.key)
+                self._index_other_tags(item.entry.key, item.entry.tags, k)
+            else:
+                failed_positions.add(item.pos)
+                self.stats.failed += 1
+        self.stats.entries += len(stored)
+        self.stats.batches += 1
+        for pos in positions:
+            if pos not in failed_positions:
+                self.arena.set_flags(pos, F_PERSISTED)
+                self._retry.pop(pos, None)
+        self.arena.disk_add(sorted(set(stored)))
+        return sorted(failed_positions)
+
+    def _index_other_tags(self, key: str, written: tuple[str, ...], kept: list[tuple[Entry, ...]]) -> None:
+        if self.index is None or not kept:
+            return
+        extra = {t for e in kept[-1] for t in e.tags} - set(written)
+        if extra:
+            self.index.add_tags(key, sorted(extra))
