@@ -49,7 +49,7 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
     if arena_fd is not None:
         arena = Arena.attach(arena_fd)
     else:
-        arena = Arena.create(arena_capacity(c.memory, processes))
+        arena = Arena.create(arena_capacity(c.memory, processes), c.disk.size if c.disk is not None else 0)
     memory = MemoryTier(c.memory, c.memory_max_object, c.memory_policy, arena=arena, owns_arena=True)
     disk = index = None
     if c.disk is not None:
@@ -121,6 +121,8 @@ class Runtime:
         if storage.disk is not None:
             loop = runtime._upkeep(started) if owner else runtime._reload_bans()
             runtime._tasks.append(asyncio.ensure_future(loop))
+            if owner:  # which keys the disk holds, for every process: absent ones cost no disk read
+                runtime._tasks.append(asyncio.ensure_future(runtime._rebuild_directory()))
             if owner and storage.persister is not None:  # write-behind: the owner's alone
                 interval = float(os.environ.get("CACHEGATE_PERSIST_INTERVAL") or PERSIST_INTERVAL)
                 runtime._tasks.append(asyncio.ensure_future(storage.persister.run_forever(interval)))
@@ -177,6 +179,12 @@ class Runtime:
                 orphans_before = time.time() - ORPHAN_AGE
                 next_orphans = time.monotonic() + ORPHAN_SWEEP_INTERVAL
             await asyncio.sleep(UPKEEP_INTERVAL)
+
+    async def _rebuild_directory(self) -> None:
+        try:
+            await self.storage.rebuild_directory()
+        except Exception:  # lookups go on asking the disk
+            log.exception("building the directory of the disk tier's keys failed")
 
     async def _reload_bans(self) -> None:
         while True:

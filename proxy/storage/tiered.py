@@ -241,6 +241,8 @@ class Storage:
             # This process is writing the key to disk right now (a big body, which memory
             # does not hold): read our own write rather than miss and fetch it again.
             await asyncio.wait(writing, timeout=COMMIT_WAIT)
+        elif self.memory.arena.on_disk(key) is False:
+            return ()  # the directory of the disk's keys says it is not there: no disk read
         for _ in range(3):
             epoch = self.epoch
             variants = await self._lookup(key, bodies)
@@ -503,6 +505,25 @@ class Storage:
         in_memory = self.put_memory(final, spool)
         return await self.put_disk(final, spool) or (in_memory and self.disk is None)
 
+    async def rebuild_directory(self, page: int = 10_000) -> int:
+        """Fill the shared memory's directory of the disk tier's keys from the index (the owner,
+        at start); lookups of unknown keys ask the disk until it is ready. How many keys."""
+        arena, index = self.memory.arena, self.index
+        if not arena.directory or index is None or self.disk is None:
+            return 0
+        arena.set_directory_ready(False)
+        after, total = "", 0
+        while True:
+            keys = await self.run(index.all_keys, after, page)
+            if not keys:
+                break
+            await self.run(arena.disk_add, keys)
+            total += len(keys)
+            after = keys[-1]
+        arena.set_directory_ready()
+        log.info("directory of the disk tier's keys: %d keys", total)
+        return total
+
     async def flush(self) -> int:
         """Commit to the disk tier what the shared memory holds that it does not yet (the owner's
         write-behind, done now: tests, and a clean stop); how many variants."""
@@ -639,6 +660,7 @@ class Storage:
         elif all_:
             count += len(disk.iter_keys())
             disk.clear()
+            self.memory.arena.disk_clear()
         if keys:
             if soft:
                 found = disk.update_many(keys, _mark_stale)
@@ -646,6 +668,7 @@ class Storage:
                 found = disk.delete_keys(keys)
                 if index is not None:
                     index.remove(keys)
+                self.memory.arena.disk_remove(keys)
             count += len(found)
         return count, bans
 
@@ -694,6 +717,7 @@ class Storage:
                     await self.run(disk.update_many, keys, _mark_stale)
                 else:
                     await self.run(disk.delete_keys, keys)
+                    self.memory.arena.disk_remove(keys)
             for k in keys:
                 self.forget_in_memory(k, match.soft)
         return count
@@ -808,7 +832,9 @@ class Storage:
             return tuple(out), dropped
 
         found = set(disk.update_many(keys, merge))
-        index.remove(emptied + [k for k in keys if k not in found])
+        gone = emptied + [k for k in keys if k not in found]
+        index.remove(gone)
+        self.memory.arena.disk_remove(gone)
         self.upkeep.entries_swept += swept
 
     def _gc_step(self) -> None:
@@ -830,6 +856,7 @@ class Storage:
         dead = [k for k, seq in rows if seq <= cutoff and not disk.has(k)]
         if dead:
             index.remove(dead)
+            self.memory.arena.disk_remove(dead)
             self.upkeep.index_rows_dropped += len(dead)
             self._gc_dropped_since_vacuum += len(dead)
         if self._gc_cursor == "" and self._gc_dropped_since_vacuum:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy.storage import tiered
+from proxy.storage.arena import Arena
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.disk import DiskTier, new_body_id
 from proxy.storage.index import UrlTagIndex
@@ -339,5 +340,35 @@ async def test_a_fill_that_reaches_the_disk_between_a_purges_two_halves_is_undon
         assert await store(st, entry(KEY), b"after the purge" * 100)
         await st.purge_local(PurgeMatch(keys=frozenset({"http://h.test/other"}), since=since))
         assert st.disk.has(KEY)
+    finally:
+        st.close()
+
+
+async def test_the_directory_of_disk_keys_is_built_from_the_index_and_follows_writes_and_purges(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "cache")
+    first = open_store(path)
+    try:
+        for i in range(30):
+            assert await store(first, entry(f"http://h.test/{i}", tags=("t",) if i < 10 else ()), b"x")
+    finally:
+        first.close()
+    st = Storage(MemoryTier(MB, 64 * 1024, arena=Arena.create(MB, 64 * MB), owns_arena=True),
+                 DiskTier(path, 64 * MB, 2), UrlTagIndex(path), max_object=MB)
+    try:
+        arena = st.memory.arena
+        assert arena.on_disk("http://h.test/0") is None  # not built: the disk is asked
+        assert await st.rebuild_directory() == 30
+        assert arena.on_disk("http://h.test/0") and arena.on_disk("http://h.test/x") is False
+        assert await st.get("http://h.test/x") == ()  # without reading the disk
+        assert await store(st, entry("http://h.test/new"), b"n")  # written behind: then known
+        assert arena.on_disk("http://h.test/new")
+        await st.delete(["http://h.test/20"])
+        assert arena.on_disk("http://h.test/20") is False
+        _, bans = await st.purge_shared((), tags=["t"])
+        await st.purge_local(PurgeMatch(tags=frozenset({"t"})), bans)
+        await st.maintain()  # the ban is swept: its keys leave the disk and the directory
+        assert not any(arena.on_disk(f"http://h.test/{i}") for i in range(10))
+        assert arena.on_disk("http://h.test/15")
     finally:
         st.close()
