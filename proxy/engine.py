@@ -36,7 +36,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.leases import Busy, Granted, LeaseClient, Waiting
+from proxy.leases import Busy, Granted, LeaseClient, LeaseTable, Waiting
 from proxy.metrics import Metrics
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status, serve_detail
@@ -181,11 +181,9 @@ class Engine:
 
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the
-        supervisor's lease broker (``proxy.leases``; without a shared disk tier there is
-        nothing to share, and each worker fetches for itself), and show this worker's
+        lease table in the machine's shared memory (``proxy.leases``), and show this worker's
         upstream pool to the admin API (``GET /upstreams``)."""
-        if self.storage.disk is not None:
-            self.leases = LeaseClient(channel)
+        self.leases = LeaseClient(LeaseTable(self.storage.memory.arena), worker_id, channel)
         pool = self.pool
 
         async def upstream_states() -> dict[str, Any]:
@@ -782,9 +780,9 @@ class Engine:
             lease = await leases.acquire(key, wait=not background)
             match lease:
                 case Granted():
-                    # Look again first when another worker may have stored it since we looked.
-                    if (lease.recent or revalidating is not None) and \
-                            await self._answer_from_store(flight, req, plan, key):
+                    # Look again first: another worker may have stored it since we looked (the
+                    # shared memory holds it then: no disk read).
+                    if await self._answer_from_store(flight, req, plan, key):
                         leases.release(key, lease, "stored")
                         return
                     flight.head.add_done_callback(functools.partial(self._report_head, key, lease))

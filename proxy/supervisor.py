@@ -46,7 +46,7 @@ from typing import Any
 from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
-from proxy.leases import LeaseBroker
+from proxy.leases import LeaseRelay, LeaseTable
 from proxy.purge import PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
@@ -101,8 +101,9 @@ class Supervisor:
         # Calls the workers may make to the supervisor, by name (features add their own);
         # each gets the calling worker's id as ``worker_id`` besides the call's arguments.
         self.worker_calls: dict[str, Callable[..., Awaitable[Any]]] = {}
-        # Cross-worker coalescing: one origin fetch per key for all the workers.
-        self.leases = LeaseBroker(self._notify_worker)
+        # Cross-worker coalescing: one origin fetch per key for all the workers (the lease table
+        # is in the shared memory; the supervisor tells waiters and clears a dead worker's leases).
+        self.leases = LeaseRelay(None, self._notify_worker)
         self.worker_calls.update(self.leases.calls())
 
     # -- running ---------------------------------------------------------------------------
@@ -116,6 +117,7 @@ class Supervisor:
             return 1
         runtime = self.runtime = await Runtime.open(self.settings, owner=True,
                                                     processes=self.settings.workers)
+        self.leases.table = LeaseTable(runtime.storage.memory.arena)
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
         reloader = install_reloader(runtime, self.config_path, self.overrides)

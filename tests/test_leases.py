@@ -1,13 +1,19 @@
-"""The lease broker's bookkeeping (proxy/leases.py), without processes: who fetches, who is told what.
+"""The lease table's bookkeeping (proxy/leases.py) in a real shared arena, without processes: who
+fetches, who is told what.
 
 The end-to-end behaviour through ``cachegate run --workers 2`` is in test_herd_workers.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import subprocess
+import sys
+from collections.abc import Iterator
 
-from proxy.leases import LEASE_MAX_AGE, RECENT_FOR, LeaseBroker
+import pytest
+
+from proxy.leases import LEASE_MAX_AGE, LeaseRelay, LeaseTable
+from proxy.storage.arena import Arena
 
 
 class Clock:
@@ -18,99 +24,123 @@ class Clock:
         return self.now
 
 
-def broker() -> tuple[LeaseBroker, list[tuple[int, dict[str, Any]]], Clock]:
-    told: list[tuple[int, dict[str, Any]]] = []
+@pytest.fixture
+def table() -> Iterator[tuple[LeaseTable, Clock]]:
+    arena = Arena.create(64 * 1024)
     clock = Clock()
-    return LeaseBroker(lambda w, event: told.append((w, event)), clock), told, clock
+    yield LeaseTable(arena, clock), clock
+    arena.close()
 
 
-async def test_the_first_worker_to_ask_fetches_and_the_others_hear_it_was_stored() -> None:
-    b, told, _ = broker()
-    first = await b.acquire(0, "k")
-    assert first == {"granted": True, "token": 1, "recent": False}
-    second = await b.acquire(1, "k")
+def events(told: list[tuple[int, dict[str, object]]]) -> list[tuple[int, object]]:
+    return sorted((w, e["outcome"]) for w, e in told)
+
+
+def test_the_first_worker_to_ask_fetches_and_the_others_hear_it_was_stored(
+        table: tuple[LeaseTable, Clock]) -> None:
+    t, _ = table
+    first, told = t.acquire(0, "k")
+    assert first == {"granted": True, "token": 1} and told == []
+    second, _ = t.acquire(1, "k")
     assert second == {"granted": False, "token": 1, "holder": 0}
-    third = await b.acquire(2, "k")
-    assert third["granted"] is False
-    await b.head(0, "k", token=1, shareable=True, pass_=False)
-    assert told == []  # a shareable head changes nothing for the waiters: they wait for the store
-    await b.release(0, "k", token=1, outcome="stored")
-    assert sorted(w for w, _ in told) == [1, 2]
-    assert {e["outcome"] for _, e in told} == {"stored"}
-    assert b.held == 0
-    again = await b.acquire(1, "k")
-    assert again["granted"] is True and again["recent"] is True  # look in the store first
+    third, _ = t.acquire(2, "k")
+    assert third is not None and third["granted"] is False
+    assert t.head("k", token=1, shareable=True, pass_=False) == []  # nothing changes for waiters
+    told = t.release("k", token=1, outcome="stored")
+    assert events(told) == [(1, "stored"), (2, "stored")]
+    assert t.held == 0
+    again, _ = t.acquire(1, "k")
+    assert again is not None and again["granted"] is True
 
 
-async def test_a_response_that_is_not_shareable_sends_waiters_and_later_askers_upstream() -> None:
-    b, told, _ = broker()
-    await b.acquire(0, "private")
-    await b.acquire(1, "private")
-    await b.head(0, "private", token=1, shareable=False, pass_=True)
+def test_a_lease_nobody_waits_for_tells_nobody(table: tuple[LeaseTable, Clock]) -> None:
+    t, _ = table
+    t.acquire(0, "k")
+    assert t.release("k", token=1, outcome="stored") == []  # no message to send at all
+
+
+def test_a_response_that_is_not_shareable_sends_waiters_and_later_askers_upstream(
+        table: tuple[LeaseTable, Clock]) -> None:
+    t, _ = table
+    t.acquire(0, "private")
+    t.acquire(1, "private")
+    told = t.head("private", token=1, shareable=False, pass_=True)
     assert told == [(1, {"key": "private", "token": 1, "outcome": "pass"})]
-    late = await b.acquire(2, "private")
-    assert late["head"] == {"shareable": False, "pass": True}
-    await b.release(0, "private", token=1, outcome="failed")
-    assert len(told) == 1  # the waiters were already sent on their way
+    late, _ = t.acquire(2, "private")
+    assert late is not None and late["head"] == {"shareable": False, "pass": True}
+    assert t.release("private", token=1, outcome="failed") == []  # the waiters were already sent on
 
-    await b.acquire(0, "too-big")
-    await b.acquire(1, "too-big")
-    await b.head(0, "too-big", token=2, shareable=False, pass_=False)
-    assert told[-1] == (1, {"key": "too-big", "token": 2, "outcome": "unshareable"})
+    t.acquire(0, "too-big")
+    t.acquire(1, "too-big")
+    assert events(t.head("too-big", token=2, shareable=False, pass_=False)) == [(1, "unshareable")]
 
 
-async def test_a_refresh_that_does_not_wait_is_told_busy_and_not_counted_as_a_waiter() -> None:
-    b, told, _ = broker()
-    await b.acquire(0, "k")
-    busy = await b.acquire(1, "k", block=False)
-    assert busy["granted"] is False
-    await b.release(0, "k", token=1, outcome="stored")
-    assert told == []
+def test_a_refresh_that_does_not_wait_is_told_busy_and_not_counted_as_a_waiter(
+        table: tuple[LeaseTable, Clock]) -> None:
+    t, _ = table
+    t.acquire(0, "k")
+    busy, _ = t.acquire(1, "k", block=False)
+    assert busy is not None and busy["granted"] is False
+    assert t.release("k", token=1, outcome="stored") == []
 
 
-async def test_an_error_reaches_the_waiters_with_its_status() -> None:
-    b, told, _ = broker()
-    await b.acquire(0, "k")
-    await b.acquire(1, "k")
-    await b.release(0, "k", token=1, outcome="error", status=504, message="read timed out")
+def test_an_error_reaches_the_waiters_with_its_status(table: tuple[LeaseTable, Clock]) -> None:
+    t, _ = table
+    t.acquire(0, "k")
+    t.acquire(1, "k")
+    told = t.release("k", token=1, outcome="error", status=504, message="read timed out")
     assert told == [(1, {"key": "k", "token": 1, "outcome": "error", "status": 504,
                          "message": "read timed out"})]
 
 
-async def test_a_dead_holder_ends_its_leases_and_a_dead_waiter_is_forgotten() -> None:
-    b, told, _ = broker()
-    await b.acquire(0, "a")
-    await b.acquire(1, "a")
-    await b.acquire(2, "a")
-    await b.acquire(1, "b")
-    await b.acquire(0, "b")
-    b.worker_gone(0)
-    assert sorted((w, e["key"], e["outcome"]) for w, e in told) == [(1, "a", "gone"), (2, "a", "gone")]
-    assert (await b.acquire(2, "a"))["granted"] is True  # a waiter takes the lease on
-    await b.release(1, "b", token=2, outcome="stored")
-    assert len(told) == 2  # worker 0 waited for "b", but it is gone: nobody is told
+def test_a_dead_holder_ends_its_leases_and_a_dead_waiter_is_forgotten(table: tuple[LeaseTable, Clock]) -> None:
+    t, _ = table
+    t.acquire(0, "a")
+    t.acquire(1, "a")
+    t.acquire(2, "a")
+    t.acquire(1, "b")
+    t.acquire(0, "b")
+    told = t.worker_gone(0)
+    assert events(told) == [(1, "gone"), (2, "gone")]
+    taken, _ = t.acquire(2, "a")
+    assert taken is not None and taken["granted"] is True  # a waiter takes the lease on
+    assert t.release("b", token=2, outcome="stored") == []  # worker 0 waited for "b": gone
 
 
-async def test_stale_messages_and_strangers_change_nothing() -> None:
-    b, told, _ = broker()
-    await b.acquire(0, "k")
-    await b.acquire(1, "k")
-    await b.release(0, "k", token=99, outcome="stored")  # not the current lease
-    await b.head(0, "other", token=1, shareable=False, pass_=True)
-    assert told == [] and b.held == 1
+def test_stale_messages_change_nothing(table: tuple[LeaseTable, Clock]) -> None:
+    t, _ = table
+    t.acquire(0, "k")
+    t.acquire(1, "k")
+    assert t.release("k", token=99, outcome="stored") == []  # not the current lease
+    assert t.head("other", token=1, shareable=False, pass_=True) == []
+    assert t.held == 1
 
 
-async def test_a_lease_never_released_is_taken_over_and_recent_stores_are_forgotten() -> None:
-    b, told, clock = broker()
-    await b.acquire(0, "k")
-    await b.acquire(1, "k")
+def test_a_lease_never_released_is_taken_over_and_the_counts_add_up(table: tuple[LeaseTable, Clock]) -> None:
+    t, clock = table
+    t.acquire(0, "k")
+    t.acquire(1, "k")
     clock.now += LEASE_MAX_AGE + 1
-    taken = await b.acquire(2, "k")
-    assert taken["granted"] is True
+    taken, told = t.acquire(2, "k")
+    assert taken is not None and taken["granted"] is True
     assert told == [(1, {"key": "k", "token": 1, "outcome": "gone"})]
-    await b.release(2, "k", token=taken["token"], outcome="stored")
-    clock.now += RECENT_FOR + 1
-    assert (await b.acquire(0, "k"))["recent"] is False
-    counts = {s.labels["event"]: s.value for m in b.collect() if m.name == "cachegate_cross_worker_leases"
+    t.release("k", token=taken["token"], outcome="stored")
+    relay = LeaseRelay(t, lambda w, e: None)
+    counts = {s.labels["event"]: s.value for m in relay.collect() if m.name == "cachegate_cross_worker_leases"
               for s in m.samples}
-    assert counts["granted"] == 3.0 and counts["waited"] == 1.0 and counts["stored"] == 1.0
+    assert counts["granted"] == 2.0 and counts["waited"] == 1.0 and counts["stored"] == 1.0
+
+
+@pytest.mark.slow
+def test_two_processes_take_leases_in_the_same_table() -> None:
+    arena = Arena.create(64 * 1024)
+    t = LeaseTable(arena)  # the real clock: both processes read the same monotonic clock
+    code = ("import sys; from proxy.leases import LeaseTable; from proxy.storage.arena import Arena\n"
+            "t = LeaseTable(Arena.attach(int(sys.argv[1])))\n"
+            "print(t.acquire(1, 'k')[0])")
+    t.acquire(0, "k")
+    out = subprocess.run([sys.executable, "-c", code, str(arena.fd)], pass_fds=(arena.fd,),
+                         capture_output=True, text=True, check=True).stdout
+    assert "'granted': False" in out and "'holder': 0" in out
+    assert events(t.release("k", token=1, outcome="stored")) == [(1, "stored")]
+    arena.close()

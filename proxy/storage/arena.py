@@ -65,6 +65,7 @@ DIR_SLOT = 8  # directory slot: fingerprint u64
 RECORD_BYTES_PER_SLOT = 512  # index size: one slot per this many bytes of ring (8-way buckets)
 DISK_BYTES_PER_SLOT = 4096  # directory size: one slot per this many bytes of disk budget
 MIN_BUCKETS = 64
+LEASE_BYTES = 128 + 512 * 8 * 40  # the cross-worker lease table (proxy.leases): 4,096 leases
 MAX_SECOND_CHANCES = 16  # records read since written that go round again per write (bounds its work)
 
 # Header fields (u64 each, at these offsets of page 0).
@@ -120,7 +121,8 @@ class Arena:
         self._index_at = PAGE
         self._dir_flags_at = self._index_at + self.index_buckets * BUCKET_SLOTS * SLOT
         self._dir_at = _align(self._dir_flags_at + self.dir_buckets)
-        self._ring_at = _align(self._dir_at + self.dir_buckets * BUCKET_SLOTS * DIR_SLOT)
+        self._lease_at = _align(self._dir_at + self.dir_buckets * BUCKET_SLOTS * DIR_SLOT)
+        self._ring_at = _align(self._lease_at + LEASE_BYTES)
         self.size = size
         self._keyed = hashlib.blake2b(key=bytes(mm[H_SECRET:H_SECRET + 16]), digest_size=8)
         self._thread_lock = threading.Lock()
@@ -137,7 +139,7 @@ class Arena:
             if disk_budget else 0
         at = PAGE + index_buckets * BUCKET_SLOTS * SLOT
         at = _align(at + dir_buckets) + dir_buckets * BUCKET_SLOTS * DIR_SLOT
-        return index_buckets, dir_buckets, _align(at) + _align(capacity)
+        return index_buckets, dir_buckets, _align(at) + _align(LEASE_BYTES) + _align(capacity)
 
     @classmethod
     def create(cls, capacity: int, disk_budget: int = 0) -> Arena:
@@ -538,6 +540,11 @@ class Arena:
             self._reset()
             return n
 
+    @property
+    def lease_region(self) -> tuple[int, int]:
+        """(offset, size) of the region the cross-worker lease table lives in (``proxy.leases``)."""
+        return self._lease_at, LEASE_BYTES
+
     # -- the directory of disk keys ------------------------------------------------------------
 
     @property
@@ -610,5 +617,5 @@ class Arena:
         if not self.dir_buckets:
             return
         with self.locked():
-            self.mm[self._dir_flags_at:self._ring_at] = bytes(self._ring_at - self._dir_flags_at)
+            self.mm[self._dir_flags_at:self._lease_at] = bytes(self._lease_at - self._dir_flags_at)
             self._set(H_DIR_ENTRIES, 0)

@@ -299,7 +299,7 @@ class Storage:
         what it stored). The shared memory holds what any worker stored lately (the disk gets
         it behind); else the disk tier is read, and what it has goes into memory."""
         current = self.memory.peek(key)
-        if current is not None or self.disk is None:
+        if current is not None or self.disk is None or self.memory.arena.on_disk(key) is False:
             return current or ()
         for _ in range(3):
             epoch = self.epoch

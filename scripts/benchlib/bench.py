@@ -85,8 +85,18 @@ class Workload:
         return [f"{self.path}{i}" for i in random.sample(range(self.keys), min(n, self.keys))]
 
 
-def workloads(keys: int, zipf_keys: int = 100_000) -> list[Workload]:
-    """The benchmark's workloads; ``{w}`` in a system name = cachegate's worker count."""
+def workloads(keys: int, zipf_keys: int = 100_000, before: bool = False) -> list[Workload]:
+    """The benchmark's workloads; ``{w}`` in a system name = cachegate's worker count. With
+    ``before``, every workload cachegate runs also runs ``cachegate-before`` (``--before``)."""
+    loads = _workloads(keys, zipf_keys)
+    if before:
+        for w in loads:
+            if "cachegate" in w.systems:
+                w.systems.insert(w.systems.index("cachegate") + 1, "cachegate-before")
+    return loads
+
+
+def _workloads(keys: int, zipf_keys: int) -> list[Workload]:
     return [
         Workload("hit-1k", "/obj/1k", "hit",
                  ["cachegate", "ceiling-1p", "ceiling-2p", "origin-raw", "nginx-1w", "nginx-2w", "varnish"],
@@ -327,6 +337,7 @@ class Options:
     skip: list[str] = field(default_factory=list)
     zipf_keys: int = 100_000
     zipf_duration: float = 20.0  # seconds of each zipf phase (and of fill)
+    before: Path | None = None  # another checkout, run beside as cachegate-before
 
 
 def wrk_argv(system: System, workload: Workload, opts: Options, duration: float | None = None) -> list[str]:
@@ -422,8 +433,9 @@ def start_fresh(fleet: Fleet, name: str, origin: System, workers: int, tag: str
     """An empty ``name`` (cachegate, nginx-2w, varnish) for one round of a fresh workload, and
     the folders it keeps its cache in (removed when the round is over)."""
     inner = f"{tag}-{name}"
-    if name == "cachegate":
-        return fleet.start_cachegate(inner, origin, workers), [fleet.dir / f"{inner}-cache"]
+    if name in ("cachegate", "cachegate-before"):
+        root = BEFORE[0] if name == "cachegate-before" else None
+        return fleet.start_cachegate(inner, origin, workers, root=root), [fleet.dir / f"{inner}-cache"]
     if name.startswith("nginx-"):
         return fleet.start_nginx(inner, origin, int(name[len("nginx-"):-1])), [fleet.dir / inner]
     if name == "varnish":
@@ -434,7 +446,8 @@ def start_fresh(fleet: Fleet, name: str, origin: System, workers: int, tag: str
 
 
 def fresh_available(name: str) -> bool:
-    return name == "cachegate" or (name.startswith("nginx-") and shutil.which("nginx") is not None) \
+    return name == "cachegate" or (name == "cachegate-before" and bool(BEFORE)) \
+        or (name.startswith("nginx-") and shutil.which("nginx") is not None) \
         or (name == "varnish" and shutil.which("varnishd") is not None)
 
 
@@ -557,6 +570,9 @@ def rotated(items: list[str], by: int) -> list[str]:
 # -- main ------------------------------------------------------------------------------------------
 
 
+BEFORE: list[Path] = []  # --before: another checkout, measured beside this one as cachegate-before
+
+
 def start_fleet(fleet: Fleet, wanted: set[str], workers: int) -> None:
     """Start every system a selected workload names (those whose tools are missing are skipped)."""
     origin = fleet.start_app("origin-raw", "origin", 2, record=str(fleet.records))
@@ -572,6 +588,8 @@ def start_fleet(fleet: Fleet, wanted: set[str], workers: int) -> None:
                                      upstream=f"http://127.0.0.1:{origin.port}")
         elif name == "cachegate":
             system = fleet.start_cachegate(name, origin, workers)
+        elif name == "cachegate-before":
+            system = fleet.start_cachegate(name, origin, workers, root=BEFORE[0])
         elif name == "cachegate-disk":
             system = fleet.start_cachegate(name, origin, workers, memory_max_object="64KB")
         elif name.startswith("nginx-"):
@@ -591,7 +609,9 @@ def start_fleet(fleet: Fleet, wanted: set[str], workers: int) -> None:
 
 
 def run(opts: Options) -> int:
-    all_loads = workloads(opts.keys, opts.zipf_keys)
+    if opts.before is not None:
+        BEFORE[:] = [opts.before]
+    all_loads = workloads(opts.keys, opts.zipf_keys, before=opts.before is not None)
     loads = [w for w in all_loads if (not opts.only or w.name in opts.only)]
     if not loads:
         print(f"no workload selected; choose from {', '.join(w.name for w in all_loads)}", file=sys.stderr)
@@ -966,6 +986,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--zipf-keys", type=int, help="distinct keys of zipf (default 100000)")
     p.add_argument("--zipf-duration", type=float,
                    help="seconds of each zipf phase and of fill (default 20)")
+    p.add_argument("--before", default="",
+                   help="a checkout of earlier code (git worktree or archive), measured beside as "
+                        "cachegate-before in every workload cachegate runs")
     p.add_argument("--skip", default="", help="comma-separated systems to leave out")
     p.add_argument("--no-wrk", action="store_true", help="start, prime and check every system; no load")
     p.add_argument("--profile", action="store_true",
@@ -980,7 +1003,8 @@ def parse_args(argv: list[str] | None) -> Options:
     zipf_duration = a.zipf_duration if a.zipf_duration is not None else (3.0 if a.quick else 20.0)
     return Options(rounds, duration, a.connections, a.threads, keys, a.workers, not a.no_wrk, a.profile,
                    a.profile_seconds, Path(a.out), [s for s in a.only.split(",") if s],
-                   [s for s in a.skip.split(",") if s], zipf_keys, zipf_duration)
+                   [s for s in a.skip.split(",") if s], zipf_keys, zipf_duration,
+                   Path(a.before).resolve() if a.before else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,10 +190,13 @@ class Fleet:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _spawn(self, system: System, argv: list[str], log_name: str, cwd: Path | None = None) -> None:
+    def _spawn(self, system: System, argv: list[str], log_name: str, cwd: Path | None = None,
+               pythonpath: Path | None = None) -> None:
         log = self.dir / log_name
         out = open(log, "wb")  # noqa: SIM115  (closed when the fleet stops; the child keeps its copy)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if pythonpath is not None:  # another checkout's code (``cachegate-before``)
+            env["PYTHONPATH"] = str(pythonpath)
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=cwd or self.dir, env=env, start_new_session=True)
         out.close()
@@ -276,8 +279,10 @@ class Fleet:
         return config
 
     def start_cachegate(self, name: str, origin: System, workers: int,
-                        memory_max_object: str = "1MB", uvloop: bool = True) -> System:
-        """``cachegate run`` as a subprocess; falls back to 1 worker when --workers N is refused."""
+                        memory_max_object: str = "1MB", uvloop: bool = True, root: Path | None = None
+                        ) -> System:
+        """``cachegate run`` as a subprocess (from the checkout at ``root``: this one by default);
+        falls back to 1 worker when --workers N is refused."""
         port, admin_port = free_port(), free_port()
         config = self.cachegate_config(name, origin, port, admin_port, memory_max_object)
         while True:
@@ -286,7 +291,7 @@ class Fleet:
                     "--log-level", "warning"]
             if not uvloop:
                 argv.append("--no-uvloop")
-            self._spawn(system, argv, f"{name}-w{workers}.log", cwd=ROOT)
+            self._spawn(system, argv, f"{name}-w{workers}.log", cwd=root or ROOT, pythonpath=root)
             if wait_ready(system):
                 self.systems[name] = system
                 return system

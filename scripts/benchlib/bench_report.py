@@ -187,6 +187,12 @@ TARGETS: tuple[Target, ...] = (
            metric="fills_per_s"),
     Target("fill: CPU µs per fill", ("fill", "cachegate"), None, "<=", 250.0, metric="cpu_us"),
     Target("keys-1k / Varnish", ("keys-1k", "cachegate"), ("keys-1k", "varnish"), ">=", 0.8),
+    # Against the code before (--before), in the same run: what must not fall.
+    Target("1 KiB hit / before", ("hit-1k", "cachegate"), ("hit-1k", "cachegate-before"), ">=", 0.97),
+    Target("100 KiB hit / before", ("hit-100k", "cachegate"), ("hit-100k", "cachegate-before"), ">=", 0.97),
+    Target("1 MiB hit / before", ("hit-1m", "cachegate"), ("hit-1m", "cachegate-before"), ">=", 0.97),
+    Target("1 KiB pass-through / before", ("pass-1k", "cachegate"), ("pass-1k", "cachegate-before"), ">=",
+           0.97),
 )
 
 UNITS = {"rps": "req/s", "p99": "ms p99", "hit_ratio": "hit ratio", "fills_per_s": "fills/s",
