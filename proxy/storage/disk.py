@@ -205,10 +205,12 @@ class DiskTier:
         self._cull(shard)
         return True
 
-    def commit_many(self, items: Sequence[tuple[str, Merge, str, bytes | None]]) -> list[bool]:
+    def commit_many(self, items: Sequence[tuple[str, Merge, str, bytes | None]],
+                    new: Sequence[bool] | None = None) -> list[bool]:
         """``commit`` for many keys: one transaction per shard (``(key, merge, body id, small
         body)`` each, merged in order). Whether each was committed: a shard whose lock timed
-        out (or whose merge failed) commits none of its items."""
+        out (or whose merge failed) commits none of its items. ``new``: which keys are known
+        not to be on disk (their metadata is not read first)."""
         by_shard: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             by_shard.setdefault(shard_of(item[0], len(self._shards)), []).append(i)
@@ -221,7 +223,7 @@ class DiskTier:
                         key, merge, body_id, body = items[i]
                         if body is not None:
                             shard.set("b:" + body_id, body)
-                        self._merge_locked(shard, key, merge)
+                        self._merge_locked(shard, key, merge, new is not None and new[i])
             except diskcache.Timeout:
                 self.failed_writes += len(positions)
                 log.warning("disk write of %d entries timed out on the shard lock; not stored",
@@ -256,8 +258,8 @@ class DiskTier:
             self._shard(key).delete("b:" + body_id, retry=False)
 
     @staticmethod
-    def _merge_locked(shard: diskcache.Cache, key: str, merge: Merge) -> bool:
-        current = shard.get("m:" + key, default=None)
+    def _merge_locked(shard: diskcache.Cache, key: str, merge: Merge, absent: bool = False) -> bool:
+        current = None if absent else shard.get("m:" + key, default=None)
         before = decode_variants(current) if current is not None else ()
         variants, dropped = merge(before)
         if variants != before:

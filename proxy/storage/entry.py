@@ -11,6 +11,7 @@ import http
 import json
 import marshal
 from dataclasses import dataclass, field, replace
+from sys import intern
 from typing import Any
 
 from proxy.policy.messages import Freshness, StoredResponse
@@ -191,11 +192,11 @@ def encode_record(variants: list[tuple[Entry, int, int]]) -> bytes:
     return marshal.dumps((ARENA_VERSION, tuple(out)))
 
 
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
+
+
 def _phrase(status: int) -> str | None:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return None
+    return _PHRASES.get(status)
 
 
 def decode_record(key: str, meta: bytes) -> list[tuple[Entry, int, int]] | None:
@@ -211,12 +212,14 @@ def decode_record(key: str, meta: bytes) -> list[tuple[Entry, int, int]] | None:
     names = _NAME_OF
     for (url, body_id, body_size, body_len, tags, stored_at, seq, status, reason, fields, request_time,
          at, f, vary, etag, last_modified, invalidated, state) in variants:
-        h = [shared_str(x) for x in fields]
+        # Field names and short values as one str object each in the process (sys.intern: in C,
+        # and freed once nothing uses them).
+        h = [intern(x) if len(x) <= 64 else x for x in fields]
         response = StoredResponse(
-            status, shared_str(_phrase(status) or "") if reason is None else shared_str(reason),
+            status, (_PHRASES.get(status) or "") if reason is None else intern(reason),
             tuple(zip([names.get(k) or k for k in h[::2]], h[1::2], strict=True)),
             at if request_time is None else request_time, at,
-            Freshness(f[0], shared_str(f[1]), f[2], at if f[3] is None else f[3], *f[4:]),
+            Freshness(f[0], intern(f[1]), f[2], at if f[3] is None else f[3], *f[4:]),
             tuple(zip(vary[::2], vary[1::2], strict=True)), etag, last_modified, invalidated)
         out.append((Entry(key, url or key, response, body_id, body_size, tags,
                           at if stored_at is None else stored_at, seq), body_len, state))

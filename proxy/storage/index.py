@@ -104,16 +104,19 @@ class UrlTagIndex:
         """Record a commit of ``key``; return its new sequence number."""
         return self.add_many([(key, url, tags)])[0]
 
-    def add_many(self, rows: list[tuple[str, str, tuple[str, ...]]]) -> list[int]:
-        """``add`` for many (key, url, tags) rows in one transaction; their new sequence numbers."""
+    def add_many(self, rows: list[tuple[str, str, tuple[str, ...]]], new: list[bool] | None = None
+                 ) -> list[int]:
+        """``add`` for many (key, url, tags) rows in one transaction; their new sequence numbers.
+        ``new``: which keys are known to have no row (no old tags to delete)."""
         db = self._db()
         seqs: list[int] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for key, url, tags in rows:
+            for i, (key, url, tags) in enumerate(rows):
                 cur = db.execute("INSERT OR REPLACE INTO entries (key, url) VALUES (?, ?)", (key, url))
                 seqs.append(int(cur.lastrowid or 0))
-                db.execute("DELETE FROM tags WHERE key = ?", (key,))
+                if new is None or not new[i]:
+                    db.execute("DELETE FROM tags WHERE key = ?", (key,))
                 if tags:
                     db.executemany("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)",
                                    [(t, key) for t in tags])

@@ -26,7 +26,7 @@ import builtins
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxy.policy.keys import url_of_key
@@ -281,7 +281,7 @@ class MemoryTier:
                 at += body_len
             else:
                 starts.append(-1)
-            held.append(replace(c, body=view_of, pos=pos, from_disk=False))
+            held.append(Cached(c.entry, view_of, c.heads, False, pos, c.state))
         self._hold(key, tuple(held), pos, tuple(starts))
         return True
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.storage.arena import Arena
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.disk import DiskTier, shard_budget
 from proxy.storage.index import UrlTagIndex
@@ -36,9 +37,9 @@ async def test_fills_are_written_behind_in_one_batch_and_all_read_back(disk_stor
     batches: list[int] = []
     commit_many = disk_store.disk.commit_many
 
-    def counting(items: list[tuple[object, ...]]) -> list[bool]:
+    def counting(items: list[tuple[object, ...]], new: list[bool] | None = None) -> list[bool]:
         batches.append(len(items))
-        return commit_many(items)  # type: ignore[arg-type]
+        return commit_many(items, new)  # type: ignore[arg-type]
 
     disk_store.disk.commit_many = counting  # type: ignore[method-assign]
     bodies = {f"{KEY}/{i}": os.urandom(1000) for i in range(200)}
@@ -71,6 +72,27 @@ async def test_two_variants_of_one_key_in_one_group_are_both_kept(disk_store: St
     variants = await disk_store.get(KEY)
     assert sorted(c.entry.response.vary for c in variants) == [
         (("accept-encoding", "br"),), (("accept-encoding", "gzip"),)]
+
+
+async def test_two_variants_of_a_key_new_to_the_disk_in_one_batch_are_both_kept(tmp_path: Path) -> None:
+    # The directory says the key is new: its first item is written without reading the disk,
+    # the second one merges with it.
+    path = str(tmp_path / "cache")
+    st = Storage(MemoryTier(MB, 64 * 1024, arena=Arena.create(MB, 64 * MB), owns_arena=True),
+                 DiskTier(path, 64 * MB, 2), UrlTagIndex(path), max_object=MB)
+    try:
+        await st.rebuild_directory()
+        gz = entry(KEY, vary=(("accept-encoding", "gzip"),))
+        br = entry(KEY, vary=(("accept-encoding", "br"),))
+        assert await store(st, gz, b"gzip body", flush=False)
+        assert await store(st, br, b"br body", flush=False)
+        await st.flush()
+        st.memory.clear()
+        variants = await st.get(KEY)
+        assert sorted(c.entry.response.vary for c in variants) == [
+            (("accept-encoding", "br"),), (("accept-encoding", "gzip"),)]
+    finally:
+        st.close()
 
 
 async def test_grouped_lookups_answer_each_key_and_a_failing_key_fails_alone(disk_store: Storage) -> None:
