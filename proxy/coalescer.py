@@ -11,16 +11,12 @@ shareable (private, Set-Cookie, a Vary mismatch, ...) is not handed to
 followers; they fetch for themselves, and the key is remembered as
 "hit-for-pass" for a short time so the next herd goes straight through (each
 request in its own task: the engine starts no flight for such a key).
-
-The coalescer also remembers, for as long, which keys the store did not have
-(``mark_absent``): the next requests for such a key cost no disk lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -29,7 +25,6 @@ from typing import Any
 from multidict import CIMultiDictProxy
 
 HIGH_WATER = 4 * 1024 * 1024  # unread bytes a reader may fall behind before the fetch waits
-ABSENT_MAX = 100_000  # keys remembered as absent from the store (the oldest are forgotten first)
 
 
 class _Reader:
@@ -218,7 +213,6 @@ class Coalescer:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._flights: dict[str, Flight] = {}
         self._pass_until: dict[str, float] = {}
-        self._absent_until: dict[str, float] = {}
         self._history_limit = history_limit
         self._hit_for_pass = hit_for_pass
         self._clock = clock
@@ -275,35 +269,6 @@ class Coalescer:
             return False
         if until <= self._clock():
             del self._pass_until[key]
-            return False
-        return True
-
-    def mark_absent(self, key: str) -> None:
-        """Remember that the store had nothing for ``key`` (a negative cache of lookups).
-
-        For as long as hit-for-pass lasts, a request for the key skips the disk lookup. Only
-        this process's own knowledge: its stores and its memory tier are looked at first
-        (``clear_absent`` on every store), and what another worker stores meanwhile is found
-        by the cross-worker lease's check of the store before fetching (``proxy.leases``),
-        or after this mark expires (a hit-for-pass key takes no lease: it is passed for at
-        most this long after another worker stored it)."""
-        if self._hit_for_pass > 0:
-            absent = self._absent_until
-            absent.pop(key, None)
-            absent[key] = self._clock() + self._hit_for_pass
-            if len(absent) > ABSENT_MAX:
-                for old in list(itertools.islice(absent, len(absent) - ABSENT_MAX)):
-                    del absent[old]
-
-    def clear_absent(self, key: str) -> None:
-        self._absent_until.pop(key, None)
-
-    def is_absent(self, key: str) -> bool:
-        until = self._absent_until.get(key)
-        if until is None:
-            return False
-        if until <= self._clock():
-            del self._absent_until[key]
             return False
         return True
 

@@ -70,7 +70,6 @@ from proxy.policy.validation import (
 from proxy.purge import tags_from_headers
 from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
 from proxy.storage.bodyfiles import SharedFile
-from proxy.storage.disk import INLINE_LIMIT
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool, Storage
@@ -112,8 +111,8 @@ class ClientRequest:
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
-# Engine.fresh_hit: (plan, variant, age, ttl, its open body file when the body is on disk)
-FreshHit = tuple["RequestPlan", Cached, float, float, SharedFile | None]
+# Engine.fresh_hit: (plan, key, variant, age, ttl, its open body file when the body is on disk)
+FreshHit = tuple["RequestPlan", str, Cached, float, float, SharedFile | None]
 
 
 @dataclass(slots=True)
@@ -161,11 +160,6 @@ class Engine:
         self._via = f"1.1 {settings.via}"
         self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
         self._random = random.Random()
-        # Disk commits still running, by key: an invalidation waits for them, or the
-        # commit would bring back the entry it just deleted.
-        self._disk_writes: dict[str, set[asyncio.Future[None]]] = {}
-        self._loads: dict[str, asyncio.Future[tuple[Cached, ...]]] = {}  # disk lookups in progress
-        self._stores = 0  # fills this process began storing: a lookup that overlapped one proves nothing
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
 
@@ -204,9 +198,9 @@ class Engine:
         key = cache_key(head, plan.key)
         variants = self.storage.memory_get(key)
         if variants is None:
-            # Known absent (this process looked lately, and has stored nothing since): no disk lookup.
-            variants = () if self.coalescer.is_absent(key) else await self._load_shared(
-                key, bodies=head.method == "GET")
+            # Concurrent lookups of one key share one disk read; a key the directory of the disk's
+            # keys does not list costs none (proxy.storage.reads).
+            variants = await self._load(key, bodies=head.method == "GET")
         now = self.clock()
         decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options)
         match decision:
@@ -249,62 +243,21 @@ class Engine:
         if plan.bypass:
             return None
         key = cache_key(head, plan.key)
-        memory = self.storage.memory
-        slot = memory.slot(key)
+        storage = self.storage
+        slot = storage.fresh_view(key)
         if slot is None:
             return None
-        variants: tuple[Cached, ...] = slot[0]
+        variants = slot.variants
         responses = ((variants[0].entry.response,) if len(variants) == 1
                      else tuple(c.entry.response for c in variants))
         plain = plain_fresh_hit(head, responses, self.clock())
         if plain is None:
             return None
         cached = variants[plain[0]]
-        shared = None
-        if head.method != "HEAD":
-            if cached.body is None:
-                if cached.entry.body_size > max_file:
-                    return None
-                shared = self.storage.body_files.get(key, cached.entry.body_id)
-                if shared is None:
-                    return None
-            elif len(cached.body) > INLINE_LIMIT:
-                shared = self.storage.sendable_file(cached.entry)
-        memory.use(key, slot)
-        return plan, cached, plain[1], plain[2], shared
-
-    async def _load_shared(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:
-        """A lookup that misses memory: concurrent ones for the same key share one disk read.
-
-        A herd on a cold key would otherwise queue one disk read per client in the
-        executor, and the last clients would join the flight (or find its response)
-        only after all of them: the waiters would pay for the wait. The first caller
-        reads in its own step (no task in between), so the read is under way before the
-        rest of the herd is even parsed.
-        """
-        pending = self._loads.get(key)
-        if pending is None:
-            shared: asyncio.Future[tuple[Cached, ...]] = asyncio.get_running_loop().create_future()
-            self._loads[key] = shared
-            stores = self._stores
-            try:
-                variants = await self._load(key, bodies)
-                shared.set_result(variants)
-                if not variants and stores == self._stores:  # nothing stored while it read
-                    self.coalescer.mark_absent(key)
-            finally:
-                if self._loads.get(key) is shared:
-                    del self._loads[key]
-                if not shared.done():
-                    shared.cancel()  # this caller was cancelled: the others read for themselves
-            return variants
-        await asyncio.wait((pending,))
-        if pending.cancelled():
-            return await self._load(key, bodies)
-        # Step aside once: the first caller (woken first) starts the key's flight, whose
-        # request then leaves for the origin before the rest of the herd joins it.
-        await asyncio.sleep(0)
-        return pending.result()
+        ok, shared = storage.serve_from(key, slot, cached, None if head.method == "HEAD" else max_file)
+        if not ok:
+            return None
+        return plan, key, cached, plain[1], plain[2], shared
 
     async def _load(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:
         """The key's variants (``bodies``: a GET, which will send one: read a small body with
@@ -466,8 +419,7 @@ class Engine:
                                                cache_status(fwd=fwd, detail=detail)))
 
     async def _invalidate(self, urls: Sequence[str]) -> None:
-        targets = set(urls)
-        writes = [f for k, fs in self._disk_writes.items() if url_of_key(k) in targets for f in fs]
+        writes = self.storage.writing_urls(urls)
         if writes:
             await asyncio.wait(writes, timeout=self.settings.cache.lock_timeout)
         try:
@@ -693,9 +645,9 @@ class Engine:
 
         Without this, a request that missed memory just before a flight ended would find no
         flight after its disk lookup and fetch the key again."""
-        writes = self._disk_writes.get(key)
+        writes = self.storage.writing(key)
         if writes:
-            await asyncio.wait(list(writes), timeout=self.settings.cache.lock_timeout)
+            await asyncio.wait(writes, timeout=self.settings.cache.lock_timeout)
             variants: tuple[Cached, ...] | None = await self._load(key)
         else:
             variants = self.storage.memory_get(key)
@@ -948,8 +900,6 @@ class Engine:
             self.metrics.not_stored.labels(store_detail).inc()
         spool = None
         if entry is not None:
-            self._stores += 1
-            self.coalescer.clear_absent(key)
             spool = self.storage.spool(entry, resp.content_length)
         flight.spool = spool
         try:
@@ -999,25 +949,16 @@ class Engine:
                 flight.on_stored(on_disk)
         if on_disk:
             self.coalescer.clear_pass(key)
-        self.coalescer.clear_absent(key)
         flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED"))
 
     async def _put_disk(self, key: str, final: Entry, spool: BodySpool) -> bool:
-        writing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._disk_writes.setdefault(key, set()).add(writing)
+        """The disk's part of storing a fill (nothing now for a body in the shared memory)."""
         try:
             return await self.storage.put_disk(final, spool)
         except Exception:
             log.exception("storing %s failed", key)
             self.metrics.storage_errors.labels("write").inc()
             return False
-        finally:
-            writing.set_result(None)
-            pending = self._disk_writes.get(key)
-            if pending is not None:
-                pending.discard(writing)
-                if not pending:
-                    del self._disk_writes[key]
 
     def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: StorePlan, key: str,
                         resp: UpstreamResponse, request_time: float, response_time: float

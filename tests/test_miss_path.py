@@ -1,5 +1,5 @@
 """The miss and pass-through path: hit-for-pass keys go straight through (no flight, no disk
-lookup), the store remembers what it lately did not have, and small responses are handed to
+lookup), a key the disk does not have costs no disk read, and small responses are handed to
 the web layer whole."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.coalescer import Coalescer
 from proxy.engine import ClientRequest, Reply
 from proxy.policy.messages import RequestHead
 from tests.conftest import MakeProxy
@@ -36,7 +35,7 @@ def count_calls(obj: Any, name: str) -> list[tuple[Any, ...]]:
 async def test_a_hit_for_pass_key_costs_no_flight_and_no_disk_lookup(origin: Origin, proxy: Proxy) -> None:
     origin.route("/private", body=b"yours only", headers={"Cache-Control": "private"})
     await ready(proxy)
-    lookups = count_calls(proxy.runtime.storage, "_load_from_disk")
+    lookups = count_calls(proxy.runtime.storage.reads, "_load_from_disk")
     flights = count_calls(proxy.runtime.engine.coalescer, "start")
     first = await proxy.get("/private")
     assert (first.x_cache, first.body) == ("MISS", b"yours only")
@@ -90,7 +89,7 @@ async def test_a_key_no_process_stored_costs_no_disk_lookup(
                                     "disk: {path: cache, size: 64MB, shards: 1}}\n")
     await ready(proxy)
     origin.route("/n", body=b"no freshness: not stored")
-    lookups = count_calls(proxy.runtime.storage, "_load_from_disk")
+    lookups = count_calls(proxy.runtime.storage.reads, "_load_from_disk")
     for _ in range(3):
         assert (await proxy.get("/n")).x_cache == "MISS"
     assert len(lookups) == 0  # the shared directory of the disk's keys: not there
@@ -99,28 +98,6 @@ async def test_a_key_no_process_stored_costs_no_disk_lookup(
     hit = await proxy.get("/n")
     assert (hit.x_cache, len(hit.body)) == ("HIT", 5000)  # the store cleared the mark
     assert origin.count("/n") == 4
-
-
-def test_absent_marks_expire_with_the_hit_for_pass_window_and_are_bounded(
-    monkeypatch: pytest.MonkeyPatch
-) -> None:
-    now = [100.0]
-    c = Coalescer(1 << 20, hit_for_pass=5.0, clock=lambda: now[0])
-    c.mark_absent("k")
-    assert c.is_absent("k")
-    now[0] += 5.0
-    assert not c.is_absent("k")
-    c.mark_absent("k")
-    c.clear_absent("k")
-    assert not c.is_absent("k")
-    monkeypatch.setattr("proxy.coalescer.ABSENT_MAX", 10)
-    for i in range(25):
-        c.mark_absent(f"k{i}")
-    assert not c.is_absent("k0") and c.is_absent("k24")  # the oldest were forgotten
-    assert not Coalescer(1 << 20, hit_for_pass=0.0)._absent_until  # no window: no marks
-    off = Coalescer(1 << 20, hit_for_pass=0.0)
-    off.mark_absent("k")
-    assert not off.is_absent("k")
 
 
 async def test_a_small_response_that_arrived_whole_is_handed_over_as_bytes(

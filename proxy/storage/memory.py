@@ -36,13 +36,29 @@ from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, decode_record, enc
 MemoryPolicy = Literal["lru", "lfu"]
 
 # What a decoded key and variant cost in a process beyond their strings, measured with
-# tracemalloc (tests/storage/test_memory.py keeps cost() within 10% of the real figure): the
-# key's slot, list and OrderedDict links; per variant Cached, Entry, StoredResponse,
-# Freshness, their floats and tuples, the view of its body, and the fast path's pre-serialised
-# head with its Head object.
-KEY_OVERHEAD = 250
-VARIANT_OVERHEAD = 1250
-FIELD_OVERHEAD = 170  # a (name, value) tuple, two str objects, its slot, its line in the head
+# tracemalloc (tests/storage/test_memory.py keeps cost() within 10-50% of the real figure):
+# the key's Slot and OrderedDict links; per variant Cached, Entry, StoredResponse, Freshness,
+# their floats and tuples, and the view of its body. The fast path's heads are counted as they
+# are built (``keep_head``).
+KEY_OVERHEAD = 300
+VARIANT_OVERHEAD = 900
+FIELD_OVERHEAD = 120  # a (name, value) tuple, the value's str object (names are shared)
+
+
+class Heads:
+    """The fast path's pre-serialised response heads of one variant (``proxy.web.fastpath``: one
+    per rule edits x HTTP version x GET/HEAD, at most ``MAX_HEADS``). They live with the variant's
+    decoded entry and count in the decoded budget: a worker's heads are part of its share of
+    ``cache.memory``, not memory beside it."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+
+MAX_HEADS = 8
+HEAD_OVERHEAD = 200  # a Head object, its tuple of holes, its list slot; the bytes are counted apart
 
 
 @dataclass(slots=True)
@@ -54,8 +70,9 @@ class Cached:
     # record is still ``alive`` after copying from it), or None: the body is on disk only.
     body: bytes | memoryview | None
     # The fast path's pre-serialised response heads for this variant (proxy.web.fastpath),
-    # built on its first fast hit; a freshened or replaced variant is a new Cached.
-    heads: list[Any] | None = field(default=None, compare=False, repr=False)
+    # built on its first fast hit and counted in its decoded entry's cost (``MemoryTier.keep_head``);
+    # a freshened or replaced variant is a new Cached.
+    heads: Heads | None = field(default=None, compare=False, repr=False)
     # A variant just read from disk with its body (``Storage.get(bodies=True)``): this
     # request's body comes from the disk tier; memory holds a copy without the mark.
     from_disk: bool = field(default=False, compare=False, repr=False)
@@ -72,11 +89,27 @@ def cost(variants: tuple[Cached, ...]) -> int:
         total += VARIANT_OVERHEAD + 3 * len(e.key) + len(e.body_id)
         if isinstance(c.body, bytes):
             total += len(c.body)
-        for k, v in e.response.headers:
-            total += FIELD_OVERHEAD + 2 * (len(k) + len(v))  # the field, and its line in the head
+        for _, v in e.response.headers:
+            total += FIELD_OVERHEAD + len(v)
         for t in e.tags:
             total += len(t) + 64
     return total
+
+
+class Slot:
+    """A key's variants decoded in this process, and the tier's bookkeeping of them."""
+
+    __slots__ = ("cost", "marked", "pos", "seen", "starts", "uses", "variants")
+
+    def __init__(self, variants: tuple[Cached, ...], cost: int, uses: int, pos: int,
+                 starts: tuple[int, ...]) -> None:
+        self.variants = variants
+        self.cost = cost  # what it counts against the decoded budget
+        self.uses = uses  # uses in this process since it was decoded here
+        self.seen = 0  # uses when the decoded cache's clock hand last passed
+        self.pos = pos  # its arena record
+        self.starts = starts  # where each variant's body starts in the record (-1: none)
+        self.marked = 0  # the record last marked read (the arena's second chance)
 
 
 def arena_capacity(budget: int, processes: int = 1) -> int:
@@ -105,9 +138,7 @@ class MemoryTier:
         self.max_object = max_object
         self.policy = policy
         self.decoded_budget = decoded if decoded is not None else decoded_budget(budget)
-        # key -> [variants, cost, uses, uses when the clock hand last passed, record position,
-        #         where each variant's body starts in the record (-1: none), record last marked read]
-        self._decoded: OrderedDict[str, list[Any]] = OrderedDict()
+        self._decoded: OrderedDict[str, Slot] = OrderedDict()
         self._get = self._decoded.get
         self._alive = self.arena.alive
         self.decoded_bytes = 0
@@ -147,41 +178,58 @@ class MemoryTier:
         slot = self.slot(key)
         if slot is None:
             return None
-        self.use(key, slot)
-        return slot[0]  # type: ignore[no-any-return]
+        self.use(slot)
+        return slot.variants
 
-    def slot(self, key: str) -> list[Any] | None:
-        """The key's decoded slot ``[variants, cost, uses, ...]`` without counting a use (``use``
-        counts one once the caller serves from it: the fast path)."""
+    def slot(self, key: str) -> Slot | None:
+        """The key's decoded ``Slot`` without counting a use (``use`` counts one once the caller
+        serves from it: the fast path)."""
         slot = self._get(key)
         if slot is not None:
-            if self._alive(slot[4]):
+            if self._alive(slot.pos):
                 return slot
             self._forget(key)
         return self._load(key)
 
-    def use(self, key: str, slot: list[Any]) -> None:
-        """Count a use of ``key`` (whose ``slot`` came from ``slot``), and mark its record as read
-        (once per record: it then goes round the ring again instead of out)."""
-        uses = slot[2] = slot[2] + 1
-        if slot[6] != slot[4] and (uses > 1 or self.policy == "lru"):
-            self.arena.mark(slot[4])
-            slot[6] = slot[4]
+    def use(self, slot: Slot) -> None:
+        """Count a use, and mark the record as read (once per record: it then goes round the
+        ring again instead of out)."""
+        uses = slot.uses = slot.uses + 1
+        if slot.marked != slot.pos and (uses > 1 or self.policy == "lru"):
+            self.arena.mark(slot.pos)
+            slot.marked = slot.pos
+
+    def keep_head(self, key: str, cached: Cached, head: Any, size: int) -> None:
+        """Keep a pre-serialised head of ``cached`` (``size`` bytes), counted in the decoded
+        budget; the oldest of the variant's heads goes past ``MAX_HEADS``."""
+        heads = cached.heads
+        if heads is None:
+            heads = cached.heads = Heads()
+        heads.items.append((head, size))
+        grown = size + HEAD_OVERHEAD
+        if len(heads.items) > MAX_HEADS:
+            _, gone = heads.items.pop(0)
+            grown -= gone + HEAD_OVERHEAD
+        slot = self._decoded.get(key)
+        if slot is not None and any(c is cached for c in slot.variants):
+            slot.cost += grown
+            self.decoded_bytes += grown
+            self._shrink(key)
 
     def peek(self, key: str) -> tuple[Cached, ...] | None:
         """Like ``get`` without counting a use (for inspection and internal updates)."""
         slot = self.slot(key)
-        return None if slot is None else slot[0]
+        return None if slot is None else slot.variants
 
     def hits(self, key: str) -> int:
         """Uses of ``key`` in this process since it was decoded here."""
         slot = self._decoded.get(key)
-        return 0 if slot is None else int(slot[2])
+        return 0 if slot is None else slot.uses
 
     def top(self, n: int) -> list[tuple[str, int]]:
         """The ``n`` keys with the most uses in this process (for ``GET /stats``)."""
-        best = heapq.nlargest(n, self._decoded.items(), key=lambda kv: kv[1][2])
-        return [(k, int(slot[2])) for k, slot in best]
+        best = heapq.nlargest(n, self._decoded.items(), key=lambda kv: kv[1].uses)
+        return [(k, slot.uses) for k, slot in best]
 
     def alive(self, cached: Cached) -> bool:
         """Whether a variant's view of the arena still shows its body (after copying from it)."""
@@ -196,7 +244,7 @@ class MemoryTier:
         data = bytes(body)
         return data if self._alive(cached.pos) else None
 
-    def _load(self, key: str) -> list[Any] | None:
+    def _load(self, key: str) -> Slot | None:
         record = self.arena.find(key)
         if record is None:
             return None
@@ -219,12 +267,12 @@ class MemoryTier:
                                    state=ON_DISK if record.flags & F_PERSISTED else state))
         return self._hold(key, tuple(variants), record.pos, tuple(starts))
 
-    def _hold(self, key: str, variants: tuple[Cached, ...], pos: int, starts: tuple[int, ...]) -> list[Any]:
+    def _hold(self, key: str, variants: tuple[Cached, ...], pos: int, starts: tuple[int, ...]) -> Slot:
         old = self._decoded.pop(key, None)
         if old is not None:
-            self.decoded_bytes -= old[1]
+            self.decoded_bytes -= old.cost
         size = cost(variants)
-        slot = [variants, size, 0 if old is None else old[2], 0, pos, starts, 0]
+        slot = Slot(variants, size, 0 if old is None else old.uses, pos, starts)
         self._decoded[key] = slot
         self.decoded_bytes += size
         self._shrink(key)
@@ -233,7 +281,7 @@ class MemoryTier:
     def _forget(self, key: str) -> None:
         slot = self._decoded.pop(key, None)
         if slot is not None:
-            self.decoded_bytes -= slot[1]
+            self.decoded_bytes -= slot.cost
 
     def _shrink(self, keep: str) -> None:
         """CLOCK over the decoded entries until they fit ``decoded_budget``."""
@@ -241,10 +289,10 @@ class MemoryTier:
         while self.decoded_bytes > self.decoded_budget and len(items) > 1:
             key = next(iter(items))
             slot = items[key]
-            if key != keep and slot[2] == slot[3]:
+            if key != keep and slot.uses == slot.seen:
                 self._forget(key)
                 continue
-            slot[3] = slot[2]
+            slot.seen = slot.uses
             items.move_to_end(key)
 
     # -- writing -----------------------------------------------------------------------------
@@ -321,4 +369,4 @@ class MemoryTier:
         return [r.key for r in self.arena.scan() if r.key.startswith(prefix)]
 
 
-__all__ = ["ALL_TO_WRITE", "Cached", "MemoryPolicy", "MemoryTier", "cost"]
+__all__ = ["ALL_TO_WRITE", "Cached", "Heads", "MemoryPolicy", "MemoryTier", "Slot", "cost"]

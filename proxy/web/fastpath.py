@@ -81,7 +81,6 @@ LARGE_BODY = 16 * 1024  # bigger bodies are written beside the head, not copied 
 # loop and buffered whole in the transport, with no back-pressure (the general path streams
 # it in the thread pool, waiting for the client).
 FAST_FILE_MAX = 1024 * 1024
-MAX_HEADS = 8  # heads kept per variant (rule edits x HTTP version x GET/HEAD)
 UNSERVABLE = (204, 304)  # aiohttp frames these differently; the general path answers them
 
 
@@ -97,6 +96,11 @@ class Head:
         self.debug = debug
         self.fmt = fmt  # None: this variant cannot be answered here in this flavor
         self.order = order  # which holes, in order: b"AC", b"ACD", b"C", ...
+
+    @property
+    def size(self) -> int:
+        """The bytes it holds beside its object (counted in the memory tier's decoded budget)."""
+        return len(self.fmt or b"") + len(self.order) + 33
 
     def render(self, age: float, ttl: float) -> bytes:
         fmt = self.fmt
@@ -217,7 +221,7 @@ class FastPath:
         found = runtime.engine.fresh_hit(head, FAST_FILE_MAX)
         if found is None:
             return None
-        plan, cached, age, ttl, shared = found
+        plan, key, cached, age, ttl, shared = found
         stored = cached.entry.response
         edits = response_edits(plan, stored.status, stored.headers)
         head_only = method == "HEAD"
@@ -227,12 +231,13 @@ class FastPath:
         ready = None
         heads = cached.heads
         if heads is not None:
-            for h in heads:
+            for h, _ in heads.items:
                 if h.edits is edits and h.flavor == flavor and h.debug is debug:
                     ready = h
                     break
         if ready is None:
             ready = self._new_head(cached, edits, flavor, debug, version)
+            runtime.storage.keep_head(key, cached, ready, ready.size)
         if ready.fmt is None:
             return None
         hosts = runtime.hosts_seen
@@ -254,7 +259,7 @@ class FastPath:
                 answer = (block, shared, body) if shared is not None else (block, body)
             else:
                 answer = block + body
-            if cached.pos and not runtime.storage.memory.alive(cached):
+            if cached.pos and not runtime.storage.alive(cached):
                 return None
             self._memory_bytes.value += len(body)
         self._counters[method].value += 1
@@ -273,13 +278,7 @@ class FastPath:
                 headers = edits.apply(headers)
             length = cached.entry.body_size if head_only or cached.body is None else len(cached.body)
             built = build_head(stored.status, stored.reason, headers, debug, length, head_only, version)
-        head = Head(edits, flavor, debug, *(built or (None, b"")))
-        if cached.heads is None:
-            cached.heads = []
-        if len(cached.heads) >= MAX_HEADS:
-            del cached.heads[0]
-        cached.heads.append(head)
-        return head
+        return Head(edits, flavor, debug, *(built or (None, b"")))
 
 
 class ProxyRequestHandler(RequestHandler):

@@ -99,14 +99,14 @@ async def test_grouped_lookups_answer_each_key_and_a_failing_key_fails_alone(dis
     for i in range(20):
         assert await store(disk_store, entry(f"{KEY}/{i}"), b"body %d" % i)
     disk_store.memory.clear()
-    load = disk_store._load_from_disk
+    load = disk_store.reads._load_from_disk
 
     def failing(key: str, bodies: bool = False) -> tuple[object, ...]:
         if key.endswith("/13"):
             raise OSError("disk went away")
         return load(key, bodies)
 
-    disk_store._load_from_disk = failing  # type: ignore[assignment, method-assign]
+    disk_store.reads._load_from_disk = failing  # type: ignore[assignment, method-assign]
     results = await asyncio.gather(*(disk_store.get(f"{KEY}/{i}") for i in range(30)),
                                    return_exceptions=True)
     assert isinstance(results[13], OSError)

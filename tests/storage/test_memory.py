@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.storage.memory import Cached, MemoryTier, cost
+from proxy.storage.memory import Cached, MemoryTier
 from tests.storage.helpers import entry
 
 KB = 1024
@@ -106,6 +106,7 @@ def test_the_ring_the_index_and_the_decoded_entries_always_agree(ops: list[tuple
         live = sorted(r.key for r in m.arena.scan())
         assert len(live) == len(set(live)) == len(m)
         assert m.decoded_bytes <= m.decoded_budget or len(m._decoded) == 1
+        assert m.decoded_bytes == sum(s.cost for s in m._decoded.values())
     m.close()
 
 
@@ -189,14 +190,16 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
     tracemalloc.start()
     try:
         for i in range(n):
-            variants = reader.get(f"http://127.0.0.1:8080/obj/1k/k{i}")
+            key = f"http://127.0.0.1:8080/obj/1k/k{i}"
+            variants = reader.get(key)
             assert variants is not None
-            FastPath._new_head(variants[0], None, 0, (), (1, 1))
+            head = FastPath._new_head(variants[0], None, 0, (), (1, 1))
+            reader.keep_head(key, variants[0], head, head.size)
         taken, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert reader.decoded_bytes >= 0.9 * taken, (reader.decoded_bytes / n, taken / n)
     assert reader.decoded_bytes <= 1.5 * taken, (reader.decoded_bytes / n, taken / n)
-    assert sum(cost(s[0]) for s in reader._decoded.values()) == reader.decoded_bytes
+    assert sum(s.cost for s in reader._decoded.values()) == reader.decoded_bytes
     reader.close()
     writer.close()

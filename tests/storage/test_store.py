@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.storage import tiered
+from proxy.storage import upkeep
 from proxy.storage.arena import Arena
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.disk import DiskTier, new_body_id
@@ -162,7 +162,7 @@ async def test_a_purge_waits_for_a_disk_write_in_progress_and_removes_it(disk_st
     assert final is not None
     writing = asyncio.ensure_future(disk_store.put_disk(final, spool))
     await asyncio.sleep(0)  # the write has started in the executor
-    assert disk_store._committing
+    assert disk_store.work.writes
     _, bans = await disk_store.purge_shared([KEY], tags=["t"])
     await disk_store.purge_local(PurgeMatch(keys=frozenset({KEY}), tags=frozenset({"t"})), bans)
     await writing
@@ -194,7 +194,7 @@ async def test_upkeep_sweeps_bans_into_deletions_and_then_drops_the_ban(
 
 async def test_index_rows_of_entries_diskcache_evicted_are_dropped(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tiered, "GC_SEQ_LAG", 0.0)
+    monkeypatch.setattr(upkeep, "GC_SEQ_LAG", 0.0)
     st = open_store(str(tmp_path / "cache"), disk_size=2 * MB, shards=1)
     try:
         for i in range(200):  # 200 x 40 KB in a 1.8 MB shard: most are evicted
@@ -318,7 +318,7 @@ async def test_a_read_during_this_process_s_disk_write_of_a_big_body_waits_for_i
     assert not disk_store.put_memory(final, spool)
     writing = asyncio.ensure_future(disk_store.put_disk(final, spool))
     await asyncio.sleep(0)
-    assert disk_store._committing
+    assert disk_store.work.writes
     assert await read_body(disk_store, KEY) == body  # not a miss
     assert await writing
 

@@ -1,0 +1,228 @@
+"""Purging: which keys a purge covers, and removing (or marking stale) them in every tier.
+
+Purges have two halves, so that several worker processes can share the store:
+
+- the shared half, once (the only process, or the supervisor): ``purge_shared`` acts on
+  the disk tier and index (URL keys are deleted at once; tags, prefixes and "all" become
+  bans), and ``purge_memory`` on the machine's shared memory;
+- ``purge_local`` acts in each process: its ban list, the fills it has in flight (a fill
+  that was running when the purge arrived is not stored; one being written to disk is
+  waited for and removed again), and what reached the shared memory after the shared half
+  passed over it.
+
+A process that answers ``purge_local`` cannot serve a purged object afterwards: disk reads
+that were running during the purge are done again (``InProgress.epoch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import replace
+
+from proxy.policy.keys import url_of_key
+from proxy.storage.arena import Record
+from proxy.storage.bans import PurgeMatch
+from proxy.storage.bodyfiles import OpenBodies
+from proxy.storage.entry import Entry, decode_record
+from proxy.storage.index import Ban
+from proxy.storage.memory import Cached
+from proxy.storage.persist import Persister
+from proxy.storage.work import Tiers
+
+
+class Purging:
+    def __init__(self, tiers: Tiers, persister: Persister | None, body_files: OpenBodies) -> None:
+        self.t = tiers
+        self._persister = persister
+        self._body_files = body_files
+
+    def paused(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held by a purge while it acts on the shared memory and the disk: no write-behind batch
+        is in flight meanwhile, and none commits what the purge removed."""
+        if self._persister is None:
+            return contextlib.nullcontext()
+        return self._persister.paused()
+
+    # -- which keys ----------------------------------------------------------------------------
+
+    async def keys_for_urls(self, urls: Iterable[str]) -> set[str]:
+        """Every key of these URLs (all key shapes: header and cookie parts), in both tiers."""
+        t = self.t
+        urls = list(urls)
+        # The index knows every key shape of what reached the disk; memory is asked for the
+        # plain keys (and, without an index, looked through for the others).
+        keys = {k for u in urls for k in t.memory.keys_for_url(u, scan=t.index is None)}
+        if t.index is not None and urls:
+            index = t.index
+            keys.update(await t.run(lambda: [k for u in urls for k in index.keys_for_url(u)]))
+        return keys
+
+    async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
+                       tags: Iterable[str] = (), memory_only: bool = False) -> set[str]:
+        """Every stored key for these URLs, prefixes and tags (small purges and inspection)."""
+        t = self.t
+        urls, prefixes, tags = list(urls), list(prefixes), list(tags)
+        keys = {k for u in urls for k in t.memory.keys_for_url(u, scan=t.index is None)}
+        keys.update(k for p in prefixes for k in t.memory.keys_with_prefix(p))
+        keys.update(k for tag in tags for k in t.memory.keys_for_tag(tag))
+        if t.index is not None and not memory_only:
+            index = t.index
+
+            def lookup() -> set[str]:
+                found = {k for u in urls for k in index.keys_for_url(u)}
+                found.update(k for p in prefixes for k in index.keys_for_prefix(p))
+                found.update(k for tag in tags for k in index.keys_for_tag(tag))
+                return found
+
+            keys.update(await t.run(lookup))
+        return keys
+
+    # -- the shared half -----------------------------------------------------------------------
+
+    async def purge_shared(self, keys: Iterable[str], prefixes: Iterable[str] = (),
+                           tags: Iterable[str] = (), all: bool = False, soft: bool = False
+                           ) -> tuple[int, list[Ban]]:
+        """The disk's part of a purge's shared half (once per cache directory): delete (or mark
+        stale) the keys on disk now; record tags, prefixes and "all" as bans. Returns (entries,
+        bans)."""
+        if self.t.disk is None:
+            return 0, []
+        return await self.t.run(self._purge_shared, list(keys), list(prefixes), list(tags), all, soft)
+
+    def _purge_shared(self, keys: list[str], prefixes: list[str], tags: list[str], all_: bool,
+                      soft: bool) -> tuple[int, list[Ban]]:
+        t = self.t
+        disk, index = t.disk, t.index
+        assert disk is not None
+        count = 0
+        bans: list[Ban] = []
+        if index is not None:
+            if all_:
+                bans.append(index.add_ban("all", "", soft))
+                count += index.count()
+            for tag in tags:
+                bans.append(index.add_ban("tag", tag, soft))
+                count += index.count_tag(tag)
+            for p in prefixes:
+                bans.append(index.add_ban("prefix", p, soft))
+                count += index.count_prefix(p)
+        elif all_:
+            count += len(disk.iter_keys())
+            disk.clear()
+            t.memory.arena.disk_clear()
+        if keys:
+            if soft:
+                found = disk.update_many(keys, mark_stale)
+            else:
+                found = disk.delete_keys(keys)
+                if index is not None:
+                    index.remove(keys)
+                t.memory.arena.disk_remove(keys)
+            count += len(found)
+        return count, bans
+
+    def purge_memory(self, match: PurgeMatch) -> tuple[int, int]:
+        """The shared memory's part of a purge's shared half, once: (keys dropped or marked
+        stale, where in the arena this pass began: the processes finishing the purge look from
+        there on, ``PurgeMatch.arena_from``)."""
+        m = self.t.memory
+        start = m.arena.head
+        if match.all and not match.soft:
+            return m.clear(), start
+        count = sum(self.forget_in_memory(k, match.soft) for k in match.keys)
+        if match.all or match.tags or match.prefixes or (match.urls and self.t.index is None):
+            count += self._purge_arena(match, 0, start)
+        return count, start
+
+    def _purge_arena(self, match: PurgeMatch, start: int, end: int | None = None) -> int:
+        """Drop (or mark stale) the records from ``start`` to ``end`` that ``match`` covers."""
+        covered = [r.key for r in self.t.memory.arena.scan(start, end) if record_covered(match, r)]
+        return sum(self.forget_in_memory(k, match.soft) for k in covered)
+
+    # -- each process's half -------------------------------------------------------------------
+
+    async def purge_local(self, match: PurgeMatch, bans: Iterable[Ban] = ()) -> int:
+        """This process's half of a purge: bans, fills in flight, and what reached the shared
+        memory since the purge's pass over it (``match.arena_from``; all of it when 0). Returns
+        the number of keys dropped (or marked stale) from memory."""
+        t = self.t
+        t.bans.add(bans)
+        t.work.epoch += 1
+        for spool in t.work.spools:
+            if match.covers(spool.entry):
+                spool.doomed = True
+        count = self._purge_arena(match, match.arena_from)
+        if not match.soft:
+            self._body_files.drop(match.covers)
+        waits = [(e, fut) for e, fut in t.work.writes.values() if match.covers(e)]
+        if waits:
+            # Fills being written to disk right now: let them finish, then undo them.
+            await asyncio.gather(*(fut for _, fut in waits))
+        # ... and fills that reached the disk after the purge began (after its shared half
+        # looked): they carry responses from before the purge.
+        late = {e.key for e, at in t.work.recent if match.since and at >= match.since and match.covers(e)}
+        if waits or late:
+            keys = sorted({e.key for e, _ in waits} | late)
+            if t.disk is not None:
+                disk = t.disk
+                if match.soft:
+                    await t.run(disk.update_many, keys, mark_stale)
+                else:
+                    await t.run(disk.delete_keys, keys)
+                    t.memory.arena.disk_remove(keys)
+            for k in keys:
+                self.forget_in_memory(k, match.soft)
+        return count
+
+    def forget_in_memory(self, key: str, soft: bool) -> bool:
+        memory = self.t.memory
+        if not soft:
+            return memory.delete(key)
+        current = memory.peek(key)
+        if current is None:
+            return False
+        memory.replace(key, tuple(
+            c if c.entry.response.invalidated else Cached(c.entry.invalidated(), c.body, state=c.state)
+            for c in current
+        ))
+        return True
+
+    # -- both halves, in this process ------------------------------------------------------------
+
+    async def delete(self, keys: Iterable[str], soft: bool = False) -> int:
+        """Remove (or mark stale) these keys in this process, the shared memory and on disk."""
+        keys = set(keys)
+        match = PurgeMatch(keys=frozenset(keys), soft=soft)
+        async with self.paused():
+            in_memory, start = self.purge_memory(match)
+            local = await self.purge_local(replace(match, arena_from=start))
+            shared, _ = await self.purge_shared(keys, soft=soft)
+        return max(in_memory + local, shared)
+
+    async def delete_all(self, soft: bool = False) -> int:
+        async with self.paused():
+            shared, bans = await self.purge_shared((), all=True, soft=soft)
+            match = PurgeMatch(all=True, soft=soft)
+            in_memory, start = self.purge_memory(match)
+            local = await self.purge_local(replace(match, arena_from=start), bans)
+        return max(shared, in_memory + local)
+
+
+def record_covered(match: PurgeMatch, record: Record) -> bool:
+    """Whether a purge covers the variants in an arena record (their tags are decoded only
+    when the purge names tags)."""
+    key = record.key
+    if match.all or key in match.keys or (match.urls and url_of_key(key) in match.urls):
+        return True
+    if any(key.startswith(p) for p in match.prefixes):
+        return True
+    if match.tags:
+        decoded = decode_record(key, record.meta) or ()
+        return any(not match.tags.isdisjoint(e.tags) for e, _, _ in decoded)
+    return False
+
+
+def mark_stale(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+    return tuple(e if e.response.invalidated else e.invalidated() for e in current), []

@@ -1,0 +1,185 @@
+"""Upkeep: what the owner of the cache directory does in the background (the only process, or
+the supervisor): sweep bans into real deletions, drop index rows of entries diskcache evicted,
+fold the write-ahead logs back, remove what a crash left behind, and build the directory of
+the disk's keys at start."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.storage.bans import GONE, BanList
+from proxy.storage.entry import Entry
+from proxy.storage.index import Ban
+from proxy.storage.spool import SpoolDir, sweep_dead_spools
+from proxy.storage.work import Tiers
+
+log = logging.getLogger("cachegate.storage")
+
+SWEEP_BATCH = 1000
+GC_BATCH = 2000
+GC_SEQ_LAG = 10.0  # seconds: index rows younger than this may belong to a commit in progress
+
+
+@dataclass
+class UpkeepStats:
+    bans_swept: int = 0
+    entries_swept: int = 0
+    index_rows_dropped: int = 0
+    orphans_removed: int = 0
+
+
+class Upkeep:
+    def __init__(self, tiers: Tiers, spools: SpoolDir) -> None:
+        self.t = tiers
+        self.spools = spools
+        self.stats = UpkeepStats()
+        self._gc_cursor = ""
+        self._gc_seq_marks: collections.deque[tuple[float, int]] = collections.deque()
+        self._gc_dropped_since_vacuum = 0
+
+    async def maintain(self, *, orphans_before: float | None = None) -> UpkeepStats:
+        """One round of upkeep: sweep bans, a step of index GC, and (when asked) orphans."""
+        t = self.t
+        if t.index is None or t.disk is None:
+            return self.stats
+        index = t.index
+        bans = await t.run(index.bans)
+        t.bans.replace(bans)
+        for ban in bans:
+            await self._sweep_ban(ban)
+        if bans:
+            t.bans.replace(await t.run(index.bans))
+        await t.run(self._gc_step)
+        await t.run(self._checkpoint)
+        if orphans_before is not None:
+            disk = t.disk
+            removed = await t.run(disk.sweep_stray_files, orphans_before)
+
+            def sweep_dead() -> int:
+                orphans = 0
+
+                def check(intents: list[tuple[str, str]]) -> None:
+                    nonlocal orphans
+                    orphans += disk.sweep_intents(intents)
+
+                folders = sweep_dead_spools(self.spools.root, check)
+                return folders + orphans
+
+            removed += await t.run(sweep_dead)
+            if removed:
+                log.info("removed %d orphan(s) left by an earlier crash", removed)
+            self.stats.orphans_removed += removed
+        return self.stats
+
+    async def reload_bans(self) -> None:
+        if self.t.index is not None:
+            self.t.bans.replace(await self.t.run(self.t.index.bans))
+
+    async def rebuild_directory(self, page: int = 10_000) -> int:
+        """Fill the shared memory's directory of the disk tier's keys from the index (the owner,
+        at start); lookups of unknown keys ask the disk until it is ready. How many keys."""
+        t = self.t
+        arena, index = t.memory.arena, t.index
+        if not arena.directory or index is None or t.disk is None:
+            return 0
+        arena.set_directory_ready(False)
+        after, total = "", 0
+        while True:
+            keys = await t.run(index.all_keys, after, page)
+            if not keys:
+                break
+            await t.run(arena.disk_add, keys)
+            total += len(keys)
+            after = keys[-1]
+        arena.set_directory_ready()
+        log.info("directory of the disk tier's keys: %d keys", total)
+        return total
+
+    async def _sweep_ban(self, ban: Ban) -> None:
+        t = self.t
+        index, disk = t.index, t.disk
+        assert index is not None and disk is not None
+        pages: dict[str, Callable[[str, int], list[str]]] = {
+            "tag": lambda after, n: index.keys_for_tag(ban.value, after, n),
+            "prefix": lambda after, n: index.keys_for_prefix(ban.value, after, n),
+            "all": index.all_keys,
+        }
+        page = pages[ban.kind]
+        after = ""
+        while True:
+            keys = await t.run(page, after, SWEEP_BATCH)
+            if not keys:
+                break
+            await t.run(self._apply_ban, ban, keys)
+            after = keys[-1]
+        await t.run(index.remove_ban, ban.id)
+        self.stats.bans_swept += 1
+
+    def _apply_ban(self, ban: Ban, keys: list[str]) -> None:
+        t = self.t
+        disk, index = t.disk, t.index
+        assert disk is not None and index is not None
+        one = BanList([ban])
+        emptied: list[str] = []
+        swept = 0
+
+        def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+            nonlocal swept
+            out: list[Entry] = []
+            dropped: list[str] = []
+            for e in current:
+                v = one.verdict(e)
+                if v is None:
+                    out.append(e)
+                    continue
+                swept += 1
+                if v == GONE:
+                    dropped.append(e.body_id)
+                else:
+                    out.append(e if e.response.invalidated else e.invalidated())
+            if current and not out:
+                emptied.append(current[0].key)
+            return tuple(out), dropped
+
+        found = set(disk.update_many(keys, merge))
+        gone = emptied + [k for k in keys if k not in found]
+        index.remove(gone)
+        t.memory.arena.disk_remove(gone)
+        self.stats.entries_swept += swept
+
+    def _gc_step(self) -> None:
+        """Check the next batch of index rows; drop those whose entry diskcache evicted."""
+        t = self.t
+        index, disk = t.index, t.disk
+        assert index is not None and disk is not None
+        # Only rows older than GC_SEQ_LAG are judged: a younger row may belong to a commit
+        # whose metadata is not written yet. Marks remember which seq was current when.
+        now = time.monotonic()
+        marks = self._gc_seq_marks
+        marks.append((now, index.current_seq()))
+        while len(marks) >= 2 and now - marks[1][0] >= GC_SEQ_LAG:
+            marks.popleft()
+        if now - marks[0][0] < GC_SEQ_LAG:
+            return
+        cutoff = marks[0][1]
+        rows = index.scan(self._gc_cursor, GC_BATCH)
+        self._gc_cursor = rows[-1][0] if len(rows) == GC_BATCH else ""
+        dead = [k for k, seq in rows if seq <= cutoff and not disk.has(k)]
+        if dead:
+            index.remove(dead)
+            t.memory.arena.disk_remove(dead)
+            self.stats.index_rows_dropped += len(dead)
+            self._gc_dropped_since_vacuum += len(dead)
+        if self._gc_cursor == "" and self._gc_dropped_since_vacuum:
+            index.vacuum()
+            self._gc_dropped_since_vacuum = 0
+
+    def _checkpoint(self) -> None:
+        t = self.t
+        assert t.disk is not None and t.index is not None
+        t.disk.checkpoint()
+        t.index.checkpoint()

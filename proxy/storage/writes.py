@@ -1,0 +1,219 @@
+"""Writing: bodies received, stored in the shared memory at once (the disk gets them behind,
+``persist``), big ones written to disk by this process, and revalidated metadata.
+
+A body is collected by a ``BodySpool`` while it streams to the client and stored only when
+complete (an upstream that breaks off leaves no entry). A body the memory tier holds (up to
+``memory_max_object``) becomes visible to every process as soon as its record is in the
+shared memory; a bigger one is written to disk here, and becomes visible once it is there
+(with its metadata in the shared memory beside the key's other variants).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import replace
+from typing import IO
+
+from proxy.policy.keys import url_of_key
+from proxy.storage.disk import new_body_id
+from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry
+from proxy.storage.memory import Cached
+from proxy.storage.persist import adding, merge_variant, updating
+from proxy.storage.spool import SpoolDir
+from proxy.storage.work import Tiers
+
+SPOOL_IN_MEMORY = 64 * 1024  # a body being received stays in memory up to this (or memory_max_object)
+
+
+class BodySpool:
+    """A body being received: bytes in memory up to a threshold, then a temp file.
+
+    ``write`` returns False once the body grew past the store's ``max_object``; the
+    spool is then abandoned (the response still streams to the client, it is just
+    not stored).
+    """
+
+    def __init__(self, writer: Writer, entry: Entry, expected_length: int | None) -> None:
+        self._writer = writer
+        self.entry = entry  # what this body will be stored as (key, url, tags)
+        self.doomed = False  # a purge covered it while it was being received: never store it
+        self.expected_length = expected_length
+        self.size = 0
+        self._chunks: list[bytes] = []
+        self._file: IO[bytes] | None = None
+        self.too_large = expected_length is not None and expected_length > writer.max_object
+        self.body_id = new_body_id()
+        self.in_memory = False  # its body went into the shared memory (the disk gets it behind)
+
+    async def write(self, chunk: bytes) -> bool:
+        if self.too_large:
+            return False
+        self.size += len(chunk)
+        writer = self._writer
+        if self.size > writer.max_object:
+            self.too_large = True
+            self.discard()
+            return False
+        if self._file is None and self.size <= writer.spill_threshold:
+            self._chunks.append(chunk)
+            return True
+        if self._file is None:
+            self._file = await writer.t.run(writer.spools.make_file)
+            pending, self._chunks = b"".join(self._chunks), []
+            await writer.t.run(self._file.write, pending)
+        await writer.t.run(self._file.write, chunk)
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return not self.too_large and (
+            self.expected_length is None or self.expected_length == self.size
+        )
+
+    def body_bytes(self) -> bytes | None:
+        return b"".join(self._chunks) if self._file is None else None
+
+    def file(self) -> IO[bytes] | None:
+        return self._file
+
+    def discard(self) -> None:
+        self._writer.t.work.spools.discard(self)
+        self._chunks = []
+        if self._file is not None:
+            f, self._file = self._file, None
+            name = f.name
+            f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+
+
+class Writer:
+    def __init__(self, tiers: Tiers, max_object: int, spools: SpoolDir) -> None:
+        self.t = tiers
+        self.max_object = max_object  # what can be stored at all (Storage works it out)
+        self.spill_threshold = max(tiers.memory.max_object, SPOOL_IN_MEMORY)
+        self.spools = spools
+        self.failed_writes = 0  # this process's own disk commits (big bodies) that failed
+
+    def spool(self, entry: Entry, expected_length: int | None) -> BodySpool:
+        """Start receiving a body for ``entry``; a purge that covers it from now on dooms it."""
+        spool = BodySpool(self, entry, expected_length)
+        self.t.work.spools.add(spool)
+        return spool
+
+    def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None:
+        """The entry with its body's id and size; None when incomplete or purged meanwhile."""
+        if not spool.complete or spool.doomed:
+            spool.discard()
+            return None
+        return replace(entry, body_id=spool.body_id, body_size=spool.size)
+
+    def put_memory(self, entry: Entry, spool: BodySpool) -> bool:
+        """Make a finalized entry visible at once, to every process of the machine (bodies up to
+        ``memory_max_object``); the disk tier gets it behind (``persist``)."""
+        memory = self.t.memory
+        body = spool.body_bytes()
+        if body is None or entry.body_size > memory.max_object or spool.doomed:
+            return False
+        current = memory.peek(entry.key) or ()
+        merged, _ = merge_variant(tuple(c.entry for c in current), entry)
+        held = {c.entry.body_id: c for c in current}
+        new = Cached(entry, body, state=ALL_TO_WRITE)
+        spool.in_memory = memory.put(entry.key, tuple(
+            new if e.body_id == entry.body_id else held[e.body_id] for e in merged))
+        return spool.in_memory
+
+    async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
+        """The disk tier's part of a finalized entry: nothing now for a body the shared memory
+        holds (written behind, by the owner); a big body is committed here, and becomes
+        visible once it is on disk."""
+        t = self.t
+        if spool.doomed:
+            spool.discard()
+            return False
+        if t.disk is None or spool.in_memory:
+            ok = spool.in_memory or (t.disk is None and spool.body_bytes() is not None)
+            spool.discard()
+            return ok
+        token = t.work.begin_write(entry)
+        try:
+            stored = await t.run(self._commit_to_disk, entry, spool.body_bytes(), spool.file())
+        finally:
+            t.work.end_write(token)
+            spool.discard()
+        if stored is None:
+            self.failed_writes += 1
+            return False
+        t.work.committed(stored)
+        t.memory.arena.disk_add([entry.key])
+        if not spool.doomed:
+            # Its metadata in the shared memory too (the body stays on disk), beside the key's
+            # other variants there.
+            current = t.memory.peek(entry.key) or ()
+            merged, _ = merge_variant(tuple(c.entry for c in current), stored)
+            held = {c.entry.body_id: c for c in current}
+            t.memory.put(entry.key, tuple(
+                Cached(stored, None) if e.body_id == stored.body_id else held[e.body_id] for e in merged))
+        return True
+
+    def _commit_to_disk(self, entry: Entry, body: bytes | None, file: IO[bytes] | None) -> Entry | None:
+        """A body the shared memory does not hold (too big), then index (a new seq), then
+        metadata; the stored entry, or None on failure."""
+        t = self.t
+        disk = t.disk
+        assert disk is not None
+        payload: bytes | IO[bytes]
+        if body is not None:
+            payload = body
+        else:
+            assert file is not None
+            file.flush()
+            file.seek(0)
+            payload = file
+        self.spools.intend(entry.key, entry.body_id)
+        if not disk.put_body(entry.key, entry.body_id, payload):
+            disk.delete_body(entry.key, entry.body_id)  # a partial write may have left it
+            self.spools.settle(entry.body_id)
+            return None
+        seq = t.index.add(entry.key, url_of_key(entry.key), entry.tags) if t.index else 0
+        new = replace(entry, seq=seq)
+        kept: list[tuple[Entry, ...]] = []
+        committed = disk.commit(entry.key, adding(t.bans, new, kept))
+        if not committed:
+            disk.delete_body(entry.key, entry.body_id)
+        self.spools.settle(entry.body_id)
+        if not committed:
+            return None
+        self._index_other_tags(entry.key, entry.tags, kept)
+        return new
+
+    def _index_other_tags(self, key: str, written: tuple[str, ...], kept: list[tuple[Entry, ...]]) -> None:
+        index = self.t.index
+        if index is None or not kept:
+            return
+        extra = {t for e in kept[-1] for t in e.tags} - set(written)
+        if extra:
+            index.add_tags(key, sorted(extra))
+
+    async def update(self, entry: Entry) -> None:
+        """Replace a variant's metadata (after a 304), keeping its body: in the shared memory at
+        once, and on disk behind it (or now, when memory does not hold the key)."""
+        t = self.t
+        current = t.memory.peek(entry.key)
+        if current is not None and any(c.entry.body_id == entry.body_id for c in current):
+            t.memory.put(entry.key, tuple(
+                Cached(entry, c.body, state=max(c.state, META_TO_WRITE))
+                if c.entry.body_id == entry.body_id else c for c in current))
+            return
+        if t.disk is not None:
+            await t.run(self._update_on_disk, entry)
+
+    def _update_on_disk(self, entry: Entry) -> None:
+        t = self.t
+        assert t.disk is not None
+        # A new seq: a soft purge that covered the old copy does not cover the revalidated one.
+        seq = t.index.add(entry.key, url_of_key(entry.key), entry.tags) if t.index else 0
+        kept: list[tuple[Entry, ...]] = []
+        t.disk.commit(entry.key, updating(t.bans, replace(entry, seq=seq), kept))
+        self._index_other_tags(entry.key, entry.tags, kept)
