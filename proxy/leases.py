@@ -75,7 +75,7 @@ _SLOT = struct.Struct("<QQdQHH4x")
 _Q = struct.Struct("<Q")
 SLOTS = 8
 EVENTS = ("granted", "waited", "busy", "pass", "stored", "error", "failed", "holder_gone")
-_HEAD = 8 * (len(EVENTS) + 1)  # the counters, then the next token
+_HEAD = 8 * (len(EVENTS) + 2)  # the counters, the next token, the leases held
 F_HEAD, F_SHAREABLE, F_PASS = 1, 2, 4
 
 Notify = Callable[[int, dict[str, Any]], None]  # (worker id, event) -> None, fire and forget
@@ -117,6 +117,11 @@ class LeaseTable:
 
     def _clear(self, at: int) -> None:
         self._mm[at:at + _SLOT.size] = bytes(_SLOT.size)
+        self._held(-1)
+
+    def _held(self, delta: int) -> None:
+        at = self._at + 8 * (len(EVENTS) + 1)
+        _Q.pack_into(self._mm, at, max(0, int(_Q.unpack_from(self._mm, at)[0]) + delta))
 
     def _count(self, event: str) -> None:
         at = self._at + 8 * EVENTS.index(event)
@@ -157,6 +162,7 @@ class LeaseTable:
                     return None, told
                 token = self._next_token()
                 _SLOT.pack_into(self._mm, at_free, fp, token, now, 0, worker, 0)
+                self._held(1)
                 self._count("granted")
                 return {"granted": True, "token": token}, told
             answer: dict[str, Any] = {"granted": False, "token": token, "holder": holder}
@@ -223,12 +229,7 @@ class LeaseTable:
 
     @property
     def held(self) -> int:
-        mm = self._mm
-        n = 0
-        for b in range(self._buckets):
-            base = self._at + _HEAD + b * SLOTS * _SLOT.size
-            n += sum(1 for i in range(SLOTS) if _Q.unpack_from(mm, base + i * _SLOT.size)[0])
-        return n
+        return int(_Q.unpack_from(self._mm, self._at + 8 * (len(EVENTS) + 1))[0])
 
     def counts(self) -> dict[str, int]:
         return {e: int(_Q.unpack_from(self._mm, self._at + 8 * i)[0]) for i, e in enumerate(EVENTS)}

@@ -285,10 +285,11 @@ class Arena:
         data = self.mm[record.body_at:record.body_at + record.body_len]
         return data if self.alive(record.pos) else None
 
-    def scan(self, start: int = 0, end: int | None = None) -> Iterator[Record]:
+    def scan(self, start: int = 0, end: int | None = None, skip: int = 0) -> Iterator[Record]:
         """The live records from ``start`` (a position; 0: the tail) to ``end`` (default: the
-        head when the scan began), oldest first. Records written or dropped meanwhile may be
-        missed or skipped; each one yielded was alive when it was copied."""
+        head when the scan began), oldest first, but those with any of the ``skip`` flags (not
+        read at all). Records written or dropped meanwhile may be missed or skipped; each one
+        yielded was alive when it was copied."""
         mm = self.mm
         pos = max(start, self._get(H_TAIL))
         stop = self._get(H_HEAD) if end is None else end
@@ -297,14 +298,14 @@ class Arena:
             if pos >= stop:
                 break
             at = self._phys(pos)
-            rpos, _, size, *_ = _HEAD.unpack_from(mm, at)
+            rpos, _, size, _, _, _, flags, _, _, _ = _HEAD.unpack_from(mm, at)
             tail = self._get(H_TAIL)
             if pos < tail:  # overwritten under us: go on from the tail
                 pos = tail
                 continue
             if size < HEADER or size % 8:
                 return  # unreadable (should not happen): stop rather than loop
-            if rpos == pos:
+            if rpos == pos and not flags & skip:
                 found = self.read(pos)
                 if found is not None:
                     yield found

@@ -168,7 +168,7 @@ class Persister:
         while self.pending and not self.closed:
             async with self._lock:
                 start, end = self._cursor, self.arena.head
-                records = [r for r in self.arena.scan(start, end) if not r.flags & F_PERSISTED]
+                records = list(self.arena.scan(start, end, skip=F_PERSISTED))
                 self._cursor = end
                 if not records:
                     continue

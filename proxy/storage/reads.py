@@ -25,7 +25,7 @@ from typing import IO, Any, cast
 from proxy.storage.bodyfiles import BodyFile, OpenBodies, SharedFile
 from proxy.storage.disk import INLINE_LIMIT
 from proxy.storage.entry import Entry
-from proxy.storage.memory import Cached, Slot
+from proxy.storage.memory import Cached
 from proxy.storage.work import Tiers
 
 COMMIT_WAIT = 5.0  # seconds a read waits for this process's disk write of the same key
@@ -58,11 +58,6 @@ class Reader:
         self.body_files.close()
 
     # -- the fast hit path -------------------------------------------------------------------
-
-    def fresh_view(self, key: str) -> Slot | None:
-        """The key's variants as memory holds them, decoded, without counting a use: the fast
-        hit path decides on them and counts the use (``Slot.use``) only when it serves one."""
-        return self.t.memory.slot(key)
 
     def open_file(self, key: str, cached: Cached, max_file: int) -> tuple[bool, SharedFile | None]:
         """The fast path's body file for ``cached``: (whether it can be served now, the open file

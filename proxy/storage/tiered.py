@@ -82,8 +82,11 @@ class Storage:
         self.persister = Persister(memory.arena, disk, index, self.tiers.bans) if disk is not None else None
         self.purges = Purging(self.tiers, self.persister, self.reads.body_files)
         self.upkeeping = Upkeep(self.tiers, self.spools)
-        # The general path's first look: one call straight into the memory tier.
+        # The hit paths' first look: one call straight into the memory tier (no wrapper: each
+        # level of call is ≈ 0.1 µs of a ≈ 25 µs hit).
         self.memory_get: Callable[[str], tuple[Cached, ...] | None] = memory.get
+        self.fresh_view: Callable[[str], Slot | None] = memory.slot
+        self.alive: Callable[[Cached], bool] = memory.alive
 
     # -- what the store is made of -----------------------------------------------------------
 
@@ -161,10 +164,6 @@ class Storage:
     async def reread(self, key: str) -> tuple[Cached, ...]:
         return await self.reads.reread(key)
 
-    def fresh_view(self, key: str) -> Slot | None:
-        """The fast hit path's look at memory: the key's decoded variants, no use counted."""
-        return self.reads.fresh_view(key)
-
     def serve_from(self, key: str, slot: Slot, cached: Cached, max_file: int | None
                    ) -> tuple[bool, SharedFile | None]:
         """The fast hit path serves ``cached`` (of ``slot``): whether its body is at hand (in
@@ -174,10 +173,6 @@ class Storage:
         if ok:
             self.tiers.memory.use(slot)
         return ok, shared
-
-    def alive(self, cached: Cached) -> bool:
-        """Whether ``cached``'s body in the shared memory is still there (after copying from it)."""
-        return self.tiers.memory.alive(cached)
 
     def keep_head(self, key: str, cached: Cached, head: Any, size: int) -> None:
         """Keep a pre-serialised head of ``cached`` with its decoded entry (counted in memory)."""
