@@ -45,7 +45,7 @@ from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
-from proxy.policy.ranges import if_range_allows, parse_range
+from proxy.policy.ranges import if_range_allows, request_range, resolve_range
 from proxy.policy.reuse import (
     Forward,
     OnlyIfCachedMiss,
@@ -357,15 +357,15 @@ class Engine:
             if body is None:
                 return None
         status, reason, length, offset = stored.status, stored.reason, entry.body_size, 0
-        range_header = req.head.headers.get("Range")
-        if range_header is not None and stored.status == 200 and if_range_allows(req.head.headers, stored):
-            rng = parse_range(range_header, entry.body_size)
+        spec = request_range(req.head.headers)
+        if spec is not None and stored.status == 200 and if_range_allows(req.head.headers, stored):
+            rng = resolve_range(spec, entry.body_size)
             if rng == "unsatisfiable":
                 _close(body)
                 headers.append(("Content-Range", f"bytes */{entry.body_size}"))
                 return self._finish(plan, Reply(416, "Range Not Satisfiable", headers, b"", 0,
                                                 x_cache, "none"))
-            if rng is not None:
+            else:
                 first, last = rng
                 status, reason = 206, "Partial Content"
                 headers.append(("Content-Range", f"bytes {first}-{last}/{entry.body_size}"))

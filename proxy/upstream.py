@@ -64,6 +64,7 @@ from proxy.http_client import (
     error_kind,
     request_head,
 )
+from proxy.policy.fields import content_length
 
 log = logging.getLogger("cachegate.upstream")
 
@@ -147,8 +148,7 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        return content_length(self.headers.getall("Content-Length", ()))
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived with the head (a small response): no

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
-from proxy.policy.cache_control import split_directives
+from proxy.policy.fields import split_list
 from proxy.policy.messages import HeaderList, Headers, RequestHead
 
 ABSENT = "\n"  # a value no header can have: marks a Vary field the request lacked
@@ -122,7 +122,7 @@ def normalise_field(values: list[str] | tuple[str, ...]) -> str:
     """
     if not values:
         return ABSENT
-    items = split_directives(", ".join(values))
+    items = split_list(values)
     return ", ".join(";".join(" ".join(p.split()) for p in item.split(";")) for item in items)
 
 
@@ -146,13 +146,11 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
 def vary_names(headers: Headers) -> tuple[str, ...] | None:
     """The field names a response varies on, lower-cased and sorted; None for ``Vary: *``."""
     names: set[str] = set()
-    for line in headers.getall("Vary", ()):
-        for name in line.split(","):
-            name = name.strip().lower()
-            if name == "*":
-                return None
-            if name:
-                names.add(name)
+    for member in split_list(headers.getall("Vary", ())):
+        name = member.lower()
+        if name == "*":
+            return None
+        names.add(name)
     return tuple(sorted(names))
 
 

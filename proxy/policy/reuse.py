@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.policy.cache_control import EMPTY_CACHE_CONTROL, CacheControl, parse_cache_control
+from proxy.policy.fields import split_list
 from proxy.policy.keys import vary_matches
 from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
 from proxy.policy.validation import client_not_modified, has_validator
@@ -77,9 +78,9 @@ def effective_request_cache_control(request: RequestHead) -> CacheControl:
     values = request.headers.getall("Cache-Control", ())
     if values:
         return parse_cache_control(values)
-    for line in request.headers.getall("Pragma", ()):
-        if "no-cache" in (t.strip().lower() for t in line.split(",")):
-            return parse_cache_control(["no-cache"])
+    pragma = request.headers.getall("Pragma", ())
+    if pragma and any(m.lower() == "no-cache" for m in split_list(pragma)):
+        return parse_cache_control(["no-cache"])
     return EMPTY_CACHE_CONTROL
 
 

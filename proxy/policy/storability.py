@@ -22,6 +22,7 @@ from proxy.policy.cache_control import (
     parse_surrogate_control,
     targeted_cache_control,
 )
+from proxy.policy.fields import content_length
 from proxy.policy.freshness import HEURISTICALLY_CACHEABLE, compute_freshness
 from proxy.policy.headers import end_to_end
 from proxy.policy.keys import variant_of, vary_names
@@ -104,8 +105,8 @@ def decide_store(
     names = vary_names(headers)
     if names is None:
         return DontStore("VARY-STAR")
-    length = headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > options.max_object:
+    length = content_length(headers.getall("Content-Length", ()))
+    if length is not None and length > options.max_object:
         return DontStore("TOO-LARGE")
 
     has_explicit = (
