@@ -296,7 +296,9 @@ class Supervisor:
                 and w.process.returncode is None]
         results = await asyncio.gather(
             *(self._purge_worker(w, args) for w in live), return_exceptions=True)
-        local = sum(r for r in results if isinstance(r, int))
+        # Each object counts once: the disk tier and every worker's memory may each hold it.
+        # As in one process (``Purger.purge``), the answer is the most any one tier held.
+        local = max((r for r in results if isinstance(r, int)), default=0)
         total = max(count, local)
         runtime.count_purge(spec, total)
         return total
