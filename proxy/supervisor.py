@@ -166,14 +166,20 @@ class Supervisor:
             self.stopping = True
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            log.info("shutting down: stopping the workers (grace %gs)", self._grace())
             await self._stop_workers()
-            await listeners.stop(self.settings.shutdown_grace)
+            await listeners.stop(self._grace())
             for t in list(self._tasks):
                 t.cancel()
             await runtime.close()
             reserved.close()
         print("cachegate: stopped", flush=True)
         return status
+
+    def _grace(self) -> float:
+        """shutdown_grace of the config running now (a reload applies it at once)."""
+        runtime = self.runtime
+        return (runtime.settings if runtime is not None else self.settings).shutdown_grace
 
     def _reserve_port(self) -> socket.socket:
         host, port = self.settings.listen
@@ -273,7 +279,7 @@ class Supervisor:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
-        deadline = self.settings.shutdown_grace + 5.0
+        deadline = self._grace() + 5.0
         for p in procs:
             try:
                 await asyncio.wait_for(p.wait(), deadline)

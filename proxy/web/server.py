@@ -272,7 +272,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: finishing in-flight requests (grace %.0fs)", settings.shutdown_grace)
+        # The grace period of the config running now: a reload may have changed it.
+        log.info("shutting down: finishing in-flight requests (grace %gs)", runtime.settings.shutdown_grace)
         for sig in (*stop_signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await listeners.stop(runtime.settings.shutdown_grace)
