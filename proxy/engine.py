@@ -722,10 +722,10 @@ class Engine:
         index = select_variant(req.head, [c.entry.response for c in variants]) if variants else None
         if index is not None:
             cached = variants[index]
-            f = cached.entry.response.freshness
+            response = cached.entry.response
             now = self.clock()
             reply = await self._serve(
-                req, plan, cached, x_cache, f.ttl(now), f.age(now),
+                req, plan, cached, x_cache, response.ttl(now), response.freshness.age(now),
                 client_not_modified(req.head.headers, cached.entry.response),
                 # RFC 9211: a collapsed request went forward (with the leader's): never "hit".
                 hit=x_cache == "HIT" and not collapsed, fwd=fwd, collapsed=collapsed, mark_stored=stored,
@@ -737,9 +737,9 @@ class Engine:
 
     async def _serve_stale(self, req: ClientRequest, plan: RequestPlan, stale: Cached, fwd: str,
                            fwd_status: int | None, detail: str) -> Reply:
-        f = stale.entry.response.freshness
+        response = stale.entry.response
         now = self.clock()
-        reply = await self._serve(req, plan, stale, "STALE", f.ttl(now), f.age(now),
+        reply = await self._serve(req, plan, stale, "STALE", response.ttl(now), response.freshness.age(now),
                                   client_not_modified(req.head.headers, stale.entry.response),
                                   hit=False, fwd=fwd, fwd_status=fwd_status, detail=detail)
         if reply is None:

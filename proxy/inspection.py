@@ -359,7 +359,7 @@ def variant_view(entry: Entry, copies: list[Copy], now: float) -> dict[str, Any]
     tiers = sorted({c.tier for c in copies}, key=("memory", "disk").index)
     in_memory = [c for c in copies if c.tier == "memory"]
     hits = sum(c.hits or 0 for c in in_memory)
-    ttl = f.ttl(now)
+    ttl = r.ttl(now)  # a soft-purged entry is stale since the purge
     view: dict[str, Any] = {
         "key": entry.key,
         "url": entry.url,

@@ -163,7 +163,7 @@ def decide_lookup_in_full(
     stored = candidates[index]
     fresh_info = stored.freshness
     age = fresh_info.age(now)
-    ttl = fresh_info.lifetime - age
+    ttl = stored.ttl(now)
     stale = ttl <= 0 or stored.invalidated
     may_serve_stale = not (fresh_info.must_revalidate or fresh_info.no_cache)
     mode = options.client_cache_control
