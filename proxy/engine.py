@@ -41,10 +41,11 @@ from proxy.metrics import Metrics
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status, serve_detail
 from proxy.policy.deception import content_type_agrees
+from proxy.policy.fields import split_list
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
-from proxy.policy.messages import Freshness, RequestHead, StoredResponse
+from proxy.policy.messages import Freshness, HeaderList, RequestHead, StoredResponse
 from proxy.policy.ranges import if_range_allows, request_range, resolve_range
 from proxy.policy.reuse import (
     Forward,
@@ -1045,6 +1046,9 @@ class Engine:
             # that caused the fill, never for everyone served from the store afterwards.
             stored = replace(stored, headers=tuple(
                 (k, v) for k, v in stored.headers if k.lower() != "set-cookie"))
+        # This cache's Via goes into the stored head once, so every hit carries it (the fast
+        # path's pre-built heads too) at no cost per request.
+        stored = replace(stored, headers=with_via(stored.headers, self._via))
         tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
         entry = Entry(key=key, url=head.url, response=stored, body_id="", body_size=0,
                       tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
@@ -1068,7 +1072,8 @@ class Engine:
         store_plan = plan.for_response(old.status, content_type)
         updated = freshen_stored(old, update, request_time, response_time, store_plan.options)
         if updated is not None:
-            updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter))
+            updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter),
+                              headers=with_via(updated.headers, self._via))  # a 304's Via replaced ours
         try:
             if updated is None:  # the 304 said no-store or private: forget the stored response
                 await self.storage.delete([entry.key])
@@ -1086,6 +1091,21 @@ class Engine:
         if edits:
             reply.headers = edits.apply(reply.headers)
         return reply
+
+
+def with_via(headers: HeaderList, via: str) -> HeaderList:
+    """Stored fields with ``via`` (this cache's Via entry) as the last member of Via, once.
+
+    >>> once = with_via((("Via", "1.1 lb"), ("X", "1")), "1.1 cachegate")
+    >>> once, with_via(once, "1.1 cachegate") == once
+    ((('X', '1'), ('Via', '1.1 lb, 1.1 cachegate')), True)
+    """
+    values = [v for k, v in headers if k.lower() == "via"]
+    members = split_list(values)
+    if members and members[-1] == via:
+        return headers
+    others = tuple((k, v) for k, v in headers if k.lower() != "via")
+    return (*others, ("Via", ", ".join((*members, via))))
 
 
 def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
