@@ -385,9 +385,26 @@ def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
     return s
 
 
-def _check(s: Settings, problems: Problems, file: str) -> None:
-    if not s.upstreams:
-        problems.add((file, 1), "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
+def _line_of(root: Src, *path: str) -> tuple[str, int] | None:
+    """Where the key at ``path`` (``"admin", "listen"``) is written in the config, if it is."""
+    node = root
+    for i, key in enumerate(path):
+        if not isinstance(node.value, dict) or key not in node.value:
+            return None
+        if i == len(path) - 1:
+            return (node.file, node.key_lines.get(key, node.line))
+        node = node.value[key]
+    return None
+
+
+def _check(s: Settings, problems: Problems, root: Src, o: Overrides) -> None:
+    """Problems that involve several fields, each reported at the line of the field concerned."""
+    configured = root.value.get("upstreams") if isinstance(root.value, dict) else None
+    entries = configured.value if configured is not None and isinstance(configured.value, list) else []
+    # Upstreams that were given but invalid are reported where they are, once.
+    if not s.upstreams and not o.upstreams and not entries:
+        problems.add(_line_of(root, "upstreams") or (root.file, 1),
+                     "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
     admin = s.admin
     if admin.listen is not None and admin.token is None:
         try:
@@ -395,9 +412,11 @@ def _check(s: Settings, problems: Problems, file: str) -> None:
         except ValueError:
             loopback = admin.listen[0] == "localhost"
         if not loopback:
-            problems.add((file, 1), f"admin.listen {admin.listen[0]}:{admin.listen[1]} is not loopback "
-                                    "and admin.token is not set: the admin API would be open to "
-                                    "anyone who can reach it; set admin.token or listen on 127.0.0.1")
+            at = (("<command line>", 0) if o.admin_listen is not None
+                  else _line_of(root, "admin", "listen") or _line_of(root, "admin") or (root.file, 1))
+            problems.add(at, f"admin.listen {admin.listen[0]}:{admin.listen[1]} is not loopback "
+                             "and admin.token is not set: the admin API would be open to "
+                             "anyone who can reach it; set admin.token or listen on 127.0.0.1")
 
 
 def base_cache_options(s: Settings) -> CacheOptions:
@@ -423,7 +442,7 @@ def load_config(path: str | None, overrides: Overrides | None = None) -> Setting
         base_dir = os.path.dirname(os.path.abspath(path))
     settings = read_settings(root, problems, base_dir)
     settings = _apply_overrides(settings, overrides, problems)
-    _check(settings, problems, root.file)
+    _check(settings, problems, root, overrides)
     files = [(f, os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f)
              for f in settings.rule_files if os.path.isfile(f)]
     rules = load_rules(files, base_cache_options(settings), problems)
