@@ -57,6 +57,7 @@ from proxy.web.server import (
     _fmt,
     check_c_parser,
     install_reloader,
+    open_runtime,
     serve,
     start_admin_listener,
 )
@@ -114,7 +115,11 @@ class Supervisor:
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             return 1
-        runtime = self.runtime = await Runtime.open(self.settings, owner=True)
+        opened = await open_runtime(self.settings, owner=True)
+        if opened is None:
+            reserved.close()
+            return 1
+        runtime = self.runtime = opened
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
         reloader = install_reloader(runtime, self.config_path, self.overrides)

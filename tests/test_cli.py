@@ -76,6 +76,23 @@ def test_cross_field_problems_point_at_the_field_involved_and_a_bad_url_is_repor
         "<command line>:0: upstream url 'gopher://x': expected http://HOST[:PORT] or https://..."]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_unusable_cache_directory_is_a_one_line_error_not_a_traceback(tmp_path: Path, workers: str) -> None:
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:0\nupstreams: [{url: 'http://127.0.0.1:9'}]\n"
+                   f"admin: {{listen: '127.0.0.1:0'}}\ncache: {{disk: {{path: '{blocker}/cache'}}}}\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", config, "--workers", workers],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"cachegate: cannot open the cache directory {blocker}/cache (cache.disk.path): Not a directory" \
+        in done.stderr
+
+
 def test_check_reports_yaml_syntax_errors_with_their_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:8080\nupstreams: [\n  {url: x\n")
     assert main(["check", "--config", config]) == 2

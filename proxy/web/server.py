@@ -216,6 +216,19 @@ def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides) -
     return reloader
 
 
+async def open_runtime(settings: Settings, owner: bool) -> Runtime | None:
+    """``Runtime.open``, or None after one line on stderr when the cache directory cannot be
+    used (not writable, a file in the way): an operator's mistake, not a traceback."""
+    try:
+        return await Runtime.open(settings, owner=owner)
+    except OSError as exc:
+        disk = settings.cache.disk
+        where = disk.path if disk is not None else "?"
+        print(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
+              f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+        return None
+
+
 @dataclass
 class WorkerLink:
     """How a worker process talks to its supervisor (see ``proxy.supervisor``)."""
@@ -234,7 +247,10 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     answers its calls (``purge_local``, ``reload``, ``ping``).
     """
     check_c_parser()
-    runtime = await Runtime.open(settings, owner=worker is None)
+    opened = await open_runtime(settings, owner=worker is None)
+    if opened is None:
+        return 1
+    runtime = opened
     listeners = Listeners()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
