@@ -64,6 +64,17 @@ def test_the_image_config_passes_check_in_the_image_layout(
     assert main(["check", "--config", str(config)]) == 0
 
 
+def test_the_image_config_passes_check_from_a_checkout_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`scripts/run --config deploy/cachegate.yaml` in a checkout: its rule path, relative to the
+    config as in /etc/cachegate, finds the checkout's rules (deploy/rules links to ../rules)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")
+    assert main(["check", "--config", "deploy/cachegate.yaml"]) == 0, capsys.readouterr().err
+    assert (ROOT / "deploy/rules/default.yaml").resolve() == (ROOT / "rules/default.yaml").resolve()
+
+
 def test_the_compose_file_builds_this_checkout_and_runs_cachegate_commands() -> None:
     compose = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())
     services = compose["services"]
