@@ -163,12 +163,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import prepare_demo, run_demo
 
     try:
-        config, settings = prepare_demo(args.listen, args.admin_listen, args.origin_listen, args.rules,
-                                        args.cache_dir)
+        config, settings, note = prepare_demo(args.listen, args.admin_listen, args.origin_listen,
+                                              args.rules, args.cache_dir)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return EXIT_CONFIG
-    return run_async(run_demo(settings, config, args.origin_listen), not args.no_uvloop)
+    try:
+        return run_async(run_demo(settings, config, args.origin_listen, note), not args.no_uvloop)
+    finally:
+        if args.cache_dir is None:  # the demo's own temporary folder
+            import shutil
+
+            shutil.rmtree(os.path.dirname(config), ignore_errors=True)
 
 
 def cmd_sample_origin(args: argparse.Namespace) -> int:
@@ -231,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     p.add_argument("--admin-listen", default="127.0.0.1:8081", metavar="HOST:PORT")
     p.add_argument("--rules", default="rules/default.yaml", metavar="FILE")
-    p.add_argument("--cache-dir", default="var/cache", metavar="DIR")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep the demo's cache here (default: an empty temporary folder)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-uvloop", action="store_true")
     p.set_defaults(func=cmd_demo)

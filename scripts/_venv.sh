@@ -17,6 +17,10 @@ ensure_venv() {  # ensure_venv [extra]
     "$PYTHON" -m venv "$VENV"
   fi
   local stamp="$VENV/.installed-${extra:-base}"
+  # The test extra installs the project too: a fresh one does for a plain ensure_venv.
+  if [[ -z "$extra" && -f "$VENV/.installed-test" && ! "$ROOT/pyproject.toml" -nt "$VENV/.installed-test" ]]; then
+    return 0
+  fi
   if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" ]]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install --quiet -e "$spec"

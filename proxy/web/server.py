@@ -238,7 +238,8 @@ class WorkerLink:
 
 
 async def serve(settings: Settings, config_path: str | None, overrides: Overrides,
-                worker: WorkerLink | None = None) -> int:
+                worker: WorkerLink | None = None,
+                on_listening: Callable[[Listeners], None] | None = None) -> int:
     """Run one serving process until SIGTERM/SIGINT; returns the exit status.
 
     Alone, it owns the cache directory (upkeep) and runs the admin API. As a worker
@@ -284,6 +285,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     if channel is not None:
         await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
     else:
+        if on_listening is not None:
+            on_listening(listeners)  # bound: what it prints is true (the demo's curl lines)
         announce(listeners)
     try:
         await stop.wait()
