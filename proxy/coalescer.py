@@ -203,6 +203,9 @@ class Flight:
         # Called with whether the response reached the disk tier, as soon as it did (the engine
         # tells other workers waiting for the key: proxy.leases).
         self.on_stored: Callable[[bool], None] | None = None
+        # The clients waiting for this flight's head, told of each interim (1xx) response the
+        # origin sends before it: (status, reason, end-to-end fields).
+        self.interim: list[Callable[[int, str, tuple[tuple[str, str], ...]], None]] = []
         # A failed head must not log "exception never retrieved" when nobody waited.
         self.head.add_done_callback(_consume)
         self.result.add_done_callback(_consume)

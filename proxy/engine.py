@@ -36,6 +36,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.http_client import InterimHook
 from proxy.leases import Busy, Granted, LeaseClient, Waiting
 from proxy.metrics import Metrics
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
@@ -89,9 +90,9 @@ UNKEYED_OVERRIDES = frozenset({
     "x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override",
 })  # fmt: skip
 # A cache fill asks for the full representation; the client's conditionals and
-# ranges are answered from the stored response afterwards.
+# ranges are answered from the stored response afterwards. It sends no body: no Expect.
 FILL_DROPS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
-                        "if-range", "range"})  # fmt: skip
+                        "if-range", "range", "expect"})  # fmt: skip
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
                        "last-modified")  # fmt: skip
 # Reasons a response is not shareable with coalesced followers (hit-for-pass).
@@ -104,12 +105,19 @@ WHOLE_FOR_LEADER = 64 * 1024
 STORED_ELSEWHERE = "STORED-ELSEWHERE"
 
 
+# Sends an interim (1xx) response to the client, before the final one: (status, reason, fields).
+InterimSink = Callable[[int, str, HeaderList], None]
+
+
 @dataclass(slots=True)
 class ClientRequest:
     head: RequestHead
     remote: str  # the peer's IP address
     body: AsyncIterable[bytes] | None = None  # None when the request has no body
     trusted: bool = False  # the peer is a trusted proxy: keep its X-Forwarded-* fields
+    # Where the origin's interim responses go (RFC 9110 §15.2); None: nowhere (an HTTP/1.0
+    # client, or a caller without a client connection).
+    interim: InterimSink | None = None
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
@@ -440,7 +448,7 @@ class Engine:
         head = req.head
         try:
             resp = await self._send(head.method, head.target, self._upstream_headers(req, fill=False),
-                                    req.body)
+                                    req.body, _relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd, x_cache="BYPASS")
         urls = invalidated_urls(head, resp.status, resp.headers)
@@ -450,9 +458,11 @@ class Engine:
         return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
     async def _send(self, method: str, target: str, headers: list[tuple[str, str]],
-                    body: AsyncIterable[bytes] | None = None) -> UpstreamResponse:
+                    body: AsyncIterable[bytes] | None = None,
+                    on_interim: InterimHook | None = None) -> UpstreamResponse:
         started = time.monotonic()
-        resp = await self.pool.send(method, target, headers, body)  # errors are counted by the pool
+        # Errors are counted by the pool.
+        resp = await self.pool.send(method, target, headers, body, on_interim)
         name = resp.upstream.name
         self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
         self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
@@ -523,6 +533,8 @@ class Engine:
                                         stale=stale)
             reader = flight.body.join()
         assert reader is not None
+        if req.interim is not None and not flight.head.done():
+            flight.interim.append(req.interim)  # the origin's 1xx, until the head arrives
         return await self._reply_from_flight(req, plan, key, flight, reader, collapsed, revalidating, fwd,
                                              stale, stale_prohibited)
 
@@ -644,7 +656,7 @@ class Engine:
         request_time = self.clock()
         try:
             resp = await self._send("GET", fill_target(head, plan.key, key),
-                                    self._upstream_headers(req, fill=True))
+                                    self._upstream_headers(req, fill=True), on_interim=_relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd)
         response_time = self.clock()
@@ -892,8 +904,14 @@ class Engine:
         if revalidating is not None:
             headers.extend(conditional_headers(revalidating.entry.response))
         request_time = self.clock()
+
+        def interim(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+            kept = end_to_end(fields)
+            for sink in list(flight.interim):
+                sink(status, reason, kept)
+
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key), headers)
+            resp = await self._send("GET", fill_target(head, plan.key, key), headers, on_interim=interim)
         except UpstreamError as exc:
             flight.head.set_exception(exc)
             return
@@ -1144,6 +1162,18 @@ def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:
     if url == head.url or not url.startswith(prefix):
         return head.target
     return url[len(prefix):] or "/"
+
+
+def _relay(sink: InterimSink | None) -> InterimHook | None:
+    """The upstream client's hook for one client's interim responses: their end-to-end fields
+    only (RFC 9110 §15.2: a proxy forwards 1xx responses, hop-by-hop fields aside)."""
+    if sink is None:
+        return None
+
+    def relay(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+        sink(status, reason, end_to_end(fields))
+
+    return relay
 
 
 def _upstream_error(status: int, message: str) -> UpstreamError:

@@ -40,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import importlib
+import logging
 import socket
 import ssl
 import time
@@ -69,6 +70,10 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FRAMING = ("content-length", "transfer-encoding")
 # aiohttp's C parser (cachegate refuses to start without it: proxy.web.server).
 _http_parser: Any = importlib.import_module("aiohttp._http_parser")
+
+
+# Told of each interim (1xx) response before the final one: (status, reason, fields).
+InterimHook = Callable[[int, str, CIMultiDictProxy[str]], None]
 
 
 class UpstreamConnectTimeout(UpstreamTimeout):
@@ -175,8 +180,8 @@ class UpstreamConnection(BaseProtocol):
 
     __slots__ = (
         "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_last_read", "_message",
-        "_payload", "_pool", "_read_timeout", "_read_timer", "_total_timer", "busy", "exchange",
-        "idle_since",
+        "_on_interim", "_payload", "_pool", "_read_timeout", "_read_timer", "_total_timer", "busy",
+        "exchange", "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -186,6 +191,7 @@ class UpstreamConnection(BaseProtocol):
         self.exchange = 0
         self.idle_since = 0.0
         self._head: asyncio.Future[Response] | None = None
+        self._on_interim: InterimHook | None = None
         self._message: Any = None
         self._payload: StreamReader | None = None
         self._got_bytes = False
@@ -205,8 +211,12 @@ class UpstreamConnection(BaseProtocol):
 
     async def request(self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool,
                       expected: int | None, *, head_method: bool, read_timeout: float,
-                      total_deadline: float | None = None) -> Response:
-        """Send a request (head, then a streamed body if any) and wait for the response head."""
+                      total_deadline: float | None = None, on_interim: InterimHook | None = None
+                      ) -> Response:
+        """Send a request (head, then a streamed body if any) and wait for the response head.
+
+        Interim responses (1xx but 101) that come before it go to ``on_interim`` as they
+        arrive, in order: (status, reason, fields)."""
         loop = self._loop
         transport = self.transport
         if transport is None or transport.is_closing() or self.busy:
@@ -214,6 +224,7 @@ class UpstreamConnection(BaseProtocol):
         self.busy = True
         self.exchange += 1
         self._message = self._payload = None
+        self._on_interim = on_interim
         self._got_bytes = self._failed = False
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
         head_future: asyncio.Future[Response] = loop.create_future()
@@ -294,11 +305,19 @@ class UpstreamConnection(BaseProtocol):
             if self._message is None:
                 code = message.code
                 if 100 <= code < 200 and code != 101:
-                    continue  # an interim response (100 Continue, 103 Early Hints)
+                    # An interim response (100 Continue, 102 Processing, 103 Early Hints).
+                    hook = self._on_interim
+                    if hook is not None:
+                        try:
+                            hook(code, message.reason or "", message.headers)
+                        except Exception:  # the client's side is not this exchange's concern
+                            logging.getLogger("cachegate.upstream").exception("interim response hook")
+                    continue
                 if code == 101 or upgraded:
                     self._fail(UpstreamProtocolError(f"{self._pool.name}: unexpected protocol switch"))
                     return
                 self._message, self._payload = message, payload
+                self._on_interim = None
             else:  # a second response to one request
                 self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the response"))
                 return
@@ -721,6 +740,7 @@ async def body_once(body: bytes) -> AsyncIterable[bytes]:
 __all__ = [
     "KEEPALIVE_IDLE",
     "HostPool",
+    "InterimHook",
     "Response",
     "UpstreamConnectTimeout",
     "UpstreamConnection",

@@ -352,3 +352,29 @@ async def test_a_slow_upload_is_not_a_read_timeout(origin: Origin, make_proxy: M
 
     reply = await proxy.request("POST", "/up", data=slowly())
     assert (reply.status, reply.body) == (200, b"5000")
+
+
+async def test_interim_responses_reach_the_hook_in_order_and_stay_out_of_the_response(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]]
+) -> None:
+    """In one packet or several: 100, 102 and 103 before the 200, each with its own fields;
+    the connection stays reusable."""
+    interims = (b"HTTP/1.1 100 Continue\r\n\r\n" b"HTTP/1.1 102 Processing\r\n\r\n"
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nLink: </b.js>; rel=preload\r\n\r\n")
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    up = await raw_upstream(fixed(interims + final))
+    pool = HostPool(URL(up.url), 2, None, 1.0)
+    try:
+        for answer in (fixed(interims + final), fixed([interims, final])):
+            up.answer = answer
+            seen: list[tuple[int, str, list[str]]] = []
+            conn = await pool.acquire()
+            head, _, _ = request_head("GET", "/", [], pool.host_header, None)
+            resp = await conn.request(head, None, False, None, head_method=False, read_timeout=5.0,
+                                      on_interim=lambda s, r, h: seen.append((s, r, h.getall("Link", []))))
+            assert seen == [(100, "Continue", []), (102, "Processing", []),
+                            (103, "Early Hints", ["</a.css>; rel=preload", "</b.js>; rel=preload"])]
+            assert (resp.status, "Link" in resp.headers, resp.complete_body()) == (200, False, b"ok")
+        assert up.connections == 1
+    finally:
+        await pool.close()

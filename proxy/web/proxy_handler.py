@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import IO
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -25,7 +27,7 @@ from proxy.engine import ClientRequest, Reply
 from proxy.errors import BadRequest, CachegateError, UpstreamError
 from proxy.policy.cache_status import cache_status
 from proxy.policy.keys import normalise_host
-from proxy.policy.messages import RequestHead
+from proxy.policy.messages import HeaderList, RequestHead
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
 from proxy.storage.bodyfiles import BodyFile
 from proxy.web.admin import purge_method
@@ -93,6 +95,32 @@ def head_of(method: str, target: str, headers: CIMultiDictProxy[str], version: t
 _HOSTS: dict[tuple[str, str], str] = {}
 
 
+def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList], None] | None:
+    """Writes the origin's interim (1xx) responses to the client, before the final response.
+
+    aiohttp's server has no public way to send a 1xx: ``StreamResponse`` writes one head,
+    the final one. What aiohttp itself does for ``100 Continue`` (its default expect
+    handler) is write the bytes on the connection before the response is prepared; this
+    does the same, on the transport, synchronously as the upstream client parses each
+    1xx, so they go out in order and always before the final head (which ``prepare``
+    writes later on the same transport). Never to an HTTP/1.0 client (RFC 9110 §15.2).
+    """
+    if request.version < HttpVersion11:
+        return None
+
+    def send(status: int, reason: str, fields: HeaderList) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            head = _serialize_headers(f"HTTP/1.1 {status} {reason}", CIMultiDict(fields))
+        except (ValueError, TypeError):  # a field aiohttp refuses to write: send none of it
+            return
+        transport.write(head)
+
+    return send
+
+
 async def _body_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:
     async for chunk in request.content.iter_chunked(64 * 1024):
         yield chunk
@@ -139,7 +167,8 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
             if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
                 runtime.hosts_seen.add(head.host)
             body = _body_stream(request) if request.body_exists else None
-            reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted))
+            reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted,
+                                                              interim_sender(request)))
         except CachegateError as exc:
             metrics.requests.labels("ERROR", request.method).inc()
             return _plain(exc.status_hint, str(exc) or "error", "MISS")
