@@ -26,6 +26,7 @@ from proxy.yamlsrc import Problems, Src, load_yaml
 
 HostPort = tuple[str, int]
 Balance = Literal["round_robin", "least_conn"]
+RangeFill = Literal["whole", "none"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MB = 1 << 20
@@ -104,6 +105,9 @@ class CacheSettings:
     hit_for_pass: float = 5.0  # how long a key whose response was not shareable skips coalescing
     disk: DiskSettings | None = None
     tag_headers: tuple[str, ...] = ("Surrogate-Key", "Cache-Tag")
+    # A range request that misses: "whole" also fetches the whole object in the background
+    # (stored, it answers every later range); "none" fetches only the ranges asked for.
+    range_fill: RangeFill = "whole"
 
 
 @dataclass(frozen=True)
@@ -291,7 +295,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
 
     cache = CacheSettings(disk=DiskSettings(path=_resolve(base_dir, "var/cache")))
     cs = top.section("cache", ("memory", "memory_max_object", "memory_policy", "max_object",
-                               "lock_timeout", "hit_for_pass", "disk", "tag_headers"))
+                               "lock_timeout", "hit_for_pass", "disk", "tag_headers", "range_fill"))
     if cs is not None:
         disk: DiskSettings | None = cache.disk
         if cs.has("disk") and cs.raw("disk").value is None:  # type: ignore[union-attr]
@@ -317,6 +321,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
             disk=disk,
             tag_headers=tuple(cs.str_list("tag_headers")) if cs.has("tag_headers")
             else ("Surrogate-Key", "Cache-Tag"),
+            range_fill=cast(RangeFill, cs.choice("range_fill", "whole", ("whole", "none"))),
         )
 
     admin = AdminSettings()

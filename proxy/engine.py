@@ -47,7 +47,15 @@ from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
 from proxy.policy.messages import Freshness, HeaderList, RequestHead, StoredResponse
-from proxy.policy.ranges import if_range_allows, request_range, resolve_range
+from proxy.policy.partial import (
+    ByteRange,
+    Combine,
+    answerable,
+    decide_combine,
+    parse_content_range,
+    part_range,
+)
+from proxy.policy.ranges import RangeSpec, if_range_allows, request_range, resolve_range
 from proxy.policy.reuse import (
     Forward,
     OnlyIfCachedMiss,
@@ -57,7 +65,7 @@ from proxy.policy.reuse import (
     plain_fresh_hit,
     select_variant,
 )
-from proxy.policy.storability import DontStore, Store, decide_store
+from proxy.policy.storability import DontStore, Store, decide_store, decide_store_part
 from proxy.policy.validation import (
     Freshen,
     PassThrough,
@@ -237,6 +245,11 @@ class Engine:
                 return await self._fetch(req, plan, key, cached, decision.fwd, stale,
                                          stale_prohibited=decision.stale_prohibited)
             case Forward():
+                if decision.fwd in ("uri-miss", "vary-miss") and head.method == "GET":
+                    spec = request_range(head.headers)
+                    if spec is not None and (reply := await self._range_miss(req, plan, key, spec,
+                                                                              decision.fwd)) is not None:
+                        return reply
                 stale = variants[decision.stale_index] if decision.stale_index is not None else None
                 return await self._fetch(req, plan, key, None, decision.fwd, stale,
                                          coalesce=decision.fwd != "request",
@@ -367,6 +380,18 @@ class Engine:
                 return None
         status, reason, length, offset = stored.status, stored.reason, entry.body_size, 0
         spec = request_range(req.head.headers)
+        if stored.status == 206:
+            # A stored part (RFC 9111 §3.3): only ever served for a range it holds whole.
+            held, part = (answerable(stored, spec) if spec is not None else None), part_range(stored)
+            if held is None or part is None or head_only:
+                _close(body)
+                return None
+            headers = [(k, v) for k, v in headers if k.lower() != "content-range"]
+            headers.append(("Content-Range", f"bytes {held.first}-{held.last}/{held.total}"))
+            length, offset = held.length, held.first - part.first
+            if isinstance(body, bytes):
+                body, offset = body[offset:offset + length], 0
+            return self._finish(plan, Reply(206, reason, headers, body, length, x_cache, tier, offset))
         if spec is not None and stored.status == 200 and if_range_allows(req.head.headers, stored):
             rng = resolve_range(spec, entry.body_size)
             if rng == "unsatisfiable":
@@ -400,6 +425,150 @@ class Engine:
             except Exception:
                 log.exception("could not drop %s", cached.entry.key)
         return body
+
+    # -- partial content (RFC 9111 §3.3-3.4) ----------------------------------------------
+
+    async def _range_miss(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
+                          fwd: str) -> Reply | None:
+        """A single byte range that no complete stored response answers: from a stored part
+        that holds it, else from the origin at once (a Range request, its 206 stored as a part,
+        combined with the part already held when their strong validators agree). With
+        ``range_fill: whole`` the whole object is fetched in the background meanwhile, so the
+        next ranges are hits. None: not this way (an If-Range the part does not satisfy)."""
+        head = req.head
+        pkey = part_key(key)
+        parts = self.storage.memory_get(pkey)
+        if parts is None:
+            parts = await self._load(pkey, bodies=True)
+        old: Cached | None = None
+        if parts:
+            responses = [c.entry.response for c in parts]
+            decision = decide_lookup(head, responses, self.clock(), plan.options)
+            if isinstance(decision, Serve) and decision.status == "HIT" \
+                    and answerable(responses[decision.index], spec) is not None:
+                if not if_range_allows(head.headers, responses[decision.index]):
+                    return None  # the client wants the whole representation instead
+                reply = await self._serve(req, plan, parts[decision.index], "HIT", decision.ttl,
+                                          decision.age, False, hit=True)
+                if reply is not None:
+                    return reply
+            index = select_variant(head, responses)
+            old = parts[index] if index is not None else None
+        if "if-range" in head.headers:
+            return None  # a conditional range: the whole fill answers it from the stored response
+        if self.settings.cache.range_fill == "whole" and self.coalescer.get(key) is None:
+            self._start_flight(req, plan, key, None, register=True, background=True)
+        return await self._fetch_part(req, plan, key, spec, fwd, old)
+
+    async def _fetch_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
+                          fwd: str, old: Cached | None) -> Reply:
+        head = req.head
+        headers = self._upstream_headers(req, fill=True)
+        first, last = spec
+        headers.append(("Range", f"bytes={'' if first is None else first}-{'' if last is None else last}"))
+        request_time = self.clock()
+        try:
+            resp = await self._send("GET", fill_target(head, plan.key, key), headers,
+                                    on_interim=_relay(req.interim))
+        except UpstreamError as exc:
+            return self._upstream_failed(plan, exc, fwd)
+        response_time = self.clock()
+        held = parse_content_range(resp.headers.get("Content-Range")) if resp.status == 206 else None
+        if held is None:  # the whole representation, a multipart answer or an error: as it is
+            return self._direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
+                                      False)
+        detail, entry = self._part_decision(head, plan, key, resp, request_time, response_time)
+        if detail:
+            self.metrics.not_stored.labels(detail).inc()
+        cs = cache_status(fwd=fwd, fwd_status=206, stored=entry is not None, detail=detail or None)
+        out = self._response_headers(resp.headers)
+        out.append(("Cache-Status", cs))
+        out.append(("X-Cache-Status", "MISS"))
+        body = self._tee_part(resp, entry, held, old)
+        # Framed by the origin's own length: a body that disagrees with its Content-Range reaches
+        # the client as sent, and is not stored (the spool expects the range's length).
+        return self._finish(plan, Reply(206, resp.reason, out, body, resp.content_length, "MISS",
+                                        "upstream"))
+
+    def _part_decision(self, head: RequestHead, plan: RequestPlan, key: str, resp: UpstreamResponse,
+                       request_time: float, response_time: float) -> tuple[str, Entry | None]:
+        """May this 206 be stored as a part, as what (the same rules as its complete response)?"""
+        store_plan = plan.for_response(200, resp.headers.get("Content-Type"))
+        if store_plan.no_store:
+            assert store_plan.rule is not None
+            return f"RULE-NO-STORE:{store_plan.rule.name}", None
+        decision = decide_store_part(head, resp.reason, resp.headers, request_time, response_time,
+                                     store_plan.options)
+        if isinstance(decision, DontStore):
+            return decision.detail, None
+        content_type = resp.headers.get("Content-Type")
+        if store_plan.deception_guard and not content_type_agrees(head.target, content_type):
+            return "DECEPTION-GUARD", None
+        stored = decision.response
+        stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter),
+                         headers=with_via(stored.headers, self._via))
+        tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
+        return "", Entry(key=part_key(key), url=head.url, response=stored, body_id="", body_size=0,
+                         tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
+
+    async def _tee_part(self, resp: UpstreamResponse, entry: Entry | None, held: ByteRange,
+                        old: Cached | None) -> AsyncIterator[bytes]:
+        """The part's body to the client as it arrives, and to a spool; stored once complete."""
+        spool = self.storage.spool(entry, held.length) if entry is not None else None
+        try:
+            async for chunk in resp.iter_chunks():
+                if spool is not None and not await spool.write(chunk):
+                    spool = None
+                yield chunk
+        except BaseException:
+            if spool is not None:
+                spool.discard()
+            raise
+        if spool is not None and entry is not None:
+            try:
+                await self._store_part(entry, spool, old)
+            except Exception:
+                log.exception("storing a part of %s failed", entry.key)
+                self.metrics.storage_errors.labels("write").inc()
+
+    async def _store_part(self, entry: Entry, spool: BodySpool, old: Cached | None) -> None:
+        """Store a received part; combined with the one held for the same variant when RFC 9111
+        §3.4 allows it (one strong validator) and both are small enough to hold in memory
+        (memory_max_object): a complete result is stored as the 200 it adds up to."""
+        combine = decide_combine(old.entry.response, entry.response) if old is not None else None
+        if old is None or not isinstance(combine, Combine) \
+                or combine.range.length > self.storage.memory.max_object:
+            await self.storage.commit(entry, spool)
+            return
+        new_body = spool.body_bytes()
+        old_body = await self._open_body(old)
+        if new_body is None or not isinstance(old_body, bytes):
+            _close(old_body)
+            await self.storage.commit(entry, spool)
+            return
+        spool.discard()
+        bodies = {id(entry.response): new_body, id(old.entry.response): old_body}
+        lower, upper = bodies[id(combine.lower)], bodies[id(combine.upper)]
+        lower_range, upper_range = part_range(combine.lower), part_range(combine.upper)
+        assert lower_range is not None and upper_range is not None
+        merged = lower + upper[lower_range.last + 1 - upper_range.first:]
+        new = entry.response
+        if combine.range.complete:
+            # §3.4: the combined response takes the new response's header fields.
+            fields = tuple((k, v) for k, v in new.headers
+                           if k.lower() not in ("content-range", "content-length"))
+            combined = Entry(key=whole_key(entry.key), url=entry.url,
+                             response=replace(new, status=200, reason="OK", headers=fields),
+                             body_id="", body_size=0, tags=entry.tags, stored_at=entry.stored_at)
+        else:
+            r = combine.range
+            fields = tuple((k, v) for k, v in new.headers if k.lower() != "content-range")
+            combined = replace(entry, response=replace(
+                new, headers=(*fields, ("Content-Range", f"bytes {r.first}-{r.last}/{r.total}"))))
+        out = self.storage.spool(combined, len(merged))
+        await out.write(merged)
+        if await self.storage.commit(combined, out) and combine.range.complete:
+            self.coalescer.clear_absent(combined.key)
 
     # -- going upstream --------------------------------------------------------------------
 
@@ -1145,6 +1314,19 @@ def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, 
         ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
         return plan.response_headers_for(status, ctype)
     return plan.response_headers
+
+
+PART_SUFFIX = "\x1fpart"
+
+
+def part_key(key: str) -> str:
+    """Where the parts (206 responses) of a key's representations are stored: an entry of
+    its own beside the key's, so the hit path and storage never meet a part by accident."""
+    return key + PART_SUFFIX
+
+
+def whole_key(key: str) -> str:
+    return key.removesuffix(PART_SUFFIX)
 
 
 def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:

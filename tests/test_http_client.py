@@ -370,8 +370,9 @@ async def test_interim_responses_reach_the_hook_in_order_and_stay_out_of_the_res
             seen: list[tuple[int, str, list[str]]] = []
             conn = await pool.acquire()
             head, _, _ = request_head("GET", "/", [], pool.host_header, None)
-            resp = await conn.request(head, None, False, None, head_method=False, read_timeout=5.0,
-                                      on_interim=lambda s, r, h: seen.append((s, r, h.getall("Link", []))))
+            resp = await conn.request(
+                head, None, False, None, head_method=False, read_timeout=5.0,
+                on_interim=lambda s, r, h, out=seen: out.append((s, r, h.getall("Link", []))))
             assert seen == [(100, "Continue", []), (102, "Processing", []),
                             (103, "Early Hints", ["</a.css>; rel=preload", "</b.js>; rel=preload"])]
             assert (resp.status, "Link" in resp.headers, resp.complete_body()) == (200, False, b"ok")

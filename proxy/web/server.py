@@ -144,8 +144,8 @@ def _fmt(host: str) -> str:
 def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
-    Rules, the admin token and purge_from, trusted_proxies, via, tag_headers, lock_timeout
-    and shutdown_grace apply at once (they are read per request). Listeners, upstreams,
+    Rules, the admin token and purge_from, trusted_proxies, via, tag_headers, lock_timeout,
+    range_fill and shutdown_grace apply at once (they are read per request). Listeners, upstreams,
     cache tiers and workers keep their running values until a restart; they are named so
     the operator is told instead of silently ignored.
     """
@@ -154,15 +154,15 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
         ("admin.listen", old.admin.listen, new.admin.listen),
         ("upstreams", old.upstreams, new.upstreams),
         ("upstream", old.pool, new.pool),
-        ("cache", replace(old.cache, tag_headers=(), lock_timeout=0),
-         replace(new.cache, tag_headers=(), lock_timeout=0)),
+        ("cache", replace(old.cache, tag_headers=(), lock_timeout=0, range_fill="whole"),
+         replace(new.cache, tag_headers=(), lock_timeout=0, range_fill="whole")),
         ("workers", old.workers, new.workers),
     ) if a != b]
     merged = replace(
         new, listen=old.listen, upstreams=old.upstreams, pool=old.pool, workers=old.workers,
         admin=replace(new.admin, listen=old.admin.listen),
         cache=replace(old.cache, tag_headers=new.cache.tag_headers,
-                      lock_timeout=new.cache.lock_timeout),
+                      lock_timeout=new.cache.lock_timeout, range_fill=new.cache.range_fill),
     )
     if merged.cache.max_object != new.cache.max_object:
         merged = replace(merged, rules=new.rules.rebased(base_cache_options(merged)))
