@@ -456,8 +456,6 @@ class Engine:
             old = parts[index] if index is not None else None
         if "if-range" in head.headers:
             return None  # a conditional range: the whole fill answers it from the stored response
-        if self.settings.cache.range_fill == "whole" and self.coalescer.get(key) is None:
-            self._start_flight(req, plan, key, None, register=True, background=True)
         return await self._fetch_part(req, plan, key, spec, fwd, old)
 
     async def _fetch_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
@@ -473,10 +471,18 @@ class Engine:
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd)
         response_time = self.clock()
-        held = parse_content_range(resp.headers.get("Content-Range")) if resp.status == 206 else None
-        if held is None:  # the whole representation, a multipart answer or an error: as it is
+        if resp.status == 200:
+            # An origin that ignores Range sends the whole representation: that is the fill.
+            return await self._answer_unshared(req, plan, key, fwd, resp, request_time, response_time)
+        if resp.status != 206:  # an error, or a 416 about this range only: passed on, not stored
             return self._direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
                                       False)
+        held = parse_content_range(resp.headers.get("Content-Range"))
+        if held is None:  # a multipart answer: passed on as it is
+            return self._direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=206), False)
+        if self.settings.cache.range_fill == "whole" and self.coalescer.get(key) is None:
+            # The origin serves ranges: the whole object follows in the background.
+            self._start_flight(req, plan, key, None, register=True, background=True)
         detail, entry = self._part_decision(head, plan, key, resp, request_time, response_time)
         if detail:
             self.metrics.not_stored.labels(detail).inc()
@@ -790,7 +796,7 @@ class Engine:
             # stored response once the flight has stored it.
             reader.close()
             return await self._serve_after_flight(req, plan, key, fwd, fhead.status, x_cache, collapsed,
-                                                  stored=not collapsed)
+                                                  stored=not collapsed, flight=flight)
 
         if head.method == "HEAD" or fhead.status in (204, 304):
             reader.close()
@@ -829,6 +835,13 @@ class Engine:
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd)
         response_time = self.clock()
+        return await self._answer_unshared(req, plan, key, fwd, resp, request_time, response_time)
+
+    async def _answer_unshared(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
+                               resp: UpstreamResponse, request_time: float, response_time: float) -> Reply:
+        """Answer one client from a response fetched for it alone; stored (through a flight
+        nobody else may join) when it is storable."""
+        head = req.head
         store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
         try:
             store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
@@ -895,8 +908,9 @@ class Engine:
 
     async def _serve_after_flight(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
                                   fwd_status: int | None, x_cache: str, collapsed: bool, *,
-                                  stored: bool = False) -> Reply:
-        flight = self.coalescer.get(key)
+                                  stored: bool = False, flight: Flight | None = None) -> Reply:
+        """Answer from the store once ``flight`` (by default, the key's) has stored its response."""
+        flight = flight or self.coalescer.get(key)
         if flight is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flight.result), self.settings.cache.lock_timeout)

@@ -120,8 +120,6 @@ async def test_a_range_miss_is_answered_before_the_whole_object_arrives(
     answered.set()
     assert (status, x_cache, content_range, body) == (206, "MISS", f"bytes 200000-200009/{size}",
                                                       data[200000:200010])
-    assert sorted(rep.ranges, key=str) == ["None", "bytes=200000-200009"] or \
-        sorted(map(str, rep.ranges)) == ["None", "bytes=200000-200009"]
     for _ in range(100):  # the whole object, fetched in the background, is stored
         await asyncio.sleep(0.05)
         reply = await proxy.get("/r", headers={"Range": "bytes=0-9"})
@@ -130,7 +128,7 @@ async def test_a_range_miss_is_answered_before_the_whole_object_arrives(
     assert (reply.status, reply.x_cache, reply.body) == (206, "HIT", data[:10])
     full = await proxy.get("/r")
     assert (full.status, full.x_cache, full.body) == (200, "HIT", data)
-    assert len(rep.ranges) == 2
+    assert sorted(map(str, rep.ranges)) == ["None", "bytes=200000-200009"]  # the range, then the whole
 
 
 async def test_a_purge_of_the_url_removes_its_parts(origin: Origin, make_proxy: MakeProxy) -> None:
