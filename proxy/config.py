@@ -133,6 +133,9 @@ class Settings:
     shutdown_grace: float = 10.0
     via: str = "cachegate"
     access_log: bool = False
+    # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
+    # check prints them, run and reload log them).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -418,7 +421,7 @@ def load_config(path: str | None, overrides: Overrides | None = None) -> Setting
     else:
         loaded = load_yaml(path, problems)
         if loaded is None:
-            raise ConfigError(problems.items)
+            raise ConfigError(problems.items, problems.warnings)
         root = loaded
         base_dir = os.path.dirname(os.path.abspath(path))
     settings = read_settings(root, problems, base_dir)
@@ -428,5 +431,5 @@ def load_config(path: str | None, overrides: Overrides | None = None) -> Setting
              for f in settings.rule_files if os.path.isfile(f)]
     rules = load_rules(files, base_cache_options(settings), problems)
     if problems:
-        raise ConfigError(problems.ordered())
-    return replace(settings, rules=rules)
+        raise ConfigError(problems.ordered(), problems.ordered_warnings())
+    return replace(settings, rules=rules, warnings=tuple(problems.ordered_warnings()))

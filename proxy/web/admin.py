@@ -173,7 +173,8 @@ async def reload(request: web.Request) -> web.Response:
                                   "problems": result.problems}, status=400)
     return web.json_response({"reloaded": True, "rules": result.rules,
                               "rule_files": list(result.rule_files),
-                              "restart_required": result.restart_required})
+                              "restart_required": result.restart_required,
+                              "warnings": list(result.warnings)})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -193,11 +193,13 @@ class Reloader:
         self._apply(merged)
         for name in restart:
             log.warning("reload: %s changed; it applies at the next restart", name)
+        for warning in new.warnings:
+            log.warning("reload: %s", warning)
         log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.path,
                  len(merged.rules.rules), len(merged.rules.files))
         if self._on_result:
             self._on_result(True)
-        return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files)
+        return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files, new.warnings)
 
 
     def _rejected(self, problems: list[str]) -> ReloadResult:
