@@ -144,7 +144,7 @@ def _fmt(host: str) -> str:
 def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
-    Rules, the admin token and purge_from, trusted_proxies, via, tag_headers, lock_timeout
+    Rules, the admin token, purge_from and server_names, trusted_proxies, via, tag_headers, lock_timeout
     and shutdown_grace apply at once (they are read per request). Listeners, upstreams,
     cache tiers and workers keep their running values until a restart; they are named so
     the operator is told instead of silently ignored.
