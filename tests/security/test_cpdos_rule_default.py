@@ -163,3 +163,14 @@ async def test_a_reload_answers_and_logs_the_warnings(
     (warning,) = json.loads(reply.body)["warnings"]
     assert "rules.yaml:2: warning: rule 'a': ttl default: 1m does not apply to error statuses" in warning
     assert any(warning in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_explain_says_why_an_unnamed_error_status_is_not_stored(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_rules(tmp_path, 'rules:\n  - {name: site, match: {path: "/**"}, ttl: {200: 5m, default: 1m}}\n')
+    assert main(["explain", "--config", config, "http://shop.example/page",
+                 "--status", "302", "--status", "431", "--brief"]) == 0
+    out = capsys.readouterr().out
+    assert "fresh for 1m (rule ttl; used because the origin gave no freshness)" in out  # the 302
+    assert "not stored: UNCACHEABLE-STATUS" in out  # the 431
+    assert "a ttl default never covers an error status other than 404, 405, 410, 414 and 501" in out
