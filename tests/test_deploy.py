@@ -60,8 +60,11 @@ def test_the_image_config_passes_check_in_the_image_layout(
     monkeypatch.delenv("CACHEGATE_ADMIN_TOKEN", raising=False)
     assert main(["check", "--config", str(config)]) == 2, "must refuse an open admin API without a token"
     assert "CACHEGATE_ADMIN_TOKEN is not set" in capsys.readouterr().err
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")
-    assert main(["check", "--config", str(config)]) == 0
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")  # guessable, on a listener anyone may reach
+    assert main(["check", "--config", str(config)]) == 2
+    assert "admin.token is 6 characters long" in capsys.readouterr().err
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "a-token-of-24-characters")
+    assert main(["check", "--strict", "--config", str(config)]) == 0
 
 
 def test_the_image_config_passes_check_from_a_checkout_too(
@@ -70,7 +73,7 @@ def test_the_image_config_passes_check_from_a_checkout_too(
     """`scripts/run --config deploy/cachegate.yaml` in a checkout: its rule path, relative to the
     config as in /etc/cachegate, finds the checkout's rules (deploy/rules links to ../rules)."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "a-token-of-24-characters")
     assert main(["check", "--config", "deploy/cachegate.yaml"]) == 0, capsys.readouterr().err
     assert (ROOT / "deploy/rules/default.yaml").resolve() == (ROOT / "rules/default.yaml").resolve()
 

@@ -15,9 +15,7 @@ from proxy.policy.cache_control import CacheControl
 from proxy.policy.fields import delta_seconds, first_member
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions, Freshness, Headers
-
-# RFC 9110 §15.1: statuses that are heuristically cacheable by default.
-HEURISTICALLY_CACHEABLE = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 
 def parse_age(headers: Headers) -> float:

@@ -23,11 +23,12 @@ from proxy.policy.cache_control import (
     targeted_cache_control,
 )
 from proxy.policy.fields import content_length
-from proxy.policy.freshness import HEURISTICALLY_CACHEABLE, compute_freshness
+from proxy.policy.freshness import compute_freshness
 from proxy.policy.headers import end_to_end
 from proxy.policy.keys import variant_of, vary_names
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
 from proxy.policy.partial import parse_content_range
+from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 # Final status codes whose caching semantics RFC 9110 §15 defines: what "understands
 # the status code" means for must-understand (RFC 9111 §5.2.2.3).
