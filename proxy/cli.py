@@ -104,7 +104,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Call ``POST /purge`` on the admin API; print its JSON answer, or its error and exit 1."""
-    from proxy.admin_client import AdminClientError, admin_url_of, call_admin
+    from proxy.admin_client import AdminClientError, call_admin
 
     spec: dict[str, Any] = {}
     if args.urls:
@@ -120,21 +120,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.soft:
         spec["soft"] = True
-    token = os.environ.get("CACHEGATE_ADMIN_TOKEN") or None
-    if args.admin:
-        base = args.admin
-    elif args.config:
-        settings = _load(args.config, Overrides())
-        if settings is None:
-            return EXIT_CONFIG
-        if settings.admin.listen is None:
-            print(f"cachegate purge: {args.config} has no admin listener (admin.listen); use --admin URL",
-                  file=sys.stderr)
-            return EXIT_CONFIG
-        base = admin_url_of(settings.admin.listen)
-        token = token or settings.admin.token
-    else:
-        base = "http://127.0.0.1:8081"
+    where = _admin_of(args, "purge")
+    if isinstance(where, int):
+        return where
+    base, token = where
     try:
         answer = call_admin(base, "POST", "/purge", spec, token, timeout=args.timeout)
     except AdminClientError as exc:
@@ -224,6 +213,38 @@ def cmd_warm(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_ERRORS
     return EXIT_OK
+
+
+def _admin_of(args: argparse.Namespace, command: str) -> tuple[str, str | None] | int:
+    """The admin API's address and token: --admin, else --config's admin.listen (its token too),
+    else http://127.0.0.1:8081; the token from CACHEGATE_ADMIN_TOKEN first. An exit status on error."""
+    from proxy.admin_client import admin_url_of
+
+    token = os.environ.get("CACHEGATE_ADMIN_TOKEN") or None
+    if args.admin:
+        return args.admin, token
+    if args.config:
+        settings = _load(args.config, Overrides())
+        if settings is None:
+            return EXIT_CONFIG
+        if settings.admin.listen is None:
+            print(f"cachegate {command}: {args.config} has no admin listener (admin.listen); use --admin URL",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        return admin_url_of(settings.admin.listen), token or settings.admin.token
+    return "http://127.0.0.1:8081", token
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from proxy.top import TopOptions, main
+
+    where = _admin_of(args, "top")
+    if isinstance(where, int):
+        return where
+    if args.interval <= 0:
+        print("cachegate top: --interval must be more than 0", file=sys.stderr)
+        return EXIT_CONFIG
+    return main(TopOptions(where[0], where[1], args.interval, args.top), args.once)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -342,6 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                    help="a progress bar on a terminal, plain lines every 5 s otherwise (auto)")
     p.set_defaults(func=cmd_warm)
+
+    p = sub.add_parser("top", help="a live terminal view of a running cachegate (q quits)",
+                       description="Requests/s by cache status, hit ratio, offload, latency, storage, "
+                                   "top URLs, upstreams and not-stored reasons, refreshed in place, "
+                                   "from the admin API (token from CACHEGATE_ADMIN_TOKEN, or --config's "
+                                   "admin.token). q or Ctrl-C quits.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
+    where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh every (default 1)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="URLs and reasons listed (default 10)")
+    p.add_argument("--once", action="store_true", help="print one plain frame and exit")
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("demo", help="run a sample origin with cachegate in front of it")
     p.add_argument("--origin-listen", default="127.0.0.1:9000", metavar="HOST:PORT")
