@@ -136,8 +136,8 @@ def render(live: dict[str, Any], points: list[dict[str, Any]], admin: str, width
             share = tier["bytes"] / tier["budget"] if tier.get("budget") else 0.0
             tiers.append(f"{name} {_bytes(tier['bytes'])} / {_bytes(tier['budget'])} ({share:.1%}), "
                          f"{tier['entries']:,} entries")
-    lines.append(f"fills/s {fills:.1f}   evictions {minute.get('evictions', 0)} last minute   "
-                 + "   ".join(tiers))
+    lines.append(f"fills/s {fills:.1f}   evictions {minute.get('evictions', 0)} last minute")
+    lines.append("   ".join(tiers))
     lines.append("")
 
     latency = live.get("latency", {})

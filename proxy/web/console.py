@@ -147,8 +147,8 @@ def console_access(request: web.Request, token: str) -> str:
         return "none"
     if request.method in SAFE_METHODS:
         return "session"
-    given = request.headers.get(CSRF_HEADER, "")
-    return "session" if hmac.compare_digest(given.encode(), session.csrf.encode()) else "csrf"
+    given = request.headers.get(CSRF_HEADER, "").encode("utf-8", "surrogateescape")
+    return "session" if hmac.compare_digest(given, session.csrf.encode()) else "csrf"
 
 
 # -- the live numbers -----------------------------------------------------------------------------
@@ -255,11 +255,16 @@ class LiveFeed:
                                "budget": settings.cache.disk.size}
         upstreams = runtime.pool.snapshot()
         if self.upstream_workers:
+            # Workers send the requests (and eject upstreams passively); the supervisor's pool
+            # runs the active health checks. Counts are the workers'; "available" needs both.
             for u in upstreams:
                 states = [w_u for w in self.upstream_workers for w_u in w.get("upstreams", ())
                           if w_u.get("url") == u["url"]]
                 u["workers_available"] = sum(1 for s in states if s.get("available"))
                 u["workers"] = len(states)
+                u["available"] = bool(u["available"]) and u["workers_available"] > 0
+                for counted in ("in_flight", "requests", "failures"):
+                    u[counted] = sum(int(s.get(counted, 0)) for s in states)
         return {
             "seq": self.series.seq,
             "interval": SAMPLE_EVERY,

@@ -3,6 +3,7 @@ sessions, CSRF on every state-changing call, and the live numbers after real tra
 
 from __future__ import annotations
 
+import asyncio
 import re
 from http.cookies import SimpleCookie
 
@@ -210,3 +211,15 @@ async def test_bad_parameters_are_refused(locked: Proxy) -> None:
         reply = await locked.admin("GET", f"/console/api/live?{query}", headers=AUTH)
         assert reply.status == 400, query
         assert "error" in js(reply)
+
+
+async def test_a_csrf_header_that_is_not_utf8_is_refused_not_an_error(locked: Proxy) -> None:
+    cookie, _ = await login(locked)
+    host, port = locked.listeners.admin_addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Cookie: {cookie['Cookie']}\r\n".encode()
+                 + b"X-CSRF-Token: \xff\xfe\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]

@@ -212,7 +212,9 @@ async def test_warm_and_top_against_two_workers(origin: Origin, tmp_path: Path) 
             await proxy.get("/w/0")  # a new connection each: both workers answer some
         lines = await term.screen_where(shows_traffic(f"http://{HOST}/w/0", 16, 64))
         assert "2 workers" in lines[0]
-        assert any(line.startswith(origin.url) and "2/2 wk" in line for line in lines)
+        upstream = next(line for line in lines if line.startswith(origin.url))
+        assert "up 2/2 wk" in upstream
+        assert int(upstream.split()[-2].replace(",", "")) >= 5  # the workers' requests, not the supervisor's 0
         assert await term.quit() == 0
     finally:
         try:
