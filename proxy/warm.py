@@ -298,6 +298,30 @@ def progress_line(done: int, total: int, rate: float, errors: int) -> str:
     return f"cachegate warm: {done}/{total} ({share:.0%}), {rate:.1f}/s, {errors} errors"
 
 
+class Pacer:
+    """``--rate``: request starts spaced 1/rate apart, whichever worker sends them (no burst
+    after a pause: a slot never lies in the past).
+
+    >>> p = Pacer(10.0)
+    >>> [round(p.wait(t), 3) for t in (0.0, 0.0, 0.0, 0.35, 2.0)]
+    [0.0, 0.1, 0.2, 0.0, 0.0]
+    >>> Pacer(0).wait(5.0)
+    0.0
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.next_slot: float | None = None
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait from ``now`` before the next request may start."""
+        if not self.interval:
+            return 0.0
+        slot = now if self.next_slot is None else max(now, self.next_slot)
+        self.next_slot = slot + self.interval
+        return slot - now
+
+
 # -- the I/O --------------------------------------------------------------------------------------
 
 
@@ -407,16 +431,14 @@ class Warmer:
     async def _warm(self, session: Any, targets: list[Target], tally: Tally, stop: asyncio.Event,
                     started: float) -> None:
         queue = collections.deque(targets)
-        pace = [time.monotonic()]
-        interval = 1.0 / self.options.rate if self.options.rate > 0 else 0.0
+        pacer = Pacer(self.options.rate)
 
         async def worker() -> None:
             while queue and not stop.is_set():
                 target = queue.popleft()
-                if interval:
-                    slot = max(time.monotonic(), pace[0])
-                    pace[0] = slot + interval
-                    await asyncio.sleep(slot - time.monotonic())
+                wait = pacer.wait(time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 try:
                     status, headers, _ = await self.fetch(session, target)
                     outcome = classify(status, headers.get("X-Cache-Status", ""),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import doctest
 import gzip
-import itertools
 import os
 import pty
 import signal
@@ -164,8 +163,7 @@ async def test_concurrency_and_rate_bound_the_requests(origin: Origin, proxy: Pr
     urls = "".join(f"/s/{i}\n" for i in range(6, 9)).encode()
     code, _, _ = await warm("--proxy", proxy.url, "--urls", "-", "--rate", "10/s", "--concurrency", "3",
                             "--progress", "none", stdin=urls)
-    assert code == 0 and len(starts) == 3
-    assert all(b - a >= 0.08 for a, b in itertools.pairwise(starts))  # at most 10 a second
+    assert code == 0 and len(starts) == 3  # the spacing itself: Pacer's doctest, on a given clock
 
 
 @pytest.mark.slow
