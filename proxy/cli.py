@@ -197,7 +197,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
               "--from-access-log FILE", file=sys.stderr)
         return EXIT_USAGE
     options = WarmOptions(proxy=proxy, host=args.host, concurrency=args.concurrency, rate=args.rate,
-                          timeout=args.timeout, progress=args.progress)
+                          timeout=args.timeout, progress=args.progress,
+                          progress_every=max(0.1, args.progress_interval))
     try:
         warmer = Warmer(options)
         tally, seconds, interrupted = run_async(
@@ -361,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 when there are more errors than this (default 0)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per request")
     p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
-                   help="a progress bar on a terminal, plain lines every 5 s otherwise (auto)")
+                   help="a progress bar on a terminal, plain lines otherwise (auto)")
+    p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between plain progress lines (default 5)")
     p.set_defaults(func=cmd_warm)
 
     p = sub.add_parser("top", help="a live terminal view of a running cachegate (q quits)",

@@ -162,15 +162,16 @@ def render(live: dict[str, Any], points: list[dict[str, Any]], admin: str, width
             state += f" {u.get('workers_available', 0)}/{u['workers']} wk"
         lines.append(f"{_url_cell(str(u['url']), 35)} {state:<16}{u.get('in_flight', 0):>10}"
                      f"{u.get('requests', 0):>10,}{u.get('failures', 0):>10,}")
-    if cluster and cluster.get("nodes"):
+    if cluster and cluster.get("nodes"):  # GET /cluster: lag is purges not yet applied
         lines.append("")
-        lines.append(f"{'NODE':<36}{'STATE':<16}{'LAG':>10}")
+        lines.append(f"{'NODE':<36}{'STATE':<16}{'LAG (PURGES)':>13}")
         for node in cluster["nodes"]:
-            name = str(node.get("name") or node.get("id") or node.get("node") or "?")
+            name = str(node.get("node") or node.get("name") or "?")
+            if name == cluster.get("node"):
+                name += " (this node)"
             lag = node.get("lag")
-            state = str(node.get("state") or ("down" if node.get("up") is False else "up"))
-            lag_text = "–" if lag is None else f"{float(lag):.1f} s"
-            lines.append(f"{_url_cell(name, 35)} {state:<16}{lag_text:>10}")
+            lag_text = "–" if lag is None else str(lag)
+            lines.append(f"{_url_cell(name, 35)} {node.get('state') or '?':<16}{lag_text:>13}")
     lines.append("")
 
     url_width = max(20, min(80, width - 24))

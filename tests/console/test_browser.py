@@ -93,6 +93,7 @@ async def run_console(page, proxy: ProxyProcess) -> None:  # type: ignore[no-unt
     assert session and session[0]["httpOnly"] and session[0]["sameSite"] == "Strict"
 
     # Traffic moves the hit ratio: 1 miss and 19 hits.
+    await expect(page.locator("#card-hit")).to_have_text("–")  # no request yet
     await traffic(proxy, "/static/app.js", 20)
     await traffic(proxy, "/account", 2)
     await expect(page.locator("#card-hit")).to_have_text(re.compile(r"^(8[0-9]|9[0-9]|100)\.\d%$"), timeout=15_000)

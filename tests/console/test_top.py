@@ -57,6 +57,12 @@ def test_the_screen_shows_rates_latency_storage_upstreams_and_top_lists_within_i
     assert "…" in top and top.rstrip().endswith("97.2%") and "/end" in top  # shortened in the middle
     assert "PRIVATE" in text and "https://shop.example/account" in text
     assert lines[-1] == "q quit"
+    cluster = {"node": "a", "nodes": [{"node": "a", "state": "ready", "lag": 0, "live": True},
+                                      {"node": "b", "state": "catching-up", "lag": 12, "live": True},
+                                      {"node": "c", "state": "gone", "lag": None, "live": False}]}
+    lines = render(LIVE, POINTS, "http://127.0.0.1:8081", 100, 60, cluster)
+    nodes = [line.split() for line in lines if line.split()[:1] in (["a"], ["b"], ["c"])]
+    assert nodes == [["a", "(this", "node)", "ready", "0"], ["b", "catching-up", "12"], ["c", "gone", "–"]]
     short = render(LIVE, POINTS, "http://x", 60, 8)
     assert len(short) == 8 and short[-1] == "q quit" and all(len(line) <= 60 for line in short)
 

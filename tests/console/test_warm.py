@@ -9,6 +9,7 @@ import doctest
 import gzip
 import os
 import pty
+import re
 import signal
 import sys
 import time
@@ -157,8 +158,13 @@ async def test_concurrency_and_rate_bound_the_requests(origin: Origin, proxy: Pr
     for i in range(9):
         origin.route(f"/s/{i}", slow)
     urls = "".join(f"/s/{i}\n" for i in range(6)).encode()
-    code, _, _ = await warm("--proxy", proxy.url, "--urls", "-", "--concurrency", "2", "--progress", "none", stdin=urls)
+    code, _, err = await warm("--proxy", proxy.url, "--urls", "-", "--concurrency", "2",
+                              "--progress-interval", "0.1", stdin=urls)  # not a terminal: lines
     assert code == 0 and most[0] == 2
+    progress = err.splitlines()
+    assert progress and all(re.fullmatch(r"cachegate warm: \d/6 \(\d+%\), [0-9.]+/s, 0 errors", line)
+                            for line in progress), err
+    assert "\x1b" not in err and "\r" not in err
     starts.clear()
     urls = "".join(f"/s/{i}\n" for i in range(6, 9)).encode()
     code, _, _ = await warm("--proxy", proxy.url, "--urls", "-", "--rate", "10/s", "--concurrency", "3",

@@ -326,10 +326,11 @@ async function pollCluster() {
   try {
     const cluster = await api("GET", "/cluster");
     const nodes = (cluster && cluster.nodes) || [];
+    // lag: purges on the cluster's bus this node has not applied yet.
     fillTable("cluster", nodes.map((node) => [
-      td(node.name || node.id || node.node || "?", "url"),
-      td(node.state || (node.up === false ? "down" : "up")),
-      td(node.lag === undefined || node.lag === null ? "–" : seconds(Number(node.lag)), "num"),
+      td((node.node || node.name || "?") + (node.node === cluster.node ? " (this node)" : ""), "url"),
+      td(node.state || "?", node.live === false || node.state === "gone" ? "state-down" : ""),
+      td(node.lag === undefined || node.lag === null ? "–" : String(node.lag), "num"),
     ]));
     $("cluster-box").hidden = nodes.length === 0;
   } catch (err) {
