@@ -325,10 +325,9 @@ async def login(request: web.Request) -> web.Response:
     token = runtime.settings.admin.token
     if request.content_type != "application/json":
         return _json({"error": "send the token as JSON: Content-Type: application/json"}, 415)
-    try:
-        doc = await request.json()
-    except ValueError:
-        raise BadRequest("invalid JSON") from None
+    from proxy.web.admin import read_json  # the admin API's one reader of untrusted JSON
+
+    doc = await read_json(request)
     if not isinstance(doc, dict) or set(doc) - {"token"} or not isinstance(doc.get("token"), str):
         raise BadRequest('the body must be {"token": "<admin token>"}')
     if token is None:
