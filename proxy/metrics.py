@@ -155,8 +155,13 @@ class Metrics:
                                           "Admin API requests refused for a missing or wrong token",
                                           registry=r)
         self.reloads = Counter("cachegate_config_reloads", "Config reloads by result", ["result"], registry=r)
-        self.storage_errors = Counter("cachegate_storage_errors", "Storage failures degraded to a miss",
-                                      ["operation"], registry=r)
+        self.storage_errors = Counter("cachegate_storage_errors",
+                                      "Storage failures degraded to a miss (read) or to not storing "
+                                      "(spool, write), by operation", ["operation"], registry=r)
+        self.slow_readers = Counter("cachegate_slow_readers",
+                                    "Clients that fell too far behind a shared fill: resumed from the "
+                                    "stored response, or cut off (connection aborted)", ["outcome"],
+                                    registry=r)
 
     def add_collector(self, collect: Callable[[], Iterator[Metric]]) -> None:
         self.registry.register(_FunctionCollector(collect))

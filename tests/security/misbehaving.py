@@ -10,6 +10,11 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.coalescer import Flight
+    from tests.harness import Proxy
 
 Serve = Callable[["Conn"], Awaitable[None]]
 
@@ -133,3 +138,13 @@ def unread_connection(url: str) -> socket.socket:
     sock.connect((host, int(port)))
     sock.setblocking(False)
     return sock
+
+
+async def flight_with(proxy: Proxy, followers: int) -> Flight:
+    """The one flight in progress in ``proxy``, once ``followers`` clients have joined it."""
+    for _ in range(1000):
+        flights = list(proxy.runtime.engine.coalescer._flights.values())
+        if flights and flights[0].followers >= followers:
+            return flights[0]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no flight with {followers} followers")
