@@ -199,13 +199,26 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
         _abort(request)
     except ConnectionError as exc:
         # The client went away mid-response: one line, nothing for anyone else to see.
-        log.debug("client %s went away during %s %s: %s", request.remote, request.method,
-                  request.raw_path, exc)
+        _client_gone(request, exc)
         _abort(request)
     finally:
         await _close_body(body)
         runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
     return resp
+
+
+def _client_gone(request: web.BaseRequest, exc: BaseException) -> None:
+    """Log a client gone mid-response once per connection (its protocol's ``connection_lost``
+    may have noticed first: ``ProxyRequestHandler.gone_logged``)."""
+    from proxy.web.fastpath import ProxyRequestHandler  # it imports this module
+
+    protocol = request.protocol
+    if isinstance(protocol, ProxyRequestHandler):
+        if protocol.gone_logged:
+            return
+        protocol.gone_logged = True
+    log.debug("client %s went away during %s %s: %s", request.remote, request.method, request.raw_path,
+              exc)
 
 
 def _abort(request: web.BaseRequest) -> None:
