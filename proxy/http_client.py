@@ -35,10 +35,11 @@ would otherwise have it read as the next client's response, and stored for every
 
 Transfer codings (RFC 9112 §6.1): a response body framed by anything but exactly
 ``chunked`` (``gzip, chunked``, ``chunked, gzip``, ``identity``, chunked twice, or any
-``Transfer-Encoding`` in an HTTP/1.0 response) is refused with a 502, as nginx does
-("upstream sent unknown Transfer-Encoding"): ``Transfer-Encoding`` is hop-by-hop, so
-passing the bytes on without it would hand clients (and the store) a body still in a
-coding they were never told about, and cachegate decodes no coding but chunked.
+``Transfer-Encoding`` in an HTTP/1.0 response) is refused with a 502 and never stored:
+``Transfer-Encoding`` is hop-by-hop, so passing the bytes on without it would hand clients
+(and the store) a body still in a coding they were never told about, and cachegate decodes
+no coding but chunked. (nginx 1.22, measured, relays such bytes re-chunked and drops the
+coding: the confusion this refuses.)
 
 Errors are ``proxy.errors`` types whose ``kind`` names them for the metrics: ``connect``
 (refused, reset, TLS), ``connect_timeout``, ``read_timeout`` (no byte for ``read``

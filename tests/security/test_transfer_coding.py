@@ -3,9 +3,9 @@
 ``Transfer-Encoding`` is hop-by-hop: cachegate drops it on the way to the client, so a body
 still in another transfer coding (``gzip, chunked``: gzip inside the chunks; ``gzip`` alone or
 ``chunked, gzip``: gzip, framed by the connection's end) would reach clients, and the store,
-as bytes no field explains. cachegate decodes only chunked, so such a response is a 502, as
-nginx answers "upstream sent unknown Transfer-Encoding"; so is a transfer coding in an
-HTTP/1.0 response, whose framing RFC 9112 §6.1 says to treat as faulty.
+as bytes no field explains. cachegate decodes only chunked, so such a response is a 502; so
+is a transfer coding in an HTTP/1.0 response, whose framing RFC 9112 §6.1 says to treat as
+faulty.
 """
 
 from __future__ import annotations
