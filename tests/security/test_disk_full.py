@@ -143,6 +143,28 @@ async def test_a_flight_that_ends_mid_body_aborts_its_clients(make_proxy: MakePr
                 await asyncio.wait_for(resp.read(), 10)
 
 
+async def test_a_purge_while_a_fill_is_in_flight_ends_its_body_whole_and_stores_nothing(
+    make_proxy: MakeProxy
+) -> None:
+    """Another way out of a flight: purged while its body arrives. Its clients get the whole
+    body; what it carries is not stored (it was purged)."""
+    go = asyncio.Event()
+    async with raw_origins() as start:
+        origin = await start(big_origin(go))
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        leader = asyncio.ensure_future(proxy.get("/big"))
+        await flight_with(proxy, followers=0)
+        follower = asyncio.ensure_future(proxy.get("/big"))
+        flight = await flight_with(proxy, followers=1)
+        purged = await proxy.admin("POST", "/purge", json={"urls": [proxy.url + "/big"]})
+        assert purged.status == 200
+        go.set()
+        replies = await asyncio.wait_for(asyncio.gather(leader, follower), 20)
+        assert [hashlib.sha256(r.body).hexdigest() for r in replies] == [DIGEST, DIGEST]
+        assert not (await asyncio.wait_for(asyncio.shield(flight.result), 20)).stored
+        assert (await proxy.get("/big")).x_cache == "MISS"
+
+
 # -- a real full filesystem -------------------------------------------------------------------
 
 @pytest.fixture

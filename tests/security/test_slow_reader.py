@@ -17,6 +17,8 @@ import socket
 
 import pytest
 
+from proxy.coalescer import HIGH_WATER, Broadcast, Coalescer, FellBehind, Flight, TooFarBehind
+from proxy.errors import ResponseAborted
 from tests.conftest import MakeProxy
 from tests.harness import Proxy
 from tests.security.misbehaving import Conn, RawOrigin, Serve, flight_with, raw_origins, unread_connection
@@ -134,3 +136,105 @@ async def test_a_client_that_stops_reading_an_unstored_fill_is_cut_off_not_waite
         # Aborted mid-body: no last chunk, far less than the body.
         assert not body.endswith(b"0\r\n\r\n") and len(body) < len(BODY)
         assert proxy.runtime.metrics.slow_readers.values() == {("cut_off",): 1.0}
+
+
+# -- the broadcast's rules, without sockets ------------------------------------------------------
+
+CHUNK = b"x" * (HIGH_WATER // 4)
+
+
+async def test_a_reader_behind_a_stored_body_is_detached_and_told_where_it_stopped() -> None:
+    body = Broadcast(history_limit=0)
+    body.storing = True
+    fast, slow = body.join(), body.join()
+    assert fast is not None and slow is not None
+    chunks = fast.__aiter__()
+    for _ in range(6):  # never blocks: the fast reader keeps up, the slow one is detached
+        await body.push(CHUNK)
+        assert await chunks.__anext__() == CHUNK
+    assert (slow.detached, body.detached, body.readers) == (True, 1, 2)
+    body.finish()
+    with pytest.raises(StopAsyncIteration):
+        await chunks.__anext__()
+    with pytest.raises(FellBehind) as behind:
+        async for _ in slow:
+            pass
+    assert behind.value.offset == 0  # it had read nothing: the store gives it all
+
+
+async def test_a_reader_behind_an_unstored_body_is_cut_off_when_others_keep_up() -> None:
+    body = Broadcast(history_limit=0)
+    fast, slow = body.join(), body.join()
+    assert fast is not None and slow is not None
+    chunks = fast.__aiter__()
+    for _ in range(6):
+        await body.push(CHUNK)
+        await chunks.__anext__()
+    assert (body.cut_off, body.readers) == (1, 1)
+    with pytest.raises(TooFarBehind):
+        async for _ in slow:
+            pass
+
+
+async def test_the_last_reader_of_an_unstored_body_is_waited_for() -> None:
+    body = Broadcast(history_limit=0)
+    only = body.join()
+    assert only is not None
+    for _ in range(4):  # HIGH_WATER unread: not yet behind
+        await body.push(CHUNK)
+    blocked = asyncio.ensure_future(body.push(CHUNK))  # past HIGH_WATER: back-pressure
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    chunks = only.__aiter__()
+    await chunks.__anext__()
+    await asyncio.wait_for(blocked, 5)  # one chunk read: the fetch goes on
+    assert (body.cut_off, body.detached) == (0, 0)
+
+
+async def test_history_a_late_reader_joins_with_does_not_count_against_it() -> None:
+    body = Broadcast(history_limit=2 * HIGH_WATER)
+    first = body.join()
+    assert first is not None
+    chunks = first.__aiter__()
+    for _ in range(6):
+        await body.push(CHUNK)
+        await chunks.__anext__()
+    late = body.join()  # 1.5 x HIGH_WATER of history to read
+    assert late is not None
+    await body.push(CHUNK)
+    await chunks.__anext__()
+    assert (body.cut_off, body.readers) == (0, 2)
+
+
+async def test_giving_up_the_store_cuts_off_the_readers_detached_to_it() -> None:
+    body = Broadcast(history_limit=0)
+    body.storing = True
+    fast, slow = body.join(), body.join()
+    assert fast is not None and slow is not None
+    chunks = fast.__aiter__()
+    for _ in range(6):
+        await body.push(CHUNK)
+        await chunks.__anext__()
+    assert slow.detached
+    body.stop_storing()  # a full disk, or too large after all: nothing to finish from
+    with pytest.raises(TooFarBehind):
+        async for _ in slow:
+            pass
+
+
+async def test_a_flight_that_raises_still_ends_its_body() -> None:
+    coalescer = Coalescer(history_limit=1 << 20)
+
+    async def run(flight: Flight) -> None:
+        await flight.body.push(b"part")
+        raise RuntimeError("a bug mid-body")
+
+    flight = coalescer.start("k", run)
+    reader = flight.body.join()
+    assert reader is not None
+    got = []
+    with pytest.raises(ResponseAborted):
+        async for chunk in reader:
+            got.append(chunk)
+    assert got == [b"part"]
+    assert (await flight.result).detail == "ABORTED"
