@@ -54,13 +54,18 @@ def _overrides(args: argparse.Namespace) -> Overrides:
                      admin_listen=args.admin_listen, workers=args.workers)
 
 
-def _load(path: str | None, overrides: Overrides) -> Settings | None:
+def _load(path: str | None, overrides: Overrides, *, warn: bool = False) -> Settings | None:
+    """The settings, or None after printing every problem (and, with ``warn``, every warning)."""
     try:
-        return load_config(path, overrides)
+        settings = load_config(path, overrides)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+        for line in exc.problems + (exc.warnings if warn else []):
+            print(line, file=sys.stderr)
         return None
+    if warn:
+        for line in settings.warnings:
+            print(line, file=sys.stderr)
+    return settings
 
 
 def _setup_logging(level: str) -> None:
@@ -69,12 +74,18 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    settings = _load(args.config, Overrides())
+    """Problems exit 2; warnings are printed (``FILE:LINE: warning: ...``) and exit 0, or 2
+    with ``--strict`` (for CI)."""
+    settings = _load(args.config, Overrides(), warn=True)
     if settings is None:
         return EXIT_CONFIG
     rules = settings.rules
+    warned = f", {len(settings.warnings)} warning(s)" if settings.warnings else ""
+    if settings.warnings and args.strict:
+        print(f"{args.config}: {len(settings.warnings)} warning(s), refused by --strict", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"{args.config}: OK ({len(settings.upstreams)} upstream(s), {len(rules.rules)} rule(s) "
-          f"from {len(rules.files)} file(s))")
+          f"from {len(rules.files)} file(s){warned})")
     return EXIT_OK
 
 
@@ -149,6 +160,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config, overrides)
     if settings is None:
         return EXIT_CONFIG
+    for warning in settings.warnings:
+        logging.getLogger("cachegate.config").warning("%s", warning)
     if settings.workers > 1:
         from proxy.supervisor import supervise
 
@@ -187,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_overrides(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="validate a config and its rule files")
+    p = sub.add_parser("check", help="validate a config and its rule files",
+                       description="Prints each problem as FILE:LINE: message (exit 2) and each warning "
+                                   "as FILE:LINE: warning: message (exit 0, unless --strict).")
     _add_config_args(p)
+    p.add_argument("--strict", action="store_true", help="exit 2 when there are warnings too")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("explain", help="show the rule, cache key and TTL decision for a URL",

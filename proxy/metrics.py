@@ -49,7 +49,7 @@ HIT_STATUSES = frozenset({"HIT", "STALE", "UPDATING"})
 
 # Families that only the supervisor's numbers describe (workers forward these to it).
 SUPERVISOR_ONLY = frozenset({"cachegate_config_reloads", "cachegate_purges", "cachegate_purged_entries",
-                             "cachegate_admin_unauthorized"})
+                             "cachegate_admin_unauthorized", "cachegate_admin_refused"})
 # Families with a "tier" label whose tier="disk" samples describe the shared disk tier.
 SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "cachegate_evictions"})
 # Families describing each worker's own upstream pool: workers only, never the supervisor's.
@@ -154,6 +154,10 @@ class Metrics:
         self.admin_unauthorized = Counter("cachegate_admin_unauthorized",
                                           "Admin API requests refused for a missing or wrong token",
                                           registry=r)
+        self.admin_refused = Counter("cachegate_admin_refused",
+                                     "Admin API requests refused before the token check (DNS rebinding "
+                                     "and CSRF guards), by reason: host, origin, content_type",
+                                     ["reason"], registry=r)
         self.reloads = Counter("cachegate_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.storage_errors = Counter("cachegate_storage_errors",
                                       "Storage failures degraded to a miss (read) or to not storing "
