@@ -449,6 +449,8 @@ class Engine:
         urls = invalidated_urls(head, resp.status, resp.headers)
         if urls:
             await self._invalidate(urls)
+        if detail is not None:  # a rule's bypass: the console lists it beside the not-stored reasons
+            self.metrics.live.not_stored.add(detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
         return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
@@ -716,7 +718,7 @@ class Engine:
                                                  False)
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
-        self.metrics.not_stored.labels(store_detail).inc()
+        self.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=store_detail)
         return self._direct_reply(plan, resp, "MISS", cs, head.method == "HEAD")
 
@@ -998,7 +1000,7 @@ class Engine:
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
         if not shareable:
-            self.metrics.not_stored.labels(store_detail).inc()
+            self.metrics.not_stored_because(store_detail, url_of_key(key))
         spool = None
         if entry is not None:
             self._stores += 1
@@ -1042,6 +1044,7 @@ class Engine:
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
         self.storage.put_memory(final, spool)
+        self.metrics.fills.inc()
         self.coalescer.retire(flight)
         if flight.on_stored is not None and spool.body_bytes() is not None:
             # Other workers wait for this key (proxy.leases): a small body goes to disk before
@@ -1072,7 +1075,7 @@ class Engine:
             spool.discard()
             self.write_failures.failed("spool", key, exc)
             reason = "STORE-FAILED"
-        self.metrics.not_stored.labels(reason).inc()
+        self.metrics.not_stored_because(reason, url_of_key(key))
         return reason
 
     async def _put_disk(self, key: str, final: Entry, spool: BodySpool) -> bool:

@@ -54,6 +54,7 @@ from proxy.policy.messages import RequestHead
 from proxy.purge import PurgeSpec, keys_for_url, normalise_url, parse_purge, url_host
 from proxy.runtime import Runtime
 from proxy.web.admin_guard import GuardSettings, RefusalReason, guard_middleware, loads_untrusted
+from proxy.web.console import CSRF_HEADER, console_access, setup_console
 
 log = logging.getLogger("cachegate.admin")
 
@@ -100,6 +101,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if token is None or request.path == "/healthz":
         return await handler(request)
     if not token_matches(bearer(request.headers), token):
+        access = console_access(request, token)  # the console's page, or a logged-in browser
+        if access in ("public", "session"):
+            return await handler(request)
+        if access == "csrf":
+            return json_error(403, f"missing or wrong {CSRF_HEADER} header for this console session")
         runtime.metrics.admin_unauthorized.inc()
         return web.json_response({"error": "admin token required: Authorization: Bearer <token>"},
                                  status=401, headers={"WWW-Authenticate": 'Bearer realm="cachegate"'})
@@ -388,6 +394,7 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
     app.router.add_get("/explain", explain)
     app.router.add_post("/explain", explain)
     app.router.add_get("/upstreams", upstreams)
+    setup_console(app, runtime_ref, ctx.inspector)  # GET / and /console/...
     return app
 
 

@@ -17,7 +17,11 @@ a browser on the same machine stands inside that lock. Two ways a web page borro
   GET and HEAD) must not come from another origin, and must say ``application/json``.
 
 With a token, the token is the lock: a browser never adds a bearer token by itself, so
-neither attack can use it. The ``Origin``/``Sec-Fetch-Site`` check still applies (it
+neither attack can use it. The operator's console (``proxy.web.console``) gives a browser a
+session cookie instead, which it does add by itself: that cookie is ``SameSite=Strict`` (no
+cross-site request carries it) and every state-changing call with it also needs the
+session's CSRF token in a header that only the console's own page can read and set.
+The ``Origin``/``Sec-Fetch-Site`` check still applies (it
 costs scripts nothing, they send neither), the ``Host`` check applies only when
 ``admin.server_names`` is listed, and the ``Content-Type`` is not checked, so scripts
 that send the token with ``curl -d`` keep working. ``/healthz`` is never checked (it

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO
 
@@ -125,8 +126,10 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
         server_log.addFilter(_CLIENT_ERROR_FILTER)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
         runtime = runtime_ref()
         metrics = runtime.metrics
+        url = None
         try:
             if request.method == "CONNECT":
                 return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS")
@@ -134,6 +137,7 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
             trusted = _is_trusted(runtime, remote)
             listen = runtime.settings.listen
             head = request_head(request, trusted, f"{listen[0]}:{listen[1]}")
+            url = head.url
             if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
                 return await purge_method(request, runtime, head)
             if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
@@ -142,15 +146,19 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
             reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted))
         except CachegateError as exc:
             metrics.requests.labels("ERROR", request.method).inc()
+            metrics.answered(url, "ERROR", time.perf_counter() - started)
             return _plain(exc.status_hint, str(exc) or "error", "MISS")
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("unhandled error for %s %s", request.method, request.raw_path)
             metrics.requests.labels("ERROR", request.method).inc()
+            metrics.answered(url, "ERROR", time.perf_counter() - started)
             return _plain(500, "internal error", "MISS")
         metrics.requests.labels(reply.x_cache, request.method).inc()
-        return await write_reply(request, reply, runtime)
+        response = await write_reply(request, reply, runtime)
+        metrics.answered(url, reply.x_cache, time.perf_counter() - started)
+        return response
 
     return handle
 

@@ -30,6 +30,7 @@ from proxy.inspection import Inspector, register_worker_calls
 from proxy.purge import PurgeSpec
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.admin import create_admin_app
+from proxy.web.console import register_console_calls
 from proxy.web.fastpath import FastPath, ProxyServer
 from proxy.web.proxy_handler import make_handler
 
@@ -314,6 +315,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     runtime.worker_id = worker.worker_id
     runtime.control = channel
     register_worker_calls(runtime)  # GET /cache, /stats, /metrics on the supervisor ask workers
+    register_console_calls(runtime)  # the console's live numbers
     runtime.engine.join_cluster(channel, worker.worker_id)  # cross-worker coalescing (proxy.leases)
 
     async def watch_supervisor() -> None:
