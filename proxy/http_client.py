@@ -33,13 +33,14 @@ answer to a HEAD, or a 204/304 whose head announces a body (``Content-Length`` o
 (``reusable_after``). An origin that sends that announced body anyway, a moment later,
 would otherwise have it read as the next client's response, and stored for everyone.
 
-Transfer codings (RFC 9112 §6.1): a response body framed by anything but exactly
-``chunked`` (``gzip, chunked``, ``chunked, gzip``, ``identity``, chunked twice, or any
-``Transfer-Encoding`` in an HTTP/1.0 response) is refused with a 502 and never stored:
-``Transfer-Encoding`` is hop-by-hop, so passing the bytes on without it would hand clients
-(and the store) a body still in a coding they were never told about, and cachegate decodes
-no coding but chunked. (nginx 1.22, measured, relays such bytes re-chunked and drops the
-coding: the confusion this refuses.)
+Transfer codings (RFC 9112 §6.1): a response whose ``Transfer-Encoding`` names chunked
+anywhere but alone (``gzip, chunked``: a coding inside the chunks that cachegate does not
+decode; ``chunked, gzip`` or chunked twice: framing that parsers disagree on), or any
+``Transfer-Encoding`` in an HTTP/1.0 response (faulty framing, §6.1), is refused with a 502
+and never stored. A coding list without chunked frames the body by the connection's end
+(§6.3): those bytes are relayed and stored as they came, the hop-by-hop field dropped, as
+nginx 1.22 does (measured) and as the public cache tests require
+(``headers-store-Transfer-Encoding``).
 
 Errors are ``proxy.errors`` types whose ``kind`` names them for the metrics: ``connect``
 (refused, reset, TLS), ``connect_timeout``, ``read_timeout`` (no byte for ``read``
@@ -542,7 +543,12 @@ def unsupported_coding(message: Any, head_method: bool) -> str | None:
     coding: str | None = message.headers.get("Transfer-Encoding")
     if coding is None or head_method or message.code < 200 or message.code in (204, 304):
         return None
-    if coding.strip().lower() == "chunked" and message.version >= (1, 1):
+    if message.version < (1, 1):
+        return coding
+    tokens = [t.strip().lower() for t in coding.split(",")]
+    if tokens == ["chunked"] or "chunked" not in tokens:
+        # Without chunked the body is framed by the connection's end (RFC 9112 §6.3): relayed
+        # and stored as it came, the hop-by-hop field dropped, as nginx and Varnish relay it.
         return None
     return coding
 
