@@ -47,7 +47,7 @@ from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
 from proxy.leases import LeaseBroker
-from proxy.purge import PurgeSpec, match_to_json
+from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
     Listeners,
@@ -234,8 +234,8 @@ class Supervisor:
             w.ready.set()
             print(f"cachegate: worker {worker_id} ready (pid {pid})", flush=True)
 
-        async def purge(spec: dict[str, Any]) -> int:
-            return await self.purge(PurgeSpec.from_json(spec))
+        async def purge(spec: dict[str, Any]) -> dict[str, Any]:
+            return (await self.purge(PurgeSpec.from_json(spec))).to_json()
 
         calls: dict[str, Any] = {
             name: functools.partial(fn, worker_id=w.worker_id) for name, fn in self.worker_calls.items()}
@@ -285,7 +285,17 @@ class Supervisor:
 
     # -- calls into every worker -----------------------------------------------------------
 
-    async def purge(self, spec: PurgeSpec) -> int:
+    async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
+        """A purge from the admin API or a worker: through the cluster's bus in cluster mode
+        (which calls ``purge_here`` on every node), else ``purge_here``."""
+        runtime = self.runtime
+        assert runtime is not None
+        if runtime.cluster is not None:
+            outcome: PurgeOutcome = await runtime.cluster.purge(spec)
+            return outcome
+        return PurgeOutcome(await self.purge_here(spec))
+
+    async def purge_here(self, spec: PurgeSpec) -> int:
         """Purge the shared disk tier once, then every worker's memory; answer when all acked."""
         runtime = self.runtime
         assert runtime is not None

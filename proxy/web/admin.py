@@ -42,14 +42,22 @@ from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.policy.keys import cache_key
 from proxy.policy.messages import RequestHead
-from proxy.purge import PurgeSpec, keys_for_url, normalise_url, parse_purge, url_host
+from proxy.purge import (
+    PurgeOutcome,
+    PurgeSpec,
+    PurgeUnavailable,
+    keys_for_url,
+    normalise_url,
+    parse_purge,
+    url_host,
+)
 from proxy.runtime import Runtime
 
 log = logging.getLogger("cachegate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RuntimeRef = Callable[[], Runtime]
-PurgeFn = Callable[[PurgeSpec], Awaitable[int]]
+PurgeFn = Callable[[PurgeSpec], Awaitable[PurgeOutcome]]
 SOFT_PURGE_HEADER = "Cachegate-Soft-Purge"
 MAX_BODY = 1 << 20
 
@@ -106,6 +114,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except BadRequest as exc:
         return json_error(400, str(exc))
+    except PurgeUnavailable as exc:
+        return json_error(503, str(exc))
     except Exception:
         log.exception("admin error on %s", request.path)
         return json_error(500, "internal error")
@@ -157,8 +167,10 @@ async def purge(request: web.Request) -> web.Response:
     ctx = request.app[ADMIN]
     spec = parse_purge(await read_json(request))
     await check_hosts(ctx, spec.hosts)
-    count = await ctx.purge(spec)
-    return web.json_response({"purged": count, "soft": spec.soft})
+    outcome = await ctx.purge(spec)
+    # 202: not every live node of the cluster acknowledged within cluster.ack_timeout.
+    return web.json_response({**outcome.to_json(), "soft": spec.soft},
+                             status=200 if outcome.complete else 202)
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -326,8 +338,12 @@ async def purge_method(request: web.BaseRequest, runtime: Runtime, head: Request
         url = normalise_url(head.url)
     except BadRequest as exc:
         return json_error(400, str(exc))
-    count = await runtime.purge(PurgeSpec(urls=(url,), soft=soft))
-    return web.json_response({"purged": count, "soft": soft, "url": url})
+    try:
+        outcome = await runtime.purge(PurgeSpec(urls=(url,), soft=soft))
+    except PurgeUnavailable as exc:
+        return json_error(503, str(exc))
+    return web.json_response({**outcome.to_json(), "soft": soft, "url": url},
+                             status=200 if outcome.complete else 202)
 
 
 # -- the app ------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import Overrides, Settings, base_cache_options, load_config
-from proxy.control import Channel
+from proxy.control import Channel, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
-from proxy.purge import PurgeSpec
+from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.admin import create_admin_app
 from proxy.web.fastpath import FastPath, ProxyServer
@@ -117,7 +117,7 @@ async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Set
 
 
 async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Settings,
-                               purge: Callable[[PurgeSpec], Awaitable[int]] | None = None,
+                               purge: Callable[[PurgeSpec], Awaitable[PurgeOutcome]] | None = None,
                                inspector: Inspector | None = None) -> web.AppRunner | None:
     if settings.admin.listen is None:
         return None
@@ -305,8 +305,14 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     channel = await Channel.open(sock, {"purge_local": purge_local, "reload": reload, "ping": ping},
                                  name=f"worker {worker.worker_id}")
 
-    async def purge_via_supervisor(spec: PurgeSpec) -> int:
-        return int(await channel.call("purge", spec=spec.to_json()))
+    async def purge_via_supervisor(spec: PurgeSpec) -> PurgeOutcome:
+        try:
+            return PurgeOutcome.from_json(await channel.call("purge", spec=spec.to_json()))
+        except RemoteError as exc:
+            kind, _, message = str(exc).partition(": ")
+            if kind == PurgeUnavailable.__name__:
+                raise PurgeUnavailable(message) from None
+            raise
 
     runtime.purge_fn = purge_via_supervisor
     runtime.worker_id = worker.worker_id
