@@ -203,6 +203,9 @@ class Flight:
         # Called with whether the response reached the disk tier, as soon as it did (the engine
         # tells other workers waiting for the key: proxy.leases).
         self.on_stored: Callable[[bool], None] | None = None
+        # Called with the stored entry and its body (when received in memory) as soon as the
+        # fill is complete: cluster mode writes it through to the shared tier (Engine._fill).
+        self.on_filled: Callable[[Any, bytes | None], None] | None = None
         # A failed head must not log "exception never retrieved" when nobody waited.
         self.head.add_done_callback(_consume)
         self.result.add_done_callback(_consume)

@@ -94,6 +94,8 @@ class Runtime:
     # admin API takes as "hosts cachegate serves" when admin.hosts does not list them.
     hosts_seen: set[str] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Closed first by ``close`` (cluster mode's Redis connections), last added first.
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @classmethod
     async def open(cls, settings: Settings, *, owner: bool = True) -> Runtime:
@@ -140,6 +142,12 @@ class Runtime:
         self.engine.reconfigure(settings)
 
     async def close(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                await close()
+            except Exception:
+                log.exception("closing %r failed", close)
+        self.closers.clear()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -43,6 +43,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from proxy.cluster import ClusterUnavailable
+from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
@@ -131,6 +133,16 @@ class Supervisor:
         if admin is not None:
             listeners.runners.append(admin)
             listeners.admin_addresses = _bound(admin)
+        if self.settings.cluster is not None:
+            # The node's member of the cluster: caught up before any worker serves.
+            try:
+                await join_cluster(runtime, self.purge_here, workers=len(self.workers))
+            except ClusterUnavailable as exc:
+                print(f"cachegate: {exc}", file=sys.stderr, flush=True)
+                await listeners.stop(0)
+                await runtime.close()
+                reserved.close()
+                return 1
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -195,7 +195,28 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """200 when this node serves; in cluster mode 503 while it catches up with the cluster's
+    purges (a load balancer sends it nothing until it has applied them), with the reason."""
+    node = request.app[ADMIN].runtime().cluster
+    if node is None:
+        return web.json_response({"status": "ok"})
+    if not node.ready:
+        return web.json_response({"status": "not ready", "reason": node.reason,
+                                  "cluster": node.state}, status=503)
+    body = {"status": "ok", "cluster": node.state}
+    if node.state != "ready":
+        body["reason"] = node.reason  # serving from the local cache while Redis is away
+    return web.json_response(body)
+
+
+async def cluster(request: web.Request) -> web.Response:
+    """Cluster mode: every node Redis has seen, its state, last applied purge and lag
+    (see docs/cluster.md for the shape)."""
+    query_params(request, ())
+    node = request.app[ADMIN].runtime().cluster
+    if node is None:
+        return json_error(404, "cluster mode is off: the config has no cluster: section")
+    return web.json_response(await node.view())
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -374,6 +395,7 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
     app.router.add_get("/explain", explain)
     app.router.add_post("/explain", explain)
     app.router.add_get("/upstreams", upstreams)
+    app.router.add_get("/cluster", cluster)
     return app
 
 

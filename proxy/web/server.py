@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.cluster import ClusterUnavailable, attach_shared
+from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings, base_cache_options, load_config
 from proxy.control import Channel, RemoteError
 from proxy.errors import ConfigError
@@ -157,9 +159,11 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
         ("cache", replace(old.cache, tag_headers=(), lock_timeout=0),
          replace(new.cache, tag_headers=(), lock_timeout=0)),
         ("workers", old.workers, new.workers),
+        ("cluster", old.cluster, new.cluster),
     ) if a != b]
     merged = replace(
         new, listen=old.listen, upstreams=old.upstreams, pool=old.pool, workers=old.workers,
+        cluster=old.cluster,
         admin=replace(new.admin, listen=old.admin.listen),
         cache=replace(old.cache, tag_headers=new.cache.tag_headers,
                       lock_timeout=new.cache.lock_timeout),
@@ -243,18 +247,25 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     channel = None
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)
+        attach_shared(runtime)  # cluster mode's shared tier (the supervisor runs the bus)
     try:
-        proxy_runner = await start_proxy_listener(lambda: runtime, settings,
-                                                  reuse_port=worker is not None)
-        listeners.runners.append(proxy_runner)
-        listeners.proxy_addresses = _bound(proxy_runner)
         if worker is None:
             admin_runner = await start_admin_listener(lambda: runtime, settings)
             if admin_runner is not None:
                 listeners.runners.append(admin_runner)
                 listeners.admin_addresses = _bound(admin_runner)
-    except OSError as exc:
-        print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+            if settings.cluster is not None:
+                # Caught up with the cluster's purges before the first client is served
+                # (GET /healthz on the admin listener says why it is not ready meanwhile).
+                await join_cluster(runtime, runtime.purge_here)
+                runtime.purge_fn = runtime.cluster.purge
+        proxy_runner = await start_proxy_listener(lambda: runtime, settings,
+                                                  reuse_port=worker is not None)
+        listeners.runners.append(proxy_runner)
+        listeners.proxy_addresses = _bound(proxy_runner)
+    except (OSError, ClusterUnavailable) as exc:
+        what = "cannot listen: " if isinstance(exc, OSError) else ""
+        print(f"cachegate: {what}{exc}", file=sys.stderr, flush=True)
         await listeners.stop(0)
         if channel is not None:
             await channel.close()
