@@ -114,6 +114,7 @@ class ClusterNode:
         self._pending: dict[str, _Pending] = {}
         self._early: dict[str, dict[str, int]] = {}  # acks that came before their XADD's answer
         self._own: dict[str, asyncio.Future[None]] = {}  # own entries, applied by purge()
+        self._appending: set[asyncio.Future[None]] = set()  # purge() calls waiting for their XADD
         self._outbox: deque[PurgeSpec] = deque()
         self._redis: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
@@ -317,6 +318,9 @@ class ClusterNode:
     async def _apply(self, entries: list[StreamEntry]) -> None:
         theirs: list[StreamEntry] = []
         for e in entries:
+            if e.node == self.name and e.id not in self._own and self._appending:
+                # Our own purge, read before its XADD's answer reached purge(): let it register.
+                await asyncio.wait(list(self._appending))
             own = self._own.pop(e.id, None)
             if own is not None:
                 await asyncio.shield(own)  # purge() applies its own entry; the position waits for it
@@ -353,6 +357,9 @@ class ClusterNode:
             self.counts["unavailable"] += 1
             raise PurgeUnavailable(self._unavailable_message(self.reason))
         r = self._redis
+        loop = asyncio.get_running_loop()
+        appending: asyncio.Future[None] = loop.create_future()
+        self._appending.add(appending)
         try:
             live = await self._live_nodes(r)
             if self._shared_purge is not None:
@@ -361,16 +368,19 @@ class ClusterNode:
                 APPEND, 3, self.names.stream, self.names.seq, self.names.epoch,
                 self.settings.stream_max, self.name, json.dumps(spec.to_json(), separators=(",", ":")),
                 uuid.uuid4().hex)
+            entry_id = str(entry_id)
+            applied: asyncio.Future[None] = loop.create_future()
+            self._own[entry_id] = applied
         except REDIS_DOWN as exc:
             if spec.invalidation:
                 return await self._invalidate_offline(spec)
             self.counts["unavailable"] += 1
             raise PurgeUnavailable(self._unavailable_message(_describe(exc))) from None
-        entry_id = str(entry_id)
+        finally:
+            self._appending.discard(appending)
+            appending.set_result(None)
         self.counts["sent"] += 1
         pending = self._pending[entry_id] = _Pending(self._early.pop(entry_id, {}))
-        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._own[entry_id] = applied
         try:
             pending.acks[self.name] = await self._local(spec)
         finally:
@@ -486,6 +496,8 @@ class ClusterNode:
             try:
                 names = sorted(str(n) for n in await r.smembers(self.names.members))
                 beats = await r.mget([self.names.node(n) for n in names]) if names else []
+                self.tip_seq = int(await r.get(self.names.seq) or 0)
+                body["stream_seq"] = self.tip_seq
                 for n, b in zip(names, beats, strict=True):
                     info = json.loads(b) if b else {"node": n, "state": "gone"}
                     nodes[n] = info
@@ -517,6 +529,7 @@ class ClusterNode:
 
     def _save(self, saved: Saved) -> None:
         self.saved = saved
+        self.tip_seq = max(self.tip_seq, saved.seq)
         if self._state_path is None:
             return
         tmp = f"{self._state_path}.{os.getpid()}.tmp"
