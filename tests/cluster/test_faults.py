@@ -101,7 +101,7 @@ async def test_redis_down_at_start_is_a_clear_error_unless_the_cluster_is_not_re
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "run", "--config", nodes.config("a"), cwd=str(tmp_path / "a"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ))
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert f"cannot reach Redis at {own_redis.url}" in err.decode()
     assert "cluster.required: false" in err.decode()
