@@ -58,8 +58,12 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
                        shared_purge=shared_purge,
                        info=lambda: {"workers": workers, "listen": f"{host}:{port}"})
     runtime.metrics.add_collector(node.collect)
-    await node.start()
-    runtime.cluster = node
+    runtime.cluster = node  # GET /healthz says "not ready" while it catches up
+    try:
+        await node.start()
+    except BaseException:
+        runtime.cluster = None
+        raise
     runtime.closers.append(node.close)
 
 

@@ -122,6 +122,7 @@ class ClusterNode:
         self._first = asyncio.Event()  # the first session caught up, or failed
         self._first_error: BaseException | None = None
         self._caught_up_all_along = False  # applied everything seen when Redis went away
+        self._closing = False
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -140,14 +141,17 @@ class ClusterNode:
             log.warning("%s; serving from the local cache and retrying", message)
 
     async def close(self) -> None:
+        """Leave the cluster at once (the heartbeat key goes: purges stop waiting for us)."""
+        self._closing = True
+        if self._redis is not None and self.connected:
+            with contextlib.suppress(*REDIS_DOWN):
+                await asyncio.wait_for(self._redis.delete(self.names.node(self.name)), self.settings.timeout)
         self.state = "stopped"
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._redis is not None:
-            with contextlib.suppress(*REDIS_DOWN):
-                await self._redis.delete(self.names.node(self.name))
+            # Bounded: a cancellation that lands in the client's own read timeout can be lost
+            # (the loops also stop on _closing).
+            await asyncio.wait([self._task], timeout=BLOCK_MS / 1000 + self.settings.timeout + 1)
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -160,7 +164,7 @@ class ClusterNode:
 
     async def _run(self) -> None:
         attempt = 0
-        while True:
+        while not self._closing:
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -220,7 +224,10 @@ class ClusterNode:
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=BLOCK_MS / 1000 + self.settings.timeout + 1)
+            for t in tasks:
+                if t.done() and not t.cancelled():
+                    t.exception()  # retrieved: the first one was raised above
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -281,7 +288,7 @@ class ClusterNode:
         self._save(Saved(tip.epoch, tip.seq, tip.last_id))
 
     async def _follow(self) -> None:
-        while True:
+        while not self._closing:
             await self._read_and_apply(block=True)
 
     async def _read_and_apply(self, *, block: bool) -> bool:
@@ -311,11 +318,13 @@ class ClusterNode:
             # Trimmed while we were away (or slow): what was lost cannot be known.
             await self._flush("trimmed", await self._tip())
             return False
-        await self._apply(entries)
+        await self._apply(entries, merge=not block)
         self._save(Saved(self.saved.epoch, max([self.saved.seq, *(e.seq for e in entries)]), last_id))
         return len(raw) == READ_BATCH
 
-    async def _apply(self, entries: list[StreamEntry]) -> None:
+    async def _apply(self, entries: list[StreamEntry], merge: bool) -> None:
+        """Apply entries in order (``merge``: a backlog, as few local purges as possible; their
+        acknowledgements then all carry the merged count)."""
         theirs: list[StreamEntry] = []
         for e in entries:
             if e.node == self.name and e.id not in self._own and self._appending:
@@ -329,7 +338,7 @@ class ClusterNode:
         if not theirs:
             return
         counts: dict[str, int] = {}
-        if len(theirs) <= 16:
+        if not merge and len(theirs) <= 16:
             for e in theirs:
                 counts[e.id] = await self._local(e.spec)
         else:
@@ -441,7 +450,7 @@ class ClusterNode:
         return live if self.name in live else [*live, self.name]
 
     async def _listen_acks(self, pubsub: Any) -> None:
-        while True:
+        while not self._closing:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is None or message.get("type") != "message":
                 continue
@@ -478,7 +487,7 @@ class ClusterNode:
         self.tip_seq = int(seq or 0)
 
     async def _heartbeats(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.settings.heartbeat)
             await self._heartbeat()
 

@@ -58,7 +58,7 @@ def read_cluster(top: Section, listen_port: int) -> ClusterSettings | None:
     problems = cs.problems
     redis = cs.optional_str("redis")
     if redis is None:
-        problems.add(cs.src, "cluster.redis: required (e.g. redis://127.0.0.1:6379/0)")
+        problems.add(top.line_of("cluster"), "cluster.redis: required (e.g. redis://127.0.0.1:6379/0)")
         redis = "redis://127.0.0.1:6379/0"
     else:
         try:

@@ -161,15 +161,16 @@ class SharedTier:
         self._redis = client(settings, decode=False)
         self._waiters: dict[str, list[asyncio.Future[str]]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self.counts: dict[str, int] = dict.fromkeys(
             ("hit", "miss", "locked", "contended", "woken", "wait_timeout", "written", "write_voided",
              "too_large", "error"), 0)
 
     async def close(self) -> None:
+        self._closing = True
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+            await asyncio.wait([self._listener], timeout=self.settings.timeout + 2)
         with contextlib.suppress(Exception):
             await self._redis.aclose()
 
@@ -235,11 +236,11 @@ class SharedTier:
     async def _listen(self) -> None:
         """Pub/sub: wake the waiters of a key when its fill lock is released (reconnecting
         when Redis goes away: meanwhile waiters time out and fetch for themselves)."""
-        while True:
+        while not self._closing:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self.names.filled)
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None or message.get("type") != "message":
                         continue

@@ -12,7 +12,6 @@ from aiohttp import web
 from tests.cluster.nodes import Nodes, metrics, purge
 from tests.cluster.redis_server import RedisServer
 from tests.harness import Origin
-from tests.storage.procs import HOST
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +31,7 @@ async def test_a_herd_over_three_nodes_costs_one_origin_request_and_fills_are_sh
     nodes = Nodes(str(tmp_path), origin.url, shared_redis.url, shared_cache=True)
     try:
         a, b, c = await asyncio.gather(nodes.start("a"), nodes.start("b"), nodes.start("c", "--workers", "2"))
-        t0 = asyncio.get_running_loop().time()
         replies = await asyncio.gather(*(p.get("/herd") for _ in range(20) for p in (a, b, c)))
-        print("herd took", asyncio.get_running_loop().time() - t0)
         assert {(r.status, r.body) for r in replies} == {(200, b"herd-body")}
         assert calls["n"] == 1
 
