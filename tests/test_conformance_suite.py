@@ -3,7 +3,7 @@
 Runs ``scripts/conformance`` (npm ``http-cache-tests``, its origin, cachegate in
 front with the default configuration) and compares the suite's own pass counts
 with the floor reached. Every required test that may fail is listed here and in
-the README ("Caching behaviour"), each for a documented reason; any other
+docs/caching.md, each for a documented reason; any other
 required failure is a regression.
 """
 
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_FLOOR = 155  # of 165
 OPTIONAL_FLOOR = 85  # of 95
-# The required tests cachegate fails on purpose, or cannot pass (README, "Caching behaviour").
+# The required tests cachegate fails on purpose, or cannot pass (docs/caching.md).
 DOCUMENTED_REQUIRED_FAILURES = frozenset({
     "headers-store-Set-Cookie",  # Set-Cookie responses are not stored by default
     "304-etag-update-response-Set-Cookie",  # same

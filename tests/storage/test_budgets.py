@@ -20,7 +20,7 @@ MEMORY, DISK = 4 * MB, 8 * MB
 # What a cachegate process takes besides its memory tier: the interpreter with aiohttp,
 # uvloop, yaml and prometheus-client loaded (~45 MB), SQLite page caches and mapped
 # database pages (bounded by the database sizes), spools of fills in flight, and malloc's
-# free lists. Stated in the README.
+# free lists. Stated in docs/storage.md.
 RSS_OVERHEAD = 80 * MB
 
 
