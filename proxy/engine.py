@@ -914,12 +914,20 @@ class Engine:
             return False
         self._stores += 1
         self.coalescer.clear_absent(key)
-        self.storage.put_memory(final, spool)
+        in_memory = self.storage.put_memory(final, spool)
         stored = final.response
         flight.head.set_result(FlightHead(stored.status, stored.reason,
                                           CIMultiDictProxy(CIMultiDict(stored.headers)), True,
                                           STORED_ELSEWHERE, final.body_size, stored.vary))
         self.coalescer.retire(flight)
+        if flight.on_stored is None and in_memory:
+            # In memory now: the flight's clients are answered at once, the disk copy follows.
+            flight.body.finish()
+            flight.result.set_result(FlightResult(True, STORED_ELSEWHERE))
+            await self._put_disk(key, final, spool)
+            return True
+        # Other workers wait for this key (proxy.leases): they read it from disk, so the flight
+        # ends once it is there.
         on_disk = await self._put_disk(key, final, spool)
         flight.body.finish()
         flight.result.set_result(FlightResult(True, STORED_ELSEWHERE if on_disk else "STORE-FAILED"))
