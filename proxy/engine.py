@@ -855,9 +855,12 @@ class Engine:
         deadline = loop.time() + lock_timeout
         lock_only = False
         for _ in range(4):
+            epoch = self.storage.epoch
             answer = await shared.lookup(key, max(lock_timeout, 1.0) + 1.0, lock_only)
             match answer:
                 case Found():
+                    if self.storage.epoch != epoch:
+                        continue  # a purge was applied here meanwhile: what was found may be purged
                     if await self._adopt_shared(flight, req, plan, key, answer):
                         return
                     lock_only = True  # stored, but not fresh for this request: fetch under the lock

@@ -193,7 +193,7 @@ class SharedTier:
             variants = []
             for record, body in zip(answer[1::2], answer[2::2], strict=True):
                 decoded = decode_variants(record)
-                if decoded and decoded[0].body_size == len(body):
+                if decoded and decoded[0].key == key and decoded[0].body_size == len(body):
                     variants.append((decoded[0], bytes(body)))
             if variants:
                 self.counts["hit"] += 1
