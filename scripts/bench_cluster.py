@@ -252,13 +252,14 @@ def origin_count(origin_port: int, path: str) -> int:
         return int(json.loads(r.read())["count"])
 
 
-def bench_herd(nodes: list[Node], origin_port: int, clients: int, rounds: int) -> dict[str, object]:
+def bench_herd(nodes: list[Node], origin_port: int, clients: int, rounds: int, tag: str = "cluster"
+               ) -> dict[str, object]:
     single, p50s, p99s, requests, oks = [], [], [], [], []
     ports = [n.port for n in nodes]
     for r in range(rounds):
         for i in range(3):
             single.append(herd_spread([origin_port], f"/herd/single/{r}/{i}", 1)[0].latency)
-        path = f"/herd/round/{r}"
+        path = f"/herd/{tag}/{r}"
         answers = herd_spread(ports, path, clients)
         time.sleep(0.2)
         requests.append(origin_count(origin_port, path))
@@ -266,7 +267,7 @@ def bench_herd(nodes: list[Node], origin_port: int, clients: int, rounds: int) -
         p50s.append(pct(lat, 0.5))
         p99s.append(pct(lat, 0.99))
         oks.append(sum(a.status == 200 for a in answers))
-        print(f"herd round {r + 1}/{rounds}: {requests[-1]} origin request(s), p50 {p50s[-1] * 1000:.1f} ms, "
+        print(f"herd round {r + 1}/{rounds} ({tag}): {requests[-1]} origin request(s), p50 {p50s[-1] * 1000:.1f} ms, "
               f"{oks[-1]}/{clients} ok", file=sys.stderr)
     return {"single": single, "p50": p50s, "p99": p99s, "requests": requests, "ok": oks}
 
@@ -341,6 +342,10 @@ def main() -> int:
             stop(n.proc)
         plain = Node(workdir, "plain", origin_port, None)
         procs.append(plain.proc)
+        if herd is not None:
+            # The same herd on one node alone, without a cluster: what answering that many
+            # clients costs this machine, apart from anything the cluster adds.
+            herd["alone"] = bench_herd([plain], origin_port, args.clients, args.herd_rounds, "alone")
         clustered = Node(workdir, "clustered", origin_port,
                          {"redis": f"redis://127.0.0.1:{redis_port}/0", "node": "solo", "namespace": "hits"})
         procs.append(clustered.proc)
@@ -392,6 +397,12 @@ def report_herd(args: argparse.Namespace, herd: dict[str, object]) -> None:
     print(f"| the herd's waiters: p50 over the origin's own latency ({origin_ms:.0f} ms) | "
           f"+{statistics.median(p50) - origin_ms:.0f} ms (p50 {statistics.median(p50):.0f} ms, p99 "
           f"{statistics.median(herd['p99']) * 1000:.0f} ms) | |")  # type: ignore[arg-type]
+    alone = herd.get("alone")
+    if isinstance(alone, dict):
+        a50 = statistics.median(alone["p50"]) * 1000
+        print(f"| the same herd on one node without a cluster (baseline, same run) | origin requests "
+              f"{sorted(set(alone['requests']))}, p50 {a50:.0f} ms: +{a50 - origin_ms:.0f} ms, p99 "
+              f"{statistics.median(alone['p99']) * 1000:.0f} ms | |")
 
 
 def report_hits(hits: dict[str, list[float]]) -> None:

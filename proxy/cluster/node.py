@@ -177,6 +177,7 @@ class ClusterNode:
                 self._set_state("disconnected", f"Redis at {self.settings.redacted_url} is unreachable: "
                                                 f"{_describe(exc)}")
                 if was_ready:
+                    attempt = 0  # a session that worked: the next attempt comes soon
                     log.error("cluster: %s; serving from the local cache, purges answer 503 until it is "
                               "back", self.reason)
                 if not self._first.is_set():
