@@ -267,8 +267,8 @@ def bench_herd(nodes: list[Node], origin_port: int, clients: int, rounds: int, t
         p50s.append(pct(lat, 0.5))
         p99s.append(pct(lat, 0.99))
         oks.append(sum(a.status == 200 for a in answers))
-        print(f"herd round {r + 1}/{rounds} ({tag}): {requests[-1]} origin request(s), p50 {p50s[-1] * 1000:.1f} ms, "
-              f"{oks[-1]}/{clients} ok", file=sys.stderr)
+        print(f"herd round {r + 1}/{rounds} ({tag}): {requests[-1]} origin request(s), "
+              f"p50 {p50s[-1] * 1000:.1f} ms, {oks[-1]}/{clients} ok", file=sys.stderr)
     return {"single": single, "p50": p50s, "p99": p99s, "requests": requests, "ok": oks}
 
 
