@@ -15,8 +15,9 @@ class CachegateError(Exception):
 class ConfigError(CachegateError):
     """One or more configuration problems, each already formatted ``FILE:LINE: message``."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], warnings: list[str] | None = None) -> None:
         self.problems = problems
+        self.warnings = warnings or []  # FILE:LINE: warning: ..., found beside the problems
         super().__init__("\n".join(problems))
 
 
@@ -40,6 +41,14 @@ class NoUpstreamAvailable(UpstreamError):
     """Every upstream of the pool is marked down."""
 
     status_hint = 503
+
+
+class ResponseAborted(CachegateError):
+    """A response body that cannot be completed for one client (it fell too far behind a
+    shared fill that is not stored, or the fill ended before its body did): the web layer
+    aborts that client's connection, so it never takes a truncated body for a complete one."""
+
+    status_hint = 502
 
 
 class StorageError(CachegateError):

@@ -32,6 +32,11 @@ general path, every later one does too, and the fast path only runs while aiohtt
 handler is idle (nothing queued, no response being written) and the transport accepts
 writes (a client that does not read gets aiohttp's own back-pressure). The request is
 parsed by aiohttp's C parser either way: its refusals (CL+TE, bad framing) still answer 400.
+
+For the console (``proxy.live``), one answer in FAST_SAMPLE is timed and its URL recorded,
+each counted FAST_SAMPLE times; the others pay a bit test. Measured with ``timeit``: 70–130 ns
+per answer on the shared machine (about 1% of an answer), where timing every answer and
+counting every URL would cost 0.4–0.6 µs each.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -53,6 +59,7 @@ from multidict import CIMultiDict
 
 from proxy.engine import response_edits, served_headers
 from proxy.errors import BadRequest
+from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.policy.cache_status import cache_status
 from proxy.rules import HeaderEdits
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
@@ -164,6 +171,8 @@ class FastPath:
         self._disk_bytes: Any = None
         self._debug: tuple[tuple[str, str], ...] = ()
         self._debug_disk: tuple[tuple[str, str], ...] = ()
+        self._top: Any = None
+        self._hit_duration: Any = None
         self.answered = 0  # requests answered here (tests check that the fast path ran)
 
     def _refresh(self, runtime: Runtime) -> None:
@@ -179,6 +188,8 @@ class FastPath:
             self._counters = {m: runtime.metrics.requests.labels("HIT", m) for m in ("GET", "HEAD")}
             self._memory_bytes = runtime.metrics.response_bytes.labels("memory")
             self._disk_bytes = runtime.metrics.response_bytes.labels("disk")
+            self._top = runtime.metrics.live.top
+            self._hit_duration = runtime.metrics.request_duration.labels("HIT")
         self._debug, self._debug_disk = (), ()
         if runtime.debug_headers:
             worker = () if runtime.worker_id is None else (("X-Cachegate-Worker", str(runtime.worker_id)),)
@@ -201,6 +212,8 @@ class FastPath:
 
     def answer(self, msg: Any, remote: str, secure: bool) -> FastAnswer | None:
         """The whole response to a parsed GET/HEAD ``msg``, or None for the general path."""
+        # One answer in FAST_SAMPLE is timed and recorded for the console (proxy.live).
+        started = perf_counter() if not (self.answered + 1) & FAST_SAMPLE_MASK else 0.0
         headers = msg.headers
         if "Range" in headers:
             return None
@@ -241,6 +254,9 @@ class FastPath:
         self._counters[method].value += 1
         self.answered += 1
         block = ready.render(age, ttl)
+        if started:
+            self._top.add(head.url, True, FAST_SAMPLE)
+            self._hit_duration.observe(perf_counter() - started, FAST_SAMPLE)
         if head_only:
             return block
         if body is None:
@@ -278,11 +294,12 @@ class FastPath:
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_fast",)
+    __slots__ = ("_fast", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
+        self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
@@ -312,6 +329,16 @@ class ProxyRequestHandler(RequestHandler):
             if len(messages) < self._max_msg_queue_size or self._force_close:
                 return
             feed = b""  # the parser stopped after a full queue's worth: it holds more requests
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and not self.gone_logged:
+            # The client reset the connection, most often mid-response: one line, whichever
+            # notices first (here, or ``write_reply`` when a streamed reply meets it).
+            self.gone_logged = True
+            request = self._current_request
+            log.debug("client %s went away%s: %s", self.peername,
+                      "" if request is None else f" during {request.method} {request.raw_path}", exc)
+        super().connection_lost(exc)
 
     def _answer(self, messages: Sequence[Any]) -> int:
         """Answer the leading fast-path requests of ``messages``; how many were answered."""
@@ -389,7 +416,8 @@ class ProxyRequestHandler(RequestHandler):
 def fast_path_supported() -> bool:
     """Whether this aiohttp has the handler internals the fast path relies on (3.14's)."""
     needed = ("_waiter", "_messages", "_max_msg_queue_size", "_payload_parser", "_message_tail",
-              "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close")
+              "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close",
+              "_current_request")
     slots = set(getattr(RequestHandler, "__slots__", ()))
     try:
         from aiohttp._http_parser import (  # type: ignore[import-not-found]
