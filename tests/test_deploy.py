@@ -119,6 +119,6 @@ def test_the_cluster_compose_file_runs_two_nodes_of_one_cluster_on_redis(
     # The node config passes check in the image's layout (its rules beside it).
     shutil.copytree(ROOT / "rules", tmp_path / "rules")
     shutil.copy(ROOT / "deploy/cluster.yaml", tmp_path / "cluster.yaml")
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "0123456789abcdef0123")
     monkeypatch.setenv("CACHEGATE_NODE", "a")
     assert main(["check", "--config", str(tmp_path / "cluster.yaml")]) == 0
