@@ -16,7 +16,7 @@ from tests.harness import Origin, Proxy, start_proxy
 async def node(tmp_path: Path, origin: Origin, redis: RedisServer, ns: str, name: str) -> Proxy:
     d = tmp_path / name
     d.mkdir(exist_ok=True)
-    cluster = {"redis": redis.url, "node": name, "namespace": ns, "heartbeat": "0.2s", "ack_timeout": "1s"}
+    cluster = {"redis": redis.url, "node": name, "namespace": ns, "heartbeat": "0.2s", "ack_timeout": "0.5s"}
     return await start_proxy(str(d), origin.url, f"cluster: {json.dumps(cluster)}\n")
 
 
@@ -62,3 +62,32 @@ async def test_healthz_says_not_ready_with_the_reason_until_the_missed_purges_ar
             if p is not None:
                 await p.session.close()
                 await p.close()
+
+
+async def test_a_purge_that_a_live_node_does_not_acknowledge_in_time_answers_202_naming_it(
+        tmp_path: Path, origin: Origin, shared_redis: RedisServer) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    a = await node(tmp_path, origin, shared_redis, ns, "a")
+    b = await node(tmp_path, origin, shared_redis, ns, "b")
+    stuck = asyncio.Event()
+
+    async def slow_purge(spec: PurgeSpec) -> int:
+        await stuck.wait()  # b is alive (its heartbeat goes on) but cannot finish purging
+        return 0
+
+    try:
+        await join(a.runtime, a.runtime.purge_here)
+        a.runtime.purge_fn = a.runtime.cluster.purge
+        await join(b.runtime, slow_purge)
+        await a.get("/", headers={"Host": "site.test"})  # a has seen the host
+        r = await a.admin("POST", "/purge", json={"urls": ["http://site.test/x"]})
+        assert r.status == 202
+        assert json.loads(r.body) == {"purged": 0, "nodes": {"a": {"purged": 0}}, "missing": ["b"],
+                                      "soft": False}
+        metrics = (await a.admin("GET", "/metrics")).body.decode()
+        assert 'cachegate_cluster_bus_total{event="incomplete"} 1.0' in metrics
+    finally:
+        stuck.set()
+        for p in (a, b):
+            await p.session.close()
+            await p.close()
