@@ -8,7 +8,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install . && rm -rf /src
+# The cluster extra (Redis's client) too: cluster mode is a config section away.
+RUN pip install ".[cluster]" && rm -rf /src
 
 COPY deploy/cachegate.yaml /etc/cachegate/cachegate.yaml
 COPY rules /etc/cachegate/rules

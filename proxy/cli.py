@@ -141,7 +141,24 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print(f"cachegate purge: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(answer)
+    missing = _missing_nodes(answer)
+    if missing:
+        # Cluster mode, 202: the purge is made, but not yet everywhere.
+        print(f"cachegate purge: not acknowledged within cluster.ack_timeout by {', '.join(missing)} "
+              "(they apply it once they read the cluster's purge stream; GET /cluster shows them)",
+              file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _missing_nodes(answer: str) -> list[str]:
+    import json
+
+    try:
+        missing = json.loads(answer).get("missing") or []
+    except (ValueError, AttributeError):
+        return []
+    return [str(n) for n in missing]
 
 
 def _rate(text: str) -> float:

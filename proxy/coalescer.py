@@ -325,6 +325,9 @@ class Flight:
         # The clients waiting for this flight's head, told of each interim (1xx) response the
         # origin sends before it: (status, reason, end-to-end fields).
         self.interim: list[Callable[[int, str, tuple[tuple[str, str], ...]], None]] = []
+        # Called with the stored entry and its body (when received in memory) as soon as the
+        # fill is complete: cluster mode writes it through to the shared tier (Engine._fill).
+        self.on_filled: Callable[[Any, bytes | None], None] | None = None
         # A failed head must not log "exception never retrieved" when nobody waited.
         self.head.add_done_callback(_consume)
         self.result.add_done_callback(_consume)

@@ -16,6 +16,7 @@ from typing import Literal, cast
 
 from yarl import URL
 
+from proxy.cluster.settings import ClusterSettings, read_cluster
 from proxy.errors import ConfigError
 from proxy.policy.messages import CacheOptions
 from proxy.rules import RuleSet, load_rules
@@ -145,6 +146,7 @@ class Settings:
     shutdown_grace: float = 10.0
     via: str = "cachegate"
     access_log: bool = False
+    cluster: ClusterSettings | None = None  # cluster mode on Redis (proxy.cluster); None: one node alone
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
     # check prints them, run and reload log them).
     warnings: tuple[str, ...] = ()
@@ -160,7 +162,7 @@ class Overrides:
 
 
 _TOP = ("listen", "upstreams", "upstream", "cache", "admin", "rules", "trusted_proxies",
-        "workers", "shutdown_grace", "via", "access_log")  # fmt: skip
+        "workers", "shutdown_grace", "via", "access_log", "cluster")  # fmt: skip
 
 
 def _hostport(sec: Section, key: str, default: HostPort | None) -> HostPort | None:
@@ -361,9 +363,10 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         if not os.path.isfile(path):
             problems.add(item, f"rules: rule file {path} does not exist")
 
+    listen = _hostport(top, "listen", ("127.0.0.1", 8080)) or ("127.0.0.1", 8080)
     return Settings(
         source=root.file,
-        listen=_hostport(top, "listen", ("127.0.0.1", 8080)) or ("127.0.0.1", 8080),
+        listen=listen,
         upstreams=tuple(upstreams),
         pool=pool,
         cache=cache,
@@ -374,6 +377,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         shutdown_grace=top.duration("shutdown_grace", 10.0),
         via=top.str("via", "cachegate"),
         access_log=top.bool("access_log", False),
+        cluster=read_cluster(top, listen[1]),
     )
 
 

@@ -26,6 +26,7 @@ from typing import IO, Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.cluster.fills import Contended, Found, Locked, SharedCache
 from proxy.coalescer import Coalescer, FellBehind, Flight, FlightHead, FlightResult, Reader, TooFarBehind
 from proxy.config import Settings
 from proxy.control import Channel
@@ -189,6 +190,8 @@ class Engine:
         self.write_failures = WriteFailures(lambda op: metrics.storage_errors.labels(op).inc())
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
+        # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
+        self.shared: SharedCache | None = None
 
     def reconfigure(self, settings: Settings) -> None:
         """Take a reloaded config's rules (storage, pool and listeners stay as they are)."""
@@ -1002,6 +1005,8 @@ class Engine:
         async def run(flight: Flight) -> None:
             if register and self.leases is not None:
                 await self._run_leased_flight(flight, req, plan, key, revalidating, stale, background)
+            elif register and not background:
+                await self._fill(flight, req, plan, key, revalidating, stale)
             else:
                 await self._run_flight(flight, req, plan, key, revalidating, stale)
 
@@ -1049,7 +1054,7 @@ class Engine:
                     # Told the moment the response is on disk, not when the flight ends.
                     flight.on_stored = lambda stored: release("stored" if stored else "failed")
                     try:
-                        await self._run_flight(flight, req, plan, key, revalidating, stale)
+                        await self._fill(flight, req, plan, key, revalidating, stale)
                     finally:
                         self._release_lease(flight, release)
                     return
@@ -1081,7 +1086,104 @@ class Engine:
                 case _:
                     assert_never(lease)
             break
-        await self._run_flight(flight, req, plan, key, revalidating, stale)
+        await self._fill(flight, req, plan, key, revalidating, stale)
+
+    async def _fill(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
+                    revalidating: Cached | None, stale: Cached | None) -> None:
+        """A coalesced flight's fetch. In cluster mode with a shared tier (``proxy.cluster.fills``)
+        it asks the other nodes first: what one of them stored is kept here and served; else
+        one node in the cluster fetches under the key's fill lock and writes its fill through,
+        while the others wait for it (at most ``lock_timeout``, then they fetch here).
+        Revalidations stay with each node."""
+        shared = self.shared
+        if shared is None or revalidating is not None:
+            await self._run_flight(flight, req, plan, key, revalidating, stale)
+            return
+        loop = asyncio.get_running_loop()
+        lock_timeout = self.settings.cache.lock_timeout
+        deadline = loop.time() + lock_timeout
+        lock_only = False
+        for _ in range(4):
+            epoch = self.storage.epoch
+            answer = await shared.lookup(key, max(lock_timeout, 1.0) + 1.0, lock_only)
+            match answer:
+                case Found():
+                    if self.storage.epoch != epoch:
+                        continue  # a purge was applied here meanwhile: what was found may be purged
+                    if await self._adopt_shared(flight, req, plan, key, answer):
+                        return
+                    lock_only = True  # stored, but not fresh for this request: fetch under the lock
+                case Locked():
+                    await self._run_locked_fill(shared, answer, flight, req, plan, key, stale)
+                    return
+                case Contended():
+                    left = deadline - loop.time()
+                    outcome = await shared.wait_filled(key, min(left, answer.wait + 0.05)) \
+                        if left > 0 else None
+                    if outcome not in (None, "stored") or loop.time() >= deadline:
+                        break  # not shareable, failed, or waited long enough: fetch here
+                case None:
+                    break
+                case _:
+                    assert_never(answer)
+        await self._run_flight(flight, req, plan, key, None, stale)
+
+    async def _run_locked_fill(self, shared: SharedCache, lock: Locked, flight: Flight, req: ClientRequest,
+                               plan: RequestPlan, key: str, stale: Cached | None) -> None:
+        """Fetch under the cluster-wide fill lock; write the fill through, then release the lock
+        (which wakes the other nodes' waiters)."""
+        writes: list[asyncio.Future[bool]] = []
+
+        def filled(entry: Entry, body: bytes | None) -> None:
+            if body is not None and len(body) <= shared.max_object:
+                writes.append(asyncio.ensure_future(shared.write(entry, body, lock, self.clock())))
+
+        flight.on_filled = filled
+        outcome = "failed"
+        try:
+            await self._run_flight(flight, req, plan, key, None, stale)
+            if writes and await writes[0]:
+                outcome = "stored"
+        finally:
+            await shared.release(key, lock, outcome)
+
+    async def _adopt_shared(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
+                            found: Found) -> bool:
+        """End ``flight`` with a variant another node stored in the shared tier, when it is a
+        fresh hit for the flight's request: kept in this node's tiers (the same way a fill is),
+        then served from them; False when none is."""
+        decision = decide_lookup(req.head, [e.response for e, _ in found.variants], self.clock(),
+                                 plan.options)
+        if not isinstance(decision, Serve) or decision.status != "HIT":
+            return False
+        entry, body = found.variants[decision.index]
+        spool = self.storage.spool(entry, len(body))
+        if not await spool.write(body):
+            spool.discard()
+            return False
+        final = self.storage.finalize(entry, spool)
+        if final is None:
+            return False
+        self._stores += 1
+        self.coalescer.clear_absent(key)
+        in_memory = self.storage.put_memory(final, spool)
+        stored = final.response
+        flight.head.set_result(FlightHead(stored.status, stored.reason,
+                                          CIMultiDictProxy(CIMultiDict(stored.headers)), True,
+                                          STORED_ELSEWHERE, final.body_size, stored.vary))
+        self.coalescer.retire(flight)
+        if flight.on_stored is None and in_memory:
+            # In memory now: the flight's clients are answered at once, the disk copy follows.
+            flight.body.finish()
+            flight.result.set_result(FlightResult(True, STORED_ELSEWHERE))
+            await self._put_disk(key, final, spool)
+            return True
+        # Other workers wait for this key (proxy.leases): they read it from disk, so the flight
+        # ends once it is there.
+        on_disk = await self._put_disk(key, final, spool)
+        flight.body.finish()
+        flight.result.set_result(FlightResult(True, STORED_ELSEWHERE if on_disk else "STORE-FAILED"))
+        return True
 
     async def _answer_from_store(self, flight: Flight, req: ClientRequest, plan: RequestPlan,
                                  key: str) -> bool:
@@ -1247,6 +1349,8 @@ class Engine:
         # client's next request is a hit; the disk copy follows.
         self.storage.put_memory(final, spool)
         self.metrics.fills.inc()
+        if flight.on_filled is not None:
+            flight.on_filled(final, spool.body_bytes())
         self.coalescer.retire(flight)
         if flight.on_stored is not None and spool.body_bytes() is not None:
             # Other workers wait for this key (proxy.leases): a small body goes to disk before

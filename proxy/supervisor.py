@@ -43,11 +43,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from proxy.cluster import ClusterUnavailable
+from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
 from proxy.leases import LeaseBroker
-from proxy.purge import PurgeSpec, match_to_json
+from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
     Listeners,
@@ -136,6 +138,16 @@ class Supervisor:
         if admin is not None:
             listeners.runners.append(admin)
             listeners.admin_addresses = _bound(admin)
+        if self.settings.cluster is not None:
+            # The node's member of the cluster: caught up before any worker serves.
+            try:
+                await join_cluster(runtime, self.purge_here, workers=len(self.workers))
+            except ClusterUnavailable as exc:
+                print(f"cachegate: {exc}", file=sys.stderr, flush=True)
+                await listeners.stop(0)
+                await runtime.close()
+                reserved.close()
+                return 1
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -245,8 +257,8 @@ class Supervisor:
             w.ready.set()
             print(f"cachegate: worker {worker_id} ready (pid {pid})", flush=True)
 
-        async def purge(spec: dict[str, Any]) -> int:
-            return await self.purge(PurgeSpec.from_json(spec))
+        async def purge(spec: dict[str, Any]) -> dict[str, Any]:
+            return (await self.purge(PurgeSpec.from_json(spec))).to_json()
 
         calls: dict[str, Any] = {
             name: functools.partial(fn, worker_id=w.worker_id) for name, fn in self.worker_calls.items()}
@@ -296,7 +308,17 @@ class Supervisor:
 
     # -- calls into every worker -----------------------------------------------------------
 
-    async def purge(self, spec: PurgeSpec) -> int:
+    async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
+        """A purge from the admin API or a worker: through the cluster's bus in cluster mode
+        (which calls ``purge_here`` on every node), else ``purge_here``."""
+        runtime = self.runtime
+        assert runtime is not None
+        if runtime.cluster is not None:
+            outcome: PurgeOutcome = await runtime.cluster.purge(spec)
+            return outcome
+        return PurgeOutcome(await self.purge_here(spec))
+
+    async def purge_here(self, spec: PurgeSpec) -> int:
         """Purge the shared disk tier once, then every worker's memory; answer when all acked."""
         runtime = self.runtime
         assert runtime is not None

@@ -95,7 +95,8 @@ def test_the_compose_file_builds_this_checkout_and_runs_cachegate_commands() -> 
 
 def test_every_yaml_config_under_deploy_is_checked_here() -> None:
     configs = {p.name for p in (ROOT / "deploy").glob("*.yaml")}
-    assert configs == {"cachegate.yaml", "compose.yaml"}, "a new deploy config needs a check test"
+    assert configs == {"cachegate.yaml", "compose.yaml", "cluster.yaml", "compose.cluster.yaml"}, \
+        "a new deploy config needs a check test"
     assert os.access(ROOT / "scripts/run", os.X_OK) and os.access(ROOT / "scripts/test", os.X_OK)
 
 
@@ -109,3 +110,26 @@ def test_the_readme_config_example_passes_check(
     (tmp_path / "cachegate.yaml").write_text(example)
     monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t")
     assert main(["check", "--config", str(tmp_path / "cachegate.yaml")]) == 0
+
+
+def test_the_cluster_compose_file_runs_two_nodes_of_one_cluster_on_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compose = yaml.safe_load((ROOT / "deploy/compose.cluster.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "origin", "node-a", "node-b"}
+    nodes = [services["node-a"], services["node-b"]]
+    assert {n["environment"]["CACHEGATE_NODE"] for n in nodes} == {"a", "b"}
+    for node in nodes:
+        assert (ROOT / "deploy" / node["build"]["context"] / node["build"]["dockerfile"]).resolve() \
+            == ROOT / "Dockerfile"
+        args = build_parser().parse_args(node["command"][1:])
+        assert args.config == "/etc/cachegate/cluster.yaml"
+        assert "./cluster.yaml:/etc/cachegate/cluster.yaml:ro" in node["volumes"]
+    assert 'pip install ".[cluster]"' in (ROOT / "Dockerfile").read_text()
+    # The node config passes check in the image's layout (its rules beside it).
+    shutil.copytree(ROOT / "rules", tmp_path / "rules")
+    shutil.copy(ROOT / "deploy/cluster.yaml", tmp_path / "cluster.yaml")
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "0123456789abcdef0123")
+    monkeypatch.setenv("CACHEGATE_NODE", "a")
+    assert main(["check", "--config", str(tmp_path / "cluster.yaml")]) == 0

@@ -23,11 +23,13 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.cluster import ClusterUnavailable, attach_shared
+from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings, base_cache_options, load_config
-from proxy.control import Channel
+from proxy.control import Channel, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
-from proxy.purge import PurgeSpec
+from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.admin import create_admin_app
 from proxy.web.console import register_console_calls
@@ -118,7 +120,7 @@ async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Set
 
 
 async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Settings,
-                               purge: Callable[[PurgeSpec], Awaitable[int]] | None = None,
+                               purge: Callable[[PurgeSpec], Awaitable[PurgeOutcome]] | None = None,
                                inspector: Inspector | None = None) -> web.AppRunner | None:
     if settings.admin.listen is None:
         return None
@@ -158,9 +160,11 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
         ("cache", replace(old.cache, tag_headers=(), lock_timeout=0, range_fill="whole"),
          replace(new.cache, tag_headers=(), lock_timeout=0, range_fill="whole")),
         ("workers", old.workers, new.workers),
+        ("cluster", old.cluster, new.cluster),
     ) if a != b]
     merged = replace(
         new, listen=old.listen, upstreams=old.upstreams, pool=old.pool, workers=old.workers,
+        cluster=old.cluster,
         admin=replace(new.admin, listen=old.admin.listen),
         cache=replace(old.cache, tag_headers=new.cache.tag_headers,
                       lock_timeout=new.cache.lock_timeout, range_fill=new.cache.range_fill),
@@ -263,18 +267,25 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     channel = None
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)
+        attach_shared(runtime)  # cluster mode's shared tier (the supervisor runs the bus)
     try:
-        proxy_runner = await start_proxy_listener(lambda: runtime, settings,
-                                                  reuse_port=worker is not None)
-        listeners.runners.append(proxy_runner)
-        listeners.proxy_addresses = _bound(proxy_runner)
         if worker is None:
             admin_runner = await start_admin_listener(lambda: runtime, settings)
             if admin_runner is not None:
                 listeners.runners.append(admin_runner)
                 listeners.admin_addresses = _bound(admin_runner)
-    except OSError as exc:
-        print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+            if settings.cluster is not None:
+                # Caught up with the cluster's purges before the first client is served
+                # (GET /healthz on the admin listener says why it is not ready meanwhile).
+                await join_cluster(runtime, runtime.purge_here)
+                runtime.purge_fn = runtime.cluster.purge
+        proxy_runner = await start_proxy_listener(lambda: runtime, settings,
+                                                  reuse_port=worker is not None)
+        listeners.runners.append(proxy_runner)
+        listeners.proxy_addresses = _bound(proxy_runner)
+    except (OSError, ClusterUnavailable) as exc:
+        what = "cannot listen: " if isinstance(exc, OSError) else ""
+        print(f"cachegate: {what}{exc}", file=sys.stderr, flush=True)
         await listeners.stop(0)
         if channel is not None:
             await channel.close()
@@ -328,8 +339,14 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     channel = await Channel.open(sock, {"purge_local": purge_local, "reload": reload, "ping": ping},
                                  name=f"worker {worker.worker_id}")
 
-    async def purge_via_supervisor(spec: PurgeSpec) -> int:
-        return int(await channel.call("purge", spec=spec.to_json()))
+    async def purge_via_supervisor(spec: PurgeSpec) -> PurgeOutcome:
+        try:
+            return PurgeOutcome.from_json(await channel.call("purge", spec=spec.to_json()))
+        except RemoteError as exc:
+            kind, _, message = str(exc).partition(": ")
+            if kind == PurgeUnavailable.__name__:
+                raise PurgeUnavailable(message) from None
+            raise
 
     runtime.purge_fn = purge_via_supervisor
     runtime.worker_id = worker.worker_id
