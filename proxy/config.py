@@ -8,6 +8,7 @@ touches the cache directory: ``cachegate check`` and ``cachegate run`` share it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -18,6 +19,7 @@ from yarl import URL
 
 from proxy.errors import ConfigError
 from proxy.policy.messages import CacheOptions
+from proxy.policy.request import DEFAULT_MAX_HEAD, Listener
 from proxy.rules import RuleSet, load_rules
 from proxy.schema import Section, parse_hostport
 from proxy.storage.disk import DiskEviction, storable_limit
@@ -133,6 +135,14 @@ class Settings:
     shutdown_grace: float = 10.0
     via: str = "cachegate"
     access_log: bool = False
+    max_request_head: int = DEFAULT_MAX_HEAD  # request line and fields; more is refused with 431
+
+    @functools.cached_property
+    def client_listener(self) -> Listener:
+        """What request normalisation knows of the client listener (built once per config)."""
+        host, port = self.listen
+        default_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return Listener(default_host, self.max_request_head)
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,7 @@ class Overrides:
 
 
 _TOP = ("listen", "upstreams", "upstream", "cache", "admin", "rules", "trusted_proxies",
-        "workers", "shutdown_grace", "via", "access_log")  # fmt: skip
+        "workers", "shutdown_grace", "via", "access_log", "max_request_head")  # fmt: skip
 
 
 def _hostport(sec: Section, key: str, default: HostPort | None) -> HostPort | None:
@@ -356,7 +366,19 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         shutdown_grace=top.duration("shutdown_grace", 10.0),
         via=top.str("via", "cachegate"),
         access_log=top.bool("access_log", False),
+        max_request_head=_max_request_head(top),
     )
+
+
+def _max_request_head(top: Section) -> int:
+    size = top.size("max_request_head", DEFAULT_MAX_HEAD)
+    if size < 1024:
+        item = top.raw("max_request_head")
+        assert item is not None
+        top.problems.add(item, f"max_request_head: must be at least 1KB (a browser's request head "
+                               f"is 0.5-2KB), got {size} bytes")
+        return DEFAULT_MAX_HEAD
+    return size
 
 
 def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:

@@ -38,14 +38,14 @@ from proxy.errors import (
 )
 from proxy.leases import Busy, Granted, LeaseClient, Waiting
 from proxy.metrics import Metrics
-from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status, serve_detail
 from proxy.policy.deception import content_type_agrees
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
-from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
+from proxy.policy.keys import cache_key, url_of_key, variant_of
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 from proxy.policy.ranges import if_range_allows, parse_range
+from proxy.policy.request import Forwarder, UpstreamRequest, upstream_request
 from proxy.policy.reuse import (
     Forward,
     OnlyIfCachedMiss,
@@ -78,19 +78,6 @@ from proxy.upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
 
-# Request fields never sent upstream as the client gave them: cachegate sets its own
-# forwarding fields, and these others can change a response without being in the key.
-FORWARDING_FIELDS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
-# Surrogate-Capability names the devices an origin may target with Surrogate-Control:
-# a client could otherwise make the origin target a response it then stores for all.
-UNKEYED_OVERRIDES = frozenset({
-    "x-forwarded-server", "x-forwarded-port", "x-forwarded-scheme", "x-host", "x-original-url",
-    "x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override",
-})  # fmt: skip
-# A cache fill asks for the full representation; the client's conditionals and
-# ranges are answered from the stored response afterwards.
-FILL_DROPS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
-                        "if-range", "range"})  # fmt: skip
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
                        "last-modified")  # fmt: skip
 # Reasons a response is not shareable with coalesced followers (hit-for-pass).
@@ -105,10 +92,9 @@ STORED_ELSEWHERE = "STORED-ELSEWHERE"
 
 @dataclass(slots=True)
 class ClientRequest:
-    head: RequestHead
-    remote: str  # the peer's IP address
+    head: RequestHead  # normalised (proxy.policy.request): all that may reach the origin
+    remote: str  # the peer's IP address (X-Forwarded-For)
     body: AsyncIterable[bytes] | None = None  # None when the request has no body
-    trusted: bool = False  # the peer is a trusted proxy: keep its X-Forwarded-* fields
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
@@ -159,6 +145,7 @@ class Engine:
         )
         self._invalidate_hook = invalidate
         self._via = f"1.1 {settings.via}"
+        self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
         self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
         self._random = random.Random()
         # Disk commits still running, by key: an invalidation waits for them, or the
@@ -174,6 +161,7 @@ class Engine:
         self.settings = settings
         self.rules = settings.rules
         self._via = f"1.1 {settings.via}"
+        self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
         self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
 
     async def close(self) -> None:
@@ -394,38 +382,13 @@ class Engine:
 
     # -- going upstream --------------------------------------------------------------------
 
-    def _upstream_headers(self, req: ClientRequest, *, fill: bool) -> list[tuple[str, str]]:
-        head = req.head
-        drop = end_to_end(head.headers)
-        out: list[tuple[str, str]] = []
-        prior_xff: list[str] = []
-        for k, v in drop:
-            lk = k.lower()
-            if lk in FORWARDING_FIELDS:
-                if req.trusted:
-                    if lk == "x-forwarded-for":
-                        prior_xff.append(v)
-                    else:
-                        out.append((k, v))
-                continue
-            if (lk in UNKEYED_OVERRIDES or lk == "surrogate-capability") and not req.trusted:
-                continue
-            if fill and lk in FILL_DROPS:
-                continue
-            if lk == "host" and not self.settings.pool.preserve_host:
-                continue
-            out.append((k, v))
-        xff = ", ".join([*prior_xff, req.remote]) if prior_xff else req.remote
-        out.append(("X-Forwarded-For", xff))
-        if not (req.trusted and "x-forwarded-proto" in head.headers):
-            out.append(("X-Forwarded-Proto", head.scheme))
-        if not (req.trusted and "x-forwarded-host" in head.headers):
-            out.append(("X-Forwarded-Host", head.host))
-        via = head.headers.get("Via")
-        out = [(k, v) for k, v in out if k.lower() != "via"]
-        out.append(("Via", f"{via}, {self._via}" if via else self._via))
-        out.append(("Surrogate-Capability", SURROGATE_CAPABILITY))
-        return out
+    def _upstream(self, req: ClientRequest, plan: RequestPlan | None,
+                  revalidating: Cached | None = None) -> UpstreamRequest:
+        """The request the origin receives: computed by the policy from the normalised head
+        alone (``plan``: a fill, as keyed; None: passed through)."""
+        validators = conditional_headers(revalidating.entry.response) if revalidating is not None else ()
+        return upstream_request(req.head, req.remote, self._forwarder,
+                                fill=plan.key if plan is not None else None, validators=validators)
 
     def _response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
         out = list(end_to_end(headers))
@@ -438,8 +401,7 @@ class Engine:
         """Forward without lookup or store (other methods, rule bypass); invalidate after unsafe ones."""
         head = req.head
         try:
-            resp = await self._send(head.method, head.target, self._upstream_headers(req, fill=False),
-                                    req.body)
+            resp = await self._send(self._upstream(req, None), req.body)
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd, x_cache="BYPASS")
         urls = invalidated_urls(head, resp.status, resp.headers)
@@ -448,10 +410,11 @@ class Engine:
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
         return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
-    async def _send(self, method: str, target: str, headers: list[tuple[str, str]],
-                    body: AsyncIterable[bytes] | None = None) -> UpstreamResponse:
+    async def _send(self, request: UpstreamRequest, body: AsyncIterable[bytes] | None = None
+                    ) -> UpstreamResponse:
         started = time.monotonic()
-        resp = await self.pool.send(method, target, headers, body)  # errors are counted by the pool
+        # errors are counted by the pool
+        resp = await self.pool.send(request.method, request.target, list(request.headers), body)
         name = resp.upstream.name
         self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
         self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
@@ -642,8 +605,7 @@ class Engine:
         head = req.head
         request_time = self.clock()
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key),
-                                    self._upstream_headers(req, fill=True))
+            resp = await self._send(self._upstream(req, plan))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd)
         response_time = self.clock()
@@ -887,12 +849,9 @@ class Engine:
     async def _run_flight(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
                           revalidating: Cached | None, stale: Cached | None = None) -> None:
         head = req.head
-        headers = self._upstream_headers(req, fill=True)
-        if revalidating is not None:
-            headers.extend(conditional_headers(revalidating.entry.response))
         request_time = self.clock()
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key), headers)
+            resp = await self._send(self._upstream(req, plan, revalidating))
         except UpstreamError as exc:
             flight.head.set_exception(exc)
             return
@@ -1025,7 +984,7 @@ class Engine:
                         resp: UpstreamResponse, request_time: float, response_time: float
                         ) -> tuple[str, Entry | None]:
         if head.method == "HEAD":
-            head = replace(head, method="GET")  # a HEAD miss fills with a GET
+            head = head._replace(method="GET")  # a HEAD miss fills with a GET
         if store_plan.no_store:
             assert store_plan.rule is not None
             return f"RULE-NO-STORE:{store_plan.rule.name}", None
@@ -1107,23 +1066,6 @@ def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, 
         ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
         return plan.response_headers_for(status, ctype)
     return plan.response_headers
-
-
-def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:
-    """The target a fill asks the origin for: the URL as keyed.
-
-    When a rule's key drops or reorders query parameters (or lower-cases the path), the
-    origin sees exactly what the key sees, so a parameter left out of the key cannot
-    change a response stored for everyone (unkeyed-parameter cache poisoning).
-    """
-    if not (spec.query_include is not None or spec.query_exclude or spec.query_sort
-            or spec.query_ignore or spec.lowercase_path):
-        return head.target
-    url = url_of_key(key)
-    prefix = f"{head.scheme}://{head.host}"
-    if url == head.url or not url.startswith(prefix):
-        return head.target
-    return url[len(prefix):] or "/"
 
 
 def _upstream_error(status: int, message: str) -> UpstreamError:

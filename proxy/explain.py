@@ -27,6 +27,7 @@ from proxy.policy.cache_status import cache_status
 from proxy.policy.deception import content_type_agrees
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
+from proxy.policy.request import Listener, Message, Refusal, normalise_request
 from proxy.policy.reuse import Forward, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup, select_variant
 from proxy.policy.storability import DontStore, decide_store, response_cache_control
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan
@@ -87,8 +88,9 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 def request_head(req: ExplainRequest) -> RequestHead:
-    from proxy.policy.keys import normalise_host
-
+    """The request as the proxy would see it: normalised by the proxy's own
+    ``normalise_request`` (from an untrusted client; the URL's authority is the Host).
+    ValueError for a request the proxy would refuse."""
     try:
         url = URL(req.url, encoded=True)
     except ValueError as exc:
@@ -96,10 +98,14 @@ def request_head(req: ExplainRequest) -> RequestHead:
     if url.scheme not in ("http", "https") or not url.raw_host:
         raise ValueError(f"{req.url!r}: give an absolute http:// or https:// URL")
     headers: CIMultiDict[str] = CIMultiDict(req.headers)
-    host = headers.get("Host") or url.raw_authority
-    headers.setdefault("Host", host)
-    return RequestHead(req.method.upper(), url.scheme, normalise_host(host, url.scheme),
-                       url.raw_path_qs or "/", CIMultiDictProxy(headers))
+    if "Host" not in headers:
+        headers["Host"] = url.raw_authority
+    message = Message(req.method.upper(), req.url, (1, 1), CIMultiDictProxy(headers))
+    head = normalise_request(message, secure=url.scheme == "https", trusted=False,
+                             listener=Listener(url.raw_authority, max_head=1 << 30))
+    if isinstance(head, Refusal):
+        raise ValueError(f"the proxy would refuse this request with {head.status}: {head.reason}")
+    return head
 
 
 def _rule_label(rule: Rule | None) -> str:
@@ -147,8 +153,7 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
     given = ", ".join(f"{k}: {v}" for k, v in response_headers) or "no headers"
     lines = [f"response {status} ({given})",
              f"  store-time rule     {_rule_label(sp.rule)}"]
-    fill = head if head.method != "HEAD" else RequestHead("GET", head.scheme, head.host,
-                                                           head.target, head.headers)
+    fill = head if head.method != "HEAD" else head._replace(method="GET")
     detail = ""
     decision = None
     if sp.no_store:
@@ -303,8 +308,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     ctype = headers.get("Content-Type")
     sp = plan.for_response(status, ctype)
     cc, cc_field = response_cache_control(headers, sp.options)
-    fill = head if head.method != "HEAD" else RequestHead("GET", head.scheme, head.host, head.target,
-                                                           head.headers)
+    fill = head if head.method != "HEAD" else head._replace(method="GET")
     out: dict[str, Any] = {"store_rule": _rule_json(sp.rule), "directives_from": cc_field,
                            "directives": _directives(cc)}
     detail = ""
