@@ -39,7 +39,7 @@ from proxy.errors import (
 from proxy.leases import Busy, Granted, LeaseClient, Waiting
 from proxy.metrics import Metrics
 from proxy.policy.cache_status import cache_status, serve_detail
-from proxy.policy.deception import content_type_agrees
+from proxy.policy.deception import deception_refuses
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import cache_key, url_of_key, variant_of
@@ -994,9 +994,7 @@ class Engine:
             return decision.detail, None
         assert isinstance(decision, Store)
         stored = decision.response
-        if store_plan.deception_guard and not content_type_agrees(
-            head.target, resp.headers.get("Content-Type")
-        ):
+        if store_plan.deception_guard and deception_refuses(head, stored, resp.headers.get("Content-Type")):
             return "DECEPTION-GUARD", None
         stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter))
         if "set-cookie" in resp.headers:

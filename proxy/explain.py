@@ -24,7 +24,7 @@ from yarl import URL
 
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.cache_status import cache_status
-from proxy.policy.deception import content_type_agrees
+from proxy.policy.deception import deception_refuses
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 from proxy.policy.request import Listener, Message, Refusal, normalise_request
@@ -49,7 +49,9 @@ WHY_NOT = {
                     "(ETag, Last-Modified) and no rule ttl applies; add a ttl for this status in a rule",
     "METHOD": "only GET and HEAD are cached",
     "DECEPTION-GUARD": "the deception guard refused it: the Content-Type does not agree with the "
-                       "path's extension",
+                       "path's extension (decoded as the rules read it); under a rule's ttl only a "
+                       "known extension of the response's type counts, so a path without one needs "
+                       "deception_guard: false on its rule",
 }
 
 
@@ -164,7 +166,7 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
         decision = decide_store(fill, status, "", CIMultiDictProxy(headers), now, now, sp.options)
         if isinstance(decision, DontStore):
             detail = decision.detail
-        elif sp.deception_guard and not content_type_agrees(head.target, ctype):
+        elif sp.deception_guard and deception_refuses(head, decision.response, ctype):
             detail = "DECEPTION-GUARD"
         if detail:
             lines.append(f"  decision            not stored: {detail} ({WHY_NOT.get(detail, '')})")
@@ -321,7 +323,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
         decision = decide_store(fill, status, "", headers, now, now, sp.options)
         if isinstance(decision, DontStore):
             detail = decision.detail
-        elif sp.deception_guard and not content_type_agrees(head.target, ctype):
+        elif sp.deception_guard and deception_refuses(head, decision.response, ctype):
             detail = "DECEPTION-GUARD"
         why = WHY_NOT.get(detail, "")
     if detail:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.policy.deception import content_type_agrees, guard_allows
 from proxy.policy.keys import KeySpec, cache_key
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import (
@@ -192,3 +193,27 @@ def test_key_and_upstream_agree_on_the_host() -> None:
         head = head_of("http://" + spelling + "/a", ("Host", "other.example"))
         assert cache_key(head) == "http://shop.example/a"
         assert dict(upstream_request(head, "p", Forwarder()).headers)["Host"] == "shop.example"
+
+
+GUARD = [
+    # (path, content type, forced, stored?)
+    ("/a.css", "text/css", False, True),
+    ("/a.css", "text/css", True, True),
+    ("/a%2ecss", "text/html", False, False),
+    ("/a%2Ecss", "text/html", True, False),
+    ("/static/..%2Fa.css", "text/html", False, False),
+    ("/plain", "text/html", False, True),
+    ("/plain", "text/html", True, False),
+    ("/x.unknownext", "text/html", False, True),
+    ("/x.unknownext", "text/html", True, False),
+    ("/x.js", "text/javascript", True, True),
+    ("/x.js", "application/javascript", True, True),
+    ("/x.css?y=.html", "text/css", True, True),
+]
+
+
+@pytest.mark.parametrize(("path", "ctype", "forced", "stored"), GUARD)
+def test_the_deception_guard_reads_the_path_the_rules_match(path: str, ctype: str, forced: bool,
+                                                            stored: bool) -> None:
+    assert guard_allows(path, ctype, forced=forced) == stored
+    assert content_type_agrees("/a.css", None) is False
