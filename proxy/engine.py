@@ -40,6 +40,7 @@ from proxy.leases import Busy, Granted, LeaseClient, Waiting
 from proxy.metrics import Metrics
 from proxy.policy.cache_status import cache_status, serve_detail
 from proxy.policy.deception import deception_refuses
+from proxy.policy.freshness import carries_credentials
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import cache_key, url_of_key, variant_of
@@ -864,7 +865,7 @@ class Engine:
                 case Freshen():
                     resp.release()
                     await self._freshen(revalidating, resp.headers, plan, request_time,
-                                        response_time)
+                                        response_time, carries_credentials(head.headers))
                     flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True,
                                                       "FRESHENED", None))
                     self.coalescer.retire(flight)
@@ -1017,13 +1018,14 @@ class Engine:
         return replace(freshness, lifetime=freshness.lifetime * (1 - self._random.uniform(0, fraction)))
 
     async def _freshen(self, cached: Cached, update: CIMultiDictProxy[str], plan: RequestPlan,
-                       request_time: float, response_time: float) -> None:
+                       request_time: float, response_time: float, credentials: bool) -> None:
         """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays."""
         entry = cached.entry
         old = entry.response
         content_type = update.get("Content-Type") or old.header_dict().get("Content-Type")
         store_plan = plan.for_response(old.status, content_type)
-        updated = freshen_stored(old, update, request_time, response_time, store_plan.options)
+        updated = freshen_stored(old, update, request_time, response_time, store_plan.options,
+                                 credentials=credentials)
         if updated is not None:
             updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter))
         try:

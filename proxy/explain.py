@@ -25,6 +25,7 @@ from yarl import URL
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.cache_status import cache_status
 from proxy.policy.deception import deception_refuses
+from proxy.policy.freshness import heuristic_withheld
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 from proxy.policy.request import Listener, Message, Refusal, normalise_request
@@ -53,6 +54,15 @@ WHY_NOT = {
                        "known extension of the response's type counts, so a path without one needs "
                        "deception_guard: false on its rule",
 }
+
+
+NO_HEURISTIC = ("no heuristic freshness: the request carries Cookie or Authorization and the response is "
+                "not public, so it is revalidated before every use (a rule ttl would share it)")
+
+
+def _cc_of(headers: CIMultiDict[str], sp: StorePlan) -> CacheControl:
+    """The directives this cache obeys in ``headers`` under the store plan's options."""
+    return response_cache_control(CIMultiDictProxy(headers), sp.options)[0]
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,9 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
             shortest = fmt_duration(f.lifetime * (1 - sp.ttl_jitter))
             lines.append(f"  ttl jitter          each entry lives {shortest}..{fmt_duration(f.lifetime)} "
                          f"(-0..{sp.ttl_jitter:.0%})")
+        if f.source == "none" and heuristic_withheld(status, CIMultiDictProxy(headers), _cc_of(headers, sp),
+                                                     head.headers, now, sp.options):
+            lines.append(f"  note                {NO_HEURISTIC}")
         if f.no_cache or f.must_revalidate:
             lines.append("  note                the origin requires revalidation "
                          f"({'no-cache' if f.no_cache else 'must-revalidate/s-maxage'}): never served stale")
@@ -337,6 +350,8 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
         reasons.append(f"the request has Authorization; {', '.join(allowed)} in {cc_field} allows storing it")
     if "set-cookie" in headers:
         reasons.append("it sets a cookie; allow_set_cookie stores it without the Set-Cookie")
+    if f.source == "none" and heuristic_withheld(status, headers, cc, head.headers, now, sp.options):
+        reasons.append(NO_HEURISTIC)
     out.update(stored=True, detail=None, lifetime=f.lifetime, freshness_source=f.source,
                freshness_decided_by=freshness_decided_by(f, cc, cc_field, sp.rule),
                stale_while_revalidate=f.stale_while_revalidate, stale_if_error=f.stale_if_error,

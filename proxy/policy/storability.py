@@ -22,7 +22,7 @@ from proxy.policy.cache_control import (
     parse_surrogate_control,
     targeted_cache_control,
 )
-from proxy.policy.freshness import HEURISTICALLY_CACHEABLE, compute_freshness
+from proxy.policy.freshness import HEURISTICALLY_CACHEABLE, carries_credentials, compute_freshness
 from proxy.policy.headers import end_to_end
 from proxy.policy.keys import variant_of, vary_names
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
@@ -120,7 +120,7 @@ def decide_store(
         return DontStore("UNCACHEABLE-STATUS")
 
     freshness = compute_freshness(status, headers, cc, request_time, response_time, options,
-                                  cc_source=source)
+                                  cc_source=source, credentials=carries_credentials(request.headers))
     etag = headers.get("ETag")
     last_modified = headers.get("Last-Modified")
     reusable = (

@@ -7,8 +7,9 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.deception import content_type_agrees, guard_allows
+from proxy.policy.freshness import compute_freshness
 from proxy.policy.keys import KeySpec, cache_key
-from proxy.policy.messages import RequestHead
+from proxy.policy.messages import CacheOptions, RequestHead
 from proxy.policy.request import (
     FORWARDING_FIELDS,
     Forwarder,
@@ -18,7 +19,8 @@ from proxy.policy.request import (
     normalise_request,
     upstream_request,
 )
-from tests.policy.build import headers
+from proxy.policy.storability import Store
+from tests.policy.build import T0, date, headers, store
 from tests.security.test_forwarding_fields import ATTACK_FIELDS
 
 LISTENER = Listener("127.0.0.1:8080", max_head=4096)
@@ -217,3 +219,33 @@ def test_the_deception_guard_reads_the_path_the_rules_match(path: str, ctype: st
                                                             stored: bool) -> None:
     assert guard_allows(path, ctype, forced=forced) == stored
     assert content_type_agrees("/a.css", None) is False
+
+
+# -- heuristic freshness and credentials --------------------------------------------------------------
+
+LAST_MODIFIED = ("Last-Modified", date(-10 * 86400))
+
+
+@pytest.mark.parametrize(("request_field", "response", "lifetime"), [
+    (None, [LAST_MODIFIED], 86400.0),
+    (("Cookie", "a=1"), [LAST_MODIFIED], 0.0),
+    (("Authorization", "Bearer x"), [LAST_MODIFIED, ("Cache-Control", "must-revalidate")], 0.0),
+    (("Cookie", "a=1"), [LAST_MODIFIED, ("Cache-Control", "public")], 86400.0),
+    (("Cookie", "a=1"), [LAST_MODIFIED, ("Cache-Control", "max-age=30")], 30.0),
+])
+def test_no_heuristic_freshness_for_a_response_to_a_request_with_credentials(
+        request_field: tuple[str, str] | None, response: list[tuple[str, str]], lifetime: float) -> None:
+    from tests.policy.build import request
+
+    req = request(*([request_field] if request_field else []))
+    decision = store(response, req=req)
+    assert isinstance(decision, Store)  # stored, to be revalidated before each use when lifetime is 0
+    assert decision.response.freshness.lifetime == lifetime
+
+
+def test_a_rule_ttl_applies_whatever_the_request_carried() -> None:
+    from proxy.policy.cache_control import parse_cache_control
+
+    options = CacheOptions(ttl_by_status={200: 60.0})
+    f = compute_freshness(200, headers(LAST_MODIFIED), parse_cache_control([]), T0, T0, options, credentials=True)
+    assert (f.lifetime, f.source) == (60.0, "rule")
