@@ -408,6 +408,8 @@ class Engine:
         urls = invalidated_urls(head, resp.status, resp.headers)
         if urls:
             await self._invalidate(urls)
+        if detail is not None:  # a rule's bypass: the console lists it beside the not-stored reasons
+            self.metrics.live.not_stored.add(detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
         return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
@@ -628,7 +630,7 @@ class Engine:
                                                  False)
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
-        self.metrics.not_stored.labels(store_detail).inc()
+        self.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=store_detail)
         return self._direct_reply(plan, resp, "MISS", cs, head.method == "HEAD")
 
@@ -907,7 +909,7 @@ class Engine:
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
         if not shareable:
-            self.metrics.not_stored.labels(store_detail).inc()
+            self.metrics.not_stored_because(store_detail, url_of_key(key))
         spool = None
         if entry is not None:
             self._stores += 1
@@ -918,7 +920,7 @@ class Engine:
             async for chunk in resp.iter_chunks():
                 if spool is not None and not await spool.write(chunk):
                     spool = None
-                    self.metrics.not_stored.labels("TOO-LARGE").inc()
+                    self.metrics.not_stored_because("TOO-LARGE", url_of_key(key))
                 if flight.body.readers == 0 and spool is None:
                     resp.close()  # nobody reads it and nothing stores it
                     flight.body.fail(ConnectionAbortedError("no readers"))
@@ -946,6 +948,7 @@ class Engine:
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
         self.storage.put_memory(final, spool)
+        self.metrics.fills.inc()
         self.coalescer.retire(flight)
         if flight.on_stored is not None and spool.body_bytes() is not None:
             # Other workers wait for this key (proxy.leases): a small body goes to disk before

@@ -23,3 +23,19 @@ ensure_venv() {  # ensure_venv [extra]
     touch "$stamp"
   fi
 }
+
+# System packages the tests drive, installed with apt-get when missing (as root, e.g. in CI):
+# Debian's chromium for the console's browser tests (Playwright drives it; it never downloads a
+# browser of its own). Tests that need one skip, saying why, only when this install failed.
+ensure_system_packages() {
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  (( ${#missing[@]} )) || return 0
+  if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test: ${missing[*]} missing and cannot be installed here (needs root and apt-get); those tests skip" >&2
+    return 0
+  fi
+  echo "scripts/test: installing ${missing[*]} with apt-get" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+    >/dev/null || echo "scripts/test: could not install ${missing[*]}; those tests skip" >&2
+}

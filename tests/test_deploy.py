@@ -60,8 +60,11 @@ def test_the_image_config_passes_check_in_the_image_layout(
     monkeypatch.delenv("CACHEGATE_ADMIN_TOKEN", raising=False)
     assert main(["check", "--config", str(config)]) == 2, "must refuse an open admin API without a token"
     assert "CACHEGATE_ADMIN_TOKEN is not set" in capsys.readouterr().err
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")
-    assert main(["check", "--config", str(config)]) == 0
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")  # guessable, on a listener anyone may reach
+    assert main(["check", "--config", str(config)]) == 2
+    assert "admin.token is 6 characters long" in capsys.readouterr().err
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "a-token-of-24-characters")
+    assert main(["check", "--strict", "--config", str(config)]) == 0
 
 
 def test_the_compose_file_builds_this_checkout_and_runs_cachegate_commands() -> None:

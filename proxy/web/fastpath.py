@@ -36,6 +36,11 @@ handler is idle (nothing queued, no response being written) and the transport ac
 writes (a client that does not read gets aiohttp's own back-pressure). The request is
 parsed by aiohttp's C parser either way: its refusals (CL+TE, bad framing) still answer
 400 (501 for a transfer coding it does not know: ``ProxyRequestHandler.handle_error``).
+
+For the console (``proxy.live``), one answer in FAST_SAMPLE is timed and its URL recorded,
+each counted FAST_SAMPLE times; the others pay a bit test. Measured with ``timeit``: 70–130 ns
+per answer on the shared machine (about 1% of an answer), where timing every answer and
+counting every URL would cost 0.4–0.6 µs each.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -57,6 +63,7 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
 from proxy.engine import response_edits, served_headers
+from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import DEFAULT_MAX_HEAD, Listener, normalise_request
@@ -170,6 +177,8 @@ class FastPath:
         self._disk_bytes: Any = None
         self._debug: tuple[tuple[str, str], ...] = ()
         self._debug_disk: tuple[tuple[str, str], ...] = ()
+        self._top: Any = None
+        self._hit_duration: Any = None
         self.answered = 0  # requests answered here (tests check that the fast path ran)
 
     def _refresh(self, runtime: Runtime) -> None:
@@ -184,6 +193,8 @@ class FastPath:
             self._counters = {m: runtime.metrics.requests.labels("HIT", m) for m in ("GET", "HEAD")}
             self._memory_bytes = runtime.metrics.response_bytes.labels("memory")
             self._disk_bytes = runtime.metrics.response_bytes.labels("disk")
+            self._top = runtime.metrics.live.top
+            self._hit_duration = runtime.metrics.request_duration.labels("HIT")
         self._debug, self._debug_disk = (), ()
         if runtime.debug_headers:
             worker = () if runtime.worker_id is None else (("X-Cachegate-Worker", str(runtime.worker_id)),)
@@ -206,6 +217,8 @@ class FastPath:
 
     def answer(self, msg: Any, remote: str, secure: bool) -> FastAnswer | None:
         """The whole response to a parsed GET/HEAD ``msg``, or None for the general path."""
+        # One answer in FAST_SAMPLE is timed and recorded for the console (proxy.live).
+        started = perf_counter() if not (self.answered + 1) & FAST_SAMPLE_MASK else 0.0
         headers = msg.headers
         if "Range" in headers:
             return None
@@ -245,6 +258,9 @@ class FastPath:
         self._counters[method].value += 1
         self.answered += 1
         block = ready.render(age, ttl)
+        if started:
+            self._top.add(head.url, True, FAST_SAMPLE)
+            self._hit_duration.observe(perf_counter() - started, FAST_SAMPLE)
         if head_only:
             return block
         if body is None:

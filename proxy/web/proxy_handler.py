@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO, assert_never
 
@@ -84,8 +85,10 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
         server_log.addFilter(_CLIENT_ERROR_FILTER)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
         runtime = runtime_ref()
         metrics = runtime.metrics
+        url = None
         try:
             if request.method == "CONNECT":
                 return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS")
@@ -95,6 +98,7 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
                     pass
                 case Refusal():
                     metrics.requests.labels("ERROR", request.method).inc()
+                    metrics.answered(None, "ERROR", time.perf_counter() - started)
                     log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
                              request.remote, head.status, head.reason)
                     refused = _plain(head.status, head.reason, "MISS")
@@ -102,6 +106,7 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
                     return refused
                 case _:
                     assert_never(head)
+            url = head.url
             if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
                 return await purge_method(request, runtime, head)
             if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
@@ -110,15 +115,19 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
             reply = await runtime.engine.handle(ClientRequest(head, request.remote or "", body))
         except CachegateError as exc:
             metrics.requests.labels("ERROR", request.method).inc()
+            metrics.answered(url, "ERROR", time.perf_counter() - started)
             return _plain(exc.status_hint, str(exc) or "error", "MISS")
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("unhandled error for %s %s", request.method, request.raw_path)
             metrics.requests.labels("ERROR", request.method).inc()
+            metrics.answered(url, "ERROR", time.perf_counter() - started)
             return _plain(500, "internal error", "MISS")
         metrics.requests.labels(reply.x_cache, request.method).inc()
-        return await write_reply(request, reply, runtime)
+        response = await write_reply(request, reply, runtime)
+        metrics.answered(url, reply.x_cache, time.perf_counter() - started)
+        return response
 
     return handle
 
