@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from proxy.config import load_config
+from proxy.config import Overrides, load_config
 from proxy.errors import ConfigError
+from proxy.web.server import install_reloader
 from tests.conftest import MakeProxy
 from tests.harness import Origin
 from tests.security.util import echo_origin, get, received, request, send_raw
@@ -108,3 +109,18 @@ def test_a_bad_head_cap_is_a_config_error_with_its_line(tmp_path: Path, value: s
     with pytest.raises(ConfigError) as caught:
         load_config(str(path))
     assert f"{path}:2: {message}" in caught.value.problems[0]
+
+
+def replace_in(path: str, old: str, new: str) -> None:
+    Path(path).write_text(Path(path).read_text().replace(old, new))
+
+
+async def test_a_reload_changes_the_head_cap_at_once(origin: Origin, make_proxy: MakeProxy) -> None:
+    echo_origin(origin, "/page")
+    proxy = await make_proxy(config="max_request_head: 64KB\n")
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    big = get("/page", *big_fields(40 * 1024))
+    assert (await send_raw(proxy, big)).status == 200
+    replace_in(proxy.config_path, "max_request_head: 64KB", "max_request_head: 32KB")
+    assert proxy.runtime.reload_config().ok
+    assert (await send_raw(proxy, big)).status == 431  # the fast path (a stored page) included
