@@ -72,6 +72,12 @@ ACCEPTED = [
      "shop.example", "/a", [("Host", "shop.example"), ("Cookie", "a=1")]),
     ("chunked accepted (the field is hop-by-hop)", "/a", [HOST, ("Transfer-Encoding", "Chunked")], (1, 1),
      "shop.example", "/a", [("Host", "shop.example")]),
+    ("a browser's keep-alive", "/a", [HOST, ("Connection", "keep-alive"), ("Accept", "*/*")], (1, 1),
+     "shop.example", "/a", [("Host", "shop.example"), ("Accept", "*/*")]),
+    ("repeated fields kept in order, repeated Connection lines all read", "/a",
+     [HOST, ("Cookie", "a=1"), ("Connection", "x-a"), ("X-A", "1"), ("Cookie", "b=2"), ("Connection", "X-B"),
+      ("X-B", "2")], (1, 1), "shop.example", "/a", [("Host", "shop.example"), ("Cookie", "a=1"),
+                                                    ("Cookie", "b=2")]),
 ]
 
 
@@ -120,6 +126,13 @@ def test_normalise_request_refuses(case: str, target: str, fields: list[tuple[st
     assert isinstance(refusal, Refusal), refusal
     assert refusal.status == status
     assert reason in refusal.reason
+
+
+def test_what_a_connection_line_names_is_remembered_refusals_included() -> None:
+    for _ in range(2):
+        assert isinstance(normalise("/a", HOST, ("Connection", "x, Host")), Refusal)
+        head = normalise("/a", HOST, ("Connection", "x-a"), ("X-A", "1"))
+        assert isinstance(head, RequestHead) and "X-A" not in head.headers
 
 
 def test_the_head_cap_counts_the_request_line_and_every_field() -> None:
