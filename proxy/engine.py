@@ -26,11 +26,12 @@ from typing import IO, Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.coalescer import Coalescer, Flight, FlightHead, FlightResult
+from proxy.coalescer import Coalescer, FellBehind, Flight, FlightHead, FlightResult, Reader, TooFarBehind
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import (
     NoUpstreamAvailable,
+    ResponseAborted,
     StorageError,
     UpstreamConnectError,
     UpstreamError,
@@ -73,6 +74,7 @@ from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.disk import INLINE_LIMIT
 from proxy.storage.entry import Entry
+from proxy.storage.failures import WriteFailures
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool, Storage
 from proxy.upstream import UpstreamPool, UpstreamResponse
@@ -89,6 +91,7 @@ WHOLE_FOR_FOLLOWERS = 256 * 1024
 WHOLE_FOR_LEADER = 64 * 1024
 # A flight answered from what another worker fetched and stored (proxy.leases).
 STORED_ELSEWHERE = "STORED-ELSEWHERE"
+STORED_CHUNK = 256 * 1024  # reads of a stored body for a client that fell behind its fill
 
 
 @dataclass(slots=True)
@@ -154,6 +157,7 @@ class Engine:
         self._disk_writes: dict[str, set[asyncio.Future[None]]] = {}
         self._loads: dict[str, asyncio.Future[tuple[Cached, ...]]] = {}  # disk lookups in progress
         self._stores = 0  # fills this process began storing: a lookup that overlapped one proves nothing
+        self.write_failures = WriteFailures(lambda op: metrics.storage_errors.labels(op).inc())
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
 
@@ -492,7 +496,7 @@ class Engine:
                                              stale, stale_prohibited)
 
     async def _reply_from_flight(self, req: ClientRequest, plan: RequestPlan, key: str, flight: Flight,
-                                 reader: Any, collapsed: bool, revalidating: Cached | None, fwd: str,
+                                 reader: Reader, collapsed: bool, revalidating: Cached | None, fwd: str,
                                  stale: Cached | None, stale_prohibited: bool) -> Reply:
         """Answer a client that joined ``flight`` (as its leader, or ``collapsed`` as a follower)."""
         head = req.head
@@ -598,8 +602,55 @@ class Engine:
                 reader.close()
             return self._finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
                                             x_cache, "upstream"))
-        return self._finish(plan, Reply(fhead.status, fhead.reason, headers, reader.__aiter__(),
-                                        length, x_cache, "upstream"))
+        return self._finish(plan, Reply(fhead.status, fhead.reason, headers,
+                                        self._flight_body(flight, key, reader), length, x_cache,
+                                        "upstream"))
+
+    async def _flight_body(self, flight: Flight, key: str, reader: Reader) -> AsyncIterator[bytes]:
+        """A flight's body for one client, as it arrives. A client that fell too far behind a
+        fill being stored was detached from it (the fetch and the other clients do not wait
+        for it: ``proxy.coalescer``) and gets the rest from the stored response once the fill
+        is complete; when it was not stored after all, this raises and the client's
+        connection is aborted (a truncated body is never ended as if complete)."""
+        chunks = reader.__aiter__()
+        try:
+            async for chunk in chunks:
+                yield chunk
+            return
+        except FellBehind as behind:
+            offset = behind.offset
+        except TooFarBehind:
+            self.metrics.slow_readers.labels("cut_off").inc()
+            raise
+        finally:
+            await chunks.aclose()
+        async for chunk in self._stored_rest(flight, key, offset):
+            yield chunk
+
+    async def _stored_rest(self, flight: Flight, key: str, offset: int) -> AsyncIterator[bytes]:
+        """The body a flight stored, from ``offset`` on (for a client detached from it)."""
+        result = await asyncio.shield(flight.result)
+        entry = result.entry
+        body: bytes | IO[bytes] | None = None
+        if entry is not None and entry.body_size >= offset:
+            variants = await self._load(key)
+            cached = next((c for c in variants if c.entry.body_id == entry.body_id), None)
+            if cached is not None:
+                body = await self._open_body(cached)
+        if body is None:
+            self.metrics.slow_readers.labels("cut_off").inc()
+            raise ResponseAborted(f"{key}: the client fell behind a fill that was not stored")
+        self.metrics.slow_readers.labels("resumed").inc()
+        if isinstance(body, bytes):
+            if offset < len(body):
+                yield body[offset:]
+            return
+        try:
+            await self.storage.run(body.seek, offset)
+            while chunk := await self.storage.run(body.read, STORED_CHUNK):
+                yield chunk
+        finally:
+            body.close()
 
     async def _forward_passing(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str) -> Reply:
         """A hit-for-pass key: forwarded in the request's own task, without a flight (nobody may
@@ -916,17 +967,22 @@ class Engine:
             self.coalescer.clear_absent(key)
             spool = self.storage.spool(entry, resp.content_length)
         flight.spool = spool
+        body = flight.body
+        body.storing = spool is not None
+        abandoned = ""  # why the store was given up mid-body
         try:
             async for chunk in resp.iter_chunks():
-                if spool is not None and not await spool.write(chunk):
-                    spool = None
-                    self.metrics.not_stored_because("TOO-LARGE", url_of_key(key))
-                if flight.body.readers == 0 and spool is None:
+                if spool is not None:
+                    abandoned = await self._spool_write(key, spool, chunk)
+                    if abandoned:
+                        spool = None
+                        body.stop_storing()
+                if body.readers == 0 and spool is None:
                     resp.close()  # nobody reads it and nothing stores it
-                    flight.body.fail(ConnectionAbortedError("no readers"))
+                    body.fail(ResponseAborted("no readers"))
                     flight.result.set_result(FlightResult(False, "ABANDONED"))
                     return
-                await flight.body.push(chunk)
+                await body.push(chunk)
         except UpstreamError as exc:
             log.warning("upstream body broke off for %s: %s", key, exc)
             if spool is not None:
@@ -943,7 +999,7 @@ class Engine:
         if final is None or spool is None:
             self.coalescer.retire(flight)
             flight.body.finish()
-            flight.result.set_result(FlightResult(False, store_detail or "INCOMPLETE"))
+            flight.result.set_result(FlightResult(False, store_detail or abandoned or "INCOMPLETE"))
             return
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
@@ -965,16 +1021,30 @@ class Engine:
         if on_disk:
             self.coalescer.clear_pass(key)
         self.coalescer.clear_absent(key)
-        flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED"))
+        flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED", final))
+
+    async def _spool_write(self, key: str, spool: BodySpool, chunk: bytes) -> str:
+        """Spool a chunk of a body being stored; "" while it is kept, else why the store is
+        given up (the clients still get the whole body): TOO-LARGE, or STORE-FAILED when the
+        write failed (a full disk: counted, logged once per streak, in /stats)."""
+        try:
+            if await spool.write(chunk):
+                return ""
+            reason = "TOO-LARGE"
+        except Exception as exc:
+            spool.discard()
+            self.write_failures.failed("spool", key, exc)
+            reason = "STORE-FAILED"
+        self.metrics.not_stored_because(reason, url_of_key(key))
+        return reason
 
     async def _put_disk(self, key: str, final: Entry, spool: BodySpool) -> bool:
         writing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._disk_writes.setdefault(key, set()).add(writing)
         try:
-            return await self.storage.put_disk(final, spool)
-        except Exception:
-            log.exception("storing %s failed", key)
-            self.metrics.storage_errors.labels("write").inc()
+            stored = await self.storage.put_disk(final, spool)
+        except Exception as exc:
+            self.write_failures.failed("write", key, exc)
             return False
         finally:
             writing.set_result(None)
@@ -983,6 +1053,9 @@ class Engine:
                 pending.discard(writing)
                 if not pending:
                     del self._disk_writes[key]
+        if stored:
+            self.write_failures.succeeded()
+        return stored
 
     def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: StorePlan, key: str,
                         resp: UpstreamResponse, request_time: float, response_time: float
@@ -1036,9 +1109,8 @@ class Engine:
                 await self.storage.delete([entry.key])
             else:
                 await self.storage.update(entry.with_response(updated))
-        except Exception:
-            log.exception("freshening %s failed", entry.key)
-            self.metrics.storage_errors.labels("write").inc()
+        except Exception as exc:
+            self.write_failures.failed("write", entry.key, exc)
 
     # -- finishing ---------------------------------------------------------------------------
 

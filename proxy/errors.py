@@ -43,6 +43,14 @@ class NoUpstreamAvailable(UpstreamError):
     status_hint = 503
 
 
+class ResponseAborted(CachegateError):
+    """A response body that cannot be completed for one client (it fell too far behind a
+    shared fill that is not stored, or the fill ended before its body did): the web layer
+    aborts that client's connection, so it never takes a truncated body for a complete one."""
+
+    status_hint = 502
+
+
 class StorageError(CachegateError):
     """A storage failure; callers degrade to a miss rather than fail the request."""
 

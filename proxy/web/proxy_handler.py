@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from proxy.engine import ClientRequest, Reply
-from proxy.errors import CachegateError, UpstreamError
+from proxy.errors import CachegateError, ResponseAborted, UpstreamError
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import Message, Refusal, normalise_request
@@ -151,35 +151,56 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
     resp = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
     if reply.length is not None and reply.status not in (204, 304) and reply.status >= 200:
         resp.content_length = reply.length
-    await resp.prepare(request)
-    if body is None or reply.head_only:
-        await _close_body(body)
-        await resp.write_eof()
-        return resp
     sent = 0
     try:
-        if isinstance(body, bytes):
-            await resp.write(body)
-            sent = len(body)
-        elif hasattr(body, "__anext__"):
-            async for chunk in body:  # type: ignore[union-attr]
-                await resp.write(chunk)
-                sent += len(chunk)
+        await resp.prepare(request)
+        if body is not None and not reply.head_only:
+            if isinstance(body, bytes):
+                await resp.write(body)
+                sent = len(body)
+            elif hasattr(body, "__anext__"):
+                async for chunk in body:  # type: ignore[union-attr]
+                    await resp.write(chunk)
+                    sent += len(chunk)
+            else:
+                sent = await _send_file(request, resp, body, reply.offset, reply.length)
+        await resp.write_eof()
+    except (UpstreamError, ResponseAborted) as exc:
+        # The upstream broke off mid-body, or the body cannot be completed for this client
+        # (proxy.coalescer: it fell too far behind): end the connection so the client sees
+        # an incomplete response, never a truncated "complete" one.
+        if isinstance(exc, UpstreamError):
+            log.warning("aborting client response: %s", exc)
         else:
-            sent = await _send_file(request, resp, body, reply.offset, reply.length)
-    except UpstreamError as exc:
-        # The upstream broke off mid-body: end the connection so the client sees an
-        # incomplete response, never a truncated "complete" one.
-        log.warning("aborting client response: %s", exc)
-        if request.transport is not None:
-            request.transport.abort()
-        runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
-        return resp
+            log.debug("aborting client response to %s: %s", request.remote, exc)
+        _abort(request)
+    except ConnectionError as exc:
+        # The client went away mid-response: one line, nothing for anyone else to see.
+        _client_gone(request, exc)
+        _abort(request)
     finally:
         await _close_body(body)
-    runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
-    await resp.write_eof()
+        runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
     return resp
+
+
+def _client_gone(request: web.BaseRequest, exc: BaseException) -> None:
+    """Log a client gone mid-response once per connection (its protocol's ``connection_lost``
+    may have noticed first: ``ProxyRequestHandler.gone_logged``)."""
+    from proxy.web.fastpath import ProxyRequestHandler  # it imports this module
+
+    protocol = request.protocol
+    if isinstance(protocol, ProxyRequestHandler):
+        if protocol.gone_logged:
+            return
+        protocol.gone_logged = True
+    log.debug("client %s went away during %s %s: %s", request.remote, request.method, request.raw_path,
+              exc)
+
+
+def _abort(request: web.BaseRequest) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[bytes], offset: int,
