@@ -8,6 +8,7 @@ touches the cache directory: ``cachegate check`` and ``cachegate run`` share it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -19,6 +20,7 @@ from yarl import URL
 from proxy.cluster.settings import ClusterSettings, read_cluster
 from proxy.errors import ConfigError
 from proxy.policy.messages import CacheOptions
+from proxy.policy.request import DEFAULT_MAX_HEAD, Listener
 from proxy.rules import RuleSet, load_rules
 from proxy.schema import Section, parse_hostport
 from proxy.storage.disk import DiskEviction, storable_limit
@@ -147,9 +149,17 @@ class Settings:
     via: str = "cachegate"
     access_log: bool = False
     cluster: ClusterSettings | None = None  # cluster mode on Redis (proxy.cluster); None: one node alone
+    max_request_head: int = DEFAULT_MAX_HEAD  # request line and fields; more is refused with 431
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
     # check prints them, run and reload log them).
     warnings: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def client_listener(self) -> Listener:
+        """What request normalisation knows of the client listener (built once per config)."""
+        host, port = self.listen
+        default_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return Listener(default_host, self.max_request_head)
 
 
 @dataclass(frozen=True)
@@ -162,7 +172,7 @@ class Overrides:
 
 
 _TOP = ("listen", "upstreams", "upstream", "cache", "admin", "rules", "trusted_proxies",
-        "workers", "shutdown_grace", "via", "access_log", "cluster")  # fmt: skip
+        "workers", "shutdown_grace", "via", "access_log", "cluster", "max_request_head")  # fmt: skip
 
 
 def _hostport(sec: Section, key: str, default: HostPort | None) -> HostPort | None:
@@ -378,7 +388,19 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         via=top.str("via", "cachegate"),
         access_log=top.bool("access_log", False),
         cluster=read_cluster(top, listen[1]),
+        max_request_head=_max_request_head(top),
     )
+
+
+def _max_request_head(top: Section) -> int:
+    size = top.size("max_request_head", DEFAULT_MAX_HEAD)
+    if size < 1024:
+        item = top.raw("max_request_head")
+        assert item is not None
+        top.problems.add(item, f"max_request_head: must be at least 1KB (a browser's request head "
+                               f"is 0.5-2KB), got {size} bytes")
+        return DEFAULT_MAX_HEAD
+    return size
 
 
 def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
