@@ -391,6 +391,11 @@ class StorePlan:
     ttl_jitter: float
     response_headers: HeaderEdits | None  # the rule's, else the defaults'
 
+    @property
+    def no_store_rule(self) -> str | None:
+        """The name of the rule that says no_store, if one does (``policy.fill.StoreRules``)."""
+        return self.rule.name if self.no_store and self.rule is not None else None
+
 
 @dataclass(eq=False, slots=True)
 class Rule:
