@@ -106,7 +106,7 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
     >>> answer = CIMultiDictProxy(CIMultiDict([("Cache-Control", "max-age=100"), ("Set-Cookie", "s=1"),
     ...                                        ("Surrogate-Key", "k")]))
     >>> fill = decide_fill(Exchange(head, 200, "OK", answer, 0, 0), Rules(), FillSettings(), jitter=0.5)
-    >>> fill.response.freshness.lifetime, fill.tags
+    >>> fill.response.freshness.lifetime, fill.tags  # max-age=100 less half of ttl_jitter's 50%
     (75.0, ('k', 'mine'))
     >>> fill.response.headers  # no Set-Cookie; this cache's Via
     (('Cache-Control', 'max-age=100'), ('Surrogate-Key', 'k'), ('Via', '1.1 cachegate'))
@@ -115,7 +115,7 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
     """
     request = exchange.request
     if request.method == "HEAD":
-        request = request._replace(method="GET")  # a HEAD miss fills with a GET
+        request = request._replace(method="GET")
     if rules.no_store_rule is not None:
         return NoFill(f"RULE-NO-STORE:{rules.no_store_rule}")
     headers = exchange.headers
@@ -130,9 +130,7 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
     stored = decision.response
     if rules.deception_guard and deception_refuses(request, stored, headers.get("Content-Type")):
         return NoFill("DECEPTION-GUARD")
-    if "set-cookie" in headers:
-        # Stored only because a rule says allow_set_cookie: the cookie was for the client
-        # that caused the fill, never for everyone served from the store afterwards.
+    if "set-cookie" in headers:  # storable only under allow_set_cookie (module docstring, step 5)
         stored = replace(stored, headers=tuple((k, v) for k, v in stored.headers
                                                if k.lower() != "set-cookie"))
     stored = _as_kept(stored, rules, settings, jitter)
