@@ -16,6 +16,7 @@ from typing import Literal, cast
 
 from yarl import URL
 
+from proxy.cpus import available_cpus
 from proxy.errors import ConfigError
 from proxy.policy.messages import CacheOptions
 from proxy.rules import RuleSet, load_rules
@@ -212,7 +213,7 @@ def _resolve(base_dir: str, path: str) -> str:
 
 def parse_workers(text: str) -> int:
     if text == "auto":
-        return os.cpu_count() or 1
+        return available_cpus()  # the affinity mask and cgroup quota, not the host's CPUs
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"workers: expected a positive number or auto, got {text!r}")
     return int(text)
