@@ -134,6 +134,8 @@ class Settings:
     shutdown_grace: float = 10.0
     via: str = "cachegate"
     access_log: bool = False
+    # -- deploy and operate: listeners, TLS, Server field, logs ----------------------------
+    server_header: str = "cachegate"  # the Server field of every response (no versions)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,8 @@ class Overrides:
 
 
 _TOP = ("listen", "upstreams", "upstream", "cache", "admin", "rules", "trusted_proxies",
-        "workers", "shutdown_grace", "via", "access_log")  # fmt: skip
+        "workers", "shutdown_grace", "via", "access_log",
+        "server_header")  # fmt: skip
 
 
 def _hostport(sec: Section, key: str, default: HostPort | None) -> HostPort | None:
@@ -357,7 +360,20 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         shutdown_grace=top.duration("shutdown_grace", 10.0),
         via=top.str("via", "cachegate"),
         access_log=top.bool("access_log", False),
+        server_header=_server_header(top),
     )
+
+
+# -- deploy and operate: listeners, TLS, Server field, logs --------------------------------
+
+
+def _server_header(top: Section) -> str:
+    value = top.str("server_header", "cachegate").strip()
+    if not value or not all(" " <= c <= "~" for c in value):
+        top.problems.add(top.raw("server_header") or top.src,
+                         f"server_header: expected printable ASCII text, got {value!r}")
+        return "cachegate"
+    return value
 
 
 def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:

@@ -430,7 +430,7 @@ class Engine:
     def _response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
         out = list(end_to_end(headers))
         via = headers.get("Via")
-        out = [(k, v) for k, v in out if k.lower() not in ("via", "content-length")]
+        out = [(k, v) for k, v in out if k.lower() not in ("via", "content-length", "server")]
         out.append(("Via", f"{via}, {self._via}" if via else self._via))
         return out
 
@@ -463,9 +463,9 @@ class Engine:
         reason = {502: "Bad Gateway", 503: "Service Unavailable",
                   504: "Gateway Timeout"}.get(status, "Bad Gateway")
         detail = {504: "UPSTREAM-TIMEOUT", 503: "NO-UPSTREAM"}.get(status, "UPSTREAM-UNREACHABLE")
-        log.warning("upstream failed: %s", exc)
-        return self._finish(plan, _error_reply(status, reason, f"{status} {reason}: {exc}", x_cache,
-                                               cache_status(fwd=fwd, detail=detail)))
+        log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
+        return self._finish(plan, _error_reply(status, reason, f"{status} {reason}: {exc.public_text()}",
+                                               x_cache, cache_status(fwd=fwd, detail=detail)))
 
     async def _invalidate(self, urls: Sequence[str]) -> None:
         targets = set(urls)
@@ -1091,9 +1091,10 @@ class Engine:
 def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
                    ) -> list[tuple[str, str]]:
     """A stored response's fields as served: its own Age and Content-Length dropped (the
-    web layer frames the body), this cache's Age, Cache-Status and X-Cache-Status added.
+    web layer frames the body), and its Server (the operator's ``server_header`` names this
+    proxy instead, as nginx does); this cache's Age, Cache-Status and X-Cache-Status added.
     Shared by ``Engine._serve`` and the fast path (``proxy.web.fastpath``)."""
-    headers = [(k, v) for k, v in stored if k.lower() not in ("age", "content-length")]
+    headers = [(k, v) for k, v in stored if k.lower() not in ("age", "content-length", "server")]
     headers.append(("Age", age))
     headers.append(("Cache-Status", cs))
     headers.append(("X-Cache-Status", x_cache))

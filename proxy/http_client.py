@@ -75,6 +75,7 @@ class UpstreamConnectTimeout(UpstreamTimeout):
     """The TCP (or TLS) connection was not established in time: safe to retry elsewhere."""
 
     kind = "connect_timeout"
+    public = "the origin server could not be reached in time (connect timed out)"
 
 
 class UpstreamDisconnected(UpstreamConnectError):
@@ -85,10 +86,12 @@ class UpstreamDisconnected(UpstreamConnectError):
 
 class UpstreamReadTimeout(UpstreamTimeout):
     kind = "read_timeout"
+    public = "the origin server did not answer in time (read timed out)"
 
 
 class UpstreamTotalTimeout(UpstreamTimeout):
     kind = "total_timeout"
+    public = "the origin server did not answer in time (total timeout)"
 
 
 class UpstreamBodyError(UpstreamProtocolError):

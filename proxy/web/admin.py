@@ -348,6 +348,11 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    async def server_name(request: web.Request, response: web.StreamResponse) -> None:
+        # The operator's name, not aiohttp's default (which names its and Python's versions).
+        response.headers["Server"] = runtime_ref().settings.server_header
+
+    app.on_response_prepare.append(server_name)
     app.cleanup_ctx.append(sampler)
     app.router.add_post("/purge", purge)
     app.router.add_post("/reload", reload)

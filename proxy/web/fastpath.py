@@ -14,9 +14,9 @@ yes only for a plain fresh HIT from a body held in memory, or a disk body of at 
 FAST_FILE_MAX bytes whose file is already open (sendfile; no 304, no refresh, no disk read).
 The head is built once per variant (and per rule edits, HTTP version, GET/HEAD) by the
 same steps the general path takes: ``served_headers`` and ``response_edits`` from the
-engine, the web layer's debug headers, then what aiohttp's ``Response``/``StreamResponse``
-add (Content-Length, a default Content-Type, Date when the stored response has none,
-Server, Connection for HTTP/1.0 keep-alive), serialised by aiohttp's own
+engine, the web layer's debug headers and Server name, then what aiohttp's
+``Response``/``StreamResponse`` add (Content-Length, a default Content-Type, Date when the
+stored response has none, Connection for HTTP/1.0 keep-alive), serialised by aiohttp's own
 ``_serialize_headers``. Per request only Age, the ``ttl`` of Cache-Status and, when the
 stored response had no Date, the Date are filled in. tests/test_fastpath.py compares
 both paths field by field for a table of requests.
@@ -44,7 +44,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import EMPTY_PAYLOAD
@@ -85,16 +85,28 @@ MAX_HEADS = 8  # heads kept per variant (rule edits x HTTP version x GET/HEAD)
 UNSERVABLE = (204, 304)  # aiohttp frames these differently; the general path answers them
 
 
+class Extras:
+    """What the web layer adds to every head under one config: the debug fields and the
+    Server name. A new object per config (``FastPath._refresh``), so heads built under an
+    older config are told apart by identity alone."""
+
+    __slots__ = ("debug", "server")
+
+    def __init__(self, debug: tuple[tuple[str, str], ...], server: str) -> None:
+        self.debug = debug
+        self.server = server
+
+
 class Head:
     """A pre-serialised response head with its per-request holes, for one variant."""
 
-    __slots__ = ("debug", "edits", "flavor", "fmt", "order")
+    __slots__ = ("edits", "extras", "flavor", "fmt", "order")
 
-    def __init__(self, edits: HeaderEdits | None, flavor: int, debug: tuple[tuple[str, str], ...],
+    def __init__(self, edits: HeaderEdits | None, flavor: int, extras: Extras,
                  fmt: bytes | None, order: bytes) -> None:
         self.edits = edits
         self.flavor = flavor
-        self.debug = debug
+        self.extras = extras
         self.fmt = fmt  # None: this variant cannot be answered here in this flavor
         self.order = order  # which holes, in order: b"AC", b"ACD", b"C", ...
 
@@ -110,20 +122,22 @@ class Head:
 
 def build_head(status: int, reason: str, headers: list[tuple[str, str]],
                debug: tuple[tuple[str, str], ...], length: int, head_only: bool,
-               version: tuple[int, int]) -> tuple[bytes, bytes] | None:
+               version: tuple[int, int], server: str = "cachegate") -> tuple[bytes, bytes] | None:
     """The head the general path writes for these reply fields (holes marked), as
     (%-format, holes); None when it cannot be pre-built.
 
-    The steps are ``write_reply``'s and then aiohttp's (web_response.py, 3.10-3.14):
-    ``Response._start`` adds Content-Length; a HEAD goes through ``StreamResponse`` with
-    ``content_length`` set; ``_prepare_headers`` adds Content-Type for a non-empty body,
-    Date, Server and the Connection field of a kept-alive connection.
+    The steps are ``write_reply``'s (debug fields, Server unless a rule set one) and then
+    aiohttp's (web_response.py, 3.14): ``Response._start`` adds Content-Length; a HEAD goes
+    through ``StreamResponse`` with ``content_length`` set; ``_prepare_headers`` adds
+    Content-Type for a non-empty body, Date and the Connection field of a kept-alive
+    connection (its Server default is never used: ours is there already).
     """
     if "\r" in reason or "\n" in reason or _MARK in reason:
         return None
     h: CIMultiDict[str] = CIMultiDict(headers)
     for k, v in debug:
         h[k] = v
+    h.setdefault(hdrs.SERVER, server)
     h[hdrs.CONTENT_LENGTH] = str(length)
     if head_only:
         if hdrs.TRANSFER_ENCODING in h:
@@ -132,7 +146,6 @@ def build_head(status: int, reason: str, headers: list[tuple[str, str]],
         h.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
     if hdrs.DATE not in h:
         h[hdrs.DATE] = MARK_DATE
-    h.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
     if hdrs.CONNECTION not in h and version == HttpVersion10:
         h[hdrs.CONNECTION] = "keep-alive"  # the connection is kept alive (else: general path)
     try:
@@ -162,8 +175,7 @@ class FastPath:
         self._counters: dict[str, Any] = {}
         self._memory_bytes: Any = None
         self._disk_bytes: Any = None
-        self._debug: tuple[tuple[str, str], ...] = ()
-        self._debug_disk: tuple[tuple[str, str], ...] = ()
+        self._extras = self._extras_disk = Extras((), "cachegate")
         self.answered = 0  # requests answered here (tests check that the fast path ran)
 
     def _refresh(self, runtime: Runtime) -> None:
@@ -179,11 +191,14 @@ class FastPath:
             self._counters = {m: runtime.metrics.requests.labels("HIT", m) for m in ("GET", "HEAD")}
             self._memory_bytes = runtime.metrics.response_bytes.labels("memory")
             self._disk_bytes = runtime.metrics.response_bytes.labels("disk")
-        self._debug, self._debug_disk = (), ()
+        debug: tuple[tuple[str, str], ...] = ()
+        debug_disk: tuple[tuple[str, str], ...] = ()
         if runtime.debug_headers:
             worker = () if runtime.worker_id is None else (("X-Cachegate-Worker", str(runtime.worker_id)),)
-            self._debug = (("X-Cachegate-Tier", "memory"), *worker)
-            self._debug_disk = (("X-Cachegate-Tier", "disk"), *worker)
+            debug = (("X-Cachegate-Tier", "memory"), *worker)
+            debug_disk = (("X-Cachegate-Tier", "disk"), *worker)
+        self._extras = Extras(debug, settings.server_header)
+        self._extras_disk = Extras(debug_disk, settings.server_header)
 
     def _is_trusted(self, remote: str) -> bool:
         known = self._trusted.get(remote)
@@ -223,16 +238,16 @@ class FastPath:
         head_only = method == "HEAD"
         flavor = (2 if head_only else 0) + (version == HttpVersion10)
         body = cached.body
-        debug = self._debug if body is not None else self._debug_disk
+        extras = self._extras if body is not None else self._extras_disk
         ready = None
         heads = cached.heads
         if heads is not None:
             for h in heads:
-                if h.edits is edits and h.flavor == flavor and h.debug is debug:
+                if h.edits is edits and h.flavor == flavor and h.extras is extras:
                     ready = h
                     break
         if ready is None:
-            ready = self._new_head(cached, edits, flavor, debug, version)
+            ready = self._new_head(cached, edits, flavor, extras, version)
         if ready.fmt is None:
             return None
         hosts = runtime.hosts_seen
@@ -255,8 +270,8 @@ class FastPath:
         return block + body
 
     @staticmethod
-    def _new_head(cached: Cached, edits: HeaderEdits | None, flavor: int,
-                  debug: tuple[tuple[str, str], ...], version: tuple[int, int]) -> Head:
+    def _new_head(cached: Cached, edits: HeaderEdits | None, flavor: int, extras: Extras,
+                  version: tuple[int, int]) -> Head:
         stored = cached.entry.response
         head_only = bool(flavor & 2)
         built = None
@@ -265,8 +280,9 @@ class FastPath:
             if edits:
                 headers = edits.apply(headers)
             length = cached.entry.body_size if head_only or cached.body is None else len(cached.body)
-            built = build_head(stored.status, stored.reason, headers, debug, length, head_only, version)
-        head = Head(edits, flavor, debug, *(built or (None, b"")))
+            built = build_head(stored.status, stored.reason, headers, extras.debug, length, head_only,
+                               version, extras.server)
+        head = Head(edits, flavor, extras, *(built or (None, b"")))
         if cached.heads is None:
             cached.heads = []
         if len(cached.heads) >= MAX_HEADS:
@@ -278,11 +294,21 @@ class FastPath:
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_fast",)
+    __slots__ = ("_fast", "_server_name")
 
-    def __init__(self, manager: web.Server, *, fast: FastPath | None, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, fast: FastPath | None,
+                 server_name: Callable[[], str], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
+        self._server_name = server_name
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request it refused (bad framing, 500 of its own), under the
+        operator's Server name rather than aiohttp's, which names its and Python's versions."""
+        resp = super().handle_error(request, status, exc, message)
+        resp.headers[hdrs.SERVER] = self._server_name()
+        return resp
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
@@ -404,8 +430,10 @@ def fast_path_supported() -> bool:
 class ProxyServer(web.Server):
     """aiohttp's low-level server whose connections answer fresh hits on the fast path."""
 
-    def __init__(self, handler: Any, *, fast: FastPath | None, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, fast: FastPath | None,
+                 server_name: Callable[[], str] = lambda: "cachegate", **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        self._server_name = server_name
         self._fast = fast if fast_path_supported() else None
         if fast is not None and self._fast is None:
             log.warning("this aiohttp version lacks what the fast hit path needs; hits take the "
@@ -416,7 +444,8 @@ class ProxyServer(web.Server):
         return self._fast
 
     def __call__(self) -> RequestHandler:
-        return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, **self._kwargs)
+        return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, server_name=self._server_name,
+                                   **self._kwargs)
 
 
 __all__ = ["FastPath", "ProxyRequestHandler", "ProxyServer"]

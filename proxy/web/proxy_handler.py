@@ -127,9 +127,10 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         runtime = runtime_ref()
         metrics = runtime.metrics
+        server = runtime.settings.server_header
         try:
             if request.method == "CONNECT":
-                return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS")
+                return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", server)
             remote = request.remote or ""
             trusted = _is_trusted(runtime, remote)
             listen = runtime.settings.listen
@@ -141,23 +142,25 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
             body = _body_stream(request) if request.body_exists else None
             reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted))
         except CachegateError as exc:
+            if not isinstance(exc, BadRequest):
+                log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
             metrics.requests.labels("ERROR", request.method).inc()
-            return _plain(exc.status_hint, str(exc) or "error", "MISS")
+            return _plain(exc.status_hint, exc.public_text(), "MISS", server)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("unhandled error for %s %s", request.method, request.raw_path)
             metrics.requests.labels("ERROR", request.method).inc()
-            return _plain(500, "internal error", "MISS")
+            return _plain(500, "internal error", "MISS", server)
         metrics.requests.labels(reply.x_cache, request.method).inc()
         return await write_reply(request, reply, runtime)
 
     return handle
 
 
-def _plain(status: int, text: str, x_cache: str) -> web.Response:
+def _plain(status: int, text: str, x_cache: str, server: str) -> web.Response:
     headers = CIMultiDict({"Cache-Status": cache_status(detail="PROXY-ERROR"),
-                           "X-Cache-Status": x_cache})
+                           "X-Cache-Status": x_cache, "Server": server})
     return web.Response(status=status, text=text + "\n", headers=headers)
 
 
@@ -167,6 +170,9 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
         headers["X-Cachegate-Tier"] = reply.tier
         if runtime.worker_id is not None:
             headers["X-Cachegate-Worker"] = str(runtime.worker_id)
+    # The operator's name for this proxy, unless a rule set one (the origin's was dropped);
+    # before aiohttp's default, which names Python's and aiohttp's versions.
+    headers.setdefault("Server", runtime.settings.server_header)
     body = reply.body
     if isinstance(body, bytes) and not reply.head_only:
         runtime.metrics.response_bytes.labels(reply.tier).inc(len(body))

@@ -97,6 +97,7 @@ async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Set
         # The fast path writes no access log line: with an access log, every request takes
         # the general path (the same answers, at its cost).
         fast=FastPath(runtime_ref) if fast and access is None else None,
+        server_name=lambda: runtime_ref().settings.server_header,
         max_line_size=8190,
         max_field_size=8190,
         max_headers=128,
