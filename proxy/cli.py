@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Coroutine
@@ -64,8 +63,10 @@ def _load(path: str | None, overrides: Overrides) -> Settings | None:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """One line per event on standard error (proxy.logs); JSON once a config asks for it."""
+    from proxy.logs import setup_logging
+
+    setup_logging(level)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -149,6 +150,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config, overrides)
     if settings is None:
         return EXIT_CONFIG
+    from proxy.logs import setup_logging
+    from proxy.runtime import error_log_json
+
+    setup_logging(as_json=error_log_json(settings))
     if settings.workers > 1:
         from proxy.supervisor import supervise
 

@@ -18,6 +18,7 @@ from yarl import URL
 
 from proxy.cpus import available_cpus
 from proxy.errors import ConfigError
+from proxy.logs import AccessLogSettings, LogFormat
 from proxy.policy.messages import CacheOptions
 from proxy.rules import RuleSet, load_rules
 from proxy.schema import Section, parse_hostport
@@ -133,8 +134,8 @@ class Settings:
     workers: int = 1
     shutdown_grace: float = 10.0
     via: str = "cachegate"
-    access_log: bool = False
     # -- deploy and operate: listeners, TLS, Server field, logs ----------------------------
+    access_log: AccessLogSettings | None = None  # None: no access log
     server_header: str = "cachegate"  # the Server field of every response (no versions)
 
 
@@ -359,12 +360,35 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         workers=workers,
         shutdown_grace=top.duration("shutdown_grace", 10.0),
         via=top.str("via", "cachegate"),
-        access_log=top.bool("access_log", False),
+        access_log=_access_log(top, base_dir),
         server_header=_server_header(top),
     )
 
 
 # -- deploy and operate: listeners, TLS, Server field, logs --------------------------------
+
+
+def _access_log(top: Section, base_dir: str) -> AccessLogSettings | None:
+    """``access_log: true`` (JSON lines on stdout), ``false``, or ``{format: json|combined,
+    path: stdout|FILE}``."""
+    item = top.raw("access_log")
+    if item is None or item.value is None or item.value is False:
+        return None
+    if item.value is True:
+        return AccessLogSettings()
+    sec = top.section("access_log", ("format", "path"))
+    if sec is None:
+        problems = top.problems
+        problems.add(item, "access_log: expected true, false or {format: json|combined, path: stdout|FILE}")
+        return None
+    fmt = cast(LogFormat, sec.choice("format", "json", ("json", "combined")))
+    path = sec.str("path", "stdout")
+    if path != "stdout":
+        path = _resolve(base_dir, path)
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            top.problems.add(sec.raw("path") or item, f"access_log.path: directory {parent} does not exist")
+    return AccessLogSettings(fmt, path)
 
 
 def _server_header(top: Section) -> str:

@@ -37,6 +37,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.leases import Busy, Granted, LeaseClient, Waiting
+from proxy.logs import note_key, note_upstream
 from proxy.metrics import Metrics
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status, serve_detail
@@ -91,6 +92,8 @@ UNKEYED_OVERRIDES = frozenset({
 # ranges are answered from the stored response afterwards.
 FILL_DROPS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
                         "if-range", "range"})  # fmt: skip
+# A stored response's fields that are never served as stored (see served_headers).
+SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id"})
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
                        "last-modified")  # fmt: skip
 # Reasons a response is not shareable with coalesced followers (hit-for-pass).
@@ -109,6 +112,7 @@ class ClientRequest:
     remote: str  # the peer's IP address
     body: AsyncIterable[bytes] | None = None  # None when the request has no body
     trusted: bool = False  # the peer is a trusted proxy: keep its X-Forwarded-* fields
+    request_id: str = ""  # X-Request-Id (proxy.logs): sent upstream in place of the client's
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
@@ -179,6 +183,10 @@ class Engine:
     async def close(self) -> None:
         await self.coalescer.close(self.settings.shutdown_grace)
 
+    def pending_disk_writes(self) -> int:
+        """Stored responses still being written to the disk tier (the write-behind queue)."""
+        return sum(len(writes) for writes in self._disk_writes.values())
+
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the
         supervisor's lease broker (``proxy.leases``; without a shared disk tier there is
@@ -204,6 +212,7 @@ class Engine:
             assert plan.rule is not None
             return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
         key = cache_key(head, plan.key)
+        note_key(key)
         variants = self.storage.memory_get(key)
         if variants is None:
             # Known absent (this process looked lately, and has stored nothing since): no disk lookup.
@@ -414,6 +423,8 @@ class Engine:
                 continue
             if lk == "host" and not self.settings.pool.preserve_host:
                 continue
+            if lk == "x-request-id":
+                continue  # the request's id (a trusted peer's, or ours) follows below
             out.append((k, v))
         xff = ", ".join([*prior_xff, req.remote]) if prior_xff else req.remote
         out.append(("X-Forwarded-For", xff))
@@ -425,6 +436,8 @@ class Engine:
         out = [(k, v) for k, v in out if k.lower() != "via"]
         out.append(("Via", f"{via}, {self._via}" if via else self._via))
         out.append(("Surrogate-Capability", SURROGATE_CAPABILITY))
+        if req.request_id:
+            out.append(("X-Request-Id", req.request_id))
         return out
 
     def _response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
@@ -453,7 +466,9 @@ class Engine:
         started = time.monotonic()
         resp = await self.pool.send(method, target, headers, body)  # errors are counted by the pool
         name = resp.upstream.name
-        self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        self.metrics.upstream_latency.labels(name).observe(took)
+        note_upstream(name, took)
         self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
         return resp
 
@@ -986,6 +1001,7 @@ class Engine:
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
         self.storage.put_memory(final, spool)
+        self.metrics.fills.inc()
         self.coalescer.retire(flight)
         if flight.on_stored is not None and spool.body_bytes() is not None:
             # Other workers wait for this key (proxy.leases): a small body goes to disk before
@@ -1040,11 +1056,12 @@ class Engine:
         ):
             return "DECEPTION-GUARD", None
         stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter))
-        if "set-cookie" in resp.headers:
-            # Stored only because a rule says allow_set_cookie: the cookie was for the client
-            # that caused the fill, never for everyone served from the store afterwards.
+        if "set-cookie" in resp.headers or "x-request-id" in resp.headers:
+            # Set-Cookie is stored only because a rule says allow_set_cookie: the cookie was for
+            # the client that caused the fill, never for everyone served from the store
+            # afterwards. Nor is the filling request's id (an origin may echo it) anyone else's.
             stored = replace(stored, headers=tuple(
-                (k, v) for k, v in stored.headers if k.lower() != "set-cookie"))
+                (k, v) for k, v in stored.headers if k.lower() not in ("set-cookie", "x-request-id")))
         tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
         entry = Entry(key=key, url=head.url, response=stored, body_id="", body_size=0,
                       tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
@@ -1066,6 +1083,9 @@ class Engine:
         old = entry.response
         content_type = update.get("Content-Type") or old.header_dict().get("Content-Type")
         store_plan = plan.for_response(old.status, content_type)
+        if "x-request-id" in update:  # the revalidating request's id, echoed: not the stored response's
+            update = CIMultiDictProxy(CIMultiDict(
+                (k, v) for k, v in update.items() if k.lower() != "x-request-id"))
         updated = freshen_stored(old, update, request_time, response_time, store_plan.options)
         if updated is not None:
             updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter))
@@ -1091,10 +1111,11 @@ class Engine:
 def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
                    ) -> list[tuple[str, str]]:
     """A stored response's fields as served: its own Age and Content-Length dropped (the
-    web layer frames the body), and its Server (the operator's ``server_header`` names this
-    proxy instead, as nginx does); this cache's Age, Cache-Status and X-Cache-Status added.
+    web layer frames the body), its Server (the operator's ``server_header`` names this proxy
+    instead, as nginx does) and any X-Request-Id (each request gets its own from the web
+    layer); this cache's Age, Cache-Status and X-Cache-Status added.
     Shared by ``Engine._serve`` and the fast path (``proxy.web.fastpath``)."""
-    headers = [(k, v) for k, v in stored if k.lower() not in ("age", "content-length", "server")]
+    headers = [(k, v) for k, v in stored if k.lower() not in SERVED_DROPS]
     headers.append(("Age", age))
     headers.append(("Cache-Status", cs))
     headers.append(("X-Cache-Status", x_cache))

@@ -29,14 +29,24 @@ every worker to the supervisor. Merging rules:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from proxy import __version__
 
 # The *_created series double the scrape size and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -49,7 +59,9 @@ HIT_STATUSES = frozenset({"HIT", "STALE", "UPDATING"})
 
 # Families that only the supervisor's numbers describe (workers forward these to it).
 SUPERVISOR_ONLY = frozenset({"cachegate_config_reloads", "cachegate_purges", "cachegate_purged_entries",
-                             "cachegate_admin_unauthorized"})
+                             "cachegate_admin_unauthorized",
+                             # one value for the whole: the build, the start, the open-files limit
+                             "cachegate_build_info", "process_start_time_seconds", "process_max_fds"})
 # Families with a "tier" label whose tier="disk" samples describe the shared disk tier.
 SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "cachegate_evictions"})
 # Families describing each worker's own upstream pool: workers only, never the supervisor's.
@@ -126,6 +138,67 @@ class LeanCounter(Collector):
 Counter = LeanCounter
 
 
+class HistogramChild:
+    """One label set's buckets of a ``LeanHistogram``: ``observe`` is a bisection and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: over every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.sum += value
+
+
+class LeanHistogram(Collector):
+    """A histogram with prometheus-client's ``Histogram`` exposition and ``labels(...).observe``,
+    without its lock and per-call label key (the fast hit path observes one per request:
+    0.3 µs here against 2 µs)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], buckets: Iterable[float],
+                 registry: CollectorRegistry | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values!r}")
+            key = tuple(str(v) for v in values)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = HistogramChild(self.bounds)
+        return child
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, child in list(self._children.items()):
+            running = 0
+            buckets = []
+            for bound, n in zip((*self.bounds, float("inf")), child.counts, strict=True):
+                running += n
+                buckets.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+            family.add_metric(list(labels), buckets, child.sum)
+        yield family
+
+
+# Client request latency: a fast hit takes tens of microseconds, a miss up to the origin's time.
+REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -157,6 +230,36 @@ class Metrics:
         self.reloads = Counter("cachegate_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.storage_errors = Counter("cachegate_storage_errors", "Storage failures degraded to a miss",
                                       ["operation"], registry=r)
+        # -- deploy and operate: client latency, fills, the process ----------------------------
+        self.request_duration = LeanHistogram(
+            "cachegate_request_duration_seconds",
+            "Client requests, from the request head to the response handed to the socket, by cache status",
+            ["cache_status"], REQUEST_BUCKETS, registry=r)
+        self.fills = Counter("cachegate_fills", "Responses fetched from an upstream and stored (cache fills)",
+                             registry=r)
+        self.process_label = "0"  # this process in cachegate_worker_*: a worker id, or "supervisor"
+        self._process = ProcessCollector(registry=r)  # process_*, read from /proc when scraped
+        self.add_collector(self._collect_process)
+
+    def _collect_process(self) -> Iterator[Metric]:
+        """The build, and this process's CPU, memory and open files under its worker label
+        (process_* is summed over the processes when several serve)."""
+        info = GaugeMetricFamily("cachegate_build_info", "cachegate's version (always 1)", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        label = [self.process_label]
+        for family in self._process.collect():
+            for sample in family.samples:
+                target = _PER_WORKER.get(sample.name)
+                if target is not None:
+                    name, kind, doc = target
+                    per: CounterMetricFamily | GaugeMetricFamily
+                    if kind == "counter":
+                        per = CounterMetricFamily(name, doc, labels=["worker"])
+                    else:
+                        per = GaugeMetricFamily(name, doc, labels=["worker"])
+                    per.add_metric(label, sample.value)
+                    yield per
 
     def add_collector(self, collect: Callable[[], Iterator[Metric]]) -> None:
         self.registry.register(_FunctionCollector(collect))
@@ -174,6 +277,17 @@ class Metrics:
         for (status, _method), n in list(self.requests.values().items()):
             out[status] = out.get(status, 0) + int(n)
         return out
+
+
+# The process_* samples also given per process (nothing on hosts without /proc).
+_PER_WORKER = {
+    "process_cpu_seconds_total": ("cachegate_worker_cpu_seconds", "counter",
+                                  "CPU time (user and system) of each process, by worker"),
+    "process_resident_memory_bytes": ("cachegate_worker_resident_memory_bytes", "gauge",
+                                      "Resident memory of each process, by worker"),
+    "process_open_fds": ("cachegate_worker_open_fds", "gauge",
+                         "Open file descriptors of each process, by worker"),
+}
 
 
 class _FunctionCollector(Collector):

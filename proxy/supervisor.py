@@ -47,6 +47,7 @@ from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
 from proxy.leases import LeaseBroker
+from proxy.logs import say, setup_logging
 from proxy.purge import PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
@@ -57,6 +58,7 @@ from proxy.web.server import (
     _fmt,
     check_c_parser,
     install_reloader,
+    say_started,
     serve,
     start_admin_listener,
 )
@@ -114,7 +116,9 @@ class Supervisor:
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             return 1
+        setup_logging(worker="supervisor")
         runtime = self.runtime = await Runtime.open(self.settings, owner=True)
+        runtime.metrics.process_label = "supervisor"
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
         reloader = install_reloader(runtime, self.config_path, self.overrides)
@@ -157,10 +161,13 @@ class Supervisor:
                     stop.set()
                 else:
                     host, port = self._listen
-                    print(f"cachegate: proxy listening on http://{_fmt(host)}:{port} "
-                          f"({len(self.workers)} workers)", flush=True)
-                    for host, port in listeners.admin_addresses:
-                        print(f"cachegate: admin listening on http://{_fmt(host)}:{port}", flush=True)
+                    say(f"cachegate: proxy listening on http://{_fmt(host)}:{port} "
+                        f"({len(self.workers)} workers)")
+                    admin_urls = [f"http://{_fmt(h)}:{p}" for h, p in listeners.admin_addresses]
+                    for url in admin_urls:
+                        say(f"cachegate: admin listening on {url}")
+                    say_started(self.settings, [f"http://{_fmt(host)}:{port}"], admin_urls,
+                                len(self.workers))
             await stop.wait()
         finally:
             self.stopping = True
@@ -172,7 +179,7 @@ class Supervisor:
                 t.cancel()
             await runtime.close()
             reserved.close()
-        print("cachegate: stopped", flush=True)
+        say("cachegate: stopped", event="stopped")
         return status
 
     def _reserve_port(self) -> socket.socket:
@@ -226,13 +233,15 @@ class Supervisor:
             child_end.close()
         w.started_at = time.monotonic()
         w.channel = await Channel.open(parent_end, self._handlers(w), name=f"worker {w.worker_id}")
-        print(f"cachegate: worker {w.worker_id} started (pid {w.process.pid})", flush=True)
+        say(f"cachegate: worker {w.worker_id} started (pid {w.process.pid})", event="worker_started",
+            worker_id=w.worker_id, pid=w.process.pid)
         self._track(self._watch(w, w.process, w.channel))
 
     def _handlers(self, w: Worker) -> dict[str, Any]:
         async def ready(worker_id: int, pid: int) -> None:
             w.ready.set()
-            print(f"cachegate: worker {worker_id} ready (pid {pid})", flush=True)
+            say(f"cachegate: worker {worker_id} ready (pid {pid})", event="worker_ready",
+                worker_id=worker_id, pid=pid)
 
         async def purge(spec: dict[str, Any]) -> int:
             return await self.purge(PurgeSpec.from_json(spec))
@@ -264,8 +273,8 @@ class Supervisor:
             delay = self._next_backoff(w)
         log.error("worker %d (pid %d) exited with %s; restarting in %.1fs", w.worker_id, process.pid,
                   code, delay)
-        print(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
-              flush=True)
+        say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
+            event="worker_exited", worker_id=w.worker_id, pid=process.pid, code=code)
         self._spawn_soon(w, delay)
 
     async def _stop_workers(self) -> None:
@@ -368,11 +377,12 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    from proxy.cli import _setup_logging, run_async
+    from proxy.cli import run_async
     from proxy.errors import ConfigError
+    from proxy.runtime import error_log_json
 
     level = args.log_level if args.log_level in ("debug", "info", "warning", "error") else "info"
-    _setup_logging(level)
+    setup_logging(level, worker=str(args.worker_id))
     raw = json.loads(args.overrides)
     raw["upstreams"] = tuple(raw.get("upstreams") or ())
     overrides = Overrides(**raw)
@@ -382,6 +392,7 @@ def _worker_main(argv: list[str]) -> int:
         for p in exc.problems:
             print(p, file=sys.stderr)
         return 2
+    setup_logging(as_json=error_log_json(settings))
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_async(serve(settings, args.config, overrides,

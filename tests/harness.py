@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,10 +256,11 @@ def spawn_cachegate(args: list[str], env: dict[str, str] | None = None, *, expec
         if not line:
             break
         output.append(line)
-        if "proxy listening on " in line:
-            proxy_url = line.split("proxy listening on ", 1)[1].strip()
-        elif "admin listening on " in line:
-            admin_url = line.split("admin listening on ", 1)[1].strip()
+        # Text, or a JSON object's "message" (logs in JSON): the URL ends at a space or quote.
+        if "proxy listening on " in line and proxy_url is None:
+            proxy_url = re.split(r'[\s"]', line.split("proxy listening on ", 1)[1])[0]
+        elif "admin listening on " in line and admin_url is None:
+            admin_url = re.split(r'[\s"]', line.split("admin listening on ", 1)[1])[0]
     if proxy_url is None:
         proc.kill()
         raise RuntimeError("cachegate did not start:\n" + "".join(output) + proc.stdout.read())

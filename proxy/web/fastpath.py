@@ -39,6 +39,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,7 @@ from multidict import CIMultiDict
 
 from proxy.engine import response_edits, served_headers
 from proxy.errors import BadRequest
+from proxy.logs import AccessLog, RequestIds
 from proxy.policy.cache_status import cache_status
 from proxy.rules import HeaderEdits
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
@@ -67,12 +69,13 @@ log = logging.getLogger("cachegate.proxy")
 _MARK = "\ue000"
 _MARK_BYTES = _MARK.encode()
 MARK_AGE, MARK_STATUS, MARK_DATE = f"{_MARK}A{_MARK}", f"{_MARK}C{_MARK}", f"{_MARK}D{_MARK}"
+MARK_ID = f"{_MARK}R{_MARK}"
 _HIT_ZERO = cache_status(hit=True, ttl=0.0)
 assert _HIT_ZERO.endswith("=0"), _HIT_ZERO
 # Cache-Status of a fresh hit is this prefix and floor(ttl); ttl > 0 for a HIT, so %d's
 # truncation is the floor.
 _HIT_PREFIX = _HIT_ZERO[:-1].encode().replace(b"%", b"%%")
-_FILL = {b"A": b"%d", b"C": _HIT_PREFIX + b"%d", b"D": b"%s"}
+_FILL = {b"A": b"%d", b"C": _HIT_PREFIX + b"%d", b"D": b"%s", b"R": b"%s"}
 # The head and body in one block; head and body; head and body file; head, body file and the
 # same body in memory (see ``_send_file``).
 FastAnswer = bytes | tuple[bytes, bytes] | tuple[bytes, SharedFile] | tuple[bytes, SharedFile, bytes]
@@ -108,15 +111,15 @@ class Head:
         self.flavor = flavor
         self.extras = extras
         self.fmt = fmt  # None: this variant cannot be answered here in this flavor
-        self.order = order  # which holes, in order: b"AC", b"ACD", b"C", ...
+        self.order = order  # which holes, in order: b"ACR", b"ACRD", b"CR", ...
 
-    def render(self, age: float, ttl: float) -> bytes:
+    def render(self, age: float, ttl: float, request_id: bytes) -> bytes:
         fmt = self.fmt
         assert fmt is not None
         order = self.order
-        if order == b"AC":
-            return fmt % (age, ttl)
-        values = {65: age, 67: ttl, 68: rfc822_formatted_time().encode()}
+        if order == b"ACR":
+            return fmt % (age, ttl, request_id)
+        values = {65: age, 67: ttl, 68: rfc822_formatted_time().encode(), 82: request_id}
         return fmt % tuple(values[c] for c in order)
 
 
@@ -126,7 +129,8 @@ def build_head(status: int, reason: str, headers: list[tuple[str, str]],
     """The head the general path writes for these reply fields (holes marked), as
     (%-format, holes); None when it cannot be pre-built.
 
-    The steps are ``write_reply``'s (debug fields, Server unless a rule set one) and then
+    The steps are ``write_reply``'s (debug fields, X-Request-Id, Server unless a rule set
+    one) and then
     aiohttp's (web_response.py, 3.14): ``Response._start`` adds Content-Length; a HEAD goes
     through ``StreamResponse`` with ``content_length`` set; ``_prepare_headers`` adds
     Content-Type for a non-empty body, Date and the Connection field of a kept-alive
@@ -137,6 +141,7 @@ def build_head(status: int, reason: str, headers: list[tuple[str, str]],
     h: CIMultiDict[str] = CIMultiDict(headers)
     for k, v in debug:
         h[k] = v
+    h["X-Request-Id"] = MARK_ID
     h.setdefault(hdrs.SERVER, server)
     h[hdrs.CONTENT_LENGTH] = str(length)
     if head_only:
@@ -176,6 +181,9 @@ class FastPath:
         self._memory_bytes: Any = None
         self._disk_bytes: Any = None
         self._extras = self._extras_disk = Extras((), "cachegate")
+        self._latency: Any = None
+        self._ids: RequestIds | None = None
+        self._log: AccessLog | None = None
         self.answered = 0  # requests answered here (tests check that the fast path ran)
 
     def _refresh(self, runtime: Runtime) -> None:
@@ -186,11 +194,14 @@ class FastPath:
         self._default_host = f"{listen[0]}:{listen[1]}"
         self._trust_nets = tuple(settings.trusted_proxies or ())
         self._trusted = {}
+        self._ids = runtime.request_ids
+        self._log = runtime.access_log
         if runtime.metrics is not self._metrics:
             self._metrics = runtime.metrics
             self._counters = {m: runtime.metrics.requests.labels("HIT", m) for m in ("GET", "HEAD")}
             self._memory_bytes = runtime.metrics.response_bytes.labels("memory")
             self._disk_bytes = runtime.metrics.response_bytes.labels("disk")
+            self._latency = runtime.metrics.request_duration.labels("HIT")
         debug: tuple[tuple[str, str], ...] = ()
         debug_disk: tuple[tuple[str, str], ...] = ()
         if runtime.debug_headers:
@@ -214,8 +225,9 @@ class FastPath:
             self._trusted[remote] = known
         return known
 
-    def answer(self, msg: Any, remote: str, secure: bool) -> FastAnswer | None:
-        """The whole response to a parsed GET/HEAD ``msg``, or None for the general path."""
+    def answer(self, msg: Any, remote: str, secure: bool, started: float) -> FastAnswer | None:
+        """The whole response to a parsed GET/HEAD ``msg`` (whose bytes arrived at ``started``,
+        a ``time.perf_counter()`` reading), or None for the general path."""
         headers = msg.headers
         if "Range" in headers:
             return None
@@ -255,19 +267,35 @@ class FastPath:
             hosts.add(head.host)
         self._counters[method].value += 1
         self.answered += 1
-        block = ready.render(age, ttl)
+        ids = self._ids
+        assert ids is not None
+        request_id = ids.new_bytes() if not trusted or "X-Request-Id" not in headers \
+            else ids.take(headers, True).encode()
+        block = ready.render(age, ttl, request_id)
+        out: FastAnswer
         if head_only:
-            return block
-        if body is None:
+            out, size = block, 0
+        elif body is None:
             assert shared is not None
-            self._disk_bytes.value += shared.size
-            return block, shared
-        self._memory_bytes.value += len(body)
-        if shared is not None:
-            return block, shared, body
-        if len(body) > LARGE_BODY:
-            return block, body
-        return block + body
+            size = shared.size
+            self._disk_bytes.value += size
+            out = block, shared
+        else:
+            size = len(body)
+            self._memory_bytes.value += size
+            if shared is not None:
+                out = block, shared, body
+            elif size > LARGE_BODY:
+                out = block, body
+            else:
+                out = block + body
+        done = time.perf_counter()
+        self._latency.observe(done - started)
+        access = self._log
+        if access is not None:  # a tuple now; formatted and written with its batch (proxy.logs)
+            access.add((done, done - started, request_id, remote, method, head.host, head.target, version,
+                        stored.status, size, "HIT", ttl, cached.entry.key, None, None, headers))
+        return out
 
     @staticmethod
     def _new_head(cached: Cached, edits: HeaderEdits | None, flavor: int, extras: Extras,
@@ -294,20 +322,36 @@ class FastPath:
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_fast", "_server_name")
+    __slots__ = ("_fast", "_runtime_ref")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None,
-                 server_name: Callable[[], str], **kwargs: Any) -> None:
+                 runtime_ref: Callable[[], Runtime], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
-        self._server_name = server_name
+        self._runtime_ref = runtime_ref
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        """aiohttp's answer to a request it refused (bad framing, 500 of its own), under the
-        operator's Server name rather than aiohttp's, which names its and Python's versions."""
+        """aiohttp's answer to a request it refused (bad framing, a 500 of its own): under the
+        operator's Server name rather than aiohttp's (which names its and Python's versions),
+        with a request id, and in the access log."""
         resp = super().handle_error(request, status, exc, message)
-        resp.headers[hdrs.SERVER] = self._server_name()
+        runtime = self._runtime_ref()
+        request_id = runtime.request_ids.new()
+        resp.headers[hdrs.SERVER] = runtime.settings.server_header
+        resp.headers["X-Request-Id"] = request_id
+        access = runtime.access_log
+        if access is not None:
+            # A request the parser refused has no method or target to tell (aiohttp hands a
+            # placeholder "GET /" message here).
+            refused = isinstance(exc, HttpProcessingError)
+            peer = self.peername
+            remote = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "")
+            body = resp.body if isinstance(resp, web.Response) else None
+            access.add((time.perf_counter(), 0.0, request_id, remote, None if refused else request.method,
+                        None, None if refused else request.raw_path, (1, 1) if refused else request.version,
+                        status, len(body) if isinstance(body, bytes) else 0, "ERROR", None, None, None,
+                        None, None))
         return resp
 
     def data_received(self, data: bytes) -> None:
@@ -346,6 +390,7 @@ class ProxyRequestHandler(RequestHandler):
         transport = self.transport
         if transport is None:
             return len(messages)  # the client is gone: nobody to answer
+        started = time.perf_counter()
         peer = self.peername
         remote = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "")
         secure = self.ssl_context is not None
@@ -355,7 +400,7 @@ class ProxyRequestHandler(RequestHandler):
                     or (msg.version != HttpVersion11 and msg.version != HttpVersion10)):
                 return i
             try:
-                out = fast.answer(msg, remote, secure)
+                out = fast.answer(msg, remote, secure, started)
             except Exception:
                 log.exception("fast path failed for %s %s; answering on the general path",
                               msg.method, msg.path)
@@ -430,10 +475,10 @@ def fast_path_supported() -> bool:
 class ProxyServer(web.Server):
     """aiohttp's low-level server whose connections answer fresh hits on the fast path."""
 
-    def __init__(self, handler: Any, *, fast: FastPath | None,
-                 server_name: Callable[[], str] = lambda: "cachegate", **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, runtime_ref: Callable[[], Runtime], fast: FastPath | None,
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        self._server_name = server_name
+        self._runtime_ref = runtime_ref
         self._fast = fast if fast_path_supported() else None
         if fast is not None and self._fast is None:
             log.warning("this aiohttp version lacks what the fast hit path needs; hits take the "
@@ -444,7 +489,7 @@ class ProxyServer(web.Server):
         return self._fast
 
     def __call__(self) -> RequestHandler:
-        return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, server_name=self._server_name,
+        return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, runtime_ref=self._runtime_ref,
                                    **self._kwargs)
 
 

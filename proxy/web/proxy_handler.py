@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO
 
@@ -23,6 +24,7 @@ from yarl import URL
 
 from proxy.engine import ClientRequest, Reply
 from proxy.errors import BadRequest, CachegateError, UpstreamError
+from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
 from proxy.policy.keys import normalise_host
 from proxy.policy.messages import RequestHead
@@ -125,58 +127,96 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
         server_log.addFilter(_CLIENT_ERROR_FILTER)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
         runtime = runtime_ref()
-        metrics = runtime.metrics
-        server = runtime.settings.server_header
+        remote = request.remote or ""
+        trusted = _is_trusted(runtime, remote)
+        info = RequestInfo(runtime.request_ids.take(request.headers, trusted))
+        token = REQUEST.set(info)  # error log lines about this request carry its id
         try:
-            if request.method == "CONNECT":
-                return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", server)
-            remote = request.remote or ""
-            trusted = _is_trusted(runtime, remote)
-            listen = runtime.settings.listen
-            head = request_head(request, trusted, f"{listen[0]}:{listen[1]}")
-            if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
-                return await purge_method(request, runtime, head)
-            if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
-                runtime.hosts_seen.add(head.host)
-            body = _body_stream(request) if request.body_exists else None
-            reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted))
-        except CachegateError as exc:
-            if not isinstance(exc, BadRequest):
-                log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
-            metrics.requests.labels("ERROR", request.method).inc()
-            return _plain(exc.status_hint, exc.public_text(), "MISS", server)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.raw_path)
-            metrics.requests.labels("ERROR", request.method).inc()
-            return _plain(500, "internal error", "MISS", server)
-        metrics.requests.labels(reply.x_cache, request.method).inc()
-        return await write_reply(request, reply, runtime)
+            resp, sent = await _respond(request, runtime, info, remote, trusted)
+        finally:
+            REQUEST.reset(token)
+        done = time.perf_counter()
+        runtime.metrics.request_duration.labels(info.x_cache).observe(done - started)
+        access = runtime.access_log
+        if access is not None:
+            access.add((done, done - started, info.request_id, remote, request.method,
+                        info.host or request.host, info.target or request.raw_path, request.version,
+                        resp.status, sent,
+                        info.x_cache, info.cache_status, info.key, info.upstream, info.upstream_time,
+                        request.headers))
+        return resp
 
     return handle
 
 
-def _plain(status: int, text: str, x_cache: str, server: str) -> web.Response:
-    headers = CIMultiDict({"Cache-Status": cache_status(detail="PROXY-ERROR"),
-                           "X-Cache-Status": x_cache, "Server": server})
+async def _respond(request: web.BaseRequest, runtime: Runtime, info: RequestInfo, remote: str,
+                   trusted: bool) -> tuple[web.StreamResponse, int]:
+    """The response to a client request and the body bytes sent (those of a ``web.Response``
+    are written by aiohttp after the handler returns)."""
+    metrics = runtime.metrics
+    try:
+        if request.method == "CONNECT":
+            return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", runtime, info), 0
+        listen = runtime.settings.listen
+        head = request_head(request, trusted, f"{listen[0]}:{listen[1]}")
+        info.host, info.target = head.host, head.target
+        if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
+            resp = await purge_method(request, runtime, head)
+            _own_fields(resp.headers, runtime, info)
+            info.x_cache = "PURGE"
+            return resp, len(resp.body) if isinstance(resp.body, bytes) else 0
+        if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
+            runtime.hosts_seen.add(head.host)
+        body = _body_stream(request) if request.body_exists else None
+        reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted, info.request_id))
+    except CachegateError as exc:
+        if not isinstance(exc, BadRequest):
+            log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
+        metrics.requests.labels("ERROR", request.method).inc()
+        return _plain(exc.status_hint, exc.public_text(), "MISS", runtime, info), 0
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.raw_path)
+        metrics.requests.labels("ERROR", request.method).inc()
+        return _plain(500, "internal error", "MISS", runtime, info), 0
+    metrics.requests.labels(reply.x_cache, request.method).inc()
+    info.x_cache = reply.x_cache
+    return await write_reply(request, reply, runtime, info)
+
+
+def _own_fields(headers: CIMultiDict[str], runtime: Runtime, info: RequestInfo) -> None:
+    """What the web layer adds to every response: the request's id, and the operator's name
+    for this proxy unless a rule set one (the origin's was dropped; aiohttp's default would
+    name Python's and aiohttp's versions)."""
+    headers["X-Request-Id"] = info.request_id
+    headers.setdefault("Server", runtime.settings.server_header)
+
+
+def _plain(status: int, text: str, x_cache: str, runtime: Runtime, info: RequestInfo) -> web.Response:
+    cs = cache_status(detail="PROXY-ERROR")
+    headers = CIMultiDict({"Cache-Status": cs, "X-Cache-Status": x_cache})
+    _own_fields(headers, runtime, info)
+    info.cache_status = cs
     return web.Response(status=status, text=text + "\n", headers=headers)
 
 
-async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) -> web.StreamResponse:
+async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime, info: RequestInfo
+                      ) -> tuple[web.StreamResponse, int]:
+    """Write ``reply``; the response and the body bytes sent."""
     headers = CIMultiDict(reply.headers)
     if runtime.debug_headers:
         headers["X-Cachegate-Tier"] = reply.tier
         if runtime.worker_id is not None:
             headers["X-Cachegate-Worker"] = str(runtime.worker_id)
-    # The operator's name for this proxy, unless a rule set one (the origin's was dropped);
-    # before aiohttp's default, which names Python's and aiohttp's versions.
-    headers.setdefault("Server", runtime.settings.server_header)
+    _own_fields(headers, runtime, info)
+    info.cache_status = headers.get("Cache-Status")
     body = reply.body
     if isinstance(body, bytes) and not reply.head_only:
         runtime.metrics.response_bytes.labels(reply.tier).inc(len(body))
-        return web.Response(status=reply.status, reason=reply.reason, body=body, headers=headers)
+        return web.Response(status=reply.status, reason=reply.reason, body=body, headers=headers), len(body)
     resp = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
     if reply.length is not None and reply.status not in (204, 304) and reply.status >= 200:
         resp.content_length = reply.length
@@ -184,7 +224,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
     if body is None or reply.head_only:
         await _close_body(body)
         await resp.write_eof()
-        return resp
+        return resp, 0
     sent = 0
     try:
         if isinstance(body, bytes):
@@ -203,12 +243,12 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
         if request.transport is not None:
             request.transport.abort()
         runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
-        return resp
+        return resp, sent
     finally:
         await _close_body(body)
     runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
     await resp.write_eof()
-    return resp
+    return resp, sent
 
 
 async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[bytes], offset: int,

@@ -23,10 +23,12 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy import __version__
 from proxy.config import Overrides, Settings, base_cache_options, load_config
 from proxy.control import Channel
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
+from proxy.logs import say
 from proxy.purge import PurgeSpec
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.admin import create_admin_app
@@ -61,24 +63,6 @@ class Listeners:
         await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
 
 
-# Client, time, request line, status, bytes sent (head included, as nginx's $bytes_sent),
-# cache status, seconds taken, referer, user agent.
-ACCESS_LOG_FORMAT = '%a [%t] "%r" %s %b %{X-Cache-Status}o %Tf "%{Referer}i" "%{User-Agent}i"'
-
-
-def access_logger() -> logging.Logger:
-    """``access_log: true``: a line per request on standard output, whatever ``--log-level``
-    says (the log level is for cachegate's own messages)."""
-    log = logging.getLogger("cachegate.access")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
-
-
 def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
     out = []
     for addr in runner.addresses:
@@ -90,20 +74,16 @@ def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
 async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Settings, *,
                                reuse_port: bool = False, sock: socket.socket | None = None,
                                fast: bool = True) -> web.ServerRunner:
-    access = access_logger() if settings.access_log else None
     server = ProxyServer(
         make_handler(runtime_ref),
         # Fresh memory hits below web.Response (proxy.web.fastpath); tests compare without.
-        # The fast path writes no access log line: with an access log, every request takes
-        # the general path (the same answers, at its cost).
-        fast=FastPath(runtime_ref) if fast and access is None else None,
-        server_name=lambda: runtime_ref().settings.server_header,
+        runtime_ref=runtime_ref,
+        fast=FastPath(runtime_ref) if fast else None,
         max_line_size=8190,
         max_field_size=8190,
         max_headers=128,
         keepalive_timeout=75.0,
-        access_log=access,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log=None,  # cachegate's own, on both paths (proxy.logs)
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
@@ -133,9 +113,29 @@ async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Set
 
 def announce(listeners: Listeners) -> None:
     for host, port in listeners.proxy_addresses:
-        print(f"cachegate: proxy listening on http://{_fmt(host)}:{port}", flush=True)
+        say(f"cachegate: proxy listening on http://{_fmt(host)}:{port}")
     for host, port in listeners.admin_addresses:
-        print(f"cachegate: admin listening on http://{_fmt(host)}:{port}", flush=True)
+        say(f"cachegate: admin listening on http://{_fmt(host)}:{port}")
+
+
+def say_started(settings: Settings, proxy_urls: list[str], admin_urls: list[str], workers: int) -> None:
+    """The one start-up line: version, listeners, workers, cache budgets, config file."""
+    c = settings.cache
+    memory = f"memory {_size(c.memory)} per worker" if workers > 1 else f"memory {_size(c.memory)}"
+    disk = f"disk {_size(c.disk.size)} at {c.disk.path}" if c.disk is not None else "no disk tier"
+    say(f"cachegate {__version__} started: proxy {', '.join(proxy_urls)}; "
+        f"admin {', '.join(admin_urls) or 'off'}; {workers} worker{'s' if workers > 1 else ''}; "
+        f"cache {memory}, {disk}; config {settings.source}",
+        event="started", version=__version__, listen=proxy_urls, admin=admin_urls, workers=workers,
+        memory_bytes=c.memory, disk_bytes=c.disk.size if c.disk else None,
+        disk_path=c.disk.path if c.disk else None, config=settings.source)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} B"
 
 
 def _fmt(host: str) -> str:
@@ -270,6 +270,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
     else:
         announce(listeners)
+        say_started(settings, [f"http://{_fmt(h)}:{p}" for h, p in listeners.proxy_addresses],
+                    [f"http://{_fmt(h)}:{p}" for h, p in listeners.admin_addresses], 1)
     try:
         await stop.wait()
     finally:
@@ -281,7 +283,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
             await channel.close()
         await runtime.close()
     if worker is None:
-        print("cachegate: stopped", flush=True)
+        say("cachegate: stopped", event="stopped")
     return 0
 
 
@@ -311,6 +313,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
 
     runtime.purge_fn = purge_via_supervisor
     runtime.worker_id = worker.worker_id
+    runtime.metrics.process_label = str(worker.worker_id)
     runtime.control = channel
     register_worker_calls(runtime)  # GET /cache, /stats, /metrics on the supervisor ask workers
     runtime.engine.join_cluster(channel, worker.worker_id)  # cross-worker coalescing (proxy.leases)
