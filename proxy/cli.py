@@ -38,7 +38,8 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_run_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", metavar="HOST:PORT", help="client listener (overrides listen:)")
+    p.add_argument("--listen", action="append", default=[], metavar="HOST:PORT",
+                   help="client listener, repeatable (plain HTTP; replaces the config's listen:)")
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
                    help="upstream URL, repeatable (overrides upstreams:)")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener, or 'off'")
@@ -49,7 +50,7 @@ def _add_run_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
-    return Overrides(listen=args.listen, upstreams=tuple(args.upstream),
+    return Overrides(listen=tuple(args.listen), upstreams=tuple(args.upstream),
                      admin_listen=args.admin_listen, workers=args.workers)
 
 

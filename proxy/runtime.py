@@ -106,6 +106,8 @@ class Runtime:
     # X-Request-Id values (proxy.logs), and the access log when the config asks for one.
     request_ids: RequestIds = field(default_factory=RequestIds)
     access_log: AccessLog | None = None
+    # What else a reload applies (the web layer adds a TLS listener's certificate reload).
+    on_reconfigure: list[Callable[[Settings], None]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -156,6 +158,11 @@ class Runtime:
             setup_logging(as_json=error_log_json(settings))
         elif self.access_log is not None:
             self.access_log.reopen()  # SIGHUP after logrotate moved the file
+        for hook in self.on_reconfigure:
+            try:
+                hook(settings)
+            except Exception:  # one part failing to reload must not stop the rest
+                log.exception("reload: applying the new config failed in part")
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -98,7 +98,7 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(settings.workers)]
         self.stopping = False
         self.runtime: Runtime | None = None
-        self._listen: tuple[str, int] = settings.listen
+        self._ports: tuple[int, ...] = tuple(li.port for li in settings.listeners)  # as reserved
         self._tasks: set[asyncio.Task[Any]] = set()
         # Calls the workers may make to the supervisor, by name (features add their own);
         # each gets the calling worker's id as ``worker_id`` besides the call's arguments.
@@ -112,7 +112,7 @@ class Supervisor:
     async def run(self) -> int:
         check_c_parser()
         try:
-            reserved = self._reserve_port()
+            reserved = self._reserve_ports()
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             return 1
@@ -130,7 +130,8 @@ class Supervisor:
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             await runtime.close()
-            reserved.close()
+            for sock in reserved:
+                sock.close()
             return 1
         if admin is not None:
             listeners.runners.append(admin)
@@ -160,14 +161,14 @@ class Supervisor:
                     status = 1
                     stop.set()
                 else:
-                    host, port = self._listen
-                    say(f"cachegate: proxy listening on http://{_fmt(host)}:{port} "
-                        f"({len(self.workers)} workers)")
+                    proxy_urls = [f"{li.scheme}://{_fmt(li.host)}:{port}"
+                                  for li, port in zip(self.settings.listeners, self._ports, strict=True)]
+                    for url in proxy_urls:
+                        say(f"cachegate: proxy listening on {url} ({len(self.workers)} workers)")
                     admin_urls = [f"http://{_fmt(h)}:{p}" for h, p in listeners.admin_addresses]
                     for url in admin_urls:
                         say(f"cachegate: admin listening on {url}")
-                    say_started(self.settings, [f"http://{_fmt(host)}:{port}"], admin_urls,
-                                len(self.workers))
+                    say_started(self.settings, proxy_urls, admin_urls, len(self.workers))
             await stop.wait()
         finally:
             self.stopping = True
@@ -178,20 +179,31 @@ class Supervisor:
             for t in list(self._tasks):
                 t.cancel()
             await runtime.close()
-            reserved.close()
+            for sock in reserved:
+                sock.close()
         say("cachegate: stopped", event="stopped")
         return status
 
-    def _reserve_port(self) -> socket.socket:
-        host, port = self.settings.listen
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-        self._listen = (host, sock.getsockname()[1])
-        return sock
+    def _reserve_ports(self) -> list[socket.socket]:
+        """One bound, not listening, SO_REUSEPORT socket per client listener (see the module
+        docstring); each listener's port 0 resolves here, once for every worker."""
+        reserved: list[socket.socket] = []
+        try:
+            for listener in self.settings.listeners:
+                host, port = listener.address
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+                family, _, _, _, addr = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                reserved.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(addr)
+        except OSError:
+            for sock in reserved:
+                sock.close()
+            raise
+        self._ports = tuple(sock.getsockname()[1] for sock in reserved)
+        return reserved
 
     def _track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -209,9 +221,7 @@ class Supervisor:
 
     async def _spawn(self, w: Worker) -> None:
         parent_end, child_end = socket.socketpair()
-        host, port = self._listen
-        overrides = replace(self.overrides, listen=f"{_fmt(host)}:{port}", workers="1",
-                            admin_listen="off")
+        overrides = replace(self.overrides, ports=self._ports, workers="1", admin_listen="off")
         args = [sys.executable, "-m", "proxy.supervisor", "worker",
                 "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
                 "--overrides", json.dumps(asdict(overrides))]
@@ -384,7 +394,8 @@ def _worker_main(argv: list[str]) -> int:
     level = args.log_level if args.log_level in ("debug", "info", "warning", "error") else "info"
     setup_logging(level, worker=str(args.worker_id))
     raw = json.loads(args.overrides)
-    raw["upstreams"] = tuple(raw.get("upstreams") or ())
+    for name in ("upstreams", "listen", "ports"):  # JSON lists back to tuples
+        raw[name] = tuple(raw.get(name) or ())
     overrides = Overrides(**raw)
     try:
         settings = load_config(args.config, overrides)

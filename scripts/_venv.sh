@@ -23,3 +23,20 @@ ensure_venv() {  # ensure_venv [extra]
     touch "$stamp"
   fi
 }
+
+ensure_commands() {  # ensure_commands COMMAND:PACKAGE ... (apt-get, when missing and allowed)
+  local missing=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+  done
+  ((${#missing[@]})) || return 0
+  local sudo=""
+  [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null 2>&1 && sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 || -n "$sudo" ]]; then
+    echo "installing ${missing[*]} with apt-get (tests need them)" >&2
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}"; } >&2 \
+      || echo "could not install ${missing[*]}: the tests that need them skip, saying why" >&2
+  else
+    echo "missing ${missing[*]} (no apt-get or no root): the tests that need them skip, saying why" >&2
+  fi
+}

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,7 +29,7 @@ from multidict import CIMultiDictProxy
 
 from proxy.config import Overrides, load_config
 from proxy.runtime import Runtime
-from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listener
+from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -139,6 +141,9 @@ class Proxy:
 
     @property
     def url(self) -> str:
+        """The first client listener's URL."""
+        if self.listeners.proxy_urls:
+            return self.listeners.proxy_urls[0]
         host, port = self.listeners.proxy_addresses[0]
         return f"http://{host}:{port}"
 
@@ -175,8 +180,8 @@ def write_config(directory: str, origin_url: str, config: str = "", rules: str |
         rules_line = "rules: [rules.yaml]\n"
     config = textwrap.dedent(config)
     text = (
-        "listen: 127.0.0.1:0\n"
-        f"upstreams: [{', '.join(f'{{url: {u!r}}}' for u in upstreams or [origin_url])}]\n"
+        ("" if re.search(r"^listen:", config, re.MULTILINE) else "listen: 127.0.0.1:0\n")
+        + f"upstreams: [{', '.join(f'{{url: {u!r}}}' for u in upstreams or [origin_url])}]\n"
         + ("" if "admin:" in config else "admin: {listen: '127.0.0.1:0'}\n")
         + rules_line
         + config
@@ -195,9 +200,7 @@ async def start_proxy(directory: str, origin_url: str, config: str = "", rules: 
     settings = load_config(path, Overrides())
     runtime = await Runtime.open(settings)
     listeners = Listeners()
-    runner = await start_proxy_listener(lambda: runtime, settings)
-    listeners.runners.append(runner)
-    listeners.proxy_addresses = _bound(runner)
+    await start_proxy_listeners(lambda: runtime, settings, listeners)
     admin = await start_admin_listener(lambda: runtime, settings)
     if admin is not None:
         listeners.runners.append(admin)
@@ -276,3 +279,19 @@ def _drain(proc: subprocess.Popen[str], output: list[str]) -> None:
             output.append(line)
     except ValueError:  # closed by ProxyProcess.wait
         pass
+
+
+def self_signed(directory: Path, name: str, cn: str, alt_names: str) -> tuple[Path, Path]:
+    """A throwaway key and self-signed certificate (openssl), valid for a day; the test skips,
+    saying why, when there is no openssl (scripts/test installs it)."""
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (scripts/test installs it with apt-get where it can)")
+    key, cert = directory / f"{name}key.pem", directory / f"{name}cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={alt_names}"],
+        check=True, capture_output=True,
+    )
+    return key, cert

@@ -279,10 +279,14 @@ async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[b
 
 def sendfile_now(transport: asyncio.BaseTransport | None, fd: int, offset: int, count: int) -> int:
     """``os.sendfile`` as much of ``fd`` as the socket takes now; the bytes sent (0 when the
-    transport still holds unsent data, whose order the file must not overtake)."""
+    transport still holds unsent data, whose order the file must not overtake, and always 0 on
+    a TLS connection: the kernel would put the file's plaintext into the TLS stream, and the
+    callers then write it through the transport, which encrypts it)."""
     if transport is None or transport.is_closing() or count <= 0:
         return 0
     if transport.get_write_buffer_size() != 0:  # type: ignore[attr-defined]
+        return 0
+    if transport.get_extra_info("sslcontext") is not None:
         return 0
     sock = transport.get_extra_info("socket")
     if sock is None:

@@ -24,13 +24,14 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__
-from proxy.config import Overrides, Settings, base_cache_options, load_config
+from proxy.config import Listener, Overrides, Settings, base_cache_options, load_config
 from proxy.control import Channel
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
 from proxy.logs import say
 from proxy.purge import PurgeSpec
 from proxy.runtime import ReloadResult, Runtime
+from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
 from proxy.web.fastpath import FastPath, ProxyServer
 from proxy.web.proxy_handler import make_handler
@@ -54,8 +55,9 @@ def check_c_parser() -> None:
 @dataclass
 class Listeners:
     runners: list[web.BaseRunner] = field(default_factory=list)
-    proxy_addresses: list[tuple[str, int]] = field(default_factory=list)
+    proxy_addresses: list[tuple[str, int]] = field(default_factory=list)  # every client listener's
     admin_addresses: list[tuple[str, int]] = field(default_factory=list)
+    proxy_urls: list[str] = field(default_factory=list)  # the same, as http:// or https:// URLs
 
     async def stop(self, grace: float) -> None:
         for runner in self.runners:
@@ -71,9 +73,41 @@ def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
     return out
 
 
+async def start_proxy_listeners(runtime_ref: Callable[[], Runtime], settings: Settings, listeners: Listeners,
+                                *, reuse_port: bool = False) -> None:
+    """Every client listener of ``settings`` (its runners added to ``listeners`` as they start,
+    so a later one that cannot bind leaves nothing behind once they stop); a TLS listener's
+    certificate is read again at each reload (``proxy.tls``)."""
+    runtime = runtime_ref()
+    for index, listener in enumerate(settings.listeners):
+        tls = ServerTLS(listener.tls.cert, listener.tls.key) if listener.tls is not None else None
+        runner = await start_proxy_listener(runtime_ref, settings, reuse_port=reuse_port, listener=listener,
+                                            tls=tls)
+        listeners.runners.append(runner)
+        bound = _bound(runner)
+        listeners.proxy_addresses.extend(bound)
+        listeners.proxy_urls.extend(f"{listener.scheme}://{_fmt(h)}:{p}" for h, p in bound)
+        if tls is not None:
+            runtime.on_reconfigure.append(_tls_reload(tls, index))
+
+
+def _tls_reload(tls: ServerTLS, index: int) -> Callable[[Settings], None]:
+    def reload(settings: Settings) -> None:
+        files = settings.listeners[index].tls if index < len(settings.listeners) else None
+        if files is not None:
+            tls.reload(files.cert, files.key)
+
+    return reload
+
+
 async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Settings, *,
-                               reuse_port: bool = False, sock: socket.socket | None = None,
-                               fast: bool = True) -> web.ServerRunner:
+                               reuse_port: bool = False, fast: bool = True, listener: Listener | None = None,
+                               tls: ServerTLS | None = None) -> web.ServerRunner:
+    """One client listener (the first of ``settings`` unless ``listener`` says which); ``fast``
+    False answers hits on aiohttp's general path only (tests compare both)."""
+    listener = listener or settings.listeners[0]
+    if listener.tls is not None and tls is None:
+        tls = ServerTLS(listener.tls.cert, listener.tls.key)
     server = ProxyServer(
         make_handler(runtime_ref),
         # Fresh memory hits below web.Response (proxy.web.fastpath); tests compare without.
@@ -87,13 +121,14 @@ async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Set
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
-    site: web.BaseSite
-    if sock is not None:
-        site = web.SockSite(runner, sock)
-    else:
-        host, port = settings.listen
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
+    host, port = listener.address
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+                       ssl_context=tls.context if tls is not None else None)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner
 
 
@@ -112,8 +147,8 @@ async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Set
 
 
 def announce(listeners: Listeners) -> None:
-    for host, port in listeners.proxy_addresses:
-        say(f"cachegate: proxy listening on http://{_fmt(host)}:{port}")
+    for url in listeners.proxy_urls:
+        say(f"cachegate: proxy listening on {url}")
     for host, port in listeners.admin_addresses:
         say(f"cachegate: admin listening on http://{_fmt(host)}:{port}")
 
@@ -145,13 +180,15 @@ def _fmt(host: str) -> str:
 def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
-    Rules, the admin token and purge_from, trusted_proxies, via, tag_headers, lock_timeout
-    and shutdown_grace apply at once (they are read per request). Listeners, upstreams,
-    cache tiers and workers keep their running values until a restart; they are named so
-    the operator is told instead of silently ignored.
+    Rules, the admin token and purge_from, trusted_proxies, via, tag_headers, lock_timeout,
+    shutdown_grace, server_header and the access log apply at once (they are read per
+    request), and so do TLS certificates (read again, also from the same files). Listener
+    addresses, upstreams, cache tiers and workers keep their running values until a
+    restart; they are named so the operator is told instead of silently ignored.
     """
+    same_listeners = _listener_shape(old) == _listener_shape(new)
     restart = [name for name, a, b in (
-        ("listen", old.listen, new.listen),
+        ("listen", _listener_shape(old), _listener_shape(new)),
         ("admin.listen", old.admin.listen, new.admin.listen),
         ("upstreams", old.upstreams, new.upstreams),
         ("upstream", old.pool, new.pool),
@@ -160,7 +197,8 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
         ("workers", old.workers, new.workers),
     ) if a != b]
     merged = replace(
-        new, listen=old.listen, upstreams=old.upstreams, pool=old.pool, workers=old.workers,
+        new, listeners=new.listeners if same_listeners else old.listeners,
+        upstreams=old.upstreams, pool=old.pool, workers=old.workers,
         admin=replace(new.admin, listen=old.admin.listen),
         cache=replace(old.cache, tag_headers=new.cache.tag_headers,
                       lock_timeout=new.cache.lock_timeout),
@@ -168,6 +206,11 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     if merged.cache.max_object != new.cache.max_object:
         merged = replace(merged, rules=new.rules.rebased(base_cache_options(merged)))
     return merged, restart
+
+
+def _listener_shape(s: Settings) -> tuple[tuple[str, int, bool], ...]:
+    """What of the listeners only a restart changes: addresses, and which ones are TLS."""
+    return tuple((li.host, li.port, li.tls is not None) for li in s.listeners)
 
 
 class Reloader:
@@ -245,10 +288,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)
     try:
-        proxy_runner = await start_proxy_listener(lambda: runtime, settings,
-                                                  reuse_port=worker is not None)
-        listeners.runners.append(proxy_runner)
-        listeners.proxy_addresses = _bound(proxy_runner)
+        await start_proxy_listeners(lambda: runtime, settings, listeners, reuse_port=worker is not None)
         if worker is None:
             admin_runner = await start_admin_listener(lambda: runtime, settings)
             if admin_runner is not None:
@@ -270,7 +310,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
     else:
         announce(listeners)
-        say_started(settings, [f"http://{_fmt(h)}:{p}" for h, p in listeners.proxy_addresses],
+        say_started(settings, listeners.proxy_urls,
                     [f"http://{_fmt(h)}:{p}" for h, p in listeners.admin_addresses], 1)
     try:
         await stop.wait()
