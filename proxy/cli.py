@@ -145,6 +145,29 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """GET /healthz on the admin API (a container HEALTHCHECK, an exec probe): exit 0 when it
+    answers 200, else 1 with why."""
+    from proxy.admin_client import AdminClientError, admin_url_of, call_admin
+
+    if args.admin:
+        base = args.admin
+    else:
+        settings = _load(args.config, Overrides())
+        if settings is None:
+            return EXIT_CONFIG
+        if settings.admin.listen is None:
+            print(f"cachegate health: {args.config} has no admin listener (admin.listen)", file=sys.stderr)
+            return EXIT_CONFIG
+        base = admin_url_of(settings.admin.listen)
+    try:
+        call_admin(base, "GET", "/healthz", None, None, timeout=args.timeout)
+    except AdminClientError as exc:
+        print(f"cachegate health: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     overrides = _overrides(args)
@@ -231,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser("health", help="exit 0 when the admin API's /healthz answers (for health checks)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
+    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("demo", help="run a sample origin with cachegate in front of it")
     p.add_argument("--origin-listen", default="127.0.0.1:9000", metavar="HOST:PORT")

@@ -106,6 +106,8 @@ class Runtime:
     # X-Request-Id values (proxy.logs), and the access log when the config asks for one.
     request_ids: RequestIds = field(default_factory=RequestIds)
     access_log: AccessLog | None = None
+    # "starting" until the client listeners accept, "ready", then "stopping" (GET /healthz).
+    state: str = "starting"
     # What else a reload applies (the web layer adds a TLS listener's certificate reload).
     on_reconfigure: list[Callable[[Settings], None]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)

@@ -169,9 +169,11 @@ class Supervisor:
                     for url in admin_urls:
                         say(f"cachegate: admin listening on {url}")
                     say_started(self.settings, proxy_urls, admin_urls, len(self.workers))
+                    runtime.state = "ready"
             await stop.wait()
         finally:
             self.stopping = True
+            runtime.state = "stopping"
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._stop_workers()

@@ -201,6 +201,7 @@ async def start_proxy(directory: str, origin_url: str, config: str = "", rules: 
     runtime = await Runtime.open(settings)
     listeners = Listeners()
     await start_proxy_listeners(lambda: runtime, settings, listeners)
+    runtime.state = "ready"  # as serve() says once its listeners accept
     admin = await start_admin_listener(lambda: runtime, settings)
     if admin is not None:
         listeners.runners.append(admin)

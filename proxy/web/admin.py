@@ -183,7 +183,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """200 once the client listeners accept (every worker's, with ``--workers N``), 503 while
+    starting or stopping: a readiness probe sends traffic only to a process that takes it."""
+    state = request.app[ADMIN].runtime().state
+    return web.json_response({"status": "ok" if state == "ready" else state},
+                             status=200 if state == "ready" else 503)
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -306,6 +306,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    runtime.state = "ready"
     if channel is not None:
         await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
     else:
@@ -315,6 +316,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     try:
         await stop.wait()
     finally:
+        runtime.state = "stopping"
         log.info("shutting down: finishing in-flight requests (grace %.0fs)", settings.shutdown_grace)
         for sig in (*stop_signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
