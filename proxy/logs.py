@@ -168,8 +168,8 @@ class _Clock:
 
     def __init__(self) -> None:
         self.anchor()
-        self._second = -1
-        self._iso = self._clf = ""
+        self._second = self._ms = -1
+        self._iso = self._clf = self._ms_text = ""
 
     def anchor(self) -> None:
         self.wall, self.perf = time.time(), time.perf_counter()
@@ -178,11 +178,17 @@ class _Clock:
         return self.wall - (self.perf - perf)
 
     def iso(self, wall: float) -> str:
-        """RFC 3339, UTC, milliseconds: 2026-12-03T14:24:55.123Z"""
-        second = int(wall)
+        """RFC 3339, UTC, milliseconds: 2026-12-03T14:24:55.123Z (the lines of a busy batch
+        share their milliseconds: the last text is kept)."""
+        ms = int(wall * 1000)
+        if ms == self._ms:
+            return self._ms_text
+        second = ms // 1000
         if second != self._second:
             self._set(second)
-        return f"{self._iso}.{int((wall - second) * 1000):03d}Z"
+        self._ms = ms
+        self._ms_text = text = f"{self._iso}.{ms % 1000:03d}Z"
+        return text
 
     def clf(self, wall: float) -> str:
         """The common log format's time, UTC: 03/Dec/2026:14:24:55 +0000"""
@@ -198,6 +204,9 @@ class _Clock:
         self._clf = time.strftime("%d/%b/%Y:%H:%M:%S +0000", t)
 
 
+_JSON_LINE = ('{"time":"%s","request_id":"%s","client":"%s","method":"%s","host":%s,"path":%s,"status":%d,'
+              '"bytes":%d,"duration_us":%d,"upstream":%s,"upstream_us":%s,"cache":"%s","cache_status":%s,'
+              '"key":%s,"worker":"%s"}\n')
 # Cache-Status of a fast-path hit: this and floor(ttl) (as proxy.web.fastpath writes it).
 _HIT_PREFIX = cache_status(hit=True, ttl=0.0)[:-1]
 
@@ -216,6 +225,7 @@ class AccessLog:
         self._own_fd = False
         self._pipe = False
         self._format = self._json if settings.format == "json" else self._combined
+        self._hashes: dict[str, str] = {}  # key -> its hash, quoted (most lines name few keys)
         self.open()
 
     # -- the sink --------------------------------------------------------------------------
@@ -289,24 +299,42 @@ class AccessLog:
     # -- formats ---------------------------------------------------------------------------
 
     def _json(self, r: Record) -> str:
+        """One JSON line. The request id (a kept one is checked: no quotes, backslashes or
+        control characters), the client address, the method (a token, by the parser) and
+        the cache status name need no escaping; the rest is escaped when it must be."""
+        method = r[4]
+        if method is None:
+            return self._json_refused(r)
         rid = r[2]
-        if isinstance(rid, bytes):
+        if type(rid) is bytes:
             rid = rid.decode("latin-1")
         cs = r[11]
-        if isinstance(cs, float):
-            cs = f"{_HIT_PREFIX}{int(cs)}"
+        cs = f'"{_HIT_PREFIX}{int(cs)}"' if type(cs) is float else _json_str(cs)
         key = r[12]
+        if key is not None:
+            hashed = self._hashes.get(key)
+            if hashed is None:
+                if len(self._hashes) >= 4096:
+                    self._hashes.clear()
+                hashed = self._hashes[key] = f'"{key_hash(key)}"'
+            key = hashed
+        else:
+            key = "null"
         upstream_time = r[14]
-        return (
-            f'{{"time":"{self._clock.iso(self._clock.wall_of(r[0] - r[1]))}","request_id":{_json_str(rid)},'
-            f'"client":{_json_str(r[3])},"method":{_json_str(r[4])},"host":{_json_str(r[5])},'
-            f'"path":{_json_str(r[6])},"status":{r[8]},"bytes":{r[9]},"duration_us":{int(r[1] * 1e6)},'
-            f'"upstream":{_json_str(r[13])},'
-            f'"upstream_us":{"null" if upstream_time is None else int(upstream_time * 1e6)},'
-            f'"cache":{_json_str(r[10])},"cache_status":{_json_str(cs)},'
-            f'"key":{"null" if key is None else chr(34) + key_hash(key) + chr(34)},'
-            f'"worker":"{self.worker}"}}\n'
-        )
+        clock = self._clock
+        return _JSON_LINE % (
+            clock.iso(clock.wall - (clock.perf - r[0] + r[1])), rid, r[3], method, _json_str(r[5]),
+            _json_str(r[6]), r[8], r[9], r[1] * 1e6, _json_str(r[13]),
+            "null" if upstream_time is None else str(int(upstream_time * 1e6)), r[10], cs, key, self.worker)
+
+    def _json_refused(self, r: Record) -> str:
+        """A request the HTTP parser refused: no method or path to tell."""
+        rid = r[2]
+        clock = self._clock
+        return _JSON_LINE.replace('"method":"%s"', '"method":%s') % (
+            clock.iso(clock.wall - (clock.perf - r[0] + r[1])), rid, r[3], "null", _json_str(r[5]),
+            _json_str(r[6]), r[8], r[9], r[1] * 1e6, "null", "null", r[10], _json_str(r[11]), "null",
+            self.worker)
 
     def _combined(self, r: Record) -> str:
         rid = r[2]
