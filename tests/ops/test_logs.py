@@ -321,3 +321,42 @@ async def test_a_502s_detail_is_in_the_error_log_with_its_request_id(tmp_path: P
     assert down in about[0]["message"] and about[0]["worker"] == "0"
     access = [json.loads(line) for line in proc.output if '"path":"/x"' in line]
     assert access and access[0]["request_id"] == rid and access[0]["status"] == 502
+
+
+def test_access_log_paths_are_relative_to_the_config_and_their_directory_must_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+    from proxy.config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\naccess_log: {format: combined, path: access.log}\n")
+    settings = load_config(str(config))
+    assert settings.access_log == AccessLogSettings("combined", str(tmp_path / "access.log"))
+    config.write_text("upstreams: [http://127.0.0.1:9]\naccess_log:\n  path: nowhere/access.log\n")
+    assert main(["check", "--config", str(config)]) == 2
+    assert f"{config}:3: access_log.path: directory {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    config.write_text("upstreams: [http://127.0.0.1:9]\naccess_log: {format: xml}\n")
+    assert main(["check", "--config", str(config)]) == 2
+    assert "access_log.format: must be one of json, combined" in capsys.readouterr().err
+
+
+async def test_a_reload_can_switch_the_access_log_format(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    from proxy.config import Overrides
+    from proxy.web.server import install_reloader
+
+    origin.route("/a", body=b"a")
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: json, path: {log_file}}}\n")
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    await proxy.get("/a")
+    text = await asyncio.to_thread(Path(proxy.config_path).read_text)
+    await asyncio.to_thread(Path(proxy.config_path).write_text, text.replace("format: json", "format: combined"))
+    assert (await proxy.admin("POST", "/reload")).status == 200
+    await proxy.get("/a")
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    first, second = log_file.read_text().splitlines()
+    assert first.startswith("{") and second.startswith("127.0.0.1 - - [")

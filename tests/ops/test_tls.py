@@ -294,3 +294,18 @@ def test_uvloop_tls_transports_say_they_are_tls(certs: Certs) -> None:
         return found
 
     assert uvloop.run(run()) is tls.context
+
+
+def test_a_reload_takes_new_certificate_paths_but_not_new_addresses() -> None:
+    from proxy.config import Listener, ListenerTLS, Settings
+    from proxy.web.server import live_settings
+
+    old = Settings(source="a", listeners=(Listener("0.0.0.0", 80), Listener("0.0.0.0", 443, ListenerTLS("a", "k"))))
+    new_files = Settings(source="a", listeners=(Listener("0.0.0.0", 80), Listener("0.0.0.0", 443, ListenerTLS("b", "l"))))
+    merged, restart = live_settings(old, new_files)
+    assert restart == [] and merged.listeners[1].tls == ListenerTLS("b", "l")
+    moved = Settings(source="a", listeners=(Listener("0.0.0.0", 81), Listener("0.0.0.0", 443, ListenerTLS("b", "l"))))
+    merged, restart = live_settings(old, moved)
+    assert restart == ["listen"] and merged.listeners == old.listeners
+    plain = Settings(source="a", listeners=(Listener("0.0.0.0", 80), Listener("0.0.0.0", 443)))
+    assert live_settings(old, plain)[1] == ["listen"]  # TLS off needs a restart
