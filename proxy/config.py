@@ -109,16 +109,24 @@ class CacheSettings:
     tag_headers: tuple[str, ...] = ("Surrogate-Key", "Cache-Tag")
 
 
+MIN_TOKEN_LENGTH = 16  # on a listener others can reach: guessing it must be out of the question
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     listen: HostPort | None = ("127.0.0.1", 8081)
     token: str | None = None
-    purge_from: tuple[Network, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
-    )  # fmt: skip
+    # Peers that may send PURGE to the client listener. Empty (the default): PURGE is off.
+    # Not loopback by default: behind a TLS terminator or sidecar on the same host, every
+    # client arrives from 127.0.0.1.
+    purge_from: tuple[Network, ...] = ()
     # Hosts the admin API accepts URLs for (patterns as match.host); empty: the hosts clients
     # asked for since start and the hosts in the store.
     hosts: tuple[str, ...] = ()
+    # Names the admin listener answers to (its requests' Host), besides loopback addresses and
+    # localhost: a DNS rebinding guard (proxy.web.admin_guard). Checked without a token, or
+    # with one when listed.
+    server_names: tuple[str, ...] = ()
 
 
 # -- deploy and operate: listeners and TLS -----------------------------------------------
@@ -164,6 +172,9 @@ class Settings:
     workers: int = 1
     shutdown_grace: float = 10.0
     via: str = "cachegate"
+    # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
+    # check prints them, run and reload log them).
+    warnings: tuple[str, ...] = ()
     # -- deploy and operate: listeners, TLS, Server field, logs ----------------------------
     access_log: AccessLogSettings | None = None  # None: no access log
     server_header: str = "cachegate"  # the Server field of every response (no versions)
@@ -218,17 +229,18 @@ def _upstream_url(text: str, at: Src | tuple[str, int], problems: Problems) -> U
     return url.with_path("")
 
 
-def _admin_hosts(sec: Section) -> tuple[str, ...]:
-    raw = sec.raw("hosts")
+def _admin_hosts(sec: Section, key: str) -> tuple[str, ...]:
+    """Host patterns (``name``, ``name:port``, ``*.domain``, ``[v6]``) of ``admin.<key>``."""
+    raw = sec.raw(key)
     if raw is None or raw.value is None:
         return ()
-    items = [raw] if isinstance(raw.value, str) else sec.list("hosts")
+    items = [raw] if isinstance(raw.value, str) else sec.list(key)
     hosts = []
     for item in items:
         host = str(item.value).strip().lower().rstrip(".")
         if not isinstance(item.value, str) or not re.fullmatch(
                 r"(\*\.)?[a-z0-9_.-]+(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?", host):
-            sec.problems.add(item, f"admin.hosts: {item.value!r} is not a host name, host:port or *.domain")
+            sec.problems.add(item, f"admin.{key}: {item.value!r} is not a host name, host:port or *.domain")
             continue
         hosts.append(host)
     return tuple(hosts)
@@ -362,13 +374,14 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         )
 
     admin = AdminSettings()
-    ad = top.section("admin", ("listen", "token", "purge_from", "hosts"))
+    ad = top.section("admin", ("listen", "token", "purge_from", "hosts", "server_names"))
     if ad is not None:
         admin = AdminSettings(
             listen=_hostport(ad, "listen", ("127.0.0.1", 8081)),
             token=ad.optional_str("token") or None,
             purge_from=_networks(ad, "purge_from", AdminSettings().purge_from),
-            hosts=_admin_hosts(ad),
+            hosts=_admin_hosts(ad, "hosts"),
+            server_names=_admin_hosts(ad, "server_names"),
         )
 
     workers = 1
@@ -526,19 +539,46 @@ def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
     return s
 
 
-def _check(s: Settings, problems: Problems, file: str) -> None:
+def listens_on_loopback(host: str) -> bool:
+    """Whether a listener bound to ``host`` is reachable from this machine only.
+
+    >>> [listens_on_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "10.0.0.1")]
+    [True, True, True, False, False, False]
+    """
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _line(root: Src, *path: str) -> tuple[str, int]:
+    """Where ``root[path[0]][path[1]]...`` was written (the deepest key found), for FILE:LINE."""
+    node, at = root, (root.file, 1)
+    for key in path:
+        if not isinstance(node.value, dict) or key not in node.value:
+            break
+        at = (node.file, node.key_lines.get(key, node.line))
+        node = node.value[key]
+    return at
+
+
+def _check(s: Settings, problems: Problems, root: Src) -> None:
     if not s.upstreams:
-        problems.add((file, 1), "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
+        problems.add((root.file, 1),
+                     "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
     admin = s.admin
-    if admin.listen is not None and admin.token is None:
-        try:
-            loopback = ipaddress.ip_address(admin.listen[0]).is_loopback
-        except ValueError:
-            loopback = admin.listen[0] == "localhost"
-        if not loopback:
-            problems.add((file, 1), f"admin.listen {admin.listen[0]}:{admin.listen[1]} is not loopback "
-                                    "and admin.token is not set: the admin API would be open to "
-                                    "anyone who can reach it; set admin.token or listen on 127.0.0.1")
+    if admin.listen is None or listens_on_loopback(admin.listen[0]):
+        return
+    where = f"admin.listen {admin.listen[0]}:{admin.listen[1]}"
+    if admin.token is None:
+        problems.add(_line(root, "admin", "listen"),
+                     f"{where} is not loopback and admin.token is not set: the admin API would be open "
+                     "to anyone who can reach it; set admin.token or listen on 127.0.0.1")
+    elif len(admin.token) < MIN_TOKEN_LENGTH:
+        problems.add(_line(root, "admin", "token"),
+                     f"admin.token is {len(admin.token)} characters long; on a listener others can reach "
+                     f"({where}) it must have at least {MIN_TOKEN_LENGTH} (e.g. the output of "
+                     "`openssl rand -hex 24`)")
 
 
 def base_cache_options(s: Settings) -> CacheOptions:
@@ -559,15 +599,15 @@ def load_config(path: str | None, overrides: Overrides | None = None) -> Setting
     else:
         loaded = load_yaml(path, problems)
         if loaded is None:
-            raise ConfigError(problems.items)
+            raise ConfigError(problems.items, problems.warnings)
         root = loaded
         base_dir = os.path.dirname(os.path.abspath(path))
     settings = read_settings(root, problems, base_dir)
     settings = _apply_overrides(settings, overrides, problems)
-    _check(settings, problems, root.file)
+    _check(settings, problems, root)
     files = [(f, os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f)
              for f in settings.rule_files if os.path.isfile(f)]
     rules = load_rules(files, base_cache_options(settings), problems)
     if problems:
-        raise ConfigError(problems.ordered())
-    return replace(settings, rules=rules)
+        raise ConfigError(problems.ordered(), problems.ordered_warnings())
+    return replace(settings, rules=rules, warnings=tuple(problems.ordered_warnings()))

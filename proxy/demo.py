@@ -77,13 +77,16 @@ def create_origin_app() -> web.Application:
 
 
 def instructions(origin: str, proxy: str, admin: str) -> str:
+    # JSON, as the admin API asks of every POST without a token (curl -d alone sends a form's type).
+    purge = (f"curl -s -X POST {admin}/purge -H 'Content-Type: application/json' "
+             f"-d '{{\"urls\": [\"{proxy}/hello\"]}}'")
     return f"""
 cachegate demo: origin on {origin}, cachegate on {proxy}, admin API on {admin}
 
   curl -si {proxy}/hello | grep -i x-cache-status    # MISS: fetched from the origin and stored
   curl -si {proxy}/hello | grep -i x-cache-status    # HIT: served from the cache
   sleep 6; curl -si {proxy}/hello | grep -i x-cache-status    # REVALIDATED: 304 from the origin
-  curl -s -X POST {admin}/purge -d '{{"urls": ["{proxy}/hello"]}}'    # {{"purged": 1, ...}}
+  {purge}    # {{"purged": 1, ...}}
   curl -si {proxy}/hello | grep -i x-cache-status    # MISS again
 
   curl -si {proxy}/private | grep -i cache-status     # never stored: detail=PRIVATE

@@ -458,6 +458,8 @@ class Engine:
         urls = invalidated_urls(head, resp.status, resp.headers)
         if urls:
             await self._invalidate(urls)
+        if detail is not None:  # a rule's bypass: the console lists it beside the not-stored reasons
+            self.metrics.live.not_stored.add(detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
         return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
@@ -680,7 +682,7 @@ class Engine:
                                                  False)
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
-        self.metrics.not_stored.labels(store_detail).inc()
+        self.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=store_detail)
         return self._direct_reply(plan, resp, "MISS", cs, head.method == "HEAD")
 
@@ -962,7 +964,7 @@ class Engine:
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
         if not shareable:
-            self.metrics.not_stored.labels(store_detail).inc()
+            self.metrics.not_stored_because(store_detail, url_of_key(key))
         spool = None
         if entry is not None:
             self._stores += 1
@@ -973,7 +975,7 @@ class Engine:
             async for chunk in resp.iter_chunks():
                 if spool is not None and not await spool.write(chunk):
                     spool = None
-                    self.metrics.not_stored.labels("TOO-LARGE").inc()
+                    self.metrics.not_stored_because("TOO-LARGE", url_of_key(key))
                 if flight.body.readers == 0 and spool is None:
                     resp.close()  # nobody reads it and nothing stores it
                     flight.body.fail(ConnectionAbortedError("no readers"))

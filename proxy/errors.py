@@ -21,8 +21,9 @@ class CachegateError(Exception):
 class ConfigError(CachegateError):
     """One or more configuration problems, each already formatted ``FILE:LINE: message``."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], warnings: list[str] | None = None) -> None:
         self.problems = problems
+        self.warnings = warnings or []  # FILE:LINE: warning: ..., found beside the problems
         super().__init__("\n".join(problems))
 
 

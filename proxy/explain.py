@@ -43,7 +43,8 @@ WHY_NOT = {
     "VARY-STAR": "the response has Vary: *",
     "TOO-LARGE": "the response is larger than cache.max_object",
     "UNCACHEABLE-STATUS": "the status is not cacheable by default and neither the origin nor a rule "
-                          "gives it a freshness lifetime; add a ttl for it in a rule",
+                          "gives it a freshness lifetime (a ttl default never covers an error status "
+                          "other than 404, 405, 410, 414 and 501); name the status in a rule's ttl",
     "NO-FRESHNESS": "the origin gave no freshness (max-age, s-maxage, Expires), no validator "
                     "(ETag, Last-Modified) and no rule ttl applies; add a ttl for this status in a rule",
     "METHOD": "only GET and HEAD are cached",

@@ -233,6 +233,9 @@ class Inspector:
             self._disk_count = (now, await storage.run(index.count))
         return self._disk_count[1]
 
+    async def disk_entries(self) -> int:
+        return await self._disk_entries()
+
     async def _disk_extras(self) -> Snapshot:
         """Families only the owner of the cache directory reports: disk entries and evictions
         (entries diskcache culled, as the index's upkeep finds them)."""

@@ -92,13 +92,14 @@ class RequestInfo:
     """What one request's log line needs besides its message: filled in as it is handled
     (the engine adds the cache key and the upstream it went to)."""
 
-    __slots__ = ("cache_status", "host", "key", "request_id", "target", "upstream", "upstream_time",
+    __slots__ = ("cache_status", "host", "key", "request_id", "target", "upstream", "upstream_time", "url",
                  "x_cache")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.host: str | None = None  # as the cache sees it (normalised), once the head is read
         self.target: str | None = None
+        self.url: str | None = None
         self.key: str | None = None
         self.upstream: str | None = None
         self.upstream_time: float | None = None

@@ -78,13 +78,14 @@ def normalise_url(text: str) -> str:
     """An absolute http(s) URL with the host normalised as keys have it; BadPurge otherwise."""
     try:
         url = URL(text, encoded=True)
+        scheme, raw_host, authority = url.scheme, url.raw_host, url.raw_authority  # yarl checks lazily
     except ValueError as exc:
         raise BadPurge(f"{text!r} is not a URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.raw_host:
+    if scheme not in ("http", "https") or not raw_host:
         raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
-    host = normalise_host(url.raw_authority, url.scheme)
+    host = normalise_host(authority, scheme)
     target = url.raw_path_qs or "/"
-    return f"{url.scheme}://{host}{target}"
+    return f"{scheme}://{host}{target}"
 
 
 def url_host(url: str) -> str:

@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, unquote
 
 from proxy.policy.keys import DEFAULT_KEY, KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
+from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
 from proxy.schema import Section, type_name
 from proxy.units import parse_duration
 from proxy.yamlsrc import Problems, Src, load_yaml
@@ -770,6 +771,48 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
     return MappingProxyType(table), default
 
 
+_COVERED_ERRORS = " and ".join(", ".join(str(s) for s in sorted(HEURISTICALLY_CACHEABLE) if s >= 400)
+                               .rsplit(", ", 1))  # "404, 405, 410, 414 and 501"
+CPDOS = "cache-poisoned denial of service"
+
+
+def _warn_error_ttls(src: Src, statuses: frozenset[int] | None, label: str, problems: Problems) -> None:
+    """Warnings (not errors) where a ``ttl`` meets error statuses (``policy.statuses``).
+
+    A status named in the table is stored for everyone, whoever caused it; a default
+    (``default:`` or a lone duration) no longer covers error statuses, which a config
+    written before may have counted on. ``statuses`` is the rule's ``match.status``.
+    """
+    named: set[int] = set()
+    if isinstance(src.value, dict):
+        for status, value in src.value.items():
+            if isinstance(status, int) and not isinstance(status, bool):
+                named.add(status)
+                if 400 <= status <= 599 and not default_ttl_covers(status):
+                    problems.warn((src.file, src.key_lines.get(status, value.line)),
+                                  f"{label}: ttl {status}: {value.value} stores the origin's {status} for "
+                                  "every client: one request the origin rejects or fails on (an oversized "
+                                  "or malformed header) then denies the page to everyone for that long "
+                                  f"({CPDOS}); name an error status only where that is meant")
+        if "default" not in src.value:
+            return
+        at: Src | tuple[str, int] = (src.file, src.key_lines.get("default", src.line))
+        what = f"ttl default: {src.value['default'].value}"
+    else:
+        at, what = src, f"ttl: {src.value} (a default for every status)"
+    if statuses is None:
+        problems.warn(at, f"{label}: {what} does not apply to error statuses other than "
+                          f"{_COVERED_ERRORS}: a 400, 403, 429, 500 or 503 is stored only when the ttl "
+                          "table names it, since an error one client caused would be served to "
+                          f"everyone ({CPDOS})")
+        return
+    uncovered = sorted(s for s in statuses if not default_ttl_covers(s) and s not in named)
+    if uncovered:
+        problems.warn(at, f"{label}: {what} never applies to {', '.join(map(str, uncovered))} "
+                          "(in match.status): error statuses are stored only when the ttl table names "
+                          f"them ({CPDOS})")
+
+
 def _names(src: Src | None, problems: Problems, what: str) -> tuple[str, ...]:
     if src is None or src.value is None:
         return ()
@@ -937,6 +980,8 @@ def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
                 problems.add(sec.line_of(key),
                              f"{label}: {key} never applies: only GET and HEAD are cached, and this "
                              f"rule matches only {', '.join(sorted(match.methods))}")
+    if sec.has("ttl") and not actions.no_store and not actions.bypass:
+        _warn_error_ttls(sec.values["ttl"], match.status, label, problems)
     if not written and all(k in RULE_KEYS for k in sec.values):
         problems.add(src, f"{label}: the rule has no action (ttl, bypass, key, ...), so it only "
                           "hides the rules after it; remove it or give it an action")
@@ -955,6 +1000,8 @@ def compile_rule_file(root: Src, problems: Problems) -> tuple[Actions | None, li
     d = sec.section("defaults", DEFAULT_KEYS)
     if d is not None:
         defaults = _actions(d, problems)
+        if d.has("ttl"):
+            _warn_error_ttls(d.values["ttl"], None, "defaults", problems)
     rules = [r for i, s in enumerate(sec.list("rules")) if (r := _compile_rule(s, i, problems))]
     return defaults, rules
 

@@ -74,6 +74,7 @@ class ReloadResult:
     restart_required: list[str] = field(default_factory=list)  # changed, applied at next start
     rules: int = 0
     rule_files: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # FILE:LINE: warning: ... of the applied config
 
     @property
     def ok(self) -> bool:

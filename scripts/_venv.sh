@@ -24,19 +24,20 @@ ensure_venv() {  # ensure_venv [extra]
   fi
 }
 
-ensure_commands() {  # ensure_commands COMMAND:PACKAGE ... (apt-get, when missing and allowed)
-  local missing=() pair
-  for pair in "$@"; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
-  done
-  ((${#missing[@]})) || return 0
-  local sudo=""
-  [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null 2>&1 && sudo="sudo -n"
-  if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 || -n "$sudo" ]]; then
-    echo "installing ${missing[*]} with apt-get (tests need them)" >&2
-    { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}"; } >&2 \
-      || echo "could not install ${missing[*]}: the tests that need them skip, saying why" >&2
-  else
-    echo "missing ${missing[*]} (no apt-get or no root): the tests that need them skip, saying why" >&2
+# System packages the tests drive, installed with apt-get when missing (as root, e.g. in CI):
+# Debian's chromium for the console's browser tests (Playwright drives it; it never downloads a
+# browser of its own); openssl, which makes the throwaway certificates of the TLS tests. Tests
+# that need one skip, saying why, only when this install failed.
+ensure_system_packages() {
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  (( ${#missing[@]} )) || return 0
+  if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test: ${missing[*]} missing and cannot be installed here (needs root and apt-get); those tests skip" >&2
+    return 0
   fi
+  echo "scripts/test: installing ${missing[*]} with apt-get" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+    >/dev/null || echo "scripts/test: could not install ${missing[*]}; those tests skip" >&2
 }

@@ -162,12 +162,23 @@ class Proxy:
         return await self.request("GET", path, **kwargs)
 
     async def admin(self, method: str, path: str, **kwargs: Any) -> Reply:
+        """An admin request as ``cachegate purge`` sends it: JSON for anything but GET/HEAD
+        (unless the test gives its own Content-Type; the admin guard refuses others)."""
+        kwargs["headers"] = json_content(method, kwargs.get("headers"))
         async with self.session.request(method, self.admin_url + path, **kwargs) as resp:
             return Reply(resp.status, resp.headers, await resp.read())
 
     async def close(self) -> None:
         await self.listeners.stop(1.0)
         await self.runtime.close()
+
+
+def json_content(method: str, headers: dict[str, str] | None) -> dict[str, str]:
+    """``headers`` with ``Content-Type: application/json`` added for a state-changing method."""
+    headers = dict(headers or {})
+    if method.upper() not in ("GET", "HEAD") and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"
+    return headers
 
 
 def write_config(directory: str, origin_url: str, config: str = "", rules: str | None = None,

@@ -44,7 +44,13 @@ async def carry_out(session: aiohttp.ClientSession, argv: list[str]) -> tuple[st
     if "-d" in argv:
         data = argv[argv.index("-d") + 1]
         url = next(a for a in argv if a.startswith("http"))
-    async with session.request(method, url, data=data) as r:
+    # curl -d sends a form's Content-Type unless -H says otherwise (the admin guard refuses a form).
+    headers = {"Content-Type": "application/x-www-form-urlencoded"} if data is not None else {}
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-H":
+            name, _, value = argv[i + 1].partition(":")
+            headers[name.strip()] = value.strip()
+    async with session.request(method, url, data=data, headers=headers) as r:
         return r.headers.get("X-Cache-Status"), await r.text()
 
 

@@ -128,8 +128,11 @@ def test_the_image_config_passes_check_in_the_image_layout(
     monkeypatch.delenv("CACHEGATE_ADMIN_TOKEN", raising=False)
     assert main(["check", "--config", str(config)]) == 2, "must refuse an open admin API without a token"
     assert "CACHEGATE_ADMIN_TOKEN is not set" in capsys.readouterr().err
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")
-    assert main(["check", "--config", str(config)]) == 0
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")  # guessable, on a listener anyone may reach
+    assert main(["check", "--config", str(config)]) == 2
+    assert "admin.token is 6 characters long" in capsys.readouterr().err
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "a-token-of-24-characters")
+    assert main(["check", "--strict", "--config", str(config)]) == 0
 
 
 def engine_answers() -> str | None:
@@ -285,9 +288,9 @@ def k8s_layout(tmp_path: Path) -> Path:
 def test_the_configmap_config_passes_check_where_the_deployment_mounts_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t" * 32)
     config = k8s_layout(tmp_path)
-    assert main(["check", "--config", str(config)]) == 0
+    assert main(["check", "--strict", "--config", str(config)]) == 0  # no warnings either
 
 
 def k8s_quantity(text: str) -> int:
@@ -455,7 +458,7 @@ def test_the_readme_config_example_passes_check(
     example = section.split("```yaml", 1)[1].split("```", 1)[0]
     shutil.copytree(ROOT / "rules", tmp_path / "rules")
     (tmp_path / "cachegate.yaml").write_text(example)
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t" * 32)
     assert main(["check", "--config", str(tmp_path / "cachegate.yaml")]) == 0
 
 

@@ -11,6 +11,7 @@ Where is what:
 - ``cache_control``  parsing Cache-Control and targeted fields (RFC 9111 §5.2, RFC 9213)
 - ``httpdate``       HTTP-date parsing and formatting (RFC 9110 §5.6.7)
 - ``freshness``      freshness lifetime, heuristics and current age (RFC 9111 §4.2)
+- ``statuses``       heuristically cacheable statuses, and which a rule's ttl default covers (CPDoS)
 - ``storability``    may this response be stored? (RFC 9111 §3)
 - ``keys``           primary cache key and Vary variant selection (RFC 9111 §2, §4.1)
 - ``reuse``          may a stored response satisfy this request? (RFC 9111 §4)

@@ -14,9 +14,7 @@ from __future__ import annotations
 from proxy.policy.cache_control import DELTA_SECONDS_MAX, CacheControl, parse_delta_seconds
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions, Freshness, Headers
-
-# RFC 9110 §15.1: statuses that are heuristically cacheable by default.
-HEURISTICALLY_CACHEABLE = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 
 def parse_age(headers: Headers) -> float | None:

@@ -14,6 +14,8 @@ from typing import Literal
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
+from proxy.policy.statuses import default_ttl_covers
+
 Headers = MultiMapping[str]
 HeaderList = tuple[tuple[str, str], ...]
 
@@ -92,7 +94,8 @@ class CacheOptions:
     """
 
     ttl_by_status: Mapping[int, float] = field(default_factory=lambda: _NO_TTLS)
-    ttl_default: float | None = None  # rule TTL for statuses not listed in ttl_by_status
+    # Rule TTL for statuses not listed in ttl_by_status, never for most errors (policy.statuses).
+    ttl_default: float | None = None
     override_origin: bool = False  # rule TTL wins over the origin's Cache-Control / Expires
     stale_while_revalidate: float = 0.0  # used when the origin gives none
     stale_if_error: float = 0.0  # used when the origin gives none
@@ -105,8 +108,12 @@ class CacheOptions:
     max_object: int = 100 * 1024 * 1024
 
     def rule_ttl(self, status: int) -> float | None:
+        """The rule's lifetime for ``status``: named in the table, else the default when it
+        covers the status (an error status only when named: ``policy.statuses``)."""
         ttl = self.ttl_by_status.get(status)
-        return self.ttl_default if ttl is None else ttl
+        if ttl is not None:
+            return ttl
+        return self.ttl_default if default_ttl_covers(status) else None
 
 
 DEFAULT_OPTIONS = CacheOptions()

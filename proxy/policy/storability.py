@@ -22,10 +22,11 @@ from proxy.policy.cache_control import (
     parse_surrogate_control,
     targeted_cache_control,
 )
-from proxy.policy.freshness import HEURISTICALLY_CACHEABLE, compute_freshness
+from proxy.policy.freshness import compute_freshness
 from proxy.policy.headers import end_to_end
 from proxy.policy.keys import variant_of, vary_names
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
+from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 # Final status codes whose caching semantics RFC 9110 §15 defines: what "understands
 # the status code" means for must-understand (RFC 9111 §5.2.2.3).

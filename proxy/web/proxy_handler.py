@@ -138,7 +138,8 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
         finally:
             REQUEST.reset(token)
         done = time.perf_counter()
-        runtime.metrics.request_duration.labels(info.x_cache).observe(done - started)
+        if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
+            runtime.metrics.answered(info.url, info.x_cache, done - started)
         access = runtime.access_log
         if access is not None:
             access.add((done, done - started, info.request_id, remote, request.method,
@@ -158,10 +159,11 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, info: RequestInfo
     metrics = runtime.metrics
     try:
         if request.method == "CONNECT":
+            info.x_cache = "BYPASS"
             return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", runtime, info), 0
         listen = runtime.settings.listen
         head = request_head(request, trusted, f"{listen[0]}:{listen[1]}")
-        info.host, info.target = head.host, head.target
+        info.host, info.target, info.url = head.host, head.target, head.url
         if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
             resp = await purge_method(request, runtime, head)
             _own_fields(resp.headers, runtime, info)

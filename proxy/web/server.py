@@ -33,6 +33,7 @@ from proxy.purge import PurgeSpec
 from proxy.runtime import ReloadResult, Runtime
 from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
+from proxy.web.console import register_console_calls
 from proxy.web.fastpath import FastPath, ProxyServer
 from proxy.web.proxy_handler import make_handler
 
@@ -180,10 +181,10 @@ def _fmt(host: str) -> str:
 def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
-    Rules, the admin token and purge_from, trusted_proxies, via, tag_headers, lock_timeout,
-    shutdown_grace, server_header and the access log apply at once (they are read per
-    request), and so do TLS certificates (read again, also from the same files). Listener
-    addresses, upstreams, cache tiers and workers keep their running values until a
+    Rules, the admin token, purge_from and server_names, trusted_proxies, via, tag_headers,
+    lock_timeout, shutdown_grace, server_header and the access log apply at once (they are
+    read per request), and so do TLS certificates (read again, also from the same files).
+    Listener addresses, upstreams, cache tiers and workers keep their running values until a
     restart; they are named so the operator is told instead of silently ignored.
     """
     same_listeners = _listener_shape(old) == _listener_shape(new)
@@ -237,11 +238,13 @@ class Reloader:
         self._apply(merged)
         for name in restart:
             log.warning("reload: %s changed; it applies at the next restart", name)
+        for warning in new.warnings:
+            log.warning("reload: %s", warning)
         log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.path,
                  len(merged.rules.rules), len(merged.rules.files))
         if self._on_result:
             self._on_result(True)
-        return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files)
+        return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files, new.warnings)
 
 
     def _rejected(self, problems: list[str]) -> ReloadResult:
@@ -358,6 +361,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     runtime.metrics.process_label = str(worker.worker_id)
     runtime.control = channel
     register_worker_calls(runtime)  # GET /cache, /stats, /metrics on the supervisor ask workers
+    register_console_calls(runtime)  # the console's live numbers
     runtime.engine.join_cluster(channel, worker.worker_id)  # cross-worker coalescing (proxy.leases)
 
     async def watch_supervisor() -> None:

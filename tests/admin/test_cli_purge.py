@@ -13,7 +13,7 @@ from tests.admin.util import absolute, settle, swept
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 
-TOKEN = "cli-token-42"
+TOKEN = "cli-token-42-long-enough"
 
 
 async def cachegate(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -88,7 +88,7 @@ async def test_the_address_and_token_can_come_from_the_config(
     assert (code, err) == (0, "")
     assert json.loads(out) == {"purged": 1, "soft": False}
     code, _, err = await cachegate("purge", "--config", str(config), absolute(proxy, "/a"),
-                                   env={"OPERATOR_TOKEN": "not-it"})
+                                   env={"OPERATOR_TOKEN": "not-it-but-as-long"})
     assert code == 1 and "401" in err
 
 

@@ -24,7 +24,8 @@ CACHE = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
 
 
 async def start(origin: Origin, tmp_path: Path) -> ProxyProcess:
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url, CACHE, admin="{listen: '127.0.0.1:0', purge_from: [127.0.0.0/8]}"))
     await proxy.start("--workers", "2")
     await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
     return proxy
