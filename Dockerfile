@@ -26,7 +26,8 @@ COPY --from=build /opt/cachegate /opt/cachegate
 COPY deploy/cachegate.yaml /etc/cachegate/cachegate.yaml
 COPY rules /etc/cachegate/rules
 # A numeric user, so that Kubernetes' runAsNonRoot can check it is not root.
-RUN useradd --system --uid 10001 --user-group --home-dir /var/cache/cachegate --shell /usr/sbin/nologin cachegate \
+RUN groupadd --system --gid 10001 cachegate \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/cache/cachegate --shell /usr/sbin/nologin cachegate \
     && mkdir -p /var/cache/cachegate \
     && chown cachegate:cachegate /var/cache/cachegate
 VOLUME ["/var/cache/cachegate"]

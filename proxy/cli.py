@@ -194,7 +194,11 @@ def cmd_warm(args: argparse.Namespace) -> int:
         settings = _load(args.config, Overrides())
         if settings is None:
             return EXIT_CONFIG
-        proxy = admin_url_of(settings.listen)  # a wildcard listen address is reached on loopback
+        # A plain listener if there is one; a wildcard listen address is reached on loopback.
+        listener = next((li for li in settings.listeners if li.tls is None), settings.listeners[0])
+        proxy = admin_url_of(listener.address)
+        if listener.tls is not None:
+            proxy = "https" + proxy.removeprefix("http")
     else:
         proxy = "http://127.0.0.1:8080"
     urls: list[str] = []
