@@ -12,12 +12,14 @@ restarts, nodes) from sharing a prefix in practice, and the counter keeps one pr
 apart.
 
 **Access log.** ``access_log: {format: json|combined, path: stdout|FILE}``. The request
-path only records a tuple (``AccessLog.add``); formatting and writing happen in batches,
-``FLUSH_INTERVAL`` after the first record of a batch (or at ``MAX_BATCH`` records), with one
-``write`` per batch to a file, and writes of at most ``PIPE_BUF`` bytes, cut at line ends,
-to a pipe or terminal (several workers share standard output: a bigger write to a pipe may
-be interleaved with another process's). Times are kept as ``time.perf_counter()`` readings
-on the request path and turned into wall-clock time when the batch is written.
+path only records a tuple (``AccessLog.add``); formatting and writing happen in batches:
+the records of one event-loop iteration (every request its connections' bytes carried) are
+formatted and written together by a ``call_soon`` at the end of it (or at ``MAX_BATCH``
+records), with one ``write`` per batch to a file, and writes of at most ``PIPE_BUF`` bytes,
+cut at line ends, to a pipe or terminal (several workers share standard output: a bigger
+write to a pipe may be interleaved with another process's). Times are kept as
+``time.perf_counter()`` readings on the request path and turned into wall-clock time when
+the batch is written.
 
 **Error log.** Every line of cachegate's own logging (warnings, errors, tracebacks) is one
 line per event, with the worker and the request id; JSON objects when the access log is JSON.
@@ -46,7 +48,6 @@ from proxy.policy.cache_status import cache_status
 
 LogFormat = Literal["json", "combined"]
 
-FLUSH_INTERVAL = 0.1  # seconds from a batch's first record to its write
 MAX_BATCH = 256  # records: a batch this long is written at once (a flush holds the loop ≈ 0.7 ms)
 PIPE_BUF = 4096  # writes up to this size to a pipe are atomic (POSIX)
 
@@ -218,13 +219,17 @@ class AccessLog:
         self.settings = settings
         self.worker = worker
         self._batch: list[Record] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False  # a flush is due at the end of this event-loop iteration
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = _Clock()
         self._fd = -1
         self._own_fd = False
         self._pipe = False
         self._format = self._json if settings.format == "json" else self._combined
+        # Whether records carry the request's fields (Referer, User-Agent: combined only). A
+        # record holding no container is left alone by the garbage collector once it is seen
+        # to hold none, which mattered: with them, JSON lines cost the fast path 8 µs a hit.
+        self.wants_fields = settings.format == "combined"
         self._tails: dict[tuple[Any, ...], str] = {}  # the fixed end of JSON lines (see _json)
         self.open()
 
@@ -259,19 +264,21 @@ class AccessLog:
         """Keep a record for the next batch (the request path's only cost)."""
         batch = self._batch
         batch.append(record)
-        if len(batch) == 1:
+        if not self._scheduled:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(FLUSH_INTERVAL, self.flush)
+            self._scheduled = True
+            loop.call_soon(self._flush_soon)
         elif len(batch) >= MAX_BATCH:
             self.flush()
 
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()
+
     def flush(self) -> None:
         """Format and write every record kept so far."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         batch, self._batch = self._batch, []
         if not batch or self._fd < 0:
             return

@@ -305,7 +305,8 @@ class FastPath:
         if access is not None:  # a tuple now; formatted and written with its batch (proxy.logs)
             done = perf_counter()
             access.add((done, done - started, request_id, remote, method, head.host, head.target, version,
-                        stored.status, size, "HIT", ttl, cached.entry.key, None, None, headers))
+                        stored.status, size, "HIT", ttl, cached.entry.key, None, None,
+                        headers if access.wants_fields else None))
         return out
 
     @staticmethod

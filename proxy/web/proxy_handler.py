@@ -146,7 +146,7 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
                         info.host or request.host, info.target or request.raw_path, request.version,
                         resp.status, sent,
                         info.x_cache, info.cache_status, info.key, info.upstream, info.upstream_time,
-                        request.headers))
+                        request.headers if access.wants_fields else None))
         return resp
 
     return handle
