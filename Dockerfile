@@ -17,7 +17,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN python -m venv /opt/cachegate && /opt/cachegate/bin/pip install .
+# The cluster extra (Redis's client) too: cluster mode is a config section away.
+RUN python -m venv /opt/cachegate && /opt/cachegate/bin/pip install ".[cluster]"
 
 # -- run: the virtualenv, the config and rules, a user without privileges -------------------
 FROM python:3.11-slim

@@ -144,7 +144,24 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print(f"cachegate purge: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(answer)
+    missing = _missing_nodes(answer)
+    if missing:
+        # Cluster mode, 202: the purge is made, but not yet everywhere.
+        print(f"cachegate purge: not acknowledged within cluster.ack_timeout by {', '.join(missing)} "
+              "(they apply it once they read the cluster's purge stream; GET /cluster shows them)",
+              file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _missing_nodes(answer: str) -> list[str]:
+    import json
+
+    try:
+        missing = json.loads(answer).get("missing") or []
+    except (ValueError, AttributeError):
+        return []
+    return [str(n) for n in missing]
 
 
 def _rate(text: str) -> float:
@@ -315,12 +332,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import prepare_demo, run_demo
 
     try:
-        config, settings = prepare_demo(args.listen, args.admin_listen, args.origin_listen, args.rules,
-                                        args.cache_dir)
+        config, settings, note = prepare_demo(args.listen, args.admin_listen, args.origin_listen,
+                                              args.rules, args.cache_dir)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return EXIT_CONFIG
-    return run_async(run_demo(settings, config, args.origin_listen), not args.no_uvloop)
+    try:
+        return run_async(run_demo(settings, config, args.origin_listen, note), not args.no_uvloop)
+    finally:
+        if args.cache_dir is None:  # the demo's own temporary folder
+            import shutil
+
+            shutil.rmtree(os.path.dirname(config), ignore_errors=True)
 
 
 def cmd_sample_origin(args: argparse.Namespace) -> int:
@@ -442,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     p.add_argument("--admin-listen", default="127.0.0.1:8081", metavar="HOST:PORT")
     p.add_argument("--rules", default="rules/default.yaml", metavar="FILE")
-    p.add_argument("--cache-dir", default="var/cache", metavar="DIR")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep the demo's cache here (default: an empty temporary folder)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-uvloop", action="store_true")
     p.set_defaults(func=cmd_demo)

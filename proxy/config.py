@@ -16,6 +16,7 @@ from typing import Literal, cast
 
 from yarl import URL
 
+from proxy.cluster.settings import ClusterSettings, read_cluster
 from proxy.cpus import available_cpus
 from proxy.errors import ConfigError
 from proxy.logs import AccessLogSettings, LogFormat
@@ -29,6 +30,7 @@ from proxy.yamlsrc import Problems, Src, load_yaml
 
 HostPort = tuple[str, int]
 Balance = Literal["round_robin", "least_conn"]
+RangeFill = Literal["whole", "none"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MB = 1 << 20
@@ -107,6 +109,9 @@ class CacheSettings:
     hit_for_pass: float = 5.0  # how long a key whose response was not shareable skips coalescing
     disk: DiskSettings | None = None
     tag_headers: tuple[str, ...] = ("Surrogate-Key", "Cache-Tag")
+    # A range request that misses: "whole" also fetches the whole object in the background
+    # (stored, it answers every later range); "none" fetches only the ranges asked for.
+    range_fill: RangeFill = "whole"
 
 
 MIN_TOKEN_LENGTH = 16  # on a listener others can reach: guessing it must be out of the question
@@ -172,6 +177,7 @@ class Settings:
     workers: int = 1
     shutdown_grace: float = 10.0
     via: str = "cachegate"
+    cluster: ClusterSettings | None = None  # cluster mode on Redis (proxy.cluster); None: one node alone
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
     # check prints them, run and reload log them).
     warnings: tuple[str, ...] = ()
@@ -197,7 +203,7 @@ class Overrides:
 
 
 _TOP = ("listen", "upstreams", "upstream", "cache", "admin", "rules", "trusted_proxies",
-        "workers", "shutdown_grace", "via", "access_log",
+        "workers", "shutdown_grace", "via", "access_log", "cluster",
         "server_header")  # fmt: skip
 
 
@@ -345,7 +351,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
 
     cache = CacheSettings(disk=DiskSettings(path=_resolve(base_dir, "var/cache")))
     cs = top.section("cache", ("memory", "memory_max_object", "memory_policy", "max_object",
-                               "lock_timeout", "hit_for_pass", "disk", "tag_headers"))
+                               "lock_timeout", "hit_for_pass", "disk", "tag_headers", "range_fill"))
     if cs is not None:
         disk: DiskSettings | None = cache.disk
         if cs.has("disk") and cs.raw("disk").value is None:  # type: ignore[union-attr]
@@ -371,6 +377,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
             disk=disk,
             tag_headers=tuple(cs.str_list("tag_headers")) if cs.has("tag_headers")
             else ("Surrogate-Key", "Cache-Tag"),
+            range_fill=cast(RangeFill, cs.choice("range_fill", "whole", ("whole", "none"))),
         )
 
     admin = AdminSettings()
@@ -398,9 +405,10 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         if not os.path.isfile(path):
             problems.add(item, f"rules: rule file {path} does not exist")
 
+    listeners = _listeners(top, base_dir)
     return Settings(
         source=root.file,
-        listeners=_listeners(top, base_dir),
+        listeners=listeners,
         upstreams=tuple(upstreams),
         pool=pool,
         cache=cache,
@@ -412,6 +420,7 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         via=top.str("via", "cachegate"),
         access_log=_access_log(top, base_dir),
         server_header=_server_header(top),
+        cluster=read_cluster(top, listeners[0].port),
     )
 
 
@@ -562,18 +571,23 @@ def _line(root: Src, *path: str) -> tuple[str, int]:
     return at
 
 
-def _check(s: Settings, problems: Problems, root: Src) -> None:
-    if not s.upstreams:
-        problems.add((root.file, 1),
+def _check(s: Settings, problems: Problems, root: Src, o: Overrides) -> None:
+    """Problems that involve several fields, each reported at the line of the field concerned
+    (or the command line, when an override set it)."""
+    configured = root.value.get("upstreams") if isinstance(root.value, dict) else None
+    entries = configured.value if configured is not None and isinstance(configured.value, list) else []
+    # Upstreams that were given but invalid are reported where they are, once.
+    if not s.upstreams and not o.upstreams and not entries:
+        problems.add(_line(root, "upstreams"),
                      "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
     admin = s.admin
     if admin.listen is None or listens_on_loopback(admin.listen[0]):
         return
     where = f"admin.listen {admin.listen[0]}:{admin.listen[1]}"
     if admin.token is None:
-        problems.add(_line(root, "admin", "listen"),
-                     f"{where} is not loopback and admin.token is not set: the admin API would be open "
-                     "to anyone who can reach it; set admin.token or listen on 127.0.0.1")
+        at = ("<command line>", 0) if o.admin_listen is not None else _line(root, "admin", "listen")
+        problems.add(at, f"{where} is not loopback and admin.token is not set: the admin API would be open "
+                         "to anyone who can reach it; set admin.token or listen on 127.0.0.1")
     elif len(admin.token) < MIN_TOKEN_LENGTH:
         problems.add(_line(root, "admin", "token"),
                      f"admin.token is {len(admin.token)} characters long; on a listener others can reach "
@@ -604,7 +618,7 @@ def load_config(path: str | None, overrides: Overrides | None = None) -> Setting
         base_dir = os.path.dirname(os.path.abspath(path))
     settings = read_settings(root, problems, base_dir)
     settings = _apply_overrides(settings, overrides, problems)
-    _check(settings, problems, root)
+    _check(settings, problems, root, overrides)
     files = [(f, os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f)
              for f in settings.rule_files if os.path.isfile(f)]
     rules = load_rules(files, base_cache_options(settings), problems)

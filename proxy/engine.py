@@ -26,27 +26,39 @@ from typing import IO, Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.coalescer import Coalescer, Flight, FlightHead, FlightResult
+from proxy.cluster.fills import Contended, Found, Locked, SharedCache
+from proxy.coalescer import Coalescer, FellBehind, Flight, FlightHead, FlightResult, Reader, TooFarBehind
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import (
     NoUpstreamAvailable,
+    ResponseAborted,
     StorageError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.http_client import InterimHook
 from proxy.leases import Busy, Granted, LeaseClient, Waiting
 from proxy.logs import note_key, note_upstream
 from proxy.metrics import Metrics
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status, serve_detail
 from proxy.policy.deception import content_type_agrees
+from proxy.policy.fields import split_list
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
-from proxy.policy.messages import Freshness, RequestHead, StoredResponse
-from proxy.policy.ranges import if_range_allows, parse_range
+from proxy.policy.messages import Freshness, HeaderList, RequestHead, StoredResponse
+from proxy.policy.partial import (
+    ByteRange,
+    Combine,
+    answerable,
+    decide_combine,
+    parse_content_range,
+    part_range,
+)
+from proxy.policy.ranges import RangeSpec, if_range_allows, request_range, resolve_range
 from proxy.policy.reuse import (
     Forward,
     OnlyIfCachedMiss,
@@ -56,7 +68,7 @@ from proxy.policy.reuse import (
     plain_fresh_hit,
     select_variant,
 )
-from proxy.policy.storability import DontStore, Store, decide_store
+from proxy.policy.storability import DontStore, Store, decide_store, decide_store_part
 from proxy.policy.validation import (
     Freshen,
     PassThrough,
@@ -73,6 +85,7 @@ from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.disk import INLINE_LIMIT
 from proxy.storage.entry import Entry
+from proxy.storage.failures import WriteFailures
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool, Storage
 from proxy.upstream import UpstreamPool, UpstreamResponse
@@ -89,9 +102,9 @@ UNKEYED_OVERRIDES = frozenset({
     "x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override",
 })  # fmt: skip
 # A cache fill asks for the full representation; the client's conditionals and
-# ranges are answered from the stored response afterwards.
+# ranges are answered from the stored response afterwards. It sends no body: no Expect.
 FILL_DROPS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
-                        "if-range", "range"})  # fmt: skip
+                        "if-range", "range", "expect"})  # fmt: skip
 # A stored response's fields that are never served as stored (see served_headers).
 SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id"})
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
@@ -104,6 +117,11 @@ WHOLE_FOR_FOLLOWERS = 256 * 1024
 WHOLE_FOR_LEADER = 64 * 1024
 # A flight answered from what another worker fetched and stored (proxy.leases).
 STORED_ELSEWHERE = "STORED-ELSEWHERE"
+STORED_CHUNK = 256 * 1024  # reads of a stored body for a client that fell behind its fill
+
+
+# Sends an interim (1xx) response to the client, before the final one: (status, reason, fields).
+InterimSink = Callable[[int, str, HeaderList], None]
 
 
 @dataclass(slots=True)
@@ -113,6 +131,9 @@ class ClientRequest:
     body: AsyncIterable[bytes] | None = None  # None when the request has no body
     trusted: bool = False  # the peer is a trusted proxy: keep its X-Forwarded-* fields
     request_id: str = ""  # X-Request-Id (proxy.logs): sent upstream in place of the client's
+    # Where the origin's interim responses go (RFC 9110 §15.2); None: nowhere (an HTTP/1.0
+    # client, or a caller without a client connection).
+    interim: InterimSink | None = None
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
@@ -170,8 +191,11 @@ class Engine:
         self._disk_writes: dict[str, set[asyncio.Future[None]]] = {}
         self._loads: dict[str, asyncio.Future[tuple[Cached, ...]]] = {}  # disk lookups in progress
         self._stores = 0  # fills this process began storing: a lookup that overlapped one proves nothing
+        self.write_failures = WriteFailures(lambda op: metrics.storage_errors.labels(op).inc())
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
+        # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
+        self.shared: SharedCache | None = None
 
     def reconfigure(self, settings: Settings) -> None:
         """Take a reloaded config's rules (storage, pool and listeners stay as they are)."""
@@ -237,6 +261,11 @@ class Engine:
                 return await self._fetch(req, plan, key, cached, decision.fwd, stale,
                                          stale_prohibited=decision.stale_prohibited)
             case Forward():
+                if decision.fwd in ("uri-miss", "vary-miss") and head.method == "GET":
+                    spec = request_range(head.headers)
+                    if spec is not None and (reply := await self._range_miss(req, plan, key, spec,
+                                                                              decision.fwd)) is not None:
+                        return reply
                 stale = variants[decision.stale_index] if decision.stale_index is not None else None
                 return await self._fetch(req, plan, key, None, decision.fwd, stale,
                                          coalesce=decision.fwd != "request",
@@ -366,15 +395,27 @@ class Engine:
             if body is None:
                 return None
         status, reason, length, offset = stored.status, stored.reason, entry.body_size, 0
-        range_header = req.head.headers.get("Range")
-        if range_header is not None and stored.status == 200 and if_range_allows(req.head.headers, stored):
-            rng = parse_range(range_header, entry.body_size)
+        spec = request_range(req.head.headers)
+        if stored.status == 206:
+            # A stored part (RFC 9111 §3.3): only ever served for a range it holds whole.
+            held, part = (answerable(stored, spec) if spec is not None else None), part_range(stored)
+            if held is None or part is None or head_only:
+                _close(body)
+                return None
+            headers = [(k, v) for k, v in headers if k.lower() != "content-range"]
+            headers.append(("Content-Range", f"bytes {held.first}-{held.last}/{held.total}"))
+            length, offset = held.length, held.first - part.first
+            if isinstance(body, bytes):
+                body, offset = body[offset:offset + length], 0
+            return self._finish(plan, Reply(206, reason, headers, body, length, x_cache, tier, offset))
+        if spec is not None and stored.status == 200 and if_range_allows(req.head.headers, stored):
+            rng = resolve_range(spec, entry.body_size)
             if rng == "unsatisfiable":
                 _close(body)
                 headers.append(("Content-Range", f"bytes */{entry.body_size}"))
                 return self._finish(plan, Reply(416, "Range Not Satisfiable", headers, b"", 0,
                                                 x_cache, "none"))
-            if rng is not None:
+            else:
                 first, last = rng
                 status, reason = 206, "Partial Content"
                 headers.append(("Content-Range", f"bytes {first}-{last}/{entry.body_size}"))
@@ -400,6 +441,156 @@ class Engine:
             except Exception:
                 log.exception("could not drop %s", cached.entry.key)
         return body
+
+    # -- partial content (RFC 9111 §3.3-3.4) ----------------------------------------------
+
+    async def _range_miss(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
+                          fwd: str) -> Reply | None:
+        """A single byte range that no complete stored response answers: from a stored part
+        that holds it, else from the origin at once (a Range request, its 206 stored as a part,
+        combined with the part already held when their strong validators agree). With
+        ``range_fill: whole`` the whole object is fetched in the background meanwhile, so the
+        next ranges are hits. None: not this way (an If-Range the part does not satisfy)."""
+        head = req.head
+        pkey = part_key(key)
+        parts = self.storage.memory_get(pkey)
+        if parts is None:
+            parts = await self._load(pkey, bodies=True)
+        old: Cached | None = None
+        if parts:
+            responses = [c.entry.response for c in parts]
+            decision = decide_lookup(head, responses, self.clock(), plan.options)
+            if isinstance(decision, Serve) and decision.status == "HIT" \
+                    and answerable(responses[decision.index], spec) is not None:
+                if not if_range_allows(head.headers, responses[decision.index]):
+                    return None  # the client wants the whole representation instead
+                reply = await self._serve(req, plan, parts[decision.index], "HIT", decision.ttl,
+                                          decision.age, False, hit=True)
+                if reply is not None:
+                    return reply
+            index = select_variant(head, responses)
+            old = parts[index] if index is not None else None
+        if "if-range" in head.headers:
+            return None  # a conditional range: the whole fill answers it from the stored response
+        return await self._fetch_part(req, plan, key, spec, fwd, old)
+
+    async def _fetch_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
+                          fwd: str, old: Cached | None) -> Reply:
+        head = req.head
+        headers = self._upstream_headers(req, fill=True)
+        first, last = spec
+        headers.append(("Range", f"bytes={'' if first is None else first}-{'' if last is None else last}"))
+        request_time = self.clock()
+        try:
+            resp = await self._send("GET", fill_target(head, plan.key, key), headers,
+                                    on_interim=_relay(req.interim))
+        except UpstreamError as exc:
+            return self._upstream_failed(plan, exc, fwd)
+        response_time = self.clock()
+        if resp.status == 200:
+            # An origin that ignores Range sends the whole representation: that is the fill.
+            return await self._answer_unshared(req, plan, key, fwd, resp, request_time, response_time)
+        if resp.status != 206:  # an error, or a 416 about this range only: passed on, not stored
+            return self._direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
+                                      False)
+        held = parse_content_range(resp.headers.get("Content-Range"))
+        if held is None:  # a multipart answer: passed on as it is
+            return self._direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=206), False)
+        if self.settings.cache.range_fill == "whole" and self.coalescer.get(key) is None:
+            # The origin serves ranges: the whole object follows in the background.
+            self._start_flight(req, plan, key, None, register=True, background=True)
+        detail, entry = self._part_decision(head, plan, key, resp, request_time, response_time)
+        if detail:
+            self.metrics.not_stored.labels(detail).inc()
+        cs = cache_status(fwd=fwd, fwd_status=206, stored=entry is not None, detail=detail or None)
+        out = self._response_headers(resp.headers)
+        out.append(("Cache-Status", cs))
+        out.append(("X-Cache-Status", "MISS"))
+        body = self._tee_part(resp, entry, held, old)
+        # Framed by the origin's own length: a body that disagrees with its Content-Range reaches
+        # the client as sent, and is not stored (the spool expects the range's length).
+        return self._finish(plan, Reply(206, resp.reason, out, body, resp.content_length, "MISS",
+                                        "upstream"))
+
+    def _part_decision(self, head: RequestHead, plan: RequestPlan, key: str, resp: UpstreamResponse,
+                       request_time: float, response_time: float) -> tuple[str, Entry | None]:
+        """May this 206 be stored as a part, as what (the same rules as its complete response)?"""
+        store_plan = plan.for_response(200, resp.headers.get("Content-Type"))
+        if store_plan.no_store:
+            assert store_plan.rule is not None
+            return f"RULE-NO-STORE:{store_plan.rule.name}", None
+        decision = decide_store_part(head, resp.reason, resp.headers, request_time, response_time,
+                                     store_plan.options)
+        if isinstance(decision, DontStore):
+            return decision.detail, None
+        content_type = resp.headers.get("Content-Type")
+        if store_plan.deception_guard and not content_type_agrees(head.target, content_type):
+            return "DECEPTION-GUARD", None
+        stored = decision.response
+        stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter),
+                         headers=with_via(stored.headers, self._via))
+        tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
+        return "", Entry(key=part_key(key), url=head.url, response=stored, body_id="", body_size=0,
+                         tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
+
+    async def _tee_part(self, resp: UpstreamResponse, entry: Entry | None, held: ByteRange,
+                        old: Cached | None) -> AsyncIterator[bytes]:
+        """The part's body to the client as it arrives, and to a spool; stored once complete."""
+        spool = self.storage.spool(entry, held.length) if entry is not None else None
+        try:
+            async for chunk in resp.iter_chunks():
+                if spool is not None and not await spool.write(chunk):
+                    spool = None
+                yield chunk
+        except BaseException:
+            if spool is not None:
+                spool.discard()
+            raise
+        if spool is not None and entry is not None:
+            try:
+                await self._store_part(entry, spool, old)
+            except Exception:
+                log.exception("storing a part of %s failed", entry.key)
+                self.metrics.storage_errors.labels("write").inc()
+
+    async def _store_part(self, entry: Entry, spool: BodySpool, old: Cached | None) -> None:
+        """Store a received part; combined with the one held for the same variant when RFC 9111
+        §3.4 allows it (one strong validator) and both are small enough to hold in memory
+        (memory_max_object): a complete result is stored as the 200 it adds up to."""
+        combine = decide_combine(old.entry.response, entry.response) if old is not None else None
+        if old is None or not isinstance(combine, Combine) \
+                or combine.range.length > self.storage.memory.max_object:
+            await self.storage.commit(entry, spool)
+            return
+        new_body = spool.body_bytes()
+        old_body = await self._open_body(old)
+        if new_body is None or not isinstance(old_body, bytes):
+            _close(old_body)
+            await self.storage.commit(entry, spool)
+            return
+        spool.discard()
+        bodies = {id(entry.response): new_body, id(old.entry.response): old_body}
+        lower, upper = bodies[id(combine.lower)], bodies[id(combine.upper)]
+        lower_range, upper_range = part_range(combine.lower), part_range(combine.upper)
+        assert lower_range is not None and upper_range is not None
+        merged = lower + upper[lower_range.last + 1 - upper_range.first:]
+        new = entry.response
+        if combine.range.complete:
+            # §3.4: the combined response takes the new response's header fields.
+            fields = tuple((k, v) for k, v in new.headers
+                           if k.lower() not in ("content-range", "content-length"))
+            combined = Entry(key=whole_key(entry.key), url=entry.url,
+                             response=replace(new, status=200, reason="OK", headers=fields),
+                             body_id="", body_size=0, tags=entry.tags, stored_at=entry.stored_at)
+        else:
+            r = combine.range
+            fields = tuple((k, v) for k, v in new.headers if k.lower() != "content-range")
+            combined = replace(entry, response=replace(
+                new, headers=(*fields, ("Content-Range", f"bytes {r.first}-{r.last}/{r.total}"))))
+        out = self.storage.spool(combined, len(merged))
+        await out.write(merged)
+        if await self.storage.commit(combined, out) and combine.range.complete:
+            self.coalescer.clear_absent(combined.key)
 
     # -- going upstream --------------------------------------------------------------------
 
@@ -452,7 +643,7 @@ class Engine:
         head = req.head
         try:
             resp = await self._send(head.method, head.target, self._upstream_headers(req, fill=False),
-                                    req.body)
+                                    req.body, _relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd, x_cache="BYPASS")
         urls = invalidated_urls(head, resp.status, resp.headers)
@@ -464,9 +655,11 @@ class Engine:
         return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
     async def _send(self, method: str, target: str, headers: list[tuple[str, str]],
-                    body: AsyncIterable[bytes] | None = None) -> UpstreamResponse:
+                    body: AsyncIterable[bytes] | None = None,
+                    on_interim: InterimHook | None = None) -> UpstreamResponse:
         started = time.monotonic()
-        resp = await self.pool.send(method, target, headers, body)  # errors are counted by the pool
+        # Errors are counted by the pool.
+        resp = await self.pool.send(method, target, headers, body, on_interim)
         name = resp.upstream.name
         took = time.monotonic() - started
         self.metrics.upstream_latency.labels(name).observe(took)
@@ -539,11 +732,13 @@ class Engine:
                                         stale=stale)
             reader = flight.body.join()
         assert reader is not None
+        if req.interim is not None and not flight.head.done():
+            flight.interim.append(req.interim)  # the origin's 1xx, until the head arrives
         return await self._reply_from_flight(req, plan, key, flight, reader, collapsed, revalidating, fwd,
                                              stale, stale_prohibited)
 
     async def _reply_from_flight(self, req: ClientRequest, plan: RequestPlan, key: str, flight: Flight,
-                                 reader: Any, collapsed: bool, revalidating: Cached | None, fwd: str,
+                                 reader: Reader, collapsed: bool, revalidating: Cached | None, fwd: str,
                                  stale: Cached | None, stale_prohibited: bool) -> Reply:
         """Answer a client that joined ``flight`` (as its leader, or ``collapsed`` as a follower)."""
         head = req.head
@@ -625,7 +820,7 @@ class Engine:
             # stored response once the flight has stored it.
             reader.close()
             return await self._serve_after_flight(req, plan, key, fwd, fhead.status, x_cache, collapsed,
-                                                  stored=not collapsed)
+                                                  stored=not collapsed, flight=flight)
 
         if head.method == "HEAD" or fhead.status in (204, 304):
             reader.close()
@@ -649,8 +844,55 @@ class Engine:
                 reader.close()
             return self._finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
                                             x_cache, "upstream"))
-        return self._finish(plan, Reply(fhead.status, fhead.reason, headers, reader.__aiter__(),
-                                        length, x_cache, "upstream"))
+        return self._finish(plan, Reply(fhead.status, fhead.reason, headers,
+                                        self._flight_body(flight, key, reader), length, x_cache,
+                                        "upstream"))
+
+    async def _flight_body(self, flight: Flight, key: str, reader: Reader) -> AsyncIterator[bytes]:
+        """A flight's body for one client, as it arrives. A client that fell too far behind a
+        fill being stored was detached from it (the fetch and the other clients do not wait
+        for it: ``proxy.coalescer``) and gets the rest from the stored response once the fill
+        is complete; when it was not stored after all, this raises and the client's
+        connection is aborted (a truncated body is never ended as if complete)."""
+        chunks = reader.__aiter__()
+        try:
+            async for chunk in chunks:
+                yield chunk
+            return
+        except FellBehind as behind:
+            offset = behind.offset
+        except TooFarBehind:
+            self.metrics.slow_readers.labels("cut_off").inc()
+            raise
+        finally:
+            await chunks.aclose()
+        async for chunk in self._stored_rest(flight, key, offset):
+            yield chunk
+
+    async def _stored_rest(self, flight: Flight, key: str, offset: int) -> AsyncIterator[bytes]:
+        """The body a flight stored, from ``offset`` on (for a client detached from it)."""
+        result = await asyncio.shield(flight.result)
+        entry = result.entry
+        body: bytes | IO[bytes] | None = None
+        if entry is not None and entry.body_size >= offset:
+            variants = await self._load(key)
+            cached = next((c for c in variants if c.entry.body_id == entry.body_id), None)
+            if cached is not None:
+                body = await self._open_body(cached)
+        if body is None:
+            self.metrics.slow_readers.labels("cut_off").inc()
+            raise ResponseAborted(f"{key}: the client fell behind a fill that was not stored")
+        self.metrics.slow_readers.labels("resumed").inc()
+        if isinstance(body, bytes):
+            if offset < len(body):
+                yield body[offset:]
+            return
+        try:
+            await self.storage.run(body.seek, offset)
+            while chunk := await self.storage.run(body.read, STORED_CHUNK):
+                yield chunk
+        finally:
+            body.close()
 
     async def _forward_passing(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str) -> Reply:
         """A hit-for-pass key: forwarded in the request's own task, without a flight (nobody may
@@ -660,10 +902,17 @@ class Engine:
         request_time = self.clock()
         try:
             resp = await self._send("GET", fill_target(head, plan.key, key),
-                                    self._upstream_headers(req, fill=True))
+                                    self._upstream_headers(req, fill=True), on_interim=_relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd)
         response_time = self.clock()
+        return await self._answer_unshared(req, plan, key, fwd, resp, request_time, response_time)
+
+    async def _answer_unshared(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
+                               resp: UpstreamResponse, request_time: float, response_time: float) -> Reply:
+        """Answer one client from a response fetched for it alone; stored (through a flight
+        nobody else may join) when it is storable."""
+        head = req.head
         store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
         try:
             store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
@@ -730,8 +979,9 @@ class Engine:
 
     async def _serve_after_flight(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
                                   fwd_status: int | None, x_cache: str, collapsed: bool, *,
-                                  stored: bool = False) -> Reply:
-        flight = self.coalescer.get(key)
+                                  stored: bool = False, flight: Flight | None = None) -> Reply:
+        """Answer from the store once ``flight`` (by default, the key's) has stored its response."""
+        flight = flight or self.coalescer.get(key)
         if flight is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flight.result), self.settings.cache.lock_timeout)
@@ -739,10 +989,10 @@ class Engine:
         index = select_variant(req.head, [c.entry.response for c in variants]) if variants else None
         if index is not None:
             cached = variants[index]
-            f = cached.entry.response.freshness
+            response = cached.entry.response
             now = self.clock()
             reply = await self._serve(
-                req, plan, cached, x_cache, f.ttl(now), f.age(now),
+                req, plan, cached, x_cache, response.ttl(now), response.freshness.age(now),
                 client_not_modified(req.head.headers, cached.entry.response),
                 # RFC 9211: a collapsed request went forward (with the leader's): never "hit".
                 hit=x_cache == "HIT" and not collapsed, fwd=fwd, collapsed=collapsed, mark_stored=stored,
@@ -754,9 +1004,9 @@ class Engine:
 
     async def _serve_stale(self, req: ClientRequest, plan: RequestPlan, stale: Cached, fwd: str,
                            fwd_status: int | None, detail: str) -> Reply:
-        f = stale.entry.response.freshness
+        response = stale.entry.response
         now = self.clock()
-        reply = await self._serve(req, plan, stale, "STALE", f.ttl(now), f.age(now),
+        reply = await self._serve(req, plan, stale, "STALE", response.ttl(now), response.freshness.age(now),
                                   client_not_modified(req.head.headers, stale.entry.response),
                                   hit=False, fwd=fwd, fwd_status=fwd_status, detail=detail)
         if reply is None:
@@ -770,6 +1020,8 @@ class Engine:
         async def run(flight: Flight) -> None:
             if register and self.leases is not None:
                 await self._run_leased_flight(flight, req, plan, key, revalidating, stale, background)
+            elif register and not background:
+                await self._fill(flight, req, plan, key, revalidating, stale)
             else:
                 await self._run_flight(flight, req, plan, key, revalidating, stale)
 
@@ -817,7 +1069,7 @@ class Engine:
                     # Told the moment the response is on disk, not when the flight ends.
                     flight.on_stored = lambda stored: release("stored" if stored else "failed")
                     try:
-                        await self._run_flight(flight, req, plan, key, revalidating, stale)
+                        await self._fill(flight, req, plan, key, revalidating, stale)
                     finally:
                         self._release_lease(flight, release)
                     return
@@ -849,7 +1101,104 @@ class Engine:
                 case _:
                     assert_never(lease)
             break
-        await self._run_flight(flight, req, plan, key, revalidating, stale)
+        await self._fill(flight, req, plan, key, revalidating, stale)
+
+    async def _fill(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
+                    revalidating: Cached | None, stale: Cached | None) -> None:
+        """A coalesced flight's fetch. In cluster mode with a shared tier (``proxy.cluster.fills``)
+        it asks the other nodes first: what one of them stored is kept here and served; else
+        one node in the cluster fetches under the key's fill lock and writes its fill through,
+        while the others wait for it (at most ``lock_timeout``, then they fetch here).
+        Revalidations stay with each node."""
+        shared = self.shared
+        if shared is None or revalidating is not None:
+            await self._run_flight(flight, req, plan, key, revalidating, stale)
+            return
+        loop = asyncio.get_running_loop()
+        lock_timeout = self.settings.cache.lock_timeout
+        deadline = loop.time() + lock_timeout
+        lock_only = False
+        for _ in range(4):
+            epoch = self.storage.epoch
+            answer = await shared.lookup(key, max(lock_timeout, 1.0) + 1.0, lock_only)
+            match answer:
+                case Found():
+                    if self.storage.epoch != epoch:
+                        continue  # a purge was applied here meanwhile: what was found may be purged
+                    if await self._adopt_shared(flight, req, plan, key, answer):
+                        return
+                    lock_only = True  # stored, but not fresh for this request: fetch under the lock
+                case Locked():
+                    await self._run_locked_fill(shared, answer, flight, req, plan, key, stale)
+                    return
+                case Contended():
+                    left = deadline - loop.time()
+                    outcome = await shared.wait_filled(key, min(left, answer.wait + 0.05)) \
+                        if left > 0 else None
+                    if outcome not in (None, "stored") or loop.time() >= deadline:
+                        break  # not shareable, failed, or waited long enough: fetch here
+                case None:
+                    break
+                case _:
+                    assert_never(answer)
+        await self._run_flight(flight, req, plan, key, None, stale)
+
+    async def _run_locked_fill(self, shared: SharedCache, lock: Locked, flight: Flight, req: ClientRequest,
+                               plan: RequestPlan, key: str, stale: Cached | None) -> None:
+        """Fetch under the cluster-wide fill lock; write the fill through, then release the lock
+        (which wakes the other nodes' waiters)."""
+        writes: list[asyncio.Future[bool]] = []
+
+        def filled(entry: Entry, body: bytes | None) -> None:
+            if body is not None and len(body) <= shared.max_object:
+                writes.append(asyncio.ensure_future(shared.write(entry, body, lock, self.clock())))
+
+        flight.on_filled = filled
+        outcome = "failed"
+        try:
+            await self._run_flight(flight, req, plan, key, None, stale)
+            if writes and await writes[0]:
+                outcome = "stored"
+        finally:
+            await shared.release(key, lock, outcome)
+
+    async def _adopt_shared(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
+                            found: Found) -> bool:
+        """End ``flight`` with a variant another node stored in the shared tier, when it is a
+        fresh hit for the flight's request: kept in this node's tiers (the same way a fill is),
+        then served from them; False when none is."""
+        decision = decide_lookup(req.head, [e.response for e, _ in found.variants], self.clock(),
+                                 plan.options)
+        if not isinstance(decision, Serve) or decision.status != "HIT":
+            return False
+        entry, body = found.variants[decision.index]
+        spool = self.storage.spool(entry, len(body))
+        if not await spool.write(body):
+            spool.discard()
+            return False
+        final = self.storage.finalize(entry, spool)
+        if final is None:
+            return False
+        self._stores += 1
+        self.coalescer.clear_absent(key)
+        in_memory = self.storage.put_memory(final, spool)
+        stored = final.response
+        flight.head.set_result(FlightHead(stored.status, stored.reason,
+                                          CIMultiDictProxy(CIMultiDict(stored.headers)), True,
+                                          STORED_ELSEWHERE, final.body_size, stored.vary))
+        self.coalescer.retire(flight)
+        if flight.on_stored is None and in_memory:
+            # In memory now: the flight's clients are answered at once, the disk copy follows.
+            flight.body.finish()
+            flight.result.set_result(FlightResult(True, STORED_ELSEWHERE))
+            await self._put_disk(key, final, spool)
+            return True
+        # Other workers wait for this key (proxy.leases): they read it from disk, so the flight
+        # ends once it is there.
+        on_disk = await self._put_disk(key, final, spool)
+        flight.body.finish()
+        flight.result.set_result(FlightResult(True, STORED_ELSEWHERE if on_disk else "STORE-FAILED"))
+        return True
 
     async def _answer_from_store(self, flight: Flight, req: ClientRequest, plan: RequestPlan,
                                  key: str) -> bool:
@@ -908,8 +1257,14 @@ class Engine:
         if revalidating is not None:
             headers.extend(conditional_headers(revalidating.entry.response))
         request_time = self.clock()
+
+        def interim(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+            kept = end_to_end(fields)
+            for sink in list(flight.interim):
+                sink(status, reason, kept)
+
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key), headers)
+            resp = await self._send("GET", fill_target(head, plan.key, key), headers, on_interim=interim)
         except UpstreamError as exc:
             flight.head.set_exception(exc)
             return
@@ -971,17 +1326,22 @@ class Engine:
             self.coalescer.clear_absent(key)
             spool = self.storage.spool(entry, resp.content_length)
         flight.spool = spool
+        body = flight.body
+        body.storing = spool is not None
+        abandoned = ""  # why the store was given up mid-body
         try:
             async for chunk in resp.iter_chunks():
-                if spool is not None and not await spool.write(chunk):
-                    spool = None
-                    self.metrics.not_stored_because("TOO-LARGE", url_of_key(key))
-                if flight.body.readers == 0 and spool is None:
+                if spool is not None:
+                    abandoned = await self._spool_write(key, spool, chunk)
+                    if abandoned:
+                        spool = None
+                        body.stop_storing()
+                if body.readers == 0 and spool is None:
                     resp.close()  # nobody reads it and nothing stores it
-                    flight.body.fail(ConnectionAbortedError("no readers"))
+                    body.fail(ResponseAborted("no readers"))
                     flight.result.set_result(FlightResult(False, "ABANDONED"))
                     return
-                await flight.body.push(chunk)
+                await body.push(chunk)
         except UpstreamError as exc:
             log.warning("upstream body broke off for %s: %s", key, exc)
             if spool is not None:
@@ -998,12 +1358,14 @@ class Engine:
         if final is None or spool is None:
             self.coalescer.retire(flight)
             flight.body.finish()
-            flight.result.set_result(FlightResult(False, store_detail or "INCOMPLETE"))
+            flight.result.set_result(FlightResult(False, store_detail or abandoned or "INCOMPLETE"))
             return
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
         self.storage.put_memory(final, spool)
         self.metrics.fills.inc()
+        if flight.on_filled is not None:
+            flight.on_filled(final, spool.body_bytes())
         self.coalescer.retire(flight)
         if flight.on_stored is not None and spool.body_bytes() is not None:
             # Other workers wait for this key (proxy.leases): a small body goes to disk before
@@ -1020,16 +1382,30 @@ class Engine:
         if on_disk:
             self.coalescer.clear_pass(key)
         self.coalescer.clear_absent(key)
-        flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED"))
+        flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED", final))
+
+    async def _spool_write(self, key: str, spool: BodySpool, chunk: bytes) -> str:
+        """Spool a chunk of a body being stored; "" while it is kept, else why the store is
+        given up (the clients still get the whole body): TOO-LARGE, or STORE-FAILED when the
+        write failed (a full disk: counted, logged once per streak, in /stats)."""
+        try:
+            if await spool.write(chunk):
+                return ""
+            reason = "TOO-LARGE"
+        except Exception as exc:
+            spool.discard()
+            self.write_failures.failed("spool", key, exc)
+            reason = "STORE-FAILED"
+        self.metrics.not_stored_because(reason, url_of_key(key))
+        return reason
 
     async def _put_disk(self, key: str, final: Entry, spool: BodySpool) -> bool:
         writing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._disk_writes.setdefault(key, set()).add(writing)
         try:
-            return await self.storage.put_disk(final, spool)
-        except Exception:
-            log.exception("storing %s failed", key)
-            self.metrics.storage_errors.labels("write").inc()
+            stored = await self.storage.put_disk(final, spool)
+        except Exception as exc:
+            self.write_failures.failed("write", key, exc)
             return False
         finally:
             writing.set_result(None)
@@ -1038,6 +1414,9 @@ class Engine:
                 pending.discard(writing)
                 if not pending:
                     del self._disk_writes[key]
+        if stored:
+            self.write_failures.succeeded()
+        return stored
 
     def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: StorePlan, key: str,
                         resp: UpstreamResponse, request_time: float, response_time: float
@@ -1064,6 +1443,9 @@ class Engine:
             # afterwards. Nor is the filling request's id (an origin may echo it) anyone else's.
             stored = replace(stored, headers=tuple(
                 (k, v) for k, v in stored.headers if k.lower() not in ("set-cookie", "x-request-id")))
+        # This cache's Via goes into the stored head once, so every hit carries it (the fast
+        # path's pre-built heads too) at no cost per request.
+        stored = replace(stored, headers=with_via(stored.headers, self._via))
         tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
         entry = Entry(key=key, url=head.url, response=stored, body_id="", body_size=0,
                       tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
@@ -1090,15 +1472,15 @@ class Engine:
                 (k, v) for k, v in update.items() if k.lower() != "x-request-id"))
         updated = freshen_stored(old, update, request_time, response_time, store_plan.options)
         if updated is not None:
-            updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter))
+            updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter),
+                              headers=with_via(updated.headers, self._via))  # a 304's Via replaced ours
         try:
             if updated is None:  # the 304 said no-store or private: forget the stored response
                 await self.storage.delete([entry.key])
             else:
                 await self.storage.update(entry.with_response(updated))
-        except Exception:
-            log.exception("freshening %s failed", entry.key)
-            self.metrics.storage_errors.labels("write").inc()
+        except Exception as exc:
+            self.write_failures.failed("write", entry.key, exc)
 
     # -- finishing ---------------------------------------------------------------------------
 
@@ -1108,6 +1490,21 @@ class Engine:
         if edits:
             reply.headers = edits.apply(reply.headers)
         return reply
+
+
+def with_via(headers: HeaderList, via: str) -> HeaderList:
+    """Stored fields with ``via`` (this cache's Via entry) as the last member of Via, once.
+
+    >>> once = with_via((("Via", "1.1 lb"), ("X", "1")), "1.1 cachegate")
+    >>> once, with_via(once, "1.1 cachegate") == once
+    ((('X', '1'), ('Via', '1.1 lb, 1.1 cachegate')), True)
+    """
+    values = [v for k, v in headers if k.lower() == "via"]
+    members = split_list(values)
+    if members and members[-1] == via:
+        return headers
+    others = tuple((k, v) for k, v in headers if k.lower() != "via")
+    return (*others, ("Via", ", ".join((*members, via))))
 
 
 def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
@@ -1133,6 +1530,19 @@ def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, 
     return plan.response_headers
 
 
+PART_SUFFIX = "\x1fpart"
+
+
+def part_key(key: str) -> str:
+    """Where the parts (206 responses) of a key's representations are stored: an entry of
+    its own beside the key's, so the hit path and storage never meet a part by accident."""
+    return key + PART_SUFFIX
+
+
+def whole_key(key: str) -> str:
+    return key.removesuffix(PART_SUFFIX)
+
+
 def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:
     """The target a fill asks the origin for: the URL as keyed.
 
@@ -1148,6 +1558,18 @@ def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:
     if url == head.url or not url.startswith(prefix):
         return head.target
     return url[len(prefix):] or "/"
+
+
+def _relay(sink: InterimSink | None) -> InterimHook | None:
+    """The upstream client's hook for one client's interim responses: their end-to-end fields
+    only (RFC 9110 §15.2: a proxy forwards 1xx responses, hop-by-hop fields aside)."""
+    if sink is None:
+        return None
+
+    def relay(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+        sink(status, reason, end_to_end(fields))
+
+    return relay
 
 
 def _upstream_error(status: int, message: str) -> UpstreamError:

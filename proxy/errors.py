@@ -31,6 +31,14 @@ class UpstreamError(CachegateError):
     status_hint = 502
     public = "the origin server failed to answer"
 
+    def __init__(self, message: str = "", *, detail: str | None = None) -> None:
+        super().__init__(message)
+        # What may be told to the client beside ``public``: the fault, never an address.
+        self.detail = detail
+
+    def public_text(self) -> str:
+        return f"{self.public} ({self.detail})" if self.detail else self.public
+
 
 class UpstreamConnectError(UpstreamError):
     """The connection could not be made, or broke before any response byte arrived."""
@@ -54,6 +62,14 @@ class NoUpstreamAvailable(UpstreamError):
 
     status_hint = 503
     public = "no origin server is available"
+
+
+class ResponseAborted(CachegateError):
+    """A response body that cannot be completed for one client (it fell too far behind a
+    shared fill that is not stored, or the fill ended before its body did): the web layer
+    aborts that client's connection, so it never takes a truncated body for a complete one."""
+
+    status_hint = 502
 
 
 class StorageError(CachegateError):

@@ -347,7 +347,7 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
     headers = CIMultiDictProxy(CIMultiDict(r.headers))
     sp = plan.for_response(r.status, headers.get("Content-Type"))
     cc, cc_field = response_cache_control(headers, sp.options)
-    ttl = f.ttl(now)
+    ttl = r.ttl(now)
     return {
         "index": index,
         "selected": index == selected,

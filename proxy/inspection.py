@@ -30,6 +30,7 @@ from proxy.policy.keys import normalise_host, url_of_key
 from proxy.purge import host_matches
 from proxy.runtime import Runtime
 from proxy.storage.entry import Entry, entry_from_json, entry_to_json
+from proxy.storage.failures import merge_snapshots
 from proxy.storage.tiered import Storage
 
 WorkerCall = Callable[..., Awaitable[list[Any]]]  # Supervisor.call_all(name, wait=..., **args)
@@ -98,6 +99,7 @@ def local_stats(runtime: Runtime, top: int = TOP_KEYS) -> dict[str, Any]:
         "requests": runtime.metrics.request_counts(),
         "hosts": sorted(runtime.hosts_seen)[:100],
         "top": [[url_of_key(k), k, n] for k, n in memory.top(top)] if top else [],
+        "storage": runtime.engine.write_failures.snapshot(),
     }
 
 
@@ -317,6 +319,8 @@ class Inspector:
                 "last_minute_window_seconds": round(seconds, 1),
             },
             "top_keys": [{"url": url, "key": key, "hits": n} for (url, key), n in ranked],
+            # Storage write failures (a full disk): responses passed on unstored meanwhile.
+            "storage": merge_snapshots([p["storage"] for p in parts if "storage" in p]),
         }
         if self._call is not None:
             out["workers"] = [{"worker": p["worker"], "pid": p["pid"], "memory": p["memory"],
@@ -362,7 +366,7 @@ def variant_view(entry: Entry, copies: list[Copy], now: float) -> dict[str, Any]
     tiers = sorted({c.tier for c in copies}, key=("memory", "disk").index)
     in_memory = [c for c in copies if c.tier == "memory"]
     hits = sum(c.hits or 0 for c in in_memory)
-    ttl = f.ttl(now)
+    ttl = r.ttl(now)  # a soft-purged entry is stale since the purge
     view: dict[str, Any] = {
         "key": entry.key,
         "url": entry.url,

@@ -440,6 +440,8 @@ def setup_logging(level: str | None = None, as_json: bool | None = None, worker:
     if level is not None:
         root.setLevel(getattr(logging, level.upper()))
     handler = next((h for h in root.handlers if getattr(h, "cachegate", False)), None)
+    if handler is None and level is None:
+        return  # not the command line's process (tests, an embedding app): its logging is its own
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.cachegate = True  # type: ignore[attr-defined]

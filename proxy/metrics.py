@@ -234,8 +234,13 @@ class Metrics:
                                      "and CSRF guards), by reason: host, origin, content_type",
                                      ["reason"], registry=r)
         self.reloads = Counter("cachegate_config_reloads", "Config reloads by result", ["result"], registry=r)
-        self.storage_errors = Counter("cachegate_storage_errors", "Storage failures degraded to a miss",
-                                      ["operation"], registry=r)
+        self.storage_errors = Counter("cachegate_storage_errors",
+                                      "Storage failures degraded to a miss (read) or to not storing "
+                                      "(spool, write), by operation", ["operation"], registry=r)
+        self.slow_readers = Counter("cachegate_slow_readers",
+                                    "Clients that fell too far behind a shared fill: resumed from the "
+                                    "stored response, or cut off (connection aborted)", ["outcome"],
+                                    registry=r)
         self.fills = Counter("cachegate_fills", "Responses stored in the cache (a complete body committed)",
                              registry=r)
         # Fast-path hits are timed one in FAST_SAMPLE and counted FAST_SAMPLE times (proxy.live).

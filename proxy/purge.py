@@ -24,7 +24,7 @@ from typing import Any
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, CachegateError
 from proxy.policy.keys import cache_key, normalise_host, url_of_key
 from proxy.policy.messages import RequestHead
 from proxy.rules import RuleSet
@@ -72,6 +72,43 @@ class PurgeSpec:
         return cls(tuple(d.get("urls", ())), tuple(d.get("prefixes", ())), tuple(d.get("tags", ())),
                    bool(d.get("all")), bool(d.get("soft")), tuple(d.get("keys", ())),
                    bool(d.get("invalidation")))
+
+
+@dataclass(frozen=True)
+class PurgeOutcome:
+    """What a purge did: entries purged, and in cluster mode what each node answered.
+
+    ``nodes`` is None for a cachegate alone; in cluster mode it maps every node that
+    acknowledged to its count, and ``missing`` names the live nodes that did not
+    acknowledge within ``cluster.ack_timeout`` (the admin API then answers 202, not 200)."""
+
+    purged: int
+    nodes: dict[str, int] | None = None
+    missing: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"purged": self.purged}
+        if self.nodes is not None:
+            body["nodes"] = {n: {"purged": c} for n, c in sorted(self.nodes.items())}
+            body["missing"] = list(self.missing)
+        return body
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PurgeOutcome:
+        nodes = d.get("nodes")
+        return cls(int(d["purged"]), None if nodes is None else
+                   {str(n): int(v["purged"]) for n, v in nodes.items()}, tuple(d.get("missing", ())))
+
+
+class PurgeUnavailable(CachegateError):
+    """A purge that cannot be carried out everywhere now (cluster mode, Redis unreachable):
+    nothing was purged, on this node or any other; the caller may retry."""
+
+    status_hint = 503
 
 
 def normalise_url(text: str) -> str:

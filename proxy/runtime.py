@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -25,7 +26,7 @@ from proxy.control import Channel
 from proxy.engine import Engine
 from proxy.logs import AccessLog, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
-from proxy.purge import Purger, PurgeSpec
+from proxy.purge import PurgeOutcome, Purger, PurgeSpec
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier
@@ -91,9 +92,14 @@ class Runtime:
     purger: Purger
     # Set by the server (install_reloader): re-read config and rules, apply them when valid.
     reload_config: Callable[[], ReloadResult] | None = None
-    # Set in multi-worker mode: where a purge really happens (the supervisor's cluster purge;
-    # in a worker, a call to the supervisor). None: purge this process's store.
-    purge_fn: Callable[[PurgeSpec], Awaitable[int]] | None = None
+    # Where a purge really happens: in cluster mode the node's bus (proxy.cluster), with
+    # several workers the supervisor's fan-out (in a worker, a call to the supervisor).
+    # None: purge this process's store (``purge_here``).
+    purge_fn: Callable[[PurgeSpec], Awaitable[PurgeOutcome]] | None = None
+    # In cluster mode, in the process that is the node's member of the cluster (the only
+    # process, or the supervisor): its ``proxy.cluster.node.ClusterNode``, for GET /cluster
+    # and /healthz. Typed loosely so that nothing here imports the Redis client.
+    cluster: Any = None
     worker_id: int | None = None
     # In a worker: the control channel to the supervisor. Features add named calls to
     # ``control.handlers`` (answered here) and call the supervisor with ``control.call``.
@@ -112,6 +118,8 @@ class Runtime:
     # What else a reload applies (the web layer adds a TLS listener's certificate reload).
     on_reconfigure: list[Callable[[Settings], None]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Closed first by ``close`` (cluster mode's Redis connections), last added first.
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @classmethod
     async def open(cls, settings: Settings, *, owner: bool = True) -> Runtime:
@@ -137,10 +145,14 @@ class Runtime:
             runtime._tasks.append(asyncio.ensure_future(loop))
         return runtime
 
-    async def purge(self, spec: PurgeSpec) -> int:
-        """Purge everywhere this cache lives (every worker, when there are several)."""
+    async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
+        """Purge everywhere this cache lives (every worker, every node of a cluster)."""
         if self.purge_fn is not None:
             return await self.purge_fn(spec)
+        return PurgeOutcome(await self.purge_here(spec))
+
+    async def purge_here(self, spec: PurgeSpec) -> int:
+        """Purge this process's store (a cachegate of one process: its whole cache)."""
         count = await self.purger.purge(spec)
         self.count_purge(spec, count)
         return count
@@ -168,6 +180,12 @@ class Runtime:
                 log.exception("reload: applying the new config failed in part")
 
     async def close(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                await close()
+            except Exception:
+                log.exception("closing %r failed", close)
+        self.closers.clear()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -43,12 +43,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from proxy.cluster import ClusterUnavailable
+from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
 from proxy.leases import LeaseBroker
 from proxy.logs import say, setup_logging
-from proxy.purge import PurgeSpec, match_to_json
+from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
     Listeners,
@@ -58,6 +60,7 @@ from proxy.web.server import (
     _fmt,
     check_c_parser,
     install_reloader,
+    open_runtime,
     say_started,
     serve,
     start_admin_listener,
@@ -117,7 +120,12 @@ class Supervisor:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             return 1
         setup_logging(worker="supervisor")
-        runtime = self.runtime = await Runtime.open(self.settings, owner=True)
+        opened = await open_runtime(self.settings, owner=True)
+        if opened is None:
+            for sock in reserved:
+                sock.close()
+            return 1
+        runtime = self.runtime = opened
         runtime.metrics.process_label = "supervisor"
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
@@ -136,6 +144,17 @@ class Supervisor:
         if admin is not None:
             listeners.runners.append(admin)
             listeners.admin_addresses = _bound(admin)
+        if self.settings.cluster is not None:
+            # The node's member of the cluster: caught up before any worker serves.
+            try:
+                await join_cluster(runtime, self.purge_here, workers=len(self.workers))
+            except ClusterUnavailable as exc:
+                print(f"cachegate: {exc}", file=sys.stderr, flush=True)
+                await listeners.stop(0)
+                await runtime.close()
+                for sock in reserved:
+                    sock.close()
+                return 1
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,8 +195,9 @@ class Supervisor:
             runtime.state = "stopping"
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            log.info("shutting down: stopping the workers (grace %gs)", self._grace())
             await self._stop_workers()
-            await listeners.stop(self.settings.shutdown_grace)
+            await listeners.stop(self._grace())
             for t in list(self._tasks):
                 t.cancel()
             await runtime.close()
@@ -185,6 +205,11 @@ class Supervisor:
                 sock.close()
         say("cachegate: stopped", event="stopped")
         return status
+
+    def _grace(self) -> float:
+        """shutdown_grace of the config running now (a reload applies it at once)."""
+        runtime = self.runtime
+        return (runtime.settings if runtime is not None else self.settings).shutdown_grace
 
     def _reserve_ports(self) -> list[socket.socket]:
         """One bound, not listening, SO_REUSEPORT socket per client listener (see the module
@@ -255,8 +280,8 @@ class Supervisor:
             say(f"cachegate: worker {worker_id} ready (pid {pid})", event="worker_ready",
                 worker_id=worker_id, pid=pid)
 
-        async def purge(spec: dict[str, Any]) -> int:
-            return await self.purge(PurgeSpec.from_json(spec))
+        async def purge(spec: dict[str, Any]) -> dict[str, Any]:
+            return (await self.purge(PurgeSpec.from_json(spec))).to_json()
 
         calls: dict[str, Any] = {
             name: functools.partial(fn, worker_id=w.worker_id) for name, fn in self.worker_calls.items()}
@@ -294,7 +319,7 @@ class Supervisor:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
-        deadline = self.settings.shutdown_grace + 5.0
+        deadline = self._grace() + 5.0
         for p in procs:
             try:
                 await asyncio.wait_for(p.wait(), deadline)
@@ -306,7 +331,17 @@ class Supervisor:
 
     # -- calls into every worker -----------------------------------------------------------
 
-    async def purge(self, spec: PurgeSpec) -> int:
+    async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
+        """A purge from the admin API or a worker: through the cluster's bus in cluster mode
+        (which calls ``purge_here`` on every node), else ``purge_here``."""
+        runtime = self.runtime
+        assert runtime is not None
+        if runtime.cluster is not None:
+            outcome: PurgeOutcome = await runtime.cluster.purge(spec)
+            return outcome
+        return PurgeOutcome(await self.purge_here(spec))
+
+    async def purge_here(self, spec: PurgeSpec) -> int:
         """Purge the shared disk tier once, then every worker's memory; answer when all acked."""
         runtime = self.runtime
         assert runtime is not None
@@ -317,7 +352,9 @@ class Supervisor:
                 and w.process.returncode is None]
         results = await asyncio.gather(
             *(self._purge_worker(w, args) for w in live), return_exceptions=True)
-        local = sum(r for r in results if isinstance(r, int))
+        # Each object counts once: the disk tier and every worker's memory may each hold it.
+        # As in one process (``Purger.purge``), the answer is the most any one tier held.
+        local = max((r for r in results if isinstance(r, int)), default=0)
         total = max(count, local)
         runtime.count_purge(spec, total)
         return total

@@ -47,6 +47,53 @@ def test_check_reports_every_problem_by_file_and_line(tmp_path: Path, capsys: py
     assert any(":3: ttl.200: bad duration 'soon'" in line for line in err)
 
 
+def test_cross_field_problems_point_at_the_field_involved_and_a_bad_url_is_reported_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path / "c.yaml", (
+        "# comment\n"
+        "listen: 127.0.0.1:8080\n"
+        "upstreams:\n"
+        "  - url: ftp://nope\n"
+        "admin:\n"
+        "  token: null\n"
+        "  listen: 0.0.0.0:8081\n"
+    ))
+    assert main(["check", "--config", config]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{config}:4: upstream url 'ftp://nope': expected http://HOST[:PORT] or https://...",
+        f"{config}:7: admin.listen 0.0.0.0:8081 is not loopback and admin.token is not set: the admin API "
+        "would be open to anyone who can reach it; set admin.token or listen on 127.0.0.1",
+    ]
+    # No upstream at all: the problem is where upstreams: is, or would be.
+    config = write(tmp_path / "d.yaml", "listen: 127.0.0.1:8080\nupstreams: []\n")
+    assert main(["check", "--config", config]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{config}:2: no upstreams: add upstreams: [{{url: http://HOST:PORT}}] or --upstream URL"]
+    # A bad --upstream: once, on the command line.
+    config = write(tmp_path / "e.yaml", "upstreams: [{url: 'http://127.0.0.1:9'}]\n")
+    assert main(["run", "--config", config, "--upstream", "gopher://x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "<command line>:0: upstream url 'gopher://x': expected http://HOST[:PORT] or https://..."]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_unusable_cache_directory_is_a_one_line_error_not_a_traceback(tmp_path: Path, workers: str) -> None:
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:0\nupstreams: [{url: 'http://127.0.0.1:9'}]\n"
+                   f"admin: {{listen: '127.0.0.1:0'}}\ncache: {{disk: {{path: '{blocker}/cache'}}}}\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", config, "--workers", workers],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"cachegate: cannot open the cache directory {blocker}/cache (cache.disk.path): Not a directory" \
+        in done.stderr
+
+
 def test_check_reports_yaml_syntax_errors_with_their_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:8080\nupstreams: [\n  {url: x\n")
     assert main(["check", "--config", config]) == 2

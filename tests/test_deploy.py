@@ -135,6 +135,17 @@ def test_the_image_config_passes_check_in_the_image_layout(
     assert main(["check", "--strict", "--config", str(config)]) == 0
 
 
+def test_the_image_config_passes_check_from_a_checkout_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`scripts/run --config deploy/cachegate.yaml` in a checkout: its rule path, relative to the
+    config as in /etc/cachegate, finds the checkout's rules (deploy/rules links to ../rules)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "a-token-of-24-characters")
+    assert main(["check", "--config", "deploy/cachegate.yaml"]) == 0, capsys.readouterr().err
+    assert (ROOT / "deploy/rules/default.yaml").resolve() == (ROOT / "rules/default.yaml").resolve()
+
+
 def engine_answers() -> str | None:
     """None when a container engine answers; else why not."""
     if shutil.which("docker") is None:
@@ -465,3 +476,34 @@ def test_the_readme_config_example_passes_check(
 def test_scripts_are_executable() -> None:
     for script in ("run", "test", "bench"):
         assert os.access(ROOT / "scripts" / script, os.X_OK), script
+
+
+def test_every_yaml_config_under_deploy_is_checked_here() -> None:
+    configs = {p.name for p in (ROOT / "deploy").glob("*.yaml")}
+    assert configs == {"cachegate.yaml", "compose.yaml", "cluster.yaml", "compose.cluster.yaml"}, \
+        "a new deploy config needs a check test"
+    assert os.access(ROOT / "scripts/run", os.X_OK) and os.access(ROOT / "scripts/test", os.X_OK)
+
+
+def test_the_cluster_compose_file_runs_two_nodes_of_one_cluster_on_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compose = yaml.safe_load((ROOT / "deploy/compose.cluster.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "origin", "node-a", "node-b"}
+    build_parser().parse_args(services["origin"]["command"])
+    nodes = [services["node-a"], services["node-b"]]
+    assert {n["environment"]["CACHEGATE_NODE"] for n in nodes} == {"a", "b"}
+    for node in nodes:
+        assert (ROOT / "deploy" / node["build"]["context"] / node["build"]["dockerfile"]).resolve() \
+            == ROOT / "Dockerfile"
+        args = build_parser().parse_args(node["command"])  # after the image's ENTRYPOINT (cachegate)
+        assert args.config == "/etc/cachegate/cluster.yaml"
+        assert "./cluster.yaml:/etc/cachegate/cluster.yaml:ro" in node["volumes"]
+    assert 'pip install ".[cluster]"' in (ROOT / "Dockerfile").read_text()
+    # The node config passes check in the image's layout (its rules beside it).
+    shutil.copytree(ROOT / "rules", tmp_path / "rules")
+    shutil.copy(ROOT / "deploy/cluster.yaml", tmp_path / "cluster.yaml")
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "0123456789abcdef0123")
+    monkeypatch.setenv("CACHEGATE_NODE", "a")
+    assert main(["check", "--config", str(tmp_path / "cluster.yaml")]) == 0

@@ -23,7 +23,7 @@ from aiohttp import web
 from proxy.web.fastpath import FastPath, ProxyServer, build_head, fast_path_supported
 from proxy.web.server import _bound, start_proxy_listener
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Clock, Origin, Proxy
 
 
 @dataclass
@@ -606,3 +606,35 @@ async def test_a_purge_closes_the_open_file_of_a_body_memory_holds_too(
     assert shared is not None
     assert (await p.proxy.admin("POST", "/purge", json={"urls": [key]})).status == 200
     assert shared.file.closed and len(storage.body_files) == 0
+
+
+async def test_via_is_on_every_answer_once_the_fast_path_included(origin: Origin, make_proxy: MakeProxy) -> None:
+    """RFC 9110 §7.6.3: this cache's Via on misses and hits alike, after the origin's own, once;
+    a 304 that brings its own Via keeps ours last."""
+    async def page(request: web.Request) -> web.Response:
+        if request.headers.get("If-None-Match") == '"v"':
+            return web.Response(status=304, headers={"ETag": '"v"', "Cache-Control": "max-age=300",
+                                                     "Via": "1.1 revalidating-lb"})
+        return web.Response(text="page", headers={"Cache-Control": "max-age=1", "ETag": '"v"',
+                                                  "Via": "1.1 origin-lb"})
+
+    origin.route("/via", page)
+    p = await pair(make_proxy)
+    clock = Clock()
+    p.proxy.runtime.engine.clock = clock
+    want = "1.1 origin-lb, 1.1 cachegate"
+    (miss,), _ = await exchange(p.fast_port, req("GET", "/via"), ["GET"])
+    assert (miss.header("X-Cache-Status"), miss.header("Via")) == ("MISS", want)
+    before = p.fast.answered
+    (hit,), _ = await exchange(p.fast_port, req("GET", "/via"), ["GET"])
+    (head,), _ = await exchange(p.fast_port, req("HEAD", "/via"), ["HEAD"])
+    (general,), _ = await exchange(p.general_port, req("GET", "/via"), ["GET"])
+    assert p.fast.answered - before == 2
+    for r in (hit, head, general):
+        assert (r.header("X-Cache-Status"), r.header("Via")) == ("HIT", want), r.fields
+        assert [k for k, _ in r.fields].count("Via") == 1
+    clock.advance(5)
+    (revalidated,), _ = await exchange(p.fast_port, req("GET", "/via"), ["GET"])
+    assert revalidated.header("X-Cache-Status") == "REVALIDATED"
+    (hit,), _ = await exchange(p.fast_port, req("GET", "/via"), ["GET"])
+    assert (hit.header("X-Cache-Status"), hit.header("Via")) == ("HIT", "1.1 revalidating-lb, 1.1 cachegate")

@@ -8,6 +8,7 @@ the same cause.
 
 Where is what:
 
+- ``fields``         reading field values: lists, singletons, numbers, parameters (RFC 9110 §5.6)
 - ``cache_control``  parsing Cache-Control and targeted fields (RFC 9111 §5.2, RFC 9213)
 - ``httpdate``       HTTP-date parsing and formatting (RFC 9110 §5.6.7)
 - ``freshness``      freshness lifetime, heuristics and current age (RFC 9111 §4.2)
@@ -17,5 +18,7 @@ Where is what:
 - ``reuse``          may a stored response satisfy this request? (RFC 9111 §4)
 - ``validation``     conditional requests and handling of their answers (RFC 9111 §4.3)
 - ``invalidation``   what unsafe methods invalidate (RFC 9111 §4.4)
+- ``ranges``         answering Range requests (RFC 9110 §14)
+- ``partial``        stored 206 parts, the ranges they answer, combining them (RFC 9111 §3.3-3.4)
 - ``cache_status``   the ``Cache-Status`` (RFC 9211) and ``X-Cache-Status`` values
 """

@@ -11,31 +11,23 @@ statuses (§4.2.2), else zero. ``override_origin`` makes the rule TTL win.
 
 from __future__ import annotations
 
-from proxy.policy.cache_control import DELTA_SECONDS_MAX, CacheControl, parse_delta_seconds
+from proxy.policy.cache_control import CacheControl
+from proxy.policy.fields import delta_seconds, first_member
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions, Freshness, Headers
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 
-def parse_age(headers: Headers) -> float | None:
-    """The ``Age`` field value in seconds: 0 when absent, None when it cannot be trusted.
+def parse_age(headers: Headers) -> float:
+    """The ``Age`` field value in seconds, as RFC 9111 §5.1 reads it: 0 when absent or invalid.
 
-    RFC 9111 §5.1 asks for the first member of a list-based value and says to ignore
-    an invalid one. cachegate is more careful, because either reading can make a
-    stale response look fresh: ``Age`` is a singleton, so a list (``0, 7200``), two
-    field lines, or anything but digits (``-1``, ``1.5``, ``abc``, ``7200;x=1``)
-    means some hop is broken and the real age is unknown. None tells the caller to
-    treat the response as stale (it will be revalidated, never served as fresh).
+    A list (``0, 7200``) or several field lines count by their first member; a value
+    that is not a non-negative integer (``abc``, ``-7200``, ``7200.0``, ``7200;x=1``) is
+    ignored, as if absent; 2**31 and more read as 2**31 (stale for any lifetime).
     """
-    values = headers.getall("Age", ())
-    if not values:
-        return 0.0
-    if len(values) > 1:
-        return None
-    text = values[0].strip(" \t")
-    if not text.isdigit() or not text.isascii():
-        return None
-    return float(parse_delta_seconds(text))
+    first = first_member(headers.getall("Age", ()))
+    value = delta_seconds(first) if first is not None else None
+    return 0.0 if value is None else float(value)
 
 
 def corrected_initial_age(
@@ -45,7 +37,7 @@ def corrected_initial_age(
 
     ``apparent_age = max(0, response_time - date_value)`` (a Date in the future
     gives 0), ``corrected_age_value = age_value + (response_time - request_time)``,
-    and the larger of the two wins. An untrustworthy Age counts as 2**31 seconds.
+    and the larger of the two wins.
     """
     date_values = headers.getall("Date", ())
     date_value = parse_http_date(date_values[0]) if date_values else None
@@ -53,10 +45,7 @@ def corrected_initial_age(
         date_value = response_time
     apparent_age = max(0.0, response_time - date_value)
     response_delay = max(0.0, response_time - request_time)
-    age_value = parse_age(headers)
-    if age_value is None:
-        return float(DELTA_SECONDS_MAX)
-    corrected_age_value = age_value + response_delay
+    corrected_age_value = parse_age(headers) + response_delay
     return max(apparent_age, corrected_age_value)
 
 

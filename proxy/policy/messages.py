@@ -81,6 +81,12 @@ class StoredResponse:
     def header_dict(self) -> CIMultiDict[str]:
         return CIMultiDict(self.headers)
 
+    def ttl(self, now: float) -> float:
+        """Seconds of freshness left, as ``Cache-Status`` reports them: a soft-purged response
+        is stale since the purge, so at most 0, whatever its lifetime had left."""
+        ttl = self.freshness.ttl(now)
+        return min(ttl, 0.0) if self.invalidated else ttl
+
 
 _NO_TTLS: Mapping[int, float] = MappingProxyType({})
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict
 
-from proxy.policy.cache_control import split_directives
+from proxy.policy.fields import split_list
 from proxy.policy.freshness import compute_freshness
 from proxy.policy.headers import HOP_BY_HOP, end_to_end
 from proxy.policy.httpdate import parse_http_date
@@ -182,7 +182,7 @@ def error_keeps_stored(stored: StoredResponse, status: int, now: float) -> bool:
 
 
 def etag_list(values: list[str] | tuple[str, ...]) -> list[str]:
-    return split_directives(", ".join(values))
+    return split_list(values)
 
 
 def client_not_modified(request_headers: Headers, stored: StoredResponse) -> bool:
@@ -203,12 +203,10 @@ def client_not_modified(request_headers: Headers, stored: StoredResponse) -> boo
             return False
         mine = _strong(stored.etag)
         return any(_strong(t) == mine for t in tags)
-    ims = request_headers.get("If-Modified-Since")
-    if ims is None:
-        return False
-    since = parse_http_date(ims)
+    ims = request_headers.getall("If-Modified-Since", ())
+    since = parse_http_date(ims[0]) if len(ims) == 1 else None
     if since is None:
-        return False  # an invalid date: the condition is ignored (RFC 9110 §13.1.3)
+        return False  # invalid, or several lines: the condition is ignored (RFC 9110 §13.1.3)
     modified: float | None = None
     if stored.last_modified is not None:
         modified = parse_http_date(stored.last_modified)

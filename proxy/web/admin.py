@@ -51,7 +51,15 @@ from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.policy.keys import cache_key
 from proxy.policy.messages import RequestHead
-from proxy.purge import PurgeSpec, keys_for_url, normalise_url, parse_purge, url_host
+from proxy.purge import (
+    PurgeOutcome,
+    PurgeSpec,
+    PurgeUnavailable,
+    keys_for_url,
+    normalise_url,
+    parse_purge,
+    url_host,
+)
 from proxy.runtime import Runtime
 from proxy.web.admin_guard import GuardSettings, RefusalReason, guard_middleware, loads_untrusted
 from proxy.web.console import CSRF_HEADER, console_access, setup_console
@@ -60,7 +68,7 @@ log = logging.getLogger("cachegate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RuntimeRef = Callable[[], Runtime]
-PurgeFn = Callable[[PurgeSpec], Awaitable[int]]
+PurgeFn = Callable[[PurgeSpec], Awaitable[PurgeOutcome]]
 SOFT_PURGE_HEADER = "Cachegate-Soft-Purge"
 MAX_BODY = 1 << 20
 
@@ -124,6 +132,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except BadRequest as exc:
         return json_error(400, str(exc))
+    except PurgeUnavailable as exc:
+        return json_error(503, str(exc))
     except Exception:
         log.exception("admin error on %s", request.path)
         return json_error(500, "internal error")
@@ -177,8 +187,10 @@ async def purge(request: web.Request) -> web.Response:
     ctx = request.app[ADMIN]
     spec = parse_purge(await read_json(request))
     await check_hosts(ctx, spec.hosts)
-    count = await ctx.purge(spec)
-    return web.json_response({"purged": count, "soft": spec.soft})
+    outcome = await ctx.purge(spec)
+    # 202: not every live node of the cluster acknowledged within cluster.ack_timeout.
+    return web.json_response({**outcome.to_json(), "soft": spec.soft},
+                             status=200 if outcome.complete else 202)
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -204,11 +216,34 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 once the client listeners accept (every worker's, with ``--workers N``), 503 while
-    starting or stopping: a readiness probe sends traffic only to a process that takes it."""
-    state = request.app[ADMIN].runtime().state
-    return web.json_response({"status": "ok" if state == "ready" else state},
-                             status=200 if state == "ready" else 503)
+    """200 when this process serves: its client listeners accept (every worker's, with
+    ``--workers N``); 503 while starting or stopping, so a readiness probe sends traffic only
+    to a process that takes it; in cluster mode also 503 while it catches up with the
+    cluster's purges (a load balancer sends it nothing until it has applied them), with the
+    reason."""
+    runtime = request.app[ADMIN].runtime()
+    if runtime.state != "ready":
+        return web.json_response({"status": runtime.state}, status=503)
+    node = runtime.cluster
+    if node is None:
+        return web.json_response({"status": "ok"})
+    if not node.ready:
+        return web.json_response({"status": "not ready", "reason": node.reason,
+                                  "cluster": node.state}, status=503)
+    body = {"status": "ok", "cluster": node.state}
+    if node.state != "ready":
+        body["reason"] = node.reason  # serving from the local cache while Redis is away
+    return web.json_response(body)
+
+
+async def cluster(request: web.Request) -> web.Response:
+    """Cluster mode: every node Redis has seen, its state, last applied purge and lag
+    (see docs/cluster.md for the shape)."""
+    query_params(request, ())
+    node = request.app[ADMIN].runtime().cluster
+    if node is None:
+        return json_error(404, "cluster mode is off: the config has no cluster: section")
+    return web.json_response(await node.view())
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -354,8 +389,12 @@ async def purge_method(request: web.BaseRequest, runtime: Runtime, head: Request
         url = normalise_url(head.url)
     except BadRequest as exc:
         return json_error(400, str(exc))
-    count = await runtime.purge(PurgeSpec(urls=(url,), soft=soft))
-    return web.json_response({"purged": count, "soft": soft, "url": url})
+    try:
+        outcome = await runtime.purge(PurgeSpec(urls=(url,), soft=soft))
+    except PurgeUnavailable as exc:
+        return json_error(503, str(exc))
+    return web.json_response({**outcome.to_json(), "soft": soft, "url": url},
+                             status=200 if outcome.complete else 202)
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -403,6 +442,7 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
     app.router.add_get("/explain", explain)
     app.router.add_post("/explain", explain)
     app.router.add_get("/upstreams", upstreams)
+    app.router.add_get("/cluster", cluster)
     setup_console(app, runtime_ref, ctx.inspector)  # GET / and /console/...
     return app
 

@@ -334,12 +334,13 @@ class FastPath:
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_fast", "_runtime_ref")
+    __slots__ = ("_fast", "_runtime_ref", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None,
                  runtime_ref: Callable[[], Runtime], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
+        self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
         self._runtime_ref = runtime_ref
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
@@ -394,6 +395,16 @@ class ProxyRequestHandler(RequestHandler):
             if len(messages) < self._max_msg_queue_size or self._force_close:
                 return
             feed = b""  # the parser stopped after a full queue's worth: it holds more requests
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and not self.gone_logged:
+            # The client reset the connection, most often mid-response: one line, whichever
+            # notices first (here, or ``write_reply`` when a streamed reply meets it).
+            self.gone_logged = True
+            request = self._current_request
+            log.debug("client %s went away%s: %s", self.peername,
+                      "" if request is None else f" during {request.method} {request.raw_path}", exc)
+        super().connection_lost(exc)
 
     def _answer(self, messages: Sequence[Any]) -> int:
         """Answer the leading fast-path requests of ``messages``; how many were answered."""
@@ -472,7 +483,8 @@ class ProxyRequestHandler(RequestHandler):
 def fast_path_supported() -> bool:
     """Whether this aiohttp has the handler internals the fast path relies on (3.14's)."""
     needed = ("_waiter", "_messages", "_max_msg_queue_size", "_payload_parser", "_message_tail",
-              "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close")
+              "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close",
+              "_current_request")
     slots = set(getattr(RequestHandler, "__slots__", ()))
     try:
         from aiohttp._http_parser import (  # type: ignore[import-not-found]

@@ -18,16 +18,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import IO
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.engine import ClientRequest, Reply
-from proxy.errors import BadRequest, CachegateError, UpstreamError
+from proxy.errors import BadRequest, CachegateError, ResponseAborted, UpstreamError
 from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
 from proxy.policy.keys import normalise_host
-from proxy.policy.messages import RequestHead
+from proxy.policy.messages import HeaderList, RequestHead
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
 from proxy.storage.bodyfiles import BodyFile
 from proxy.web.admin import purge_method
@@ -93,6 +95,32 @@ def head_of(method: str, target: str, headers: CIMultiDictProxy[str], version: t
 
 # Valid Host values seen, normalised: a site has few, and every request checks its own.
 _HOSTS: dict[tuple[str, str], str] = {}
+
+
+def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList], None] | None:
+    """Writes the origin's interim (1xx) responses to the client, before the final response.
+
+    aiohttp's server has no public way to send a 1xx: ``StreamResponse`` writes one head,
+    the final one. What aiohttp itself does for ``100 Continue`` (its default expect
+    handler) is write the bytes on the connection before the response is prepared; this
+    does the same, on the transport, synchronously as the upstream client parses each
+    1xx, so they go out in order and always before the final head (which ``prepare``
+    writes later on the same transport). Never to an HTTP/1.0 client (RFC 9110 §15.2).
+    """
+    if request.version < HttpVersion11:
+        return None
+
+    def send(status: int, reason: str, fields: HeaderList) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            head = _serialize_headers(f"HTTP/1.1 {status} {reason}", CIMultiDict(fields))
+        except (ValueError, TypeError):  # a field aiohttp refuses to write: send none of it
+            return
+        transport.write(head)
+
+    return send
 
 
 async def _body_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:
@@ -172,7 +200,8 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, info: RequestInfo
         if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
             runtime.hosts_seen.add(head.host)
         body = _body_stream(request) if request.body_exists else None
-        reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted, info.request_id))
+        reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted, info.request_id,
+                                                          interim_sender(request)))
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
@@ -222,35 +251,56 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime, 
     resp = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
     if reply.length is not None and reply.status not in (204, 304) and reply.status >= 200:
         resp.content_length = reply.length
-    await resp.prepare(request)
-    if body is None or reply.head_only:
-        await _close_body(body)
-        await resp.write_eof()
-        return resp, 0
     sent = 0
     try:
-        if isinstance(body, bytes):
-            await resp.write(body)
-            sent = len(body)
-        elif hasattr(body, "__anext__"):
-            async for chunk in body:  # type: ignore[union-attr]
-                await resp.write(chunk)
-                sent += len(chunk)
+        await resp.prepare(request)
+        if body is not None and not reply.head_only:
+            if isinstance(body, bytes):
+                await resp.write(body)
+                sent = len(body)
+            elif hasattr(body, "__anext__"):
+                async for chunk in body:  # type: ignore[union-attr]
+                    await resp.write(chunk)
+                    sent += len(chunk)
+            else:
+                sent = await _send_file(request, resp, body, reply.offset, reply.length)
+        await resp.write_eof()
+    except (UpstreamError, ResponseAborted) as exc:
+        # The upstream broke off mid-body, or the body cannot be completed for this client
+        # (proxy.coalescer: it fell too far behind): end the connection so the client sees
+        # an incomplete response, never a truncated "complete" one.
+        if isinstance(exc, UpstreamError):
+            log.warning("aborting client response: %s", exc)
         else:
-            sent = await _send_file(request, resp, body, reply.offset, reply.length)
-    except UpstreamError as exc:
-        # The upstream broke off mid-body: end the connection so the client sees an
-        # incomplete response, never a truncated "complete" one.
-        log.warning("aborting client response: %s", exc)
-        if request.transport is not None:
-            request.transport.abort()
-        runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
-        return resp, sent
+            log.debug("aborting client response to %s: %s", request.remote, exc)
+        _abort(request)
+    except ConnectionError as exc:
+        # The client went away mid-response: one line, nothing for anyone else to see.
+        _client_gone(request, exc)
+        _abort(request)
     finally:
         await _close_body(body)
-    runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
-    await resp.write_eof()
+        runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
     return resp, sent
+
+
+def _client_gone(request: web.BaseRequest, exc: BaseException) -> None:
+    """Log a client gone mid-response once per connection (its protocol's ``connection_lost``
+    may have noticed first: ``ProxyRequestHandler.gone_logged``)."""
+    from proxy.web.fastpath import ProxyRequestHandler  # it imports this module
+
+    protocol = request.protocol
+    if isinstance(protocol, ProxyRequestHandler):
+        if protocol.gone_logged:
+            return
+        protocol.gone_logged = True
+    log.debug("client %s went away during %s %s: %s", request.remote, request.method, request.raw_path,
+              exc)
+
+
+def _abort(request: web.BaseRequest) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[bytes], offset: int,

@@ -24,12 +24,14 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__
+from proxy.cluster import ClusterUnavailable, attach_shared
+from proxy.cluster import join as join_cluster
 from proxy.config import Listener, Overrides, Settings, base_cache_options, load_config
-from proxy.control import Channel
+from proxy.control import Channel, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
 from proxy.logs import say
-from proxy.purge import PurgeSpec
+from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.runtime import ReloadResult, Runtime
 from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
@@ -134,7 +136,7 @@ async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Set
 
 
 async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Settings,
-                               purge: Callable[[PurgeSpec], Awaitable[int]] | None = None,
+                               purge: Callable[[PurgeSpec], Awaitable[PurgeOutcome]] | None = None,
                                inspector: Inspector | None = None) -> web.AppRunner | None:
     if settings.admin.listen is None:
         return None
@@ -182,10 +184,10 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
     Rules, the admin token, purge_from and server_names, trusted_proxies, via, tag_headers,
-    lock_timeout, shutdown_grace, server_header and the access log apply at once (they are
-    read per request), and so do TLS certificates (read again, also from the same files).
-    Listener addresses, upstreams, cache tiers and workers keep their running values until a
-    restart; they are named so the operator is told instead of silently ignored.
+    lock_timeout, range_fill, shutdown_grace, server_header and the access log apply at once
+    (they are read per request), and so do TLS certificates (read again, also from the same
+    files). Listener addresses, upstreams, cache tiers and workers keep their running values
+    until a restart; they are named so the operator is told instead of silently ignored.
     """
     same_listeners = _listener_shape(old) == _listener_shape(new)
     restart = [name for name, a, b in (
@@ -193,16 +195,18 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
         ("admin.listen", old.admin.listen, new.admin.listen),
         ("upstreams", old.upstreams, new.upstreams),
         ("upstream", old.pool, new.pool),
-        ("cache", replace(old.cache, tag_headers=(), lock_timeout=0),
-         replace(new.cache, tag_headers=(), lock_timeout=0)),
+        ("cache", replace(old.cache, tag_headers=(), lock_timeout=0, range_fill="whole"),
+         replace(new.cache, tag_headers=(), lock_timeout=0, range_fill="whole")),
         ("workers", old.workers, new.workers),
+        ("cluster", old.cluster, new.cluster),
     ) if a != b]
     merged = replace(
         new, listeners=new.listeners if same_listeners else old.listeners,
         upstreams=old.upstreams, pool=old.pool, workers=old.workers,
+        cluster=old.cluster,
         admin=replace(new.admin, listen=old.admin.listen),
         cache=replace(old.cache, tag_headers=new.cache.tag_headers,
-                      lock_timeout=new.cache.lock_timeout),
+                      lock_timeout=new.cache.lock_timeout, range_fill=new.cache.range_fill),
     )
     if merged.cache.max_object != new.cache.max_object:
         merged = replace(merged, rules=new.rules.rebased(base_cache_options(merged)))
@@ -263,6 +267,19 @@ def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides) -
     return reloader
 
 
+async def open_runtime(settings: Settings, owner: bool) -> Runtime | None:
+    """``Runtime.open``, or None after one line on stderr when the cache directory cannot be
+    used (not writable, a file in the way): an operator's mistake, not a traceback."""
+    try:
+        return await Runtime.open(settings, owner=owner)
+    except OSError as exc:
+        disk = settings.cache.disk
+        where = disk.path if disk is not None else "?"
+        print(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
+              f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+        return None
+
+
 @dataclass
 class WorkerLink:
     """How a worker process talks to its supervisor (see ``proxy.supervisor``)."""
@@ -272,7 +289,8 @@ class WorkerLink:
 
 
 async def serve(settings: Settings, config_path: str | None, overrides: Overrides,
-                worker: WorkerLink | None = None) -> int:
+                worker: WorkerLink | None = None,
+                on_listening: Callable[[Listeners], None] | None = None) -> int:
     """Run one serving process until SIGTERM/SIGINT; returns the exit status.
 
     Alone, it owns the cache directory (upkeep) and runs the admin API. As a worker
@@ -281,7 +299,10 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     answers its calls (``purge_local``, ``reload``, ``ping``).
     """
     check_c_parser()
-    runtime = await Runtime.open(settings, owner=worker is None)
+    opened = await open_runtime(settings, owner=worker is None)
+    if opened is None:
+        return 1
+    runtime = opened
     listeners = Listeners()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -290,15 +311,22 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     channel = None
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)
+        attach_shared(runtime)  # cluster mode's shared tier (the supervisor runs the bus)
     try:
-        await start_proxy_listeners(lambda: runtime, settings, listeners, reuse_port=worker is not None)
         if worker is None:
             admin_runner = await start_admin_listener(lambda: runtime, settings)
             if admin_runner is not None:
                 listeners.runners.append(admin_runner)
                 listeners.admin_addresses = _bound(admin_runner)
-    except OSError as exc:
-        print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+            if settings.cluster is not None:
+                # Caught up with the cluster's purges before the first client is served
+                # (GET /healthz on the admin listener says why it is not ready meanwhile).
+                await join_cluster(runtime, runtime.purge_here)
+                runtime.purge_fn = runtime.cluster.purge
+        await start_proxy_listeners(lambda: runtime, settings, listeners, reuse_port=worker is not None)
+    except (OSError, ClusterUnavailable) as exc:
+        what = "cannot listen: " if isinstance(exc, OSError) else ""
+        print(f"cachegate: {what}{exc}", file=sys.stderr, flush=True)
         await listeners.stop(0)
         if channel is not None:
             await channel.close()
@@ -313,6 +341,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     if channel is not None:
         await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
     else:
+        if on_listening is not None:
+            on_listening(listeners)  # bound: what it prints is true (the demo's curl lines)
         announce(listeners)
         say_started(settings, listeners.proxy_urls,
                     [f"http://{_fmt(h)}:{p}" for h, p in listeners.admin_addresses], 1)
@@ -320,7 +350,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         await stop.wait()
     finally:
         runtime.state = "stopping"
-        log.info("shutting down: finishing in-flight requests (grace %.0fs)", settings.shutdown_grace)
+        # The grace period of the config running now: a reload may have changed it.
+        log.info("shutting down: finishing in-flight requests (grace %gs)", runtime.settings.shutdown_grace)
         for sig in (*stop_signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await listeners.stop(runtime.settings.shutdown_grace)
@@ -353,8 +384,14 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     channel = await Channel.open(sock, {"purge_local": purge_local, "reload": reload, "ping": ping},
                                  name=f"worker {worker.worker_id}")
 
-    async def purge_via_supervisor(spec: PurgeSpec) -> int:
-        return int(await channel.call("purge", spec=spec.to_json()))
+    async def purge_via_supervisor(spec: PurgeSpec) -> PurgeOutcome:
+        try:
+            return PurgeOutcome.from_json(await channel.call("purge", spec=spec.to_json()))
+        except RemoteError as exc:
+            kind, _, message = str(exc).partition(": ")
+            if kind == PurgeUnavailable.__name__:
+                raise PurgeUnavailable(message) from None
+            raise
 
     runtime.purge_fn = purge_via_supervisor
     runtime.worker_id = worker.worker_id

@@ -155,7 +155,8 @@ async def test_every_kind_of_purge_is_complete_in_both_workers_when_it_answers(
             version["v"] += 1
             reply = await proxy.admin("POST", "/purge", json=spec)
             assert reply.status == 200, (name, reply.body)
-            assert json.loads(reply.body)["purged"] >= len(purged), name
+            # The objects purged, each counted once (not once per worker that held it).
+            assert json.loads(reply.body)["purged"] == len(purged), name
             await never_old(purged, soft)
         # PURGE on the client listener, whichever worker takes it, purges in both.
         for headers, soft in (({}, False), ({"Cachegate-Soft-Purge": "1"}, True)):
