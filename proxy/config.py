@@ -8,6 +8,7 @@ touches the cache directory: ``cachegate check`` and ``cachegate run`` share it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -21,6 +22,8 @@ from proxy.cpus import available_cpus
 from proxy.errors import ConfigError
 from proxy.logs import AccessLogSettings, LogFormat
 from proxy.policy.messages import CacheOptions
+from proxy.policy.request import DEFAULT_MAX_HEAD
+from proxy.policy.request import Listener as RequestListener
 from proxy.rules import RuleSet, load_rules
 from proxy.schema import Section, parse_hostport
 from proxy.storage.disk import DiskEviction, storable_limit
@@ -178,6 +181,7 @@ class Settings:
     shutdown_grace: float = 10.0
     via: str = "cachegate"
     cluster: ClusterSettings | None = None  # cluster mode on Redis (proxy.cluster); None: one node alone
+    max_request_head: int = DEFAULT_MAX_HEAD  # request line and fields; more is refused with 431
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
     # check prints them, run and reload log them).
     warnings: tuple[str, ...] = ()
@@ -189,6 +193,14 @@ class Settings:
     def listen(self) -> HostPort:
         """The first listener's address (the default Host of an HTTP/1.0 request without one)."""
         return self.listeners[0].address
+
+    @functools.cached_property
+    def client_listener(self) -> RequestListener:
+        """What request normalisation knows of the client listener (built once per config);
+        the first listener's address is every listener's default Host."""
+        host, port = self.listen
+        default_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return RequestListener(default_host, self.max_request_head)
 
 
 @dataclass(frozen=True)
@@ -203,7 +215,7 @@ class Overrides:
 
 
 _TOP = ("listen", "upstreams", "upstream", "cache", "admin", "rules", "trusted_proxies",
-        "workers", "shutdown_grace", "via", "access_log", "cluster",
+        "workers", "shutdown_grace", "via", "access_log", "cluster", "max_request_head",
         "server_header")  # fmt: skip
 
 
@@ -421,7 +433,19 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         access_log=_access_log(top, base_dir),
         server_header=_server_header(top),
         cluster=read_cluster(top, listeners[0].port),
+        max_request_head=_max_request_head(top),
     )
+
+
+def _max_request_head(top: Section) -> int:
+    size = top.size("max_request_head", DEFAULT_MAX_HEAD)
+    if size < 1024:
+        item = top.raw("max_request_head")
+        assert item is not None
+        top.problems.add(item, f"max_request_head: must be at least 1KB (a browser's request head "
+                               f"is 0.5-2KB), got {size} bytes")
+        return DEFAULT_MAX_HEAD
+    return size
 
 
 # -- deploy and operate: listeners, TLS, Server field, logs --------------------------------

@@ -42,13 +42,13 @@ from proxy.http_client import InterimHook
 from proxy.leases import Busy, Granted, LeaseClient, Waiting
 from proxy.logs import note_key, note_upstream
 from proxy.metrics import Metrics
-from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status, serve_detail
-from proxy.policy.deception import content_type_agrees
+from proxy.policy.deception import deception_refuses
 from proxy.policy.fields import split_list
+from proxy.policy.freshness import carries_credentials
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
-from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
+from proxy.policy.keys import cache_key, url_of_key, variant_of
 from proxy.policy.messages import Freshness, HeaderList, RequestHead, StoredResponse
 from proxy.policy.partial import (
     ByteRange,
@@ -59,6 +59,7 @@ from proxy.policy.partial import (
     part_range,
 )
 from proxy.policy.ranges import RangeSpec, if_range_allows, request_range, resolve_range
+from proxy.policy.request import Forwarder, UpstreamRequest, upstream_request
 from proxy.policy.reuse import (
     Forward,
     OnlyIfCachedMiss,
@@ -92,19 +93,6 @@ from proxy.upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
 
-# Request fields never sent upstream as the client gave them: cachegate sets its own
-# forwarding fields, and these others can change a response without being in the key.
-FORWARDING_FIELDS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
-# Surrogate-Capability names the devices an origin may target with Surrogate-Control:
-# a client could otherwise make the origin target a response it then stores for all.
-UNKEYED_OVERRIDES = frozenset({
-    "x-forwarded-server", "x-forwarded-port", "x-forwarded-scheme", "x-host", "x-original-url",
-    "x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override",
-})  # fmt: skip
-# A cache fill asks for the full representation; the client's conditionals and
-# ranges are answered from the stored response afterwards. It sends no body: no Expect.
-FILL_DROPS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
-                        "if-range", "range", "expect"})  # fmt: skip
 # A stored response's fields that are never served as stored (see served_headers).
 SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id"})
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
@@ -126,14 +114,13 @@ InterimSink = Callable[[int, str, HeaderList], None]
 
 @dataclass(slots=True)
 class ClientRequest:
-    head: RequestHead
-    remote: str  # the peer's IP address
+    head: RequestHead  # normalised (proxy.policy.request): all that may reach the origin
+    remote: str  # the peer's IP address (X-Forwarded-For)
     body: AsyncIterable[bytes] | None = None  # None when the request has no body
-    trusted: bool = False  # the peer is a trusted proxy: keep its X-Forwarded-* fields
-    request_id: str = ""  # X-Request-Id (proxy.logs): sent upstream in place of the client's
     # Where the origin's interim responses go (RFC 9110 §15.2); None: nowhere (an HTTP/1.0
     # client, or a caller without a client connection).
     interim: InterimSink | None = None
+    request_id: str = ""  # X-Request-Id (proxy.logs): sent upstream in place of the client's
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
@@ -184,6 +171,7 @@ class Engine:
         )
         self._invalidate_hook = invalidate
         self._via = f"1.1 {settings.via}"
+        self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
         self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
         self._random = random.Random()
         # Disk commits still running, by key: an invalidation waits for them, or the
@@ -202,6 +190,7 @@ class Engine:
         self.settings = settings
         self.rules = settings.rules
         self._via = f"1.1 {settings.via}"
+        self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
         self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
 
     async def close(self) -> None:
@@ -477,13 +466,13 @@ class Engine:
     async def _fetch_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
                           fwd: str, old: Cached | None) -> Reply:
         head = req.head
-        headers = self._upstream_headers(req, fill=True)
         first, last = spec
-        headers.append(("Range", f"bytes={'' if first is None else first}-{'' if last is None else last}"))
+        upstream = self._upstream(req, plan)
+        wanted = f"bytes={'' if first is None else first}-{'' if last is None else last}"
+        upstream = replace(upstream, headers=(*upstream.headers, ("Range", wanted)))
         request_time = self.clock()
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key), headers,
-                                    on_interim=_relay(req.interim))
+            resp = await self._send(upstream, on_interim=_relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd)
         response_time = self.clock()
@@ -523,10 +512,9 @@ class Engine:
                                      store_plan.options)
         if isinstance(decision, DontStore):
             return decision.detail, None
-        content_type = resp.headers.get("Content-Type")
-        if store_plan.deception_guard and not content_type_agrees(head.target, content_type):
-            return "DECEPTION-GUARD", None
         stored = decision.response
+        if store_plan.deception_guard and deception_refuses(head, stored, resp.headers.get("Content-Type")):
+            return "DECEPTION-GUARD", None
         stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter),
                          headers=with_via(stored.headers, self._via))
         tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
@@ -594,42 +582,13 @@ class Engine:
 
     # -- going upstream --------------------------------------------------------------------
 
-    def _upstream_headers(self, req: ClientRequest, *, fill: bool) -> list[tuple[str, str]]:
-        head = req.head
-        drop = end_to_end(head.headers)
-        out: list[tuple[str, str]] = []
-        prior_xff: list[str] = []
-        for k, v in drop:
-            lk = k.lower()
-            if lk in FORWARDING_FIELDS:
-                if req.trusted:
-                    if lk == "x-forwarded-for":
-                        prior_xff.append(v)
-                    else:
-                        out.append((k, v))
-                continue
-            if (lk in UNKEYED_OVERRIDES or lk == "surrogate-capability") and not req.trusted:
-                continue
-            if fill and lk in FILL_DROPS:
-                continue
-            if lk == "host" and not self.settings.pool.preserve_host:
-                continue
-            if lk == "x-request-id":
-                continue  # the request's id (a trusted peer's, or ours) follows below
-            out.append((k, v))
-        xff = ", ".join([*prior_xff, req.remote]) if prior_xff else req.remote
-        out.append(("X-Forwarded-For", xff))
-        if not (req.trusted and "x-forwarded-proto" in head.headers):
-            out.append(("X-Forwarded-Proto", head.scheme))
-        if not (req.trusted and "x-forwarded-host" in head.headers):
-            out.append(("X-Forwarded-Host", head.host))
-        via = head.headers.get("Via")
-        out = [(k, v) for k, v in out if k.lower() != "via"]
-        out.append(("Via", f"{via}, {self._via}" if via else self._via))
-        out.append(("Surrogate-Capability", SURROGATE_CAPABILITY))
-        if req.request_id:
-            out.append(("X-Request-Id", req.request_id))
-        return out
+    def _upstream(self, req: ClientRequest, plan: RequestPlan | None,
+                  revalidating: Cached | None = None) -> UpstreamRequest:
+        """The request the origin receives: computed by the policy from the normalised head
+        alone (``plan``: a fill, as keyed; None: passed through)."""
+        validators = conditional_headers(revalidating.entry.response) if revalidating is not None else ()
+        return upstream_request(req.head, req.remote, self._forwarder, request_id=req.request_id,
+                                fill=plan.key if plan is not None else None, validators=validators)
 
     def _response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
         out = list(end_to_end(headers))
@@ -642,8 +601,7 @@ class Engine:
         """Forward without lookup or store (other methods, rule bypass); invalidate after unsafe ones."""
         head = req.head
         try:
-            resp = await self._send(head.method, head.target, self._upstream_headers(req, fill=False),
-                                    req.body, _relay(req.interim))
+            resp = await self._send(self._upstream(req, None), req.body, _relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd, x_cache="BYPASS")
         urls = invalidated_urls(head, resp.status, resp.headers)
@@ -654,12 +612,12 @@ class Engine:
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
         return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
-    async def _send(self, method: str, target: str, headers: list[tuple[str, str]],
-                    body: AsyncIterable[bytes] | None = None,
+    async def _send(self, request: UpstreamRequest, body: AsyncIterable[bytes] | None = None,
                     on_interim: InterimHook | None = None) -> UpstreamResponse:
         started = time.monotonic()
         # Errors are counted by the pool.
-        resp = await self.pool.send(method, target, headers, body, on_interim)
+        resp = await self.pool.send(request.method, request.target, list(request.headers), body,
+                                    on_interim)
         name = resp.upstream.name
         took = time.monotonic() - started
         self.metrics.upstream_latency.labels(name).observe(took)
@@ -898,11 +856,9 @@ class Engine:
         """A hit-for-pass key: forwarded in the request's own task, without a flight (nobody may
         join it). Should the response turn out storable now, a flight takes it over and stores it
         (and this client is answered from that flight), which ends the hit-for-pass."""
-        head = req.head
         request_time = self.clock()
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key),
-                                    self._upstream_headers(req, fill=True), on_interim=_relay(req.interim))
+            resp = await self._send(self._upstream(req, plan), on_interim=_relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd)
         response_time = self.clock()
@@ -1253,9 +1209,6 @@ class Engine:
     async def _run_flight(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
                           revalidating: Cached | None, stale: Cached | None = None) -> None:
         head = req.head
-        headers = self._upstream_headers(req, fill=True)
-        if revalidating is not None:
-            headers.extend(conditional_headers(revalidating.entry.response))
         request_time = self.clock()
 
         def interim(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
@@ -1264,7 +1217,7 @@ class Engine:
                 sink(status, reason, kept)
 
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key), headers, on_interim=interim)
+            resp = await self._send(self._upstream(req, plan, revalidating), on_interim=interim)
         except UpstreamError as exc:
             flight.head.set_exception(exc)
             return
@@ -1277,7 +1230,7 @@ class Engine:
                 case Freshen():
                     resp.release()
                     await self._freshen(revalidating, resp.headers, plan, request_time,
-                                        response_time)
+                                        response_time, carries_credentials(head.headers))
                     flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True,
                                                       "FRESHENED", None))
                     self.coalescer.retire(flight)
@@ -1422,7 +1375,7 @@ class Engine:
                         resp: UpstreamResponse, request_time: float, response_time: float
                         ) -> tuple[str, Entry | None]:
         if head.method == "HEAD":
-            head = replace(head, method="GET")  # a HEAD miss fills with a GET
+            head = head._replace(method="GET")  # a HEAD miss fills with a GET
         if store_plan.no_store:
             assert store_plan.rule is not None
             return f"RULE-NO-STORE:{store_plan.rule.name}", None
@@ -1432,9 +1385,7 @@ class Engine:
             return decision.detail, None
         assert isinstance(decision, Store)
         stored = decision.response
-        if store_plan.deception_guard and not content_type_agrees(
-            head.target, resp.headers.get("Content-Type")
-        ):
+        if store_plan.deception_guard and deception_refuses(head, stored, resp.headers.get("Content-Type")):
             return "DECEPTION-GUARD", None
         stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter))
         if "set-cookie" in resp.headers or "x-request-id" in resp.headers:
@@ -1461,7 +1412,7 @@ class Engine:
         return replace(freshness, lifetime=freshness.lifetime * (1 - self._random.uniform(0, fraction)))
 
     async def _freshen(self, cached: Cached, update: CIMultiDictProxy[str], plan: RequestPlan,
-                       request_time: float, response_time: float) -> None:
+                       request_time: float, response_time: float, credentials: bool) -> None:
         """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays."""
         entry = cached.entry
         old = entry.response
@@ -1470,7 +1421,8 @@ class Engine:
         if "x-request-id" in update:  # the revalidating request's id, echoed: not the stored response's
             update = CIMultiDictProxy(CIMultiDict(
                 (k, v) for k, v in update.items() if k.lower() != "x-request-id"))
-        updated = freshen_stored(old, update, request_time, response_time, store_plan.options)
+        updated = freshen_stored(old, update, request_time, response_time, store_plan.options,
+                                 credentials=credentials)
         if updated is not None:
             updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter),
                               headers=with_via(updated.headers, self._via))  # a 304's Via replaced ours
@@ -1541,23 +1493,6 @@ def part_key(key: str) -> str:
 
 def whole_key(key: str) -> str:
     return key.removesuffix(PART_SUFFIX)
-
-
-def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:
-    """The target a fill asks the origin for: the URL as keyed.
-
-    When a rule's key drops or reorders query parameters (or lower-cases the path), the
-    origin sees exactly what the key sees, so a parameter left out of the key cannot
-    change a response stored for everyone (unkeyed-parameter cache poisoning).
-    """
-    if not (spec.query_include is not None or spec.query_exclude or spec.query_sort
-            or spec.query_ignore or spec.lowercase_path):
-        return head.target
-    url = url_of_key(key)
-    prefix = f"{head.scheme}://{head.host}"
-    if url == head.url or not url.startswith(prefix):
-        return head.target
-    return url[len(prefix):] or "/"
 
 
 def _relay(sink: InterimSink | None) -> InterimHook | None:

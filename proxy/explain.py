@@ -24,9 +24,11 @@ from yarl import URL
 
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.cache_status import cache_status
-from proxy.policy.deception import content_type_agrees
+from proxy.policy.deception import deception_refuses
+from proxy.policy.freshness import heuristic_withheld
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
+from proxy.policy.request import Listener, Message, Refusal, normalise_request
 from proxy.policy.reuse import Forward, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup, select_variant
 from proxy.policy.storability import DontStore, decide_store, response_cache_control
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan
@@ -49,8 +51,19 @@ WHY_NOT = {
                     "(ETag, Last-Modified) and no rule ttl applies; add a ttl for this status in a rule",
     "METHOD": "only GET and HEAD are cached",
     "DECEPTION-GUARD": "the deception guard refused it: the Content-Type does not agree with the "
-                       "path's extension",
+                       "path's extension (decoded as the rules read it); under a rule's ttl only a "
+                       "known extension of the response's type counts, so a path without one needs "
+                       "deception_guard: false on its rule",
 }
+
+
+NO_HEURISTIC = ("no heuristic freshness: the request carries Cookie or Authorization and the response is "
+                "not public, so it is revalidated before every use (a rule ttl would share it)")
+
+
+def _cc_of(headers: CIMultiDict[str], sp: StorePlan) -> CacheControl:
+    """The directives this cache obeys in ``headers`` under the store plan's options."""
+    return response_cache_control(CIMultiDictProxy(headers), sp.options)[0]
 
 
 @dataclass(frozen=True)
@@ -88,8 +101,9 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 def request_head(req: ExplainRequest) -> RequestHead:
-    from proxy.policy.keys import normalise_host
-
+    """The request as the proxy would see it: normalised by the proxy's own
+    ``normalise_request`` (from an untrusted client; the URL's authority is the Host).
+    ValueError for a request the proxy would refuse."""
     try:
         url = URL(req.url, encoded=True)
     except ValueError as exc:
@@ -97,10 +111,14 @@ def request_head(req: ExplainRequest) -> RequestHead:
     if url.scheme not in ("http", "https") or not url.raw_host:
         raise ValueError(f"{req.url!r}: give an absolute http:// or https:// URL")
     headers: CIMultiDict[str] = CIMultiDict(req.headers)
-    host = headers.get("Host") or url.raw_authority
-    headers.setdefault("Host", host)
-    return RequestHead(req.method.upper(), url.scheme, normalise_host(host, url.scheme),
-                       url.raw_path_qs or "/", CIMultiDictProxy(headers))
+    if "Host" not in headers:
+        headers["Host"] = url.raw_authority
+    message = Message(req.method.upper(), req.url, (1, 1), CIMultiDictProxy(headers))
+    head = normalise_request(message, secure=url.scheme == "https", trusted=False,
+                             listener=Listener(url.raw_authority, max_head=1 << 30))
+    if isinstance(head, Refusal):
+        raise ValueError(f"the proxy would refuse this request with {head.status}: {head.reason}")
+    return head
 
 
 def _rule_label(rule: Rule | None) -> str:
@@ -148,8 +166,7 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
     given = ", ".join(f"{k}: {v}" for k, v in response_headers) or "no headers"
     lines = [f"response {status} ({given})",
              f"  store-time rule     {_rule_label(sp.rule)}"]
-    fill = head if head.method != "HEAD" else RequestHead("GET", head.scheme, head.host,
-                                                           head.target, head.headers)
+    fill = head if head.method != "HEAD" else head._replace(method="GET")
     detail = ""
     decision = None
     if sp.no_store:
@@ -160,7 +177,7 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
         decision = decide_store(fill, status, "", CIMultiDictProxy(headers), now, now, sp.options)
         if isinstance(decision, DontStore):
             detail = decision.detail
-        elif sp.deception_guard and not content_type_agrees(head.target, ctype):
+        elif sp.deception_guard and deception_refuses(head, decision.response, ctype):
             detail = "DECEPTION-GUARD"
         if detail:
             lines.append(f"  decision            not stored: {detail} ({WHY_NOT.get(detail, '')})")
@@ -177,6 +194,9 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
             shortest = fmt_duration(f.lifetime * (1 - sp.ttl_jitter))
             lines.append(f"  ttl jitter          each entry lives {shortest}..{fmt_duration(f.lifetime)} "
                          f"(-0..{sp.ttl_jitter:.0%})")
+        if f.source == "none" and heuristic_withheld(status, CIMultiDictProxy(headers), _cc_of(headers, sp),
+                                                     head.headers, now, sp.options):
+            lines.append(f"  note                {NO_HEURISTIC}")
         if f.no_cache or f.must_revalidate:
             lines.append("  note                the origin requires revalidation "
                          f"({'no-cache' if f.no_cache else 'must-revalidate/s-maxage'}): never served stale")
@@ -304,8 +324,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     ctype = headers.get("Content-Type")
     sp = plan.for_response(status, ctype)
     cc, cc_field = response_cache_control(headers, sp.options)
-    fill = head if head.method != "HEAD" else RequestHead("GET", head.scheme, head.host, head.target,
-                                                           head.headers)
+    fill = head if head.method != "HEAD" else head._replace(method="GET")
     out: dict[str, Any] = {"store_rule": _rule_json(sp.rule), "directives_from": cc_field,
                            "directives": _directives(cc)}
     detail = ""
@@ -318,7 +337,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
         decision = decide_store(fill, status, "", headers, now, now, sp.options)
         if isinstance(decision, DontStore):
             detail = decision.detail
-        elif sp.deception_guard and not content_type_agrees(head.target, ctype):
+        elif sp.deception_guard and deception_refuses(head, decision.response, ctype):
             detail = "DECEPTION-GUARD"
         why = WHY_NOT.get(detail, "")
     if detail:
@@ -332,6 +351,8 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
         reasons.append(f"the request has Authorization; {', '.join(allowed)} in {cc_field} allows storing it")
     if "set-cookie" in headers:
         reasons.append("it sets a cookie; allow_set_cookie stores it without the Set-Cookie")
+    if f.source == "none" and heuristic_withheld(status, headers, cc, head.headers, now, sp.options):
+        reasons.append(NO_HEURISTIC)
     out.update(stored=True, detail=None, lifetime=f.lifetime, freshness_source=f.source,
                freshness_decided_by=freshness_decided_by(f, cc, cc_field, sp.rule),
                stale_while_revalidate=f.stale_while_revalidate, stale_if_error=f.stale_if_error,

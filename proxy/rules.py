@@ -34,10 +34,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, TypeVar
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 from proxy.policy.keys import DEFAULT_KEY, KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
+from proxy.policy.request import normalise_path
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
 from proxy.schema import Section, type_name
 from proxy.units import parse_duration
@@ -69,37 +70,9 @@ FRAMING_FIELDS = frozenset({
     "te", "proxy-connection", "content-encoding", "content-range",
 })  # fmt: skip
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_MULTI_SLASH = re.compile(r"//+")
 
 
 # -- matching -------------------------------------------------------------------------------
-
-
-def normalise_path(path: str) -> str:
-    """The path rules match against: percent-decoded, ``//`` collapsed, dot-segments removed.
-
-    So ``/static/..%2Faccount`` does not match ``/static/**`` and ``/%61dmin`` does
-    match ``/admin``: a rule sees the path the origin will most likely act on.
-
-    >>> normalise_path("/static/..%2Faccount"), normalise_path("//a/./b/"), normalise_path("/a")
-    ('/account', '/a/b/', '/a')
-    """
-    if "%" in path:
-        path = unquote(path, errors="replace")
-    if "//" in path:
-        path = _MULTI_SLASH.sub("/", path)
-    if "/." not in path:
-        return path
-    out: list[str] = []
-    parts = path.split("/")
-    for part in parts[1:]:
-        if part == "..":
-            if out:
-                out.pop()
-        elif part != ".":
-            out.append(part)
-    trailing = parts[-1] in (".", "..")
-    return "/" + "/".join(out) + ("/" if trailing and out else "")
 
 
 Predicate = Callable[["RequestView"], bool]

@@ -170,6 +170,15 @@ CASES: list[tuple[str, bytes, str, bool]] = [
     ("bad Host", req("GET", "/plain", host="a b"), "GET", False),
     ("two Hosts", req("GET", "/plain", "Host: other.test"), "GET", False),
     ("another Vary variant", req("GET", "/vary", "Accept-Encoding: br"), "GET", True),
+    # the request is normalised by the same function on both paths (proxy.policy.request)
+    ("a fragment", req("GET", "/plain#part"), "GET", True),
+    ("Host with a trailing dot", req("GET", "/plain", host="example.test."), "GET", True),
+    # the field is removed first: this is the variant without Accept-Encoding, stored by the warm-up
+    ("Connection naming a field", req("GET", "/vary", "Connection: Accept-Encoding", "Accept-Encoding: gzip"),
+     "GET", True),
+    ("forwarding fields", req("GET", "/plain", "X-Forwarded-Host: evil.test", "X-Real-IP: 6.6.6.6"), "GET", True),
+    ("Connection naming Host", req("GET", "/plain", "Connection: Host"), "GET", False),
+    ("a head over the cap", req("GET", "/plain", *(f"X-F{i}: {'f' * 4000}" for i in range(9))), "GET", False),
 ]
 
 

@@ -7,6 +7,12 @@ then ``Expires`` minus ``Date``; an invalid ``Expires`` means already expired.
 With none of them, a rule TTL (the operator's explicit choice) applies, else a
 heuristic of 10% of the time since ``Last-Modified`` for heuristically cacheable
 statuses (§4.2.2), else zero. ``override_origin`` makes the rule TTL win.
+
+No heuristic for a response to a request with credentials (``Cookie`` or
+``Authorization``) unless the response says ``public``: the origin said nothing about
+sharing a response that may be personal, and a heuristic would hand it to everyone
+for up to a day. It is then stored without a lifetime, so every reuse is revalidated
+with the origin first (a rule's ``ttl`` still applies: the operator's choice).
 """
 
 from __future__ import annotations
@@ -78,6 +84,11 @@ def explicit_lifetime(
     return None
 
 
+def carries_credentials(request_headers: Headers) -> bool:
+    """Did the request carry a cookie or credentials (its response may be personal)?"""
+    return "cookie" in request_headers or "authorization" in request_headers
+
+
 def heuristic_lifetime(
     status: int, headers: Headers, cc: CacheControl, response_time: float, options: CacheOptions
 ) -> float | None:
@@ -98,6 +109,13 @@ def heuristic_lifetime(
     return min((reference - last_modified) * options.heuristic_fraction, options.heuristic_max)
 
 
+def heuristic_withheld(status: int, headers: Headers, cc: CacheControl, request_headers: Headers,
+                       response_time: float, options: CacheOptions) -> bool:
+    """Would a heuristic lifetime apply, but for the request's credentials? (For ``explain``.)"""
+    return (carries_credentials(request_headers) and "public" not in cc
+            and heuristic_lifetime(status, headers, cc, response_time, options) is not None)
+
+
 def compute_freshness(
     status: int,
     headers: Headers,
@@ -107,11 +125,13 @@ def compute_freshness(
     options: CacheOptions,
     *,
     cc_source: str = "cache-control",
+    credentials: bool = False,
 ) -> Freshness:
     """Everything the reuse decision needs, from the response headers and the rule.
 
     ``cc_source`` names the field ``cc`` came from; with a targeted field
-    (CDN-Cache-Control, ...) Expires is ignored (RFC 9213 §2.1).
+    (CDN-Cache-Control, ...) Expires is ignored (RFC 9213 §2.1). ``credentials``: the
+    request carried Cookie or Authorization, so no heuristic unless ``public``.
 
     The rule's default ``stale_if_error`` / ``stale_while_revalidate`` apply only
     when the response had some freshness (explicit, heuristic or a rule TTL): a
@@ -133,7 +153,8 @@ def compute_freshness(
     elif explicit is not None:
         lifetime, source = explicit
     else:
-        heuristic = heuristic_lifetime(status, headers, cc, response_time, options)
+        heuristic = heuristic_lifetime(status, headers, cc, response_time, options) \
+            if not credentials or "public" in cc else None
         lifetime, source = (heuristic, "heuristic") if heuristic is not None else (0.0, "none")
 
     must_revalidate = (

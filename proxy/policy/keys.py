@@ -42,17 +42,38 @@ class KeySpec:
 DEFAULT_KEY = KeySpec()
 
 
+def split_host(host: str) -> tuple[str, str]:
+    """(name, port) of a host[:port] value; the port is "" when absent.
+
+    >>> split_host("a.example:8080"), split_host("[::1]:443"), split_host("[::1]")
+    (('a.example', '8080'), ('[::1]', '443'), ('[::1]', ''))
+    """
+    if host.startswith("["):
+        end = host.find("]") + 1
+        if end and host[end:end + 1] == ":":
+            return host[:end], host[end + 1:]
+        return host, ""
+    name, _, port = host.partition(":")
+    return name, port
+
+
 def normalise_host(host: str, scheme: str) -> str:
-    """Lower-case a Host value and drop the scheme's default port.
+    """Lower-case a Host value, drop a trailing dot, leading zeros of the port and the
+    scheme's default port: every spelling of one host gives one key.
 
     >>> normalise_host("Example.COM:80", "http"), normalise_host("a.b:8443", "https")
     ('example.com', 'a.b:8443')
+    >>> normalise_host("example.com.:0080", "http"), normalise_host("[::1]:443", "https")
+    ('example.com', '[::1]')
     """
-    host = host.strip().lower().rstrip(".")
-    default = ":80" if scheme == "http" else ":443"
-    if host.endswith(default):
-        host = host[: -len(default)]
-    return host
+    name, port = split_host(host.strip(" \t").lower())
+    if not name.startswith("["):
+        name = name.rstrip(".")
+    if port.isascii() and port.isdigit():
+        port = str(int(port))
+    if port in ("", "80" if scheme == "http" else "443"):
+        return name
+    return f"{name}:{port}"
 
 
 def _filter_query(query: str, spec: KeySpec) -> str:

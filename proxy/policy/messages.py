@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
@@ -22,15 +22,23 @@ HeaderList = tuple[tuple[str, str], ...]
 ClientCacheControl = Literal["honor", "revalidate", "ignore"]
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """What the cache needs of a request: never the body."""
+class RequestHead(NamedTuple):
+    """What the cache needs of a request: never the body.
+
+    Built by ``proxy.policy.request.normalise_request``, the one view of a request that
+    rules, key, variant, storability and the upstream request are all computed from.
+    Immutable like the frozen dataclasses elsewhere, but a named tuple: one is built for
+    every request, and a frozen dataclass of six fields costs ~0.8 µs to construct
+    (``object.__setattr__`` per field) against ~0.25 µs for the tuple (``python -m timeit
+    -p``, Python 3.11).
+    """
 
     method: str
     scheme: str
     host: str  # lower-cased, default port dropped
-    target: str  # raw path and query, as received (not decoded)
-    headers: Headers
+    target: str  # raw path and query, as received (not decoded); never a #fragment
+    headers: Headers  # normalised (proxy.policy.request): what the origin may receive
+    trusted: bool = False  # from a trusted proxy: the forwarding fields it sent were kept
 
     @property
     def url(self) -> str:

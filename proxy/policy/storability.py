@@ -23,7 +23,7 @@ from proxy.policy.cache_control import (
     targeted_cache_control,
 )
 from proxy.policy.fields import content_length
-from proxy.policy.freshness import compute_freshness
+from proxy.policy.freshness import carries_credentials, compute_freshness
 from proxy.policy.headers import end_to_end
 from proxy.policy.keys import variant_of, vary_names
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
@@ -161,7 +161,7 @@ def _decide(
         return DontStore("UNCACHEABLE-STATUS")
 
     freshness = compute_freshness(semantics, headers, cc, request_time, response_time, options,
-                                  cc_source=source)
+                                  cc_source=source, credentials=carries_credentials(request.headers))
     etag = headers.get("ETag")
     last_modified = headers.get("Last-Modified")
     reusable = (

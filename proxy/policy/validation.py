@@ -90,13 +90,16 @@ def freshen_stored(
     request_time: float,
     response_time: float,
     options: CacheOptions,
+    *,
+    credentials: bool = False,
 ) -> StoredResponse | None:
     """The stored response freshened by a 304 (RFC 9111 §4.3.4); None when it may no longer be kept.
 
     Headers are merged as §3.2 says; freshness is computed afresh from the merged
     headers, except that ``Age`` and ``Date`` are the 304's own (a stored Age or
     Date describes the old exchange, not this one). A 304 that adds ``no-store``
-    or ``private`` ends the stored response's life.
+    or ``private`` ends the stored response's life. ``credentials``: the revalidating
+    request carried Cookie or Authorization (no heuristic freshness then, see ``freshness``).
     """
     merged = merge_headers(stored.headers, update, allow_set_cookie=options.allow_set_cookie)
     view: CIMultiDict[str] = CIMultiDict((k, v) for k, v in merged if k.lower() not in ("age", "date"))
@@ -107,7 +110,7 @@ def freshen_stored(
     if "no-store" in cc or "private" in cc:
         return None
     freshness = compute_freshness(stored.status, view, cc, request_time, response_time, options,
-                                  cc_source=source)
+                                  cc_source=source, credentials=credentials)
     return replace(
         stored,
         headers=merged,

@@ -8,9 +8,11 @@ raw protocol writing pre-built bytes costs ≈ 7.5 µs for the whole request. So
 is answered here, in the protocol, as soon as aiohttp's C parser hands over the request;
 everything else goes on to aiohttp's request handler exactly as before.
 
-What a fast answer is, and why it is the same answer: ``Engine.fresh_hit`` runs the very
-rule match, key, memory lookup and ``decide_lookup`` that ``Engine.handle`` runs, and says
-yes only for a plain fresh HIT from a body held in memory, or a disk body of at most
+What a fast answer is, and why it is the same answer: the request is normalised by the
+same ``normalise_request`` (``proxy.policy.request``) as on the general path, and
+``Engine.fresh_hit`` runs on that head the very rule match, key, memory lookup and
+``decide_lookup`` that ``Engine.handle`` runs, and says yes only for a plain fresh HIT
+from a body held in memory, or a disk body of at most
 FAST_FILE_MAX bytes whose file is already open (sendfile; no 304, no refresh, no disk read).
 The head is built once per variant (and per rule edits, HTTP version, GET/HEAD) by the
 same steps the general path takes: ``served_headers`` and ``response_edits`` from the
@@ -27,12 +29,14 @@ a request with a body, an upgrade, a ``Range``; one that asks to close the conne
 (HTTP/1.0 without keep-alive, ``Connection: close``); anything ``decide_lookup`` does not
 answer as a plain fresh HIT (conditionals that match, ``Cache-Control``/``Pragma`` that
 ask for the origin, stale or soft-purged entries, Vary misses); stored statuses 204/304
-or a reason with control characters; a Host the general path would refuse (it answers
-400). Pipelined requests are answered in order: once one request of a batch goes to the
-general path, every later one does too, and the fast path only runs while aiohttp's
+or a reason with control characters; a request the normalisation refuses (a bad Host,
+``Connection`` naming Host, an oversized head, ...: the general path answers the
+refusal). Pipelined requests are answered in order: once one request of a batch goes to
+the general path, every later one does too, and the fast path only runs while aiohttp's
 handler is idle (nothing queued, no response being written) and the transport accepts
 writes (a client that does not read gets aiohttp's own back-pressure). The request is
-parsed by aiohttp's C parser either way: its refusals (CL+TE, bad framing) still answer 400.
+parsed by aiohttp's C parser either way: its refusals (CL+TE, bad framing) still answer
+400 (501 for a transfer coding it does not know: ``ProxyRequestHandler.handle_error``).
 
 For the console (``proxy.live``), one answer in FAST_SAMPLE is timed and its URL recorded,
 each counted FAST_SAMPLE times; the others pay a bit test. Measured with ``timeit``: 70–130 ns
@@ -59,15 +63,16 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict
 
 from proxy.engine import response_edits, served_headers
-from proxy.errors import BadRequest
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.logs import AccessLog, RequestIds
 from proxy.policy.cache_status import cache_status
+from proxy.policy.messages import RequestHead
+from proxy.policy.request import DEFAULT_MAX_HEAD, Listener, normalise_request
 from proxy.rules import HeaderEdits
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.memory import Cached
-from proxy.web.proxy_handler import head_of, sendfile_now
+from proxy.web.proxy_handler import sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
 
@@ -180,7 +185,7 @@ class FastPath:
     def __init__(self, runtime_ref: Callable[[], Runtime]) -> None:
         self._runtime_ref = runtime_ref
         self._settings: object = None
-        self._default_host = ""
+        self._listener = Listener("", DEFAULT_MAX_HEAD)
         self._trust_nets: Sequence[Any] = ()
         self._trusted: dict[str, bool] = {}
         self._metrics: object = None
@@ -198,8 +203,7 @@ class FastPath:
         """Per-config values, computed once per config (reloads make a new Settings)."""
         settings = runtime.settings
         self._settings = settings
-        listen = settings.listen
-        self._default_host = f"{listen[0]}:{listen[1]}"
+        self._listener = settings.client_listener
         self._trust_nets = tuple(settings.trusted_proxies or ())
         self._trusted = {}
         self._ids = runtime.request_ids
@@ -246,10 +250,9 @@ class FastPath:
         trusted = bool(self._trust_nets) and bool(remote) and self._is_trusted(remote)
         method = msg.method
         version = msg.version
-        try:
-            head = head_of(method, msg.path, headers, version, secure, trusted, self._default_host)
-        except BadRequest:
-            return None
+        head = normalise_request(msg, secure=secure, trusted=trusted, listener=self._listener)
+        if not isinstance(head, RequestHead):
+            return None  # a Refusal: the general path answers it
         found = runtime.engine.fresh_hit(head, FAST_FILE_MAX)
         if found is None:
             return None
@@ -345,9 +348,12 @@ class ProxyRequestHandler(RequestHandler):
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        """aiohttp's answer to a request it refused (bad framing, a 500 of its own): under the
-        operator's Server name rather than aiohttp's (which names its and Python's versions),
-        with a request id, and in the access log."""
+        """aiohttp's answer to a request it refused (bad framing, a 500 of its own), with the
+        status that says why (``parser_refusal``), under the operator's Server name rather
+        than aiohttp's (which names its and Python's versions), with a request id, and in the
+        access log."""
+        if status == 400 and isinstance(exc, HttpProcessingError):
+            status, message = parser_refusal(exc, message)
         resp = super().handle_error(request, status, exc, message)
         runtime = self._runtime_ref()
         request_id = runtime.request_ids.new()
@@ -478,6 +484,23 @@ class ProxyRequestHandler(RequestHandler):
         self._upgraded = upgraded
         if upgraded and tail:
             self._message_tail = tail
+
+
+def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, str | None]:
+    """The status and text for a request aiohttp's parser refused (it says 400 for all).
+
+    llhttp refuses a ``Transfer-Encoding`` whose last coding is not ``chunked`` before
+    cachegate sees the request: that is a coding this proxy does not implement, 501 as
+    nginx answers (a list ending in ``chunked`` parses, and ``proxy.policy.request``
+    refuses it with 400). Too many fields is 431 (RFC 6585).
+    """
+    text = str(exc.message)
+    if "invalid `Transfer-Encoding`" in text:
+        return 501, ("501 Not Implemented: a transfer coding other than 'chunked'; only a single "
+                     "'chunked' is accepted\n")
+    if "Too many headers" in text:
+        return 431, "431 Request Header Fields Too Large: too many header fields\n"
+    return 400, message
 
 
 def fast_path_supported() -> bool:

@@ -12,31 +12,28 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import IO
+from typing import IO, assert_never
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import _serialize_headers
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+from multidict import CIMultiDict
 
 from proxy.engine import ClientRequest, Reply
 from proxy.errors import BadRequest, CachegateError, ResponseAborted, UpstreamError
 from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
-from proxy.policy.keys import normalise_host
 from proxy.policy.messages import HeaderList, RequestHead
+from proxy.policy.request import Message, Refusal, normalise_request
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
 from proxy.storage.bodyfiles import BodyFile
 from proxy.web.admin import purge_method
 
 log = logging.getLogger("cachegate.proxy")
 
-_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 FILE_CHUNK = 256 * 1024
 
 
@@ -51,50 +48,14 @@ def _is_trusted(runtime: Runtime, remote: str) -> bool:
     return any(ip in n for n in nets)
 
 
-def request_head(request: web.BaseRequest, trusted: bool, default_host: str) -> RequestHead:
-    """The request as the cache sees it: raw target, normalised Host, scheme."""
-    return head_of(request.method, request.raw_path, request.headers, request.version,
-                   request.secure, trusted, default_host)
-
-
-def head_of(method: str, target: str, headers: CIMultiDictProxy[str], version: tuple[int, int],
-            secure: bool, trusted: bool, default_host: str) -> RequestHead:
-    """``request_head`` from the parsed message's parts (the fast path has no aiohttp request)."""
-    scheme = "https" if secure else "http"
-    if trusted:
-        proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        if proto in ("http", "https"):
-            scheme = proto
-    host_header = headers.get("Host")
-    if target.startswith(("http://", "https://")):
-        # absolute-form (RFC 9112 §3.2.2): its authority wins over Host.
-        try:
-            url = URL(target, encoded=True)
-        except ValueError:
-            raise BadRequest("malformed request target") from None
-        host_header = url.raw_authority
-        target = url.raw_path_qs or "/"
-    if not target.startswith("/") and not (method == "OPTIONS" and target == "*"):
-        raise BadRequest("malformed request target")
-    if host_header is None:
-        if version >= (1, 1):
-            raise BadRequest("missing Host header")
-        host_header = default_host
-    if len(headers.getall("Host", ())) > 1:
-        raise BadRequest("invalid Host header")
-    host = _HOSTS.get((host_header, scheme))
-    if host is None:
-        if not _HOST.fullmatch(host_header):
-            raise BadRequest("invalid Host header")
-        host = normalise_host(host_header, scheme)
-        if len(_HOSTS) >= 1024:
-            _HOSTS.clear()
-        _HOSTS[(host_header, scheme)] = host
-    return RequestHead(method, scheme, host, target, headers)
-
-
-# Valid Host values seen, normalised: a site has few, and every request checks its own.
-_HOSTS: dict[tuple[str, str], str] = {}
+def client_head(request: web.BaseRequest, runtime: Runtime, trusted: bool | None = None
+                ) -> RequestHead | Refusal:
+    """The one normalised view of this request (``proxy.policy.request``), or its refusal."""
+    if trusted is None:
+        trusted = _is_trusted(runtime, request.remote or "")
+    message = Message(request.method, request.raw_path, request.version, request.headers)
+    return normalise_request(message, secure=request.secure, trusted=trusted,
+                             listener=runtime.settings.client_listener)
 
 
 def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList], None] | None:
@@ -189,8 +150,19 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, info: RequestInfo
         if request.method == "CONNECT":
             info.x_cache = "BYPASS"
             return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", runtime, info), 0
-        listen = runtime.settings.listen
-        head = request_head(request, trusted, f"{listen[0]}:{listen[1]}")
+        head = client_head(request, runtime, trusted)
+        match head:
+            case RequestHead():
+                pass
+            case Refusal():
+                metrics.requests.labels("ERROR", request.method).inc()
+                log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
+                         request.remote, head.status, head.reason)
+                refused = _plain(head.status, head.reason, "MISS", runtime, info)
+                refused.force_close()  # the body's framing may be what was wrong
+                return refused, 0
+            case _:
+                assert_never(head)
         info.host, info.target, info.url = head.host, head.target, head.url
         if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
             resp = await purge_method(request, runtime, head)
@@ -200,8 +172,8 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, info: RequestInfo
         if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
             runtime.hosts_seen.add(head.host)
         body = _body_stream(request) if request.body_exists else None
-        reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted, info.request_id,
-                                                          interim_sender(request)))
+        reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
+                                                          request_id=info.request_id))
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)

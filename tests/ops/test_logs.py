@@ -364,3 +364,19 @@ async def test_a_reload_can_switch_the_access_log_format(
     proxy.runtime.access_log.flush()
     first, second = log_file.read_text().splitlines()
     assert first.startswith("{") and second.startswith("127.0.0.1 - - [")
+
+
+def test_upstream_request_sends_the_request_id_in_place_of_the_heads() -> None:
+    from multidict import CIMultiDict
+
+    from proxy.policy.keys import KeySpec
+    from proxy.policy.messages import RequestHead
+    from proxy.policy.request import Forwarder, upstream_request
+
+    head = RequestHead("GET", "http", "a.example", "/x", CIMultiDict({"Host": "a.example",
+                       "X-Request-Id": "from-the-client"}))
+    for fill in (None, KeySpec()):
+        sent = upstream_request(head, "10.0.0.9", Forwarder(), fill=fill, request_id="ours-1").headers
+        assert [v for k, v in sent if k.lower() == "x-request-id"] == ["ours-1"]
+    assert not [v for k, v in upstream_request(head, "10.0.0.9", Forwarder()).headers
+                if k.lower() == "x-request-id"]  # no id given (an embedding caller): none sent
