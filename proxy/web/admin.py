@@ -222,14 +222,14 @@ async def healthz(request: web.Request) -> web.Response:
     cluster's purges (a load balancer sends it nothing until it has applied them), with the
     reason."""
     runtime = request.app[ADMIN].runtime()
-    if runtime.state != "ready":
-        return web.json_response({"status": runtime.state}, status=503)
     node = runtime.cluster
-    if node is None:
-        return web.json_response({"status": "ok"})
-    if not node.ready:
+    if node is not None and not node.ready:  # the cluster's reason first: it is why the rest waits
         return web.json_response({"status": "not ready", "reason": node.reason,
                                   "cluster": node.state}, status=503)
+    if runtime.state != "ready":
+        return web.json_response({"status": runtime.state}, status=503)
+    if node is None:
+        return web.json_response({"status": "ok"})
     body = {"status": "ok", "cluster": node.state}
     if node.state != "ready":
         body["reason"] = node.reason  # serving from the local cache while Redis is away
