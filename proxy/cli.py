@@ -1,4 +1,4 @@
-"""The ``cachegate`` command: run, check, explain, purge, warm, top, demo.
+"""The ``cachegate`` command: run, check, explain, purge, warm, top, health, demo.
 
 Every subcommand validates the config the same way; a bad config exits 2 with
 one ``FILE:LINE: message`` line per problem, before any port is bound.
@@ -40,7 +40,8 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_run_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", metavar="HOST:PORT", help="client listener (overrides listen:)")
+    p.add_argument("--listen", action="append", default=[], metavar="HOST:PORT",
+                   help="client listener, repeatable (plain HTTP; replaces the config's listen:)")
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
                    help="upstream URL, repeatable (overrides upstreams:)")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener, or 'off'")
@@ -51,7 +52,7 @@ def _add_run_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
-    return Overrides(listen=args.listen, upstreams=tuple(args.upstream),
+    return Overrides(listen=tuple(args.listen), upstreams=tuple(args.upstream),
                      admin_listen=args.admin_listen, workers=args.workers)
 
 
@@ -70,8 +71,10 @@ def _load(path: str | None, overrides: Overrides, *, warn: bool = False) -> Sett
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """One line per event on standard error (proxy.logs); JSON once a config asks for it."""
+    from proxy.logs import setup_logging
+
+    setup_logging(level)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -208,7 +211,11 @@ def cmd_warm(args: argparse.Namespace) -> int:
         settings = _load(args.config, Overrides())
         if settings is None:
             return EXIT_CONFIG
-        proxy = admin_url_of(settings.listen)  # a wildcard listen address is reached on loopback
+        # A plain listener if there is one; a wildcard listen address is reached on loopback.
+        listener = next((li for li in settings.listeners if li.tls is None), settings.listeners[0])
+        proxy = admin_url_of(listener.address)
+        if listener.tls is not None:
+            proxy = "https" + proxy.removeprefix("http")
     else:
         proxy = "http://127.0.0.1:8080"
     urls: list[str] = []
@@ -276,12 +283,39 @@ def cmd_top(args: argparse.Namespace) -> int:
     return main(TopOptions(where[0], where[1], args.interval, args.top), args.once)
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """GET /healthz on the admin API (a container HEALTHCHECK, an exec probe): exit 0 when it
+    answers 200, else 1 with why."""
+    from proxy.admin_client import AdminClientError, admin_url_of, call_admin
+
+    if args.admin:
+        base = args.admin
+    else:
+        settings = _load(args.config, Overrides())
+        if settings is None:
+            return EXIT_CONFIG
+        if settings.admin.listen is None:
+            print(f"cachegate health: {args.config} has no admin listener (admin.listen)", file=sys.stderr)
+            return EXIT_CONFIG
+        base = admin_url_of(settings.admin.listen)
+    try:
+        call_admin(base, "GET", "/healthz", None, None, timeout=args.timeout)
+    except AdminClientError as exc:
+        print(f"cachegate health: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     overrides = _overrides(args)
     settings = _load(args.config, overrides)
     if settings is None:
         return EXIT_CONFIG
+    from proxy.logs import setup_logging
+    from proxy.runtime import error_log_json
+
+    setup_logging(as_json=error_log_json(settings))
     for warning in settings.warnings:
         logging.getLogger("cachegate.config").warning("%s", warning)
     if settings.workers > 1:
@@ -369,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser("health", help="exit 0 when the admin API's /healthz answers (for health checks)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
+    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("warm", help="preload the cache: request URLs through the proxy",
                        description="Requests every URL of the sitemaps, URL files and access logs "

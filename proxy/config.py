@@ -18,13 +18,17 @@ from typing import Literal, cast
 from yarl import URL
 
 from proxy.cluster.settings import ClusterSettings, read_cluster
+from proxy.cpus import available_cpus
 from proxy.errors import ConfigError
+from proxy.logs import AccessLogSettings, LogFormat
 from proxy.policy.messages import CacheOptions
-from proxy.policy.request import DEFAULT_MAX_HEAD, Listener
+from proxy.policy.request import DEFAULT_MAX_HEAD
+from proxy.policy.request import Listener as RequestListener
 from proxy.rules import RuleSet, load_rules
 from proxy.schema import Section, parse_hostport
 from proxy.storage.disk import DiskEviction, storable_limit
 from proxy.storage.memory import MemoryPolicy
+from proxy.tls import load_problem
 from proxy.yamlsrc import Problems, Src, load_yaml
 
 HostPort = tuple[str, int]
@@ -133,10 +137,39 @@ class AdminSettings:
     server_names: tuple[str, ...] = ()
 
 
+# -- deploy and operate: listeners and TLS -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    """A TLS listener's certificate chain and key (PEM files), read again on SIGHUP."""
+
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One client listener: ``listen: HOST:PORT`` or ``{address: HOST:PORT, tls: {cert, key}}``."""
+
+    host: str
+    port: int
+    tls: ListenerTLS | None = None
+
+    @property
+    def address(self) -> HostPort:
+        return (self.host, self.port)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+
 @dataclass(frozen=True)
 class Settings:
     source: str  # the config file, or "<defaults>"
-    listen: HostPort = ("127.0.0.1", 8080)
+    # Client listeners, in the order given (``listen`` is the first one's address).
+    listeners: tuple[Listener, ...] = (Listener("127.0.0.1", 8080),)
     upstreams: tuple[UpstreamSettings, ...] = ()
     pool: PoolSettings = field(default_factory=PoolSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
@@ -147,24 +180,34 @@ class Settings:
     workers: int = 1
     shutdown_grace: float = 10.0
     via: str = "cachegate"
-    access_log: bool = False
     cluster: ClusterSettings | None = None  # cluster mode on Redis (proxy.cluster); None: one node alone
     max_request_head: int = DEFAULT_MAX_HEAD  # request line and fields; more is refused with 431
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
     # check prints them, run and reload log them).
     warnings: tuple[str, ...] = ()
+    # -- deploy and operate: listeners, TLS, Server field, logs ----------------------------
+    access_log: AccessLogSettings | None = None  # None: no access log
+    server_header: str = "cachegate"  # the Server field of every response (no versions)
+
+    @property
+    def listen(self) -> HostPort:
+        """The first listener's address (the default Host of an HTTP/1.0 request without one)."""
+        return self.listeners[0].address
 
     @functools.cached_property
-    def client_listener(self) -> Listener:
-        """What request normalisation knows of the client listener (built once per config)."""
+    def client_listener(self) -> RequestListener:
+        """What request normalisation knows of the client listener (built once per config);
+        the first listener's address is every listener's default Host."""
         host, port = self.listen
         default_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return Listener(default_host, self.max_request_head)
+        return RequestListener(default_host, self.max_request_head)
 
 
 @dataclass(frozen=True)
 class Overrides:
-    listen: str | None = None
+    listen: tuple[str, ...] = ()  # --listen, repeatable: plain listeners instead of the config's
+    # The port of each listener, in order (the supervisor's workers bind the ports it reserved).
+    ports: tuple[int, ...] = ()
     upstreams: tuple[str, ...] = ()
     admin_listen: str | None = None
     workers: str | None = None
@@ -172,7 +215,8 @@ class Overrides:
 
 
 _TOP = ("listen", "upstreams", "upstream", "cache", "admin", "rules", "trusted_proxies",
-        "workers", "shutdown_grace", "via", "access_log", "cluster", "max_request_head")  # fmt: skip
+        "workers", "shutdown_grace", "via", "access_log", "cluster", "max_request_head",
+        "server_header")  # fmt: skip
 
 
 def _hostport(sec: Section, key: str, default: HostPort | None) -> HostPort | None:
@@ -240,7 +284,7 @@ def _resolve(base_dir: str, path: str) -> str:
 
 def parse_workers(text: str) -> int:
     if text == "auto":
-        return os.cpu_count() or 1
+        return available_cpus()  # the affinity mask and cgroup quota, not the host's CPUs
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"workers: expected a positive number or auto, got {text!r}")
     return int(text)
@@ -373,10 +417,10 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         if not os.path.isfile(path):
             problems.add(item, f"rules: rule file {path} does not exist")
 
-    listen = _hostport(top, "listen", ("127.0.0.1", 8080)) or ("127.0.0.1", 8080)
+    listeners = _listeners(top, base_dir)
     return Settings(
         source=root.file,
-        listen=listen,
+        listeners=listeners,
         upstreams=tuple(upstreams),
         pool=pool,
         cache=cache,
@@ -386,8 +430,9 @@ def read_settings(root: Src, problems: Problems, base_dir: str) -> Settings:
         workers=workers,
         shutdown_grace=top.duration("shutdown_grace", 10.0),
         via=top.str("via", "cachegate"),
-        access_log=top.bool("access_log", False),
-        cluster=read_cluster(top, listen[1]),
+        access_log=_access_log(top, base_dir),
+        server_header=_server_header(top),
+        cluster=read_cluster(top, listeners[0].port),
         max_request_head=_max_request_head(top),
     )
 
@@ -403,13 +448,111 @@ def _max_request_head(top: Section) -> int:
     return size
 
 
+# -- deploy and operate: listeners, TLS, Server field, logs --------------------------------
+
+
+def _listeners(top: Section, base_dir: str) -> tuple[Listener, ...]:
+    """``listen``: ``HOST:PORT``, a mapping ``{address: HOST:PORT, tls: {cert: FILE, key: FILE}}``,
+    or a list of either (e.g. ``[":80", {address: ":443", tls: {...}}]``)."""
+    default = (Listener("127.0.0.1", 8080),)
+    raw = top.raw("listen")
+    if raw is None or raw.value is None:
+        return default
+    items = top.list("listen") if isinstance(raw.value, list) else [raw]
+    out: list[Listener] = []
+    for n, item in enumerate(items):
+        name = f"listen[{n}]" if isinstance(raw.value, list) else "listen"
+        if isinstance(item.value, dict):
+            sec = Section(item, top.problems, name, ("address", "tls"))
+            address = sec.optional_str("address")
+            if address is None:
+                top.problems.add(item, f"{name}: address is required (HOST:PORT)")
+                continue
+            at: Src = sec.raw("address") or item
+            tls = None
+            ts = sec.section("tls", ("cert", "key"))
+            if ts is not None:
+                tls = _listener_tls(ts, f"{name}.tls", base_dir)
+            elif sec.has("tls"):
+                top.problems.add(sec.raw("tls") or item, f"{name}.tls: expected {{cert: FILE, key: FILE}}")
+        elif isinstance(item.value, str | int) and not isinstance(item.value, bool):
+            address, at, tls = str(item.value), item, None
+        else:
+            top.problems.add(item, f"{name}: expected HOST:PORT or "
+                                   "{address: HOST:PORT, tls: {cert: FILE, key: FILE}}")
+            continue
+        try:
+            host, port = parse_hostport(address)
+        except ValueError as exc:
+            top.problems.add(at, f"{name}: {exc}")
+            continue
+        if port and any(other.address == (host, port) for other in out):
+            top.problems.add(at, f"{name}: {host}:{port} is listed twice")
+            continue
+        out.append(Listener(host, port, tls))
+    if not out and not items:
+        top.problems.add(raw, "listen: give at least one HOST:PORT")
+    return tuple(out) or default
+
+
+def _listener_tls(ts: Section, name: str, base_dir: str) -> ListenerTLS | None:
+    cert, key = ts.optional_str("cert"), ts.optional_str("key")
+    if cert is None or key is None:
+        ts.problems.add(ts.src, f"{name}: cert and key are both required (PEM files)")
+        return None
+    cert, key = _resolve(base_dir, cert), _resolve(base_dir, key)
+    problem = load_problem(cert, key)  # the server would fail the same way: say so now, with the line
+    if problem is not None:
+        ts.problems.add(ts.src, f"{name}: {problem}")
+        return None
+    return ListenerTLS(cert, key)
+
+
+def _access_log(top: Section, base_dir: str) -> AccessLogSettings | None:
+    """``access_log: true`` (JSON lines on stdout), ``false``, or ``{format: json|combined,
+    path: stdout|FILE}``."""
+    item = top.raw("access_log")
+    if item is None or item.value is None or item.value is False:
+        return None
+    if item.value is True:
+        return AccessLogSettings()
+    sec = top.section("access_log", ("format", "path"))
+    if sec is None:
+        problems = top.problems
+        problems.add(item, "access_log: expected true, false or {format: json|combined, path: stdout|FILE}")
+        return None
+    fmt = cast(LogFormat, sec.choice("format", "json", ("json", "combined")))
+    path = sec.str("path", "stdout")
+    if path != "stdout":
+        path = _resolve(base_dir, path)
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            top.problems.add(sec.raw("path") or item, f"access_log.path: directory {parent} does not exist")
+    return AccessLogSettings(fmt, path)
+
+
+def _server_header(top: Section) -> str:
+    value = top.str("server_header", "cachegate").strip()
+    if not value or not all(" " <= c <= "~" for c in value):
+        top.problems.add(top.raw("server_header") or top.src,
+                         f"server_header: expected printable ASCII text, got {value!r}")
+        return "cachegate"
+    return value
+
+
 def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
     at = ("<command line>", 0)
-    if o.listen is not None:
+    if o.listen:
         try:
-            s = replace(s, listen=parse_hostport(o.listen))
+            s = replace(s, listeners=tuple(Listener(*parse_hostport(t)) for t in o.listen))
         except ValueError as exc:
             problems.add(at, f"--listen: {exc}")
+    if o.ports:
+        if len(o.ports) != len(s.listeners):
+            problems.add(at, f"{len(o.ports)} port(s) for {len(s.listeners)} listener(s)")
+        else:
+            s = replace(s, listeners=tuple(replace(listener, port=port)
+                                           for listener, port in zip(s.listeners, o.ports, strict=True)))
     if o.upstreams:
         ups = [UpstreamSettings(u) for t in o.upstreams if (u := _upstream_url(t, at, problems))]
         s = replace(s, upstreams=tuple(ups))

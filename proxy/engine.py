@@ -40,6 +40,7 @@ from proxy.errors import (
 )
 from proxy.http_client import InterimHook
 from proxy.leases import Busy, Granted, LeaseClient, Waiting
+from proxy.logs import note_key, note_upstream
 from proxy.metrics import Metrics
 from proxy.policy.cache_status import cache_status, serve_detail
 from proxy.policy.fill import (
@@ -118,6 +119,7 @@ class ClientRequest:
     # Where the origin's interim responses go (RFC 9110 §15.2); None: nowhere (an HTTP/1.0
     # client, or a caller without a client connection).
     interim: InterimSink | None = None
+    request_id: str = ""  # X-Request-Id (proxy.logs): sent upstream in place of the client's
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
@@ -193,6 +195,10 @@ class Engine:
     async def close(self) -> None:
         await self.coalescer.close(self.settings.shutdown_grace)
 
+    def pending_disk_writes(self) -> int:
+        """Stored responses still being written to the disk tier (the write-behind queue)."""
+        return sum(len(writes) for writes in self._disk_writes.values())
+
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the
         supervisor's lease broker (``proxy.leases``; without a shared disk tier there is
@@ -218,6 +224,7 @@ class Engine:
             assert plan.rule is not None
             return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
         key = cache_key(head, plan.key)
+        note_key(key)
         variants = self.storage.memory_get(key)
         if variants is None:
             # Known absent (this process looked lately, and has stored nothing since): no disk lookup.
@@ -552,13 +559,13 @@ class Engine:
         """The request the origin receives: computed by the policy from the normalised head
         alone (``plan``: a fill, as keyed; None: passed through)."""
         validators = conditional_headers(revalidating.entry.response) if revalidating is not None else ()
-        return upstream_request(req.head, req.remote, self._forwarder,
+        return upstream_request(req.head, req.remote, self._forwarder, request_id=req.request_id,
                                 fill=plan.key if plan is not None else None, validators=validators)
 
     def _response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
         out = list(end_to_end(headers))
         via = headers.get("Via")
-        out = [(k, v) for k, v in out if k.lower() not in ("via", "content-length")]
+        out = [(k, v) for k, v in out if k.lower() not in ("via", "content-length", "server")]
         out.append(("Via", f"{via}, {self._via}" if via else self._via))
         return out
 
@@ -584,7 +591,9 @@ class Engine:
         resp = await self.pool.send(request.method, request.target, list(request.headers), body,
                                     on_interim)
         name = resp.upstream.name
-        self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        self.metrics.upstream_latency.labels(name).observe(took)
+        note_upstream(name, took)
         self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
         return resp
 
@@ -594,9 +603,9 @@ class Engine:
         reason = {502: "Bad Gateway", 503: "Service Unavailable",
                   504: "Gateway Timeout"}.get(status, "Bad Gateway")
         detail = {504: "UPSTREAM-TIMEOUT", 503: "NO-UPSTREAM"}.get(status, "UPSTREAM-UNREACHABLE")
-        log.warning("upstream failed: %s", exc)
-        return self._finish(plan, _error_reply(status, reason, f"{status} {reason}: {exc}", x_cache,
-                                               cache_status(fwd=fwd, detail=detail)))
+        log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
+        return self._finish(plan, _error_reply(status, reason, f"{status} {reason}: {exc.public_text()}",
+                                               x_cache, cache_status(fwd=fwd, detail=detail)))
 
     async def _invalidate(self, urls: Sequence[str]) -> None:
         targets = set(urls)

@@ -96,6 +96,7 @@ class UpstreamConnectTimeout(UpstreamTimeout):
     """The TCP (or TLS) connection was not established in time: safe to retry elsewhere."""
 
     kind = "connect_timeout"
+    public = "the origin server could not be reached in time (connect timed out)"
 
 
 class UpstreamDisconnected(UpstreamConnectError):
@@ -106,10 +107,12 @@ class UpstreamDisconnected(UpstreamConnectError):
 
 class UpstreamReadTimeout(UpstreamTimeout):
     kind = "read_timeout"
+    public = "the origin server did not answer in time (read timed out)"
 
 
 class UpstreamTotalTimeout(UpstreamTimeout):
     kind = "total_timeout"
+    public = "the origin server did not answer in time (total timeout)"
 
 
 class UpstreamBodyError(UpstreamProtocolError):
@@ -332,12 +335,14 @@ class UpstreamConnection(BaseProtocol):
                             logging.getLogger("cachegate.upstream").exception("interim response hook")
                     continue
                 if code == 101 or upgraded:
-                    self._fail(UpstreamProtocolError(f"{self._pool.name}: unexpected protocol switch"))
+                    self._fail(UpstreamProtocolError(f"{self._pool.name}: unexpected protocol switch",
+                                                     detail="an unexpected protocol switch"))
                     return
                 coding = unsupported_coding(message, self._head_method)
                 if coding is not None:
                     self._fail(UpstreamProtocolError(f"{self._pool.name}: unsupported Transfer-Encoding "
-                                                     f"{coding!r} (only chunked is decoded)"))
+                                                     f"{coding!r} (only chunked is decoded)",
+                                                     detail=f"an unsupported Transfer-Encoding {coding!r}"))
                     return
                 self._message, self._payload = message, payload
                 self._on_interim = None

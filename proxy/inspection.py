@@ -193,10 +193,10 @@ class Inspector:
         if listed:
             return [h for h in hosts if not host_matches(listed, h)]
         known = set(known_hosts_local(runtime, hosts))
-        listen_host, port = runtime.settings.listen
-        if port:  # the configured listen address (a client may use it as Host)
-            literal = f"[{listen_host}]" if ":" in listen_host else listen_host
-            known.add(normalise_host(f"{literal}:{port}", "http"))
+        for listener in runtime.settings.listeners:
+            if listener.port:  # a configured listen address (a client may use it as Host)
+                literal = f"[{listener.host}]" if ":" in listener.host else listener.host
+                known.add(normalise_host(f"{literal}:{listener.port}", listener.scheme))
         rest = [h for h in hosts if h not in known]
         if rest and self._call is not None:
             for answer in await self._workers("admin_hosts", hosts=rest):

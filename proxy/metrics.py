@@ -35,10 +35,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from proxy import __version__
 
 # HIT_STATUSES: the X-Cache-Status values that count as hits in hit ratios (answered from the
 # store without waiting for the origin; a collapsed waiter says HIT too: it cost no origin request).
@@ -51,7 +59,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 # Families that only the supervisor's numbers describe (workers forward these to it).
 SUPERVISOR_ONLY = frozenset({"cachegate_config_reloads", "cachegate_purges", "cachegate_purged_entries",
-                             "cachegate_admin_unauthorized", "cachegate_admin_refused"})
+                             "cachegate_admin_unauthorized", "cachegate_admin_refused",
+                             # one value for the whole: the build, the start, the open-files limit
+                             "cachegate_build_info", "process_start_time_seconds", "process_max_fds"})
 # Families with a "tier" label whose tier="disk" samples describe the shared disk tier.
 SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "cachegate_evictions"})
 # Families describing each worker's own upstream pool: workers only, never the supervisor's.
@@ -239,6 +249,30 @@ class Metrics:
             "Time to answer a client request, by cache status (fast-path hits sampled)",
             ["cache_status"], REQUEST_BUCKETS, registry=r)
         self.live = LiveStats()
+        # -- deploy and operate: the build and the processes ---------------------------------
+        self.process_label = "0"  # this process in cachegate_worker_*: a worker id, or "supervisor"
+        self._process = ProcessCollector(registry=r)  # process_*, read from /proc when scraped
+        self.add_collector(self._collect_process)
+
+    def _collect_process(self) -> Iterator[Metric]:
+        """The build, and this process's CPU, memory and open files under its worker label
+        (process_* is summed over the processes when several serve)."""
+        info = GaugeMetricFamily("cachegate_build_info", "cachegate's version (always 1)", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        label = [self.process_label]
+        for family in self._process.collect():
+            for sample in family.samples:
+                target = _PER_WORKER.get(sample.name)
+                if target is not None:
+                    name, kind, doc = target
+                    per: CounterMetricFamily | GaugeMetricFamily
+                    if kind == "counter":
+                        per = CounterMetricFamily(name, doc, labels=["worker"])
+                    else:
+                        per = GaugeMetricFamily(name, doc, labels=["worker"])
+                    per.add_metric(label, sample.value)
+                    yield per
 
     def answered(self, url: str | None, cache_status: str, seconds: float) -> None:
         """A client request answered on the general path (the fast path samples its own)."""
@@ -266,6 +300,17 @@ class Metrics:
         for (status, _method), n in list(self.requests.values().items()):
             out[status] = out.get(status, 0) + int(n)
         return out
+
+
+# The process_* samples also given per process (nothing on hosts without /proc).
+_PER_WORKER = {
+    "process_cpu_seconds_total": ("cachegate_worker_cpu_seconds", "counter",
+                                  "CPU time (user and system) of each process, by worker"),
+    "process_resident_memory_bytes": ("cachegate_worker_resident_memory_bytes", "gauge",
+                                      "Resident memory of each process, by worker"),
+    "process_open_fds": ("cachegate_worker_open_fds", "gauge",
+                         "Open file descriptors of each process, by worker"),
+}
 
 
 class _FunctionCollector(Collector):

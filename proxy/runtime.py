@@ -19,11 +19,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.engine import Engine
+from proxy.logs import AccessLog, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import PurgeOutcome, Purger, PurgeSpec
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
@@ -38,6 +39,21 @@ UPKEEP_INTERVAL = 1.0  # seconds between upkeep rounds (bans are swept within ab
 ORPHAN_SWEEP_INTERVAL = 3600.0
 BAN_RELOAD_INTERVAL = 30.0  # workers: pick up bans the sweeper removed
 MAX_HOSTS_SEEN = 10_000
+
+
+def open_access_log(settings: Settings) -> AccessLog | None:
+    if settings.access_log is None:
+        return None
+    try:
+        return AccessLog(settings.access_log, worker_label())
+    except OSError as exc:  # checked by the config, but the file may have gone since
+        log.error("cannot open the access log %s: %s; logging no requests", settings.access_log.path, exc)
+        return None
+
+
+def error_log_json(settings: Settings) -> bool:
+    """The error log is JSON lines when the access log is."""
+    return settings.access_log is not None and settings.access_log.format == "json"
 
 
 def open_storage(settings: Settings) -> Storage:
@@ -94,6 +110,13 @@ class Runtime:
     # Hosts clients asked for (up to MAX_HOSTS_SEEN): with the hosts in the store, what the
     # admin API takes as "hosts cachegate serves" when admin.hosts does not list them.
     hosts_seen: set[str] = field(default_factory=set)
+    # X-Request-Id values (proxy.logs), and the access log when the config asks for one.
+    request_ids: RequestIds = field(default_factory=RequestIds)
+    access_log: AccessLog | None = None
+    # "starting" until the client listeners accept, "ready", then "stopping" (GET /healthz).
+    state: str = "starting"
+    # What else a reload applies (the web layer adds a TLS listener's certificate reload).
+    on_reconfigure: list[Callable[[Settings], None]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Closed first by ``close`` (cluster mode's Redis connections), last added first.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -115,6 +138,7 @@ class Runtime:
         engine = Engine(settings, storage, pool, metrics, invalidate=invalidate)
         purger = Purger(storage, lambda: runtime.settings.rules)
         runtime = cls(settings, storage, pool, engine, metrics, purger)
+        runtime.access_log = open_access_log(settings)
         metrics.add_collector(runtime._collect_tiers)
         if storage.disk is not None:
             loop = runtime._upkeep(started) if owner else runtime._reload_bans()
@@ -139,8 +163,21 @@ class Runtime:
         self.metrics.purged_entries.inc(count)
 
     def reconfigure(self, settings: Settings) -> None:
+        old = self.settings
         self.settings = settings
         self.engine.reconfigure(settings)
+        if settings.access_log != old.access_log:
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = open_access_log(settings)
+            setup_logging(as_json=error_log_json(settings))
+        elif self.access_log is not None:
+            self.access_log.reopen()  # SIGHUP after logrotate moved the file
+        for hook in self.on_reconfigure:
+            try:
+                hook(settings)
+            except Exception:  # one part failing to reload must not stop the rest
+                log.exception("reload: applying the new config failed in part")
 
     async def close(self) -> None:
         for close in reversed(self.closers):
@@ -157,6 +194,8 @@ class Runtime:
         await self.engine.close()
         await self.pool.close()
         self.storage.close()
+        if self.access_log is not None:
+            self.access_log.close()
 
     async def _upkeep(self, started: float) -> None:
         """The owner's background upkeep. The first orphan sweep takes everything older than
@@ -198,3 +237,7 @@ class Runtime:
                                 "Disk writes that failed (shard lock timeout); the response was not stored")
         c.add_metric([], s.failed_writes)
         yield c
+        q = GaugeMetricFamily("cachegate_disk_writes_pending",
+                              "Stored responses still being written to the disk tier (write-behind queue)")
+        q.add_metric([], self.engine.pending_disk_writes())
+        yield q

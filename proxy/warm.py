@@ -31,6 +31,7 @@ import collections
 import contextlib
 import gzip
 import io
+import json
 import re
 import signal
 import sys
@@ -95,7 +96,11 @@ _REQUEST_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[0-9.]+"(?:\s+(\d{3}))?')
 
 
 def parse_access_log(lines: Iterable[str]) -> list[str]:
-    """The paths of GET/HEAD requests answered below 400 (or with no status), most requested first.
+    """The paths of GET/HEAD requests answered below 400 (or with no status), most requested first:
+    from combined or common lines, or cachegate's JSON lines (``access_log: {format: json}``).
+
+    >>> parse_access_log(['{"method":"GET","path":"/j?x=1","status":200}', '{"method":null,"path":null}'])
+    ['/j?x=1']
 
     >>> parse_access_log([
     ...     '127.0.0.1 - - [26/Nov/2026:13:40:02 +0000] "GET /a HTTP/1.1" 200 288 "-" "curl"',
@@ -107,6 +112,16 @@ def parse_access_log(lines: Iterable[str]) -> list[str]:
     """
     counts: collections.Counter[str] = collections.Counter()
     for line in lines:
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            path, status = record.get("path"), record.get("status")
+            if (record.get("method") in ("GET", "HEAD") and isinstance(path, str)
+                    and not (isinstance(status, int) and status >= 400)):
+                counts[path] += 1
+            continue
         m = _REQUEST_LINE.search(line)
         if m is None or (m.group(3) is not None and int(m.group(3)) >= 400):
             continue

@@ -30,12 +30,14 @@ ensure_venv() {  # ensure_venv [extra]
 
 # System packages the tests drive, installed with apt-get when missing (as root, e.g. in CI):
 # Debian's chromium for the console's browser tests (Playwright drives it; it never downloads a
-# browser of its own), and Debian's redis-server for the cluster tests. Tests that need one skip,
-# saying why, only when this install failed.
+# browser of its own), Debian's redis-server for the cluster tests, and openssl, which makes the
+# throwaway certificates of the TLS tests. Tests that need one skip, saying why, only when this
+# install failed.
 ensure_system_packages() {
   local missing=()
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)  # the cluster tests' Redis
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   (( ${#missing[@]} )) || return 0
   if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
     echo "scripts/test: ${missing[*]} missing and cannot be installed here (needs root and apt-get); those tests skip" >&2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 
@@ -123,25 +124,34 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, o
     assert "cachegate: stopped" in proc.text
 
 
-async def test_access_log_writes_a_line_per_request_with_its_cache_status(
+async def test_access_log_writes_a_json_line_per_request_with_its_cache_status(
         tmp_path: Path, origin: Origin) -> None:
+    """access_log: true in a real `cachegate run`: JSON lines on stdout, the hit on the fast path
+    logged too, the start-up line and the listener lines as JSON objects beside them."""
     origin.route("/page", body=b"hello", headers={"Cache-Control": "max-age=60"})
     config = write_config(str(tmp_path), origin.url, "access_log: true\n")
     proxy = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    ids = []
     try:
         async with aiohttp.ClientSession() as session:
             for _ in range(2):
                 async with session.get(proxy.proxy_url + "/page",
                                        headers={"User-Agent": "probe/1"}) as r:
                     assert await r.read() == b"hello"
+                    ids.append(r.headers["X-Request-Id"])
+                await asyncio.sleep(0.05)
         for _ in range(100):
-            if sum('"GET /page HTTP/1.1"' in line for line in proxy.output) >= 2:
+            if sum('"path":"/page"' in line for line in proxy.output) >= 2:
                 break
             await asyncio.sleep(0.05)
     finally:
         assert await asyncio.to_thread(proxy.stop) == 0
-    lines = [line for line in proxy.output if '"GET /page HTTP/1.1"' in line]
-    fields = [line.split('" ')[1].split()[:3] for line in lines]  # status, bytes sent, cache
-    assert [(f[0], f[2]) for f in fields] == [("200", "MISS"), ("200", "HIT")]
-    assert all(int(f[1]) > len("hello") for f in fields)  # the head counts, as nginx's $bytes_sent
-    assert lines[0].startswith("127.0.0.1 [") and lines[0].rstrip().endswith('"probe/1"')
+    records = [json.loads(line) for line in proxy.output if line.startswith("{")]
+    requests = [r for r in records if r.get("path") == "/page"]
+    assert [(r["status"], r["cache"], r["bytes"], r["request_id"]) for r in requests] == [
+        (200, "MISS", 5, ids[0]), (200, "HIT", 5, ids[1])]
+    assert ids[0] != ids[1]
+    started = next(r for r in records if r.get("event") == "started")
+    assert started["config"] == config and started["workers"] == 1
+    assert any("proxy listening on" in r.get("message", "") for r in records)
+    assert all(line.startswith("{") for line in proxy.output if line.strip()), proxy.text

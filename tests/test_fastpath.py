@@ -3,7 +3,8 @@
 Every comparison sends the same raw bytes to two listeners of one running cachegate: the
 normal one (fast path on) and a second one started with ``fast=False`` (aiohttp's
 handler, ``web.Response``). Responses are compared field by field, in order, except the
-values of Date and Age (they depend on the second the answer is written).
+values of Date and Age (they depend on the second the answer is written) and X-Request-Id
+(each request has its own).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Raw:
         return next((v for k, v in self.fields if k.lower() == name.lower()), None)
 
     def comparable(self) -> tuple[str, list[tuple[str, str]], bytes]:
-        fields = [(k, "*" if k.lower() in ("date", "age") else v) for k, v in self.fields]
+        fields = [(k, "*" if k.lower() in ("date", "age", "x-request-id") else v) for k, v in self.fields]
         return self.status_line, fields, self.body
 
 

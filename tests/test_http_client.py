@@ -242,7 +242,7 @@ async def test_only_the_clients_fields_and_the_forwarding_fields_go_upstream(
     assert lines[0] == "GET /f?q=1 HTTP/1.1"
     names = [line.split(":", 1)[0] for line in lines[1:] if line]
     assert sorted(names) == sorted(["Host", "X-Mine", "X-Forwarded-For", "X-Forwarded-Proto",
-                                    "X-Forwarded-Host", "Via", "Surrogate-Capability"])
+                                    "X-Forwarded-Host", "Via", "Surrogate-Capability", "X-Request-Id"])
 
 
 async def test_request_bodies_are_framed_by_what_is_really_sent(

@@ -13,8 +13,9 @@ tags) or ``NoFill`` with the ``Cache-Status`` detail token, decided in this orde
 5. what is kept: ``ttl_jitter`` shortens the lifetime by a random share (the draw is a
    parameter: this package reads no clock and no random source), a ``Set-Cookie``
    (storable only under ``allow_set_cookie``) is dropped, since the cookie was for the
-   client that caused the fill, this cache's ``Via`` is appended once, and the tags are
-   the configured tag fields' plus the rule's.
+   client that caused the fill, and so is an ``X-Request-Id`` (the filling request's id,
+   which an origin may echo, is nobody else's); this cache's ``Via`` is appended once, and
+   the tags are the configured tag fields' plus the rule's.
 
 ``freshened`` is the same last step for a stored response a 304 updated (RFC 9111
 §4.3.4), and ``shareable_with_followers`` says whether coalesced followers may take a
@@ -28,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from proxy.policy.deception import deception_refuses
 from proxy.policy.fields import split_list
 from proxy.policy.freshness import carries_credentials
@@ -35,6 +38,8 @@ from proxy.policy.messages import CacheOptions, Freshness, HeaderList, Headers, 
 from proxy.policy.storability import DontStore, decide_store, decide_store_part
 from proxy.policy.validation import freshen_stored
 
+# Fields of an answer that were for the client that caused the fill alone (step 5).
+_FILLER_ONLY = ("set-cookie", "x-request-id")
 # Details of a response no follower may share whatever its freshness (hit-for-pass: the
 # key's next requests skip waiting for each other's fetches for a while).
 PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
@@ -130,9 +135,9 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
     stored = decision.response
     if rules.deception_guard and deception_refuses(request, stored, headers.get("Content-Type")):
         return NoFill("DECEPTION-GUARD")
-    if "set-cookie" in headers:  # storable only under allow_set_cookie (module docstring, step 5)
+    if "set-cookie" in headers or "x-request-id" in headers:  # the module docstring, step 5
         stored = replace(stored, headers=tuple((k, v) for k, v in stored.headers
-                                               if k.lower() != "set-cookie"))
+                                               if k.lower() not in _FILLER_ONLY))
     stored = _as_kept(stored, rules, settings, jitter)
     tags = tags_from_headers(headers, settings.tag_headers) + tuple(rules.tags)
     return Fill(stored, tuple(dict.fromkeys(tags)))
@@ -142,7 +147,11 @@ def freshened(stored: StoredResponse, update: Exchange, rules: StoreRules, setti
               jitter: float = 0.0) -> StoredResponse | None:
     """``stored`` updated by the 304 ``update`` (RFC 9111 §4.3.4: ``freshen_stored``) and kept as
     a fill is; None when the 304 says it may no longer be kept (no-store, private)."""
-    updated = freshen_stored(stored, update.headers, update.request_time, update.response_time,
+    fields = update.headers
+    if "x-request-id" in fields:  # the revalidating request's id, echoed: not the stored response's
+        fields = CIMultiDictProxy(CIMultiDict((k, v) for k, v in fields.items()
+                                              if k.lower() != "x-request-id"))
+    updated = freshen_stored(stored, fields, update.request_time, update.response_time,
                              rules.options, credentials=carries_credentials(update.request.headers))
     if updated is None:
         return None

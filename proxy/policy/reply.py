@@ -22,6 +22,8 @@ from proxy.policy.messages import RequestHead, StoredResponse
 from proxy.policy.partial import answerable, part_range
 from proxy.policy.ranges import if_range_allows, request_range, resolve_range
 
+# A stored response's fields that are never served as stored (see served_headers).
+SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id"})
 # The fields a 304 keeps (RFC 9110 §15.4.5), besides this cache's own.
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
                        "last-modified")  # fmt: skip
@@ -53,9 +55,11 @@ ReplyHead = NotModified | Unsatisfiable | Send
 def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
                    ) -> list[tuple[str, str]]:
     """A stored response's fields as served: its own Age and Content-Length dropped (the
-    web layer frames the body), this cache's Age, Cache-Status and X-Cache-Status added.
+    web layer frames the body), its Server (the operator's ``server_header`` names this proxy
+    instead, as nginx does) and any X-Request-Id (each request gets its own from the web
+    layer); this cache's Age, Cache-Status and X-Cache-Status added.
     Shared by the engine and the fast path (``proxy.web.fastpath``)."""
-    headers = [(k, v) for k, v in stored if k.lower() not in ("age", "content-length")]
+    headers = [(k, v) for k, v in stored if k.lower() not in SERVED_DROPS]
     headers.append(("Age", age))
     headers.append(("Cache-Status", cs))
     headers.append(("X-Cache-Status", x_cache))

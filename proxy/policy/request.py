@@ -440,13 +440,16 @@ def fill_target(head: RequestHead, spec: KeySpec) -> str:
 
 
 def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
-                     fill: KeySpec | None = None, validators: HeaderList = ()) -> UpstreamRequest:
+                     fill: KeySpec | None = None, validators: HeaderList = (),
+                     request_id: str = "") -> UpstreamRequest:
     """What the origin receives for ``head``: a function of the head, ``peer`` (the TCP peer's
     address, for X-Forwarded-For) and the config.
 
     ``fill``: a cache fill under this key spec: a GET for the URL as keyed, without the
     client's conditionals and ranges; ``validators`` (a revalidation's) are added. Without
     ``fill`` the request is passed through (any method, the target as received).
+    ``request_id``: the request's ``X-Request-Id`` (``proxy.logs``: a trusted peer's, or
+    cachegate's own), sent in place of any the head carries.
 
     Hop-by-hop and (for an untrusted head) forwarding fields are dropped here too, so a head
     built by hand cannot carry them to the origin either.
@@ -473,7 +476,7 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     proto = host = False
     for k, v in head.headers.items():
         lk = k.lower()
-        if lk == "host" or lk in HOP_BY_HOP or (fill is not None and lk in FILL_DROPS):
+        if lk in ("host", "x-request-id") or lk in HOP_BY_HOP or (fill is not None and lk in FILL_DROPS):
             continue
         if is_forwarding(lk):
             if not trusted:
@@ -494,6 +497,8 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
         out.append(("X-Forwarded-Host", head.host))
     out.append(("Via", ", ".join([*prior_via, forwarder.via])))
     out.append(("Surrogate-Capability", SURROGATE_CAPABILITY))
+    if request_id:
+        out.append(("X-Request-Id", request_id))
     out.extend(validators)
     if fill is None:
         return UpstreamRequest(head.method, head.target, tuple(out))

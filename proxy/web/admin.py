@@ -216,14 +216,20 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 when this node serves; in cluster mode 503 while it catches up with the cluster's
-    purges (a load balancer sends it nothing until it has applied them), with the reason."""
-    node = request.app[ADMIN].runtime().cluster
-    if node is None:
-        return web.json_response({"status": "ok"})
-    if not node.ready:
+    """200 when this process serves: its client listeners accept (every worker's, with
+    ``--workers N``); 503 while starting or stopping, so a readiness probe sends traffic only
+    to a process that takes it; in cluster mode also 503 while it catches up with the
+    cluster's purges (a load balancer sends it nothing until it has applied them), with the
+    reason."""
+    runtime = request.app[ADMIN].runtime()
+    node = runtime.cluster
+    if node is not None and not node.ready:  # the cluster's reason first: it is why the rest waits
         return web.json_response({"status": "not ready", "reason": node.reason,
                                   "cluster": node.state}, status=503)
+    if runtime.state != "ready":
+        return web.json_response({"status": runtime.state}, status=503)
+    if node is None:
+        return web.json_response({"status": "ok"})
     body = {"status": "ok", "cluster": node.state}
     if node.state != "ready":
         body["reason"] = node.reason  # serving from the local cache while Redis is away
@@ -421,6 +427,11 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    async def server_name(request: web.Request, response: web.StreamResponse) -> None:
+        # The operator's name, not aiohttp's default (which names its and Python's versions).
+        response.headers["Server"] = runtime_ref().settings.server_header
+
+    app.on_response_prepare.append(server_name)
     app.cleanup_ctx.append(sampler)
     app.router.add_post("/purge", purge)
     app.router.add_post("/reload", reload)

@@ -23,7 +23,8 @@ from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict
 
 from proxy.engine import ClientRequest, Reply
-from proxy.errors import CachegateError, ResponseAborted, UpstreamError
+from proxy.errors import BadRequest, CachegateError, ResponseAborted, UpstreamError
+from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import HeaderList, RequestHead
 from proxy.policy.request import Message, Refusal, normalise_request
@@ -47,9 +48,11 @@ def _is_trusted(runtime: Runtime, remote: str) -> bool:
     return any(ip in n for n in nets)
 
 
-def client_head(request: web.BaseRequest, runtime: Runtime) -> RequestHead | Refusal:
+def client_head(request: web.BaseRequest, runtime: Runtime, trusted: bool | None = None
+                ) -> RequestHead | Refusal:
     """The one normalised view of this request (``proxy.policy.request``), or its refusal."""
-    trusted = _is_trusted(runtime, request.remote or "")
+    if trusted is None:
+        trusted = _is_trusted(runtime, request.remote or "")
     message = Message(request.method, request.raw_path, request.version, request.headers)
     return normalise_request(message, secure=request.secure, trusted=trusted,
                              listener=runtime.settings.client_listener)
@@ -115,68 +118,108 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         runtime = runtime_ref()
-        metrics = runtime.metrics
-        url = None
+        remote = request.remote or ""
+        trusted = _is_trusted(runtime, remote)
+        info = RequestInfo(runtime.request_ids.take(request.headers, trusted))
+        token = REQUEST.set(info)  # error log lines about this request carry its id
         try:
-            if request.method == "CONNECT":
-                return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS")
-            head = client_head(request, runtime)
-            match head:
-                case RequestHead():
-                    pass
-                case Refusal():
-                    metrics.requests.labels("ERROR", request.method).inc()
-                    metrics.answered(None, "ERROR", time.perf_counter() - started)
-                    log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
-                             request.remote, head.status, head.reason)
-                    refused = _plain(head.status, head.reason, "MISS")
-                    refused.force_close()  # the body's framing may be what was wrong
-                    return refused
-                case _:
-                    assert_never(head)
-            url = head.url
-            if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
-                return await purge_method(request, runtime, head)
-            if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
-                runtime.hosts_seen.add(head.host)
-            body = _body_stream(request) if request.body_exists else None
-            reply = await runtime.engine.handle(ClientRequest(head, request.remote or "", body,
-                                                              interim_sender(request)))
-        except CachegateError as exc:
-            metrics.requests.labels("ERROR", request.method).inc()
-            metrics.answered(url, "ERROR", time.perf_counter() - started)
-            return _plain(exc.status_hint, str(exc) or "error", "MISS")
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.raw_path)
-            metrics.requests.labels("ERROR", request.method).inc()
-            metrics.answered(url, "ERROR", time.perf_counter() - started)
-            return _plain(500, "internal error", "MISS")
-        metrics.requests.labels(reply.x_cache, request.method).inc()
-        response = await write_reply(request, reply, runtime)
-        metrics.answered(url, reply.x_cache, time.perf_counter() - started)
-        return response
+            resp, sent = await _respond(request, runtime, info, remote, trusted)
+        finally:
+            REQUEST.reset(token)
+        done = time.perf_counter()
+        if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
+            runtime.metrics.answered(info.url, info.x_cache, done - started)
+        access = runtime.access_log
+        if access is not None:
+            access.add((done, done - started, info.request_id, remote, request.method,
+                        info.host or request.host, info.target or request.raw_path, request.version,
+                        resp.status, sent,
+                        info.x_cache, info.cache_status, info.key, info.upstream, info.upstream_time,
+                        request.headers if access.wants_fields else None))
+        return resp
 
     return handle
 
 
-def _plain(status: int, text: str, x_cache: str) -> web.Response:
-    headers = CIMultiDict({"Cache-Status": cache_status(detail="PROXY-ERROR"),
-                           "X-Cache-Status": x_cache})
+async def _respond(request: web.BaseRequest, runtime: Runtime, info: RequestInfo, remote: str,
+                   trusted: bool) -> tuple[web.StreamResponse, int]:
+    """The response to a client request and the body bytes sent (those of a ``web.Response``
+    are written by aiohttp after the handler returns)."""
+    metrics = runtime.metrics
+    try:
+        if request.method == "CONNECT":
+            info.x_cache = "BYPASS"
+            return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", runtime, info), 0
+        head = client_head(request, runtime, trusted)
+        match head:
+            case RequestHead():
+                pass
+            case Refusal():
+                metrics.requests.labels("ERROR", request.method).inc()
+                log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
+                         request.remote, head.status, head.reason)
+                refused = _plain(head.status, head.reason, "MISS", runtime, info)
+                refused.force_close()  # the body's framing may be what was wrong
+                return refused, 0
+            case _:
+                assert_never(head)
+        info.host, info.target, info.url = head.host, head.target, head.url
+        if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
+            resp = await purge_method(request, runtime, head)
+            _own_fields(resp.headers, runtime, info)
+            info.x_cache = "PURGE"
+            return resp, len(resp.body) if isinstance(resp.body, bytes) else 0
+        if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
+            runtime.hosts_seen.add(head.host)
+        body = _body_stream(request) if request.body_exists else None
+        reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
+                                                          request_id=info.request_id))
+    except CachegateError as exc:
+        if not isinstance(exc, BadRequest):
+            log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
+        metrics.requests.labels("ERROR", request.method).inc()
+        return _plain(exc.status_hint, exc.public_text(), "MISS", runtime, info), 0
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.raw_path)
+        metrics.requests.labels("ERROR", request.method).inc()
+        return _plain(500, "internal error", "MISS", runtime, info), 0
+    metrics.requests.labels(reply.x_cache, request.method).inc()
+    info.x_cache = reply.x_cache
+    return await write_reply(request, reply, runtime, info)
+
+
+def _own_fields(headers: CIMultiDict[str], runtime: Runtime, info: RequestInfo) -> None:
+    """What the web layer adds to every response: the request's id, and the operator's name
+    for this proxy unless a rule set one (the origin's was dropped; aiohttp's default would
+    name Python's and aiohttp's versions)."""
+    headers["X-Request-Id"] = info.request_id
+    headers.setdefault("Server", runtime.settings.server_header)
+
+
+def _plain(status: int, text: str, x_cache: str, runtime: Runtime, info: RequestInfo) -> web.Response:
+    cs = cache_status(detail="PROXY-ERROR")
+    headers = CIMultiDict({"Cache-Status": cs, "X-Cache-Status": x_cache})
+    _own_fields(headers, runtime, info)
+    info.cache_status = cs
     return web.Response(status=status, text=text + "\n", headers=headers)
 
 
-async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) -> web.StreamResponse:
+async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime, info: RequestInfo
+                      ) -> tuple[web.StreamResponse, int]:
+    """Write ``reply``; the response and the body bytes sent."""
     headers = CIMultiDict(reply.headers)
     if runtime.debug_headers:
         headers["X-Cachegate-Tier"] = reply.tier
         if runtime.worker_id is not None:
             headers["X-Cachegate-Worker"] = str(runtime.worker_id)
+    _own_fields(headers, runtime, info)
+    info.cache_status = headers.get("Cache-Status")
     body = reply.body
     if isinstance(body, bytes) and not reply.head_only:
         runtime.metrics.response_bytes.labels(reply.tier).inc(len(body))
-        return web.Response(status=reply.status, reason=reply.reason, body=body, headers=headers)
+        return web.Response(status=reply.status, reason=reply.reason, body=body, headers=headers), len(body)
     resp = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
     if reply.length is not None and reply.status not in (204, 304) and reply.status >= 200:
         resp.content_length = reply.length
@@ -210,7 +253,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) 
     finally:
         await _close_body(body)
         runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
-    return resp
+    return resp, sent
 
 
 def _client_gone(request: web.BaseRequest, exc: BaseException) -> None:
@@ -260,10 +303,14 @@ async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[b
 
 def sendfile_now(transport: asyncio.BaseTransport | None, fd: int, offset: int, count: int) -> int:
     """``os.sendfile`` as much of ``fd`` as the socket takes now; the bytes sent (0 when the
-    transport still holds unsent data, whose order the file must not overtake)."""
+    transport still holds unsent data, whose order the file must not overtake, and always 0 on
+    a TLS connection: the kernel would put the file's plaintext into the TLS stream, and the
+    callers then write it through the transport, which encrypts it)."""
     if transport is None or transport.is_closing() or count <= 0:
         return 0
     if transport.get_write_buffer_size() != 0:  # type: ignore[attr-defined]
+        return 0
+    if transport.get_extra_info("sslcontext") is not None:
         return 0
     sock = transport.get_extra_info("socket")
     if sock is None:

@@ -108,6 +108,8 @@ TARGETS: tuple[Target, ...] = (
            ("pass-1k", "cachegate"), ("pass-1k", "varnish"), ">=", 1.0, stretch=True),
     Target("p99 of 1 KiB hits / aiohttp ceiling's p99",
            ("hit-1k", "cachegate"), ("hit-1k", "ceiling-{w}p"), "<=", 2.0, metric="p99"),
+    Target("1 KiB hit with the JSON access log / without",
+           ("hit-1k", "cachegate-log"), ("hit-1k", "cachegate"), ">=", 0.8),
 )
 
 

@@ -130,7 +130,7 @@ async def test_urls_from_stdin_and_an_access_log_with_headers_and_variants(
     for path in ("/a", "/b", "/c"):
         origin.route(path, negotiated)
     log = tmp_path / "access.log"
-    log.write_text('127.0.0.1 [26/Nov/2026:13:40:02 +0000] "GET /c HTTP/1.1" 200 288 HIT 0.0004 "-" "curl"\n'
+    log.write_text('{"time":"2026-11-26T13:40:02.000Z","method":"GET","host":"h","path":"/c","status":200}\n'
                    '127.0.0.1 - - [26/Nov/2026:13:40:05 +0000] "POST /a HTTP/1.1" 200 2 "-" "curl"\n')
     code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--from-access-log", str(log),
                                 "-H", "X-Warm: yes", "--variants", "Accept-Encoding: gzip",

@@ -87,6 +87,12 @@ def test_a_cookie_stored_under_allow_set_cookie_is_dropped_from_what_is_kept() -
     assert [k for k, _ in decision.response.headers] == ["Cache-Control", "Via"]
 
 
+def test_the_filling_request_s_id_echoed_by_the_origin_is_not_kept() -> None:
+    decision = fill([FRESH, ("X-Request-Id", "abc")])
+    assert isinstance(decision, Fill)
+    assert [k for k, _ in decision.response.headers] == ["Cache-Control", "Via"]
+
+
 def test_a_part_is_kept_as_its_complete_response_would_be_without_the_cookie() -> None:
     rules = Rules(options=CacheOptions(allow_set_cookie=True))
     decision = fill([FRESH, ("Content-Range", "bytes 0-4/10"), ("Set-Cookie", "a=1")], status=206,
@@ -140,6 +146,14 @@ def test_a_304_freshens_the_stored_response_and_keeps_it_as_a_fill_would() -> No
     assert fresh is not None
     assert fresh.freshness.lifetime == pytest.approx(95.0) and fresh.freshness.ttl(T0 + 50) == pytest.approx(95)
     assert [v for k, v in fresh.headers if k == "Via"] == ["1.1 origin, 1.1 cachegate"]
+
+
+def test_a_304_echoing_the_revalidating_request_s_id_does_not_add_it_to_the_stored_response() -> None:
+    s = stored([("Cache-Control", "max-age=10"), ("ETag", '"a"')])
+    update = Exchange(request(), 304, "", headers(("X-Request-Id", "abc"), ("X-New", "1")), T0 + 50, T0 + 50)
+    fresh = freshened(s, update, Rules(), SETTINGS)
+    assert fresh is not None
+    assert [k for k, _ in fresh.headers] == ["Cache-Control", "ETag", "X-New", "Via"]
 
 
 def test_a_304_saying_private_ends_the_stored_response() -> None:

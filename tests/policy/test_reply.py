@@ -11,7 +11,8 @@ from proxy.policy.reply import NotModified, Send, Unsatisfiable, reply_head, ser
 from tests.policy.build import request, stored
 
 FIELDS: list[tuple[str, str]] = [("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Content-Type", "text/plain"),
-                                 ("Content-Length", "10"), ("Age", "3"), ("X-Other", "1")]
+                                 ("Content-Length", "10"), ("Age", "3"), ("Server", "origin"),
+                                 ("X-Request-Id", "old"), ("X-Other", "1")]
 WHOLE = stored(FIELDS)
 # A stored part (decide_store_part makes one the same way; only its status and range differ).
 PART = replace(WHOLE, status=206, reason="Partial Content",
@@ -22,7 +23,7 @@ def served(s: StoredResponse) -> list[tuple[str, str]]:
     return served_headers(s.headers, "5", "cachegate; hit", "HIT")
 
 
-def test_served_fields_drop_the_stored_age_and_length_and_add_this_cache_s() -> None:
+def test_served_fields_drop_the_stored_age_length_server_and_request_id_and_add_this_cache_s() -> None:
     names = [k for k, _ in served(WHOLE)]
     assert names == ["Cache-Control", "ETag", "Content-Type", "X-Other", "Age", "Cache-Status", "X-Cache-Status"]
     assert dict(served(WHOLE))["Age"] == "5"

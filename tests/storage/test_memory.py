@@ -109,7 +109,7 @@ def test_the_budget_counts_what_entries_really_take() -> None:
     from proxy.policy.messages import CacheOptions, RequestHead
     from proxy.policy.storability import Store, decide_store
     from proxy.storage.entry import Entry
-    from proxy.web.fastpath import FastPath
+    from proxy.web.fastpath import Extras, FastPath
 
     n = 2000
     tier = MemoryTier(1 << 30, 1 << 20)
@@ -128,7 +128,7 @@ def test_the_budget_counts_what_entries_really_take() -> None:
             e = Entry(url, url, stored.response, os.urandom(16).hex(), 1024, stored_at=1e9)
             variants = (Cached(e, os.urandom(1024)),)
             tier.put(e.key, variants)
-            FastPath._new_head(variants[0], None, 0, (), (1, 1))
+            FastPath._new_head(variants[0], None, 0, Extras((), "cachegate"), (1, 1))
         taken, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
