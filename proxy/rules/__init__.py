@@ -21,11 +21,13 @@ Three modules, one job each:
                and for its response (``StorePlan``), built at load where it can be;
 - ``compile``  YAML to rules, rejecting with ``FILE:LINE`` what could never work.
 
-Adding a match field: its YAML key and parsing in ``compile._compile_match``, a field on
-``match.Match`` and its ``Check`` (predicate and explanation together) in
-``Match._request_checks`` (or ``_response_checks``). Adding an action: a field on
-``plan.Actions`` (and ``RULE_KEYS``), its parsing in ``compile._actions``, and where
-it lands in ``RuleSet._store_plan``.
+Adding a match field: its key in ``compile.MATCH_KEYS`` and its parsing in
+``compile._compile_match``, a field on ``match.Match``, and one ``Check`` (predicate and
+explanation together) in ``Match._request_checks`` (or ``_response_checks``). Adding an
+action: a field on ``plan.Actions``, its key in ``compile.RULE_KEYS`` (and the lists of
+what it applies to: ``DEFAULT_KEYS``, ``CACHE_ACTIONS``, ``REQUEST_TIME_ACTIONS``), its
+parsing in ``compile._actions``, and where it lands: a field of ``plan.StorePlan`` set in
+``RuleSet._store_plan`` (``compile._merge_defaults`` too when defaults may set it).
 """
 
 from __future__ import annotations
