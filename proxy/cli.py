@@ -1,4 +1,4 @@
-"""The ``cachegate`` command: run, check, explain, purge, demo (and the operator tools beside them).
+"""The ``cachegate`` command: run, check, explain, purge, warm, top, health, demo.
 
 Every subcommand validates the config the same way; a bad config exits 2 with
 one ``FILE:LINE: message`` line per problem, before any port is bound.
@@ -12,16 +12,17 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy import __version__
 from proxy.config import Overrides, Settings, load_config
 from proxy.errors import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+T = TypeVar("T")
 
 
-def run_async(coro: Coroutine[Any, Any, int], use_uvloop: bool = True) -> int:
+def run_async(coro: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
     """Run on uvloop when it is importable (Linux), else on asyncio's default loop."""
     if use_uvloop:
         try:
@@ -39,7 +40,8 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_run_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", metavar="HOST:PORT", help="client listener (overrides listen:)")
+    p.add_argument("--listen", action="append", default=[], metavar="HOST:PORT",
+                   help="client listener, repeatable (plain HTTP; replaces the config's listen:)")
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
                    help="upstream URL, repeatable (overrides upstreams:)")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener, or 'off'")
@@ -50,31 +52,44 @@ def _add_run_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
-    return Overrides(listen=args.listen, upstreams=tuple(args.upstream),
+    return Overrides(listen=tuple(args.listen), upstreams=tuple(args.upstream),
                      admin_listen=args.admin_listen, workers=args.workers)
 
 
-def _load(path: str | None, overrides: Overrides) -> Settings | None:
+def _load(path: str | None, overrides: Overrides, *, warn: bool = False) -> Settings | None:
+    """The settings, or None after printing every problem (and, with ``warn``, every warning)."""
     try:
-        return load_config(path, overrides)
+        settings = load_config(path, overrides)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+        for line in exc.problems + (exc.warnings if warn else []):
+            print(line, file=sys.stderr)
         return None
+    if warn:
+        for line in settings.warnings:
+            print(line, file=sys.stderr)
+    return settings
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """One line per event on standard error (proxy.logs); JSON once a config asks for it."""
+    from proxy.logs import setup_logging
+
+    setup_logging(level)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    settings = _load(args.config, Overrides())
+    """Problems exit 2; warnings are printed (``FILE:LINE: warning: ...``) and exit 0, or 2
+    with ``--strict`` (for CI)."""
+    settings = _load(args.config, Overrides(), warn=True)
     if settings is None:
         return EXIT_CONFIG
     rules = settings.rules
+    warned = f", {len(settings.warnings)} warning(s)" if settings.warnings else ""
+    if settings.warnings and args.strict:
+        print(f"{args.config}: {len(settings.warnings)} warning(s), refused by --strict", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"{args.config}: OK ({len(settings.upstreams)} upstream(s), {len(rules.rules)} rule(s) "
-          f"from {len(rules.files)} file(s))")
+          f"from {len(rules.files)} file(s){warned})")
     return EXIT_OK
 
 
@@ -103,7 +118,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Call ``POST /purge`` on the admin API; print its JSON answer, or its error and exit 1."""
-    from proxy.admin_client import AdminClientError, admin_url_of, call_admin
+    from proxy.admin_client import AdminClientError, call_admin
 
     spec: dict[str, Any] = {}
     if args.urls:
@@ -119,27 +134,175 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.soft:
         spec["soft"] = True
-    token = os.environ.get("CACHEGATE_ADMIN_TOKEN") or None
-    if args.admin:
-        base = args.admin
-    elif args.config:
-        settings = _load(args.config, Overrides())
-        if settings is None:
-            return EXIT_CONFIG
-        if settings.admin.listen is None:
-            print(f"cachegate purge: {args.config} has no admin listener (admin.listen); use --admin URL",
-                  file=sys.stderr)
-            return EXIT_CONFIG
-        base = admin_url_of(settings.admin.listen)
-        token = token or settings.admin.token
-    else:
-        base = "http://127.0.0.1:8081"
+    where = _admin_of(args, "purge")
+    if isinstance(where, int):
+        return where
+    base, token = where
     try:
         answer = call_admin(base, "POST", "/purge", spec, token, timeout=args.timeout)
     except AdminClientError as exc:
         print(f"cachegate purge: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(answer)
+    missing = _missing_nodes(answer)
+    if missing:
+        # Cluster mode, 202: the purge is made, but not yet everywhere.
+        print(f"cachegate purge: not acknowledged within cluster.ack_timeout by {', '.join(missing)} "
+              "(they apply it once they read the cluster's purge stream; GET /cluster shows them)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _missing_nodes(answer: str) -> list[str]:
+    import json
+
+    try:
+        missing = json.loads(answer).get("missing") or []
+    except (ValueError, AttributeError):
+        return []
+    return [str(n) for n in missing]
+
+
+def _rate(text: str) -> float:
+    value = text.strip().lower().removesuffix("/s")
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (write 50 or 50/s)") from None
+    if rate < 0:
+        raise argparse.ArgumentTypeError("the rate cannot be negative")
+    return rate
+
+
+def _read_source(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    with open(name, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    """Request URLs through the proxy to store them (``proxy.warm``); print the summary."""
+    from proxy.admin_client import admin_url_of
+    from proxy.warm import (
+        EXIT_ERRORS,
+        EXIT_INTERRUPTED,
+        EXIT_USAGE,
+        Warmer,
+        WarmError,
+        WarmOptions,
+        parse_access_log,
+        parse_header,
+        parse_url_list,
+        summary,
+        targets_for,
+    )
+
+    try:
+        headers = [parse_header(h) for h in args.header]
+        variants = [parse_header(v) for v in args.variants]
+    except ValueError as exc:
+        print(f"cachegate warm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.proxy:
+        proxy = args.proxy
+    elif args.config:
+        settings = _load(args.config, Overrides())
+        if settings is None:
+            return EXIT_CONFIG
+        # A plain listener if there is one; a wildcard listen address is reached on loopback.
+        listener = next((li for li in settings.listeners if li.tls is None), settings.listeners[0])
+        proxy = admin_url_of(listener.address)
+        if listener.tls is not None:
+            proxy = "https" + proxy.removeprefix("http")
+    else:
+        proxy = "http://127.0.0.1:8080"
+    urls: list[str] = []
+    try:
+        for name in args.urls:
+            urls += parse_url_list(_read_source(name))
+        for name in args.from_access_log:
+            urls += parse_access_log(_read_source(name).splitlines())
+    except OSError as exc:
+        print(f"cachegate warm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not urls and not args.sitemap:
+        print("cachegate warm: nothing to warm: give --sitemap URL, --urls FILE (- for stdin) or "
+              "--from-access-log FILE", file=sys.stderr)
+        return EXIT_USAGE
+    options = WarmOptions(proxy=proxy, host=args.host, concurrency=args.concurrency, rate=args.rate,
+                          timeout=args.timeout, progress=args.progress,
+                          progress_every=max(0.1, args.progress_interval))
+    try:
+        warmer = Warmer(options)
+        tally, seconds, interrupted = run_async(
+            warmer.run(lambda found: targets_for([*found, *urls], headers, variants), args.sitemap))
+    except WarmError as exc:
+        print(f"cachegate warm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(summary(tally, seconds, proxy, interrupted)), flush=True)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if tally.error_count > args.max_errors:
+        print(f"cachegate warm: {tally.error_count} errors, more than --max-errors {args.max_errors}",
+              file=sys.stderr)
+        return EXIT_ERRORS
+    return EXIT_OK
+
+
+def _admin_of(args: argparse.Namespace, command: str) -> tuple[str, str | None] | int:
+    """The admin API's address and token: --admin, else --config's admin.listen (its token too),
+    else http://127.0.0.1:8081; the token from CACHEGATE_ADMIN_TOKEN first. An exit status on error."""
+    from proxy.admin_client import admin_url_of
+
+    token = os.environ.get("CACHEGATE_ADMIN_TOKEN") or None
+    if args.admin:
+        return args.admin, token
+    if args.config:
+        settings = _load(args.config, Overrides())
+        if settings is None:
+            return EXIT_CONFIG
+        if settings.admin.listen is None:
+            print(f"cachegate {command}: {args.config} has no admin listener (admin.listen); use --admin URL",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        return admin_url_of(settings.admin.listen), token or settings.admin.token
+    return "http://127.0.0.1:8081", token
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from proxy.top import TopOptions, main
+
+    where = _admin_of(args, "top")
+    if isinstance(where, int):
+        return where
+    if args.interval <= 0:
+        print("cachegate top: --interval must be more than 0", file=sys.stderr)
+        return EXIT_CONFIG
+    return main(TopOptions(where[0], where[1], args.interval, args.top), args.once)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """GET /healthz on the admin API (a container HEALTHCHECK, an exec probe): exit 0 when it
+    answers 200, else 1 with why."""
+    from proxy.admin_client import AdminClientError, admin_url_of, call_admin
+
+    if args.admin:
+        base = args.admin
+    else:
+        settings = _load(args.config, Overrides())
+        if settings is None:
+            return EXIT_CONFIG
+        if settings.admin.listen is None:
+            print(f"cachegate health: {args.config} has no admin listener (admin.listen)", file=sys.stderr)
+            return EXIT_CONFIG
+        base = admin_url_of(settings.admin.listen)
+    try:
+        call_admin(base, "GET", "/healthz", None, None, timeout=args.timeout)
+    except AdminClientError as exc:
+        print(f"cachegate health: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -149,6 +312,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config, overrides)
     if settings is None:
         return EXIT_CONFIG
+    from proxy.logs import setup_logging
+    from proxy.runtime import error_log_json
+
+    setup_logging(as_json=error_log_json(settings))
+    for warning in settings.warnings:
+        logging.getLogger("cachegate.config").warning("%s", warning)
     if settings.workers > 1:
         from proxy.supervisor import supervise
 
@@ -163,12 +332,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import prepare_demo, run_demo
 
     try:
-        config, settings = prepare_demo(args.listen, args.admin_listen, args.origin_listen, args.rules,
-                                        args.cache_dir)
+        config, settings, note = prepare_demo(args.listen, args.admin_listen, args.origin_listen,
+                                              args.rules, args.cache_dir)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return EXIT_CONFIG
-    return run_async(run_demo(settings, config, args.origin_listen), not args.no_uvloop)
+    try:
+        return run_async(run_demo(settings, config, args.origin_listen, note), not args.no_uvloop)
+    finally:
+        if args.cache_dir is None:  # the demo's own temporary folder
+            import shutil
+
+            shutil.rmtree(os.path.dirname(config), ignore_errors=True)
 
 
 def cmd_sample_origin(args: argparse.Namespace) -> int:
@@ -187,8 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_overrides(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="validate a config and its rule files")
+    p = sub.add_parser("check", help="validate a config and its rule files",
+                       description="Prints each problem as FILE:LINE: message (exit 2) and each warning "
+                                   "as FILE:LINE: warning: message (exit 0, unless --strict).")
     _add_config_args(p)
+    p.add_argument("--strict", action="store_true", help="exit 2 when there are warnings too")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("explain", help="show the rule, cache key and TTL decision for a URL",
@@ -226,12 +404,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     p.set_defaults(func=cmd_purge)
 
+    p = sub.add_parser("health", help="exit 0 when the admin API's /healthz answers (for health checks)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
+    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("warm", help="preload the cache: request URLs through the proxy",
+                       description="Requests every URL of the sitemaps, URL files and access logs "
+                                   "through the proxy (so rules, keys and coalescing apply) and "
+                                   "prints what was stored, already fresh, not storable (and why) "
+                                   "and the errors. Exit 1 when errors exceed --max-errors, 130 "
+                                   "after Ctrl-C (with the summary so far).")
+    p.add_argument("--sitemap", action="append", default=[], metavar="URL",
+                   help="a sitemap or sitemap index (nested sitemaps are followed), repeatable")
+    p.add_argument("--urls", action="append", default=[], metavar="FILE",
+                   help="a file of URLs or paths, one a line ('-': standard input), repeatable")
+    p.add_argument("--from-access-log", action="append", default=[], metavar="FILE",
+                   help="GET/HEAD requests of an access log (common, combined or cachegate's), "
+                        "most requested first, repeatable")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--proxy", metavar="URL",
+                       help="the proxy's client listener (default: --config's listen, else "
+                            "http://127.0.0.1:8080)")
+    where.add_argument("--config", "-c", metavar="FILE", help="take the proxy's address from this config")
+    p.add_argument("--host", metavar="HOST", help="the Host for paths (default: the proxy's address)")
+    p.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests at once (default 8)")
+    p.add_argument("--rate", type=_rate, default=0.0, metavar="R/s",
+                   help="at most R requests a second (default: no limit)")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="a header for every request, repeatable")
+    p.add_argument("--variants", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="request each URL once per variant header, e.g. 'Accept-Encoding: gzip', "
+                        "repeatable")
+    p.add_argument("--max-errors", type=int, default=0, metavar="N",
+                   help="exit 1 when there are more errors than this (default 0)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per request")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="a progress bar on a terminal, plain lines otherwise (auto)")
+    p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between plain progress lines (default 5)")
+    p.set_defaults(func=cmd_warm)
+
+    p = sub.add_parser("top", help="a live terminal view of a running cachegate (q quits)",
+                       description="Requests/s by cache status, hit ratio, offload, latency, storage, "
+                                   "top URLs, upstreams and not-stored reasons, refreshed in place, "
+                                   "from the admin API (token from CACHEGATE_ADMIN_TOKEN, or --config's "
+                                   "admin.token). q or Ctrl-C quits.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
+    where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh every (default 1)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="URLs and reasons listed (default 10)")
+    p.add_argument("--once", action="store_true", help="print one plain frame and exit")
+    p.set_defaults(func=cmd_top)
+
     p = sub.add_parser("demo", help="run a sample origin with cachegate in front of it")
     p.add_argument("--origin-listen", default="127.0.0.1:9000", metavar="HOST:PORT")
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     p.add_argument("--admin-listen", default="127.0.0.1:8081", metavar="HOST:PORT")
     p.add_argument("--rules", default="rules/default.yaml", metavar="FILE")
-    p.add_argument("--cache-dir", default="var/cache", metavar="DIR")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep the demo's cache here (default: an empty temporary folder)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-uvloop", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -11,33 +11,87 @@ shareable (private, Set-Cookie, a Vary mismatch, ...) is not handed to
 followers; they fetch for themselves, and the key is remembered as
 "hit-for-pass" for a short time so the next herd goes straight through (each
 request in its own task: the engine starts no flight for such a key).
+
+Slow readers: the fetch never waits for one client while others keep up, nor while the
+body is being stored. A reader more than ``HIGH_WATER`` bytes behind is
+
+- *detached* when the body is being stored: its unread bytes are dropped and it gets no
+  more; at the end of the body it raises ``FellBehind`` with how far it got, and the engine
+  sends it the rest from the stored response (or aborts its connection when nothing was
+  stored after all);
+- *cut off* when the body is not being stored and another reader keeps up: it raises
+  ``TooFarBehind`` (its client's connection is aborted, never ended as if complete);
+- waited for only when it is the sole reader left and nothing stores the body: then the
+  wait is back-pressure on the origin, and holds up nobody else.
+
+Why detach rather than cut off whenever possible: a client on a slow link is legitimate,
+and the stored copy lets it finish at its own pace without holding memory (a detached
+reader keeps no bytes) or the fetch (which others wait for). Why bound by bytes rather than
+time: memory is what a stalled reader costs, and a byte bound does not depend on the
+machine's load.
+
+Every way out of a flight (its body complete, the upstream broken off, an exception, a
+cancellation) ends its broadcast: ``Coalescer.start`` fails the body of a flight that ended
+without ending it, so no reader is left waiting for bytes that will never come.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDictProxy
 
-HIGH_WATER = 4 * 1024 * 1024  # unread bytes a reader may fall behind before the fetch waits
+from proxy.errors import ResponseAborted
+
+if TYPE_CHECKING:
+    from proxy.storage.entry import Entry
+
+log = logging.getLogger("cachegate.coalescer")
+
+# Unread bytes a reader may fall behind the fetch (beyond the history it joined with) before
+# it is detached or cut off (or, alone on an unstored body, waited for): see the module docstring.
+HIGH_WATER = 4 * 1024 * 1024
 
 
-class _Reader:
-    __slots__ = ("_broadcast", "_items", "_pending", "_waiter", "closed")
+class FellBehind(Exception):
+    """Raised at the end of the body by a reader that was detached: it fell more than
+    HIGH_WATER behind a body being stored, and gets the rest, from ``offset``, from the store."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"fell behind the fetch after {offset} bytes")
+        self.offset = offset
+
+
+class TooFarBehind(ResponseAborted):
+    """A reader cut off: more than HIGH_WATER behind while others kept up, and nothing stores
+    the body for it to finish from."""
+
+
+class Reader:
+    """One client's view of a broadcast body: ``async for chunk in reader``."""
+
+    __slots__ = ("_broadcast", "_items", "_limit", "_pending", "_waiter", "closed", "delivered",
+                 "detached")
 
     def __init__(self, broadcast: Broadcast) -> None:
         self._broadcast = broadcast
         self._items: collections.deque[bytes | BaseException | None] = collections.deque()
         self._pending = 0
+        self._limit = HIGH_WATER  # unread bytes before it counts as too far behind
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
+        self.delivered = 0  # bytes it has yielded
+        self.detached = False
 
     def _put(self, item: bytes | BaseException | None) -> None:
+        if self.detached and isinstance(item, bytes):
+            return
         self._items.append(item)
         if isinstance(item, bytes):
             self._pending += len(item)
@@ -45,7 +99,7 @@ class _Reader:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
         try:
             while True:
                 while not self._items:
@@ -54,20 +108,32 @@ class _Reader:
                     self._waiter = None
                 item = self._items.popleft()
                 if item is None:
+                    if self.detached:
+                        raise FellBehind(self.delivered)
                     return
                 if isinstance(item, BaseException):
                     raise item
                 self._pending -= len(item)
-                self._broadcast._reader_progressed()
+                self.delivered += len(item)
+                if self._broadcast._drained is not None:
+                    self._broadcast._reader_progressed()
                 yield item
         finally:
             self.close()
 
+    @property
+    def behind(self) -> bool:
+        return self._pending > self._limit
+
+    def _drop(self) -> None:
+        """Forget the bytes it has not read yet."""
+        self._items.clear()
+        self._pending = 0
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._items.clear()
-            self._pending = 0
+            self._drop()
             self._broadcast._remove(self)
 
 
@@ -75,14 +141,18 @@ class Broadcast:
     """A body read once from upstream and streamed to any number of readers.
 
     Readers may join late as long as the history (chunks so far) is still kept,
-    which it is up to ``history_limit`` bytes.
+    which it is up to ``history_limit`` bytes. ``storing`` says whether the body is being
+    stored (readers that fall behind are then detached, not cut off): set by the engine.
     """
 
     def __init__(self, history_limit: int) -> None:
         self._history: list[bytes] | None = []
         self._history_size = 0
         self._history_limit = history_limit
-        self._readers: list[_Reader] = []
+        self._readers: list[Reader] = []
+        self.storing = False
+        self.detached = 0  # readers detached so far (they finish from the store)
+        self.cut_off = 0  # readers cut off so far
         self._ended = False
         self._end_error: BaseException | None = None  # what readers get at the end (None: EOF)
         self._drained: asyncio.Event | None = None
@@ -94,13 +164,18 @@ class Broadcast:
     def readers(self) -> int:
         return len(self._readers)
 
-    def join(self) -> _Reader | None:
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def join(self) -> Reader | None:
         """A reader from the first byte, or None when the start is no longer kept."""
         if self._history is None:
             return None
-        reader = _Reader(self)
+        reader = Reader(self)
         for chunk in self._history:
             reader._put(chunk)
+        reader._limit += reader._pending  # the history it joins with does not count against it
         if self._ended:
             reader._put(self._end_error)
         else:
@@ -116,9 +191,48 @@ class Broadcast:
             self._history_size += len(chunk)
             if self._history_size > self._history_limit:
                 self._history = None
-        while any(r._pending > HIGH_WATER for r in self._readers):
+        for r in self._readers:
+            if r._pending > r._limit:
+                await self._make_room()
+                return
+
+    async def _make_room(self) -> None:
+        """Readers too far behind: detached (the body is being stored), cut off (others keep
+        up), or waited for (all of them are behind, and nothing stores the body)."""
+        while True:
+            live = [r for r in self._readers if not r.detached]
+            slow = [r for r in live if r.behind]
+            if not slow:
+                return
+            if self.storing:
+                for r in slow:
+                    r._drop()
+                    r.detached = True
+                self.detached += len(slow)
+                return
+            if len(slow) < len(live):
+                for r in slow:
+                    self._cut(r)
+                return
             self._drained = asyncio.Event()
-            await self._drained.wait()
+            try:
+                await self._drained.wait()
+            finally:
+                self._drained = None
+
+    def _cut(self, reader: Reader) -> None:
+        reader._drop()
+        reader._put(TooFarBehind(f"the client fell more than {HIGH_WATER} bytes behind a shared "
+                                 "fetch that is not stored"))
+        self._readers.remove(reader)
+        self.cut_off += 1
+
+    def stop_storing(self) -> None:
+        """The body will not be stored after all: readers detached to finish from the store
+        are cut off now (rather than at the end of the body), and none is detached any more."""
+        self.storing = False
+        for r in [r for r in self._readers if r.detached]:
+            self._cut(r)
 
     async def whole(self) -> bytes:
         """The complete body once it has ended, joined once for every caller (a coalesced
@@ -155,10 +269,14 @@ class Broadcast:
             self._done.set_result(None)
 
     def _reader_progressed(self) -> None:
-        if self._drained is not None and not any(r._pending > HIGH_WATER for r in self._readers):
-            self._drained.set()
+        """Wake a waiting fetch once some live reader is no longer behind (or none is left)."""
+        drained = self._drained
+        if drained is not None and not drained.is_set():
+            live = [r for r in self._readers if not r.detached]
+            if not live or not all(r.behind for r in live):
+                drained.set()
 
-    def _remove(self, reader: _Reader) -> None:
+    def _remove(self, reader: Reader) -> None:
         if reader in self._readers:
             self._readers.remove(reader)
         self._reader_progressed()
@@ -181,6 +299,7 @@ class FlightHead:
 class FlightResult:
     stored: bool
     detail: str = ""
+    entry: Entry | None = None  # what the fill stored (readers that fell behind finish from it)
 
 
 class Flight:
@@ -198,6 +317,12 @@ class Flight:
         # Called with whether the response reached the disk tier, as soon as it did (the engine
         # tells other workers waiting for the key: proxy.leases).
         self.on_stored: Callable[[bool], None] | None = None
+        # The clients waiting for this flight's head, told of each interim (1xx) response the
+        # origin sends before it: (status, reason, end-to-end fields).
+        self.interim: list[Callable[[int, str, tuple[tuple[str, str], ...]], None]] = []
+        # Called with the stored entry and its body (when received in memory) as soon as the
+        # fill is complete: cluster mode writes it through to the shared tier (Engine._fill).
+        self.on_filled: Callable[[Any, bytes | None], None] | None = None
         # A failed head must not log "exception never retrieved" when nobody waited.
         self.head.add_done_callback(_consume)
         self.result.add_done_callback(_consume)
@@ -229,11 +354,15 @@ class Coalescer:
         async def runner() -> None:
             try:
                 await run(flight)
+            except Exception:
+                log.exception("the fetch for %s failed", key)
             finally:
+                # The one place every flight ends, however it ends (cancelled too).
                 if self._flights.get(key) is flight:
                     del self._flights[key]
                 if not flight.head.done():
                     flight.head.set_exception(ConnectionError("flight ended without a response"))
+                flight.body.fail(ResponseAborted("the fetch ended before its body did"))  # if not ended
                 if not flight.result.done():
                     flight.result.set_result(FlightResult(False, "ABORTED"))
 
@@ -271,13 +400,6 @@ class Coalescer:
             del self._pass_until[key]
             return False
         return True
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run a background job (a stale-while-revalidate refresh) owned by the coalescer."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def close(self, grace: float = 5.0) -> None:
         tasks = list(self._tasks)

@@ -1,8 +1,8 @@
 """The demo: a small sample origin, and cachegate in front of it with the shipped rules.
 
-``cachegate demo`` (what ``scripts/run`` starts with no arguments) runs the origin
-on 127.0.0.1:9000 and the proxy on 127.0.0.1:8080, and prints the curl lines
-that show MISS, HIT, REVALIDATED and a purge.
+``cachegate demo`` (what ``scripts/run`` starts without ``--config``, with its flags) runs
+the origin on 127.0.0.1:9000 and the proxy on 127.0.0.1:8080 with an empty cache, and
+once both listen prints the curl lines that show MISS, HIT, REVALIDATED and a purge.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import hashlib
 import os
 import signal
 import sys
+import tempfile
 import time
 
 from aiohttp import web
 
 from proxy.config import Overrides, Settings, load_config
 from proxy.schema import parse_hostport
-from proxy.web.server import serve
+from proxy.web.server import Listeners, _bound, serve
 
 ORIGIN_HITS = web.AppKey("origin_hits", dict)
 
@@ -77,13 +78,16 @@ def create_origin_app() -> web.Application:
 
 
 def instructions(origin: str, proxy: str, admin: str) -> str:
+    # JSON, as the admin API asks of every POST without a token (curl -d alone sends a form's type).
+    purge = (f"curl -s -X POST {admin}/purge -H 'Content-Type: application/json' "
+             f"-d '{{\"urls\": [\"{proxy}/hello\"]}}'")
     return f"""
 cachegate demo: origin on {origin}, cachegate on {proxy}, admin API on {admin}
 
   curl -si {proxy}/hello | grep -i x-cache-status    # MISS: fetched from the origin and stored
   curl -si {proxy}/hello | grep -i x-cache-status    # HIT: served from the cache
   sleep 6; curl -si {proxy}/hello | grep -i x-cache-status    # REVALIDATED: 304 from the origin
-  curl -s -X POST {admin}/purge -d '{{"urls": ["{proxy}/hello"]}}'    # {{"purged": 1, ...}}
+  {purge}    # {{"purged": 1, ...}}
   curl -si {proxy}/hello | grep -i x-cache-status    # MISS again
 
   curl -si {proxy}/private | grep -i cache-status     # never stored: detail=PRIVATE
@@ -93,13 +97,30 @@ Press Ctrl-C to stop.
 """
 
 
-def prepare_demo(listen: str, admin_listen: str, origin_listen: str, rules: str, cache_dir: str
-                 ) -> tuple[str, Settings]:
-    """Write the demo's config beside its cache directory and load it (ConfigError if broken)."""
+def prepare_demo(listen: str, admin_listen: str, origin_listen: str, rules: str, cache_dir: str | None
+                 ) -> tuple[str, Settings, str]:
+    """Write the demo's config and load it (ConfigError if broken): (config path, settings,
+    a line saying which cache it starts with).
+
+    Without ``cache_dir`` the demo gets a new empty cache in a temporary folder (removed by
+    ``run_demo`` at the end), so its first printed ``MISS`` is true; a ``cache_dir`` that
+    already holds a cache is reused, and said so.
+    """
     origin_host, origin_port = parse_hostport(origin_listen)
-    cache_dir = os.path.abspath(cache_dir)
+    if cache_dir is None:
+        home = tempfile.mkdtemp(prefix="cachegate-demo-")
+        cache_dir = os.path.join(home, "cache")
+        note = "starting with an empty cache (a temporary folder, removed at the end)"
+    else:
+        cache_dir = os.path.abspath(cache_dir)
+        home = os.path.dirname(cache_dir)
+        if os.path.isdir(cache_dir) and os.listdir(cache_dir):
+            note = (f"reusing the cache in {cache_dir}: what it holds is served, so the first "
+                    "request may not be a MISS")
+        else:
+            note = f"starting with an empty cache in {cache_dir}"
     os.makedirs(cache_dir, exist_ok=True)
-    config = os.path.join(os.path.dirname(cache_dir), "demo.yaml")
+    config = os.path.join(home, "demo.yaml")
     rules_line = f"rules: [{os.path.abspath(rules)!s}]\n" if os.path.isfile(rules) else ""
     with open(config, "w") as f:
         f.write(
@@ -109,11 +130,13 @@ def prepare_demo(listen: str, admin_listen: str, origin_listen: str, rules: str,
             f"admin: {{listen: '{admin_listen}'}}\n"
             + rules_line
         )
-    return config, load_config(config, Overrides())
+    return config, load_config(config, Overrides()), note
 
 
-async def run_demo(settings: Settings, config: str, origin_listen: str) -> int:
-    """Start the sample origin, then cachegate in front of it, until Ctrl-C."""
+async def run_demo(settings: Settings, config: str, origin_listen: str, note: str = "") -> int:
+    """Start the sample origin, then cachegate in front of it, until Ctrl-C. The curl lines are
+    printed once both listen (with the ports they really got); a port that is taken ends the
+    demo with the error instead."""
     origin_host, origin_port = parse_hostport(origin_listen)
     origin = web.AppRunner(create_origin_app(), access_log=None)
     await origin.setup()
@@ -124,12 +147,18 @@ async def run_demo(settings: Settings, config: str, origin_listen: str) -> int:
               file=sys.stderr)
         await origin.cleanup()
         return 1
-    proxy = f"http://{settings.listen[0]}:{settings.listen[1]}"
-    admin_listen = settings.admin.listen or ("127.0.0.1", 8081)
-    print(instructions(f"http://{origin_host}:{origin_port}", proxy,
-                       f"http://{admin_listen[0]}:{admin_listen[1]}"), flush=True)
+    origin_url = f"http://{origin_host}:{_bound(origin)[0][1]}"
+
+    def listening(listeners: Listeners) -> None:
+        proxy_host, proxy_port = listeners.proxy_addresses[0]
+        admin = listeners.admin_addresses[0] if listeners.admin_addresses else ("127.0.0.1", 8081)
+        print(instructions(origin_url, f"http://{proxy_host}:{proxy_port}",
+                           f"http://{admin[0]}:{admin[1]}"), flush=True)
+        if note:
+            print(f"({note})\n", flush=True)
+
     try:
-        return await serve(settings, config, Overrides())
+        return await serve(settings, config, Overrides(), on_listening=listening)
     finally:
         await origin.cleanup()
 

@@ -26,26 +26,48 @@ from typing import IO, Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.coalescer import Coalescer, Flight, FlightHead, FlightResult
+from proxy.cluster.fills import Contended, Found, Locked, SharedCache
+from proxy.coalescer import Coalescer, FellBehind, Flight, FlightHead, FlightResult, Reader, TooFarBehind
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import (
     NoUpstreamAvailable,
+    ResponseAborted,
     StorageError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.http_client import InterimHook
 from proxy.leases import Busy, Granted, LeaseClient, LeaseTable, Waiting
+from proxy.logs import note_key, note_upstream
 from proxy.metrics import Metrics
-from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.cache_status import cache_status, serve_detail
-from proxy.policy.deception import content_type_agrees
+from proxy.policy.fill import (
+    PASS_DETAILS,
+    Exchange,
+    Fill,
+    FillSettings,
+    NoFill,
+    decide_fill,
+    freshened,
+    shareable_with_followers,
+)
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
-from proxy.policy.keys import KeySpec, cache_key, url_of_key, variant_of
-from proxy.policy.messages import Freshness, RequestHead, StoredResponse
-from proxy.policy.ranges import if_range_allows, parse_range
+from proxy.policy.keys import cache_key, url_of_key, variant_of
+from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
+from proxy.policy.partial import (
+    ByteRange,
+    Combine,
+    answerable,
+    decide_combine,
+    parse_content_range,
+    part_range,
+)
+from proxy.policy.ranges import RangeSpec, if_range_allows, request_range
+from proxy.policy.reply import NotModified, Send, Unsatisfiable, reply_head, served_headers
+from proxy.policy.request import Forwarder, UpstreamRequest, upstream_request
 from proxy.policy.reuse import (
     Forward,
     OnlyIfCachedMiss,
@@ -55,59 +77,48 @@ from proxy.policy.reuse import (
     plain_fresh_hit,
     select_variant,
 )
-from proxy.policy.storability import DontStore, Store, decide_store
 from proxy.policy.validation import (
     Freshen,
-    PassThrough,
+    Refetch,
     Replace,
     ServeStale,
+    ValidationOutcome,
     client_not_modified,
     conditional_headers,
     decide_on_validation,
-    error_keeps_stored,
-    freshen_stored,
 )
-from proxy.purge import tags_from_headers
 from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.entry import Entry
+from proxy.storage.failures import WriteFailures
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool, Storage
 from proxy.upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
 
-# Request fields never sent upstream as the client gave them: cachegate sets its own
-# forwarding fields, and these others can change a response without being in the key.
-FORWARDING_FIELDS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
-# Surrogate-Capability names the devices an origin may target with Surrogate-Control:
-# a client could otherwise make the origin target a response it then stores for all.
-UNKEYED_OVERRIDES = frozenset({
-    "x-forwarded-server", "x-forwarded-port", "x-forwarded-scheme", "x-host", "x-original-url",
-    "x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override",
-})  # fmt: skip
-# A cache fill asks for the full representation; the client's conditionals and
-# ranges are answered from the stored response afterwards.
-FILL_DROPS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
-                        "if-range", "range"})  # fmt: skip
-NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
-                       "last-modified")  # fmt: skip
-# Reasons a response is not shareable with coalesced followers (hit-for-pass).
-PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
 # Followers of a flight whose body is at most this big get it whole, in one write; so
 # does the client that started the flight, for bodies up to WHOLE_FOR_LEADER.
 WHOLE_FOR_FOLLOWERS = 256 * 1024
 WHOLE_FOR_LEADER = 64 * 1024
 # A flight answered from what another worker fetched and stored (proxy.leases).
 STORED_ELSEWHERE = "STORED-ELSEWHERE"
+STORED_CHUNK = 256 * 1024  # reads of a stored body for a client that fell behind its fill
+
+
+# Sends an interim (1xx) response to the client, before the final one: (status, reason, fields).
+InterimSink = Callable[[int, str, HeaderList], None]
 
 
 @dataclass(slots=True)
 class ClientRequest:
-    head: RequestHead
-    remote: str  # the peer's IP address
+    head: RequestHead  # normalised (proxy.policy.request): all that may reach the origin
+    remote: str  # the peer's IP address (X-Forwarded-For)
     body: AsyncIterable[bytes] | None = None  # None when the request has no body
-    trusted: bool = False  # the peer is a trusted proxy: keep its X-Forwarded-* fields
+    # Where the origin's interim responses go (RFC 9110 §15.2); None: nowhere (an HTTP/1.0
+    # client, or a caller without a client connection).
+    interim: InterimSink | None = None
+    request_id: str = ""  # X-Request-Id (proxy.logs): sent upstream in place of the client's
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
@@ -158,20 +169,30 @@ class Engine:
         )
         self._invalidate_hook = invalidate
         self._via = f"1.1 {settings.via}"
-        self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
+        self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
+        self._fill_settings = FillSettings(self._via, tuple(h.lower() for h in settings.cache.tag_headers))
         self._random = random.Random()
+        self.write_failures = WriteFailures(lambda op: metrics.storage_errors.labels(op).inc())
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
+        # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
+        self.shared: SharedCache | None = None
 
     def reconfigure(self, settings: Settings) -> None:
         """Take a reloaded config's rules (storage, pool and listeners stay as they are)."""
         self.settings = settings
         self.rules = settings.rules
         self._via = f"1.1 {settings.via}"
-        self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
+        self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
+        self._fill_settings = FillSettings(self._via, tuple(h.lower() for h in settings.cache.tag_headers))
 
     async def close(self) -> None:
         await self.coalescer.close(self.settings.shutdown_grace)
+
+    def pending_disk_writes(self) -> int:
+        """Bodies this process is writing to the disk tier right now (too big for memory; what
+        memory holds goes to disk behind it, ``proxy.storage.persist``)."""
+        return len(self.storage.work.writes)
 
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the
@@ -196,6 +217,7 @@ class Engine:
             assert plan.rule is not None
             return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
         key = cache_key(head, plan.key)
+        note_key(key)
         variants = self.storage.memory_get(key)
         if variants is None:
             # Concurrent lookups of one key share one disk read; a key the directory of the disk's
@@ -220,6 +242,11 @@ class Engine:
                 return await self._fetch(req, plan, key, cached, decision.fwd, stale,
                                          stale_prohibited=decision.stale_prohibited)
             case Forward():
+                if decision.fwd in ("uri-miss", "vary-miss") and head.method == "GET":
+                    spec = request_range(head.headers)
+                    if spec is not None and (reply := await self._range_miss(req, plan, key, spec,
+                                                                              decision.fwd)) is not None:
+                        return reply
                 stale = variants[decision.stale_index] if decision.stale_index is not None else None
                 return await self._fetch(req, plan, key, None, decision.fwd, stale,
                                          coalesce=decision.fwd != "request",
@@ -288,16 +315,16 @@ class Engine:
         collapsed: bool = False,
         mark_stored: bool = False,
     ) -> Reply | None:
-        """A reply from a stored variant; None when its body has gone missing from disk."""
+        """A reply from a stored variant; None when its body has gone missing from disk, or the
+        variant cannot answer this request (``reply_head``)."""
         entry = cached.entry
         stored = entry.response
         cs = cache_status(hit=hit, fwd=fwd, fwd_status=fwd_status, ttl=ttl, detail=detail,
                           collapsed=collapsed, stored=mark_stored)
         headers = served_headers(stored.headers, str(int(age)), cs, x_cache)
-        if not_modified:
-            kept = [(k, v) for k, v in headers
-                    if k.lower() in NOT_MODIFIED_FIELDS or k in ("Age", "Cache-Status", "X-Cache-Status")]
-            return self._finish(plan, Reply(304, "Not Modified", kept, None, None, x_cache, "none"))
+        answer = reply_head(req.head, stored, entry.body_size, headers, not_modified)
+        if isinstance(answer, NotModified):
+            return self._finish(plan, Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none"))
         head_only = req.head.method == "HEAD"
         tier = "memory" if cached.body is not None and not cached.from_disk else "disk"
         body: Body
@@ -307,24 +334,22 @@ class Engine:
             body = await self._open_body(cached)
             if body is None:
                 return None
-        status, reason, length, offset = stored.status, stored.reason, entry.body_size, 0
-        range_header = req.head.headers.get("Range")
-        if range_header is not None and stored.status == 200 and if_range_allows(req.head.headers, stored):
-            rng = parse_range(range_header, entry.body_size)
-            if rng == "unsatisfiable":
+        match answer:
+            case None:
                 _close(body)
-                headers.append(("Content-Range", f"bytes */{entry.body_size}"))
-                return self._finish(plan, Reply(416, "Range Not Satisfiable", headers, b"", 0,
+                return None
+            case Unsatisfiable():
+                _close(body)
+                return self._finish(plan, Reply(416, "Range Not Satisfiable", answer.headers, b"", 0,
                                                 x_cache, "none"))
-            if rng is not None:
-                first, last = rng
-                status, reason = 206, "Partial Content"
-                headers.append(("Content-Range", f"bytes {first}-{last}/{entry.body_size}"))
-                length, offset = last - first + 1, first
-                if isinstance(body, bytes):
-                    body, offset = body[first:last + 1], 0
-        return self._finish(plan, Reply(status, reason, headers, body, length, x_cache, tier,
-                                        offset, head_only))
+            case Send():
+                offset = answer.offset
+                if isinstance(body, bytes) and answer.status == 206:  # a range of it
+                    body, offset = body[offset:offset + answer.length], 0
+                return self._finish(plan, Reply(answer.status, answer.reason, answer.headers, body,
+                                                answer.length, x_cache, tier, offset, head_only))
+            case _:
+                assert_never(answer)
 
     async def _open_body(self, cached: Cached) -> bytes | IO[bytes] | None:
         if isinstance(cached.body, bytes):
@@ -343,45 +368,155 @@ class Engine:
                 log.exception("could not drop %s", cached.entry.key)
         return body
 
+    # -- partial content (RFC 9111 §3.3-3.4) ----------------------------------------------
+
+    async def _range_miss(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
+                          fwd: str) -> Reply | None:
+        """A single byte range that no complete stored response answers: from a stored part
+        that holds it, else from the origin at once (a Range request, its 206 stored as a part,
+        combined with the part already held when their strong validators agree). With
+        ``range_fill: whole`` the whole object is fetched in the background meanwhile, so the
+        next ranges are hits. None: not this way (an If-Range the part does not satisfy)."""
+        head = req.head
+        pkey = part_key(key)
+        parts = self.storage.memory_get(pkey)
+        if parts is None:
+            parts = await self._load(pkey, bodies=True)
+        old: Cached | None = None
+        if parts:
+            responses = [c.entry.response for c in parts]
+            decision = decide_lookup(head, responses, self.clock(), plan.options)
+            if isinstance(decision, Serve) and decision.status == "HIT" \
+                    and answerable(responses[decision.index], spec) is not None:
+                if not if_range_allows(head.headers, responses[decision.index]):
+                    return None  # the client wants the whole representation instead
+                reply = await self._serve(req, plan, parts[decision.index], "HIT", decision.ttl,
+                                          decision.age, False, hit=True)
+                if reply is not None:
+                    return reply
+            index = select_variant(head, responses)
+            old = parts[index] if index is not None else None
+        if "if-range" in head.headers:
+            return None  # a conditional range: the whole fill answers it from the stored response
+        return await self._fetch_part(req, plan, key, spec, fwd, old)
+
+    async def _fetch_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
+                          fwd: str, old: Cached | None) -> Reply:
+        head = req.head
+        first, last = spec
+        upstream = self._upstream(req, plan)
+        wanted = f"bytes={'' if first is None else first}-{'' if last is None else last}"
+        upstream = replace(upstream, headers=(*upstream.headers, ("Range", wanted)))
+        request_time = self.clock()
+        try:
+            resp = await self._send(upstream, on_interim=_relay(req.interim))
+        except UpstreamError as exc:
+            return self._upstream_failed(plan, exc, fwd)
+        response_time = self.clock()
+        if resp.status == 200:
+            # An origin that ignores Range sends the whole representation: that is the fill.
+            return await self._answer_unshared(req, plan, key, fwd, resp, request_time, response_time)
+        if resp.status != 206:  # an error, or a 416 about this range only: passed on, not stored
+            return self._direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
+                                      False)
+        held = parse_content_range(resp.headers.get("Content-Range"))
+        if held is None:  # a multipart answer: passed on as it is
+            return self._direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=206), False)
+        if self.settings.cache.range_fill == "whole" and self.coalescer.get(key) is None:
+            # The origin serves ranges: the whole object follows in the background.
+            self._start_flight(req, plan, key, None, register=True, background=True)
+        detail, entry = self._part_decision(head, plan, key, resp, request_time, response_time)
+        if detail:
+            self.metrics.not_stored.labels(detail).inc()
+        cs = cache_status(fwd=fwd, fwd_status=206, stored=entry is not None, detail=detail or None)
+        out = self._response_headers(resp.headers)
+        out.append(("Cache-Status", cs))
+        out.append(("X-Cache-Status", "MISS"))
+        body = self._tee_part(resp, entry, held, old)
+        # Framed by the origin's own length: a body that disagrees with its Content-Range reaches
+        # the client as sent, and is not stored (the spool expects the range's length).
+        return self._finish(plan, Reply(206, resp.reason, out, body, resp.content_length, "MISS",
+                                        "upstream"))
+
+    def _part_decision(self, head: RequestHead, plan: RequestPlan, key: str, resp: UpstreamResponse,
+                       request_time: float, response_time: float) -> tuple[str, Entry | None]:
+        """May this 206 be stored as a part, as what (the same rules as its complete response)?"""
+        store_plan = plan.for_response(200, resp.headers.get("Content-Type"))
+        return self._filled(part_key(key), store_plan, Exchange(
+            head, resp.status, resp.reason, resp.headers, request_time, response_time), part=True)
+
+    async def _tee_part(self, resp: UpstreamResponse, entry: Entry | None, held: ByteRange,
+                        old: Cached | None) -> AsyncIterator[bytes]:
+        """The part's body to the client as it arrives, and to a spool; stored once complete."""
+        spool = self.storage.spool(entry, held.length) if entry is not None else None
+        try:
+            async for chunk in resp.iter_chunks():
+                if spool is not None and not await spool.write(chunk):
+                    spool = None
+                yield chunk
+        except BaseException:
+            if spool is not None:
+                spool.discard()
+            raise
+        if spool is not None and entry is not None:
+            try:
+                await self._store_part(entry, spool, old)
+            except Exception:
+                log.exception("storing a part of %s failed", entry.key)
+                self.metrics.storage_errors.labels("write").inc()
+
+    async def _store_part(self, entry: Entry, spool: BodySpool, old: Cached | None) -> None:
+        """Store a received part; combined with the one held for the same variant when RFC 9111
+        §3.4 allows it (one strong validator) and both are small enough to hold in memory
+        (memory_max_object): a complete result is stored as the 200 it adds up to."""
+        combine = decide_combine(old.entry.response, entry.response) if old is not None else None
+        if old is None or not isinstance(combine, Combine) \
+                or combine.range.length > self.storage.memory.max_object:
+            await self.storage.commit(entry, spool)
+            return
+        new_body = spool.body_bytes()
+        old_body = await self._open_body(old)
+        if new_body is None or not isinstance(old_body, bytes):
+            _close(old_body)
+            await self.storage.commit(entry, spool)
+            return
+        spool.discard()
+        bodies = {id(entry.response): new_body, id(old.entry.response): old_body}
+        lower, upper = bodies[id(combine.lower)], bodies[id(combine.upper)]
+        lower_range, upper_range = part_range(combine.lower), part_range(combine.upper)
+        assert lower_range is not None and upper_range is not None
+        merged = lower + upper[lower_range.last + 1 - upper_range.first:]
+        new = entry.response
+        if combine.range.complete:
+            # §3.4: the combined response takes the new response's header fields.
+            fields = tuple((k, v) for k, v in new.headers
+                           if k.lower() not in ("content-range", "content-length"))
+            combined = Entry(key=whole_key(entry.key), url=entry.url,
+                             response=replace(new, status=200, reason="OK", headers=fields),
+                             body_id="", body_size=0, tags=entry.tags, stored_at=entry.stored_at)
+        else:
+            r = combine.range
+            fields = tuple((k, v) for k, v in new.headers if k.lower() != "content-range")
+            combined = replace(entry, response=replace(
+                new, headers=(*fields, ("Content-Range", f"bytes {r.first}-{r.last}/{r.total}"))))
+        out = self.storage.spool(combined, len(merged))
+        await out.write(merged)
+        await self.storage.commit(combined, out)
+
     # -- going upstream --------------------------------------------------------------------
 
-    def _upstream_headers(self, req: ClientRequest, *, fill: bool) -> list[tuple[str, str]]:
-        head = req.head
-        drop = end_to_end(head.headers)
-        out: list[tuple[str, str]] = []
-        prior_xff: list[str] = []
-        for k, v in drop:
-            lk = k.lower()
-            if lk in FORWARDING_FIELDS:
-                if req.trusted:
-                    if lk == "x-forwarded-for":
-                        prior_xff.append(v)
-                    else:
-                        out.append((k, v))
-                continue
-            if (lk in UNKEYED_OVERRIDES or lk == "surrogate-capability") and not req.trusted:
-                continue
-            if fill and lk in FILL_DROPS:
-                continue
-            if lk == "host" and not self.settings.pool.preserve_host:
-                continue
-            out.append((k, v))
-        xff = ", ".join([*prior_xff, req.remote]) if prior_xff else req.remote
-        out.append(("X-Forwarded-For", xff))
-        if not (req.trusted and "x-forwarded-proto" in head.headers):
-            out.append(("X-Forwarded-Proto", head.scheme))
-        if not (req.trusted and "x-forwarded-host" in head.headers):
-            out.append(("X-Forwarded-Host", head.host))
-        via = head.headers.get("Via")
-        out = [(k, v) for k, v in out if k.lower() != "via"]
-        out.append(("Via", f"{via}, {self._via}" if via else self._via))
-        out.append(("Surrogate-Capability", SURROGATE_CAPABILITY))
-        return out
+    def _upstream(self, req: ClientRequest, plan: RequestPlan | None,
+                  revalidating: Cached | None = None) -> UpstreamRequest:
+        """The request the origin receives: computed by the policy from the normalised head
+        alone (``plan``: a fill, as keyed; None: passed through)."""
+        validators = conditional_headers(revalidating.entry.response) if revalidating is not None else ()
+        return upstream_request(req.head, req.remote, self._forwarder, request_id=req.request_id,
+                                fill=plan.key if plan is not None else None, validators=validators)
 
     def _response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
         out = list(end_to_end(headers))
         via = headers.get("Via")
-        out = [(k, v) for k, v in out if k.lower() not in ("via", "content-length")]
+        out = [(k, v) for k, v in out if k.lower() not in ("via", "content-length", "server")]
         out.append(("Via", f"{via}, {self._via}" if via else self._via))
         return out
 
@@ -389,22 +524,27 @@ class Engine:
         """Forward without lookup or store (other methods, rule bypass); invalidate after unsafe ones."""
         head = req.head
         try:
-            resp = await self._send(head.method, head.target, self._upstream_headers(req, fill=False),
-                                    req.body)
+            resp = await self._send(self._upstream(req, None), req.body, _relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd, x_cache="BYPASS")
         urls = invalidated_urls(head, resp.status, resp.headers)
         if urls:
             await self._invalidate(urls)
+        if detail is not None:  # a rule's bypass: the console lists it beside the not-stored reasons
+            self.metrics.live.not_stored.add(detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
         return self._direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
 
-    async def _send(self, method: str, target: str, headers: list[tuple[str, str]],
-                    body: AsyncIterable[bytes] | None = None) -> UpstreamResponse:
+    async def _send(self, request: UpstreamRequest, body: AsyncIterable[bytes] | None = None,
+                    on_interim: InterimHook | None = None) -> UpstreamResponse:
         started = time.monotonic()
-        resp = await self.pool.send(method, target, headers, body)  # errors are counted by the pool
+        # Errors are counted by the pool.
+        resp = await self.pool.send(request.method, request.target, list(request.headers), body,
+                                    on_interim)
         name = resp.upstream.name
-        self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        self.metrics.upstream_latency.labels(name).observe(took)
+        note_upstream(name, took)
         self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
         return resp
 
@@ -414,9 +554,9 @@ class Engine:
         reason = {502: "Bad Gateway", 503: "Service Unavailable",
                   504: "Gateway Timeout"}.get(status, "Bad Gateway")
         detail = {504: "UPSTREAM-TIMEOUT", 503: "NO-UPSTREAM"}.get(status, "UPSTREAM-UNREACHABLE")
-        log.warning("upstream failed: %s", exc)
-        return self._finish(plan, _error_reply(status, reason, f"{status} {reason}: {exc}", x_cache,
-                                               cache_status(fwd=fwd, detail=detail)))
+        log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
+        return self._finish(plan, _error_reply(status, reason, f"{status} {reason}: {exc.public_text()}",
+                                               x_cache, cache_status(fwd=fwd, detail=detail)))
 
     async def _invalidate(self, urls: Sequence[str]) -> None:
         writes = self.storage.writing_urls(urls)
@@ -472,11 +612,13 @@ class Engine:
                                         stale=stale)
             reader = flight.body.join()
         assert reader is not None
+        if req.interim is not None and not flight.head.done():
+            flight.interim.append(req.interim)  # the origin's 1xx, until the head arrives
         return await self._reply_from_flight(req, plan, key, flight, reader, collapsed, revalidating, fwd,
                                              stale, stale_prohibited)
 
     async def _reply_from_flight(self, req: ClientRequest, plan: RequestPlan, key: str, flight: Flight,
-                                 reader: Any, collapsed: bool, revalidating: Cached | None, fwd: str,
+                                 reader: Reader, collapsed: bool, revalidating: Cached | None, fwd: str,
                                  stale: Cached | None, stale_prohibited: bool) -> Reply:
         """Answer a client that joined ``flight`` (as its leader, or ``collapsed`` as a follower)."""
         head = req.head
@@ -558,7 +700,7 @@ class Engine:
             # stored response once the flight has stored it.
             reader.close()
             return await self._serve_after_flight(req, plan, key, fwd, fhead.status, x_cache, collapsed,
-                                                  stored=not collapsed)
+                                                  stored=not collapsed, flight=flight)
 
         if head.method == "HEAD" or fhead.status in (204, 304):
             reader.close()
@@ -582,21 +724,73 @@ class Engine:
                 reader.close()
             return self._finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
                                             x_cache, "upstream"))
-        return self._finish(plan, Reply(fhead.status, fhead.reason, headers, reader.__aiter__(),
-                                        length, x_cache, "upstream"))
+        return self._finish(plan, Reply(fhead.status, fhead.reason, headers,
+                                        self._flight_body(flight, key, reader), length, x_cache,
+                                        "upstream"))
+
+    async def _flight_body(self, flight: Flight, key: str, reader: Reader) -> AsyncIterator[bytes]:
+        """A flight's body for one client, as it arrives. A client that fell too far behind a
+        fill being stored was detached from it (the fetch and the other clients do not wait
+        for it: ``proxy.coalescer``) and gets the rest from the stored response once the fill
+        is complete; when it was not stored after all, this raises and the client's
+        connection is aborted (a truncated body is never ended as if complete)."""
+        chunks = reader.__aiter__()
+        try:
+            async for chunk in chunks:
+                yield chunk
+            return
+        except FellBehind as behind:
+            offset = behind.offset
+        except TooFarBehind:
+            self.metrics.slow_readers.labels("cut_off").inc()
+            raise
+        finally:
+            await chunks.aclose()
+        async for chunk in self._stored_rest(flight, key, offset):
+            yield chunk
+
+    async def _stored_rest(self, flight: Flight, key: str, offset: int) -> AsyncIterator[bytes]:
+        """The body a flight stored, from ``offset`` on (for a client detached from it)."""
+        result = await asyncio.shield(flight.result)
+        entry = result.entry
+        body: bytes | IO[bytes] | None = None
+        if entry is not None and entry.body_size >= offset:
+            variants = await self._load(key)
+            cached = next((c for c in variants if c.entry.body_id == entry.body_id), None)
+            if cached is not None:
+                body = await self._open_body(cached)
+        if body is None:
+            self.metrics.slow_readers.labels("cut_off").inc()
+            raise ResponseAborted(f"{key}: the client fell behind a fill that was not stored")
+        self.metrics.slow_readers.labels("resumed").inc()
+        if isinstance(body, bytes):
+            if offset < len(body):
+                yield body[offset:]
+            return
+        try:
+            await self.storage.run(body.seek, offset)
+            while chunk := await self.storage.run(body.read, STORED_CHUNK):
+                yield chunk
+        finally:
+            body.close()
 
     async def _forward_passing(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str) -> Reply:
         """A hit-for-pass key: forwarded in the request's own task, without a flight (nobody may
         join it). Should the response turn out storable now, a flight takes it over and stores it
         (and this client is answered from that flight), which ends the hit-for-pass."""
-        head = req.head
         request_time = self.clock()
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key),
-                                    self._upstream_headers(req, fill=True))
+            resp = await self._send(self._upstream(req, plan), on_interim=_relay(req.interim))
         except UpstreamError as exc:
             return self._upstream_failed(plan, exc, fwd)
         response_time = self.clock()
+        return await self._answer_unshared(req, plan, key, fwd, resp, request_time, response_time)
+
+    async def _answer_unshared(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
+                               resp: UpstreamResponse, request_time: float, response_time: float) -> Reply:
+        """Answer one client from a response fetched for it alone; stored (through a flight
+        nobody else may join) when it is storable."""
+        head = req.head
         store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
         try:
             store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
@@ -615,7 +809,7 @@ class Engine:
                                                  False)
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
-        self.metrics.not_stored.labels(store_detail).inc()
+        self.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=store_detail)
         return self._direct_reply(plan, resp, "MISS", cs, head.method == "HEAD")
 
@@ -663,8 +857,9 @@ class Engine:
 
     async def _serve_after_flight(self, req: ClientRequest, plan: RequestPlan, key: str, fwd: str,
                                   fwd_status: int | None, x_cache: str, collapsed: bool, *,
-                                  stored: bool = False) -> Reply:
-        flight = self.coalescer.get(key)
+                                  stored: bool = False, flight: Flight | None = None) -> Reply:
+        """Answer from the store once ``flight`` (by default, the key's) has stored its response."""
+        flight = flight or self.coalescer.get(key)
         if flight is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flight.result), self.settings.cache.lock_timeout)
@@ -672,10 +867,10 @@ class Engine:
         index = select_variant(req.head, [c.entry.response for c in variants]) if variants else None
         if index is not None:
             cached = variants[index]
-            f = cached.entry.response.freshness
+            response = cached.entry.response
             now = self.clock()
             reply = await self._serve(
-                req, plan, cached, x_cache, f.ttl(now), f.age(now),
+                req, plan, cached, x_cache, response.ttl(now), response.freshness.age(now),
                 client_not_modified(req.head.headers, cached.entry.response),
                 # RFC 9211: a collapsed request went forward (with the leader's): never "hit".
                 hit=x_cache == "HIT" and not collapsed, fwd=fwd, collapsed=collapsed, mark_stored=stored,
@@ -687,9 +882,9 @@ class Engine:
 
     async def _serve_stale(self, req: ClientRequest, plan: RequestPlan, stale: Cached, fwd: str,
                            fwd_status: int | None, detail: str) -> Reply:
-        f = stale.entry.response.freshness
+        response = stale.entry.response
         now = self.clock()
-        reply = await self._serve(req, plan, stale, "STALE", f.ttl(now), f.age(now),
+        reply = await self._serve(req, plan, stale, "STALE", response.ttl(now), response.freshness.age(now),
                                   client_not_modified(req.head.headers, stale.entry.response),
                                   hit=False, fwd=fwd, fwd_status=fwd_status, detail=detail)
         if reply is None:
@@ -703,6 +898,8 @@ class Engine:
         async def run(flight: Flight) -> None:
             if register and self.leases is not None:
                 await self._run_leased_flight(flight, req, plan, key, revalidating, stale, background)
+            elif register and not background:
+                await self._fill(flight, req, plan, key, revalidating, stale)
             else:
                 await self._run_flight(flight, req, plan, key, revalidating, stale)
 
@@ -750,7 +947,7 @@ class Engine:
                     # Told the moment the response is on disk, not when the flight ends.
                     flight.on_stored = lambda stored: release("stored" if stored else "failed")
                     try:
-                        await self._run_flight(flight, req, plan, key, revalidating, stale)
+                        await self._fill(flight, req, plan, key, revalidating, stale)
                     finally:
                         self._release_lease(flight, release)
                     return
@@ -782,7 +979,102 @@ class Engine:
                 case _:
                     assert_never(lease)
             break
-        await self._run_flight(flight, req, plan, key, revalidating, stale)
+        await self._fill(flight, req, plan, key, revalidating, stale)
+
+    async def _fill(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
+                    revalidating: Cached | None, stale: Cached | None) -> None:
+        """A coalesced flight's fetch. In cluster mode with a shared tier (``proxy.cluster.fills``)
+        it asks the other nodes first: what one of them stored is kept here and served; else
+        one node in the cluster fetches under the key's fill lock and writes its fill through,
+        while the others wait for it (at most ``lock_timeout``, then they fetch here).
+        Revalidations stay with each node."""
+        shared = self.shared
+        if shared is None or revalidating is not None:
+            await self._run_flight(flight, req, plan, key, revalidating, stale)
+            return
+        loop = asyncio.get_running_loop()
+        lock_timeout = self.settings.cache.lock_timeout
+        deadline = loop.time() + lock_timeout
+        lock_only = False
+        for _ in range(4):
+            epoch = self.storage.epoch
+            answer = await shared.lookup(key, max(lock_timeout, 1.0) + 1.0, lock_only)
+            match answer:
+                case Found():
+                    if self.storage.epoch != epoch:
+                        continue  # a purge was applied here meanwhile: what was found may be purged
+                    if await self._adopt_shared(flight, req, plan, key, answer):
+                        return
+                    lock_only = True  # stored, but not fresh for this request: fetch under the lock
+                case Locked():
+                    await self._run_locked_fill(shared, answer, flight, req, plan, key, stale)
+                    return
+                case Contended():
+                    left = deadline - loop.time()
+                    outcome = await shared.wait_filled(key, min(left, answer.wait + 0.05)) \
+                        if left > 0 else None
+                    if outcome not in (None, "stored") or loop.time() >= deadline:
+                        break  # not shareable, failed, or waited long enough: fetch here
+                case None:
+                    break
+                case _:
+                    assert_never(answer)
+        await self._run_flight(flight, req, plan, key, None, stale)
+
+    async def _run_locked_fill(self, shared: SharedCache, lock: Locked, flight: Flight, req: ClientRequest,
+                               plan: RequestPlan, key: str, stale: Cached | None) -> None:
+        """Fetch under the cluster-wide fill lock; write the fill through, then release the lock
+        (which wakes the other nodes' waiters)."""
+        writes: list[asyncio.Future[bool]] = []
+
+        def filled(entry: Entry, body: bytes | None) -> None:
+            if body is not None and len(body) <= shared.max_object:
+                writes.append(asyncio.ensure_future(shared.write(entry, body, lock, self.clock())))
+
+        flight.on_filled = filled
+        outcome = "failed"
+        try:
+            await self._run_flight(flight, req, plan, key, None, stale)
+            if writes and await writes[0]:
+                outcome = "stored"
+        finally:
+            await shared.release(key, lock, outcome)
+
+    async def _adopt_shared(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
+                            found: Found) -> bool:
+        """End ``flight`` with a variant another node stored in the shared tier, when it is a
+        fresh hit for the flight's request: kept in this node's tiers (the same way a fill is),
+        then served from them; False when none is."""
+        decision = decide_lookup(req.head, [e.response for e, _ in found.variants], self.clock(),
+                                 plan.options)
+        if not isinstance(decision, Serve) or decision.status != "HIT":
+            return False
+        entry, body = found.variants[decision.index]
+        spool = self.storage.spool(entry, len(body))
+        if not await spool.write(body):
+            spool.discard()
+            return False
+        final = self.storage.finalize(entry, spool)
+        if final is None:
+            return False
+        in_memory = self.storage.put_memory(final, spool)
+        stored = final.response
+        flight.head.set_result(FlightHead(stored.status, stored.reason,
+                                          CIMultiDictProxy(CIMultiDict(stored.headers)), True,
+                                          STORED_ELSEWHERE, final.body_size, stored.vary))
+        self.coalescer.retire(flight)
+        if flight.on_stored is None and in_memory:
+            # In memory now: the flight's clients are answered at once, the disk copy follows.
+            flight.body.finish()
+            flight.result.set_result(FlightResult(True, STORED_ELSEWHERE))
+            await self._put_disk(key, final, spool)
+            return True
+        # Other workers wait for this key (proxy.leases): they read it from disk, so the flight
+        # ends once it is there.
+        on_disk = await self._put_disk(key, final, spool)
+        flight.body.finish()
+        flight.result.set_result(FlightResult(True, STORED_ELSEWHERE if on_disk else "STORE-FAILED"))
+        return True
 
     async def _answer_from_store(self, flight: Flight, req: ClientRequest, plan: RequestPlan,
                                  key: str) -> bool:
@@ -837,82 +1129,81 @@ class Engine:
     async def _run_flight(self, flight: Flight, req: ClientRequest, plan: RequestPlan, key: str,
                           revalidating: Cached | None, stale: Cached | None = None) -> None:
         head = req.head
-        headers = self._upstream_headers(req, fill=True)
-        if revalidating is not None:
-            headers.extend(conditional_headers(revalidating.entry.response))
         request_time = self.clock()
+
+        def interim(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+            kept = end_to_end(fields)
+            for sink in list(flight.interim):
+                sink(status, reason, kept)
+
         try:
-            resp = await self._send("GET", fill_target(head, plan.key, key), headers)
+            resp = await self._send(self._upstream(req, plan, revalidating), on_interim=interim)
         except UpstreamError as exc:
             flight.head.set_exception(exc)
             return
         response_time = self.clock()
 
-        if revalidating is not None:
-            stored = revalidating.entry.response
-            outcome = decide_on_validation(stored, resp.status, resp.headers, stale_if_error=True)
-            match outcome:
-                case Freshen():
-                    resp.release()
-                    await self._freshen(revalidating, resp.headers, plan, request_time,
-                                        response_time)
-                    flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True,
-                                                      "FRESHENED", None))
-                    self.coalescer.retire(flight)
-                    flight.body.finish()
-                    flight.result.set_result(FlightResult(True, "FRESHENED"))
-                    return
-                case ServeStale() | PassThrough():
-                    pass  # handed to the clients as is; they decide on stale-if-error
-                case Replace():
-                    pass
-                case _:
-                    assert_never(outcome)
-            if resp.status == 304:
-                # A 304 that does not validate what we hold: fetch the full response.
+        # What the answer means for the response held (revalidated, or kept for stale-if-error).
+        kept = revalidating or stale
+        outcome: ValidationOutcome = Replace() if kept is None else decide_on_validation(
+            kept.entry.response, resp.status, resp.headers, response_time,
+            conditional=revalidating is not None)
+        match outcome:
+            case Freshen():
+                assert revalidating is not None
+                resp.release()
+                await self._freshen(revalidating, resp.headers, plan, request_time, response_time, head)
+                flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
+                self.coalescer.retire(flight)
+                flight.body.finish()
+                flight.result.set_result(FlightResult(True, "FRESHENED"))
+                return
+            case Refetch():
                 resp.release()
                 await self._run_flight(flight, req, plan, key, None, stale)
                 return
-
-        store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
-        kept = revalidating or stale
-        if kept is not None and error_keeps_stored(kept.entry.response, resp.status, response_time):
-            # RFC 5861 §4: the origin failed; the stored response stays, to be served stale.
-            store_detail, entry = "ORIGIN-ERROR", None
-        else:
-            store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
-                                                       response_time)
+            case ServeStale():
+                # RFC 5861 §4: the stored response stays; the clients decide on stale-if-error.
+                store_detail, entry = outcome.detail, None
+            case Replace():
+                store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
+                store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
+                                                           response_time)
+            case _:
+                assert_never(outcome)
         await self._deliver(flight, key, resp, store_detail, entry, response_time)
 
     async def _deliver(self, flight: Flight, key: str, resp: UpstreamResponse, store_detail: str,
                        entry: Entry | None, response_time: float) -> None:
         """A flight's response: its head to the clients, its body to them and to the store."""
-        # Followers get the leader's response only when it is fresh on arrival: handing
-        # them a response that is already stale (or no-cache) would reuse it unvalidated.
-        shareable = entry is not None and entry.response.freshness.ttl(response_time) > 0 \
-            and not entry.response.freshness.no_cache
+        shareable = entry is not None and shareable_with_followers(entry.response, response_time)
         vary = entry.response.vary if entry is not None else ()
         flight.head.set_result(FlightHead(resp.status, resp.reason, resp.headers, shareable,
                                           store_detail, resp.content_length, vary))
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
         if not shareable:
-            self.metrics.not_stored.labels(store_detail).inc()
+            self.metrics.not_stored_because(store_detail, url_of_key(key))
         spool = None
         if entry is not None:
             spool = self.storage.spool(entry, resp.content_length)
         flight.spool = spool
+        body = flight.body
+        body.storing = spool is not None
+        abandoned = ""  # why the store was given up mid-body
         try:
             async for chunk in resp.iter_chunks():
-                if spool is not None and not await spool.write(chunk):
-                    spool = None
-                    self.metrics.not_stored.labels("TOO-LARGE").inc()
-                if flight.body.readers == 0 and spool is None:
+                if spool is not None:
+                    abandoned = await self._spool_write(key, spool, chunk)
+                    if abandoned:
+                        spool = None
+                        body.stop_storing()
+                if body.readers == 0 and spool is None:
                     resp.close()  # nobody reads it and nothing stores it
-                    flight.body.fail(ConnectionAbortedError("no readers"))
+                    body.fail(ResponseAborted("no readers"))
                     flight.result.set_result(FlightResult(False, "ABANDONED"))
                     return
-                await flight.body.push(chunk)
+                await body.push(chunk)
         except UpstreamError as exc:
             log.warning("upstream body broke off for %s: %s", key, exc)
             if spool is not None:
@@ -929,11 +1220,14 @@ class Engine:
         if final is None or spool is None:
             self.coalescer.retire(flight)
             flight.body.finish()
-            flight.result.set_result(FlightResult(False, store_detail or "INCOMPLETE"))
+            flight.result.set_result(FlightResult(False, store_detail or abandoned or "INCOMPLETE"))
             return
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
         self.storage.put_memory(final, spool)
+        self.metrics.fills.inc()
+        if flight.on_filled is not None:
+            flight.on_filled(final, spool.body_bytes())
         self.coalescer.retire(flight)
         if flight.on_stored is not None and spool.body_bytes() is not None:
             # Other workers wait for this key (proxy.leases): a small body goes to disk before
@@ -949,73 +1243,70 @@ class Engine:
                 flight.on_stored(on_disk)
         if on_disk:
             self.coalescer.clear_pass(key)
-        flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED"))
+        flight.result.set_result(FlightResult(on_disk, "" if on_disk else "STORE-FAILED", final))
+
+    async def _spool_write(self, key: str, spool: BodySpool, chunk: bytes) -> str:
+        """Spool a chunk of a body being stored; "" while it is kept, else why the store is
+        given up (the clients still get the whole body): TOO-LARGE, or STORE-FAILED when the
+        write failed (a full disk: counted, logged once per streak, in /stats)."""
+        try:
+            if await spool.write(chunk):
+                return ""
+            reason = "TOO-LARGE"
+        except Exception as exc:
+            spool.discard()
+            self.write_failures.failed("spool", key, exc)
+            reason = "STORE-FAILED"
+        self.metrics.not_stored_because(reason, url_of_key(key))
+        return reason
 
     async def _put_disk(self, key: str, final: Entry, spool: BodySpool) -> bool:
         """The disk's part of storing a fill (nothing now for a body in the shared memory)."""
         try:
-            return await self.storage.put_disk(final, spool)
-        except Exception:
-            log.exception("storing %s failed", key)
-            self.metrics.storage_errors.labels("write").inc()
+            stored = await self.storage.put_disk(final, spool)
+        except Exception as exc:
+            self.write_failures.failed("write", key, exc)
             return False
+        if stored:
+            self.write_failures.succeeded()
+        return stored
 
     def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: StorePlan, key: str,
                         resp: UpstreamResponse, request_time: float, response_time: float
                         ) -> tuple[str, Entry | None]:
-        if head.method == "HEAD":
-            head = replace(head, method="GET")  # a HEAD miss fills with a GET
-        if store_plan.no_store:
-            assert store_plan.rule is not None
-            return f"RULE-NO-STORE:{store_plan.rule.name}", None
-        decision = decide_store(head, resp.status, resp.reason, resp.headers, request_time,
-                                response_time, store_plan.options)
-        if isinstance(decision, DontStore):
-            return decision.detail, None
-        assert isinstance(decision, Store)
-        stored = decision.response
-        if store_plan.deception_guard and not content_type_agrees(
-            head.target, resp.headers.get("Content-Type")
-        ):
-            return "DECEPTION-GUARD", None
-        stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter))
-        if "set-cookie" in resp.headers:
-            # Stored only because a rule says allow_set_cookie: the cookie was for the client
-            # that caused the fill, never for everyone served from the store afterwards.
-            stored = replace(stored, headers=tuple(
-                (k, v) for k, v in stored.headers if k.lower() != "set-cookie"))
-        tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
-        entry = Entry(key=key, url=head.url, response=stored, body_id="", body_size=0,
-                      tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
-        return "", entry
+        return self._filled(key, store_plan, Exchange(head, resp.status, resp.reason, resp.headers,
+                                                      request_time, response_time))
 
-    def _jittered(self, freshness: Freshness, fraction: float) -> Freshness:
-        """ttl_jitter: shorten the lifetime by a random 0..fraction, never lengthen it.
-
-        Entries stored together then expire apart, and an origin's max-age is never exceeded.
-        """
-        if not fraction or freshness.lifetime <= 0:
-            return freshness
-        return replace(freshness, lifetime=freshness.lifetime * (1 - self._random.uniform(0, fraction)))
+    def _filled(self, key: str, store_plan: StorePlan, exchange: Exchange, *, part: bool = False
+                ) -> tuple[str, Entry | None]:
+        """The fill decision (``decide_fill``) as the flight carries it: a detail, or the entry."""
+        decision = decide_fill(exchange, store_plan, self._fill_settings, jitter=self._random.random(),
+                               part=part)
+        match decision:
+            case NoFill():
+                return decision.detail, None
+            case Fill():
+                return "", Entry(key=key, url=exchange.request.url, response=decision.response, body_id="",
+                                 body_size=0, tags=decision.tags, stored_at=exchange.response_time)
+            case _:
+                assert_never(decision)
 
     async def _freshen(self, cached: Cached, update: CIMultiDictProxy[str], plan: RequestPlan,
-                       request_time: float, response_time: float) -> None:
+                       request_time: float, response_time: float, head: RequestHead) -> None:
         """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays."""
         entry = cached.entry
         old = entry.response
         content_type = update.get("Content-Type") or old.header_dict().get("Content-Type")
         store_plan = plan.for_response(old.status, content_type)
-        updated = freshen_stored(old, update, request_time, response_time, store_plan.options)
-        if updated is not None:
-            updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter))
+        updated = freshened(old, Exchange(head, 304, "", update, request_time, response_time), store_plan,
+                            self._fill_settings, jitter=self._random.random())
         try:
             if updated is None:  # the 304 said no-store or private: forget the stored response
                 await self.storage.delete([entry.key])
             else:
                 await self.storage.update(entry.with_response(updated))
-        except Exception:
-            log.exception("freshening %s failed", entry.key)
-            self.metrics.storage_errors.labels("write").inc()
+        except Exception as exc:
+            self.write_failures.failed("write", entry.key, exc)
 
     # -- finishing ---------------------------------------------------------------------------
 
@@ -1027,18 +1318,6 @@ class Engine:
         return reply
 
 
-def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
-                   ) -> list[tuple[str, str]]:
-    """A stored response's fields as served: its own Age and Content-Length dropped (the
-    web layer frames the body), this cache's Age, Cache-Status and X-Cache-Status added.
-    Shared by ``Engine._serve`` and the fast path (``proxy.web.fastpath``)."""
-    headers = [(k, v) for k, v in stored if k.lower() not in ("age", "content-length")]
-    headers.append(("Age", age))
-    headers.append(("Cache-Status", cs))
-    headers.append(("X-Cache-Status", x_cache))
-    return headers
-
-
 def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, str]]
                    ) -> HeaderEdits | None:
     """The rule's response_headers for a reply with this status and these fields."""
@@ -1048,21 +1327,29 @@ def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, 
     return plan.response_headers
 
 
-def fill_target(head: RequestHead, spec: KeySpec, key: str) -> str:
-    """The target a fill asks the origin for: the URL as keyed.
+PART_SUFFIX = "\x1fpart"
 
-    When a rule's key drops or reorders query parameters (or lower-cases the path), the
-    origin sees exactly what the key sees, so a parameter left out of the key cannot
-    change a response stored for everyone (unkeyed-parameter cache poisoning).
-    """
-    if not (spec.query_include is not None or spec.query_exclude or spec.query_sort
-            or spec.query_ignore or spec.lowercase_path):
-        return head.target
-    url = url_of_key(key)
-    prefix = f"{head.scheme}://{head.host}"
-    if url == head.url or not url.startswith(prefix):
-        return head.target
-    return url[len(prefix):] or "/"
+
+def part_key(key: str) -> str:
+    """Where the parts (206 responses) of a key's representations are stored: an entry of
+    its own beside the key's, so the hit path and storage never meet a part by accident."""
+    return key + PART_SUFFIX
+
+
+def whole_key(key: str) -> str:
+    return key.removesuffix(PART_SUFFIX)
+
+
+def _relay(sink: InterimSink | None) -> InterimHook | None:
+    """The upstream client's hook for one client's interim responses: their end-to-end fields
+    only (RFC 9110 §15.2: a proxy forwards 1xx responses, hop-by-hop fields aside)."""
+    if sink is None:
+        return None
+
+    def relay(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+        sink(status, reason, end_to_end(fields))
+
+    return relay
 
 
 def _upstream_error(status: int, message: str) -> UpstreamError:
@@ -1082,4 +1369,5 @@ def _close(body: Body) -> None:
         body.close()
 
 
-__all__ = ["ClientRequest", "Engine", "Reply", "StorageError", "StoredResponse"]
+__all__ = ["ClientRequest", "Engine", "Reply", "StorageError", "StoredResponse", "response_edits",
+           "served_headers"]

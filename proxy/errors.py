@@ -1,8 +1,9 @@
 """The one exception hierarchy of cachegate.
 
 Every error carries a ``status_hint``: the HTTP status a client should see when
-the error escapes to the proxy boundary (as h11's ``error_status_hint``). The web
-layer translates them in exactly one place (``web.middlewares``).
+the error escapes to the proxy boundary (as h11's ``error_status_hint``), and a
+``public`` text: what the client is told. The message itself (upstream addresses,
+timeouts, parser detail) goes to the log with the request id, never to the client.
 """
 
 from __future__ import annotations
@@ -10,36 +11,65 @@ from __future__ import annotations
 
 class CachegateError(Exception):
     status_hint: int = 500
+    public: str = "internal error"
+
+    def public_text(self) -> str:
+        """What the client may read about this error."""
+        return self.public
 
 
 class ConfigError(CachegateError):
     """One or more configuration problems, each already formatted ``FILE:LINE: message``."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], warnings: list[str] | None = None) -> None:
         self.problems = problems
+        self.warnings = warnings or []  # FILE:LINE: warning: ..., found beside the problems
         super().__init__("\n".join(problems))
 
 
 class UpstreamError(CachegateError):
     status_hint = 502
+    public = "the origin server failed to answer"
+
+    def __init__(self, message: str = "", *, detail: str | None = None) -> None:
+        super().__init__(message)
+        # What may be told to the client beside ``public``: the fault, never an address.
+        self.detail = detail
+
+    def public_text(self) -> str:
+        return f"{self.public} ({self.detail})" if self.detail else self.public
 
 
 class UpstreamConnectError(UpstreamError):
     """The connection could not be made, or broke before any response byte arrived."""
 
+    public = "the origin server could not be reached"
+
 
 class UpstreamTimeout(UpstreamError):
     status_hint = 504
+    public = "the origin server did not answer in time"
 
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream answered something that is not valid HTTP/1.1."""
+
+    public = "the origin server sent an invalid response"
 
 
 class NoUpstreamAvailable(UpstreamError):
     """Every upstream of the pool is marked down."""
 
     status_hint = 503
+    public = "no origin server is available"
+
+
+class ResponseAborted(CachegateError):
+    """A response body that cannot be completed for one client (it fell too far behind a
+    shared fill that is not stored, or the fill ended before its body did): the web layer
+    aborts that client's connection, so it never takes a truncated body for a complete one."""
+
+    status_hint = 502
 
 
 class StorageError(CachegateError):
@@ -47,4 +77,9 @@ class StorageError(CachegateError):
 
 
 class BadRequest(CachegateError):
+    """The client's own request is at fault: its message is what the client is told."""
+
     status_hint = 400
+
+    def public_text(self) -> str:
+        return str(self) or "bad request"

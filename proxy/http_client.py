@@ -23,8 +23,24 @@ A connection is reused only when its response was read to the end by the parser,
 response did not ask to close, the request body was sent whole, and nothing followed the
 response: bytes after the end of a response (a second response, more body than
 ``Content-Length`` said) are a framing error. When they arrive with the response itself,
-the response is refused (502); later ones close the connection. A response that is not
-read to the end is never followed by another request on its connection.
+the response is refused (502); later ones close the connection (bytes on an idle pooled
+connection abort it: they are never read as the next request's response). A response that
+is not read to the end is never followed by another request on its connection.
+
+Pool desync: a response whose end was not read from its own framing but inferred — the
+answer to a HEAD, or a 204/304 whose head announces a body (``Content-Length`` other than
+0, or ``Transfer-Encoding``) — is never followed by another request either
+(``reusable_after``). An origin that sends that announced body anyway, a moment later,
+would otherwise have it read as the next client's response, and stored for everyone.
+
+Transfer codings (RFC 9112 §6.1): a response whose ``Transfer-Encoding`` names chunked
+anywhere but alone (``gzip, chunked``: a coding inside the chunks that cachegate does not
+decode; ``chunked, gzip`` or chunked twice: framing that parsers disagree on), or any
+``Transfer-Encoding`` in an HTTP/1.0 response (faulty framing, §6.1), is refused with a 502
+and never stored. A coding list without chunked frames the body by the connection's end
+(§6.3): those bytes are relayed and stored as they came, the hop-by-hop field dropped, as
+nginx 1.22 does (measured) and as the public cache tests require
+(``headers-store-Transfer-Encoding``).
 
 Errors are ``proxy.errors`` types whose ``kind`` names them for the metrics: ``connect``
 (refused, reset, TLS), ``connect_timeout``, ``read_timeout`` (no byte for ``read``
@@ -40,6 +56,7 @@ import asyncio
 import collections
 import contextlib
 import importlib
+import logging
 import socket
 import ssl
 import time
@@ -71,10 +88,15 @@ _FRAMING = ("content-length", "transfer-encoding")
 _http_parser: Any = importlib.import_module("aiohttp._http_parser")
 
 
+# Told of each interim (1xx) response before the final one: (status, reason, fields).
+InterimHook = Callable[[int, str, CIMultiDictProxy[str]], None]
+
+
 class UpstreamConnectTimeout(UpstreamTimeout):
     """The TCP (or TLS) connection was not established in time: safe to retry elsewhere."""
 
     kind = "connect_timeout"
+    public = "the origin server could not be reached in time (connect timed out)"
 
 
 class UpstreamDisconnected(UpstreamConnectError):
@@ -85,10 +107,12 @@ class UpstreamDisconnected(UpstreamConnectError):
 
 class UpstreamReadTimeout(UpstreamTimeout):
     kind = "read_timeout"
+    public = "the origin server did not answer in time (read timed out)"
 
 
 class UpstreamTotalTimeout(UpstreamTimeout):
     kind = "total_timeout"
+    public = "the origin server did not answer in time (total timeout)"
 
 
 class UpstreamBodyError(UpstreamProtocolError):
@@ -174,9 +198,9 @@ class UpstreamConnection(BaseProtocol):
     """One keep-alive connection to an upstream; one exchange (request + response) at a time."""
 
     __slots__ = (
-        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_last_read", "_message",
-        "_payload", "_pool", "_read_timeout", "_read_timer", "_total_timer", "busy", "exchange",
-        "idle_since",
+        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_method", "_last_read",
+        "_message", "_on_interim", "_payload", "_pool", "_read_timeout", "_read_timer", "_total_timer",
+        "busy", "exchange", "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -186,10 +210,12 @@ class UpstreamConnection(BaseProtocol):
         self.exchange = 0
         self.idle_since = 0.0
         self._head: asyncio.Future[Response] | None = None
+        self._on_interim: InterimHook | None = None
         self._message: Any = None
         self._payload: StreamReader | None = None
         self._got_bytes = False
         self._failed = False
+        self._head_method = False
         self._read_timeout = 0.0
         self._last_read = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
@@ -205,8 +231,12 @@ class UpstreamConnection(BaseProtocol):
 
     async def request(self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool,
                       expected: int | None, *, head_method: bool, read_timeout: float,
-                      total_deadline: float | None = None) -> Response:
-        """Send a request (head, then a streamed body if any) and wait for the response head."""
+                      total_deadline: float | None = None, on_interim: InterimHook | None = None
+                      ) -> Response:
+        """Send a request (head, then a streamed body if any) and wait for the response head.
+
+        Interim responses (1xx but 101) that come before it go to ``on_interim`` as they
+        arrive, in order: (status, reason, fields)."""
         loop = self._loop
         transport = self.transport
         if transport is None or transport.is_closing() or self.busy:
@@ -214,7 +244,9 @@ class UpstreamConnection(BaseProtocol):
         self.busy = True
         self.exchange += 1
         self._message = self._payload = None
+        self._on_interim = on_interim
         self._got_bytes = self._failed = False
+        self._head_method = head_method
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
         head_future: asyncio.Future[Response] = loop.create_future()
         self._head = head_future
@@ -294,11 +326,26 @@ class UpstreamConnection(BaseProtocol):
             if self._message is None:
                 code = message.code
                 if 100 <= code < 200 and code != 101:
-                    continue  # an interim response (100 Continue, 103 Early Hints)
+                    # An interim response (100 Continue, 102 Processing, 103 Early Hints).
+                    hook = self._on_interim
+                    if hook is not None:
+                        try:
+                            hook(code, message.reason or "", message.headers)
+                        except Exception:  # the client's side is not this exchange's concern
+                            logging.getLogger("cachegate.upstream").exception("interim response hook")
+                    continue
                 if code == 101 or upgraded:
-                    self._fail(UpstreamProtocolError(f"{self._pool.name}: unexpected protocol switch"))
+                    self._fail(UpstreamProtocolError(f"{self._pool.name}: unexpected protocol switch",
+                                                     detail="an unexpected protocol switch"))
+                    return
+                coding = unsupported_coding(message, self._head_method)
+                if coding is not None:
+                    self._fail(UpstreamProtocolError(f"{self._pool.name}: unsupported Transfer-Encoding "
+                                                     f"{coding!r} (only chunked is decoded)",
+                                                     detail=f"an unsupported Transfer-Encoding {coding!r}"))
                     return
                 self._message, self._payload = message, payload
+                self._on_interim = None
             else:  # a second response to one request
                 self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the response"))
                 return
@@ -316,7 +363,7 @@ class UpstreamConnection(BaseProtocol):
                     return
                 self._message_done(reuse=False)
             else:
-                self._message_done(reuse=True)
+                self._message_done(reuse=reusable_after(self._message, self._head_method))
         if head is not None:
             self._head = None
             if not head.done():
@@ -358,7 +405,11 @@ class UpstreamConnection(BaseProtocol):
             self.busy = False
             return
         payload = self._payload
-        if parser is not None and payload is not None:
+        if parser is not None and payload is not None and exc is not None:
+            # A reset is no end of a body, not even of one framed by the connection's end:
+            # a truncated body must never be stored (or relayed) as complete.
+            payload.set_exception(UpstreamBodyError(f"{name}: body broke off: {_describe(exc)}"))
+        elif parser is not None and payload is not None:
             try:
                 parser.feed_eof()  # ends a body framed by the connection's end
             except Exception as err:
@@ -466,6 +517,45 @@ class UpstreamConnection(BaseProtocol):
         if self._closed_waiter is None:
             self._closed_waiter = self._loop.create_future()
         await self._closed_waiter
+
+
+def reusable_after(message: Any, head_method: bool) -> bool:
+    """Whether a connection may carry another request once this response has ended.
+
+    A response to HEAD, and a 204 or 304, ends with its head by rule (RFC 9110 §6.4.1,
+    RFC 9112 §6.3), whatever its fields say; the parser infers that end rather than reading
+    it. A HEAD response's fields describe the GET's body, and a naive origin writes that body
+    too, so a connection is never reused after a HEAD (an upstream HEAD is rare here: a HEAD
+    miss fills with a GET). A 204/304 is reused only when its head announces no body: a
+    ``Content-Length`` other than 0 or any ``Transfer-Encoding`` says bytes may follow, and
+    late ones would be read as the next request's response. Closing costs one new connection;
+    waiting a while for bytes instead would still lose to an origin that waits longer.
+    """
+    if message.should_close or head_method:
+        return False
+    if message.code in (204, 304):
+        headers = message.headers
+        length = headers.get("Content-Length")
+        return "Transfer-Encoding" not in headers and (length is None or length.strip() == "0")
+    return True
+
+
+def unsupported_coding(message: Any, head_method: bool) -> str | None:
+    """The ``Transfer-Encoding`` of a response body that is framed by anything but exactly
+    ``chunked`` (RFC 9112 §6.1), or by a transfer coding in an HTTP/1.0 response (which
+    RFC 9112 §6.1 says to treat as faulty framing); None when the body can be relayed. A
+    response without a body (to HEAD, 1xx, 204, 304) is framed by its status, not its fields."""
+    coding: str | None = message.headers.get("Transfer-Encoding")
+    if coding is None or head_method or message.code < 200 or message.code in (204, 304):
+        return None
+    if message.version < (1, 1):
+        return coding
+    tokens = [t.strip().lower() for t in coding.split(",")]
+    if tokens == ["chunked"] or "chunked" not in tokens:
+        # Without chunked the body is framed by the connection's end (RFC 9112 §6.3): relayed
+        # and stored as it came, the hop-by-hop field dropped, as nginx and Varnish relay it.
+        return None
+    return coding
 
 
 def _describe(exc: BaseException) -> str:
@@ -721,6 +811,7 @@ async def body_once(body: bytes) -> AsyncIterable[bytes]:
 __all__ = [
     "KEEPALIVE_IDLE",
     "HostPool",
+    "InterimHook",
     "Response",
     "UpstreamConnectTimeout",
     "UpstreamConnection",

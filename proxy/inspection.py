@@ -30,6 +30,7 @@ from proxy.policy.keys import normalise_host, url_of_key
 from proxy.purge import host_matches
 from proxy.runtime import Runtime
 from proxy.storage.entry import Entry, entry_from_json, entry_to_json
+from proxy.storage.failures import merge_snapshots
 from proxy.storage.tiered import Storage
 
 WorkerCall = Callable[..., Awaitable[list[Any]]]  # Supervisor.call_all(name, wait=..., **args)
@@ -99,6 +100,7 @@ def local_stats(runtime: Runtime, top: int = TOP_KEYS) -> dict[str, Any]:
         "requests": runtime.metrics.request_counts(),
         "hosts": sorted(runtime.hosts_seen)[:100],
         "top": [[url_of_key(k), k, n] for k, n in memory.top(top)] if top else [],
+        "storage": runtime.engine.write_failures.snapshot(),
     }
 
 
@@ -192,10 +194,10 @@ class Inspector:
         if listed:
             return [h for h in hosts if not host_matches(listed, h)]
         known = set(known_hosts_local(runtime, hosts))
-        listen_host, port = runtime.settings.listen
-        if port:  # the configured listen address (a client may use it as Host)
-            literal = f"[{listen_host}]" if ":" in listen_host else listen_host
-            known.add(normalise_host(f"{literal}:{port}", "http"))
+        for listener in runtime.settings.listeners:
+            if listener.port:  # a configured listen address (a client may use it as Host)
+                literal = f"[{listener.host}]" if ":" in listener.host else listener.host
+                known.add(normalise_host(f"{literal}:{listener.port}", listener.scheme))
         rest = [h for h in hosts if h not in known]
         if rest and self._call is not None:
             for answer in await self._workers("admin_hosts", hosts=rest):
@@ -233,6 +235,9 @@ class Inspector:
             index = storage.index
             self._disk_count = (now, await storage.run(index.count))
         return self._disk_count[1]
+
+    async def disk_entries(self) -> int:
+        return await self._disk_entries()
 
     async def _disk_extras(self) -> Snapshot:
         """Families only the owner of the cache directory reports: disk entries and evictions
@@ -313,6 +318,10 @@ class Inspector:
                 "last_minute_window_seconds": round(seconds, 1),
             },
             "top_keys": [{"url": url, "key": key, "hits": n} for (url, key), n in ranked],
+            # Storage write failures (a full disk): responses passed on unstored meanwhile.
+            # (With workers, the supervisor's too: it writes behind to the disk tier.)
+            "storage": merge_snapshots([p["storage"] for p in parts if "storage" in p]
+                                       + ([runtime.engine.write_failures.snapshot()] if self._call else [])),
         }
         if self._call is not None:
             out["workers"] = [{"worker": p["worker"], "pid": p["pid"], "memory": p["memory"],
@@ -358,7 +367,7 @@ def variant_view(entry: Entry, copies: list[Copy], now: float) -> dict[str, Any]
     tiers = sorted({c.tier for c in copies}, key=("memory", "disk").index)
     in_memory = [c for c in copies if c.tier == "memory"]
     hits = sum(c.hits or 0 for c in in_memory)
-    ttl = f.ttl(now)
+    ttl = r.ttl(now)  # a soft-purged entry is stale since the purge
     view: dict[str, Any] = {
         "key": entry.key,
         "url": entry.url,

@@ -10,7 +10,7 @@ bans on the shared disk tier (see ``proxy.storage.index``) and eager drops in
 every process's memory tier.
 
 Tags (surrogate keys) come from the origin's response headers named in
-``cache.tag_headers`` (``tags_from_headers``) plus a rule's ``tags``.
+``cache.tag_headers`` (``proxy.policy.fill.tags_from_headers``) plus a rule's ``tags``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, CachegateError
+from proxy.policy.fill import tags_from_headers as tags_from_headers  # read where fills are decided
 from proxy.policy.keys import cache_key, normalise_host, url_of_key
 from proxy.policy.messages import RequestHead
 from proxy.rules import RuleSet
@@ -74,17 +75,55 @@ class PurgeSpec:
                    bool(d.get("invalidation")))
 
 
+@dataclass(frozen=True)
+class PurgeOutcome:
+    """What a purge did: entries purged, and in cluster mode what each node answered.
+
+    ``nodes`` is None for a cachegate alone; in cluster mode it maps every node that
+    acknowledged to its count, and ``missing`` names the live nodes that did not
+    acknowledge within ``cluster.ack_timeout`` (the admin API then answers 202, not 200)."""
+
+    purged: int
+    nodes: dict[str, int] | None = None
+    missing: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"purged": self.purged}
+        if self.nodes is not None:
+            body["nodes"] = {n: {"purged": c} for n, c in sorted(self.nodes.items())}
+            body["missing"] = list(self.missing)
+        return body
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PurgeOutcome:
+        nodes = d.get("nodes")
+        return cls(int(d["purged"]), None if nodes is None else
+                   {str(n): int(v["purged"]) for n, v in nodes.items()}, tuple(d.get("missing", ())))
+
+
+class PurgeUnavailable(CachegateError):
+    """A purge that cannot be carried out everywhere now (cluster mode, Redis unreachable):
+    nothing was purged, on this node or any other; the caller may retry."""
+
+    status_hint = 503
+
+
 def normalise_url(text: str) -> str:
     """An absolute http(s) URL with the host normalised as keys have it; BadPurge otherwise."""
     try:
         url = URL(text, encoded=True)
+        scheme, raw_host, authority = url.scheme, url.raw_host, url.raw_authority  # yarl checks lazily
     except ValueError as exc:
         raise BadPurge(f"{text!r} is not a URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.raw_host:
+    if scheme not in ("http", "https") or not raw_host:
         raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
-    host = normalise_host(url.raw_authority, url.scheme)
+    host = normalise_host(authority, scheme)
     target = url.raw_path_qs or "/"
-    return f"{url.scheme}://{host}{target}"
+    return f"{scheme}://{host}{target}"
 
 
 def url_host(url: str) -> str:
@@ -114,32 +153,6 @@ def host_matches(patterns: Iterable[str], host: str) -> bool:
         elif subject == p:
             return True
     return False
-
-
-def tags_from_headers(headers: MultiMapping[str], names: Iterable[str]) -> tuple[str, ...]:
-    """Surrogate keys from the response fields ``names`` (``cache.tag_headers``), in order, deduplicated.
-
-    ``Surrogate-Key`` is space separated (Fastly), ``Cache-Tag`` comma separated
-    (Cloudflare, where a tag may contain spaces); any other configured field is split
-    on commas and whitespace both (``X-Magento-Tags: a,b``, ``X-Drupal-Cache-Tags: a b``).
-
-    >>> from multidict import CIMultiDict
-    >>> h = CIMultiDict([("Surrogate-Key", "a  b"), ("Cache-Tag", "c d, e"), ("X-Tags", "f,g h")])
-    >>> tags_from_headers(h, ["surrogate-key", "cache-tag", "x-tags"])
-    ('a', 'b', 'c d', 'e', 'f', 'g', 'h')
-    """
-    tags: list[str] = []
-    for name in names:
-        lname = name.lower()
-        for line in headers.getall(name, ()):
-            if lname == "surrogate-key":
-                parts = line.split()
-            elif lname == "cache-tag":
-                parts = line.split(",")
-            else:
-                parts = re.split(r"[,\s]+", line)
-            tags.extend(t.strip() for t in parts if t.strip())
-    return tuple(dict.fromkeys(tags))
 
 
 def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> PurgeSpec:

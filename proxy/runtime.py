@@ -17,14 +17,16 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.engine import Engine
+from proxy.logs import AccessLog, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
-from proxy.purge import Purger, PurgeSpec
+from proxy.purge import PurgeOutcome, Purger, PurgeSpec
 from proxy.storage.arena import Arena
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
@@ -39,6 +41,21 @@ UPKEEP_INTERVAL = 1.0  # seconds between upkeep rounds (bans are swept within ab
 ORPHAN_SWEEP_INTERVAL = 3600.0
 BAN_RELOAD_INTERVAL = 30.0  # workers: pick up bans the sweeper removed
 MAX_HOSTS_SEEN = 10_000
+
+
+def open_access_log(settings: Settings) -> AccessLog | None:
+    if settings.access_log is None:
+        return None
+    try:
+        return AccessLog(settings.access_log, worker_label())
+    except OSError as exc:  # checked by the config, but the file may have gone since
+        log.error("cannot open the access log %s: %s; logging no requests", settings.access_log.path, exc)
+        return None
+
+
+def error_log_json(settings: Settings) -> bool:
+    """The error log is JSON lines when the access log is."""
+    return settings.access_log is not None and settings.access_log.format == "json"
 
 
 def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: int = 1) -> Storage:
@@ -67,6 +84,7 @@ class ReloadResult:
     restart_required: list[str] = field(default_factory=list)  # changed, applied at next start
     rules: int = 0
     rule_files: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # FILE:LINE: warning: ... of the applied config
 
     @property
     def ok(self) -> bool:
@@ -83,9 +101,14 @@ class Runtime:
     purger: Purger
     # Set by the server (install_reloader): re-read config and rules, apply them when valid.
     reload_config: Callable[[], ReloadResult] | None = None
-    # Set in multi-worker mode: where a purge really happens (the supervisor's cluster purge;
-    # in a worker, a call to the supervisor). None: purge this process's store.
-    purge_fn: Callable[[PurgeSpec], Awaitable[int]] | None = None
+    # Where a purge really happens: in cluster mode the node's bus (proxy.cluster), with
+    # several workers the supervisor's fan-out (in a worker, a call to the supervisor).
+    # None: purge this process's store (``purge_here``).
+    purge_fn: Callable[[PurgeSpec], Awaitable[PurgeOutcome]] | None = None
+    # In cluster mode, in the process that is the node's member of the cluster (the only
+    # process, or the supervisor): its ``proxy.cluster.node.ClusterNode``, for GET /cluster
+    # and /healthz. Typed loosely so that nothing here imports the Redis client.
+    cluster: Any = None
     worker_id: int | None = None
     # In a worker: the control channel to the supervisor. Features add named calls to
     # ``control.handlers`` (answered here) and call the supervisor with ``control.call``.
@@ -97,7 +120,16 @@ class Runtime:
     # admin API takes as "hosts cachegate serves" when admin.hosts does not list them.
     hosts_seen: set[str] = field(default_factory=set)
     owner: bool = True  # owns the cache directory: upkeep and write-behind
+    # X-Request-Id values (proxy.logs), and the access log when the config asks for one.
+    request_ids: RequestIds = field(default_factory=RequestIds)
+    access_log: AccessLog | None = None
+    # "starting" until the client listeners accept, "ready", then "stopping" (GET /healthz).
+    state: str = "starting"
+    # What else a reload applies (the web layer adds a TLS listener's certificate reload).
+    on_reconfigure: list[Callable[[Settings], None]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Closed first by ``close`` (cluster mode's Redis connections), last added first.
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @classmethod
     async def open(cls, settings: Settings, *, owner: bool = True, arena_fd: int | None = None,
@@ -117,6 +149,7 @@ class Runtime:
         engine = Engine(settings, storage, pool, metrics, invalidate=invalidate)
         purger = Purger(storage, lambda: runtime.settings.rules)
         runtime = cls(settings, storage, pool, engine, metrics, purger)
+        runtime.access_log = open_access_log(settings)
         metrics.add_collector(runtime._collect_tiers)
         if storage.disk is not None:
             loop = runtime._upkeep(started) if owner else runtime._reload_bans()
@@ -125,14 +158,19 @@ class Runtime:
                 runtime._tasks.append(asyncio.ensure_future(runtime._rebuild_directory()))
             if owner and storage.persister is not None:  # write-behind: the owner's alone
                 interval = float(os.environ.get("CACHEGATE_PERSIST_INTERVAL") or PERSIST_INTERVAL)
+                storage.persister.failures = engine.write_failures
                 runtime._tasks.append(asyncio.ensure_future(storage.persister.run_forever(interval)))
         runtime.owner = owner
         return runtime
 
-    async def purge(self, spec: PurgeSpec) -> int:
-        """Purge everywhere this cache lives (every worker, when there are several)."""
+    async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
+        """Purge everywhere this cache lives (every worker, every node of a cluster)."""
         if self.purge_fn is not None:
             return await self.purge_fn(spec)
+        return PurgeOutcome(await self.purge_here(spec))
+
+    async def purge_here(self, spec: PurgeSpec) -> int:
+        """Purge this process's store (a cachegate of one process: its whole cache)."""
         count = await self.purger.purge(spec)
         self.count_purge(spec, count)
         return count
@@ -143,10 +181,29 @@ class Runtime:
         self.metrics.purged_entries.inc(count)
 
     def reconfigure(self, settings: Settings) -> None:
+        old = self.settings
         self.settings = settings
         self.engine.reconfigure(settings)
+        if settings.access_log != old.access_log:
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = open_access_log(settings)
+            setup_logging(as_json=error_log_json(settings))
+        elif self.access_log is not None:
+            self.access_log.reopen()  # SIGHUP after logrotate moved the file
+        for hook in self.on_reconfigure:
+            try:
+                hook(settings)
+            except Exception:  # one part failing to reload must not stop the rest
+                log.exception("reload: applying the new config failed in part")
 
     async def close(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                await close()
+            except Exception:
+                log.exception("closing %r failed", close)
+        self.closers.clear()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -160,6 +217,8 @@ class Runtime:
             except Exception:
                 log.exception("writing the last fills to disk failed")
         self.storage.close()
+        if self.access_log is not None:
+            self.access_log.close()
 
     async def _upkeep(self, started: float) -> None:
         """The owner's background upkeep. The first orphan sweep takes everything older than
@@ -207,3 +266,7 @@ class Runtime:
                                 "Disk writes that failed (shard lock timeout); the response was not stored")
         c.add_metric([], s.failed_writes)
         yield c
+        q = GaugeMetricFamily("cachegate_disk_writes_pending",
+                              "Stored responses still being written to the disk tier (write-behind queue)")
+        q.add_metric([], self.engine.pending_disk_writes())
+        yield q

@@ -43,11 +43,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from proxy.cluster import ClusterUnavailable
+from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings, load_config
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
-from proxy.purge import PurgeSpec, match_to_json
+from proxy.logs import say, setup_logging
+from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.web.server import (
     Listeners,
@@ -57,6 +60,8 @@ from proxy.web.server import (
     _fmt,
     check_c_parser,
     install_reloader,
+    open_runtime,
+    say_started,
     serve,
     start_admin_listener,
 )
@@ -96,7 +101,7 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(settings.workers)]
         self.stopping = False
         self.runtime: Runtime | None = None
-        self._listen: tuple[str, int] = settings.listen
+        self._ports: tuple[int, ...] = tuple(li.port for li in settings.listeners)  # as reserved
         self._tasks: set[asyncio.Task[Any]] = set()
         # Calls the workers may make to the supervisor, by name (features add their own);
         # each gets the calling worker's id as ``worker_id`` besides the call's arguments.
@@ -111,12 +116,18 @@ class Supervisor:
     async def run(self) -> int:
         check_c_parser()
         try:
-            reserved = self._reserve_port()
+            reserved = self._reserve_ports()
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             return 1
-        runtime = self.runtime = await Runtime.open(self.settings, owner=True,
-                                                    processes=self.settings.workers)
+        setup_logging(worker="supervisor")
+        opened = await open_runtime(self.settings, owner=True, processes=self.settings.workers)
+        if opened is None:
+            for sock in reserved:
+                sock.close()
+            return 1
+        runtime = self.runtime = opened
+        runtime.metrics.process_label = "supervisor"
         self.leases.table = LeaseTable(runtime.storage.memory.arena)
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
@@ -129,11 +140,23 @@ class Supervisor:
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             await runtime.close()
-            reserved.close()
+            for sock in reserved:
+                sock.close()
             return 1
         if admin is not None:
             listeners.runners.append(admin)
             listeners.admin_addresses = _bound(admin)
+        if self.settings.cluster is not None:
+            # The node's member of the cluster: caught up before any worker serves.
+            try:
+                await join_cluster(runtime, self.purge_here, workers=len(self.workers))
+            except ClusterUnavailable as exc:
+                print(f"cachegate: {exc}", file=sys.stderr, flush=True)
+                await listeners.stop(0)
+                await runtime.close()
+                for sock in reserved:
+                    sock.close()
+                return 1
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -159,35 +182,57 @@ class Supervisor:
                     status = 1
                     stop.set()
                 else:
-                    host, port = self._listen
-                    print(f"cachegate: proxy listening on http://{_fmt(host)}:{port} "
-                          f"({len(self.workers)} workers)", flush=True)
-                    for host, port in listeners.admin_addresses:
-                        print(f"cachegate: admin listening on http://{_fmt(host)}:{port}", flush=True)
+                    proxy_urls = [f"{li.scheme}://{_fmt(li.host)}:{port}"
+                                  for li, port in zip(self.settings.listeners, self._ports, strict=True)]
+                    for url in proxy_urls:
+                        say(f"cachegate: proxy listening on {url} ({len(self.workers)} workers)")
+                    admin_urls = [f"http://{_fmt(h)}:{p}" for h, p in listeners.admin_addresses]
+                    for url in admin_urls:
+                        say(f"cachegate: admin listening on {url}")
+                    say_started(self.settings, proxy_urls, admin_urls, len(self.workers))
+                    runtime.state = "ready"
             await stop.wait()
         finally:
             self.stopping = True
+            runtime.state = "stopping"
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            log.info("shutting down: stopping the workers (grace %gs)", self._grace())
             await self._stop_workers()
-            await listeners.stop(self.settings.shutdown_grace)
+            await listeners.stop(self._grace())
             for t in list(self._tasks):
                 t.cancel()
             await runtime.close()
-            reserved.close()
-        print("cachegate: stopped", flush=True)
+            for sock in reserved:
+                sock.close()
+        say("cachegate: stopped", event="stopped")
         return status
 
-    def _reserve_port(self) -> socket.socket:
-        host, port = self.settings.listen
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-        self._listen = (host, sock.getsockname()[1])
-        return sock
+    def _grace(self) -> float:
+        """shutdown_grace of the config running now (a reload applies it at once)."""
+        runtime = self.runtime
+        return (runtime.settings if runtime is not None else self.settings).shutdown_grace
+
+    def _reserve_ports(self) -> list[socket.socket]:
+        """One bound, not listening, SO_REUSEPORT socket per client listener (see the module
+        docstring); each listener's port 0 resolves here, once for every worker."""
+        reserved: list[socket.socket] = []
+        try:
+            for listener in self.settings.listeners:
+                host, port = listener.address
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+                family, _, _, _, addr = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                reserved.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(addr)
+        except OSError:
+            for sock in reserved:
+                sock.close()
+            raise
+        self._ports = tuple(sock.getsockname()[1] for sock in reserved)
+        return reserved
 
     def _track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -205,9 +250,7 @@ class Supervisor:
 
     async def _spawn(self, w: Worker) -> None:
         parent_end, child_end = socket.socketpair()
-        host, port = self._listen
-        overrides = replace(self.overrides, listen=f"{_fmt(host)}:{port}", workers="1",
-                            admin_listen="off")
+        overrides = replace(self.overrides, ports=self._ports, workers="1", admin_listen="off")
         assert self.runtime is not None
         arena_fd = self.runtime.storage.memory.arena.fd  # the machine's shared memory
         args = [sys.executable, "-m", "proxy.supervisor", "worker",
@@ -231,16 +274,18 @@ class Supervisor:
             child_end.close()
         w.started_at = time.monotonic()
         w.channel = await Channel.open(parent_end, self._handlers(w), name=f"worker {w.worker_id}")
-        print(f"cachegate: worker {w.worker_id} started (pid {w.process.pid})", flush=True)
+        say(f"cachegate: worker {w.worker_id} started (pid {w.process.pid})", event="worker_started",
+            worker_id=w.worker_id, pid=w.process.pid)
         self._track(self._watch(w, w.process, w.channel))
 
     def _handlers(self, w: Worker) -> dict[str, Any]:
         async def ready(worker_id: int, pid: int) -> None:
             w.ready.set()
-            print(f"cachegate: worker {worker_id} ready (pid {pid})", flush=True)
+            say(f"cachegate: worker {worker_id} ready (pid {pid})", event="worker_ready",
+                worker_id=worker_id, pid=pid)
 
-        async def purge(spec: dict[str, Any]) -> int:
-            return await self.purge(PurgeSpec.from_json(spec))
+        async def purge(spec: dict[str, Any]) -> dict[str, Any]:
+            return (await self.purge(PurgeSpec.from_json(spec))).to_json()
 
         calls: dict[str, Any] = {
             name: functools.partial(fn, worker_id=w.worker_id) for name, fn in self.worker_calls.items()}
@@ -269,8 +314,8 @@ class Supervisor:
             delay = self._next_backoff(w)
         log.error("worker %d (pid %d) exited with %s; restarting in %.1fs", w.worker_id, process.pid,
                   code, delay)
-        print(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
-              flush=True)
+        say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
+            event="worker_exited", worker_id=w.worker_id, pid=process.pid, code=code)
         self._spawn_soon(w, delay)
 
     async def _stop_workers(self) -> None:
@@ -278,7 +323,7 @@ class Supervisor:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
-        deadline = self.settings.shutdown_grace + 5.0
+        deadline = self._grace() + 5.0
         for p in procs:
             try:
                 await asyncio.wait_for(p.wait(), deadline)
@@ -290,7 +335,17 @@ class Supervisor:
 
     # -- calls into every worker -----------------------------------------------------------
 
-    async def purge(self, spec: PurgeSpec) -> int:
+    async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
+        """A purge from the admin API or a worker: through the cluster's bus in cluster mode
+        (which calls ``purge_here`` on every node), else ``purge_here``."""
+        runtime = self.runtime
+        assert runtime is not None
+        if runtime.cluster is not None:
+            outcome: PurgeOutcome = await runtime.cluster.purge(spec)
+            return outcome
+        return PurgeOutcome(await self.purge_here(spec))
+
+    async def purge_here(self, spec: PurgeSpec) -> int:
         """Purge the shared disk tier once, then every worker's memory; answer when all acked."""
         runtime = self.runtime
         assert runtime is not None
@@ -304,7 +359,9 @@ class Supervisor:
                     and w.process.returncode is None]
             results = await asyncio.gather(
                 *(self._purge_worker(w, args) for w in live), return_exceptions=True)
-        local = sum(r for r in results if isinstance(r, int))
+        # Each object counts once: the disk tier and the shared memory may each hold it, and
+        # a worker's half counts what reached memory after the shared half's pass over it.
+        local = max((r for r in results if isinstance(r, int)), default=0)
         total = max(count, local)
         runtime.count_purge(spec, total)
         return total
@@ -377,13 +434,15 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    from proxy.cli import _setup_logging, run_async
+    from proxy.cli import run_async
     from proxy.errors import ConfigError
+    from proxy.runtime import error_log_json
 
     level = args.log_level if args.log_level in ("debug", "info", "warning", "error") else "info"
-    _setup_logging(level)
+    setup_logging(level, worker=str(args.worker_id))
     raw = json.loads(args.overrides)
-    raw["upstreams"] = tuple(raw.get("upstreams") or ())
+    for name in ("upstreams", "listen", "ports"):  # JSON lists back to tuples
+        raw[name] = tuple(raw.get(name) or ())
     overrides = Overrides(**raw)
     try:
         settings = load_config(args.config, overrides)
@@ -391,6 +450,7 @@ def _worker_main(argv: list[str]) -> int:
         for p in exc.problems:
             print(p, file=sys.stderr)
         return 2
+    setup_logging(as_json=error_log_json(settings))
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_async(serve(settings, args.config, overrides,

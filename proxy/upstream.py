@@ -57,6 +57,7 @@ from proxy.http_client import (
     KEEPALIVE_IDLE,
     SMALL_BODY,
     HostPool,
+    InterimHook,
     Response,
     UpstreamConnectTimeout,
     UpstreamDisconnected,
@@ -64,6 +65,7 @@ from proxy.http_client import (
     error_kind,
     request_head,
 )
+from proxy.policy.fields import content_length
 
 log = logging.getLogger("cachegate.upstream")
 
@@ -147,8 +149,7 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        return content_length(self.headers.getall("Content-Length", ()))
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived with the head (a small response): no
@@ -346,8 +347,10 @@ class UpstreamPool:
         target: str,
         headers: list[tuple[str, str]],
         body: AsyncIterable[bytes] | bytes | None = None,
+        on_interim: InterimHook | None = None,
     ) -> UpstreamResponse:
-        """Send a request; retry on another upstream when the connection failed before any byte."""
+        """Send a request; retry on another upstream when the connection failed before any byte.
+        Interim (1xx) responses go to ``on_interim`` as they arrive (``proxy.http_client``)."""
         streamed = body is not None and not isinstance(body, bytes)
         retryable = not streamed and (method in IDEMPOTENT or self.settings.retry_non_idempotent)
         attempts = 1 + (self.settings.retries if retryable else 0)
@@ -362,7 +365,7 @@ class UpstreamPool:
                 raise NoUpstreamAvailable("no upstream is available (all are down)")
             tried.add(upstream.name)
             try:
-                return await self._send_once(upstream, method, target, headers, body)
+                return await self._send_once(upstream, method, target, headers, body, on_interim)
             except UpstreamDisconnected as exc:
                 last = exc
                 if reconnect:
@@ -383,6 +386,7 @@ class UpstreamPool:
         target: str,
         headers: list[tuple[str, str]],
         body: AsyncIterable[bytes] | bytes | None,
+        on_interim: InterimHook | None = None,
     ) -> UpstreamResponse:
         host = self._hosts.get(upstream.name)
         if host is None:
@@ -400,7 +404,8 @@ class UpstreamPool:
                 stream = body
             conn = await host.acquire()
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",
-                                      read_timeout=t.read, total_deadline=total_deadline)
+                                      read_timeout=t.read, total_deadline=total_deadline,
+                                      on_interim=on_interim)
         except UpstreamError as exc:
             self._done(upstream)
             self._passive_failure(upstream, error_kind(exc))

@@ -29,14 +29,24 @@ class Src:
 
 
 class Problems:
+    """Errors (the config is refused) and warnings (it runs, but probably not as meant)."""
+
     def __init__(self) -> None:
         self.items: list[str] = []
         self._where: list[tuple[str, int]] = []
+        self.warnings: list[str] = []
+        self._warned_at: list[tuple[str, int]] = []
 
     def add(self, at: Src | tuple[str, int], message: str) -> None:
         file, line = (at.file, at.line) if isinstance(at, Src) else at
         self.items.append(f"{file}:{line}: {message}")
         self._where.append((file, line))
+
+    def warn(self, at: Src | tuple[str, int], message: str) -> None:
+        """A ``FILE:LINE: warning: message`` that does not refuse the config."""
+        file, line = (at.file, at.line) if isinstance(at, Src) else at
+        self.warnings.append(f"{file}:{line}: warning: {message}")
+        self._warned_at.append((file, line))
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -44,15 +54,23 @@ class Problems:
     def extend(self, other: Problems) -> None:
         self.items.extend(other.items)
         self._where.extend(other._where)
+        self.warnings.extend(other.warnings)
+        self._warned_at.extend(other._warned_at)
 
     def ordered(self) -> list[str]:
         """The messages by file (in the order files came up) and line, to read top-down."""
-        files: dict[str, int] = {}
-        for file, _ in self._where:
-            files.setdefault(file, len(files))
-        order = sorted(range(len(self.items)),
-                       key=lambda i: (files[self._where[i][0]], self._where[i][1]))
-        return [self.items[i] for i in order]
+        return _by_place(self.items, self._where)
+
+    def ordered_warnings(self) -> list[str]:
+        return _by_place(self.warnings, self._warned_at)
+
+
+def _by_place(messages: list[str], where: list[tuple[str, int]]) -> list[str]:
+    files: dict[str, int] = {}
+    for file, _ in where:
+        files.setdefault(file, len(files))
+    order = sorted(range(len(messages)), key=lambda i: (files[where[i][0]], where[i][1]))
+    return [messages[i] for i in order]
 
 
 class _Loader(yaml.SafeLoader):

@@ -17,9 +17,33 @@ ensure_venv() {  # ensure_venv [extra]
     "$PYTHON" -m venv "$VENV"
   fi
   local stamp="$VENV/.installed-${extra:-base}"
+  # The test extra installs the project too: a fresh one does for a plain ensure_venv.
+  if [[ -z "$extra" && -f "$VENV/.installed-test" && ! "$ROOT/pyproject.toml" -nt "$VENV/.installed-test" ]]; then
+    return 0
+  fi
   if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" ]]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install --quiet -e "$spec"
     touch "$stamp"
   fi
+}
+
+# System packages the tests drive, installed with apt-get when missing (as root, e.g. in CI):
+# Debian's chromium for the console's browser tests (Playwright drives it; it never downloads a
+# browser of its own), Debian's redis-server for the cluster tests, and openssl, which makes the
+# throwaway certificates of the TLS tests. Tests that need one skip, saying why, only when this
+# install failed.
+ensure_system_packages() {
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)  # the cluster tests' Redis
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  (( ${#missing[@]} )) || return 0
+  if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test: ${missing[*]} missing and cannot be installed here (needs root and apt-get); those tests skip" >&2
+    return 0
+  fi
+  echo "scripts/test: installing ${missing[*]} with apt-get" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+    >/dev/null || echo "scripts/test: could not install ${missing[*]}; those tests skip" >&2
 }

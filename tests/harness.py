@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,7 +29,7 @@ from multidict import CIMultiDictProxy
 
 from proxy.config import Overrides, load_config
 from proxy.runtime import Runtime
-from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listener
+from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -138,6 +141,9 @@ class Proxy:
 
     @property
     def url(self) -> str:
+        """The first client listener's URL."""
+        if self.listeners.proxy_urls:
+            return self.listeners.proxy_urls[0]
         host, port = self.listeners.proxy_addresses[0]
         return f"http://{host}:{port}"
 
@@ -156,12 +162,32 @@ class Proxy:
         return await self.request("GET", path, **kwargs)
 
     async def admin(self, method: str, path: str, **kwargs: Any) -> Reply:
+        """An admin request as ``cachegate purge`` sends it: JSON for anything but GET/HEAD
+        (unless the test gives its own Content-Type; the admin guard refuses others)."""
+        kwargs["headers"] = json_content(method, kwargs.get("headers"))
         async with self.session.request(method, self.admin_url + path, **kwargs) as resp:
             return Reply(resp.status, resp.headers, await resp.read())
 
     async def close(self) -> None:
         await self.listeners.stop(1.0)
         await self.runtime.close()
+
+
+async def directory_ready(proxy: Proxy) -> None:
+    """Until the directory of the disk's keys is built (the owner does it at start)."""
+    for _ in range(200):
+        if proxy.runtime.storage.memory.arena.directory_ready:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the directory of the disk's keys was never built")
+
+
+def json_content(method: str, headers: dict[str, str] | None) -> dict[str, str]:
+    """``headers`` with ``Content-Type: application/json`` added for a state-changing method."""
+    headers = dict(headers or {})
+    if method.upper() not in ("GET", "HEAD") and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"
+    return headers
 
 
 def write_config(directory: str, origin_url: str, config: str = "", rules: str | None = None,
@@ -174,8 +200,8 @@ def write_config(directory: str, origin_url: str, config: str = "", rules: str |
         rules_line = "rules: [rules.yaml]\n"
     config = textwrap.dedent(config)
     text = (
-        "listen: 127.0.0.1:0\n"
-        f"upstreams: [{', '.join(f'{{url: {u!r}}}' for u in upstreams or [origin_url])}]\n"
+        ("" if re.search(r"^listen:", config, re.MULTILINE) else "listen: 127.0.0.1:0\n")
+        + f"upstreams: [{', '.join(f'{{url: {u!r}}}' for u in upstreams or [origin_url])}]\n"
         + ("" if "admin:" in config else "admin: {listen: '127.0.0.1:0'}\n")
         + rules_line
         + config
@@ -194,9 +220,8 @@ async def start_proxy(directory: str, origin_url: str, config: str = "", rules: 
     settings = load_config(path, Overrides())
     runtime = await Runtime.open(settings)
     listeners = Listeners()
-    runner = await start_proxy_listener(lambda: runtime, settings)
-    listeners.runners.append(runner)
-    listeners.proxy_addresses = _bound(runner)
+    await start_proxy_listeners(lambda: runtime, settings, listeners)
+    runtime.state = "ready"  # as serve() says once its listeners accept
     admin = await start_admin_listener(lambda: runtime, settings)
     if admin is not None:
         listeners.runners.append(admin)
@@ -255,10 +280,11 @@ def spawn_cachegate(args: list[str], env: dict[str, str] | None = None, *, expec
         if not line:
             break
         output.append(line)
-        if "proxy listening on " in line:
-            proxy_url = line.split("proxy listening on ", 1)[1].strip()
-        elif "admin listening on " in line:
-            admin_url = line.split("admin listening on ", 1)[1].strip()
+        # Text, or a JSON object's "message" (logs in JSON): the URL ends at a space or quote.
+        if "proxy listening on " in line and proxy_url is None:
+            proxy_url = re.split(r'[\s"]', line.split("proxy listening on ", 1)[1])[0]
+        elif "admin listening on " in line and admin_url is None:
+            admin_url = re.split(r'[\s"]', line.split("admin listening on ", 1)[1])[0]
     if proxy_url is None:
         proc.kill()
         raise RuntimeError("cachegate did not start:\n" + "".join(output) + proc.stdout.read())
@@ -274,3 +300,19 @@ def _drain(proc: subprocess.Popen[str], output: list[str]) -> None:
             output.append(line)
     except ValueError:  # closed by ProxyProcess.wait
         pass
+
+
+def self_signed(directory: Path, name: str, cn: str, alt_names: str) -> tuple[Path, Path]:
+    """A throwaway key and self-signed certificate (openssl), valid for a day; the test skips,
+    saying why, when there is no openssl (scripts/test installs it)."""
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (scripts/test installs it with apt-get where it can)")
+    key, cert = directory / f"{name}key.pem", directory / f"{name}cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={alt_names}"],
+        check=True, capture_output=True,
+    )
+    return key, cert

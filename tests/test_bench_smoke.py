@@ -137,6 +137,8 @@ def test_one_tiny_round_runs_clean_and_leaves_nothing_running(tmp_path: Path) ->
     assert checks["hit-1k/cachegate"]["says"] == "HIT"
     assert checks["hit-1k/cachegate"]["tier_bytes"]["memory"] > 0
     assert checks["pass-1k/cachegate"]["says"] != "HIT"
+    assert checks["hit-1k/cachegate-log"]["says"] == "HIT"
+    assert checks["hit-1k/cachegate-log"]["access_log_lines"] > 0  # the log variant logs
     if shutil.which("varnishd"):
         assert checks["hit-1k/varnish"]["says"].startswith("HIT")
     if shutil.which("nginx"):
@@ -144,8 +146,8 @@ def test_one_tiny_round_runs_clean_and_leaves_nothing_running(tmp_path: Path) ->
 
     if has_wrk:
         measured = {(r["workload"], r["system"]) for r in results["runs"]}
-        assert {("hit-1k", "cachegate"), ("hit-1k", "ceiling-1p"), ("pass-1k", "cachegate"),
-                ("pass-1k", "passthrough-1p")} <= measured
+        assert {("hit-1k", "cachegate"), ("hit-1k", "cachegate-log"), ("hit-1k", "ceiling-1p"),
+                ("pass-1k", "cachegate"), ("pass-1k", "passthrough-1p")} <= measured
         for r in results["runs"]:
             assert r["requests"] > 0 and not any(r["errors"].values()), r
         assert "| target" in out.stdout and "1 KiB memory hit / aiohttp ceiling" in out.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 
@@ -46,6 +47,53 @@ def test_check_reports_every_problem_by_file_and_line(tmp_path: Path, capsys: py
     assert any(":3: ttl.200: bad duration 'soon'" in line for line in err)
 
 
+def test_cross_field_problems_point_at_the_field_involved_and_a_bad_url_is_reported_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path / "c.yaml", (
+        "# comment\n"
+        "listen: 127.0.0.1:8080\n"
+        "upstreams:\n"
+        "  - url: ftp://nope\n"
+        "admin:\n"
+        "  token: null\n"
+        "  listen: 0.0.0.0:8081\n"
+    ))
+    assert main(["check", "--config", config]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{config}:4: upstream url 'ftp://nope': expected http://HOST[:PORT] or https://...",
+        f"{config}:7: admin.listen 0.0.0.0:8081 is not loopback and admin.token is not set: the admin API "
+        "would be open to anyone who can reach it; set admin.token or listen on 127.0.0.1",
+    ]
+    # No upstream at all: the problem is where upstreams: is, or would be.
+    config = write(tmp_path / "d.yaml", "listen: 127.0.0.1:8080\nupstreams: []\n")
+    assert main(["check", "--config", config]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{config}:2: no upstreams: add upstreams: [{{url: http://HOST:PORT}}] or --upstream URL"]
+    # A bad --upstream: once, on the command line.
+    config = write(tmp_path / "e.yaml", "upstreams: [{url: 'http://127.0.0.1:9'}]\n")
+    assert main(["run", "--config", config, "--upstream", "gopher://x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "<command line>:0: upstream url 'gopher://x': expected http://HOST[:PORT] or https://..."]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_unusable_cache_directory_is_a_one_line_error_not_a_traceback(tmp_path: Path, workers: str) -> None:
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:0\nupstreams: [{url: 'http://127.0.0.1:9'}]\n"
+                   f"admin: {{listen: '127.0.0.1:0'}}\ncache: {{disk: {{path: '{blocker}/cache'}}}}\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", config, "--workers", workers],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"cachegate: cannot open the cache directory {blocker}/cache (cache.disk.path): Not a directory" \
+        in done.stderr
+
+
 def test_check_reports_yaml_syntax_errors_with_their_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:8080\nupstreams: [\n  {url: x\n")
     assert main(["check", "--config", config]) == 2
@@ -76,25 +124,34 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, o
     assert "cachegate: stopped" in proc.text
 
 
-async def test_access_log_writes_a_line_per_request_with_its_cache_status(
+async def test_access_log_writes_a_json_line_per_request_with_its_cache_status(
         tmp_path: Path, origin: Origin) -> None:
+    """access_log: true in a real `cachegate run`: JSON lines on stdout, the hit on the fast path
+    logged too, the start-up line and the listener lines as JSON objects beside them."""
     origin.route("/page", body=b"hello", headers={"Cache-Control": "max-age=60"})
     config = write_config(str(tmp_path), origin.url, "access_log: true\n")
     proxy = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    ids = []
     try:
         async with aiohttp.ClientSession() as session:
             for _ in range(2):
                 async with session.get(proxy.proxy_url + "/page",
                                        headers={"User-Agent": "probe/1"}) as r:
                     assert await r.read() == b"hello"
+                    ids.append(r.headers["X-Request-Id"])
+                await asyncio.sleep(0.05)
         for _ in range(100):
-            if sum('"GET /page HTTP/1.1"' in line for line in proxy.output) >= 2:
+            if sum('"path":"/page"' in line for line in proxy.output) >= 2:
                 break
             await asyncio.sleep(0.05)
     finally:
         assert await asyncio.to_thread(proxy.stop) == 0
-    lines = [line for line in proxy.output if '"GET /page HTTP/1.1"' in line]
-    fields = [line.split('" ')[1].split()[:3] for line in lines]  # status, bytes sent, cache
-    assert [(f[0], f[2]) for f in fields] == [("200", "MISS"), ("200", "HIT")]
-    assert all(int(f[1]) > len("hello") for f in fields)  # the head counts, as nginx's $bytes_sent
-    assert lines[0].startswith("127.0.0.1 [") and lines[0].rstrip().endswith('"probe/1"')
+    records = [json.loads(line) for line in proxy.output if line.startswith("{")]
+    requests = [r for r in records if r.get("path") == "/page"]
+    assert [(r["status"], r["cache"], r["bytes"], r["request_id"]) for r in requests] == [
+        (200, "MISS", 5, ids[0]), (200, "HIT", 5, ids[1])]
+    assert ids[0] != ids[1]
+    started = next(r for r in records if r.get("event") == "started")
+    assert started["config"] == config and started["workers"] == 1
+    assert any("proxy listening on" in r.get("message", "") for r in records)
+    assert all(line.startswith("{") for line in proxy.output if line.strip()), proxy.text

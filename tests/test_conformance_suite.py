@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED_FLOOR = 155  # of 165
+REQUIRED_FLOOR = 147  # of 165 (155 before Age was read as RFC 9111 §5.1 says: docs/caching.md)
 OPTIONAL_FLOOR = 85  # of 95
 # The required tests cachegate fails on purpose, or cannot pass (docs/caching.md).
 DOCUMENTED_REQUIRED_FAILURES = frozenset({
@@ -27,7 +27,11 @@ DOCUMENTED_REQUIRED_FAILURES = frozenset({
     "headers-store-Content-Length",  # the origin sends more bytes than its Content-Length
     "304-etag-update-response-Content-Length",  # same
     "304-etag-update-response-ETag",  # RFC 9111 §4.3.4: a 304 with another strong ETag must not update
-    "age-parse-prefix",  # a list-based Age is treated as stale (conservative)
+    # RFC 9111 §5.1: an invalid Age is ignored and a list counts by its first member; the 0.4.5
+    # release expects "stale" for these, the suite's current version what cachegate does.
+    "age-parse-nonnumeric", "age-parse-negative", "age-parse-float", "age-parse-parameter",
+    "age-parse-numeric-parameter", "age-parse-prefix-twoline", "age-parse-dup-0", "age-parse-dup-0-twoline",
+    "age-parse-dup-old",
     "stale-close-must-revalidate",  # the origin disconnects: no response can carry its request count
     "stale-close-proxy-revalidate",  # same
     "stale-close-no-cache",  # same

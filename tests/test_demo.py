@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.harness import spawn_cachegate
 
@@ -44,7 +45,13 @@ async def carry_out(session: aiohttp.ClientSession, argv: list[str]) -> tuple[st
     if "-d" in argv:
         data = argv[argv.index("-d") + 1]
         url = next(a for a in argv if a.startswith("http"))
-    async with session.request(method, url, data=data) as r:
+    # curl -d sends a form's Content-Type unless -H says otherwise (the admin guard refuses a form).
+    headers = {"Content-Type": "application/x-www-form-urlencoded"} if data is not None else {}
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-H":
+            name, _, value = argv[i + 1].partition(":")
+            headers[name.strip()] = value.strip()
+    async with session.request(method, url, data=data, headers=headers) as r:
         return r.headers.get("X-Cache-Status"), await r.text()
 
 
@@ -68,3 +75,74 @@ async def test_demo_shows_miss_hit_revalidated_purge_miss(tmp_path: Path) -> Non
                     assert status == word.rstrip(":"), (argv, status, body)
     finally:
         assert await asyncio.to_thread(demo.stop) == 0, demo.text
+
+
+def run_demo(*args: str, timeout: float = 30.0) -> tuple[int, str]:
+    """``scripts/run`` with ``args`` (the demo, as there is no --config), stopped once it printed
+    its curl lines (or exited): (exit status, output)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([str(ROOT / "scripts" / "run"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if "proxy listening on" in line:
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
+        out.append(proc.stdout.read())
+        proc.stdout.close()
+    return code, "".join(out)
+
+
+@pytest.mark.slow
+def test_scripts_run_passes_its_flags_to_the_demo_and_starts_with_an_empty_cache() -> None:
+    origin, listen, admin = free_port(), free_port(), free_port()
+    flags = ["--origin-listen", f"127.0.0.1:{origin}", "--listen", f"127.0.0.1:{listen}",
+             "--admin-listen", f"127.0.0.1:{admin}"]
+    for _ in range(2):  # a second run is not served from the first one's cache
+        code, text = run_demo(*flags)
+        assert code == 0, text
+        assert f"curl -si http://127.0.0.1:{listen}/hello" in text, text
+        assert f"http://127.0.0.1:{admin}/purge" in text, text
+        assert "empty cache" in text, text
+
+
+@pytest.mark.slow
+def test_the_demo_says_when_it_reuses_a_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "something").write_text("x")
+    code, text = run_demo("--origin-listen", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{free_port()}",
+                          "--admin-listen", f"127.0.0.1:{free_port()}", "--cache-dir", str(cache))
+    assert code == 0, text
+    assert f"reusing the cache in {cache}" in text, text
+
+
+@pytest.mark.slow
+def test_the_demo_checks_it_can_listen_before_it_prints_the_curl_lines() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, text = run_demo("--origin-listen", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{port}",
+                              "--admin-listen", f"127.0.0.1:{free_port()}")
+    assert code == 1, text
+    assert "cannot listen" in text, text
+    assert "curl" not in text, text

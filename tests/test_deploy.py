@@ -1,53 +1,115 @@
-"""The container and deploy files: what the Dockerfile copies exists, and the configs are valid."""
+"""The container and deploy files: the Dockerfile, compose with Prometheus and Grafana, the
+Kubernetes kustomize layout, the systemd unit and the Grafana dashboard. Each file is parsed,
+what it copies or mounts exists, every cachegate config in them passes ``cachegate check``,
+and the dashboard asks only for metrics a real scrape exports."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
+import shlex
 import shutil
+import subprocess
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import build_parser, main
+from proxy.units import parse_duration, parse_size
+from tests.conftest import MakeProxy
+from tests.harness import Origin
 
 ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+MB = 1 << 20
 
 
-def dockerfile_copies() -> list[tuple[list[str], str]]:
-    copies = []
+# -- Dockerfile ----------------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
     for line in (ROOT / "Dockerfile").read_text().splitlines():
-        words = line.split("#", 1)[0].split()
-        if words and words[0].upper() == "COPY":
-            args = [w for w in words[1:] if not w.startswith("--")]
-            copies.append((args[:-1], args[-1]))
-    return copies
+        if line.strip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip("\\").strip() + " "
+        if line.rstrip().endswith("\\"):
+            continue
+        word, _, rest = pending.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        pending = ""
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    steps = dockerfile()
+    last = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    return steps[last:]
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+def copies() -> list[tuple[list[str], str, str | None]]:
+    """(sources, destination, --from stage) of every COPY."""
+    out = []
+    for word, args in dockerfile():
+        if word == "COPY":
+            parts = args.split()
+            stage = next((p.split("=", 1)[1] for p in parts if p.startswith("--from=")), None)
+            files = [p for p in parts if not p.startswith("--")]
+            out.append((files[:-1], files[-1], stage))
+    return out
 
 
 def test_every_path_the_dockerfile_copies_exists() -> None:
-    copies = dockerfile_copies()
-    assert copies, "the Dockerfile copies nothing?"
-    for sources, _dest in copies:
+    stages = {args.split()[-1] for word, args in dockerfile() if word == "FROM" and " AS " in args.upper()}
+    assert copies(), "the Dockerfile copies nothing?"
+    for sources, _dest, stage in copies():
+        if stage is not None:
+            assert stage in stages, f"COPY --from={stage}: no such build stage"
+            continue
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
 
 
-def test_the_dockerfile_runs_as_a_non_root_user_with_a_cache_volume() -> None:
-    text = (ROOT / "Dockerfile").read_text()
-    assert "\nUSER cachegate" in text
-    assert 'VOLUME ["/var/cache/cachegate"]' in text
-    cmd = next(line for line in text.splitlines() if line.startswith("CMD"))
-    assert "/etc/cachegate/cachegate.yaml" in cmd
-    args = yaml.safe_load(cmd.removeprefix("CMD").strip())
-    build_parser().parse_args(args[1:])  # the command line is one cachegate accepts
+def test_the_dockerfile_is_multi_stage_slim_and_runs_the_console_script_as_a_user() -> None:
+    froms = [args for word, args in dockerfile() if word == "FROM"]
+    assert len(froms) >= 2, "a build stage and a run stage"
+    assert froms[-1].split()[0].endswith("-slim")
+    final = dict(final_stage())
+    user = final["USER"].split(":")[0]
+    assert user not in ("root", "0") and user.isdigit(), "a numeric non-root user (runAsNonRoot can check it)"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert exec_form(final["ENTRYPOINT"]) == ["cachegate"] and "cachegate" in scripts
+    build_parser().parse_args(exec_form(final["CMD"]))  # a command line cachegate accepts
+    assert final["STOPSIGNAL"] == "SIGTERM"
+    health = final["HEALTHCHECK"].split(" CMD ", 1)[1]
+    health_argv = exec_form(health)
+    assert health_argv[:2] == ["cachegate", "health"]
+    build_parser().parse_args(health_argv[1:])
+    config = yaml.safe_load((DEPLOY / "cachegate.yaml").read_text())
+    exposed = {int(p) for p in final["EXPOSE"].split()}
+    assert exposed == {int(config["listen"].rsplit(":", 1)[1]), int(config["admin"]["listen"].rsplit(":", 1)[1])}
+    assert exec_form(final["VOLUME"]) == [config["cache"]["disk"]["path"]]
+    assert "nofile" in (ROOT / "Dockerfile").read_text(), "the open-files limit note"
 
 
-def test_the_image_config_passes_check_in_the_image_layout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Lay out the files where the Dockerfile puts them, then run `cachegate check` on them."""
-    for sources, dest in dockerfile_copies():
-        if not dest.startswith("/etc/cachegate"):
+def image_layout(tmp_path: Path) -> Path:
+    """The files the Dockerfile puts under /etc/cachegate, laid out in ``tmp_path``."""
+    for sources, dest, stage in copies():
+        if stage is not None or not dest.startswith("/etc/cachegate"):
             continue
         target = tmp_path / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -56,33 +118,350 @@ def test_the_image_config_passes_check_in_the_image_layout(
             shutil.copytree(ROOT / source, target)
         else:
             shutil.copy(ROOT / source, target)
-    config = tmp_path / "etc/cachegate/cachegate.yaml"
+    return tmp_path / "etc/cachegate/cachegate.yaml"
+
+
+def test_the_image_config_passes_check_in_the_image_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = image_layout(tmp_path)
     monkeypatch.delenv("CACHEGATE_ADMIN_TOKEN", raising=False)
     assert main(["check", "--config", str(config)]) == 2, "must refuse an open admin API without a token"
     assert "CACHEGATE_ADMIN_TOKEN is not set" in capsys.readouterr().err
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")
-    assert main(["check", "--config", str(config)]) == 0
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "s3cret")  # guessable, on a listener anyone may reach
+    assert main(["check", "--config", str(config)]) == 2
+    assert "admin.token is 6 characters long" in capsys.readouterr().err
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "a-token-of-24-characters")
+    assert main(["check", "--strict", "--config", str(config)]) == 0
 
 
-def test_the_compose_file_builds_this_checkout_and_runs_cachegate_commands() -> None:
-    compose = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())
+def test_the_image_config_passes_check_from_a_checkout_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`scripts/run --config deploy/cachegate.yaml` in a checkout: its rule path, relative to the
+    config as in /etc/cachegate, finds the checkout's rules (deploy/rules links to ../rules)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "a-token-of-24-characters")
+    assert main(["check", "--config", "deploy/cachegate.yaml"]) == 0, capsys.readouterr().err
+    assert (ROOT / "deploy/rules/default.yaml").resolve() == (ROOT / "rules/default.yaml").resolve()
+
+
+def engine_answers() -> str | None:
+    """None when a container engine answers; else why not."""
+    if shutil.which("docker") is None:
+        return "no docker command"
+    try:
+        done = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"docker info failed: {exc}"
+    if done.returncode != 0:
+        return "no container engine answers (docker info: " + (done.stderr.strip().splitlines() or ["?"])[-1] + ")"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_image_builds_and_answers_healthz(tmp_path: Path) -> None:
+    why = engine_answers()
+    if why is not None:
+        pytest.skip(why)
+    tag = f"cachegate-test:{os.getpid()}"
+    subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=800)
+    name = f"cachegate-test-{os.getpid()}"
+    try:
+        subprocess.run(["docker", "run", "-d", "--name", name, "-e", "CACHEGATE_ADMIN_TOKEN=t", "-p",
+                        "127.0.0.1::8081", tag], check=True, capture_output=True, timeout=60)
+        for _ in range(60):
+            state = subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}", name],
+                                   capture_output=True, text=True).stdout.strip()
+            if state == "healthy":
+                break
+            subprocess.run(["sleep", "1"], check=True)
+        assert state == "healthy", subprocess.run(["docker", "logs", name], capture_output=True, text=True).stdout
+        user = subprocess.run(["docker", "exec", name, "id", "-u"], capture_output=True, text=True).stdout.strip()
+        assert user != "0"
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
+# -- every file, and compose ---------------------------------------------------------------
+
+
+def test_every_yaml_and_json_file_under_deploy_parses() -> None:
+    files = [p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml", ".json")]
+    assert len(files) >= 10
+    for path in files:
+        text = path.read_text()
+        if path.suffix == ".json":
+            json.loads(text)
+        else:
+            assert list(yaml.safe_load_all(text)), path
+
+
+def test_compose_runs_cachegate_the_origin_prometheus_and_grafana_from_files_that_exist() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"origin", "cachegate"}
+    assert set(services) == {"origin", "cachegate", "prometheus", "grafana"}
+    for name in ("origin", "cachegate"):
+        build = services[name]["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == ROOT / "Dockerfile"
+    build_parser().parse_args(services["origin"]["command"])  # after the image's ENTRYPOINT
     for service in services.values():
-        build = service["build"]
-        assert (ROOT / "deploy" / build["context"] / build["dockerfile"]).resolve() == ROOT / "Dockerfile"
-    origin_cmd = services["origin"]["command"]
-    assert origin_cmd[0] == "cachegate"
-    build_parser().parse_args(origin_cmd[1:])
-    assert services["cachegate"]["depends_on"] == ["origin"]
-    image_config = yaml.safe_load((ROOT / "deploy/cachegate.yaml").read_text())
+        for volume in service.get("volumes", ()):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"compose mounts {source}, which does not exist"
+            else:
+                assert source in compose["volumes"], f"named volume {source} is not declared"
+    cachegate = services["cachegate"]
+    image_config = yaml.safe_load((DEPLOY / "cachegate.yaml").read_text())
     assert image_config["upstreams"][0]["url"] == "http://origin:9000"
+    assert parse_duration(cachegate["stop_grace_period"]) > parse_duration(image_config["shutdown_grace"])
+    assert cachegate["ulimits"]["nofile"]["soft"] >= 65536
+    assert "CACHEGATE_ADMIN_TOKEN" in cachegate["environment"]
+
+    # Prometheus scrapes the admin API with the token compose hands it as a secret.
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    admin_port = image_config["admin"]["listen"].rsplit(":", 1)[1]
+    assert job["static_configs"][0]["targets"] == [f"cachegate:{admin_port}"]
+    assert job["metrics_path"] == "/metrics"
+    (secret,) = services["prometheus"]["secrets"]
+    assert job["authorization"]["credentials_file"] == f"/run/secrets/{secret['target']}"
+    assert compose["secrets"][secret["source"]] == {"environment": "CACHEGATE_ADMIN_TOKEN"}
+
+    # Grafana has the Prometheus beside it and the dashboard provisioned.
+    datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/cachegate.yaml").read_text())
+    path = providers["providers"][0]["options"]["path"]
+    mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"] if v.startswith("."))
+    assert mounts["./grafana/cachegate.json"] == f"{path}/cachegate.json"
 
 
-def test_every_yaml_config_under_deploy_is_checked_here() -> None:
-    configs = {p.name for p in (ROOT / "deploy").glob("*.yaml")}
-    assert configs == {"cachegate.yaml", "compose.yaml"}, "a new deploy config needs a check test"
-    assert os.access(ROOT / "scripts/run", os.X_OK) and os.access(ROOT / "scripts/test", os.X_OK)
+# -- Kubernetes ----------------------------------------------------------------------------
+
+K8S = DEPLOY / "kubernetes"
+
+
+def k8s_resources() -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), path
+            assert doc["metadata"]["name"], path
+            out[doc["kind"]] = doc
+    return out
+
+
+def test_the_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    assert set(k8s_resources()) == {"ConfigMap", "Deployment", "Service"}
+
+
+def test_kubectl_kustomize_builds_the_layout() -> None:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (the layout is checked with PyYAML above)")
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service"}
+    assert all(d["metadata"]["namespace"] == "cachegate" for d in docs)
+
+
+def k8s_container() -> tuple[dict[str, Any], dict[str, Any]]:
+    deployment = k8s_resources()["Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return deployment, container
+
+
+def k8s_layout(tmp_path: Path) -> Path:
+    """The ConfigMap's files where the Deployment mounts them (keys to paths, as items say)."""
+    deployment, container = k8s_container()
+    data = k8s_resources()["ConfigMap"]["data"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if "configMap" in volumes[m["name"]])
+    for item in volumes[mount["name"]]["configMap"]["items"]:
+        target = tmp_path / mount["mountPath"].lstrip("/") / item["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(data[item["key"]])
+    config_arg = container["args"][container["args"].index("--config") + 1]
+    return tmp_path / config_arg.lstrip("/")
+
+
+def test_the_configmap_config_passes_check_where_the_deployment_mounts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t" * 32)
+    config = k8s_layout(tmp_path)
+    assert main(["check", "--strict", "--config", str(config)]) == 0  # no warnings either
+
+
+def k8s_quantity(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
+def test_the_deployment_probes_drains_and_sizes_itself_by_the_config() -> None:
+    deployment, container = k8s_container()
+    config = yaml.safe_load(k8s_resources()["ConfigMap"]["data"]["cachegate.yaml"])
+    pod = deployment["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["admin"] == int(config["admin"]["listen"].rsplit(":", 1)[1])
+    assert ports["http"] == int(config["listen"].rsplit(":", 1)[1])
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "admin"}, probe
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + parse_duration(config["shutdown_grace"]) + 5
+    build_parser().parse_args(container["args"])
+    assert "auto" in container["args"]
+    # --workers auto reads the CPU limit: each worker holds cache.memory, and ~100 MB besides;
+    # the supervisor ~100 MB.
+    limits = container["resources"]["limits"]
+    workers = int(float(limits["cpu"]))
+    need = workers * (parse_size(config["cache"]["memory"]) + 100 * MB) + 100 * MB
+    assert k8s_quantity(limits["memory"]) >= need
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    cache_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == config["cache"]["disk"]["path"])
+    cache = volumes[cache_mount["name"]]
+    assert k8s_quantity(cache["emptyDir"]["sizeLimit"]) > parse_size(config["cache"]["disk"]["size"])
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports["admin"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e for e in container["env"]}
+    assert "secretKeyRef" in env["CACHEGATE_ADMIN_TOKEN"]["valueFrom"]
+    service = k8s_resources()["Service"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+# -- systemd -------------------------------------------------------------------------------
+
+UNIT = DEPLOY / "systemd/cachegate.service"
+
+
+def unit() -> dict[str, list[str]]:
+    """``Section.Key`` -> every value it is given (keys may repeat)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(f"{section}.{key}", []).append(value)
+    return out
+
+
+def test_the_systemd_unit_is_hardened_and_runs_cachegate() -> None:
+    u = unit()
+    service = {k.split(".", 1)[1]: v[-1] for k, v in u.items() if k.startswith("Service.")}
+    assert service.get("DynamicUser") == "yes" or service.get("User") not in (None, "root")
+    for key, value in (("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"), ("Restart", "on-failure"),
+                       ("ProtectHome", "yes"), ("PrivateTmp", "yes"), ("KillMode", "mixed")):
+        assert service.get(key) == value, key
+    assert int(service["LimitNOFILE"]) >= 65536
+    assert "-HUP $MAINPID" in service["ExecReload"]
+    start = shlex.split(service["ExecStart"])
+    assert start[0].endswith("/cachegate")
+    build_parser().parse_args(start[1:])
+    config_path = start[start.index("--config") + 1]
+    assert config_path == "/etc/cachegate/cachegate.yaml"
+    # The config the unit is made for keeps its cache in the unit's CacheDirectory.
+    config = yaml.safe_load((DEPLOY / "cachegate.yaml").read_text())
+    assert config["cache"]["disk"]["path"] == f"/var/cache/{service['CacheDirectory']}"
+    assert parse_duration(service["TimeoutStopSec"]) > parse_duration(config["shutdown_grace"])
+    check = shlex.split(service["ExecStartPre"])
+    assert check[1] == "check" and check[check.index("--config") + 1] == config_path
+
+
+def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    cachegate = shutil.which("cachegate") or str(Path(os.sys.executable).parent / "cachegate")
+    copy = tmp_path / "cachegate.service"
+    copy.write_text(UNIT.read_text().replace("/usr/local/bin/cachegate", cachegate))
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in (done.stdout + done.stderr).splitlines() if str(copy) in line or "cachegate" in line]
+    assert done.returncode == 0 and not problems, done.stdout + done.stderr
+
+
+# -- the Grafana dashboard -----------------------------------------------------------------
+
+DASHBOARD = DEPLOY / "grafana/cachegate.json"
+METRIC = re.compile(r"\b((?:cachegate|process)_[a-z0-9_]+)\b")
+CLUSTER_PREFIX = "cachegate_cluster_"
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    board = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", ()):
+            out.append((panel["title"], target["expr"]))
+    templating = board["templating"]["list"]
+    out.extend((t["name"], t["definition"]) for t in templating if t.get("definition"))
+    return out
+
+
+def exported_names(text: str) -> set[str]:
+    """Every sample name a scrape has, or would have once counted (counters, histograms)."""
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.update(s.name for s in family.samples)
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                    "summary": ("_sum", "_count")}.get(family.type, ("",))
+        names.update(family.name + s for s in suffixes)
+    return names
+
+
+async def test_the_dashboard_asks_only_for_metrics_a_real_scrape_exports(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    origin.route("/a", body=b"a" * 100, headers={"Cache-Control": "max-age=60"})
+    proxy = await make_proxy()
+    await proxy.get("/a")
+    await asyncio.sleep(0.05)
+    await proxy.get("/a")
+    await proxy.admin("POST", "/purge", json={"urls": [proxy.url + "/a"]})
+    text = (await proxy.admin("GET", "/metrics")).body.decode()
+    exported = exported_names(text)
+    queries = dashboard_queries()
+    assert len(queries) >= 25
+    used = set()
+    for title, expr in queries:
+        names = METRIC.findall(expr)
+        assert names, f"{title}: no cachegate metric in {expr}"
+        for name in names:
+            if name.startswith(CLUSTER_PREFIX):
+                continue  # exported in cluster mode only: tests/ops/test_dashboard_cluster.py
+            assert name in exported, f"panel {title!r} asks for {name}, which /metrics does not export"
+            used.add(name)
+    # What the dashboard is for: each of these is graphed.
+    for name in ("cachegate_requests_total", "cachegate_upstream_requests_total", "cachegate_response_bytes_total",
+                 "cachegate_request_duration_seconds_bucket", "cachegate_upstream_up",
+                 "cachegate_upstream_errors_total", "cachegate_evictions_total", "cachegate_purges_total",
+                 "cachegate_fills_total", "cachegate_cache_bytes", "cachegate_worker_resident_memory_bytes",
+                 "cachegate_disk_writes_pending"):
+        assert name in used, f"the dashboard does not graph {name}"
+    per_node = [expr for _, expr in queries if "by (instance" in expr]
+    assert len(per_node) >= 5, "panels per node (Prometheus instance) for clustered setups"
 
 
 def test_the_readme_config_example_passes_check(
@@ -93,5 +472,41 @@ def test_the_readme_config_example_passes_check(
     example = section.split("```yaml", 1)[1].split("```", 1)[0]
     shutil.copytree(ROOT / "rules", tmp_path / "rules")
     (tmp_path / "cachegate.yaml").write_text(example)
-    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "t" * 32)
     assert main(["check", "--config", str(tmp_path / "cachegate.yaml")]) == 0
+
+
+def test_scripts_are_executable() -> None:
+    for script in ("run", "test", "bench"):
+        assert os.access(ROOT / "scripts" / script, os.X_OK), script
+
+
+def test_every_yaml_config_under_deploy_is_checked_here() -> None:
+    configs = {p.name for p in (ROOT / "deploy").glob("*.yaml")}
+    assert configs == {"cachegate.yaml", "compose.yaml", "cluster.yaml", "compose.cluster.yaml"}, \
+        "a new deploy config needs a check test"
+    assert os.access(ROOT / "scripts/run", os.X_OK) and os.access(ROOT / "scripts/test", os.X_OK)
+
+
+def test_the_cluster_compose_file_runs_two_nodes_of_one_cluster_on_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compose = yaml.safe_load((ROOT / "deploy/compose.cluster.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "origin", "node-a", "node-b"}
+    build_parser().parse_args(services["origin"]["command"])
+    nodes = [services["node-a"], services["node-b"]]
+    assert {n["environment"]["CACHEGATE_NODE"] for n in nodes} == {"a", "b"}
+    for node in nodes:
+        assert (ROOT / "deploy" / node["build"]["context"] / node["build"]["dockerfile"]).resolve() \
+            == ROOT / "Dockerfile"
+        args = build_parser().parse_args(node["command"])  # after the image's ENTRYPOINT (cachegate)
+        assert args.config == "/etc/cachegate/cluster.yaml"
+        assert "./cluster.yaml:/etc/cachegate/cluster.yaml:ro" in node["volumes"]
+    assert 'pip install ".[cluster]"' in (ROOT / "Dockerfile").read_text()
+    # The node config passes check in the image's layout (its rules beside it).
+    shutil.copytree(ROOT / "rules", tmp_path / "rules")
+    shutil.copy(ROOT / "deploy/cluster.yaml", tmp_path / "cluster.yaml")
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "0123456789abcdef0123")
+    monkeypatch.setenv("CACHEGATE_NODE", "a")
+    assert main(["check", "--config", str(tmp_path / "cluster.yaml")]) == 0

@@ -242,7 +242,7 @@ async def test_only_the_clients_fields_and_the_forwarding_fields_go_upstream(
     assert lines[0] == "GET /f?q=1 HTTP/1.1"
     names = [line.split(":", 1)[0] for line in lines[1:] if line]
     assert sorted(names) == sorted(["Host", "X-Mine", "X-Forwarded-For", "X-Forwarded-Proto",
-                                    "X-Forwarded-Host", "Via", "Surrogate-Capability"])
+                                    "X-Forwarded-Host", "Via", "Surrogate-Capability", "X-Request-Id"])
 
 
 async def test_request_bodies_are_framed_by_what_is_really_sent(
@@ -319,17 +319,20 @@ async def test_idle_connections_are_reused_and_closed_before_the_origin_would() 
 
     try:
         await exchange()
-        # A HEAD response announces a length but has no body: the connection stays usable.
-        conn = await pool.acquire()
-        head, _, _ = request_head("HEAD", "/", [], pool.host_header, None)
-        resp = await conn.request(head, None, False, None, head_method=True, read_timeout=5.0)
-        assert (resp.headers["Content-Length"], resp.complete_body()) == ("2", b"")
         now[0] += KEEPALIVE_IDLE / 2
         await exchange()  # reused
         assert len(accepted) == 1 and pool.idle == 1
         now[0] += KEEPALIVE_IDLE
         await exchange()  # the idle one was too old: closed, a new one made
         assert len(accepted) == 2 and pool.size == 1
+        # A HEAD response announces the GET's length and has no body: its end is inferred,
+        # so its connection is closed (late bytes must never answer the next request).
+        conn = await pool.acquire()
+        head, _, _ = request_head("HEAD", "/", [], pool.host_header, None)
+        resp = await conn.request(head, None, False, None, head_method=True, read_timeout=5.0)
+        assert (resp.headers["Content-Length"], resp.complete_body()) == ("2", b"")
+        await exchange()
+        assert len(accepted) == 3 and pool.size == 1
     finally:
         await pool.close()
         server.close()
@@ -352,3 +355,30 @@ async def test_a_slow_upload_is_not_a_read_timeout(origin: Origin, make_proxy: M
 
     reply = await proxy.request("POST", "/up", data=slowly())
     assert (reply.status, reply.body) == (200, b"5000")
+
+
+async def test_interim_responses_reach_the_hook_in_order_and_stay_out_of_the_response(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]]
+) -> None:
+    """In one packet or several: 100, 102 and 103 before the 200, each with its own fields;
+    the connection stays reusable."""
+    interims = (b"HTTP/1.1 100 Continue\r\n\r\n" b"HTTP/1.1 102 Processing\r\n\r\n"
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nLink: </b.js>; rel=preload\r\n\r\n")
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    up = await raw_upstream(fixed(interims + final))
+    pool = HostPool(URL(up.url), 2, None, 1.0)
+    try:
+        for answer in (fixed(interims + final), fixed([interims, final])):
+            up.answer = answer
+            seen: list[tuple[int, str, list[str]]] = []
+            conn = await pool.acquire()
+            head, _, _ = request_head("GET", "/", [], pool.host_header, None)
+            resp = await conn.request(
+                head, None, False, None, head_method=False, read_timeout=5.0,
+                on_interim=lambda s, r, h, out=seen: out.append((s, r, h.getall("Link", []))))
+            assert seen == [(100, "Continue", []), (102, "Processing", []),
+                            (103, "Early Hints", ["</a.css>; rel=preload", "</b.js>; rel=preload"])]
+            assert (resp.status, "Link" in resp.headers, resp.complete_body()) == (200, False, b"ok")
+        assert up.connections == 1
+    finally:
+        await pool.close()

@@ -4,7 +4,6 @@ the web layer whole."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.engine import ClientRequest, Reply
 from proxy.policy.messages import RequestHead
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Origin, Proxy, directory_ready
 from tests.storage.procs import ProxyProcess, write_config
 
 
@@ -34,7 +33,7 @@ def count_calls(obj: Any, name: str) -> list[tuple[Any, ...]]:
 
 async def test_a_hit_for_pass_key_costs_no_flight_and_no_disk_lookup(origin: Origin, proxy: Proxy) -> None:
     origin.route("/private", body=b"yours only", headers={"Cache-Control": "private"})
-    await ready(proxy)
+    await directory_ready(proxy)
     lookups = count_calls(proxy.runtime.storage.reads, "_load_from_disk")
     flights = count_calls(proxy.runtime.engine.coalescer, "start")
     first = await proxy.get("/private")
@@ -72,22 +71,13 @@ def _key(proxy: Proxy, path: str) -> str:
     return cache_key(head, proxy.runtime.engine.rules.plan(head).key)
 
 
-async def ready(proxy: Proxy) -> None:
-    """Until the directory of the disk's keys is built (the owner does it at start)."""
-    for _ in range(200):
-        if proxy.runtime.storage.memory.arena.directory_ready:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the directory of the disk's keys was never built")
-
-
 async def test_a_key_no_process_stored_costs_no_disk_lookup(
     origin: Origin, make_proxy: MakeProxy
 ) -> None:
     # memory_max_object 1 KB: a bigger body is on disk only, so a hit must come from a lookup.
     proxy = await make_proxy(config="cache: {memory: 8MB, memory_max_object: 1KB, "
                                     "disk: {path: cache, size: 64MB, shards: 1}}\n")
-    await ready(proxy)
+    await directory_ready(proxy)
     origin.route("/n", body=b"no freshness: not stored")
     lookups = count_calls(proxy.runtime.storage.reads, "_load_from_disk")
     for _ in range(3):

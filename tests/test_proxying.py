@@ -63,7 +63,7 @@ async def test_forwarding_fields_are_cachegates_own(origin: Origin, proxy: Proxy
         "X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6", "X-Original-URL": "/admin",
     })
     seen = origin.seen[-1].headers
-    assert seen["Host"] == "Shop.Example"  # the client's Host, not the upstream's
+    assert seen["Host"] == "shop.example"  # the client's Host as the key names it, not the upstream's
     assert seen["X-Forwarded-Host"] == "shop.example"
     assert seen["X-Forwarded-Proto"] == "http"
     assert seen["X-Forwarded-For"] == "127.0.0.1"

@@ -7,7 +7,6 @@ import contextlib
 import json
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,9 +19,9 @@ from yarl import URL
 from proxy.config import HealthSettings, Overrides, PoolSettings, UpstreamSettings, load_config
 from proxy.runtime import Runtime
 from proxy.upstream import Selector, Upstream, UpstreamPool
-from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listener
+from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Origin, Proxy, self_signed
 
 
 def test_weighted_round_robin_spreads_by_weight_and_interleaves() -> None:
@@ -142,17 +141,6 @@ async def test_with_every_upstream_down_it_is_503_or_stale_if_error(
     assert "detail=NO-UPSTREAM" in down.cache_status
 
 
-def self_signed(directory: Path, name: str, cn: str, alt_names: str) -> tuple[Path, Path]:
-    """A throwaway key and self-signed certificate (openssl), valid for a day."""
-    key, cert = directory / f"{name}key.pem", directory / f"{name}cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={alt_names}"],
-        check=True, capture_output=True,
-    )
-    return key, cert
-
-
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     return self_signed(tmp_path, "", "127.0.0.1", "IP:127.0.0.1")
@@ -197,12 +185,11 @@ async def start_with(directory: Path, text: str) -> Proxy:
     settings = load_config(str(path), Overrides())
     runtime = await Runtime.open(settings)
     listeners = Listeners()
-    for start in (start_proxy_listener, start_admin_listener):
-        runner = await start(lambda: runtime, settings)
-        assert runner is not None
-        listeners.runners.append(runner)
-    listeners.proxy_addresses = _bound(listeners.runners[0])
-    listeners.admin_addresses = _bound(listeners.runners[1])
+    await start_proxy_listeners(lambda: runtime, settings, listeners)
+    admin = await start_admin_listener(lambda: runtime, settings)
+    assert admin is not None
+    listeners.runners.append(admin)
+    listeners.admin_addresses = _bound(admin)
     session = aiohttp.ClientSession(auto_decompress=False)
     return Proxy(runtime, listeners, session, str(directory / "cache"), str(path))
 

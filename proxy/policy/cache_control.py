@@ -15,6 +15,20 @@ fresh. Values above 2**31 are capped there (RFC 9111 §1.2.2).
 >>> parse_cache_control(["max-age=abc"]).delta("max-age")
 0
 
+Targeted fields (RFC 9213: ``CDN-Cache-Control`` and the like) are Structured Field
+Dictionaries (RFC 8941), parsed by ``http_sfv``, the reference implementation by the
+RFC's author. A field that is empty or does not parse is ignored as a whole, and so
+is one whose every directive has a value of the wrong type (``max-age=abc``,
+``max-age=1.5``, ``max-age=-5``): the cache then falls back to the next target, then
+``Cache-Control``. A wrong-typed directive beside valid ones is dropped alone; a
+restrictive one (``no-store=1``) still counts, so a typo never stores what the origin
+meant to forbid.
+
+>>> targeted_cache_control(["cdn-cache-control"], lambda n: ["max-age=abc"]) is None
+True
+>>> targeted_cache_control(["cdn-cache-control"], lambda n: ["max-age=60, s-maxage=1.5"])[0].directives
+mappingproxy({'max-age': '60'})
+
 Surrogate-Control (W3C Edge Architecture 1.0) predates RFC 9213 and is still what
 many origins send to their CDN: directives apply to every surrogate unless a
 ``;device`` suffix targets one. cachegate announces itself upstream as
@@ -31,7 +45,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-DELTA_SECONDS_MAX = 2**31
+from http_sfv.dictionary import Dictionary
+from http_sfv.item import InnerList, Item
+
+from proxy.policy.fields import DELTA_SECONDS_MAX, delta_seconds, split_list, unquote
+
 SURROGATE_DEVICE = "cachegate"  # our device token in Surrogate-Capability / Surrogate-Control
 SURROGATE_CAPABILITY = f'{SURROGATE_DEVICE}="Surrogate/1.0"'
 
@@ -71,60 +89,21 @@ EMPTY_CACHE_CONTROL = CacheControl()
 
 
 def parse_delta_seconds(arg: str | None) -> int:
-    if arg is None or not arg.isdigit() or not arg.isascii():
-        return 0
-    # Strip leading zeros before int() so a huge literal can't cost quadratic time.
-    digits = arg.lstrip("0") or "0"
-    if len(digits) > 10:
-        return DELTA_SECONDS_MAX
-    return min(int(digits), DELTA_SECONDS_MAX)
+    """A directive's delta-seconds as RFC 9111 §4.2.1 reads a malformed one: 0 (stale)."""
+    value = delta_seconds(arg) if arg is not None else None
+    return 0 if value is None else value
 
 
 def split_directives(value: str) -> list[str]:
-    """Split a comma-separated field value, leaving commas inside quoted strings alone."""
-    parts: list[str] = []
-    buf: list[str] = []
-    in_quotes = escaped = False
-    for ch in value:
-        if escaped:
-            buf.append(ch)
-            escaped = False
-        elif in_quotes and ch == "\\":
-            buf.append(ch)
-            escaped = True
-        elif ch == '"':
-            buf.append(ch)
-            in_quotes = not in_quotes
-        elif ch == "," and not in_quotes:
-            parts.append("".join(buf))
-            buf = []
-        else:
-            buf.append(ch)
-    parts.append("".join(buf))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-        out: list[str] = []
-        escaped = False
-        for ch in value[1:-1]:
-            if escaped:
-                out.append(ch)
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            else:
-                out.append(ch)
-        return "".join(out)
-    return value
+    """A list field's members (kept under this name for callers outside the policy package)."""
+    return split_list((value,))
 
 
 def parse_cache_control(values: Iterable[str]) -> CacheControl:
     """Parse every field line of a Cache-Control-like field into one CacheControl."""
     directives: dict[str, str | None] = {}
     for line in values:
-        for part in split_directives(line):
+        for part in split_list((line,)):
             name, eq, arg = part.partition("=")
             if not name or name != name.strip() or " " in name or "\t" in name:
                 # "max-age =60" is not a max-age directive (no whitespace around "=").
@@ -140,7 +119,7 @@ def parse_cache_control(values: Iterable[str]) -> CacheControl:
             elif arg != arg.lstrip():
                 directives[name] = "\x00invalid"  # "max-age= 60": a malformed argument
             else:
-                directives[name] = _unquote(arg)
+                directives[name] = unquote(arg)
     return CacheControl(MappingProxyType(directives)) if directives else EMPTY_CACHE_CONTROL
 
 
@@ -162,38 +141,65 @@ def targeted_cache_control(
     return None
 
 
-def _parse_sf_dictionary(values: Sequence[str]) -> CacheControl | None:
-    """Parse the subset of RFC 8941 dictionaries that cache directives use.
+# RFC 9213 §2.1: a targeted field is a Structured Field Dictionary, and each directive's value
+# has the type RFC 9111 implies. A value of another type is not consumed: the directive is
+# dropped. Except where dropping it would store or serve what the origin meant to forbid:
+# these restrictive directives count as present whatever their value (only ?0 turns them off).
+_INTEGER = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+_FLAG = frozenset({"public", "immutable", "no-transform"})
+_RESTRICTIVE = frozenset({"no-store", "private", "no-cache", "must-revalidate", "proxy-revalidate",
+                          "must-understand"})
+_LISTS_FIELDS = frozenset({"private", "no-cache"})  # may carry a String of field names
+_OFF = "\x00off"
 
-    Members are ``key`` (true), ``key=integer``, ``key=token`` or ``key="string"``;
-    parameters are ignored. Anything else makes the whole field invalid.
-    """
+
+def _sf_value(name: str, member: Item | InnerList) -> tuple[bool, str | None]:
+    """(consumed, argument) of one dictionary member; consumed False: dropped for its type."""
+    value = member.value if isinstance(member, Item) else member
+    if value is False:
+        return True, _OFF  # ?0: the directive is absent
+    if name in _INTEGER:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return True, str(min(value, DELTA_SECONDS_MAX))
+        return False, None
+    if name in _RESTRICTIVE:
+        if name in _LISTS_FIELDS and isinstance(value, str):
+            return True, str(value)
+        return True, None
+    if name in _FLAG:
+        return value is True, None
+    # An extension: kept (and ignored by the decisions).
+    if value is True or isinstance(value, InnerList | bytes):
+        return True, None
+    return True, str(value)
+
+
+def _parse_sf_dictionary(values: Sequence[str]) -> CacheControl | None:
+    """A targeted field's directives, or None when the field must be ignored (RFC 9213 §2.1):
+    empty, not a valid Structured Field Dictionary (RFC 8941 §4.2.2; the field lines are
+    one value joined with commas), or left with no directive once those of the wrong type
+    are dropped. Parameters are ignored."""
+    text = ", ".join(values)
+    if not text.isascii():
+        return None
+    parsed = Dictionary()
+    try:
+        parsed.parse(text.encode("ascii"))
+    except ValueError:
+        return None
     directives: dict[str, str | None] = {}
-    for part in split_directives(", ".join(values)):
-        member = part.split(";", 1)[0].strip()
-        key, eq, arg = member.partition("=")
-        if not key or key != key.lower() or not all(c.isalnum() or c in "_-.*" for c in key):
-            return None
-        if not eq:
-            directives[key] = None
+    consumed = dropped = 0
+    for name, member in parsed.items():
+        ok, arg = _sf_value(name, member)
+        if not ok:
+            dropped += 1
             continue
-        if arg.startswith('"'):
-            if not arg.endswith('"') or len(arg) < 2:
-                return None
-            directives[key] = _unquote(arg)
-        elif arg.lstrip("-").isdigit():
-            if arg.startswith("-"):
-                directives[key] = "\x00invalid"
-            else:
-                directives[key] = arg
-        elif arg in ("?1", "?0"):
-            if arg == "?1":
-                directives[key] = None
-        elif arg and (arg[0].isalpha() or arg[0] == "*"):
-            directives[key] = arg
-        else:
-            return None
-    return CacheControl(MappingProxyType(directives))
+        consumed += 1
+        if arg != _OFF:
+            directives[name] = arg
+    if dropped and not consumed:
+        return None
+    return CacheControl(MappingProxyType(directives)) if directives else EMPTY_CACHE_CONTROL
 
 
 def _partition_outside_quotes(text: str, sep: str) -> tuple[str, str, str]:
@@ -214,11 +220,13 @@ def parse_surrogate_control(values: Sequence[str], device: str = SURROGATE_DEVIC
     """The Surrogate-Control directives that apply to ``device``; None when none do.
 
     ``max-age=A+B`` means A seconds fresh, then B more seconds usable when the
-    origin cannot be reached: it reads as ``max-age=A, stale-if-error=B``.
+    origin cannot be reached: it reads as ``max-age=A, stale-if-error=B``. ``s-maxage``
+    is not a Surrogate-Control directive (the field already speaks to surrogates only):
+    it is ignored there, not read as a lifetime that forbids stale serving.
     """
     general: dict[str, str | None] = {}
     targeted: dict[str, str | None] = {}
-    for part in split_directives(", ".join(values)):
+    for part in split_list(values):
         directive, semi, target = _partition_outside_quotes(part, ";")
         if semi and target.strip().lower() != device:
             continue
@@ -226,6 +234,7 @@ def parse_surrogate_control(values: Sequence[str], device: str = SURROGATE_DEVIC
         for name, arg in parse_cache_control([directive]).directives.items():
             bucket.setdefault(name, arg)
     merged = {**general, **targeted}
+    merged.pop("s-maxage", None)  # not a Surrogate-Control directive: no meaning there
     if not merged:
         return None
     max_age = merged.get("max-age")

@@ -3,18 +3,35 @@
 ``/account/settings.css`` answered with ``text/html`` is a personal page behind
 a static-looking URL: a rule that caches ``*.css`` by force must not store it.
 
+The extension is read from the path the rules matched (``normalise_path``:
+percent-decoded, dot-segments removed), never from the raw target, so ``%2e`` cannot
+hide the dot from the guard while the rule sees it.
+
+Two strengths. When the response's own freshness decides (the origin said it may be
+shared), a path without an extension, or with one the ``mimetypes`` table does not
+know, proves nothing and the response may be stored. Under a *forced* lifetime (a
+rule's ``ttl`` gave it, with or without ``override_origin``), the cache is the one
+deciding to share, so it needs positive proof: a known extension whose type is the
+response's ``Content-Type``. ``/static/..;/account`` (a path some servers read as
+``/account``) and ``/account/x.unknownext`` are then not stored.
+
 >>> content_type_agrees("/a/b.css", "text/css; charset=utf-8")
 True
 >>> content_type_agrees("/account/x.css", "text/html")
 False
->>> content_type_agrees("/no-extension", "text/html")
-True
+>>> [content_type_agrees(p, "text/html", forced=f) for p in ("/plain", "/x.webfoo") for f in (False, True)]
+[True, False, True, False]
+>>> guard_allows("/account%2ecss", "text/html")
+False
 """
 
 from __future__ import annotations
 
 import mimetypes
 import posixpath
+
+from proxy.policy.messages import RequestHead, StoredResponse
+from proxy.policy.request import normalise_path
 
 # Types that browsers and CDNs treat as the same thing as the registered one.
 _ALIASES = {
@@ -26,14 +43,29 @@ _ALIASES = {
 }
 
 
-def content_type_agrees(path: str, content_type: str | None) -> bool:
-    ext = posixpath.splitext(path.split("?", 1)[0])[1].lower()
+def content_type_agrees(path: str, content_type: str | None, *, forced: bool = False) -> bool:
+    """Does ``content_type`` fit the extension of ``path`` (already normalised)?
+
+    ``forced``: the lifetime is a rule's, so only a positive match counts.
+    """
+    ext = posixpath.splitext(path)[1].lower()
     if not ext:
-        return True
+        return not forced
     expected, _ = mimetypes.guess_type("x" + ext, strict=False)
     if expected is None:
-        return True  # an extension we know nothing about proves nothing
+        return not forced  # an extension we know nothing about proves nothing
     actual = (content_type or "").split(";", 1)[0].strip().lower()
     if not actual:
         return False
     return actual == expected or actual in _ALIASES.get(expected, ())
+
+
+def guard_allows(target: str, content_type: str | None, *, forced: bool = False) -> bool:
+    """The guard's verdict for a request target (raw path and query), read as the rules read it."""
+    return content_type_agrees(normalise_path(target.partition("?")[0]), content_type, forced=forced)
+
+
+def deception_refuses(head: RequestHead, stored: StoredResponse, content_type: str | None) -> bool:
+    """With the guard on: must this response, storable otherwise, not be stored? Forced when
+    its lifetime is a rule's. Asked by the fill decision (``policy.fill``) alone."""
+    return not guard_allows(head.target, content_type, forced=stored.freshness.source == "rule")

@@ -7,37 +7,33 @@ then ``Expires`` minus ``Date``; an invalid ``Expires`` means already expired.
 With none of them, a rule TTL (the operator's explicit choice) applies, else a
 heuristic of 10% of the time since ``Last-Modified`` for heuristically cacheable
 statuses (§4.2.2), else zero. ``override_origin`` makes the rule TTL win.
+
+No heuristic for a response to a request with credentials (``Cookie`` or
+``Authorization``) unless the response says ``public``: the origin said nothing about
+sharing a response that may be personal, and a heuristic would hand it to everyone
+for up to a day. It is then stored without a lifetime, so every reuse is revalidated
+with the origin first (a rule's ``ttl`` still applies: the operator's choice).
 """
 
 from __future__ import annotations
 
-from proxy.policy.cache_control import DELTA_SECONDS_MAX, CacheControl, parse_delta_seconds
+from proxy.policy.cache_control import CacheControl
+from proxy.policy.fields import delta_seconds, first_member
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions, Freshness, Headers
-
-# RFC 9110 §15.1: statuses that are heuristically cacheable by default.
-HEURISTICALLY_CACHEABLE = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 
-def parse_age(headers: Headers) -> float | None:
-    """The ``Age`` field value in seconds: 0 when absent, None when it cannot be trusted.
+def parse_age(headers: Headers) -> float:
+    """The ``Age`` field value in seconds, as RFC 9111 §5.1 reads it: 0 when absent or invalid.
 
-    RFC 9111 §5.1 asks for the first member of a list-based value and says to ignore
-    an invalid one. cachegate is more careful, because either reading can make a
-    stale response look fresh: ``Age`` is a singleton, so a list (``0, 7200``), two
-    field lines, or anything but digits (``-1``, ``1.5``, ``abc``, ``7200;x=1``)
-    means some hop is broken and the real age is unknown. None tells the caller to
-    treat the response as stale (it will be revalidated, never served as fresh).
+    A list (``0, 7200``) or several field lines count by their first member; a value
+    that is not a non-negative integer (``abc``, ``-7200``, ``7200.0``, ``7200;x=1``) is
+    ignored, as if absent; 2**31 and more read as 2**31 (stale for any lifetime).
     """
-    values = headers.getall("Age", ())
-    if not values:
-        return 0.0
-    if len(values) > 1:
-        return None
-    text = values[0].strip(" \t")
-    if not text.isdigit() or not text.isascii():
-        return None
-    return float(parse_delta_seconds(text))
+    first = first_member(headers.getall("Age", ()))
+    value = delta_seconds(first) if first is not None else None
+    return 0.0 if value is None else float(value)
 
 
 def corrected_initial_age(
@@ -47,7 +43,7 @@ def corrected_initial_age(
 
     ``apparent_age = max(0, response_time - date_value)`` (a Date in the future
     gives 0), ``corrected_age_value = age_value + (response_time - request_time)``,
-    and the larger of the two wins. An untrustworthy Age counts as 2**31 seconds.
+    and the larger of the two wins.
     """
     date_values = headers.getall("Date", ())
     date_value = parse_http_date(date_values[0]) if date_values else None
@@ -55,10 +51,7 @@ def corrected_initial_age(
         date_value = response_time
     apparent_age = max(0.0, response_time - date_value)
     response_delay = max(0.0, response_time - request_time)
-    age_value = parse_age(headers)
-    if age_value is None:
-        return float(DELTA_SECONDS_MAX)
-    corrected_age_value = age_value + response_delay
+    corrected_age_value = parse_age(headers) + response_delay
     return max(apparent_age, corrected_age_value)
 
 
@@ -91,6 +84,11 @@ def explicit_lifetime(
     return None
 
 
+def carries_credentials(request_headers: Headers) -> bool:
+    """Did the request carry a cookie or credentials (its response may be personal)?"""
+    return "cookie" in request_headers or "authorization" in request_headers
+
+
 def heuristic_lifetime(
     status: int, headers: Headers, cc: CacheControl, response_time: float, options: CacheOptions
 ) -> float | None:
@@ -111,6 +109,13 @@ def heuristic_lifetime(
     return min((reference - last_modified) * options.heuristic_fraction, options.heuristic_max)
 
 
+def heuristic_withheld(status: int, headers: Headers, cc: CacheControl, request_headers: Headers,
+                       response_time: float, options: CacheOptions) -> bool:
+    """Would a heuristic lifetime apply, but for the request's credentials? (For ``explain``.)"""
+    return (carries_credentials(request_headers) and "public" not in cc
+            and heuristic_lifetime(status, headers, cc, response_time, options) is not None)
+
+
 def compute_freshness(
     status: int,
     headers: Headers,
@@ -120,11 +125,13 @@ def compute_freshness(
     options: CacheOptions,
     *,
     cc_source: str = "cache-control",
+    credentials: bool = False,
 ) -> Freshness:
     """Everything the reuse decision needs, from the response headers and the rule.
 
     ``cc_source`` names the field ``cc`` came from; with a targeted field
-    (CDN-Cache-Control, ...) Expires is ignored (RFC 9213 §2.1).
+    (CDN-Cache-Control, ...) Expires is ignored (RFC 9213 §2.1). ``credentials``: the
+    request carried Cookie or Authorization, so no heuristic unless ``public``.
 
     The rule's default ``stale_if_error`` / ``stale_while_revalidate`` apply only
     when the response had some freshness (explicit, heuristic or a rule TTL): a
@@ -146,7 +153,8 @@ def compute_freshness(
     elif explicit is not None:
         lifetime, source = explicit
     else:
-        heuristic = heuristic_lifetime(status, headers, cc, response_time, options)
+        heuristic = heuristic_lifetime(status, headers, cc, response_time, options) \
+            if not credentials or "public" in cc else None
         lifetime, source = (heuristic, "heuristic") if heuristic is not None else (0.0, "none")
 
     must_revalidate = (

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
-from proxy.policy.cache_control import split_directives
+from proxy.policy.fields import parameters, split_list, weight
 from proxy.policy.messages import HeaderList, Headers, RequestHead
 
 ABSENT = "\n"  # a value no header can have: marks a Vary field the request lacked
@@ -42,17 +42,38 @@ class KeySpec:
 DEFAULT_KEY = KeySpec()
 
 
+def split_host(host: str) -> tuple[str, str]:
+    """(name, port) of a host[:port] value; the port is "" when absent.
+
+    >>> split_host("a.example:8080"), split_host("[::1]:443"), split_host("[::1]")
+    (('a.example', '8080'), ('[::1]', '443'), ('[::1]', ''))
+    """
+    if host.startswith("["):
+        end = host.find("]") + 1
+        if end and host[end:end + 1] == ":":
+            return host[:end], host[end + 1:]
+        return host, ""
+    name, _, port = host.partition(":")
+    return name, port
+
+
 def normalise_host(host: str, scheme: str) -> str:
-    """Lower-case a Host value and drop the scheme's default port.
+    """Lower-case a Host value, drop a trailing dot, leading zeros of the port and the
+    scheme's default port: every spelling of one host gives one key.
 
     >>> normalise_host("Example.COM:80", "http"), normalise_host("a.b:8443", "https")
     ('example.com', 'a.b:8443')
+    >>> normalise_host("example.com.:0080", "http"), normalise_host("[::1]:443", "https")
+    ('example.com', '[::1]')
     """
-    host = host.strip().lower().rstrip(".")
-    default = ":80" if scheme == "http" else ":443"
-    if host.endswith(default):
-        host = host[: -len(default)]
-    return host
+    name, port = split_host(host.strip(" \t").lower())
+    if not name.startswith("["):
+        name = name.rstrip(".")
+    if port.isascii() and port.isdigit():
+        port = str(int(port))
+    if port in ("", "80" if scheme == "http" else "443"):
+        return name
+    return f"{name}:{port}"
 
 
 def _filter_query(query: str, spec: KeySpec) -> str:
@@ -122,37 +143,120 @@ def normalise_field(values: list[str] | tuple[str, ...]) -> str:
     """
     if not values:
         return ABSENT
-    items = split_directives(", ".join(values))
+    items = split_list(values)
     return ", ".join(";".join(" ".join(p.split()) for p in item.split(";")) for item in items)
 
 
-# Selecting fields whose values are case-insensitive tokens (language tags, content
-# codings), so that RFC 9111 §4.1's case normalisation can be applied to them.
-CASE_INSENSITIVE_FIELDS = frozenset({"accept-language", "accept-encoding"})
+# Content codings RFC 9110 §8.4.1 says a recipient should treat as the same.
+_CODING_ALIASES = {"x-gzip": "gzip", "x-compress": "compress"}
+Weighted = tuple[float, str]  # (weight, the member without its q) of an Accept-* member
+
+
+def _weighted_members(values: list[str] | tuple[str, ...], media: bool) -> list[Weighted] | None:
+    """The members of an Accept-* field with their weights (RFC 9110 §12.4.2), lower-cased
+    (media types keep their parameters' values); None when a member's weight is invalid."""
+    out: list[Weighted] = []
+    for member in split_list(values):
+        value, params = parameters(member)
+        q = 1.0
+        kept: list[str] = []
+        for name, arg in params:
+            if name == "q":
+                w = weight(arg)
+                if w is None:
+                    return None
+                q = w
+            else:
+                kept.append(f"{name}={arg}")
+        token = value.lower()
+        if media and kept:
+            token = ";".join((token, *kept))
+        elif kept:
+            return None  # a parameter we do not know the meaning of: keep the value as written
+        out.append((q, token))
+    return out
+
+
+def _format(members: list[Weighted]) -> str:
+    return ", ".join(t if q == 1.0 else f"{t};q={f'{q:.3f}'.rstrip('0').rstrip('.')}" for q, t in members)
+
+
+def _normalise_accept(name: str, values: list[str] | tuple[str, ...]) -> str | None:
+    """An Accept-* value in canonical form; None when it is not one (then only whitespace
+    and line folding are normalised).
+
+    Weights are numbers (``q=1.0`` is no ``q``; ``0.500`` is ``0.5``); a member listed
+    twice counts once (the first); members are sorted by weight, since the weights, not
+    the order, say which is preferred. Members of equal weight keep their order, except
+    content codings: Accept-Encoding is a set (RFC 9110 §12.5.3 gives order no meaning),
+    while a server may take the first of two equal languages or media types (Django and
+    Werkzeug do).
+    """
+    members = _weighted_members(values, media=name == "accept")
+    if members is None:
+        return None
+    seen: set[str] = set()
+    unique: list[Weighted] = []
+    for q, token in members:
+        if name == "accept-encoding":
+            token = _CODING_ALIASES.get(token, token)
+        if token not in seen:
+            seen.add(token)
+            unique.append((q, token))
+    if name == "accept-encoding":
+        unique.sort(key=lambda m: (-m[0], m[1]))
+    else:
+        unique.sort(key=lambda m: -m[0])  # stable: equal weights keep their order
+    return _format(unique)
+
+
+ACCEPT_FIELDS = frozenset({"accept", "accept-encoding", "accept-language", "accept-charset"})
+_NORMALISED: dict[tuple[str, tuple[str, ...]], str] = {}  # a few browsers' values, over and over
+_NORMALISED_MAX = 4096
 
 
 def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
-    """A Vary selecting field's value, normalised as RFC 9111 §4.1 allows.
+    """A Vary selecting field's value, normalised as RFC 9111 §4.1 allows: line folding and
+    whitespace for every field; for the Accept-* fields, case, weights, duplicates and the
+    order the weights decide (see ``_normalise_accept``).
 
-    >>> normalise_selecting("accept-language", ["eN, De"])
-    'en, de'
+    Every hit on a response that varies runs this for the request's value, so the
+    Accept-* results are remembered (a handful of distinct browser values make up nearly
+    all traffic; the memo is cleared when it reaches 4096 entries).
+
+    >>> normalise_selecting("accept-language", ["eN, De;q=0.5"])
+    'en, de;q=0.5'
+    >>> normalise_selecting("accept-encoding", ["br, x-gzip;q=1.0, deflate"])
+    'br, deflate, gzip'
     >>> normalise_selecting("foo", ["eN, De"])
     'eN, De'
     """
-    value = normalise_field(values)
-    return value.lower() if name.lower() in CASE_INSENSITIVE_FIELDS else value
+    if not values:
+        return ABSENT
+    lname = name.lower()
+    if lname not in ACCEPT_FIELDS:
+        return normalise_field(values)
+    memo_key = (lname, tuple(values))
+    known = _NORMALISED.get(memo_key)
+    if known is not None:
+        return known
+    value = _normalise_accept(lname, values)
+    if value is None:
+        value = normalise_field(values)
+    if len(_NORMALISED) >= _NORMALISED_MAX:
+        _NORMALISED.clear()
+    _NORMALISED[memo_key] = value
+    return value
 
 
 def vary_names(headers: Headers) -> tuple[str, ...] | None:
     """The field names a response varies on, lower-cased and sorted; None for ``Vary: *``."""
     names: set[str] = set()
-    for line in headers.getall("Vary", ()):
-        for name in line.split(","):
-            name = name.strip().lower()
-            if name == "*":
-                return None
-            if name:
-                names.add(name)
+    for member in split_list(headers.getall("Vary", ())):
+        name = member.lower()
+        if name == "*":
+            return None
+        names.add(name)
     return tuple(sorted(names))
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.policy.cache_control import EMPTY_CACHE_CONTROL, CacheControl, parse_cache_control
+from proxy.policy.fields import split_list
 from proxy.policy.keys import vary_matches
 from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
 from proxy.policy.validation import client_not_modified, has_validator
@@ -77,9 +78,9 @@ def effective_request_cache_control(request: RequestHead) -> CacheControl:
     values = request.headers.getall("Cache-Control", ())
     if values:
         return parse_cache_control(values)
-    for line in request.headers.getall("Pragma", ()):
-        if "no-cache" in (t.strip().lower() for t in line.split(",")):
-            return parse_cache_control(["no-cache"])
+    pragma = request.headers.getall("Pragma", ())
+    if pragma and any(m.lower() == "no-cache" for m in split_list(pragma)):
+        return parse_cache_control(["no-cache"])
     return EMPTY_CACHE_CONTROL
 
 
@@ -162,7 +163,7 @@ def decide_lookup_in_full(
     stored = candidates[index]
     fresh_info = stored.freshness
     age = fresh_info.age(now)
-    ttl = fresh_info.lifetime - age
+    ttl = stored.ttl(now)
     stale = ttl <= 0 or stored.invalidated
     may_serve_stale = not (fresh_info.must_revalidate or fresh_info.no_cache)
     mode = options.client_cache_control

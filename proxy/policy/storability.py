@@ -22,10 +22,13 @@ from proxy.policy.cache_control import (
     parse_surrogate_control,
     targeted_cache_control,
 )
-from proxy.policy.freshness import HEURISTICALLY_CACHEABLE, compute_freshness
+from proxy.policy.fields import content_length
+from proxy.policy.freshness import carries_credentials, compute_freshness
 from proxy.policy.headers import end_to_end
 from proxy.policy.keys import variant_of, vary_names
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
+from proxy.policy.partial import parse_content_range
+from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 # Final status codes whose caching semantics RFC 9110 §15 defines: what "understands
 # the status code" means for must-understand (RFC 9111 §5.2.2.3).
@@ -84,12 +87,50 @@ def decide_store(
         return DontStore("METHOD")
     if status < 200 or status in (206, 304):
         return DontStore("UNCACHEABLE-STATUS")
+    return _decide(request, status, status, reason, headers, request_time, response_time, options)
+
+
+def decide_store_part(
+    request: RequestHead,
+    reason: str,
+    headers: Headers,
+    request_time: float,
+    response_time: float,
+    options: CacheOptions,
+) -> Store | DontStore:
+    """May this 206 be stored as a part of its representation (RFC 9111 §3.3), and as what?
+
+    Only a single range with a known total length (a ``multipart/byteranges`` answer or a
+    ``Content-Range`` of ``*`` cannot be placed); everything else is decided as for the
+    complete (200) response it is a part of: its freshness, privacy and rules.
+    """
+    content_type = headers.get("Content-Type", "")
+    if content_type.lower().startswith("multipart/byteranges"):
+        return DontStore("MULTIPART")
+    values = headers.getall("Content-Range", ())
+    if len(values) != 1 or parse_content_range(values[0]) is None:
+        return DontStore("NO-CONTENT-RANGE")
+    return _decide(request, 206, 200, reason, headers, request_time, response_time, options)
+
+
+def _decide(
+    request: RequestHead,
+    status: int,
+    semantics: int,  # the status whose caching rules apply: 200 for a part of a 200
+    reason: str,
+    headers: Headers,
+    request_time: float,
+    response_time: float,
+    options: CacheOptions,
+) -> Store | DontStore:
+    if request.method != "GET":
+        return DontStore("METHOD")
     if "no-store" in request_cache_control(request.headers):
         return DontStore("REQUEST-NO-STORE")
 
     cc, source = response_cache_control(headers, options)
     must_understand = "must-understand" in cc
-    if must_understand and status not in UNDERSTOOD_STATUSES:
+    if must_understand and semantics not in UNDERSTOOD_STATUSES:
         return DontStore("MUST-UNDERSTAND")  # §5.2.2.3: an unknown status code is never stored
     if "no-store" in cc:
         return DontStore("NO-STORE")  # even beside must-understand (see the module docstring)
@@ -104,8 +145,8 @@ def decide_store(
     names = vary_names(headers)
     if names is None:
         return DontStore("VARY-STAR")
-    length = headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > options.max_object:
+    length = content_length(headers.getall("Content-Length", ()))
+    if length is not None and length > options.max_object:
         return DontStore("TOO-LARGE")
 
     has_explicit = (
@@ -114,13 +155,13 @@ def decide_store(
     )
     if not (
         has_explicit
-        or status in HEURISTICALLY_CACHEABLE
-        or options.rule_ttl(status) is not None
+        or semantics in HEURISTICALLY_CACHEABLE
+        or options.rule_ttl(semantics) is not None
     ):
         return DontStore("UNCACHEABLE-STATUS")
 
-    freshness = compute_freshness(status, headers, cc, request_time, response_time, options,
-                                  cc_source=source)
+    freshness = compute_freshness(semantics, headers, cc, request_time, response_time, options,
+                                  cc_source=source, credentials=carries_credentials(request.headers))
     etag = headers.get("ETag")
     last_modified = headers.get("Last-Modified")
     reusable = (

@@ -2,10 +2,11 @@
 
 - ``conditional_headers``: the validators a revalidation sends (§4.3.1).
 - ``decide_on_validation``: what the origin's answer means for the stored
-  response: ``Freshen`` (304: update its headers, keep the body, §4.3.4, done by
-  ``freshen_stored``),
-  ``Replace`` (a full new response), ``ServeStale`` (5xx or unreachable within
-  stale-if-error, RFC 5861) or ``PassThrough`` (hand the answer to the client).
+  response, as the engine carries it out: ``Freshen`` (a 304 about it: update its
+  headers, keep the body, §4.3.4, done by ``freshen_stored``), ``Refetch`` (a 304
+  about something else: ask again without validators), ``ServeStale`` (a 5xx the
+  stored response may hide, RFC 5861 §4: it stays) or ``Replace`` (a new response,
+  decided as any fill by ``proxy.policy.fill``).
 - ``client_not_modified``: may we answer the client's own conditional GET with 304?
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict
 
-from proxy.policy.cache_control import split_directives
+from proxy.policy.fields import split_list
 from proxy.policy.freshness import compute_freshness
 from proxy.policy.headers import HOP_BY_HOP, end_to_end
 from proxy.policy.httpdate import parse_http_date
@@ -33,25 +34,28 @@ NOT_UPDATED_BY_304 = HOP_BY_HOP | {
 
 @dataclass(frozen=True, slots=True)
 class Freshen:
-    headers: HeaderList  # the stored headers updated from the 304
+    """The 304 refers to the stored response: its head is updated (``fill.freshened``), its body kept."""
 
 
 @dataclass(frozen=True, slots=True)
-class Replace:
-    pass
+class Refetch:
+    """A 304 that refers to another response may not be used (§4.3.4): ask again, unconditionally."""
 
 
 @dataclass(frozen=True, slots=True)
 class ServeStale:
-    detail: str  # why the stale response is served: ORIGIN-ERROR, ORIGIN-UNREACHABLE
+    """The origin failed and the stored response may hide it (``error_keeps_stored``): it stays as
+    it is, the error is not stored, and clients allowed stale-if-error are served it stale."""
+
+    detail: str  # the Cache-Status detail of the answer that is not stored: ORIGIN-ERROR
 
 
 @dataclass(frozen=True, slots=True)
-class PassThrough:
-    pass
+class Replace:
+    """A new response: decided as any fill (``fill.decide_fill``), stored over the old one if stored."""
 
 
-ValidationOutcome = Freshen | Replace | ServeStale | PassThrough
+ValidationOutcome = Freshen | Refetch | ServeStale | Replace
 
 
 def has_validator(stored: StoredResponse) -> bool:
@@ -90,13 +94,16 @@ def freshen_stored(
     request_time: float,
     response_time: float,
     options: CacheOptions,
+    *,
+    credentials: bool = False,
 ) -> StoredResponse | None:
     """The stored response freshened by a 304 (RFC 9111 §4.3.4); None when it may no longer be kept.
 
     Headers are merged as §3.2 says; freshness is computed afresh from the merged
     headers, except that ``Age`` and ``Date`` are the 304's own (a stored Age or
     Date describes the old exchange, not this one). A 304 that adds ``no-store``
-    or ``private`` ends the stored response's life.
+    or ``private`` ends the stored response's life. ``credentials``: the revalidating
+    request carried Cookie or Authorization (no heuristic freshness then, see ``freshness``).
     """
     merged = merge_headers(stored.headers, update, allow_set_cookie=options.allow_set_cookie)
     view: CIMultiDict[str] = CIMultiDict((k, v) for k, v in merged if k.lower() not in ("age", "date"))
@@ -107,7 +114,7 @@ def freshen_stored(
     if "no-store" in cc or "private" in cc:
         return None
     freshness = compute_freshness(stored.status, view, cc, request_time, response_time, options,
-                                  cc_source=source)
+                                  cc_source=source, credentials=credentials)
     return replace(
         stored,
         headers=merged,
@@ -148,23 +155,25 @@ def validates_stored(stored: StoredResponse, headers: Headers) -> bool:
 
 
 def decide_on_validation(
-    stored: StoredResponse, status: int, headers: Headers, stale_if_error: bool
+    stored: StoredResponse, status: int, headers: Headers, now: float, *, conditional: bool = True
 ) -> ValidationOutcome:
-    """What the origin's answer to our conditional request means for the stored response.
+    """What the origin's answer to a fetch made while holding ``stored`` means for it.
 
-    304: ``Freshen`` when it refers to the stored response, else ``Replace`` (the
-    engine then fetches the full response; §4.3.4 forbids using the 304). 5xx:
-    ``ServeStale`` within stale-if-error, else ``PassThrough``. Anything else
-    replaces the stored response (§4.3.3).
+    ``conditional``: the request carried ``stored``'s validators (a revalidation); else it
+    was a full fetch, and ``stored`` is only kept for stale-if-error. ``now``: when the
+    answer arrived. A 304 to a revalidation ``Freshen``s when it refers to the stored
+    response, else ``Refetch`` (§4.3.4 forbids using it); a 5xx the stored response may
+    hide (``error_keeps_stored``) is ``ServeStale``; anything else ``Replace``s (§4.3.3).
+
+    >>> from proxy.policy.messages import EMPTY_HEADERS, Freshness
+    >>> s = StoredResponse(200, "OK", (), 0, 0, Freshness(10, "max-age", 0, 0, stale_if_error=60), etag='"a"')
+    >>> [type(decide_on_validation(s, status, EMPTY_HEADERS, 30)).__name__ for status in (304, 503, 200)]
+    ['Freshen', 'ServeStale', 'Replace']
     """
-    if status == 304:
-        if not validates_stored(stored, headers):
-            return Replace()
-        return Freshen(merge_headers(stored.headers, headers))  # the engine stores freshen_stored()
-    if status >= 500 and stale_if_error:
+    if status == 304 and conditional:
+        return Freshen() if validates_stored(stored, headers) else Refetch()
+    if error_keeps_stored(stored, status, now):
         return ServeStale("ORIGIN-ERROR")
-    if status >= 500:
-        return PassThrough()
     return Replace()
 
 
@@ -182,7 +191,7 @@ def error_keeps_stored(stored: StoredResponse, status: int, now: float) -> bool:
 
 
 def etag_list(values: list[str] | tuple[str, ...]) -> list[str]:
-    return split_directives(", ".join(values))
+    return split_list(values)
 
 
 def client_not_modified(request_headers: Headers, stored: StoredResponse) -> bool:
@@ -203,12 +212,10 @@ def client_not_modified(request_headers: Headers, stored: StoredResponse) -> boo
             return False
         mine = _strong(stored.etag)
         return any(_strong(t) == mine for t in tags)
-    ims = request_headers.get("If-Modified-Since")
-    if ims is None:
-        return False
-    since = parse_http_date(ims)
+    ims = request_headers.getall("If-Modified-Since", ())
+    since = parse_http_date(ims[0]) if len(ims) == 1 else None
     if since is None:
-        return False  # an invalid date: the condition is ignored (RFC 9110 §13.1.3)
+        return False  # invalid, or several lines: the condition is ignored (RFC 9110 §13.1.3)
     modified: float | None = None
     if stored.last_modified is not None:
         modified = parse_http_date(stored.last_modified)

@@ -359,11 +359,14 @@ class MemoryTier:
         return out
 
     def keys_for_url(self, url: str, scan: bool = True) -> list[str]:
-        """Every key of ``url``: the plain one and those with header or cookie parts (those only
-        with ``scan``: a pass over every record, which the disk tier's index spares)."""
-        if not scan:
-            return [url] if self.slot(url) is not None else []
-        return [r.key for r in self.arena.scan() if r.key == url or url_of_key(r.key) == url]
+        """Every key of ``url``: the plain one and those with header or cookie parts or a
+        range's parts. Without ``scan`` (the disk tier's index knows the persisted ones), only
+        the records not yet written behind are looked through for the other shapes."""
+        if scan:
+            return [r.key for r in self.arena.scan() if r.key == url or url_of_key(r.key) == url]
+        keys = [url] if self.slot(url) is not None else []
+        keys += [r.key for r in self.arena.scan(skip=F_PERSISTED) if r.key != url and url_of_key(r.key) == url]
+        return keys
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
         return [r.key for r in self.arena.scan() if r.key.startswith(prefix)]

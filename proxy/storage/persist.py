@@ -43,6 +43,7 @@ from proxy.storage.arena import F_PERSISTED, Arena, Record
 from proxy.storage.bans import GONE, BanList
 from proxy.storage.disk import DiskTier
 from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry, decode_record
+from proxy.storage.failures import WriteFailures
 from proxy.storage.index import UrlTagIndex
 
 log = logging.getLogger("cachegate.storage")
@@ -134,6 +135,9 @@ class Persister:
         self._lock = asyncio.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist")
         self.closed = False
+        # The owner's write failures (``GET /stats``, logged once per streak): a batch that
+        # raised (a full disk) counts as a ``write`` failure there.
+        self.failures: WriteFailures | None = None
 
     def close(self) -> None:
         self.closed = True
@@ -173,8 +177,12 @@ class Persister:
                 if not records:
                     continue
                 before = self.stats.entries
-                failed = await asyncio.get_running_loop().run_in_executor(self._thread, self._commit, records)
+                # Shielded: a cancelled flush (a clean stop cancels the loop) must not take back
+                # a batch still queued in the thread; ``close`` waits for it to be committed.
+                failed, errors = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                    self._thread, self._commit, records))
                 committed += self.stats.entries - before
+                self._report(errors, self.stats.entries - before)
                 again = [p for p in failed if self._retry.get(p, 0) < MAX_ATTEMPTS]
                 for p in again:
                     self._retry[p] = self._retry.get(p, 0) + 1
@@ -183,14 +191,24 @@ class Persister:
                     break
         return committed
 
-    def _commit(self, records: list[Record]) -> list[int]:
+    def _report(self, errors: list[tuple[int, Exception]], committed: int) -> None:
+        if self.failures is None:
+            return
+        for n, exc in errors:
+            self.failures.failed("write", f"a write-behind batch of {n} entries", exc)
+        if committed and not errors:
+            self.failures.succeeded()
+
+    def _commit(self, records: list[Record]) -> tuple[list[int], list[tuple[int, Exception]]]:
         """In the persist thread: read the records' new variants (bodies copied out and checked),
         then commit them: an index transaction, then one transaction per shard. The positions
-        of the records a shard failed to take."""
+        of the records a shard failed to take (or whose part of the batch raised: a full disk),
+        and those errors with how many entries each cost."""
         items: list[_Item] = []
         batch_bytes = 0
         done_positions: list[int] = []
         failed: list[int] = []
+        errors: list[tuple[int, Exception]] = []
         for record in records:
             decoded = decode_record(record.key, record.meta)
             if decoded is None:
@@ -215,10 +233,19 @@ class Persister:
             done_positions.append(record.pos)
             batch_bytes += sum(len(i.body) for i in found if i.body is not None)
             if batch_bytes > BATCH_BYTES:
-                failed += self._write(items, done_positions)
+                failed += self._write_part(items, done_positions, errors)
                 items, done_positions, batch_bytes = [], [], 0
-        failed += self._write(items, done_positions)
-        return failed
+        failed += self._write_part(items, done_positions, errors)
+        return failed, errors
+
+    def _write_part(self, items: list[_Item], positions: list[int], errors: list[tuple[int, Exception]]
+                    ) -> list[int]:
+        try:
+            return self._write(items, positions)
+        except Exception as exc:  # tried again with the next batches (MAX_ATTEMPTS)
+            errors.append((len(items), exc))
+            self.stats.failed += len(items)
+            return list(positions)
 
     def _write(self, items: list[_Item], positions: list[int]) -> list[int]:
         if not items and not positions:

@@ -83,7 +83,8 @@ class BodySpool:
         if self._file is not None:
             f, self._file = self._file, None
             name = f.name
-            f.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush of what is buffered
+                f.close()
             with contextlib.suppress(OSError):
                 os.unlink(name)
 

@@ -3,9 +3,14 @@
 Closed to strangers: with ``admin.token`` set, every endpoint but ``/healthz``
 requires ``Authorization: Bearer <token>`` (compared in constant time: both sides
 are hashed first, so neither the content nor the length of the token leaks through
-timing); without a token, the config refuses any admin listener but loopback.
-Bad JSON, unknown fields or parameters, wrong types and URLs for a host cachegate
-does not serve answer 400 with ``{"error": "..."}``, and nothing is purged.
+timing); the config refuses a token under 16 characters on a listener that is not
+loopback, and any listener but loopback without a token. Without a token, the guard
+(``proxy.web.admin_guard``) refuses what a web page could send through a browser on
+this machine: a foreign ``Host`` (DNS rebinding), a state-changing request from
+another origin or without ``Content-Type: application/json`` (CSRF).
+Bad, hostile (nested deeper than 32 levels, duplicate keys, NaN) or oversized JSON,
+unknown fields or parameters, wrong types and URLs for a host cachegate does not
+serve answer 400 (413 over 1 MiB) with ``{"error": "..."}``, and nothing is purged.
 
 Which hosts cachegate serves: the patterns in ``admin.hosts`` when set; otherwise
 any host a client has asked this proxy for since it started, the configured
@@ -13,11 +18,16 @@ listen address, or a host with entries in the store (so a typo in a purge URL is
 an error, not a silent no-op).
 
 ``PURGE <path>`` on the *client* listener (the Varnish/nginx convention) purges
-that URL (every variant, as ``POST /purge {"urls": [...]}``) when the peer address
-is in ``admin.purge_from`` or the request carries the admin token; anyone else
-gets 403. With ``purge_from: []`` and no token the method is switched off: 405.
-PURGE is never forwarded to the origin (a 2xx from it would invalidate the URL
-for anyone who asks, RFC 9111 §4.4).
+that URL (every variant, as ``POST /purge {"urls": [...]}``) when the TCP peer's
+address is in ``admin.purge_from``; anyone else gets 403. Without ``purge_from``
+(the default) the method is switched off: 405. Not loopback by default, because a
+TLS terminator or sidecar on the same host makes every client 127.0.0.1. The admin
+token does not open it: the token is the key to the whole admin API, and the client
+listener is the public one (often plain HTTP behind a terminator, its headers seen
+and logged by layers cachegate does not control); nothing is lost, since ``POST
+/purge`` on the admin listener does the same with the token. PURGE is never
+forwarded to the origin (a 2xx from it would invalidate the URL for anyone who
+asks, RFC 9111 §4.4).
 """
 
 from __future__ import annotations
@@ -27,7 +37,6 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -42,14 +51,24 @@ from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.policy.keys import cache_key
 from proxy.policy.messages import RequestHead
-from proxy.purge import PurgeSpec, keys_for_url, normalise_url, parse_purge, url_host
+from proxy.purge import (
+    PurgeOutcome,
+    PurgeSpec,
+    PurgeUnavailable,
+    keys_for_url,
+    normalise_url,
+    parse_purge,
+    url_host,
+)
 from proxy.runtime import Runtime
+from proxy.web.admin_guard import GuardSettings, RefusalReason, guard_middleware, loads_untrusted
+from proxy.web.console import CSRF_HEADER, console_access, setup_console
 
 log = logging.getLogger("cachegate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RuntimeRef = Callable[[], Runtime]
-PurgeFn = Callable[[PurgeSpec], Awaitable[int]]
+PurgeFn = Callable[[PurgeSpec], Awaitable[PurgeOutcome]]
 SOFT_PURGE_HEADER = "Cachegate-Soft-Purge"
 MAX_BODY = 1 << 20
 
@@ -90,6 +109,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if token is None or request.path == "/healthz":
         return await handler(request)
     if not token_matches(bearer(request.headers), token):
+        access = console_access(request, token)  # the console's page, or a logged-in browser
+        if access in ("public", "session"):
+            return await handler(request)
+        if access == "csrf":
+            return json_error(403, f"missing or wrong {CSRF_HEADER} header for this console session")
         runtime.metrics.admin_unauthorized.inc()
         return web.json_response({"error": "admin token required: Authorization: Bearer <token>"},
                                  status=401, headers={"WWW-Authenticate": 'Bearer realm="cachegate"'})
@@ -101,24 +125,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except web.HTTPException as exc:
+        if exc.status == 413:
+            return json_error(413, TOO_LARGE)
         if exc.status >= 400:
             return json_error(exc.status, exc.reason)
         raise
     except BadRequest as exc:
         return json_error(400, str(exc))
+    except PurgeUnavailable as exc:
+        return json_error(503, str(exc))
     except Exception:
         log.exception("admin error on %s", request.path)
         return json_error(500, "internal error")
 
 
+TOO_LARGE = f"the request body is over {MAX_BODY} bytes (1 MiB), the admin API's limit"
+
+
 async def read_json(request: web.Request) -> Any:
+    """The body as JSON (``admin_guard.loads_untrusted``): 413 over 1 MiB, 400 when hostile."""
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise BadRequest("request body too large")
-    raw = await request.read()
-    try:
-        return json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"invalid JSON: {exc}") from None
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length,
+                                            text=TOO_LARGE)
+    raw = await request.read()  # a chunked body over client_max_size (MAX_BODY) raises 413 too
+    return loads_untrusted(raw or b"null")
 
 
 def query_params(request: web.Request, allowed: tuple[str, ...], repeatable: tuple[str, ...] = ()
@@ -157,8 +187,10 @@ async def purge(request: web.Request) -> web.Response:
     ctx = request.app[ADMIN]
     spec = parse_purge(await read_json(request))
     await check_hosts(ctx, spec.hosts)
-    count = await ctx.purge(spec)
-    return web.json_response({"purged": count, "soft": spec.soft})
+    outcome = await ctx.purge(spec)
+    # 202: not every live node of the cluster acknowledged within cluster.ack_timeout.
+    return web.json_response({**outcome.to_json(), "soft": spec.soft},
+                             status=200 if outcome.complete else 202)
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -173,7 +205,8 @@ async def reload(request: web.Request) -> web.Response:
                                   "problems": result.problems}, status=400)
     return web.json_response({"reloaded": True, "rules": result.rules,
                               "rule_files": list(result.rule_files),
-                              "restart_required": result.restart_required})
+                              "restart_required": result.restart_required,
+                              "warnings": list(result.warnings)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -183,7 +216,34 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """200 when this process serves: its client listeners accept (every worker's, with
+    ``--workers N``); 503 while starting or stopping, so a readiness probe sends traffic only
+    to a process that takes it; in cluster mode also 503 while it catches up with the
+    cluster's purges (a load balancer sends it nothing until it has applied them), with the
+    reason."""
+    runtime = request.app[ADMIN].runtime()
+    node = runtime.cluster
+    if node is not None and not node.ready:  # the cluster's reason first: it is why the rest waits
+        return web.json_response({"status": "not ready", "reason": node.reason,
+                                  "cluster": node.state}, status=503)
+    if runtime.state != "ready":
+        return web.json_response({"status": runtime.state}, status=503)
+    if node is None:
+        return web.json_response({"status": "ok"})
+    body = {"status": "ok", "cluster": node.state}
+    if node.state != "ready":
+        body["reason"] = node.reason  # serving from the local cache while Redis is away
+    return web.json_response(body)
+
+
+async def cluster(request: web.Request) -> web.Response:
+    """Cluster mode: every node Redis has seen, its state, last applied purge and lag
+    (see docs/cluster.md for the shape)."""
+    query_params(request, ())
+    node = request.app[ADMIN].runtime().cluster
+    if node is None:
+        return json_error(404, "cluster mode is off: the config has no cluster: section")
+    return web.json_response(await node.view())
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -222,8 +282,8 @@ def _header_pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
         return ()
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except ValueError as exc:
+            value = loads_untrusted(value)
+        except BadRequest as exc:
             raise BadRequest(f"{what!r} must be a JSON object like {EXAMPLE_HEADERS}: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"{what!r} must be a JSON object like {EXAMPLE_HEADERS}")
@@ -252,7 +312,7 @@ def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
     statuses = raw_status if isinstance(raw_status, list) else [raw_status]
     parsed: list[int] = []
     for s in statuses:
-        if isinstance(s, str) and s.isdigit():
+        if isinstance(s, str) and s.isdigit() and len(s) <= 3:
             s = int(s)
         if not isinstance(s, int) or isinstance(s, bool) or not 100 <= s <= 599:
             raise BadRequest("'status' must be an HTTP status (100-599) or a list of them")
@@ -263,6 +323,15 @@ def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
     return ExplainRequest(url=normalise_url(url), method=method.upper(),
                           headers=_header_pairs(doc.get("headers"), "headers"), statuses=tuple(parsed),
                           response_headers=response_headers)
+
+
+def explain_request(doc: dict[str, Any]) -> tuple[ExplainRequest, RequestHead]:
+    """The request an explain document describes; BadRequest for anything else (pure)."""
+    req = parse_explain(doc)
+    try:
+        return req, explain_head(req)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 async def explain(request: web.Request) -> web.Response:
@@ -276,11 +345,7 @@ async def explain(request: web.Request) -> web.Response:
     else:
         params = query_params(request, _EXPLAIN_FIELDS, repeatable=("status",))
         doc = {k: (v if k == "status" else v[0]) for k, v in params.items()}
-    req = parse_explain(doc)
-    try:
-        head = explain_head(req)
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+    req, head = explain_request(doc)
     await check_hosts(ctx, {head.host})
     runtime = ctx.runtime()
     rules = runtime.settings.rules
@@ -311,23 +376,25 @@ def _purge_allowed_peer(runtime: Runtime, remote: str) -> bool:
 
 async def purge_method(request: web.BaseRequest, runtime: Runtime, head: RequestHead) -> web.Response:
     """``PURGE <path>`` sent to the proxy: purge that URL's variants, or refuse (see the docstring)."""
-    admin = runtime.settings.admin
-    if not admin.purge_from and admin.token is None:
+    if not runtime.settings.admin.purge_from:
         runtime.metrics.purge_refused.labels("disabled").inc()
-        return json_error(405, "PURGE is switched off: admin.purge_from is empty and no admin.token is set")
-    allowed = _purge_allowed_peer(runtime, request.remote or "") or (
-        admin.token is not None and token_matches(bearer(request.headers), admin.token))
-    if not allowed:
+        return json_error(405, "PURGE is switched off on this listener: list the addresses allowed to "
+                               "send it in admin.purge_from, or use POST /purge on the admin API")
+    if not _purge_allowed_peer(runtime, request.remote or ""):
         runtime.metrics.purge_refused.labels("forbidden").inc()
         log.info("PURGE %s refused for %s", head.url, request.remote)
-        return json_error(403, "PURGE is allowed only from admin.purge_from or with the admin token")
+        return json_error(403, f"PURGE is allowed only from admin.purge_from; {request.remote} is not in it")
     soft = request.headers.get(SOFT_PURGE_HEADER, "").strip().lower() in ("1", "true", "yes")
     try:
         url = normalise_url(head.url)
     except BadRequest as exc:
         return json_error(400, str(exc))
-    count = await runtime.purge(PurgeSpec(urls=(url,), soft=soft))
-    return web.json_response({"purged": count, "soft": soft, "url": url})
+    try:
+        outcome = await runtime.purge(PurgeSpec(urls=(url,), soft=soft))
+    except PurgeUnavailable as exc:
+        return json_error(503, str(exc))
+    return web.json_response({**outcome.to_json(), "soft": soft, "url": url},
+                             status=200 if outcome.complete else 202)
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -335,8 +402,20 @@ async def purge_method(request: web.BaseRequest, runtime: Runtime, head: Request
 
 def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
                      inspector: Inspector | None = None) -> web.Application:
-    """The admin app; ``purge_fn`` and ``inspector`` are the supervisor's in multi-worker mode."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
+    """The admin app; ``purge_fn`` and ``inspector`` are the supervisor's in multi-worker mode.
+
+    Every route, including those other modules add, passes the guard (Host, Origin,
+    Content-Type: ``admin_guard``) and then the token check."""
+
+    def guard_settings(request: web.Request) -> GuardSettings:
+        admin = runtime_ref().settings.admin
+        return GuardSettings(token_set=admin.token is not None, server_names=admin.server_names)
+
+    def refused(request: web.Request, reason: RefusalReason) -> None:
+        runtime_ref().metrics.admin_refused.labels(reason).inc()
+
+    app = web.Application(middlewares=[error_middleware, guard_middleware(guard_settings, refused),
+                                       auth_middleware], client_max_size=MAX_BODY)
     ctx = AdminContext(runtime_ref, purge_fn or (lambda spec: runtime_ref().purge(spec)),
                        inspector or Inspector(runtime_ref))
     app[ADMIN] = ctx
@@ -348,6 +427,11 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    async def server_name(request: web.Request, response: web.StreamResponse) -> None:
+        # The operator's name, not aiohttp's default (which names its and Python's versions).
+        response.headers["Server"] = runtime_ref().settings.server_header
+
+    app.on_response_prepare.append(server_name)
     app.cleanup_ctx.append(sampler)
     app.router.add_post("/purge", purge)
     app.router.add_post("/reload", reload)
@@ -358,6 +442,8 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
     app.router.add_get("/explain", explain)
     app.router.add_post("/explain", explain)
     app.router.add_get("/upstreams", upstreams)
+    app.router.add_get("/cluster", cluster)
+    setup_console(app, runtime_ref, ctx.inspector)  # GET / and /console/...
     return app
 
 

@@ -12,27 +12,28 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import IO
+from typing import IO, assert_never
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+from aiohttp.http_writer import _serialize_headers
+from multidict import CIMultiDict
 
 from proxy.engine import ClientRequest, Reply
-from proxy.errors import BadRequest, CachegateError, UpstreamError
+from proxy.errors import BadRequest, CachegateError, ResponseAborted, UpstreamError
+from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
-from proxy.policy.keys import normalise_host
-from proxy.policy.messages import RequestHead
+from proxy.policy.messages import HeaderList, RequestHead
+from proxy.policy.request import Message, Refusal, normalise_request
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
 from proxy.storage.bodyfiles import BodyFile
 from proxy.web.admin import purge_method
 
 log = logging.getLogger("cachegate.proxy")
 
-_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 FILE_CHUNK = 256 * 1024
 
 
@@ -47,50 +48,40 @@ def _is_trusted(runtime: Runtime, remote: str) -> bool:
     return any(ip in n for n in nets)
 
 
-def request_head(request: web.BaseRequest, trusted: bool, default_host: str) -> RequestHead:
-    """The request as the cache sees it: raw target, normalised Host, scheme."""
-    return head_of(request.method, request.raw_path, request.headers, request.version,
-                   request.secure, trusted, default_host)
+def client_head(request: web.BaseRequest, runtime: Runtime, trusted: bool | None = None
+                ) -> RequestHead | Refusal:
+    """The one normalised view of this request (``proxy.policy.request``), or its refusal."""
+    if trusted is None:
+        trusted = _is_trusted(runtime, request.remote or "")
+    message = Message(request.method, request.raw_path, request.version, request.headers)
+    return normalise_request(message, secure=request.secure, trusted=trusted,
+                             listener=runtime.settings.client_listener)
 
 
-def head_of(method: str, target: str, headers: CIMultiDictProxy[str], version: tuple[int, int],
-            secure: bool, trusted: bool, default_host: str) -> RequestHead:
-    """``request_head`` from the parsed message's parts (the fast path has no aiohttp request)."""
-    scheme = "https" if secure else "http"
-    if trusted:
-        proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        if proto in ("http", "https"):
-            scheme = proto
-    host_header = headers.get("Host")
-    if target.startswith(("http://", "https://")):
-        # absolute-form (RFC 9112 §3.2.2): its authority wins over Host.
+def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList], None] | None:
+    """Writes the origin's interim (1xx) responses to the client, before the final response.
+
+    aiohttp's server has no public way to send a 1xx: ``StreamResponse`` writes one head,
+    the final one. What aiohttp itself does for ``100 Continue`` (its default expect
+    handler) is write the bytes on the connection before the response is prepared; this
+    does the same, on the transport, synchronously as the upstream client parses each
+    1xx, so they go out in order and always before the final head (which ``prepare``
+    writes later on the same transport). Never to an HTTP/1.0 client (RFC 9110 §15.2).
+    """
+    if request.version < HttpVersion11:
+        return None
+
+    def send(status: int, reason: str, fields: HeaderList) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
         try:
-            url = URL(target, encoded=True)
-        except ValueError:
-            raise BadRequest("malformed request target") from None
-        host_header = url.raw_authority
-        target = url.raw_path_qs or "/"
-    if not target.startswith("/") and not (method == "OPTIONS" and target == "*"):
-        raise BadRequest("malformed request target")
-    if host_header is None:
-        if version >= (1, 1):
-            raise BadRequest("missing Host header")
-        host_header = default_host
-    if len(headers.getall("Host", ())) > 1:
-        raise BadRequest("invalid Host header")
-    host = _HOSTS.get((host_header, scheme))
-    if host is None:
-        if not _HOST.fullmatch(host_header):
-            raise BadRequest("invalid Host header")
-        host = normalise_host(host_header, scheme)
-        if len(_HOSTS) >= 1024:
-            _HOSTS.clear()
-        _HOSTS[(host_header, scheme)] = host
-    return RequestHead(method, scheme, host, target, headers)
+            head = _serialize_headers(f"HTTP/1.1 {status} {reason}", CIMultiDict(fields))
+        except (ValueError, TypeError):  # a field aiohttp refuses to write: send none of it
+            return
+        transport.write(head)
 
-
-# Valid Host values seen, normalised: a site has few, and every request checks its own.
-_HOSTS: dict[tuple[str, str], str] = {}
+    return send
 
 
 async def _body_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:
@@ -125,84 +116,163 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
         server_log.addFilter(_CLIENT_ERROR_FILTER)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
         runtime = runtime_ref()
-        metrics = runtime.metrics
+        remote = request.remote or ""
+        trusted = _is_trusted(runtime, remote)
+        info = RequestInfo(runtime.request_ids.take(request.headers, trusted))
+        token = REQUEST.set(info)  # error log lines about this request carry its id
         try:
-            if request.method == "CONNECT":
-                return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS")
-            remote = request.remote or ""
-            trusted = _is_trusted(runtime, remote)
-            listen = runtime.settings.listen
-            head = request_head(request, trusted, f"{listen[0]}:{listen[1]}")
-            if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
-                return await purge_method(request, runtime, head)
-            if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
-                runtime.hosts_seen.add(head.host)
-            body = _body_stream(request) if request.body_exists else None
-            reply = await runtime.engine.handle(ClientRequest(head, remote, body, trusted))
-        except CachegateError as exc:
-            metrics.requests.labels("ERROR", request.method).inc()
-            return _plain(exc.status_hint, str(exc) or "error", "MISS")
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.raw_path)
-            metrics.requests.labels("ERROR", request.method).inc()
-            return _plain(500, "internal error", "MISS")
-        metrics.requests.labels(reply.x_cache, request.method).inc()
-        return await write_reply(request, reply, runtime)
+            resp, sent = await _respond(request, runtime, info, remote, trusted)
+        finally:
+            REQUEST.reset(token)
+        done = time.perf_counter()
+        if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
+            runtime.metrics.answered(info.url, info.x_cache, done - started)
+        access = runtime.access_log
+        if access is not None:
+            access.add((done, done - started, info.request_id, remote, request.method,
+                        info.host or request.host, info.target or request.raw_path, request.version,
+                        resp.status, sent,
+                        info.x_cache, info.cache_status, info.key, info.upstream, info.upstream_time,
+                        request.headers if access.wants_fields else None))
+        return resp
 
     return handle
 
 
-def _plain(status: int, text: str, x_cache: str) -> web.Response:
-    headers = CIMultiDict({"Cache-Status": cache_status(detail="PROXY-ERROR"),
-                           "X-Cache-Status": x_cache})
+async def _respond(request: web.BaseRequest, runtime: Runtime, info: RequestInfo, remote: str,
+                   trusted: bool) -> tuple[web.StreamResponse, int]:
+    """The response to a client request and the body bytes sent (those of a ``web.Response``
+    are written by aiohttp after the handler returns)."""
+    metrics = runtime.metrics
+    try:
+        if request.method == "CONNECT":
+            info.x_cache = "BYPASS"
+            return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", runtime, info), 0
+        head = client_head(request, runtime, trusted)
+        match head:
+            case RequestHead():
+                pass
+            case Refusal():
+                metrics.requests.labels("ERROR", request.method).inc()
+                log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
+                         request.remote, head.status, head.reason)
+                refused = _plain(head.status, head.reason, "MISS", runtime, info)
+                refused.force_close()  # the body's framing may be what was wrong
+                return refused, 0
+            case _:
+                assert_never(head)
+        info.host, info.target, info.url = head.host, head.target, head.url
+        if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
+            resp = await purge_method(request, runtime, head)
+            _own_fields(resp.headers, runtime, info)
+            info.x_cache = "PURGE"
+            return resp, len(resp.body) if isinstance(resp.body, bytes) else 0
+        if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
+            runtime.hosts_seen.add(head.host)
+        body = _body_stream(request) if request.body_exists else None
+        reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
+                                                          request_id=info.request_id))
+    except CachegateError as exc:
+        if not isinstance(exc, BadRequest):
+            log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
+        metrics.requests.labels("ERROR", request.method).inc()
+        return _plain(exc.status_hint, exc.public_text(), "MISS", runtime, info), 0
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.raw_path)
+        metrics.requests.labels("ERROR", request.method).inc()
+        return _plain(500, "internal error", "MISS", runtime, info), 0
+    metrics.requests.labels(reply.x_cache, request.method).inc()
+    info.x_cache = reply.x_cache
+    return await write_reply(request, reply, runtime, info)
+
+
+def _own_fields(headers: CIMultiDict[str], runtime: Runtime, info: RequestInfo) -> None:
+    """What the web layer adds to every response: the request's id, and the operator's name
+    for this proxy unless a rule set one (the origin's was dropped; aiohttp's default would
+    name Python's and aiohttp's versions)."""
+    headers["X-Request-Id"] = info.request_id
+    headers.setdefault("Server", runtime.settings.server_header)
+
+
+def _plain(status: int, text: str, x_cache: str, runtime: Runtime, info: RequestInfo) -> web.Response:
+    cs = cache_status(detail="PROXY-ERROR")
+    headers = CIMultiDict({"Cache-Status": cs, "X-Cache-Status": x_cache})
+    _own_fields(headers, runtime, info)
+    info.cache_status = cs
     return web.Response(status=status, text=text + "\n", headers=headers)
 
 
-async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime) -> web.StreamResponse:
+async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime, info: RequestInfo
+                      ) -> tuple[web.StreamResponse, int]:
+    """Write ``reply``; the response and the body bytes sent."""
     headers = CIMultiDict(reply.headers)
     if runtime.debug_headers:
         headers["X-Cachegate-Tier"] = reply.tier
         if runtime.worker_id is not None:
             headers["X-Cachegate-Worker"] = str(runtime.worker_id)
+    _own_fields(headers, runtime, info)
+    info.cache_status = headers.get("Cache-Status")
     body = reply.body
     if isinstance(body, bytes) and not reply.head_only:
         runtime.metrics.response_bytes.labels(reply.tier).inc(len(body))
-        return web.Response(status=reply.status, reason=reply.reason, body=body, headers=headers)
+        return web.Response(status=reply.status, reason=reply.reason, body=body, headers=headers), len(body)
     resp = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
     if reply.length is not None and reply.status not in (204, 304) and reply.status >= 200:
         resp.content_length = reply.length
-    await resp.prepare(request)
-    if body is None or reply.head_only:
-        await _close_body(body)
-        await resp.write_eof()
-        return resp
     sent = 0
     try:
-        if isinstance(body, bytes):
-            await resp.write(body)
-            sent = len(body)
-        elif hasattr(body, "__anext__"):
-            async for chunk in body:  # type: ignore[union-attr]
-                await resp.write(chunk)
-                sent += len(chunk)
+        await resp.prepare(request)
+        if body is not None and not reply.head_only:
+            if isinstance(body, bytes):
+                await resp.write(body)
+                sent = len(body)
+            elif hasattr(body, "__anext__"):
+                async for chunk in body:  # type: ignore[union-attr]
+                    await resp.write(chunk)
+                    sent += len(chunk)
+            else:
+                sent = await _send_file(request, resp, body, reply.offset, reply.length)
+        await resp.write_eof()
+    except (UpstreamError, ResponseAborted) as exc:
+        # The upstream broke off mid-body, or the body cannot be completed for this client
+        # (proxy.coalescer: it fell too far behind): end the connection so the client sees
+        # an incomplete response, never a truncated "complete" one.
+        if isinstance(exc, UpstreamError):
+            log.warning("aborting client response: %s", exc)
         else:
-            sent = await _send_file(request, resp, body, reply.offset, reply.length)
-    except UpstreamError as exc:
-        # The upstream broke off mid-body: end the connection so the client sees an
-        # incomplete response, never a truncated "complete" one.
-        log.warning("aborting client response: %s", exc)
-        if request.transport is not None:
-            request.transport.abort()
-        runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
-        return resp
+            log.debug("aborting client response to %s: %s", request.remote, exc)
+        _abort(request)
+    except ConnectionError as exc:
+        # The client went away mid-response: one line, nothing for anyone else to see.
+        _client_gone(request, exc)
+        _abort(request)
     finally:
         await _close_body(body)
-    runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
-    await resp.write_eof()
-    return resp
+        runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
+    return resp, sent
+
+
+def _client_gone(request: web.BaseRequest, exc: BaseException) -> None:
+    """Log a client gone mid-response once per connection (its protocol's ``connection_lost``
+    may have noticed first: ``ProxyRequestHandler.gone_logged``)."""
+    from proxy.web.fastpath import ProxyRequestHandler  # it imports this module
+
+    protocol = request.protocol
+    if isinstance(protocol, ProxyRequestHandler):
+        if protocol.gone_logged:
+            return
+        protocol.gone_logged = True
+    log.debug("client %s went away during %s %s: %s", request.remote, request.method, request.raw_path,
+              exc)
+
+
+def _abort(request: web.BaseRequest) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[bytes], offset: int,
@@ -233,10 +303,14 @@ async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[b
 
 def sendfile_now(transport: asyncio.BaseTransport | None, fd: int, offset: int, count: int) -> int:
     """``os.sendfile`` as much of ``fd`` as the socket takes now; the bytes sent (0 when the
-    transport still holds unsent data, whose order the file must not overtake)."""
+    transport still holds unsent data, whose order the file must not overtake, and always 0 on
+    a TLS connection: the kernel would put the file's plaintext into the TLS stream, and the
+    callers then write it through the transport, which encrypts it)."""
     if transport is None or transport.is_closing() or count <= 0:
         return 0
     if transport.get_write_buffer_size() != 0:  # type: ignore[attr-defined]
+        return 0
+    if transport.get_extra_info("sslcontext") is not None:
         return 0
     sock = transport.get_extra_info("socket")
     if sock is None:

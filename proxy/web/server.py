@@ -23,13 +23,19 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.config import Overrides, Settings, base_cache_options, load_config
-from proxy.control import Channel
+from proxy import __version__
+from proxy.cluster import ClusterUnavailable, attach_shared
+from proxy.cluster import join as join_cluster
+from proxy.config import Listener, Overrides, Settings, base_cache_options, load_config
+from proxy.control import Channel, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
-from proxy.purge import PurgeSpec
+from proxy.logs import say
+from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.runtime import ReloadResult, Runtime
+from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
+from proxy.web.console import register_console_calls
 from proxy.web.fastpath import FastPath, ProxyServer
 from proxy.web.proxy_handler import make_handler
 
@@ -52,31 +58,14 @@ def check_c_parser() -> None:
 @dataclass
 class Listeners:
     runners: list[web.BaseRunner] = field(default_factory=list)
-    proxy_addresses: list[tuple[str, int]] = field(default_factory=list)
+    proxy_addresses: list[tuple[str, int]] = field(default_factory=list)  # every client listener's
     admin_addresses: list[tuple[str, int]] = field(default_factory=list)
+    proxy_urls: list[str] = field(default_factory=list)  # the same, as http:// or https:// URLs
 
     async def stop(self, grace: float) -> None:
         for runner in self.runners:
             runner._shutdown_timeout = grace  # aiohttp reads it in cleanup()
         await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
-
-
-# Client, time, request line, status, bytes sent (head included, as nginx's $bytes_sent),
-# cache status, seconds taken, referer, user agent.
-ACCESS_LOG_FORMAT = '%a [%t] "%r" %s %b %{X-Cache-Status}o %Tf "%{Referer}i" "%{User-Agent}i"'
-
-
-def access_logger() -> logging.Logger:
-    """``access_log: true``: a line per request on standard output, whatever ``--log-level``
-    says (the log level is for cachegate's own messages)."""
-    log = logging.getLogger("cachegate.access")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
 
 
 def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
@@ -87,37 +76,67 @@ def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
     return out
 
 
+async def start_proxy_listeners(runtime_ref: Callable[[], Runtime], settings: Settings, listeners: Listeners,
+                                *, reuse_port: bool = False) -> None:
+    """Every client listener of ``settings`` (its runners added to ``listeners`` as they start,
+    so a later one that cannot bind leaves nothing behind once they stop); a TLS listener's
+    certificate is read again at each reload (``proxy.tls``)."""
+    runtime = runtime_ref()
+    for index, listener in enumerate(settings.listeners):
+        tls = ServerTLS(listener.tls.cert, listener.tls.key) if listener.tls is not None else None
+        runner = await start_proxy_listener(runtime_ref, settings, reuse_port=reuse_port, listener=listener,
+                                            tls=tls)
+        listeners.runners.append(runner)
+        bound = _bound(runner)
+        listeners.proxy_addresses.extend(bound)
+        listeners.proxy_urls.extend(f"{listener.scheme}://{_fmt(h)}:{p}" for h, p in bound)
+        if tls is not None:
+            runtime.on_reconfigure.append(_tls_reload(tls, index))
+
+
+def _tls_reload(tls: ServerTLS, index: int) -> Callable[[Settings], None]:
+    def reload(settings: Settings) -> None:
+        files = settings.listeners[index].tls if index < len(settings.listeners) else None
+        if files is not None:
+            tls.reload(files.cert, files.key)
+
+    return reload
+
+
 async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Settings, *,
-                               reuse_port: bool = False, sock: socket.socket | None = None,
-                               fast: bool = True) -> web.ServerRunner:
-    access = access_logger() if settings.access_log else None
+                               reuse_port: bool = False, fast: bool = True, listener: Listener | None = None,
+                               tls: ServerTLS | None = None) -> web.ServerRunner:
+    """One client listener (the first of ``settings`` unless ``listener`` says which); ``fast``
+    False answers hits on aiohttp's general path only (tests compare both)."""
+    listener = listener or settings.listeners[0]
+    if listener.tls is not None and tls is None:
+        tls = ServerTLS(listener.tls.cert, listener.tls.key)
     server = ProxyServer(
         make_handler(runtime_ref),
         # Fresh memory hits below web.Response (proxy.web.fastpath); tests compare without.
-        # The fast path writes no access log line: with an access log, every request takes
-        # the general path (the same answers, at its cost).
-        fast=FastPath(runtime_ref) if fast and access is None else None,
+        runtime_ref=runtime_ref,
+        fast=FastPath(runtime_ref) if fast else None,
         max_line_size=8190,
         max_field_size=8190,
         max_headers=128,
         keepalive_timeout=75.0,
-        access_log=access,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log=None,  # cachegate's own, on both paths (proxy.logs)
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
-    site: web.BaseSite
-    if sock is not None:
-        site = web.SockSite(runner, sock)
-    else:
-        host, port = settings.listen
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
+    host, port = listener.address
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+                       ssl_context=tls.context if tls is not None else None)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner
 
 
 async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Settings,
-                               purge: Callable[[PurgeSpec], Awaitable[int]] | None = None,
+                               purge: Callable[[PurgeSpec], Awaitable[PurgeOutcome]] | None = None,
                                inspector: Inspector | None = None) -> web.AppRunner | None:
     if settings.admin.listen is None:
         return None
@@ -131,10 +150,30 @@ async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Set
 
 
 def announce(listeners: Listeners) -> None:
-    for host, port in listeners.proxy_addresses:
-        print(f"cachegate: proxy listening on http://{_fmt(host)}:{port}", flush=True)
+    for url in listeners.proxy_urls:
+        say(f"cachegate: proxy listening on {url}")
     for host, port in listeners.admin_addresses:
-        print(f"cachegate: admin listening on http://{_fmt(host)}:{port}", flush=True)
+        say(f"cachegate: admin listening on http://{_fmt(host)}:{port}")
+
+
+def say_started(settings: Settings, proxy_urls: list[str], admin_urls: list[str], workers: int) -> None:
+    """The one start-up line: version, listeners, workers, cache budgets, config file."""
+    c = settings.cache
+    memory = f"memory {_size(c.memory)} shared by the workers" if workers > 1 else f"memory {_size(c.memory)}"
+    disk = f"disk {_size(c.disk.size)} at {c.disk.path}" if c.disk is not None else "no disk tier"
+    say(f"cachegate {__version__} started: proxy {', '.join(proxy_urls)}; "
+        f"admin {', '.join(admin_urls) or 'off'}; {workers} worker{'s' if workers > 1 else ''}; "
+        f"cache {memory}, {disk}; config {settings.source}",
+        event="started", version=__version__, listen=proxy_urls, admin=admin_urls, workers=workers,
+        memory_bytes=c.memory, disk_bytes=c.disk.size if c.disk else None,
+        disk_path=c.disk.path if c.disk else None, config=settings.source)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} B"
 
 
 def _fmt(host: str) -> str:
@@ -144,29 +183,39 @@ def _fmt(host: str) -> str:
 def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
-    Rules, the admin token and purge_from, trusted_proxies, via, tag_headers, lock_timeout
-    and shutdown_grace apply at once (they are read per request). Listeners, upstreams,
-    cache tiers and workers keep their running values until a restart; they are named so
-    the operator is told instead of silently ignored.
+    Rules, the admin token, purge_from and server_names, trusted_proxies, via, tag_headers,
+    lock_timeout, range_fill, shutdown_grace, server_header and the access log apply at once
+    (they are read per request), and so do TLS certificates (read again, also from the same
+    files). Listener addresses, upstreams, cache tiers and workers keep their running values
+    until a restart; they are named so the operator is told instead of silently ignored.
     """
+    same_listeners = _listener_shape(old) == _listener_shape(new)
     restart = [name for name, a, b in (
-        ("listen", old.listen, new.listen),
+        ("listen", _listener_shape(old), _listener_shape(new)),
         ("admin.listen", old.admin.listen, new.admin.listen),
         ("upstreams", old.upstreams, new.upstreams),
         ("upstream", old.pool, new.pool),
-        ("cache", replace(old.cache, tag_headers=(), lock_timeout=0),
-         replace(new.cache, tag_headers=(), lock_timeout=0)),
+        ("cache", replace(old.cache, tag_headers=(), lock_timeout=0, range_fill="whole"),
+         replace(new.cache, tag_headers=(), lock_timeout=0, range_fill="whole")),
         ("workers", old.workers, new.workers),
+        ("cluster", old.cluster, new.cluster),
     ) if a != b]
     merged = replace(
-        new, listen=old.listen, upstreams=old.upstreams, pool=old.pool, workers=old.workers,
+        new, listeners=new.listeners if same_listeners else old.listeners,
+        upstreams=old.upstreams, pool=old.pool, workers=old.workers,
+        cluster=old.cluster,
         admin=replace(new.admin, listen=old.admin.listen),
         cache=replace(old.cache, tag_headers=new.cache.tag_headers,
-                      lock_timeout=new.cache.lock_timeout),
+                      lock_timeout=new.cache.lock_timeout, range_fill=new.cache.range_fill),
     )
     if merged.cache.max_object != new.cache.max_object:
         merged = replace(merged, rules=new.rules.rebased(base_cache_options(merged)))
     return merged, restart
+
+
+def _listener_shape(s: Settings) -> tuple[tuple[str, int, bool], ...]:
+    """What of the listeners only a restart changes: addresses, and which ones are TLS."""
+    return tuple((li.host, li.port, li.tls is not None) for li in s.listeners)
 
 
 class Reloader:
@@ -193,11 +242,13 @@ class Reloader:
         self._apply(merged)
         for name in restart:
             log.warning("reload: %s changed; it applies at the next restart", name)
+        for warning in new.warnings:
+            log.warning("reload: %s", warning)
         log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.path,
                  len(merged.rules.rules), len(merged.rules.files))
         if self._on_result:
             self._on_result(True)
-        return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files)
+        return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files, new.warnings)
 
 
     def _rejected(self, problems: list[str]) -> ReloadResult:
@@ -216,6 +267,20 @@ def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides) -
     return reloader
 
 
+async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None = None,
+                       processes: int = 1) -> Runtime | None:
+    """``Runtime.open``, or None after one line on stderr when the cache directory cannot be
+    used (not writable, a file in the way): an operator's mistake, not a traceback."""
+    try:
+        return await Runtime.open(settings, owner=owner, arena_fd=arena_fd, processes=processes)
+    except OSError as exc:
+        disk = settings.cache.disk
+        where = disk.path if disk is not None else "?"
+        print(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
+              f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+        return None
+
+
 @dataclass
 class WorkerLink:
     """How a worker process talks to its supervisor (see ``proxy.supervisor``)."""
@@ -226,7 +291,8 @@ class WorkerLink:
 
 
 async def serve(settings: Settings, config_path: str | None, overrides: Overrides,
-                worker: WorkerLink | None = None) -> int:
+                worker: WorkerLink | None = None,
+                on_listening: Callable[[Listeners], None] | None = None) -> int:
     """Run one serving process until SIGTERM/SIGINT; returns the exit status.
 
     Alone, it owns the cache directory (upkeep) and runs the admin API. As a worker
@@ -235,8 +301,11 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     answers its calls (``purge_local``, ``reload``, ``ping``).
     """
     check_c_parser()
-    runtime = await Runtime.open(settings, owner=worker is None,
-                                 arena_fd=worker.arena_fd if worker is not None else None)
+    opened = await open_runtime(settings, owner=worker is None,
+                                arena_fd=worker.arena_fd if worker is not None else None)
+    if opened is None:
+        return 1
+    runtime = opened
     listeners = Listeners()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -245,18 +314,22 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     channel = None
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)
+        attach_shared(runtime)  # cluster mode's shared tier (the supervisor runs the bus)
     try:
-        proxy_runner = await start_proxy_listener(lambda: runtime, settings,
-                                                  reuse_port=worker is not None)
-        listeners.runners.append(proxy_runner)
-        listeners.proxy_addresses = _bound(proxy_runner)
         if worker is None:
             admin_runner = await start_admin_listener(lambda: runtime, settings)
             if admin_runner is not None:
                 listeners.runners.append(admin_runner)
                 listeners.admin_addresses = _bound(admin_runner)
-    except OSError as exc:
-        print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+            if settings.cluster is not None:
+                # Caught up with the cluster's purges before the first client is served
+                # (GET /healthz on the admin listener says why it is not ready meanwhile).
+                await join_cluster(runtime, runtime.purge_here)
+                runtime.purge_fn = runtime.cluster.purge
+        await start_proxy_listeners(lambda: runtime, settings, listeners, reuse_port=worker is not None)
+    except (OSError, ClusterUnavailable) as exc:
+        what = "cannot listen: " if isinstance(exc, OSError) else ""
+        print(f"cachegate: {what}{exc}", file=sys.stderr, flush=True)
         await listeners.stop(0)
         if channel is not None:
             await channel.close()
@@ -267,14 +340,21 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    runtime.state = "ready"
     if channel is not None:
         await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
     else:
+        if on_listening is not None:
+            on_listening(listeners)  # bound: what it prints is true (the demo's curl lines)
         announce(listeners)
+        say_started(settings, listeners.proxy_urls,
+                    [f"http://{_fmt(h)}:{p}" for h, p in listeners.admin_addresses], 1)
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: finishing in-flight requests (grace %.0fs)", settings.shutdown_grace)
+        runtime.state = "stopping"
+        # The grace period of the config running now: a reload may have changed it.
+        log.info("shutting down: finishing in-flight requests (grace %gs)", runtime.settings.shutdown_grace)
         for sig in (*stop_signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await listeners.stop(runtime.settings.shutdown_grace)
@@ -282,7 +362,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
             await channel.close()
         await runtime.close()
     if worker is None:
-        print("cachegate: stopped", flush=True)
+        say("cachegate: stopped", event="stopped")
     return 0
 
 
@@ -307,13 +387,21 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
     channel = await Channel.open(sock, {"purge_local": purge_local, "reload": reload, "ping": ping},
                                  name=f"worker {worker.worker_id}")
 
-    async def purge_via_supervisor(spec: PurgeSpec) -> int:
-        return int(await channel.call("purge", spec=spec.to_json()))
+    async def purge_via_supervisor(spec: PurgeSpec) -> PurgeOutcome:
+        try:
+            return PurgeOutcome.from_json(await channel.call("purge", spec=spec.to_json()))
+        except RemoteError as exc:
+            kind, _, message = str(exc).partition(": ")
+            if kind == PurgeUnavailable.__name__:
+                raise PurgeUnavailable(message) from None
+            raise
 
     runtime.purge_fn = purge_via_supervisor
     runtime.worker_id = worker.worker_id
+    runtime.metrics.process_label = str(worker.worker_id)
     runtime.control = channel
     register_worker_calls(runtime)  # GET /cache, /stats, /metrics on the supervisor ask workers
+    register_console_calls(runtime)  # the console's live numbers
     runtime.engine.join_cluster(channel, worker.worker_id)  # cross-worker coalescing (proxy.leases)
 
     async def watch_supervisor() -> None:

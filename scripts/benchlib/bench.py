@@ -99,8 +99,9 @@ def workloads(keys: int, zipf_keys: int = 100_000, before: bool = False) -> list
 def _workloads(keys: int, zipf_keys: int) -> list[Workload]:
     return [
         Workload("hit-1k", "/obj/1k", "hit",
-                 ["cachegate", "ceiling-1p", "ceiling-2p", "origin-raw", "nginx-1w", "nginx-2w", "varnish"],
-                 about="one 1 KiB object, memory-tier hit"),
+                 ["cachegate", "cachegate-log", "ceiling-1p", "ceiling-2p", "origin-raw", "nginx-1w",
+                  "nginx-2w", "varnish"],
+                 about="one 1 KiB object, memory-tier hit (cachegate-log: with the JSON access log on)"),
         Workload("hit-100k", "/obj/100k", "hit", ["cachegate", "ceiling-{w}p", "nginx-2w", "varnish"],
                  about="one 100 KiB object, memory-tier hit"),
         Workload("hit-1m", "/obj/1m", "hit", ["cachegate", "ceiling-{w}p", "nginx-2w", "varnish"],
@@ -296,6 +297,17 @@ def prime_and_check(system: System, workload: Workload) -> dict[str, object]:
             report["problems"].append(  # type: ignore[attr-defined]
                 f"{system.name} {workload.path}: {delta['upstream']:.0f} body bytes came from upstream")
     return report
+
+
+def access_log_lines(fleet: Fleet, system: System) -> int:
+    """Lines in a cachegate system's access log file so far (it writes a batch every 0.1 s)."""
+    time.sleep(0.3)
+    path = fleet.access_log_path(system.name)
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
 def tier_bytes(system: System) -> dict[str, float]:
@@ -592,6 +604,8 @@ def start_fleet(fleet: Fleet, wanted: set[str], workers: int) -> None:
             system = fleet.start_cachegate(name, origin, workers, root=BEFORE[0])
         elif name == "cachegate-disk":
             system = fleet.start_cachegate(name, origin, workers, memory_max_object="64KB")
+        elif name == "cachegate-log":  # the same, with the JSON access log written to a file
+            system = fleet.start_cachegate(name, origin, workers, access_log=True)
         elif name.startswith("nginx-"):
             if shutil.which("nginx"):
                 system = fleet.start_nginx(name, origin, int(name[len("nginx-"):-1]))
@@ -677,6 +691,14 @@ def run(opts: Options) -> int:
             print(f"{failures} system(s) did not answer as the workload needs; their numbers would "
                   "mean something else. Stopping.", file=sys.stderr)
             return 1
+        log_system = fleet.systems.get("cachegate-log")
+        if log_system is not None:  # the log was really on: the checks' requests are in it
+            lines = access_log_lines(fleet, log_system)
+            checks["hit-1k/cachegate-log"]["access_log_lines"] = lines  # type: ignore[index]
+            print(f"  cachegate-log wrote {lines} access log lines while primed and checked", flush=True)
+            if lines == 0:
+                print("cachegate-log wrote no access log line: the log is not on", file=sys.stderr)
+                return 1
         results["checks"] = checks
         if not opts.use_wrk:
             print("--no-wrk: started, primed and checked every system; not measuring.")
@@ -903,7 +925,7 @@ AREAS = (
     ("proxy/web/", "cachegate web layer (proxy/web)"),
     ("proxy/engine.py", "cachegate engine"),
     ("proxy/coalescer.py", "cachegate coalescer"),
-    ("proxy/rules.py", "cachegate rules"),
+    ("proxy/rules/", "cachegate rules"),
     ("proxy/policy/", "cachegate policy"),
     ("proxy/storage/", "cachegate storage"),
     ("proxy/upstream.py", "cachegate upstream pool"),

@@ -75,9 +75,10 @@ def hit(fleet: Fleet) -> None:
     from proxy.engine import ClientRequest
     from proxy.policy.cache_status import cache_status
     from proxy.policy.keys import cache_key
+    from proxy.policy.messages import RequestHead
     from proxy.policy.reuse import decide_lookup
     from proxy.runtime import Runtime
-    from proxy.web.proxy_handler import request_head
+    from proxy.web.proxy_handler import client_head
 
     origin = fleet.start_app("origin", "origin", 1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-micro-", dir=fleet.dir))
@@ -93,8 +94,9 @@ def hit(fleet: Fleet) -> None:
     try:
         raw = (b"GET /obj/1k HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n")
         mocked = make_mocked_request("GET", "/obj/1k", headers={"Host": "127.0.0.1:8080"})
-        head = request_head(mocked, False, "127.0.0.1:8080")
-        req = ClientRequest(head, "127.0.0.1", None, False)
+        head = client_head(mocked, runtime)
+        assert isinstance(head, RequestHead)
+        req = ClientRequest(head, "127.0.0.1", None)
 
         async def drain() -> Any:
             reply = await engine.handle(req)
@@ -112,8 +114,8 @@ def hit(fleet: Fleet) -> None:
         total = per_call_async_us(loop, lambda: engine.handle(req))
         row("Engine.handle (whole engine, memory hit)", total)
         fast_path(loop, runtime, raw)
-        row("request_head(aiohttp request) in the web layer", per_call_us(
-            lambda: request_head(mocked, False, "127.0.0.1:8080")))
+        row("client_head(aiohttp request) in the web layer", per_call_us(
+            lambda: client_head(mocked, runtime)))
         plan = engine.rules.plan(head)
         row("RuleSet.plan (the default rules; no rule matches /obj/1k)",
             per_call_us(lambda: engine.rules.plan(head)))
@@ -161,8 +163,8 @@ def fast_path(loop: asyncio.AbstractEventLoop, runtime: Any, raw: bytes) -> None
     """The fast hit path's pieces (proxy.web.fastpath): what a 1 KiB hit costs below aiohttp."""
     from aiohttp._http_parser import HttpRequestParser
 
+    from proxy.policy.request import normalise_request
     from proxy.web.fastpath import FastPath
-    from proxy.web.proxy_handler import head_of
 
     parser = HttpRequestParser(object(), loop, 2**16, max_line_size=8190, max_field_size=8190,
                                max_headers=128, max_msg_queue_size=32)
@@ -177,13 +179,14 @@ def fast_path(loop: asyncio.AbstractEventLoop, runtime: Any, raw: bytes) -> None
     if fast.answer(msg, "127.0.0.1", False) is None:
         print("  fast path: this hit is not answered on the fast path")
         return
-    head = head_of("GET", msg.path, msg.headers, msg.version, False, False, "127.0.0.1:8080")
+    listener = runtime.settings.client_listener
+    head = normalise_request(msg, secure=False, trusted=False, listener=listener)
     print("fast path (a hit answered from aiohttp's data_received, below web.Response):")
     row("aiohttp's C parser: feed_data of the request", per_call_us(parse))
     row("FastPath.answer (all of it, up to the bytes to write)",
         per_call_us(lambda: fast.answer(msg, "127.0.0.1", False)))
-    row("  head_of (target, Host, scheme)", per_call_us(
-        lambda: head_of("GET", msg.path, msg.headers, msg.version, False, False, "127.0.0.1:8080")))
+    row("  normalise_request (the one view of the request)", per_call_us(
+        lambda: normalise_request(msg, secure=False, trusted=False, listener=listener)))
     row("  Engine.fresh_hit (rules, key, memory, plain_fresh_hit)",
         per_call_us(lambda: runtime.engine.fresh_hit(head)))
 

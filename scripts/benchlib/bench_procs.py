@@ -260,8 +260,11 @@ class Fleet:
             self._spawn(system, argv, f"{name}-{i}.log")
         return self.add(system)
 
+    def access_log_path(self, name: str) -> Path:
+        return self.dir / f"{name}-access.log"
+
     def cachegate_config(self, name: str, origin: System, port: int, admin_port: int,
-                         memory_max_object: str = "1MB") -> Path:
+                         memory_max_object: str = "1MB", access_log: bool = False) -> Path:
         disk = self.dir / f"{name}-cache"
         config = self.dir / f"{name}.yaml"
         rules = ROOT / "rules" / "default.yaml"
@@ -275,16 +278,17 @@ class Fleet:
             f"  disk:\n    path: {disk}\n    size: 4GB\n"
             f"admin:\n  listen: 127.0.0.1:{admin_port}\n"
             f"rules:\n  - {rules}\n"
+            + (f"access_log: {{format: json, path: {self.access_log_path(name)}}}\n" if access_log else "")
         )
         return config
 
     def start_cachegate(self, name: str, origin: System, workers: int,
-                        memory_max_object: str = "1MB", uvloop: bool = True, root: Path | None = None
-                        ) -> System:
+                        memory_max_object: str = "1MB", uvloop: bool = True, root: Path | None = None,
+                        access_log: bool = False) -> System:
         """``cachegate run`` as a subprocess (from the checkout at ``root``: this one by default);
         falls back to 1 worker when --workers N is refused."""
         port, admin_port = free_port(), free_port()
-        config = self.cachegate_config(name, origin, port, admin_port, memory_max_object)
+        config = self.cachegate_config(name, origin, port, admin_port, memory_max_object, access_log)
         while True:
             system = System(name, "cachegate", workers, port, admin_port=admin_port)
             argv = [self.python, "-m", "proxy", "run", "--config", str(config), "--workers", str(workers),

@@ -193,6 +193,8 @@ TARGETS: tuple[Target, ...] = (
     Target("1 MiB hit / before", ("hit-1m", "cachegate"), ("hit-1m", "cachegate-before"), ">=", 0.97),
     Target("1 KiB pass-through / before", ("pass-1k", "cachegate"), ("pass-1k", "cachegate-before"), ">=",
            0.97),
+    Target("1 KiB hit with the JSON access log / without",
+           ("hit-1k", "cachegate-log"), ("hit-1k", "cachegate"), ">=", 0.8),
 )
 
 UNITS = {"rps": "req/s", "p99": "ms p99", "hit_ratio": "hit ratio", "fills_per_s": "fills/s",

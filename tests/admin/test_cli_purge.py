@@ -13,7 +13,7 @@ from tests.admin.util import absolute, settle, swept
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 
-TOKEN = "cli-token-42"
+TOKEN = "cli-token-42-long-enough"
 
 
 async def cachegate(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -88,7 +88,7 @@ async def test_the_address_and_token_can_come_from_the_config(
     assert (code, err) == (0, "")
     assert json.loads(out) == {"purged": 1, "soft": False}
     code, _, err = await cachegate("purge", "--config", str(config), absolute(proxy, "/a"),
-                                   env={"OPERATOR_TOKEN": "not-it"})
+                                   env={"OPERATOR_TOKEN": "not-it-but-as-long"})
     assert code == 1 and "401" in err
 
 
@@ -119,3 +119,29 @@ async def test_the_purge_command_has_help(origin: Origin) -> None:
     assert code == 0 and "--tag TAG" in out and "CACHEGATE_ADMIN_TOKEN" in out
 
 
+
+
+async def test_a_cluster_purge_not_acknowledged_by_every_node_prints_its_answer_and_exits_1(
+        origin: Origin) -> None:
+    # An admin API answering as a node of a cluster does when node b did not acknowledge (202).
+    from aiohttp import web
+
+    async def purge(request: web.Request) -> web.Response:
+        return web.json_response({"purged": 3, "nodes": {"a": {"purged": 3}}, "missing": ["b"],
+                                  "soft": False}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/purge", purge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        code, out, err = await cachegate("purge", "--admin", f"http://127.0.0.1:{port}", "--tag", "t")
+    finally:
+        await runner.cleanup()
+    assert code == 1
+    assert json.loads(out)["missing"] == ["b"]
+    assert "not acknowledged within cluster.ack_timeout by b" in err

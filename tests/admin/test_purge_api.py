@@ -153,6 +153,8 @@ async def test_a_soft_purge_serves_the_old_copy_while_one_request_revalidates(
     herd = await asyncio.gather(*(proxy.get("/s/page") for _ in range(5)))
     assert {(r.body, r.x_cache) for r in herd} == {(b"v1", "UPDATING")}
     assert all("detail=SOFT-PURGED" in r.cache_status for r in herd)
+    # Stale since the purge: its ttl is not what was left of max-age=300 (RFC 9211 §2.3).
+    assert all("; ttl=0;" in r.cache_status for r in herd), [r.cache_status for r in herd]
     await settle(proxy)
     assert calls["n"] == 2  # exactly one revalidation for all five
     fresh = await proxy.get("/s/page")

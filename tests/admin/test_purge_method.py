@@ -1,4 +1,5 @@
-"""PURGE <path> on the client listener: allowed from admin.purge_from or with the token, else refused."""
+"""PURGE <path> on the client listener: off unless admin.purge_from is listed; then allowed from
+those peers only (the admin token does not open it)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ def page(origin: Origin, path: str, vary: str | None = None) -> dict[str, int]:
 
     origin.route(path, handler)
     return state
+
+
+LOOPBACK = "admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8, '::1/128']}\n"
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> Proxy:
+    """A proxy that takes PURGE from loopback (the test's address): listed, as it must be now."""
+    return await make_proxy(config=LOOPBACK)
 
 
 async def test_purge_from_loopback_purges_every_variant_and_never_reaches_the_origin(
@@ -69,7 +79,7 @@ async def test_a_soft_purge_header_marks_the_url_stale(origin: Origin, proxy: Pr
 
 @pytest.fixture
 async def guarded(make_proxy: MakeProxy) -> Proxy:
-    """A proxy that takes PURGE only from 10.0.0.0/8 (not from the test, on 127.0.0.1) or with a token."""
+    """A proxy that takes PURGE only from 10.0.0.0/8 (not from the test, on 127.0.0.1)."""
     return await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}, purge_from: [10.0.0.0/8]}}\n")
 
 
@@ -78,6 +88,8 @@ async def guarded(make_proxy: MakeProxy) -> Proxy:
     {"Authorization": "Bearer wrong-token"},
     {"Authorization": f"Basic {TOKEN}"},
     {"Authorization": f"Bearer {TOKEN}x"},
+    {"Authorization": f"Bearer {TOKEN}"},  # the token is no key to PURGE (see proxy.web.admin)
+    {"X-Forwarded-For": "10.0.0.1", "X-Real-IP": "10.0.0.1"},  # only the TCP peer counts
 ])
 async def test_anyone_else_gets_403_and_nothing_is_purged(
         origin: Origin, guarded: Proxy, headers: dict[str, str]) -> None:
@@ -93,23 +105,37 @@ async def test_anyone_else_gets_403_and_nothing_is_purged(
     assert b'cachegate_purge_refused_total{reason="forbidden"} 1.0' in metrics
 
 
-async def test_the_admin_token_lets_a_caller_outside_purge_from_purge(origin: Origin, guarded: Proxy) -> None:
-    page(origin, "/doc")
-    await guarded.get("/doc")
-    await settle(guarded)
-    reply = await guarded.request("PURGE", "/doc", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert (reply.status, js(reply)["purged"]) == (200, 1)
-    assert (await guarded.get("/doc")).x_cache == "MISS"
-
-
-async def test_with_no_purge_from_and_no_token_the_method_is_switched_off(
-        origin: Origin, make_proxy: MakeProxy) -> None:
-    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', purge_from: []}\n")
+@pytest.mark.parametrize("config", [
+    "",  # the default: a TLS terminator on this host would make every client 127.0.0.1
+    "admin: {listen: '127.0.0.1:0', purge_from: []}\n",
+    f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n",  # a token alone does not switch it on
+], ids=["default", "empty-list", "token-only"])
+@pytest.mark.parametrize("authorization", [None, f"Bearer {TOKEN}"])
+async def test_without_purge_from_the_method_is_switched_off_even_from_loopback(
+        origin: Origin, make_proxy: MakeProxy, config: str, authorization: str | None) -> None:
+    proxy = await make_proxy(config=config)
     state = page(origin, "/doc")
     await proxy.get("/doc")
     await settle(proxy)
-    reply = await proxy.request("PURGE", "/doc")
+    headers = {"Authorization": authorization} if authorization else {}
+    reply = await proxy.request("PURGE", "/doc", headers=headers)  # from 127.0.0.1
     assert reply.status == 405
-    assert "PURGE is switched off" in js(reply)["error"]
-    assert "other" not in state
+    assert "PURGE is switched off on this listener" in js(reply)["error"]
+    assert "other" not in state  # never forwarded either
     assert (await proxy.get("/doc")).x_cache == "HIT"
+
+
+async def test_methods_the_parser_knows_pass_to_the_origin_and_ban_is_refused_before_it(
+        origin: Origin, proxy: Proxy) -> None:
+    """What docs/admin-api.md says of other methods: llhttp's list passes (PROPFIND, M-SEARCH,
+    QUERY, ...), anything else (Varnish's BAN) is a 400 from the parser and reaches nobody."""
+    from tests.test_proxying import raw_exchange
+
+    state = page(origin, "/m")
+    for method in ("PROPFIND", "M-SEARCH", "QUERY"):
+        reply = await proxy.request(method, "/m")
+        assert (reply.status, reply.x_cache) == (204, "BYPASS"), method
+    assert state.get("other") == 3
+    head = await raw_exchange(proxy.url, b"BAN /m HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400 Bad Request"), head
+    assert state.get("other") == 3

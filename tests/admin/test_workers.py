@@ -24,7 +24,8 @@ CACHE = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
 
 
 async def start(origin: Origin, tmp_path: Path) -> ProxyProcess:
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url, CACHE, admin="{listen: '127.0.0.1:0', purge_from: [127.0.0.0/8]}"))
     await proxy.start("--workers", "2")
     await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
     return proxy
@@ -162,7 +163,8 @@ async def test_every_kind_of_purge_is_complete_in_both_workers_when_it_answers(
             version["v"] += 1
             reply = await proxy.admin("POST", "/purge", json=spec)
             assert reply.status == 200, (name, reply.body)
-            assert json.loads(reply.body)["purged"] >= len(purged), name
+            # The objects purged, each counted once (not once per worker that held it).
+            assert json.loads(reply.body)["purged"] == len(purged), name
             await never_old(purged, soft)
         # PURGE on the client listener, whichever worker takes it, purges in both.
         for headers, soft in (({}, False), ({"Cachegate-Soft-Purge": "1"}, True)):

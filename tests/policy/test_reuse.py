@@ -190,6 +190,10 @@ def test_a_soft_purged_response_is_served_while_it_refreshes() -> None:
     s: StoredResponse = replace(stored([("Cache-Control", "max-age=60"), ETAG]), invalidated=True)
     d = decide_lookup(request(), [s], T0 + 1, CacheOptions())
     assert kind(d) == "serve UPDATING refresh"
+    assert isinstance(d, Serve) and d.ttl == 0  # stale since the purge, whatever max-age had left
+    assert s.ttl(T0 + 1) == 0
+    already_stale = replace(s, freshness=replace(s.freshness, lifetime=0.5))
+    assert already_stale.ttl(T0 + 1) == -0.5
 
 
 def test_a_soft_purged_must_revalidate_response_is_revalidated_first() -> None:

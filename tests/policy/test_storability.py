@@ -106,3 +106,38 @@ def test_the_variant_records_the_normalised_selecting_fields_rfc_9111_section_4_
                      req=request(("Accept-Language", "EN , De"), ("Foo", "1"), ("Foo", "2")))
     assert isinstance(decision, Store)
     assert decision.response.vary == (("accept-language", "en, de"), ("bar", "\n"), ("foo", "1, 2"))
+
+
+# A rule's ttl default (``default:`` or a lone duration) against every class of status: it never
+# gives a lifetime to an error status RFC 9110 §15.1 does not call heuristically cacheable (a
+# CPDoS: one client's rejected request stored for everyone); naming the status does.
+RULE_DEFAULT = CacheOptions(ttl_default=60.0)
+
+
+@pytest.mark.parametrize("status, stored", [
+    (200, True), (203, True), (204, True), (301, True), (302, True), (307, True), (308, True),
+    (404, True), (405, True), (410, True), (414, True), (501, True),
+    (400, False), (401, False), (403, False), (408, False), (418, False), (429, False),
+    (431, False), (500, False), (502, False), (503, False), (504, False),
+])
+def test_a_rule_ttl_default_never_stores_an_error_status_it_does_not_name(status: int, stored: bool) -> None:
+    decision = store([("Date", date(0))], status=status, options=RULE_DEFAULT)
+    if stored:
+        assert isinstance(decision, Store), decision
+        assert (decision.response.freshness.lifetime, decision.response.freshness.source) == (60.0, "rule")
+    else:
+        assert decision == DontStore("UNCACHEABLE-STATUS")
+
+
+@pytest.mark.parametrize("status", [400, 431, 500, 503])
+def test_an_error_status_named_in_the_rule_table_is_stored(status: int) -> None:
+    options = CacheOptions(ttl_by_status={status: 10.0}, ttl_default=60.0)
+    decision = store([("Date", date(0))], status=status, options=options)
+    assert isinstance(decision, Store), decision
+    assert decision.response.freshness.lifetime == 10.0
+
+
+def test_the_origins_own_freshness_on_an_error_status_is_still_obeyed() -> None:
+    """Only the rule's default is limited: an origin that says max-age on its 503 decides."""
+    decision = store([("Cache-Control", "max-age=5")], status=503, options=RULE_DEFAULT)
+    assert isinstance(decision, Store) and decision.response.freshness.lifetime == 5.0

@@ -46,14 +46,20 @@ async def test_rule_ttl_is_used_only_when_the_origin_gives_no_freshness(
     assert origin.count("/teapot") == 2
 
 
-async def test_ttl_default_covers_statuses_not_listed(origin: Origin, make_proxy: MakeProxy) -> None:
+async def test_ttl_default_covers_statuses_not_listed_but_no_unnamed_error(
+        origin: Origin, make_proxy: MakeProxy) -> None:
     proxy = await make_proxy(rules="""
         rules:
           - {name: all, match: {path: "/**"}, ttl: {200: 1h, default: 30s}}
     """)
+    origin.route("/moved", status=307, body=b"elsewhere", headers={"Location": "/x"})
+    origin.route("/gone", status=410, body=b"gone")
     origin.route("/teapot", status=418, body=b"tea")
-    assert await twice(proxy, "/teapot") == ("MISS", "HIT")
-    assert 20 <= ttl(await proxy.get("/teapot")) <= 30
+    assert await twice(proxy, "/moved") == ("MISS", "HIT")
+    assert 20 <= ttl(await proxy.get("/moved")) <= 30
+    assert await twice(proxy, "/gone") == ("MISS", "HIT")  # 410 is heuristically cacheable
+    # An error status is stored only when the table names it (a CPDoS guard: tests/security).
+    assert await twice(proxy, "/teapot") == ("MISS", "MISS")
 
 
 async def test_defaults_ttl_applies_to_requests_no_rule_matches(

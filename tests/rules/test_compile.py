@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.config import Settings
+from proxy.config import Listener, Settings
 from proxy.policy.messages import CacheOptions, RequestHead
 from proxy.rules import RequestView, RuleSet, compile_rule_file, normalise_path
 from proxy.web.server import live_settings
@@ -155,8 +155,8 @@ def test_the_path_index_finds_the_same_rule_as_a_scan_of_every_rule(
 
 
 def test_reload_keeps_what_needs_a_restart() -> None:
-    old = Settings(source="a", listen=("127.0.0.1", 1), via="old")
-    new = Settings(source="a", listen=("127.0.0.1", 2), via="new", rules=RULES)
+    old = Settings(source="a", listeners=(Listener("127.0.0.1", 1),), via="old")
+    new = Settings(source="a", listeners=(Listener("127.0.0.1", 2),), via="new", rules=RULES)
     merged, restart = live_settings(old, new)
     assert restart == ["listen"]
     assert (merged.listen, merged.via, merged.rules) == (("127.0.0.1", 1), "new", RULES)

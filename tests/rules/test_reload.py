@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 
 from proxy.config import Overrides
 from proxy.web.server import install_reloader
-from tests.harness import Origin, Proxy, write_config
+from tests.harness import Origin, Proxy, spawn_cachegate, write_config
 
 MakeProxy = Callable[..., Awaitable[Proxy]]
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,3 +221,25 @@ async def test_sighup_reloads_a_running_process_without_dropping_connections(
     assert proc.returncode == 0, log
     assert "rules.yaml:5: rule 'new': bypass is decided before the response exists" in log
     assert "reload rejected, the running config stays" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_shutdown_after_a_reload_uses_and_logs_the_new_grace_period(
+        origin: Origin, tmp_path: Path, workers: str) -> None:
+    """shutdown_grace applies at once on reload (docs/rules.md): the stop that follows says so."""
+    config = write_config(str(tmp_path), origin.url, "shutdown_grace: 17s\n")
+    proc = spawn_cachegate(["run", "--config", config, "--workers", workers, "--log-level", "info"])
+    try:
+        Path(config).write_text(Path(config).read_text().replace("shutdown_grace: 17s", "shutdown_grace: 3s"))
+        proc.proc.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            if "config reloaded from" in proc.text:
+                break
+            time.sleep(0.05)
+        assert "config reloaded from" in proc.text, proc.text
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.text
+    assert "grace 3s" in proc.text, proc.text
+    assert "grace 17s" not in proc.text, proc.text

@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.harness import json_content
+
 HOST = "cachegate.test"
 LISTEN = re.compile(r"proxy listening on http://([^\s]+)")
 ADMIN = re.compile(r"admin listening on http://([^\s]+)")
@@ -103,6 +105,7 @@ class ProxyProcess:
             return Response(r.status, r.headers, await r.read())
 
     async def admin(self, method: str, path: str, **kwargs: Any) -> Response:
+        kwargs["headers"] = json_content(method, kwargs.get("headers"))
         async with aiohttp.ClientSession() as s, s.request(method, self.admin_url + path, **kwargs) as r:
             return Response(r.status, r.headers, await r.read())
 
@@ -134,11 +137,12 @@ class ProxyProcess:
                 await asyncio.wait_for(self._reader, 5)
 
 
-def write_config(directory: str, origin_url: str, cache: str, extra: str = "") -> str:
+def write_config(directory: str, origin_url: str, cache: str, extra: str = "",
+                 admin: str = "{listen: '127.0.0.1:0'}") -> str:
     text = (
         "listen: 127.0.0.1:0\n"
         f"upstreams: [{{url: '{origin_url}'}}]\n"
-        "admin: {listen: '127.0.0.1:0'}\n"
+        f"admin: {admin}\n"
         "shutdown_grace: 2s\n"
         + textwrap.dedent(cache) + textwrap.dedent(extra)
     )

@@ -170,7 +170,7 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
     from proxy.policy.messages import CacheOptions, RequestHead
     from proxy.policy.storability import Store, decide_store
     from proxy.storage.entry import Entry
-    from proxy.web.fastpath import FastPath
+    from proxy.web.fastpath import Extras, FastPath
 
     n = 2000
     writer = MemoryTier(64 << 20, 1 << 20)
@@ -193,7 +193,7 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
             key = f"http://127.0.0.1:8080/obj/1k/k{i}"
             variants = reader.get(key)
             assert variants is not None
-            head = FastPath._new_head(variants[0], None, 0, (), (1, 1))
+            head = FastPath._new_head(variants[0], None, 0, Extras((), "cachegate"), (1, 1))
             reader.keep_head(key, variants[0], head, head.size)
         taken, _ = tracemalloc.get_traced_memory()
     finally:

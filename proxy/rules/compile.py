@@ -1,49 +1,27 @@
-"""YAML rule files: compiled once at load, matched per request without I/O.
-
-A rule file has ``defaults`` (applied before any rule) and ``rules`` (the first
-matching rule wins; its fields override the defaults). Matching happens at two
-moments, with one meaning of "first match":
-
-- at request time, before the lookup, the first rule whose request conditions
-  hold *and that has no response conditions* decides ``bypass``, the cache
-  ``key`` and ``client_cache_control``;
-- at store time (and when a reply is written, for ``response_headers``), the
-  first rule whose request *and* response conditions (``status``,
-  ``content_type``) hold decides ``ttl``, ``no_store``, ``tags`` and the rest.
-  A rule with no response conditions holds for every response, so the two
-  moments agree unless a rule with response conditions comes first.
+"""Compiling rule files: YAML to ``Rule``s and defaults, every mistake as ``FILE:LINE``.
 
 Rules that can never do what they say (``bypass`` with a ``status`` condition,
 which is only known after the lookup; cache actions on a POST-only rule; rules
-after a catch-all) are rejected at load with ``FILE:LINE``, like every other
-mistake.
-
-Speed: everything is compiled at load. Per request, the path is normalised once,
-its first segment picks the (precomputed, ordered) list of rules that can match
-it, and the scan stops at the first request-time rule. When no rule with
-response conditions is involved, the plan for that rule was built at load too,
-so a hit allocates nothing here but a small view of the request.
+after a catch-all) are rejected here, like every other mistake; choices that work
+but are probably not meant (a ``ttl`` that stores error statuses) are warnings.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from types import MappingProxyType
-from typing import Literal, TypeVar
-from urllib.parse import parse_qsl, unquote
 
-from proxy.policy.keys import DEFAULT_KEY, KeySpec
-from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
+from proxy.policy.keys import KeySpec
+from proxy.policy.messages import CacheOptions, ClientCacheControl
+from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
+from proxy.rules.match import Condition, HostPattern, Match
+from proxy.rules.plan import CACHED_METHODS, Actions, HeaderEdits, Rule, RuleSet, first, header_edits
 from proxy.schema import Section, type_name
 from proxy.units import parse_duration
 from proxy.yamlsrc import Problems, Src, load_yaml
-
-T = TypeVar("T")
-CondKind = Literal["present", "absent", "equals", "regex"]
 
 MATCH_KEYS = ("host", "path", "method", "query", "header", "cookie", "status", "content_type")
 RULE_KEYS = (
@@ -61,511 +39,12 @@ CACHE_ACTIONS = (
     "tags", "client_cache_control", "deception_guard", "ttl_jitter", "allow_set_cookie",
 )  # fmt: skip
 REQUEST_TIME_ACTIONS = ("bypass", "key", "client_cache_control")
-CACHED_METHODS = frozenset({"GET", "HEAD"})
 # response_headers may not touch the message framing or the connection.
 FRAMING_FIELDS = frozenset({
     "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "trailer",
     "te", "proxy-connection", "content-encoding", "content-range",
 })  # fmt: skip
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_MULTI_SLASH = re.compile(r"//+")
-
-
-# -- matching -------------------------------------------------------------------------------
-
-
-def normalise_path(path: str) -> str:
-    """The path rules match against: percent-decoded, ``//`` collapsed, dot-segments removed.
-
-    So ``/static/..%2Faccount`` does not match ``/static/**`` and ``/%61dmin`` does
-    match ``/admin``: a rule sees the path the origin will most likely act on.
-
-    >>> normalise_path("/static/..%2Faccount"), normalise_path("//a/./b/"), normalise_path("/a")
-    ('/account', '/a/b/', '/a')
-    """
-    if "%" in path:
-        path = unquote(path, errors="replace")
-    if "//" in path:
-        path = _MULTI_SLASH.sub("/", path)
-    if "/." not in path:
-        return path
-    out: list[str] = []
-    parts = path.split("/")
-    for part in parts[1:]:
-        if part == "..":
-            if out:
-                out.pop()
-        elif part != ".":
-            out.append(part)
-    trailing = parts[-1] in (".", "..")
-    return "/" + "/".join(out) + ("/" if trailing and out else "")
-
-
-Predicate = Callable[["RequestView"], bool]
-
-
-def _always(v: RequestView) -> bool:
-    return True
-
-
-def _all(checks: list[Predicate]) -> Predicate:
-    """One predicate for all of ``checks`` (unrolled for the common short cases)."""
-    if not checks:
-        return _always
-    if len(checks) == 1:
-        return checks[0]
-    if len(checks) == 2:
-        a, b = checks
-        return lambda v: a(v) and b(v)
-    if len(checks) == 3:
-        a, b, c = checks
-        return lambda v: a(v) and b(v) and c(v)
-    every = tuple(checks)
-
-    def all_hold(v: RequestView) -> bool:
-        for check in every:  # noqa: SIM110 (a loop is faster than all() over a generator)
-            if not check(v):
-                return False
-        return True
-
-    return all_hold
-
-
-_REGEX_SEGMENT = re.compile(r"\^/([A-Za-z0-9_~!&',;=@-]+)/")
-
-
-def _regex_first_segment(pattern: str) -> str | None:
-    """The literal first segment of an anchored regex like ``^/assets/...``, else None.
-
-    >>> _regex_first_segment(r"^/assets/.+\\.css$"), _regex_first_segment(r"^/a/x|/b")
-    ('assets', None)
-    """
-    if "|" in pattern:  # a top-level alternative could match anywhere
-        return None
-    m = _REGEX_SEGMENT.match(pattern)
-    return m.group(1) if m else None
-
-
-def _first_segment(path: str) -> str:
-    end = path.find("/", 1)
-    return path[1:] if end < 0 else path[1:end]
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    """One query parameter, header or cookie condition."""
-
-    name: str
-    kind: CondKind
-    value: str | None = None
-    pattern: re.Pattern[str] | None = None
-
-    def holds(self, actual: str | None) -> bool:
-        if self.kind == "present":
-            return actual is not None
-        if self.kind == "absent":
-            return actual is None
-        if actual is None:
-            return False
-        if self.kind == "equals":
-            return actual == self.value
-        assert self.pattern is not None
-        return self.pattern.search(actual) is not None
-
-    def predicate(self, source: Literal["query", "header", "cookie"]) -> Predicate:
-        """A check of this condition on a request, with as few calls as possible (the hot path)."""
-        name, kind, value, pattern = self.name, self.kind, self.value, self.pattern
-        get: Callable[[RequestView], str | None]
-        if source == "header":
-            if kind == "present":
-                return lambda v: name in v.head.headers
-            if kind == "absent":
-                return lambda v: name not in v.head.headers
-            get = lambda v: v.header(name)  # noqa: E731
-        elif source == "cookie":
-            if kind == "present":
-                return lambda v: name in (v._cookies if v._cookies is not None else v.cookies())
-            if kind == "absent":
-                return lambda v: name not in (v._cookies if v._cookies is not None else v.cookies())
-            get = lambda v: (v._cookies if v._cookies is not None else v.cookies()).get(name)  # noqa: E731
-        else:
-            if kind == "present":
-                return lambda v: name in (v._params if v._params is not None else v.params())
-            if kind == "absent":
-                return lambda v: name not in (v._params if v._params is not None else v.params())
-            get = lambda v: (v._params if v._params is not None else v.params()).get(name)  # noqa: E731
-        if kind == "equals":
-            return lambda v: get(v) == value
-        assert pattern is not None
-        search = pattern.search
-
-        def matches(v: RequestView) -> bool:
-            actual = get(v)
-            return actual is not None and search(actual) is not None
-
-        return matches
-
-    def describe(self) -> str:
-        if self.kind in ("present", "absent"):
-            return f"{self.name} {self.kind}"
-        if self.kind == "equals":
-            return f"{self.name} = {self.value!r}"
-        assert self.pattern is not None
-        return f"{self.name} ~ /{self.pattern.pattern}/"
-
-
-class RequestView:
-    """A request as rules see it; query parameters and cookies are parsed on first use."""
-
-    __slots__ = ("_cookies", "_params", "head", "host", "path", "query")
-
-    def __init__(self, head: RequestHead) -> None:
-        raw_path, _, self.query = head.target.partition("?")
-        self.head = head
-        self.path = normalise_path(raw_path)
-        host = head.host
-        self.host = host.rsplit(":", 1)[0] if ":" in host and not host.endswith("]") else host
-        self._params: dict[str, str] | None = None
-        self._cookies: dict[str, str] | None = None
-
-    def params(self) -> dict[str, str]:
-        """Query parameters, decoded; the first value of a repeated one."""
-        if self._params is None:
-            params: dict[str, str] = {}
-            if "%" in self.query or "+" in self.query:
-                pairs: list[tuple[str, str]] = parse_qsl(self.query, keep_blank_values=True)
-            else:  # nothing to decode: skip parse_qsl's unquoting
-                pairs = [(k, v) for k, _, v in (p.partition("=") for p in self.query.split("&")) if k]
-            for k, v in pairs:
-                params.setdefault(k, v)
-            self._params = params
-        return self._params
-
-    def cookies(self) -> dict[str, str]:
-        if self._cookies is None:
-            self._cookies = {}
-            for line in self.head.headers.getall("Cookie", ()):
-                for part in line.split(";"):
-                    k, eq, v = part.strip().partition("=")
-                    if eq and k:
-                        self._cookies.setdefault(k, v)
-        return self._cookies
-
-    def header(self, name: str) -> str | None:
-        values = self.head.headers.getall(name, ())
-        if len(values) == 1:
-            return values[0]
-        return ", ".join(values) if values else None
-
-
-@dataclass(frozen=True, slots=True)
-class HostPattern:
-    pattern: re.Pattern[str]
-    with_port: bool  # the pattern names a port: compare with the Host's port
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    hosts: tuple[HostPattern, ...] = ()
-    path: re.Pattern[str] | None = None
-    path_is_regex: bool = False  # regex: searched; glob: the whole path
-    path_text: str = ""
-    methods: frozenset[str] | None = None
-    query: tuple[Condition, ...] = ()
-    headers: tuple[Condition, ...] = ()
-    cookies: tuple[Condition, ...] = ()
-    status: frozenset[int] | None = None
-    content_types: tuple[str, ...] = ()
-
-    @property
-    def needs_response(self) -> bool:
-        return self.status is not None or bool(self.content_types)
-
-    def first_segment(self) -> str | None:
-        """The literal first path segment every matching path has, if the glob fixes one."""
-        if self.path is None:
-            return None
-        if self.path_is_regex:
-            return _regex_first_segment(self.path.pattern)
-        seg = _first_segment(self.path_text)
-        if not seg or "*" in seg or "?" in seg:
-            return None
-        return seg
-
-    def request_holds(self, v: RequestView) -> bool:
-        return self.predicate()(v)
-
-    def predicate(self) -> Predicate:
-        """A closure checking only the conditions this match has, cheapest first (the hot path).
-
-        Built once at load; per request it costs one call per condition instead of
-        walking every field of the match.
-        """
-        checks: list[Predicate] = []
-        if self.methods is not None:
-            methods = self.methods
-            checks.append(lambda v: v.head.method in methods)
-        if self.hosts:
-            hosts = tuple((h.pattern.fullmatch, h.with_port) for h in self.hosts)
-
-            def host_ok(v: RequestView) -> bool:
-                for fullmatch, with_port in hosts:
-                    if fullmatch(v.head.host if with_port else v.host) is not None:
-                        return True
-                return False
-
-            checks.append(host_ok)
-        if self.path is not None:
-            path_match = self.path.search if self.path_is_regex else self.path.fullmatch
-            checks.append(lambda v: path_match(v.path) is not None)
-        checks.extend(c.predicate("query") for c in self.query)
-        checks.extend(c.predicate("header") for c in self.headers)
-        checks.extend(c.predicate("cookie") for c in self.cookies)
-        return _all(checks)
-
-    def request_mismatch(self, v: RequestView) -> str | None:
-        """None when every request condition holds, else the first that does not (for explain)."""
-        if self.methods is not None and v.head.method not in self.methods:
-            return f"method {v.head.method} not in {sorted(self.methods)}"
-        if self.hosts and not any(
-            h.pattern.fullmatch(v.head.host if h.with_port else v.host) for h in self.hosts
-        ):
-            return f"host {v.head.host} not in {[h.text for h in self.hosts]}"
-        if self.path is not None:
-            m = self.path.search(v.path) if self.path_is_regex else self.path.fullmatch(v.path)
-            if m is None:
-                return f"path {v.path} does not match {self.path_text!r}"
-        params = v.params()
-        for c in self.query:
-            if not c.holds(params.get(c.name)):
-                return f"query: not {c.describe()}"
-        for c in self.headers:
-            if not c.holds(v.header(c.name)):
-                return f"header: not {c.describe()}"
-        jar = v.cookies()
-        for c in self.cookies:
-            if not c.holds(jar.get(c.name)):
-                return f"cookie: not {c.describe()}"
-        return None
-
-    def response_holds(self, status: int, content_type: str | None) -> bool:
-        return self.response_mismatch(status, content_type) is None
-
-    def response_mismatch(self, status: int, content_type: str | None) -> str | None:
-        if self.status is not None and status not in self.status:
-            return f"status {status} not in {sorted(self.status)}"
-        if self.content_types:
-            ct = (content_type or "").split(";", 1)[0].strip().lower()
-            if not any(fnmatch.fnmatchcase(ct, pattern) for pattern in self.content_types):
-                return f"content type {ct or '(none)'!r} not in {list(self.content_types)}"
-        return None
-
-
-# -- what rules do ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderEdits:
-    add: tuple[tuple[str, str], ...] = ()  # set (replacing any origin value) on the way to the client
-    remove: tuple[str, ...] = ()
-    drop: frozenset[str] = frozenset()  # lower-cased names of both, precomputed
-
-    def __bool__(self) -> bool:
-        return bool(self.add or self.remove)
-
-    def apply(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        out = [(k, v) for k, v in headers if k.lower() not in self.drop]
-        out.extend(self.add)
-        return out
-
-
-def header_edits(add: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> HeaderEdits:
-    drop = frozenset(n.lower() for n in remove) | frozenset(n.lower() for n, _ in add)
-    return HeaderEdits(add, remove, drop)
-
-
-@dataclass(frozen=True, slots=True)
-class Actions:
-    """What a rule (or the defaults) sets; None means "not set here"."""
-
-    ttl: Mapping[int, float] | None = None
-    ttl_default: float | None = None
-    override_origin: bool | None = None
-    bypass: bool = False
-    no_store: bool = False
-    key: KeySpec | None = None
-    stale_while_revalidate: float | None = None
-    stale_if_error: float | None = None
-    tags: tuple[str, ...] = ()
-    response_headers: HeaderEdits | None = None
-    client_cache_control: ClientCacheControl | None = None
-    deception_guard: bool | None = None
-    ttl_jitter: float | None = None  # a fraction: 0.1 shortens lifetimes by 0-10%
-    allow_set_cookie: bool | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StorePlan:
-    """The store-time outcome of the rules for one response."""
-
-    rule: Rule | None
-    options: CacheOptions
-    no_store: bool
-    tags: tuple[str, ...]
-    deception_guard: bool
-    ttl_jitter: float
-    response_headers: HeaderEdits | None  # the rule's, else the defaults'
-
-
-@dataclass(eq=False, slots=True)
-class Rule:
-    name: str
-    file: str
-    line: int
-    match: Match
-    actions: Actions
-    set_fields: tuple[str, ...] = ()  # the action keys written in the file, for explain
-    catch_all: bool = False  # written without match conditions: it wins for every request
-    store: StorePlan = field(init=False)  # built by RuleSet, which knows the defaults
-    holds: Predicate = field(init=False)  # the request conditions, compiled
-    needs_response: bool = field(init=False)
-    plan: RequestPlan = field(init=False)  # the request plan when this rule decides alone
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestPlan:
-    """The request-time outcome of the rules for one request."""
-
-    rule: Rule | None  # decides bypass, key and client_cache_control
-    bypass: bool
-    key: KeySpec
-    options: CacheOptions
-    store: StorePlan  # the store-time plan when no rule with response conditions applies
-    # Rules with response conditions whose request conditions held, before ``rule``.
-    response_rules: tuple[Rule, ...] = ()
-
-    @property
-    def response_headers(self) -> HeaderEdits | None:
-        """The edits when they do not depend on the response (see ``response_headers_for``)."""
-        return self.store.response_headers
-
-    def for_response(self, status: int, content_type: str | None) -> StorePlan:
-        for r in self.response_rules:
-            if r.match.response_holds(status, content_type):
-                return r.store
-        return self.store
-
-    def response_headers_for(self, status: int, content_type: str | None) -> HeaderEdits | None:
-        if not self.response_rules:
-            return self.store.response_headers
-        return self.for_response(status, content_type).response_headers
-
-
-def _first(*values: T | None) -> T | None:
-    for v in values:
-        if v is not None:
-            return v
-    return None
-
-
-class RuleSet:
-    """Compiled rules of every file, in order, with the merged defaults."""
-
-    def __init__(self, defaults: Actions | None = None, rules: tuple[Rule, ...] = (),
-                 base: CacheOptions | None = None, files: tuple[str, ...] = ()) -> None:
-        self.defaults = defaults or Actions()
-        self.rules = rules
-        self.base = base or CacheOptions()
-        self.files = files
-        self.default_store = self._store_plan(None)
-        self.default_plan = RequestPlan(None, False, DEFAULT_KEY, self.default_store.options,
-                                        self.default_store)
-        for r in rules:
-            r.holds = r.match.predicate()
-            r.needs_response = r.match.needs_response
-            r.store = self._store_plan(r)
-            a = r.actions
-            r.plan = RequestPlan(r, a.bypass, a.key or DEFAULT_KEY, r.store.options, r.store)
-        self._plans: dict[tuple[Rule | None, ...], RequestPlan] = {}
-        # Index by the first path segment: the rules a path with segment S can match, in order.
-        segs = {r.match.first_segment() for r in rules} - {None}
-        self._other = tuple(r for r in rules if r.match.first_segment() is None)
-        self._by_segment = {
-            s: tuple(r for r in rules if r.match.first_segment() in (None, s)) for s in segs
-        }
-
-    def rebased(self, base: CacheOptions) -> RuleSet:
-        return RuleSet(self.defaults, tuple(replace(r) for r in self.rules), base, self.files)
-
-    def plan(self, request: RequestHead) -> RequestPlan:
-        view = RequestView(request)
-        response_rules: list[Rule] | None = None
-        for r in self._by_segment.get(_first_segment(view.path), self._other):
-            if not r.holds(view):
-                continue
-            if r.needs_response:
-                if response_rules is None:
-                    response_rules = []
-                response_rules.append(r)
-                continue
-            if response_rules is None:
-                return r.plan
-            return self._composed(r.plan, response_rules)
-        if response_rules is None:
-            return self.default_plan
-        return self._composed(self.default_plan, response_rules)
-
-    def _composed(self, plan: RequestPlan, response_rules: list[Rule]) -> RequestPlan:
-        """``plan`` with response-dependent rules before it; the few combinations are memoised."""
-        key = (plan.rule, *response_rules)
-        composed = self._plans.get(key)
-        if composed is None:
-            composed = replace(plan, response_rules=tuple(response_rules))
-            if len(self._plans) < 4096:
-                self._plans[key] = composed
-        return composed
-
-    def trace(self, request: RequestHead) -> list[tuple[Rule, str | None]]:
-        """Every rule with the first request condition that fails (None: it holds). For explain."""
-        view = RequestView(request)
-        return [(r, r.match.request_mismatch(view)) for r in self.rules]
-
-    def _store_plan(self, rule: Rule | None) -> StorePlan:
-        a = rule.actions if rule is not None else None
-        d = self.defaults
-        ttl = a.ttl if a is not None and a.ttl is not None else d.ttl
-        ttl_default = a.ttl_default if a is not None and a.ttl is not None else d.ttl_default
-        override = bool(a and a.override_origin)
-        options = replace(
-            self.base,
-            ttl_by_status=ttl if ttl is not None else self.base.ttl_by_status,
-            ttl_default=ttl_default,
-            override_origin=override,
-            stale_while_revalidate=_first(a.stale_while_revalidate if a else None,
-                                          d.stale_while_revalidate) or 0.0,
-            stale_if_error=_first(a.stale_if_error if a else None, d.stale_if_error) or 0.0,
-            client_cache_control=_first(a.client_cache_control if a else None,
-                                        d.client_cache_control) or "honor",
-            allow_set_cookie=bool(_first(a.allow_set_cookie if a else None, d.allow_set_cookie)),
-        )
-        guard = a.deception_guard if a is not None and a.deception_guard is not None else override
-        return StorePlan(
-            rule=rule,
-            options=options,
-            no_store=bool(a and a.no_store),
-            tags=a.tags if a else (),
-            deception_guard=guard,
-            ttl_jitter=_first(a.ttl_jitter if a else None, d.ttl_jitter) or 0.0,
-            response_headers=_first(a.response_headers if a else None, d.response_headers),
-        )
-
-
-# -- compiling ----------------------------------------------------------------------------
 
 
 def glob_to_regex(glob: str) -> str:
@@ -770,6 +249,48 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
     return MappingProxyType(table), default
 
 
+_COVERED_ERRORS = " and ".join(", ".join(str(s) for s in sorted(HEURISTICALLY_CACHEABLE) if s >= 400)
+                               .rsplit(", ", 1))  # "404, 405, 410, 414 and 501"
+CPDOS = "cache-poisoned denial of service"
+
+
+def _warn_error_ttls(src: Src, statuses: frozenset[int] | None, label: str, problems: Problems) -> None:
+    """Warnings (not errors) where a ``ttl`` meets error statuses (``policy.statuses``).
+
+    A status named in the table is stored for everyone, whoever caused it; a default
+    (``default:`` or a lone duration) no longer covers error statuses, which a config
+    written before may have counted on. ``statuses`` is the rule's ``match.status``.
+    """
+    named: set[int] = set()
+    if isinstance(src.value, dict):
+        for status, value in src.value.items():
+            if isinstance(status, int) and not isinstance(status, bool):
+                named.add(status)
+                if 400 <= status <= 599 and not default_ttl_covers(status):
+                    problems.warn((src.file, src.key_lines.get(status, value.line)),
+                                  f"{label}: ttl {status}: {value.value} stores the origin's {status} for "
+                                  "every client: one request the origin rejects or fails on (an oversized "
+                                  "or malformed header) then denies the page to everyone for that long "
+                                  f"({CPDOS}); name an error status only where that is meant")
+        if "default" not in src.value:
+            return
+        at: Src | tuple[str, int] = (src.file, src.key_lines.get("default", src.line))
+        what = f"ttl default: {src.value['default'].value}"
+    else:
+        at, what = src, f"ttl: {src.value} (a default for every status)"
+    if statuses is None:
+        problems.warn(at, f"{label}: {what} does not apply to error statuses other than "
+                          f"{_COVERED_ERRORS}: a 400, 403, 429, 500 or 503 is stored only when the ttl "
+                          "table names it, since an error one client caused would be served to "
+                          f"everyone ({CPDOS})")
+        return
+    uncovered = sorted(s for s in statuses if not default_ttl_covers(s) and s not in named)
+    if uncovered:
+        problems.warn(at, f"{label}: {what} never applies to {', '.join(map(str, uncovered))} "
+                          "(in match.status): error statuses are stored only when the ttl table names "
+                          f"them ({CPDOS})")
+
+
 def _names(src: Src | None, problems: Problems, what: str) -> tuple[str, ...]:
     if src is None or src.value is None:
         return ()
@@ -937,6 +458,8 @@ def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
                 problems.add(sec.line_of(key),
                              f"{label}: {key} never applies: only GET and HEAD are cached, and this "
                              f"rule matches only {', '.join(sorted(match.methods))}")
+    if sec.has("ttl") and not actions.no_store and not actions.bypass:
+        _warn_error_ttls(sec.values["ttl"], match.status, label, problems)
     if not written and all(k in RULE_KEYS for k in sec.values):
         problems.add(src, f"{label}: the rule has no action (ttl, bypass, key, ...), so it only "
                           "hides the rules after it; remove it or give it an action")
@@ -955,6 +478,8 @@ def compile_rule_file(root: Src, problems: Problems) -> tuple[Actions | None, li
     d = sec.section("defaults", DEFAULT_KEYS)
     if d is not None:
         defaults = _actions(d, problems)
+        if d.has("ttl"):
+            _warn_error_ttls(d.values["ttl"], None, "defaults", problems)
     rules = [r for i, s in enumerate(sec.list("rules")) if (r := _compile_rule(s, i, problems))]
     return defaults, rules
 
@@ -964,12 +489,12 @@ def _merge_defaults(a: Actions, b: Actions) -> Actions:
     return Actions(
         ttl=b.ttl if b.ttl is not None else a.ttl,
         ttl_default=b.ttl_default if b.ttl is not None else a.ttl_default,
-        stale_while_revalidate=_first(b.stale_while_revalidate, a.stale_while_revalidate),
-        stale_if_error=_first(b.stale_if_error, a.stale_if_error),
-        client_cache_control=_first(b.client_cache_control, a.client_cache_control),
-        ttl_jitter=_first(b.ttl_jitter, a.ttl_jitter),
-        allow_set_cookie=_first(b.allow_set_cookie, a.allow_set_cookie),
-        response_headers=_first(b.response_headers, a.response_headers),
+        stale_while_revalidate=first(b.stale_while_revalidate, a.stale_while_revalidate),
+        stale_if_error=first(b.stale_if_error, a.stale_if_error),
+        client_cache_control=first(b.client_cache_control, a.client_cache_control),
+        ttl_jitter=first(b.ttl_jitter, a.ttl_jitter),
+        allow_set_cookie=first(b.allow_set_cookie, a.allow_set_cookie),
+        response_headers=first(b.response_headers, a.response_headers),
     )
 
 

@@ -1,0 +1,583 @@
+"""This node's member of the cluster: the purge bus, its heartbeat, catch-up and acknowledgements.
+
+One ``ClusterNode`` per node: in the only process, or with ``--workers N`` in the
+supervisor (whose ``purge_here`` already reaches every worker). It never sits on
+the hit path: hits read only the local tiers.
+
+A purge (admin API, ``PURGE``, or an unsafe method's invalidation arising here):
+
+1. the live nodes are read (each node's heartbeat key has a TTL);
+2. with ``shared_cache`` the shared tier is purged (``proxy.cluster.shared``);
+3. a script appends the purge to the stream: ``INCR`` of a gap-free sequence
+   number and ``XADD ... MAXLEN ~ stream_max`` in one step;
+4. only then is it applied here (``purge_here``): if Redis failed before, the
+   purge answers 503 and nothing was applied anywhere;
+5. every other node reads the entry (``XREAD BLOCK``), applies it, and publishes
+   its acknowledgement with its count; the purge answers once every live node
+   has acknowledged, or after ``ack_timeout`` with the others in ``missing`` (202).
+
+An acknowledgement therefore means: that node has removed (or marked stale) the
+entries in its memory tier of every worker and on its disk, and a fill that was
+in flight there will not be stored.
+
+Where a node resumes is kept in its cache directory (``cluster-state.json``:
+epoch, sequence number, stream id), so a restarted node catches up on what it
+missed before it serves (``proxy.cluster.stream.plan_resume``; a backlog is
+merged into two local purges) and purges its whole local cache when it cannot
+know what it missed (trimmed entries, a Redis that lost its data). A node that
+loses Redis keeps serving from its tiers, answers purges 503, retries every
+second, and catches up the same way when Redis is back; invalidations made
+meanwhile are applied locally at once and appended to the stream on reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from proxy.cluster import ClusterUnavailable, stream
+from proxy.cluster.redis_io import REDIS_DOWN, Names, client
+from proxy.cluster.settings import ClusterSettings
+from proxy.cluster.stream import Flush, Resume, Saved, StreamEntry, Tip
+from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
+
+log = logging.getLogger("cachegate.cluster")
+
+STATE_FILE = "cluster-state.json"
+READ_BATCH = 1000  # stream entries read (and, when many, merged) at once
+BLOCK_MS = 1000  # XREAD BLOCK: how long a read waits for new entries
+OUTBOX_MAX = 10_000  # invalidations kept while Redis is unreachable
+EARLY_ACKS_MAX = 10_000
+RECONNECT_DELAY = (0.2, 0.5, 1.0)  # then every second
+
+LocalPurge = Callable[[PurgeSpec], Awaitable[int]]
+
+# KEYS: stream, seq, epoch. ARGV: maxlen, node, spec json, a new epoch if there is none.
+APPEND = """
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[4]) end
+local seq = redis.call('INCR', KEYS[2])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+                      'seq', seq, 'node', ARGV[2], 'spec', ARGV[3])
+return {id, seq, redis.call('GET', KEYS[3])}
+"""
+# KEYS: stream, seq, epoch. ARGV: a new epoch if there is none. -> {epoch, seq, last id}
+TIP = """
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[1]) end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local id = '0-0'
+if last[1] then id = last[1][1] end
+return {redis.call('GET', KEYS[3]), tonumber(redis.call('GET', KEYS[2]) or '0'), id}
+"""
+
+
+@dataclass
+class _Pending:
+    """A purge this node sent, waiting for acknowledgements."""
+
+    acks: dict[str, int] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ClusterNode:
+    def __init__(self, settings: ClusterSettings, local_purge: LocalPurge, state_dir: str | None,
+                 *, shared_purge: Callable[[PurgeSpec], Awaitable[None]] | None = None,
+                 info: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.settings = settings
+        self.name = settings.node
+        self.names = Names(settings.namespace)
+        self._local = local_purge
+        self._shared_purge = shared_purge
+        self._info = info or dict
+        self._state_path = os.path.join(state_dir, STATE_FILE) if state_dir else None
+        self.saved: Saved | None = self._load_state()
+        self.state = "starting"  # starting, catching-up, ready, disconnected, stopped
+        self.reason = "connecting to Redis"
+        self.connected = False
+        self.ever_ready = False
+        self.tip_seq = 0
+        self.started = time.time()
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("sent", "applied", "incomplete", "unavailable", "reconnects", "damaged", "outbox_dropped"), 0)
+        self.full_purges: dict[str, int] = {"trimmed": 0, "redis-lost-data": 0}
+        self._pending: dict[str, _Pending] = {}
+        self._early: dict[str, dict[str, int]] = {}  # acks that came before their XADD's answer
+        self._own: dict[str, asyncio.Future[None]] = {}  # own entries, applied by purge()
+        self._appending: set[asyncio.Future[None]] = set()  # purge() calls waiting for their XADD
+        self._outbox: deque[PurgeSpec] = deque()
+        self._redis: aioredis.Redis | None = None
+        self._reader: aioredis.Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._first = asyncio.Event()  # the first session caught up, or failed
+        self._first_error: BaseException | None = None
+        self._caught_up_all_along = False  # applied everything seen when Redis went away
+        self._closing = False
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and catch up before this node serves; ``ClusterUnavailable`` when Redis
+        cannot be reached and ``cluster.required`` is true (else keep trying in the background)."""
+        self._task = asyncio.ensure_future(self._run())
+        await self._first.wait()
+        if self._first_error is not None:
+            message = (f"cluster: cannot reach Redis at {self.settings.redacted_url}: "
+                       f"{_describe(self._first_error)}")
+            if self.settings.required:
+                await self.close()
+                raise ClusterUnavailable(message + " (set cluster.required: false to start anyway "
+                                                   "and serve from the local cache)")
+            log.warning("%s; serving from the local cache and retrying", message)
+
+    async def close(self) -> None:
+        """Leave the cluster at once (the heartbeat key goes: purges stop waiting for us)."""
+        self._closing = True
+        if self._redis is not None and self.connected:
+            with contextlib.suppress(*REDIS_DOWN):
+                await asyncio.wait_for(self._redis.delete(self.names.node(self.name)), self.settings.timeout)
+        self.state = "stopped"
+        if self._task is not None:
+            self._task.cancel()
+            # Bounded: a cancellation that lands in the client's own read timeout can be lost
+            # (the loops also stop on _closing).
+            await asyncio.wait([self._task], timeout=BLOCK_MS / 1000 + self.settings.timeout + 1)
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        for c in (self._redis, self._reader):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    await c.aclose()
+        self._redis = self._reader = None
+        self.connected = False
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except REDIS_DOWN as exc:
+                was_ready = self.state == "ready"
+                if self.state in ("ready", "catching-up"):  # else keep what the last session knew
+                    self._caught_up_all_along = was_ready and self.saved is not None \
+                        and self.saved.seq >= self.tip_seq
+                self._set_state("disconnected", f"Redis at {self.settings.redacted_url} is unreachable: "
+                                                f"{_describe(exc)}")
+                if was_ready:
+                    attempt = 0  # a session that worked: the next attempt comes soon
+                    log.error("cluster: %s; serving from the local cache, purges answer 503 until it is "
+                              "back", self.reason)
+                if not self._first.is_set():
+                    self._first_error = exc
+                    self._first.set()
+            except Exception as exc:  # a bug: keep the node serving, say so, and retry
+                log.exception("cluster: session failed")
+                self._set_state("disconnected", f"cluster session failed: {exc!r}")
+                if not self._first.is_set():
+                    self._first_error = exc
+                    self._first.set()
+            await self._disconnect()
+            self._own.clear()  # entries of ours not read yet are applied again: harmless
+            for p in self._pending.values():
+                p.changed.set()
+            delay = RECONNECT_DELAY[attempt] if attempt < len(RECONNECT_DELAY) else 1.0
+            attempt += 1
+            await asyncio.sleep(delay)
+            self.counts["reconnects"] += 1
+
+    async def _session(self) -> None:
+        """One connection to Redis: catch up, then follow the stream until it fails."""
+        s = self.settings
+        self._redis = client(s, decode=True)
+        self._reader = client(s, decode=True, blocking=BLOCK_MS / 1000)
+        await self._redis.ping()
+        self.connected = True
+        self._set_state("catching-up", "catching up with the cluster's purge stream")
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self.names.acks)
+        await self._heartbeat()  # live (purges wait for us) while catching up
+        tasks = [asyncio.ensure_future(self._listen_acks(pubsub)),
+                 asyncio.ensure_future(self._heartbeats())]
+        try:
+            await self._catch_up()
+            await self._flush_outbox()
+            self._set_state("ready", "")
+            if not self.ever_ready:
+                self.ever_ready = True
+            self._first.set()
+            tasks.append(asyncio.ensure_future(self._follow()))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks, timeout=BLOCK_MS / 1000 + self.settings.timeout + 1)
+            for t in tasks:
+                if t.done() and not t.cancelled():
+                    t.exception()  # retrieved: the first one was raised above
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _set_state(self, state: str, reason: str) -> None:
+        if state != self.state:
+            log.info("cluster: %s%s", state, f" ({reason})" if reason else "")
+        self.state, self.reason = state, reason
+
+    @property
+    def ready(self) -> bool:
+        """Whether this node has applied every purge it knows of (``/healthz``). A node that
+        lost Redis after it was ready stays ready: it serves from its local cache."""
+        return self.state == "ready" or (self.state == "disconnected" and self.ever_ready) \
+            or (self.state == "disconnected" and not self.settings.required)
+
+    # -- catching up and following ------------------------------------------------------
+
+    async def _tip(self) -> Tip:
+        r = self._redis
+        assert r is not None
+        epoch, seq, last = await r.eval(TIP, 3, self.names.stream, self.names.seq, self.names.epoch,
+                                        uuid.uuid4().hex)
+        self.tip_seq = int(seq)
+        return Tip(str(epoch), int(seq), str(last))
+
+    async def _catch_up(self) -> None:
+        r = self._redis
+        assert r is not None
+        tip = await self._tip()
+        saved = self.saved
+        next_seq = None
+        if saved is not None and saved.epoch == tip.epoch and tip.seq > saved.seq:
+            first: Any = await r.xrange(self.names.stream, f"({saved.id}", "+", count=1)
+            if first:
+                entry = stream.decode_entry(first[0][0], first[0][1])
+                next_seq = entry.seq if entry is not None else None
+        plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along)
+        match plan:
+            case Flush():
+                await self._flush(plan.reason, tip)
+            case Resume():
+                if saved is None or saved.epoch != tip.epoch:
+                    self._save(Saved(tip.epoch, 0 if plan.after == stream.START else tip.seq, plan.after))
+                behind = tip.seq - (self.saved.seq if self.saved else 0)
+                if behind > 0:
+                    log.info("cluster: catching up on %d purge(s) after %s", behind, plan.after)
+                while await self._read_and_apply(block=False):
+                    pass
+
+    async def _flush(self, reason: str, tip: Tip) -> None:
+        """Purge the whole local cache: this node cannot know which purges it missed."""
+        self.full_purges[reason] = self.full_purges.get(reason, 0) + 1
+        why = {"trimmed": "the purges it missed were trimmed from the stream",
+               "redis-lost-data": "Redis lost its data (a new epoch)"}.get(reason, reason)
+        log.warning("cluster: purging the whole local cache: %s, so this node cannot know which "
+                    "purges it missed", why)
+        await self._local(PurgeSpec(all=True))
+        self._save(Saved(tip.epoch, tip.seq, tip.last_id))
+
+    async def _follow(self) -> None:
+        while not self._closing:
+            await self._read_and_apply(block=True)
+
+    async def _read_and_apply(self, *, block: bool) -> bool:
+        """Read the next entries and apply them; whether a full batch was read (more may wait)."""
+        reader = self._reader if block else self._redis
+        assert reader is not None and self.saved is not None
+        after = self.saved.id
+        raw: list[Any]
+        if block:
+            got: Any = await reader.xread({self.names.stream: after}, count=READ_BATCH, block=BLOCK_MS)
+            raw = got[0][1] if got else []
+        else:
+            raw = list(await reader.xrange(self.names.stream, f"({after}" if after != stream.START else "-",
+                                           "+", count=READ_BATCH) or [])
+        if not raw:
+            return False
+        entries: list[StreamEntry] = []
+        for entry_id, fields in raw:
+            entry = stream.decode_entry(entry_id, fields)
+            if entry is None:
+                self.counts["damaged"] += 1
+                log.error("cluster: damaged purge stream entry %s skipped: %r", entry_id, fields)
+                continue
+            entries.append(entry)
+        last_id = str(raw[-1][0])
+        if entries and entries[0].seq > self.saved.seq + 1:
+            # Trimmed while we were away (or slow): what was lost cannot be known.
+            await self._flush("trimmed", await self._tip())
+            return False
+        await self._apply(entries, merge=not block)
+        self._save(Saved(self.saved.epoch, max([self.saved.seq, *(e.seq for e in entries)]), last_id))
+        return len(raw) == READ_BATCH
+
+    async def _apply(self, entries: list[StreamEntry], merge: bool) -> None:
+        """Apply entries in order (``merge``: a backlog, as few local purges as possible; their
+        acknowledgements then all carry the merged count)."""
+        theirs: list[StreamEntry] = []
+        for e in entries:
+            if e.node == self.name and e.id not in self._own and self._appending:
+                # Our own purge, read before its XADD's answer reached purge(): let it register.
+                await asyncio.wait(list(self._appending))
+            own = self._own.pop(e.id, None)
+            if own is not None:
+                await asyncio.shield(own)  # purge() applies its own entry; the position waits for it
+            else:
+                theirs.append(e)
+        if not theirs:
+            return
+        counts: dict[str, int] = {}
+        if not merge and len(theirs) <= 16:
+            for e in theirs:
+                counts[e.id] = await self._local(e.spec)
+        else:
+            total = 0
+            for spec in stream.merge_specs(e.spec for e in theirs):
+                total += await self._local(spec)
+            counts = {e.id: total for e in theirs}
+        self.counts["applied"] += len(theirs)
+        r = self._redis
+        if r is not None:
+            async with r.pipeline(transaction=False) as pipe:
+                for entry_id, n in counts.items():
+                    pipe.publish(self.names.acks, json.dumps({"id": entry_id, "node": self.name, "n": n}))
+                await pipe.execute()
+
+    # -- sending purges -------------------------------------------------------------------
+
+    async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
+        """Purge on every node (see the module docstring); PurgeUnavailable when Redis is not
+        reachable (nothing applied anywhere), except for invalidations, applied here at once
+        and sent when Redis is back."""
+        if not self.connected or self._redis is None:
+            if spec.invalidation:
+                return await self._invalidate_offline(spec)
+            self.counts["unavailable"] += 1
+            raise PurgeUnavailable(self._unavailable_message(self.reason))
+        r = self._redis
+        loop = asyncio.get_running_loop()
+        appending: asyncio.Future[None] = loop.create_future()
+        self._appending.add(appending)
+        try:
+            live = await self._live_nodes(r)
+            if self._shared_purge is not None:
+                await self._shared_purge(spec)
+            entry_id, _seq, _epoch = await r.eval(
+                APPEND, 3, self.names.stream, self.names.seq, self.names.epoch,
+                self.settings.stream_max, self.name, json.dumps(spec.to_json(), separators=(",", ":")),
+                uuid.uuid4().hex)
+            entry_id = str(entry_id)
+            applied: asyncio.Future[None] = loop.create_future()
+            self._own[entry_id] = applied
+        except REDIS_DOWN as exc:
+            if spec.invalidation:
+                return await self._invalidate_offline(spec)
+            self.counts["unavailable"] += 1
+            raise PurgeUnavailable(self._unavailable_message(_describe(exc))) from None
+        finally:
+            self._appending.discard(appending)
+            appending.set_result(None)
+        self.counts["sent"] += 1
+        pending = self._pending[entry_id] = _Pending(self._early.pop(entry_id, {}))
+        try:
+            pending.acks[self.name] = await self._local(spec)
+        finally:
+            applied.set_result(None)
+        try:
+            deadline = time.monotonic() + self.settings.ack_timeout
+            while not set(live) <= set(pending.acks) and self.connected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                pending.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(pending.changed.wait(), left)
+        finally:
+            del self._pending[entry_id]
+        result = stream.outcome(live, pending.acks)
+        if result.missing:
+            self.counts["incomplete"] += 1
+            log.warning("cluster: purge %s not acknowledged by %s within %.1fs", entry_id,
+                        ", ".join(result.missing), self.settings.ack_timeout)
+        return result
+
+    def _unavailable_message(self, why: str) -> str:
+        return (f"cluster: the purge was not made: Redis at {self.settings.redacted_url} is not "
+                f"reachable ({why}), so the other nodes cannot be told; nothing was purged on any "
+                "node; retry when it is back (GET /cluster shows the state)")
+
+    async def _invalidate_offline(self, spec: PurgeSpec) -> PurgeOutcome:
+        """An unsafe method's invalidation while Redis is away: applied here now (the client
+        already has the origin's answer) and sent to the others when Redis is back."""
+        count = await self._local(spec)
+        if len(self._outbox) >= OUTBOX_MAX:
+            self._outbox.popleft()
+            self.counts["outbox_dropped"] += 1
+        self._outbox.append(spec)
+        return PurgeOutcome(count, {self.name: count}, ())
+
+    async def _flush_outbox(self) -> None:
+        r = self._redis
+        assert r is not None
+        while self._outbox:
+            spec = self._outbox[0]
+            entry_id, _, _ = await r.eval(
+                APPEND, 3, self.names.stream, self.names.seq, self.names.epoch, self.settings.stream_max,
+                self.name, json.dumps(spec.to_json(), separators=(",", ":")), uuid.uuid4().hex)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            self._own[str(entry_id)] = done  # applied here when it was made
+            self._outbox.popleft()
+            self.counts["sent"] += 1
+
+    async def _live_nodes(self, r: aioredis.Redis) -> list[str]:
+        names = sorted(str(n) for n in await r.smembers(self.names.members))
+        if not names:
+            return [self.name]
+        beats = await r.mget([self.names.node(n) for n in names])
+        live = [n for n, b in zip(names, beats, strict=True) if b is not None]
+        return live if self.name in live else [*live, self.name]
+
+    async def _listen_acks(self, pubsub: Any) -> None:
+        while not self._closing:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is None or message.get("type") != "message":
+                continue
+            try:
+                ack = json.loads(message["data"])
+                entry_id, node, n = str(ack["id"]), str(ack["node"]), int(ack["n"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            pending = self._pending.get(entry_id)
+            if pending is not None:
+                pending.acks[node] = n
+                pending.changed.set()
+            elif len(self._early) < EARLY_ACKS_MAX:
+                self._early.setdefault(entry_id, {})[node] = n
+
+    # -- membership -----------------------------------------------------------------------
+
+    def node_info(self) -> dict[str, Any]:
+        saved = self.saved
+        return {"node": self.name, "state": self.state, "reason": self.reason,
+                "applied_seq": saved.seq if saved else 0, "applied_id": saved.id if saved else None,
+                "epoch": saved.epoch if saved else None, "started": self.started, "pid": os.getpid(),
+                "seen": time.time(), **self._info()}
+
+    async def _heartbeat(self) -> None:
+        r = self._redis
+        assert r is not None
+        ttl_ms = int(max(3 * self.settings.heartbeat, 2.0) * 1000)
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.sadd(self.names.members, self.name)
+            pipe.set(self.names.node(self.name), json.dumps(self.node_info()), px=ttl_ms)
+            pipe.get(self.names.seq)
+            *_, seq = await pipe.execute()
+        self.tip_seq = int(seq or 0)
+
+    async def _heartbeats(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.settings.heartbeat)
+            await self._heartbeat()
+
+    async def view(self) -> dict[str, Any]:
+        """``GET /cluster``: every node this Redis has seen, with its state and lag."""
+        me = self.node_info()
+        body: dict[str, Any] = {
+            "node": self.name, "redis": self.settings.redacted_url, "connected": self.connected,
+            "state": self.state, "reason": self.reason, "ready": self.ready,
+            "shared_cache": self.settings.shared_cache, "stream_seq": self.tip_seq, "nodes": [],
+        }
+        nodes: dict[str, dict[str, Any]] = {}
+        r = self._redis
+        if self.connected and r is not None:
+            try:
+                names = sorted(str(n) for n in await r.smembers(self.names.members))
+                beats = await r.mget([self.names.node(n) for n in names]) if names else []
+                self.tip_seq = int(await r.get(self.names.seq) or 0)
+                body["stream_seq"] = self.tip_seq
+                for n, b in zip(names, beats, strict=True):
+                    info = json.loads(b) if b else {"node": n, "state": "gone"}
+                    nodes[n] = info
+            except REDIS_DOWN as exc:
+                body["connected"] = False
+                body["reason"] = f"Redis at {self.settings.redacted_url} is unreachable: {_describe(exc)}"
+        nodes[self.name] = me
+        for info in nodes.values():
+            seq = info.get("applied_seq")
+            info["live"] = info.get("state") != "gone"
+            info["lag"] = max(0, self.tip_seq - int(seq)) if isinstance(seq, int) else None
+        body["nodes"] = [nodes[n] for n in sorted(nodes)]
+        return body
+
+    # -- state file -----------------------------------------------------------------------
+
+    def _load_state(self) -> Saved | None:
+        if self._state_path is None:
+            return None
+        try:
+            with open(self._state_path) as f:
+                return Saved.from_json(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("cluster: %s is unreadable (%s): this node resumes as if it were new",
+                        self._state_path, exc)
+            return None
+
+    def _save(self, saved: Saved) -> None:
+        self.saved = saved
+        self.tip_seq = max(self.tip_seq, saved.seq)
+        if self._state_path is None:
+            return
+        tmp = f"{self._state_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(saved.to_json(), f)
+            os.replace(tmp, self._state_path)
+        except OSError as exc:
+            log.error("cluster: cannot save %s: %s", self._state_path, exc)
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("cachegate_cluster_connected", "1 when this node is connected to Redis")
+        g.add_metric([], 1.0 if self.connected else 0.0)
+        yield g
+        g = GaugeMetricFamily("cachegate_cluster_ready",
+                              "1 when this node has applied every purge of the cluster it knows of")
+        g.add_metric([], 1.0 if self.state == "ready" else 0.0)
+        yield g
+        g = GaugeMetricFamily("cachegate_cluster_lag", "Purges of the stream this node has not applied yet")
+        g.add_metric([], float(max(0, self.tip_seq - (self.saved.seq if self.saved else 0))))
+        yield g
+        c = CounterMetricFamily("cachegate_cluster_bus", "Purge bus events on this node", labels=["event"])
+        for event, n in self.counts.items():
+            c.add_metric([event], n)
+        yield c
+        c = CounterMetricFamily("cachegate_cluster_full_purges",
+                                "Whole local cache purged because this node could not know what it missed",
+                                labels=["reason"])
+        for reason, n in self.full_purges.items():
+            c.add_metric([reason], n)
+        yield c
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if "timeout" not in type(exc).__name__.lower() else f"no answer within the timeout ({text})"
+
+
+__all__ = ["ClusterNode"]

@@ -1,0 +1,322 @@
+"""Redis as a shared L2 tier behind every node's memory and disk, and cluster-wide fill locks.
+
+Layout (``NS`` = ``cluster.namespace``, ``G`` = the generation, bumped by purge-all
+so that every older key becomes unreachable at once and expires by its TTL):
+
+- ``NS:l2:G:m:KEY``: a hash, one field per variant (its Vary values) holding the
+  body id and the entry's record (``proxy.storage.entry``: JSON, never pickle). The
+  record keeps the response's request/response times and initial age, so Age and
+  freshness come out the same on every node (RFC 9111 §4.2.3; the nodes' clocks are
+  assumed synchronised, as for any shared cache);
+- ``NS:l2:G:b:BODY_ID``: the body (at most ``shared_max_object`` bytes);
+- ``NS:l2:G:u:URL``, ``...:t:TAG``, ``...:h:SCHEME://HOST``: sets of keys, for purges
+  by URL, tag and prefix, changed only with SADD/SREM inside scripts (never a
+  read-modify-write of a string);
+- ``NS:l2:lock:KEY``: the fill lock, ``SET NX PX`` with a fencing token from ``INCR``.
+
+Every key has a TTL: the entry's freshness left plus its stale windows
+(``stale-while-revalidate``, ``stale-if-error``), so Redis forgets what no node
+could serve any more.
+
+Each operation is one Lua script, so it is atomic and one round trip: a lookup
+that misses takes the lock in the same step (two nodes cannot both miss and both
+fetch), and a write checks that the lock is still this fill's and that no purge
+ran since the fill began (``NS:l2:purges``), or a purge racing a fill could
+bring the purged response back. The scripts touch keys they compute, so they
+need a single Redis (or a sentinel-managed one), not Redis Cluster.
+
+Every call is bounded by ``cluster.timeout``; a failure is counted and the caller
+goes on as if the shared tier had nothing (the origin is asked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from proxy.cluster.fills import Contended, Found, Locked, Lookup
+from proxy.cluster.redis_io import REDIS_DOWN, Names, client
+from proxy.cluster.settings import ClusterSettings
+from proxy.policy.keys import url_of_key
+from proxy.purge import PurgeSpec
+from proxy.storage.entry import Entry, decode_variants, encode_variants
+
+log = logging.getLogger("cachegate.cluster.shared")
+
+TTL_MARGIN = 5.0  # seconds a shared entry outlives what any node could serve from it
+TTL_MAX = 30 * 86400.0
+
+# KEYS: gen, purges, fence. ARGV: l2 prefix, key, try lock (0/1), lock ms, lock only (0/1).
+LOOKUP = """
+local g = redis.call('GET', KEYS[1]) or '0'
+local base = ARGV[1] .. ':' .. g .. ':'
+local meta = {}
+if ARGV[5] ~= '1' then meta = redis.call('HGETALL', base .. 'm:' .. ARGV[2]) end
+local out = {'found'}
+for i = 2, #meta, 2 do
+  local v = meta[i]
+  local nl = string.find(v, '\\n', 1, true)
+  if nl then
+    local body = redis.call('GET', base .. 'b:' .. string.sub(v, 1, nl - 1))
+    if body then
+      table.insert(out, string.sub(v, nl + 1))
+      table.insert(out, body)
+    end
+  end
+end
+if #out > 1 then return out end
+if ARGV[3] ~= '1' then return {'miss'} end
+local lock = ARGV[1] .. ':lock:' .. ARGV[2]
+local token = redis.call('INCR', KEYS[3])
+if redis.call('SET', lock, token, 'NX', 'PX', ARGV[4]) then
+  return {'locked', token, redis.call('GET', KEYS[2]) or '0'}
+end
+return {'busy', redis.call('PTTL', lock)}
+"""
+# KEYS: gen, purges. ARGV: l2 prefix, key, field, body id, record, body, ttl ms, token,
+# purges at lock time, then the sets' names (u:..., h:..., t:...).
+WRITE = """
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[9] then return 0 end
+local lock = ARGV[1] .. ':lock:' .. ARGV[2]
+local holder = redis.call('GET', lock)
+if holder and holder ~= ARGV[8] then return -1 end
+local g = redis.call('GET', KEYS[1]) or '0'
+local base = ARGV[1] .. ':' .. g .. ':'
+local ttl = tonumber(ARGV[7])
+redis.call('SET', base .. 'b:' .. ARGV[4], ARGV[6], 'PX', ttl)
+local function keep(name)
+  if redis.call('PTTL', name) < ttl then redis.call('PEXPIRE', name, ttl) end
+end
+local m = base .. 'm:' .. ARGV[2]
+redis.call('HSET', m, ARGV[3], ARGV[4] .. '\\n' .. ARGV[5])
+keep(m)
+for i = 10, #ARGV do
+  redis.call('SADD', base .. ARGV[i], ARGV[2])
+  keep(base .. ARGV[i])
+end
+return 1
+"""
+# KEYS: filled channel name is ARGV. ARGV: l2 prefix, key, token, channel, outcome.
+RELEASE = """
+local lock = ARGV[1] .. ':lock:' .. ARGV[2]
+if redis.call('GET', lock) == ARGV[3] then redis.call('DEL', lock) end
+redis.call('PUBLISH', ARGV[4], ARGV[2] .. '\\n' .. ARGV[5])
+return 1
+"""
+# KEYS: gen, purges. ARGV: l2 prefix, all (0/1), then a JSON document of keys, urls, tags,
+# prefixes ([host, prefix] pairs).
+PURGE = """
+redis.call('INCR', KEYS[2])
+if ARGV[2] == '1' then redis.call('INCR', KEYS[1]) return -1 end
+local g = redis.call('GET', KEYS[1]) or '0'
+local base = ARGV[1] .. ':' .. g .. ':'
+local doc = cjson.decode(ARGV[3])
+local n = 0
+local function drop(k) n = n + redis.call('DEL', base .. 'm:' .. k) end
+for _, k in ipairs(doc.keys) do drop(k) end
+for _, set in ipairs(doc.sets) do
+  for _, k in ipairs(redis.call('SMEMBERS', base .. set)) do drop(k) end
+  redis.call('DEL', base .. set)
+end
+for _, hp in ipairs(doc.prefixes) do
+  local set = base .. 'h:' .. hp[1]
+  for _, k in ipairs(redis.call('SMEMBERS', set)) do
+    if string.sub(k, 1, #hp[2]) == hp[2] then
+      drop(k)
+      redis.call('SREM', set, k)
+    end
+  end
+end
+return n
+"""
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL or key (what prefix purges index keys by).
+
+    >>> origin_of("https://a.example:8443/x/y?z")
+    'https://a.example:8443'
+    """
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def shared_ttl(entry: Entry, now: float) -> float:
+    """Seconds a shared entry is worth keeping: freshness left plus the stale windows."""
+    f = entry.response.freshness
+    return min(TTL_MAX, max(0.0, f.ttl(now)) + max(f.stale_while_revalidate, f.stale_if_error))
+
+
+class SharedTier:
+    def __init__(self, settings: ClusterSettings) -> None:
+        self.settings = settings
+        self.max_object = settings.shared_max_object
+        self.names = Names(settings.namespace)
+        self._redis = client(settings, decode=False)
+        self._waiters: dict[str, list[asyncio.Future[str]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._closing = False
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("hit", "miss", "locked", "contended", "woken", "wait_timeout", "written", "write_voided",
+             "too_large", "error"), 0)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.wait([self._listener], timeout=self.settings.timeout + 2)
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+
+    # -- lookups and locks ----------------------------------------------------------------
+
+    async def lookup(self, key: str, lock_for: float, lock_only: bool = False) -> Lookup:
+        """The key's variants from the shared tier, or its fill lock (``lock_for`` seconds > 0),
+        or who holds it; None when Redis cannot be asked. ``lock_only``: what is stored is of
+        no use to the caller (stale for it): only take the lock."""
+        n = self.names
+        try:
+            answer: Any = await self._redis.eval(LOOKUP, 3, n.generation, n.purges, n.fence, n.l2, key,
+                                                 "1" if lock_for > 0 else "0", int(lock_for * 1000),
+                                                 "1" if lock_only else "0")
+        except REDIS_DOWN as exc:
+            self._failed("lookup", key, exc)
+            return None
+        kind = answer[0].decode()
+        if kind == "found":
+            variants = []
+            for record, body in zip(answer[1::2], answer[2::2], strict=True):
+                decoded = decode_variants(record)
+                if decoded and decoded[0].key == key and decoded[0].body_size == len(body):
+                    variants.append((decoded[0], bytes(body)))
+            if variants:
+                self.counts["hit"] += 1
+                return Found(tuple(variants))
+            return None
+        self.counts["miss"] += 1
+        if kind == "locked":
+            self.counts["locked"] += 1
+            return Locked(int(answer[1]), int(answer[2]))
+        if kind == "busy":
+            self.counts["contended"] += 1
+            return Contended(max(0, int(answer[1])) / 1000)
+        return None
+
+    async def wait_filled(self, key: str, wait: float) -> str | None:
+        """Wait until another node releases the key's fill lock: its outcome ("stored",
+        "failed", ...), or None after ``wait`` seconds."""
+        self._ensure_listener()
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(fut)
+        try:
+            outcome = await asyncio.wait_for(fut, wait)
+            self.counts["woken"] += 1
+            return outcome
+        except TimeoutError:
+            self.counts["wait_timeout"] += 1
+            return None
+        finally:
+            waiting = self._waiters.get(key)
+            if waiting is not None:
+                with contextlib.suppress(ValueError):
+                    waiting.remove(fut)
+                if not waiting:
+                    del self._waiters[key]
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.ensure_future(self._listen())
+
+    async def _listen(self) -> None:
+        """Pub/sub: wake the waiters of a key when its fill lock is released (reconnecting
+        when Redis goes away: meanwhile waiters time out and fetch for themselves)."""
+        while not self._closing:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.names.filled)
+                while not self._closing:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    key, _, outcome = bytes(message["data"]).decode(errors="replace").partition("\n")
+                    for fut in self._waiters.pop(key, ()):
+                        if not fut.done():
+                            fut.set_result(outcome)
+            except asyncio.CancelledError:
+                raise
+            except REDIS_DOWN as exc:
+                log.debug("shared tier: pub/sub lost: %s", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(1.0)
+
+    # -- fills ----------------------------------------------------------------------------
+
+    async def write(self, entry: Entry, body: bytes, lock: Locked, now: float) -> bool:
+        """Write a fill through (unless a purge ran since the lock was taken, or the lock
+        went to another filler); whether it was written."""
+        if len(body) > self.max_object:
+            self.counts["too_large"] += 1
+            return False
+        ttl = shared_ttl(entry, now)
+        if ttl <= 0:
+            return False
+        n = self.names
+        field = json.dumps(entry.response.vary, separators=(",", ":"))
+        sets = dict.fromkeys([f"u:{url_of_key(entry.key)}", f"u:{entry.url}",
+                              f"h:{origin_of(entry.key)}", *(f"t:{t}" for t in entry.tags)])
+        try:
+            done: Any = await self._redis.eval(
+                WRITE, 2, n.generation, n.purges, n.l2, entry.key, field, entry.body_id,
+                encode_variants((entry,)), body, int((ttl + TTL_MARGIN) * 1000), lock.token, lock.purges,
+                *sets)
+        except REDIS_DOWN as exc:
+            self._failed("write", entry.key, exc)
+            return False
+        if int(done) == 1:
+            self.counts["written"] += 1
+            return True
+        self.counts["write_voided"] += 1
+        return False
+
+    async def release(self, key: str, lock: Locked, outcome: str) -> None:
+        n = self.names
+        try:
+            await self._redis.eval(RELEASE, 0, n.l2, key, lock.token, n.filled, outcome)
+        except REDIS_DOWN as exc:
+            self._failed("release", key, exc)  # the lock expires by itself
+
+    # -- purges -----------------------------------------------------------------------------
+
+    async def purge(self, spec: PurgeSpec, keyed_urls: Iterable[str] = ()) -> None:
+        """What a purge removes from the shared tier (its URLs also in every key shape the
+        rules give them: ``keyed_urls``). Raises when Redis cannot be reached: the purge is
+        then not made at all (``proxy.cluster.node``). A soft purge removes too: nodes keep
+        their own stale copies to revalidate."""
+        n = self.names
+        doc = {"keys": list(spec.keys),
+               "sets": [f"u:{u}" for u in dict.fromkeys([*spec.urls, *keyed_urls])]
+               + [f"t:{t}" for t in spec.tags],
+               "prefixes": [[origin_of(p), p] for p in spec.prefixes]}
+        await self._redis.eval(PURGE, 2, n.generation, n.purges, n.l2, "1" if spec.all else "0",
+                               json.dumps(doc))
+
+    def _failed(self, what: str, key: str, exc: BaseException) -> None:
+        self.counts["error"] += 1
+        log.warning("shared tier: %s of %s failed (%s); going on without it", what, key,
+                    str(exc) or type(exc).__name__)
+
+    def collect(self) -> Iterator[Metric]:
+        c = CounterMetricFamily("cachegate_cluster_shared",
+                                "Shared tier (cluster mode): lookups, fill locks and writes",
+                                labels=["event"])
+        for event, count in self.counts.items():
+            c.add_metric([event], count)
+        yield c

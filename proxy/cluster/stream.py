@@ -1,0 +1,180 @@
+"""The purge stream's bookkeeping, pure: entries, where a node resumes, and cheap catch-up.
+
+No Redis and no clock here; ``proxy.cluster.node`` does the I/O and asks these
+functions what to do.
+
+- An entry is one purge (or unsafe-method invalidation) as XADDed by the node
+  that received it: its origin node, a gap-free sequence number (``INCR`` in the
+  same script as the ``XADD``: stream ids alone cannot tell whether an entry was
+  trimmed away between two others) and the ``PurgeSpec``.
+- ``plan_resume`` decides where a node (re)starts reading: from its saved id, or
+  after purging its whole local cache when it cannot know what it missed (the
+  entries after its id were trimmed, or Redis lost its data: a new *epoch*).
+- ``merge_specs`` turns a backlog into at most two purges (hard, then soft), so
+  catching up on 1,000 purges costs two local purges, not 1,000: tags, prefixes
+  and "all" are bans in the local store (``proxy.storage.bans``) and URLs one
+  lookup each, and a hard "all" makes everything before it moot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.purge import PurgeOutcome, PurgeSpec
+
+START = "0-0"  # the id before every stream entry
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    id: str  # the Redis stream id ("1700000000000-0")
+    seq: int  # gap-free: the previous purge of the stream is seq - 1
+    node: str  # the node that received the purge
+    spec: PurgeSpec
+
+
+def entry_fields(node: str, spec: PurgeSpec) -> dict[str, str]:
+    """The fields XADDed for a purge (``seq`` is added by the script that appends it)."""
+    return {"node": node, "spec": json.dumps(spec.to_json(), separators=(",", ":"))}
+
+
+def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StreamEntry | None:
+    """An entry as read back; None when it is damaged (it is then skipped and counted).
+
+    >>> e = decode_entry("5-0", {"seq": "3", **entry_fields("a", PurgeSpec(tags=("t",)))})
+    >>> (e.seq, e.node, e.spec.tags) if e else None
+    (3, 'a', ('t',))
+    >>> decode_entry("5-0", {"seq": "x"}) is None
+    True
+    """
+    try:
+        spec = PurgeSpec.from_json(json.loads(fields["spec"]))
+        return StreamEntry(entry_id, int(fields["seq"]), str(fields["node"]), spec)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """What a node last applied, kept in its cache directory (survives its restarts)."""
+
+    epoch: str
+    seq: int
+    id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seq": self.seq, "id": self.id}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Saved:
+        return cls(str(d["epoch"]), int(d["seq"]), str(d["id"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Read the entries after ``after`` and apply them."""
+
+    after: str
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """This node cannot know what it missed: purge its whole local cache, then go on
+    after ``after`` (the stream's end: what came before is moot once everything is gone)."""
+
+    after: str
+    reason: str  # "trimmed" or "redis-lost-data", for the log and the metric
+
+
+@dataclass(frozen=True, slots=True)
+class Tip:
+    """The stream as Redis has it now."""
+
+    epoch: str
+    seq: int  # the last purge's sequence number (0: none yet)
+    last_id: str  # the last entry's id (START: none)
+
+
+def plan_resume(saved: Saved | None, tip: Tip, next_seq: int | None, *, keep_unknown: bool = False
+                ) -> Resume | Flush:
+    """Where a node starts reading, given what it last applied (``saved``), the stream's
+    tip, and the seq of the first entry still in the stream after ``saved.id`` (None: none).
+
+    ``keep_unknown``: the node has been running all along and had applied everything it
+    had seen when Redis went away, so a new epoch (Redis restarted empty) costs it nothing:
+    what the old epoch held after its last read was lost with Redis, for every node alike.
+
+    >>> tip = Tip("e1", 10, "9-0")
+    >>> plan_resume(None, tip, None)          # joining: from now on
+    Resume(after='9-0')
+    >>> plan_resume(Saved("e1", 7, "6-0"), tip, 8)
+    Resume(after='6-0')
+    >>> plan_resume(Saved("e1", 7, "6-0"), tip, 9)   # seq 8 was trimmed away
+    Flush(after='9-0', reason='trimmed')
+    >>> plan_resume(Saved("e0", 7, "6-0"), tip, None)
+    Flush(after='9-0', reason='redis-lost-data')
+    """
+    if saved is None:
+        return Resume(tip.last_id)
+    if saved.epoch != tip.epoch:
+        return Resume(START) if keep_unknown else Flush(tip.last_id, "redis-lost-data")
+    if tip.seq < saved.seq:
+        return Flush(tip.last_id, "redis-lost-data")  # the same epoch cannot go backwards
+    if tip.seq == saved.seq:
+        return Resume(saved.id)
+    if next_seq is None or next_seq > saved.seq + 1:
+        return Flush(tip.last_id, "trimmed")
+    return Resume(saved.id)
+
+
+def merge_specs(specs: Iterable[PurgeSpec]) -> list[PurgeSpec]:
+    """A backlog of purges as at most two: every hard one together, then every soft one.
+
+    The order within a backlog does not matter for what ends up served: a hard purge
+    removes, a soft one marks stale, and either after the other leaves the entry removed
+    or stale exactly as the two merged purges do. A hard "all" supersedes what came
+    before it.
+
+    >>> merged = merge_specs([PurgeSpec(tags=("a",)), PurgeSpec(urls=("http://h/x",), soft=True),
+    ...                       PurgeSpec(all=True), PurgeSpec(tags=("b",)), PurgeSpec(tags=("b",))])
+    >>> [(s.all, s.tags, s.urls, s.soft) for s in merged]
+    [(True, ('b',), (), False)]
+    """
+    items = list(specs)
+    for i in range(len(items) - 1, -1, -1):
+        if items[i].all and not items[i].soft:
+            items = items[i:]
+            break
+    out: list[PurgeSpec] = []
+    for soft in (False, True):
+        group = [s for s in items if s.soft == soft]
+        if not group:
+            continue
+        out.append(PurgeSpec(
+            urls=_union(s.urls for s in group), prefixes=_union(s.prefixes for s in group),
+            tags=_union(s.tags for s in group), all=any(s.all for s in group), soft=soft,
+            keys=_union(s.keys for s in group), invalidation=all(s.invalidation for s in group)))
+    return out
+
+
+def _union(parts: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(x for p in parts for x in p))
+
+
+def outcome(live: Iterable[str], acks: Mapping[str, int]) -> PurgeOutcome:
+    """The answer to a purge: every acknowledging node's count, and the live nodes that did
+    not acknowledge (a node that acknowledged without being seen alive still counts).
+
+    >>> outcome(["a", "b", "c"], {"a": 3, "b": 2}).to_json()
+    {'purged': 5, 'nodes': {'a': {'purged': 3}, 'b': {'purged': 2}}, 'missing': ['c']}
+    """
+    missing = tuple(sorted(n for n in set(live) if n not in acks))
+    return PurgeOutcome(sum(acks.values()), dict(acks), missing)

@@ -1,0 +1,116 @@
+"""How many CPUs this process may really use: ``--workers auto`` / ``workers: auto``.
+
+``os.cpu_count()`` counts the host's CPUs: a container limited to 2 CPUs on a 64-core host
+would start 64 workers, each throttled by the CFS quota they share (and each with its own
+memory tier). The CPUs a process may use are the fewest of
+
+- its affinity mask (``os.sched_getaffinity``: ``taskset``, ``docker --cpuset-cpus``,
+  systemd's ``CPUAffinity=``), and
+- its cgroup's CPU quota, and the quota of every cgroup above it: cgroup v2 ``cpu.max``
+  (``"200000 100000"`` = 2 CPUs, ``"max 100000"`` = no limit), or cgroup v1
+  ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (a quota of -1 = no limit).
+
+A fractional quota is rounded down (at least 1), as Go's automaxprocs does: 2.5 CPUs run
+2 workers. One worker more than the quota would be throttled in every CFS period, which
+shows up as latency spikes rather than throughput.
+
+Nothing here raises: a file that is missing or unreadable means "no limit from it".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_SELF_CGROUP = "/proc/self/cgroup"
+
+
+def affinity_cpus() -> int:
+    """CPUs in this process's affinity mask (all of the host's where there is no such call)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def available_cpus(cgroup_root: str | None = None, proc_cgroup: str | None = None,
+                   affinity: Callable[[], int] | None = None) -> int:
+    """The number of workers ``auto`` means: min(affinity mask, cgroup quota), at least 1.
+    The defaults are this module's globals, read at each call (tests point them at a fake tree)."""
+    cpus = max(1, (affinity or affinity_cpus)())
+    quota = cgroup_cpu_limit(cgroup_root or CGROUP_ROOT, proc_cgroup or PROC_SELF_CGROUP)
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return cpus
+
+
+def cgroup_cpu_limit(cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = PROC_SELF_CGROUP) -> float | None:
+    """The tightest CPU quota (in CPUs) over this process's cgroup and its ancestors, v2 or v1;
+    None when none is set."""
+    limits = [q for q in _quotas(Path(cgroup_root), _read(proc_cgroup) or "") if q is not None]
+    return min(limits) if limits else None
+
+
+def _quotas(root: Path, membership: str) -> Iterator[float | None]:
+    for line in membership.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2: "0::/path"
+            for d in _dirs(root, path):
+                yield _v2_quota(_read(d / "cpu.max"))
+        elif "cpu" in controllers.split(","):  # cgroup v1: "4:cpu,cpuacct:/path"
+            for mount in (root / controllers, root / "cpu,cpuacct", root / "cpu"):
+                if mount.is_dir():
+                    for d in _dirs(mount, path):
+                        yield _v1_quota(_read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us"))
+                    break
+
+
+def _dirs(mount: Path, path: str) -> Iterator[Path]:
+    """The cgroup's directory under ``mount`` and every ancestor up to ``mount`` itself.
+
+    In a container with its own cgroup namespace the path (``/``) is the mount itself; with
+    a host path that the container's mount does not show (``/docker/<id>``, cgroup v1), only
+    the mount is there, and it is the container's own cgroup."""
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    seen = False
+    for n in range(len(parts), -1, -1):
+        d = mount.joinpath(*parts[:n])
+        if d.is_dir():
+            seen = True
+            yield d
+    if not seen:
+        yield mount
+
+
+def _v2_quota(text: str | None) -> float | None:
+    if not text:
+        return None
+    fields = text.split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _v1_quota(quota_text: str | None, period_text: str | None) -> float | None:
+    try:
+        quota, period = int(quota_text or ""), int(period_text or "")
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _read(path: str | Path) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None

@@ -1,0 +1,177 @@
+"""Field values as RFC 9110 §5.6 defines them: lists, singletons, numbers, quoted strings, parameters.
+
+Every field value the policy reads goes through these readers, so a malformed value is
+read the same way wherever it is used. Nothing here raises: a value that does not follow
+its grammar reads as ``None``, and the caller applies the rule its RFC gives for an
+invalid field (an invalid ``Age`` is ignored, an invalid ``Expires`` means stale, ...).
+
+- Lists (§5.6.1): the field lines of a field are one list, as if joined with commas;
+  commas inside quoted strings do not split; empty members are dropped; whitespace
+  around members is not part of them.
+- Singletons received as several values (§5.5; RFC 9111 §5.1 for ``Age``): the first
+  member counts, where a member can be told apart (a date contains commas: for those,
+  the first field line).
+- Numbers: ASCII digits only (``str.isdigit`` accepts ``²`` and ``٣``, which ``int``
+  refuses or reads as 3); delta-seconds above 2**31 read as 2**31 (RFC 9111 §1.2.2),
+  and long digit strings are never converted whole (no quadratic ``int``).
+- Parameters (§5.6.6) and weights (§12.4.2): ``;``-separated, names case-insensitive,
+  values tokens or quoted strings; ``q`` is 0 to 1 with at most three decimals.
+
+>>> split_list(['a, "b, c"', "", " d ,,e"])
+['a', '"b, c"', 'd', 'e']
+>>> first_member(["0, 7200"]), first_member(["7200", "0"]), first_member([" , "])
+('0', '7200', None)
+>>> delta_seconds("0060"), delta_seconds("²"), delta_seconds("99999999999999999999")
+(60, None, 2147483648)
+>>> digits("٣"), digits("7" * 5000) == BIG
+(None, True)
+>>> parameters('gzip ; Q=0.5;level="1;2"')
+('gzip', (('q', '0.5'), ('level', '1;2')))
+>>> weight("0.5"), weight("1.000"), weight("1.5"), weight(".5")
+(0.5, 1.0, None, None)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+DELTA_SECONDS_MAX = 2**31
+
+
+def split_list(values: Iterable[str]) -> list[str]:
+    """The members of a list-based field, over all its field lines (RFC 9110 §5.6.1)."""
+    members: list[str] = []
+    for value in values:
+        if '"' not in value:
+            members.extend(m for part in value.split(",") if (m := part.strip(" \t")))
+            continue
+        buf: list[str] = []
+        in_quotes = escaped = False
+        for ch in value:
+            if escaped:
+                escaped = False
+            elif in_quotes and ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_quotes = not in_quotes
+            elif ch == "," and not in_quotes:
+                if m := "".join(buf).strip(" \t"):
+                    members.append(m)
+                buf = []
+                continue
+            buf.append(ch)
+        if m := "".join(buf).strip(" \t"):
+            members.append(m)
+    return members
+
+
+def first_member(values: Sequence[str]) -> str | None:
+    """A singleton field received as a list or as several lines: its first member."""
+    if not values:
+        return None
+    members = split_list(values[:1]) or split_list(values[1:])
+    return members[0] if members else None
+
+
+BIG = 10**30  # what a longer number reads as: bigger than any size, never a slow or refused int()
+
+
+def digits(text: str) -> int | None:
+    """A non-negative decimal integer of ASCII digits (at most BIG), or None."""
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    significant = text.lstrip("0") or "0"
+    return BIG if len(significant) > 30 else int(significant)
+
+
+def delta_seconds(text: str) -> int | None:
+    """RFC 9111 §1.2.2 delta-seconds, capped at 2**31; None when ``text`` is not one."""
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    significant = text.lstrip("0") or "0"
+    if len(significant) > 10:  # never convert a huge literal: it would only be capped
+        return DELTA_SECONDS_MAX
+    return min(int(significant), DELTA_SECONDS_MAX)
+
+
+def unquote(text: str) -> str:
+    """The content of a quoted-string (RFC 9110 §5.6.4), escapes resolved; other text as is."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    out: list[str] = []
+    escaped = False
+    for ch in text[1:-1]:
+        if escaped:
+            out.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    if '"' not in text:
+        return text.split(sep)
+    parts: list[str] = []
+    buf: list[str] = []
+    in_quotes = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif in_quotes and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_quotes = not in_quotes
+        elif ch == sep and not in_quotes:
+            parts.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    parts.append("".join(buf))
+    return parts
+
+
+def parameters(member: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A list member's value and its parameters (RFC 9110 §5.6.6): names lower-cased,
+    values unquoted; whitespace around ``;`` and ``=`` removed; empty parameters dropped."""
+    first, *rest = _split_outside_quotes(member, ";")
+    params: list[tuple[str, str]] = []
+    for param in rest:
+        name, _, value = param.partition("=")
+        name = name.strip(" \t").lower()
+        if name:
+            params.append((name, unquote(value.strip(" \t"))))
+    return first.strip(" \t"), tuple(params)
+
+
+_WEIGHT = re.compile(r"0(?:\.\d{0,3})?|1(?:\.0{0,3})?")
+
+
+def weight(text: str) -> float | None:
+    """A ``q`` parameter's value (RFC 9110 §12.4.2), or None when it is not one."""
+    return float(text) if _WEIGHT.fullmatch(text) else None
+
+
+def content_length(values: Sequence[str]) -> int | None:
+    """Content-Length (RFC 9110 §8.6): a list of identical values counts as one; anything
+    else that is not a non-negative integer is None (the framing layer refuses those)."""
+    members = split_list(values)
+    if not members or any(m != members[0] for m in members):
+        return None
+    return digits(members[0])
+
+
+_ENTITY_TAG = re.compile(r'(?:W/)?"[^"\x00-\x20\x7f]*"')
+
+
+def is_entity_tag(text: str) -> bool:
+    """``[W/] DQUOTE *etagc DQUOTE`` (RFC 9110 §8.8.3); obs-text is allowed in etagc."""
+    return _ENTITY_TAG.fullmatch(text) is not None
+
+
+def first_line(values: Sequence[str]) -> str | None:
+    """The first field line of a singleton whose values contain commas (HTTP-dates)."""
+    return values[0] if values else None

@@ -1,0 +1,132 @@
+"""Partial content: stored 206 responses, the ranges they answer, combining them (RFC 9111 §3.3-3.4).
+
+A cache may store an incomplete response and use it for a range request that lies
+wholly within it (§3.3). Parts of one representation may be combined into one, and a
+part that covers the whole representation becomes a complete response, but only when
+they all carry the same strong validator (§3.4): two parts whose ETags differ, or
+where either has none or a weak one, come from representations that may differ, and
+are never put together.
+
+>>> r = parse_content_range("bytes 4-9/10")
+>>> r, r.length, parse_content_range("bytes 4-9/*"), parse_content_range("bytes 9-4/10")
+(ByteRange(first=4, last=9, total=10), 6, None, None)
+>>> widen((3_000_000, 3_100_000), 1 << 20), widen((None, 500), 1 << 20)
+((2097152, 3145727), (None, 500))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.policy.fields import digits
+from proxy.policy.messages import StoredResponse
+from proxy.policy.ranges import RangeSpec, resolve_range
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """An inclusive byte range of a representation of ``total`` bytes."""
+
+    first: int
+    last: int
+    total: int
+
+    @property
+    def length(self) -> int:
+        return self.last - self.first + 1
+
+    @property
+    def complete(self) -> bool:
+        return self.first == 0 and self.last == self.total - 1
+
+
+def parse_content_range(value: str | None) -> ByteRange | None:
+    """``bytes first-last/total`` (RFC 9110 §14.4) with a known total; None otherwise (an
+    unknown length ``/*`` or ``*/total`` cannot be placed in a representation)."""
+    if value is None:
+        return None
+    unit, _, rest = value.strip(" \t").partition(" ")
+    if unit.lower() != "bytes":
+        return None
+    span, slash, total_text = rest.strip(" \t").partition("/")
+    first_text, dash, last_text = span.partition("-")
+    if not slash or not dash:
+        return None
+    first, last, total = digits(first_text), digits(last_text), digits(total_text)
+    if first is None or last is None or total is None or not first <= last < total:
+        return None
+    return ByteRange(first, last, total)
+
+
+def part_range(stored: StoredResponse) -> ByteRange | None:
+    """The range a stored 206 holds (from its Content-Range)."""
+    if stored.status != 206:
+        return None
+    value = next((v for k, v in stored.headers if k.lower() == "content-range"), None)
+    return parse_content_range(value)
+
+
+def strong_etag(stored: StoredResponse) -> str | None:
+    etag = stored.etag.strip() if stored.etag is not None else None
+    return etag if etag is not None and etag.startswith('"') else None
+
+
+def answerable(stored: StoredResponse, spec: RangeSpec) -> ByteRange | None:
+    """The range of the representation a stored 206 answers for ``spec``: only when it lies
+    wholly within the stored part (RFC 9111 §3.3); None otherwise."""
+    held = part_range(stored)
+    if held is None:
+        return None
+    wanted = resolve_range(spec, held.total)
+    if wanted == "unsatisfiable":
+        return None
+    first, last = wanted
+    if first < held.first or last > held.last:
+        return None
+    return ByteRange(first, last, held.total)
+
+
+@dataclass(frozen=True, slots=True)
+class Combine:
+    """Put the two parts together: the ``lower`` one's bytes first, then what the other adds."""
+
+    range: ByteRange
+    lower: StoredResponse
+    upper: StoredResponse
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    detail: str  # VALIDATOR-MISMATCH, NO-STRONG-VALIDATOR, OTHER-LENGTH, NOT-CONTIGUOUS
+
+
+def decide_combine(stored: StoredResponse, new: StoredResponse) -> Combine | Refuse:
+    """May these two parts of a representation be combined (RFC 9111 §3.4), and into what?"""
+    a, b = part_range(stored), part_range(new)
+    if a is None or b is None:
+        return Refuse("NOT-A-PART")
+    tag_a, tag_b = strong_etag(stored), strong_etag(new)
+    if tag_a is None or tag_b is None:
+        return Refuse("NO-STRONG-VALIDATOR")
+    if tag_a != tag_b:
+        return Refuse("VALIDATOR-MISMATCH")
+    if a.total != b.total:
+        return Refuse("OTHER-LENGTH")
+    lower, upper = (stored, new) if (a.first, a.last) <= (b.first, b.last) else (new, stored)
+    lo, hi = (a, b) if lower is stored else (b, a)
+    if hi.first > lo.last + 1:
+        return Refuse("NOT-CONTIGUOUS")
+    return Combine(ByteRange(lo.first, max(lo.last, hi.last), a.total), lower, upper)
+
+
+def widen(spec: RangeSpec, slice_size: int) -> RangeSpec:
+    """``spec`` widened to whole slices of ``slice_size`` bytes (``range_fill: slice``, as
+    nginx's slice module aligns its subrequests); a suffix range is left as it is (its
+    position is unknown until the length is)."""
+    first, last = spec
+    if first is None or slice_size <= 0:
+        return spec
+    start = first // slice_size * slice_size
+    if last is None:
+        return start, None
+    return start, (last // slice_size + 1) * slice_size - 1

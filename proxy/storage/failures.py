@@ -1,0 +1,73 @@
+"""Storage write failures (a full disk, an I/O error): counted, logged once per streak, shown.
+
+A write that fails only abandons storing that response: the clients of the fill still get
+the whole body, and the next fill tries again. A full disk (``ENOSPC``) fails every fill
+until space is freed, so a log line per failure (let alone a traceback) would flood the log
+at the request rate and tell the operator nothing new. The first failure of a streak is
+logged at WARNING with its error (with a traceback only when it is not an ``OSError``: then
+it is a bug, not the disk); the ones after it are only counted, until a write succeeds
+again, which is logged at INFO with how many failed meanwhile. Every failure counts in
+``cachegate_storage_errors_total{operation}`` and in ``GET /stats`` (``storage``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("cachegate.storage")
+
+
+class WriteFailures:
+    """This process's storage write failures, by operation (``spool``: receiving a body;
+    ``write``: committing one, or freshening stored headers)."""
+
+    def __init__(self, count: Callable[[str], None] | None = None) -> None:
+        self._count = count  # the metric: called with the operation
+        self.counts: dict[str, int] = {}
+        self.streak = 0  # failures since the last write that succeeded
+        self.last_error = ""
+        self.last_failed_at: float | None = None
+
+    def failed(self, operation: str, key: str, exc: BaseException) -> None:
+        self.counts[operation] = self.counts.get(operation, 0) + 1
+        if self._count is not None:
+            self._count(operation)
+        self.last_error = f"{operation} of {key}: {_describe(exc)}"
+        self.last_failed_at = time.time()
+        self.streak += 1
+        if self.streak == 1:
+            log.warning("storage write failed (%s); responses are passed on unstored while writes "
+                        "fail (further failures are counted in /stats and /metrics, not logged)",
+                        self.last_error, exc_info=None if isinstance(exc, OSError) else exc)
+
+    def succeeded(self) -> None:
+        if self.streak:
+            log.info("storage writes succeed again, after %d failed", self.streak)
+            self.streak = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """For ``GET /stats``: failures by operation, whether writes are failing now, the last error."""
+        return {"write_errors": dict(self.counts), "failing": self.streak > 0,
+                "last_error": self.last_error or None, "last_failed_at": self.last_failed_at}
+
+
+def merge_snapshots(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several processes' snapshots as one (sums, any failing, the latest error)."""
+    counts: dict[str, int] = {}
+    for p in parts:
+        for op, n in p["write_errors"].items():
+            counts[op] = counts.get(op, 0) + int(n)
+    failed = [p for p in parts if p.get("last_failed_at") is not None]
+    last = max(failed, key=lambda p: float(p["last_failed_at"])) if failed else None
+    return {"write_errors": counts, "failing": any(p["failing"] for p in parts),
+            "last_error": last["last_error"] if last else None,
+            "last_failed_at": last["last_failed_at"] if last else None}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,72 @@
+"""TLS on the client side: one server ``SSLContext`` per TLS listener, and certificate rotation.
+
+Contexts take the standard library's secure defaults for a server
+(``ssl.create_default_context(Purpose.CLIENT_AUTH)``: no compression, OpenSSL's current
+cipher list, no renegotiation), TLS 1.2 at least, and ALPN ``http/1.1`` (cachegate speaks
+HTTP/1.1; a client that offers h2 is told so during the handshake instead of guessing).
+
+Rotation without a restart (SIGHUP, ``POST /reload``): a listening server keeps the
+``SSLContext`` it was started with, so that context stays, and its SNI callback (which OpenSSL
+calls early in every handshake, whether the client sent a server name or not) hands each new
+connection the *current* context, built from the files as they are now. A connection
+already open keeps the context it shook hands with, so it goes on working; new handshakes
+present the new certificate. A reload whose files do not load (a key that does not match
+its certificate, a half-copied file) leaves the current context in place: the config check
+loads them first, and refuses the reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+log = logging.getLogger("cachegate.tls")
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context for this certificate chain and key; ``ssl.SSLError`` or ``OSError``
+    (with the reason) when they do not load."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def load_problem(cert: str, key: str) -> str | None:
+    """Why this certificate and key would not load, or None when they do (for ``cachegate check``)."""
+    try:
+        server_context(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"cannot load the certificate {cert} with the key {key}: {reason}"
+    return None
+
+
+class ServerTLS:
+    """A TLS listener's context (``context``: what the listener is started with) and the
+    context new handshakes get (``current``), which ``reload`` replaces."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.context = server_context(cert, key)
+        self.current = self.context
+        self.files = (cert, key)
+        self.context.sni_callback = self._choose
+
+    def _choose(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                context: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not context:
+            conn.context = current
+
+    def reload(self, cert: str, key: str) -> bool:
+        """Read the files again (they may be new files at the same paths); True when the new
+        certificate is in use for new handshakes, False (logged) when the old one stays."""
+        try:
+            fresh = server_context(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            log.error("TLS reload failed, the current certificate stays: %s: %s", cert, exc)
+            return False
+        self.current = fresh
+        self.files = (cert, key)
+        return True

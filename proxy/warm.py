@@ -1,0 +1,546 @@
+"""``cachegate warm``: preload the cache after a deploy or a purge, through the proxy itself.
+
+Every URL is requested from the proxy's client listener (never from the origin), so
+rules, keys, coalescing and storage decide exactly as they do for clients: warming
+cannot store anything a client's request would not. An absolute URL's host becomes
+the ``Host`` header (and ``https`` URLs carry ``X-Forwarded-Proto: https``, which
+cachegate honours only from ``trusted_proxies``); a path (from a URL file or an
+access log) goes to ``--host``, else to the proxy's own address.
+
+Sources, all combined and deduplicated: ``--sitemap URL`` (a ``urlset``, or a
+``sitemapindex`` whose sitemaps are fetched in turn, through the proxy too; gzip
+accepted; documents with a DOCTYPE are refused, so no entity can expand), ``--urls
+FILE`` (one URL or path a line, ``#`` comments; ``-`` is standard input) and
+``--from-access-log FILE`` (GET/HEAD request lines of the common, combined or
+cachegate format with a status below 400, most requested first).
+
+Each answer is classified from ``X-Cache-Status`` and ``Cache-Status``: stored,
+refreshed (a 304 freshened the stored copy), already fresh, not storable (with
+the ``detail`` reason) or an error (a status of 400 and above, a timeout, a refused
+connection ...). The summary counts each; the exit status is 1 when errors exceed
+``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and prints
+the summary so far), 2 for bad arguments or nothing to warm.
+
+The parsing and classifying functions are pure; ``Warmer`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import gzip
+import io
+import json
+import re
+import signal
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+MAX_SITEMAP_BYTES = 50 * 1024 * 1024  # the sitemaps.org limit for one sitemap, uncompressed
+MAX_SITEMAP_DEPTH = 4  # sitemap index -> sitemap index -> ... -> urlset
+USER_AGENT = "cachegate-warm"
+HIT_LIKE = frozenset({"HIT", "STALE", "UPDATING"})
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class WarmError(Exception):
+    """A source that cannot be read (a bad sitemap, an unreadable file)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One request to send: a URL (absolute, or a path for the default host) and its headers."""
+
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# -- sources (pure) -----------------------------------------------------------------------------
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """``'Name: value'`` -> (name, value); ValueError otherwise.
+
+    >>> parse_header("Accept-Encoding: gzip, br")
+    ('Accept-Encoding', 'gzip, br')
+    """
+    name, sep, value = text.partition(":")
+    name = name.strip()
+    if not sep or not name or any(c in name for c in " \t\r\n") or "\r" in value or "\n" in value:
+        raise ValueError(f"not a header: {text!r} (write 'Name: value')")
+    return name, value.strip()
+
+
+def parse_url_list(text: str) -> list[str]:
+    """One URL or path a line; blank lines and ``#`` comments skipped.
+
+    >>> parse_url_list("https://a.example/x\\n\\n# a comment\\n/y  \\n")
+    ['https://a.example/x', '/y']
+    """
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+_REQUEST_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[0-9.]+"(?:\s+(\d{3}))?')
+
+
+def parse_access_log(lines: Iterable[str]) -> list[str]:
+    """The paths of GET/HEAD requests answered below 400 (or with no status), most requested first:
+    from combined or common lines, or cachegate's JSON lines (``access_log: {format: json}``).
+
+    >>> parse_access_log(['{"method":"GET","path":"/j?x=1","status":200}', '{"method":null,"path":null}'])
+    ['/j?x=1']
+
+    >>> parse_access_log([
+    ...     '127.0.0.1 - - [26/Nov/2026:13:40:02 +0000] "GET /a HTTP/1.1" 200 288 "-" "curl"',
+    ...     '127.0.0.1 [26/Nov/2026:13:40:03 +0000] "GET /b HTTP/1.1" 200 288 HIT 0.0004 "-" "curl"',
+    ...     '127.0.0.1 [26/Nov/2026:13:40:04 +0000] "GET /b HTTP/1.1" 200 288 HIT 0.0004 "-" "curl"',
+    ...     '127.0.0.1 - - [26/Nov/2026:13:40:05 +0000] "POST /c HTTP/1.1" 200 2 "-" "curl"',
+    ...     '127.0.0.1 - - [26/Nov/2026:13:40:06 +0000] "GET /gone HTTP/1.1" 404 2 "-" "curl"'])
+    ['/b', '/a']
+    """
+    counts: collections.Counter[str] = collections.Counter()
+    for line in lines:
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            path, status = record.get("path"), record.get("status")
+            if (record.get("method") in ("GET", "HEAD") and isinstance(path, str)
+                    and not (isinstance(status, int) and status >= 400)):
+                counts[path] += 1
+            continue
+        m = _REQUEST_LINE.search(line)
+        if m is None or (m.group(3) is not None and int(m.group(3)) >= 400):
+            continue
+        counts[m.group(2)] += 1
+    return [path for path, _ in counts.most_common()]
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def parse_sitemap(body: bytes) -> tuple[list[str], list[str]]:
+    """A sitemap's (page URLs, nested sitemap URLs); WarmError when it is not one.
+
+    >>> parse_sitemap(b'<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">'
+    ...               b'<url><loc> https://a.example/x </loc></url></urlset>')
+    (['https://a.example/x'], [])
+    >>> parse_sitemap(b'<sitemapindex><sitemap><loc>https://a.example/s2.xml</loc></sitemap></sitemapindex>')
+    ([], ['https://a.example/s2.xml'])
+    """
+    if body[:2] == b"\x1f\x8b":
+        body = _gunzip(body)
+    if len(body) > MAX_SITEMAP_BYTES:
+        raise WarmError(f"sitemap larger than {MAX_SITEMAP_BYTES} bytes")
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        raise WarmError("sitemap has a DOCTYPE (refused: entities could expand without bound)")
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise WarmError(f"not XML: {exc}") from None
+    kind = _local(root.tag)
+    if kind not in ("urlset", "sitemapindex"):
+        raise WarmError(f"not a sitemap: the root element is <{kind}>, not <urlset> or <sitemapindex>")
+    child = "url" if kind == "urlset" else "sitemap"
+    locs = []
+    for entry in root:
+        if _local(entry.tag) != child:
+            continue
+        for item in entry:
+            if _local(item.tag) == "loc" and item.text and item.text.strip():
+                locs.append(item.text.strip())
+    return (locs, []) if kind == "urlset" else ([], locs)
+
+
+def _gunzip(body: bytes) -> bytes:
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
+            out = f.read(MAX_SITEMAP_BYTES + 1)
+    except (OSError, EOFError) as exc:
+        raise WarmError(f"bad gzip: {exc}") from None
+    return out
+
+
+def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str]],
+                variants: Sequence[tuple[str, str]]) -> list[Target]:
+    """Each URL once (first seen wins), once per variant when variants are given."""
+    seen: set[str] = set()
+    out: list[Target] = []
+    for url in urls:
+        if url in seen:
+            continue
+        seen.add(url)
+        if variants:
+            out.extend(Target(url, (*headers, v)) for v in variants)
+        else:
+            out.append(Target(url, tuple(headers)))
+    return out
+
+
+# -- outcomes (pure) ----------------------------------------------------------------------------
+
+_DETAIL = re.compile(r';\s*detail=("(?:[^"\\]|\\.)*"|[^;,\s]+)')
+
+
+def cache_status_detail(value: str) -> str | None:
+    """The ``detail`` parameter of a Cache-Status field, unquoted.
+
+    >>> cache_status_detail('cachegate; fwd=uri-miss; fwd-status=200; detail=PRIVATE')
+    'PRIVATE'
+    >>> cache_status_detail('cachegate; fwd=bypass; fwd-status=200; detail="RULE-BYPASS:logged in"')
+    'RULE-BYPASS:logged in'
+    """
+    m = _DETAIL.search(value)
+    if m is None:
+        return None
+    detail = m.group(1)
+    if detail.startswith('"'):
+        detail = re.sub(r"\\(.)", r"\1", detail[1:-1])
+    return detail
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "stored", "refreshed", "fresh", "not_storable", "error"
+    reason: str = ""  # the not-stored detail, or the error's kind
+
+
+def classify(status: int, x_cache: str, cache_status: str) -> Outcome:
+    """What a warming request achieved, from the proxy's answer.
+
+    >>> classify(200, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; stored")
+    Outcome(kind='stored', reason='')
+    >>> classify(200, "HIT", "cachegate; hit; ttl=41")
+    Outcome(kind='fresh', reason='')
+    >>> classify(200, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; detail=NO-FRESHNESS")
+    Outcome(kind='not_storable', reason='NO-FRESHNESS')
+    >>> classify(404, "MISS", "cachegate; fwd=uri-miss; fwd-status=404; stored")
+    Outcome(kind='error', reason='HTTP 404')
+    """
+    if status >= 400:
+        return Outcome("error", f"HTTP {status}")
+    params = [p.strip() for p in cache_status.split(";")]
+    if x_cache in HIT_LIKE and "hit" in params:
+        return Outcome("fresh")
+    if "stored" in params:
+        return Outcome("fresh" if "collapsed" in params else "stored")
+    if x_cache == "REVALIDATED":
+        return Outcome("refreshed")
+    if x_cache in HIT_LIKE:
+        return Outcome("fresh")
+    return Outcome("not_storable", cache_status_detail(cache_status) or x_cache or "NOT-STORED")
+
+
+@dataclass
+class Tally:
+    """The run so far: counts by outcome, not-storable reasons and error kinds."""
+
+    total: int
+    done: int = 0
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # error kind -> a URL that had it
+
+    def add(self, outcome: Outcome, url: str) -> None:
+        self.done += 1
+        self.counts[outcome.kind] += 1
+        if outcome.kind == "not_storable":
+            self.reasons[outcome.reason] += 1
+        elif outcome.kind == "error":
+            self.errors[outcome.reason] += 1
+            self.examples.setdefault(outcome.reason, url)
+
+    @property
+    def error_count(self) -> int:
+        return self.counts["error"]
+
+
+def _breakdown(c: collections.Counter[str]) -> str:
+    return ", ".join(f"{k} {n}" for k, n in c.most_common())
+
+
+def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str]:
+    rate = t.done / seconds if seconds > 0 else 0.0
+    head = f"cachegate warm: {t.done} of {t.total} requests in {seconds:.1f} s ({rate:.1f}/s) through {proxy}"
+    if interrupted:
+        head += " (interrupted)"
+    lines = [head]
+    for kind, label in (("stored", "stored"), ("refreshed", "refreshed (304)"), ("fresh", "already fresh"),
+                        ("not_storable", "not storable"), ("error", "errors")):
+        extra = ""
+        if kind == "not_storable" and t.reasons:
+            extra = f"  ({_breakdown(t.reasons)})"
+        elif kind == "error" and t.errors:
+            extra = f"  ({_breakdown(t.errors)})"
+        lines.append(f"  {label:<16}{t.counts[kind]:>7}{extra}")
+    for kind, url in sorted(t.examples.items()):
+        lines.append(f"  {kind}: e.g. {url}")
+    return lines
+
+
+def progress_bar(done: int, total: int, rate: float, errors: int, width: int = 30) -> str:
+    """One line for a terminal: bar, count, percentage, rate, ETA, errors.
+
+    >>> progress_bar(50, 200, 25.0, 1)
+    '[#######.......................]  50/200  25%  25.0/s  ETA 0:06  1 error'
+    """
+    share = done / total if total else 1.0
+    filled = int(width * share)
+    eta = (total - done) / rate if rate > 0 else 0.0
+    errs = f"  {errors} error{'s' if errors != 1 else ''}" if errors else ""
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {done:>{len(str(total))}}/{total} {share:>4.0%}"
+            f"  {rate:.1f}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}{errs}")
+
+
+def progress_line(done: int, total: int, rate: float, errors: int) -> str:
+    """A plain periodic line when the output is not a terminal."""
+    share = done / total if total else 1.0
+    return f"cachegate warm: {done}/{total} ({share:.0%}), {rate:.1f}/s, {errors} errors"
+
+
+class Pacer:
+    """``--rate``: request starts spaced 1/rate apart, whichever worker sends them (no burst
+    after a pause: a slot never lies in the past).
+
+    >>> p = Pacer(10.0)
+    >>> [round(p.wait(t), 3) for t in (0.0, 0.0, 0.0, 0.35, 2.0)]
+    [0.0, 0.1, 0.2, 0.0, 0.0]
+    >>> Pacer(0).wait(5.0)
+    0.0
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.next_slot: float | None = None
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait from ``now`` before the next request may start."""
+        if not self.interval:
+            return 0.0
+        slot = now if self.next_slot is None else max(now, self.next_slot)
+        self.next_slot = slot + self.interval
+        return slot - now
+
+
+# -- the I/O --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmOptions:
+    proxy: str  # the client listener's URL, e.g. http://127.0.0.1:8080
+    host: str | None = None  # the Host for paths; None: the proxy's own address
+    concurrency: int = 8
+    rate: float = 0.0  # requests per second at most; 0: no limit
+    timeout: float = 30.0
+    progress: str = "auto"  # "auto" (a bar on a terminal, else lines), "bar", "lines", "none"
+    progress_every: float = 5.0  # seconds between plain lines
+
+
+class Warmer:
+    def __init__(self, options: WarmOptions, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> None:
+        self.options = options
+        self.out = out
+        self.err = err
+        split = urlsplit(options.proxy)
+        if split.scheme not in ("http", "https") or not split.netloc:
+            raise WarmError(f"--proxy must be a URL like http://127.0.0.1:8080, not {options.proxy!r}")
+        self._base = f"{split.scheme}://{split.netloc}"
+        self._default_host = options.host or split.netloc
+
+    def _request_of(self, target: Target) -> tuple[str, dict[str, str]]:
+        """Where to send ``target`` and with which headers (Host from the URL)."""
+        split = urlsplit(target.url)
+        headers = {"User-Agent": USER_AGENT}
+        if split.scheme and split.netloc:
+            host = split.netloc
+            if split.scheme == "https":
+                headers["X-Forwarded-Proto"] = "https"
+        elif target.url.startswith("/"):
+            host = self._default_host
+        else:
+            raise WarmError(f"not a URL or path: {target.url!r}")
+        path = split.path or "/"
+        if split.query:
+            path += "?" + split.query
+        headers["Host"] = host
+        for k, v in target.headers:
+            headers[k] = v
+        return self._base + path, headers
+
+    async def fetch(self, session: Any, target: Target) -> tuple[int, Any, bytes]:
+        import aiohttp
+
+        url, headers = self._request_of(target)
+        async with session.get(url, headers=headers, allow_redirects=False,
+                               timeout=aiohttp.ClientTimeout(total=self.options.timeout)) as resp:
+            return resp.status, resp.headers, await resp.read()
+
+    async def sitemap_urls(self, session: Any, roots: Sequence[str], tally: Tally) -> list[str]:
+        """Every page URL of the sitemaps, following sitemap indexes (each sitemap fetched once);
+        a sitemap that fails counts as an error of kind ``sitemap: ...``."""
+        urls: list[str] = []
+        seen: set[str] = set()
+        level = list(roots)
+        for _ in range(MAX_SITEMAP_DEPTH + 1):
+            nested: list[str] = []
+            for sitemap in level:
+                if sitemap in seen:
+                    continue
+                seen.add(sitemap)
+                try:
+                    status, _, body = await self.fetch(session, Target(sitemap))
+                    if status >= 400:
+                        raise WarmError(f"HTTP {status}")
+                    pages, more = parse_sitemap(body)
+                except Exception as exc:  # WarmError, or a failed request (aiohttp's errors)
+                    tally.total += 1
+                    tally.add(Outcome("error", f"sitemap: {_error_kind(exc)}"), sitemap)
+                    continue
+                urls.extend(pages)
+                nested.extend(more)
+            level = nested
+            if not level:
+                break
+        return urls
+
+    async def run(self, targets_of: Any, sitemaps: Sequence[str] = ()) -> tuple[Tally, float, bool]:
+        """Warm everything; (tally, seconds, interrupted). ``targets_of(urls)`` turns the
+        sitemap's URLs (first) and the other sources into targets."""
+        import aiohttp
+
+        tally = Tally(total=0)
+        started = time.monotonic()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+        connector = aiohttp.TCPConnector(limit=max(1, self.options.concurrency))
+        try:
+            async with aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                             cookie_jar=aiohttp.DummyCookieJar()) as session:
+                found = await _until(stop, self.sitemap_urls(session, sitemaps, tally)) if sitemaps else []
+                targets: list[Target] = targets_of(found or [])
+                tally.total += len(targets)
+                if not stop.is_set():
+                    await self._warm(session, targets, tally, stop, started)
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+        return tally, time.monotonic() - started, stop.is_set()
+
+    async def _warm(self, session: Any, targets: list[Target], tally: Tally, stop: asyncio.Event,
+                    started: float) -> None:
+        queue = collections.deque(targets)
+        pacer = Pacer(self.options.rate)
+
+        async def worker() -> None:
+            while queue and not stop.is_set():
+                target = queue.popleft()
+                wait = pacer.wait(time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                try:
+                    status, headers, _ = await self.fetch(session, target)
+                    outcome = classify(status, headers.get("X-Cache-Status", ""),
+                                       headers.get("Cache-Status", ""))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    outcome = Outcome("error", _error_kind(exc))
+                tally.add(outcome, target.url)
+
+        reporter = asyncio.ensure_future(self._report(tally, started))
+        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, self.options.concurrency))]
+        try:
+            await _until(stop, asyncio.gather(*workers))
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            self._finish_progress(tally, started)
+
+    def _mode(self) -> str:
+        mode = self.options.progress
+        if mode == "auto":
+            return "bar" if self.err.isatty() else "lines"
+        return mode
+
+    async def _report(self, tally: Tally, started: float) -> None:
+        mode = self._mode()
+        if mode == "none":
+            return
+        every = 0.2 if mode == "bar" else self.options.progress_every
+        while True:
+            await asyncio.sleep(every)
+            self._show(tally, started, mode)
+
+    def _show(self, tally: Tally, started: float, mode: str) -> None:
+        elapsed = time.monotonic() - started
+        rate = tally.done / elapsed if elapsed > 0 else 0.0
+        if mode == "bar":
+            self.err.write("\r\x1b[K" + progress_bar(tally.done, tally.total, rate, tally.error_count))
+        else:
+            self.err.write(progress_line(tally.done, tally.total, rate, tally.error_count) + "\n")
+        self.err.flush()
+
+    def _finish_progress(self, tally: Tally, started: float) -> None:
+        mode = self._mode()
+        if mode == "bar":
+            self._show(tally, started, mode)
+            self.err.write("\n")
+            self.err.flush()
+
+
+async def _until(stop: asyncio.Event, work: Any) -> Any:
+    """``work``'s result, or None as soon as ``stop`` is set (``work`` is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return None
+    finally:
+        stopper.cancel()
+
+
+def _error_kind(exc: BaseException) -> str:
+    """A short name for a failed request, to count errors by kind."""
+    import aiohttp
+
+    if isinstance(exc, WarmError):
+        return str(exc)
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else "cannot connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return "connection closed"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"bad response ({exc.message})"
+    return type(exc).__name__
+
+
+__all__ = ["Target", "WarmError", "WarmOptions", "Warmer", "classify", "parse_access_log",
+           "parse_sitemap", "parse_url_list", "summary", "targets_for"]

@@ -1,0 +1,91 @@
+"""A real Redis for the cluster tests: Debian's redis-server on a free loopback port in a temp dir.
+
+``scripts/test`` installs the package when it is missing; without it the tests skip
+and say why. Nothing is persisted (``save ''``, no AOF): a restart is a Redis that
+lost its data, which the fault tests want.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        pytest.skip("redis-server is not installed (scripts/test installs Debian's redis-server "
+                    "package when it runs as root; install it to run the cluster tests)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
+             "--save", "", "--appendonly", "no", "--logfile", os.path.join(self.directory, "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.ping():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not answer within 10 s")
+
+    def ping(self) -> bool:
+        try:
+            return self.command("PING") == b"+PONG\r\n"
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One command in RESP, its raw first reply line (enough for PING, CLIENT PAUSE, ...)."""
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(payload.encode())
+            return s.recv(65536)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.kill()

@@ -1,0 +1,133 @@
+"""Redis down at start, slow, killed and restarted empty: nodes keep serving from their own tiers,
+purges answer 503 with nothing applied anywhere, and the nodes reconnect and catch up by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.cluster.nodes import Nodes, admin_json, cluster_view, metrics, purge, wait_until
+from tests.cluster.redis_server import RedisServer
+from tests.cluster.test_bus import versioned
+from tests.harness import Origin
+from tests.storage.procs import HOST, ProxyProcess
+
+pytestmark = pytest.mark.slow
+
+
+async def ready(proc: ProxyProcess) -> bool:
+    view = await cluster_view(proc)
+    return bool(view["connected"] and view["state"] == "ready")
+
+
+async def post(proc: ProxyProcess, path: str) -> int:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+            s.post(proc.url + path, data=b"x", headers={"Host": HOST}) as r:
+        await r.read()
+        return r.status
+
+
+async def test_nodes_serve_locally_through_a_slow_dead_and_emptied_redis_and_catch_up_when_it_is_back(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    versioned(origin, "/p")
+    versioned(origin, "/keep")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        for proc in (a, b):
+            for path in ("/p", "/keep"):
+                await proc.get(path)
+                await wait_until(lambda p=proc, q=path: _hit(p, q))
+        old = {(n, path): (await proc.get(path)).body for n, proc in (("a", a), ("b", b))
+               for path in ("/p", "/keep")}
+
+        # Slow: Redis answers nothing for 2.5 s. Purges fail fast, hits go on.
+        assert own_redis.command("CLIENT", "PAUSE", "2500", "ALL").startswith(b"+OK")
+        status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+        assert status == 503, answer
+        assert f"Redis at {own_redis.url} is not reachable" in answer["error"]
+        assert "nothing was purged on any node" in answer["error"]
+        for n, proc in (("a", a), ("b", b)):  # nothing half-applied: a still serves what it had
+            r = await proc.get("/p")
+            assert (r.x_cache, r.body) == ("HIT", old[(n, "/p")])
+        await wait_until(lambda: ready(a), wait=20)
+
+        # Dead: the same, and /cluster, /healthz and the metrics say so.
+        own_redis.kill()
+        status, answer = await purge(a, tags=["x"])
+        assert status == 503, answer
+        view = await cluster_view(a)
+        assert view["connected"] is False and view["state"] == "disconnected"
+        assert own_redis.url in view["reason"]
+        status, health = await admin_json(a, "GET", "/healthz")
+        assert status == 200 and health["cluster"] == "disconnected" and "unreachable" in health["reason"]
+        assert (await metrics(a))[("cachegate_cluster_connected", ())] == 0
+        # An unsafe method on b meanwhile: b drops /p at once, a hears of it when Redis is back.
+        assert await post(b, "/p") == 200
+        assert (await b.get("/p")).body != old[("b", "/p")]
+        r = await a.get("/p")
+        assert (r.x_cache, r.body) == ("HIT", old[("a", "/p")])
+
+        # Back, with its data gone: both reconnect by themselves; nothing to flush (both were
+        # caught up when it went), and b's invalidation reaches a.
+        own_redis.start()
+        await wait_until(lambda: ready(a), wait=20)
+        await wait_until(lambda: ready(b), wait=20)
+        await wait_until(lambda: _body_changed(a, "/p", old[("a", "/p")]))
+        assert (await a.get("/keep")).body == old[("a", "/keep")]
+        assert (await b.get("/keep")).body == old[("b", "/keep")]
+        await wait_until(lambda: _live_count(a, 2))
+        status, answer = await purge(a, urls=[f"http://{HOST}/keep"])
+        assert status == 200 and set(answer["nodes"]) == {"a", "b"}, answer
+        assert (await b.get("/keep")).body != old[("b", "/keep")]
+        m = await metrics(a)
+        assert m[("cachegate_cluster_connected", ())] == 1
+        assert m[("cachegate_cluster_bus_total", (("event", "unavailable"),))] == 2
+        assert m[("cachegate_cluster_full_purges_total", (("reason", "redis-lost-data"),))] == 0
+    finally:
+        await nodes.stop_all()
+
+
+async def test_redis_down_at_start_is_a_clear_error_unless_the_cluster_is_not_required(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    versioned(origin, "/p")
+    own_redis.stop()
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.3s")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", nodes.config("a"), cwd=str(tmp_path / "a"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ))
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert f"cannot reach Redis at {own_redis.url}" in err.decode()
+    assert "cluster.required: false" in err.decode()
+
+    try:
+        b = await nodes.start("b", required=False)
+        assert (await b.get("/p")).status == 200
+        assert (await b.get("/p")).x_cache == "HIT"
+        status, health = await admin_json(b, "GET", "/healthz")
+        assert status == 200 and health["cluster"] == "disconnected"
+        assert (await purge(b, urls=[f"http://{HOST}/p"]))[0] == 503
+        own_redis.start()
+        await wait_until(lambda: ready(b), wait=20)
+        status, answer = await purge(b, urls=[f"http://{HOST}/p"])
+        assert status == 200 and answer["nodes"] == {"b": {"purged": 1}}, answer
+    finally:
+        await nodes.stop_all()
+
+
+async def _hit(proc: ProxyProcess, path: str) -> bool:
+    return (await proc.get(path)).x_cache == "HIT"
+
+
+async def _body_changed(proc: ProxyProcess, path: str, old: bytes) -> bool:
+    return (await proc.get(path)).body != old
+
+
+async def _live_count(proc: ProxyProcess, n: int) -> bool:
+    return sum(1 for x in (await cluster_view(proc))["nodes"] if x["live"]) == n

@@ -1,0 +1,66 @@
+"""The cluster: section: defaults, FILE:LINE problems, ``cachegate check``, and a config without it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import load_config
+from proxy.errors import ConfigError
+
+
+def write(tmp_path: Path, cluster: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text("listen: 127.0.0.1:8080\nupstreams: [{url: 'http://127.0.0.1:9000'}]\ncache: {disk: null}\n"
+                    + cluster)
+    return str(path)
+
+
+def test_without_a_cluster_section_there_is_no_cluster_and_no_redis_client_is_imported(tmp_path: Path) -> None:
+    code = ("import sys; from proxy.config import load_config; import proxy.web.server, proxy.supervisor; "
+            f"s = load_config({write(tmp_path, '')!r}); print(s.cluster, 'redis' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "False"]
+
+
+def test_the_section_takes_its_defaults_and_the_node_name_defaults_to_host_and_port(tmp_path: Path) -> None:
+    import socket
+
+    s = load_config(write(tmp_path, "cluster:\n  redis: redis://:secret@10.0.0.5:6379/2\n"))
+    c = s.cluster
+    assert c is not None
+    assert (c.redis, c.node, c.namespace, c.ack_timeout, c.shared_cache, c.shared_max_object, c.required) == (
+        "redis://:secret@10.0.0.5:6379/2", f"{socket.gethostname()}:8080", "cachegate", 2.0, False, 256 * 1024,
+        True)
+    assert c.redacted_url == "redis://:***@10.0.0.5:6379/2"
+
+
+@pytest.mark.parametrize(("section", "line", "message"), [
+    ("cluster:\n  node: a\n", 4, "cluster.redis: required"),
+    ("cluster:\n  redis: http://127.0.0.1:6379\n", 5, "is not a Redis URL"),
+    ("cluster:\n  redis: redis://h:1\n  ack_timeout: soon\n", 6, "cluster.ack_timeout: bad duration"),
+    ("cluster:\n  redis: redis://h:1\n  shared_max_object: big\n", 6, "cluster.shared_max_object: bad size"),
+    ("cluster:\n  redis: redis://h:1\n  shared_cache: yes please\n", 6, "cluster.shared_cache: expected true or false"),
+    ("cluster:\n  redis: redis://h:1\n  node: 'a b'\n", 6, "cluster.node: 'a b'"),
+    ("cluster:\n  redis: redis://h:1\n  ack_timout: 2s\n", 6, "unknown key 'cluster.ack_timout' (did you mean 'ack_timeout'?)"),
+    ("cluster:\n  redis: redis://h:1\n  stream_max: 5\n", 6, "cluster.stream_max: must be at least 100"),
+    ("cluster: redis://h:1\n", 4, "cluster: expected a mapping"),
+])
+def test_every_mistake_is_reported_with_its_file_and_line(tmp_path: Path, section: str, line: int,
+                                                          message: str) -> None:
+    path = write(tmp_path, section)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert any(p.startswith(f"{path}:{line}: ") and message in p for p in info.value.problems), info.value.problems
+
+
+def test_cachegate_check_validates_the_section(tmp_path: Path) -> None:
+    bad = write(tmp_path, "cluster:\n  redis: redis://h:1\n  heartbeat: -1\n")
+    r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", bad], capture_output=True, text=True)
+    assert r.returncode == 2 and f"{bad}:6: cluster.heartbeat" in r.stderr
+    good = write(tmp_path, "cluster: {redis: 'rediss://cache.internal:6380/0', node: n1, shared_cache: true}\n")
+    r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", good], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

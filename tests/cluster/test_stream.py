@@ -1,0 +1,65 @@
+"""The purge stream's pure bookkeeping: where a node resumes, and merging a backlog."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+import proxy.cluster.shared
+import proxy.cluster.stream
+from proxy.cluster.stream import START, Flush, Resume, Saved, Tip, merge_specs, outcome, plan_resume
+from proxy.purge import PurgeSpec
+
+
+@pytest.mark.parametrize("module", [proxy.cluster.stream, proxy.cluster.shared])
+def test_docstring_examples_hold(module: object) -> None:
+    assert doctest.testmod(module).failed == 0  # type: ignore[arg-type]
+
+
+TIP = Tip("e1", 10, "10-0")
+
+
+@pytest.mark.parametrize(("saved", "next_seq", "keep", "expected"), [
+    # A node that joins: from the stream's end (its cache was never under this cluster).
+    (None, None, False, Resume("10-0")),
+    # Nothing new since it stopped.
+    (Saved("e1", 10, "10-0"), None, False, Resume("10-0")),
+    # Behind, and the next entry it needs is still there.
+    (Saved("e1", 4, "4-0"), 5, False, Resume("4-0")),
+    # Behind, and the next entry it needs was trimmed (or every entry after it was).
+    (Saved("e1", 4, "4-0"), 7, False, Flush("10-0", "trimmed")),
+    (Saved("e1", 4, "4-0"), None, False, Flush("10-0", "trimmed")),
+    # Redis lost its data: a node that was stopped cannot know what it missed...
+    (Saved("e0", 4, "4-0"), None, False, Flush("10-0", "redis-lost-data")),
+    # ... one that was running and up to date when Redis went reads the new stream from its start.
+    (Saved("e0", 4, "4-0"), None, True, Resume(START)),
+    # The same epoch going backwards is a Redis that lost data too.
+    (Saved("e1", 12, "12-0"), None, True, Flush("10-0", "redis-lost-data")),
+])
+def test_where_a_node_resumes(saved: Saved | None, next_seq: int | None, keep: bool,
+                              expected: Resume | Flush) -> None:
+    assert plan_resume(saved, TIP, next_seq, keep_unknown=keep) == expected
+
+
+def test_a_backlog_merges_into_one_hard_and_one_soft_purge() -> None:
+    backlog = [PurgeSpec(urls=("http://h/a",)), PurgeSpec(tags=("t",), soft=True),
+               PurgeSpec(prefixes=("http://h/p/",)), PurgeSpec(urls=("http://h/a", "http://h/b")),
+               PurgeSpec(keys=("http://h/k",), invalidation=True), PurgeSpec(all=True, soft=True)]
+    hard, soft = merge_specs(backlog)
+    assert (hard.urls, hard.prefixes, hard.keys, hard.soft, hard.all) == (
+        ("http://h/a", "http://h/b"), ("http://h/p/",), ("http://h/k",), False, False)
+    assert not hard.invalidation  # counted as an operator's purge: not all of them were invalidations
+    assert (soft.tags, soft.all, soft.soft) == (("t",), True, True)
+
+
+def test_a_hard_purge_of_everything_makes_what_came_before_it_moot() -> None:
+    merged = merge_specs([PurgeSpec(tags=("a",), soft=True), PurgeSpec(all=True), PurgeSpec(tags=("b",))])
+    assert [(s.all, s.tags, s.soft) for s in merged] == [(True, ("b",), False)]
+    assert merge_specs([]) == []
+
+
+def test_the_answer_names_the_live_nodes_that_did_not_acknowledge() -> None:
+    result = outcome(["a", "b", "c"], {"a": 2, "c": 0, "d": 1})
+    assert (result.purged, result.missing, result.complete) == (3, ("b",), False)
+    assert outcome(["a"], {"a": 0}).complete

@@ -1,0 +1,225 @@
+"""The console on the admin listener, without a browser: the page and its headers, login and
+sessions, CSRF on every state-changing call, and the live numbers after real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from http.cookies import SimpleCookie
+
+import pytest
+
+from proxy.config import Overrides
+from proxy.live import Series
+from proxy.metrics import REQUEST_BUCKETS
+from proxy.web.console import CONSOLE, COOKIE, CSP, LiveFeed
+from proxy.web.server import install_reloader
+from tests.admin.util import absolute, js, settle
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+TOKEN = "console-t0ken-of-some-length"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def locked(origin: Origin, make_proxy: MakeProxy) -> Proxy:
+    origin.route("/keep", body=b"k" * 100, headers={"Cache-Control": "max-age=60"})
+    origin.route("/private", body=b"p", headers={"Cache-Control": "private"})
+    return await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+
+
+async def login(proxy: Proxy) -> tuple[dict[str, str], str]:
+    """Log in as the page does: the Cookie header to send, and the CSRF token."""
+    reply = await proxy.admin("POST", "/console/api/login", json={"token": TOKEN})
+    assert reply.status == 200, reply.body
+    cookie = SimpleCookie(reply.headers["Set-Cookie"])
+    return {"Cookie": f"{COOKIE}={cookie[COOKIE].value}"}, js(reply)["csrf"]
+
+
+def feed(proxy: Proxy) -> LiveFeed:
+    """The console's sampler, its background loop stopped: the test samples when it wants."""
+    for runner in proxy.listeners.runners:
+        app = getattr(runner, "app", None)
+        if app is not None and CONSOLE in app:
+            live: LiveFeed = app[CONSOLE].feed
+            if live.task is not None:
+                live.task.cancel()
+            live.series = Series(REQUEST_BUCKETS)
+            return live
+    raise AssertionError("no console")
+
+
+def replace_in(path: str, old: str, new: str) -> None:
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
+
+
+async def test_the_page_and_its_files_are_public_hold_no_data_and_forbid_inline_script(locked: Proxy) -> None:
+    page = await locked.admin("GET", "/")
+    assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+    html = page.body.decode()
+    assert page.headers["Content-Security-Policy"] == CSP
+    assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP and "default-src 'none'" in CSP
+    assert page.headers["X-Frame-Options"] == "DENY" and page.headers["X-Content-Type-Options"] == "nosniff"
+    # Every script is a file of this origin; no inline script, no handler attributes, nothing remote.
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/console/static/console.js" defer>']
+    assert not re.search(r"\son[a-z]+=", html)
+    assert all(ref.startswith("/console/static/") or ref == "data:," for ref in re.findall(r'(?:src|href)="([^"]*)"', html))
+    assert "style=" not in html
+    for name, kind in (("console.js", "text/javascript"), ("console.css", "text/css")):
+        reply = await locked.admin("GET", f"/console/static/{name}")
+        assert reply.status == 200 and reply.headers["Content-Type"].startswith(kind)
+        assert reply.headers["Content-Security-Policy"] == CSP
+        assert b"http://" not in reply.body.replace(b"http://www.w3.org/2000/svg", b"")
+    for path in ("/console/static/../admin.py", "/console/static/..%2Fconsole.py", "/console/static/console.html"):
+        reply = await locked.admin("GET", path)  # only the page's own files, by name
+        assert reply.status in (401, 404) and b"import" not in reply.body, path
+    assert (await locked.admin("GET", "/console/static/nope.js")).status == 404
+
+
+async def test_without_a_session_the_console_api_gives_nothing(locked: Proxy) -> None:
+    session = js(await locked.admin("GET", "/console/api/session"))
+    assert session == {"authenticated": False, "token_required": True, "csrf": None}
+    assert (await locked.admin("GET", "/console/api/live")).status == 401
+    forged = {"Cookie": f"{COOKIE}=made-up"}
+    assert (await locked.admin("GET", "/console/api/live", headers=forged)).status == 401
+    assert (await locked.admin("GET", "/stats", headers=forged)).status == 401
+
+
+async def test_login_sets_an_httponly_samesite_strict_cookie_and_gives_a_csrf_token(locked: Proxy) -> None:
+    wrong = await locked.admin("POST", "/console/api/login", json={"token": "nope"})
+    assert wrong.status == 401 and "Set-Cookie" not in wrong.headers
+    form = await locked.admin("POST", "/console/api/login", data=f"token={TOKEN}",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status == 415 and "Set-Cookie" not in form.headers  # an HTML form cannot log in
+    bad = await locked.admin("POST", "/console/api/login", data="{", headers=JSON)
+    assert bad.status == 400
+    reply = await locked.admin("POST", "/console/api/login", json={"token": TOKEN})
+    morsel = SimpleCookie(reply.headers["Set-Cookie"])[COOKIE]
+    assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+    cookie = {"Cookie": f"{COOKIE}={morsel.value}"}
+    session = js(await locked.admin("GET", "/console/api/session", headers=cookie))
+    assert session["authenticated"] and session["csrf"] == js(reply)["csrf"]
+    assert (await locked.admin("GET", "/console/api/live", headers=cookie)).status == 200
+    assert (await locked.admin("GET", "/stats", headers=cookie)).status == 200
+
+
+async def test_every_state_changing_call_needs_the_sessions_csrf_token(locked: Proxy) -> None:
+    await locked.get("/keep")
+    await settle(locked)
+    cookie, csrf = await login(locked)
+    url = absolute(locked, "/keep")
+    for headers in ({}, {"X-CSRF-Token": "wrong"}, {"X-CSRF-Token": ""}):
+        reply = await locked.admin("POST", "/purge", json={"urls": [url]}, headers={**cookie, **headers})
+        assert reply.status == 403 and "X-CSRF-Token" in js(reply)["error"]
+        assert (await locked.admin("POST", "/reload", json={}, headers={**cookie, **headers})).status == 403
+        assert (await locked.admin("POST", "/console/api/logout", headers={**cookie, **headers})).status == 403
+    assert (await locked.get("/keep")).x_cache == "HIT"  # nothing was purged
+    _, other_csrf = await login(locked)
+    assert other_csrf != csrf  # one session's token does not open another's
+    reply = await locked.admin("POST", "/purge", json={"urls": [url]}, headers={**cookie, "X-CSRF-Token": other_csrf})
+    assert reply.status == 403
+    reply = await locked.admin("POST", "/purge", json={"urls": [url]}, headers={**cookie, "X-CSRF-Token": csrf})
+    assert reply.status == 200 and js(reply)["purged"] == 1
+    assert (await locked.get("/keep")).x_cache == "MISS"
+
+
+async def test_logout_ends_the_session(locked: Proxy) -> None:
+    cookie, csrf = await login(locked)
+    reply = await locked.admin("POST", "/console/api/logout", headers={**cookie, "X-CSRF-Token": csrf})
+    assert reply.status == 200 and f"{COOKIE}=\"\"" in reply.headers["Set-Cookie"]
+    assert (await locked.admin("GET", "/console/api/live", headers=cookie)).status == 401
+    assert not js(await locked.admin("GET", "/console/api/session", headers=cookie))["authenticated"]
+
+
+async def test_a_reload_that_changes_the_token_ends_every_session(locked: Proxy) -> None:
+    install_reloader(locked.runtime, locked.config_path, Overrides())
+    cookie, csrf = await login(locked)
+    replace_in(locked.config_path, TOKEN, TOKEN + "-new")
+    reply = await locked.admin("POST", "/reload", headers={**cookie, "X-CSRF-Token": csrf})
+    assert reply.status == 200
+    assert (await locked.admin("GET", "/console/api/live", headers=cookie)).status == 401
+
+
+async def test_without_an_admin_token_the_console_opens_on_the_dashboard(proxy: Proxy) -> None:
+    session = js(await proxy.admin("GET", "/console/api/session"))
+    assert session == {"authenticated": True, "token_required": False, "csrf": None}
+    assert (await proxy.admin("GET", "/console/api/live")).status == 200
+
+
+async def test_live_numbers_follow_real_traffic(locked: Proxy) -> None:
+    live = feed(locked)
+    await live.sample()  # the baseline
+    await locked.get("/keep")
+    for _ in range(32):
+        assert (await locked.get("/keep")).x_cache == "HIT"
+    fast = locked.listeners.runners[0].server.fast  # type: ignore[attr-defined]
+    assert fast.answered == 32  # each hit took the fast path, which sampled the 16th and the 32nd
+    await locked.get("/private")
+    await locked.get("/missing")
+    await settle(locked)
+    await live.sample()
+    body = js(await locked.admin("GET", "/console/api/live?top=5", headers=AUTH))
+    assert body["seq"] == 1 and len(body["points"]) == 1
+    point = body["points"][0]
+    assert point["requests"] == {"HIT": 32, "MISS": 3}
+    assert point["origin"] == 3 and point["fills"] == 1
+    assert point["bytes"]["memory"] == 3200 and point["bytes"]["upstream"] >= 100
+    minute = body["last_minute"]
+    assert minute["hit_ratio"] == round(32 / 35, 4) and minute["request_offload"] == round(32 / 35, 4)
+    assert minute["byte_offload"] == round(3200 / (3200 + point["bytes"]["upstream"]), 4)
+    assert body["latency"]["MISS"]["count"] == 3 and body["latency"]["HIT"]["count"] == 32
+    assert 0 < body["latency"]["HIT"]["p50"] <= body["latency"]["HIT"]["p99"]
+    top = body["top_urls"][0]
+    assert top == {"url": absolute(locked, "/keep"), "requests": 33, "hits": 32, "hit_ratio": round(32 / 33, 4)}
+    reasons = {r["reason"]: r for r in body["not_stored"]}
+    assert reasons["PRIVATE"]["example"] == absolute(locked, "/private")
+    assert body["storage"]["memory"]["entries"] >= 1 and body["storage"]["memory"]["budget"] == 64 << 20
+    assert body["storage"]["disk"]["budget"] == 512 << 20
+    assert [u["available"] for u in body["upstreams"]] == [True]
+    # The page asks only for what is new.
+    again = js(await locked.admin("GET", f"/console/api/live?since={body['seq']}", headers=AUTH))
+    assert again["points"] == []
+
+
+async def test_fast_path_hits_are_sampled_into_the_top_list_and_the_latency(locked: Proxy) -> None:
+    await locked.get("/keep")
+    await settle(locked)
+    live = feed(locked)
+    await live.sample()
+    for _ in range(64):
+        await locked.get("/keep")
+    await live.sample()
+    fast = locked.listeners.runners[0].server.fast  # type: ignore[attr-defined]
+    assert fast is not None and fast.answered >= 48  # most hits took the fast path
+    body = js(await locked.admin("GET", "/console/api/live", headers=AUTH))
+    assert body["points"][-1]["requests"]["HIT"] == 64  # counted exactly
+    # The fast path timed one hit in 16 and counted it 16 times: the histogram and the top list
+    # agree with the exact count to within one sample.
+    timed = body["latency"]["HIT"]["count"]
+    assert abs(timed - 64) <= 16, timed
+    hits = body["top_urls"][0]["hits"]
+    assert abs(hits - 64) <= 16, hits
+
+
+async def test_bad_parameters_are_refused(locked: Proxy) -> None:
+    for query in ("since=-1", "top=1000", "since=x", "other=1"):
+        reply = await locked.admin("GET", f"/console/api/live?{query}", headers=AUTH)
+        assert reply.status == 400, query
+        assert "error" in js(reply)
+
+
+async def test_a_csrf_header_that_is_not_utf8_is_refused_not_an_error(locked: Proxy) -> None:
+    cookie, _ = await login(locked)
+    host, port = locked.listeners.admin_addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Cookie: {cookie['Cookie']}\r\n".encode()
+                 + b"X-CSRF-Token: \xff\xfe\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]

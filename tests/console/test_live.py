@@ -1,0 +1,135 @@
+"""The console's per-request tables and per-second series (proxy.live): plain data, no clock."""
+
+from __future__ import annotations
+
+from proxy.live import NotStoredLog, Series, TopUrls, merge_snapshots, percentile, ratios
+from proxy.metrics import REQUEST_BUCKETS, LeanHistogram, Metrics
+
+
+def totals(pid: int, hit: int = 0, miss: int = 0, origin: int = 0, mem: int = 0, up: int = 0,
+           hit_latency: list[int] | None = None) -> dict:
+    return {"pid": pid, "requests": {"HIT": hit, "MISS": miss}, "bytes": {"memory": mem, "upstream": up},
+            "origin": origin, "fills": miss, "evictions": 0,
+            "latency": {"HIT": hit_latency or [0] * (len(REQUEST_BUCKETS) + 1)}}
+
+
+def test_top_urls_rank_by_requests_with_their_hits_over_two_generations():
+    top = TopUrls()
+    top.rotate(0.0)
+    for _ in range(3):
+        top.add("http://a/x", True)
+    top.add("http://a/x", False)
+    top.add("http://a/y", True, weight=16)
+    top.rotate(61.0)  # a new generation: the previous one still counts
+    top.add("http://a/x", True)
+    assert top.top(10) == [["http://a/y", 16, 16], ["http://a/x", 5, 4]]
+    top.rotate(122.0)  # two generations on: the first is gone
+    assert top.top(10) == [["http://a/x", 1, 1]]
+
+
+def test_top_urls_stay_bounded_under_a_long_tail_of_one_off_urls():
+    top = TopUrls(capacity=100)
+    for _ in range(50):
+        top.add("http://a/hot", True)
+    for i in range(10_000):
+        top.add(f"http://a/once/{i}", False)
+    assert len(top.current) <= 100
+    assert top.top(1) == [["http://a/hot", 50, 50]]
+
+
+def test_not_stored_keeps_a_count_and_the_last_url_per_reason():
+    log = NotStoredLog(capacity=2)
+    log.add("PRIVATE", "http://a/1")
+    log.add("PRIVATE", "http://a/2")
+    log.add("NO-STORE", "http://a/3")
+    log.add("SET-COOKIE", "http://a/4")  # over capacity: not kept
+    assert log.rows() == [["PRIVATE", 2, "http://a/2"], ["NO-STORE", 1, "http://a/3"]]
+
+
+def test_snapshots_of_two_workers_add_up_with_hit_ratios():
+    a = {"top": [["http://a/x", 10, 5]], "not_stored": [["PRIVATE", 3, "http://a/p1"]]}
+    b = {"top": [["http://a/x", 10, 10], ["http://a/y", 1, 0]], "not_stored": [["PRIVATE", 5, "http://a/p2"]]}
+    merged = merge_snapshots([a, b], 10)
+    assert merged["top_urls"][0] == {"url": "http://a/x", "requests": 20, "hits": 15, "hit_ratio": 0.75}
+    assert merged["not_stored"] == [{"reason": "PRIVATE", "count": 8, "example": "http://a/p2"}]
+
+
+def test_percentiles_interpolate_inside_a_bucket_like_histogram_quantile():
+    bounds = [0.001, 0.01, 0.1]
+    assert percentile([0, 0, 0, 0], bounds, 0.5) is None
+    assert percentile([10, 0, 0, 0], bounds, 0.5) == 0.0005
+    assert abs(percentile([50, 50, 0, 0], bounds, 0.99) - (0.001 + 0.009 * 0.98)) < 1e-12
+    assert percentile([0, 0, 0, 1], bounds, 0.5) == 0.1
+
+
+def test_the_first_sample_is_a_baseline_and_later_ones_are_differences():
+    s = Series(REQUEST_BUCKETS)
+    assert s.add(100.0, [totals(1, hit=1000, miss=10)]) is None  # counts since start are not a rate
+    point = s.add(101.0, [totals(1, hit=1030, miss=12, origin=2, mem=3000, up=200)])
+    assert point is not None
+    assert point["requests"] == {"HIT": 30, "MISS": 2}
+    assert point["origin"] == 2 and point["fills"] == 2
+    assert point["bytes"] == {"memory": 3000, "upstream": 200}
+    assert s.since(0) == [point] and s.since(point["seq"]) == []
+
+
+def test_a_restarted_worker_starts_from_a_new_baseline_never_a_negative_rate():
+    s = Series(REQUEST_BUCKETS)
+    s.add(0.0, [totals(1, hit=500), totals(2, hit=500)])
+    s.add(1.0, [totals(1, hit=510), totals(2, hit=505)])
+    point = s.add(2.0, [totals(1, hit=520), totals(3, hit=2)])  # worker 2 came back as pid 3
+    assert point is not None and point["requests"] == {"HIT": 10}
+    point = s.add(3.0, [totals(1, hit=520), totals(3, hit=9)])
+    assert point is not None and point["requests"] == {"HIT": 7}
+
+
+def test_latency_by_status_covers_the_last_minute_of_samples():
+    buckets = len(REQUEST_BUCKETS) + 1
+    s = Series(REQUEST_BUCKETS, latency_window=2)
+    fast = [0] * buckets
+    s.add(0.0, [totals(1, hit_latency=fast)])
+    s.add(1.0, [totals(1, hit_latency=[10] + [0] * (buckets - 1))])  # 10 answers under 0.1 ms
+    slow = [10, 0, 0, 0, 0, 0, 0, 0, 0, 10] + [0] * (buckets - 10)  # and then 10 of 50-100 ms
+    s.add(2.0, [totals(1, hit_latency=slow)])
+    lat = s.latency()["HIT"]
+    assert lat["count"] == 20
+    assert lat["p50"] == 0.1 and 50 < lat["p99"] <= 100
+    s.add(3.0, [totals(1, hit_latency=slow)])
+    s.add(4.0, [totals(1, hit_latency=slow)])  # both timed seconds are out of the window
+    assert s.latency() == {}
+
+
+def test_window_adds_up_the_last_points_and_ratios_follow():
+    s = Series(REQUEST_BUCKETS)
+    s.add(0.0, [totals(1)])
+    s.add(1.0, [totals(1, hit=3, miss=1, origin=1, mem=300, up=100)])
+    s.add(2.0, [totals(1, hit=6, miss=2, origin=2, mem=600, up=200)])
+    w = s.window(60)
+    assert w["requests"] == {"HIT": 6, "MISS": 2} and w["seconds"] == 2.0
+    assert ratios(w["requests"], w["bytes"], w["origin"]) == {
+        "hit_ratio": 0.75, "request_offload": 0.75, "byte_offload": 0.75}
+    assert ratios({}, {}, 0) == {"hit_ratio": None, "request_offload": None, "byte_offload": None}
+
+
+def test_lean_histogram_exposes_what_prometheus_client_histogram_exposes():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    a = LeanHistogram("x_seconds", "X", ["status"], REQUEST_BUCKETS, registry=ours)
+    b = Histogram("x_seconds", "X", ["status"], buckets=REQUEST_BUCKETS, registry=theirs)
+    for v in (0.00005, 0.0001, 0.003, 0.2, 7.0, 100.0):
+        a.labels("HIT").observe(v)
+        b.labels("HIT").observe(v)
+    a.labels("MISS").observe(0.01, 2)
+    b.labels("MISS").observe(0.01)
+    b.labels("MISS").observe(0.01)
+    assert generate_latest(ours) == generate_latest(theirs).replace(b"# TYPE x_seconds_created gauge\n", b"")
+
+
+def test_metrics_answered_times_the_request_and_counts_the_url():
+    m = Metrics()
+    m.answered("http://a/x", "HIT", 0.0002)
+    m.answered("http://a/x", "MISS", 0.02)
+    m.answered(None, "ERROR", 0.001)
+    assert m.live.top.top(5) == [["http://a/x", 2, 1]]
+    assert sum(m.request_duration.values()[("ERROR",)]) == 1

@@ -1,0 +1,255 @@
+"""``cachegate top``: its screen from the live JSON (pure), and the real thing in a pseudo-terminal
+against a running proxy, read back after traffic; ``q`` quits and the terminal is restored."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import pty
+import re
+import struct
+import sys
+import termios
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.top import ENTER, HOME, LEAVE, plain, render
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+from tests.storage.procs import HOST, ProxyProcess, write_config
+
+TOKEN = "top-t0ken-of-some-length"
+
+LIVE: dict[str, Any] = {
+    "seq": 3, "uptime_seconds": 125.0, "workers": 2,
+    "last_minute": {"hit_ratio": 0.9, "request_offload": 0.9, "byte_offload": 0.95, "fills": 6,
+                    "evictions": 2, "seconds": 3.0, "requests": {}, "bytes": {}},
+    "since_start": {"hit_ratio": 0.8, "requests": {"HIT": 90, "MISS": 10}},
+    "latency": {"HIT": {"count": 90, "p50": 0.05, "p90": 0.08, "p99": 0.2},
+                "MISS": {"count": 10, "p50": 12.0, "p90": 30.0, "p99": 55.5}},
+    "storage": {"memory": {"entries": 12, "bytes": 3 << 20, "budget": 64 << 20},
+                "disk": {"entries": 40, "bytes": 10 << 20, "budget": 1 << 30}},
+    "upstreams": [{"url": "http://127.0.0.1:9000", "available": True, "in_flight": 1, "requests": 10,
+                   "failures": 0, "workers": 2, "workers_available": 2}],
+    "top_urls": [{"url": "https://shop.example/" + "x" * 200 + "/end", "requests": 1234, "hits": 1200,
+                  "hit_ratio": 0.9724}],
+    "not_stored": [{"reason": "PRIVATE", "count": 7, "example": "https://shop.example/account"}],
+}
+POINTS = [{"seq": i, "t": float(i), "dt": 1.0, "requests": {"HIT": 30, "MISS": 3}, "bytes": {}, "origin": 3,
+           "fills": 2, "evictions": 0, "p50": 0.1, "p99": 1.0} for i in range(1, 4)]
+
+
+def test_the_screen_shows_rates_latency_storage_upstreams_and_top_lists_within_its_size() -> None:
+    lines = render(LIVE, POINTS, "http://127.0.0.1:8081", 100, 40, clock="12:00:00")
+    text = "\n".join(lines)
+    assert all(len(line) <= 100 for line in lines) and len(lines) <= 40
+    assert lines[0].startswith("cachegate top — http://127.0.0.1:8081 — up 2.1 min, 2 workers")
+    assert lines[0].endswith("12:00:00")
+    assert "requests/s 33.0   hit ratio 90.0% last minute, 80.0% since start" in text
+    hit = next(line for line in lines if line.startswith("HIT "))
+    assert hit.split() == ["HIT", "30.0", "90.9%", "0.050", "0.080", "0.200"]
+    assert "fills/s 2.0" in text and "memory 3.0 MB / 64.0 MB (4.7%), 12 entries" in text
+    assert "up 2/2 wk" in text
+    top = next(line for line in lines if "shop.example" in line and "1,234" in line)
+    assert "…" in top and top.rstrip().endswith("97.2%") and "/end" in top  # shortened in the middle
+    assert "PRIVATE" in text and "https://shop.example/account" in text
+    assert lines[-1] == "q quit"
+    cluster = {"node": "a", "nodes": [{"node": "a", "state": "ready", "lag": 0, "live": True},
+                                      {"node": "b", "state": "catching-up", "lag": 12, "live": True},
+                                      {"node": "c", "state": "gone", "lag": None, "live": False}]}
+    lines = render(LIVE, POINTS, "http://127.0.0.1:8081", 100, 60, cluster)
+    nodes = [line.split() for line in lines if line.split()[:1] in (["a"], ["b"], ["c"])]
+    assert nodes == [["a", "(this", "node)", "ready", "0"], ["b", "catching-up", "12"], ["c", "gone", "–"]]
+    short = render(LIVE, POINTS, "http://x", 60, 8)
+    assert len(short) == 8 and short[-1] == "q quit" and all(len(line) <= 60 for line in short)
+
+
+@pytest.fixture
+async def locked(origin: Origin, make_proxy: MakeProxy) -> Proxy:
+    origin.route("/page", body=b"p" * 500, headers={"Cache-Control": "max-age=600"})
+    origin.route("/other", body=b"o" * 500, headers={"Cache-Control": "max-age=600"})
+    return await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+
+
+def last_screen(raw: bytes) -> list[str]:
+    """What the terminal shows now: the text after the last cursor-home, without ANSI sequences."""
+    frame = raw.decode(errors="replace").rsplit(HOME, 1)[-1]
+    return [line.rstrip() for line in plain(frame).replace("\r\n", "\n").split("\n")]
+
+
+class Terminal:
+    """``cachegate top`` in a pseudo-terminal of 50x130, its output gathered as it comes."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray()
+        self.got = asyncio.Event()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.master = -1
+
+    async def start(self, admin_url: str, token: str) -> None:
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 130, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        env["CACHEGATE_ADMIN_TOKEN"] = token
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "top", "--admin", admin_url, "--interval", "0.3",
+            stdin=slave, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        asyncio.get_running_loop().add_reader(self.master, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            asyncio.get_running_loop().remove_reader(self.master)
+        self.raw.extend(chunk)
+        self.got.set()
+
+    @property
+    def text(self) -> str:
+        return self.raw.decode(errors="replace")
+
+    async def screen_where(self, predicate: Any, wait: float = 20.0) -> list[str]:
+        async def until() -> list[str]:
+            while True:
+                lines = last_screen(bytes(self.raw))
+                if predicate(lines):
+                    return lines
+                self.got.clear()
+                await self.got.wait()
+
+        try:
+            return await asyncio.wait_for(until(), wait)
+        except TimeoutError:
+            raise AssertionError("the screen never showed it:\n" + "\n".join(last_screen(bytes(self.raw)))) from None
+
+    async def quit(self) -> int:
+        assert self.proc is not None
+        os.write(self.master, b"q")
+        code = await asyncio.wait_for(self.proc.wait(), 10)
+        await asyncio.sleep(0.1)
+        return code
+
+    async def close(self) -> None:
+        if self.master < 0:
+            return
+        asyncio.get_running_loop().remove_reader(self.master)
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        os.close(self.master)
+
+
+def counts_url(url: str, low: int, high: int) -> Any:
+    """The top list counts ``url`` between ``low`` and ``high`` (a window of minutes)."""
+    def check(lines: list[str]) -> bool:
+        top = [line for line in lines if line.startswith(url)]
+        return bool(top) and low <= int(top[0].split()[1].replace(",", "")) <= high
+    return check
+
+
+def shows_hits(lines: list[str]) -> bool:
+    """The per-second table shows hits now (a window of seconds)."""
+    hit = [line for line in lines if line.startswith("HIT ")]
+    return bool(hit) and float(hit[0].split()[1].replace(",", "")) > 0
+
+
+async def screen_under_traffic(term: Terminal, get: Any, path: str) -> list[str]:
+    """The screen once it shows hits per second, while ``path`` is asked for all along: the
+    rates cover the last seconds only, and a loaded machine may draw the next frame late."""
+    async def traffic() -> None:
+        while True:
+            await get(path)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(traffic())
+    try:
+        return await term.screen_where(shows_hits)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.slow
+async def test_top_in_a_terminal_shows_traffic_and_quits_on_q(origin: Origin, locked: Proxy) -> None:
+    term = Terminal()
+    await term.start(locked.admin_url, TOKEN)
+    try:
+        await term.screen_where(lambda lines: any(line.startswith("cachegate top") for line in lines))
+        assert ENTER in term.text
+        for _ in range(40):
+            await locked.get("/page")
+        # 1 miss and 39 hits, of which the fast path records one in 16 (16 times): about 40.
+        await term.screen_where(counts_url(locked.url + "/page", 24, 56))
+        lines = await screen_under_traffic(term, locked.get, "/other")
+        assert any(line.startswith("MISS ") for line in lines)
+        assert any(line.startswith(origin.url) and line.split()[1] == "up" for line in lines)
+        assert lines[-1] == "q quit"
+        assert await term.quit() == 0
+        assert term.text.rstrip().endswith(LEAVE)  # the terminal is given back
+    finally:
+        await term.close()
+
+
+@pytest.mark.slow
+async def test_once_prints_a_plain_frame_and_a_wrong_token_is_an_error(locked: Proxy) -> None:
+    await locked.get("/page")
+    env = {**os.environ, "CACHEGATE_ADMIN_TOKEN": TOKEN}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "top", "--admin", locked.admin_url, "--once",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    text = out.decode()
+    assert "\x1b" not in text and text.startswith("cachegate top — ") and "TOP URLS" in text
+    env["CACHEGATE_ADMIN_TOKEN"] = "wrong"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "top", "--admin", locked.admin_url, "--once",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1 and "401" in err.decode() and "admin token required" in err.decode()
+
+
+@pytest.mark.slow
+async def test_warm_and_top_against_two_workers(origin: Origin, tmp_path: Path) -> None:
+    for i in range(5):
+        origin.route(f"/w/{i}", body=b"w" * 300, headers={"Cache-Control": "max-age=600"})
+    config = write_config(str(tmp_path), origin.url, "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n")
+    text = await asyncio.to_thread(Path(config).read_text)
+    await asyncio.to_thread(Path(config).write_text, text.replace(
+        "admin: {listen: '127.0.0.1:0'}", f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}"))
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start("--workers", "2")
+    term = Terminal()
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        warm = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "warm", "--proxy", proxy.url, "--host", HOST, "--urls", "-",
+            "--progress", "none", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(warm.communicate("".join(f"/w/{i}\n" for i in range(5)).encode()), 30)
+        assert warm.returncode == 0, out
+        assert re.search(r"^  stored +5$", out.decode(), re.M), out
+        for i in range(5):  # stored once, for both workers (the disk tier is shared)
+            assert (await proxy.get(f"/w/{i}")).x_cache == "HIT"
+        await term.start(proxy.admin_url, TOKEN)
+        for _ in range(30):
+            await proxy.get("/w/0")  # a new connection each: both workers answer some
+        await term.screen_where(counts_url(f"http://{HOST}/w/0", 16, 64))
+        lines = await screen_under_traffic(term, proxy.get, "/w/1")
+        assert "2 workers" in lines[0]
+        upstream = next(line for line in lines if line.startswith(origin.url))
+        assert "up 2/2 wk" in upstream
+        assert int(upstream.split()[-2].replace(",", "")) >= 5  # the workers' requests, not the supervisor's 0
+        assert await term.quit() == 0
+    finally:
+        try:
+            await term.close()
+        finally:
+            await proxy.stop()

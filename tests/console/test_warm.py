@@ -1,0 +1,254 @@
+"""``cachegate warm`` against a real origin and proxy: sitemaps (an index with nested sitemaps, a
+gzipped one, a broken URL), URL files from stdin, access logs, variants, headers, concurrency,
+rate, progress, the summary, --max-errors and Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import doctest
+import gzip
+import os
+import pty
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+import proxy.live
+import proxy.warm
+from proxy.warm import Outcome, WarmError, classify, parse_sitemap, targets_for
+from tests.harness import Origin, Proxy
+
+INDEX = """<?xml version="1.0" encoding="UTF-8"?>
+<sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">
+  <sitemap><loc>{base}/sitemap-pages.xml</loc></sitemap>
+  <sitemap><loc>{base}/sitemap-more.xml.gz</loc></sitemap>
+  <sitemap><loc>{base}/sitemap-nested-index.xml</loc></sitemap>
+  <sitemap><loc>{base}/sitemap-pages.xml</loc></sitemap>
+</sitemapindex>"""
+NESTED = """<sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">
+  <sitemap><loc>{base}/sitemap-deep.xml</loc></sitemap>
+</sitemapindex>"""
+
+
+def urlset(urls: list[str]) -> str:
+    body = "".join(f"<url><loc>{u}</loc><lastmod>2026-11-01</lastmod></url>" for u in urls)
+    return f'<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{body}</urlset>'
+
+
+def test_docstring_examples_hold() -> None:
+    for module in (proxy.warm, proxy.live):
+        assert doctest.testmod(module).failed == 0
+
+
+def test_sitemaps_that_are_not_sitemaps_are_refused_with_the_reason() -> None:
+    with pytest.raises(WarmError, match="not XML"):
+        parse_sitemap(b"<html><body>oops")
+    with pytest.raises(WarmError, match="root element is <html>"):
+        parse_sitemap(b"<html></html>")
+    bomb = b'<!DOCTYPE lolz [<!ENTITY lol "lol">]><urlset><url><loc>&lol;</loc></url></urlset>'
+    with pytest.raises(WarmError, match="DOCTYPE"):
+        parse_sitemap(bomb)
+    assert parse_sitemap(gzip.compress(urlset(["https://a.example/g"]).encode())) == (["https://a.example/g"], [])
+
+
+def test_every_url_once_and_once_per_variant() -> None:
+    h = [("X-Warm", "1")]
+    gz, br = ("Accept-Encoding", "gzip"), ("Accept-Encoding", "br")
+    assert targets_for(["/a", "/b", "/a"], h, []) == [proxy.warm.Target("/a", (("X-Warm", "1"),)),
+                                                        proxy.warm.Target("/b", (("X-Warm", "1"),))]
+    assert [t.headers for t in targets_for(["/a"], h, [gz, br])] == [(("X-Warm", "1"), gz), (("X-Warm", "1"), br)]
+
+
+def test_outcomes_come_from_the_cache_status_fields() -> None:
+    assert classify(200, "REVALIDATED", "cachegate; fwd=stale; fwd-status=304; ttl=300") == Outcome("refreshed")
+    assert classify(200, "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed") == Outcome("fresh")
+    assert classify(200, "BYPASS", 'cachegate; fwd=bypass; fwd-status=200; detail="RULE-BYPASS:x"') == \
+        Outcome("not_storable", "RULE-BYPASS:x")
+    assert classify(502, "MISS", "cachegate; fwd=uri-miss; detail=UPSTREAM-UNREACHABLE") == Outcome("error", "HTTP 502")
+
+
+async def warm(*args: str, stdin: bytes | None = None, wait: float = 60.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "warm", *args, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), wait)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def site(origin: Origin, base: str) -> list[str]:
+    """A site with a sitemap index (nested, gzipped, a repeat), pages, a private page and a 404."""
+    pages = [f"{base}/page/{i}" for i in range(6)]
+    origin.route("/sitemap_index.xml", body=INDEX.format(base=base), headers={"Content-Type": "application/xml"})
+    origin.route("/sitemap-pages.xml", body=urlset([*pages[:3], f"{base}/account"]))
+    origin.route("/sitemap-more.xml.gz", body=gzip.compress(urlset(pages[3:5]).encode()))
+    origin.route("/sitemap-nested-index.xml", body=NESTED.format(base=base))
+    origin.route("/sitemap-deep.xml", body=urlset([pages[5], f"{base}/broken"]))
+    for i in range(6):
+        origin.route(f"/page/{i}", body=f"page {i}" * 100, headers={"Cache-Control": "max-age=600"})
+    origin.route("/account", body=b"me", headers={"Cache-Control": "private"})
+    return pages
+
+
+@pytest.mark.slow
+async def test_a_sitemap_index_with_nested_sitemaps_and_a_broken_url(origin: Origin, proxy: Proxy) -> None:
+    pages = site(origin, proxy.url)
+    code, out, err = await warm("--proxy", proxy.url, "--sitemap", f"{proxy.url}/sitemap_index.xml",
+                                "--concurrency", "3", "--progress", "lines")
+    assert code == 1, (out, err)  # one error, more than --max-errors 0
+    assert "cachegate warm: 8 of 8 requests in " in out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert lines["stored"].split()[1] == "6"
+    assert "not storable" in out and "(PRIVATE 1)" in out
+    assert "errors" in out and "(HTTP 404 1)" in out and f"HTTP 404: e.g. {proxy.url}/broken" in out
+    assert "1 errors, more than --max-errors 0" in err
+    for page in pages:
+        assert (await proxy.get(page.removeprefix(proxy.url))).x_cache == "HIT"
+    assert origin.count("/sitemap-pages.xml") == 1  # listed twice, fetched once
+
+    code, out, _ = await warm("--proxy", proxy.url, "--sitemap", f"{proxy.url}/sitemap_index.xml",
+                              "--max-errors", "1", "--progress", "none")
+    assert code == 0
+    assert [line.split()[-1] for line in out.splitlines() if line.strip().startswith("already fresh")] == ["6"]
+    assert all(origin.count(p.removeprefix(proxy.url)) == 1 for p in pages)  # nothing fetched twice
+
+
+@pytest.mark.slow
+async def test_urls_from_stdin_and_an_access_log_with_headers_and_variants(
+        origin: Origin, proxy: Proxy, tmp_path: Path) -> None:
+    seen: list[tuple[str, str, str]] = []
+
+    async def negotiated(request: web.Request) -> web.Response:
+        seen.append((request.path, request.headers.get("Accept-Encoding", ""), request.headers.get("X-Warm", "")))
+        return web.Response(body=b"x" * 100, headers={"Cache-Control": "max-age=600", "Vary": "Accept-Encoding"})
+
+    for path in ("/a", "/b", "/c"):
+        origin.route(path, negotiated)
+    log = tmp_path / "access.log"
+    log.write_text('{"time":"2026-11-26T13:40:02.000Z","method":"GET","host":"h","path":"/c","status":200}\n'
+                   '127.0.0.1 - - [26/Nov/2026:13:40:05 +0000] "POST /a HTTP/1.1" 200 2 "-" "curl"\n')
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--from-access-log", str(log),
+                                "-H", "X-Warm: yes", "--variants", "Accept-Encoding: gzip",
+                                "--variants", "Accept-Encoding: br", "--progress", "none",
+                                stdin=f"# hot pages\n{proxy.url}/a\n/b\n\n".encode())
+    assert code == 0, (out, err)
+    assert sorted(seen) == sorted((p, ae, "yes") for p in ("/a", "/b", "/c") for ae in ("gzip", "br"))
+    for path in ("/a", "/b", "/c"):
+        for ae in ("gzip", "br"):
+            assert (await proxy.get(path, headers={"Accept-Encoding": ae})).x_cache == "HIT"
+
+
+@pytest.mark.slow
+async def test_concurrency_and_rate_bound_the_requests(origin: Origin, proxy: Proxy) -> None:
+    flying, most, starts = [0], [0], []
+
+    async def slow(request: web.Request) -> web.Response:
+        starts.append(time.monotonic())
+        flying[0] += 1
+        most[0] = max(most[0], flying[0])
+        await asyncio.sleep(0.2)
+        flying[0] -= 1
+        return web.Response(body=b"s", headers={"Cache-Control": "max-age=600"})
+
+    for i in range(9):
+        origin.route(f"/s/{i}", slow)
+    urls = "".join(f"/s/{i}\n" for i in range(6)).encode()
+    code, _, err = await warm("--proxy", proxy.url, "--urls", "-", "--concurrency", "2",
+                              "--progress-interval", "0.1", stdin=urls)  # not a terminal: lines
+    assert code == 0 and most[0] == 2
+    progress = err.splitlines()
+    assert progress and all(re.fullmatch(r"cachegate warm: \d/6 \(\d+%\), [0-9.]+/s, 0 errors", line)
+                            for line in progress), err
+    assert "\x1b" not in err and "\r" not in err
+    starts.clear()
+    urls = "".join(f"/s/{i}\n" for i in range(6, 9)).encode()
+    code, _, _ = await warm("--proxy", proxy.url, "--urls", "-", "--rate", "10/s", "--concurrency", "3",
+                            "--progress", "none", stdin=urls)
+    assert code == 0 and len(starts) == 3  # the spacing itself: Pacer's doctest, on a given clock
+
+
+@pytest.mark.slow
+async def test_ctrl_c_stops_at_once_with_the_summary_so_far(origin: Origin, proxy: Proxy) -> None:
+    release = asyncio.Event()  # set once warm has stopped: until then /q/1 and later never answer
+
+    async def slow(request: web.Request) -> web.Response:
+        if request.path != "/q/0":
+            await release.wait()
+        return web.Response(body=b"q", headers={"Cache-Control": "max-age=600"})
+
+    for i in range(6):
+        origin.route(f"/q/{i}", slow)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "warm", "--proxy", proxy.url, "--urls", "-", "--concurrency", "1",
+        "--progress", "none", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write("".join(f"/q/{i}\n" for i in range(6)).encode())
+    proc.stdin.close()
+    for _ in range(200):  # until the second request is waiting on the origin
+        if origin.count("/q/1"):
+            break
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)  # it stops without the origin's answer
+    release.set()
+    assert proc.returncode == 130
+    text = out.decode()
+    assert "1 of 6 requests" in text and "(interrupted)" in text
+    assert [line.split()[-1] for line in text.splitlines() if line.strip().startswith("stored")] == ["1"]
+
+
+@pytest.mark.slow
+async def test_a_terminal_gets_a_progress_bar_with_rate_and_eta(origin: Origin, proxy: Proxy) -> None:
+    async def slowish(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.15)
+        return web.Response(body=b"p", headers={"Cache-Control": "max-age=600"})
+
+    for i in range(8):
+        origin.route(f"/p/{i}", slowish)
+    master, slave = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "warm", "--proxy", proxy.url, "--urls", "-", "--concurrency", "1",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=slave)
+        out, _ = await asyncio.wait_for(proc.communicate("".join(f"/p/{i}\n" for i in range(8)).encode()), 30)
+        os.close(slave)
+        slave = -1
+        screen = b""
+        while True:
+            try:
+                chunk = await asyncio.to_thread(os.read, master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0
+    text = screen.decode()
+    assert "\r\x1b[K[" in text and "ETA" in text and "/s" in text
+    assert text.rstrip().endswith("8/8 100%  " + text.rstrip().split("100%  ")[-1])  # the bar ends full
+    assert "8 of 8 requests" in out.decode()
+
+
+@pytest.mark.slow
+async def test_nothing_to_warm_or_a_bad_header_is_refused() -> None:
+    code, _, err = await warm("--proxy", "http://127.0.0.1:9")
+    assert code == 2 and "nothing to warm" in err
+    code, _, err = await warm("--proxy", "http://127.0.0.1:9", "--urls", "-", "-H", "no colon", stdin=b"/a\n")
+    assert code == 2 and "not a header: 'no colon'" in err
+
+
+@pytest.mark.slow
+async def test_an_unreachable_proxy_is_counted_as_errors_by_kind() -> None:
+    code, out, _ = await warm("--proxy", "http://127.0.0.1:9", "--urls", "-", "--progress", "none", stdin=b"/a\n/b\n")
+    assert code == 1
+    assert "(connection refused 2)" in out

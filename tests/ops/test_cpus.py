@@ -1,0 +1,81 @@
+"""``--workers auto`` counts the CPUs the process may use: affinity mask and cgroup quota (fake trees)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import parse_workers
+from proxy.cpus import available_cpus, cgroup_cpu_limit
+
+
+def tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+def cpus(root: Path, membership: str, affinity: int = 64) -> int:
+    (root / "self-cgroup").write_text(membership + "\n")
+    return available_cpus(str(root / "fs"), str(root / "self-cgroup"), lambda: affinity)
+
+
+def test_a_container_limited_to_two_cpus_on_a_64_core_host_starts_two_workers(tmp_path: Path) -> None:
+    tree(tmp_path / "fs", {"cpu.max": "200000 100000"})  # cgroup v2, own cgroup namespace: "0::/"
+    assert cpus(tmp_path, "0::/") == 2
+
+
+def test_no_quota_leaves_the_affinity_mask(tmp_path: Path) -> None:
+    tree(tmp_path / "fs", {"cpu.max": "max 100000"})
+    assert cpus(tmp_path, "0::/", affinity=6) == 6
+    assert cpus(tmp_path, "0::/nowhere", affinity=3) == 3  # no such cgroup directory: no limit
+
+
+def test_the_affinity_mask_wins_when_it_is_smaller(tmp_path: Path) -> None:
+    tree(tmp_path / "fs", {"cpu.max": "800000 100000"})
+    assert cpus(tmp_path, "0::/", affinity=3) == 3
+
+
+def test_a_fractional_quota_rounds_down_but_never_to_zero(tmp_path: Path) -> None:
+    tree(tmp_path / "fs", {"cpu.max": "250000 100000"})
+    assert cpus(tmp_path, "0::/") == 2
+    tree(tmp_path / "fs", {"cpu.max": "50000 100000"})
+    assert cpus(tmp_path, "0::/") == 1
+
+
+def test_the_tightest_quota_of_the_cgroup_and_its_ancestors_counts(tmp_path: Path) -> None:
+    tree(tmp_path / "fs", {
+        "system.slice/cpu.max": "300000 100000",
+        "system.slice/cachegate.service/cpu.max": "max 100000",
+    })
+    assert cpus(tmp_path, "0::/system.slice/cachegate.service") == 3
+    assert cgroup_cpu_limit(str(tmp_path / "fs"), str(tmp_path / "self-cgroup")) == 3.0
+
+
+def test_cgroup_v1_quota_and_period(tmp_path: Path) -> None:
+    tree(tmp_path / "fs", {"cpu,cpuacct/cpu.cfs_quota_us": "400000",
+                           "cpu,cpuacct/cpu.cfs_period_us": "100000"})
+    # The host's path of the container's cgroup is not visible inside it: the mount is the cgroup.
+    membership = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc"
+    assert cpus(tmp_path, membership) == 4
+    tree(tmp_path / "fs", {"cpu,cpuacct/cpu.cfs_quota_us": "-1"})
+    assert cpus(tmp_path, membership, affinity=5) == 5
+
+
+@pytest.mark.parametrize("garbage", ["", "x y", "100000", "-5 100000", "100000 0"])
+def test_unreadable_quotas_mean_no_limit(tmp_path: Path, garbage: str) -> None:
+    tree(tmp_path / "fs", {"cpu.max": garbage})
+    assert cpus(tmp_path, "0::/", affinity=7) == 7
+
+
+def test_workers_auto_in_the_config_reads_the_cgroup_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import proxy.cpus
+
+    tree(tmp_path / "fs", {"cpu.max": "100000 100000"})
+    (tmp_path / "self-cgroup").write_text("0::/\n")
+    monkeypatch.setattr(proxy.cpus, "CGROUP_ROOT", str(tmp_path / "fs"))
+    monkeypatch.setattr(proxy.cpus, "PROC_SELF_CGROUP", str(tmp_path / "self-cgroup"))
+    monkeypatch.setattr(proxy.cpus, "affinity_cpus", lambda: 64)
+    assert parse_workers("auto") == 1

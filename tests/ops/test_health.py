@@ -1,0 +1,50 @@
+"""/healthz says whether the process takes traffic; `cachegate health` turns it into an exit status."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+from tests.conftest import MakeProxy
+from tests.harness import Origin
+from tests.ops.test_server_and_errors import closed_port
+
+
+async def test_healthz_is_503_while_starting_or_stopping(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+    for state, status in (("starting", 503), ("ready", 200), ("stopping", 503)):
+        proxy.runtime.state = state
+        reply = await proxy.admin("GET", "/healthz")
+        assert reply.status == status, state
+
+
+async def test_cachegate_health_exits_0_only_when_healthz_answers_200(
+    make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:{closed_port()}'}}\n")
+    assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 0
+    assert await asyncio.to_thread(main, ["health", "--config", proxy.config_path]) == 0  # its admin.listen
+    proxy.runtime.state = "starting"
+    assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 1
+    assert "503" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["health", "--admin", f"http://127.0.0.1:{closed_port()}"]) == 1
+    assert "cannot reach the admin API" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+async def test_with_workers_healthz_waits_for_every_worker(origin: Origin, tmp_path: Path) -> None:
+    from tests.storage.procs import ProxyProcess, write_config
+
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, "cache: {disk: null}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        await proxy.wait_for(lambda: any("started:" in line for line in proxy.lines))
+        assert (await proxy.admin("GET", "/healthz")).status == 200
+        line = next(line for line in proxy.lines if "started:" in line)
+        assert "2 workers" in line and "memory" in line and "config " in line
+    finally:
+        await proxy.stop()

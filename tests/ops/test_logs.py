@@ -1,0 +1,382 @@
+"""Access log (JSON lines, combined), request ids end to end, the error log's lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.logs import (
+    MAX_BATCH,
+    PIPE_BUF,
+    AccessLog,
+    AccessLogSettings,
+    LineFormatter,
+    RequestIds,
+    RequestInfo,
+    key_hash,
+    pipe_pieces,
+)
+from proxy.logs import REQUEST as CURRENT_REQUEST
+from proxy.web.fastpath import ProxyServer
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def fast_answered(proxy: Proxy) -> int:
+    server = proxy.listeners.runners[0].server
+    assert isinstance(server, ProxyServer) and server.fast is not None
+    return server.fast.answered
+
+
+def records(proxy: Proxy, path: Path) -> list[dict[str, Any]]:
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_json_lines_carry_every_field_on_the_general_and_the_fast_path(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    origin.route("/page", body=b"hello", headers={"Cache-Control": "max-age=60"})
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: json, path: {log_file}}}\n")
+    miss = await proxy.get("/page?q=1", headers={"Host": "Example.TEST"})
+    await asyncio.sleep(0.05)
+    before = fast_answered(proxy)
+    hit = await proxy.get("/page?q=1", headers={"Host": "Example.TEST"})
+    assert fast_answered(proxy) == before + 1, "the hit was answered on the fast path"
+    first, second = records(proxy, log_file)
+    upstream = f"http://127.0.0.1:{origin.port}"
+    for record, reply in ((first, miss), (second, hit)):
+        assert RFC3339_MS.fullmatch(record["time"])
+        assert record["request_id"] == reply.headers["X-Request-Id"]
+        assert record["cache_status"] == reply.cache_status
+        assert record["cache"] == reply.x_cache
+        assert (record["client"], record["method"], record["host"], record["path"]) == (
+            "127.0.0.1", "GET", "example.test", "/page?q=1")
+        assert (record["status"], record["bytes"], record["worker"]) == (200, 5, "0")
+        assert isinstance(record["duration_us"], int) and record["duration_us"] >= 0
+    assert first["cache"] == "MISS" and second["cache"] == "HIT"
+    assert first["upstream"] == upstream and isinstance(first["upstream_us"], int)
+    assert second["upstream"] is None and second["upstream_us"] is None
+    key = "http://example.test/page?q=1"
+    assert first["key"] == second["key"] == key_hash(key)
+    assert second["cache_status"].startswith("cachegate; hit; ttl=")
+    assert set(first) == {"time", "request_id", "client", "method", "host", "path", "status", "bytes",
+                          "duration_us", "upstream", "upstream_us", "cache", "cache_status", "key", "worker"}
+
+
+async def test_combined_lines_have_one_pair_of_brackets_and_microseconds(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    origin.route("/page", body=b"hello", headers={"Cache-Control": "max-age=60"})
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: combined, path: {log_file}}}\n")
+    replies = []
+    for _ in range(2):
+        replies.append(await proxy.get("/page", headers={"User-Agent": 'probe "1"', "Referer": "http://r/"}))
+        await asyncio.sleep(0.05)
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    lines = log_file.read_text().splitlines()
+    pattern = re.compile(
+        r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /page HTTP/1\.1" 200 5 '
+        r'"http://r/" "probe \\x221\\x22" cache=(MISS|HIT) duration_us=(\d+) request_id=(\S+)')
+    found = [pattern.fullmatch(line) for line in lines]
+    assert all(found), lines
+    assert [m.group(1) for m in found if m] == ["MISS", "HIT"]
+    assert [m.group(3) for m in found if m] == [r.headers["X-Request-Id"] for r in replies]
+    assert "[[" not in lines[0]
+
+
+async def test_odd_paths_and_refused_requests_stay_valid_json_lines(
+    tmp_path: Path, make_proxy: MakeProxy
+) -> None:
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    port = proxy.listeners.proxy_addresses[0][1]
+    for raw in (b"GET /a\\b/%E2%82%AC/\"q\" HTTP/1.1\r\nHost: h\r\n\r\n",
+                b"GET /x HTTP/1.1\r\nHost: h\r\nContent-Length: nope\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        await reader.read(65536)
+        writer.close()
+    lines = records(proxy, log_file)
+    assert [line["status"] for line in lines] == [404, 400]  # the origin has no route; a bad Content-Length
+    assert lines[0]["path"] == '/a\\b/%E2%82%AC/"q"'  # quote and backslash escaped, and read back
+    assert lines[1]["cache"] == "ERROR" and lines[1]["request_id"]
+    assert (lines[1]["method"], lines[1]["path"]) == (None, None)  # the parser refused it: unknown
+
+
+async def test_request_ids_are_generated_returned_and_sent_upstream(origin: Origin, make_proxy: MakeProxy) -> None:
+    origin.route("/a", body=b"a")
+    proxy = await make_proxy()
+    one = await proxy.get("/a", headers={"X-Request-Id": "client-chosen"})  # not a trusted peer
+    two = await proxy.get("/a")
+    ids = [one.headers["X-Request-Id"], two.headers["X-Request-Id"]]
+    assert "client-chosen" not in ids and ids[0] != ids[1]
+    assert [s.headers.getall("X-Request-Id") for s in origin.seen] == [[ids[0]], [ids[1]]]
+
+
+async def test_a_trusted_peers_request_id_is_kept_and_a_bad_one_replaced(origin: Origin, make_proxy: MakeProxy) -> None:
+    origin.route("/a", body=b"a")
+    proxy = await make_proxy(config="trusted_proxies: [127.0.0.1/32]\n")
+    kept = await proxy.get("/a", headers={"X-Request-Id": "lb-7f3a"})
+    assert kept.headers["X-Request-Id"] == "lb-7f3a"
+    assert origin.seen[-1].headers["X-Request-Id"] == "lb-7f3a"
+    for bad in ("has space", "x" * 201, 'q"uote'):
+        reply = await proxy.get("/a", headers={"X-Request-Id": bad})
+        assert reply.headers["X-Request-Id"] != bad
+        assert origin.seen[-1].headers["X-Request-Id"] == reply.headers["X-Request-Id"]
+
+
+async def test_a_stored_response_never_carries_the_filling_requests_id(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """An origin that echoes X-Request-Id: the fill's id is not stored, and each later hit
+    (fast path, general path, HEAD, a revalidation's 304 echo) carries its own."""
+    async def echo(request: web.Request) -> web.Response:
+        rid = request.headers.get("X-Request-Id", "")
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers={"ETag": '"v1"', "X-Request-Id": rid,
+                                                     "Cache-Control": "max-age=60"})
+        return web.Response(body=b"echo", headers={"X-Request-Id": rid, "ETag": '"v1"',
+                                                   "Cache-Control": "max-age=60"})
+
+    origin.route("/echo", echo)
+    proxy = await make_proxy(config="trusted_proxies: [127.0.0.1/32]\n")
+    fill = await proxy.get("/echo", headers={"X-Request-Id": "filler-1"})
+    assert fill.headers.getall("X-Request-Id") == ["filler-1"]
+    await asyncio.sleep(0.05)
+    (cached,) = proxy.runtime.storage.memory_get(proxy.url + "/echo") or ()  # type: ignore[misc]
+    assert "x-request-id" not in {k.lower() for k, _ in cached.entry.response.headers}
+    for method in ("GET", "HEAD", "GET"):
+        reply = await proxy.request(method, "/echo")
+        assert reply.x_cache == "HIT"
+        assert len(reply.headers.getall("X-Request-Id")) == 1
+        assert reply.headers["X-Request-Id"] != "filler-1"
+    revalidated = await proxy.get("/echo", headers={"Cache-Control": "max-age=0", "X-Request-Id": "reval-2"})
+    assert revalidated.x_cache == "REVALIDATED" and revalidated.headers["X-Request-Id"] == "reval-2"
+    await asyncio.sleep(0.05)
+    (cached,) = proxy.runtime.storage.memory_get(proxy.url + "/echo") or ()  # type: ignore[misc]
+    assert "x-request-id" not in {k.lower() for k, _ in cached.entry.response.headers}
+    after = await proxy.get("/echo")
+    assert after.headers["X-Request-Id"] not in ("filler-1", "reval-2")
+
+
+async def test_collapsed_followers_get_their_own_ids(origin: Origin, make_proxy: MakeProxy) -> None:
+    async def slow_echo(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return web.Response(body=b"x", headers={"X-Request-Id": request.headers.get("X-Request-Id", ""),
+                                                "Cache-Control": "max-age=60"})
+
+    origin.route("/herd", slow_echo)
+    proxy = await make_proxy()
+    replies = await asyncio.gather(*(proxy.get("/herd") for _ in range(5)))
+    assert origin.count("/herd") == 1
+    ids = [r.headers.getall("X-Request-Id") for r in replies]
+    assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == 5
+
+
+def test_new_ids_are_a_prefix_and_a_counter() -> None:
+    ids = RequestIds("p-")
+    assert [ids.new(), ids.new_bytes(), ids.new()] == ["p-1", b"p-2", "p-3"]
+    assert RequestIds().prefix != RequestIds().prefix
+    assert ids.take({"X-Request-Id": "abc"}, trusted=False) == "p-4"
+    assert ids.take({"X-Request-Id": "abc"}, trusted=True) == "abc"
+
+
+def test_error_log_lines_name_the_worker_and_the_request() -> None:
+    record = logging.LogRecord("cachegate.engine", logging.WARNING, __file__, 1, "upstream failed: %s",
+                               ("http://10.0.0.5:9000: connection refused",), None)
+    token = CURRENT_REQUEST.set(RequestInfo("abc-1"))
+    try:
+        as_json = json.loads(LineFormatter(lambda: "3", True).format(record))
+        text = LineFormatter(lambda: "3", False).format(record)
+    finally:
+        CURRENT_REQUEST.reset(token)
+    assert as_json["request_id"] == "abc-1" and as_json["worker"] == "3"
+    assert as_json["level"] == "warning" and as_json["logger"] == "cachegate.engine"
+    assert as_json["message"] == "upstream failed: http://10.0.0.5:9000: connection refused"
+    assert RFC3339_MS.fullmatch(as_json["time"])
+    assert " WARNING cachegate.engine worker=3 request_id=abc-1: upstream failed" in text
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    assert "\n" not in LineFormatter(lambda: "3", False).format(record)
+    assert "ValueError: boom" in json.loads(LineFormatter(lambda: "3", True).format(record))["exc"]
+
+
+def record_for(i: int) -> tuple[Any, ...]:
+    return (1.0 + i, 0.0001, f"id-{i}", "127.0.0.1", "GET", "h", f"/{i}", (1, 1), 200, 1, "HIT", 1.0,
+            "k", None, None, None)
+
+
+async def test_records_are_written_in_batches_not_per_request(tmp_path: Path) -> None:
+    log_file = tmp_path / "a.log"
+    access = AccessLog(AccessLogSettings("json", str(log_file)), "0")
+    try:
+        for i in range(MAX_BATCH - 1):
+            access.add(record_for(i))
+        assert log_file.read_bytes() == b""  # nothing written on the request path
+        await asyncio.sleep(0)  # the end of this event-loop iteration
+        lines = log_file.read_text().splitlines()
+        assert [json.loads(line)["path"] for line in lines] == [f"/{i}" for i in range(MAX_BATCH - 1)]
+        for i in range(MAX_BATCH):  # a full batch is written at once, within the iteration
+            access.add(record_for(i))
+        assert len(log_file.read_text().splitlines()) == 2 * MAX_BATCH - 1
+    finally:
+        access.close()
+
+
+async def test_writes_to_a_pipe_stay_within_pipe_buf_and_end_at_line_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    monkeypatch.setattr("sys.stdout", os.fdopen(os.dup(write_end), "w"))
+    access = AccessLog(AccessLogSettings("json", "stdout"), "0")
+    os.close(write_end)
+    chunks = []
+    try:
+        for i in range(200):
+            access.add(record_for(i))
+        access.flush()
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except BlockingIOError:
+                break
+            chunks.append(chunk)
+    finally:
+        access.close()
+        import sys
+
+        sys.stdout.close()
+        os.close(read_end)
+    data = b"".join(chunks)
+    assert len(data.splitlines()) == 200
+    assert all(json.loads(line) for line in data.splitlines())
+
+
+def test_pipe_writes_are_at_most_pipe_buf_and_end_at_line_ends() -> None:
+    lines = [f"{i:05d} " + "x" * (i % 300) + "\n" for i in range(500)] + ["y" * 5000 + "\n"]
+    pieces = list(pipe_pieces(lines))
+    assert b"".join(pieces) == "".join(lines).encode()
+    assert all(p.endswith(b"\n") for p in pieces)
+    assert all(len(p) <= PIPE_BUF for p in pieces[:-1]) and len(pieces[-1]) == 5001  # a long line alone
+    assert len(pieces) < len(lines) / 10  # batched, not a write per line
+
+
+async def test_sighup_reopens_the_access_log_after_logrotate(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    log_file = tmp_path / "access.log"
+    origin.route("/a", body=b"a")
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    await proxy.get("/a")
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    log_file.rename(tmp_path / "access.log.1")  # what logrotate does, then it sends SIGHUP
+    proxy.runtime.reconfigure(proxy.runtime.settings)
+    await proxy.get("/a")
+    proxy.runtime.access_log.flush()
+    assert len((tmp_path / "access.log.1").read_text().splitlines()) == 1
+    assert len(log_file.read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+async def test_a_502s_detail_is_in_the_error_log_with_its_request_id(tmp_path: Path) -> None:
+    """A real `cachegate run` with JSON logs: the client's 502 names no address; the error log
+    line about it does, with the same request id and the worker."""
+    import aiohttp
+
+    from tests.harness import spawn_cachegate, write_config
+    from tests.ops.test_server_and_errors import closed_port
+
+    down = f"http://127.0.0.1:{closed_port()}"
+    config = write_config(str(tmp_path), down, "access_log: true\n")
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--log-level", "warning"])
+    try:
+        async with aiohttp.ClientSession() as session, session.get(proc.proxy_url + "/x") as r:
+            assert r.status == 502
+            rid = r.headers["X-Request-Id"]
+            assert down.split(":")[-1] not in await r.text()
+        for _ in range(100):
+            if any(rid in line and '"level": "warning"' in line for line in proc.output):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0
+    errors = [json.loads(line) for line in proc.output if '"level": "warning"' in line]
+    about = [e for e in errors if e["request_id"] == rid]
+    assert about, proc.text
+    assert down in about[0]["message"] and about[0]["worker"] == "0"
+    access = [json.loads(line) for line in proc.output if '"path":"/x"' in line]
+    assert access and access[0]["request_id"] == rid and access[0]["status"] == 502
+
+
+def test_access_log_paths_are_relative_to_the_config_and_their_directory_must_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+    from proxy.config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\naccess_log: {format: combined, path: access.log}\n")
+    settings = load_config(str(config))
+    assert settings.access_log == AccessLogSettings("combined", str(tmp_path / "access.log"))
+    config.write_text("upstreams: [http://127.0.0.1:9]\naccess_log:\n  path: nowhere/access.log\n")
+    assert main(["check", "--config", str(config)]) == 2
+    assert f"{config}:3: access_log.path: directory {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    config.write_text("upstreams: [http://127.0.0.1:9]\naccess_log: {format: xml}\n")
+    assert main(["check", "--config", str(config)]) == 2
+    assert "access_log.format: must be one of json, combined" in capsys.readouterr().err
+
+
+async def test_a_reload_can_switch_the_access_log_format(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    from proxy.config import Overrides
+    from proxy.web.server import install_reloader
+
+    origin.route("/a", body=b"a")
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: json, path: {log_file}}}\n")
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    await proxy.get("/a")
+    text = await asyncio.to_thread(Path(proxy.config_path).read_text)
+    await asyncio.to_thread(Path(proxy.config_path).write_text, text.replace("format: json", "format: combined"))
+    assert (await proxy.admin("POST", "/reload")).status == 200
+    await proxy.get("/a")
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    first, second = log_file.read_text().splitlines()
+    assert first.startswith("{") and second.startswith("127.0.0.1 - - [")
+
+
+def test_upstream_request_sends_the_request_id_in_place_of_the_heads() -> None:
+    from multidict import CIMultiDict
+
+    from proxy.policy.keys import KeySpec
+    from proxy.policy.messages import RequestHead
+    from proxy.policy.request import Forwarder, upstream_request
+
+    head = RequestHead("GET", "http", "a.example", "/x", CIMultiDict({"Host": "a.example",
+                       "X-Request-Id": "from-the-client"}))
+    for fill in (None, KeySpec()):
+        sent = upstream_request(head, "10.0.0.9", Forwarder(), fill=fill, request_id="ours-1").headers
+        assert [v for k, v in sent if k.lower() == "x-request-id"] == ["ours-1"]
+    assert not [v for k, v in upstream_request(head, "10.0.0.9", Forwarder()).headers
+                if k.lower() == "x-request-id"]  # no id given (an embedding caller): none sent

@@ -1,0 +1,106 @@
+"""The metrics operators graph: client latency by cache status, process_* per worker and summed,
+the build, fills and the write-behind queue."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Histogram as PromHistogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import __version__
+from proxy.live import FAST_SAMPLE
+from proxy.metrics import REQUEST_BUCKETS, ClusterMetrics, LeanHistogram, Metrics
+from tests.conftest import MakeProxy
+from tests.harness import Origin
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: bytes | str) -> Samples:
+    if isinstance(text, bytes):
+        text = text.decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_lean_histogram_exposition_is_prometheus_clients() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    a = LeanHistogram("x_seconds", "X", ["status"], REQUEST_BUCKETS, registry=ours)
+    b = PromHistogram("x_seconds", "X", ["status"], buckets=REQUEST_BUCKETS, registry=theirs)
+    for h in (a, b):
+        for value in (0.00005, 0.0001, 0.0003, 0.2, 31.0, 1.0):
+            h.labels("HIT").observe(value)
+        h.labels("MISS").observe(0.01)
+    assert generate_latest(ours) == generate_latest(theirs)
+
+
+async def test_a_scrape_shows_latency_by_cache_status_fills_and_the_process(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    origin.route("/a", body=b"a" * 100, headers={"Cache-Control": "max-age=60"})
+    proxy = await make_proxy()
+    await proxy.get("/a")
+    await asyncio.sleep(0.05)
+    for _ in range(FAST_SAMPLE):  # fast-path hits: one in FAST_SAMPLE is timed, counted FAST_SAMPLE times
+        await proxy.get("/a")
+    m = samples((await proxy.admin("GET", "/metrics")).body)
+    for status, n in (("MISS", 1), ("HIT", FAST_SAMPLE)):
+        assert m[("cachegate_request_duration_seconds_count", (("cache_status", status),))] == n
+        assert m[("cachegate_request_duration_seconds_bucket", (("cache_status", status), ("le", "+Inf")))] == n
+    assert m[("cachegate_build_info", (("version", __version__),))] == 1
+    assert m[("cachegate_fills_total", ())] == 1
+    assert ("cachegate_disk_writes_pending", ()) in m
+    assert m[("process_resident_memory_bytes", ())] > 1 << 20
+    assert m[("process_open_fds", ())] > 3
+    assert m[("cachegate_worker_resident_memory_bytes", (("worker", "0"),))] > 1 << 20
+    assert m[("cachegate_worker_cpu_seconds_total", (("worker", "0"),))] > 0
+    assert m[("cachegate_worker_open_fds", (("worker", "0"),))] > 3
+
+
+def test_several_processes_are_summed_and_shown_per_worker() -> None:
+    """The supervisor's merge: process_* summed over every process, start time, fd limit and
+    build from the supervisor alone, cachegate_worker_* one series per process."""
+    supervisor, w0, w1 = Metrics(), Metrics(), Metrics()
+    supervisor.process_label, w0.process_label, w1.process_label = "supervisor", "0", "1"
+    snaps = [m.snapshot() for m in (supervisor, w0, w1)]
+    cluster = ClusterMetrics()
+    cluster.update(0, 100, snaps[1])
+    cluster.update(1, 101, snaps[2])
+    merged = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in cluster.merge(snaps[0], cluster.workers()) for s in f.samples}
+    assert merged[("cachegate_build_info", (("version", __version__),))] == 1
+    rss = [v for (name, labels), v in merged.items() if name == "cachegate_worker_resident_memory_bytes"]
+    assert sorted(dict(labels)["worker"] for (name, labels) in merged
+                  if name == "cachegate_worker_resident_memory_bytes") == ["0", "1", "supervisor"]
+    assert merged[("process_resident_memory_bytes", ())] == pytest.approx(sum(rss))
+    own = {(s[0], tuple(sorted(s[1].items()))): s[2] for f in snaps[0] for s in f[3]}
+    assert merged[("process_max_fds", ())] == own[("process_max_fds", ())]
+    assert merged[("process_start_time_seconds", ())] == own[("process_start_time_seconds", ())]
+
+
+@pytest.mark.slow
+async def test_two_workers_show_their_own_processes_and_one_build(origin: Origin, tmp_path: Path) -> None:
+    from tests.storage.procs import ProxyProcess, write_config
+
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url,
+                                                     "cache: {memory: 16MB, disk: null}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        m: Samples = {}
+        for _ in range(50):  # the supervisor asks the workers when scraped
+            m = samples((await proxy.admin("GET", "/metrics")).body)
+            if ("cachegate_worker_open_fds", (("worker", "1"),)) in m:
+                break
+            await asyncio.sleep(0.1)
+        workers = {dict(labels)["worker"] for name, labels in m if name == "cachegate_worker_open_fds"}
+        assert workers == {"0", "1", "supervisor"}
+        assert m[("cachegate_build_info", (("version", __version__),))] == 1
+        assert m[("process_open_fds", ())] == sum(
+            v for (name, _), v in m.items() if name == "cachegate_worker_open_fds")
+    finally:
+        await proxy.stop()

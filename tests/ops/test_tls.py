@@ -1,0 +1,311 @@
+"""TLS on the client side: several listeners, the fast path and sendfile under TLS, certificate
+rotation on reload with a live connection, bad certificates refused with FILE:LINE."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import ssl
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+from proxy.config import Overrides
+from proxy.web.fastpath import ProxyServer
+from proxy.web.server import install_reloader
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy, self_signed
+
+CC = {"Cache-Control": "max-age=300"}
+
+
+class Certs:
+    """Two throwaway certificates (CN a and b) and the files a TLS listener reads (``live``)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.a = self_signed(directory, "a", "a.test", "IP:127.0.0.1")
+        self.b = self_signed(directory, "b", "b.test", "IP:127.0.0.1")
+        self.key, self.cert = directory / "live.key", directory / "live.pem"
+        self.use(self.a)
+
+    def use(self, pair: tuple[Path, Path]) -> None:
+        key, cert = pair
+        shutil.copy(key, self.key)
+        shutil.copy(cert, self.cert)
+
+    @staticmethod
+    def der(pair: tuple[Path, Path]) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(pair[1].read_text())
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certs:
+    return Certs(tmp_path)
+
+
+def client_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the tests compare the certificate served, byte for byte
+    return ctx
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection over TLS (or not), speaking raw bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> Conn:
+        scheme, rest = url.split("://")
+        host, port = rest.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=client_context() if scheme == "https" else None)
+        return cls(reader, writer)
+
+    def peer_cert(self) -> bytes:
+        obj = self.writer.get_extra_info("ssl_object")
+        assert obj is not None
+        return bytes(obj.getpeercert(binary_form=True))
+
+    async def get(self, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: example.test\r\n\r\n".encode())
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        fields = dict(line.split(": ", 1) for line in lines[1:] if line)
+        length = int(fields.get("Content-Length", "0"))
+        body = await self.reader.readexactly(length) if method != "HEAD" else b""
+        return int(lines[0].split()[1]), fields, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tls_config(certs: Certs, cache: str = "") -> str:
+    return ("listen:\n  - 127.0.0.1:0\n"
+            f"  - {{address: '127.0.0.1:0', tls: {{cert: '{certs.cert}', key: '{certs.key}'}}}}\n" + cache)
+
+
+def fast_of(proxy: Proxy, index: int) -> int:
+    server = proxy.listeners.runners[index].server
+    assert isinstance(server, ProxyServer) and server.fast is not None
+    return server.fast.answered
+
+
+async def test_a_plain_and_a_tls_listener_serve_side_by_side(
+    origin: Origin, make_proxy: MakeProxy, certs: Certs
+) -> None:
+    origin.route("/a", body=b"a" * 2000, headers=CC)
+    proxy = await make_proxy(config=tls_config(certs))
+    plain_url, tls_url = proxy.listeners.proxy_urls
+    assert plain_url.startswith("http://") and tls_url.startswith("https://")
+    conn = await Conn.open(tls_url)
+    try:
+        assert conn.peer_cert() == Certs.der(certs.a)
+        assert conn.writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+        status, fields, body = await conn.get("/a")
+        assert (status, fields["X-Cache-Status"], body) == (200, "MISS", b"a" * 2000)
+        await asyncio.sleep(0.05)
+        before = fast_of(proxy, 1)
+        for method in ("GET", "HEAD"):
+            status, fields, body = await conn.get("/a", method)
+            assert fields["X-Cache-Status"] == "HIT" and body == (b"a" * 2000 if method == "GET" else b"")
+        assert fast_of(proxy, 1) == before + 2, "hits over TLS take the fast path"
+    finally:
+        conn.close()
+    plain = await Conn.open(plain_url)
+    try:
+        status, fields, _ = await plain.get("/a")
+        assert fields["X-Cache-Status"] == "MISS"  # http://... is another key than https://...
+    finally:
+        plain.close()
+
+
+async def test_sendfile_bodies_over_tls_are_encrypted_not_sent_around_it(
+    origin: Origin, make_proxy: MakeProxy, certs: Certs
+) -> None:
+    """A body on disk is sent with os.sendfile on plain connections; on a TLS connection that
+    would put plaintext into the TLS stream: both paths must write it through TLS instead."""
+    big = bytes(range(256)) * 200  # 51,200 bytes: on disk, as a file of its own
+    origin.route("/big", body=big, headers=CC)
+    proxy = await make_proxy(config=tls_config(certs, "cache: {memory: 64MB, memory_max_object: 16KB, "
+                                                      "disk: {path: cache, size: 512MB, shards: 2}}\n"))
+    tls_url = proxy.listeners.proxy_urls[1]
+    conn = await Conn.open(tls_url)
+    try:
+        assert (await conn.get("/big"))[2] == big  # the fill
+        await asyncio.sleep(0.3)  # the disk commit
+        proxy.runtime.storage.memory.clear()
+        status, fields, body = await conn.get("/big")  # the general path opens the body file
+        assert (status, fields["X-Cache-Status"], body) == (200, "HIT", big)
+        assert len(proxy.runtime.storage.body_files) == 1
+        before = fast_of(proxy, 1)
+        for _ in range(3):
+            status, fields, body = await conn.get("/big")
+            assert (status, body) == (200, big)
+        assert fast_of(proxy, 1) == before + 3  # the fast path's file bodies, through TLS
+    finally:
+        conn.close()
+
+
+async def test_rotating_the_certificate_keeps_live_connections_and_new_handshakes_get_it(
+    origin: Origin, make_proxy: MakeProxy, certs: Certs
+) -> None:
+    origin.route("/a", body=b"a", headers=CC)
+    proxy = await make_proxy(config=tls_config(certs))
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    tls_url = proxy.listeners.proxy_urls[1]
+    live = await Conn.open(tls_url)
+    try:
+        assert (await live.get("/a"))[0] == 200
+        certs.use(certs.b)  # new files at the same paths, as certbot or cert-manager leave them
+        reply = await proxy.admin("POST", "/reload")
+        assert reply.status == 200, reply.body
+        fresh = await Conn.open(tls_url)
+        try:
+            assert fresh.peer_cert() == Certs.der(certs.b)
+            assert (await fresh.get("/a"))[0] == 200
+        finally:
+            fresh.close()
+        assert live.peer_cert() == Certs.der(certs.a)
+        status, fields, _ = await live.get("/a")  # the connection from before goes on working
+        assert (status, fields["X-Cache-Status"]) == (200, "HIT")
+    finally:
+        live.close()
+
+
+async def test_a_certificate_that_does_not_load_is_refused_and_the_old_one_stays(
+    origin: Origin, make_proxy: MakeProxy, certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = await make_proxy(config=tls_config(certs))
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    shutil.copy(certs.b[0], certs.key)  # b's key with a's certificate: a mismatch
+    assert main(["check", "--config", proxy.config_path]) == 2
+    err = capsys.readouterr().err
+    text = await asyncio.to_thread(Path(proxy.config_path).read_text)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "tls:" in t)
+    assert f"{proxy.config_path}:{line}: listen[1].tls: cannot load the certificate {certs.cert}" in err
+    assert "key values mismatch" in err
+    reply = await proxy.admin("POST", "/reload")
+    assert reply.status == 400
+    conn = await Conn.open(proxy.listeners.proxy_urls[1])
+    try:
+        assert conn.peer_cert() == Certs.der(certs.a)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("listen", "message"), [
+    ("listen: [{address: '127.0.0.1:0', tls: {cert: nope.pem, key: nope.key}}]",
+     "listen[0].tls: cannot load the certificate"),
+    ("listen: [{address: '127.0.0.1:0', tls: {cert: x.pem}}]", "listen[0].tls: cert and key are both required"),
+    ("listen: [{tls: {cert: x.pem, key: y}}]", "listen[0]: address is required"),
+    ("listen: ['127.0.0.1:8080', '127.0.0.1:8080']", "listen[1]: 127.0.0.1:8080 is listed twice"),
+    ("listen: [8080x]", "listen[0]: expected HOST:PORT"),
+    ("listen: {address: '127.0.0.1:1', tls: 3}", "listen.tls: expected"),
+])
+def test_listen_mistakes_are_reported_with_their_line(
+    tmp_path: Path, listen: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\n" + listen + "\n")
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}:2: {message}" in err, err
+
+
+def test_listen_as_one_string_or_one_mapping_still_works(tmp_path: Path) -> None:
+    from proxy.config import Listener, load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\nlisten: 0.0.0.0:80\n")
+    assert load_config(str(config)).listeners == (Listener("0.0.0.0", 80),)
+    assert load_config(str(config)).listen == ("0.0.0.0", 80)
+    assert load_config(str(config), Overrides(listen=("127.0.0.1:1", "127.0.0.1:2"))).listeners == (
+        Listener("127.0.0.1", 1), Listener("127.0.0.1", 2))
+
+
+@pytest.mark.slow
+async def test_sighup_rotates_the_certificate_in_every_worker(origin: Origin, tmp_path: Path, certs: Certs) -> None:
+    """A real `cachegate run --workers 2` on uvloop: both listeners in both workers; SIGHUP to
+    the supervisor; connections opened after it see the new certificate, whichever worker
+    takes them, and a connection from before keeps working."""
+    from tests.harness import spawn_cachegate, write_config
+
+    origin.route("/a", body=b"a", headers=CC)
+    config = write_config(str(tmp_path), origin.url, tls_config(certs))
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--workers", "2"])
+    try:
+        urls = [line.split("proxy listening on ", 1)[1].split()[0] for line in proc.output
+                if "proxy listening on" in line]
+        assert [u.split("://")[0] for u in urls] == ["http", "https"], proc.text
+        live = await Conn.open(urls[1])
+        assert (await live.get("/a"))[0] == 200
+        assert live.peer_cert() == Certs.der(certs.a)
+        certs.use(certs.b)
+        proc.proc.send_signal(signal.SIGHUP)
+        seen: set[bytes] = set()
+        for _ in range(100):
+            conn = await Conn.open(urls[1])
+            seen = {conn.peer_cert()}
+            conn.close()
+            if seen == {Certs.der(certs.b)}:
+                break
+            await asyncio.sleep(0.1)
+        assert seen == {Certs.der(certs.b)}
+        for _ in range(8):  # new connections spread over both workers: every one has the new one
+            conn = await Conn.open(urls[1])
+            assert conn.peer_cert() == Certs.der(certs.b)
+            assert (await conn.get("/a"))[0] == 200
+            conn.close()
+        assert (await live.get("/a"))[0] == 200
+        live.close()
+        plain = await Conn.open(urls[0])
+        assert (await plain.get("/a"))[0] == 200
+        plain.close()
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
+
+
+def test_uvloop_tls_transports_say_they_are_tls(certs: Certs) -> None:
+    """sendfile_now tells TLS connections by the transport's "sslcontext": uvloop's TLS
+    transports (what `cachegate run` uses) report it as asyncio's do."""
+    uvloop = pytest.importorskip("uvloop")
+    from proxy.tls import ServerTLS
+
+    tls = ServerTLS(str(certs.cert), str(certs.key))
+
+    async def run() -> object:
+        seen: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                seen.set_result(transport.get_extra_info("sslcontext"))
+
+        server = await asyncio.get_running_loop().create_server(Probe, "127.0.0.1", 0, ssl=tls.context)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context())
+        found = await asyncio.wait_for(seen, 5)
+        writer.close()
+        server.close()
+        return found
+
+    assert uvloop.run(run()) is tls.context
+
+
+def test_a_reload_takes_new_certificate_paths_but_not_new_addresses() -> None:
+    from proxy.config import Listener, ListenerTLS, Settings
+    from proxy.web.server import live_settings
+
+    old = Settings(source="a", listeners=(Listener("0.0.0.0", 80), Listener("0.0.0.0", 443, ListenerTLS("a", "k"))))
+    new_files = Settings(source="a", listeners=(Listener("0.0.0.0", 80), Listener("0.0.0.0", 443, ListenerTLS("b", "l"))))
+    merged, restart = live_settings(old, new_files)
+    assert restart == [] and merged.listeners[1].tls == ListenerTLS("b", "l")
+    moved = Settings(source="a", listeners=(Listener("0.0.0.0", 81), Listener("0.0.0.0", 443, ListenerTLS("b", "l"))))
+    merged, restart = live_settings(old, moved)
+    assert restart == ["listen"] and merged.listeners == old.listeners
+    plain = Settings(source="a", listeners=(Listener("0.0.0.0", 80), Listener("0.0.0.0", 443)))
+    assert live_settings(old, plain)[1] == ["listen"]  # TLS off needs a restart

@@ -1,0 +1,96 @@
+"""Partial content (RFC 9111 §3.3-3.4): storing a 206, the ranges it answers, combining parts."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.policy.messages import CacheOptions, StoredResponse
+from proxy.policy.partial import ByteRange, Combine, Refuse, answerable, decide_combine, parse_content_range
+from proxy.policy.ranges import RangeSpec
+from proxy.policy.storability import DontStore, Store, decide_store_part
+from tests.policy.build import T0, headers, request
+
+Pairs = list[tuple[str, str]]
+
+
+def part(content_range: str, etag: str | None = '"v1"', extra: Pairs | None = None) -> StoredResponse:
+    fields = [("Cache-Control", "max-age=3600"), ("Content-Range", content_range), *(extra or [])]
+    if etag is not None:
+        fields.append(("ETag", etag))
+    decision = decide_store_part(request(("Range", "bytes=0-0")), "Partial Content", headers(*fields), T0, T0,
+                                 CacheOptions())
+    assert isinstance(decision, Store), decision
+    return decision.response
+
+
+STORE: list[tuple[str, Pairs, str]] = [
+    ("a single range with a known length is stored",
+     [("Cache-Control", "max-age=60"), ("Content-Range", "bytes 0-4/10")], ""),
+    ("multipart/byteranges is not", [("Cache-Control", "max-age=60"), ("Content-Type",
+                                      "multipart/byteranges; boundary=x")], "MULTIPART"),
+    ("an unknown total length is not", [("Cache-Control", "max-age=60"), ("Content-Range", "bytes 0-4/*")],
+     "NO-CONTENT-RANGE"),
+    ("no Content-Range is not", [("Cache-Control", "max-age=60")], "NO-CONTENT-RANGE"),
+    ("private parts are not stored either", [("Cache-Control", "private, max-age=60"),
+                                             ("Content-Range", "bytes 0-4/10")], "PRIVATE"),
+    ("a part without freshness or validator is not", [("Content-Range", "bytes 0-4/10")], "NO-FRESHNESS"),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "detail"), STORE, ids=[s[0] for s in STORE])
+def test_a_206_is_stored_as_a_part_as_its_200_would_be(case: str, fields: Pairs, detail: str) -> None:
+    decision = decide_store_part(request(), "Partial Content", headers(*fields), T0, T0, CacheOptions())
+    assert (decision.detail if isinstance(decision, DontStore) else "") == detail
+    if isinstance(decision, Store):
+        assert decision.response.status == 206
+
+
+ANSWERS: list[tuple[str, RangeSpec, ByteRange | None]] = [
+    ("the stored range itself", (4, 9), ByteRange(4, 9, 10)),
+    ("a range inside it", (6, 8), ByteRange(6, 8, 10)),
+    ("an open range inside it", (6, None), ByteRange(6, 9, 10)),
+    ("a suffix inside it", (None, 1), ByteRange(9, 9, 10)),
+    ("a suffix as long as the part", (None, 6), ByteRange(4, 9, 10)),
+    ("a range reaching before it", (3, 5), None),
+    ("a suffix longer than the part", (None, 7), None),
+    ("past the end", (10, None), None),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "expected"), ANSWERS, ids=[a[0] for a in ANSWERS])
+def test_a_stored_part_answers_only_ranges_wholly_within_it_rfc_9111_section_3_3(
+    case: str, spec: RangeSpec, expected: ByteRange | None
+) -> None:
+    assert answerable(part("bytes 4-9/10"), spec) == expected
+
+
+COMBINE: list[tuple[str, str, str | None, str, str | None, object]] = [
+    ("adjoining parts with one strong ETag combine", "bytes 0-4/10", '"v1"', "bytes 5-9/10", '"v1"',
+     ByteRange(0, 9, 10)),
+    ("overlapping parts too, in either order", "bytes 3-9/10", '"v1"', "bytes 0-5/10", '"v1"', ByteRange(0, 9, 10)),
+    ("another strong ETag: refused (RFC 9111 §3.4)", "bytes 0-4/10", '"v1"', "bytes 5-9/10", '"v2"',
+     "VALIDATOR-MISMATCH"),
+    ("a weak ETag: refused", "bytes 0-4/10", 'W/"v1"', "bytes 5-9/10", 'W/"v1"', "NO-STRONG-VALIDATOR"),
+    ("no ETag: refused", "bytes 0-4/10", None, "bytes 5-9/10", None, "NO-STRONG-VALIDATOR"),
+    ("another total length: refused", "bytes 0-4/10", '"v1"', "bytes 5-10/11", '"v1"', "OTHER-LENGTH"),
+    ("a gap: refused", "bytes 0-3/10", '"v1"', "bytes 5-9/10", '"v1"', "NOT-CONTIGUOUS"),
+]
+
+
+@pytest.mark.parametrize(("case", "a", "tag_a", "b", "tag_b", "expected"), COMBINE, ids=[c[0] for c in COMBINE])
+def test_parts_combine_only_under_one_strong_validator_rfc_9111_section_3_4(
+    case: str, a: str, tag_a: str | None, b: str, tag_b: str | None, expected: object
+) -> None:
+    decision = decide_combine(part(a, tag_a), part(b, tag_b))
+    if isinstance(expected, str):
+        assert isinstance(decision, Refuse) and decision.detail == expected
+    else:
+        assert isinstance(decision, Combine) and decision.range == expected
+        assert decision.range.complete
+
+
+def test_content_range_is_read_strictly() -> None:
+    assert parse_content_range("bytes 0-4/10") == ByteRange(0, 4, 10)
+    assert parse_content_range("Bytes 0-4/10") == ByteRange(0, 4, 10)
+    for bad in ("bytes 0-4/*", "bytes */10", "bytes 5-4/10", "bytes 0-10/10", "items 0-4/10", "bytes 0-²/10", ""):
+        assert parse_content_range(bad) is None, bad

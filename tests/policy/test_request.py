@@ -1,0 +1,264 @@
+"""The one view of a request (proxy.policy.request), table by table: what normalisation
+keeps, changes or refuses, and what the origin receives from a head."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.policy.deception import content_type_agrees, guard_allows
+from proxy.policy.freshness import compute_freshness
+from proxy.policy.keys import KeySpec, cache_key
+from proxy.policy.messages import CacheOptions, RequestHead
+from proxy.policy.request import (
+    FORWARDING_FIELDS,
+    Forwarder,
+    Listener,
+    Message,
+    Refusal,
+    normalise_request,
+    upstream_request,
+)
+from proxy.policy.storability import Store
+from tests.policy.build import T0, date, headers, store
+from tests.security.test_forwarding_fields import ATTACK_FIELDS
+
+LISTENER = Listener("127.0.0.1:8080", max_head=4096)
+
+
+def normalise(target: str, *fields: tuple[str, str], method: str = "GET", version: tuple[int, int] = (1, 1),
+              secure: bool = False, trusted: bool = False) -> RequestHead | Refusal:
+    msg = Message(method, target, version, CIMultiDictProxy(CIMultiDict(fields)))
+    return normalise_request(msg, secure=secure, trusted=trusted, listener=LISTENER)
+
+
+def head_of(target: str, *fields: tuple[str, str], **kw: object) -> RequestHead:
+    head = normalise(target, *fields, **kw)  # type: ignore[arg-type]
+    assert isinstance(head, RequestHead), head
+    return head
+
+
+HOST = ("Host", "shop.example")
+
+# (case, target, fields, version, expected host, expected target, expected fields)
+ACCEPTED = [
+    ("plain", "/a?b=1", [HOST, ("Accept", "*/*")], (1, 1), "shop.example", "/a?b=1",
+     [("Host", "shop.example"), ("Accept", "*/*")]),
+    ("host case, dot, default port", "/a", [("Host", "Shop.Example.:80")], (1, 1), "shop.example", "/a",
+     [("Host", "shop.example")]),
+    ("zero-padded port", "/a", [("Host", "shop.example:08080")], (1, 1), "shop.example:8080", "/a",
+     [("Host", "shop.example:8080")]),
+    ("empty port", "/a", [("Host", "shop.example:")], (1, 1), "shop.example", "/a", [("Host", "shop.example")]),
+    ("IPv6 literal", "/a", [("Host", "[::1]:80")], (1, 1), "[::1]", "/a", [("Host", "[::1]")]),
+    ("absolute-form wins over Host", "http://Victim.Example/a?q", [("Host", "evil.example")], (1, 1),
+     "victim.example", "/a?q", [("Host", "victim.example")]),
+    ("absolute-form, no path", "HTTP://victim.example?q=1", [HOST], (1, 1), "victim.example", "/?q=1",
+     [("Host", "victim.example")]),
+    ("absolute-form on HTTP/1.0 without Host", "http://victim.example/a", [], (1, 0), "victim.example", "/a",
+     [("Host", "victim.example")]),
+    ("HTTP/1.0 without Host: the listen address", "/a", [], (1, 0), "127.0.0.1:8080", "/a",
+     [("Host", "127.0.0.1:8080")]),
+    ("fragment dropped", "/a?b#frag", [HOST], (1, 1), "shop.example", "/a?b", [("Host", "shop.example")]),
+    ("fragment of an absolute-form", "http://victim.example/a#x/y", [HOST], (1, 1), "victim.example", "/a",
+     [("Host", "victim.example")]),
+    ("OPTIONS *", "*", [HOST], (1, 1), "shop.example", "*", [("Host", "shop.example")]),
+    ("Connection-named and hop-by-hop fields removed", "/a",
+     [HOST, ("Connection", "keep-alive, X-A , accept-language"), ("X-A", "1"), ("Accept-Language", "de"),
+      ("TE", "trailers"), ("Keep-Alive", "5"), ("Proxy-Authorization", "x"), ("X-B", "2")], (1, 1),
+     "shop.example", "/a", [("Host", "shop.example"), ("X-B", "2")]),
+    ("forwarding fields dropped", "/a",
+     [HOST, ("X-Forwarded-Prefix", "/x"), ("X-Real-IP", "6.6.6.6"), ("Forwarded", "for=x"), ("Via", "1.1 x"),
+      ("Surrogate-Capability", 'x="Surrogate/1.0"'), ("X-Forwarded", "for=x"), ("Cookie", "a=1")], (1, 1),
+     "shop.example", "/a", [("Host", "shop.example"), ("Cookie", "a=1")]),
+    ("chunked accepted (the field is hop-by-hop)", "/a", [HOST, ("Transfer-Encoding", "Chunked")], (1, 1),
+     "shop.example", "/a", [("Host", "shop.example")]),
+    ("a browser's keep-alive", "/a", [HOST, ("Connection", "keep-alive"), ("Accept", "*/*")], (1, 1),
+     "shop.example", "/a", [("Host", "shop.example"), ("Accept", "*/*")]),
+    ("repeated fields kept in order, repeated Connection lines all read", "/a",
+     [HOST, ("Cookie", "a=1"), ("Connection", "x-a"), ("X-A", "1"), ("Cookie", "b=2"), ("Connection", "X-B"),
+      ("X-B", "2")], (1, 1), "shop.example", "/a", [("Host", "shop.example"), ("Cookie", "a=1"),
+                                                    ("Cookie", "b=2")]),
+]
+
+
+@pytest.mark.parametrize(("case", "target", "fields", "version", "host", "want_target", "want_fields"),
+                         ACCEPTED, ids=[a[0] for a in ACCEPTED])
+def test_normalise_request_accepts(case: str, target: str, fields: list[tuple[str, str]],
+                                   version: tuple[int, int], host: str, want_target: str,
+                                   want_fields: list[tuple[str, str]]) -> None:
+    head = head_of(target, *fields, version=version, method="OPTIONS" if target == "*" else "GET")
+    assert (head.host, head.target, list(head.headers.items())) == (host, want_target, want_fields)
+    assert head.headers["Host"] == head.host  # the one Host, as the key names it
+
+
+REFUSED = [
+    ("HTTP/1.1 without Host", "/a", [], (1, 1), 400, "missing Host"),
+    ("absolute-form on HTTP/1.1 without Host", "http://a.example/", [], (1, 1), 400, "missing Host"),
+    ("two Hosts", "/a", [HOST, HOST], (1, 1), 400, "more than one Host"),
+    ("bad Host", "/a", [("Host", "a b")], (1, 1), 400, "invalid Host"),
+    ("Host with userinfo", "/a", [("Host", "u@a")], (1, 1), 400, "invalid Host"),
+    ("port out of range", "/a", [("Host", "a:65536")], (1, 1), 400, "invalid Host"),
+    ("only a dot", "/a", [("Host", ".")], (1, 1), 400, "invalid Host"),
+    ("userinfo in the target", "http://u:p@a.example/", [HOST], (1, 1), 400, "userinfo"),
+    ("other scheme", "ftp://a.example/", [HOST], (1, 1), 400, "malformed request target"),
+    ("no slash", "a/b", [HOST], (1, 1), 400, "malformed request target"),
+    ("empty authority", "http:///a", [HOST], (1, 1), 400, "invalid host in the absolute-form"),
+    ("Connection: Host", "/a", [HOST, ("Connection", "close, HOST")], (1, 1), 400, "Connection names Host"),
+    ("Connection: Content-Length", "/a", [HOST, ("Connection", "content-length")], (1, 1), 400,
+     "Connection names Content-Length"),
+    ("Connection: Transfer-Encoding", "/a", [HOST, ("Connection", "Transfer-Encoding")], (1, 1), 400,
+     "Connection names Transfer-Encoding"),
+    ("unknown coding", "/a", [HOST, ("Transfer-Encoding", "gzip")], (1, 1), 501, "not implemented"),
+    ("a list of codings", "/a", [HOST, ("Transfer-Encoding", "gzip, chunked")], (1, 1), 400, "a list"),
+    ("chunked twice", "/a", [HOST, ("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+     (1, 1), 400, "a list"),
+    ("HTTP/1.0 with Transfer-Encoding", "/a", [HOST, ("Transfer-Encoding", "chunked")], (1, 0), 400,
+     "HTTP/1.0"),
+    ("head over the cap", "/a", [HOST, ("X-Big", "a" * 4096)], (1, 1), 431, "over the 4096"),
+]
+
+
+@pytest.mark.parametrize(("case", "target", "fields", "version", "status", "reason"), REFUSED,
+                         ids=[r[0] for r in REFUSED])
+def test_normalise_request_refuses(case: str, target: str, fields: list[tuple[str, str]],
+                                   version: tuple[int, int], status: int, reason: str) -> None:
+    refusal = normalise(target, *fields, version=version)
+    assert isinstance(refusal, Refusal), refusal
+    assert refusal.status == status
+    assert reason in refusal.reason
+
+
+def test_what_a_connection_line_names_is_remembered_refusals_included() -> None:
+    for _ in range(2):
+        assert isinstance(normalise("/a", HOST, ("Connection", "x, Host")), Refusal)
+        head = normalise("/a", HOST, ("Connection", "x-a"), ("X-A", "1"))
+        assert isinstance(head, RequestHead) and "X-A" not in head.headers
+
+
+def test_the_head_cap_counts_the_request_line_and_every_field() -> None:
+    fields = [HOST, ("X-A", "a" * 2000), ("X-B", "b" * 1900)]
+    size = len("GET /a HTTP/1.1\r\n") + sum(len(f"{k}: {v}\r\n") for k, v in fields) + 2
+    assert size <= 4096 < size + 200
+    assert isinstance(normalise("/a", *fields), RequestHead)
+    assert isinstance(normalise("/a", *fields, ("X-C", "c" * 200)), Refusal)
+
+
+def test_a_common_request_keeps_the_parsed_fields_object() -> None:
+    """The cheap path: nothing to change, nothing copied."""
+    fields = CIMultiDictProxy(CIMultiDict([HOST, ("Accept", "*/*"), ("Cookie", "a=1")]))
+    head = normalise_request(Message("GET", "/a", (1, 1), fields), secure=False, trusted=False,
+                             listener=LISTENER)
+    assert isinstance(head, RequestHead) and head.headers is fields
+
+
+def test_a_trusted_peer_keeps_its_forwarding_fields_and_sets_the_scheme() -> None:
+    fields = [HOST, ("X-Forwarded-Proto", "https"), ("X-Forwarded-For", "203.0.113.9"), ("X-Real-IP", "x")]
+    trusted = head_of("/a", *fields, trusted=True)
+    assert trusted.scheme == "https" and trusted.trusted
+    assert list(trusted.headers.items()) == fields
+    untrusted = head_of("/a", *fields)
+    assert untrusted.scheme == "http" and list(untrusted.headers.items()) == [HOST]
+
+
+def test_every_forwarding_field_of_the_policy_is_in_the_attack_tests() -> None:
+    assert FORWARDING_FIELDS.issubset(f.lower() for f in ATTACK_FIELDS)
+    head = head_of("/a", HOST, *((name, "x") for name in ATTACK_FIELDS))
+    assert list(head.headers.items()) == [HOST]
+
+
+# -- upstream_request -----------------------------------------------------------------------------
+
+
+def test_the_upstream_request_is_the_head_with_cachegates_forwarding_fields() -> None:
+    head = head_of("/s?utm=1&q=a", HOST, ("Accept", "*/*"), ("If-None-Match", '"x"'), ("Range", "bytes=0-1"))
+    fill = upstream_request(head, "10.0.0.1", Forwarder("1.1 edge"), fill=KeySpec(query_include=("q",)),
+                            validators=(("If-None-Match", '"v1"'),))
+    assert (fill.method, fill.target) == ("GET", "/s?q=a")
+    assert list(fill.headers) == [
+        ("Host", "shop.example"), ("Accept", "*/*"), ("X-Forwarded-For", "10.0.0.1"),
+        ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "shop.example"), ("Via", "1.1 edge"),
+        ("Surrogate-Capability", 'cachegate="Surrogate/1.0"'), ("If-None-Match", '"v1"')]
+    passed = upstream_request(head, "10.0.0.1", Forwarder(preserve_host=False))
+    assert (passed.method, passed.target) == ("GET", "/s?utm=1&q=a")
+    assert "Host" not in dict(passed.headers)  # the pool sends the upstream's own address
+    assert dict(passed.headers)["If-None-Match"] == '"x"'  # passed through: the client's own
+
+
+def test_a_trusted_peers_chain_is_extended() -> None:
+    head = head_of("/a", HOST, ("X-Forwarded-For", "203.0.113.9"), ("X-Forwarded-Host", "www.example"),
+                   ("Via", "1.1 cdn"), trusted=True)
+    fields = upstream_request(head, "10.0.0.1", Forwarder()).headers
+    assert ("X-Forwarded-For", "203.0.113.9, 10.0.0.1") in fields
+    assert ("X-Forwarded-Host", "www.example") in fields and ("X-Forwarded-Proto", "http") in fields
+    assert ("Via", "1.1 cdn, 1.1 cachegate") in fields
+
+
+def test_a_head_built_by_hand_cannot_carry_forwarding_or_hop_by_hop_fields_upstream() -> None:
+    head = RequestHead("GET", "http", "a.example", "/", headers(("X-Forwarded-Host", "evil"),
+                                                                 ("Connection", "x"), ("TE", "trailers")))
+    assert [k for k, _ in upstream_request(head, "p", Forwarder()).headers] == [
+        "Host", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Via", "Surrogate-Capability"]
+
+
+# -- what the rest of the policy reads from the head ---------------------------------------------------
+
+
+def test_key_and_upstream_agree_on_the_host() -> None:
+    for spelling in ("SHOP.example", "shop.example.", "shop.example:80", "shop.example:0080"):
+        head = head_of("http://" + spelling + "/a", ("Host", "other.example"))
+        assert cache_key(head) == "http://shop.example/a"
+        assert dict(upstream_request(head, "p", Forwarder()).headers)["Host"] == "shop.example"
+
+
+GUARD = [
+    # (path, content type, forced, stored?)
+    ("/a.css", "text/css", False, True),
+    ("/a.css", "text/css", True, True),
+    ("/a%2ecss", "text/html", False, False),
+    ("/a%2Ecss", "text/html", True, False),
+    ("/static/..%2Fa.css", "text/html", False, False),
+    ("/plain", "text/html", False, True),
+    ("/plain", "text/html", True, False),
+    ("/x.unknownext", "text/html", False, True),
+    ("/x.unknownext", "text/html", True, False),
+    ("/x.js", "text/javascript", True, True),
+    ("/x.js", "application/javascript", True, True),
+    ("/x.css?y=.html", "text/css", True, True),
+]
+
+
+@pytest.mark.parametrize(("path", "ctype", "forced", "stored"), GUARD)
+def test_the_deception_guard_reads_the_path_the_rules_match(path: str, ctype: str, forced: bool,
+                                                            stored: bool) -> None:
+    assert guard_allows(path, ctype, forced=forced) == stored
+    assert content_type_agrees("/a.css", None) is False
+
+
+# -- heuristic freshness and credentials --------------------------------------------------------------
+
+LAST_MODIFIED = ("Last-Modified", date(-10 * 86400))
+
+
+@pytest.mark.parametrize(("request_field", "response", "lifetime"), [
+    (None, [LAST_MODIFIED], 86400.0),
+    (("Cookie", "a=1"), [LAST_MODIFIED], 0.0),
+    (("Authorization", "Bearer x"), [LAST_MODIFIED, ("Cache-Control", "must-revalidate")], 0.0),
+    (("Cookie", "a=1"), [LAST_MODIFIED, ("Cache-Control", "public")], 86400.0),
+    (("Cookie", "a=1"), [LAST_MODIFIED, ("Cache-Control", "max-age=30")], 30.0),
+])
+def test_no_heuristic_freshness_for_a_response_to_a_request_with_credentials(
+        request_field: tuple[str, str] | None, response: list[tuple[str, str]], lifetime: float) -> None:
+    from tests.policy.build import request
+
+    req = request(*([request_field] if request_field else []))
+    decision = store(response, req=req)
+    assert isinstance(decision, Store)  # stored, to be revalidated before each use when lifetime is 0
+    assert decision.response.freshness.lifetime == lifetime
+
+
+def test_a_rule_ttl_applies_whatever_the_request_carried() -> None:
+    from proxy.policy.cache_control import parse_cache_control
+
+    options = CacheOptions(ttl_by_status={200: 60.0})
+    f = compute_freshness(200, headers(LAST_MODIFIED), parse_cache_control([]), T0, T0, options, credentials=True)
+    assert (f.lifetime, f.source) == (60.0, "rule")

@@ -1,0 +1,78 @@
+"""Vary normalisation (RFC 9111 §4.1): equivalent requests share a variant, as browsers send them.
+
+A cache may normalise selecting fields where RFC 9110 makes the values equivalent:
+whitespace, the case of tokens, duplicate members, q-value spelling, and the order of
+members whose order means nothing. Where the order can decide the origin's choice (two
+languages of equal weight: Django and Werkzeug take the first), values stay apart.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.policy.keys import normalise_selecting
+from proxy.policy.messages import CacheOptions
+from proxy.policy.reuse import Serve, decide_lookup
+from tests.policy.build import request, stored
+
+CHROME_AE = "gzip, deflate, br, zstd"
+CHROME_AL = "en-US,en;q=0.9"
+FIREFOX_AL = "en-US,en;q=0.5"
+
+# (case, field, first request's lines, second request's lines, same variant?)
+EQUIVALENT: list[tuple[str, str, list[str], list[str], bool]] = [
+    # Accept-Encoding (RFC 9110 §12.5.3): a set of codings with weights; order means nothing.
+    ("Chrome's Accept-Encoding and curl's order of the same codings", "Accept-Encoding", [CHROME_AE],
+     ["deflate, gzip, br, zstd"], True),
+    ("the same codings over two lines", "Accept-Encoding", [CHROME_AE], ["gzip, deflate", "br, zstd"], True),
+    ("codings are case-insensitive", "Accept-Encoding", ["gzip, br"], ["GZip, BR"], True),
+    ("x-gzip is gzip (RFC 9110 §8.4.1.3)", "Accept-Encoding", ["gzip"], ["x-gzip"], True),
+    ("q=1, q=1.0 and no q are the same weight", "Accept-Encoding", ["gzip, br;q=1.0"], ["br;q=1, gzip"], True),
+    ("q-values compare as numbers (0.5 = 0.500)", "Accept-Encoding", ["gzip;q=0.5, br"], ["br, gzip; Q=0.500"],
+     True),
+    ("a coding listed twice counts once", "Accept-Encoding", ["gzip, gzip, br"], ["br, gzip"], True),
+    ("empty members and whitespace mean nothing", "Accept-Encoding", ["gzip,br"], [" gzip ,, br ,"], True),
+    ("another set of codings differs", "Accept-Encoding", ["gzip"], ["gzip, br"], False),
+    ("another weight differs", "Accept-Encoding", ["gzip, br"], ["gzip, br;q=0.5"], False),
+    ("q=0 (not acceptable) is not absent", "Accept-Encoding", ["gzip"], ["gzip, identity;q=0"], False),
+    ("an empty Accept-Encoding (no coding wanted) is not an absent one", "Accept-Encoding", [""], [], False),
+    # Accept-Language (RFC 9110 §12.5.4): language ranges with weights.
+    ("Chrome's Accept-Language, spelled differently", "Accept-Language", [CHROME_AL], ["en-us, en;q=0.90"], True),
+    ("members whose order the weights decide may come in any order", "Accept-Language",
+     ["en-US,en;q=0.9,de;q=0.8"], ["de;q=0.8, en-US, en;q=0.9"], True),
+    ("language tags are case-insensitive (RFC 4647)", "Accept-Language", ["en, de;q=0.5"], ["EN, De;q=0.5"], True),
+    ("q=1.0 is no q", "Accept-Language", ["de;q=1.0"], ["de"], True),
+    ("Chrome and Firefox weigh en differently: apart", "Accept-Language", [CHROME_AL], [FIREFOX_AL], False),
+    ("equal weights in another order: apart (the first may be chosen)", "Accept-Language", ["en, de"],
+     ["de, en"], False),
+    ("another language differs", "Accept-Language", [CHROME_AL], ["en-GB,en;q=0.9"], False),
+    # Accept (RFC 9110 §12.5.1) and unknown fields.
+    ("media types are case-insensitive, parameters keep their value", "Accept", ["text/html;level=1"],
+     ["Text/HTML; level=1"], True),
+    ("unknown fields: whitespace and line folding only", "Foo", ["1, 2"], ["1", " 2 "], True),
+    ("unknown fields keep their order", "Foo", ["1, 2"], ["2, 1"], False),
+    ("unknown fields keep their case", "Foo", ["a"], ["A"], False),
+]
+
+
+@pytest.mark.parametrize(("case", "field", "first", "second", "same"), EQUIVALENT, ids=[e[0] for e in EQUIVALENT])
+def test_equivalent_selecting_values_share_a_variant_and_others_do_not(
+    case: str, field: str, first: list[str], second: list[str], same: bool
+) -> None:
+    assert (normalise_selecting(field, first) == normalise_selecting(field, second)) is same
+    # And through the lookup itself: the variant stored for the first request serves the second.
+    s = stored([("Cache-Control", "max-age=60"), ("Vary", field)], req=request(*((field, v) for v in first)))
+    decision = decide_lookup(request(*((field, v) for v in second)), [s], s.response_time + 1, CacheOptions())
+    assert isinstance(decision, Serve) is same
+
+
+def test_normalised_values_are_canonical_text() -> None:
+    assert normalise_selecting("accept-encoding", ["deflate, GZIP;q=1.0, x-gzip, br;q=0.50"]) == \
+        "deflate, gzip, br;q=0.5"
+    assert normalise_selecting("accept-language", ["de;q=0.8, EN-us, en;q=0.90"]) == "en-us, en;q=0.9, de;q=0.8"
+
+
+def test_an_invalid_weight_is_kept_as_written_and_never_matches_a_valid_one() -> None:
+    assert normalise_selecting("accept-encoding", ["gzip;q=2"]) != normalise_selecting("accept-encoding", ["gzip"])
+    assert normalise_selecting("accept-encoding", ["gzip;q=2"]) == normalise_selecting("accept-encoding",
+                                                                                      [" gzip ; q=2"])

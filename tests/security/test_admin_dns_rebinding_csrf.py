@@ -1,0 +1,225 @@
+"""The admin listener without a token, attacked through a browser on the same machine.
+
+Without ``admin.token`` the admin API listens on loopback and trusts whoever reaches it. A web
+page the operator visits can borrow that reach: by DNS rebinding (its own name re-resolved to
+127.0.0.1, so its scripts read and write the admin API as their own origin, with ``Host:
+evil.example``), or by cross-site request forgery (a form or a no-cors ``fetch`` POSTing to
+``http://127.0.0.1:8081/purge``). Each test sends exactly what such a browser sends and checks
+that nothing happened: 403/415 with a JSON error saying why, the cache untouched, the refusal
+counted. Then what a legitimate client (curl, ``cachegate purge``, a page served by the admin
+listener itself) sends still works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from tests.admin.util import absolute, settle
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy, Reply
+
+TOKEN = "a-token-long-enough-to-use"
+EVIL = "evil.example"
+
+
+@pytest.fixture
+async def open_admin(origin: Origin, make_proxy: MakeProxy) -> Proxy:
+    """A proxy with a token-less admin listener on loopback, and one cached page."""
+    proxy = await make_proxy()
+    origin.route("/page", body=b"cached", headers={"Cache-Control": "max-age=600"})
+    await proxy.get("/page")
+    await settle(proxy)
+    return proxy
+
+
+async def send(proxy: Proxy, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+               ) -> Reply:
+    """Exactly these headers (aiohttp adds no Content-Type of its own), Host included."""
+    async with proxy.session.request(method, proxy.admin_url + path, headers=headers, data=body,
+                                     skip_auto_headers=("Content-Type",)) as resp:
+        return Reply(resp.status, resp.headers, await resp.read())
+
+
+def port_of(proxy: Proxy) -> str:
+    return proxy.admin_url.rsplit(":", 1)[1]
+
+
+async def refused_total(proxy: Proxy, reason: str) -> float:
+    text = (await proxy.admin("GET", "/metrics")).body.decode()
+    for line in text.splitlines():
+        if line.startswith(f'cachegate_admin_refused_total{{reason="{reason}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def still_cached(proxy: Proxy) -> bool:
+    return (await proxy.get("/page")).x_cache == "HIT"
+
+
+def purge_all() -> bytes:
+    return json.dumps({"all": True}).encode()
+
+
+# -- DNS rebinding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/cache?url={page}", None),
+    ("GET", "/stats", None),
+    ("GET", "/metrics", None),
+    ("GET", "/explain?url={page}", None),
+    ("POST", "/purge", purge_all()),
+    ("POST", "/reload", b"{}"),
+])
+async def test_a_page_rebound_to_loopback_can_neither_read_nor_purge(
+        open_admin: Proxy, method: str, path: str, body: bytes | None) -> None:
+    """After the rebinding the page is same-origin with the admin API: its requests carry its own
+    Origin and JSON like a legitimate page's would. Only the Host tells them apart."""
+    host = f"{EVIL}:{port_of(open_admin)}"
+    headers = {"Host": host}
+    if body is not None:
+        headers |= {"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin",
+                    "Content-Type": "application/json"}
+    reply = await send(open_admin, method, path.format(page=absolute(open_admin, "/page")), headers, body)
+    assert reply.status == 403
+    error = json.loads(reply.body)["error"]
+    assert f"Host '{host}' is not a loopback address or one of admin.server_names" in error
+    assert "DNS rebinding" in error
+    assert await still_cached(open_admin)
+    assert await refused_total(open_admin, "host") == 1
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "127.0.0.1", "localhost:{port}", "LOCALHOST.:{port}",
+                                  "[::1]:{port}", "127.1.2.3:{port}"])
+async def test_loopback_hosts_and_localhost_are_answered(open_admin: Proxy, host: str) -> None:
+    reply = await send(open_admin, "GET", "/stats", {"Host": host.format(port=port_of(open_admin))})
+    assert reply.status == 200, reply.body
+
+
+@pytest.mark.parametrize("headers", [{}, {"Host": "a"}, {"Host": "0.0.0.0:8081"}],
+                         ids=["no-host", "other-name", "wildcard-address"])
+async def test_a_missing_or_foreign_host_is_refused_even_without_a_browser(
+        open_admin: Proxy, headers: dict[str, str]) -> None:
+    reader, writer = await asyncio.open_connection(*open_admin.listeners.admin_addresses[0])
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(f"GET /stats HTTP/1.0\r\n{lines}\r\n".encode())
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.split(b" ", 2)[1] == b"403", answer[:200]
+    assert b'"error"' in answer
+
+
+async def test_healthz_answers_whatever_the_host(open_admin: Proxy) -> None:
+    reply = await send(open_admin, "GET", "/healthz", {"Host": f"{EVIL}:1"})
+    assert (reply.status, json.loads(reply.body)) == (200, {"status": "ok"})
+
+
+async def test_admin_server_names_adds_the_names_the_listener_answers_to(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', server_names: [cache-admin.internal, "
+                                    "'*.ops.example']}\n")
+    port = port_of(proxy)
+    for host in (f"cache-admin.internal:{port}", f"eu.ops.example:{port}", "Cache-Admin.Internal."):
+        assert (await send(proxy, "GET", "/stats", {"Host": host})).status == 200, host
+    for host in (f"{EVIL}:{port}", f"ops.example:{port}", f"cache-admin.internal.{EVIL}:{port}"):
+        reply = await send(proxy, "GET", "/stats", {"Host": host})
+        assert reply.status == 403, host
+        assert "(cache-admin.internal, *.ops.example)" in json.loads(reply.body)["error"]
+
+
+async def test_with_a_token_the_host_is_checked_only_when_server_names_are_listed(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    free = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    reply = await send(free, "GET", "/stats", {"Host": f"cache-1.internal:{port_of(free)}", **auth})
+    assert reply.status == 200  # the token is the lock: scrapers and scripts use names of their own
+    named = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}, "
+                                    "server_names: [cache-1.internal]}\n")
+    assert (await send(named, "GET", "/stats", {"Host": "cache-1.internal", **auth})).status == 200
+    assert (await send(named, "GET", "/stats", {"Host": "cache-2.internal", **auth})).status == 403
+
+
+# -- cross-site request forgery -------------------------------------------------------------------
+
+# What browsers send for a cross-site POST that needs no preflight, and the refusal expected.
+FORGED: list[tuple[str, dict[str, str], bytes | None, int, str, str]] = [
+    ("form post (urlencoded) from a page elsewhere",
+     {"Content-Type": "application/x-www-form-urlencoded", "Origin": f"http://{EVIL}",
+      "Sec-Fetch-Site": "cross-site"}, b"all=true", 403, "origin", "Sec-Fetch-Site: cross-site"),
+    ("form post (text/plain, a JSON-looking body) from an old browser that sends no Origin",
+     {"Content-Type": "text/plain"}, b'{"all": true, "x": "="}', 415, "content_type",
+     "Content-Type 'text/plain'"),
+    ("multipart form post", {"Content-Type": "multipart/form-data; boundary=x"},
+     b"--x\r\nContent-Disposition: form-data; name=a\r\n\r\n1\r\n--x--\r\n", 415, "content_type",
+     "must say Content-Type: application/json"),
+    ("no-cors fetch with a typeless body", {"Origin": f"http://{EVIL}"}, purge_all(), 403, "origin",
+     f"Origin 'http://{EVIL}' is not this admin listener's own origin"),
+    ("no-cors fetch from a sandboxed frame", {"Origin": "null", "Content-Type": "text/plain"}, purge_all(),
+     403, "origin", "Origin 'null'"),
+    ("another local app (same site, other port)", {"Origin": "http://127.0.0.1:3000",
+                                                  "Sec-Fetch-Site": "same-site"}, purge_all(), 403,
+     "origin", "Sec-Fetch-Site: same-site"),
+    ("a typeless POST from a script without Origin", {}, purge_all(), 415, "content_type",
+     "no Content-Type"),
+]
+
+
+@pytest.mark.parametrize("path", ["/purge", "/reload"])
+@pytest.mark.parametrize("case, headers, body, status, reason, message", FORGED, ids=[f[0] for f in FORGED])
+async def test_a_forged_state_changing_request_is_refused_and_changes_nothing(
+        open_admin: Proxy, path: str, case: str, headers: dict[str, str], body: bytes | None,
+        status: int, reason: str, message: str) -> None:
+    reloads_before = await reloads(open_admin)
+    reply = await send(open_admin, "POST", path, {"Host": f"127.0.0.1:{port_of(open_admin)}", **headers},
+                       body)
+    assert reply.status == status, (case, reply.body)
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert message in json.loads(reply.body)["error"]
+    assert await still_cached(open_admin)
+    assert await reloads(open_admin) == reloads_before
+    assert await refused_total(open_admin, reason) == 1
+
+
+async def reloads(proxy: Proxy) -> str:
+    text = (await proxy.admin("GET", "/metrics")).body.decode()
+    return "\n".join(line for line in text.splitlines() if line.startswith("cachegate_config_reloads_total"))
+
+
+@pytest.mark.parametrize("headers", [
+    {"Content-Type": "application/json"},  # curl -H 'Content-Type: application/json', cachegate purge
+    {"Content-Type": "Application/JSON; charset=utf-8"},
+    # A page served by the admin listener itself (a console), fetch() with a JSON body:
+    {"Content-Type": "application/json", "Origin": "http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"},
+    {"Content-Type": "application/json", "Sec-Fetch-Site": "none"},  # typed by the user
+])
+async def test_a_legitimate_json_post_purges(open_admin: Proxy, headers: dict[str, Any]) -> None:
+    headers = {k: v.format(port=port_of(open_admin)) for k, v in headers.items()}
+    reply = await send(open_admin, "POST", "/purge", {"Host": f"127.0.0.1:{port_of(open_admin)}", **headers},
+                       json.dumps({"urls": [absolute(open_admin, "/page")]}).encode())
+    assert reply.status == 200, reply.body
+    assert json.loads(reply.body)["purged"] == 1
+
+
+async def test_with_a_token_scripts_may_post_any_content_type_but_no_other_origin_may(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    auth = {"Authorization": f"Bearer {TOKEN}", "Host": f"127.0.0.1:{port_of(proxy)}"}
+    # curl -H "$AUTH" -d '{...}' sends a form's Content-Type: a form cannot carry the token.
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert (await send(proxy, "POST", "/purge", {**auth, **form}, purge_all())).status == 200
+    forged = await send(proxy, "POST", "/purge", {**auth, **form, "Origin": f"http://{EVIL}"}, purge_all())
+    assert forged.status == 403
+
+
+async def test_the_guard_runs_before_routing_so_routes_added_later_are_covered(open_admin: Proxy) -> None:
+    """Console and cluster routes join the same app: a path no route knows is refused, not 404."""
+    forged = await send(open_admin, "POST", "/cluster/anything",
+                        {"Origin": f"http://{EVIL}", "Content-Type": "application/json"}, b"{}")
+    assert forged.status == 403
+    rebound = await send(open_admin, "GET", "/console", {"Host": EVIL})
+    assert rebound.status == 403

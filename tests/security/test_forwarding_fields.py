@@ -1,0 +1,71 @@
+"""Poisoning through forwarding fields: an origin that trusts ``X-Forwarded-Prefix`` or
+``X-Real-IP`` builds its page from them, and the page is stored under a key that never saw
+them. Every forwarding family is dropped unless the peer is a trusted proxy; cachegate
+sends its own ``X-Forwarded-For/-Proto/-Host`` and ``Via``."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin
+from tests.security.util import echo_origin, get, received, send_raw
+
+# The families the issue found reaching the origin, every name the docs list, and a few
+# X-Forwarded-* nobody lists (dropped by prefix). tests/policy/test_request.py checks that
+# this list and the policy's agree.
+ATTACK_FIELDS = [
+    # X-Forwarded-*, by prefix
+    "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Prefix", "X-Forwarded-Ssl",
+    "X-Forwarded-Port", "X-Forwarded-Scheme", "X-Forwarded-Server", "X-Forwarded-Uri", "X-Forwarded-Path",
+    "X-Forwarded-Anything", "X-Forwarded",
+    # standard
+    "Forwarded", "Via",
+    # client IP
+    "X-Real-IP", "True-Client-IP", "CF-Connecting-IP", "CF-Connecting-IPv6", "Fastly-Client-IP",
+    "X-Client-IP", "X-Cluster-Client-IP", "Client-IP", "X-Originating-IP", "X-Remote-IP", "X-Remote-Addr",
+    "X-ProxyUser-IP", "X-Azure-ClientIP", "X-Azure-SocketIP", "X-ARR-ClientIP", "X-Envoy-External-Address",
+    "Akamai-Client-IP", "X-AppEngine-User-IP",
+    # scheme and TLS
+    "Front-End-Https", "X-Url-Scheme", "X-Scheme", "X-ARR-SSL", "CF-Visitor", "X-Https",
+    # host
+    "X-Original-Host", "X-Host", "X-HTTP-Host-Override",
+    # URL rewriting
+    "X-Original-URL", "X-Rewrite-URL", "X-Original-URI", "X-Envoy-Original-Path",
+    # method override
+    "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-Method",
+    # Edge Architecture
+    "Surrogate-Capability",
+]
+EVIL = "evil.example"
+
+
+@pytest.mark.parametrize("field", ATTACK_FIELDS)
+async def test_a_forwarding_field_from_an_untrusted_client_cannot_poison_the_page(
+        origin: Origin, make_proxy: MakeProxy, field: str) -> None:
+    echo_origin(origin, "/page")
+    proxy = await make_proxy()
+    attack = await send_raw(proxy, get("/page", f"{field}: {EVIL}"))
+    assert EVIL not in attack.body.decode(), field
+    innocent = await send_raw(proxy, get("/page"))
+    assert innocent.x_cache == "HIT"
+    assert EVIL not in innocent.body.decode(), field
+    seen = received(innocent)["fields"]
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen["x-forwarded-proto"] == ["http"]
+    assert seen["x-forwarded-host"] == ["shop.example"]
+    assert seen["via"] == ["1.1 cachegate"]
+
+
+async def test_a_trusted_proxy_keeps_its_forwarding_fields(origin: Origin, make_proxy: MakeProxy) -> None:
+    echo_origin(origin, "/page")
+    proxy = await make_proxy(config="trusted_proxies: [127.0.0.0/8]\n")
+    reply = await send_raw(proxy, get(
+        "/page", "X-Forwarded-For: 203.0.113.9", "X-Forwarded-Proto: https", "X-Real-IP: 203.0.113.9",
+        "X-Forwarded-Prefix: /shop", "Via: 1.1 edge"))
+    seen = received(reply)["fields"]
+    assert seen["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
+    assert seen["x-forwarded-proto"] == ["https"]
+    assert seen["x-real-ip"] == ["203.0.113.9"]
+    assert seen["x-forwarded-prefix"] == ["/shop"]
+    assert seen["via"] == ["1.1 edge, 1.1 cachegate"]

@@ -1,0 +1,240 @@
+"""One client that stops reading must not freeze a shared fill for everyone on it.
+
+A client (a real socket with a tiny receive buffer that reads nothing) starts the fill of a
+big response; a second client joins the same flight and reads at full speed. The second
+client gets the whole body while the first still reads nothing, the response is stored, and
+the first client, once it reads again, gets the complete body (from the store, where it was
+detached to) or, when nothing stores the body, a clearly aborted connection: never a
+truncated body that looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+
+import pytest
+
+from proxy.coalescer import HIGH_WATER, Broadcast, Coalescer, FellBehind, Flight, TooFarBehind
+from proxy.errors import ResponseAborted
+from tests.conftest import MakeProxy
+from tests.harness import Proxy
+from tests.security.misbehaving import Conn, RawOrigin, Serve, flight_with, raw_origins, unread_connection
+
+BODY = os.urandom(16 * 1024 * 1024)  # far more than HIGH_WATER plus the sockets' buffers
+DIGEST = hashlib.sha256(BODY).digest()
+PIECE = 256 * 1024
+
+
+def big_origin(go: asyncio.Event, *, chunked: bool) -> Serve:
+    """Sends the head at once, the body (in pieces) only once ``go`` is set."""
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            await conn.request()
+            framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(BODY)}"
+            await conn.send(f"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n"
+                            f"Content-Type: application/octet-stream\r\n{framing}\r\n\r\n".encode())
+            await go.wait()
+            for i in range(0, len(BODY), PIECE):
+                piece = BODY[i:i + PIECE]
+                await conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                await conn.send(b"0\r\n\r\n")
+
+    return serve
+
+
+async def stalled_client(proxy: Proxy, origin: RawOrigin) -> socket.socket:
+    """A client that asks for /big and reads nothing, once its fill has gone upstream."""
+    sock = unread_connection(proxy.url)
+    await asyncio.get_running_loop().sock_sendall(sock, b"GET /big HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+    for _ in range(1000):
+        if origin.requests:
+            return sock
+        await asyncio.sleep(0.01)
+    raise AssertionError("the fill did not start")
+
+
+async def read_all(sock: socket.socket) -> bytes:
+    """The response the proxy sends on ``sock``: up to its Content-Length, or until the
+    connection is closed or reset."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    end: int | None = None  # where the response ends, once its head is in
+    while end is None or len(data) < end:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 20)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+        if end is None and b"\r\n\r\n" in data:
+            head = bytes(data[:data.index(b"\r\n\r\n") + 4])
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    end = len(head) + int(line.split(b":")[1])
+    return bytes(data)
+
+
+@pytest.mark.slow
+async def test_a_client_that_stops_reading_does_not_hold_up_a_stored_fill(make_proxy: MakeProxy) -> None:
+    go = asyncio.Event()
+    async with raw_origins() as start:
+        origin = await start(big_origin(go, chunked=False))
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        stalled = await stalled_client(proxy, origin)
+        try:
+            follower = asyncio.ensure_future(proxy.get("/big", headers={"Host": "shop.example"}))
+            flight = await flight_with(proxy, followers=1)
+            go.set()
+            reply = await asyncio.wait_for(follower, 20)  # not held up by the client that reads nothing
+            assert (reply.status, hashlib.sha256(reply.body).digest()) == (200, DIGEST)
+            assert flight.body.detached == 1
+            result = await asyncio.wait_for(asyncio.shield(flight.result), 20)
+            assert result.stored
+            again = await proxy.get("/big", headers={"Host": "shop.example"})
+            assert (again.x_cache, hashlib.sha256(again.body).digest()) == ("HIT", DIGEST)
+            # The stalled client reads at last: its whole response, exactly the body.
+            raw = await read_all(stalled)
+        finally:
+            stalled.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(BODY)}".encode() in head
+        assert hashlib.sha256(body).digest() == DIGEST
+        assert len(origin.requests) == 1
+        resumed = proxy.runtime.metrics.slow_readers.values()
+        assert resumed == {("resumed",): 1.0}
+
+
+@pytest.mark.slow
+async def test_a_client_that_stops_reading_an_unstored_fill_is_cut_off_not_waited_for(
+    make_proxy: MakeProxy
+) -> None:
+    go = asyncio.Event()
+    async with raw_origins() as start:
+        # Chunked, and bigger than max_object: shareable at its head, given up by the store mid-body.
+        origin = await start(big_origin(go, chunked=True))
+        proxy = await make_proxy(config="upstream: {retries: 0}\ncache: {max_object: 2MB, disk: null}\n",
+                                 upstreams=[origin.url])
+        stalled = await stalled_client(proxy, origin)
+        try:
+            follower = asyncio.ensure_future(proxy.get("/big", headers={"Host": "shop.example"}))
+            flight = await flight_with(proxy, followers=1)
+            go.set()
+            reply = await asyncio.wait_for(follower, 20)
+            assert (reply.status, hashlib.sha256(reply.body).digest()) == (200, DIGEST)
+            assert flight.body.cut_off == 1
+            raw = await read_all(stalled)
+        finally:
+            stalled.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+        # Aborted mid-body: no last chunk, far less than the body.
+        assert not body.endswith(b"0\r\n\r\n") and len(body) < len(BODY)
+        assert proxy.runtime.metrics.slow_readers.values() == {("cut_off",): 1.0}
+
+
+# -- the broadcast's rules, without sockets ------------------------------------------------------
+
+CHUNK = b"x" * (HIGH_WATER // 4)
+
+
+async def test_a_reader_behind_a_stored_body_is_detached_and_told_where_it_stopped() -> None:
+    body = Broadcast(history_limit=0)
+    body.storing = True
+    fast, slow = body.join(), body.join()
+    assert fast is not None and slow is not None
+    chunks = fast.__aiter__()
+    for _ in range(6):  # never blocks: the fast reader keeps up, the slow one is detached
+        await body.push(CHUNK)
+        assert await chunks.__anext__() == CHUNK
+    assert (slow.detached, body.detached, body.readers) == (True, 1, 2)
+    body.finish()
+    with pytest.raises(StopAsyncIteration):
+        await chunks.__anext__()
+    with pytest.raises(FellBehind) as behind:
+        async for _ in slow:
+            pass
+    assert behind.value.offset == 0  # it had read nothing: the store gives it all
+
+
+async def test_a_reader_behind_an_unstored_body_is_cut_off_when_others_keep_up() -> None:
+    body = Broadcast(history_limit=0)
+    fast, slow = body.join(), body.join()
+    assert fast is not None and slow is not None
+    chunks = fast.__aiter__()
+    for _ in range(6):
+        await body.push(CHUNK)
+        await chunks.__anext__()
+    assert (body.cut_off, body.readers) == (1, 1)
+    with pytest.raises(TooFarBehind):
+        async for _ in slow:
+            pass
+
+
+async def test_the_last_reader_of_an_unstored_body_is_waited_for() -> None:
+    body = Broadcast(history_limit=0)
+    only = body.join()
+    assert only is not None
+    for _ in range(4):  # HIGH_WATER unread: not yet behind
+        await body.push(CHUNK)
+    blocked = asyncio.ensure_future(body.push(CHUNK))  # past HIGH_WATER: back-pressure
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    chunks = only.__aiter__()
+    await chunks.__anext__()
+    await asyncio.wait_for(blocked, 5)  # one chunk read: the fetch goes on
+    assert (body.cut_off, body.detached) == (0, 0)
+
+
+async def test_history_a_late_reader_joins_with_does_not_count_against_it() -> None:
+    body = Broadcast(history_limit=2 * HIGH_WATER)
+    first = body.join()
+    assert first is not None
+    chunks = first.__aiter__()
+    for _ in range(6):
+        await body.push(CHUNK)
+        await chunks.__anext__()
+    late = body.join()  # 1.5 x HIGH_WATER of history to read
+    assert late is not None
+    await body.push(CHUNK)
+    await chunks.__anext__()
+    assert (body.cut_off, body.readers) == (0, 2)
+
+
+async def test_giving_up_the_store_cuts_off_the_readers_detached_to_it() -> None:
+    body = Broadcast(history_limit=0)
+    body.storing = True
+    fast, slow = body.join(), body.join()
+    assert fast is not None and slow is not None
+    chunks = fast.__aiter__()
+    for _ in range(6):
+        await body.push(CHUNK)
+        await chunks.__anext__()
+    assert slow.detached
+    body.stop_storing()  # a full disk, or too large after all: nothing to finish from
+    with pytest.raises(TooFarBehind):
+        async for _ in slow:
+            pass
+
+
+async def test_a_flight_that_raises_still_ends_its_body() -> None:
+    coalescer = Coalescer(history_limit=1 << 20)
+
+    async def run(flight: Flight) -> None:
+        await flight.body.push(b"part")
+        raise RuntimeError("a bug mid-body")
+
+    flight = coalescer.start("k", run)
+    reader = flight.body.join()
+    assert reader is not None
+    got = []
+    with pytest.raises(ResponseAborted):
+        async for chunk in reader:
+            got.append(chunk)
+    assert got == [b"part"]
+    assert (await flight.result).detail == "ABORTED"

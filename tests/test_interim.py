@@ -1,0 +1,114 @@
+"""Interim (1xx) responses from the origin reach the client in order, before the final one.
+
+RFC 9110 §15.2: a proxy forwards 1xx responses (100 Continue, 102 Processing, 103 Early
+Hints), except to an HTTP/1.0 client; they are never stored, and their fields belong to
+them alone: the final response and the stored one never carry a 103's ``Link``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from tests.harness import Origin, Proxy
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n"
+PROCESSING = b"HTTP/1.1 102 Processing\r\n\r\n"
+
+
+async def early_hints_page(request: web.Request) -> web.Response:
+    await request.writer.write(EARLY_HINTS)  # what aiohttp's own 100-continue handler does
+    request.writer.output_size = 0
+    await asyncio.sleep(0.05)
+    return web.Response(text="<html>page</html>", headers={"Cache-Control": "max-age=60",
+                                                           "Content-Type": "text/html"})
+
+
+async def open_exchange(proxy: Proxy, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+async def read_heads(reader: asyncio.StreamReader, until: bytes) -> list[bytes]:
+    """Response heads as they arrive, up to (and with) the first whose status line starts ``until``."""
+    heads = []
+    while True:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        heads.append(head)
+        if head.startswith(until):
+            return heads
+
+
+def field(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == name.lower():
+            return v.strip()
+    return None
+
+
+async def test_a_103_reaches_the_client_before_the_200_and_is_neither_stored_nor_merged(
+        origin: Origin, proxy: Proxy) -> None:
+    origin.route("/page", early_hints_page)
+    reader, writer = await open_exchange(proxy, b"GET /page HTTP/1.1\r\nHost: site.example\r\n\r\n")
+    try:
+        heads = await read_heads(reader, b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert [h.split(b"\r\n", 1)[0] for h in heads] == [b"HTTP/1.1 103 Early Hints", b"HTTP/1.1 200 OK"]
+    assert field(heads[0], b"Link") == b"</style.css>; rel=preload; as=style"
+    assert field(heads[1], b"Link") is None  # the 103's fields are its own
+    assert field(heads[1], b"X-Cache-Status") == b"MISS"
+    # Stored without the 103, and a hit has no interim response to give.
+    hit = await proxy.get("/page", headers={"Host": "site.example"})
+    assert (hit.x_cache, "Link" in hit.headers) == ("HIT", False)
+    reader, writer = await open_exchange(proxy, b"GET /page HTTP/1.1\r\nHost: site.example\r\n\r\n")
+    try:
+        (head,) = await read_heads(reader, b"HTTP/1.1")
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200") and field(head, b"X-Cache-Status") == b"HIT"
+
+
+async def test_100_continue_102_and_103_are_relayed_in_order_for_a_request_body(
+        origin: Origin, proxy: Proxy) -> None:
+    """The client waits for 100 Continue before it sends its body (it never gives up here):
+    the origin's 100 must come through, or the exchange hangs."""
+    async def upload(request: web.Request) -> web.Response:
+        body = await request.read()  # the 100 Continue went out before the handler ran
+        await request.writer.write(PROCESSING)
+        await request.writer.write(EARLY_HINTS)
+        request.writer.output_size = 0
+        return web.Response(text=f"got {len(body)} bytes")
+
+    origin.route("/upload", upload)
+    reader, writer = await open_exchange(proxy, (
+        b"POST /upload HTTP/1.1\r\nHost: site.example\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n"))
+    try:
+        (first,) = await read_heads(reader, b"HTTP/1.1 100")
+        writer.write(b"hello")
+        await writer.drain()
+        heads = await read_heads(reader, b"HTTP/1.1 200")
+        body = await reader.readexactly(int(field(heads[-1], b"Content-Length") or 0))
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 100 Continue")
+    assert [h.split(b" ", 2)[1] for h in heads] == [b"102", b"103", b"200"]
+    assert body == b"got 5 bytes"
+    assert field(heads[-1], b"Link") is None
+
+
+async def test_an_http_1_0_client_gets_no_interim_response(origin: Origin, proxy: Proxy) -> None:
+    origin.route("/page", early_hints_page)
+    reader, writer = await open_exchange(proxy, b"GET /page HTTP/1.0\r\nHost: site.example\r\n\r\n")
+    try:
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.0 200 OK") or data.startswith(b"HTTP/1.1 200 OK"), data[:80]
+    assert b"103" not in data.split(b"\r\n", 1)[0] and b"Early Hints" not in data

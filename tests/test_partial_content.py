@@ -1,0 +1,188 @@
+"""Partial content through the proxy: 206 parts stored and reused, combined into a complete
+response under one strong validator, never across two; a range miss answered at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from aiohttp import web
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+BODY = bytes(range(48, 58))  # b"0123456789"
+NONE = "cache: {memory: 64MB, range_fill: none, disk: {path: cache, size: 512MB, shards: 2}}\n"
+
+
+class Representation:
+    """An origin resource that honours single byte ranges, with a strong ETag it can change."""
+
+    def __init__(self, body: bytes = BODY, etag: str | None = '"v1"') -> None:
+        self.body, self.etag = body, etag
+        self.ranges: list[str | None] = []  # the Range of each request received
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        rng = request.headers.get("Range")
+        self.ranges.append(rng)
+        headers = {"Cache-Control": "max-age=3600", "Content-Type": "application/octet-stream"}
+        if self.etag is not None:
+            headers["ETag"] = self.etag
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng or "")
+        if m is None:
+            return web.Response(body=self.body, headers=headers)
+        size = len(self.body)
+        if m.group(1) == "":
+            first, last = max(0, size - int(m.group(2))), size - 1
+        else:
+            first, last = int(m.group(1)), min(int(m.group(2) or size - 1), size - 1)
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        return web.Response(status=206, body=self.body[first:last + 1], headers=headers)
+
+
+async def get(proxy: Proxy, rng: str | None = None) -> tuple[int, str, str | None, bytes]:
+    reply = await proxy.get("/r", headers={"Range": rng} if rng else {})
+    return reply.status, reply.x_cache, reply.headers.get("Content-Range"), reply.body
+
+
+async def test_a_stored_part_answers_the_ranges_it_covers(origin: Origin, make_proxy: MakeProxy) -> None:
+    rep = Representation()
+    origin.route("/r", rep)
+    proxy = await make_proxy(config=NONE)
+    assert await get(proxy, "bytes=2-6") == (206, "MISS", "bytes 2-6/10", b"23456")
+    assert rep.ranges == ["bytes=2-6"]  # the range went to the origin, not a whole fetch
+    assert await get(proxy, "bytes=3-5") == (206, "HIT", "bytes 3-5/10", b"345")
+    assert await get(proxy, "bytes=2-6") == (206, "HIT", "bytes 2-6/10", b"23456")
+    assert len(rep.ranges) == 1
+    assert (await get(proxy, "bytes=0-3"))[1] == "MISS"  # reaches before the part
+
+
+async def test_parts_with_one_strong_etag_combine_into_the_complete_response(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    rep = Representation()
+    origin.route("/r", rep)
+    proxy = await make_proxy(config=NONE)
+    await get(proxy, "bytes=0-4")
+    assert await get(proxy, "bytes=5-") == (206, "MISS", "bytes 5-9/10", b"56789")
+    await asyncio.sleep(0.1)  # the combined response is stored as the client's answer ends
+    assert await get(proxy) == (200, "HIT", None, BODY)  # complete: no origin request
+    assert await get(proxy, "bytes=-3") == (206, "HIT", "bytes 7-9/10", b"789")
+    assert rep.ranges == ["bytes=0-4", "bytes=5-"]
+
+
+async def test_parts_of_two_etags_are_never_combined(origin: Origin, make_proxy: MakeProxy) -> None:
+    rep = Representation()
+    origin.route("/r", rep)
+    proxy = await make_proxy(config=NONE)
+    await get(proxy, "bytes=0-4")
+    rep.body, rep.etag = b"ABCDEFGHIJ", '"v2"'  # the representation changed in between
+    assert await get(proxy, "bytes=5-9") == (206, "MISS", "bytes 5-9/10", b"FGHIJ")
+    await asyncio.sleep(0.1)
+    status, x_cache, _, body = await get(proxy)
+    assert (status, x_cache, body) == (200, "MISS", b"ABCDEFGHIJ")  # never b"01234FGHIJ"
+
+
+async def test_a_part_without_a_validator_is_reused_within_itself(origin: Origin, make_proxy: MakeProxy) -> None:
+    rep = Representation(etag=None)
+    origin.route("/r", rep)
+    proxy = await make_proxy(config=NONE)
+    assert await get(proxy, "bytes=-5") == (206, "MISS", "bytes 5-9/10", b"56789")
+    assert await get(proxy, "bytes=6-8") == (206, "HIT", "bytes 6-8/10", b"678")
+    assert await get(proxy, "bytes=-1") == (206, "HIT", "bytes 9-9/10", b"9")
+
+
+async def test_a_range_miss_is_answered_before_the_whole_object_arrives(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """range_fill: whole. The whole object's body is held back by the origin until the client
+    has its range: were the range answered from the whole fill, this would never finish."""
+    size = 256 * 1024
+    data = bytes(i % 251 for i in range(size))
+    answered = asyncio.Event()
+    rep = Representation(data)
+
+    async def resource(request: web.Request) -> web.StreamResponse:
+        if "Range" in request.headers:
+            return await rep(request)
+        rep.ranges.append(None)
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=3600", "ETag": '"v1"',
+                                           "Content-Length": str(size)})
+        await resp.prepare(request)
+        await resp.write(data[: size // 2])
+        await asyncio.wait_for(answered.wait(), 10)
+        await resp.write(data[size // 2:])
+        await resp.write_eof()
+        return resp
+
+    origin.route("/r", resource)
+    proxy = await make_proxy()
+    status, x_cache, content_range, body = await asyncio.wait_for(get(proxy, "bytes=200000-200009"), 5)
+    answered.set()
+    assert (status, x_cache, content_range, body) == (206, "MISS", f"bytes 200000-200009/{size}",
+                                                      data[200000:200010])
+    for _ in range(100):  # the whole object, fetched in the background, is stored
+        await asyncio.sleep(0.05)
+        reply = await proxy.get("/r", headers={"Range": "bytes=0-9"})
+        if reply.x_cache == "HIT":
+            break
+    assert (reply.status, reply.x_cache, reply.body) == (206, "HIT", data[:10])
+    full = await proxy.get("/r")
+    assert (full.status, full.x_cache, full.body) == (200, "HIT", data)
+    assert sorted(map(str, rep.ranges)) == ["None", "bytes=200000-200009"]  # the range, then the whole
+
+
+async def test_a_purge_of_the_url_removes_its_parts(origin: Origin, make_proxy: MakeProxy) -> None:
+    rep = Representation()
+    origin.route("/r", rep)
+    proxy = await make_proxy(config=NONE)
+    await get(proxy, "bytes=2-6")
+    assert (await get(proxy, "bytes=3-4"))[1] == "HIT"
+    reply = await proxy.admin("POST", "/purge", json={"urls": [proxy.url + "/r"]})
+    assert reply.status == 200, reply.body
+    assert (await get(proxy, "bytes=3-4"))[1] == "MISS"
+
+
+def test_range_fill_is_whole_or_none(tmp_path: object) -> None:
+    from pathlib import Path
+
+    import pytest
+
+    from proxy.config import load_config
+    from proxy.errors import ConfigError
+
+    config = Path(str(tmp_path)) / "c.yaml"
+    config.write_text("upstreams: [{url: 'http://127.0.0.1:9'}]\ncache: {range_fill: none}\n")
+    assert load_config(str(config)).cache.range_fill == "none"
+    config.write_text("upstreams: [{url: 'http://127.0.0.1:9'}]\ncache:\n  range_fill: slice\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(config))
+    assert f"{config}:3: cache.range_fill: must be one of whole, none, got 'slice'" in err.value.problems
+
+
+async def test_a_part_stored_under_allow_set_cookie_never_replays_the_cookie(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A 206 is stored as its complete response would be: without the Set-Cookie that was for
+    the client whose range caused the fill, alone or combined into the complete response."""
+    rep = Representation()
+
+    async def with_cookie(request: web.Request) -> web.StreamResponse:
+        resp = await rep(request)
+        resp.headers["Set-Cookie"] = "session=for-the-first-client"
+        return resp
+
+    origin.route("/r", with_cookie)
+    proxy = await make_proxy(config=NONE, rules="""
+        rules:
+          - {name: cookies are harmless here, match: {path: /r}, allow_set_cookie: true}
+    """)
+    first = await proxy.get("/r", headers={"Range": "bytes=0-4"})
+    assert (first.status, first.x_cache) == (206, "MISS")
+    assert first.headers.get("Set-Cookie") == "session=for-the-first-client"  # its own cookie
+    again = await proxy.get("/r", headers={"Range": "bytes=1-3"})
+    assert (again.status, again.x_cache, again.body) == (206, "HIT", b"123")
+    assert "Set-Cookie" not in again.headers
+    await proxy.get("/r", headers={"Range": "bytes=5-"})
+    await asyncio.sleep(0.1)  # the combined response is stored as the client's answer ends
+    whole = await proxy.get("/r")
+    assert (whole.status, whole.x_cache, whole.body) == (200, "HIT", BODY)
+    assert "Set-Cookie" not in whole.headers
