@@ -23,11 +23,10 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from proxy.settings import MemoryPolicy
 from proxy.storage.entry import Entry
-
-MemoryPolicy = Literal["lru", "lfu"]
 
 # What a key and a variant cost beyond their strings and body, measured with tracemalloc
 # (tests/storage/test_memory.py keeps cost() within 10% of the real figure): the key's slot,
