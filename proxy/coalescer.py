@@ -436,13 +436,6 @@ class Coalescer:
             return False
         return True
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run a background job (a stale-while-revalidate refresh) owned by the coalescer."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def close(self, grace: float = 5.0) -> None:
         tasks = list(self._tasks)
         if tasks:

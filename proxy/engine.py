@@ -43,13 +43,20 @@ from proxy.leases import Busy, Granted, LeaseClient, Waiting
 from proxy.logs import note_key, note_upstream
 from proxy.metrics import Metrics
 from proxy.policy.cache_status import cache_status, serve_detail
-from proxy.policy.deception import deception_refuses
-from proxy.policy.fields import split_list
-from proxy.policy.freshness import carries_credentials
+from proxy.policy.fill import (
+    PASS_DETAILS,
+    Exchange,
+    Fill,
+    FillSettings,
+    NoFill,
+    decide_fill,
+    freshened,
+    shareable_with_followers,
+)
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import cache_key, url_of_key, variant_of
-from proxy.policy.messages import Freshness, HeaderList, RequestHead, StoredResponse
+from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
 from proxy.policy.partial import (
     ByteRange,
     Combine,
@@ -58,7 +65,8 @@ from proxy.policy.partial import (
     parse_content_range,
     part_range,
 )
-from proxy.policy.ranges import RangeSpec, if_range_allows, request_range, resolve_range
+from proxy.policy.ranges import RangeSpec, if_range_allows, request_range
+from proxy.policy.reply import NotModified, Send, Unsatisfiable, reply_head, served_headers
 from proxy.policy.request import Forwarder, UpstreamRequest, upstream_request
 from proxy.policy.reuse import (
     Forward,
@@ -69,19 +77,16 @@ from proxy.policy.reuse import (
     plain_fresh_hit,
     select_variant,
 )
-from proxy.policy.storability import DontStore, Store, decide_store, decide_store_part
 from proxy.policy.validation import (
     Freshen,
-    PassThrough,
+    Refetch,
     Replace,
     ServeStale,
+    ValidationOutcome,
     client_not_modified,
     conditional_headers,
     decide_on_validation,
-    error_keeps_stored,
-    freshen_stored,
 )
-from proxy.purge import tags_from_headers
 from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.disk import INLINE_LIMIT
@@ -93,12 +98,6 @@ from proxy.upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
 
-# A stored response's fields that are never served as stored (see served_headers).
-SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id"})
-NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
-                       "last-modified")  # fmt: skip
-# Reasons a response is not shareable with coalesced followers (hit-for-pass).
-PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
 # Followers of a flight whose body is at most this big get it whole, in one write; so
 # does the client that started the flight, for bodies up to WHOLE_FOR_LEADER.
 WHOLE_FOR_FOLLOWERS = 256 * 1024
@@ -172,7 +171,7 @@ class Engine:
         self._invalidate_hook = invalidate
         self._via = f"1.1 {settings.via}"
         self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
-        self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
+        self._fill_settings = FillSettings(self._via, tuple(h.lower() for h in settings.cache.tag_headers))
         self._random = random.Random()
         # Disk commits still running, by key: an invalidation waits for them, or the
         # commit would bring back the entry it just deleted.
@@ -191,7 +190,7 @@ class Engine:
         self.rules = settings.rules
         self._via = f"1.1 {settings.via}"
         self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
-        self._tag_headers = tuple(h.lower() for h in settings.cache.tag_headers)
+        self._fill_settings = FillSettings(self._via, tuple(h.lower() for h in settings.cache.tag_headers))
 
     async def close(self) -> None:
         await self.coalescer.close(self.settings.shutdown_grace)
@@ -364,16 +363,16 @@ class Engine:
         collapsed: bool = False,
         mark_stored: bool = False,
     ) -> Reply | None:
-        """A reply from a stored variant; None when its body has gone missing from disk."""
+        """A reply from a stored variant; None when its body has gone missing from disk, or the
+        variant cannot answer this request (``reply_head``)."""
         entry = cached.entry
         stored = entry.response
         cs = cache_status(hit=hit, fwd=fwd, fwd_status=fwd_status, ttl=ttl, detail=detail,
                           collapsed=collapsed, stored=mark_stored)
         headers = served_headers(stored.headers, str(int(age)), cs, x_cache)
-        if not_modified:
-            kept = [(k, v) for k, v in headers
-                    if k.lower() in NOT_MODIFIED_FIELDS or k in ("Age", "Cache-Status", "X-Cache-Status")]
-            return self._finish(plan, Reply(304, "Not Modified", kept, None, None, x_cache, "none"))
+        answer = reply_head(req.head, stored, entry.body_size, headers, not_modified)
+        if isinstance(answer, NotModified):
+            return self._finish(plan, Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none"))
         head_only = req.head.method == "HEAD"
         tier = "memory" if cached.body is not None and not cached.from_disk else "disk"
         body: Body
@@ -383,36 +382,22 @@ class Engine:
             body = await self._open_body(cached)
             if body is None:
                 return None
-        status, reason, length, offset = stored.status, stored.reason, entry.body_size, 0
-        spec = request_range(req.head.headers)
-        if stored.status == 206:
-            # A stored part (RFC 9111 §3.3): only ever served for a range it holds whole.
-            held, part = (answerable(stored, spec) if spec is not None else None), part_range(stored)
-            if held is None or part is None or head_only:
+        match answer:
+            case None:
                 _close(body)
                 return None
-            headers = [(k, v) for k, v in headers if k.lower() != "content-range"]
-            headers.append(("Content-Range", f"bytes {held.first}-{held.last}/{held.total}"))
-            length, offset = held.length, held.first - part.first
-            if isinstance(body, bytes):
-                body, offset = body[offset:offset + length], 0
-            return self._finish(plan, Reply(206, reason, headers, body, length, x_cache, tier, offset))
-        if spec is not None and stored.status == 200 and if_range_allows(req.head.headers, stored):
-            rng = resolve_range(spec, entry.body_size)
-            if rng == "unsatisfiable":
+            case Unsatisfiable():
                 _close(body)
-                headers.append(("Content-Range", f"bytes */{entry.body_size}"))
-                return self._finish(plan, Reply(416, "Range Not Satisfiable", headers, b"", 0,
+                return self._finish(plan, Reply(416, "Range Not Satisfiable", answer.headers, b"", 0,
                                                 x_cache, "none"))
-            else:
-                first, last = rng
-                status, reason = 206, "Partial Content"
-                headers.append(("Content-Range", f"bytes {first}-{last}/{entry.body_size}"))
-                length, offset = last - first + 1, first
-                if isinstance(body, bytes):
-                    body, offset = body[first:last + 1], 0
-        return self._finish(plan, Reply(status, reason, headers, body, length, x_cache, tier,
-                                        offset, head_only))
+            case Send():
+                offset = answer.offset
+                if isinstance(body, bytes) and answer.status == 206:  # a range of it
+                    body, offset = body[offset:offset + answer.length], 0
+                return self._finish(plan, Reply(answer.status, answer.reason, answer.headers, body,
+                                                answer.length, x_cache, tier, offset, head_only))
+            case _:
+                assert_never(answer)
 
     async def _open_body(self, cached: Cached) -> bytes | IO[bytes] | None:
         if cached.body is not None:
@@ -505,21 +490,8 @@ class Engine:
                        request_time: float, response_time: float) -> tuple[str, Entry | None]:
         """May this 206 be stored as a part, as what (the same rules as its complete response)?"""
         store_plan = plan.for_response(200, resp.headers.get("Content-Type"))
-        if store_plan.no_store:
-            assert store_plan.rule is not None
-            return f"RULE-NO-STORE:{store_plan.rule.name}", None
-        decision = decide_store_part(head, resp.reason, resp.headers, request_time, response_time,
-                                     store_plan.options)
-        if isinstance(decision, DontStore):
-            return decision.detail, None
-        stored = decision.response
-        if store_plan.deception_guard and deception_refuses(head, stored, resp.headers.get("Content-Type")):
-            return "DECEPTION-GUARD", None
-        stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter),
-                         headers=with_via(stored.headers, self._via))
-        tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
-        return "", Entry(key=part_key(key), url=head.url, response=stored, body_id="", body_size=0,
-                         tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
+        return self._filled(part_key(key), store_plan, Exchange(
+            head, resp.status, resp.reason, resp.headers, request_time, response_time), part=True)
 
     async def _tee_part(self, resp: UpstreamResponse, entry: Entry | None, held: ByteRange,
                         old: Cached | None) -> AsyncIterator[bytes]:
@@ -1223,49 +1195,40 @@ class Engine:
             return
         response_time = self.clock()
 
-        if revalidating is not None:
-            stored = revalidating.entry.response
-            outcome = decide_on_validation(stored, resp.status, resp.headers, stale_if_error=True)
-            match outcome:
-                case Freshen():
-                    resp.release()
-                    await self._freshen(revalidating, resp.headers, plan, request_time,
-                                        response_time, carries_credentials(head.headers))
-                    flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True,
-                                                      "FRESHENED", None))
-                    self.coalescer.retire(flight)
-                    flight.body.finish()
-                    flight.result.set_result(FlightResult(True, "FRESHENED"))
-                    return
-                case ServeStale() | PassThrough():
-                    pass  # handed to the clients as is; they decide on stale-if-error
-                case Replace():
-                    pass
-                case _:
-                    assert_never(outcome)
-            if resp.status == 304:
-                # A 304 that does not validate what we hold: fetch the full response.
+        # What the answer means for the response held (revalidated, or kept for stale-if-error).
+        kept = revalidating or stale
+        outcome: ValidationOutcome = Replace() if kept is None else decide_on_validation(
+            kept.entry.response, resp.status, resp.headers, response_time,
+            conditional=revalidating is not None)
+        match outcome:
+            case Freshen():
+                assert revalidating is not None
+                resp.release()
+                await self._freshen(revalidating, resp.headers, plan, request_time, response_time, head)
+                flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
+                self.coalescer.retire(flight)
+                flight.body.finish()
+                flight.result.set_result(FlightResult(True, "FRESHENED"))
+                return
+            case Refetch():
                 resp.release()
                 await self._run_flight(flight, req, plan, key, None, stale)
                 return
-
-        store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
-        kept = revalidating or stale
-        if kept is not None and error_keeps_stored(kept.entry.response, resp.status, response_time):
-            # RFC 5861 §4: the origin failed; the stored response stays, to be served stale.
-            store_detail, entry = "ORIGIN-ERROR", None
-        else:
-            store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
-                                                       response_time)
+            case ServeStale():
+                # RFC 5861 §4: the stored response stays; the clients decide on stale-if-error.
+                store_detail, entry = outcome.detail, None
+            case Replace():
+                store_plan = plan.for_response(resp.status, resp.headers.get("Content-Type"))
+                store_detail, entry = self._store_decision(head, plan, store_plan, key, resp, request_time,
+                                                           response_time)
+            case _:
+                assert_never(outcome)
         await self._deliver(flight, key, resp, store_detail, entry, response_time)
 
     async def _deliver(self, flight: Flight, key: str, resp: UpstreamResponse, store_detail: str,
                        entry: Entry | None, response_time: float) -> None:
         """A flight's response: its head to the clients, its body to them and to the store."""
-        # Followers get the leader's response only when it is fresh on arrival: handing
-        # them a response that is already stale (or no-cache) would reuse it unvalidated.
-        shareable = entry is not None and entry.response.freshness.ttl(response_time) > 0 \
-            and not entry.response.freshness.no_cache
+        shareable = entry is not None and shareable_with_followers(entry.response, response_time)
         vary = entry.response.vary if entry is not None else ()
         flight.head.set_result(FlightHead(resp.status, resp.reason, resp.headers, shareable,
                                           store_detail, resp.content_length, vary))
@@ -1374,58 +1337,32 @@ class Engine:
     def _store_decision(self, head: RequestHead, plan: RequestPlan, store_plan: StorePlan, key: str,
                         resp: UpstreamResponse, request_time: float, response_time: float
                         ) -> tuple[str, Entry | None]:
-        if head.method == "HEAD":
-            head = head._replace(method="GET")  # a HEAD miss fills with a GET
-        if store_plan.no_store:
-            assert store_plan.rule is not None
-            return f"RULE-NO-STORE:{store_plan.rule.name}", None
-        decision = decide_store(head, resp.status, resp.reason, resp.headers, request_time,
-                                response_time, store_plan.options)
-        if isinstance(decision, DontStore):
-            return decision.detail, None
-        assert isinstance(decision, Store)
-        stored = decision.response
-        if store_plan.deception_guard and deception_refuses(head, stored, resp.headers.get("Content-Type")):
-            return "DECEPTION-GUARD", None
-        stored = replace(stored, freshness=self._jittered(stored.freshness, store_plan.ttl_jitter))
-        if "set-cookie" in resp.headers or "x-request-id" in resp.headers:
-            # Set-Cookie is stored only because a rule says allow_set_cookie: the cookie was for
-            # the client that caused the fill, never for everyone served from the store
-            # afterwards. Nor is the filling request's id (an origin may echo it) anyone else's.
-            stored = replace(stored, headers=tuple(
-                (k, v) for k, v in stored.headers if k.lower() not in ("set-cookie", "x-request-id")))
-        # This cache's Via goes into the stored head once, so every hit carries it (the fast
-        # path's pre-built heads too) at no cost per request.
-        stored = replace(stored, headers=with_via(stored.headers, self._via))
-        tags = tags_from_headers(resp.headers, self._tag_headers) + tuple(store_plan.tags)
-        entry = Entry(key=key, url=head.url, response=stored, body_id="", body_size=0,
-                      tags=tuple(dict.fromkeys(tags)), stored_at=response_time)
-        return "", entry
+        return self._filled(key, store_plan, Exchange(head, resp.status, resp.reason, resp.headers,
+                                                      request_time, response_time))
 
-    def _jittered(self, freshness: Freshness, fraction: float) -> Freshness:
-        """ttl_jitter: shorten the lifetime by a random 0..fraction, never lengthen it.
-
-        Entries stored together then expire apart, and an origin's max-age is never exceeded.
-        """
-        if not fraction or freshness.lifetime <= 0:
-            return freshness
-        return replace(freshness, lifetime=freshness.lifetime * (1 - self._random.uniform(0, fraction)))
+    def _filled(self, key: str, store_plan: StorePlan, exchange: Exchange, *, part: bool = False
+                ) -> tuple[str, Entry | None]:
+        """The fill decision (``decide_fill``) as the flight carries it: a detail, or the entry."""
+        decision = decide_fill(exchange, store_plan, self._fill_settings, jitter=self._random.random(),
+                               part=part)
+        match decision:
+            case NoFill():
+                return decision.detail, None
+            case Fill():
+                return "", Entry(key=key, url=exchange.request.url, response=decision.response, body_id="",
+                                 body_size=0, tags=decision.tags, stored_at=exchange.response_time)
+            case _:
+                assert_never(decision)
 
     async def _freshen(self, cached: Cached, update: CIMultiDictProxy[str], plan: RequestPlan,
-                       request_time: float, response_time: float, credentials: bool) -> None:
+                       request_time: float, response_time: float, head: RequestHead) -> None:
         """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays."""
         entry = cached.entry
         old = entry.response
         content_type = update.get("Content-Type") or old.header_dict().get("Content-Type")
         store_plan = plan.for_response(old.status, content_type)
-        if "x-request-id" in update:  # the revalidating request's id, echoed: not the stored response's
-            update = CIMultiDictProxy(CIMultiDict(
-                (k, v) for k, v in update.items() if k.lower() != "x-request-id"))
-        updated = freshen_stored(old, update, request_time, response_time, store_plan.options,
-                                 credentials=credentials)
-        if updated is not None:
-            updated = replace(updated, freshness=self._jittered(updated.freshness, store_plan.ttl_jitter),
-                              headers=with_via(updated.headers, self._via))  # a 304's Via replaced ours
+        updated = freshened(old, Exchange(head, 304, "", update, request_time, response_time), store_plan,
+                            self._fill_settings, jitter=self._random.random())
         try:
             if updated is None:  # the 304 said no-store or private: forget the stored response
                 await self.storage.delete([entry.key])
@@ -1442,35 +1379,6 @@ class Engine:
         if edits:
             reply.headers = edits.apply(reply.headers)
         return reply
-
-
-def with_via(headers: HeaderList, via: str) -> HeaderList:
-    """Stored fields with ``via`` (this cache's Via entry) as the last member of Via, once.
-
-    >>> once = with_via((("Via", "1.1 lb"), ("X", "1")), "1.1 cachegate")
-    >>> once, with_via(once, "1.1 cachegate") == once
-    ((('X', '1'), ('Via', '1.1 lb, 1.1 cachegate')), True)
-    """
-    values = [v for k, v in headers if k.lower() == "via"]
-    members = split_list(values)
-    if members and members[-1] == via:
-        return headers
-    others = tuple((k, v) for k, v in headers if k.lower() != "via")
-    return (*others, ("Via", ", ".join((*members, via))))
-
-
-def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
-                   ) -> list[tuple[str, str]]:
-    """A stored response's fields as served: its own Age and Content-Length dropped (the
-    web layer frames the body), its Server (the operator's ``server_header`` names this proxy
-    instead, as nginx does) and any X-Request-Id (each request gets its own from the web
-    layer); this cache's Age, Cache-Status and X-Cache-Status added.
-    Shared by ``Engine._serve`` and the fast path (``proxy.web.fastpath``)."""
-    headers = [(k, v) for k, v in stored if k.lower() not in SERVED_DROPS]
-    headers.append(("Age", age))
-    headers.append(("Cache-Status", cs))
-    headers.append(("X-Cache-Status", x_cache))
-    return headers
 
 
 def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, str]]
@@ -1524,4 +1432,5 @@ def _close(body: Body) -> None:
         body.close()
 
 
-__all__ = ["ClientRequest", "Engine", "Reply", "StorageError", "StoredResponse"]
+__all__ = ["ClientRequest", "Engine", "Reply", "StorageError", "StoredResponse", "response_edits",
+           "served_headers"]

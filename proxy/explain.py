@@ -1,10 +1,10 @@
 """``cachegate explain`` and ``GET /explain``: which rule a URL matches, its key, what happens now.
 
 The way to debug "why was this not cached": it runs the same compiled rules and
-the same policy functions the proxy runs (``RuleSet.plan``, ``cache_key``,
-``decide_store``, the deception guard), on a request described on the command
-line and a response of the given status and headers, and prints every step with
-the rule that decided it (``FILE:LINE``). Pure: ``now`` is a parameter.
+the same policy functions the proxy runs (``RuleSet.plan``, ``cache_key``, and
+``decide_fill``, the proxy's one fill decision), on a request described on the
+command line and a response of the given status and headers, and prints every step
+with the rule that decided it (``FILE:LINE``). Pure: ``now`` is a parameter.
 
 ``explain_trace`` is the same for the admin API's ``GET /explain``, as JSON, with
 the variants the running store holds under the request's key: it adds what the
@@ -24,13 +24,13 @@ from yarl import URL
 
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.cache_status import cache_status
-from proxy.policy.deception import deception_refuses
+from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill
 from proxy.policy.freshness import heuristic_withheld
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 from proxy.policy.request import Listener, Message, Refusal, normalise_request
 from proxy.policy.reuse import Forward, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup, select_variant
-from proxy.policy.storability import DontStore, decide_store, response_cache_control
+from proxy.policy.storability import response_cache_control
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan
 
 # What each "not stored" detail means, and what to change.
@@ -61,9 +61,9 @@ NO_HEURISTIC = ("no heuristic freshness: the request carries Cookie or Authoriza
                 "not public, so it is revalidated before every use (a rule ttl would share it)")
 
 
-def _cc_of(headers: CIMultiDict[str], sp: StorePlan) -> CacheControl:
+def _cc_of(headers: CIMultiDictProxy[str], sp: StorePlan) -> CacheControl:
     """The directives this cache obeys in ``headers`` under the store plan's options."""
-    return response_cache_control(CIMultiDictProxy(headers), sp.options)[0]
+    return response_cache_control(headers, sp.options)[0]
 
 
 @dataclass(frozen=True)
@@ -158,52 +158,52 @@ def _edits_text(edits: HeaderEdits | None) -> str:
     return "; ".join(parts)
 
 
+def fill_decision(head: RequestHead, plan: RequestPlan, status: int, headers: CIMultiDictProxy[str],
+                  now: float) -> tuple[StorePlan, Fill | NoFill]:
+    """The store-time rules for this response, and the proxy's own fill decision for it
+    (``decide_fill``, at the longest lifetime ``ttl_jitter`` allows)."""
+    sp = plan.for_response(status, headers.get("Content-Type"))
+    return sp, decide_fill(Exchange(head, status, "", headers, now, now), sp, FillSettings())
+
+
 def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
                  response_headers: Sequence[tuple[str, str]], now: float) -> list[str]:
-    headers: CIMultiDict[str] = CIMultiDict(response_headers)
+    headers = CIMultiDictProxy(CIMultiDict(response_headers))
     ctype = headers.get("Content-Type")
-    sp: StorePlan = plan.for_response(status, ctype)
+    sp, decision = fill_decision(head, plan, status, headers, now)
     given = ", ".join(f"{k}: {v}" for k, v in response_headers) or "no headers"
     lines = [f"response {status} ({given})",
              f"  store-time rule     {_rule_label(sp.rule)}"]
-    fill = head if head.method != "HEAD" else head._replace(method="GET")
-    detail = ""
-    decision = None
-    if sp.no_store:
-        assert sp.rule is not None
-        detail = f"RULE-NO-STORE:{sp.rule.name}"
-        lines.append(f"  decision            not stored: {detail} (the rule says no_store)")
-    else:
-        decision = decide_store(fill, status, "", CIMultiDictProxy(headers), now, now, sp.options)
-        if isinstance(decision, DontStore):
-            detail = decision.detail
-        elif sp.deception_guard and deception_refuses(head, decision.response, ctype):
-            detail = "DECEPTION-GUARD"
-        if detail:
-            lines.append(f"  decision            not stored: {detail} ({WHY_NOT.get(detail, '')})")
-    if not detail and decision is not None and not isinstance(decision, DontStore):
-        f = decision.response.freshness
-        source = {
-            "rule": ("rule ttl; overrides the origin (override_origin)" if sp.options.override_origin
-                     else "rule ttl; used because the origin gave no freshness"),
-            "heuristic": "heuristic: 10% of the time since Last-Modified (RFC 9111 4.2.2)",
-            "none": "no freshness: every use is revalidated or refetched",
-        }.get(f.source, f"from the origin's {f.source}")
-        lines.append(f"  decision            stored, fresh for {fmt_duration(f.lifetime)} ({source})")
-        if sp.ttl_jitter:
-            shortest = fmt_duration(f.lifetime * (1 - sp.ttl_jitter))
-            lines.append(f"  ttl jitter          each entry lives {shortest}..{fmt_duration(f.lifetime)} "
-                         f"(-0..{sp.ttl_jitter:.0%})")
-        if f.source == "none" and heuristic_withheld(status, CIMultiDictProxy(headers), _cc_of(headers, sp),
-                                                     head.headers, now, sp.options):
-            lines.append(f"  note                {NO_HEURISTIC}")
-        if f.no_cache or f.must_revalidate:
-            lines.append("  note                the origin requires revalidation "
-                         f"({'no-cache' if f.no_cache else 'must-revalidate/s-maxage'}): never served stale")
-        lines.append(f"  stale               while revalidating {fmt_duration(f.stale_while_revalidate)}, "
-                     f"if error {fmt_duration(f.stale_if_error)}")
-        if sp.tags:
-            lines.append(f"  tags                {', '.join(sp.tags)} (besides Surrogate-Key/Cache-Tag)")
+    match decision:
+        case NoFill(detail=detail):
+            why = "the rule says no_store" if sp.no_store_rule is not None else WHY_NOT.get(detail, "")
+            lines.append(f"  decision            not stored: {detail} ({why})")
+        case Fill():
+            f = decision.response.freshness
+            source = {
+                "rule": ("rule ttl; overrides the origin (override_origin)" if sp.options.override_origin
+                         else "rule ttl; used because the origin gave no freshness"),
+                "heuristic": "heuristic: 10% of the time since Last-Modified (RFC 9111 4.2.2)",
+                "none": "no freshness: every use is revalidated or refetched",
+            }.get(f.source, f"from the origin's {f.source}")
+            lines.append(f"  decision            stored, fresh for {fmt_duration(f.lifetime)} ({source})")
+            if sp.ttl_jitter:
+                shortest = fmt_duration(f.lifetime * (1 - sp.ttl_jitter))
+                lines.append(f"  ttl jitter          each entry lives {shortest}..{fmt_duration(f.lifetime)} "
+                             f"(-0..{sp.ttl_jitter:.0%})")
+            if f.source == "none" and heuristic_withheld(status, headers, _cc_of(headers, sp), head.headers,
+                                                         now, sp.options):
+                lines.append(f"  note                {NO_HEURISTIC}")
+            if f.no_cache or f.must_revalidate:
+                which = "no-cache" if f.no_cache else "must-revalidate/s-maxage"
+                lines.append(f"  note                the origin requires revalidation ({which}): "
+                             "never served stale")
+            lines.append(f"  stale               while revalidating {fmt_duration(f.stale_while_revalidate)}"
+                         f", if error {fmt_duration(f.stale_if_error)}")
+            if sp.tags:
+                lines.append(f"  tags                {', '.join(sp.tags)} (besides Surrogate-Key/Cache-Tag)")
+        case _:
+            assert_never(decision)
     lines.append(f"  deception guard     {'on' if sp.deception_guard else 'off'}")
     lines.append(f"  response headers    {_edits_text(plan.response_headers_for(status, ctype))}")
     return lines
@@ -321,30 +321,20 @@ def freshness_decided_by(f: Freshness, cc: CacheControl, cc_field: str, rule: Ru
 def _storability(head: RequestHead, plan: RequestPlan, status: int,
                  headers: CIMultiDictProxy[str], now: float) -> dict[str, Any]:
     """Whether a response with these headers is stored under the current rules, and what decided."""
-    ctype = headers.get("Content-Type")
-    sp = plan.for_response(status, ctype)
+    sp, decision = fill_decision(head, plan, status, headers, now)
     cc, cc_field = response_cache_control(headers, sp.options)
-    fill = head if head.method != "HEAD" else head._replace(method="GET")
     out: dict[str, Any] = {"store_rule": _rule_json(sp.rule), "directives_from": cc_field,
                            "directives": _directives(cc)}
-    detail = ""
-    decision = None
-    if sp.no_store:
-        assert sp.rule is not None
-        detail = f"RULE-NO-STORE:{sp.rule.name}"
-        why = f"rule {sp.rule.name!r} says no_store"
-    else:
-        decision = decide_store(fill, status, "", headers, now, now, sp.options)
-        if isinstance(decision, DontStore):
-            detail = decision.detail
-        elif sp.deception_guard and deception_refuses(head, decision.response, ctype):
-            detail = "DECEPTION-GUARD"
-        why = WHY_NOT.get(detail, "")
-    if detail:
-        out.update(stored=False, detail=detail, why=why)
-        return out
-    assert decision is not None and not isinstance(decision, DontStore)
-    f = decision.response.freshness
+    match decision:
+        case NoFill(detail=detail):
+            why = f"rule {sp.no_store_rule!r} says no_store" if sp.no_store_rule is not None \
+                else WHY_NOT.get(detail, "")
+            out.update(stored=False, detail=detail, why=why)
+            return out
+        case Fill():
+            f = decision.response.freshness
+        case _:
+            assert_never(decision)
     reasons = []
     if "authorization" in head.headers:
         allowed = [d for d in ("public", "s-maxage", "must-revalidate") if d in cc]

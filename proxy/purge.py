@@ -10,7 +10,7 @@ bans on the shared disk tier (see ``proxy.storage.index``) and eager drops in
 every process's memory tier.
 
 Tags (surrogate keys) come from the origin's response headers named in
-``cache.tag_headers`` (``tags_from_headers``) plus a rule's ``tags``.
+``cache.tag_headers`` (``proxy.policy.fill.tags_from_headers``) plus a rule's ``tags``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import BadRequest, CachegateError
+from proxy.policy.fill import tags_from_headers as tags_from_headers  # read where fills are decided
 from proxy.policy.keys import cache_key, normalise_host, url_of_key
 from proxy.policy.messages import RequestHead
 from proxy.rules import RuleSet
@@ -152,32 +153,6 @@ def host_matches(patterns: Iterable[str], host: str) -> bool:
         elif subject == p:
             return True
     return False
-
-
-def tags_from_headers(headers: MultiMapping[str], names: Iterable[str]) -> tuple[str, ...]:
-    """Surrogate keys from the response fields ``names`` (``cache.tag_headers``), in order, deduplicated.
-
-    ``Surrogate-Key`` is space separated (Fastly), ``Cache-Tag`` comma separated
-    (Cloudflare, where a tag may contain spaces); any other configured field is split
-    on commas and whitespace both (``X-Magento-Tags: a,b``, ``X-Drupal-Cache-Tags: a b``).
-
-    >>> from multidict import CIMultiDict
-    >>> h = CIMultiDict([("Surrogate-Key", "a  b"), ("Cache-Tag", "c d, e"), ("X-Tags", "f,g h")])
-    >>> tags_from_headers(h, ["surrogate-key", "cache-tag", "x-tags"])
-    ('a', 'b', 'c d', 'e', 'f', 'g', 'h')
-    """
-    tags: list[str] = []
-    for name in names:
-        lname = name.lower()
-        for line in headers.getall(name, ()):
-            if lname == "surrogate-key":
-                parts = line.split()
-            elif lname == "cache-tag":
-                parts = line.split(",")
-            else:
-                parts = re.split(r"[,\s]+", line)
-            tags.extend(t.strip() for t in parts if t.strip())
-    return tuple(dict.fromkeys(tags))
 
 
 def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> PurgeSpec:

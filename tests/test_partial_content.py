@@ -157,3 +157,32 @@ def test_range_fill_is_whole_or_none(tmp_path: object) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(str(config))
     assert f"{config}:3: cache.range_fill: must be one of whole, none, got 'slice'" in err.value.problems
+
+
+async def test_a_part_stored_under_allow_set_cookie_never_replays_the_cookie(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A 206 is stored as its complete response would be: without the Set-Cookie that was for
+    the client whose range caused the fill, alone or combined into the complete response."""
+    rep = Representation()
+
+    async def with_cookie(request: web.Request) -> web.StreamResponse:
+        resp = await rep(request)
+        resp.headers["Set-Cookie"] = "session=for-the-first-client"
+        return resp
+
+    origin.route("/r", with_cookie)
+    proxy = await make_proxy(config=NONE, rules="""
+        rules:
+          - {name: cookies are harmless here, match: {path: /r}, allow_set_cookie: true}
+    """)
+    first = await proxy.get("/r", headers={"Range": "bytes=0-4"})
+    assert (first.status, first.x_cache) == (206, "MISS")
+    assert first.headers.get("Set-Cookie") == "session=for-the-first-client"  # its own cookie
+    again = await proxy.get("/r", headers={"Range": "bytes=1-3"})
+    assert (again.status, again.x_cache, again.body) == (206, "HIT", b"123")
+    assert "Set-Cookie" not in again.headers
+    await proxy.get("/r", headers={"Range": "bytes=5-"})
+    await asyncio.sleep(0.1)  # the combined response is stored as the client's answer ends
+    whole = await proxy.get("/r")
+    assert (whole.status, whole.x_cache, whole.body) == (200, "HIT", BODY)
+    assert "Set-Cookie" not in whole.headers

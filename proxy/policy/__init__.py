@@ -14,8 +14,10 @@ Where is what:
 - ``freshness``      freshness lifetime, heuristics and current age (RFC 9111 §4.2)
 - ``statuses``       heuristically cacheable statuses, and which a rule's ttl default covers (CPDoS)
 - ``storability``    may this response be stored? (RFC 9111 §3)
+- ``fill``           is a fetched response stored, and as what: §3 with the rules (engine and explain)
 - ``keys``           primary cache key and Vary variant selection (RFC 9111 §2, §4.1)
 - ``reuse``          may a stored response satisfy this request? (RFC 9111 §4)
+- ``reply``          the 200 / 304 / 206 / 416 head of a reply from a stored response
 - ``validation``     conditional requests and handling of their answers (RFC 9111 §4.3)
 - ``invalidation``   what unsafe methods invalidate (RFC 9111 §4.4)
 - ``ranges``         answering Range requests (RFC 9110 §14)

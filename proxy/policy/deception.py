@@ -67,5 +67,5 @@ def guard_allows(target: str, content_type: str | None, *, forced: bool = False)
 
 def deception_refuses(head: RequestHead, stored: StoredResponse, content_type: str | None) -> bool:
     """With the guard on: must this response, storable otherwise, not be stored? Forced when
-    its lifetime is a rule's. The one verdict the engine and ``explain`` both ask for."""
+    its lifetime is a rule's. Asked by the fill decision (``policy.fill``) alone."""
     return not guard_allows(head.target, content_type, forced=stored.freshness.source == "rule")

@@ -2,10 +2,11 @@
 
 - ``conditional_headers``: the validators a revalidation sends (§4.3.1).
 - ``decide_on_validation``: what the origin's answer means for the stored
-  response: ``Freshen`` (304: update its headers, keep the body, §4.3.4, done by
-  ``freshen_stored``),
-  ``Replace`` (a full new response), ``ServeStale`` (5xx or unreachable within
-  stale-if-error, RFC 5861) or ``PassThrough`` (hand the answer to the client).
+  response, as the engine carries it out: ``Freshen`` (a 304 about it: update its
+  headers, keep the body, §4.3.4, done by ``freshen_stored``), ``Refetch`` (a 304
+  about something else: ask again without validators), ``ServeStale`` (a 5xx the
+  stored response may hide, RFC 5861 §4: it stays) or ``Replace`` (a new response,
+  decided as any fill by ``proxy.policy.fill``).
 - ``client_not_modified``: may we answer the client's own conditional GET with 304?
 """
 
@@ -33,25 +34,28 @@ NOT_UPDATED_BY_304 = HOP_BY_HOP | {
 
 @dataclass(frozen=True, slots=True)
 class Freshen:
-    headers: HeaderList  # the stored headers updated from the 304
+    """The 304 refers to the stored response: its head is updated (``fill.freshened``), its body kept."""
 
 
 @dataclass(frozen=True, slots=True)
-class Replace:
-    pass
+class Refetch:
+    """A 304 that refers to another response may not be used (§4.3.4): ask again, unconditionally."""
 
 
 @dataclass(frozen=True, slots=True)
 class ServeStale:
-    detail: str  # why the stale response is served: ORIGIN-ERROR, ORIGIN-UNREACHABLE
+    """The origin failed and the stored response may hide it (``error_keeps_stored``): it stays as
+    it is, the error is not stored, and clients allowed stale-if-error are served it stale."""
+
+    detail: str  # the Cache-Status detail of the answer that is not stored: ORIGIN-ERROR
 
 
 @dataclass(frozen=True, slots=True)
-class PassThrough:
-    pass
+class Replace:
+    """A new response: decided as any fill (``fill.decide_fill``), stored over the old one if stored."""
 
 
-ValidationOutcome = Freshen | Replace | ServeStale | PassThrough
+ValidationOutcome = Freshen | Refetch | ServeStale | Replace
 
 
 def has_validator(stored: StoredResponse) -> bool:
@@ -151,23 +155,25 @@ def validates_stored(stored: StoredResponse, headers: Headers) -> bool:
 
 
 def decide_on_validation(
-    stored: StoredResponse, status: int, headers: Headers, stale_if_error: bool
+    stored: StoredResponse, status: int, headers: Headers, now: float, *, conditional: bool = True
 ) -> ValidationOutcome:
-    """What the origin's answer to our conditional request means for the stored response.
+    """What the origin's answer to a fetch made while holding ``stored`` means for it.
 
-    304: ``Freshen`` when it refers to the stored response, else ``Replace`` (the
-    engine then fetches the full response; §4.3.4 forbids using the 304). 5xx:
-    ``ServeStale`` within stale-if-error, else ``PassThrough``. Anything else
-    replaces the stored response (§4.3.3).
+    ``conditional``: the request carried ``stored``'s validators (a revalidation); else it
+    was a full fetch, and ``stored`` is only kept for stale-if-error. ``now``: when the
+    answer arrived. A 304 to a revalidation ``Freshen``s when it refers to the stored
+    response, else ``Refetch`` (§4.3.4 forbids using it); a 5xx the stored response may
+    hide (``error_keeps_stored``) is ``ServeStale``; anything else ``Replace``s (§4.3.3).
+
+    >>> from proxy.policy.messages import EMPTY_HEADERS, Freshness
+    >>> s = StoredResponse(200, "OK", (), 0, 0, Freshness(10, "max-age", 0, 0, stale_if_error=60), etag='"a"')
+    >>> [type(decide_on_validation(s, status, EMPTY_HEADERS, 30)).__name__ for status in (304, 503, 200)]
+    ['Freshen', 'ServeStale', 'Replace']
     """
-    if status == 304:
-        if not validates_stored(stored, headers):
-            return Replace()
-        return Freshen(merge_headers(stored.headers, headers))  # the engine stores freshen_stored()
-    if status >= 500 and stale_if_error:
+    if status == 304 and conditional:
+        return Freshen() if validates_stored(stored, headers) else Refetch()
+    if error_keeps_stored(stored, status, now):
         return ServeStale("ORIGIN-ERROR")
-    if status >= 500:
-        return PassThrough()
     return Replace()
 
 

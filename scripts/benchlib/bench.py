@@ -616,7 +616,7 @@ AREAS = (
     ("proxy/web/", "cachegate web layer (proxy/web)"),
     ("proxy/engine.py", "cachegate engine"),
     ("proxy/coalescer.py", "cachegate coalescer"),
-    ("proxy/rules.py", "cachegate rules"),
+    ("proxy/rules/", "cachegate rules"),
     ("proxy/policy/", "cachegate policy"),
     ("proxy/storage/", "cachegate storage"),
     ("proxy/upstream.py", "cachegate upstream pool"),

@@ -89,7 +89,8 @@ def run_policy(response: list[tuple[str, str]], request: list[tuple[str, str]], 
         conditional_headers(stored)
         vary_matches(stored.vary, req.headers)
         for answer in (200, 304, 500):
-            decide_on_validation(stored, answer, h, stale_if_error=True)
+            decide_on_validation(stored, answer, h, now)
+            decide_on_validation(stored, answer, h, now, conditional=False)
         freshen_stored(stored, h, now, now, options)
     for line in req.headers.getall("Range", ()):
         parse_range(line, size)

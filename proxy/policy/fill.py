@@ -1,0 +1,229 @@
+"""The fill decision: is a fetched response stored, and as what? (RFC 9111 §3, with the rules)
+
+``decide_fill`` is the one answer to "why was this (not) stored": the engine asks it
+for every fill, whole responses and 206 parts alike, and ``cachegate explain`` /
+``GET /explain`` render its answer, so the operator's explanation cannot drift from
+what the proxy does. It returns ``Fill`` (the ``StoredResponse`` to keep, with its
+tags) or ``NoFill`` with the ``Cache-Status`` detail token, decided in this order:
+
+1. a HEAD is filled with a GET, so its answer is decided as the GET's;
+2. a rule's ``no_store``: ``RULE-NO-STORE:<rule>``;
+3. RFC 9111 §3 (``storability``): ``PRIVATE``, ``NO-STORE``, ``SET-COOKIE``, ...;
+4. the deception guard (``deception``), when the rule turns it on: ``DECEPTION-GUARD``;
+5. what is kept: ``ttl_jitter`` shortens the lifetime by a random share (the draw is a
+   parameter: this package reads no clock and no random source), a ``Set-Cookie``
+   (storable only under ``allow_set_cookie``) is dropped, since the cookie was for the
+   client that caused the fill, and so is an ``X-Request-Id`` (the filling request's id,
+   which an origin may echo, is nobody else's); this cache's ``Via`` is appended once, and
+   the tags are the configured tag fields' plus the rule's.
+
+``freshened`` is the same last step for a stored response a 304 updated (RFC 9111
+§4.3.4), and ``shareable_with_followers`` says whether coalesced followers may take a
+fill's response as it arrives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.policy.deception import deception_refuses
+from proxy.policy.fields import split_list
+from proxy.policy.freshness import carries_credentials
+from proxy.policy.messages import CacheOptions, Freshness, HeaderList, Headers, RequestHead, StoredResponse
+from proxy.policy.storability import DontStore, decide_store, decide_store_part
+from proxy.policy.validation import freshen_stored
+
+# Fields of an answer that were for the client that caused the fill alone (step 5).
+_FILLER_ONLY = ("set-cookie", "x-request-id")
+# Details of a response no follower may share whatever its freshness (hit-for-pass: the
+# key's next requests skip waiting for each other's fetches for a while).
+PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
+
+
+class StoreRules(Protocol):
+    """What the rules say about storing one response (``proxy.rules.StorePlan`` is one)."""
+
+    @property
+    def options(self) -> CacheOptions: ...
+    @property
+    def no_store_rule(self) -> str | None: ...  # the name of the rule that says no_store
+    @property
+    def deception_guard(self) -> bool: ...
+    @property
+    def ttl_jitter(self) -> float: ...  # a fraction: 0.1 shortens lifetimes by 0-10%
+    @property
+    def tags(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FillSettings:
+    """This cache's settings that shape what it stores (from the config)."""
+
+    via: str = "1.1 cachegate"  # this cache's member of Via
+    tag_headers: tuple[str, ...] = ("surrogate-key", "cache-tag")  # lower-cased
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """An origin's answer to a request of this cache, with the times around it (RFC 9111 §4.2.3)."""
+
+    request: RequestHead  # the client's request, normalised (a HEAD is filled with a GET)
+    status: int
+    reason: str
+    headers: Headers
+    request_time: float
+    response_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    response: StoredResponse  # as stored: jittered, without Set-Cookie, with this cache's Via
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NoFill:
+    detail: str  # the Cache-Status detail token: PRIVATE, RULE-NO-STORE:<rule>, DECEPTION-GUARD, ...
+
+
+def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *, jitter: float = 0.0,
+                part: bool = False) -> Fill | NoFill:
+    """Is this answer stored (``part``: a 206 as a part of its representation), and as what?
+
+    ``jitter``: a draw in [0, 1) that ``ttl_jitter`` scales (0: the longest lifetime).
+    ``rules`` are the store-time rules for this answer (for a part: its complete response's).
+
+    >>> from proxy.policy.messages import EMPTY_HEADERS
+    >>> from multidict import CIMultiDict, CIMultiDictProxy
+    >>> @dataclass(frozen=True)
+    ... class Rules:
+    ...     options: CacheOptions = CacheOptions(allow_set_cookie=True)
+    ...     no_store_rule: str | None = None
+    ...     deception_guard: bool = False
+    ...     ttl_jitter: float = 0.5
+    ...     tags: tuple[str, ...] = ("mine",)
+    >>> head = RequestHead("HEAD", "http", "a.example", "/x", EMPTY_HEADERS)
+    >>> answer = CIMultiDictProxy(CIMultiDict([("Cache-Control", "max-age=100"), ("Set-Cookie", "s=1"),
+    ...                                        ("Surrogate-Key", "k")]))
+    >>> fill = decide_fill(Exchange(head, 200, "OK", answer, 0, 0), Rules(), FillSettings(), jitter=0.5)
+    >>> fill.response.freshness.lifetime, fill.tags  # max-age=100 less half of ttl_jitter's 50%
+    (75.0, ('k', 'mine'))
+    >>> fill.response.headers  # no Set-Cookie; this cache's Via
+    (('Cache-Control', 'max-age=100'), ('Surrogate-Key', 'k'), ('Via', '1.1 cachegate'))
+    >>> decide_fill(Exchange(head, 200, "OK", answer, 0, 0), Rules(no_store_rule="api"), FillSettings())
+    NoFill(detail='RULE-NO-STORE:api')
+    """
+    request = exchange.request
+    if request.method == "HEAD":
+        request = request._replace(method="GET")
+    if rules.no_store_rule is not None:
+        return NoFill(f"RULE-NO-STORE:{rules.no_store_rule}")
+    headers = exchange.headers
+    if part:
+        decision = decide_store_part(request, exchange.reason, headers, exchange.request_time,
+                                     exchange.response_time, rules.options)
+    else:
+        decision = decide_store(request, exchange.status, exchange.reason, headers, exchange.request_time,
+                                exchange.response_time, rules.options)
+    if isinstance(decision, DontStore):
+        return NoFill(decision.detail)
+    stored = decision.response
+    if rules.deception_guard and deception_refuses(request, stored, headers.get("Content-Type")):
+        return NoFill("DECEPTION-GUARD")
+    if "set-cookie" in headers or "x-request-id" in headers:  # the module docstring, step 5
+        stored = replace(stored, headers=tuple((k, v) for k, v in stored.headers
+                                               if k.lower() not in _FILLER_ONLY))
+    stored = _as_kept(stored, rules, settings, jitter)
+    tags = tags_from_headers(headers, settings.tag_headers) + tuple(rules.tags)
+    return Fill(stored, tuple(dict.fromkeys(tags)))
+
+
+def freshened(stored: StoredResponse, update: Exchange, rules: StoreRules, settings: FillSettings, *,
+              jitter: float = 0.0) -> StoredResponse | None:
+    """``stored`` updated by the 304 ``update`` (RFC 9111 §4.3.4: ``freshen_stored``) and kept as
+    a fill is; None when the 304 says it may no longer be kept (no-store, private)."""
+    fields = update.headers
+    if "x-request-id" in fields:  # the revalidating request's id, echoed: not the stored response's
+        fields = CIMultiDictProxy(CIMultiDict((k, v) for k, v in fields.items()
+                                              if k.lower() != "x-request-id"))
+    updated = freshen_stored(stored, fields, update.request_time, update.response_time,
+                             rules.options, credentials=carries_credentials(update.request.headers))
+    if updated is None:
+        return None
+    return _as_kept(updated, rules, settings, jitter)  # a 304's Via replaced ours
+
+
+def shareable_with_followers(stored: StoredResponse, now: float) -> bool:
+    """May the clients that joined a fill take its response as it arrives (``now``: on arrival)?
+
+    Only when it is fresh then: a response that is already stale (or ``no-cache``) would
+    otherwise be reused without the validation it needs.
+    """
+    return stored.freshness.ttl(now) > 0 and not stored.freshness.no_cache
+
+
+def _as_kept(stored: StoredResponse, rules: StoreRules, settings: FillSettings, jitter: float
+             ) -> StoredResponse:
+    # This cache's Via goes into the stored head once, so every hit carries it (the fast
+    # path's pre-built heads too) at no cost per request.
+    return replace(stored, freshness=jittered(stored.freshness, rules.ttl_jitter, jitter),
+                   headers=with_via(stored.headers, settings.via))
+
+
+def jittered(freshness: Freshness, fraction: float, draw: float) -> Freshness:
+    """``ttl_jitter``: the lifetime shortened by ``draw`` (in [0, 1)) times ``fraction``, never lengthened.
+
+    Entries stored together then expire apart, and an origin's max-age is never exceeded.
+
+    >>> jittered(Freshness(100.0, "max-age", 0.0, 0.0), 0.1, 0.5).lifetime
+    95.0
+    """
+    if not fraction or freshness.lifetime <= 0:
+        return freshness
+    return replace(freshness, lifetime=freshness.lifetime * (1 - draw * fraction))
+
+
+def with_via(headers: HeaderList, via: str) -> HeaderList:
+    """Stored fields with ``via`` (this cache's Via entry) as the last member of Via, once.
+
+    >>> once = with_via((("Via", "1.1 lb"), ("X", "1")), "1.1 cachegate")
+    >>> once, with_via(once, "1.1 cachegate") == once
+    ((('X', '1'), ('Via', '1.1 lb, 1.1 cachegate')), True)
+    """
+    values = [v for k, v in headers if k.lower() == "via"]
+    members = split_list(values)
+    if members and members[-1] == via:
+        return headers
+    others = tuple((k, v) for k, v in headers if k.lower() != "via")
+    return (*others, ("Via", ", ".join((*members, via))))
+
+
+def tags_from_headers(headers: Headers, names: Iterable[str]) -> tuple[str, ...]:
+    """Surrogate keys from the response fields ``names`` (``cache.tag_headers``), in order, deduplicated.
+
+    ``Surrogate-Key`` is space separated (Fastly), ``Cache-Tag`` comma separated
+    (Cloudflare, where a tag may contain spaces); any other configured field is split
+    on commas and whitespace both (``X-Magento-Tags: a,b``, ``X-Drupal-Cache-Tags: a b``).
+
+    >>> from multidict import CIMultiDict
+    >>> h = CIMultiDict([("Surrogate-Key", "a  b"), ("Cache-Tag", "c d, e"), ("X-Tags", "f,g h")])
+    >>> tags_from_headers(h, ["surrogate-key", "cache-tag", "x-tags"])
+    ('a', 'b', 'c d', 'e', 'f', 'g', 'h')
+    """
+    tags: list[str] = []
+    for name in names:
+        lname = name.lower()
+        for line in headers.getall(name, ()):
+            if lname == "surrogate-key":
+                parts = line.split()
+            elif lname == "cache-tag":
+                parts = line.split(",")
+            else:
+                parts = re.split(r"[,\s]+", line)
+            tags.extend(t.strip() for t in parts if t.strip())
+    return tuple(dict.fromkeys(tags))

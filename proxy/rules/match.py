@@ -1,0 +1,313 @@
+"""Matching: a request (and a response's status and type) against a rule's ``match:``.
+
+Each condition is compiled once, at load, into a ``Check``: the predicate the hot
+path calls (one closure call per condition, cheapest first) and, beside it, the
+sentence explain prints when that predicate fails. A rule's request predicate and
+its first failing condition (``Match.request_mismatch``) walk the same list of
+checks, so what ``cachegate explain`` says cannot drift from what matches.
+
+Requests are seen through a ``RequestView``: the path normalised once (decoded,
+dot-segments removed: what the origin will read), query parameters and cookies
+parsed on first use.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qsl
+
+from proxy.policy.messages import RequestHead
+from proxy.policy.request import normalise_path
+
+CondKind = Literal["present", "absent", "equals", "regex"]
+Source = Literal["query", "header", "cookie"]
+Predicate = Callable[["RequestView"], bool]
+
+
+class RequestView:
+    """A request as rules see it; query parameters and cookies are parsed on first use."""
+
+    __slots__ = ("_cookies", "_params", "head", "host", "path", "query")
+
+    def __init__(self, head: RequestHead) -> None:
+        raw_path, _, self.query = head.target.partition("?")
+        self.head = head
+        self.path = normalise_path(raw_path)
+        host = head.host
+        self.host = host.rsplit(":", 1)[0] if ":" in host and not host.endswith("]") else host
+        self._params: dict[str, str] | None = None
+        self._cookies: dict[str, str] | None = None
+
+    def params(self) -> dict[str, str]:
+        """Query parameters, decoded; the first value of a repeated one."""
+        if self._params is None:
+            params: dict[str, str] = {}
+            if "%" in self.query or "+" in self.query:
+                pairs: list[tuple[str, str]] = parse_qsl(self.query, keep_blank_values=True)
+            else:  # nothing to decode: skip parse_qsl's unquoting
+                pairs = [(k, v) for k, _, v in (p.partition("=") for p in self.query.split("&")) if k]
+            for k, v in pairs:
+                params.setdefault(k, v)
+            self._params = params
+        return self._params
+
+    def cookies(self) -> dict[str, str]:
+        if self._cookies is None:
+            self._cookies = {}
+            for line in self.head.headers.getall("Cookie", ()):
+                for part in line.split(";"):
+                    k, eq, v = part.strip().partition("=")
+                    if eq and k:
+                        self._cookies.setdefault(k, v)
+        return self._cookies
+
+    def header(self, name: str) -> str | None:
+        values = self.head.headers.getall(name, ())
+        if len(values) == 1:
+            return values[0]
+        return ", ".join(values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One compiled request condition: ``holds`` (the hot path) and ``why_not`` (for explain,
+    called only when ``holds`` is false)."""
+
+    holds: Predicate
+    why_not: Callable[[RequestView], str]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCheck:
+    """One compiled response condition, on (status, Content-Type)."""
+
+    holds: Callable[[int, str | None], bool]
+    why_not: Callable[[int, str | None], str]
+
+
+def _always(v: RequestView) -> bool:
+    return True
+
+
+def all_of(checks: list[Predicate]) -> Predicate:
+    """One predicate for all of ``checks`` (unrolled for the common short cases)."""
+    if not checks:
+        return _always
+    if len(checks) == 1:
+        return checks[0]
+    if len(checks) == 2:
+        a, b = checks
+        return lambda v: a(v) and b(v)
+    if len(checks) == 3:
+        a, b, c = checks
+        return lambda v: a(v) and b(v) and c(v)
+    every = tuple(checks)
+
+    def all_hold(v: RequestView) -> bool:
+        for check in every:  # noqa: SIM110 (a loop is faster than all() over a generator)
+            if not check(v):
+                return False
+        return True
+
+    return all_hold
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One query parameter, header or cookie condition."""
+
+    name: str
+    kind: CondKind
+    value: str | None = None
+    pattern: re.Pattern[str] | None = None
+
+    def check(self, source: Source) -> Check:
+        """This condition compiled for requests: with as few calls as possible (the hot path)."""
+        name, kind, value, pattern = self.name, self.kind, self.value, self.pattern
+        why = f"{source}: not {self.describe()}"
+        get: Callable[[RequestView], str | None]
+        holds: Predicate
+        if source == "header":
+            if kind == "present":
+                return Check(lambda v: name in v.head.headers, lambda v: why)
+            if kind == "absent":
+                return Check(lambda v: name not in v.head.headers, lambda v: why)
+            get = lambda v: v.header(name)  # noqa: E731
+        elif source == "cookie":
+            if kind == "present":
+                holds = lambda v: name in (v._cookies if v._cookies is not None else v.cookies())  # noqa: E731
+                return Check(holds, lambda v: why)
+            if kind == "absent":
+                holds = lambda v: name not in (v._cookies if v._cookies is not None else v.cookies())  # noqa: E731
+                return Check(holds, lambda v: why)
+            get = lambda v: (v._cookies if v._cookies is not None else v.cookies()).get(name)  # noqa: E731
+        else:
+            if kind == "present":
+                holds = lambda v: name in (v._params if v._params is not None else v.params())  # noqa: E731
+                return Check(holds, lambda v: why)
+            if kind == "absent":
+                holds = lambda v: name not in (v._params if v._params is not None else v.params())  # noqa: E731
+                return Check(holds, lambda v: why)
+            get = lambda v: (v._params if v._params is not None else v.params()).get(name)  # noqa: E731
+        if kind == "equals":
+            return Check(lambda v: get(v) == value, lambda v: why)
+        assert pattern is not None
+        search = pattern.search
+
+        def matches(v: RequestView) -> bool:
+            actual = get(v)
+            return actual is not None and search(actual) is not None
+
+        return Check(matches, lambda v: why)
+
+    def describe(self) -> str:
+        if self.kind in ("present", "absent"):
+            return f"{self.name} {self.kind}"
+        if self.kind == "equals":
+            return f"{self.name} = {self.value!r}"
+        assert self.pattern is not None
+        return f"{self.name} ~ /{self.pattern.pattern}/"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPattern:
+    pattern: re.Pattern[str]
+    with_port: bool  # the pattern names a port: compare with the Host's port
+    text: str
+
+
+_REGEX_SEGMENT = re.compile(r"\^/([A-Za-z0-9_~!&',;=@-]+)/")
+
+
+def _regex_first_segment(pattern: str) -> str | None:
+    """The literal first segment of an anchored regex like ``^/assets/...``, else None.
+
+    >>> _regex_first_segment(r"^/assets/.+\\.css$"), _regex_first_segment(r"^/a/x|/b")
+    ('assets', None)
+    """
+    if "|" in pattern:  # a top-level alternative could match anywhere
+        return None
+    m = _REGEX_SEGMENT.match(pattern)
+    return m.group(1) if m else None
+
+
+def first_segment(path: str) -> str:
+    end = path.find("/", 1)
+    return path[1:] if end < 0 else path[1:end]
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A rule's ``match:`` as written, compiled into its request and response checks."""
+
+    hosts: tuple[HostPattern, ...] = ()
+    path: re.Pattern[str] | None = None
+    path_is_regex: bool = False  # regex: searched; glob: the whole path
+    path_text: str = ""
+    methods: frozenset[str] | None = None
+    query: tuple[Condition, ...] = ()
+    headers: tuple[Condition, ...] = ()
+    cookies: tuple[Condition, ...] = ()
+    status: frozenset[int] | None = None
+    content_types: tuple[str, ...] = ()
+    # Compiled from the fields above, cheapest first; explain and matching both read them.
+    checks: tuple[Check, ...] = field(init=False, repr=False, compare=False)
+    response_checks: tuple[ResponseCheck, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checks", self._request_checks())
+        object.__setattr__(self, "response_checks", self._response_checks())
+
+    @property
+    def needs_response(self) -> bool:
+        return self.status is not None or bool(self.content_types)
+
+    def first_segment(self) -> str | None:
+        """The literal first path segment every matching path has, if the glob fixes one."""
+        if self.path is None:
+            return None
+        if self.path_is_regex:
+            return _regex_first_segment(self.path.pattern)
+        seg = first_segment(self.path_text)
+        if not seg or "*" in seg or "?" in seg:
+            return None
+        return seg
+
+    def predicate(self) -> Predicate:
+        """All request checks in one closure: per request, one call per condition this match has."""
+        return all_of([c.holds for c in self.checks])
+
+    def request_holds(self, v: RequestView) -> bool:
+        return self.predicate()(v)
+
+    def request_mismatch(self, v: RequestView) -> str | None:
+        """None when every request condition holds, else the first that does not (for explain)."""
+        for c in self.checks:
+            if not c.holds(v):
+                return c.why_not(v)
+        return None
+
+    def response_holds(self, status: int, content_type: str | None) -> bool:
+        for c in self.response_checks:  # noqa: SIM110 (a loop is faster than all() over a generator)
+            if not c.holds(status, content_type):
+                return False
+        return True
+
+    def response_mismatch(self, status: int, content_type: str | None) -> str | None:
+        for c in self.response_checks:
+            if not c.holds(status, content_type):
+                return c.why_not(status, content_type)
+        return None
+
+    def _request_checks(self) -> tuple[Check, ...]:
+        checks: list[Check] = []
+        if self.methods is not None:
+            methods = self.methods
+            shown = sorted(methods)
+            checks.append(Check(lambda v: v.head.method in methods,
+                                lambda v: f"method {v.head.method} not in {shown}"))
+        if self.hosts:
+            hosts = tuple((h.pattern.fullmatch, h.with_port) for h in self.hosts)
+            texts = [h.text for h in self.hosts]
+
+            def host_ok(v: RequestView) -> bool:
+                for fullmatch, with_port in hosts:
+                    if fullmatch(v.head.host if with_port else v.host) is not None:
+                        return True
+                return False
+
+            checks.append(Check(host_ok, lambda v: f"host {v.head.host} not in {texts}"))
+        if self.path is not None:
+            path_match = self.path.search if self.path_is_regex else self.path.fullmatch
+            path_text = self.path_text
+            checks.append(Check(lambda v: path_match(v.path) is not None,
+                                lambda v: f"path {v.path} does not match {path_text!r}"))
+        checks.extend(c.check("query") for c in self.query)
+        checks.extend(c.check("header") for c in self.headers)
+        checks.extend(c.check("cookie") for c in self.cookies)
+        return tuple(checks)
+
+    def _response_checks(self) -> tuple[ResponseCheck, ...]:
+        checks: list[ResponseCheck] = []
+        if self.status is not None:
+            statuses = self.status
+            shown = sorted(statuses)
+            checks.append(ResponseCheck(lambda status, ct: status in statuses,
+                                        lambda status, ct: f"status {status} not in {shown}"))
+        if self.content_types:
+            patterns = self.content_types
+
+            def bare(content_type: str | None) -> str:
+                return (content_type or "").split(";", 1)[0].strip().lower()
+
+            def type_ok(status: int, content_type: str | None) -> bool:
+                ct = bare(content_type)
+                return any(fnmatch.fnmatchcase(ct, pattern) for pattern in patterns)
+
+            checks.append(ResponseCheck(
+                type_ok, lambda status, ct: f"content type {bare(ct) or '(none)'!r} not in {list(patterns)}"))
+        return tuple(checks)

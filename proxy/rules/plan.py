@@ -1,0 +1,233 @@
+"""Plans: what the rules decide for one request, and for its response.
+
+``RuleSet.plan(request)`` is run before every lookup, hits included. It returns the
+``RequestPlan`` of the first rule whose request conditions hold and that has no
+response conditions (bypass, key, client_cache_control), with the rules *with*
+response conditions met before it; ``RequestPlan.for_response`` then picks the
+``StorePlan`` (ttl, no_store, tags, ...) of the first of those whose status and type
+hold, else its own. The contract of the two moments is stated once, in ``proxy.rules``.
+
+Speed: the path's first segment picks the (precomputed, ordered) rules that can match
+it, and the scan stops at the first request-time rule. A rule's plan and store plan
+are built at load, so a request without response-dependent rules allocates nothing
+here but its ``RequestView``; the few combinations with them are memoised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+from proxy.policy.keys import DEFAULT_KEY, KeySpec
+from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
+from proxy.rules.match import Match, Predicate, RequestView, first_segment
+
+T = TypeVar("T")
+CACHED_METHODS = frozenset({"GET", "HEAD"})
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    add: tuple[tuple[str, str], ...] = ()  # set (replacing any origin value) on the way to the client
+    remove: tuple[str, ...] = ()
+    drop: frozenset[str] = frozenset()  # lower-cased names of both, precomputed
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.remove)
+
+    def apply(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        out = [(k, v) for k, v in headers if k.lower() not in self.drop]
+        out.extend(self.add)
+        return out
+
+
+def header_edits(add: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> HeaderEdits:
+    drop = frozenset(n.lower() for n in remove) | frozenset(n.lower() for n, _ in add)
+    return HeaderEdits(add, remove, drop)
+
+
+@dataclass(frozen=True, slots=True)
+class Actions:
+    """What a rule (or the defaults) sets; None means "not set here"."""
+
+    ttl: Mapping[int, float] | None = None
+    ttl_default: float | None = None
+    override_origin: bool | None = None
+    bypass: bool = False
+    no_store: bool = False
+    key: KeySpec | None = None
+    stale_while_revalidate: float | None = None
+    stale_if_error: float | None = None
+    tags: tuple[str, ...] = ()
+    response_headers: HeaderEdits | None = None
+    client_cache_control: ClientCacheControl | None = None
+    deception_guard: bool | None = None
+    ttl_jitter: float | None = None  # a fraction: 0.1 shortens lifetimes by 0-10%
+    allow_set_cookie: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StorePlan:
+    """The store-time outcome of the rules for one response."""
+
+    rule: Rule | None
+    options: CacheOptions
+    no_store: bool
+    tags: tuple[str, ...]
+    deception_guard: bool
+    ttl_jitter: float
+    response_headers: HeaderEdits | None  # the rule's, else the defaults'
+
+    @property
+    def no_store_rule(self) -> str | None:
+        """The name of the rule that says no_store, if one does (``policy.fill.StoreRules``)."""
+        return self.rule.name if self.no_store and self.rule is not None else None
+
+
+@dataclass(eq=False, slots=True)
+class Rule:
+    name: str
+    file: str
+    line: int
+    match: Match
+    actions: Actions
+    set_fields: tuple[str, ...] = ()  # the action keys written in the file, for explain
+    catch_all: bool = False  # written without match conditions: it wins for every request
+    store: StorePlan = field(init=False)  # built by RuleSet, which knows the defaults
+    holds: Predicate = field(init=False)  # the request conditions, compiled
+    needs_response: bool = field(init=False)
+    plan: RequestPlan = field(init=False)  # the request plan when this rule decides alone
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """The request-time outcome of the rules for one request."""
+
+    rule: Rule | None  # decides bypass, key and client_cache_control
+    bypass: bool
+    key: KeySpec
+    options: CacheOptions
+    store: StorePlan  # the store-time plan when no rule with response conditions applies
+    # Rules with response conditions whose request conditions held, before ``rule``.
+    response_rules: tuple[Rule, ...] = ()
+
+    @property
+    def response_headers(self) -> HeaderEdits | None:
+        """The edits when they do not depend on the response (see ``response_headers_for``)."""
+        return self.store.response_headers
+
+    def for_response(self, status: int, content_type: str | None) -> StorePlan:
+        for r in self.response_rules:
+            if r.match.response_holds(status, content_type):
+                return r.store
+        return self.store
+
+    def response_headers_for(self, status: int, content_type: str | None) -> HeaderEdits | None:
+        if not self.response_rules:
+            return self.store.response_headers
+        return self.for_response(status, content_type).response_headers
+
+
+def first(*values: T | None) -> T | None:
+    """The first value that is set here (not None): a rule's, else the defaults'."""
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+class RuleSet:
+    """Compiled rules of every file, in order, with the merged defaults."""
+
+    def __init__(self, defaults: Actions | None = None, rules: tuple[Rule, ...] = (),
+                 base: CacheOptions | None = None, files: tuple[str, ...] = ()) -> None:
+        self.defaults = defaults or Actions()
+        self.rules = rules
+        self.base = base or CacheOptions()
+        self.files = files
+        self.default_store = self._store_plan(None)
+        self.default_plan = RequestPlan(None, False, DEFAULT_KEY, self.default_store.options,
+                                        self.default_store)
+        for r in rules:
+            r.holds = r.match.predicate()
+            r.needs_response = r.match.needs_response
+            r.store = self._store_plan(r)
+            a = r.actions
+            r.plan = RequestPlan(r, a.bypass, a.key or DEFAULT_KEY, r.store.options, r.store)
+        self._plans: dict[tuple[Rule | None, ...], RequestPlan] = {}
+        # Index by the first path segment: the rules a path with segment S can match, in order.
+        segs = {r.match.first_segment() for r in rules} - {None}
+        self._other = tuple(r for r in rules if r.match.first_segment() is None)
+        self._by_segment = {
+            s: tuple(r for r in rules if r.match.first_segment() in (None, s)) for s in segs
+        }
+
+    def rebased(self, base: CacheOptions) -> RuleSet:
+        return RuleSet(self.defaults, tuple(replace(r) for r in self.rules), base, self.files)
+
+    def plan(self, request: RequestHead) -> RequestPlan:
+        view = RequestView(request)
+        response_rules: list[Rule] | None = None
+        for r in self._by_segment.get(first_segment(view.path), self._other):
+            if not r.holds(view):
+                continue
+            if r.needs_response:
+                if response_rules is None:
+                    response_rules = []
+                response_rules.append(r)
+                continue
+            if response_rules is None:
+                return r.plan
+            return self._composed(r.plan, response_rules)
+        if response_rules is None:
+            return self.default_plan
+        return self._composed(self.default_plan, response_rules)
+
+    def _composed(self, plan: RequestPlan, response_rules: list[Rule]) -> RequestPlan:
+        """``plan`` with response-dependent rules before it; the few combinations are memoised."""
+        key = (plan.rule, *response_rules)
+        composed = self._plans.get(key)
+        if composed is None:
+            composed = replace(plan, response_rules=tuple(response_rules))
+            if len(self._plans) < 4096:
+                self._plans[key] = composed
+        return composed
+
+    def trace(self, request: RequestHead) -> list[tuple[Rule, str | None]]:
+        """Every rule with the first request condition that fails (None: it holds). For explain."""
+        view = RequestView(request)
+        return [(r, r.match.request_mismatch(view)) for r in self.rules]
+
+    def _store_plan(self, rule: Rule | None) -> StorePlan:
+        a = rule.actions if rule is not None else None
+        d = self.defaults
+        ttl = a.ttl if a is not None and a.ttl is not None else d.ttl
+        ttl_default = a.ttl_default if a is not None and a.ttl is not None else d.ttl_default
+        override = bool(a and a.override_origin)
+        options = replace(
+            self.base,
+            ttl_by_status=ttl if ttl is not None else self.base.ttl_by_status,
+            ttl_default=ttl_default,
+            override_origin=override,
+            stale_while_revalidate=first(a.stale_while_revalidate if a else None,
+                                          d.stale_while_revalidate) or 0.0,
+            stale_if_error=first(a.stale_if_error if a else None, d.stale_if_error) or 0.0,
+            client_cache_control=first(a.client_cache_control if a else None,
+                                        d.client_cache_control) or "honor",
+            allow_set_cookie=bool(first(a.allow_set_cookie if a else None, d.allow_set_cookie)),
+        )
+        guard = a.deception_guard if a is not None and a.deception_guard is not None else override
+        return StorePlan(
+            rule=rule,
+            options=options,
+            no_store=bool(a and a.no_store),
+            tags=a.tags if a else (),
+            deception_guard=guard,
+            ttl_jitter=first(a.ttl_jitter if a else None, d.ttl_jitter) or 0.0,
+            response_headers=first(a.response_headers if a else None, d.response_headers),
+        )

@@ -1,0 +1,179 @@
+"""The fill decision: is a fetched response stored, and as what (RFC 9111 §3 with the rules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from proxy.policy.fill import (
+    Exchange,
+    Fill,
+    FillSettings,
+    NoFill,
+    decide_fill,
+    freshened,
+    shareable_with_followers,
+)
+from proxy.policy.messages import CacheOptions, RequestHead
+from tests.policy.build import T0, date, headers, request, stored
+
+Pairs = list[tuple[str, str]]
+FRESH = ("Cache-Control", "max-age=100")
+SETTINGS = FillSettings("1.1 cachegate", ("surrogate-key", "cache-tag"))
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Store-time rules as ``proxy.rules.StorePlan`` gives them (``policy.fill.StoreRules``)."""
+
+    options: CacheOptions = field(default_factory=CacheOptions)
+    no_store_rule: str | None = None
+    deception_guard: bool = False
+    ttl_jitter: float = 0.0
+    tags: tuple[str, ...] = ()
+
+
+def fill(response: Pairs, *, status: int = 200, rules: Rules | None = None, req: RequestHead | None = None,
+         jitter: float = 0.0, part: bool = False) -> Fill | NoFill:
+    answer = Exchange(req or request(), status, "OK", headers(*response), T0, T0)
+    return decide_fill(answer, rules or Rules(), SETTINGS, jitter=jitter, part=part)
+
+
+RULE_TTL = CacheOptions(ttl_by_status={200: 60.0}, override_origin=True)
+
+# (case, request, status, response fields, rules, the NoFill detail or None when stored)
+CASES: list[tuple[str, RequestHead, int, Pairs, Rules, str | None]] = [
+    ("a fresh 200 is stored", request(), 200, [FRESH], Rules(), None),
+    ("a HEAD fills with a GET: its answer is stored as the GET's", request(method="HEAD"), 200, [FRESH],
+     Rules(), None),
+    ("a POST is never stored", request(method="POST"), 200, [FRESH], Rules(), "METHOD"),
+    ("a rule's no_store wins over any freshness", request(), 200, [FRESH], Rules(no_store_rule="api"),
+     "RULE-NO-STORE:api"),
+    ("a rule's no_store is named before RFC 9111's reasons", request(), 200,
+     [("Cache-Control", "private")], Rules(no_store_rule="api"), "RULE-NO-STORE:api"),
+    ("private is never stored (RFC 9111 §5.2.2.7)", request(), 200, [("Cache-Control", "private, max-age=9")],
+     Rules(), "PRIVATE"),
+    ("Set-Cookie is not stored unless a rule allows it", request(), 200, [FRESH, ("Set-Cookie", "a=1")],
+     Rules(), "SET-COOKIE"),
+    ("the deception guard refuses a type the extension contradicts", request(target="/a.css"), 200,
+     [FRESH, ("Content-Type", "text/html")], Rules(deception_guard=True), "DECEPTION-GUARD"),
+    ("the guard lets an agreeing type through", request(target="/a.css"), 200,
+     [FRESH, ("Content-Type", "text/css")], Rules(deception_guard=True), None),
+    ("the guard off lets anything through", request(target="/a.css"), 200,
+     [FRESH, ("Content-Type", "text/html")], Rules(), None),
+    ("under a rule's ttl the guard wants positive proof: no extension is refused", request(target="/a"),
+     200, [("Content-Type", "text/html")], Rules(options=RULE_TTL, deception_guard=True), "DECEPTION-GUARD"),
+    ("under the origin's freshness no extension proves nothing and is stored", request(target="/a"), 200,
+     [FRESH, ("Content-Type", "text/html")], Rules(deception_guard=True), None),
+]
+
+
+@pytest.mark.parametrize(("case", "req", "status", "response", "rules", "detail"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_the_fill_decision(case: str, req: RequestHead, status: int, response: Pairs, rules: Rules,
+                           detail: str | None) -> None:
+    decision = fill(response, status=status, rules=rules, req=req)
+    if detail is None:
+        assert isinstance(decision, Fill), decision
+    else:
+        assert decision == NoFill(detail)
+
+
+def test_a_cookie_stored_under_allow_set_cookie_is_dropped_from_what_is_kept() -> None:
+    rules = Rules(options=CacheOptions(allow_set_cookie=True))
+    decision = fill([FRESH, ("Set-Cookie", "a=1"), ("set-cookie", "b=2")], rules=rules)
+    assert isinstance(decision, Fill)
+    assert [k for k, _ in decision.response.headers] == ["Cache-Control", "Via"]
+
+
+def test_the_filling_request_s_id_echoed_by_the_origin_is_not_kept() -> None:
+    decision = fill([FRESH, ("X-Request-Id", "abc")])
+    assert isinstance(decision, Fill)
+    assert [k for k, _ in decision.response.headers] == ["Cache-Control", "Via"]
+
+
+def test_a_part_is_kept_as_its_complete_response_would_be_without_the_cookie() -> None:
+    rules = Rules(options=CacheOptions(allow_set_cookie=True))
+    decision = fill([FRESH, ("Content-Range", "bytes 0-4/10"), ("Set-Cookie", "a=1")], status=206,
+                    rules=rules, part=True)
+    assert isinstance(decision, Fill)
+    assert decision.response.status == 206
+    assert dict(decision.response.headers) == {"Cache-Control": "max-age=100", "Content-Range": "bytes 0-4/10",
+                                               "Via": "1.1 cachegate"}
+
+
+@pytest.mark.parametrize(("response", "detail"), [
+    ([FRESH], "NO-CONTENT-RANGE"),
+    ([FRESH, ("Content-Range", "bytes 0-4/10"), ("Content-Type", "multipart/byteranges; boundary=x")],
+     "MULTIPART"),
+])
+def test_a_part_that_cannot_be_placed_is_not_stored(response: Pairs, detail: str) -> None:
+    assert fill(response, status=206, part=True) == NoFill(detail)
+
+
+def test_this_cache_s_via_is_the_last_member_once() -> None:
+    decision = fill([FRESH, ("Via", "1.1 lb")])
+    assert isinstance(decision, Fill)
+    assert [v for k, v in decision.response.headers if k == "Via"] == ["1.1 lb, 1.1 cachegate"]
+
+
+def test_tags_come_from_the_configured_fields_then_the_rule_once_each() -> None:
+    decision = fill([FRESH, ("Surrogate-Key", "a b"), ("Cache-Tag", "b,c"), ("X-Tags", "x")],
+                    rules=Rules(tags=("c", "d")))
+    assert isinstance(decision, Fill)
+    assert decision.tags == ("a", "b", "c", "d")
+
+
+@pytest.mark.parametrize(("draw", "lifetime"), [(0.0, 100.0), (0.5, 95.0), (0.999, 90.01)])
+def test_ttl_jitter_shortens_the_lifetime_by_the_draw_never_lengthens_it(draw: float, lifetime: float) -> None:
+    decision = fill([FRESH], rules=Rules(ttl_jitter=0.1), jitter=draw)
+    assert isinstance(decision, Fill)
+    assert decision.response.freshness.lifetime == pytest.approx(lifetime)
+
+
+def test_a_response_without_a_lifetime_is_not_jittered() -> None:
+    decision = fill([("ETag", '"a"')], rules=Rules(ttl_jitter=0.5), jitter=0.9)
+    assert isinstance(decision, Fill)
+    assert decision.response.freshness.lifetime == 0
+
+
+def test_a_304_freshens_the_stored_response_and_keeps_it_as_a_fill_would() -> None:
+    s = stored([("Cache-Control", "max-age=10"), ("ETag", '"a"'), ("Via", "1.1 cachegate")])
+    update = Exchange(request(), 304, "", headers(("Cache-Control", "max-age=100"), ("Via", "1.1 origin")),
+                      T0 + 50, T0 + 50)
+    fresh = freshened(s, update, Rules(ttl_jitter=0.1), SETTINGS, jitter=0.5)
+    assert fresh is not None
+    assert fresh.freshness.lifetime == pytest.approx(95.0) and fresh.freshness.ttl(T0 + 50) == pytest.approx(95)
+    assert [v for k, v in fresh.headers if k == "Via"] == ["1.1 origin, 1.1 cachegate"]
+
+
+def test_a_304_echoing_the_revalidating_request_s_id_does_not_add_it_to_the_stored_response() -> None:
+    s = stored([("Cache-Control", "max-age=10"), ("ETag", '"a"')])
+    update = Exchange(request(), 304, "", headers(("X-Request-Id", "abc"), ("X-New", "1")), T0 + 50, T0 + 50)
+    fresh = freshened(s, update, Rules(), SETTINGS)
+    assert fresh is not None
+    assert [k for k, _ in fresh.headers] == ["Cache-Control", "ETag", "X-New", "Via"]
+
+
+def test_a_304_saying_private_ends_the_stored_response() -> None:
+    s = stored([("Cache-Control", "max-age=10"), ("ETag", '"a"')])
+    update = Exchange(request(), 304, "", headers(("Cache-Control", "private")), T0 + 50, T0 + 50)
+    assert freshened(s, update, Rules(), SETTINGS) is None
+
+
+# (case, response fields, seconds after arrival, shareable)
+SHAREABLE = [
+    ("fresh on arrival: followers take it", [FRESH], 0, True),
+    ("stale on arrival (an Age beyond max-age): followers validate for themselves",
+     [FRESH, ("Age", "200")], 0, False),
+    ("no-cache: every use is validated, a follower's too", [("Cache-Control", "no-cache, max-age=100")], 0,
+     False),
+    ("no lifetime, only a validator", [("ETag", '"a"'), ("Date", date(0))], 0, False),
+]
+
+
+@pytest.mark.parametrize(("case", "response", "after", "shareable"), SHAREABLE, ids=[s[0] for s in SHAREABLE])
+def test_followers_share_a_fill_only_when_it_is_fresh_on_arrival(
+        case: str, response: Pairs, after: float, shareable: bool) -> None:
+    assert shareable_with_followers(stored(response), T0 + after) is shareable
