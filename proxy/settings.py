@@ -383,7 +383,8 @@ LISTEN = Parser("HOST:PORT, a listener mapping, or a list of them", _listen,
 # -- logs ----------------------------------------------------------------------------------
 
 
-def _log_path(value: str, ctx: Context) -> str:
+def _log_path(item: Src, ctx: Context) -> str:
+    value: str = text().read(item, ctx)
     if value == "stdout":
         return value
     resolved = ctx.path(value)
@@ -400,7 +401,7 @@ class AccessLogSettings:
     format: LogFormat = setting("json", "json: one JSON object a line; combined: nginx's and Apache's format")
     path: str = setting("stdout", "stdout, or a file appended to and reopened on SIGHUP (relative paths: to "
                                   "the config file)",
-                        Parser("stdout or path", lambda item, ctx: _log_path(text().read(item, ctx), ctx)))
+                        Parser("stdout or path", _log_path))
 
 
 def _access_log(item: Src, ctx: Context) -> AccessLogSettings | None:
