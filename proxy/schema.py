@@ -233,12 +233,8 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 
 class Invalid(ValueError):
-    """A value refused: reported as ``FILE:LINE: <dotted key>: <message>`` at the value
-    (or at ``at``), and the setting keeps its default."""
-
-    def __init__(self, message: Str, at: Src | tuple[Str, Int] | None = None) -> None:
-        super().__init__(message)
-        self.at = at
+    """A value refused: reported as ``FILE:LINE: <dotted key>: <message>`` at the value, and
+    the setting keeps its default."""
 
 
 class Reported(Exception):
@@ -418,7 +414,7 @@ def read_section(cls: type[T], src: Src, ctx: Context, **fixed: Any) -> T:
             else:
                 values[f.name] = f.parser.read(item, sub)
         except Invalid as exc:
-            sub.problem(exc.at or item, str(exc))
+            sub.problem(item, str(exc))
         except Reported:
             pass
         else:

@@ -363,7 +363,7 @@ def _listen(item: Src, ctx: Context) -> tuple[Listener, ...]:
         try:
             listener, at = _listener(entry, sub)
         except Invalid as exc:
-            sub.problem(exc.at or entry, str(exc))
+            sub.problem(entry, str(exc))
             continue
         except Reported:
             continue
