@@ -7,32 +7,23 @@ one ``FILE:LINE: message`` line per problem, before any port is bound.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from proxy import __version__
-from proxy.config import Overrides, Settings, load_config
+from proxy.config import Overrides
 from proxy.errors import ConfigError
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
-T = TypeVar("T")
-
-
-def run_async(coro: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
-    """Run on uvloop when it is importable (Linux), else on asyncio's default loop."""
-    if use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                return runner.run(coro)
-    return asyncio.run(coro)
+from proxy.startup import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    load_settings,
+    log_as_configured,
+    run_async,
+    start_logging,
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -56,31 +47,10 @@ def _overrides(args: argparse.Namespace) -> Overrides:
                      admin_listen=args.admin_listen, workers=args.workers)
 
 
-def _load(path: str | None, overrides: Overrides, *, warn: bool = False) -> Settings | None:
-    """The settings, or None after printing every problem (and, with ``warn``, every warning)."""
-    try:
-        settings = load_config(path, overrides)
-    except ConfigError as exc:
-        for line in exc.problems + (exc.warnings if warn else []):
-            print(line, file=sys.stderr)
-        return None
-    if warn:
-        for line in settings.warnings:
-            print(line, file=sys.stderr)
-    return settings
-
-
-def _setup_logging(level: str) -> None:
-    """One line per event on standard error (proxy.logs); JSON once a config asks for it."""
-    from proxy.logs import setup_logging
-
-    setup_logging(level)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     """Problems exit 2; warnings are printed (``FILE:LINE: warning: ...``) and exit 0, or 2
     with ``--strict`` (for CI)."""
-    settings = _load(args.config, Overrides(), warn=True)
+    settings = load_settings(args.config, Overrides(), warn=True)
     if settings is None:
         return EXIT_CONFIG
     rules = settings.rules
@@ -98,7 +68,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from proxy.explain import ExplainRequest, explain, parse_header
 
-    settings = _load(args.config, Overrides())
+    settings = load_settings(args.config, Overrides())
     if settings is None:
         return EXIT_CONFIG
     try:
@@ -208,7 +178,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if args.proxy:
         proxy = args.proxy
     elif args.config:
-        settings = _load(args.config, Overrides())
+        settings = load_settings(args.config, Overrides())
         if settings is None:
             return EXIT_CONFIG
         # A plain listener if there is one; a wildcard listen address is reached on loopback.
@@ -260,7 +230,7 @@ def _admin_of(args: argparse.Namespace, command: str) -> tuple[str, str | None] 
     if args.admin:
         return args.admin, token
     if args.config:
-        settings = _load(args.config, Overrides())
+        settings = load_settings(args.config, Overrides())
         if settings is None:
             return EXIT_CONFIG
         if settings.admin.listen is None:
@@ -291,7 +261,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     if args.admin:
         base = args.admin
     else:
-        settings = _load(args.config, Overrides())
+        settings = load_settings(args.config, Overrides())
         if settings is None:
             return EXIT_CONFIG
         if settings.admin.listen is None:
@@ -307,15 +277,12 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    start_logging(args.log_level)
     overrides = _overrides(args)
-    settings = _load(args.config, overrides)
+    settings = load_settings(args.config, overrides)
     if settings is None:
         return EXIT_CONFIG
-    from proxy.logs import setup_logging
-    from proxy.runtime import error_log_json
-
-    setup_logging(as_json=error_log_json(settings))
+    log_as_configured(settings)
     for warning in settings.warnings:
         logging.getLogger("cachegate.config").warning("%s", warning)
     if settings.workers > 1:
@@ -328,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    start_logging(args.log_level)
     from proxy.demo import prepare_demo, run_demo
 
     try:

@@ -41,21 +41,13 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from proxy.policy.cache_status import cache_status
-
-LogFormat = Literal["json", "combined"]
+from proxy.settings import AccessLogSettings
 
 MAX_BATCH = 256  # records: a batch this long is written at once (a flush holds the loop ≈ 0.7 ms)
 PIPE_BUF = 4096  # writes up to this size to a pipe are atomic (POSIX)
-
-
-@dataclass(frozen=True)
-class AccessLogSettings:
-    format: LogFormat = "json"
-    path: str = "stdout"  # or a file, appended to (reopened on SIGHUP, for logrotate)
 
 
 # -- request ids ---------------------------------------------------------------------------

@@ -2,13 +2,25 @@
 
 Readers return a usable default after recording a problem, so one pass reports
 every problem in a file instead of stopping at the first.
+
+Two ways to read a mapping: ``Section``, whose typed readers a hand-written reader calls
+key by key (the rule compiler), and declared sections, where each key is a dataclass
+field carrying its parser (``setting``, ``read_section``): the config file's settings
+(``proxy.settings``), which ``reference`` also turns into docs/configuration.md.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
+import ipaddress
+import os
+import re
+import types
+import typing
 from collections.abc import Callable, Iterable
-from typing import Any, TypeAlias, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from proxy.units import parse_duration, parse_size
 from proxy.yamlsrc import Problems, Src
@@ -207,3 +219,473 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     return host or "0.0.0.0", int(port)
+
+
+# -- settings declared once: dataclass fields that carry their own parser ------------------
+#
+# A section of the config file is a frozen dataclass whose fields are declared with
+# ``setting()``: the field's name is the YAML key (``key=`` where an older name must stay),
+# its default is the default, and a ``Parser`` in the field's metadata reads and checks the
+# value (inferred from the field's type where the type says enough: bool, int, str,
+# Literal, tuple[str, ...], a nested dataclass). ``read_section`` reads a mapping with these
+# declarations and ``reference`` writes them as a Markdown table, so the allowed keys, the
+# defaults, ``cachegate check``'s messages and the reference page come from one place.
+
+
+class Invalid(ValueError):
+    """A value refused: reported as ``FILE:LINE: <dotted key>: <message>`` at the value, and
+    the setting keeps its default."""
+
+
+class Reported(Exception):
+    """The parser has recorded its problems itself; the setting keeps its default."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a parser knows besides the value: where problems go, the value's dotted name, the
+    line of its key (a missing key is reported there), and the folder relative paths start in."""
+
+    problems: Problems
+    base_dir: Str
+    name: Str = ""
+    where: tuple[Str, Int] | None = None  # None: where the section itself starts
+
+    def child(self, key: Str, where: tuple[Str, Int]) -> Context:
+        return replace(self, name=f"{self.name}.{key}" if self.name else key, where=where)
+
+    def entry(self, name: Str, item: Src) -> Context:
+        """The context of a list entry (``listen[0]``, ``upstreams[]``): its own line."""
+        return replace(self, name=name, where=(item.file, item.line))
+
+    def problem(self, at: Src | tuple[Str, Int], message: Str) -> None:
+        self.problems.add(at, f"{self.name}: {message}" if self.name else message)
+
+    def path(self, text: Str) -> Str:
+        """A path as written in the config: relative ones are relative to the config file."""
+        return text if os.path.isabs(text) else os.path.normpath(os.path.join(self.base_dir, text))
+
+
+@dataclass(frozen=True)
+class Parser(Generic[T]):
+    """How one setting is read, and how the reference describes it.
+
+    ``read`` gets a value that is not null; it returns the setting's value, raises
+    ``Invalid``, or records problems itself and raises ``Reported``. ``on_null``: what an
+    explicit null means (None: the default). ``resolve``: applied to the default when the key
+    is absent (a relative default path becomes absolute). ``show``: the default as a config
+    file would write it. ``sections``: the dataclasses it reads, documented after the table
+    that names them."""
+
+    kind: Str
+    read: Callable[[Src, Context], T]
+    on_null: Callable[[Context], T] | None = None
+    resolve: Callable[[T, Context], T] | None = None
+    show: Callable[[T], Str] | None = None
+    sections: tuple[type, ...] = ()
+    entries: Bool = False  # its sections are list entries (documented as ``key[]``)
+
+
+@dataclass(frozen=True)
+class _Declared:
+    doc: Str
+    parser: Parser[Any] | None
+    key: Str | None
+    missing: Str
+
+
+_META = "cachegate.setting"
+_INTERNAL = "cachegate.internal"
+
+
+def setting(default: Any = dataclasses.MISSING, doc: Str = "", parse: Parser[Any] | None = None, *,
+            key: Str | None = None, factory: Callable[[], Any] | None = None, missing: Str = "") -> Any:
+    """A dataclass field that is one key of the config file. Without ``default`` (or
+    ``factory``) the key is required; ``missing`` is added to the "is required" message."""
+    meta = {_META: _Declared(doc, parse, key, missing)}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def internal(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None) -> Any:
+    """A field of a settings dataclass that the program fills, not the config file."""
+    meta = {_INTERNAL: True}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One declared setting of a section, with its parser worked out."""
+
+    name: Str  # the dataclass field
+    key: Str  # the YAML key
+    parser: Parser[Any]
+    doc: Str
+    default: Any  # dataclasses.MISSING: required
+    missing: Str
+
+    @property
+    def required(self) -> Bool:
+        return self.default is dataclasses.MISSING
+
+
+_FIELDS: dict[type, tuple[Field, ...]] = {}
+
+
+def fields_of(cls: type) -> tuple[Field, ...]:
+    """The settings of a section dataclass; TypeError for a field declared neither with
+    ``setting()`` nor ``internal()`` (so no field is silently left out of the file)."""
+    known = _FIELDS.get(cls)
+    if known is None:
+        known = _FIELDS[cls] = _declared_fields(cls)
+    return known
+
+
+def _declared_fields(cls: type) -> tuple[Field, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        declared = f.metadata.get(_META)
+        if declared is None:
+            if f.metadata.get(_INTERNAL):
+                continue
+            raise TypeError(f"{cls.__name__}.{f.name}: declare it with setting() (a key of the "
+                            "config file) or internal()")
+        if not declared.doc:
+            raise TypeError(f"{cls.__name__}.{f.name}: a setting needs its one-line doc")
+        default: Any = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        out.append(Field(f.name, declared.key or f.name, declared.parser or parser_for(hints[f.name]),
+                         declared.doc, default, declared.missing))
+    return tuple(out)
+
+
+def parser_for(tp: Any) -> Parser[Any]:
+    """The parser a field's type implies: bool, int, str, a Literal (one of its values),
+    tuple[str, ...] (a list, or one string), a dataclass (a nested section), or one of these
+    or None (null gives None; an optional string must be a string)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))
+        base = text(strict=True) if inner is str else parser_for(inner)
+        return replace(base, on_null=lambda ctx: None)
+    if tp is bool:
+        return flag()
+    if tp is int:
+        return integer()
+    if tp is str:
+        return text()
+    if origin is typing.Literal:
+        return choice(*args)
+    if origin is tuple and args == (str, ...):
+        return strings()
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return section(tp)
+    raise TypeError(f"no parser for {tp!r}: give setting(..., parse=...)")
+
+
+def read_section(cls: type[T], src: Src, ctx: Context, **fixed: Any) -> T:
+    """Read the mapping ``src`` into the section dataclass ``cls`` (``fixed``: values of its
+    ``internal()`` fields): unknown keys (with a "did you mean"), wrong values and missing
+    required keys all recorded; a wrong value keeps its default. Reported when a required key
+    is missing or wrong."""
+    declared = fields_of(cls)
+    sec = Section(src, ctx.problems, ctx.name, [f.key for f in declared])
+    values: dict[Str, Any] = dict(fixed)
+    complete = True
+    for f in declared:
+        item = sec.raw(f.key)
+        sub = ctx.child(f.key, sec.line_of(f.key))
+        if item is None or (item.value is None and (f.required or f.parser.on_null is None)):
+            if f.required:
+                sub.problems.add(ctx.where or (src.file, src.line), f"{sub.name}: required{f.missing}")
+                complete = False
+            else:
+                values[f.name] = default_of(f, sub)
+            continue
+        try:
+            if item.value is None:
+                assert f.parser.on_null is not None
+                values[f.name] = f.parser.on_null(sub)
+            else:
+                values[f.name] = f.parser.read(item, sub)
+        except Invalid as exc:
+            sub.problem(item, str(exc))
+        except Reported:
+            pass
+        else:
+            continue
+        if f.required:
+            complete = False
+        else:
+            values[f.name] = default_of(f, sub)
+    if not complete:
+        raise Reported
+    return cls(**values)
+
+
+def default_of(f: Field, ctx: Context) -> Any:
+    return f.parser.resolve(f.default, ctx) if f.parser.resolve is not None else f.default
+
+
+def _resolve_section(value: Any, ctx: Context) -> Any:
+    """A section's default, with each of its settings' defaults resolved (relative paths)."""
+    if value is None:
+        return None
+    changes = {f.name: f.parser.resolve(getattr(value, f.name), ctx.child(f.key, ctx.where or ("", 0)))
+               for f in fields_of(type(value)) if f.parser.resolve is not None}
+    return replace(value, **changes) if changes else value
+
+
+# -- parsers -------------------------------------------------------------------------------
+
+
+def section(cls: type[T], *, check: Callable[[T, Context], T] | None = None,
+            expected: Str = "a mapping", null: Callable[[Context], Any] | None = None) -> Parser[T]:
+    """A nested section; ``check`` sees the whole section once read (and may raise Invalid);
+    ``null``: what an explicit null means (None: the default)."""
+    def read(item: Src, ctx: Context) -> T:
+        if not isinstance(item.value, dict):
+            raise Invalid(f"expected {expected}, got {type_name(item.value)}")
+        value = read_section(cls, item, ctx)
+        return check(value, ctx) if check is not None else value
+
+    return Parser("mapping", read, on_null=null, resolve=_resolve_section,
+                  show=lambda v: "none" if v is None else "", sections=(cls,))
+
+
+def flag() -> Parser[Bool]:
+    def read(item: Src, ctx: Context) -> Bool:
+        if not isinstance(item.value, bool):
+            raise Invalid(f"expected true or false, got {type_name(item.value)}")
+        return item.value
+
+    return Parser("true/false", read)
+
+
+def integer(minimum: Int | None = None) -> Parser[Int]:
+    def read(item: Src, ctx: Context) -> Int:
+        value = item.value
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise Invalid(f"expected an integer, got {type_name(value)}")
+        if minimum is not None and value < minimum:
+            raise Invalid(f"must be at least {minimum}, got {value}")
+        return value
+
+    return Parser("integer" if minimum is None else f"integer ≥ {minimum}", read)
+
+
+def _text(item: Src, strict: Bool) -> Str:
+    value = item.value
+    if isinstance(value, str):
+        return value
+    if strict or not isinstance(value, int) or isinstance(value, bool):
+        raise Invalid(f"expected a string, got {type_name(value)}")
+    return str(value)
+
+
+def text(*, strict: Bool = False, check: Callable[[Str], Any] | None = None,
+         kind: Str = "text") -> Parser[Any]:
+    """A string (a number is taken as its text unless ``strict``); ``check`` may normalise it
+    or raise Invalid."""
+    def read(item: Src, ctx: Context) -> Any:
+        value = _text(item, strict)
+        return check(value) if check is not None else value
+
+    return Parser(kind, read)
+
+
+def choice(*options: Str) -> Parser[Any]:
+    def read(item: Src, ctx: Context) -> Str:
+        value = _text(item, strict=False)
+        if value not in options:
+            raise Invalid(f"must be one of {', '.join(options)}, got {value!r}")
+        return value
+
+    return Parser(" or ".join(options), read)
+
+
+def strings() -> Parser[tuple[Str, ...]]:
+    """A list of strings; one string is a list of one, null an empty list."""
+    def read(item: Src, ctx: Context) -> tuple[Str, ...]:
+        out = []
+        for element in elements(item):
+            if isinstance(element.value, str | int) and not isinstance(element.value, bool):
+                out.append(str(element.value))
+            else:
+                ctx.problem(element, f"expected strings in the list, got {type_name(element.value)}")
+        return tuple(out)
+
+    return Parser("list of strings", read, on_null=lambda ctx: (), show=_show_list)
+
+
+def elements(item: Src) -> builtins.list[Src]:
+    """A list's elements; a single string is a list of one."""
+    if isinstance(item.value, str):
+        return [item]
+    if not isinstance(item.value, list):
+        raise Invalid(f"expected a list, got {type_name(item.value)}")
+    return builtins.list(item.value)
+
+
+def byte_size(*, minimum: Int | None = None, why: Str = "") -> Parser[Int]:
+    def read(item: Src, ctx: Context) -> Int:
+        try:
+            value = parse_size(item.value)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        if minimum is not None and value < minimum:
+            raise Invalid(f"must be at least {show_size(minimum)}{why}, got {value} bytes")
+        return value
+
+    kind = "size (512KB, 256MB, 10GB)" if minimum is None else f"size ≥ {show_size(minimum)}"
+    return Parser(kind, read, show=show_size)
+
+
+def duration(*, positive: Bool = False) -> Parser[float]:
+    def read(item: Src, ctx: Context) -> float:
+        try:
+            value = parse_duration(item.value)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        if positive and value <= 0:
+            raise Invalid("must be more than 0")
+        return value
+
+    return Parser("duration (30s, 5m, 1h, 1d)" + (" > 0" if positive else ""), read, show=show_duration)
+
+
+def hostport(*, off: Bool = False) -> Parser[Any]:
+    """``HOST:PORT``; with ``off``, null or false turns the listener off (None)."""
+    def read(item: Src, ctx: Context) -> tuple[Str, Int] | None:
+        if off and item.value is False:
+            return None
+        try:
+            return parse_hostport(str(item.value))
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+
+    kind = "HOST:PORT, or null (off)" if off else "HOST:PORT"
+    return Parser(kind, read, on_null=(lambda ctx: None) if off else None,
+                  show=lambda v: "null" if v is None else show_hostport(v))
+
+
+def networks() -> Parser[tuple[Any, ...]]:
+    """IP addresses and CIDR networks: a list, or one."""
+    def read(item: Src, ctx: Context) -> tuple[Any, ...]:
+        out = []
+        for element in elements(item):
+            try:
+                out.append(ipaddress.ip_network(str(element.value), strict=False))
+            except ValueError:
+                ctx.problem(element, f"{element.value!r} is not an IP address or CIDR network")
+        return tuple(out)
+
+    return Parser("list of IP addresses or CIDR networks", read, show=_show_list)
+
+
+def file_path(*, must_exist: Bool = False, strict: Bool = False) -> Parser[Str]:
+    """A file or folder; relative to the config file (the default too)."""
+    def read(item: Src, ctx: Context) -> Str:
+        resolved = ctx.path(_text(item, strict))
+        if must_exist and not os.path.isfile(resolved):
+            raise Invalid(f"{resolved} does not exist")
+        return resolved
+
+    return Parser("path", read, resolve=lambda v, ctx: None if v is None else ctx.path(v))
+
+
+# -- how the reference writes values -------------------------------------------------------
+
+
+def show_size(n: Int) -> Str:
+    """>>> show_size(10 << 30), show_size(1536), show_size(100)
+    ('10GB', '1536', '100')
+    """
+    for unit, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def show_duration(seconds: float | None) -> Str:
+    """>>> show_duration(60.0), show_duration(5.0), show_duration(None), show_duration(0.5)
+    ('1m', '5s', 'none', '0.5s')
+    """
+    if seconds is None:
+        return "none"
+    for unit, mult in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % mult == 0:
+            return f"{int(seconds // mult)}{unit}"
+    return f"{seconds:g}s"
+
+
+def show_hostport(address: tuple[Str, Int]) -> Str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _show_list(values: tuple[Any, ...]) -> Str:
+    return "[" + ", ".join(str(v) for v in values) + "]"
+
+
+def show_value(f: Field) -> Str:
+    """A field's default as a config file would write it."""
+    if f.required:
+        return "required"
+    value = f.default
+    if f.parser.show is not None:
+        shown = f.parser.show(value)
+    elif value is None:
+        return "none"
+    elif isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, tuple):
+        shown = _show_list(value)
+    else:
+        shown = str(value) if value != "" else '""'
+    return f"`{shown}`" if shown and shown != "none" else shown or "see below"
+
+
+def reference(root: type, top: Str = "Top level") -> Str:
+    """Markdown tables of every setting under the section ``root``: one table per section
+    (its dotted name as the heading, the first paragraph of its docstring below), each key's
+    type, default and one-line meaning."""
+    out: builtins.list[Str] = []
+    seen: set[type] = set()
+
+    def heading(name: Str) -> Str:
+        return f"`{name}`" if name else top
+
+    def anchor(name: Str) -> Str:
+        return re.sub(r"[^a-z0-9_ -]", "", heading(name).lower()).replace(" ", "-")
+
+    def walk(cls: type, name: Str) -> None:
+        if cls in seen:
+            return
+        seen.add(cls)
+        out.append(f"## {heading(name)}\n")
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        if doc and not doc.startswith(f"{cls.__name__}("):
+            out.append(" ".join(line.strip() for line in doc.splitlines()).replace("``", "`") + "\n")
+        out.append("| key | type | default | meaning |\n|---|---|---|---|")
+        nested: builtins.list[tuple[type, Str]] = []
+        for f in fields_of(cls):
+            kind = f.parser.kind
+            for sub in f.parser.sections:
+                sub_name = (f"{name}.{f.key}" if name else f.key) + ("[]" if f.parser.entries else "")
+                if sub is not cls and sub not in seen:
+                    nested.append((sub, sub_name))
+                kind += f", see [{heading(sub_name)}](#{anchor(sub_name)})"
+            cells = (f"`{f.key}`", kind, show_value(f), f.doc)
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+        for sub, sub_name in nested:
+            walk(sub, sub_name)
+
+    walk(root, "")
+    return "\n".join(out)

@@ -45,13 +45,14 @@ from typing import Any
 
 from proxy.cluster import ClusterUnavailable
 from proxy.cluster import join as join_cluster
-from proxy.config import Overrides, Settings, load_config
+from proxy.config import Overrides, Settings
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
 from proxy.logs import say, setup_logging
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
+from proxy.startup import EXIT_CONFIG, load_settings, log_as_configured, run_async, start_logging
 from proxy.web.server import (
     Listeners,
     Reloader,
@@ -86,8 +87,6 @@ class Worker:
 
 def supervise(settings: Settings, config_path: str | None, overrides: Overrides,
               use_uvloop: bool = True) -> int:
-    from proxy.cli import run_async
-
     return run_async(Supervisor(settings, config_path, overrides, use_uvloop).run(), use_uvloop)
 
 
@@ -434,23 +433,16 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    from proxy.cli import run_async
-    from proxy.errors import ConfigError
-    from proxy.runtime import error_log_json
-
     level = args.log_level if args.log_level in ("debug", "info", "warning", "error") else "info"
-    setup_logging(level, worker=str(args.worker_id))
+    start_logging(level, worker=str(args.worker_id))
     raw = json.loads(args.overrides)
     for name in ("upstreams", "listen", "ports"):  # JSON lists back to tuples
         raw[name] = tuple(raw.get(name) or ())
     overrides = Overrides(**raw)
-    try:
-        settings = load_config(args.config, overrides)
-    except ConfigError as exc:
-        for p in exc.problems:
-            print(p, file=sys.stderr)
-        return 2
-    setup_logging(as_json=error_log_json(settings))
+    settings = load_settings(args.config, overrides)
+    if settings is None:
+        return EXIT_CONFIG
+    log_as_configured(settings)
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_async(serve(settings, args.config, overrides,

@@ -47,7 +47,6 @@ from multidict import CIMultiDictProxy
 from prometheus_client.core import GaugeMetricFamily, Metric
 from yarl import URL
 
-from proxy.config import PoolSettings, UpstreamSettings
 from proxy.errors import (
     NoUpstreamAvailable,
     UpstreamConnectError,
@@ -66,6 +65,7 @@ from proxy.http_client import (
     request_head,
 )
 from proxy.policy.fields import content_length
+from proxy.settings import PoolSettings, UpstreamSettings
 
 log = logging.getLogger("cachegate.upstream")
 

@@ -1,7 +1,8 @@
 """The ``cluster:`` section of the config: where Redis is, this node's name, and the bus's limits.
 
-Read like every other section (``proxy.schema.Section``): each wrong key, type or
-value is one ``FILE:LINE: message``, and ``cachegate check`` reports them all.
+Declared like every other section (``proxy.schema.setting``): each wrong key, type or
+value is one ``FILE:LINE: message``, ``cachegate check`` reports them all, and
+docs/configuration.md lists the keys.
 Nothing here imports the Redis client: a config without ``cluster:`` never needs it.
 """
 
@@ -9,37 +10,76 @@ from __future__ import annotations
 
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from yarl import URL
 
-from proxy.schema import Section
+from proxy.schema import Invalid, byte_size, duration, integer, setting, text
 
 KB = 1 << 10
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _NODE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-KEYS = ("redis", "node", "namespace", "ack_timeout", "shared_cache", "shared_max_object", "required",
-        "stream_max", "heartbeat", "timeout")
+
+
+def _redis_url(value: str) -> str:
+    try:
+        url = URL(value)
+        ok = url.scheme in REDIS_SCHEMES and (bool(url.host) or url.scheme == "unix")
+    except ValueError:
+        ok = False
+    if not ok:
+        raise Invalid(f"{redacted(value)!r} is not a Redis URL: use redis://HOST:PORT/DB, "
+                      "rediss://HOST:PORT/DB (TLS) or unix:///path/to/redis.sock")
+    return value
+
+
+def _node_name(value: str) -> str:
+    if value and not _NODE_NAME.fullmatch(value):  # empty: HOSTNAME:PORT (``with_node_name``)
+        raise Invalid(f"{value!r}: use letters, digits and . _ - : @ (at most 200)")
+    return value
+
+
+def _namespace(value: str) -> str:
+    if not _NAMESPACE.fullmatch(value):
+        raise Invalid(f"{value!r}: use letters, digits and . _ - : (at most 64)")
+    return value
 
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    redis: str  # redis://HOST:PORT/DB, rediss:// (TLS) or unix:///path/to/socket
-    node: str  # this node's name in the cluster (default: hostname:port of the client listener)
-    namespace: str = "cachegate"  # prefix of every Redis key: several clusters may share one Redis
-    ack_timeout: float = 2.0  # how long a purge waits for the other nodes' acknowledgements
-    shared_cache: bool = False  # Redis as a shared L2 tier (and cluster-wide coalescing)
-    shared_max_object: int = 256 * KB  # bigger bodies stay local
-    required: bool = True  # false: start and serve locally when Redis cannot be reached at start
-    stream_max: int = 100_000  # purge stream entries kept (older ones are trimmed)
-    heartbeat: float = 1.0  # how often a node says it is alive (it is gone after 3 missed beats)
-    timeout: float = 1.0  # a Redis command slower than this counts as Redis being unreachable
+    """Cluster mode: nodes that share a Redis (or Valkey) purge, fill and coalesce as one cache
+    (docs/cluster.md). Without this section a node runs alone and never imports a Redis client."""
+
+    redis: str = setting(doc="where Redis is: redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or "
+                             "unix:///path/to/redis.sock",
+                         parse=text(strict=True, check=_redis_url, kind="Redis URL"),
+                         missing=" (e.g. redis://127.0.0.1:6379/0)")
+    node: str = setting("", "this node's name in the cluster (empty: HOSTNAME:PORT of the first client "
+                            "listener)", text(check=_node_name))
+    namespace: str = setting("cachegate", "prefix of every Redis key: several clusters may share one Redis",
+                             text(check=_namespace))
+    ack_timeout: float = setting(2.0, "how long a purge waits for the other nodes' acknowledgements",
+                                 duration(positive=True))
+    shared_cache: bool = setting(False, "Redis as a shared tier too, with one origin request per key "
+                                        "cluster-wide")
+    shared_max_object: int = setting(256 * KB, "bigger bodies stay in each node's own tiers", byte_size())
+    required: bool = setting(True, "false: start and serve alone when Redis cannot be reached at start")
+    stream_max: int = setting(100_000, "purge stream entries kept (older ones are trimmed)",
+                              integer(minimum=100))
+    heartbeat: float = setting(1.0, "how often a node says it is alive (it is gone after 3 missed beats)",
+                               duration(positive=True))
+    timeout: float = setting(1.0, "a Redis command slower than this counts as Redis being unreachable",
+                             duration(positive=True))
 
     @property
     def redacted_url(self) -> str:
         """The Redis URL without its password, for messages and ``GET /cluster``."""
         return redacted(self.redis)
+
+    def with_node_name(self, listen_port: int) -> ClusterSettings:
+        """The default node name, ``HOSTNAME:PORT`` of the first client listener, filled in."""
+        return self if self.node else replace(self, node=f"{socket.gethostname()}:{listen_port}")
 
 
 def redacted(url: str) -> str:
@@ -48,51 +88,3 @@ def redacted(url: str) -> str:
     except ValueError:
         return url
     return str(parsed.with_password("***")) if parsed.password else url
-
-
-def read_cluster(top: Section, listen_port: int) -> ClusterSettings | None:
-    """The ``cluster:`` section, or None when there is none (problems recorded in ``top``)."""
-    cs = top.section("cluster", KEYS)
-    if cs is None:
-        return None
-    problems = cs.problems
-    redis = cs.optional_str("redis")
-    if redis is None:
-        problems.add(top.line_of("cluster"), "cluster.redis: required (e.g. redis://127.0.0.1:6379/0)")
-        redis = "redis://127.0.0.1:6379/0"
-    else:
-        try:
-            url = URL(redis)
-            ok = url.scheme in REDIS_SCHEMES and (bool(url.host) or url.scheme == "unix")
-        except ValueError:
-            ok = False
-        if not ok:
-            problems.add(cs.raw("redis") or cs.src,
-                         f"cluster.redis: {redacted(redis)!r} is not a Redis URL: use redis://HOST:PORT/DB, "
-                         "rediss://HOST:PORT/DB (TLS) or unix:///path/to/redis.sock")
-    node = cs.str("node", "") or f"{socket.gethostname()}:{listen_port}"
-    if not _NODE_NAME.fullmatch(node):
-        problems.add(cs.raw("node") or cs.src,
-                     f"cluster.node: {node!r}: use letters, digits and . _ - : @ (at most 200)")
-    namespace = cs.str("namespace", "cachegate")
-    if not _NAMESPACE.fullmatch(namespace):
-        problems.add(cs.raw("namespace") or cs.src,
-                     f"cluster.namespace: {namespace!r}: use letters, digits and . _ - : (at most 64)")
-    ack_timeout = cs.duration("ack_timeout", 2.0)
-    heartbeat = cs.duration("heartbeat", 1.0)
-    timeout = cs.duration("timeout", 1.0)
-    for name, value in (("ack_timeout", ack_timeout), ("heartbeat", heartbeat), ("timeout", timeout)):
-        if value <= 0:
-            problems.add(cs.raw(name) or cs.src, f"cluster.{name}: must be more than 0")
-    return ClusterSettings(
-        redis=redis,
-        node=node,
-        namespace=namespace,
-        ack_timeout=ack_timeout if ack_timeout > 0 else 2.0,
-        shared_cache=cs.bool("shared_cache", False),
-        shared_max_object=cs.size("shared_max_object", 256 * KB),
-        required=cs.bool("required", True),
-        stream_max=cs.int("stream_max", 100_000, minimum=100),
-        heartbeat=heartbeat if heartbeat > 0 else 1.0,
-        timeout=timeout if timeout > 0 else 1.0,
-    )

@@ -49,37 +49,21 @@ import sqlite3
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Literal
+from typing import IO
 
 import diskcache
 
+from proxy.settings import DiskEviction, shard_budget  # the budget split is what cache.disk.size means
 from proxy.storage.entry import Entry, decode_variants, encode_variants
 
 log = logging.getLogger("cachegate.storage")
 
-DiskEviction = Literal["least-recently-stored", "least-recently-used"]
-
 INLINE_LIMIT = 32 * 1024  # diskcache's disk_min_file_size: smaller values live in the database
-RESERVE = 0.10  # of cache.disk.size, kept for the index and SQLite's journal files
 SQLITE_MMAP = 0  # bytes of each database SQLite memory-maps per connection (diskcache: 64 MB)
 SQLITE_CACHE_PAGES = 256  # SQLite's page cache per connection: 1 MB (diskcache: 8192 pages, 32 MB)
 ORPHAN_AGE = 600.0  # seconds: an unreferenced body or file younger than this may be a write in progress
 
 Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
-
-
-def shard_budget(size: int, shards: int) -> int:
-    """diskcache's budget per shard: its share of ``size`` less the RESERVE."""
-    return max(int(size * (1 - RESERVE)) // shards, 1)
-
-
-def storable_limit(max_object: int, disk: tuple[int, int] | None, memory_max_object: int,
-                   memory: int) -> int:
-    """The biggest body the store can keep: ``max_object``, but at most half a disk shard
-    (``disk`` = (size, shards)), or without a disk tier what the memory tier takes."""
-    if disk is not None:
-        return min(max_object, shard_budget(*disk) // 2)
-    return min(max_object, memory_max_object, memory // 2)
 
 
 def wal_limit(budget: int) -> int:

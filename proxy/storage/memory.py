@@ -27,13 +27,12 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from proxy.policy.keys import url_of_key
+from proxy.settings import MemoryPolicy
 from proxy.storage.arena import F_PERSISTED, Arena
 from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
-
-MemoryPolicy = Literal["lru", "lfu"]
 
 # What a decoded key and variant cost in a process beyond their strings, measured with
 # tracemalloc (tests/storage/test_memory.py keeps cost() within 10-50% of the real figure):
@@ -365,7 +364,8 @@ class MemoryTier:
         if scan:
             return [r.key for r in self.arena.scan() if r.key == url or url_of_key(r.key) == url]
         keys = [url] if self.slot(url) is not None else []
-        keys += [r.key for r in self.arena.scan(skip=F_PERSISTED) if r.key != url and url_of_key(r.key) == url]
+        keys += [r.key for r in self.arena.scan(skip=F_PERSISTED)
+                 if r.key != url and url_of_key(r.key) == url]
         return keys
 
     def keys_with_prefix(self, prefix: str) -> list[str]:

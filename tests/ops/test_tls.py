@@ -201,8 +201,8 @@ async def test_a_certificate_that_does_not_load_is_refused_and_the_old_one_stays
 @pytest.mark.parametrize(("listen", "message"), [
     ("listen: [{address: '127.0.0.1:0', tls: {cert: nope.pem, key: nope.key}}]",
      "listen[0].tls: cannot load the certificate"),
-    ("listen: [{address: '127.0.0.1:0', tls: {cert: x.pem}}]", "listen[0].tls: cert and key are both required"),
-    ("listen: [{tls: {cert: x.pem, key: y}}]", "listen[0]: address is required"),
+    ("listen: [{address: '127.0.0.1:0', tls: {cert: x.pem}}]", "listen[0].tls.key: required (a PEM file)"),
+    ("listen: [{tls: {cert: x.pem, key: y}}]", "listen[0].address: required (HOST:PORT)"),
     ("listen: ['127.0.0.1:8080', '127.0.0.1:8080']", "listen[1]: 127.0.0.1:8080 is listed twice"),
     ("listen: [8080x]", "listen[0]: expected HOST:PORT"),
     ("listen: {address: '127.0.0.1:1', tls: 3}", "listen.tls: expected"),

@@ -1,0 +1,522 @@
+"""Every key of the config file, declared once: frozen dataclasses whose fields carry their parsers.
+
+A section of the file is a dataclass; each of its fields is one key, declared with
+``setting(default, doc, parser)`` (``proxy.schema``): the field's name is the YAML key, its
+default is the default, the parser reads and checks the value (inferred from the type for
+bool, int, str, Literal, lists of strings and nested sections), and ``doc`` is its line in
+docs/configuration.md. ``proxy.config`` reads a file with these declarations, ``cachegate
+check`` reports what they refuse as ``FILE:LINE: message``, and ``scripts/config-reference``
+writes the reference page from them. Adding a setting is one line here, and the code that
+uses it.
+
+Keys whose value has a shape of its own (``listen``: ``HOST:PORT``, a mapping or a list of
+either; ``upstreams``: URLs or mappings; ``access_log``: a boolean or a mapping; ``workers``:
+a number or ``auto``) have a parser written here for them, and declare the sections they
+read so that the reference documents those too.
+
+This module sits low in the import graph: the storage tiers, the upstream pool and the
+engine take their setting types from here, and it imports none of them (nor the loader,
+``proxy.config``).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from yarl import URL
+
+from proxy.cluster.settings import ClusterSettings
+from proxy.cpus import available_cpus
+from proxy.policy.request import DEFAULT_MAX_HEAD
+from proxy.policy.request import Listener as RequestListener
+from proxy.rules import RuleSet
+from proxy.schema import (
+    Context,
+    Invalid,
+    Parser,
+    Reported,
+    byte_size,
+    duration,
+    elements,
+    file_path,
+    hostport,
+    integer,
+    internal,
+    networks,
+    parse_hostport,
+    read_section,
+    section,
+    setting,
+    show_hostport,
+    text,
+    type_name,
+)
+from proxy.tls import load_problem
+from proxy.yamlsrc import Src
+
+HostPort = tuple[str, int]
+Balance = Literal["round_robin", "least_conn"]
+RangeFill = Literal["whole", "none"]
+MemoryPolicy = Literal["lru", "lfu"]
+DiskEviction = Literal["least-recently-stored", "least-recently-used"]
+LogFormat = Literal["json", "combined"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MB = 1 << 20
+GB = 1 << 30
+MIN_TOKEN_LENGTH = 16  # on a listener others can reach: guessing it must be out of the question
+
+
+# -- what the configured sizes give --------------------------------------------------------
+
+RESERVE = 0.10  # of cache.disk.size, kept for the index and SQLite's journal files
+
+
+def shard_budget(size: int, shards: int) -> int:
+    """diskcache's budget per shard: its share of ``size`` less the RESERVE."""
+    return max(int(size * (1 - RESERVE)) // shards, 1)
+
+
+def storable_limit(max_object: int, disk: tuple[int, int] | None, memory_max_object: int,
+                   memory: int) -> int:
+    """The biggest body the store can keep: ``max_object``, but at most half a disk shard
+    (``disk`` = (size, shards)), or without a disk tier what the memory tier takes."""
+    if disk is not None:
+        return min(max_object, shard_budget(*disk) // 2)
+    return min(max_object, memory_max_object, memory // 2)
+
+
+# -- upstreams -----------------------------------------------------------------------------
+
+
+def upstream_url(value: str) -> URL:
+    """An upstream's URL, without a path; ValueError saying why not."""
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise ValueError(f"upstream url {value!r}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"upstream url {value!r}: expected http://HOST[:PORT] or https://...")
+    if url.path not in ("", "/") or url.query_string:
+        raise ValueError(f"upstream url {value!r}: must not have a path or query")
+    return url.with_path("")
+
+
+def _read_url(item: Src, ctx: Context) -> URL:
+    if not isinstance(item.value, str):
+        raise Invalid(f"expected a string, got {type_name(item.value)}")
+    try:
+        return upstream_url(item.value)
+    except ValueError as exc:
+        ctx.problems.add(item, str(exc))  # the message names the URL, not the key
+        raise Reported from None
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """One entry of ``upstreams``: a URL, or a mapping with its weight."""
+
+    url: URL = setting(doc="http://HOST[:PORT] or https://HOST[:PORT], without a path",
+                       parse=Parser("URL", _read_url))
+    weight: int = setting(1, "its share of requests against the other upstreams' weights", integer(minimum=1))
+
+
+def _upstreams(item: Src, ctx: Context) -> tuple[UpstreamSettings, ...]:
+    if not isinstance(item.value, list):
+        raise Invalid(f"expected a list, got {type_name(item.value)}")
+    out = []
+    for entry in item.value:
+        try:
+            if isinstance(entry.value, str):
+                out.append(UpstreamSettings(_read_url(entry, ctx)))
+            elif isinstance(entry.value, dict):
+                out.append(read_section(UpstreamSettings, entry, ctx.entry("upstreams[]", entry)))
+            else:
+                ctx.problem(entry, "each entry is a URL or {url: ..., weight: ...}")
+        except Reported:
+            continue
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the pool waits on an upstream."""
+
+    connect: float = setting(5.0, "to connect to an upstream", duration())
+    read: float = setting(60.0, "the longest silence between bytes of a response", duration())
+    total: float | None = setting(None, "a whole exchange, first byte to last (none: no limit)", duration())
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise Invalid(f"must start with '/', got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Active health checks: GET ``path`` every ``interval``; 2xx/3xx within ``timeout`` is a success."""
+
+    path: str = setting("/healthz", "the path each upstream is asked for", text(check=_absolute_path))
+    interval: float = setting(5.0, "time between two checks of an upstream", duration())
+    timeout: float = setting(1.0, "a check that takes longer failed", duration())
+    healthy: int = setting(2, "consecutive successes that bring a down upstream back", integer(minimum=1))
+    unhealthy: int = setting(3, "consecutive failures that take an upstream out", integer(minimum=1))
+
+
+@dataclass(frozen=True)
+class PassiveHealth:
+    """Passive checks: consecutive connection failures or 5xx take an upstream out for a cool-down."""
+
+    failures: int = setting(3, "consecutive failures or 5xx that take an upstream out (0: off)",
+                            integer(minimum=0))
+    cooldown: float = setting(10.0, "how long it stays out", duration())
+    # False when the config has no passive: section. Then, like nginx's max_fails, a pool
+    # of one upstream is never taken out: with nowhere else to send requests, a cool-down
+    # would only turn three failed requests into 10 s of 503s for everyone.
+    configured: bool = internal(False)
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """How the pool checks the certificates of https:// upstreams."""
+
+    verify: bool = setting(True, "check the upstream's certificate and name")
+    ca_file: str | None = setting(None, "CA certificates (PEM) to check against instead of the system's",
+                                  file_path(must_exist=True, strict=True))
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """How the pool talks to upstreams (docs/upstreams.md)."""
+
+    balance: Balance = setting("round_robin", "how requests are spread over the upstreams")
+    timeouts: Timeouts = setting(factory=Timeouts, doc="connect, read and total timeouts")
+    pool_size: int = setting(256, "keep-alive connections per upstream", integer(minimum=1))
+    preserve_host: bool = setting(True, "send the request's Host upstream (normalised, as the key names it)")
+    retries: int = setting(1, "extra attempts on another upstream when the connection failed",
+                           integer(minimum=0))
+    retry_non_idempotent: bool = setting(False, "retry POST and PATCH too")
+    health: HealthSettings | None = setting(None, "active health checks (none: off)")
+    passive: PassiveHealth = setting(
+        factory=PassiveHealth, doc="passive health checks",
+        parse=section(PassiveHealth, check=lambda v, ctx: replace(v, configured=True)))
+    tls: TLSSettings = setting(factory=TLSSettings, doc="certificate checks of https:// upstreams")
+
+
+# -- the cache -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskSettings:
+    """The disk tier (docs/storage.md), shared by every worker; ``disk: null`` runs memory-only."""
+
+    path: str = setting("var/cache", "the cache folder (relative paths: to the config file)", file_path())
+    size: int = setting(10 * 1024 * MB, "the disk tier's byte budget", byte_size())
+    shards: int = setting(8, "SQLite databases the budget is split into (a body takes half of one at most)",
+                          integer(minimum=1))
+    eviction: DiskEviction = setting("least-recently-stored", "what goes first when the budget is full")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What is stored, where, and how much (docs/storage.md)."""
+
+    memory: int = setting(256 * MB, "the memory tier's byte budget (the whole machine: workers share it)",
+                          byte_size())
+    memory_max_object: int = setting(1 * MB, "bigger bodies stay on disk only", byte_size())
+    memory_policy: MemoryPolicy = setting("lru", "what the memory tier drops first")
+    max_object: int = setting(100 * MB, "bigger responses are streamed through, not stored", byte_size())
+    lock_timeout: float = setting(5.0, "the longest a request waits for another's fetch of the same key",
+                                  duration())
+    hit_for_pass: float = setting(5.0, "a key whose response was not shareable skips waiting for this long",
+                                  duration())
+    disk: DiskSettings | None = setting(DiskSettings(), "the disk tier (null: memory only)")
+    tag_headers: tuple[str, ...] = setting(("Surrogate-Key", "Cache-Tag"),
+                                           "response fields whose values tag an entry, for purges by tag")
+    # A range request that misses: "whole" also fetches the whole object in the background
+    # (stored, it answers every later range); "none" fetches only the ranges asked for.
+    range_fill: RangeFill = setting("whole", "a range miss: answered at once and the whole object fetched "
+                                             "behind it (whole), or only the ranges asked for (none)")
+
+
+# -- the admin API -------------------------------------------------------------------------
+
+
+def _host_patterns(item: Src, ctx: Context) -> tuple[str, ...]:
+    """Host patterns: ``name``, ``name:port``, ``*.domain``, ``[v6]``; a list, or one."""
+    hosts = []
+    for element in elements(item):
+        host = str(element.value).strip().lower().rstrip(".")
+        if not isinstance(element.value, str) or not re.fullmatch(
+                r"(\*\.)?[a-z0-9_.-]+(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?", host):
+            ctx.problem(element, f"{element.value!r} is not a host name, host:port or *.domain")
+            continue
+        hosts.append(host)
+    return tuple(hosts)
+
+
+HOSTS = Parser("list of host names (name, name:port, *.domain)", _host_patterns, show=lambda v: "[]")
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The admin API's listener and who may use it (docs/admin-api.md)."""
+
+    listen: HostPort | None = setting(("127.0.0.1", 8081), "the admin API's listener (null or false: none)",
+                                      hostport(off=True))
+    token: str | None = setting(None, "the bearer token the admin API asks for (required on a listener "
+                                      f"others can reach, {MIN_TOKEN_LENGTH} characters or more)",
+                                text(strict=True, check=lambda v: v or None))
+    # Not loopback by default: behind a TLS terminator or sidecar on the same host, every
+    # client arrives from 127.0.0.1.
+    purge_from: tuple[Network, ...] = setting((), "peers (IPs, CIDRs) that may send PURGE to the client "
+                                                  "listener; empty: PURGE is off", networks())
+    hosts: tuple[str, ...] = setting((), "hosts admin URLs may name (empty: the hosts asked for since start "
+                                         "and the hosts in the store)", HOSTS)
+    # Checked without a token, or with one when listed (proxy.web.admin_guard).
+    server_names: tuple[str, ...] = setting((), "names the admin listener answers to besides loopback "
+                                                "addresses and localhost (a DNS rebinding guard)", HOSTS)
+
+
+# -- deploy and operate: listeners and TLS -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    """A TLS listener's certificate chain and key (PEM files), read again on SIGHUP."""
+
+    cert: str = setting(doc="the certificate chain (PEM)", parse=file_path(strict=True),
+                        missing=" (a PEM file)")
+    key: str = setting(doc="its private key (PEM)", parse=file_path(strict=True), missing=" (a PEM file)")
+
+
+def _loads(tls: ListenerTLS, ctx: Context) -> ListenerTLS:
+    problem = load_problem(tls.cert, tls.key)  # the server would fail the same way: say so now
+    if problem is not None:
+        raise Invalid(problem)
+    return tls
+
+
+def _tls_null(ctx: Context) -> None:
+    raise Invalid("expected {cert: FILE, key: FILE}, got nothing (null)")
+
+
+@dataclass(frozen=True)
+class ListenEntry:
+    """A client listener written as a mapping: ``listen: {address: HOST:PORT, tls: {cert, key}}``,
+    or one entry of a list of listeners."""
+
+    address: HostPort = setting(doc="the address to listen on", parse=hostport(), missing=" (HOST:PORT)")
+    tls: ListenerTLS | None = setting(None, "a TLS listener's certificate and key (none: plain HTTP)",
+                                      section(ListenerTLS, check=_loads, expected="{cert: FILE, key: FILE}",
+                                              null=_tls_null))
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One client listener: ``listen: HOST:PORT`` or ``{address: HOST:PORT, tls: {cert, key}}``."""
+
+    host: str
+    port: int
+    tls: ListenerTLS | None = None
+
+    @property
+    def address(self) -> HostPort:
+        return (self.host, self.port)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+
+_LISTEN_FORMS = "expected HOST:PORT or {address: HOST:PORT, tls: {cert: FILE, key: FILE}}"
+
+
+def _listener(item: Src, ctx: Context) -> tuple[Listener, Src]:
+    """One listener, and where its address was written."""
+    if isinstance(item.value, dict):
+        entry = read_section(ListenEntry, item, ctx)
+        return Listener(*entry.address, entry.tls), item.value.get("address", item)
+    if isinstance(item.value, str | int) and not isinstance(item.value, bool):
+        try:
+            return Listener(*parse_hostport(str(item.value))), item
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+    raise Invalid(_LISTEN_FORMS)
+
+
+def _listen(item: Src, ctx: Context) -> tuple[Listener, ...]:
+    """``HOST:PORT``, a mapping ``{address: HOST:PORT, tls: {cert: FILE, key: FILE}}``, or a list
+    of either (e.g. ``[":80", {address: ":443", tls: {...}}]``)."""
+    several = isinstance(item.value, list)
+    entries: list[Src] = item.value if several else [item]
+    if not entries:
+        raise Invalid("give at least one HOST:PORT")
+    out: list[Listener] = []
+    for n, entry in enumerate(entries):
+        sub = ctx.entry(f"listen[{n}]" if several else "listen", entry)
+        try:
+            listener, at = _listener(entry, sub)
+        except Invalid as exc:
+            sub.problem(entry, str(exc))
+            continue
+        except Reported:
+            continue
+        if listener.port and any(other.address == listener.address for other in out):
+            sub.problem(at, f"{listener.host}:{listener.port} is listed twice")
+            continue
+        out.append(listener)
+    if not out:
+        raise Reported
+    return tuple(out)
+
+
+LISTEN = Parser("HOST:PORT, a listener mapping, or a list of them", _listen,
+                show=lambda v: ", ".join(show_hostport(li.address) for li in v), sections=(ListenEntry,))
+
+
+# -- logs ----------------------------------------------------------------------------------
+
+
+def _log_path(item: Src, ctx: Context) -> str:
+    value: str = text().read(item, ctx)
+    if value == "stdout":
+        return value
+    resolved = ctx.path(value)
+    parent = os.path.dirname(resolved)
+    if not os.path.isdir(parent):
+        raise Invalid(f"directory {parent} does not exist")
+    return resolved
+
+
+@dataclass(frozen=True)
+class AccessLogSettings:
+    """The access log (docs/logs.md): ``access_log: true`` is JSON lines on standard output."""
+
+    format: LogFormat = setting("json", "json: one JSON object a line; combined: nginx's and Apache's format")
+    path: str = setting("stdout", "stdout, or a file appended to and reopened on SIGHUP (relative paths: to "
+                                  "the config file)",
+                        Parser("stdout or path", _log_path))
+
+
+def _access_log(item: Src, ctx: Context) -> AccessLogSettings | None:
+    if item.value is False:
+        return None
+    if item.value is True:
+        return AccessLogSettings()
+    if not isinstance(item.value, dict):
+        raise Invalid("expected true, false or {format: json|combined, path: stdout|FILE}, "
+                      f"got {type_name(item.value)}")
+    return read_section(AccessLogSettings, item, ctx)
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+def parse_workers(text: str) -> int:
+    if text == "auto":
+        return available_cpus()  # the affinity mask and cgroup quota, not the host's CPUs
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"workers: expected a positive number or auto, got {text!r}")
+    return int(text)
+
+
+def _workers(item: Src, ctx: Context) -> int:
+    try:
+        return parse_workers(str(item.value))
+    except ValueError as exc:
+        ctx.problems.add(item, str(exc))  # the message names the key
+        raise Reported from None
+
+
+def _rule_files(item: Src, ctx: Context) -> tuple[str, ...]:
+    """Rule file paths (a list, or one), each of which must exist."""
+    files = []
+    for element in elements(item):
+        try:
+            resolved = ctx.path(text().read(element, ctx))
+        except Invalid as exc:
+            ctx.problem(element, str(exc))
+            continue
+        if not os.path.isfile(resolved):
+            ctx.problem(element, f"rule file {resolved} does not exist")
+        files.append(resolved)
+    return tuple(files)
+
+
+def _printable(value: str) -> str:
+    value = value.strip()
+    if not value or not all(" " <= c <= "~" for c in value):
+        raise Invalid(f"expected printable ASCII text, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The top level of the config file."""
+
+    source: str = internal()  # the config file, or "<defaults>"
+    # Client listeners, in the order given (``listen`` is the first one's address).
+    listeners: tuple[Listener, ...] = setting((Listener("127.0.0.1", 8080),),
+                                              "the client listeners, plain or TLS (docs/deploy.md)", LISTEN,
+                                              key="listen")
+    upstreams: tuple[UpstreamSettings, ...] = setting(
+        (), "the origin servers: URLs, or {url, weight} mappings",
+        Parser("list of URLs or mappings", _upstreams, sections=(UpstreamSettings,), entries=True))
+    pool: PoolSettings = setting(factory=PoolSettings, doc="how the pool talks to upstreams", key="upstream")
+    cache: CacheSettings = setting(factory=CacheSettings, doc="memory and disk tiers, object sizes, waits")
+    admin: AdminSettings = setting(factory=AdminSettings, doc="the admin API")
+    rule_files: tuple[str, ...] = setting((), "rule files, applied in order (relative paths: to the config "
+                                              "file)", Parser("list of paths", _rule_files), key="rules")
+    rules: RuleSet = internal(factory=RuleSet)  # compiled from rule_files by proxy.config
+    trusted_proxies: tuple[Network, ...] = setting((), "peers (IPs, CIDRs) whose forwarding fields "
+                                                       "(X-Forwarded-*, X-Real-IP, ...) are kept", networks())
+    workers: int = setting(1, "worker processes, or auto: one per CPU this process may use (affinity and "
+                              "cgroup quota)", Parser("integer ≥ 1 or auto", _workers))
+    shutdown_grace: float = setting(10.0, "how long requests in flight may take to finish on SIGTERM",
+                                    duration())
+    via: str = setting("cachegate", "the name cachegate gives itself in Via fields")
+    cluster: ClusterSettings | None = setting(None, "cluster mode on Redis (none: this node alone)")
+    max_request_head: int = setting(DEFAULT_MAX_HEAD, "the request line and fields together; a bigger head "
+                                                      "is refused with 431",
+                                    byte_size(minimum=1024, why=" (a browser's request head is 0.5-2KB)"))
+    # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
+    # check prints them, run and reload log them).
+    warnings: tuple[str, ...] = internal(())
+    # -- deploy and operate: listeners, TLS, Server field, logs ----------------------------
+    access_log: AccessLogSettings | None = setting(
+        None, "true: JSON lines on stdout; or {format, path} (none: no access log)",
+        Parser("true, false or a mapping", _access_log, sections=(AccessLogSettings,)))
+    server_header: str = setting("cachegate", "the Server field of every response (no software versions)",
+                                 text(check=_printable))
+
+    @property
+    def listen(self) -> HostPort:
+        """The first listener's address (the default Host of an HTTP/1.0 request without one)."""
+        return self.listeners[0].address
+
+    @functools.cached_property
+    def client_listener(self) -> RequestListener:
+        """What request normalisation knows of the client listener (built once per config);
+        the first listener's address is every listener's default Host."""
+        host, port = self.listen
+        default_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return RequestListener(default_host, self.max_request_head)
+
+
+def read_settings(root: Src, ctx: Context) -> Settings:
+    """Settings from a parsed config document (problems recorded, defaults kept for bad values)."""
+    if not isinstance(root.value, dict):
+        ctx.problems.add(root, "the config file must be a mapping (listen:, upstreams:, cache:, ...)")
+        root = Src({}, root.file, root.line)
+    settings = read_section(Settings, root, ctx, source=root.file)
+    if settings.cluster is not None:  # its default node name comes from the listeners
+        settings = replace(settings, cluster=settings.cluster.with_node_name(settings.listeners[0].port))
+    return settings
+

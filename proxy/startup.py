@@ -1,0 +1,64 @@
+"""How a cachegate process starts: logging, the config (or its problems), the event loop.
+
+``cachegate run`` (``proxy.cli``) and each worker the supervisor starts (``python -m
+proxy.supervisor worker``, ``proxy.supervisor``) start the same way: logging at the level
+asked for, the config loaded (a bad one printed as ``FILE:LINE: message`` lines on standard
+error, exit 2, before any port is bound), the error log switched to JSON lines when the
+access log is JSON, then the server on uvloop. Both import this module; the supervisor used
+to borrow these steps from the command line, which imports the supervisor: an import circle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from proxy.config import Overrides, Settings, load_config
+from proxy.errors import ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
+    """Run on uvloop when it is importable (Linux), else on asyncio's default loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(coro)
+    return asyncio.run(coro)
+
+
+def start_logging(level: str, worker: str | None = None) -> None:
+    """One line per event on standard error (``proxy.logs``), at ``level``; a worker names itself."""
+    from proxy.logs import setup_logging
+
+    setup_logging(level, worker=worker)
+
+
+def load_settings(path: str | None, overrides: Overrides, *, warn: bool = False) -> Settings | None:
+    """The settings, or None after printing every problem (and, with ``warn``, every warning)."""
+    try:
+        settings = load_config(path, overrides)
+    except ConfigError as exc:
+        for line in exc.problems + (exc.warnings if warn else []):
+            print(line, file=sys.stderr)
+        return None
+    if warn:
+        for line in settings.warnings:
+            print(line, file=sys.stderr)
+    return settings
+
+
+def log_as_configured(settings: Settings) -> None:
+    """Once the config is read: the error log is JSON lines when the access log is."""
+    from proxy.logs import setup_logging
+    from proxy.runtime import error_log_json
+
+    setup_logging(as_json=error_log_json(settings))

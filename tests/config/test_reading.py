@@ -1,0 +1,336 @@
+"""Reading the config file: every key's value, default and mistakes, as ``FILE:LINE: message``.
+
+Each case is one line appended to a config that names one upstream, so its problems are on
+line 2; the expected problems are the whole list, in order (every problem is reported, not
+only the first).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import Listener, Overrides, Settings, load_config
+from proxy.errors import ConfigError
+
+U = "upstreams: [http://127.0.0.1:9]\n"
+TLS_FORM = "expected HOST:PORT or {address: HOST:PORT, tls: {cert: FILE, key: FILE}}"
+BAD_SIZE = "use bytes or KB, MB, GB"
+BAD_DURATION = "use seconds or 30s, 5m, 1h, 1d"
+REDIS_URL = ("is not a Redis URL: use redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or "
+             "unix:///path/to/redis.sock")
+
+
+def _get(settings: Settings, path: str) -> Any:
+    value: Any = settings
+    for part in path.split("."):
+        value = value[int(part)] if part.isdigit() else getattr(value, part)
+    return value
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "r.yaml").write_text("rules: []\n")
+    (tmp_path / "logs").mkdir()
+    return tmp_path
+
+
+def load(folder: Path, text: str, overrides: Overrides | None = None) -> Settings:
+    path = folder / "c.yaml"
+    path.write_text(text)
+    return load_config(str(path), overrides)
+
+
+def problems(folder: Path, text: str, overrides: Overrides | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(folder, text, overrides)
+    prefix = f"{folder / 'c.yaml'}:"
+    return [p.removeprefix(prefix) for p in info.value.problems]
+
+
+GIB, MIB = 1 << 30, 1 << 20
+
+VALUES: list[tuple[str, dict[str, Any]]] = [
+    ("", {"listen": ("127.0.0.1", 8080), "pool.balance": "round_robin", "pool.timeouts.connect": 5.0,
+          "pool.timeouts.read": 60.0, "pool.timeouts.total": None, "pool.pool_size": 256,
+          "pool.preserve_host": True, "pool.retries": 1, "pool.retry_non_idempotent": False,
+          "pool.health": None, "pool.passive.failures": 3, "pool.passive.cooldown": 10.0,
+          "pool.passive.configured": False, "pool.tls.verify": True, "pool.tls.ca_file": None,
+          "cache.memory": 256 * MIB, "cache.memory_max_object": MIB, "cache.memory_policy": "lru",
+          "cache.max_object": 100 * MIB, "cache.lock_timeout": 5.0, "cache.hit_for_pass": 5.0,
+          "cache.disk.path": "{dir}/var/cache", "cache.disk.size": 10 * GIB, "cache.disk.shards": 8,
+          "cache.disk.eviction": "least-recently-stored", "cache.tag_headers": ("Surrogate-Key", "Cache-Tag"),
+          "cache.range_fill": "whole", "admin.listen": ("127.0.0.1", 8081), "admin.token": None,
+          "admin.purge_from": (), "admin.hosts": (), "admin.server_names": (), "rule_files": (),
+          "trusted_proxies": (), "workers": 1, "shutdown_grace": 10.0, "via": "cachegate", "cluster": None,
+          "max_request_head": 32 * 1024, "access_log": None, "server_header": "cachegate",
+          "rules.base.max_object": 100 * MIB}),
+    ("listen: ':80'", {"listeners": (Listener("0.0.0.0", 80),)}),
+    ("listen: '[::1]:80'", {"listeners": (Listener("::1", 80),)}),
+    ("listen: null", {"listeners": (Listener("127.0.0.1", 8080),)}),
+    ("listen: [':0', ':0']", {"listeners": (Listener("0.0.0.0", 0), Listener("0.0.0.0", 0))}),
+    ("listen: [':1', {address: ':2'}]", {"listeners": (Listener("0.0.0.0", 1), Listener("0.0.0.0", 2))}),
+    ("upstream: {balance: least_conn, pool_size: 3, retries: 0, retry_non_idempotent: true}",
+     {"pool.balance": "least_conn", "pool.pool_size": 3, "pool.retries": 0, "pool.retry_non_idempotent": True}),
+    ("upstream: {timeouts: {connect: 1s, read: 2m, total: 1h}, preserve_host: no}",
+     {"pool.timeouts.connect": 1.0, "pool.timeouts.read": 120.0, "pool.timeouts.total": 3600.0,
+      "pool.preserve_host": False}),
+    ("upstream: {timeouts: null, passive: null, health: null}",
+     {"pool.timeouts.read": 60.0, "pool.passive.configured": False, "pool.health": None}),
+    ("upstream: {health: {}}", {"pool.health.path": "/healthz", "pool.health.interval": 5.0,
+                                "pool.health.timeout": 1.0, "pool.health.healthy": 2, "pool.health.unhealthy": 3}),
+    ("upstream: {health: {path: /h, interval: 2s, timeout: 3, healthy: 1, unhealthy: 5}}",
+     {"pool.health.path": "/h", "pool.health.interval": 2.0, "pool.health.timeout": 3.0,
+      "pool.health.healthy": 1, "pool.health.unhealthy": 5}),
+    ("upstream: {passive: {}}", {"pool.passive.configured": True, "pool.passive.failures": 3}),
+    ("upstream: {passive: {failures: 0, cooldown: 1m}}",
+     {"pool.passive.configured": True, "pool.passive.failures": 0, "pool.passive.cooldown": 60.0}),
+    ("upstream: {tls: {verify: false, ca_file: ca.pem}}", {"pool.tls.verify": False,
+                                                          "pool.tls.ca_file": "{dir}/ca.pem"}),
+    ("cache: {memory: 1GB, memory_policy: lfu, lock_timeout: 1m, hit_for_pass: 2h, range_fill: none}",
+     {"cache.memory": GIB, "cache.memory_policy": "lfu", "cache.lock_timeout": 60.0,
+      "cache.hit_for_pass": 7200.0, "cache.range_fill": "none"}),
+    ("cache: {memory: 256MB, memory_max_object: 2MB, max_object: 1GB}",
+     {"cache.max_object": GIB, "rules.base.max_object": 576 * MIB}),  # half a disk shard
+    ("cache: {max_object: 1}", {"rules.base.max_object": 1}),
+    ("cache: {disk: null}", {"cache.disk": None, "rules.base.max_object": MIB}),
+    ("cache: {disk: {}}", {"cache.disk.path": "{dir}/var/cache", "cache.disk.shards": 8}),
+    ("cache: {disk: {path: /abs, size: 1GB, shards: 2, eviction: least-recently-used}}",
+     {"cache.disk.path": "/abs", "cache.disk.size": GIB, "cache.disk.shards": 2,
+      "cache.disk.eviction": "least-recently-used"}),
+    ("cache: {disk: {path: rel/dir}}", {"cache.disk.path": "{dir}/rel/dir"}),
+    ("cache: {tag_headers: X-Tag}", {"cache.tag_headers": ("X-Tag",)}),
+    ("cache: {tag_headers: [a, 5]}", {"cache.tag_headers": ("a", "5")}),
+    ("cache: {tag_headers: null}", {"cache.tag_headers": ()}),
+    ("cache: null", {"cache.memory": 256 * MIB, "cache.disk.path": "{dir}/var/cache"}),
+    ("admin: {listen: null}", {"admin.listen": None}),
+    ("admin: {listen: false}", {"admin.listen": None}),
+    ("admin: {listen: '[::1]:9', token: ''}", {"admin.listen": ("::1", 9), "admin.token": None}),
+    ("admin: {listen: '0.0.0.0:1', token: 0123456789abcdef}",
+     {"admin.listen": ("0.0.0.0", 1), "admin.token": "0123456789abcdef"}),
+    ("admin: {purge_from: 10.0.0.0/8}", {"admin.purge_from": (ipaddress.ip_network("10.0.0.0/8"),)}),
+    ("admin: {purge_from: ['10.0.0.1', '::1/128']}",
+     {"admin.purge_from": (ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("::1/128"))}),
+    ("admin: {hosts: Example.COM., server_names: ['*.a.com', 'a:80', '[::1]:80']}",
+     {"admin.hosts": ("example.com",), "admin.server_names": ("*.a.com", "a:80", "[::1]:80")}),
+    ("admin: null", {"admin.listen": ("127.0.0.1", 8081)}),
+    ("trusted_proxies: [10.0.0.0/8]", {"trusted_proxies": (ipaddress.ip_network("10.0.0.0/8"),)}),
+    ("trusted_proxies: null", {"trusted_proxies": ()}),
+    ("rules: [r.yaml]", {"rule_files": ("{dir}/r.yaml",)}),
+    ("rules: null", {"rule_files": ()}),
+    ("rules: r.yaml", {"rule_files": ("{dir}/r.yaml",)}),  # one file, as tag_headers takes one field
+    ("workers: 2", {"workers": 2}),
+    ("workers: '3'", {"workers": 3}),
+    ("workers: null", {"workers": 1}),  # null is the default, as for every other key
+    ("shutdown_grace: 1h30m", {"shutdown_grace": 5400.0}),
+    ("shutdown_grace: 5", {"shutdown_grace": 5.0}),
+    ("via: 5", {"via": "5"}),
+    ("access_log: true", {"access_log.format": "json", "access_log.path": "stdout"}),
+    ("access_log: false", {"access_log": None}),
+    ("access_log: {}", {"access_log.format": "json", "access_log.path": "stdout"}),
+    ("access_log: {format: combined, path: logs/a.log}",
+     {"access_log.format": "combined", "access_log.path": "{dir}/logs/a.log"}),
+    ("cluster: {redis: 'redis://h:1'}",
+     {"cluster.redis": "redis://h:1", "cluster.node": f"{socket.gethostname()}:8080",
+      "cluster.namespace": "cachegate", "cluster.ack_timeout": 2.0, "cluster.shared_cache": False,
+      "cluster.shared_max_object": 256 * 1024, "cluster.required": True, "cluster.stream_max": 100_000,
+      "cluster.heartbeat": 1.0, "cluster.timeout": 1.0}),
+    ("cluster: {redis: 'unix:///tmp/r.sock', node: ''}", {"cluster.node": f"{socket.gethostname()}:8080"}),
+    ("cluster: {redis: 'rediss://h:1', node: n1, namespace: ns, shared_max_object: 1MB, required: false, "
+     "shared_cache: true, timeout: 2s}",
+     {"cluster.node": "n1", "cluster.namespace": "ns", "cluster.shared_max_object": MIB,
+      "cluster.required": False, "cluster.shared_cache": True, "cluster.timeout": 2.0}),
+    ("cluster: null", {"cluster": None}),
+    ("max_request_head: 64KB", {"max_request_head": 64 * 1024}),
+    ("max_request_head: 1024", {"max_request_head": 1024}),
+    ("server_header: '  x  '", {"server_header": "x"}),
+    ("server_header: 5", {"server_header": "5"}),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), VALUES, ids=[c[0] or "defaults" for c in VALUES])
+def test_each_key_reads_its_value_and_leaves_the_others_at_their_defaults(
+        folder: Path, line: str, expected: dict[str, Any]) -> None:
+    settings = load(folder, U + line + "\n")
+    for path, value in expected.items():
+        if isinstance(value, str):
+            value = value.replace("{dir}", str(folder))
+        elif isinstance(value, tuple):
+            value = tuple(v.replace("{dir}", str(folder)) if isinstance(v, str) else v for v in value)
+        assert _get(settings, path) == value, path
+
+
+PROBLEMS: list[tuple[str, list[str]]] = [
+    ("lisen: x", ["2: unknown key 'lisen' (did you mean 'listen'?)"]),
+    ("foo: 1\nbar: 2", ["2: unknown key 'foo'", "3: unknown key 'bar'"]),
+    ("listen: 8080x", ["2: listen: expected HOST:PORT, got '8080x'"]),
+    ("listen: []", ["2: listen: give at least one HOST:PORT"]),
+    ("listen: ['a:1', 'a:1']", ["2: listen[1]: a:1 is listed twice"]),
+    ("listen: true", [f"2: listen: {TLS_FORM}"]),
+    ("listen: [[1]]", [f"2: listen[0]: {TLS_FORM}"]),
+    ("listen: {address: ':1', foo: 1}", ["2: unknown key 'listen.foo' (allowed: address, tls)"]),
+    ("listen: {address: x}", ["2: listen.address: expected HOST:PORT, got 'x'"]),
+    ("listen: [{address: 5}]", ["2: listen[0].address: expected HOST:PORT, got '5'"]),
+    ("listen: {address: ':1', tls: 3}", ["2: listen.tls: expected {cert: FILE, key: FILE}, got an integer"]),
+    ("listen: {address: ':1', tls: null}",
+     ["2: listen.tls: expected {cert: FILE, key: FILE}, got nothing (null)"]),
+    ("listen:\n  - ':1'\n  - address: ':2'\n    tls:\n      cert: a", ["5: listen[1].tls.key: required (a PEM file)"]),
+    ("listen: {tls: {cert: a, key: b}}",
+     ["2: listen.address: required (HOST:PORT)",
+      "2: listen.tls: cannot load the certificate {dir}/a with the key {dir}/b: No such file or directory"]),
+    ("listen: {address: ':1', tls: {cert: a, key: b, x: 1}}",
+     ["2: unknown key 'listen.tls.x' (allowed: cert, key)",
+      "2: listen.tls: cannot load the certificate {dir}/a with the key {dir}/b: No such file or directory"]),
+    ("upstream: {balance: x}", ["2: upstream.balance: must be one of round_robin, least_conn, got 'x'"]),
+    ("upstream: {timeouts: {total: x}}", [f"2: upstream.timeouts.total: bad duration 'x': {BAD_DURATION}"]),
+    ("upstream: {timeouts: 5}", ["2: upstream.timeouts: expected a mapping, got an integer"]),
+    ("upstream: {timeouts: {connect: -1}}", ["2: upstream.timeouts.connect: duration must not be negative, got -1"]),
+    ("upstream: {pool_size: 0}", ["2: upstream.pool_size: must be at least 1, got 0"]),
+    ("upstream: {pool_size: 1.5}", ["2: upstream.pool_size: expected an integer, got a number"]),
+    ("upstream: {pool_size: true}", ["2: upstream.pool_size: expected an integer, got true/false"]),
+    ("upstream: {retries: -1}", ["2: upstream.retries: must be at least 0, got -1"]),
+    ("upstream: {preserve_host: 'yes'}", ["2: upstream.preserve_host: expected true or false, got a string"]),
+    ("upstream: {health: {path: x}}", ["2: upstream.health.path: must start with '/', got 'x'"]),
+    ("upstream: {health: {healthy: 0, unhealthy: 0}}", ["2: upstream.health.healthy: must be at least 1, got 0",
+                                                        "2: upstream.health.unhealthy: must be at least 1, got 0"]),
+    ("upstream: {passive: 3}", ["2: upstream.passive: expected a mapping, got an integer"]),
+    ("upstream: {tls: {ca_file: missing.pem}}", ["2: upstream.tls.ca_file: {dir}/missing.pem does not exist"]),
+    ("upstream: {tls: {ca_file: 5}}", ["2: upstream.tls.ca_file: expected a string, got an integer"]),
+    ("upstream: 5", ["2: upstream: expected a mapping, got an integer"]),
+    ("upstream: {baalnce: x}", ["2: unknown key 'upstream.baalnce' (did you mean 'balance'?)"]),
+    ("upstream: {timeouts: {conect: 1}}", ["2: unknown key 'upstream.timeouts.conect' (did you mean 'connect'?)"]),
+    ("cache: {memory: x}", [f"2: cache.memory: bad size 'x': {BAD_SIZE}"]),
+    ("cache: {memory: -1}", ["2: cache.memory: size must not be negative, got -1"]),
+    ("cache: {memory: true}", ["2: cache.memory: expected a size like 256MB, got True"]),
+    ("cache: {memory_policy: x}", ["2: cache.memory_policy: must be one of lru, lfu, got 'x'"]),
+    ("cache: {hit_for_pass: x}", [f"2: cache.hit_for_pass: bad duration 'x': {BAD_DURATION}"]),
+    ("cache: {disk: {eviction: x}}",
+     ["2: cache.disk.eviction: must be one of least-recently-stored, least-recently-used, got 'x'"]),
+    ("cache: {disk: {shards: 0}}", ["2: cache.disk.shards: must be at least 1, got 0"]),
+    ("cache: {disk: 5}", ["2: cache.disk: expected a mapping, got an integer"]),
+    ("cache: {disk: {sise: 1}}", ["2: unknown key 'cache.disk.sise' (did you mean 'size'?)"]),
+    ("cache: {tag_headers: [a, [b]]}", ["2: cache.tag_headers: expected strings in the list, got a list"]),
+    ("cache: {range_fill: slice}", ["2: cache.range_fill: must be one of whole, none, got 'slice'"]),
+    ("cache: 5", ["2: cache: expected a mapping, got an integer"]),
+    ("admin: {token: 5}", ["2: admin.token: expected a string, got an integer"]),
+    ("admin: {hosts: ['*.a.com', 'bad host', 5]}",
+     ["2: admin.hosts: 'bad host' is not a host name, host:port or *.domain",
+      "2: admin.hosts: 5 is not a host name, host:port or *.domain"]),
+    ("admin: {server_names: 5}", ["2: admin.server_names: expected a list, got an integer"]),
+    ("admin: {purge_from: 5}", ["2: admin.purge_from: expected a list, got an integer"]),
+    ("admin: {purge_from: [x, 10.0.0.1]}", ["2: admin.purge_from: 'x' is not an IP address or CIDR network"]),
+    ("admin: {listen: x}", ["2: admin.listen: expected HOST:PORT, got 'x'"]),
+    ("admin: {lsten: 1}", ["2: unknown key 'admin.lsten' (did you mean 'listen'?)"]),
+    ("admin: 5", ["2: admin: expected a mapping, got an integer"]),
+    ("admin: {listen: '0.0.0.0:1'}",
+     ["2: admin.listen 0.0.0.0:1 is not loopback and admin.token is not set: the admin API would be open to "
+      "anyone who can reach it; set admin.token or listen on 127.0.0.1"]),
+    ("admin:\n  listen: 0.0.0.0:1\n  token: abc",
+     ["4: admin.token is 3 characters long; on a listener others can reach (admin.listen 0.0.0.0:1) it must "
+      "have at least 16 (e.g. the output of `openssl rand -hex 24`)"]),
+    ("trusted_proxies: [x, 10.0.0.1]", ["2: trusted_proxies: 'x' is not an IP address or CIDR network"]),
+    ("trusted_proxies: 5", ["2: trusted_proxies: expected a list, got an integer"]),
+    ("rules: [missing.yaml]", ["2: rules: rule file {dir}/missing.yaml does not exist"]),
+    ("rules: [r.yaml, 5]", ["2: rules: rule file {dir}/5 does not exist"]),
+    ("workers: 0", ["2: workers: expected a positive number or auto, got '0'"]),
+    ("workers: lots", ["2: workers: expected a positive number or auto, got 'lots'"]),
+    ("workers: true", ["2: workers: expected a positive number or auto, got 'True'"]),
+    ("shutdown_grace: x", [f"2: shutdown_grace: bad duration 'x': {BAD_DURATION}"]),
+    ("via: [a]", ["2: via: expected a string, got a list"]),
+    ("access_log: {format: x}", ["2: access_log.format: must be one of json, combined, got 'x'"]),
+    ("access_log: {path: nowhere/a.log}", ["2: access_log.path: directory {dir}/nowhere does not exist"]),
+    ("access_log: {fmt: json}", ["2: unknown key 'access_log.fmt' (did you mean 'format'?)"]),
+    ("access_log: 'yes'",
+     ["2: access_log: expected true, false or {format: json|combined, path: stdout|FILE}, got a string"]),
+    ("rules: 5", ["2: rules: expected a list, got an integer"]),
+    ("cluster: {node: a}", ["2: cluster.redis: required (e.g. redis://127.0.0.1:6379/0)"]),
+    ("cluster: {redis: 5}", ["2: cluster.redis: expected a string, got an integer"]),
+    ("cluster: {redis: 'http://h:1'}", [f"2: cluster.redis: 'http://h:1' {REDIS_URL}"]),
+    ("cluster: {redis: 'redis://:pw@h:1/0', ack_timeout: soon}",
+     [f"2: cluster.ack_timeout: bad duration 'soon': {BAD_DURATION}"]),
+    ("cluster: {redis: 'redis://h:1', node: 'a b'}",
+     ["2: cluster.node: 'a b': use letters, digits and . _ - : @ (at most 200)"]),
+    ("cluster: {redis: 'redis://h:1', namespace: 'a b'}",
+     ["2: cluster.namespace: 'a b': use letters, digits and . _ - : (at most 64)"]),
+    ("cluster: {redis: 'redis://h:1', timeout: 0, heartbeat: 0}",
+     ["2: cluster.heartbeat: must be more than 0", "2: cluster.timeout: must be more than 0"]),
+    ("cluster: {redis: 'redis://h:1', stream_max: 5}", ["2: cluster.stream_max: must be at least 100, got 5"]),
+    ("cluster: x", ["2: cluster: expected a mapping, got a string"]),
+    ("max_request_head: 512",
+     ["2: max_request_head: must be at least 1KB (a browser's request head is 0.5-2KB), got 512 bytes"]),
+    ("max_request_head: x", [f"2: max_request_head: bad size 'x': {BAD_SIZE}"]),
+    ("server_header: ''", ["2: server_header: expected printable ASCII text, got ''"]),
+    ("server_header: 'caché'", ["2: server_header: expected printable ASCII text, got 'caché'"]),
+    ("cache:\n  memory: x\n  disk:\n    size: y\n    shards: 0\n  memry: 3",
+     [f"3: cache.memory: bad size 'x': {BAD_SIZE}", f"5: cache.disk.size: bad size 'y': {BAD_SIZE}",
+      "6: cache.disk.shards: must be at least 1, got 0", "7: unknown key 'cache.memry' (did you mean 'memory'?)"]),
+    ("upstream:\n  health:\n    path: nope\n  tls:\n    ca_file: missing",
+     ["4: upstream.health.path: must start with '/', got 'nope'",
+      "6: upstream.tls.ca_file: {dir}/missing does not exist"]),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), PROBLEMS, ids=[c[0] for c in PROBLEMS])
+def test_each_mistake_is_one_problem_at_its_line(folder: Path, line: str, expected: list[str]) -> None:
+    assert problems(folder, U + line + "\n") == [e.replace("{dir}", str(folder)) for e in expected]
+
+
+UPSTREAMS: list[tuple[str, list[str]]] = [
+    ("[{url: 'http://a:1', weight: 0}]", ["1: upstreams[].weight: must be at least 1, got 0"]),
+    ("[{url: 'http://a:1', weight: x}]", ["1: upstreams[].weight: expected an integer, got a string"]),
+    ("[{weight: 2}]", ["1: upstreams[].url: required"]),
+    ("[{url: 5}]", ["1: upstreams[].url: expected a string, got an integer"]),
+    ("[5]", ["1: upstreams: each entry is a URL or {url: ..., weight: ...}"]),
+    ("[null]", ["1: upstreams: each entry is a URL or {url: ..., weight: ...}"]),
+    ("[ftp://a]", ["1: upstream url 'ftp://a': expected http://HOST[:PORT] or https://..."]),
+    ("[http://a/path]", ["1: upstream url 'http://a/path': must not have a path or query"]),
+    ("['http://a?q']", ["1: upstream url 'http://a?q': must not have a path or query"]),
+    ("[{url: 'http://a', foo: 1}]", ["1: unknown key 'upstreams[].foo' (allowed: url, weight)"]),
+    ("http://a", ["1: upstreams: expected a list, got a string",
+                  "1: no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL"]),
+    ("[]", ["1: no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL"]),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), UPSTREAMS, ids=[c[0] for c in UPSTREAMS])
+def test_upstream_mistakes(folder: Path, value: str, expected: list[str]) -> None:
+    assert problems(folder, f"upstreams: {value}\n") == expected
+
+
+def test_upstream_entries_take_a_url_or_a_mapping_and_lose_a_trailing_slash(folder: Path) -> None:
+    s = load(folder, "upstreams: ['https://a:443/', {url: 'http://b:1', weight: 3}]\n")
+    assert [(str(u.url), u.weight) for u in s.upstreams] == [("https://a", 1), ("http://b:1", 3)]
+
+
+def test_a_file_that_is_not_a_mapping_is_one_problem(folder: Path) -> None:
+    assert problems(folder, "[]\n") == [
+        "1: the config file must be a mapping (listen:, upstreams:, cache:, ...)",
+        "1: no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL"]
+
+
+def test_command_line_overrides_replace_what_the_file_says(folder: Path) -> None:
+    s = load(folder, U + "listen: [':1', ':2']\ncluster: {redis: 'redis://h:1'}\n", Overrides(
+        ports=(5, 6), upstreams=("http://x:1",), admin_listen="off", workers="3", cache_path="/tmp/else"))
+    assert [li.address for li in s.listeners] == [("0.0.0.0", 5), ("0.0.0.0", 6)]
+    assert [str(u.url) for u in s.upstreams] == ["http://x:1"]
+    assert (s.admin.listen, s.workers, s.cache.disk and s.cache.disk.path) == (None, 3, "/tmp/else")
+    assert s.cluster is not None and s.cluster.node == f"{socket.gethostname()}:1"  # the file's port
+    assert problems(folder, U, Overrides(listen=("bad",), admin_listen="bad", workers="x", ports=(1, 2))) == [
+        "<command line>:0: --listen: expected HOST:PORT, got 'bad'",
+        "<command line>:0: 2 port(s) for 1 listener(s)",
+        "<command line>:0: --admin-listen: expected HOST:PORT, got 'bad'",
+        "<command line>:0: --workers: workers: expected a positive number or auto, got 'x'"]
+
+
+def test_without_a_file_the_defaults_apply_relative_to_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = load_config(None, Overrides(upstreams=("http://a:1",)))
+    assert s.source == "<defaults>"
+    assert s.cache.disk is not None and s.cache.disk.path == os.path.join(str(tmp_path), "var/cache")
