@@ -314,15 +314,9 @@ class Flight:
         # Reply headers prepared once for every follower (by the engine), by their variant.
         self.follower_headers: dict[Any, list[tuple[str, str]]] = {}
         self.spool: Any = None  # the BodySpool storing this flight's body, once there is one
-        # Called with whether the response reached the disk tier, as soon as it did (the engine
-        # tells other workers waiting for the key: proxy.leases).
-        self.on_stored: Callable[[bool], None] | None = None
         # The clients waiting for this flight's head, told of each interim (1xx) response the
         # origin sends before it: (status, reason, end-to-end fields).
         self.interim: list[Callable[[int, str, tuple[tuple[str, str], ...]], None]] = []
-        # Called with the stored entry and its body (when received in memory) as soon as the
-        # fill is complete: cluster mode writes it through to the shared tier (Engine._fill).
-        self.on_filled: Callable[[Any, bytes | None], None] | None = None
         # A failed head must not log "exception never retrieved" when nobody waited.
         self.head.add_done_callback(_consume)
         self.result.add_done_callback(_consume)

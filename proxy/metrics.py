@@ -243,6 +243,9 @@ class Metrics:
                                     registry=r)
         self.fills = Counter("cachegate_fills", "Responses stored in the cache (a complete body committed)",
                              registry=r)
+        self.flights = Counter("cachegate_flights",
+                               "Origin fetches shared by a key's clients (flights), by how they ended "
+                               "(proxy.flight)", ["outcome"], registry=r)
         # Fast-path hits are timed one in FAST_SAMPLE and counted FAST_SAMPLE times (proxy.live).
         self.request_duration = LeanHistogram(
             "cachegate_request_duration_seconds",

@@ -1,0 +1,965 @@
+"""The miss path: a request the store cannot answer, fetched once in a flight that ends one way.
+
+The engine hands a miss or a revalidation here as one frozen ``Attempt`` (the client's
+request, its rule plan, the key, why it went forward, the stored responses it may fall back
+on). ``MissPath.fetch`` then takes one of three ways:
+
+- the key is hit-for-pass: the request goes to the origin in its own task, no flight;
+- a flight for the key is under way: the client joins it as a *follower*;
+- else the client starts one and is its *leader* (a stale-while-revalidate refresh and a
+  range miss's whole-object fetch start one with no client at all).
+
+A flight's task goes through at most four states, each a method below:
+
+    lease (workers)  ->  shared tier (cluster)  ->  origin  ->  deliver
+    _leased              _fill / _adopt_shared     _origin     _deliver
+
+and ends with exactly one ``FlightOutcome`` (the classes below, named after what happened):
+``Filled``, ``Freshened``, ``Passed``, ``BrokeOff``, ``Abandoned``, ``Unreachable``,
+``Adopted``, ``StoredElsewhere``, ``Skipped`` or ``Aborted``. ``MissPath._end`` is the one
+place a flight ends: it matches the outcome (closed with ``assert_never``) and, once per
+flight, releases the cross-worker lease with how it went, ends the broadcast (clients get
+the end of the body or its error), sets the flight's result (what detached readers finish
+from), and counts the outcome (``cachegate_flights_total``). The task is wrapped so that a
+flight that raises or is cancelled ends there too, as ``Aborted``: no exit path can forget
+the lease, the readers or the count.
+
+Each client is then answered from its flight by ``MissPath.answer`` (the leader and each
+follower alike): from the head it received, streamed, sent whole, or from the store once
+the flight stored it. Followers never get what was not shareable with them (private,
+Set-Cookie, another Vary variant): they fetch for themselves (RFC 9111 §4; Souin does the
+same).
+
+What is decided stays in ``proxy.policy`` (``decide_fill``, ``decide_on_validation``,
+``decide_lookup``, ``reply_head``, ``upstream_request``); this module only carries those
+decisions out against the coalescer (``proxy.coalescer``), the leases (``proxy.leases``),
+the shared tier (``proxy.cluster.fills``) and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import IO, TYPE_CHECKING, ClassVar, assert_never
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.cluster.fills import Contended, Found, Locked, SharedCache
+from proxy.coalescer import Coalescer, FellBehind, Flight, FlightHead, FlightResult, Reader, TooFarBehind
+from proxy.errors import (
+    NoUpstreamAvailable,
+    ResponseAborted,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from proxy.leases import Busy, Granted, Waiting
+from proxy.policy.cache_status import cache_status
+from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
+from proxy.policy.headers import end_to_end
+from proxy.policy.keys import url_of_key, variant_of
+from proxy.policy.messages import StoredResponse
+from proxy.policy.reuse import Serve, decide_lookup, select_variant
+from proxy.policy.validation import (
+    Freshen,
+    Refetch,
+    Replace,
+    ServeStale,
+    ValidationOutcome,
+    client_not_modified,
+    decide_on_validation,
+)
+from proxy.replies import ClientRequest, Reply, error_reply, relay
+from proxy.storage.entry import Entry
+from proxy.storage.memory import Cached
+from proxy.storage.tiered import BodySpool
+from proxy.upstream import UpstreamResponse
+
+if TYPE_CHECKING:
+    from proxy.engine import Engine
+    from proxy.rules import RequestPlan
+
+log = logging.getLogger("cachegate.engine")
+
+# Followers of a flight whose body is at most this big get it whole, in one write; so
+# does the client that started the flight, for bodies up to WHOLE_FOR_LEADER.
+WHOLE_FOR_FOLLOWERS = 256 * 1024
+WHOLE_FOR_LEADER = 64 * 1024
+# A flight answered from what another worker (proxy.leases) or node (proxy.cluster) stored.
+STORED_ELSEWHERE = "STORED-ELSEWHERE"
+STORED_CHUNK = 256 * 1024  # reads of a stored body for a client that fell behind its fill
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One client's miss (or revalidation), as the engine's lookup left it."""
+
+    req: ClientRequest
+    plan: RequestPlan
+    key: str
+    fwd: str  # why it went forward: the Cache-Status ``fwd`` (uri-miss, stale, request, ...)
+    revalidating: Cached | None = None  # the stored response a conditional request revalidates
+    stale: Cached | None = None  # the stored response stale-if-error may serve instead of an error
+    coalesce: bool = True  # False: fetch for this client alone (it asked for the origin, or gave up waiting)
+    stale_prohibited: bool = False  # a stored response that may not be served stale (RFC 9111 §5.2.2.2)
+
+    def alone(self) -> Attempt:
+        """The same request fetched for this client alone, without joining anyone's flight."""
+        return replace(self, coalesce=False)
+
+
+# -- how a flight ends ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Filled:
+    """The response is stored: in memory as its body ended, on disk (``on_disk``) behind it."""
+
+    label: ClassVar[str] = "filled"
+
+    entry: Entry
+    on_disk: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Freshened:
+    """The origin answered the revalidation 304: the stored response's headers were updated."""
+
+    label: ClassVar[str] = "freshened"
+
+
+@dataclass(frozen=True, slots=True)
+class Passed:
+    """The clients got the whole response; it was not stored (``detail``: why, as Cache-Status says)."""
+
+    label: ClassVar[str] = "passed"
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class BrokeOff:
+    """The origin's body broke off: the clients' bodies fail (never ended as if complete), nothing stored."""
+
+    label: ClassVar[str] = "broke_off"
+
+    error: UpstreamError
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """Every client went away and nothing stored the body: the fetch stopped."""
+
+    label: ClassVar[str] = "abandoned"
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """No response head: the origin failed (or so did the fetch of the worker holding the lease)."""
+
+    label: ClassVar[str] = "unreachable"
+
+    error: UpstreamError
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A fresh variant another node stored in the cluster's shared tier, kept here and served."""
+
+    label: ClassVar[str] = "adopted"
+
+    on_disk: bool = True  # False: the disk write failed (known only when other workers waited for it)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredElsewhere:
+    """Another worker fetched and stored it (its lease): the clients are answered from the store."""
+
+    label: ClassVar[str] = "stored_elsewhere"
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A background refresh that another worker is already doing: nothing fetched here."""
+
+    label: ClassVar[str] = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted:
+    """The flight's task raised or was cancelled (a shutdown, a bug): its clients' bodies fail."""
+
+    label: ClassVar[str] = "aborted"
+
+
+FlightOutcome = (Filled | Freshened | Passed | BrokeOff | Abandoned | Unreachable | Adopted
+                 | StoredElsewhere | Skipped | Aborted)
+
+
+@dataclass(slots=True)
+class _Run:
+    """One flight's task: what it fetches, and what must happen once, when it ends."""
+
+    attempt: Attempt
+    flight: Flight
+    background: bool = False  # nobody waits for it (a refresh, a range miss's whole object)
+    lease: Granted | None = None  # the cross-worker lease it holds (proxy.leases)
+    # Cluster mode: called with the stored entry and its body (when in memory) as soon as the
+    # fill is complete, to write it through to the shared tier (``_locked_fill``).
+    on_filled: Callable[[Entry, bytes | None], None] | None = None
+    outcome: FlightOutcome | None = field(default=None)  # set once, by ``_end``
+
+
+class MissPath:
+    """The miss path of one engine: its flights, and the clients' answers from them."""
+
+    def __init__(self, engine: Engine) -> None:
+        # The engine, not copies of its parts: tests swap its clock, and a worker sets its
+        # leases and shared tier after start.
+        self.engine = engine
+
+    @property
+    def coalescer(self) -> Coalescer:
+        return self.engine.coalescer
+
+    # -- a client's way in ---------------------------------------------------------------------
+
+    async def fetch(self, attempt: Attempt) -> Reply:
+        """Join the key's flight, or start one, and answer this client from it."""
+        key = attempt.key
+        coalesce = attempt.coalesce
+        passing = coalesce and self.coalescer.is_pass(key)
+        if passing and attempt.revalidating is None and attempt.stale is None:
+            return await self._forward_passing(attempt)
+        flight = self.coalescer.get(key) if coalesce and not passing else None
+        if flight is not None and flight.spool is not None and flight.spool.doomed:
+            flight = None  # purged while in flight: what it carries must not be served anew
+        elif flight is None and coalesce and not passing:
+            reply = await self._stored_meanwhile(attempt)
+            if reply is not None:
+                return reply
+        collapsed = False
+        if flight is not None:
+            reader = flight.body.join()
+            if reader is None:
+                # Too late to stream this flight from its first byte: wait until it
+                # is stored and answer from the store.
+                return await self._serve_after_flight(attempt, None, "HIT", True)
+            flight.followers += 1
+            collapsed = True
+        if flight is None:
+            # A hit-for-pass key's fetch is nobody else's to join (nor to hold a lease for).
+            flight = self.start(attempt, register=coalesce and not passing)
+            reader = flight.body.join()
+        assert reader is not None
+        interim = attempt.req.interim
+        if interim is not None and not flight.head.done():
+            flight.interim.append(interim)  # the origin's 1xx, until the head arrives
+        return await self.answer(attempt, flight, reader, collapsed)
+
+    def start(self, attempt: Attempt, *, register: bool, background: bool = False) -> Flight:
+        """Start a flight for ``attempt``: findable by the key's other clients when ``register``
+        (else the same machinery that nobody can join: the client asked for the origin, or
+        hit-for-pass)."""
+
+        async def fly(run: _Run) -> None:
+            if register and self.engine.leases is not None:
+                await self._leased(run)
+            elif register and not background:
+                await self._fill(run)
+            else:
+                await self._origin(run, attempt.revalidating)
+
+        return self._launch(attempt, register, background, fly)
+
+    def refresh(self, attempt: Attempt) -> None:
+        """stale-while-revalidate: one revalidation per key, whoever asks while it runs."""
+        if self.coalescer.get(attempt.key) is None:
+            self.start(attempt, register=True, background=True)  # nobody reads it: it ends alone
+
+    def _launch(self, attempt: Attempt, register: bool, background: bool,
+                fly: Callable[[_Run], Awaitable[None]]) -> Flight:
+        async def task(flight: Flight) -> None:
+            run = _Run(attempt, flight, background)
+            try:
+                await fly(run)
+            finally:
+                self._end(run, Aborted())  # nothing when it has ended already
+
+        name = attempt.key if register else f"\x00solo:{id(attempt.req)}:{attempt.key}"
+        return self.coalescer.start(name, task)
+
+    # -- the one place a flight ends -------------------------------------------------------------
+
+    def _end(self, run: _Run, outcome: FlightOutcome) -> None:
+        """End ``run``'s flight with ``outcome``; only the first call counts.
+
+        In this order: the lease is released (other workers read the fill from the store: they
+        hear of it before this worker's own readers take the CPU), the broadcast ends, the
+        flight's result is set, the outcome is counted."""
+        if run.outcome is not None:
+            return
+        run.outcome = outcome
+        flight = run.flight
+        self._release(run, outcome)
+        result: FlightResult
+        match outcome:
+            case Filled(entry=entry, on_disk=on_disk):
+                self.engine.metrics.fills.inc()
+                flight.body.finish()
+                if on_disk:
+                    self.coalescer.clear_pass(flight.key)
+                result = FlightResult(on_disk, "" if on_disk else "STORE-FAILED", entry)
+            case Freshened():
+                self.coalescer.retire(flight)
+                flight.body.finish()
+                result = FlightResult(True, "FRESHENED")
+            case Passed(detail=detail):
+                self.coalescer.retire(flight)
+                flight.body.finish()
+                result = FlightResult(False, detail)
+            case BrokeOff(error=error):
+                flight.body.fail(error)
+                result = FlightResult(False, "UPSTREAM-BROKE-OFF")
+            case Abandoned():
+                flight.body.fail(ResponseAborted("no readers"))
+                result = FlightResult(False, "ABANDONED")
+            case Unreachable(error=error):
+                if not flight.head.done():
+                    flight.head.set_exception(error)
+                flight.body.fail(ResponseAborted("the fetch ended before its body did"))
+                result = FlightResult(False, "UNREACHABLE")
+            case Adopted(on_disk=on_disk):
+                self.coalescer.retire(flight)
+                flight.body.finish()
+                result = FlightResult(True, STORED_ELSEWHERE if on_disk else "STORE-FAILED")
+            case StoredElsewhere():
+                self.coalescer.retire(flight)
+                flight.body.finish()
+                result = FlightResult(True, STORED_ELSEWHERE)
+            case Skipped() | Aborted():
+                if not flight.head.done():
+                    flight.head.set_exception(ConnectionError("flight ended without a response"))
+                flight.body.fail(ResponseAborted("the fetch ended before its body did"))
+                result = FlightResult(False, "ABORTED")
+            case _:
+                assert_never(outcome)
+        if not flight.result.done():
+            flight.result.set_result(result)
+        self.engine.metrics.flights.labels(outcome.label).inc()
+
+    def _release(self, run: _Run, outcome: FlightOutcome) -> None:
+        """Tell the workers waiting on the flight's lease how it went (``proxy.leases``)."""
+        lease, leases = run.lease, self.engine.leases
+        if lease is None or leases is None:
+            return
+        run.lease = None
+        key = run.attempt.key
+        match outcome:
+            case Unreachable(error=error):  # they answer as this worker's followers do
+                leases.release(key, lease, "error", error.status_hint, str(error))
+            case Filled(on_disk=True) | Freshened() | Adopted() | StoredElsewhere():
+                leases.release(key, lease, "stored")  # they answer from the store
+            case Filled() | Passed() | BrokeOff() | Abandoned() | Skipped() | Aborted():
+                leases.release(key, lease, "failed")  # they fetch for themselves
+            case _:
+                assert_never(outcome)
+
+    # -- a flight's states ------------------------------------------------------------------------
+
+    async def _leased(self, run: _Run) -> None:
+        """A flight in a worker of several: fetch under the key's cross-worker lease, or wait for
+        the worker that holds it and answer from what it stored (``proxy.leases``)."""
+        leases = self.engine.leases
+        assert leases is not None
+        key, flight, background = run.attempt.key, run.flight, run.background
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.engine.settings.cache.lock_timeout
+        for _ in range(3):  # a holder that dies hands the lease on: ask again
+            lease = await leases.acquire(key, wait=not background)
+            match lease:
+                case Granted():
+                    run.lease = lease
+                    # Look again first: another worker may have stored it since we looked (the
+                    # shared memory holds it then: no disk read).
+                    if await self._answer_from_store(run):
+                        return
+                    flight.head.add_done_callback(functools.partial(self._report_head, key, lease))
+                    await self._fill(run)
+                    return
+                case Busy():
+                    self._end(run, Skipped())  # a refresh another worker is already doing
+                    return
+                case Waiting():
+                    if background:
+                        self._end(run, Skipped())
+                        return
+                    try:
+                        told = await asyncio.wait_for(asyncio.shield(lease.outcome),
+                                                      max(0.0, deadline - loop.time()))
+                    except TimeoutError:
+                        told = {"outcome": "timeout"}  # past lock_timeout: fetch on our own
+                    finally:
+                        leases.forget(key, lease)
+                    match told["outcome"]:
+                        case "stored":
+                            if await self._answer_from_store(run):
+                                return
+                        case "error":  # what the holder's own followers get: stale-if-error or the error
+                            self._end(run, Unreachable(_upstream_error(told["status"], told["message"])))
+                            return
+                        case "gone" if loop.time() < deadline:
+                            continue  # the holder died: one of the waiters takes the lease on
+                        case "pass":
+                            self.coalescer.mark_pass(key)
+                case None:
+                    pass  # the broker cannot be asked: fetch for this worker alone
+                case _:
+                    assert_never(lease)
+            break
+        await self._fill(run)
+
+    def _report_head(self, key: str, lease: Granted, head: asyncio.Future[FlightHead]) -> None:
+        """Tell the waiting workers at once when the response turns out not shareable (a
+        shareable head changes nothing for them: they wait for the release either way, so it
+        costs no message)."""
+        leases = self.engine.leases
+        if leases is None or head.cancelled() or head.exception() is not None:
+            return
+        h = head.result()
+        if not h.shareable:
+            leases.head(key, lease, h.shareable, h.store_detail in PASS_DETAILS)
+
+    async def _answer_from_store(self, run: _Run) -> bool:
+        """End the flight with what the shared store now holds for the key, when that is fresh
+        for the flight's request (another worker stored it); False when it is not."""
+        engine, attempt, flight = self.engine, run.attempt, run.flight
+        key = attempt.key
+        try:
+            variants = await engine.storage.reread(key)
+        except Exception:
+            log.exception("storage read failed for %s", key)
+            engine.metrics.storage_errors.labels("read").inc()
+            return False
+        decision = decide_lookup(attempt.req.head, [c.entry.response for c in variants], engine.clock(),
+                                 attempt.plan.options)
+        if not isinstance(decision, Serve) or decision.status != "HIT":
+            return False
+        cached = variants[decision.index]
+        entry = cached.entry
+        # Bring a small body into memory once, for every client of the flight.
+        if cached.body is None and entry.body_size <= engine.storage.memory.max_object \
+                and await engine.open_body(cached) is None:
+            return False
+        flight.head.set_result(_stored_head(entry.response, entry.body_size))
+        self._end(run, StoredElsewhere())
+        return True
+
+    async def _fill(self, run: _Run) -> None:
+        """A coalesced flight's fetch. In cluster mode with a shared tier (``proxy.cluster.fills``)
+        it asks the other nodes first: what one of them stored is kept here and served; else
+        one node in the cluster fetches under the key's fill lock and writes its fill through,
+        while the others wait for it (at most ``lock_timeout``, then they fetch here).
+        Revalidations stay with each node."""
+        engine = self.engine
+        shared = engine.shared
+        revalidating = run.attempt.revalidating
+        if shared is None or revalidating is not None:
+            await self._origin(run, revalidating)
+            return
+        key = run.attempt.key
+        loop = asyncio.get_running_loop()
+        lock_timeout = engine.settings.cache.lock_timeout
+        deadline = loop.time() + lock_timeout
+        lock_only = False
+        for _ in range(4):
+            epoch = engine.storage.epoch
+            answer = await shared.lookup(key, max(lock_timeout, 1.0) + 1.0, lock_only)
+            match answer:
+                case Found():
+                    if engine.storage.epoch != epoch:
+                        continue  # a purge was applied here meanwhile: what was found may be purged
+                    if await self._adopt_shared(run, answer):
+                        return
+                    lock_only = True  # stored, but not fresh for this request: fetch under the lock
+                case Locked():
+                    await self._locked_fill(run, shared, answer)
+                    return
+                case Contended():
+                    left = deadline - loop.time()
+                    told = await shared.wait_filled(key, min(left, answer.wait + 0.05)) \
+                        if left > 0 else None
+                    if told not in (None, "stored") or loop.time() >= deadline:
+                        break  # not shareable, failed, or waited long enough: fetch here
+                case None:
+                    break
+                case _:
+                    assert_never(answer)
+        await self._origin(run, None)
+
+    async def _locked_fill(self, run: _Run, shared: SharedCache, lock: Locked) -> None:
+        """Fetch under the cluster-wide fill lock; write the fill through, then release the lock
+        (which wakes the other nodes' waiters)."""
+        writes: list[asyncio.Future[bool]] = []
+        clock = self.engine.clock
+
+        def filled(entry: Entry, body: bytes | None) -> None:
+            if body is not None and len(body) <= shared.max_object:
+                writes.append(asyncio.ensure_future(shared.write(entry, body, lock, clock())))
+
+        run.on_filled = filled
+        told = "failed"
+        try:
+            await self._origin(run, None)
+            if writes and await writes[0]:
+                told = "stored"
+        finally:
+            await shared.release(run.attempt.key, lock, told)
+
+    async def _adopt_shared(self, run: _Run, found: Found) -> bool:
+        """End the flight with a variant another node stored in the shared tier, when it is a
+        fresh hit for the flight's request: kept in this node's tiers (the same way a fill is),
+        then served from them; False when none is."""
+        engine, attempt, flight = self.engine, run.attempt, run.flight
+        storage = engine.storage
+        decision = decide_lookup(attempt.req.head, [e.response for e, _ in found.variants], engine.clock(),
+                                 attempt.plan.options)
+        if not isinstance(decision, Serve) or decision.status != "HIT":
+            return False
+        entry, body = found.variants[decision.index]
+        spool = storage.spool(entry, len(body))
+        if not await spool.write(body):
+            spool.discard()
+            return False
+        final = storage.finalize(entry, spool)
+        if final is None:
+            return False
+        in_memory = storage.put_memory(final, spool)
+        flight.head.set_result(_stored_head(final.response, final.body_size))
+        self.coalescer.retire(flight)
+        if run.lease is None and in_memory:
+            # In memory now: the flight's clients are answered at once, the disk copy follows.
+            self._end(run, Adopted())
+            await self._put_disk(attempt.key, final, spool)
+            return True
+        # Other workers wait for this key (proxy.leases): they read it from disk, so the flight
+        # ends once it is there.
+        self._end(run, Adopted(await self._put_disk(attempt.key, final, spool)))
+        return True
+
+    async def _origin(self, run: _Run, revalidating: Cached | None) -> None:
+        """Ask the origin (conditionally, when ``revalidating``), and carry out what its answer
+        means for the response held (``decide_on_validation``)."""
+        engine, attempt, flight = self.engine, run.attempt, run.flight
+        head, plan = attempt.req.head, attempt.plan
+        request_time = engine.clock()
+
+        def interim(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+            kept = end_to_end(fields)
+            for sink in list(flight.interim):
+                sink(status, reason, kept)
+
+        try:
+            resp = await engine.send(engine.upstream(attempt.req, plan, revalidating), on_interim=interim)
+        except UpstreamError as exc:
+            self._end(run, Unreachable(exc))
+            return
+        response_time = engine.clock()
+
+        # What the answer means for the response held (revalidated, or kept for stale-if-error).
+        kept = revalidating or attempt.stale
+        outcome: ValidationOutcome = Replace() if kept is None else decide_on_validation(
+            kept.entry.response, resp.status, resp.headers, response_time,
+            conditional=revalidating is not None)
+        match outcome:
+            case Freshen():
+                assert revalidating is not None
+                resp.release()
+                await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head)
+                flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
+                self._end(run, Freshened())
+                return
+            case Refetch():
+                resp.release()
+                await self._origin(run, None)
+                return
+            case ServeStale():
+                # RFC 5861 §4: the stored response stays; the clients decide on stale-if-error.
+                store_detail, entry = outcome.detail, None
+            case Replace():
+                store_detail, entry = engine.fill_decision(attempt, resp, request_time, response_time)
+            case _:
+                assert_never(outcome)
+        await self._deliver(run, resp, store_detail, entry, response_time)
+
+    async def _deliver(self, run: _Run, resp: UpstreamResponse, store_detail: str,
+                       entry: Entry | None, response_time: float) -> None:
+        """A flight's response: its head to the clients, its body to them and to the store."""
+        engine, flight, key = self.engine, run.flight, run.attempt.key
+        storage = engine.storage
+        shareable = entry is not None and shareable_with_followers(entry.response, response_time)
+        vary = entry.response.vary if entry is not None else ()
+        flight.head.set_result(FlightHead(resp.status, resp.reason, resp.headers, shareable,
+                                          store_detail, resp.content_length, vary))
+        if store_detail in PASS_DETAILS:
+            self.coalescer.mark_pass(key)
+        if not shareable:
+            engine.metrics.not_stored_because(store_detail, url_of_key(key))
+        spool = None
+        if entry is not None:
+            spool = storage.spool(entry, resp.content_length)
+        flight.spool = spool
+        body = flight.body
+        body.storing = spool is not None
+        abandoned = ""  # why the store was given up mid-body
+        try:
+            async for chunk in resp.iter_chunks():
+                if spool is not None:
+                    abandoned = await self._spool_write(key, spool, chunk)
+                    if abandoned:
+                        spool = None
+                        body.stop_storing()
+                if body.readers == 0 and spool is None:
+                    resp.close()  # nobody reads it and nothing stores it
+                    self._end(run, Abandoned())
+                    return
+                await body.push(chunk)
+        except UpstreamError as exc:
+            log.warning("upstream body broke off for %s: %s", key, exc)
+            if spool is not None:
+                spool.discard()
+            self._end(run, BrokeOff(exc))
+            return
+        except BaseException:
+            if spool is not None:
+                spool.discard()
+            resp.close()
+            raise
+        final = storage.finalize(entry, spool) if spool is not None and entry is not None else None
+        if final is None or spool is None:
+            self._end(run, Passed(store_detail or abandoned or "INCOMPLETE"))
+            return
+        # Visible in memory before the last reader sees the end of the body, so the
+        # client's next request is a hit; the disk copy follows.
+        storage.put_memory(final, spool)
+        if run.on_filled is not None:
+            run.on_filled(final, spool.body_bytes())
+        self.coalescer.retire(flight)
+        if run.lease is None or spool.body_bytes() is None:
+            # This worker's readers first; then the disk.
+            flight.body.finish()
+        # else other workers wait for this key (proxy.leases): a small body goes to disk before
+        # this worker's own followers take the CPU, and they hear of it at once (``_end``); then
+        # both workers answer their clients at the same time.
+        self._end(run, Filled(final, await self._put_disk(key, final, spool)))
+
+    async def _spool_write(self, key: str, spool: BodySpool, chunk: bytes) -> str:
+        """Spool a chunk of a body being stored; "" while it is kept, else why the store is
+        given up (the clients still get the whole body): TOO-LARGE, or STORE-FAILED when the
+        write failed (a full disk: counted, logged once per streak, in /stats)."""
+        engine = self.engine
+        try:
+            if await spool.write(chunk):
+                return ""
+            reason = "TOO-LARGE"
+        except Exception as exc:
+            spool.discard()
+            engine.write_failures.failed("spool", key, exc)
+            reason = "STORE-FAILED"
+        engine.metrics.not_stored_because(reason, url_of_key(key))
+        return reason
+
+    async def _put_disk(self, key: str, final: Entry, spool: BodySpool) -> bool:
+        """The disk's part of storing a fill (nothing now for a body in the shared memory)."""
+        engine = self.engine
+        try:
+            stored = await engine.storage.put_disk(final, spool)
+        except Exception as exc:
+            engine.write_failures.failed("write", key, exc)
+            return False
+        if stored:
+            engine.write_failures.succeeded()
+        return stored
+
+    # -- a client's answer from its flight ----------------------------------------------------
+
+    async def answer(self, attempt: Attempt, flight: Flight, reader: Reader, collapsed: bool) -> Reply:
+        """Answer a client that joined ``flight`` (as its leader, or ``collapsed`` as a follower)."""
+        engine = self.engine
+        head, plan, fwd, stale = attempt.req.head, attempt.plan, attempt.fwd, attempt.stale
+        try:
+            if collapsed:
+                fhead = await asyncio.wait_for(asyncio.shield(flight.head),
+                                               engine.settings.cache.lock_timeout)
+            else:
+                fhead = await asyncio.shield(flight.head)
+        except TimeoutError:
+            reader.close()
+            return await self.fetch(attempt.alone())
+        except UpstreamError as exc:
+            reader.close()
+            if stale is not None:
+                return await self._serve_stale(attempt, stale, None, "ORIGIN-UNREACHABLE")
+            if attempt.stale_prohibited:
+                # RFC 9111 §5.2.2.2: a stored response that may not be served stale
+                # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
+                log.warning("upstream failed, stale response not allowed: %s", exc)
+                return engine.finish(plan, error_reply(
+                    504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", "MISS",
+                    cache_status(fwd=fwd, detail="STALE-NOT-ALLOWED")))
+            return engine.upstream_failed(plan, exc, fwd)
+        except ConnectionError as exc:
+            reader.close()
+            if collapsed:
+                return await self.fetch(attempt.alone())
+            return engine.upstream_failed(plan, UpstreamError(str(exc)), fwd)
+
+        if fhead.store_detail == STORED_ELSEWHERE:
+            # Another worker fetched and stored it (proxy.leases): answer from the store.
+            reader.close()
+            engine.metrics.coalesced.inc()
+            return await self._serve_after_flight(attempt, fhead.status, "HIT", True)
+
+        if fhead.status >= 500 and stale is not None and fhead.store_detail != "":
+            reader.close()
+            return await self._serve_stale(attempt, stale, fhead.status, "ORIGIN-ERROR")
+
+        if fhead.status == 304 and fhead.store_detail == "FRESHENED":
+            # The stored response was revalidated: answer from it.
+            reader.close()
+            return await self._serve_after_flight(attempt, 304, "REVALIDATED", collapsed)
+
+        if collapsed:
+            if not fhead.shareable or fhead.vary != variant_of(
+                tuple(n for n, _ in fhead.vary), head.headers
+            ):
+                reader.close()
+                return await self.fetch(attempt.alone())
+            engine.metrics.coalesced.inc()
+
+        x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")
+        stored = fhead.store_detail == ""
+        prepared = flight.follower_headers.get(fwd) if collapsed else None
+        if prepared is not None:
+            headers = list(prepared)
+        else:
+            cs = cache_status(fwd=fwd, fwd_status=fhead.status, stored=stored, collapsed=collapsed,
+                              detail=None if stored else fhead.store_detail)
+            headers = engine.response_headers(fhead.headers)
+            if collapsed:  # a Set-Cookie stored under allow_set_cookie was the leader's, not theirs
+                headers = [(k, v) for k, v in headers if k.lower() != "set-cookie"]
+            headers.append(("Cache-Status", cs))
+            headers.append(("X-Cache-Status", x_cache))
+            if collapsed:  # the same for every follower: prepared once
+                flight.follower_headers[fwd] = list(headers)
+
+        client_headers = head.headers
+        if stored and fhead.status == 200 and (
+            "if-none-match" in client_headers or "if-modified-since" in client_headers
+            or "range" in client_headers
+        ):
+            # Fill requests drop the client's conditionals and ranges; answer them from the
+            # stored response once the flight has stored it.
+            reader.close()
+            return await self._serve_after_flight(attempt, fhead.status, x_cache, collapsed,
+                                                  stored=not collapsed, flight=flight)
+
+        if head.method == "HEAD" or fhead.status in (204, 304):
+            reader.close()
+            return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, None,
+                                              fhead.content_length if head.method == "HEAD" else None,
+                                              x_cache, "none", head_only=True))
+        length = fhead.content_length
+        if length is not None and length <= (WHOLE_FOR_FOLLOWERS if collapsed else WHOLE_FOR_LEADER):
+            # A small body: a follower waits for it whole and sends it in one write, which
+            # costs less per follower than streaming it chunk by chunk (a herd's fan-out);
+            # so does the leader when the body is small enough not to delay its first byte.
+            try:
+                body = await flight.body.whole()
+            except UpstreamError as exc:
+                if collapsed:
+                    raise
+                # The leader's client sees the response break off, as when it is streamed.
+                return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, _broken(exc),
+                                                  length, x_cache, "upstream"))
+            finally:
+                reader.close()
+            return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
+                                              x_cache, "upstream"))
+        return engine.finish(plan, Reply(fhead.status, fhead.reason, headers,
+                                          self._flight_body(flight, attempt.key, reader), length, x_cache,
+                                          "upstream"))
+
+    async def _flight_body(self, flight: Flight, key: str, reader: Reader) -> AsyncIterator[bytes]:
+        """A flight's body for one client, as it arrives. A client that fell too far behind a
+        fill being stored was detached from it (the fetch and the other clients do not wait
+        for it: ``proxy.coalescer``) and gets the rest from the stored response once the fill
+        is complete; when it was not stored after all, this raises and the client's
+        connection is aborted (a truncated body is never ended as if complete)."""
+        chunks = reader.__aiter__()
+        try:
+            async for chunk in chunks:
+                yield chunk
+            return
+        except FellBehind as behind:
+            offset = behind.offset
+        except TooFarBehind:
+            self.engine.metrics.slow_readers.labels("cut_off").inc()
+            raise
+        finally:
+            await chunks.aclose()
+        async for chunk in self._stored_rest(flight, key, offset):
+            yield chunk
+
+    async def _stored_rest(self, flight: Flight, key: str, offset: int) -> AsyncIterator[bytes]:
+        """The body a flight stored, from ``offset`` on (for a client detached from it)."""
+        engine = self.engine
+        result = await asyncio.shield(flight.result)
+        entry = result.entry
+        body: bytes | IO[bytes] | None = None
+        if entry is not None and entry.body_size >= offset:
+            variants = await engine.load(key)
+            cached = next((c for c in variants if c.entry.body_id == entry.body_id), None)
+            if cached is not None:
+                body = await engine.open_body(cached)
+        if body is None:
+            engine.metrics.slow_readers.labels("cut_off").inc()
+            raise ResponseAborted(f"{key}: the client fell behind a fill that was not stored")
+        engine.metrics.slow_readers.labels("resumed").inc()
+        if isinstance(body, bytes):
+            if offset < len(body):
+                yield body[offset:]
+            return
+        try:
+            await engine.storage.run(body.seek, offset)
+            while chunk := await engine.storage.run(body.read, STORED_CHUNK):
+                yield chunk
+        finally:
+            body.close()
+
+    async def _forward_passing(self, attempt: Attempt) -> Reply:
+        """A hit-for-pass key: forwarded in the request's own task, without a flight (nobody may
+        join it). Should the response turn out storable now, a flight takes it over and stores it
+        (and this client is answered from that flight), which ends the hit-for-pass."""
+        engine = self.engine
+        request_time = engine.clock()
+        try:
+            resp = await engine.send(engine.upstream(attempt.req, attempt.plan),
+                                     on_interim=relay(attempt.req.interim))
+        except UpstreamError as exc:
+            return engine.upstream_failed(attempt.plan, exc, attempt.fwd)
+        response_time = engine.clock()
+        return await self.answer_unshared(attempt, resp, request_time, response_time)
+
+    async def answer_unshared(self, attempt: Attempt, resp: UpstreamResponse, request_time: float,
+                              response_time: float) -> Reply:
+        """Answer one client from a response fetched for it alone; stored (through a flight
+        nobody else may join) when it is storable."""
+        engine = self.engine
+        head = attempt.req.head
+        try:
+            store_detail, entry = engine.fill_decision(attempt, resp, request_time, response_time)
+        except BaseException:
+            resp.close()
+            raise
+        if entry is not None:
+            async def deliver(run: _Run) -> None:
+                await self._deliver(run, resp, store_detail, entry, response_time)
+
+            # Answered as a leader of a flight of its own: no stale to fall back on.
+            solo = Attempt(attempt.req, attempt.plan, attempt.key, attempt.fwd)
+            flight = self._launch(solo, False, False, deliver)
+            reader = flight.body.join()
+            assert reader is not None
+            return await self.answer(solo, flight, reader, False)
+        if store_detail in PASS_DETAILS:
+            self.coalescer.mark_pass(attempt.key)
+        engine.metrics.not_stored_because(store_detail, head.url)
+        cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status, detail=store_detail)
+        return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")
+
+    async def _stored_meanwhile(self, attempt: Attempt) -> Reply | None:
+        """A reply from the response a flight for the key stored while this request looked on
+        disk (in memory now, or being written to disk by this process); None when there is none.
+
+        Without this, a request that missed memory just before a flight ended would find no
+        flight after its disk lookup and fetch the key again."""
+        engine, key = self.engine, attempt.key
+        writes = engine.storage.writing(key)
+        if writes:
+            await asyncio.wait(writes, timeout=engine.settings.cache.lock_timeout)
+            variants: tuple[Cached, ...] | None = await engine.load(key)
+        else:
+            variants = engine.storage.memory_get(key)
+        if not variants:
+            return None
+        decision = decide_lookup(attempt.req.head, [c.entry.response for c in variants], engine.clock(),
+                                 attempt.plan.options)
+        if not isinstance(decision, Serve) or decision.status != "HIT":
+            return None
+        # A plain hit: it found the response stored, without waiting for anyone's fetch.
+        return await engine.serve(attempt.req, attempt.plan, variants[decision.index], "HIT", decision.ttl,
+                                  decision.age, decision.not_modified, hit=True)
+
+    async def _serve_after_flight(self, attempt: Attempt, fwd_status: int | None, x_cache: str,
+                                  collapsed: bool, *, stored: bool = False,
+                                  flight: Flight | None = None) -> Reply:
+        """Answer from the store once ``flight`` (by default, the key's) has stored its response."""
+        engine, req, key = self.engine, attempt.req, attempt.key
+        flight = flight or self.coalescer.get(key)
+        if flight is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(flight.result), engine.settings.cache.lock_timeout)
+        variants = await engine.load(key)
+        index = select_variant(req.head, [c.entry.response for c in variants]) if variants else None
+        if index is not None:
+            cached = variants[index]
+            response = cached.entry.response
+            now = engine.clock()
+            reply = await engine.serve(
+                req, attempt.plan, cached, x_cache, response.ttl(now), response.freshness.age(now),
+                client_not_modified(req.head.headers, cached.entry.response),
+                # RFC 9211: a collapsed request went forward (with the leader's): never "hit".
+                hit=x_cache == "HIT" and not collapsed, fwd=attempt.fwd, collapsed=collapsed,
+                mark_stored=stored,
+                fwd_status=fwd_status if fwd_status is not None else cached.entry.response.status,
+            )
+            if reply is not None:
+                return reply
+        return await self.fetch(Attempt(req, attempt.plan, key, attempt.fwd, coalesce=False))
+
+    async def _serve_stale(self, attempt: Attempt, stale: Cached, fwd_status: int | None,
+                           detail: str) -> Reply:
+        """stale-if-error (RFC 5861 §4): the stored response instead of the origin's error."""
+        engine, req, fwd = self.engine, attempt.req, attempt.fwd
+        response = stale.entry.response
+        now = engine.clock()
+        reply = await engine.serve(req, attempt.plan, stale, "STALE", response.ttl(now),
+                                   response.freshness.age(now),
+                                   client_not_modified(req.head.headers, stale.entry.response),
+                                   hit=False, fwd=fwd, fwd_status=fwd_status, detail=detail)
+        if reply is None:
+            return engine.finish(attempt.plan, error_reply(502, "Bad Gateway", "502 Bad Gateway", "MISS",
+                                                            cache_status(fwd=fwd, detail=detail)))
+        return reply
+
+
+def _stored_head(stored: StoredResponse, body_size: int) -> FlightHead:
+    """The head of a flight answered from a stored response (its clients read it from the store)."""
+    return FlightHead(stored.status, stored.reason, CIMultiDictProxy(CIMultiDict(stored.headers)), True,
+                      STORED_ELSEWHERE, body_size, stored.vary)
+
+
+def _upstream_error(status: int, message: str) -> UpstreamError:
+    """The error another worker's fetch of the same key met, as this worker's own."""
+    cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(status, UpstreamConnectError)
+    return cls(f"{message} (fetched by another worker)")
+
+
+async def _broken(exc: BaseException) -> AsyncIterator[bytes]:
+    """A body that fails at once (the web layer then aborts the client's connection)."""
+    raise exc
+    yield b""  # pragma: no cover  (makes this an async generator)

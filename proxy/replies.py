@@ -1,0 +1,72 @@
+"""What the engine takes and gives: a ``ClientRequest`` in, a ``Reply`` out.
+
+The web layer builds the one and writes out the other; the engine (``proxy.engine``) and its
+miss path (``proxy.flight``) speak only these, never aiohttp's server side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import IO
+
+from multidict import CIMultiDictProxy
+
+from proxy.http_client import InterimHook
+from proxy.policy.headers import end_to_end
+from proxy.policy.messages import HeaderList, RequestHead
+
+# Sends an interim (1xx) response to the client, before the final one: (status, reason, fields).
+InterimSink = Callable[[int, str, HeaderList], None]
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    head: RequestHead  # normalised (proxy.policy.request): all that may reach the origin
+    remote: str  # the peer's IP address (X-Forwarded-For)
+    body: AsyncIterable[bytes] | None = None  # None when the request has no body
+    # Where the origin's interim responses go (RFC 9110 §15.2); None: nowhere (an HTTP/1.0
+    # client, or a caller without a client connection).
+    interim: InterimSink | None = None
+    request_id: str = ""  # X-Request-Id (proxy.logs): sent upstream in place of the client's
+
+
+Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: Body = None
+    length: int | None = None  # Content-Length, when known
+    x_cache: str = "MISS"
+    tier: str = "upstream"  # where the body comes from: memory, disk, upstream, none
+    offset: int = 0  # for a file body: where to start
+    head_only: bool = False
+
+
+def error_reply(status: int, reason: str, text: str, x_cache: str, cs: str) -> Reply:
+    """A short plain-text reply of cachegate's own (an origin error, only-if-cached, ...)."""
+    body = (text + "\n").encode()
+    return Reply(status, reason, [("Content-Type", "text/plain; charset=utf-8"),
+                                  ("Cache-Status", cs), ("X-Cache-Status", x_cache)],
+                 body, len(body), x_cache, "none")
+
+
+def relay(sink: InterimSink | None) -> InterimHook | None:
+    """The upstream client's hook for one client's interim responses: their end-to-end fields
+    only (RFC 9110 §15.2: a proxy forwards 1xx responses, hop-by-hop fields aside)."""
+    if sink is None:
+        return None
+
+    def forward(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+        sink(status, reason, end_to_end(fields))
+
+    return forward
+
+
+def close_body(body: Body) -> None:
+    if body is not None and not isinstance(body, bytes) and hasattr(body, "close"):
+        body.close()
