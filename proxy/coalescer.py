@@ -30,9 +30,10 @@ reader keeps no bytes) or the fetch (which others wait for). Why bound by bytes 
 time: memory is what a stalled reader costs, and a byte bound does not depend on the
 machine's load.
 
-Every way out of a flight (its body complete, the upstream broken off, an exception, a
-cancellation) ends its broadcast: ``Coalescer.start`` fails the body of a flight that ended
-without ending it, so no reader is left waiting for bytes that will never come.
+How a flight ends, and what that means for its clients, its lease and the store, is the
+engine's (``proxy.flight``: one typed outcome, in one place). Under it, ``Coalescer.start``
+is the safety net for any flight: one that ended without ending its broadcast has its body
+failed, so no reader is left waiting for bytes that will never come.
 """
 
 from __future__ import annotations
@@ -351,7 +352,7 @@ class Coalescer:
             except Exception:
                 log.exception("the fetch for %s failed", key)
             finally:
-                # The one place every flight ends, however it ends (cancelled too).
+                # The safety net under the flight's own end (proxy.flight), however it ended.
                 if self._flights.get(key) is flight:
                     del self._flights[key]
                 if not flight.head.done():

@@ -23,9 +23,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import IO, Any, assert_never
+from typing import IO, Any, Protocol, TypeVar, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -77,14 +77,68 @@ from proxy.policy.validation import (
 )
 from proxy.replies import Body, ClientRequest, Reply, close_body, error_reply, relay
 from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
+from proxy.storage.arena import Arena
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.entry import Entry
 from proxy.storage.failures import WriteFailures
-from proxy.storage.memory import Cached
-from proxy.storage.tiered import BodySpool, Storage
-from proxy.upstream import UpstreamPool, UpstreamResponse
+from proxy.storage.memory import Cached, Slot
+from proxy.storage.tiered import BodySpool
+from proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
+
+T = TypeVar("T")
+
+
+class MemoryLimits(Protocol):
+    """What the engine reads of the memory tier."""
+
+    @property
+    def max_object(self) -> int: ...  # bigger bodies are not brought into memory
+    @property
+    def arena(self) -> Arena: ...  # the machine's shared memory, where the worker leases live
+
+
+class Store(Protocol):
+    """What the engine and its miss path use of the store: the narrow seam between them.
+
+    ``proxy.storage.tiered.Storage`` is the store (its methods' docstrings hold the contracts,
+    said once there); ``tests/engine`` drives the engine with an in-memory fake of this."""
+
+    memory_get: Callable[[str], tuple[Cached, ...] | None]
+    fresh_view: Callable[[str], Slot | None]
+
+    @property
+    def memory(self) -> MemoryLimits: ...
+    @property
+    def epoch(self) -> int: ...
+    def serve_from(self, key: str, slot: Slot, cached: Cached, max_file: int | None
+                   ) -> tuple[bool, SharedFile | None]: ...
+    async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]: ...
+    async def reread(self, key: str) -> tuple[Cached, ...]: ...
+    async def open_body(self, cached: Cached) -> bytes | IO[bytes] | None: ...
+    def writing(self, key: str) -> list[Any]: ...
+    def writing_urls(self, urls: Iterable[str]) -> list[Any]: ...
+    def spool(self, entry: Entry, expected_length: int | None) -> BodySpool: ...
+    def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None: ...
+    def put_memory(self, entry: Entry, spool: BodySpool) -> bool: ...
+    async def put_disk(self, entry: Entry, spool: BodySpool) -> bool: ...
+    async def commit(self, entry: Entry, spool: BodySpool) -> bool: ...
+    async def update(self, entry: Entry) -> None: ...
+    async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
+                       tags: Iterable[str] = (), memory_only: bool = False) -> set[str]: ...
+    async def delete(self, keys: Iterable[str], soft: bool = False) -> int: ...
+    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+
+class Upstreams(Protocol):
+    """What the engine uses of the upstream pool (``proxy.upstream.UpstreamPool``)."""
+
+    async def send(self, method: str, target: str, headers: list[tuple[str, str]],
+                   body: AsyncIterable[bytes] | None = None, on_interim: InterimHook | None = None
+                   ) -> UpstreamResponse: ...
+    def snapshot(self) -> list[dict[str, Any]]: ...
+
 
 # Engine.fresh_hit: (plan, key, variant, age, ttl, its open body file when the body is on disk)
 FreshHit = tuple["RequestPlan", str, Cached, float, float, SharedFile | None]
@@ -94,8 +148,8 @@ class Engine:
     def __init__(
         self,
         settings: Settings,
-        storage: Storage,
-        pool: UpstreamPool,
+        storage: Store,
+        pool: Upstreams,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
@@ -133,11 +187,6 @@ class Engine:
 
     async def close(self) -> None:
         await self.coalescer.close(self.settings.shutdown_grace)
-
-    def pending_disk_writes(self) -> int:
-        """Bodies this process is writing to the disk tier right now (too big for memory; what
-        memory holds goes to disk behind it, ``proxy.storage.persist``)."""
-        return len(self.storage.work.writes)
 
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the

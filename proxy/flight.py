@@ -26,9 +26,8 @@ the lease, the readers or the count.
 
 Each client is then answered from its flight by ``MissPath.answer`` (the leader and each
 follower alike): from the head it received, streamed, sent whole, or from the store once
-the flight stored it. Followers never get what was not shareable with them (private,
-Set-Cookie, another Vary variant): they fetch for themselves (RFC 9111 §4; Souin does the
-same).
+the flight stored it. What followers may be given, and what slow readers get, is the
+coalescer's contract (``proxy.coalescer``'s module docstring): it is carried out here.
 
 What is decided stays in ``proxy.policy`` (``decide_fill``, ``decide_on_validation``,
 ``decide_lookup``, ``reply_head``, ``upstream_request``); this module only carries those
@@ -794,11 +793,8 @@ class MissPath:
                                           "upstream"))
 
     async def _flight_body(self, flight: Flight, key: str, reader: Reader) -> AsyncIterator[bytes]:
-        """A flight's body for one client, as it arrives. A client that fell too far behind a
-        fill being stored was detached from it (the fetch and the other clients do not wait
-        for it: ``proxy.coalescer``) and gets the rest from the stored response once the fill
-        is complete; when it was not stored after all, this raises and the client's
-        connection is aborted (a truncated body is never ended as if complete)."""
+        """A flight's body for one client, as it arrives; a reader detached from a fill it fell
+        behind (``proxy.coalescer``) gets the rest from the store (``_stored_rest``)."""
         chunks = reader.__aiter__()
         try:
             async for chunk in chunks:
@@ -815,7 +811,9 @@ class MissPath:
             yield chunk
 
     async def _stored_rest(self, flight: Flight, key: str, offset: int) -> AsyncIterator[bytes]:
-        """The body a flight stored, from ``offset`` on (for a client detached from it)."""
+        """The body a flight stored, from ``offset`` on (for a client detached from it); raises
+        when nothing was stored after all, so the client's connection is aborted (a truncated
+        body is never ended as if complete)."""
         engine = self.engine
         result = await asyncio.shield(flight.result)
         entry = result.entry

@@ -268,5 +268,7 @@ class Runtime:
         yield c
         q = GaugeMetricFamily("cachegate_disk_writes_pending",
                               "Stored responses still being written to the disk tier (write-behind queue)")
-        q.add_metric([], self.engine.pending_disk_writes())
+        # Bodies this process is writing to the disk tier right now (too big for memory; what
+        # memory holds goes to disk behind it, proxy.storage.persist).
+        q.add_metric([], len(s.work.writes))
         yield q

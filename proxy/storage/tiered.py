@@ -206,7 +206,8 @@ class Storage:
         return await self.writes.put_disk(entry, spool)
 
     async def commit(self, entry: Entry, spool: BodySpool) -> bool:
-        """Store ``entry`` with the spooled body, replacing the variant with the same Vary values."""
+        """Store ``entry`` with the spooled body at once, as a fill does in steps (``finalize``,
+        ``put_memory``, ``put_disk``): a range's part (``proxy.engine``)."""
         final = self.writes.finalize(entry, spool)
         if final is None:
             return False

@@ -1,0 +1,251 @@
+"""The miss path's flights (``proxy.flight``): every way a flight ends is reached, each ends once,
+in one place, and the workers waiting on its lease hear how it went."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from proxy.flight import Attempt
+from proxy.leases import Busy, Granted
+from tests.engine.fakes import (
+    FakeLeases,
+    FakeShared,
+    Rig,
+    answer,
+    make_rig,
+    read,
+    told,
+    until,
+    upstream_error,
+)
+
+CACHEABLE = {"Cache-Control": "max-age=60"}
+
+
+def key_of(rig: Rig, path: str) -> str:
+    from proxy.policy.keys import cache_key
+
+    head = rig.request(path).head
+    return cache_key(head, rig.engine.rules.plan(head).key)
+
+
+async def test_a_flight_whose_clients_all_left_and_that_stores_nothing_stops_fetching(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    a = answer(body=b"x" * 300_000, headers={"Cache-Control": "private"}, chunk=100_000,
+               hold=asyncio.Queue())
+    rig.origin.route("/a", a)
+    reply = await rig.get("/a")
+    assert reply.body is not None and not isinstance(reply.body, bytes)  # streamed
+    body = reply.body.__aiter__()
+    assert len(await body.__anext__()) == 100_000
+    await body.aclose()  # the client went away
+    a.release(2)
+    await rig.settled(abandoned=1)
+    assert rig.origin.wires[0].discarded  # the origin's connection is dropped, not read to the end
+    assert rig.origin.wires[0].sent == 2
+    await rig.engine.close()
+
+
+async def test_a_fill_another_node_wrote_through_to_the_shared_tier_is_adopted_without_the_origin(
+        tmp_path: Path) -> None:
+    shared = FakeShared()
+    a, b = make_rig(tmp_path / "a"), make_rig(tmp_path / "b")
+    a.engine.shared = b.engine.shared = shared
+    for rig in (a, b):
+        rig.origin.route("/a", answer(body=b"from a", headers=CACHEABLE))
+    assert await read(await a.get("/a")) == b"from a"
+    await a.settled(filled=1)
+    assert list(shared.stored) == [key_of(a, "/a")]
+    await until(lambda: bool(shared.released))
+    assert shared.released == [(key_of(a, "/a"), "stored")]  # the fill lock, released once written
+    reply = await b.get("/a")
+    assert (reply.status, reply.x_cache, await read(reply)) == (200, "HIT", b"from a")
+    await b.settled(adopted=1)
+    assert b.origin.sent == []
+    assert b.store.bodies() == [b"from a"]  # kept in b's own tiers: the next request is b's own hit
+    assert (await b.get("/a")).x_cache == "HIT"
+    for rig in (a, b):
+        await rig.engine.close()
+
+
+async def test_a_fill_another_worker_stored_while_this_one_waited_is_answered_from_the_store(
+        tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    rig.origin.route("/a", answer(body=b"mine", headers=CACHEABLE))
+    waiting = told("stored")
+    rig.engine.leases = FakeLeases(waiting)
+    # What the worker holding the lease stored, in the memory all workers share.
+    other = make_rig(tmp_path / "other")
+    other.origin.route("/a", answer(body=b"the other worker's", headers=CACHEABLE))
+    await read(await other.get("/a"))
+    key = key_of(rig, "/a")
+
+    async def stored_meanwhile(key_: str, wait: bool = True):
+        rig.store.variants[key] = other.store.variants[key]  # ... there once the holder is done
+        return waiting
+
+    rig.engine.leases.acquire = stored_meanwhile
+    reply = await rig.get("/a")
+    assert (reply.x_cache, await read(reply)) == ("HIT", b"the other worker's")
+    await rig.settled(stored_elsewhere=1)
+    assert rig.origin.sent == []
+    for r in (rig, other):
+        await r.engine.close()
+
+
+async def test_a_fill_under_a_granted_lease_releases_it_as_stored(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    leases = FakeLeases(Granted(5))
+    rig.engine.leases = leases
+    rig.origin.route("/a", answer(body=b"hello", headers=CACHEABLE))
+    assert await read(await rig.get("/a")) == b"hello"
+    await rig.settled(filled=1)
+    assert leases.released == [(key_of(rig, "/a"), 5, "stored")]
+    assert leases.heads == []  # a shareable head costs the waiters no message
+    await rig.engine.close()
+
+
+async def test_a_granted_lease_finding_the_key_stored_meanwhile_is_released_as_stored(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    other = make_rig(tmp_path / "other")
+    other.origin.route("/a", answer(body=b"stored", headers=CACHEABLE))
+    await read(await other.get("/a"))
+    leases = FakeLeases(Granted(5))
+    key = key_of(rig, "/a")
+
+    async def granted_after_a_store(key_: str, wait: bool = True):
+        rig.store.variants[key] = other.store.variants[key]
+        return Granted(5)
+
+    leases.acquire = granted_after_a_store
+    rig.engine.leases = leases
+    reply = await rig.get("/a")
+    assert (reply.x_cache, await read(reply)) == ("HIT", b"stored")
+    await rig.settled(stored_elsewhere=1)
+    assert leases.released == [(key, 5, "stored")]
+    assert rig.origin.sent == []
+    for r in (rig, other):
+        await r.engine.close()
+
+
+@pytest.mark.parametrize(("script", "outcome", "released"), [
+    (answer(error=upstream_error()), "unreachable", "error"),
+    (answer(body=b"yours", headers={"Cache-Control": "private"}), "passed", "failed"),
+    (answer(body=b"0123456789", headers=CACHEABLE, chunk=5, break_after=1), "broke_off", "failed"),
+])
+async def test_a_lease_is_released_with_how_the_flight_ended(
+        tmp_path: Path, script: object, outcome: str, released: str) -> None:
+    rig = make_rig(tmp_path)
+    leases = FakeLeases(Granted(5))
+    rig.engine.leases = leases
+    rig.origin.route("/a", script)
+    reply = await rig.get("/a")
+    with_error = outcome != "passed"
+    try:
+        await read(reply)
+    except Exception:
+        assert with_error
+    await rig.settled(**{outcome: 1})
+    assert leases.released == [(key_of(rig, "/a"), 5, released)]
+    if outcome == "passed":  # told at once, with the head, that they must fetch for themselves
+        assert leases.heads == [(key_of(rig, "/a"), False)]
+    await rig.engine.close()
+
+
+async def test_an_origin_error_another_worker_met_is_this_workers_answer_too(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    rig.engine.leases = FakeLeases(told("error", status=504, message="upstream timed out"))
+    rig.origin.route("/a", answer(body=b"never asked"))
+    reply = await rig.get("/a")
+    assert reply.status == 504
+    assert "detail=UPSTREAM-TIMEOUT" in dict(reply.headers)["Cache-Status"]
+    await rig.settled(unreachable=1)
+    assert rig.origin.sent == []
+    await rig.engine.close()
+
+
+async def test_a_background_refresh_another_worker_is_doing_is_skipped(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    rig.origin.route("/a", answer(body=b"old", headers={"Cache-Control": "max-age=10, stale-while-revalidate=60"}),
+                     answer(body=b"new", headers=CACHEABLE))
+    await read(await rig.get("/a"))
+    await rig.settled(filled=1)
+    rig.engine.leases = FakeLeases(Busy())
+    rig.clock.advance(20)  # stale, within stale-while-revalidate
+    reply = await rig.get("/a")
+    assert (reply.x_cache, await read(reply)) == ("UPDATING", b"old")
+    await rig.settled(filled=1, skipped=1)
+    assert rig.origin.count("/a") == 1
+    await rig.engine.close()
+
+
+async def test_a_background_refresh_revalidates_once_and_the_next_request_is_a_hit(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    rig.origin.route("/a", answer(body=b"old", headers={"Cache-Control": "max-age=10, stale-while-revalidate=60"}),
+                     answer(body=b"new", headers=CACHEABLE))
+    await read(await rig.get("/a"))
+    rig.clock.advance(20)
+    assert await read(await rig.get("/a")) == b"old"
+    await rig.settled(filled=2)
+    hit = await rig.get("/a")
+    assert (hit.x_cache, await read(hit)) == ("HIT", b"new")
+    assert rig.origin.count("/a") == 2
+    await rig.engine.close()
+
+
+async def test_a_flight_cancelled_mid_fetch_still_ends_its_clients_and_its_lease(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    leases = FakeLeases(Granted(5))
+    rig.engine.leases = leases
+    rig.origin.route("/a", answer(body=b"never", gate=asyncio.Event()))  # the origin never answers
+    client = asyncio.create_task(rig.get("/a"))
+    await rig.origin.arrived.wait()
+    await rig.engine.coalescer.close(grace=0)  # a shutdown: the flight's task is cancelled
+    reply = await client
+    assert reply.status == 502
+    await rig.settled(aborted=1)
+    assert leases.released == [(key_of(rig, "/a"), 5, "failed")]  # the waiting workers fetch for themselves
+
+
+async def test_a_flight_ends_once_whatever_calls_its_end_again(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    leases = FakeLeases(Granted(5))
+    rig.engine.leases = leases
+    rig.origin.route("/a", answer(body=b"hello", headers=CACHEABLE))
+    ends = []
+    real_end = rig.engine.miss._end
+
+    def spy(run, outcome):
+        ends.append(type(outcome).__name__)
+        real_end(run, outcome)
+
+    rig.engine.miss._end = spy
+    await read(await rig.get("/a"))
+    await rig.settled(filled=1)
+    assert ends == ["Filled", "Aborted"]  # the task's own guard calls it again, to no effect
+    assert leases.released == [(key_of(rig, "/a"), 5, "stored")]
+    await rig.engine.close()
+
+
+async def test_a_client_detached_from_a_fill_it_fell_behind_finishes_from_the_store(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, max_object=16 << 20)
+    chunk = 1 << 20
+    a = answer(body=bytes(range(256)) * (6 * chunk // 256), headers=CACHEABLE, chunk=chunk)
+    rig.origin.route("/a", a)
+    slow = await rig.get("/a")
+    fast = await rig.get("/a")  # a follower that keeps up
+    assert await read(fast) == b"".join(a.chunks)
+    await rig.settled(filled=1)
+    assert await read(slow) == b"".join(a.chunks)  # read after the fetch ended: detached, then resumed
+    assert rig.counted("slow_readers", outcome="resumed") == 1
+    await rig.engine.close()
+
+
+async def test_a_miss_attempt_is_a_frozen_value() -> None:
+    attempt = Attempt(None, None, "k", "uri-miss")
+    with pytest.raises(AttributeError):
+        attempt.key = "other"
+    assert attempt.alone().coalesce is False and attempt.coalesce is True
