@@ -25,9 +25,12 @@ flight that raises or is cancelled ends there too, as ``Aborted``: no exit path 
 the lease, the readers or the count.
 
 Each client is then answered from its flight by ``MissPath.answer`` (the leader and each
-follower alike): from the head it received, streamed, sent whole, or from the store once
-the flight stored it. What followers may be given, and what slow readers get, is the
-coalescer's contract (``proxy.coalescer``'s module docstring): it is carried out here.
+follower alike). What it does once the flight has its head is a pure function of that head
+and its request, ``after_head``: answer from the store once the flight stored it
+(``FromStore``), stale-if-error (``StaleInstead``), fetch for itself (``OnItsOwn``), or the
+flight's response, head only, whole or streamed (``Relay``). What followers may be given,
+and what slow readers get, is the coalescer's contract (``proxy.coalescer``'s module
+docstring): it is carried out here.
 
 What is decided stays in ``proxy.policy`` (``decide_fill``, ``decide_on_validation``,
 ``decide_lookup``, ``reply_head``, ``upstream_request``); this module only carries those
@@ -43,7 +46,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import IO, TYPE_CHECKING, ClassVar, assert_never
+from typing import IO, TYPE_CHECKING, ClassVar, Literal, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -61,7 +64,7 @@ from proxy.policy.cache_status import cache_status
 from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
 from proxy.policy.headers import end_to_end
 from proxy.policy.keys import url_of_key, variant_of
-from proxy.policy.messages import StoredResponse
+from proxy.policy.messages import RequestHead, StoredResponse
 from proxy.policy.reuse import Serve, decide_lookup, select_variant
 from proxy.policy.validation import (
     Freshen,
@@ -716,35 +719,33 @@ class MissPath:
                 return await self.fetch(attempt.alone())
             return engine.upstream_failed(plan, UpstreamError(str(exc)), fwd)
 
-        if fhead.store_detail == STORED_ELSEWHERE:
-            # Another worker fetched and stored it (proxy.leases): answer from the store.
-            reader.close()
+        step = after_head(fhead, head, fwd, collapsed=collapsed, stale=stale is not None)
+        if step.coalesced:
             engine.metrics.coalesced.inc()
-            return await self._serve_after_flight(attempt, fhead.status, "HIT", True)
-
-        if fhead.status >= 500 and stale is not None and fhead.store_detail != "":
-            reader.close()
-            return await self._serve_stale(attempt, stale, fhead.status, "ORIGIN-ERROR")
-
-        if fhead.status == 304 and fhead.store_detail == "FRESHENED":
-            # The stored response was revalidated: answer from it.
-            reader.close()
-            return await self._serve_after_flight(attempt, 304, "REVALIDATED", collapsed)
-
-        if collapsed:
-            if not fhead.shareable or fhead.vary != variant_of(
-                tuple(n for n, _ in fhead.vary), head.headers
-            ):
+        match step:
+            case FromStore():
+                reader.close()
+                return await self._serve_after_flight(attempt, fhead.status, step.x_cache, step.collapsed,
+                                                      stored=step.stored,
+                                                      flight=flight if step.this_flight else None)
+            case StaleInstead():
+                reader.close()
+                assert stale is not None
+                return await self._serve_stale(attempt, stale, fhead.status, step.detail)
+            case OnItsOwn():
                 reader.close()
                 return await self.fetch(attempt.alone())
-            engine.metrics.coalesced.inc()
+            case Relay():
+                pass
+            case _:
+                assert_never(step)
 
-        x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")
-        stored = fhead.store_detail == ""
+        x_cache = step.x_cache
         prepared = flight.follower_headers.get(fwd) if collapsed else None
         if prepared is not None:
             headers = list(prepared)
         else:
+            stored = fhead.store_detail == ""
             cs = cache_status(fwd=fwd, fwd_status=fhead.status, stored=stored, collapsed=collapsed,
                               detail=None if stored else fhead.store_detail)
             headers = engine.response_headers(fhead.headers)
@@ -755,42 +756,32 @@ class MissPath:
             if collapsed:  # the same for every follower: prepared once
                 flight.follower_headers[fwd] = list(headers)
 
-        client_headers = head.headers
-        if stored and fhead.status == 200 and (
-            "if-none-match" in client_headers or "if-modified-since" in client_headers
-            or "range" in client_headers
-        ):
-            # Fill requests drop the client's conditionals and ranges; answer them from the
-            # stored response once the flight has stored it.
-            reader.close()
-            return await self._serve_after_flight(attempt, fhead.status, x_cache, collapsed,
-                                                  stored=not collapsed, flight=flight)
-
-        if head.method == "HEAD" or fhead.status in (204, 304):
-            reader.close()
-            return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, None,
-                                              fhead.content_length if head.method == "HEAD" else None,
-                                              x_cache, "none", head_only=True))
         length = fhead.content_length
-        if length is not None and length <= (WHOLE_FOR_FOLLOWERS if collapsed else WHOLE_FOR_LEADER):
-            # A small body: a follower waits for it whole and sends it in one write, which
-            # costs less per follower than streaming it chunk by chunk (a herd's fan-out);
-            # so does the leader when the body is small enough not to delay its first byte.
-            try:
-                body = await flight.body.whole()
-            except UpstreamError as exc:
-                if collapsed:
-                    raise
-                # The leader's client sees the response break off, as when it is streamed.
-                return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, _broken(exc),
-                                                  length, x_cache, "upstream"))
-            finally:
+        match step.body:
+            case "none":
                 reader.close()
-            return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
-                                              x_cache, "upstream"))
-        return engine.finish(plan, Reply(fhead.status, fhead.reason, headers,
-                                          self._flight_body(flight, attempt.key, reader), length, x_cache,
-                                          "upstream"))
+                return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, None,
+                                                  length if head.method == "HEAD" else None,
+                                                  x_cache, "none", head_only=True))
+            case "whole":
+                try:
+                    body = await flight.body.whole()
+                except UpstreamError as exc:
+                    if collapsed:
+                        raise
+                    # The leader's client sees the response break off, as when it is streamed.
+                    return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, _broken(exc),
+                                                      length, x_cache, "upstream"))
+                finally:
+                    reader.close()
+                return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
+                                                  x_cache, "upstream"))
+            case "stream":
+                return engine.finish(plan, Reply(fhead.status, fhead.reason, headers,
+                                                  self._flight_body(flight, attempt.key, reader), length,
+                                                  x_cache, "upstream"))
+            case _:
+                assert_never(step.body)
 
     async def _flight_body(self, flight: Flight, key: str, reader: Reader) -> AsyncIterator[bytes]:
         """A flight's body for one client, as it arrives; a reader detached from a fill it fell
@@ -943,6 +934,77 @@ class MissPath:
             return engine.finish(attempt.plan, error_reply(502, "Bad Gateway", "502 Bad Gateway", "MISS",
                                                             cache_status(fwd=fwd, detail=detail)))
         return reply
+
+
+# -- what a client of a flight does once the flight has its head (pure) -----------------------
+
+@dataclass(frozen=True, slots=True)
+class FromStore:
+    """Answer from the store once the flight has stored (or freshened) the response."""
+
+    x_cache: str
+    collapsed: bool  # Cache-Status: it went forward with another request (never "hit")
+    stored: bool = False  # Cache-Status: "stored" (the leader's own client)
+    this_flight: bool = False  # wait for this flight (else for whichever the key has then)
+    coalesced: bool = False  # served from another's fetch (cachegate_coalesced_requests_total)
+
+
+@dataclass(frozen=True, slots=True)
+class StaleInstead:
+    """stale-if-error (RFC 5861 §4): the stored response instead of the origin's error."""
+
+    detail: str
+    coalesced: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class OnItsOwn:
+    """Fetch for itself: the flight's response is not this client's (private, Set-Cookie,
+    another Vary variant: ``proxy.coalescer``)."""
+
+    coalesced: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """The flight's own response: its head only ("none"), its body sent whole in one write
+    (small: a herd's fan-out costs less so), or streamed as it arrives."""
+
+    x_cache: str
+    body: Literal["none", "whole", "stream"]
+    coalesced: bool = False
+
+
+NextStep = FromStore | StaleInstead | OnItsOwn | Relay
+
+
+def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: bool,
+               stale: bool) -> NextStep:
+    """What a client of a flight does once the flight has its response head: the leader's
+    (``collapsed`` False) or a follower's, with a ``stale`` response to fall back on or not."""
+    if fhead.store_detail == STORED_ELSEWHERE:  # another worker or node stored it: from the store
+        return FromStore("HIT", collapsed=True, coalesced=True)
+    if fhead.status >= 500 and stale and fhead.store_detail != "":
+        return StaleInstead("ORIGIN-ERROR")
+    if fhead.status == 304 and fhead.store_detail == "FRESHENED":
+        return FromStore("REVALIDATED", collapsed=collapsed)
+    if collapsed and (not fhead.shareable or fhead.vary != variant_of(tuple(n for n, _ in fhead.vary),
+                                                                      request.headers)):
+        return OnItsOwn()
+    x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")
+    fields = request.headers
+    if fhead.store_detail == "" and fhead.status == 200 and (
+            "if-none-match" in fields or "if-modified-since" in fields or "range" in fields):
+        # Fill requests drop the client's conditionals and ranges: the stored response answers them.
+        return FromStore(x_cache, collapsed=collapsed, stored=not collapsed, this_flight=True,
+                         coalesced=collapsed)
+    if request.method == "HEAD" or fhead.status in (204, 304):
+        return Relay(x_cache, "none", coalesced=collapsed)
+    length = fhead.content_length
+    if length is not None and length <= (WHOLE_FOR_FOLLOWERS if collapsed else WHOLE_FOR_LEADER):
+        # The leader too, when the body is small enough not to delay its first byte.
+        return Relay(x_cache, "whole", coalesced=collapsed)
+    return Relay(x_cache, "stream", coalesced=collapsed)
 
 
 def _stored_head(stored: StoredResponse, body_size: int) -> FlightHead:

@@ -1,0 +1,71 @@
+"""What a client of a flight does once the flight has its head (``proxy.flight.after_head``):
+a pure function, so a table."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.coalescer import FlightHead
+from proxy.flight import STORED_ELSEWHERE, FromStore, NextStep, OnItsOwn, Relay, StaleInstead, after_head
+from proxy.policy.messages import RequestHead
+
+
+def head(status: int = 200, detail: str = "", shareable: bool = True, length: int | None = 10,
+         vary: tuple[tuple[str, str], ...] = ()) -> FlightHead:
+    return FlightHead(status, "", CIMultiDictProxy(CIMultiDict()), shareable, detail, length, vary)
+
+
+def request(method: str = "GET", **fields: str) -> RequestHead:
+    headers = CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in fields.items()}))
+    return RequestHead(method, "http", "site.test", "/a", headers)
+
+
+CASES: list[tuple[str, FlightHead, RequestHead, str, bool, bool, NextStep]] = [
+    ("the leader of a small stored response gets it whole", head(), request(), "uri-miss", False, False,
+     Relay("MISS", "whole")),
+    ("a follower of a small shareable response gets it whole, coalesced", head(), request(), "uri-miss",
+     True, False, Relay("HIT", "whole", coalesced=True)),
+    ("the leader of a big response streams it", head(length=100_000), request(), "uri-miss", False, False,
+     Relay("MISS", "stream")),
+    ("a follower gets up to 256 KiB whole", head(length=200_000), request(), "uri-miss", True, False,
+     Relay("HIT", "whole", coalesced=True)),
+    ("a response of unknown length is streamed", head(length=None), request(), "uri-miss", False, False,
+     Relay("MISS", "stream")),
+    ("a refetched stale response is EXPIRED", head(), request(), "stale", False, False,
+     Relay("EXPIRED", "whole")),
+    ("a HEAD gets the head only", head(), request("HEAD"), "uri-miss", False, False, Relay("MISS", "none")),
+    ("a 204 has no body to send", head(204), request(), "uri-miss", False, False, Relay("MISS", "none")),
+    ("a follower of a private response fetches its own", head(shareable=False, detail="PRIVATE"), request(),
+     "uri-miss", True, False, OnItsOwn()),
+    ("the leader of a private response gets it", head(shareable=False, detail="PRIVATE"), request(),
+     "uri-miss", False, False, Relay("MISS", "whole")),
+    ("a follower with another Vary value fetches its own", head(vary=(("accept-language", "en"),)),
+     request(Accept_Language="de"), "uri-miss", True, False, OnItsOwn()),
+    ("a follower with the same Vary value is served", head(vary=(("accept-language", "en"),)),
+     request(Accept_Language="en"), "uri-miss", True, False, Relay("HIT", "whole", coalesced=True)),
+    ("a conditional leader is answered from the store once stored", head(), request(If_None_Match='"x"'),
+     "uri-miss", False, False, FromStore("MISS", collapsed=False, stored=True, this_flight=True)),
+    ("a range follower is answered from the store once stored", head(), request(Range="bytes=0-1"),
+     "uri-miss", True, False, FromStore("HIT", collapsed=True, this_flight=True, coalesced=True)),
+    ("a conditional request of an unstored response gets the response", head(detail="NO-STORE"),
+     request(If_None_Match='"x"'), "uri-miss", False, False, Relay("MISS", "whole")),
+    ("what another worker stored is answered from the store", head(detail=STORED_ELSEWHERE), request(),
+     "uri-miss", False, False, FromStore("HIT", collapsed=True, coalesced=True)),
+    ("a freshened response is answered from the store", head(304, "FRESHENED"), request(), "stale", True,
+     False, FromStore("REVALIDATED", collapsed=True)),
+    ("an origin 5xx with a stale response to fall back on serves it", head(503, "UNCACHEABLE-STATUS"),
+     request(), "stale", False, True, StaleInstead("ORIGIN-ERROR")),
+    ("an origin 5xx that is stored is served as it is", head(503), request(), "stale", False, True,
+     Relay("EXPIRED", "whole")),
+    ("an origin 5xx without a stale response is passed on", head(503, "UNCACHEABLE-STATUS"), request(),
+     "uri-miss", False, False, Relay("MISS", "whole")),
+]
+
+
+@pytest.mark.parametrize(("name", "fhead", "req", "fwd", "collapsed", "stale", "expected"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_what_a_client_of_a_flight_does_once_it_has_its_head(
+        name: str, fhead: FlightHead, req: RequestHead, fwd: str, collapsed: bool, stale: bool,
+        expected: NextStep) -> None:
+    assert after_head(fhead, req, fwd, collapsed=collapsed, stale=stale) == expected
