@@ -104,7 +104,7 @@ def unread_connection(port: int) -> socket.socket:
 
 async def pair(make_proxy: MakeProxy, **kwargs: str) -> Pair:
     proxy = await make_proxy(**kwargs)
-    runner = await start_proxy_listener(lambda: proxy.runtime, proxy.runtime.settings, fast=False)
+    runner = await start_proxy_listener(proxy.runtime, proxy.runtime.settings, fast=False)
     proxy.listeners.runners.append(runner)
     return Pair(proxy, proxy.listeners.proxy_addresses[0][1], _bound(runner)[0][1])
 
