@@ -9,17 +9,19 @@ is answered here, in the protocol, as soon as aiohttp's C parser hands over the 
 everything else goes on to aiohttp's request handler exactly as before.
 
 What a fast answer is, and why it is the same answer: the request is normalised by the
-same ``normalise_request`` (``proxy.policy.request``) as on the general path, and
+same ``normalise_request`` (``proxy.policy.request``) as on the general path, with the same
+front end (``proxy.web.frontend``: the trust verdict, the default Host, the hosts-seen
+accounting, the counters, the debug fields), and
 ``Engine.fresh_hit`` runs on that head the very rule match, key, memory lookup and
 ``decide_lookup`` that ``Engine.handle`` runs, and says yes only for a plain fresh HIT
 from a body held in memory, or a disk body of at most
 FAST_FILE_MAX bytes whose file is already open (sendfile; no 304, no refresh, no disk read).
 The head is built once per variant (and per rule edits, HTTP version, GET/HEAD) by the
 same steps the general path takes: ``served_headers`` and ``response_edits`` from the
-engine, the web layer's debug headers and Server name, then what aiohttp's
-``Response``/``StreamResponse`` add (Content-Length, a default Content-Type, Date when the
-stored response has none, Connection for HTTP/1.0 keep-alive), serialised by aiohttp's own
-``_serialize_headers``. Per request only Age, the ``ttl`` of Cache-Status, the
+engine, the front end's own fields (debug fields, X-Request-Id, Server), then the one
+reply-head writer (``proxy.web.heads``: ``frame`` adds Content-Length, a default
+Content-Type, Date when the stored response has none, Connection for HTTP/1.0 keep-alive;
+``serialise`` makes the bytes). Per request only Age, the ``ttl`` of Cache-Status, the
 X-Request-Id (``proxy.logs``) and, when the stored response had no Date, the Date are
 filled in. With an access log, each answer leaves a tuple for the log's batch writer.
 tests/test_fastpath.py compares both paths field by field for a table of requests.
@@ -70,7 +72,7 @@ from proxy.rules import HeaderEdits
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.memory import Cached
 from proxy.web.frontend import Extras, Front, add_own_fields
-from proxy.web.heads import frame, serialise
+from proxy.web.heads import frame, from_response, serialise
 from proxy.web.proxy_handler import sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
@@ -278,7 +280,9 @@ class ProxyRequestHandler(RequestHandler):
         access log."""
         if status == 400 and isinstance(exc, HttpProcessingError):
             status, message = parser_refusal(exc, message)
-        resp = super().handle_error(request, status, exc, message)
+        # aiohttp's text and status, written by the one head writer, and the connection closed.
+        resp = from_response(super().handle_error(request, status, exc, message), request.method)
+        resp.force_close()
         fe = self._front.current()
         request_id = fe.ids.new()
         resp.headers[hdrs.SERVER] = fe.server
@@ -290,7 +294,7 @@ class ProxyRequestHandler(RequestHandler):
             refused = isinstance(exc, HttpProcessingError)
             peer = self.peername
             remote = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "")
-            body = resp.body if isinstance(resp, web.Response) else None
+            body = resp.body
             access.add((perf_counter(), 0.0, request_id, remote, None if refused else request.method,
                         None, None if refused else request.raw_path, (1, 1) if refused else request.version,
                         status, len(body) if isinstance(body, bytes) else 0, "ERROR", None, None, None,

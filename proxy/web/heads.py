@@ -142,9 +142,10 @@ def plain_reply(status: int, reason: str | None, headers: CIMultiDict[str], body
     return ReplyResponse(status, reason, headers, reply_length(method, status, body), body)
 
 
-def from_response(resp: web.Response, method: str) -> ReplyResponse:
-    """The same reply, written by this writer (a ``web.Response`` another module built)."""
-    body = resp.body if isinstance(resp.body, bytes) else b""
+def from_response(resp: web.StreamResponse, method: str) -> ReplyResponse:
+    """The same reply, written by this writer (a ``web.Response`` that aiohttp or the admin
+    module built, its whole body at hand)."""
+    body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""
     return plain_reply(resp.status, resp.reason, CIMultiDict(resp.headers), body, method)
 
 

@@ -1,4 +1,7 @@
-"""The client-facing handler: aiohttp request -> ``ClientRequest`` -> engine -> ``Reply`` -> bytes.
+"""The client-facing handler (the general path): aiohttp request -> ``ClientRequest`` -> engine
+-> ``Reply`` -> bytes. What it adds to the request and the reply is the front end's
+(``proxy.web.frontend``, shared with the fast hit path), and every head it writes comes
+from the one writer (``proxy.web.heads``).
 
 It runs on aiohttp's low-level server (no router, no middleware chain: every
 request goes to the engine). Errors are mapped to responses in one place,
@@ -130,8 +133,8 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
 
 async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, info: RequestInfo, remote: str,
                    trusted: bool) -> tuple[web.StreamResponse, int]:
-    """The response to a client request and the body bytes sent (those of a ``web.Response``
-    are written by aiohttp after the handler returns)."""
+    """The response to a client request and the body bytes sent (a body at hand goes out with
+    the head when aiohttp ends the response, after the handler returns: ``heads.ReplyResponse``)."""
     try:
         if request.method == "CONNECT":
             info.x_cache = "BYPASS"
