@@ -70,7 +70,9 @@ class FrontEnd:
         self.hit_counters: dict[str, CounterChild] = {m: metrics.requests.labels("HIT", m)
                                                       for m in ("GET", "HEAD")}
         self.hit_duration = metrics.request_duration.labels("HIT")  # fast hits, sampled
-        self.bytes_sent: dict[str, CounterChild] = {t: metrics.response_bytes.labels(t) for t in TIERS}
+        # The fast path's tiers; the others' children are made on their first reply (``sent``).
+        self.bytes_sent: dict[str, CounterChild] = {t: metrics.response_bytes.labels(t)
+                                                    for t in ("memory", "disk")}
         self._debug = runtime.debug_headers
         self._worker = runtime.worker_id
         self.extras: dict[str | None, Extras] = {None: Extras((), self.server)}
@@ -120,6 +122,13 @@ class FrontEnd:
     def requests(self, x_cache: str, method: str) -> CounterChild:
         """The request counter of this X-Cache-Status and method."""
         return self.metrics.requests.labels(x_cache, method)
+
+    def sent(self, tier: str) -> CounterChild:
+        """The counter of body bytes sent from ``tier``."""
+        child = self.bytes_sent.get(tier)
+        if child is None:
+            child = self.bytes_sent[tier] = self.metrics.response_bytes.labels(tier)
+        return child
 
     def request_id(self, headers: Mapping[str, str], trusted: bool) -> str:
         """The request's id: a trusted peer's sane X-Request-Id, else a new one (``proxy.logs``)."""

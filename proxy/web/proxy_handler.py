@@ -195,7 +195,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
     fe.own_fields(headers, reply.tier, info.request_id)
     info.cache_status = headers.get("Cache-Status")
     body = reply.body
-    counted = fe.bytes_sent.get(reply.tier) or fe.metrics.response_bytes.labels(reply.tier)
+    counted = fe.sent(reply.tier)
     if isinstance(body, bytes) and not reply.head_only:
         counted.inc(len(body))
         return plain_reply(reply.status, reply.reason, headers, body, request.method), len(body)
