@@ -179,7 +179,7 @@ def fast_path(loop: asyncio.AbstractEventLoop, runtime: Any, raw: bytes) -> None
 
     msg = parse()
     fast = FastPath(Front(runtime))
-    if fast.answer(msg, "127.0.0.1", False) is None:
+    if fast.answer(msg, "127.0.0.1", False, 0.0) is None:
         print("  fast path: this hit is not answered on the fast path")
         return
     listener = runtime.settings.client_listener
@@ -187,7 +187,7 @@ def fast_path(loop: asyncio.AbstractEventLoop, runtime: Any, raw: bytes) -> None
     print("fast path (a hit answered from aiohttp's data_received, below web.Response):")
     row("aiohttp's C parser: feed_data of the request", per_call_us(parse))
     row("FastPath.answer (all of it, up to the bytes to write)",
-        per_call_us(lambda: fast.answer(msg, "127.0.0.1", False)))
+        per_call_us(lambda: fast.answer(msg, "127.0.0.1", False, 0.0)))
     row("  normalise_request (the one view of the request)", per_call_us(
         lambda: normalise_request(msg, secure=False, trusted=False, listener=listener)))
     row("  Engine.fresh_hit (rules, key, memory, plain_fresh_hit)",
