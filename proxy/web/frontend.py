@@ -151,7 +151,9 @@ def add_own_fields(headers: CIMultiDict[str], extras: Extras, request_id: str) -
 
 class Front:
     """The current ``FrontEnd`` of a runtime: rebuilt when a reload swapped its settings (or a
-    test its metrics). One per runtime, shared by every client listener and both paths."""
+    test its metrics). One per runtime, shared by every client listener and both paths. The
+    runtime's ``debug_headers`` and ``worker_id`` are read when a front end is built: they are
+    set before the client listeners start."""
 
     __slots__ = ("_current", "runtime")
 
