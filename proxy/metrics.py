@@ -300,11 +300,12 @@ class Metrics:
                     per.add_metric(label, sample.value)
                     yield per
 
-    def answered(self, url: str | None, cache_status: str, seconds: float) -> None:
-        """A client request answered on the general path (the fast path samples its own)."""
-        self.request_duration.labels(cache_status).observe(seconds)
+    def answered(self, url: str | None, cache_status: str, seconds: float, weight: int = 1) -> None:
+        """A client request answered (the fast path calls it for one answer in FAST_SAMPLE,
+        with that ``weight``: ``proxy.live``)."""
+        self.request_duration.labels(cache_status).observe(seconds, weight)
         if url is not None:
-            self.live.top.add(url, cache_status in HIT_STATUSES)
+            self.live.top.add(url, cache_status in HIT_STATUSES, weight)
 
     def not_stored_because(self, reason: str, url: str) -> None:
         self.not_stored.labels(reason).inc()

@@ -235,8 +235,7 @@ class FastPath:
         fe.hit_counters[method].value += 1
         self.answered += 1
         if not self.answered & FAST_SAMPLE_MASK:  # one answer in FAST_SAMPLE: the console's (proxy.live)
-            fe.metrics.live.top.add(head.url, True, FAST_SAMPLE)
-            fe.hit_duration.observe(perf_counter() - started, FAST_SAMPLE)
+            fe.metrics.answered(head.url, "HIT", perf_counter() - started, FAST_SAMPLE)
         access = fe.access_log
         if access is not None:  # a tuple now; formatted and written with its batch (proxy.logs)
             done = perf_counter()

@@ -54,7 +54,7 @@ class FrontEnd:
     """One config's front end (see the module docstring)."""
 
     __slots__ = ("_debug", "_trust_nets", "_trusted", "_worker", "access_log", "bytes_sent", "extras",
-                 "hit_counters", "hit_duration", "hosts", "ids", "listener", "metrics", "server", "settings")
+                 "hit_counters", "hosts", "ids", "listener", "metrics", "server", "settings")
 
     def __init__(self, runtime: Runtime) -> None:
         settings = self.settings = runtime.settings
@@ -69,7 +69,6 @@ class FrontEnd:
         # Children bound once: the fast path adds to ``.value`` (``proxy.metrics.LeanCounter``).
         self.hit_counters: dict[str, CounterChild] = {m: metrics.requests.labels("HIT", m)
                                                       for m in ("GET", "HEAD")}
-        self.hit_duration = metrics.request_duration.labels("HIT")  # fast hits, sampled
         # The fast path's tiers; the others' children are made on their first reply (``sent``).
         self.bytes_sent: dict[str, CounterChild] = {t: metrics.response_bytes.labels(t)
                                                     for t in ("memory", "disk")}
