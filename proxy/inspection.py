@@ -101,6 +101,8 @@ def local_stats(runtime: Runtime, top: int = TOP_KEYS) -> dict[str, Any]:
         "hosts": sorted(runtime.hosts_seen)[:100],
         "top": [[url_of_key(k), k, n] for k, n in memory.top(top)] if top else [],
         "storage": runtime.engine.write_failures.snapshot(),
+        # Whether its client listeners answer hits on the fast path (None: it has none).
+        "fast_path": runtime.metrics.fast_path.to_json() if runtime.metrics.fast_path else None,
     }
 
 
@@ -144,8 +146,8 @@ class Inspector:
     """What the admin API sees: this process alone, or (``call_workers`` given) the supervisor
     with its workers."""
 
-    def __init__(self, runtime_ref: Callable[[], Runtime], call_workers: WorkerCall | None = None) -> None:
-        self._runtime = runtime_ref
+    def __init__(self, runtime: Runtime, call_workers: WorkerCall | None = None) -> None:
+        self._runtime = runtime
         self._call = call_workers
         self.cluster = ClusterMetrics()
         self.window = RequestWindow()
@@ -171,7 +173,7 @@ class Inspector:
 
     async def copies(self, urls: Iterable[str], keys: Iterable[str] = ()) -> list[Copy]:
         """Every stored copy of these URLs (all key shapes) and keys, in every tier and worker."""
-        runtime = self._runtime()
+        runtime = self._runtime
         urls, keys = sorted(set(urls)), sorted(set(keys))
         if self._call is None:
             memory = memory_copies(runtime, urls, keys)
@@ -188,7 +190,7 @@ class Inspector:
         """Hosts (``name[:port]``) cachegate does not serve: not in ``admin.hosts`` when that is
         set; otherwise neither asked for by a client since start, nor the listen address, nor
         held in the store."""
-        runtime = self._runtime()
+        runtime = self._runtime
         hosts = sorted(set(hosts))
         listed = runtime.settings.admin.hosts
         if listed:
@@ -214,7 +216,7 @@ class Inspector:
 
     async def known_hosts(self, limit: int = 20) -> list[str]:
         """Some of the hosts cachegate serves (for error messages)."""
-        runtime = self._runtime()
+        runtime = self._runtime
         if runtime.settings.admin.hosts:
             return list(runtime.settings.admin.hosts)
         seen = set(runtime.hosts_seen)
@@ -227,7 +229,7 @@ class Inspector:
 
     async def _disk_entries(self) -> int:
         """Keys on the shared disk tier (the index's count, at most DISK_COUNT_MAX_AGE old)."""
-        storage = self._runtime().storage
+        storage = self._runtime.storage
         if storage.index is None:
             return 0
         now = time.monotonic()
@@ -242,7 +244,7 @@ class Inspector:
     async def _disk_extras(self) -> Snapshot:
         """Families only the owner of the cache directory reports: disk entries and evictions
         (entries diskcache culled, as the index's upkeep finds them)."""
-        storage = self._runtime().storage
+        storage = self._runtime.storage
         if storage.disk is None or storage.index is None:
             return []
         entries = await self._disk_entries()
@@ -263,8 +265,8 @@ class Inspector:
     def request_counts(self) -> dict[str, int]:
         """Client requests by X-Cache-Status since start, over every worker (as last refreshed)."""
         if self._call is None:
-            return self._runtime().metrics.request_counts()
-        own = self._runtime().metrics.snapshot()
+            return self._runtime.metrics.request_counts()
+        own = self._runtime.metrics.snapshot()
         counts: dict[str, int] = {}
         for family in self.cluster.merge(own, self.cluster.workers()):
             if family.name != "cachegate_requests":
@@ -275,7 +277,7 @@ class Inspector:
         return counts
 
     async def metrics(self) -> bytes:
-        runtime = self._runtime()
+        runtime = self._runtime
         extras = await self._disk_extras()
         own = runtime.metrics.snapshot()
         if self._call is None:
@@ -285,7 +287,7 @@ class Inspector:
         return render_families(self.cluster.merge(own + extras, self.cluster.workers()))
 
     async def stats(self, top: int = TOP_KEYS) -> dict[str, Any]:
-        runtime = self._runtime()
+        runtime = self._runtime
         storage = runtime.storage
         if self._call is None:
             parts = [local_stats(runtime, top)]
@@ -323,9 +325,12 @@ class Inspector:
             "storage": merge_snapshots([p["storage"] for p in parts if "storage" in p]
                                        + ([runtime.engine.write_failures.snapshot()] if self._call else [])),
         }
+        # The fast hit path: on, or off and why (a process whose aiohttp lacks what it needs).
+        states = [p["fast_path"] for p in parts if p.get("fast_path")]
+        out["fast_path"] = next((s for s in states if not s["enabled"]), states[0] if states else None)
         if self._call is not None:
             out["workers"] = [{"worker": p["worker"], "pid": p["pid"], "memory": p["memory"],
-                               "requests": sum(p["requests"].values())}
+                               "requests": sum(p["requests"].values()), "fast_path": p.get("fast_path")}
                               for p in sorted(parts, key=lambda p: p["worker"])]
         return out
 

@@ -443,11 +443,12 @@ def setup_logging(level: str | None = None, as_json: bool | None = None, worker:
         handler.setFormatter(LineFormatter(worker_label, as_json))
 
 
-def say(message: str, **fields: Any) -> None:
+def say(message: str, level: str = "info", **fields: Any) -> None:
     """A line for the operator on standard output (start-up, listeners, workers, stop): the
-    text, or a JSON object with ``fields`` beside it when the logs are JSON."""
+    text, or a JSON object with ``fields`` beside it when the logs are JSON (``level``
+    "warning" when the line carries one)."""
     if _json_lines:
-        line = json.dumps({"time": _Clock().iso(time.time()), "level": "info", "logger": "cachegate",
+        line = json.dumps({"time": _Clock().iso(time.time()), "level": level, "logger": "cachegate",
                            "worker": _worker_label, "message": message, **fields}, ensure_ascii=False)
     else:
         line = message

@@ -33,6 +33,7 @@ import bisect
 import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -65,8 +66,10 @@ SUPERVISOR_ONLY = frozenset({"cachegate_config_reloads", "cachegate_purges", "ca
 # Families with a "tier" label whose tier="disk" samples describe the shared disk tier.
 SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "cachegate_evictions"})
 # Families describing each worker's own upstream pool: workers only, never the supervisor's.
-WORKER_ONLY = frozenset({"cachegate_upstream_up", "cachegate_upstream_in_flight"})
-MEAN_GAUGES = frozenset({"cachegate_upstream_up"})
+# cachegate_fast_path_enabled too: the processes with client listeners (0.5: half of them).
+WORKER_ONLY = frozenset({"cachegate_upstream_up", "cachegate_upstream_in_flight",
+                         "cachegate_fast_path_enabled"})
+MEAN_GAUGES = frozenset({"cachegate_upstream_up", "cachegate_fast_path_enabled"})
 
 # A snapshot: [[family name, type, help, [[sample name, {labels}, value], ...]], ...]
 Snapshot = list[list[Any]]
@@ -201,6 +204,18 @@ class LeanHistogram(Collector):
         yield family
 
 
+@dataclass(frozen=True, slots=True)
+class FastPathState:
+    """What the start-up probe of the fast hit path found (``proxy.web.fastpath.probe``)."""
+
+    enabled: bool
+    reason: str  # "ok", or a short token naming what is missing (the metric's label)
+    detail: str = ""  # for the operator: which aiohttp internals are missing
+
+    def to_json(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "reason": self.reason, "detail": self.detail}
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -252,17 +267,28 @@ class Metrics:
             "Time to answer a client request, by cache status (fast-path hits sampled)",
             ["cache_status"], REQUEST_BUCKETS, registry=r)
         self.live = LiveStats()
+        # Whether this process's client listeners answer fresh hits on the fast path (set when
+        # they start: ``proxy.web.server.start_proxy_listener``); None: it has none.
+        self.fast_path: FastPathState | None = None
         # -- deploy and operate: the build and the processes ---------------------------------
         self.process_label = "0"  # this process in cachegate_worker_*: a worker id, or "supervisor"
         self._process = ProcessCollector(registry=r)  # process_*, read from /proc when scraped
         self.add_collector(self._collect_process)
 
     def _collect_process(self) -> Iterator[Metric]:
-        """The build, and this process's CPU, memory and open files under its worker label
-        (process_* is summed over the processes when several serve)."""
+        """The build, whether the fast hit path is on, and this process's CPU, memory and open
+        files under its worker label (process_* is summed over the processes when several serve)."""
         info = GaugeMetricFamily("cachegate_build_info", "cachegate's version (always 1)", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+        fast = self.fast_path
+        if fast is not None:
+            gauge = GaugeMetricFamily("cachegate_fast_path_enabled",
+                                      "1 when fresh hits are answered on the fast hit path; 0 when this "
+                                      "aiohttp lacks what it needs (reason) and every hit takes the "
+                                      "general path", labels=["reason"])
+            gauge.add_metric([fast.reason], 1 if fast.enabled else 0)
+            yield gauge
         label = [self.process_label]
         for family in self._process.collect():
             for sample in family.samples:
@@ -277,11 +303,12 @@ class Metrics:
                     per.add_metric(label, sample.value)
                     yield per
 
-    def answered(self, url: str | None, cache_status: str, seconds: float) -> None:
-        """A client request answered on the general path (the fast path samples its own)."""
-        self.request_duration.labels(cache_status).observe(seconds)
+    def answered(self, url: str | None, cache_status: str, seconds: float, weight: int = 1) -> None:
+        """A client request answered (the fast path calls it for one answer in FAST_SAMPLE,
+        with that ``weight``: ``proxy.live``)."""
+        self.request_duration.labels(cache_status).observe(seconds, weight)
         if url is not None:
-            self.live.top.add(url, cache_status in HIT_STATUSES)
+            self.live.top.add(url, cache_status in HIT_STATUSES, weight)
 
     def not_stored_because(self, reason: str, url: str) -> None:
         self.not_stored.labels(reason).inc()

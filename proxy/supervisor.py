@@ -134,8 +134,8 @@ class Supervisor:
         runtime.reload_config = lambda: self.reload(reloader)
         listeners = Listeners()
         try:
-            admin = await start_admin_listener(lambda: runtime, self.settings, self.purge,
-                                               Inspector(lambda: runtime, self.call_all))
+            admin = await start_admin_listener(runtime, self.settings, self.purge,
+                                               Inspector(runtime, self.call_all))
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             await runtime.close()

@@ -220,9 +220,9 @@ async def start_proxy(directory: str, origin_url: str, config: str = "", rules: 
     settings = load_config(path, Overrides())
     runtime = await Runtime.open(settings)
     listeners = Listeners()
-    await start_proxy_listeners(lambda: runtime, settings, listeners)
+    await start_proxy_listeners(runtime, settings, listeners)
     runtime.state = "ready"  # as serve() says once its listeners accept
-    admin = await start_admin_listener(lambda: runtime, settings)
+    admin = await start_admin_listener(runtime, settings)
     if admin is not None:
         listeners.runners.append(admin)
         listeners.admin_addresses = _bound(admin)

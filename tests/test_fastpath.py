@@ -104,7 +104,7 @@ def unread_connection(port: int) -> socket.socket:
 
 async def pair(make_proxy: MakeProxy, **kwargs: str) -> Pair:
     proxy = await make_proxy(**kwargs)
-    runner = await start_proxy_listener(lambda: proxy.runtime, proxy.runtime.settings, fast=False)
+    runner = await start_proxy_listener(proxy.runtime, proxy.runtime.settings, fast=False)
     proxy.listeners.runners.append(runner)
     return Pair(proxy, proxy.listeners.proxy_addresses[0][1], _bound(runner)[0][1])
 
@@ -647,3 +647,30 @@ async def test_via_is_on_every_answer_once_the_fast_path_included(origin: Origin
     assert revalidated.header("X-Cache-Status") == "REVALIDATED"
     (hit,), _ = await exchange(p.fast_port, req("GET", "/via"), ["GET"])
     assert (hit.header("X-Cache-Status"), hit.header("Via")) == ("HIT", "1.1 revalidating-lb, 1.1 cachegate")
+
+
+async def test_a_reload_reaches_both_paths_front_end_at_the_next_request(origin: Origin,
+                                                                         make_proxy: MakeProxy) -> None:
+    """Both paths read the trust verdict and the Server name from one front end per config
+    (proxy.web.frontend): a new config (as a reload applies it) is seen by both at once."""
+    import ipaddress
+    from dataclasses import replace
+
+    routes(origin)
+    p = await pair(make_proxy)
+    await warm(p)
+    freeze_clock(p)
+    given = req("GET", "/plain", "X-Request-Id: from-the-edge")
+    (before,), _ = await exchange(p.fast_port, given, ["GET"])
+    assert before.header("Server") == "cachegate" and before.header("X-Request-Id") != "from-the-edge"
+    runtime = p.proxy.runtime
+    runtime.reconfigure(replace(runtime.settings, server_header="edge-2",
+                                trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),)))
+    answered = p.fast.answered
+    (got,), _ = await exchange(p.fast_port, given, ["GET"])
+    (want,), _ = await exchange(p.general_port, given, ["GET"])
+    assert p.fast.answered == answered + 1
+    assert got.comparable() == want.comparable()
+    for reply in (got, want):
+        assert reply.header("Server") == "edge-2"
+        assert reply.header("X-Request-Id") == "from-the-edge"  # a trusted peer's id is kept

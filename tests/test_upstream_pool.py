@@ -185,8 +185,8 @@ async def start_with(directory: Path, text: str) -> Proxy:
     settings = load_config(str(path), Overrides())
     runtime = await Runtime.open(settings)
     listeners = Listeners()
-    await start_proxy_listeners(lambda: runtime, settings, listeners)
-    admin = await start_admin_listener(lambda: runtime, settings)
+    await start_proxy_listeners(runtime, settings, listeners)
+    admin = await start_admin_listener(runtime, settings)
     assert admin is not None
     listeners.runners.append(admin)
     listeners.admin_addresses = _bound(admin)

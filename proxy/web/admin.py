@@ -67,7 +67,6 @@ from proxy.web.console import CSRF_HEADER, console_access, setup_console
 log = logging.getLogger("cachegate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RuntimeRef = Callable[[], Runtime]
 PurgeFn = Callable[[PurgeSpec], Awaitable[PurgeOutcome]]
 SOFT_PURGE_HEADER = "Cachegate-Soft-Purge"
 MAX_BODY = 1 << 20
@@ -75,7 +74,7 @@ MAX_BODY = 1 << 20
 
 @dataclass
 class AdminContext:
-    runtime: RuntimeRef
+    runtime: Runtime
     purge: PurgeFn
     inspector: Inspector
 
@@ -104,7 +103,7 @@ def bearer(headers: MultiMapping[str]) -> str | None:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    runtime = request.app[ADMIN].runtime()
+    runtime = request.app[ADMIN].runtime
     token = runtime.settings.admin.token
     if token is None or request.path == "/healthz":
         return await handler(request)
@@ -169,7 +168,7 @@ async def check_hosts(ctx: AdminContext, hosts: set[str]) -> None:
     unknown = await ctx.inspector.unknown_hosts(hosts)
     if not unknown:
         return
-    runtime = ctx.runtime()
+    runtime = ctx.runtime
     listed = runtime.settings.admin.hosts
     if listed:
         raise BadRequest(f"cachegate does not serve host {unknown[0]!r}: admin.hosts lists "
@@ -196,7 +195,7 @@ async def purge(request: web.Request) -> web.Response:
 async def reload(request: web.Request) -> web.Response:
     """Re-read config and rules: 200 when applied; 400 with every FILE:LINE problem when not
     (the running config stays); 501 when this process was started without a config file."""
-    runtime = request.app[ADMIN].runtime()
+    runtime = request.app[ADMIN].runtime
     if runtime.reload_config is None:
         return json_error(501, "reload is not available in this process")
     result = runtime.reload_config()
@@ -221,7 +220,7 @@ async def healthz(request: web.Request) -> web.Response:
     to a process that takes it; in cluster mode also 503 while it catches up with the
     cluster's purges (a load balancer sends it nothing until it has applied them), with the
     reason."""
-    runtime = request.app[ADMIN].runtime()
+    runtime = request.app[ADMIN].runtime
     node = runtime.cluster
     if node is not None and not node.ready:  # the cluster's reason first: it is why the rest waits
         return web.json_response({"status": "not ready", "reason": node.reason,
@@ -240,7 +239,7 @@ async def cluster(request: web.Request) -> web.Response:
     """Cluster mode: every node Redis has seen, its state, last applied purge and lag
     (see docs/cluster.md for the shape)."""
     query_params(request, ())
-    node = request.app[ADMIN].runtime().cluster
+    node = request.app[ADMIN].runtime.cluster
     if node is None:
         return json_error(404, "cluster mode is off: the config has no cluster: section")
     return web.json_response(await node.view())
@@ -265,9 +264,9 @@ async def cache(request: web.Request) -> web.Response:
         raise BadRequest("give the URL: GET /cache?url=https://host/path")
     url = normalise_url(params["url"][0])
     await check_hosts(ctx, {url_host(url)})
-    keyed = keys_for_url(url, ctx.runtime().settings.rules)
+    keyed = keys_for_url(url, ctx.runtime.settings.rules)
     copies = await ctx.inspector.copies({url, keyed})
-    now = ctx.runtime().engine.clock()  # the clock the engine decides freshness with
+    now = ctx.runtime.engine.clock()  # the clock the engine decides freshness with
     variants = [variant_view(entry, cs, now) for entry, cs in group_copies(copies)]
     return web.json_response({"url": url, "variants": variants})
 
@@ -347,7 +346,7 @@ async def explain(request: web.Request) -> web.Response:
         doc = {k: (v if k == "status" else v[0]) for k, v in params.items()}
     req, head = explain_request(doc)
     await check_hosts(ctx, {head.host})
-    runtime = ctx.runtime()
+    runtime = ctx.runtime
     rules = runtime.settings.rules
     plan = rules.plan(head)
     key = cache_key(head, plan.key)
@@ -400,7 +399,7 @@ async def purge_method(request: web.BaseRequest, runtime: Runtime, head: Request
 # -- the app ------------------------------------------------------------------------------------
 
 
-def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
+def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
                      inspector: Inspector | None = None) -> web.Application:
     """The admin app; ``purge_fn`` and ``inspector`` are the supervisor's in multi-worker mode.
 
@@ -408,16 +407,16 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
     Content-Type: ``admin_guard``) and then the token check."""
 
     def guard_settings(request: web.Request) -> GuardSettings:
-        admin = runtime_ref().settings.admin
+        admin = runtime.settings.admin
         return GuardSettings(token_set=admin.token is not None, server_names=admin.server_names)
 
     def refused(request: web.Request, reason: RefusalReason) -> None:
-        runtime_ref().metrics.admin_refused.labels(reason).inc()
+        runtime.metrics.admin_refused.labels(reason).inc()
 
     app = web.Application(middlewares=[error_middleware, guard_middleware(guard_settings, refused),
                                        auth_middleware], client_max_size=MAX_BODY)
-    ctx = AdminContext(runtime_ref, purge_fn or (lambda spec: runtime_ref().purge(spec)),
-                       inspector or Inspector(runtime_ref))
+    ctx = AdminContext(runtime, purge_fn or runtime.purge,
+                       inspector or Inspector(runtime))
     app[ADMIN] = ctx
 
     async def sampler(app: web.Application) -> AsyncIterator[None]:
@@ -429,7 +428,7 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
 
     async def server_name(request: web.Request, response: web.StreamResponse) -> None:
         # The operator's name, not aiohttp's default (which names its and Python's versions).
-        response.headers["Server"] = runtime_ref().settings.server_header
+        response.headers["Server"] = runtime.settings.server_header
 
     app.on_response_prepare.append(server_name)
     app.cleanup_ctx.append(sampler)
@@ -443,7 +442,7 @@ def create_admin_app(runtime_ref: RuntimeRef, purge_fn: PurgeFn | None = None,
     app.router.add_post("/explain", explain)
     app.router.add_get("/upstreams", upstreams)
     app.router.add_get("/cluster", cluster)
-    setup_console(app, runtime_ref, ctx.inspector)  # GET / and /console/...
+    setup_console(app, runtime, ctx.inspector)  # GET / and /console/...
     return app
 
 
@@ -454,7 +453,7 @@ async def upstreams(request: web.Request) -> web.Response:
     worker's own pool, where requests are sent and passive ejections happen."""
     query_params(request, ())
     ctx = request.app[ADMIN]
-    body: dict[str, Any] = {"upstreams": ctx.runtime().pool.snapshot()}
+    body: dict[str, Any] = {"upstreams": ctx.runtime.pool.snapshot()}
     if ctx.inspector.multi:
         answers = await ctx.inspector.ask_workers("upstream_states")
         body["workers"] = sorted(answers, key=lambda a: a["worker"])

@@ -191,8 +191,8 @@ def register_console_calls(runtime: Runtime) -> None:
 class LiveFeed:
     """Samples the counters of every process once a second and answers ``/console/api/live``."""
 
-    def __init__(self, runtime_ref: Any, inspector: Inspector) -> None:
-        self._runtime = runtime_ref
+    def __init__(self, runtime: Runtime, inspector: Inspector) -> None:
+        self._runtime = runtime
         self.inspector = inspector
         self.series = Series(REQUEST_BUCKETS)
         self.started = time.time()
@@ -205,7 +205,7 @@ class LiveFeed:
 
     async def sample(self, now: float | None = None) -> None:
         """One sample of every process's totals (and, every LIVE_TABLES_EVERY, the tables)."""
-        runtime = self._runtime()
+        runtime = self._runtime
         now = time.time() if now is None else now
         parts = [process_totals(runtime, owner=True)]
         if self.inspector.multi:
@@ -218,7 +218,7 @@ class LiveFeed:
         self._ticks += 1
 
     async def refresh_tables(self, now: float | None = None) -> None:
-        runtime = self._runtime()
+        runtime = self._runtime
         now = time.time() if now is None else now
         snaps = [runtime.metrics.live.snapshot(now, TOP_TABLE)]
         if self.inspector.multi:
@@ -238,7 +238,7 @@ class LiveFeed:
 
     async def view(self, since: int, top: int) -> dict[str, Any]:
         """The body of ``GET /console/api/live``."""
-        runtime = self._runtime()
+        runtime = self._runtime
         settings = runtime.settings
         minute = self.series.window(60)
         minute.update(ratios(minute["requests"], minute["bytes"], minute["origin"]))
@@ -283,7 +283,7 @@ class LiveFeed:
 
 @dataclass
 class Console:
-    runtime: Any  # () -> Runtime
+    runtime: Runtime
     sessions: Sessions
     feed: LiveFeed
 
@@ -315,8 +315,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 def _runtime(request: web.Request) -> Runtime:
-    runtime: Runtime = request.app[CONSOLE].runtime()
-    return runtime
+    return request.app[CONSOLE].runtime
 
 
 async def login(request: web.Request) -> web.Response:
@@ -375,9 +374,9 @@ async def live(request: web.Request) -> web.Response:
     return _json(await request.app[CONSOLE].feed.view(values["since"], values["top"]))
 
 
-def setup_console(app: web.Application, runtime_ref: Any, inspector: Inspector) -> None:
+def setup_console(app: web.Application, runtime: Runtime, inspector: Inspector) -> None:
     """Mount the console on the admin app (routes, sessions, the sampling task)."""
-    console = Console(runtime_ref, Sessions(), LiveFeed(runtime_ref, inspector))
+    console = Console(runtime, Sessions(), LiveFeed(runtime, inspector))
     app[CONSOLE] = console
 
     async def sampling(app: web.Application) -> AsyncIterator[None]:

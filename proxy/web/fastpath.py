@@ -9,17 +9,19 @@ is answered here, in the protocol, as soon as aiohttp's C parser hands over the 
 everything else goes on to aiohttp's request handler exactly as before.
 
 What a fast answer is, and why it is the same answer: the request is normalised by the
-same ``normalise_request`` (``proxy.policy.request``) as on the general path, and
+same ``normalise_request`` (``proxy.policy.request``) as on the general path, with the same
+front end (``proxy.web.frontend``: the trust verdict, the default Host, the hosts-seen
+accounting, the counters, the debug fields), and
 ``Engine.fresh_hit`` runs on that head the very rule match, key, memory lookup and
 ``decide_lookup`` that ``Engine.handle`` runs, and says yes only for a plain fresh HIT
 from a body held in memory, or a disk body of at most
 FAST_FILE_MAX bytes whose file is already open (sendfile; no 304, no refresh, no disk read).
 The head is built once per variant (and per rule edits, HTTP version, GET/HEAD) by the
 same steps the general path takes: ``served_headers`` and ``response_edits`` from the
-engine, the web layer's debug headers and Server name, then what aiohttp's
-``Response``/``StreamResponse`` add (Content-Length, a default Content-Type, Date when the
-stored response has none, Connection for HTTP/1.0 keep-alive), serialised by aiohttp's own
-``_serialize_headers``. Per request only Age, the ``ttl`` of Cache-Status, the
+engine, the front end's own fields (debug fields, X-Request-Id, Server), then the one
+reply-head writer (``proxy.web.heads``: ``frame`` adds Content-Length, a default
+Content-Type, Date when the stored response has none, Connection for HTTP/1.0 keep-alive;
+``serialise`` makes the bytes). Per request only Age, the ``ttl`` of Cache-Status, the
 X-Request-Id (``proxy.logs``) and, when the stored response had no Date, the Date are
 filled in. With an access log, each answer leaves a tuple for the log's batch writer.
 tests/test_fastpath.py compares both paths field by field for a table of requests.
@@ -46,10 +48,9 @@ counting every URL would cost 0.4–0.6 µs each.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from time import perf_counter
 from typing import Any
 
@@ -57,21 +58,21 @@ from aiohttp import hdrs, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict
 
 from proxy.engine import response_edits, served_headers
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
-from proxy.logs import AccessLog, RequestIds
+from proxy.metrics import FastPathState
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
-from proxy.policy.request import DEFAULT_MAX_HEAD, Listener, normalise_request
+from proxy.policy.request import normalise_request
 from proxy.rules import HeaderEdits
-from proxy.runtime import MAX_HOSTS_SEEN, Runtime
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.memory import Cached
+from proxy.web.frontend import Extras, Front, add_own_fields
+from proxy.web.heads import frame, from_response, serialise
 from proxy.web.proxy_handler import sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
@@ -97,18 +98,6 @@ LARGE_BODY = 16 * 1024  # bigger bodies are written beside the head, not copied 
 # it in the thread pool, waiting for the client).
 FAST_FILE_MAX = 1024 * 1024
 UNSERVABLE = (204, 304)  # aiohttp frames these differently; the general path answers them
-
-
-class Extras:
-    """What the web layer adds to every head under one config: the debug fields and the
-    Server name. A new object per config (``FastPath._refresh``), so heads built under an
-    older config are told apart by identity alone."""
-
-    __slots__ = ("debug", "server")
-
-    def __init__(self, debug: tuple[tuple[str, str], ...], server: str) -> None:
-        self.debug = debug
-        self.server = server
 
 
 class Head:
@@ -145,32 +134,19 @@ def build_head(status: int, reason: str, headers: list[tuple[str, str]],
     """The head the general path writes for these reply fields (holes marked), as
     (%-format, holes); None when it cannot be pre-built.
 
-    The steps are ``write_reply``'s (debug fields, X-Request-Id, Server unless a rule set
-    one) and then
-    aiohttp's (web_response.py, 3.14): ``Response._start`` adds Content-Length; a HEAD goes
-    through ``StreamResponse`` with ``content_length`` set; ``_prepare_headers`` adds
-    Content-Type for a non-empty body, Date and the Connection field of a kept-alive
-    connection (its Server default is never used: ours is there already).
+    The same steps as the general path's ``write_reply``, from the same functions: the
+    front end's own fields (``add_own_fields``: debug fields, X-Request-Id, Server unless a
+    rule set one), then the one head writer (``proxy.web.heads``: ``frame`` on a kept-alive
+    connection, ``serialise``).
     """
     if "\r" in reason or "\n" in reason or _MARK in reason:
         return None
     h: CIMultiDict[str] = CIMultiDict(headers)
-    for k, v in debug:
-        h[k] = v
-    h["X-Request-Id"] = MARK_ID
-    h.setdefault(hdrs.SERVER, server)
-    h[hdrs.CONTENT_LENGTH] = str(length)
-    if head_only:
-        if hdrs.TRANSFER_ENCODING in h:
-            del h[hdrs.TRANSFER_ENCODING]
-    elif length != 0:
-        h.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
-    if hdrs.DATE not in h:
-        h[hdrs.DATE] = MARK_DATE
-    if hdrs.CONNECTION not in h and version == HttpVersion10:
-        h[hdrs.CONNECTION] = "keep-alive"  # the connection is kept alive (else: general path)
+    add_own_fields(h, Extras(debug, server), MARK_ID)
+    # Kept alive: a request that asks to close takes the general path.
+    frame(h, status, hdrs.METH_HEAD if head_only else hdrs.METH_GET, version, length, True, MARK_DATE)
     try:
-        raw = _serialize_headers(f"HTTP/{version[0]}.{version[1]} {status} {reason}", h)
+        raw = serialise(version, status, reason, h)
     except (ValueError, TypeError):
         return None
     parts = raw.split(_MARK_BYTES)
@@ -184,63 +160,17 @@ def build_head(status: int, reason: str, headers: list[tuple[str, str]],
 
 
 class FastPath:
-    """Answers fresh memory hits for the protocol (``ProxyRequestHandler``)."""
+    """Answers fresh memory hits for the protocol (``ProxyRequestHandler``), with the front
+    end the general path uses (``proxy.web.frontend``)."""
 
-    def __init__(self, runtime_ref: Callable[[], Runtime]) -> None:
-        self._runtime_ref = runtime_ref
-        self._settings: object = None
-        self._listener = Listener("", DEFAULT_MAX_HEAD)
-        self._trust_nets: Sequence[Any] = ()
-        self._trusted: dict[str, bool] = {}
-        self._metrics: object = None
-        self._counters: dict[str, Any] = {}
-        self._memory_bytes: Any = None
-        self._disk_bytes: Any = None
-        self._extras = self._extras_disk = Extras((), "cachegate")
-        self._top: Any = None
-        self._hit_duration: Any = None
-        self._ids: RequestIds | None = None
-        self._log: AccessLog | None = None
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        storage = front.runtime.storage
+        # Bound once: the engine and the storage facade of a runtime are never replaced.
+        self._fresh_hit = front.runtime.engine.fresh_hit
+        self._keep_head = storage.keep_head
+        self._alive = storage.alive
         self.answered = 0  # requests answered here (tests check that the fast path ran)
-
-    def _refresh(self, runtime: Runtime) -> None:
-        """Per-config values, computed once per config (reloads make a new Settings)."""
-        settings = runtime.settings
-        self._settings = settings
-        self._listener = settings.client_listener
-        self._trust_nets = tuple(settings.trusted_proxies or ())
-        self._trusted = {}
-        self._ids = runtime.request_ids
-        self._log = runtime.access_log
-        if runtime.metrics is not self._metrics:
-            self._metrics = runtime.metrics
-            self._counters = {m: runtime.metrics.requests.labels("HIT", m) for m in ("GET", "HEAD")}
-            self._memory_bytes = runtime.metrics.response_bytes.labels("memory")
-            self._disk_bytes = runtime.metrics.response_bytes.labels("disk")
-            self._top = runtime.metrics.live.top
-            self._hit_duration = runtime.metrics.request_duration.labels("HIT")
-        debug: tuple[tuple[str, str], ...] = ()
-        debug_disk: tuple[tuple[str, str], ...] = ()
-        if runtime.debug_headers:
-            worker = () if runtime.worker_id is None else (("X-Cachegate-Worker", str(runtime.worker_id)),)
-            debug = (("X-Cachegate-Tier", "memory"), *worker)
-            debug_disk = (("X-Cachegate-Tier", "disk"), *worker)
-        self._extras = Extras(debug, settings.server_header)
-        self._extras_disk = Extras(debug_disk, settings.server_header)
-
-    def _is_trusted(self, remote: str) -> bool:
-        known = self._trusted.get(remote)
-        if known is None:
-            try:
-                ip = ipaddress.ip_address(remote)
-            except ValueError:
-                known = False
-            else:
-                known = any(ip in n for n in self._trust_nets)
-            if len(self._trusted) > 4096:
-                self._trusted.clear()
-            self._trusted[remote] = known
-        return known
 
     def answer(self, msg: Any, remote: str, secure: bool, started: float) -> FastAnswer | None:
         """The whole response to a parsed GET/HEAD ``msg`` (whose bytes arrived at ``started``,
@@ -248,16 +178,14 @@ class FastPath:
         headers = msg.headers
         if "Range" in headers:
             return None
-        runtime = self._runtime_ref()
-        if runtime.settings is not self._settings or runtime.metrics is not self._metrics:
-            self._refresh(runtime)
-        trusted = bool(self._trust_nets) and bool(remote) and self._is_trusted(remote)
+        fe = self._front.current()
+        trusted = fe.trusted(remote)
         method = msg.method
         version = msg.version
-        head = normalise_request(msg, secure=secure, trusted=trusted, listener=self._listener)
+        head = normalise_request(msg, secure=secure, trusted=trusted, listener=fe.listener)
         if not isinstance(head, RequestHead):
             return None  # a Refusal: the general path answers it
-        found = runtime.engine.fresh_hit(head, FAST_FILE_MAX)
+        found = self._fresh_hit(head, FAST_FILE_MAX)
         if found is None:
             return None
         plan, key, cached, age, ttl, shared = found
@@ -266,7 +194,7 @@ class FastPath:
         head_only = method == "HEAD"
         flavor = (2 if head_only else 0) + (version == HttpVersion10)
         body = cached.body
-        extras = self._extras if body is not None else self._extras_disk
+        extras = fe.extras["memory" if body is not None else "disk"]
         ready = None
         heads = cached.heads
         if heads is not None:
@@ -276,14 +204,11 @@ class FastPath:
                     break
         if ready is None:
             ready = self._new_head(cached, edits, flavor, extras, version)
-            runtime.storage.keep_head(key, cached, ready, ready.size)
+            self._keep_head(key, cached, ready, ready.size)
         if ready.fmt is None:
             return None
-        hosts = runtime.hosts_seen
-        if len(hosts) < MAX_HOSTS_SEEN:
-            hosts.add(head.host)
-        ids = self._ids
-        assert ids is not None
+        fe.saw_host(head.host)
+        ids = fe.ids
         request_id = ids.new_bytes() if not trusted or "X-Request-Id" not in headers \
             else ids.take(headers, True).encode()
         block = ready.render(age, ttl, request_id)
@@ -293,7 +218,7 @@ class FastPath:
         elif body is None:
             assert shared is not None
             size = shared.size
-            self._disk_bytes.value += size
+            fe.bytes_sent["disk"].value += size
             out = block, shared
         else:
             # A body in the shared memory is copied out here (into the answer, or the bytes
@@ -304,15 +229,14 @@ class FastPath:
                 out = (block, shared, body) if shared is not None else (block, body)
             else:
                 out = block + body
-            if cached.pos and not runtime.storage.alive(cached):
+            if not self._alive(cached):
                 return None
-            self._memory_bytes.value += size
-        self._counters[method].value += 1
+            fe.bytes_sent["memory"].value += size
+        fe.hit_counters[method].value += 1
         self.answered += 1
         if not self.answered & FAST_SAMPLE_MASK:  # one answer in FAST_SAMPLE: the console's (proxy.live)
-            self._top.add(head.url, True, FAST_SAMPLE)
-            self._hit_duration.observe(perf_counter() - started, FAST_SAMPLE)
-        access = self._log
+            fe.metrics.answered(head.url, "HIT", perf_counter() - started, FAST_SAMPLE)
+        access = fe.access_log
         if access is not None:  # a tuple now; formatted and written with its batch (proxy.logs)
             done = perf_counter()
             access.add((done, done - started, request_id, remote, method, head.host, head.target, version,
@@ -339,14 +263,13 @@ class FastPath:
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_fast", "_runtime_ref", "gone_logged")
+    __slots__ = ("_fast", "_front", "gone_logged")
 
-    def __init__(self, manager: web.Server, *, fast: FastPath | None,
-                 runtime_ref: Callable[[], Runtime], **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
         self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
-        self._runtime_ref = runtime_ref
+        self._front = front
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -356,19 +279,21 @@ class ProxyRequestHandler(RequestHandler):
         access log."""
         if status == 400 and isinstance(exc, HttpProcessingError):
             status, message = parser_refusal(exc, message)
-        resp = super().handle_error(request, status, exc, message)
-        runtime = self._runtime_ref()
-        request_id = runtime.request_ids.new()
-        resp.headers[hdrs.SERVER] = runtime.settings.server_header
+        # aiohttp's text and status, written by the one head writer, and the connection closed.
+        resp = from_response(super().handle_error(request, status, exc, message), request.method)
+        resp.force_close()
+        fe = self._front.current()
+        request_id = fe.ids.new()
+        resp.headers[hdrs.SERVER] = fe.server
         resp.headers["X-Request-Id"] = request_id
-        access = runtime.access_log
+        access = fe.access_log
         if access is not None:
             # A request the parser refused has no method or target to tell (aiohttp hands a
             # placeholder "GET /" message here).
             refused = isinstance(exc, HttpProcessingError)
             peer = self.peername
             remote = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "")
-            body = resp.body if isinstance(resp, web.Response) else None
+            body = resp.body
             access.add((perf_counter(), 0.0, request_id, remote, None if refused else request.method,
                         None, None if refused else request.raw_path, (1, 1) if refused else request.version,
                         status, len(body) if isinstance(body, bytes) else 0, "ERROR", None, None, None,
@@ -505,41 +430,59 @@ def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, 
     return 400, message
 
 
-def fast_path_supported() -> bool:
-    """Whether this aiohttp has the handler internals the fast path relies on (3.14's)."""
-    needed = ("_waiter", "_messages", "_max_msg_queue_size", "_payload_parser", "_message_tail",
-              "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close",
-              "_current_request")
-    slots = set(getattr(RequestHandler, "__slots__", ()))
+# What the fast path reads of aiohttp's ``RequestHandler`` (its ``__slots__``) and calls.
+HANDLER_FIELDS = ("_waiter", "_messages", "_max_msg_queue_size", "_payload_parser", "_message_tail",
+                  "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close",
+                  "_current_request")
+HANDLER_METHODS = ("_pause_reading_for_buffer",)
+PARSER_METHODS = ("message_consumed",)  # of aiohttp's C request parser
+
+
+def probe() -> FastPathState:
+    """Whether this aiohttp has the handler and parser internals the fast path relies on
+    (3.14's), and if not, what is missing (the start-up line, a metric and ``/stats`` say it)."""
     try:
         from aiohttp._http_parser import (  # type: ignore[import-not-found]
             HttpRequestParser as CParser,
         )
     except ImportError:
-        return False
-    pause = getattr(RequestHandler, "_pause_reading_for_buffer", None)
-    return all(n in slots for n in needed) and callable(pause) and hasattr(CParser, "message_consumed")
+        return FastPathState(False, "no-c-parser", "aiohttp's C HTTP parser cannot be imported")
+    slots = set(getattr(RequestHandler, "__slots__", ()))
+    missing = [f"RequestHandler.{n}" for n in HANDLER_FIELDS if n not in slots]
+    missing += [f"RequestHandler.{n}()" for n in HANDLER_METHODS
+                if not callable(getattr(RequestHandler, n, None))]
+    if missing:
+        return FastPathState(False, "handler-internals", "aiohttp lacks " + ", ".join(missing))
+    missing = [f"HttpRequestParser.{n}()" for n in PARSER_METHODS if not hasattr(CParser, n)]
+    if missing:
+        return FastPathState(False, "parser-internals", "aiohttp lacks " + ", ".join(missing))
+    return FastPathState(True, "ok")
+
+
+def fast_path_supported() -> bool:
+    """Whether this aiohttp has the handler internals the fast path relies on (3.14's)."""
+    return probe().enabled
 
 
 class ProxyServer(web.Server):
     """aiohttp's low-level server whose connections answer fresh hits on the fast path."""
 
-    def __init__(self, handler: Any, *, runtime_ref: Callable[[], Runtime], fast: FastPath | None,
-                 **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, front: Front, fast: FastPath | None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        self._runtime_ref = runtime_ref
-        self._fast = fast if fast_path_supported() else None
+        self._front = front
+        state = probe()
+        front.runtime.metrics.fast_path = state  # cachegate_fast_path_enabled, /stats
+        self._fast = fast if state.enabled else None
         if fast is not None and self._fast is None:
-            log.warning("this aiohttp version lacks what the fast hit path needs; hits take the "
-                        "general path")
+            log.warning("the fast hit path is off (%s); every hit takes the general path", state.detail)
 
     @property
     def fast(self) -> FastPath | None:
         return self._fast
 
     def __call__(self) -> RequestHandler:
-        return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, runtime_ref=self._runtime_ref,
+        return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, front=self._front,
                                    **self._kwargs)
 
 
-__all__ = ["FastPath", "ProxyRequestHandler", "ProxyServer"]
+__all__ = ["FastPath", "ProxyRequestHandler", "ProxyServer", "fast_path_supported", "probe"]

@@ -1,4 +1,7 @@
-"""The client-facing handler: aiohttp request -> ``ClientRequest`` -> engine -> ``Reply`` -> bytes.
+"""The client-facing handler (the general path): aiohttp request -> ``ClientRequest`` -> engine
+-> ``Reply`` -> bytes. What it adds to the request and the reply is the front end's
+(``proxy.web.frontend``, shared with the fast hit path), and every head it writes comes
+from the one writer (``proxy.web.heads``).
 
 It runs on aiohttp's low-level server (no router, no middleware chain: every
 request goes to the engine). Errors are mapped to responses in one place,
@@ -9,7 +12,6 @@ logged 500 and the proxy keeps serving everyone else.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import time
@@ -19,7 +21,6 @@ from typing import IO, assert_never
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict
 
 from proxy.engine import ClientRequest, Reply
@@ -27,35 +28,22 @@ from proxy.errors import BadRequest, CachegateError, ResponseAborted, UpstreamEr
 from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import HeaderList, RequestHead
-from proxy.policy.request import Message, Refusal, normalise_request
-from proxy.runtime import MAX_HOSTS_SEEN, Runtime
+from proxy.policy.request import Message, Refusal
+from proxy.runtime import Runtime
 from proxy.storage.bodyfiles import BodyFile
 from proxy.web.admin import purge_method
+from proxy.web.frontend import Front, FrontEnd
+from proxy.web.heads import ReplyResponse, from_response, plain_reply, serialise
 
 log = logging.getLogger("cachegate.proxy")
 
 FILE_CHUNK = 256 * 1024
 
 
-def _is_trusted(runtime: Runtime, remote: str) -> bool:
-    nets = runtime.settings.trusted_proxies
-    if not nets or not remote:
-        return False
-    try:
-        ip = ipaddress.ip_address(remote)
-    except ValueError:
-        return False
-    return any(ip in n for n in nets)
-
-
-def client_head(request: web.BaseRequest, runtime: Runtime, trusted: bool | None = None
-                ) -> RequestHead | Refusal:
+def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool) -> RequestHead | Refusal:
     """The one normalised view of this request (``proxy.policy.request``), or its refusal."""
-    if trusted is None:
-        trusted = _is_trusted(runtime, request.remote or "")
     message = Message(request.method, request.raw_path, request.version, request.headers)
-    return normalise_request(message, secure=request.secure, trusted=trusted,
-                             listener=runtime.settings.client_listener)
+    return front.head(message, request.secure, trusted)
 
 
 def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList], None] | None:
@@ -76,7 +64,7 @@ def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList],
         if transport is None or transport.is_closing():
             return
         try:
-            head = _serialize_headers(f"HTTP/1.1 {status} {reason}", CIMultiDict(fields))
+            head = serialise(HttpVersion11, status, reason, CIMultiDict(fields))
         except (ValueError, TypeError):  # a field aiohttp refuses to write: send none of it
             return
         transport.write(head)
@@ -110,26 +98,28 @@ class _ClientErrorFilter(logging.Filter):
 _CLIENT_ERROR_FILTER = _ClientErrorFilter()
 
 
-def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseRequest], object]:
+def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
+    """The general path's handler, for the runtime of ``front``."""
     server_log = logging.getLogger("aiohttp.server")
     if _CLIENT_ERROR_FILTER not in server_log.filters:
         server_log.addFilter(_CLIENT_ERROR_FILTER)
+    runtime = front.runtime
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        runtime = runtime_ref()
+        fe = front.current()
         remote = request.remote or ""
-        trusted = _is_trusted(runtime, remote)
-        info = RequestInfo(runtime.request_ids.take(request.headers, trusted))
+        trusted = fe.trusted(remote)
+        info = RequestInfo(fe.request_id(request.headers, trusted))
         token = REQUEST.set(info)  # error log lines about this request carry its id
         try:
-            resp, sent = await _respond(request, runtime, info, remote, trusted)
+            resp, sent = await _respond(request, runtime, fe, info, remote, trusted)
         finally:
             REQUEST.reset(token)
         done = time.perf_counter()
         if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
             runtime.metrics.answered(info.url, info.x_cache, done - started)
-        access = runtime.access_log
+        access = front.current().access_log  # a reload meanwhile may have opened another
         if access is not None:
             access.add((done, done - started, info.request_id, remote, request.method,
                         info.host or request.host, info.target or request.raw_path, request.version,
@@ -141,88 +131,76 @@ def make_handler(runtime_ref: Callable[[], Runtime]) -> Callable[[web.BaseReques
     return handle
 
 
-async def _respond(request: web.BaseRequest, runtime: Runtime, info: RequestInfo, remote: str,
+async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, info: RequestInfo, remote: str,
                    trusted: bool) -> tuple[web.StreamResponse, int]:
-    """The response to a client request and the body bytes sent (those of a ``web.Response``
-    are written by aiohttp after the handler returns)."""
-    metrics = runtime.metrics
+    """The response to a client request and the body bytes sent (a body at hand goes out with
+    the head when aiohttp ends the response, after the handler returns: ``heads.ReplyResponse``)."""
     try:
         if request.method == "CONNECT":
             info.x_cache = "BYPASS"
-            return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", runtime, info), 0
-        head = client_head(request, runtime, trusted)
+            return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", fe, info, request), 0
+        head = client_head(request, fe, trusted)
         match head:
             case RequestHead():
                 pass
             case Refusal():
-                metrics.requests.labels("ERROR", request.method).inc()
+                fe.requests("ERROR", request.method).inc()
                 log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
                          request.remote, head.status, head.reason)
-                refused = _plain(head.status, head.reason, "MISS", runtime, info)
+                refused = _plain(head.status, head.reason, "MISS", fe, info, request)
                 refused.force_close()  # the body's framing may be what was wrong
                 return refused, 0
             case _:
                 assert_never(head)
         info.host, info.target, info.url = head.host, head.target, head.url
         if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
-            resp = await purge_method(request, runtime, head)
-            _own_fields(resp.headers, runtime, info)
+            purged = from_response(await purge_method(request, runtime, head), request.method)
+            fe.own_fields(purged.headers, None, info.request_id)
             info.x_cache = "PURGE"
-            return resp, len(resp.body) if isinstance(resp.body, bytes) else 0
-        if len(runtime.hosts_seen) < MAX_HOSTS_SEEN:
-            runtime.hosts_seen.add(head.host)
+            return purged, len(purged.body or b"")
+        fe.saw_host(head.host)
         body = _body_stream(request) if request.body_exists else None
         reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
                                                           request_id=info.request_id))
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
-        metrics.requests.labels("ERROR", request.method).inc()
-        return _plain(exc.status_hint, exc.public_text(), "MISS", runtime, info), 0
+        fe.requests("ERROR", request.method).inc()
+        return _plain(exc.status_hint, exc.public_text(), "MISS", fe, info, request), 0
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error for %s %s", request.method, request.raw_path)
-        metrics.requests.labels("ERROR", request.method).inc()
-        return _plain(500, "internal error", "MISS", runtime, info), 0
-    metrics.requests.labels(reply.x_cache, request.method).inc()
+        fe.requests("ERROR", request.method).inc()
+        return _plain(500, "internal error", "MISS", fe, info, request), 0
+    fe.requests(reply.x_cache, request.method).inc()
     info.x_cache = reply.x_cache
-    return await write_reply(request, reply, runtime, info)
+    return await write_reply(request, reply, fe, info)
 
 
-def _own_fields(headers: CIMultiDict[str], runtime: Runtime, info: RequestInfo) -> None:
-    """What the web layer adds to every response: the request's id, and the operator's name
-    for this proxy unless a rule set one (the origin's was dropped; aiohttp's default would
-    name Python's and aiohttp's versions)."""
-    headers["X-Request-Id"] = info.request_id
-    headers.setdefault("Server", runtime.settings.server_header)
-
-
-def _plain(status: int, text: str, x_cache: str, runtime: Runtime, info: RequestInfo) -> web.Response:
+def _plain(status: int, text: str, x_cache: str, fe: FrontEnd, info: RequestInfo,
+           request: web.BaseRequest) -> ReplyResponse:
     cs = cache_status(detail="PROXY-ERROR")
     headers = CIMultiDict({"Cache-Status": cs, "X-Cache-Status": x_cache})
-    _own_fields(headers, runtime, info)
+    fe.own_fields(headers, None, info.request_id)
+    headers["Content-Type"] = "text/plain; charset=utf-8"
     info.cache_status = cs
-    return web.Response(status=status, text=text + "\n", headers=headers)
+    return plain_reply(status, None, headers, (text + "\n").encode(), request.method)
 
 
-async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime, info: RequestInfo
+async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info: RequestInfo
                       ) -> tuple[web.StreamResponse, int]:
     """Write ``reply``; the response and the body bytes sent."""
     headers = CIMultiDict(reply.headers)
-    if runtime.debug_headers:
-        headers["X-Cachegate-Tier"] = reply.tier
-        if runtime.worker_id is not None:
-            headers["X-Cachegate-Worker"] = str(runtime.worker_id)
-    _own_fields(headers, runtime, info)
+    fe.own_fields(headers, reply.tier, info.request_id)
     info.cache_status = headers.get("Cache-Status")
     body = reply.body
+    counted = fe.sent(reply.tier)
     if isinstance(body, bytes) and not reply.head_only:
-        runtime.metrics.response_bytes.labels(reply.tier).inc(len(body))
-        return web.Response(status=reply.status, reason=reply.reason, body=body, headers=headers), len(body)
-    resp = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
-    if reply.length is not None and reply.status not in (204, 304) and reply.status >= 200:
-        resp.content_length = reply.length
+        counted.inc(len(body))
+        return plain_reply(reply.status, reply.reason, headers, body, request.method), len(body)
+    length = reply.length if reply.status not in (204, 304) and reply.status >= 200 else None
+    resp = ReplyResponse(reply.status, reply.reason, headers, length)
     sent = 0
     try:
         await resp.prepare(request)
@@ -252,7 +230,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, runtime: Runtime, 
         _abort(request)
     finally:
         await _close_body(body)
-        runtime.metrics.response_bytes.labels(reply.tier).inc(sent)
+        counted.inc(sent)
     return resp, sent
 
 

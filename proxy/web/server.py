@@ -37,6 +37,8 @@ from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
 from proxy.web.console import register_console_calls
 from proxy.web.fastpath import FastPath, ProxyServer
+from proxy.web.fastpath import probe as probe_fast_path
+from proxy.web.frontend import Front
 from proxy.web.proxy_handler import make_handler
 
 log = logging.getLogger("cachegate.server")
@@ -76,16 +78,17 @@ def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
     return out
 
 
-async def start_proxy_listeners(runtime_ref: Callable[[], Runtime], settings: Settings, listeners: Listeners,
+async def start_proxy_listeners(runtime: Runtime, settings: Settings, listeners: Listeners,
                                 *, reuse_port: bool = False) -> None:
     """Every client listener of ``settings`` (its runners added to ``listeners`` as they start,
-    so a later one that cannot bind leaves nothing behind once they stop); a TLS listener's
-    certificate is read again at each reload (``proxy.tls``)."""
-    runtime = runtime_ref()
+    so a later one that cannot bind leaves nothing behind once they stop), all with one front
+    end (``proxy.web.frontend``); a TLS listener's certificate is read again at each reload
+    (``proxy.tls``)."""
+    front = Front(runtime)
     for index, listener in enumerate(settings.listeners):
         tls = ServerTLS(listener.tls.cert, listener.tls.key) if listener.tls is not None else None
-        runner = await start_proxy_listener(runtime_ref, settings, reuse_port=reuse_port, listener=listener,
-                                            tls=tls)
+        runner = await start_proxy_listener(runtime, settings, reuse_port=reuse_port, listener=listener,
+                                            tls=tls, front=front)
         listeners.runners.append(runner)
         bound = _bound(runner)
         listeners.proxy_addresses.extend(bound)
@@ -103,19 +106,20 @@ def _tls_reload(tls: ServerTLS, index: int) -> Callable[[Settings], None]:
     return reload
 
 
-async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Settings, *,
+async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
                                reuse_port: bool = False, fast: bool = True, listener: Listener | None = None,
-                               tls: ServerTLS | None = None) -> web.ServerRunner:
+                               tls: ServerTLS | None = None, front: Front | None = None) -> web.ServerRunner:
     """One client listener (the first of ``settings`` unless ``listener`` says which); ``fast``
     False answers hits on aiohttp's general path only (tests compare both)."""
     listener = listener or settings.listeners[0]
     if listener.tls is not None and tls is None:
         tls = ServerTLS(listener.tls.cert, listener.tls.key)
+    front = front or Front(runtime)
     server = ProxyServer(
-        make_handler(runtime_ref),
+        make_handler(front),
         # Fresh memory hits below web.Response (proxy.web.fastpath); tests compare without.
-        runtime_ref=runtime_ref,
-        fast=FastPath(runtime_ref) if fast else None,
+        front=front,
+        fast=FastPath(front) if fast else None,
         max_line_size=8190,
         max_field_size=8190,
         max_headers=128,
@@ -135,12 +139,12 @@ async def start_proxy_listener(runtime_ref: Callable[[], Runtime], settings: Set
     return runner
 
 
-async def start_admin_listener(runtime_ref: Callable[[], Runtime], settings: Settings,
+async def start_admin_listener(runtime: Runtime, settings: Settings,
                                purge: Callable[[PurgeSpec], Awaitable[PurgeOutcome]] | None = None,
                                inspector: Inspector | None = None) -> web.AppRunner | None:
     if settings.admin.listen is None:
         return None
-    app = create_admin_app(runtime_ref, purge, inspector)
+    app = create_admin_app(runtime, purge, inspector)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
@@ -157,13 +161,19 @@ def announce(listeners: Listeners) -> None:
 
 
 def say_started(settings: Settings, proxy_urls: list[str], admin_urls: list[str], workers: int) -> None:
-    """The one start-up line: version, listeners, workers, cache budgets, config file."""
+    """The one start-up line: version, listeners, workers, cache budgets, config file, and a
+    warning when this aiohttp lacks what the fast hit path needs (every process of the
+    machine runs the same aiohttp: the supervisor's probe speaks for its workers)."""
     c = settings.cache
     memory = f"memory {_size(c.memory)} shared by the workers" if workers > 1 else f"memory {_size(c.memory)}"
     disk = f"disk {_size(c.disk.size)} at {c.disk.path}" if c.disk is not None else "no disk tier"
+    fast = probe_fast_path()
+    warnings = [] if fast.enabled else [f"the fast hit path is off ({fast.detail}): every hit takes the "
+                                        "general path, at its cost"]
     say(f"cachegate {__version__} started: proxy {', '.join(proxy_urls)}; "
         f"admin {', '.join(admin_urls) or 'off'}; {workers} worker{'s' if workers > 1 else ''}; "
-        f"cache {memory}, {disk}; config {settings.source}",
+        f"cache {memory}, {disk}; config {settings.source}" + "".join(f"; warning: {w}" for w in warnings),
+        level="warning" if warnings else "info", warnings=warnings,
         event="started", version=__version__, listen=proxy_urls, admin=admin_urls, workers=workers,
         memory_bytes=c.memory, disk_bytes=c.disk.size if c.disk else None,
         disk_path=c.disk.path if c.disk else None, config=settings.source)
@@ -317,7 +327,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         attach_shared(runtime)  # cluster mode's shared tier (the supervisor runs the bus)
     try:
         if worker is None:
-            admin_runner = await start_admin_listener(lambda: runtime, settings)
+            admin_runner = await start_admin_listener(runtime, settings)
             if admin_runner is not None:
                 listeners.runners.append(admin_runner)
                 listeners.admin_addresses = _bound(admin_runner)
@@ -326,7 +336,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
                 # (GET /healthz on the admin listener says why it is not ready meanwhile).
                 await join_cluster(runtime, runtime.purge_here)
                 runtime.purge_fn = runtime.cluster.purge
-        await start_proxy_listeners(lambda: runtime, settings, listeners, reuse_port=worker is not None)
+        await start_proxy_listeners(runtime, settings, listeners, reuse_port=worker is not None)
     except (OSError, ClusterUnavailable) as exc:
         what = "cannot listen: " if isinstance(exc, OSError) else ""
         print(f"cachegate: {what}{exc}", file=sys.stderr, flush=True)

@@ -78,6 +78,7 @@ def hit(fleet: Fleet) -> None:
     from proxy.policy.messages import RequestHead
     from proxy.policy.reuse import decide_lookup
     from proxy.runtime import Runtime
+    from proxy.web.frontend import Front
     from proxy.web.proxy_handler import client_head
 
     origin = fleet.start_app("origin", "origin", 1)
@@ -94,7 +95,8 @@ def hit(fleet: Fleet) -> None:
     try:
         raw = (b"GET /obj/1k HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n")
         mocked = make_mocked_request("GET", "/obj/1k", headers={"Host": "127.0.0.1:8080"})
-        head = client_head(mocked, runtime)
+        front = Front(runtime).current()
+        head = client_head(mocked, front, False)
         assert isinstance(head, RequestHead)
         req = ClientRequest(head, "127.0.0.1", None)
 
@@ -115,7 +117,7 @@ def hit(fleet: Fleet) -> None:
         row("Engine.handle (whole engine, memory hit)", total)
         fast_path(loop, runtime, raw)
         row("client_head(aiohttp request) in the web layer", per_call_us(
-            lambda: client_head(mocked, runtime)))
+            lambda: client_head(mocked, front, False)))
         plan = engine.rules.plan(head)
         row("RuleSet.plan (the default rules; no rule matches /obj/1k)",
             per_call_us(lambda: engine.rules.plan(head)))
@@ -165,6 +167,7 @@ def fast_path(loop: asyncio.AbstractEventLoop, runtime: Any, raw: bytes) -> None
 
     from proxy.policy.request import normalise_request
     from proxy.web.fastpath import FastPath
+    from proxy.web.frontend import Front
 
     parser = HttpRequestParser(object(), loop, 2**16, max_line_size=8190, max_field_size=8190,
                                max_headers=128, max_msg_queue_size=32)
@@ -175,8 +178,8 @@ def fast_path(loop: asyncio.AbstractEventLoop, runtime: Any, raw: bytes) -> None
         return messages[0][0]
 
     msg = parse()
-    fast = FastPath(lambda: runtime)
-    if fast.answer(msg, "127.0.0.1", False) is None:
+    fast = FastPath(Front(runtime))
+    if fast.answer(msg, "127.0.0.1", False, 0.0) is None:
         print("  fast path: this hit is not answered on the fast path")
         return
     listener = runtime.settings.client_listener
@@ -184,7 +187,7 @@ def fast_path(loop: asyncio.AbstractEventLoop, runtime: Any, raw: bytes) -> None
     print("fast path (a hit answered from aiohttp's data_received, below web.Response):")
     row("aiohttp's C parser: feed_data of the request", per_call_us(parse))
     row("FastPath.answer (all of it, up to the bytes to write)",
-        per_call_us(lambda: fast.answer(msg, "127.0.0.1", False)))
+        per_call_us(lambda: fast.answer(msg, "127.0.0.1", False, 0.0)))
     row("  normalise_request (the one view of the request)", per_call_us(
         lambda: normalise_request(msg, secure=False, trusted=False, listener=listener)))
     row("  Engine.fresh_hit (rules, key, memory, plain_fresh_hit)",

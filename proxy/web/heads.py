@@ -1,0 +1,152 @@
+"""One writer for every reply head cachegate writes to a client: the status line, the fields
+and the message framing (Content-Length or chunked, Connection, Date, a default
+Content-Type), for both request paths.
+
+- the general path (``proxy.web.proxy_handler``) answers with ``ReplyResponse``: aiohttp's
+  ``StreamResponse`` whose head ``frame`` decides (aiohttp still moves the bytes: its writer
+  buffers the head, chunks the body, ends the message);
+- the fast hit path (``proxy.web.fastpath``) pre-builds one head per stored variant with
+  ``frame`` and ``serialise`` and keeps the bytes (``Head``), with holes for what changes
+  per request (Age, the ttl of Cache-Status, X-Request-Id, Date).
+
+So the framing exists once and both paths write the same bytes for the same reply
+(tests/test_fastpath.py compares them field by field). The rules are those aiohttp 3.14
+applied to cachegate's replies before this writer took them over (``StreamResponse.
+_prepare_headers`` and ``Response._start`` in web_response.py), which clients have seen:
+RFC 9112 §6.1-6.3 (no Content-Length for 1xx/204/304, none and no Transfer-Encoding for a
+body that must be empty), §9.3 (HTTP/1.0 keep-alive is said, HTTP/1.1 close is said), and
+RFC 9110 §8.3 (a body without a type is ``application/octet-stream``). The Server name and
+X-Request-Id are the front end's (``proxy.web.frontend.FrontEnd.own_fields``); no reply
+field may describe the framing (``proxy.rules.compile.FRAMING_FIELDS``; the engine drops the
+origin's), so this writer owns those fields alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_writer import _serialize_headers
+from multidict import CIMultiDict
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How a reply's body is delimited, as ``frame`` decided it."""
+
+    chunked: bool  # the body goes in chunks (HTTP/1.1, its length unknown)
+    keep_alive: bool  # the connection stays open after this reply
+
+
+def frame(fields: CIMultiDict[str], status: int, method: str, version: tuple[int, int], length: int | None,
+          keep_alive: bool, date: str) -> Framing:
+    """Add the framing fields of a reply to ``fields`` (in place): ``length`` is the body's
+    length (None: unknown, sent chunked to HTTP/1.1, to the connection's end to HTTP/1.0),
+    ``keep_alive`` whether the connection may stay open, ``date`` the Date when the reply has
+    none."""
+    empty = must_be_empty_body(method, status)
+    if length is not None and not should_remove_content_length(method, status):
+        fields[hdrs.CONTENT_LENGTH] = str(length)
+    chunked = False
+    if length is None and not empty:
+        if version >= HttpVersion11:
+            chunked = True
+            fields[hdrs.TRANSFER_ENCODING] = "chunked"
+        else:
+            keep_alive = False
+    if not empty and length != 0:
+        fields.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
+    if hdrs.DATE not in fields:
+        fields[hdrs.DATE] = date
+    if hdrs.CONNECTION not in fields:
+        if keep_alive:
+            if version == HttpVersion10:
+                fields[hdrs.CONNECTION] = "keep-alive"
+        elif version == HttpVersion11:
+            fields[hdrs.CONNECTION] = "close"
+    return Framing(chunked, keep_alive)
+
+
+def status_line(version: tuple[int, int], status: int, reason: str) -> str:
+    return f"HTTP/{version[0]}.{version[1]} {status} {reason}"
+
+
+def serialise(version: tuple[int, int], status: int, reason: str, fields: CIMultiDict[str]) -> bytes:
+    """The head's bytes (aiohttp's serialiser, in C: it refuses CR, LF and NUL in any field
+    with ValueError)."""
+    return _serialize_headers(status_line(version, status, reason), fields)
+
+
+class ReplyResponse(web.StreamResponse):
+    """aiohttp's ``StreamResponse`` with its head from ``frame`` (the general path's every
+    reply). ``length`` is the body's (None: unknown); a ``body`` given here is sent with the
+    head in one write when aiohttp ends the response (``write_eof``), as ``web.Response``
+    sends it; without one the head goes out at ``prepare`` and the caller writes the body."""
+
+    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str], length: int | None,
+                 body: bytes | None = None) -> None:
+        super().__init__(status=status, reason=reason, headers=headers)
+        self._reply_length = length
+        self._reply_body = body
+        if body is not None:
+            self._send_headers_immediately = False
+
+    @property
+    def body(self) -> bytes | None:
+        return self._reply_body
+
+    async def _prepare_headers(self) -> None:
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = request.keep_alive
+        framing = frame(self._headers, self.status, request.method, request.version, self._reply_length,
+                        keep_alive, rfc822_formatted_time())
+        self._keep_alive = framing.keep_alive
+        if framing.chunked:
+            writer.enable_chunking()
+        else:
+            writer.length = self._reply_length
+
+    async def _write_headers(self) -> None:
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None
+        # aiohttp's writer serialises with ``_serialize_headers`` too (``serialise``), and buffers.
+        await writer.write_headers(status_line(request.version, self.status, self.reason), self._headers)
+        if self._send_headers_immediately:
+            writer.send_headers()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        body = self._reply_body
+        if body and not data and not self._eof_sent and not self._must_be_empty_body:
+            data = body
+        await super().write_eof(data)
+
+
+def reply_length(method: str, status: int, body: bytes) -> int | None:
+    """The Content-Length of a reply whose whole body is ``body`` (None for an empty body that
+    a HEAD or a 304 leaves unsaid, as ``web.Response`` did)."""
+    if not body and (status == 304 or method == hdrs.METH_HEAD):
+        return None
+    return len(body)
+
+
+def plain_reply(status: int, reason: str | None, headers: CIMultiDict[str], body: bytes,
+                method: str) -> ReplyResponse:
+    """A reply with its whole body at hand."""
+    return ReplyResponse(status, reason, headers, reply_length(method, status, body), body)
+
+
+def from_response(resp: web.StreamResponse, method: str) -> ReplyResponse:
+    """The same reply, written by this writer (a ``web.Response`` that aiohttp or the admin
+    module built, its whole body at hand)."""
+    body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""
+    return plain_reply(resp.status, resp.reason, CIMultiDict(resp.headers), body, method)
+
+
+__all__ = ["Framing", "ReplyResponse", "frame", "from_response", "plain_reply", "serialise", "status_line"]

@@ -1,0 +1,156 @@
+"""The one reply-head writer (proxy.web.heads) frames replies as aiohttp's own responses did
+before it took them over (``web.Response`` for a body at hand, ``StreamResponse`` with a
+length or streamed), byte for byte apart from Date: tests/test_fastpath.py compares the fast
+path with the general path, which now share this writer, so this table is what guards the
+framing itself (Content-Length, chunked, Connection, the default Content-Type).
+
+Both kinds of reply are served by one aiohttp server on loopback and read as raw bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.web.heads import ReplyResponse, frame, plain_reply, serialise
+from tests.harness import Origin, Proxy
+
+# (status, body, how): "whole" a body at hand, "length" streamed with its length said,
+# "stream" streamed with no length.
+REPLIES = [
+    (200, b"hello", "whole"), (200, b"", "whole"), (404, b"nope", "whole"), (204, b"", "whole"),
+    (304, b"", "whole"), (200, b"hello", "length"), (200, b"", "length"), (200, b"hello", "stream"),
+    (204, b"", "stream"), (304, b"", "stream"), (500, b"x", "stream"),
+]
+REQUESTS = [  # (method, version, Connection field of the request)
+    ("GET", "1.1", None), ("GET", "1.1", "close"), ("HEAD", "1.1", None), ("GET", "1.0", None),
+    ("GET", "1.0", "keep-alive"), ("HEAD", "1.0", "keep-alive"),
+]
+
+
+def fields() -> CIMultiDict[str]:
+    return CIMultiDict([("X-Cache-Status", "HIT"), ("Server", "cachegate")])
+
+
+async def handler(request: web.BaseRequest) -> web.StreamResponse:
+    status, body, how, ours = (request.query["status"], request.query["body"].encode(), request.query["how"],
+                               request.query["ours"] == "1")
+    code = int(status)
+    if how == "whole":
+        if ours:
+            return plain_reply(code, None, fields(), body, request.method)
+        return web.Response(status=code, body=body, headers=fields())
+    length = len(body) if how == "length" and code not in (204, 304) else None
+    resp: web.StreamResponse
+    if ours:
+        resp = ReplyResponse(code, None, fields(), length)
+    else:
+        resp = web.StreamResponse(status=code, headers=fields())
+        if length is not None:
+            resp.content_length = length
+    await resp.prepare(request)
+    if body and request.method != "HEAD" and code not in (204, 304):
+        await resp.write(body)
+    await resp.write_eof()
+    return resp
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[int]:
+    srv = web.Server(handler)
+    runner = web.ServerRunner(srv)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield port
+    await runner.cleanup()
+
+
+async def raw_exchange(port: int, request: bytes, wait: float = 0.15) -> tuple[bytes, bool]:
+    """The bytes of one reply (up to the server's close or a pause of ``wait`` seconds), and
+    whether the server closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        data = b""
+        closed = False
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), wait)
+            except TimeoutError:
+                break
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+        return data, closed
+    finally:
+        writer.close()
+
+
+def masked(data: bytes) -> bytes:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    lines = [b"Date: *" if line.lower().startswith(b"date:") else line for line in head.split(b"\r\n")]
+    return b"\r\n".join(lines) + sep + body
+
+
+@pytest.mark.parametrize(("status", "body", "how"), REPLIES)
+async def test_replies_are_framed_as_aiohttp_framed_them(server: int, status: int, body: bytes,
+                                                         how: str) -> None:
+    for method, version, connection in REQUESTS:
+        target = f"/?status={status}&body={body.decode()}&how={how}"
+        lines = [f"{method} {target}&ours=%s HTTP/{version}", "Host: t"]
+        if connection:
+            lines.append(f"Connection: {connection}")
+        template = "\r\n".join(lines) + "\r\n\r\n"
+        ours, ours_closed = await raw_exchange(server, (template % "1").encode())
+        theirs, theirs_closed = await raw_exchange(server, (template % "0").encode())
+        assert ours, (method, version, connection)
+        assert masked(ours) == masked(theirs), (method, version, connection)
+        if version == "1.0" and how == "stream" and method == "GET" and status not in (204, 304):
+            # A body of unknown length to HTTP/1.0 ends with the connection: aiohttp said so
+            # (no keep-alive field) but kept the connection open, and the client waited for
+            # its idle timeout (test_an_http_1_0_client_of_a_streamed_reply_is_not_left_hanging).
+            assert ours_closed, (method, version, connection)
+        else:
+            assert ours_closed == theirs_closed, (method, version, connection)
+
+
+async def test_an_http_1_0_client_of_a_streamed_reply_is_not_left_hanging(origin: Origin,
+                                                                           proxy: Proxy) -> None:
+    """An origin's reply without a length (chunked), to an HTTP/1.0 client that asked for
+    keep-alive: the body can only end with the connection, so the proxy closes it."""
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Cache-Control": "no-store"})
+        await resp.prepare(request)
+        await resp.write(b"streamed")
+        await resp.write_eof()
+        return resp
+
+    origin.route("/chunked", chunked)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    data, closed = await raw_exchange(port, b"GET /chunked HTTP/1.0\r\nHost: example.test\r\n"
+                                      b"Connection: keep-alive\r\n\r\n", wait=2.0)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and body == b"streamed"
+    assert b"content-length" not in head.lower() and b"keep-alive" not in head.lower()
+    assert closed
+
+
+def test_frame_says_what_delimits_the_body() -> None:
+    h: CIMultiDict[str] = CIMultiDict()
+    framing = frame(h, 200, "GET", (1, 1), None, True, "D")
+    assert framing.chunked and framing.keep_alive and h["Transfer-Encoding"] == "chunked"
+    h = CIMultiDict()
+    framing = frame(h, 200, "GET", (1, 0), None, True, "D")
+    assert not framing.chunked and not framing.keep_alive  # HTTP/1.0: the close ends the body
+    h = CIMultiDict()
+    framing = frame(h, 304, "GET", (1, 1), 10, True, "D")
+    assert "Content-Length" not in h and "Content-Type" not in h and framing.keep_alive
+    assert serialise((1, 1), 200, "OK", CIMultiDict([("A", "b")])) == b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
