@@ -39,10 +39,12 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_herd import SO_TIMESTAMPNS, Answer, _parse, free_port, pct, stop, write_port
+from bench_herd import free_port, origin_count, pct, stop, write_port
+from bench_herd import herd as herd_over
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "cluster.test"
+AGENT = "bench-cluster"
 
 
 # -- the origin (a separate process) ------------------------------------------------------
@@ -191,76 +193,16 @@ def bench_purge(nodes: list[Node], entries: int, rounds: int) -> dict[str, objec
 
 # -- 2. herd ------------------------------------------------------------------------------
 
-def herd_spread(ports: list[int], path: str, n: int, timeout: float = 30.0) -> list[Answer]:
-    """``bench_herd.herd`` over several nodes: client i connects to ``ports[i % len]``."""
-    import selectors
-    import socket
-    import struct
-
-    socks = []
-    for i in range(n):
-        s = socket.create_connection(("127.0.0.1", ports[i % len(ports)]))
-        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        socks.append(s)
-    time.sleep(0.3)
-    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: bench-cluster\r\n\r\n".encode()
-    sel = selectors.DefaultSelector()
-    sent: dict[socket.socket, float] = {}
-    for s in socks:
-        sent[s] = time.time()
-        s.sendall(request)
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ)
-    data: dict[socket.socket, bytes] = dict.fromkeys(socks, b"")
-    stamp: dict[socket.socket, float] = {}
-    out: dict[socket.socket, Answer] = {}
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        for key, _ in sel.select(timeout=1.0):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
-            try:
-                chunk, anc, _, _ = s.recvmsg(1 << 20, 256)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                chunk, anc = b"", []
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    sec, nsec = struct.unpack("qq", raw[:16])
-                    stamp[s] = sec + nsec / 1e9
-            data[s] += chunk
-            parsed = _parse(data[s])
-            if parsed is None and chunk:
-                continue
-            sel.unregister(s)
-            if parsed is None:
-                out[s] = Answer(0, float("nan"), b"")
-                continue
-            status, fields, body = parsed
-            out[s] = Answer(status, stamp.get(s, time.time()) - sent[s], body,
-                            fields.get("x-cache-status", ""))
-    sel.close()
-    for s in socks:
-        s.close()
-    return [out.get(s, Answer(0, float("nan"), b"")) for s in socks]
-
-
-def origin_count(origin_port: int, path: str) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{origin_port}/_count?path={path}", timeout=10) as r:
-        return int(json.loads(r.read())["count"])
-
-
 def bench_herd(nodes: list[Node], origin_port: int, clients: int, rounds: int, tag: str = "cluster"
                ) -> dict[str, object]:
     single, p50s, p99s, requests, oks = [], [], [], [], []
     ports = [n.port for n in nodes]
     for r in range(rounds):
         for i in range(3):
-            single.append(herd_spread([origin_port], f"/herd/single/{r}/{i}", 1)[0].latency)
+            alone = herd_over(origin_port, f"/herd/single/{r}/{i}", 1, agent=AGENT, host=HOST)
+            single.append(alone[0].latency)
         path = f"/herd/{tag}/{r}"
-        answers = herd_spread(ports, path, clients)
+        answers = herd_over(ports, path, clients, agent=AGENT, host=HOST)
         time.sleep(0.2)
         requests.append(origin_count(origin_port, path))
         lat = [a.latency for a in answers]

@@ -153,21 +153,23 @@ def _parse(data: bytes) -> tuple[int, dict[str, str], bytes] | None:
     return None  # read to EOF
 
 
-def herd(port: int, path: str, n: int, timeout: float = 30.0) -> list[Answer]:
-    """Open ``n`` fresh connections, then write the same request on all of them at once.
+def herd(port: int | list[int], path: str, n: int, timeout: float = 30.0, agent: str = "bench-herd",
+         host: str = HOST) -> list[Answer]:
+    """Open ``n`` fresh connections (over several ports: client i to ``port[i % len]``), then
+    write the same request on all of them at once.
 
     A client's latency runs from just before its request is written to the kernel's
     receive timestamp of the last segment of its response (SO_TIMESTAMPNS), so the
     client's own scheduling on a busy machine does not count."""
+    ports = port if isinstance(port, list) else [port]
     socks = []
-    for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port))
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", ports[i % len(ports)]))
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socks.append(s)
-    time.sleep(0.2)  # let the server accept every connection before the clock starts
-    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n"
-               "User-Agent: bench-herd\r\n\r\n").encode()
+    time.sleep(0.3)  # let the servers accept every connection before the clock starts
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {agent}\r\n\r\n".encode()
     sel = selectors.DefaultSelector()
     sent: dict[socket.socket, float] = {}
     for s in socks:

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import Clock, Origin, Proxy, start_proxy
+from tests.storage.procs import kill_leftovers
 
 MakeProxy = Callable[..., Awaitable[Proxy]]
 
@@ -52,3 +53,11 @@ async def clocked(make_proxy: MakeProxy, clock: Clock, config: str = "", rules: 
     proxy = await make_proxy(config=config, rules=rules)
     proxy.runtime.engine.clock = clock
     return proxy
+
+
+@pytest.fixture(autouse=True)
+def _no_cachegate_left_running() -> Iterator[None]:
+    """A test that fails before it stops its ``cachegate run`` does not leave it (and its
+    workers) running for the rest of the session."""
+    yield
+    kill_leftovers()

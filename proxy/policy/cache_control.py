@@ -48,7 +48,7 @@ from types import MappingProxyType
 from http_sfv.dictionary import Dictionary
 from http_sfv.item import InnerList, Item
 
-from proxy.policy.fields import DELTA_SECONDS_MAX, delta_seconds, split_list, unquote
+from proxy.policy.fields import DELTA_SECONDS_MAX, delta_seconds, split_list, split_outside_quotes, unquote
 
 SURROGATE_DEVICE = "cachegate"  # our device token in Surrogate-Capability / Surrogate-Control
 SURROGATE_CAPABILITY = f'{SURROGATE_DEVICE}="Surrogate/1.0"'
@@ -202,20 +202,6 @@ def _parse_sf_dictionary(values: Sequence[str]) -> CacheControl | None:
     return CacheControl(MappingProxyType(directives)) if directives else EMPTY_CACHE_CONTROL
 
 
-def _partition_outside_quotes(text: str, sep: str) -> tuple[str, str, str]:
-    in_quotes = escaped = False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif in_quotes and ch == "\\":
-            escaped = True
-        elif ch == '"':
-            in_quotes = not in_quotes
-        elif ch == sep and not in_quotes:
-            return text[:i], sep, text[i + 1:]
-    return text, "", ""
-
-
 def parse_surrogate_control(values: Sequence[str], device: str = SURROGATE_DEVICE) -> CacheControl | None:
     """The Surrogate-Control directives that apply to ``device``; None when none do.
 
@@ -227,10 +213,10 @@ def parse_surrogate_control(values: Sequence[str], device: str = SURROGATE_DEVIC
     general: dict[str, str | None] = {}
     targeted: dict[str, str | None] = {}
     for part in split_list(values):
-        directive, semi, target = _partition_outside_quotes(part, ";")
-        if semi and target.strip().lower() != device:
+        directive, *target = split_outside_quotes(part, ";", 1)
+        if target and target[0].strip().lower() != device:
             continue
-        bucket = targeted if semi else general
+        bucket = targeted if target else general
         for name, arg in parse_cache_control([directive]).directives.items():
             bucket.setdefault(name, arg)
     merged = {**general, **targeted}

@@ -41,29 +41,7 @@ DELTA_SECONDS_MAX = 2**31
 
 def split_list(values: Iterable[str]) -> list[str]:
     """The members of a list-based field, over all its field lines (RFC 9110 §5.6.1)."""
-    members: list[str] = []
-    for value in values:
-        if '"' not in value:
-            members.extend(m for part in value.split(",") if (m := part.strip(" \t")))
-            continue
-        buf: list[str] = []
-        in_quotes = escaped = False
-        for ch in value:
-            if escaped:
-                escaped = False
-            elif in_quotes and ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_quotes = not in_quotes
-            elif ch == "," and not in_quotes:
-                if m := "".join(buf).strip(" \t"):
-                    members.append(m)
-                buf = []
-                continue
-            buf.append(ch)
-        if m := "".join(buf).strip(" \t"):
-            members.append(m)
-    return members
+    return [m for value in values for part in split_outside_quotes(value, ",") if (m := part.strip(" \t"))]
 
 
 def first_member(values: Sequence[str]) -> str | None:
@@ -112,32 +90,32 @@ def unquote(text: str) -> str:
     return "".join(out)
 
 
-def _split_outside_quotes(text: str, sep: str) -> list[str]:
+def split_outside_quotes(text: str, sep: str, maxsplit: int = -1) -> list[str]:
+    """``text.split(sep, maxsplit)``, but a ``sep`` inside a quoted-string (RFC 9110 §5.6.4,
+    backslash escapes included) does not split: the one quote-aware scanner of the policy."""
     if '"' not in text:
-        return text.split(sep)
+        return text.split(sep, maxsplit)
     parts: list[str] = []
-    buf: list[str] = []
+    start = 0
     in_quotes = escaped = False
-    for ch in text:
+    for i, ch in enumerate(text):
         if escaped:
             escaped = False
         elif in_quotes and ch == "\\":
             escaped = True
         elif ch == '"':
             in_quotes = not in_quotes
-        elif ch == sep and not in_quotes:
-            parts.append("".join(buf))
-            buf = []
-            continue
-        buf.append(ch)
-    parts.append("".join(buf))
+        elif ch == sep and not in_quotes and maxsplit != len(parts):
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
     return parts
 
 
 def parameters(member: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     """A list member's value and its parameters (RFC 9110 §5.6.6): names lower-cased,
     values unquoted; whitespace around ``;`` and ``=`` removed; empty parameters dropped."""
-    first, *rest = _split_outside_quotes(member, ";")
+    first, *rest = split_outside_quotes(member, ";")
     params: list[tuple[str, str]] = []
     for param in rest:
         name, _, value = param.partition("=")

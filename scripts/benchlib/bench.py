@@ -771,8 +771,10 @@ def run(opts: Options) -> int:
         if opts.profile:
             results["profiles"] = profile(fleet, loads, opts)
             if any(w.name == "zipf" for w in loads):
-                results["profiles"]["zipf"] = profile_zipf(  # type: ignore[index]
-                    fleet, origin, next(w for w in loads if w.name == "zipf"), opts, keys_file)
+                zipf = next(w for w in loads if w.name == "zipf")
+                for name in ["cachegate"] + (["cachegate-before"] if BEFORE else []):
+                    results["profiles"][f"zipf-{name}"] = profile_zipf(  # type: ignore[index]
+                        fleet, origin, zipf, opts, keys_file, name)
     except KeyboardInterrupt:
         print("interrupted; stopping every system", file=sys.stderr)
         return 130
@@ -860,16 +862,17 @@ def profile(fleet: Fleet, loads: list[Workload], opts: Options) -> dict[str, obj
 
 
 def profile_zipf(fleet: Fleet, origin: System, workload: Workload, opts: Options,
-                 keys_file: Path) -> dict[str, object]:
-    """py-spy record one worker of an empty cachegate through a zipf cold phase, every thread
-    (no --gil: where each thread spends its time, the disk threads included): per thread, the
-    share of samples it was busy (py-spy leaves idle threads out) and its top frames."""
+                 keys_file: Path, name: str = "cachegate") -> dict[str, object]:
+    """py-spy record one worker of an empty cachegate (or ``cachegate-before``) through a zipf
+    cold phase, every thread (no --gil: where each thread spends its time, the disk threads
+    included): per thread, the share of samples it was busy (py-spy leaves idle threads out)
+    and its top frames."""
     exe = py_spy()
     if exe is None:
         print("profile: py-spy not found; `.venv/bin/pip install py-spy` (it is not a dependency)")
         return {}
-    system, folders = start_fresh(fleet, "cachegate", origin, opts.workers, "zipf-profile")
-    raw = opts.out_dir / "profile-zipf.txt"
+    system, folders = start_fresh(fleet, name, origin, opts.workers, "zipf-profile")
+    raw = opts.out_dir / f"profile-zipf-{name}.txt"
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     rate = 100
     try:
@@ -888,7 +891,7 @@ def profile_zipf(fleet: Fleet, origin: System, workload: Workload, opts: Options
         print("profile zipf: py-spy wrote nothing (it needs ptrace permission)")
         return {}
     try:
-        rps = parse_wrk(wrk_out, "zipf-cold", "cachegate", 0).rps
+        rps = parse_wrk(wrk_out, "zipf-cold", name, 0).rps
     except ValueError:
         rps = 0.0
     text = raw.read_text()
@@ -901,8 +904,8 @@ def profile_zipf(fleet: Fleet, origin: System, workload: Workload, opts: Options
         first, _, rest = stack.partition(";")
         threads.setdefault(first, []).append(f"{rest} {count}")
     out: dict[str, object] = {"file": str(raw), "rps_while_sampled": rps, "threads": {}}
-    print(f"\nprofile zipf (cold): worker {pid} at {rps:,.0f} req/s under wrk, {seconds:g} s at {rate} Hz "
-          f"({raw}); busy = samples the thread was not idle / samples possible")
+    print(f"\nprofile zipf (cold), {name}: worker {pid} at {rps:,.0f} req/s under wrk, {seconds:g} s "
+          f"at {rate} Hz ({raw}); busy = samples the thread was not idle / samples possible")
     def samples(lines: list[str]) -> int:
         return sum(int(x.rsplit(" ", 1)[1]) for x in lines)
 

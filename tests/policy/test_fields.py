@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.policy.cache_control import DELTA_SECONDS_MAX
-from proxy.policy.fields import content_length, first_member, split_list
+from proxy.policy.fields import content_length, first_member, split_list, split_outside_quotes
 from proxy.policy.freshness import parse_age
 from proxy.policy.keys import vary_names
 from proxy.policy.messages import CacheOptions
@@ -306,3 +306,18 @@ def test_dates_are_read_as_rfc_9110_section_5_6_7_says(case: str, fields: Pairs,
     assert isinstance(decision, Store)
     if lifetime is not None:
         assert decision.response.freshness.lifetime == lifetime
+
+
+@pytest.mark.parametrize(("text", "sep", "maxsplit", "parts"), [
+    ("a;b;c", ";", -1, ["a", "b", "c"]),
+    ("a;b;c", ";", 1, ["a", "b;c"]),
+    ('a;"b;c";d', ";", -1, ["a", '"b;c"', "d"]),
+    ('"x\\";y";z', ";", -1, ['"x\\";y"', "z"]),  # an escaped quote does not close the string
+    ('max-age=1;"dev;ice"', ";", 1, ["max-age=1", '"dev;ice"']),
+    ("", ",", -1, [""]),
+    ('a,"b', ",", -1, ["a", '"b']),  # an unclosed quote runs to the end
+])
+def test_split_outside_quotes_is_str_split_that_respects_quoted_strings(
+    text: str, sep: str, maxsplit: int, parts: list[str]
+) -> None:
+    assert split_outside_quotes(text, sep, maxsplit) == parts

@@ -45,6 +45,23 @@ class Response:
         return str(self.headers.get("X-Cachegate-Worker", ""))
 
 
+STARTED: list[ProxyProcess] = []  # every one a test started, for ``kill_leftovers``
+
+
+def kill_leftovers() -> int:
+    """SIGKILL what a test left running (it failed before its stop): the supervisor and its
+    workers, so a failed test never leaves processes behind. How many were still running."""
+    left = 0
+    for p in STARTED:
+        if p.process is not None and p.process.returncode is None:
+            left += 1
+            for pid in (p.process.pid, *p.workers.values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    STARTED.clear()
+    return left
+
+
 @dataclass
 class ProxyProcess:
     directory: str
@@ -63,6 +80,7 @@ class ProxyProcess:
             sys.executable, "-m", "proxy", "run", "--config", self.config_path, "--log-level",
             "warning", *args, stdout=asyncio.subprocess.PIPE, stderr=None, env=env,
             cwd=self.directory)
+        STARTED.append(self)
         self.url = self.admin_url = ""
         self._reader = asyncio.ensure_future(self._read())
         await self.wait_for(lambda: bool(self.url), wait)
