@@ -7,41 +7,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.cluster.fills import Found, Locked, Lookup
 from proxy.purge import PurgeSpec
-from proxy.storage.entry import Entry
 from tests.conftest import MakeProxy
+from tests.engine.fakes import FakeShared
 from tests.harness import Origin
-
-
-class InMemoryShared:
-    """A shared tier that holds what it is given; ``before_answer`` runs while a lookup is
-    "in flight" (between Redis executing it and this node reading the answer)."""
-
-    max_object = 1 << 20
-
-    def __init__(self) -> None:
-        self.stored: dict[str, tuple[Entry, bytes]] = {}
-        self.before_answer: Any = None
-
-    async def lookup(self, key: str, lock_for: float, lock_only: bool = False) -> Lookup:
-        found = self.stored.get(key)
-        if self.before_answer is not None:
-            hook, self.before_answer = self.before_answer, None
-            await hook()
-        if found is not None and not lock_only:
-            return Found((found,))
-        return Locked(1, 0)
-
-    async def wait_filled(self, key: str, wait: float) -> str | None:
-        return None
-
-    async def write(self, entry: Entry, body: bytes, lock: Locked, now: float) -> bool:
-        self.stored[entry.key] = (entry, body)
-        return True
-
-    async def release(self, key: str, lock: Locked, outcome: str) -> None:
-        pass
 
 
 async def test_an_entry_found_in_the_shared_tier_while_a_purge_of_it_was_applied_here_is_not_kept(
@@ -53,7 +22,7 @@ async def test_an_entry_found_in_the_shared_tier_while_a_purge_of_it_was_applied
         return web.Response(body=f"v{version[0]}".encode(), headers={"Cache-Control": "max-age=300"})
 
     origin.route("/x", page)
-    shared = InMemoryShared()
+    shared = FakeShared()
     a = await make_proxy(directory=tmp_path / "a")
     b = await make_proxy(directory=tmp_path / "b")
     a.runtime.engine.shared = b.runtime.engine.shared = shared

@@ -385,16 +385,22 @@ def upstream_error(text: str = "connection refused") -> UpstreamError:
 # -- the cluster's shared tier ----------------------------------------------------------------
 
 class FakeShared:
-    """``proxy.cluster.fills.SharedCache`` in memory: what a node writes through, the next finds."""
+    """``proxy.cluster.fills.SharedCache`` in memory: what a node writes through, the next finds;
+    ``before_answer`` (a coroutine function, run once) runs while a lookup is "in flight"
+    (between Redis executing it and the node reading the answer)."""
 
     max_object = 1 << 20
 
     def __init__(self) -> None:
         self.stored: dict[str, tuple[Entry, bytes]] = {}
         self.released: list[tuple[str, str]] = []  # (key, outcome) of each fill lock
+        self.before_answer: Any = None
 
     async def lookup(self, key: str, lock_for: float, lock_only: bool = False) -> Found | Locked:
         found = self.stored.get(key)
+        if self.before_answer is not None:
+            hook, self.before_answer = self.before_answer, None
+            await hook()
         if found is not None and not lock_only:
             return Found((found,))
         return Locked(1, 0)
