@@ -27,6 +27,8 @@ class BanList:
         self._tags: dict[tuple[str, bool], int] = {}
         self._prefixes: tuple[tuple[str, bool, int], ...] = ()
         self._all: dict[bool, int] = {}
+        self._changes = 0  # bans added here so far (``mark`` / ``refresh``)
+        self._added: list[tuple[int, Ban]] = []  # (change, ban) added since the last refresh's mark
         self.replace(bans)
 
     def __len__(self) -> int:
@@ -51,7 +53,23 @@ class BanList:
     def add(self, bans: Iterable[Ban]) -> None:
         new = [b for b in bans if b.id not in self._ids]
         if new:
+            self._changes += 1
+            self._added += [(self._changes, b) for b in new]
             self.replace([*self._bans, *new])
+
+    def mark(self) -> int:
+        """Where this list stands, before reading the index's bans for ``refresh``."""
+        return self._changes
+
+    def refresh(self, bans: Iterable[Ban], mark: int) -> None:
+        """The index's bans, read after ``mark``: they replace this list, but a ban a purge added
+        here while they were being read stays (the read may predate it; a later refresh, whose
+        read follows it, drops it once swept). Without this a purge could be undone for one
+        upkeep interval by a read that began just before it."""
+        read = list(bans)
+        ids = {b.id for b in read}
+        self._added = [(n, b) for n, b in self._added if n > mark]
+        self.replace(read + [b for _, b in self._added if b.id not in ids])
 
     def verdict(self, e: Entry) -> str | None:
         """GONE when a hard ban covers ``e``, STALE when only a soft one does, else None."""

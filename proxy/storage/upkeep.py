@@ -47,12 +47,14 @@ class Upkeep:
         if t.index is None or t.disk is None:
             return self.stats
         index = t.index
+        mark = t.bans.mark()
         bans = await t.run(index.bans)
-        t.bans.replace(bans)
+        t.bans.refresh(bans, mark)
         for ban in bans:
             await self._sweep_ban(ban)
         if bans:
-            t.bans.replace(await t.run(index.bans))
+            mark = t.bans.mark()
+            t.bans.refresh(await t.run(index.bans), mark)
         await t.run(self._gc_step)
         await t.run(self._checkpoint)
         if orphans_before is not None:
@@ -77,7 +79,8 @@ class Upkeep:
 
     async def reload_bans(self) -> None:
         if self.t.index is not None:
-            self.t.bans.replace(await self.t.run(self.t.index.bans))
+            mark = self.t.bans.mark()
+            self.t.bans.refresh(await self.t.run(self.t.index.bans), mark)
 
     async def rebuild_directory(self, page: int = 10_000) -> int:
         """Fill the shared memory's directory of the disk tier's keys from the index (the owner,

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,7 +18,7 @@ import pytest
 from proxy.storage.arena import Arena
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.disk import DiskTier, shard_budget
-from proxy.storage.index import UrlTagIndex
+from proxy.storage.index import Ban, UrlTagIndex
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import Storage
 from tests.storage.helpers import MB, entry, open_store, read_body, store
@@ -255,3 +256,29 @@ async def test_a_url_purge_finds_every_key_shape_not_yet_written_behind(disk_sto
     assert disk_store.persister is not None
     await disk_store.persister.flush()
     assert await disk_store.keys_for_urls([KEY]) == {KEY, shaped}
+
+
+async def test_a_ban_added_while_this_process_reloads_the_bans_is_not_lost(disk_store: Storage) -> None:
+    # The upkeep (and each worker) reads the index's bans in a thread and then replaces its
+    # list with them: a purge whose ban was added meanwhile must not vanish with that list,
+    # or what it purged is served again until the next reload.
+    index = disk_store.index
+    assert index is not None
+    assert await store(disk_store, entry(KEY), b"x" * 100)
+    real = index.bans
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_bans() -> list[Ban]:
+        found = real()  # the bans as they were before the purge
+        reading.set()
+        release.wait(5)
+        return found
+
+    index.bans = slow_bans  # type: ignore[method-assign]
+    reload = asyncio.ensure_future(disk_store.reload_bans())
+    assert await asyncio.get_running_loop().run_in_executor(None, reading.wait, 5)
+    assert await disk_store.delete_all() == 1
+    release.set()
+    await reload
+    index.bans = real  # type: ignore[method-assign]
+    assert await disk_store.get(KEY) == ()
