@@ -58,6 +58,24 @@ async def _fetch_all(proxy: ProxyProcess, paths: list[str], done: list[str]) -> 
         await asyncio.gather(*(one(s, p) for p in paths))
 
 
+def _committed(cache: str) -> int:
+    """Entries diskcache holds over every shard (read-only; 0 while none is committed)."""
+    total = 0
+    for shard in sorted(os.listdir(cache)) if os.path.isdir(cache) else ():
+        db_path = os.path.join(cache, shard, "cache.db")
+        if not os.path.exists(db_path):
+            continue
+        try:
+            db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1)
+            try:
+                total += db.execute("SELECT COUNT(*) FROM Cache").fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.OperationalError:  # being created: not yet
+            continue
+    return total
+
+
 def _referenced_files(cache: str) -> tuple[set[str], set[str]]:
     """Files diskcache's rows refer to, and the .val files that exist, over every shard."""
     referenced, present = set(), set()
@@ -86,16 +104,18 @@ async def test_kill_9_while_writing_large_entries_then_every_served_entry_is_byt
     await proxy.start()
     done: list[str] = []
     fetch = asyncio.ensure_future(_fetch_all(proxy, list(bodies), done))
-    # Kill once some bodies went through (stored), while others are half-way.
+    # Kill once some bodies went through and write-behind committed some of them to disk (a
+    # fill is answered from memory first: only committed ones are hits after the restart),
+    # while others are half-way.
+    cache = str(tmp_path / "cache")
     for _ in range(1000):
-        if len(done) >= 8:
+        if len(done) >= 8 and _committed(cache):
             break
         await asyncio.sleep(0.01)
-    assert 8 <= len(done) < len(bodies)
+    assert 8 <= len(done) < len(bodies) and _committed(cache)
     proxy.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     await proxy.process.wait()  # type: ignore[union-attr]
     await fetch
-    cache = str(tmp_path / "cache")
     spool_dirs = os.listdir(os.path.join(cache, "tmp"))
     assert spool_dirs, "the killed process left its spool folder"
 
