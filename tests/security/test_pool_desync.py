@@ -11,12 +11,13 @@ innocent client's request and be stored for everyone.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from tests.conftest import MakeProxy
 from tests.harness import Clock
-from tests.security.misbehaving import Conn, raw_origins, response
+from tests.security.misbehaving import Conn, Request, raw_origins, response
 
 POISON = response("200 OK", {"Cache-Control": "max-age=600", "Content-Type": "text/html"}, b"POISON")
 VICTIM = response("200 OK", {"Cache-Control": "max-age=600", "Content-Type": "text/html"}, b"victim")
@@ -27,6 +28,24 @@ ANNOUNCED = {"content-length": {"Content-Length": str(len(POISON))},
              "transfer-encoding": {"Transfer-Encoding": "chunked"}}
 
 
+def owes_poison(answer: Callable[[Request], bytes], owes: Callable[[Request], bool]
+                ) -> Callable[[Conn], Awaitable[None]]:
+    """An origin that answers each request with ``answer(req)``; after a request that ``owes``,
+    the next request on the same connection gets ``POISON`` (the late body) instead."""
+    async def serve(conn: Conn) -> None:
+        owed = False
+        while True:
+            req = await conn.request()
+            if owed:
+                await conn.send(POISON)
+                owed = False
+            else:
+                await conn.send(answer(req))
+                owed = owes(req)
+
+    return serve
+
+
 @pytest.mark.parametrize("announced", ["content-length", "transfer-encoding", "nothing"])
 async def test_late_body_of_a_head_response_never_answers_the_next_client(
     make_proxy: MakeProxy, announced: str
@@ -34,18 +53,8 @@ async def test_late_body_of_a_head_response_never_answers_the_next_client(
     fields = {"Content-Type": "text/html", **ANNOUNCED.get(announced, {})}
     head_answer = response("200 OK", fields, length=False)
 
-    async def serve(conn: Conn) -> None:
-        owed = b""
-        while True:
-            req = await conn.request()
-            if owed:
-                await conn.send(owed)
-                owed = b""
-            elif req.method == "HEAD":
-                await conn.send(head_answer)
-                owed = POISON
-            else:
-                await conn.send(VICTIM)
+    serve = owes_poison(lambda req: head_answer if req.method == "HEAD" else VICTIM,
+                        lambda req: req.method == "HEAD")
 
     async with raw_origins() as start:
         origin = await start(serve)
@@ -68,20 +77,12 @@ async def test_late_body_of_a_304_never_answers_the_next_client(
     not_modified = response("304 Not Modified", {"Cache-Control": "max-age=10", "ETag": '"v1"',
                                                  **ANNOUNCED[announced]}, length=False)
 
-    async def serve(conn: Conn) -> None:
-        owed = b""
-        while True:
-            req = await conn.request()
-            if owed:
-                await conn.send(owed)
-                owed = b""
-            elif req.target == "/page" and "if-none-match" in req.headers:
-                await conn.send(not_modified)
-                owed = POISON
-            elif req.target == "/page":
-                await conn.send(stored)
-            else:
-                await conn.send(VICTIM)
+    def revalidation(req: Request) -> bool:
+        return req.target == "/page" and "if-none-match" in req.headers
+
+    serve = owes_poison(
+        lambda req: not_modified if revalidation(req) else stored if req.target == "/page" else VICTIM,
+        revalidation)
 
     async with raw_origins() as start:
         origin = await start(serve)
@@ -103,18 +104,8 @@ async def test_late_body_of_a_204_never_answers_the_next_client(make_proxy: Make
     no_content = response("204 No Content", {"Cache-Control": "max-age=600", **ANNOUNCED[announced]},
                           length=False)
 
-    async def serve(conn: Conn) -> None:
-        owed = b""
-        while True:
-            req = await conn.request()
-            if owed:
-                await conn.send(owed)
-                owed = b""
-            elif req.target == "/empty":
-                await conn.send(no_content)
-                owed = POISON
-            else:
-                await conn.send(VICTIM)
+    serve = owes_poison(lambda req: no_content if req.target == "/empty" else VICTIM,
+                        lambda req: req.target == "/empty")
 
     async with raw_origins() as start:
         origin = await start(serve)
