@@ -816,14 +816,21 @@ def profile(fleet: Fleet, loads: list[Workload], opts: Options) -> dict[str, obj
         print("profile: py-spy not found; `.venv/bin/pip install py-spy` (it is not a dependency)")
         return {}
     out: dict[str, object] = {}
-    system = fleet.systems.get("cachegate")
-    if system is None:
-        return out
+    for name in ("cachegate", "cachegate-before"):
+        system = fleet.systems.get(name)
+        if system is not None:
+            out.update(_profile_system(exe, system, loads, opts))
+    return out
+
+
+def _profile_system(exe: str, system: System, loads: list[Workload], opts: Options) -> dict[str, object]:
+    out: dict[str, object] = {}
+    suffix = "" if system.name == "cachegate" else f"-{system.name}"
     pid = system.worker_pids()[0]
     for w in loads:
         if w.name not in ("hit-1k", "pass-1k"):
             continue
-        raw = opts.out_dir / f"profile-{w.name}.txt"
+        raw = opts.out_dir / f"profile-{w.name}{suffix}.txt"
         opts.out_dir.mkdir(parents=True, exist_ok=True)
         wrk = subprocess.Popen(wrk_argv(system, w, opts, opts.profile_seconds + 4),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -842,10 +849,10 @@ def profile(fleet: Fleet, loads: list[Workload], opts: Options) -> dict[str, obj
             rps = parse_wrk(wrk_out, w.name, system.name, 0).rps
         except ValueError:
             rps = 0.0
-        out[w.name] = {"file": str(raw), "samples": total, "rps_while_sampled": rps,
+        out[w.name + suffix] = {"file": str(raw), "samples": total, "rps_while_sampled": rps,
                        "areas": by_area, "self": self_top[:40], "inclusive": incl_top[:60],
                        "callers": {f: callers(text, f) for f, _ in self_top[:8]}}
-        print(f"\nprofile {w.name}: {total} GIL-holding samples of worker {pid} at "
+        print(f"\nprofile {w.name}{suffix}: {total} GIL-holding samples of {system.name} worker {pid} at "
               f"{rps:,.0f} req/s under wrk ({raw})")
         print("  by area (self time, generic frames charged to their caller):")
         for area, n in by_area[:12]:
