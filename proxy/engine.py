@@ -260,10 +260,23 @@ class Engine:
         body in memory once its disk file is open, since sendfile is cheaper than writing it).
         None for anything else: the general path then starts over, and no use of the key was
         counted. ``plain_fresh_hit`` is the first step of ``decide_lookup``: the same decision."""
+        planned = self.planned(head)
+        if planned is None:
+            return None
+        return self.fresh_hit_of(head, planned[0], planned[1], max_file)
+
+    def planned(self, head: RequestHead) -> tuple[RequestPlan, str] | None:
+        """The rules' plan for ``head`` and its cache key, as ``handle`` computes them; None for
+        a bypass. A pure function of the head and the rules (the fast path remembers it for a
+        request's exact bytes: ``proxy.web.fastpath.Known``)."""
         plan = self.rules.plan(head)
         if plan.bypass:
             return None
-        key = cache_key(head, plan.key)
+        return plan, cache_key(head, plan.key)
+
+    def fresh_hit_of(self, head: RequestHead, plan: RequestPlan, key: str, max_file: int = 0
+                     ) -> FreshHit | None:
+        """``fresh_hit`` once the plan and key are known (``planned``)."""
         storage = self.storage
         slot = storage.fresh_view(key)
         if slot is None:

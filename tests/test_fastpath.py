@@ -218,6 +218,42 @@ async def test_fast_and_general_answers_are_identical(
         assert got.header("X-Cache-Status") == "HIT"
         assert got.header("Age") is not None
         assert got.header("Date") is not None
+    # The same bytes again: remembered whole (fastpath.Known), answered without a parse, alike.
+    known = p.fast.known_answered
+    (again,), again_closed = await exchange(p.fast_port, request_bytes, [method], check_close)
+    assert p.fast.known_answered - known == int(fast), name
+    assert again.comparable() == want.comparable() and again_closed == want_closed
+
+
+async def test_remembered_bytes_that_continue_a_request_are_parsed_as_such(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The bytes of a remembered request, arriving after a partial request on the same
+    connection, are the rest of that request: they are parsed, not answered as the
+    remembered one (fastpath.Known is used only between two requests)."""
+    origin.route("/a", body=b"A" * 10, headers={"Cache-Control": "max-age=300"})
+    origin.route("/b", body=b"B" * 10, headers={"Cache-Control": "max-age=300"})
+    p = await pair(make_proxy)
+    remembered = b"GET /b HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    for path in ("/a", "/b"):
+        await exchange(p.general_port, req("GET", path), ["GET"])
+    await asyncio.sleep(0.05)
+    await exchange(p.fast_port, remembered, ["GET"])
+    (b,), _ = await exchange(p.fast_port, remembered, ["GET"])
+    assert b.body == b"B" * 10 and p.fast.known_answered == 1
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.fast_port)
+    try:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # GET /a, with "X-Pad: GET /b HTTP/1.1" and the Host of the remembered bytes
+        for chunk in (b"GET /a HTTP/1.1\r\n", b"X-Pad: ", remembered):
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # one read each
+        got = await read_response(reader, "GET")
+    finally:
+        writer.close()
+    assert got.body == b"A" * 10 and got.header("X-Cache-Status") == "HIT"
+    assert p.fast.known_answered == 1
 
 
 async def test_debug_headers_are_the_same_on_both_paths(origin: Origin, make_proxy: MakeProxy) -> None:
