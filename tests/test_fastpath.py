@@ -256,6 +256,33 @@ async def test_remembered_bytes_that_continue_a_request_are_parsed_as_such(
     assert p.fast.known_answered == 1
 
 
+async def test_a_request_the_fast_path_leaves_is_not_normalised_twice(
+        origin: Origin, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A miss the fast path normalised and left goes on with that view (fastpath.Declined):
+    the general path does not normalise the same message again; a request the fast path never
+    saw (its handler was busy) is normalised there, as before."""
+    from proxy.web.frontend import FrontEnd
+
+    origin.route("/m", body=b"m", headers={"Cache-Control": "max-age=300"})
+    p = await pair(make_proxy)
+    heads = []
+    normalise = FrontEnd.head
+
+    def counted(self: FrontEnd, message: object, secure: bool, trusted: bool) -> object:
+        heads.append(message)
+        return normalise(self, message, secure, trusted)
+
+    monkeypatch.setattr(FrontEnd, "head", counted)
+    (miss,), _ = await exchange(p.fast_port, req("GET", "/m", "X-Trace: 1"), ["GET"])
+    assert miss.header("X-Cache-Status") == "MISS" and heads == []
+    assert origin.seen[-1].headers.get("X-Trace") == "1"
+    # pipelined behind a miss: the second waits for aiohttp's handler and is normalised there
+    replies, _ = await exchange(p.fast_port, req("GET", "/m?a") + req("GET", "/m?b"), ["GET", "GET"])
+    assert [r.header("X-Cache-Status") for r in replies] == ["MISS", "MISS"] and len(heads) == 1
+    (hit,), _ = await exchange(p.fast_port, req("GET", "/m"), ["GET"])
+    assert hit.header("X-Cache-Status") == "HIT"
+
+
 async def test_debug_headers_are_the_same_on_both_paths(origin: Origin, make_proxy: MakeProxy) -> None:
     routes(origin)
     p = await pair(make_proxy)

@@ -79,6 +79,7 @@ F_PERSISTED = 1  # the disk tier has this record's content
 F_FILLER = 2  # not a record: the unused end of a lap
 F_SOFT = 4  # soft-purged: its variants read as stale
 _Q = struct.Struct("<Q")
+FINGERPRINTS_KEPT = 1024  # keys whose fingerprint a process remembers (then forgets all at once)
 _BUCKET = struct.Struct(f"<{2 * BUCKET_SLOTS}Q")
 _DIR_BUCKET = struct.Struct(f"<{BUCKET_SLOTS}Q")
 # Only x86-64 orders stores as the lock-free readers assume (see the module docstring).
@@ -125,6 +126,7 @@ class Arena:
         self._ring_at = _align(self._lease_at + LEASE_BYTES)
         self.size = size
         self._keyed = hashlib.blake2b(key=bytes(mm[H_SECRET:H_SECRET + 16]), digest_size=8)
+        self._fps: dict[str, int] = {}  # ``fingerprint``'s last keys
         self._thread_lock = threading.Lock()
         self.closed = False
 
@@ -230,9 +232,19 @@ class Arena:
     # -- keys ------------------------------------------------------------------------------
 
     def fingerprint(self, key: str) -> int:
-        h = self._keyed.copy()
-        h.update(key.encode("utf-8", "surrogatepass"))
-        return int.from_bytes(h.digest(), "little") or 1
+        """The key's 64-bit keyed hash (its index and directory slot). The last keys' are
+        remembered: a request looks its key up three or four times (the fast path, the engine,
+        the read, the directory), and the hash is most of a lookup's cost (≈ 0.6 µs of blake2
+        against ≈ 50 ns for a dict hit, ``timeit``)."""
+        fp = self._fps.get(key)
+        if fp is None:
+            h = self._keyed.copy()
+            h.update(key.encode("utf-8", "surrogatepass"))
+            fp = int.from_bytes(h.digest(), "little") or 1
+            if len(self._fps) >= FINGERPRINTS_KEPT:
+                self._fps.clear()
+            self._fps[key] = fp
+        return fp
 
     def _bucket_at(self, fp: int) -> int:
         return self._index_at + (fp % self.index_buckets) * BUCKET_SLOTS * SLOT

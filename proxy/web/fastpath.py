@@ -59,7 +59,7 @@ import logging
 import os
 from collections.abc import Sequence
 from time import perf_counter
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
 from aiohttp.helpers import rfc822_formatted_time
@@ -196,6 +196,17 @@ class Known:
         self.key = key
 
 
+class Declined(NamedTuple):
+    """A request the fast path normalised and left to the general path, which takes this view
+    of it rather than normalising the same message again (``proxy_handler.client_head``)."""
+
+    msg: Any
+    front: FrontEnd
+    trusted: bool
+    secure: bool
+    head: RequestHead
+
+
 KNOWN_MAX = 2048  # requests remembered per listener (then forgotten all at once)
 KNOWN_BYTES = 2048  # longer requests are not remembered
 
@@ -214,6 +225,7 @@ class FastPath:
         self._keep_head = storage.keep_head
         self._alive = storage.alive
         self._known: dict[bytes, Known] = {}
+        self.declined: Declined | None = None  # the last request normalised and not answered here
         self.answered = 0  # requests answered here (tests check that the fast path ran)
         self.known_answered = 0  # of which from a remembered request's bytes (``Known``)
 
@@ -230,11 +242,15 @@ class FastPath:
         if not isinstance(head, RequestHead):
             return None  # a Refusal: the general path answers it
         planned = self._planned(head)
-        if planned is None:
+        out = None
+        if planned is not None:
+            known = Known(fe, self._engine.rules, secure, trusted, msg, head, *planned)
+            out = self._serve(fe, known, remote, started)
+        if out is None:
+            # The general path takes it from here, with this view of it (``Declined``).
+            self.declined = Declined(msg, fe, trusted, secure, head)
             return None
-        known = Known(fe, self._engine.rules, secure, trusted, msg, head, *planned)
-        out = self._serve(fe, known, remote, started)
-        if out is not None and raw is not None and len(raw) <= KNOWN_BYTES:
+        if raw is not None and len(raw) <= KNOWN_BYTES:
             if len(self._known) >= KNOWN_MAX:
                 self._known.clear()
             self._known[raw] = known
@@ -349,7 +365,7 @@ class FastPath:
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_boundary", "_fast", "_front", "gone_logged")
+    __slots__ = ("_boundary", "_fast", "_front", "declined", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -357,6 +373,7 @@ class ProxyRequestHandler(RequestHandler):
         # aiohttp's parser stands between two requests (nothing of a next one read yet): only
         # then may a remembered request's bytes be answered without parsing them (``Known``).
         self._boundary = True
+        self.declined: Declined | None = None  # the fast path's view of the request it left
         self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
         self._front = front
 
@@ -476,6 +493,8 @@ class ProxyRequestHandler(RequestHandler):
                               msg.method, msg.path)
                 out = None
             if out is None:
+                declined = fast.declined
+                self.declined = declined if declined is not None and declined.msg is msg else None
                 return i
             self._parser.message_consumed()
             self._send(out)

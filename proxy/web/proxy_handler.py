@@ -41,7 +41,17 @@ FILE_CHUNK = 256 * 1024
 
 
 def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool) -> RequestHead | Refusal:
-    """The one normalised view of this request (``proxy.policy.request``), or its refusal."""
+    """The one normalised view of this request (``proxy.policy.request``), or its refusal:
+    the fast path's when it normalised this very message under the same config and trust
+    (``fastpath.Declined``), else made here."""
+    declined = getattr(request.protocol, "declined", None)  # kept by the connection's handler
+    # aiohttp's parsed message (``Request.message`` is deprecated; without ``_message`` the
+    # request is simply normalised here)
+    if (declined is not None and declined.msg is getattr(request, "_message", None)
+            and declined.front is front and declined.trusted is trusted
+            and declined.secure is request.secure):
+        head: RequestHead = declined.head
+        return head
     message = Message(request.method, request.raw_path, request.version, request.headers)
     return front.head(message, request.secure, trusted)
 
