@@ -54,7 +54,7 @@ import platform
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 MAGIC = 0xCA_C4_E6_A7_E0_00_00_01
@@ -103,6 +103,34 @@ class Record:
     crc: int
 
 
+class _Locked:
+    """``Arena.locked``: a threading lock (this process's threads), then a POSIX record lock on
+    the memfd (the processes; the kernel drops it when its holder dies). A class rather than
+    ``@contextlib.contextmanager``: 0.4 against 2.6 µs a use (``timeit``), and a fill takes the
+    lock three or four times (its lease, its record, the lease's release)."""
+
+    __slots__ = ("_arena",)
+
+    def __init__(self, arena: Arena) -> None:
+        self._arena = arena
+
+    def __enter__(self) -> None:
+        arena = self._arena
+        arena._thread_lock.acquire()
+        try:
+            fcntl.lockf(arena.fd, fcntl.LOCK_EX, 1, 0)
+        except BaseException:
+            arena._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        arena = self._arena
+        try:
+            fcntl.lockf(arena.fd, fcntl.LOCK_UN, 1, 0)
+        finally:
+            arena._thread_lock.release()
+
+
 class Arena:
     """One shared mapping: the ring, its index and the disk directory (see the module docstring).
 
@@ -128,6 +156,7 @@ class Arena:
         self._keyed = hashlib.blake2b(key=bytes(mm[H_SECRET:H_SECRET + 16]), digest_size=8)
         self._fps: dict[str, int] = {}  # ``fingerprint``'s last keys
         self._thread_lock = threading.Lock()
+        self._locked = _Locked(self)
         self.closed = False
 
     # -- opening ---------------------------------------------------------------------------
@@ -220,14 +249,9 @@ class Arena:
 
     # -- locking ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        with self._thread_lock:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
-            try:
-                yield
-            finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+    def locked(self) -> _Locked:
+        """The arena lock, for a ``with``: this process's threads, then the other processes."""
+        return self._locked
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -539,12 +563,20 @@ class Arena:
 
     def set_flags(self, pos: int, add: int) -> bool:
         """Set flag bits of the live record at ``pos``; whether it was still there."""
+        return bool(self.set_flags_many((pos,), add))
+
+    def set_flags_many(self, positions: Iterable[int], add: int) -> int:
+        """``set_flags`` for many records under one taking of the lock (write-behind marks a
+        whole batch: one lock each cost ≈ 6 % of its thread, py-spy); how many were there."""
+        mm = self.mm
+        done = 0
         with self.locked():
-            at = self._phys(pos)
-            if _Q.unpack_from(self.mm, at)[0] != pos:
-                return False
-            self.mm[at + 30] = self.mm[at + 30] | add
-            return True
+            for pos in positions:
+                at = self._phys(pos)
+                if _Q.unpack_from(mm, at)[0] == pos:
+                    mm[at + 30] = mm[at + 30] | add
+                    done += 1
+        return done
 
     def clear(self) -> int:
         """Drop every record; how many there were."""

@@ -283,10 +283,10 @@ class Persister:
                 self.stats.failed += 1
         self.stats.entries += len(stored)
         self.stats.batches += 1
-        for pos in positions:
-            if pos not in failed_positions:
-                self.arena.set_flags(pos, F_PERSISTED)
-                self._retry.pop(pos, None)
+        committed = [pos for pos in positions if pos not in failed_positions]
+        self.arena.set_flags_many(committed, F_PERSISTED)
+        for pos in committed:
+            self._retry.pop(pos, None)
         self.arena.disk_add(sorted(set(stored)))
         return sorted(failed_positions)
 
