@@ -414,8 +414,8 @@ class ProxyRequestHandler(RequestHandler):
             self._boundary = False
             super().data_received(data)  # aiohttp's handler is busy (or never idle yet)
             return
-        if self._boundary and self._answer_known(data):
-            return
+        if self._boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
+            return  # (a longer chunk is never a remembered request: not even hashed)
         parser = self._parser
         feed = data
         # Bytes that may be remembered (``Known``): a whole chunk read between two requests.
