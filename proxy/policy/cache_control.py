@@ -41,6 +41,7 @@ mappingproxy({'max-age': '30', 'stale-if-error': '600'})
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -99,26 +100,21 @@ def split_directives(value: str) -> list[str]:
     return split_list((value,))
 
 
-# Parsed field values, by their lines: an origin sends the same few Cache-Control values
-# again and again (measured: 2 µs a parse against 0.1 µs a lookup, ``timeit``).
-_PARSED: dict[tuple[str, ...], CacheControl] = {}
-_PARSED_MAX = 1024
 _PARSED_LINE_MAX = 256  # longer values are parsed each time, not remembered
 
 
 def parse_cache_control(values: Iterable[str]) -> CacheControl:
-    """Parse every field line of a Cache-Control-like field into one CacheControl."""
+    """Parse every field line of a Cache-Control-like field into one CacheControl.
+
+    Remembered by the lines' text (``functools.lru_cache``): an origin sends the same few
+    values again and again, and a parse costs ≈ 2 µs against ≈ 0.1 µs a cached answer
+    (``timeit``)."""
     lines = tuple(values)
     if not lines:
         return EMPTY_CACHE_CONTROL
-    known = _PARSED.get(lines)
-    if known is None:
-        known = _parse_cache_control(lines)
-        if sum(map(len, lines)) <= _PARSED_LINE_MAX:
-            if len(_PARSED) >= _PARSED_MAX:
-                _PARSED.clear()
-            _PARSED[lines] = known
-    return known
+    if sum(map(len, lines)) <= _PARSED_LINE_MAX:
+        return _cached_cache_control(lines)
+    return _parse_cache_control(lines)
 
 
 def _parse_cache_control(values: tuple[str, ...]) -> CacheControl:
@@ -142,6 +138,9 @@ def _parse_cache_control(values: tuple[str, ...]) -> CacheControl:
             else:
                 directives[name] = unquote(arg)
     return CacheControl(MappingProxyType(directives)) if directives else EMPTY_CACHE_CONTROL
+
+
+_cached_cache_control = functools.lru_cache(maxsize=1024)(_parse_cache_control)
 
 
 def targeted_cache_control(

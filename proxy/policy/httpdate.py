@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 import time
 
@@ -47,24 +48,13 @@ def _epoch(year: int, month: int, day: int, hh: int, mm: int, ss: int) -> float 
         return None
 
 
-# Dates parsed, by their text: responses of the same second carry the same Date (measured:
-# 3 µs a parse against 0.1 µs a lookup, ``timeit``).
-_PARSED: dict[str, float | None] = {}
-_PARSED_MAX = 1024
-
-
 def parse_http_date(value: str) -> float | None:
-    """Seconds since the epoch, or None when ``value`` is not a valid HTTP-date."""
-    try:
-        return _PARSED[value]
-    except KeyError:
-        pass
-    parsed = _parse_http_date(value)
-    if len(value) <= 64:
-        if len(_PARSED) >= _PARSED_MAX:
-            _PARSED.clear()
-        _PARSED[value] = parsed
-    return parsed
+    """Seconds since the epoch, or None when ``value`` is not a valid HTTP-date.
+
+    Remembered by text (``functools.lru_cache``): responses of the same second carry the same
+    Date, and a parse costs ≈ 3 µs against ≈ 0.1 µs a cached answer (``timeit``). Longer
+    values than a date can be are parsed each time and not kept."""
+    return _cached_date(value) if len(value) <= 64 else _parse_http_date(value)
 
 
 def _parse_http_date(value: str) -> float | None:
@@ -98,3 +88,6 @@ def format_http_date(ts: float) -> str:
     t = time.gmtime(int(ts))
     return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTH_NAMES[t.tm_mon - 1]} {t.tm_year:04d} "
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+_cached_date = functools.lru_cache(maxsize=1024)(_parse_http_date)
