@@ -114,6 +114,7 @@ class Store(Protocol):
     def epoch(self) -> int: ...
     def serve_from(self, key: str, slot: Slot, cached: Cached, max_file: int | None
                    ) -> tuple[bool, SharedFile | None]: ...
+    def absent(self, key: str) -> bool: ...
     async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]: ...
     async def reread(self, key: str) -> tuple[Cached, ...]: ...
     async def open_body(self, cached: Cached) -> bytes | IO[bytes] | None: ...
@@ -214,9 +215,9 @@ class Engine:
         note_key(key)
         variants = self.storage.memory_get(key)
         if variants is None:
-            # Concurrent lookups of one key share one disk read; a key the directory of the disk's
-            # keys does not list costs none (proxy.storage.reads).
-            variants = await self.load(key, bodies=head.method == "GET")
+            # A key the directory of the disk's keys does not list costs no disk read (nor a
+            # coroutine); concurrent lookups of one key share one read (proxy.storage.reads).
+            variants = () if self.storage.absent(key) else await self.load(key, bodies=head.method == "GET")
         now = self.clock()
         decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options)
         match decision:

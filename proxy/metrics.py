@@ -38,7 +38,6 @@ from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
-    Histogram,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
@@ -228,9 +227,9 @@ class Metrics:
                                          ["upstream", "status_class"], registry=r)
         self.upstream_errors = Counter("cachegate_upstream_errors", "Upstream failures by kind",
                                        ["upstream", "kind"], registry=r)
-        self.upstream_latency = Histogram("cachegate_upstream_latency_seconds",
-                                          "Time to the upstream response head", ["upstream"],
-                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_latency = LeanHistogram("cachegate_upstream_latency_seconds",
+                                              "Time to the upstream response head", ["upstream"],
+                                              LATENCY_BUCKETS, registry=r)
         self.coalesced = Counter("cachegate_coalesced_requests",
                                  "Requests served from another request's fetch", registry=r)
         self.not_stored = Counter("cachegate_not_stored", "Responses not stored, by reason",

@@ -75,6 +75,16 @@ class Reader:
 
     # -- lookups -----------------------------------------------------------------------------
 
+    def absent(self, key: str) -> bool:
+        """Whether the key is known to be nowhere: memory has looked (the caller), no disk
+        tier or the directory of the disk's keys does not list it, and this process is not
+        writing it. ``get`` would answer () without a disk read; this answers without a
+        coroutine, a shared future and a second look in memory (a miss's most common case)."""
+        t = self.t
+        if t.disk is None:
+            return True
+        return not t.work.writing(key) and t.memory.arena.on_disk(key) is False
+
     async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]:
         """The key's variants: from memory, else from disk (promoted into memory). ``bodies``:
         the caller will send a body, so a key's single variant with a body small enough for

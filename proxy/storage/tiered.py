@@ -157,6 +157,11 @@ class Storage:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def absent(self, key: str) -> bool:
+        """After memory missed: whether the disk tier is known not to hold the key either (see
+        ``reads.Reader.absent``)."""
+        return self.reads.absent(key)
+
     async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]:
         """The key's variants: from memory, else from disk (see ``reads.Reader.get``)."""
         return await self.reads.get(key, bodies=bodies)

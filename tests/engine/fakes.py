@@ -104,6 +104,9 @@ class FakeStore:
     def serve_from(self, key: str, slot: Any, cached: Cached, max_file: int | None) -> tuple[bool, None]:
         return True, None
 
+    def absent(self, key: str) -> bool:
+        return key not in self.variants
+
     async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]:
         return self.variants.get(key, ())
 

@@ -358,9 +358,20 @@ async def test_the_directory_of_disk_keys_is_built_from_the_index_and_follows_wr
     try:
         arena = st.memory.arena
         assert arena.on_disk("http://h.test/0") is None  # not built: the disk is asked
+        assert not st.absent("http://h.test/x")  # not known to be absent: read the disk
         assert await st.rebuild_directory() == 30
         assert arena.on_disk("http://h.test/0") and arena.on_disk("http://h.test/x") is False
+        assert st.absent("http://h.test/x") and not st.absent("http://h.test/0")
         assert await st.get("http://h.test/x") == ()  # without reading the disk
+        big = entry("http://h.test/big")  # too big for memory: this process writes it to disk
+        spool = st.spool(big, None)
+        await spool.write(os.urandom(200_000))
+        final = st.finalize(big, spool)
+        assert final is not None and not st.put_memory(final, spool)
+        writing = asyncio.ensure_future(st.put_disk(final, spool))
+        await asyncio.sleep(0)
+        assert st.work.writes and not st.absent("http://h.test/big")  # being written: read it
+        assert await writing and arena.on_disk("http://h.test/big")
         assert await store(st, entry("http://h.test/new"), b"n")  # written behind: then known
         assert arena.on_disk("http://h.test/new")
         await st.delete(["http://h.test/20"])
