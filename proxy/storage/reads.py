@@ -83,7 +83,10 @@ class Reader:
         t = self.t
         if t.disk is None:
             return True
-        return not t.work.writing(key) and t.memory.arena.on_disk(key) is False
+        try:
+            return not t.work.writing(key) and t.memory.arena.on_disk(key) is False
+        except Exception:  # not known: ``get`` reads, and its failures degrade to a miss
+            return False
 
     async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]:
         """The key's variants: from memory, else from disk (promoted into memory). ``bodies``:

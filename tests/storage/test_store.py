@@ -372,6 +372,13 @@ async def test_the_directory_of_disk_keys_is_built_from_the_index_and_follows_wr
         await asyncio.sleep(0)
         assert st.work.writes and not st.absent("http://h.test/big")  # being written: read it
         assert await writing and arena.on_disk("http://h.test/big")
+
+        def broken(key: str, fp: int | None = None) -> bool | None:
+            raise ValueError("mmap closed")
+
+        arena.on_disk = broken  # type: ignore[method-assign]  # a failing directory: not known
+        assert not st.absent("http://h.test/x")
+        del arena.on_disk
         assert await store(st, entry("http://h.test/new"), b"n")  # written behind: then known
         assert arena.on_disk("http://h.test/new")
         await st.delete(["http://h.test/20"])
