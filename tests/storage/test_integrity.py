@@ -206,10 +206,14 @@ async def test_kill_9_while_write_behind_commits_then_every_entry_is_whole(
     await proxy.wait_for(lambda: len(proxy.workers) == 2)
     done: list[str] = []
     fetch = asyncio.ensure_future(_fetch_all(proxy, list(bodies), done))
-    for _ in range(3000):  # kill while fills keep coming and batches are being written
-        if len(done) >= 200:
+    # Kill while fills keep coming and batches are being written, once at least one batch is
+    # committed (on a loaded machine 200 fills can be answered before the first commit).
+    cache = str(tmp_path / "cache")
+    for _ in range(3000):
+        if len(done) >= 200 and _committed(cache):
             break
         await asyncio.sleep(0.01)
+    assert _committed(cache) and len(done) < len(bodies)
     await proxy.kill()
     await fetch
 
