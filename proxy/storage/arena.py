@@ -561,13 +561,10 @@ class Arena:
             self._kill(found.pos)
             return True
 
-    def set_flags(self, pos: int, add: int) -> bool:
-        """Set flag bits of the live record at ``pos``; whether it was still there."""
-        return bool(self.set_flags_many((pos,), add))
-
     def set_flags_many(self, positions: Iterable[int], add: int) -> int:
-        """``set_flags`` for many records under one taking of the lock (write-behind marks a
-        whole batch: one lock each cost ≈ 6 % of its thread, py-spy); how many were there."""
+        """Set flag bits of the live records at ``positions``, under one taking of the lock
+        (write-behind marks a whole batch: a lock per record cost ≈ 6 % of its thread, py-spy);
+        how many were still there."""
         mm = self.mm
         done = 0
         with self.locked():
