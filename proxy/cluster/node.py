@@ -122,6 +122,7 @@ class ClusterNode:
         self._first = asyncio.Event()  # the first session caught up, or failed
         self._first_error: BaseException | None = None
         self._caught_up_all_along = False  # applied everything seen when Redis went away
+        self._tip_read = False  # this session has read the stream's tip (tip_seq)
         self._closing = False
 
     # -- life cycle ----------------------------------------------------------------------
@@ -171,9 +172,8 @@ class ClusterNode:
                 raise
             except REDIS_DOWN as exc:
                 was_ready = self.state == "ready"
-                if self.state in ("ready", "catching-up"):  # else keep what the last session knew
-                    self._caught_up_all_along = was_ready and self.saved is not None \
-                        and self.saved.seq >= self.tip_seq
+                self._caught_up_all_along = stream.caught_up_when_lost(
+                    self.state, self._tip_read, self.saved, self.tip_seq, self._caught_up_all_along)
                 self._set_state("disconnected", f"Redis at {self.settings.redacted_url} is unreachable: "
                                                 f"{_describe(exc)}")
                 if was_ready:
@@ -201,6 +201,7 @@ class ClusterNode:
     async def _session(self) -> None:
         """One connection to Redis: catch up, then follow the stream until it fails."""
         s = self.settings
+        self._tip_read = False
         self._redis = client(s, decode=True)
         self._reader = client(s, decode=True, blocking=BLOCK_MS / 1000)
         await self._redis.ping()
@@ -252,6 +253,7 @@ class ClusterNode:
         epoch, seq, last = await r.eval(TIP, 3, self.names.stream, self.names.seq, self.names.epoch,
                                         uuid.uuid4().hex)
         self.tip_seq = int(seq)
+        self._tip_read = True
         return Tip(str(epoch), int(seq), str(last))
 
     async def _catch_up(self) -> None:

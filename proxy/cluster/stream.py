@@ -135,6 +135,29 @@ def plan_resume(saved: Saved | None, tip: Tip, next_seq: int | None, *, keep_unk
     return Resume(saved.id)
 
 
+def caught_up_when_lost(state: str, tip_read: bool, saved: Saved | None, tip_seq: int,
+                        before: bool) -> bool:
+    """Whether a node that just lost Redis had applied every purge it knew of (``keep_unknown``
+    for ``plan_resume`` if Redis comes back empty).
+
+    ``state`` is the node's state when the session failed, ``tip_read`` whether that session
+    read the stream's tip (``tip_seq``), ``before`` the answer the last failed session gave.
+    A session that fails before it learns the tip learns nothing, so the last answer stands.
+    A node killed while catching up that had applied up to the tip is as caught up as a ready
+    one: without this it purged its whole cache when Redis died during a reconnect.
+
+    >>> caught_up_when_lost("ready", True, Saved("e1", 7, "6-0"), 7, False)
+    True
+    >>> caught_up_when_lost("catching-up", True, Saved("e1", 5, "4-0"), 7, True)   # half way
+    False
+    >>> caught_up_when_lost("catching-up", False, Saved("e1", 5, "4-0"), 7, True)  # tip not read
+    True
+    """
+    if state == "ready" or (state == "catching-up" and tip_read):
+        return saved is not None and saved.seq >= tip_seq
+    return before
+
+
 def merge_specs(specs: Iterable[PurgeSpec]) -> list[PurgeSpec]:
     """A backlog of purges as at most two: every hard one together, then every soft one.
 

@@ -56,6 +56,8 @@ async def test_nodes_serve_locally_through_a_slow_dead_and_emptied_redis_and_cat
             r = await proc.get("/p")
             assert (r.x_cache, r.body) == ("HIT", old[(n, "/p")])
         await wait_until(lambda: ready(a), wait=20)
+        await wait_until(lambda: ready(b), wait=20)  # both caught up when it dies (one still
+        # catching up then: test_stream's table of caught_up_when_lost)
 
         # Dead: the same, and /cluster, /healthz and the metrics say so.
         own_redis.kill()

@@ -8,7 +8,17 @@ import pytest
 
 import proxy.cluster.shared
 import proxy.cluster.stream
-from proxy.cluster.stream import START, Flush, Resume, Saved, Tip, merge_specs, outcome, plan_resume
+from proxy.cluster.stream import (
+    START,
+    Flush,
+    Resume,
+    Saved,
+    Tip,
+    caught_up_when_lost,
+    merge_specs,
+    outcome,
+    plan_resume,
+)
 from proxy.purge import PurgeSpec
 
 
@@ -40,6 +50,26 @@ TIP = Tip("e1", 10, "10-0")
 def test_where_a_node_resumes(saved: Saved | None, next_seq: int | None, keep: bool,
                               expected: Resume | Flush) -> None:
     assert plan_resume(saved, TIP, next_seq, keep_unknown=keep) == expected
+
+
+@pytest.mark.parametrize(("state", "tip_read", "saved", "before", "expected"), [
+    # Following the stream, up to date or behind.
+    ("ready", True, Saved("e1", 10, "10-0"), False, True),
+    ("ready", True, Saved("e1", 9, "9-0"), True, False),
+    # Reconnecting: it read the tip and had applied up to it (nothing new while it was away),
+    # or it was still applying the backlog.
+    ("catching-up", True, Saved("e1", 10, "10-0"), False, True),
+    ("catching-up", True, Saved("e1", 8, "8-0"), True, False),
+    ("catching-up", True, None, True, False),
+    # The session failed before it learnt anything: what the last one knew stands.
+    ("catching-up", False, Saved("e1", 8, "8-0"), True, True),
+    ("catching-up", False, Saved("e1", 10, "10-0"), False, False),
+    ("disconnected", False, Saved("e1", 8, "8-0"), True, True),
+    ("starting", False, None, False, False),
+])
+def test_whether_a_node_was_caught_up_when_it_lost_redis(state: str, tip_read: bool, saved: Saved | None,
+                                                         before: bool, expected: bool) -> None:
+    assert caught_up_when_lost(state, tip_read, saved, 10, before) is expected
 
 
 def test_a_backlog_merges_into_one_hard_and_one_soft_purge() -> None:
