@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import gc
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from proxy import __version__
+from proxy import __version__, gctuning
 
 # HIT_STATUSES: the X-Cache-Status values that count as hits in hit ratios (answered from the
 # store without waiting for the origin; a collapsed waiter says HIT too: it cost no origin request).
@@ -275,8 +276,9 @@ class Metrics:
         self.add_collector(self._collect_process)
 
     def _collect_process(self) -> Iterator[Metric]:
-        """The build, whether the fast hit path is on, and this process's CPU, memory and open
-        files under its worker label (process_* is summed over the processes when several serve)."""
+        """The build, whether the fast hit path is on, and this process's CPU, memory, open files
+        and garbage collector under its worker label (process_* is summed over the processes when
+        several serve)."""
         info = GaugeMetricFamily("cachegate_build_info", "cachegate's version (always 1)", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -289,6 +291,17 @@ class Metrics:
             gauge.add_metric([fast.reason], 1 if fast.enabled else 0)
             yield gauge
         label = [self.process_label]
+        frozen = GaugeMetricFamily("cachegate_worker_gc_frozen_objects",
+                                   "Objects start-up built that the garbage collector no longer scans "
+                                   "(frozen once the process serves), by worker", labels=["worker"])
+        frozen.add_metric(label, gctuning.frozen())
+        yield frozen
+        runs = CounterMetricFamily("cachegate_worker_gc_collections",
+                                   "Garbage collections by generation (2: full), by worker",
+                                   labels=["worker", "generation"])
+        for generation, stats in enumerate(gc.get_stats()):
+            runs.add_metric([*label, str(generation)], stats["collections"])
+        yield runs
         for family in self._process.collect():
             for sample in family.samples:
                 target = _PER_WORKER.get(sample.name)

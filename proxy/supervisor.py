@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from proxy import gctuning
 from proxy.cluster import ClusterUnavailable
 from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings
@@ -189,6 +190,7 @@ class Supervisor:
                     for url in admin_urls:
                         say(f"cachegate: admin listening on {url}")
                     say_started(self.settings, proxy_urls, admin_urls, len(self.workers))
+                    gctuning.settle()
                     runtime.state = "ready"
             await stop.wait()
         finally:

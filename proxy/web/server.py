@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, gctuning
 from proxy.cluster import ClusterUnavailable, attach_shared
 from proxy.cluster import join as join_cluster
 from proxy.config import Listener, Overrides, Settings, base_cache_options, load_config
@@ -250,6 +250,7 @@ class Reloader:
             return self._rejected([f"{self.path}:0: reload failed: {exc!r}"])
         merged, restart = live_settings(self._current(), new)
         self._apply(merged)
+        gctuning.resettle()
         for name in restart:
             log.warning("reload: %s changed; it applies at the next restart", name)
         for warning in new.warnings:
@@ -350,6 +351,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    gctuning.settle()
     runtime.state = "ready"
     if channel is not None:
         await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]

@@ -4,6 +4,8 @@ the build, fills and the write-behind queue."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,9 @@ async def test_a_scrape_shows_latency_by_cache_status_fills_and_the_process(
     assert m[("cachegate_worker_resident_memory_bytes", (("worker", "0"),))] > 1 << 20
     assert m[("cachegate_worker_cpu_seconds_total", (("worker", "0"),))] > 0
     assert m[("cachegate_worker_open_fds", (("worker", "0"),))] > 3
+    # In-process (the test suite's own interpreter): nothing settled, nothing frozen.
+    assert m[("cachegate_worker_gc_frozen_objects", (("worker", "0"),))] == 0
+    assert m[("cachegate_worker_gc_collections_total", (("generation", "2"), ("worker", "0")))] >= 0
 
 
 def test_several_processes_are_summed_and_shown_per_worker() -> None:
@@ -102,5 +107,43 @@ async def test_two_workers_show_their_own_processes_and_one_build(origin: Origin
         assert m[("cachegate_build_info", (("version", __version__),))] == 1
         assert m[("process_open_fds", ())] == sum(
             v for (name, _), v in m.items() if name == "cachegate_worker_open_fds")
+        # Each process froze what its start-up built (tens of thousands of objects: modules,
+        # config, rules) once it served, and counts its collections per generation.
+        for w in ("0", "1", "supervisor"):
+            assert m[("cachegate_worker_gc_frozen_objects", (("worker", w),))] > 10_000, w
+            for generation in "012":
+                assert ("cachegate_worker_gc_collections_total", (("generation", generation), ("worker", w))) in m
     finally:
         await proxy.stop()
+
+
+def test_a_serving_process_freezes_its_start_up_and_collects_less_often() -> None:
+    """``proxy.gctuning`` in a fresh interpreter (it changes the whole process's collector):
+    a reload before the process serves changes nothing; ``settle`` freezes and raises the
+    young generation's threshold; a reload afterwards collects the cycles that were frozen
+    (a replaced config's) and freezes again."""
+    script = """
+import gc, weakref
+from proxy import gctuning
+default = gc.get_threshold()
+gctuning.resettle()
+assert gc.get_threshold() == default and gctuning.frozen() == 0, "resettle before settle"
+
+class Old:  # a replaced config's object, in a cycle, alive when the process settled
+    pass
+old = Old(); old.me = old
+gone = weakref.ref(old)
+gctuning.settle()
+assert gc.get_threshold() == gctuning.THRESHOLD, gc.get_threshold()
+assert gctuning.frozen() > 1000, gctuning.frozen()
+del old
+gc.collect()
+assert gone() is not None, "a frozen cycle is not collected"
+gctuning.resettle()
+assert gone() is None, "the reload collected it"
+assert gctuning.frozen() > 1000 and gc.get_threshold() == gctuning.THRESHOLD
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parents[2]))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
