@@ -5,8 +5,8 @@ Why (measured: one worker of two under the ``fill`` load, 64 connections, ``gc.c
 timing each collection; ``docs/performance.md``, "Garbage collection"): a fill's request lives
 about 20 ms, longer than two young collections at 1,500 fills/s, so its objects reached the
 oldest generation and died there, and full collections of the ~82,000 objects a worker holds
-came every 2 s: about 1 s of collection per 10 s of load, with pauses up to 136 ms, during
-which every request in flight in that worker waits. Frozen and collected less often: 35 ms
+came every 1-2 s: 0.7-1.05 s of collection per 10 s of load, with pauses up to 136 ms, during
+which every request in flight in that worker waits. Frozen and collected less often: 17-35 ms
 per 10 s, pauses up to 11 ms. Requests leave almost no cycles behind (0.03 unreachable objects
 per request, ``DEBUG_SAVEALL``), so collecting less often holds no memory to speak of.
 
