@@ -17,6 +17,7 @@ in-process proxies leave the interpreter's collector as it is.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
 THRESHOLD = (10_000, 20, 10)
@@ -42,6 +43,18 @@ def resettle() -> None:
     if _settled:
         gc.unfreeze()
         settle()
+
+
+def resettle_soon() -> None:
+    """``resettle`` once the running event loop is done with what it does now (a reload): the
+    reload is answered and logged first, and a worker answers the supervisor, which goes on to
+    the next worker, before this process pauses for the collection."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        resettle()
+        return
+    loop.call_soon(resettle)
 
 
 def frozen() -> int:

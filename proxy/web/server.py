@@ -250,7 +250,7 @@ class Reloader:
             return self._rejected([f"{self.path}:0: reload failed: {exc!r}"])
         merged, restart = live_settings(self._current(), new)
         self._apply(merged)
-        gctuning.resettle()
+        gctuning.resettle_soon()
         for name in restart:
             log.warning("reload: %s changed; it applies at the next restart", name)
         for warning in new.warnings:

@@ -142,6 +142,19 @@ assert gone() is not None, "a frozen cycle is not collected"
 gctuning.resettle()
 assert gone() is None, "the reload collected it"
 assert gctuning.frozen() > 1000 and gc.get_threshold() == gctuning.THRESHOLD
+
+# A reload on the event loop: answered first, collected on the loop's next turn.
+import asyncio
+async def reload_on_the_loop():
+    again = Old(); again.me = again
+    ref = weakref.ref(again)
+    gctuning.resettle()  # frozen with the rest, as at start
+    del again
+    gctuning.resettle_soon()
+    assert ref() is not None, "not during the reload itself"
+    await asyncio.sleep(0)
+    assert ref() is None, "on the loop's next turn"
+asyncio.run(reload_on_the_loop())
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
