@@ -231,7 +231,7 @@ class ClusterNode:
                 if t.done() and not t.cancelled():
                     t.exception()  # retrieved: the first one was raised above
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
 
     def _set_state(self, state: str, reason: str) -> None:
         if state != self.state:

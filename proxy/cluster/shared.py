@@ -254,7 +254,7 @@ class SharedTier:
                 log.debug("shared tier: pub/sub lost: %s", exc)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
             await asyncio.sleep(1.0)
 
     # -- fills ----------------------------------------------------------------------------
