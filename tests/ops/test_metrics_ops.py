@@ -63,7 +63,8 @@ async def test_a_scrape_shows_latency_by_cache_status_fills_and_the_process(
     assert m[("cachegate_worker_open_fds", (("worker", "0"),))] > 3
     # In-process (the test suite's own interpreter): nothing settled, nothing frozen.
     assert m[("cachegate_worker_gc_frozen_objects", (("worker", "0"),))] == 0
-    assert m[("cachegate_worker_gc_collections_total", (("generation", "2"), ("worker", "0")))] >= 0
+    for generation in "012":
+        assert ("cachegate_worker_gc_collections_total", (("generation", generation), ("worker", "0"))) in m
 
 
 def test_several_processes_are_summed_and_shown_per_worker() -> None:
