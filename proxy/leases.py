@@ -43,9 +43,12 @@ A stale-while-revalidate refresh asks without waiting (``wait=False``): when
 another worker is already refreshing the key, it simply does not.
 
 Waiting is safe against every interleaving because the lease is taken and
-released under the shared memory's lock, and a holder looks in the store once
-it has the lease: a worker that missed the store just before another stored
-the key and released the lease is granted the next lease and finds the entry.
+released under the lease table's lock, a holder stores before it releases, and
+a holder looks in the store once it has the lease: a worker that missed the
+store just before another stored the key and released the lease is granted the
+next lease and finds the entry. (The table has a lock of its own, apart from the
+one the records are written under: a lease taken or released never waits for
+another worker's record write.)
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ class LeaseTable:
         response is not shareable); None when the table has no room (fetch without a lease)."""
         fp = self._arena.fingerprint(key)
         told: Told = []
-        with self._arena.locked():
+        with self._arena.lease_locked():
             now = self._clock()
             found = self._find(fp)
             if found is not None:
@@ -179,7 +182,7 @@ class LeaseTable:
     def head(self, key: str, token: int, shareable: bool, pass_: bool) -> Told:
         """The holder has its response head: a not shareable one sends the waiters upstream now."""
         fp = self._arena.fingerprint(key)
-        with self._arena.locked():
+        with self._arena.lease_locked():
             found = self._find(fp)
             if found is None or found[1][1] != token:
                 return []
@@ -195,7 +198,7 @@ class LeaseTable:
     def release(self, key: str, token: int, outcome: str, status: int = 0, message: str = "") -> Told:
         """The holder's fetch is over: the lease ends, and its waiters hear how it went."""
         fp = self._arena.fingerprint(key)
-        with self._arena.locked():
+        with self._arena.lease_locked():
             found = self._find(fp)
             if found is None or found[1][1] != token:
                 return []
@@ -210,7 +213,7 @@ class LeaseTable:
         waits for nothing any more."""
         told: Told = []
         mm = self._mm
-        with self._arena.locked():
+        with self._arena.lease_locked():
             for b in range(self._buckets):
                 base = self._at + _HEAD + b * SLOTS * _SLOT.size
                 for i in range(SLOTS):

@@ -8,7 +8,10 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 
@@ -145,8 +148,9 @@ if what == "write":
     a.put("from-child", b"m", b"written by the child")
     found = a.find("from-parent")
     print(a.body(found).decode() if found else "none", flush=True)
-elif what == "hold":
-    with a.locked():
+elif what.startswith("hold"):
+    lock = {"hold": a.locked, "hold-lease": a.lease_locked, "hold-dir": a.dir_locked}[what]()
+    with lock:
         print("holding", flush=True)
         time.sleep(60)
 elif what == "churn":
@@ -182,6 +186,41 @@ def test_a_writer_killed_while_holding_the_lock_does_not_block_the_others(arena:
     arena.put("after", b"m", b"b")  # the kernel released the dead holder's lock
     assert time.monotonic() - started < 5
     assert arena.find("after") is not None
+
+
+def _done_within(seconds: float, work: Callable[[], object]) -> bool:
+    """Whether ``work`` finished within ``seconds`` (it goes on in its thread either way)."""
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
+
+
+def _take(lock: Callable[[], AbstractContextManager[None]]) -> Callable[[], None]:
+    def take() -> None:
+        with lock():
+            pass
+    return take
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("held", ["hold", "hold-lease", "hold-dir"])
+def test_each_region_has_its_own_lock_between_processes(arena: Arena, held: str) -> None:
+    """A fill's lease is taken and released while another worker writes a record (and the
+    directory is updated beside both): each lock excludes the other processes from its region
+    only."""
+    locks = {"hold": arena.locked, "hold-lease": arena.lease_locked, "hold-dir": arena.dir_locked}
+    child = _child(arena, held)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "holding"
+        blocked = _take(locks[held])
+        others = [_take(lock) for name, lock in locks.items() if name != held]
+        assert all(_done_within(5, take) for take in others)
+        assert not _done_within(0.5, blocked)  # the child holds it
+    finally:
+        child.kill()
+        child.communicate()
+    assert _done_within(5, _take(locks[held]))  # the kernel released the dead holder's lock
 
 
 @pytest.mark.slow
