@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 import pytest
 
 from proxy.storage import arena as arena_module
-from proxy.storage.arena import BUCKET_SLOTS, HEADER, Arena
+from proxy.storage.arena import BUCKET_SLOTS, F_PERSISTED, FLAGS_PER_LOCK, HEADER, Arena
 
 KB = 1024
 
@@ -253,3 +253,21 @@ def test_a_scan_yields_live_records_oldest_first(arena: Arena) -> None:
     assert [r.key for r in arena.scan()] == [f"k{i}" for i in range(11) if i != 3]
     assert [r.key for r in arena.scan(start)] == ["k10"]
     assert HEADER == 40 and arena_module.CHECK_BODIES in (True, False)
+
+
+def test_write_behind_marks_a_batch_persisted_a_few_records_per_taking_of_the_lock(
+        arena: Arena, monkeypatch: pytest.MonkeyPatch) -> None:
+    positions = [arena.put(f"k{i}", b"m", b"b" * 10) for i in range(150)]
+    arena.delete("k7")
+    takings = 0
+    real = arena.locked
+
+    def counted() -> AbstractContextManager[None]:
+        nonlocal takings
+        takings += 1
+        return real()
+
+    monkeypatch.setattr(arena, "locked", counted)
+    assert arena.set_flags_many(positions, F_PERSISTED) == 149  # k7 is gone
+    assert takings == -(-150 // FLAGS_PER_LOCK) > 1
+    assert all(r.flags & F_PERSISTED for r in arena.scan()) and len(list(arena.scan())) == 149
