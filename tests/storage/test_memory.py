@@ -52,6 +52,26 @@ def test_lfu_gives_the_second_chance_only_to_what_was_read_more_than_once() -> N
         m.close()
 
 
+def test_a_key_is_kept_decoded_from_its_second_read_and_keys_read_once_push_out_none() -> None:
+    writer = MemoryTier(budget=8 << 20, max_object=10_000)
+    for i in range(300):
+        writer.put(f"k{i}", cached(f"k{i}", 500))
+    reader = MemoryTier(budget=8 << 20, max_object=10_000, arena=writer.arena, decoded=40_000,
+                        doorkeeper=100)
+    assert reader.get("k0") is not None and reader.decoded_entries == 0  # read once: not kept
+    assert reader.get("k0") is not None and reader.decoded_entries == 1  # again: kept
+    assert reader.hits("k0") == 2  # the first read counts
+    for i in range(1, 300):  # a long tail read once each: none is kept, k0 stays
+        assert reader.get(f"k{i}") is not None
+        assert reader.decoded_entries == 1 and "k0" in reader._decoded
+    for i in range(200, 300):  # the last 100 are remembered: a second read keeps them
+        reader.get(f"k{i}")
+    assert reader.decoded_entries > 1 and reader.decoded_bytes <= reader.decoded_budget
+    assert reader.get("k1") is not None and "k1" not in reader._decoded  # forgotten meanwhile
+    reader.close()
+    writer.close()
+
+
 def test_an_object_bigger_than_half_the_memory_is_refused() -> None:
     m = MemoryTier(budget=256 * KB, max_object=1 << 20)
     assert not m.put("big", cached("big", m.arena.capacity // 2 + 1))
@@ -185,7 +205,7 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
         assert isinstance(stored, Store)
         e = Entry(url, url, stored.response, os.urandom(16).hex(), 1024, stored_at=1e9)
         writer.put(e.key, (Cached(e, os.urandom(1024)),))
-    reader = MemoryTier(64 << 20, 1 << 20, arena=writer.arena, decoded=1 << 30)
+    reader = MemoryTier(64 << 20, 1 << 20, arena=writer.arena, decoded=1 << 30, doorkeeper=0)
     gc.collect()
     tracemalloc.start()
     try:
