@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from proxy.web.fastpath import FastPath, ProxyServer, build_head, fast_path_supported
+from proxy.web.fastheads import build_head
+from proxy.web.fastpath import FastPath, ProxyServer, fast_path_supported
 from proxy.web.server import _bound, start_proxy_listener
 from tests.conftest import MakeProxy
 from tests.harness import Clock, Origin, Proxy

@@ -21,7 +21,8 @@ same steps the general path takes: ``served_headers`` and ``response_edits`` fro
 engine, the front end's own fields (debug fields, X-Request-Id, Server), then the one
 reply-head writer (``proxy.web.heads``: ``frame`` adds Content-Length, a default
 Content-Type, Date when the stored response has none, Connection for HTTP/1.0 keep-alive;
-``serialise`` makes the bytes). Per request only Age, the ``ttl`` of Cache-Status, the
+``serialise`` makes the bytes), once per shape of head and then filled in per variant
+(``proxy.web.fastheads``). Per request only Age, the ``ttl`` of Cache-Status, the
 X-Request-Id (``proxy.logs``) and, when the stored response had no Date, the Date are
 filled in. With an access log, each answer leaves a tuple for the log's batch writer.
 tests/test_fastpath.py compares both paths field by field for a table of requests.
@@ -62,40 +63,26 @@ from time import perf_counter
 from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
-from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
-from multidict import CIMultiDict
 
-from proxy.engine import response_edits, served_headers
+from proxy.engine import response_edits
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.metrics import FastPathState
-from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import normalise_request
-from proxy.rules import HeaderEdits, RequestPlan, RuleSet
+from proxy.rules import RequestPlan, RuleSet
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.memory import Cached
-from proxy.web.frontend import Extras, Front, FrontEnd, add_own_fields
-from proxy.web.heads import frame, from_response, serialise
+from proxy.web.fastheads import HeadShapes
+from proxy.web.frontend import Front, FrontEnd
+from proxy.web.heads import from_response
 from proxy.web.proxy_handler import sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
 
-# Placeholders in a head while it is serialised (U+E000 is a private-use character, which
-# no stored field contains: a variant whose fields do is never answered here).
-_MARK = "\ue000"
-_MARK_BYTES = _MARK.encode()
-MARK_AGE, MARK_STATUS, MARK_DATE = f"{_MARK}A{_MARK}", f"{_MARK}C{_MARK}", f"{_MARK}D{_MARK}"
-MARK_ID = f"{_MARK}R{_MARK}"
-_HIT_ZERO = cache_status(hit=True, ttl=0.0)
-assert _HIT_ZERO.endswith("=0"), _HIT_ZERO
-# Cache-Status of a fresh hit is this prefix and floor(ttl); ttl > 0 for a HIT, so %d's
-# truncation is the floor.
-_HIT_PREFIX = _HIT_ZERO[:-1].encode().replace(b"%", b"%%")
-_FILL = {b"A": b"%d", b"C": _HIT_PREFIX + b"%d", b"D": b"%s", b"R": b"%s"}
 # The head and body in one block; head and body; head and body file; head, body file and the
 # variant whose memory holds the same body (see ``_send_file``).
 FastAnswer = bytes | tuple[bytes, bytes] | tuple[bytes, SharedFile] | tuple[bytes, SharedFile, Cached]
@@ -104,66 +91,6 @@ LARGE_BODY = 16 * 1024  # bigger bodies are written beside the head, not copied 
 # loop and buffered whole in the transport, with no back-pressure (the general path streams
 # it in the thread pool, waiting for the client).
 FAST_FILE_MAX = 1024 * 1024
-UNSERVABLE = (204, 304)  # aiohttp frames these differently; the general path answers them
-
-
-class Head:
-    """A pre-serialised response head with its per-request holes, for one variant."""
-
-    __slots__ = ("edits", "extras", "flavor", "fmt", "order")
-
-    def __init__(self, edits: HeaderEdits | None, flavor: int, extras: Extras,
-                 fmt: bytes | None, order: bytes) -> None:
-        self.edits = edits
-        self.flavor = flavor
-        self.extras = extras
-        self.fmt = fmt  # None: this variant cannot be answered here in this flavor
-        self.order = order  # which holes, in order: b"ACR", b"ACRD", b"CR", ...
-
-    @property
-    def size(self) -> int:
-        """The bytes it holds beside its object (counted in the memory tier's decoded budget)."""
-        return len(self.fmt or b"") + len(self.order) + 33
-
-    def render(self, age: float, ttl: float, request_id: bytes) -> bytes:
-        fmt = self.fmt
-        assert fmt is not None
-        order = self.order
-        if order == b"ACR":
-            return fmt % (age, ttl, request_id)
-        values = {65: age, 67: ttl, 68: rfc822_formatted_time().encode(), 82: request_id}
-        return fmt % tuple(values[c] for c in order)
-
-
-def build_head(status: int, reason: str, headers: list[tuple[str, str]],
-               debug: tuple[tuple[str, str], ...], length: int, head_only: bool,
-               version: tuple[int, int], server: str = "cachegate") -> tuple[bytes, bytes] | None:
-    """The head the general path writes for these reply fields (holes marked), as
-    (%-format, holes); None when it cannot be pre-built.
-
-    The same steps as the general path's ``write_reply``, from the same functions: the
-    front end's own fields (``add_own_fields``: debug fields, X-Request-Id, Server unless a
-    rule set one), then the one head writer (``proxy.web.heads``: ``frame`` on a kept-alive
-    connection, ``serialise``).
-    """
-    if "\r" in reason or "\n" in reason or _MARK in reason:
-        return None
-    h: CIMultiDict[str] = CIMultiDict(headers)
-    add_own_fields(h, Extras(debug, server), MARK_ID)
-    # Kept alive: a request that asks to close takes the general path.
-    frame(h, status, hdrs.METH_HEAD if head_only else hdrs.METH_GET, version, length, True, MARK_DATE)
-    try:
-        raw = serialise(version, status, reason, h)
-    except (ValueError, TypeError):
-        return None
-    parts = raw.split(_MARK_BYTES)
-    literals, holes = parts[0::2], parts[1::2]
-    if len(parts) % 2 != 1 or any(hole not in _FILL for hole in holes):
-        return None  # a stored field held the placeholder character
-    fmt = bytearray(literals[0].replace(b"%", b"%%"))
-    for hole, literal in zip(holes, literals[1:], strict=True):
-        fmt += _FILL[hole] + literal.replace(b"%", b"%%")
-    return bytes(fmt), b"".join(holes)
 
 
 class Known:
@@ -224,6 +151,7 @@ class FastPath:
         self._fresh_hit = self._engine.fresh_hit_of
         self._keep_head = storage.keep_head
         self._alive = storage.alive
+        self._shapes = HeadShapes()
         self._known: dict[bytes, Known] = {}
         self.declined: Declined | None = None  # the last request normalised and not answered here
         self.answered = 0  # requests answered here (tests check that the fast path ran)
@@ -294,7 +222,7 @@ class FastPath:
                     ready = h
                     break
         if ready is None:
-            ready = self._new_head(cached, edits, flavor, extras, version)
+            ready = self._shapes.head(cached, edits, flavor, extras, version)
             self._keep_head(key, cached, ready, ready.size)
         if ready.fmt is None:
             return None
@@ -345,21 +273,6 @@ class FastPath:
             return None
         data = bytes(memoryview(body)[start:])
         return data if self._alive(cached) else None
-
-    @staticmethod
-    def _new_head(cached: Cached, edits: HeaderEdits | None, flavor: int, extras: Extras,
-                  version: tuple[int, int]) -> Head:
-        stored = cached.entry.response
-        head_only = bool(flavor & 2)
-        built = None
-        if stored.status >= 200 and stored.status not in UNSERVABLE:
-            headers = served_headers(stored.headers, MARK_AGE, MARK_STATUS, "HIT")
-            if edits:
-                headers = edits.apply(headers)
-            length = cached.entry.body_size if head_only or cached.body is None else len(cached.body)
-            built = build_head(stored.status, stored.reason, headers, extras.debug, length, head_only,
-                               version, extras.server)
-        return Head(edits, flavor, extras, *(built or (None, b"")))
 
 
 class ProxyRequestHandler(RequestHandler):

@@ -190,7 +190,8 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
     from proxy.policy.messages import CacheOptions, RequestHead
     from proxy.policy.storability import Store, decide_store
     from proxy.storage.entry import Entry
-    from proxy.web.fastpath import Extras, FastPath
+    from proxy.web.fastheads import HeadShapes
+    from proxy.web.frontend import Extras
 
     n = 2000
     writer = MemoryTier(64 << 20, 1 << 20)
@@ -206,6 +207,7 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
         e = Entry(url, url, stored.response, os.urandom(16).hex(), 1024, stored_at=1e9)
         writer.put(e.key, (Cached(e, os.urandom(1024)),))
     reader = MemoryTier(64 << 20, 1 << 20, arena=writer.arena, decoded=1 << 30, doorkeeper=0)
+    shapes, extras = HeadShapes(), Extras((), "cachegate")
     gc.collect()
     tracemalloc.start()
     try:
@@ -213,7 +215,7 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
             key = f"http://127.0.0.1:8080/obj/1k/k{i}"
             variants = reader.get(key)
             assert variants is not None
-            head = FastPath._new_head(variants[0], None, 0, Extras((), "cachegate"), (1, 1))
+            head = shapes.head(variants[0], None, 0, extras, (1, 1))
             reader.keep_head(key, variants[0], head, head.size)
         taken, _ = tracemalloc.get_traced_memory()
     finally:
