@@ -59,6 +59,7 @@ CASES = [
     ("the placeholder character", cached((("X-Bad", "a\ue000b"),))),
     ("a reason with CR", cached(PLAIN, reason="OK\r\nX: y")),
     ("a lone surrogate", cached((("X-Bad", "a\udc80b"),))),
+    ("a name with the placeholder character", cached((("X\ue000Y", "v"),))),
     ("not modified", cached(PLAIN, status=304, reason="Not Modified")),
 ]
 

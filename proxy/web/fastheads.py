@@ -185,6 +185,8 @@ def _template(stored: StoredResponse, edits: HeaderEdits | None, extras: Extras,
               version: tuple[int, int], length: int) -> Template | None:
     """``build_head`` of a shape: (parts, holes), where a part is bytes (the head, per-request
     holes included, escaped for ``%``), a stored value's index, or ``_LENGTH``."""
+    if any(_MARK in k for k, _ in stored.headers):
+        return None  # (not a token: the origin's parser refuses it) the general path answers
     placeholders = [(k, f"{_MARK}{i}{_MARK}") for i, (k, _) in enumerate(stored.headers)]
     headers = served_headers(placeholders, MARK_AGE, MARK_STATUS, "HIT")
     if edits:
@@ -203,6 +205,8 @@ def _template(stored: StoredResponse, edits: HeaderEdits | None, extras: Extras,
         if hole in _FILL:
             literal += _FILL[hole]
             holes += hole
+        elif hole != b"L" and not hole.isdigit():
+            return None  # a rule's or the front end's field held the placeholder character
         else:
             parts.append(bytes(literal))
             parts.append(_LENGTH if hole == b"L" else int(hole))
