@@ -92,3 +92,10 @@ def test_one_template_serves_every_variant_of_a_shape() -> None:
     c = cached(PLAIN)
     again = shapes.head(c, None, 0, Extras((), "cachegate"), (1, 1))
     assert len(shapes._templates) == 2 and again.fmt == shapes.head(c, None, 0, PLAIN_EXTRAS, (1, 1)).fmt
+
+
+@pytest.mark.parametrize("name", ["X\ue000Y\ue000Z", "X\ue000A\ue000", "X\ue0007\ue000"])
+def test_a_field_name_holding_placeholders_is_left_to_the_general_path(name: str) -> None:
+    """Not a token (the origin's parser refuses it), but never read as a hole either."""
+    head = HeadShapes().head(cached(((name, "v"),)), None, 0, PLAIN_EXTRAS, (1, 1))
+    assert head.fmt is None
