@@ -1,0 +1,53 @@
+"""An arena record decodes to the very entries that were encoded: equal, of the same classes,
+as frozen and as hashable as ones built by their own constructors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from proxy.policy.messages import Freshness, StoredResponse
+from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, _fast_new, decode_record, encode_record
+
+
+def variants() -> list[tuple[Entry, int, int]]:
+    plain = StoredResponse(200, "OK", (("Date", "Fri, 04 Dec 2026 10:00:00 GMT"), ("Content-Type", "text/html"),
+                                       ("X-Own", "v")), 999.5, 1000.0, Freshness(60.0, "max-age", 3.0, 1000.0))
+    odd = StoredResponse(203, "Fine Then", (("Link", "</a>"), ("Link", "</b>")), 990.0, 1000.0,
+                         Freshness(0.0, "heuristic", 0.0, 995.0, True, True, 30.0, 60.0, True),
+                         vary=(("accept-encoding", "gzip"),), etag='"v1"', last_modified="Thu, 03 Dec 2026 10:00:00 GMT",
+                         invalidated=True)
+    return [(Entry("http://h/k", "http://h/k", plain, "b1", 10, stored_at=1000.0, seq=3), 10, ON_DISK),
+            (Entry("http://h/k\x1fgzip", "http://h/k", odd, "b2", 20, ("t1", "t2"), 1001.0, 4), -1, ALL_TO_WRITE)]
+
+
+def test_a_record_decodes_to_the_entries_encoded() -> None:
+    encoded = variants()
+    decoded = decode_record("http://h/k", encode_record(encoded))
+    assert decoded is not None
+    for (e, body_len, state), (d, d_len, d_state) in zip(encoded, decoded, strict=True):
+        assert (d_len, d_state) == (body_len, state)
+        assert d == dataclasses.replace(e, key="http://h/k")  # the record's key is the one asked for
+        assert type(d) is Entry and type(d.response) is StoredResponse
+        assert type(d.response.freshness) is Freshness
+        assert hash(d.response.freshness) == hash(e.response.freshness)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            d.response.freshness.lifetime = 1.0  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            d.seq = 9  # type: ignore[misc]
+
+
+def test_the_fast_constructor_builds_the_class_itself() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Point:
+        x: int
+        y: int = 2
+        note: str | None = dataclasses.field(default=None, compare=False)
+
+    new = _fast_new(Point)
+    assert new(1) == Point(1) and new(1, 3) == Point(1, 3) != new(1)
+    p = new(1, 3, "n")
+    assert type(p) is Point and p.note == "n" and repr(p) == repr(Point(1, 3, "n"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.x = 2  # type: ignore[misc]
