@@ -20,6 +20,7 @@ ways give the same bytes for a table of responses.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import hdrs
@@ -165,20 +166,22 @@ class HeadShapes:
             template = found[2]
             if template is None:
                 return None  # the shape itself is refused (its reason, a field name)
-            try:
-                data = [v.encode() for v in values]
+            size = str(length).encode()
+            parts, holes = template
+            try:  # only the values the head keeps are encoded
+                return b"".join([p if isinstance(p, bytes) else size if p == _LENGTH
+                                 else values[p].encode().replace(b"%", b"%%") for p in parts]), holes
             except UnicodeEncodeError:
                 pass  # (a lone surrogate): build_head decides
-            else:
-                size = str(length).encode()
-                parts, holes = template
-                return b"".join([p if isinstance(p, bytes) else size if p == _LENGTH
-                                 else data[p].replace(b"%", b"%%") for p in parts]), holes
-        headers = served_headers(fields, MARK_AGE, MARK_STATUS, "HIT")
-        if edits:
-            headers = edits.apply(headers)
-        return build_head(stored.status, stored.reason, headers, extras.debug, length, head_only, version,
-                          extras.server)
+        return build_head(stored.status, stored.reason, _served(fields, edits), extras.debug, length,
+                          head_only, version, extras.server)
+
+
+def _served(fields: Sequence[tuple[str, str]], edits: HeaderEdits | None) -> list[tuple[str, str]]:
+    """A stored response's fields as a fresh hit serves them (Age and Cache-Status as holes),
+    with the rule's edits."""
+    headers = served_headers(fields, MARK_AGE, MARK_STATUS, "HIT")
+    return edits.apply(headers) if edits else headers
 
 
 def _template(stored: StoredResponse, edits: HeaderEdits | None, extras: Extras, head_only: bool,
@@ -188,11 +191,8 @@ def _template(stored: StoredResponse, edits: HeaderEdits | None, extras: Extras,
     if any(_MARK in k for k, _ in stored.headers):
         return None  # (not a token: the origin's parser refuses it) the general path answers
     placeholders = [(k, f"{_MARK}{i}{_MARK}") for i, (k, _) in enumerate(stored.headers)]
-    headers = served_headers(placeholders, MARK_AGE, MARK_STATUS, "HIT")
-    if edits:
-        headers = edits.apply(headers)
-    raw = _raw_head(stored.status, stored.reason, headers, extras.debug, length, head_only, version,
-                    extras.server, length_hole=True)
+    raw = _raw_head(stored.status, stored.reason, _served(placeholders, edits), extras.debug, length,
+                    head_only, version, extras.server, length_hole=True)
     if raw is None:
         return None
     pieces = raw.split(_MARK_BYTES)
