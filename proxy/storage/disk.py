@@ -63,6 +63,14 @@ SQLITE_MMAP = 0  # bytes of each database SQLite memory-maps per connection (dis
 SQLITE_CACHE_PAGES = 256  # SQLite's page cache per connection: 1 MB (diskcache: 8192 pages, 32 MB)
 ORPHAN_AGE = 600.0  # seconds: an unreferenced body or file younger than this may be a write in progress
 
+# The layout of diskcache's ``Cache`` table (5.6), into which ``_insert_new`` writes new rows
+# itself, as ``Cache.set`` would (``_row_insert``: the table's triggers keep diskcache's count
+# and size). Checked per shard when it opens; a shard with another layout goes through ``set``.
+CACHE_COLUMNS = ("rowid", "key", "raw", "store_time", "expire_time", "access_time", "access_count",
+                 "tag", "size", "mode", "filename", "value")
+_INSERT = ("INSERT OR IGNORE INTO Cache(key, raw, store_time, expire_time, access_time, access_count,"
+           " tag, size, mode, filename, value) VALUES (?, ?, ?, NULL, ?, 0, NULL, 0, ?, NULL, ?)")
+
 Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
 
 
@@ -90,6 +98,19 @@ def body_time(body_id: str) -> float:
         return int(body_id.split("-", 1)[0], 16) / 1e9
     except ValueError:
         return 0.0
+
+
+def _plain_layout(shard: diskcache.Cache) -> bool:
+    """Whether the shard's ``Cache`` table is the layout ``_insert_new`` writes."""
+    try:
+        return tuple(r[1] for r in shard._sql("PRAGMA table_info(Cache)").fetchall()) == CACHE_COLUMNS
+    except sqlite3.Error:
+        return False
+
+
+def _inline(value: bytes | None) -> bool:
+    """Whether diskcache keeps ``value`` in its database (not in a file of its own)."""
+    return value is not None and len(value) < INLINE_LIMIT
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -138,6 +159,7 @@ class DiskTier:
             )
             for i in range(shards)
         ]
+        self._bulk = [_plain_layout(s) for s in self._shards]
 
     def close(self) -> None:
         for s in self._shards:
@@ -201,9 +223,17 @@ class DiskTier:
         done = [False] * len(items)
         for index, positions in by_shard.items():
             shard = self._shards[index]
+            # Keys known not to be on disk, with a body the database holds: inserted in bulk,
+            # first (a later item of the same key in the batch merges with what they wrote).
+            fresh = [i for i in positions if new is not None and new[i] and _inline(items[i][3])] \
+                if self._bulk[index] else []
+            taken = set(fresh)
+            rest = [i for i in positions if i not in taken]
             try:
                 with shard.transact():
-                    for i in positions:
+                    if fresh:
+                        self._insert_new(shard, [items[i] for i in fresh])
+                    for i in rest:
                         key, merge, body_id, body = items[i]
                         if body is not None:
                             shard.set("b:" + body_id, body)
@@ -221,6 +251,37 @@ class DiskTier:
             for i in positions:
                 done[i] = True
         return done
+
+    @staticmethod
+    def _insert_new(shard: diskcache.Cache, items: Sequence[tuple[str, Merge, str, bytes | None]]) -> None:
+        """``_merge_locked`` for keys the disk does not hold, with their small bodies: two
+        ``executemany`` INSERTs instead of a SELECT and an INSERT per row through ``Cache.set``.
+        Measured: ``commit_many`` of 10,000 new 1 KiB entries in batches of 200 over 8 shards,
+        100 -> 55 µs of CPU per entry; the owner's CPU per fill under 2 workers' fill load,
+        200 -> 155 µs. A key that was on disk after all (a worker wrote a big variant of it
+        just now) is rewritten through ``set``, as before: its metadata row is replaced."""
+        now = time.time()
+        raw = diskcache.core.MODE_RAW
+        bodies = []
+        metas = []
+        big: list[tuple[str, bytes]] = []
+        for key, merge, body_id, body in items:
+            assert body is not None
+            bodies.append(("b:" + body_id, True, now, now, raw, body))
+            variants, dropped = merge(())
+            assert not dropped  # nothing was there to replace
+            if variants:
+                blob = encode_variants(variants)
+                if _inline(blob):
+                    metas.append(("m:" + key, True, now, now, raw, blob))
+                else:
+                    big.append(("m:" + key, blob))
+        con = shard._con  # the connection of this thread, inside ``transact``
+        con.executemany(_INSERT, bodies)
+        if con.executemany(_INSERT, metas).rowcount != len(metas):
+            big += [(row[0], row[5]) for row in metas]
+        for name, blob in big:
+            shard.set(name, blob)
 
     @staticmethod
     def _cull(shard: diskcache.Cache) -> None:

@@ -282,3 +282,85 @@ async def test_a_ban_added_while_this_process_reloads_the_bans_is_not_lost(disk_
     await reload
     index.bans = real  # type: ignore[method-assign]
     assert await disk_store.get(KEY) == ()
+
+
+def _rows(disk: DiskTier) -> tuple[list[tuple[object, ...]], list[tuple[str, int]]]:
+    """Every shard's rows (without rowid and times) and diskcache's count and size."""
+    rows: list[tuple[object, ...]] = []
+    settings: list[tuple[str, int]] = []
+    for shard in disk._shards:
+        con = sqlite3.connect(os.path.join(shard.directory, "cache.db"))
+        try:
+            rows += con.execute("SELECT key, raw, expire_time IS NULL, store_time > 0, access_time > 0,"
+                                " access_count, tag, size, mode, filename IS NULL, value FROM Cache").fetchall()
+            settings += con.execute("SELECT key, value FROM Settings WHERE key IN ('count', 'size')").fetchall()
+        finally:
+            con.close()
+    return sorted(rows, key=repr), sorted(settings)
+
+
+def _jobs(bans: object, entries: list[tuple[str, str, bytes]]) -> list[tuple[str, object, str, bytes]]:
+    from proxy.storage.persist import adding
+    return [(key, adding(bans, replace(entry(key), body_id=body_id, body_size=len(body), seq=i + 1), []),  # type: ignore[arg-type]
+             body_id, body) for i, (key, body_id, body) in enumerate(entries)]
+
+
+def test_keys_new_to_the_disk_are_inserted_in_bulk_as_diskcache_would_store_them(tmp_path: Path) -> None:
+    """Keys the directory says are not on disk skip ``Cache.set`` (two INSERTs for the whole
+    batch): the rows, diskcache's count and size, and what reads give back are the same as
+    through ``set``; a body too big for the database still goes to a file."""
+    from proxy.storage.bans import BanList
+    from proxy.storage.disk import INLINE_LIMIT
+    entries = [(f"{KEY}/{i}", f"b{i}", bytes([i]) * (100 + i)) for i in range(40)]
+    entries.append((f"{KEY}/big", "bbig", b"z" * (INLINE_LIMIT + 1)))
+    bulk = DiskTier(str(tmp_path / "bulk"), 64 * MB, shards=2)
+    plain = DiskTier(str(tmp_path / "plain"), 64 * MB, shards=2)
+    try:
+        inserted: list[int] = []
+        real = bulk._insert_new
+
+        def counting(shard: object, items: list[object]) -> None:
+            inserted.append(len(items))
+            real(shard, items)  # type: ignore[arg-type]
+
+        bulk._insert_new = counting  # type: ignore[assignment,method-assign]
+        assert all(bulk.commit_many(_jobs(BanList(), entries), [True] * len(entries)))  # type: ignore[arg-type]
+        assert all(plain.commit_many(_jobs(BanList(), entries), None))  # type: ignore[arg-type]
+        assert sum(inserted) == 40  # all but the big body went in bulk
+        bulk_rows, bulk_settings = _rows(bulk)
+        plain_rows, plain_settings = _rows(plain)
+        assert bulk_rows == plain_rows
+        assert bulk_settings == plain_settings
+        assert sum(v for k, v in bulk_settings if k == "count") == 2 * len(entries)
+        for key, body_id, body in entries:
+            assert [e.body_id for e in bulk.get_variants(key)] == [body_id]
+            assert bulk.get_variants(key) == plain.get_variants(key)
+            got = bulk.get_body(key, body_id)
+            if not isinstance(got, bytes):
+                assert got is not None
+                with got:
+                    got = got.read()
+            assert got == body
+    finally:
+        bulk.close()
+        plain.close()
+
+
+def test_a_key_the_directory_missed_is_rewritten_not_duplicated(tmp_path: Path) -> None:
+    """A worker may write a big variant of a key just as write-behind commits it as new: the
+    bulk INSERT leaves that row alone, and the key's metadata is then rewritten through
+    ``set``, as before (one row per key, the batch's variant in it)."""
+    from proxy.storage.bans import BanList
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=1)
+    try:
+        assert all(disk.commit_many(_jobs(BanList(), [(KEY, "old", b"o" * 50)]), None))  # type: ignore[arg-type]
+        ok = disk.commit_many(_jobs(BanList(), [(KEY, "new", b"n" * 50), (KEY + "/2", "two", b"t")]),  # type: ignore[arg-type]
+                              [True, True])
+        assert ok == [True, True]
+        assert [e.body_id for e in disk.get_variants(KEY)] == ["new"]
+        assert [e.body_id for e in disk.get_variants(KEY + "/2")] == ["two"]
+        rows, settings = _rows(disk)
+        assert sorted(r[0] for r in rows) == sorted(["b:old", "b:new", "b:two", "m:" + KEY, f"m:{KEY}/2"])
+        assert sum(v for k, v in settings if k == "count") == 5
+    finally:
+        disk.close()
