@@ -77,6 +77,8 @@ MAX_WORKERS = 64  # waiters are a bit mask
 _SLOT = struct.Struct("<QQdQHH4x")
 _Q = struct.Struct("<Q")
 SLOTS = 8
+_FPS = struct.Struct("<" + "Q32x" * SLOTS)  # the fingerprints of a bucket's slots, read at once
+assert _FPS.size == SLOTS * _SLOT.size
 EVENTS = ("granted", "waited", "busy", "pass", "stored", "error", "failed", "holder_gone")
 _HEAD = 8 * (len(EVENTS) + 2)  # the counters, the next token, the leases held
 F_HEAD, F_SHAREABLE, F_PASS = 1, 2, 4
@@ -105,18 +107,16 @@ class LeaseTable:
 
     def _find(self, fp: int) -> tuple[int, tuple[Any, ...]] | None:
         at = self._bucket(fp)
-        for i in range(SLOTS):
-            slot = _SLOT.unpack_from(self._mm, at + i * _SLOT.size)
-            if slot[0] == fp:
-                return at + i * _SLOT.size, slot
-        return None
+        fps = _FPS.unpack_from(self._mm, at)
+        if fp not in fps:
+            return None
+        at += fps.index(fp) * _SLOT.size
+        return at, _SLOT.unpack_from(self._mm, at)
 
     def _free(self, fp: int) -> int | None:
         at = self._bucket(fp)
-        for i in range(SLOTS):
-            if _SLOT.unpack_from(self._mm, at + i * _SLOT.size)[0] == 0:
-                return at + i * _SLOT.size
-        return None
+        fps = _FPS.unpack_from(self._mm, at)
+        return at + fps.index(0) * _SLOT.size if 0 in fps else None
 
     def _clear(self, at: int) -> None:
         self._mm[at:at + _SLOT.size] = bytes(_SLOT.size)
@@ -138,6 +138,8 @@ class LeaseTable:
 
     @staticmethod
     def _tell(waiters: int, event: dict[str, Any]) -> Told:
+        if not waiters:
+            return []  # a lease nobody waits for (nearly all of them)
         return [(w, event) for w in range(MAX_WORKERS) if waiters >> w & 1]
 
     # -- operations --------------------------------------------------------------------------

@@ -144,3 +144,25 @@ def test_two_processes_take_leases_in_the_same_table() -> None:
     assert "'granted': False" in out and "'holder': 0" in out
     assert events(t.release("k", token=1, outcome="stored")) == [(1, "stored")]
     arena.close()
+
+
+def test_keys_sharing_a_bucket_each_have_their_own_lease_until_the_bucket_is_full(
+        table: tuple[LeaseTable, Clock]) -> None:
+    from proxy.leases import SLOTS
+    t, _ = table
+    t._buckets = 1  # every key in the one bucket
+    keys = [f"k{i}" for i in range(SLOTS + 1)]
+    for i, key in enumerate(keys[:SLOTS]):
+        got, _ = t.acquire(i % 4, key)
+        assert got == {"granted": True, "token": i + 1}
+    assert t.acquire(0, keys[SLOTS]) == (None, [])  # no room: fetched without a lease
+    waiting, _ = t.acquire(3, keys[5])
+    assert waiting == {"granted": False, "token": 6, "holder": 1}
+    assert events(t.release(keys[5], token=6, outcome="stored")) == [(3, "stored")]
+    assert t.release(keys[5], token=6, outcome="stored") == []  # already ended
+    got, _ = t.acquire(0, keys[SLOTS])  # the slot it freed
+    assert got == {"granted": True, "token": SLOTS + 1}
+    for i, key in enumerate(keys[:SLOTS]):
+        if i != 5:
+            assert t.release(key, token=i + 1, outcome="failed") == []
+    assert t.held == 1
