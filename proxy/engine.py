@@ -214,10 +214,12 @@ class Engine:
         key = cache_key(head, plan.key)
         note_key(key)
         variants = self.storage.memory_get(key)
+        nowhere = False  # the key is nowhere, as of this step (no await since)
         if variants is None:
             # A key the directory of the disk's keys does not list costs no disk read (nor a
             # coroutine); concurrent lookups of one key share one read (proxy.storage.reads).
-            variants = () if self.storage.absent(key) else await self.load(key, bodies=head.method == "GET")
+            nowhere = self.storage.absent(key)
+            variants = () if nowhere else await self.load(key, bodies=head.method == "GET")
         now = self.clock()
         decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options)
         match decision:
@@ -239,12 +241,13 @@ class Engine:
             case Forward():
                 if decision.fwd in ("uri-miss", "vary-miss") and head.method == "GET":
                     spec = request_range(head.headers)
-                    if spec is not None and (reply := await self._range_miss(req, plan, key, spec,
-                                                                              decision.fwd)) is not None:
-                        return reply
+                    if spec is not None:
+                        nowhere = False  # the range path awaits: things may be stored meanwhile
+                        if (reply := await self._range_miss(req, plan, key, spec, decision.fwd)) is not None:
+                            return reply
                 stale = variants[decision.stale_index] if decision.stale_index is not None else None
                 return await self.miss.fetch(Attempt(req, plan, key, decision.fwd, None, stale,
-                                                     coalesce=decision.fwd != "request",
+                                                     coalesce=decision.fwd != "request", nowhere=nowhere,
                                                      stale_prohibited=decision.stale_prohibited))
             case OnlyIfCachedMiss():
                 return self.finish(plan, error_reply(

@@ -108,6 +108,9 @@ class Attempt:
     stale: Cached | None = None  # the stored response stale-if-error may serve instead of an error
     coalesce: bool = True  # False: fetch for this client alone (it asked for the origin, or gave up waiting)
     stale_prohibited: bool = False  # a stored response that may not be served stale (RFC 9111 §5.2.2.2)
+    # The lookup found the key nowhere (memory, the disk's directory, this process's disk
+    # writes) in the same step: there is nothing stored meanwhile to look for (``fetch``).
+    nowhere: bool = False
 
     def alone(self) -> Attempt:
         """The same request fetched for this client alone, without joining anyone's flight."""
@@ -239,7 +242,7 @@ class MissPath:
         flight = self.coalescer.get(key) if coalesce and not passing else None
         if flight is not None and flight.spool is not None and flight.spool.doomed:
             flight = None  # purged while in flight: what it carries must not be served anew
-        elif flight is None and coalesce and not passing:
+        elif flight is None and coalesce and not passing and not attempt.nowhere:
             reply = await self._stored_meanwhile(attempt)
             if reply is not None:
                 return reply

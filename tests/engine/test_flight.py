@@ -249,3 +249,34 @@ async def test_a_miss_attempt_is_a_frozen_value() -> None:
     with pytest.raises(AttributeError):
         attempt.key = "other"
     assert attempt.alone().coalesce is False and attempt.coalesce is True
+
+
+async def test_a_miss_found_nowhere_looks_in_memory_once_and_a_miss_that_waited_looks_again(
+        tmp_path: Path) -> None:
+    """A miss the lookup found nowhere in the same step does not look in memory again before it
+    starts a flight (nothing can have been stored meanwhile); one that waited (a disk read, a
+    range) still looks, and answers from what was stored while it waited."""
+    rig = make_rig(tmp_path)
+    rig.origin.route("/a", answer(body=b"first", headers=CACHEABLE))
+    looks: list[str] = []
+    memory_get = rig.store.memory_get
+
+    def counting(key: str) -> object:
+        looks.append(key)
+        return memory_get(key)
+
+    rig.store.memory_get = counting  # type: ignore[method-assign,assignment]
+    assert await read(await rig.get("/a")) == b"first"
+    await rig.settled(filled=1)
+    assert looks == [key_of(rig, "/a")]  # the lookup's, not a second one in the miss path
+    # Not found nowhere (it waited): the miss path looks again, and finds the fill stored meanwhile.
+    req = rig.request("/a")
+    plan = rig.engine.rules.plan(req.head)
+    reply = await rig.engine.miss.fetch(Attempt(req, plan, key_of(rig, "/a"), "uri-miss"))
+    assert (reply.x_cache, await read(reply)) == ("HIT", b"first")
+    # Found nowhere (as if by a lookup in this step): no second look, a flight to the origin.
+    rig.origin.route("/a", answer(body=b"second", headers=CACHEABLE))
+    reply = await rig.engine.miss.fetch(Attempt(req, plan, key_of(rig, "/a"), "uri-miss", nowhere=True))
+    assert await read(reply) == b"second"
+    assert len(rig.origin.sent) == 2
+    await rig.engine.close()
