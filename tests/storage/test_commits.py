@@ -364,3 +364,31 @@ def test_a_key_the_directory_missed_is_rewritten_not_duplicated(tmp_path: Path) 
         assert sum(v for k, v in settings if k == "count") == 5
     finally:
         disk.close()
+
+
+def test_a_full_database_fails_the_bulk_batch_whole_and_the_same_batch_commits_once_there_is_room(
+        tmp_path: Path) -> None:
+    """SQLite's "database or disk is full" in the middle of the bulk INSERTs (a page limit on the
+    shard's connection, the same error a full disk gives): the shard's batch is rolled back
+    whole (no row of it, diskcache's count unchanged), reported as not committed and counted,
+    and the same batch commits once there is room again (write-behind tries it again)."""
+    from proxy.storage.bans import BanList
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=1)
+    try:
+        shard = disk._shards[0]
+        con = shard._con
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        con.execute(f"PRAGMA max_page_count = {pages + 2}")
+        entries = [(f"{KEY}/{i}", f"b{i}", os.urandom(8000)) for i in range(20)]
+        before = _rows(disk)
+        assert disk.commit_many(_jobs(BanList(), entries), [True] * len(entries)) == [False] * len(entries)  # type: ignore[arg-type]
+        assert disk.failed_writes == len(entries)
+        assert _rows(disk) == before
+        assert all(disk.get_variants(key) == () for key, _, _ in entries)
+        con.execute("PRAGMA max_page_count = 1073741823")
+        assert all(disk.commit_many(_jobs(BanList(), entries), [True] * len(entries)))  # type: ignore[arg-type]
+        for key, body_id, body in entries:
+            assert [e.body_id for e in disk.get_variants(key)] == [body_id]
+            assert disk.get_body(key, body_id) == body
+    finally:
+        disk.close()
