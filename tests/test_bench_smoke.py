@@ -169,3 +169,48 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; its parent (not us) reaps it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_calls_per_request_are_counted_in_each_serving_worker(tmp_path: Path) -> None:
+    """scripts/bench-calls' pieces end to end, driven by plain requests instead of wrk: the hook
+    profiles the serving workers only when asked, a window counts a pass-through's and a fill's
+    calls by module, and everything it started is stopped."""
+    import argparse
+    import urllib.request
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_calls
+    from bench_procs import Fleet, System
+
+    sent: dict[str, int] = {}
+
+    def drive(system: System, workload: str, seconds: float, connections: int, run: str) -> int:
+        for i in range(20):
+            path = bench_calls.WORKLOADS[workload] + (f"{run}-{i}" if workload == "fill" else "")
+            with urllib.request.urlopen(system.url(path), timeout=10) as r:
+                r.read()
+        sent[workload] = sent.get(workload, 0) + 20
+        return 20
+
+    calls_dir = tmp_path / "calls"
+    calls_dir.mkdir()
+    fleet = Fleet()
+    fleet.env["CACHEGATE_CALLS_DIR"] = str(calls_dir)
+    fleet.path = [str(bench_calls.HOOK)]
+    opts = argparse.Namespace(warmup=1.0, duration=1.0, connections=1)
+    try:
+        origin = fleet.start_app("origin-raw", "origin", 1)
+        system = fleet.start_cachegate("cachegate", origin, 2)
+        pids = system.all_pids()
+        results = [bench_calls.window(system, w, opts, calls_dir, ROOT, drive) for w in ("pass-1k", "fill")]
+    finally:
+        fleet.stop()
+    assert sent == {"pass-1k": 40, "fill": 40}  # warm-up and window each
+    by = {r["workload"]: r for r in results}
+    assert 100 < by["pass-1k"]["calls_per_request"] < by["fill"]["calls_per_request"] < 5000
+    assert "proxy/flight.py" in by["fill"]["modules"] and "aiohttp" in by["pass-1k"]["modules"]
+    # Only the serving workers profiled (the supervisor is not one of them), one file each.
+    assert len(list(calls_dir.glob("*.prof"))) == 2
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)

@@ -187,6 +187,8 @@ class Fleet:
         self.records.mkdir()
         self.systems: dict[str, System] = {}
         self.notes: list[str] = []
+        self.env: dict[str, str] = {}  # more environment for every process started (bench_calls)
+        self.path: list[str] = []  # folders put first on every process's PYTHONPATH (bench_calls)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -194,9 +196,11 @@ class Fleet:
                pythonpath: Path | None = None) -> None:
         log = self.dir / log_name
         out = open(log, "wb")  # noqa: SIM115  (closed when the fleet stops; the child keeps its copy)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         if pythonpath is not None:  # another checkout's code (``cachegate-before``)
             env["PYTHONPATH"] = str(pythonpath)
+        if self.path:
+            env["PYTHONPATH"] = os.pathsep.join([*self.path, *filter(None, [env.get("PYTHONPATH")])])
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=cwd or self.dir, env=env, start_new_session=True)
         out.close()
