@@ -36,7 +36,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from proxy.policy.keys import url_of_key
 from proxy.storage.arena import F_PERSISTED, Arena, Record
@@ -268,7 +268,7 @@ class Persister:
         kept: list[list[tuple[Entry, ...]]] = [[] for _ in items]
         jobs: list[tuple[str, Merge, str, bytes | None]] = []
         for item, seq, k in zip(items, seqs, kept, strict=True):
-            new = replace(item.entry, seq=seq)
+            new = item.entry.with_seq(seq)
             merge = adding(self.bans, new, k) if item.whole else updating(self.bans, new, k)
             jobs.append((new.key, merge, new.body_id, item.body))
         ok = disk.commit_many(jobs, absent) if jobs else []

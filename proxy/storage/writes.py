@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import replace
 from typing import IO
 
 from proxy.policy.keys import url_of_key
@@ -108,7 +107,7 @@ class Writer:
         if not spool.complete or spool.doomed:
             spool.discard()
             return None
-        return replace(entry, body_id=spool.body_id, body_size=spool.size)
+        return entry.with_body(spool.body_id, spool.size)
 
     def put_memory(self, entry: Entry, spool: BodySpool) -> bool:
         """Make a finalized entry visible at once, to every process of the machine (bodies up to
@@ -178,7 +177,7 @@ class Writer:
             self.spools.settle(entry.body_id)
             return None
         seq = t.index.add(entry.key, url_of_key(entry.key), entry.tags) if t.index else 0
-        new = replace(entry, seq=seq)
+        new = entry.with_seq(seq)
         kept: list[tuple[Entry, ...]] = []
         committed = disk.commit(entry.key, adding(t.bans, new, kept))
         if not committed:
@@ -216,5 +215,5 @@ class Writer:
         # A new seq: a soft purge that covered the old copy does not cover the revalidated one.
         seq = t.index.add(entry.key, url_of_key(entry.key), entry.tags) if t.index else 0
         kept: list[tuple[Entry, ...]] = []
-        t.disk.commit(entry.key, updating(t.bans, replace(entry, seq=seq), kept))
+        t.disk.commit(entry.key, updating(t.bans, entry.with_seq(seq), kept))
         self._index_other_tags(entry.key, entry.tags, kept)

@@ -51,3 +51,15 @@ def test_the_fast_constructor_builds_the_class_itself() -> None:
     assert type(p) is Point and p.note == "n" and repr(p) == repr(Point(1, 3, "n"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.x = 2  # type: ignore[misc]
+
+
+def test_a_new_body_or_sequence_number_is_what_replace_would_give() -> None:
+    for e, _, _ in variants():
+        e = dataclasses.replace(e, wire_headers=b"X: y\r\n")
+        for made, wanted in ((e.with_body("b9", 77), dataclasses.replace(e, body_id="b9", body_size=77)),
+                             (e.with_seq(12), dataclasses.replace(e, seq=12))):
+            assert made == wanted and type(made) is Entry
+            assert [getattr(made, f.name) for f in dataclasses.fields(Entry)] == \
+                [getattr(wanted, f.name) for f in dataclasses.fields(Entry)]  # wire_headers too
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                made.seq = 1  # type: ignore[misc]
