@@ -136,7 +136,7 @@ class Selector:
 class UpstreamResponse:
     """A response head from an upstream, and its body as an async iterator of chunks."""
 
-    __slots__ = ("_pool", "_released", "_resp", "headers", "reason", "status", "upstream")
+    __slots__ = ("_length", "_pool", "_released", "_resp", "headers", "reason", "status", "upstream")
 
     def __init__(self, resp: Response, upstream: Upstream, pool: UpstreamPool) -> None:
         self._resp = resp
@@ -146,10 +146,16 @@ class UpstreamResponse:
         self.reason = resp.reason
         self.headers: CIMultiDictProxy[str] = resp.headers
         self._released = False
+        self._length: int | None = -1  # -1: not parsed yet
 
     @property
     def content_length(self) -> int | None:
-        return content_length(self.headers.getall("Content-Length", ()))
+        """The Content-Length, parsed once (a fill asks for it twice, the storability decision
+        once more: ≈ 8 Python-level calls a parse, ``scripts/bench-calls``)."""
+        length = self._length
+        if length == -1:
+            length = self._length = content_length(self.headers.getall("Content-Length", ()))
+        return length
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived with the head (a small response): no

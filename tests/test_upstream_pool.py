@@ -475,3 +475,31 @@ async def test_upstream_tls_sends_the_upstream_host_as_sni_whatever_the_client_h
         assert secure.seen[-1].headers["Host"] == "shop.example"  # which still reaches the origin
     finally:
         await secure.stop()
+
+
+@pytest.mark.parametrize(("values", "length"), [
+    (["120"], 120), (["7", "7"], 7), (["7, 7"], 7), ([], None), (["7", "8"], None), (["-1"], None), (["0"], 0),
+])
+def test_a_responses_content_length_is_parsed_once_and_the_same_every_time(
+        values: list[str], length: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    import proxy.upstream
+    from proxy.upstream import UpstreamResponse
+
+    parsed: list[object] = []
+    parse = proxy.upstream.content_length
+
+    def counting(v: list[str]) -> int | None:
+        parsed.append(v)
+        return parse(v)
+
+    monkeypatch.setattr(proxy.upstream, "content_length", counting)
+
+    class Wire:
+        status, reason = 200, "OK"
+        headers = CIMultiDictProxy(CIMultiDict([("Content-Length", v) for v in values]))
+
+    resp = UpstreamResponse(Wire(), None, None)  # type: ignore[arg-type]
+    assert [resp.content_length for _ in range(3)] == [length] * 3
+    assert len(parsed) == 1
