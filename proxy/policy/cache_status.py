@@ -24,7 +24,7 @@ _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~:/0123456789abcdefghijklmnopqrstuvwxyzA
 
 
 def _sf_token_or_string(value: str) -> str:
-    if value and value[0].isalpha() and all(c in _TOKEN_CHARS for c in value):
+    if value and value[0].isalpha() and _TOKEN_CHARS.issuperset(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + "".join(c for c in escaped if " " <= c <= "~") + '"'

@@ -21,6 +21,8 @@ def connection_tokens(headers: Headers) -> frozenset[str]:
 
 
 def end_to_end(headers: Headers) -> HeaderList:
-    """The header list without hop-by-hop fields, order kept."""
-    drop = HOP_BY_HOP | connection_tokens(headers)
-    return tuple((k, v) for k, v in headers.items() if k.lower() not in drop)
+    """The header list without hop-by-hop fields, order kept. (A list comprehension, not a
+    generator: one call instead of one per field, on every response forwarded or stored.)"""
+    listed = connection_tokens(headers)
+    drop = HOP_BY_HOP | listed if listed else HOP_BY_HOP
+    return tuple([(k, v) for k, v in headers.items() if k.lower() not in drop])
