@@ -211,6 +211,13 @@ def test_calls_per_request_are_counted_in_each_serving_worker(tmp_path: Path) ->
     by = {r["workload"]: r for r in results}
     assert 100 < by["pass-1k"]["calls_per_request"] < by["fill"]["calls_per_request"] < 5000
     assert "proxy/flight.py" in by["fill"]["modules"] and "aiohttp" in by["pass-1k"]["modules"]
-    # Only the serving workers profiled (the supervisor is not one of them), one file each.
-    assert len(list(calls_dir.glob("*.prof"))) == 2
+    assert len(list(calls_dir.glob("*.prof"))) == 2  # one window from each serving worker
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    # Any other process (a supervisor, the origin) loads the hook but does not profile: its
+    # signals keep their default meaning.
+    other = subprocess.run([sys.executable, "-c", "import signal, sys; "
+                            "print(signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL, 'sitecustomize' in sys.modules)"],
+                           capture_output=True, text=True, timeout=30, check=True,
+                           env=dict(os.environ, CACHEGATE_CALLS_DIR=str(calls_dir),
+                                    PYTHONPATH=str(bench_calls.HOOK)))
+    assert other.stdout.split() == ["True", "True"]

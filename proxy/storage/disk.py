@@ -265,7 +265,7 @@ class DiskTier:
         bodies = []
         metas = []
         big: list[tuple[str, bytes]] = []
-        dropped: list[str] = []  # none, since nothing was there (the merge says so, not this)
+        dropped: list[str] = []  # bodies the merges give up (none expected: the keys held nothing)
         for key, merge, body_id, body in items:
             assert body is not None  # only items with a body the database holds come here
             bodies.append(("b:" + body_id, True, now, now, raw, body))
