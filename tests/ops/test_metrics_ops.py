@@ -122,7 +122,8 @@ def test_a_serving_process_freezes_its_start_up_and_collects_less_often() -> Non
     """``proxy.gctuning`` in a fresh interpreter (it changes the whole process's collector):
     a reload before the process serves changes nothing; ``settle`` freezes and raises the
     young generation's threshold; a reload afterwards collects the cycles that were frozen
-    (a replaced config's) and freezes again."""
+    (a replaced config's) and freezes again; on an event loop, the young generation is
+    collected on a timer, one per process."""
     script = """
 import gc, weakref
 from proxy import gctuning
@@ -156,6 +157,24 @@ async def reload_on_the_loop():
     await asyncio.sleep(0)
     assert ref() is None, "on the loop's next turn"
 asyncio.run(reload_on_the_loop())
+
+# On a running loop, the young generation is collected every YOUNG_EVERY seconds whatever the
+# allocation count says (nothing is allocated here), by one timer however often it resettles.
+gctuning.YOUNG_EVERY = 0.05
+young = []
+gc.callbacks.append(lambda phase, info: young.append(info["generation"]) if phase == "stop" else None)
+async def collected_on_a_timer():
+    gctuning.settle()
+    young.clear()
+    await asyncio.sleep(0.52)
+    alone = young.count(0)
+    assert 5 <= alone <= 11, young  # 10 on an idle machine; 0 without the timer
+    gctuning.resettle()
+    gctuning.resettle()
+    young.clear()
+    await asyncio.sleep(0.52)
+    assert young.count(0) <= 11, young  # not a timer per settle
+asyncio.run(collected_on_a_timer())
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
