@@ -308,6 +308,11 @@ class Flight:
         loop = asyncio.get_running_loop()
         self.key = key
         self.head: asyncio.Future[FlightHead] = loop.create_future()
+        # The leader's own copy of ``head`` (``lead``), set in the same step: awaited directly,
+        # where ``shield(head)`` takes two turns of the event loop (the shield's callback, then
+        # the task's wake-up) and each turn is a few ms under load; the leader's cancellation
+        # cancels only its copy. None when the flight has no leader waiting (a refresh).
+        self.lead: asyncio.Future[FlightHead] | None = None
         self.result: asyncio.Future[FlightResult] = loop.create_future()
         self.body = Broadcast(history_limit)
         self.task: asyncio.Task[None] | None = None
@@ -321,6 +326,27 @@ class Flight:
         # A failed head must not log "exception never retrieved" when nobody waited.
         self.head.add_done_callback(_consume)
         self.result.add_done_callback(_consume)
+
+    def led(self) -> asyncio.Future[FlightHead]:
+        """The leader's copy of the head (made now: before anything can set the head)."""
+        assert not self.head.done()
+        lead = self.lead = asyncio.get_running_loop().create_future()
+        return lead
+
+    def set_head(self, head: FlightHead) -> None:
+        self.head.set_result(head)
+        lead = self.lead
+        if lead is not None and not lead.done():
+            lead.set_result(head)
+
+    def fail_head(self, exc: BaseException) -> None:
+        """The flight ended without a head (nothing when it had one)."""
+        if self.head.done():
+            return
+        self.head.set_exception(exc)
+        lead = self.lead
+        if lead is not None and not lead.done():
+            lead.set_exception(exc)  # retrieved by the leader, which awaits it
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
@@ -355,8 +381,7 @@ class Coalescer:
                 # The safety net under the flight's own end (proxy.flight), however it ended.
                 if self._flights.get(key) is flight:
                     del self._flights[key]
-                if not flight.head.done():
-                    flight.head.set_exception(ConnectionError("flight ended without a response"))
+                flight.fail_head(ConnectionError("flight ended without a response"))
                 flight.body.fail(ResponseAborted("the fetch ended before its body did"))  # if not ended
                 if not flight.result.done():
                     flight.result.set_result(FlightResult(False, "ABORTED"))

@@ -258,6 +258,7 @@ class MissPath:
         if flight is None:
             # A hit-for-pass key's fetch is nobody else's to join (nor to hold a lease for).
             flight = self.start(attempt, register=coalesce and not passing)
+            flight.led()
             reader = flight.body.join()
         assert reader is not None
         interim = attempt.req.interim
@@ -333,8 +334,7 @@ class MissPath:
                 flight.body.fail(ResponseAborted("no readers"))
                 result = FlightResult(False, "ABANDONED")
             case Unreachable(error=error):
-                if not flight.head.done():
-                    flight.head.set_exception(error)
+                flight.fail_head(error)
                 flight.body.fail(ResponseAborted("the fetch ended before its body did"))
                 result = FlightResult(False, "UNREACHABLE")
             case Adopted(on_disk=on_disk):
@@ -346,8 +346,7 @@ class MissPath:
                 flight.body.finish()
                 result = FlightResult(True, STORED_ELSEWHERE)
             case Skipped() | Aborted():
-                if not flight.head.done():
-                    flight.head.set_exception(ConnectionError("flight ended without a response"))
+                flight.fail_head(ConnectionError("flight ended without a response"))
                 flight.body.fail(ResponseAborted("the fetch ended before its body did"))
                 result = FlightResult(False, "ABORTED")
             case _:
@@ -459,7 +458,7 @@ class MissPath:
         if cached.body is None and entry.body_size <= engine.storage.memory.max_object \
                 and await engine.open_body(cached) is None:
             return False
-        flight.head.set_result(_stored_head(entry.response, entry.body_size))
+        flight.set_head(_stored_head(entry.response, entry.body_size))
         self._end(run, StoredElsewhere())
         return True
 
@@ -543,7 +542,7 @@ class MissPath:
         if final is None:
             return False
         in_memory = storage.put_memory(final, spool)
-        flight.head.set_result(_stored_head(final.response, final.body_size))
+        flight.set_head(_stored_head(final.response, final.body_size))
         self.coalescer.retire(flight)
         if run.lease is None and in_memory:
             # In memory now: the flight's clients are answered at once, the disk copy follows.
@@ -584,7 +583,7 @@ class MissPath:
                 assert revalidating is not None
                 resp.release()
                 await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head)
-                flight.head.set_result(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
+                flight.set_head(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
                 self._end(run, Freshened())
                 return
             case Refetch():
@@ -607,7 +606,7 @@ class MissPath:
         storage = engine.storage
         shareable = entry is not None and shareable_with_followers(entry.response, response_time)
         vary = entry.response.vary if entry is not None else ()
-        flight.head.set_result(FlightHead(resp.status, resp.reason, resp.headers, shareable,
+        flight.set_head(FlightHead(resp.status, resp.reason, resp.headers, shareable,
                                           store_detail, resp.content_length, vary))
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key)
@@ -700,7 +699,7 @@ class MissPath:
                 fhead = await asyncio.wait_for(asyncio.shield(flight.head),
                                                engine.settings.cache.lock_timeout)
             else:
-                fhead = await asyncio.shield(flight.head)
+                fhead = await (flight.lead or asyncio.shield(flight.head))
         except TimeoutError:
             reader.close()
             return await self.fetch(attempt.alone())
@@ -864,6 +863,7 @@ class MissPath:
             # Answered as a leader of a flight of its own: no stale to fall back on.
             solo = Attempt(attempt.req, attempt.plan, attempt.key, attempt.fwd)
             flight = self._launch(solo, False, False, deliver)
+            flight.led()
             reader = flight.body.join()
             assert reader is not None
             return await self.answer(solo, flight, reader, False)

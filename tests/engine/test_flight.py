@@ -58,6 +58,7 @@ async def test_a_fill_another_node_wrote_through_to_the_shared_tier_is_adopted_w
         rig.origin.route("/a", answer(body=b"from a", headers=CACHEABLE))
     assert await read(await a.get("/a")) == b"from a"
     await a.settled(filled=1)
+    await until(lambda: bool(shared.stored))  # written through behind the answer
     assert list(shared.stored) == [key_of(a, "/a")]
     await until(lambda: bool(shared.released))
     assert shared.released == [(key_of(a, "/a"), "stored")]  # the fill lock, released once written
@@ -279,4 +280,59 @@ async def test_a_miss_found_nowhere_looks_in_memory_once_and_a_miss_that_waited_
     reply = await rig.engine.miss.fetch(Attempt(req, plan, key_of(rig, "/a"), "uri-miss", nowhere=True))
     assert await read(reply) == b"second"
     assert len(rig.origin.sent) == 2
+    await rig.engine.close()
+
+
+async def test_a_leader_wakes_in_the_turn_its_flight_gets_the_head_and_its_cancellation_is_its_own(
+        tmp_path: Path) -> None:
+    """The leader awaits its own copy of the flight's head (``Flight.lead``), set in the same step
+    as the head: not ``shield(head)``, whose callback takes one turn of the event loop and the
+    leader's wake-up another (a turn is a few ms under load). A leader cancelled while it waits
+    cancels its copy only: the followers still get the response."""
+    rig = make_rig(tmp_path)
+    gate = asyncio.Event()
+    rig.origin.route("/a", answer(body=b"hello", headers=CACHEABLE, gate=gate, whole=True))
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def lead() -> tuple[bytes, int]:
+        reply = await rig.get("/a")
+        assert isinstance(reply.body, bytes)
+        return reply.body, turns  # the turn the leader was answered in
+
+    tick = asyncio.create_task(ticker())
+    leader = asyncio.create_task(lead())
+    await rig.origin.arrived.wait()
+    flight = rig.engine.coalescer.get(key_of(rig, "/a"))
+    assert flight is not None
+    head_seen: list[int] = []
+    flight.head.add_done_callback(lambda _: head_seen.append(turns))  # runs in the turn after it is set
+    gate.set()
+    body, answered = await leader
+    assert body == b"hello"
+    assert answered == head_seen[0]  # with a shield, one turn later
+    tick.cancel()
+
+    gate = asyncio.Event()
+    rig.origin.route("/b", answer(body=b"shared", headers=CACHEABLE, gate=gate))
+    rig.origin.arrived.clear()
+    leader_b = asyncio.create_task(rig.get("/b"))
+    await rig.origin.arrived.wait()
+    flight = rig.engine.coalescer.get(key_of(rig, "/b"))
+    assert flight is not None
+    follower = asyncio.create_task(rig.get("/b"))
+    await until(lambda: flight.followers == 1)
+    leader_b.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    reply = await follower
+    assert (reply.status, await read(reply)) == (200, b"shared")
+    with pytest.raises(asyncio.CancelledError):
+        await leader_b
+    await rig.settled(filled=2)
     await rig.engine.close()
