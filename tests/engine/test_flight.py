@@ -336,3 +336,18 @@ async def test_a_leader_wakes_in_the_turn_its_flight_gets_the_head_and_its_cance
         await leader_b
     await rig.settled(filled=2)
     await rig.engine.close()
+
+
+@pytest.mark.parametrize("body", [b"all at once", b""])
+async def test_a_body_that_came_whole_with_its_head_is_delivered_and_stored_without_reading_chunks(
+        tmp_path: Path, body: bytes) -> None:
+    rig = make_rig(tmp_path)
+    rig.origin.route("/a", answer(body=body, headers=CACHEABLE, whole=True))
+    reply = await rig.get("/a")
+    assert (reply.status, reply.x_cache, await read(reply)) == (200, "MISS", body)
+    await rig.settled(filled=1)
+    assert rig.origin.wires[0].sent == 0  # no chunk was read: it was all there with the head
+    again = await rig.get("/a")
+    assert (again.x_cache, await read(again)) == ("HIT", body)
+    assert len(rig.origin.sent) == 1
+    await rig.engine.close()
