@@ -213,6 +213,12 @@ class Engine:
             return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
         key = cache_key(head, plan.key)
         note_key(key)
+        fields = head.headers
+        if self.coalescer.passes_unlooked(key) and "Cache-Control" not in fields \
+                and "Pragma" not in fields and "Range" not in fields:
+            # Hit-for-pass, marked by a request that found nothing stored: what the lookup would
+            # decide with nothing stored (a plain uri-miss, passed), without looking.
+            return await self.miss.forward_passing(Attempt(req, plan, key, "uri-miss"))
         variants = self.storage.memory_get(key)
         nowhere = False  # the key is nowhere, as of this step (no await since)
         if variants is None:

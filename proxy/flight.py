@@ -238,7 +238,7 @@ class MissPath:
         coalesce = attempt.coalesce
         passing = coalesce and self.coalescer.is_pass(key)
         if passing and attempt.revalidating is None and attempt.stale is None:
-            return await self._forward_passing(attempt)
+            return await self.forward_passing(attempt)
         flight = self.coalescer.get(key) if coalesce and not passing else None
         if flight is not None and flight.spool is not None and flight.spool.doomed:
             flight = None  # purged while in flight: what it carries must not be served anew
@@ -611,7 +611,7 @@ class MissPath:
         flight.set_head(FlightHead(resp.status, resp.reason, resp.headers, shareable,
                                           store_detail, resp.content_length, vary))
         if store_detail in PASS_DETAILS:
-            self.coalescer.mark_pass(key)
+            self.coalescer.mark_pass(key, found_nothing=run.attempt.nowhere)
         if not shareable:
             engine.metrics.not_stored_because(store_detail, url_of_key(key))
         spool = None
@@ -834,7 +834,7 @@ class MissPath:
         finally:
             body.close()
 
-    async def _forward_passing(self, attempt: Attempt) -> Reply:
+    async def forward_passing(self, attempt: Attempt) -> Reply:
         """A hit-for-pass key: forwarded in the request's own task, without a flight (nobody may
         join it). Should the response turn out storable now, a flight takes it over and stores it
         (and this client is answered from that flight), which ends the hit-for-pass."""
@@ -871,7 +871,7 @@ class MissPath:
             assert reader is not None
             return await self.answer(solo, flight, reader, False)
         if store_detail in PASS_DETAILS:
-            self.coalescer.mark_pass(attempt.key)
+            self.coalescer.mark_pass(attempt.key, found_nothing=attempt.nowhere)
         engine.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status, detail=store_detail)
         return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")

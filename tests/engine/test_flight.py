@@ -351,3 +351,84 @@ async def test_a_body_that_came_whole_with_its_head_is_delivered_and_stored_with
     assert (again.x_cache, await read(again)) == ("HIT", body)
     assert len(rig.origin.sent) == 1
     await rig.engine.close()
+
+
+def counting_lookups(rig: Rig) -> list[str]:
+    """The keys ``rig``'s engine looks up in memory, from now on."""
+    looks: list[str] = []
+    memory_get = rig.store.memory_get
+
+    def counting(key: str) -> object:
+        looks.append(key)
+        return memory_get(key)
+
+    rig.store.memory_get = counting  # type: ignore[method-assign,assignment]
+    return looks
+
+
+def hand_clock(rig: Rig) -> list[float]:
+    """The hit-for-pass clock of ``rig``'s engine, moved by the test."""
+    now = [1000.0]
+    rig.engine.coalescer._clock = lambda: now[0]
+    return now
+
+
+async def test_a_hit_for_pass_key_found_nowhere_is_passed_without_a_lookup_for_the_hit_for_pass_while(
+        tmp_path: Path) -> None:
+    """As Varnish's hit-for-pass object: a key whose uncacheable response met a request that found
+    nothing stored is passed without looking for ``hit_for_pass``, with the very answer the
+    lookup would have led to; a request the lookup could answer otherwise (only-if-cached,
+    no-cache, a range) still looks, and so does the first request after the while."""
+    rig = make_rig(tmp_path)
+    now = hand_clock(rig)
+    rig.origin.route("/p", answer(body=b"yours", headers={"Cache-Control": "private"}))
+    looks = counting_lookups(rig)
+    first = await rig.get("/p")
+    assert (first.status, await read(first)) == (200, b"yours")
+    assert len(looks) == 1
+    for _ in range(2):
+        reply = await rig.get("/p")
+        assert (reply.status, reply.x_cache, await read(reply)) == (200, "MISS", b"yours")
+        assert dict(reply.headers)["Cache-Status"] == dict(first.headers)["Cache-Status"]
+    assert len(looks) == 1 and len(rig.origin.sent) == 3  # passed, unlooked
+    assert (await rig.get("/p", {"Cache-Control": "only-if-cached"})).status == 504
+    assert len(looks) == 2 and len(rig.origin.sent) == 3  # that one looked, and found nothing
+    now[0] += 6  # past hit_for_pass (5 s)
+    assert await read(await rig.get("/p")) == b"yours"
+    assert len(looks) == 3  # looked again, found nothing again: marked again
+    assert await read(await rig.get("/p")) == b"yours"
+    assert len(looks) == 3
+    await rig.engine.close()
+
+
+async def test_what_another_process_stored_under_a_hit_for_pass_key_is_served_once_the_while_ends(
+        tmp_path: Path) -> None:
+    a, b = make_rig(tmp_path / "a"), make_rig(tmp_path / "b")
+    b.engine.storage = a.engine.storage  # one store, as the workers of a machine share theirs
+    now = hand_clock(a)
+    a.origin.route("/p", answer(body=b"private", headers={"Cache-Control": "private"}))
+    b.origin.route("/p", answer(body=b"public", headers=CACHEABLE))
+    assert await read(await a.get("/p")) == b"private"
+    assert await read(await b.get("/p")) == b"public"  # another worker stored it
+    await b.settled(filled=1)
+    assert await read(await a.get("/p")) == b"private"  # passed for the hit-for-pass while
+    now[0] += 6
+    reply = await a.get("/p")
+    assert (reply.x_cache, await read(reply)) == ("HIT", b"public")
+    for rig in (a, b):
+        await rig.engine.close()
+
+
+async def test_a_hit_for_pass_mark_by_a_request_that_found_a_variant_keeps_looking(tmp_path: Path) -> None:
+    """The usual ``Vary: Cookie`` site: an anonymous page stored, a private one for a signed-in
+    user. The private one marks the key, but the anonymous requests still find their page."""
+    rig = make_rig(tmp_path)
+    hand_clock(rig)
+    rig.origin.route("/v", answer(body=b"anonymous", headers={**CACHEABLE, "Vary": "Cookie"}),
+                     answer(body=b"signed in", headers={"Cache-Control": "private", "Vary": "Cookie"}))
+    assert await read(await rig.get("/v")) == b"anonymous"
+    await rig.settled(filled=1)
+    assert await read(await rig.get("/v", {"Cookie": "id=1"})) == b"signed in"
+    reply = await rig.get("/v")
+    assert (reply.x_cache, await read(reply)) == ("HIT", b"anonymous")
+    await rig.engine.close()
