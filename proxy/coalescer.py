@@ -424,6 +424,10 @@ class Coalescer:
         self._pass_until.pop(key, None)
         self._unlooked_until.pop(key, None)
 
+    def forget_unlooked(self, key: str) -> None:
+        """Something is stored under ``key`` in this process now: its requests look again."""
+        self._unlooked_until.pop(key, None)
+
     def passes_unlooked(self, key: str) -> bool:
         """Whether a plain request for ``key`` is passed without a lookup: hit-for-pass, marked
         by a request that found nothing stored, within the mark's while (Varnish's hit-for-pass

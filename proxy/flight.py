@@ -316,8 +316,8 @@ class MissPath:
             case Filled(entry=entry, on_disk=on_disk):
                 self.engine.metrics.fills.inc()
                 flight.body.finish()
-                if on_disk:
-                    self.coalescer.clear_pass(flight.key)
+                if on_disk:  # (the attempt's key: a flight nobody may join has a name of its own)
+                    self.coalescer.clear_pass(run.attempt.key)
                 result = FlightResult(on_disk, "" if on_disk else "STORE-FAILED", entry)
             case Freshened():
                 self.coalescer.retire(flight)
@@ -351,6 +351,8 @@ class MissPath:
                 result = FlightResult(False, "ABORTED")
             case _:
                 assert_never(outcome)
+        if result.stored or isinstance(outcome, Filled):
+            self.coalescer.forget_unlooked(run.attempt.key)  # something is stored under it now
         if not flight.result.done():
             flight.result.set_result(result)
         self.engine.metrics.flights.labels(outcome.label).inc()
@@ -609,7 +611,7 @@ class MissPath:
         shareable = entry is not None and shareable_with_followers(entry.response, response_time)
         vary = entry.response.vary if entry is not None else ()
         flight.set_head(FlightHead(resp.status, resp.reason, resp.headers, shareable,
-                                          store_detail, resp.content_length, vary))
+                                   store_detail, resp.content_length, vary))
         if store_detail in PASS_DETAILS:
             self.coalescer.mark_pass(key, found_nothing=run.attempt.nowhere)
         if not shareable:

@@ -13,6 +13,7 @@ from proxy.leases import Busy, Granted
 from tests.engine.fakes import (
     FakeLeases,
     FakeShared,
+    FakeSpool,
     Rig,
     answer,
     make_rig,
@@ -431,4 +432,44 @@ async def test_a_hit_for_pass_mark_by_a_request_that_found_a_variant_keeps_looki
     assert await read(await rig.get("/v", {"Cookie": "id=1"})) == b"signed in"
     reply = await rig.get("/v")
     assert (reply.x_cache, await read(reply)) == ("HIT", b"anonymous")
+    await rig.engine.close()
+
+
+async def test_a_fill_in_this_process_ends_the_unlooked_passes_even_when_its_disk_write_failed(
+        tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    hand_clock(rig)
+    rig.origin.route("/p", answer(body=b"yours", headers={"Cache-Control": "private"}),
+                     answer(body=b"everyone's", headers=CACHEABLE))
+    assert await read(await rig.get("/p")) == b"yours"  # marked by a request that found nothing
+
+    async def no_disk(entry: object, spool: FakeSpool) -> bool:
+        spool.discard()
+        return False
+
+    rig.store.put_disk = no_disk  # type: ignore[method-assign,assignment]
+    # A request that looks (its Cache-Control), passed: the response is storable now, and stored
+    # in memory (not on disk): the key stays hit-for-pass, but its requests look again.
+    assert await read(await rig.get("/p", {"Cache-Control": "max-age=0"})) == b"everyone's"
+    await rig.settled(passed=1, filled=1)
+    again = await rig.get("/p")
+    assert (again.x_cache, await read(again)) == ("HIT", b"everyone's")
+    await rig.engine.close()
+
+
+async def test_a_hit_for_pass_key_whose_response_turns_storable_is_stored_and_no_longer_passed(
+        tmp_path: Path) -> None:
+    """The pass that finds the response storable hands it to a flight of its own (a flight
+    nobody may join, under a name of its own): what it stores ends the key's hit-for-pass."""
+    rig = make_rig(tmp_path)
+    hand_clock(rig)
+    rig.origin.route("/p", answer(body=b"yours", headers={"Cache-Control": "private"}),
+                     answer(body=b"everyone's", headers=CACHEABLE))
+    assert await read(await rig.get("/p")) == b"yours"
+    assert rig.engine.coalescer.is_pass(key_of(rig, "/p"))
+    assert await read(await rig.get("/p")) == b"everyone's"  # passed unlooked, and stored
+    await rig.settled(passed=1, filled=1)
+    assert not rig.engine.coalescer.is_pass(key_of(rig, "/p"))
+    again = await rig.get("/p")
+    assert (again.x_cache, await read(again)) == ("HIT", b"everyone's")
     await rig.engine.close()
