@@ -174,6 +174,14 @@ async def collected_on_a_timer():
     young.clear()
     await asyncio.sleep(0.52)
     assert young.count(0) <= 11, young  # not a timer per settle
+    # The older generations have their turns on the timer too (an explicit young collection
+    # only counts towards the middle one's threshold): here every 3rd tick a middle one, and
+    # every 2nd of those a full one (without that: only young ones, whatever the counts).
+    gctuning.THRESHOLD = (10_000, 2, 1)
+    gctuning.settle()
+    young.clear()
+    await asyncio.sleep(0.62)
+    assert 1 in young and 2 in young, young
 asyncio.run(collected_on_a_timer())
 print("ok")
 """
