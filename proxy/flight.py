@@ -113,8 +113,9 @@ class Attempt:
     nowhere: bool = False
 
     def alone(self) -> Attempt:
-        """The same request fetched for this client alone, without joining anyone's flight."""
-        return replace(self, coalesce=False)
+        """The same request fetched for this client alone, without joining anyone's flight
+        (after waiting for one: what its lookup found is no longer what is stored)."""
+        return replace(self, coalesce=False, nowhere=False)
 
 
 # -- how a flight ends ------------------------------------------------------------------------
@@ -613,7 +614,7 @@ class MissPath:
         flight.set_head(FlightHead(resp.status, resp.reason, resp.headers, shareable,
                                    store_detail, resp.content_length, vary))
         if store_detail in PASS_DETAILS:
-            self.coalescer.mark_pass(key, found_nothing=run.attempt.nowhere)
+            self.coalescer.mark_pass(key, found_nothing=self._found_nothing(run.attempt))
         if not shareable:
             engine.metrics.not_stored_because(store_detail, url_of_key(key))
         spool = None
@@ -873,10 +874,20 @@ class MissPath:
             assert reader is not None
             return await self.answer(solo, flight, reader, False)
         if store_detail in PASS_DETAILS:
-            self.coalescer.mark_pass(attempt.key, found_nothing=attempt.nowhere)
+            self.coalescer.mark_pass(attempt.key, found_nothing=self._found_nothing(attempt))
         engine.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status, detail=store_detail)
         return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")
+
+    def _found_nothing(self, attempt: Attempt) -> bool:
+        """Whether a hit-for-pass mark made now may let the key's plain requests pass without a
+        lookup (``Coalescer.passes_unlooked``): the attempt's lookup found the key nowhere, and
+        it is still nowhere (its flight may have waited for another worker, or a fill of
+        another variant may have ended meanwhile). A check per mark, not per request."""
+        if not attempt.nowhere:
+            return False
+        storage, key = self.engine.storage, attempt.key
+        return storage.memory_get(key) is None and storage.absent(key)
 
     async def _stored_meanwhile(self, attempt: Attempt) -> Reply | None:
         """A reply from the response a flight for the key stored while this request looked on

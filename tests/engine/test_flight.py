@@ -386,19 +386,19 @@ async def test_a_hit_for_pass_key_found_nowhere_is_passed_without_a_lookup_for_t
     looks = counting_lookups(rig)
     first = await rig.get("/p")
     assert (first.status, await read(first)) == (200, b"yours")
-    assert len(looks) == 1
+    assert len(looks) == 2  # the lookup, and the mark's check that the key is still nowhere
     for _ in range(2):
         reply = await rig.get("/p")
         assert (reply.status, reply.x_cache, await read(reply)) == (200, "MISS", b"yours")
         assert dict(reply.headers)["Cache-Status"] == dict(first.headers)["Cache-Status"]
-    assert len(looks) == 1 and len(rig.origin.sent) == 3  # passed, unlooked
+    assert len(looks) == 2 and len(rig.origin.sent) == 3  # passed, unlooked
     assert (await rig.get("/p", {"Cache-Control": "only-if-cached"})).status == 504
-    assert len(looks) == 2 and len(rig.origin.sent) == 3  # that one looked, and found nothing
+    assert len(looks) == 3 and len(rig.origin.sent) == 3  # that one looked, and found nothing
     now[0] += 6  # past hit_for_pass (5 s)
     assert await read(await rig.get("/p")) == b"yours"
-    assert len(looks) == 3  # looked again, found nothing again: marked again
+    assert len(looks) == 5  # looked again, found nothing again: marked again
     assert await read(await rig.get("/p")) == b"yours"
-    assert len(looks) == 3
+    assert len(looks) == 5
     await rig.engine.close()
 
 
@@ -472,4 +472,30 @@ async def test_a_hit_for_pass_key_whose_response_turns_storable_is_stored_and_no
     assert not rig.engine.coalescer.is_pass(key_of(rig, "/p"))
     again = await rig.get("/p")
     assert (again.x_cache, await read(again)) == ("HIT", b"everyone's")
+    await rig.engine.close()
+
+
+async def test_a_follower_that_went_on_its_own_after_a_fill_does_not_mark_the_key_unlooked(
+        tmp_path: Path) -> None:
+    """``Vary: Cookie``, cold: a signed-in follower joins an anonymous leader's flight, finds the
+    head not its variant and fetches on its own (a private page), after the leader's fill was
+    stored. Its lookup had found nothing, but what it found is out of date: the anonymous
+    requests still look, and are hits."""
+    rig = make_rig(tmp_path)
+    hand_clock(rig)
+    gate = asyncio.Event()
+    rig.origin.route("/v", answer(body=b"anonymous", headers={**CACHEABLE, "Vary": "Cookie"}, gate=gate),
+                     answer(body=b"signed in", headers={"Cache-Control": "private", "Vary": "Cookie"}))
+    leader = asyncio.create_task(rig.get("/v"))
+    await rig.origin.arrived.wait()
+    flight = rig.engine.coalescer.get(key_of(rig, "/v"))
+    assert flight is not None
+    follower = asyncio.create_task(rig.get("/v", {"Cookie": "id=1"}))
+    await until(lambda: flight.followers == 1)
+    gate.set()
+    assert await read(await leader) == b"anonymous"
+    assert await read(await follower) == b"signed in"
+    assert rig.engine.coalescer.is_pass(key_of(rig, "/v"))
+    reply = await rig.get("/v")
+    assert (reply.x_cache, await read(reply)) == ("HIT", b"anonymous")
     await rig.engine.close()
