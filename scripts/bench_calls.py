@@ -123,6 +123,15 @@ def window(system: System, workload: str, opts: argparse.Namespace, calls_dir: P
             "modules": {m: c / n for m, c in by_module.most_common()}}
 
 
+def workloads_of(ap: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--workloads a,b``: the names, each one of WORKLOADS (else the usage error)."""
+    workloads = [w for w in text.split(",") if w]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        ap.error(f"unknown workload(s): {', '.join(unknown)}")
+    return workloads
+
+
 def report(results: list[dict[str, Any]], top: int) -> str:
     lines = ["| workload | system | requests | calls / request | µs / request (profiled) | / first system |",
              "|---|---|---|---|---|---|"]
@@ -150,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=8, help="modules listed per workload")
     ap.add_argument("--out", type=Path, default=HERE.parent / "var" / "bench")
     opts = ap.parse_args(argv)
-    workloads = [w for w in opts.workloads.split(",") if w]
-    unknown = [w for w in workloads if w not in WORKLOADS]
-    if unknown:
-        ap.error(f"unknown workload(s): {', '.join(unknown)}")
+    workloads = workloads_of(ap, opts.workloads)
     if shutil.which("wrk") is None:
         print("wrk is not installed (scripts/bench installs it with apt-get)", file=sys.stderr)
         return 2

@@ -221,3 +221,56 @@ def test_calls_per_request_are_counted_in_each_serving_worker(tmp_path: Path) ->
                            env=dict(os.environ, CACHEGATE_CALLS_DIR=str(calls_dir),
                                     PYTHONPATH=str(bench_calls.HOOK)))
     assert other.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_pair_alternates_two_running_systems_and_takes_the_median_of_the_pairs_ratios() -> None:
+    """scripts/bench-pair's pieces end to end, driven by plain requests instead of wrk: both
+    systems run at once, the first of each pair alternates, each run counts the CPU of the
+    system's processes, and the ratios are per pair."""
+    import argparse
+    import urllib.request
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_pair
+    from bench_procs import Fleet, System
+
+    order: list[str] = []
+
+    def drive(system: System, workload: str, seconds: float, connections: int, run: str) -> tuple[int, float]:
+        order.append(system.name)
+        n = 30 if system.name == "this" else 20  # "this" answers 1.5 times as many
+        for _ in range(n):
+            with urllib.request.urlopen(system.url(bench_pair.WORKLOADS[workload]), timeout=10) as r:
+                r.read()
+        return n, 1.0
+
+    asked: list[list[int]] = []
+    real_cpu = bench_pair.cpu_seconds
+
+    def cpu_seconds(pids: list[int]) -> float:
+        asked.append(sorted(pids))
+        return real_cpu(pids)
+
+    fleet = Fleet()
+    try:
+        origin = fleet.start_app("origin-raw", "origin", 1)
+        a = fleet.start_cachegate("before", origin, 1, root=ROOT)
+        b = fleet.start_cachegate("this", origin, 1)
+        pids = {"before": sorted(a.all_pids()), "this": sorted(b.all_pids())}
+        opts = argparse.Namespace(pairs=3, seconds=1.0, connections=1)
+        bench_pair.cpu_seconds = cpu_seconds  # type: ignore[assignment]
+        try:
+            runs = bench_pair.pairs(a, b, "pass-1k", opts, drive)
+        finally:
+            bench_pair.cpu_seconds = real_cpu
+    finally:
+        fleet.stop()
+    assert order == ["before", "this", "this", "before", "before", "this"]
+    # Each run counts the CPU of its own system's processes, before and after.
+    assert asked == [pids[name] for name in order for _ in range(2)]
+    assert pids["before"] != pids["this"]
+    result = bench_pair.summary("pass-1k", "before", "this", runs)
+    assert result["rps_ratios"] == [1.5, 1.5, 1.5] and result["rps_ratio"] == 1.5
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids["before"] + pids["this"])
