@@ -32,7 +32,7 @@ from yarl import URL
 
 from proxy.cluster.settings import ClusterSettings
 from proxy.cpus import available_cpus
-from proxy.policy.request import DEFAULT_MAX_HEAD
+from proxy.policy.request import DEFAULT_MAX_HEAD, parse_url
 from proxy.policy.request import Listener as RequestListener
 from proxy.rules import RuleSet
 from proxy.schema import (
@@ -97,7 +97,7 @@ def storable_limit(max_object: int, disk: tuple[int, int] | None, memory_max_obj
 def upstream_url(value: str) -> URL:
     """An upstream's URL, without a path; ValueError saying why not."""
     try:
-        url = URL(value)
+        url = parse_url(value)
     except ValueError as exc:
         raise ValueError(f"upstream url {value!r}: {exc}") from None
     if url.scheme not in ("http", "https") or not url.host:
@@ -234,7 +234,8 @@ class CacheSettings:
     max_object: int = setting(100 * MB, "bigger responses are streamed through, not stored", byte_size())
     lock_timeout: float = setting(5.0, "the longest a request waits for another's fetch of the same key",
                                   duration())
-    hit_for_pass: float = setting(5.0, "a key whose response was not shareable skips waiting for this long",
+    hit_for_pass: float = setting(5.0, "a key whose response was not shareable skips waiting for this long "
+                                  "(and the lookup, when nothing is stored under it: see upstreams.md)",
                                   duration())
     disk: DiskSettings | None = setting(DiskSettings(), "the disk tier (null: memory only)")
     tag_headers: tuple[str, ...] = setting(("Surrogate-Key", "Cache-Tag"),
