@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.cache_status import cache_status
@@ -28,7 +27,7 @@ from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill
 from proxy.policy.freshness import heuristic_withheld
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
-from proxy.policy.request import Listener, Message, Refusal, normalise_request
+from proxy.policy.request import Listener, Message, Refusal, normalise_request, parse_url
 from proxy.policy.reuse import Forward, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup, select_variant
 from proxy.policy.storability import response_cache_control
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan
@@ -105,7 +104,7 @@ def request_head(req: ExplainRequest) -> RequestHead:
     ``normalise_request`` (from an untrusted client; the URL's authority is the Host).
     ValueError for a request the proxy would refuse."""
     try:
-        url = URL(req.url, encoded=True)
+        url = parse_url(req.url, encoded=True)
     except ValueError as exc:
         raise ValueError(f"{req.url!r} is not a URL: {exc}") from None
     if url.scheme not in ("http", "https") or not url.raw_host:

@@ -28,6 +28,7 @@ from proxy.errors import BadRequest, CachegateError
 from proxy.policy.fill import tags_from_headers as tags_from_headers  # read where fills are decided
 from proxy.policy.keys import cache_key, normalise_host, url_of_key
 from proxy.policy.messages import RequestHead
+from proxy.policy.request import parse_url
 from proxy.rules import RuleSet
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.index import Ban
@@ -115,8 +116,8 @@ class PurgeUnavailable(CachegateError):
 def normalise_url(text: str) -> str:
     """An absolute http(s) URL with the host normalised as keys have it; BadPurge otherwise."""
     try:
-        url = URL(text, encoded=True)
-        scheme, raw_host, authority = url.scheme, url.raw_host, url.raw_authority  # yarl checks lazily
+        url = parse_url(text, encoded=True)
+        scheme, raw_host, authority = url.scheme, url.raw_host, url.raw_authority
     except ValueError as exc:
         raise BadPurge(f"{text!r} is not a URL: {exc}") from None
     if scheme not in ("http", "https") or not raw_host:

@@ -291,6 +291,7 @@ UPSTREAMS: list[tuple[str, list[str]]] = [
     ("[ftp://a]", ["1: upstream url 'ftp://a': expected http://HOST[:PORT] or https://..."]),
     ("[http://a/path]", ["1: upstream url 'http://a/path': must not have a path or query"]),
     ("['http://a?q']", ["1: upstream url 'http://a?q': must not have a path or query"]),
+    ("['http://[::1]@']", ["1: upstream url 'http://[::1]@': not a valid URL"]),  # yarl raises IndexError
     ("[{url: 'http://a', foo: 1}]", ["1: unknown key 'upstreams[].foo' (allowed: url, weight)"]),
     ("http://a", ["1: upstreams: expected a list, got a string",
                   "1: no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL"]),
