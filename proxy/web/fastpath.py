@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
@@ -91,6 +91,9 @@ LARGE_BODY = 16 * 1024  # bigger bodies are written beside the head, not copied 
 # loop and buffered whole in the transport, with no back-pressure (the general path streams
 # it in the thread pool, waiting for the client).
 FAST_FILE_MAX = 1024 * 1024
+# What aiohttp's request parser lets escape besides its own refusals (HttpProcessingError): yarl's
+# IndexError for some request targets (``http://[::1]@``); ValueError to be safe.
+PARSER_FAULTS = (IndexError, ValueError)
 
 
 class Known:
@@ -325,7 +328,10 @@ class ProxyRequestHandler(RequestHandler):
                 or self._force_close or self._close or self._payload_parser is not None
                 or self._upgraded or self._paused or self._parser is None or self.transport is None):
             self._boundary = False
-            super().data_received(data)  # aiohttp's handler is busy (or never idle yet)
+            try:
+                super().data_received(data)  # aiohttp's handler is busy (or never idle yet)
+            except PARSER_FAULTS as exc:
+                self._refuse_unparsable(exc)
             return
         if self._boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
             return  # (a longer chunk is never a remembered request: not even hashed)
@@ -340,6 +346,9 @@ class ProxyRequestHandler(RequestHandler):
             except HttpProcessingError as exc:
                 self._enqueue([(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)],
                               False, b"")
+                return
+            except PARSER_FAULTS as exc:
+                self._refuse_unparsable(exc)
                 return
             if not messages:
                 return
@@ -450,6 +459,14 @@ class ProxyRequestHandler(RequestHandler):
             self._next_keepalive_close_time = close_time
             if self._keepalive_handle is None:
                 self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    def _refuse_unparsable(self, exc: Exception) -> None:
+        """A request the parser failed on with something other than its own refusal: yarl raises
+        IndexError for a request target such as ``http://[::1]@``, which aiohttp lets through
+        (the transport then died with no answer, and a traceback in the log). A 400, as for any
+        malformed request, and the connection closes after it."""
+        err = InvalidURLError(f"malformed request target ({type(exc).__name__}: {exc})")
+        self._enqueue([(_ErrInfo(status=400, exc=err, message=err.message), EMPTY_PAYLOAD)], False, b"")
 
     def _enqueue(self, messages: Sequence[Any], upgraded: bool, tail: bytes, full: bool = False) -> None:
         """Hand parsed messages to aiohttp's handler, as ``RequestHandler.data_received`` does."""

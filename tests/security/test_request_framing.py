@@ -8,6 +8,7 @@ an origin would refuse (and an ``error`` TTL would store), is refused here first
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from proxy.errors import ConfigError
 from proxy.web.server import install_reloader
 from tests.conftest import MakeProxy
 from tests.harness import Origin
-from tests.security.util import echo_origin, get, received, request, send_raw
+from tests.security.util import echo_origin, get, port_of, received, request, send_raw
 
 BODY = "Content-Length: 0"
 CHUNKED_BODY = b"5\r\nhello\r\n0\r\n\r\n"
@@ -124,3 +125,35 @@ async def test_a_reload_changes_the_head_cap_at_once(origin: Origin, make_proxy:
     replace_in(proxy.config_path, "max_request_head: 64KB", "max_request_head: 32KB")
     assert proxy.runtime.reload_config().ok
     assert (await send_raw(proxy, big)).status == 431  # the fast path (a stored page) included
+
+
+async def _one_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(v) for k, _, v in (line.partition(": ") for line in lines[1:]) if k.lower() == "content-length")
+    return int(lines[0].split(" ")[1]), await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+@pytest.mark.parametrize("target", ["http://[::1]@", "http://[::1]@/x"])
+async def test_a_request_target_the_url_parser_chokes_on_is_a_400_on_a_new_or_a_kept_alive_connection(
+        origin: Origin, make_proxy: MakeProxy, target: str) -> None:
+    """yarl raises IndexError for these targets, and aiohttp's parser let it through: the
+    connection died without an answer (and a traceback in the log). A 400 now, whether aiohttp's
+    handler parses the request (a connection's first) or the fast path does (a kept-alive
+    connection's next), and everyone else is served as before."""
+    echo_origin(origin, "/ok")
+    proxy = await make_proxy()
+    refused = await send_raw(proxy, get(target))
+    assert (refused.status, refused.closed) == (400, True)
+    assert b"malformed request target" in refused.body
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+    try:
+        writer.write(get("/ok"))
+        assert (await _one_response(reader))[0] == 200
+        writer.write(get(target))
+        status, body = await _one_response(reader)
+        assert status == 400 and b"malformed request target" in body
+        assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed after it
+    finally:
+        writer.close()
+    assert (await send_raw(proxy, get("/ok"))).status == 200
