@@ -433,20 +433,18 @@ class Coalescer:
         by a request that found nothing stored, within the mark's while (Varnish's hit-for-pass
         object does the same: it shadows the key for its TTL). Saves a pass-through the memory
         and directory lookups and the lookup decision (≈ 6 % of its profiled time)."""
-        until = self._unlooked_until.get(key)
-        if until is None:
-            return False
-        if until <= self._clock():
-            del self._unlooked_until[key]
-            return False
-        return True
+        return self._within(self._unlooked_until, key)
 
     def is_pass(self, key: str) -> bool:
-        until = self._pass_until.get(key)
+        return self._within(self._pass_until, key)
+
+    def _within(self, marks: dict[str, float], key: str) -> bool:
+        """Whether ``key``'s mark in ``marks`` still holds (an expired one is dropped)."""
+        until = marks.get(key)
         if until is None:
             return False
         if until <= self._clock():
-            del self._pass_until[key]
+            del marks[key]
             return False
         return True
 

@@ -513,6 +513,6 @@ def parse_url(text: str, *, encoded: bool = False) -> URL:
     try:
         url = URL(text, encoded=encoded)
         url.raw_host, url.raw_authority  # noqa: B018 (yarl parses these lazily)
-    except (ValueError, IndexError, TypeError, UnicodeError) as exc:
+    except (ValueError, IndexError, TypeError) as exc:
         raise ValueError(str(exc) if isinstance(exc, ValueError) else "not a valid URL") from None
     return url

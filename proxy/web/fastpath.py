@@ -465,7 +465,8 @@ class ProxyRequestHandler(RequestHandler):
         IndexError for a request target such as ``http://[::1]@``, which aiohttp lets through
         (the transport then died with no answer, and a traceback in the log). A 400, as for any
         malformed request, and the connection closes after it."""
-        err = InvalidURLError(f"malformed request target ({type(exc).__name__}: {exc})")
+        log.debug("request target refused by the URL parser: %r", exc)
+        err = InvalidURLError("malformed request target")
         self._enqueue([(_ErrInfo(status=400, exc=err, message=err.message), EMPTY_PAYLOAD)], False, b"")
 
     def _enqueue(self, messages: Sequence[Any], upgraded: bool, tail: bytes, full: bool = False) -> None:

@@ -260,14 +260,7 @@ async def test_a_miss_found_nowhere_looks_in_memory_once_and_a_miss_that_waited_
     range) still looks, and answers from what was stored while it waited."""
     rig = make_rig(tmp_path)
     rig.origin.route("/a", answer(body=b"first", headers=CACHEABLE))
-    looks: list[str] = []
-    memory_get = rig.store.memory_get
-
-    def counting(key: str) -> object:
-        looks.append(key)
-        return memory_get(key)
-
-    rig.store.memory_get = counting  # type: ignore[method-assign,assignment]
+    looks = counting_lookups(rig)
     assert await read(await rig.get("/a")) == b"first"
     await rig.settled(filled=1)
     assert looks == [key_of(rig, "/a")]  # the lookup's, not a second one in the miss path
