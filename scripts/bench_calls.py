@@ -16,6 +16,7 @@ three timed pairs said 0.66, 0.98 and 0.87 ×.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import pstats
@@ -40,7 +41,31 @@ from bench_report import parse_wrk  # noqa: E402
 HOOK = HERE / "benchlib" / "calls_hook"
 REPORT_LUA = HERE / "benchlib" / "report.lua"
 ZIPF_LUA = HERE / "benchlib" / "zipf.lua"
-WORKLOADS = {"hit-1k": "/obj/1k", "pass-1k": "/pass/1k", "fill": "/zipf/1024/"}
+WORKLOADS = {"hit-1k": "/obj/1k", "pass-1k": "/pass/1k", "fill": "/zipf/1024/", "zipf": "/zipf/"}
+_ZIPF_KEYS: list[Path] = []  # the zipf workload's keys file, written once per run
+
+
+def zipf_keys_file() -> Path:
+    """scripts/bench's ``zipf`` keys (100,000 paths of mixed sizes, most popular first), in a file
+    for zipf.lua."""
+    if not _ZIPF_KEYS:
+        from bench import zipf_paths  # scripts/benchlib/bench.py, only when a zipf run needs it
+
+        fd, name = tempfile.mkstemp(prefix="cachegate-zipf-keys-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(zipf_paths(100_000)) + "\n")
+        atexit.register(os.unlink, name)
+        _ZIPF_KEYS.append(Path(name))
+    return _ZIPF_KEYS[0]
+
+
+def zipf_seed(run: str) -> int:
+    """The same request sequence for every system in one run (the run's name), another one in
+    the next: scripts/bench's cold-phase seed, plus the run's number (``p3`` -> 3)."""
+    from bench import ZIPF_SEED
+
+    digits = "".join(c for c in run if c.isdigit())
+    return ZIPF_SEED + 10 + (int(digits) if digits else 0)
 
 
 def wrk_argv(system: System, workload: str, seconds: float, connections: int, run: str) -> list[str]:
@@ -48,6 +73,11 @@ def wrk_argv(system: System, workload: str, seconds: float, connections: int, ru
     if workload == "fill":  # every request a key never asked before (zipf.lua's fill mode)
         return [*base, "-s", str(ZIPF_LUA), system.url("/"), "--", run, "fill",
                 f"{WORKLOADS['fill']}{system.name}-{run}-"]
+    if workload == "zipf":  # scripts/bench's long tail, continued from where the last run left it
+        from bench import ZIPF_EXPONENT
+
+        return [*base, "-s", str(ZIPF_LUA), system.url("/"), "--", run, "zipf", str(zipf_keys_file()),
+                str(zipf_seed(run)), str(ZIPF_EXPONENT)]
     return [*base, "-s", str(REPORT_LUA), system.url(WORKLOADS[workload])]
 
 
@@ -112,15 +142,23 @@ def window(system: System, workload: str, opts: argparse.Namespace, calls_dir: P
         time.sleep(0.05)
     stats = pstats.Stats(*map(str, files))
     by_module: Counter[str] = Counter()
+    by_function: Counter[str] = Counter()
+    own_time: Counter[str] = Counter()
     calls = seconds = 0.0
-    for (filename, _, _), (_, ncalls, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for (filename, line, name), (_, ncalls, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
         calls += ncalls
         seconds += tottime
-        by_module[module_of(filename, root)] += ncalls
+        module = module_of(filename, root)
+        by_module[module] += ncalls
+        function = name if module == "builtins" else f"{module}:{line} {name}"
+        by_function[function] += ncalls
+        own_time[function] += tottime
     n = max(requests, 1)
     return {"workload": workload, "system": system.name, "requests": requests,
             "calls_per_request": calls / n, "profiled_us_per_request": seconds / n * 1e6,
-            "modules": {m: c / n for m, c in by_module.most_common()}}
+            "modules": {m: c / n for m, c in by_module.most_common()},
+            "functions": {f: c / n for f, c in by_function.most_common(60)},
+            "own_us": {f: t / n * 1e6 for f, t in own_time.most_common(60)}}
 
 
 def workloads_of(ap: argparse.ArgumentParser, text: str) -> list[str]:
@@ -132,7 +170,7 @@ def workloads_of(ap: argparse.ArgumentParser, text: str) -> list[str]:
     return workloads
 
 
-def report(results: list[dict[str, Any]], top: int) -> str:
+def report(results: list[dict[str, Any]], top: int, functions: int = 0) -> str:
     lines = ["| workload | system | requests | calls / request | µs / request (profiled) | / first system |",
              "|---|---|---|---|---|---|"]
     first: dict[str, float] = {}
@@ -145,6 +183,14 @@ def report(results: list[dict[str, Any]], top: int) -> str:
         lines.append(f"\n{r['workload']} {r['system']}: calls per request by module (top {top})")
         for module, calls in list(r["modules"].items())[:top]:
             lines.append(f"  {calls:7.1f}  {module}")
+        if functions:
+            lines.append(f"{r['workload']} {r['system']}: calls per request by function (top {functions})")
+            for function, calls in list(r.get("functions", {}).items())[:functions]:
+                lines.append(f"  {calls:7.1f}  {function}")
+            lines.append(f"{r['workload']} {r['system']}: profiled µs per request in the function itself "
+                         f"(top {functions})")
+            for function, us in list(r.get("own_us", {}).items())[:functions]:
+                lines.append(f"  {us:7.1f}  {function}")
     return "\n".join(lines)
 
 
@@ -157,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each window")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--top", type=int, default=8, help="modules listed per workload")
+    ap.add_argument("--functions", type=int, default=0, help="functions listed per workload (up to 60)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "var" / "bench")
     opts = ap.parse_args(argv)
     workloads = workloads_of(ap, opts.workloads)
@@ -185,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet.stop()
         shutil.rmtree(calls_dir, ignore_errors=True)
     print()
-    print(report(results, opts.top))
+    print(report(results, opts.top, opts.functions))
     opts.out.mkdir(parents=True, exist_ok=True)
     path = opts.out / f"calls-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))

@@ -9,6 +9,8 @@ few seconds, the two alternate (A B, B A, A B, ...: neither always goes first), 
 is the median of the per-pair ratios, which a drift slower than a pair cannot skew. Its own
 spread, measured: three runs of 10-12 pairs of the same two checkouts within 25 minutes gave
 1.01, 0.89 and 0.97 (docs/performance.md): read a ratio within about 6 % of 1 as no change.
+``zipf`` is scripts/bench's long tail started empty and continued pair after pair, each pair
+with a request sequence of its own that both systems get (``bench_calls.zipf_seed``).
 """
 
 from __future__ import annotations

@@ -211,6 +211,14 @@ def test_calls_per_request_are_counted_in_each_serving_worker(tmp_path: Path) ->
     by = {r["workload"]: r for r in results}
     assert 100 < by["pass-1k"]["calls_per_request"] < by["fill"]["calls_per_request"] < 5000
     assert "proxy/flight.py" in by["fill"]["modules"] and "aiohttp" in by["pass-1k"]["modules"]
+    # By function too: calls and the profiled time spent in the function itself, per request.
+    fill = by["fill"]
+    assert any(f.startswith("proxy/flight.py:") for f in fill["functions"])
+    assert sum(fill["functions"].values()) <= fill["calls_per_request"] + 1e-6
+    assert 0 < sum(fill["own_us"].values()) <= fill["profiled_us_per_request"] + 1e-6
+    table = bench_calls.report(results, 3, functions=5)
+    assert "fill cachegate: calls per request by function (top 5)" in table
+    assert "profiled µs per request in the function itself (top 5)" in table
     assert len(list(calls_dir.glob("*.prof"))) == 2  # one window from each serving worker
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
     # Any other process (a supervisor, the origin) loads the hook but does not profile: its
@@ -221,6 +229,22 @@ def test_calls_per_request_are_counted_in_each_serving_worker(tmp_path: Path) ->
                            env=dict(os.environ, CACHEGATE_CALLS_DIR=str(calls_dir),
                                     PYTHONPATH=str(bench_calls.HOOK)))
     assert other.stdout.split() == ["True", "True"]
+
+
+def test_a_zipf_run_gives_every_system_the_same_sequence_and_the_next_run_another() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_calls
+    from bench_procs import System
+
+    def argv(name: str, run: str) -> list[str]:
+        system = System(name=name, kind="cachegate", workers=2, port=8080)
+        return bench_calls.wrk_argv(system, "zipf", 3.0, 64, run)
+
+    a, b, later = argv("before", "p1"), argv("this", "p1"), argv("before", "p2")
+    assert a[a.index("--") + 1:] == b[b.index("--") + 1:]  # the same keys, seed and exponent
+    assert a[-2] != later[-2]  # another seed for the next pair
+    keys = Path(a[a.index("zipf") + 1]).read_text().split()
+    assert len(keys) == 100_000 and keys[0].startswith("/zipf/")  # scripts/bench's own keys
 
 
 @pytest.mark.slow
