@@ -143,7 +143,8 @@ class Reader:
             if current is not None:
                 return current  # promoted meanwhile by another request
             # Promotion (big bodies stay on disk); memory's copy is not marked as read from disk.
-            t.memory.put(key, tuple(Cached(c.entry, c.body) if c.from_disk else c for c in variants))
+            t.memory.put(key, tuple(Cached(c.entry, c.body) if c.from_disk else c for c in variants),
+                         admit=True)
         return variants
 
     async def _lookup(self, key: str, bodies: bool) -> tuple[Cached, ...]:
@@ -197,7 +198,7 @@ class Reader:
         else:
             return ()
         if variants:
-            t.memory.put(key, variants)
+            t.memory.put(key, variants, admit=True)
         return variants
 
     def _load_from_disk(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:

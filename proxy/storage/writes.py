@@ -121,7 +121,7 @@ class Writer:
         held = {c.entry.body_id: c for c in current}
         new = Cached(entry, body, state=ALL_TO_WRITE)
         spool.in_memory = memory.put(entry.key, tuple(
-            new if e.body_id == entry.body_id else held[e.body_id] for e in merged))
+            new if e.body_id == entry.body_id else held[e.body_id] for e in merged), admit=not current)
         return spool.in_memory
 
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:

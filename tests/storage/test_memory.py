@@ -72,6 +72,23 @@ def test_a_key_is_kept_decoded_from_its_second_read_and_keys_read_once_push_out_
     writer.close()
 
 
+def test_a_fill_or_a_promotion_counts_as_the_first_read_and_pushes_out_no_decoded_key() -> None:
+    m = MemoryTier(budget=8 << 20, max_object=10_000, decoded=40_000, doorkeeper=100)
+    m.put("hot", cached("hot", 500))  # a plain put (an update) keeps what it wrote decoded
+    assert "hot" in m._decoded
+    for i in range(300):  # a long tail of fills: stored for every process, none kept here
+        assert m.put(f"k{i}", cached(f"k{i}", 500), admit=True)
+        assert "hot" in m._decoded and f"k{i}" not in m._decoded and m.arena.find(f"k{i}")
+    assert m.decoded_entries == 1
+    assert m.get("k299") is not None and "k299" in m._decoded  # read after its fill: kept
+    assert m.hits("k299") == 1
+    assert m.put("k299", cached("k299", 600), admit=True) and "k299" not in m._decoded
+    m.close()
+    every = MemoryTier(budget=8 << 20, max_object=10_000, doorkeeper=0)  # no doorkeeper: all kept
+    assert every.put("k", cached("k", 500), admit=True) and "k" in every._decoded
+    every.close()
+
+
 def test_an_object_bigger_than_half_the_memory_is_refused() -> None:
     m = MemoryTier(budget=256 * KB, max_object=1 << 20)
     assert not m.put("big", cached("big", m.arena.capacity // 2 + 1))
