@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -382,7 +381,7 @@ class MissPath:
         the worker that holds it and answer from what it stored (``proxy.leases``)."""
         leases = self.engine.leases
         assert leases is not None
-        key, flight, background = run.attempt.key, run.flight, run.background
+        key, background = run.attempt.key, run.background
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.engine.settings.cache.lock_timeout
         for _ in range(3):  # a holder that dies hands the lease on: ask again
@@ -394,7 +393,6 @@ class MissPath:
                     # shared memory holds it then: no disk read).
                     if await self._answer_from_store(run):
                         return
-                    flight.head.add_done_callback(functools.partial(self._report_head, key, lease))
                     await self._fill(run)
                     return
                 case Busy():
@@ -428,17 +426,6 @@ class MissPath:
                     assert_never(lease)
             break
         await self._fill(run)
-
-    def _report_head(self, key: str, lease: Granted, head: asyncio.Future[FlightHead]) -> None:
-        """Tell the waiting workers at once when the response turns out not shareable (a
-        shareable head changes nothing for them: they wait for the release either way, so it
-        costs no message)."""
-        leases = self.engine.leases
-        if leases is None or head.cancelled() or head.exception() is not None:
-            return
-        h = head.result()
-        if not h.shareable:
-            leases.head(key, lease, h.shareable, h.store_detail in PASS_DETAILS)
 
     async def _answer_from_store(self, run: _Run) -> bool:
         """End the flight with what the shared store now holds for the key, when that is fresh
@@ -613,10 +600,16 @@ class MissPath:
         vary = entry.response.vary if entry is not None else ()
         flight.set_head(FlightHead(resp.status, resp.reason, resp.headers, shareable,
                                    store_detail, resp.content_length, vary))
-        if store_detail in PASS_DETAILS:
+        passing = store_detail in PASS_DETAILS
+        if passing:
             self.coalescer.mark_pass(key, found_nothing=self._found_nothing(run.attempt))
         if not shareable:
             engine.metrics.not_stored_because(store_detail, url_of_key(key))
+            if run.lease is not None and engine.leases is not None:
+                # The workers waiting on this key's lease go upstream now (with hit-for-pass
+                # when that is why), rather than when the body is over (the only head of a
+                # flight that can be not shareable is this one: a stored one always is).
+                engine.leases.head(key, run.lease, False, passing)
         spool = None
         if entry is not None:
             spool = storage.spool(entry, resp.content_length)

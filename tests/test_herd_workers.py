@@ -146,6 +146,49 @@ async def test_a_response_that_is_not_shareable_sends_every_worker_upstream_then
     assert grants(await leases()) == granted
 
 
+async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_before_its_body_ends(
+        origin: Origin, tmp_path: Path) -> None:
+    """The lease holder tells the waiting worker as soon as it has the head, not at the end of
+    the body: here the first body ends only once a request from the other worker reached the
+    origin, so without that word the other worker's clients would sit until the origin gave
+    up on the first body."""
+    from_other_worker = asyncio.Event()
+    order: list[str] = []
+    first: list[int] = []  # the pid of the worker that fetched first
+
+    async def personal(request: web.Request) -> web.StreamResponse:
+        port = request.transport.get_extra_info("peername")[1]  # type: ignore[union-attr]
+        worker = pid_owning_connection(port, origin.port, list(proxy.workers.values()))
+        response = web.StreamResponse(headers={"Cache-Control": "private, max-age=60"})
+        await response.prepare(request)
+        if not first:
+            first.append(worker)
+            await response.write(b"head first; ")
+            try:
+                await asyncio.wait_for(from_other_worker.wait(), 5.0)
+                order.append("the other worker while the first body was open")
+            except TimeoutError:
+                order.append("not the other worker until the first body gave up")
+        elif worker != first[0]:
+            from_other_worker.set()
+        await response.write_eof(b"body")
+        return response
+
+    origin.route("/slow-private", personal)
+    # Waiters that would give up on the lease (lock_timeout) before the origin gives up on them.
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url,
+        "cache: {memory: 64MB, lock_timeout: 30s, disk: {path: cache, size: 256MB, shards: 2}}\n"))
+    await proxy.start("--workers", "2")
+    await proxy.wait_for(lambda: len(proxy.workers) == 2)
+    try:
+        results = answered(await herd(proxy.url, "/slow-private", 40))
+    finally:
+        await proxy.stop()
+    assert len(results) == 40 and {r.worker for r in results} == {"0", "1"}
+    assert order == ["the other worker while the first body was open"]
+
+
 async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
