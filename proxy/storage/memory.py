@@ -339,7 +339,7 @@ class MemoryTier:
         43 % of the requests are fills, nearly all of keys asked once in the run, and more are
         disk reads of the long tail; kept decoded, they pushed hot keys out of this process's
         decoded entries (and built the slot, its views and its cost for nothing): paired
-        ``zipf`` runs, 1.11x the req/s (``scripts/bench-pair``)."""
+        ``zipf`` runs, 1.11x and 1.03x the req/s (``scripts/bench-pair``)."""
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
         for c in variants:
