@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -60,12 +61,12 @@ def zipf_keys_file() -> Path:
 
 
 def zipf_seed(run: str) -> int:
-    """The same request sequence for every system in one run (the run's name), another one in
-    the next: scripts/bench's cold-phase seed, plus the run's number (``p3`` -> 3)."""
+    """The request sequence of a run: the same for every system given the same run name, another
+    one for every other name (``warm``, ``run``, ``p1``, ``p2``, ...), none of them scripts/bench's
+    own two (its cold and warm phases: ``ZIPF_SEED`` and the next)."""
     from bench import ZIPF_SEED
 
-    digits = "".join(c for c in run if c.isdigit())
-    return ZIPF_SEED + 10 + (int(digits) if digits else 0)
+    return ZIPF_SEED + 2 + zlib.crc32(run.encode()) % 1_000_000
 
 
 def wrk_argv(system: System, workload: str, seconds: float, connections: int, run: str) -> list[str]:
@@ -73,7 +74,7 @@ def wrk_argv(system: System, workload: str, seconds: float, connections: int, ru
     if workload == "fill":  # every request a key never asked before (zipf.lua's fill mode)
         return [*base, "-s", str(ZIPF_LUA), system.url("/"), "--", run, "fill",
                 f"{WORKLOADS['fill']}{system.name}-{run}-"]
-    if workload == "zipf":  # scripts/bench's long tail, continued from where the last run left it
+    if workload == "zipf":  # scripts/bench's long tail; the cache carries over from run to run
         from bench import ZIPF_EXPONENT
 
         return [*base, "-s", str(ZIPF_LUA), system.url("/"), "--", run, "zipf", str(zipf_keys_file()),

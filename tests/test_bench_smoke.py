@@ -243,6 +243,8 @@ def test_a_zipf_run_gives_every_system_the_same_sequence_and_the_next_run_anothe
     a, b, later = argv("before", "p1"), argv("this", "p1"), argv("before", "p2")
     assert a[a.index("--") + 1:] == b[b.index("--") + 1:]  # the same keys, seed and exponent
     assert a[-2] != later[-2]  # another seed for the next pair
+    seeds = {bench_calls.zipf_seed(run) for run in ("warm", "run", "p0", "p1", "p2", "p10")}
+    assert len(seeds) == 6  # a measured window never replays its warm-up's sequence
     keys = Path(a[a.index("zipf") + 1]).read_text().split()
     assert len(keys) == 100_000 and keys[0].startswith("/zipf/")  # scripts/bench's own keys
 

@@ -165,7 +165,7 @@ async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_befo
             first.append(worker)
             await response.write(b"head first; ")
             try:
-                await asyncio.wait_for(from_other_worker.wait(), 5.0)
+                await asyncio.wait_for(from_other_worker.wait(), 15.0)
                 order.append("the other worker while the first body was open")
             except TimeoutError:
                 order.append("not the other worker until the first body gave up")

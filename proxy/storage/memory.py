@@ -10,8 +10,9 @@ body is in RAM once however many workers serve it.
 Reading a record means copying and decoding its metadata (≈ 5-10 µs), so each process keeps
 the entries it used lately decoded (``decoded_budget`` bytes, counted by ``cost``): a hit on
 one of them is a dict lookup, and a check that its record is still there (the arena's
-``alive``: one 8-byte read). A key is kept decoded from its second read in a while on (a
-doorkeeper, as TinyLFU's: the last ``DOORKEEPER_KEYS`` keys read once): the decoded cache
+``alive``: one 8-byte read). A key is kept decoded from its second sighting in a while on (a
+doorkeeper, as TinyLFU's: the last ``DOORKEEPER_KEYS`` keys seen once, read or written by a
+fill or a promotion from disk): the decoded cache
 holds a small part of the machine's keys (1/32 of the budget per process), and under a long
 tail most keys are read once in a while, so admitting each one cost its decoding's worth
 again (its ``cost``, the cache's upkeep, the fast path's head kept with it: ≈ 10 % of a
@@ -49,7 +50,7 @@ from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, decode_record, enc
 KEY_OVERHEAD = 300
 VARIANT_OVERHEAD = 900
 FIELD_OVERHEAD = 120  # a (name, value) tuple, the value's str object (names are shared)
-DOORKEEPER_KEYS = 4096  # keys read once that a process remembers (then forgets all at once)
+DOORKEEPER_KEYS = 4096  # keys seen once that a process remembers (then forgets all at once)
 
 
 class Heads:
@@ -138,7 +139,7 @@ class MemoryTier:
                  doorkeeper: int = DOORKEEPER_KEYS) -> None:
         """``budget``: ``cache.memory`` (of the machine); ``arena``: the machine's shared memory
         (a new one of this process's own when None); ``owns_arena``: close it with the tier;
-        ``doorkeeper``: keys read once remembered (0: every key read is kept decoded)."""
+        ``doorkeeper``: keys seen once remembered (0: every key read or written is kept decoded)."""
         if policy not in ("lru", "lfu"):
             raise ValueError(f"memory policy must be lru or lfu, not {policy!r}")
         self.arena = arena if arena is not None else Arena.create(arena_capacity(budget))

@@ -198,6 +198,9 @@ class Reader:
         else:
             return ()
         if variants:
+            current = t.memory.peek(key)
+            if current is not None:
+                return current  # stored or promoted meanwhile: newer than what the disk had
             t.memory.put(key, variants, admit=True)
         return variants
 

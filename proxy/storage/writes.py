@@ -154,7 +154,8 @@ class Writer:
             merged, _ = merge_variant(tuple(c.entry for c in current), stored)
             held = {c.entry.body_id: c for c in current}
             t.memory.put(entry.key, tuple(
-                Cached(stored, None) if e.body_id == stored.body_id else held[e.body_id] for e in merged))
+                Cached(stored, None) if e.body_id == stored.body_id else held[e.body_id] for e in merged),
+                admit=not current)
         return True
 
     def _commit_to_disk(self, entry: Entry, body: bytes | None, file: IO[bytes] | None) -> Entry | None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -390,3 +391,26 @@ async def test_the_directory_of_disk_keys_is_built_from_the_index_and_follows_wr
         assert arena.on_disk("http://h.test/15")
     finally:
         st.close()
+
+
+async def test_a_reread_from_disk_does_not_replace_what_was_stored_in_memory_meanwhile(
+        disk_store: Storage) -> None:
+    """Another worker may store the key while this one reads the disk (a lease's holder, say):
+    the shared memory's newer record stays, and is the answer."""
+    s = disk_store
+    assert await store(s, entry(KEY), b"old")
+    s.memory.delete(KEY)  # memory lost it (the ring moved on); the disk has it
+    tiers = s.reads.t
+    real_run = tiers.run
+
+    async def run_then_another_worker_stores(fn: Any, *args: Any) -> Any:
+        found = await real_run(fn, *args)
+        assert await store(s, entry(KEY), b"new", flush=False)
+        return found
+
+    tiers.run = run_then_another_worker_stores  # type: ignore[method-assign]
+    try:
+        (c,) = await s.reread(KEY)
+    finally:
+        tiers.run = real_run  # type: ignore[method-assign]
+    assert c.entry.body_size == 3 and await read_body(s, KEY) == b"new"
