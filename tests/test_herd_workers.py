@@ -27,6 +27,9 @@ from tests.storage.procs import HOST, ProxyProcess, Response, write_config
 pytestmark = pytest.mark.slow
 
 CACHE = "cache: {memory: 64MB, disk: {path: cache, size: 256MB, shards: 2}}\n"
+# Waiters that would give up on a lease (lock_timeout) only after 30 s: what they do sooner,
+# they were told to.
+PATIENT = "cache: {memory: 64MB, lock_timeout: 30s, disk: {path: cache, size: 256MB, shards: 2}}\n"
 BODY = bytes(range(256)) * 1024  # 256 KiB
 
 
@@ -46,11 +49,23 @@ def answered(results: list[Response | BaseException]) -> list[Response]:
     return [r for r in results if isinstance(r, Response)]
 
 
-@pytest.fixture
-async def two_workers(tmp_path: Path, origin: Origin) -> AsyncIterator[ProxyProcess]:
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+async def start_two_workers(tmp_path: Path, origin: Origin, cache: str = CACHE) -> ProxyProcess:
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
     await proxy.start("--workers", "2")
     await proxy.wait_for(lambda: len(proxy.workers) == 2)
+    return proxy
+
+
+@pytest.fixture
+async def two_workers(tmp_path: Path, origin: Origin) -> AsyncIterator[ProxyProcess]:
+    proxy = await start_two_workers(tmp_path, origin)
+    yield proxy
+    await proxy.stop()
+
+
+@pytest.fixture
+async def patient_workers(tmp_path: Path, origin: Origin) -> AsyncIterator[ProxyProcess]:
+    proxy = await start_two_workers(tmp_path, origin, PATIENT)
     yield proxy
     await proxy.stop()
 
@@ -147,7 +162,7 @@ async def test_a_response_that_is_not_shareable_sends_every_worker_upstream_then
 
 
 async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_before_its_body_ends(
-        origin: Origin, tmp_path: Path) -> None:
+        origin: Origin, patient_workers: ProxyProcess) -> None:
     """The lease holder tells the waiting worker as soon as it has the head, not at the end of
     the body: here the first body ends only once a request from the other worker reached the
     origin, so without that word the other worker's clients would sit until the origin gave
@@ -158,7 +173,7 @@ async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_befo
 
     async def personal(request: web.Request) -> web.StreamResponse:
         port = request.transport.get_extra_info("peername")[1]  # type: ignore[union-attr]
-        worker = pid_owning_connection(port, origin.port, list(proxy.workers.values()))
+        worker = pid_owning_connection(port, origin.port, list(patient_workers.workers.values()))
         response = web.StreamResponse(headers={"Cache-Control": "private, max-age=60"})
         await response.prepare(request)
         if not first:
@@ -175,16 +190,7 @@ async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_befo
         return response
 
     origin.route("/slow-private", personal)
-    # Waiters that would give up on the lease (lock_timeout) before the origin gives up on them.
-    proxy = ProxyProcess(str(tmp_path), write_config(
-        str(tmp_path), origin.url,
-        "cache: {memory: 64MB, lock_timeout: 30s, disk: {path: cache, size: 256MB, shards: 2}}\n"))
-    await proxy.start("--workers", "2")
-    await proxy.wait_for(lambda: len(proxy.workers) == 2)
-    try:
-        results = answered(await herd(proxy.url, "/slow-private", 40))
-    finally:
-        await proxy.stop()
+    results = answered(await herd(patient_workers.url, "/slow-private", 40))
     assert len(results) == 40 and {r.worker for r in results} == {"0", "1"}
     assert order == ["the other worker while the first body was open"]
 
@@ -222,7 +228,7 @@ def pid_owning_connection(local_port: int, remote_port: int, pids: list[int]) ->
 
 
 async def test_waiters_fetch_for_themselves_at_once_when_the_lease_holder_dies(
-        origin: Origin, tmp_path: Path) -> None:
+        origin: Origin, patient_workers: ProxyProcess) -> None:
     release = asyncio.Event()
     peers: list[int] = []
 
@@ -233,11 +239,7 @@ async def test_waiters_fetch_for_themselves_at_once_when_the_lease_holder_dies(
         return web.Response(body=BODY, headers={"Cache-Control": "max-age=60"})
 
     origin.route("/held", page)
-    proxy = ProxyProcess(str(tmp_path), write_config(
-        str(tmp_path), origin.url,
-        "cache: {memory: 64MB, lock_timeout: 30s, disk: {path: cache, size: 256MB, shards: 2}}\n"))
-    await proxy.start("--workers", "2")
-    await proxy.wait_for(lambda: len(proxy.workers) == 2)
+    proxy = patient_workers
     try:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -255,4 +257,3 @@ async def test_waiters_fetch_for_themselves_at_once_when_the_lease_holder_dies(
         assert len(peers) == 2  # the survivor fetched once, for all its clients
     finally:
         release.set()
-        await proxy.stop()
