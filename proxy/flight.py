@@ -608,8 +608,12 @@ class MissPath:
             if run.lease is not None and engine.leases is not None:
                 # The workers waiting on this key's lease go upstream now (with hit-for-pass
                 # when that is why), rather than when the body is over (the only head of a
-                # flight that can be not shareable is this one: a stored one always is).
-                engine.leases.head(key, run.lease, False, passing)
+                # flight that can be not shareable is this one: a stored one always is). A
+                # failure here must not cost this flight its answer: they hear at the release.
+                try:
+                    engine.leases.head(key, run.lease, False, passing)
+                except Exception:
+                    log.exception("telling the workers waiting on %s failed", key)
         spool = None
         if entry is not None:
             spool = storage.spool(entry, resp.content_length)

@@ -157,6 +157,24 @@ async def test_a_lease_is_released_with_how_the_flight_ended(
     await rig.engine.close()
 
 
+async def test_a_failed_word_to_the_waiting_workers_costs_the_flight_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig = make_rig(tmp_path)
+    leases = FakeLeases(Granted(5))
+
+    def broken_head(key: str, lease: Granted, shareable: bool, pass_: bool) -> None:
+        raise OSError("the shared memory is gone")
+
+    leases.head = broken_head  # type: ignore[method-assign]
+    rig.engine.leases = leases
+    rig.origin.route("/a", answer(body=b"yours", headers={"Cache-Control": "private"}))
+    assert await read(await rig.get("/a")) == b"yours"
+    await rig.settled(passed=1)
+    assert leases.released == [(key_of(rig, "/a"), 5, "failed")]  # they hear it at the release
+    assert "telling the workers waiting on" in caplog.text
+    await rig.engine.close()
+
+
 async def test_an_origin_error_another_worker_met_is_this_workers_answer_too(tmp_path: Path) -> None:
     rig = make_rig(tmp_path)
     rig.engine.leases = FakeLeases(told("error", status=504, message="upstream timed out"))
