@@ -116,13 +116,20 @@ class Writer:
         body = spool.body_bytes()
         if body is None or entry.body_size > memory.max_object or spool.doomed:
             return False
+        spool.in_memory = self._put_variant(Cached(entry, body, state=ALL_TO_WRITE))
+        return spool.in_memory
+
+    def _put_variant(self, new: Cached) -> bool:
+        """Put ``new`` in the shared memory beside the key's other variants there (replacing the
+        one with its Vary values); a key memory did not hold goes through this process's
+        doorkeeper (``MemoryTier.put``'s ``admit``)."""
+        memory = self.t.memory
+        entry = new.entry
         current = memory.peek(entry.key) or ()
         merged, _ = merge_variant(tuple(c.entry for c in current), entry)
         held = {c.entry.body_id: c for c in current}
-        new = Cached(entry, body, state=ALL_TO_WRITE)
-        spool.in_memory = memory.put(entry.key, tuple(
+        return memory.put(entry.key, tuple(
             new if e.body_id == entry.body_id else held[e.body_id] for e in merged), admit=not current)
-        return spool.in_memory
 
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
         """The disk tier's part of a finalized entry: nothing now for a body the shared memory
@@ -148,14 +155,8 @@ class Writer:
         t.work.committed(stored)
         t.memory.arena.disk_add([entry.key])
         if not spool.doomed:
-            # Its metadata in the shared memory too (the body stays on disk), beside the key's
-            # other variants there.
-            current = t.memory.peek(entry.key) or ()
-            merged, _ = merge_variant(tuple(c.entry for c in current), stored)
-            held = {c.entry.body_id: c for c in current}
-            t.memory.put(entry.key, tuple(
-                Cached(stored, None) if e.body_id == stored.body_id else held[e.body_id] for e in merged),
-                admit=not current)
+            # Its metadata in the shared memory too (the body stays on disk).
+            self._put_variant(Cached(stored, None))
         return True
 
     def _commit_to_disk(self, entry: Entry, body: bytes | None, file: IO[bytes] | None) -> Entry | None:
