@@ -70,6 +70,11 @@ CACHE_COLUMNS = ("rowid", "key", "raw", "store_time", "expire_time", "access_tim
                  "tag", "size", "mode", "filename", "value")
 _INSERT = ("INSERT OR IGNORE INTO Cache(key, raw, store_time, expire_time, access_time, access_count,"
            " tag, size, mode, filename, value) VALUES (?, ?, ?, NULL, ?, 0, NULL, 0, ?, NULL, ?)")
+# ``present``: the live metadata rows among some names, as ``Cache.__contains__`` asks for one
+# (str keys are stored raw). PRESENT_CHUNK stays under SQLite's bound-parameter limit.
+_PRESENT = ("SELECT key FROM Cache WHERE raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
+            " AND key IN ({})")
+PRESENT_CHUNK = 500
 
 Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
 
@@ -178,6 +183,26 @@ class DiskTier:
 
     def has(self, key: str) -> bool:
         return ("m:" + key) in self._shard(key)
+
+    def present(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` the disk holds: ``has`` for many, one query per shard and
+        PRESENT_CHUNK keys (what ``Cache.__contains__`` asks: a live metadata row).
+
+        Why: the index GC asks this of GC_BATCH keys every upkeep round; one ``has`` each took
+        6.6 µs of the owner's CPU a key, this 1.3 (40,000 keys on disk over 8 shards, half of
+        the 2,000 asked gone)."""
+        names: dict[int, list[str]] = {}
+        for k in keys:
+            names.setdefault(shard_of(k, len(self._shards)), []).append("m:" + k)
+        found: set[str] = set()
+        now = time.time()
+        for index, shard_names in names.items():
+            execute = self._shards[index]._sql
+            for i in range(0, len(shard_names), PRESENT_CHUNK):
+                part = shard_names[i:i + PRESENT_CHUNK]
+                rows = execute(_PRESENT.format(",".join("?" * len(part))), (now, *part))
+                found.update(row[0][2:] for row in rows)
+        return found
 
     def put_body(self, key: str, body_id: str, body: bytes | IO[bytes]) -> bool:
         """Copy a big body in, outside any transaction (the copy takes time); False when it timed out."""

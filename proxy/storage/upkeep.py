@@ -171,7 +171,9 @@ class Upkeep:
         cutoff = marks[0][1]
         rows = index.scan(self._gc_cursor, GC_BATCH)
         self._gc_cursor = rows[-1][0] if len(rows) == GC_BATCH else ""
-        dead = [k for k, seq in rows if seq <= cutoff and not disk.has(k)]
+        judged = [k for k, seq in rows if seq <= cutoff]
+        there = disk.present(judged)
+        dead = [k for k in judged if k not in there]
         if dead:
             index.remove(dead)
             t.memory.arena.disk_remove(dead)

@@ -210,6 +210,25 @@ async def test_index_rows_of_entries_diskcache_evicted_are_dropped(
         st.close()
 
 
+def test_which_keys_the_disk_holds_is_asked_in_chunks_per_shard_and_agrees_with_has(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.storage import disk as disk_module
+    monkeypatch.setattr(disk_module, "PRESENT_CHUNK", 7)  # several chunks per shard
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=3)
+    try:
+        stored = [f"http://h.test/{i}/é" for i in range(60)]
+        for k in stored:
+            assert disk.commit(k, lambda current, k=k: ((entry(k),), []))
+        disk.delete_keys(stored[::5])  # gone again
+        disk._shards[0].set("b:some-body", b"a body is not a key")
+        asked = [*stored, "http://h.test/never", "some-body"]
+        present = disk.present(asked)
+        assert present == {k for k in asked if disk.has(k)}
+        assert len(present) == 48 and disk.present([]) == set()
+    finally:
+        disk.close()
+
+
 async def test_orphan_bodies_and_files_from_a_crash_are_swept(tmp_path: Path) -> None:
     path = str(tmp_path / "cache")
     disk = DiskTier(path, 64 * MB, shards=1)
