@@ -189,6 +189,7 @@ async def warm(p: Pair) -> None:
                         ("/typed/a", ()), ("/percent", ())):
         await exchange(p.general_port, req("GET", path, *extra), ["GET"])
     await asyncio.sleep(0.1)  # disk writes finish after the response
+    await p.proxy.runtime.storage.flush()  # and what write-behind commits
 
 
 def freeze_clock(p: Pair) -> None:
@@ -501,7 +502,7 @@ async def test_big_memory_bodies_are_sent_from_their_disk_file_once_open(
     p.proxy.runtime.debug_headers = True
     storage = p.proxy.runtime.storage
     await exchange(p.general_port, req("GET", "/big"), ["GET"])
-    await asyncio.sleep(0.2)  # the disk commit
+    await storage.flush()  # the disk commit (write-behind)
     freeze_clock(p)
     assert len(storage.body_files) == 0
     (first,), _ = await exchange(p.fast_port, req("GET", "/big"), ["GET"])
@@ -651,7 +652,7 @@ async def test_a_purge_closes_the_open_file_of_a_body_memory_holds_too(
     storage = p.proxy.runtime.storage
     key = "http://example.test/big"
     await exchange(p.general_port, req("GET", "/big"), ["GET"])
-    await asyncio.sleep(0.2)  # the disk commit
+    await storage.flush()  # the disk commit (write-behind)
 
     async def fast_hit_opens_the_file() -> None:
         await exchange(p.fast_port, req("GET", "/big"), ["GET"])  # asks for the file

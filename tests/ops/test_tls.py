@@ -137,7 +137,7 @@ async def test_sendfile_bodies_over_tls_are_encrypted_not_sent_around_it(
     conn = await Conn.open(tls_url)
     try:
         assert (await conn.get("/big"))[2] == big  # the fill
-        await asyncio.sleep(0.3)  # the disk commit
+        await proxy.runtime.storage.flush()  # the disk commit (write-behind)
         proxy.runtime.storage.memory.clear()
         status, fields, body = await conn.get("/big")  # the general path opens the body file
         assert (status, fields["X-Cache-Status"], body) == (200, "HIT", big)

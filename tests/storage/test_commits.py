@@ -222,7 +222,7 @@ async def test_a_body_file_being_opened_for_sendfile_when_the_store_closes_is_cl
         tmp_path: Path) -> None:
     st = open_store(str(tmp_path / "cache"))  # 64 KiB bodies stay in memory, and are files on disk
     assert await store(st, entry(KEY), b"b" * 60_000)
-    await asyncio.sleep(0.2)  # the disk commit
+    await st.flush()  # the disk commit (write-behind)
     (cached,) = st.memory.peek(KEY) or ()
     assert cached.body is not None
     assert st.sendable_file(cached.entry) is None  # being opened in the thread pool
