@@ -305,7 +305,7 @@ class Engine:
 
     async def load(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:
         """The key's variants (``bodies``: a GET, which will send one: read a small body with
-        its metadata, in the same trip to the thread pool)."""
+        its metadata, in the same read)."""
         try:
             return await self.storage.get(key, bodies=bodies)
         except Exception:  # storage failures degrade to a miss

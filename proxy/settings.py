@@ -220,7 +220,8 @@ class DiskSettings:
     size: int = setting(10 * 1024 * MB, "the disk tier's byte budget", byte_size())
     shards: int = setting(8, "SQLite databases the budget is split into (a body takes half of one at most)",
                           integer(minimum=1))
-    eviction: DiskEviction = setting("least-recently-stored", "what goes first when the budget is full")
+    eviction: DiskEviction = setting("least-recently-stored", "what goes first when the budget is full "
+                                     "(least-recently-used makes every disk read a write too)")
 
 
 @dataclass(frozen=True)

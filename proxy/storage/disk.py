@@ -1,7 +1,8 @@
 """The disk tier: diskcache shards shared by every worker process.
 
 This is the only module that imports diskcache. Every method blocks; callers run
-them in a thread executor.
+them in a thread executor, but for the reads a worker makes in its event loop while the page
+cache answers them quickly (``proxy.storage.reads.ReadPlace``; ``reads_are_plain``).
 
 Layout: ``cache.disk.shards`` ``diskcache.Cache`` databases in ``<path>/000``,
 ``<path>/001``, ... (the layout of a ``FanoutCache``), each with
@@ -165,6 +166,10 @@ class DiskTier:
             for i in range(shards)
         ]
         self._bulk = [_plain_layout(s) for s in self._shards]
+        # Whether a read is one SELECT: under least-recently-used every ``get`` is a write
+        # transaction too (its access time), which can wait seconds for another process's
+        # write lock, so those reads never run in an event loop.
+        self.reads_are_plain = diskcache.core.EVICTION_POLICY[eviction_policy]["get"] is None
 
     def close(self) -> None:
         for s in self._shards:

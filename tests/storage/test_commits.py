@@ -122,13 +122,18 @@ async def test_two_variants_of_a_key_new_to_the_disk_in_one_batch_are_both_kept(
         st.close()
 
 
-async def test_grouped_lookups_answer_each_key_and_a_failing_key_fails_alone(disk_store: Storage) -> None:
+@pytest.mark.parametrize("in_loop", [True, False], ids=["in the event loop", "grouped in threads"])
+async def test_lookups_answer_each_key_and_a_failing_key_fails_alone(disk_store: Storage, in_loop: bool) -> None:
+    if not in_loop:
+        disk_store.reads.place.threads_until = float("inf")
     for i in range(20):
         assert await store(disk_store, entry(f"{KEY}/{i}"), b"body %d" % i)
     disk_store.memory.clear()
     load = disk_store.reads._load_from_disk
+    loop_thread, threads = threading.get_ident(), set()
 
     def failing(key: str, bodies: bool = False) -> tuple[object, ...]:
+        threads.add(threading.get_ident())
         if key.endswith("/13"):
             raise OSError("disk went away")
         return load(key, bodies)
@@ -140,6 +145,7 @@ async def test_grouped_lookups_answer_each_key_and_a_failing_key_fails_alone(dis
     for i, found in enumerate(results):
         if i != 13:
             assert isinstance(found, tuple) and len(found) == (1 if i < 20 else 0), i
+    assert (threads == {loop_thread}) if in_loop else (loop_thread not in threads)
 
 
 async def test_a_fill_that_lands_between_a_purges_halves_is_never_written(disk_store: Storage) -> None:

@@ -421,6 +421,7 @@ async def test_a_reread_from_disk_does_not_replace_what_was_stored_in_memory_mea
     s.memory.delete(KEY)  # memory lost it (the ring moved on); the disk has it
     tiers = s.reads.t
     real_run = tiers.run
+    s.reads.place.threads_until = float("inf")  # the read in a thread, while the other worker stores
 
     async def run_then_another_worker_stores(fn: Any, *args: Any) -> Any:
         found = await real_run(fn, *args)

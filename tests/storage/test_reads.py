@@ -1,0 +1,148 @@
+"""Where disk reads run: in the event loop while they are quick, in the thread pool while not."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.storage import reads
+from proxy.storage.disk import DiskTier
+from proxy.storage.index import UrlTagIndex
+from proxy.storage.memory import MemoryTier
+from proxy.storage.reads import INLINE_READ_BACKOFF, INLINE_READ_LIMIT, ReadPlace
+from proxy.storage.tiered import Storage
+from tests.storage.helpers import MB, entry, open_store, store
+
+FAST = 0.00005  # a read the page cache answers
+SLOW = 0.005  # a read that waited for a disk
+
+
+@pytest.fixture
+async def disk_store(tmp_path: Path) -> AsyncIterator[Storage]:
+    st = open_store(str(tmp_path / "cache"))
+    yield st
+    st.close()
+
+
+@pytest.mark.parametrize(("times", "in_threads_after"), [
+    ([FAST] * 200, None),  # quick reads stay in the loop
+    ([FAST] * 20 + [SLOW] + [FAST] * 20, None),  # one preempted read does not move them
+    ([FAST] * 20 + [SLOW, FAST, SLOW, FAST] + [FAST] * 20, None),  # nor do two near each other
+    ([SLOW] * 10, 3),  # a slow disk: the third read's average passes the limit
+    ([FAST] * 50 + [SLOW] * 10, 53),  # ... however long it was quick before
+    ([0.1], 1),  # one read that stalled the loop for 100 ms is enough
+])
+def test_reads_go_to_the_thread_pool_when_their_moving_average_passes_the_limit(
+        times: list[float], in_threads_after: int | None) -> None:
+    place, now, switched_at = ReadPlace(), 100.0, None
+    for n, took in enumerate(times, 1):
+        assert place.inline(now)
+        now += took
+        if place.took(took, now):
+            switched_at = n
+            break
+    assert switched_at == in_threads_after
+    if switched_at is None:
+        assert place.average <= INLINE_READ_LIMIT and place.switches == 0
+        return
+    assert place.switches == 1
+    assert not place.inline(now) and not place.inline(now + INLINE_READ_BACKOFF - 0.01)
+    assert place.inline(now + INLINE_READ_BACKOFF)  # tried in the loop again, from a clean average
+    assert place.average == 0.0 and place.inline(now + INLINE_READ_BACKOFF + 1)
+
+
+def test_a_disk_that_stays_slow_is_logged_once_in_ten_minutes() -> None:
+    place = ReadPlace()
+    assert place.should_log(1000.0)
+    assert not place.should_log(1005.0) and not place.should_log(1599.0)
+    assert place.should_log(1600.0)
+
+
+class Disk:
+    """The store's disk reads, watched: which thread ran each (True: the event loop's), and a
+    fake clock each metadata read moves on by ``delay`` seconds (no real sleeping)."""
+
+    def __init__(self, st: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        disk = st.disk
+        assert disk is not None
+        self.loop_thread = threading.get_ident()
+        self.meta: list[bool] = []
+        self.bodies: list[bool] = []
+        self.delay = 0.0
+        self.now = 1000.0
+        real_meta, real_body = disk.get_variants, disk.get_body
+
+        def get_variants(key: str) -> object:
+            self.meta.append(threading.get_ident() == self.loop_thread)
+            self.now += self.delay
+            return real_meta(key)
+
+        def get_body(*args: object) -> object:
+            self.bodies.append(threading.get_ident() == self.loop_thread)
+            return real_body(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(disk, "get_variants", get_variants)
+        monkeypatch.setattr(disk, "get_body", get_body)
+        monkeypatch.setattr(reads, "perf_counter", lambda: self.now)
+
+
+async def test_disk_hits_are_read_in_the_event_loop_until_the_disk_turns_slow(
+        disk_store: Storage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    for i in range(14):
+        assert await store(disk_store, entry(f"http://h.test/{i}"), b"body %d" % i)
+    disk_store.memory.clear()  # every key is on disk only
+    watch = Disk(disk_store, monkeypatch)
+    for i in range(4):  # quick: in the loop, metadata and body
+        (c,) = await disk_store.get(f"http://h.test/{i}")
+        assert await disk_store.open_body(c) == b"body %d" % i
+    assert watch.meta == watch.bodies == [True] * 4
+    watch.delay = 0.005  # the disk turns slow
+    with caplog.at_level(logging.INFO, logger="cachegate.storage"):
+        for i in range(4, 12):
+            (c,) = await disk_store.get(f"http://h.test/{i}")
+            assert await disk_store.open_body(c) == b"body %d" % i
+    # The average: 0.5, (0.45), 0.905, (0.81), 1.23 ms: the third slow read switches.
+    assert watch.meta[4:] == [True, True, True] + [False] * 5
+    assert watch.bodies[4:] == [True, True, False] + [False] * 5
+    assert disk_store.reads.place.switches == 1
+    assert [r.message for r in caplog.records if "thread pool" in r.message] == [
+        "disk reads took 1.2 ms on average in the event loop: they go to the thread pool for 5 s "
+        "(then the loop is tried again; logged once in 10 minutes)"]
+    watch.delay = 0.0
+    watch.now += INLINE_READ_BACKOFF  # the backoff is over: in the loop again
+    (c,) = await disk_store.get("http://h.test/12")
+    assert watch.meta[12:] == [True]
+    disk_store.memory.clear()
+    (c,) = await disk_store.reads.reread("http://h.test/13")  # the other workers' store, read in the loop
+    assert watch.meta[13:] == [True] and c.entry.key == "http://h.test/13"
+
+
+async def test_bodies_that_are_files_are_read_in_the_loop_and_reads_that_write_in_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = open_store(str(tmp_path / "cache"))  # bodies of 32 KiB and more are files on disk
+    try:
+        assert await store(st, entry("http://h.test/file"), b"f" * 40_000)
+        st.memory.clear()
+        watch = Disk(st, monkeypatch)
+        (c,) = await st.get("http://h.test/file", bodies=True)  # metadata and file, in the loop
+        assert c.body is not None and watch.meta == [True] and watch.bodies == [True]
+        assert await st.open_body(c) == b"f" * 40_000
+    finally:
+        st.close()
+    path = str(tmp_path / "lru")
+    lru = Storage(MemoryTier(8 * MB, 64 * 1024), DiskTier(path, 64 * MB, 2, "least-recently-used"),
+                  UrlTagIndex(path), max_object=16 * MB)
+    try:
+        assert lru.disk is not None and not lru.disk.reads_are_plain
+        assert await store(lru, entry("http://h.test/lru"), b"l" * 1000)
+        lru.memory.clear()
+        watch = Disk(lru, monkeypatch)
+        (c,) = await lru.get("http://h.test/lru")
+        assert await lru.open_body(c) == b"l" * 1000
+        assert watch.meta == watch.bodies == [False]  # each read is a write transaction there
+    finally:
+        lru.close()
