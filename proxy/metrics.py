@@ -63,8 +63,9 @@ SUPERVISOR_ONLY = frozenset({"cachegate_config_reloads", "cachegate_purges", "ca
                              "cachegate_admin_unauthorized", "cachegate_admin_refused",
                              # one value for the whole: the build, the start, the open-files limit
                              "cachegate_build_info", "process_start_time_seconds", "process_max_fds"})
-# Families with a "tier" label whose tier="disk" samples describe the shared disk tier.
-SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "cachegate_evictions"})
+# Families describing the machine's shared memory and disk tier: the supervisor's figures, once.
+SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "cachegate_evictions",
+                         "cachegate_write_behind_lost"})
 # Families describing each worker's own upstream pool: workers only, never the supervisor's.
 # cachegate_fast_path_enabled too: the processes with client listeners (0.5: half of them).
 WORKER_ONLY = frozenset({"cachegate_upstream_up", "cachegate_upstream_in_flight",

@@ -272,3 +272,9 @@ class Runtime:
         # memory holds goes to disk behind it, proxy.storage.persist).
         q.add_metric([], len(s.work.writes))
         yield q
+        if s.disk is not None:
+            lost = CounterMetricFamily(
+                "cachegate_write_behind_lost",
+                "Stored responses the shared memory dropped before write-behind committed them to disk")
+            lost.add_metric([], m.arena.lost)
+            yield lost

@@ -158,7 +158,8 @@ class DiskTier:
                 sqlite_journal_size_limit=wal,
                 # diskcache keeps one SQLite connection per thread and shard, and by default
                 # each maps up to 64 MB of its database and caches up to 32 MB of pages: with
-                # 4 reader threads x 8 shards that was 340+ MB of RSS per worker at 100k keys.
+                # 4 reader threads x 8 shards that was 340+ MB of RSS per worker at 100k keys
+                # (the event loop's thread reads too now: ``proxy.storage.reads.ReadPlace``).
                 # Reads go through the OS page cache instead (a metadata read is one pread).
                 sqlite_mmap_size=SQLITE_MMAP,
                 sqlite_cache_size=SQLITE_CACHE_PAGES,

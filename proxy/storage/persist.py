@@ -55,6 +55,11 @@ MAX_VARIANTS = 32
 # 8 pairs): 0.05 -> 0.2 s gave fill 1.06x req/s (all 8 pairs above 1) at 0.95x CPU per
 # request, zipf 1.02x at 0.98x; 0.2 -> 0.5 s gave fill 1.02x but zipf 0.92x (6 pairs).
 PERSIST_INTERVAL = 0.2
+# Between batches the owner looks every PERSIST_POLL seconds how much the writers added, and
+# commits at once when it is more than 1 / EARLY_COMMIT_SHARE of the ring: a small ring under
+# fast fills must not wrap over records write-behind has not reached (``Arena.lost``).
+PERSIST_POLL = 0.05
+EARLY_COMMIT_SHARE = 8
 BATCH_BYTES = 16 << 20  # bodies committed in one go at most (a batch holds them in memory)
 MAX_ATTEMPTS = 3  # batches that may fail (a shard's lock timed out) on a record before it is left out
 
@@ -168,7 +173,19 @@ class Persister:
                 raise
             except Exception:
                 log.exception("writing behind to the disk tier failed; retrying")
-            await asyncio.sleep(interval)
+            await self._wait(interval)
+
+    async def _wait(self, interval: float) -> None:
+        """``interval`` seconds, or less once the writers added more than 1 / EARLY_COMMIT_SHARE
+        of the ring since the last batch."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + interval
+        early = self.arena.capacity // EARLY_COMMIT_SHARE
+        while not self.closed:
+            left = deadline - loop.time()
+            if left <= 0 or self.arena.head - self._cursor > early:
+                return
+            await asyncio.sleep(min(left, PERSIST_POLL))
 
     async def flush(self) -> int:
         """Commit what the shared memory holds that the disk tier does not (up to now); how

@@ -3,7 +3,8 @@
 Reads look in memory first (synchronously: the hit path awaits nothing), then on disk,
 unless the directory of the disk's keys says the key is not there (no disk read at all).
 A disk read runs in the event loop while the OS page cache answers such reads quickly, and in
-the thread pool while it does not (``ReadPlace``). Concurrent lookups of one key in the
+the thread pool while it does not, or when the disk's eviction makes every read a write
+(``ReadPlace``). Concurrent lookups of one key in the
 thread pool share one disk read (a herd on a key that is only on disk reads it once). A disk
 hit is promoted into the shared memory in two halves: the metadata at once (so freshness
 checks, HEAD and 304s never read a body), the body when it is first sent, if it is small
@@ -38,10 +39,12 @@ T = TypeVar("T")
 
 COMMIT_WAIT = 5.0  # seconds a read waits for this process's disk write of the same key
 # Where disk reads run (``ReadPlace``): in the event loop while the moving average of their
-# times (each read weighing INLINE_READ_WEIGHT) stays under INLINE_READ_LIMIT seconds, else in
-# the thread pool for INLINE_READ_BACKOFF seconds before the loop is tried again.
+# times (each read weighing INLINE_READ_WEIGHT) stays under INLINE_READ_LIMIT seconds and they
+# take at most INLINE_READ_SHARE of each second, else in the thread pool for
+# INLINE_READ_BACKOFF seconds before the loop is tried again.
 INLINE_READ_LIMIT = 0.001
 INLINE_READ_WEIGHT = 0.1
+INLINE_READ_SHARE = 0.2
 INLINE_READ_BACKOFF = 5.0
 SWITCH_LOG_EVERY = 600.0  # seconds: a disk that keeps being slow is logged once in this long
 LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 executor threads)
@@ -62,9 +65,10 @@ class ReadPlace:
 
     Why not always: a disk that makes reads wait (a cold page cache on a spinning or networked
     disk) would stall every connection of the loop meanwhile, as nginx's blocking reads do.
-    So each read in the loop is timed; when the moving average passes INLINE_READ_LIMIT,
-    reads go to the thread pool for INLINE_READ_BACKOFF seconds, then are tried in the loop
-    again. A single read made slow by the process being preempted (by less than 10 ms) moves
+    So each read in the loop is timed; when the moving average passes INLINE_READ_LIMIT, or
+    reads took more than INLINE_READ_SHARE of the second (each quick enough, but many: a
+    networked disk), reads go to the thread pool for INLINE_READ_BACKOFF seconds, then are
+    tried in the loop again. A single read made slow by the process being preempted (by less than 10 ms) moves
     the average by a tenth of its time and does not switch. The time of a read includes
     winning the GIL back from the process's other threads after each SQLite call: where one of
     them keeps it busy (the write-behind thread of a single-process cache), reads may go to
@@ -74,13 +78,15 @@ class ReadPlace:
     read stays in the thread pool (``Reader._inline``): each is a write transaction there,
     which can wait for another process's write lock. Times are ``perf_counter`` seconds."""
 
-    __slots__ = ("_logged_at", "average", "switches", "threads_until")
+    __slots__ = ("_logged_at", "_second", "_second_busy", "average", "switches", "threads_until")
 
     def __init__(self) -> None:
         self.average = 0.0
         self.threads_until = 0.0  # 0: reads run in the loop
         self.switches = 0  # times reads went to the thread pool
         self._logged_at: float | None = None
+        self._second = 0.0  # when the current second of reads began
+        self._second_busy = 0.0  # time spent reading in it
 
     def inline(self, now: float) -> bool:
         """Whether a read starting ``now`` runs in the event loop."""
@@ -96,7 +102,10 @@ class ReadPlace:
         """Count a read in the loop that took ``seconds`` and ended ``now``; whether reads
         go to the thread pool from now on."""
         self.average += (seconds - self.average) * INLINE_READ_WEIGHT
-        if self.average <= INLINE_READ_LIMIT:
+        if now - self._second >= 1.0:
+            self._second, self._second_busy = now, 0.0
+        self._second_busy += seconds
+        if self.average <= INLINE_READ_LIMIT and self._second_busy <= INLINE_READ_SHARE:
             return False
         self.threads_until = now + INLINE_READ_BACKOFF
         self.switches += 1
@@ -168,8 +177,8 @@ class Reader:
     async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]:
         """The key's variants: from memory, else from disk (promoted into memory). ``bodies``:
         the caller will send a body, so a key's single variant with a body small enough for
-        the memory tier comes with its body, in the same read (in the event loop: a body the
-        database holds; in the thread pool: one trip instead of two).
+        the memory tier comes with its body, in the same read (in the thread pool: one trip
+        instead of two).
 
         Concurrent lookups of one key in the thread pool share one read; the first caller
         starts it in its own step (no task in between), and the others step aside once when it

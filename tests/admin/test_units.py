@@ -65,7 +65,7 @@ def _worker(requests: dict[str, int], memory_entries: int, disk_bytes: int, up: 
         m.requests.labels(status, "GET").inc(n)
         m.upstream_latency.labels("u").observe(0.01)
     m.reloads.labels("success").inc()  # each worker reloads too: only the supervisor's count
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     def tiers():  # type: ignore[no-untyped-def]
         e = GaugeMetricFamily("cachegate_cache_entries", "Stored keys per tier", labels=["tier"])
@@ -74,7 +74,9 @@ def _worker(requests: dict[str, int], memory_entries: int, disk_bytes: int, up: 
         b.add_metric(["disk"], disk_bytes)
         u = GaugeMetricFamily("cachegate_upstream_up", "up", labels=["upstream"])
         u.add_metric(["u"], up)
-        yield from (e, b, u)
+        lost = CounterMetricFamily("cachegate_write_behind_lost", "lost")  # the machine's ring
+        lost.add_metric([], 3)
+        yield from (e, b, u, lost)
 
     m.add_collector(tiers)
     return m
@@ -98,6 +100,7 @@ def test_counters_add_up_across_workers_and_shared_gauges_are_counted_once() -> 
     # The machine's shared memory and disk: the supervisor's figures, once.
     assert m[("cachegate_cache_entries", (("tier", "memory"),))] == 12
     assert m[("cachegate_cache_bytes", (("tier", "disk"),))] == 5000
+    assert m[("cachegate_write_behind_lost_total", ())] == 3
     assert m[("cachegate_config_reloads_total", (("result", "success"),))] == 1
     assert m[("cachegate_purges_total", (("kind", "tag"),))] == 1
     assert m[("cachegate_upstream_up", (("upstream", "u"),))] == 0.5  # the mean over workers

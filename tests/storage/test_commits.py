@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.storage import persist, reads
 from proxy.storage.arena import Arena
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.disk import DiskTier, shard_budget
@@ -122,9 +123,41 @@ async def test_two_variants_of_a_key_new_to_the_disk_in_one_batch_are_both_kept(
         st.close()
 
 
+async def test_write_behind_commits_early_when_the_writers_filled_part_of_the_ring(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(persist, "PERSIST_POLL", 0.01)
+    st = open_store(str(tmp_path / "cache"))
+    assert st.persister is not None
+    writer = st.persister
+    share = st.memory.arena.capacity // persist.EARLY_COMMIT_SHARE
+    looking = asyncio.ensure_future(writer.run_forever(interval=3600))  # no batch on the timer
+    try:
+        await asyncio.sleep(0.05)
+        body = os.urandom(10_000)
+        for i in range(share // 20_000):  # well under the share: waits for the timer
+            assert await store(st, entry(f"{KEY}/a{i}"), body, flush=False)
+        await asyncio.sleep(0.2)
+        assert writer.stats.entries == 0
+        for i in range(share // 10_000):  # past it: committed at once
+            assert await store(st, entry(f"{KEY}/b{i}"), body, flush=False)
+        for _ in range(200):
+            if writer.stats.entries:
+                break
+            await asyncio.sleep(0.01)
+        assert writer.stats.entries >= share // 10_000
+    finally:
+        looking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await looking
+        st.close()
+
+
 @pytest.mark.parametrize("in_loop", [True, False], ids=["in the event loop", "grouped in threads"])
-async def test_lookups_answer_each_key_and_a_failing_key_fails_alone(disk_store: Storage, in_loop: bool) -> None:
-    if not in_loop:
+async def test_lookups_answer_each_key_and_a_failing_key_fails_alone(
+        disk_store: Storage, in_loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if in_loop:  # a stopped clock: no read is slow, whatever else the machine is doing
+        monkeypatch.setattr(reads, "perf_counter", lambda: 1000.0)
+    else:
         disk_store.reads.place.threads_until = float("inf")
     for i in range(20):
         assert await store(disk_store, entry(f"{KEY}/{i}"), b"body %d" % i)

@@ -157,7 +157,8 @@ async def test_kill_9_with_writes_queued_behind_loses_only_those_and_never_corru
     queued = {f"/w/b{i}": rnd.randbytes(rnd.choice((100, 3_000, 40_000, 200_000))) for i in range(40)}
     for path, body in {**before, **queued}.items():
         origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
-    config = write_config(str(tmp_path), origin.url, CACHE)
+    # Memory enough that the queued fills stay under the share of it that commits at once.
+    config = write_config(str(tmp_path), origin.url, CACHE.replace("memory: 8MB", "memory: 64MB"))
     first = ProxyProcess(str(tmp_path), config)
     await first.start()
     for path in before:  # committed: a clean stop writes what is still queued

@@ -35,6 +35,7 @@ async def disk_store(tmp_path: Path) -> AsyncIterator[Storage]:
     ([SLOW] * 10, 3),  # a slow disk: the third read's average passes the limit
     ([FAST] * 50 + [SLOW] * 10, 53),  # ... however long it was quick before
     ([0.1], 1),  # one read that stalled the loop for 100 ms is enough
+    ([0.0009] * 300, 223),  # quick enough each, but a fifth of a second spent reading: a slow disk
 ])
 def test_reads_go_to_the_thread_pool_when_their_moving_average_passes_the_limit(
         times: list[float], in_threads_after: int | None) -> None:
