@@ -177,13 +177,14 @@ class Persister:
 
     async def _wait(self, interval: float) -> None:
         """``interval`` seconds, or less once the writers added more than 1 / EARLY_COMMIT_SHARE
-        of the ring since the last batch."""
+        of the ring since the last batch. (Growth since then, not what is pending: records a
+        failed batch left to retry wait for the interval, never in a tight loop.)"""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + interval
-        early = self.arena.capacity // EARLY_COMMIT_SHARE
+        early = self.arena.head + self.arena.capacity // EARLY_COMMIT_SHARE
         while not self.closed:
             left = deadline - loop.time()
-            if left <= 0 or self.arena.head - self._cursor > early:
+            if left <= 0 or self.arena.head > early:
                 return
             await asyncio.sleep(min(left, PERSIST_POLL))
 

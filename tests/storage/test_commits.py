@@ -152,6 +152,37 @@ async def test_write_behind_commits_early_when_the_writers_filled_part_of_the_ri
         st.close()
 
 
+async def test_a_failing_write_behind_tries_again_after_its_interval_not_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # More than the early-commit share is pending and stays so while every batch fails: the
+    # next try still waits for the interval (not a loop of failures as fast as they come).
+    monkeypatch.setattr(persist, "PERSIST_POLL", 0.01)
+    st = open_store(str(tmp_path / "cache"))
+    assert st.persister is not None
+    writer = st.persister
+    body = os.urandom(10_000)
+    for i in range(st.memory.arena.capacity // persist.EARLY_COMMIT_SHARE // 10_000 + 5):
+        assert await store(st, entry(f"{KEY}/{i}"), body, flush=False)
+    tries = 0
+
+    async def failing() -> int:
+        nonlocal tries
+        tries += 1
+        await asyncio.sleep(0)
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(writer, "flush", failing)
+    looking = asyncio.ensure_future(writer.run_forever(interval=0.2))
+    try:
+        await asyncio.sleep(0.5)
+    finally:
+        looking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await looking
+        st.close()
+    assert 2 <= tries <= 4
+
+
 @pytest.mark.parametrize("in_loop", [True, False], ids=["in the event loop", "grouped in threads"])
 async def test_lookups_answer_each_key_and_a_failing_key_fails_alone(
         disk_store: Storage, in_loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
