@@ -4,13 +4,12 @@ Reads look in memory first (synchronously: the hit path awaits nothing), then on
 unless the directory of the disk's keys says the key is not there (no disk read at all).
 A disk read runs in the event loop while the OS page cache answers such reads quickly, and in
 the thread pool while it does not, or when the disk's eviction makes every read a write
-(``ReadPlace``). Concurrent lookups of one key in the
-thread pool share one disk read (a herd on a key that is only on disk reads it once). A disk
-hit is promoted into the shared memory in two halves: the metadata at once (so freshness
-checks, HEAD and 304s never read a body), the body when it is first sent, if it is small
-enough for the memory tier. Every variant read from disk passes the ban list first, so a
-purge by tag or prefix is in force at once; a read in the thread pool that overlapped a local
-purge is done again (``epoch``).
+(``ReadPlace``). Concurrent lookups of one key in the thread pool share one disk read (a herd
+on a key that is only on disk reads it once). A disk hit is promoted into the shared memory
+in two halves: the metadata at once (so freshness checks, HEAD and 304s never read a body),
+the body when it is first sent, if it is small enough for the memory tier. Every variant
+read from disk passes the ban list first, so a purge by tag or prefix is in force at once; a
+read in the thread pool that overlapped a local purge is done again (``epoch``).
 
 Big bodies on disk are sent from their files (``bodyfiles``): the files stay open for
 the next hits, and a big body memory holds too is sent from its file once it is open
@@ -68,8 +67,8 @@ class ReadPlace:
     So each read in the loop is timed; when the moving average passes INLINE_READ_LIMIT, or
     reads took more than INLINE_READ_SHARE of the second (each quick enough, but many: a
     networked disk), reads go to the thread pool for INLINE_READ_BACKOFF seconds, then are
-    tried in the loop again. A single read made slow by the process being preempted (by less than 10 ms) moves
-    the average by a tenth of its time and does not switch. The time of a read includes
+    tried in the loop again. A single read made slow by the process being preempted (by less
+    than 10 ms) moves the average by a tenth of its time and does not switch. The time of a read includes
     winning the GIL back from the process's other threads after each SQLite call: where one of
     them keeps it busy (the write-behind thread of a single-process cache), reads may go to
     the thread pool more often, never less safely. A body of up to ``memory_max_object`` is
