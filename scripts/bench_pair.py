@@ -34,11 +34,13 @@ from bench_calls import WORKLOADS, serving, workloads_of, wrk_argv  # noqa: E402
 from bench_procs import Fleet, System, cpu_seconds  # noqa: E402
 from bench_report import parse_wrk  # noqa: E402
 
-# One timed run of a workload on a system: (requests answered, seconds it lasted).
-Drive = Callable[[System, str, float, int, str], tuple[int, float]]
+# One timed run of a workload on a system: (requests answered, seconds it lasted, p99 latency
+# in ms or None when the driver does not measure it).
+Drive = Callable[[System, str, float, int, str], tuple[int, float, float | None]]
 
 
-def drive_wrk(system: System, workload: str, seconds: float, connections: int, run: str) -> tuple[int, float]:
+def drive_wrk(system: System, workload: str, seconds: float, connections: int, run: str
+              ) -> tuple[int, float, float | None]:
     """One wrk run; a run with errors (timeouts, non-2xx/3xx answers) is refused: its rate would
     count failures as throughput."""
     out = subprocess.run(wrk_argv(system, workload, seconds, connections, run),
@@ -47,19 +49,19 @@ def drive_wrk(system: System, workload: str, seconds: float, connections: int, r
     if not result.clean or not result.requests:
         raise RuntimeError(f"{system.name} {workload}: a run with errors {result.errors}, "
                            f"{result.requests} requests\n{system.log_tail()}")
-    return result.requests, result.seconds or seconds
+    return result.requests, result.seconds or seconds, result.p99_ms
 
 
 def measure(system: System, workload: str, seconds: float, connections: int, run: str,
             drive: Drive) -> dict[str, float]:
-    """One run: req/s, and CPU per request of all the system's processes (its supervisor's
-    write-behind included)."""
+    """One run: req/s, CPU per request of all the system's processes (its supervisor's
+    write-behind included), and wrk's p99 (ms; -1 when the driver has none)."""
     pids = system.all_pids()
     before = cpu_seconds(pids)
-    requests, lasted = drive(system, workload, seconds, connections, run)
+    requests, lasted, p99 = drive(system, workload, seconds, connections, run)
     cpu = cpu_seconds(pids) - before
     n = max(requests, 1)
-    return {"rps": requests / lasted, "cpu_us": cpu / n * 1e6}
+    return {"rps": requests / lasted, "cpu_us": cpu / n * 1e6, "p99_ms": -1.0 if p99 is None else p99}
 
 
 def pairs(a: System, b: System, workload: str, opts: argparse.Namespace, drive: Drive = drive_wrk
@@ -72,18 +74,22 @@ def pairs(a: System, b: System, workload: str, opts: argparse.Namespace, drive: 
         out.append(got)
         ra, rb = got[a.name], got[b.name]
         ratio = f"{rb['rps'] / ra['rps']:.2f}" if ra["rps"] else "-"
-        print(f"  {workload:8} pair {i + 1:2}: {a.name} {ra['rps']:9.0f} req/s {ra['cpu_us']:6.1f} µs   "
-              f"{b.name} {rb['rps']:9.0f} req/s {rb['cpu_us']:6.1f} µs   ratio {ratio}", flush=True)
+        print(f"  {workload:8} pair {i + 1:2}: {a.name} {ra['rps']:9.0f} req/s {ra['cpu_us']:6.1f} µs "
+              f"p99 {ra['p99_ms']:6.1f} ms   {b.name} {rb['rps']:9.0f} req/s {rb['cpu_us']:6.1f} µs "
+              f"p99 {rb['p99_ms']:6.1f} ms   ratio {ratio}", flush=True)
     return out
 
 
 def summary(workload: str, a: str, b: str, runs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
     rps = [r[b]["rps"] / r[a]["rps"] for r in runs if r[a]["rps"] > 0]
     cpu = [r[b]["cpu_us"] / r[a]["cpu_us"] for r in runs if r[a]["cpu_us"] > 0]
+    p99 = [r[b]["p99_ms"] / r[a]["p99_ms"] for r in runs if r[a]["p99_ms"] > 0 and r[b]["p99_ms"] >= 0]
     return {"workload": workload, "a": a, "b": b, "pairs": len(runs),
             "rps_ratios": [round(x, 3) for x in rps], "cpu_ratios": [round(x, 3) for x in cpu],
+            "p99_ratios": [round(x, 3) for x in p99],
             "rps_ratio": statistics.median(rps) if rps else None,
             "cpu_ratio": statistics.median(cpu) if cpu else None,
+            "p99_ratio": statistics.median(p99) if p99 else None,
             "a_rps": statistics.median(r[a]["rps"] for r in runs),
             "b_rps": statistics.median(r[b]["rps"] for r in runs)}
 
@@ -132,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         fleet.stop()
     print()
     print("| workload | pairs | before req/s | this req/s | this / before, req/s (median of pairs) "
-          "| CPU per request (median of pairs) |")
-    print("|---|---|---|---|---|---|")
+          "| CPU per request (median of pairs) | p99 (median of pairs) |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         spread = f" ({min(r['rps_ratios']):.2f}–{max(r['rps_ratios']):.2f})" if r["rps_ratios"] else ""
         rps = "-" if r["rps_ratio"] is None else f"**{r['rps_ratio']:.3f}**{spread}"
         cpu = "-" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.3f}"
-        print(f"| {r['workload']} | {r['pairs']} | {r['a_rps']:,.0f} | {r['b_rps']:,.0f} | {rps} | {cpu} |")
+        p99 = "-" if r["p99_ratio"] is None else f"{r['p99_ratio']:.3f}"
+        print(f"| {r['workload']} | {r['pairs']} | {r['a_rps']:,.0f} | {r['b_rps']:,.0f} | {rps} | {cpu} "
+              f"| {p99} |")
     print(f"\nraw results: {path}")
     return 0
 

@@ -264,13 +264,14 @@ def test_a_pair_alternates_two_running_systems_and_takes_the_median_of_the_pairs
 
     order: list[str] = []
 
-    def drive(system: System, workload: str, seconds: float, connections: int, run: str) -> tuple[int, float]:
+    def drive(system: System, workload: str, seconds: float, connections: int, run: str
+              ) -> tuple[int, float, float | None]:
         order.append(system.name)
         n = 30 if system.name == "this" else 20  # "this" answers 1.5 times as many
         for _ in range(n):
             with urllib.request.urlopen(system.url(bench_pair.WORKLOADS[workload]), timeout=10) as r:
                 r.read()
-        return n, 1.0
+        return n, 1.0, 8.0 if system.name == "this" else 10.0  # and its p99 is 0.8 times
 
     asked: list[list[int]] = []
     real_cpu = bench_pair.cpu_seconds
@@ -299,4 +300,5 @@ def test_a_pair_alternates_two_running_systems_and_takes_the_median_of_the_pairs
     assert pids["before"] != pids["this"]
     result = bench_pair.summary("pass-1k", "before", "this", runs)
     assert result["rps_ratios"] == [1.5, 1.5, 1.5] and result["rps_ratio"] == 1.5
+    assert result["p99_ratios"] == [0.8, 0.8, 0.8] and result["p99_ratio"] == 0.8
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids["before"] + pids["this"])
