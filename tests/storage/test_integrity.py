@@ -199,12 +199,13 @@ async def test_kill_9_with_writes_queued_behind_loses_only_those_and_never_corru
 @pytest.mark.slow
 async def test_kill_9_while_write_behind_commits_then_every_entry_is_whole(
         origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Batches every 50 ms (the default is 200): several of them before 400 fills are through.
+    # Batches every 50 ms (the default is 200), and fills that take 0.2 s each, 100 at a time
+    # (the client's connection limit): several batches are committed before the 400 are through.
     monkeypatch.setenv("CACHEGATE_PERSIST_INTERVAL", "0.05")
     rnd = random.Random(12)
     bodies = {f"/s/{i}": rnd.randbytes(rnd.choice((200, 5_000, 40_000, 150_000))) for i in range(400)}
     for path, body in bodies.items():
-        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
+        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"}, delay=0.2)
     config = write_config(str(tmp_path), origin.url, CACHE)
     proxy = ProxyProcess(str(tmp_path), config)
     await proxy.start("--workers", "2")
@@ -221,6 +222,8 @@ async def test_kill_9_while_write_behind_commits_then_every_entry_is_whole(
     assert _committed(cache) and len(done) < len(bodies)
     await proxy.kill()
     await fetch
+    for path, body in bodies.items():  # the refetches after the restart need not wait
+        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
 
     restarted = ProxyProcess(str(tmp_path), config)
     await restarted.start()
