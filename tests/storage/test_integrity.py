@@ -215,13 +215,15 @@ async def test_kill_9_while_write_behind_commits_then_every_entry_is_whole(
     # Kill while fills keep coming and batches are being written, once at least one batch is
     # committed (on a loaded machine 200 fills can be answered before the first commit).
     cache = str(tmp_path / "cache")
-    for _ in range(3000):
-        if len(done) >= 200 and _committed(cache):
-            break
-        await asyncio.sleep(0.01)
-    assert _committed(cache) and len(done) < len(bodies)
-    await proxy.kill()
-    await fetch
+    try:
+        for _ in range(3000):
+            if len(done) >= 200 and _committed(cache):
+                break
+            await asyncio.sleep(0.01)
+        assert _committed(cache) and len(done) < len(bodies)
+    finally:  # killed whatever happened: a failure here leaves no processes to the next tests
+        await proxy.kill()
+        await fetch
     for path, body in bodies.items():  # the refetches after the restart need not wait
         origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
 
