@@ -71,6 +71,15 @@ def test_the_ring_keeps_the_newest_records_within_its_capacity(arena: Arena) -> 
     assert arena.entries == len(present) and arena.evictions >= 400 - len(present) - 1
 
 
+def test_records_dropped_before_write_behind_committed_them_are_counted_lost(arena: Arena) -> None:
+    body = b"x" * 4000
+    for i in range(200):  # 800 KB through a 256 KB ring: most go; the first 100 were committed
+        arena.put(f"k{i}", b"m", body, flags=F_PERSISTED if i < 100 else 0)
+    dropped = 200 - arena.entries
+    assert arena.evictions == dropped > 100  # every one dropped from the tail is an eviction
+    assert arena.lost == dropped - 100  # ... and lost to the disk tier unless it was committed
+
+
 def test_a_record_read_since_it_was_written_goes_round_again(arena: Arena) -> None:
     arena.put("hot", b"m", b"h" * 1000)
     for i in range(300):
