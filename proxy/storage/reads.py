@@ -37,14 +37,11 @@ log = logging.getLogger("cachegate.storage")
 T = TypeVar("T")
 
 COMMIT_WAIT = 5.0  # seconds a read waits for this process's disk write of the same key
-# Where disk reads run (``ReadPlace``): in the event loop while the moving average of their
-# times (each read weighing INLINE_READ_WEIGHT) stays under INLINE_READ_LIMIT seconds and they
-# take at most INLINE_READ_SHARE of each second, else in the thread pool for
-# INLINE_READ_BACKOFF seconds before the loop is tried again.
-INLINE_READ_LIMIT = 0.001
-INLINE_READ_WEIGHT = 0.1
-INLINE_READ_SHARE = 0.2
-INLINE_READ_BACKOFF = 5.0
+# Where disk reads run: the rule is ``ReadPlace``'s.
+INLINE_READ_LIMIT = 0.001  # s: the moving average of a read in the loop, at most
+INLINE_READ_WEIGHT = 0.1  # of each read in that average
+INLINE_READ_SHARE = 0.2  # s of each second spent reading in the loop, at most
+INLINE_READ_BACKOFF = 5.0  # s in the thread pool before the loop is tried again
 SWITCH_LOG_EVERY = 600.0  # seconds: a disk that keeps being slow is logged once in this long
 LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 executor threads)
 LOOKUP_BATCH = 16  # keys per group: a group waits for its slowest read
