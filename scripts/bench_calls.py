@@ -42,7 +42,9 @@ from bench_report import parse_wrk  # noqa: E402
 HOOK = HERE / "benchlib" / "calls_hook"
 REPORT_LUA = HERE / "benchlib" / "report.lua"
 ZIPF_LUA = HERE / "benchlib" / "zipf.lua"
-WORKLOADS = {"hit-1k": "/obj/1k", "pass-1k": "/pass/1k", "fill": "/zipf/1024/", "zipf": "/zipf/"}
+WORKLOADS = {"hit-1k": "/obj/1k", "pass-1k": "/pass/1k", "fill": "/zipf/1024/", "zipf": "/zipf/",
+             "keys-1k": "/obj/1k/k"}
+KEYS = 100_000  # keys-1k's distinct keys, as scripts/bench's default
 _ZIPF_KEYS: list[Path] = []  # the zipf workload's keys file, written once per run
 
 
@@ -79,7 +81,24 @@ def wrk_argv(system: System, workload: str, seconds: float, connections: int, ru
 
         return [*base, "-s", str(ZIPF_LUA), system.url("/"), "--", run, "zipf", str(zipf_keys_file()),
                 str(zipf_seed(run)), str(ZIPF_EXPONENT)]
+    if workload == "keys-1k":  # report.lua spreads the requests over the KEYS stored keys
+        return [*base, "-s", str(REPORT_LUA), system.url("/"), "--", WORKLOADS[workload], str(KEYS)]
     return [*base, "-s", str(REPORT_LUA), system.url(WORKLOADS[workload])]
+
+
+def prepare(system: System, workload: str) -> None:
+    """A hit workload's objects are stored before anything is measured: hit-1k's one object,
+    keys-1k's KEYS (asked once each, 64 at a time, as scripts/bench primes them)."""
+    if workload == "hit-1k":
+        for _ in range(2):  # the first fills, the second is a hit
+            with urllib.request.urlopen(system.url(WORKLOADS[workload]), timeout=10) as r:
+                r.read()
+    elif workload == "keys-1k":
+        import asyncio
+
+        from bench import Workload, prime
+
+        asyncio.run(prime(system, Workload(workload, WORKLOADS[workload], "hit", [], keys=KEYS)))
 
 
 def module_of(filename: str, root: Path) -> str:
@@ -122,10 +141,7 @@ def serving(system: System, timeout: float = 20.0) -> list[int]:
 def window(system: System, workload: str, opts: argparse.Namespace, calls_dir: Path,
            root: Path, drive: Drive = drive_wrk) -> dict[str, Any]:
     """One measured window of ``workload`` on ``system``: its requests and calls."""
-    if workload == "hit-1k":
-        for _ in range(2):  # the first fills, the second is a hit
-            with urllib.request.urlopen(system.url(WORKLOADS[workload]), timeout=10) as r:
-                r.read()
+    prepare(system, workload)
     if opts.warmup > 0:
         drive(system, workload, opts.warmup, opts.connections, "warm")
     workers = serving(system)

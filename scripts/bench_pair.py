@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "benchlib"))
 
-from bench_calls import WORKLOADS, serving, workloads_of, wrk_argv  # noqa: E402
+from bench_calls import WORKLOADS, prepare, serving, workloads_of, wrk_argv  # noqa: E402
 from bench_procs import Fleet, System, cpu_seconds  # noqa: E402
 from bench_report import parse_wrk  # noqa: E402
 
@@ -94,14 +93,6 @@ def summary(workload: str, a: str, b: str, runs: list[dict[str, dict[str, float]
             "b_rps": statistics.median(r[b]["rps"] for r in runs)}
 
 
-def warm(system: System, workload: str) -> None:
-    """A hit workload's object is stored before anything is measured."""
-    if workload == "hit-1k":
-        for _ in range(2):
-            with urllib.request.urlopen(system.url(WORKLOADS[workload]), timeout=10) as r:
-                r.read()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench-pair", description=__doc__.split("\n\n")[0])
     ap.add_argument("before", type=Path, help="the other checkout (A); this one is B")
@@ -130,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             serving(system)
         for workload in workloads:
             for system in (a, b):
-                warm(system, workload)
+                prepare(system, workload)
                 drive_wrk(system, workload, 1.0, opts.connections, "warm")
             results.append(summary(workload, a.name, b.name, pairs(a, b, workload, opts)))
             path.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))

@@ -249,6 +249,19 @@ def test_a_zipf_run_gives_every_system_the_same_sequence_and_the_next_run_anothe
     assert len(keys) == 100_000 and keys[0].startswith("/zipf/")  # scripts/bench's own keys
 
 
+def test_keys_1k_asks_the_keys_it_primed_as_scripts_bench_does() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_calls
+    from bench import workloads
+    from bench_procs import System
+
+    argv = bench_calls.wrk_argv(System(name="this", kind="cachegate", workers=2, port=8080), "keys-1k",
+                                3.0, 64, "p1")
+    ours = next(w for w in workloads(bench_calls.KEYS) if w.name == "keys-1k")
+    assert argv[argv.index("--") + 1:] == [ours.path, str(ours.keys)]  # report.lua's prefix and count
+    assert argv[argv.index("-s") + 1].endswith("report.lua")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_pair_alternates_two_running_systems_and_takes_the_median_of_the_pairs_ratios() -> None:

@@ -227,7 +227,7 @@ async def _session_get(concurrency: int, fresh_connections: bool = False) -> tup
     return session, get
 
 
-async def _prime(system: System, workload: Workload, concurrency: int = 64) -> float:
+async def prime(system: System, workload: Workload, concurrency: int = 64) -> float:
     """Ask for every key once (concurrently); the seconds it took."""
     session, get = await _session_get(concurrency)
     started = time.monotonic()
@@ -276,7 +276,7 @@ def prime_and_check(system: System, workload: Workload) -> dict[str, object]:
     For cachegate, its admin metrics must also show the checked bodies coming from the tier
     the workload is about (memory, or disk for the disk workload).
     """
-    primed = asyncio.run(_prime(system, workload))
+    primed = asyncio.run(prime(system, workload))
     time.sleep(0.5)
     before = tier_bytes(system)
     report = asyncio.run(_check(system, workload))
