@@ -205,13 +205,17 @@ class Engine:
 
     async def handle(self, req: ClientRequest) -> Reply:
         head = req.head
-        plan = self.rules.plan(head)
-        if head.method not in ("GET", "HEAD"):
-            return await self._pass(req, plan, fwd="method", detail=None)
-        if plan.bypass:
-            assert plan.rule is not None
-            return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
-        key = cache_key(head, plan.key)
+        planned = req.planned
+        if planned is not None and planned.rules is self.rules:
+            plan, key = planned.plan, planned.key  # ``planned``'s, for a GET or HEAD not bypassed
+        else:
+            plan = self.rules.plan(head)
+            if head.method not in ("GET", "HEAD"):
+                return await self._pass(req, plan, fwd="method", detail=None)
+            if plan.bypass:
+                assert plan.rule is not None
+                return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
+            key = cache_key(head, plan.key)
         note_key(key)
         fields = head.headers
         if self.coalescer.passes_unlooked(key) and "Cache-Control" not in fields \

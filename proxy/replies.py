@@ -15,9 +15,21 @@ from multidict import CIMultiDictProxy
 from proxy.http_client import InterimHook
 from proxy.policy.headers import end_to_end
 from proxy.policy.messages import HeaderList, RequestHead
+from proxy.rules import RequestPlan, RuleSet
 
 # Sends an interim (1xx) response to the client, before the final one: (status, reason, fields).
 InterimSink = Callable[[int, str, HeaderList], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A request's rule plan and cache key, as ``Engine.planned`` made them under ``rules``: the
+    fast path's, for a request it left to the general path, which takes them rather than
+    matching the rules again while its rules are still those."""
+
+    rules: RuleSet
+    plan: RequestPlan
+    key: str
 
 
 @dataclass(slots=True)
@@ -29,6 +41,7 @@ class ClientRequest:
     # client, or a caller without a client connection).
     interim: InterimSink | None = None
     request_id: str = ""  # X-Request-Id (proxy.logs): sent upstream in place of the client's
+    planned: Planned | None = None  # the fast path's plan and key of this request, if it made them
 
 
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None

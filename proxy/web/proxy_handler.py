@@ -29,6 +29,7 @@ from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import HeaderList, RequestHead
 from proxy.policy.request import Message, Refusal
+from proxy.replies import Planned
 from proxy.runtime import Runtime
 from proxy.storage.bodyfiles import BodyFile
 from proxy.web.admin import purge_method
@@ -40,10 +41,11 @@ log = logging.getLogger("cachegate.proxy")
 FILE_CHUNK = 256 * 1024
 
 
-def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool) -> RequestHead | Refusal:
-    """The one normalised view of this request (``proxy.policy.request``), or its refusal:
-    the fast path's when it normalised this very message under the same config and trust
-    (``fastpath.Declined``), else made here."""
+def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool
+                ) -> tuple[RequestHead | Refusal, Planned | None]:
+    """The one normalised view of this request (``proxy.policy.request``), or its refusal, with
+    its plan and key when they are known: the fast path's when it normalised this very message
+    under the same config and trust (``fastpath.Declined``), else made here (without a plan)."""
     declined = getattr(request.protocol, "declined", None)  # kept by the connection's handler
     # aiohttp's parsed message (``Request.message`` is deprecated; without ``_message`` the
     # request is simply normalised here)
@@ -51,9 +53,10 @@ def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool) -> Req
             and declined.front is front and declined.trusted is trusted
             and declined.secure is request.secure):
         head: RequestHead = declined.head
-        return head
+        planned: Planned | None = declined.planned
+        return head, planned
     message = Message(request.method, request.raw_path, request.version, request.headers)
-    return front.head(message, request.secure, trusted)
+    return front.head(message, request.secure, trusted), None
 
 
 def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList], None] | None:
@@ -149,7 +152,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         if request.method == "CONNECT":
             info.x_cache = "BYPASS"
             return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", fe, info, request), 0
-        head = client_head(request, fe, trusted)
+        head, planned = client_head(request, fe, trusted)
         match head:
             case RequestHead():
                 pass
@@ -171,7 +174,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         fe.saw_host(head.host)
         body = _body_stream(request) if request.body_exists else None
         reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
-                                                          request_id=info.request_id))
+                                                          request_id=info.request_id, planned=planned))
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
