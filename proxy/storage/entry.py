@@ -134,15 +134,17 @@ def _from_record(v: list[Any]) -> Entry:
         raise ValueError("unknown record version")
     h, vary, f = v[10], v[14], v[13]
     h = [shared_str(x) for x in h]
-    response = StoredResponse(
+    # Through the slotted twins (``_fast_new``), as ``decode_record`` does: every disk hit
+    # decodes its record here.
+    response = _new_response(
         int(v[8]), shared_str(str(v[9])), tuple(zip(h[::2], h[1::2], strict=True)), float(v[11]),
         float(v[12]),
-        Freshness(float(f[0]), str(f[1]), float(f[2]), float(f[3]), bool(f[4]), bool(f[5]),
-                  float(f[6]), float(f[7]), bool(f[8])),
+        _new_freshness(float(f[0]), str(f[1]), float(f[2]), float(f[3]), bool(f[4]), bool(f[5]),
+                       float(f[6]), float(f[7]), bool(f[8])),
         tuple(zip(vary[::2], vary[1::2], strict=True)), v[15], v[16], bool(v[17]))
     key, url = str(v[1]), str(v[2])
-    return Entry(key, key if url == key else url, response, str(v[3]), int(v[4]), tuple(v[5]),
-                 float(v[6]), int(v[7]))
+    return _new_entry(key, key if url == key else url, response, str(v[3]), int(v[4]), tuple(v[5]),
+                      float(v[6]), int(v[7]))
 
 
 def encode_variants(entries: tuple[Entry, ...]) -> bytes:

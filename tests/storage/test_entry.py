@@ -8,7 +8,16 @@ import dataclasses
 import pytest
 
 from proxy.policy.messages import Freshness, StoredResponse
-from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, _fast_new, decode_record, encode_record
+from proxy.storage.entry import (
+    ALL_TO_WRITE,
+    ON_DISK,
+    Entry,
+    _fast_new,
+    decode_record,
+    decode_variants,
+    encode_record,
+    encode_variants,
+)
 
 
 def variants() -> list[tuple[Entry, int, int]]:
@@ -36,6 +45,18 @@ def test_a_record_decodes_to_the_entries_encoded() -> None:
             d.response.freshness.lifetime = 1.0  # type: ignore[misc]
         with pytest.raises(dataclasses.FrozenInstanceError):
             d.seq = 9  # type: ignore[misc]
+
+
+def test_a_disk_record_decodes_to_the_entries_encoded_through_the_same_twins() -> None:
+    encoded = tuple(e for e, _, _ in variants())
+    decoded = decode_variants(encode_variants(encoded))
+    assert decoded == encoded
+    for d in decoded:
+        assert type(d) is Entry and type(d.response) is StoredResponse
+        assert type(d.response.freshness) is Freshness
+        assert hash(d.response) == hash(encoded[decoded.index(d)].response)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            d.response.status = 500  # type: ignore[misc]
 
 
 def test_the_fast_constructor_builds_the_class_itself() -> None:
