@@ -327,38 +327,49 @@ async def test_a_hit_right_after_a_general_answer_takes_the_fast_path(
     p = await pair(make_proxy)
     await warm(p)
     following, _ = next_request_in_the_gap(monkeypatch)
-    following.append(req("GET", "/plain"))
-    (miss, hit), closed = await exchange(p.fast_port, req("GET", "/m"), ["GET", "GET"], check_close=True)
-    assert (miss.header("X-Cache-Status"), miss.body) == ("MISS", b"m" * 5)
-    assert (hit.header("X-Cache-Status"), hit.body) == ("HIT", b"p" * 1024)
-    assert p.fast.answered == 1 and not closed
-    # and the connection goes on: a request after that one is answered too
-    following.append(req("GET", "/plain"))
-    replies, _ = await exchange(p.fast_port, req("GET", "/m?2") + req("GET", "/plain"), ["GET"] * 3)
-    assert [r.header("X-Cache-Status") for r in replies] == ["MISS", "HIT", "HIT"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.fast_port)
+    try:
+        following.append(req("GET", "/plain"))
+        writer.write(req("GET", "/m"))
+        miss, hit = await read_response(reader, "GET"), await read_response(reader, "GET")
+        assert (miss.header("X-Cache-Status"), miss.body) == ("MISS", b"m" * 5)
+        assert (hit.header("X-Cache-Status"), hit.body) == ("HIT", b"p" * 1024)
+        assert p.fast.answered == 1
+        # the same connection goes on as before: a hit, then a miss
+        writer.write(req("GET", "/plain"))
+        again = await read_response(reader, "GET")
+        writer.write(req("GET", "/m?2"))
+        other = await read_response(reader, "GET")
+        assert (again.header("X-Cache-Status"), again.body) == ("HIT", b"p" * 1024)
+        assert (other.header("X-Cache-Status"), other.body) == ("MISS", b"m" * 5)
+        assert p.fast.answered == 2
+    finally:
+        writer.close()
 
 
 async def test_nothing_is_answered_after_a_response_that_closes_the_connection(
         origin: Origin, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a response that says ``Connection: close``, or one with requests still queued
-    behind it, the fast path does not answer what arrives in the gap: aiohttp's loop closes
-    the connection, or answers the queued requests first."""
+    """After a response that closes the connection (the client asked, or the server refused
+    the request), or one with requests still queued behind it, the fast path does not answer
+    what arrives in the gap: aiohttp's loop closes the connection, or answers the queued
+    requests first."""
     routes(origin)
     origin.route("/m", body=b"m", headers={"Cache-Control": "max-age=60"})
     p = await pair(make_proxy)
     await warm(p)
     following, answered = next_request_in_the_gap(monkeypatch)
-    following.append(req("GET", "/plain"))
-    (miss,), closed = await exchange(p.fast_port, req("GET", "/m", "Connection: close"), ["GET"],
-                                     check_close=True)
-    assert miss.header("X-Cache-Status") == "MISS" and closed
-    assert p.fast.answered == 0 and answered == [False]
+    for request, status in ((req("GET", "/m", "Connection: close"), "200"),
+                            (req("GET", "/m", "Connection: Host"), "400")):  # refused: it closes
+        following[:] = [req("GET", "/plain")]
+        (reply,), closed = await exchange(p.fast_port, request, ["GET"], check_close=True)
+        assert reply.status_line.split(" ")[1] == status and closed
+    assert p.fast.answered == 0 and answered == [False, False]
     following[:] = [req("GET", "/plain")]
     replies, _ = await exchange(p.fast_port, req("GET", "/m?q") + req("GET", "/empty"), ["GET"] * 3)
     assert [r.body for r in replies] == [b"m", b"", b"p" * 1024]  # in the order asked
     assert p.fast.answered == 0
     # only once nothing is queued behind a response (the first two had a request behind them)
-    assert answered == [False, False, False, True]
+    assert answered == [False, False, False, False, True]
 
 
 async def test_debug_headers_are_the_same_on_both_paths(origin: Origin, make_proxy: MakeProxy) -> None:

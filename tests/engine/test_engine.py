@@ -6,11 +6,14 @@ Each test names the engine's behaviour it holds to; the end-to-end tests beside 
 from __future__ import annotations
 
 import asyncio
+import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.replies import Planned
 from tests.engine.fakes import ORIGIN, answer, make_rig, read, upstream_error
 
 CACHEABLE = {"Cache-Control": "max-age=60"}
@@ -225,4 +228,27 @@ async def test_a_full_disk_passes_the_response_on_unstored(tmp_path: Path) -> No
     await rig.settled(passed=1)
     assert rig.store.variants == {}
     assert rig.engine.write_failures.streak == 1
+    await rig.engine.close()
+
+
+async def test_a_plan_the_fast_path_made_is_taken_only_under_the_rules_it_was_made_with(tmp_path: Path) -> None:
+    """A request the fast path left brings its rule plan and cache key (``ClientRequest.planned``):
+    the engine takes them while its rules are those, and plans again after a reload."""
+    rig = make_rig(tmp_path)
+    for path in ("/a", "/b"):
+        rig.origin.route(path, answer(body=b"x", headers=CACHEABLE))
+    request = rig.request("/a")
+    plan, key = rig.engine.planned(request.head) or (None, "")
+    assert plan is not None
+    # A key the rules would not give, to see which one the engine used.
+    await rig.engine.handle(replace(request, planned=Planned(rig.engine.rules, plan, key + "#planned")))
+    await rig.settled(filled=1)
+    assert rig.store.puts[-1].key == key + "#planned"
+    request = rig.request("/b")
+    plan, key = rig.engine.planned(request.head) or (None, "")
+    assert plan is not None
+    reloaded = copy.copy(rig.engine.rules)  # what a reload leaves behind: another rule set
+    await rig.engine.handle(replace(request, planned=Planned(reloaded, plan, key + "#planned")))
+    await rig.settled(filled=2)
+    assert rig.store.puts[-1].key == key
     await rig.engine.close()
