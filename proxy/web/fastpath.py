@@ -295,8 +295,9 @@ class ProxyRequestHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._fast = fast
         # Every request handed to aiohttp's handler has had its whole response written, on a
-        # connection that stays open. Then the fast path may answer even before aiohttp's loop
-        # is back waiting for the next request (``_waiter`` None): see ``data_received``.
+        # connection that stays open (none was handed yet, at first). Then the fast path may
+        # answer even before aiohttp's loop is back waiting for a request (``_waiter`` None):
+        # see ``data_received``.
         self._answered = True
         # aiohttp's parser stands between two requests (nothing of a next one read yet): only
         # then may a remembered request's bytes be answered without parsing them (``Known``).
@@ -533,7 +534,7 @@ def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, 
 HANDLER_FIELDS = ("_waiter", "_messages", "_max_msg_queue_size", "_payload_parser", "_message_tail",
                   "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close",
                   "_current_request")
-HANDLER_METHODS = ("_pause_reading_for_buffer",)
+HANDLER_METHODS = ("_pause_reading_for_buffer", "finish_response")  # (the latter: ``_answered``)
 PARSER_METHODS = ("message_consumed",)  # of aiohttp's C request parser
 
 
