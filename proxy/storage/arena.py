@@ -82,6 +82,10 @@ F_PERSISTED = 1  # the disk tier has this record's content
 F_FILLER = 2  # not a record: the unused end of a lap
 F_SOFT = 4  # soft-purged: its variants read as stale
 _Q = struct.Struct("<Q")
+_COUNTS = struct.Struct("<QQQ")  # H_ENTRIES, H_EVICTIONS, H_LOST (adjacent)
+_SIZES = struct.Struct("<QQ")  # H_WRITES, H_BYTES (adjacent)
+_SLOT = struct.Struct("<QQ")
+_EMPTY_SLOT = bytes(SLOT)
 FINGERPRINTS_KEPT = 1024  # keys whose fingerprint a process remembers (then forgets all at once)
 _BUCKET = struct.Struct(f"<{2 * BUCKET_SLOTS}Q")
 _DIR_BUCKET = struct.Struct(f"<{BUCKET_SLOTS}Q")
@@ -166,6 +170,11 @@ class Arena:
         self._locked = _Locked(fd, 0)  # the ring, its index and the header's counters
         self._lease_locked = _Locked(fd, 1)  # the lease table (proxy.leases)
         self._dir_locked = _Locked(fd, 2)  # the directory of disk keys
+        # What a write under the ring's lock changes in the header's statistics (entries, live
+        # bytes, evictions, lost), summed and written once before the lock is let go
+        # (``_tally``). Measured: read-modify-writing each counter as it changed was 9 header
+        # reads and 9 writes per put of a full ring, a quarter of its 11.6 µs under the lock.
+        self._entries = self._bytes = self._evictions = self._lost = 0
         self.closed = False
 
     # -- opening ---------------------------------------------------------------------------
@@ -401,9 +410,25 @@ class Arena:
                 off += len(p)
             _Q.pack_into(mm, at, pos)  # complete: readers may take it from now on
             self._set(H_HEAD, pos + size)
-            self._set(H_WRITES, self._get(H_WRITES) + 1)
-            self._link(key, fp, pos, size)
+            try:
+                self._link(key, fp, pos, size)
+            finally:
+                self._tally(1)
         return pos
+
+    def _tally(self, writes: int = 0) -> None:
+        """Add the statistics a write summed up to the header's counters (under the ring's lock,
+        before it is let go: a process killed in between loses only its own write's share)."""
+        mm = self.mm
+        if self._entries or self._evictions or self._lost:
+            entries, evictions, lost = _COUNTS.unpack_from(mm, H_ENTRIES)
+            _COUNTS.pack_into(mm, H_ENTRIES, max(0, entries + self._entries), evictions + self._evictions,
+                              lost + self._lost)
+            self._entries = self._evictions = self._lost = 0
+        if writes or self._bytes:
+            done, live = _SIZES.unpack_from(mm, H_WRITES)
+            _SIZES.pack_into(mm, H_WRITES, done + writes, max(0, live + self._bytes))
+            self._bytes = 0
 
     def _reserve(self, size: int, chances: int = MAX_SECOND_CHANCES) -> int:
         """Make room for ``size`` bytes at the head; where they go. Records read since they were
@@ -447,16 +472,16 @@ class Arena:
                 break
             at = self._phys(tail)
             rpos, fp, rsize, _, _, key_len, flags, accessed, _, _ = _HEAD.unpack_from(mm, at)
-            if rpos == tail and not flags & F_FILLER and self._slot_of(fp, tail) is not None:
+            slot = self._slot_of(fp, tail) if rpos == tail and not flags & F_FILLER else None
+            if slot is not None:
+                self._unlink_slot(slot, rsize)
                 if accessed and len(survivors) < chances:
                     key = bytes(mm[at + HEADER:at + HEADER + key_len]).decode("utf-8", "surrogatepass")
                     survivors.append((key, fp, mm[at:at + rsize]))
-                    self._unlink(fp, tail, rsize)
                 else:
-                    self._unlink(fp, tail, rsize)
-                    self._set(H_EVICTIONS, self._get(H_EVICTIONS) + 1)
+                    self._evictions += 1
                     if not flags & F_PERSISTED:
-                        self._set(H_LOST, self._get(H_LOST) + 1)
+                        self._lost += 1
             if rpos == tail:
                 _Q.pack_into(mm, at, 0)
             if rsize < HEADER or rsize % 8:  # pragma: no cover (a damaged ring): start it afresh
@@ -496,6 +521,7 @@ class Arena:
         self._set(H_TAIL, head)
         self._set(H_ENTRIES, 0)
         self._set(H_BYTES, 0)
+        self._entries = self._bytes = 0
 
     def _slot_of(self, fp: int, pos: int) -> int | None:
         at = self._bucket_at(fp)
@@ -513,9 +539,12 @@ class Arena:
     def _unlink(self, fp: int, pos: int, size: int) -> None:
         slot = self._slot_of(fp, pos)
         if slot is not None:
-            self.mm[slot:slot + SLOT] = bytes(SLOT)
-            self._set(H_ENTRIES, self._get(H_ENTRIES) - 1)
-            self._set(H_BYTES, self._get(H_BYTES) - size)
+            self._unlink_slot(slot, size)
+
+    def _unlink_slot(self, slot: int, size: int) -> None:
+        self.mm[slot:slot + SLOT] = _EMPTY_SLOT
+        self._entries -= 1
+        self._bytes -= size
 
     def _link(self, key: str, fp: int, pos: int, size: int) -> None:
         """Point the index at the new record ``pos`` of ``key``: in place of the key's older
@@ -529,7 +558,7 @@ class Arena:
             if sfp == fp and spos != pos and self._key_at(spos) == key:
                 self._kill(spos)
                 _Q.pack_into(mm, at + i * 8 + 8, pos)
-                self._set(H_BYTES, self._get(H_BYTES) - self._size_at(spos) + size)
+                self._bytes += size - self._size_at(spos)
                 return
             if sfp == 0:
                 if free < 0:
@@ -538,17 +567,16 @@ class Arena:
                 oldest = i
         if free < 0:  # a full bucket: its oldest record leaves memory early
             victim = slots[oldest + 1]
-            self._set(H_BYTES, self._get(H_BYTES) - self._size_at(victim))
-            self._set(H_EVICTIONS, self._get(H_EVICTIONS) + 1)
+            self._bytes -= self._size_at(victim)
+            self._evictions += 1
             if not self._flags_at(victim) & F_PERSISTED:
-                self._set(H_LOST, self._get(H_LOST) + 1)
+                self._lost += 1
             self._kill(victim)
-            self._set(H_ENTRIES, self._get(H_ENTRIES) - 1)
+            self._entries -= 1
             free = oldest
-        _Q.pack_into(mm, at + free * 8, fp)
-        _Q.pack_into(mm, at + free * 8 + 8, pos)
-        self._set(H_ENTRIES, self._get(H_ENTRIES) + 1)
-        self._set(H_BYTES, self._get(H_BYTES) + size)
+        _SLOT.pack_into(mm, at + free * 8, fp, pos)
+        self._entries += 1
+        self._bytes += size
 
     def _key_at(self, pos: int) -> str | None:
         at = self._phys(pos)
@@ -575,8 +603,11 @@ class Arena:
             found = self.find(key, fp) if pos is None else self.read(pos, key)
             if found is None:
                 return False
-            self._unlink(fp, found.pos, self._size_at(found.pos))
-            self._kill(found.pos)
+            try:
+                self._unlink(fp, found.pos, self._size_at(found.pos))
+                self._kill(found.pos)
+            finally:
+                self._tally()
             return True
 
     def set_flags_many(self, positions: Iterable[int], add: int) -> int:

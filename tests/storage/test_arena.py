@@ -80,6 +80,34 @@ def test_records_dropped_before_write_behind_committed_them_are_counted_lost(are
     assert arena.lost == dropped - 100  # ... and lost to the disk tier unless it was committed
 
 
+def test_the_header_counts_match_a_recount_of_the_ring_after_any_mix_of_writes() -> None:
+    """Each write sums its changes to the header's statistics and writes them once: under
+    replacements, deletions, records going round again and full buckets, entries and live
+    bytes stay what a walk of the ring counts, and every record that left is an eviction."""
+    a = Arena.create(128 * KB)
+    rng = random.Random(7)
+    try:
+        keys = [f"k{i}" for i in range(300)]
+        deleted = 0
+        for step in range(3000):
+            key = rng.choice(keys)
+            if step % 11 == 0:
+                deleted += a.delete(key)
+            else:
+                pos = a.put(key, b"meta", os.urandom(rng.randint(0, 3000)), flags=F_PERSISTED if step % 3 else 0)
+                if rng.random() < 0.3:
+                    a.mark(pos)
+            live = list(a.scan())
+            assert a.entries == len(live) == sum(a.find(r.key) is not None for r in live)
+            assert a.live_bytes == sum(arena_module._align(HEADER + len(r.key) + len(r.meta) + r.body_len)
+                                       for r in live)
+        assert a.evictions > 100 and 0 < a.lost < a.evictions and deleted > 50
+        before = a.entries
+        assert a.clear() == before > 0 and a.entries == a.live_bytes == 0
+    finally:
+        a.close()
+
+
 def test_a_record_read_since_it_was_written_goes_round_again(arena: Arena) -> None:
     arena.put("hot", b"m", b"h" * 1000)
     for i in range(300):
