@@ -314,6 +314,8 @@ class Arena:
         if fp is None:
             fp = self.fingerprint(key)
         slots = _BUCKET.unpack_from(self.mm, self._bucket_at(fp))
+        if fp not in slots:  # (in C) a miss, most often: a fill looks its key up four times
+            return None
         for i in range(0, 2 * BUCKET_SLOTS, 2):
             if slots[i] == fp:
                 found = self.read(slots[i + 1], key)
