@@ -262,7 +262,9 @@ async def test_a_stopped_and_restarted_proxy_answers_from_disk(origin: Origin, t
             r = await second.get(path)
             assert (r.status, r.x_cache, r.tier) == (200, "HIT", "disk")
             assert r.body == body
-        # The small one now lives in memory; the large one stays on disk.
+        # The small one enters memory on its second read from disk (not on the first:
+        # proxy.storage.reads.Promotions); the large one stays on disk.
+        assert (await second.get("/small")).tier == "disk"
         assert (await second.get("/small")).tier == "memory"
         assert (await second.get("/large")).tier == "disk"
         assert origin.count("/small") == origin.count("/large") == 1

@@ -1,4 +1,5 @@
-"""Where disk reads run: in the event loop while they are quick, in the thread pool while not."""
+"""Where disk reads run (in the event loop while they are quick, in the thread pool while not),
+and which disk hits are promoted into memory."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from proxy.storage import reads
 from proxy.storage.disk import DiskTier
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier
-from proxy.storage.reads import INLINE_READ_BACKOFF, INLINE_READ_LIMIT, ReadPlace
+from proxy.storage.reads import INLINE_READ_BACKOFF, INLINE_READ_LIMIT, Promotions, ReadPlace
 from proxy.storage.tiered import Storage
-from tests.storage.helpers import MB, entry, open_store, store
+from tests.storage.helpers import MB, entry, open_store, read_body, store
 
 FAST = 0.00005  # a read the page cache answers
 SLOW = 0.005  # a read that waited for a disk
@@ -147,3 +148,30 @@ async def test_bodies_that_are_files_are_read_in_the_loop_and_reads_that_write_i
         assert watch.meta == watch.bodies == [False]  # each read is a write transaction there
     finally:
         lru.close()
+
+
+def test_a_key_is_promoted_on_its_second_disk_read_in_a_while() -> None:
+    p = Promotions(limit=3)
+    assert [p.admit("a"), p.admit("a"), p.admit("a")] == [False, True, False]  # forgotten once admitted
+    assert [p.admit("b"), p.admit("c")] == [False, False]  # a, b and c seen once: the limit
+    assert p.admit("d") is False  # a fourth: the three before it are forgotten
+    assert p.admit("a") is False and p.admit("d") is True
+    assert all(Promotions(limit=0).admit("x") for _ in range(3))  # 0: every disk hit is promoted
+
+
+async def test_a_disk_hit_enters_memory_on_the_second_read_and_is_served_either_way(
+        disk_store: Storage) -> None:
+    key = "http://h.test/p"
+    assert await store(disk_store, entry(key), b"on disk")
+    disk_store.memory.clear()  # on disk only
+    assert await read_body(disk_store, key) == b"on disk"
+    assert disk_store.memory.peek(key) is None  # the first read in a while: not promoted
+    assert await read_body(disk_store, key) == b"on disk"
+    (c,) = disk_store.memory.peek(key) or ()  # the second: metadata, then its body once sent
+    assert c.body is not None and bytes(c.body) == b"on disk"
+    disk_store.memory.clear()
+    (c,) = await disk_store.get(key, bodies=True)  # with its body in the same read
+    assert c.body == b"on disk" and disk_store.memory.peek(key) is None
+    (c,) = await disk_store.get(key, bodies=True)
+    (kept,) = disk_store.memory.peek(key) or ()
+    assert kept.body is not None and bytes(kept.body) == b"on disk"

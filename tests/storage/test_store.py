@@ -139,7 +139,7 @@ async def test_two_processes_share_the_disk_and_a_purge_reaches_both(tmp_path: P
     a, b = open_store(path), open_store(path)
     try:
         assert await store(a, entry(KEY, tags=("t",)), b"shared")
-        assert await read_body(b, KEY) == b"shared"  # b promoted it into its memory
+        assert await read_body(b, KEY) == b"shared"  # b read it from the shared disk
         count, bans = await a.purge_shared((), tags=["t"])
         assert count == 1
         await a.purge_local(PurgeMatch(tags=frozenset({"t"})), bans)
