@@ -398,29 +398,33 @@ class Arena:
             fp = self.fingerprint(key)
         crc = zlib.crc32(meta, zlib.crc32(kb))
         with self.locked():
-            pos = self._reserve(size)
-            at = self._phys(pos)
-            mm = self.mm
-            _HEAD.pack_into(mm, at, 0, fp, size, len(meta), body_len, len(kb), flags, 0, crc, 0)
-            off = at + HEADER
-            mm[off:off + len(kb)] = kb
-            off += len(kb)
-            mm[off:off + len(meta)] = meta
-            off += len(meta)
-            for p in parts:
-                mm[off:off + len(p)] = p
-                off += len(p)
-            _Q.pack_into(mm, at, pos)  # complete: readers may take it from now on
-            self._set(H_HEAD, pos + size)
+            written = 0
             try:
+                pos = self._reserve(size)
+                at = self._phys(pos)
+                mm = self.mm
+                _HEAD.pack_into(mm, at, 0, fp, size, len(meta), body_len, len(kb), flags, 0, crc, 0)
+                off = at + HEADER
+                mm[off:off + len(kb)] = kb
+                off += len(kb)
+                mm[off:off + len(meta)] = meta
+                off += len(meta)
+                for p in parts:
+                    mm[off:off + len(p)] = p
+                    off += len(p)
+                _Q.pack_into(mm, at, pos)  # complete: readers may take it from now on
+                self._set(H_HEAD, pos + size)
                 self._link(key, fp, pos, size)
+                written = 1
             finally:
-                self._tally(1)
+                self._tally(written)  # what room-making changed, even if the write failed after
         return pos
 
     def _tally(self, writes: int = 0) -> None:
         """Add the statistics a write summed up to the header's counters (under the ring's lock,
-        before it is let go: a process killed in between loses only its own write's share)."""
+        before it is let go). A process killed in the middle of a write leaves that write's
+        share uncounted: the counters are statistics (entries, live bytes, evictions, lost),
+        never read to decide anything, and are kept from going below zero."""
         mm = self.mm
         if self._entries or self._evictions or self._lost:
             entries, evictions, lost = _COUNTS.unpack_from(mm, H_ENTRIES)

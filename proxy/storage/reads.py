@@ -52,6 +52,8 @@ PROMOTION_DOORKEEPER = 8192  # keys read from disk once that a process remembers
 class Promotions:
     """Which disk hits are promoted into the shared memory: a key's second disk read in a while
     (the last ``PROMOTION_DOORKEEPER`` keys this process read from disk once), not its first.
+    Each worker keeps its own: with N workers a key may be read from disk up to N + 1 times
+    before one of them promotes it.
 
     Why: under a long tail most keys read from disk are not asked again before the ring's
     next lap, and promoting each of them cost its put into the ring and pushed out keys that
@@ -62,7 +64,12 @@ class Promotions:
     1.031 (8 pairs; 1.02-1.08 once the cache was warm), 0.97 of the CPU per request; 2,048
     keys, 0.98; 32,768, 1.02; never promoting, 0.85 (0.74 once warm: the keys that come back
     must reach memory). A fill always goes into memory (write-behind reads it there), and so
-    does what another worker stored (``reread``)."""
+    does what another worker stored (``reread``).
+
+    A key whose variants vary (``Vary``) is promoted on its first read: a fill of another of
+    its variants merges with what memory holds (``Writer._put_variant``), and with the key
+    not there its variants on disk would be hidden behind the new one until memory dropped
+    it (each asked again of the origin)."""
 
     __slots__ = ("_once", "limit")
 
@@ -264,7 +271,7 @@ class Reader:
             if current is not None:
                 return current  # promoted meanwhile by another request
             # Promotion (big bodies stay on disk); memory's copy is not marked as read from disk.
-            if not self.promotions.admit(key):
+            if not any(c.entry.response.vary for c in variants) and not self.promotions.admit(key):
                 return variants  # read from disk once in a while: served, not promoted
             t.memory.put(key, tuple(Cached(c.entry, c.body) if c.from_disk else c for c in variants),
                          admit=True)

@@ -139,8 +139,9 @@ async def test_sendfile_bodies_over_tls_are_encrypted_not_sent_around_it(
         assert (await conn.get("/big"))[2] == big  # the fill
         await proxy.runtime.storage.flush()  # the disk commit (write-behind)
         proxy.runtime.storage.memory.clear()
-        status, fields, body = await conn.get("/big")  # the general path opens the body file
-        assert (status, fields["X-Cache-Status"], body) == (200, "HIT", big)
+        for _ in range(2):  # read from disk: it enters memory on its second read in a while
+            status, fields, body = await conn.get("/big")  # the general path opens the body file
+            assert (status, fields["X-Cache-Status"], body) == (200, "HIT", big)
         assert len(proxy.runtime.storage.body_files) == 1
         before = fast_of(proxy, 1)
         for _ in range(3):

@@ -82,28 +82,40 @@ def test_records_dropped_before_write_behind_committed_them_are_counted_lost(are
 
 def test_the_header_counts_match_a_recount_of_the_ring_after_any_mix_of_writes() -> None:
     """Each write sums its changes to the header's statistics and writes them once: under
-    replacements, deletions, records going round again and full buckets, entries and live
-    bytes stay what a walk of the ring counts, and every record that left is an eviction."""
+    replacements, deletions, records going round again, the ring's tail and full buckets
+    (more keys than index slots), entries and live bytes stay what a walk of the ring counts,
+    and each record that left without being deleted or replaced is an eviction (lost, too,
+    when write-behind had not committed it)."""
     a = Arena.create(128 * KB)
     rng = random.Random(7)
     try:
-        keys = [f"k{i}" for i in range(300)]
+        assert a.index_buckets * BUCKET_SLOTS < 600
+        keys = [f"k{i}" for i in range(600)]
         deleted = 0
-        for step in range(3000):
+        before = {r.key: r for r in a.scan()}
+        for step in range(1200):
             key = rng.choice(keys)
+            evictions, lost = a.evictions, a.lost
             if step % 11 == 0:
                 deleted += a.delete(key)
             else:
-                pos = a.put(key, b"meta", os.urandom(rng.randint(0, 3000)), flags=F_PERSISTED if step % 3 else 0)
+                pos = a.put(key, b"meta", os.urandom(rng.randint(0, 400)), flags=F_PERSISTED if step % 3 else 0)
                 if rng.random() < 0.3:
                     a.mark(pos)
             live = list(a.scan())
             assert a.entries == len(live) == sum(a.find(r.key) is not None for r in live)
             assert a.live_bytes == sum(arena_module._align(HEADER + len(r.key) + len(r.meta) + r.body_len)
                                        for r in live)
-        assert a.evictions > 100 and 0 < a.lost < a.evictions and deleted > 50
-        before = a.entries
-        assert a.clear() == before > 0 and a.entries == a.live_bytes == 0
+            after = {r.key: r for r in live}
+            # Those gone (but the key written, whose own old record may have been dropped too).
+            gone = [r for k, r in before.items() if k not in after and k != key]
+            assert len(gone) <= a.evictions - evictions <= len(gone) + 1
+            unsaved = sum(not r.flags & F_PERSISTED for r in gone)
+            assert unsaved <= a.lost - lost <= unsaved + 1
+            before = after
+        assert a.evictions > 100 and 0 < a.lost < a.evictions and deleted > 20
+        count = a.entries
+        assert a.clear() == count > 0 and a.entries == a.live_bytes == 0
     finally:
         a.close()
 

@@ -175,3 +175,18 @@ async def test_a_disk_hit_enters_memory_on_the_second_read_and_is_served_either_
     (c,) = await disk_store.get(key, bodies=True)
     (kept,) = disk_store.memory.peek(key) or ()
     assert kept.body is not None and bytes(kept.body) == b"on disk"
+
+
+async def test_a_key_with_variants_enters_memory_on_its_first_disk_read(disk_store: Storage) -> None:
+    """A fill of one more variant merges with what memory holds: were the key left out of
+    memory after a disk read, its variants on disk would be hidden behind the new one."""
+    key = "http://h.test/v"
+    for coding in ("gzip", "br"):
+        assert await store(disk_store, entry(key, vary=(("accept-encoding", coding),)), coding.encode())
+    disk_store.memory.clear()
+    assert len(await disk_store.get(key)) == 2
+    assert len(disk_store.memory.peek(key) or ()) == 2  # at once, not on a second read
+    assert await store(disk_store, entry(key, vary=(("accept-encoding", ""),)), b"identity", flush=False)
+    variants = await disk_store.get(key)  # from memory
+    assert sorted([await disk_store.open_body(c) for c in variants]) == [  # type: ignore[type-var]
+        b"br", b"gzip", b"identity"]
