@@ -5,9 +5,10 @@ unless the directory of the disk's keys says the key is not there (no disk read 
 A disk read runs in the event loop while the OS page cache answers such reads quickly, and in
 the thread pool while it does not, or when the disk's eviction makes every read a write
 (``ReadPlace``). Concurrent lookups of one key in the thread pool share one disk read (a herd
-on a key that is only on disk reads it once). A disk hit is promoted into the shared memory
-in two halves: the metadata at once (so freshness checks, HEAD and 304s never read a body),
-the body when it is first sent, if it is small enough for the memory tier. Every variant
+on a key that is only on disk reads it once). A key's second disk read in a while promotes
+it into the shared memory (``Promotions``: not its first), in two halves: the metadata at
+once (so freshness checks, HEAD and 304s never read a body), the body when it is first sent,
+if it is small enough for the memory tier. Every variant
 read from disk passes the ban list first, so a purge by tag or prefix is in force at once; a
 read in the thread pool that overlapped a local purge is done again (``epoch``).
 
