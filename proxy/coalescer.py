@@ -300,7 +300,7 @@ class FlightHead:
 class FlightResult:
     stored: bool
     detail: str = ""
-    entry: Entry | None = None  # what the fill stored (readers that fell behind finish from it)
+    entry: Entry | None = None  # what the fill stored (readers that fell behind finish from it), or freshened
 
 
 class Flight:

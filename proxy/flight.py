@@ -56,6 +56,7 @@ from proxy.errors import (
     ResponseAborted,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeout,
 )
 from proxy.leases import Busy, Granted, Waiting
@@ -134,6 +135,8 @@ class Freshened:
     """The origin answered the revalidation 304: the stored response's headers were updated."""
 
     label: ClassVar[str] = "freshened"
+
+    entry: Entry  # the variant revalidated (its body stays: the freshened copy has its body id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,10 +322,10 @@ class MissPath:
                 if on_disk:  # (the attempt's key: a flight nobody may join has a name of its own)
                     self.coalescer.clear_pass(run.attempt.key)
                 result = FlightResult(on_disk, "" if on_disk else "STORE-FAILED", entry)
-            case Freshened():
+            case Freshened(entry=entry):
                 self.coalescer.retire(flight)
                 flight.body.finish()
-                result = FlightResult(True, "FRESHENED")
+                result = FlightResult(True, "FRESHENED", entry)
             case Passed(detail=detail):
                 self.coalescer.retire(flight)
                 flight.body.finish()
@@ -558,12 +561,17 @@ class MissPath:
             for sink in list(flight.interim):
                 sink(status, reason, kept)
 
+        epoch = engine.storage.epoch
         try:
             resp = await engine.send(engine.upstream(attempt.req, plan, revalidating), on_interim=interim)
         except UpstreamError as exc:
             self._end(run, Unreachable(exc))
             return
         response_time = engine.clock()
+        unasked = _unasked_304(resp, revalidating)
+        if unasked is not None:
+            self._end(run, Unreachable(unasked))
+            return
 
         # What the answer means for the response held (revalidated, or kept for stale-if-error).
         kept = revalidating or attempt.stale
@@ -571,12 +579,18 @@ class MissPath:
             kept.entry.response, resp.status, resp.headers, response_time,
             conditional=revalidating is not None)
         match outcome:
+            case Freshen() if engine.storage.epoch != epoch:
+                # A purge came while the origin answered: the 304 vouches for the response
+                # stored before it (a soft purge's mark would be lost). Fetched anew instead.
+                resp.release()
+                await self._origin(run, None)
+                return
             case Freshen():
                 assert revalidating is not None
                 resp.release()
                 await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head)
                 flight.set_head(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
-                self._end(run, Freshened())
+                self._end(run, Freshened(revalidating.entry))
                 return
             case Refetch():
                 resp.release()
@@ -732,7 +746,8 @@ class MissPath:
                 reader.close()
                 return await self._serve_after_flight(attempt, fhead.status, step.x_cache, step.collapsed,
                                                       stored=step.stored,
-                                                      flight=flight if step.this_flight else None)
+                                                      flight=flight if step.this_flight else None,
+                                                      own=None if collapsed else flight)
             case StaleInstead():
                 reader.close()
                 assert stale is not None
@@ -845,6 +860,9 @@ class MissPath:
                                      on_interim=relay(attempt.req.interim))
         except UpstreamError as exc:
             return engine.upstream_failed(attempt.plan, exc, attempt.fwd)
+        unasked = _unasked_304(resp, None)
+        if unasked is not None:
+            return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
         response_time = engine.clock()
         return await self.answer_unshared(attempt, resp, request_time, response_time)
 
@@ -911,15 +929,30 @@ class MissPath:
 
     async def _serve_after_flight(self, attempt: Attempt, fwd_status: int | None, x_cache: str,
                                   collapsed: bool, *, stored: bool = False,
-                                  flight: Flight | None = None) -> Reply:
-        """Answer from the store once ``flight`` (by default, the key's) has stored its response."""
+                                  flight: Flight | None = None, own: Flight | None = None) -> Reply:
+        """Answer from the store once ``flight`` (by default, the key's) has ended. The client
+        whose request a flight fetched (``own``, ended) gets the variant it stored or
+        freshened, fresh or not: the origin has just answered for it. Any other client gets
+        what the store holds only when that is a fresh hit for its own request
+        (``decide_lookup``): the flight may have stored nothing (an error, a late joiner's
+        flight that failed), or freshened another variant than this client's. Else the
+        request is fetched for this client alone."""
         engine, req, key = self.engine, attempt.req, attempt.key
         flight = flight or self.coalescer.get(key)
         if flight is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flight.result), engine.settings.cache.lock_timeout)
+        mine = own.result.result() if own is not None and own.result.done() and not own.result.cancelled() \
+            else None
+        ours = mine.entry if mine is not None else None
         variants = await engine.load(key)
-        index = select_variant(req.head, [c.entry.response for c in variants]) if variants else None
+        index = None
+        if variants:
+            responses = [c.entry.response for c in variants]
+            index = select_variant(req.head, responses)
+            if index is not None and (ours is None or variants[index].entry.body_id != ours.body_id):
+                decision = decide_lookup(req.head, responses, engine.clock(), attempt.plan.options)
+                index = decision.index if isinstance(decision, Serve) and decision.status == "HIT" else None
         if index is not None:
             cached = variants[index]
             response = cached.entry.response
@@ -1021,6 +1054,17 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
         # The leader too, when the body is small enough not to delay its first byte.
         return Relay(x_cache, "whole", coalesced=collapsed)
     return Relay(x_cache, "stream", coalesced=collapsed)
+
+
+def _unasked_304(resp: UpstreamResponse, revalidating: Cached | None) -> UpstreamProtocolError | None:
+    """A 304 to a request that carried no validators (a fill drops the client's: RFC 9110
+    §15.4.5 allows it only for a conditional request) is an origin's fault, not an answer:
+    every client of the flight gets a 502, as Varnish refuses one ("304 response but not
+    conditional fetch"), and nothing is stored."""
+    if resp.status != 304 or revalidating is not None:
+        return None
+    resp.close()
+    return UpstreamProtocolError("the origin answered 304 Not Modified to a request without conditions")
 
 
 def _stored_head(stored: StoredResponse, body_size: int) -> FlightHead:

@@ -1,0 +1,151 @@
+"""What a flight's clients get once it has ended: the response the origin gave for it, or a
+stored response that is a fresh hit for their own request, never a stored one the flight did
+not vouch for; and an origin's 304 counts only as the answer to a conditional request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.policy.httpdate import format_http_date
+from tests.conftest import MakeProxy, clocked
+from tests.harness import Clock, Origin
+from tests.test_coalescing import herd
+
+CHUNK = 64 * 1024
+
+
+async def test_a_revalidation_answered_after_a_soft_purge_does_not_make_the_purged_response_fresh(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    answer_304 = asyncio.Event()
+    served = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal served
+        served += 1
+        if request.headers.get("If-None-Match") == '"1"':
+            await answer_304.wait()  # the 304 leaves the origin after the purge
+            return web.Response(status=304, headers={
+                "Date": format_http_date(clock()), "ETag": '"1"',
+                "Cache-Control": "max-age=100, stale-while-revalidate=30"})
+        return web.Response(body=b"v%d" % served, headers={
+            "Date": format_http_date(clock()), "ETag": f'"{served}"',
+            "Cache-Control": "max-age=1, stale-while-revalidate=30"})
+
+    origin.route("/p", handler)
+    proxy = await clocked(make_proxy, clock)
+    assert (await proxy.get("/p")).body == b"v1"
+    clock.advance(2)
+    assert (await proxy.get("/p")).x_cache == "UPDATING"  # a background revalidation starts
+    for _ in range(200):
+        if served == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert served == 2
+    host = proxy.url.removeprefix("http://")
+    purged = await proxy.admin("POST", "/purge", json={"urls": [f"http://{host}/p"], "soft": True})
+    assert purged.status == 200, purged.body
+    answer_304.set()
+    for _ in range(200):  # the refresh fetches the response anew (a third origin request)
+        if served == 3:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # and stores it
+    after = await proxy.get("/p")
+    assert after.body == b"v3"  # the response fetched after the purge, not v1 made fresh again
+    assert served == 3
+
+
+async def test_a_client_too_late_to_join_a_failing_revalidation_is_not_served_the_stale_response(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    calls = 0
+    streamed = 0
+    go_on = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal calls, streamed
+        calls += 1
+        if calls == 1:
+            return web.Response(body=b"v1-old", headers={
+                "Date": format_http_date(clock()), "ETag": '"1"', "Cache-Control": "max-age=1, must-revalidate"})
+        if calls > 2:
+            return web.Response(body=b"v3", headers={"Date": format_http_date(clock()),
+                                                     "Cache-Control": "max-age=60"})
+        # The revalidation: a 3 MiB 503 (more than a flight keeps for clients joining late).
+        resp = web.StreamResponse(status=503, headers={"Content-Type": "text/plain"})
+        resp.content_length = 48 * CHUNK
+        await resp.prepare(request)
+        for i in range(48):
+            if i == 24:
+                await go_on.wait()
+            await resp.write(b"e" * CHUNK)
+            streamed += CHUNK
+            await asyncio.sleep(0.005)
+        return resp
+
+    origin.route("/m", handler)
+    proxy = await clocked(make_proxy, clock, config=(
+        "cache: {memory: 64MB, memory_max_object: 64KB, disk: {path: cache, size: 512MB}}\n"))
+    assert (await proxy.get("/m")).body == b"v1-old"
+    clock.advance(5)
+    leader = asyncio.ensure_future(proxy.get("/m"))
+    for _ in range(500):
+        if streamed >= 24 * CHUNK:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    late = asyncio.ensure_future(proxy.get("/m"))  # past the flight's kept history: waits for its end
+    await asyncio.sleep(0.2)
+    go_on.set()
+    first, second = await leader, await late
+    assert (first.status, len(first.body)) == (503, 48 * CHUNK)
+    # The stored response is 5 s stale and must-revalidate, and the flight stored nothing: the
+    # late client's request goes to the origin for itself.
+    assert (second.status, second.body) == (200, b"v3"), (second.status, second.x_cache, second.cache_status)
+    assert calls == 3
+
+
+async def test_a_follower_asking_for_another_variant_is_not_served_its_stale_variant_after_a_304(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    asked = {"en": 0, "fr": 0}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        lang = request.headers.get("Accept-Language", "en")
+        asked[lang] += 1
+        fields = {"Date": format_http_date(clock()), "Cache-Control": "max-age=1, must-revalidate",
+                  "Vary": "Accept-Language", "ETag": f'"{lang}{asked[lang]}"'}
+        validator = request.headers.get("If-None-Match")
+        if validator is not None:
+            await asyncio.sleep(0.4)
+            if validator == f'"{lang}1"':
+                return web.Response(status=304, headers=fields | {"ETag": validator, "Cache-Control": "max-age=100"})
+        return web.Response(body=f"{lang} v{asked[lang]}".encode(), headers=fields)
+
+    origin.route("/v", handler)
+    proxy = await clocked(make_proxy, clock)
+    assert (await proxy.get("/v", headers={"Accept-Language": "en"})).body == b"en v1"
+    assert (await proxy.get("/v", headers={"Accept-Language": "fr"})).body == b"fr v1"
+    clock.advance(5)
+    english = asyncio.ensure_future(proxy.get("/v", headers={"Accept-Language": "en"}))
+    await asyncio.sleep(0.1)
+    french = asyncio.ensure_future(proxy.get("/v", headers={"Accept-Language": "fr"}))  # joins en's flight
+    en, fr = await english, await french
+    assert (en.x_cache, en.body) == ("REVALIDATED", b"en v1")
+    # The 304 was for the English variant: the French one, stale and must-revalidate, is
+    # fetched for its client (anew: what it had stored may have changed meanwhile), not
+    # served unchecked.
+    assert fr.body == b"fr v2", (fr.x_cache, fr.cache_status)
+    assert asked == {"en": 2, "fr": 2}, asked
+
+
+async def test_a_304_to_a_fill_without_conditions_is_a_502_for_every_client(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    origin.route("/n", status=304, headers={"Cache-Control": "max-age=60", "ETag": '"a"'}, delay=0.2)
+    proxy = await make_proxy()
+    answers = await herd(proxy.url + "/n", 4)
+    assert [status for status, _, _ in answers] == [502] * 4, answers
+    assert origin.count("/n") == 1  # one fetch for the herd: the followers got the leader's error
+    again = await proxy.get("/n")
+    assert again.status == 502  # nothing stored, no hit-for-pass relaying the 304
+    assert origin.count("/n") == 2
