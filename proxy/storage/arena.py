@@ -499,8 +499,13 @@ class Arena:
 
     def mark(self, pos: int) -> None:
         """Note that the record at ``pos`` was read: when it reaches the tail, it goes round the
-        ring once more instead of out (readers mark a record once, not on every read)."""
-        self.mm[self._phys(pos) + 31] = 1
+        ring once more instead of out (readers mark a record once, not on every read). Under
+        the lock, if it is still there: another process may have reused its place since the
+        reader looked, and the byte would land in another record's body."""
+        at = self._phys(pos)
+        with self.locked():
+            if _Q.unpack_from(self.mm, at)[0] == pos:
+                self.mm[at + 31] = 1
 
     def body_at(self, pos: int, key_len: int, meta_len: int) -> int:
         """Where the body of the record at ``pos`` starts in the mapping (its key and metadata

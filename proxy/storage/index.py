@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS bans (
     soft INTEGER NOT NULL, seq INTEGER NOT NULL);
 """
 
+_ADD_TAG = "INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)"
+
 
 @dataclass(frozen=True, slots=True)
 class Ban:
@@ -104,31 +106,42 @@ class UrlTagIndex:
         """Record a commit of ``key``; return its new sequence number."""
         return self.add_many([(key, url, tags)])[0]
 
-    def add_many(self, rows: list[tuple[str, str, tuple[str, ...]]], new: list[bool] | None = None
-                 ) -> list[int]:
+    def add_many(self, rows: list[tuple[str, str, tuple[str, ...]]]) -> list[int]:
         """``add`` for many (key, url, tags) rows in one transaction; their new sequence numbers.
-        ``new``: which keys are known to have no row (no old tags to delete)."""
+
+        Tags are only added here, before the disk commit they index: a key's tag rows are made
+        exact by ``retag`` once that commit has succeeded. Deleting the key's old rows here hid
+        its other variants (still on disk) from a purge by their tags whenever the commit then
+        failed (a shard's lock timed out, a full disk). Rows a failed commit leaves too many
+        cost a purge by that tag one look at the key: each variant's own tags decide."""
         db = self._db()
         seqs: list[int] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for i, (key, url, tags) in enumerate(rows):
+            for key, url, tags in rows:
                 cur = db.execute("INSERT OR REPLACE INTO entries (key, url) VALUES (?, ?)", (key, url))
                 seqs.append(int(cur.lastrowid or 0))
-                if new is None or not new[i]:
-                    db.execute("DELETE FROM tags WHERE key = ?", (key,))
                 if tags:
-                    db.executemany("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)",
-                                   [(t, key) for t in tags])
+                    db.executemany(_ADD_TAG, [(t, key) for t in tags])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return seqs
 
-    def add_tags(self, key: str, tags: Iterable[str]) -> None:
-        """Add tags to a key without a new sequence number (other variants' tags)."""
-        self._write([("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)", (t, key)) for t in tags])
+    def retag(self, rows: Iterable[tuple[str, tuple[str, ...]]]) -> None:
+        """After their commits: each key's tag rows are exactly these tags (those of the
+        variants the disk now holds under it), in one transaction."""
+        statements: list[tuple[str, Iterable[object]]] = []
+        for key, tags in rows:
+            if tags:
+                marks = ", ".join("?" * len(tags))
+                statements.append((f"DELETE FROM tags WHERE key = ? AND tag NOT IN ({marks})", (key, *tags)))
+                statements += [(_ADD_TAG, (t, key)) for t in tags]
+            else:
+                statements.append(("DELETE FROM tags WHERE key = ?", (key,)))
+        if statements:
+            self._write(statements)
 
     def scan(self, after: str, limit: int) -> list[tuple[str, int]]:
         """(key, seq) pairs in key order after ``after``: the index GC's cursor."""
@@ -148,6 +161,27 @@ class UrlTagIndex:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def remove_stale(self, rows: list[tuple[str, int]]) -> list[str]:
+        """``remove`` for the keys whose row is still at most the sequence number given (the one
+        the caller saw before it found the key gone from disk); the keys removed. A newer row
+        is a commit made meanwhile (write-behind's thread, another worker): its entry is on
+        disk, or will be, and must stay findable and purgeable."""
+        if not rows:
+            return []
+        db = self._db()
+        removed: list[str] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for key, seq in rows:
+                if db.execute("DELETE FROM entries WHERE key = ? AND seq <= ?", (key, seq)).rowcount:
+                    removed.append(key)
+            db.executemany("DELETE FROM tags WHERE key = ?", [(k,) for k in removed])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return removed
 
     def keys_for_url(self, url: str) -> list[str]:
         rows = self._db().execute("SELECT key FROM entries WHERE url = ?", (url,))

@@ -87,6 +87,12 @@ class Cached:
     pos: int = field(default=0, compare=False, repr=False)  # its arena record (0: none)
     state: int = field(default=ON_DISK, compare=False, repr=False)  # see entry.ON_DISK
 
+    def with_entry(self, entry: Entry, state: int) -> Cached:
+        """The same body with new metadata (a 304's, a soft purge's): a view of the arena keeps
+        its record's position, by which a copy of it is checked (``MemoryTier.body_bytes``);
+        the pre-serialised heads were built from the old metadata and are not carried."""
+        return Cached(entry, self.body, None, False, self.pos, state)
+
 
 def cost(variants: tuple[Cached, ...]) -> int:
     """What a key's decoded variants cost a process (bodies excepted: they are the arena's,
@@ -101,6 +107,8 @@ def cost(variants: tuple[Cached, ...]) -> int:
             total += FIELD_OVERHEAD + len(v)
         for t in e.tags:
             total += len(t) + 64
+        if c.heads is not None:  # carried into a new record of the key (``MemoryTier.put``)
+            total += sum(size + HEAD_OVERHEAD for _, size in c.heads.items)
     return total
 
 

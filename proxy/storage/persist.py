@@ -123,6 +123,14 @@ def updating(bans: BanList, new: Entry, kept: list[tuple[Entry, ...]]) -> Merge:
     return merge
 
 
+def committed_tags(written: Entry, kept: list[tuple[Entry, ...]]) -> tuple[str, ...]:
+    """The tags of a key's variants once ``written`` was committed (``kept``: what the merge
+    left, when it ran), for ``UrlTagIndex.retag``."""
+    if not kept:
+        return written.tags
+    return tuple(sorted({t for e in kept[-1] for t in e.tags}))
+
+
 @dataclass
 class _Item:
     pos: int
@@ -284,8 +292,7 @@ class Persister:
             absent.append(i.entry.key not in seen and on_disk(i.entry.key) is False)
             seen.add(i.entry.key)
         if self.index is not None and items:
-            seqs = self.index.add_many([(i.entry.key, url_of_key(i.entry.key), i.entry.tags) for i in items],
-                                       absent)
+            seqs = self.index.add_many([(i.entry.key, url_of_key(i.entry.key), i.entry.tags) for i in items])
         else:
             seqs = [0] * len(items)
         kept: list[list[tuple[Entry, ...]]] = [[] for _ in items]
@@ -296,14 +303,19 @@ class Persister:
             jobs.append((new.key, merge, new.body_id, item.body))
         ok = disk.commit_many(jobs, absent) if jobs else []
         stored: list[str] = []
+        retags: list[tuple[str, tuple[str, ...]]] = []
         failed_positions: set[int] = set()
-        for item, k, good in zip(items, kept, ok, strict=True):
+        for item, k, good, new_key in zip(items, kept, ok, absent, strict=True):
             if good:
                 stored.append(item.entry.key)
-                self._index_other_tags(item.entry.key, item.entry.tags, k)
+                tags = committed_tags(item.entry, k)
+                if not new_key or set(tags) != set(item.entry.tags):  # (a new key's rows are these already)
+                    retags.append((item.entry.key, tags))
             else:
                 failed_positions.add(item.pos)
                 self.stats.failed += 1
+        if self.index is not None:
+            self.index.retag(retags)
         self.stats.entries += len(stored)
         self.stats.batches += 1
         committed = [pos for pos in positions if pos not in failed_positions]
@@ -312,10 +324,3 @@ class Persister:
             self._retry.pop(pos, None)
         self.arena.disk_add(sorted(set(stored)))
         return sorted(failed_positions)
-
-    def _index_other_tags(self, key: str, written: tuple[str, ...], kept: list[tuple[Entry, ...]]) -> None:
-        if self.index is None or not kept:
-            return
-        extra = {t for e in kept[-1] for t in e.tags} - set(written)
-        if extra:
-            self.index.add_tags(key, sorted(extra))

@@ -27,7 +27,6 @@ from proxy.storage.bans import PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies
 from proxy.storage.entry import Entry, decode_record
 from proxy.storage.index import Ban
-from proxy.storage.memory import Cached
 from proxy.storage.persist import Persister
 from proxy.storage.work import Tiers
 
@@ -184,7 +183,7 @@ class Purging:
         if current is None:
             return False
         memory.replace(key, tuple(
-            c if c.entry.response.invalidated else Cached(c.entry.invalidated(), c.body, state=c.state)
+            c if c.entry.response.invalidated else c.with_entry(c.entry.invalidated(), c.state)
             for c in current
         ))
         return True
@@ -196,9 +195,12 @@ class Purging:
         keys = set(keys)
         match = PurgeMatch(keys=frozenset(keys), soft=soft)
         async with self.paused():
+            # The disk first, as ``delete_all`` and the purger do: with memory emptied first, a
+            # read meanwhile found the disk's copy (the epoch already moved on: no reread) and
+            # promoted it, and the deleted entry was served again.
+            shared, _ = await self.purge_shared(keys, soft=soft)
             in_memory, start = self.purge_memory(match)
             local = await self.purge_local(replace(match, arena_from=start))
-            shared, _ = await self.purge_shared(keys, soft=soft)
         return max(in_memory + local, shared)
 
     async def delete_all(self, soft: bool = False) -> int:

@@ -127,7 +127,7 @@ class Upkeep:
         disk, index = t.disk, t.index
         assert disk is not None and index is not None
         one = BanList([ban])
-        emptied: list[str] = []
+        emptied: list[tuple[str, int]] = []  # keys the sweep emptied, and the newest seq it saw
         swept = 0
 
         def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
@@ -145,12 +145,13 @@ class Upkeep:
                 else:
                     out.append(e if e.response.invalidated else e.invalidated())
             if current and not out:
-                emptied.append(current[0].key)
+                emptied.append((current[0].key, max(e.seq for e in current)))
             return tuple(out), dropped
 
-        found = set(disk.update_many(keys, merge))
-        gone = emptied + [k for k in keys if k not in found]
-        index.remove(gone)
+        disk.update_many(keys, merge)
+        # Only rows no newer than what the sweep deleted: a fill committed meanwhile (its row
+        # comes first) stays findable. Rows of keys the disk no longer had are the GC's.
+        gone = index.remove_stale(emptied)
         t.memory.arena.disk_remove(gone)
         self.stats.entries_swept += swept
 
@@ -171,11 +172,12 @@ class Upkeep:
         cutoff = marks[0][1]
         rows = index.scan(self._gc_cursor, GC_BATCH)
         self._gc_cursor = rows[-1][0] if len(rows) == GC_BATCH else ""
-        judged = [k for k, seq in rows if seq <= cutoff]
-        there = disk.present(judged)
-        dead = [k for k in judged if k not in there]
+        judged = [(k, seq) for k, seq in rows if seq <= cutoff]
+        there = disk.present(k for k, _ in judged)
+        # Removed only if still the row judged: a refill committed since (a new row, a new seq)
+        # would otherwise lose its row and its place in the directory while on disk.
+        dead = index.remove_stale([(k, seq) for k, seq in judged if k not in there])
         if dead:
-            index.remove(dead)
             t.memory.arena.disk_remove(dead)
             self.stats.index_rows_dropped += len(dead)
             self._gc_dropped_since_vacuum += len(dead)

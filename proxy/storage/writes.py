@@ -18,7 +18,7 @@ from proxy.policy.keys import url_of_key
 from proxy.storage.disk import new_body_id
 from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry
 from proxy.storage.memory import Cached
-from proxy.storage.persist import adding, merge_variant, updating
+from proxy.storage.persist import adding, committed_tags, merge_variant, updating
 from proxy.storage.spool import SpoolDir
 from proxy.storage.work import Tiers
 
@@ -187,16 +187,9 @@ class Writer:
         self.spools.settle(entry.body_id)
         if not committed:
             return None
-        self._index_other_tags(entry.key, entry.tags, kept)
+        if t.index is not None:
+            t.index.retag([(entry.key, committed_tags(new, kept))])
         return new
-
-    def _index_other_tags(self, key: str, written: tuple[str, ...], kept: list[tuple[Entry, ...]]) -> None:
-        index = self.t.index
-        if index is None or not kept:
-            return
-        extra = {t for e in kept[-1] for t in e.tags} - set(written)
-        if extra:
-            index.add_tags(key, sorted(extra))
 
     async def update(self, entry: Entry) -> None:
         """Replace a variant's metadata (after a 304), keeping its body: in the shared memory at
@@ -205,7 +198,7 @@ class Writer:
         current = t.memory.peek(entry.key)
         if current is not None and any(c.entry.body_id == entry.body_id for c in current):
             t.memory.put(entry.key, tuple(
-                Cached(entry, c.body, state=max(c.state, META_TO_WRITE))
+                c.with_entry(entry, max(c.state, META_TO_WRITE))
                 if c.entry.body_id == entry.body_id else c for c in current))
             return
         if t.disk is not None:
@@ -217,5 +210,5 @@ class Writer:
         # A new seq: a soft purge that covered the old copy does not cover the revalidated one.
         seq = t.index.add(entry.key, url_of_key(entry.key), entry.tags) if t.index else 0
         kept: list[tuple[Entry, ...]] = []
-        t.disk.commit(entry.key, updating(t.bans, entry.with_seq(seq), kept))
-        self._index_other_tags(entry.key, entry.tags, kept)
+        if t.disk.commit(entry.key, updating(t.bans, entry.with_seq(seq), kept)) and t.index is not None:
+            t.index.retag([(entry.key, committed_tags(entry, kept))])

@@ -1,0 +1,201 @@
+"""The storage's guarantees when its operations meet others: a 304's metadata or a soft purge
+after the ring has gone round, a read during a delete, a reader's mark of a record another
+process reclaimed, a write-behind batch that failed, the index's clean-up beside write-behind.
+Nothing is lost, nothing purged comes back, no body is corrupted. (The interleavings are
+forced: a hook runs the other side at the moment it matters.)"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.storage import upkeep
+from proxy.storage.arena import F_PERSISTED, Arena
+from proxy.storage.bans import PurgeMatch
+from proxy.storage.disk import DiskTier
+from proxy.storage.index import UrlTagIndex
+from proxy.storage.memory import HEAD_OVERHEAD, Cached, MemoryTier
+from proxy.storage.tiered import Storage
+from tests.storage.helpers import MB, entry, open_store, read_body, store
+
+K = "http://h.test/k"
+EN, FR = (("accept-language", "en"),), (("accept-language", "fr"),)
+
+
+async def wrap_the_ring(s: Storage) -> None:
+    """Fill the shared memory's ring until it has gone round once (its first records reused)."""
+    arena, i = s.memory.arena, 0
+    while arena.head < arena.capacity + 64 * 1024:
+        await store(s, entry(f"http://h.test/f{i}"), b"f" * 2000, flush=False)
+        i += 1
+
+
+def test_a_304_update_after_the_ring_went_round_keeps_the_body(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"), memory=1 * MB)
+        await wrap_the_ring(s)
+        assert await store(s, entry(K), b"the body" * 100, flush=False)  # not written behind yet
+        (c,) = s.memory.peek(K) or ()
+        r = c.entry.response
+        await s.update(c.entry.with_response(dataclasses.replace(r, response_time=r.response_time + 5)))
+        (u,) = s.memory.peek(K) or ()
+        assert u.body is not None and bytes(u.body) == b"the body" * 100
+        assert u.entry.response.response_time == r.response_time + 5
+        await s.flush()
+        assert await read_body(s, K) == b"the body" * 100
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_soft_purge_after_the_ring_went_round_keeps_the_body(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"), memory=1 * MB)
+        await wrap_the_ring(s)
+        assert await store(s, entry(K), b"the body" * 100, flush=False)
+        await s.delete([K], soft=True)
+        (u,) = s.memory.peek(K) or ()
+        assert u.entry.response.invalidated
+        assert u.body is not None and bytes(u.body) == b"the body" * 100
+        await s.flush()
+        assert await read_body(s, K) == b"the body" * 100
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_the_heads_of_the_other_variants_stay_counted_after_a_fill_of_another(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"))
+        s.memory._doorkeeper_keys = 0  # every key kept decoded (the doorkeeper is not the point)
+        await store(s, entry(K, vary=EN), b"en" * 100)
+        (en,) = s.memory.peek(K) or ()
+        for _ in range(8):  # the fast path built heads for this variant
+            s.keep_head(K, en, object(), 4000)
+        await store(s, entry(K, vary=FR), b"fr" * 100)  # the key's record is written anew
+        kept = next(c for c in s.memory.peek(K) or () if c.entry.response.vary == EN)
+        assert kept.heads is not None
+        held = sum(size + HEAD_OVERHEAD for _, size in kept.heads.items)
+        assert s.memory.decoded_bytes >= held
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_read_during_a_delete_does_not_bring_the_key_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"))
+        assert await store(s, entry(K), b"before the POST")
+        s.memory.delete(K)  # the ring moved on: on disk only
+        assert await s.get(K)  # read from disk once (the doorkeeper knows it now)
+        go = threading.Event()
+        real = s.purges._purge_shared
+
+        def slow_disk_delete(*args: Any) -> Any:  # the disk's half waits (a shard's lock)
+            go.wait(5)
+            return real(*args)
+
+        s.purges._purge_shared = slow_disk_delete  # type: ignore[method-assign]
+        deleting = asyncio.ensure_future(s.delete([K]))  # an unsafe request invalidates K
+        await asyncio.sleep(0.05)
+        during = await s.get(K, bodies=True)  # a GET meanwhile, read from disk
+        go.set()
+        await deleting
+        assert during  # (the delete was not over yet)
+        assert s.memory.peek(K) is None
+        assert await read_body(s, K) is None
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_readers_mark_of_a_record_another_process_reclaimed_changes_no_other_body() -> None:
+    kb = 1024
+    filler = MemoryTier(budget=256 * kb, max_object=10_000)  # another worker, filling
+    reader = MemoryTier(budget=256 * kb, max_object=10_000, arena=filler.arena, doorkeeper=0)
+    filler.put("http://h/first", (Cached(entry("http://h/first"), b"f" * 500),))
+    filler.put("http://h/victim", (Cached(entry("http://h/victim"), b"v" * 3000),))
+    slot = reader.slot("http://h/victim")  # alive when the reader looked
+    assert slot is not None
+    arena, i = filler.arena, 0
+    while arena.alive(slot.pos) or arena.head - slot.pos < arena.capacity + 8 * kb:
+        k = f"http://h/k{i}"
+        filler.put(k, (Cached(entry(k), bytes([65 + i % 26]) * 1000),))
+        i += 1
+    target = arena._phys(slot.pos) + 31
+    assert any(r.body_at <= target < r.body_at + r.body_len for r in arena.scan())  # inside a body now
+    before = {r.key: arena.body(r) for r in arena.scan()}
+    reader.use(slot)  # counts the use, marks the record it read
+    assert {r.key: arena.body(r) for r in arena.scan()} == before
+
+
+def test_a_failed_write_behind_batch_does_not_hide_a_variant_from_a_purge_by_its_tag(tmp_path: Path) -> None:
+    path = str(tmp_path / "c")
+
+    async def main() -> None:
+        s = open_store(path)
+        assert await store(s, entry(K, vary=EN, tags=("a",)), b"EN body, tag a")  # on disk
+        s.memory.delete(K)
+        assert len(await s.get(K)) == 1  # read from disk (a key that varies: promoted at once)
+        assert await store(s, entry(K, vary=FR, tags=("b",)), b"FR body, tag b", flush=False)
+        real = s.disk.commit_many
+        s.disk.commit_many = lambda items, new=None: [False] * len(items)  # type: ignore[method-assign]
+        await s.flush()  # the shard's lock timed out: nothing committed
+        s.disk.commit_many = real  # type: ignore[method-assign]
+        assert s.index is not None and K in s.index.keys_for_tag("a")
+        async with s.purging():  # a purge of tag "a", as the purger makes it
+            _, bans = await s.purge_shared((), tags=["a"])
+            match = PurgeMatch(tags=frozenset({"a"}))
+            _, start = s.purge_memory(match)
+            await s.purge_local(dataclasses.replace(match, arena_from=start), bans)
+        await s.maintain()  # the ban is swept, then dropped
+        s.close()
+        fresh = open_store(path)  # a restart
+        variants = await fresh.get(K)
+        assert not any("a" in c.entry.tags for c in variants)
+        fresh.close()
+
+    asyncio.run(main())
+
+
+def test_the_index_clean_up_keeps_the_row_of_a_refill_committed_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upkeep, "GC_SEQ_LAG", 0.0)
+    path = str(tmp_path / "cache")
+
+    async def main() -> None:
+        st = Storage(MemoryTier(MB, 64 * 1024, arena=Arena.create(MB, 64 * MB), owns_arena=True),
+                     DiskTier(path, 64 * MB, 2), UrlTagIndex(path), max_object=MB)
+        await st.rebuild_directory()
+        disk, index, arena = st.disk, st.index, st.memory.arena
+        assert disk is not None and index is not None
+        assert await store(st, entry(K, tags=("t",)), b"old")
+        disk._shard(K).delete("m:" + K)  # diskcache evicted it (nobody is told)
+        assert await store(st, entry(K, tags=("t",)), b"refill", flush=False)
+        real_present = disk.present
+
+        def present_then_write_behind_lands(keys: Any) -> set[str]:
+            there = real_present(keys)
+            st.persister._commit(list(arena.scan(skip=F_PERSISTED)))  # the persist thread, now
+            return there
+
+        disk.present = present_then_write_behind_lands  # type: ignore[method-assign]
+        await st.maintain()
+        disk.present = real_present  # type: ignore[method-assign]
+        assert disk.has(K) and index.all_keys() == [K] and arena.on_disk(K)
+        st.memory.clear()  # the ring moved on
+        assert await read_body(st, K) == b"refill"
+        _, bans = await st.purge_shared((), tags=["t"])  # then an operator purges tag t
+        await st.purge_local(PurgeMatch(tags=frozenset({"t"})), bans)
+        await st.maintain()
+        st.close()
+        fresh = open_store(path)  # a restart
+        assert await read_body(fresh, K) is None
+        fresh.close()
+
+    asyncio.run(main())
