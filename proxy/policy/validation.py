@@ -71,17 +71,16 @@ def conditional_headers(stored: StoredResponse) -> HeaderList:
     return tuple(headers)
 
 
-def merge_headers(stored: HeaderList, update: Headers, *, allow_set_cookie: bool = False) -> HeaderList:
+def merge_headers(stored: HeaderList, update: Headers) -> HeaderList:
     """Stored headers with every field present in ``update`` replaced (RFC 9111 §3.2).
 
     Never replaced: ``NOT_UPDATED_BY_304`` and the fields the 304's Connection lists.
-    A Set-Cookie arriving on a 304 is not stored (unless a rule allows Set-Cookie):
-    it would otherwise be replayed to everyone who gets the stored response.
+    A Set-Cookie arriving on a 304 is never stored, whatever the rules allow: it is the
+    revalidating client's, and would be replayed to everyone who gets the stored response
+    (a rule's ``allow_set_cookie`` stores a fill without its Set-Cookie, for the same reason).
     """
     fresh = end_to_end(update)
-    skip = set(NOT_UPDATED_BY_304)
-    if not allow_set_cookie:
-        skip.add("set-cookie")  # Set-Cookie2 (RFC 2965) is obsolete and ignored by user agents
+    skip = {*NOT_UPDATED_BY_304, "set-cookie"}  # (Set-Cookie2, RFC 2965, is obsolete: ignored by user agents)
     replaced = {k.lower() for k, _ in fresh if k.lower() not in skip}
     kept = [(k, v) for k, v in stored if k.lower() not in replaced]
     added = [(k, v) for k, v in fresh if k.lower() in replaced]
@@ -105,7 +104,7 @@ def freshen_stored(
     or ``private`` ends the stored response's life. ``credentials``: the revalidating
     request carried Cookie or Authorization (no heuristic freshness then, see ``freshness``).
     """
-    merged = merge_headers(stored.headers, update, allow_set_cookie=options.allow_set_cookie)
+    merged = merge_headers(stored.headers, update)
     view: CIMultiDict[str] = CIMultiDict((k, v) for k, v in merged if k.lower() not in ("age", "date"))
     for name in ("Age", "Date"):
         for value in update.getall(name, ()):

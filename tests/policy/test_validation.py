@@ -120,9 +120,14 @@ def test_fields_listed_in_the_304_s_connection_are_not_merged_rfc_9110_section_7
     assert merged == (("X-A", "old"),)
 
 
-def test_a_rule_allowing_set_cookie_lets_a_304_update_it() -> None:
-    merged = merge_headers((("Set-Cookie", "a=1"),), headers(("Set-Cookie", "a=2")), allow_set_cookie=True)
-    assert merged == (("Set-Cookie", "a=2"),)
+def test_a_304s_set_cookie_is_never_stored_even_where_a_rule_allows_set_cookie() -> None:
+    # (It is the revalidating client's; a rule's allow_set_cookie stores fills without theirs.)
+    assert merge_headers((("ETag", '"a"'),), headers(("Set-Cookie", "a=2"))) == (("ETag", '"a"'),)
+    options = CacheOptions(allow_set_cookie=True)
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"')])
+    update = headers(("Set-Cookie", "session=bob"), ("Cache-Control", "max-age=60"), ("Date", date(0)))
+    fresh = freshen_stored(s, update, T0, T0, options)
+    assert fresh is not None and not any(k.lower() == "set-cookie" for k, _ in fresh.headers)
 
 
 def test_freshening_takes_age_and_date_from_the_304_only_rfc_9111_section_4_3_4() -> None:
