@@ -153,3 +153,26 @@ def is_entity_tag(text: str) -> bool:
 def first_line(values: Sequence[str]) -> str | None:
     """The first field line of a singleton whose values contain commas (HTTP-dates)."""
     return values[0] if values else None
+
+
+def cookies(lines: Sequence[str]) -> dict[str, str]:
+    """The cookies of a request's ``Cookie`` field lines (RFC 6265 §5.4 / §5.2: ``;``-separated
+    pairs, whitespace around names and values is not part of them, a pair without ``=`` is no
+    cookie), read once for the cache key and the rules alike. A name sent more than once
+    reads as all its values in order, joined by ``;`` (which no cookie value contains): the
+    origin may take the first or the last (frameworks differ), so neither alone may stand for
+    the request in a key or a rule.
+
+    >>> cookies(["a=1; b = 2", "a=3;c;d="])
+    {'a': '1;3', 'b': '2', 'd': ''}
+    """
+    out: dict[str, str] = {}
+    for line in lines:
+        for part in line.split(";"):
+            name, eq, value = part.partition("=")
+            name = name.strip(" \t")
+            if not eq or not name:
+                continue
+            value = value.strip(" \t")
+            out[name] = f"{out[name]};{value}" if name in out else value
+    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
-from proxy.policy.fields import parameters, split_list, weight
+from proxy.policy.fields import cookies, parameters, split_list, weight
 from proxy.policy.messages import HeaderList, Headers, RequestHead
 
 ABSENT = "\n"  # a value no header can have: marks a Vary field the request lacked
@@ -91,15 +91,6 @@ def _filter_query(query: str, spec: KeySpec) -> str:
     return urlencode(pairs, quote_via=quote)
 
 
-def _cookie_value(headers: Headers, name: str) -> str | None:
-    for line in headers.getall("Cookie", ()):
-        for part in line.split(";"):
-            k, eq, v = part.strip().partition("=")
-            if eq and k == name:
-                return v
-    return None
-
-
 def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
     """The primary key for ``request`` under ``spec``.
 
@@ -122,9 +113,12 @@ def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
     for name in spec.headers:
         values = request.headers.getall(name, ())
         key += f"\x1fh:{name.lower()}={normalise_field(values)}"
-    for name in spec.cookies:
-        value = _cookie_value(request.headers, name)
-        key += f"\x1fc:{name}={'' if value is None else value}"
+    if spec.cookies:
+        jar = cookies(request.headers.getall("Cookie", ()))
+        for name in spec.cookies:
+            value = jar.get(name)
+            # (an absent cookie and an empty one are told apart: an origin may answer them differently)
+            key += f"\x1fc:{name}" if value is None else f"\x1fc:{name}={value}"
     return key
 
 

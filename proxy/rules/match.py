@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl
 
+from proxy.policy.fields import cookies as read_cookies
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import normalise_path
 
@@ -56,13 +57,8 @@ class RequestView:
         return self._params
 
     def cookies(self) -> dict[str, str]:
-        if self._cookies is None:
-            self._cookies = {}
-            for line in self.head.headers.getall("Cookie", ()):
-                for part in line.split(";"):
-                    k, eq, v = part.strip().partition("=")
-                    if eq and k:
-                        self._cookies.setdefault(k, v)
+        if self._cookies is None:  # as the cache key reads them (a repeated name: all its values)
+            self._cookies = read_cookies(self.head.headers.getall("Cookie", ()))
         return self._cookies
 
     def header(self, name: str) -> str | None:

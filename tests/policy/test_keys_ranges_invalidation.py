@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.policy.invalidation import invalidated_urls
-from proxy.policy.keys import normalise_selecting, vary_matches, vary_names
+from proxy.policy.keys import KeySpec, cache_key, normalise_selecting, vary_matches, vary_names
 from proxy.policy.ranges import if_range_allows, parse_range
 from tests.policy.build import date, headers, request, stored
 
@@ -110,3 +110,24 @@ def test_unsafe_requests_invalidate_the_target_and_same_origin_locations_rfc_911
     case: str, method: str, status: int, fields: Pairs, urls: tuple[str, ...]
 ) -> None:
     assert invalidated_urls(request(method=method), status, headers(*fields)) == urls
+
+
+# (cookie field lines, a request's lines that must share its key, lines that must not; None: no check)
+COOKIE_KEYS: list[tuple[list[str], list[str] | None, list[str] | None]] = [
+    (["lang=de"], ["lang =de"], None),  # whitespace around a name is not part of it (RFC 6265 §5.2)
+    (["lang=de"], ["a=1; lang= de ", "x=y"], ["lang=en"]),
+    ([], ["theme=x"], ["lang="]),  # an absent cookie is not an empty one: an origin may tell them apart
+    (["lang=en; lang=de"], ["lang=en", "lang=de"], ["lang=en"]),  # a name twice: both values key
+    (["lang=en; lang=de"], None, ["lang=de; lang=en"]),
+]
+
+
+@pytest.mark.parametrize(("cookie", "same", "other"), COOKIE_KEYS)
+def test_a_keyed_cookie_is_read_as_the_origin_reads_it(
+        cookie: list[str], same: list[str] | None, other: list[str] | None) -> None:
+    spec = KeySpec(cookies=("lang",))
+    key = cache_key(request(*(("Cookie", v) for v in cookie)), spec)
+    if same is not None:
+        assert cache_key(request(*(("Cookie", v) for v in same)), spec) == key
+    if other is not None:
+        assert cache_key(request(*(("Cookie", v) for v in other)), spec) != key
