@@ -42,7 +42,7 @@ from proxy.policy.validation import freshen_stored
 _FILLER_ONLY = ("set-cookie", "x-request-id")
 # Details of a response no follower may share whatever its freshness (hit-for-pass: the
 # key's next requests skip waiting for each other's fetches for a while).
-PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR"})
+PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR", "VARY-PER-CLIENT"})
 
 
 class StoreRules(Protocol):

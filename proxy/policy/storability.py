@@ -41,6 +41,13 @@ UNDERSTOOD_STATUSES = frozenset({
 })  # fmt: skip
 
 
+# Request fields cachegate itself sets on the way to the origin, per client or per request
+# (``proxy.policy.request.upstream_request``: the peer's address, the request's id). A response
+# that varies on one was chosen for what the origin saw, which is not what the client sent:
+# stored, it would be served to every other client (their own values are not in the variant).
+PER_CLIENT_FIELDS = frozenset({"x-forwarded-for", "x-request-id"})
+
+
 @dataclass(frozen=True, slots=True)
 class Store:
     response: StoredResponse
@@ -145,6 +152,8 @@ def _decide(
     names = vary_names(headers)
     if names is None:
         return DontStore("VARY-STAR")
+    if not PER_CLIENT_FIELDS.isdisjoint(names):
+        return DontStore("VARY-PER-CLIENT")
     length = content_length(headers.getall("Content-Length", ()))
     if length is not None and length > options.max_object:
         return DontStore("TOO-LARGE")
