@@ -42,7 +42,8 @@ WHY_NOT = {
     "SET-COOKIE": "the response sets a cookie; a rule with allow_set_cookie: true would store it "
                   "(without the Set-Cookie)",
     "VARY-STAR": "the response has Vary: *",
-    "VARY-PER-CLIENT": "the response varies on X-Forwarded-For or X-Request-Id, which cachegate sets per client",
+    "VARY-PER-CLIENT": "the response varies on X-Forwarded-For or X-Request-Id, which cachegate sets "
+                       "per client",
     "TOO-LARGE": "the response is larger than cache.max_object",
     "UNCACHEABLE-STATUS": "the status is not cacheable by default and neither the origin nor a rule "
                           "gives it a freshness lifetime (a ttl default never covers an error status "

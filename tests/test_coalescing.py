@@ -63,6 +63,18 @@ async def test_waiters_are_not_given_a_response_that_is_not_shareable(origin: Or
     assert origin.count("/me") == 20
 
 
+async def test_one_request_with_authorization_does_not_stop_the_next_herd_from_coalescing(
+        origin: Origin, proxy: Proxy) -> None:
+    # Not stored because of the request's Authorization, not because of the response: the key
+    # is not made hit-for-pass (any client could otherwise turn coalescing off for a URL).
+    origin.route("/page", body=b"page", headers={"Cache-Control": "max-age=60"}, delay=0.2)
+    first = await proxy.get("/page", headers={"Authorization": "Bearer x"})
+    assert (first.x_cache, first.body) == ("MISS", b"page")
+    results = await herd(proxy.url + "/page", 20)
+    assert {body for _, _, body in results} == {b"page"}
+    assert origin.count("/page") == 2  # one fetch for the whole herd
+
+
 async def test_a_waiter_goes_upstream_itself_after_lock_timeout(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.route("/slow", body=b"slow", headers={"Cache-Control": "max-age=60"}, delay=1.0)
     proxy = await make_proxy(config="cache: {lock_timeout: 200ms, disk: {path: cache, size: 64MB}}\n")

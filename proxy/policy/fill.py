@@ -41,8 +41,10 @@ from proxy.policy.validation import freshen_stored
 # Fields of an answer that were for the client that caused the fill alone (step 5).
 _FILLER_ONLY = ("set-cookie", "x-request-id")
 # Details of a response no follower may share whatever its freshness (hit-for-pass: the
-# key's next requests skip waiting for each other's fetches for a while).
-PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "AUTHORIZATION", "VARY-STAR", "VARY-PER-CLIENT"})
+# key's next requests skip waiting for each other's fetches for a while). Only what the
+# response says: AUTHORIZATION is the request's (one client's header must not turn the key's
+# coalescing off for everyone: any client could do it every few seconds).
+PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "VARY-STAR", "VARY-PER-CLIENT"})
 
 
 class StoreRules(Protocol):

@@ -179,7 +179,11 @@ class _Shape:
 
 
 def is_forwarding(name: str) -> bool:
-    """Is this (lower-cased) field name one of the forwarding families?"""
+    """Is this (lower-cased) field name one of the forwarding families? Spelled with ``_`` for
+    ``-`` too: CGI, WSGI and many frameworks read ``X_Real_IP`` as ``X-Real-IP`` (both become
+    ``HTTP_X_REAL_IP``), as nginx knows by dropping every field with an underscore by default."""
+    if "_" in name:
+        name = name.replace("_", "-")
     return name.startswith(FORWARDING_PREFIX) or name in FORWARDING_FIELDS
 
 

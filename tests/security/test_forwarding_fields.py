@@ -57,6 +57,18 @@ async def test_a_forwarding_field_from_an_untrusted_client_cannot_poison_the_pag
     assert seen["via"] == ["1.1 cachegate"]
 
 
+@pytest.mark.parametrize("field", ["X_Forwarded_Host", "X-Forwarded_Prefix", "X_Real_IP", "True_Client_IP",
+                                   "X_Original_URL", "X_HTTP_Method_Override"])
+async def test_a_forwarding_field_spelled_with_underscores_is_dropped_too(
+        origin: Origin, make_proxy: MakeProxy, field: str) -> None:
+    # CGI, WSGI and others read X_Real_IP as X-Real-IP (both become HTTP_X_REAL_IP); nginx drops
+    # every field with an underscore by default (underscores_in_headers off).
+    echo_origin(origin, "/page")
+    proxy = await make_proxy()
+    attack = await send_raw(proxy, get("/page", f"{field}: {EVIL}"))
+    assert EVIL not in attack.body.decode(), field
+
+
 async def test_a_trusted_proxy_keeps_its_forwarding_fields(origin: Origin, make_proxy: MakeProxy) -> None:
     echo_origin(origin, "/page")
     proxy = await make_proxy(config="trusted_proxies: [127.0.0.0/8]\n")
