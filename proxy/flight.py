@@ -712,11 +712,19 @@ class MissPath:
         engine = self.engine
         head, plan, fwd, stale = attempt.req.head, attempt.plan, attempt.fwd, attempt.stale
         try:
-            if collapsed:
-                fhead = await asyncio.wait_for(asyncio.shield(flight.head),
-                                               engine.settings.cache.lock_timeout)
-            else:
-                fhead = await (flight.lead or asyncio.shield(flight.head))
+            try:
+                if collapsed:
+                    fhead = await asyncio.wait_for(asyncio.shield(flight.head),
+                                                   engine.settings.cache.lock_timeout)
+                else:
+                    fhead = await (flight.lead or asyncio.shield(flight.head))
+            finally:
+                # This client no longer waits for the flight's head: its 1xx are not this
+                # client's any more (one that gave up and fetched for itself was sent them
+                # in the middle of its own response's body).
+                sink = attempt.req.interim
+                if sink is not None and sink in flight.interim:
+                    flight.interim.remove(sink)
         except TimeoutError:
             reader.close()
             return await self.fetch(attempt.alone())

@@ -8,10 +8,13 @@ them alone: the final response and the stored one never carry a 103's ``Link``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiohttp import web
 
+from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.security.misbehaving import Conn, raw_origins
 
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n"
 PROCESSING = b"HTTP/1.1 102 Processing\r\n\r\n"
@@ -112,3 +115,44 @@ async def test_an_http_1_0_client_gets_no_interim_response(origin: Origin, proxy
         writer.close()
     assert data.startswith(b"HTTP/1.0 200 OK") or data.startswith(b"HTTP/1.1 200 OK"), data[:80]
     assert b"103" not in data.split(b"\r\n", 1)[0] and b"Early Hints" not in data
+
+
+LEAK_BODY = bytes(i % 251 for i in range(1 << 20))
+LEAK_HEAD = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: %d\r\n\r\n" % len(LEAK_BODY)
+
+
+async def _raw_get(url: str, delay: float) -> bytes:
+    await asyncio.sleep(delay)
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: site.example\r\n\r\n")
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 3.0):
+            data += chunk
+    writer.close()
+    return data
+
+
+async def test_a_client_that_gave_up_on_a_flight_is_not_sent_its_late_1xx(make_proxy: MakeProxy) -> None:
+    # B joins A's flight, gives up after lock_timeout and fetches for itself; A's origin then
+    # sends a 103, which must not be written into B's response (its body would be desynced).
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        if conn.index == 0:  # A's flight: slow, a late 103
+            await asyncio.sleep(1.5)
+            await conn.send(EARLY_HINTS)
+            await asyncio.sleep(0.5)
+            await conn.send(LEAK_HEAD + LEAK_BODY)
+        else:  # B's own fetch: head and half the body at once, the rest after A's 103
+            await conn.send(LEAK_HEAD + LEAK_BODY[:len(LEAK_BODY) // 2])
+            await asyncio.sleep(1.5)
+            await conn.send(LEAK_BODY[len(LEAK_BODY) // 2:])
+        await asyncio.sleep(5)
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config="cache: {memory: 64MB, lock_timeout: 0.5s}\n", upstreams=[origin.url])
+        _, b = await asyncio.gather(_raw_get(proxy.url, 0.0), _raw_get(proxy.url, 0.1))
+        _, _, body = b.partition(b"\r\n\r\n")
+        assert body == LEAK_BODY

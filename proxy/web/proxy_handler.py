@@ -76,6 +76,9 @@ def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList],
         transport = request.transport
         if transport is None or transport.is_closing():
             return
+        writer = request._payload_writer
+        if writer is not None and writer.output_size:
+            return  # the final response has begun: a 1xx now would land inside its body
         try:
             head = serialise(HttpVersion11, status, reason, CIMultiDict(fields))
         except (ValueError, TypeError):  # a field aiohttp refuses to write: send none of it
