@@ -444,6 +444,18 @@ def fill_target(head: RequestHead, spec: KeySpec) -> str:
     return url[len(prefix):] or "/"
 
 
+# The admin console's session cookie (``proxy.web.console``). Browsers send a host's cookies to
+# every port of it (RFC 6265 §8.5), so a console session opened on the admin port rides along
+# with requests to the proxy's port: it is removed before the origin sees them (its logs, its
+# code), as it is nobody's but cachegate's.
+CONSOLE_COOKIE = "cachegate_session"
+
+
+def _without_console_cookie(value: str) -> str:
+    return "; ".join(p.strip() for p in value.split(";")
+                     if p.partition("=")[0].strip(" \t") != CONSOLE_COOKIE and p.strip())
+
+
 def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
                      fill: KeySpec | None = None, validators: HeaderList = (),
                      request_id: str = "") -> UpstreamRequest:
@@ -483,6 +495,10 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
         lk = k.lower()
         if lk in ("host", "x-request-id") or lk in HOP_BY_HOP or (fill is not None and lk in FILL_DROPS):
             continue
+        if lk == "cookie" and CONSOLE_COOKIE in v:
+            v = _without_console_cookie(v)
+            if not v:
+                continue
         if is_forwarding(lk):
             if not trusted:
                 continue

@@ -52,13 +52,14 @@ from proxy.errors import BadRequest
 from proxy.inspection import Inspector
 from proxy.live import Series, Totals, merge_snapshots, ratios
 from proxy.metrics import REQUEST_BUCKETS
+from proxy.policy.request import CONSOLE_COOKIE
 from proxy.runtime import Runtime
 
 log = logging.getLogger("cachegate.console")
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"console.js": "text/javascript", "console.css": "text/css"}
-COOKIE = "cachegate_session"
+COOKIE = CONSOLE_COOKIE  # removed from what the proxy forwards (``proxy.policy.request``)
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_LIFETIME = 12 * 3600.0
 MAX_SESSIONS = 256

@@ -184,6 +184,13 @@ def test_the_upstream_request_is_the_head_with_cachegates_forwarding_fields() ->
     assert dict(passed.headers)["If-None-Match"] == '"x"'  # passed through: the client's own
 
 
+def test_the_consoles_session_cookie_never_reaches_the_origin() -> None:
+    # Browsers send it to the proxy's port too (cookies are per host, not per port).
+    head = head_of("/a", HOST, ("Cookie", "a=1; cachegate_session=s3cret;b=2"), ("Cookie", " cachegate_session =x"))
+    fields = upstream_request(head, "10.0.0.1", Forwarder()).headers
+    assert [v for k, v in fields if k == "Cookie"] == ["a=1; b=2"]
+
+
 def test_a_trusted_peers_chain_is_extended() -> None:
     head = head_of("/a", HOST, ("X-Forwarded-For", "203.0.113.9"), ("X-Forwarded-Host", "www.example"),
                    ("Via", "1.1 cdn"), trusted=True)
