@@ -396,7 +396,7 @@ class MissPath:
                     # shared memory holds it then: no disk read).
                     if await self._answer_from_store(run):
                         return
-                    await self._fill(run)
+                    await self._fill(run, deadline)
                     return
                 case Busy():
                     self._end(run, Skipped())  # a refresh another worker is already doing
@@ -428,7 +428,7 @@ class MissPath:
                 case _:
                     assert_never(lease)
             break
-        await self._fill(run)
+        await self._fill(run, deadline)
 
     async def _answer_from_store(self, run: _Run) -> bool:
         """End the flight with what the shared store now holds for the key, when that is fresh
@@ -457,12 +457,14 @@ class MissPath:
         self._end(run, StoredElsewhere())
         return True
 
-    async def _fill(self, run: _Run) -> None:
+    async def _fill(self, run: _Run, deadline: float | None = None) -> None:
         """A coalesced flight's fetch. In cluster mode with a shared tier (``proxy.cluster.fills``)
         it asks the other nodes first: what one of them stored is kept here and served; else
         one node in the cluster fetches under the key's fill lock and writes its fill through,
-        while the others wait for it (at most ``lock_timeout``, then they fetch here).
-        Revalidations stay with each node."""
+        while the others wait for it (until ``deadline``, by default ``lock_timeout`` from
+        now, then they fetch here: a flight that already waited for another worker's lease
+        passes the deadline it had then, so that its clients wait ``lock_timeout`` in all, not
+        twice). Revalidations stay with each node."""
         engine = self.engine
         shared = engine.shared
         revalidating = run.attempt.revalidating
@@ -472,7 +474,8 @@ class MissPath:
         key = run.attempt.key
         loop = asyncio.get_running_loop()
         lock_timeout = engine.settings.cache.lock_timeout
-        deadline = loop.time() + lock_timeout
+        if deadline is None:
+            deadline = loop.time() + lock_timeout
         lock_only = False
         for _ in range(4):
             epoch = engine.storage.epoch

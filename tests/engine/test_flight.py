@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cluster.fills import Contended
 from proxy.flight import Attempt
-from proxy.leases import Busy, Granted
+from proxy.leases import Busy, Granted, Waiting
 from tests.engine.fakes import (
     FakeLeases,
     FakeShared,
@@ -71,6 +72,31 @@ async def test_a_fill_another_node_wrote_through_to_the_shared_tier_is_adopted_w
     assert (await b.get("/a")).x_cache == "HIT"
     for rig in (a, b):
         await rig.engine.close()
+
+
+async def test_a_flight_that_waited_out_another_workers_lease_does_not_wait_for_another_nodes_lock_too(
+        tmp_path: Path) -> None:
+    # lock_timeout is the longest a request waits for another's fetch of its key, in all.
+    rig = make_rig(tmp_path, config="cache: {lock_timeout: 0.2s}\n")
+    rig.origin.route("/a", answer(body=b"fetched here", headers=CACHEABLE))
+    never: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+    rig.engine.leases = FakeLeases(Waiting(7, never))  # the worker holding the lease never answers
+    waits: list[float] = []
+
+    class Held(FakeShared):  # another node holds the key's fill lock
+        async def lookup(self, key: str, lock_for: float, lock_only: bool = False) -> Contended:
+            return Contended(5.0)
+
+        async def wait_filled(self, key: str, wait: float) -> str | None:
+            waits.append(wait)
+            await asyncio.sleep(wait)
+            return None
+
+    rig.engine.shared = Held()
+    reply = await rig.get("/a")
+    assert await read(reply) == b"fetched here"
+    assert waits == []  # the lease's wait used up lock_timeout: fetched at once
+    await rig.engine.close()
 
 
 async def test_a_fill_another_worker_stored_while_this_one_waited_is_answered_from_the_store(
