@@ -27,7 +27,8 @@ merged into two local purges) and purges its whole local cache when it cannot
 know what it missed (trimmed entries, a Redis that lost its data). A node that
 loses Redis keeps serving from its tiers, answers purges 503, retries every
 second, and catches up the same way when Redis is back; invalidations made
-meanwhile are applied locally at once and appended to the stream on reconnect.
+meanwhile are applied locally at once and, on reconnect, removed from the shared
+tier and appended to the stream.
 """
 
 from __future__ import annotations
@@ -431,10 +432,15 @@ class ClusterNode:
         return PurgeOutcome(count, {self.name: count}, ())
 
     async def _flush_outbox(self) -> None:
+        """Send the invalidations made while Redis was away, each as ``purge()`` does: out of
+        the shared tier first (it may still hold what they cover), then onto the stream. One
+        stays in the outbox until both are done."""
         r = self._redis
         assert r is not None
         while self._outbox:
             spec = self._outbox[0]
+            if self._shared_purge is not None:
+                await self._shared_purge(spec)
             entry_id, _, _ = await r.eval(
                 APPEND, 3, self.names.stream, self.names.seq, self.names.epoch, self.settings.stream_max,
                 self.name, json.dumps(spec.to_json(), separators=(",", ":")), uuid.uuid4().hex)

@@ -133,3 +133,35 @@ async def _body_changed(proc: ProxyProcess, path: str, old: bytes) -> bool:
 
 async def _live_count(proc: ProxyProcess, n: int) -> bool:
     return sum(1 for x in (await cluster_view(proc))["nodes"] if x["live"]) == n
+
+
+async def test_an_invalidation_made_while_redis_is_away_leaves_the_shared_tier_when_it_is_back(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    versioned(origin, "/p")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, shared_cache=True, timeout="0.5s")
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        r = await a.get("/p")
+        assert (r.body, r.x_cache) == (b"v1", "MISS")
+
+        async def written() -> bool:
+            return (await metrics(a))[("cachegate_cluster_shared_total", (("event", "written"),))] == 1
+
+        await wait_until(written)  # /p v1 is in the shared tier
+
+        # Redis stops answering: a's POST /p is applied on a at once and kept for later.
+        assert own_redis.command("CLIENT", "PAUSE", "3000", "ALL").startswith(b"+OK")
+        await asyncio.sleep(0.2)
+        assert await post(a, "/p") == 200
+        await wait_until(lambda: ready(a), wait=20)
+        await wait_until(lambda: ready(b), wait=20)
+
+        async def applied_by_b() -> bool:
+            return any(n["node"] == "b" and n["applied_seq"] >= 1 for n in (await cluster_view(b))["nodes"])
+
+        await wait_until(applied_by_b)  # b has read a's invalidation from the stream
+        for name in ("b", "a"):  # neither takes v1 back from the shared tier
+            r = await nodes[name].get("/p")
+            assert r.body != b"v1", (name, r.x_cache)
+    finally:
+        await nodes.stop_all()
