@@ -4,14 +4,21 @@ Layout (``NS`` = ``cluster.namespace``, ``G`` = the generation, bumped by purge-
 so that every older key becomes unreachable at once and expires by its TTL):
 
 - ``NS:l2:G:m:KEY``: a hash, one field per variant (its Vary values) holding the
-  body id and the entry's record (``proxy.storage.entry``: JSON, never pickle). The
+  body id, the names of the sets below the variant put KEY in, and the entry's
+  record (``proxy.storage.entry``: JSON, never pickle). The
   record keeps the response's request/response times and initial age, so Age and
   freshness come out the same on every node (RFC 9111 §4.2.3; the nodes' clocks are
   assumed synchronised, as for any shared cache);
 - ``NS:l2:G:b:BODY_ID``: the body (at most ``shared_max_object`` bytes);
 - ``NS:l2:G:u:URL``, ``...:t:TAG``, ``...:h:SCHEME://HOST``: sets of keys, for purges
   by URL, tag and prefix, changed only with SADD/SREM inside scripts (never a
-  read-modify-write of a string);
+  read-modify-write of a string). A purge finds keys only through them, and they
+  have TTLs, so Redis may evict one (``volatile-lru``) while the entries it indexed
+  stay: a variant is therefore served only while KEY is still in every set it was
+  added to, and is deleted otherwise (by the lookup, and by a write of the key,
+  before that write adds KEY to new sets). Checking membership covers purges by
+  URL, tag and prefix alike, where deleting the keys a URL maps to would cover only
+  purges by URL;
 - ``NS:l2:lock:KEY``: the fill lock, ``SET NX PX`` with a fencing token from ``INCR``.
 
 Every key has a TTL: the entry's freshness left plus its stale windows
@@ -52,20 +59,46 @@ log = logging.getLogger("cachegate.cluster.shared")
 TTL_MARGIN = 5.0  # seconds a shared entry outlives what any node could serve from it
 TTL_MAX = 30 * 86400.0
 
+# The variants of a key still indexed (KEY in every set its field names), as pairs of body
+# id and record; the others are deleted (their body expires by its TTL).
+INDEXED = """
+local function indexed(base, key)
+  local m = base .. 'm:' .. key
+  local meta = redis.call('HGETALL', m)
+  local kept = {}
+  for i = 2, #meta, 2 do
+    local v = meta[i]
+    local a = string.find(v, '\\n', 1, true)
+    local b = a and string.find(v, '\\n', a + 1, true)
+    local whole = false
+    if b then
+      local ok, sets = pcall(cjson.decode, string.sub(v, a + 1, b - 1))
+      whole = ok and type(sets) == 'table'
+      if whole then
+        for _, set in ipairs(sets) do
+          if redis.call('SISMEMBER', base .. set, key) == 0 then whole = false break end
+        end
+      end
+    end
+    if whole then
+      table.insert(kept, {string.sub(v, 1, a - 1), string.sub(v, b + 1)})
+    else
+      redis.call('HDEL', m, meta[i - 1])
+    end
+  end
+  return kept
+end
+"""
 # KEYS: gen, purges, fence. ARGV: l2 prefix, key, try lock (0/1), lock ms, lock only (0/1).
-LOOKUP = """
+LOOKUP = INDEXED + """
 local g = redis.call('GET', KEYS[1]) or '0'
 local base = ARGV[1] .. ':' .. g .. ':'
-local meta = {}
-if ARGV[5] ~= '1' then meta = redis.call('HGETALL', base .. 'm:' .. ARGV[2]) end
 local out = {'found'}
-for i = 2, #meta, 2 do
-  local v = meta[i]
-  local nl = string.find(v, '\\n', 1, true)
-  if nl then
-    local body = redis.call('GET', base .. 'b:' .. string.sub(v, 1, nl - 1))
+if ARGV[5] ~= '1' then
+  for _, v in ipairs(indexed(base, ARGV[2])) do
+    local body = redis.call('GET', base .. 'b:' .. v[1])
     if body then
-      table.insert(out, string.sub(v, nl + 1))
+      table.insert(out, v[2])
       table.insert(out, body)
     end
   end
@@ -80,8 +113,8 @@ end
 return {'busy', redis.call('PTTL', lock)}
 """
 # KEYS: gen, purges. ARGV: l2 prefix, key, field, body id, record, body, ttl ms, token,
-# purges at lock time, then the sets' names (u:..., h:..., t:...).
-WRITE = """
+# purges at lock time, the sets' names (u:..., h:..., t:...) as a JSON list.
+WRITE = INDEXED + """
 if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[9] then return 0 end
 local lock = ARGV[1] .. ':lock:' .. ARGV[2]
 local holder = redis.call('GET', lock)
@@ -89,16 +122,17 @@ if holder and holder ~= ARGV[8] then return -1 end
 local g = redis.call('GET', KEYS[1]) or '0'
 local base = ARGV[1] .. ':' .. g .. ':'
 local ttl = tonumber(ARGV[7])
+indexed(base, ARGV[2])  -- before KEY goes back into sets that lost it
 redis.call('SET', base .. 'b:' .. ARGV[4], ARGV[6], 'PX', ttl)
 local function keep(name)
   if redis.call('PTTL', name) < ttl then redis.call('PEXPIRE', name, ttl) end
 end
 local m = base .. 'm:' .. ARGV[2]
-redis.call('HSET', m, ARGV[3], ARGV[4] .. '\\n' .. ARGV[5])
+redis.call('HSET', m, ARGV[3], ARGV[4] .. '\\n' .. ARGV[10] .. '\\n' .. ARGV[5])
 keep(m)
-for i = 10, #ARGV do
-  redis.call('SADD', base .. ARGV[i], ARGV[2])
-  keep(base .. ARGV[i])
+for _, set in ipairs(cjson.decode(ARGV[10])) do
+  redis.call('SADD', base .. set, ARGV[2])
+  keep(base .. set)
 end
 return 1
 """
@@ -270,13 +304,14 @@ class SharedTier:
             return False
         n = self.names
         field = json.dumps(entry.response.vary, separators=(",", ":"))
-        sets = dict.fromkeys([f"u:{url_of_key(entry.key)}", f"u:{entry.url}",
-                              f"h:{origin_of(entry.key)}", *(f"t:{t}" for t in entry.tags)])
+        sets = json.dumps(list(dict.fromkeys([f"u:{url_of_key(entry.key)}", f"u:{entry.url}",
+                                              f"h:{origin_of(entry.key)}", *(f"t:{t}" for t in entry.tags)])),
+                          ensure_ascii=False, separators=(",", ":"))
         try:
             done: Any = await self._redis.eval(
                 WRITE, 2, n.generation, n.purges, n.l2, entry.key, field, entry.body_id,
                 encode_variants((entry,)), body, int((ttl + TTL_MARGIN) * 1000), lock.token, lock.purges,
-                *sets)
+                sets)
         except REDIS_DOWN as exc:
             self._failed("write", entry.key, exc)
             return False

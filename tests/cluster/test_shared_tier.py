@@ -1,0 +1,89 @@
+"""The shared tier's scripts against a real Redis, without nodes: what a purge removes when Redis
+evicted an index set (``maxmemory-policy volatile-lru``), and the fill fence across a Redis
+that restarted empty."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from proxy.cluster.fills import Found, Locked
+from proxy.cluster.settings import ClusterSettings
+from proxy.cluster.shared import SharedTier
+from proxy.purge import PurgeSpec
+from proxy.storage.entry import Entry, entry_from_json
+from tests.cluster.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+SITE = "http://cachegate.test"
+HOT = f"{SITE}/a/hot"
+OTHER = f"{SITE}/b/other"
+
+
+def entry(key: str, body: bytes, now: float, tags: tuple[str, ...] = (),
+          vary: tuple[tuple[str, str], ...] = ()) -> Entry:
+    return entry_from_json({
+        "key": key, "url": key, "body_id": uuid.uuid4().hex, "body_size": len(body), "tags": list(tags),
+        "stored_at": now, "seq": 0, "status": 200, "reason": "OK",
+        "headers": [["Cache-Control", "max-age=300"]], "request_time": now, "response_time": now,
+        "freshness": [300.0, "max-age", 0.0, now, False, False, 0.0, 0.0, False],
+        "vary": [list(v) for v in vary], "etag": None, "last_modified": None, "invalidated": False})
+
+
+def tier_on(redis: RedisServer, namespace: str) -> SharedTier:
+    return SharedTier(ClusterSettings(redis=redis.url, node="a", namespace=namespace, timeout=2.0))
+
+
+async def fill(tier: SharedTier, key: str, body: bytes, tags: tuple[str, ...] = (),
+               vary: tuple[tuple[str, str], ...] = ()) -> None:
+    lock = await tier.lookup(key, 5.0, lock_only=True)
+    assert isinstance(lock, Locked), lock
+    now = time.time()
+    assert await tier.write(entry(key, body, now, tags, vary), body, lock, now)
+    await tier.release(key, lock, "stored")
+
+
+async def bodies(tier: SharedTier, key: str) -> set[bytes]:
+    found = await tier.lookup(key, 0)
+    return {body for _, body in found.variants} if isinstance(found, Found) else set()
+
+
+@pytest.mark.parametrize(("evicted", "spec"), [
+    (f"u:{HOT}", PurgeSpec(urls=(HOT,))),
+    ("t:hot", PurgeSpec(tags=("hot",))),
+    (f"h:{SITE}", PurgeSpec(prefixes=(f"{SITE}/a/",))),
+])
+async def test_a_purge_removes_an_entry_whose_index_set_redis_evicted(
+        shared_redis: RedisServer, evicted: str, spec: PurgeSpec) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    try:
+        await fill(tier, HOT, b"hot", tags=("hot",))
+        await fill(tier, OTHER, b"other")
+        assert await bodies(tier, HOT) == {b"hot"}
+        # Redis under maxmemory with volatile-lru evicts the set (it has a TTL), not the entry.
+        assert await tier._redis.delete(f"{ns}:l2:0:{evicted}") == 1
+        await tier.purge(spec)
+        assert await bodies(tier, HOT) == set()
+        # What the evicted set did not index is still shared.
+        assert await bodies(tier, OTHER) == (set() if evicted.startswith("h:") else {b"other"})
+    finally:
+        await tier.close()
+
+
+async def test_a_later_fill_does_not_bring_back_a_variant_whose_index_set_redis_evicted(
+        shared_redis: RedisServer) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    try:
+        await fill(tier, HOT, b"en-old", vary=(("accept-language", "en"),))
+        assert await tier._redis.delete(f"{ns}:l2:0:u:{HOT}") == 1  # evicted
+        await tier.purge(PurgeSpec(urls=(HOT,)))
+        # Another variant filled after the purge puts the key back into a new u: set.
+        await fill(tier, HOT, b"de-new", vary=(("accept-language", "de"),))
+        assert await bodies(tier, HOT) == {b"de-new"}
+    finally:
+        await tier.close()
