@@ -29,7 +29,10 @@ Each operation is one Lua script, so it is atomic and one round trip: a lookup
 that misses takes the lock in the same step (two nodes cannot both miss and both
 fetch), and a write checks that the lock is still this fill's and that no purge
 ran since the fill began (``NS:l2:purges``), or a purge racing a fill could
-bring the purged response back. The scripts touch keys they compute, so they
+bring the purged response back. That counter starts at a random 62-bit number
+whenever it is missing (a Redis that restarted empty): started at 0 it would
+count the same purges again, and a fill whose lock was taken before the restart
+could match it after a purge made since. The scripts touch keys they compute, so they
 need a single Redis (or a sentinel-managed one), not Redis Cluster.
 
 Every call is bounded by ``cluster.timeout``; a failure is counted and the caller
@@ -42,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -89,7 +93,8 @@ local function indexed(base, key)
   return kept
 end
 """
-# KEYS: gen, purges, fence. ARGV: l2 prefix, key, try lock (0/1), lock ms, lock only (0/1).
+# KEYS: gen, purges, fence. ARGV: l2 prefix, key, try lock (0/1), lock ms, lock only (0/1),
+# the purge counter's start if it is missing.
 LOOKUP = INDEXED + """
 local g = redis.call('GET', KEYS[1]) or '0'
 local base = ARGV[1] .. ':' .. g .. ':'
@@ -108,7 +113,8 @@ if ARGV[3] ~= '1' then return {'miss'} end
 local lock = ARGV[1] .. ':lock:' .. ARGV[2]
 local token = redis.call('INCR', KEYS[3])
 if redis.call('SET', lock, token, 'NX', 'PX', ARGV[4]) then
-  return {'locked', token, redis.call('GET', KEYS[2]) or '0'}
+  if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[6]) end
+  return {'locked', token, redis.call('GET', KEYS[2])}
 end
 return {'busy', redis.call('PTTL', lock)}
 """
@@ -143,9 +149,10 @@ if redis.call('GET', lock) == ARGV[3] then redis.call('DEL', lock) end
 redis.call('PUBLISH', ARGV[4], ARGV[2] .. '\\n' .. ARGV[5])
 return 1
 """
-# KEYS: gen, purges. ARGV: l2 prefix, all (0/1), then a JSON document of keys, urls, tags,
-# prefixes ([host, prefix] pairs).
+# KEYS: gen, purges. ARGV: l2 prefix, all (0/1), a JSON document of keys, urls, tags,
+# prefixes ([host, prefix] pairs), the purge counter's start if it is missing.
 PURGE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[4]) end
 redis.call('INCR', KEYS[2])
 if ARGV[2] == '1' then redis.call('INCR', KEYS[1]) return -1 end
 local g = redis.call('GET', KEYS[1]) or '0'
@@ -187,6 +194,12 @@ def shared_ttl(entry: Entry, now: float) -> float:
     return min(TTL_MAX, max(0.0, f.ttl(now)) + max(f.stale_while_revalidate, f.stale_if_error))
 
 
+def counter_start() -> int:
+    """Where the purge counter starts when Redis has none: random, so that a Redis that
+    restarted empty never gives a fill's lock-time count back (room left for INCR)."""
+    return secrets.randbits(62) + 1
+
+
 class SharedTier:
     def __init__(self, settings: ClusterSettings) -> None:
         self.settings = settings
@@ -218,7 +231,7 @@ class SharedTier:
         try:
             answer: Any = await self._redis.eval(LOOKUP, 3, n.generation, n.purges, n.fence, n.l2, key,
                                                  "1" if lock_for > 0 else "0", int(lock_for * 1000),
-                                                 "1" if lock_only else "0")
+                                                 "1" if lock_only else "0", counter_start())
         except REDIS_DOWN as exc:
             self._failed("lookup", key, exc)
             return None
@@ -341,7 +354,7 @@ class SharedTier:
                + [f"t:{t}" for t in spec.tags],
                "prefixes": [[origin_of(p), p] for p in spec.prefixes]}
         await self._redis.eval(PURGE, 2, n.generation, n.purges, n.l2, "1" if spec.all else "0",
-                               json.dumps(doc))
+                               json.dumps(doc), counter_start())
 
     def _failed(self, what: str, key: str, exc: BaseException) -> None:
         self.counts["error"] += 1

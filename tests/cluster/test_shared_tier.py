@@ -87,3 +87,28 @@ async def test_a_later_fill_does_not_bring_back_a_variant_whose_index_set_redis_
         assert await bodies(tier, HOT) == {b"de-new"}
     finally:
         await tier.close()
+
+
+async def test_a_fill_locked_before_redis_restarted_empty_is_not_written_after_a_purge_made_since(
+        own_redis: RedisServer) -> None:
+    a, c = tier_on(own_redis, "ns"), tier_on(own_redis, "ns")
+    try:
+        await c.purge(PurgeSpec(tags=("unrelated",)))  # one purge before
+        lock = await a.lookup(HOT, 5.0)                 # a takes the fill lock and asks the origin
+        assert isinstance(lock, Locked), lock
+        own_redis.kill()
+        own_redis.start()                               # Redis restarts empty meanwhile
+        for attempt in range(3):  # the first call on a pooled connection to the old Redis fails
+            try:
+                await c.purge(PurgeSpec(urls=(HOT,)))   # one purge after: c purges the URL
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+        await a.lookup(OTHER, 0)                        # a's other traffic renews its connections
+        now = time.time()
+        assert not await a.write(entry(HOT, b"before-the-purge", now), b"before-the-purge", lock, now)
+        assert await bodies(c, HOT) == set()
+    finally:
+        await a.close()
+        await c.close()
