@@ -146,7 +146,8 @@ def _line(root: Src, *path: str) -> tuple[str, int]:
     return at
 
 
-def _check(s: Settings, problems: Problems, root: Src, o: Overrides) -> None:
+def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
+           running_admin: HostPort | None = None) -> None:
     """Problems that involve several fields, each reported at the line of the field concerned
     (or the command line, when an override set it)."""
     configured = root.value.get("upstreams") if isinstance(root.value, dict) else None
@@ -155,6 +156,7 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides) -> None:
     if not s.upstreams and not o.upstreams and not entries:
         problems.add(_line(root, "upstreams"),
                      "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
+    _check_running_admin(s, problems, root, running_admin)
     admin = s.admin
     if admin.listen is None or listens_on_loopback(admin.listen[0]):
         return
@@ -170,6 +172,34 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides) -> None:
                      "`openssl rand -hex 24`)")
 
 
+def _check_running_admin(s: Settings, problems: Problems, root: Src, running: HostPort | None) -> None:
+    """On a reload, the new token guards the listener that is running, not the new admin.listen.
+
+    admin.listen changes only at a restart while admin.token applies at once, so a config that
+    moves the admin API to loopback and drops the token in the same edit would, reloaded, leave
+    the running network listener without a lock until the restart. The new address is checked
+    as at start-up; this checks the running one, at the line of admin.token (or admin)."""
+    if running is None or running == s.admin.listen or listens_on_loopback(running[0]):
+        return
+    where = (f"the running admin listener {_fmt_hostport(running)} (admin.listen changes only at a "
+             "restart)")
+    token = s.admin.token
+    if token is None:
+        problems.add(_line(root, "admin", "token"),
+                     f"admin.token is not set, but {where} is not loopback: the admin API would be "
+                     "open to anyone who can reach it; keep admin.token until a restart has moved "
+                     "the listener to loopback")
+    elif len(token) < MIN_TOKEN_LENGTH:
+        problems.add(_line(root, "admin", "token"),
+                     f"admin.token is {len(token)} characters long; {where} is not loopback and "
+                     f"needs at least {MIN_TOKEN_LENGTH} until a restart has moved it to loopback")
+
+
+def _fmt_hostport(hp: HostPort) -> str:
+    host, port = hp
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def base_cache_options(s: Settings) -> CacheOptions:
     # What the store can really keep (half a disk shard at most), so that a response over it
     # is refused up front with Cache-Status detail=TOO-LARGE, not after streaming.
@@ -178,8 +208,12 @@ def base_cache_options(s: Settings) -> CacheOptions:
     return CacheOptions(max_object=storable_limit(c.max_object, disk, c.memory_max_object, c.memory))
 
 
-def load_config(path: str | None, overrides: Overrides | None = None) -> Settings:
-    """Load and validate; raise ConfigError with every ``FILE:LINE: message`` found."""
+def load_config(path: str | None, overrides: Overrides | None = None, *,
+                running_admin: HostPort | None = None) -> Settings:
+    """Load and validate; raise ConfigError with every ``FILE:LINE: message`` found.
+
+    ``running_admin`` is the admin listener of a process that reloads: it keeps listening there
+    until a restart, so the new token is checked against it too."""
     problems = Problems()
     overrides = overrides or Overrides()
     if path is None:
@@ -193,7 +227,7 @@ def load_config(path: str | None, overrides: Overrides | None = None) -> Setting
         base_dir = os.path.dirname(os.path.abspath(path))
     settings = read_settings(root, Context(problems, base_dir))
     settings = _apply_overrides(settings, overrides, problems)
-    _check(settings, problems, root, overrides)
+    _check(settings, problems, root, overrides, running_admin)
     files = [(f, os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f)
              for f in settings.rule_files if os.path.isfile(f)]
     rules = load_rules(files, base_cache_options(settings), problems)

@@ -242,7 +242,8 @@ class Reloader:
 
     def reload(self) -> ReloadResult:
         try:
-            new = load_config(self.path, self.overrides)
+            # The token of a listener that only a restart moves is checked where it listens now.
+            new = load_config(self.path, self.overrides, running_admin=self._current().admin.listen)
         except ConfigError as exc:
             return self._rejected(exc.problems)
         except Exception as exc:  # a bug must not take the serving process down with it
