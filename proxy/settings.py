@@ -424,7 +424,7 @@ def _access_log(item: Src, ctx: Context) -> AccessLogSettings | None:
 def parse_workers(text: str) -> int:
     if text == "auto":
         return available_cpus()  # the affinity mask and cgroup quota, not the host's CPUs
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # not '²', which int() refuses
         raise ValueError(f"workers: expected a positive number or auto, got {text!r}")
     return int(text)
 

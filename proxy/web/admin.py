@@ -250,7 +250,8 @@ async def stats(request: web.Request) -> web.Response:
     top = 20
     if "top" in params:
         text = params["top"][0]
-        if not text.isdigit() or int(text) > 1000:
+        # ASCII only: str.isdigit() also accepts '²' and '①', which int() refuses.
+        if not (text.isascii() and text.isdigit()) or int(text) > 1000:
             raise BadRequest("'top' must be a whole number from 0 to 1000")
         top = int(text)
     return web.json_response(await request.app[ADMIN].inspector.stats(top))
@@ -311,7 +312,7 @@ def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
     statuses = raw_status if isinstance(raw_status, list) else [raw_status]
     parsed: list[int] = []
     for s in statuses:
-        if isinstance(s, str) and s.isdigit() and len(s) <= 3:
+        if isinstance(s, str) and s.isascii() and s.isdigit() and len(s) <= 3:  # not '²
             s = int(s)
         if not isinstance(s, int) or isinstance(s, bool) or not 100 <= s <= 599:
             raise BadRequest("'status' must be an HTTP status (100-599) or a list of them")

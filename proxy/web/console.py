@@ -369,7 +369,8 @@ async def live(request: web.Request) -> web.Response:
     values = {}
     for name, default, limit in (("since", 0, 1 << 62), ("top", 20, 200)):
         text = params.get(name, [str(default)])[0]
-        if not text.isdigit() or int(text) > limit:
+        # ASCII only: str.isdigit() also accepts '²' and '①', which int() refuses.
+        if not (text.isascii() and text.isdigit()) or int(text) > limit:
             raise BadRequest(f"{name!r} must be a whole number from 0 to {limit}")
         values[name] = int(text)
     return _json(await request.app[CONSOLE].feed.view(values["since"], values["top"]))

@@ -151,6 +151,10 @@ async def test_methods_that_are_never_cached_and_soft_purged_entries(origin: Ori
     ("url=http://h/&headers=[1]", "'headers' must be a JSON object"),
     ("url=http://h/&headers={\"A\": 1}", "must map to a string"),
     ("url=http://h/&status=999", "'status' must be an HTTP status"),
+    # Digits to str.isdigit(), not to int(): a 400, not an internal error.
+    ("url=http://h/&status=%C2%B2", "'status' must be an HTTP status"),
+    ("url=http://h/&status=%E2%91%A0%E2%91%A1", "'status' must be an HTTP status"),
+    ("url=http://h/&status=%D9%A2%D9%A0%D9%A0", "'status' must be an HTTP status"),
     ("url=http://h/&method=G%20T", "'method' must be a method name"),
     ("url=http://unknown.example/", "does not serve host 'unknown.example'"),
 ])
@@ -163,6 +167,9 @@ async def test_bad_explain_requests_get_400(ruled: Proxy, query: str, message: s
 
 async def test_a_bad_post_body_gets_400(ruled: Proxy) -> None:
     for body, message in ((b"{", "invalid JSON"), (b"[]", "JSON object"),
-                          (b'{"url": "http://x/", "extra": 1}', "unknown field(s): extra")):
+                          (b'{"url": "http://x/", "extra": 1}', "unknown field(s): extra"),
+                          ('{"url": "http://x/", "status": "\u00b2"}'.encode(), "'status' must be"),
+                          ('{"url": "http://x/", "status": ["200", "\u0662\u0660\u0660"]}'.encode(),
+                           "'status' must be")):
         reply = await ruled.admin("POST", "/explain", data=body)
         assert (reply.status, message in js(reply)["error"]) == (400, True), reply.body

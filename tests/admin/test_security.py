@@ -122,3 +122,11 @@ async def test_bad_requests_elsewhere_get_json_errors(proxy: Proxy, path: str) -
     reply = await proxy.admin("GET", path)
     assert reply.status in (400, 404)
     assert "error" in js(reply)
+
+
+@pytest.mark.parametrize("value", ["%C2%B2", "%E2%91%A0", "%D9%A1%D9%A2", "1%C2%B2"])
+async def test_digits_that_int_refuses_are_a_400_not_an_internal_error(proxy: Proxy, value: str) -> None:
+    """str.isdigit() accepts '²', '①' and Arabic-Indic digits; int() does not."""
+    reply = await proxy.admin("GET", f"/stats?top={value}")
+    assert reply.status == 400, reply.body
+    assert js(reply)["error"] == "'top' must be a whole number from 0 to 1000"

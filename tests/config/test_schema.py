@@ -16,10 +16,12 @@ from proxy.schema import (
     file_path,
     integer,
     internal,
+    parse_hostport,
     read_section,
     reference,
     setting,
 )
+from proxy.settings import parse_workers
 from proxy.yamlsrc import Problems, parse_yaml
 
 
@@ -118,3 +120,16 @@ def test_a_section_that_is_not_a_mapping_is_one_problem(text: str) -> None:
     assert read_section(Toy, src, Context(problems, "/")).inner == Inner("/data")
     (problem,) = problems.ordered()
     assert problem.startswith("t.yaml:2: inner: expected a mapping, got ")
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:\u00b2", "[::1]:\u2460", "h:\u0668\u0660"])
+def test_a_port_of_digits_int_refuses_is_the_usual_message(text: str) -> None:
+    """str.isdigit() accepts '²', '①' and Arabic-Indic digits; int() does not."""
+    with pytest.raises(ValueError, match=r"^expected HOST:PORT, got "):
+        parse_hostport(text)
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u2460", "\u0664"])
+def test_workers_of_digits_int_refuses_is_the_usual_message(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^workers: expected a positive number or auto, got "):
+        parse_workers(text)

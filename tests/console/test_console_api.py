@@ -211,6 +211,12 @@ async def test_bad_parameters_are_refused(locked: Proxy) -> None:
         reply = await locked.admin("GET", f"/console/api/live?{query}", headers=AUTH)
         assert reply.status == 400, query
         assert "error" in js(reply)
+    # Digits to str.isdigit() ('²', '①', Arabic-Indic two), not to int(): a 400, not a 500.
+    for name, limit in (("since", 1 << 62), ("top", 200)):
+        for value in ("%C2%B2", "%E2%91%A0", "%D9%A2", "1%C2%B2"):
+            reply = await locked.admin("GET", f"/console/api/live?{name}={value}", headers=AUTH)
+            assert reply.status == 400, (name, value, reply.body)
+            assert js(reply)["error"] == f"{name!r} must be a whole number from 0 to {limit}"
 
 
 async def test_a_csrf_header_that_is_not_utf8_is_refused_not_an_error(locked: Proxy) -> None:
