@@ -113,8 +113,16 @@ class PurgeUnavailable(CachegateError):
     status_hint = 503
 
 
-def normalise_url(text: str) -> str:
-    """An absolute http(s) URL with the host normalised as keys have it; BadPurge otherwise."""
+def normalise_url(text: str, *, prefix: bool = False) -> str:
+    """An absolute http(s) URL with the host normalised as keys have it; BadPurge otherwise.
+
+    A ``prefix`` keeps its text to the last character: yarl drops an empty query, and
+    ``/search?`` (every query of /search) must not become ``/search``, which /searchable also
+    starts with. A fragment is refused there for the same reason (clients never send one, so no
+    key holds it, and dropping it would widen the prefix); a URL's fragment is dropped, as a
+    client drops it before asking."""
+    if prefix and "#" in text:
+        raise BadPurge(f"{text!r}: a prefix cannot hold a fragment ('#'): no stored URL has one")
     try:
         url = parse_url(text, encoded=True)
         scheme, raw_host, authority = url.scheme, url.raw_host, url.raw_authority
@@ -124,6 +132,8 @@ def normalise_url(text: str) -> str:
         raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
     host = normalise_host(authority, scheme)
     target = url.raw_path_qs or "/"
+    if prefix and text.endswith("?") and not target.endswith("?"):
+        target += "?"
     return f"{scheme}://{host}{target}"
 
 
@@ -176,7 +186,7 @@ def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> 
         return value
 
     urls = tuple(normalise_url(u) for u in strings("urls"))
-    prefixes = tuple(normalise_url(p) for p in strings("prefixes"))
+    prefixes = tuple(normalise_url(p, prefix=True) for p in strings("prefixes"))
     spec = PurgeSpec(urls, prefixes, strings("tags"), flag("all"), flag("soft"))
     if host_allowed is not None:
         for u in (*urls, *prefixes):

@@ -72,6 +72,32 @@ async def test_a_prefix_purge_takes_the_urls_under_it_only(origin: Origin, proxy
     assert (await proxy.get("/p")).x_cache == "HIT"
 
 
+async def test_a_prefix_ending_in_a_question_mark_takes_the_queries_of_that_path_only(
+        origin: Origin, proxy: Proxy) -> None:
+    # An empty query is dropped by URL parsers: "/search?" must not become "/search".
+    for p in ("/search", "/searchable", "/search-help"):
+        versioned(origin, p)
+    await warm(proxy, "/search?q=a", "/search?q=b", "/searchable", "/search-help", "/search")
+    reply = await proxy.admin("POST", "/purge", json={"prefixes": [absolute(proxy, "/search?")]})
+    assert (reply.status, js(reply)) == (200, {"purged": 2, "soft": False})
+    for p in ("/search?q=a", "/search?q=b"):
+        assert (await proxy.get(p)).x_cache == "MISS", p
+    for p in ("/searchable", "/search-help", "/search"):
+        assert (await proxy.get(p)).x_cache == "HIT", p
+
+
+@pytest.mark.parametrize("suffix", ["#", "#top", "?#"])
+async def test_a_prefix_with_a_fragment_is_refused_not_widened(origin: Origin, proxy: Proxy, suffix: str) -> None:
+    for p in ("/search", "/searchable"):
+        versioned(origin, p)
+    await warm(proxy, "/search", "/searchable")
+    reply = await proxy.admin("POST", "/purge", json={"prefixes": [absolute(proxy, "/search" + suffix)]})
+    assert reply.status == 400, reply.body
+    assert "a prefix cannot hold a fragment ('#')" in js(reply)["error"]
+    for p in ("/search", "/searchable"):
+        assert (await proxy.get(p)).x_cache == "HIT", p
+
+
 async def test_tags_come_from_surrogate_key_cache_tag_and_rules(origin: Origin, make_proxy: MakeProxy) -> None:
     proxy = await make_proxy(rules="""
         rules:
