@@ -1,8 +1,9 @@
 """A small client for the admin API, used by ``cachegate purge`` (standard library only).
 
 It speaks JSON to the admin listener with the token in ``Authorization: Bearer``
-and turns every failure (refused connection, timeout, a 4xx/5xx answer) into one
-``AdminClientError`` whose message is what the server said.
+and turns every failure (refused connection, timeout, a 3xx/4xx/5xx answer) into one
+``AdminClientError`` whose message is what the server said. A redirect is not followed: the
+request carries the token, which must reach the admin listener named and nothing else.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import Any
+from email.message import Message
+from typing import IO, Any
 
 
 class AdminClientError(Exception):
@@ -28,6 +30,17 @@ def admin_url_of(listen: tuple[str, int]) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect (urllib would follow 301/302/303/307/308 with Authorization)."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: Message, newurl: str) -> None:
+        fp.close()
+        raise AdminClientError(f"the admin API at {req.full_url} answered {code} {msg}, a redirect "
+                               f"to {newurl}: not followed, so that the token is not sent there; "
+                               "give the admin listener's own URL")
+
+
 def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
                timeout: float = 60.0) -> str:
     """Send ``body`` as JSON; the answer's text on 2xx, else AdminClientError with the error."""
@@ -38,7 +51,7 @@ def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
         request.add_header("Authorization", f"Bearer {token}")
     try:
         # Straight to the admin listener: an http_proxy in the environment must not intercept it.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
         with opener.open(request, timeout=timeout) as resp:
             return str(resp.read().decode())
     except urllib.error.HTTPError as exc:

@@ -145,3 +145,42 @@ async def test_a_cluster_purge_not_acknowledged_by_every_node_prints_its_answer_
     assert code == 1
     assert json.loads(out)["missing"] == ["b"]
     assert "not acknowledged within cluster.ack_timeout by b" in err
+
+
+async def test_a_redirect_is_not_followed_so_the_token_stays_with_the_admin_listener() -> None:
+    # An "admin API" that redirects elsewhere, and the elsewhere, which records what it gets.
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"purged": 0, "soft": False})
+
+    target = web.Application()
+    target.router.add_route("*", "/{tail:.*}", elsewhere)
+    target_runner = web.AppRunner(target)
+    await target_runner.setup()
+    await web.TCPSite(target_runner, "127.0.0.1", 0).start()
+    target_url = "http://{}:{}".format(*target_runner.addresses[0][:2])
+    runners = [target_runner]
+    try:
+        for status in (301, 302, 303, 307, 308):
+            async def redirect(request: web.Request, status: int = status) -> web.Response:
+                return web.Response(status=status, headers={"Location": target_url + "/purge"})
+
+            app = web.Application()
+            app.router.add_post("/purge", redirect)
+            runner = web.AppRunner(app)
+            runners.append(runner)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            admin = "http://{}:{}".format(*runner.addresses[0][:2])
+            code, out, err = await cachegate("purge", "--admin", admin, "--all",
+                                             env={"CACHEGATE_ADMIN_TOKEN": TOKEN})
+            assert (code, out) == (1, ""), err
+            assert f"answered {status} " in err and f"a redirect to {target_url}/purge: not followed" in err
+        assert seen == []
+    finally:
+        for r in runners:
+            await r.cleanup()
