@@ -243,13 +243,25 @@ def _check_string(text: str) -> None:
 
 
 def loads_untrusted(raw: bytes | str) -> Any:
-    """``json.loads`` for admin input; every way it can fail is a ``BadRequest`` that says how."""
+    """``json.loads`` for admin input; every way it can fail is a ``BadRequest`` that says how.
+
+    Bytes are decoded as UTF-8 here, not by ``json.loads``, which guesses UTF-16 and UTF-32 from
+    NUL bytes and skips a UTF-8 byte order mark: JSON exchanged between systems is UTF-8 without
+    one (RFC 8259 §8.1), and what the admin API accepts should be what every client agrees on."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if raw.startswith("\ufeff"):
+        raise BadRequest("invalid JSON: it starts with a byte order mark (U+FEFF); send UTF-8 without one")
+    if "\x00" in raw:  # never in JSON, even in a string: it would be written \u0000
+        raise BadRequest(f"invalid JSON: a NUL character at offset {raw.index(chr(0))} "
+                         "(UTF-16 or UTF-32?); send UTF-8")
     try:
         doc = json.loads(raw, object_pairs_hook=_object, parse_constant=_constant)
     except RecursionError:
         raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels") from None
-    except UnicodeDecodeError as exc:
-        raise BadRequest(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except ValueError as exc:
         raise BadRequest(f"invalid JSON: {exc}") from None
     _check_tree(doc)
