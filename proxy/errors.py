@@ -83,3 +83,17 @@ class BadRequest(CachegateError):
 
     def public_text(self) -> str:
         return str(self) or "bad request"
+
+
+class ClientBodyError(BadRequest):
+    """The client's request body broke off (or did not match its own framing) while it was being
+    forwarded upstream. The client's failure, never the upstream's: it is not counted against the
+    upstream's health nor in its error metrics (else a client that breaks off a few uploads takes
+    every upstream out for everyone), and it ends the exchange: the upstream connection the body
+    was going to is dropped, never reused half-sent. Raised from reading the client's body only,
+    never from the upstream's socket."""
+
+    public = "the request body broke off"
+
+    def public_text(self) -> str:
+        return self.public  # the message names the upstream: for the log only

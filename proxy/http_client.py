@@ -68,7 +68,13 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from proxy.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from proxy.errors import (
+    ClientBodyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 
 CHUNK = 64 * 1024  # the StreamReader's limit: reading stops past twice this many unread bytes
 MAX_LINE = 16 * 1024  # the longest status line or header field accepted
@@ -267,10 +273,25 @@ class UpstreamConnection(BaseProtocol):
 
     async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, expected: int | None) -> None:
         """Stream a request body (chunked, or exactly ``expected`` bytes), minding the socket's
-        write buffer; a failure ends the exchange."""
+        write buffer; a failure ends the exchange.
+
+        A failure of the client's body (reading it raised, or it was shorter or longer than its
+        ``Content-Length``) is a ``ClientBodyError``, told apart from a failure of this
+        connection (an ``UpstreamError``): a client that breaks off its upload must not count
+        against the upstream's health."""
         sent = 0
+        chunks = aiter(body)
         try:
-            async for chunk in body:
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the client's body broke off (closed, reset, malformed)
+                    raise ClientBodyError(f"{self._pool.name}: the client's request body broke off "
+                                          f"after {sent} bytes: {exc!r}") from exc
                 if not chunk:
                     continue
                 transport = self.transport
@@ -278,8 +299,8 @@ class UpstreamConnection(BaseProtocol):
                     return
                 sent += len(chunk)
                 if expected is not None and sent > expected:
-                    raise UpstreamConnectError(f"{self._pool.name}: request body longer than its "
-                                               "Content-Length")
+                    raise ClientBodyError(f"{self._pool.name}: request body longer than its "
+                                          "Content-Length")
                 if chunked:
                     transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                 else:
@@ -287,15 +308,15 @@ class UpstreamConnection(BaseProtocol):
                 if self._paused:
                     await self._drain_helper()
             if expected is not None and sent != expected:
-                raise UpstreamConnectError(f"{self._pool.name}: request body ended after {sent} of "
-                                           f"{expected} bytes")
+                raise ClientBodyError(f"{self._pool.name}: the client's request body ended after "
+                                      f"{sent} of {expected} bytes")
             if chunked and self.transport is not None:
                 self.transport.write(b"0\r\n\r\n")
         except asyncio.CancelledError:
             raise
-        except UpstreamError as exc:
+        except (UpstreamError, ClientBodyError) as exc:
             self._fail(exc)
-        except Exception as exc:  # the client's body broke off, or the connection did
+        except Exception as exc:  # this connection broke (writing to it, or waiting to)
             self._fail(UpstreamConnectError(f"{self._pool.name}: sending the request body failed: "
                                             f"{exc!r}"))
         finally:
@@ -449,8 +470,9 @@ class UpstreamConnection(BaseProtocol):
             return
         self._pool.release(self)
 
-    def _fail(self, exc: UpstreamError) -> None:
-        """End the exchange with an error: the head waiter or the body reader gets it."""
+    def _fail(self, exc: UpstreamError | ClientBodyError) -> None:
+        """End the exchange with an error: the head waiter or the body reader gets it, and the
+        connection is aborted (never reused)."""
         if self._failed:
             return
         self._failed = True

@@ -27,6 +27,11 @@ a keep-alive connection closed by the upstream as the request left. A 5xx
 answer, a read timeout or a connection that closes part-way through the response
 head is not retried: the upstream may have acted on the request.
 
+A client whose request body breaks off while it is being sent (``ClientBodyError``)
+ends the exchange (the upstream connection is dropped) and is never retried, nor
+counted against the upstream: not a passive failure, not an upstream error in the
+metrics. Counted, a client breaking off a few uploads would take every upstream out.
+
 Timeouts (all 504 for the client, ``detail=UPSTREAM-TIMEOUT``) are told apart in
 the error and in ``cachegate_upstream_errors_total{kind}``: ``connect_timeout``
 (no connection within ``timeouts.connect``), ``read_timeout`` (``timeouts.read``
@@ -416,8 +421,8 @@ class UpstreamPool:
             self._done(upstream)
             self._passive_failure(upstream, error_kind(exc))
             raise
-        except BaseException:
-            self._done(upstream)
+        except BaseException:  # cancelled, or the client's body broke off (ClientBodyError):
+            self._done(upstream)  # neither is the upstream's failure
             raise
         if resp.status >= 500:
             self._passive_failure(upstream, f"status_{resp.status}")

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.errors import UpstreamProtocolError
+from proxy.errors import ClientBodyError, UpstreamError, UpstreamProtocolError
 from proxy.http_client import KEEPALIVE_IDLE, HostPool, request_head
 from tests.conftest import MakeProxy
 from tests.harness import Origin
@@ -333,6 +333,61 @@ async def test_idle_connections_are_reused_and_closed_before_the_origin_would() 
         assert (resp.headers["Content-Length"], resp.complete_body()) == ("2", b"")
         await exchange()
         assert len(accepted) == 3 and pool.size == 1
+    finally:
+        await pool.close()
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
+
+
+async def test_a_client_body_that_breaks_off_is_told_apart_from_the_upstream_failing() -> None:
+    """The client's body failing (reading it raised, or it ended short of its Content-Length) is a
+    ``ClientBodyError``, not an upstream error, and the half-used connection is dropped; the
+    upstream's connection failing while the body is being sent is still an upstream error."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"/reset" in head:
+                writer.transport.abort()
+                return
+            await reader.read()  # the rest of the body, until cachegate drops the connection
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = HostPool(URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"), 4, None, 1.0)
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"x" * 10
+        await asyncio.sleep(0.05)
+        raise ConnectionResetError("Connection lost")  # what aiohttp raises for a client gone
+
+    async def short() -> AsyncIterator[bytes]:
+        yield b"x" * 10
+
+    async def slow() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 10
+            await asyncio.sleep(0.02)
+
+    async def post(target: str, body: AsyncIterator[bytes]) -> None:
+        conn = await pool.acquire()
+        head, chunked, expected = request_head("POST", target, [("Content-Length", "1000")],
+                                               pool.host_header, body)
+        await conn.request(head, body, chunked, expected, head_method=False, read_timeout=5.0)
+
+    try:
+        for body in (broken(), short()):
+            with pytest.raises(ClientBodyError):
+                await post("/form", body)
+            await asyncio.sleep(0.05)
+            assert pool.size == 0  # dropped, never reused half-sent
+        with pytest.raises(UpstreamError):
+            await post("/reset", slow())
+        assert len(accepted) == 3
     finally:
         await pool.close()
         server.close()

@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from proxy.engine import ClientRequest, Reply
-from proxy.errors import BadRequest, CachegateError, ResponseAborted, UpstreamError
+from proxy.errors import BadRequest, CachegateError, ClientBodyError, ResponseAborted, UpstreamError
 from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import HeaderList, RequestHead
@@ -178,6 +178,14 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         body = _body_stream(request) if request.body_exists else None
         reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
                                                           request_id=info.request_id, planned=planned))
+    except ClientBodyError as exc:
+        # The client broke off its own upload (it is most likely gone): a 400 if it still
+        # listens, and one line at DEBUG; nothing about the upstream, which did no wrong.
+        log.debug("%s %s from %s: %s", request.method, request.raw_path, request.remote, exc)
+        fe.requests("ERROR", request.method).inc()
+        refused = _plain(exc.status_hint, exc.public_text(), "MISS", fe, info, request)
+        refused.force_close()  # the rest of its body, if any, is not worth reading
+        return refused, 0
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
@@ -231,10 +239,11 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
             else:
                 sent = await _send_file(request, resp, body, reply.offset, reply.length)
         await resp.write_eof()
-    except (UpstreamError, ResponseAborted) as exc:
+    except (UpstreamError, ResponseAborted, ClientBodyError) as exc:
         # The upstream broke off mid-body, or the body cannot be completed for this client
-        # (proxy.coalescer: it fell too far behind): end the connection so the client sees
-        # an incomplete response, never a truncated "complete" one.
+        # (proxy.coalescer: it fell too far behind; or the upstream answered before the
+        # client's upload broke off): end the connection so the client sees an incomplete
+        # response, never a truncated "complete" one.
         if isinstance(exc, UpstreamError):
             log.warning("aborting client response: %s", exc)
         else:

@@ -1,10 +1,12 @@
 """A client that aborts a download mid-body costs one line at DEBUG, never a traceback: on
 the general path (a fill streamed to it, a big body sent from disk) and on the fast hit path.
-A hostile client could otherwise fill the log at will."""
+A hostile client could otherwise fill the log at will. A client that breaks off an upload is
+not an upstream failure: it could otherwise take every upstream out."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -68,3 +70,78 @@ async def test_an_aborted_download_logs_one_debug_line(
         assert "went away" in records[0].getMessage()
         fast = proxy.listeners.runners[0].server.fast.answered - fast_before  # type: ignore[union-attr]
         assert fast == (1 if path == "/small-hit" else 0)  # the path each case means to test
+
+
+# -- a request body that breaks off ----------------------------------------------------------
+
+async def abort_upload(proxy: Proxy, seen: list[int], how: str) -> bytes:
+    """POST announcing 1000 body bytes, send 10, and once the origin has the request head (so the
+    body is being streamed to it) ``close``, ``reset`` or ``half``-close the connection (and
+    then read what comes back)."""
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    before = len(seen)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /form HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    await writer.drain()
+    for _ in range(500):
+        if len(seen) > before:
+            break
+        await asyncio.sleep(0.01)
+    assert len(seen) > before, "the POST never reached an upstream"
+    answer = b""
+    if how == "half":
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    elif how == "reset":
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return answer
+
+
+async def test_a_request_body_that_breaks_off_is_not_an_upstream_failure(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that announces a body and goes away part-way through it is the client's failure:
+    counted against the upstream (passive health: 3 failures, out for 10 s), a few such POSTs
+    would take every upstream out and everyone would get a 503."""
+    heads: list[int] = []  # the connections that got a POST head
+    ended: list[int] = []  # the connections cachegate dropped while sending a body on them
+    ok = response("200 OK", {"Cache-Control": "no-store"}, b"fine")
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            head = await conn.reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"POST"):
+                heads.append(conn.index)
+                try:
+                    await conn.reader.readexactly(1000)
+                except asyncio.IncompleteReadError:
+                    ended.append(conn.index)
+                    return
+            await conn.send(ok)
+
+    caplog.set_level(logging.INFO)
+    async with raw_origins() as start:
+        a, b = await start(serve), await start(serve)
+        proxy = await make_proxy(upstreams=[a.url, b.url])  # passive checks on: 3 failures, 10 s
+        for i in range(9):
+            answer = await abort_upload(proxy, heads, ("close", "reset", "half")[i % 3])
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer  # never a 5xx
+        for _ in range(500):  # the proxy dropped each upstream connection the body was going to
+            if len(ended) == len(heads):
+                break
+            await asyncio.sleep(0.01)
+        assert len(ended) == len(heads) == 9
+        for _ in range(2):
+            after = await proxy.get("/after", headers={"Host": "shop.example"})
+            assert (after.status, after.body) == (200, b"fine")
+        for u in proxy.runtime.pool.upstreams:
+            assert (u.available(proxy.runtime.pool._clock()), u.passive_failures, u.failures) == (True, 0, 0)
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        assert "cachegate_upstream_errors_total{" not in metrics
+        loud = [(r.name, r.levelname, r.getMessage()) for r in caplog.records
+                if r.name.startswith("cachegate") and r.levelno >= logging.WARNING]
+        assert loud == []
