@@ -668,9 +668,21 @@ class HostPool:
             conn.close()
         return None
 
+    async def connect_apart(self) -> UpstreamConnection:
+        """A new connection outside the pool: not counted in ``limit``, never given to another
+        request (``release`` closes it), for an exchange that must not wait for a free pooled
+        connection (an active health check: ``UpstreamPool.check_once``). The caller closes it."""
+        if self._closed:
+            raise UpstreamConnectError(f"{self.name}: the pool is closed")
+        conn = await self._connect(None)
+        if not conn.alive():
+            raise UpstreamConnectError(f"{self.name}: the connection closed as it opened")
+        return conn
+
     def release(self, conn: UpstreamConnection) -> None:
-        """A connection whose exchange ended cleanly: to a waiter, or idle."""
-        if self._closed or not conn.alive():
+        """A connection whose exchange ended cleanly: to a waiter, or idle (one made apart from
+        the pool is closed)."""
+        if self._closed or not conn.alive() or conn not in self._conns:
             conn.close()
             return
         while self._waiters:

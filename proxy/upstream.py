@@ -11,8 +11,10 @@ total one.
 
 Health:
 
-- active: ``GET health.path`` every ``interval``; ``unhealthy`` consecutive
-  failures take an upstream out, ``healthy`` consecutive successes bring it back;
+- active: ``GET health.path`` every ``interval``, on a connection of its own (outside
+  ``pool_size``: a pool busy with slow answers is no failed check); ``unhealthy``
+  consecutive failures take an upstream out, ``healthy`` consecutive successes bring
+  it back;
 - passive: ``passive.failures`` consecutive connection failures or 5xx answers
   take it out for ``passive.cooldown`` (by default only in pools of two or more:
   like nginx's max_fails, a single upstream is never taken out unless ``passive:``
@@ -63,6 +65,7 @@ from proxy.http_client import (
     HostPool,
     InterimHook,
     Response,
+    UpstreamConnection,
     UpstreamConnectTimeout,
     UpstreamDisconnected,
     body_once,
@@ -311,16 +314,27 @@ class UpstreamPool:
             await asyncio.sleep(health.interval)
 
     async def check_once(self, upstream: Upstream) -> bool:
-        """One active check: ``GET health.path``; a 2xx or 3xx within ``health.timeout`` is a success."""
+        """One active check: ``GET health.path``; a 2xx or 3xx within ``health.timeout`` is a success.
+
+        The check has a connection of its own, outside the pool's ``pool_size`` and closed after
+        it (``Connection: close``), as Varnish's probes do. A check asks whether the upstream
+        answers, not whether cachegate has a pooled connection free: waiting for one, a check
+        failed whenever every pooled connection was busy with slow but healthy responses for
+        longer than ``health.timeout``, so a busy upstream was taken out and every client got a
+        503, just when it was working hardest. The cost is one new connection per check (one
+        more than ``pool_size`` at most, per worker and upstream), and a check also proves that
+        new connections are accepted, which a request on a reused one would not."""
         health = self.settings.health
         assert health is not None
         host = self._hosts.get(upstream.name)
         if host is None:
             return False
+        conn: UpstreamConnection | None = None
         try:
             async with asyncio.timeout(health.timeout):
-                head, _, _ = request_head("GET", health.path, (), host.host_header, None)
-                conn = await host.acquire()
+                head, _, _ = request_head("GET", health.path, (("Connection", "close"),),
+                                          host.host_header, None)
+                conn = await host.connect_apart()
                 resp = await conn.request(head, None, False, None, head_method=False,
                                           read_timeout=health.timeout)
                 try:
@@ -331,6 +345,9 @@ class UpstreamPool:
                 return 200 <= resp.status < 400
         except (UpstreamError, TimeoutError, OSError, RuntimeError):
             return False
+        finally:
+            if conn is not None:
+                conn.close()
 
     def record_check(self, upstream: Upstream, ok: bool) -> None:
         health = self.settings.health

@@ -124,6 +124,42 @@ async def wait_for(condition: object, within: float = 5.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def test_health_checks_do_not_wait_for_a_pool_busy_with_slow_answers(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """Every pooled connection busy with a slow but healthy answer: the checks go on (on their
+    own connections) and pass, and another request waits for a pooled connection and is
+    served, rather than the upstream being taken out (every client a 503)."""
+    release = asyncio.Event()
+    slow_started = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal slow_started
+        slow_started += 1
+        await release.wait()
+        return web.Response(body=b"slow", headers={"Cache-Control": "no-store"})
+
+    origin.route("/healthz", body=b"ok")
+    origin.route("/slow", slow)
+    proxy = await make_proxy(
+        config="upstream: {pool_size: 2, passive: {failures: 0}, retries: 0, health: {path: /healthz, "
+               "interval: 50ms, timeout: 200ms, healthy: 1, unhealthy: 2}}\n")
+    up = proxy.runtime.pool.upstreams[0]
+    host = proxy.runtime.pool._hosts[up.name]
+    busy = [asyncio.create_task(proxy.get(f"/slow?{i}")) for i in range(2)]
+    await wait_for(lambda: slow_started == 2)  # both pooled connections are taken
+    checked = origin.count("/healthz")
+    await wait_for(lambda: origin.count("/healthz") >= checked + 4 or not up.healthy)
+    assert (up.healthy, up.check_failures) == (True, 0)
+    third = asyncio.create_task(proxy.get("/slow?2"))  # waits for a pooled connection
+    await wait_for(lambda: origin.count("/healthz") >= checked + 8 or not up.healthy)
+    assert up.healthy
+    assert host.size <= 2  # the checks' connections were never pooled
+    release.set()
+    replies = await asyncio.gather(*busy, third)
+    assert [(r.status, r.body) for r in replies] == [(200, b"slow")] * 3
+
+
 async def test_with_every_upstream_down_it_is_503_or_stale_if_error(
     origin: Origin, make_proxy: MakeProxy
 ) -> None:
