@@ -469,12 +469,22 @@ class Engine:
 
     async def _tee_part(self, resp: UpstreamResponse, entry: Entry | None, held: ByteRange,
                         old: Cached | None) -> AsyncIterator[bytes]:
-        """The part's body to the client as it arrives, and to a spool; stored once complete."""
+        """The part's body to the client as it arrives, and to a spool; stored once complete.
+        A spool write that fails (a full disk) gives up the store, never the client's answer:
+        counted and logged as a fill's is (``Flights._spool_write``)."""
         spool = self.storage.spool(entry, held.length) if entry is not None else None
         try:
             async for chunk in resp.iter_chunks():
-                if spool is not None and not await spool.write(chunk):
-                    spool = None
+                if spool is not None:
+                    try:
+                        kept = await spool.write(chunk)
+                    except Exception as exc:
+                        spool.discard()
+                        self.write_failures.failed("spool", spool.entry.key, exc)
+                        self.metrics.not_stored_because("STORE-FAILED", spool.entry.url)
+                        kept = False
+                    if not kept:
+                        spool = None
                 yield chunk
         except BaseException:
             if spool is not None:

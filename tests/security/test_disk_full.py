@@ -26,8 +26,9 @@ import aiohttp
 import pytest
 
 from tests.conftest import MakeProxy
-from tests.harness import Proxy
+from tests.harness import Origin, Proxy
 from tests.security.misbehaving import Conn, RawOrigin, Serve, flight_with, raw_origins, response
+from tests.test_partial_content import NONE, Representation
 
 BODY = os.urandom(4 * 1024 * 1024)  # spilled from memory to a spool file past 1 MiB
 DIGEST = hashlib.sha256(BODY).hexdigest()
@@ -163,6 +164,30 @@ async def test_a_purge_while_a_fill_is_in_flight_ends_its_body_whole_and_stores_
         assert [hashlib.sha256(r.body).hexdigest() for r in replies] == [DIGEST, DIGEST]
         assert not (await asyncio.wait_for(asyncio.shield(flight.result), 20)).stored
         assert (await proxy.get("/big")).x_cache == "MISS"
+
+
+async def test_disk_full_while_spooling_a_range_part_its_client_gets_the_whole_206(
+    origin: Origin, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range miss streams the origin's 206 to its client while spooling it as a part: a full
+    disk gives up the part's store, counted as a fill's is, never the client's answer."""
+    origin.route("/r", Representation(BODY))
+    proxy = await make_proxy(config=NONE)
+    spools = proxy.runtime.storage.spools
+    real_make_file = spools.make_file
+    monkeypatch.setattr(spools, "make_file", lambda: FullDisk(real_make_file(), room=1024 * 1024))
+
+    wanted = 3 * 1024 * 1024
+    reply = await proxy.get("/r", headers={"Range": f"bytes=0-{wanted - 1}"})
+    assert (reply.status, reply.headers.get("Content-Range")) == (206, f"bytes 0-{wanted - 1}/{len(BODY)}")
+    assert reply.body == BODY[:wanted]
+    stats = storage_stats((await proxy.admin("GET", "/stats")).body)
+    assert stats["write_errors"] == {"spool": 1} and "No space left on device" in stats["last_error"]
+    assert spool_files(proxy) == []
+    metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+    assert 'cachegate_not_stored_total{reason="STORE-FAILED"} 1.0' in metrics
+    # Nothing stored: the same range goes to the origin again.
+    assert (await proxy.get("/r", headers={"Range": "bytes=0-9"})).x_cache == "MISS"
 
 
 # -- a real full filesystem -------------------------------------------------------------------
