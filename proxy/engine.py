@@ -500,7 +500,14 @@ class Engine:
     async def _store_part(self, entry: Entry, spool: BodySpool, old: Cached | None) -> None:
         """Store a received part; combined with the one held for the same variant when RFC 9111
         §3.4 allows it (one strong validator) and both are small enough to hold in memory
-        (memory_max_object): a complete result is stored as the 200 it adds up to."""
+        (memory_max_object): a complete result is stored as the 200 it adds up to. A part whose
+        body disagrees with its Content-Range (the origin's own framing lets it through to the
+        client) or that a purge covered meanwhile is stored neither alone nor combined: a short
+        body spliced in would shift every byte after it in a "complete" 200."""
+        own = part_range(entry.response)
+        if not spool.complete or spool.doomed or own is None or spool.size != own.length:
+            spool.discard()
+            return
         combine = decide_combine(old.entry.response, entry.response) if old is not None else None
         if old is None or not isinstance(combine, Combine) \
                 or combine.range.length > self.storage.memory.max_object:
@@ -508,7 +515,9 @@ class Engine:
             return
         new_body = spool.body_bytes()
         old_body = await self.open_body(old)
-        if new_body is None or not isinstance(old_body, bytes):
+        old_range = part_range(old.entry.response)
+        if new_body is None or not isinstance(old_body, bytes) or old_range is None \
+                or len(old_body) != old_range.length:
             close_body(old_body)
             await self.storage.commit(entry, spool)
             return
@@ -518,6 +527,7 @@ class Engine:
         lower_range, upper_range = part_range(combine.lower), part_range(combine.upper)
         assert lower_range is not None and upper_range is not None
         merged = lower + upper[lower_range.last + 1 - upper_range.first:]
+        assert len(merged) == combine.range.length, (len(merged), combine.range)
         new = entry.response
         if combine.range.complete:
             # §3.4: the combined response takes the new response's header fields.

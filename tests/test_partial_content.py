@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
 from aiohttp import web
 
 from tests.conftest import MakeProxy
@@ -90,6 +91,33 @@ async def test_a_part_without_a_validator_is_reused_within_itself(origin: Origin
     assert await get(proxy, "bytes=-5") == (206, "MISS", "bytes 5-9/10", b"56789")
     assert await get(proxy, "bytes=6-8") == (206, "HIT", "bytes 6-8/10", b"678")
     assert await get(proxy, "bytes=-1") == (206, "HIT", "bytes 9-9/10", b"9")
+
+
+@pytest.mark.parametrize("body", [b"567", b"56789XYZ"], ids=["short", "long"])
+async def test_a_part_whose_body_disagrees_with_its_range_is_neither_stored_nor_combined(
+        origin: Origin, make_proxy: MakeProxy, body: bytes) -> None:
+    """The origin frames the 206 by its own Content-Length (the client gets it as sent), but
+    its body is not the 5 bytes its Content-Range says: combined with the part held, it would
+    make a "complete" 200 with every byte after it shifted."""
+    rep = Representation()
+
+    async def lying(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Range") == "bytes=5-9":
+            rep.ranges.append("bytes=5-9")
+            return web.Response(status=206, body=body, headers={
+                "Cache-Control": "max-age=3600", "ETag": '"v1"', "Content-Range": "bytes 5-9/10",
+                "Content-Type": "application/octet-stream"})
+        return await rep(request)
+
+    origin.route("/r", lying)
+    proxy = await make_proxy(config=NONE)
+    assert await get(proxy, "bytes=0-4") == (206, "MISS", "bytes 0-4/10", b"01234")
+    assert await get(proxy, "bytes=5-9") == (206, "MISS", "bytes 5-9/10", body)
+    await asyncio.sleep(0.1)  # as long as a good part takes to be combined and stored
+    assert await get(proxy, "bytes=1-3") == (206, "HIT", "bytes 1-3/10", b"123")  # the good one stays
+    assert await get(proxy, "bytes=6-8") == (206, "MISS", "bytes 6-8/10", b"678")  # the bad one is not
+    assert await get(proxy) == (200, "MISS", None, BODY)  # nor anything complete
+    assert rep.ranges == ["bytes=0-4", "bytes=5-9", "bytes=6-8", None]
 
 
 async def test_a_range_miss_is_answered_before_the_whole_object_arrives(
