@@ -118,6 +118,7 @@ class Store(Protocol):
     async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]: ...
     async def reread(self, key: str) -> tuple[Cached, ...]: ...
     async def open_body(self, cached: Cached) -> bytes | IO[bytes] | None: ...
+    def drop_body_file(self, entry: Entry) -> None: ...
     def writing(self, key: str) -> list[Any]: ...
     def writing_urls(self, urls: Iterable[str]) -> list[Any]: ...
     def spool(self, entry: Entry, expected_length: int | None) -> BodySpool: ...
@@ -172,6 +173,7 @@ class Engine:
         self._fill_settings = FillSettings(self._via, tuple(h.lower() for h in settings.cache.tag_headers))
         self._random = random.Random()
         self.write_failures = WriteFailures(lambda op: metrics.storage_errors.labels(op).inc())
+        self._forgetting: set[asyncio.Future[None]] = set()  # see body_file_cut_short
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
         # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
@@ -388,6 +390,26 @@ class Engine:
             except Exception:
                 log.exception("could not drop %s", cached.entry.key)
         return body
+
+    def body_file_cut_short(self, entry: Entry) -> None:
+        """A big body's open file held fewer bytes than ``entry`` says while a response was
+        sent from it (cut on disk after it was opened): the web layer aborted that response.
+        Its file is dropped at once, so no other hit is sent from it, and the variant is
+        forgotten as a body the disk tier no longer has is (``open_body``): the next request
+        refetches. Called from the web layer's synchronous paths, hence the task."""
+        log.warning("stored body of %s is cut short on disk (expected %d bytes): dropped",
+                    entry.key, entry.body_size)
+        self.metrics.storage_errors.labels("read").inc()
+        self.storage.drop_body_file(entry)
+        task = asyncio.ensure_future(self._forget(entry.key))
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
+
+    async def _forget(self, key: str) -> None:
+        try:
+            await self.storage.delete([key])
+        except Exception:
+            log.exception("could not drop %s", key)
 
     # -- partial content (RFC 9111 §3.3-3.4) ----------------------------------------------
 

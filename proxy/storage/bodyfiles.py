@@ -10,7 +10,9 @@ A body file never changes once written (a new body gets a new id and a new file)
 descriptor kept for (key, body id) always reads the right bytes, even after diskcache
 has removed the file (the descriptor keeps the inode until it is closed). Descriptors are
 bounded (``limit``) and a descriptor that is evicted while a response still streams from
-it is closed only when that response is done (``BodyFile`` holds it).
+it is closed only when that response is done (``BodyFile`` holds it). A file cut short in
+place all the same (by hand, a failing disk) keeps its inode but not its length: a read that
+ends early raises ``BodyCutShort`` instead of passing off the rest as the end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import IO
 
+from proxy.errors import ResponseAborted
 from proxy.storage.entry import Entry
+
+
+class BodyCutShort(ResponseAborted):
+    """A body file held fewer bytes than its entry says once it was being sent: cut on disk
+    after it was opened (a descriptor keeps the inode, not its length). The web layer aborts
+    the response, as for an upstream body that breaks off, and the variant is forgotten
+    (``Engine.body_file_cut_short``), so the next request refetches."""
+
+    def __init__(self, entry: Entry | None, size: int, held: int) -> None:
+        super().__init__(f"body file cut short: {held} of {size} bytes")
+        self.entry = entry
 
 
 class SharedFile:
@@ -58,6 +72,10 @@ class BodyFile:
     def size(self) -> int:
         return self._shared.size
 
+    @property
+    def entry(self) -> Entry | None:
+        return self._shared.entry
+
     def fileno(self) -> int:
         return self._shared.fd
 
@@ -69,9 +87,11 @@ class BodyFile:
         return self._pos
 
     def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            n = max(self.size - self._pos, 0)
-        data = os.pread(self._shared.fd, n, self._pos)
+        """Up to ``n`` bytes; raises ``BodyCutShort`` when the file ends before ``size``."""
+        wanted = max(min(self.size - self._pos, self.size if n < 0 else n), 0)
+        data = os.pread(self._shared.fd, wanted, self._pos)
+        if len(data) < wanted:
+            raise BodyCutShort(self._shared.entry, self.size, self._pos + len(data))
         self._pos += len(data)
         return data
 

@@ -186,6 +186,11 @@ class Storage:
     async def open_body(self, cached: Cached) -> bytes | IO[bytes] | None:
         return await self.reads.open_body(cached)
 
+    def drop_body_file(self, e: Entry) -> None:
+        """Close (once unused) the open file of ``e``'s body and keep it no more: it turned out
+        cut short (``proxy.storage.bodyfiles.BodyCutShort``)."""
+        self.reads.body_files.drop(lambda x: x.key == e.key and x.body_id == e.body_id)
+
     def sendable_file(self, e: Entry) -> SharedFile | None:
         return self.reads.sendable_file(e)
 

@@ -81,6 +81,7 @@ from proxy.policy.request import normalise_request
 from proxy.replies import Planned
 from proxy.rules import RequestPlan, RuleSet
 from proxy.storage.bodyfiles import SharedFile
+from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.web.fastheads import HeadShapes
 from proxy.web.frontend import Front, FrontEnd
@@ -276,6 +277,10 @@ class FastPath:
                         headers if access.wants_fields else None))
         return out
 
+    def cut_short(self, entry: Entry) -> None:
+        """A body file found cut short (``ProxyRequestHandler._send_file``)."""
+        self._engine.body_file_cut_short(entry)
+
     def rest(self, cached: Cached, start: int) -> bytes | None:
         """The memory-held body of ``cached`` from ``start`` on, copied out of the shared memory
         (None: memory no longer holds it)."""
@@ -448,6 +453,8 @@ class ProxyRequestHandler(RequestHandler):
                 return i
             self._parser.message_consumed()
             self._send(out)
+            if self.transport is None or self.transport.is_closing():
+                return len(messages)  # aborted (a body file cut short): nobody to answer
         return len(messages)
 
     def _send(self, out: FastAnswer) -> None:
@@ -457,28 +464,40 @@ class ProxyRequestHandler(RequestHandler):
         if isinstance(out, bytes):
             transport.write(out)
         elif isinstance(out[1], SharedFile):
-            self._send_file(transport, out[0], out[1], out[2] if len(out) == 3 else None)
+            if not self._send_file(transport, out[0], out[1], out[2] if len(out) == 3 else None):
+                transport.abort()
         else:
             transport.writelines(out)
         self._request_count += 1
         manager = self._manager
         if manager is not None:
             manager.requests_count += 1
-        self._kept_alive()
+        if not transport.is_closing():
+            self._kept_alive()
 
-    def _send_file(self, transport: Any, head: bytes, shared: SharedFile, cached: Cached | None) -> None:
+    def _send_file(self, transport: Any, head: bytes, shared: SharedFile, cached: Cached | None) -> bool:
         """The head, then the body file with ``os.sendfile`` as far as the socket takes it at
         once; the rest from memory when it holds the body too (``cached``), else read with
         ``os.pread`` and handed to the transport (at most FAST_FILE_MAX bytes: bigger
         disk-only bodies take the general path). A file never read is never sent from here
-        (the general path, or ``Storage.sendable_file``, opens it in the thread pool first)."""
+        (the general path, or ``Storage.sendable_file``, opens it in the thread pool first).
+        False when the file held less than its size (cut on disk after it was opened): the
+        head announced the whole length, so the caller aborts the connection, and the
+        variant is forgotten (``Engine.body_file_cut_short``), as on the general path."""
         transport.write(head)
         sent = sendfile_now(transport, shared.fd, 0, shared.size)
         if sent < shared.size:
             rest = None
             if cached is not None and self._fast is not None:
                 rest = self._fast.rest(cached, sent)
-            transport.write(rest if rest is not None else os.pread(shared.fd, shared.size - sent, sent))
+            if rest is None:
+                rest = os.pread(shared.fd, shared.size - sent, sent)
+                if len(rest) < shared.size - sent:
+                    if shared.entry is not None and self._fast is not None:
+                        self._fast.cut_short(shared.entry)
+                    return False
+            transport.write(rest)
+        return True
 
     def _kept_alive(self) -> None:
         """What aiohttp's loop does after a kept-alive response: restart the idle timer."""

@@ -31,7 +31,7 @@ from proxy.policy.messages import HeaderList, RequestHead
 from proxy.policy.request import Message, Refusal
 from proxy.replies import Planned
 from proxy.runtime import Runtime
-from proxy.storage.bodyfiles import BodyFile
+from proxy.storage.bodyfiles import BodyCutShort, BodyFile
 from proxy.web.admin import purge_method
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import ReplyResponse, from_response, plain_reply, serialise
@@ -199,7 +199,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         return _plain(500, "internal error", "MISS", fe, info, request), 0
     fe.requests(reply.x_cache, request.method).inc()
     info.x_cache = reply.x_cache
-    return await write_reply(request, reply, fe, info)
+    return await write_reply(request, reply, fe, info, runtime)
 
 
 def _plain(status: int, text: str, x_cache: str, fe: FrontEnd, info: RequestInfo,
@@ -212,8 +212,8 @@ def _plain(status: int, text: str, x_cache: str, fe: FrontEnd, info: RequestInfo
     return plain_reply(status, None, headers, (text + "\n").encode(), request.method)
 
 
-async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info: RequestInfo
-                      ) -> tuple[web.StreamResponse, int]:
+async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info: RequestInfo,
+                      runtime: Runtime) -> tuple[web.StreamResponse, int]:
     """Write ``reply``; the response and the body bytes sent."""
     headers = CIMultiDict(reply.headers)
     fe.own_fields(headers, reply.tier, info.request_id)
@@ -239,6 +239,12 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
             else:
                 sent = await _send_file(request, resp, body, reply.offset, reply.length)
         await resp.write_eof()
+    except BodyCutShort as exc:
+        # The stored body file ended early: the client must not take what it got for the whole
+        # body, and the variant is forgotten so the next request refetches it.
+        _abort(request)
+        if exc.entry is not None:
+            runtime.engine.body_file_cut_short(exc.entry)
     except (UpstreamError, ResponseAborted, ClientBodyError) as exc:
         # The upstream broke off mid-body, or the body cannot be completed for this client
         # (proxy.coalescer: it fell too far behind; or the upstream answered before the
@@ -281,7 +287,9 @@ def _abort(request: web.BaseRequest) -> None:
 async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[bytes], offset: int,
                      length: int | None) -> int:
     """Send a file body: ``os.sendfile`` into the socket as far as it takes it at once (an
-    open body file: ``proxy.storage.bodyfiles``), the rest read in the thread pool."""
+    open body file: ``proxy.storage.bodyfiles``), the rest read in the thread pool. A file that
+    ends before ``length`` raises (``BodyCutShort`` from a body file's ``read``; else
+    ``ResponseAborted``): the head announced the whole length."""
     sent = 0
     if isinstance(f, BodyFile):
         end = f.size if length is None else min(f.size, offset + length)
@@ -296,6 +304,8 @@ async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[b
         size = FILE_CHUNK if remaining < 0 else min(FILE_CHUNK, remaining)
         chunk = await loop.run_in_executor(None, f.read, size)
         if not chunk:
+            if remaining > 0:
+                raise ResponseAborted(f"body file ended {remaining} bytes early")
             break
         await resp.write(chunk)
         sent += len(chunk)

@@ -116,6 +116,9 @@ class FakeStore:
     async def open_body(self, cached: Cached) -> bytes | IO[bytes] | None:
         return bytes(cached.body) if cached.body is not None else None
 
+    def drop_body_file(self, entry: Entry) -> None:
+        pass  # no files here
+
     def writing(self, key: str) -> list[Any]:
         return []
 
