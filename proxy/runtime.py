@@ -71,8 +71,12 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
     disk = index = None
     if c.disk is not None:
         os.makedirs(c.disk.path, exist_ok=True)
-        disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction)
-        index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size))
+        # The owner (no arena yet: the first process) sets a damaged database aside and starts
+        # without it; the index first, since losing it empties the disk tier too.
+        repair = arena_fd is None
+        index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
+        disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
+                        empty=index.recreated)
     return Storage(memory, disk, index, max_object=c.max_object)
 
 

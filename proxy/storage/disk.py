@@ -46,6 +46,7 @@ import io
 import logging
 import os
 import random
+import shutil
 import sqlite3
 import time
 import zlib
@@ -119,6 +120,30 @@ def _inline(value: bytes | None) -> bool:
     return value is not None and len(value) < INLINE_LIMIT
 
 
+# SQLite's primary result codes for a database that cannot be read: an I/O error, a malformed
+# image, not a database at all. Not "locked" or "cannot open" (a busy or unreadable but sound
+# database must never be set aside).
+DAMAGED_CODES = (10, 11, 26)  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def damaged(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says the database itself is damaged."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in DAMAGED_CODES
+
+
+def set_aside(path: str) -> str:
+    """Move a damaged database (a shard's folder, the index file) to ``<path>.corrupt-<time>``
+    beside it, for inspection (it is outside the disk budget: delete it when done); where."""
+    aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    n = 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
+    os.rename(path, aside)
+    return aside
+
+
 def shard_of(key: str, shards: int) -> int:
     """A hash that every process computes alike (``hash()`` is salted per process)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % shards
@@ -132,8 +157,18 @@ class DiskTier:
         shards: int = 8,
         eviction_policy: DiskEviction = "least-recently-stored",
         timeout: float = 2.0,
+        repair: bool = False,
+        empty: bool = False,
     ) -> None:
+        """``repair`` (the process that owns the cache directory, at start): a shard SQLite
+        cannot read is set aside and made anew, empty (its entries are misses, as if culled;
+        the index rows left for them are dropped by the upkeep), so a damaged file never keeps
+        cachegate from starting. ``empty``: start with every shard emptied (the index was
+        lost: entries it no longer lists would escape purges)."""
         os.makedirs(path, exist_ok=True)
+        if empty:
+            for i in range(shards):
+                shutil.rmtree(os.path.join(path, f"{i:03d}"), ignore_errors=True)
         self.path = path
         self.size_limit = size_limit
         # diskcache counts its database pages and value files; the index and the SQLite
@@ -142,9 +177,21 @@ class DiskTier:
         self.max_body = self.shard_limit // 2
         self.failed_writes = 0
         wal = wal_limit(self.shard_limit)
-        self._shards = [
-            diskcache.Cache(
-                directory=os.path.join(path, f"{i:03d}"),
+
+        def open_shard(directory: str) -> diskcache.Cache:
+            try:
+                return make_shard(directory)
+            except sqlite3.Error as exc:
+                if not repair or not damaged(exc):
+                    raise
+                aside = set_aside(directory)
+                log.warning("disk shard %s is damaged (%s): moved aside to %s and started empty; "
+                            "its entries are misses", directory, exc, aside)
+                return make_shard(directory)
+
+        def make_shard(directory: str) -> diskcache.Cache:
+            return diskcache.Cache(
+                directory=directory,
                 timeout=timeout,
                 size_limit=self.shard_limit,
                 eviction_policy=eviction_policy,
@@ -164,8 +211,8 @@ class DiskTier:
                 sqlite_mmap_size=SQLITE_MMAP,
                 sqlite_cache_size=SQLITE_CACHE_PAGES,
             )
-            for i in range(shards)
-        ]
+
+        self._shards = [open_shard(os.path.join(path, f"{i:03d}")) for i in range(shards)]
         self._bulk = [_plain_layout(s) for s in self._shards]
         # Whether a read is one SELECT: under least-recently-used every ``get`` is a write
         # transaction too (its access time), which can wait seconds for another process's

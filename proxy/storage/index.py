@@ -22,12 +22,17 @@ index does not grow forever.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from proxy.storage.disk import damaged, set_aside
+
+log = logging.getLogger("cachegate.storage")
 
 BanKind = Literal["tag", "prefix", "all"]
 
@@ -64,13 +69,35 @@ class Ban:
 
 
 class UrlTagIndex:
-    def __init__(self, path: str, wal_limit: int = 1 << 20) -> None:
+    def __init__(self, path: str, wal_limit: int = 1 << 20, repair: bool = False) -> None:
+        """``repair`` (the process that owns the cache directory, at start): an index SQLite
+        cannot read is set aside and made anew, empty, and ``recreated`` says so: the disk
+        tier's entries are then emptied too (``DiskTier(empty=True)``), since entries the index
+        does not list would escape purges by URL or tag, and their sequence numbers would
+        escape the bans of the new numbering."""
         os.makedirs(path, exist_ok=True)
         self._wal_limit = wal_limit
         self.file = os.path.join(path, "index.sqlite3")
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self.recreated = False
+        try:
+            self._create()
+        except sqlite3.Error as exc:
+            if not repair or not damaged(exc):
+                raise
+            self.close()
+            aside = set_aside(self.file)
+            for journal in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.file + journal, aside + journal)
+            log.warning("cache index %s is damaged (%s): moved aside to %s and started empty, "
+                        "with the disk tier emptied too (its entries are misses)", self.file, exc, aside)
+            self.recreated = True
+            self._create()
+
+    def _create(self) -> None:
         db = self._db()
         db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file
         db.executescript(_SCHEMA)
