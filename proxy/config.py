@@ -251,6 +251,8 @@ rule files have their own reference, [rules.md](rules.md).
 
 - Durations: `30s`, `5m`, `1h`, `1d` (or combined, `1h30m`), or a number of seconds.
 - Sizes: `512KB`, `256MB`, `10GB` (binary multiples), or a number of bytes.
+- Config and rule files are UTF-8 YAML without anchors and aliases (`&name`, `*name`,
+  `<<: *name`): write each value out.
 - Relative paths are relative to the config file.
 - `${VAR}` in a value is the environment variable `VAR`; `${VAR:-default}` gives a default
   (an unset variable without one is a problem).

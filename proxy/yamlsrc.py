@@ -73,8 +73,21 @@ def _by_place(messages: list[str], where: list[tuple[str, int]]) -> list[str]:
     return [messages[i] for i in order]
 
 
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that cachegate's files do not take (reported without "syntax error")."""
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # Anchors and aliases (and so ``<<: *merge``) are refused: a config has no need of
+        # them, and an alias shares a node, which a few bytes can nest into billions of values.
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(problem="anchors and aliases (&name, *name) are not supported in "
+                                   "cachegate's files: write the value out",
+                           problem_mark=event.start_mark)
+        node: yaml.Node | None = super().compose_node(parent, index)
+        return node
 
 
 def _expand_env(text: str, at: tuple[str, int], problems: Problems) -> str:
@@ -96,12 +109,12 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
         out: dict[Any, Src] = {}
         key_lines: dict[Any, int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # before hashing it
+                problems.add((file, key_node.start_mark.line + 1), "a key must be a scalar")
+                continue
             key = loader.construct_object(key_node, deep=True)
             if key in out:
                 problems.add((file, key_node.start_mark.line + 1), f"duplicate key {key!r}")
-            if isinstance(key, list | dict):
-                problems.add((file, key_node.start_mark.line + 1), "a key must be a scalar")
-                continue
             out[key] = _convert(value_node, file, loader, problems)
             key_lines[key] = key_node.start_mark.line + 1
         return Src(out, file, line, key_lines)
@@ -117,28 +130,50 @@ def load_yaml(path: str, problems: Problems, display: str | None = None) -> Src 
     """Parse ``path``; on failure record ``FILE:LINE: message`` and return None."""
     name = display or path
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         problems.add((name, 0), f"cannot read file: {exc.strerror or exc}")
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problems.add((name, line), f"not UTF-8 text: byte 0x{data[exc.start]:02x} "
+                                   "(save the file as UTF-8)")
         return None
     return parse_yaml(text, name, problems)
 
 
 def parse_yaml(text: str, name: str, problems: Problems) -> Src | None:
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # the reader checks every character here
         node = loader.get_single_node()
         if node is None:
             return Src({}, name, 1)
         return _convert(node, name, loader, problems)
+    except _Refused as exc:
+        problems.add((name, exc.problem_mark.line + 1 if exc.problem_mark else 1), str(exc.problem))
+        return None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
         problems.add((name, line), f"YAML syntax error: {exc.problem or exc.context}")
         return None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (a control character)
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
+        problems.add((name, line), f"YAML error: character U+{char:04X} is not allowed (write a control "
+                                   "character as an escape in a double-quoted string)")
+        return None
     except yaml.YAMLError as exc:
         problems.add((name, 0), f"YAML error: {exc}")
         return None
+    except RecursionError:
+        mark = loader.get_mark() if loader is not None else None
+        problems.add((name, mark.line + 1 if mark else 1), "YAML error: nested too deeply")
+        return None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
