@@ -250,7 +250,7 @@ a value out of range), every problem of the file at once. The README shows a who
 rule files have their own reference, [rules.md](rules.md).
 
 - Durations: `30s`, `5m`, `1h`, `1d` (or combined, `1h30m`), or a number of seconds.
-- Sizes: `512KB`, `256MB`, `10GB` (binary multiples), or a number of bytes.
+- Sizes: `512KB`, `256MB`, `10GB` (binary multiples), or a number of bytes; at most `1024TB`.
 - Config and rule files are UTF-8 YAML without anchors and aliases (`&name`, `*name`,
   `<<: *name`): write each value out.
 - Relative paths are relative to the config file.

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -24,6 +25,7 @@ _SIZE_UNITS = {
     "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
     "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
 }  # fmt: skip
+MAX_SIZE = 1 << 50  # 1024TB (a pebibyte): beyond any disk or memory one cache node has
 
 
 def parse_duration(value: object) -> float:
@@ -57,11 +59,17 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"size must not be negative, got {value!r}")
-        return value
+        return _size_cap(value, value)
     if not isinstance(value, str):
         raise ValueError(f"expected a size like 256MB, got {value!r}")
     m = _SIZE.fullmatch(value.strip())
     if not m:
         raise ValueError(f"bad size {value!r}: use bytes or KB, MB, GB")
     unit = m.group(2).lower() if m.group(2) else None
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    return _size_cap(int(Decimal(m.group(1)) * _SIZE_UNITS[unit]), value)  # exact: no float overflow
+
+
+def _size_cap(size: int, value: object) -> int:
+    if size > MAX_SIZE:
+        raise ValueError(f"size {value!r} is too large: at most 1024TB")
+    return size
