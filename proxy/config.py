@@ -249,7 +249,8 @@ Every key of the config file, with its type, its default and what it does. `cach
 a value out of range), every problem of the file at once. The README shows a whole file;
 rule files have their own reference, [rules.md](rules.md).
 
-- Durations: `30s`, `5m`, `1h`, `1d` (or combined, `1h30m`), or a number of seconds.
+- Durations: `30s`, `5m`, `1h`, `1d` (or combined, `1h30m`), or a number of seconds; at most
+  2147483648 seconds (2^31, about 68 years, as HTTP caps its delta-seconds), never `.inf` or `.nan`.
 - Sizes: `512KB`, `256MB`, `10GB` (binary multiples), or a number of bytes; at most `1024TB`.
 - Config and rule files are UTF-8 YAML without anchors and aliases (`&name`, `*name`,
   `<<: *name`): write each value out.

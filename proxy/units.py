@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal
 
@@ -25,6 +26,7 @@ _SIZE_UNITS = {
     "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
     "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
 }  # fmt: skip
+MAX_DURATION = float(1 << 31)  # about 68 years: the cap RFC 9111 (1.2.2) puts on delta-seconds
 MAX_SIZE = 1 << 50  # 1024TB (a pebibyte): beyond any disk or memory one cache node has
 
 
@@ -35,12 +37,12 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value!r}")
-        return float(value)
+        return _duration_cap(float(value), value)
     if not isinstance(value, str):
         raise ValueError(f"expected a duration like 30s, 5m, 1h, got {value!r}")
     text = value.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
+        return _duration_cap(float(text), value)
     pos, total = 0, 0.0
     for m in _DURATION_PART.finditer(text):
         if m.start() != pos:
@@ -49,7 +51,16 @@ def parse_duration(value: object) -> float:
         pos = m.end()
     if pos != len(text) or not text:
         raise ValueError(f"bad duration {value!r}: use seconds or 30s, 5m, 1h, 1d")
-    return total
+    return _duration_cap(total, value)
+
+
+def _duration_cap(seconds: float, value: object) -> float:
+    """``seconds`` unless infinite, not a number (.inf, .nan, a float overflow) or above MAX_DURATION."""
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration must be a finite number of seconds, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration {value!r} is too long: at most {int(MAX_DURATION)}s (about 68 years)")
+    return seconds
 
 
 def parse_size(value: object) -> int:

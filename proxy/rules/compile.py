@@ -224,9 +224,9 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
     if not isinstance(src.value, dict):
         try:
             return MappingProxyType({}), parse_duration(src.value)
-        except ValueError:
+        except ValueError as exc:
             problems.add(src, f"{what}: expected a duration or a mapping of status to duration "
-                              f"(e.g. {{200: 5m, 404: 1m, default: 1m}}), got {src.value!r}")
+                              f"(e.g. {{200: 5m, 404: 1m, default: 1m}}), got {src.value!r} ({exc})")
             return MappingProxyType({}), None
     table: dict[int, float] = {}
     default: float | None = None
