@@ -96,6 +96,8 @@ def storable_limit(max_object: int, disk: tuple[int, int] | None, memory_max_obj
 
 def upstream_url(value: str) -> URL:
     """An upstream's URL, without a path; ValueError saying why not."""
+    if any(c <= " " or c == "\x7f" for c in value):  # yarl drops a CR or LF, the host goes in Host
+        raise ValueError(f"upstream url {value!r}: must not contain spaces or control characters")
     try:
         url = parse_url(value)
     except ValueError as exc:
@@ -155,6 +157,8 @@ class Timeouts:
 def _absolute_path(value: str) -> str:
     if not value.startswith("/"):
         raise Invalid(f"must start with '/', got {value!r}")
+    if not all("!" <= c <= "~" for c in value):  # it goes on the request line
+        raise Invalid(f"a path is printable ASCII without spaces (percent-encode the rest), got {value!r}")
     return value
 
 
@@ -459,6 +463,18 @@ def _printable(value: str) -> str:
     return value
 
 
+_VIA_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(:[0-9]{1,5})?")
+
+
+def _via_name(value: str) -> str:
+    """A Via ``received-by``: a token (a pseudonym or host name) and maybe ``:PORT``."""
+    value = value.strip()
+    if not _VIA_NAME.fullmatch(value):
+        raise Invalid(f"expected a name like cachegate or edge-1.example:8080 (letters, digits, "
+                      f"- . _ and no spaces), got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """The top level of the config file."""
@@ -483,7 +499,8 @@ class Settings:
                               "cgroup quota)", Parser("integer ≥ 1 or auto", _workers))
     shutdown_grace: float = setting(10.0, "how long requests in flight may take to finish on SIGTERM",
                                     duration())
-    via: str = setting("cachegate", "the name cachegate gives itself in Via fields")
+    via: str = setting("cachegate", "the name cachegate gives itself in Via fields (a token: no spaces)",
+                       text(check=_via_name))
     cluster: ClusterSettings | None = setting(None, "cluster mode on Redis (none: this node alone)")
     max_request_head: int = setting(DEFAULT_MAX_HEAD, "the request line and fields together; a bigger head "
                                                       "is refused with 431",

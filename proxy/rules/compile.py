@@ -369,9 +369,9 @@ def _header_edits(src: Src, problems: Problems) -> HeaderEdits | None:
                 v = value.value
                 if not isinstance(v, str | int) or isinstance(v, bool):
                     problems.add(value, f"response_headers.add.{name}: expected a string, got {type_name(v)}")
-                elif any(c in str(v) for c in "\r\n\x00"):
+                elif any((c < " " and c != "\t") or c == "\x7f" for c in str(v)):
                     problems.add(value, f"response_headers.add.{name}: a header value cannot contain "
-                                        "line breaks")
+                                        "line breaks or other control characters")
                 else:
                     add.append((str(name), str(v)))
         else:
@@ -435,6 +435,9 @@ def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
         return None
     sec = Section(src, problems, f"rules[{index}]", RULE_KEYS)
     name = sec.str("name", f"#{index + 1} ({os.path.basename(src.file)}:{src.line})")
+    if not all(" " <= c <= "~" for c in name):  # it is sent in Cache-Status (RULE-BYPASS:name)
+        problems.add(sec.raw("name") or src,
+                     f"rules[{index}].name: expected printable ASCII text, got {name!r}")
     match = _compile_match(sec.raw("match"), problems)
     actions = _actions(sec, problems)
     written = tuple(k for k in RULE_KEYS if sec.has(k) and k not in ("name", "match"))

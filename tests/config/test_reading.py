@@ -151,6 +151,7 @@ VALUES: list[tuple[str, dict[str, Any]]] = [
     ("max_request_head: 1024", {"max_request_head": 1024}),
     ("server_header: '  x  '", {"server_header": "x"}),
     ("server_header: 5", {"server_header": "5"}),
+    ("via: edge-1.example:8080", {"via": "edge-1.example:8080"}),
 ]
 
 
@@ -267,6 +268,13 @@ PROBLEMS: list[tuple[str, list[str]]] = [
     ("max_request_head: x", [f"2: max_request_head: bad size 'x': {BAD_SIZE}"]),
     ("server_header: ''", ["2: server_header: expected printable ASCII text, got ''"]),
     ("server_header: 'caché'", ["2: server_header: expected printable ASCII text, got 'caché'"]),
+    ("via: \"x\\r\\nX-Evil: 1\"", ["2: via: expected a name like cachegate or edge-1.example:8080 (letters, "
+                                   "digits, - . _ and no spaces), got 'x\\r\\nX-Evil: 1'"]),
+    ("via: 'my cache'", ["2: via: expected a name like cachegate or edge-1.example:8080 (letters, digits, - . _ "
+                         "and no spaces), got 'my cache'"]),
+    ("upstream: {health: {path: \"/h\\r\\nX: 1\"}}",
+     ["2: upstream.health.path: a path is printable ASCII without spaces (percent-encode the rest), "
+      "got '/h\\r\\nX: 1'"]),
     ("cache:\n  memory: x\n  disk:\n    size: y\n    shards: 0\n  memry: 3",
      [f"3: cache.memory: bad size 'x': {BAD_SIZE}", f"5: cache.disk.size: bad size 'y': {BAD_SIZE}",
       "6: cache.disk.shards: must be at least 1, got 0", "7: unknown key 'cache.memry' (did you mean 'memory'?)"]),
@@ -290,6 +298,9 @@ UPSTREAMS: list[tuple[str, list[str]]] = [
     ("[null]", ["1: upstreams: each entry is a URL or {url: ..., weight: ...}"]),
     ("[ftp://a]", ["1: upstream url 'ftp://a': expected http://HOST[:PORT] or https://..."]),
     ("[http://a/path]", ["1: upstream url 'http://a/path': must not have a path or query"]),
+    ("[\"http://a\\r\\nX: 1\"]",
+     ["1: upstream url 'http://a\\r\\nX: 1': must not contain spaces or control characters"]),
+    ("['http://a b:1']", ["1: upstream url 'http://a b:1': must not contain spaces or control characters"]),
     ("['http://a?q']", ["1: upstream url 'http://a?q': must not have a path or query"]),
     ("['http://[::1]@']", ["1: upstream url 'http://[::1]@': not a valid URL"]),  # yarl raises IndexError
     ("[{url: 'http://a', foo: 1}]", ["1: unknown key 'upstreams[].foo' (allowed: url, weight)"]),

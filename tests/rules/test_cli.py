@@ -29,6 +29,18 @@ def write(tmp_path: Path, rules: str, config_extra: str = "") -> str:
 BAD_RULES = [
     ("""
      rules:
+       - name: "a\\r\\nX-Evil: 1"
+         match: {path: /a}
+         no_store: true
+     """, 2, "rules[0].name: expected printable ASCII text, got 'a\\r\\nX-Evil: 1'"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         response_headers: {add: {X-A: "1\\x01"}}
+     """, 4, "response_headers.add.X-A: a header value cannot contain line breaks or other control"),
+    ("""
+     rules:
        - name: a
          match: {path: /a}
          tll: {200: 5m}
