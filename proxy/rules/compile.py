@@ -17,7 +17,7 @@ from types import MappingProxyType
 from proxy.policy.keys import KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
-from proxy.rules.match import Condition, HostPattern, Match
+from proxy.rules.match import Condition, Glob, HostPattern, Match
 from proxy.rules.plan import CACHED_METHODS, Actions, HeaderEdits, Rule, RuleSet, first, header_edits
 from proxy.schema import Section, type_name
 from proxy.units import parse_duration
@@ -84,7 +84,7 @@ def _compile_regex(text: str, at: Src, problems: Problems, what: str) -> re.Patt
         return None
 
 
-def _path_pattern(src: Src, problems: Problems) -> tuple[re.Pattern[str] | None, bool, str]:
+def _path_pattern(src: Src, problems: Problems) -> tuple[re.Pattern[str] | Glob | None, bool, str]:
     if not isinstance(src.value, str) or not src.value:
         problems.add(src, f"match.path: expected a glob like /static/** or regex:..., "
                           f"got {type_name(src.value)}")
@@ -98,7 +98,7 @@ def _path_pattern(src: Src, problems: Problems) -> tuple[re.Pattern[str] | None,
         return None, False, text
     if "?" in text[1:] and "=" in text:
         problems.add(src, f"match.path: {text!r} looks like it has a query; match it with query:")
-    return re.compile(glob_to_regex(text)), False, text
+    return Glob(text, glob_to_regex(text)), False, text
 
 
 def _host_pattern(text: str, at: Src, problems: Problems) -> HostPattern | None:

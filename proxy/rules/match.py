@@ -176,6 +176,75 @@ class HostPattern:
     text: str
 
 
+class Glob:
+    """A path glob (``*`` and ``?`` within a segment, ``**`` across), matched against a whole path.
+
+    Translated to a regex (``glob_to_regex``) only when no two wildcards can compete for the
+    same characters: no ``**`` and at most one ``*`` per segment, or one ``**`` and no ``*``;
+    a regex then backtracks at most over one segment (or the path) once. Any other glob, such
+    as ``/thumbs/*-*x*.jpg``, runs as a set of positions in the glob advanced one path
+    character at a time (a Thompson NFA): at most len(path) * len(glob) steps, where a
+    backtracking regex takes len(path) ** (wildcards) on a path made to fail.
+    """
+
+    __slots__ = ("_stars", "_start", "_tokens", "fullmatch", "pattern")
+
+    def __init__(self, glob: str, regex: str) -> None:
+        self.pattern = regex  # for display; the glob itself is the rule's path_text
+        tokens: list[tuple[str, str]] = []  # ("lit", c), ("?", ""), ("*", ""), ("**", "")
+        i = 0
+        while i < len(glob):
+            if glob.startswith("**", i):
+                tokens.append(("**", ""))
+                i += 2
+            elif glob[i] in "*?":
+                tokens.append((glob[i], ""))
+                i += 1
+            else:
+                tokens.append(("lit", glob[i]))
+                i += 1
+        self._tokens = tuple(tokens)
+        self._stars = tuple(n for n, (kind, _) in enumerate(tokens) if kind in ("*", "**"))
+        self._start = self._closure(1)
+        deep = sum(kind == "**" for kind, _ in tokens)
+        per_segment = [seg.count("*") for seg in glob.replace("**", "").split("/")]
+        if (deep == 0 and max(per_segment) <= 1) or (deep == 1 and sum(per_segment) == 0):
+            self.fullmatch: Callable[[str], object] = re.compile(regex).fullmatch
+        else:
+            self.fullmatch = self._match
+
+    def _closure(self, states: int) -> int:
+        """``states`` plus the positions after each wildcard they hold (a wildcard may match nothing)."""
+        for n in self._stars:  # ascending, so a run of wildcards is skipped in one pass
+            if states >> n & 1:
+                states |= 1 << (n + 1)
+        return states
+
+    def _match(self, path: str) -> bool | None:
+        tokens, end = self._tokens, len(self._tokens)
+        states = self._start  # bit n: the glob's first n tokens match the path read so far
+        for ch in path:
+            advanced, rest = 0, states
+            while rest:
+                low = rest & -rest
+                rest ^= low
+                n = low.bit_length() - 1
+                if n == end:
+                    continue
+                kind, c = tokens[n]
+                if kind == "lit":
+                    if ch == c:
+                        advanced |= low << 1
+                elif kind == "**":
+                    advanced |= low
+                elif ch != "/":
+                    advanced |= low if kind == "*" else low << 1
+            if not advanced:
+                return None
+            states = self._closure(advanced)
+        return True if states >> end & 1 else None
+
+
 _REGEX_SEGMENT = re.compile(r"\^/([A-Za-z0-9_~!&',;=@-]+)/")
 
 
@@ -201,7 +270,7 @@ class Match:
     """A rule's ``match:`` as written, compiled into its request and response checks."""
 
     hosts: tuple[HostPattern, ...] = ()
-    path: re.Pattern[str] | None = None
+    path: re.Pattern[str] | Glob | None = None
     path_is_regex: bool = False  # regex: searched; glob: the whole path
     path_text: str = ""
     methods: frozenset[str] | None = None
@@ -278,7 +347,8 @@ class Match:
 
             checks.append(Check(host_ok, lambda v: f"host {v.head.host} not in {texts}"))
         if self.path is not None:
-            path_match = self.path.search if self.path_is_regex else self.path.fullmatch
+            path = self.path
+            path_match = path.search if isinstance(path, re.Pattern) else path.fullmatch
             path_text = self.path_text
             checks.append(Check(lambda v: path_match(v.path) is not None,
                                 lambda v: f"path {v.path} does not match {path_text!r}"))
