@@ -582,15 +582,14 @@ class MissPath:
             kept.entry.response, resp.status, resp.headers, response_time,
             conditional=revalidating is not None)
         match outcome:
-            case Freshen() if engine.storage.epoch != epoch:
-                # A purge came while the origin answered: the 304 vouches for the response
-                # stored before it (a soft purge's mark would be lost). Fetched anew instead.
-                resp.release()
-                await self._origin(run, None)
-                return
             case Freshen():
                 assert revalidating is not None
                 resp.release()
+                if engine.storage.epoch != epoch and await self._purged_meanwhile(attempt.key, revalidating):
+                    # The 304 vouches for the response stored before a purge of it came (a soft
+                    # purge's mark would be undone): fetched anew instead.
+                    await self._origin(run, None)
+                    return
                 await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head)
                 flight.set_head(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
                 self._end(run, Freshened(revalidating.entry))
@@ -607,6 +606,14 @@ class MissPath:
             case _:
                 assert_never(outcome)
         await self._deliver(run, resp, store_detail, entry, response_time)
+
+    async def _purged_meanwhile(self, key: str, revalidated: Cached) -> bool:
+        """Whether the variant a revalidation was sent for is no longer as it was: purged, or
+        marked stale by a soft purge. Asked only when some purge came during the revalidation
+        (the storage's epoch moved: any key's, an unsafe method's invalidation too)."""
+        stored = next((c for c in await self.engine.load(key)
+                       if c.entry.body_id == revalidated.entry.body_id), None)
+        return stored is None or stored.entry.response.invalidated != revalidated.entry.response.invalidated
 
     async def _deliver(self, run: _Run, resp: UpstreamResponse, store_detail: str,
                        entry: Entry | None, response_time: float) -> None:

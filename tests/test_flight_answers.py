@@ -57,6 +57,40 @@ async def test_a_revalidation_answered_after_a_soft_purge_does_not_make_the_purg
     assert served == 3
 
 
+async def test_a_purge_of_another_key_during_a_revalidation_does_not_make_it_fetch_again(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    answer_304 = asyncio.Event()
+    served = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal served
+        served += 1
+        if request.headers.get("If-None-Match") == '"1"':
+            await answer_304.wait()
+            return web.Response(status=304, headers={"Date": format_http_date(clock()), "ETag": '"1"',
+                                                     "Cache-Control": "max-age=100"})
+        return web.Response(body=b"v%d" % served, headers={
+            "Date": format_http_date(clock()), "ETag": f'"{served}"', "Cache-Control": "max-age=1"})
+
+    origin.route("/p", handler)
+    origin.route("/other", body=b"o", headers={"Cache-Control": "max-age=100"})
+    proxy = await clocked(make_proxy, clock)
+    assert (await proxy.get("/p")).body == b"v1"
+    assert (await proxy.get("/other")).body == b"o"
+    clock.advance(2)
+    revalidation = asyncio.ensure_future(proxy.get("/p"))
+    for _ in range(200):
+        if served == 2:
+            break
+        await asyncio.sleep(0.01)
+    host = proxy.url.removeprefix("http://")
+    assert (await proxy.admin("POST", "/purge", json={"urls": [f"http://{host}/other"]})).status == 200
+    answer_304.set()
+    reply = await revalidation
+    assert (reply.x_cache, reply.body) == ("REVALIDATED", b"v1")
+    assert served == 2  # the 304 was used: no second fetch
+
+
 async def test_a_client_too_late_to_join_a_failing_revalidation_is_not_served_the_stale_response(
         origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
     calls = 0
