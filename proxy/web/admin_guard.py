@@ -22,9 +22,13 @@ session cookie instead, which it does add by itself: that cookie is ``SameSite=S
 cross-site request carries it) and every state-changing call with it also needs the
 session's CSRF token in a header that only the console's own page can read and set.
 The ``Origin``/``Sec-Fetch-Site`` check still applies (it
-costs scripts nothing, they send neither), the ``Host`` check applies only when
-``admin.server_names`` is listed, and the ``Content-Type`` is not checked, so scripts
-that send the token with ``curl -d`` keep working. ``/healthz`` is never checked (it
+costs scripts nothing, they send neither), the ``Host`` check applies when
+``admin.server_names`` is listed or the request comes from a browser (it carries
+``Sec-Fetch-Site`` or ``Sec-Fetch-Mode``, which every current browser adds to every request
+and scripts do not), and the ``Content-Type`` is not checked, so scripts that send the token
+with ``curl -d`` keep working. Why browsers too: a page rebound to the listener is its own
+origin there, so it may read what it asks; without the ``Host`` check it could try tokens
+(a loopback listener's token may be short) at the speed of its scripts. ``/healthz`` is never checked (it
 tells nothing, and load balancers name hosts of their own).
 
 Refusals are 403 (Host, Origin) or 415 (Content-Type) with ``{"error": "..."}`` saying
@@ -135,7 +139,8 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
     if path in UNCHECKED_PATHS:
         return None
     hosts = headers.getall("Host", ())
-    if not settings.token_set or settings.server_names:
+    browser = "Sec-Fetch-Site" in headers or "Sec-Fetch-Mode" in headers
+    if not settings.token_set or settings.server_names or browser:
         if len(hosts) != 1:
             return Refused(403, "host", "the admin API needs exactly one Host header naming a loopback "
                                         "address or one of admin.server_names")

@@ -144,6 +144,22 @@ async def test_with_a_token_the_host_is_checked_only_when_server_names_are_liste
     assert (await send(named, "GET", "/stats", {"Host": "cache-2.internal", **auth})).status == 403
 
 
+async def test_with_a_token_a_browser_must_still_name_a_loopback_host(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    # A page rebound to the listener could otherwise try tokens and read the answers.
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    rebound = {"Host": f"{EVIL}:{port_of(proxy)}", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+    for token in (TOKEN, "guess"):
+        reply = await send(proxy, "GET", "/stats", {**rebound, "Authorization": f"Bearer {token}"})
+        assert reply.status == 403 and json.loads(reply.body)["error"].startswith("Host")
+    login = await send(proxy, "POST", "/console/api/login", {**rebound, "Content-Type": "application/json"},
+                       json.dumps({"token": "guess"}).encode())
+    assert login.status == 403
+    local = {"Host": f"127.0.0.1:{port_of(proxy)}", "Sec-Fetch-Site": "same-origin",
+             "Authorization": f"Bearer {TOKEN}"}
+    assert (await send(proxy, "GET", "/stats", local)).status == 200
+
+
 # -- cross-site request forgery -------------------------------------------------------------------
 
 # What browsers send for a cross-site POST that needs no preflight, and the refusal expected.
