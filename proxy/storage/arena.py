@@ -79,6 +79,7 @@ H_SECRET = 128  # 16 bytes
 _HEAD = struct.Struct("<QQIIIHBBII")
 HEADER = _HEAD.size  # 40
 F_PERSISTED = 1  # the disk tier has this record's content
+PRESENT = -1  # ``Arena.put(if_absent=True)``: the key has a record already; nothing written
 F_FILLER = 2  # not a record: the unused end of a lap
 F_SOFT = 4  # soft-purged: its variants read as stale
 _Q = struct.Struct("<Q")
@@ -385,9 +386,11 @@ class Arena:
     # -- writing (under the lock) ------------------------------------------------------------
 
     def put(self, key: str, meta: bytes, body: bytes | memoryview | Sequence[bytes | memoryview] = b"",
-            flags: int = 0, fp: int | None = None) -> int:
+            flags: int = 0, fp: int | None = None, if_absent: bool = False) -> int:
         """Write a record for ``key`` (replacing the one it had); its position, or 0 when it can
-        never fit (more than half the ring)."""
+        never fit (more than half the ring). ``if_absent``: only when the ring has no record of
+        the key, else ``PRESENT`` and nothing written (a promotion from disk must not replace a
+        fill another process wrote since it looked: the fill is newer, maybe not on disk yet)."""
         parts = [body] if isinstance(body, (bytes, memoryview)) else body
         body_len = sum(len(p) for p in parts)
         kb = key.encode("utf-8", "surrogatepass")
@@ -398,6 +401,8 @@ class Arena:
             fp = self.fingerprint(key)
         crc = zlib.crc32(meta, zlib.crc32(kb))
         with self.locked():
+            if if_absent and self.find(key, fp) is not None:
+                return PRESENT
             written = 0
             try:
                 pos = self._reserve(size)

@@ -39,7 +39,7 @@ from typing import Any
 
 from proxy.policy.keys import url_of_key
 from proxy.settings import MemoryPolicy
-from proxy.storage.arena import F_PERSISTED, Arena
+from proxy.storage.arena import F_PERSISTED, PRESENT, Arena
 from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
 
 # What a decoded key and variant cost in a process beyond their strings, measured with
@@ -338,7 +338,8 @@ class MemoryTier:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def put(self, key: str, variants: tuple[Cached, ...], *, admit: bool = False) -> bool:
+    def put(self, key: str, variants: tuple[Cached, ...], *, admit: bool = False,
+            if_absent: bool = False) -> bool:
         """Hold ``variants`` under ``key`` (a new record: whatever the key had is replaced); False
         when they can never fit. Bodies that are views of the arena are copied first.
 
@@ -349,7 +350,10 @@ class MemoryTier:
         run, and more are disk reads of the long tail; kept decoded, they pushed hot keys out of
         this process's decoded entries (and built the slot, its views and its cost for
         nothing). Paired with the code before (``scripts/bench-pair``): ``zipf`` 1.11x, 1.03x
-        and 1.04x the req/s in three runs, ``fill`` 1.00x, 1.07x and 1.09x."""
+        and 1.04x the req/s in three runs, ``fill`` 1.00x, 1.07x and 1.09x.
+
+        ``if_absent``: written only when the shared memory has no record of the key (checked
+        under the ring's lock): for promotions from disk (``Arena.put``)."""
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
         for c in variants:
@@ -363,7 +367,10 @@ class MemoryTier:
                 parts.append(body)
         meta = encode_record(metas)
         persisted = all(state == ON_DISK for _, _, state in metas)
-        pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0)
+        pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, if_absent=if_absent)
+        if pos == PRESENT:  # (``if_absent``) another process's record of the key stands
+            self._forget(key)
+            return True
         if not pos:
             self._forget(key)
             return False

@@ -275,7 +275,7 @@ class Reader:
             if not any(c.entry.response.vary for c in variants) and not self.promotions.admit(key):
                 return variants  # read from disk once in a while: served, not promoted
             t.memory.put(key, tuple(Cached(c.entry, c.body) if c.from_disk else c for c in variants),
-                         admit=True)
+                         admit=True, if_absent=True)  # (another worker's fill since the peek is newer)
         return variants
 
     def _inline(self) -> bool:
@@ -360,7 +360,7 @@ class Reader:
             current = t.memory.peek(key)
             if current is not None:
                 return current  # stored or promoted meanwhile: newer than what the disk had
-            t.memory.put(key, variants, admit=True)
+            t.memory.put(key, variants, admit=True, if_absent=True)
         return variants
 
     def _load_from_disk(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:

@@ -19,7 +19,7 @@ from proxy.storage.arena import F_PERSISTED, Arena
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.disk import DiskTier
 from proxy.storage.index import UrlTagIndex
-from proxy.storage.memory import HEAD_OVERHEAD, Cached, MemoryTier
+from proxy.storage.memory import ALL_TO_WRITE, HEAD_OVERHEAD, Cached, MemoryTier
 from proxy.storage.tiered import Storage
 from tests.storage.helpers import MB, entry, open_store, read_body, store
 
@@ -197,5 +197,30 @@ def test_the_index_clean_up_keeps_the_row_of_a_refill_committed_meanwhile(
         fresh = open_store(path)  # a restart
         assert await read_body(fresh, K) is None
         fresh.close()
+
+    asyncio.run(main())
+
+
+def test_a_promotion_from_disk_does_not_replace_a_fill_another_process_wrote_meanwhile(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"))
+        assert await store(s, entry(K), b"older, on disk")
+        s.memory.delete(K)  # the ring moved on
+        assert await s.get(K)  # a first disk read (the doorkeeper notes it)
+        other = MemoryTier(budget=16 * MB, max_object=MB, arena=s.memory.arena, doorkeeper=0)  # a worker
+        real_peek = s.memory.peek
+
+        def peek_then_the_other_fills(key: str) -> Any:
+            seen = real_peek(key)
+            if key == K and seen is None:  # between this process's look and its promotion
+                other.put(K, (Cached(entry(K), b"newer fill", state=ALL_TO_WRITE),))
+            return seen
+
+        s.memory.peek = peek_then_the_other_fills  # type: ignore[method-assign]
+        assert await s.get(K)  # the second disk read promotes
+        s.memory.peek = real_peek  # type: ignore[method-assign]
+        (held,) = s.memory.peek(K) or ()
+        assert s.memory.body_bytes(held) == b"newer fill"
+        s.close()
 
     asyncio.run(main())
