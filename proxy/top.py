@@ -89,6 +89,13 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 
+def _shown(text: str) -> str:
+    """``text`` with what a terminal would act on rather than show (C0 and C1 controls such as
+    ESC or U+009B, bidi overrides) replaced by U+FFFD: URLs, reasons and names come from
+    clients and origins, and must not move the cursor or recolour the operator's screen."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
 def _url_cell(url: str, width: int) -> str:
     """A URL shortened from the middle, so both host and end of path stay readable."""
     if len(url) <= width:
@@ -188,7 +195,7 @@ def render(live: dict[str, Any], points: list[dict[str, Any]], admin: str, width
         for r in reasons:
             lines.append(f"{_fit(r['reason'], 27):<28}{r['count']:>8,}  {r['example']}")
         lines.append("")
-    body = [_fit(line, width) for line in lines]
+    body = [_fit(_shown(line), width) for line in lines]
     footer = "q quit"
     if len(body) >= height:
         body = body[: max(0, height - 1)]

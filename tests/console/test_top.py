@@ -43,6 +43,15 @@ POINTS = [{"seq": i, "t": float(i), "dt": 1.0, "requests": {"HIT": 30, "MISS": 3
            "fills": 2, "evictions": 0, "p50": 0.1, "p99": 1.0} for i in range(1, 4)]
 
 
+def test_what_clients_and_origins_sent_cannot_drive_the_operators_terminal() -> None:
+    live = {**LIVE, "top_urls": [{"url": "https://shop.example/\x1b[2J\x9b31m\u202eevil", "requests": 1,
+                                  "hits": 1, "hit_ratio": 1.0}],
+            "not_stored": [{"reason": "PRIVATE\x07", "count": 1, "example": "https://a.example/\x1b]0;x\x07"}]}
+    text = "".join(render(live, POINTS, "http://127.0.0.1:8081", 120, 60))
+    assert not any(c in text for c in "\x1b\x9b\x07\u202e")
+    assert "https://shop.example/\ufffd[2J\ufffd31m\ufffdevil" in text
+
+
 def test_the_screen_shows_rates_latency_storage_upstreams_and_top_lists_within_its_size() -> None:
     lines = render(LIVE, POINTS, "http://127.0.0.1:8081", 100, 40, clock="12:00:00")
     text = "\n".join(lines)
