@@ -214,3 +214,14 @@ async def test_a_part_stored_under_allow_set_cookie_never_replays_the_cookie(
     whole = await proxy.get("/r")
     assert (whole.status, whole.x_cache, whole.body) == (200, "HIT", BODY)
     assert "Set-Cookie" not in whole.headers
+
+
+async def test_a_heads_range_is_ignored_rfc_9110_section_14_2(origin: Origin, make_proxy: MakeProxy) -> None:
+    # GET is the only method range handling is defined for: a HEAD with Range is answered
+    # as a HEAD without it (the stored 200's head), never a 206.
+    origin.route("/r", Representation())
+    proxy = await make_proxy(config=NONE)
+    assert (await get(proxy))[:2] == (200, "MISS")
+    head = await proxy.request("HEAD", "/r", headers={"Range": "bytes=2-5"})
+    assert (head.status, head.x_cache, head.headers.get("Content-Range")) == (200, "HIT", None)
+    assert head.headers["Content-Length"] == str(len(BODY))

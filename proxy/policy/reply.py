@@ -85,7 +85,9 @@ def reply_head(request: RequestHead, stored: StoredResponse, body_size: int,
     if not_modified:
         return NotModified([(k, v) for k, v in headers
                             if k.lower() in NOT_MODIFIED_FIELDS or k in _OWN_FIELDS])
-    spec = request_range(request.headers)
+    # RFC 9110 §14.2: GET is the only method range handling is defined for; a HEAD's Range is
+    # ignored (its answer is the 200's head).
+    spec = request_range(request.headers) if request.method == "GET" else None
     if stored.status == 206:
         held = answerable(stored, spec) if spec is not None else None
         part = part_range(stored)
