@@ -156,3 +156,21 @@ async def test_a_client_that_gave_up_on_a_flight_is_not_sent_its_late_1xx(make_p
         _, b = await asyncio.gather(_raw_get(proxy.url, 0.0), _raw_get(proxy.url, 0.1))
         _, _, body = b.partition(b"\r\n\r\n")
         assert body == LEAK_BODY
+
+
+async def test_a_1xx_is_relayed_without_framing_fields(origin: Origin, proxy: Proxy) -> None:
+    # RFC 9110 §8.6: a 1xx has no content; a Content-Length on one could make a lenient client
+    # read the next bytes as its body.
+    async def page(request: web.Request) -> web.Response:
+        await request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+                                   b"Content-Length: 5\r\n\r\n")
+        request.writer.output_size = 0
+        return web.Response(text="page", headers={"Cache-Control": "max-age=60"})
+
+    origin.route("/framed", page)
+    reader, writer = await open_exchange(proxy, b"GET /framed HTTP/1.1\r\nHost: site.example\r\n\r\n")
+    heads = await read_heads(reader, b"HTTP/1.1 200")
+    writer.close()
+    early = heads[0]
+    assert early.startswith(b"HTTP/1.1 103") and field(early, b"Link") == b"</a.css>; rel=preload"
+    assert field(early, b"Content-Length") is None and field(early, b"Transfer-Encoding") is None
