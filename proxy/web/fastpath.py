@@ -342,9 +342,23 @@ class ProxyRequestHandler(RequestHandler):
 
     async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None
                               ) -> tuple[web.StreamResponse, bool]:
-        """aiohttp's, then note whether the connection is back between requests (``_answered``):
-        the response is whole, the connection stays open, and nothing else was handed over."""
+        """aiohttp's, then wait while the transport is paused for writing, then note whether the
+        connection is back between requests (``_answered``): the response is whole, the
+        connection stays open, and nothing else was handed over.
+
+        The wait is what bounds the memory a client that never reads can take: a response
+        without a body (HEAD, 304, 204) writes its head at ``prepare`` and ``write_eof`` then
+        finds nothing to write, so nothing in aiohttp waits for the transport to drain, and its
+        loop would take the next pipelined request (and read on) while the replies piled up in
+        the transport's buffer (300,000 pipelined HEADs from one connection: +268 MB). Waiting
+        here holds the queue, so aiohttp pauses reading once it is full, and ``data_received``
+        leaves the paused connection to aiohttp (the fast path answers nothing meanwhile)."""
         out = await super().finish_response(request, resp, start_time)
+        if not out[1] and self.transport is not None and self._paused:
+            try:
+                await self._drain_helper()
+            except ConnectionError:  # the client went away while its replies waited
+                return out[0], True
         self._answered = (not out[1] and bool(out[0].keep_alive) and not self._messages
                           and request.content.is_eof())
         return out
