@@ -505,6 +505,12 @@ class Settings:
     max_request_head: int = setting(DEFAULT_MAX_HEAD, "the request line and fields together; a bigger head "
                                                       "is refused with 431",
                                     byte_size(minimum=1024, why=" (a browser's request head is 0.5-2KB)"))
+    # A request body is sent upstream as it arrives, on a pooled connection: without a limit, a
+    # client that stalls mid-upload holds that connection for as long as it likes, and
+    # pool_size of them stop every other client's misses (nginx: client_body_timeout).
+    client_body_timeout: float = setting(60.0, "the longest silence between two reads of a request "
+                                               "body; then 400, the connection closed",
+                                         duration(positive=True))
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
     # check prints them, run and reload log them).
     warnings: tuple[str, ...] = internal(())

@@ -89,8 +89,22 @@ def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList],
     return send
 
 
-async def _body_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(64 * 1024):
+async def _body_stream(request: web.BaseRequest, silence: float) -> AsyncIterator[bytes]:
+    """The client's request body as it arrives, each read given at most ``silence`` seconds
+    (``client_body_timeout``): the body goes upstream as it comes, on a pooled connection, and a
+    client that stalls mid-upload would otherwise hold that connection for as long as it likes
+    (pool_size of them stop every other client's misses). Running out is the client's failure
+    (``ClientBodyError``): a 400 if it still listens, the upstream connection dropped, nothing
+    counted against the upstream."""
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout(silence):
+                chunk = await content.read(64 * 1024)
+        except TimeoutError:
+            raise ClientBodyError(f"no byte of the request body for {silence:g}s") from None
+        if not chunk:
+            return
         yield chunk
 
 
@@ -176,7 +190,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             info.x_cache = "PURGE"
             return purged, len(purged.body or b"")
         fe.saw_host(head.host)
-        body = _body_stream(request) if request.body_exists else None
+        body = _body_stream(request, fe.settings.client_body_timeout) if request.body_exists else None
         reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
                                                           request_id=info.request_id, planned=planned))
     except ClientBodyError as exc:
