@@ -6,6 +6,11 @@ Exactly one process per cache directory is its *owner* and runs the store's
 upkeep in the background (sweeping bans into deletions, dropping index rows of
 evicted entries, removing what a crash left behind): the only process, or with
 ``--workers N`` the supervisor. Workers only reload the ban list now and then.
+
+The owner holds an exclusive lock on ``OWNER_LOCK`` in the cache directory while it runs:
+a second owner (another instance given the same ``cache.disk.path``) would run write-behind,
+repair and the orphan sweep beside the first, and its memory would never hear of the
+first one's purges. It refuses to start instead (``CacheDirectoryInUse``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.engine import Engine
+from proxy.lockfile import HeldLock, LockTaken
 from proxy.logs import AccessLog, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import PurgeOutcome, Purger, PurgeSpec
@@ -41,6 +47,28 @@ UPKEEP_INTERVAL = 1.0  # seconds between upkeep rounds (bans are swept within ab
 ORPHAN_SWEEP_INTERVAL = 3600.0
 BAN_RELOAD_INTERVAL = 30.0  # workers: pick up bans the sweeper removed
 MAX_HOSTS_SEEN = 10_000
+OWNER_LOCK = ".lock"  # in the cache directory; holds the owner's pid
+
+
+class CacheDirectoryInUse(Exception):
+    """Another running cachegate owns the cache directory."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        super().__init__(f"the cache directory {path} (cache.disk.path) is in use by another "
+                         f"cachegate ({holder}); each instance needs a cache directory of its own")
+        self.path = path
+
+
+def lock_cache_directory(settings: Settings) -> HeldLock | None:
+    """The owner's lock on its cache directory (None without a disk tier)."""
+    disk = settings.cache.disk
+    if disk is None:
+        return None
+    os.makedirs(disk.path, exist_ok=True)
+    try:
+        return HeldLock(os.path.join(disk.path, OWNER_LOCK))
+    except LockTaken as exc:
+        raise CacheDirectoryInUse(disk.path, exc.holder) from None
 
 
 def open_access_log(settings: Settings) -> AccessLog | None:
@@ -134,12 +162,21 @@ class Runtime:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Closed first by ``close`` (cluster mode's Redis connections), last added first.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _owner_lock: HeldLock | None = None  # the owner's, on its cache directory
 
     @classmethod
     async def open(cls, settings: Settings, *, owner: bool = True, arena_fd: int | None = None,
                    processes: int = 1) -> Runtime:
+        """Raises ``CacheDirectoryInUse`` when ``owner`` and another process owns the directory:
+        taken before anything is repaired or swept there."""
         started = time.time()
-        storage = open_storage(settings, arena_fd=arena_fd, processes=processes)
+        lock = lock_cache_directory(settings) if owner else None
+        try:
+            storage = open_storage(settings, arena_fd=arena_fd, processes=processes)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         metrics = Metrics()
         pool = UpstreamPool(settings.upstreams, settings.pool,
                             on_error=lambda name, kind: metrics.upstream_errors.labels(name, kind).inc())
@@ -165,6 +202,7 @@ class Runtime:
                 storage.persister.failures = engine.write_failures
                 runtime._tasks.append(asyncio.ensure_future(storage.persister.run_forever(interval)))
         runtime.owner = owner
+        runtime._owner_lock = lock
         return runtime
 
     async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
@@ -221,6 +259,9 @@ class Runtime:
             except Exception:
                 log.exception("writing the last fills to disk failed")
         self.storage.close()
+        if self._owner_lock is not None:  # after the store: nothing of ours writes there any more
+            self._owner_lock.release()
+            self._owner_lock = None
         if self.access_log is not None:
             self.access_log.close()
 

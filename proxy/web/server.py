@@ -32,7 +32,7 @@ from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
 from proxy.logs import say
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
-from proxy.runtime import ReloadResult, Runtime
+from proxy.runtime import CacheDirectoryInUse, ReloadResult, Runtime
 from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
 from proxy.web.console import register_console_calls
@@ -282,9 +282,13 @@ def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides) -
 async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None = None,
                        processes: int = 1) -> Runtime | None:
     """``Runtime.open``, or None after one line on stderr when the cache directory cannot be
-    used (not writable, a file in the way): an operator's mistake, not a traceback."""
+    used (not writable, a file in the way, owned by another running cachegate): an operator's
+    mistake, not a traceback."""
     try:
         return await Runtime.open(settings, owner=owner, arena_fd=arena_fd, processes=processes)
+    except CacheDirectoryInUse as exc:
+        print(f"cachegate: {exc}", file=sys.stderr, flush=True)
+        return None
     except OSError as exc:
         disk = settings.cache.disk
         where = disk.path if disk is not None else "?"

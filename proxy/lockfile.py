@@ -1,0 +1,88 @@
+"""Exclusive locks one running cachegate holds for its lifetime: its cache directory, its port.
+
+Why ``flock`` on a file: the kernel drops the lock when the process ends, however it ends
+(SIGKILL, a crash), so a stale lock never keeps the next start out, and a lock file left
+behind is harmless. The holder writes its pid into the file, so a refusal names the process
+that holds it. The lock is non-blocking: a second instance is told at once and refuses to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+import tempfile
+
+
+class LockTaken(Exception):
+    """Another process holds the lock; ``pid`` is what it wrote into the file (None: unknown)."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        super().__init__(f"{path} is locked by {'pid ' + str(pid) if pid else 'another process'}")
+        self.path = path
+        self.pid = pid
+
+    @property
+    def holder(self) -> str:
+        return f"pid {self.pid}" if self.pid else "another process"
+
+
+class HeldLock:
+    """An exclusive ``flock`` on ``path``, held until ``release`` (or the process ends)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise LockTaken(path, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # a holder that is gone names no pid
+            os.close(fd)  # closing the only descriptor drops the flock
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def runtime_dir() -> str | None:
+    """Where per-machine locks (the listening ports) live: ``$XDG_RUNTIME_DIR/cachegate``, else
+    ``cachegate-<uid>`` in the system's temporary directory. Only a directory this user owns
+    and nobody else may write to counts (another user could otherwise plant or hold the lock
+    files); None when there is none."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        path = os.path.join(base, "cachegate")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"cachegate-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return None
+    return path

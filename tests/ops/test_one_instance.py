@@ -1,0 +1,72 @@
+"""One running cachegate per cache directory and per listening port: a second refuses to start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Overrides, load_config
+from proxy.runtime import CacheDirectoryInUse, Runtime
+from tests.harness import Origin
+from tests.storage.procs import ProxyProcess, write_config
+
+pytestmark = pytest.mark.slow
+
+
+async def run_to_exit(config: str, *args: str, wait: float = 30.0) -> tuple[int | None, str]:
+    """``cachegate run`` that is expected to refuse: its exit code and output (None: it kept
+    running, and was killed)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", config, "--log-level", "warning", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=os.path.dirname(config))
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), wait)
+        return proc.returncode, out.decode(errors="replace")
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+        return None, out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
+async def test_a_second_owner_of_a_cache_directory_refuses_to_start_naming_it_and_the_holder(
+        origin: Origin, tmp_path: Path, workers: list[str]) -> None:
+    shared = tmp_path / "shared-cache"
+    cache = f"cache: {{memory: 16MB, disk: {{path: '{shared}', size: 64MB, shards: 2}}}}\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = ProxyProcess(str(tmp_path / "a"), write_config(str(tmp_path / "a"), origin.url, cache))
+    await first.start(*workers)
+    try:
+        assert first.process is not None
+        code, out = await run_to_exit(write_config(str(tmp_path / "b"), origin.url, cache), *workers)
+        assert code == 1, out
+        assert f"the cache directory {shared} (cache.disk.path) is in use" in out
+        assert f"pid {first.process.pid}" in out
+        assert (await first.get("/")).status in (200, 404)  # the first one serves on
+    finally:
+        assert await first.stop() == 0
+    # Stopped, it gave the directory up: the next owner starts.
+    second = ProxyProcess(str(tmp_path / "b"), os.path.join(tmp_path / "b", "cachegate.yaml"))
+    await second.start(*workers)
+    assert await second.stop() == 0
+
+
+async def test_only_the_owner_takes_the_cache_directory(origin: Origin, tmp_path: Path) -> None:
+    settings = load_config(write_config(str(tmp_path), origin.url,
+                                        "cache: {memory: 4MB, disk: {path: cache, size: 64MB}}\n"),
+                           Overrides())
+    owner = await Runtime.open(settings)
+    try:
+        with pytest.raises(CacheDirectoryInUse, match=r"cache\.disk\.path\) is in use .*pid "):
+            await Runtime.open(settings)
+        worker = await Runtime.open(settings, owner=False)  # a worker shares its owner's directory
+        await worker.close()
+    finally:
+        await owner.close()
+    again = await Runtime.open(settings)  # released at close
+    await again.close()
