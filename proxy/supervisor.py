@@ -5,7 +5,12 @@ clients. It
 
 - reserves the port: it binds a SO_REUSEPORT socket without listening on it, so
   ``listen: 127.0.0.1:0`` resolves to one port that every worker then binds (a
-  socket that does not listen takes no connections);
+  socket that does not listen takes no connections). SO_REUSEPORT lets any process
+  of the same user bind the port too, and the kernel would split the traffic between
+  two instances with different configs: so it first refuses a port something already
+  accepts on, and holds a lock named by the address for as long as it runs
+  (``proxy.lockfile``; a second supervisor finds it taken even before the first one's
+  workers listen);
 - starts the workers as fresh interpreters (``python -m proxy.supervisor worker``),
   each with one end of a ``socketpair`` as its control channel
   (``proxy.control``), and restarts one that dies (with backoff when it keeps dying);
@@ -35,6 +40,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -50,6 +56,7 @@ from proxy.config import Overrides, Settings
 from proxy.control import Channel, ChannelClosed
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
+from proxy.lockfile import HeldLock, LockTaken, runtime_dir
 from proxy.logs import say, setup_logging
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
@@ -102,6 +109,7 @@ class Supervisor:
         self.stopping = False
         self.runtime: Runtime | None = None
         self._ports: tuple[int, ...] = tuple(li.port for li in settings.listeners)  # as reserved
+        self._port_locks: list[HeldLock] = []  # one per reserved address, held while running
         self._tasks: set[asyncio.Task[Any]] = set()
         # Calls the workers may make to the supervisor, by name (features add their own);
         # each gets the calling worker's id as ``worker_id`` besides the call's arguments.
@@ -123,8 +131,7 @@ class Supervisor:
         setup_logging(worker="supervisor")
         opened = await open_runtime(self.settings, owner=True, processes=self.settings.workers)
         if opened is None:
-            for sock in reserved:
-                sock.close()
+            self._release(reserved)
             return 1
         runtime = self.runtime = opened
         runtime.metrics.process_label = "supervisor"
@@ -140,8 +147,7 @@ class Supervisor:
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             await runtime.close()
-            for sock in reserved:
-                sock.close()
+            self._release(reserved)
             return 1
         if admin is not None:
             listeners.runners.append(admin)
@@ -154,8 +160,7 @@ class Supervisor:
                 print(f"cachegate: {exc}", file=sys.stderr, flush=True)
                 await listeners.stop(0)
                 await runtime.close()
-                for sock in reserved:
-                    sock.close()
+                self._release(reserved)
                 return 1
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -204,8 +209,7 @@ class Supervisor:
             for t in list(self._tasks):
                 t.cancel()
             await runtime.close()
-            for sock in reserved:
-                sock.close()
+            self._release(reserved)
         say("cachegate: stopped", event="stopped")
         return status
 
@@ -223,17 +227,41 @@ class Supervisor:
                 host, port = listener.address
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
                 family, _, _, _, addr = infos[0]
+                if port and _accepting(family, addr):
+                    raise OSError(f"{_fmt(host)}:{port}: another process already accepts connections "
+                                  "on this port")
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 reserved.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(addr)
+                self._lock_address(family, sock.getsockname())
         except OSError:
-            for sock in reserved:
-                sock.close()
+            self._release(reserved)
             raise
         self._ports = tuple(sock.getsockname()[1] for sock in reserved)
         return reserved
+
+    def _lock_address(self, family: int, bound: Any) -> None:
+        """The lock of one reserved address (its port resolved), or OSError naming the holder."""
+        where = runtime_dir()
+        if where is None:  # no private directory for locks: the connect probe has to do
+            log.warning("no private runtime directory for port locks; relying on a connect probe")
+            return
+        host, port = str(bound[0]), int(bound[1])
+        name = f"port-{'6' if family == socket.AF_INET6 else '4'}-{host.replace(':', '_')}-{port}.lock"
+        try:
+            self._port_locks.append(HeldLock(os.path.join(where, name)))
+        except LockTaken as exc:
+            raise OSError(f"{_fmt(host)}:{port} is in use by another cachegate ({exc.holder})") from None
+
+    def _release(self, reserved: list[socket.socket]) -> None:
+        """Close the reserved sockets and give their addresses' locks up."""
+        for sock in reserved:
+            sock.close()
+        for lock in self._port_locks:
+            lock.release()
+        self._port_locks.clear()
 
     def _track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -423,6 +451,22 @@ class Supervisor:
         live = [w.channel for w in self.workers if w.channel is not None]
         return list(await asyncio.gather(*(c.call(name, wait=wait, **args) for c in live),
                                          return_exceptions=True))
+
+
+def _accepting(family: int, addr: Any) -> bool:
+    """Whether something accepts connections at ``addr`` (a wildcard address: on loopback)."""
+    host = addr[0]
+    if host in ("0.0.0.0", "::"):
+        addr = ("127.0.0.1" if family == socket.AF_INET else "::1", *addr[1:])
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(addr)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _worker_main(argv: list[str]) -> int:

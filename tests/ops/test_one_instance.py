@@ -70,3 +70,42 @@ async def test_only_the_owner_takes_the_cache_directory(origin: Origin, tmp_path
         await owner.close()
     again = await Runtime.open(settings)  # released at close
     await again.close()
+
+
+async def test_a_second_supervisor_on_the_same_port_refuses_to_start(origin: Origin, tmp_path: Path) -> None:
+    """SO_REUSEPORT would let it bind, and the kernel split the traffic between the two."""
+    cache = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = ProxyProcess(str(tmp_path / "a"), write_config(str(tmp_path / "a"), origin.url, cache))
+    await first.start("--workers", "2")
+    try:
+        address = first.url.split("//", 1)[1]
+        for workers in (["--workers", "2"], []):  # a single process: its plain bind fails
+            code, out = await run_to_exit(write_config(str(tmp_path / "b"), origin.url, cache),
+                                          "--listen", address, *workers)
+            assert code == 1, out
+            assert f"cachegate: cannot listen: {address}" in out or "address already in use" in out, out
+    finally:
+        assert await first.stop() == 0
+
+
+def test_a_reserved_port_is_locked_before_any_worker_listens(tmp_path: Path) -> None:
+    """The connect probe cannot see a supervisor whose workers do not listen yet: the lock does."""
+    from proxy.supervisor import Supervisor
+
+    def supervisor(listen: str) -> Supervisor:
+        config = write_config(str(tmp_path), "http://127.0.0.1:9", "cache: {memory: 4MB}\n")
+        return Supervisor(load_config(config, Overrides(listen=(listen,))), config, Overrides())
+
+    first = supervisor("127.0.0.1:0")
+    reserved = first._reserve_ports()
+    try:
+        second = supervisor(f"127.0.0.1:{first._ports[0]}")
+        with pytest.raises(OSError, match=rf"127\.0\.0\.1:{first._ports[0]} is in use by another "
+                                          rf"cachegate \(pid {os.getpid()}\)"):
+            second._reserve_ports()
+    finally:
+        first._release(reserved)
+    again = supervisor(f"127.0.0.1:{first._ports[0]}")  # released
+    again._release(again._reserve_ports())
