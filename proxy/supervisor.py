@@ -68,6 +68,7 @@ from proxy.web.server import (
     _bound,
     _fmt,
     check_c_parser,
+    ignore_while_stopping,
     install_reloader,
     open_runtime,
     say_started,
@@ -201,8 +202,7 @@ class Supervisor:
         finally:
             self.stopping = True
             runtime.state = "stopping"
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            ignore_while_stopping(loop, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
             log.info("shutting down: stopping the workers (grace %gs)", self._grace())
             await self._stop_workers()
             await listeners.stop(self._grace())

@@ -124,6 +124,35 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, o
     assert "cachegate: stopped" in proc.text
 
 
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
+async def test_sighup_and_a_second_sigterm_during_the_drain_are_ignored(
+        tmp_path: Path, origin: Origin, workers: list[str]) -> None:
+    """logrotate's SIGHUP or an impatient second SIGTERM while draining: the in-flight request
+    still completes and the exit is 0 (the default action of either signal would kill)."""
+    origin.route("/slow", body=b"done", delay=2.0)
+    config = write(tmp_path / "c.yaml", "shutdown_grace: 10s\n"
+                                        "cache: {disk: {path: cache, size: 64MB, shards: 2}}\n")
+    proc = await asyncio.to_thread(spawn_cachegate, [
+        "run", "--config", config, "--upstream", origin.url, "--listen", "127.0.0.1:0",
+        "--admin-listen", "127.0.0.1:0", *workers])
+    try:
+        async with aiohttp.ClientSession() as session:
+            pending = asyncio.ensure_future(session.get(proc.proxy_url + "/slow"))
+            await asyncio.sleep(0.5)
+            proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.proc.send_signal(signal.SIGTERM)
+            resp = await pending
+            assert (resp.status, await resp.read()) == (200, b"done")
+            code = await asyncio.to_thread(proc.wait, 30)
+    finally:
+        proc.stop(signal.SIGKILL)
+    assert code == 0, proc.text
+    assert "SIGHUP ignored while stopping" in proc.text
+    assert "cachegate: stopped" in proc.text
+
+
 async def test_access_log_writes_a_json_line_per_request_with_its_cache_status(
         tmp_path: Path, origin: Origin) -> None:
     """access_log: true in a real `cachegate run`: JSON lines on stdout, the hit on the fast path

@@ -3,7 +3,8 @@
 SIGTERM/SIGINT: stop accepting, let in-flight requests finish within
 ``shutdown_grace``, finish background fills, close the store, exit 0.
 SIGHUP: re-read config and rules; a bad new config is logged and the old one
-keeps serving.
+keeps serving. Once stopping, SIGTERM, SIGINT and SIGHUP are logged and ignored:
+the drain goes on.
 
 The same ``serve`` runs a worker of ``cachegate run --workers N``; the
 supervisor itself is ``proxy.supervisor``.
@@ -372,8 +373,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         runtime.state = "stopping"
         # The grace period of the config running now: a reload may have changed it.
         log.info("shutting down: finishing in-flight requests (grace %gs)", runtime.settings.shutdown_grace)
-        for sig in (*stop_signals, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        ignore_while_stopping(loop, (*stop_signals, signal.SIGHUP))
         await listeners.stop(runtime.settings.shutdown_grace)
         if channel is not None:
             await channel.close()
@@ -381,6 +381,19 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     if worker is None:
         say("cachegate: stopped", event="stopped")
     return 0
+
+
+def ignore_while_stopping(loop: asyncio.AbstractEventLoop, signals: tuple[signal.Signals, ...]) -> None:
+    """Once a stop began, ``signals`` only log. Why not remove the handlers: that resets them to
+    the default action, which for SIGTERM and SIGHUP is to die, and a second SIGTERM (an
+    impatient operator, a pod's preStop plus the kubelet) or a SIGHUP (logrotate's postrotate,
+    ``systemctl reload``) during the drain would cut the in-flight requests off and exit non-zero."""
+    for sig in signals:
+        loop.add_signal_handler(sig, _ignored_while_stopping, sig)
+
+
+def _ignored_while_stopping(sig: signal.Signals) -> None:
+    log.warning("%s ignored while stopping", signal.Signals(sig).name)
 
 
 async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Reloader,
