@@ -119,6 +119,8 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, o
         proc.proc.send_signal(signal.SIGTERM)
         resp = await pending
         assert (resp.status, await resp.read()) == (200, b"done")
+        # The connection closes after it: the head says so, or the client would reuse it.
+        assert resp.headers.get("Connection") == "close"
         code = await asyncio.to_thread(proc.wait, 20)
     assert code == 0, proc.text
     assert "cachegate: stopped" in proc.text

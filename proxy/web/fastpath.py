@@ -212,6 +212,8 @@ class FastPath:
         return out
 
     def _serve(self, fe: FrontEnd, known: Known, remote: str, started: float) -> FastAnswer | None:
+        if self._front.runtime.state == "stopping":
+            return None  # its heads are keep-alive ones: the general path says Connection: close
         head = known.head
         found = self._fresh_hit(head, known.plan, known.key, FAST_FILE_MAX)
         if found is None:
@@ -310,6 +312,11 @@ class ProxyRequestHandler(RequestHandler):
         self.declined: Declined | None = None  # the fast path's view of the request it left
         self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
         self._front = front
+
+    @property
+    def stopping(self) -> bool:
+        """The process is stopping: every reply closes its connection (``heads.closing``)."""
+        return self._front.runtime.state == "stopping"
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -24,6 +24,7 @@ origin's), so this writer owns those fields alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
@@ -79,6 +80,16 @@ def serialise(version: tuple[int, int], status: int, reason: str, fields: CIMult
     return _serialize_headers(status_line(version, status, reason), fields)
 
 
+def closing(protocol: Any) -> bool:
+    """The connection ends after this response whatever the request asked: aiohttp's handler
+    was told to close (``close``, or ``shutdown`` of a graceful stop, which forces it), or the
+    process is stopping (``ProxyRequestHandler.stopping``, before aiohttp is told). The head
+    then says ``Connection: close``, so a client does not send its next request into it."""
+    if protocol is None:
+        return False
+    return bool(protocol._force_close or protocol._close or getattr(protocol, "stopping", False))
+
+
 class ReplyResponse(web.StreamResponse):
     """aiohttp's ``StreamResponse`` with its head from ``frame`` (the general path's every
     reply). ``length`` is the body's (None: unknown); a ``body`` given here is sent with the
@@ -104,6 +115,8 @@ class ReplyResponse(web.StreamResponse):
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = request.keep_alive
+        if keep_alive and closing(request.protocol):
+            keep_alive = False
         framing = frame(self._headers, self.status, request.method, request.version, self._reply_length,
                         keep_alive, rfc822_formatted_time())
         self._keep_alive = framing.keep_alive
@@ -149,4 +162,5 @@ def from_response(resp: web.StreamResponse, method: str) -> ReplyResponse:
     return plain_reply(resp.status, resp.reason, CIMultiDict(resp.headers), body, method)
 
 
-__all__ = ["Framing", "ReplyResponse", "frame", "from_response", "plain_reply", "serialise", "status_line"]
+__all__ = ["Framing", "ReplyResponse", "closing", "frame", "from_response", "plain_reply", "serialise",
+           "status_line"]
