@@ -209,22 +209,24 @@ def base_cache_options(s: Settings) -> CacheOptions:
 
 
 def load_config(path: str | None, overrides: Overrides | None = None, *,
-                running_admin: HostPort | None = None) -> Settings:
+                running_admin: HostPort | None = None, display: str | None = None) -> Settings:
     """Load and validate; raise ConfigError with every ``FILE:LINE: message`` found.
 
     ``running_admin`` is the admin listener of a process that reloads: it keeps listening there
-    until a restart, so the new token is checked against it too."""
+    until a restart, so the new token is checked against it too. ``display``: the file ``path``
+    is a copy of (a supervisor's workers read the copy of the config it last loaded good):
+    messages name it, and relative paths in it are relative to its directory."""
     problems = Problems()
     overrides = overrides or Overrides()
     if path is None:
         root = Src({}, "<defaults>", 1)
         base_dir = os.getcwd()
     else:
-        loaded = load_yaml(path, problems)
+        loaded = load_yaml(path, problems, display)
         if loaded is None:
             raise ConfigError(problems.items, problems.warnings)
         root = loaded
-        base_dir = os.path.dirname(os.path.abspath(path))
+        base_dir = os.path.dirname(os.path.abspath(display or path))
     settings = read_settings(root, Context(problems, base_dir))
     settings = _apply_overrides(settings, overrides, problems)
     _check(settings, problems, root, overrides, running_admin)

@@ -42,10 +42,12 @@ def start_logging(level: str, worker: str | None = None) -> None:
     setup_logging(level, worker=worker)
 
 
-def load_settings(path: str | None, overrides: Overrides, *, warn: bool = False) -> Settings | None:
-    """The settings, or None after printing every problem (and, with ``warn``, every warning)."""
+def load_settings(path: str | None, overrides: Overrides, *, warn: bool = False,
+                  display: str | None = None) -> Settings | None:
+    """The settings, or None after printing every problem (and, with ``warn``, every warning);
+    ``display`` as for ``load_config``."""
     try:
-        settings = load_config(path, overrides)
+        settings = load_config(path, overrides, display=display)
     except ConfigError as exc:
         for line in exc.problems + (exc.warnings if warn else []):
             print(line, file=sys.stderr)

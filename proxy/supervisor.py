@@ -13,7 +13,11 @@ clients. It
   workers listen);
 - starts the workers as fresh interpreters (``python -m proxy.supervisor worker``),
   each with one end of a ``socketpair`` as its control channel
-  (``proxy.control``), and restarts one that dies (with backoff when it keeps dying);
+  (``proxy.control``), and restarts one that dies (with backoff when it keeps dying).
+  A worker reads a copy of the config file as the supervisor last loaded it good
+  (``ConfigCopy``), not the file as it is now: a file edited but not reloaded yet, or
+  broken, would give a restarted worker another config than its siblings, or make
+  it exit at every restart;
 - owns the cache directory's upkeep and runs the admin API;
 - purges for everyone: the shared half once on the disk tier (deletes and bans),
   then ``purge_local`` in every worker, and answers only when every worker has
@@ -41,9 +45,11 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -94,6 +100,38 @@ class Worker:
     restarts: int = 0
 
 
+class ConfigCopy:
+    """The config file as the supervisor last loaded it good, in a private temporary directory
+    (``path``), for its workers. A reload copies the file to ``staged`` first and loads that
+    copy, so what it validated is exactly what the workers get (``commit``), whatever happens
+    to the file meanwhile. Loaded with ``display=original`` (``load_config``): messages name
+    the original, and its relative paths (rule files, the cache directory) resolve as before."""
+
+    def __init__(self, original: str) -> None:
+        self.original = original
+        self.directory = tempfile.mkdtemp(prefix="cachegate-config-")
+        self.path = os.path.join(self.directory, "config.yaml")
+        self.staged = os.path.join(self.directory, "config.yaml.next")
+        try:
+            shutil.copyfile(original, self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def stage(self) -> None:
+        shutil.copyfile(self.original, self.staged)
+
+    def commit(self) -> None:
+        os.replace(self.staged, self.path)  # atomic: a worker starting now reads one or the other
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self.staged)
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def supervise(settings: Settings, config_path: str | None, overrides: Overrides,
               use_uvloop: bool = True) -> int:
     return run_async(Supervisor(settings, config_path, overrides, use_uvloop).run(), use_uvloop)
@@ -111,6 +149,7 @@ class Supervisor:
         self.runtime: Runtime | None = None
         self._ports: tuple[int, ...] = tuple(li.port for li in settings.listeners)  # as reserved
         self._port_locks: list[HeldLock] = []  # one per reserved address, held while running
+        self._config: ConfigCopy | None = None  # what workers read (None: the file itself)
         self._tasks: set[asyncio.Task[Any]] = set()
         # Calls the workers may make to the supervisor, by name (features add their own);
         # each gets the calling worker's id as ``worker_id`` besides the call's arguments.
@@ -130,6 +169,19 @@ class Supervisor:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             return 1
         setup_logging(worker="supervisor")
+        if self.config_path is not None:
+            try:
+                self._config = ConfigCopy(self.config_path)
+            except OSError as exc:  # no private temporary directory: workers read the file
+                log.warning("cannot keep a copy of the config for the workers (%s); a restarted "
+                            "worker reads %s as it is then", exc, self.config_path)
+        try:
+            return await self._run(reserved)
+        finally:
+            if self._config is not None:
+                self._config.close()
+
+    async def _run(self, reserved: list[socket.socket]) -> int:
         opened = await open_runtime(self.settings, owner=True, processes=self.settings.workers)
         if opened is None:
             self._release(reserved)
@@ -139,7 +191,9 @@ class Supervisor:
         self.leases.table = LeaseTable(runtime.storage.memory.arena)
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
-        reloader = install_reloader(runtime, self.config_path, self.overrides)
+        copy = self._config
+        reloader = install_reloader(runtime, copy.staged if copy is not None else self.config_path,
+                                    self.overrides, self.config_path)
         runtime.reload_config = lambda: self.reload(reloader)
         listeners = Listeners()
         try:
@@ -285,7 +339,9 @@ class Supervisor:
         args = [sys.executable, "-m", "proxy.supervisor", "worker",
                 "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
                 "--arena-fd", str(arena_fd), "--overrides", json.dumps(asdict(overrides))]
-        if self.config_path is not None:
+        if self._config is not None:
+            args += ["--config", self._config.path, "--config-as", self._config.original]
+        elif self.config_path is not None:
             args += ["--config", self.config_path]
         if not self.use_uvloop:
             args.append("--no-uvloop")
@@ -414,8 +470,20 @@ class Supervisor:
         """Re-read the config here (validating it), then in every worker (SIGHUP, POST /reload).
 
         The answer is the supervisor's own reload; the workers follow within moments (each
-        reads the same files; a worker that rejects them logs why and keeps its config)."""
+        reads the copy of the config file this reload validated, ``ConfigCopy``, and the same
+        rule files; a worker that rejects them logs why and keeps its config)."""
+        copy = self._config
+        if copy is not None:
+            try:
+                copy.stage()
+            except OSError as exc:
+                return reloader.reject([f"{copy.original}:0: cannot read file: {exc.strerror or exc}"])
         result = reloader.reload()
+        if copy is not None:
+            if result.ok:
+                copy.commit()  # before the workers reload: they read the copy
+            else:
+                copy.discard()
         if result.ok:
             self._track(self._reload_workers())
         return result
@@ -475,6 +543,7 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--arena-fd", type=int)
     parser.add_argument("--config")
+    parser.add_argument("--config-as")  # the file --config is a copy of (``ConfigCopy``)
     parser.add_argument("--overrides", required=True)
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log-level", default="info")
@@ -485,14 +554,15 @@ def _worker_main(argv: list[str]) -> int:
     for name in ("upstreams", "listen", "ports"):  # JSON lists back to tuples
         raw[name] = tuple(raw.get(name) or ())
     overrides = Overrides(**raw)
-    settings = load_settings(args.config, overrides)
+    settings = load_settings(args.config, overrides, display=args.config_as)
     if settings is None:
         return EXIT_CONFIG
     log_as_configured(settings)
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_async(serve(settings, args.config, overrides,
-                           WorkerLink(args.worker_id, args.control_fd, args.arena_fd)), not args.no_uvloop)
+                           WorkerLink(args.worker_id, args.control_fd, args.arena_fd, args.config_as)),
+                     not args.no_uvloop)
 
 
 if __name__ == "__main__":

@@ -234,8 +234,9 @@ class Reloader:
 
     def __init__(self, path: str | None, overrides: Overrides, current: Callable[[], Settings],
                  apply: Callable[[Settings], None],
-                 on_result: Callable[[bool], None] | None = None) -> None:
+                 on_result: Callable[[bool], None] | None = None, display: str | None = None) -> None:
         self.path = path
+        self.display = display  # the config file ``path`` is a copy of (``load_config``)
         self.overrides = overrides
         self._current = current
         self._apply = apply
@@ -244,12 +245,13 @@ class Reloader:
     def reload(self) -> ReloadResult:
         try:
             # The token of a listener that only a restart moves is checked where it listens now.
-            new = load_config(self.path, self.overrides, running_admin=self._current().admin.listen)
+            new = load_config(self.path, self.overrides, running_admin=self._current().admin.listen,
+                              display=self.display)
         except ConfigError as exc:
-            return self._rejected(exc.problems)
+            return self.reject(exc.problems)
         except Exception as exc:  # a bug must not take the serving process down with it
             log.exception("reload failed")
-            return self._rejected([f"{self.path}:0: reload failed: {exc!r}"])
+            return self.reject([f"{self.display or self.path}:0: reload failed: {exc!r}"])
         merged, restart = live_settings(self._current(), new)
         self._apply(merged)
         gctuning.resettle_soon()
@@ -257,14 +259,15 @@ class Reloader:
             log.warning("reload: %s changed; it applies at the next restart", name)
         for warning in new.warnings:
             log.warning("reload: %s", warning)
-        log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.path,
+        log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.display or self.path,
                  len(merged.rules.rules), len(merged.rules.files))
         if self._on_result:
             self._on_result(True)
         return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files, new.warnings)
 
 
-    def _rejected(self, problems: list[str]) -> ReloadResult:
+    def reject(self, problems: list[str]) -> ReloadResult:
+        """A reload that did not happen: ``problems`` logged and answered, the old config stays."""
         for p in problems:
             log.error("reload rejected, the running config stays: %s", p)
         if self._on_result:
@@ -272,10 +275,12 @@ class Reloader:
         return ReloadResult(problems)
 
 
-def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides) -> Reloader:
+def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides,
+                     display: str | None = None) -> Reloader:
     """Give ``runtime`` its reload (used by SIGHUP and ``POST /reload``)."""
     reloader = Reloader(path, overrides, lambda: runtime.settings, runtime.reconfigure,
-                        lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc())
+                        lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc(),
+                        display)
     runtime.reload_config = reloader.reload
     return reloader
 
@@ -305,6 +310,9 @@ class WorkerLink:
     worker_id: int
     control_fd: int
     arena_fd: int | None = None  # the machine's shared memory (proxy.storage.arena), a memfd
+    # The config file whose copy (the one it last loaded good) the supervisor hands the worker
+    # as its config path: messages name it, relative paths resolve from its directory.
+    config_as: str | None = None
 
 
 async def serve(settings: Settings, config_path: str | None, overrides: Overrides,
@@ -327,7 +335,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    reloader = install_reloader(runtime, config_path, overrides)
+    reloader = install_reloader(runtime, config_path, overrides,
+                                worker.config_as if worker is not None else None)
     channel = None
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)

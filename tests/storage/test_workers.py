@@ -279,3 +279,45 @@ async def test_two_workers_together_stay_within_the_machines_memory_budget(
         assert peak <= (96 << 20) + 2 * WORKER_OVERHEAD, peak / (1 << 20)
     finally:
         await proxy.stop()
+
+
+async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_as_it_is(
+        origin: Origin, tmp_path: Path) -> None:
+    """An edited file not reloaded yet, or a broken one: a restarted worker runs what its
+    siblings run (and starts at all), with the config's relative rule file still found."""
+    origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n  - name: mark\n    match: {path: /h}\n    response_headers: {add: {X-Rule: here}}\n")
+    extra = "rules: [rules.yaml]\n"
+    config = write_config(str(tmp_path), origin.url, CACHE, extra + "via: before\n")
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start("--workers", "2")
+
+    async def restart_worker_1() -> None:
+        old = proxy.workers[1]
+        os.kill(old, signal.SIGKILL)
+        await proxy.wait_for(lambda: proxy.workers[1] != old, wait=30)
+
+    def good(via: str) -> object:
+        return lambda r: f"1.1 {via}" in r.headers["Via"] and r.headers.get("X-Rule") == "here"
+
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        write_config(str(tmp_path), origin.url, CACHE, extra + "via: edited\n")  # not reloaded
+        await restart_worker_1()
+        assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
+        for _ in range(10):
+            assert "1.1 before" in (await proxy.get("/h")).headers["Via"]
+        write_config(str(tmp_path), origin.url, CACHE, extra + "workers: lots\n")  # broken
+        await restart_worker_1()  # it starts (it would exit 2 at every restart)
+        assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
+        assert (await proxy.admin("POST", "/reload")).status != 200  # rejected: "before" stays
+        await restart_worker_1()
+        assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
+        write_config(str(tmp_path), origin.url, CACHE, extra + "via: after\n")
+        assert (await proxy.admin("POST", "/reload")).status == 200
+        await every_worker_says(proxy, "1.1 after")
+        await restart_worker_1()
+        assert len(await _until_each_worker(proxy, "/h", 2, good("after"))) == 2
+    finally:
+        assert await proxy.stop() == 0
