@@ -79,9 +79,9 @@ def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList],
         writer = request._payload_writer
         if writer is not None and writer.output_size:
             return  # the final response has begun: a 1xx now would land inside its body
-        fields = [(k, v) for k, v in fields if k.lower() not in ("content-length", "transfer-encoding")]
+        kept = [(k, v) for k, v in fields if k.lower() not in ("content-length", "transfer-encoding")]
         try:  # (a 1xx has no body: framing fields on one could make a lenient client read one)
-            head = serialise(HttpVersion11, status, reason, CIMultiDict(fields))
+            head = serialise(HttpVersion11, status, reason, CIMultiDict(kept))
         except (ValueError, TypeError):  # a field aiohttp refuses to write: send none of it
             return
         transport.write(head)
