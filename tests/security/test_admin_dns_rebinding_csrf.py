@@ -138,6 +138,7 @@ async def test_with_a_token_the_host_is_checked_only_when_server_names_are_liste
     free = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
     reply = await send(free, "GET", "/stats", {"Host": f"cache-1.internal:{port_of(free)}", **auth})
     assert reply.status == 200  # the token is the lock: scrapers and scripts use names of their own
+    await free.close()  # (one process per cache directory)
     named = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}, "
                                     "server_names: [cache-1.internal]}\n")
     assert (await send(named, "GET", "/stats", {"Host": "cache-1.internal", **auth})).status == 200
