@@ -585,11 +585,13 @@ class MissPath:
             case Freshen():
                 assert revalidating is not None
                 resp.release()
-                if engine.storage.epoch != epoch and await self._purged_meanwhile(attempt.key, revalidating):
-                    # The 304 vouches for the response stored before a purge of it came (a soft
-                    # purge's mark would be undone): fetched anew instead.
-                    await self._origin(run, None)
-                    return
+                while engine.storage.epoch != epoch:  # (again if one came during the look)
+                    epoch = engine.storage.epoch
+                    if await self._purged_meanwhile(attempt.key, revalidating):
+                        # The 304 vouches for the response stored before a purge of it came (a
+                        # soft purge's mark would be undone): fetched anew instead.
+                        await self._origin(run, None)
+                        return
                 await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head)
                 flight.set_head(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
                 self._end(run, Freshened(revalidating.entry))

@@ -17,7 +17,7 @@ clients. It
   A worker reads a copy of the config file as the supervisor last loaded it good
   (``ConfigCopy``), not the file as it is now: a file edited but not reloaded yet, or
   broken, would give a restarted worker another config than its siblings, or make
-  it exit at every restart;
+  it exit at every restart (the main file only: rule files are read as they are);
 - owns the cache directory's upkeep and runs the admin API;
 - purges for everyone: the shared half once on the disk tier (deletes and bans),
   then ``purge_local`` in every worker, and answers only when every worker has
@@ -114,15 +114,31 @@ class ConfigCopy:
         self.staged = os.path.join(self.directory, "config.yaml.next")
         try:
             shutil.copyfile(original, self.path)
+            with open(self.path, "rb") as f:
+                self._text = f.read()  # kept: see ``current``
         except BaseException:
             self.close()
             raise
+        self._staged_text = b""
 
     def stage(self) -> None:
         shutil.copyfile(self.original, self.staged)
+        with open(self.staged, "rb") as f:
+            self._staged_text = f.read()
 
     def commit(self) -> None:
         os.replace(self.staged, self.path)  # atomic: a worker starting now reads one or the other
+        self._text = self._staged_text
+
+    def current(self) -> str:
+        """The copy's path for a worker starting now, written again from memory when something
+        removed it: a supervisor runs for months, and temporary-file cleaners (systemd-tmpfiles:
+        10 days unused) delete files in the temporary directory."""
+        if not os.path.isfile(self.path):
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            with open(self.path, "wb") as f:
+                f.write(self._text)
+        return self.path
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -340,7 +356,7 @@ class Supervisor:
                 "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
                 "--arena-fd", str(arena_fd), "--overrides", json.dumps(asdict(overrides))]
         if self._config is not None:
-            args += ["--config", self._config.path, "--config-as", self._config.original]
+            args += ["--config", self._config.current(), "--config-as", self._config.original]
         elif self.config_path is not None:
             args += ["--config", self.config_path]
         if not self.use_uvloop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -317,6 +318,13 @@ async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_
         write_config(str(tmp_path), origin.url, CACHE, extra + "via: after\n")
         assert (await proxy.admin("POST", "/reload")).status == 200
         await every_worker_says(proxy, "1.1 after")
+        await restart_worker_1()
+        assert len(await _until_each_worker(proxy, "/h", 2, good("after"))) == 2
+        # A temporary-file cleaner removes the copy (the supervisor runs for months): written again.
+        with open(f"/proc/{proxy.workers[1]}/cmdline", "rb") as f:  # noqa: ASYNC230 (procfs, instant)
+            argv = f.read().split(b"\0")
+        copy = argv[argv.index(b"--config") + 1].decode()
+        shutil.rmtree(os.path.dirname(copy))
         await restart_worker_1()
         assert len(await _until_each_worker(proxy, "/h", 2, good("after"))) == 2
     finally:
