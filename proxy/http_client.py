@@ -57,10 +57,12 @@ import collections
 import contextlib
 import importlib
 import logging
+import re
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterable, Callable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
@@ -166,6 +168,22 @@ def _payload_error(name: str) -> type[UpstreamBodyError]:
     return cls
 
 
+_BAD_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def reason_phrase(status: int, reason: str) -> str:
+    """The origin's reason phrase, or the status code's standard one when it holds a control
+    character (RFC 9112 §4: HTAB, SP, VCHAR and obs-text only): the parser lets \\x01 or DEL
+    through, and a strict client would refuse the response that relayed it, or the stored one
+    served to everyone after it."""
+    if not _BAD_REASON.search(reason):
+        return reason
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 class Response:
     """A response head, and its body as the parser's stream."""
 
@@ -173,7 +191,7 @@ class Response:
 
     def __init__(self, message: Any, payload: StreamReader, conn: UpstreamConnection, exchange: int) -> None:
         self.status: int = message.code
-        self.reason: str = message.reason or ""
+        self.reason: str = reason_phrase(message.code, message.reason or "")
         self.headers: CIMultiDictProxy[str] = message.headers
         self._payload = payload
         self._conn = conn
@@ -351,7 +369,7 @@ class UpstreamConnection(BaseProtocol):
                     hook = self._on_interim
                     if hook is not None:
                         try:
-                            hook(code, message.reason or "", message.headers)
+                            hook(code, reason_phrase(code, message.reason or ""), message.headers)
                         except Exception:  # the client's side is not this exchange's concern
                             logging.getLogger("cachegate.upstream").exception("interim response hook")
                     continue

@@ -19,9 +19,10 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.errors import ClientBodyError, UpstreamError, UpstreamProtocolError
-from proxy.http_client import KEEPALIVE_IDLE, HostPool, request_head
+from proxy.http_client import KEEPALIVE_IDLE, HostPool, reason_phrase, request_head
 from tests.conftest import MakeProxy
 from tests.harness import Origin
+from tests.security.misbehaving import Conn, raw_origins
 
 Answer = Callable[[bytes], bytes | list[bytes]]  # request head -> response bytes (or packets)
 
@@ -437,3 +438,32 @@ async def test_interim_responses_reach_the_hook_in_order_and_stay_out_of_the_res
         assert up.connections == 1
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize(("status", "reason", "relayed"), [
+    (200, "OK", "OK"), (200, "All Good", "All Good"), (200, "caf\xe9\tok", "caf\xe9\tok"),
+    (200, "O\x01K", "OK"), (404, "gone\x7f", "Not Found"), (599, "odd\x1b", ""),
+])
+def test_a_reason_phrase_with_a_control_character_is_replaced_by_the_standard_one(
+        status: int, reason: str, relayed: str) -> None:
+    # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only; a strict client would refuse the response.
+    assert reason_phrase(status, reason) == relayed
+
+
+async def test_an_origins_reason_phrase_with_a_control_character_never_reaches_a_client(
+        make_proxy: MakeProxy) -> None:
+    async def serve(conn: Conn) -> None:
+        while True:
+            await conn.request()
+            await conn.send(b"HTTP/1.1 200 O\x01K\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nhi")
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(upstreams=[origin.url])
+        for _ in range(2):  # the miss, then the stored response
+            host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /r HTTP/1.1\r\nHost: site.example\r\n\r\n")
+            line = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            assert line == b"HTTP/1.1 200 OK\r\n"
