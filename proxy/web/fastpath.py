@@ -444,7 +444,7 @@ class ProxyRequestHandler(RequestHandler):
             out = None
         if out is None:
             return False
-        self._send(out)
+        self._send(out)  # (aborted or not, the request was answered)
         return True
 
     def _answer(self, messages: Sequence[Any], raw: bytes | None) -> int:
@@ -473,19 +473,21 @@ class ProxyRequestHandler(RequestHandler):
                 self.declined = declined if declined is not None and declined.msg is msg else None
                 return i
             self._parser.message_consumed()
-            self._send(out)
-            if self.transport is None or self.transport.is_closing():
+            if not self._send(out):
                 return len(messages)  # aborted (a body file cut short): nobody to answer
         return len(messages)
 
-    def _send(self, out: FastAnswer) -> None:
-        """Write a fast answer, and count the request as aiohttp's loop does."""
+    def _send(self, out: FastAnswer) -> bool:
+        """Write a fast answer, and count the request as aiohttp's loop does; False when the
+        connection was aborted instead (a body file cut short: ``_send_file``)."""
         transport = self.transport
         assert transport is not None  # checked before the request was answered
+        sent = True
         if isinstance(out, bytes):
             transport.write(out)
         elif isinstance(out[1], SharedFile):
-            if not self._send_file(transport, out[0], out[1], out[2] if len(out) == 3 else None):
+            sent = self._send_file(transport, out[0], out[1], out[2] if len(out) == 3 else None)
+            if not sent:
                 transport.abort()
         else:
             transport.writelines(out)
@@ -493,8 +495,9 @@ class ProxyRequestHandler(RequestHandler):
         manager = self._manager
         if manager is not None:
             manager.requests_count += 1
-        if not transport.is_closing():
+        if sent:
             self._kept_alive()
+        return sent
 
     def _send_file(self, transport: Any, head: bytes, shared: SharedFile, cached: Cached | None) -> bool:
         """The head, then the body file with ``os.sendfile`` as far as the socket takes it at

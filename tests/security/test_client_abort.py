@@ -104,9 +104,9 @@ async def abort_upload(proxy: Proxy, seen: list[int], how: str) -> bytes:
 async def test_a_request_body_that_breaks_off_is_not_an_upstream_failure(
     make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A client that announces a body and goes away part-way through it is the client's failure:
-    counted against the upstream (passive health: 3 failures, out for 10 s), a few such POSTs
-    would take every upstream out and everyone would get a 503."""
+    """A client that announces a body and goes away part-way through it is the client's failure,
+    not the upstream's: were it counted against the upstream (passive health: 3 failures, out
+    for 10 s), a few such POSTs would take every upstream out and everyone would get a 503."""
     heads: list[int] = []  # the connections that got a POST head
     ended: list[int] = []  # the connections cachegate dropped while sending a body on them
     ok = response("200 OK", {"Cache-Control": "no-store"}, b"fine")
