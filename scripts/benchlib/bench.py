@@ -828,7 +828,7 @@ def _profile_system(exe: str, system: System, loads: list[Workload], opts: Optio
     suffix = "" if system.name == "cachegate" else f"-{system.name}"
     pid = system.worker_pids()[0]
     for w in loads:
-        if w.name not in ("hit-1k", "pass-1k"):
+        if w.name not in ("hit-1k", "pass-1k", "keys-1k"):
             continue
         raw = opts.out_dir / f"profile-{w.name}{suffix}.txt"
         opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -1024,7 +1024,7 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--skip", default="", help="comma-separated systems to leave out")
     p.add_argument("--no-wrk", action="store_true", help="start, prime and check every system; no load")
     p.add_argument("--profile", action="store_true",
-                   help="afterwards, py-spy record cachegate on hit-1k and pass-1k")
+                   help="afterwards, py-spy record cachegate on hit-1k, pass-1k and keys-1k")
     p.add_argument("--profile-seconds", type=float, default=10)
     p.add_argument("--out", default=str(ROOT / "var" / "bench"), help="where the JSON goes")
     a = p.parse_args(argv)
