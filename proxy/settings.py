@@ -499,6 +499,13 @@ class Settings:
                               "cgroup quota)", Parser("integer ≥ 1 or auto", _workers))
     shutdown_grace: float = setting(10.0, "how long requests in flight may take to finish on SIGTERM",
                                     duration())
+    # A worker whose event loop is stuck (a blocking call, a loop that never ends, SIGSTOP) keeps
+    # accepting its share of connections (SO_REUSEPORT) and answers none of them: the supervisor
+    # pings each worker and kills one that stays silent, as Varnish's manager does with its child
+    # (cli_timeout) and gunicorn's arbiter with its workers (timeout, 30 s).
+    worker_timeout: float = setting(30.0, "with several workers, a worker that does not answer the "
+                                          "supervisor's ping for this long is killed and restarted",
+                                    duration(positive=True))
     via: str = setting("cachegate", "the name cachegate gives itself in Via fields (a token: no spaces)",
                        text(check=_via_name))
     cluster: ClusterSettings | None = setting(None, "cluster mode on Redis (none: this node alone)")

@@ -13,7 +13,8 @@ clients. It
   workers listen);
 - starts the workers as fresh interpreters (``python -m proxy.supervisor worker``),
   each with one end of a ``socketpair`` as its control channel
-  (``proxy.control``), and restarts one that dies (with backoff when it keeps dying).
+  (``proxy.control``), and restarts one that dies (with backoff when it keeps dying)
+  or that leaves its pings unanswered for ``worker_timeout`` (killed first: ``_watchdog``).
   A worker reads a copy of the config file as the supervisor last loaded it good
   (``ConfigCopy``), not the file as it is now: a file edited but not reloaded yet, or
   broken, would give a restarted worker another config than its siblings, or make
@@ -59,7 +60,7 @@ from proxy import gctuning
 from proxy.cluster import ClusterUnavailable
 from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings
-from proxy.control import Channel, ChannelClosed
+from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
 from proxy.lockfile import HeldLock, LockTaken, runtime_dir
@@ -85,6 +86,7 @@ from proxy.web.server import (
 log = logging.getLogger("cachegate.supervisor")
 
 PURGE_ACK_TIMEOUT = 10.0  # seconds a worker has to drop purged keys before it is killed
+PING_INTERVAL = 5.0  # seconds between two liveness pings of a worker (at most worker_timeout / 2)
 READY_TIMEOUT = 60.0
 MAX_BACKOFF = 30.0
 
@@ -382,6 +384,9 @@ class Supervisor:
     def _handlers(self, w: Worker) -> dict[str, Any]:
         async def ready(worker_id: int, pid: int) -> None:
             w.ready.set()
+            process, channel = w.process, w.channel
+            if process is not None and channel is not None:
+                self._track(self._watchdog(w, process, channel))
             say(f"cachegate: worker {worker_id} ready (pid {pid})", event="worker_ready",
                 worker_id=worker_id, pid=pid)
 
@@ -418,6 +423,38 @@ class Supervisor:
         say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
             event="worker_exited", worker_id=w.worker_id, pid=process.pid, code=code)
         self._spawn_soon(w, delay)
+
+    async def _watchdog(self, w: Worker, process: asyncio.subprocess.Process, channel: Channel) -> None:
+        """Ping a ready worker every few seconds; kill it (``_watch`` restarts it) when it does
+        not answer within ``worker_timeout``: its event loop is stuck, and the connections the
+        kernel keeps handing it would wait forever. The ping is answered by the worker's loop
+        (``proxy.web.server``), so it tests exactly what clients need."""
+        while True:
+            timeout = self._worker_timeout()
+            await asyncio.sleep(min(PING_INTERVAL, timeout / 2))
+            if self.stopping or process.returncode is not None or channel.closed.is_set():
+                return
+            try:
+                await channel.call("ping", wait=timeout)
+            except TimeoutError:
+                if self.stopping or process.returncode is not None:
+                    return
+                log.error("worker %d (pid %d) did not answer a ping for %gs (its event loop is stuck); "
+                          "killing it", w.worker_id, process.pid, timeout)
+                say(f"cachegate: worker {w.worker_id} (pid {process.pid}) unresponsive for {timeout:g}s; "
+                    "killing it", event="worker_unresponsive", worker_id=w.worker_id, pid=process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                return
+            except ChannelClosed:
+                return  # it died: ``_watch`` restarts it
+            except RemoteError as exc:
+                log.error("worker %d: ping failed: %s", w.worker_id, exc)
+
+    def _worker_timeout(self) -> float:
+        """worker_timeout of the config running now (a reload applies it at once)."""
+        runtime = self.runtime
+        return (runtime.settings if runtime is not None else self.settings).worker_timeout
 
     async def _stop_workers(self) -> None:
         procs = [w.process for w in self.workers if w.process is not None and w.process.returncode is None]

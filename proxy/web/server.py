@@ -195,7 +195,7 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
     Rules, the admin token, purge_from and server_names, trusted_proxies, via, tag_headers,
-    lock_timeout, range_fill, shutdown_grace, server_header and the access log apply at once
+    lock_timeout, range_fill, shutdown_grace, worker_timeout, server_header and the access log apply at once
     (they are read per request), and so do TLS certificates (read again, also from the same
     files). Listener addresses, upstreams, cache tiers and workers keep their running values
     until a restart; they are named so the operator is told instead of silently ignored.

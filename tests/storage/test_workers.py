@@ -134,6 +134,32 @@ async def test_a_worker_killed_with_sigkill_is_restarted_and_sigterm_stops_all_w
             os.kill(pid, 0)
 
 
+async def test_a_worker_whose_loop_is_stuck_is_killed_and_restarted(origin: Origin, tmp_path: Path) -> None:
+    """A stopped worker (SIGSTOP: its loop answers nothing, as a stuck one) still gets its share
+    of new connections from the kernel: the supervisor's ping finds it silent within
+    ``worker_timeout`` and replaces it, and every client is answered again."""
+    origin.route("/s", body=b"s", headers={"Cache-Control": "max-age=300"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE + "worker_timeout: 1s\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        await _until_each_worker(proxy, "/s", 2, lambda r: r.status == 200)
+        old = proxy.workers[0]
+        os.kill(old, signal.SIGSTOP)
+        await proxy.wait_for(lambda: proxy.workers[0] != old, wait=30)
+        assert any("worker 0" in line and "unresponsive for 1s" in line for line in proxy.lines)
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):  # killed (SIGKILL reaches a stopped process), and reaped
+                os.kill(old, 0)
+                await asyncio.sleep(0.1)
+        seen = await _until_each_worker(proxy, "/s", 2, lambda r: r.status == 200 and r.body == b"s")
+        assert sorted(seen) == ["0", "1"]
+        # The busy but healthy sibling was left alone.
+        assert not any("worker 1" in line and "unresponsive" in line for line in proxy.lines)
+    finally:
+        await proxy.stop(signal.SIGTERM)
+
+
 async def every_worker_says(proxy: ProxyProcess, via: str) -> None:
     """Wait until the reloaded config answers everywhere: six answers in a row carry ``via``,
     then each of the two workers has answered with it."""
