@@ -54,9 +54,11 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
             return tier.purge(spec, {keys_for_url(u, rules) for u in spec.urls})
 
     host, port = settings.listen
+    index = runtime.storage.index
     node = ClusterNode(cluster, local_purge, disk.path if disk is not None else None,
                        shared_purge=shared_purge,
-                       info=lambda: {"workers": workers, "listen": f"{host}:{port}"})
+                       info=lambda: {"workers": workers, "listen": f"{host}:{port}"},
+                       local_entries=index.count if index is not None else None)
     runtime.metrics.add_collector(node.collect)
     runtime.cluster = node  # GET /healthz says "not ready" while it catches up
     try:

@@ -94,13 +94,15 @@ class _Pending:
 class ClusterNode:
     def __init__(self, settings: ClusterSettings, local_purge: LocalPurge, state_dir: str | None,
                  *, shared_purge: Callable[[PurgeSpec], Awaitable[None]] | None = None,
-                 info: Callable[[], dict[str, Any]] | None = None) -> None:
+                 info: Callable[[], dict[str, Any]] | None = None,
+                 local_entries: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self.name = settings.node
         self.names = Names(settings.namespace)
         self._local = local_purge
         self._shared_purge = shared_purge
         self._info = info or dict
+        self._local_entries = local_entries  # how many entries the local cache holds (disk)
         self._state_path = os.path.join(state_dir, STATE_FILE) if state_dir else None
         self.saved: Saved | None = self._load_state()
         self.state = "starting"  # starting, catching-up, ready, disconnected, stopped
@@ -111,7 +113,7 @@ class ClusterNode:
         self.started = time.time()
         self.counts: dict[str, int] = dict.fromkeys(
             ("sent", "applied", "incomplete", "unavailable", "reconnects", "damaged", "outbox_dropped"), 0)
-        self.full_purges: dict[str, int] = {"trimmed": 0, "redis-lost-data": 0}
+        self.full_purges: dict[str, int] = {"trimmed": 0, "redis-lost-data": 0, "no-state": 0}
         self._pending: dict[str, _Pending] = {}
         self._early: dict[str, dict[str, int]] = {}  # acks that came before their XADD's answer
         self._own: dict[str, asyncio.Future[None]] = {}  # own entries, applied by purge()
@@ -268,7 +270,9 @@ class ClusterNode:
             if first:
                 entry = stream.decode_entry(first[0][0], first[0][1])
                 next_seq = entry.seq if entry is not None else None
-        plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along)
+        holds = saved is None and self._local_entries is not None and self._local_entries() > 0
+        plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along,
+                                  holds_entries=holds)
         match plan:
             case Flush():
                 await self._flush(plan.reason, tip)
@@ -285,7 +289,9 @@ class ClusterNode:
         """Purge the whole local cache: this node cannot know which purges it missed."""
         self.full_purges[reason] = self.full_purges.get(reason, 0) + 1
         why = {"trimmed": "the purges it missed were trimmed from the stream",
-               "redis-lost-data": "Redis lost its data (a new epoch)"}.get(reason, reason)
+               "redis-lost-data": "Redis lost its data (a new epoch)",
+               "no-state": f"it holds entries but no record of the purges it applied ({STATE_FILE} "
+                           "missing or unreadable)"}.get(reason, reason)
         log.warning("cluster: purging the whole local cache: %s, so this node cannot know which "
                     "purges it missed", why)
         await self._local(PurgeSpec(all=True))
@@ -541,8 +547,8 @@ class ClusterNode:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("cluster: %s is unreadable (%s): this node resumes as if it were new",
-                        self._state_path, exc)
+            log.warning("cluster: %s is unreadable (%s): this node resumes as if it were new "
+                        "(its local cache is purged if it holds anything)", self._state_path, exc)
             return None
 
     def _save(self, saved: Saved) -> None:

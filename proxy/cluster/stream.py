@@ -91,7 +91,7 @@ class Flush:
     after ``after`` (the stream's end: what came before is moot once everything is gone)."""
 
     after: str
-    reason: str  # "trimmed" or "redis-lost-data", for the log and the metric
+    reason: str  # "trimmed", "redis-lost-data" or "no-state", for the log and the metric
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,18 +103,23 @@ class Tip:
     last_id: str  # the last entry's id (START: none)
 
 
-def plan_resume(saved: Saved | None, tip: Tip, next_seq: int | None, *, keep_unknown: bool = False
-                ) -> Resume | Flush:
+def plan_resume(saved: Saved | None, tip: Tip, next_seq: int | None, *, keep_unknown: bool = False,
+                holds_entries: bool = False) -> Resume | Flush:
     """Where a node starts reading, given what it last applied (``saved``), the stream's
     tip, and the seq of the first entry still in the stream after ``saved.id`` (None: none).
 
     ``keep_unknown``: the node has been running all along and had applied everything it
     had seen when Redis went away, so a new epoch (Redis restarted empty) costs it nothing:
     what the old epoch held after its last read was lost with Redis, for every node alike.
+    ``holds_entries``: its local cache is not empty. Without a record of what it applied
+    (a cache directory from before cluster mode, its record deleted or unreadable), what
+    it holds may have been purged anywhere meanwhile.
 
     >>> tip = Tip("e1", 10, "9-0")
     >>> plan_resume(None, tip, None)          # joining: from now on
     Resume(after='9-0')
+    >>> plan_resume(None, tip, None, holds_entries=True)   # a cache, and no record of its purges
+    Flush(after='9-0', reason='no-state')
     >>> plan_resume(Saved("e1", 7, "6-0"), tip, 8)
     Resume(after='6-0')
     >>> plan_resume(Saved("e1", 7, "6-0"), tip, 9)   # seq 8 was trimmed away
@@ -123,7 +128,7 @@ def plan_resume(saved: Saved | None, tip: Tip, next_seq: int | None, *, keep_unk
     Flush(after='9-0', reason='redis-lost-data')
     """
     if saved is None:
-        return Resume(tip.last_id)
+        return Flush(tip.last_id, "no-state") if holds_entries else Resume(tip.last_id)
     if saved.epoch != tip.epoch:
         return Resume(START) if keep_unknown else Flush(tip.last_id, "redis-lost-data")
     if tip.seq < saved.seq:

@@ -113,3 +113,35 @@ async def test_a_node_whose_last_purge_was_trimmed_away_purges_its_whole_local_c
         assert int(shared_redis.command("XLEN", f"{nodes.namespace}:purges").strip(b":\r\n")) < 400
     finally:
         await nodes.stop_all()
+
+
+async def test_a_node_with_a_cache_but_no_record_of_its_purges_purges_its_whole_local_cache(
+        origin: Origin, tmp_path: Path, shared_redis: RedisServer) -> None:
+    """Its record deleted (or unreadable, or a cache directory from before cluster mode): what it
+    holds may have been purged while it was away, and it cannot know which."""
+    routes(origin)
+    nodes = Nodes(str(tmp_path), origin.url, shared_redis.url)
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        await a.get("/keep")
+        await fill(b, ["/keep", "/k/1"])
+        await b.stop()
+        await wait_until(lambda: gone_from_cluster(a, "b"))
+        await purge_many(a, [{"urls": [f"http://{HOST}/k/1"]}])
+        state = tmp_path / "b" / "cache" / "cluster-state.json"
+        assert state.exists()
+        state.unlink()
+
+        b = await nodes.start("b")
+        assert (await b.get("/k/1")).x_cache == "MISS", "b served what the cluster purged while it was away"
+        assert (await b.get("/keep")).x_cache == "MISS"  # no purge named it, but b cannot know
+        m = await metrics(b)
+        assert m[("cachegate_cluster_full_purges_total", (("reason", "no-state"),))] == 1
+        assert state.exists()  # recorded again: the next start resumes where it left off
+        await b.stop()
+        b = await nodes.start("b")
+        assert (await b.get("/keep")).x_cache == "HIT"
+        m = await metrics(b)
+        assert m[("cachegate_cluster_full_purges_total", (("reason", "no-state"),))] == 0
+    finally:
+        await nodes.stop_all()
