@@ -764,10 +764,12 @@ class MissPath:
         match step:
             case FromStore():
                 reader.close()
+                # Its leader and its followers alike: their requests came before the origin's
+                # answer, so what it stored or validated (the variant each selects) is theirs.
                 return await self._serve_after_flight(attempt, fhead.status, step.x_cache, step.collapsed,
                                                       stored=step.stored,
                                                       flight=flight if step.this_flight else None,
-                                                      own=None if collapsed else flight)
+                                                      own=flight)
             case StaleInstead():
                 reader.close()
                 assert stale is not None
@@ -950,13 +952,14 @@ class MissPath:
     async def _serve_after_flight(self, attempt: Attempt, fwd_status: int | None, x_cache: str,
                                   collapsed: bool, *, stored: bool = False,
                                   flight: Flight | None = None, own: Flight | None = None) -> Reply:
-        """Answer from the store once ``flight`` (by default, the key's) has ended. The client
-        whose request a flight fetched (``own``, ended) gets the variant it stored or
-        freshened, fresh or not: the origin has just answered for it. Any other client gets
-        what the store holds only when that is a fresh hit for its own request
-        (``decide_lookup``): the flight may have stored nothing (an error, a late joiner's
-        flight that failed), or freshened another variant than this client's. Else the
-        request is fetched for this client alone."""
+        """Answer from the store once ``flight`` (by default, the key's) has ended. A client of
+        the flight (``own``, ended: its leader or a follower that joined it, whose request
+        came before the origin's answer) gets the variant it stored or freshened, fresh or
+        not (a ``no-cache`` response validated once for all of them): the origin has just
+        answered for it. Any other client gets what the store holds only when that is a
+        fresh hit for its own request (``decide_lookup``): the flight may have stored nothing
+        (an error, a late joiner's flight that failed), or freshened another variant than
+        this client's. Else the request is fetched for this client alone."""
         engine, req, key = self.engine, attempt.req, attempt.key
         flight = flight or self.coalescer.get(key)
         if flight is not None:

@@ -183,3 +183,24 @@ async def test_a_304_to_a_fill_without_conditions_is_a_502_for_every_client(
     again = await proxy.get("/n")
     assert again.status == 502  # nothing stored, no hit-for-pass relaying the 304
     assert origin.count("/n") == 2
+
+
+async def test_the_followers_of_a_revalidation_share_its_304_for_a_no_cache_response(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """``no-cache`` + ETag (the usual HTML setting): clients that joined a revalidation were sent
+    with it, and its 304 came after their requests: the response it validated is theirs too
+    (RFC 9111 §4.2.4 asks for a validation, not one per client), rather than a full fetch each."""
+    async def page(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        fields = {"Cache-Control": "no-cache", "ETag": '"v1"'}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=fields)
+        return web.Response(body=b"page", headers=fields)
+
+    origin.route("/html", page)
+    proxy = await make_proxy()
+    assert (await proxy.get("/html")).body == b"page"
+    answers = await herd(proxy.url + "/html", 8)
+    assert [(status, body) for status, _, body in answers] == [(200, b"page")] * 8
+    assert sorted(x for _, x, _ in answers) == ["REVALIDATED"] * 8, answers
+    assert origin.count("/html") == 2  # the fill, then one revalidation for the eight
