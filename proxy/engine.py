@@ -121,7 +121,7 @@ class Store(Protocol):
     def drop_body_file(self, entry: Entry) -> None: ...
     def writing(self, key: str) -> list[Any]: ...
     def writing_urls(self, urls: Iterable[str]) -> list[Any]: ...
-    def spool(self, entry: Entry, expected_length: int | None) -> BodySpool: ...
+    def spool(self, entry: Entry, expected_length: int | None, since: int | None = None) -> BodySpool: ...
     def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None: ...
     def put_memory(self, entry: Entry, spool: BodySpool) -> bool: ...
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool: ...
@@ -451,6 +451,7 @@ class Engine:
         wanted = f"bytes={'' if first is None else first}-{'' if last is None else last}"
         upstream = replace(upstream, headers=(*upstream.headers, ("Range", wanted)))
         request_time = self.clock()
+        epoch = self.storage.epoch
         try:
             resp = await self.send(upstream, on_interim=relay(req.interim))
         except UpstreamError as exc:
@@ -459,7 +460,7 @@ class Engine:
         if resp.status == 200:
             # An origin that ignores Range sends the whole representation: that is the fill.
             return await self.miss.answer_unshared(Attempt(req, plan, key, fwd), resp, request_time,
-                                                   response_time)
+                                                   response_time, epoch)
         if resp.status != 206:  # an error, or a 416 about this range only: passed on, not stored
             return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
                                       False)
@@ -476,7 +477,7 @@ class Engine:
         out = self.response_headers(resp.headers)
         out.append(("Cache-Status", cs))
         out.append(("X-Cache-Status", "MISS"))
-        body = self._tee_part(resp, entry, held, old)
+        body = self._tee_part(resp, entry, held, old, epoch)
         # Framed by the origin's own length: a body that disagrees with its Content-Range reaches
         # the client as sent, and is not stored (the spool expects the range's length).
         return self.finish(plan, Reply(206, resp.reason, out, body, resp.content_length, "MISS",
@@ -490,11 +491,11 @@ class Engine:
             head, resp.status, resp.reason, resp.headers, request_time, response_time), part=True)
 
     async def _tee_part(self, resp: UpstreamResponse, entry: Entry | None, held: ByteRange,
-                        old: Cached | None) -> AsyncIterator[bytes]:
+                        old: Cached | None, epoch: int) -> AsyncIterator[bytes]:
         """The part's body to the client as it arrives, and to a spool; stored once complete.
         A spool write that fails (a full disk) gives up the store, never the client's answer:
         counted and logged as a fill's is (``Flights._spool_write``)."""
-        spool = self.storage.spool(entry, held.length) if entry is not None else None
+        spool = self.storage.spool(entry, held.length, epoch) if entry is not None else None
         try:
             async for chunk in resp.iter_chunks():
                 if spool is not None:

@@ -607,7 +607,7 @@ class MissPath:
                 store_detail, entry = engine.fill_decision(attempt, resp, request_time, response_time)
             case _:
                 assert_never(outcome)
-        await self._deliver(run, resp, store_detail, entry, response_time)
+        await self._deliver(run, resp, store_detail, entry, response_time, epoch)
 
     async def _purged_meanwhile(self, key: str, revalidated: Cached) -> bool:
         """Whether the variant a revalidation was sent for is no longer as it was: purged, or
@@ -618,8 +618,9 @@ class MissPath:
         return stored is None or stored.entry.response.invalidated != revalidated.entry.response.invalidated
 
     async def _deliver(self, run: _Run, resp: UpstreamResponse, store_detail: str,
-                       entry: Entry | None, response_time: float) -> None:
-        """A flight's response: its head to the clients, its body to them and to the store."""
+                       entry: Entry | None, response_time: float, epoch: int) -> None:
+        """A flight's response: its head to the clients, its body to them and to the store
+        (not when a purge since ``epoch``, the store's when the request went out, covers it)."""
         engine, flight, key = self.engine, run.flight, run.attempt.key
         storage = engine.storage
         shareable = entry is not None and shareable_with_followers(entry.response, response_time)
@@ -642,7 +643,7 @@ class MissPath:
                     log.exception("telling the workers waiting on %s failed", key)
         spool = None
         if entry is not None:
-            spool = storage.spool(entry, resp.content_length)
+            spool = storage.spool(entry, resp.content_length, epoch)
         flight.spool = spool
         body = flight.body
         body.storing = spool is not None
@@ -877,6 +878,7 @@ class MissPath:
         (and this client is answered from that flight), which ends the hit-for-pass."""
         engine = self.engine
         request_time = engine.clock()
+        epoch = engine.storage.epoch
         try:
             resp = await engine.send(engine.upstream(attempt.req, attempt.plan),
                                      on_interim=relay(attempt.req.interim))
@@ -886,12 +888,13 @@ class MissPath:
         if unasked is not None:
             return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
         response_time = engine.clock()
-        return await self.answer_unshared(attempt, resp, request_time, response_time)
+        return await self.answer_unshared(attempt, resp, request_time, response_time, epoch)
 
     async def answer_unshared(self, attempt: Attempt, resp: UpstreamResponse, request_time: float,
-                              response_time: float) -> Reply:
+                              response_time: float, epoch: int) -> Reply:
         """Answer one client from a response fetched for it alone; stored (through a flight
-        nobody else may join) when it is storable."""
+        nobody else may join) when it is storable and no purge since ``epoch`` (the store's
+        when the request went out) covers it."""
         engine = self.engine
         head = attempt.req.head
         try:
@@ -901,7 +904,7 @@ class MissPath:
             raise
         if entry is not None:
             async def deliver(run: _Run) -> None:
-                await self._deliver(run, resp, store_detail, entry, response_time)
+                await self._deliver(run, resp, store_detail, entry, response_time, epoch)
 
             # Answered as a leader of a flight of its own: no stale to fall back on.
             solo = Attempt(attempt.req, attempt.plan, attempt.key, attempt.fwd)

@@ -204,3 +204,32 @@ async def test_the_followers_of_a_revalidation_share_its_304_for_a_no_cache_resp
     assert [(status, body) for status, _, body in answers] == [(200, b"page")] * 8
     assert sorted(x for _, x, _ in answers) == ["REVALIDATED"] * 8, answers
     assert origin.count("/html") == 2  # the fill, then one revalidation for the eight
+
+
+async def test_a_fill_sent_before_an_invalidation_and_answered_after_it_is_not_stored(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """RFC 9111 §4.4: a successful POST invalidates its target. A GET whose request went to the
+    origin before it, and whose answer (rendered from the data as it was) came after, is relayed
+    to its client but not stored: it would be served as fresh for its whole max-age."""
+    state = {"version": 0}
+
+    async def item(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            state["version"] += 1
+            return web.Response(status=204)
+        version = state["version"]  # rendered from the data as it is now ...
+        await asyncio.sleep(0.6)  # ... slowly
+        return web.Response(body=b"item v%d" % version, headers={"Cache-Control": "max-age=600"})
+
+    origin.route("/item", item)
+    origin.route("/other", body=b"o", headers={"Cache-Control": "max-age=600"}, delay=0.6)
+    proxy = await make_proxy()
+    get = asyncio.ensure_future(proxy.get("/item"))
+    other = asyncio.ensure_future(proxy.get("/other"))  # another key's fill, in flight alike
+    await asyncio.sleep(0.2)
+    assert (await proxy.request("POST", "/item", data=b"x")).status == 204
+    assert (await get).body == b"item v0"  # its own answer: sent before the update
+    assert (await other).body == b"o"
+    after = await proxy.get("/item")
+    assert (after.body, after.x_cache) == (b"item v1", "MISS"), (after.body, after.x_cache)
+    assert (await proxy.get("/other")).x_cache == "HIT"  # what the invalidation did not cover was stored

@@ -148,7 +148,7 @@ class Purging:
         the number of keys dropped (or marked stale) from memory."""
         t = self.t
         t.bans.add(bans)
-        t.work.epoch += 1
+        t.work.purged(match)
         for spool in t.work.spools:
             if match.covers(spool.entry):
                 spool.doomed = True

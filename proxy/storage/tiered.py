@@ -203,8 +203,8 @@ class Storage:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def spool(self, entry: Entry, expected_length: int | None) -> BodySpool:
-        return self.writes.spool(entry, expected_length)
+    def spool(self, entry: Entry, expected_length: int | None, since: int | None = None) -> BodySpool:
+        return self.writes.spool(entry, expected_length, since)
 
     def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None:
         return self.writes.finalize(entry, spool)

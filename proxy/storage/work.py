@@ -10,7 +10,10 @@ coalescer its own list of keys the store did not have):
   a read of the key waits for its own write, an invalidation for the URL's;
 - disk commits of this process in the last minute (``recent``): a purge that began before
   one landed undoes it;
-- local purges so far (``epoch``): a disk read that overlapped one is done again.
+- local purges so far (``epoch``): a disk read that overlapped one is done again;
+- the last local purges, with their epochs (``purges``): a fill whose request went to the
+  origin before one of them, and whose body began after it, is not stored when it covers
+  the fill (its response may be from before the purge).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.policy.keys import url_of_key
-from proxy.storage.bans import BanList
+from proxy.storage.bans import BanList, PurgeMatch
 from proxy.storage.disk import DiskTier
 from proxy.storage.entry import Entry
 from proxy.storage.index import UrlTagIndex
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 RECENT_COMMITS_WINDOW = 60.0  # seconds a disk commit is remembered, for purges that raced it
+# Local purges remembered for fills that were waiting for their response's head meanwhile; a
+# fill that began before the oldest one remembered is not stored (it cannot be told).
+RECENT_PURGES = 1024
 
 
 @dataclass(eq=False)
@@ -47,6 +53,23 @@ class InProgress:
     write_counts: dict[str, int] = field(default_factory=dict)  # writes in progress per key
     recent: collections.deque[tuple[Entry, float]] = field(default_factory=collections.deque)
     epoch: int = 0
+    purges: collections.deque[tuple[int, PurgeMatch]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_PURGES))
+
+    def purged(self, match: PurgeMatch) -> None:
+        """A local purge begins: the next epoch, remembered with what it covers."""
+        self.epoch += 1
+        self.purges.append((self.epoch, match))
+
+    def purged_since(self, epoch: int, entry: Entry) -> bool:
+        """Whether a local purge after ``epoch`` (``Storage.epoch`` when a fill's request went
+        to the origin) covers ``entry``; True when those purges are no longer all remembered."""
+        if epoch == self.epoch:
+            return False
+        purges = self.purges
+        if not purges or purges[0][0] > epoch + 1:
+            return True
+        return any(at > epoch and match.covers(entry) for at, match in purges)
 
     def begin_write(self, entry: Entry) -> int:
         """Note a disk write of ``entry`` starting; its token for ``end_write``."""

@@ -96,9 +96,13 @@ class Writer:
         self.spools = spools
         self.failed_writes = 0  # this process's own disk commits (big bodies) that failed
 
-    def spool(self, entry: Entry, expected_length: int | None) -> BodySpool:
-        """Start receiving a body for ``entry``; a purge that covers it from now on dooms it."""
+    def spool(self, entry: Entry, expected_length: int | None, since: int | None = None) -> BodySpool:
+        """Start receiving a body for ``entry``; a purge that covers it from now on dooms it, and
+        so does one since ``since`` (the store's epoch when its request went to the origin: the
+        response may have been made before that purge)."""
         spool = BodySpool(self, entry, expected_length)
+        if since is not None and self.t.work.purged_since(since, entry):
+            spool.doomed = True
         self.t.work.spools.add(spool)
         return spool
 

@@ -126,7 +126,7 @@ class FakeStore:
         return []
 
     # writing
-    def spool(self, entry: Entry, expected_length: int | None) -> FakeSpool:
+    def spool(self, entry: Entry, expected_length: int | None, since: int | None = None) -> FakeSpool:
         return FakeSpool(self, entry, expected_length)
 
     def finalize(self, entry: Entry, spool: FakeSpool) -> Entry | None:
