@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
+from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 
 CHROME = {"Accept-Encoding": "gzip, deflate, br, zstd", "Accept-Language": "en-US,en;q=0.9"}
@@ -23,3 +26,36 @@ async def test_equivalent_browser_values_share_one_stored_variant(origin: Origin
     assert (first.x_cache, again.x_cache, other.x_cache) == ("MISS", "HIT", "MISS")
     assert again.body == first.body
     assert origin.count("/page") == 2
+
+
+async def test_many_variants_of_a_big_page_keep_at_most_one_objects_worth_of_bodies_in_memory(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A client asking with many User-Agents for a page that varies on it: memory holds the
+    newest variants' bodies up to memory_max_object; the others are served from disk, each
+    variant its own bytes, and other keys stay in memory."""
+    async def page(request: web.Request) -> web.Response:
+        agent = request.headers.get("User-Agent", "")
+        return web.Response(body=agent.encode().ljust(40 * 1024, b"."), headers={
+            "Cache-Control": "max-age=600", "Vary": "User-Agent"})
+
+    origin.route("/big", page)
+    origin.route("/hot", body=b"hot", headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config="cache: {memory: 64MB, memory_max_object: 100KB, "
+                                    "disk: {path: cache, size: 256MB}}\n")
+    assert (await proxy.get("/hot")).x_cache == "MISS"
+    agents = [f"agent-{i}" for i in range(12)]
+    memory = proxy.runtime.storage.memory
+    for agent in agents:
+        assert (await proxy.get("/big", headers={"User-Agent": agent})).x_cache == "MISS"
+        await asyncio.sleep(0.3)  # written behind (one client's pace, as in the attack)
+    variants = memory.peek(proxy.url + "/big") or ()
+    assert len(variants) == len(agents)
+    # 12 × 40 KB were asked for; the record holds the newest bodies up to 100 KB (without the
+    # limit, each new variant rewrote all of them: 480 KB at the twelfth)
+    assert sum(len(c.body) for c in variants if c.body is not None) <= 100 * 1024
+    for _ in range(2):
+        for agent in agents:
+            r = await proxy.get("/big", headers={"User-Agent": agent})
+            assert r.body == agent.encode().ljust(40 * 1024, b"."), (agent, r.x_cache)
+    assert (await proxy.get("/hot")).x_cache == "HIT"
+    assert origin.count("/big") == len(agents)  # the others' bodies came from disk

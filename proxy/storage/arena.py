@@ -310,6 +310,10 @@ class Arena:
         """Whether the record at ``pos`` is still there (checked after copying from it)."""
         return bool(_Q.unpack_from(self.mm, self._phys(pos))[0] == pos)
 
+    def persisted(self, pos: int) -> bool:
+        """Whether the record at ``pos`` is still there and the disk tier has its content."""
+        return self.alive(pos) and bool(self._flags_at(pos) & F_PERSISTED)
+
     def find(self, key: str, fp: int | None = None) -> Record | None:
         """The live record of ``key``, copied (its body stays in place: ``body_at``), or None."""
         if fp is None:

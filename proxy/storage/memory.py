@@ -33,7 +33,7 @@ from __future__ import annotations
 import builtins
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,39 @@ class Cached:
         its record's position, by which a copy of it is checked (``MemoryTier.body_bytes``);
         the pre-serialised heads were built from the old metadata and are not carried."""
         return Cached(entry, self.body, None, False, self.pos, state)
+
+
+UNWRITTEN_ROOM = 4  # × memory_max_object: a key's bodies not on disk yet (``bodies_within``)
+
+
+def bodies_within(variants: tuple[Cached, ...], limit: int, on_disk: Callable[[Cached], bool]
+                  ) -> tuple[Cached, ...]:
+    """A key's variants with about ``limit`` bytes of bodies (``memory_max_object``: what one
+    object may hold in memory), the newest kept. Why: every new Vary variant rewrites the key's
+    record with all the others' bodies, so a client asking for one 900 KB page with 64
+    User-Agents wrote 28 MB records, over and over, and pushed every other key out of the
+    shared memory (asking for 64 distinct URLs pushes out none). An older variant whose body is
+    on disk keeps only its metadata here (its body is read from disk when asked, as a big
+    body's). One not written to disk yet keeps its body while the record's bodies stay within
+    ``UNWRITTEN_ROOM`` × ``limit`` (dropped at once, it was refetched by clients asking for the
+    variants of a page in turn faster than write-behind writes them); past that the oldest of
+    them are left out (a miss, as if the ring had evicted them)."""
+    if sum(len(c.body) for c in variants if c.body is not None) <= limit:
+        return variants
+    room, spare = limit, (UNWRITTEN_ROOM - 1) * limit
+    kept: list[Cached] = []
+    for c in reversed(variants):  # the newest last (``merge_variant``)
+        body = c.body
+        if body is None or len(body) <= room:
+            room -= 0 if body is None else len(body)
+            kept.append(c)
+        elif on_disk(c):
+            state = ON_DISK if c.state == ALL_TO_WRITE else c.state
+            kept.append(Cached(c.entry, None, None, False, 0, state))
+        elif len(body) <= spare:
+            spare -= len(body)
+            kept.append(c)
+    return tuple(reversed(kept))
 
 
 def cost(variants: tuple[Cached, ...]) -> int:
@@ -354,6 +387,8 @@ class MemoryTier:
 
         ``if_absent``: written only when the shared memory has no record of the key (checked
         under the ring's lock): for promotions from disk (``Arena.put``)."""
+        if len(variants) > 1:
+            variants = bodies_within(variants, self.max_object, self._on_disk)
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
         for c in variants:
@@ -393,6 +428,11 @@ class MemoryTier:
             held.append(Cached(c.entry, view_of, c.heads, False, pos, c.state))
         self._hold(key, tuple(held), pos, tuple(starts), before)
         return True
+
+    def _on_disk(self, c: Cached) -> bool:
+        """Whether the disk tier has the variant's body (its record was written behind since
+        this process decoded it, or it came from disk)."""
+        return c.state != ALL_TO_WRITE or (c.pos != 0 and self.arena.persisted(c.pos))
 
     def replace(self, key: str, variants: tuple[Cached, ...]) -> bool:
         """Update a present key (metadata changes) without counting a use."""

@@ -3,9 +3,12 @@ read, decoded entries per process within their budget, and what a stored respons
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, ON_DISK
 from proxy.storage.memory import Cached, MemoryTier
 from tests.storage.helpers import entry
 
@@ -242,3 +245,34 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
     assert sum(s.cost for s in reader._decoded.values()) == reader.decoded_bytes
     reader.close()
     writer.close()
+
+
+def test_a_keys_record_holds_at_most_one_objects_worth_of_bodies_the_newest_kept() -> None:
+    """Each new Vary variant rewrites the key's record: with every variant's body in it, one
+    client asking for a big page with many User-Agents filled the ring with copies of it."""
+    m = MemoryTier(budget=8 << 20, max_object=100 * KB)
+
+    def variant(name: str, size: int, state: int, key: str = "http://h/v") -> Cached:
+        e = entry(key, vary=(("user-agent", name),))
+        return Cached(replace(e, body_id=name, body_size=size), name.encode() * size, state=state)
+
+    assert m.put("http://h/v", (variant("a", 40 * KB, ON_DISK), variant("b", 40 * KB, META_TO_WRITE),
+                                variant("u", 40 * KB, ALL_TO_WRITE), variant("c", 40 * KB, ON_DISK),
+                                variant("d", 40 * KB, ALL_TO_WRITE)))
+    held = {c.entry.body_id: c for c in m.peek("http://h/v") or ()}
+    # The two newest bodies fit in 100 KB; the older ones whose bodies are on disk keep their
+    # metadata without them (read from disk when asked); the one not on disk yet keeps its body.
+    assert sorted(held) == ["a", "b", "c", "d", "u"]
+    assert m.body_bytes(held["d"]) == b"d" * 40 * KB and m.body_bytes(held["c"]) == b"c" * 40 * KB
+    assert m.body_bytes(held["u"]) == b"u" * 40 * KB
+    assert held["a"].body is None and held["a"].state == ON_DISK
+    assert held["b"].body is None and held["b"].state == META_TO_WRITE
+    # Bodies not on disk yet are kept up to 4 × the limit, then the oldest of them left out.
+    fresh = tuple(variant(name, 90 * KB, ALL_TO_WRITE) for name in "klmnop")
+    assert m.put("http://h/v", fresh)
+    assert [c.entry.body_id for c in m.peek("http://h/v") or ()] == ["m", "n", "o", "p"]
+    # Under the limit, nothing changes.
+    assert m.put("http://h/w", (variant("x", 10 * KB, ALL_TO_WRITE, "http://h/w"),
+                                variant("y", 10 * KB, ALL_TO_WRITE, "http://h/w")))
+    assert [m.body_bytes(c) for c in m.peek("http://h/w") or ()] == [b"x" * 10 * KB, b"y" * 10 * KB]
+    m.close()
