@@ -85,6 +85,9 @@ class StoredResponse:
     etag: str | None = None
     last_modified: str | None = None
     invalidated: bool = False  # soft purge: stale from now on, whatever its freshness said
+    # Filled (or freshened) for a request with Cookie or Authorization: no heuristic lifetime,
+    # whatever request revalidates it later (``proxy.policy.freshness``).
+    credentials: bool = False
 
     def header_dict(self) -> CIMultiDict[str]:
         return CIMultiDict(self.headers)

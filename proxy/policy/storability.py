@@ -169,8 +169,9 @@ def _decide(
     ):
         return DontStore("UNCACHEABLE-STATUS")
 
+    credentials = carries_credentials(request.headers)
     freshness = compute_freshness(semantics, headers, cc, request_time, response_time, options,
-                                  cc_source=source, credentials=carries_credentials(request.headers))
+                                  cc_source=source, credentials=credentials)
     etag = headers.get("ETag")
     last_modified = headers.get("Last-Modified")
     reusable = (
@@ -193,5 +194,6 @@ def _decide(
             vary=variant_of(names, request.headers),
             etag=etag,
             last_modified=last_modified,
+            credentials=credentials,
         )
     )

@@ -102,8 +102,11 @@ def freshen_stored(
     headers, except that ``Age`` and ``Date`` are the 304's own (a stored Age or
     Date describes the old exchange, not this one). A 304 that adds ``no-store``
     or ``private`` ends the stored response's life. ``credentials``: the revalidating
-    request carried Cookie or Authorization (no heuristic freshness then, see ``freshness``).
+    request carried Cookie or Authorization. No heuristic freshness then, nor when the stored
+    response was filled (or freshened) for such a request (``StoredResponse.credentials``,
+    kept): an anonymous revalidation says nothing about whose page it is (see ``freshness``).
     """
+    credentials = credentials or stored.credentials
     merged = merge_headers(stored.headers, update)
     view: CIMultiDict[str] = CIMultiDict((k, v) for k, v in merged if k.lower() not in ("age", "date"))
     for name in ("Age", "Date"):
@@ -123,6 +126,7 @@ def freshen_stored(
         etag=view.get("ETag"),
         last_modified=view.get("Last-Modified"),
         invalidated=False,
+        credentials=credentials,
     )
 
 

@@ -74,6 +74,7 @@ def entry_to_json(e: Entry) -> dict[str, Any]:
         "request_time": r.request_time, "response_time": r.response_time,
         "freshness": _freshness_to_json(r.freshness), "vary": [list(v) for v in r.vary],
         "etag": r.etag, "last_modified": r.last_modified, "invalidated": r.invalidated,
+        "credentials": r.credentials,
     }  # fmt: skip
 
 
@@ -89,6 +90,7 @@ def entry_from_json(d: dict[str, Any]) -> Entry:
         etag=d["etag"],
         last_modified=d["last_modified"],
         invalidated=bool(d["invalidated"]),
+        credentials=bool(d.get("credentials", False)),
     )
     return Entry(
         key=str(d["key"]), url=str(d["url"]), response=response, body_id=str(d["body_id"]),
@@ -103,12 +105,21 @@ RECORD_VERSION = 1
 _RECORD_LEN = 18
 
 
+def _flags(r: StoredResponse) -> bool | int:
+    """The record's last response slot, in both record formats: ``invalidated`` as a bool (all
+    that older records hold there: they read as filled without credentials), or, for a
+    response filled with credentials, an int of bits (1: invalidated, 2: credentials). The
+    common case costs no byte more; an older version reading the int sees a soft-purged
+    entry (revalidated before use: safe)."""
+    return (2 | r.invalidated) if r.credentials else r.invalidated
+
+
 def _record(e: Entry) -> list[Any]:
     r = e.response
     return [RECORD_VERSION, e.key, e.url, e.body_id, e.body_size, list(e.tags), e.stored_at, e.seq,
             r.status, r.reason, [x for h in r.headers for x in h], r.request_time, r.response_time,
             _freshness_to_json(r.freshness), [x for v in r.vary for x in v], r.etag,
-            r.last_modified, r.invalidated]
+            r.last_modified, _flags(r)]
 
 
 # Field names and short values read back from disk, one str object each (100k entries
@@ -132,7 +143,7 @@ def shared_str(text: str) -> str:
 def _from_record(v: list[Any]) -> Entry:
     if len(v) != _RECORD_LEN or v[0] != RECORD_VERSION:
         raise ValueError("unknown record version")
-    h, vary, f = v[10], v[14], v[13]
+    h, vary, f, flags = v[10], v[14], v[13], v[17]
     h = [shared_str(x) for x in h]
     # Through the slotted twins (``_fast_new``), as ``decode_record`` does: every disk hit
     # decodes its record here.
@@ -141,7 +152,7 @@ def _from_record(v: list[Any]) -> Entry:
         float(v[12]),
         _new_freshness(float(f[0]), str(f[1]), float(f[2]), float(f[3]), bool(f[4]), bool(f[5]),
                        float(f[6]), float(f[7]), bool(f[8])),
-        tuple(zip(vary[::2], vary[1::2], strict=True)), v[15], v[16], bool(v[17]))
+        tuple(zip(vary[::2], vary[1::2], strict=True)), v[15], v[16], flags & 1 == 1, flags & 2 == 2)
     key, url = str(v[1]), str(v[2])
     return _new_entry(key, key if url == key else url, response, str(v[3]), int(v[4]), tuple(v[5]),
                       float(v[6]), int(v[7]))
@@ -205,7 +216,7 @@ def encode_record(variants: list[tuple[Entry, int, int]]) -> bytes:
             (f.lifetime, f.source, f.initial_age, None if f.response_time == at else f.response_time,
              f.must_revalidate, f.no_cache, f.stale_while_revalidate, f.stale_if_error, f.immutable),
             tuple(_plain(x) for v in r.vary for x in v), r.etag and str(r.etag),
-            r.last_modified and str(r.last_modified), r.invalidated, state))
+            r.last_modified and str(r.last_modified), _flags(r), state))
     return marshal.dumps((ARENA_VERSION, tuple(out)))
 
 
@@ -259,7 +270,7 @@ def decode_record(key: str, meta: bytes) -> list[tuple[Entry, int, int]] | None:
     out = []
     names = _NAME_OF
     for (url, body_id, body_size, body_len, tags, stored_at, seq, status, reason, fields, request_time,
-         at, f, vary, etag, last_modified, invalidated, state) in variants:
+         at, f, vary, etag, last_modified, flags, state) in variants:
         # Field names and short values as one str object each in the process (sys.intern: in C,
         # and freed once nothing uses them).
         h = [intern(x) if len(x) <= 64 else x for x in fields]
@@ -268,7 +279,8 @@ def decode_record(key: str, meta: bytes) -> list[tuple[Entry, int, int]] | None:
             tuple(zip([names.get(k) or k for k in h[::2]], h[1::2], strict=True)),
             at if request_time is None else request_time, at,
             _new_freshness(f[0], intern(f[1]), f[2], at if f[3] is None else f[3], *f[4:]),
-            tuple(zip(vary[::2], vary[1::2], strict=True)), etag, last_modified, invalidated)
+            tuple(zip(vary[::2], vary[1::2], strict=True)), etag, last_modified, flags & 1 == 1,
+            flags & 2 == 2)
         out.append((_new_entry(key, url or key, response, body_id, body_size, tags,
                                at if stored_at is None else stored_at, seq), body_len, state))
     return out

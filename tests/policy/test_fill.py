@@ -162,6 +162,33 @@ def test_a_304_saying_private_ends_the_stored_response() -> None:
     assert freshened(s, update, Rules(), SETTINGS) is None
 
 
+# (case, filled for a request with a cookie, the revalidating request has one, the 304's
+# fields, the freshness source after it)
+FRESHENED_CREDENTIALS = [
+    ("anonymous fill, anonymous revalidation: the heuristic applies", False, False, [], "heuristic"),
+    ("a fill with a cookie, an anonymous revalidation: still no heuristic (whose page it is stays known)",
+     True, False, [], "none"),
+    ("an anonymous fill, a revalidation with a cookie: no heuristic", False, True, [], "none"),
+    ("a fill with a cookie, a 304 saying public: the heuristic applies", True, False,
+     [("Cache-Control", "public")], "heuristic"),
+]
+
+
+@pytest.mark.parametrize(("case", "filled", "revalidated", "update", "source"), FRESHENED_CREDENTIALS,
+                         ids=[c[0] for c in FRESHENED_CREDENTIALS])
+def test_a_response_filled_with_credentials_gets_no_heuristic_lifetime_from_a_304(
+        case: str, filled: bool, revalidated: bool, update: Pairs, source: str) -> None:
+    cookie = [("Cookie", "session=alice")]
+    s = stored([("Last-Modified", date(-864_000)), ("Date", date(0))], req=request(*cookie if filled else []))
+    assert s.credentials is filled and s.freshness.source == ("none" if filled else "heuristic")
+    answer = Exchange(request(*cookie if revalidated else []), 304, "", headers(("Date", date(50)), *update),
+                      T0 + 50, T0 + 50)
+    fresh = freshened(s, answer, Rules(), SETTINGS)
+    assert fresh is not None
+    assert fresh.freshness.source == source
+    assert fresh.credentials is (filled or revalidated)  # kept for the next revalidation
+
+
 # (case, response fields, seconds after arrival, shareable)
 SHAREABLE = [
     ("fresh on arrival: followers take it", [FRESH], 0, True),

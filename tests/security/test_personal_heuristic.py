@@ -42,6 +42,26 @@ async def test_heuristic_freshness_never_shares_a_response_to_a_request_with_cre
     assert origin.count("/me") == 2
 
 
+async def test_an_anonymous_revalidation_gives_a_personal_page_no_heuristic_freshness(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The origin validates by Last-Modified alone (as static and CMS servers do) and answers
+    a logged-in request in full: one anonymous revalidation answered 304 must not make the
+    page stored for Alice fresh for a day, or Bob gets it without the origin being asked."""
+    async def page(request: web.Request) -> web.Response:
+        who = request.cookies.get("session")
+        if who is None and "If-Modified-Since" in request.headers:
+            return web.Response(status=304, headers={"Last-Modified": LAST_MODIFIED})
+        return web.Response(text=f"hello {who}", headers={"Last-Modified": LAST_MODIFIED})
+    origin.route("/me", page)
+    proxy = await make_proxy()
+    assert (await send_raw(proxy, get("/me", "Cookie: session=alice"))).body == b"hello alice"
+    anonymous = await send_raw(proxy, get("/me"))
+    assert anonymous.x_cache == "REVALIDATED" and origin.count("/me") == 2
+    bob = await send_raw(proxy, get("/me", "Cookie: session=bob"))
+    assert (bob.x_cache, bob.body) != ("HIT", b"hello alice")
+    assert bob.body == b"hello bob" and origin.count("/me") == 3
+
+
 async def test_public_or_a_rule_ttl_still_shares_it(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.route("/public", personal({"Cache-Control": "public"}))
     origin.route("/ruled", personal({}))

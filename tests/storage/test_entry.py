@@ -27,8 +27,12 @@ def variants() -> list[tuple[Entry, int, int]]:
                          Freshness(0.0, "heuristic", 0.0, 995.0, True, True, 30.0, 60.0, True),
                          vary=(("accept-encoding", "gzip"),), etag='"v1"', last_modified="Thu, 03 Dec 2026 10:00:00 GMT",
                          invalidated=True)
+    personal = dataclasses.replace(plain, credentials=True)
     return [(Entry("http://h/k", "http://h/k", plain, "b1", 10, stored_at=1000.0, seq=3), 10, ON_DISK),
-            (Entry("http://h/k\x1fgzip", "http://h/k", odd, "b2", 20, ("t1", "t2"), 1001.0, 4), -1, ALL_TO_WRITE)]
+            (Entry("http://h/k\x1fgzip", "http://h/k", odd, "b2", 20, ("t1", "t2"), 1001.0, 4), -1, ALL_TO_WRITE),
+            (Entry("http://h/k\x1fbr", "http://h/k", personal, "b3", 10, stored_at=1000.0), 10, ON_DISK),
+            (Entry("http://h/k\x1fzstd", "http://h/k", dataclasses.replace(odd, credentials=True), "b4", 20),
+             -1, ALL_TO_WRITE)]
 
 
 def test_a_record_decodes_to_the_entries_encoded() -> None:
@@ -84,3 +88,23 @@ def test_a_new_body_or_sequence_number_is_what_replace_would_give() -> None:
                 [getattr(wanted, f.name) for f in dataclasses.fields(Entry)]  # wire_headers too
             with pytest.raises(dataclasses.FrozenInstanceError):
                 made.seq = 1  # type: ignore[misc]
+
+
+def test_records_written_before_the_credentials_flag_read_as_filled_without_credentials() -> None:
+    """Both formats held ``invalidated`` as a bool where the flags are now: a response filled
+    for a request with credentials is the only one written differently."""
+    import json
+    import marshal
+
+    old_disk = [1, "http://h/k", "http://h/k", "b1", 10, [], 1000.0, 3, 200, "OK", ["Date", "x"], 999.5, 1000.0,
+                [60.0, "max-age", 3.0, 1000.0, False, False, 0.0, 0.0, False], [], None, None, True]
+    (disk,) = decode_variants(json.dumps([old_disk]).encode())
+    assert disk.response.invalidated and not disk.response.credentials
+    old_arena = (1, (("", "b1", 10, -1, (), None, 3, 200, None, ("\x01", "x"), None, 1000.0,
+                      (60.0, "max-age", 3.0, None, False, False, 0.0, 0.0, False), (), None, None, True, ON_DISK),))
+    decoded = decode_record("http://h/k", marshal.dumps(old_arena))
+    assert decoded is not None
+    assert decoded[0][0].response.invalidated and not decoded[0][0].response.credentials
+    for e, _, _ in variants():  # without credentials, a record is what the previous code wrote
+        if not e.response.credentials:
+            assert json.loads(encode_variants((e,)))[0][17] is e.response.invalidated
