@@ -74,6 +74,7 @@ from proxy.policy.validation import (
     ValidationOutcome,
     client_not_modified,
     decide_on_validation,
+    origin_error,
 )
 from proxy.replies import ClientRequest, Reply, error_reply, relay
 from proxy.storage.entry import Entry
@@ -1059,7 +1060,7 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
     (``collapsed`` False) or a follower's, with a ``stale`` response to fall back on or not."""
     if fhead.store_detail == STORED_ELSEWHERE:  # another worker or node stored it: from the store
         return FromStore("HIT", collapsed=True, coalesced=True)
-    if fhead.status >= 500 and stale and fhead.store_detail != "":
+    if origin_error(fhead.status) and stale and fhead.store_detail != "":
         return StaleInstead("ORIGIN-ERROR")
     if fhead.status == 304 and fhead.store_detail == "FRESHENED":
         return FromStore("REVALIDATED", collapsed=collapsed)

@@ -130,6 +130,31 @@ async def test_stale_if_error_serves_the_stale_response_on_a_5xx_within_its_wind
     assert (past.status, past.body) == (503, b"down")
 
 
+@pytest.mark.parametrize("code", [501, 505])
+@pytest.mark.parametrize("error_cc", ["max-age=10", "no-store"])  # stored over the stale response, or not
+async def test_stale_if_error_never_hides_an_answer_rfc_5861_does_not_call_an_error(
+    origin: Origin, make_proxy: MakeProxy, clock: Clock, code: int, error_cc: str
+) -> None:
+    """RFC 5861 §4: an error is what "would result in a 500, 502, 503, or 504": a 501 (the
+    origin does not implement the method) or a 505 is its answer, relayed, not hidden."""
+    proxy = await clocked(make_proxy, clock)
+    answers = [(200, "max-age=10, stale-if-error=60"), (code, error_cc)]
+
+    async def handler(request: web.Request) -> web.Response:
+        status, cc = answers.pop(0)
+        return web.Response(status=status, body=f"{status} {cc}".encode(), headers={
+            "Date": format_http_date(clock()), "Cache-Control": cc})
+
+    origin.route("/e", handler)
+    await proxy.get("/e")
+    clock.advance(30)  # stale for 20 s: inside the 60 s window
+    reply = await proxy.get("/e")
+    assert (reply.status, reply.body) == (code, f"{code} {error_cc}".encode())
+    if error_cc != "no-store":  # a full response, stored in place of the stale one (RFC 9111 §4.3.3)
+        again = await proxy.get("/e")
+        assert (again.status, again.x_cache) == (code, "HIT")
+
+
 async def test_a_response_without_freshness_is_never_served_stale_by_the_rule_default(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:

@@ -4,8 +4,8 @@
 - ``decide_on_validation``: what the origin's answer means for the stored
   response, as the engine carries it out: ``Freshen`` (a 304 about it: update its
   headers, keep the body, §4.3.4, done by ``freshen_stored``), ``Refetch`` (a 304
-  about something else: ask again without validators), ``ServeStale`` (a 5xx the
-  stored response may hide, RFC 5861 §4: it stays) or ``Replace`` (a new response,
+  about something else: ask again without validators), ``ServeStale`` (a 500, 502,
+  503 or 504 the stored response may hide, RFC 5861 §4: it stays) or ``Replace`` (a new response,
   decided as any fill by ``proxy.policy.fill``).
 - ``client_not_modified``: may we answer the client's own conditional GET with 304?
 """
@@ -165,8 +165,8 @@ def decide_on_validation(
     ``conditional``: the request carried ``stored``'s validators (a revalidation); else it
     was a full fetch, and ``stored`` is only kept for stale-if-error. ``now``: when the
     answer arrived. A 304 to a revalidation ``Freshen``s when it refers to the stored
-    response, else ``Refetch`` (§4.3.4 forbids using it); a 5xx the stored response may
-    hide (``error_keeps_stored``) is ``ServeStale``; anything else ``Replace``s (§4.3.3).
+    response, else ``Refetch`` (§4.3.4 forbids using it); an origin error the stored response
+    may hide (``error_keeps_stored``) is ``ServeStale``; anything else ``Replace``s (§4.3.3).
 
     >>> from proxy.policy.messages import EMPTY_HEADERS, Freshness
     >>> s = StoredResponse(200, "OK", (), 0, 0, Freshness(10, "max-age", 0, 0, stale_if_error=60), etag='"a"')
@@ -180,15 +180,32 @@ def decide_on_validation(
     return Replace()
 
 
-def error_keeps_stored(stored: StoredResponse, status: int, now: float) -> bool:
-    """Must this 5xx leave the stored response in place rather than replace it (RFC 5861 §4)?
+# RFC 5861 §4: "an error is any situation that would result in a 500, 502, 503, or 504 HTTP
+# response status code being returned". Any other answer, a 501 (the method is not implemented)
+# or a 505 too, is the origin's answer to relay, never hidden behind a stale response.
+ORIGIN_ERRORS = frozenset({500, 502, 503, 504})
 
-    True when the stored response is not an error itself, may be served stale,
-    and is still fresh or within its stale-if-error window: an origin's failure
-    then hides behind the stored response instead of being cached over it.
+
+def origin_error(status: int) -> bool:
+    """Is this origin answer a failure that stale-if-error may hide (RFC 5861 §4)? The one test
+    of it: here for the stored response (``error_keeps_stored``), and for a client falling
+    back on a stale response (``proxy.flight.after_head``).
+
+    >>> [s for s in (500, 501, 502, 503, 504, 505, 507, 404) if origin_error(s)]
+    [500, 502, 503, 504]
+    """
+    return status in ORIGIN_ERRORS
+
+
+def error_keeps_stored(stored: StoredResponse, status: int, now: float) -> bool:
+    """Must this origin error leave the stored response in place rather than replace it (RFC 5861 §4)?
+
+    True when ``status`` is an ``origin_error``, the stored response is not an error itself,
+    may be served stale, and is still fresh or within its stale-if-error window: an
+    origin's failure then hides behind the stored response instead of being cached over it.
     """
     f = stored.freshness
-    if status < 500 or stored.status >= 500 or f.must_revalidate or f.no_cache:
+    if not origin_error(status) or stored.status >= 500 or f.must_revalidate or f.no_cache:
         return False
     return -f.ttl(now) <= f.stale_if_error
 

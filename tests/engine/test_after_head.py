@@ -60,6 +60,9 @@ CASES: list[tuple[str, FlightHead, RequestHead, str, bool, bool, NextStep]] = [
      Relay("EXPIRED", "whole")),
     ("an origin 5xx without a stale response is passed on", head(503, "UNCACHEABLE-STATUS"), request(),
      "uri-miss", False, False, Relay("MISS", "whole")),
+    ("an origin 501 is passed on even with a stale response (RFC 5861 §4 names 500, 502-504)",
+     head(501, "UNCACHEABLE-STATUS"), request(), "stale", False, True, Relay("EXPIRED", "whole")),
+    ("so is a 505", head(505, "UNCACHEABLE-STATUS"), request(), "stale", False, True, Relay("EXPIRED", "whole")),
 ]
 
 

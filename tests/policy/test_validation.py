@@ -205,6 +205,12 @@ ERRORS = [
     ("must-revalidate is never kept for stale serving (RFC 9111 §5.2.2.2)",
      "max-age=10, must-revalidate, stale-if-error=60", 200, 503, 30, False),
     ("a non-error answer always replaces", "max-age=10, stale-if-error=60", 200, 404, 30, False),
+    ("a 500, 502 or 504 is an error as a 503 is (RFC 5861 §4)", "max-age=10, stale-if-error=60", 200, 504, 30,
+     True),
+    ("a 501 is the origin's answer, not an error stale-if-error hides (RFC 5861 §4)",
+     "max-age=10, stale-if-error=60", 200, 501, 30, False),
+    ("nor is a 505", "max-age=10, stale-if-error=60", 200, 505, 30, False),
+    ("nor a 5xx RFC 5861 does not name (507)", "max-age=10, stale-if-error=60", 200, 507, 30, False),
 ]
 
 
