@@ -216,6 +216,26 @@ async def test_a_successful_unsafe_request_invalidates_the_uri_and_same_origin_l
     assert after == {"/i": "MISS", "/j": "MISS", "/k": "MISS", "/x": "HIT"}
 
 
+async def test_a_location_with_the_scheme_s_default_port_is_the_same_origin(
+    origin: Origin, make_proxy: MakeProxy, clock: Clock
+) -> None:
+    """RFC 9110 §4.2.3: http://shop.example:80/item is http://shop.example/item, which the
+    clients that sent ``Host: shop.example`` have stored."""
+    proxy = await clocked(make_proxy, clock)
+    host = {"Host": "shop.example"}
+    for path in ("/item", "/other"):
+        route(origin, clock, path, Cache_Control="max-age=600")
+        await proxy.get(path, headers=host)
+
+    async def update(request: web.Request) -> web.Response:
+        return web.Response(status=201, headers={"Location": "http://shop.example:80/item",
+                                                 "Content-Location": "//SHOP.example.:080/other#top"})
+
+    origin.route("/update", update)
+    assert (await proxy.request("POST", "/update", data=b"x", headers=host)).status == 201
+    assert [(await proxy.get(p, headers=host)).x_cache for p in ("/item", "/other")] == ["MISS", "MISS"]
+
+
 async def test_a_failed_unsafe_request_invalidates_nothing(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:

@@ -100,6 +100,14 @@ INVALIDATIONS: list[tuple[str, str, int, Pairs, tuple[str, ...]]] = [
      [("Content-Location", "http://example.com/c?x=1")], ("http://example.com/r", "http://example.com/c?x=1")),
     ("another origin's URI is left alone", "POST", 201,
      [("Location", "http://other.example/x"), ("Content-Location", "https://example.com/x")],
+     ("http://example.com/r",)),    ("the scheme's default port is the same origin (RFC 9110 §4.2.3): the key's URL is invalidated", "POST",
+     201, [("Location", "http://example.com:80/new"), ("Content-Location", "http://EXAMPLE.com.:080/c")],
+     ("http://example.com/r", "http://example.com/new", "http://example.com/c")),
+    ("a fragment is not part of what is stored", "POST", 201, [("Location", "/new?a=1#top")],
+     ("http://example.com/r", "http://example.com/new?a=1")),
+    ("another port is another origin", "POST", 201, [("Location", "http://example.com:8080/new")],
+     ("http://example.com/r",)),
+    ("an authority with user info is not taken for ours", "POST", 201, [("Location", "http://u@example.com/new")],
      ("http://example.com/r",)),
 ]
 
