@@ -6,7 +6,10 @@ import asyncio
 
 from aiohttp import web
 
+from proxy.web.fastpath import ProxyServer
+from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.security.misbehaving import Conn, raw_origins
 
 
 async def test_a_fresh_response_is_stored_then_served_from_the_cache(origin: Origin, proxy: Proxy) -> None:
@@ -79,3 +82,47 @@ async def test_purge_removes_an_entry(origin: Origin, proxy: Proxy) -> None:
     reply = await proxy.admin("POST", "/purge", json={"urls": [f"http://{host}/x"]})
     assert (reply.status, reply.body) == (200, b'{"purged": 1, "soft": false}')
     assert (await proxy.get("/x")).x_cache == "MISS"
+
+
+async def _raw_get(proxy: Proxy, extra: bytes = b"", path: bytes = b"/t") -> tuple[bytes, bytes]:
+    """(head, body) of a GET sent on a socket: what is on the wire, nothing a client added."""
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: site.example\r\n" + extra + b"\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        return head, await asyncio.wait_for(reader.readexactly(length), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_response_without_content_type_is_relayed_and_served_without_one(make_proxy: MakeProxy) -> None:
+    """RFC 9110 §8.3: an origin that does not know the type may leave it out, and the client may
+    sniff it; a proxy that said application/octet-stream would make a browser download the page."""
+    page = b"<html><body>hi</body></html>"
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            await conn.request()
+            await conn.send(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(page), page))
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(upstreams=[origin.url])
+        server = proxy.listeners.runners[0].server
+        assert isinstance(server, ProxyServer) and server.fast is not None
+        fast = server.fast
+        # the miss, the hit on the fast path, a hit on the general path (a request directive)
+        for extra, x_cache, fast_answers in ((b"", b"MISS", 0), (b"", b"HIT", 1),
+                                             (b"Cache-Control: max-stale=5\r\n", b"HIT", 1)):
+            head, body = await _raw_get(proxy, extra)
+            assert body == page and b"X-Cache-Status: " + x_cache in head
+            assert b"content-type" not in head.lower(), head
+            assert fast.answered == fast_answers
+        assert len(origin.requests) == 1
+        # cachegate's own replies still say what they are
+        own, _ = await _raw_get(proxy, b"Cache-Control: only-if-cached\r\n", b"/not-stored")
+        assert own.startswith(b"HTTP/1.1 504") and b"Content-Type: text/plain" in own

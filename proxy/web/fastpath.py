@@ -19,8 +19,8 @@ FAST_FILE_MAX bytes whose file is already open (sendfile; no 304, no refresh, no
 The head is built once per variant (and per rule edits, HTTP version, GET/HEAD) by the
 same steps the general path takes: ``served_headers`` and ``response_edits`` from the
 engine, the front end's own fields (debug fields, X-Request-Id, Server), then the one
-reply-head writer (``proxy.web.heads``: ``frame`` adds Content-Length, a default
-Content-Type, Date when the stored response has none, Connection for HTTP/1.0 keep-alive;
+reply-head writer (``proxy.web.heads``: ``frame`` adds Content-Length, Date when the
+stored response has none, Connection for HTTP/1.0 keep-alive;
 ``serialise`` makes the bytes), once per shape of head and then filled in per variant
 (``proxy.web.fastheads``). Per request only Age, the ``ttl`` of Cache-Status, the
 X-Request-Id (``proxy.logs``) and, when the stored response had no Date, the Date are

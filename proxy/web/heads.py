@@ -1,6 +1,5 @@
 """One writer for every reply head cachegate writes to a client: the status line, the fields
-and the message framing (Content-Length or chunked, Connection, Date, a default
-Content-Type), for both request paths.
+and the message framing (Content-Length or chunked, Connection, Date), for both request paths.
 
 - the general path (``proxy.web.proxy_handler``) answers with ``ReplyResponse``: aiohttp's
   ``StreamResponse`` whose head ``frame`` decides (aiohttp still moves the bytes: its writer
@@ -14,8 +13,14 @@ So the framing exists once and both paths write the same bytes for the same repl
 applied to cachegate's replies before this writer took them over (``StreamResponse.
 _prepare_headers`` and ``Response._start`` in web_response.py), which clients have seen:
 RFC 9112 §6.1-6.3 (no Content-Length for 1xx/204/304, none and no Transfer-Encoding for a
-body that must be empty), §9.3 (HTTP/1.0 keep-alive is said, HTTP/1.1 close is said), and
-RFC 9110 §8.3 (a body without a type is ``application/octet-stream``). The Server name and
+body that must be empty) and §9.3 (HTTP/1.0 keep-alive is said, HTTP/1.1 close is said).
+
+No Content-Type is added: an origin's response without one is relayed and stored without
+one (RFC 9110 §8.3: a sender that does not know the type may leave it out, and the recipient
+may then sniff it; a proxy that wrote ``application/octet-stream`` would change what the
+origin said, and a browser would download an HTML page instead of showing it). cachegate's
+own replies name their type (``from_response`` gives aiohttp's default to a
+``web.Response`` that has none). The Server name and
 X-Request-Id are the front end's (``proxy.web.frontend.FrontEnd.own_fields``); no reply
 field may describe the framing (``proxy.rules.compile.FRAMING_FIELDS``; the engine drops the
 origin's), so this writer owns those fields alone.
@@ -57,8 +62,6 @@ def frame(fields: CIMultiDict[str], status: int, method: str, version: tuple[int
             fields[hdrs.TRANSFER_ENCODING] = "chunked"
         else:
             keep_alive = False
-    if not empty and length != 0:
-        fields.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
     if hdrs.DATE not in fields:
         fields[hdrs.DATE] = date
     if hdrs.CONNECTION not in fields:
@@ -157,9 +160,13 @@ def plain_reply(status: int, reason: str | None, headers: CIMultiDict[str], body
 
 def from_response(resp: web.StreamResponse, method: str) -> ReplyResponse:
     """The same reply, written by this writer (a ``web.Response`` that aiohttp or the admin
-    module built, its whole body at hand)."""
+    module built, its whole body at hand). It is cachegate's own: a body without a type is
+    ``application/octet-stream``, as aiohttp would have said."""
     body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""
-    return plain_reply(resp.status, resp.reason, CIMultiDict(resp.headers), body, method)
+    headers = CIMultiDict(resp.headers)
+    if body:
+        headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
+    return plain_reply(resp.status, resp.reason, headers, body, method)
 
 
 __all__ = ["Framing", "ReplyResponse", "closing", "frame", "from_response", "plain_reply", "serialise",
