@@ -62,7 +62,7 @@ from proxy.errors import (
 from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status
 from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
-from proxy.policy.headers import end_to_end
+from proxy.policy.headers import dated, end_to_end
 from proxy.policy.keys import url_of_key, variant_of
 from proxy.policy.messages import RequestHead, StoredResponse
 from proxy.policy.reuse import Serve, decide_lookup, select_variant
@@ -626,7 +626,10 @@ class MissPath:
         storage = engine.storage
         shareable = entry is not None and shareable_with_followers(entry.response, response_time)
         vary = entry.response.vary if entry is not None else ()
-        flight.set_head(FlightHead(resp.status, resp.reason, resp.headers, shareable,
+        fields = resp.headers
+        if "date" not in fields:  # forwarded with the Date it is stored with (policy.headers.dated)
+            fields = CIMultiDictProxy(CIMultiDict(dated(tuple(fields.items()), response_time)))
+        flight.set_head(FlightHead(resp.status, resp.reason, fields, shareable,
                                    store_detail, resp.content_length, vary))
         passing = store_detail in PASS_DETAILS
         if passing:

@@ -6,9 +6,10 @@ import asyncio
 
 from aiohttp import web
 
+from proxy.policy.httpdate import format_http_date
 from proxy.web.fastpath import ProxyServer
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Clock, Origin, Proxy
 from tests.security.misbehaving import Conn, raw_origins
 
 
@@ -126,3 +127,43 @@ async def test_a_response_without_content_type_is_relayed_and_served_without_one
         # cachegate's own replies still say what they are
         own, _ = await _raw_get(proxy, b"Cache-Control: only-if-cached\r\n", b"/not-stored")
         assert own.startswith(b"HTTP/1.1 504") and b"Content-Type: text/plain" in own
+
+
+async def test_a_response_without_date_is_stored_and_served_with_the_time_it_was_received(
+        make_proxy: MakeProxy, clock: Clock) -> None:
+    """RFC 9110 §6.6.1: a cache with a clock records when a response without Date was received
+    and appends that Date to what it stores and forwards: every hit on it, on either path, says
+    the same Date, and its Age agrees; a 304 without Date dates the freshened response anew."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if "if-none-match" in request.headers:
+                await conn.send(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=10\r\n\r\n')
+            else:
+                await conn.send(b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nCache-Control: max-age=10\r\n'
+                                b"Content-Length: 2\r\n\r\nhi")
+
+    def date_of(head: bytes) -> bytes:
+        return next(line for line in head.split(b"\r\n") if line.lower().startswith(b"date:"))
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(upstreams=[origin.url])
+        clock.now -= 86400  # the engine's clock: a day behind the wall clock
+        proxy.runtime.engine.clock = clock
+        received = b"Date: " + format_http_date(clock.now).encode()
+        miss, _ = await _raw_get(proxy)
+        assert b"X-Cache-Status: MISS" in miss and date_of(miss) == received
+        clock.advance(5)
+        for extra in (b"", b"Cache-Control: max-stale=5\r\n"):  # the fast path, the general path
+            hit, _ = await _raw_get(proxy, extra)
+            assert b"X-Cache-Status: HIT" in hit and b"Age: 5\r\n" in hit
+            assert date_of(hit) == received
+        clock.advance(20)
+        revalidated, _ = await _raw_get(proxy)
+        assert b"X-Cache-Status: REVALIDATED" in revalidated
+        freshened = b"Date: " + format_http_date(clock.now).encode()
+        assert date_of(revalidated) == freshened
+        clock.advance(3)
+        hit, _ = await _raw_get(proxy)
+        assert b"Age: 3\r\n" in hit and date_of(hit) == freshened

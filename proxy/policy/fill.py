@@ -115,8 +115,10 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
     >>> fill = decide_fill(Exchange(head, 200, "OK", answer, 0, 0), Rules(), FillSettings(), jitter=0.5)
     >>> fill.response.freshness.lifetime, fill.tags  # max-age=100 less half of ttl_jitter's 50%
     (75.0, ('k', 'mine'))
-    >>> fill.response.headers  # no Set-Cookie; this cache's Via
-    (('Cache-Control', 'max-age=100'), ('Surrogate-Key', 'k'), ('Via', '1.1 cachegate'))
+    >>> fill.response.headers  # no Set-Cookie; a Date (when it was received); this cache's Via
+    ... # doctest: +NORMALIZE_WHITESPACE
+    (('Cache-Control', 'max-age=100'), ('Surrogate-Key', 'k'), ('Date', 'Thu, 01 Jan 1970 00:00:00 GMT'),
+     ('Via', '1.1 cachegate'))
     >>> decide_fill(Exchange(head, 200, "OK", answer, 0, 0), Rules(no_store_rule="api"), FillSettings())
     NoFill(detail='RULE-NO-STORE:api')
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.policy.httpdate import format_http_date
 from proxy.policy.messages import HeaderList, Headers
 
 # RFC 9110 §7.6.1 and the fields a proxy must not forward or store (RFC 9111 §3.1 names
@@ -26,3 +27,19 @@ def end_to_end(headers: Headers) -> HeaderList:
     listed = connection_tokens(headers)
     drop = HOP_BY_HOP | listed if listed else HOP_BY_HOP
     return tuple([(k, v) for k, v in headers.items() if k.lower() not in drop])
+
+
+def dated(fields: HeaderList, response_time: float) -> HeaderList:
+    """``fields`` of a response received at ``response_time``, with a Date: the origin's, else
+    that time. RFC 9110 §6.6.1: a recipient with a clock "MUST record the time it was received
+    and append a corresponding Date header field" to a response without one that it caches
+    or forwards; stamped once here, every hit on the stored response says the same Date
+    (and its Age agrees with it), on both hit paths.
+
+    >>> dated((("X", "1"),), 0.0), dated((("date", "d"),), 0.0)
+    ((('X', '1'), ('Date', 'Thu, 01 Jan 1970 00:00:00 GMT')), (('date', 'd'),))
+    """
+    for k, _ in fields:
+        if k.lower() == "date":
+            return fields
+    return (*fields, ("Date", format_http_date(response_time)))

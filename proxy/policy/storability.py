@@ -24,7 +24,7 @@ from proxy.policy.cache_control import (
 )
 from proxy.policy.fields import content_length
 from proxy.policy.freshness import carries_credentials, compute_freshness
-from proxy.policy.headers import end_to_end
+from proxy.policy.headers import dated, end_to_end
 from proxy.policy.keys import variant_of, vary_names
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
 from proxy.policy.partial import parse_content_range
@@ -187,7 +187,7 @@ def _decide(
         StoredResponse(
             status=status,
             reason=reason,
-            headers=end_to_end(headers),
+            headers=dated(end_to_end(headers), response_time),  # a Date, the origin's or ours
             request_time=request_time,
             response_time=response_time,
             freshness=freshness,

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from proxy.policy.fields import split_list
 from proxy.policy.freshness import compute_freshness
-from proxy.policy.headers import HOP_BY_HOP, end_to_end
+from proxy.policy.headers import HOP_BY_HOP, dated, end_to_end
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions, HeaderList, Headers, StoredResponse
 from proxy.policy.storability import response_cache_control
@@ -100,14 +100,18 @@ def freshen_stored(
 
     Headers are merged as §3.2 says; freshness is computed afresh from the merged
     headers, except that ``Age`` and ``Date`` are the 304's own (a stored Age or
-    Date describes the old exchange, not this one). A 304 that adds ``no-store``
-    or ``private`` ends the stored response's life. ``credentials``: the revalidating
-    request carried Cookie or Authorization. No heuristic freshness then, nor when the stored
-    response was filled (or freshened) for such a request (``StoredResponse.credentials``,
-    kept): an anonymous revalidation says nothing about whose page it is (see ``freshness``).
+    Date describes the old exchange, not this one): a 304 without Date is dated
+    ``response_time`` (``headers.dated``), so the stored Date agrees with the new age.
+    A 304 that adds ``no-store`` or ``private`` ends the stored response's life.
+    ``credentials``: the revalidating request carried Cookie or Authorization. No heuristic
+    freshness then, nor when the stored response was filled (or freshened) for such a
+    request (``StoredResponse.credentials``, kept): an anonymous revalidation says nothing
+    about whose page it is (see ``freshness``).
     """
     credentials = credentials or stored.credentials
     merged = merge_headers(stored.headers, update)
+    if "date" not in update:
+        merged = dated(tuple([(k, v) for k, v in merged if k.lower() != "date"]), response_time)
     view: CIMultiDict[str] = CIMultiDict((k, v) for k, v in merged if k.lower() not in ("age", "date"))
     for name in ("Age", "Date"):
         for value in update.getall(name, ()):

@@ -84,13 +84,13 @@ def test_a_cookie_stored_under_allow_set_cookie_is_dropped_from_what_is_kept() -
     rules = Rules(options=CacheOptions(allow_set_cookie=True))
     decision = fill([FRESH, ("Set-Cookie", "a=1"), ("set-cookie", "b=2")], rules=rules)
     assert isinstance(decision, Fill)
-    assert [k for k, _ in decision.response.headers] == ["Cache-Control", "Via"]
+    assert [k for k, _ in decision.response.headers] == ["Cache-Control", "Date", "Via"]
 
 
 def test_the_filling_request_s_id_echoed_by_the_origin_is_not_kept() -> None:
     decision = fill([FRESH, ("X-Request-Id", "abc")])
     assert isinstance(decision, Fill)
-    assert [k for k, _ in decision.response.headers] == ["Cache-Control", "Via"]
+    assert [k for k, _ in decision.response.headers] == ["Cache-Control", "Date", "Via"]
 
 
 def test_a_part_is_kept_as_its_complete_response_would_be_without_the_cookie() -> None:
@@ -100,7 +100,7 @@ def test_a_part_is_kept_as_its_complete_response_would_be_without_the_cookie() -
     assert isinstance(decision, Fill)
     assert decision.response.status == 206
     assert dict(decision.response.headers) == {"Cache-Control": "max-age=100", "Content-Range": "bytes 0-4/10",
-                                               "Via": "1.1 cachegate"}
+                                               "Date": date(0), "Via": "1.1 cachegate"}
 
 
 @pytest.mark.parametrize(("response", "detail"), [
@@ -153,7 +153,7 @@ def test_a_304_echoing_the_revalidating_request_s_id_does_not_add_it_to_the_stor
     update = Exchange(request(), 304, "", headers(("X-Request-Id", "abc"), ("X-New", "1")), T0 + 50, T0 + 50)
     fresh = freshened(s, update, Rules(), SETTINGS)
     assert fresh is not None
-    assert [k for k, _ in fresh.headers] == ["Cache-Control", "ETag", "X-New", "Via"]
+    assert [k for k, _ in fresh.headers] == ["Cache-Control", "ETag", "X-New", "Date", "Via"]
 
 
 def test_a_304_saying_private_ends_the_stored_response() -> None:

@@ -8,9 +8,10 @@ import pytest
 
 from proxy.policy.messages import StoredResponse
 from proxy.policy.reply import NotModified, Send, Unsatisfiable, reply_head, served_headers
-from tests.policy.build import request, stored
+from tests.policy.build import date, request, stored
 
-FIELDS: list[tuple[str, str]] = [("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Content-Type", "text/plain"),
+FIELDS: list[tuple[str, str]] = [("Date", date(0)), ("Cache-Control", "max-age=60"), ("ETag", '"a"'),
+                                 ("Content-Type", "text/plain"),
                                  ("Content-Length", "10"), ("Age", "3"), ("Server", "origin"),
                                  ("X-Request-Id", "old"), ("X-Other", "1")]
 WHOLE = stored(FIELDS)
@@ -25,13 +26,14 @@ def served(s: StoredResponse) -> list[tuple[str, str]]:
 
 def test_served_fields_drop_the_stored_age_length_server_and_request_id_and_add_this_cache_s() -> None:
     names = [k for k, _ in served(WHOLE)]
-    assert names == ["Cache-Control", "ETag", "Content-Type", "X-Other", "Age", "Cache-Status", "X-Cache-Status"]
+    assert names == ["Date", "Cache-Control", "ETag", "Content-Type", "X-Other", "Age", "Cache-Status",
+                     "X-Cache-Status"]
     assert dict(served(WHOLE))["Age"] == "5"
 
 
 def test_a_304_keeps_only_the_fields_that_describe_the_representation_rfc_9110_section_15_4_5() -> None:
     answer = reply_head(request(), WHOLE, 10, served(WHOLE), True)
-    assert answer == NotModified([("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Age", "5"),
+    assert answer == NotModified([("Date", date(0)), ("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Age", "5"),
                                   ("Cache-Status", "cachegate; hit"), ("X-Cache-Status", "HIT")])
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from proxy.policy.messages import CacheOptions, RequestHead
 from proxy.policy.storability import DontStore, Store
-from tests.policy.build import date, request, store
+from tests.policy.build import T0, date, request, store
 
 Pairs = list[tuple[str, str]]
 FRESH = ("Cache-Control", "max-age=60")
@@ -104,7 +104,24 @@ def test_hop_by_hop_and_connection_listed_fields_are_not_stored_rfc_9111_section
                       ("Transfer-Encoding", "chunked")])
     assert isinstance(decision, Store)
     names = {k.lower() for k, _ in decision.response.headers}
-    assert names == {"cache-control", "x-b"}
+    assert names == {"cache-control", "x-b", "date"}  # (a Date: the time it was received)
+
+
+# (case, the response's fields, received at, the stored Date)
+STORED_DATES = [
+    ("the origin's Date is stored as it is", [FRESH, ("Date", date(-5))], T0, [date(-5)]),
+    ("a response without Date is stored with the time it was received (RFC 9110 §6.6.1)", [FRESH], T0 + 7,
+     [date(7)]),
+    ("an invalid Date is the origin's: kept (RFC 9111 §4.2.3 reads it as absent)", [FRESH, ("Date", "soon")], T0,
+     ["soon"]),
+]
+
+
+@pytest.mark.parametrize(("case", "response", "received", "dates"), STORED_DATES, ids=[d[0] for d in STORED_DATES])
+def test_a_stored_response_always_has_a_date(case: str, response: Pairs, received: float, dates: list[str]) -> None:
+    decision = store(response, request_time=received, response_time=received)
+    assert isinstance(decision, Store)
+    assert [v for k, v in decision.response.headers if k.lower() == "date"] == dates
 
 
 def test_the_variant_records_the_normalised_selecting_fields_rfc_9111_section_4_1() -> None:

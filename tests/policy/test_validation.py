@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions
 from proxy.policy.validation import (
     Freshen,
@@ -140,6 +141,25 @@ def test_freshening_takes_age_and_date_from_the_304_only_rfc_9111_section_4_3_4(
     assert fresh.freshness.ttl(later + 30) == 30
     assert dict(fresh.headers)["Date"] == date(100)
     assert "Age" in dict(fresh.headers)  # kept as stored; the engine writes the current Age on use
+
+
+# (case, the stored response's fields, the 304's, the stored Date after it; the 304 arrives at T0 + 100)
+DATES = [
+    ("the 304's Date replaces the stored one", [("Date", date(-50))], [("Date", date(99))], date(99)),
+    ("a 304 without Date is dated when it was received (RFC 9110 §6.6.1)", [("Date", date(-50))], [],
+     date(100)),
+    ("so is a freshened response stored without one", [], [], date(100)),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "update", "stored_date"), DATES, ids=[d[0] for d in DATES])
+def test_a_freshened_response_s_date_is_the_304_s_or_the_time_it_was_received(
+        case: str, fields: Pairs, update: Pairs, stored_date: str) -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"'), *fields])
+    fresh = freshen_stored(s, headers(*update), T0 + 100, T0 + 100, CacheOptions())
+    assert fresh is not None
+    assert [v for k, v in fresh.headers if k.lower() == "date"] == [stored_date]
+    assert fresh.freshness.age(T0 + 100) == T0 + 100 - parse_http_date(stored_date)  # Date and age agree
 
 
 def test_a_304_with_a_new_max_age_changes_the_lifetime() -> None:
