@@ -175,9 +175,9 @@ class HealthSettings:
 
 @dataclass(frozen=True)
 class PassiveHealth:
-    """Passive checks: consecutive connection failures or 5xx take an upstream out for a cool-down."""
+    """Passive checks: consecutive connection failures or 502/503/504 take an upstream out for a cool-down."""
 
-    failures: int = setting(3, "consecutive failures or 5xx that take an upstream out (0: off)",
+    failures: int = setting(3, "consecutive failures or 502/503/504 that take an upstream out (0: off)",
                             integer(minimum=0))
     cooldown: float = setting(10.0, "how long it stays out", duration())
     # False when the config has no passive: section. Then, like nginx's max_fails, a pool

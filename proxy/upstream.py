@@ -80,6 +80,14 @@ log = logging.getLogger("cachegate.upstream")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
+# The answers held against an upstream by passive health: it says it cannot serve (a gateway's
+# failure, unavailable, a gateway's timeout). A 500 (or 501, 505) is the application's answer to
+# that request: held against the upstream, any client able to make one URL fail (a
+# broken endpoint, a crafted query) took every upstream out for everyone. nginx's max_fails
+# counts no status at all by default (proxy_next_upstream error timeout).
+UNAVAILABLE = frozenset({502, 503, 504})
+
+
 @dataclass
 class Upstream:
     """One upstream's state. Mutated by the pool; read by the pure selection function."""
@@ -255,6 +263,7 @@ class UpstreamPool:
         upstream.in_flight = max(0, upstream.in_flight - 1)
 
     def _passive_failure(self, upstream: Upstream, kind: str) -> None:
+        """A connection failure, or an answer that says the upstream cannot serve (``UNAVAILABLE``)."""
         upstream.failures += 1
         if self._on_error is not None:
             self._on_error(upstream.name, kind)
@@ -441,9 +450,11 @@ class UpstreamPool:
         except BaseException:  # cancelled, or the client's body broke off (ClientBodyError):
             self._done(upstream)  # neither is the upstream's failure
             raise
-        if resp.status >= 500:
+        if resp.status in UNAVAILABLE:
             self._passive_failure(upstream, f"status_{resp.status}")
         else:
+            if resp.status >= 500 and self._on_error is not None:
+                self._on_error(upstream.name, f"status_{resp.status}")  # counted, not held against it
             self._passive_success(upstream)
         return UpstreamResponse(resp, upstream, self)
 

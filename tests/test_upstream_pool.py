@@ -79,10 +79,10 @@ async def test_idempotent_requests_are_retried_on_another_upstream(
     assert statuses == {200, 502}
 
 
-async def test_consecutive_5xx_take_an_upstream_out_for_a_cooldown(
+async def test_consecutive_503s_take_an_upstream_out_for_a_cooldown(
     origin: Origin, second: Origin, make_proxy: MakeProxy
 ) -> None:
-    origin.route("/p", status=500, body=b"broken")
+    origin.route("/p", status=503, body=b"unavailable")
     second.route("/p", body=b"fine")
     proxy = await make_proxy(config="upstream: {passive: {failures: 2, cooldown: 30s}}\n",
                              upstreams=[origin.url, second.url])
@@ -92,7 +92,27 @@ async def test_consecutive_5xx_take_an_upstream_out_for_a_cooldown(
     assert second.count("/p") == 8
     metrics = (await proxy.admin("GET", "/metrics")).body.decode()
     assert f'cachegate_upstream_up{{upstream="{origin.url}"}} 0.0' in metrics
-    assert f'cachegate_upstream_errors_total{{kind="status_500",upstream="{origin.url}"}} 2.0' in metrics
+    assert f'cachegate_upstream_errors_total{{kind="status_503",upstream="{origin.url}"}} 2.0' in metrics
+
+
+async def test_a_client_making_one_url_fail_with_500s_takes_no_upstream_out(
+    origin: Origin, second: Origin, make_proxy: MakeProxy
+) -> None:
+    """A 500 is the application's answer to that request, not the upstream's state: held
+    against it, anyone able to make one URL fail took every upstream out for everyone."""
+    for o in (origin, second):
+        o.route("/crash", status=500, body=b"bug")
+        o.route("/page", body=b"fine", headers={"Cache-Control": "no-store"})
+    proxy = await make_proxy(config="upstream: {passive: {failures: 2, cooldown: 30s}, retries: 0}\n",
+                             upstreams=[origin.url, second.url])
+    for _ in range(10):
+        assert (await proxy.get("/crash")).status == 500
+    assert origin.count("/crash") + second.count("/crash") == 10
+    assert all(u.available(time.monotonic()) for u in proxy.runtime.pool.upstreams)
+    assert [(await proxy.get("/page")).status for _ in range(4)] == [200] * 4
+    assert origin.count("/page") == 2 and second.count("/page") == 2
+    metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+    assert f'cachegate_upstream_errors_total{{kind="status_500",upstream="{origin.url}"}} 5.0' in metrics
 
 
 async def test_active_health_checks_eject_and_return_an_upstream(
