@@ -339,15 +339,24 @@ class Engine:
         mark_stored: bool = False,
     ) -> Reply | None:
         """A reply from a stored variant; None when its body has gone missing from disk, or the
-        variant cannot answer this request (``reply_head``)."""
+        variant cannot answer this request (``reply_head``).
+
+        The rule's response_headers are those of the stored response (its status and type:
+        what its 200 gets, on the fast path too), applied before ``reply_head`` picks the
+        fields of a 304, a 206 or a 416 from it: a 304 carries the Cache-Control and Expires
+        the 200 would (RFC 9110 §15.4.5), which a choice by the 304's own status and missing
+        Content-Type did not give it."""
         entry = cached.entry
         stored = entry.response
         cs = cache_status(hit=hit, fwd=fwd, fwd_status=fwd_status, ttl=ttl, detail=detail,
                           collapsed=collapsed, stored=mark_stored)
         headers = served_headers(stored.headers, str(int(age)), cs, x_cache)
+        edits = response_edits(plan, stored.status, stored.headers)
+        if edits:
+            headers = edits.apply(headers)
         answer = reply_head(req.head, stored, entry.body_size, headers, not_modified)
         if isinstance(answer, NotModified):
-            return self.finish(plan, Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none"))
+            return Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none")
         head_only = req.head.method == "HEAD"
         tier = "memory" if cached.body is not None and not cached.from_disk else "disk"
         body: Body
@@ -363,14 +372,13 @@ class Engine:
                 return None
             case Unsatisfiable():
                 close_body(body)
-                return self.finish(plan, Reply(416, "Range Not Satisfiable", answer.headers, b"", 0,
-                                                x_cache, "none"))
+                return Reply(416, "Range Not Satisfiable", answer.headers, b"", 0, x_cache, "none")
             case Send():
                 offset = answer.offset
                 if isinstance(body, bytes) and answer.status == 206:  # a range of it
                     body, offset = body[offset:offset + answer.length], 0
-                return self.finish(plan, Reply(answer.status, answer.reason, answer.headers, body,
-                                                answer.length, x_cache, tier, offset, head_only))
+                return Reply(answer.status, answer.reason, answer.headers, body, answer.length, x_cache,
+                             tier, offset, head_only)
             case _:
                 assert_never(answer)
 

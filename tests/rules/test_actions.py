@@ -333,6 +333,40 @@ async def test_response_headers_rewrite_what_clients_see_not_what_is_stored(
         assert gone.headers["X-Powered-By"] == "PHP/5"  # first match wins: the 404 rule
 
 
+async def test_a_304_206_or_416_from_the_cache_takes_the_edits_of_the_stored_200(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The edits are chosen by the stored response's status and type, as for its 200: a 304
+    must carry the Cache-Control and Expires the 200 would (RFC 9110 §15.4.5), and was given
+    the origin's instead (picked by 304 and the Content-Type a 304 no longer carries)."""
+    proxy = await make_proxy(rules="""
+        rules:
+          - name: html
+            match: {path: "/html/**", content_type: ["text/html"]}
+            response_headers: {add: {Cache-Control: "no-cache", X-Rule: html}}
+          - name: ok-only
+            match: {path: "/st/**", status: [200]}
+            response_headers: {add: {Cache-Control: "private, max-age=10", Expires: "0"}}
+    """)
+    origin.route("/html/page", body=b"<html>page</html>", headers={
+        "Cache-Control": "max-age=3600", "ETag": '"p1"', "Content-Type": "text/html; charset=utf-8"})
+    origin.route("/st/a", body=b"aaa", headers={
+        "Cache-Control": "max-age=3600", "ETag": '"a1"', "Content-Type": "text/plain"})
+    for path, tag, cc in (("/html/page", '"p1"', "no-cache"), ("/st/a", '"a1"', "private, max-age=10")):
+        assert (await proxy.get(path)).x_cache == "MISS"
+        await settle(proxy)
+        hit = await proxy.get(path)
+        assert (hit.status, hit.x_cache, hit.headers.getall("Cache-Control")) == (200, "HIT", [cc])
+        part = await proxy.get(path, headers={"Range": "bytes=0-1"})
+        assert (part.status, part.x_cache, part.headers.getall("Cache-Control")) == (206, "HIT", [cc])
+        beyond = await proxy.get(path, headers={"Range": "bytes=500-"})
+        assert (beyond.status, beyond.headers.getall("Cache-Control")) == (416, [cc])
+        same = await proxy.get(path, headers={"If-None-Match": tag})
+        assert (same.status, same.x_cache, same.headers.getall("Cache-Control")) == (304, "HIT", [cc])
+        assert "X-Rule" not in same.headers  # not a field a 304 carries (§15.4.5), as before
+    assert (await proxy.get("/st/a", headers={"If-None-Match": '"a1"'})).headers["Expires"] == "0"
+    assert origin.count("/html/page") == origin.count("/st/a") == 1
+
+
 # -- client_cache_control --------------------------------------------------------------------------
 
 
