@@ -61,7 +61,14 @@ from proxy.policy.partial import (
     part_range,
 )
 from proxy.policy.ranges import RangeSpec, if_range_allows, request_range
-from proxy.policy.reply import NotModified, Send, Unsatisfiable, reply_head, served_headers
+from proxy.policy.reply import (
+    NotModified,
+    PreconditionFailed,
+    Send,
+    Unsatisfiable,
+    reply_head,
+    served_headers,
+)
 from proxy.policy.request import Forwarder, UpstreamRequest, upstream_request
 from proxy.policy.reuse import (
     Forward,
@@ -355,6 +362,11 @@ class Engine:
         if edits:
             headers = edits.apply(headers)
         answer = reply_head(req.head, stored, entry.body_size, headers, not_modified)
+        if isinstance(answer, PreconditionFailed):
+            text = b"412 Precondition Failed\n"
+            return self.finish(plan, Reply(412, "Precondition Failed",
+                                           [("Content-Type", "text/plain; charset=utf-8"), *answer.headers],
+                                           text, len(text), x_cache, "none"))
         if isinstance(answer, NotModified):
             return Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none")
         head_only = req.head.method == "HEAD"
@@ -447,7 +459,8 @@ class Engine:
                     return reply
             index = select_variant(head, responses)
             old = parts[index] if index is not None else None
-        if "if-range" in head.headers:
+        fields = head.headers
+        if "if-range" in fields or "if-match" in fields or "if-unmodified-since" in fields:
             return None  # a conditional range: the whole fill answers it from the stored response
         return await self._fetch_part(req, plan, key, spec, fwd, old)
 
@@ -579,12 +592,14 @@ class Engine:
     # -- going upstream --------------------------------------------------------------------
 
     def upstream(self, req: ClientRequest, plan: RequestPlan | None,
-                  revalidating: Cached | None = None) -> UpstreamRequest:
+                  revalidating: Cached | None = None, *, preconditions: bool = False) -> UpstreamRequest:
         """The request the origin receives: computed by the policy from the normalised head
-        alone (``plan``: a fill, as keyed; None: passed through)."""
+        alone (``plan``: a fill, as keyed; None: passed through; ``preconditions``: a fill
+        that keeps the client's, for a hit-for-pass key)."""
         validators = conditional_headers(revalidating.entry.response) if revalidating is not None else ()
         return upstream_request(req.head, req.remote, self._forwarder, request_id=req.request_id,
-                                fill=plan.key if plan is not None else None, validators=validators)
+                                fill=plan.key if plan is not None else None, validators=validators,
+                                preconditions=preconditions)
 
     def response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
         out = list(end_to_end(headers))

@@ -879,15 +879,25 @@ class MissPath:
     async def forward_passing(self, attempt: Attempt) -> Reply:
         """A hit-for-pass key: forwarded in the request's own task, without a flight (nobody may
         join it). Should the response turn out storable now, a flight takes it over and stores it
-        (and this client is answered from that flight), which ends the hit-for-pass."""
+        (and this client is answered from that flight), which ends the hit-for-pass.
+
+        The client's preconditions go with it (RFC 9110 §13.2.1: a cache that does not evaluate
+        them forwards them): a private page's If-None-Match gets its 304. Its answer to them (a
+        304, a 412) is relayed and never stored; only a full response may end the pass."""
         engine = self.engine
+        head = attempt.req.head
         request_time = engine.clock()
         epoch = engine.storage.epoch
         try:
-            resp = await engine.send(engine.upstream(attempt.req, attempt.plan),
+            resp = await engine.send(engine.upstream(attempt.req, attempt.plan, preconditions=True),
                                      on_interim=relay(attempt.req.interim))
         except UpstreamError as exc:
             return engine.upstream_failed(attempt.plan, exc, attempt.fwd)
+        fields = head.headers
+        if (resp.status == 304 and ("If-None-Match" in fields or "If-Modified-Since" in fields)) \
+                or (resp.status == 412 and ("If-Match" in fields or "If-Unmodified-Since" in fields)):
+            cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status)
+            return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")
         unasked = _unasked_304(resp, None)
         if unasked is not None:
             return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
@@ -1073,7 +1083,8 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
     x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")
     fields = request.headers
     if fhead.store_detail == "" and fhead.status == 200 and (
-            "if-none-match" in fields or "if-modified-since" in fields or "range" in fields):
+            "if-none-match" in fields or "if-modified-since" in fields or "range" in fields
+            or "if-match" in fields or "if-unmodified-since" in fields):
         # Fill requests drop the client's conditionals and ranges: the stored response answers them.
         return FromStore(x_cache, collapsed=collapsed, stored=not collapsed, this_flight=True,
                          coalesced=collapsed)

@@ -4,6 +4,8 @@
 for the general path and the fast hit path); ``reply_head`` decides, from the
 client's request, which reply those fields head:
 
+- ``PreconditionFailed``: the client's If-Match or If-Unmodified-Since is false for the
+  stored response (RFC 9110 §13.1.1, §13.1.4: 412, before anything else is considered);
 - ``NotModified``: the client's own conditional matched (RFC 9110 §15.4.5: a 304
   carries only the fields a 200 would have that describe the representation);
 - ``Unsatisfiable``: a Range outside a stored 200 (416 with ``Content-Range: bytes */size``);
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from proxy.policy.messages import RequestHead, StoredResponse
 from proxy.policy.partial import answerable, part_range
 from proxy.policy.ranges import if_range_allows, request_range, resolve_range
+from proxy.policy.validation import precondition_failed
 
 # A stored response's fields that are never served as stored (see served_headers).
 SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id"})
@@ -28,6 +31,14 @@ SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id"})
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
                        "last-modified")  # fmt: skip
 _OWN_FIELDS = ("Age", "Cache-Status", "X-Cache-Status")
+
+
+@dataclass(frozen=True, slots=True)
+class PreconditionFailed:
+    """412: only this cache's own fields (Cache-Status, X-Cache-Status), none of the stored
+    response's: the 412 is not that representation, nor a response a cache may reuse."""
+
+    headers: list[tuple[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +60,7 @@ class Send:
     offset: int  # where in the stored body they begin
 
 
-ReplyHead = NotModified | Unsatisfiable | Send
+ReplyHead = PreconditionFailed | NotModified | Unsatisfiable | Send
 
 
 def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
@@ -82,6 +93,9 @@ def reply_head(request: RequestHead, stored: StoredResponse, body_size: int,
     >>> reply_head(get("bytes=20-"), s, 10, [], False)
     Unsatisfiable(headers=[('Content-Range', 'bytes */10')])
     """
+    fields = request.headers
+    if ("If-Match" in fields or "If-Unmodified-Since" in fields) and precondition_failed(fields, stored):
+        return PreconditionFailed([(k, v) for k, v in headers if k in _OWN_FIELDS and k != "Age"])
     if not_modified:
         return NotModified([(k, v) for k, v in headers
                             if k.lower() in NOT_MODIFIED_FIELDS or k in _OWN_FIELDS])

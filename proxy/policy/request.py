@@ -99,10 +99,13 @@ FORWARDING_FIELDS = frozenset({
 # A Connection that names one of these would change which host or which body is meant.
 CONNECTION_MAY_NOT_NAME = {"host": "Host", "content-length": "Content-Length",
                            "transfer-encoding": "Transfer-Encoding"}
+# The client's preconditions (RFC 9110 §13.1): a request forwarded without being stored
+# (hit-for-pass) carries them, so the origin evaluates them (§13.2.1); a fill never does.
+PRECONDITIONS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since"})
 # A fill asks for the full representation; the client's conditionals and ranges are
 # answered from the stored response afterwards. It sends no body: no Expect.
-FILL_DROPS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
-                        "if-range", "range", "expect"})  # fmt: skip
+FILL_DROPS = PRECONDITIONS | {"if-range", "range", "expect"}
+PASSING_DROPS = FILL_DROPS - PRECONDITIONS  # a fill-shaped request that keeps the preconditions
 DEFAULT_MAX_HEAD = 32 * 1024
 
 _HOST = re.compile(r"(?:[a-z0-9._~!$&'()*+,;=-]+|\[[0-9a-f:.]+\])(?::[0-9]{0,5})?")
@@ -458,13 +461,16 @@ def _without_console_cookie(value: str) -> str:
 
 def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
                      fill: KeySpec | None = None, validators: HeaderList = (),
-                     request_id: str = "") -> UpstreamRequest:
+                     request_id: str = "", preconditions: bool = False) -> UpstreamRequest:
     """What the origin receives for ``head``: a function of the head, ``peer`` (the TCP peer's
     address, for X-Forwarded-For) and the config.
 
     ``fill``: a cache fill under this key spec: a GET for the URL as keyed, without the
-    client's conditionals and ranges; ``validators`` (a revalidation's) are added. Without
-    ``fill`` the request is passed through (any method, the target as received).
+    client's conditionals and ranges; ``validators`` (a revalidation's) are added;
+    ``preconditions``: a fill that keeps the client's preconditions (``PRECONDITIONS``: a
+    hit-for-pass key's request, which is stored only when its answer is a full response).
+    Without ``fill`` the request is passed through (any method, the target as received, all
+    its fields: preconditions, Range).
     ``request_id``: the request's ``X-Request-Id`` (``proxy.logs``: a trusted peer's, or
     cachegate's own), sent in place of any the head carries.
 
@@ -491,9 +497,10 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     prior_for: list[str] = []
     prior_via: list[str] = []
     proto = host = False
+    drops = PASSING_DROPS if preconditions else FILL_DROPS
     for k, v in head.headers.items():
         lk = k.lower()
-        if lk in ("host", "x-request-id") or lk in HOP_BY_HOP or (fill is not None and lk in FILL_DROPS):
+        if lk in ("host", "x-request-id") or lk in HOP_BY_HOP or (fill is not None and lk in drops):
             continue
         if lk == "cookie" and CONSOLE_COOKIE in v:
             v = _without_console_cookie(v)

@@ -28,10 +28,12 @@ filled in. With an access log, each answer leaves a tuple for the log's batch wr
 tests/test_fastpath.py compares both paths field by field for a table of requests.
 
 Left to the general path (by construction, not by guess): any method but GET and HEAD;
-a request with a body, an upgrade, a ``Range``; one that asks to close the connection
-(HTTP/1.0 without keep-alive, ``Connection: close``); anything ``decide_lookup`` does not
-answer as a plain fresh HIT (conditionals that match, ``Cache-Control``/``Pragma`` that
-ask for the origin, stale or soft-purged entries, Vary misses); stored statuses 204/304
+a request with a body, an upgrade, a ``Range``, an ``If-Match`` or ``If-Unmodified-Since``
+(checked before the normalisation, so never on a remembered request's way: ``Known``); one
+that asks to close the connection (HTTP/1.0 without keep-alive, ``Connection: close``);
+anything ``decide_lookup`` does not answer as a plain fresh HIT (conditionals that match,
+``Cache-Control``/``Pragma`` that ask for the origin, stale or soft-purged entries, Vary
+misses); stored statuses 204/304
 or a reason with control characters; a request the normalisation refuses (a bad Host,
 ``Connection`` naming Host, an oversized head, ...: the general path answers the
 refusal). Pipelined requests are answered in order: once one request of a batch goes to
@@ -173,8 +175,9 @@ class FastPath:
         """The whole response to a parsed GET/HEAD ``msg`` (whose bytes arrived at ``started``,
         a ``time.perf_counter()`` reading), or None for the general path. ``raw``: the
         message's exact bytes, when it may be remembered (``Known``)."""
-        if "Range" in msg.headers:
-            return None
+        fields = msg.headers
+        if "Range" in fields or "If-Match" in fields or "If-Unmodified-Since" in fields:
+            return None  # (a 412 is the general path's: ``reply_head``; a remembered request has none)
         fe = self._front.current()
         trusted = fe.trusted(remote)
         head = normalise_request(msg, secure=secure, trusted=trusted, listener=fe.listener)

@@ -1,4 +1,4 @@
-"""The head of a reply from a stored response: 200, 304, 206 or 416 (RFC 9110 §13-15, RFC 9111 §3.3)."""
+"""The head of a reply from a stored response: 200, 304, 206, 412 or 416 (RFC 9110 §13-15, RFC 9111 §3.3)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from dataclasses import replace
 import pytest
 
 from proxy.policy.messages import StoredResponse
-from proxy.policy.reply import NotModified, Send, Unsatisfiable, reply_head, served_headers
+from proxy.policy.reply import (
+    NotModified,
+    PreconditionFailed,
+    Send,
+    Unsatisfiable,
+    reply_head,
+    served_headers,
+)
 from tests.policy.build import date, request, stored
 
 FIELDS: list[tuple[str, str]] = [("Date", date(0)), ("Cache-Control", "max-age=60"), ("ETag", '"a"'),
@@ -79,3 +86,32 @@ def test_a_range_beyond_a_stored_200_is_unsatisfiable_rfc_9110_section_15_5_17()
     answer = reply_head(request(("Range", "bytes=10-")), WHOLE, 10, served(WHOLE), False)
     assert isinstance(answer, Unsatisfiable)
     assert answer.headers[-1] == ("Content-Range", "bytes */10")
+
+
+# (case, request fields, not_modified: the client's If-None-Match/If-Modified-Since matched, status)
+PRECEDENCE: list[tuple[str, list[tuple[str, str]], bool, int]] = [
+    ("a failed If-Match is 412, even where If-None-Match matched (RFC 9110 §13.2.2)",
+     [("If-Match", '"z"'), ("If-None-Match", '"a"')], True, 412),
+    ("a failed If-Match is 412, not a 206", [("If-Match", '"z"'), ("Range", "bytes=2-4")], False, 412),
+    ("a failed If-Match is 412, not a 416", [("If-Match", '"z"'), ("Range", "bytes=20-")], False, 412),
+    ("If-Unmodified-Since is ignored without a stored Last-Modified",
+     [("If-Unmodified-Since", "Mon, 01 Jan 2001 00:00:00 GMT")], False, 200),
+    ("a true If-Match goes on to If-None-Match: 304", [("If-Match", '"a"'), ("If-None-Match", '"a"')], True, 304),
+    ("a true If-Match goes on to Range: 206", [("If-Match", '"a"'), ("Range", "bytes=2-4")], False, 206),
+    ("If-Match: *", [("If-Match", "*")], False, 200),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "not_modified", "status"), PRECEDENCE, ids=[c[0] for c in PRECEDENCE])
+def test_preconditions_come_first_rfc_9110_section_13_2_2(
+        case: str, fields: list[tuple[str, str]], not_modified: bool, status: int) -> None:
+    answer = reply_head(request(*fields), WHOLE, 10, served(WHOLE), not_modified)
+    got = {PreconditionFailed: 412, NotModified: 304, Unsatisfiable: 416}.get(type(answer))
+    if isinstance(answer, Send):
+        got = answer.status
+    assert got == status
+
+
+def test_a_412_carries_none_of_the_stored_response_s_fields() -> None:
+    answer = reply_head(request(("If-Match", '"z"')), WHOLE, 10, served(WHOLE), False)
+    assert answer == PreconditionFailed([("Cache-Status", "cachegate; hit"), ("X-Cache-Status", "HIT")])

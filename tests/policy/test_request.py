@@ -184,6 +184,20 @@ def test_the_upstream_request_is_the_head_with_cachegates_forwarding_fields() ->
     assert dict(passed.headers)["If-None-Match"] == '"x"'  # passed through: the client's own
 
 
+def test_a_hit_for_pass_request_keeps_the_client_s_preconditions_but_not_its_range() -> None:
+    """RFC 9110 §13.2.1: a cache that does not evaluate a precondition forwards it; a fill that
+    stores never carries one (it must get the full response)."""
+    conds = (("If-None-Match", '"x"'), ("If-Modified-Since", "Mon, 01 Jan 2024 00:00:00 GMT"),
+             ("If-Match", '"y"'), ("If-Unmodified-Since", "Mon, 01 Jan 2024 00:00:00 GMT"))
+    head = head_of("/s", HOST, *conds, ("Range", "bytes=0-1"), ("If-Range", '"x"'), ("Expect", "100-continue"))
+    fill = dict(upstream_request(head, "10.0.0.1", Forwarder(), fill=KeySpec()).headers)
+    assert not {"If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "Range",
+                "If-Range", "Expect"} & set(fill)
+    passing = upstream_request(head, "10.0.0.1", Forwarder(), fill=KeySpec(), preconditions=True).headers
+    assert [f for f in passing if f[0].startswith("If-")] == list(conds)
+    assert not {"Range", "If-Range", "Expect"} & set(dict(passing))
+
+
 def test_the_consoles_session_cookie_never_reaches_the_origin() -> None:
     # Browsers send it to the proxy's port too (cookies are per host, not per port).
     head = head_of("/a", HOST, ("Cookie", "a=1; cachegate_session=s3cret;b=2"), ("Cookie", " cachegate_session =x"))

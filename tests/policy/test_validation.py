@@ -18,6 +18,7 @@ from proxy.policy.validation import (
     error_keeps_stored,
     freshen_stored,
     merge_headers,
+    precondition_failed,
 )
 from tests.policy.build import T0, date, headers, stored
 
@@ -213,6 +214,50 @@ def test_a_client_s_conditional_request_is_evaluated_against_the_stored_response
 def test_only_a_stored_200_answers_a_conditional_with_304() -> None:
     s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"')], status=404)
     assert not client_not_modified(headers(("If-None-Match", '"a"')), s)
+
+
+# (case, stored fields, stored status, request fields, 412?): RFC 9110 §13.1.1, §13.1.4, §13.2
+PRECONDITIONS: list[tuple[str, Pairs, int, Pairs, bool]] = [
+    ("If-Match with the stored strong ETag holds", [("ETag", '"a"')], 200, [("If-Match", '"a"')], False),
+    ("one of several listed tags", [("ETag", '"b"')], 200, [("If-Match", '"a", "b"')], False),
+    ("tags over several lines", [("ETag", '"b"')], 200, [("If-Match", '"a"'), ("If-Match", '"b"')], False),
+    ("another ETag fails", [("ETag", '"a"')], 200, [("If-Match", '"z"')], True),
+    ("strong comparison: a weak listed tag never matches", [("ETag", '"a"')], 200,
+     [("If-Match", 'W/"a"')], True),
+    ("strong comparison: a weak stored ETag never matches", [("ETag", 'W/"a"')], 200,
+     [("If-Match", '"a"')], True),
+    ("no stored ETag: a listed tag fails", [("Last-Modified", LM)], 200, [("If-Match", '"a"')], True),
+    ("If-Match: * holds for any stored 2xx", [], 200, [("If-Match", "*")], False),
+    ("ignored on a stored non-2xx (§13.2.1)", [("ETag", '"a"')], 404, [("If-Match", '"z"')], False),
+    ("If-Unmodified-Since before Last-Modified fails", [("Last-Modified", LM)], 200,
+     [("If-Unmodified-Since", date(-20_000))], True),
+    ("If-Unmodified-Since equal to Last-Modified holds", [("Last-Modified", LM)], 200,
+     [("If-Unmodified-Since", LM)], False),
+    ("If-Unmodified-Since after Last-Modified holds", [("Last-Modified", LM)], 200,
+     [("If-Unmodified-Since", date(0))], False),
+    ("If-Unmodified-Since without a stored Last-Modified is ignored", [("ETag", '"a"')], 200,
+     [("If-Unmodified-Since", date(-20_000))], False),
+    ("an invalid If-Unmodified-Since is ignored", [("Last-Modified", LM)], 200,
+     [("If-Unmodified-Since", "yesterday")], False),
+    ("If-Unmodified-Since on two lines is ignored", [("Last-Modified", LM)], 200,
+     [("If-Unmodified-Since", date(-20_000)), ("If-Unmodified-Since", date(-20_000))], False),
+    ("If-Match wins over If-Unmodified-Since (§13.2.2): it holds", [("ETag", '"a"'), ("Last-Modified", LM)],
+     200, [("If-Match", '"a"'), ("If-Unmodified-Since", date(-20_000))], False),
+    ("If-Match wins over If-Unmodified-Since (§13.2.2): it fails", [("ETag", '"a"'), ("Last-Modified", LM)],
+     200, [("If-Match", '"z"'), ("If-Unmodified-Since", date(0))], True),
+    ("If-None-Match and If-Modified-Since are not preconditions that fail", [("ETag", '"a"')], 200,
+     [("If-None-Match", '"z"'), ("If-Modified-Since", date(-20_000))], False),
+    ("no precondition", [("ETag", '"a"')], 200, [], False),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "status", "req", "expected"), PRECONDITIONS,
+                         ids=[c[0] for c in PRECONDITIONS])
+def test_a_client_s_precondition_is_evaluated_against_the_stored_response(
+    case: str, fields: Pairs, status: int, req: Pairs, expected: bool
+) -> None:
+    s = stored([("Cache-Control", "max-age=60"), *fields], status=status)
+    assert precondition_failed(headers(*req), s) is expected
 
 
 # (case, stored Cache-Control, stored status, answer status, seconds after storing, keep the stored one?)
