@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from time import perf_counter
 from typing import Any, NamedTuple
@@ -559,15 +560,24 @@ class ProxyRequestHandler(RequestHandler):
             self._message_tail = tail
 
 
+_VERSION = re.compile(r"HTTP/(\d+)\.\d+'")  # the refused version, in the parser's quote of the line
+
+
 def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, str | None]:
     """The status and text for a request aiohttp's parser refused (it says 400 for all).
 
     llhttp refuses a ``Transfer-Encoding`` whose last coding is not ``chunked`` before
     cachegate sees the request: that is a coding this proxy does not implement, 501 as
     nginx answers (a list ending in ``chunked`` parses, and ``proxy.policy.request``
-    refuses it with 400). Too many fields is 431 (RFC 6585).
+    refuses it with 400). Too many fields is 431 (RFC 6585). A version llhttp does not parse
+    whose major is not 1 (``HTTP/3.0``) is 505, as the general path answers ``HTTP/2.0``
+    (``proxy_handler.version_refusal``); a 1.x one it refuses (``HTTP/1.2``) stays 400.
     """
     text = str(exc.message)
+    if "Invalid HTTP version" in text:
+        found = _VERSION.search(text)
+        if found is not None and found.group(1) != "1":
+            return 505, "505 HTTP Version Not Supported: this server speaks HTTP/1.1\n"
     if "invalid `Transfer-Encoding`" in text:
         return 501, ("501 Not Implemented: a transfer coding other than 'chunked'; only a single "
                      "'chunked' is accepted\n")

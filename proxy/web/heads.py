@@ -73,7 +73,16 @@ def frame(fields: CIMultiDict[str], status: int, method: str, version: tuple[int
     return Framing(chunked, keep_alive)
 
 
+def reply_version(version: tuple[int, int]) -> tuple[int, int]:
+    """The version a reply to a request of ``version`` is framed and labelled in: HTTP/1.0 to a
+    1.0 client, else HTTP/1.1, the highest this server speaks (RFC 9110 §6.2: never an echo
+    of a version it does not implement, such as a request line's ``HTTP/2.0`` or ``HTTP/0.9``,
+    which are refused: ``proxy_handler.version_refusal``)."""
+    return HttpVersion10 if version == HttpVersion10 else HttpVersion11
+
+
 def status_line(version: tuple[int, int], status: int, reason: str) -> str:
+    version = reply_version(version)
     return f"HTTP/{version[0]}.{version[1]} {status} {reason}"
 
 
@@ -120,8 +129,8 @@ class ReplyResponse(web.StreamResponse):
             keep_alive = request.keep_alive
         if keep_alive and closing(request.protocol):
             keep_alive = False
-        framing = frame(self._headers, self.status, request.method, request.version, self._reply_length,
-                        keep_alive, rfc822_formatted_time())
+        framing = frame(self._headers, self.status, request.method, reply_version(request.version),
+                        self._reply_length, keep_alive, rfc822_formatted_time())
         self._keep_alive = framing.keep_alive
         if framing.chunked:
             writer.enable_chunking()
@@ -169,5 +178,5 @@ def from_response(resp: web.StreamResponse, method: str) -> ReplyResponse:
     return plain_reply(resp.status, resp.reason, headers, body, method)
 
 
-__all__ = ["Framing", "ReplyResponse", "closing", "frame", "from_response", "plain_reply", "serialise",
-           "status_line"]
+__all__ = ["Framing", "ReplyResponse", "closing", "frame", "from_response", "plain_reply", "reply_version",
+           "serialise", "status_line"]

@@ -59,6 +59,26 @@ def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool
     return front.head(message, request.secure, trusted), None
 
 
+def version_refusal(version: tuple[int, int]) -> tuple[int, str] | None:
+    """The answer to a request line in a version cachegate does not speak, or None (1.0, 1.1).
+
+    aiohttp's parser takes ``HTTP/2.0`` and ``HTTP/0.9`` (a request line without a version
+    too) and used to have them answered as if they were spoken, labelled in their version:
+    ``HTTP/2.0 200 OK`` with a chunked body, ``HTTP/0.9 200 OK`` with fields. Another major
+    version is 505 (RFC 9110 §15.6.6; an HTTP/2 client uses the preface or ALPN, never an
+    HTTP/1 request line); HTTP/0.9 is 400 (RFC 9112 §2.3: its simple requests are not HTTP/1.x
+    and have no head to answer in). Either way the connection closes after the answer.
+
+    >>> version_refusal((1, 1)), version_refusal((2, 0))[0], version_refusal((0, 9))[0]
+    (None, 505, 400)
+    """
+    if version[0] != 1:
+        if version == (0, 9):
+            return 400, "HTTP/0.9 requests are not supported"
+        return 505, f"HTTP/{version[0]}.{version[1]} is not supported: this server speaks HTTP/1.1"
+    return None
+
+
 def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList], None] | None:
     """Writes the origin's interim (1xx) responses to the client, before the final response.
 
@@ -167,6 +187,13 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
     """The response to a client request and the body bytes sent (a body at hand goes out with
     the head when aiohttp ends the response, after the handler returns: ``heads.ReplyResponse``)."""
     try:
+        if request.version[0] != 1 and (version := version_refusal(request.version)) is not None:
+            fe.requests("ERROR", request.method).inc()
+            log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
+                     request.remote, *version)
+            refused = _plain(version[0], version[1], "MISS", fe, info, request)
+            refused.force_close()  # nothing more on this connection is read as HTTP/1.x
+            return refused, 0
         if request.method == "CONNECT":
             info.x_cache = "BYPASS"
             return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", fe, info, request), 0
