@@ -561,6 +561,8 @@ class ProxyRequestHandler(RequestHandler):
 
 
 _VERSION = re.compile(r"HTTP/(\d+)\.\d+'")  # the refused version, in the parser's quote of the line
+# A method token (RFC 9110 §9.1, §5.6.2: tchar), at the start of the parser's quote of the line.
+_METHOD = re.compile(r"\n\n  b['\"]([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
 
 
 def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, str | None]:
@@ -572,8 +574,17 @@ def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, 
     refuses it with 400). Too many fields is 431 (RFC 6585). A version llhttp does not parse
     whose major is not 1 (``HTTP/3.0``) is 505, as the general path answers ``HTTP/2.0``
     (``proxy_handler.version_refusal``); a 1.x one it refuses (``HTTP/1.2``) stays 400.
+    llhttp refuses a method it does not know (``BREW``, ``get``: methods are case-sensitive)
+    as "Invalid method": a well-formed method token this server does not implement is 501
+    (RFC 9110 §9.1, §15.6.2), anything else in its place (``G@T``) stays 400.
     """
     text = str(exc.message)
+    if "Invalid method" in text:
+        found = _METHOD.search(text)
+        if found is not None:
+            return 501, (f"501 Not Implemented: the method {found.group(1)[:40]} is not implemented "
+                         "by this server\n")
+        return 400, message
     if "Invalid HTTP version" in text:
         found = _VERSION.search(text)
         if found is not None and found.group(1) != "1":

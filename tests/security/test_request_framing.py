@@ -152,3 +152,22 @@ async def test_a_request_target_the_url_parser_chokes_on_is_a_400_on_a_new_or_a_
     finally:
         writer.close()
     assert (await send_raw(proxy, get("/ok"))).status == 200
+
+
+# (request line's method, status): llhttp refuses the methods it does not know
+EXTENSION_METHODS = {"BREW": 501, "FOO-BAR": 501, "get": 501, "G@T": 400, "G(T": 400}
+
+
+@pytest.mark.parametrize("method", list(EXTENSION_METHODS))
+async def test_a_method_the_parser_does_not_know_is_501_and_a_malformed_one_400(
+        origin: Origin, make_proxy: MakeProxy, method: str) -> None:
+    """RFC 9110 §9.1: an unrecognised method is 501 Not Implemented (it was 400, as if the
+    request were malformed); a method that is not a token is a malformed request line."""
+    echo_origin(origin, "/m")
+    proxy = await make_proxy()
+    refused = await send_raw(proxy, request(method, "/m", "Host: shop.example", BODY))
+    assert refused.status == EXTENSION_METHODS[method], refused.body
+    if refused.status == 501:
+        assert f"the method {method} is not implemented".encode() in refused.body
+    assert refused.closed
+    assert origin.count("/m") == 0
