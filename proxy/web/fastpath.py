@@ -73,8 +73,9 @@ from typing import Any, NamedTuple
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
+from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from proxy.engine import response_edits
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
@@ -300,10 +301,15 @@ class FastPath:
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_answered", "_boundary", "_fast", "_front", "declined", "gone_logged")
+    __slots__ = ("_answered", "_boundary", "_fast", "_front", "_parser_args", "declined", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        # How aiohttp made this connection's parser (its defaults), for ``_parsed_up_to_close``.
+        self._parser_args = {"max_line_size": kwargs.get("max_line_size", 8190),
+                             "max_field_size": kwargs.get("max_field_size", 8190),
+                             "max_headers": kwargs.get("max_headers", 128),
+                             "auto_decompress": kwargs.get("auto_decompress", True)}
         self._fast = fast
         # Every request handed to aiohttp's handler has had its whole response written, on a
         # connection that stays open (none was handed yet, at first). Then the fast path may
@@ -384,26 +390,39 @@ class ProxyRequestHandler(RequestHandler):
         if (self._fast is None or (waiter.done() if waiter is not None else not self._answered)
                 or self._messages or self._force_close or self._close or self._payload_parser is not None
                 or self._upgraded or self._paused or self._parser is None or self.transport is None):
+            boundary = self._boundary
             self._answered = False
             self._boundary = False
             try:
                 super().data_received(data)  # aiohttp's handler is busy (or never idle yet)
             except PARSER_FAULTS as exc:
                 self._refuse_unparsable(exc)
+                return
+            queued = self._messages
+            refused = queued[-1][0] if boundary and queued else None
+            if isinstance(refused, _ErrInfo) and _data_after_close(refused):
+                # aiohttp queued its 400 in place of the requests before: answer them instead.
+                queued.pop()
+                self._request_count -= 1
+                self._answer_up_to_close(data, refused.exc)
             return
-        if self._boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
+        boundary = self._boundary
+        if boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
             return  # (a longer chunk is never a remembered request: not even hashed)
         parser = self._parser
         feed = data
         # Bytes that may be remembered (``Known``): a whole chunk read between two requests.
-        raw: bytes | None = data if self._boundary and data[-4:] == b"\r\n\r\n" else None
+        raw: bytes | None = data if boundary and data[-4:] == b"\r\n\r\n" else None
         self._boundary = False
         while True:
             try:
                 messages, upgraded, tail = parser.feed_data(feed)
             except HttpProcessingError as exc:
-                self._enqueue([(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)],
-                              False, b"")
+                if boundary and feed is data and _data_after_close(exc):
+                    self._answer_up_to_close(data, exc)
+                else:
+                    self._enqueue([(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)],
+                                  False, b"")
                 return
             except PARSER_FAULTS as exc:
                 self._refuse_unparsable(exc)
@@ -535,6 +554,48 @@ class ProxyRequestHandler(RequestHandler):
             if self._keepalive_handle is None:
                 self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
+    def _answer_up_to_close(self, data: bytes, exc: BaseException) -> None:
+        """The requests of ``data`` up to one that closes the connection, when bytes followed it
+        (RFC 9112 §9.6: the server answers up to and including that request, then closes,
+        ignoring the rest). aiohttp's parser refuses such bytes ("Data after `Connection:
+        close`") and drops every request it parsed from the same chunk with them: the client
+        got a lone 400 for a batch of pipelined requests. ``data`` is parsed again by a parser
+        of its own (only from where the connection's parser stood between two requests:
+        ``_boundary``), and the requests are queued for aiohttp's handler, which closes after
+        the last; the connection's parser then discards what comes. Else the 400, as before."""
+        messages = self._parsed_up_to_close(data)
+        if messages is None:
+            err = exc if isinstance(exc, HttpProcessingError) else HttpProcessingError(message=str(exc))
+            self._enqueue([(_ErrInfo(status=400, exc=err, message=err.message), EMPTY_PAYLOAD)], False, b"")
+            return
+        self._parser = _Discarding()  # type: ignore[assignment]
+        self._enqueue(messages, False, b"")
+
+    def _parsed_up_to_close(self, data: bytes) -> list[tuple[Any, Any]] | None:
+        """The requests of ``data`` (which starts a request) up to and including the one that
+        closes the connection, parsed anew: fed in pieces ending at each head's end, so the
+        piece that meets the bytes after that request holds no request of its own; None when
+        the parse does not end that way (another refusal, or none)."""
+        parser = HttpRequestParser(self, self._loop, self._read_bufsize,
+                                   payload_exception=RequestPayloadError,
+                                   max_msg_queue_size=self._max_msg_queue_size, **self._parser_args)
+        out: list[tuple[Any, Any]] = []
+        start = 0
+        while start < len(data):
+            end = data.find(b"\r\n\r\n", start)
+            end = len(data) if end == -1 else end + 4
+            try:
+                messages, upgraded, _ = parser.feed_data(data[start:end])
+            except HttpProcessingError as exc:
+                if _data_after_close(exc) and out and out[-1][0].should_close:
+                    return out
+                return None
+            if upgraded or len(out) + len(messages) >= self._max_msg_queue_size:
+                return None
+            out.extend(messages)
+            start = end
+        return None
+
     def _refuse_unparsable(self, exc: Exception) -> None:
         """A request the parser failed on with something other than its own refusal: yarl raises
         IndexError for a request target such as ``http://[::1]@``, which aiohttp lets through
@@ -563,6 +624,35 @@ class ProxyRequestHandler(RequestHandler):
 _VERSION = re.compile(r"HTTP/(\d+)\.\d+'")  # the refused version, in the parser's quote of the line
 # A method token (RFC 9110 §9.1, §5.6.2: tchar), at the start of the parser's quote of the line.
 _METHOD = re.compile(r"\n\n  b['\"]([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
+
+
+def _data_after_close(refused: object) -> bool:
+    """Is this aiohttp's refusal of bytes after a request that closes the connection (as the
+    exception, or as the 400 its handler queued)?"""
+    if isinstance(refused, _ErrInfo):
+        refused = refused.exc
+    return isinstance(refused, HttpProcessingError) and "Data after `Connection: close`" in str(
+        refused.message)
+
+
+class _Discarding:
+    """A connection's parser once a request closing it was parsed with bytes after it: those and
+    whatever else arrives are ignored (RFC 9112 §9.6), never answered 400."""
+
+    def feed_data(self, data: bytes) -> tuple[tuple[()], bool, bytes]:
+        return (), False, b""
+
+    def feed_eof(self) -> None:
+        return None
+
+    def message_consumed(self) -> None:
+        pass
+
+    def set_upgraded(self, value: bool) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
 
 
 def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, str | None]:
@@ -600,7 +690,7 @@ def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, 
 # What the fast path reads of aiohttp's ``RequestHandler`` (its ``__slots__``) and calls.
 HANDLER_FIELDS = ("_waiter", "_messages", "_max_msg_queue_size", "_payload_parser", "_message_tail",
                   "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close",
-                  "_current_request")
+                  "_current_request", "_read_bufsize")
 HANDLER_METHODS = ("_pause_reading_for_buffer", "finish_response")  # (the latter: ``_answered``)
 PARSER_METHODS = ("message_consumed",)  # of aiohttp's C request parser
 
