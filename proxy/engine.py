@@ -69,7 +69,7 @@ from proxy.policy.reply import (
     reply_head,
     served_headers,
 )
-from proxy.policy.request import Forwarder, UpstreamRequest, upstream_request
+from proxy.policy.request import Forwarder, UpstreamRequest, final_recipient, upstream_request
 from proxy.policy.reuse import (
     Forward,
     OnlyIfCachedMiss,
@@ -220,6 +220,11 @@ class Engine:
         else:
             plan = self.rules.plan(head)
             if head.method not in ("GET", "HEAD"):
+                if (own := final_recipient(head)) is not None:  # Max-Forwards: 0 (RFC 9110 §7.6.2)
+                    status, reason, allow = own
+                    return self.finish(plan, Reply(status, reason, [
+                        *allow, ("Cache-Status", cache_status(detail="MAX-FORWARDS")),
+                        ("X-Cache-Status", "BYPASS")], b"", 0, "BYPASS", "none"))
                 return await self._pass(req, plan, fwd="method", detail=None)
             if plan.bypass:
                 assert plan.rule is not None

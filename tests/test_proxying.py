@@ -238,3 +238,28 @@ async def test_cachegate_refuses_to_start_on_the_pure_python_parser(tmp_path: ob
     )
     assert done.returncode != 0
     assert "C HTTP parser" in done.stderr + done.stdout
+
+
+async def test_max_forwards_zero_is_answered_here_and_more_is_forwarded_one_lower(
+        origin: Origin, proxy: Proxy) -> None:
+    """RFC 9110 §7.6.2: an OPTIONS or TRACE with Max-Forwards: 0 is for this hop; with more it
+    goes on with one fewer. A TRACE is not echoed here (405): its echo would hand a page's
+    script the cookies it cannot read."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(text=f"{request.method} mf={request.headers.get('Max-Forwards')}")
+
+    origin.route("/echo", echo)
+    options = await proxy.request("OPTIONS", "/echo", headers={"Max-Forwards": "0"})
+    assert (options.status, options.headers["Allow"], options.body) == (
+        200, "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS", b"")
+    trace = await proxy.request("TRACE", "/echo", headers={"Max-Forwards": "0", "Cookie": "s=1"})
+    assert (trace.status, trace.headers["Allow"], trace.body) == (
+        405, "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS", b"")
+    assert origin.count("/echo") == 0
+    onward = await proxy.request("OPTIONS", "/echo", headers={"Max-Forwards": "5"})
+    assert (onward.status, onward.body) == (200, b"OPTIONS mf=4")
+    onward = await proxy.request("TRACE", "/echo", headers={"Max-Forwards": "1"})
+    assert (onward.status, onward.body) == (200, b"TRACE mf=0")
+    plain = await proxy.request("GET", "/echo", headers={"Max-Forwards": "0"})
+    assert (plain.status, plain.body) == (200, b"GET mf=0")  # other methods: left alone

@@ -69,6 +69,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
+from proxy.policy.fields import digits
 from proxy.policy.headers import HOP_BY_HOP
 from proxy.policy.keys import KeySpec, cache_key, normalise_host, split_host, url_of_key
 from proxy.policy.messages import HeaderList, Headers, RequestHead
@@ -459,6 +460,43 @@ def _without_console_cookie(value: str) -> str:
                      if p.partition("=")[0].strip(" \t") != CONSOLE_COOKIE and p.strip())
 
 
+# RFC 9110 §7.6.2: Max-Forwards counts down on these two methods only.
+MAX_FORWARDS_METHODS = frozenset({"OPTIONS", "TRACE"})
+# The methods cachegate forwards, in the Allow of its own answer to an OPTIONS (or a TRACE) that
+# Max-Forwards addresses to it. TRACE is not among them: cachegate does not echo a request
+# (the echo would hand a page's script the Cookie and Authorization it cannot read: cross-site
+# tracing); a TRACE with hops left is forwarded, the origin decides.
+ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+
+
+def max_forwards(head: RequestHead) -> int | None:
+    """The Max-Forwards of an OPTIONS or TRACE (RFC 9110 §7.6.2), None for another method or
+    without one usable value (absent, not 1*DIGIT, or sent on several lines: then it is left
+    to the next hop as it came).
+
+    >>> from multidict import CIMultiDict
+    >>> [max_forwards(RequestHead(m, "http", "a", "/", CIMultiDict({"Max-Forwards": v})))
+    ...  for m, v in (("OPTIONS", "0"), ("TRACE", "5"), ("GET", "0"), ("OPTIONS", "-1"))]
+    [0, 5, None, None]
+    """
+    if head.method not in MAX_FORWARDS_METHODS:
+        return None
+    values = head.headers.getall("Max-Forwards", ())
+    return digits(values[0].strip(" \t")) if len(values) == 1 else None
+
+
+def final_recipient(head: RequestHead) -> tuple[int, str, HeaderList] | None:
+    """cachegate's own answer when Max-Forwards makes it the final recipient of an OPTIONS or a
+    TRACE (Max-Forwards: 0, RFC 9110 §7.6.2), as (status, reason, fields); None: forward it.
+    An OPTIONS gets 200 with the methods it forwards (§9.3.7); a TRACE 405 with the same Allow
+    (§15.5.6): it is not echoed (see ``ALLOW``)."""
+    if max_forwards(head) != 0:
+        return None
+    if head.method == "OPTIONS":
+        return 200, "OK", (("Allow", ALLOW),)
+    return 405, "Method Not Allowed", (("Allow", ALLOW),)
+
+
 def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
                      fill: KeySpec | None = None, validators: HeaderList = (),
                      request_id: str = "", preconditions: bool = False) -> UpstreamRequest:
@@ -472,7 +510,8 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     Without ``fill`` the request is passed through (any method, the target as received, all
     its fields: preconditions, Range).
     ``request_id``: the request's ``X-Request-Id`` (``proxy.logs``: a trusted peer's, or
-    cachegate's own), sent in place of any the head carries.
+    cachegate's own), sent in place of any the head carries. An OPTIONS or TRACE's
+    Max-Forwards goes one lower (``max_forwards``).
 
     Hop-by-hop and (for an untrusted head) forwarding fields are dropped here too, so a head
     built by hand cannot carry them to the origin either.
@@ -498,10 +537,13 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     prior_via: list[str] = []
     proto = host = False
     drops = PASSING_DROPS if preconditions else FILL_DROPS
+    hops = max_forwards(head) if head.method in MAX_FORWARDS_METHODS else None
     for k, v in head.headers.items():
         lk = k.lower()
         if lk in ("host", "x-request-id") or lk in HOP_BY_HOP or (fill is not None and lk in drops):
             continue
+        if hops is not None and lk == "max-forwards":
+            v = str(hops - 1) if hops > 0 else v  # one hop less (§7.6.2; 0 is answered here)
         if lk == "cookie" and CONSOLE_COOKIE in v:
             v = _without_console_cookie(v)
             if not v:

@@ -16,6 +16,7 @@ from proxy.policy.request import (
     Listener,
     Message,
     Refusal,
+    final_recipient,
     normalise_request,
     upstream_request,
 )
@@ -283,3 +284,32 @@ def test_a_rule_ttl_applies_whatever_the_request_carried() -> None:
     options = CacheOptions(ttl_by_status={200: 60.0})
     f = compute_freshness(200, headers(LAST_MODIFIED), parse_cache_control([]), T0, T0, options, credentials=True)
     assert (f.lifetime, f.source) == (60.0, "rule")
+
+
+# (method, Max-Forwards lines, cachegate's own answer's status or None, what the origin receives)
+MAX_FORWARDS: list[tuple[str, tuple[str, ...], int | None, list[str]]] = [
+    ("OPTIONS", ("0",), 200, []),
+    ("TRACE", ("0",), 405, []),
+    ("OPTIONS", ("5",), None, ["4"]),
+    ("TRACE", ("1",), None, ["0"]),
+    ("OPTIONS", (" 3 ",), None, ["2"]),
+    ("GET", ("0",), None, ["0"]),  # other methods: left as they came (RFC 9110 §7.6.2 MAY)
+    ("POST", ("7",), None, ["7"]),
+    ("OPTIONS", ("x",), None, ["x"]),  # not a number: ignored, passed on
+    ("OPTIONS", ("0", "0"), None, ["0", "0"]),  # several lines: ignored
+    ("OPTIONS", (), None, []),
+]
+
+
+@pytest.mark.parametrize(("method", "values", "status", "forwarded"), MAX_FORWARDS,
+                         ids=[f"{m} {v}" for m, v, _, _ in MAX_FORWARDS])
+def test_max_forwards_counts_down_on_options_and_trace_and_zero_is_answered_here(
+        method: str, values: tuple[str, ...], status: int | None, forwarded: list[str]) -> None:
+    head = head_of("/a", HOST, *(("Max-Forwards", v) for v in values), method=method)
+    own = final_recipient(head)
+    assert (own[0] if own is not None else None) == status
+    if own is not None:
+        assert dict(own[2])["Allow"] == "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+        return
+    sent = upstream_request(head, "10.0.0.1", Forwarder()).headers
+    assert [v for k, v in sent if k == "Max-Forwards"] == forwarded
