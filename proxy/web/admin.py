@@ -39,7 +39,7 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -61,7 +61,13 @@ from proxy.purge import (
     url_host,
 )
 from proxy.runtime import Runtime
-from proxy.web.admin_guard import GuardSettings, RefusalReason, guard_middleware, loads_untrusted
+from proxy.web.admin_guard import (
+    GuardSettings,
+    GuessLimiter,
+    RefusalReason,
+    guard_middleware,
+    loads_untrusted,
+)
 from proxy.web.console import CSRF_HEADER, console_access, setup_console
 
 log = logging.getLogger("cachegate.admin")
@@ -77,6 +83,7 @@ class AdminContext:
     runtime: Runtime
     purge: PurgeFn
     inspector: Inspector
+    guesses: GuessLimiter = field(default_factory=GuessLimiter)
 
 
 ADMIN = web.AppKey("admin", AdminContext)
@@ -101,13 +108,53 @@ def bearer(headers: MultiMapping[str]) -> str | None:
     return value.strip() if scheme.lower() == "bearer" else None
 
 
+BEARER_OK = web.RequestKey("bearer_ok", bool)
+
+
+def too_many_guesses(request: web.Request) -> web.Response | None:
+    """The 429 for a request that presents a token while wrong tokens are being tried faster
+    than ``GuessLimiter`` allows (logged once per run of refusals, each one counted); None
+    when its token may be compared."""
+    ctx = request.app[ADMIN]
+    wait = ctx.guesses.retry_after()
+    if not wait:
+        return None
+    ctx.runtime.metrics.admin_refused.labels("rate").inc()
+    if not ctx.guesses.limited:
+        ctx.guesses.limited = True
+        log.warning("admin: too many wrong tokens (more than %d, then %g a second): requests that "
+                    "present a token are answered 429 for now (the last from %s, Host %r)",
+                    ctx.guesses.burst, ctx.guesses.per_second, request.remote,
+                    request.headers.get("Host"))
+    return web.json_response({"error": "too many wrong admin tokens: try again later"}, status=429,
+                             headers={"Retry-After": str(wait)})
+
+
+@web.middleware
+async def bearer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Compare a bearer token once, before the guard (which lets the right one name any Host),
+    under the limit on wrong tokens."""
+    token = request.app[ADMIN].runtime.settings.admin.token
+    given = bearer(request.headers)
+    ok = False
+    if token is not None and given is not None and request.path != "/healthz":
+        refusal = too_many_guesses(request)
+        if refusal is not None:
+            return refusal
+        ok = token_matches(given, token)
+        if not ok:
+            request.app[ADMIN].guesses.failed()
+    request[BEARER_OK] = ok
+    return await handler(request)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     runtime = request.app[ADMIN].runtime
     token = runtime.settings.admin.token
     if token is None or request.path == "/healthz":
         return await handler(request)
-    if not token_matches(bearer(request.headers), token):
+    if not request.get(BEARER_OK, False):
         access = console_access(request, token)  # the console's page, or a logged-in browser
         if access in ("public", "session"):
             return await handler(request)
@@ -409,13 +456,15 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
 
     def guard_settings(request: web.Request) -> GuardSettings:
         admin = runtime.settings.admin
-        return GuardSettings(token_set=admin.token is not None, server_names=admin.server_names)
+        return GuardSettings(token_set=admin.token is not None, server_names=admin.server_names,
+                             bearer_ok=request.get(BEARER_OK, False))
 
     def refused(request: web.Request, reason: RefusalReason) -> None:
         runtime.metrics.admin_refused.labels(reason).inc()
 
-    app = web.Application(middlewares=[error_middleware, guard_middleware(guard_settings, refused),
-                                       auth_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[error_middleware, bearer_middleware,
+                                       guard_middleware(guard_settings, refused), auth_middleware],
+                          client_max_size=MAX_BODY)
     ctx = AdminContext(runtime, purge_fn or runtime.purge,
                        inspector or Inspector(runtime))
     app[ADMIN] = ctx
@@ -461,4 +510,4 @@ async def upstreams(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-__all__ = ["create_admin_app", "purge_method", "token_matches"]
+__all__ = ["create_admin_app", "purge_method", "token_matches", "too_many_guesses"]

@@ -22,14 +22,19 @@ session cookie instead, which it does add by itself: that cookie is ``SameSite=S
 cross-site request carries it) and every state-changing call with it also needs the
 session's CSRF token in a header that only the console's own page can read and set.
 The ``Origin``/``Sec-Fetch-Site`` check still applies (it
-costs scripts nothing, they send neither), the ``Host`` check applies when
-``admin.server_names`` is listed or the request comes from a browser (it carries
-``Sec-Fetch-Site`` or ``Sec-Fetch-Mode``, which every current browser adds to every request
-and scripts do not), and the ``Content-Type`` is not checked, so scripts that send the token
-with ``curl -d`` keep working. Why browsers too: a page rebound to the listener is its own
-origin there, so it may read what it asks; without the ``Host`` check it could try tokens
-(a loopback listener's token may be short) at the speed of its scripts. ``/healthz`` is never checked (it
-tells nothing, and load balancers name hosts of their own).
+costs scripts nothing, they send neither), and the ``Content-Type`` is not checked, so scripts
+that send the token with ``curl -d`` keep working. The ``Host`` check applies to every request
+that is not authenticated by the right ``Authorization: Bearer`` token (the login call, cookie
+sessions, the console's page and files, a wrong or missing token), when ``admin.server_names``
+is listed, and to browsers (``Sec-Fetch-Site`` or ``Sec-Fetch-Mode``). A page rebound to the
+listener is its own origin there, so it may read what it asks: without the ``Host`` check it
+could post token guesses to the login call (a loopback listener's token may be short) at the
+speed of its scripts. Browsers send Fetch Metadata only to potentially trustworthy origins
+(https, localhost), so a page rebound to ``http://evil.example:8081`` sends none: only the
+``Host`` tells it. Requests with the right bearer token (``cachegate`` commands, Prometheus)
+may name any host. Token guesses that remain possible (a wrong bearer token from any host, a
+wrong login from an allowed one) are slowed by ``GuessLimiter``. ``/healthz`` is never
+checked (it tells nothing, and load balancers name hosts of their own).
 
 Refusals are 403 (Host, Origin) or 415 (Content-Type) with ``{"error": "..."}`` saying
 why, counted in ``cachegate_admin_refused_total{reason}``. ``decide`` is pure (the
@@ -47,6 +52,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -60,7 +67,7 @@ from proxy.purge import host_matches
 log = logging.getLogger("cachegate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RefusalReason = Literal["host", "origin", "content_type"]
+RefusalReason = Literal["host", "origin", "content_type", "rate"]
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 UNCHECKED_PATHS = frozenset({"/healthz"})
 JSON_TYPE = "application/json"
@@ -73,6 +80,7 @@ class GuardSettings:
 
     token_set: bool
     server_names: tuple[str, ...] = ()
+    bearer_ok: bool = False  # the request carries the right ``Authorization: Bearer`` token
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +148,10 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
         return None
     hosts = headers.getall("Host", ())
     browser = "Sec-Fetch-Site" in headers or "Sec-Fetch-Mode" in headers
-    if not settings.token_set or settings.server_names or browser:
+    # Only the right bearer token, from something that is not a browser, may name any host: a
+    # page rebound to the listener sends no Sec-Fetch-* (browsers send them only to https and
+    # localhost), so whatever else it sends (a login, a session cookie) is told by its Host.
+    if not settings.token_set or settings.server_names or browser or not settings.bearer_ok:
         if len(hosts) != 1:
             return Refused(403, "host", "the admin API needs exactly one Host header naming a loopback "
                                         "address or one of admin.server_names")
@@ -175,6 +186,40 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
                                                 "form cannot, so a page elsewhere cannot forge them); "
                                                 f"curl: -H 'Content-Type: {JSON_TYPE}'")
     return None
+
+
+class GuessLimiter:
+    """Wrong admin tokens (a failed console login, a wrong bearer token), per process: a bucket
+    of ``burst`` guesses refilled at ``per_second``. While it is empty every request that
+    presents a token is answered 429 before its token is compared, right or wrong: otherwise
+    the answer would still tell a right guess from a wrong one at any speed. Sessions already
+    open, and requests that present no token, are not affected."""
+
+    def __init__(self, burst: int = 10, per_second: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self._clock = clock
+        self._level = float(burst)
+        self._at = clock()
+        self.limited = False  # whether the last check was refused (to log the start of a run once)
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(float(self.burst), self._level + (now - self._at) * self.per_second)
+        self._at = now
+
+    def retry_after(self) -> int:
+        """0 when a token may be checked now; else the whole seconds until one may."""
+        self._refill()
+        if self._level >= 1.0:
+            self.limited = False
+            return 0
+        return max(1, math.ceil((1.0 - self._level) / self.per_second))
+
+    def failed(self) -> None:
+        self._refill()
+        self._level = max(0.0, self._level - 1.0)
 
 
 def guard_middleware(settings_of: Callable[[web.Request], GuardSettings],
@@ -273,4 +318,5 @@ def loads_untrusted(raw: bytes | str) -> Any:
     return doc
 
 
-__all__ = ["GuardSettings", "Refused", "decide", "guard_middleware", "host_is_loopback", "loads_untrusted"]
+__all__ = ["GuardSettings", "GuessLimiter", "Refused", "decide", "guard_middleware", "host_is_loopback",
+           "loads_untrusted"]

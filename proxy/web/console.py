@@ -332,10 +332,14 @@ async def login(request: web.Request) -> web.Response:
         raise BadRequest('the body must be {"token": "<admin token>"}')
     if token is None:
         return _json({"authenticated": True, "token_required": False, "csrf": None})
-    from proxy.web.admin import token_matches  # the admin module mounts this one
+    from proxy.web.admin import ADMIN, token_matches, too_many_guesses  # the admin module mounts this one
 
+    refusal = too_many_guesses(request)  # wrong tokens tried too fast: 429, the token not compared
+    if refusal is not None:
+        return refusal
     if not token_matches(doc["token"], token):
         runtime.metrics.admin_unauthorized.inc()
+        request.app[ADMIN].guesses.failed()
         return _json({"error": "wrong admin token"}, 401)
     sid, session = request.app[CONSOLE].sessions.open(token)
     response = _json({"authenticated": True, "token_required": True, "csrf": session.csrf})

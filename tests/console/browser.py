@@ -32,13 +32,15 @@ def need_browser() -> None:
 
 
 @asynccontextmanager
-async def browser_page(profile: Path, width: int = 1400, height: int = 1000) -> AsyncIterator[Any]:
-    """A page of a fresh Chromium profile in ``profile``; the browser is closed afterwards."""
+async def browser_page(profile: Path, width: int = 1400, height: int = 1000,
+                       extra_args: tuple[str, ...] = ()) -> AsyncIterator[Any]:
+    """A page of a fresh Chromium profile in ``profile`` (``extra_args`` added to Chromium's
+    command line); the browser is closed afterwards."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
         context = await pw.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=ARGS,
+            str(profile), executable_path=CHROMIUM, headless=True, args=[*ARGS, *extra_args],
             viewport={"width": width, "height": height})
         try:
             page = context.pages[0] if context.pages else await context.new_page()

@@ -56,6 +56,11 @@ async def refused_total(proxy: Proxy, reason: str) -> float:
     return 0.0
 
 
+def counted(proxy: Proxy, reason: str) -> float:
+    """``cachegate_admin_refused_total{reason}`` read in process (the API may be refusing tokens)."""
+    return proxy.runtime.metrics.admin_refused.values().get((reason,), 0.0)
+
+
 async def still_cached(proxy: Proxy) -> bool:
     return (await proxy.get("/page")).x_cache == "HIT"
 
@@ -159,6 +164,68 @@ async def test_with_a_token_a_browser_must_still_name_a_loopback_host(
     local = {"Host": f"127.0.0.1:{port_of(proxy)}", "Sec-Fetch-Site": "same-origin",
              "Authorization": f"Bearer {TOKEN}"}
     assert (await send(proxy, "GET", "/stats", local)).status == 200
+
+
+async def test_with_a_token_a_rebound_page_without_fetch_metadata_must_name_a_loopback_host(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    # Browsers send Sec-Fetch-* only to https and localhost: a page rebound to
+    # http://evil.example:PORT sends none, only its Host (and Origin on a POST) tells it.
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    origin.route("/page", body=b"cached", headers={"Cache-Control": "max-age=600"})
+    await proxy.get("/page")
+    await settle(proxy)
+    host = f"{EVIL}:{port_of(proxy)}"
+    login = await send(proxy, "POST", "/console/api/login",
+                       {"Host": host, "Origin": f"http://{host}", "Content-Type": "application/json"},
+                       json.dumps({"token": TOKEN}).encode())  # even the right token: never compared
+    assert login.status == 403 and "DNS rebinding" in json.loads(login.body)["error"]
+    assert "Set-Cookie" not in login.headers
+    for path in ("/", "/console/api/session", "/stats"):
+        assert (await send(proxy, "GET", path, {"Host": host})).status == 403, path
+    # A session opened from a loopback name is no use to the rebound page either.
+    local = await send(proxy, "POST", "/console/api/login", {"Host": f"127.0.0.1:{port_of(proxy)}",
+                       "Content-Type": "application/json"}, json.dumps({"token": TOKEN}).encode())
+    assert local.status == 200
+    cookie = local.headers["Set-Cookie"].split(";", 1)[0]
+    csrf = json.loads(local.body)["csrf"]
+    purge = await send(proxy, "POST", "/purge", {"Host": host, "Origin": f"http://{host}", "Cookie": cookie,
+                       "X-CSRF-Token": csrf, "Content-Type": "application/json"}, purge_all())
+    assert purge.status == 403
+    assert await still_cached(proxy)
+    assert counted(proxy, "host") == 5
+    # The right bearer token (cachegate commands, a Prometheus scraper) may name any host.
+    reply = await send(proxy, "GET", "/stats", {"Host": "10.1.2.3:9", "Authorization": f"Bearer {TOKEN}"})
+    assert reply.status == 200
+
+
+async def test_wrong_tokens_are_limited_per_process(origin: Origin, make_proxy: MakeProxy) -> None:
+    """A loopback listener's token may be short: after 10 wrong ones (console logins or bearer
+    tokens, from any host), every request presenting a token is answered 429 with Retry-After,
+    before its token is compared (a right one too: else the answer would still tell it)."""
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    local = {"Host": f"127.0.0.1:{port_of(proxy)}", "Content-Type": "application/json"}
+    statuses = []
+    for i in range(6):
+        reply = await send(proxy, "POST", "/console/api/login", local, json.dumps({"token": f"g{i}"}).encode())
+        statuses.append(reply.status)
+    for i in range(4):  # wrong bearer tokens from a host the guard refuses count too
+        reply = await send(proxy, "GET", "/stats", {"Host": f"{EVIL}:1", "Authorization": f"Bearer g{i}"})
+        statuses.append(reply.status)
+    assert statuses == [401] * 6 + [403] * 4
+    for attempt in ({"token": TOKEN}, {"token": "g9"}):
+        reply = await send(proxy, "POST", "/console/api/login", local, json.dumps(attempt).encode())
+        assert reply.status == 429 and int(reply.headers["Retry-After"]) >= 1
+        assert "Set-Cookie" not in reply.headers
+    reply = await send(proxy, "GET", "/stats", {**local, "Authorization": f"Bearer {TOKEN}"})
+    assert reply.status == 429
+    # A request that presents no token is not a guess: answered as usual.
+    assert (await send(proxy, "GET", "/stats", local)).status == 401
+    assert counted(proxy, "rate") == 3
+    text = (await send(proxy, "GET", "/healthz", local)).body
+    assert b"ok" in text
+    await asyncio.sleep(1.1)  # the bucket refills at one guess a second
+    reply = await send(proxy, "GET", "/stats", {**local, "Authorization": f"Bearer {TOKEN}"})
+    assert reply.status == 200
 
 
 # -- cross-site request forgery -------------------------------------------------------------------
