@@ -56,7 +56,7 @@ from proxy.schema import (
     text,
     type_name,
 )
-from proxy.tls import load_problem
+from proxy.tls import ENCRYPTED_KEY, key_is_encrypted, load_problem
 from proxy.yamlsrc import Src
 
 HostPort = tuple[str, int]
@@ -293,13 +293,26 @@ class AdminSettings:
 # -- deploy and operate: listeners and TLS -------------------------------------------------
 
 
+def _key_path() -> Parser[str]:
+    """``file_path``, refusing a key that needs a passphrase (cachegate never asks for one)."""
+    path = file_path(strict=True)
+
+    def read(item: Src, ctx: Context) -> str:
+        resolved = path.read(item, ctx)
+        if key_is_encrypted(resolved):
+            raise Invalid(ENCRYPTED_KEY)
+        return resolved
+
+    return replace(path, read=read)
+
+
 @dataclass(frozen=True)
 class ListenerTLS:
     """A TLS listener's certificate chain and key (PEM files), read again on SIGHUP."""
 
     cert: str = setting(doc="the certificate chain (PEM)", parse=file_path(strict=True),
                         missing=" (a PEM file)")
-    key: str = setting(doc="its private key (PEM)", parse=file_path(strict=True), missing=" (a PEM file)")
+    key: str = setting(doc="its private key (PEM, unencrypted)", parse=_key_path(), missing=" (a PEM file)")
 
 
 def _loads(tls: ListenerTLS, ctx: Context) -> ListenerTLS:

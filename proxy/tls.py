@@ -11,8 +11,9 @@ calls early in every handshake, whether the client sent a server name or not) ha
 connection the *current* context, built from the files as they are now. A connection
 already open keeps the context it shook hands with, so it goes on working; new handshakes
 present the new certificate. A reload whose files do not load (a key that does not match
-its certificate, a half-copied file) leaves the current context in place: the config check
-loads them first, and refuses the reload.
+its certificate, a half-copied file, a key that needs a passphrase) leaves the current context
+in place: the config check loads them first, and refuses the reload. cachegate never asks for
+a passphrase: OpenSSL's default would ask on the controlling terminal and block the process.
 """
 
 from __future__ import annotations
@@ -23,12 +24,39 @@ import ssl
 log = logging.getLogger("cachegate.tls")
 
 
+ENCRYPTED_KEY = ("the key is encrypted (cachegate needs an unencrypted key: it never asks for a "
+                 "passphrase; write one with `openssl pkey -in KEY -out KEY.plain` and make it "
+                 "readable by cachegate's user only)")
+
+
+class EncryptedKey(ssl.SSLError):
+    """The key needs a passphrase: ``load_cert_chain`` asked for one."""
+
+
+def _no_passphrase() -> str:
+    # Without ``password=``, OpenSSL's default callback would ask on the controlling terminal,
+    # blocking ``cachegate check``, a start, and a reload on the event loop until someone types.
+    raise EncryptedKey(ENCRYPTED_KEY)
+
+
+def key_is_encrypted(path: str) -> bool:
+    """Whether this PEM file holds an encrypted private key (PKCS#8 ``ENCRYPTED PRIVATE KEY``
+    or a traditional key with ``Proc-Type: 4,ENCRYPTED``); False when it cannot be read (the
+    load says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return False
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in head or b"Proc-Type: 4,ENCRYPTED" in head
+
+
 def server_context(cert: str, key: str) -> ssl.SSLContext:
     """A server context for this certificate chain and key; ``ssl.SSLError`` or ``OSError``
-    (with the reason) when they do not load."""
+    (with the reason) when they do not load, ``EncryptedKey`` when the key needs a passphrase."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(cert, key, password=_no_passphrase)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
@@ -37,6 +65,8 @@ def load_problem(cert: str, key: str) -> str | None:
     """Why this certificate and key would not load, or None when they do (for ``cachegate check``)."""
     try:
         server_context(cert, key)
+    except EncryptedKey:
+        return f"cannot load the certificate {cert} with the key {key}: {ENCRYPTED_KEY}"
     except (ssl.SSLError, OSError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return f"cannot load the certificate {cert} with the key {key}: {reason}"

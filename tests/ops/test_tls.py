@@ -4,9 +4,16 @@ rotation on reload with a live connection, bad certificates refused with FILE:LI
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
 import shutil
 import signal
 import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -310,3 +317,145 @@ def test_a_reload_takes_new_certificate_paths_but_not_new_addresses() -> None:
     assert restart == ["listen"] and merged.listeners == old.listeners
     plain = Settings(source="a", listeners=(Listener("0.0.0.0", 80), Listener("0.0.0.0", 443)))
     assert live_settings(old, plain)[1] == ["listen"]  # TLS off needs a restart
+
+
+# -- a key that needs a passphrase ----------------------------------------------------------------
+
+
+class Terminal:
+    """``python -m proxy ...`` (or ``python -c``) on a pseudo-terminal of its own, as a foreground
+    cachegate in a shell or ``docker run -it`` is: OpenSSL's default passphrase callback asks on
+    that terminal and waits, which is what cachegate must never let it do."""
+
+    def __init__(self, args: list[str]) -> None:
+        import pty
+
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: exec at once
+            os.execve(sys.executable, [sys.executable, *args], env)
+        self.output = b""
+        self.status: int | None = None
+
+    def read(self, until: Callable[[bytes], bool], limit: float = 60.0) -> bool:
+        """Read what the child writes until ``until(output)`` or it ends; False after ``limit``
+        seconds without either (a child waiting at a prompt)."""
+        import select
+
+        deadline = time.monotonic() + limit
+        while not until(self.output) and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # EIO: the child is gone and the terminal closed
+                    chunk = b""
+                if not chunk:
+                    self.wait()
+                    return True
+                self.output += chunk
+        return until(self.output)
+
+    def wait(self) -> int:
+        if self.status is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.status = os.waitstatus_to_exitcode(status)
+        return self.status
+
+    def stop(self) -> None:
+        if self.status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.wait()
+        os.close(self.fd)
+
+
+def encrypted_copy(key: Path, out: Path) -> Path:
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(out)],
+                   check=True, capture_output=True)
+    assert b"ENCRYPTED" in out.read_bytes()
+    return out
+
+
+def test_check_refuses_an_encrypted_key_without_asking_for_its_passphrase(tmp_path: Path, certs: Certs) -> None:
+    encrypted_copy(certs.a[0], certs.key)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [http://127.0.0.1:9]\n{tls_config(certs)}")
+    term = Terminal(["-m", "proxy", "check", "--config", str(config)])
+    try:
+        ended = term.read(lambda out: False)
+        assert ended, f"cachegate check is waiting at the terminal: {term.output!r}"
+        text = term.output.decode(errors="replace")
+        assert "pass phrase" not in text
+        assert f"{config}:4: listen[1].tls.key: the key is encrypted (cachegate needs an unencrypted key" in text
+        assert term.wait() == 2
+    finally:
+        term.stop()
+
+
+def test_a_reload_to_an_encrypted_key_is_refused_and_the_process_keeps_answering(
+        tmp_path: Path, certs: Certs) -> None:
+    from tests.harness import write_config
+
+    config = write_config(str(tmp_path), "http://127.0.0.1:9", tls_config(certs))
+    term = Terminal(["-m", "proxy", "run", "--config", config])
+    try:
+        assert term.read(lambda out: re.search(rb"admin listening on (http://[0-9.:]+)", out) is not None
+                         and b"proxy listening on https" in out), term.output
+        admin = re.search(rb"admin listening on (http://[0-9.:]+)", term.output)
+        https = re.search(rb"proxy listening on (https://[0-9.:]+)", term.output)
+        assert admin is not None and https is not None
+        admin_url, https_url = admin.group(1).decode(), https.group(1).decode()
+        encrypted_copy(certs.b[0], certs.key)
+        shutil.copy(certs.b[1], certs.cert)
+        status, body = _post(admin_url + "/reload")
+        assert status == 400, body
+        assert "listen[1].tls.key: the key is encrypted (cachegate needs an unencrypted key" in body
+        assert _post(admin_url + "/healthz", method="GET")[0] == 200
+        assert _peer_cert(https_url) == Certs.der(certs.a)  # the old certificate stays
+        term.read(lambda out: b"pass phrase" in out, limit=0.5)
+        assert b"pass phrase" not in term.output
+    finally:
+        term.stop()
+
+
+def test_server_tls_never_prompts_for_a_passphrase(tmp_path: Path, certs: Certs) -> None:
+    """Below the config check: the context itself refuses an encrypted key (a reload whose file
+    changed between the check and the load)."""
+    enc = encrypted_copy(certs.b[0], tmp_path / "enc.pem")
+    code = ("from proxy.tls import ServerTLS, load_problem\n"
+            f"t = ServerTLS({str(certs.cert)!r}, {str(certs.key)!r})\n"
+            f"print('reload', t.reload({str(certs.b[1])!r}, {str(enc)!r}))\n"
+            f"print('problem', load_problem({str(certs.b[1])!r}, {str(enc)!r}))\n")
+    term = Terminal(["-c", code])
+    try:
+        assert term.read(lambda out: False), f"waiting at the terminal: {term.output!r}"
+        text = term.output.decode(errors="replace")
+        assert "reload False" in text and "the key is encrypted" in text, text
+        assert "pass phrase" not in text
+    finally:
+        term.stop()
+
+
+def _post(url: str, method: str = "POST") -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _peer_cert(url: str) -> bytes:
+    import socket
+
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock, \
+            client_context().wrap_socket(sock) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
