@@ -6,11 +6,16 @@ cipher list, no renegotiation), TLS 1.2 at least, and ALPN ``http/1.1`` (cachega
 HTTP/1.1; a client that offers h2 is told so during the handshake instead of guessing).
 
 Rotation without a restart (SIGHUP, ``POST /reload``): a listening server keeps the
-``SSLContext`` it was started with, so that context stays, and its SNI callback (which OpenSSL
-calls early in every handshake, whether the client sent a server name or not) hands each new
-connection the *current* context, built from the files as they are now. A connection
-already open keeps the context it shook hands with, so it goes on working; new handshakes
-present the new certificate. A reload whose files do not load (a key that does not match
+``SSLContext`` it was started with, so that context stays, and the new certificate chain and
+key are loaded into it once they have loaded into a fresh context (the same bytes: the files
+are read once, into a private temporary folder, so a file replaced between the two loads cannot
+leave the live context half-loaded). OpenSSL copies a context's certificate into each
+connection when the connection is made: a connection already open keeps the certificate it
+shook hands with, so it goes on working; new handshakes present the new certificate. There is
+no SNI callback: CPython decodes the client's server name as ASCII before calling one, and a
+name that is not ASCII (anyone can send one) then printed a traceback to stderr per handshake.
+
+A reload whose files do not load (a key that does not match
 its certificate, a half-copied file, a key that needs a passphrase) leaves the current context
 in place: the config check loads them first, and refuses the reload. cachegate never asks for
 a passphrase: OpenSSL's default would ask on the controlling terminal and block the process.
@@ -19,7 +24,9 @@ a passphrase: OpenSSL's default would ask on the controlling terminal and block 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import tempfile
 
 log = logging.getLogger("cachegate.tls")
 
@@ -74,29 +81,35 @@ def load_problem(cert: str, key: str) -> str | None:
 
 
 class ServerTLS:
-    """A TLS listener's context (``context``: what the listener is started with) and the
-    context new handshakes get (``current``), which ``reload`` replaces."""
+    """A TLS listener's context (``context``: what the listener is started with), into which
+    ``reload`` loads a new certificate chain and key."""
 
     def __init__(self, cert: str, key: str) -> None:
         self.context = server_context(cert, key)
-        self.current = self.context
         self.files = (cert, key)
-        self.context.sni_callback = self._choose
-
-    def _choose(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
-                context: ssl.SSLContext) -> None:
-        current = self.current
-        if current is not context:
-            conn.context = current
 
     def reload(self, cert: str, key: str) -> bool:
         """Read the files again (they may be new files at the same paths); True when the new
         certificate is in use for new handshakes, False (logged) when the old one stays."""
         try:
-            fresh = server_context(cert, key)
+            with tempfile.TemporaryDirectory(prefix="cachegate-tls-") as folder:  # mode 0700
+                copies: dict[str, str] = {}
+                for name, path in (("cert.pem", cert), ("key.pem", key)):
+                    copy = os.path.join(folder, name)
+                    with open(path, "rb") as src:
+                        data = src.read()
+                    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as dst:
+                        dst.write(data)
+                    copies[name] = copy
+                # All or nothing: the live context is not touched unless the same bytes loaded.
+                server_context(copies["cert.pem"], copies["key.pem"])
+                self.context.load_cert_chain(copies["cert.pem"], copies["key.pem"], password=_no_passphrase)
+        except EncryptedKey:
+            log.error("TLS reload failed, the current certificate stays: %s: %s", key, ENCRYPTED_KEY)
+            return False
         except (ssl.SSLError, OSError) as exc:
             log.error("TLS reload failed, the current certificate stays: %s: %s", cert, exc)
             return False
-        self.current = fresh
         self.files = (cert, key)
         return True

@@ -459,3 +459,38 @@ def _peer_cert(url: str) -> bytes:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return der
+
+
+@pytest.mark.slow
+async def test_a_server_name_that_is_not_ascii_leaves_no_traceback(
+        origin: Origin, tmp_path: Path, certs: Certs) -> None:
+    """Anyone can send any bytes as the TLS server name: cachegate's stderr (its log) gets no
+    "Exception ignored ... UnicodeDecodeError" per handshake, and the listener goes on serving."""
+    from tests.harness import spawn_cachegate, write_config
+
+    origin.route("/a", body=b"a", headers=CC)
+    config = write_config(str(tmp_path), origin.url, tls_config(certs))
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    try:
+        url = next(line.split("proxy listening on ", 1)[1].split()[0] for line in proc.output
+                   if "proxy listening on https" in line)
+        port = url.rsplit(":", 1)[1]
+
+        def s_client(name: bytes) -> bytes:
+            done = subprocess.run(
+                [b"openssl", b"s_client", b"-connect", f"127.0.0.1:{port}".encode(), b"-servername", name,
+                 b"-brief", b"-ign_eof"], input=b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                capture_output=True, timeout=30)
+            return done.stdout + done.stderr
+
+        for name in (b"\xc3\xa9.example", b"\xff\xfe", b"\x1b[31mred"):
+            await asyncio.to_thread(s_client, name)
+        served = await asyncio.to_thread(s_client, b"localhost")
+        assert b"HTTP/1.1 200 OK" in served, served
+        conn = await Conn.open(url)  # and Python's client, for good measure
+        assert (await conn.get("/a"))[0] == 200
+        conn.close()
+        await asyncio.sleep(0.5)  # what the process would print for those handshakes
+        assert "Traceback" not in proc.text and "Exception ignored" not in proc.text, proc.text
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
