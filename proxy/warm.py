@@ -9,7 +9,8 @@ access log) goes to ``--host``, else to the proxy's own address.
 
 Sources, all combined and deduplicated: ``--sitemap URL`` (a ``urlset``, or a
 ``sitemapindex`` whose sitemaps are fetched in turn, through the proxy too; gzip
-accepted; documents with a DOCTYPE are refused, so no entity can expand), ``--urls
+accepted, read up to ``MAX_SITEMAP_BYTES`` compressed and uncompressed; documents with a
+DOCTYPE are refused, so no entity can expand), ``--urls
 FILE`` (one URL or path a line, ``#`` comments; ``-`` is standard input) and
 ``--from-access-log FILE`` (GET/HEAD request lines of the common, combined or
 cachegate format with a status below 400, most requested first).
@@ -43,6 +44,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 MAX_SITEMAP_BYTES = 50 * 1024 * 1024  # the sitemaps.org limit for one sitemap, uncompressed
+READ_CHUNK = 1 << 16  # answers are read this much at a time, never whole
 MAX_SITEMAP_DEPTH = 4  # sitemap index -> sitemap index -> ... -> urlset
 USER_AGENT = "cachegate-warm"
 HIT_LIKE = frozenset({"HIT", "STALE", "UPDATING"})
@@ -382,13 +384,23 @@ class Warmer:
             headers[k] = v
         return self._base + path, headers
 
-    async def fetch(self, session: Any, target: Target) -> tuple[int, Any, bytes]:
+    async def fetch(self, session: Any, target: Target, keep: int | None = None) -> tuple[int, Any, bytes]:
+        """(status, headers, body). A page's body is read in chunks and thrown away (only the
+        fields tell what warming did); ``keep``: keep the body, up to that many bytes (a sitemap:
+        WarmError beyond, without reading further)."""
         import aiohttp
 
         url, headers = self._request_of(target)
         async with session.get(url, headers=headers, allow_redirects=False,
                                timeout=aiohttp.ClientTimeout(total=self.options.timeout)) as resp:
-            return resp.status, resp.headers, await resp.read()
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                if keep is None:
+                    continue
+                body += chunk
+                if len(body) > keep:
+                    raise WarmError(f"sitemap larger than {keep} bytes")
+            return resp.status, resp.headers, bytes(body)
 
     async def sitemap_urls(self, session: Any, roots: Sequence[str], tally: Tally) -> list[str]:
         """Every page URL of the sitemaps, following sitemap indexes (each sitemap fetched once);
@@ -403,7 +415,7 @@ class Warmer:
                     continue
                 seen.add(sitemap)
                 try:
-                    status, _, body = await self.fetch(session, Target(sitemap))
+                    status, _, body = await self.fetch(session, Target(sitemap), keep=MAX_SITEMAP_BYTES)
                     if status >= 400:
                         raise WarmError(f"HTTP {status}")
                     pages, more = parse_sitemap(body)

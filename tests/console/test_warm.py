@@ -5,6 +5,7 @@ rate, progress, the summary, --max-errors and Ctrl-C."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import doctest
 import gzip
 import os
@@ -252,3 +253,71 @@ async def test_an_unreachable_proxy_is_counted_as_errors_by_kind() -> None:
     code, out, _ = await warm("--proxy", "http://127.0.0.1:9", "--urls", "-", "--progress", "none", stdin=b"/a\n/b\n")
     assert code == 1
     assert "(connection refused 2)" in out
+
+
+# -- bounded memory ---------------------------------------------------------------------------
+
+# Runs its arguments and reports the peak RSS of that child alone (this process's only child).
+PEAK_RSS = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print('peak-rss-kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)")
+
+
+async def warm_measured(*args: str, stdin: bytes | None = None) -> tuple[int, str, str, float]:
+    """``warm`` with the peak RSS of the warm process, in MB."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "proxy", "warm", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
+    text = err.decode()
+    found = re.search(r"peak-rss-kb (\d+)", text)
+    assert found is not None, text
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), text, int(found.group(1)) / 1024
+
+
+@pytest.mark.slow
+async def test_an_endless_sitemap_is_cut_off_at_the_limit_in_bounded_memory(origin: Origin, proxy: Proxy) -> None:
+    chunk = b"<url><loc>http://a.example/x</loc></url>" * 1000
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/xml", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        await response.write(b"<urlset>")
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while True:
+                await response.write(chunk)
+        return response
+
+    origin.route("/sitemap.xml", endless)
+    code, out, err, peak = await warm_measured("--proxy", proxy.url, "--sitemap", f"{proxy.url}/sitemap.xml",
+                                               "--timeout", "30", "--progress", "none")
+    assert code == 1, (out, err)
+    assert f"sitemap: sitemap larger than {proxy_warm_limit()} bytes" in out, out
+    assert peak < 300, f"warm peaked at {peak:.0f} MB"
+
+
+def proxy_warm_limit() -> int:
+    return proxy.warm.MAX_SITEMAP_BYTES
+
+
+@pytest.mark.slow
+async def test_warmed_pages_are_read_in_chunks_not_kept(origin: Origin, proxy: Proxy) -> None:
+    block = b"\0" * (1 << 20)
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "video/mp4", "Cache-Control": "no-store"})
+        response.content_length = 128 * len(block)
+        await response.prepare(request)
+        for _ in range(128):
+            await response.write(block)
+        return response
+
+    for i in range(3):
+        origin.route(f"/video{i}.mp4", big)
+    urls = "".join(f"{proxy.url}/video{i}.mp4\n" for i in range(3)).encode()
+    code, out, err, peak = await warm_measured("--proxy", proxy.url, "--urls", "-", "--concurrency", "3",
+                                               "--progress", "none", stdin=urls)
+    assert code == 0, (out, err)
+    assert "not storable          3  (NO-STORE 3)" in out
+    assert peak < 300, f"warm peaked at {peak:.0f} MB for 3 pages of 128 MB"
