@@ -10,7 +10,8 @@ access log) goes to ``--host``, else to the proxy's own address.
 Sources, all combined and deduplicated: ``--sitemap URL`` (a ``urlset``, or a
 ``sitemapindex`` whose sitemaps are fetched in turn, through the proxy too; gzip
 accepted, read up to ``MAX_SITEMAP_BYTES`` compressed and uncompressed; documents with a
-DOCTYPE are refused, so no entity can expand), ``--urls
+DOCTYPE are refused by the parser, in any encoding, so no entity can expand; at most
+``MAX_SITEMAP_URLS`` URLs in all), ``--urls
 FILE`` (one URL or path a line, ``#`` comments; ``-`` is standard input) and
 ``--from-access-log FILE`` (GET/HEAD request lines of the common, combined or
 cachegate format with a status below 400, most requested first).
@@ -37,14 +38,16 @@ import re
 import signal
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
+from xml.parsers import expat
 
 MAX_SITEMAP_BYTES = 50 * 1024 * 1024  # the sitemaps.org limit for one sitemap, uncompressed
 READ_CHUNK = 1 << 16  # answers are read this much at a time, never whole
+MAX_SITEMAP_URLS = 1_000_000  # URLs taken from all the sitemaps of a run (pages and sitemaps)
+MAX_URL_LENGTH = 8192  # characters of one <loc> kept (sitemaps.org: under 2,048)
 MAX_SITEMAP_DEPTH = 4  # sitemap index -> sitemap index -> ... -> urlset
 USER_AGENT = "cachegate-warm"
 HIT_LIKE = frozenset({"HIT", "STALE", "UPDATING"})
@@ -135,36 +138,85 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def parse_sitemap(body: bytes) -> tuple[list[str], list[str]]:
-    """A sitemap's (page URLs, nested sitemap URLs); WarmError when it is not one.
+class _Stop(Exception):
+    """Enough URLs: the parse ends early."""
+
+
+def parse_sitemap(body: bytes, room: int = MAX_SITEMAP_URLS) -> tuple[list[str], list[str]]:
+    """A sitemap's (page URLs, nested sitemap URLs), at most ``room + 1`` of them (the caller
+    tells more than ``room`` from that); WarmError when it is not one.
+
+    Read with expat directly, in whatever encoding the document declares (UTF-16 too); any
+    document type declaration is refused by the parser itself, so no entity can be declared,
+    let alone expand.
 
     >>> parse_sitemap(b'<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">'
     ...               b'<url><loc> https://a.example/x </loc></url></urlset>')
     (['https://a.example/x'], [])
     >>> parse_sitemap(b'<sitemapindex><sitemap><loc>https://a.example/s2.xml</loc></sitemap></sitemapindex>')
     ([], ['https://a.example/s2.xml'])
+    >>> try:
+    ...     parse_sitemap('<!DOCTYPE x [<!ENTITY h "y">]><urlset/>'.encode("utf-16"))
+    ... except WarmError as exc:
+    ...     print(exc)
+    sitemap has a DOCTYPE (refused: entities could expand without bound)
     """
     if body[:2] == b"\x1f\x8b":
         body = _gunzip(body)
     if len(body) > MAX_SITEMAP_BYTES:
         raise WarmError(f"sitemap larger than {MAX_SITEMAP_BYTES} bytes")
-    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+    parser = expat.ParserCreate(namespace_separator="}")
+    kind: str | None = None
+    depth = 0
+    in_entry = in_loc = False
+    text: list[str] = []
+    locs: list[str] = []
+
+    def doctype(*_: Any) -> None:
         raise WarmError("sitemap has a DOCTYPE (refused: entities could expand without bound)")
+
+    def start(name: str, _attrs: Any) -> None:
+        nonlocal kind, depth, in_entry, in_loc
+        depth += 1
+        local = _local(name)
+        if depth == 1:
+            kind = local
+        elif depth == 2:
+            in_entry = (kind, local) in (("urlset", "url"), ("sitemapindex", "sitemap"))
+        elif depth == 3 and in_entry and local == "loc":
+            in_loc = True
+            text.clear()
+
+    def end(_name: str) -> None:
+        nonlocal depth, in_entry, in_loc
+        if depth == 3 and in_loc:
+            in_loc = False
+            loc = "".join(text).strip()
+            if loc:
+                locs.append(loc)
+                if len(locs) > room:
+                    raise _Stop
+        elif depth == 2:
+            in_entry = False
+        depth -= 1
+
+    def chars(data: str) -> None:
+        if in_loc and sum(map(len, text)) <= MAX_URL_LENGTH:  # a longer one is kept cut, never grown
+            text.append(data)
+
+    parser.StartDoctypeDeclHandler = doctype
+    parser.EntityDeclHandler = doctype
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = chars
     try:
-        root = ET.fromstring(body)
-    except ET.ParseError as exc:
+        parser.Parse(body, True)
+    except _Stop:
+        pass
+    except (expat.ExpatError, ValueError) as exc:  # ValueError: an encoding expat cannot read
         raise WarmError(f"not XML: {exc}") from None
-    kind = _local(root.tag)
     if kind not in ("urlset", "sitemapindex"):
         raise WarmError(f"not a sitemap: the root element is <{kind}>, not <urlset> or <sitemapindex>")
-    child = "url" if kind == "urlset" else "sitemap"
-    locs = []
-    for entry in root:
-        if _local(entry.tag) != child:
-            continue
-        for item in entry:
-            if _local(item.tag) == "loc" and item.text and item.text.strip():
-                locs.append(item.text.strip())
     return (locs, []) if kind == "urlset" else ([], locs)
 
 
@@ -407,6 +459,7 @@ class Warmer:
         a sitemap that fails counts as an error of kind ``sitemap: ...``."""
         urls: list[str] = []
         seen: set[str] = set()
+        taken = 0  # URLs taken so far, pages and nested sitemaps: MAX_SITEMAP_URLS in all
         level = list(roots)
         for _ in range(MAX_SITEMAP_DEPTH + 1):
             nested: list[str] = []
@@ -418,11 +471,20 @@ class Warmer:
                     status, _, body = await self.fetch(session, Target(sitemap), keep=MAX_SITEMAP_BYTES)
                     if status >= 400:
                         raise WarmError(f"HTTP {status}")
-                    pages, more = parse_sitemap(body)
+                    room = MAX_SITEMAP_URLS - taken
+                    pages, more = parse_sitemap(body, room)
                 except Exception as exc:  # WarmError, or a failed request (aiohttp's errors)
                     tally.total += 1
                     tally.add(Outcome("error", f"sitemap: {_error_kind(exc)}"), sitemap)
                     continue
+                if len(pages) + len(more) > room:
+                    tally.total += 1
+                    tally.add(Outcome("error", f"sitemap: more than {MAX_SITEMAP_URLS} URLs in all "
+                                               "(the rest skipped)"), sitemap)
+                    pages, more = pages[:room], more[:room]
+                    urls.extend(pages)
+                    return urls
+                taken += len(pages) + len(more)
                 urls.extend(pages)
                 nested.extend(more)
             level = nested

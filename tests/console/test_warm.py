@@ -21,6 +21,7 @@ from aiohttp import web
 
 import proxy.live
 import proxy.warm
+import proxy.warm as warm_module
 from proxy.warm import Outcome, WarmError, classify, parse_sitemap, targets_for
 from tests.harness import Origin, Proxy
 
@@ -321,3 +322,52 @@ async def test_warmed_pages_are_read_in_chunks_not_kept(origin: Origin, proxy: P
     assert code == 0, (out, err)
     assert "not storable          3  (NO-STORE 3)" in out
     assert peak < 300, f"warm peaked at {peak:.0f} MB for 3 pages of 128 MB"
+
+
+# -- document type declarations and the cap on URLs ------------------------------------------------
+
+
+def encoded(doc: str, encoding: str) -> bytes:
+    """``doc`` in ``encoding``: with an XML declaration naming it, except for UTF-16 without a
+    byte order mark, which expat recognises from the first bytes (``\\0<\\0?``)."""
+    if encoding in ("utf-16-be", "utf-16-le"):
+        return ('<?xml version="1.0"?>\n' + doc).encode(encoding)
+    return (f'<?xml version="1.0" encoding="{encoding.upper()}"?>\n' + doc).encode(encoding)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-16-be", "utf-16-le", "latin-1"])
+def test_a_dtd_is_refused_in_any_encoding(encoding: str) -> None:
+    small = '<!DOCTYPE urlset [<!ENTITY h "https://victim.example/">]><urlset><url><loc>&h;x</loc></url></urlset>'
+    lol = ['<!ENTITY a0 "lollollollollollollollollollol">']
+    lol += [f'<!ENTITY a{i} "' + f"&a{i - 1};" * 10 + '">' for i in range(1, 10)]
+    bomb = '<!DOCTYPE urlset [' + "".join(lol) + "]><urlset><url><loc>&a9;</loc></url></urlset>"
+    for doc in (small, bomb, "<!DOCTYPE urlset><urlset/>"):
+        body = encoded(doc, encoding)
+        with pytest.raises(WarmError, match="DOCTYPE"):
+            parse_sitemap(body)
+        with pytest.raises(WarmError, match="DOCTYPE"):
+            parse_sitemap(gzip.compress(body))
+    assert parse_sitemap(encoded(urlset(["https://a.example/u"]), encoding)) == (["https://a.example/u"], [])
+
+
+async def test_urls_taken_from_all_sitemaps_are_capped(
+        origin: Origin, proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiohttp
+
+    monkeypatch.setattr(warm_module, "MAX_SITEMAP_URLS", 10)
+    base = proxy.url
+    origin.route("/index.xml", body=INDEX.format(base=base).replace("sitemap-more.xml.gz", "s2.xml")
+                 .replace("sitemap-nested-index.xml", "s3.xml"))
+    origin.route("/sitemap-pages.xml", body=urlset([f"{base}/a{i}" for i in range(4)]))
+    origin.route("/s2.xml", body=urlset([f"{base}/b{i}" for i in range(4)]))
+    origin.route("/s3.xml", body=urlset([f"{base}/c{i}" for i in range(4)]))
+    warmer = warm_module.Warmer(warm_module.WarmOptions(proxy=proxy.url, progress="none"))
+    tally = warm_module.Tally(total=0)
+    async with aiohttp.ClientSession() as session:
+        urls = await warmer.sitemap_urls(session, [f"{base}/index.xml"], tally)
+    # The index's 4 entries (one a repeat), then 4 + 2 pages: 10 URLs in all, the rest skipped and said so.
+    assert urls == [f"{base}/a{i}" for i in range(4)] + [f"{base}/b{i}" for i in range(2)]
+    assert tally.errors == {"sitemap: more than 10 URLs in all (the rest skipped)": 1}
+    assert parse_sitemap(urlset([f"/{i}" for i in range(100)]).encode(), 3) == (["/0", "/1", "/2", "/3"], [])
+
+
