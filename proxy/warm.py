@@ -16,11 +16,13 @@ FILE`` (one URL or path a line, ``#`` comments; ``-`` is standard input) and
 ``--from-access-log FILE`` (GET/HEAD request lines of the common, combined or
 cachegate format with a status below 400, most requested first).
 
-Each answer is classified from ``X-Cache-Status`` and ``Cache-Status``: stored,
+Each answer is classified from ``X-Cache-Status`` and cachegate's own member of
+``Cache-Status`` (the last one named ``cachegate``; an origin's members come first): stored,
 refreshed (a 304 freshened the stored copy), already fresh, not storable (with
 the ``detail`` reason) or an error (a status of 400 and above, a timeout, a refused
-connection ...). The summary counts each; the exit status is 1 when errors exceed
-``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and prints
+connection ...). What the summary prints of reasons and URLs is shown as ``cachegate top``
+shows it: controls and bidi overrides replaced. The summary counts each; the exit status
+is 1 when errors exceed ``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and prints
 the summary so far), 2 for bad arguments or nothing to warm.
 
 The parsing and classifying functions are pure; ``Warmer`` does the I/O.
@@ -267,6 +269,46 @@ def cache_status_detail(value: str) -> str | None:
     return detail
 
 
+def _members(value: str) -> list[str]:
+    """A Cache-Status list's members (RFC 9211: comma-separated; a comma inside a quoted
+    ``detail`` is not a separator).
+
+    >>> _members('origin; detail="a, b", cachegate; hit; ttl=4')
+    ['origin; detail="a, b"', 'cachegate; hit; ttl=4']
+    """
+    out, start, quoted, escaped = [], 0, False, False
+    for i, c in enumerate(value):
+        if escaped:
+            escaped = False
+        elif c == "\\" and quoted:
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            out.append(value[start:i].strip())
+            start = i + 1
+    out.append(value[start:].strip())
+    return [m for m in out if m]
+
+
+def own_cache_status(values: Sequence[str]) -> str:
+    """cachegate's own member of the Cache-Status fields ``values`` (the last one named
+    ``CACHE_NAME``: RFC 9211 lists caches from the origin's side, and caches between the origin
+    and cachegate may add members of their own); "" when there is none.
+
+    >>> own_cache_status(['origin; detail=HIT; hit', 'cachegate; fwd=uri-miss; fwd-status=200; stored'])
+    'cachegate; fwd=uri-miss; fwd-status=200; stored'
+    >>> own_cache_status(['cachegate; detail=FAKE, other; hit'])
+    'cachegate; detail=FAKE'
+    >>> own_cache_status(['origin; hit'])
+    ''
+    """
+    from proxy.policy.cache_status import CACHE_NAME
+
+    own = [m for v in values for m in _members(v) if m.split(";", 1)[0].strip() == CACHE_NAME]
+    return own[-1] if own else ""
+
+
 @dataclass(frozen=True)
 class Outcome:
     kind: str  # "stored", "refreshed", "fresh", "not_storable", "error"
@@ -325,7 +367,15 @@ class Tally:
 
 
 def _breakdown(c: collections.Counter[str]) -> str:
-    return ", ".join(f"{k} {n}" for k, n in c.most_common())
+    return ", ".join(f"{_shown(k)} {n}" for k, n in c.most_common())
+
+
+def _shown(text: str) -> str:
+    """What ``cachegate top`` shows of text from origins and sitemaps: controls and bidi
+    overrides replaced, so nothing printed can move the cursor or recolour the terminal."""
+    from proxy.top import _shown as shown
+
+    return shown(text)
 
 
 def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str]:
@@ -343,7 +393,7 @@ def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str
             extra = f"  ({_breakdown(t.errors)})"
         lines.append(f"  {label:<16}{t.counts[kind]:>7}{extra}")
     for kind, url in sorted(t.examples.items()):
-        lines.append(f"  {kind}: e.g. {url}")
+        lines.append(f"  {_shown(kind)}: e.g. {_shown(url)}")
     return lines
 
 
@@ -530,8 +580,8 @@ class Warmer:
                     await asyncio.sleep(wait)
                 try:
                     status, headers, _ = await self.fetch(session, target)
-                    outcome = classify(status, headers.get("X-Cache-Status", ""),
-                                       headers.get("Cache-Status", ""))
+                    x_cache = headers.getall("X-Cache-Status", [""])[-1]  # cachegate's own is last
+                    outcome = classify(status, x_cache, own_cache_status(headers.getall("Cache-Status", [])))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

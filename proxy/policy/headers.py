@@ -21,11 +21,20 @@ def connection_tokens(headers: Headers) -> frozenset[str]:
     return frozenset(tokens)
 
 
+# A response's fields this cache writes itself and never takes from upstream: an origin's
+# X-Cache-Status would be relayed ahead of cachegate's own (clients saw "HIT, MISS") and
+# stored with the response. Cache-Status is not here: RFC 9211 lists every cache on the path,
+# the origin's side first, and cachegate appends its own member last.
+OWN_RESPONSE_FIELDS = frozenset({"x-cache-status"})
+_RESPONSE_DROPS = HOP_BY_HOP | OWN_RESPONSE_FIELDS
+
+
 def end_to_end(headers: Headers) -> HeaderList:
-    """The header list without hop-by-hop fields, order kept. (A list comprehension, not a
-    generator: one call instead of one per field, on every response forwarded or stored.)"""
+    """A response's header list without hop-by-hop fields and this cache's own
+    (``OWN_RESPONSE_FIELDS``), order kept: what is relayed and stored. (A list comprehension,
+    not a generator: one call instead of one per field, on every response forwarded or stored.)"""
     listed = connection_tokens(headers)
-    drop = HOP_BY_HOP | listed if listed else HOP_BY_HOP
+    drop = _RESPONSE_DROPS | listed if listed else _RESPONSE_DROPS
     return tuple([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 

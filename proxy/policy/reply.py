@@ -26,7 +26,9 @@ from proxy.policy.ranges import if_range_allows, request_range, resolve_range
 from proxy.policy.validation import precondition_failed
 
 # A stored response's fields that are never served as stored (see served_headers).
-SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id"})
+# X-Cache-Status: this cache's own field, in case an entry stored before it was dropped on the
+# way in (proxy.policy.headers.OWN_RESPONSE_FIELDS) still holds an origin's.
+SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id", "x-cache-status"})
 # The fields a 304 keeps (RFC 9110 §15.4.5), besides this cache's own.
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
                        "last-modified")  # fmt: skip
@@ -67,8 +69,8 @@ def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache
                    ) -> list[tuple[str, str]]:
     """A stored response's fields as served: its own Age and Content-Length dropped (the
     web layer frames the body), its Server (the operator's ``server_header`` names this proxy
-    instead, as nginx does) and any X-Request-Id (each request gets its own from the web
-    layer); this cache's Age, Cache-Status and X-Cache-Status added.
+    instead, as nginx does), any X-Request-Id (each request gets its own from the web
+    layer) and any X-Cache-Status; this cache's Age, Cache-Status and X-Cache-Status added.
     Shared by the engine and the fast path (``proxy.web.fastpath``)."""
     headers = [(k, v) for k, v in stored if k.lower() not in SERVED_DROPS]
     headers.append(("Age", age))

@@ -8,6 +8,7 @@ instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Awaitable, Callable
 
@@ -225,3 +226,54 @@ async def test_a_leaders_conditional_is_answered_from_the_store_and_says_stored(
     reply = await proxy.get("/cond", headers={"If-None-Match": '"c1"'})
     assert (reply.status, reply.x_cache) == (304, "MISS")
     assert re.fullmatch(r"cachegate; fwd=uri-miss; fwd-status=200; ttl=\d+; stored", reply.cache_status)
+
+
+# -- an origin's own cache fields -----------------------------------------------------------------
+
+
+async def test_an_origins_x_cache_status_is_dropped_and_its_cache_status_members_come_first(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """X-Cache-Status is this cache's own field: an origin's is neither relayed (clients saw
+    "HIT, MISS") nor stored. Cache-Status lists every cache on the path (RFC 9211), the origin's
+    side first: the origin's members stay, cachegate's is last."""
+    from urllib.parse import quote
+
+    from tests.admin.util import absolute
+
+    proxy = await make_proxy()
+    theirs = {"X-Cache-Status": "HIT", "Cache-Status": "edge; hit"}
+    origin.route("/kept", body=b"k", headers={CC: "max-age=600", **theirs})
+    origin.route("/passed", body=b"p", headers={CC: "no-store", **theirs})
+
+    async def validated(request: web.Request) -> web.Response:  # its 304 carries them too
+        fields = {CC: "no-cache", "ETag": '"1"', **theirs}
+        if request.headers.get("If-None-Match") == '"1"':
+            return web.Response(status=304, headers=fields)
+        return web.Response(body=b"r", headers=fields)
+
+    origin.route("/revalidated", validated)
+    for path, expected in (("/kept", ["MISS", "HIT", "HIT"]), ("/passed", ["MISS", "MISS"]),
+                           ("/revalidated", ["MISS", "REVALIDATED"])):
+        for x_cache in expected:
+            reply = await proxy.get(path)
+            assert reply.headers.getall("X-Cache-Status") == [x_cache], path
+            members = reply.headers.getall("Cache-Status")
+            assert members[0] == "edge; hit" and members[-1].startswith("cachegate;") and len(members) == 2, path
+            await settle(proxy)
+    for path in ("/kept", "/revalidated"):
+        cached = await proxy.admin("GET", "/cache?url=" + quote(absolute(proxy, path)))
+        variants = json.loads(cached.body)["variants"]
+        assert variants, path
+        for variant in variants:
+            names = [name.lower() for name, _ in variant["headers"]]
+            assert "x-cache-status" not in names and "cache-status" in names, path
+
+
+def test_a_stored_x_cache_status_is_never_served() -> None:
+    """An entry stored before the field was dropped on the way in still holds an origin's."""
+    from proxy.engine import served_headers
+
+    served = served_headers([("X-Cache-Status", "HIT"), ("Content-Type", "text/plain")], "3",
+                            "cachegate; hit; ttl=5", "HIT")
+    assert [v for k, v in served if k.lower() == "x-cache-status"] == ["HIT"]
+    assert [k for k, _ in served].count("X-Cache-Status") == 1

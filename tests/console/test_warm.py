@@ -23,6 +23,7 @@ import proxy.live
 import proxy.warm
 import proxy.warm as warm_module
 from proxy.warm import Outcome, WarmError, classify, parse_sitemap, targets_for
+from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 
 INDEX = """<?xml version="1.0" encoding="UTF-8"?>
@@ -371,3 +372,50 @@ async def test_urls_taken_from_all_sitemaps_are_capped(
     assert parse_sitemap(urlset([f"/{i}" for i in range(100)]).encode(), 3) == (["/0", "/1", "/2", "/3"], [])
 
 
+
+
+# -- what an origin says about caching --------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_warm_reads_cachegates_own_cache_status_and_prints_no_controls(make_proxy: MakeProxy) -> None:
+    """An origin's Cache-Status members come first (RFC 9211) and its X-Cache-Status is dropped:
+    warm classifies by cachegate's own member, and what it prints of reasons and URLs has its
+    terminal controls and bidi overrides replaced."""
+    hostile = "\u202eKO-ERA-SLLA\u009b2J"
+    answers = {
+        b"/c": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: no-store\r\n"
+                b"Cache-Status: origin; detail=" + hostile.encode() + b"\r\n\r\nok"),
+        b"/b": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: no-store\r\n"
+                b"X-Cache-Status: HIT\r\nCache-Status: origin; hit\r\n\r\nok"),
+        b"/s": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: max-age=600\r\n"
+                b"X-Cache-Status: MISS\r\nCache-Status: cachegate; detail=FAKE\r\n\r\nok"),
+    }
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ")[1]
+                writer.write(answers.get(path, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        proxy = await make_proxy(upstreams=[f"http://127.0.0.1:{port}"])
+        urls = "/b\n/c\n/s\n/\u202egpj.exe\n".encode()
+        code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
+                                    "--max-errors", "5", stdin=urls)
+        assert code == 0, (out, err)
+        lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+        assert lines["stored"].split()[1] == "1"  # /s: cachegate stored it, whatever the origin says
+        assert "(NO-STORE 2)" in lines["not"], out  # /b and /c: cachegate's own detail
+        assert lines["already"].split()[-1] == "0"
+        assert all(c.isprintable() for c in out.replace("\n", "")), repr(out)
+        assert "\u202e" not in out and "\u009b" not in out
+        assert "\ufffdgpj.exe" in out  # the URL of the 404, shown with the override replaced
+    finally:
+        server.close()
+        await server.wait_closed()
