@@ -2,13 +2,18 @@
 
 It speaks JSON to the admin listener with the token in ``Authorization: Bearer``
 and turns every failure (refused connection, timeout, a 3xx/4xx/5xx answer) into one
-``AdminClientError`` whose message is what the server said. A redirect is not followed: the
+``AdminClientError`` whose message is what the server said. The timeout bounds the whole
+exchange, not each read: an answer dripped slowly still ends at it. A redirect is not followed: the
 request carries the token, which must reach the admin listener named and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import socket
+import threading
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -41,29 +46,109 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
                                "give the admin listener's own URL")
 
 
+class _Deadline:
+    """The whole exchange's time limit. urllib's ``timeout`` bounds each socket operation only, so
+    an answer dripped a byte a second would never end: at the deadline a timer shuts the
+    connection's socket down, which ends a read blocked on it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _handlers(deadline: _Deadline) -> list[urllib.request.BaseHandler]:
+    """urllib's HTTP and HTTPS handlers, with connections whose socket ``deadline`` can end."""
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            deadline.track(self.sock)
+
+    class TLSConnection(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            deadline.track(self.sock)
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Connection, req)
+
+    class TLSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(TLSConnection, req, context=getattr(self, "_context", None))
+
+    return [Handler(), TLSHandler()]
+
+
 def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
                timeout: float = 60.0) -> str:
-    """Send ``body`` as JSON; the answer's text on 2xx, else AdminClientError with the error."""
+    """Send ``body`` as JSON; the answer's text on 2xx, else AdminClientError with the error.
+    ``timeout`` bounds the whole exchange, from connecting to the answer's last byte."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
     request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    deadline = _Deadline(timeout)
+    late = AdminClientError(f"the admin API at {base} did not answer within {timeout:g} s")
     try:
         # Straight to the admin listener: an http_proxy in the environment must not intercept it.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
+                                             *_handlers(deadline))
         with opener.open(request, timeout=timeout) as resp:
-            return str(resp.read().decode())
+            text = resp.read()
+        if deadline.expired:
+            raise late
+        return str(text.decode(errors="replace"))
     except urllib.error.HTTPError as exc:
-        text = exc.read().decode(errors="replace")
+        if deadline.expired:
+            raise late from None
+        try:
+            text = exc.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException):
+            text = ""
+        if deadline.expired:
+            raise late from None
         try:
             message = json.loads(text).get("error", text)
         except (ValueError, AttributeError):
             message = text.strip() or exc.reason
         raise AdminClientError(f"{exc.code} {exc.reason}: {message}") from None
     except urllib.error.URLError as exc:
+        if deadline.expired:
+            raise late from None
         raise AdminClientError(f"cannot reach the admin API at {base}: {exc.reason}") from None
     except TimeoutError:
-        raise AdminClientError(f"the admin API at {base} did not answer within {timeout:g} s") from None
+        raise late from None
+    except (OSError, http.client.HTTPException) as exc:  # the connection broke off (or the deadline)
+        if deadline.expired:
+            raise late from None
+        raise AdminClientError(f"the admin API at {base} broke off its answer: {exc!r}") from None
     except ValueError as exc:
         raise AdminClientError(f"bad admin URL {base!r}: {exc}") from None
+    finally:
+        deadline.cancel()

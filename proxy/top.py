@@ -223,25 +223,45 @@ class Feed:
         self._has_cluster = True
 
     def _get(self, path: str) -> Any:
-        return json.loads(call_admin(self.options.admin, "GET", path, None, self.options.token,
-                                     timeout=max(2.0, self.options.interval * 2)))
+        text = call_admin(self.options.admin, "GET", path, None, self.options.token,
+                          timeout=max(2.0, self.options.interval * 2))
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise AdminClientError(f"the admin API at {self.options.admin} answered {path.split('?')[0]} "
+                                   f"with something that is not JSON: {_shown(text[:60])!r}") from None
 
     def poll(self) -> None:
+        """One refresh; AdminClientError (the state kept as it was) when the admin API cannot be
+        reached, does not answer in time, or answers something that is not the live feed."""
         live = self._get(f"/console/api/live?since={self.seq}&top={self.options.top}")
-        if live["seq"] < self.seq:
-            self.points = []  # the admin listener restarted
-        known = {p["seq"] for p in self.points}
-        self.points = (self.points + [p for p in live["points"] if p["seq"] not in known])[-600:]
-        self.seq = live["seq"]
+        try:
+            seq = live["seq"]
+            if not isinstance(seq, int):
+                raise TypeError(f"seq is {type(seq).__name__}, not a number")
+            points = self.points if seq >= self.seq else []  # else the admin listener restarted
+            known = {p["seq"] for p in points}
+            points = (points + [p for p in live["points"] if p["seq"] not in known])[-600:]
+            render(live, points, self.options.admin, 120, 200, self.cluster)  # every field it reads
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            why = f"{type(exc).__name__}: {_shown(str(exc))[:80]}"
+            raise AdminClientError(f"the admin API at {self.options.admin} answered something that is "
+                                   f"not cachegate's live feed ({why})") from None
+        self.points = points
+        self.seq = seq
         self.live = live
         if self._has_cluster and time.monotonic() - self._cluster_at > 5:
             self._cluster_at = time.monotonic()
             try:
-                self.cluster = self._get("/cluster")
+                cluster = self._get("/cluster")
+                render(live, self.points, self.options.admin, 120, 200, cluster)
             except AdminClientError as exc:
                 if str(exc).startswith("404"):
                     self._has_cluster = False  # this cachegate has no cluster view
-                self.cluster = None
+                cluster = None
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+                cluster = None  # not a cluster view top can show: shown without it
+            self.cluster = cluster
 
 
 @contextlib.contextmanager

@@ -262,3 +262,100 @@ async def test_warm_and_top_against_two_workers(origin: Origin, tmp_path: Path) 
             await term.close()
         finally:
             await proxy.stop()
+
+
+# -- an admin API that answers badly ---------------------------------------------------------------
+
+
+class BadAdmin:
+    """An HTTP server standing in for the admin API: each request to /console/api/live (and
+    /purge) gets the next answer of ``answers`` (the last one repeats)."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+        self.seen = 0
+
+    async def handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        kind = self.answers[min(self.seen, len(self.answers) - 1)]
+        self.seen += 1
+        if kind == "garbage":
+            return web.Response(text="<html>not the admin API</html>", content_type="text/html")
+        if kind == "partial":
+            return web.json_response({"seq": 1, "points": []})
+        if kind == "wrong types":
+            return web.json_response({**LIVE, "seq": "3", "points": "many"})
+        if kind == "drip":  # a byte a second: each read is quick, the answer never ends
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = 100_000
+            await response.prepare(request)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                for _ in range(100_000):
+                    await response.write(b" ")
+                    await asyncio.sleep(1.0)
+            return response
+        return web.json_response({**LIVE, "points": POINTS})
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> Any:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/console/api/live", self.handle)
+        app.router.add_post("/purge", self.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            await runner.cleanup()
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    ("garbage", "answered /console/api/live with something that is not JSON: '<html>not the admin API</html>'"),
+    ("partial", "answered something that is not cachegate's live feed (KeyError: 'last_minute')"),
+    ("wrong types", "answered something that is not cachegate's live feed (TypeError: seq is str"),
+    ("drip", "did not answer within 2 s"),
+])
+async def test_once_against_a_bad_answer_says_what_was_wrong(answer: str, message: str) -> None:
+    async with BadAdmin(answer).serving() as url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "top", "--admin", url, "--once", "--interval", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text and message in text, text
+
+
+async def test_top_keeps_polling_after_a_bad_answer() -> None:
+    admin = BadAdmin("garbage", "partial", "drip", "good")
+    async with admin.serving() as url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "top", "--admin", url, "--interval", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            seen = b""
+            while b"TOP URLS" not in seen:
+                seen += await asyncio.wait_for(proc.stdout.read(4096), 60)
+        finally:
+            proc.kill()
+            _, err = await proc.communicate()
+    text = err.decode()
+    assert "Traceback" not in text, text
+    assert "not JSON" in text and "not cachegate's live feed" in text and "did not answer within 2 s" in text
+
+
+async def test_purge_gives_up_on_an_answer_that_never_ends() -> None:
+    async with BadAdmin("drip").serving() as url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "purge", "--admin", url, "--all", "--timeout", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode != 0
+    assert f"cachegate purge: the admin API at {url} did not answer within 2 s" in err.decode(), err
