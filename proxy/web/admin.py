@@ -116,16 +116,16 @@ def too_many_guesses(request: web.Request) -> web.Response | None:
     than ``GuessLimiter`` allows (logged once per run of refusals, each one counted); None
     when its token may be compared."""
     ctx = request.app[ADMIN]
-    wait = ctx.guesses.retry_after()
+    client = request.remote or ""
+    wait = ctx.guesses.retry_after(client)
     if not wait:
         return None
     ctx.runtime.metrics.admin_refused.labels("rate").inc()
-    if not ctx.guesses.limited:
-        ctx.guesses.limited = True
-        log.warning("admin: too many wrong tokens (more than %d, then %g a second): requests that "
-                    "present a token are answered 429 for now (the last from %s, Host %r)",
-                    ctx.guesses.burst, ctx.guesses.per_second, request.remote,
-                    request.headers.get("Host"))
+    if client not in ctx.guesses.limited:
+        ctx.guesses.limited.add(client)
+        log.warning("admin: too many wrong tokens from %s (more than %d, then %g a second): its "
+                    "requests that present a token are answered 429 for now (Host %r)",
+                    client, ctx.guesses.burst, ctx.guesses.per_second, request.headers.get("Host"))
     return web.json_response({"error": "too many wrong admin tokens: try again later"}, status=429,
                              headers={"Retry-After": str(wait)})
 
@@ -143,7 +143,7 @@ async def bearer_middleware(request: web.Request, handler: Handler) -> web.Strea
             return refusal
         ok = token_matches(given, token)
         if not ok:
-            request.app[ADMIN].guesses.failed()
+            request.app[ADMIN].guesses.failed(request.remote or "")
     request[BEARER_OK] = ok
     return await handler(request)
 

@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -189,37 +190,49 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
 
 
 class GuessLimiter:
-    """Wrong admin tokens (a failed console login, a wrong bearer token), per process: a bucket
-    of ``burst`` guesses refilled at ``per_second``. While it is empty every request that
-    presents a token is answered 429 before its token is compared, right or wrong: otherwise
-    the answer would still tell a right guess from a wrong one at any speed. Sessions already
-    open, and requests that present no token, are not affected."""
+    """Wrong admin tokens (a failed console login, a wrong bearer token), per client address: a
+    bucket of ``burst`` guesses refilled at ``per_second``. While a client's bucket is empty
+    every request of that client that presents a token is answered 429 before its token is
+    compared, right or wrong: otherwise the answer would still tell a right guess from a wrong
+    one at any speed. Per address, so that a client trying tokens on a listener open to a
+    network locks out itself, not the operator's scrapes and purges from elsewhere (a page in a
+    browser on this machine shares the loopback address with local tools: those wait while it
+    guesses). Sessions already open, and requests that present no token, are not affected."""
+
+    MAX_CLIENTS = 4096  # addresses remembered (the oldest forgotten first: a full bucket)
 
     def __init__(self, burst: int = 10, per_second: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.burst = burst
         self.per_second = per_second
         self._clock = clock
-        self._level = float(burst)
-        self._at = clock()
-        self.limited = False  # whether the last check was refused (to log the start of a run once)
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # client -> [level, at]
+        self.limited: set[str] = set()  # clients whose last check was refused (logged once a run)
 
-    def _refill(self) -> None:
+    def _level(self, client: str) -> list[float]:
         now = self._clock()
-        self._level = min(float(self.burst), self._level + (now - self._at) * self.per_second)
-        self._at = now
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            bucket = self._buckets[client] = [float(self.burst), now]
+            while len(self._buckets) > self.MAX_CLIENTS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(client)
+            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.per_second)
+            bucket[1] = now
+        return bucket
 
-    def retry_after(self) -> int:
-        """0 when a token may be checked now; else the whole seconds until one may."""
-        self._refill()
-        if self._level >= 1.0:
-            self.limited = False
+    def retry_after(self, client: str) -> int:
+        """0 when ``client`` may have a token checked now; else the whole seconds until it may."""
+        level = self._level(client)[0]
+        if level >= 1.0:
+            self.limited.discard(client)
             return 0
-        return max(1, math.ceil((1.0 - self._level) / self.per_second))
+        return max(1, math.ceil((1.0 - level) / self.per_second))
 
-    def failed(self) -> None:
-        self._refill()
-        self._level = max(0.0, self._level - 1.0)
+    def failed(self, client: str) -> None:
+        bucket = self._level(client)
+        bucket[0] = max(0.0, bucket[0] - 1.0)
 
 
 def guard_middleware(settings_of: Callable[[web.Request], GuardSettings],

@@ -339,7 +339,7 @@ async def login(request: web.Request) -> web.Response:
         return refusal
     if not token_matches(doc["token"], token):
         runtime.metrics.admin_unauthorized.inc()
-        request.app[ADMIN].guesses.failed()
+        request.app[ADMIN].guesses.failed(request.remote or "")
         return _json({"error": "wrong admin token"}, 401)
     sid, session = request.app[CONSOLE].sessions.open(token)
     response = _json({"authenticated": True, "token_required": True, "csrf": session.csrf})

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from proxy.web.admin_guard import GuessLimiter
 from tests.admin.util import absolute, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, Reply
@@ -198,9 +199,9 @@ async def test_with_a_token_a_rebound_page_without_fetch_metadata_must_name_a_lo
     assert reply.status == 200
 
 
-async def test_wrong_tokens_are_limited_per_process(origin: Origin, make_proxy: MakeProxy) -> None:
+async def test_wrong_tokens_are_limited_per_client(origin: Origin, make_proxy: MakeProxy) -> None:
     """A loopback listener's token may be short: after 10 wrong ones (console logins or bearer
-    tokens, from any host), every request presenting a token is answered 429 with Retry-After,
+    tokens, from any host), every request of that client presenting a token is answered 429 with Retry-After,
     before its token is compared (a right one too: else the answer would still tell it)."""
     proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
     local = {"Host": f"127.0.0.1:{port_of(proxy)}", "Content-Type": "application/json"}
@@ -226,6 +227,23 @@ async def test_wrong_tokens_are_limited_per_process(origin: Origin, make_proxy: 
     await asyncio.sleep(1.1)  # the bucket refills at one guess a second
     reply = await send(proxy, "GET", "/stats", {**local, "Authorization": f"Bearer {TOKEN}"})
     assert reply.status == 200
+
+
+def test_a_client_trying_tokens_locks_out_itself_not_the_others() -> None:
+    """On a listener open to a network, a stranger flooding wrong tokens must not keep the
+    operator's scraper or purges (another address) out."""
+    now = [0.0]
+    limiter = GuessLimiter(burst=3, per_second=1.0, clock=lambda: now[0])
+    for _ in range(3):
+        assert limiter.retry_after("10.0.0.9") == 0
+        limiter.failed("10.0.0.9")
+    assert limiter.retry_after("10.0.0.9") >= 1
+    assert limiter.retry_after("10.0.0.2") == 0  # the operator's address
+    now[0] += 1.0
+    assert limiter.retry_after("10.0.0.9") == 0  # one guess a second again
+    for i in range(GuessLimiter.MAX_CLIENTS + 10):  # remembered addresses are bounded
+        limiter.failed(f"192.0.2.{i}")
+    assert len(limiter._buckets) == GuessLimiter.MAX_CLIENTS
 
 
 # -- cross-site request forgery -------------------------------------------------------------------
