@@ -277,6 +277,16 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.earlysignals import hold
+
+    hold()  # already done by ``python -m proxy run``; the console script comes here first
+    try:
+        return _run(args)
+    finally:
+        hold()  # the closed loop gave the signals their default action back: not while exiting
+
+
+def _run(args: argparse.Namespace) -> int:
     start_logging(args.log_level)
     overrides = _overrides(args)
     settings = load_settings(args.config, overrides)

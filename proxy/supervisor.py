@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from proxy import gctuning
+from proxy import earlysignals, gctuning
 from proxy.cluster import ClusterUnavailable
 from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings
@@ -240,6 +240,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload_config and runtime.reload_config())
+        # What came during the start-up (``proxy.earlysignals``): done now.
+        if any([earlysignals.take(signal.SIGTERM), earlysignals.take(signal.SIGINT)]):
+            stop.set()
+        elif earlysignals.take(signal.SIGHUP):
+            runtime.reload_config()
         for w in self.workers:
             self._spawn_soon(w, 0)
         status = 0
@@ -601,6 +606,9 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    earlysignals.hold()  # a SIGHUP or SIGTERM before the loop's handlers: remembered, not fatal
     level = args.log_level if args.log_level in ("debug", "info", "warning", "error") else "info"
     start_logging(level, worker=str(args.worker_id))
     raw = json.loads(args.overrides)
@@ -611,8 +619,6 @@ def _worker_main(argv: list[str]) -> int:
     if settings is None:
         return EXIT_CONFIG
     log_as_configured(settings)
-    # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_async(serve(settings, args.config, overrides,
                            WorkerLink(args.worker_id, args.control_fd, args.arena_fd, args.config_as)),
                      not args.no_uvloop)

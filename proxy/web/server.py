@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import __version__, gctuning
+from proxy import __version__, earlysignals, gctuning
 from proxy.cluster import ClusterUnavailable, attach_shared
 from proxy.cluster import join as join_cluster
 from proxy.config import Listener, Overrides, Settings, base_cache_options, load_config
@@ -366,6 +366,11 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    # What came during the start-up (``proxy.earlysignals``): done now.
+    if any(earlysignals.take(sig) for sig in stop_signals):
+        stop.set()
+    if earlysignals.take(signal.SIGHUP) and not stop.is_set():
+        reloader.reload()
     gctuning.settle()
     runtime.state = "ready"
     if channel is not None:
