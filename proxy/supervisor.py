@@ -46,6 +46,7 @@ import functools
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -78,9 +79,11 @@ from proxy.web.server import (
     ignore_while_stopping,
     install_reloader,
     open_runtime,
+    restart_only,
     say_started,
     serve,
     start_admin_listener,
+    with_restart_only,
 )
 
 log = logging.getLogger("cachegate.supervisor")
@@ -356,12 +359,21 @@ class Supervisor:
 
     async def _spawn(self, w: Worker) -> None:
         parent_end, child_end = socket.socketpair()
-        overrides = replace(self.overrides, ports=self._ports, workers="1", admin_listen="off")
+        overrides = replace(self.overrides, workers="1", admin_listen="off")
         assert self.runtime is not None
         arena_fd = self.runtime.storage.memory.arena.fd  # the machine's shared memory
+        # What only a restart changes, as this supervisor runs it (``with_restart_only``): in a
+        # memfd, not on the command line, which every user can read (a Redis password).
+        running_fd = os.memfd_create("cachegate-running", os.MFD_CLOEXEC)
+        try:
+            os.write(running_fd, pickle.dumps(restart_only(self.settings, self._ports)))
+        except BaseException:
+            os.close(running_fd)
+            raise
         args = [sys.executable, "-m", "proxy.supervisor", "worker",
                 "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
-                "--arena-fd", str(arena_fd), "--overrides", json.dumps(asdict(overrides))]
+                "--arena-fd", str(arena_fd), "--running-fd", str(running_fd),
+                "--overrides", json.dumps(asdict(overrides))]
         if self._config is not None:
             args += ["--config", self._config.current(), "--config-as", self._config.original]
         elif self.config_path is not None:
@@ -371,7 +383,8 @@ class Supervisor:
         args += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
         w.ready.clear()
         try:
-            w.process = await asyncio.create_subprocess_exec(*args, pass_fds=(child_end.fileno(), arena_fd))
+            w.process = await asyncio.create_subprocess_exec(
+                *args, pass_fds=(child_end.fileno(), arena_fd, running_fd))
         except OSError as exc:
             log.error("cannot start worker %d: %s", w.worker_id, exc)
             parent_end.close()
@@ -380,6 +393,7 @@ class Supervisor:
             return
         finally:
             child_end.close()
+            os.close(running_fd)
         w.started_at = time.monotonic()
         w.channel = await Channel.open(parent_end, self._handlers(w), name=f"worker {w.worker_id}")
         say(f"cachegate: worker {w.worker_id} started (pid {w.process.pid})", event="worker_started",
@@ -600,6 +614,7 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--arena-fd", type=int)
+    parser.add_argument("--running-fd", type=int)  # the supervisor's ``restart_only`` settings
     parser.add_argument("--config")
     parser.add_argument("--config-as")  # the file --config is a copy of (``ConfigCopy``)
     parser.add_argument("--overrides", required=True)
@@ -618,6 +633,10 @@ def _worker_main(argv: list[str]) -> int:
     settings = load_settings(args.config, overrides, display=args.config_as)
     if settings is None:
         return EXIT_CONFIG
+    if args.running_fd is not None:
+        with os.fdopen(args.running_fd, "rb") as f:
+            f.seek(0)
+            settings = with_restart_only(settings, pickle.load(f))  # written by its supervisor
     log_as_configured(settings)
     return run_async(serve(settings, args.config, overrides,
                            WorkerLink(args.worker_id, args.control_fd, args.arena_fd, args.config_as)),

@@ -224,6 +224,39 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     return merged, restart
 
 
+# What only a restart changes, as ``live_settings`` keeps it: a supervisor hands its workers
+# its running values of these (``restart_only``, ``with_restart_only``), so that a worker
+# started after a reload that changed one of them still binds the supervisor's ports and opens
+# its cache directory, and takes the rest of the reload.
+RESTART_ONLY = ("listeners", "upstreams", "pool", "cache", "cluster")
+
+
+def restart_only(running: Settings, ports: tuple[int, ...]) -> dict[str, Any]:
+    """``running``'s values of what only a restart changes, its listeners on ``ports`` (the
+    ones the supervisor reserved: port 0 resolved)."""
+    parts = {name: getattr(running, name) for name in RESTART_ONLY}
+    parts["listeners"] = tuple(replace(li, port=port)
+                               for li, port in zip(running.listeners, ports, strict=True))
+    return parts
+
+
+def with_restart_only(new: Settings, parts: dict[str, Any]) -> Settings:
+    """A worker's settings: what is live from ``new`` (the config as its supervisor last loaded
+    it), the rest from ``parts`` (``restart_only``); a worker has no admin listener."""
+    running = replace(new, **parts, workers=1, admin=replace(new.admin, listen=None))
+    return live_settings(running, with_running_ports(new, running))[0]
+
+
+def with_running_ports(new: Settings, running: Settings) -> Settings:
+    """``new`` with each listener whose port is 0 (chosen at start) on the port the listener of
+    the same place in ``running`` has: a config that did not change them has the same
+    listeners then (``live_settings`` takes their new TLS files)."""
+    listeners = tuple(
+        replace(li, port=running.listeners[i].port) if li.port == 0 and i < len(running.listeners) else li
+        for i, li in enumerate(new.listeners))
+    return replace(new, listeners=listeners)
+
+
 def _listener_shape(s: Settings) -> tuple[tuple[str, int, bool], ...]:
     """What of the listeners only a restart changes: addresses, and which ones are TLS."""
     return tuple((li.host, li.port, li.tls is not None) for li in s.listeners)
@@ -234,8 +267,10 @@ class Reloader:
 
     def __init__(self, path: str | None, overrides: Overrides, current: Callable[[], Settings],
                  apply: Callable[[Settings], None],
-                 on_result: Callable[[bool], None] | None = None, display: str | None = None) -> None:
+                 on_result: Callable[[bool], None] | None = None, display: str | None = None,
+                 prepare: Callable[[Settings, Settings], Settings] | None = None) -> None:
         self.path = path
+        self._prepare = prepare  # (new, running) -> new, before ``live_settings``
         self.display = display  # the config file ``path`` is a copy of (``load_config``)
         self.overrides = overrides
         self._current = current
@@ -252,7 +287,8 @@ class Reloader:
         except Exception as exc:  # a bug must not take the serving process down with it
             log.exception("reload failed")
             return self.reject([f"{self.display or self.path}:0: reload failed: {exc!r}"])
-        merged, restart = live_settings(self._current(), new)
+        current = self._current()
+        merged, restart = live_settings(current, self._prepare(new, current) if self._prepare else new)
         self._apply(merged)
         gctuning.resettle_soon()
         for name in restart:
@@ -276,11 +312,12 @@ class Reloader:
 
 
 def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides,
-                     display: str | None = None) -> Reloader:
+                     display: str | None = None,
+                     prepare: Callable[[Settings, Settings], Settings] | None = None) -> Reloader:
     """Give ``runtime`` its reload (used by SIGHUP and ``POST /reload``)."""
     reloader = Reloader(path, overrides, lambda: runtime.settings, runtime.reconfigure,
                         lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc(),
-                        display)
+                        display, prepare)
     runtime.reload_config = reloader.reload
     return reloader
 
@@ -335,8 +372,10 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
+    # A worker's listeners are on the ports its supervisor reserved (a config's port 0 too).
     reloader = install_reloader(runtime, config_path, overrides,
-                                worker.config_as if worker is not None else None)
+                                worker.config_as if worker is not None else None,
+                                with_running_ports if worker is not None else None)
     channel = None
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)

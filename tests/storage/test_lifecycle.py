@@ -4,6 +4,7 @@ reload, stuck and orphaned workers, the stop's deadline, what is left behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Origin
-from tests.storage.procs import ProxyProcess, write_config
+from tests.storage.procs import ProxyProcess, Response, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +97,89 @@ async def test_sigterm_during_the_start_up_stops_the_process_once_started(
         await start
     assert await proxy.stop() == 0
     assert "cachegate: stopped" in proxy.lines
+
+
+def _open_files(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return out
+
+
+async def _until_each_worker(proxy: ProxyProcess, path: str, check: Callable[[Response], bool]) -> None:
+    seen: set[str] = set()
+    for _ in range(400):
+        r = await proxy.get(path)
+        if check(r):
+            seen.add(r.worker)
+        if seen == {"0", "1"}:
+            return
+    raise AssertionError(f"only workers {sorted(seen)} answered as wanted")
+
+
+async def _kill_worker(proxy: ProxyProcess, worker: int) -> None:
+    old = proxy.workers[worker]
+    os.kill(old, signal.SIGKILL)
+    await proxy.wait_for(lambda: proxy.workers[worker] != old, wait=60)
+
+
+async def test_a_reload_that_adds_a_listener_reaches_the_workers_and_a_restarted_worker_serves(
+        origin: Origin, tmp_path: Path) -> None:
+    """The new listener waits for a restart; the reload's other changes reach every worker
+    (they rejected the whole reload: "1 port(s) for 2 listener(s)"), and a worker restarted
+    afterwards serves on the running listener (it exited 2 at every restart)."""
+    origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
+    config = write_config(str(tmp_path), origin.url, CACHE)
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        with open(config) as f:  # noqa: ASYNC230 (a small local file)
+            text = f.read()
+        with open(config, "w") as f:  # noqa: ASYNC230
+            f.write(text.replace("listen: 127.0.0.1:0", "listen: ['127.0.0.1:0', '127.0.0.1:0']")
+                    + "server_header: renamed\n")
+        reply = await proxy.admin("POST", "/reload")
+        assert reply.status == 200, reply.body
+        assert b'"listen"' in reply.body  # restart_required
+        await _until_each_worker(proxy, "/h", lambda r: r.headers.get("Server") == "renamed")
+        await _kill_worker(proxy, 0)
+        await _until_each_worker(proxy, "/h", lambda r: r.headers.get("Server") == "renamed")
+        assert not any("port(s) for" in line for line in proxy.lines)
+    finally:
+        assert await proxy.stop() == 0
+
+
+async def test_a_worker_restarted_after_a_reload_that_moves_the_listener_and_cache_keeps_them(
+        origin: Origin, tmp_path: Path) -> None:
+    """A reload that changes the listen host and cache.disk.path (both wait for a restart),
+    then a worker dies: its replacement listens where its sibling does and opens the same
+    cache directory (it listened on the new host and opened the new directory, without its
+    owner)."""
+    origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
+    config = write_config(str(tmp_path), origin.url, CACHE)
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        with open(config) as f:  # noqa: ASYNC230 (a small local file)
+            text = f.read()
+        with open(config, "w") as f:  # noqa: ASYNC230
+            f.write(text.replace("listen: 127.0.0.1:0", "listen: 127.0.0.2:0")
+                    .replace("path: cache,", "path: cache2,") + "server_header: renamed\n")
+        reply = await proxy.admin("POST", "/reload")
+        assert reply.status == 200, reply.body
+        await _until_each_worker(proxy, "/h", lambda r: r.headers.get("Server") == "renamed")
+        await _kill_worker(proxy, 0)
+        await _until_each_worker(proxy, "/h", lambda r: r.headers.get("Server") == "renamed")
+        assert not (tmp_path / "cache2").exists()
+        cache = str(tmp_path / "cache")
+        for pid in proxy.workers.values():
+            opened = _open_files(pid)
+            assert any(path.startswith(cache + os.sep) for path in opened), pid
+            assert not any(path.startswith(cache + "2") for path in opened), pid
+        host = proxy.url.split("//")[1].rsplit(":", 1)[0]
+        assert host == "127.0.0.1"
+    finally:
+        assert await proxy.stop() == 0
