@@ -90,7 +90,7 @@ log = logging.getLogger("cachegate.supervisor")
 
 PURGE_ACK_TIMEOUT = 10.0  # seconds a worker has to drop purged keys before it is killed
 PING_INTERVAL = 5.0  # seconds between two liveness pings of a worker (at most worker_timeout / 2)
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = 60.0  # seconds a worker has from its start to say it is ready (any start)
 MAX_BACKOFF = 30.0
 
 
@@ -254,7 +254,7 @@ class Supervisor:
         try:
             waits = [asyncio.ensure_future(w.ready.wait()) for w in self.workers]
             stopped = asyncio.ensure_future(stop.wait())
-            deadline = time.monotonic() + READY_TIMEOUT
+            deadline = time.monotonic() + ready_timeout()
             while not stop.is_set() and not all(w.ready.is_set() for w in self.workers):
                 await asyncio.wait([*waits, stopped], timeout=max(0.0, deadline - time.monotonic()),
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -399,6 +399,29 @@ class Supervisor:
         say(f"cachegate: worker {w.worker_id} started (pid {w.process.pid})", event="worker_started",
             worker_id=w.worker_id, pid=w.process.pid)
         self._track(self._watch(w, w.process, w.channel))
+        self._track(self._ready_deadline(w, w.process))
+
+    async def _ready_deadline(self, w: Worker, process: asyncio.subprocess.Process) -> None:
+        """Kill a worker that is not ready within ``ready_timeout`` of its start (``_watch``
+        restarts it, with backoff): hung before its ready call (a stuck import, a cache directory
+        on a dead NFS mount, a stopped process), it would never be pinged (``_watchdog`` starts
+        at ready) and would hold its share of the port's connections with its listener up."""
+        timeout = ready_timeout()
+        ready = asyncio.ensure_future(w.ready.wait())
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            await asyncio.wait([ready, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if self.stopping or w.process is not process or process.returncode is not None or w.ready.is_set():
+            return
+        log.error("worker %d (pid %d) was not ready within %gs; killing it", w.worker_id, process.pid,
+                  timeout)
+        say(f"cachegate: worker {w.worker_id} (pid {process.pid}) not ready after {timeout:g}s; killing it",
+            event="worker_not_ready", worker_id=w.worker_id, pid=process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
     def _handlers(self, w: Worker) -> dict[str, Any]:
         async def ready(worker_id: int, pid: int) -> None:
@@ -431,8 +454,9 @@ class Supervisor:
         if self.stopping:
             return
         w.restarts += 1
-        # A worker that lived a while is restarted at once; one that keeps dying, with backoff.
-        if time.monotonic() - w.started_at > 10:
+        # A worker that lived a while is restarted at once; one that keeps dying (or that never
+        # became ready), with backoff.
+        if w.ready.is_set() and time.monotonic() - w.started_at > 10:
             w.backoff = 0.5
             delay = 0.0
         else:
@@ -591,6 +615,15 @@ class Supervisor:
         live = [w.channel for w in self.workers if w.channel is not None]
         return list(await asyncio.gather(*(c.call(name, wait=wait, **args) for c in live),
                                          return_exceptions=True))
+
+
+def ready_timeout() -> float:
+    """READY_TIMEOUT; CACHEGATE_READY_TIMEOUT (seconds) sets another for tests, as
+    CACHEGATE_PERSIST_INTERVAL does (no config key: nobody should need to tune it)."""
+    try:
+        return float(os.environ.get("CACHEGATE_READY_TIMEOUT") or READY_TIMEOUT)
+    except ValueError:
+        return READY_TIMEOUT
 
 
 def _accepting(family: int, addr: Any) -> bool:

@@ -183,3 +183,34 @@ async def test_a_worker_restarted_after_a_reload_that_moves_the_listener_and_cac
         assert host == "127.0.0.1"
     finally:
         assert await proxy.stop() == 0
+
+
+STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+
+
+async def test_a_worker_that_hangs_before_it_is_ready_is_killed_and_restarted(
+        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replacement worker stopped right after its start (SIGSTOP: as one stuck before its
+    ready call) is killed once the ready timeout passes and replaced; it was never pinged (the
+    watchdog starts at ready) and kept its listener's share of the connections forever."""
+    monkeypatch.setenv("CACHEGATE_READY_TIMEOUT", "5")
+    origin.route("/s", body=b"s", headers={"Cache-Control": "max-age=300"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        old = proxy.workers[0]
+        os.kill(old, signal.SIGKILL)
+
+        def started() -> list[int]:
+            return [int(m.group(2)) for line in proxy.lines
+                    if (m := STARTED.search(line)) and m.group(1) == "0" and int(m.group(2)) != old]
+
+        await proxy.wait_for(lambda: bool(started()), wait=60)
+        stuck = started()[0]
+        os.kill(stuck, signal.SIGSTOP)
+        await proxy.wait_for(lambda: proxy.workers[0] not in (old, stuck), wait=90)
+        assert any(f"pid {stuck}) not ready after 5s" in line for line in proxy.lines)
+        await _until_each_worker(proxy, "/s", lambda r: r.body == b"s")
+    finally:
+        assert await proxy.stop() == 0
