@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import functools
 import json
 import logging
@@ -308,7 +309,9 @@ class Supervisor:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
                 family, _, _, _, addr = infos[0]
                 if port and _accepting(family, addr):
-                    raise OSError(f"{_fmt(host)}:{port}: another process already accepts connections "
+                    pids = ", ".join(map(str, listening_pids(port)))
+                    holder = f" ({'pids' if ',' in pids else 'pid'} {pids})" if pids else ""
+                    raise OSError(f"{_fmt(host)}:{port}: another process{holder} already accepts connections "
                                   "on this port")
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 reserved.append(sock)
@@ -370,7 +373,7 @@ class Supervisor:
         except BaseException:
             os.close(running_fd)
             raise
-        args = [sys.executable, "-m", "proxy.supervisor", "worker",
+        args = [sys.executable, "-m", "proxy.supervisor", "worker", "--supervisor-pid", str(os.getpid()),
                 "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
                 "--arena-fd", str(arena_fd), "--running-fd", str(running_fd),
                 "--overrides", json.dumps(asdict(overrides))]
@@ -642,8 +645,56 @@ def _accepting(family: int, addr: Any) -> bool:
     return True
 
 
+def listening_pids(port: int) -> list[int]:
+    """The processes (of this user: others' are not readable) with a socket listening on TCP
+    ``port``, from /proc (Linux; an empty list elsewhere or when none is found): for the
+    refusal's message only."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except (OSError, ValueError):
+            continue
+    pids: list[int] = []
+    if not inodes:
+        return pids
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                            pids.append(int(entry))
+                            break
+    return sorted(pids)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_supervisor(supervisor: int) -> bool:
+    """Have the kernel SIGKILL this worker when its supervisor ends (Linux): a backstop to the
+    graceful stop on a closed control channel, which a stuck or stopped worker never sees (it
+    would keep its share of the port, and answer none of it). False when the supervisor is
+    already gone (it died before this ran)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the control channel alone
+        pass
+    return os.getppid() == supervisor
+
+
 def _worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cachegate-worker")
+    parser.add_argument("--supervisor-pid", type=int)
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--arena-fd", type=int)
@@ -654,6 +705,10 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.supervisor_pid is not None and not _die_with_supervisor(args.supervisor_pid):
+        print(f"cachegate: worker {args.worker_id}: the supervisor is gone; not starting",
+              file=sys.stderr, flush=True)
+        return 0
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     earlysignals.hold()  # a SIGHUP or SIGTERM before the loop's handlers: remembered, not fatal

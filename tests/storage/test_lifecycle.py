@@ -8,6 +8,8 @@ import contextlib
 import os
 import re
 import signal
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -214,3 +216,46 @@ async def test_a_worker_that_hangs_before_it_is_ready_is_killed_and_restarted(
         await _until_each_worker(proxy, "/s", lambda r: r.body == b"s")
     finally:
         assert await proxy.stop() == 0
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not reaped yet, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_a_stopped_worker_does_not_outlive_its_killed_supervisor(origin: Origin, tmp_path: Path) -> None:
+    """SIGKILL of the supervisor: a worker that cannot notice its control channel closing (stopped,
+    or its loop stuck) is killed by the kernel (it kept the port, answering nobody)."""
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        pids = list(proxy.workers.values())
+        os.kill(pids[0], signal.SIGSTOP)
+        assert proxy.process is not None
+        proxy.process.kill()  # (its wait() would wait for the stopped worker: it has the pipe too)
+        await _until(lambda: not any(_alive(p) for p in (proxy.process.pid, *pids)), 0.05)
+    finally:
+        await proxy.kill()
+
+
+async def test_a_port_another_process_accepts_on_is_refused_naming_it(origin: Origin, tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        port = listener.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "--config",
+            write_config(str(tmp_path), origin.url, CACHE), "--listen", f"127.0.0.1:{port}", "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(tmp_path))
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        listener.close()
+    assert proc.returncode == 1
+    assert (f"127.0.0.1:{port}: another process (pid {os.getpid()}) already accepts connections"
+            in out.decode()), out
