@@ -195,8 +195,9 @@ class Engine:
         self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
         self._fill_settings = FillSettings(self._via, tuple(h.lower() for h in settings.cache.tag_headers))
 
-    async def close(self) -> None:
-        await self.coalescer.close(self.settings.shutdown_grace)
+    async def close(self, grace: float | None = None) -> None:
+        """Let background fills finish within ``grace`` (default: shutdown_grace), then cancel them."""
+        await self.coalescer.close(self.settings.shutdown_grace if grace is None else grace)
 
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the

@@ -239,7 +239,9 @@ class Runtime:
             except Exception:  # one part failing to reload must not stop the rest
                 log.exception("reload: applying the new config failed in part")
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
+        """Close everything; background fills get ``grace`` seconds (default: shutdown_grace),
+        what is left of the stop's deadline (``proxy.web.server.serve``)."""
         for close in reversed(self.closers):
             try:
                 await close()
@@ -251,7 +253,7 @@ class Runtime:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        await self.engine.close()
+        await self.engine.close(grace)
         await self.pool.close()
         if self.owner:  # what the shared memory holds that the disk does not yet: a clean stop keeps it
             try:

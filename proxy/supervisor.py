@@ -93,6 +93,7 @@ PURGE_ACK_TIMEOUT = 10.0  # seconds a worker has to drop purged keys before it i
 PING_INTERVAL = 5.0  # seconds between two liveness pings of a worker (at most worker_timeout / 2)
 READY_TIMEOUT = 60.0  # seconds a worker has from its start to say it is ready (any start)
 MAX_BACKOFF = 30.0
+STOP_DEADLINE_MARGIN = 5.0  # seconds past shutdown_grace before a stopping worker is killed
 
 
 @dataclass
@@ -285,8 +286,9 @@ class Supervisor:
             runtime.state = "stopping"
             ignore_while_stopping(loop, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
             log.info("shutting down: stopping the workers (grace %gs)", self._grace())
+            deadline = loop.time() + self._grace()
             await self._stop_workers()
-            await listeners.stop(self._grace())
+            await listeners.stop(max(0.0, deadline - loop.time()))  # the admin API's requests
             for t in list(self._tasks):
                 t.cancel()
             await runtime.close()
@@ -507,10 +509,12 @@ class Supervisor:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
-        deadline = self._grace() + 5.0
+        # A worker stops within shutdown_grace + STOP_MARGIN (``proxy.web.server.serve``) and
+        # then closes its store: it is killed only well past that.
+        deadline = asyncio.get_running_loop().time() + self._grace() + STOP_DEADLINE_MARGIN
         for p in procs:
             try:
-                await asyncio.wait_for(p.wait(), deadline)
+                await asyncio.wait_for(p.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
             except TimeoutError:
                 log.error("worker pid %d did not stop in time; killing it", p.pid)
                 with contextlib.suppress(ProcessLookupError):

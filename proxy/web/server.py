@@ -58,6 +58,12 @@ def check_c_parser() -> None:
         )
 
 
+# Seconds a stop may take past shutdown_grace: for cancelled handlers to unwind (``Listeners``).
+# A process stops within shutdown_grace + STOP_MARGIN, and a little more to close its store
+# (the supervisor kills a worker only at shutdown_grace + STOP_DEADLINE_MARGIN).
+STOP_MARGIN = 1.0
+
+
 @dataclass
 class Listeners:
     runners: list[web.BaseRunner] = field(default_factory=list)
@@ -66,9 +72,18 @@ class Listeners:
     proxy_urls: list[str] = field(default_factory=list)  # the same, as http:// or https:// URLs
 
     async def stop(self, grace: float) -> None:
+        """Stop accepting; requests in flight have ``grace`` seconds, then are cancelled, and
+        all is over within ``grace`` + STOP_MARGIN: aiohttp would wait as long as ``grace``
+        again for the cancelled handlers."""
         for runner in self.runners:
             runner._shutdown_timeout = grace  # aiohttp reads it in cleanup()
-        await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
+        if not self.runners:
+            return
+        try:
+            async with asyncio.timeout(grace + STOP_MARGIN):
+                await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
+        except TimeoutError:
+            log.warning("requests still in flight %gs after the grace period; cut off", STOP_MARGIN)
 
 
 def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
@@ -427,10 +442,13 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         # The grace period of the config running now: a reload may have changed it.
         log.info("shutting down: finishing in-flight requests (grace %gs)", runtime.settings.shutdown_grace)
         ignore_while_stopping(loop, (*stop_signals, signal.SIGHUP))
+        # One deadline for the whole stop: requests in flight, then background fills, each
+        # with what is left of the grace period (not a grace period each).
+        deadline = loop.time() + runtime.settings.shutdown_grace
         await listeners.stop(runtime.settings.shutdown_grace)
         if channel is not None:
             await channel.close()
-        await runtime.close()
+        await runtime.close(max(0.0, deadline - loop.time()))
     if worker is None:
         say("cachegate: stopped", event="stopped")
     return 0

@@ -74,11 +74,13 @@ class ProxyProcess:
     _reader: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self, *args: str, wait: float = 30.0) -> None:
+    async def start(self, *args: str, wait: float = 30.0, with_log: bool = False) -> None:
+        """``with_log``: the error log (standard error) among ``lines`` too."""
         env = dict(os.environ, CACHEGATE_DEBUG_HEADERS="1")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "run", "--config", self.config_path, "--log-level",
-            "warning", *args, stdout=asyncio.subprocess.PIPE, stderr=None, env=env,
+            "warning", *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT if with_log else None, env=env,
             cwd=self.directory)
         STARTED.append(self)
         self.url = self.admin_url = ""

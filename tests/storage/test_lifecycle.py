@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, Response, write_config
@@ -259,3 +260,45 @@ async def test_a_port_another_process_accepts_on_is_refused_naming_it(origin: Or
     assert proc.returncode == 1
     assert (f"127.0.0.1:{port}: another process (pid {os.getpid()}) already accepts connections"
             in out.decode()), out
+
+
+@pytest.mark.parametrize("workers", [("--workers", "2"), ()], ids=["workers", "single"])
+async def test_a_stop_takes_one_grace_period_not_one_per_step(
+        origin: Origin, tmp_path: Path, workers: tuple[str, ...]) -> None:
+    """SIGTERM with a cacheable download in flight (the origin still sending): the requests in
+    flight, their cancellation and the background fill shared one grace period; each step
+    took a whole one (three in all), and the supervisor killed workers still within theirs."""
+    grace = 4.0
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=300"})
+        resp.content_length = 4000 * 1024
+        await resp.prepare(request)
+        with contextlib.suppress(Exception):
+            for _ in range(4000):
+                await resp.write(b"x" * 1024)
+                await asyncio.sleep(0.01)
+        return resp
+
+    origin.route("/slow", slow)
+    config = write_config(str(tmp_path), origin.url, CACHE)
+    with open(config) as f:  # noqa: ASYNC230 (a small local file)
+        text = f.read()
+    with open(config, "w") as f:  # noqa: ASYNC230
+        f.write(text.replace("shutdown_grace: 2s", f"shutdown_grace: {grace:g}s"))
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start(*workers, with_log=True)
+    reader, writer = await asyncio.open_connection(*proxy.url.split("//")[1].rsplit(":", 1))
+    try:
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: cachegate.test\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        await reader.read(65536)  # the body is on its way
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        code = await proxy.stop(wait=60)
+        took = loop.time() - began
+    finally:
+        writer.close()
+    assert code == 0
+    assert took < 2 * grace + 3, took
+    assert not any("did not stop in time" in line for line in proxy.lines)
