@@ -2,7 +2,11 @@
 
 Why ``flock`` on a file: the kernel drops the lock when the process ends, however it ends
 (SIGKILL, a crash), so a stale lock never keeps the next start out, and a lock file left
-behind is harmless. The holder writes its pid into the file, so a refusal names the process
+behind is harmless. A lock taken with ``unlink=True`` (the ports': one file per address ever
+used would pile up in the runtime directory) removes its file when released, while still
+holding it; so every taker checks, once it holds the lock, that the file it locked is still the
+one at the path (another may have locked a file that was removed meanwhile), and tries again
+if not. The holder writes its pid into the file, so a refusal names the process
 that holds it. The lock is non-blocking: a second instance is told at once and refuses to start.
 """
 
@@ -31,18 +35,23 @@ class LockTaken(Exception):
 class HeldLock:
     """An exclusive ``flock`` on ``path``, held until ``release`` (or the process ends)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, unlink: bool = False) -> None:
         self.path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _read_pid(fd)
-            os.close(fd)
-            raise LockTaken(path, pid) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        self.unlink = unlink  # remove the file on release (see the module docstring)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(fd, path):
+                    break
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise LockTaken(path, pid) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # locked a file its holder removed on release: the path has another now
         with contextlib.suppress(OSError):  # best-effort (a full disk): the flock is the lock
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -51,9 +60,21 @@ class HeldLock:
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
+            if self.unlink:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)  # still holding it: a taker checks the file is the path's
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)  # a holder that is gone names no pid
             os.close(fd)  # closing the only descriptor drops the flock
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _read_pid(fd: int) -> int | None:

@@ -336,7 +336,7 @@ class Supervisor:
         host, port = str(bound[0]), int(bound[1])
         name = f"port-{'6' if family == socket.AF_INET6 else '4'}-{host.replace(':', '_')}-{port}.lock"
         try:
-            self._port_locks.append(HeldLock(os.path.join(where, name)))
+            self._port_locks.append(HeldLock(os.path.join(where, name), unlink=True))
         except LockTaken as exc:
             raise OSError(f"{_fmt(host)}:{port} is in use by another cachegate ({exc.holder})") from None
 

@@ -302,3 +302,56 @@ async def test_a_stop_takes_one_grace_period_not_one_per_step(
     assert code == 0
     assert took < 2 * grace + 3, took
     assert not any("did not stop in time" in line for line in proxy.lines)
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The processes' temporary directory (and so their runtime directory: no XDG_RUNTIME_DIR)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    return tmp
+
+
+async def test_a_stopped_supervisor_leaves_no_port_lock_file(
+        origin: Origin, tmp_path: Path, private_tmp: Path) -> None:
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2")
+    locks = private_tmp / f"cachegate-{os.getuid()}"
+    try:
+        port = proxy.url.rsplit(":", 1)[1]
+        assert [p.name for p in locks.iterdir()] == [f"port-4-127.0.0.1-{port}.lock"]
+    finally:
+        assert await proxy.stop() == 0
+    assert list(locks.iterdir()) == []
+
+
+def test_a_lock_taken_on_a_file_its_holder_removed_is_taken_again_on_the_paths_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race an unlinking release opens: B opens the file, A releases (removes it, unlocks),
+    B locks the removed file. B must not believe it holds the lock: a third would lock the
+    path's new file too."""
+    from proxy import lockfile
+
+    path = str(tmp_path / "port.lock")
+    first = lockfile.HeldLock(path, unlink=True)
+    real_flock = lockfile.fcntl.flock
+    raced = []
+
+    def flock(fd: int, op: int) -> None:
+        if not raced:  # B has opened the file; A lets go of it now
+            raced.append(fd)
+            first.release()
+        real_flock(fd, op)
+
+    monkeypatch.setattr(lockfile.fcntl, "flock", flock)
+    second = lockfile.HeldLock(path, unlink=True)
+    monkeypatch.setattr(lockfile.fcntl, "flock", real_flock)
+    assert raced
+    assert second._fd is not None
+    assert os.fstat(second._fd).st_ino == os.stat(path).st_ino
+    with pytest.raises(lockfile.LockTaken):
+        lockfile.HeldLock(path, unlink=True)
+    second.release()
+    assert not os.path.exists(path)
