@@ -48,9 +48,11 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -116,7 +118,10 @@ class ConfigCopy:
 
     def __init__(self, original: str) -> None:
         self.original = original
-        self.directory = tempfile.mkdtemp(prefix="cachegate-config-")
+        remove_stale_copies()
+        # Named by this process, so that a later supervisor finds it left behind (``close``
+        # does not run when this one is killed) and removes it.
+        self.directory = tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-")
         self.path = os.path.join(self.directory, "config.yaml")
         self.staged = os.path.join(self.directory, "config.yaml.next")
         try:
@@ -129,6 +134,7 @@ class ConfigCopy:
         self._staged_text = b""
 
     def stage(self) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)  # removed by a cleaner: see ``current``
         shutil.copyfile(self.original, self.staged)
         with open(self.staged, "rb") as f:
             self._staged_text = f.read()
@@ -153,6 +159,47 @@ class ConfigCopy:
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+COPY_PREFIX = "cachegate-config-"
+
+
+def remove_stale_copies() -> None:
+    """Remove the config copies (``ConfigCopy``) of supervisors that are gone (killed: theirs
+    stayed in the temporary directory), this user's only."""
+    where = tempfile.gettempdir()
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(re.escape(COPY_PREFIX) + r"(\d+)-\w+", name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _running(pid):
+            continue
+        path = os.path.join(where, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not reaped yet) is gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def supervise(settings: Settings, config_path: str | None, overrides: Overrides,

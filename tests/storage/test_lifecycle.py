@@ -355,3 +355,32 @@ def test_a_lock_taken_on_a_file_its_holder_removed_is_taken_again_on_the_paths_f
         lockfile.HeldLock(path, unlink=True)
     second.release()
     assert not os.path.exists(path)
+
+
+async def test_the_config_copy_a_killed_supervisor_left_is_removed_by_the_next_one(
+        origin: Origin, tmp_path: Path, private_tmp: Path) -> None:
+    def copies() -> list[str]:
+        return sorted(p.name for p in private_tmp.iterdir() if p.name.startswith("cachegate-config-"))
+
+    config = write_config(str(tmp_path), origin.url, CACHE)
+    first = ProxyProcess(str(tmp_path), config)
+    await first.start("--workers", "2")
+    try:
+        await first.wait_for(lambda: len(first.workers) == 2)
+        pids = list(first.workers.values())
+        left = copies()
+        assert len(left) == 1
+        assert first.process is not None
+        first.process.kill()
+        await _until(lambda: not any(_alive(p) for p in (first.process.pid, *pids)), 0.05)  # type: ignore[union-attr]
+    finally:
+        await first.kill()
+    assert copies() == left
+    second = ProxyProcess(str(tmp_path), config)
+    await second.start("--workers", "2")
+    try:
+        now = copies()
+        assert len(now) == 1 and now != left
+    finally:
+        assert await second.stop() == 0
+    assert copies() == []
