@@ -28,7 +28,7 @@ from proxy import __version__, earlysignals, gctuning
 from proxy.cluster import ClusterUnavailable, attach_shared
 from proxy.cluster import join as join_cluster
 from proxy.config import Listener, Overrides, Settings, base_cache_options, load_config
-from proxy.control import Channel, RemoteError
+from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
 from proxy.logs import say
@@ -428,7 +428,10 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     gctuning.settle()
     runtime.state = "ready"
     if channel is not None:
-        await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
+        try:
+            await channel.call("ready", worker_id=worker.worker_id, pid=os.getpid())  # type: ignore[union-attr]
+        except ChannelClosed:
+            stop.set()  # the supervisor died while this worker started (``watch_supervisor`` says so)
     else:
         if on_listening is not None:
             on_listening(listeners)  # bound: what it prints is true (the demo's curl lines)

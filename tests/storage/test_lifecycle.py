@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from proxy.config import Overrides
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, Response, write_config
 
@@ -384,3 +387,23 @@ async def test_the_config_copy_a_killed_supervisor_left_is_removed_by_the_next_o
     finally:
         assert await second.stop() == 0
     assert copies() == []
+
+
+async def test_a_worker_whose_supervisor_is_gone_before_it_is_ready_exits_quietly(
+        origin: Origin, tmp_path: Path) -> None:
+    """Its ready call finds the control channel closed (the supervisor died while it started):
+    it stops and exits 0, without a ChannelClosed traceback."""
+    config = write_config(str(tmp_path), origin.url, "cache: {memory: 16MB, disk: null}\n")
+    ours, theirs = socket.socketpair()
+    overrides = asdict(Overrides(workers="1", admin_listen="off"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.supervisor", "worker", "--worker-id", "0",
+        "--control-fd", str(theirs.fileno()), "--overrides", json.dumps(overrides), "--config", config,
+        "--log-level", "warning", pass_fds=(theirs.fileno(),),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(tmp_path))
+    theirs.close()
+    ours.close()  # the supervisor is gone
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "Traceback" not in text and "ChannelClosed" not in text, text
