@@ -207,6 +207,23 @@ def _normalise_accept(name: str, values: list[str] | tuple[str, ...]) -> str | N
 ACCEPT_FIELDS = frozenset({"accept", "accept-encoding", "accept-language", "accept-charset"})
 _NORMALISED: dict[tuple[str, tuple[str, ...]], str] = {}  # a few browsers' values, over and over
 _NORMALISED_MAX = 4096
+SELECTING_VALUE_MAX = 4096  # bytes of a selecting value normalised member by member
+
+
+def raw_selecting(values: list[str] | tuple[str, ...]) -> str:
+    """A selecting value too long to normalise: its field lines as received, joined.
+
+    Comparing it as written is correct (RFC 9111 §4.1 allows normalisation, it does not
+    require it): equal text is an equal value, and the worst a different spelling of the
+    same value costs is a miss. It cannot wrongly equal a normalised value either: if it
+    did, it would be one of that value's equivalent spellings.
+    """
+    return ", ".join(values)
+
+
+def selecting_size(values: list[str] | tuple[str, ...]) -> int:
+    """The bytes a selecting value's normalisation would walk (a line counts one more)."""
+    return sum(map(len, values)) + len(values)
 
 
 def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
@@ -216,7 +233,9 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
 
     Every hit on a response that varies runs this for the request's value, so the
     Accept-* results are remembered (a handful of distinct browser values make up nearly
-    all traffic; the memo is cleared when it reaches 4096 entries).
+    all traffic; the memo is cleared when it reaches 4096 entries). A value longer than
+    4 KB is not normalised but compared as written (``raw_selecting``): its cost stays
+    that of reading it once.
 
     >>> normalise_selecting("accept-language", ["eN, De;q=0.5"])
     'en, de;q=0.5'
@@ -224,16 +243,22 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     'br, deflate, gzip'
     >>> normalise_selecting("foo", ["eN, De"])
     'eN, De'
+    >>> normalise_selecting("foo", ["a ,b" * 1024, "c"]) == "a ,b" * 1024 + ", c"
+    True
     """
     if not values:
         return ABSENT
     lname = name.lower()
     if lname not in ACCEPT_FIELDS:
+        if selecting_size(values) > SELECTING_VALUE_MAX:
+            return raw_selecting(values)
         return normalise_field(values)
     memo_key = (lname, tuple(values))
     known = _NORMALISED.get(memo_key)
     if known is not None:
         return known
+    if selecting_size(values) > SELECTING_VALUE_MAX:
+        return raw_selecting(values)
     value = _normalise_accept(lname, values)
     if value is None:
         value = normalise_field(values)
@@ -259,9 +284,22 @@ def variant_of(names: tuple[str, ...], request_headers: Headers) -> HeaderList:
     return tuple((name, normalise_selecting(name, request_headers.getall(name, ()))) for name in names)
 
 
-def vary_matches(stored_vary: HeaderList, request_headers: Headers) -> bool:
-    """Do the request's selecting fields match the stored ones (RFC 9111 §4.1)?"""
-    return all(
-        normalise_selecting(name, request_headers.getall(name, ())) == value
-        for name, value in stored_vary
-    )
+def vary_matches(stored_vary: HeaderList, request_headers: Headers,
+                 mine: dict[str, str] | None = None) -> bool:
+    """Do the request's selecting fields match the stored ones (RFC 9111 §4.1)?
+
+    ``mine`` remembers the request's normalised values between calls: pass one dict for
+    all the candidates of a lookup, and each selecting field is normalised once, not once
+    per stored variant.
+    """
+    for name, value in stored_vary:
+        if mine is None:
+            own = normalise_selecting(name, request_headers.getall(name, ()))
+        else:
+            known = mine.get(name)
+            if known is None:
+                known = mine[name] = normalise_selecting(name, request_headers.getall(name, ()))
+            own = known
+        if own != value:
+            return False
+    return True

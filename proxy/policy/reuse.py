@@ -85,10 +85,12 @@ def effective_request_cache_control(request: RequestHead) -> CacheControl:
 
 
 def select_variant(request: RequestHead, candidates: Sequence[StoredResponse]) -> int | None:
-    """The most recently stored candidate whose Vary values match the request."""
+    """The most recently stored candidate whose Vary values match the request (each of the
+    request's selecting fields normalised once, whatever the number of candidates)."""
     best: int | None = None
+    mine: dict[str, str] = {}
     for i, stored in enumerate(candidates):
-        if vary_matches(stored.vary, request.headers) and (
+        if (not stored.vary or vary_matches(stored.vary, request.headers, mine)) and (
             best is None or stored.response_time > candidates[best].response_time
         ):
             best = i

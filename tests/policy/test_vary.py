@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.policy import fields, keys
 from proxy.policy.keys import normalise_selecting
 from proxy.policy.messages import CacheOptions
-from proxy.policy.reuse import Serve, decide_lookup
+from proxy.policy.reuse import Serve, decide_lookup, select_variant
 from tests.policy.build import request, stored
 
 CHROME_AE = "gzip, deflate, br, zstd"
@@ -76,3 +77,50 @@ def test_an_invalid_weight_is_kept_as_written_and_never_matches_a_valid_one() ->
     assert normalise_selecting("accept-encoding", ["gzip;q=2"]) != normalise_selecting("accept-encoding", ["gzip"])
     assert normalise_selecting("accept-encoding", ["gzip;q=2"]) == normalise_selecting("accept-encoding",
                                                                                       [" gzip ; q=2"])
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[object]:
+    calls: list[object] = []
+    real = getattr(module, name)
+
+    def counting(*args: object) -> object:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_a_lookup_normalises_each_selecting_field_once_whatever_the_number_of_variants(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The request's value used to be normalised again for every stored variant: 32 variants
+    # of Vary: Cookie and a long Cookie made one lookup cost 32 normalisations.
+    vary = [("Cache-Control", "max-age=60"), ("Vary", "Cookie, X-Device")]
+    variants = [stored(vary, req=request(("Cookie", f"s={i}"), ("X-Device", "phone"))) for i in range(32)]
+    calls = _count_calls(monkeypatch, keys, "normalise_field")
+    mine = request(("Cookie", "s=31"), ("X-Device", "phone"))
+    assert select_variant(mine, variants) == 31
+    assert len(calls) == 2  # Cookie and X-Device, once each
+    calls.clear()
+    decision = decide_lookup(mine, variants, variants[0].response_time + 1, CacheOptions())
+    assert isinstance(decision, Serve) and decision.index == 31
+    assert len(calls) == 2
+
+
+def test_a_long_selecting_value_is_compared_as_written_not_member_by_member(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    long = "a," * 3900  # 7.8 KB of list members
+    assert normalise_selecting("cookie", [long, long]) == f"{long}, {long}"
+    assert normalise_selecting("accept-encoding", [long]) == long
+    split = _count_calls(monkeypatch, keys, "split_list")
+    quotes = _count_calls(monkeypatch, fields, "split_outside_quotes")
+    s = stored([("Cache-Control", "max-age=60"), ("Vary", "Cookie")], req=request(("Cookie", long)))
+    now = s.response_time + 1
+    assert isinstance(decide_lookup(request(("Cookie", long)), [s], now, CacheOptions()), Serve)
+    assert not isinstance(decide_lookup(request(("Cookie", long + "b")), [s], now, CacheOptions()), Serve)
+    assert not isinstance(decide_lookup(request(("Cookie", long.replace(",", ", "))), [s], now, CacheOptions()),
+                          Serve)  # the same list spelled otherwise: a miss, never a wrong variant
+    assert [c for c in split + quotes if long in repr(c)] == []  # (Vary itself is split, not the Cookie)
+    # Up to the limit, values are still normalised.
+    short = "a ,b" * (keys.SELECTING_VALUE_MAX // 5)
+    assert normalise_selecting("cookie", [short]) == normalise_selecting("cookie", [short.replace(" ,", ",")])
