@@ -207,6 +207,7 @@ def _normalise_accept(name: str, values: list[str] | tuple[str, ...]) -> str | N
 ACCEPT_FIELDS = frozenset({"accept", "accept-encoding", "accept-language", "accept-charset"})
 _NORMALISED: dict[tuple[str, tuple[str, ...]], str] = {}  # a few browsers' values, over and over
 _NORMALISED_MAX = 4096
+MEMO_VALUE_MAX = 256  # bytes of a value the memo keeps: browsers' Accept-* values are shorter
 SELECTING_VALUE_MAX = 4096  # bytes of a selecting value normalised member by member
 
 
@@ -233,7 +234,8 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
 
     Every hit on a response that varies runs this for the request's value, so the
     Accept-* results are remembered (a handful of distinct browser values make up nearly
-    all traffic; the memo is cleared when it reaches 4096 entries). A value longer than
+    all traffic; only values of up to 256 bytes are kept, and the memo is cleared when it
+    reaches 4096 entries: ~2 MB at most, however long the values sent). A value longer than
     4 KB is not normalised but compared as written (``raw_selecting``): its cost stays
     that of reading it once.
 
@@ -257,14 +259,16 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     known = _NORMALISED.get(memo_key)
     if known is not None:
         return known
-    if selecting_size(values) > SELECTING_VALUE_MAX:
+    size = selecting_size(values)
+    if size > SELECTING_VALUE_MAX:
         return raw_selecting(values)
     value = _normalise_accept(lname, values)
     if value is None:
         value = normalise_field(values)
-    if len(_NORMALISED) >= _NORMALISED_MAX:
-        _NORMALISED.clear()
-    _NORMALISED[memo_key] = value
+    if size <= MEMO_VALUE_MAX:
+        if len(_NORMALISED) >= _NORMALISED_MAX:
+            _NORMALISED.clear()
+        _NORMALISED[memo_key] = value
     return value
 
 

@@ -124,3 +124,19 @@ def test_a_long_selecting_value_is_compared_as_written_not_member_by_member(
     # Up to the limit, values are still normalised.
     short = "a ,b" * (keys.SELECTING_VALUE_MAX // 5)
     assert normalise_selecting("cookie", [short]) == normalise_selecting("cookie", [short.replace(" ,", ",")])
+
+
+def test_the_accept_memo_keeps_only_short_values_so_its_size_is_bounded_in_bytes() -> None:
+    # 4096 distinct 23 KB Accept-Encoding values used to stay remembered: ~230 MB per worker.
+    keys._NORMALISED.clear()
+    for i in range(keys._NORMALISED_MAX + 100):
+        normalise_selecting("accept-encoding", [f"gzip, br;q=0.{i % 10}, {'x' * 1000}-{i}"])
+    assert keys._NORMALISED == {}
+    for i in range(keys._NORMALISED_MAX + 100):
+        normalise_selecting("accept-encoding", [f"gzip, br;q=0.5, {'x' * 200}-{i}"])
+    held = sum(len(k[0]) + sum(map(len, k[1])) + len(v) for k, v in keys._NORMALISED.items())
+    assert 0 < len(keys._NORMALISED) <= keys._NORMALISED_MAX
+    assert held <= keys._NORMALISED_MAX * 2 * (keys.MEMO_VALUE_MAX + len("accept-encoding"))
+    # Browsers' values are remembered as before.
+    normalise_selecting("accept-encoding", [CHROME_AE])
+    assert ("accept-encoding", (CHROME_AE,)) in keys._NORMALISED
