@@ -81,6 +81,9 @@ from proxy.errors import (
 CHUNK = 64 * 1024  # the StreamReader's limit: reading stops past twice this many unread bytes
 MAX_LINE = 16 * 1024  # the longest status line or header field accepted
 MAX_HEADERS = 256
+# Interim (1xx) responses accepted before the final one: each restarts the read timeout, so
+# an origin sending them without end would hold the exchange (and the client) forever.
+MAX_INTERIMS = 16
 # Idle keep-alive connections are closed after this long: shorter than the 5 s that
 # Node.js and Apache servers use by default, so cachegate closes an idle connection
 # before the origin does. Otherwise a request can take a connection the origin has
@@ -222,9 +225,9 @@ class UpstreamConnection(BaseProtocol):
     """One keep-alive connection to an upstream; one exchange (request + response) at a time."""
 
     __slots__ = (
-        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_method", "_last_read",
-        "_message", "_on_interim", "_payload", "_pool", "_read_timeout", "_read_timer", "_total_timer",
-        "busy", "exchange", "idle_since",
+        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_method", "_interims",
+        "_last_read", "_message", "_on_interim", "_payload", "_pool", "_read_timeout", "_read_timer",
+        "_total_timer", "busy", "exchange", "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -235,6 +238,7 @@ class UpstreamConnection(BaseProtocol):
         self.idle_since = 0.0
         self._head: asyncio.Future[Response] | None = None
         self._on_interim: InterimHook | None = None
+        self._interims = 0
         self._message: Any = None
         self._payload: StreamReader | None = None
         self._got_bytes = False
@@ -269,6 +273,7 @@ class UpstreamConnection(BaseProtocol):
         self.exchange += 1
         self._message = self._payload = None
         self._on_interim = on_interim
+        self._interims = 0
         self._got_bytes = self._failed = False
         self._head_method = head_method
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
@@ -366,6 +371,12 @@ class UpstreamConnection(BaseProtocol):
                 code = message.code
                 if 100 <= code < 200 and code != 101:
                     # An interim response (100 Continue, 102 Processing, 103 Early Hints).
+                    self._interims += 1
+                    if self._interims > MAX_INTERIMS:
+                        self._fail(UpstreamProtocolError(
+                            f"{self._pool.name}: more than {MAX_INTERIMS} interim (1xx) responses",
+                            detail="too many interim (1xx) responses"))
+                        return
                     hook = self._on_interim
                     if hook is not None:
                         try:

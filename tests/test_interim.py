@@ -174,3 +174,74 @@ async def test_a_1xx_is_relayed_without_framing_fields(origin: Origin, proxy: Pr
     early = heads[0]
     assert early.startswith(b"HTTP/1.1 103") and field(early, b"Link") == b"</a.css>; rel=preload"
     assert field(early, b"Content-Length") is None and field(early, b"Transfer-Encoding") is None
+
+
+async def test_an_origin_sending_interims_without_end_gets_a_502_after_16(make_proxy: MakeProxy) -> None:
+    # Each 1xx restarted the read timeout, and each was relayed: an origin sending them without
+    # end held the exchange forever and filled the memory of a proxy whose client did not read.
+    async def serve(conn: Conn) -> None:
+        request = await conn.request()
+        count = 16 if request.target == "/sixteen" else 1000
+        for _ in range(count):
+            await conn.send(EARLY_HINTS)
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: no-store\r\n\r\nok")
+        await asyncio.sleep(5)
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(upstreams=[origin.url])
+        for target, status, interims in ((b"/sixteen", b"200", 16), (b"/endless", b"502", 16)):
+            reader, writer = await open_exchange(proxy, b"GET %s HTTP/1.1\r\nHost: site.example\r\n\r\n" % target)
+            try:
+                heads = await read_heads(reader, b"HTTP/1.1 " + status)
+            finally:
+                writer.close()
+            assert len(heads) == interims + 1
+            assert all(h.startswith(b"HTTP/1.1 103") for h in heads[:-1])
+
+
+class _Transport:
+    """A client transport whose write buffer holds ``buffered`` bytes (a client not reading)."""
+
+    def __init__(self, buffered: int) -> None:
+        self.buffered = buffered
+        self.written: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self.buffered += len(data)
+
+
+def _request_on(transport: _Transport) -> web.BaseRequest:
+    from types import SimpleNamespace
+
+    from aiohttp.test_utils import make_mocked_request
+    return make_mocked_request("GET", "/page", transport=transport,
+                               writer=SimpleNamespace(output_size=0, transport=transport))
+
+
+def test_interims_are_dropped_while_the_client_does_not_read() -> None:
+    from proxy.web.proxy_handler import interim_sender
+
+    for buffered, relayed in ((0, 1), (1 << 20, 0)):
+        transport = _Transport(buffered)
+        send = interim_sender(_request_on(transport))
+        assert send is not None
+        send(103, "Early Hints", (("Link", "</a.css>; rel=preload"),))
+        assert len(transport.written) == relayed
+    # A client that stops reading gets interims up to a mark (64 KB), and no more.
+    transport = _Transport(0)
+    send = interim_sender(_request_on(transport))
+    assert send is not None
+    for _ in range(10_000):
+        send(103, "Early Hints", (("Link", "<" + "a" * 1000 + ">"),))
+    assert 32 * 1024 < transport.buffered <= 64 * 1024 + 1100

@@ -39,6 +39,10 @@ from proxy.web.heads import ReplyResponse, from_response, plain_reply, serialise
 log = logging.getLogger("cachegate.proxy")
 
 FILE_CHUNK = 256 * 1024
+# An interim (1xx) response is dropped, not written, while more than this many bytes wait in
+# the client's write buffer: it is informational, and a client that does not read must not
+# make the proxy hold every one an origin sends.
+INTERIM_HIGH_WATER = 64 * 1024
 
 
 def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool
@@ -87,7 +91,9 @@ def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList],
     handler) is write the bytes on the connection before the response is prepared; this
     does the same, on the transport, synchronously as the upstream client parses each
     1xx, so they go out in order and always before the final head (which ``prepare``
-    writes later on the same transport). Never to an HTTP/1.0 client (RFC 9110 §15.2).
+    writes later on the same transport). Never to an HTTP/1.0 client (RFC 9110 §15.2),
+    and not while the client's write buffer holds more than ``INTERIM_HIGH_WATER`` bytes:
+    a 1xx is informational, so one a client is not reading is dropped.
     """
     if request.version < HttpVersion11:
         return None
@@ -99,6 +105,8 @@ def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList],
         writer = request._payload_writer
         if writer is not None and writer.output_size:
             return  # the final response has begun: a 1xx now would land inside its body
+        if transport.get_write_buffer_size() > INTERIM_HIGH_WATER:
+            return  # the client is not reading: informational, so dropped rather than queued
         kept = [(k, v) for k, v in fields if k.lower() not in ("content-length", "transfer-encoding")]
         try:  # (a 1xx has no body: framing fields on one could make a lenient client read one)
             head = serialise(HttpVersion11, status, reason, CIMultiDict(kept))
