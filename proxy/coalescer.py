@@ -55,6 +55,65 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cachegate.coalescer")
 
+# Hit-for-pass marks a worker keeps at most: past either bound the oldest are forgotten first (a
+# forgotten mark costs one request a wait for a flight or a lookup, nothing more).
+PASS_MARKS_MAX = 100_000
+PASS_MARKS_MAX_BYTES = 16 * 1024 * 1024  # of keys: a URL may be 8 KB long
+
+
+class PassMarks:
+    """Keys marked until a time, kept in the order they were (last) marked.
+
+    Every mark lasts the same while (``cache.hit_for_pass``) on a monotonic clock, so that
+    order is the order they expire in: setting a mark drops the expired ones from the front,
+    and past ``max_entries`` marks or ``max_bytes`` of keys the oldest go first, in O(1)
+    amortised per mark (the marks used to be pruned by rebuilding the whole dict, once per
+    new mark when more than 100,000 were live).
+    """
+
+    __slots__ = ("_bytes", "_until", "max_bytes", "max_entries")
+
+    def __init__(self, max_entries: int = PASS_MARKS_MAX, max_bytes: int = PASS_MARKS_MAX_BYTES) -> None:
+        self._until: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._bytes = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    @property
+    def key_bytes(self) -> int:
+        return self._bytes
+
+    def set(self, key: str, until: float, now: float) -> None:
+        marks = self._until
+        if marks.pop(key, None) is None:
+            self._bytes += len(key)
+        marks[key] = until  # (at the end: the latest to expire)
+        while marks:
+            first = next(iter(marks))
+            if (marks[first] > now and len(marks) <= self.max_entries
+                    and self._bytes <= self.max_bytes):
+                break
+            del marks[first]
+            self._bytes -= len(first)
+
+    def discard(self, key: str) -> None:
+        if self._until.pop(key, None) is not None:
+            self._bytes -= len(key)
+
+    def holds(self, key: str, now: float) -> bool:
+        """Whether ``key``'s mark still holds (an expired one is dropped)."""
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= now:
+            self.discard(key)
+            return False
+        return True
+
+
 # Unread bytes a reader may fall behind the fetch (beyond the history it joined with) before
 # it is detached or cut off (or, alone on an unstored body, waited for): see the module docstring.
 HIGH_WATER = 4 * 1024 * 1024
@@ -358,10 +417,10 @@ class Coalescer:
     def __init__(self, history_limit: int, hit_for_pass: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._flights: dict[str, Flight] = {}
-        self._pass_until: dict[str, float] = {}
+        self._pass_until = PassMarks()
         # Hit-for-pass keys marked by a request that found nothing stored under the key: until
         # then, a plain request for them is passed without looking (``passes_unlooked``).
-        self._unlooked_until: dict[str, float] = {}
+        self._unlooked_until = PassMarks()
         self._history_limit = history_limit
         self._hit_for_pass = hit_for_pass
         self._clock = clock
@@ -411,42 +470,29 @@ class Coalescer:
         a mark without it (a pass that did not look, another worker's word) does not extend
         that, so a key stored meanwhile by another process is passed for at most that while."""
         if self._hit_for_pass > 0:
-            until = self._clock() + self._hit_for_pass
-            self._pass_until[key] = until
+            now = self._clock()
+            until = now + self._hit_for_pass
+            self._pass_until.set(key, until, now)
             if found_nothing:
-                self._unlooked_until[key] = until
-            if len(self._pass_until) > 100_000:
-                now = self._clock()
-                self._pass_until = {k: t for k, t in self._pass_until.items() if t > now}
-                self._unlooked_until = {k: t for k, t in self._unlooked_until.items() if t > now}
+                self._unlooked_until.set(key, until, now)
 
     def clear_pass(self, key: str) -> None:
-        self._pass_until.pop(key, None)
-        self._unlooked_until.pop(key, None)
+        self._pass_until.discard(key)
+        self._unlooked_until.discard(key)
 
     def forget_unlooked(self, key: str) -> None:
         """Something is stored under ``key`` in this process now: its requests look again."""
-        self._unlooked_until.pop(key, None)
+        self._unlooked_until.discard(key)
 
     def passes_unlooked(self, key: str) -> bool:
         """Whether a plain request for ``key`` is passed without a lookup: hit-for-pass, marked
         by a request that found nothing stored, within the mark's while (Varnish's hit-for-pass
         object does the same: it shadows the key for its TTL). Saves a pass-through the memory
         and directory lookups and the lookup decision (≈ 6 % of its profiled time)."""
-        return self._within(self._unlooked_until, key)
+        return self._unlooked_until.holds(key, self._clock())
 
     def is_pass(self, key: str) -> bool:
-        return self._within(self._pass_until, key)
-
-    def _within(self, marks: dict[str, float], key: str) -> bool:
-        """Whether ``key``'s mark in ``marks`` still holds (an expired one is dropped)."""
-        until = marks.get(key)
-        if until is None:
-            return False
-        if until <= self._clock():
-            del marks[key]
-            return False
-        return True
+        return self._pass_until.holds(key, self._clock())
 
     async def close(self, grace: float = 5.0) -> None:
         tasks = list(self._tasks)

@@ -201,3 +201,32 @@ async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None
     while not condition():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+def test_hit_for_pass_marks_expire_in_order_and_are_capped() -> None:
+    from proxy.coalescer import Coalescer
+
+    now = [0.0]
+    c = Coalescer(1 << 20, hit_for_pass=5.0, clock=lambda: now[0])
+    for i in range(1000):
+        c.mark_pass(f"/k/{i}", found_nothing=True)
+    now[0] = 2.0
+    c.mark_pass("/k/0")  # marked again: now the latest to expire
+    now[0] = 4.0
+    c.mark_pass("/late")
+    now[0] = 6.0  # every mark but /k/0's second and /late's has expired
+    c.mark_pass("/new", found_nothing=True)
+    # Expired marks go as new ones come, not when 100,000 have piled up.
+    assert len(c._pass_until) == 3 and len(c._unlooked_until) == 1
+    assert c.is_pass("/k/0") and c.is_pass("/late") and not c.is_pass("/k/1")
+    # However many live marks, at most 100,000 are kept: the oldest go first.
+    for i in range(100_010):
+        c.mark_pass(f"/live/{i}")
+    assert len(c._pass_until) == 100_000
+    assert not c.is_pass("/live/0") and c.is_pass("/live/100009")
+    # And at most 16 MB of keys: 8 KB URLs.
+    pad = "p" * 8000
+    for i in range(3000):
+        c.mark_pass(f"/long/{i}?{pad}")
+    assert len(c._pass_until) <= 16 * 1024 * 1024 // 8000
+    assert c.is_pass(f"/long/2999?{pad}") and not c.is_pass(f"/long/0?{pad}")
