@@ -81,6 +81,10 @@ from proxy.errors import (
 CHUNK = 64 * 1024  # the StreamReader's limit: reading stops past twice this many unread bytes
 MAX_LINE = 16 * 1024  # the longest status line or header field accepted
 MAX_HEADERS = 256
+# The longest response head accepted (status line and fields; interim responses before it
+# count too): Varnish's http_resp_size is 32 KB, nginx's proxy_buffer_size 4-8 KB. A longer one
+# is an invalid response (502): every byte of it would be held, stored and sent on every hit.
+MAX_HEAD = 64 * 1024
 # Interim (1xx) responses accepted before the final one: each restarts the read timeout, so
 # an origin sending them without end would hold the exchange (and the client) forever.
 MAX_INTERIMS = 16
@@ -136,6 +140,12 @@ def error_kind(exc: UpstreamError) -> str:
     if isinstance(kind, str):
         return kind
     return "protocol" if isinstance(exc, UpstreamProtocolError) else "connect"
+
+
+def head_size(message: Any) -> int:
+    """The bytes of a parsed response head: its status line and fields, as received but for
+    whitespace (``message.raw_headers``: the fields as bytes)."""
+    return 15 + len(message.reason or "") + sum(len(k) + len(v) + 4 for k, v in message.raw_headers)
 
 
 def strict_response_parser(protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, *, head: bool,
@@ -225,9 +235,9 @@ class UpstreamConnection(BaseProtocol):
     """One keep-alive connection to an upstream; one exchange (request + response) at a time."""
 
     __slots__ = (
-        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_method", "_interims",
-        "_last_read", "_message", "_on_interim", "_payload", "_pool", "_read_timeout", "_read_timer",
-        "_total_timer", "busy", "exchange", "idle_since",
+        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes", "_head_method",
+        "_interims", "_last_read", "_message", "_on_interim", "_payload", "_pool", "_read_timeout",
+        "_read_timer", "_total_timer", "busy", "exchange", "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -239,6 +249,7 @@ class UpstreamConnection(BaseProtocol):
         self._head: asyncio.Future[Response] | None = None
         self._on_interim: InterimHook | None = None
         self._interims = 0
+        self._head_bytes = 0
         self._message: Any = None
         self._payload: StreamReader | None = None
         self._got_bytes = False
@@ -273,7 +284,7 @@ class UpstreamConnection(BaseProtocol):
         self.exchange += 1
         self._message = self._payload = None
         self._on_interim = on_interim
-        self._interims = 0
+        self._interims = self._head_bytes = 0
         self._got_bytes = self._failed = False
         self._head_method = head_method
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
@@ -360,6 +371,8 @@ class UpstreamConnection(BaseProtocol):
         parser = self._parser
         if parser is None:
             return
+        if self._message is None:
+            self._head_bytes += len(data)
         try:
             messages, upgraded, _tail = parser.feed_data(data)
         except Exception as exc:
@@ -394,6 +407,9 @@ class UpstreamConnection(BaseProtocol):
                                                      f"{coding!r} (only chunked is decoded)",
                                                      detail=f"an unsupported Transfer-Encoding {coding!r}"))
                     return
+                if head_size(message) > MAX_HEAD:
+                    self._head_too_long()
+                    return
                 self._message, self._payload = message, payload
                 self._on_interim = None
             else:  # a second response to one request
@@ -401,6 +417,8 @@ class UpstreamConnection(BaseProtocol):
                 return
         response_payload = self._payload
         if self._message is None or response_payload is None:
+            if self._head_bytes > MAX_HEAD:  # still no end of the head: it is too long already
+                self._head_too_long()
             return
         payload = response_payload
         head = self._head
@@ -418,6 +436,11 @@ class UpstreamConnection(BaseProtocol):
             self._head = None
             if not head.done():
                 head.set_result(Response(self._message, payload, self, self.exchange))
+
+    def _head_too_long(self) -> None:
+        self._fail(UpstreamProtocolError(
+            f"{self._pool.name}: response head longer than {MAX_HEAD // 1024} KB (status line and "
+            "fields, with any interim responses): refused", detail="a response head too long"))
 
     def _leftovers(self) -> bool:
         """Whether the parser holds the start of another message (after a complete one)."""

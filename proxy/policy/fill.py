@@ -45,6 +45,11 @@ _FILLER_ONLY = ("set-cookie", "x-request-id")
 # response says: AUTHORIZATION is the request's (one client's header must not turn the key's
 # coalescing off for everyone: any client could do it every few seconds).
 PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "VARY-STAR", "VARY-PER-CLIENT"})
+# The most surrogate keys (tags) one stored response may carry. Each is a row of the index and a
+# key of the purge tables; a response naming more is passed on, not stored: keeping only some
+# of its tags would leave it out of the purges by the others (Cloudflare's Cache-Tag holds
+# ~1,000 tags at most, in its 16 KB).
+MAX_TAGS = 1024
 
 
 class StoreRules(Protocol):
@@ -143,8 +148,10 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
         stored = replace(stored, headers=tuple((k, v) for k, v in stored.headers
                                                if k.lower() not in _FILLER_ONLY))
     stored = _as_kept(stored, rules, settings, jitter)
-    tags = tags_from_headers(headers, settings.tag_headers) + tuple(rules.tags)
-    return Fill(stored, tuple(dict.fromkeys(tags)))
+    tags = tuple(dict.fromkeys(tags_from_headers(headers, settings.tag_headers) + tuple(rules.tags)))
+    if len(tags) > MAX_TAGS:
+        return NoFill("TOO-MANY-TAGS")
+    return Fill(stored, tags)
 
 
 def freshened(stored: StoredResponse, update: Exchange, rules: StoreRules, settings: FillSettings, *,

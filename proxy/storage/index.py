@@ -158,17 +158,31 @@ class UrlTagIndex:
 
     def retag(self, rows: Iterable[tuple[str, tuple[str, ...]]]) -> None:
         """After their commits: each key's tag rows are exactly these tags (those of the
-        variants the disk now holds under it), in one transaction."""
-        statements: list[tuple[str, Iterable[object]]] = []
-        for key, tags in rows:
-            if tags:
-                marks = ", ".join("?" * len(tags))
-                statements.append((f"DELETE FROM tags WHERE key = ? AND tag NOT IN ({marks})", (key, *tags)))
-                statements += [(_ADD_TAG, (t, key)) for t in tags]
-            else:
-                statements.append(("DELETE FROM tags WHERE key = ?", (key,)))
-        if statements:
-            self._write(statements)
+        variants the disk now holds under it), in one transaction.
+
+        The rows to delete are found in Python, not with ``NOT IN (?, ?, ...)``: one SQL
+        variable per tag failed past SQLite's limit ("too many SQL variables"), taking the
+        whole write-behind batch with it."""
+        rows = list(rows)
+        if not rows:
+            return
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for key, tags in rows:
+                if not tags:
+                    db.execute("DELETE FROM tags WHERE key = ?", (key,))
+                    continue
+                wanted = set(tags)
+                stale = [(t, key) for (t,) in db.execute("SELECT tag FROM tags WHERE key = ?", (key,))
+                         if t not in wanted]
+                if stale:
+                    db.executemany("DELETE FROM tags WHERE tag = ? AND key = ?", stale)
+                db.executemany(_ADD_TAG, [(t, key) for t in tags])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def scan(self, after: str, limit: int) -> list[tuple[str, int]]:
         """(key, seq) pairs in key order after ``after``: the index GC's cursor."""

@@ -204,3 +204,13 @@ SHAREABLE = [
 def test_followers_share_a_fill_only_when_it_is_fresh_on_arrival(
         case: str, response: Pairs, after: float, shareable: bool) -> None:
     assert shareable_with_followers(stored(response), T0 + after) is shareable
+
+
+def test_a_response_with_more_than_1024_tags_is_not_stored_rather_than_stored_with_some() -> None:
+    # Keeping only some tags would leave the entry out of the purges by the others.
+    many = " ".join(f"t{i}" for i in range(1024))
+    decision = fill([FRESH, ("Surrogate-Key", many)])
+    assert isinstance(decision, Fill) and len(decision.tags) == 1024
+    assert isinstance(fill([FRESH, ("Surrogate-Key", many + " t0 t1")]), Fill)  # a tag twice counts once
+    assert fill([FRESH, ("Surrogate-Key", many)], rules=Rules(tags=("one-more",))) == NoFill("TOO-MANY-TAGS")
+    assert fill([FRESH, ("Surrogate-Key", many + " x")]) == NoFill("TOO-MANY-TAGS")

@@ -462,3 +462,19 @@ def test_a_full_database_fails_the_bulk_batch_whole_and_the_same_batch_commits_o
             assert disk.get_body(key, body_id) == body
     finally:
         disk.close()
+
+
+def test_retag_does_not_depend_on_the_number_of_tags(tmp_path: Path) -> None:
+    # One SQL variable per tag ("NOT IN (?, ?, ...)") failed past SQLite's limit: "too many SQL
+    # variables", and the write-behind batch holding the entry failed with it.
+    limit = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    index = UrlTagIndex(str(tmp_path / "index"))
+    many = tuple(f"t{i}" for i in range(limit + 10))
+    index.add("k", "http://a/k", many[:3])
+    index.retag([("k", many), ("other", ("t1",))])
+    assert index.count_tag("t0") == 1 and index.count_tag(many[-1]) == 1 and index.count_tag("t1") == 2
+    index.retag([("k", many[5:])])  # fewer: the others' rows go
+    assert index.count_tag("t0") == 0 and index.count_tag("t5") == 1 and index.count_tag(many[-1]) == 1
+    assert index.keys_for_tag("t1") == ["other"]
+    index.retag([("k", ())])
+    assert index.count_tag(many[-1]) == 0
