@@ -235,7 +235,7 @@ class Purger:
         keys, match = await self.plan(spec)
         count, bans = await self.storage.purge_shared(keys, spec.prefixes, spec.tags, spec.all,
                                                       spec.soft)
-        in_memory, arena_from = self.storage.purge_memory(match)
+        in_memory, arena_from = await self.storage.purge_memory(match)
         return max(count, in_memory), bans, replace(match, arena_from=arena_from)
 
     async def purge(self, spec: PurgeSpec) -> int:

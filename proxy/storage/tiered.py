@@ -249,8 +249,8 @@ class Storage:
                            ) -> tuple[int, list[Ban]]:
         return await self.purges.purge_shared(keys, prefixes, tags, all, soft)
 
-    def purge_memory(self, match: PurgeMatch) -> tuple[int, int]:
-        return self.purges.purge_memory(match)
+    async def purge_memory(self, match: PurgeMatch) -> tuple[int, int]:
+        return await self.purges.purge_memory(match)
 
     async def purge_local(self, match: PurgeMatch, bans: Iterable[Ban] = ()) -> int:
         return await self.purges.purge_local(match, bans)

@@ -221,7 +221,7 @@ async def test_a_fill_that_lands_between_a_purges_halves_is_never_written(disk_s
     match = PurgeMatch(keys=frozenset({KEY}), since=time.monotonic())
     async with disk_store.purging():
         _, bans = await disk_store.purge_shared([KEY])
-        _, start = disk_store.purge_memory(match)
+        _, start = await disk_store.purge_memory(match)
         assert await store(disk_store, entry(KEY), b"fetched before the purge", flush=False)
         flushing = asyncio.ensure_future(disk_store.flush())  # waits for the purge
         await asyncio.sleep(0.05)

@@ -151,7 +151,7 @@ def test_a_failed_write_behind_batch_does_not_hide_a_variant_from_a_purge_by_its
         async with s.purging():  # a purge of tag "a", as the purger makes it
             _, bans = await s.purge_shared((), tags=["a"])
             match = PurgeMatch(tags=frozenset({"a"}))
-            _, start = s.purge_memory(match)
+            _, start = await s.purge_memory(match)
             await s.purge_local(dataclasses.replace(match, arena_from=start), bans)
         await s.maintain()  # the ban is swept, then dropped
         s.close()
