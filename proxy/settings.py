@@ -531,6 +531,19 @@ class Settings:
     client_body_timeout: float = setting(60.0, "the longest silence between two reads of a request "
                                                "body; then 400, the connection closed",
                                          duration(positive=True))
+    # A silence limit alone lets a body trickled a byte every few seconds hold its pooled
+    # connection for as long as it likes (600 such uploads made every miss a 504): the start of a
+    # body is read before a connection is taken (nginx reads the whole body first by default:
+    # proxy_request_buffering), and a body must keep a minimum average rate (Apache's
+    # mod_reqtimeout: body=20,MinRate=500).
+    client_body_buffer: int = setting(64 * 1024, "this much of a request body (all of a smaller one) is "
+                                                 "read before an upstream connection is taken for it; "
+                                                 "0: none (not for Expect: 100-continue)",
+                                      byte_size())
+    client_body_min_rate: int = setting(500, "bytes per second a request body must average, after the "
+                                             "first client_body_timeout; slower: 400, the connection "
+                                             "closed (0: no minimum)",
+                                        byte_size())
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
     # check prints them, run and reload log them).
     warnings: tuple[str, ...] = internal(())

@@ -117,22 +117,77 @@ def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList],
     return send
 
 
-async def _body_stream(request: web.BaseRequest, silence: float) -> AsyncIterator[bytes]:
-    """The client's request body as it arrives, each read given at most ``silence`` seconds
-    (``client_body_timeout``): the body goes upstream as it comes, on a pooled connection, and a
-    client that stalls mid-upload would otherwise hold that connection for as long as it likes
-    (pool_size of them stop every other client's misses). Running out is the client's failure
-    (``ClientBodyError``): a 400 if it still listens, the upstream connection dropped, nothing
-    counted against the upstream."""
-    content = request.content
-    while True:
+class _BodyReader:
+    """Reads a client's request body with two limits: at most ``silence`` seconds
+    (``client_body_timeout``) for any one read, and, when ``min_rate`` is set
+    (``client_body_min_rate``), an average of ``min_rate`` bytes a second after an allowance of
+    ``silence`` seconds: the body's n-th byte must have come within ``silence + n / min_rate``
+    seconds of its start, as Apache's mod_reqtimeout counts. A per-read limit alone let a body
+    trickled a byte every few seconds hold an upstream connection for as long as it liked.
+    Running out is the client's failure (``ClientBodyError``)."""
+
+    __slots__ = ("_content", "_deadline_base", "_min_rate", "_silence", "received")
+
+    def __init__(self, request: web.BaseRequest, silence: float, min_rate: int) -> None:
+        self._content = request.content
+        self._silence = silence
+        self._min_rate = min_rate
+        self._deadline_base = time.monotonic() + silence
+        self.received = 0
+
+    async def read(self, size: int) -> bytes:
+        timeout = self._silence
+        slow = False
+        if self._min_rate:
+            allowed = self._deadline_base + self.received / self._min_rate - time.monotonic()
+            if allowed < timeout:
+                timeout, slow = allowed, True
+            if timeout <= 0:
+                raise self._too_slow()
         try:
-            async with asyncio.timeout(silence):
-                chunk = await content.read(64 * 1024)
+            async with asyncio.timeout(timeout):
+                chunk = await self._content.read(size)
         except TimeoutError:
-            raise ClientBodyError(f"no byte of the request body for {silence:g}s") from None
-        if not chunk:
-            return
+            if slow:
+                raise self._too_slow() from None
+            raise ClientBodyError(f"no byte of the request body for {self._silence:g}s") from None
+        self.received += len(chunk)
+        return chunk
+
+    def _too_slow(self) -> ClientBodyError:
+        return ClientBodyError(f"the request body came slower than {self._min_rate} bytes/s "
+                               f"({self.received} bytes)")
+
+
+async def client_body(request: web.BaseRequest, silence: float, min_rate: int, buffer: int
+                      ) -> AsyncIterator[bytes] | None:
+    """The client's request body as it will go upstream: its first ``buffer`` bytes (all of a
+    smaller body) read now, before the engine takes an upstream connection for it, the rest as
+    it arrives (``_BodyReader``'s limits on both). A body that trickles in then holds only its
+    own client connection, not a pooled one (nginx reads the whole body first by default). Not
+    for ``Expect: 100-continue``: that client sends its body only after the origin's 100."""
+    if not request.body_exists:
+        return None
+    reader = _BodyReader(request, silence, min_rate)
+    first: list[bytes] = []
+    ended = False
+    if buffer > 0 and "100-continue" not in request.headers.get("Expect", "").lower():
+        while reader.received < buffer:
+            chunk = await reader.read(buffer - reader.received)
+            if not chunk:
+                ended = True
+                break
+            first.append(chunk)
+    return _body_stream(reader, first, ended)
+
+
+async def _body_stream(reader: _BodyReader, first: list[bytes], ended: bool) -> AsyncIterator[bytes]:
+    """What was read before, then the rest as it arrives."""
+    if first:
+        yield b"".join(first)
+    if ended:
+        return
+    while chunk := await reader.read(64 * 1024):
         yield chunk
 
 
@@ -225,7 +280,9 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             info.x_cache = "PURGE"
             return purged, len(purged.body or b"")
         fe.saw_host(head.host)
-        body = _body_stream(request, fe.settings.client_body_timeout) if request.body_exists else None
+        settings = fe.settings
+        body = await client_body(request, settings.client_body_timeout, settings.client_body_min_rate,
+                                 settings.client_body_buffer)
         reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
                                                           request_id=info.request_id, planned=planned))
     except ClientBodyError as exc:

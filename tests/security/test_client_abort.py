@@ -126,7 +126,9 @@ async def test_a_request_body_that_breaks_off_is_not_an_upstream_failure(
     caplog.set_level(logging.INFO)
     async with raw_origins() as start:
         a, b = await start(serve), await start(serve)
-        proxy = await make_proxy(upstreams=[a.url, b.url])  # passive checks on: 3 failures, 10 s
+        # Passive checks on (3 failures, 10 s); each body goes upstream from its first byte (a
+        # body's first 64 KB are otherwise read before an upstream connection is taken).
+        proxy = await make_proxy(config="client_body_buffer: 0\n", upstreams=[a.url, b.url])
         for i in range(9):
             answer = await abort_upload(proxy, heads, ("close", "reset", "half")[i % 3])
             assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer  # never a 5xx

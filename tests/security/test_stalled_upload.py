@@ -6,7 +6,9 @@ Without a limit on the client's silence, a POST announcing a big body and then s
 held its connection forever, and pool_size of them made every other client's miss a 504.
 ``client_body_timeout`` bounds the silence between two reads of the body: then the client gets
 a 400 and its connection is closed, the upstream connection is dropped (never reused half-sent),
-and nothing is counted against the upstream.
+and nothing is counted against the upstream. A body trickled a byte at a time never falls that
+silent: its start (``client_body_buffer``) is read before an upstream connection is taken, and
+it must average ``client_body_min_rate``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ async def test_stalled_uploads_are_cut_off_and_free_the_pool_for_other_clients(m
 
     async with raw_origins() as start:
         origin = await start(serve)
-        proxy = await make_proxy(config="upstream: {pool_size: 2, retries: 0}\nclient_body_timeout: 1s\n",
+        # Each body goes upstream from its first byte: the case of a body bigger than
+        # client_body_buffer, whose start was read before the connection was taken.
+        proxy = await make_proxy(config="upstream: {pool_size: 2, retries: 0}\nclient_body_timeout: 1s\n"
+                                        "client_body_buffer: 0\nclient_body_min_rate: 0\n",
                                  upstreams=[origin.url])
         uploads = [await stalled_upload(proxy) for _ in range(2)]
         for _ in range(500):  # both bodies are going upstream: the pool is taken
@@ -78,3 +83,108 @@ async def test_stalled_uploads_are_cut_off_and_free_the_pool_for_other_clients(m
         assert (after.status, after.body) == (200, b"fine")
         for u in proxy.runtime.pool.upstreams:
             assert (u.passive_failures, u.failures) == (0, 0)
+
+
+async def trickle(proxy: Proxy, stop: asyncio.Event, *, first: bytes = b"x", every: float = 0.2
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[None]]:
+    """A POST that announces ANNOUNCED body bytes, sends ``first``, then a byte every ``every``
+    seconds: never silent for long, never done."""
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /upload HTTP/1.1\r\nHost: shop.example\r\nContent-Length: {ANNOUNCED}\r\n\r\n"
+                 .encode() + first)
+    await writer.drain()
+
+    async def drip() -> None:
+        while not stop.is_set() and not writer.is_closing():
+            await asyncio.sleep(every)
+            writer.write(b"x")
+
+    return reader, writer, asyncio.create_task(drip())
+
+
+async def test_trickling_uploads_do_not_take_the_pool_from_other_clients_misses(make_proxy: MakeProxy) -> None:
+    # pool_size + 1 uploads trickling a byte every 0.2 s (never silent for client_body_timeout)
+    # held every pooled connection: every other client's miss waited, then got a 504.
+    posts: list[int] = []
+    ok = response("200 OK", {"Cache-Control": "no-store"}, b"fine")
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            head = await conn.reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"POST"):
+                posts.append(conn.index)
+                await conn.reader.readexactly(ANNOUNCED)
+            await conn.send(ok)
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config="upstream: {pool_size: 2, retries: 0}\nclient_body_timeout: 5s\n",
+                                 upstreams=[origin.url])
+        stop = asyncio.Event()
+        uploads = [await trickle(proxy, stop) for _ in range(3)]
+        try:
+            await asyncio.sleep(1.0)
+            miss = await asyncio.wait_for(proxy.get("/miss", headers={"Host": "shop.example"}), 5)
+            assert (miss.status, miss.body) == (200, b"fine")
+            assert posts == []  # the bodies' starts are still being read: no upstream connection yet
+        finally:
+            stop.set()
+            for _, writer, task in uploads:
+                writer.close()
+                await task
+
+
+async def test_an_upload_slower_than_the_minimum_rate_is_cut_off_and_a_fast_one_is_not(
+        make_proxy: MakeProxy) -> None:
+    # Past client_body_buffer the body streams on a pooled connection: a client trickling it
+    # there held the connection for as long as it liked. It must now average client_body_min_rate.
+    heads: list[int] = []
+    ended: list[int] = []
+    ok = response("200 OK", {"Cache-Control": "no-store"}, b"fine")
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            head = await conn.reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"POST"):
+                heads.append(conn.index)
+                try:
+                    await conn.reader.readexactly(ANNOUNCED)
+                except asyncio.IncompleteReadError:
+                    ended.append(conn.index)
+                    return
+            await conn.send(ok)
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config="upstream: {pool_size: 2, retries: 0}\nclient_body_timeout: 1s\n"
+                                        "client_body_buffer: 1KB\nclient_body_min_rate: 1KB\n",
+                                 upstreams=[origin.url])
+        stop = asyncio.Event()
+        reader, writer, task = await trickle(proxy, stop, first=b"x" * 2048)  # 1 s + 2 KB at 1 KB/s: 3 s
+        try:
+            answer = await asyncio.wait_for(reader.read(), 30)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+            assert b"the request body broke off" in answer
+        finally:
+            stop.set()
+            writer.close()
+            await task
+        assert len(heads) == 1  # it had gone upstream, and that connection was dropped
+        for _ in range(500):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert ended == heads
+        # A body sent at 100 KB/s goes through.
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST /upload HTTP/1.1\r\nHost: shop.example\r\nContent-Length: {ANNOUNCED}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        for _ in range(ANNOUNCED // 10_000):
+            writer.write(b"y" * 10_000)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"fine")
