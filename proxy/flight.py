@@ -696,13 +696,14 @@ class MissPath:
 
     async def _spool_write(self, key: str, spool: BodySpool, chunk: bytes) -> str:
         """Spool a chunk of a body being stored; "" while it is kept, else why the store is
-        given up (the clients still get the whole body): TOO-LARGE, or STORE-FAILED when the
-        write failed (a full disk: counted, logged once per streak, in /stats)."""
+        given up (the clients still get the whole body): TOO-LARGE, SPOOLS-FULL (the bodies this
+        process is receiving hold their share of the disk), or STORE-FAILED when the write
+        failed (a full disk: counted, logged once per streak, in /stats)."""
         engine = self.engine
         try:
             if await spool.write(chunk):
                 return ""
-            reason = "TOO-LARGE"
+            reason = "SPOOLS-FULL" if spool.no_room else "TOO-LARGE"
         except Exception as exc:
             spool.discard()
             engine.write_failures.failed("spool", key, exc)

@@ -23,6 +23,7 @@ from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier
 from proxy.storage.spool import SpoolDir, sweep_dead_spools
 from proxy.storage.tiered import Storage
+from proxy.storage.writes import BodySpool
 from tests.storage.helpers import MB, entry, open_store, read_body, store
 
 KEY = "http://h.test/a"
@@ -473,6 +474,44 @@ def test_a_purge_by_tag_lets_the_event_loop_run_while_it_scans_the_shared_memory
         assert purged >= 5000
         assert all(s.memory.peek(f"http://a/k/{i}") is None for i in range(5000))
         assert s.memory.peek("http://a/late") is None
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_bodies_being_received_take_at_most_a_share_of_the_disk_budget(tmp_path: Path) -> None:
+    # Spool files were not counted against cache.disk.size: 20 fills of 95 MB in flight with a
+    # 256 MB budget put 1.9 GB in the cache directory.
+    async def main() -> None:
+        s = open_store(str(tmp_path), disk_size=64 * MB, shards=1, max_object=24 * MB)  # spool room: 16 MB
+        chunk = b"z" * MB
+
+        async def kept(spool: BodySpool, chunks: int) -> list[bool]:
+            return [await spool.write(chunk) for _ in range(chunks)]
+
+        first = s.spool(entry("http://a/1"), 12 * MB)
+        assert await kept(first, 2) == [True, True]  # on file, 12 MB reserved
+        second = s.spool(entry("http://a/2"), 12 * MB)
+        assert await kept(second, 1) == [False]  # 12 + 12 MB > 16 MB: passed on unstored
+        assert second.no_room and not second.complete
+        small = s.spool(entry("http://a/3"), 3 * MB)  # fits beside the first
+        assert await kept(small, 2) == [True, True]
+        unknown = s.spool(entry("http://a/4"), None)  # no length: what it has received counts
+        assert await kept(unknown, 2) == [True, False]  # 12 + 3 + 2 MB > 16 MB
+        assert await kept(first, 10) == [True] * 10
+        final = s.finalize(entry("http://a/1"), first)
+        assert final is not None and await s.put_disk(final, first)
+        small.discard()
+        assert s.writes.spooled == 0  # every reservation given back
+        # Alone, a spool may take more than the share: any object up to max_object is stored.
+        alone = s.spool(entry("http://a/5"), 20 * MB)
+        beside = s.spool(entry("http://a/6"), None)
+        assert await beside.write(b"z" * 1024) and beside.reserved == 0  # in memory: no room taken
+        assert await kept(alone, 20) == [True] * 20 and alone.reserved == 20 * MB
+        beside.discard()
+        final = s.finalize(entry("http://a/5"), alone)
+        assert final is not None and await s.put_disk(final, alone)
+        assert s.writes.spooled == 0
         s.close()
 
     asyncio.run(main())
