@@ -407,7 +407,8 @@ class UpstreamConnection(BaseProtocol):
                                                      f"{coding!r} (only chunked is decoded)",
                                                      detail=f"an unsupported Transfer-Encoding {coding!r}"))
                     return
-                if head_size(message) > MAX_HEAD:
+                # (A head within the bytes read so far: measured only when they exceed the cap.)
+                if self._head_bytes > MAX_HEAD and head_size(message) > MAX_HEAD:
                     self._head_too_long()
                     return
                 self._message, self._payload = message, payload
