@@ -724,8 +724,29 @@ class Engine:
                 await self.storage.delete([entry.key])
             else:
                 await self.storage.update(entry.with_response(updated))
+                etag = update.get("ETag")
+                if old.vary and etag is not None and not etag.lstrip().startswith("W/"):
+                    await self._freshen_siblings(cached, etag.strip(), update, store_plan, request_time,
+                                                 response_time, head)
         except Exception as exc:
             self.write_failures.failed("write", entry.key, exc)
+
+    async def _freshen_siblings(self, cached: Cached, etag: str, update: CIMultiDictProxy[str],
+                                store_plan: StorePlan, request_time: float, response_time: float,
+                                head: RequestHead) -> None:
+        """RFC 9111 §4.3.4: "All the stored responses with the same strong validator are
+        identified for update": the key's other Vary variants holding the 304's strong ETag (the
+        same representation, selected by other request fields) are freshened too, rather than
+        each revalidated in turn. Asked only for a key whose responses vary."""
+        for other in await self.load(cached.entry.key):
+            stored = other.entry.response
+            if other.entry.body_id == cached.entry.body_id or stored.etag is None \
+                    or stored.etag.strip() != etag:
+                continue
+            updated = freshened(stored, Exchange(head, 304, "", update, request_time, response_time),
+                                store_plan, self._fill_settings, jitter=self._random.random())
+            if updated is not None:
+                await self.storage.update(other.entry.with_response(updated))
 
     # -- finishing ---------------------------------------------------------------------------
 

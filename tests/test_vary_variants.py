@@ -6,8 +6,9 @@ import asyncio
 
 from aiohttp import web
 
-from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from proxy.policy.httpdate import format_http_date
+from tests.conftest import MakeProxy, clocked
+from tests.harness import Clock, Origin, Proxy
 
 CHROME = {"Accept-Encoding": "gzip, deflate, br, zstd", "Accept-Language": "en-US,en;q=0.9"}
 CURL = {"Accept-Encoding": "deflate, gzip, br, zstd", "Accept-Language": "en-us, en;q=0.90"}
@@ -59,3 +60,36 @@ async def test_many_variants_of_a_big_page_keep_at_most_one_objects_worth_of_bod
             assert r.body == agent.encode().ljust(40 * 1024, b"."), (agent, r.x_cache)
     assert (await proxy.get("/hot")).x_cache == "HIT"
     assert origin.count("/big") == len(agents)  # the others' bodies came from disk
+
+
+async def test_a_304_freshens_every_variant_with_the_same_strong_etag(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """RFC 9111 §4.3.4: all the stored responses with the 304's strong validator are updated:
+    the German variant, the same bytes as the English one, needs no revalidation of its own."""
+    async def page(request: web.Request) -> web.Response:
+        fields = {"ETag": '"same"', "Vary": "Accept-Language", "Cache-Control": "max-age=10",
+                  "Date": format_http_date(clock())}
+        if request.headers.get("If-None-Match") == '"same"':
+            return web.Response(status=304, headers=fields)
+        return web.Response(body=b"same bytes for every language", headers=fields)
+
+    async def other(request: web.Request) -> web.Response:  # a weak validator: not an identity
+        fields = {"ETag": 'W/"w"', "Vary": "Accept-Language", "Cache-Control": "max-age=10",
+                  "Date": format_http_date(clock())}
+        if request.headers.get("If-None-Match") == 'W/"w"':
+            return web.Response(status=304, headers=fields)
+        return web.Response(body=b"weak", headers=fields)
+
+    origin.route("/p", page)
+    origin.route("/w", other)
+    proxy = await clocked(make_proxy, clock)
+    for path in ("/p", "/w"):
+        for lang in ("en", "de"):
+            assert (await proxy.get(path, headers={"Accept-Language": lang})).x_cache == "MISS"
+    clock.advance(20)
+    assert (await proxy.get("/p", headers={"Accept-Language": "en"})).x_cache == "REVALIDATED"
+    de = await proxy.get("/p", headers={"Accept-Language": "de"})
+    assert (de.x_cache, de.body) == ("HIT", b"same bytes for every language")
+    assert origin.count("/p") == 3  # two fills, one revalidation for both
+    assert (await proxy.get("/w", headers={"Accept-Language": "en"})).x_cache == "REVALIDATED"
+    assert (await proxy.get("/w", headers={"Accept-Language": "de"})).x_cache == "REVALIDATED"
