@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 
+from aiohttp import web
+
 from tests.conftest import MakeProxy
-from tests.harness import Proxy
+from tests.harness import Origin, Proxy
 from tests.security.misbehaving import Conn, raw_origins, response
 
 ANNOUNCED = 100_000
@@ -188,3 +190,33 @@ async def test_an_upload_slower_than_the_minimum_rate_is_cut_off_and_a_fast_one_
         answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"fine")
+
+
+async def test_time_cachegate_takes_before_it_reads_a_body_is_not_blamed_on_the_client(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """An ``Expect: 100-continue`` client sends its body only after the origin's 100, which
+    comes only once a pooled connection is free: waiting for one is not the client being slow
+    (its upload was cut off with a 400 when the pool was busy for client_body_timeout)."""
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=b"got " + await request.read(), headers={"Cache-Control": "no-store"})
+
+    origin.route("/slow", body=b"slow", delay=2.5, headers={"Cache-Control": "no-store"})
+    origin.route("/up", echo)
+    proxy = await make_proxy(config="upstream: {pool_size: 1, retries: 0}\nclient_body_timeout: 1s\n")
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+
+    async def upload() -> bytes:
+        await asyncio.sleep(0.2)  # the one pooled connection is busy with /slow by now
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /up HTTP/1.1\r\nHost: shop.example\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 5\r\nConnection: close\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert first.startswith(b"HTTP/1.1 100"), first
+        writer.write(b"hello")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    slow, answer = await asyncio.gather(proxy.get("/slow"), upload())
+    assert slow.body == b"slow"
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"got hello"), answer
