@@ -133,8 +133,24 @@ class ConfigCopy:
             raise
         self._staged_text = b""
 
+    def _private_directory(self) -> None:
+        """Make sure the copy's directory is still this process's own (mode 0700, this user's,
+        not a link); else take a new one. Why not re-create the same path: its name is visible
+        in the temporary directory, and once a cleaner removed it another user could make a
+        directory of that name first, then read the config (an admin token) and put theirs
+        in its place for the next worker."""
+        try:
+            st = os.lstat(self.directory)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+                return
+        except OSError:
+            pass
+        self.directory = tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-")
+        self.path = os.path.join(self.directory, "config.yaml")
+        self.staged = os.path.join(self.directory, "config.yaml.next")
+
     def stage(self) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)  # removed by a cleaner: see ``current``
+        self._private_directory()  # removed by a cleaner: see ``current``
         shutil.copyfile(self.original, self.staged)
         with open(self.staged, "rb") as f:
             self._staged_text = f.read()
@@ -147,8 +163,8 @@ class ConfigCopy:
         """The copy's path for a worker starting now, written again from memory when something
         removed it: a supervisor runs for months, and temporary-file cleaners (systemd-tmpfiles:
         10 days unused) delete files in the temporary directory."""
+        self._private_directory()
         if not os.path.isfile(self.path):
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             with open(self.path, "wb") as f:
                 f.write(self._text)
         return self.path
