@@ -80,13 +80,56 @@ def load_problem(cert: str, key: str) -> str | None:
     return None
 
 
+# Key algorithms by their object identifier, as DER bytes inside a PKCS#8 key.
+_KEY_OIDS = ((b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01", "RSA"),
+             (b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x0a", "RSA-PSS"),
+             (b"\x06\x07\x2a\x86\x48\xce\x3d\x02\x01", "EC"),
+             (b"\x06\x03\x2b\x65\x70", "Ed25519"), (b"\x06\x03\x2b\x65\x71", "Ed448"))
+
+
+def key_kind(data: bytes) -> str:
+    """The algorithm of a PEM private key ("RSA", "EC", ...; "unknown" when it cannot be told).
+
+    Why it matters: OpenSSL keeps one certificate per key type in a context, so loading an EC
+    pair into a context that holds an RSA one adds a certificate beside the old one instead of
+    replacing it, and clients that negotiate RSA keep getting the old certificate.
+
+    >>> key_kind(b"-----BEGIN EC PRIVATE KEY-----\nMHcC\n-----END EC PRIVATE KEY-----\n")
+    'EC'
+    """
+    import base64
+    import re
+
+    m = re.search(rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----\s*(.*?)-----END", data, re.S)
+    if m is None:
+        return "unknown"
+    label = m.group(1).strip().decode()
+    if label:  # a traditional key names its type
+        return label
+    try:
+        der = base64.b64decode(re.sub(rb"\s+", b"", m.group(2)))
+    except ValueError:
+        return "unknown"
+    head = der[:40]  # the AlgorithmIdentifier comes first, after the version
+    return next((kind for oid, kind in _KEY_OIDS if oid in head), "unknown")
+
+
+def _file_key_kind(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return key_kind(f.read(1 << 20))
+    except OSError:
+        return "unknown"
+
+
 class ServerTLS:
     """A TLS listener's context (``context``: what the listener is started with), into which
-    ``reload`` loads a new certificate chain and key."""
+    ``reload`` loads a new certificate chain and key of the same key type."""
 
     def __init__(self, cert: str, key: str) -> None:
         self.context = server_context(cert, key)
         self.files = (cert, key)
+        self.kind = _file_key_kind(key)
 
     def reload(self, cert: str, key: str) -> bool:
         """Read the files again (they may be new files at the same paths); True when the new
@@ -104,6 +147,13 @@ class ServerTLS:
                     copies[name] = copy
                 # All or nothing: the live context is not touched unless the same bytes loaded.
                 server_context(copies["cert.pem"], copies["key.pem"])
+                kind = _file_key_kind(copies["key.pem"])
+                if kind != self.kind:
+                    log.error("TLS reload refused, the current certificate stays: %s is a %s key, the "
+                              "running one %s: restart cachegate to change the key type (OpenSSL "
+                              "keeps one certificate per key type: the old one would still be served "
+                              "to clients of its type)", key, kind, self.kind)
+                    return False
                 self.context.load_cert_chain(copies["cert.pem"], copies["key.pem"], password=_no_passphrase)
         except EncryptedKey:
             log.error("TLS reload failed, the current certificate stays: %s: %s", key, ENCRYPTED_KEY)

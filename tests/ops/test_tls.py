@@ -494,3 +494,37 @@ async def test_a_server_name_that_is_not_ascii_leaves_no_traceback(
         assert "Traceback" not in proc.text and "Exception ignored" not in proc.text, proc.text
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.text
+
+
+def test_a_reload_to_another_key_type_is_refused_and_the_old_certificate_stays(
+        tmp_path: Path, certs: Certs) -> None:
+    """OpenSSL keeps one certificate per key type: loading an EC pair into a context holding an
+    RSA one added it beside the old one, and clients negotiating RSA kept the old certificate
+    although the reload said it succeeded."""
+    from proxy.tls import ServerTLS, key_kind
+
+    ec_key, ec_cert = tmp_path / "eckey.pem", tmp_path / "eccert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(ec_key), "-out", str(ec_cert), "-days", "1", "-subj", "/CN=ec.test"],
+                   check=True, capture_output=True)
+    assert key_kind(ec_key.read_bytes()) == "EC"
+    assert key_kind(certs.key.read_bytes()) == "RSA"
+    tls = ServerTLS(str(certs.cert), str(certs.key))
+    assert not tls.reload(str(ec_cert), str(ec_key))
+    assert tls.files == (str(certs.cert), str(certs.key))
+    assert tls.reload(str(certs.b[1]), str(certs.b[0]))  # the same key type: rotated
+
+    async def served() -> bytes:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0,
+                                                                ssl=tls.context)
+        port = server.sockets[0].getsockname()[1]
+        ctx = client_context()
+        ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        server.close()
+        return bytes(der)
+
+    assert asyncio.run(served()) == Certs.der(certs.b)  # never the EC one
