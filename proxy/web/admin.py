@@ -121,8 +121,8 @@ def too_many_guesses(request: web.Request) -> web.Response | None:
     if not wait:
         return None
     ctx.runtime.metrics.admin_refused.labels("rate").inc()
-    if client not in ctx.guesses.limited:
-        ctx.guesses.limited.add(client)
+    if ctx.guesses.key(client) not in ctx.guesses.limited:
+        ctx.guesses.limited.add(ctx.guesses.key(client))
         log.warning("admin: too many wrong tokens from %s (more than %d, then %g a second): its "
                     "requests that present a token are answered 429 for now (Host %r)",
                     client, ctx.guesses.burst, ctx.guesses.per_second, request.headers.get("Host"))

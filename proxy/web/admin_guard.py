@@ -190,7 +190,8 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
 
 
 class GuessLimiter:
-    """Wrong admin tokens (a failed console login, a wrong bearer token), per client address: a
+    """Wrong admin tokens (a failed console login, a wrong bearer token), per client network
+    (``key``: an IPv4 /24, an IPv6 /64, all of loopback): a
     bucket of ``burst`` guesses refilled at ``per_second``. While a client's bucket is empty
     every request of that client that presents a token is answered 429 before its token is
     compared, right or wrong: otherwise the answer would still tell a right guess from a wrong
@@ -209,7 +210,23 @@ class GuessLimiter:
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # client -> [level, at]
         self.limited: set[str] = set()  # clients whose last check was refused (logged once a run)
 
+    @staticmethod
+    def key(address: str) -> str:
+        """Whose bucket an address counts in: its IPv4 /24 or IPv6 /64 (one host has a whole /64,
+        and a handful of addresses are cheap), every loopback address in one."""
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return address
+        if ip.is_loopback:
+            return "loopback"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        prefix = 24 if ip.version == 4 else 64
+        return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
     def _level(self, client: str) -> list[float]:
+        client = self.key(client)
         now = self._clock()
         bucket = self._buckets.get(client)
         if bucket is None:
@@ -226,7 +243,7 @@ class GuessLimiter:
         """0 when ``client`` may have a token checked now; else the whole seconds until it may."""
         level = self._level(client)[0]
         if level >= 1.0:
-            self.limited.discard(client)
+            self.limited.discard(self.key(client))
             return 0
         return max(1, math.ceil((1.0 - level) / self.per_second))
 

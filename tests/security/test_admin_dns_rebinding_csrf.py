@@ -238,11 +238,19 @@ def test_a_client_trying_tokens_locks_out_itself_not_the_others() -> None:
         assert limiter.retry_after("10.0.0.9") == 0
         limiter.failed("10.0.0.9")
     assert limiter.retry_after("10.0.0.9") >= 1
-    assert limiter.retry_after("10.0.0.2") == 0  # the operator's address
+    assert limiter.retry_after("10.0.1.2") == 0  # the operator's address, in another /24
+    assert limiter.retry_after("10.0.0.77") >= 1  # more addresses of one network do not help
+    assert limiter.retry_after("127.0.0.1") == 0
+    for _ in range(3):
+        limiter.failed("127.0.3.4")  # every loopback address is one client
+    assert limiter.retry_after("127.0.0.1") >= 1 and limiter.retry_after("::1") >= 1
+    for i in range(3):
+        limiter.failed(f"2001:db8::{i + 1}")  # one host's /64
+    assert limiter.retry_after("2001:db8::ffff") >= 1 and limiter.retry_after("2001:db8:0:1::1") == 0
     now[0] += 1.0
     assert limiter.retry_after("10.0.0.9") == 0  # one guess a second again
     for i in range(GuessLimiter.MAX_CLIENTS + 10):  # remembered addresses are bounded
-        limiter.failed(f"192.0.2.{i}")
+        limiter.failed(f"10.{i // 256}.{i % 256}.1")
     assert len(limiter._buckets) == GuessLimiter.MAX_CLIENTS
 
 
