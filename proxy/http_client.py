@@ -236,8 +236,8 @@ class UpstreamConnection(BaseProtocol):
 
     __slots__ = (
         "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes", "_head_method",
-        "_interims", "_last_read", "_message", "_on_interim", "_payload", "_pool", "_read_timeout",
-        "_read_timer", "_total_timer", "busy", "exchange", "idle_since",
+        "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim", "_payload", "_pool",
+        "_read_timeout", "_read_timer", "_total_timer", "busy", "exchange", "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -250,6 +250,7 @@ class UpstreamConnection(BaseProtocol):
         self._on_interim: InterimHook | None = None
         self._interims = 0
         self._head_bytes = 0
+        self._interim_bytes = 0  # the interim responses' heads so far (they count in MAX_HEAD)
         self._message: Any = None
         self._payload: StreamReader | None = None
         self._got_bytes = False
@@ -284,7 +285,7 @@ class UpstreamConnection(BaseProtocol):
         self.exchange += 1
         self._message = self._payload = None
         self._on_interim = on_interim
-        self._interims = self._head_bytes = 0
+        self._interims = self._head_bytes = self._interim_bytes = 0
         self._got_bytes = self._failed = False
         self._head_method = head_method
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
@@ -390,6 +391,10 @@ class UpstreamConnection(BaseProtocol):
                             f"{self._pool.name}: more than {MAX_INTERIMS} interim (1xx) responses",
                             detail="too many interim (1xx) responses"))
                         return
+                    self._interim_bytes += head_size(message)
+                    if self._interim_bytes > MAX_HEAD:
+                        self._head_too_long()
+                        return
                     hook = self._on_interim
                     if hook is not None:
                         try:
@@ -408,7 +413,7 @@ class UpstreamConnection(BaseProtocol):
                                                      detail=f"an unsupported Transfer-Encoding {coding!r}"))
                     return
                 # (A head within the bytes read so far: measured only when they exceed the cap.)
-                if self._head_bytes > MAX_HEAD and head_size(message) > MAX_HEAD:
+                if self._head_bytes > MAX_HEAD and self._interim_bytes + head_size(message) > MAX_HEAD:
                     self._head_too_long()
                     return
                 self._message, self._payload = message, payload

@@ -43,7 +43,32 @@ async def test_a_head_over_64_kb_is_a_502_and_one_under_is_served(
         with caplog.at_level(logging.WARNING):
             for target in ("/big", "/big", "/endless"):  # 128 KB
                 reply = await asyncio.wait_for(proxy.get(target), 10)
-                assert reply.status == 502, (target, reply.status)
+                assert reply.status == 502, (target, reply.status, reply.body[:200])
                 assert b"response head too long" in reply.body
         assert "response head longer than 64 KB" in caplog.text
         assert [t for _, _, t in origin.targets()].count("/big") == 2  # never stored
+
+
+async def test_interim_heads_count_in_the_64_kb_however_the_bytes_arrive(make_proxy: MakeProxy) -> None:
+    """Three 28 KB 103 Early Hints then a small 200: 84 KB of heads. Sent in one write it was
+    relayed, in pieces a 502: the interims were counted only while no final head had parsed."""
+    hint = (b"HTTP/1.1 103 Early Hints\r\n"
+            + b"".join(b"Link: <" + b"h" * 7000 + b">; rel=preload\r\n" for _ in range(4)) + b"\r\n")
+    final = b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 2\r\n\r\nok"
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if request.target == "/pieces":
+                for part in (hint, hint, hint, final):
+                    await conn.send(part)
+                    await asyncio.sleep(0.05)
+            else:
+                await conn.send(hint * 3 + final)
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        for target in ("/whole", "/pieces"):
+            reply = await asyncio.wait_for(proxy.get(target), 10)
+            assert reply.status == 502, (target, reply.status, reply.body[:200])
