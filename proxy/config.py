@@ -78,8 +78,6 @@ __all__ = [
 @dataclass(frozen=True)
 class Overrides:
     listen: tuple[str, ...] = ()  # --listen, repeatable: plain listeners instead of the config's
-    # The port of each listener, in order (the supervisor's workers bind the ports it reserved).
-    ports: tuple[int, ...] = ()
     upstreams: tuple[str, ...] = ()
     admin_listen: str | None = None
     workers: str | None = None
@@ -93,12 +91,6 @@ def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
             s = replace(s, listeners=tuple(Listener(*parse_hostport(t)) for t in o.listen))
         except ValueError as exc:
             problems.add(at, f"--listen: {exc}")
-    if o.ports:
-        if len(o.ports) != len(s.listeners):
-            problems.add(at, f"{len(o.ports)} port(s) for {len(s.listeners)} listener(s)")
-        else:
-            s = replace(s, listeners=tuple(replace(listener, port=port)
-                                           for listener, port in zip(s.listeners, o.ports, strict=True)))
     if o.upstreams:
         ups = []
         for text in o.upstreams:

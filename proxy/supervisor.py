@@ -782,7 +782,7 @@ def _worker_main(argv: list[str]) -> int:
     level = args.log_level if args.log_level in ("debug", "info", "warning", "error") else "info"
     start_logging(level, worker=str(args.worker_id))
     raw = json.loads(args.overrides)
-    for name in ("upstreams", "listen", "ports"):  # JSON lists back to tuples
+    for name in ("upstreams", "listen"):  # JSON lists back to tuples
         raw[name] = tuple(raw.get(name) or ())
     overrides = Overrides(**raw)
     settings = load_settings(args.config, overrides, display=args.config_as)

@@ -331,14 +331,13 @@ def test_a_file_that_is_not_a_mapping_is_one_problem(folder: Path) -> None:
 
 def test_command_line_overrides_replace_what_the_file_says(folder: Path) -> None:
     s = load(folder, U + "listen: [':1', ':2']\ncluster: {redis: 'redis://h:1'}\n", Overrides(
-        ports=(5, 6), upstreams=("http://x:1",), admin_listen="off", workers="3", cache_path="/tmp/else"))
-    assert [li.address for li in s.listeners] == [("0.0.0.0", 5), ("0.0.0.0", 6)]
+        upstreams=("http://x:1",), admin_listen="off", workers="3", cache_path="/tmp/else"))
+    assert [li.address for li in s.listeners] == [("0.0.0.0", 1), ("0.0.0.0", 2)]
     assert [str(u.url) for u in s.upstreams] == ["http://x:1"]
     assert (s.admin.listen, s.workers, s.cache.disk and s.cache.disk.path) == (None, 3, "/tmp/else")
     assert s.cluster is not None and s.cluster.node == f"{socket.gethostname()}:1"  # the file's port
-    assert problems(folder, U, Overrides(listen=("bad",), admin_listen="bad", workers="x", ports=(1, 2))) == [
+    assert problems(folder, U, Overrides(listen=("bad",), admin_listen="bad", workers="x")) == [
         "<command line>:0: --listen: expected HOST:PORT, got 'bad'",
-        "<command line>:0: 2 port(s) for 1 listener(s)",
         "<command line>:0: --admin-listen: expected HOST:PORT, got 'bad'",
         "<command line>:0: --workers: workers: expected a positive number or auto, got 'x'"]
 
