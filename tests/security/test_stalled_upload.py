@@ -34,22 +34,32 @@ async def stalled_upload(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.St
     return reader, writer
 
 
-async def test_stalled_uploads_are_cut_off_and_free_the_pool_for_other_clients(make_proxy: MakeProxy) -> None:
-    heads: list[int] = []  # the upstream connections that got a POST head
-    ended: list[int] = []  # those cachegate dropped while the body was being sent on them
-    ok = response("200 OK", {"Cache-Control": "no-store"}, b"fine")
+class UploadOrigin:
+    """A raw origin that reads ANNOUNCED body bytes of each POST and answers 200: ``heads``, the
+    upstream connections that got a POST head; ``ended``, those cachegate dropped while the body
+    was being sent on them."""
 
-    async def serve(conn: Conn) -> None:
+    def __init__(self) -> None:
+        self.heads: list[int] = []
+        self.ended: list[int] = []
+
+    async def serve(self, conn: Conn) -> None:
+        ok = response("200 OK", {"Cache-Control": "no-store"}, b"fine")
         while True:
             head = await conn.reader.readuntil(b"\r\n\r\n")
             if head.startswith(b"POST"):
-                heads.append(conn.index)
+                self.heads.append(conn.index)
                 try:
                     await conn.reader.readexactly(ANNOUNCED)
                 except asyncio.IncompleteReadError:
-                    ended.append(conn.index)
+                    self.ended.append(conn.index)
                     return
             await conn.send(ok)
+
+
+async def test_stalled_uploads_are_cut_off_and_free_the_pool_for_other_clients(make_proxy: MakeProxy) -> None:
+    uploads_origin = UploadOrigin()
+    heads, ended, serve = uploads_origin.heads, uploads_origin.ended, uploads_origin.serve
 
     async with raw_origins() as start:
         origin = await start(serve)
@@ -141,21 +151,8 @@ async def test_an_upload_slower_than_the_minimum_rate_is_cut_off_and_a_fast_one_
         make_proxy: MakeProxy) -> None:
     # Past client_body_buffer the body streams on a pooled connection: a client trickling it
     # there held the connection for as long as it liked. It must now average client_body_min_rate.
-    heads: list[int] = []
-    ended: list[int] = []
-    ok = response("200 OK", {"Cache-Control": "no-store"}, b"fine")
-
-    async def serve(conn: Conn) -> None:
-        while True:
-            head = await conn.reader.readuntil(b"\r\n\r\n")
-            if head.startswith(b"POST"):
-                heads.append(conn.index)
-                try:
-                    await conn.reader.readexactly(ANNOUNCED)
-                except asyncio.IncompleteReadError:
-                    ended.append(conn.index)
-                    return
-            await conn.send(ok)
+    uploads_origin = UploadOrigin()
+    heads, ended, serve = uploads_origin.heads, uploads_origin.ended, uploads_origin.serve
 
     async with raw_origins() as start:
         origin = await start(serve)

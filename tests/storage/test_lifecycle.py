@@ -130,6 +130,14 @@ async def _kill_worker(proxy: ProxyProcess, worker: int) -> None:
     await proxy.wait_for(lambda: proxy.workers[worker] != old, wait=60)
 
 
+def _edit(config: str, change: Callable[[str], str]) -> None:
+    """Rewrite the config file (small and local: read and written at once)."""
+    with open(config) as f:
+        text = f.read()
+    with open(config, "w") as f:
+        f.write(change(text))
+
+
 async def test_a_reload_that_adds_a_listener_reaches_the_workers_and_a_restarted_worker_serves(
         origin: Origin, tmp_path: Path) -> None:
     """The new listener waits for a restart; the reload's other changes reach every worker
@@ -141,11 +149,8 @@ async def test_a_reload_that_adds_a_listener_reaches_the_workers_and_a_restarted
     await proxy.start("--workers", "2")
     try:
         await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
-        with open(config) as f:  # noqa: ASYNC230 (a small local file)
-            text = f.read()
-        with open(config, "w") as f:  # noqa: ASYNC230
-            f.write(text.replace("listen: 127.0.0.1:0", "listen: ['127.0.0.1:0', '127.0.0.1:0']")
-                    + "server_header: renamed\n")
+        _edit(config, lambda text: text.replace("listen: 127.0.0.1:0", "listen: ['127.0.0.1:0', '127.0.0.1:0']")
+              + "server_header: renamed\n")
         reply = await proxy.admin("POST", "/reload")
         assert reply.status == 200, reply.body
         assert b'"listen"' in reply.body  # restart_required
@@ -169,11 +174,8 @@ async def test_a_worker_restarted_after_a_reload_that_moves_the_listener_and_cac
     await proxy.start("--workers", "2")
     try:
         await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
-        with open(config) as f:  # noqa: ASYNC230 (a small local file)
-            text = f.read()
-        with open(config, "w") as f:  # noqa: ASYNC230
-            f.write(text.replace("listen: 127.0.0.1:0", "listen: 127.0.0.2:0")
-                    .replace("path: cache,", "path: cache2,") + "server_header: renamed\n")
+        _edit(config, lambda text: text.replace("listen: 127.0.0.1:0", "listen: 127.0.0.2:0")
+              .replace("path: cache,", "path: cache2,") + "server_header: renamed\n")
         reply = await proxy.admin("POST", "/reload")
         assert reply.status == 200, reply.body
         await _until_each_worker(proxy, "/h", lambda r: r.headers.get("Server") == "renamed")
