@@ -71,6 +71,7 @@ from proxy.lockfile import HeldLock, LockTaken, runtime_dir
 from proxy.logs import say, setup_logging
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
+from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CONFIG, load_settings, log_as_configured, run_async, start_logging
 from proxy.web.server import (
     Listeners,
@@ -244,6 +245,9 @@ class Supervisor:
         # is in the shared memory; the supervisor tells waiters and clears a dead worker's leases).
         self.leases = LeaseRelay(None, self._notify_worker)
         self.worker_calls.update(self.leases.calls())
+        # systemd's Type=notify (taken out of the environment: the workers must not notify).
+        self.notifier = Notifier.take()
+        self._serving: str | None = None  # the STATUS= line once every worker was ready
 
     # -- running ---------------------------------------------------------------------------
 
@@ -308,6 +312,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload_config and runtime.reload_config())
+        self._track(self.notifier.keep_watchdog())  # until the process exits, the drain included
         # What came during the start-up (``proxy.earlysignals``): done now.
         if any([earlysignals.take(signal.SIGTERM), earlysignals.take(signal.SIGINT)]):
             stop.set()
@@ -343,10 +348,13 @@ class Supervisor:
                     say_started(self.settings, proxy_urls, admin_urls, len(self.workers))
                     gctuning.settle()
                     runtime.state = "ready"
+                    self._serving = f"serving {', '.join(proxy_urls)} with {len(self.workers)} workers"
+                    self.notifier.ready(self._serving)
             await stop.wait()
         finally:
             self.stopping = True
             runtime.state = "stopping"
+            self.notifier.stopping()
             ignore_while_stopping(loop, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
             log.info("shutting down: stopping the workers (grace %gs)", self._grace())
             deadline = loop.time() + self._grace()
@@ -638,6 +646,20 @@ class Supervisor:
         The answer is the supervisor's own reload; the workers follow within moments (each
         reads the copy of the config file this reload validated, ``ConfigCopy``, and the same
         rule files; a worker that rejects them logs why and keeps its config)."""
+        # The service manager hears of a reload only once the start-up said READY (a SIGHUP
+        # held during the start-up is replayed before it): RELOADING=1, then READY=1 when
+        # every worker answered its reload.
+        serving = self._serving if not self.stopping else None
+        if serving is not None:
+            self.notifier.reloading()
+        result = self._reload_here(reloader)
+        if result.ok:
+            self._track(self._reload_workers(serving))
+        elif serving is not None:
+            self.notifier.reloaded(serving, result.problems)
+        return result
+
+    def _reload_here(self, reloader: Reloader) -> ReloadResult:
         copy = self._config
         if copy is not None:
             try:
@@ -650,11 +672,11 @@ class Supervisor:
                 copy.commit()  # before the workers reload: they read the copy
             else:
                 copy.discard()
-        if result.ok:
-            self._track(self._reload_workers())
         return result
 
-    async def _reload_workers(self) -> None:
+    async def _reload_workers(self, serving: str | None = None) -> None:
+        """Every worker's reload, in turn; then READY=1 for the reload ``serving`` announced."""
+        problems: list[str] = []
         for w in self.workers:
             if w.channel is None:
                 continue
@@ -662,9 +684,13 @@ class Supervisor:
                 answer = await w.channel.call("reload", wait=30)
             except Exception as exc:
                 log.error("worker %d: reload failed: %s", w.worker_id, exc)
+                problems.append(f"worker {w.worker_id}: reload failed: {exc}")
                 continue
             for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
+                problems.append(f"worker {w.worker_id}: {p}")
+        if serving is not None and not self.stopping:
+            self.notifier.reloaded(serving, problems)
 
     def _notify_worker(self, worker_id: int, event: dict[str, Any]) -> None:
         """Tell a worker how another worker's fetch of a key it waits for went (no answer needed)."""

@@ -378,6 +378,9 @@ def test_the_systemd_unit_is_hardened_and_runs_cachegate() -> None:
         assert service.get(key) == value, key
     assert int(service["LimitNOFILE"]) >= 65536
     assert "-HUP $MAINPID" in service["ExecReload"]
+    # Ready, reloads and the watchdog by sd_notify (proxy.sdnotify), from the supervisor only.
+    assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")
+    assert parse_duration(service["WatchdogSec"]) >= 30
     start = shlex.split(service["ExecStart"])
     assert start[0].endswith("/cachegate")
     build_parser().parse_args(start[1:])

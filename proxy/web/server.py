@@ -34,6 +34,7 @@ from proxy.inspection import Inspector, register_worker_calls
 from proxy.logs import say
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.runtime import CacheDirectoryInUse, ReloadResult, Runtime
+from proxy.sdnotify import Notifier
 from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
 from proxy.web.console import register_console_calls
@@ -386,6 +387,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     listeners = Listeners()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # systemd's Type=notify: the one serving process is the service's main process.
+    notifier = Notifier.take() if worker is None else Notifier()
 
     # A worker's listeners are on the ports its supervisor reserved (a config's port 0 too).
     reloader = install_reloader(runtime, config_path, overrides,
@@ -419,7 +422,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     stop_signals = (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT)
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload_config and runtime.reload_config())
+    watchdog = asyncio.ensure_future(notifier.keep_watchdog())
     # What came during the start-up (``proxy.earlysignals``): done now.
     if any(earlysignals.take(sig) for sig in stop_signals):
         stop.set()
@@ -438,10 +442,15 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         announce(listeners)
         say_started(settings, listeners.proxy_urls,
                     [f"http://{_fmt(h)}:{p}" for h, p in listeners.admin_addresses], 1)
+        if notifier.active and not stop.is_set():
+            serving = f"serving {', '.join(listeners.proxy_urls)}"
+            notifier.ready(serving)
+            runtime.reload_config = _notified(notifier, serving, reloader.reload)
     try:
         await stop.wait()
     finally:
         runtime.state = "stopping"
+        notifier.stopping()
         # The grace period of the config running now: a reload may have changed it.
         log.info("shutting down: finishing in-flight requests (grace %gs)", runtime.settings.shutdown_grace)
         ignore_while_stopping(loop, (*stop_signals, signal.SIGHUP))
@@ -452,9 +461,21 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         if channel is not None:
             await channel.close()
         await runtime.close(max(0.0, deadline - loop.time()))
+        watchdog.cancel()
     if worker is None:
         say("cachegate: stopped", event="stopped")
     return 0
+
+
+def _notified(notifier: Notifier, serving: str,
+              reload: Callable[[], ReloadResult]) -> Callable[[], ReloadResult]:
+    """``reload`` bracketed by RELOADING=1 and READY=1 for the service manager."""
+    def reload_notified() -> ReloadResult:
+        notifier.reloading()
+        result = reload()
+        notifier.reloaded(serving, result.problems)
+        return result
+    return reload_notified
 
 
 def ignore_while_stopping(loop: asyncio.AbstractEventLoop, signals: tuple[signal.Signals, ...]) -> None:
