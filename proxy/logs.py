@@ -453,3 +453,36 @@ def say(message: str, level: str = "info", **fields: Any) -> None:
     else:
         line = message
     print(line, flush=True)
+
+
+class RepeatedFailure:
+    """Logs a background job's failure with its traceback once, then the same failure once a
+    minute with how often it happened meanwhile, and when it works again. At the open-files
+    limit the storage upkeep failed every second, and a traceback each time buried the log."""
+
+    def __init__(self, logger: logging.Logger, what: str, every: float = 60.0) -> None:
+        self.log = logger
+        self.what = what
+        self.every = every
+        self._last: tuple[type[Exception], str] | None = None
+        self._since = 0  # failures not logged yet
+        self._logged_at = 0.0
+
+    def failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        # An OSError by its errno: its message names a file, a different one each time.
+        key = (type(exc), str(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc))
+        if key != self._last:
+            self._last, self._since, self._logged_at = key, 0, now
+            self.log.error("%s failed; retrying", self.what, exc_info=exc)
+            return
+        self._since += 1
+        if now - self._logged_at >= self.every:
+            self.log.error("%s still failing (%d more times in %.0fs): %s: %s", self.what,
+                           self._since, now - self._logged_at, type(exc).__name__, exc)
+            self._since, self._logged_at = 0, now
+
+    def succeeded(self) -> None:
+        if self._last is not None:
+            self.log.warning("%s works again", self.what)
+            self._last, self._since = None, 0

@@ -30,7 +30,7 @@ from proxy.config import Settings
 from proxy.control import Channel
 from proxy.engine import Engine
 from proxy.lockfile import HeldLock, LockTaken
-from proxy.logs import AccessLog, RequestIds, setup_logging, worker_label
+from proxy.logs import AccessLog, RepeatedFailure, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import PurgeOutcome, Purger, PurgeSpec
 from proxy.storage.arena import Arena
@@ -273,13 +273,16 @@ class Runtime:
         in progress."""
         orphans_before: float | None = started
         next_orphans = time.monotonic() + ORPHAN_SWEEP_INTERVAL
+        failures = RepeatedFailure(log, "storage upkeep")
         while True:
             try:
                 await self.storage.maintain(orphans_before=orphans_before)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("storage upkeep failed; retrying")
+            except Exception as exc:
+                failures.failed(exc)
+            else:
+                failures.succeeded()
             orphans_before = None
             if time.monotonic() >= next_orphans:
                 orphans_before = time.time() - ORPHAN_AGE
@@ -293,12 +296,15 @@ class Runtime:
             log.exception("building the directory of the disk tier's keys failed")
 
     async def _reload_bans(self) -> None:
+        failures = RepeatedFailure(log, "reloading bans")
         while True:
             await asyncio.sleep(BAN_RELOAD_INTERVAL)
             try:
                 await self.storage.reload_bans()
-            except Exception:
-                log.exception("reloading bans failed")
+            except Exception as exc:
+                failures.failed(exc)
+            else:
+                failures.succeeded()
 
     def _collect_tiers(self) -> Iterator[Metric]:
         s = self.storage

@@ -265,11 +265,12 @@ class ProxyProcess:
 
 
 def spawn_cachegate(args: list[str], env: dict[str, str] | None = None, *, expect_admin: bool = True,
-                    timeout: float = 20.0) -> ProxyProcess:
-    """Start ``python -m proxy <args>`` and wait until it announces its listeners."""
+                    timeout: float = 20.0, preexec: Callable[[], None] | None = None) -> ProxyProcess:
+    """Start ``python -m proxy <args>`` and wait until it announces its listeners (``preexec``
+    runs in the child before it starts: a resource limit)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env={**os.environ, **(env or {})},
+        text=True, env={**os.environ, **(env or {})}, preexec_fn=preexec,
     )
     assert proc.stdout is not None
     output: list[str] = []

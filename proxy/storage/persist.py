@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from proxy.logs import RepeatedFailure
 from proxy.policy.keys import url_of_key
 from proxy.storage.arena import F_PERSISTED, Arena, Record
 from proxy.storage.bans import GONE, BanList
@@ -174,13 +175,16 @@ class Persister:
 
     async def run_forever(self, interval: float = PERSIST_INTERVAL) -> None:
         """The owner's background loop."""
+        failures = RepeatedFailure(log, "writing behind to the disk tier")
         while not self.closed:
             try:
                 await self.flush()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("writing behind to the disk tier failed; retrying")
+            except Exception as exc:
+                failures.failed(exc)
+            else:
+                failures.succeeded()
             await self._wait(interval)
 
     async def _wait(self, interval: float) -> None:

@@ -1,0 +1,65 @@
+"""A background job that keeps failing (the storage upkeep, when its directory is gone or the
+process is at its open-files limit) logs its traceback once, then at most once a minute, and
+says when it works again: before, a traceback every second buried the log."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from proxy.logs import RepeatedFailure
+from tests.harness import spawn_cachegate, write_config
+
+
+def _wait_for(output: Callable[[], str], text: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in output():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_an_upkeep_failing_every_second_logs_one_traceback_then_says_it_works_again(tmp_path: Path) -> None:
+    config = write_config(str(tmp_path), "http://127.0.0.1:9")
+    proxy = spawn_cachegate(["run", "--config", config, "--workers", "1"])
+    cache, moved = tmp_path / "cache", tmp_path / "cache.moved"
+    try:
+        # The cache directory moved away under the running process (an unmount, a careless
+        # clean-up): its open databases still work, the upkeep's checkpoint cannot open one.
+        os.rename(cache, moved)
+        assert _wait_for(lambda: proxy.text, "storage upkeep failed", 10), proxy.text
+        time.sleep(3.5)  # three or four more rounds
+        failed = proxy.text.count("storage upkeep failed")
+        os.rename(moved, cache)
+        assert _wait_for(lambda: proxy.text, "storage upkeep works again", 10), proxy.text
+    finally:
+        if moved.exists() and not cache.exists():
+            os.rename(moved, cache)
+        assert proxy.stop() == 0, proxy.text
+    assert failed == 1 and proxy.text.count("Traceback") == 1, proxy.text
+
+
+def test_the_same_failure_is_summed_once_a_minute_and_another_is_logged_at_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("cachegate.test")
+    failures = RepeatedFailure(log, "the job", every=0.2)
+    with caplog.at_level(logging.WARNING, "cachegate.test"):
+        for name in ("/a", "/b", "/c"):  # one errno, a different file each time: one failure
+            failures.failed(OSError(24, "Too many open files", name))
+        assert [r.getMessage() for r in caplog.records] == ["the job failed; retrying"]
+        time.sleep(0.25)
+        failures.failed(OSError(24, "Too many open files", "/d"))
+        assert caplog.records[-1].getMessage() == (
+            "the job still failing (3 more times in 0s): OSError: [Errno 24] Too many open files: '/d'")
+        failures.failed(ValueError("another"))  # another failure: at once, with its traceback
+        assert caplog.records[-1].exc_info is not None and len(caplog.records) == 3
+        failures.succeeded()
+        failures.succeeded()
+        assert [r.getMessage() for r in caplog.records][-1] == "the job works again" and len(caplog.records) == 4
