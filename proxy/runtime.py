@@ -94,7 +94,8 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
     if arena_fd is not None:
         arena = Arena.attach(arena_fd)
     else:
-        arena = Arena.create(arena_capacity(c.memory, processes), c.disk.size if c.disk is not None else 0)
+        arena = Arena.create(arena_capacity(c.memory, processes), c.disk.size if c.disk is not None else 0,
+                             processes)
     memory = MemoryTier(c.memory, c.memory_max_object, c.memory_policy, arena=arena, owns_arena=True)
     disk = index = None
     if c.disk is not None:

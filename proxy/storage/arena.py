@@ -74,6 +74,7 @@ MAX_SECOND_CHANCES = 16  # records read since written that go round again per wr
 # Header fields (u64 each, at these offsets of page 0).
 H_MAGIC, H_HEAD, H_TAIL, H_CAPACITY, H_ENTRIES, H_EVICTIONS, H_LOST, H_READY = (8 * i for i in range(8))
 H_INDEX_BUCKETS, H_DIR_BUCKETS, H_DIR_ENTRIES, H_WRITES, H_BYTES = (8 * i for i in range(8, 13))
+H_PROCESSES = 8 * 13  # the serving processes sharing the arena (at least 1)
 H_SECRET = 128  # 16 bytes
 
 _HEAD = struct.Struct("<QQIIIHBBII")
@@ -192,8 +193,9 @@ class Arena:
         return index_buckets, dir_buckets, _align(at) + _align(LEASE_BYTES) + _align(capacity)
 
     @classmethod
-    def create(cls, capacity: int, disk_budget: int = 0) -> Arena:
-        """A new, empty arena in a memfd (an unlinked temporary file where there is no memfd)."""
+    def create(cls, capacity: int, disk_budget: int = 0, processes: int = 1) -> Arena:
+        """A new, empty arena in a memfd (an unlinked temporary file where there is no memfd),
+        for ``processes`` serving processes (what is shared per process, the spool room)."""
         index_buckets, dir_buckets, size = cls.layout(capacity, disk_budget)
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("cachegate-arena", os.MFD_CLOEXEC)
@@ -205,7 +207,8 @@ class Arena:
         os.ftruncate(fd, size)
         head = bytearray(PAGE)
         for at, value in ((H_MAGIC, MAGIC), (H_CAPACITY, _align(capacity)), (H_INDEX_BUCKETS, index_buckets),
-                          (H_DIR_BUCKETS, dir_buckets), (H_HEAD, 8), (H_TAIL, 8)):  # 0: a dead record
+                          (H_DIR_BUCKETS, dir_buckets), (H_HEAD, 8), (H_TAIL, 8),  # 0: a dead record
+                          (H_PROCESSES, max(1, processes))):
             _Q.pack_into(head, at, value)
         head[H_SECRET:H_SECRET + 16] = os.urandom(16)
         os.pwrite(fd, bytes(head), 0)
@@ -238,6 +241,11 @@ class Arena:
     @property
     def entries(self) -> int:
         return self._get(H_ENTRIES)
+
+    @property
+    def processes(self) -> int:
+        """How many serving processes share this arena (as its owner made it)."""
+        return max(1, self._get(H_PROCESSES))
 
     @property
     def used(self) -> int:

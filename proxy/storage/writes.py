@@ -23,11 +23,13 @@ from proxy.storage.spool import SpoolDir
 from proxy.storage.work import Tiers
 
 SPOOL_IN_MEMORY = 64 * 1024  # a body being received stays in memory up to this (or memory_max_object)
-# The share of cache.disk.size a process's spool files (bodies being received, bigger than the
-# above) may take: each spool reserves its expected length (or what it has received, when
-# longer or unknown). Past it, a new body is passed on unstored, but one spool is always let in
-# when the process has none, so any object up to max_object can still be stored. The spools were
-# not counted at all: 20 fills of 95 MB with a 256 MB budget put 1.9 GB in the cache directory.
+# The share of cache.disk.size the machine's spool files (bodies being received, bigger than
+# the above) may take, split evenly between the serving processes: each spool reserves its
+# expected length (or what it has received, when longer or unknown). Past its process's part, a
+# new body is passed on unstored, but one spool is always let in when the process has none, so
+# any object up to max_object can still be stored. The spools were not counted at all: 20 fills
+# of 95 MB with a 256 MB budget put 1.9 GB in the cache directory; then each process had a
+# quarter, and 16 workers could spool 4 times the budget.
 SPOOL_SHARE = 4  # one quarter
 
 
@@ -109,7 +111,10 @@ class Writer:
         self.spools = spools
         self.failed_writes = 0  # this process's own disk commits (big bodies) that failed
         disk = tiers.disk
-        self.spool_room = disk.size_limit // SPOOL_SHARE if disk is not None else 0
+        # The machine's spools hold at most SPOOL_SHARE of the disk budget: each serving
+        # process its part of it (a process's only spool may still take max_object).
+        processes = tiers.memory.arena.processes
+        self.spool_room = disk.size_limit // SPOOL_SHARE // processes if disk is not None else 0
         self.spooled = 0  # bytes the process's spools hold or expect (``BodySpool.reserved``)
 
     def reserve(self, spool: BodySpool, total: int) -> bool:

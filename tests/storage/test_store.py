@@ -515,3 +515,25 @@ def test_bodies_being_received_take_at_most_a_share_of_the_disk_budget(tmp_path:
         s.close()
 
     asyncio.run(main())
+
+
+def test_the_spool_room_is_the_machines_split_between_its_serving_processes(tmp_path: Path) -> None:
+    """Each process had a quarter of the disk budget for its spools: 16 workers could spool
+    four times the budget. The quarter is the machine's now, split between the workers."""
+    from proxy.config import Overrides, load_config
+    from proxy.runtime import open_storage
+    from tests.harness import write_config
+
+    path = write_config(str(tmp_path), "http://127.0.0.1:9",
+                        "cache: {memory: 64MB, disk: {path: cache, size: 512MB, shards: 1}}\n")
+    settings = load_config(path, Overrides())
+    alone = open_storage(settings)
+    assert alone.writes.spool_room == 512 * MB // 4
+    alone.close()
+    owner = open_storage(settings, processes=2)  # a supervisor of two workers
+    worker = open_storage(settings, arena_fd=os.dup(owner.memory.arena.fd))
+    try:
+        assert owner.writes.spool_room == worker.writes.spool_room == 512 * MB // 4 // 2
+    finally:
+        worker.close()
+        owner.close()
