@@ -59,7 +59,9 @@ def glob_to_regex(glob: str) -> str:
     i = 0
     while i < len(glob):
         if glob.startswith("**", i):
-            out.append(".*")
+            # Every character, a decoded newline (%0A) too: ``/account/**`` must not miss
+            # ``/account/orders%0A`` (the linear matcher never treated newlines apart).
+            out.append("(?s:.*)")
             i += 2
         elif glob[i] == "*":
             out.append("[^/]*")
@@ -461,6 +463,14 @@ def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
                 problems.add(sec.line_of(key),
                              f"{label}: {key} never applies: only GET and HEAD are cached, and this "
                              f"rule matches only {', '.join(sorted(match.methods))}")
+    if match.methods and "HEAD" in match.methods and "GET" not in match.methods:
+        # A HEAD that misses fills the GET: such an action would set what every GET gets.
+        for key in CACHE_ACTIONS:
+            if key != "client_cache_control" and sec.has(key):
+                problems.add(sec.line_of(key),
+                             f"{label}: {key} would apply to the GET response a HEAD fills and "
+                             "every GET is answered from, not to HEAD alone; match method: [GET] "
+                             "(a GET rule covers HEAD too)")
     if sec.has("ttl") and not actions.no_store and not actions.bypass:
         _warn_error_ttls(sec.values["ttl"], match.status, label, problems)
     if not written and all(k in RULE_KEYS for k in sec.values):

@@ -21,6 +21,7 @@ from typing import Literal
 from urllib.parse import parse_qsl
 
 from proxy.policy.fields import cookies as read_cookies
+from proxy.policy.keys import split_host
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import normalise_path
 
@@ -249,15 +250,32 @@ _REGEX_SEGMENT = re.compile(r"\^/([A-Za-z0-9_~!&',;=@-]+)/")
 
 
 def _regex_first_segment(pattern: str) -> str | None:
-    """The literal first segment of an anchored regex like ``^/assets/...``, else None.
+    """The literal first segment of an anchored regex like ``^/assets/...``, else None; also
+    None when the ``/`` after it is optional (``^/account/?`` matches ``/account.json``).
 
     >>> _regex_first_segment(r"^/assets/.+\\.css$"), _regex_first_segment(r"^/a/x|/b")
     ('assets', None)
+    >>> _regex_first_segment(r"^/account/?"), _regex_first_segment(r"^/a/{0,1}x")
+    (None, None)
     """
     if "|" in pattern:  # a top-level alternative could match anywhere
         return None
     m = _REGEX_SEGMENT.match(pattern)
-    return m.group(1) if m else None
+    if m is None or pattern[m.end():m.end() + 1] in ("?", "*", "{"):
+        return None
+    return m.group(1)
+
+
+def _with_port(host: str, scheme: str) -> str:
+    """``host`` (normalised: its scheme's default port dropped) with its port written out, for
+    a host pattern that names one: ``admin.example:80`` matches ``Host: admin.example``.
+
+    >>> _with_port("a.example", "http"), _with_port("[::1]", "https"), _with_port("a:8080", "http")
+    ('a.example:80', '[::1]:443', 'a:8080')
+    """
+    if split_host(host)[1]:
+        return host
+    return f"{host}:{'443' if scheme == 'https' else '80'}"
 
 
 def first_segment(path: str) -> str:
@@ -341,7 +359,7 @@ class Match:
 
             def host_ok(v: RequestView) -> bool:
                 for fullmatch, with_port in hosts:
-                    if fullmatch(v.head.host if with_port else v.host) is not None:
+                    if fullmatch(_with_port(v.head.host, v.head.scheme) if with_port else v.host) is not None:
                         return True
                 return False
 

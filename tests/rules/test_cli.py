@@ -110,6 +110,12 @@ BAD_RULES = [
      """, 4, "ttl never applies: only GET and HEAD are cached"),
     ("""
      rules:
+       - name: monitors probe with HEAD
+         match: {path: /page, method: [HEAD]}
+         ttl: {200: 1h}
+     """, 4, "ttl would apply to the GET response a HEAD fills and every GET is answered from"),
+    ("""
+     rules:
        - name: b
          match: {path: /b}
          bypass: true

@@ -121,9 +121,12 @@ def test_paths_are_matched_decoded_and_without_dot_segments(raw: str, normal: st
 
 # -- properties: the fast paths agree with the plain definitions ------------------------------------
 
-SEGMENTS = ["a", "b", "api", "static", "x.css", "%61", "..", ".", ""]
+SEGMENTS = ["a", "b", "api", "static", "x.css", "%61", "..", ".", "", "a.json", "ab"]
+# ``^/a/?`` and ``^/a/*x``: the slash after the first segment is optional, so the segment does
+# not index them (``/a.json`` and ``/ab`` match): the index skipped such a bypass rule.
 GLOBS = ["/a/**", "/b/*", "/api/**", "/static/*.css", "/**", "/a", "/*/x.css", "regex:^/a/",
-         "regex:^/api/|^/b", "regex:css$", "regex:^/static/.+"]
+         "regex:^/api/|^/b", "regex:css$", "regex:^/static/.+", "regex:^/a/?", "regex:^/a/*x",
+         "regex:^/a/{0,1}j"]
 
 
 def paths() -> st.SearchStrategy[str]:
@@ -160,3 +163,25 @@ def test_reload_keeps_what_needs_a_restart() -> None:
     merged, restart = live_settings(old, new)
     assert restart == ["listen"]
     assert (merged.listen, merged.via, merged.rules) == (("127.0.0.1", 1), "new", RULES)
+
+
+def test_a_host_pattern_with_the_default_port_matches_the_host_without_it() -> None:
+    """The Host is normalised (``admin.example:80`` and ``admin.example`` are one host) before
+    the rules see it, so a pattern naming the scheme's default port never held: the admin
+    pages it was to bypass were stored and served to everyone."""
+    rules = compile_text("""
+        rules:
+          - {name: admin, match: {host: "admin.example:80"}, bypass: true}
+          - {name: tls admin, match: {host: "secure.example:443"}, bypass: true}
+          - {name: other port, match: {host: "admin.example:8080"}, bypass: true}
+    """)
+
+    def plan(host: str, scheme: str = "http") -> str | None:
+        rule = rules.plan(RequestHead("GET", scheme, host, "/", CIMultiDictProxy(CIMultiDict()))).rule
+        return rule.name if rule is not None else None
+
+    assert plan("admin.example") == "admin"
+    assert plan("admin.example", "https") is None  # that is admin.example:443
+    assert plan("secure.example", "https") == "tls admin"
+    assert plan("secure.example") is None
+    assert plan("admin.example:8080") == "other port"

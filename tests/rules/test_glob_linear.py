@@ -41,6 +41,18 @@ def glob(text: str) -> object:
     return pattern
 
 
+def test_a_double_star_matches_a_decoded_newline_as_any_other_character() -> None:
+    """``/account/**`` as a bypass missed ``/account/orders%0A`` (decoded: a newline), which the
+    origin served as Alice's orders and the cache then gave to anyone who asked."""
+    for text, path, matches in [("/account/**", "/account/orders\n", True),
+                                ("/account/**", "/account/\n/x", True),
+                                ("/**", "/\n", True),
+                                ("/a/**/b", "/a/\n/b", True),
+                                ("/a/*", "/a/\n", True),  # within a segment too
+                                ("/a/**", "/b/\n", False)]:
+        assert (glob(text).fullmatch(path) is not None) is matches, (text, path)  # type: ignore[attr-defined]
+
+
 def test_the_linear_matcher_agrees_with_the_glob_regex() -> None:
     """Every glob semantic (``*`` within a segment, ``**`` across, ``?``, the whole path) kept:
     random globs against random paths, compared with the regex the glob translates to."""
@@ -51,5 +63,5 @@ def test_the_linear_matcher_agrees_with_the_glob_regex() -> None:
         matcher = glob(text)
         regex = re.compile(glob_to_regex(text))
         for _ in range(10):
-            path = "/" + "".join(rng.choice("ab/-.") for _ in range(rng.randint(0, 9)))
+            path = "/" + "".join(rng.choice("ab/-.\n") for _ in range(rng.randint(0, 9)))
             assert (matcher.fullmatch(path) is not None) == (regex.fullmatch(path) is not None), (text, path)
