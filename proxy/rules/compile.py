@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
-from proxy.policy.keys import KeySpec
+from proxy.policy.keys import DEFAULT_KEY, KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
 from proxy.rules.match import Condition, Glob, HostPattern, Match
@@ -430,6 +430,35 @@ def _actions(sec: Section, problems: Problems) -> Actions:
     )
 
 
+# Actions that let a stored response be shared longer or more widely than the origin said.
+WIDENING_ACTIONS = ("ttl", "override_origin", "stale_while_revalidate", "stale_if_error", "allow_set_cookie")
+
+
+def _warn_unkeyed_conditions(sec: Section, match: Match, key: KeySpec, label: str,
+                             problems: Problems) -> None:
+    """A warning when what a client sends, outside the cache key, picks a rule that widens
+    sharing: one request with ``User-Agent: googlebot`` then sets the lifetime every browser
+    gets for that URL. (``absent`` conditions are left alone: the usual anonymous-pages rule.)"""
+    widening = [k for k in WIDENING_ACTIONS if sec.has(k)]
+    if sec.has("deception_guard") and sec.values["deception_guard"].value is False:
+        widening.append("deception_guard: false")
+    if not widening:
+        return
+    keyed_headers = {h.lower() for h in key.headers}
+    unkeyed = [f"header {c.name}" for c in match.headers
+               if c.kind != "absent" and c.name.lower() not in keyed_headers]
+    unkeyed += [f"cookie {c.name}" for c in match.cookies if c.kind != "absent" and c.name not in key.cookies]
+    unkeyed += [f"query {c.name}" for c in match.query if c.kind != "absent" and (
+        key.query_ignore or c.name in key.query_exclude
+        or (key.query_include is not None and c.name not in key.query_include))]
+    if unkeyed:
+        problems.warn(sec.line_of(widening[0].split(":")[0]),
+                      f"{label}: {', '.join(widening)} is chosen by {', '.join(unkeyed)}, which the "
+                      "cache key does not hold: one request that has it sets what every client of "
+                      "the URL gets; add it to key: (headers:, cookies:, query:) or give this rule "
+                      "no_store/bypass")
+
+
 def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
     if not isinstance(src.value, dict):
         problems.add(src, f"rules[{index}]: expected a mapping (name:, match:, and actions), "
@@ -473,6 +502,8 @@ def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
                              "(a GET rule covers HEAD too)")
     if sec.has("ttl") and not actions.no_store and not actions.bypass:
         _warn_error_ttls(sec.values["ttl"], match.status, label, problems)
+    if not actions.no_store and not actions.bypass:
+        _warn_unkeyed_conditions(sec, match, actions.key or DEFAULT_KEY, label, problems)
     if not written and all(k in RULE_KEYS for k in sec.values):
         problems.add(src, f"{label}: the rule has no action (ttl, bypass, key, ...), so it only "
                           "hides the rules after it; remove it or give it an action")

@@ -185,3 +185,50 @@ def test_a_host_pattern_with_the_default_port_matches_the_host_without_it() -> N
     assert plan("secure.example", "https") == "tls admin"
     assert plan("secure.example") is None
     assert plan("admin.example:8080") == "other port"
+
+
+def _warnings(text: str) -> list[str]:
+    problems = Problems()
+    root = parse_yaml(textwrap.dedent(text), "t.yaml", problems)
+    assert root is not None
+    compile_rule_file(root, problems)
+    assert not problems, problems.items
+    return problems.warnings
+
+
+def test_a_rule_that_widens_sharing_on_an_unkeyed_condition_is_warned_about() -> None:
+    """One request with ``User-Agent: googlebot`` stored the page with this rule's day-long
+    lifetime, and every browser then got it for a day (the origin said 5 s)."""
+    (warning,) = _warnings("""
+        rules:
+          - name: crawlers
+            match: {path: "/news/**", header: {User-Agent: {regex: "(?i)googlebot"}}}
+            ttl: {200: 1d}
+            override_origin: true
+    """)
+    assert warning.startswith("t.yaml:5: warning: rule 'crawlers': ttl, override_origin is chosen by "
+                              "header User-Agent, which the cache key does not hold")
+    assert _warnings("""
+        rules:
+          - name: keyed
+            match: {header: {User-Agent: {regex: bot}}}
+            key: {headers: [user-agent]}
+            ttl: {200: 1d}
+          - name: anonymous pages
+            match: {cookie: {session: absent}}
+            ttl: {200: 2m}
+          - name: restrictive
+            match: {cookie: {beta: present}}
+            no_store: true
+          - name: keyed query
+            match: {query: {v: "2"}}
+            ttl: {200: 1h}
+    """) == []
+    (warning,) = _warnings("""
+        rules:
+          - name: ignored query
+            match: {query: {preview: "1"}}
+            key: {query: ignore}
+            stale_if_error: 1d
+    """)
+    assert "stale_if_error is chosen by query preview" in warning
