@@ -27,6 +27,14 @@ from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill
 from proxy.policy.freshness import heuristic_withheld
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
+from proxy.policy.reply import (
+    NotModified,
+    PreconditionFailed,
+    Send,
+    Unsatisfiable,
+    reply_head,
+    served_headers,
+)
 from proxy.policy.request import Listener, Message, Refusal, normalise_request, parse_url
 from proxy.policy.reuse import Forward, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup, select_variant
 from proxy.policy.storability import response_cache_control
@@ -396,6 +404,10 @@ def _vary_mismatch(head: RequestHead, variants: Sequence[StoredVariant]) -> str:
     return "; ".join(parts)
 
 
+def _content_range(headers: Sequence[tuple[str, str]]) -> str:
+    return next((v for k, v in headers if k == "Content-Range"), "a range")
+
+
 def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
                   variants: Sequence[StoredVariant], now: float) -> dict[str, Any]:
     """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
@@ -414,9 +426,9 @@ def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
     out: dict[str, Any]
     match decision:
         case Serve():
-            v = variants[decision.index].response
-            out = {"action": "serve", "variant": decision.index, "x_cache_status": decision.status,
-                   "status": 304 if decision.not_modified else v.status}
+            stored = variants[decision.index]
+            v = stored.response
+            out = {"action": "serve", "variant": decision.index, "x_cache_status": decision.status}
             detail: str | None
             if decision.status == "HIT":
                 why = f"a stored variant is fresh for {fmt_duration(max(decision.ttl, 0))} more"
@@ -432,9 +444,33 @@ def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
                        f"({fmt_duration(v.freshness.stale_while_revalidate)}): served at once while one "
                        "background request revalidates it")
                 detail = "STALE-WHILE-REVALIDATE"
-            if decision.not_modified:
-                why += "; the client's conditional matches: 304"
-            out["cache_status"] = cache_status(hit=True, ttl=decision.ttl, detail=detail)
+            cs = cache_status(hit=True, ttl=decision.ttl, detail=detail)
+            # The reply the engine sends from it (``Engine.serve``): the same function decides
+            # a 412, a 304, a 206 or a 416 for this request.
+            answer = reply_head(head, v, stored.size,
+                                served_headers(v.headers, str(int(decision.age)), cs, decision.status),
+                                decision.not_modified)
+            match answer:
+                case None:  # a stored response that cannot answer this request: fetched
+                    return {"action": "forward", "fwd": "uri-miss", "x_cache_status": "MISS",
+                            "cache_status": cache_status(fwd="uri-miss"),
+                            "why": "the stored response cannot answer this request: the origin is asked"}
+                case PreconditionFailed():
+                    out["status"] = 412
+                    why += "; the client's If-Match or If-Unmodified-Since is false for it: 412"
+                case NotModified():
+                    out["status"] = 304
+                    why += "; the client's conditional matches: 304"
+                case Unsatisfiable():
+                    out["status"] = 416
+                    why += f"; the Range lies outside its {stored.size} bytes: 416"
+                case Send():
+                    out["status"] = answer.status
+                    if answer.status == 206:
+                        why += f"; {_content_range(answer.headers)} of it: 206"
+                case _:
+                    assert_never(answer)
+            out["cache_status"] = cs
             out["why"] = why
             return out
         case Revalidate():

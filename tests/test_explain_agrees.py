@@ -8,15 +8,19 @@ or "not stored" with the same ``Cache-Status`` detail.
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
 
 from proxy.explain import ExplainRequest, explain, explain_trace, request_head
+from proxy.policy.httpdate import format_http_date
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Clock, Handler, Origin, Proxy
+from tests.rules.util import settle
 
 RULES = """
 rules:
@@ -128,3 +132,76 @@ async def test_explain_and_the_proxy_agree_on_stored_and_not_stored(proxy: Proxy
             again = await proxy.request(method, path, headers=dict(request_fields))
             assert (again.x_cache == "MISS") is (expected is not None), (case, again.cache_status)
     assert not disagreements, disagreements
+
+
+# -- what explain says the proxy answers now, from what is stored --------------------------------
+
+BODY = b"0123456789"
+OLD = "Mon, 01 Jan 2001 00:00:00 GMT"
+Said = tuple[int | None, str, str]
+
+
+def representation(clock: Clock, fields: dict[str, str]) -> Handler:
+    """An origin's answer dated by the proxy's clock (so ages are what the test sets), with a
+    304 for a matching If-None-Match."""
+    async def answer(request: web.Request) -> web.Response:
+        headers = {**fields, "Date": format_http_date(clock.now)}
+        if "ETag" in fields and request.headers.get("If-None-Match") == fields["ETag"]:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=BODY, headers={"Content-Type": "text/plain", **headers})
+
+    return answer
+
+
+@pytest.fixture
+async def clocked(make_proxy: MakeProxy) -> tuple[Proxy, Clock]:
+    proxy = await make_proxy()
+    clock = Clock()
+    proxy.runtime.engine.clock = clock
+    return proxy, clock
+
+
+async def explain_then_ask(proxy: Proxy, path: str, headers: dict[str, str]) -> tuple[Said, Said]:
+    """What GET /explain says the proxy does with this request now, then what it does:
+    (status, X-Cache-Status, Cache-Status) each (a decision that goes to the origin names
+    no status: the origin's answer decides it)."""
+    query = f"url={quote(proxy.url + path)}&headers={quote(json.dumps(headers))}"
+    reply = await proxy.admin("GET", "/explain?" + query)
+    assert reply.status == 200, reply.body
+    decision = json.loads(reply.body)["decision"]
+    got = await proxy.get(path, headers=headers)
+    return ((decision.get("status", got.status), decision["x_cache_status"], decision["cache_status"]),
+            (got.status, got.x_cache, got.cache_status))
+
+
+async def test_explain_gives_the_status_the_proxy_answers_from_a_fresh_entry(
+        origin: Origin, clocked: tuple[Proxy, Clock]) -> None:
+    """Preconditions and ranges decide the reply from a fresh entry (412, 304, 206, 416):
+    explain says the same status as the proxy (both from ``reply_head``)."""
+    proxy, clock = clocked
+    origin.route("/fresh", representation(clock, {"Cache-Control": "max-age=100", "ETag": '"e1"',
+                                                   "Last-Modified": "Mon, 01 Jan 2024 00:00:00 GMT"}))
+    assert (await proxy.get("/fresh")).x_cache == "MISS"
+    await settle(proxy)
+    cases: dict[str, dict[str, str]] = {
+        "plain": {},
+        "If-None-Match matching": {"If-None-Match": '"e1"'},
+        "If-Match another": {"If-Match": '"other"'},
+        "If-Match matching": {"If-Match": '"e1"'},
+        "If-Unmodified-Since before": {"If-Unmodified-Since": OLD},
+        "a range": {"Range": "bytes=0-3"},
+        "a range outside": {"Range": "bytes=50-60"},
+        "a range, If-Range another": {"Range": "bytes=0-3", "If-Range": '"other"'},
+    }
+    statuses = {}
+    disagreements = []
+    for case, headers in cases.items():
+        explained, done = await explain_then_ask(proxy, "/fresh", headers)
+        statuses[case] = done[0]
+        if explained != done:
+            disagreements.append((case, {"explain": explained, "proxy": done}))
+    assert not disagreements, disagreements
+    assert statuses == {"plain": 200, "If-None-Match matching": 304, "If-Match another": 412,
+                        "If-Match matching": 200, "If-Unmodified-Since before": 412, "a range": 206,
+                        "a range outside": 416, "a range, If-Range another": 200}
+    assert origin.count("/fresh") == 1
