@@ -22,9 +22,10 @@ from typing import Any, assert_never
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.cache_control import CacheControl
-from proxy.policy.cache_status import cache_status
-from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill
+from proxy.policy.cache_status import cache_status, serve_detail
+from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill, freshened
 from proxy.policy.freshness import heuristic_withheld
+from proxy.policy.httpdate import format_http_date
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 from proxy.policy.reply import (
@@ -408,6 +409,17 @@ def _content_range(headers: Sequence[tuple[str, str]]) -> str:
     return next((v for k, v in headers if k == "Content-Range"), "a range")
 
 
+def _ttl_if_not_modified(head: RequestHead, plan: RequestPlan, stored: StoredResponse, now: float
+                         ) -> float | None:
+    """The ``ttl`` of the proxy's REVALIDATED answer when the origin's 304 (dated now) changes
+    no freshness field: ``stored`` freshened by it as the engine freshens (``freshened``).
+    None when it would no longer be kept."""
+    sp = plan.for_response(stored.status, stored.header_dict().get("Content-Type"))
+    update = CIMultiDictProxy(CIMultiDict({"Date": format_http_date(now)}))
+    updated = freshened(stored, Exchange(head, 304, "", update, now, now), sp, FillSettings())
+    return None if updated is None else updated.ttl(now)
+
+
 def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
                   variants: Sequence[StoredVariant], now: float) -> dict[str, Any]:
     """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
@@ -429,21 +441,18 @@ def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
             stored = variants[decision.index]
             v = stored.response
             out = {"action": "serve", "variant": decision.index, "x_cache_status": decision.status}
-            detail: str | None
-            if decision.status == "HIT":
+            detail = serve_detail(decision.status, v)  # the engine's own
+            if detail is None:
                 why = f"a stored variant is fresh for {fmt_duration(max(decision.ttl, 0))} more"
-                detail = None
-            elif decision.status == "STALE":
+            elif detail == "SOFT-PURGED":
+                why = "soft-purged: " + ("served at once while one background request revalidates it"
+                                         if decision.refresh else "served within the client's max-stale")
+            elif detail == "MAX-STALE":
                 why = f"stale by {fmt_duration(-decision.ttl)}, within the client's max-stale"
-                detail = "MAX-STALE"
-            elif v.invalidated:
-                why = ("soft-purged: served at once while one background request revalidates it")
-                detail = "SOFT-PURGED"
             else:
                 why = (f"stale by {fmt_duration(-decision.ttl)}, within stale-while-revalidate "
                        f"({fmt_duration(v.freshness.stale_while_revalidate)}): served at once while one "
                        "background request revalidates it")
-                detail = "STALE-WHILE-REVALIDATE"
             cs = cache_status(hit=True, ttl=decision.ttl, detail=detail)
             # The reply the engine sends from it (``Engine.serve``): the same function decides
             # a 412, a 304, a 206 or a 416 for this request.
@@ -492,7 +501,8 @@ def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
             return {"action": "revalidate", "variant": decision.index, "fwd": decision.fwd,
                     "x_cache_status": "REVALIDATED",
                     "x_cache_status_if_changed": "EXPIRED" if decision.fwd == "stale" else "MISS",
-                    "cache_status": cache_status(fwd=decision.fwd, fwd_status=304),
+                    "cache_status": cache_status(fwd=decision.fwd, fwd_status=304,
+                                                 ttl=_ttl_if_not_modified(head, plan, v, now)),
                     "why": why}
         case Forward():
             if decision.fwd == "uri-miss":

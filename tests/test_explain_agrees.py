@@ -205,3 +205,46 @@ async def test_explain_gives_the_status_the_proxy_answers_from_a_fresh_entry(
                         "If-Match matching": 200, "If-Unmodified-Since before": 412, "a range": 206,
                         "a range outside": 416, "a range, If-Range another": 200}
     assert origin.count("/fresh") == 1
+
+
+async def test_explain_gives_the_cache_status_the_proxy_sends_for_stale_and_soft_purged_entries(
+        origin: Origin, clocked: tuple[Proxy, Clock]) -> None:
+    """A soft-purged entry served under max-stale says SOFT-PURGED (``serve_detail``, not a
+    detail of explain's own), and a revalidation's 304 answer carries the ttl the freshened
+    entry has, as the proxy's does."""
+    proxy, clock = clocked
+    origin.route("/soft", representation(clock, {"Cache-Control": "max-age=100", "ETag": '"s"'}))
+    origin.route("/val", representation(clock, {"Cache-Control": "max-age=30", "ETag": '"v"'}))
+    for path in ("/soft", "/val"):
+        assert (await proxy.get(path)).x_cache == "MISS"
+    await settle(proxy)
+    purged = await proxy.admin("POST", "/purge", json={"urls": [proxy.url + "/soft"], "soft": True})
+    assert purged.status == 200, purged.body
+    clock.advance(60)  # /val is stale by 30s
+    cases: list[tuple[str, str, dict[str, str]]] = [
+        ("soft-purged, max-stale", "/soft", {"Cache-Control": "max-stale"}),
+        ("soft-purged, max-stale=1", "/soft", {"Cache-Control": "max-stale=1"}),
+        ("soft-purged", "/soft", {}),  # (last: its background revalidation freshens it)
+        ("stale, revalidated", "/val", {}),
+    ]
+    said = {}
+    disagreements = []
+    for case, path, headers in cases:
+        explained, done = await explain_then_ask(proxy, path, headers)
+        said[case] = done[1:]
+        if explained != done:
+            disagreements.append((case, {"explain": explained, "proxy": done}))
+        await settle(proxy)
+    clock.advance(60)
+    explained, done = await explain_then_ask(proxy, "/val", {"If-None-Match": '"v"'})
+    said["stale, revalidated, If-None-Match"] = done[1:]
+    if explained != done:
+        disagreements.append(("stale, revalidated, If-None-Match", {"explain": explained, "proxy": done}))
+    assert not disagreements, disagreements
+    assert said == {
+        "soft-purged, max-stale": ("STALE", "cachegate; hit; ttl=0; detail=SOFT-PURGED"),
+        "soft-purged, max-stale=1": ("STALE", "cachegate; hit; ttl=0; detail=SOFT-PURGED"),
+        "soft-purged": ("UPDATING", "cachegate; hit; ttl=0; detail=SOFT-PURGED"),
+        "stale, revalidated": ("REVALIDATED", "cachegate; fwd=stale; fwd-status=304; ttl=30"),
+        "stale, revalidated, If-None-Match": ("REVALIDATED", "cachegate; fwd=stale; fwd-status=304; ttl=30"),
+    }
