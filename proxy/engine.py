@@ -50,17 +50,16 @@ from proxy.policy.fill import (
 )
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
-from proxy.policy.keys import cache_key
+from proxy.policy.keys import cache_key, part_key, whole_key
 from proxy.policy.messages import RequestHead, StoredResponse
 from proxy.policy.partial import (
     ByteRange,
     Combine,
-    answerable,
     decide_combine,
     parse_content_range,
     part_range,
 )
-from proxy.policy.ranges import RangeSpec, if_range_allows, request_range
+from proxy.policy.ranges import RangeSpec, request_range
 from proxy.policy.reply import (
     NotModified,
     PreconditionFailed,
@@ -71,13 +70,17 @@ from proxy.policy.reply import (
 )
 from proxy.policy.request import Forwarder, UpstreamRequest, final_recipient, upstream_request
 from proxy.policy.reuse import (
+    FetchPart,
+    FetchWhole,
     Forward,
+    FromPart,
     OnlyIfCachedMiss,
+    PartLookup,
     Revalidate,
     Serve,
     decide_lookup,
+    decide_part_lookup,
     plain_fresh_hit,
-    select_variant,
 )
 from proxy.policy.validation import (
     conditional_headers,
@@ -445,30 +448,29 @@ class Engine:
         that holds it, else from the origin at once (a Range request, its 206 stored as a part,
         combined with the part already held when their strong validators agree). With
         ``range_fill: whole`` the whole object is fetched in the background meanwhile, so the
-        next ranges are hits. None: not this way (an If-Range the part does not satisfy)."""
-        head = req.head
+        next ranges are hits. None: not this way (``decide_part_lookup``'s ``FetchWhole``: an
+        If-Range the part does not satisfy, or a conditional range)."""
         pkey = part_key(key)
         parts = self.storage.memory_get(pkey)
         if parts is None:
             parts = await self.load(pkey, bodies=True)
-        old: Cached | None = None
-        if parts:
-            responses = [c.entry.response for c in parts]
-            decision = decide_lookup(head, responses, self.clock(), plan.options)
-            if isinstance(decision, Serve) and decision.status == "HIT" \
-                    and answerable(responses[decision.index], spec) is not None:
-                if not if_range_allows(head.headers, responses[decision.index]):
-                    return None  # the client wants the whole representation instead
-                reply = await self.serve(req, plan, parts[decision.index], "HIT", decision.ttl,
-                                          decision.age, False, hit=True)
-                if reply is not None:
-                    return reply
-            index = select_variant(head, responses)
-            old = parts[index] if index is not None else None
-        fields = head.headers
-        if "if-range" in fields or "if-match" in fields or "if-unmodified-since" in fields:
-            return None  # a conditional range: the whole fill answers it from the stored response
-        return await self._fetch_part(req, plan, key, spec, fwd, old)
+        decision: PartLookup = decide_part_lookup(req.head, spec, [c.entry.response for c in parts],
+                                                  self.clock(), plan.options)
+        if isinstance(decision, FromPart):
+            found = decision.serve
+            reply = await self.serve(req, plan, parts[found.index], "HIT", found.ttl, found.age, False,
+                                     hit=True)
+            if reply is not None:
+                return reply
+            decision = decision.otherwise
+        match decision:
+            case FetchWhole():
+                return None  # the whole fill answers it
+            case FetchPart(held=held):
+                return await self._fetch_part(req, plan, key, spec, fwd,
+                                              parts[held] if held is not None else None)
+            case _:
+                assert_never(decision)
 
     async def _fetch_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
                           fwd: str, old: Cached | None) -> Reply:
@@ -765,19 +767,6 @@ def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, 
         ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
         return plan.response_headers_for(status, ctype)
     return plan.response_headers
-
-
-PART_SUFFIX = "\x1fpart"
-
-
-def part_key(key: str) -> str:
-    """Where the parts (206 responses) of a key's representations are stored: an entry of
-    its own beside the key's, so the hit path and storage never meet a part by accident."""
-    return key + PART_SUFFIX
-
-
-def whole_key(key: str) -> str:
-    return key.removesuffix(PART_SUFFIX)
 
 
 __all__ = ["ClientRequest", "Engine", "Reply", "StorageError", "StoredResponse", "response_edits",

@@ -28,6 +28,8 @@ from proxy.policy.freshness import heuristic_withheld
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
+from proxy.policy.partial import part_range
+from proxy.policy.ranges import RangeSpec, request_range
 from proxy.policy.reply import (
     NotModified,
     PreconditionFailed,
@@ -37,7 +39,18 @@ from proxy.policy.reply import (
     served_headers,
 )
 from proxy.policy.request import Listener, Message, Refusal, normalise_request, parse_url
-from proxy.policy.reuse import Forward, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup, select_variant
+from proxy.policy.reuse import (
+    FetchPart,
+    FetchWhole,
+    Forward,
+    FromPart,
+    OnlyIfCachedMiss,
+    Revalidate,
+    Serve,
+    decide_lookup,
+    decide_part_lookup,
+    select_variant,
+)
 from proxy.policy.storability import response_cache_control
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan
 
@@ -420,8 +433,64 @@ def _ttl_if_not_modified(head: RequestHead, plan: RequestPlan, stored: StoredRes
     return None if updated is None else updated.ttl(now)
 
 
+def _reply(head: RequestHead, stored: StoredVariant, x_cache: str, cs: str, age: float, not_modified: bool
+           ) -> tuple[int, str] | None:
+    """The status of the reply the engine sends from ``stored`` (``Engine.serve``: the same
+    ``reply_head`` decides a 412, a 304, a 206 or a 416 for this request), and why in words;
+    None when it cannot answer the request."""
+    v = stored.response
+    answer = reply_head(head, v, stored.size, served_headers(v.headers, str(int(age)), cs, x_cache),
+                        not_modified)
+    match answer:
+        case None:
+            return None
+        case PreconditionFailed():
+            return 412, "; the client's If-Match or If-Unmodified-Since is false for it: 412"
+        case NotModified():
+            return 304, "; the client's conditional matches: 304"
+        case Unsatisfiable():
+            return 416, f"; the Range lies outside its {stored.size} bytes: 416"
+        case Send():
+            if answer.status == 206:
+                return 206, f"; {_content_range(answer.headers)} of it: 206"
+            return answer.status, ""
+        case _:
+            assert_never(answer)
+
+
+def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts: Sequence[StoredVariant],
+                    now: float) -> tuple[dict[str, Any] | None, str]:
+    """A single range no complete stored response answers, decided against the stored parts
+    as the engine decides it (``decide_part_lookup``): a serve decision from a part, or None
+    and what the forward does about the range, in words."""
+    lookup = decide_part_lookup(head, spec, [p.response for p in parts], now, plan.options)
+    if isinstance(lookup, FromPart):
+        found = lookup.serve
+        cs = cache_status(hit=True, ttl=found.ttl)
+        reply = _reply(head, parts[found.index], "HIT", cs, found.age, False)
+        if reply is not None:
+            return {"action": "serve", "part": found.index, "x_cache_status": "HIT", "status": reply[0],
+                    "cache_status": cs,
+                    "why": f"no complete response is stored, and a stored part holds the range and is "
+                           f"fresh for {fmt_duration(max(found.ttl, 0))} more" + reply[1]}, ""
+        lookup = lookup.otherwise
+    match lookup:
+        case FetchWhole(reason="if-range"):
+            return None, ("; the client's If-Range does not hold for the stored part that has the range: "
+                          "the whole response is fetched")
+        case FetchWhole():
+            return None, "; a conditional range: the whole response is fetched, stored, and answers it"
+        case FetchPart(held=held):
+            return None, ("; the range alone is asked of the origin, its 206 stored as a part"
+                          + (" (combined with the part held when their strong validators agree)"
+                             if held is not None else ""))
+        case _:
+            assert_never(lookup)
+
+
 def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
-                  variants: Sequence[StoredVariant], now: float) -> dict[str, Any]:
+                  variants: Sequence[StoredVariant], now: float,
+                  parts: Sequence[StoredVariant] = ()) -> dict[str, Any]:
     """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
     if head.method not in CACHED_METHODS:
         return {"action": "forward", "fwd": "method", "x_cache_status": "BYPASS",
@@ -454,33 +523,14 @@ def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
                        f"({fmt_duration(v.freshness.stale_while_revalidate)}): served at once while one "
                        "background request revalidates it")
             cs = cache_status(hit=True, ttl=decision.ttl, detail=detail)
-            # The reply the engine sends from it (``Engine.serve``): the same function decides
-            # a 412, a 304, a 206 or a 416 for this request.
-            answer = reply_head(head, v, stored.size,
-                                served_headers(v.headers, str(int(decision.age)), cs, decision.status),
-                                decision.not_modified)
-            match answer:
-                case None:  # a stored response that cannot answer this request: fetched
-                    return {"action": "forward", "fwd": "uri-miss", "x_cache_status": "MISS",
-                            "cache_status": cache_status(fwd="uri-miss"),
-                            "why": "the stored response cannot answer this request: the origin is asked"}
-                case PreconditionFailed():
-                    out["status"] = 412
-                    why += "; the client's If-Match or If-Unmodified-Since is false for it: 412"
-                case NotModified():
-                    out["status"] = 304
-                    why += "; the client's conditional matches: 304"
-                case Unsatisfiable():
-                    out["status"] = 416
-                    why += f"; the Range lies outside its {stored.size} bytes: 416"
-                case Send():
-                    out["status"] = answer.status
-                    if answer.status == 206:
-                        why += f"; {_content_range(answer.headers)} of it: 206"
-                case _:
-                    assert_never(answer)
+            reply = _reply(head, stored, decision.status, cs, decision.age, decision.not_modified)
+            if reply is None:  # a stored response that cannot answer this request: fetched
+                return {"action": "forward", "fwd": "uri-miss", "x_cache_status": "MISS",
+                        "cache_status": cache_status(fwd="uri-miss"),
+                        "why": "the stored response cannot answer this request: the origin is asked"}
+            out["status"], more = reply
             out["cache_status"] = cs
-            out["why"] = why
+            out["why"] = why + more
             return out
         case Revalidate():
             v = variants[decision.index].response
@@ -516,6 +566,12 @@ def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
                 why = "the stored response is stale and has no validator: a full fetch"
             if decision.stale_index is not None:
                 why += "; if the origin fails, the stored response is served (stale-if-error)"
+            spec = request_range(head.headers) if head.method == "GET" else None
+            if spec is not None and decision.fwd in ("uri-miss", "vary-miss"):
+                from_part, more = _range_decision(head, plan, spec, parts, now)
+                if from_part is not None:
+                    return from_part
+                why += more
             x = "EXPIRED" if decision.fwd == "stale" else "MISS"
             return {"action": "forward", "fwd": decision.fwd, "x_cache_status": x,
                     "cache_status": cache_status(fwd=decision.fwd), "why": why}
@@ -527,11 +583,25 @@ def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
             assert_never(decision)
 
 
+def _part_json(v: StoredVariant, index: int, now: float) -> dict[str, Any]:
+    """A stored part for the trace: the range it holds (first, last, total), how fresh it is."""
+    r = v.response
+    held = part_range(r)
+    ttl = r.ttl(now)
+    return {"index": index, "range": None if held is None else [held.first, held.last, held.total],
+            "vary": dict(r.vary), "tiers": list(v.tiers), "size": v.size,
+            "age": round(r.freshness.age(now), 3), "ttl": round(ttl, 3),
+            "fresh": ttl > 0 and not r.invalidated and not r.freshness.no_cache,
+            "etag": r.etag}
+
+
 def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVariant], now: float,
-                  responses: Sequence[tuple[int, Sequence[tuple[str, str]]]] = ()) -> dict[str, Any]:
+                  responses: Sequence[tuple[int, Sequence[tuple[str, str]]]] = (),
+                  parts: Sequence[StoredVariant] = ()) -> dict[str, Any]:
     """The whole decision trace for one request, as JSON-ready data (``GET /explain``).
 
-    ``variants`` are what the store holds under the request's key, in every tier;
+    ``variants`` are what the store holds under the request's key, in every tier, and
+    ``parts`` the parts (206 responses) it holds beside them (``part_key``);
     ``responses`` are hypothetical origin answers (status, headers) to decide storing for.
     Pure: nothing here touches the origin or the store.
     """
@@ -555,7 +625,8 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
         "key_changes": _key_changes(plan.key),
         "client_cache_control": plan.options.client_cache_control,
         "stored": [_variant_json(head, plan, v, i, selected, now) for i, v in enumerate(variants)],
-        "decision": _now_decision(head, plan, key, variants, now),
+        "stored_parts": [_part_json(v, i, now) for i, v in enumerate(parts)],
+        "decision": _now_decision(head, plan, key, variants, now, parts),
         "rules": rule_trace,
     }
     if responses and cached_method and not plan.bypass:

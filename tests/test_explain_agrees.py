@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -143,12 +144,18 @@ Said = tuple[int | None, str, str]
 
 def representation(clock: Clock, fields: dict[str, str]) -> Handler:
     """An origin's answer dated by the proxy's clock (so ages are what the test sets), with a
-    304 for a matching If-None-Match."""
+    304 for a matching If-None-Match and a 206 for a range ``bytes=first-last``."""
     async def answer(request: web.Request) -> web.Response:
         headers = {**fields, "Date": format_http_date(clock.now)}
         if "ETag" in fields and request.headers.get("If-None-Match") == fields["ETag"]:
             return web.Response(status=304, headers=headers)
-        return web.Response(body=BODY, headers={"Content-Type": "text/plain", **headers})
+        headers.setdefault("Content-Type", "text/plain")
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+        if m is not None:
+            first, last = int(m.group(1)), min(int(m.group(2)), len(BODY) - 1)
+            return web.Response(status=206, body=BODY[first:last + 1],
+                                headers={**headers, "Content-Range": f"bytes {first}-{last}/{len(BODY)}"})
+        return web.Response(body=BODY, headers=headers)
 
     return answer
 
@@ -161,14 +168,19 @@ async def clocked(make_proxy: MakeProxy) -> tuple[Proxy, Clock]:
     return proxy, clock
 
 
+async def trace_of(proxy: Proxy, path: str, headers: dict[str, str]) -> Any:
+    """GET /explain for a GET of ``path`` with ``headers``."""
+    query = f"url={quote(proxy.url + path)}&headers={quote(json.dumps(headers))}"
+    reply = await proxy.admin("GET", "/explain?" + query)
+    assert reply.status == 200, reply.body
+    return json.loads(reply.body)
+
+
 async def explain_then_ask(proxy: Proxy, path: str, headers: dict[str, str]) -> tuple[Said, Said]:
     """What GET /explain says the proxy does with this request now, then what it does:
     (status, X-Cache-Status, Cache-Status) each (a decision that goes to the origin names
     no status: the origin's answer decides it)."""
-    query = f"url={quote(proxy.url + path)}&headers={quote(json.dumps(headers))}"
-    reply = await proxy.admin("GET", "/explain?" + query)
-    assert reply.status == 200, reply.body
-    decision = json.loads(reply.body)["decision"]
+    decision = (await trace_of(proxy, path, headers))["decision"]
     got = await proxy.get(path, headers=headers)
     return ((decision.get("status", got.status), decision["x_cache_status"], decision["cache_status"]),
             (got.status, got.x_cache, got.cache_status))
@@ -248,3 +260,50 @@ async def test_explain_gives_the_cache_status_the_proxy_sends_for_stale_and_soft
         "stale, revalidated": ("REVALIDATED", "cachegate; fwd=stale; fwd-status=304; ttl=30"),
         "stale, revalidated, If-None-Match": ("REVALIDATED", "cachegate; fwd=stale; fwd-status=304; ttl=30"),
     }
+
+
+async def test_explain_sees_the_stored_parts_a_range_is_answered_from(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A range no complete response answers is decided against the stored parts (206
+    responses, stored under their own key) by ``decide_part_lookup``, in the engine and in
+    explain alike: a HIT from a part that holds it, else the range (or, for a conditional
+    one, the whole response) from the origin."""
+    proxy = await make_proxy(config=CONFIG.replace("{memory: 64MB,", "{memory: 64MB, range_fill: none,"))
+    clock = Clock()
+    proxy.runtime.engine.clock = clock
+    origin.route("/parts", representation(clock, {"Cache-Control": "max-age=100", "ETag": '"p1"'}))
+    await proxy.get("/")  # a request names the listener's host: a host it serves (and explains)
+
+    async def forwarded(headers: dict[str, str], why: str, status: int) -> None:
+        before = origin.count("/parts")
+        decision = (await trace_of(proxy, "/parts", headers))["decision"]
+        got = await proxy.get("/parts", headers=headers)
+        assert (decision["action"], decision["x_cache_status"]) == ("forward", got.x_cache), (decision, got)
+        assert got.cache_status.startswith(decision["cache_status"] + ";"), (decision, got.cache_status)
+        assert why in decision["why"], decision
+        assert (got.status, origin.count("/parts")) == (status, before + 1)
+        await settle(proxy)
+
+    stored = await proxy.get("/parts", headers={"Range": "bytes=2-7"})
+    assert (stored.status, stored.cache_status) == (206, "cachegate; fwd=uri-miss; fwd-status=206; stored")
+    await settle(proxy)
+    disagreements = []
+    for case, headers in {
+        "inside the part": {"Range": "bytes=3-5"},
+        "the part's own range": {"Range": "bytes=2-7"},
+        "inside, If-Match another": {"Range": "bytes=3-5", "If-Match": '"other"'},
+        "inside, If-Range its ETag": {"Range": "bytes=3-5", "If-Range": '"p1"'},
+    }.items():
+        explained, done = await explain_then_ask(proxy, "/parts", headers)
+        if explained != done:
+            disagreements.append((case, {"explain": explained, "proxy": done}))
+    assert not disagreements, disagreements
+    assert explained[:2] == (206, "HIT") and origin.count("/parts") == 1
+    trace = await trace_of(proxy, "/parts", {"Range": "bytes=3-5"})
+    assert trace["stored"] == []
+    assert [(p["range"], p["fresh"]) for p in trace["stored_parts"]] == [([2, 7, 10], True)]
+    # Beyond the part: that range alone from the origin (combined with the part held).
+    await forwarded({"Range": "bytes=0-1"}, "the range alone is asked of the origin, its 206 stored as a "
+                    "part (combined with the part held", 206)
+    # An If-Range the part does not satisfy wants the whole representation: fetched whole.
+    await forwarded({"Range": "bytes=3-5", "If-Range": '"other"'}, "If-Range does not hold", 200)

@@ -307,3 +307,16 @@ def vary_matches(stored_vary: HeaderList, request_headers: Headers,
         if own != value:
             return False
     return True
+
+
+PART_SUFFIX = "\x1fpart"
+
+
+def part_key(key: str) -> str:
+    """Where the parts (206 responses) of a key's representations are stored: an entry of
+    its own beside the key's, so the hit path and storage never meet a part by accident."""
+    return key + PART_SUFFIX
+
+
+def whole_key(key: str) -> str:
+    return key.removesuffix(PART_SUFFIX)

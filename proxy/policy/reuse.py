@@ -11,6 +11,10 @@
 - ``OnlyIfCachedMiss``: the client sent ``only-if-cached`` and nothing usable is
   stored: answer 504 (§5.2.1.7).
 
+``decide_part_lookup`` is the same question for a single range no complete response
+answers, asked of the stored parts (206 responses, RFC 9111 §3.3): ``FromPart``,
+``FetchPart`` or ``FetchWhole``.
+
 Stale responses are never served when the response said ``must-revalidate``,
 ``proxy-revalidate``, ``s-maxage`` or ``no-cache`` (§4.2.4), whatever the request's
 ``max-stale`` or the rules' stale-if-error say.
@@ -32,6 +36,8 @@ from proxy.policy.cache_control import EMPTY_CACHE_CONTROL, CacheControl, parse_
 from proxy.policy.fields import split_list
 from proxy.policy.keys import vary_matches
 from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
+from proxy.policy.partial import answerable
+from proxy.policy.ranges import RangeSpec, if_range_allows
 from proxy.policy.validation import client_not_modified, has_validator
 
 LOOKUP_METHODS = frozenset({"GET", "HEAD"})
@@ -226,3 +232,54 @@ def _request_allows_stale_on_error(req_cc: CacheControl, staleness: float) -> bo
     """RFC 5861 §4: a request's own ``stale-if-error=N``."""
     limit = req_cc.delta("stale-if-error")
     return limit is not None and _within(staleness, limit)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPart:
+    """Ask the origin for the range alone, its 206 stored as a part; ``held``: the part held for
+    the request's variant, which the new one is combined with when RFC 9111 §3.4 allows."""
+
+    held: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchWhole:
+    """Not through a part: the complete response is fetched and answers the range. ``reason``:
+    ``if-range`` (the client's If-Range does not hold for the part that has the range: it wants
+    the whole representation) or ``conditional`` (a conditional range, answered from the
+    complete response once stored)."""
+
+    reason: Literal["if-range", "conditional"]
+
+
+@dataclass(frozen=True, slots=True)
+class FromPart:
+    """A fresh stored part holds the range whole (RFC 9111 §3.3): served from it as a HIT;
+    ``otherwise`` if it cannot be after all (its body has gone from disk)."""
+
+    serve: Serve
+    otherwise: FetchPart | FetchWhole
+
+
+PartLookup = FromPart | FetchPart | FetchWhole
+
+
+def decide_part_lookup(request: RequestHead, spec: RangeSpec, parts: Sequence[StoredResponse], now: float,
+                       options: CacheOptions) -> PartLookup:
+    """A GET for the single range ``spec`` that no complete stored response answers (a
+    ``uri-miss`` or ``vary-miss``), decided against the key's stored ``parts``."""
+    found: Serve | None = None
+    held: int | None = None
+    if parts:
+        decision = decide_lookup(request, parts, now, options)
+        if isinstance(decision, Serve) and decision.status == "HIT" \
+                and answerable(parts[decision.index], spec) is not None:
+            if not if_range_allows(request.headers, parts[decision.index]):
+                return FetchWhole("if-range")
+            found = decision
+        held = select_variant(request, parts)
+    fields = request.headers
+    otherwise: FetchPart | FetchWhole = FetchPart(held)
+    if "if-range" in fields or "if-match" in fields or "if-unmodified-since" in fields:
+        otherwise = FetchWhole("conditional")
+    return otherwise if found is None else FromPart(found, otherwise)

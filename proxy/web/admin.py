@@ -49,7 +49,7 @@ from proxy.errors import BadRequest
 from proxy.explain import ExplainRequest, StoredVariant, explain_trace
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
-from proxy.policy.keys import cache_key
+from proxy.policy.keys import cache_key, part_key
 from proxy.policy.messages import RequestHead
 from proxy.purge import (
     PurgeOutcome,
@@ -398,15 +398,15 @@ async def explain(request: web.Request) -> web.Response:
     rules = runtime.settings.rules
     plan = rules.plan(head)
     key = cache_key(head, plan.key)
-    variants: list[StoredVariant] = []
+    found: dict[str, list[StoredVariant]] = {key: [], part_key(key): []}  # the key's, its parts
     if head.method in ("GET", "HEAD") and not plan.bypass:
-        copies = [c for c in await ctx.inspector.copies((), (key,)) if c.entry.key == key]
+        copies = [c for c in await ctx.inspector.copies((), tuple(found)) if c.entry.key in found]
         for entry, cs in group_copies(copies):
             tiers = tuple(sorted({c.tier for c in cs}, key=("memory", "disk").index))
-            variants.append(StoredVariant(entry.response, tiers, entry.tags, entry.body_size,
-                                          sum(c.hits or 0 for c in cs if c.tier == "memory")))
-    trace = explain_trace(rules, head, variants, runtime.engine.clock(),
-                          [(s, req.response_headers) for s in req.statuses])
+            found[entry.key].append(StoredVariant(entry.response, tiers, entry.tags, entry.body_size,
+                                                  sum(c.hits or 0 for c in cs if c.tier == "memory")))
+    trace = explain_trace(rules, head, found[key], runtime.engine.clock(),
+                          [(s, req.response_headers) for s in req.statuses], found[part_key(key)])
     return web.json_response(trace)
 
 

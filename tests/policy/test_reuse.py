@@ -10,7 +10,17 @@ from dataclasses import replace
 import pytest
 
 from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
-from proxy.policy.reuse import Forward, LookupDecision, OnlyIfCachedMiss, Revalidate, Serve, decide_lookup
+from proxy.policy.ranges import request_range
+from proxy.policy.reuse import (
+    Forward,
+    FromPart,
+    LookupDecision,
+    OnlyIfCachedMiss,
+    Revalidate,
+    Serve,
+    decide_lookup,
+    decide_part_lookup,
+)
 from tests.policy.build import T0, request, stored
 
 Pairs = list[tuple[str, str]]
@@ -224,3 +234,36 @@ def test_a_stale_response_that_may_never_be_served_stale_says_so_rfc_9111_sectio
     without = lookup([("Cache-Control", cc)], 70)
     assert isinstance(with_validator, Revalidate) and isinstance(without, Forward)
     assert with_validator.stale_prohibited is without.stale_prohibited is prohibited
+
+
+# -- a single range against the stored parts (RFC 9111 §3.3) ----------------------------------------
+
+PART_FIELDS: Pairs = [("Cache-Control", "max-age=60"), ETAG, ("Content-Range", "bytes 2-6/10")]
+
+
+def part_lookup(after: float, *req_fields: tuple[str, str], parts: int = 1) -> str:
+    part = replace(stored(PART_FIELDS), status=206, reason="Partial Content")
+    head = request(*req_fields)
+    spec = request_range(head.headers)
+    assert spec is not None
+    match decide_part_lookup(head, spec, [part] * parts, T0 + after, CacheOptions()):
+        case FromPart(serve=found, otherwise=otherwise):
+            return f"part {found.index}, else {otherwise}"
+        case decision:
+            return str(decision)
+
+
+@pytest.mark.parametrize(("after", "fields", "parts", "expected"), [
+    (10, [("Range", "bytes=3-5")], 1, "part 0, else FetchPart(held=0)"),
+    (10, [("Range", "bytes=2-6")], 1, "part 0, else FetchPart(held=0)"),
+    (10, [("Range", "bytes=0-3")], 1, "FetchPart(held=0)"),  # reaches before the part
+    (10, [("Range", "bytes=3-5")], 0, "FetchPart(held=None)"),  # no part stored
+    (100, [("Range", "bytes=3-5")], 1, "FetchPart(held=0)"),  # the part is stale: not a HIT
+    (10, [("Range", "bytes=3-5"), ("If-Range", '"v1"')], 1, "part 0, else FetchWhole(reason='conditional')"),
+    (10, [("Range", "bytes=3-5"), ("If-Range", '"v2"')], 1, "FetchWhole(reason='if-range')"),
+    (10, [("Range", "bytes=0-3"), ("If-Match", '"v1"')], 1, "FetchWhole(reason='conditional')"),
+    (10, [("Range", "bytes=3-5"), ("If-Match", '"v2"')], 1, "part 0, else FetchWhole(reason='conditional')"),
+])
+def test_a_range_is_answered_by_a_fresh_part_that_holds_it_else_fetched_alone_or_whole(
+        after: float, fields: Pairs, parts: int, expected: str) -> None:
+    assert part_lookup(after, *fields, parts=parts) == expected
