@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict
 
 from proxy.web.heads import ReplyResponse, frame, plain_reply, serialise
@@ -159,3 +160,28 @@ def test_frame_says_what_delimits_the_body() -> None:
     framing = frame(h, 304, "GET", (1, 1), 10, True, "D")
     assert "Content-Length" not in h and "Content-Type" not in h and framing.keep_alive
     assert serialise((1, 1), 200, "OK", CIMultiDict([("A", "b")])) == b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
+
+
+@pytest.mark.parametrize(("reason", "value"), [
+    ("OK", "caf\xe9"),  # UTF-8 (é as it came in two bytes): aiohttp's own bytes
+    ("Fine", "a\tb \U0001f600"),
+    ("Fine \udce9t\udce9", "caf\udce9"),  # obs-text as the parser decodes it (surrogateescape)
+    ("OK", "\udcff\udc80"),
+])
+def test_a_head_that_is_not_ascii_keeps_every_octet_as_the_upstream_parser_read_it(reason: str, value: str) -> None:
+    """RFC 9110 §5.5: obs-text is opaque data. aiohttp's serialiser leaves a lone surrogate out
+    (``caf\\xe9`` became ``caf``): ``serialise`` writes each byte as it came, and any other head
+    as aiohttp does."""
+    head = serialise((1, 1), 200, reason, CIMultiDict({"X-Value": value, "X-Plain": "a"}))
+    expected = f"HTTP/1.1 200 {reason}\r\nX-Value: {value}\r\nX-Plain: a\r\n\r\n".encode("utf-8", "surrogateescape")
+    assert head == expected
+    if not any("\udc80" <= c <= "\udcff" for c in reason + value):
+        assert head == _serialize_headers(f"HTTP/1.1 200 {reason}", CIMultiDict({"X-Value": value, "X-Plain": "a"}))
+
+
+@pytest.mark.parametrize("value", ["caf\udce9\r\nX-Injected: 1", "caf\udce9\x00", "caf\udce9\x7f", "\x01caf\udce9"])
+def test_a_head_that_is_not_ascii_refuses_what_aiohttp_refuses(value: str) -> None:
+    with pytest.raises(ValueError):
+        serialise((1, 1), 200, "OK", CIMultiDict({"X-Value": value}))
+    with pytest.raises(ValueError):
+        _serialize_headers("HTTP/1.1 200 OK", CIMultiDict({"X-Value": value.replace("\udce9", "")}))

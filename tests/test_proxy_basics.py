@@ -167,3 +167,53 @@ async def test_a_response_without_date_is_stored_and_served_with_the_time_it_was
         clock.advance(3)
         hit, _ = await _raw_get(proxy)
         assert b"Age: 3\r\n" in hit and date_of(hit) == freshened
+
+
+async def test_obs_text_in_an_origins_fields_and_reason_reaches_the_client_byte_for_byte(
+        make_proxy: MakeProxy) -> None:
+    """RFC 9110 §5.5: a field value may hold obs-text (bytes 0x80-0xFF), which a recipient
+    treats as opaque data; RFC 9112 §4 allows it in a reason phrase. Those bytes are relayed as
+    they came, not dropped (``caf\\xe9`` went out as ``caf``): on the miss, on a memory hit on
+    either path, and on a hit from disk after a restart. UTF-8 is relayed as it came too."""
+    odd = {
+        b"/latin1": (b"200 OK", b"X-Obs: caf\xe9\r\n"),
+        b"/utf8": (b"200 OK", b"X-Utf: caf\xc3\xa9\r\n"),
+        b"/mixed": (b"200 OK", b"X-Mixed: \xff\x80 caf\xc3\xa9\ta\xe9\r\nX-Plain: ascii\r\n"),
+        b"/reason": (b"200 Fine \xe9t\xe9", b""),
+    }
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            status, fields = odd[request.target.encode()]
+            await conn.send(b"HTTP/1.1 " + status + b"\r\nCache-Control: max-age=600\r\n" + fields
+                            + b"Content-Length: 4\r\n\r\nbody")
+
+    def check(head: bytes, body: bytes, path: bytes, x_cache: bytes) -> None:
+        status, fields = odd[path]
+        assert head.startswith(b"HTTP/1.1 " + status + b"\r\n"), (path, head)
+        assert b"\r\n" + fields in head, (path, head)
+        assert b"\r\nX-Cache-Status: " + x_cache + b"\r\n" in head and body == b"body", (path, head)
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(upstreams=[origin.url])
+        server = proxy.listeners.runners[0].server
+        assert isinstance(server, ProxyServer) and server.fast is not None
+        for path in odd:
+            check(*await _raw_get(proxy, b"", path), path, b"MISS")
+            answered = server.fast.answered
+            check(*await _raw_get(proxy, b"", path), path, b"HIT")
+            assert server.fast.answered == answered + 1  # the fast path's pre-built head
+            check(*await _raw_get(proxy, b"Cache-Control: max-stale=5\r\n", path), path, b"HIT")  # general
+            assert proxy.runtime.storage.memory_get("http://site.example" + path.decode()) is not None
+        assert len(origin.requests) == len(odd)
+        await proxy.runtime.storage.flush()
+        await proxy.session.close()
+        await proxy.close()
+        restarted = await make_proxy(upstreams=[origin.url])  # the same cache directory
+        for path in odd:
+            assert restarted.runtime.storage.memory_get("http://site.example" + path.decode()) is None
+            check(*await _raw_get(restarted, b"", path), path, b"HIT")  # read from disk
+            check(*await _raw_get(restarted, b"", path), path, b"HIT")
+        assert len(origin.requests) == len(odd)

@@ -14,6 +14,8 @@ applied to cachegate's replies before this writer took them over (``StreamRespon
 _prepare_headers`` and ``Response._start`` in web_response.py), which clients have seen:
 RFC 9112 §6.1-6.3 (no Content-Length for 1xx/204/304, none and no Transfer-Encoding for a
 body that must be empty) and §9.3 (HTTP/1.0 keep-alive is said, HTTP/1.1 close is said).
+A head that is not ASCII keeps an origin's obs-text byte for byte (``serialise_octets``),
+which aiohttp's serialiser would drop; an ASCII head, nearly every one, costs a flag check.
 
 No Content-Type is added: an origin's response without one is relayed and stored without
 one (RFC 9110 §8.3: a sender that does not know the type may leave it out, and the recipient
@@ -28,13 +30,14 @@ origin's), so this writer owns those fields alone.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_writer import _serialize_headers
+from aiohttp.http_writer import StreamWriter, _serialize_headers
 from multidict import CIMultiDict
 
 
@@ -87,9 +90,42 @@ def status_line(version: tuple[int, int], status: int, reason: str) -> str:
 
 
 def serialise(version: tuple[int, int], status: int, reason: str, fields: CIMultiDict[str]) -> bytes:
-    """The head's bytes (aiohttp's serialiser, in C: it refuses CR, LF and NUL in any field
-    with ValueError)."""
-    return _serialize_headers(status_line(version, status, reason), fields)
+    """The head's bytes (aiohttp's serialiser, in C: it refuses a control character but HTAB
+    in any field with ValueError); a head holding an origin's obs-text goes through
+    ``serialise_octets``."""
+    line = status_line(version, status, reason)
+    if ascii_head(line, fields):
+        return _serialize_headers(line, fields)
+    return serialise_octets(line, fields)
+
+
+def ascii_head(line: str, fields: CIMultiDict[str]) -> bool:
+    """Whether a head is ASCII throughout (``str.isascii`` is a flag read: O(1) per string),
+    as nearly every head is: aiohttp's serialiser writes it as it is."""
+    return line.isascii() and all(map(str.isascii, fields.values()))
+
+
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def serialise_octets(line: str, fields: CIMultiDict[str]) -> bytes:
+    """A head that is not ASCII, with each field's octets as they came (RFC 9110 §5.5: a value
+    may hold obs-text, bytes 0x80-0xFF, which a recipient treats as opaque data).
+
+    The upstream parser (llhttp, through aiohttp) decodes a field's bytes as UTF-8 with
+    ``surrogateescape``: a byte that is not part of UTF-8 becomes a lone surrogate, which
+    aiohttp's serialiser silently leaves out (``caf\xe9`` went out as ``caf``). Encoded back
+    the same way, every byte goes out as it came; the control characters aiohttp refuses are
+    refused here the same way (ValueError). A surrogate no parser made (not an escaped byte)
+    cannot be written: left out, as aiohttp's serialiser leaves it."""
+    parts = [line, *(f"{k}: {v}" for k, v in fields.items())]
+    if any(_CONTROL.search(p) for p in parts):
+        raise ValueError("Forbidden control character detected in headers")
+    text = "\r\n".join(parts) + "\r\n\r\n"
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return _serialize_headers(line, fields)
 
 
 def closing(protocol: Any) -> bool:
@@ -141,8 +177,16 @@ class ReplyResponse(web.StreamResponse):
         request = self._req
         writer = self._payload_writer
         assert request is not None and writer is not None
-        # aiohttp's writer serialises with ``_serialize_headers`` too (``serialise``), and buffers.
-        await writer.write_headers(status_line(request.version, self.status, self.reason), self._headers)
+        line = status_line(request.version, self.status, self.reason)
+        if ascii_head(line, self._headers):
+            # aiohttp's writer serialises with ``_serialize_headers`` too (``serialise``), and buffers.
+            await writer.write_headers(line, self._headers)
+        else:
+            # An origin's obs-text: buffered as aiohttp's ``write_headers`` buffers its own bytes
+            # (a server's writer has no on_headers_sent hook to call first).
+            assert isinstance(writer, StreamWriter) and writer._on_headers_sent is None
+            writer._headers_buf = serialise_octets(line, self._headers)
+            writer._headers_written = False
         if self._send_headers_immediately:
             writer.send_headers()
 
