@@ -343,7 +343,7 @@ class Engine:
         plan: RequestPlan,
         cached: Cached,
         x_cache: str,
-        ttl: float,
+        ttl: float | None,
         age: float,
         not_modified: bool,
         *,

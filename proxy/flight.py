@@ -60,7 +60,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.leases import Busy, Granted, Waiting
-from proxy.policy.cache_status import cache_status
+from proxy.policy.cache_status import cache_status, forwarded_ttl
 from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
 from proxy.policy.headers import dated, end_to_end
 from proxy.policy.keys import url_of_key, variant_of
@@ -998,11 +998,13 @@ class MissPath:
             cached = variants[index]
             response = cached.entry.response
             now = engine.clock()
+            # RFC 9211: a collapsed request went forward (with the leader's): never "hit".
+            hit = x_cache == "HIT" and not collapsed
+            ttl = response.ttl(now)
             reply = await engine.serve(
-                req, attempt.plan, cached, x_cache, response.ttl(now), response.freshness.age(now),
-                client_not_modified(req.head.headers, cached.entry.response),
-                # RFC 9211: a collapsed request went forward (with the leader's): never "hit".
-                hit=x_cache == "HIT" and not collapsed, fwd=attempt.fwd, collapsed=collapsed,
+                req, attempt.plan, cached, x_cache, ttl if hit else forwarded_ttl(x_cache, ttl),
+                response.freshness.age(now), client_not_modified(req.head.headers, cached.entry.response),
+                hit=hit, fwd=attempt.fwd, collapsed=collapsed,
                 mark_stored=stored,
                 fwd_status=fwd_status if fwd_status is not None else cached.entry.response.status,
             )

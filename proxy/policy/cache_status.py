@@ -77,3 +77,17 @@ def serve_detail(status: str, stored: _Invalidatable) -> str | None:
     if stored.invalidated:
         return "SOFT-PURGED"  # a soft purge: served while one request revalidates it
     return "STALE-WHILE-REVALIDATE" if status == "UPDATING" else "MAX-STALE"
+
+
+def forwarded_ttl(x_cache: str, ttl: float) -> float | None:
+    """The ``ttl`` of an answer read from the store for a request that went forward (a fill or
+    a revalidation it waited for): a REVALIDATED answer says the refreshed response's, which is
+    what it answers with; a MISS, EXPIRED or collapsed answer says none, as the same answer
+    relayed while it arrives says none (RFC 9211 §2.5 makes ``ttl`` optional). Whether the
+    client's conditional or Range had the answer read back from the store then changes nothing
+    in what it says.
+
+    >>> forwarded_ttl("REVALIDATED", 29.5), forwarded_ttl("EXPIRED", 29.5), forwarded_ttl("HIT", 29.5)
+    (29.5, None, None)
+    """
+    return ttl if x_cache == "REVALIDATED" else None
