@@ -235,15 +235,19 @@ class Engine:
                 return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
             key = cache_key(head, plan.key)
         note_key(key)
-        fields = head.headers
-        if self.coalescer.passes_unlooked(key) and "Cache-Control" not in fields \
-                and "Pragma" not in fields and "Range" not in fields:
-            # Hit-for-pass, marked by a request that found nothing stored: what the lookup would
-            # decide with nothing stored (a plain uri-miss, passed), without looking.
-            return await self.miss.forward_passing(Attempt(req, plan, key, "uri-miss"))
         variants = self.storage.memory_get(key)
         nowhere = False  # the key is nowhere, as of this step (no await since)
         if variants is None:
+            fields = head.headers
+            if self.coalescer.passes_unlooked(key) and "Cache-Control" not in fields \
+                    and "Pragma" not in fields and "Range" not in fields:
+                # Hit-for-pass, marked by a request that found nothing stored, and nothing in
+                # the machine's memory now: what the lookup would decide with nothing stored
+                # (a plain uri-miss, passed), without the directory lookup and the decision.
+                # The memory is looked at first since it can gain the key without this
+                # process's flights (another worker's fill, two parts combined), and the fast
+                # path serves what it holds: both paths answer alike.
+                return await self.miss.forward_passing(Attempt(req, plan, key, "uri-miss"))
             # A key the directory of the disk's keys does not list costs no disk read (nor a
             # coroutine); concurrent lookups of one key share one read (proxy.storage.reads).
             nowhere = self.storage.absent(key)
@@ -596,6 +600,11 @@ class Engine:
         out = self.storage.spool(combined, len(merged))
         await out.write(merged)
         await self.storage.commit(combined, out)
+        if combine.range.complete:
+            # Something is stored under the key now, without a flight (whose end clears the
+            # mark otherwise): its plain requests look again. Whatever the commit said, as a
+            # fill's end does: the memory may hold it though the disk write failed.
+            self.coalescer.forget_unlooked(combined.key)
 
     # -- going upstream --------------------------------------------------------------------
 

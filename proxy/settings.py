@@ -240,7 +240,7 @@ class CacheSettings:
     lock_timeout: float = setting(5.0, "the longest a request waits for another's fetch of the same key",
                                   duration())
     hit_for_pass: float = setting(5.0, "a key whose response was not shareable skips waiting for this long "
-                                  "(and the lookup, when nothing is stored under it: see upstreams.md)",
+                                  "(and the disk lookup, when nothing is stored under it: see upstreams.md)",
                                   duration())
     disk: DiskSettings | None = setting(DiskSettings(), "the disk tier (null: memory only)")
     tag_headers: tuple[str, ...] = setting(("Surrogate-Key", "Cache-Tag"),

@@ -161,6 +161,46 @@ async def test_a_response_that_is_not_shareable_sends_every_worker_upstream_then
     assert grants(await leases()) == granted
 
 
+async def test_what_one_worker_stores_under_a_hit_for_pass_key_the_other_serves_on_either_path(
+        tmp_path: Path, origin: Origin) -> None:
+    """Both workers met a private response with nothing stored (hit-for-pass: their plain
+    requests skip the lookup); the origin turns public and one worker stores the response in
+    the machine's memory. The other worker serves it at once, on the fast path and on the
+    general one (``Connection: close``, which the fast path leaves to it) alike."""
+    private = True
+
+    async def page(request: web.Request) -> web.Response:
+        if private:
+            return web.Response(text="private", headers={"Cache-Control": "private, max-age=100"})
+        return web.Response(text="public", headers={"Cache-Control": "public, max-age=100"})
+
+    origin.route("/w", page)
+    # Memory only: every lookup that finds nothing in memory knows the key is nowhere (with a
+    # disk tier, only once the directory of its keys is built), so the first private response
+    # marks the key for passes without a lookup in each worker.
+    proxy = await start_two_workers(tmp_path, origin, "cache: {memory: 64MB, hit_for_pass: 30s}\n")
+    try:
+        await until_each_worker(proxy, "/w", lambda r: r.body == b"private")
+        private = False
+        # A request with Cache-Control looks up despite the mark: passed, found storable, stored.
+        stored = await proxy.get("/w", headers={"Cache-Control": "max-age=1000"})
+        assert (stored.x_cache, stored.body) == ("MISS", b"public")
+        other = ({"0", "1"} - {stored.worker}).pop()
+        asked = origin.count("/w")
+        loop = asyncio.get_running_loop()
+        for headers in ({"Connection": "close"}, {}):  # the general path first: its mark stands
+            deadline = loop.time() + 10
+            while True:
+                r = await proxy.get("/w", headers=dict(headers))
+                assert (r.x_cache, r.body) == ("HIT", b"public"), (headers, r.worker, r.x_cache)
+                if r.worker == other:
+                    break
+                assert loop.time() < deadline, "the other worker never answered"
+        assert origin.count("/w") == asked
+    finally:
+        await proxy.stop()
+
+
 async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_before_its_body_ends(
         origin: Origin, patient_workers: ProxyProcess) -> None:
     """The lease holder tells the waiting worker as soon as it has the head, not at the end of

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Origin, Proxy, directory_ready
 
 BODY = bytes(range(48, 58))  # b"0123456789"
 NONE = "cache: {memory: 64MB, range_fill: none, disk: {path: cache, size: 512MB, shards: 2}}\n"
@@ -69,6 +69,43 @@ async def test_parts_with_one_strong_etag_combine_into_the_complete_response(
     await asyncio.sleep(0.1)  # the combined response is stored as the client's answer ends
     assert await get(proxy) == (200, "HIT", None, BODY)  # complete: no origin request
     assert await get(proxy, "bytes=-3") == (206, "HIT", "bytes 7-9/10", b"789")
+    assert rep.ranges == ["bytes=0-4", "bytes=5-"]
+
+
+async def test_parts_combined_under_a_hit_for_pass_key_are_served_by_the_general_path_too(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The key was passed as private by a request that found nothing stored (hit-for-pass: its
+    plain requests skip the lookup), then turned public and was stored as two parts that add up
+    to the complete response, without a flight. The fast path serves that; so does the general
+    path (a request with ``Connection: close``, which the fast path leaves to it), and the mark
+    is gone."""
+    rep = Representation()
+    private = True
+
+    async def page(request: web.Request) -> web.StreamResponse:
+        if private:
+            return web.Response(body=b"private", headers={"Cache-Control": "private, max-age=100"})
+        return await rep(request)
+
+    origin.route("/r", page)
+    proxy = await make_proxy(config=NONE.replace("range_fill: none,", "range_fill: none, hit_for_pass: 30s,"))
+    await directory_ready(proxy)  # "found nothing" needs it
+    assert await get(proxy) == (200, "MISS", None, b"private")
+    host = proxy.url.removeprefix("http://")
+    coalescer = proxy.runtime.engine.coalescer
+    assert coalescer.passes_unlooked(f"http://{host}/r")
+    private = False
+    await get(proxy, "bytes=0-4")
+    assert await get(proxy, "bytes=5-") == (206, "MISS", "bytes 5-9/10", b"56789")
+    for _ in range(100):  # the combined response is stored as the client's answer ends
+        if not coalescer.passes_unlooked(f"http://{host}/r"):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the hit-for-pass mark outlived the complete response stored")
+    general = await proxy.get("/r", headers={"Connection": "close"})
+    assert (general.status, general.x_cache, general.body) == (200, "HIT", BODY)
+    assert await get(proxy) == (200, "HIT", None, BODY)
     assert rep.ranges == ["bytes=0-4", "bytes=5-"]
 
 

@@ -404,6 +404,19 @@ def counting_lookups(rig: Rig) -> list[str]:
     return looks
 
 
+def counting_directory_lookups(rig: Rig) -> list[str]:
+    """The keys ``rig``'s engine looks up in the directory of the disk's keys, from now on."""
+    looks: list[str] = []
+    absent = rig.store.absent
+
+    def counting(key: str) -> bool:
+        looks.append(key)
+        return absent(key)
+
+    rig.store.absent = counting  # type: ignore[method-assign]
+    return looks
+
+
 def hand_clock(rig: Rig) -> list[float]:
     """The hit-for-pass clock of ``rig``'s engine, moved by the test."""
     now = [1000.0]
@@ -411,48 +424,53 @@ def hand_clock(rig: Rig) -> list[float]:
     return now
 
 
-async def test_a_hit_for_pass_key_found_nowhere_is_passed_without_a_lookup_for_the_hit_for_pass_while(
+async def test_a_hit_for_pass_key_found_nowhere_is_passed_with_only_a_look_in_memory_for_the_hit_for_pass_while(
         tmp_path: Path) -> None:
     """As Varnish's hit-for-pass object: a key whose uncacheable response met a request that found
-    nothing stored is passed without looking for ``hit_for_pass``, with the very answer the
-    lookup would have led to; a request the lookup could answer otherwise (only-if-cached,
-    no-cache, a range) still looks, and so does the first request after the while."""
+    nothing stored is passed for ``hit_for_pass`` without the directory lookup and the lookup's
+    decision, with the very answer the lookup would have led to (the memory is looked at: what
+    it holds is served, as the fast path serves it); a request the lookup could answer
+    otherwise (only-if-cached, no-cache, a range) still looks, and so does the first request
+    after the while."""
     rig = make_rig(tmp_path)
     now = hand_clock(rig)
     rig.origin.route("/p", answer(body=b"yours", headers={"Cache-Control": "private"}))
-    looks = counting_lookups(rig)
+    looks, directory = counting_lookups(rig), counting_directory_lookups(rig)
     first = await rig.get("/p")
     assert (first.status, await read(first)) == (200, b"yours")
-    assert len(looks) == 2  # the lookup, and the mark's check that the key is still nowhere
+    # the lookup, and the mark's check that the key is still nowhere
+    assert (len(looks), len(directory)) == (2, 2)
     for _ in range(2):
         reply = await rig.get("/p")
         assert (reply.status, reply.x_cache, await read(reply)) == (200, "MISS", b"yours")
         assert dict(reply.headers)["Cache-Status"] == dict(first.headers)["Cache-Status"]
-    assert len(looks) == 2 and len(rig.origin.sent) == 3  # passed, unlooked
+    assert (len(looks), len(directory), len(rig.origin.sent)) == (4, 2, 3)  # passed, memory only
     assert (await rig.get("/p", {"Cache-Control": "only-if-cached"})).status == 504
-    assert len(looks) == 3 and len(rig.origin.sent) == 3  # that one looked, and found nothing
+    assert (len(looks), len(directory), len(rig.origin.sent)) == (5, 3, 3)  # that one looked, and found nothing
     now[0] += 6  # past hit_for_pass (5 s)
     assert await read(await rig.get("/p")) == b"yours"
-    assert len(looks) == 5  # looked again, found nothing again: marked again
+    assert (len(looks), len(directory)) == (7, 5)  # looked again, found nothing again: marked again
     assert await read(await rig.get("/p")) == b"yours"
-    assert len(looks) == 5
+    assert (len(looks), len(directory)) == (8, 5)
     await rig.engine.close()
 
 
-async def test_what_another_process_stored_under_a_hit_for_pass_key_is_served_once_the_while_ends(
+async def test_what_another_process_stored_under_a_hit_for_pass_key_is_served_at_once(
         tmp_path: Path) -> None:
+    """Another worker's fill reaches the machine's memory without this process's flights (whose
+    end clears the mark): the general path serves it at once, as the fast path does."""
     a, b = make_rig(tmp_path / "a"), make_rig(tmp_path / "b")
     b.engine.storage = a.engine.storage  # one store, as the workers of a machine share theirs
-    now = hand_clock(a)
+    hand_clock(a)
     a.origin.route("/p", answer(body=b"private", headers={"Cache-Control": "private"}))
     b.origin.route("/p", answer(body=b"public", headers=CACHEABLE))
     assert await read(await a.get("/p")) == b"private"
+    assert a.engine.coalescer.passes_unlooked(key_of(a, "/p"))
     assert await read(await b.get("/p")) == b"public"  # another worker stored it
     await b.settled(filled=1)
-    assert await read(await a.get("/p")) == b"private"  # passed for the hit-for-pass while
-    now[0] += 6
     reply = await a.get("/p")
     assert (reply.x_cache, await read(reply)) == ("HIT", b"public")
+    assert len(a.origin.sent) == 1
     for rig in (a, b):
         await rig.engine.close()
 
