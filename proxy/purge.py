@@ -116,11 +116,13 @@ class PurgeUnavailable(CachegateError):
 def normalise_url(text: str, *, prefix: bool = False) -> str:
     """An absolute http(s) URL with the host normalised as keys have it; BadPurge otherwise.
 
-    A ``prefix`` keeps its text to the last character: yarl drops an empty query, and
-    ``/search?`` (every query of /search) must not become ``/search``, which /searchable also
-    starts with. A fragment is refused there for the same reason (clients never send one, so no
-    key holds it, and dropping it would widen the prefix); a URL's fragment is dropped, as a
-    client drops it before asking."""
+    The path and query are kept as written, as the proxy keys a client's request target: yarl
+    drops an empty query, but ``/search?`` is a URL and a key of its own beside ``/search``
+    (RFC 3986 §6.2.3 does not make them equivalent), so its ``?`` is put back. For a
+    ``prefix`` that matters twice: ``/search?`` (every query of /search) must not become
+    ``/search``, which /searchable also starts with. A fragment is refused there for the same
+    reason (clients never send one, so no key holds it, and dropping it would widen the
+    prefix); a URL's fragment is dropped, as a client drops it before asking."""
     if prefix and "#" in text:
         raise BadPurge(f"{text!r}: a prefix cannot hold a fragment ('#'): no stored URL has one")
     try:
@@ -130,11 +132,20 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
         raise BadPurge(f"{text!r} is not a URL: {exc}") from None
     if scheme not in ("http", "https") or not raw_host:
         raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
-    host = normalise_host(authority, scheme)
+    return f"{scheme}://{normalise_host(authority, scheme)}{url_target(url, text)}"
+
+
+def url_target(url: URL, text: str) -> str:
+    """The request target a client sends for ``url`` (parsed from ``text``): its path and query
+    as written, with the ``?`` of an empty query that yarl's ``raw_path_qs`` drops.
+
+    >>> [url_target(URL(t, encoded=True), t) for t in ("http://a.example/s?#top", "http://a.example?")]
+    ['/s?', '/?']
+    """
     target = url.raw_path_qs or "/"
-    if prefix and text.endswith("?") and not target.endswith("?"):
+    if not url.raw_query_string and "?" in text.split("#", 1)[0]:
         target += "?"
-    return f"{scheme}://{host}{target}"
+    return target
 
 
 def url_host(url: str) -> str:
@@ -202,7 +213,7 @@ def keys_for_url(url: str, rules: RuleSet) -> str:
     """The key a plain GET of ``url`` has under the rules (without header or cookie parts)."""
     parsed = URL(url, encoded=True)
     head = RequestHead("GET", parsed.scheme, normalise_host(parsed.raw_authority, parsed.scheme),
-                       parsed.raw_path_qs or "/", CIMultiDictProxy(CIMultiDict()))
+                       url_target(parsed, url), CIMultiDictProxy(CIMultiDict()))
     return url_of_key(cache_key(head, rules.plan(head).key))
 
 

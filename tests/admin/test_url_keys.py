@@ -1,0 +1,121 @@
+"""An admin URL names the key the proxy stores a client's request for that URL under: explain,
+purge by URL (the admin API, the PURGE method, a cluster's peers) and the inspection of a URL
+all start from ``normalise_url``, and the purge from ``keys_for_url`` too.
+
+Each request target is sent as raw bytes (an HTTP client's URL parser would re-encode it or drop
+an empty query before the proxy saw it), and the key compared is the one the proxy stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import quote
+
+from aiohttp import web
+
+from proxy.policy.keys import url_of_key
+from proxy.purge import keys_for_url, normalise_url
+from tests.admin.util import js, settle
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+# Request targets, and the URL text an operator gives for them (a fragment is not sent).
+TARGETS = [
+    ("/a", "/a"),
+    ("/a?", "/a?"),
+    ("/a?", "/a?#f"),
+    ("/a", "/a#f?g"),
+    ("/?", "/?"),
+    ("/a?b", "/a?b"),
+    ("/a?b=", "/a?b="),
+    ("/a?b#c", "/a?b#c"),  # sent with its fragment: the proxy drops it as the URL does
+    ("/q?a=1&&b=2", "/q?a=1&&b=2"),
+    ("/q?x=%2F", "/q?x=%2F"),
+    ("/q?x=a+b", "/q?x=a+b"),
+    ("/q?x=a%20b", "/q?x=a%20b"),
+    ("/%7Euser", "/%7Euser"),
+    ("/~user", "/~user"),
+    ("/%41bc", "/%41bc"),
+    ("/caf%C3%A9", "/caf%C3%A9"),
+    ("/pct%2fslash", "/pct%2fslash"),
+    ("/e%3fq?", "/e%3fq?"),
+    ("/hash%23x", "/hash%23x"),
+    ("/a/../dots", "/a/../dots"),
+    ("/a//slash", "/a//slash"),
+]
+
+LOOPBACK = "admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8, '::1/128']}\n"
+
+
+class AnyPath(dict[str, object]):
+    """Origin routes that answer every path with a cacheable page."""
+
+    def get(self, key: str, default: object = None) -> object:
+        async def page(request: web.Request) -> web.Response:
+            return web.Response(text=request.raw_path, headers={"Cache-Control": "max-age=300"})
+
+        return page
+
+
+async def raw(proxy: Proxy, method: str, target: str) -> tuple[int, str]:
+    """(status, X-Cache-Status) of ``method target`` sent to the proxy as written."""
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), fields.get("X-Cache-Status", "")
+
+
+async def stored_key(proxy: Proxy, target: str) -> str:
+    """The one key a GET of ``target`` stored."""
+    memory = proxy.runtime.storage.memory
+    before = set(memory.keys())
+    assert await raw(proxy, "GET", target) == (200, "MISS"), target
+    await settle(proxy)
+    new = set(memory.keys()) - before
+    assert len(new) == 1, (target, new)
+    return new.pop()
+
+
+async def still_stored(proxy: Proxy, key: str) -> bool:
+    """Whether ``key`` is still stored; if so, it is dropped (the next target starts afresh)."""
+    storage = proxy.runtime.storage
+    if key not in set(storage.memory.keys()):
+        return False
+    await storage.delete([key])
+    return True
+
+
+async def test_every_admin_url_names_the_key_the_proxy_stores_its_request_under(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    origin.routes = AnyPath()  # type: ignore[assignment]
+    proxy = await make_proxy(config=LOOPBACK)
+    rules = proxy.runtime.settings.rules
+    wrong: list[tuple[str, str, object, object]] = []
+    for target, text in TARGETS:
+        key = await stored_key(proxy, target)
+        url = normalise_url(proxy.url + text)
+        if url != url_of_key(key):
+            wrong.append((text, "normalise_url", url, key))
+        if keys_for_url(url, rules) != key:
+            wrong.append((text, "keys_for_url", keys_for_url(url, rules), key))
+        trace = js(await proxy.admin("POST", "/explain", json={"url": proxy.url + text}))
+        if (trace["cache_key"], trace["decision"]["action"]) != (key, "serve"):
+            wrong.append((text, "explain", (trace["cache_key"], trace["decision"]["action"]), key))
+        copies = js(await proxy.admin("GET", f"/cache?url={quote(proxy.url + text, safe='')}"))
+        if [v["key"] for v in copies["variants"]] != [key]:
+            wrong.append((text, "GET /cache", copies["variants"], key))
+        purged = js(await proxy.admin("POST", "/purge", json={"urls": [proxy.url + text]}))
+        if await still_stored(proxy, key) or purged["purged"] != 1:
+            wrong.append((text, "POST /purge", purged, key))
+        if "#" not in target:  # PURGE sends the target: no fragment
+            assert await stored_key(proxy, target) == key
+            status, _ = await raw(proxy, "PURGE", target)
+            if await still_stored(proxy, key) or status != 200:
+                wrong.append((text, "PURGE", status, key))
+    assert wrong == [], "\n".join(map(str, wrong))
+
