@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Overrides, load_config
 from proxy.runtime import Runtime
@@ -160,6 +160,21 @@ class Proxy:
 
     async def get(self, path: str, **kwargs: Any) -> Reply:
         return await self.request("GET", path, **kwargs)
+
+    async def raw(self, method: str, target: str, host: str | None = None) -> Reply:
+        """``method target`` sent as written, on a connection of its own (an HTTP client's URL
+        parser would re-encode the target, or drop an empty query, before the proxy saw it)."""
+        address, port = self.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(address, int(port))
+        writer.write(f"{method} {target} HTTP/1.1\r\nHost: {host or f'{address}:{port}'}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        head, _, body = data.partition(b"\r\n\r\n")
+        status, *lines = head.decode("latin-1").split("\r\n")
+        fields = CIMultiDict(tuple(line.split(": ", 1)) for line in lines)
+        return Reply(int(status.split()[1]), CIMultiDictProxy(fields), body)
 
     async def admin(self, method: str, path: str, **kwargs: Any) -> Reply:
         """An admin request as ``cachegate purge`` sends it: JSON for anything but GET/HEAD

@@ -236,6 +236,24 @@ async def test_a_location_with_the_scheme_s_default_port_is_the_same_origin(
     assert [(await proxy.get(p, headers=host)).x_cache for p in ("/item", "/other")] == ["MISS", "MISS"]
 
 
+async def test_a_location_with_an_empty_query_invalidates_that_url_not_the_one_without(
+    origin: Origin, make_proxy: MakeProxy, clock: Clock
+) -> None:
+    """``/search?`` and ``/search`` are two keys (the target as written); ``Location: /search?``
+    names the first (RFC 3986 §5.2.2: the reference's query, empty or not, is the URL's)."""
+    proxy = await clocked(make_proxy, clock)
+    route(origin, clock, "/search", Cache_Control="max-age=600")
+    for target in ("/search?", "/search"):
+        assert (await proxy.raw("GET", target)).x_cache == "MISS"
+
+    async def update(request: web.Request) -> web.Response:
+        return web.Response(status=201, headers={"Location": "/search?"})
+
+    origin.route("/update", update)
+    assert (await proxy.request("POST", "/update", data=b"x")).status == 201
+    assert [(await proxy.raw("GET", t)).x_cache for t in ("/search?", "/search")] == ["MISS", "HIT"]
+
+
 async def test_a_failed_unsafe_request_invalidates_nothing(
     origin: Origin, make_proxy: MakeProxy, clock: Clock
 ) -> None:

@@ -44,9 +44,24 @@ def invalidated_urls(request: RequestHead, status: int, headers: Headers) -> tup
 
 def same_origin_url(request: RequestHead, reference: str) -> str | None:
     """``reference`` resolved against the request's URL, as a key's URL (normalised authority,
-    no fragment); None when it is another origin's (or its authority is not a valid host)."""
-    parts = urlsplit(urljoin(request.url, reference.strip()))
+    no fragment); None when it is another origin's (or its authority is not a valid host).
+
+    A reference's query is the resolved URL's even when empty (RFC 3986 §5.2.2), and the key
+    of ``/search?`` is not that of ``/search``; ``urljoin`` and ``urlsplit`` drop an empty
+    query (and ``urljoin`` resolves a bare ``?`` to the base's query), so it is taken from
+    the reference's own text (a reference without one has none, unless it is a fragment only).
+
+    >>> from multidict import CIMultiDict
+    >>> head = RequestHead("POST", "http", "a.example", "/x?q", CIMultiDict())
+    >>> [same_origin_url(head, r) for r in ("/search?", "?", "/s?#top", "#top")]
+    ['http://a.example/search?', 'http://a.example/x?', 'http://a.example/s?', 'http://a.example/x?q']
+    """
+    ref = reference.strip()
+    parts = urlsplit(urljoin(request.url, ref))
     if parts.scheme != request.scheme or normal_host(parts.netloc, parts.scheme) != request.host:
         return None
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{request.scheme}://{request.host}{parts.path or '/'}{query}"
+    before = ref.split("#", 1)[0]
+    if not before:  # a fragment only: the request's own URL
+        return request.url
+    _, mark, query = before.partition("?")  # a reference with a path or authority: its query only
+    return f"{request.scheme}://{request.host}{parts.path or '/'}{mark}{query}"

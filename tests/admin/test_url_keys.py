@@ -8,7 +8,6 @@ an empty query before the proxy saw it), and the key compared is the one the pro
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import quote
 
 from aiohttp import web
@@ -57,24 +56,12 @@ class AnyPath(dict[str, object]):
         return page
 
 
-async def raw(proxy: Proxy, method: str, target: str) -> tuple[int, str]:
-    """(status, X-Cache-Status) of ``method target`` sent to the proxy as written."""
-    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
-    data = await reader.read()
-    writer.close()
-    await writer.wait_closed()
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    fields = dict(line.split(": ", 1) for line in head[1:])
-    return int(head[0].split()[1]), fields.get("X-Cache-Status", "")
-
-
 async def stored_key(proxy: Proxy, target: str) -> str:
     """The one key a GET of ``target`` stored."""
     memory = proxy.runtime.storage.memory
     before = set(memory.keys())
-    assert await raw(proxy, "GET", target) == (200, "MISS"), target
+    reply = await proxy.raw("GET", target)
+    assert (reply.status, reply.x_cache) == (200, "MISS"), target
     await settle(proxy)
     new = set(memory.keys()) - before
     assert len(new) == 1, (target, new)
@@ -114,7 +101,7 @@ async def test_every_admin_url_names_the_key_the_proxy_stores_its_request_under(
             wrong.append((text, "POST /purge", purged, key))
         if "#" not in target:  # PURGE sends the target: no fragment
             assert await stored_key(proxy, target) == key
-            status, _ = await raw(proxy, "PURGE", target)
+            status = (await proxy.raw("PURGE", target)).status
             if await still_stored(proxy, key) or status != 200:
                 wrong.append((text, "PURGE", status, key))
     assert wrong == [], "\n".join(map(str, wrong))
