@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 from xml.parsers import expat
 
 MAX_SITEMAP_BYTES = 50 * 1024 * 1024  # the sitemaps.org limit for one sitemap, uncompressed
@@ -250,6 +250,21 @@ def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str]],
 # -- outcomes (pure) ----------------------------------------------------------------------------
 
 _DETAIL = re.compile(r';\s*detail=("(?:[^"\\]|\\.)*"|[^;,\s]+)')
+
+
+EMPTY_QUERY = "an empty query ('?') cannot be sent"
+
+
+def sendable(target: str) -> str:
+    """A request target as the proxy keys it and ``cachegate purge`` and ``explain`` name it:
+    as written (percent-encodings and dot segments kept), with what cannot go on a request
+    line percent-encoded in UTF-8, as browsers do (non-ASCII, spaces, controls, quotes, angle
+    brackets). An empty query cannot be sent at all (``EMPTY_QUERY``).
+
+    >>> sendable('/caf\u00e9 menu?q="x"&e=%2F'), sendable("/a/../b"), sendable("/%7Eu;v=1")
+    ('/caf%C3%A9%20menu?q=%22x%22&e=%2F', '/a/../b', '/%7Eu;v=1')
+    """
+    return quote(target, safe="!$%&'()*+,/:;=?@[]")
 
 
 def cache_status_detail(value: str) -> str | None:
@@ -478,22 +493,28 @@ class Warmer:
             host = self._default_host
         else:
             raise WarmError(f"not a URL or path: {target.url!r}")
+        if not split.query and "?" in target.url.split("#", 1)[0]:
+            # /search? is a key apart from /search, and aiohttp's client drops an empty query
+            raise WarmError(EMPTY_QUERY)
         path = split.path or "/"
         if split.query:
             path += "?" + split.query
         headers["Host"] = host
         for k, v in target.headers:
             headers[k] = v
-        return self._base + path, headers
+        return self._base + sendable(path), headers
 
     async def fetch(self, session: Any, target: Target, keep: int | None = None) -> tuple[int, Any, bytes]:
         """(status, headers, body). A page's body is read in chunks and thrown away (only the
         fields tell what warming did); ``keep``: keep the body, up to that many bytes (a sitemap:
         WarmError beyond, without reading further)."""
         import aiohttp
+        from yarl import URL
 
         url, headers = self._request_of(target)
-        async with session.get(url, headers=headers, allow_redirects=False,
+        # encoded: sent as ``sendable`` wrote it (yarl would decode %41, upper-case %3f and
+        # resolve ``..``: another key than the URL's)
+        async with session.get(URL(url, encoded=True), headers=headers, allow_redirects=False,
                                timeout=aiohttp.ClientTimeout(total=self.options.timeout)) as resp:
             body = bytearray()
             async for chunk in resp.content.iter_chunked(READ_CHUNK):

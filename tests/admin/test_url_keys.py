@@ -106,3 +106,25 @@ async def test_every_admin_url_names_the_key_the_proxy_stores_its_request_under(
                 wrong.append((text, "PURGE", status, key))
     assert wrong == [], "\n".join(map(str, wrong))
 
+
+
+async def test_warm_requests_each_url_as_a_client_does(origin: Origin, make_proxy: MakeProxy) -> None:
+    """``cachegate warm`` stores each URL under the key a client's request for its target has,
+    the one ``cachegate purge`` and ``explain`` name: its HTTP client must not re-encode the
+    target (yarl decodes %41, upper-cases %3f, resolves ``..``). An empty query, which that
+    client cannot send, is an error, not a warm of the URL without it (another key)."""
+    from tests.console.test_warm import warm
+
+    origin.routes = AnyPath()  # type: ignore[assignment]
+    proxy = await make_proxy()
+    texts = sorted({text for _, text in TARGETS})
+    empty = {t for t in texts if t.split("#", 1)[0].endswith("?")}
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
+                                "--max-errors", str(len(empty)),
+                                stdin="".join(f"{proxy.url}{t}\n" for t in texts).encode())
+    await settle(proxy)
+    stored = set(proxy.runtime.storage.memory.keys())
+    wanted = {normalise_url(proxy.url + t) for t in texts if t not in empty}
+    assert (sorted(stored - wanted), sorted(wanted - stored)) == ([], [])
+    assert code == 0, (out, err)
+    assert f"(an empty query ('?') cannot be sent {len(empty)})" in out, out
