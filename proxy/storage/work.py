@@ -13,7 +13,12 @@ coalescer its own list of keys the store did not have):
 - local purges so far (``epoch``): a disk read that overlapped one is done again;
 - the last local purges, with their epochs (``purges``): a fill whose request went to the
   origin before one of them, and whose body began after it, is not stored when it covers
-  the fill (its response may be from before the purge).
+  the fill (its response may be from before the purge). At most ``RECENT_PURGES`` of them,
+  and at most ``PURGE_LOG_BYTES`` of what they name: a purge by URL can name 20,000 URLs
+  (1 MB of JSON), and keeping 1,024 of those whole took ~3 GB in every worker. The oldest
+  are forgotten first, and a fill whose request went out before a forgotten purge is not
+  stored (it cannot be told), so a purge too big for the log alone empties it: every fill in
+  flight before it is dropped, which costs a refetch, never a purged response served.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ RECENT_COMMITS_WINDOW = 60.0  # seconds a disk commit is remembered, for purges 
 # Local purges remembered for fills that were waiting for their response's head meanwhile; a
 # fill that began before the oldest one remembered is not stored (it cannot be told).
 RECENT_PURGES = 1024
+# ... and at most this much of what they name (``purge_cost``).
+PURGE_LOG_BYTES = 4 * 1024 * 1024
+PER_NAME = 64  # a str object and its set slot, beside its characters
+
+
+def purge_cost(match: PurgeMatch) -> int:
+    """Roughly the bytes a remembered purge holds: its keys, URLs, prefixes and tags."""
+    names = (match.keys, match.urls, match.prefixes, match.tags)
+    return sum(len(s) + PER_NAME for group in names for s in group) + PER_NAME
 
 
 @dataclass(eq=False)
@@ -53,13 +67,20 @@ class InProgress:
     write_counts: dict[str, int] = field(default_factory=dict)  # writes in progress per key
     recent: collections.deque[tuple[Entry, float]] = field(default_factory=collections.deque)
     epoch: int = 0
-    purges: collections.deque[tuple[int, PurgeMatch]] = field(
-        default_factory=lambda: collections.deque(maxlen=RECENT_PURGES))
+    purges: collections.deque[tuple[int, PurgeMatch, int]] = field(default_factory=collections.deque)
+    purge_bytes: int = 0  # the sum of the remembered purges' ``purge_cost``
 
     def purged(self, match: PurgeMatch) -> None:
-        """A local purge begins: the next epoch, remembered with what it covers."""
+        """A local purge begins: the next epoch, remembered with what it covers (the oldest
+        forgotten past ``RECENT_PURGES`` or ``PURGE_LOG_BYTES``; this one too when it alone
+        is bigger: then every fill in flight before it counts as covered)."""
         self.epoch += 1
-        self.purges.append((self.epoch, match))
+        cost = purge_cost(match)
+        purges = self.purges
+        purges.append((self.epoch, match, cost))
+        self.purge_bytes += cost
+        while purges and (len(purges) > RECENT_PURGES or self.purge_bytes > PURGE_LOG_BYTES):
+            self.purge_bytes -= purges.popleft()[2]
 
     def purged_since(self, epoch: int, entry: Entry) -> bool:
         """Whether a local purge after ``epoch`` (``Storage.epoch`` when a fill's request went
@@ -69,7 +90,7 @@ class InProgress:
         purges = self.purges
         if not purges or purges[0][0] > epoch + 1:
             return True
-        return any(at > epoch and match.covers(entry) for at, match in purges)
+        return any(at > epoch and match.covers(entry) for at, match, _ in purges)
 
     def begin_write(self, entry: Entry) -> int:
         """Note a disk write of ``entry`` starting; its token for ``end_write``."""

@@ -35,3 +35,32 @@ def test_a_fill_older_than_every_purge_remembered_counts_as_covered() -> None:
         work.purged(PurgeMatch(urls=frozenset({"http://h/b"})))
     assert work.purged_since(0, A)  # the first purge is forgotten: it cannot be told
     assert not work.purged_since(1, A)  # every purge since epoch 1 is remembered
+
+
+def _named(work: InProgress) -> int:
+    """The characters the remembered purges name (their keys, URLs, prefixes and tags)."""
+    return sum(len(s) for _, match, *_ in work.purges
+               for group in (match.keys, match.urls, match.prefixes, match.tags) for s in group)
+
+
+def test_the_purge_log_is_bounded_by_what_it_names_and_a_fill_before_a_forgotten_purge_is_covered() -> None:
+    work = InProgress()
+    for i in range(30):  # purges by URL of 20,000 URLs each (~1 MB of JSON, as an admin may send)
+        work.purged(PurgeMatch(urls=frozenset(f"http://h/p{i}/page/number/{j:08d}" for j in range(20_000))))
+    assert _named(work) <= 4 * 1024 * 1024  # 30 of them named 16 MB, each worker kept all
+    assert 0 < len(work.purges) < 30
+    assert work.purged_since(0, A)  # A is in none of them, but the oldest are forgotten
+    assert not work.purged_since(29, A)  # the last one is remembered: A is not in it
+    work.purged(PurgeMatch(urls=frozenset({"http://h/a"})))
+    assert work.purged_since(29, A) and not work.purged_since(31, A)
+
+
+def test_a_purge_bigger_than_the_log_alone_dooms_every_fill_before_it() -> None:
+    work = InProgress()
+    work.purged(PurgeMatch(tags=frozenset({"t2"})))
+    work.purged(PurgeMatch(urls=frozenset(f"http://h/{j:060d}" for j in range(100_000))))  # ~12 MB
+    assert _named(work) <= 4 * 1024 * 1024
+    assert work.purged_since(0, A) and work.purged_since(1, A)  # not covered, but not told
+    assert not work.purged_since(2, A)  # sent after it
+    work.purged(PurgeMatch(tags=frozenset({"t3"})))
+    assert work.purged_since(1, A) and not work.purged_since(2, A)
