@@ -58,6 +58,7 @@ from proxy.policy.partial import (
     decide_combine,
     parse_content_range,
     part_range,
+    representation_status,
 )
 from proxy.policy.ranges import RangeSpec, request_range
 from proxy.policy.reply import (
@@ -362,7 +363,8 @@ class Engine:
         variant cannot answer this request (``reply_head``).
 
         The rule's response_headers are those of the stored response (its status and type:
-        what its 200 gets, on the fast path too), applied before ``reply_head`` picks the
+        what its 200 gets, on the fast path too; a stored part's, as every 206 is, those of
+        its 200: ``representation_status``), applied before ``reply_head`` picks the
         fields of a 304, a 206 or a 416 from it: a 304 carries the Cache-Control and Expires
         the 200 would (RFC 9110 §15.4.5), which a choice by the 304's own status and missing
         Content-Type did not give it."""
@@ -519,7 +521,7 @@ class Engine:
     def _part_decision(self, head: RequestHead, plan: RequestPlan, key: str, resp: UpstreamResponse,
                        request_time: float, response_time: float) -> tuple[str, Entry | None]:
         """May this 206 be stored as a part, as what (the same rules as its complete response)?"""
-        store_plan = plan.for_response(200, resp.headers.get("Content-Type"))
+        store_plan = plan.for_response(representation_status(resp.status), resp.headers.get("Content-Type"))
         return self._filled(part_key(key), store_plan, Exchange(
             head, resp.status, resp.reason, resp.headers, request_time, response_time), part=True)
 
@@ -771,7 +773,8 @@ class Engine:
 
 def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, str]]
                    ) -> HeaderEdits | None:
-    """The rule's response_headers for a reply with this status and these fields."""
+    """The rule's response_headers for a reply with this status and these fields (a 206's are
+    its 200's, whatever its source: ``RequestPlan.response_headers_for``)."""
     if plan.response_rules:
         ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
         return plan.response_headers_for(status, ctype)

@@ -28,7 +28,7 @@ from proxy.policy.freshness import heuristic_withheld
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
-from proxy.policy.partial import part_range
+from proxy.policy.partial import part_range, representation_status
 from proxy.policy.ranges import RangeSpec, request_range
 from proxy.policy.reply import (
     NotModified,
@@ -184,8 +184,9 @@ def _edits_text(edits: HeaderEdits | None) -> str:
 def fill_decision(head: RequestHead, plan: RequestPlan, status: int, headers: CIMultiDictProxy[str],
                   now: float) -> tuple[StorePlan, Fill | NoFill]:
     """The store-time rules for this response, and the proxy's own fill decision for it
-    (``decide_fill``, at the longest lifetime ``ttl_jitter`` allows)."""
-    sp = plan.for_response(status, headers.get("Content-Type"))
+    (``decide_fill``, at the longest lifetime ``ttl_jitter`` allows). A 206's rules are its 200's,
+    as the engine stores parts (``representation_status``)."""
+    sp = plan.for_response(representation_status(status), headers.get("Content-Type"))
     return sp, decide_fill(Exchange(head, status, "", headers, now, now), sp, FillSettings())
 
 

@@ -40,6 +40,17 @@ class ByteRange:
         return self.first == 0 and self.last == self.total - 1
 
 
+def representation_status(status: int) -> int:
+    """The status whose rules a response follows: a 206 is part of a 200 (RFC 9110 §15.3.7), so
+    it is stored and edited as that 200 is, whether the origin sent it, a stored part answers
+    it or a stored 200 does; any other status is its own.
+
+    >>> representation_status(206), representation_status(200), representation_status(404)
+    (200, 200, 404)
+    """
+    return 200 if status == 206 else status
+
+
 def parse_content_range(value: str | None) -> ByteRange | None:
     """``bytes first-last/total`` (RFC 9110 §14.4) with a known total; None otherwise (an
     unknown length ``/*`` or ``*/total`` cannot be placed in a representation)."""

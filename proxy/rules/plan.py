@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from proxy.policy.keys import DEFAULT_KEY, KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
+from proxy.policy.partial import representation_status
 from proxy.rules.match import Match, Predicate, RequestView, first_segment
 
 T = TypeVar("T")
@@ -128,9 +129,11 @@ class RequestPlan:
         return self.store
 
     def response_headers_for(self, status: int, content_type: str | None) -> HeaderEdits | None:
+        """The edits for a reply of this status and type; a 206 takes its 200's
+        (``representation_status``), from whichever source it comes."""
         if not self.response_rules:
             return self.store.response_headers
-        return self.for_response(status, content_type).response_headers
+        return self.for_response(representation_status(status), content_type).response_headers
 
 
 def first(*values: T | None) -> T | None:

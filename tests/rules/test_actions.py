@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from tests.harness import Origin, Proxy
+from tests.harness import Origin, Proxy, Reply
 from tests.rules.util import settle, shift_clock, ttl
 
 MakeProxy = Callable[..., Awaitable[Proxy]]
@@ -365,6 +365,47 @@ async def test_a_304_206_or_416_from_the_cache_takes_the_edits_of_the_stored_200
         assert "X-Rule" not in same.headers  # not a field a 304 carries (§15.4.5), as before
     assert (await proxy.get("/st/a", headers={"If-None-Match": '"a1"'})).headers["Expires"] == "0"
     assert origin.count("/html/page") == origin.count("/st/a") == 1
+
+
+async def test_every_206_takes_the_edits_of_its_200_whether_from_the_origin_a_stored_part_or_the_200(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A 206 is part of a 200 (RFC 9110 §15.3.7) and is edited as that 200, from any source: the
+    range miss's own 206 and a 206 from a stored part (stored status 206) were edited as 206,
+    so the same Range request got the rule's fields or the origin's by what happened to be
+    stored."""
+    proxy = await make_proxy(config="cache: {range_fill: none}\n", rules="""
+        rules:
+          - name: ok
+            match: {path: "/**", status: [200]}
+            response_headers: {add: {Cache-Control: "no-cache", X-Rule: ok}, remove: [X-Powered-By]}
+    """)
+    body = bytes(range(48, 58)) * 10
+
+    async def ranges(request: web.Request) -> web.StreamResponse:
+        headers = {"Cache-Control": "max-age=600", "ETag": '"e"', "Content-Type": "text/html",
+                   "X-Powered-By": "PHP"}
+        rng = request.headers.get("Range")
+        if rng is None:
+            return web.Response(body=body, headers=headers)
+        first, last = (int(n) for n in rng.removeprefix("bytes=").split("-"))
+        headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
+        return web.Response(status=206, body=body[first:last + 1], headers=headers)
+
+    origin.route("/p", ranges)
+
+    def edited(reply: Reply) -> tuple[int, str, list[str], str | None, str | None]:
+        h = reply.headers
+        return reply.status, reply.x_cache, h.getall("Cache-Control"), h.get("X-Rule"), h.get("X-Powered-By")
+
+    rng = {"Range": "bytes=0-9"}
+    assert edited(await proxy.get("/p", headers=rng)) == (206, "MISS", ["no-cache"], "ok", None)  # the origin's
+    await settle(proxy)
+    assert edited(await proxy.get("/p", headers=rng)) == (206, "HIT", ["no-cache"], "ok", None)  # the part's
+    assert edited(await proxy.get("/p")) == (200, "MISS", ["no-cache"], "ok", None)
+    await settle(proxy)
+    assert edited(await proxy.get("/p")) == (200, "HIT", ["no-cache"], "ok", None)  # the fast path's
+    assert edited(await proxy.get("/p", headers=rng)) == (206, "HIT", ["no-cache"], "ok", None)  # the 200's
+    assert origin.count("/p") == 2
 
 
 # -- client_cache_control --------------------------------------------------------------------------
