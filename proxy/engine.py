@@ -47,6 +47,7 @@ from proxy.policy.fill import (
     NoFill,
     decide_fill,
     freshened,
+    worth_freshening_others,
 )
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
@@ -137,7 +138,7 @@ class Store(Protocol):
     def put_memory(self, entry: Entry, spool: BodySpool) -> bool: ...
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool: ...
     async def commit(self, entry: Entry, spool: BodySpool) -> bool: ...
-    async def update(self, entry: Entry) -> None: ...
+    async def update_many(self, entries: Sequence[Entry]) -> None: ...
     async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
                        tags: Iterable[str] = (), memory_only: bool = False) -> set[str]: ...
     async def delete(self, keys: Iterable[str], soft: bool = False) -> int: ...
@@ -725,7 +726,8 @@ class Engine:
 
     async def freshen(self, cached: Cached, update: CIMultiDictProxy[str], plan: RequestPlan,
                        request_time: float, response_time: float, head: RequestHead) -> None:
-        """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays."""
+        """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays.
+        The variants freshened with it (``_freshen_siblings``) are written with it, at once."""
         entry = cached.entry
         old = entry.response
         content_type = update.get("Content-Type") or old.header_dict().get("Content-Type")
@@ -736,21 +738,27 @@ class Engine:
             if updated is None:  # the 304 said no-store or private: forget the stored response
                 await self.storage.delete([entry.key])
             else:
-                await self.storage.update(entry.with_response(updated))
+                entries = [entry.with_response(updated)]
                 etag = update.get("ETag")
-                if old.vary and etag is not None and not etag.lstrip().startswith("W/"):
-                    await self._freshen_siblings(cached, etag.strip(), update, store_plan, request_time,
-                                                 response_time, head)
+                if old.vary and etag is not None and not etag.lstrip().startswith("W/") \
+                        and worth_freshening_others(updated):
+                    entries += await self._freshen_siblings(cached, etag.strip(), update, store_plan,
+                                                            request_time, response_time, head)
+                await self.storage.update_many(entries)
         except Exception as exc:
             self.write_failures.failed("write", entry.key, exc)
 
     async def _freshen_siblings(self, cached: Cached, etag: str, update: CIMultiDictProxy[str],
                                 store_plan: StorePlan, request_time: float, response_time: float,
-                                head: RequestHead) -> None:
+                                head: RequestHead) -> list[Entry]:
         """RFC 9111 §4.3.4: "All the stored responses with the same strong validator are
         identified for update": the key's other Vary variants holding the 304's strong ETag (the
-        same representation, selected by other request fields) are freshened too, rather than
-        each revalidated in turn. Asked only for a key whose responses vary."""
+        same representation, selected by other request fields), freshened too rather than each
+        revalidated in turn. Asked only for a key whose responses vary, and only when that saves
+        a request to the origin (``worth_freshening_others``: never for ``no-cache``). Returned
+        to be written with the revalidated variant: written one by one, each rewrote the key's
+        record in memory, every variant's body with it."""
+        out: list[Entry] = []
         for other in await self.load(cached.entry.key):
             stored = other.entry.response
             if other.entry.body_id == cached.entry.body_id or stored.etag is None \
@@ -759,7 +767,8 @@ class Engine:
             updated = freshened(stored, Exchange(head, 304, "", update, request_time, response_time),
                                 store_plan, self._fill_settings, jitter=self._random.random())
             if updated is not None:
-                await self.storage.update(other.entry.with_response(updated))
+                out.append(other.entry.with_response(updated))
+        return out
 
     # -- finishing ---------------------------------------------------------------------------
 

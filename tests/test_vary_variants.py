@@ -93,3 +93,48 @@ async def test_a_304_freshens_every_variant_with_the_same_strong_etag(
     assert origin.count("/p") == 3  # two fills, one revalidation for both
     assert (await proxy.get("/w", headers={"Accept-Language": "en"})).x_cache == "REVALIDATED"
     assert (await proxy.get("/w", headers={"Accept-Language": "de"})).x_cache == "REVALIDATED"
+
+
+async def test_a_revalidation_writes_the_key_once_however_many_variants_share_its_etag(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """The variants a 304 freshens were each written on their own: a new record of the key, with
+    every variant's body, in the shared memory per variant, so 8 variants of 20 KB made each
+    revalidation write 1.3 MB, and a no-cache page does that on every request, pushing other
+    keys out of memory. They are written together, in one record; the siblings of a no-cache
+    response are not freshened at all (each is revalidated before its use anyway)."""
+    size, agents = 20 * 1024, [f"agent-{i}" for i in range(8)]
+
+    def route(path: str, cache_control: str) -> None:
+        async def page(request: web.Request) -> web.Response:
+            fields = {"ETag": '"same"', "Vary": "User-Agent", "Cache-Control": cache_control,
+                      "Date": format_http_date(clock())}
+            if request.headers.get("If-None-Match") == '"same"':
+                return web.Response(status=304, headers=fields)
+            return web.Response(body=request.headers["User-Agent"].encode().ljust(size, b"."), headers=fields)
+        origin.route(path, page)
+
+    route("/nc", "no-cache")
+    route("/ma", "max-age=10")
+    proxy = await clocked(make_proxy, clock, config="cache: {memory: 64MB, disk: {path: cache, size: 256MB}}\n")
+    arena = proxy.runtime.storage.memory.arena
+    record = len(agents) * size + 8 * 1024  # the key's record: every body, and the metadata
+    for path in ("/nc", "/ma"):
+        for agent in agents:
+            assert (await proxy.get(path, headers={"User-Agent": agent})).x_cache == "MISS"
+    await proxy.runtime.storage.flush()
+
+    written = arena.head
+    for i in range(10):
+        agent = agents[i % len(agents)]
+        r = await proxy.get("/nc", headers={"User-Agent": agent})
+        assert (r.x_cache, r.body) == ("REVALIDATED", agent.encode().ljust(size, b"."))
+    assert arena.head - written <= 10 * record  # one record per revalidation (it was 8: 10.5 MB)
+
+    clock.advance(20)
+    written = arena.head
+    assert (await proxy.get("/ma", headers={"User-Agent": agents[0]})).x_cache == "REVALIDATED"
+    assert arena.head - written <= record  # every variant freshened, in one record
+    for agent in agents:
+        r = await proxy.get("/ma", headers={"User-Agent": agent})
+        assert (r.x_cache, r.body) == ("HIT", agent.encode().ljust(size, b"."))
+    assert origin.count("/nc") == len(agents) + 10 and origin.count("/ma") == len(agents) + 1

@@ -169,6 +169,37 @@ def freshened(stored: StoredResponse, update: Exchange, rules: StoreRules, setti
     return _as_kept(updated, rules, settings, jitter)  # a 304's Via replaced ours
 
 
+def worth_freshening_others(updated: StoredResponse) -> bool:
+    """Are the key's other variants with the 304's strong ETag worth freshening with it (RFC
+    9111 §4.3.4 allows it)? Only when that lets one be used without asking the origin: fresh
+    on arrival, or stale within a window it may be served in (stale-while-revalidate,
+    stale-if-error). A ``no-cache`` response, or one stale on arrival that may not be served
+    stale, is revalidated before each use, freshened or not: rewriting the siblings gains
+    nothing, and for a ``no-cache`` page it would be done on every request.
+
+    >>> from proxy.policy.messages import Freshness as F
+    >>> def r(f: F) -> StoredResponse: return StoredResponse(200, "OK", (), 0.0, 0.0, f)
+    >>> worth_freshening_others(r(F(60.0, "max-age", 0.0, 0.0)))
+    True
+    >>> worth_freshening_others(r(F(60.0, "max-age", 0.0, 0.0, no_cache=True)))
+    False
+    >>> worth_freshening_others(r(F(0.0, "max-age", 0.0, 0.0)))  # stale on arrival
+    False
+    >>> worth_freshening_others(r(F(10.0, "max-age", 10.0, 0.0)))  # its Age used its lifetime up
+    False
+    >>> worth_freshening_others(r(F(0.0, "max-age", 0.0, 0.0, stale_if_error=60.0)))
+    True
+    >>> worth_freshening_others(r(F(0.0, "max-age", 0.0, 0.0, must_revalidate=True, stale_if_error=60.0)))
+    False
+    """
+    f = updated.freshness
+    if f.no_cache:
+        return False
+    if f.ttl(f.response_time) > 0:
+        return True
+    return not f.must_revalidate and (f.stale_while_revalidate > 0 or f.stale_if_error > 0)
+
+
 def shareable_with_followers(stored: StoredResponse, now: float) -> bool:
     """May the clients that joined a fill take its response as it arrives (``now``: on arrival)?
 

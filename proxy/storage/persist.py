@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -112,12 +112,15 @@ def adding(bans: BanList, new: Entry, kept: list[tuple[Entry, ...]]) -> Merge:
     return merge
 
 
-def updating(bans: BanList, new: Entry, kept: list[tuple[Entry, ...]]) -> Merge:
-    """The merge that puts ``new``'s metadata on the variant with its body (a revalidation)."""
+def updating(bans: BanList, new: Sequence[Entry], kept: list[tuple[Entry, ...]]) -> Merge:
+    """The merge that puts each of ``new``'s metadata on the variant with its body (a
+    revalidation, and the variants it freshened)."""
+    by_body = {e.body_id: e for e in new}
+
     def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
         dropped: list[str] = []
         current = unbanned(bans, current, dropped)
-        out = tuple(new if e.body_id == new.body_id else e for e in current)
+        out = tuple(by_body.get(e.body_id, e) for e in current)
         kept.append(out)
         return out, dropped
 
@@ -303,7 +306,7 @@ class Persister:
         jobs: list[tuple[str, Merge, str, bytes | None]] = []
         for item, seq, k in zip(items, seqs, kept, strict=True):
             new = item.entry.with_seq(seq)
-            merge = adding(self.bans, new, k) if item.whole else updating(self.bans, new, k)
+            merge = adding(self.bans, new, k) if item.whole else updating(self.bans, (new,), k)
             jobs.append((new.key, merge, new.body_id, item.body))
         ok = disk.commit_many(jobs, absent) if jobs else []
         stored: list[str] = []

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, TypeVar
 
@@ -225,7 +225,12 @@ class Storage:
         return await self.writes.put_disk(final, spool) or (in_memory and self.disk is None)
 
     async def update(self, entry: Entry) -> None:
-        await self.writes.update(entry)
+        await self.writes.update((entry,))
+
+    async def update_many(self, entries: Sequence[Entry]) -> None:
+        """``update`` for variants of one key, written together: one record in the shared
+        memory, one disk commit (``Writer.update``)."""
+        await self.writes.update(entries)
 
     async def flush(self) -> int:
         """Commit to the disk tier what the shared memory holds that it does not yet (the owner's

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from typing import IO
 
 from proxy.policy.keys import url_of_key
@@ -233,24 +234,36 @@ class Writer:
             t.index.retag([(entry.key, committed_tags(new, kept))])
         return new
 
-    async def update(self, entry: Entry) -> None:
-        """Replace a variant's metadata (after a 304), keeping its body: in the shared memory at
-        once, and on disk behind it (or now, when memory does not hold the key)."""
-        t = self.t
-        current = t.memory.peek(entry.key)
-        if current is not None and any(c.entry.body_id == entry.body_id for c in current):
-            t.memory.put(entry.key, tuple(
-                c.with_entry(entry, max(c.state, META_TO_WRITE))
-                if c.entry.body_id == entry.body_id else c for c in current))
+    async def update(self, entries: Sequence[Entry]) -> None:
+        """Replace the metadata of variants of one key (after a 304: the variant it answered and
+        those freshened with it), keeping their bodies: in the shared memory at once, and on
+        disk behind it (or now, for those memory does not hold). All of them in one new record
+        of the key, and in one disk commit: each variant written on its own rewrote the key's
+        record, every variant's body with it, once per variant."""
+        if not entries:
             return
-        if t.disk is not None:
-            await t.run(self._update_on_disk, entry)
+        t = self.t
+        key = entries[0].key
+        assert all(e.key == key for e in entries), "variants of one key"
+        new = {e.body_id: e for e in entries}
+        current = t.memory.peek(key)
+        held = {c.entry.body_id for c in current} & new.keys() if current is not None else set()
+        if current is not None and held:
+            t.memory.put(key, tuple(
+                c.with_entry(new[c.entry.body_id], max(c.state, META_TO_WRITE))
+                if c.entry.body_id in held else c for c in current))
+        rest = [e for e in entries if e.body_id not in held]
+        if rest and t.disk is not None:
+            await t.run(self._update_on_disk, rest)
 
-    def _update_on_disk(self, entry: Entry) -> None:
+    def _update_on_disk(self, entries: list[Entry]) -> None:
         t = self.t
         assert t.disk is not None
+        key = entries[0].key
+        tags = tuple(sorted({tag for e in entries for tag in e.tags}))
         # A new seq: a soft purge that covered the old copy does not cover the revalidated one.
-        seq = t.index.add(entry.key, url_of_key(entry.key), entry.tags) if t.index else 0
+        seq = t.index.add(key, url_of_key(key), tags) if t.index else 0
         kept: list[tuple[Entry, ...]] = []
-        if t.disk.commit(entry.key, updating(t.bans, entry.with_seq(seq), kept)) and t.index is not None:
-            t.index.retag([(entry.key, committed_tags(entry, kept))])
+        if t.disk.commit(key, updating(t.bans, [e.with_seq(seq) for e in entries], kept)) \
+                and t.index is not None:
+            t.index.retag([(key, committed_tags(entries[0], kept) if kept else tags)])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -154,10 +154,11 @@ class FakeStore:
         final = self.finalize(entry, spool)
         return final is not None and self.put_memory(final, spool)
 
-    async def update(self, entry: Entry) -> None:
-        self.updates.append(entry)
-        self.variants[entry.key] = tuple(Cached(entry, c.body) if c.entry.body_id == entry.body_id else c
-                                         for c in self.variants.get(entry.key, ()))
+    async def update_many(self, entries: Sequence[Entry]) -> None:
+        for entry in entries:
+            self.updates.append(entry)
+            self.variants[entry.key] = tuple(Cached(entry, c.body) if c.entry.body_id == entry.body_id else c
+                                             for c in self.variants.get(entry.key, ()))
 
     async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
                        tags: Iterable[str] = (), memory_only: bool = False) -> set[str]:

@@ -4,6 +4,7 @@ processes, bans and their sweeping, index upkeep, orphans, lock timeouts."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -19,8 +20,9 @@ from proxy.storage import upkeep
 from proxy.storage.arena import Arena
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.disk import DiskTier, new_body_id
+from proxy.storage.entry import Entry
 from proxy.storage.index import UrlTagIndex
-from proxy.storage.memory import MemoryTier
+from proxy.storage.memory import Cached, MemoryTier
 from proxy.storage.spool import SpoolDir, sweep_dead_spools
 from proxy.storage.tiered import Storage
 from proxy.storage.writes import BodySpool
@@ -67,6 +69,37 @@ async def test_variants_of_a_key_are_kept_side_by_side_and_replaced_by_vary_valu
     variants = await s.get(KEY)
     bodies = sorted([(await s.open_body(c)) for c in variants])  # type: ignore[type-var]
     assert bodies == [b"br-1", b"gzip-2"]
+
+
+async def test_variants_freshened_together_are_written_once_in_memory_and_on_disk(s: Storage) -> None:
+    """A revalidation's variants (the one answered, and those with its strong ETag) were each
+    written on their own: a record of the key, every body in it, per variant."""
+    langs = ("en", "de", "fr")
+    for lang in langs:
+        assert await store(s, entry(KEY, vary=(("accept-language", lang),)), lang.encode() * 1000)
+    arena = s.memory.arena
+    commits: list[str] = []
+    if s.disk is not None:
+        real = s.disk.commit
+        s.disk.commit = lambda key, merge: commits.append(key) or real(key, merge)  # type: ignore[method-assign]
+
+    def later(variants: tuple[Cached, ...], by: float) -> list[Entry]:
+        return [c.entry.with_response(dataclasses.replace(c.entry.response, response_time=by)) for c in variants]
+
+    written = arena.head
+    await s.update_many(later(await s.get(KEY), 2000.0))
+    assert arena.head - written < 2 * 3000 + 4096  # one record (three records: 18 KB)
+    assert sorted(c.entry.response.response_time for c in await s.get(KEY)) == [2000.0] * 3
+    if s.disk is not None:
+        await s.flush()
+        freshened = later(await s.get(KEY), 3000.0)
+        s.memory.delete(KEY)  # the disk alone holds the key now: written there at once
+        await s.update_many(freshened)
+        assert commits == [KEY]  # one commit (it was one per variant)
+        s.memory.delete(KEY)
+        variants = await s.get(KEY)
+        assert sorted(c.entry.response.response_time for c in variants) == [3000.0] * 3
+        assert sorted([await s.open_body(c) for c in variants]) == [b"de" * 1000, b"en" * 1000, b"fr" * 1000]
 
 
 async def test_an_incomplete_body_is_never_stored(s: Storage) -> None:
