@@ -200,7 +200,10 @@ def _compile_match(src: Src | None, problems: Problems) -> Match:
         if isinstance(items.value, list) and not items.value:
             problems.add(items, "match.status: an empty list never matches")
         for item in (items.value if isinstance(items.value, list) else [items]):
-            if isinstance(item.value, int) and not isinstance(item.value, bool) and 100 <= item.value <= 599:
+            if item.value == 206:  # proxy.policy.partial.representation_status
+                problems.add(item, "match.status: 206 never matches: a 206 is part of a 200, stored and "
+                                   "edited by the rules of status 200; match 200")
+            elif type(item.value) is int and 100 <= item.value <= 599:
                 codes.add(item.value)
             else:
                 problems.add(item, f"match.status: expected HTTP status codes (100-599), got {item.value!r}")

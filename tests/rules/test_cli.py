@@ -135,6 +135,12 @@ BAD_RULES = [
      """, 3, "match.status: expected HTTP status codes (100-599), got 999"),
     ("""
      rules:
+       - name: parts
+         match: {status: [200, 206]}
+         no_store: true
+     """, 3, "match.status: 206 never matches: a 206 is part of a 200"),
+    ("""
+     rules:
        - name: a
          match: {path: /a}
          ttl_jitter: 150%
