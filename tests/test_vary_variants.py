@@ -8,7 +8,7 @@ from aiohttp import web
 
 from proxy.policy.httpdate import format_http_date
 from tests.conftest import MakeProxy, clocked
-from tests.harness import Clock, Origin, Proxy
+from tests.harness import Clock, Handler, Origin, Proxy
 
 CHROME = {"Accept-Encoding": "gzip, deflate, br, zstd", "Accept-Language": "en-US,en;q=0.9"}
 CURL = {"Accept-Encoding": "deflate, gzip, br, zstd", "Accept-Language": "en-us, en;q=0.90"}
@@ -60,6 +60,40 @@ async def test_many_variants_of_a_big_page_keep_at_most_one_objects_worth_of_bod
             assert r.body == agent.encode().ljust(40 * 1024, b"."), (agent, r.x_cache)
     assert (await proxy.get("/hot")).x_cache == "HIT"
     assert origin.count("/big") == len(agents)  # the others' bodies came from disk
+
+
+def agent_page(size: int = 40 * 1024) -> Handler:
+    """A page that varies on User-Agent, each variant's body its own (the agent, padded)."""
+    async def page(request: web.Request) -> web.Response:
+        agent = request.headers.get("User-Agent", "")
+        return web.Response(body=agent.encode().ljust(size, b"."), headers={
+            "Cache-Control": "max-age=600", "Vary": "User-Agent"})
+    return page
+
+
+async def test_without_a_disk_tier_a_key_keeps_its_variants_bodies_up_to_a_share_of_the_ring(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """Memory-only, nothing is written behind: a variant's body left out of its key's record is
+    asked of the origin again. A key keeps its newest bodies up to 1/64 of the ring (here more
+    than 4 × memory_max_object, which left 8 of 14 variants out for good)."""
+    origin.route("/page", agent_page())
+    proxy = await make_proxy(config="cache: {memory: 64MB, memory_max_object: 64KB, disk: null}\n")
+    memory = proxy.runtime.storage.memory
+    agents = [f"agent-{i}" for i in range(14)]
+    for _ in range(3):
+        for agent in agents:
+            r = await proxy.get("/page", headers={"User-Agent": agent})
+            assert r.body == agent.encode().ljust(40 * 1024, b"."), (agent, r.x_cache)
+    assert origin.count("/page") == len(agents)
+    assert memory.unwritten_limit == memory.arena.capacity // 64
+    # Past the share, the oldest are left out (misses), the newest kept.
+    more = [f"agent-{i}" for i in range(14, 40)]  # 40 × 40 KB in all
+    for agent in more:
+        assert (await proxy.get("/page", headers={"User-Agent": agent})).x_cache == "MISS"
+    variants = memory.peek(proxy.url + "/page") or ()
+    assert sum(len(c.body) for c in variants if c.body is not None) <= memory.unwritten_limit
+    assert (await proxy.get("/page", headers={"User-Agent": more[-1]})).x_cache == "HIT"
+    assert (await proxy.get("/page", headers={"User-Agent": agents[0]})).x_cache == "MISS"
 
 
 async def test_a_304_freshens_every_variant_with_the_same_strong_etag(

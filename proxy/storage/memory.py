@@ -95,10 +95,13 @@ class Cached:
 
 
 UNWRITTEN_ROOM = 4  # × memory_max_object: a key's bodies not on disk yet (``bodies_within``)
+# Without a disk tier, a key's bodies may take this share of the ring when that is more
+# (``memory_only_bodies``).
+MEMORY_ONLY_SHARE = 64
 
 
-def bodies_within(variants: tuple[Cached, ...], limit: int, on_disk: Callable[[Cached], bool]
-                  ) -> tuple[Cached, ...]:
+def bodies_within(variants: tuple[Cached, ...], limit: int, unwritten: int,
+                  on_disk: Callable[[Cached], bool]) -> tuple[Cached, ...]:
     """A key's variants with about ``limit`` bytes of bodies (``memory_max_object``: what one
     object may hold in memory), the newest kept. Why: every new Vary variant rewrites the key's
     record with all the others' bodies, so a client asking for one 900 KB page with 64
@@ -106,12 +109,12 @@ def bodies_within(variants: tuple[Cached, ...], limit: int, on_disk: Callable[[C
     shared memory (asking for 64 distinct URLs pushes out none). An older variant whose body is
     on disk keeps only its metadata here (its body is read from disk when asked, as a big
     body's). One not written to disk yet keeps its body while the record's bodies stay within
-    ``UNWRITTEN_ROOM`` × ``limit`` (dropped at once, it was refetched by clients asking for the
-    variants of a page in turn faster than write-behind writes them); past that the oldest of
-    them are left out (a miss, as if the ring had evicted them)."""
+    ``unwritten`` bytes (``MemoryTier.unwritten_limit``: dropped at once, it was refetched by
+    clients asking for the variants of a page in turn faster than write-behind writes them);
+    past that the oldest of them are left out (a miss, as if the ring had evicted them)."""
     if sum(len(c.body) for c in variants if c.body is not None) <= limit:
         return variants
-    room, spare = limit, (UNWRITTEN_ROOM - 1) * limit
+    room, spare = limit, unwritten - limit
     kept: list[Cached] = []
     for c in reversed(variants):  # the newest last (``merge_variant``)
         body = c.body
@@ -125,6 +128,17 @@ def bodies_within(variants: tuple[Cached, ...], limit: int, on_disk: Callable[[C
             spare -= len(body)
             kept.append(c)
     return tuple(reversed(kept))
+
+
+def memory_only_bodies(capacity: int, max_object: int) -> int:
+    """What a key's record may hold of bodies without a disk tier (``unwritten_limit``): nothing
+    is ever written behind, so a variant left out is asked of the origin again; the key keeps
+    its newest bodies up to 1/``MEMORY_ONLY_SHARE`` of the ring (``UNWRITTEN_ROOM`` ×
+    ``max_object`` when that is more), and never more than a quarter of it (a record must fit
+    the ring, which takes at most half of it). The share bounds what a client sending a new
+    ``User-Agent`` per request makes the ring write (the whole record, each time): 64 such
+    requests to turn the ring over."""
+    return min(max(UNWRITTEN_ROOM * max_object, capacity // MEMORY_ONLY_SHARE), capacity // 4)
 
 
 def cost(variants: tuple[Cached, ...]) -> int:
@@ -187,6 +201,9 @@ class MemoryTier:
         self._own_arena = arena is None or owns_arena
         self.budget = self.arena.capacity
         self.max_object = max_object
+        # What a key's record may hold of bodies not on disk yet (``bodies_within``); without a
+        # disk tier (nothing is written behind) ``Storage`` sets ``memory_only_bodies``.
+        self.unwritten_limit = UNWRITTEN_ROOM * max_object
         self.policy = policy
         self.decoded_budget = decoded if decoded is not None else decoded_budget(budget)
         self._decoded: OrderedDict[str, Slot] = OrderedDict()
@@ -388,7 +405,7 @@ class MemoryTier:
         ``if_absent``: written only when the shared memory has no record of the key (checked
         under the ring's lock): for promotions from disk (``Arena.put``)."""
         if len(variants) > 1:
-            variants = bodies_within(variants, self.max_object, self._on_disk)
+            variants = bodies_within(variants, self.max_object, self.unwritten_limit, self._on_disk)
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
         for c in variants:

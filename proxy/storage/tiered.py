@@ -35,7 +35,7 @@ from proxy.storage.bodyfiles import OpenBodies, SharedFile
 from proxy.storage.disk import ORPHAN_AGE, DiskTier
 from proxy.storage.entry import Entry
 from proxy.storage.index import Ban, UrlTagIndex
-from proxy.storage.memory import Cached, MemoryTier, Slot
+from proxy.storage.memory import Cached, MemoryTier, Slot, memory_only_bodies
 from proxy.storage.persist import Persister
 from proxy.storage.purging import Purging
 from proxy.storage.reads import Reader
@@ -69,6 +69,8 @@ class Storage:
                         "without a disk tier, memory_max_object): responses over %d bytes are "
                         "passed through",
                         max_object, storable)
+        if disk is None:  # nothing is written behind: a key keeps more of its variants' bodies
+            memory.unwritten_limit = memory_only_bodies(memory.arena.capacity, memory.max_object)
         self._own_executor = executor is None
         self.tiers = Tiers(memory, disk, index, BanList(index.bans() if index is not None else ()),
                            executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="disk"))
