@@ -71,6 +71,29 @@ def agent_page(size: int = 40 * 1024) -> Handler:
     return page
 
 
+async def test_hits_on_older_variants_served_from_disk_write_nothing_into_memory(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """An older variant whose body the key's record leaves on disk is served from there: putting
+    it back rewrote the whole record (up to memory_max_object of bodies, pushing other keys out
+    of the ring) and the put left it out again, so every such hit was a disk read and a write."""
+    origin.route("/big", agent_page())
+    proxy = await make_proxy(config="cache: {memory: 64MB, memory_max_object: 100KB, "
+                                    "disk: {path: cache, size: 256MB}}\n")
+    storage = proxy.runtime.storage
+    agents = [f"agent-{i}" for i in range(8)]
+    for agent in agents:
+        assert (await proxy.get("/big", headers={"User-Agent": agent})).x_cache == "MISS"
+        await storage.flush()  # written behind
+    ring = storage.memory.arena
+    head = ring.head
+    for _ in range(2):
+        for agent in agents[:-2]:  # the older ones: their bodies are on disk only
+            r = await proxy.get("/big", headers={"User-Agent": agent})
+            assert (r.x_cache, r.body) == ("HIT", agent.encode().ljust(40 * 1024, b"."))
+    assert ring.head == head  # the ring wrote nothing (each hit rewrote the key's record)
+    assert origin.count("/big") == len(agents)
+
+
 async def test_without_a_disk_tier_a_key_keeps_its_variants_bodies_up_to_a_share_of_the_ring(
         origin: Origin, make_proxy: MakeProxy) -> None:
     """Memory-only, nothing is written behind: a variant's body left out of its key's record is

@@ -381,7 +381,8 @@ class Reader:
         """The body of a variant: bytes from memory, else from disk (an open file when big).
 
         A body small enough for the memory tier is read whole and kept in memory beside
-        its metadata (the second half of a promotion)."""
+        its metadata (the second half of a promotion), when the key's record keeps it
+        (``_stays``)."""
         t = self.t
         if cached.body is not None:
             body = t.memory.body_bytes(cached)
@@ -412,9 +413,10 @@ class Reader:
         body = await self._disk(self._read_small_body, e)
         if body is None:
             return None
-        current = t.memory.peek(e.key)
-        if current is not None and epoch == t.work.epoch:
-            t.memory.replace(e.key, tuple(
+        memory = t.memory
+        current = memory.peek(e.key)
+        if current is not None and epoch == t.work.epoch and _stays(current, e, len(body), memory.max_object):
+            memory.replace(e.key, tuple(
                 Cached(c.entry, body, state=c.state) if c.entry.body_id == e.body_id and c.body is None
                 else c for c in current))
         return body
@@ -477,6 +479,23 @@ class Reader:
             return None
         body = raw if isinstance(raw, bytes) else _read_all(raw)
         return body if len(body) == e.body_size else None
+
+
+def _stays(current: tuple[Cached, ...], e: Entry, size: int, limit: int) -> bool:
+    """Whether a body of ``e`` just read from disk goes back into the key's record: when the
+    record lacks it and keeps it there (its bodies and this one within ``limit``, what
+    ``MemoryTier.put`` lets a key hold). Why: a hit on an older Vary variant, whose body the
+    record left on disk for the newer ones', rewrote the whole record with it (up to
+    ``memory_max_object``, pushing other keys out of the ring), and the put left it out again:
+    a disk read and a record's write per hit. Such a variant is served from disk."""
+    held = 0
+    lacks = False
+    for c in current:
+        if c.body is not None:
+            held += len(c.body)
+        elif c.entry.body_id == e.body_id:
+            lacks = True
+    return lacks and held + size <= limit
 
 
 def _read_all(f: IO[bytes]) -> bytes:
