@@ -40,7 +40,7 @@ from typing import Any
 from proxy.policy.keys import url_of_key
 from proxy.settings import MemoryPolicy
 from proxy.storage.arena import F_PERSISTED, PRESENT, Arena
-from proxy.storage.entry import ALL_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
+from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
 
 # What a decoded key and variant cost in a process beyond their strings, measured with
 # tracemalloc (tests/storage/test_memory.py keeps cost() within 10-50% of the real figure):
@@ -391,7 +391,9 @@ class MemoryTier:
     def put(self, key: str, variants: tuple[Cached, ...], *, admit: bool = False,
             if_absent: bool = False) -> bool:
         """Hold ``variants`` under ``key`` (a new record: whatever the key had is replaced); False
-        when they can never fit. Bodies that are views of the arena are copied first.
+        when they can never fit. Bodies that are views of the arena are copied first (from the
+        key's record as it is now, when theirs was replaced meanwhile: ``_body_now``); a variant
+        whose body is neither at hand nor on disk is left out, never written body-less.
 
         ``admit``: this process keeps them decoded only when the doorkeeper admits the key, as
         for a read of the shared memory (a fill of a new key, a promotion from disk: the put
@@ -408,15 +410,23 @@ class MemoryTier:
             variants = bodies_within(variants, self.max_object, self.unwritten_limit, self._on_disk)
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
+        written: list[Cached] = []
         for c in variants:
-            body = c.body
+            body, state = c.body, c.state
             if isinstance(body, memoryview):
                 body = self.body_bytes(c)
+                if body is None:  # its record was replaced meanwhile (by another process)
+                    body, state = self._body_now(key, c)
             if body is None:
-                metas.append((c.entry, -1, c.state))
+                if state == ALL_TO_WRITE:
+                    continue  # neither in memory nor on disk: left out (a miss), never a hole
+                metas.append((c.entry, -1, state))
             else:
-                metas.append((c.entry, len(body), c.state))
+                metas.append((c.entry, len(body), state))
                 parts.append(body)
+            written.append(c)
+        if not written:  # (each was a view of a record gone meanwhile, its variant with it)
+            return False
         meta = encode_record(metas)
         persisted = all(state == ON_DISK for _, _, state in metas)
         pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, if_absent=if_absent)
@@ -434,7 +444,7 @@ class MemoryTier:
         at = self.arena.body_at(pos, len(key.encode("utf-8", "surrogatepass")), len(meta))
         view = self.arena.view
         held, starts = [], []
-        for c, (_, body_len, _) in zip(variants, metas, strict=True):
+        for c, (_, body_len, state) in zip(written, metas, strict=True):
             view_of: memoryview | None = None
             if body_len >= 0:
                 view_of = view[at:at + body_len]
@@ -442,9 +452,24 @@ class MemoryTier:
                 at += body_len
             else:
                 starts.append(-1)
-            held.append(Cached(c.entry, view_of, c.heads, False, pos, c.state))
+            held.append(Cached(c.entry, view_of, c.heads, False, pos, state))
         self._hold(key, tuple(held), pos, tuple(starts), before)
         return True
+
+    def _body_now(self, key: str, c: Cached) -> tuple[builtins.bytes | None, int]:
+        """The body of ``c`` (a view of a record that was replaced meanwhile) and the state to
+        write it with, from the key's record as it is now. Why: a process's put carries the
+        other variants' bodies as views of the record it read, which another worker may replace
+        at the same moment; written body-less, a variant not on disk yet was never written
+        behind, and its next hit found no body and forgot the whole key."""
+        for now in self.peek(key) or ():
+            if now.entry.body_id != c.entry.body_id:
+                continue
+            body = self.body_bytes(now) if now.body is not None else None
+            if c.state == ALL_TO_WRITE and now.state != ALL_TO_WRITE:
+                return body, META_TO_WRITE  # the disk has its body (maybe older metadata)
+            return body, c.state
+        return None, c.state
 
     def _on_disk(self, c: Cached) -> bool:
         """Whether the disk tier has the variant's body (its record was written behind since

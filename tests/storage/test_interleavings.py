@@ -224,3 +224,48 @@ def test_a_promotion_from_disk_does_not_replace_a_fill_another_process_wrote_mea
         s.close()
 
     asyncio.run(main())
+
+
+def test_a_put_whose_view_of_another_variant_died_meanwhile_keeps_that_variants_body(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A process putting a body read from disk back into the key's record carries the other
+    variants' bodies as views of the record it read; another worker replacing that record at
+    the same moment made them unreadable, and a variant not written behind yet was written
+    body-less: never committed to disk, and its next hit forgot the whole key."""
+    de = (("accept-language", "de"),)
+    bodies = {EN: b"en" * 10_000, FR: b"fr" * 10_000, de: b"de" * 10_000}
+
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"))
+        for vary in (EN, FR):
+            assert await store(s, entry(K, vary=vary), bodies[vary])  # on disk
+        s.memory.delete(K)  # the ring moved on
+        assert len(await s.get(K)) == 2  # back in memory, metadata only (bodies read when sent)
+        assert await store(s, entry(K, vary=de), bodies[de], flush=False)  # not on disk yet
+        en = next(c for c in s.memory.peek(K) or () if c.entry.response.vary == EN)
+        assert en.body is None
+        other = MemoryTier(budget=16 * MB, max_object=MB, arena=s.memory.arena, doorkeeper=0)  # a worker
+        real_peek = s.memory.peek
+        interleaved = []
+
+        def peek_then_the_other_replaces(key: str) -> Any:
+            seen = real_peek(key)
+            if key == K and not interleaved:  # between this process's look and its put
+                interleaved.append(other.put(K, other.peek(K) or ()))
+            return seen
+
+        s.memory.peek = peek_then_the_other_replaces  # type: ignore[method-assign]
+        assert await s.open_body(en) == bodies[EN]  # read from disk, put back beside the others
+        s.memory.peek = real_peek  # type: ignore[method-assign]
+        assert interleaved == [True]
+        held = {c.entry.response.vary: c for c in s.memory.peek(K) or ()}
+        assert s.memory.body_bytes(held[de]) == bodies[de]
+        await s.flush()
+        assert "holds no body" not in caplog.text
+        s.memory.delete(K)
+        for c in await s.get(K):  # from disk: every variant, its own body
+            assert await s.open_body(c) == bodies[c.entry.response.vary]
+        assert len(await s.get(K)) == 3
+        s.close()
+
+    asyncio.run(main())

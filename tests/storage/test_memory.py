@@ -276,3 +276,29 @@ def test_a_keys_record_holds_at_most_one_objects_worth_of_bodies_the_newest_kept
                                 variant("y", 10 * KB, ALL_TO_WRITE, "http://h/w")))
     assert [m.body_bytes(c) for c in m.peek("http://h/w") or ()] == [b"x" * 10 * KB, b"y" * 10 * KB]
     m.close()
+
+
+def test_a_variant_whose_view_died_and_that_is_on_disk_nowhere_is_left_out_not_written_body_less() -> None:
+    """A put carrying views of a record another process replaced meanwhile takes their bodies
+    from the key's record as it is now; one not there any more (and not on disk: never written
+    behind) is left out, as a miss, rather than written without a body that nothing can read."""
+    one = MemoryTier(budget=8 << 20, max_object=100 * KB)
+    other = MemoryTier(budget=8 << 20, max_object=100 * KB, arena=one.arena, doorkeeper=0)  # a worker
+
+    def variant(name: str, state: int) -> Cached:
+        e = entry("http://h/v", vary=(("user-agent", name),))
+        return Cached(replace(e, body_id=name, body_size=KB), name.encode() * KB, state=state)
+
+    assert one.put("http://h/v", (variant("a", ON_DISK), variant("b", ALL_TO_WRITE),
+                                  variant("c", ALL_TO_WRITE)))
+    seen = one.peek("http://h/v") or ()
+    # The other worker writes the key anew: "c" as it was, "b" gone (its own view of it died).
+    assert other.put("http://h/v", tuple(c for c in other.peek("http://h/v") or ()
+                                         if c.entry.body_id != "b"))
+    assert one.put("http://h/v", seen)  # this process's put, from what it had seen
+    held = {c.entry.body_id: c for c in one.peek("http://h/v") or ()}
+    assert sorted(held) == ["a", "c"]
+    assert one.body_bytes(held["a"]) == b"a" * KB
+    assert one.body_bytes(held["c"]) == b"c" * KB and held["c"].state == ALL_TO_WRITE
+    other.close()
+    one.close()
