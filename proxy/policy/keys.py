@@ -9,10 +9,21 @@ headers or cookies) with a ``KeySpec``.
 Variants: a stored response's ``Vary`` names request fields; the values those
 fields had are stored normalised, and a later request selects a variant only
 when every value matches (an absent field matches only an absent field).
+
+Normalised only where the meaning is known to be the same (RFC 9111 §4.1), which
+``normalise_selecting`` decides for the variant and for a rule's ``key.headers``
+alike: a field defined as a list, sent on one line with no empty member. Anything
+else is compared as written, field lines kept apart: origins read repeated lines and
+empty members differently (Express, Django and Go's ``Header.Get`` take the first
+line; Node and WSGI join them; an exact allow-list sees ``https://a.example,``
+as another value), so an attacker's ``Origin: ,`` line beside the real one, or an
+empty ``Accept-Language`` line before ``en``, must never select the variant of the
+value without it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -112,7 +123,7 @@ def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
         key += "?" + query
     for name in spec.headers:
         values = request.headers.getall(name, ())
-        key += f"\x1fh:{name.lower()}={normalise_field(values)}"
+        key += f"\x1fh:{name.lower()}={normalise_selecting(name, values)}"
     if spec.cookies:
         jar = cookies(request.headers.getall("Cookie", ()))
         for name in spec.cookies:
@@ -128,7 +139,8 @@ def url_of_key(key: str) -> str:
 
 
 def normalise_field(values: list[str] | tuple[str, ...]) -> str:
-    """Combine field lines and normalise list whitespace (RFC 9111 §4.1).
+    """Combine field lines and normalise list whitespace (RFC 9110 §5.6.1). Only for a list
+    field's one line without empty members: ``normalise_selecting`` decides.
 
     >>> normalise_field(["1,2"]) == normalise_field([" 1 ,  2 "]) == normalise_field(["1", "2"])
     True
@@ -176,12 +188,14 @@ def _format(members: list[Weighted]) -> str:
 
 
 def _normalise_accept(name: str, values: list[str] | tuple[str, ...]) -> str | None:
-    """An Accept-* value in canonical form; None when it is not one (then only whitespace
-    and line folding are normalised).
+    """An Accept-* value (one field line) in canonical form; None when it is not one (then
+    it is compared as written).
 
-    Weights are numbers (``q=1.0`` is no ``q``; ``0.500`` is ``0.5``); a member listed
-    twice counts once (the first); members are sorted by weight, since the weights, not
-    the order, say which is preferred. Members of equal weight keep their order, except
+    Weights are numbers (``q=1.0`` is no ``q``; ``0.500`` is ``0.5``); members are sorted by
+    weight, since the weights, not the order, say which is preferred. A member listed twice
+    (``de;q=0.1, en;q=0.5, de``, also ``gzip, x-gzip``) is not one: servers disagree on
+    which of the two counts (the first, the last, the higher weight), so no spelling of it
+    is the same value as another. Members of equal weight keep their order, except
     content codings: Accept-Encoding is a set (RFC 9110 §12.5.3 gives order no meaning),
     while a server may take the first of two equal languages or media types (Django and
     Werkzeug do).
@@ -194,9 +208,10 @@ def _normalise_accept(name: str, values: list[str] | tuple[str, ...]) -> str | N
     for q, token in members:
         if name == "accept-encoding":
             token = _CODING_ALIASES.get(token, token)
-        if token not in seen:
-            seen.add(token)
-            unique.append((q, token))
+        if token in seen:
+            return None  # servers take the first, the last or the best of two: keep it as written
+        seen.add(token)
+        unique.append((q, token))
     if name == "accept-encoding":
         unique.sort(key=lambda m: (-m[0], m[1]))
     else:
@@ -205,6 +220,13 @@ def _normalise_accept(name: str, values: list[str] | tuple[str, ...]) -> str | N
 
 
 ACCEPT_FIELDS = frozenset({"accept", "accept-encoding", "accept-language", "accept-charset"})
+# Request fields RFC 9110 and RFC 9111 define as lists (``#element``: members and their
+# parameters may have whitespace around them, field lines are one list). Any other field
+# (``Origin``, ``Cookie``, ``User-Agent``, ``Authorization``, an application's own) may give
+# a comma or a space a meaning of its own: it is compared as written.
+LIST_FIELDS = ACCEPT_FIELDS | frozenset({"cache-control", "pragma", "if-match", "if-none-match", "expect",
+                                         "content-encoding", "content-language"})
+_EMPTY_MEMBER = re.compile(r"(?:^|,)[ \t]*(?:,|$)")  # "", ",a", "a,,b", "a, ": a member with nothing in it
 _NORMALISED: dict[tuple[str, tuple[str, ...]], str] = {}  # a few browsers' values, over and over
 _NORMALISED_MAX = 4096
 MEMO_VALUE_MAX = 256  # bytes of a value the memo keeps: browsers' Accept-* values are shorter
@@ -212,14 +234,22 @@ SELECTING_VALUE_MAX = 4096  # bytes of a selecting value normalised member by me
 
 
 def raw_selecting(values: list[str] | tuple[str, ...]) -> str:
-    """A selecting value too long to normalise: its field lines as received, joined.
+    """A selecting value as written: one field line as received; several lines each ended
+    by LF (no field value holds one), so ``a, b`` on one line, ``a`` and ``b`` on two, and
+    ``a,`` and ``b`` stay three values, and two empty lines are not ABSENT.
 
-    Comparing it as written is correct (RFC 9111 §4.1 allows normalisation, it does not
+    Comparing as written is correct (RFC 9111 §4.1 allows normalisation, it does not
     require it): equal text is an equal value, and the worst a different spelling of the
-    same value costs is a miss. It cannot wrongly equal a normalised value either: if it
-    did, it would be one of that value's equivalent spellings.
+    same value costs is a miss. It cannot wrongly equal a normalised value either: a
+    normalised value is one line without empty members, and if the two texts were equal
+    the raw one would be one of that value's own spellings.
+
+    >>> raw_selecting(["a, b"]), raw_selecting(["a", "b"]), raw_selecting(["", ""]) != ABSENT
+    ('a, b', 'a\\nb\\n', True)
     """
-    return ", ".join(values)
+    if len(values) == 1:
+        return values[0]
+    return "".join(f"{value}\n" for value in values)
 
 
 def selecting_size(values: list[str] | tuple[str, ...]) -> int:
@@ -228,31 +258,36 @@ def selecting_size(values: list[str] | tuple[str, ...]) -> int:
 
 
 def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
-    """A Vary selecting field's value, normalised as RFC 9111 §4.1 allows: line folding and
-    whitespace for every field; for the Accept-* fields, case, weights, duplicates and the
-    order the weights decide (see ``_normalise_accept``).
+    """A request field's value as a Vary variant and a rule's ``key.headers`` compare it:
+    normalised only where RFC 9111 §4.1 allows, that is where the meaning is known to be the
+    same. A list field (``LIST_FIELDS``) sent on one line without an empty member: whitespace
+    around members and parameters; the Accept-* fields also case, weights and the order the
+    weights decide (see ``_normalise_accept``). Anything else is compared as written
+    (``raw_selecting``): several lines, an empty member, a field not known to be a list, a
+    member listed twice, or a value longer than 4 KB (its cost stays that of reading it once).
 
     Every hit on a response that varies runs this for the request's value, so the
     Accept-* results are remembered (a handful of distinct browser values make up nearly
     all traffic; only values of up to 256 bytes are kept, and the memo is cleared when it
-    reaches 4096 entries: ~2 MB at most, however long the values sent). A value longer than
-    4 KB is not normalised but compared as written (``raw_selecting``): its cost stays
-    that of reading it once.
+    reaches 4096 entries: ~2 MB at most, however long the values sent).
 
     >>> normalise_selecting("accept-language", ["eN, De;q=0.5"])
     'en, de;q=0.5'
     >>> normalise_selecting("accept-encoding", ["br, x-gzip;q=1.0, deflate"])
     'br, deflate, gzip'
-    >>> normalise_selecting("foo", ["eN, De"])
-    'eN, De'
-    >>> normalise_selecting("foo", ["a ,b" * 1024, "c"]) == "a ,b" * 1024 + ", c"
-    True
+    >>> normalise_selecting("cache-control", ["no-cache ,max-age=0"])
+    'no-cache, max-age=0'
+    >>> normalise_selecting("origin", ["https://a.example,"])
+    'https://a.example,'
+    >>> normalise_selecting("accept-language", ["", "en"])
+    '\\nen\\n'
     """
     if not values:
         return ABSENT
     lname = name.lower()
     if lname not in ACCEPT_FIELDS:
-        if selecting_size(values) > SELECTING_VALUE_MAX:
+        if (lname not in LIST_FIELDS or len(values) != 1 or len(values[0]) >= SELECTING_VALUE_MAX
+                or _EMPTY_MEMBER.search(values[0]) is not None):
             return raw_selecting(values)
         return normalise_field(values)
     memo_key = (lname, tuple(values))
@@ -262,9 +297,11 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     size = selecting_size(values)
     if size > SELECTING_VALUE_MAX:
         return raw_selecting(values)
-    value = _normalise_accept(lname, values)
+    value = None
+    if len(values) == 1 and _EMPTY_MEMBER.search(values[0]) is None:
+        value = _normalise_accept(lname, values)
     if value is None:
-        value = normalise_field(values)
+        value = raw_selecting(values)
     if size <= MEMO_VALUE_MAX:
         if len(_NORMALISED) >= _NORMALISED_MAX:
             _NORMALISED.clear()
