@@ -69,6 +69,7 @@ from proxy.web.admin_guard import (
     loads_untrusted,
 )
 from proxy.web.console import CSRF_HEADER, console_access, setup_console
+from proxy.web.heads import ends_connection
 
 log = logging.getLogger("cachegate.admin")
 
@@ -164,6 +165,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return web.json_response({"error": "admin token required: Authorization: Bearer <token>"},
                                  status=401, headers={"WWW-Authenticate": 'Bearer realm="cachegate"'})
     return await handler(request)
+
+
+@web.middleware
+async def chunked_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Close the connection after a request whose body was chunked (``heads.ends_connection``:
+    aiohttp's parser would carry its last trailer field into the next request)."""
+    resp = await handler(request)
+    if ends_connection(request.headers):
+        resp.force_close()
+    return resp
 
 
 @web.middleware
@@ -462,7 +473,7 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
     def refused(request: web.Request, reason: RefusalReason) -> None:
         runtime.metrics.admin_refused.labels(reason).inc()
 
-    app = web.Application(middlewares=[error_middleware, bearer_middleware,
+    app = web.Application(middlewares=[chunked_body_middleware, error_middleware, bearer_middleware,
                                        guard_middleware(guard_settings, refused), auth_middleware],
                           client_max_size=MAX_BODY)
     ctx = AdminContext(runtime, purge_fn or runtime.purge,

@@ -28,9 +28,11 @@ filled in. With an access log, each answer leaves a tuple for the log's batch wr
 tests/test_fastpath.py compares both paths field by field for a table of requests.
 
 Left to the general path (by construction, not by guess): any method but GET and HEAD;
-a request with a body, an upgrade, a ``Range``, an ``If-Match`` or ``If-Unmodified-Since``
-(checked before the normalisation, so never on a remembered request's way: ``Known``); one
-that asks to close the connection (HTTP/1.0 without keep-alive, ``Connection: close``);
+a request with a body (a chunked one too, even empty: the parser gives it a payload; its
+answer then closes the connection, ``heads.ends_connection``), an upgrade, a ``Range``, an
+``If-Match`` or ``If-Unmodified-Since`` (checked before the normalisation, so never on a
+remembered request's way: ``Known``); one that asks to close the connection (HTTP/1.0
+without keep-alive, ``Connection: close``);
 anything ``decide_lookup`` does not answer as a plain fresh HIT (conditionals that match,
 ``Cache-Control``/``Pragma`` that ask for the origin, stale or soft-purged entries, Vary
 misses); stored statuses 204/304

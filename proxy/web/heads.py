@@ -138,6 +138,22 @@ def closing(protocol: Any) -> bool:
     return bool(protocol._force_close or protocol._close or getattr(protocol, "stopping", False))
 
 
+def ends_connection(fields: Any) -> bool:
+    """The connection ends after the reply to this request whatever it asked: its body was
+    chunked (its ``fields``, as parsed, have a ``Transfer-Encoding``: any other than a single
+    ``chunked`` is refused before, and the refusal closes the connection too).
+
+    Why: aiohttp's C request parser (3.14.5, the latest) keeps the last trailer field of a
+    chunked body pending and adds it to the next request parsed on the connection
+    (``cb_on_message_begin`` does not reset ``_raw_name``/``_raw_value``/``_has_value``): a
+    client, or one of many behind a front proxy that shares connections, would choose a
+    field (a ``Cookie``; the ``Host`` of an HTTP/1.0 request without one) of the request
+    after its own. So nothing after a chunked body is read as a request (RFC 9112 §9.6 lets
+    a server close; the head says ``Connection: close``). See docs/deploy.md, *Upgrading
+    aiohttp*: the workaround can go once aiohttp resets those fields."""
+    return hdrs.TRANSFER_ENCODING in fields
+
+
 class ReplyResponse(web.StreamResponse):
     """aiohttp's ``StreamResponse`` with its head from ``frame`` (the general path's every
     reply). ``length`` is the body's (None: unknown); a ``body`` given here is sent with the
@@ -163,7 +179,7 @@ class ReplyResponse(web.StreamResponse):
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = request.keep_alive
-        if keep_alive and closing(request.protocol):
+        if keep_alive and (closing(request.protocol) or ends_connection(request.headers)):
             keep_alive = False
         framing = frame(self._headers, self.status, request.method, reply_version(request.version),
                         self._reply_length, keep_alive, rfc822_formatted_time())
@@ -222,5 +238,5 @@ def from_response(resp: web.StreamResponse, method: str) -> ReplyResponse:
     return plain_reply(resp.status, resp.reason, headers, body, method)
 
 
-__all__ = ["Framing", "ReplyResponse", "closing", "frame", "from_response", "plain_reply", "reply_version",
-           "serialise", "status_line"]
+__all__ = ["Framing", "ReplyResponse", "closing", "ends_connection", "frame", "from_response", "plain_reply",
+           "reply_version", "serialise", "status_line"]
