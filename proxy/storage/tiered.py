@@ -276,6 +276,9 @@ class Storage:
     async def maintain(self, *, orphans_before: float | None = None) -> UpkeepStats:
         return await self.upkeeping.maintain(orphans_before=orphans_before)
 
+    async def sweep_dead_spools(self) -> int:
+        return await self.upkeeping.sweep_dead_spools()
+
     async def reload_bans(self) -> None:
         await self.upkeeping.reload_bans()
 

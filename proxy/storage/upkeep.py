@@ -58,24 +58,33 @@ class Upkeep:
         await t.run(self._gc_step)
         await t.run(self._checkpoint)
         if orphans_before is not None:
-            disk = t.disk
-            removed = await t.run(disk.sweep_stray_files, orphans_before)
-
-            def sweep_dead() -> int:
-                orphans = 0
-
-                def check(intents: list[tuple[str, str]]) -> None:
-                    nonlocal orphans
-                    orphans += disk.sweep_intents(intents)
-
-                folders = sweep_dead_spools(self.spools.root, check)
-                return folders + orphans
-
-            removed += await t.run(sweep_dead)
+            removed = await t.run(t.disk.sweep_stray_files, orphans_before)
+            removed += await self.sweep_dead_spools()
             if removed:
                 log.info("removed %d orphan(s) left by an earlier crash", removed)
             self.stats.orphans_removed += removed
         return self.stats
+
+    async def sweep_dead_spools(self) -> int:
+        """Remove the spool folders of processes that are gone (their files, half-received
+        bodies, count against the disk budget) and the bodies their intents orphaned; how many.
+        At the orphan sweeps, and at once when the supervisor sees a worker die."""
+        t = self.t
+        disk = t.disk
+        if disk is None:
+            return 0
+
+        def sweep_dead() -> int:
+            orphans = 0
+
+            def check(intents: list[tuple[str, str]]) -> None:
+                nonlocal orphans
+                orphans += disk.sweep_intents(intents)
+
+            folders = sweep_dead_spools(self.spools.root, check)
+            return folders + orphans
+
+        return await t.run(sweep_dead)
 
     async def reload_bans(self) -> None:
         if self.t.index is not None:
