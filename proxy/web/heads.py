@@ -150,8 +150,13 @@ def ends_connection(fields: Any) -> bool:
     field (a ``Cookie``; the ``Host`` of an HTTP/1.0 request without one) of the request
     after its own. So nothing after a chunked body is read as a request (RFC 9112 §9.6 lets
     a server close; the head says ``Connection: close``). See docs/deploy.md, *Upgrading
-    aiohttp*: the workaround can go once aiohttp resets those fields."""
-    return hdrs.TRANSFER_ENCODING in fields
+    aiohttp*: the workaround can go once aiohttp resets those fields.
+
+    Or it asked to switch protocols (``Upgrade``, which cachegate never does: the field is
+    hop-by-hop and dropped, the request answered as HTTP/1.1): aiohttp's parser stops parsing
+    requests after one that asks, so a request pipelined behind it was never answered and the
+    connection stayed open, a client or a front proxy waiting on it for ever."""
+    return hdrs.TRANSFER_ENCODING in fields or hdrs.UPGRADE in fields
 
 
 class ReplyResponse(web.StreamResponse):

@@ -113,3 +113,18 @@ async def test_aiohttp_s_request_parser_still_carries_a_trailer_into_the_next_re
     assert [m.path for m, _ in messages] == ["/a", "/b"]
     assert messages[1][0].headers.getall("Cookie", []) == ["session=ATTACKER"], (
         "aiohttp's C parser no longer leaks a trailer into the next request: see docs/deploy.md")
+
+
+@pytest.mark.parametrize("protocol", ["h2c", "websocket", "foo"])
+async def test_a_request_asking_to_switch_protocols_is_answered_and_its_connection_closed(
+        origin: Origin, make_proxy: MakeProxy, protocol: str) -> None:
+    """aiohttp's parser reads nothing as a request after one with ``Upgrade``: a GET pipelined
+    behind it was never answered and the connection stayed open (a client waiting for ever).
+    cachegate does not switch protocols: it answers the request and closes."""
+    echo_origin(origin, "/up", "/next")
+    proxy = await make_proxy()
+    first = request("GET", "/up", "Host: shop.example", f"Upgrade: {protocol}", "Connection: Upgrade")
+    answered = await exchange(proxy, first, get("/next"), together=True)
+    assert answered.startswith(b"HTTP/1.1 200 ") and answered.count(b"HTTP/1.1 ") == 1, answered
+    assert b"\r\nconnection: close" in answered.split(b"\r\n\r\n", 1)[0].lower()
+    assert all(s.headers.get("Upgrade") is None for s in origin.seen)  # hop-by-hop: never forwarded
