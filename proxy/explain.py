@@ -24,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.cache_status import cache_status, serve_detail
 from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill, freshened
-from proxy.policy.freshness import heuristic_withheld
+from proxy.policy.freshness import heuristic_withheld, origin_freshness_only
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
@@ -82,6 +82,18 @@ WHY_NOT = {
 
 NO_HEURISTIC = ("no heuristic freshness: the request carries Cookie or Authorization and the response is "
                 "not public, so it is revalidated before every use (a rule ttl would share it)")
+
+
+AUTHORIZATION_ORIGIN_ONLY = ("the request has Authorization and only must-revalidate lets a shared cache "
+                             "keep the response (RFC 9111 3.5): the origin's freshness alone, the rule's ttl "
+                             "and override_origin do not apply")
+
+
+def authorization_origin_only(head: RequestHead, status: int, cc: CacheControl, sp: StorePlan) -> bool:
+    """Would a rule ttl apply to this response, but for ``origin_freshness_only``? (For explain.)"""
+    authorization = "authorization" in head.headers
+    return (sp.options.rule_ttl(status) is not None
+            and origin_freshness_only(sp.options, cc, authorization=authorization) is not sp.options)
 
 
 def _cc_of(headers: CIMultiDictProxy[str], sp: StorePlan) -> CacheControl:
@@ -202,6 +214,8 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
         case NoFill(detail=detail):
             why = "the rule says no_store" if sp.no_store_rule is not None else WHY_NOT.get(detail, "")
             lines.append(f"  decision            not stored: {detail} ({why})")
+            if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, _cc_of(headers, sp), sp):
+                lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
         case Fill():
             f = decision.response.freshness
             source = {
@@ -218,6 +232,8 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
             if f.source == "none" and heuristic_withheld(status, headers, _cc_of(headers, sp), head.headers,
                                                          now, sp.options):
                 lines.append(f"  note                {NO_HEURISTIC}")
+            if authorization_origin_only(head, status, _cc_of(headers, sp), sp):
+                lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
             if f.no_cache or f.must_revalidate:
                 which = "no-cache" if f.no_cache else "must-revalidate/s-maxage"
                 lines.append(f"  note                the origin requires revalidation ({which}): "
@@ -353,6 +369,8 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
         case NoFill(detail=detail):
             why = f"rule {sp.no_store_rule!r} says no_store" if sp.no_store_rule is not None \
                 else WHY_NOT.get(detail, "")
+            if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, cc, sp):
+                why += "; " + AUTHORIZATION_ORIGIN_ONLY
             out.update(stored=False, detail=detail, why=why)
             return out
         case Fill():
@@ -363,6 +381,8 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     if "authorization" in head.headers:
         allowed = [d for d in ("public", "s-maxage", "must-revalidate") if d in cc]
         reasons.append(f"the request has Authorization; {', '.join(allowed)} in {cc_field} allows storing it")
+        if authorization_origin_only(head, status, cc, sp):
+            reasons.append(AUTHORIZATION_ORIGIN_ONLY)
     if "set-cookie" in headers:
         reasons.append("it sets a cookie; allow_set_cookie stores it without the Set-Cookie")
     if f.source == "none" and heuristic_withheld(status, headers, cc, head.headers, now, sp.options):

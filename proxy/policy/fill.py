@@ -218,11 +218,11 @@ def _as_kept(stored: StoredResponse, rules: StoreRules, settings: FillSettings, 
     return StoredResponse(stored.status, stored.reason, with_via(stored.headers, settings.via),
                           stored.request_time, stored.response_time,
                           jittered(stored.freshness, rules.ttl_jitter, jitter), stored.vary, stored.etag,
-                          stored.last_modified, stored.invalidated, stored.credentials)
+                          stored.last_modified, stored.invalidated, stored.credentials, stored.authorization)
 
 
 _STORED_FIELDS = ("status", "reason", "headers", "request_time", "response_time", "freshness", "vary",
-                  "etag", "last_modified", "invalidated", "credentials")
+                  "etag", "last_modified", "invalidated", "credentials", "authorization")
 assert tuple(f.name for f in fields(StoredResponse)) == _STORED_FIELDS, "update _as_kept"
 
 

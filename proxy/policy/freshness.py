@@ -13,9 +13,19 @@ No heuristic for a response to a request with credentials (``Cookie`` or
 sharing a response that may be personal, and a heuristic would hand it to everyone
 for up to a day. It is then stored without a lifetime, so every reuse is revalidated
 with the origin first (a rule's ``ttl`` still applies: the operator's choice).
+
+A response to a request with ``Authorization`` that a shared cache may keep only because
+it says ``must-revalidate`` (no ``public``, no ``s-maxage``: RFC 9111 §3.5) gets the
+origin's freshness and nothing else (``origin_freshness_only``): §3.5 allows storing it
+only in a cache that obeys ``must-revalidate``, and a rule's ``ttl`` (or
+``override_origin``, which would drop ``must-revalidate``) would hand one user's response
+to everyone without asking the origin.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from types import MappingProxyType
 
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.fields import delta_seconds, first_member
@@ -87,6 +97,24 @@ def explicit_lifetime(
 def carries_credentials(request_headers: Headers) -> bool:
     """Did the request carry a cookie or credentials (its response may be personal)?"""
     return "cookie" in request_headers or "authorization" in request_headers
+
+
+def origin_freshness_only(options: CacheOptions, cc: CacheControl, *, authorization: bool) -> CacheOptions:
+    """``options`` without the rule's ``ttl`` and ``override_origin`` for a response to a request
+    with Authorization that only ``must-revalidate`` lets a shared cache keep (RFC 9111 §3.5:
+    no ``public``, no ``s-maxage``); ``options`` as they are otherwise.
+
+    >>> from proxy.policy.cache_control import parse_cache_control
+    >>> ruled = CacheOptions(ttl_by_status={200: 300.0}, ttl_default=60.0, override_origin=True)
+    >>> mine = origin_freshness_only(ruled, parse_cache_control(["must-revalidate"]), authorization=True)
+    >>> mine.rule_ttl(200), mine.override_origin
+    (None, False)
+    >>> origin_freshness_only(ruled, parse_cache_control(["public"]), authorization=True) is ruled
+    True
+    """
+    if not authorization or "public" in cc or "s-maxage" in cc:
+        return options
+    return replace(options, ttl_by_status=MappingProxyType({}), ttl_default=None, override_origin=False)
 
 
 def heuristic_lifetime(

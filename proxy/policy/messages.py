@@ -88,6 +88,9 @@ class StoredResponse:
     # Filled (or freshened) for a request with Cookie or Authorization: no heuristic lifetime,
     # whatever request revalidates it later (``proxy.policy.freshness``).
     credentials: bool = False
+    # Filled (or freshened) for a request with Authorization: unless the response says public or
+    # s-maxage, no rule ttl or override_origin, whatever request revalidates it later (§3.5).
+    authorization: bool = False
 
     def header_dict(self) -> CIMultiDict[str]:
         return CIMultiDict(self.headers)

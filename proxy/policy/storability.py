@@ -4,7 +4,8 @@
 or ``DontStore`` with the ``Cache-Status`` detail token naming why not. Safety
 first: a shared cache never stores ``private``, ``no-store``, responses to
 requests with ``Authorization`` (unless ``public``, ``s-maxage`` or
-``must-revalidate`` allow it), nor ``Set-Cookie`` responses unless a rule says so.
+``must-revalidate`` allow it; with ``must-revalidate`` alone, with the origin's freshness
+only: ``freshness.origin_freshness_only``), nor ``Set-Cookie`` responses unless a rule says so.
 
 ``must-understand`` (§5.2.2.3): a response with a status code whose caching rules
 this cache does not know is never stored. The RFC adds that a cache which knows the
@@ -23,7 +24,7 @@ from proxy.policy.cache_control import (
     targeted_cache_control,
 )
 from proxy.policy.fields import content_length
-from proxy.policy.freshness import carries_credentials, compute_freshness
+from proxy.policy.freshness import carries_credentials, compute_freshness, origin_freshness_only
 from proxy.policy.headers import dated, end_to_end
 from proxy.policy.keys import variant_of, vary_names
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
@@ -143,10 +144,11 @@ def _decide(
         return DontStore("NO-STORE")  # even beside must-understand (see the module docstring)
     if "private" in cc:
         return DontStore("PRIVATE")  # qualified private="f" too: stricter than §5.2.2.7 requires
-    if "authorization" in request.headers and not (
-        "public" in cc or "s-maxage" in cc or "must-revalidate" in cc
-    ):
+    authorization = "authorization" in request.headers
+    if authorization and not ("public" in cc or "s-maxage" in cc or "must-revalidate" in cc):
         return DontStore("AUTHORIZATION")
+    # Kept only by must-revalidate: the origin's freshness alone, no rule ttl (§3.5; freshness)
+    options = origin_freshness_only(options, cc, authorization=authorization)
     if "set-cookie" in headers and not options.allow_set_cookie:
         return DontStore("SET-COOKIE")
     names = vary_names(headers)
@@ -195,5 +197,6 @@ def _decide(
             etag=etag,
             last_modified=last_modified,
             credentials=credentials,
+            authorization=authorization,
         )
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from multidict import CIMultiDict
 
 from proxy.policy.fields import split_list
-from proxy.policy.freshness import compute_freshness
+from proxy.policy.freshness import compute_freshness, origin_freshness_only
 from proxy.policy.headers import HOP_BY_HOP, dated, end_to_end
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions, HeaderList, Headers, StoredResponse
@@ -108,9 +108,15 @@ def freshen_stored(
     ``credentials``: the revalidating request carried Cookie or Authorization. No heuristic
     freshness then, nor when the stored response was filled (or freshened) for such a
     request (``StoredResponse.credentials``, kept): an anonymous revalidation says nothing
-    about whose page it is (see ``freshness``).
+    about whose page it is (see ``freshness``). A response filled for a request with
+    Authorization (``StoredResponse.authorization``) is kept only while it says public,
+    s-maxage or must-revalidate, with must-revalidate alone with the origin's freshness only
+    (RFC 9111 §3.5), whoever's request the 304 answered. (A 304 to a request with
+    Authorization about a response filled without it says that the shared response is valid
+    for that client too; it does not make it theirs.)
     """
     credentials = credentials or stored.credentials
+    authorization = stored.authorization
     merged = merge_headers(stored.headers, update)
     if "date" not in update:
         merged = dated(tuple([(k, v) for k, v in merged if k.lower() != "date"]), response_time)
@@ -121,6 +127,9 @@ def freshen_stored(
     cc, source = response_cache_control(view, options)
     if "no-store" in cc or "private" in cc:
         return None
+    if authorization and not ("public" in cc or "s-maxage" in cc or "must-revalidate" in cc):
+        return None
+    options = origin_freshness_only(options, cc, authorization=authorization)
     freshness = compute_freshness(stored.status, view, cc, request_time, response_time, options,
                                   cc_source=source, credentials=credentials)
     return replace(

@@ -74,7 +74,7 @@ def entry_to_json(e: Entry) -> dict[str, Any]:
         "request_time": r.request_time, "response_time": r.response_time,
         "freshness": _freshness_to_json(r.freshness), "vary": [list(v) for v in r.vary],
         "etag": r.etag, "last_modified": r.last_modified, "invalidated": r.invalidated,
-        "credentials": r.credentials,
+        "credentials": r.credentials, "authorization": r.authorization,
     }  # fmt: skip
 
 
@@ -91,6 +91,7 @@ def entry_from_json(d: dict[str, Any]) -> Entry:
         last_modified=d["last_modified"],
         invalidated=bool(d["invalidated"]),
         credentials=bool(d.get("credentials", False)),
+        authorization=bool(d.get("authorization", False)),
     )
     return Entry(
         key=str(d["key"]), url=str(d["url"]), response=response, body_id=str(d["body_id"]),
@@ -108,10 +109,12 @@ _RECORD_LEN = 18
 def _flags(r: StoredResponse) -> bool | int:
     """The record's last response slot, in both record formats: ``invalidated`` as a bool (all
     that older records hold there: they read as filled without credentials), or, for a
-    response filled with credentials, an int of bits (1: invalidated, 2: credentials). The
-    common case costs no byte more; an older version reading the int sees a soft-purged
-    entry (revalidated before use: safe)."""
-    return (2 | r.invalidated) if r.credentials else r.invalidated
+    response filled with credentials, an int of bits (1: invalidated, 2: credentials, 4:
+    Authorization). The common case costs no byte more; an older version reading the int sees
+    a soft-purged entry (revalidated before use: safe)."""
+    if not (r.credentials or r.authorization):
+        return r.invalidated
+    return 2 * r.credentials | 4 * r.authorization | r.invalidated
 
 
 def _record(e: Entry) -> list[Any]:
@@ -152,7 +155,8 @@ def _from_record(v: list[Any]) -> Entry:
         float(v[12]),
         _new_freshness(float(f[0]), str(f[1]), float(f[2]), float(f[3]), bool(f[4]), bool(f[5]),
                        float(f[6]), float(f[7]), bool(f[8])),
-        tuple(zip(vary[::2], vary[1::2], strict=True)), v[15], v[16], flags & 1 == 1, flags & 2 == 2)
+        tuple(zip(vary[::2], vary[1::2], strict=True)), v[15], v[16], flags & 1 == 1, flags & 2 == 2,
+        flags & 4 == 4)
     key, url = str(v[1]), str(v[2])
     return _new_entry(key, key if url == key else url, response, str(v[3]), int(v[4]), tuple(v[5]),
                       float(v[6]), int(v[7]))
@@ -280,7 +284,7 @@ def decode_record(key: str, meta: bytes) -> list[tuple[Entry, int, int]] | None:
             at if request_time is None else request_time, at,
             _new_freshness(f[0], intern(f[1]), f[2], at if f[3] is None else f[3], *f[4:]),
             tuple(zip(vary[::2], vary[1::2], strict=True)), etag, last_modified, flags & 1 == 1,
-            flags & 2 == 2)
+            flags & 2 == 2, flags & 4 == 4)
         out.append((_new_entry(key, url or key, response, body_id, body_size, tags,
                                at if stored_at is None else stored_at, seq), body_len, state))
     return out

@@ -214,3 +214,35 @@ def test_a_response_with_more_than_1024_tags_is_not_stored_rather_than_stored_wi
     assert isinstance(fill([FRESH, ("Surrogate-Key", many + " t0 t1")]), Fill)  # a tag twice counts once
     assert fill([FRESH, ("Surrogate-Key", many)], rules=Rules(tags=("one-more",))) == NoFill("TOO-MANY-TAGS")
     assert fill([FRESH, ("Surrogate-Key", many + " x")]) == NoFill("TOO-MANY-TAGS")
+
+
+# (case, filled for a request with Authorization, the revalidating request's fields, the 304's
+# fields, the freshness source after it, or None when the stored response may no longer be kept)
+AUTH = ("Authorization", "Bearer alice")
+FRESHENED_AUTHORIZATION: list[tuple[str, bool, list[tuple[str, str]], Pairs, str | None]] = [
+    ("an anonymous 304: still the origin's freshness only, no rule ttl", True, [], [], "none"),
+    ("a 304 to the same user: the same", True, [AUTH], [], "none"),
+    ("a 304 saying public: the origin now lets it be shared, the rule applies", True, [],
+     [("Cache-Control", "public")], "rule"),
+    ("a 304 that drops must-revalidate: nothing lets a shared cache keep it any more", True, [],
+     [("Cache-Control", "max-age=60")], None),
+    ("an anonymous fill revalidated with Authorization: the rule applies (the 304 does not make it theirs)",
+     False, [AUTH], [], "rule"),
+]
+
+
+@pytest.mark.parametrize(("case", "filled", "fields", "update", "source"), FRESHENED_AUTHORIZATION,
+                         ids=[c[0] for c in FRESHENED_AUTHORIZATION])
+def test_a_response_filled_for_authorization_keeps_the_origins_freshness_only_through_a_304(
+        case: str, filled: bool, fields: list[tuple[str, str]], update: Pairs, source: str | None) -> None:
+    rules = Rules(options=CacheOptions(ttl_by_status={200: 300.0}, override_origin=True))
+    s = stored([("Cache-Control", "must-revalidate"), ("ETag", '"a"'), ("Date", date(0))],
+               req=request(*[AUTH] if filled else []), options=rules.options)
+    assert s.authorization is filled and s.freshness.source == ("none" if filled else "rule")
+    answer = Exchange(request(*fields), 304, "", headers(("Date", date(50)), *update), T0 + 50, T0 + 50)
+    fresh = freshened(s, answer, rules, SETTINGS)
+    if source is None:
+        assert fresh is None
+    else:
+        assert fresh is not None and fresh.freshness.source == source
+        assert fresh.authorization is filled  # kept for the next revalidation

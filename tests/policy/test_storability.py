@@ -165,3 +165,39 @@ def test_the_origins_own_freshness_on_an_error_status_is_still_obeyed() -> None:
     """Only the rule's default is limited: an origin that says max-age on its 503 decides."""
     decision = store([("Cache-Control", "max-age=5")], status=503, options=RULE_DEFAULT)
     assert isinstance(decision, Store) and decision.response.freshness.lifetime == 5.0
+
+
+# A response to a request with Authorization that only must-revalidate lets a shared cache keep
+# (RFC 9111 §3.5) has the origin's freshness and nothing else: a rule's ttl or override_origin
+# would serve one user's response to everyone without asking the origin.
+# (case, request fields, response fields, options, lifetime, freshness source, must_revalidate)
+AUTH = ("Authorization", "Bearer alice")
+RULE_TTL = CacheOptions(ttl_by_status={200: 300.0})
+OVERRIDE = CacheOptions(ttl_by_status={200: 3600.0}, override_origin=True)
+AUTHORIZATION_FRESHNESS: list[tuple[str, list[tuple[str, str]], Pairs, CacheOptions, float, str, bool]] = [
+    ("must-revalidate alone: a rule ttl does not give it a lifetime", [AUTH],
+     [("Cache-Control", "must-revalidate"), ("ETag", '"a"')], RULE_TTL, 0.0, "none", True),
+    ("max-age=0, must-revalidate: override_origin neither gives a lifetime nor drops must-revalidate",
+     [AUTH], [("Cache-Control", "max-age=0, must-revalidate"), ("ETag", '"a"')], OVERRIDE, 0.0, "max-age",
+     True),
+    ("the origin's own max-age beside must-revalidate is obeyed, not the rule's", [AUTH],
+     [("Cache-Control", "max-age=60, must-revalidate")], OVERRIDE, 60.0, "max-age", True),
+    ("public: the origin lets it be shared, so the rule applies", [AUTH],
+     [("Cache-Control", "public, must-revalidate")], RULE_TTL, 300.0, "rule", True),
+    ("s-maxage: the origin lets it be shared, so override_origin applies", [AUTH],
+     [("Cache-Control", "s-maxage=10")], OVERRIDE, 3600.0, "rule", False),
+    ("a cookie, not Authorization: the rule ttl applies (the operator's choice)", [("Cookie", "s=alice")],
+     [("Cache-Control", "must-revalidate")], RULE_TTL, 300.0, "rule", True),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "response", "options", "lifetime", "source", "must_revalidate"),
+                         AUTHORIZATION_FRESHNESS, ids=[c[0] for c in AUTHORIZATION_FRESHNESS])
+def test_a_response_to_authorization_kept_by_must_revalidate_alone_gets_the_origins_freshness_only(
+        case: str, fields: list[tuple[str, str]], response: Pairs, options: CacheOptions, lifetime: float,
+        source: str, must_revalidate: bool) -> None:
+    decision = store(response, req=request(*fields), options=options)
+    assert isinstance(decision, Store), decision
+    f = decision.response.freshness
+    assert (f.lifetime, f.source, f.must_revalidate) == (lifetime, source, must_revalidate)
+    assert decision.response.authorization is (AUTH in fields)

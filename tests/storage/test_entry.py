@@ -32,7 +32,11 @@ def variants() -> list[tuple[Entry, int, int]]:
             (Entry("http://h/k\x1fgzip", "http://h/k", odd, "b2", 20, ("t1", "t2"), 1001.0, 4), -1, ALL_TO_WRITE),
             (Entry("http://h/k\x1fbr", "http://h/k", personal, "b3", 10, stored_at=1000.0), 10, ON_DISK),
             (Entry("http://h/k\x1fzstd", "http://h/k", dataclasses.replace(odd, credentials=True), "b4", 20),
-             -1, ALL_TO_WRITE)]
+             -1, ALL_TO_WRITE),
+            (Entry("http://h/k\x1fdeflate", "http://h/k",
+                   dataclasses.replace(odd, credentials=True, authorization=True), "b5", 20), -1, ALL_TO_WRITE),
+            (Entry("http://h/k\x1fidentity", "http://h/k",
+                   dataclasses.replace(plain, credentials=True, authorization=True), "b6", 10), 10, ON_DISK)]
 
 
 def test_a_record_decodes_to_the_entries_encoded() -> None:
