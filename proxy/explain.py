@@ -52,7 +52,7 @@ from proxy.policy.reuse import (
     select_variant,
 )
 from proxy.policy.storability import response_cache_control
-from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan
+from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan, lowered_path
 
 # What each "not stored" detail means, and what to change.
 WHY_NOT = {
@@ -94,6 +94,23 @@ def authorization_origin_only(head: RequestHead, status: int, cc: CacheControl, 
     authorization = "authorization" in head.headers
     return (sp.options.rule_ttl(status) is not None
             and origin_freshness_only(sp.options, cc, authorization=authorization) is not sp.options)
+
+
+LOWERED = ("{rule} keys the lower-cased path and asks the origin for it, so the rules are read on "
+           "that path")
+
+
+def _lowered_differ(rules: RuleSet, head: RequestHead) -> str:
+    """Why a request whose rule lower-cases the path is bypassed (``RuleSet.plan``)."""
+    other = rules.plan(lowered_path(head)).rule
+    return ("the rule's key lower-cases the path, and on the lower-cased path (the one the origin "
+            f"would be asked for) {_rule_label(other)} decides instead, without lower-casing it")
+
+
+def ruled_head(head: RequestHead, plan: RequestPlan) -> RequestHead:
+    """The request as the rules read it for ``plan``: with the lower-cased path when a key that
+    lower-cases it had them read that (``RuleSet.plan``)."""
+    return lowered_path(head) if plan.lowered_by is not None else head
 
 
 def _cc_of(headers: CIMultiDictProxy[str], sp: StorePlan) -> CacheControl:
@@ -260,6 +277,9 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
     lines.append(f"rule files          {', '.join(rules.files) or 'none'} ({len(rules.rules)} rule(s))")
     lines.append("")
     lines.append(f"request-time rule   {_rule_label(plan.rule)}")
+    if plan.lowered_by is not None:
+        lines.append(f"  lower-cased path    {LOWERED.format(rule=_rule_label(plan.lowered_by))}: "
+                     f"{ruled_head(head, plan).target}")
     if head.method not in CACHED_METHODS:
         lines.append(f"  decision            passed to the origin: {head.method} is never looked up "
                      "or stored (X-Cache-Status: BYPASS)")
@@ -267,6 +287,8 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
         assert plan.rule is not None
         lines.append(f"  decision            BYPASS: neither looked up nor stored "
                      f"(Cache-Status detail RULE-BYPASS:{plan.rule.name})")
+        if plan.lowered_by is plan.rule:
+            lines.append(f"  note                {_lowered_differ(rules, head)}")
     else:
         key = cache_key(head, plan.key)
         changes = _key_changes(plan.key)
@@ -293,7 +315,7 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
     if show_all:
         lines.append("")
         lines.append("rules in order (first match wins):")
-        for rule, why, role in _rule_roles(rules, head):
+        for rule, why, role in _rule_roles(rules, ruled_head(head, plan)):
             if why is None:
                 lines.append(f"  + {rule.name} ({rule.where}): request conditions hold -> {role}")
             else:
@@ -509,7 +531,7 @@ def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts
             assert_never(lookup)
 
 
-def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
+def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str | None,
                   variants: Sequence[StoredVariant], now: float,
                   parts: Sequence[StoredVariant] = ()) -> dict[str, Any]:
     """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
@@ -522,8 +544,9 @@ def _now_decision(head: RequestHead, plan: RequestPlan, key: str | None,
         assert plan.rule is not None
         return {"action": "forward", "fwd": "bypass", "x_cache_status": "BYPASS",
                 "cache_status": cache_status(fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}"),
-                "why": f"rule {plan.rule.name!r} ({plan.rule.where}) says bypass: neither looked up "
-                       "nor stored"}
+                "why": (_lowered_differ(rules, head) if plan.lowered_by is plan.rule else
+                        f"rule {plan.rule.name!r} ({plan.rule.where}) says bypass: neither looked up "
+                        "nor stored")}
     decision = decide_lookup(head, [v.response for v in variants], now, plan.options)
     out: dict[str, Any]
     match decision:
@@ -631,7 +654,7 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     key = cache_key(head, plan.key) if cached_method and not plan.bypass else None
     selected = select_variant(head, [v.response for v in variants]) if variants else None
     rule_trace = []
-    for rule, why, role in _rule_roles(rules, head):
+    for rule, why, role in _rule_roles(rules, ruled_head(head, plan)):
         if why is None:
             rule_trace.append({"name": rule.name, "where": rule.where, "holds": True, "role": role})
         else:
@@ -641,13 +664,14 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
                     "headers": [[k, v] for k, v in head.headers.items()]},
         "rule": _rule_json(plan.rule),
         "response_rules": [_rule_json(r) for r in plan.response_rules],
+        "lowered_by": _rule_json(plan.lowered_by),
         "bypass": plan.bypass,
         "cache_key": key,
         "key_changes": _key_changes(plan.key),
         "client_cache_control": plan.options.client_cache_control,
         "stored": [_variant_json(head, plan, v, i, selected, now) for i, v in enumerate(variants)],
         "stored_parts": [_part_json(v, i, now) for i, v in enumerate(parts)],
-        "decision": _now_decision(head, plan, key, variants, now, parts),
+        "decision": _now_decision(rules, head, plan, key, variants, now, parts),
         "rules": rule_trace,
     }
     if responses and cached_method and not plan.bypass:

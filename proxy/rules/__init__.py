@@ -44,6 +44,7 @@ from proxy.rules.plan import (
     RuleSet,
     StorePlan,
     header_edits,
+    lowered_path,
 )
 
 __all__ = [
@@ -63,5 +64,6 @@ __all__ = [
     "glob_to_regex",
     "header_edits",
     "load_rules",
+    "lowered_path",
     "normalise_path",
 ]

@@ -7,6 +7,9 @@ response conditions met before it; ``RequestPlan.for_response`` then picks the
 ``StorePlan`` (ttl, no_store, tags, ...) of the first of those whose status and type
 hold, else its own. The contract of the two moments is stated once, in ``proxy.rules``.
 
+A rule whose ``key`` lower-cases the path has the origin asked for the lower-cased path: the
+rules are then read again on that path, and what they decide there wins (``RuleSet._lowered``).
+
 Speed: the path's first segment picks the (precomputed, ordered) rules that can match
 it, and the scan stops at the first request-time rule. A rule's plan and store plan
 are built at load, so a request without response-dependent rules allocates nothing
@@ -116,6 +119,9 @@ class RequestPlan:
     store: StorePlan  # the store-time plan when no rule with response conditions applies
     # Rules with response conditions whose request conditions held, before ``rule``.
     response_rules: tuple[Rule, ...] = ()
+    # The rule whose key lower-cases the path, when the plan was decided on the lower-cased path
+    # (the one the origin is asked for) instead of the client's (``RuleSet.plan``).
+    lowered_by: Rule | None = None
 
     @property
     def response_headers(self) -> HeaderEdits | None:
@@ -134,6 +140,14 @@ class RequestPlan:
         if not self.response_rules:
             return self.store.response_headers
         return self.for_response(representation_status(status), content_type).response_headers
+
+
+def lowered_path(request: RequestHead) -> RequestHead:
+    """``request`` with its path lower-cased as ``key.lowercase_path`` sends it to the origin
+    (``request`` itself when that changes nothing)."""
+    path, sep, query = request.target.partition("?")
+    lowered = path.lower()
+    return request if lowered == path else request._replace(target=lowered + sep + query)
 
 
 def first(*values: T | None) -> T | None:
@@ -174,6 +188,33 @@ class RuleSet:
         return RuleSet(self.defaults, tuple(replace(r) for r in self.rules), base, self.files)
 
     def plan(self, request: RequestHead) -> RequestPlan:
+        plan = self._first_match(request)
+        if plan.key.lowercase_path and not plan.bypass:
+            return self._lowered(request, plan)
+        return plan
+
+    def _lowered(self, request: RequestHead, plan: RequestPlan) -> RequestPlan:
+        """The plan for a request whose key lower-cases the path: the origin is asked for the
+        lower-cased path (``fill_target``), so the rules must be read on that path, not on the
+        client's. Matched on the client's ``/Account/x``, a ``bypass`` rule for ``/account/**``
+        would not hold while the origin answered ``/account/x``, stored for everyone under the
+        lower-cased key (web cache deception with one capital letter).
+
+        The plan for the lower-cased path wins when it lower-cases the path too, or bypasses;
+        otherwise (its key keeps the case: the origin would then be asked for the client's
+        path, which the rules did not decide) the request is bypassed.
+        """
+        lowered = lowered_path(request)
+        if lowered is request:
+            return plan
+        again = self._first_match(lowered)
+        if again.rule is plan.rule and again.response_rules == plan.response_rules:
+            return plan
+        if again.bypass or again.key.lowercase_path:
+            return replace(again, lowered_by=plan.rule)
+        return replace(plan, bypass=True, lowered_by=plan.rule)
+
+    def _first_match(self, request: RequestHead) -> RequestPlan:
         view = RequestView(request)
         response_rules: list[Rule] | None = None
         for r in self._by_segment.get(first_segment(view.path), self._other):
