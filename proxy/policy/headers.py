@@ -1,7 +1,12 @@
-"""Header-field facts shared by the policy and the proxy: hop-by-hop fields and friends."""
+"""Header-field facts shared by the policy and the proxy: hop-by-hop fields and friends, and
+which of a rule's ``response_headers`` edits may apply to a reply (``reply_edits``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from proxy.policy.cache_control import parse_cache_control
+from proxy.policy.cache_status import CACHE_NAME
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.messages import HeaderList, Headers
 
@@ -52,3 +57,70 @@ def dated(fields: HeaderList, response_time: float) -> HeaderList:
         if k.lower() == "date":
             return fields
     return (*fields, ("Date", format_http_date(response_time)))
+
+
+# Fields that tell the caches after this one (a CDN, a browser) whether and how long they may
+# keep a reply: Cache-Control, its targeted forms (RFC 9213: CDN-Cache-Control, ...), and the
+# older Expires, Pragma and Surrogate-Control.
+_CACHING_FIELDS = frozenset({"cache-control", "expires", "pragma", "surrogate-control"})
+
+
+def caching_field(name: str) -> bool:
+    """Does this field tell later caches whether and how long to keep the reply?
+
+    >>> [caching_field(n) for n in ("Cache-Control", "CDN-Cache-Control", "Expires", "X-Cache")]
+    [True, True, True, False]
+    """
+    lower = name.lower()
+    return lower in _CACHING_FIELDS or lower.endswith("-cache-control")
+
+
+def personal_reply(fields: Sequence[tuple[str, str]]) -> bool:
+    """Is this reply one no shared cache may keep? Its Cache-Control says ``private`` or
+    ``no-store``, it sets a cookie, or this cache refused to store it for the request's
+    ``Authorization`` (its ``Cache-Status`` member says ``detail=AUTHORIZATION``).
+
+    >>> personal_reply([("Cache-Control", "private, max-age=0")]), personal_reply([("Set-Cookie", "a=1")])
+    (True, True)
+    >>> personal_reply([("Cache-Status", "cachegate; fwd=uri-miss; fwd-status=200; detail=AUTHORIZATION")])
+    True
+    >>> personal_reply([("Cache-Control", "max-age=60"), ("Cache-Status", "cachegate; hit")])
+    False
+    """
+    for name, value in fields:
+        lower = name.lower()
+        if lower == "set-cookie":
+            return True
+        if lower == "cache-control":
+            cc = parse_cache_control([value])
+            if "private" in cc or "no-store" in cc:
+                return True
+        elif lower == "cache-status" and any(
+                m.strip().startswith(f"{CACHE_NAME};") and "detail=AUTHORIZATION" in m
+                for m in value.split(",")):
+            return True
+    return False
+
+
+def reply_edits(fields: Sequence[tuple[str, str]], add: tuple[tuple[str, str], ...], drop: frozenset[str]
+                ) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:
+    """The ``response_headers`` edits (fields to set, lower-cased names to remove first) that
+    apply to this reply: all of them, unless it is a ``personal_reply``. Then none touches a
+    ``caching_field`` (an ``add: {Cache-Control: "public, max-age=60"}`` would tell a CDN after
+    this cache to keep one user's reply for everyone), except a field set to a value that itself
+    says ``private`` or ``no-store``.
+
+    >>> edits = (("Cache-Control", "public, max-age=60"), ("X-A", "1"))
+    >>> add, drop = reply_edits([("Set-Cookie", "s=1")], edits, frozenset({"cache-control", "x-a", "x-b"}))
+    >>> add, sorted(drop)
+    ((('X-A', '1'),), ['x-a', 'x-b'])
+    """
+    if not personal_reply(fields):
+        return add, drop
+    kept = tuple((k, v) for k, v in add if not caching_field(k) or _forbids_sharing(v))
+    return kept, frozenset(n for n in drop if not caching_field(n)) | {k.lower() for k, _ in kept}
+
+
+def _forbids_sharing(value: str) -> bool:
+    cc = parse_cache_control([value])
+    return "private" in cc or "no-store" in cc

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from proxy.policy.headers import caching_field, reply_edits
 from proxy.policy.keys import DEFAULT_KEY, KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
 from proxy.policy.partial import representation_status
@@ -36,19 +37,22 @@ class HeaderEdits:
     add: tuple[tuple[str, str], ...] = ()  # set (replacing any origin value) on the way to the client
     remove: tuple[str, ...] = ()
     drop: frozenset[str] = frozenset()  # lower-cased names of both, precomputed
+    caching: bool = False  # touches a field later caches obey (``policy.headers.caching_field``)
 
     def __bool__(self) -> bool:
         return bool(self.add or self.remove)
 
     def apply(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        out = [(k, v) for k, v in headers if k.lower() not in self.drop]
-        out.extend(self.add)
+        """``headers`` edited; on a personal reply, without the edits ``reply_edits`` withholds."""
+        add, drop = reply_edits(headers, self.add, self.drop) if self.caching else (self.add, self.drop)
+        out = [(k, v) for k, v in headers if k.lower() not in drop]
+        out.extend(add)
         return out
 
 
 def header_edits(add: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> HeaderEdits:
     drop = frozenset(n.lower() for n in remove) | frozenset(n.lower() for n, _ in add)
-    return HeaderEdits(add, remove, drop)
+    return HeaderEdits(add, remove, drop, any(caching_field(n) for n in drop))
 
 
 @dataclass(frozen=True, slots=True)
