@@ -15,6 +15,23 @@ fresh. Values above 2**31 are capped there (RFC 9111 §1.2.2).
 >>> parse_cache_control(["max-age=abc"]).delta("max-age")
 0
 
+A restrictive directive the list grammar does not deliver still restricts: when ``private``,
+``no-store`` or ``no-cache`` stands as a word in a line (not inside a longer token such as
+``x-private``) and the parse did not read it as that directive (``private; max-age=600``,
+``"private, max-age=600"``, ``private max-age=600``, ``private =1``), it counts as that
+directive, unqualified. An origin that wrote one meant it, and nginx and Varnish's builtin
+VCL refuse such responses by matching the text; reading the rest of the line as extensions
+would store a personal page for everyone. Done here, in the one parser, so storing, reuse,
+revalidation, the fast path and ``explain`` all read it alike (request lines too: a garbled
+request ``no-store`` still keeps its response out of the store).
+
+>>> sorted(parse_cache_control(["private; max-age=600"]).directives)
+['private', 'private; max-age ']
+>>> "no-store" in parse_cache_control(['"no-store, max-age=600"'])
+True
+>>> "private" in parse_cache_control(["x-private"])
+False
+
 Targeted fields (RFC 9213: ``CDN-Cache-Control`` and the like) are Structured Field
 Dictionaries (RFC 8941), parsed by ``http_sfv``, the reference implementation by the
 RFC's author. A field that is empty or does not parse is ignored as a whole, and so
@@ -42,6 +59,7 @@ mappingproxy({'max-age': '30', 'stale-if-error': '600'})
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -117,6 +135,12 @@ def parse_cache_control(values: Iterable[str]) -> CacheControl:
     return _parse_cache_control(lines)
 
 
+# ``private``, ``no-store`` or ``no-cache`` as a word: not next to a token character (RFC 9110
+# §5.6.2 tchar), so ``x-no-cache`` or ``no-cache-ext`` are not it.
+_RESTRICTIVE_WORD = re.compile(r"(?<![\w!#$%&'*+.^`|~-])(private|no-store|no-cache)(?![\w!#$%&'*+.^`|~-])",
+                               re.IGNORECASE)
+
+
 def _parse_cache_control(values: tuple[str, ...]) -> CacheControl:
     directives: dict[str, str | None] = {}
     for line in values:
@@ -137,6 +161,11 @@ def _parse_cache_control(values: tuple[str, ...]) -> CacheControl:
                 directives[name] = "\x00invalid"  # "max-age= 60": a malformed argument
             else:
                 directives[name] = unquote(arg)
+    for line in values:  # a restrictive word the grammar did not deliver still restricts
+        lowered = line.lower()
+        if "private" in lowered or "no-store" in lowered or "no-cache" in lowered:
+            for word in _RESTRICTIVE_WORD.findall(lowered):
+                directives.setdefault(word, None)
     return CacheControl(MappingProxyType(directives)) if directives else EMPTY_CACHE_CONTROL
 
 

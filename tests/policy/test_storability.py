@@ -6,7 +6,7 @@ import pytest
 
 from proxy.policy.messages import CacheOptions, RequestHead
 from proxy.policy.storability import DontStore, Store
-from tests.policy.build import T0, date, request, store
+from tests.policy.build import T0, date, request, store, stored
 
 Pairs = list[tuple[str, str]]
 FRESH = ("Cache-Control", "max-age=60")
@@ -83,6 +83,23 @@ CASES: list[tuple[str, RequestHead, int, Pairs, CacheOptions, str | None]] = [
      [FRESH, ("CDN-Cache-Control", "no-store")], CacheOptions(), "NO-STORE"),
     ("Surrogate-Control: no-store wins over a fresh Cache-Control", request(), 200,
      [FRESH, ("Surrogate-Control", "no-store")], CacheOptions(), "NO-STORE"),
+    # A restrictive directive the list grammar does not deliver still restricts (fresh by Expires,
+    # the rest of the line unreadable): stored, each of these was a personal page served to all.
+    *((f"malformed Cache-Control {value!r} is {detail}", request(), 200,
+       [("Cache-Control", value), ("Date", date(0)), ("Expires", date(600))], CacheOptions(), detail)
+      for value, detail in [
+          ("private; max-age=600", "PRIVATE"),
+          ('"private, max-age=600"', "PRIVATE"),
+          ("private max-age=600", "PRIVATE"),
+          ("max-age=600, private =1", "PRIVATE"),
+          ("Private;max-age=600", "PRIVATE"),
+          ("no-store; max-age=600", "NO-STORE"),
+          ("public, no-store max-age=600", "NO-STORE"),
+      ]),
+    ("a longer token containing private is not private", request(), 200,
+     [("Cache-Control", "max-age=60, x-private, private-ext=1")], CacheOptions(), None),
+    ("a garbled request no-store still forbids storing its response",
+     request(("Cache-Control", "no-store; x")), 200, [FRESH], CacheOptions(), "REQUEST-NO-STORE"),
 ]
 
 
@@ -96,6 +113,12 @@ def test_a_shared_cache_stores_only_what_rfc_9111_section_3_allows(
         assert isinstance(decision, Store), decision
     else:
         assert decision == DontStore(detail)
+
+
+@pytest.mark.parametrize("value", ["no-cache; max-age=600", "max-age=600, no-cache =1", '"no-cache, max-age=600"'])
+def test_a_malformed_no_cache_is_stored_only_to_be_revalidated_before_each_use(value: str) -> None:
+    response = stored([("Cache-Control", value), ("Date", date(0)), ("Expires", date(600))])
+    assert response.freshness.no_cache
 
 
 def test_hop_by_hop_and_connection_listed_fields_are_not_stored_rfc_9111_section_3_1() -> None:
