@@ -233,8 +233,7 @@ class Engine:
                         ("X-Cache-Status", "BYPASS")], b"", 0, "BYPASS", "none"))
                 return await self._pass(req, plan, fwd="method", detail=None)
             if plan.bypass:
-                assert plan.rule is not None
-                return await self._pass(req, plan, fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}")
+                return await self._pass(req, plan, fwd="bypass", detail=plan.bypass_detail)
             key = cache_key(head, plan.key)
         note_key(key)
         variants = self.storage.memory_get(key)

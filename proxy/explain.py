@@ -266,6 +266,14 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
     return lines
 
 
+def _bypass_why(plan: RequestPlan) -> str:
+    """Why a request the rules did not bypass is neither looked up nor stored."""
+    name = (plan.detail or "").partition(":")[2]
+    return (f"the rules read cookie {name!r}, and this Cookie field is read differently by "
+            "different origins (a comma, whitespace or a quote inside it, a name sent twice with "
+            "other values, or more than one Cookie line): neither looked up nor stored")
+
+
 def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool = True) -> list[str]:
     """The explanation, one line per string."""
     head = request_head(req)
@@ -284,9 +292,10 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
         lines.append(f"  decision            passed to the origin: {head.method} is never looked up "
                      "or stored (X-Cache-Status: BYPASS)")
     elif plan.bypass:
-        assert plan.rule is not None
         lines.append(f"  decision            BYPASS: neither looked up nor stored "
-                     f"(Cache-Status detail RULE-BYPASS:{plan.rule.name})")
+                     f"(Cache-Status detail {plan.bypass_detail})")
+        if plan.detail is not None:
+            lines.append(f"  why                 {_bypass_why(plan)}")
         if plan.lowered_by is plan.rule:
             lines.append(f"  note                {_lowered_differ(rules, head)}")
     else:
@@ -540,10 +549,14 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                 "cache_status": cache_status(fwd="method"),
                 "why": f"{head.method} is never looked up or stored; a 2xx/3xx answer to it "
                        "invalidates this URL (RFC 9111 §4.4)"}
+    if plan.bypass and plan.detail is not None:
+        return {"action": "forward", "fwd": "bypass", "x_cache_status": "BYPASS",
+                "cache_status": cache_status(fwd="bypass", detail=plan.bypass_detail),
+                "why": _bypass_why(plan)}
     if plan.bypass:
         assert plan.rule is not None
         return {"action": "forward", "fwd": "bypass", "x_cache_status": "BYPASS",
-                "cache_status": cache_status(fwd="bypass", detail=f"RULE-BYPASS:{plan.rule.name}"),
+                "cache_status": cache_status(fwd="bypass", detail=plan.bypass_detail),
                 "why": (_lowered_differ(rules, head) if plan.lowered_by is plan.rule else
                         f"rule {plan.rule.name!r} ({plan.rule.where}) says bypass: neither looked up "
                         "nor stored")}

@@ -34,7 +34,7 @@ invalid field (an invalid ``Age`` is ignored, an invalid ``Expires`` means stale
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 DELTA_SECONDS_MAX = 2**31
 
@@ -155,24 +155,88 @@ def first_line(values: Sequence[str]) -> str | None:
     return values[0] if values else None
 
 
-def cookies(lines: Sequence[str]) -> dict[str, str]:
-    """The cookies of a request's ``Cookie`` field lines (RFC 6265 §5.4 / §5.2: ``;``-separated
-    pairs, whitespace around names and values is not part of them, a pair without ``=`` is no
-    cookie), read once for the cache key and the rules alike. A name sent more than once
-    reads as all its values in order, joined by ``;`` (which no cookie value contains): the
-    origin may take the first or the last (frameworks differ), so neither alone may stand for
-    the request in a key or a rule.
+# What a cookie reads as when origins disagree about it (a string no field value holds: NUL).
+AMBIGUOUS = "\x00ambiguous"
+_AROUND_EQUALS = re.compile(r"[ \t]*=[ \t]*")
+_ANY_SEPARATOR = re.compile(r"[;, \t]+")
 
-    >>> cookies(["a=1; b = 2", "a=3;c;d="])
-    {'a': '1;3', 'b': '2', 'd': ''}
+
+def _names_any_parser_may_see(text: str) -> list[str]:
+    """Every name some origin's parser may read in ``text``: it is split wherever any of them
+    splits (``;``, ``,``, whitespace, quotes ignored), with whitespace around ``=`` dropped."""
+    tokens = _ANY_SEPARATOR.split(_AROUND_EQUALS.sub("=", text))
+    return [name for token in tokens if (name := token.partition("=")[0])]
+
+
+def cookies(lines: Sequence[str]) -> dict[str, str]:
+    """The cookies of a request's ``Cookie`` field lines, read once for the cache key and the
+    rules alike. A name whose value origins may read differently reads as ``AMBIGUOUS``
+    (the rules then neither look the request up nor store its response).
+
+    Origins agree only on what RFC 6265 §4.2.1 lets a client send: one line of ``;``-separated
+    ``name=value`` pairs with no comma, quote, backslash or whitespace inside a pair. Past that
+    they part: Rack 2 also ends a cookie at ``,``; Python's ``http.cookies`` and aiohttp at
+    whitespace, and they read a quoted value as one (``a="x; session=y"`` holds no
+    ``session``); Go drops ``session =x`` (a name with a space), Django and aiohttp read it as
+    ``session``; aiohttp reads only the first of two ``Cookie`` lines, WSGI servers join them;
+    a name sent twice is the first value to some frameworks, the last to others; a pair without
+    ``=`` is a name to Go and aiohttp, a nameless value to Django. So:
+
+    - a plain pair is that cookie (whitespace around the pair is not part of it);
+    - every name any of those parsers may see in a pair that is not plain (a comma, whitespace,
+      no ``=``), or anywhere in a line with a quote or a backslash, or in more than one line,
+      is ``AMBIGUOUS``; and so is a name sent twice with different values.
+
+    >>> cookies(["a=1; b=2;c=3; a=1"])
+    {'a': '1', 'b': '2', 'c': '3'}
+    >>> cookies(["theme=dark, session=x; lang=de"])["lang"], cookies(["theme=dark, session=x"])["session"]
+    ('de', '\\x00ambiguous')
+    >>> cookies(["a=1; a=2"]) == {"a": AMBIGUOUS}, cookies(['p="x; session=y"; lang=de'])["lang"] == AMBIGUOUS
+    (True, True)
     """
+    if len(lines) != 1:
+        return dict.fromkeys(_names_any_parser_may_see(";".join(lines)), AMBIGUOUS) if lines else {}
+    line = lines[0]
+    if '"' in line or "\\" in line:
+        return dict.fromkeys(_names_any_parser_may_see(line), AMBIGUOUS)
     out: dict[str, str] = {}
-    for line in lines:
-        for part in line.split(";"):
-            name, eq, value = part.partition("=")
-            name = name.strip(" \t")
-            if not eq or not name:
+    # What browsers send: spaces only after ";", no comma, no tab.
+    plain_line = "," not in line and "\t" not in line and line.count(" ") == line.count("; ")
+    for part in line.split(";"):
+        if not plain_line:
+            part = part.strip(" \t")
+            if "," in part or " " in part or "\t" in part:
+                for seen in _names_any_parser_may_see(part):
+                    out[seen] = AMBIGUOUS
                 continue
-            value = value.strip(" \t")
-            out[name] = f"{out[name]};{value}" if name in out else value
+        name, eq, value = part.partition("=")
+        if not eq:
+            if name := name.lstrip(" "):
+                out[name] = AMBIGUOUS  # a name to Go and aiohttp, a nameless value to Django
+            continue
+        name = name.lstrip(" ")
+        if not name:
+            continue
+        if out.get(name, value) != value:
+            value = AMBIGUOUS  # sent twice, with another value: the origin may take either
+        out[name] = value
     return out
+
+
+def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str]) -> str | None:
+    """The first of ``names`` (the cookies rules read) that reads as ``AMBIGUOUS`` in ``jar``.
+
+    A request whose rules read such a cookie is neither looked up nor stored: which rule holds,
+    or which key it has, depends on a reading of its ``Cookie`` that the origin may not share,
+    and neither answer is safe for every rule (present-means-bypass and absent-means-cache
+    rules fail in opposite directions).
+
+    >>> ambiguous_cookie(cookies(["theme=dark, session=x"]), ("session",))
+    'session'
+    >>> ambiguous_cookie(cookies(["theme=dark, x=1; session=y"]), ("session", "lang")) is None
+    True
+    """
+    for name in names:
+        if jar.get(name) is AMBIGUOUS:
+            return name
+    return None

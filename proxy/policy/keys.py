@@ -128,7 +128,8 @@ def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
         jar = cookies(request.headers.getall("Cookie", ()))
         for name in spec.cookies:
             value = jar.get(name)
-            # (an absent cookie and an empty one are told apart: an origin may answer them differently)
+            # (an absent cookie and an empty one are told apart: an origin may answer them differently;
+            # an AMBIGUOUS one never gets here: RuleSet.plan bypasses such a request)
             key += f"\x1fc:{name}" if value is None else f"\x1fc:{name}={value}"
     return key
 

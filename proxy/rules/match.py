@@ -58,7 +58,7 @@ class RequestView:
         return self._params
 
     def cookies(self) -> dict[str, str]:
-        if self._cookies is None:  # as the cache key reads them (a repeated name: all its values)
+        if self._cookies is None:  # as the cache key reads them (``AMBIGUOUS``: see ``RuleSet.plan``)
             self._cookies = read_cookies(self.head.headers.getall("Cookie", ()))
         return self._cookies
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from proxy.policy.fields import ambiguous_cookie
 from proxy.policy.headers import caching_field, reply_edits
 from proxy.policy.keys import DEFAULT_KEY, KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
@@ -126,6 +127,16 @@ class RequestPlan:
     # The rule whose key lower-cases the path, when the plan was decided on the lower-cased path
     # (the one the origin is asked for) instead of the client's (``RuleSet.plan``).
     lowered_by: Rule | None = None
+    # The Cache-Status detail of a bypass the rules did not ask for (``AMBIGUOUS-COOKIE:<name>``).
+    detail: str | None = None
+
+    @property
+    def bypass_detail(self) -> str:
+        """The Cache-Status detail of a bypass: the rule's, or why the request could not be cached."""
+        if self.detail is not None:
+            return self.detail
+        assert self.rule is not None
+        return f"RULE-BYPASS:{self.rule.name}"
 
     @property
     def response_headers(self) -> HeaderEdits | None:
@@ -181,6 +192,10 @@ class RuleSet:
             a = r.actions
             r.plan = RequestPlan(r, a.bypass, a.key or DEFAULT_KEY, r.store.options, r.store)
         self._plans: dict[tuple[Rule | None, ...], RequestPlan] = {}
+        self._unkeyable: dict[tuple[str | Rule | None, ...], RequestPlan] = {}
+        # The cookies any rule reads in a condition: a request whose Cookie reads ambiguously
+        # for one of them (``policy.fields.cookies``) is not cached (see ``plan``).
+        self.cookie_names = tuple(dict.fromkeys(c.name for r in rules for c in r.match.cookies))
         # Index by the first path segment: the rules a path with segment S can match, in order.
         segs = {r.match.first_segment() for r in rules} - {None}
         self._other = tuple(r for r in rules if r.match.first_segment() is None)
@@ -221,6 +236,7 @@ class RuleSet:
     def _first_match(self, request: RequestHead) -> RequestPlan:
         view = RequestView(request)
         response_rules: list[Rule] | None = None
+        plan = self.default_plan
         for r in self._by_segment.get(first_segment(view.path), self._other):
             if not r.holds(view):
                 continue
@@ -229,12 +245,32 @@ class RuleSet:
                     response_rules = []
                 response_rules.append(r)
                 continue
-            if response_rules is None:
-                return r.plan
-            return self._composed(r.plan, response_rules)
-        if response_rules is None:
-            return self.default_plan
-        return self._composed(self.default_plan, response_rules)
+            plan = r.plan
+            break
+        if response_rules is not None:
+            plan = self._composed(plan, response_rules)
+        if (view._cookies is not None or plan.key.cookies) and not plan.bypass:
+            return self._unambiguous(view, plan)
+        return plan
+
+    def _unambiguous(self, view: RequestView, plan: RequestPlan) -> RequestPlan:
+        """``plan``, or a bypass when a cookie the rules read (in a condition, or the key) reads
+        ambiguously (``policy.fields.ambiguous_cookie``): the request is then neither looked
+        up nor stored, with ``Cache-Status`` detail ``AMBIGUOUS-COOKIE:<name>``."""
+        read = view._cookies is not None  # a cookie condition was evaluated
+        jar = view.cookies()
+        name = ambiguous_cookie(jar, self.cookie_names) if read else None
+        if name is None:
+            name = ambiguous_cookie(jar, plan.key.cookies)
+            if name is None:
+                return plan
+        memo = (name, plan.rule, *plan.response_rules)
+        bypass = self._unkeyable.get(memo)
+        if bypass is None:
+            bypass = replace(plan, bypass=True, detail=f"AMBIGUOUS-COOKIE:{name}")
+            if len(self._unkeyable) < 4096:
+                self._unkeyable[memo] = bypass
+        return bypass
 
     def _composed(self, plan: RequestPlan, response_rules: list[Rule]) -> RequestPlan:
         """``plan`` with response-dependent rules before it; the few combinations are memoised."""

@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 
 from proxy.policy.cache_control import DELTA_SECONDS_MAX
-from proxy.policy.fields import content_length, first_member, split_list, split_outside_quotes
+from proxy.policy.fields import (
+    AMBIGUOUS,
+    ambiguous_cookie,
+    content_length,
+    cookies,
+    first_member,
+    split_list,
+    split_outside_quotes,
+)
 from proxy.policy.freshness import parse_age
 from proxy.policy.keys import vary_names
 from proxy.policy.messages import CacheOptions
@@ -321,3 +329,39 @@ def test_split_outside_quotes_is_str_split_that_respects_quoted_strings(
     text: str, sep: str, maxsplit: int, parts: list[str]
 ) -> None:
     assert split_outside_quotes(text, sep, maxsplit) == parts
+
+
+# Cookie (RFC 6265): (case, field lines, what the rules and the key read; A: ambiguous). Origins agree
+# only on plain pairs; a name any common parser may read otherwise is AMBIGUOUS, never a guess.
+A = AMBIGUOUS
+COOKIES: list[tuple[str, list[str], dict[str, str]]] = [
+    ("what browsers send", ["a=1; b=2; c=x=y"], {"a": "1", "b": "2", "c": "x=y"}),
+    ("no space after ;, empty pairs", ["a=1;b=2;;"], {"a": "1", "b": "2"}),
+    ("a name twice with one value is that value", ["a=1; a=1"], {"a": "1"}),
+    ("a name twice with other values: first or last, by framework", ["a=1; a=2"], {"a": A}),
+    ("a comma ends a cookie to Rack 2, not to others", ["theme=dark, session=x"], {"theme": A, "session": A}),
+    ("without a space too", ["theme=dark,session=x"], {"theme": A, "session": A}),
+    ("whitespace ends a cookie to http.cookies and aiohttp", ["theme=dark session=x"],
+     {"theme": A, "session": A}),
+    ("a tab too", ["theme=dark\tsession=x"], {"theme": A, "session": A}),
+    ("only the pair with a comma is ambiguous", ["lang=de; theme=a,b"], {"lang": "de", "theme": A, "b": A}),
+    ("unless it names a plain pair's cookie again", ["lang=de; x=1, lang=en"], {"lang": A, "x": A}),
+    ("whitespace around = : Go drops the name, aiohttp reads it", ["session =x"], {"session": A}),
+    ("whitespace at a pair's ends is no part of it", [" a=1 ;b=2 "], {"a": "1", "b": "2"}),
+    ("a pair without = is a name to Go and aiohttp", ["a=1; session"], {"a": "1", "session": A}),
+    ("a quoted value is one to aiohttp, split to others", ['p="x; session=y"; lang=de'],
+     {"p": A, "session": A, "lang": A}),
+    ("a backslash", ["p=a\\b; lang=de"], {"p": A, "lang": A}),
+    ("two lines: aiohttp reads the first, WSGI servers join them", ["a=1", "session=x"],
+     {"a": A, "session": A}),
+    ("no Cookie", [], {}),
+    ("an empty name is no cookie", ["=x; a=1"], {"a": "1"}),
+]
+
+
+@pytest.mark.parametrize(("case", "lines", "jar"), COOKIES, ids=[c[0] for c in COOKIES])
+def test_cookies_read_as_every_origin_reads_them_or_as_ambiguous(case: str, lines: list[str],
+                                                                 jar: dict[str, str]) -> None:
+    assert cookies(lines) == jar
+    names = tuple(jar)
+    assert (ambiguous_cookie(cookies(lines), names) is None) is (A not in jar.values())

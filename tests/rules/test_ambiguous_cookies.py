@@ -1,0 +1,79 @@
+"""A request whose rules read a cookie that origins may read differently is not cached.
+
+``policy.fields.cookies`` reads a cookie as ``AMBIGUOUS`` when common origin parsers disagree
+about it (a comma or whitespace inside a pair, a quote, a name twice with other values, two
+``Cookie`` lines). ``RuleSet.plan`` then turns the plan into a bypass (``Cache-Status`` detail
+``AMBIGUOUS-COOKIE:<name>``) when a rule's condition or the chosen rule's key reads that cookie:
+no answer is safe for every rule (a "present: bypass" rule fails one way, an "absent: cache"
+rule the other, and a key cannot name a value the origin may not have read). A cookie the rules
+never read changes nothing, and the engine, the fast path (``Engine.planned``) and explain all
+get this from ``plan``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.explain import ExplainRequest, explain, explain_trace
+from proxy.policy.messages import RequestHead
+from tests.rules.test_compile import compile_text
+
+RULES = compile_text("""
+    rules:
+      - name: logged in
+        match: {cookie: {session: present}}
+        bypass: true
+      - name: beta
+        match: {path: "/beta/**", cookie: {beta: absent}}
+        ttl: {200: 1m}
+      - name: pages
+        match: {path: "/**"}
+        ttl: {200: 2m}
+        key: {cookies: [ab_bucket]}
+""")
+
+# (case, target, Cookie lines, the plan's bypass detail; None: looked up and stored as usual)
+CASES: list[tuple[str, str, list[str], str | None]] = [
+    ("no cookie", "/a", [], None),
+    ("plain cookies", "/a", ["theme=dark; ab_bucket=A"], None),
+    ("a plain session: the rule's bypass", "/a", ["session=x"], "RULE-BYPASS:logged in"),
+    ("a session a comma hides from ;-only readers: still the rule's bypass", "/a",
+     ["theme=dark, session=x"], "RULE-BYPASS:logged in"),
+    ("the keyed cookie sent twice with other values", "/a", ["ab_bucket=A; ab_bucket=B"],
+     "AMBIGUOUS-COOKIE:ab_bucket"),
+    ("the keyed cookie after a comma", "/a", ["ab_bucket=A; x=1, ab_bucket=B"], "AMBIGUOUS-COOKIE:ab_bucket"),
+    ("the keyed cookie with a space inside its pair", "/a", ["ab_bucket =A"], "AMBIGUOUS-COOKIE:ab_bucket"),
+    ("the keyed cookie twice with one value", "/a", ["ab_bucket=A; ab_bucket=A"], None),
+    ("a comma in a cookie no rule reads", "/a", ["prefs=a,b; ab_bucket=A"], None),
+    ("a quote anywhere: every name is ambiguous", "/a", ['prefs="a"; ab_bucket=A'],
+     "AMBIGUOUS-COOKIE:ab_bucket"),
+    ("two Cookie lines", "/a", ["ab_bucket=A", "x=1"], "AMBIGUOUS-COOKIE:ab_bucket"),
+    ("an absent-condition's cookie, ambiguous", "/beta/x", ["a=1, beta=1"], "AMBIGUOUS-COOKIE:beta"),
+    ("an absent-condition's cookie, plain", "/beta/x", ["beta=1"], None),
+]
+
+
+def head(target: str, cookie_lines: list[str]) -> RequestHead:
+    fields = CIMultiDict([("Host", "a.example"), *(("Cookie", v) for v in cookie_lines)])
+    return RequestHead("GET", "http", "a.example", target, CIMultiDictProxy(fields))
+
+
+@pytest.mark.parametrize(("case", "target", "lines", "detail"), CASES, ids=[c[0] for c in CASES])
+def test_a_cookie_the_rules_read_and_origins_read_differently_is_a_bypass(
+        case: str, target: str, lines: list[str], detail: str | None) -> None:
+    plan = RULES.plan(head(target, lines))
+    assert plan.bypass is (detail is not None)
+    if detail is not None:
+        assert plan.bypass_detail == detail
+
+
+def test_explain_says_why_the_request_is_not_cached() -> None:
+    req = ExplainRequest("http://a.example/a", "GET", (("Cookie", "ab_bucket=A, ab_bucket=B"),), (200,), ())
+    lines = explain(RULES, req, time.time())
+    assert any("BYPASS" in line and "AMBIGUOUS-COOKIE:ab_bucket" in line for line in lines), lines
+    trace = explain_trace(RULES, head("/a", ["ab_bucket=A, ab_bucket=B"]), [], time.time(), [])
+    assert trace["decision"]["x_cache_status"] == "BYPASS"
+    assert "AMBIGUOUS-COOKIE:ab_bucket" in trace["decision"]["cache_status"]
