@@ -517,7 +517,9 @@ class Settings:
     # pings each worker and kills one that stays silent, as Varnish's manager does with its child
     # (cli_timeout) and gunicorn's arbiter with its workers (timeout, 30 s).
     worker_timeout: float = setting(30.0, "with several workers, a worker that does not answer the "
-                                          "supervisor's ping for this long is killed and restarted",
+                                          "supervisor's ping for this long is killed and restarted; "
+                                          "one that waits for a lock of the shared memory another "
+                                          "worker holds is spared and the holder killed instead",
                                     duration(positive=True))
     via: str = setting("cachegate", "the name cachegate gives itself in Via fields (a token: no spaces)",
                        text(check=_via_name))

@@ -14,7 +14,9 @@ clients. It
 - starts the workers as fresh interpreters (``python -m proxy.supervisor worker``),
   each with one end of a ``socketpair`` as its control channel
   (``proxy.control``), and restarts one that dies (with backoff when it keeps dying)
-  or that leaves its pings unanswered for ``worker_timeout`` (killed first: ``_watchdog``).
+  or that leaves its pings unanswered for ``worker_timeout`` (killed first: ``_watchdog``);
+  one silent because it waits for a lock of the shared memory that another worker holds is
+  spared, and that holder killed instead (``_unresponsive``, ``proxy.storage.lockwait``).
   A worker reads a copy of the config file as the supervisor last loaded it good
   (``ConfigCopy``), not the file as it is now: a file edited but not reloaded yet, or
   broken, would give a restarted worker another config than its siblings, or make
@@ -73,6 +75,8 @@ from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CONFIG, load_settings, log_as_configured, run_async, start_logging
+from proxy.storage.arena import LOCK_NAMES
+from proxy.storage.lockwait import Locks, read_locks
 from proxy.web.server import (
     Listeners,
     Reloader,
@@ -93,6 +97,7 @@ from proxy.web.server import (
 log = logging.getLogger("cachegate.supervisor")
 
 PURGE_ACK_TIMEOUT = 10.0  # seconds a worker has to drop purged keys before it is killed
+LOCK_WAIT_CONFIRM = 0.1  # seconds between two looks at a silent worker's wait for a lock
 PING_INTERVAL = 5.0  # seconds between two liveness pings of a worker (at most worker_timeout / 2)
 READY_TIMEOUT = 60.0  # seconds a worker has from its start to say it is ready (any start)
 MAX_BACKOFF = 30.0
@@ -248,6 +253,10 @@ class Supervisor:
         # systemd's Type=notify (taken out of the environment: the workers must not notify).
         self.notifier = Notifier.take()
         self._serving: str | None = None  # the STATUS= line once every worker was ready
+        # The watchdog's bookkeeping (``_unresponsive``): workers it killed that are not reaped
+        # yet, and workers that waited for a lock of a process it killed (pid -> when).
+        self._killed: set[int] = set()
+        self._freed: dict[int, float] = {}
 
     # -- running ---------------------------------------------------------------------------
 
@@ -523,6 +532,8 @@ class Supervisor:
 
     async def _watch(self, w: Worker, process: asyncio.subprocess.Process, channel: Channel) -> None:
         code = await process.wait()
+        self._killed.discard(process.pid)
+        self._freed.pop(process.pid, None)
         self.leases.worker_gone(w.worker_id)
         await channel.close()
         if w.process is process:
@@ -562,28 +573,98 @@ class Supervisor:
         """Ping a ready worker every few seconds; kill it (``_watch`` restarts it) when it does
         not answer within ``worker_timeout``: its event loop is stuck, and the connections the
         kernel keeps handing it would wait forever. The ping is answered by the worker's loop
-        (``proxy.web.server``), so it tests exactly what clients need."""
+        (``proxy.web.server``), so it tests exactly what clients need. A worker silent because
+        it waits for a lock of the shared memory that another process holds is not the one
+        killed: ``_unresponsive``."""
         while True:
             timeout = self._worker_timeout()
             await asyncio.sleep(min(PING_INTERVAL, timeout / 2))
             if self.stopping or process.returncode is not None or channel.closed.is_set():
                 return
+            sent = time.monotonic()
             try:
                 await channel.call("ping", wait=timeout)
             except TimeoutError:
                 if self.stopping or process.returncode is not None:
                     return
-                log.error("worker %d (pid %d) did not answer a ping for %gs (its event loop is stuck); "
-                          "killing it", w.worker_id, process.pid, timeout)
-                say(f"cachegate: worker {w.worker_id} (pid {process.pid}) unresponsive for {timeout:g}s; "
-                    "killing it", event="worker_unresponsive", worker_id=w.worker_id, pid=process.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                return
+                if await self._unresponsive(w, process, silent_for=timeout, sent=sent):
+                    return
             except ChannelClosed:
                 return  # it died: ``_watch`` restarts it
             except RemoteError as exc:
                 log.error("worker %d: ping failed: %s", w.worker_id, exc)
+
+    async def _unresponsive(self, w: Worker, process: asyncio.subprocess.Process, *, silent_for: float,
+                            sent: float) -> bool:
+        """A worker left the ping sent at ``sent`` unanswered for ``silent_for`` seconds: kill it
+        (True), unless its loop waits for one of the shared memory's locks (the ring, the lease
+        table, the directory: ``proxy.storage.lockwait``) that another process holds. A worker
+        stopped or hung holding one freezes every worker that asks for it, and all of them
+        leave their pings unanswered; the holder is the one killed then (the kernel drops its
+        locks, and the waiters go on at once), and the waiter gets a fresh ping (False).
+        Which of their timeouts comes first does not matter: a worker whose holder this
+        supervisor killed after its ping went out gets a fresh ping too. Held by the supervisor
+        itself (its write-behind thread): nobody is killed, as a restarted worker would wait
+        just the same, and the error is logged at every ping it leaves unanswered."""
+        pid = process.pid
+        if pid in self._killed:
+            return True  # killed already (as a lock's holder): ``_watch`` restarts it
+        arena = self.runtime.storage.memory.arena if self.runtime is not None else None
+        locks = read_locks(arena.fd) if arena is not None and not arena.closed else None
+        blocker = locks.blocker(pid) if locks is not None else None
+        if blocker is not None:
+            # Confirmed a moment later: a lock taken in passing (microseconds) is not a wait.
+            await asyncio.sleep(LOCK_WAIT_CONFIRM)
+            if self.stopping or process.returncode is not None:
+                return True
+            assert arena is not None
+            locks = read_locks(arena.fd) if not arena.closed else None
+            again = locks.blocker(pid) if locks is not None else None
+            blocker = blocker if again == blocker else None
+        if blocker is not None:
+            holder_pid, byte = blocker
+            name = LOCK_NAMES.get(byte, f"byte {byte}")
+            holder = next((o for o in self.workers if o.process is not None and o.process.pid == holder_pid
+                           and o.process.returncode is None), None)
+            if holder is not None and holder.process is not None:
+                if holder_pid not in self._killed:
+                    log.error("worker %d (pid %d) did not answer a ping for %gs: it waits for the %s lock "
+                              "of the shared memory, which worker %d (pid %d) holds; killing worker %d, "
+                              "the holder", w.worker_id, pid, silent_for, name, holder.worker_id, holder_pid,
+                              holder.worker_id)
+                    say(f"cachegate: worker {holder.worker_id} (pid {holder_pid}) holds the {name} lock "
+                        f"worker {w.worker_id} waits for; killing it", event="worker_lock_holder",
+                        worker_id=holder.worker_id, pid=holder_pid, waiter=w.worker_id, lock=name)
+                    self._kill(holder.process, locks)
+                return False
+            if holder_pid == os.getpid():
+                log.error("worker %d (pid %d) did not answer a ping for %gs: it waits for the %s lock of "
+                          "the shared memory, which the supervisor itself (pid %d) holds; not killing the "
+                          "worker (a new one would wait the same)", w.worker_id, pid, silent_for, name,
+                          holder_pid)
+                return False
+        elif self._freed.pop(pid, 0.0) > sent:
+            log.warning("worker %d (pid %d) did not answer a ping for %gs while it waited for a lock of "
+                        "the shared memory whose holder was killed since; pinging it again",
+                        w.worker_id, pid, silent_for)
+            return False
+        log.error("worker %d (pid %d) did not answer a ping for %gs (its event loop is stuck); "
+                  "killing it", w.worker_id, pid, silent_for)
+        say(f"cachegate: worker {w.worker_id} (pid {pid}) unresponsive for {silent_for:g}s; "
+            "killing it", event="worker_unresponsive", worker_id=w.worker_id, pid=pid)
+        self._kill(process, locks)
+        return True
+
+    def _kill(self, process: asyncio.subprocess.Process, locks: Locks | None) -> None:
+        """SIGKILL a worker the watchdog gave up on; the processes waiting for the locks it holds
+        (``locks``, as read just before) are noted as freed now (``_unresponsive``)."""
+        now = time.monotonic()
+        self._killed.add(process.pid)
+        if locks is not None:
+            for waiter in locks.waiters_for(process.pid):
+                self._freed[waiter] = now
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
     def _worker_timeout(self) -> float:
         """worker_timeout of the config running now (a reload applies it at once)."""

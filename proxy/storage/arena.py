@@ -25,7 +25,9 @@ for a header, simply skipped by everyone alike). Record header (``_HEAD``)::
 **Writes** hold the ring's lock: a POSIX record lock on a byte of the memfd (``lockf``: per
 process, released by the kernel when a holder dies, even by SIGKILL) plus a thread lock (POSIX
 locks do not exclude threads of one process). The lease table and the directory have locks of
-their own (other bytes), so that none of the three waits for the others. A record is written
+their own (other bytes), so that none of the three waits for the others. A holder stopped or
+hung holds up every process that asks for its lock; the supervisor's watchdog finds it in
+``/proc/locks`` and kills it, not its waiters (``proxy.storage.lockwait``). A record is written
 whole, its ``pos`` field last; then ``head`` moves past it; only then does the index point to
 it. A record's ``pos`` is zeroed when it dies (dropped, replaced, deleted) and before its bytes
 are overwritten.
@@ -70,6 +72,11 @@ MIN_BUCKETS = 64
 LEASE_BYTES = 128 + 512 * 8 * 40  # the cross-worker lease table (proxy.leases): 4,096 leases
 FLAGS_PER_LOCK = 64  # records write-behind marks persisted per taking of the ring's lock
 MAX_SECOND_CHANCES = 16  # records read since written that go round again per write (bounds its work)
+
+# The bytes of the memfd whose POSIX record locks guard the three regions (``_Locked``), and
+# their names in the supervisor's log (``proxy.storage.lockwait``).
+RING_LOCK, LEASE_LOCK, DIR_LOCK = 0, 1, 2
+LOCK_NAMES = {RING_LOCK: "ring", LEASE_LOCK: "lease-table", DIR_LOCK: "directory"}
 
 # Header fields (u64 each, at these offsets of page 0).
 H_MAGIC, H_HEAD, H_TAIL, H_CAPACITY, H_ENTRIES, H_EVICTIONS, H_LOST, H_READY = (8 * i for i in range(8))
@@ -169,9 +176,9 @@ class Arena:
         # fill's lease is taken and released beside other workers' record writes, and the
         # supervisor's directory updates beside both (measured: with one lock, a worker under
         # fill load spent 13 % of its samples waiting for it, py-spy).
-        self._locked = _Locked(fd, 0)  # the ring, its index and the header's counters
-        self._lease_locked = _Locked(fd, 1)  # the lease table (proxy.leases)
-        self._dir_locked = _Locked(fd, 2)  # the directory of disk keys
+        self._locked = _Locked(fd, RING_LOCK)  # the ring, its index and the header's counters
+        self._lease_locked = _Locked(fd, LEASE_LOCK)  # the lease table (proxy.leases)
+        self._dir_locked = _Locked(fd, DIR_LOCK)  # the directory of disk keys
         # What a write under the ring's lock changes in the header's statistics (entries, live
         # bytes, evictions, lost), summed and written once before the lock is let go
         # (``_tally``). Measured: read-modify-writing each counter as it changed was 9 header

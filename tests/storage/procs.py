@@ -71,6 +71,7 @@ class ProxyProcess:
     admin_url: str = ""
     lines: list[str] = field(default_factory=list)
     workers: dict[int, int] = field(default_factory=dict)  # worker id -> pid (latest)
+    ready_at: dict[int, float] = field(default_factory=dict)  # worker id -> when its ready line came
     _reader: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -98,6 +99,7 @@ class ProxyProcess:
                 self.admin_url = "http://" + m.group(1)
             if m := WORKER.search(line):
                 self.workers[int(m.group(1))] = int(m.group(2))
+                self.ready_at[int(m.group(1))] = asyncio.get_running_loop().time()
             self._changed.set()
         self._changed.set()
 

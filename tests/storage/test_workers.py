@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -355,3 +358,153 @@ async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_
         assert len(await _until_each_worker(proxy, "/h", 2, good("after"))) == 2
     finally:
         assert await proxy.stop() == 0
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _holds_ring_lock(pid: int) -> bool:
+    """Whether ``pid`` holds a POSIX lock on byte 0 of a file (the arena's ring lock: the
+    worker's only POSIX locks are the arena's and the disk tier's SQLite ones, whose bytes
+    lie past 2**30)."""
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[1] == "POSIX" and fields[4] == str(pid) and fields[6:8] == ["0", "0"]:
+                return True
+    return False
+
+
+async def _stop_holding_ring_lock(pid: int, may_stop: Callable[[], bool], tries: int = 20000) -> None:
+    """SIGSTOP ``pid`` at a moment it holds the ring lock (stopped, then looked at; else let go
+    on and tried again), only when ``may_stop()``."""
+    for _ in range(tries):
+        if not may_stop():
+            await asyncio.sleep(0.01)
+            continue
+        os.kill(pid, signal.SIGSTOP)
+        for _ in range(2000):  # the signal is taken asynchronously: until it really stands
+            if _state(pid) == "T":
+                break
+        if _state(pid) == "T" and _holds_ring_lock(pid) and may_stop():
+            await asyncio.sleep(0.05)
+            if _holds_ring_lock(pid):
+                return
+        os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(0.002)
+    raise AssertionError("never caught the worker holding the ring lock")
+
+
+async def test_a_worker_stopped_holding_the_ring_lock_is_killed_not_the_worker_waiting_for_it(
+        origin: Origin, tmp_path: Path) -> None:
+    """A worker stopped (SIGSTOP: as one hung) while it holds the shared memory's ring lock
+    freezes the other worker at its next fill: its loop blocks in ``fcntl`` waiting for the
+    lock, and answers no ping either. The supervisor kills the holder, which frees the lock,
+    and leaves the waiter alone: it serves again within worker_timeout and a ping interval,
+    as the same process. (It killed both: the waiter's ping timed out first, or in the same
+    moment, and the waiter's requests in flight were cut.)
+
+    The stop is timed against the supervisor's pings (every worker_timeout / 2 from each
+    worker's ready line) so that the waiter's ping times out first: the order that killed
+    the waiter for certain."""
+    timeout, period = 3.0, 1.5  # worker_timeout, and the ping interval it gives
+    big = bytes(range(256)) * 4096  # 1 MiB: a fill's copy into the ring holds the lock a while
+    origin.route("/small", body=b"small", headers={"Cache-Control": "max-age=300"})
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url,
+        "cache: {memory: 32MB, memory_max_object: 2MB, disk: {path: cache, size: 128MB, shards: 2}}\n",
+        f"worker_timeout: {timeout:g}s\n"))
+    await proxy.start("--workers", "2")
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    count = 0
+
+    async def fills() -> None:
+        """Misses of 1 MiB on new connections (both workers), each given up after a second
+        (one sent to the stopped worker would hold its client for good)."""
+        nonlocal count
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1)) as s:
+            async def one() -> None:
+                nonlocal count
+                while not done.is_set():
+                    count += 1
+                    path = f"/f/{count}"
+                    origin.route(path, body=big, headers={"Cache-Control": "max-age=300"})
+                    with contextlib.suppress(Exception):
+                        async with s.get(proxy.url + path, headers={"Host": HOST}) as r:
+                            await r.read()
+
+            await asyncio.gather(*(one() for _ in range(8)))
+
+    load: asyncio.Task[None] | None = None
+    stopped = 0
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        # Ping phases far enough apart for the waiter's ping to time out well before the
+        # holder's (0.3 s at least), with room to stop the holder in between: a restarted
+        # worker gets a new phase.
+        for _ in range(8):
+            gap = (proxy.ready_at[0] - proxy.ready_at[1]) % period
+            if 0.3 <= gap <= period - 0.5 or 0.3 <= period - gap <= period - 0.5:
+                break
+            old = proxy.workers[1]
+            os.kill(old, signal.SIGKILL)
+            await proxy.wait_for(lambda old=old: proxy.workers[1] != old, wait=60)
+        else:
+            raise AssertionError("no two ping phases apart")
+        holder, waiter = (0, 1) if 0.3 <= gap <= period - 0.5 else (1, 0)
+        gap = (proxy.ready_at[holder] - proxy.ready_at[waiter]) % period  # the waiter's ping first by this
+        await _until_each_worker(proxy, "/small", 2, lambda r: r.status == 200)
+        holder_pid, waiter_pid = proxy.workers[holder], proxy.workers[waiter]
+
+        def may_stop() -> bool:
+            # The holder answered its last ping (0.1 s since it went out), and the waiter's
+            # next one is 0.2 s away at least (it blocks on the lock by then, at its next fill).
+            since = (loop.time() - proxy.ready_at[holder]) % period
+            return 0.1 <= since <= period - gap - 0.2
+
+        load = asyncio.ensure_future(fills())
+        await asyncio.sleep(1.0)
+        await _stop_holding_ring_lock(holder_pid, may_stop)
+        stopped = holder_pid
+        t0 = loop.time()
+
+        # The waiter serves again, as the same process, within worker_timeout + a ping interval.
+        served_at = None
+        while loop.time() - t0 < timeout + period + 6:
+            with contextlib.suppress(Exception):
+                r = await asyncio.wait_for(proxy.get("/small"), 0.5)
+                if r.status == 200 and r.worker == str(waiter):
+                    served_at = loop.time() - t0
+                    break
+            await asyncio.sleep(0.05)
+        await proxy.wait_for(lambda: proxy.workers[holder] != holder_pid, wait=30)
+        stopped = 0
+        assert _state(holder_pid) == "gone"
+        assert served_at is not None and served_at <= timeout + period + 1.0, (served_at, proxy.lines)
+        assert proxy.workers[waiter] == waiter_pid, proxy.lines
+        assert any(f"worker {holder} (pid {holder_pid}) holds the ring lock worker {waiter} waits for" in line
+                   for line in proxy.lines), proxy.lines
+        assert not any(f"worker {waiter} (pid {waiter_pid}) unresponsive" in line for line in proxy.lines)
+        done.set()
+        await asyncio.wait_for(load, 30)
+        await asyncio.sleep(timeout + period)  # the waiter's next pings: answered
+        assert proxy.workers[waiter] == waiter_pid, proxy.lines
+        seen = await _until_each_worker(proxy, "/small", 2, lambda r: r.status == 200 and r.body == b"small")
+        assert sorted(seen) == ["0", "1"]
+    finally:
+        done.set()
+        if stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        if load is not None:
+            load.cancel()
+            with contextlib.suppress(BaseException):
+                await load
+        await proxy.stop(signal.SIGTERM)
