@@ -178,7 +178,12 @@ def targeted_cache_control(
     """The first targeted field (RFC 9213) present and valid, with its name; else None.
 
     RFC 9213 fields are Structured Field Dictionaries; a field that fails to parse
-    is ignored, and the cache falls back to the next target, then Cache-Control.
+    is ignored, and the cache falls back to the next target, then Cache-Control, unless it
+    holds a restrictive word (``private``, ``no-store``, ``no-cache``): then it is those.
+
+    >>> cc, name = targeted_cache_control(["CDN-Cache-Control"], lambda n: ["No-Store, max-age=60"])
+    >>> (name, "no-store" in cc, "max-age" in cc)
+    ('CDN-Cache-Control', True, False)
     """
     for name in targets:
         values = get_all(name)
@@ -187,6 +192,12 @@ def targeted_cache_control(
         parsed = _parse_sf_dictionary(values)
         if parsed is not None:
             return parsed, name
+        # Not a dictionary, but it says private/no-store/no-cache as a word (``No-Store``,
+        # ``no-store max-age=0``): ignoring it would let the permissive Cache-Control store
+        # what the origin meant to forbid. Those words alone are what it says, then.
+        words = {w.lower(): None for v in values for w in _RESTRICTIVE_WORD.findall(v)}
+        if words:
+            return CacheControl(MappingProxyType(words)), name
     return None
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from urllib.parse import unquote as percent_decode
 
 DELTA_SECONDS_MAX = 2**31
 
@@ -157,8 +158,9 @@ def first_line(values: Sequence[str]) -> str | None:
 
 # What a cookie reads as when origins disagree about it (a string no field value holds: NUL).
 AMBIGUOUS = "\x00ambiguous"
-_AROUND_EQUALS = re.compile(r"[ \t]*=[ \t]*")
-_ANY_SEPARATOR = re.compile(r"[;, \t]+")
+_AROUND_EQUALS = re.compile(r"\s*=\s*")
+# Any whitespace, Unicode's too: aiohttp and Django strip a no-break space around a name.
+_ANY_SEPARATOR = re.compile(r"[;,\s]+")
 
 
 def _names_any_parser_may_see(text: str) -> list[str]:
@@ -197,7 +199,10 @@ def cookies(lines: Sequence[str]) -> dict[str, str]:
     if len(lines) != 1:
         return dict.fromkeys(_names_any_parser_may_see(";".join(lines)), AMBIGUOUS) if lines else {}
     line = lines[0]
-    if '"' in line or "\\" in line:
+    if '"' in line or "\\" in line or not line.isascii():
+        # A quote or backslash (read whole by some), a character past ASCII (``;\xa0session=x``:
+        # a no-break space aiohttp and Django strip around a name): every name any parser may
+        # see is ambiguous.
         return dict.fromkeys(_names_any_parser_may_see(line), AMBIGUOUS)
     out: dict[str, str] = {}
     # What browsers send: spaces only after ";", no comma, no tab.
@@ -216,6 +221,9 @@ def cookies(lines: Sequence[str]) -> dict[str, str]:
             continue
         name = name.lstrip(" ")
         if not name:
+            continue
+        if "%" in name:  # Rack decodes names: ``sess%69on`` is its ``session``
+            out[percent_decode(name)] = out[name] = AMBIGUOUS
             continue
         if out.get(name, value) != value:
             value = AMBIGUOUS  # sent twice, with another value: the origin may take either

@@ -77,12 +77,16 @@ def caching_field(name: str) -> bool:
 
 def personal_reply(fields: Sequence[tuple[str, str]]) -> bool:
     """Is this reply one no shared cache may keep? Its Cache-Control says ``private`` or
-    ``no-store``, it sets a cookie, or this cache refused to store it for the request's
-    ``Authorization`` (its ``Cache-Status`` member says ``detail=AUTHORIZATION``).
+    ``no-store``, it sets a cookie, this cache refused to store it for the request's
+    ``Authorization`` (its ``Cache-Status`` member says ``detail=AUTHORIZATION``), or the
+    request was not cached at all (``fwd=bypass``: a rule's bypass, usually for what a session
+    or ``Authorization`` makes personal, or a cookie origins read differently).
 
     >>> personal_reply([("Cache-Control", "private, max-age=0")]), personal_reply([("Set-Cookie", "a=1")])
     (True, True)
     >>> personal_reply([("Cache-Status", "cachegate; fwd=uri-miss; fwd-status=200; detail=AUTHORIZATION")])
+    True
+    >>> personal_reply([("Cache-Status", 'cachegate; fwd=bypass; fwd-status=200; detail="RULE-BYPASS:s"')])
     True
     >>> personal_reply([("Cache-Control", "max-age=60"), ("Cache-Status", "cachegate; hit")])
     False
@@ -96,7 +100,8 @@ def personal_reply(fields: Sequence[tuple[str, str]]) -> bool:
             if "private" in cc or "no-store" in cc:
                 return True
         elif lower == "cache-status" and any(
-                m.strip().startswith(f"{CACHE_NAME};") and "detail=AUTHORIZATION" in m
+                m.strip().startswith(f"{CACHE_NAME};")
+                and ("detail=AUTHORIZATION" in m or "fwd=bypass" in m)
                 for m in value.split(",")):
             return True
     return False

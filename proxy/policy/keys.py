@@ -102,6 +102,22 @@ def _filter_query(query: str, spec: KeySpec) -> str:
     return urlencode(pairs, quote_via=quote)
 
 
+_ESCAPED_LETTER = re.compile(r"%(?:4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa])")
+
+
+def lower_path(path: str) -> str:
+    """A path lower-cased for ``key.lowercase_path``, a percent-escaped letter decoded first
+    (RFC 3986 §6.2.2.2: ``%41`` is ``A``): the origin decodes ``/%41ccount`` to ``/Account``,
+    so the rules and the key must read it as ``/account`` too.
+
+    >>> lower_path("/%41ccount/Profile%2F%7a")
+    '/account/profile%2fz'
+    """
+    if "%" in path:
+        path = _ESCAPED_LETTER.sub(lambda m: chr(int(m.group()[1:], 16)), path)
+    return path.lower()
+
+
 def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
     """The primary key for ``request`` under ``spec``.
 
@@ -116,7 +132,7 @@ def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
         return f"{request.scheme}://{request.host}{request.target}"
     path, _, query = request.target.partition("?")
     if spec.lowercase_path:
-        path = path.lower()
+        path = lower_path(path)
     query = _filter_query(query, spec)
     key = f"{request.scheme}://{request.host}{path}"
     if query:
@@ -282,13 +298,15 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     'https://a.example,'
     >>> normalise_selecting("accept-language", ["", "en"])
     '\\nen\\n'
+    >>> normalise_selecting("accept-language", ["u\u212a"]) == normalise_selecting("accept-language", ["uk"])
+    False
     """
     if not values:
         return ABSENT
     lname = name.lower()
     if lname not in ACCEPT_FIELDS:
         if (lname not in LIST_FIELDS or len(values) != 1 or len(values[0]) >= SELECTING_VALUE_MAX
-                or _EMPTY_MEMBER.search(values[0]) is not None):
+                or not values[0].isascii() or _EMPTY_MEMBER.search(values[0]) is not None):
             return raw_selecting(values)
         return normalise_field(values)
     memo_key = (lname, tuple(values))
@@ -299,7 +317,9 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     if size > SELECTING_VALUE_MAX:
         return raw_selecting(values)
     value = None
-    if len(values) == 1 and _EMPTY_MEMBER.search(values[0]) is None:
+    # Past ASCII, as written: Unicode case folding makes "u\u212a" (a Kelvin sign) "uk", which an
+    # origin's ASCII grammar does not read as Ukrainian.
+    if len(values) == 1 and values[0].isascii() and _EMPTY_MEMBER.search(values[0]) is None:
         value = _normalise_accept(lname, values)
     if value is None:
         value = raw_selecting(values)

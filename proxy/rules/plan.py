@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from proxy.policy.fields import ambiguous_cookie
 from proxy.policy.headers import caching_field, reply_edits
-from proxy.policy.keys import DEFAULT_KEY, KeySpec
+from proxy.policy.keys import DEFAULT_KEY, KeySpec, lower_path
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
 from proxy.policy.partial import representation_status
 from proxy.rules.match import Match, Predicate, RequestView, first_segment
@@ -161,7 +161,7 @@ def lowered_path(request: RequestHead) -> RequestHead:
     """``request`` with its path lower-cased as ``key.lowercase_path`` sends it to the origin
     (``request`` itself when that changes nothing)."""
     path, sep, query = request.target.partition("?")
-    lowered = path.lower()
+    lowered = lower_path(path)
     return request if lowered == path else request._replace(target=lowered + sep + query)
 
 

@@ -356,6 +356,12 @@ COOKIES: list[tuple[str, list[str], dict[str, str]]] = [
      {"a": A, "session": A}),
     ("no Cookie", [], {}),
     ("an empty name is no cookie", ["=x; a=1"], {"a": "1"}),
+    ("a no-break space that aiohttp and Django strip around a name", ["theme=dark;\u00a0session=x"],
+     {"theme": A, "session": A}),
+    ("before the =", ["session\u00a0=x"], {"session": A}),
+    ("a name twice, one behind a no-break space", ["ab=A;\u00a0ab=B"], {"ab": A}),
+    ("Rack decodes a percent-escaped name", ["sess%69on=x; a=1"], {"sess%69on": A, "session": A, "a": "1"}),
+    ("a percent-escape in a value is the value's", ["prefs=a%2Cb; session=1"], {"prefs": "a%2Cb", "session": "1"}),
 ]
 
 

@@ -61,6 +61,9 @@ EQUIVALENT: list[tuple[str, str, list[str], list[str], bool]] = [
     ("a leading empty member is not the origin either", "Origin", ["https://app.example"],
      [", https://app.example"], False),
     ("two empty lines are not an absent field", "Origin", [], ["", ""], False),
+    ("a Kelvin sign is no k (Unicode case folding made it uk): past ASCII, as written", "Accept-Language",
+     ["uk"], ["u\u212a"], False),
+    ("the same past a list field's ASCII", "Cache-Control", ["no-cache"], ["no-cache\u212a"], False),
     # Accept (RFC 9110 §12.5.1) and unknown fields.
     ("media types are case-insensitive, parameters keep their value", "Accept", ["text/html;level=1"],
      ["Text/HTML; level=1"], True),

@@ -50,3 +50,20 @@ async def test_a_malformed_no_cache_is_revalidated_before_each_use(
     other = await send_raw(proxy, get("/me"))
     assert other.x_cache != "HIT" and other.body == b"hello stranger"
     assert origin.count("/me") == 2
+
+
+@pytest.mark.parametrize("cdn_cache_control", ["No-Store", "no-store max-age=0", "private,"])
+async def test_a_malformed_restrictive_cdn_cache_control_does_not_fall_back_to_a_permissive_one(
+        origin: Origin, make_proxy: MakeProxy, cdn_cache_control: str) -> None:
+    """RFC 9213: a targeted field that is not a Structured Field Dictionary is ignored, and the
+    cache falls back to Cache-Control (here ``max-age=600``): a CDN-Cache-Control that says
+    ``No-Store`` was then ignored and the first visitor's page stored for everyone."""
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello {request.cookies.get('session', 'stranger')}", headers={
+            "Cache-Control": "max-age=600", "CDN-Cache-Control": cdn_cache_control})
+
+    origin.route("/me", page)
+    proxy = await make_proxy()
+    assert (await send_raw(proxy, get("/me", "Cookie: session=alice"))).body == b"hello alice"
+    other = await send_raw(proxy, get("/me"))
+    assert (other.x_cache, other.body) == ("MISS", b"hello stranger"), other.header("Cache-Status")

@@ -30,6 +30,10 @@ RULES = """
     ("/cookie", {"Set-Cookie": "sid=alice-secret"}, "Cookie: sid=alice", None),
     ("/auth", {}, "Authorization: Bearer alice", None),
     ("/bypassed", {"Cache-Control": "private"}, "Cookie: sid=alice", "private"),
+    # A rule's bypass (for a session, an Authorization) with no marking of the origin's own:
+    # public there would let a CDN keep the personal reply for everyone.
+    ("/bypassed", {}, "Authorization: Bearer alice", None),
+    ("/bypassed", {"Cache-Control": "max-age=0"}, "Cookie: session=alice", "max-age=0"),
 ])
 async def test_a_rule_never_marks_a_personal_reply_public(
         origin: Origin, make_proxy: MakeProxy, path: str, fields: dict[str, str], request_field: str,
