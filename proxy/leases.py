@@ -259,9 +259,13 @@ class LeaseRelay:
         for worker, event in told:
             self._notify(worker, event)
 
-    def worker_gone(self, worker_id: int) -> None:
+    async def worker_gone(self, worker_id: int) -> None:
+        """In a thread: the lease table's lock may be held by a worker that is stopped or hung,
+        and the supervisor's loop (its watchdog, which kills that worker; the admin API;
+        SIGTERM) must never wait for it."""
         if self.table is not None:
-            self.deliver(self.table.worker_gone(worker_id))
+            told = await asyncio.get_running_loop().run_in_executor(None, self.table.worker_gone, worker_id)
+            self.deliver(told)
 
     def collect(self) -> Iterator[Metric]:
         c = CounterMetricFamily("cachegate_cross_worker_leases",

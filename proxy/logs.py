@@ -470,8 +470,13 @@ class RepeatedFailure:
 
     def failed(self, exc: Exception) -> None:
         now = time.monotonic()
-        # An OSError by its errno: its message names a file, a different one each time.
-        key = (type(exc), str(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc))
+        # An OSError by its errno (its message names a file, a different one each time), and
+        # where it was raised: another step failing the same way is another failure.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        key = (type(exc), (str(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)) + where)
         if key != self._last:
             self._last, self._since, self._logged_at = key, 0, now
             self.log.error("%s failed; retrying", self.what, exc_info=exc)

@@ -253,6 +253,7 @@ class Supervisor:
         # systemd's Type=notify (taken out of the environment: the workers must not notify).
         self.notifier = Notifier.take()
         self._serving: str | None = None  # the STATUS= line once every worker was ready
+        self._reloading = 0  # reloads announced (RELOADING=1) and not over: READY=1 when none is
         # The watchdog's bookkeeping (``_unresponsive``): workers it killed that are not reaped
         # yet, and workers that waited for a lock of a process it killed (pid -> when).
         self._killed: set[int] = set()
@@ -534,7 +535,7 @@ class Supervisor:
         code = await process.wait()
         self._killed.discard(process.pid)
         self._freed.pop(process.pid, None)
-        self.leases.worker_gone(w.worker_id)
+        await self.leases.worker_gone(w.worker_id)
         await channel.close()
         if w.process is process:
             w.channel = None
@@ -747,13 +748,21 @@ class Supervisor:
         # every worker answered its reload.
         serving = self._serving if not self.stopping else None
         if serving is not None:
+            self._reloading += 1
             self.notifier.reloading()
         result = self._reload_here(reloader)
         if result.ok:
             self._track(self._reload_workers(serving))
         elif serving is not None:
-            self.notifier.reloaded(serving, result.problems)
+            self._reloaded(serving, result.problems)
         return result
+
+    def _reloaded(self, serving: str, problems: list[str]) -> None:
+        """READY=1 once the last of the reloads in flight is over (overlapping ones: the
+        last's outcome), not after the first while later ones still run in the workers."""
+        self._reloading -= 1
+        if self._reloading == 0 and not self.stopping:
+            self.notifier.reloaded(serving, problems)
 
     def _reload_here(self, reloader: Reloader) -> ReloadResult:
         copy = self._config
@@ -785,8 +794,8 @@ class Supervisor:
             for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
                 problems.append(f"worker {w.worker_id}: {p}")
-        if serving is not None and not self.stopping:
-            self.notifier.reloaded(serving, problems)
+        if serving is not None:
+            self._reloaded(serving, problems)
 
     def _notify_worker(self, worker_id: int, event: dict[str, Any]) -> None:
         """Tell a worker how another worker's fetch of a key it waits for went (no answer needed)."""

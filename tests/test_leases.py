@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.leases import LEASE_MAX_AGE, LeaseRelay, LeaseTable
-from proxy.storage.arena import Arena
+from proxy.storage.arena import LEASE_LOCK, Arena
 
 
 class Clock:
@@ -166,3 +166,35 @@ def test_keys_sharing_a_bucket_each_have_their_own_lease_until_the_bucket_is_ful
         if i != 5:
             assert t.release(key, token=i + 1, outcome="failed") == []
     assert t.held == 1
+
+
+async def test_a_dead_workers_leases_are_cleared_without_blocking_the_supervisors_loop() -> None:
+    """A worker stopped while it held the lease table's lock, and then another worker died: the
+    supervisor cleared the dead one's leases on its event loop and blocked there in ``fcntl``
+    (no watchdog to kill the holder, no admin API, no SIGTERM) for as long as the holder lived.
+    The clearing runs in a thread: the loop goes on, and it ends once the lock is free."""
+    import asyncio
+
+    arena = Arena.create(64 * 1024)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import fcntl, sys\n"
+        "fcntl.lockf(int(sys.argv[1]), fcntl.LOCK_EX, 1, int(sys.argv[2]), 0); print('held', flush=True)\n"
+        "sys.stdin.readline()\n", str(arena.fd), str(LEASE_LOCK),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(arena.fd,))
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert (await asyncio.wait_for(holder.stdout.readline(), 10)).strip() == b"held"
+        told: list[object] = []
+        relay = LeaseRelay(LeaseTable(arena), lambda worker, event: told.append(event))
+        gone = asyncio.ensure_future(relay.worker_gone(1))
+        for _ in range(5):
+            await asyncio.sleep(0.02)  # the loop runs while the clearing waits for the lock
+        assert not gone.done()
+        holder.stdin.write(b"\n")
+        await holder.stdin.drain()
+        await asyncio.wait_for(gone, 10)
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
+        arena.close()

@@ -41,11 +41,27 @@ class SpoolDir:
     def __init__(self, root: str) -> None:
         os.makedirs(root, exist_ok=True)
         self.root = root
-        self.path = os.path.join(root, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(self.path)
-        self._lock_fd: int | None = os.open(os.path.join(self.path, LOCK_NAME),
-                                            os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd: int | None = None
+        # Between the lock file's creation and its flock, a sweep (``sweep_dead_spools``: at
+        # start, hourly, and whenever the supervisor sees a worker die, as siblings restart)
+        # can take the lock itself and remove the folder as a dead process's: then this takes
+        # another folder, rather than spool into a removed one for the rest of its life.
+        for _ in range(16):
+            path = os.path.join(root, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.makedirs(path)
+            fd = os.open(os.path.join(path, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a sweep holds it now: the folder is going
+                os.close(fd)
+                continue
+            if os.fstat(fd).st_nlink == 0:  # swept before this took the lock
+                os.close(fd)
+                continue
+            self.path, self._lock_fd = path, fd
+            break
+        else:
+            raise OSError(f"cannot make a spool folder in {root}: each was swept as it was made")
         self._intents_path = os.path.join(self.path, INTENTS_NAME)
         self._pending: dict[str, str] = {}  # body id -> key
         self._intents_lock = threading.Lock()  # disk writes run in several executor threads

@@ -63,3 +63,25 @@ def test_the_same_failure_is_summed_once_a_minute_and_another_is_logged_at_once(
         failures.succeeded()
         failures.succeeded()
         assert [r.getMessage() for r in caplog.records][-1] == "the job works again" and len(caplog.records) == 4
+
+
+def test_the_same_error_raised_by_another_step_is_another_failure(caplog: pytest.LogCaptureFixture) -> None:
+    """Keyed by type and errno alone, a second problem (another step, another file) while the
+    first kept failing was folded into it: never its traceback, only a count a minute later."""
+    log = logging.getLogger("cachegate.test")
+    failures = RepeatedFailure(log, "the job")
+
+    def journal() -> None:
+        raise OSError(2, "No such file or directory", "journal")
+
+    def shard() -> None:
+        raise OSError(2, "No such file or directory", "shard")
+
+    with caplog.at_level(logging.WARNING, "cachegate.test"):
+        for step in (journal, journal, shard):
+            try:
+                step()
+            except OSError as exc:
+                failures.failed(exc)
+    assert [r.getMessage() for r in caplog.records] == ["the job failed; retrying"] * 2
+    assert all(r.exc_info is not None for r in caplog.records)

@@ -169,3 +169,39 @@ def test_an_abstract_socket_is_reached_and_a_gone_manager_is_not_an_error(
         s.settimeout(5)
         assert s.recv(4096) == b"READY=1\nSTATUS=serving http://x (two lines)"
     assert not n.send("WATCHDOG=1")  # nobody listens any more: False, logged once
+
+
+@pytest.mark.slow
+async def test_overlapping_reloads_say_ready_once_the_last_is_over(
+        origin: Origin, manager: Manager, tmp_path: Path) -> None:
+    """Three POST /reload at once: READY=1 came after the first reload's workers, while the
+    others still ran (with Type=notify-reload, systemd took the reload for done)."""
+    config = write_config(str(tmp_path), origin.url)
+    env = {**os.environ, "NOTIFY_SOCKET": manager.path}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", config, "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    admin = None
+    try:
+        while admin is None:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, "cachegate exited"
+            if "admin listening on " in line:
+                admin = line.split("admin listening on ", 1)[1].split()[0]
+        await asyncio.to_thread(manager.until, "READY")
+        async with aiohttp.ClientSession() as session:
+            async def reload() -> int:
+                async with session.post(admin + "/reload", headers={"Content-Type": "application/json"}) as r:
+                    return r.status
+
+            assert await asyncio.gather(*(reload() for _ in range(3))) == [200, 200, 200]
+        await asyncio.sleep(3)  # every worker's reload is over well before
+        while await asyncio.to_thread(manager.receive, 0.05) is not None:
+            pass
+        states = [("READY" if "READY" in f else "RELOADING") for _, f in manager.seen
+                  if "READY" in f or "RELOADING" in f]
+        assert states == ["READY", "RELOADING", "RELOADING", "RELOADING", "READY"], manager.seen
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)

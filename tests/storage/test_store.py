@@ -570,3 +570,37 @@ def test_the_spool_room_is_the_machines_split_between_its_serving_processes(tmp_
     finally:
         worker.close()
         owner.close()
+
+
+def test_a_spool_folder_swept_before_its_owner_locked_it_is_replaced_not_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep (now also run whenever the supervisor sees a worker die, as siblings restart)
+    could take a new folder's lock between its creation and its owner's flock, remove it as a
+    dead process's, and the owner then spooled into a removed folder for the rest of its life
+    (every big body unstored). The owner takes another folder."""
+    import fcntl as real_fcntl
+
+    from proxy.storage import spool as spool_module
+
+    root = str(tmp_path / "tmp")
+    real_flock = real_fcntl.flock
+    swept: list[int] = []
+
+    def flock_after_a_sweep(fd: int, op: int) -> None:
+        if not swept:  # the sweep runs in the gap, on real files, with the real flock
+            monkeypatch.setattr(spool_module.fcntl, "flock", real_flock)
+            swept.append(sweep_dead_spools(root))
+            monkeypatch.setattr(spool_module.fcntl, "flock", flock_after_a_sweep)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(spool_module.fcntl, "flock", flock_after_a_sweep)
+    spools = SpoolDir(root)
+    monkeypatch.setattr(spool_module.fcntl, "flock", real_flock)
+    try:
+        assert swept == [1]  # it removed the first folder
+        assert os.path.isdir(spools.path) and os.listdir(root) == [os.path.basename(spools.path)]
+        with spools.make_file() as f:  # spooling works
+            f.write(b"x")
+        assert sweep_dead_spools(root) == 0  # its owner is alive: kept
+    finally:
+        spools.close()
