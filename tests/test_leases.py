@@ -177,9 +177,11 @@ async def test_a_dead_workers_leases_are_cleared_without_blocking_the_supervisor
 
     arena = Arena.create(64 * 1024)
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import fcntl, sys\n"
+        # It holds the lock until told, or 5 s at most: a clearing that blocks the loop again
+        # fails the test instead of hanging it.
+        sys.executable, "-c", "import fcntl, select, sys\n"
         "fcntl.lockf(int(sys.argv[1]), fcntl.LOCK_EX, 1, int(sys.argv[2]), 0); print('held', flush=True)\n"
-        "sys.stdin.readline()\n", str(arena.fd), str(LEASE_LOCK),
+        "select.select([sys.stdin], [], [], 5)\n", str(arena.fd), str(LEASE_LOCK),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(arena.fd,))
     try:
         assert holder.stdout is not None and holder.stdin is not None
