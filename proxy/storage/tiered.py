@@ -226,12 +226,9 @@ class Storage:
         in_memory = self.writes.put_memory(final, spool)
         return await self.writes.put_disk(final, spool) or (in_memory and self.disk is None)
 
-    async def update(self, entry: Entry) -> None:
-        await self.writes.update((entry,))
-
     async def update_many(self, entries: Sequence[Entry]) -> None:
-        """``update`` for variants of one key, written together: one record in the shared
-        memory, one disk commit (``Writer.update``)."""
+        """New heads and freshness for stored variants of one key, written together: one record
+        in the shared memory, one disk commit (``Writer.update``)."""
         await self.writes.update(entries)
 
     async def flush(self) -> int:

@@ -42,7 +42,7 @@ def test_a_304_update_after_the_ring_went_round_keeps_the_body(tmp_path: Path) -
         assert await store(s, entry(K), b"the body" * 100, flush=False)  # not written behind yet
         (c,) = s.memory.peek(K) or ()
         r = c.entry.response
-        await s.update(c.entry.with_response(dataclasses.replace(r, response_time=r.response_time + 5)))
+        await s.update_many([c.entry.with_response(dataclasses.replace(r, response_time=r.response_time + 5))])
         (u,) = s.memory.peek(K) or ()
         assert u.body is not None and bytes(u.body) == b"the body" * 100
         assert u.entry.response.response_time == r.response_time + 5
