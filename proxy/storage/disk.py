@@ -36,7 +36,11 @@ Facts of diskcache respected here:
   points at a missing or partial body. The writer notes the body in its intent
   log first (``spool.SpoolDir.intend``); ``sweep_intents`` removes what a dead
   process left pending, ``sweep_stray_files`` the files diskcache wrote but never
-  committed, and ``sweep_orphans`` is the full (slow) repair.
+  committed, and ``sweep_orphans`` is the full (slow) repair;
+- diskcache removes the file of a value a write replaced or deleted when its *own* transaction
+  block ends, which inside ``Cache.transact`` is before the outer COMMIT: a kill -9 (or a
+  rollback) in between left a row whose file was gone. ``_Disk`` holds those removals until
+  the outer transaction has committed (``_transaction``) and forgets them when it rolled back.
 """
 
 from __future__ import annotations
@@ -48,10 +52,11 @@ import os
 import random
 import shutil
 import sqlite3
+import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
-from typing import IO
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, Any
 
 import diskcache
 
@@ -84,6 +89,48 @@ Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
 def wal_limit(budget: int) -> int:
     """How big a database's write-ahead log may grow: 1/32 of its budget, 64 KiB to 4 MiB."""
     return min(max(budget // 32, 64 * 1024), 4 << 20)
+
+
+class _Disk(diskcache.Disk):  # type: ignore[misc]
+    """diskcache's ``Disk`` whose file removals wait, inside ``_transaction``, for the COMMIT.
+
+    A removal held and then dropped by a rollback leaves nothing behind (the row still refers to
+    the file); one held and then lost to a kill -9 after the COMMIT leaves a file no row refers
+    to, which ``sweep_stray_files`` removes, as it does a crash inside ``set``."""
+
+    def __init__(self, directory: str, **settings: Any) -> None:
+        super().__init__(directory, **settings)
+        self._held = threading.local()  # one diskcache connection per thread: one hold per thread
+
+    def remove(self, file_path: str) -> None:
+        held: list[str] | None = getattr(self._held, "files", None)
+        if held is None:
+            super().remove(file_path)
+        else:
+            held.append(file_path)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[list[str]]:
+        """Hold this thread's removals; the caller removes them (``release``) after its COMMIT."""
+        files: list[str] = []
+        self._held.files = files
+        try:
+            yield files
+        finally:
+            self._held.files = None
+
+    def release(self, files: list[str]) -> None:
+        for f in files:
+            super().remove(f)
+
+
+@contextlib.contextmanager
+def _transaction(shard: diskcache.Cache, retry: bool = False) -> Iterator[None]:
+    """``shard.transact()`` whose writes remove the files they replaced only once it committed."""
+    disk: _Disk = shard.disk
+    with disk.holding() as files, shard.transact(retry=retry):
+        yield
+    disk.release(files)  # not reached when the transaction rolled back: its rows keep their files
 
 
 def _drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
@@ -195,6 +242,7 @@ class DiskTier:
                 timeout=timeout,
                 size_limit=self.shard_limit,
                 eviction_policy=eviction_policy,
+                disk=_Disk,
                 statistics=False,
                 # No culling inside every set (3 more queries each): writes cull once
                 # afterwards, when the shard is over its budget (``_cull``).
@@ -280,7 +328,7 @@ class DiskTier:
         """
         shard = self._shard(key)
         try:
-            with shard.transact():
+            with _transaction(shard):
                 self._merge_locked(shard, key, merge)
         except diskcache.Timeout:
             self.failed_writes += 1
@@ -308,7 +356,7 @@ class DiskTier:
             taken = set(fresh)
             rest = [i for i in positions if i not in taken]
             try:
-                with shard.transact():
+                with _transaction(shard):
                     if fresh:
                         self._insert_new(shard, [items[i] for i in fresh])
                     for i in rest:
@@ -406,7 +454,7 @@ class DiskTier:
         for i, ks in by_shard.items():
             shard = self._shards[i]
             for start in range(0, len(ks), 500):  # bounded lock hold time
-                with shard.transact(retry=True):
+                with _transaction(shard, retry=True):
                     for k in ks[start:start + 500]:
                         if self._merge_locked(shard, k, merge):
                             found.append(k)

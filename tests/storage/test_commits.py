@@ -18,7 +18,8 @@ import pytest
 from proxy.storage import persist, reads
 from proxy.storage.arena import Arena
 from proxy.storage.bans import PurgeMatch
-from proxy.storage.disk import DiskTier, shard_budget
+from proxy.storage.disk import DiskTier, new_body_id, shard_budget
+from proxy.storage.entry import Entry
 from proxy.storage.index import Ban, UrlTagIndex
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import Storage
@@ -478,3 +479,43 @@ def test_retag_does_not_depend_on_the_number_of_tags(tmp_path: Path) -> None:
     assert index.keys_for_tag("t1") == ["other"]
     index.retag([("k", ())])
     assert index.count_tag(many[-1]) == 0
+
+
+def _val_files(path: Path) -> set[str]:
+    return {f for _, _, files in os.walk(path) for f in files if f.endswith(".val")}
+
+
+def test_a_rolled_back_batch_keeps_the_files_its_rows_still_refer_to(tmp_path: Path) -> None:
+    """diskcache removes a replaced value's file when the write's own block ends, before the
+    batch's COMMIT: a batch that then rolled back (or a kill -9 before its COMMIT) left the old
+    metadata pointing at a body whose file was gone. The files go only after the COMMIT."""
+    disk = DiskTier(str(tmp_path / "d"), 64 * MB, shards=1)
+    big = os.urandom(40 * 1024)  # over diskcache's 32 KiB: kept as a file
+    old = entry(KEY).with_body(new_body_id(), len(big))
+    assert disk.put_body(KEY, old.body_id, big)
+    assert disk.commit(KEY, lambda current: ((old,), []))
+    file_of_old = _val_files(tmp_path)
+    assert len(file_of_old) == 1
+
+    new = entry(KEY).with_body(new_body_id(), 10)
+
+    def replace_old(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+        return (new,), [e.body_id for e in current]
+
+    def broken(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+        raise ValueError("a merge that fails after the first item's replaced the body")
+
+    done = disk.commit_many([(KEY, replace_old, new.body_id, b"x" * 10),
+                             (KEY + "/other", broken, new_body_id(), b"y")])
+    assert done == [False, False]  # one shard, one transaction: rolled back whole
+    assert disk.get_variants(KEY) == (old,)
+    kept = disk.get_body(KEY, old.body_id, len(big))
+    assert kept is not None, "the old row's file was removed"
+    with kept if not isinstance(kept, bytes) else contextlib.nullcontext():
+        assert (kept if isinstance(kept, bytes) else kept.read()) == big
+    assert _val_files(tmp_path) == file_of_old
+
+    assert disk.commit_many([(KEY, replace_old, new.body_id, b"x" * 10)]) == [True]
+    assert disk.get_variants(KEY) == (new,)
+    assert _val_files(tmp_path) == set()  # committed: the replaced body's file is gone
+    disk.close()
