@@ -458,15 +458,20 @@ def say(message: str, level: str = "info", **fields: Any) -> None:
 class RepeatedFailure:
     """Logs a background job's failure with its traceback once, then the same failure once a
     minute with how often it happened meanwhile, and when it works again. At the open-files
-    limit the storage upkeep failed every second, and a traceback each time buried the log."""
+    limit the storage upkeep failed every second, and a traceback each time buried the log.
+
+    Each distinct failure is throttled on its own (up to ``KEPT`` of them): a job whose steps
+    fail in turn (one round at its index, the next at a shard, as whichever thread runs it has a
+    connection open or not) logged a traceback every round when only the last was remembered."""
+
+    KEPT = 16
 
     def __init__(self, logger: logging.Logger, what: str, every: float = 60.0) -> None:
         self.log = logger
         self.what = what
         self.every = every
-        self._last: tuple[type[Exception], str] | None = None
-        self._since = 0  # failures not logged yet
-        self._logged_at = 0.0
+        # failure -> [failures not logged yet, when last logged]; oldest first
+        self._failing: dict[tuple[type[Exception], str], list[float]] = {}
 
     def failed(self, exc: Exception) -> None:
         now = time.monotonic()
@@ -477,17 +482,20 @@ class RepeatedFailure:
             tb = tb.tb_next
         where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
         key = (type(exc), (str(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)) + where)
-        if key != self._last:
-            self._last, self._since, self._logged_at = key, 0, now
+        state = self._failing.get(key)
+        if state is None:
+            if len(self._failing) >= self.KEPT:
+                del self._failing[next(iter(self._failing))]
+            self._failing[key] = [0, now]
             self.log.error("%s failed; retrying", self.what, exc_info=exc)
             return
-        self._since += 1
-        if now - self._logged_at >= self.every:
+        state[0] += 1
+        if now - state[1] >= self.every:
             self.log.error("%s still failing (%d more times in %.0fs): %s: %s", self.what,
-                           self._since, now - self._logged_at, type(exc).__name__, exc)
-            self._since, self._logged_at = 0, now
+                           state[0], now - state[1], type(exc).__name__, exc)
+            state[0], state[1] = 0, now
 
     def succeeded(self) -> None:
-        if self._last is not None:
+        if self._failing:
             self.log.warning("%s works again", self.what)
-            self._last, self._since = None, 0
+            self._failing.clear()

@@ -37,12 +37,26 @@ class RedisServer:
         self.directory = directory
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start (or restart, on the same port). A first start whose port another process took
+        between ``free_port`` and redis-server's bind (tests run in parallel) takes another."""
+        for _ in range(5):
+            if self._start_once():
+                self.started = True
+                return
+            if self.started:
+                break  # a restart keeps its port: the nodes were configured with it
+            self.port = free_port()
+        raise RuntimeError(f"redis-server exited with {self.proc.returncode if self.proc else None}: "
+                           + self._log_tail())
+
+    def _start_once(self) -> bool:
         os.makedirs(self.directory, exist_ok=True)
         self.proc = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
@@ -51,11 +65,18 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.ping():
-                return
+                return True
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                return False
             time.sleep(0.02)
         raise RuntimeError("redis-server did not answer within 10 s")
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.directory, "redis.log")) as f:
+                return "".join(f.readlines()[-5:])
+        except OSError:
+            return "(no log)"
 
     def ping(self) -> bool:
         try:
