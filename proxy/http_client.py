@@ -42,6 +42,9 @@ and never stored. A coding list without chunked frames the body by the connectio
 nginx 1.22 does (measured) and as the public cache tests require
 (``headers-store-Transfer-Encoding``).
 
+A status code outside 100-599 (RFC 9110 §15: three digits; llhttp reads "099" or "999") is
+refused like any invalid response: a 502, never relayed nor stored.
+
 Errors are ``proxy.errors`` types whose ``kind`` names them for the metrics: ``connect``
 (refused, reset, TLS), ``connect_timeout``, ``read_timeout`` (no byte for ``read``
 seconds while waiting for one), ``total_timeout`` (the whole exchange), ``protocol``
@@ -383,6 +386,13 @@ class UpstreamConnection(BaseProtocol):
         for message, payload in messages:
             if self._message is None:
                 code = message.code
+                if not 100 <= code <= 599:
+                    # RFC 9110 §15: a status code is three digits, 100-599; llhttp reads any
+                    # number ("0", "099", "999"). Relayed, a client reads it in its own way;
+                    # stored, it would be served to everyone and replace a good copy.
+                    self._fail(UpstreamProtocolError(f"{self._pool.name}: invalid status code {code}",
+                                                     detail="an invalid status code"))
+                    return
                 if 100 <= code < 200 and code != 101:
                     # An interim response (100 Continue, 102 Processing, 103 Early Hints).
                     self._interims += 1

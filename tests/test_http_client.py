@@ -21,7 +21,7 @@ from yarl import URL
 from proxy.errors import ClientBodyError, UpstreamError, UpstreamProtocolError
 from proxy.http_client import KEEPALIVE_IDLE, HostPool, reason_phrase, request_head
 from tests.conftest import MakeProxy
-from tests.harness import Origin
+from tests.harness import Clock, Origin
 from tests.security.misbehaving import Conn, raw_origins
 
 Answer = Callable[[bytes], bytes | list[bytes]]  # request head -> response bytes (or packets)
@@ -467,3 +467,27 @@ async def test_an_origins_reason_phrase_with_a_control_character_never_reaches_a
             line = await asyncio.wait_for(reader.readline(), 10)
             writer.close()
             assert line == b"HTTP/1.1 200 OK\r\n"
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+async def test_a_status_code_outside_100_to_599_is_an_invalid_response(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy, clock: Clock,
+    status: bytes
+) -> None:
+    """RFC 9110 §15: a 502, never relayed nor stored; a stored response stays and is served
+    under stale-if-error."""
+    weird = b"HTTP/1.1 " + status + b" Weird\r\nCache-Control: max-age=300\r\nContent-Length: 2\r\n\r\nhi"
+    good = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=10, stale-if-error=60\r\nContent-Length: 4\r\n\r\ngood"
+    up = await raw_upstream(lambda head: weird if head.startswith(b"GET /w ") else good)
+    proxy = await make_proxy(config=NO_STORE, upstreams=[up.url])
+    proxy.runtime.engine.clock = clock
+    for _ in range(2):  # nothing stored: both go upstream
+        reply = await proxy.get("/w")
+        assert reply.status == 502 and b"invalid response" in reply.body, reply
+    assert sum(h.startswith(b"GET /w ") for h in up.heads) == 2
+    assert (await proxy.get("/s")).body == b"good"
+    clock.advance(30)  # stale, within stale-if-error
+    up.answer = fixed(weird)
+    for _ in range(2):  # served stale, and the stored copy is never replaced
+        stale = await proxy.get("/s")
+        assert (stale.status, stale.body, stale.x_cache) == (200, b"good", "STALE")
