@@ -268,6 +268,11 @@ class UpstreamConnection(BaseProtocol):
 
     # -- the exchange ----------------------------------------------------------------------
 
+    @property
+    def answering(self) -> bool:
+        """Whether a byte of the current exchange's response has arrived."""
+        return self._got_bytes
+
     def alive(self) -> bool:
         t = self.transport
         return t is not None and not t.is_closing()

@@ -15,10 +15,13 @@ Health:
   ``pool_size``: a pool busy with slow answers is no failed check); ``unhealthy``
   consecutive failures take an upstream out, ``healthy`` consecutive successes bring
   it back;
-- passive: ``passive.failures`` consecutive connection failures or 5xx answers
-  take it out for ``passive.cooldown`` (by default only in pools of two or more:
-  like nginx's max_fails, a single upstream is never taken out unless ``passive:``
-  is configured).
+- passive: ``passive.failures`` consecutive failures to connect (``cannot_connect``:
+  refused, a connect timeout, a new connection closed or reset before any response
+  byte) or 502/503/504 answers take it out for ``passive.cooldown`` (by default only
+  in pools of two or more: like nginx's max_fails, a single upstream is never taken
+  out unless ``passive:`` is configured). An invalid response, a read or total
+  timeout after the request was sent, or another 5xx is counted as an error but
+  not held against the upstream: it is the answer to one request.
 
 A request is retried on another upstream only when the connection failed before
 any response byte arrived (refused, reset, closed with nothing read, or a connect
@@ -262,11 +265,19 @@ class UpstreamPool:
     def _done(self, upstream: Upstream) -> None:
         upstream.in_flight = max(0, upstream.in_flight - 1)
 
-    def _passive_failure(self, upstream: Upstream, kind: str) -> None:
-        """A connection failure, or an answer that says the upstream cannot serve (``UNAVAILABLE``)."""
+    def _error(self, upstream: Upstream, kind: str) -> None:
+        """An upstream error, counted (``failures``, ``cachegate_upstream_errors_total``) but not
+        held against the upstream's health: the answer to one request (an invalid response, a
+        timeout after the request was sent), which any client able to make one URL fail could
+        cause on every upstream in turn."""
         upstream.failures += 1
         if self._on_error is not None:
             self._on_error(upstream.name, kind)
+
+    def _passive_failure(self, upstream: Upstream, kind: str) -> None:
+        """A failure to connect (``cannot_connect``), or an answer that says the upstream cannot
+        serve (``UNAVAILABLE``): counted, and ``passive.failures`` in a row take it out."""
+        self._error(upstream, kind)
         passive = self.settings.passive
         if passive.failures <= 0 or (len(self.upstreams) == 1 and not passive.configured):
             return
@@ -431,6 +442,8 @@ class UpstreamPool:
         upstream.in_flight += 1
         upstream.requests += 1
         t = self.settings.timeouts
+        conn: UpstreamConnection | None = None
+        fresh = False  # a new connection (else one reused from the pool)
         try:
             total_deadline = asyncio.get_running_loop().time() + t.total if t.total else None
             head, chunked, expected = request_head(method, target, headers, host.host_header, body)
@@ -440,12 +453,16 @@ class UpstreamPool:
             else:
                 stream = body
             conn = await host.acquire()
+            fresh = conn.exchange == 0
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",
                                       read_timeout=t.read, total_deadline=total_deadline,
                                       on_interim=on_interim)
         except UpstreamError as exc:
             self._done(upstream)
-            self._passive_failure(upstream, error_kind(exc))
+            if cannot_connect(exc, conn, fresh):
+                self._passive_failure(upstream, error_kind(exc))
+            else:
+                self._error(upstream, error_kind(exc))
             raise
         except BaseException:  # cancelled, or the client's body broke off (ClientBodyError):
             self._done(upstream)  # neither is the upstream's failure
@@ -457,6 +474,20 @@ class UpstreamPool:
                 self._on_error(upstream.name, f"status_{resp.status}")  # counted, not held against it
             self._passive_success(upstream)
         return UpstreamResponse(resp, upstream, self)
+
+
+def cannot_connect(exc: UpstreamError, conn: UpstreamConnection | None, fresh: bool) -> bool:
+    """Whether an exchange's error says the upstream cannot be reached (held against it by passive
+    health): no connection was made (``conn`` None: refused, unreachable, a TLS handshake that
+    failed, a connect timeout), or a new connection (``fresh``) closed or was reset before any
+    response byte. A pooled connection that closes as the request leaves is the upstream's idle
+    timeout, not its state (the request is tried again). Not a failure to connect: an invalid response,
+    or a read or total timeout after the request was sent, which are the answer to that one
+    request (held against the upstream, one URL that fails so took every upstream out for
+    everyone); nor a request cachegate refused to send (a CR or LF in a field)."""
+    if conn is None:
+        return isinstance(exc, (UpstreamConnectError, UpstreamConnectTimeout))
+    return fresh and isinstance(exc, UpstreamConnectError) and not conn.answering
 
 
 __all__ = ["KEEPALIVE_IDLE", "Selector", "Upstream", "UpstreamConnectTimeout", "UpstreamDisconnected",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import ssl
 import time
@@ -22,6 +23,7 @@ from proxy.upstream import Selector, Upstream, UpstreamPool
 from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, self_signed
+from tests.security.misbehaving import Conn, raw_origins, response
 
 
 def test_weighted_round_robin_spreads_by_weight_and_interleaves() -> None:
@@ -559,3 +561,54 @@ def test_a_responses_content_length_is_parsed_once_and_the_same_every_time(
     resp = UpstreamResponse(Wire(), None, None)  # type: ignore[arg-type]
     assert [resp.content_length for _ in range(3)] == [length] * 3
     assert len(parsed) == 1
+
+
+# -- what passive health holds against an upstream ------------------------------------------
+
+async def _answer_by_path(conn: Conn) -> None:
+    """/nul: a response with a NUL in a field (invalid); /slow: slower than the read timeout;
+    /close: the connection closed without an answer; anything else: 200."""
+    while True:
+        request = await conn.request()
+        path = request.target.split("?")[0]
+        if path == "/nul":
+            await conn.send(response("200 OK", {"X-Bad": "a\x00b"}, b"hi"))
+        elif path == "/slow":
+            await asyncio.sleep(0.6)
+            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"late"))
+        elif path == "/close":
+            return
+        else:
+            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+
+
+async def test_one_url_with_invalid_or_slow_answers_takes_no_upstream_out(make_proxy: MakeProxy) -> None:
+    """Only failures to connect and 502/503/504 are held against an upstream: an invalid response
+    or a read timeout is the answer to that one request, and any client could ask for such a URL
+    until every upstream was out (then every other URL was a 503)."""
+    async with raw_origins() as start:
+        a, b = await start(_answer_by_path), await start(_answer_by_path)
+        proxy = await make_proxy(
+            config="upstream: {timeouts: {read: 200ms}, passive: {failures: 2, cooldown: 30s}, retries: 0}\n",
+            upstreams=[a.url, b.url])
+        replies = await asyncio.gather(*[proxy.get(f"/nul?{i}") for i in range(6)],
+                                       *[proxy.get(f"/slow?{i}") for i in range(4)])
+        assert [r.status for r in replies] == [502] * 6 + [504] * 4
+        assert all(u.available(time.monotonic()) for u in proxy.runtime.pool.upstreams)
+        assert [(await proxy.get(f"/ok?{i}")).status for i in range(4)] == [200] * 4
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        for kind, n in (("protocol", 6), ("read_timeout", 4)):  # counted as errors all the same
+            counts = re.findall(rf'cachegate_upstream_errors_total{{kind="{kind}",upstream="[^"]+"}} (\d+)', metrics)
+            assert sum(float(c) for c in counts) == n, (kind, counts)
+
+
+async def test_a_new_connection_closed_before_any_answer_is_held_against_the_upstream(
+    make_proxy: MakeProxy
+) -> None:
+    async with raw_origins() as start:
+        origin = await start(_answer_by_path)
+        proxy = await make_proxy(config="upstream: {passive: {failures: 2, cooldown: 30s}, retries: 0}\n",
+                                 upstreams=[origin.url])
+        assert (await proxy.get("/close")).status == 502  # tried twice, on a new connection each time
+        down = await proxy.get("/ok")
+        assert down.status == 503 and "detail=NO-UPSTREAM" in down.cache_status
