@@ -32,6 +32,10 @@ a keep-alive connection closed by the upstream as the request left. A 5xx
 answer, a read timeout or a connection that closes part-way through the response
 head is not retried: the upstream may have acted on the request.
 
+A ``206 Partial Content`` to a request without ``Range`` (a fill never sends the client's)
+is an invalid response, as Varnish fails such a fetch: a 502, or the stored response under
+stale-if-error; never relayed as if it were the whole, nor stored.
+
 A client whose request body breaks off while it is being sent (``ClientBodyError``)
 ends the exchange (the upstream connection is dropped) and is never retried, nor
 counted against the upstream: not a passive failure, not an upstream error in the
@@ -61,6 +65,7 @@ from proxy.errors import (
     NoUpstreamAvailable,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamProtocolError,
 )
 from proxy.http_client import (
     KEEPALIVE_IDLE,
@@ -467,6 +472,15 @@ class UpstreamPool:
         except BaseException:  # cancelled, or the client's body broke off (ClientBodyError):
             self._done(upstream)  # neither is the upstream's failure
             raise
+        if resp.status == 206 and not any(k.lower() == "range" for k, _ in headers):
+            # Partial content is the answer to a range request only (RFC 9110 §15.3.7): to any
+            # other it is an invalid response (as Varnish fails such a fetch), never relayed
+            # as the whole, nor to each client of a coalesced fetch in turn.
+            resp.discard()
+            self._done(upstream)
+            self._error(upstream, "protocol")
+            raise UpstreamProtocolError(f"{upstream.name}: 206 Partial Content to a request without Range",
+                                        detail="a 206 Partial Content to a request without Range")
         if resp.status in UNAVAILABLE:
             self._passive_failure(upstream, f"status_{resp.status}")
         else:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy, directory_ready
+from tests.harness import Clock, Origin, Proxy, directory_ready
 
 BODY = bytes(range(48, 58))  # b"0123456789"
 NONE = "cache: {memory: 64MB, range_fill: none, disk: {path: cache, size: 512MB, shards: 2}}\n"
@@ -262,3 +262,41 @@ async def test_a_heads_range_is_ignored_rfc_9110_section_14_2(origin: Origin, ma
     head = await proxy.request("HEAD", "/r", headers={"Range": "bytes=2-5"})
     assert (head.status, head.x_cache, head.headers.get("Content-Range")) == (200, "HIT", None)
     assert head.headers["Content-Length"] == str(len(BODY))
+
+
+async def test_a_206_to_a_request_without_range_is_an_invalid_response(
+    origin: Origin, make_proxy: MakeProxy, clock: Clock
+) -> None:
+    """A fill sends no Range: a 206 to it is the origin's fault (RFC 9110 §15.3.7), a 502 for
+    every client of the fetch (or the stored response under stale-if-error), as Varnish fails
+    such a fetch; never relayed as if it were the whole response. Ranges cachegate asks for
+    itself are answered by 206s as before."""
+    partial = {"on": False}
+
+    async def handler(request: web.Request) -> web.Response:
+        rng = request.headers.get("Range")
+        if rng is not None:  # a range asked for: the right answer is a 206
+            first, last = (int(n) for n in rng.removeprefix("bytes=").split("-"))
+            return web.Response(status=206, body=BODY[first:last + 1], headers={
+                "Content-Range": f"bytes {first}-{last}/{len(BODY)}", "Cache-Control": "max-age=60"})
+        if partial["on"]:
+            await asyncio.sleep(0.1)  # the clients of one key meanwhile join its fetch
+            return web.Response(status=206, body=b"PARTIAL", headers={
+                "Content-Range": "bytes 0-6/100", "Cache-Control": "max-age=300"})
+        return web.Response(body=b"whole", headers={"Cache-Control": "max-age=10, stale-if-error=60"})
+
+    for path in ("/p", "/s", "/r"):
+        origin.route(path, handler)
+    proxy = await make_proxy(config=NONE)
+    proxy.runtime.engine.clock = clock
+    assert (await proxy.get("/s")).body == b"whole"
+    partial["on"] = True
+    replies = await asyncio.gather(*[proxy.get("/p") for _ in range(3)])
+    assert [r.status for r in replies] == [502] * 3 and b"PARTIAL" not in b"".join(r.body for r in replies)
+    assert origin.count("/p") == 1  # one fetch for the three of them
+    assert (await proxy.get("/p")).status == 502 and origin.count("/p") == 2  # nothing stored
+    clock.advance(30)  # /s is stale, within stale-if-error
+    stale = await proxy.get("/s")
+    assert (stale.status, stale.body, stale.x_cache) == (200, b"whole", "STALE")
+    ranged = await proxy.get("/r", headers={"Range": "bytes=2-5"})
+    assert (ranged.status, ranged.body, ranged.headers["Content-Range"]) == (206, b"2345", "bytes 2-5/10")
