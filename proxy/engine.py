@@ -523,7 +523,8 @@ class Engine:
         """May this 206 be stored as a part, as what (the same rules as its complete response)?"""
         store_plan = plan.for_response(representation_status(resp.status), resp.headers.get("Content-Type"))
         return self._filled(part_key(key), store_plan, Exchange(
-            head, resp.status, resp.reason, resp.headers, request_time, response_time), part=True)
+            head, resp.status, resp.reason, resp.headers, request_time, response_time,
+            resp.close_delimited_tls), part=True)
 
     async def _tee_part(self, resp: UpstreamResponse, entry: Entry | None, held: ByteRange,
                         old: Cached | None, epoch: int) -> AsyncIterator[bytes]:
@@ -705,7 +706,8 @@ class Engine:
         plan for its status and type)?"""
         store_plan = attempt.plan.for_response(resp.status, resp.headers.get("Content-Type"))
         return self._filled(attempt.key, store_plan, Exchange(attempt.req.head, resp.status, resp.reason,
-                                                              resp.headers, request_time, response_time))
+                                                              resp.headers, request_time, response_time,
+                                                              resp.close_delimited_tls))
 
     def _filled(self, key: str, store_plan: StorePlan, exchange: Exchange, *, part: bool = False
                 ) -> tuple[str, Entry | None]:

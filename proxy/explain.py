@@ -67,6 +67,9 @@ WHY_NOT = {
     "VARY-PER-CLIENT": "the response varies on X-Forwarded-For or X-Request-Id, which cachegate sets "
                        "per client",
     "TOO-LARGE": "the response is larger than cache.max_object",
+    "TLS-CLOSE-DELIMITED": "the response came from an https upstream with a body delimited only by the "
+                           "connection's end (no Content-Length, not chunked), whose end cannot be told "
+                           "from a truncation; send a Content-Length or chunked",
     "UNCACHEABLE-STATUS": "the status is not cacheable by default and neither the origin nor a rule "
                           "gives it a freshness lifetime (a ttl default never covers an error status "
                           "other than 404, 405, 410, 414 and 501); name the status in a rule's ttl",

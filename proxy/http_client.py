@@ -42,6 +42,12 @@ and never stored. A coding list without chunked frames the body by the connectio
 nginx 1.22 does (measured) and as the public cache tests require
 (``headers-store-Transfer-Encoding``).
 
+A body delimited only by the connection's end (no ``Content-Length``, not chunked) over TLS
+is relayed but never stored (``Response.close_delimited_tls``): RFC 9112 §9.8 counts it
+complete only when the TLS closure alert (close_notify) was received, and asyncio and uvloop
+give a protocol no reliable way to tell that alert from a bare TCP FIN: a FIN forged on the
+path would have a truncated body stored as complete, and served to everyone.
+
 A status code outside 100-599 (RFC 9110 §15: three digits; llhttp reads "099" or "999") is
 refused like any invalid response: a 502, never relayed nor stored.
 
@@ -203,15 +209,22 @@ def reason_phrase(status: int, reason: str) -> str:
 class Response:
     """A response head, and its body as the parser's stream."""
 
-    __slots__ = ("_conn", "_exchange", "_payload", "headers", "reason", "status")
+    __slots__ = ("_conn", "_exchange", "_payload", "close_delimited_tls", "headers", "reason", "status")
 
     def __init__(self, message: Any, payload: StreamReader, conn: UpstreamConnection, exchange: int) -> None:
         self.status: int = message.code
         self.reason: str = reason_phrase(message.code, message.reason or "")
-        self.headers: CIMultiDictProxy[str] = message.headers
+        headers: CIMultiDictProxy[str] = message.headers
+        self.headers = headers
         self._payload = payload
         self._conn = conn
         self._exchange = exchange
+        # A body over TLS that only the connection's end delimits (no Content-Length, not
+        # chunked): its end cannot be told from a truncation (module docstring).
+        self.close_delimited_tls: bool = (
+            conn._pool.ssl is not None and not message.chunked and not conn._head_method
+            and message.code not in (204, 304)
+            and ("Content-Length" not in headers or "Transfer-Encoding" in headers))
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived (no waiting); else None."""

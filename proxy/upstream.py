@@ -160,7 +160,8 @@ class Selector:
 class UpstreamResponse:
     """A response head from an upstream, and its body as an async iterator of chunks."""
 
-    __slots__ = ("_length", "_pool", "_released", "_resp", "headers", "reason", "status", "upstream")
+    __slots__ = ("_length", "_pool", "_released", "_resp", "close_delimited_tls", "headers", "reason",
+                 "status", "upstream")
 
     def __init__(self, resp: Response, upstream: Upstream, pool: UpstreamPool) -> None:
         self._resp = resp
@@ -169,6 +170,8 @@ class UpstreamResponse:
         self.status = resp.status
         self.reason = resp.reason
         self.headers: CIMultiDictProxy[str] = resp.headers
+        # Its body ends with the TLS connection: a truncation looks the same (never stored).
+        self.close_delimited_tls = resp.close_delimited_tls
         self._released = False
         self._length: int | None = -1  # -1: not parsed yet
 

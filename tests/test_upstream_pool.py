@@ -555,7 +555,7 @@ def test_a_responses_content_length_is_parsed_once_and_the_same_every_time(
     monkeypatch.setattr(proxy.upstream, "content_length", counting)
 
     class Wire:
-        status, reason = 200, "OK"
+        status, reason, close_delimited_tls = 200, "OK", False
         headers = CIMultiDictProxy(CIMultiDict([("Content-Length", v) for v in values]))
 
     resp = UpstreamResponse(Wire(), None, None)  # type: ignore[arg-type]
@@ -612,3 +612,54 @@ async def test_a_new_connection_closed_before_any_answer_is_held_against_the_ups
         assert (await proxy.get("/close")).status == 502  # tried twice, on a new connection each time
         down = await proxy.get("/ok")
         assert down.status == 503 and "detail=NO-UPSTREAM" in down.cache_status
+
+
+async def test_a_body_delimited_by_the_end_of_a_tls_connection_is_relayed_never_stored(
+    tmp_path: Path, tls_files: tuple[Path, Path], make_proxy: MakeProxy
+) -> None:
+    """RFC 9112 §9.8: over TLS, a body that only the connection's end delimits is complete only
+    when the close_notify alert came, which the transport cannot tell from a bare FIN (one forged
+    on the path cuts it short). Such a body is relayed, never stored; one with a length is
+    stored, and so is a close-delimited body over plain TCP."""
+    key, cert = tls_files
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ")[1]
+        seen.append(path)
+        if path == b"/length":
+            writer.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nfull")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\r\n" + b"x" * 5000)
+        await writer.drain()
+        if path == b"/cut":
+            await asyncio.sleep(0.05)
+            writer.transport.abort()  # a FIN without the TLS close_notify, as a forged one
+        else:
+            writer.close()
+
+    secure = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    plain = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        proxy = await make_proxy(config=f"upstream: {{tls: {{ca_file: '{cert}'}}}}\n",
+                                 upstreams=[f"https://127.0.0.1:{secure.sockets[0].getsockname()[1]}"],
+                                 directory=tmp_path / "tls")
+        for path in ("/closed", "/cut"):
+            for _ in range(2):
+                reply = await proxy.get(path)
+                assert (reply.status, reply.x_cache) == (200, "MISS"), path
+                assert "detail=TLS-CLOSE-DELIMITED" in reply.cache_status
+            assert seen.count(path.encode()) == 2  # nothing stored: both went upstream
+        assert [(await proxy.get("/length")).x_cache for _ in range(2)] == ["MISS", "HIT"]
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        assert 'cachegate_not_stored_total{reason="TLS-CLOSE-DELIMITED"} 4.0' in metrics
+        over_tcp = await make_proxy(upstreams=[f"http://127.0.0.1:{plain.sockets[0].getsockname()[1]}"],
+                                    directory=tmp_path / "tcp")
+        replies = [await over_tcp.get("/closed") for _ in range(2)]
+        assert [(r.x_cache, len(r.body)) for r in replies] == [("MISS", 5000), ("HIT", 5000)]
+    finally:
+        for server in (secure, plain):
+            server.close()

@@ -8,7 +8,8 @@ tags) or ``NoFill`` with the ``Cache-Status`` detail token, decided in this orde
 
 1. a HEAD is filled with a GET, so its answer is decided as the GET's;
 2. a rule's ``no_store``: ``RULE-NO-STORE:<rule>``;
-3. RFC 9111 §3 (``storability``): ``PRIVATE``, ``NO-STORE``, ``SET-COOKIE``, ...;
+3. RFC 9111 §3 (``storability``): ``PRIVATE``, ``NO-STORE``, ``SET-COOKIE``, ...; then a
+   body whose end cannot be verified: ``TLS-CLOSE-DELIMITED`` (``Exchange.close_delimited_tls``);
 4. the deception guard (``deception``), when the rule turns it on: ``DECEPTION-GUARD``;
 5. what is kept: ``ttl_jitter`` shortens the lifetime by a random share (the draw is a
    parameter: this package reads no clock and no random source), a ``Set-Cookie``
@@ -85,6 +86,10 @@ class Exchange:
     headers: Headers
     request_time: float
     response_time: float
+    # The body came over TLS delimited only by the connection's end (no Content-Length, not
+    # chunked): RFC 9112 §9.8 counts it complete only when a TLS close_notify was received,
+    # which the transport cannot tell from a bare (perhaps forged) FIN. Relayed, never stored.
+    close_delimited_tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,8 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
                                 exchange.response_time, rules.options)
     if isinstance(decision, DontStore):
         return NoFill(decision.detail)
+    if exchange.close_delimited_tls:
+        return NoFill("TLS-CLOSE-DELIMITED")
     stored = decision.response
     if rules.deception_guard and deception_refuses(request, stored, headers.get("Content-Type")):
         return NoFill("DECEPTION-GUARD")

@@ -219,6 +219,7 @@ class _Wire:
         self.status = a.status
         self.reason = a.reason
         self.headers = CIMultiDictProxy(CIMultiDict(a.headers))
+        self.close_delimited_tls = False  # a plain-HTTP origin
         self.sent = 0
         self.discarded = False
 

@@ -246,3 +246,17 @@ def test_a_response_filled_for_authorization_keeps_the_origins_freshness_only_th
     else:
         assert fresh is not None and fresh.freshness.source == source
         assert fresh.authorization is filled  # kept for the next revalidation
+
+
+def test_a_body_delimited_by_the_end_of_a_tls_connection_is_never_stored() -> None:
+    """RFC 9112 §9.8: its end cannot be told from a truncation. What the response says about
+    itself comes first (it says why more plainly), and a part is held to the same rule."""
+    def over_tls(response: Pairs, *, part: bool = False, status: int = 200) -> Fill | NoFill:
+        answer = Exchange(request(), status, "OK", headers(*response), T0, T0, close_delimited_tls=True)
+        return decide_fill(answer, Rules(), SETTINGS, part=part)
+
+    assert over_tls([FRESH]) == NoFill("TLS-CLOSE-DELIMITED")
+    assert over_tls([FRESH, ("Content-Range", "bytes 0-1/10")], part=True, status=206) \
+        == NoFill("TLS-CLOSE-DELIMITED")
+    assert over_tls([("Cache-Control", "private, max-age=100")]) == NoFill("PRIVATE")
+    assert isinstance(fill([FRESH]), Fill)
