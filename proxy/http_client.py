@@ -123,6 +123,12 @@ class UpstreamConnectTimeout(UpstreamTimeout):
     public = "the origin server could not be reached in time (connect timed out)"
 
 
+class PoolWaitTimeout(UpstreamConnectTimeout):
+    """No pooled connection came free within the connect timeout (every one of ``pool_size`` is
+    busy): cachegate's own limit was reached and no connection was tried, so it says nothing of
+    the upstream's state (passive health does not hold it against the upstream)."""
+
+
 class UpstreamDisconnected(UpstreamConnectError):
     """The connection closed after the request was sent, before any response byte: most often
     a keep-alive connection the upstream had just closed. One more try, even on the same
@@ -724,8 +730,8 @@ class HostPool:
                 given = await waiter
         except TimeoutError:
             self._give_back(waiter)
-            raise UpstreamConnectTimeout(f"{self.name}: connect timed out (no free pooled "
-                                         f"connection within {self.connect_timeout:g}s)") from None
+            raise PoolWaitTimeout(f"{self.name}: connect timed out (no free pooled "
+                                  f"connection within {self.connect_timeout:g}s)") from None
         except BaseException:
             self._give_back(waiter)
             raise
@@ -932,6 +938,7 @@ __all__ = [
     "KEEPALIVE_IDLE",
     "HostPool",
     "InterimHook",
+    "PoolWaitTimeout",
     "Response",
     "UpstreamConnectTimeout",
     "UpstreamConnection",

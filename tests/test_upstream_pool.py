@@ -602,6 +602,21 @@ async def test_one_url_with_invalid_or_slow_answers_takes_no_upstream_out(make_p
             assert sum(float(c) for c in counts) == n, (kind, counts)
 
 
+async def test_waiting_for_a_free_pooled_connection_in_vain_takes_no_upstream_out(make_proxy: MakeProxy) -> None:
+    """A pool busy with slow answers (perhaps all for one URL) is cachegate's own limit: the
+    requests that wait for a free connection until the connect timeout get a 504, and no
+    connection was tried, so nothing is held against the upstream."""
+    async with raw_origins() as start:
+        a, b = await start(_answer_by_path), await start(_answer_by_path)
+        proxy = await make_proxy(
+            config="upstream: {pool_size: 1, timeouts: {connect: 150ms}, passive: {failures: 2, cooldown: 30s}, "
+                   "retries: 0}\n", upstreams=[a.url, b.url])
+        replies = await asyncio.gather(*[proxy.get(f"/slow?{i}") for i in range(6)])
+        assert sorted(r.status for r in replies) == [200] * 2 + [504] * 4
+        assert all(u.available(time.monotonic()) for u in proxy.runtime.pool.upstreams)
+        assert [(await proxy.get(f"/ok?{i}")).status for i in range(2)] == [200] * 2
+
+
 async def test_a_new_connection_closed_before_any_answer_is_held_against_the_upstream(
     make_proxy: MakeProxy
 ) -> None:
