@@ -412,7 +412,7 @@ class UpstreamConnection(BaseProtocol):
                 code = message.code
                 if not 100 <= code <= 599:
                     # RFC 9110 §15: a status code is three digits, 100-599; llhttp reads any
-                    # number ("0", "099", "999"). Relayed, a client reads it in its own way;
+                    # number ("000", "099", "999"). Relayed, a client reads it in its own way;
                     # stored, it would be served to everyone and replace a good copy.
                     self._fail(UpstreamProtocolError(f"{self._pool.name}: invalid status code {code}",
                                                      detail="an invalid status code"))

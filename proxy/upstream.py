@@ -499,12 +499,12 @@ def cannot_connect(exc: UpstreamError, conn: UpstreamConnection | None, fresh: b
     health): no connection was made (``conn`` None: refused, unreachable, a TLS handshake that
     failed, a connect timeout), or a new connection (``fresh``) closed or was reset before any
     response byte. A pooled connection that closes as the request leaves is the upstream's idle
-    timeout, not its state (the request is tried again). Not a failure to connect: an invalid response,
-    or a read or total timeout after the request was sent, which are the answer to that one
-    request (held against the upstream, one URL that fails so took every upstream out for
-    everyone); nor a request cachegate refused to send (a CR or LF in a field), nor a wait for a
-    free pooled connection that timed out (``PoolWaitTimeout``: ``pool_size`` busy with slow
-    answers, perhaps all to one URL, and no connection tried)."""
+    timeout, not its state (the request is tried again). Not a failure to connect: an invalid
+    response, or a read or total timeout after the request was sent, which are the answer to
+    that one request (held against the upstream, one URL that fails so took every upstream out
+    for everyone); nor a request cachegate refused to send (a CR or LF in a field), nor a wait
+    for a free pooled connection that timed out (``PoolWaitTimeout``: ``pool_size`` busy with
+    slow answers, perhaps all to one URL, and no connection tried)."""
     if conn is None:
         return isinstance(exc, (UpstreamConnectError, UpstreamConnectTimeout)) \
             and not isinstance(exc, PoolWaitTimeout)
