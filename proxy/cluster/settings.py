@@ -19,7 +19,7 @@ from proxy.schema import Invalid, byte_size, duration, integer, setting, text
 KB = 1 << 10
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _NODE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
-_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _redis_url(value: str) -> str:
@@ -41,8 +41,13 @@ def _node_name(value: str) -> str:
 
 
 def _namespace(value: str) -> str:
+    if ":" in value:
+        # Keys are NAMESPACE:purges, NAMESPACE:l2:gen, ...: with ':' allowed, 'shop' and
+        # 'shop:l2' would name the same keys (and each break the other's).
+        raise Invalid(f"{value!r}: no ':' in a namespace: cachegate puts its own ':'-separated "
+                      "names under it, so one namespace could name another's keys (use . _ or -)")
     if not _NAMESPACE.fullmatch(value):
-        raise Invalid(f"{value!r}: use letters, digits and . _ - : (at most 64)")
+        raise Invalid(f"{value!r}: use letters, digits and . _ - (at most 64)")
     return value
 
 
@@ -57,7 +62,8 @@ class ClusterSettings:
                          missing=" (e.g. redis://127.0.0.1:6379/0)")
     node: str = setting("", "this node's name in the cluster (empty: HOSTNAME:PORT of the first client "
                             "listener)", text(check=_node_name))
-    namespace: str = setting("cachegate", "prefix of every Redis key: several clusters may share one Redis",
+    namespace: str = setting("cachegate", "prefix of every Redis key (letters, digits, . _ -; no ':'): several "
+                                          "clusters may share one Redis",
                              text(check=_namespace))
     ack_timeout: float = setting(2.0, "how long a purge waits for the other nodes' acknowledgements",
                                  duration(positive=True))

@@ -57,6 +57,20 @@ def test_every_mistake_is_reported_with_its_file_and_line(tmp_path: Path, sectio
     assert any(p.startswith(f"{path}:{line}: ") and message in p for p in info.value.problems), info.value.problems
 
 
+@pytest.mark.parametrize(("namespace", "ok"), [("shop:l2", False), ("a:", False), ("shop", True),
+                                               ("shop.l2", True), ("shop_l2-x", True)])
+def test_a_namespace_with_a_colon_is_refused(tmp_path: Path, namespace: str, ok: bool) -> None:
+    # 'shop' and 'shop:l2' would name the same keys ('shop:l2:purges' is both).
+    path = write(tmp_path, f"cluster:\n  redis: redis://h:1\n  namespace: '{namespace}'\n")
+    if ok:
+        load_config(path)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p for p in info.value.problems if p.startswith(f"{path}:6: cluster.namespace: ")
+            and "no ':' in a namespace" in p], info.value.problems
+
+
 def test_cachegate_check_validates_the_section(tmp_path: Path) -> None:
     bad = write(tmp_path, "cluster:\n  redis: redis://h:1\n  heartbeat: -1\n")
     r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", bad], capture_output=True, text=True)
