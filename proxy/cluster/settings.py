@@ -20,6 +20,7 @@ KB = 1 << 10
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _NODE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_DB = re.compile(r"[0-9]{1,9}")
 
 
 def _redis_url(value: str) -> str:
@@ -31,6 +32,14 @@ def _redis_url(value: str) -> str:
     if not ok:
         raise Invalid(f"{redacted(value)!r} is not a Redis URL: use redis://HOST:PORT/DB, "
                       "rediss://HOST:PORT/DB (TLS) or unix:///path/to/redis.sock")
+    # The client reads the database from the path (or ?db=) and, for a path that is not a
+    # number, quietly uses database 0: another cluster's data, maybe.
+    db = url.query.get("db")
+    if db is None and url.scheme != "unix" and url.path not in ("", "/"):
+        db = url.path[1:]
+    if db is not None and not _DB.fullmatch(db):
+        raise Invalid(f"{redacted(value)!r}: the database {db!r} is not a number: use "
+                      "redis://HOST:PORT/DB with DB a number (0 unless you chose another)")
     return value
 
 
@@ -56,14 +65,14 @@ class ClusterSettings:
     """Cluster mode: nodes that share a Redis (or Valkey) purge, fill and coalesce as one cache
     (docs/cluster.md). Without this section a node runs alone and never imports a Redis client."""
 
-    redis: str = setting(doc="where Redis is: redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or "
-                             "unix:///path/to/redis.sock",
+    redis: str = setting(doc="where Redis is: redis://HOST:PORT/DB (DB a number), rediss://HOST:PORT/DB "
+                             "(TLS) or unix:///path/to/redis.sock",
                          parse=text(strict=True, check=_redis_url, kind="Redis URL"),
                          missing=" (e.g. redis://127.0.0.1:6379/0)")
     node: str = setting("", "this node's name in the cluster (empty: HOSTNAME:PORT of the first client "
                             "listener)", text(check=_node_name))
-    namespace: str = setting("cachegate", "prefix of every Redis key (letters, digits, . _ -; no ':'): several "
-                                          "clusters may share one Redis",
+    namespace: str = setting("cachegate", "prefix of every Redis key (letters, digits, . _ -; no ':'): "
+                                          "several clusters may share one Redis",
                              text(check=_namespace))
     ack_timeout: float = setting(2.0, "how long a purge waits for the other nodes' acknowledgements",
                                  duration(positive=True))

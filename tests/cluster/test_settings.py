@@ -57,6 +57,23 @@ def test_every_mistake_is_reported_with_its_file_and_line(tmp_path: Path, sectio
     assert any(p.startswith(f"{path}:{line}: ") and message in p for p in info.value.problems), info.value.problems
 
 
+@pytest.mark.parametrize(("url", "ok"), [
+    ("redis://h:1/abc", False), ("redis://h:1/0/1", False), ("redis://h:1/2?db=x", False),
+    ("unix:///run/redis.sock?db=one", False), ("redis://h:1/", True), ("redis://h:1", True),
+    ("redis://h:1/15", True), ("rediss://:pw@h:1/3", True), ("unix:///run/redis.sock?db=2", True),
+])
+def test_a_database_that_is_not_a_number_is_refused(tmp_path: Path, url: str, ok: bool) -> None:
+    # The client would quietly use database 0 for it.
+    path = write(tmp_path, f"cluster:\n  redis: '{url}'\n")
+    if ok:
+        load_config(path)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p for p in info.value.problems if p.startswith(f"{path}:5: cluster.redis: ")
+            and "is not a number" in p], info.value.problems
+
+
 @pytest.mark.parametrize(("namespace", "ok"), [("shop:l2", False), ("a:", False), ("shop", True),
                                                ("shop.l2", True), ("shop_l2-x", True)])
 def test_a_namespace_with_a_colon_is_refused(tmp_path: Path, namespace: str, ok: bool) -> None:
@@ -72,9 +89,10 @@ def test_a_namespace_with_a_colon_is_refused(tmp_path: Path, namespace: str, ok:
 
 
 def test_cachegate_check_validates_the_section(tmp_path: Path) -> None:
-    bad = write(tmp_path, "cluster:\n  redis: redis://h:1\n  heartbeat: -1\n")
+    bad = write(tmp_path, "cluster:\n  redis: redis://h:1/abc\n  heartbeat: -1\n")
     r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", bad], capture_output=True, text=True)
     assert r.returncode == 2 and f"{bad}:6: cluster.heartbeat" in r.stderr
+    assert f"{bad}:5: cluster.redis: 'redis://h:1/abc': the database 'abc' is not a number" in r.stderr
     good = write(tmp_path, "cluster: {redis: 'rediss://cache.internal:6380/0', node: n1, shared_cache: true}\n")
     r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", good], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
