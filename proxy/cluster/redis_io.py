@@ -53,7 +53,7 @@ class Names:
 
     @property
     def generation(self) -> str:
-        return f"{self.ns}:l2:gen"  # shared tier: purge-all bumps it (old keys become unreachable)
+        return f"{self.ns}:l2:gen"  # shared tier: purge-all replaces it (old keys become unreachable)
 
     @property
     def purges(self) -> str:

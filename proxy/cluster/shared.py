@@ -1,7 +1,10 @@
 """Redis as a shared L2 tier behind every node's memory and disk, and cluster-wide fill locks.
 
-Layout (``NS`` = ``cluster.namespace``, ``G`` = the generation, bumped by purge-all
-so that every older key becomes unreachable at once and expires by its TTL):
+Layout (``NS`` = ``cluster.namespace``, ``G`` = the generation in ``NS:l2:gen``, a random
+name that purge-all replaces so that every older key becomes unreachable at once and
+expires by its TTL; a missing ``NS:l2:gen`` (Redis evicted it, or lost its data) is a new
+random generation too, never a default one, or the generation a purge-all left behind
+could become current again):
 
 - ``NS:l2:G:m:KEY``: a hash, one field per variant (its Vary values) holding the
   body id, the names of the sets below the variant put KEY in, and the entry's
@@ -93,10 +96,22 @@ local function indexed(base, key)
   return kept
 end
 """
+# The current generation (KEYS[1] of every script): a new random one (``fresh``) when the key
+# is missing.
+GENERATION = """
+local function generation(key, fresh)
+  local g = redis.call('GET', key)
+  if not g then
+    g = fresh
+    redis.call('SET', key, g)
+  end
+  return g
+end
+"""
 # KEYS: gen, purges, fence. ARGV: l2 prefix, key, try lock (0/1), lock ms, lock only (0/1),
-# the purge counter's start if it is missing.
-LOOKUP = INDEXED + """
-local g = redis.call('GET', KEYS[1]) or '0'
+# the purge counter's start if it is missing, a new generation if there is none.
+LOOKUP = INDEXED + GENERATION + """
+local g = generation(KEYS[1], ARGV[7])
 local base = ARGV[1] .. ':' .. g .. ':'
 local out = {'found'}
 if ARGV[5] ~= '1' then
@@ -119,13 +134,14 @@ end
 return {'busy', redis.call('PTTL', lock)}
 """
 # KEYS: gen, purges. ARGV: l2 prefix, key, field, body id, record, body, ttl ms, token,
-# purges at lock time, the sets' names (u:..., h:..., t:...) as a JSON list.
-WRITE = INDEXED + """
+# purges at lock time, the sets' names (u:..., h:..., t:...) as a JSON list, a new generation
+# if there is none.
+WRITE = INDEXED + GENERATION + """
 if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[9] then return 0 end
 local lock = ARGV[1] .. ':lock:' .. ARGV[2]
 local holder = redis.call('GET', lock)
 if holder and holder ~= ARGV[8] then return -1 end
-local g = redis.call('GET', KEYS[1]) or '0'
+local g = generation(KEYS[1], ARGV[11])
 local base = ARGV[1] .. ':' .. g .. ':'
 local ttl = tonumber(ARGV[7])
 indexed(base, ARGV[2])  -- before KEY goes back into sets that lost it
@@ -150,12 +166,13 @@ redis.call('PUBLISH', ARGV[4], ARGV[2] .. '\\n' .. ARGV[5])
 return 1
 """
 # KEYS: gen, purges. ARGV: l2 prefix, all (0/1), a JSON document of keys, urls, tags,
-# prefixes ([host, prefix] pairs), the purge counter's start if it is missing.
-PURGE = """
+# prefixes ([host, prefix] pairs), the purge counter's start if it is missing, a new
+# generation (purge-all: the next one; else used if there is none).
+PURGE = GENERATION + """
 if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[4]) end
 redis.call('INCR', KEYS[2])
-if ARGV[2] == '1' then redis.call('INCR', KEYS[1]) return -1 end
-local g = redis.call('GET', KEYS[1]) or '0'
+if ARGV[2] == '1' then redis.call('SET', KEYS[1], ARGV[5]) return -1 end
+local g = generation(KEYS[1], ARGV[5])
 local base = ARGV[1] .. ':' .. g .. ':'
 local doc = cjson.decode(ARGV[3])
 local n = 0
@@ -200,6 +217,13 @@ def counter_start() -> int:
     return secrets.randbits(62) + 1
 
 
+def fresh_generation() -> str:
+    """A new generation's name (``NS:l2:gen``): random, so that it is never one whose keys
+    are still in Redis (a purge-all's predecessor, or the one before Redis lost the key).
+    Every script that finds no generation starts one with it; purge-all replaces it."""
+    return secrets.token_hex(8)
+
+
 class SharedTier:
     def __init__(self, settings: ClusterSettings) -> None:
         self.settings = settings
@@ -231,7 +255,8 @@ class SharedTier:
         try:
             answer: Any = await self._redis.eval(LOOKUP, 3, n.generation, n.purges, n.fence, n.l2, key,
                                                  "1" if lock_for > 0 else "0", int(lock_for * 1000),
-                                                 "1" if lock_only else "0", counter_start())
+                                                 "1" if lock_only else "0", counter_start(),
+                                                 fresh_generation())
         except REDIS_DOWN as exc:
             self._failed("lookup", key, exc)
             return None
@@ -324,7 +349,7 @@ class SharedTier:
             done: Any = await self._redis.eval(
                 WRITE, 2, n.generation, n.purges, n.l2, entry.key, field, entry.body_id,
                 encode_variants((entry,)), body, int((ttl + TTL_MARGIN) * 1000), lock.token, lock.purges,
-                sets)
+                sets, fresh_generation())
         except REDIS_DOWN as exc:
             self._failed("write", entry.key, exc)
             return False
@@ -354,7 +379,7 @@ class SharedTier:
                + [f"t:{t}" for t in spec.tags],
                "prefixes": [[origin_of(p), p] for p in spec.prefixes]}
         await self._redis.eval(PURGE, 2, n.generation, n.purges, n.l2, "1" if spec.all else "0",
-                               json.dumps(doc), counter_start())
+                               json.dumps(doc), counter_start(), fresh_generation())
 
     def _failed(self, what: str, key: str, exc: BaseException) -> None:
         self.counts["error"] += 1

@@ -46,6 +46,10 @@ async def fill(tier: SharedTier, key: str, body: bytes, tags: tuple[str, ...] = 
     await tier.release(key, lock, "stored")
 
 
+async def generation(tier: SharedTier) -> str:
+    return (await tier._redis.get(tier.names.generation)).decode()
+
+
 async def bodies(tier: SharedTier, key: str) -> set[bytes]:
     found = await tier.lookup(key, 0)
     return {body for _, body in found.variants} if isinstance(found, Found) else set()
@@ -65,7 +69,7 @@ async def test_a_purge_removes_an_entry_whose_index_set_redis_evicted(
         await fill(tier, OTHER, b"other")
         assert await bodies(tier, HOT) == {b"hot"}
         # Redis under maxmemory with volatile-lru evicts the set (it has a TTL), not the entry.
-        assert await tier._redis.delete(f"{ns}:l2:0:{evicted}") == 1
+        assert await tier._redis.delete(f"{ns}:l2:{await generation(tier)}:{evicted}") == 1
         await tier.purge(spec)
         assert await bodies(tier, HOT) == set()
         # What the evicted set did not index is still shared.
@@ -80,11 +84,32 @@ async def test_a_later_fill_does_not_bring_back_a_variant_whose_index_set_redis_
     tier = tier_on(shared_redis, ns)
     try:
         await fill(tier, HOT, b"en-old", vary=(("accept-language", "en"),))
-        assert await tier._redis.delete(f"{ns}:l2:0:u:{HOT}") == 1  # evicted
+        assert await tier._redis.delete(f"{ns}:l2:{await generation(tier)}:u:{HOT}") == 1  # evicted
         await tier.purge(PurgeSpec(urls=(HOT,)))
         # Another variant filled after the purge puts the key back into a new u: set.
         await fill(tier, HOT, b"de-new", vary=(("accept-language", "de"),))
         assert await bodies(tier, HOT) == {b"de-new"}
+    finally:
+        await tier.close()
+
+
+async def test_losing_the_generation_key_does_not_undo_a_purge_of_everything(shared_redis: RedisServer) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    try:
+        await fill(tier, HOT, b"first")
+        await tier.purge(PurgeSpec(all=True))
+        assert await bodies(tier, HOT) == set()
+        await fill(tier, OTHER, b"after")
+        after = await generation(tier)
+        # Redis evicts the generation key (allkeys-lru) while the entries of the generation
+        # before the purge are still there: the next generation is a new one, not an old one.
+        assert await tier._redis.delete(tier.names.generation) == 1
+        assert await bodies(tier, HOT) == set()
+        assert await generation(tier) != after
+        assert await bodies(tier, OTHER) == set()  # lost with it: a miss, filled again
+        await fill(tier, OTHER, b"again")
+        assert await bodies(tier, OTHER) == {b"again"}
     finally:
         await tier.close()
 
