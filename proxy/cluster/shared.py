@@ -63,6 +63,8 @@ from proxy.storage.entry import Entry, decode_variants, encode_variants
 
 log = logging.getLogger("cachegate.cluster.shared")
 
+# What parsing an answer that is not what our scripts return raises (garbage under our keys).
+UNREADABLE = (ValueError, TypeError, IndexError, AttributeError, KeyError)
 TTL_MARGIN = 5.0  # seconds a shared entry outlives what any node could serve from it
 TTL_MAX = 30 * 86400.0
 
@@ -260,6 +262,19 @@ class SharedTier:
         except REDIS_DOWN as exc:
             self._failed("lookup", key, exc)
             return None
+        try:
+            return self._lookup_answer(key, answer)
+        except UNREADABLE as exc:
+            # A value under our keys that we never write (the purge counter not a number, ...):
+            # a shared-tier failure like any other, and a lock the script took is let go at once
+            # (its waiters would otherwise wait for its expiry).
+            self._failed("lookup", key, ValueError(f"unreadable answer from Redis {answer!r:.120}: {exc}"))
+            with contextlib.suppress(*UNREADABLE):
+                if bytes(answer[0]) == b"locked":
+                    await self.release(key, Locked(int(answer[1]), 0), "failed")
+            return None
+
+    def _lookup_answer(self, key: str, answer: Any) -> Lookup:
         kind = answer[0].decode()
         if kind == "found":
             variants = []
@@ -271,14 +286,19 @@ class SharedTier:
                 self.counts["hit"] += 1
                 return Found(tuple(variants))
             return None
-        self.counts["miss"] += 1
+        result: Lookup
         if kind == "locked":
-            self.counts["locked"] += 1
-            return Locked(int(answer[1]), int(answer[2]))
-        if kind == "busy":
-            self.counts["contended"] += 1
-            return Contended(max(0, int(answer[1])) / 1000)
-        return None
+            result, event = Locked(int(answer[1]), int(answer[2])), "locked"
+        elif kind == "busy":
+            result, event = Contended(max(0, int(answer[1])) / 1000), "contended"
+        elif kind == "miss":
+            result, event = None, ""
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        self.counts["miss"] += 1
+        if event:
+            self.counts[event] += 1
+        return result
 
     async def wait_filled(self, key: str, wait: float) -> str | None:
         """Wait until another node releases the key's fill lock: its outcome ("stored",
@@ -353,7 +373,12 @@ class SharedTier:
         except REDIS_DOWN as exc:
             self._failed("write", entry.key, exc)
             return False
-        if int(done) == 1:
+        try:
+            written = int(done) == 1
+        except UNREADABLE as exc:
+            self._failed("write", entry.key, ValueError(f"unreadable answer from Redis {done!r:.120}: {exc}"))
+            return False
+        if written:
             self.counts["written"] += 1
             return True
         self.counts["write_voided"] += 1

@@ -114,6 +114,21 @@ async def test_losing_the_generation_key_does_not_undo_a_purge_of_everything(sha
         await tier.close()
 
 
+async def test_a_purge_counter_that_is_not_a_number_is_a_failure_and_the_lock_taken_is_let_go(
+        shared_redis: RedisServer) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    try:
+        await tier._redis.set(tier.names.purges, "garbage")
+        # The script takes the fill lock and answers the counter: unreadable, so a miss (the
+        # node goes to the origin), counted as an error, and the lock is not left to expire.
+        assert await tier.lookup(HOT, 5.0) is None
+        assert tier.counts["error"] == 1 and tier.counts["locked"] == 0
+        assert await tier._redis.exists(f"{ns}:l2:lock:{HOT}") == 0
+    finally:
+        await tier.close()
+
+
 async def test_a_fill_locked_before_redis_restarted_empty_is_not_written_after_a_purge_made_since(
         own_redis: RedisServer) -> None:
     a, c = tier_on(own_redis, "ns"), tier_on(own_redis, "ns")
