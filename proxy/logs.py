@@ -473,7 +473,8 @@ class RepeatedFailure:
         # failure -> [failures not logged yet, when last logged]; oldest first
         self._failing: dict[tuple[type[Exception], str], list[float]] = {}
 
-    def failed(self, exc: Exception) -> None:
+    def failed(self, exc: Exception, *, traceback: bool = True) -> None:
+        """``traceback``: false for a failure its message explains (not a bug)."""
         now = time.monotonic()
         # An OSError by its errno (its message names a file, a different one each time), and
         # where it was raised: another step failing the same way is another failure.
@@ -487,7 +488,10 @@ class RepeatedFailure:
             if len(self._failing) >= self.KEPT:
                 del self._failing[next(iter(self._failing))]
             self._failing[key] = [0, now]
-            self.log.error("%s failed; retrying", self.what, exc_info=exc)
+            if traceback:
+                self.log.error("%s failed; retrying", self.what, exc_info=exc)
+            else:
+                self.log.error("%s failed: %s; retrying", self.what, exc)
             return
         state[0] += 1
         if now - state[1] >= self.every:

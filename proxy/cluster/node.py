@@ -49,9 +49,10 @@ import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.cluster import ClusterUnavailable, stream
-from proxy.cluster.redis_io import REDIS_DOWN, Names, client
+from proxy.cluster.redis_io import REDIS_DOWN, Names, RedisDataError, client, stored_int
 from proxy.cluster.settings import ClusterSettings
 from proxy.cluster.stream import Flush, Resume, Saved, StreamEntry, Tip
+from proxy.logs import RepeatedFailure
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 
 log = logging.getLogger("cachegate.cluster")
@@ -79,7 +80,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[1]) e
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local id = '0-0'
 if last[1] then id = last[1][1] end
-return {redis.call('GET', KEYS[3]), tonumber(redis.call('GET', KEYS[2]) or '0'), id}
+return {redis.call('GET', KEYS[3]), redis.call('GET', KEYS[2]) or '0', id}
 """
 
 
@@ -127,6 +128,7 @@ class ClusterNode:
         self._caught_up_all_along = False  # applied everything seen when Redis went away
         self._tip_read = False  # this session has read the stream's tip (tip_seq)
         self._closing = False
+        self._failures = RepeatedFailure(log, "cluster: session")  # each second: once a minute
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -138,6 +140,9 @@ class ClusterNode:
         if self._first_error is not None:
             message = (f"cluster: cannot reach Redis at {self.settings.redacted_url}: "
                        f"{_describe(self._first_error)}")
+            if isinstance(self._first_error, RedisDataError):
+                message = (f"cluster: Redis at {self.settings.redacted_url} holds what this node "
+                           f"cannot read: {self._first_error}")
             if self.settings.required:
                 await self.close()
                 raise ClusterUnavailable(message + " (set cluster.required: false to start anyway "
@@ -185,14 +190,17 @@ class ClusterNode:
                               "back", self.reason)
                 if not self._first.is_set():
                     self._first_error = exc
-                    self._first.set()
-            except Exception as exc:  # a bug: keep the node serving, say so, and retry
-                log.exception("cluster: session failed")
-                self._set_state("disconnected", f"cluster session failed: {exc!r}")
+            except Exception as exc:  # keep the node serving, say so, and retry
+                # Garbage under our keys (RedisDataError) is said in words; anything else is a
+                # bug, with its traceback. Either once, then once a minute: it fails each second.
+                data = isinstance(exc, RedisDataError)
+                self._failures.failed(exc, traceback=not data)
+                self._set_state("disconnected", str(exc) if data else f"cluster session failed: {exc!r}")
                 if not self._first.is_set():
                     self._first_error = exc
-                    self._first.set()
             await self._disconnect()
+            if self._first_error is not None:
+                self._first.set()  # only now: start() may close this node at once
             self._own.clear()  # entries of ours not read yet are applied again: harmless
             for p in self._pending.values():
                 p.changed.set()
@@ -239,6 +247,8 @@ class ClusterNode:
     def _set_state(self, state: str, reason: str) -> None:
         if state != self.state:
             log.info("cluster: %s%s", state, f" ({reason})" if reason else "")
+        if state == "ready":
+            self._failures.succeeded()
         self.state, self.reason = state, reason
 
     @property
@@ -255,9 +265,9 @@ class ClusterNode:
         assert r is not None
         epoch, seq, last = await r.eval(TIP, 3, self.names.stream, self.names.seq, self.names.epoch,
                                         uuid.uuid4().hex)
-        self.tip_seq = int(seq)
+        self.tip_seq = stored_int(seq, self.names.seq)
         self._tip_read = True
-        return Tip(str(epoch), int(seq), str(last))
+        return Tip(str(epoch), self.tip_seq, str(last))
 
     async def _catch_up(self) -> None:
         r = self._redis
@@ -499,7 +509,7 @@ class ClusterNode:
             pipe.set(self.names.node(self.name), json.dumps(self.node_info()), px=ttl_ms)
             pipe.get(self.names.seq)
             *_, seq = await pipe.execute()
-        self.tip_seq = int(seq or 0)
+        self.tip_seq = stored_int(seq, self.names.seq)
 
     async def _heartbeats(self) -> None:
         while not self._closing:
@@ -520,11 +530,11 @@ class ClusterNode:
             try:
                 names = sorted(str(n) for n in await r.smembers(self.names.members))
                 beats = await r.mget([self.names.node(n) for n in names]) if names else []
-                self.tip_seq = int(await r.get(self.names.seq) or 0)
+                with contextlib.suppress(RedisDataError):  # the session says so (reason)
+                    self.tip_seq = stored_int(await r.get(self.names.seq), self.names.seq)
                 body["stream_seq"] = self.tip_seq
                 for n, b in zip(names, beats, strict=True):
-                    info = json.loads(b) if b else {"node": n, "state": "gone"}
-                    nodes[n] = info
+                    nodes[n] = _heartbeat_info(n, b)
             except REDIS_DOWN as exc:
                 body["connected"] = False
                 body["reason"] = f"Redis at {self.settings.redacted_url} is unreachable: {_describe(exc)}"
@@ -587,6 +597,21 @@ class ClusterNode:
         for reason, n in self.full_purges.items():
             c.add_metric([reason], n)
         yield c
+
+
+def _heartbeat_info(name: str, beat: str | bytes | None) -> dict[str, Any]:
+    """A node's heartbeat as ``GET /cluster`` shows it: ``gone`` without one, ``unreadable``
+    for a value no node writes (it is live all the same: purges wait for it)."""
+    if not beat:
+        return {"node": name, "state": "gone"}
+    try:
+        info = json.loads(beat)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        return {"node": name, "state": "unreadable",
+                "reason": f"its heartbeat key holds {beat[:40]!r}, which no node writes"}
+    return info
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ a failure means (a purge answers 503, a shared-tier lookup becomes a miss).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -70,6 +71,24 @@ class Names:
     @property
     def l2(self) -> str:
         return f"{self.ns}:l2"  # prefix of the shared tier's per-generation keys
+
+
+class RedisDataError(Exception):
+    """A key of ours holds what cachegate never writes there (another program wrote it, or
+    another cluster shares the namespace): reported in words, never as a crash."""
+
+
+def stored_int(value: Any, key: str) -> int:
+    """The integer stored under ``key`` (0 when it is missing); RedisDataError otherwise."""
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        shown = value.decode(errors="replace") if isinstance(value, bytes) else value
+        raise RedisDataError(f"{key} holds {str(shown)[:40]!r}, not a number: cachegate never writes "
+                             "that (another program, or another cluster in this namespace?); delete the "
+                             "key to start it over") from None
 
 
 def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) -> aioredis.Redis:

@@ -1,0 +1,79 @@
+"""Values under the cluster's keys that cachegate never writes there (another program, or another
+cluster in the namespace): said in words, throttled, never a crash (in-process nodes)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+
+from proxy.cluster import ClusterUnavailable
+from proxy.cluster.node import ClusterNode
+from proxy.cluster.redis_io import Names, client
+from proxy.cluster.settings import ClusterSettings
+from proxy.purge import PurgeSpec
+from tests.cluster.nodes import wait_until
+from tests.cluster.redis_server import RedisServer
+
+
+async def nothing(spec: PurgeSpec) -> int:
+    return 0
+
+
+async def answer(value: bool) -> bool:
+    return value
+
+
+def settings(redis: RedisServer, ns: str, **kw: object) -> ClusterSettings:
+    return ClusterSettings(redis=redis.url, node="a", namespace=ns, heartbeat=0.2, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_sequence_number_that_is_not_a_number_is_a_clear_error_logged_once(
+        shared_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    r = client(settings(shared_redis, ns), decode=True)
+    await r.set(Names(ns).seq, "garbage")
+    try:
+        node = ClusterNode(settings(shared_redis, ns), nothing, None)
+        with pytest.raises(ClusterUnavailable) as info:
+            await node.start()
+        assert f"{ns}:purges:seq holds 'garbage', not a number" in str(info.value)
+
+        caplog.clear()
+        caplog.set_level(logging.INFO, "cachegate.cluster")
+        node = ClusterNode(settings(shared_redis, ns, required=False), nothing, None)
+        await node.start()  # serves from its local cache, and retries
+        try:
+            await wait_until(lambda: answer(node.counts["reconnects"] >= 2))
+            assert node.state == "disconnected" and "not a number" in node.reason
+            errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+            assert len(errors) == 1 and errors[0].exc_info is None, errors
+            assert "purges:seq holds 'garbage', not a number" in errors[0].getMessage()
+            await r.delete(Names(ns).seq)  # fixed: the node is ready again, and says so
+            await wait_until(lambda: answer(node.state == "ready"))
+            assert any("works again" in rec.getMessage() for rec in caplog.records)
+        finally:
+            await node.close()
+    finally:
+        await r.aclose()
+
+
+async def test_a_heartbeat_that_is_not_a_nodes_is_shown_as_unreadable(shared_redis: RedisServer) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    node = ClusterNode(settings(shared_redis, ns), nothing, None)
+    await node.start()
+    r = client(settings(shared_redis, ns), decode=True)
+    try:
+        await r.sadd(Names(ns).members, "ghost", "list")
+        await r.set(Names(ns).node("ghost"), "not json", px=5000)
+        await r.set(Names(ns).node("list"), "[1, 2]", px=5000)
+        view = await node.view()
+        by_name = {n["node"]: n for n in view["nodes"]}
+        assert by_name["ghost"]["state"] == by_name["list"]["state"] == "unreadable"
+        assert by_name["ghost"]["live"] is True and by_name["ghost"]["lag"] is None
+        assert "'not json', which no node writes" in by_name["ghost"]["reason"]
+        assert by_name["a"]["state"] == "ready"
+    finally:
+        await r.aclose()
+        await node.close()
