@@ -82,6 +82,33 @@ local id = '0-0'
 if last[1] then id = last[1][1] end
 return {redis.call('GET', KEYS[3]), redis.call('GET', KEYS[2]) or '0', id}
 """
+# KEYS: members, this node's heartbeat, seq. ARGV: name, heartbeat, ttl ms, instance, take (0/1).
+# -> {1 if written, the heartbeat another instance left there ('' if none), its PTTL, seq}.
+# A value that is no node's heartbeat is overwritten; another instance's only with take.
+BEAT = """
+local old = redis.call('GET', KEYS[2])
+local other = ''
+if old then
+  local ok, beat = pcall(cjson.decode, old)
+  if ok and type(beat) == 'table' and beat.instance ~= ARGV[4] then other = old end
+end
+if other ~= '' and ARGV[5] ~= '1' then
+  return {0, other, redis.call('PTTL', KEYS[2]), redis.call('GET', KEYS[3]) or '0'}
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {1, other, 0, redis.call('GET', KEYS[3]) or '0'}
+"""
+# KEYS: this node's heartbeat. ARGV: instance. Deletes it only if it is this instance's.
+LEAVE = """
+local ok, beat = pcall(cjson.decode, redis.call('GET', KEYS[1]) or '')
+if ok and type(beat) == 'table' and beat.instance == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+class NameTaken(Exception):
+    """Another live process runs as this node (its heartbeat is renewed under our name)."""
 
 
 @dataclass
@@ -99,6 +126,7 @@ class ClusterNode:
                  local_entries: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self.name = settings.node
+        self.instance = uuid.uuid4().hex  # this process, in its heartbeat: twins are told apart
         self.names = Names(settings.namespace)
         self._local = local_purge
         self._shared_purge = shared_purge
@@ -129,6 +157,8 @@ class ClusterNode:
         self._tip_read = False  # this session has read the stream's tip (tip_seq)
         self._closing = False
         self._failures = RepeatedFailure(log, "cluster: session")  # each second: once a minute
+        self._named = False  # this instance's heartbeat was written (the name is ours)
+        self._twin_logged = False
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -137,6 +167,9 @@ class ClusterNode:
         cannot be reached and ``cluster.required`` is true (else keep trying in the background)."""
         self._task = asyncio.ensure_future(self._run())
         await self._first.wait()
+        if isinstance(self._first_error, NameTaken):
+            await self.close()
+            raise ClusterUnavailable(str(self._first_error))
         if self._first_error is not None:
             message = (f"cluster: cannot reach Redis at {self.settings.redacted_url}: "
                        f"{_describe(self._first_error)}")
@@ -153,8 +186,9 @@ class ClusterNode:
         """Leave the cluster at once (the heartbeat key goes: purges stop waiting for us)."""
         self._closing = True
         if self._redis is not None and self.connected:
-            with contextlib.suppress(*REDIS_DOWN):
-                await asyncio.wait_for(self._redis.delete(self.names.node(self.name)), self.settings.timeout)
+            with contextlib.suppress(*REDIS_DOWN):  # not a twin's heartbeat: only our own
+                await asyncio.wait_for(self._redis.eval(LEAVE, 1, self.names.node(self.name), self.instance),
+                                       self.settings.timeout)
         self.state = "stopped"
         if self._task is not None:
             self._task.cancel()
@@ -178,6 +212,12 @@ class ClusterNode:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except NameTaken as exc:  # at start only: the node does not start
+                self._first_error = exc
+                self._set_state("stopped", str(exc))
+                await self._disconnect()
+                self._first.set()
+                return
             except REDIS_DOWN as exc:
                 was_ready = self.state == "ready"
                 self._caught_up_all_along = stream.caught_up_when_lost(
@@ -498,18 +538,41 @@ class ClusterNode:
         return {"node": self.name, "state": self.state, "reason": self.reason,
                 "applied_seq": saved.seq if saved else 0, "applied_id": saved.id if saved else None,
                 "epoch": saved.epoch if saved else None, "started": self.started, "pid": os.getpid(),
-                "seen": time.time(), **self._info()}
+                "instance": self.instance, "seen": time.time(), **self._info()}
 
     async def _heartbeat(self) -> None:
+        """Say this node is alive. Before it serves, the name must be free: another instance's
+        heartbeat that is renewed means another process runs as this node (NameTaken); one
+        that expires unrenewed was a process that died (a restart within its TTL waits for it).
+        Once the node serves, another instance's heartbeat is logged (once) and overwritten."""
         r = self._redis
         assert r is not None
         ttl_ms = int(max(3 * self.settings.heartbeat, 2.0) * 1000)
-        async with r.pipeline(transaction=False) as pipe:
-            pipe.sadd(self.names.members, self.name)
-            pipe.set(self.names.node(self.name), json.dumps(self.node_info()), px=ttl_ms)
-            pipe.get(self.names.seq)
-            *_, seq = await pipe.execute()
-        self.tip_seq = stored_int(seq, self.names.seq)
+        take = self._named or self._first.is_set()
+        first: str | None = None
+        deadline = 0.0
+        while True:
+            written, other, pttl, seq = await r.eval(
+                BEAT, 3, self.names.members, self.names.node(self.name), self.names.seq, self.name,
+                json.dumps(self.node_info()), ttl_ms, self.instance, "1" if take else "0")
+            self.tip_seq = stored_int(seq, self.names.seq)
+            if int(written):
+                break
+            now = time.monotonic()
+            if first is None:
+                first, deadline = other, now + (int(pttl) if int(pttl) > 0 else ttl_ms) / 1000 + 0.1
+            elif other != first or now >= deadline:
+                raise NameTaken(f"cluster: another process runs as node {self.name!r} in Redis at "
+                                f"{self.settings.redacted_url} ({_who(other)}; its heartbeat is alive): "
+                                "every node needs a name of its own (cluster.node); stop that process "
+                                "or give this node another name")
+            await asyncio.sleep(min(0.1, self.settings.heartbeat / 2))
+        self._named = True
+        if other and not self._twin_logged:
+            self._twin_logged = True
+            log.error("cluster: another process also runs as node %r (%s): both go on, but purges may "
+                      "count one's acknowledgement as the other's; give each node its own cluster.node",
+                      self.name, _who(other))
 
     async def _heartbeats(self) -> None:
         while not self._closing:
@@ -612,6 +675,15 @@ def _heartbeat_info(name: str, beat: str | bytes | None) -> dict[str, Any]:
         return {"node": name, "state": "unreadable",
                 "reason": f"its heartbeat key holds {beat[:40]!r}, which no node writes"}
     return info
+
+
+def _who(beat: str) -> str:
+    """Which process a heartbeat is, for messages."""
+    try:
+        info = json.loads(beat)
+        return f"pid {info.get('pid')}, listening on {info.get('listen', '?')}"
+    except (ValueError, AttributeError):
+        return "unknown process"
 
 
 def _describe(exc: BaseException) -> str:
