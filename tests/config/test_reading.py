@@ -261,7 +261,7 @@ PROBLEMS: list[tuple[str, list[str]]] = [
     ("cluster: {redis: 'redis://h:1', node: 'a b'}",
      ["2: cluster.node: 'a b': use letters, digits and . _ - : @ (at most 200)"]),
     ("cluster: {redis: 'redis://h:1', namespace: 'a b'}",
-     ["2: cluster.namespace: 'a b': use letters, digits and . _ - : (at most 64)"]),
+     ["2: cluster.namespace: 'a b': use letters, digits and . _ - (at most 64)"]),
     ("cluster: {redis: 'redis://h:1', timeout: 0, heartbeat: 0}",
      ["2: cluster.heartbeat: must be more than 0", "2: cluster.timeout: must be more than 0"]),
     ("cluster: {redis: 'redis://h:1', stream_max: 5}", ["2: cluster.stream_max: must be at least 100, got 5"]),
