@@ -62,9 +62,9 @@ from proxy.errors import (
 from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status, forwarded_ttl
 from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
-from proxy.policy.headers import dated, end_to_end
+from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
-from proxy.policy.messages import RequestHead, StoredResponse
+from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
 from proxy.policy.reuse import Serve, decide_lookup, select_variant
 from proxy.policy.validation import (
     Freshen,
@@ -561,9 +561,19 @@ class MissPath:
         request_time = engine.clock()
 
         def interim(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
+            # The client whose request went upstream gets the interim as the origin sent it;
+            # the clients coalesced on its fetch only what of it is not that request's own.
             kept = end_to_end(fields)
+            own = attempt.req.interim
+            shared: HeaderList | None = None
             for sink in list(flight.interim):
-                sink(status, reason, kept)
+                if sink is own:
+                    sink(status, reason, kept)
+                    continue
+                if shared is None:
+                    shared = shared_interim(status, kept)
+                if shared:
+                    sink(status, reason, shared)
 
         epoch = engine.storage.epoch
         try:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
-from tests.security.misbehaving import Conn, raw_origins
+from tests.security.misbehaving import Conn, flight_with, raw_origins
 
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n"
 PROCESSING = b"HTTP/1.1 102 Processing\r\n\r\n"
@@ -198,6 +198,44 @@ async def test_an_origin_sending_interims_without_end_gets_a_502_after_16(make_p
                 writer.close()
             assert len(heads) == interims + 1
             assert all(h.startswith(b"HTTP/1.1 103") for h in heads[:-1])
+
+
+async def test_clients_coalesced_on_a_fetch_get_only_the_link_fields_of_its_103(
+        origin: Origin, proxy: Proxy) -> None:
+    # A 103's fields were sent for the request that went upstream: its Set-Cookie (a session
+    # made for that client) must not reach the other clients waiting for the same fetch.
+    go = asyncio.Event()
+
+    async def page(request: web.Request) -> web.Response:
+        await go.wait()  # once the followers have joined the flight
+        await request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+                                   b"Set-Cookie: session=LEADERS-SECRET\r\n\r\n")
+        await request.writer.write(b"HTTP/1.1 102 Processing\r\nX-Step: 1\r\n\r\n")
+        request.writer.output_size = 0
+        await asyncio.sleep(0.05)
+        return web.Response(text="page", headers={"Cache-Control": "max-age=60"})
+
+    origin.route("/page", page)
+    exchanges = []
+    for who in (b"alice", b"bob", b"carol"):
+        exchanges.append(await open_exchange(
+            proxy, b"GET /page HTTP/1.1\r\nHost: site.example\r\nCookie: user=%s\r\n\r\n" % who))
+        if who == b"alice":
+            await flight_with(proxy, 0)
+    await flight_with(proxy, 2)
+    go.set()
+    try:
+        leader, *followers = [await read_heads(reader, b"HTTP/1.1 200") for reader, _ in exchanges]
+    finally:
+        for _, writer in exchanges:
+            writer.close()
+    assert origin.count("/page") == 1
+    assert [h.split(b" ", 2)[1] for h in leader] == [b"103", b"102", b"200"]
+    assert field(leader[0], b"Set-Cookie") == b"session=LEADERS-SECRET"
+    for heads in followers:  # the 103's Link only; a 1xx with no Link field not at all
+        assert [h.split(b" ", 2)[1] for h in heads] == [b"103", b"200"]
+        assert field(heads[0], b"Link") == b"</a.css>; rel=preload"
+        assert field(heads[0], b"Set-Cookie") is None and b"SECRET" not in b"".join(heads)
 
 
 class _Transport:

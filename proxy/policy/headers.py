@@ -43,6 +43,22 @@ def end_to_end(headers: Headers) -> HeaderList:
     return tuple([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
+def shared_interim(status: int, fields: HeaderList) -> HeaderList:
+    """The fields of an interim response that may go to the clients coalesced on a fetch made
+    for another client's request: a 103's ``Link`` fields, nothing else (a ``Set-Cookie`` or any
+    other field of it was sent for that request alone); empty when none may go (another 1xx, or
+    a 103 without ``Link``), and the interim is then not sent to them at all.
+
+    >>> shared_interim(103, (("Link", "</a.css>; rel=preload"), ("Set-Cookie", "s=1")))
+    (('Link', '</a.css>; rel=preload'),)
+    >>> shared_interim(103, (("Set-Cookie", "s=1"),)), shared_interim(100, (("Link", "</a>"),))
+    ((), ())
+    """
+    if status != 103:
+        return ()
+    return tuple([(k, v) for k, v in fields if k.lower() == "link"])
+
+
 def dated(fields: HeaderList, response_time: float) -> HeaderList:
     """``fields`` of a response received at ``response_time``, with a Date: the origin's, else
     that time. RFC 9110 §6.6.1: a recipient with a clock "MUST record the time it was received
