@@ -87,7 +87,7 @@ from proxy.policy.reuse import (
 from proxy.policy.validation import (
     conditional_headers,
 )
-from proxy.replies import Body, ClientRequest, Reply, close_body, error_reply, relay
+from proxy.replies import Body, ClientRequest, Reply, close_body, error_reply, relay, upstream_detail
 from proxy.rules import HeaderEdits, RequestPlan, RuleSet, StorePlan
 from proxy.storage.arena import Arena
 from proxy.storage.bodyfiles import SharedFile
@@ -661,7 +661,7 @@ class Engine:
         status = exc.status_hint
         reason = {502: "Bad Gateway", 503: "Service Unavailable",
                   504: "Gateway Timeout"}.get(status, "Bad Gateway")
-        detail = {504: "UPSTREAM-TIMEOUT", 503: "NO-UPSTREAM"}.get(status, "UPSTREAM-UNREACHABLE")
+        detail = upstream_detail(exc)
         log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
         return self.finish(plan, error_reply(status, reason, f"{status} {reason}: {exc.public_text()}",
                                                x_cache, cache_status(fwd=fwd, detail=detail)))

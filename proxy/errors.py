@@ -30,6 +30,8 @@ class ConfigError(CachegateError):
 class UpstreamError(CachegateError):
     status_hint = 502
     public = "the origin server failed to answer"
+    # The Cache-Status ``detail`` of the error reply a client gets for it (docs/admin-api.md).
+    cache_detail = "UPSTREAM-UNREACHABLE"
 
     def __init__(self, message: str = "", *, detail: str | None = None) -> None:
         super().__init__(message)
@@ -49,12 +51,14 @@ class UpstreamConnectError(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status_hint = 504
     public = "the origin server did not answer in time"
+    cache_detail = "UPSTREAM-TIMEOUT"
 
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream answered something that is not valid HTTP/1.1."""
 
     public = "the origin server sent an invalid response"
+    cache_detail = "UPSTREAM-INVALID"
 
 
 class NoUpstreamAvailable(UpstreamError):
@@ -62,6 +66,7 @@ class NoUpstreamAvailable(UpstreamError):
 
     status_hint = 503
     public = "no origin server is available"
+    cache_detail = "NO-UPSTREAM"
 
 
 class ResponseAborted(CachegateError):

@@ -12,7 +12,8 @@ from typing import IO
 
 from multidict import CIMultiDictProxy
 
-from proxy.http_client import InterimHook
+from proxy.errors import UpstreamError
+from proxy.http_client import InterimHook, UpstreamBodyError
 from proxy.policy.headers import end_to_end
 from proxy.policy.messages import HeaderList, RequestHead
 from proxy.rules import RequestPlan, RuleSet
@@ -66,6 +67,17 @@ def error_reply(status: int, reason: str, text: str, x_cache: str, cs: str) -> R
     return Reply(status, reason, [("Content-Type", "text/plain; charset=utf-8"),
                                   ("Cache-Status", cs), ("X-Cache-Status", x_cache)],
                  body, len(body), x_cache, "none")
+
+
+def upstream_detail(exc: UpstreamError) -> str:
+    """The Cache-Status ``detail`` of the error reply for an upstream failure (docs/admin-api.md):
+    UPSTREAM-UNREACHABLE (refused, reset before any response byte), UPSTREAM-TIMEOUT,
+    NO-UPSTREAM, UPSTREAM-INVALID (a response that is not valid HTTP/1.1: its head, its framing,
+    too many 1xx), or UPSTREAM-BROKE-OFF (the response's body broke off: an invalid response's
+    body too, told apart from an invalid head)."""
+    if isinstance(exc, UpstreamBodyError):
+        return "UPSTREAM-BROKE-OFF"
+    return exc.cache_detail
 
 
 def relay(sink: InterimSink | None) -> InterimHook | None:

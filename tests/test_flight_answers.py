@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.policy.httpdate import format_http_date
 from tests.conftest import MakeProxy, clocked
 from tests.harness import Clock, Origin
+from tests.security.misbehaving import Conn, raw_origins
 from tests.test_coalescing import herd
 
 CHUNK = 64 * 1024
@@ -233,3 +234,15 @@ async def test_a_fill_sent_before_an_invalidation_and_answered_after_it_is_not_s
     after = await proxy.get("/item")
     assert (after.body, after.x_cache) == (b"item v1", "MISS"), (after.body, after.x_cache)
     assert (await proxy.get("/other")).x_cache == "HIT"  # what the invalidation did not cover was stored
+
+
+async def test_an_invalid_response_is_a_502_that_says_so(make_proxy: MakeProxy) -> None:
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\nContent-Length: 2\r\n\r\nhi")
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        reply = await proxy.get("/p")
+        assert (reply.status, reply.cache_status) == (502, "cachegate; fwd=uri-miss; detail=UPSTREAM-INVALID")

@@ -29,7 +29,7 @@ from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import HeaderList, RequestHead
 from proxy.policy.request import Message, Refusal
-from proxy.replies import Planned
+from proxy.replies import Planned, upstream_detail
 from proxy.runtime import Runtime
 from proxy.storage.bodyfiles import BodyCutShort, BodyFile
 from proxy.web.admin import purge_method
@@ -303,7 +303,8 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
         fe.requests("ERROR", request.method).inc()
-        return _plain(exc.status_hint, exc.public_text(), "MISS", fe, info, request), 0
+        return _plain(exc.status_hint, exc.public_text(), "MISS", fe, info, request,
+                      upstream_detail(exc) if isinstance(exc, UpstreamError) else "PROXY-ERROR"), 0
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -316,8 +317,8 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
 
 
 def _plain(status: int, text: str, x_cache: str, fe: FrontEnd, info: RequestInfo,
-           request: web.BaseRequest) -> ReplyResponse:
-    cs = cache_status(detail="PROXY-ERROR")
+           request: web.BaseRequest, detail: str = "PROXY-ERROR") -> ReplyResponse:
+    cs = cache_status(detail=detail)
     headers = CIMultiDict({"Cache-Status": cs, "X-Cache-Status": x_cache})
     fe.own_fields(headers, None, info.request_id)
     headers["Content-Type"] = "text/plain; charset=utf-8"
