@@ -758,16 +758,7 @@ class MissPath:
             return await self.fetch(attempt.alone())
         except UpstreamError as exc:
             reader.close()
-            if stale is not None:
-                return await self._serve_stale(attempt, stale, None, "ORIGIN-UNREACHABLE")
-            if attempt.stale_prohibited:
-                # RFC 9111 §5.2.2.2: a stored response that may not be served stale
-                # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
-                log.warning("upstream failed, stale response not allowed: %s", exc)
-                return engine.finish(plan, error_reply(
-                    504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", "MISS",
-                    cache_status(fwd=fwd, detail="STALE-NOT-ALLOWED")))
-            return engine.upstream_failed(plan, exc, fwd)
+            return await self._origin_failed(attempt, exc)
         except ConnectionError as exc:
             reader.close()
             if collapsed:
@@ -825,11 +816,9 @@ class MissPath:
                 try:
                     body = await flight.body.whole()
                 except UpstreamError as exc:
-                    if collapsed:
-                        raise
-                    # The leader's client sees the response break off, as when it is streamed.
-                    return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, _broken(exc),
-                                                      length, x_cache, "upstream"))
+                    # Nothing of the response has gone to this client (its head goes out with
+                    # the whole body): answered as when the origin fails before its head.
+                    return await self._origin_failed(attempt, exc)
                 finally:
                     reader.close()
                 return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
@@ -840,6 +829,23 @@ class MissPath:
                                                   x_cache, "upstream"))
             case _:
                 assert_never(step.body)
+
+    async def _origin_failed(self, attempt: Attempt, exc: UpstreamError) -> Reply:
+        """A client of a flight whose fetch failed before anything of its response was sent to
+        this client (no head, or a head whose body broke off before it was sent whole): the
+        stale response (stale-if-error), a 504 when the stored one may not be served stale, or
+        the error."""
+        engine, plan, fwd = self.engine, attempt.plan, attempt.fwd
+        if attempt.stale is not None:
+            return await self._serve_stale(attempt, attempt.stale, None, "ORIGIN-UNREACHABLE")
+        if attempt.stale_prohibited:
+            # RFC 9111 §5.2.2.2: a stored response that may not be served stale
+            # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
+            log.warning("upstream failed, stale response not allowed: %s", exc)
+            return engine.finish(plan, error_reply(
+                504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", "MISS",
+                cache_status(fwd=fwd, detail="STALE-NOT-ALLOWED")))
+        return engine.upstream_failed(plan, exc, fwd)
 
     async def _flight_body(self, flight: Flight, key: str, reader: Reader) -> AsyncIterator[bytes]:
         """A flight's body for one client, as it arrives; a reader detached from a fill it fell
@@ -1152,9 +1158,3 @@ class _Once:
             raise StopAsyncIteration
         self._chunk = None
         return chunk
-
-
-async def _broken(exc: BaseException) -> AsyncIterator[bytes]:
-    """A body that fails at once (the web layer then aborts the client's connection)."""
-    raise exc
-    yield b""  # pragma: no cover  (makes this an async generator)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiohttp import web
 
 from proxy.policy.httpdate import format_http_date
 from tests.conftest import MakeProxy, clocked
-from tests.harness import Clock, Origin
-from tests.security.misbehaving import Conn, raw_origins
+from tests.harness import Clock, Origin, Proxy, Reply
+from tests.security.misbehaving import Conn, Serve, flight_with, raw_origins, response
 from tests.test_coalescing import herd
 
 CHUNK = 64 * 1024
@@ -234,6 +235,75 @@ async def test_a_fill_sent_before_an_invalidation_and_answered_after_it_is_not_s
     after = await proxy.get("/item")
     assert (after.body, after.x_cache) == (b"item v1", "MISS"), (after.body, after.x_cache)
     assert (await proxy.get("/other")).x_cache == "HIT"  # what the invalidation did not cover was stored
+
+
+STALE_IF_ERROR = {"Cache-Control": "max-age=1, stale-if-error=60"}
+NEW_BODY = b"new" * 1000  # small: each client is sent it whole, its head with it
+
+
+def broken_refetch(broken: str, go: asyncio.Event, first: bytes | None = None) -> Serve:
+    """An origin whose first answer (when ``first``) is whole, and every later one a head and part
+    of its body, once ``go`` is set: then the connection closes ("short") or falls silent ("stall")."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            await conn.request()
+            if first is not None and len(conn.origin.requests) == 1:
+                await conn.send(response("200 OK", {**STALE_IF_ERROR, "ETag": '"v1"'}, first))
+                continue
+            await go.wait()
+            await conn.send(response("200 OK", {**STALE_IF_ERROR, "ETag": '"v2"'}, NEW_BODY)[:-500])
+            if broken == "stall":
+                await asyncio.sleep(5)
+            return
+
+    return serve
+
+
+async def three_clients(proxy: Proxy, go: asyncio.Event) -> list[Reply]:
+    """A leader and two followers of one flight, answered once ``go`` lets its origin answer."""
+    clients = [asyncio.ensure_future(proxy.get("/p")) for _ in range(3)]
+    await flight_with(proxy, 2)
+    go.set()
+    replies = await asyncio.gather(*clients, return_exceptions=True)
+    assert all(isinstance(r, Reply) for r in replies), replies  # none broken off: nothing was sent
+    return [r for r in replies if isinstance(r, Reply)]
+
+
+@pytest.mark.parametrize("broken", ["short", "stall"])
+async def test_a_refetch_whose_small_body_breaks_off_serves_every_client_the_stale_response(
+        make_proxy: MakeProxy, clock: Clock, broken: str) -> None:
+    # Nothing of the new response had gone out (a small body is sent whole, its head with it):
+    # stale-if-error holds as when the origin fails before its head, for leader and followers.
+    go = asyncio.Event()
+    async with raw_origins() as start:
+        origin = await start(broken_refetch(broken, go, first=b"old"))
+        proxy = await make_proxy(config="upstream: {timeouts: {read: 300ms}, retries: 0}\n",
+                                 upstreams=[origin.url])
+        proxy.runtime.engine.clock = clock
+        assert (await proxy.get("/p")).body == b"old"
+        clock.advance(2)  # stale, within its stale-if-error
+        replies = await three_clients(proxy, go)
+        assert [(r.status, r.x_cache, r.body, r.headers["ETag"]) for r in replies] == \
+            [(200, "STALE", b"old", '"v1"')] * 3
+        assert all("detail=ORIGIN-UNREACHABLE" in r.cache_status for r in replies)
+        assert len(origin.requests) == 2
+        again = await proxy.get("/p")  # the stored response is still the one stored
+        assert (again.x_cache, again.body) == ("STALE", b"old")
+
+
+@pytest.mark.parametrize(("broken", "status", "detail"), [
+    ("short", 502, "UPSTREAM-BROKE-OFF"), ("stall", 504, "UPSTREAM-TIMEOUT")])
+async def test_a_fill_whose_small_body_breaks_off_is_the_same_gateway_error_for_every_client(
+        make_proxy: MakeProxy, broken: str, status: int, detail: str) -> None:
+    go = asyncio.Event()
+    async with raw_origins() as start:
+        origin = await start(broken_refetch(broken, go))
+        proxy = await make_proxy(config="upstream: {timeouts: {read: 300ms}, retries: 0}\n",
+                                 upstreams=[origin.url])
+        replies = await three_clients(proxy, go)
+        assert [(r.status, r.x_cache) for r in replies] == [(status, "MISS")] * 3
+        assert {r.cache_status for r in replies} == {f"cachegate; fwd=uri-miss; detail={detail}"}
+        assert len(origin.requests) == 1
 
 
 async def test_an_invalid_response_is_a_502_that_says_so(make_proxy: MakeProxy) -> None:
