@@ -506,6 +506,10 @@ class Engine:
             # The origin serves ranges: the whole object follows in the background.
             self.miss.start(Attempt(req, plan, key, fwd), register=True, background=True)
         detail, entry = self._part_decision(head, plan, key, resp, request_time, response_time)
+        if entry is not None and resp.content_length not in (None, held.length):
+            # Its length disagrees with its Content-Range: relayed as framed, never stored
+            # (``_store_part``), and known now, before the head says "stored".
+            detail, entry = "LENGTH-MISMATCH", None
         if detail:
             self.metrics.not_stored.labels(detail).inc()
         cs = cache_status(fwd=fwd, fwd_status=206, stored=entry is not None, detail=detail or None)

@@ -688,7 +688,8 @@ class MissPath:
             raise
         final = storage.finalize(entry, spool) if spool is not None and entry is not None else None
         if final is None or spool is None:
-            self._end(run, Passed(store_detail or abandoned or "INCOMPLETE"))
+            doomed = spool is not None and spool.doomed  # a purge or an invalidation covered it
+            self._end(run, Passed(store_detail or abandoned or ("PURGED" if doomed else "INCOMPLETE")))
             return
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
@@ -821,6 +822,11 @@ class MissPath:
                     return await self._origin_failed(attempt, exc)
                 finally:
                     reader.close()
+                if fhead.store_detail == "" and (detail := _not_stored(flight)):
+                    # The head said it was being stored; the body ended and it was not (its
+                    # Content-Range said more, a purge came): the Cache-Status says so.
+                    cs = cache_status(fwd=fwd, fwd_status=fhead.status, collapsed=collapsed, detail=detail)
+                    headers = [(k, cs if k == "Cache-Status" else v) for k, v in headers]
                 return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
                                                   x_cache, "upstream"))
             case "stream":
@@ -1158,3 +1164,14 @@ class _Once:
             raise StopAsyncIteration
         self._chunk = None
         return chunk
+
+
+def _not_stored(flight: Flight) -> str:
+    """Why a flight whose head said its response was being stored did not store it, once its
+    body has ended ("" when it stored it, or is storing it still: its body is in memory and its
+    disk copy follows)."""
+    result = flight.result
+    if not result.done() or result.cancelled():
+        return ""
+    ended = result.result()
+    return "" if ended.entry is not None else ended.detail or "INCOMPLETE"

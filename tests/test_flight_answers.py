@@ -230,7 +230,10 @@ async def test_a_fill_sent_before_an_invalidation_and_answered_after_it_is_not_s
     other = asyncio.ensure_future(proxy.get("/other"))  # another key's fill, in flight alike
     await asyncio.sleep(0.2)
     assert (await proxy.request("POST", "/item", data=b"x")).status == 204
-    assert (await get).body == b"item v0"  # its own answer: sent before the update
+    answered = await get
+    assert answered.body == b"item v0"  # its own answer: sent before the update
+    # (sent whole, after its body: its Cache-Status says it was not stored, and why)
+    assert answered.cache_status == "cachegate; fwd=uri-miss; fwd-status=200; detail=PURGED"
     assert (await other).body == b"o"
     after = await proxy.get("/item")
     assert (after.body, after.x_cache) == (b"item v1", "MISS"), (after.body, after.x_cache)
