@@ -76,7 +76,7 @@ from proxy.policy.validation import (
     decide_on_validation,
     origin_error,
 )
-from proxy.replies import ClientRequest, Reply, error_reply, relay
+from proxy.replies import ClientRequest, Reply, error_reply, relay, upstream_detail
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool
@@ -369,11 +369,14 @@ class MissPath:
         run.lease = None
         key = run.attempt.key
         match outcome:
-            case Unreachable(error=error):  # they answer as this worker's followers do
-                leases.release(key, lease, "error", error.status_hint, str(error))
+            case Unreachable(error=error) | BrokeOff(error=error):
+                # They answer as this worker's followers do: stale-if-error or the error (a body
+                # that broke off is no answer either; fetched again, it would cost them the
+                # wait a second time, and the origin the request).
+                leases.release(key, lease, "error", error.status_hint, str(error), upstream_detail(error))
             case Filled(on_disk=True) | Freshened() | Adopted() | StoredElsewhere():
                 leases.release(key, lease, "stored")  # they answer from the store
-            case Filled() | Passed() | BrokeOff() | Abandoned() | Skipped() | Aborted():
+            case Filled() | Passed() | Abandoned() | Skipped() | Aborted():
                 leases.release(key, lease, "failed")  # they fetch for themselves
             case _:
                 assert_never(outcome)
@@ -418,7 +421,8 @@ class MissPath:
                             if await self._answer_from_store(run):
                                 return
                         case "error":  # what the holder's own followers get: stale-if-error or the error
-                            self._end(run, Unreachable(_upstream_error(told["status"], told["message"])))
+                            self._end(run, Unreachable(_upstream_error(told["status"], told["message"],
+                                                                       told.get("detail", ""))))
                             return
                         case "gone" if loop.time() < deadline:
                             continue  # the holder died: one of the waiters takes the lease on
@@ -1139,10 +1143,16 @@ def _stored_head(stored: StoredResponse, body_size: int) -> FlightHead:
                       STORED_ELSEWHERE, body_size, stored.vary)
 
 
-def _upstream_error(status: int, message: str) -> UpstreamError:
-    """The error another worker's fetch of the same key met, as this worker's own."""
-    cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(status, UpstreamConnectError)
-    return cls(f"{message} (fetched by another worker)")
+def _upstream_error(status: int, message: str, detail: str = "") -> UpstreamError:
+    """The error another worker's fetch of the same key met, as this worker's own (its
+    Cache-Status ``detail`` too: an invalid response is not an unreachable origin)."""
+    invalid = detail in ("UPSTREAM-INVALID", "UPSTREAM-BROKE-OFF")  # (what its client is told)
+    cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(
+        status, UpstreamProtocolError if invalid else UpstreamConnectError)
+    error = cls(f"{message} (fetched by another worker)")
+    if detail:
+        error.cache_detail = detail
+    return error
 
 
 class _Once:

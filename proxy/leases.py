@@ -197,8 +197,10 @@ class LeaseTable:
             return self._tell(waiters, {"key": key, "token": token,
                                         "outcome": "pass" if pass_ else "unshareable"})
 
-    def release(self, key: str, token: int, outcome: str, status: int = 0, message: str = "") -> Told:
-        """The holder's fetch is over: the lease ends, and its waiters hear how it went."""
+    def release(self, key: str, token: int, outcome: str, status: int = 0, message: str = "",
+                detail: str = "") -> Told:
+        """The holder's fetch is over: the lease ends, and its waiters hear how it went (an error:
+        its status, message and Cache-Status ``detail``)."""
         fp = self._arena.fingerprint(key)
         with self._arena.lease_locked():
             found = self._find(fp)
@@ -207,8 +209,10 @@ class LeaseTable:
             at, (_, _, _, waiters, _, _) = found
             self._count(outcome if outcome in EVENTS else "failed")
             self._clear(at)
-        return self._tell(waiters, {"key": key, "token": token, "outcome": outcome, "status": status,
-                                    "message": message})
+        event = {"key": key, "token": token, "outcome": outcome, "status": status, "message": message}
+        if detail:
+            event["detail"] = detail
+        return self._tell(waiters, event)
 
     def worker_gone(self, worker: int) -> Told:
         """A worker died (the supervisor saw it): its leases end (their waiters are told), and it
@@ -349,8 +353,9 @@ class LeaseClient:
     def head(self, key: str, lease: Granted, shareable: bool, pass_: bool) -> None:
         self._tell(self._table.head(key, lease.token, shareable, pass_))
 
-    def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "") -> None:
-        self._tell(self._table.release(key, lease.token, outcome, status, message))
+    def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "",
+                detail: str = "") -> None:
+        self._tell(self._table.release(key, lease.token, outcome, status, message, detail))
 
     def _tell(self, told: Told) -> None:
         """Have the supervisor tell the waiters (only when there are some: a message each time)."""
@@ -366,7 +371,7 @@ class LeaseClient:
         task.add_done_callback(self._tasks.discard)
 
     async def _event(self, token: int, outcome: str, status: int = 0, message: str = "",
-                     key: str = "") -> None:
+                     key: str = "", detail: str = "") -> None:
         found = self._by_token.pop(token, None)
         if found is None:
             return  # a wait that already gave up
@@ -374,4 +379,5 @@ class LeaseClient:
         if self._waits.get(key) is waiting:
             del self._waits[key]
         if not waiting.outcome.done():
-            waiting.outcome.set_result({"outcome": outcome, "status": status, "message": message})
+            waiting.outcome.set_result({"outcome": outcome, "status": status, "message": message,
+                                        "detail": detail})

@@ -235,6 +235,40 @@ async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_befo
     assert order == ["the other worker while the first body was open"]
 
 
+async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(
+        origin: Origin, two_workers: ProxyProcess) -> None:
+    """The worker waiting on the lease is given the holder's failure (stale-if-error, or the
+    same error), as when the origin fails before its head: it used to fetch again, and its
+    clients waited for the origin twice."""
+    fields = {"Cache-Control": "max-age=1, stale-if-error=60"}
+
+    async def breaking(request: web.Request) -> web.StreamResponse:
+        if request.path == "/stale" and origin.count("/stale") == 1:
+            return web.Response(body=b"v1", headers=fields)
+        await asyncio.sleep(0.5)  # every client has asked by now: one worker waits on the lease
+        resp = web.StreamResponse(headers={**fields, "Content-Length": "5000"})
+        await resp.prepare(request)
+        await resp.write(b"n" * 3000)
+        assert request.transport is not None
+        request.transport.abort()  # the body breaks off
+        return resp
+
+    origin.route("/gone", breaking)
+    origin.route("/stale", breaking)
+    assert (await two_workers.get("/stale")).body == b"v1"
+    errors = answered(await herd(two_workers.url, "/gone", 16))
+    assert len(errors) == 16 and {r.worker for r in errors} == {"0", "1"}
+    assert {(r.status, r.headers["Cache-Status"]) for r in errors} == {
+        (502, "cachegate; fwd=uri-miss; detail=UPSTREAM-BROKE-OFF")}
+    assert origin.count("/gone") == 1
+    await asyncio.sleep(1.1)  # /stale is stale now, within its stale-if-error
+    stale = answered(await herd(two_workers.url, "/stale", 16))
+    assert len(stale) == 16 and {r.worker for r in stale} == {"0", "1"}
+    assert {(r.status, r.x_cache, r.body) for r in stale} == {(200, "STALE", b"v1")}
+    assert all("detail=ORIGIN-UNREACHABLE" in r.headers["Cache-Status"] for r in stale)
+    assert origin.count("/stale") == 2
+
+
 async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within

@@ -91,6 +91,12 @@ def test_an_error_reaches_the_waiters_with_its_status(table: tuple[LeaseTable, C
     told = t.release("k", token=1, outcome="error", status=504, message="read timed out")
     assert told == [(1, {"key": "k", "token": 1, "outcome": "error", "status": 504,
                          "message": "read timed out"})]
+    t.acquire(0, "j")
+    t.acquire(1, "j")
+    told = t.release("j", token=2, outcome="error", status=502, message="body broke off",
+                     detail="UPSTREAM-BROKE-OFF")  # what its clients' Cache-Status says
+    assert told == [(1, {"key": "j", "token": 2, "outcome": "error", "status": 502,
+                         "message": "body broke off", "detail": "UPSTREAM-BROKE-OFF"})]
 
 
 def test_a_dead_holder_ends_its_leases_and_a_dead_waiter_is_forgotten(table: tuple[LeaseTable, Clock]) -> None:

@@ -297,6 +297,7 @@ class FakeLeases:
     def __init__(self, *answers: Granted | Waiting | Busy | None) -> None:
         self.answers = list(answers)
         self.released: list[tuple[str, int, str]] = []  # (key, token, outcome)
+        self.details: list[str] = []  # the Cache-Status detail of each release ("" but for an error)
         self.heads: list[tuple[str, bool]] = []
 
     async def acquire(self, key: str, wait: bool = True) -> Granted | Waiting | Busy | None:
@@ -308,8 +309,10 @@ class FakeLeases:
     def head(self, key: str, lease: Granted, shareable: bool, pass_: bool) -> None:
         self.heads.append((key, shareable))
 
-    def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "") -> None:
+    def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "",
+                detail: str = "") -> None:
         self.released.append((key, lease.token, outcome))
+        self.details.append(detail)
 
 
 def told(outcome: str, **more: Any) -> Waiting:
