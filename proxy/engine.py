@@ -29,7 +29,7 @@ from typing import IO, Any, Protocol, TypeVar, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.cluster.fills import SharedCache
+from proxy.cluster.fills import NodeGate, SharedCache
 from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
@@ -190,6 +190,8 @@ class Engine:
         self.leases: LeaseClient | None = None
         # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
         self.shared: SharedCache | None = None
+        # Cluster mode, in the process that is the node's member (proxy.cluster.node).
+        self.cluster: NodeGate | None = None
         self.miss = MissPath(self)  # misses and revalidations: flights (proxy.flight)
 
     def reconfigure(self, settings: Settings) -> None:

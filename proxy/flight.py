@@ -473,7 +473,10 @@ class MissPath:
         engine = self.engine
         shared = engine.shared
         revalidating = run.attempt.revalidating
-        if shared is None or revalidating is not None:
+        cluster = engine.cluster
+        if shared is None or revalidating is not None \
+                or (cluster is not None and cluster.invalidations_pending):
+            # (Invalidations made here wait for Redis: the shared tier may hold what they cover.)
             await self._origin(run, revalidating)
             return
         key = run.attempt.key

@@ -52,3 +52,10 @@ class SharedCache(Protocol):
     async def write(self, entry: Entry, body: bytes, lock: Locked, now: float) -> bool: ...
 
     async def release(self, key: str, lock: Locked, outcome: str) -> None: ...
+
+
+class NodeGate(Protocol):
+    """What the engine asks this process's member of the cluster (``proxy.cluster.node``)."""
+
+    @property
+    def invalidations_pending(self) -> bool: ...  # the shared tier may hold what they cover

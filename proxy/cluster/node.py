@@ -27,8 +27,10 @@ merged into two local purges) and purges its whole local cache when it cannot
 know what it missed (trimmed entries, a Redis that lost its data). A node that
 loses Redis keeps serving from its tiers, answers purges 503, retries every
 second, and catches up the same way when Redis is back; invalidations made
-meanwhile are applied locally at once and, on reconnect, removed from the shared
-tier and appended to the stream.
+meanwhile (or refused by a Redis that answers but takes no writes) are applied
+locally at once and kept in an outbox, retried every heartbeat: each is then
+removed from the shared tier, appended to the stream and applied here again.
+While the outbox holds anything, this process does not consult the shared tier.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ class ClusterNode:
         self._failures = RepeatedFailure(log, "cluster: session")  # each second: once a minute
         self._named = False  # this instance's heartbeat was written (the name is ours)
         self._twin_logged = False
+        self._flushing = asyncio.Lock()  # one sender of the outbox at a time
+        self._outbox_failing = False  # the last attempt to send the outbox failed (logged once)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -265,12 +269,13 @@ class ClusterNode:
                  asyncio.ensure_future(self._heartbeats())]
         try:
             await self._catch_up()
-            await self._flush_outbox()
+            await self._try_flush_outbox()
             self._set_state("ready", "")
             if not self.ever_ready:
                 self.ever_ready = True
             self._first.set()
             tasks.append(asyncio.ensure_future(self._follow()))
+            tasks.append(asyncio.ensure_future(self._send_outbox()))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
                 t.result()
@@ -283,6 +288,12 @@ class ClusterNode:
                     t.exception()  # retrieved: the first one was raised above
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
+
+    @property
+    def invalidations_pending(self) -> bool:
+        """Invalidations made here are waiting for Redis (the outbox): the shared tier may
+        still hold what they cover, so this node does not consult it meanwhile."""
+        return bool(self._outbox)
 
     def _set_state(self, state: str, reason: str) -> None:
         if state != self.state:
@@ -488,23 +499,55 @@ class ClusterNode:
         return PurgeOutcome(count, {self.name: count}, ())
 
     async def _flush_outbox(self) -> None:
-        """Send the invalidations made while Redis was away, each as ``purge()`` does: out of
-        the shared tier first (it may still hold what they cover), then onto the stream. One
-        stays in the outbox until both are done."""
-        r = self._redis
-        assert r is not None
-        while self._outbox:
-            spec = self._outbox[0]
-            if self._shared_purge is not None:
-                await self._shared_purge(spec)
-            entry_id, _, _ = await r.eval(
-                APPEND, 3, self.names.stream, self.names.seq, self.names.epoch, self.settings.stream_max,
-                self.name, json.dumps(spec.to_json(), separators=(",", ":")), uuid.uuid4().hex)
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            self._own[str(entry_id)] = done  # applied here when it was made
-            self._outbox.popleft()
-            self.counts["sent"] += 1
+        """Send the invalidations Redis could not take, each as ``purge()`` does: out of the
+        shared tier first (it may still hold what they cover), then onto the stream, then
+        applied here again (a fill may have stored a covered object here meanwhile). One stays
+        in the outbox until all three are done."""
+        async with self._flushing:
+            loop = asyncio.get_running_loop()
+            while self._outbox:
+                r = self._redis
+                if r is None:
+                    return
+                spec = self._outbox[0]
+                if self._shared_purge is not None:
+                    await self._shared_purge(spec)
+                appending: asyncio.Future[None] = loop.create_future()
+                self._appending.add(appending)
+                try:
+                    entry_id, _, _ = await r.eval(
+                        APPEND, 3, self.names.stream, self.names.seq, self.names.epoch,
+                        self.settings.stream_max, self.name,
+                        json.dumps(spec.to_json(), separators=(",", ":")), uuid.uuid4().hex)
+                    applied: asyncio.Future[None] = loop.create_future()
+                    self._own[str(entry_id)] = applied
+                finally:
+                    self._appending.discard(appending)
+                    appending.set_result(None)
+                self._outbox.popleft()
+                self.counts["sent"] += 1
+                try:
+                    await self._local(spec)
+                finally:
+                    applied.set_result(None)
+
+    async def _try_flush_outbox(self) -> None:
+        """``_flush_outbox``, retried on every heartbeat while the outbox holds anything: Redis
+        may refuse the writes while it answers everything else (``maxmemory`` reached)."""
+        if not self._outbox:
+            return
+        try:
+            await self._flush_outbox()
+        except REDIS_DOWN as exc:
+            if not self._outbox_failing:
+                log.error("cluster: %d invalidation(s) made here cannot be sent yet (%s); retrying "
+                          "every heartbeat, and not using the shared tier meanwhile", len(self._outbox),
+                          _describe(exc))
+            self._outbox_failing = True
+            return
+        if self._outbox_failing:
+            log.warning("cluster: the invalidations made here while Redis could not take them are sent")
+        self._outbox_failing = False
 
     async def _live_nodes(self, r: aioredis.Redis) -> list[str]:
         names = sorted(str(n) for n in await r.smembers(self.names.members))
@@ -578,6 +621,13 @@ class ClusterNode:
         while not self._closing:
             await asyncio.sleep(self.settings.heartbeat)
             await self._heartbeat()
+
+    async def _send_outbox(self) -> None:
+        """Retry the outbox every heartbeat while it holds anything (a purge that Redis refused
+        while the connection stayed up lands there too)."""
+        while not self._closing:
+            await asyncio.sleep(self.settings.heartbeat)
+            await self._try_flush_outbox()
 
     async def view(self) -> dict[str, Any]:
         """``GET /cluster``: every node this Redis has seen, with its state and lag."""

@@ -165,3 +165,60 @@ async def test_an_invalidation_made_while_redis_is_away_leaves_the_shared_tier_w
             assert r.body != b"v1", (name, r.x_cache)
     finally:
         await nodes.stop_all()
+
+
+
+async def test_an_invalidation_redis_refuses_while_connected_is_sent_later_and_not_undone_meanwhile(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """Redis refuses the invalidation's writes while it answers everything else (here its shared
+    purge counter is damaged; a full Redis with noeviction does the same, less predictably). The
+    node that made it does not take the shared tier's old copy back meanwhile (one process), what a
+    worker took back is purged again when it is sent (--workers 2), and it is sent while the
+    connection stays up."""
+    versioned(origin, "/p")
+    versioned(origin, "/q")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, shared_cache=True, timeout="0.5s")
+    try:
+        a, c = await asyncio.gather(nodes.start("a"), nodes.start("c", "--workers", "2"))
+        for path in ("/p", "/q"):
+            r = await a.get(path)
+            assert (r.body, r.x_cache) == (b"v1", "MISS")
+
+        async def written() -> bool:
+            return (await metrics(a))[("cachegate_cluster_shared_total", (("event", "written"),))] == 2
+
+        await wait_until(written)  # /p and /q v1 are in the shared tier
+        counter = f"{nodes.namespace}:l2:purges"
+        good = own_redis.command("GET", counter).split(b"\r\n")[1].decode()
+        assert own_redis.command("SET", counter, "damaged").startswith(b"+OK")  # shared purges fail
+
+        assert await post(a, "/p") == 200  # applied on a, kept for later
+        r = await a.get("/p")
+        assert r.body != b"v1", "a took back from the shared tier what its own invalidation removed"
+        assert await post(c, "/q") == 200
+        # c's workers do not know of the outbox in their supervisor: one takes v1 back meanwhile.
+        took_back = [(await c.get("/q")).body == b"v1" for _ in range(4)]
+        assert any(took_back), took_back
+        assert (await cluster_view(a))["state"] == "ready"
+
+        assert own_redis.command("XLEN", f"{nodes.namespace}:purges").startswith(b":0")
+        assert own_redis.command("SET", counter, good).startswith(b"+OK")  # mended: sent by itself
+
+        async def sent() -> bool:
+            return own_redis.command("XLEN", f"{nodes.namespace}:purges").startswith(b":2")
+
+        await wait_until(sent, wait=5)
+        await wait_until(lambda: _applied(a, 2), wait=5)
+        await wait_until(lambda: _applied(c, 2), wait=5)
+        for name, path in (("a", "/p"), ("c", "/q"), ("a", "/q"), ("c", "/p")):
+            for _ in range(3):  # each of c's workers
+                r = await nodes[name].get(path)
+                assert r.body != b"v1", (name, path, r.x_cache)
+        assert (await metrics(a))[("cachegate_cluster_bus_total", (("event", "reconnects"),))] == 0
+    finally:
+        await nodes.stop_all()
+
+
+async def _applied(proc: ProxyProcess, seq: int) -> bool:
+    view = await cluster_view(proc)
+    return any(n["node"] == view["node"] and n["applied_seq"] >= seq for n in view["nodes"])
