@@ -57,6 +57,7 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
     index = runtime.storage.index
     node = ClusterNode(cluster, local_purge, disk.path if disk is not None else None,
                        shared_purge=shared_purge,
+                       shared_reset=tier.new_generation if tier is not None else None,
                        info=lambda: {"workers": workers, "listen": f"{host}:{port}"},
                        local_entries=index.count if index is not None else None)
     runtime.metrics.add_collector(node.collect)

@@ -124,6 +124,7 @@ class _Pending:
 class ClusterNode:
     def __init__(self, settings: ClusterSettings, local_purge: LocalPurge, state_dir: str | None,
                  *, shared_purge: Callable[[PurgeSpec], Awaitable[None]] | None = None,
+                 shared_reset: Callable[[], Awaitable[None]] | None = None,
                  info: Callable[[], dict[str, Any]] | None = None,
                  local_entries: Callable[[], int] | None = None) -> None:
         self.settings = settings
@@ -132,6 +133,7 @@ class ClusterNode:
         self.names = Names(settings.namespace)
         self._local = local_purge
         self._shared_purge = shared_purge
+        self._shared_reset = shared_reset  # the shared tier's new generation (SharedTier.new_generation)
         self._info = info or dict
         self._local_entries = local_entries  # how many entries the local cache holds (disk)
         self._state_path = os.path.join(state_dir, STATE_FILE) if state_dir else None
@@ -334,6 +336,12 @@ class ClusterNode:
         holds = saved is None and self._local_entries is not None and self._local_entries() > 0
         plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along,
                                   holds_entries=holds)
+        if stream.lost_data(saved, tip) and self._shared_reset is not None:
+            # Redis lost purges (restarted empty, or from an older snapshot): what its shared tier
+            # holds may be what they removed. Nothing of it is read again (before the local cache
+            # goes, or a miss here would adopt it back).
+            log.warning("cluster: Redis lost data: the shared tier starts a new generation")
+            await self._shared_reset()
         match plan:
             case Flush():
                 await self._flush(plan.reason, tip)
@@ -350,7 +358,7 @@ class ClusterNode:
         """Purge the whole local cache: this node cannot know which purges it missed."""
         self.full_purges[reason] = self.full_purges.get(reason, 0) + 1
         why = {"trimmed": "the purges it missed were trimmed from the stream",
-               "redis-lost-data": "Redis lost its data (a new epoch)",
+               "redis-lost-data": "Redis lost its data (restarted empty, or from an older snapshot)",
                "no-state": f"it holds entries but no record of the purges it applied ({STATE_FILE} "
                            "missing or unreadable)"}.get(reason, reason)
         log.warning("cluster: purging the whole local cache: %s, so this node cannot know which "

@@ -4,7 +4,8 @@ Layout (``NS`` = ``cluster.namespace``, ``G`` = the generation in ``NS:l2:gen``,
 name that purge-all replaces so that every older key becomes unreachable at once and
 expires by its TTL; a missing ``NS:l2:gen`` (Redis evicted it, or lost its data) is a new
 random generation too, never a default one, or the generation a purge-all left behind
-could become current again):
+could become current again; ``new_generation`` replaces it when a node finds Redis
+lost purges):
 
 - ``NS:l2:G:m:KEY``: a hash, one field per variant (its Vary values) holding the
   body id, the names of the sets below the variant put KEY in, and the entry's
@@ -194,6 +195,14 @@ for _, hp in ipairs(doc.prefixes) do
   end
 end
 return n
+"""
+
+# KEYS: gen, purges. ARGV: a new generation, the purge counter's start if it is missing.
+NEW_GENERATION = """
+redis.call('SET', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[2]) end
+redis.call('INCR', KEYS[2])
+return 1
 """
 
 
@@ -405,6 +414,15 @@ class SharedTier:
                "prefixes": [[origin_of(p), p] for p in spec.prefixes]}
         await self._redis.eval(PURGE, 2, n.generation, n.purges, n.l2, "1" if spec.all else "0",
                                json.dumps(doc), counter_start(), fresh_generation())
+
+    async def new_generation(self) -> None:
+        """Make everything the shared tier holds unreachable at once: a new random generation
+        (its old keys expire by their TTLs), and the purge counter bumped (fills in flight are
+        not written through). For a node that found Redis lost purges (restored from an older
+        snapshot): what the shared tier holds may be what they removed. Raises when Redis cannot
+        be reached."""
+        n = self.names
+        await self._redis.eval(NEW_GENERATION, 2, n.generation, n.purges, fresh_generation(), counter_start())
 
     def _failed(self, what: str, key: str, exc: BaseException) -> None:
         self.counts["error"] += 1

@@ -140,6 +140,20 @@ def plan_resume(saved: Saved | None, tip: Tip, next_seq: int | None, *, keep_unk
     return Resume(saved.id)
 
 
+def lost_data(saved: Saved | None, tip: Tip) -> bool:
+    """Whether Redis lost data since this node last read it: a new epoch (it restarted empty) or
+    a sequence number gone backwards in the same epoch (restored from an older snapshot).
+
+    >>> lost_data(Saved("e1", 7, "6-0"), Tip("e1", 5, "4-0"))  # an older snapshot
+    True
+    >>> lost_data(Saved("e0", 7, "6-0"), Tip("e1", 9, "9-0"))  # restarted empty
+    True
+    >>> lost_data(Saved("e1", 7, "6-0"), Tip("e1", 9, "9-0")), lost_data(None, Tip("e1", 9, "9-0"))
+    (False, False)
+    """
+    return saved is not None and (saved.epoch != tip.epoch or tip.seq < saved.seq)
+
+
 def caught_up_when_lost(state: str, tip_read: bool, saved: Saved | None, tip_seq: int,
                         before: bool) -> bool:
     """Whether a node that just lost Redis had applied every purge it knew of (``keep_unknown``

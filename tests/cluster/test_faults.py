@@ -222,3 +222,36 @@ async def test_an_invalidation_redis_refuses_while_connected_is_sent_later_and_n
 async def _applied(proc: ProxyProcess, seq: int) -> bool:
     view = await cluster_view(proc)
     return any(n["node"] == view["node"] and n["applied_seq"] >= seq for n in view["nodes"])
+
+
+async def test_a_redis_restored_from_an_older_snapshot_does_not_bring_purged_objects_back(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """The snapshot holds the shared tier from before a purge that answered 200: the node sees
+    that Redis lost purges, and neither its local cache nor the shared tier's old content is
+    served again."""
+    versioned(origin, "/p")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, shared_cache=True, timeout="0.5s")
+    try:
+        a = await nodes.start("a")
+        assert (await a.get("/p")).body == b"v1"
+
+        async def written() -> bool:
+            return (await metrics(a))[("cachegate_cluster_shared_total", (("event", "written"),))] == 1
+
+        await wait_until(written)
+        assert own_redis.command("SAVE").startswith(b"+OK")  # /p v1 in the snapshot, no purge yet
+        status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+        assert status == 200, answer
+        own_redis.kill()
+        own_redis.start()  # from the snapshot
+
+        async def flushed() -> bool:
+            m = await metrics(a)
+            return m[("cachegate_cluster_full_purges_total", (("reason", "redis-lost-data"),))] == 1
+
+        await wait_until(flushed, wait=10)
+        await wait_until(lambda: ready(a), wait=10)
+        r = await a.get("/p")
+        assert r.body != b"v1", f"the purged v1 came back ({r.x_cache})"
+    finally:
+        await nodes.stop_all()
