@@ -164,6 +164,10 @@ class ClusterNode:
         self._named = False  # this instance's heartbeat was written (the name is ours)
         self._twin_logged = False
         self._flushing = asyncio.Lock()  # one sender of the outbox at a time
+        self._ttl = max(3 * settings.heartbeat, 2.0)  # the heartbeat key's TTL
+        # When this session's heartbeat key expires at the latest (monotonic; 0: no heartbeat in
+        # this session yet): past it, purges may answer 200 without this node.
+        self._beat_deadline = 0.0
         self._outbox_failing = False  # the last attempt to send the outbox failed (logged once)
 
     # -- life cycle ----------------------------------------------------------------------
@@ -226,8 +230,15 @@ class ClusterNode:
                 return
             except REDIS_DOWN as exc:
                 was_ready = self.state == "ready"
-                self._caught_up_all_along = stream.caught_up_when_lost(
-                    self.state, self._tip_read, self.saved, self.tip_seq, self._caught_up_all_along)
+                if self._beat_lapsed():
+                    # Not counted live for a while before the session failed (the process was
+                    # stopped or stalled): purges may have answered 200 without this node, so only
+                    # the stream can tell what it missed (a new epoch then means "unknown").
+                    self._caught_up_all_along = False
+                else:
+                    self._caught_up_all_along = stream.caught_up_when_lost(
+                        self.state, self._tip_read, self.saved, self.tip_seq, self._caught_up_all_along)
+                self._beat_deadline = 0.0
                 self._set_state("disconnected", f"Redis at {self.settings.redacted_url} is unreachable: "
                                                 f"{_describe(exc)}")
                 if was_ready:
@@ -241,6 +252,7 @@ class ClusterNode:
                 # bug, with its traceback. Either once, then once a minute: it fails each second.
                 data = isinstance(exc, RedisDataError)
                 self._failures.failed(exc, traceback=not data)
+                self._beat_deadline = 0.0
                 self._set_state("disconnected", str(exc) if data else f"cluster session failed: {exc!r}")
                 if not self._first.is_set():
                     self._first_error = exc
@@ -290,6 +302,10 @@ class ClusterNode:
                     t.exception()  # retrieved: the first one was raised above
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
+
+    def _beat_lapsed(self) -> bool:
+        """Whether this session's heartbeat key has expired (or may have) by now."""
+        return bool(self._beat_deadline) and time.monotonic() > self._beat_deadline
 
     @property
     def invalidations_pending(self) -> bool:
@@ -598,11 +614,12 @@ class ClusterNode:
         Once the node serves, another instance's heartbeat is logged (once) and overwritten."""
         r = self._redis
         assert r is not None
-        ttl_ms = int(max(3 * self.settings.heartbeat, 2.0) * 1000)
+        ttl_ms = int(self._ttl * 1000)
         take = self._named or self._first.is_set()
         first: str | None = None
         deadline = 0.0
         while True:
+            sent = time.monotonic()
             written, other, pttl, seq = await r.eval(
                 BEAT, 3, self.names.members, self.names.node(self.name), self.names.seq, self.name,
                 json.dumps(self.node_info()), ttl_ms, self.instance, "1" if take else "0")
@@ -619,6 +636,7 @@ class ClusterNode:
                                 "or give this node another name")
             await asyncio.sleep(min(0.1, self.settings.heartbeat / 2))
         self._named = True
+        self._beat_deadline = sent + self._ttl
         if other and not self._twin_logged:
             self._twin_logged = True
             log.error("cluster: another process also runs as node %r (%s): both go on, but purges may "

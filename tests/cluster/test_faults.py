@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -253,5 +254,39 @@ async def test_a_redis_restored_from_an_older_snapshot_does_not_bring_purged_obj
         await wait_until(lambda: ready(a), wait=10)
         r = await a.get("/p")
         assert r.body != b"v1", f"the purged v1 came back ({r.x_cache})"
+    finally:
+        await nodes.stop_all()
+
+
+async def test_a_node_stopped_past_its_heartbeat_then_redis_restarted_empty_purges_its_cache(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """b is stopped (SIGSTOP) past its heartbeat's TTL, a purge answers 200 without it, Redis
+    restarts empty: b cannot know what it missed, so it purges its whole local cache."""
+    versioned(origin, "/p")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        await a.get("/p")
+        assert (await b.get("/p")).body == b"v2"
+        await wait_until(lambda: _hit(b, "/p"))
+        b.send(signal.SIGSTOP)
+        try:
+            await wait_until(lambda: _live_count(a, 1), wait=5)
+            status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+            assert status == 200 and answer["nodes"] == {"a": {"purged": 1}}, answer
+            own_redis.kill()
+            own_redis.start()
+        finally:
+            b.send(signal.SIGCONT)
+
+        async def reconnected() -> bool:
+            m = await metrics(b)
+            return m[("cachegate_cluster_bus_total", (("event", "reconnects"),))] >= 1 and await ready(b)
+
+        await wait_until(reconnected, wait=10)
+        r = await b.get("/p")
+        assert r.body != b"v2", f"b serves what a purge that answered 200 without it removed ({r.x_cache})"
+        m = await metrics(b)
+        assert m[("cachegate_cluster_full_purges_total", (("reason", "redis-lost-data"),))] == 1
     finally:
         await nodes.stop_all()
