@@ -190,7 +190,8 @@ class Engine:
         self.leases: LeaseClient | None = None
         # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
         self.shared: SharedCache | None = None
-        # Cluster mode, in the process that is the node's member (proxy.cluster.node).
+        # Cluster mode, in the process that is the node's member: hits wait while its heartbeat
+        # has lapsed (purges may have answered without it) until it has caught up.
         self.cluster: NodeGate | None = None
         self.miss = MissPath(self)  # misses and revalidations: flights (proxy.flight)
 
@@ -221,6 +222,9 @@ class Engine:
     # -- entry point -----------------------------------------------------------------------
 
     async def handle(self, req: ClientRequest) -> Reply:
+        cluster = self.cluster
+        if cluster is not None and cluster.hits_held():
+            await cluster.caught_up()
         head = req.head
         planned = req.planned
         if planned is not None and planned.rules is self.rules:
@@ -316,6 +320,9 @@ class Engine:
     def fresh_hit_of(self, head: RequestHead, plan: RequestPlan, key: str, max_file: int = 0
                      ) -> FreshHit | None:
         """``fresh_hit`` once the plan and key are known (``planned``)."""
+        cluster = self.cluster
+        if cluster is not None and cluster.hits_held():
+            return None  # the general path waits for the node to catch up
         storage = self.storage
         slot = storage.fresh_view(key)
         if slot is None:

@@ -62,8 +62,9 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
                        local_entries=index.count if index is not None else None)
     runtime.metrics.add_collector(node.collect)
     runtime.cluster = node  # GET /healthz says "not ready" while it catches up
-    # The shared tier is not consulted while invalidations wait for Redis (in this process: with
-    # --workers N the member is the supervisor, which serves nothing).
+    # Hits wait while this node's heartbeat has lapsed, and the shared tier is not consulted while
+    # invalidations wait for Redis (in this process: with --workers N, the member is the
+    # supervisor, which serves nothing).
     runtime.engine.cluster = node
     try:
         await node.start()

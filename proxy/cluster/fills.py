@@ -57,5 +57,9 @@ class SharedCache(Protocol):
 class NodeGate(Protocol):
     """What the engine asks this process's member of the cluster (``proxy.cluster.node``)."""
 
+    def hits_held(self) -> bool: ...  # its heartbeat lapsed: hits wait until it caught up (cheap)
+
+    async def caught_up(self) -> None: ...  # that wait (bounded)
+
     @property
     def invalidations_pending(self) -> bool: ...  # the shared tier may hold what they cover

@@ -58,6 +58,7 @@ from proxy.logs import RepeatedFailure
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 
 log = logging.getLogger("cachegate.cluster")
+_monotonic = time.monotonic  # (bound once: hits_held is on the hit path)
 
 STATE_FILE = "cluster-state.json"
 READ_BATCH = 1000  # stream entries read (and, when many, merged) at once
@@ -65,6 +66,7 @@ BLOCK_MS = 1000  # XREAD BLOCK: how long a read waits for new entries
 OUTBOX_MAX = 10_000  # invalidations kept while Redis is unreachable
 EARLY_ACKS_MAX = 10_000
 RECONNECT_DELAY = (0.2, 0.5, 1.0)  # then every second
+HOLD_MAX = 10.0  # seconds a request waits for a node whose heartbeat lapsed to catch up
 
 LocalPurge = Callable[[PurgeSpec], Awaitable[int]]
 
@@ -111,6 +113,14 @@ return 1
 
 class NameTaken(Exception):
     """Another live process runs as this node (its heartbeat is renewed under our name)."""
+
+
+class HeartbeatLapsed(Exception):
+    """This node's heartbeat key expired while it believed itself connected (the process was
+    stopped, or stalled, for longer than the key's TTL): purges may have answered 200 without it."""
+
+
+LOST: tuple[type[BaseException], ...] = (*REDIS_DOWN, HeartbeatLapsed)  # a session's end
 
 
 @dataclass
@@ -163,11 +173,15 @@ class ClusterNode:
         self._failures = RepeatedFailure(log, "cluster: session")  # each second: once a minute
         self._named = False  # this instance's heartbeat was written (the name is ours)
         self._twin_logged = False
-        self._flushing = asyncio.Lock()  # one sender of the outbox at a time
         self._ttl = max(3 * settings.heartbeat, 2.0)  # the heartbeat key's TTL
         # When this session's heartbeat key expires at the latest (monotonic; 0: no heartbeat in
         # this session yet): past it, purges may answer 200 without this node.
         self._beat_deadline = 0.0
+        self._lapsed = False  # a lapse was noticed, and this node has not caught up since
+        self._lapse_retried = False  # the session that failed after a lapse was retried at once
+        self._hits_go = asyncio.Event()  # set unless hits wait for a lapsed node to catch up
+        self._hits_go.set()
+        self._flushing = asyncio.Lock()  # one sender of the outbox at a time
         self._outbox_failing = False  # the last attempt to send the outbox failed (logged once)
 
     # -- life cycle ----------------------------------------------------------------------
@@ -200,6 +214,7 @@ class ClusterNode:
                 await asyncio.wait_for(self._redis.eval(LEAVE, 1, self.names.node(self.name), self.instance),
                                        self.settings.timeout)
         self.state = "stopped"
+        self._release_hits()
         if self._task is not None:
             self._task.cancel()
             # Bounded: a cancellation that lands in the client's own read timeout can be lost
@@ -228,23 +243,30 @@ class ClusterNode:
                 await self._disconnect()
                 self._first.set()
                 return
-            except REDIS_DOWN as exc:
+            except LOST as exc:
                 was_ready = self.state == "ready"
-                if self._beat_lapsed():
-                    # Not counted live for a while before the session failed (the process was
-                    # stopped or stalled): purges may have answered 200 without this node, so only
-                    # the stream can tell what it missed (a new epoch then means "unknown").
+                if self._notice_lapse():
+                    # Not counted live for a while: purges may have answered 200 without this node,
+                    # so only the stream can tell what it missed (a new epoch then means "unknown").
                     self._caught_up_all_along = False
                 else:
                     self._caught_up_all_along = stream.caught_up_when_lost(
                         self.state, self._tip_read, self.saved, self.tip_seq, self._caught_up_all_along)
                 self._beat_deadline = 0.0
-                self._set_state("disconnected", f"Redis at {self.settings.redacted_url} is unreachable: "
-                                                f"{_describe(exc)}")
-                if was_ready:
-                    attempt = 0  # a session that worked: the next attempt comes soon
-                    log.error("cluster: %s; serving from the local cache, purges answer 503 until it is "
-                              "back", self.reason)
+                if self._lapsed and not self._lapse_retried:
+                    # Reconnect at once, hits still waiting: a node that was stopped usually finds
+                    # Redis there and catches up in a few milliseconds.
+                    self._lapse_retried = True
+                    attempt = -1
+                    self._set_state("catching-up", self.reason)
+                else:
+                    self._set_state("disconnected", f"Redis at {self.settings.redacted_url} is unreachable: "
+                                                    f"{_describe(exc)}")
+                    self._release_hits()  # cut off from Redis: it serves from its tiers (below)
+                    if was_ready:
+                        attempt = 0  # a session that worked: the next attempt comes soon
+                        log.error("cluster: %s; serving from the local cache, purges answer 503 until it "
+                                  "is back", self.reason)
                 if not self._first.is_set():
                     self._first_error = exc
             except Exception as exc:  # keep the node serving, say so, and retry
@@ -254,6 +276,7 @@ class ClusterNode:
                 self._failures.failed(exc, traceback=not data)
                 self._beat_deadline = 0.0
                 self._set_state("disconnected", str(exc) if data else f"cluster session failed: {exc!r}")
+                self._release_hits()
                 if not self._first.is_set():
                     self._first_error = exc
             await self._disconnect()
@@ -262,6 +285,10 @@ class ClusterNode:
             self._own.clear()  # entries of ours not read yet are applied again: harmless
             for p in self._pending.values():
                 p.changed.set()
+            if attempt < 0:
+                attempt = 0
+                self.counts["reconnects"] += 1
+                continue
             delay = RECONNECT_DELAY[attempt] if attempt < len(RECONNECT_DELAY) else 1.0
             attempt += 1
             await asyncio.sleep(delay)
@@ -285,6 +312,7 @@ class ClusterNode:
             await self._catch_up()
             await self._try_flush_outbox()
             self._set_state("ready", "")
+            self._release_hits()
             if not self.ever_ready:
                 self.ever_ready = True
             self._first.set()
@@ -303,9 +331,40 @@ class ClusterNode:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
 
-    def _beat_lapsed(self) -> bool:
-        """Whether this session's heartbeat key has expired (or may have) by now."""
-        return bool(self._beat_deadline) and time.monotonic() > self._beat_deadline
+    # -- a lapsed heartbeat -----------------------------------------------------------------
+
+    def _notice_lapse(self) -> bool:
+        """Whether this node's heartbeat has lapsed since it last caught up (noticed once: the
+        state says so, and hits wait until it has caught up)."""
+        if self._lapsed:
+            return True
+        deadline = self._beat_deadline
+        if not deadline:
+            return False
+        late = time.monotonic() - deadline
+        if late <= 0:
+            return False
+        self._lapsed = True
+        self._hits_go.clear()
+        self._set_state("catching-up", f"its heartbeat lapsed ({late + self._ttl:.1f}s since the last "
+                                       "one: the process was stopped or stalled), so purges may have "
+                                       "answered without it: catching up before it serves from its cache")
+        return True
+
+    def _release_hits(self) -> None:
+        """Caught up again (or cut off from Redis, where it serves from its tiers): hits go on."""
+        self._lapsed = self._lapse_retried = False
+        self._hits_go.set()
+
+    def hits_held(self) -> bool:
+        """Whether hits must wait (``Engine``: on the hit path, so cheap): this node's heartbeat
+        lapsed while it was connected, and it has not caught up since."""
+        return self._lapsed or (_monotonic() > self._beat_deadline > 0.0 and self._notice_lapse())
+
+    async def caught_up(self) -> None:
+        """Wait until hits may go on (at most ``HOLD_MAX`` seconds)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hits_go.wait(), HOLD_MAX)
 
     @property
     def invalidations_pending(self) -> bool:
@@ -646,6 +705,9 @@ class ClusterNode:
     async def _heartbeats(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.settings.heartbeat)
+            if self._beat_deadline and time.monotonic() > self._beat_deadline:
+                self._notice_lapse()  # (it may have been noticed on the hit path already)
+                raise HeartbeatLapsed(self.reason)
             await self._heartbeat()
 
     async def _send_outbox(self) -> None:

@@ -290,3 +290,37 @@ async def test_a_node_stopped_past_its_heartbeat_then_redis_restarted_empty_purg
         assert m[("cachegate_cluster_full_purges_total", (("reason", "redis-lost-data"),))] == 1
     finally:
         await nodes.stop_all()
+
+
+async def test_a_node_stopped_past_its_heartbeat_serves_nothing_purged_meanwhile_once_resumed(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """b is stopped (SIGSTOP) past its heartbeat's TTL and a purge answers 200 without it. Once
+    resumed, b answers neither the requests that queued up meanwhile nor later ones from what was
+    purged: it notices its heartbeat lapsed and catches up from the stream first (no full purge)."""
+    versioned(origin, "/p")
+    versioned(origin, "/keep")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        await a.get("/keep")
+        for path in ("/p", "/keep"):
+            await b.get(path)
+            await wait_until(lambda p=path: _hit(b, p))
+        old = (await b.get("/p")).body
+        b.send(signal.SIGSTOP)
+        try:
+            await wait_until(lambda: _live_count(a, 1), wait=5)
+            status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+            assert status == 200 and set(answer["nodes"]) == {"a"}, answer
+            queued = [asyncio.ensure_future(b.get("/p")) for _ in range(3)]
+            await asyncio.sleep(0.2)
+        finally:
+            b.send(signal.SIGCONT)
+        for r in [*await asyncio.gather(*queued), await b.get("/p")]:
+            assert r.body != old, f"b served what a purge that answered 200 without it removed ({r.x_cache})"
+        assert (await b.get("/keep")).x_cache == "HIT"  # caught up, not purged everything
+        await wait_until(lambda: ready(b))
+        m = await metrics(b)
+        assert sum(v for (name, _), v in m.items() if name == "cachegate_cluster_full_purges_total") == 0
+    finally:
+        await nodes.stop_all()
