@@ -233,6 +233,7 @@ class ClusterNode:
     async def _run(self) -> None:
         attempt = 0
         while not self._closing:
+            at_once = False
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -256,8 +257,8 @@ class ClusterNode:
                 if self._lapsed and not self._lapse_retried:
                     # Reconnect at once, hits still waiting: a node that was stopped usually finds
                     # Redis there and catches up in a few milliseconds.
-                    self._lapse_retried = True
-                    attempt = -1
+                    self._lapse_retried = at_once = True
+                    attempt = 0
                     self._set_state("catching-up", self.reason)
                 else:
                     self._set_state("disconnected", f"Redis at {self.settings.redacted_url} is unreachable: "
@@ -267,8 +268,8 @@ class ClusterNode:
                         attempt = 0  # a session that worked: the next attempt comes soon
                         log.error("cluster: %s; serving from the local cache, purges answer 503 until it "
                                   "is back", self.reason)
-                if not self._first.is_set():
-                    self._first_error = exc
+                    if not self._first.is_set():
+                        self._first_error = exc
             except Exception as exc:  # keep the node serving, say so, and retry
                 # Garbage under our keys (RedisDataError) is said in words; anything else is a
                 # bug, with its traceback. Either once, then once a minute: it fails each second.
@@ -285,13 +286,10 @@ class ClusterNode:
             self._own.clear()  # entries of ours not read yet are applied again: harmless
             for p in self._pending.values():
                 p.changed.set()
-            if attempt < 0:
-                attempt = 0
-                self.counts["reconnects"] += 1
-                continue
-            delay = RECONNECT_DELAY[attempt] if attempt < len(RECONNECT_DELAY) else 1.0
-            attempt += 1
-            await asyncio.sleep(delay)
+            if not at_once:
+                delay = RECONNECT_DELAY[attempt] if attempt < len(RECONNECT_DELAY) else 1.0
+                attempt += 1
+                await asyncio.sleep(delay)
             self.counts["reconnects"] += 1
 
     async def _session(self) -> None:
@@ -705,8 +703,11 @@ class ClusterNode:
     async def _heartbeats(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.settings.heartbeat)
-            if self._beat_deadline and time.monotonic() > self._beat_deadline:
-                self._notice_lapse()  # (it may have been noticed on the hit path already)
+            # (Noticed on the hit path, maybe against the deadline before a heartbeat that was
+            # under way when the process stopped: this session ends all the same.)
+            if (self._lapsed and not self._lapse_retried) \
+                    or (self._beat_deadline and time.monotonic() > self._beat_deadline):
+                self._notice_lapse()
                 raise HeartbeatLapsed(self.reason)
             await self._heartbeat()
 

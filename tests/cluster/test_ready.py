@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from pathlib import Path
 
 from proxy.cluster import join
+from proxy.cluster.node import ClusterNode
+from proxy.cluster.settings import ClusterSettings
 from proxy.purge import PurgeSpec
 from tests.cluster.redis_server import RedisServer
 from tests.harness import Origin, Proxy, start_proxy
@@ -91,3 +94,27 @@ async def test_a_purge_that_a_live_node_does_not_acknowledge_in_time_answers_202
         for p in (a, b):
             await p.session.close()
             await p.close()
+
+
+async def test_a_lapse_noticed_on_the_hit_path_is_caught_up_even_when_a_heartbeat_lands_after_it(
+        tmp_path: Path, shared_redis: RedisServer) -> None:
+    """Resumed after a stop, the first request sees the heartbeat's deadline passed; a heartbeat
+    sent just before the stop then answers with a new deadline. Hits wait until the node has
+    reconnected and caught up, not for good."""
+    settings = ClusterSettings(shared_redis.url, node="a", namespace=f"t{uuid.uuid4().hex[:8]}",
+                               heartbeat=0.2, timeout=0.5)
+
+    async def local(spec: PurgeSpec) -> int:
+        return 0
+
+    n = ClusterNode(settings, local, str(tmp_path))
+    await n.start()
+    try:
+        assert not n.hits_held()
+        n._beat_deadline = time.monotonic() - 0.01  # as if stopped past it
+        assert n.hits_held() and not n.ready
+        n._beat_deadline = time.monotonic() + 60  # the heartbeat under way when it stopped lands
+        await asyncio.wait_for(n.caught_up(), 3)
+        assert not n.hits_held() and n.ready and n.counts["reconnects"] == 1
+    finally:
+        await n.close()
