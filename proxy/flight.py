@@ -473,12 +473,10 @@ class MissPath:
         engine = self.engine
         shared = engine.shared
         revalidating = run.attempt.revalidating
-        cluster = engine.cluster
-        if shared is None or revalidating is not None \
-                or (cluster is not None and cluster.invalidations_pending):
-            # (Invalidations made here wait for Redis: the shared tier may hold what they cover.)
+        if shared is None or revalidating is not None:
             await self._origin(run, revalidating)
             return
+        cluster = engine.cluster
         key = run.attempt.key
         loop = asyncio.get_running_loop()
         lock_timeout = engine.settings.cache.lock_timeout
@@ -486,6 +484,8 @@ class MissPath:
             deadline = loop.time() + lock_timeout
         lock_only = False
         for _ in range(4):
+            if cluster is not None and cluster.invalidations_pending:
+                break  # invalidations made here wait for Redis: the shared tier may hold what they cover
             epoch = engine.storage.epoch
             answer = await shared.lookup(key, max(lock_timeout, 1.0) + 1.0, lock_only)
             match answer:

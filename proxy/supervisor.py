@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from proxy import earlysignals, gctuning
-from proxy.cluster import ClusterUnavailable
+from proxy.cluster import OUTBOX_CALL, ClusterUnavailable
 from proxy.cluster import join as join_cluster
 from proxy.config import Overrides, Settings
 from proxy.control import Channel, ChannelClosed, RemoteError
@@ -310,7 +310,8 @@ class Supervisor:
         if self.settings.cluster is not None:
             # The node's member of the cluster: caught up before any worker serves.
             try:
-                await join_cluster(runtime, self.purge_here, workers=len(self.workers))
+                await join_cluster(runtime, self.purge_here, workers=len(self.workers),
+                                   call_workers=self.call_all)
             except ClusterUnavailable as exc:
                 print(f"cachegate: {exc}", file=sys.stderr, flush=True)
                 await listeners.stop(0)
@@ -515,6 +516,9 @@ class Supervisor:
             process, channel = w.process, w.channel
             if process is not None and channel is not None:
                 self._track(self._watchdog(w, process, channel))
+                node = self.runtime.cluster if self.runtime is not None else None
+                if node is not None and node.invalidations_pending:  # (a worker started meanwhile)
+                    self._track(_tell_quietly(channel, OUTBOX_CALL, pending=True))
             say(f"cachegate: worker {worker_id} ready (pid {pid})", event="worker_ready",
                 worker_id=worker_id, pid=pid)
 
@@ -816,6 +820,11 @@ class Supervisor:
         live = [w.channel for w in self.workers if w.channel is not None]
         return list(await asyncio.gather(*(c.call(name, wait=wait, **args) for c in live),
                                          return_exceptions=True))
+
+
+async def _tell_quietly(channel: Channel, name: str, **args: Any) -> None:
+    with contextlib.suppress(Exception):
+        await channel.call(name, wait=10.0, **args)
 
 
 def ready_timeout() -> float:

@@ -17,7 +17,7 @@ import no Redis client; ``node`` and ``shared`` do.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.errors import CachegateError
 
@@ -33,11 +33,27 @@ class ClusterUnavailable(CachegateError):
     """Redis cannot be reached at start and ``cluster.required`` is true."""
 
 
+OUTBOX_CALL = "cluster_outbox"  # supervisor -> worker: whether invalidations wait for Redis
+
+
+class WorkerGate:
+    """A worker's ``NodeGate``: what its supervisor (the node's member) told it of its outbox."""
+
+    invalidations_pending = False
+
+    def hits_held(self) -> bool:
+        return False  # (the member's own check: docs/cluster.md, "A node that was stopped")
+
+    async def caught_up(self) -> None:
+        return None
+
+
 async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[int]],
-               workers: int = 1) -> None:
+               workers: int = 1, call_workers: Callable[..., Awaitable[list[Any]]] | None = None) -> None:
     """Make this process its node's member of the cluster (the only process, or the
-    supervisor): connect, catch up, then purge through the bus. Raises
-    ``ClusterUnavailable`` when Redis cannot be reached and ``cluster.required``."""
+    supervisor, whose ``call_workers`` calls every worker): connect, catch up, then purge
+    through the bus. Raises ``ClusterUnavailable`` when Redis cannot be reached and
+    ``cluster.required``."""
     from proxy.cluster.node import ClusterNode
 
     settings = runtime.settings
@@ -53,18 +69,26 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
             rules = runtime.settings.rules
             return tier.purge(spec, {keys_for_url(u, rules) for u in spec.urls})
 
+    outbox_changed = None
+    if call_workers is not None and tier is not None:
+        wait = cluster.timeout
+
+        async def outbox_changed(pending: bool) -> None:
+            await call_workers(OUTBOX_CALL, wait=wait, pending=pending)
+
     host, port = settings.listen
     index = runtime.storage.index
     node = ClusterNode(cluster, local_purge, disk.path if disk is not None else None,
                        shared_purge=shared_purge,
                        shared_reset=tier.new_generation if tier is not None else None,
+                       outbox_changed=outbox_changed,
                        info=lambda: {"workers": workers, "listen": f"{host}:{port}"},
                        local_entries=index.count if index is not None else None)
     runtime.metrics.add_collector(node.collect)
     runtime.cluster = node  # GET /healthz says "not ready" while it catches up
     # Hits wait while this node's heartbeat has lapsed, and the shared tier is not consulted while
-    # invalidations wait for Redis (in this process: with --workers N, the member is the
-    # supervisor, which serves nothing).
+    # invalidations wait for Redis (in this process; with --workers N the member is the
+    # supervisor, which serves nothing, and tells its workers of the outbox: attach_shared).
     runtime.engine.cluster = node
     try:
         await node.start()
@@ -86,6 +110,15 @@ def attach_shared(runtime: Runtime) -> SharedTier | None:
         return runtime.engine.shared
     tier = SharedTier(cluster)
     runtime.engine.shared = tier
+    control = runtime.control
+    if control is not None:  # a worker: its supervisor tells it whether its outbox holds anything
+        gate = WorkerGate()
+        runtime.engine.cluster = gate
+
+        async def outbox(pending: bool) -> None:
+            gate.invalidations_pending = pending
+
+        control.handlers[OUTBOX_CALL] = outbox
     runtime.closers.append(tier.close)
     runtime.metrics.add_collector(tier.collect)
     return tier

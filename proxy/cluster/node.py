@@ -30,7 +30,8 @@ second, and catches up the same way when Redis is back; invalidations made
 meanwhile (or refused by a Redis that answers but takes no writes) are applied
 locally at once and kept in an outbox, retried every heartbeat: each is then
 removed from the shared tier, appended to the stream and applied here again.
-While the outbox holds anything, this process does not consult the shared tier.
+While the outbox holds anything, the node does not consult the shared tier (with
+``--workers N`` the supervisor tells its workers: ``outbox_changed``).
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class ClusterNode:
     def __init__(self, settings: ClusterSettings, local_purge: LocalPurge, state_dir: str | None,
                  *, shared_purge: Callable[[PurgeSpec], Awaitable[None]] | None = None,
                  shared_reset: Callable[[], Awaitable[None]] | None = None,
+                 outbox_changed: Callable[[bool], Awaitable[None]] | None = None,
                  info: Callable[[], dict[str, Any]] | None = None,
                  local_entries: Callable[[], int] | None = None) -> None:
         self.settings = settings
@@ -144,6 +146,7 @@ class ClusterNode:
         self._local = local_purge
         self._shared_purge = shared_purge
         self._shared_reset = shared_reset  # the shared tier's new generation (SharedTier.new_generation)
+        self._outbox_changed = outbox_changed  # tells the workers whether the outbox holds anything
         self._info = info or dict
         self._local_entries = local_entries  # how many entries the local cache holds (disk)
         self._state_path = os.path.join(state_dir, STATE_FILE) if state_dir else None
@@ -182,6 +185,8 @@ class ClusterNode:
         self._hits_go = asyncio.Event()  # set unless hits wait for a lapsed node to catch up
         self._hits_go.set()
         self._flushing = asyncio.Lock()  # one sender of the outbox at a time
+        self._telling = asyncio.Lock()  # one message to the workers about it at a time
+        self._told = False  # what the workers were told: invalidations wait in the outbox
         self._outbox_failing = False  # the last attempt to send the outbox failed (logged once)
 
     # -- life cycle ----------------------------------------------------------------------
@@ -577,7 +582,23 @@ class ClusterNode:
             self._outbox.popleft()
             self.counts["outbox_dropped"] += 1
         self._outbox.append(spec)
+        await self._tell_outbox()  # before the answer: no later request adopts what it covers
         return PurgeOutcome(count, {self.name: count}, ())
+
+    async def _tell_outbox(self) -> None:
+        """Tell the workers whether the outbox holds anything, when that changed (one at a
+        time, each the state as of its sending: the last one told is the last state)."""
+        if self._outbox_changed is None:
+            return
+        async with self._telling:
+            pending = bool(self._outbox)
+            if pending == self._told:
+                return
+            try:
+                await self._outbox_changed(pending)
+            except Exception:
+                log.exception("cluster: cannot tell the workers of the outbox")
+            self._told = pending
 
     async def _flush_outbox(self) -> None:
         """Send the invalidations Redis could not take, each as ``purge()`` does: out of the
@@ -611,6 +632,8 @@ class ClusterNode:
                     await self._local(spec)
                 finally:
                     applied.set_result(None)
+                if not self._outbox:
+                    await self._tell_outbox()
 
     async def _try_flush_outbox(self) -> None:
         """``_flush_outbox``, retried on every heartbeat while the outbox holds anything: Redis
