@@ -17,6 +17,9 @@ import no Redis client; ``node`` and ``shared`` do.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import CachegateError
@@ -29,23 +32,48 @@ if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
 
+_monotonic = time.monotonic
+
+
 class ClusterUnavailable(CachegateError):
     """Redis cannot be reached at start and ``cluster.required`` is true."""
 
 
 OUTBOX_CALL = "cluster_outbox"  # supervisor -> worker: whether invalidations wait for Redis
+BEAT_CALL = "cluster_beat"  # supervisor -> worker: when its heartbeat expires, whether hits wait
+HOLD_MAX = 10.0  # seconds a request waits for a node whose heartbeat lapsed to catch up
 
 
 class WorkerGate:
-    """A worker's ``NodeGate``: what its supervisor (the node's member) told it of its outbox."""
+    """A worker's ``NodeGate``: what its supervisor (the node's member) told it. Hits wait
+    while the supervisor says so, or once its last heartbeat's key has expired (the clock is
+    the machine's monotonic one, the same in every process) without word of a newer one."""
 
-    invalidations_pending = False
+    def __init__(self) -> None:
+        self.invalidations_pending = False
+        self.deadline = 0.0  # when the supervisor's heartbeat key expires (0: no check)
+        self.held = False
+        self._told = -1
+        self._go = asyncio.Event()
+        self._go.set()
 
     def hits_held(self) -> bool:
-        return False  # (the member's own check: docs/cluster.md, "A node that was stopped")
+        return self.held or _monotonic() > self.deadline > 0.0
 
     async def caught_up(self) -> None:
-        return None
+        if self.hits_held():
+            self._go.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._go.wait(), HOLD_MAX)
+
+    def told(self, n: int, deadline: float, held: bool) -> None:
+        if n <= self._told:
+            return  # (an older word that arrived late)
+        self._told, self.deadline, self.held = n, deadline, held
+        if self.hits_held():
+            self._go.clear()
+        else:
+            self._go.set()
 
 
 async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[int]],
@@ -69,19 +97,26 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
             rules = runtime.settings.rules
             return tier.purge(spec, {keys_for_url(u, rules) for u in spec.urls})
 
-    outbox_changed = None
-    if call_workers is not None and tier is not None:
+    outbox_changed = beat_changed = None
+    if call_workers is not None:
         wait = cluster.timeout
+        telling: set[asyncio.Future[Any]] = set()
 
         async def outbox_changed(pending: bool) -> None:
             await call_workers(OUTBOX_CALL, wait=wait, pending=pending)
+
+        def beat_changed(n: int, deadline: float, held: bool) -> None:
+            told = asyncio.ensure_future(call_workers(BEAT_CALL, wait=wait, n=n, deadline=deadline,
+                                                      held=held))
+            telling.add(told)
+            told.add_done_callback(telling.discard)
 
     host, port = settings.listen
     index = runtime.storage.index
     node = ClusterNode(cluster, local_purge, disk.path if disk is not None else None,
                        shared_purge=shared_purge,
                        shared_reset=tier.new_generation if tier is not None else None,
-                       outbox_changed=outbox_changed,
+                       outbox_changed=outbox_changed, beat_changed=beat_changed,
                        info=lambda: {"workers": workers, "listen": f"{host}:{port}"},
                        local_entries=index.count if index is not None else None)
     runtime.metrics.add_collector(node.collect)
@@ -100,9 +135,25 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
 
 def attach_shared(runtime: Runtime) -> SharedTier | None:
     """With ``shared_cache: true``: this process's client of the shared tier, as the engine's
-    ``shared`` (every serving process: the only one, or each worker). None otherwise."""
+    ``shared`` (every serving process: the only one, or each worker). None otherwise. In a
+    worker, also what its supervisor tells it of the node (``WorkerGate``), with or without it."""
     cluster = runtime.settings.cluster
-    if cluster is None or not cluster.shared_cache:
+    if cluster is None:
+        return None
+    control = runtime.control
+    if control is not None and not isinstance(runtime.engine.cluster, WorkerGate):
+        gate = WorkerGate()
+        runtime.engine.cluster = gate
+
+        async def outbox(pending: bool) -> None:
+            gate.invalidations_pending = pending
+
+        async def beat(n: int, deadline: float, held: bool) -> None:
+            gate.told(n, deadline, held)
+
+        control.handlers[OUTBOX_CALL] = outbox
+        control.handlers[BEAT_CALL] = beat
+    if not cluster.shared_cache:
         return None
     from proxy.cluster.shared import SharedTier
 
@@ -110,15 +161,6 @@ def attach_shared(runtime: Runtime) -> SharedTier | None:
         return runtime.engine.shared
     tier = SharedTier(cluster)
     runtime.engine.shared = tier
-    control = runtime.control
-    if control is not None:  # a worker: its supervisor tells it whether its outbox holds anything
-        gate = WorkerGate()
-        runtime.engine.cluster = gate
-
-        async def outbox(pending: bool) -> None:
-            gate.invalidations_pending = pending
-
-        control.handlers[OUTBOX_CALL] = outbox
     runtime.closers.append(tier.close)
     runtime.metrics.add_collector(tier.collect)
     return tier

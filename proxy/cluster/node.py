@@ -2,7 +2,8 @@
 
 One ``ClusterNode`` per node: in the only process, or with ``--workers N`` in the
 supervisor (whose ``purge_here`` already reaches every worker). It never sits on
-the hit path: hits read only the local tiers.
+the hit path beyond one cheap check (``hits_held``: has this node's heartbeat
+lapsed?): hits read only the local tiers.
 
 A purge (admin API, ``PURGE``, or an unsafe method's invalidation arising here):
 
@@ -51,7 +52,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from proxy.cluster import ClusterUnavailable, stream
+from proxy.cluster import HOLD_MAX, ClusterUnavailable, stream
 from proxy.cluster.redis_io import REDIS_DOWN, Names, RedisDataError, client, stored_int
 from proxy.cluster.settings import ClusterSettings
 from proxy.cluster.stream import Flush, Resume, Saved, StreamEntry, Tip
@@ -67,7 +68,6 @@ BLOCK_MS = 1000  # XREAD BLOCK: how long a read waits for new entries
 OUTBOX_MAX = 10_000  # invalidations kept while Redis is unreachable
 EARLY_ACKS_MAX = 10_000
 RECONNECT_DELAY = (0.2, 0.5, 1.0)  # then every second
-HOLD_MAX = 10.0  # seconds a request waits for a node whose heartbeat lapsed to catch up
 
 LocalPurge = Callable[[PurgeSpec], Awaitable[int]]
 
@@ -137,6 +137,7 @@ class ClusterNode:
                  *, shared_purge: Callable[[PurgeSpec], Awaitable[None]] | None = None,
                  shared_reset: Callable[[], Awaitable[None]] | None = None,
                  outbox_changed: Callable[[bool], Awaitable[None]] | None = None,
+                 beat_changed: Callable[[int, float, bool], None] | None = None,
                  info: Callable[[], dict[str, Any]] | None = None,
                  local_entries: Callable[[], int] | None = None) -> None:
         self.settings = settings
@@ -147,6 +148,8 @@ class ClusterNode:
         self._shared_purge = shared_purge
         self._shared_reset = shared_reset  # the shared tier's new generation (SharedTier.new_generation)
         self._outbox_changed = outbox_changed  # tells the workers whether the outbox holds anything
+        self._beat_changed = beat_changed  # tells the workers when its heartbeat expires (WorkerGate)
+        self._beats_told = 0
         self._info = info or dict
         self._local_entries = local_entries  # how many entries the local cache holds (disk)
         self._state_path = os.path.join(state_dir, STATE_FILE) if state_dir else None
@@ -219,6 +222,7 @@ class ClusterNode:
                 await asyncio.wait_for(self._redis.eval(LEAVE, 1, self.names.node(self.name), self.instance),
                                        self.settings.timeout)
         self.state = "stopped"
+        self._beat_deadline = 0.0
         self._release_hits()
         if self._task is not None:
             self._task.cancel()
@@ -349,6 +353,7 @@ class ClusterNode:
             return False
         self._lapsed = True
         self._hits_go.clear()
+        self._tell_beat()
         self._set_state("catching-up", f"its heartbeat lapsed ({late + self._ttl:.1f}s since the last "
                                        "one: the process was stopped or stalled), so purges may have "
                                        "answered without it: catching up before it serves from its cache")
@@ -358,6 +363,14 @@ class ClusterNode:
         """Caught up again (or cut off from Redis, where it serves from its tiers): hits go on."""
         self._lapsed = self._lapse_retried = False
         self._hits_go.set()
+        self._tell_beat()
+
+    def _tell_beat(self) -> None:
+        """Tell the workers (``--workers N``) when this node's heartbeat expires and whether hits
+        wait: they check the clock against it on their hit path as this process does."""
+        if self._beat_changed is not None:
+            self._beats_told += 1
+            self._beat_changed(self._beats_told, self._beat_deadline, self._lapsed)
 
     def hits_held(self) -> bool:
         """Whether hits must wait (``Engine``: on the hit path, so cheap): this node's heartbeat
@@ -722,6 +735,7 @@ class ClusterNode:
             log.error("cluster: another process also runs as node %r (%s): both go on, but purges may "
                       "count one's acknowledgement as the other's; give each node its own cluster.node",
                       self.name, _who(other))
+        self._tell_beat()
 
     async def _heartbeats(self) -> None:
         while not self._closing:

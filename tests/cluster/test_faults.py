@@ -323,3 +323,31 @@ async def test_a_node_stopped_past_its_heartbeat_serves_nothing_purged_meanwhile
         assert sum(v for (name, _), v in m.items() if name == "cachegate_cluster_full_purges_total") == 0
     finally:
         await nodes.stop_all()
+
+
+async def test_the_workers_of_a_node_whose_supervisor_is_stopped_past_its_heartbeat_wait_for_it(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """With --workers 2 the node's member is the supervisor: stopped past its heartbeat's TTL, a
+    purge answers 200 without the node, and its workers, which go on running, hold hits until it
+    runs again and has caught up."""
+    versioned(origin, "/p")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
+    try:
+        a, c = await asyncio.gather(nodes.start("a"), nodes.start("c", "--workers", "2"))
+        await a.get("/p")
+        old = (await c.get("/p")).body
+        await wait_until(lambda: _hit(c, "/p"))
+        c.send(signal.SIGSTOP)  # the supervisor alone
+        try:
+            await wait_until(lambda: _live_count(a, 1), wait=5)
+            status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+            assert status == 200 and set(answer["nodes"]) == {"a"}, answer
+            waiting = [asyncio.ensure_future(c.get("/p")) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            assert not any(w.done() for w in waiting)
+        finally:
+            c.send(signal.SIGCONT)
+        for r in [*await asyncio.gather(*waiting), await c.get("/p")]:
+            assert r.body != old, f"c served what a purge that answered 200 without it removed ({r.x_cache})"
+    finally:
+        await nodes.stop_all()
