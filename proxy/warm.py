@@ -11,7 +11,8 @@ Sources, all combined and deduplicated: ``--sitemap URL`` (a ``urlset``, or a
 ``sitemapindex`` whose sitemaps are fetched in turn, through the proxy too; gzip
 accepted, read up to ``MAX_SITEMAP_BYTES`` compressed and uncompressed; documents with a
 DOCTYPE are refused by the parser, in any encoding, so no entity can expand; at most
-``MAX_SITEMAP_URLS`` URLs in all), ``--urls
+``MAX_SITEMAP_URLS`` URLs in all; parsed ``PARSE_CHUNK`` at a time, in linear time, the event
+loop (and so Ctrl-C) running between slices), ``--urls
 FILE`` (one URL or path a line, ``#`` comments; ``-`` is standard input) and
 ``--from-access-log FILE`` (GET/HEAD request lines of the common, combined or
 cachegate format with a status below 400, most requested first).
@@ -40,7 +41,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import quote, urlsplit
@@ -48,6 +49,7 @@ from xml.parsers import expat
 
 MAX_SITEMAP_BYTES = 50 * 1024 * 1024  # the sitemaps.org limit for one sitemap, uncompressed
 READ_CHUNK = 1 << 16  # answers are read this much at a time, never whole
+PARSE_CHUNK = 1 << 16  # a sitemap is parsed this much at a time, the event loop running in between
 MAX_SITEMAP_URLS = 1_000_000  # URLs taken from all the sitemaps of a run (pages and sitemaps)
 MAX_URL_LENGTH = 8192  # characters of one <loc> kept (sitemaps.org: under 2,048)
 MAX_SITEMAP_DEPTH = 4  # sitemap index -> sitemap index -> ... -> urlset
@@ -144,13 +146,109 @@ class _Stop(Exception):
     """Enough URLs: the parse ends early."""
 
 
-def parse_sitemap(body: bytes, room: int = MAX_SITEMAP_URLS) -> tuple[list[str], list[str]]:
-    """A sitemap's (page URLs, nested sitemap URLs), at most ``room + 1`` of them (the caller
-    tells more than ``room`` from that); WarmError when it is not one.
+class _SitemapReader:
+    """An incremental sitemap parse: ``feed`` it the document a piece at a time, then ``result``.
 
     Read with expat directly, in whatever encoding the document declares (UTF-16 too); any
     document type declaration is refused by the parser itself, so no entity can be declared,
-    let alone expand.
+    let alone expand. The work is linear in the document: a ``<loc>`` split into many pieces
+    (lines, character references) keeps a running length, never re-measures what it has."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.parser = expat.ParserCreate(namespace_separator="}")
+        self.kind: str | None = None
+        self.depth = 0
+        self.in_entry = self.in_loc = False
+        self.text: list[str] = []
+        self.text_length = 0  # characters in ``text``
+        self.locs: list[str] = []
+        self.done = False  # enough URLs: the rest of the document is not read
+        parser = self.parser
+        parser.StartDoctypeDeclHandler = self._doctype
+        parser.EntityDeclHandler = self._doctype
+        parser.StartElementHandler = self._start
+        parser.EndElementHandler = self._end
+        parser.CharacterDataHandler = self._chars
+
+    @staticmethod
+    def _doctype(*_: Any) -> None:
+        raise WarmError("sitemap has a DOCTYPE (refused: entities could expand without bound)")
+
+    def _start(self, name: str, _attrs: Any) -> None:
+        self.depth += 1
+        local = _local(name)
+        if self.depth == 1:
+            self.kind = local
+        elif self.depth == 2:
+            self.in_entry = (self.kind, local) in (("urlset", "url"), ("sitemapindex", "sitemap"))
+        elif self.depth == 3 and self.in_entry and local == "loc":
+            self.in_loc = True
+            self.text.clear()
+            self.text_length = 0
+
+    def _end(self, _name: str) -> None:
+        if self.depth == 3 and self.in_loc:
+            self.in_loc = False
+            loc = "".join(self.text).strip()
+            if loc:
+                self.locs.append(loc)
+                if len(self.locs) > self.room:
+                    raise _Stop
+        elif self.depth == 2:
+            self.in_entry = False
+        self.depth -= 1
+
+    def _chars(self, data: str) -> None:
+        if self.in_loc and self.text_length <= MAX_URL_LENGTH:  # a longer one is kept cut, never grown
+            self.text.append(data)
+            self.text_length += len(data)
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        if self.done:
+            return
+        try:
+            self.parser.Parse(data, final)
+        except _Stop:
+            self.done = True
+        except (expat.ExpatError, ValueError) as exc:  # ValueError: an encoding expat cannot read
+            raise WarmError(f"not XML: {exc}") from None
+
+    def result(self) -> tuple[list[str], list[str]]:
+        if self.kind not in ("urlset", "sitemapindex"):
+            raise WarmError(f"not a sitemap: the root element is <{self.kind}>, "
+                            "not <urlset> or <sitemapindex>")
+        return (self.locs, []) if self.kind == "urlset" else ([], self.locs)
+
+
+def _pieces(body: bytes) -> Iterator[bytes]:
+    """``body`` in ``PARSE_CHUNK`` pieces, gunzipped as it goes when it is gzip; WarmError past
+    ``MAX_SITEMAP_BYTES`` uncompressed (nothing beyond is decompressed)."""
+    if body[:2] != b"\x1f\x8b":
+        if len(body) > MAX_SITEMAP_BYTES:
+            raise WarmError(f"sitemap larger than {MAX_SITEMAP_BYTES} bytes")
+        for at in range(0, len(body), PARSE_CHUNK):
+            yield body[at:at + PARSE_CHUNK]
+        return
+    total = 0
+    with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
+        while True:
+            try:
+                piece = f.read(PARSE_CHUNK)
+            except (OSError, EOFError) as exc:
+                raise WarmError(f"bad gzip: {exc}") from None
+            if not piece:
+                return
+            total += len(piece)
+            if total > MAX_SITEMAP_BYTES:
+                raise WarmError(f"sitemap larger than {MAX_SITEMAP_BYTES} bytes")
+            yield piece
+
+
+def parse_sitemap(body: bytes, room: int = MAX_SITEMAP_URLS) -> tuple[list[str], list[str]]:
+    """A sitemap's (page URLs, nested sitemap URLs), at most ``room + 1`` of them (the caller
+    tells more than ``room`` from that); WarmError when it is not one. ``read_sitemap`` is the
+    same parse in slices that let the event loop run (and Ctrl-C stop it) in between.
 
     >>> parse_sitemap(b'<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">'
     ...               b'<url><loc> https://a.example/x </loc></url></urlset>')
@@ -163,72 +261,26 @@ def parse_sitemap(body: bytes, room: int = MAX_SITEMAP_URLS) -> tuple[list[str],
     ...     print(exc)
     sitemap has a DOCTYPE (refused: entities could expand without bound)
     """
-    if body[:2] == b"\x1f\x8b":
-        body = _gunzip(body)
-    if len(body) > MAX_SITEMAP_BYTES:
-        raise WarmError(f"sitemap larger than {MAX_SITEMAP_BYTES} bytes")
-    parser = expat.ParserCreate(namespace_separator="}")
-    kind: str | None = None
-    depth = 0
-    in_entry = in_loc = False
-    text: list[str] = []
-    locs: list[str] = []
-
-    def doctype(*_: Any) -> None:
-        raise WarmError("sitemap has a DOCTYPE (refused: entities could expand without bound)")
-
-    def start(name: str, _attrs: Any) -> None:
-        nonlocal kind, depth, in_entry, in_loc
-        depth += 1
-        local = _local(name)
-        if depth == 1:
-            kind = local
-        elif depth == 2:
-            in_entry = (kind, local) in (("urlset", "url"), ("sitemapindex", "sitemap"))
-        elif depth == 3 and in_entry and local == "loc":
-            in_loc = True
-            text.clear()
-
-    def end(_name: str) -> None:
-        nonlocal depth, in_entry, in_loc
-        if depth == 3 and in_loc:
-            in_loc = False
-            loc = "".join(text).strip()
-            if loc:
-                locs.append(loc)
-                if len(locs) > room:
-                    raise _Stop
-        elif depth == 2:
-            in_entry = False
-        depth -= 1
-
-    def chars(data: str) -> None:
-        if in_loc and sum(map(len, text)) <= MAX_URL_LENGTH:  # a longer one is kept cut, never grown
-            text.append(data)
-
-    parser.StartDoctypeDeclHandler = doctype
-    parser.EntityDeclHandler = doctype
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = chars
-    try:
-        parser.Parse(body, True)
-    except _Stop:
-        pass
-    except (expat.ExpatError, ValueError) as exc:  # ValueError: an encoding expat cannot read
-        raise WarmError(f"not XML: {exc}") from None
-    if kind not in ("urlset", "sitemapindex"):
-        raise WarmError(f"not a sitemap: the root element is <{kind}>, not <urlset> or <sitemapindex>")
-    return (locs, []) if kind == "urlset" else ([], locs)
+    reader = _SitemapReader(room)
+    for piece in _pieces(body):
+        reader.feed(piece)
+        if reader.done:
+            break
+    reader.feed(b"", final=True)
+    return reader.result()
 
 
-def _gunzip(body: bytes) -> bytes:
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
-            out = f.read(MAX_SITEMAP_BYTES + 1)
-    except (OSError, EOFError) as exc:
-        raise WarmError(f"bad gzip: {exc}") from None
-    return out
+async def read_sitemap(body: bytes, room: int = MAX_SITEMAP_URLS) -> tuple[list[str], list[str]]:
+    """``parse_sitemap``, yielding to the event loop after every ``PARSE_CHUNK`` of the document
+    (decompressed), so a 50 MB sitemap neither holds the loop nor outlasts a Ctrl-C."""
+    reader = _SitemapReader(room)
+    for piece in _pieces(body):
+        reader.feed(piece)
+        if reader.done:
+            break
+        await asyncio.sleep(0)
+    reader.feed(b"", final=True)
+    return reader.result()
 
 
 def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str]],
@@ -543,7 +595,7 @@ class Warmer:
                     if status >= 400:
                         raise WarmError(f"HTTP {status}")
                     room = MAX_SITEMAP_URLS - taken
-                    pages, more = parse_sitemap(body, room)
+                    pages, more = await read_sitemap(body, room)
                 except Exception as exc:  # WarmError, or a failed request (aiohttp's errors)
                     tally.total += 1
                     tally.add(Outcome("error", f"sitemap: {_error_kind(exc)}"), sitemap)
@@ -688,4 +740,4 @@ def _error_kind(exc: BaseException) -> str:
 
 
 __all__ = ["Target", "WarmError", "WarmOptions", "Warmer", "classify", "parse_access_log",
-           "parse_sitemap", "parse_url_list", "summary", "targets_for"]
+           "parse_sitemap", "parse_url_list", "read_sitemap", "summary", "targets_for"]

@@ -373,6 +373,104 @@ async def test_urls_taken_from_all_sitemaps_are_capped(
 
 
 
+# -- a sitemap's parse: linear, and in slices the event loop (and Ctrl-C) gets between ---------
+
+
+class _Served(warm_module.Warmer):
+    """A Warmer whose fetch answers from a dict, so the parse alone is what runs."""
+
+    def __init__(self, bodies: dict[str, bytes]) -> None:
+        super().__init__(warm_module.WarmOptions(proxy="http://127.0.0.1:9", progress="none"))
+        self.bodies = bodies
+
+    async def fetch(self, session: object, target: warm_module.Target,
+                    keep: int | None = None) -> tuple[int, object, bytes]:
+        return 200, {}, self.bodies[target.url]
+
+
+async def test_a_big_sitemap_is_parsed_in_slices_the_loop_runs_between() -> None:
+    """The loop turns many times during one big sitemap's parse (once per PARSE_CHUNK at
+    least), and cancelling it stops the parse before the end."""
+    body = urlset([f"http://a.example/p{i}" for i in range(40_000)]).encode()
+    slices = len(body) // warm_module.PARSE_CHUNK
+    assert slices >= 20
+    warmer = _Served({"/big.xml": body, "/big.xml.gz": gzip.compress(body)})
+
+    async def ticker(parsed: asyncio.Event) -> int:
+        turns = 0
+        while not parsed.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+        return turns
+
+    for name in ("/big.xml", "/big.xml.gz"):
+        parsed = asyncio.Event()
+        tick = asyncio.ensure_future(ticker(parsed))
+        tally = warm_module.Tally(total=0)
+        urls = await warmer.sitemap_urls(None, [name], tally)
+        parsed.set()
+        turns = await tick
+        assert len(urls) == 40_000 and tally.done == 0
+        assert turns >= slices - 1, (name, turns, slices)
+
+    # Cancelled after a few turns of the loop: the parse ends there, it does not run to the end.
+    seen: list[int] = []
+    real = warm_module._SitemapReader.feed
+
+    def counted(reader: warm_module._SitemapReader, data: bytes, final: bool = False) -> None:
+        seen.append(len(data))
+        real(reader, data, final)
+
+    warm_module._SitemapReader.feed = counted  # type: ignore[method-assign]
+    try:
+        task = asyncio.ensure_future(warmer.sitemap_urls(None, ["/big.xml"], warm_module.Tally(total=0)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        warm_module._SitemapReader.feed = real  # type: ignore[method-assign]
+    assert 0 < len(seen) < slices // 2
+
+
+@pytest.mark.slow
+async def test_a_sitemap_of_many_pieces_is_parsed_in_linear_time_and_ctrl_c_stops_warm(
+        origin: Origin, proxy: Proxy) -> None:
+    """One <loc> of 200,000 character references (a 1 MB sitemap; 50 MB are allowed) reaches
+    the parser as 200,000 pieces of text. Its parse is linear in them: warm gets to the page
+    listed after it at once (a parse that re-measured the text so far on every piece was still
+    at it minutes later), and Ctrl-C then stops warm at once."""
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(body=b"h", headers={"Cache-Control": "max-age=600"})
+
+    origin.route("/hang", hang)
+    body = (b"<urlset><url><loc>http://a.example/" + b"&#97;" * 200_000 + b"</loc></url>"
+            + f"<url><loc>{proxy.url}/hang</loc></url></urlset>".encode())
+    origin.route("/refs.xml", body=body, headers={"Cache-Control": "no-store"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "warm", "--proxy", proxy.url, "--sitemap", f"{proxy.url}/refs.xml",
+        "--concurrency", "1", "--progress", "none", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(600):  # generous: the parse takes about 0.1 s
+            if origin.count("/hang"):
+                break
+            await asyncio.sleep(0.05)
+        assert origin.count("/hang") == 1, "the sitemap's parse did not end within 30 s"
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        release.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert b"1 of 2 requests" in out and b"(interrupted)" in out  # the long URL, then /hang cut short
+
+
 
 # -- what an origin says about caching --------------------------------------------------------------
 
