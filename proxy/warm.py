@@ -5,7 +5,8 @@ rules, keys, coalescing and storage decide exactly as they do for clients: warmi
 cannot store anything a client's request would not. An absolute URL's host becomes
 the ``Host`` header (and ``https`` URLs carry ``X-Forwarded-Proto: https``, which
 cachegate honours only from ``trusted_proxies``); a path (from a URL file or an
-access log) goes to ``--host``, else to the proxy's own address.
+access log: anything that starts with ``/``, ``//other.example/x`` included) is sent as
+written to ``--host``, else to the proxy's own address.
 
 Sources, all combined and deduplicated: ``--sitemap URL`` (a ``urlset``, or a
 ``sitemapindex`` whose sitemaps are fetched in turn, through the proxy too; gzip
@@ -535,22 +536,25 @@ class Warmer:
 
     def _request_of(self, target: Target) -> tuple[str, dict[str, str]]:
         """Where to send ``target`` and with which headers (Host from the URL)."""
-        split = urlsplit(target.url)
         headers = {"User-Agent": USER_AGENT}
-        if split.scheme and split.netloc:
+        if target.url.startswith("/"):
+            # A path is sent as written: '//evil.example/x' is a path of its own (the proxy, purge
+            # and explain keep it so), not a URL of host evil.example, as urlsplit would read it.
+            host = self._default_host
+            path = target.url.split("#", 1)[0]
+        else:
+            split = urlsplit(target.url)
+            if not (split.scheme and split.netloc):
+                raise WarmError(f"not a URL or path: {target.url!r}")
             host = split.netloc
             if split.scheme == "https":
                 headers["X-Forwarded-Proto"] = "https"
-        elif target.url.startswith("/"):
-            host = self._default_host
-        else:
-            raise WarmError(f"not a URL or path: {target.url!r}")
-        if not split.query and "?" in target.url.split("#", 1)[0]:
+            path = split.path or "/"
+            if "?" in target.url.split("#", 1)[0]:
+                path += "?" + split.query
+        if path.endswith("?") and "?" not in path[:-1]:
             # /search? is a key apart from /search, and aiohttp's client drops an empty query
             raise WarmError(EMPTY_QUERY)
-        path = split.path or "/"
-        if split.query:
-            path += "?" + split.query
         headers["Host"] = host
         for k, v in target.headers:
             headers[k] = v

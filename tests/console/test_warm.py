@@ -257,6 +257,27 @@ async def test_an_unreachable_proxy_is_counted_as_errors_by_kind() -> None:
     assert "(connection refused 2)" in out
 
 
+@pytest.mark.slow
+async def test_a_path_starting_with_two_slashes_is_warmed_as_written(
+        origin: Origin, proxy: Proxy, tmp_path: Path) -> None:
+    """'//evil.example/x' is a path of its own for the proxy (and purge and explain): warm
+    requests that path, from a URL file and from access logs (combined and cachegate's JSON),
+    never '/x' (another key)."""
+    for path in ("//evil.example/wd", "//evil.example/alx", "//evil.example/js", "//e/abs", "/wd", "/alx", "/js"):
+        origin.route(path, body=b"x", headers={"Cache-Control": "max-age=600"})
+    log = tmp_path / "access.log"
+    log.write_text('127.0.0.1 - - [26/Nov/2026:13:40:05 +0000] "GET //evil.example/alx HTTP/1.1" 200 2 "-" "c"\n'
+                   '{"method":"GET","host":"shop.example","path":"//evil.example/js","status":200}\n')
+    code, out, err = await warm("--proxy", proxy.url, "--host", "shop.example", "--urls", "-",
+                                "--from-access-log", str(log), "--progress", "none",
+                                stdin=b"//evil.example/wd\nhttp://shop.example//e/abs\n")
+    assert code == 0, (out, err)
+    assert [origin.count(p) for p in ("//evil.example/wd", "//evil.example/alx", "//evil.example/js",
+                                      "//e/abs")] == [1, 1, 1, 1]
+    assert all(origin.count(p) == 0 for p in ("/wd", "/alx", "/js", "/abs"))
+    assert "stored                4" in out, out
+
+
 # -- bounded memory ---------------------------------------------------------------------------
 
 # Runs its arguments and reports the peak RSS of that child alone (this process's only child).
