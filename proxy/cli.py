@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -139,10 +140,37 @@ def _rate(text: str) -> float:
     try:
         rate = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (write 50 or 50/s)") from None
-    if rate < 0:
-        raise argparse.ArgumentTypeError("the rate cannot be negative")
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError(f"takes a number of requests a second above 0, such as 50 or 50/s, "
+                                         f"not {text!r}")
     return rate
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0, such as 30 or 0.5, "
+                                         f"not {text!r}")
+    return seconds
+
+
+def _whole(least: int) -> Any:
+    """An argparse type: a whole number of at least ``least``."""
+
+    def whole(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = least - 1
+        if n < least:
+            raise argparse.ArgumentTypeError(f"takes a whole number of {least} or more, not {text!r}")
+        return n
+
+    return whole
 
 
 def _read_source(name: str) -> str:
@@ -201,11 +229,16 @@ def cmd_warm(args: argparse.Namespace) -> int:
         print("cachegate warm: nothing to warm: give --sitemap URL, --urls FILE (- for stdin) or "
               "--from-access-log FILE", file=sys.stderr)
         return EXIT_USAGE
-    options = WarmOptions(proxy=proxy, host=args.host, concurrency=args.concurrency, rate=args.rate,
+    options = WarmOptions(proxy=proxy, host=args.host, concurrency=args.concurrency, rate=args.rate or 0.0,
                           timeout=args.timeout, progress=args.progress,
                           progress_every=max(0.1, args.progress_interval))
     try:
         warmer = Warmer(options)
+        for sitemap in args.sitemap:
+            try:
+                warmer.check(sitemap)
+            except WarmError as exc:
+                raise WarmError(f"--sitemap {sitemap!r}: {exc}") from None
         tally, seconds, interrupted = run_async(
             warmer.run(lambda found: targets_for([*found, *urls], headers, variants), args.sitemap))
     except WarmError as exc:
@@ -407,20 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "http://127.0.0.1:8080)")
     where.add_argument("--config", "-c", metavar="FILE", help="take the proxy's address from this config")
     p.add_argument("--host", metavar="HOST", help="the Host for paths (default: the proxy's address)")
-    p.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests at once (default 8)")
-    p.add_argument("--rate", type=_rate, default=0.0, metavar="R/s",
+    p.add_argument("--concurrency", type=_whole(1), default=8, metavar="N",
+                   help="requests at once (default 8)")
+    p.add_argument("--rate", type=_rate, default=None, metavar="R/s",
                    help="at most R requests a second (default: no limit)")
     p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="a header for every request, repeatable")
     p.add_argument("--variants", action="append", default=[], metavar="'NAME: VALUE'",
                    help="request each URL once per variant header, e.g. 'Accept-Encoding: gzip', "
                         "repeatable")
-    p.add_argument("--max-errors", type=int, default=0, metavar="N",
+    p.add_argument("--max-errors", type=_whole(0), default=0, metavar="N",
                    help="exit 1 when there are more errors than this (default 0)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per request")
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="per request (default 30)")
     p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                    help="a progress bar on a terminal, plain lines otherwise (auto)")
-    p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--progress-interval", type=_seconds, default=5.0, metavar="SECONDS",
                    help="seconds between plain progress lines (default 5)")
     p.set_defaults(func=cmd_warm)
 

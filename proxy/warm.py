@@ -306,6 +306,8 @@ _DETAIL = re.compile(r';\s*detail=("(?:[^"\\]|\\.)*"|[^;,\s]+)')
 
 
 EMPTY_QUERY = "an empty query ('?') cannot be sent"
+USERINFO = "a URL with user:password@ is refused (it would be sent in the Host header)"
+OPEN_BRACKET = "not a valid URL: the '[' of an IPv6 address is not closed by ']'"
 
 
 def sendable(target: str) -> str:
@@ -446,6 +448,18 @@ def _shown(text: str) -> str:
     return shown(text)
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def _hide_userinfo(url: str) -> str:
+    """``url`` with its ``user:password@`` (refused, never sent) masked, not printed.
+
+    >>> _hide_userinfo("http://u:pw@shop.example/a"), _hide_userinfo("/a@b")
+    ('http://***@shop.example/a', '/a@b')
+    """
+    return _USERINFO.sub(r"\g<1>***@", url)
+
+
 def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str]:
     rate = t.done / seconds if seconds > 0 else 0.0
     head = f"cachegate warm: {t.done} of {t.total} requests in {seconds:.1f} s ({rate:.1f}/s) through {proxy}"
@@ -461,7 +475,7 @@ def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str
             extra = f"  ({_breakdown(t.errors)})"
         lines.append(f"  {label:<16}{t.counts[kind]:>7}{extra}")
     for kind, url in sorted(t.examples.items()):
-        lines.append(f"  {_shown(kind)}: e.g. {_shown(url)}")
+        lines.append(f"  {_shown(kind)}: e.g. {_shown(_hide_userinfo(url))}")
     return lines
 
 
@@ -528,14 +542,24 @@ class Warmer:
         self.options = options
         self.out = out
         self.err = err
-        split = urlsplit(options.proxy)
-        if split.scheme not in ("http", "https") or not split.netloc:
-            raise WarmError(f"--proxy must be a URL like http://127.0.0.1:8080, not {options.proxy!r}")
+        try:
+            split = urlsplit(options.proxy)
+        except ValueError:  # an unclosed IPv6 bracket
+            split = urlsplit("")
+        if split.scheme not in ("http", "https") or not split.netloc or "@" in split.netloc:
+            raise WarmError(f"--proxy must be a URL like http://127.0.0.1:8080 (no user:password@), "
+                            f"not {_hide_userinfo(options.proxy)!r}")
         self._base = f"{split.scheme}://{split.netloc}"
         self._default_host = options.host or split.netloc
 
+    def check(self, url: str) -> None:
+        """WarmError when ``url`` cannot be requested (what a request for it would count as)."""
+        self._request_of(Target(url))
+
     def _request_of(self, target: Target) -> tuple[str, dict[str, str]]:
-        """Where to send ``target`` and with which headers (Host from the URL)."""
+        """Where to send ``target`` and with which headers (Host from the URL); WarmError when
+        it cannot be sent: not a URL or path, an empty query, user info (``user:pw@``, which
+        would land in the Host header and the access log)."""
         headers = {"User-Agent": USER_AGENT}
         if target.url.startswith("/"):
             # A path is sent as written: '//evil.example/x' is a path of its own (the proxy, purge
@@ -543,9 +567,16 @@ class Warmer:
             host = self._default_host
             path = target.url.split("#", 1)[0]
         else:
-            split = urlsplit(target.url)
+            try:
+                split = urlsplit(target.url)
+            except ValueError as exc:
+                if "IPv6" in str(exc):  # 'http://[::1/x'
+                    raise WarmError(OPEN_BRACKET) from None
+                raise WarmError(f"not a valid URL ({exc})") from None
             if not (split.scheme and split.netloc):
                 raise WarmError(f"not a URL or path: {target.url!r}")
+            if "@" in split.netloc:
+                raise WarmError(USERINFO)
             host = split.netloc
             if split.scheme == "https":
                 headers["X-Forwarded-Proto"] = "https"

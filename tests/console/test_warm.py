@@ -278,6 +278,49 @@ async def test_a_path_starting_with_two_slashes_is_warmed_as_written(
     assert "stored                4" in out, out
 
 
+@pytest.mark.parametrize(("option", "value", "accepts"), [
+    ("--concurrency", "0", "a whole number of 1 or more"), ("--concurrency", "-1", "a whole number of 1 or more"),
+    ("--rate", "0", "a number of requests a second above 0"), ("--rate", "nan", "a number of requests a second above 0"),
+    ("--rate", "inf/s", "a number of requests a second above 0"), ("--timeout", "0", "a number of seconds above 0"),
+    ("--timeout", "nan", "a number of seconds above 0"), ("--max-errors", "-1", "a whole number of 0 or more"),
+    ("--progress-interval", "nan", "a number of seconds above 0"),
+])
+def test_a_bad_option_value_is_a_usage_error_naming_the_option(
+        option: str, value: str, accepts: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["warm", "--proxy", "http://127.0.0.1:9", "--sitemap", "http://a.example/s.xml", option, value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: takes {accepts}" in err and repr(value) in err, err
+
+
+def test_urls_with_user_info_or_an_open_ipv6_bracket_are_refused_with_the_reason(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    warmer = warm_module.Warmer(warm_module.WarmOptions(proxy="http://127.0.0.1:9"))
+    with pytest.raises(WarmError, match=r"user:password@ is refused"):
+        warmer._request_of(warm_module.Target("http://user:pw@shop.example/a"))  # the Host would carry it
+    with pytest.raises(WarmError, match=r"the '\[' of an IPv6 address is not closed"):
+        warmer._request_of(warm_module.Target("http://[::1/x"))
+    assert warmer._request_of(warm_module.Target("http://shop.example/a@b"))[1]["Host"] == "shop.example"
+    with pytest.raises(WarmError, match=r"no user:password@"):
+        warm_module.Warmer(warm_module.WarmOptions(proxy="http://user:pw@127.0.0.1:9"))
+    with pytest.raises(WarmError, match=r"--proxy must be"):
+        warm_module.Warmer(warm_module.WarmOptions(proxy="http://[::1"))
+    # On the command line: a usage error, before anything is sent (the proxy's password not repeated).
+    assert main(["warm", "--proxy", "http://127.0.0.1:9", "--sitemap", "http://user:pw@a.example/s.xml"]) == 2
+    assert "user:password@ is refused" in capsys.readouterr().err
+    assert main(["warm", "--proxy", "http://user:pw@127.0.0.1:9", "--sitemap", "http://a.example/s.xml"]) == 2
+    err = capsys.readouterr().err
+    assert "--proxy must be" in err and "pw" not in err, err
+    tally = warm_module.Tally(total=1)
+    tally.add(Outcome("error", warm_module.USERINFO), "http://user:pw@shop.example/a")
+    assert "e.g. http://***@shop.example/a" in "\n".join(warm_module.summary(tally, 1.0, "p", False))
+
+
 # -- bounded memory ---------------------------------------------------------------------------
 
 # Runs its arguments and reports the peak RSS of that child alone (this process's only child).
