@@ -2,7 +2,9 @@
 
 It speaks JSON to the admin listener with the token in ``Authorization: Bearer``
 and turns every failure (refused connection, timeout, a 3xx/4xx/5xx answer) into one
-``AdminClientError`` whose message is what the server said. The timeout bounds the whole
+``AdminClientError`` whose message is what the server said, shown as ``proxy.shown`` shows
+text from elsewhere (a terminal control in it is written as an escape, never sent to the
+operator's terminal as it is). The timeout bounds the whole
 exchange, not each read: an answer dripped slowly still ends at it. A redirect is not followed: the
 request carries the token, which must reach the admin listener named and nothing else.
 """
@@ -19,9 +21,14 @@ import urllib.request
 from email.message import Message
 from typing import IO, Any
 
+from proxy.shown import shown
+
 
 class AdminClientError(Exception):
-    pass
+    """A failed call; its message, which quotes the server, is safe to print (``shown``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(shown(message))
 
 
 def admin_url_of(listen: tuple[str, int]) -> str:
@@ -106,7 +113,8 @@ def _handlers(deadline: _Deadline) -> list[urllib.request.BaseHandler]:
 
 def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
                timeout: float = 60.0) -> str:
-    """Send ``body`` as JSON; the answer's text on 2xx, else AdminClientError with the error.
+    """Send ``body`` as JSON; the answer's text on 2xx (as the server sent it: what prints it
+    shows it with ``shown``), else AdminClientError with the error.
     ``timeout`` bounds the whole exchange, from connecting to the answer's last byte."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)

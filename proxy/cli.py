@@ -90,6 +90,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     """Call ``POST /purge`` on the admin API; print its JSON answer, or its error and exit 1."""
     from proxy.admin_client import AdminClientError, call_admin
+    from proxy.shown import shown
 
     spec: dict[str, Any] = {}
     if args.urls:
@@ -114,11 +115,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
     except AdminClientError as exc:
         print(f"cachegate purge: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    print(answer)
+    print(shown(answer))  # the server's answer: a terminal control in it is printed escaped
     missing = _missing_nodes(answer)
     if missing:
         # Cluster mode, 202: the purge is made, but not yet everywhere.
-        print(f"cachegate purge: not acknowledged within cluster.ack_timeout by {', '.join(missing)} "
+        print(f"cachegate purge: not acknowledged within cluster.ack_timeout by {shown(', '.join(missing))} "
               "(they apply it once they read the cluster's purge stream; GET /cluster shows them)",
               file=sys.stderr)
         return EXIT_FAILURE

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from proxy.admin_client import AdminClientError, call_admin
+from proxy.shown import same_width, shown
 
 STATUS_ORDER = ("HIT", "STALE", "UPDATING", "REVALIDATED", "EXPIRED", "MISS", "BYPASS", "ERROR")
 RATE_WINDOW = 5  # seconds the requests/s figures average over
@@ -91,9 +92,10 @@ def _fit(text: str, width: int) -> str:
 
 def _shown(text: str) -> str:
     """``text`` with what a terminal would act on rather than show (C0 and C1 controls such as
-    ESC or U+009B, bidi overrides) replaced by U+FFFD: URLs, reasons and names come from
-    clients and origins, and must not move the cursor or recolour the operator's screen."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in text)
+    ESC or U+009B, bidi overrides) replaced by U+FFFD, one for one (``proxy.shown.same_width``):
+    URLs, reasons and names come from clients and origins, and must not move the cursor or
+    recolour the operator's screen."""
+    return same_width(text)
 
 
 def _url_cell(url: str, width: int) -> str:
@@ -282,7 +284,8 @@ def terminal(fd: int) -> Iterator[None]:
 
 def _frame(feed: Feed, error: str | None, size: os.terminal_size) -> list[str]:
     if feed.live is None:
-        return [f"cachegate top — {feed.options.admin}", f"! {error}" if error else "connecting…", "q quit"]
+        return [f"cachegate top — {feed.options.admin}", f"! {_shown(error)}" if error else "connecting…",
+                "q quit"]
     return render(feed.live, feed.points, feed.options.admin, size.columns, size.lines, feed.cluster, error,
                   time.strftime("%H:%M:%S"))
 
@@ -303,7 +306,7 @@ def run_top(options: TopOptions, once: bool = False, out: IO[str] = sys.stdout) 
             except AdminClientError as exc:
                 if str(exc).startswith("401"):
                     out.write(LEAVE)
-                    print(f"cachegate top: {exc}; set CACHEGATE_ADMIN_TOKEN", file=sys.stderr)
+                    print(f"cachegate top: {shown(str(exc))}; set CACHEGATE_ADMIN_TOKEN", file=sys.stderr)
                     return 1
                 error = str(exc)
             size = shutil.get_terminal_size()
@@ -328,7 +331,7 @@ def _run_plain(feed: Feed, once: bool, out: IO[str]) -> int:
         try:
             feed.poll()
         except AdminClientError as exc:
-            print(f"cachegate top: {exc}", file=sys.stderr)
+            print(f"cachegate top: {shown(str(exc))}", file=sys.stderr)
             if once or str(exc).startswith("401"):
                 return 1
         if feed.live is not None:

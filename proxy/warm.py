@@ -442,10 +442,11 @@ def _breakdown(c: collections.Counter[str]) -> str:
 
 def _shown(text: str) -> str:
     """What ``cachegate top`` shows of text from origins and sitemaps: controls and bidi
-    overrides replaced, so nothing printed can move the cursor or recolour the terminal."""
-    from proxy.top import _shown as shown
+    overrides replaced (``proxy.shown.same_width``), so nothing printed can move the cursor or
+    recolour the terminal."""
+    from proxy.shown import same_width
 
-    return shown(text)
+    return same_width(text)
 
 
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")

@@ -13,7 +13,8 @@ from proxy.metrics import ClusterMetrics, Metrics, RequestWindow, hit_ratio, ren
 from proxy.purge import PurgeSpec, host_matches, parse_purge, tags_from_headers
 
 
-@pytest.mark.parametrize("name", ["proxy.purge", "proxy.admin_client", "proxy.explain", "proxy.metrics"])
+@pytest.mark.parametrize("name", ["proxy.purge", "proxy.admin_client", "proxy.explain", "proxy.metrics",
+                                  "proxy.shown"])
 def test_docstring_examples_hold(name: str) -> None:
     assert doctest.testmod(importlib.import_module(name)).failed == 0
 

@@ -267,6 +267,11 @@ async def test_warm_and_top_against_two_workers(origin: Origin, tmp_path: Path) 
 # -- an admin API that answers badly ---------------------------------------------------------------
 
 
+HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mRED\x9b1m\u202eevil"
+HOSTILE_SHOWN = "\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31mRED\\x9b1m\\u202eevil"  # each control escaped
+RAW = ("\x1b]", "\x07", "\x1b[2J", "\x1b[31m", "\x9b", "\u202e")  # what must never reach the terminal
+
+
 class BadAdmin:
     """An HTTP server standing in for the admin API: each request to /console/api/live (and
     /purge) gets the next answer of ``answers`` (the last one repeats)."""
@@ -282,6 +287,10 @@ class BadAdmin:
         self.seen += 1
         if kind == "garbage":
             return web.Response(text="<html>not the admin API</html>", content_type="text/html")
+        if kind in ("escapes", "escapes 401"):  # a window title, a cleared screen, red
+            return web.json_response({"error": "bad " + HOSTILE}, status=400 if kind == "escapes" else 401)
+        if kind == "escapes 200":
+            return web.Response(text='{"purged": 0, "note": "' + HOSTILE + '"}', content_type="application/json")
         if kind == "partial":
             return web.json_response({"seq": 1, "points": []})
         if kind == "wrong types":
@@ -359,3 +368,50 @@ async def test_purge_gives_up_on_an_answer_that_never_ends() -> None:
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode != 0
     assert f"cachegate purge: the admin API at {url} did not answer within 2 s" in err.decode(), err
+
+
+async def test_an_admin_apis_error_reaches_the_terminal_with_its_controls_escaped() -> None:
+    """``purge`` and ``top`` print what an admin API says (its error, its answer): a control
+    in it (a window title, a cleared screen, a colour, a bidi override) is printed escaped."""
+    for kind, stream in (("escapes", "err"), ("escapes 401", "err"), ("escapes 200", "out")):
+        async with BadAdmin(kind).serving() as url:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "purge", "--admin", url, "--all",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        text = (out if stream == "out" else err).decode()
+        assert HOSTILE_SHOWN in text and not any(c in out.decode() + err.decode() for c in RAW), (kind, text)
+        assert proc.returncode == (0 if kind == "escapes 200" else 1)
+    for kind in ("escapes", "escapes 401"):  # --once: the error on standard error
+        async with BadAdmin(kind).serving() as url:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "top", "--admin", url, "--once",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 1 and HOSTILE_SHOWN in err.decode(), err
+        assert not any(c in out.decode() + err.decode() for c in RAW), err
+
+
+async def test_top_on_a_terminal_shows_an_admin_apis_error_with_its_controls_escaped() -> None:
+    """In a terminal: the ``!`` line of the screen before any data, then the 401 message."""
+    admin = BadAdmin("escapes", "escapes", "escapes 401")
+    term = Terminal()
+    async with admin.serving() as url:
+        try:
+            await term.start(url, TOKEN)
+            assert term.proc is not None
+            code = await asyncio.wait_for(term.proc.wait(), 30)
+            await asyncio.sleep(0.2)  # the last of its output
+        finally:
+            await term.close()
+    text = term.text
+    assert code == 1
+    assert f"! 400 Bad Request: bad {HOSTILE_SHOWN}" in text and f"401 Unauthorized: bad {HOSTILE_SHOWN}" in text
+    assert not any(c in text for c in RAW), repr(text)
+
+
+def test_the_frame_before_any_data_shows_an_error_with_its_controls_replaced() -> None:
+    from proxy.top import Feed, TopOptions, _frame
+
+    lines = _frame(Feed(TopOptions("http://127.0.0.1:9", None)), "bad " + HOSTILE, os.terminal_size((80, 24)))
+    assert not any(c in "".join(lines) for c in RAW) and "PWNED" in lines[1]
