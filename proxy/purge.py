@@ -1,7 +1,11 @@
 """Purge requests: validation of the admin JSON (pure), surrogate keys, and carrying purges out.
 
 ``parse_purge`` turns a JSON document into a ``PurgeSpec`` or raises ``BadPurge``
-with a precise message; nothing is purged from an invalid request. A URL given
+with a precise message; nothing is purged from an invalid request. The admin API reads a purge
+with ``read_purge``, the same parse in slices of ``PURGE_SLICE`` URLs with a turn of the event
+loop between them, and ``Purger.plan`` resolves URLs to keys in such slices too: a purge of
+tens of thousands of URLs, in a cachegate of one process, holds client requests up for a
+slice at a time (a few milliseconds), not for the whole of it. A URL given
 to purge is reshaped by the same rules as a client request for it, so purging
 ``https://shop.example/search?q=a&utm=x`` finds the entry a rule keyed as
 ``...?q=a``. ``Purger`` resolves URLs to keys (both tiers, all variants) and
@@ -15,9 +19,10 @@ Tags (surrogate keys) come from the origin's response headers named in
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,6 +40,7 @@ from proxy.storage.index import Ban
 from proxy.storage.tiered import Storage
 
 _FIELDS = {"urls", "prefixes", "tags", "all", "soft"}
+PURGE_SLICE = 200  # URLs parsed, or resolved to keys, between two turns of the event loop
 
 
 class BadPurge(BadRequest):
@@ -178,6 +184,44 @@ def host_matches(patterns: Iterable[str], host: str) -> bool:
 
 
 def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> PurgeSpec:
+    """The purge a JSON document asks for; BadPurge (nothing purged) when it is not a valid one.
+
+    >>> spec = parse_purge({"urls": ["HTTP://Shop.Example:80/a?"], "soft": True})
+    >>> spec.urls, spec.soft
+    (('http://shop.example/a?',), True)
+    """
+    steps = _parse(doc, host_allowed)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            spec: PurgeSpec = done.value
+            return spec
+
+
+async def read_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> PurgeSpec:
+    """``parse_purge``, letting the event loop run after every ``PURGE_SLICE`` URLs or prefixes."""
+    steps = _parse(doc, host_allowed)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            spec: PurgeSpec = done.value
+            return spec
+        await asyncio.sleep(0)
+
+
+def _normalised(texts: tuple[str, ...], prefix: bool) -> Generator[None, None, tuple[str, ...]]:
+    out = []
+    for text in texts:
+        out.append(normalise_url(text, prefix=prefix))
+        if len(out) % PURGE_SLICE == 0:
+            yield  # a slice done: the caller may let the event loop run
+    return tuple(out)
+
+
+def _parse(doc: Any, host_allowed: Callable[[str], bool] | None) -> Generator[None, None, PurgeSpec]:
+    """The parse, pausing (``yield``) after every ``PURGE_SLICE`` URLs; its value is the spec."""
     if not isinstance(doc, dict):
         raise BadPurge("the body must be a JSON object like {\"urls\": [...]}")
     unknown = sorted(set(doc) - _FIELDS)
@@ -196,8 +240,8 @@ def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> 
             raise BadPurge(f"{name!r} must be true or false")
         return value
 
-    urls = tuple(normalise_url(u) for u in strings("urls"))
-    prefixes = tuple(normalise_url(p, prefix=True) for p in strings("prefixes"))
+    urls = yield from _normalised(strings("urls"), prefix=False)
+    prefixes = yield from _normalised(strings("prefixes"), prefix=True)
     spec = PurgeSpec(urls, prefixes, strings("tags"), flag("all"), flag("soft"))
     if host_allowed is not None:
         for u in (*urls, *prefixes):
@@ -233,8 +277,15 @@ class Purger:
         that tells any process what the purge covers."""
         since = time.monotonic()
         rules = self._rules()
-        urls = {u for raw in spec.urls for u in (raw, keys_for_url(raw, rules))}
-        keys = await self.storage.keys_for_urls(urls)
+        urls: set[str] = set()
+        for n, raw in enumerate(spec.urls, 1):
+            urls.update((raw, keys_for_url(raw, rules)))
+            if n % PURGE_SLICE == 0:
+                await asyncio.sleep(0)  # tens of thousands of URLs: let client requests in between
+        listed = list(urls)
+        keys: set[str] = set()
+        for at in range(0, len(listed), PURGE_SLICE):
+            keys.update(await self.storage.keys_for_urls(listed[at:at + PURGE_SLICE]))
         keys.update(spec.keys)
         match = PurgeMatch(keys=frozenset(keys), urls=frozenset(urls), prefixes=spec.prefixes,
                            tags=frozenset(spec.tags), all=spec.all, soft=spec.soft, since=since)

@@ -57,7 +57,7 @@ from proxy.purge import (
     PurgeUnavailable,
     keys_for_url,
     normalise_url,
-    parse_purge,
+    read_purge,
     url_host,
 )
 from proxy.runtime import Runtime
@@ -242,7 +242,7 @@ async def check_hosts(ctx: AdminContext, hosts: set[str]) -> None:
 
 async def purge(request: web.Request) -> web.Response:
     ctx = request.app[ADMIN]
-    spec = parse_purge(await read_json(request))
+    spec = await read_purge(await read_json(request))  # in slices: client requests go on meanwhile
     await check_hosts(ctx, spec.hosts)
     outcome = await ctx.purge(spec)
     # 202: not every live node of the cluster acknowledged within cluster.ack_timeout.

@@ -215,3 +215,37 @@ async def test_admin_hosts_lists_the_served_hosts_up_front(origin: Origin, make_
         reply = await proxy.admin("POST", "/purge", json={"urls": [url]})
         assert reply.status == 400
         assert "admin.hosts lists shop.example, *.cdn.example" in (js(reply))["error"]
+
+
+async def test_a_big_url_purge_lets_client_requests_through_while_it_is_read_and_planned(
+        origin: Origin, proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A purge of thousands of URLs, in a cachegate of one process, is read (each URL parsed and
+    normalised) and planned (each URL's keys) in slices with a turn of the event loop between
+    them: a client's request sent when the first URL is parsed is answered, a HIT, while later
+    URLs are still being parsed; the same while they are resolved to keys."""
+    import proxy.purge as purge_module
+
+    origin.route("/hot", body=b"hot", headers={"Cache-Control": "max-age=300"})
+    await warm(proxy, "/hot")
+    monkeypatch.setattr(purge_module, "PURGE_SLICE", 50, raising=False)
+    asked: dict[str, asyncio.Future[Any]] = {}
+    answered: dict[str, list[bool]] = {"read": [], "plan": []}
+
+    def watched(phase: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if phase not in asked:  # the first URL: a client asks for /hot now
+                asked[phase] = asyncio.ensure_future(proxy.get("/hot"))
+            answered[phase].append(asked[phase].done())
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(purge_module, "normalise_url", watched("read", purge_module.normalise_url))
+    monkeypatch.setattr(purge_module, "keys_for_url", watched("plan", purge_module.keys_for_url))
+    urls = [absolute(proxy, f"/gone/{i}") for i in range(3000)]
+    reply = await proxy.admin("POST", "/purge", json={"urls": urls})
+    assert (reply.status, js(reply)["purged"]) == (200, 0)
+    for phase in ("read", "plan"):
+        assert len(answered[phase]) == 3000
+        assert answered[phase][-1], f"the client's request waited for the whole {phase} of the purge"
+        assert (await asked[phase]).x_cache == "HIT"
