@@ -33,7 +33,7 @@ from __future__ import annotations
 import builtins
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -511,6 +511,21 @@ class MemoryTier:
         keys = [url] if self.slot(url) is not None else []
         keys += [r.key for r in self.arena.scan(skip=F_PERSISTED)
                  if r.key != url and url_of_key(r.key) == url]
+        return keys
+
+    def keys_for_urls(self, urls: Iterable[str], scan: bool = True) -> set[str]:
+        """``keys_for_url`` of every URL of ``urls``, with one pass over the records for all of
+        them (a pass per URL made a purge of thousands of URLs cost thousands of passes)."""
+        wanted = set(urls)
+        if not wanted:
+            return set()
+        if scan:
+            return {r.key for r in self.arena.scan() if r.key in wanted or url_of_key(r.key) in wanted}
+        keys = {url for url in wanted if self.slot(url) is not None}
+        for r in self.arena.scan(skip=F_PERSISTED):
+            url = url_of_key(r.key)
+            if url != r.key and url in wanted:
+                keys.add(r.key)
         return keys
 
     def keys_with_prefix(self, prefix: str) -> list[str]:

@@ -57,7 +57,7 @@ class Purging:
         urls = list(urls)
         # The index knows every key shape of what reached the disk; memory is asked for the
         # plain keys (and, without an index, looked through for the others).
-        keys = {k for u in urls for k in t.memory.keys_for_url(u, scan=t.index is None)}
+        keys = t.memory.keys_for_urls(urls, scan=t.index is None)
         if t.index is not None and urls:
             index = t.index
             keys.update(await t.run(lambda: [k for u in urls for k in index.keys_for_url(u)]))
@@ -68,7 +68,7 @@ class Purging:
         """Every stored key for these URLs, prefixes and tags (small purges and inspection)."""
         t = self.t
         urls, prefixes, tags = list(urls), list(prefixes), list(tags)
-        keys = {k for u in urls for k in t.memory.keys_for_url(u, scan=t.index is None)}
+        keys = t.memory.keys_for_urls(urls, scan=t.index is None)
         keys.update(k for p in prefixes for k in t.memory.keys_with_prefix(p))
         keys.update(k for tag in tags for k in t.memory.keys_for_tag(tag))
         if t.index is not None and not memory_only:

@@ -249,3 +249,33 @@ async def test_a_big_url_purge_lets_client_requests_through_while_it_is_read_and
         assert len(answered[phase]) == 3000
         assert answered[phase][-1], f"the client's request waited for the whole {phase} of the purge"
         assert (await asked[phase]).x_cache == "HIT"
+
+
+async def test_a_purge_of_many_urls_looks_through_the_memory_once_a_slice_not_once_a_url(
+        origin: Origin, proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory tier finds the keys of a slice of URLs (every key shape) in one pass over its
+    records: a pass per URL made a purge of thousands of URLs thousands of passes, each over
+    the whole memory, on the event loop. What is purged stays the same."""
+    import proxy.purge as purge_module
+
+    origin.route("/v", body=b"v", headers={"Cache-Control": "max-age=300", "Vary": "Accept-Language"})
+    for lang in ("en", "fr"):
+        await proxy.get("/v", headers={"Accept-Language": lang})
+    await settle(proxy)
+    arena = proxy.runtime.storage.memory.arena
+    passes = 0
+    scan = arena.scan
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal passes
+        passes += 1
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(arena, "scan", counted)
+    urls = [absolute(proxy, f"/gone/{i}") for i in range(2000)] + [absolute(proxy, "/v")]
+    reply = await proxy.admin("POST", "/purge", json={"urls": urls})
+    assert (reply.status, js(reply)["purged"]) == (200, 1), reply.body  # /v: both variants, one key
+    assert passes <= 2 * len(urls) // purge_module.PURGE_SLICE + 10, passes  # 2,001 URLs: not 2,001 passes
+    monkeypatch.undo()
+    for lang in ("en", "fr"):
+        assert (await proxy.get("/v", headers={"Accept-Language": lang})).x_cache == "MISS"

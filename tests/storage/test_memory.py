@@ -4,6 +4,7 @@ read, decoded entries per process within their budget, and what a stored respons
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -109,6 +110,36 @@ def test_keys_are_found_by_tag_url_and_prefix_and_follow_deletes() -> None:
     assert m.keys_with_prefix("http://h/") == ["http://h/a", "http://h/a\x1fh:accept=x", "http://h/b"]
     m.delete("http://h/a\x1fh:accept=x")
     assert m.keys_for_tag("t") == ["http://h/a"] and m.keys_for_url("http://h/a") == ["http://h/a"]
+    m.close()
+
+
+def test_the_keys_of_many_urls_are_those_of_each_url_found_in_one_pass() -> None:
+    m = MemoryTier(budget=1 << 20, max_object=10_000)
+    for key in ("http://h/a", "http://h/a\x1fh:accept=x", "http://h/b", "http://h/c\x1fc:s=1", "http://h/d"):
+        m.put(key, cached(key, 100))
+    for key in ("http://h/b\x1fh:accept=y", "http://h/e\x1fc:s=2"):  # not written to disk yet
+        m.put(key, (Cached(entry(key), b"x", state=ALL_TO_WRITE),))
+    urls = ["http://h/a", "http://h/b", "http://h/c", "http://h/none", *(f"http://h/x{i}" for i in range(300))]
+    passes = 0
+    real = m.arena.scan
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal passes
+        passes += 1
+        return real(*args, **kwargs)
+
+    for scan in (True, False):
+        each = {k for u in urls for k in m.keys_for_url(u, scan=scan)}
+        shapes = {"http://h/a\x1fh:accept=x", "http://h/c\x1fc:s=1"}  # on disk: without scan, the index's
+        assert each == {"http://h/a", "http://h/b", "http://h/b\x1fh:accept=y", *(shapes if scan else ())}
+        passes = 0
+        m.arena.scan = counted  # type: ignore[method-assign]
+        try:
+            assert m.keys_for_urls(urls, scan=scan) == each
+        finally:
+            del m.arena.scan
+        assert passes == 1
+    assert m.keys_for_urls([]) == set()
     m.close()
 
 
