@@ -159,16 +159,29 @@ def _seconds(text: str) -> float:
     return seconds
 
 
-def _whole(least: int) -> Any:
-    """An argparse type: a whole number of at least ``least``."""
+def _interval(text: str) -> float:
+    """``cachegate top --interval``: seconds above 0, at most an hour."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= 3600):
+        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0 and up to 3600, such as 1 or "
+                                         f"0.5, not {text!r}")
+    return seconds
+
+
+def _whole(least: int, most: int | None = None) -> Any:
+    """An argparse type: a whole number of at least ``least`` (and at most ``most``)."""
 
     def whole(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             n = least - 1
-        if n < least:
-            raise argparse.ArgumentTypeError(f"takes a whole number of {least} or more, not {text!r}")
+        if n < least or (most is not None and n > most):
+            within = f"of {least} or more" if most is None else f"from {least} to {most}"
+            raise argparse.ArgumentTypeError(f"takes a whole number {within}, not {text!r}")
         return n
 
     return whole
@@ -281,9 +294,6 @@ def cmd_top(args: argparse.Namespace) -> int:
     where = _admin_of(args, "top")
     if isinstance(where, int):
         return where
-    if args.interval <= 0:
-        print("cachegate top: --interval must be more than 0", file=sys.stderr)
-        return EXIT_CONFIG
     return main(TopOptions(where[0], where[1], args.interval, args.top), args.once)
 
 
@@ -468,8 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
     where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
-    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh every (default 1)")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="URLs and reasons listed (default 10)")
+    p.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
+                   help="refresh every (default 1, at most 3600)")
+    p.add_argument("--top", type=_whole(0, 200), default=10, metavar="N",
+                   help="URLs and reasons listed (default 10, at most 200)")
     p.add_argument("--once", action="store_true", help="print one plain frame and exit")
     p.set_defaults(func=cmd_top)
 

@@ -415,3 +415,22 @@ def test_the_frame_before_any_data_shows_an_error_with_its_controls_replaced() -
 
     lines = _frame(Feed(TopOptions("http://127.0.0.1:9", None)), "bad " + HOSTILE, os.terminal_size((80, 24)))
     assert not any(c in "".join(lines) for c in RAW) and "PWNED" in lines[1]
+
+
+@pytest.mark.parametrize(("option", "value", "accepts"), [
+    ("--interval", "0", "a number of seconds above 0 and up to 3600"),
+    ("--interval", "nan", "a number of seconds above 0 and up to 3600"),
+    ("--interval", "1e300", "a number of seconds above 0 and up to 3600"),
+    ("--top", "-5", "a whole number from 0 to 200"), ("--top", "201", "a whole number from 0 to 200"),
+])
+def test_a_bad_interval_or_top_is_a_usage_error_naming_the_option(
+        option: str, value: str, accepts: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any request: a NaN or huge interval ended in a traceback (sleep, socket
+    timeout), a --top the live feed refuses failed every poll."""
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["top", "--admin", "http://127.0.0.1:9", "--once", option, value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: takes {accepts}" in err and repr(value) in err, err
