@@ -43,6 +43,7 @@ from proxy.settings import (
     storable_limit,
     upstream_url,
 )
+from proxy.storage.room import human_size, space
 from proxy.yamlsrc import Problems, Src, load_yaml
 
 # The settings types live in proxy.settings; these names stay importable from here.
@@ -148,6 +149,7 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
     if not s.upstreams and not o.upstreams and not entries:
         problems.add(_line(root, "upstreams"),
                      "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
+    _check_disk_room(s, problems, root)
     _check_running_admin(s, problems, root, running_admin)
     admin = s.admin
     if admin.listen is None or listens_on_loopback(admin.listen[0]):
@@ -162,6 +164,20 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
                      f"admin.token is {len(admin.token)} characters long; on a listener others can reach "
                      f"({where}) it must have at least {MIN_TOKEN_LENGTH} (e.g. the output of "
                      "`openssl rand -hex 24`)")
+
+
+def _check_disk_room(s: Settings, problems: Problems, root: Src) -> None:
+    """A disk budget bigger than the whole filesystem under the cache directory (when it can be
+    seen: the directory, or its nearest existing parent): cachegate would fill the filesystem
+    itself, its writes would fail, and a restart on the full filesystem would fail too."""
+    disk = s.cache.disk
+    room = space(disk.path) if disk is not None else None
+    if disk is None or room is None or not room[1] or disk.size <= room[1]:
+        return
+    problems.warn(_line(root, "cache", "disk", "size"),
+                  f"cache.disk.size {human_size(disk.size)} is more than the whole filesystem of "
+                  f"{disk.path} ({human_size(room[1])}): cachegate would fill it, then fail its writes "
+                  "(and a start on the full filesystem); set it below what that filesystem can spare")
 
 
 def _check_running_admin(s: Settings, problems: Problems, root: Src, running: HostPort | None) -> None:

@@ -19,6 +19,10 @@ from proxy.config import Overrides, Settings, load_config
 from proxy.errors import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+# A worker that cannot open the cache directory (a full filesystem, say; it printed why): what
+# keeps it from starting keeps its restarts from starting too, so during start-up its
+# supervisor stops instead of restarting it forever.
+EXIT_CACHE_DIR = 3
 T = TypeVar("T")
 
 

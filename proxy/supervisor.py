@@ -74,7 +74,14 @@ from proxy.logs import say, setup_logging
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.sdnotify import Notifier
-from proxy.startup import EXIT_CONFIG, load_settings, log_as_configured, run_async, start_logging
+from proxy.startup import (
+    EXIT_CACHE_DIR,
+    EXIT_CONFIG,
+    load_settings,
+    log_as_configured,
+    run_async,
+    start_logging,
+)
 from proxy.storage.arena import LOCK_NAMES
 from proxy.storage.lockwait import Locks, read_locks
 from proxy.web.server import (
@@ -258,6 +265,9 @@ class Supervisor:
         # yet, and workers that waited for a lock of a process it killed (pid -> when).
         self._killed: set[int] = set()
         self._freed: dict[int, float] = {}
+        # Set by ``_run``: stopping it; and whether a worker's start-up failure stopped it.
+        self._stop: asyncio.Event | None = None
+        self._startup_failed = False
 
     # -- running ---------------------------------------------------------------------------
 
@@ -319,7 +329,7 @@ class Supervisor:
                 self._release(reserved)
                 return 1
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload_config and runtime.reload_config())
@@ -376,7 +386,7 @@ class Supervisor:
             await runtime.close()
             self._release(reserved)
         say("cachegate: stopped", event="stopped")
-        return status
+        return 1 if self._startup_failed else status
 
     def _grace(self) -> float:
         """shutdown_grace of the config running now (a reload applies it at once)."""
@@ -546,6 +556,15 @@ class Supervisor:
         if self.stopping:
             return  # (the next start sweeps what a stop leaves)
         self._track(self._sweep_spools_of(process.pid))
+        if code == EXIT_CACHE_DIR and self.runtime is not None and self.runtime.state == "starting" \
+                and self._stop is not None:
+            # It could not open the cache directory (its line says why: a full filesystem, say):
+            # nor would its restarts, so the start fails, once, instead of looping.
+            log.error("worker %d (pid %d) cannot open the cache directory; stopping", w.worker_id,
+                      process.pid)
+            self._startup_failed = True
+            self._stop.set()
+            return
         w.restarts += 1
         # A worker that lived a while is restarted at once; one that keeps dying (or that never
         # became ready), with backoff.

@@ -62,6 +62,7 @@ import diskcache
 
 from proxy.settings import DiskEviction, shard_budget  # the budget split is what cache.disk.size means
 from proxy.storage.entry import Entry, decode_variants, encode_variants
+from proxy.storage.room import FilesystemFull, filesystem_full
 
 log = logging.getLogger("cachegate.storage")
 
@@ -174,7 +175,8 @@ DAMAGED_CODES = (10, 11, 26)  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
 
 
 def damaged(exc: sqlite3.Error) -> bool:
-    """Whether ``exc`` says the database itself is damaged."""
+    """Whether ``exc`` says the database itself is damaged (ask ``filesystem_full`` first: an
+    I/O error on a full filesystem is no damage)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in DAMAGED_CODES
 
@@ -228,8 +230,11 @@ class DiskTier:
         def open_shard(directory: str) -> diskcache.Cache:
             try:
                 return make_shard(directory)
-            except sqlite3.Error as exc:
-                if not repair or not damaged(exc):
+            except (sqlite3.Error, OSError) as exc:
+                if filesystem_full(directory, exc):
+                    self.close()
+                    raise FilesystemFull(path, exc) from exc
+                if not repair or not isinstance(exc, sqlite3.Error) or not damaged(exc):
                     raise
                 aside = set_aside(directory)
                 log.warning("disk shard %s is damaged (%s): moved aside to %s and started empty; "
@@ -260,7 +265,9 @@ class DiskTier:
                 sqlite_cache_size=SQLITE_CACHE_PAGES,
             )
 
-        self._shards = [open_shard(os.path.join(path, f"{i:03d}")) for i in range(shards)]
+        self._shards: list[diskcache.Cache] = []
+        for i in range(shards):
+            self._shards.append(open_shard(os.path.join(path, f"{i:03d}")))
         self._bulk = [_plain_layout(s) for s in self._shards]
         # Whether a read is one SELECT: under least-recently-used every ``get`` is a write
         # transaction too (its access time), which can wait seconds for another process's

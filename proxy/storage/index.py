@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy.storage.disk import damaged, set_aside
+from proxy.storage.room import FilesystemFull, filesystem_full
 
 log = logging.getLogger("cachegate.storage")
 
@@ -84,8 +85,11 @@ class UrlTagIndex:
         self.recreated = False
         try:
             self._create()
-        except sqlite3.Error as exc:
-            if not repair or not damaged(exc):
+        except (sqlite3.Error, OSError) as exc:
+            if filesystem_full(path, exc):  # sound, only without room: never set aside for that
+                self.close()
+                raise FilesystemFull(path, exc) from exc
+            if not repair or not isinstance(exc, sqlite3.Error) or not damaged(exc):
                 raise
             self.close()
             aside = set_aside(self.file)

@@ -35,6 +35,8 @@ from proxy.logs import say
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.runtime import CacheDirectoryInUse, ReloadResult, Runtime
 from proxy.sdnotify import Notifier
+from proxy.startup import EXIT_CACHE_DIR
+from proxy.storage.room import FilesystemFull, filesystem_full
 from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
 from proxy.web.console import register_console_calls
@@ -341,8 +343,8 @@ def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides,
 async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None = None,
                        processes: int = 1) -> Runtime | None:
     """``Runtime.open``, or None after one line on stderr when the cache directory cannot be
-    used (not writable, a file in the way, owned by another running cachegate): an operator's
-    mistake, not a traceback."""
+    used (not writable, a file in the way, its filesystem full, owned by another running
+    cachegate): an operator's mistake or the machine's state, not a traceback."""
     try:
         return await Runtime.open(settings, owner=owner, arena_fd=arena_fd, processes=processes)
     except CacheDirectoryInUse as exc:
@@ -351,6 +353,8 @@ async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None 
     except OSError as exc:
         disk = settings.cache.disk
         where = disk.path if disk is not None else "?"
+        if disk is not None and not isinstance(exc, FilesystemFull) and filesystem_full(disk.path, exc):
+            exc = FilesystemFull(disk.path, exc)
         print(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
               f"{exc.strerror or exc}", file=sys.stderr, flush=True)
         return None
@@ -382,7 +386,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     opened = await open_runtime(settings, owner=worker is None,
                                 arena_fd=worker.arena_fd if worker is not None else None)
     if opened is None:
-        return 1
+        return 1 if worker is None else EXIT_CACHE_DIR
     runtime = opened
     listeners = Listeners()
     loop = asyncio.get_running_loop()

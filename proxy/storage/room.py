@@ -1,0 +1,76 @@
+"""How much room the cache directory's filesystem has, and whether an error says it has none.
+
+A full filesystem (or a user's quota) is not damage: what is stored there is sound and can be
+read again once there is room, so nothing is ever set aside or emptied for it (``disk``,
+``index``). Light on imports: the config check asks it too (``cache.disk.size`` against the
+filesystem's size).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+SQLITE_IOERR, SQLITE_FULL = 10, 13
+# Free bytes under which an I/O error of SQLite counts as the filesystem being full: opening a
+# database in WAL mode makes its shared-memory file (32 KiB, written page by page) and appends
+# to its log, and where that fails for want of room SQLite says "disk I/O error", not "full".
+LOW_SPACE = 4 << 20
+
+
+def space(path: str) -> tuple[int, int] | None:
+    """(free bytes for this user, total bytes) of the filesystem ``path`` is on (or would be:
+    its nearest existing parent); None when that cannot be told."""
+    where = os.path.abspath(path)
+    while True:
+        try:
+            st = os.statvfs(where)
+        except FileNotFoundError:
+            parent = os.path.dirname(where)
+            if parent == where:
+                return None
+            where = parent
+            continue
+        except OSError:
+            return None
+        if st.f_files and st.f_favail == 0:  # no inode left: as full as no block left
+            return 0, st.f_blocks * st.f_frsize
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def filesystem_full(path: str, exc: BaseException) -> bool:
+    """Whether ``exc`` (met opening or writing a database under ``path``) says the filesystem
+    is full, not that the database is damaged: ENOSPC or a quota (EDQUOT), SQLITE_FULL, or an
+    I/O error while the filesystem has less than LOW_SPACE free. What is stored there is sound
+    and readable again once there is room, so it must never be set aside for it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    if code & 0xFF == SQLITE_FULL:
+        return True
+    if code & 0xFF == SQLITE_IOERR:
+        room = space(path)
+        return room is not None and room[0] < LOW_SPACE
+    return False
+
+
+class FilesystemFull(OSError):
+    """The cache directory cannot be opened because its filesystem is full (or over a quota).
+    Nothing in it was changed: cachegate starts again once there is room."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        room = space(path)
+        free = (f" ({human_size(room[0])} free of {human_size(room[1])})" if room is not None else "")
+        super().__init__(errno.ENOSPC, f"its filesystem is full{free}: {cause}; nothing in it was "
+                                       "changed: free some space there, then start cachegate again")
+        self.path = path
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes as a person reads them: 1.5 MB, 20 KB, 512 B."""
+    for unit, scale in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} B"

@@ -1,0 +1,135 @@
+"""Starting on a full filesystem: a full disk is no damage.
+
+What is stored is sound, only without room: nothing is set aside or emptied for it. Either
+cachegate starts and serves, or (when the disk tier cannot be opened at all) every process
+stops with one line naming the cache directory and its full filesystem: no traceback, no
+worker restarted again and again. Once there is room, every entry is still there.
+
+A real tmpfs of a few MiB: only where the test may mount one (root on Linux).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin, write_config
+from tests.storage.test_damaged import HOST, KEYS, x_caches
+
+CONFIG = "cache: {memory: 16MB, disk: {path: cache, size: 4MB, shards: 2}}\nshutdown_grace: 1s\n"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs mounted for the test (root on Linux only), lazily unmounted after."""
+    mount, umount = shutil.which("mount"), shutil.which("umount")
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not mount or not umount:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    path = tmp_path / "small"
+    path.mkdir()
+    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run([umount, "-l", str(path)], capture_output=True)
+
+
+def fill(filesystem: Path, leave: int) -> Path:
+    """Fill ``filesystem`` with one file until ``leave`` bytes are left free."""
+    filler = filesystem / "filler"
+    free = shutil.disk_usage(filesystem).free
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+async def filled(origin: Origin, make_proxy: MakeProxy, directory: Path) -> None:
+    for i in range(KEYS):
+        origin.route(f"/k{i}", body=b"x" * 100 + str(i).encode(), headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    for i in range(KEYS):
+        assert (await proxy.get(f"/k{i}", headers=HOST)).status == 200
+    await proxy.runtime.storage.flush()
+    await proxy.session.close()
+    await proxy.close()
+
+
+def run(config: str, workers: int, on_line: Callable[[str], None] = lambda line: None) -> tuple[int | None, str]:
+    """``cachegate run`` until it serves or exits: (its exit status, None if it served; its output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", config, "--workers", str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    out = []
+    deadline = time.monotonic() + 20
+    with proc.stdout:
+        for line in proc.stdout:
+            out.append(line)
+            on_line(line)
+            if "started:" in line or time.monotonic() > deadline:
+                proc.terminate()
+    return (None if "started:" in "".join(out) else proc.wait(10)), "".join(out)
+
+
+def one_line_says_full(out: str, cache: Path, processes: int = 1) -> None:
+    """One line of each process that met it (the workers' are alike) names the directory."""
+    said = [line for line in out.splitlines() if line.startswith("cachegate: cannot open the cache directory")]
+    assert 1 <= len(said) <= processes, out
+    assert all(str(cache) in line and "filesystem is full" in line for line in said), out
+
+
+@pytest.mark.parametrize(("leave", "workers"), [(0, 1), (64 * 1024, 1), (0, 2)])
+async def test_a_full_filesystem_at_start_loses_nothing_and_says_so_in_one_line(
+        origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path, leave: int, workers: int) -> None:
+    directory = small_tmpfs / "p"
+    await filled(origin, make_proxy, directory)
+    cache = directory / "cache"
+    before = sorted(p.name for p in cache.iterdir())
+    filler = fill(small_tmpfs, leave)
+
+    code, out = run(write_config(str(directory), origin.url, CONFIG), workers)
+    assert "Traceback" not in out and "restarting" not in out, out
+    assert not [p for p in cache.iterdir() if ".corrupt-" in p.name]  # nothing set aside
+    assert set(before) <= {p.name for p in cache.iterdir()}
+    if code is not None:  # it could not open the cache directory: one line says why
+        assert code == 1, out
+        one_line_says_full(out, cache)
+
+    filler.unlink()  # room again: every entry is still there
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    assert await x_caches(proxy) == ["HIT"] * KEYS
+
+
+async def test_workers_that_meet_a_full_filesystem_at_start_stop_it_once(
+        origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path) -> None:
+    """The supervisor opened the cache directory; the filesystem is full before its workers open
+    it: they fail alike, and so would their restarts. The start fails once, with one line."""
+    directory = small_tmpfs / "p"
+    await filled(origin, make_proxy, directory)
+    cache = directory / "cache"
+    fillers: list[Path] = []
+
+    def fill_once_a_worker_starts(line: str) -> None:
+        if "worker 0 started" in line and not fillers:
+            fillers.append(fill(small_tmpfs, 0))
+
+    code, out = run(write_config(str(directory), origin.url, CONFIG), 2, fill_once_a_worker_starts)
+    assert fillers, out
+    assert (code, "Traceback" in out, "restarting" in out) == (1, False, False), out
+    one_line_says_full(out, cache, processes=2)
+    assert out.count("cannot open the cache directory; stopping") == 1, out
+    assert not [p for p in cache.iterdir() if ".corrupt-" in p.name]
+
+    fillers[0].unlink()
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    assert await x_caches(proxy) == ["HIT"] * KEYS
