@@ -462,16 +462,27 @@ class RepeatedFailure:
 
     Each distinct failure is throttled on its own (up to ``KEPT`` of them): a job whose steps
     fail in turn (one round at its index, the next at a shard, as whichever thread runs it has a
-    connection open or not) logged a traceback every round when only the last was remembered."""
+    connection open or not) logged a traceback every round when only the last was remembered.
+
+    ``settle``: "works again" only once nothing failed for that many seconds (a job whose tries
+    fail and succeed in turn, as writes do on a full disk between the small ones that still fit,
+    would log its recovery and its failure again at every turn). ``traceback`` False: the first
+    failure's line without its traceback (for every failure of this job; ``failed`` takes it for
+    one), at ``level`` (an expected failure: a lock's timeout)."""
 
     KEPT = 16
 
-    def __init__(self, logger: logging.Logger, what: str, every: float = 60.0) -> None:
+    def __init__(self, logger: logging.Logger, what: str, every: float = 60.0, *, settle: float = 0.0,
+                 traceback: bool = True, level: int = logging.ERROR) -> None:
         self.log = logger
         self.what = what
         self.every = every
+        self.settle = settle
+        self.traceback = traceback
+        self.level = level
         # failure -> [failures not logged yet, when last logged]; oldest first
         self._failing: dict[tuple[type[Exception], str], list[float]] = {}
+        self._failed_at = 0.0
 
     def failed(self, exc: Exception, *, traceback: bool = True) -> None:
         """``traceback``: false for a failure its message explains (not a bug)."""
@@ -483,23 +494,24 @@ class RepeatedFailure:
             tb = tb.tb_next
         where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
         key = (type(exc), (str(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)) + where)
+        self._failed_at = now
         state = self._failing.get(key)
         if state is None:
             if len(self._failing) >= self.KEPT:
                 del self._failing[next(iter(self._failing))]
             self._failing[key] = [0, now]
-            if traceback:
-                self.log.error("%s failed; retrying", self.what, exc_info=exc)
+            if traceback and self.traceback:
+                self.log.log(self.level, "%s failed; retrying", self.what, exc_info=exc)
             else:
-                self.log.error("%s failed: %s; retrying", self.what, exc)
+                self.log.log(self.level, "%s failed: %s; retrying", self.what, exc)
             return
         state[0] += 1
         if now - state[1] >= self.every:
-            self.log.error("%s still failing (%d more times in %.0fs): %s: %s", self.what,
-                           state[0], now - state[1], type(exc).__name__, exc)
+            self.log.log(self.level, "%s still failing (%d more times in %.0fs): %s: %s", self.what,
+                         state[0], now - state[1], type(exc).__name__, exc)
             state[0], state[1] = 0, now
 
     def succeeded(self) -> None:
-        if self._failing:
+        if self._failing and time.monotonic() - self._failed_at >= self.settle:
             self.log.warning("%s works again", self.what)
             self._failing.clear()

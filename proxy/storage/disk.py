@@ -60,8 +60,10 @@ from typing import IO, Any
 
 import diskcache
 
+from proxy.logs import RepeatedFailure
 from proxy.settings import DiskEviction, shard_budget  # the budget split is what cache.disk.size means
 from proxy.storage.entry import Entry, decode_variants, encode_variants
+from proxy.storage.failures import SETTLE
 from proxy.storage.room import FilesystemFull, filesystem_full
 
 log = logging.getLogger("cachegate.storage")
@@ -225,6 +227,14 @@ class DiskTier:
         self.shard_limit = shard_budget(size_limit, shards)
         self.max_body = self.shard_limit // 2
         self.failed_writes = 0
+        # A write that fails fails again and again (a full disk, the directory removed, a lock
+        # held long): logged with its traceback once, then once a minute with a count, and once
+        # when writes have worked for SETTLE seconds (``RepeatedFailure``).
+        self._write_errors = RepeatedFailure(log, "storing entries on disk (not stored meanwhile)",
+                                             settle=SETTLE)
+        self._lock_timeouts = RepeatedFailure(log, "storing on disk under a shard's lock (timed out: "
+                                              "not stored)", settle=SETTLE, traceback=False,
+                                              level=logging.WARNING)
         wal = wal_limit(self.shard_limit)
 
         def open_shard(directory: str) -> diskcache.Cache:
@@ -317,12 +327,14 @@ class DiskTier:
         shard = self._shard(key)
         try:
             ok = bool(shard.set("b:" + body_id, body, read=not isinstance(body, bytes), retry=False))
-        except diskcache.Timeout:
+        except diskcache.Timeout as exc:
+            self._lock_timeouts.failed(exc)
             ok = False
+        else:
+            self._lock_timeouts.succeeded()
         self._cull(shard)
         if not ok:
             self.failed_writes += 1
-            log.warning("disk write of a body for %s timed out on the shard lock; not stored", key)
         return ok
 
     def commit(self, key: str, merge: Merge) -> bool:
@@ -337,10 +349,11 @@ class DiskTier:
         try:
             with _transaction(shard):
                 self._merge_locked(shard, key, merge)
-        except diskcache.Timeout:
+        except diskcache.Timeout as exc:
             self.failed_writes += 1
-            log.warning("disk write for %s timed out on the shard lock; not stored", key)
+            self._lock_timeouts.failed(exc)
             return False
+        self._lock_timeouts.succeeded()
         self._cull(shard)
         return True
 
@@ -371,15 +384,16 @@ class DiskTier:
                         if body is not None:
                             shard.set("b:" + body_id, body)
                         self._merge_locked(shard, key, merge, new is not None and new[i])
-            except diskcache.Timeout:
+            except diskcache.Timeout as exc:
                 self.failed_writes += len(positions)
-                log.warning("disk write of %d entries timed out on the shard lock; not stored",
-                            len(positions))
+                self._lock_timeouts.failed(exc)
                 continue
-            except Exception:
+            except Exception as exc:
                 self.failed_writes += len(positions)
-                log.exception("disk write of %d entries failed; not stored", len(positions))
+                self._write_errors.failed(exc)
                 continue
+            self._lock_timeouts.succeeded()
+            self._write_errors.succeeded()
             self._cull(shard)
             for i in positions:
                 done[i] = True

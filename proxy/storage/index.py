@@ -52,6 +52,14 @@ CREATE TABLE IF NOT EXISTS bans (
 _ADD_TAG = "INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)"
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what a failed transaction began, if SQLite has not already: on a full disk it
+    rolls back by itself, and a ROLLBACK then raised "cannot rollback - no transaction is
+    active" in place of the error that says why ("database or disk is full")."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
 @dataclass(frozen=True, slots=True)
 class Ban:
     id: int
@@ -128,7 +136,7 @@ class UrlTagIndex:
                 db.execute(sql, tuple(params))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     # -- entries ---------------------------------------------------------------------------
@@ -156,7 +164,7 @@ class UrlTagIndex:
                     db.executemany(_ADD_TAG, [(t, key) for t in tags])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         return seqs
 
@@ -185,7 +193,7 @@ class UrlTagIndex:
                 db.executemany(_ADD_TAG, [(t, key) for t in tags])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def scan(self, after: str, limit: int) -> list[tuple[str, int]]:
@@ -204,7 +212,7 @@ class UrlTagIndex:
             db.executemany("DELETE FROM tags WHERE key = ?", [(k,) for k in keys])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def remove_stale(self, rows: list[tuple[str, int]]) -> list[str]:
@@ -224,7 +232,7 @@ class UrlTagIndex:
             db.executemany("DELETE FROM tags WHERE key = ?", [(k,) for k in removed])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         return removed
 
@@ -287,7 +295,7 @@ class UrlTagIndex:
             ban_id = int(cur.lastrowid or 0)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         return Ban(ban_id, kind, value, soft, seq)
 

@@ -114,3 +114,31 @@ def test_steps_that_fail_in_turn_are_each_logged_once(caplog: pytest.LogCaptureF
         shard_failure = OSError(14, "unable to open database file", "shard")
         failures.failed(shard_failure)  # failing again after it worked: logged again
         assert caplog.records[-1].getMessage() == "the job failed; retrying"
+
+
+def test_failures_between_successes_are_one_streak_until_writes_work_for_a_while(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On a full disk small writes still fit between the big ones that fail: a streak that ended
+    at any success logged a failure and a recovery at every turn (37 and 34 in 3 s). Both the
+    storage write failures and a background job's end only once nothing failed for ``settle``."""
+    from proxy.storage.failures import WriteFailures
+
+    log = logging.getLogger("cachegate.test")
+    writes = WriteFailures()
+    job = RepeatedFailure(log, "the job")
+    writes.settle = job.settle = 0.3  # (10 s in use)
+    with caplog.at_level(logging.INFO):
+        for _ in range(20):
+            writes.failed("spool", "k", OSError(28, "No space left on device"))
+            writes.succeeded()
+            job.failed(OSError(28, "No space left on device"))
+            job.succeeded()
+        assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["storage write failed",
+                                                                          "the job failed; retrying"]
+        assert writes.snapshot()["failing"]
+        time.sleep(0.35)
+        writes.succeeded()
+        job.succeeded()
+        assert [r.getMessage() for r in caplog.records][2:] == ["storage writes succeed again, after 20 failed",
+                                                               "the job works again"]
+        assert not writes.snapshot()["failing"]

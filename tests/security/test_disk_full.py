@@ -25,6 +25,7 @@ from typing import IO, Any
 import aiohttp
 import pytest
 
+from proxy.storage.failures import SETTLE
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 from tests.security.misbehaving import Conn, RawOrigin, Serve, flight_with, raw_origins, response
@@ -120,9 +121,18 @@ async def test_disk_full_while_spooling_every_client_gets_the_whole_body_and_not
         hit = await proxy.get("/big")
         assert (hit.x_cache, hashlib.sha256(hit.body).hexdigest()) == ("HIT", DIGEST)
         assert len(origin.requests) == 3
+        # The streak is over once no write failed for SETTLE seconds (on a full disk, small writes
+        # that fit succeed between big ones that fail): until then it is still failing, unsaid.
+        stats = storage_stats((await proxy.admin("GET", "/stats")).body)
+        assert stats["write_errors"] == {"spool": 2} and stats["failing"]
+        assert not any("succeed again" in r.getMessage() for r in caplog.records)
+        failures = proxy.runtime.engine.write_failures
+        assert failures.last_failed_at is not None
+        failures.last_failed_at -= SETTLE  # as if that long had passed since
+        failures.succeeded()  # the next write that succeeds
         stats = storage_stats((await proxy.admin("GET", "/stats")).body)
         assert stats["write_errors"] == {"spool": 2} and not stats["failing"]
-        assert any("succeed again" in r.getMessage() for r in caplog.records)
+        assert [r.getMessage() for r in caplog.records].count("storage writes succeed again, after 2 failed") == 1
 
 
 async def test_a_flight_that_ends_mid_body_aborts_its_clients(make_proxy: MakeProxy) -> None:

@@ -465,6 +465,54 @@ def test_a_full_database_fails_the_bulk_batch_whole_and_the_same_batch_commits_o
         disk.close()
 
 
+def test_a_disk_write_that_keeps_failing_logs_one_traceback_and_its_recovery_once_settled(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Write-behind commits a batch every 200 ms: a failure that lasts (a full disk, the cache
+    folder removed) logged a traceback per batch and shard (46 in 4 s). Now once, then once a
+    minute with a count (``RepeatedFailure``), and its recovery once writes have worked for
+    ``SETTLE`` seconds, not at the first batch that fits between two that fail."""
+    import logging
+
+    from proxy.storage.bans import BanList
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=1)
+    try:
+        con = disk._shards[0]._con
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        caplog.set_level(logging.INFO, logger="cachegate.storage")
+        for n in range(10):
+            con.execute(f"PRAGMA max_page_count = {pages + 2}")
+            entries = [(f"{KEY}/{n}/{i}", f"b{n}-{i}", os.urandom(8000)) for i in range(20)]
+            assert not any(disk.commit_many(_jobs(BanList(), entries), [True] * len(entries)))  # type: ignore[arg-type]
+            con.execute("PRAGMA max_page_count = 1073741823")
+            small = [(f"{KEY}/{n}/small", f"s{n}", b"x")]  # a small one fits between them
+            assert disk.commit_many(_jobs(BanList(), small), [True]) == [True]  # type: ignore[arg-type]
+        logged = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+        assert logged == [("ERROR", "storing entries on disk (not stored meanwhile) failed; retrying", True)]
+        from proxy.storage.failures import SETTLE
+        disk._write_errors._failed_at -= SETTLE  # as if no write had failed for that long
+        assert disk.commit_many(_jobs(BanList(), [(f"{KEY}/last", "last", b"x")]), [True]) == [True]  # type: ignore[arg-type]
+        assert [r.getMessage() for r in caplog.records][1:] == [
+            "storing entries on disk (not stored meanwhile) works again"]
+        assert disk.failed_writes == 200
+    finally:
+        disk.close()
+
+
+def test_an_index_write_on_a_full_database_says_it_is_full(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back by itself when the disk is full; the ROLLBACK after it
+    raised "cannot rollback - no transaction is active" in place of the error that says why."""
+    index = UrlTagIndex(str(tmp_path / "cache"))
+    try:
+        db = index._db()
+        db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            index.add_many([(f"{KEY}/{i}", "http://h.test/" + "u" * 2000, ("t",)) for i in range(50)])
+        db.execute("PRAGMA max_page_count = 1073741823")
+        assert len(index.add_many([(KEY, "http://h.test/a", ())])) == 1  # and works once there is room
+    finally:
+        index.close()
+
+
 def test_retag_does_not_depend_on_the_number_of_tags(tmp_path: Path) -> None:
     # One SQL variable per tag ("NOT IN (?, ?, ...)") failed past SQLite's limit: "too many SQL
     # variables", and the write-behind batch holding the entry failed with it.
