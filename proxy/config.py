@@ -43,7 +43,7 @@ from proxy.settings import (
     storable_limit,
     upstream_url,
 )
-from proxy.storage.room import human_size, space
+from proxy.storage.room import human_size, machine_memory, space
 from proxy.yamlsrc import Problems, Src, load_yaml
 
 # The settings types live in proxy.settings; these names stay importable from here.
@@ -150,6 +150,7 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
         problems.add(_line(root, "upstreams"),
                      "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
     _check_disk_room(s, problems, root)
+    _check_memory(s, problems, root)
     _check_running_admin(s, problems, root, running_admin)
     admin = s.admin
     if admin.listen is None or listens_on_loopback(admin.listen[0]):
@@ -178,6 +179,28 @@ def _check_disk_room(s: Settings, problems: Problems, root: Src) -> None:
                   f"cache.disk.size {human_size(disk.size)} is more than the whole filesystem of "
                   f"{disk.path} ({human_size(room[1])}): cachegate would fill it, then fail its writes "
                   "(and a start on the full filesystem); set it below what that filesystem can spare")
+
+
+def _check_memory(s: Settings, problems: Problems, root: Src) -> None:
+    """``cache.memory`` is one shared mapping, made at start: more than the machine's memory and
+    swap together cannot be mapped (a problem); more than its memory alone maps, but the
+    kernel pages it out to swap (every hit a page fault) or ends the process once it fills (a
+    warning)."""
+    machine = machine_memory()
+    if machine is None:
+        return
+    ram, swap = machine
+    budget = s.cache.memory
+    if budget <= ram:
+        return
+    at = _line(root, "cache", "memory")
+    has = f"this machine has {human_size(ram)} of memory and {human_size(swap)} of swap"
+    if budget > ram + swap:
+        problems.add(at, f"cache.memory {human_size(budget)} is more than {has}: its shared memory "
+                         "cannot be mapped; set it lower")
+    else:
+        problems.warn(at, f"cache.memory {human_size(budget)} is more than {has}: the memory tier "
+                          "would live in swap, or be ended when it fills; set it lower")
 
 
 def _check_running_admin(s: Settings, problems: Problems, root: Src, running: HostPort | None) -> None:

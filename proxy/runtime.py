@@ -38,6 +38,7 @@ from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier, arena_capacity
 from proxy.storage.persist import PERSIST_INTERVAL
+from proxy.storage.room import MemoryUnavailable
 from proxy.storage.tiered import Storage
 from proxy.upstream import UpstreamPool
 
@@ -91,11 +92,14 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
     memory (``processes`` serving processes take their decoded caches out of ``cache.memory``);
     a worker attaches to it (``arena_fd``, inherited from its supervisor)."""
     c = settings.cache
-    if arena_fd is not None:
-        arena = Arena.attach(arena_fd)
-    else:
-        arena = Arena.create(arena_capacity(c.memory, processes), c.disk.size if c.disk is not None else 0,
-                             processes)
+    try:
+        if arena_fd is not None:
+            arena = Arena.attach(arena_fd)
+        else:
+            arena = Arena.create(arena_capacity(c.memory, processes),
+                                 c.disk.size if c.disk is not None else 0, processes)
+    except OSError as exc:  # mapping it (ENOMEM): cache.memory's fault, not the cache directory's
+        raise MemoryUnavailable(c.memory, exc) from exc
     memory = MemoryTier(c.memory, c.memory_max_object, c.memory_policy, arena=arena, owns_arena=True)
     disk = index = None
     if c.disk is not None:

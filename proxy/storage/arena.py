@@ -211,15 +211,20 @@ class Arena:
 
             with tempfile.TemporaryFile() as f:
                 fd = os.dup(f.fileno())
-        os.ftruncate(fd, size)
-        head = bytearray(PAGE)
-        for at, value in ((H_MAGIC, MAGIC), (H_CAPACITY, _align(capacity)), (H_INDEX_BUCKETS, index_buckets),
-                          (H_DIR_BUCKETS, dir_buckets), (H_HEAD, 8), (H_TAIL, 8),  # 0: a dead record
-                          (H_PROCESSES, max(1, processes))):
-            _Q.pack_into(head, at, value)
-        head[H_SECRET:H_SECRET + 16] = os.urandom(16)
-        os.pwrite(fd, bytes(head), 0)
-        return cls(fd, size, owner_fd=True)
+        try:
+            os.ftruncate(fd, size)
+            head = bytearray(PAGE)
+            for at, value in ((H_MAGIC, MAGIC), (H_CAPACITY, _align(capacity)),
+                              (H_INDEX_BUCKETS, index_buckets), (H_DIR_BUCKETS, dir_buckets),
+                              (H_HEAD, 8), (H_TAIL, 8),  # 0: a dead record
+                              (H_PROCESSES, max(1, processes))):
+                _Q.pack_into(head, at, value)
+            head[H_SECRET:H_SECRET + 16] = os.urandom(16)
+            os.pwrite(fd, bytes(head), 0)
+            return cls(fd, size, owner_fd=True)
+        except BaseException:  # too big to map (ENOMEM): the memfd must not stay open
+            os.close(fd)
+            raise
 
     @classmethod
     def attach(cls, fd: int) -> Arena:

@@ -1,4 +1,5 @@
-"""How much room the cache directory's filesystem has, and whether an error says it has none.
+"""How much room the machine has: its memory and swap (``cache.memory`` against them), the
+cache directory's filesystem, and whether an error says that filesystem has none.
 
 A full filesystem (or a user's quota) is not damage: what is stored there is sound and can be
 read again once there is room, so nothing is ever set aside or emptied for it (``disk``,
@@ -74,3 +75,30 @@ def human_size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.4g} {unit}"
     return f"{n} B"
+
+
+def machine_memory(meminfo: str = "/proc/meminfo") -> tuple[int, int] | None:
+    """(RAM, swap) of this machine in bytes, from ``/proc/meminfo``; None where there is none."""
+    found: dict[str, int] = {}
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("MemTotal", "SwapTotal"):
+                    found[name] = int(rest.split()[0]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemTotal" not in found:
+        return None
+    return found["MemTotal"], found.get("SwapTotal", 0)
+
+
+class MemoryUnavailable(Exception):
+    """The shared memory ``cache.memory`` asks for cannot be mapped."""
+
+    def __init__(self, budget: int, cause: OSError) -> None:
+        machine = machine_memory()
+        has = (f"; this machine has {human_size(machine[0])} of memory and {human_size(machine[1])} of swap"
+               if machine is not None else "")
+        super().__init__(f"cannot map the shared memory of cache.memory ({human_size(budget)}): "
+                         f"{cause.strerror or cause}{has}; set cache.memory lower")

@@ -36,7 +36,7 @@ from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.runtime import CacheDirectoryInUse, ReloadResult, Runtime
 from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CACHE_DIR
-from proxy.storage.room import FilesystemFull, filesystem_full
+from proxy.storage.room import FilesystemFull, MemoryUnavailable, filesystem_full
 from proxy.tls import ServerTLS
 from proxy.web.admin import create_admin_app
 from proxy.web.console import register_console_calls
@@ -344,10 +344,11 @@ async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None 
                        processes: int = 1) -> Runtime | None:
     """``Runtime.open``, or None after one line on stderr when the cache directory cannot be
     used (not writable, a file in the way, its filesystem full, owned by another running
-    cachegate): an operator's mistake or the machine's state, not a traceback."""
+    cachegate) or the shared memory of ``cache.memory`` cannot be mapped: an operator's
+    mistake or the machine's state, not a traceback."""
     try:
         return await Runtime.open(settings, owner=owner, arena_fd=arena_fd, processes=processes)
-    except CacheDirectoryInUse as exc:
+    except (CacheDirectoryInUse, MemoryUnavailable) as exc:
         print(f"cachegate: {exc}", file=sys.stderr, flush=True)
         return None
     except OSError as exc:
