@@ -151,6 +151,8 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
                      "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
     _check_disk_room(s, problems, root)
     _check_memory(s, problems, root)
+    _check_stores_something(s, problems, root)
+    _check_addresses(s, problems, root, o)
     _check_running_admin(s, problems, root, running_admin)
     admin = s.admin
     if admin.listen is None or listens_on_loopback(admin.listen[0]):
@@ -201,6 +203,56 @@ def _check_memory(s: Settings, problems: Problems, root: Src) -> None:
     else:
         problems.warn(at, f"cache.memory {human_size(budget)} is more than {has}: the memory tier "
                           "would live in swap, or be ended when it fills; set it lower")
+
+
+def _check_stores_something(s: Settings, problems: Problems, root: Src) -> None:
+    """Sizes that leave room for no body at all (``storable_limit`` 0): every response would be
+    passed through unstored, with nothing said. A cache that stores nothing is refused, as nginx
+    refuses a zone of size 0; one meant to is written as a rule (``bypass: true``)."""
+    c = s.cache
+    disk = (c.disk.size, c.disk.shards) if c.disk is not None else None
+    if storable_limit(c.max_object, disk, c.memory_max_object, c.memory) > 0:
+        return
+    no_disk = "with no disk tier (cache.disk: null)"
+    at: tuple[str, ...]
+    if c.max_object == 0:
+        at, what = ("cache", "max_object"), "cache.max_object 0 B"
+    elif c.disk is not None:
+        at = ("cache", "disk", "size")
+        what = f"cache.disk.size {human_size(c.disk.size)} (half a shard is the biggest body it keeps)"
+    elif c.memory_max_object == 0:
+        at, what = ("cache", "memory_max_object"), f"cache.memory_max_object 0 B {no_disk}"
+    else:
+        at, what = ("cache", "memory"), f"cache.memory {human_size(c.memory)} {no_disk}"
+    hint = "give it a size, or a disk tier" if c.disk is None and c.max_object else "give it a size"
+    problems.add(_line(root, *at), f"{what} stores nothing: every response would be passed through "
+                                   f"unstored; {hint} (to cache nothing on purpose, say so with a rule: "
+                                   "bypass: true)")
+
+
+def _check_addresses(s: Settings, problems: Problems, root: Src, o: Overrides) -> None:
+    """admin.listen on the address of a client listener: the second one cannot bind, and the
+    start fails ("address already in use") after the config passed."""
+    admin = s.admin.listen
+    if admin is None or not admin[1]:
+        return
+    for listener in s.listeners:
+        if listener.port == admin[1] and _same_socket(listener.host, admin[0]):
+            at = ("<command line>", 0) if o.admin_listen is not None else _line(root, "admin", "listen")
+            problems.add(at, f"admin.listen {_fmt_hostport(admin)} is the address of a client listener "
+                             f"(listen {_fmt_hostport(listener.address)}): give the admin API a port of "
+                             "its own")
+            return
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """Whether listeners on hosts ``a`` and ``b`` (the same port) would take the same socket: the
+    same host, or a wildcard (``0.0.0.0``, ``::``) and a host of its family."""
+    if a == b:
+        return True
+    wildcards = {"0.0.0.0": 4, "::": 6}
+    family = {h: 6 if ":" in h else 4 for h in (a, b)}
+    return (a in wildcards or b in wildcards) and family[a] == family[b]
 
 
 def _check_running_admin(s: Settings, problems: Problems, root: Src, running: HostPort | None) -> None:
@@ -291,6 +343,12 @@ rule files have their own reference, [rules.md](rules.md).
 - `${VAR}` in a value is the environment variable `VAR`; `${VAR:-default}` gives a default
   (an unset variable without one is a problem).
 - A key written as null takes its default, unless its line says what null means.
+- Some values are checked together, and against this machine: `admin.listen` on the address of
+  a client listener is a problem, and so are sizes that leave room for no body at all
+  (`cache.memory: 0` with `disk: null`, `cache.disk.size: 0`, `cache.max_object: 0`: to cache
+  nothing on purpose, write a rule with `bypass: true`) and a `cache.memory` bigger than the
+  machine's memory and swap together; a `cache.memory` bigger than its memory alone, and a
+  `cache.disk.size` bigger than the whole filesystem under `cache.disk.path`, are warnings.
 """
 
 

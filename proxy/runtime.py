@@ -33,6 +33,7 @@ from proxy.lockfile import HeldLock, LockTaken
 from proxy.logs import AccessLog, RepeatedFailure, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import PurgeOutcome, Purger, PurgeSpec
+from proxy.settings import storable_limit
 from proxy.storage.arena import Arena
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
@@ -110,7 +111,9 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
         index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
         disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                         empty=index.recreated)
-    return Storage(memory, disk, index, max_object=c.max_object)
+    limit = storable_limit(c.max_object, (c.disk.size, c.disk.shards) if c.disk is not None else None,
+                           c.memory_max_object, c.memory)
+    return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit)
 
 
 @dataclass

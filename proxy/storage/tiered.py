@@ -58,16 +58,21 @@ class Storage:
         max_object: int,
         executor: ThreadPoolExecutor | None = None,
         spool_root: str | None = None,
+        configured_limit: int | None = None,
     ) -> None:
+        """``configured_limit``: what the config's sizes let the store keep (``storable_limit``,
+        which the rules refuse bigger responses by): the start-up warning says the smaller."""
         self.configured_max_object = max_object
         # What can be stored at all: a body bigger than half a disk shard would be culled at
         # once (or flush the shard); memory-only, it must be small enough for the memory tier.
         storable = min(max_object, disk.max_body if disk is not None
                        else min(memory.max_object, memory.budget // 2))
+        if configured_limit is not None:
+            storable = min(storable, configured_limit)
         if storable < max_object:
             log.warning("cache.max_object %d is more than the store can keep (half a disk shard; "
-                        "without a disk tier, memory_max_object): responses over %d bytes are "
-                        "passed through",
+                        "without a disk tier, memory_max_object or half of cache.memory): responses "
+                        "over %d bytes are passed through",
                         max_object, storable)
         if disk is None:  # nothing is written behind: a key keeps more of its variants' bodies
             memory.unwritten_limit = memory_only_bodies(memory.arena.capacity, memory.max_object)

@@ -4,6 +4,7 @@ check`` (and at start), at the line concerned, rather than by the running proxy.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from proxy import config
-from proxy.config import load_config
+from proxy.config import Overrides, base_cache_options, load_config
 from proxy.errors import ConfigError
+from proxy.runtime import open_storage
 from proxy.storage.arena import Arena
 from proxy.storage.room import human_size, machine_memory
 from proxy.web.server import open_runtime
@@ -79,3 +81,59 @@ async def test_shared_memory_that_cannot_be_mapped_is_blamed_on_cache_memory(
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("cachegate: cannot map the shared memory of cache.memory (64 MB): Cannot allocate "
                            "memory"), line
+
+
+@pytest.mark.parametrize(("listen", "admin"), [("127.0.0.1:18555", "127.0.0.1:18555"),
+                                               ("0.0.0.0:18555", "127.0.0.1:18555"),
+                                               ("'[::]:18555'", "'[::1]:18555'")])
+def test_admin_listen_on_a_client_listeners_address_is_refused_at_its_line(
+        tmp_path: Path, listen: str, admin: str) -> None:
+    """It passed check, and run failed with "address already in use"."""
+    found = problems(tmp_path, f"listen: {listen}\nadmin:\n  listen: {admin}\n")
+    assert len(found) == 1 and found[0].startswith("4: admin.listen ") and "is the address of a client " \
+        "listener" in found[0] and found[0].endswith("give the admin API a port of its own"), found
+    assert warnings(tmp_path, "listen: 127.0.0.1:18555\nadmin: {listen: 127.0.0.1:18556}\n") == []
+    assert warnings(tmp_path, "listen: 127.0.0.1:0\nadmin: {listen: 127.0.0.1:0}\n") == []  # each its own port
+    assert warnings(tmp_path, "listen: 127.0.0.1:18555\nadmin: {listen: '[::1]:18555'}\n") == []
+
+
+def test_admin_listen_given_on_the_command_line_is_refused_there(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("upstreams: [http://127.0.0.1:9]\nlisten: 127.0.0.1:18555\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), Overrides(admin_listen="127.0.0.1:18555"))
+    assert [p.split(": admin.listen")[0] for p in info.value.problems] == ["<command line>:0"]
+
+
+@pytest.mark.parametrize(("cache", "expected"), [
+    ("cache:\n  memory: 0\n  disk: null\n", "4: cache.memory 0 B with no disk tier (cache.disk: null) stores "
+     "nothing: every response would be passed through unstored; give it a size, or a disk tier (to cache "
+     "nothing on purpose, say so with a rule: bypass: true)"),
+    ("cache:\n  memory: 1\n  disk: null\n", "4: cache.memory 1 B with no disk tier"),
+    ("cache:\n  disk: null\n  memory_max_object: 0\n", "5: cache.memory_max_object 0 B with no disk tier"),
+    ("cache:\n  disk:\n    size: 0\n", "5: cache.disk.size 0 B (half a shard is the biggest body it keeps) "
+     "stores nothing: every response would be passed through unstored; give it a size (to cache"),
+    ("cache:\n  max_object: 0\n", "4: cache.max_object 0 B stores nothing"),
+])
+def test_sizes_that_leave_room_for_no_body_are_refused(tmp_path: Path, cache: str, expected: str) -> None:
+    """memory: 0 with disk: null passed check and stored nothing, while the start said responses
+    over 4096 bytes were passed through (nginx refuses a zone of size 0 too)."""
+    found = problems(tmp_path, "listen: 127.0.0.1:0\n" + cache)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_the_start_says_the_limit_the_config_sets(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A small memory-only cache: the start-up warning gives the limit the rules refuse by (half of
+    cache.memory), not one of the shared memory's rounded-up size."""
+    path = tmp_path / "c.yaml"
+    path.write_text("upstreams: [http://127.0.0.1:9]\ncache: {memory: 1KB, disk: null}\n")
+    settings = load_config(str(path))
+    with caplog.at_level(logging.WARNING, "cachegate.storage"):
+        storage = open_storage(settings)
+    try:
+        assert [r.getMessage() for r in caplog.records] == [
+            "cache.max_object 104857600 is more than the store can keep (half a disk shard; without a disk "
+            "tier, memory_max_object or half of cache.memory): responses over 512 bytes are passed through"]
+        assert storage.writes.max_object == 512 == base_cache_options(settings).max_object
+    finally:
+        storage.close()
