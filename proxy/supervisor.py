@@ -560,8 +560,9 @@ class Supervisor:
                 and self._stop is not None:
             # It could not open the cache directory (its line says why: a full filesystem, say):
             # nor would its restarts, so the start fails, once, instead of looping.
-            log.error("worker %d (pid %d) cannot open the cache directory; stopping", w.worker_id,
-                      process.pid)
+            if not self._startup_failed:  # (its siblings, that met the same, are not restarted either)
+                log.error("worker %d (pid %d) cannot open the cache directory; stopping", w.worker_id,
+                          process.pid)
             self._startup_failed = True
             self._stop.set()
             return
