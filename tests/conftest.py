@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,13 @@ from tests.harness import Clock, Origin, Proxy, start_proxy
 from tests.storage.procs import kill_leftovers
 
 MakeProxy = Callable[..., Awaitable[Proxy]]
+
+# The processes tests start (``cachegate run``, its workers) import this checkout's ``proxy``,
+# whatever checkout the venv's editable install points at and whatever their working folder:
+# a relative PYTHONPATH (``PYTHONPATH=.``) named the test's temporary folder for them.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    dict.fromkeys([_ROOT, *(os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]))
 
 
 @pytest.fixture
