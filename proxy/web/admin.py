@@ -160,7 +160,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if access in ("public", "session"):
             return await handler(request)
         if access == "csrf":
-            return json_error(403, f"missing or wrong {CSRF_HEADER} header for this console session")
+            return json_error(403, f"missing or wrong {CSRF_HEADER} header for this console session: "
+                                   "every call needs the session's secret (the login answer's csrf) "
+                                   "with the cookie; the cookie alone opens nothing")
         runtime.metrics.admin_unauthorized.inc()
         return web.json_response({"error": "admin token required: Authorization: Bearer <token>"},
                                  status=401, headers={"WWW-Authenticate": 'Bearer realm="cachegate"'})

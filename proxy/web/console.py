@@ -9,13 +9,18 @@ when present) and from ``GET /console/api/live``, which ``cachegate top`` reads 
 Security, with the admin token the API uses:
 
 - The page, its files and the login call are public; they hold nothing. A browser
-  logs in by posting the token as JSON to ``/console/api/login``; the answer sets a
-  session cookie (``HttpOnly``, ``SameSite=Strict``, ``Path=/``) and gives the
-  session's CSRF token. ``auth_middleware`` (``proxy.web.admin``) takes a valid
-  session cookie wherever it takes ``Authorization: Bearer``, and for every method but
-  GET/HEAD also wants the session's CSRF token in ``X-CSRF-Token``. Sessions live in
-  the admin process's memory for ``SESSION_LIFETIME`` and end with logout, with a
-  restart, or when a reload changes the token.
+  logs in by posting the token as JSON to ``/console/api/login``; the answer sets a session
+  cookie (``HttpOnly``, ``SameSite=Strict``, ``Path=/``) and gives the session's secret
+  (``csrf``), which only the login answer ever holds. ``auth_middleware``
+  (``proxy.web.admin``) takes a valid session cookie wherever it takes ``Authorization:
+  Bearer`` only together with that secret in ``X-CSRF-Token``, on every method, GET included.
+  Why: cookies are not port-scoped, so a browser sends the session cookie to every other web
+  app on the same host (any port), and whoever runs one could replay it; the page keeps the
+  secret in ``sessionStorage``, which is scoped to scheme, host *and port*, so nothing on
+  another port ever sees it. ``/console/api/session`` says whether the cookie and secret it
+  is sent are a live session, and never gives the secret out. Sessions live in the admin
+  process's memory for ``SESSION_LIFETIME`` and end with logout, with a restart, or when a
+  reload changes the token.
 - Every page and file is sent with a strict Content-Security-Policy: scripts,
   styles and fetches from this origin only, no inline script or style, no frames.
 - The page's calls are same-origin ``fetch`` with ``Content-Type: application/json``
@@ -134,9 +139,9 @@ class Sessions:
 
 def console_access(request: web.Request, token: str) -> str:
     """For a request without the right bearer token: ``"public"`` (the page, its files, login,
-    session), ``"session"`` (a valid session cookie, with the CSRF token for a method that
-    changes something), ``"csrf"`` (a valid session but a missing or wrong CSRF token), or
-    ``"none"``."""
+    session), ``"session"`` (a valid session cookie with its secret in ``X-CSRF-Token``),
+    ``"csrf"`` (a valid session cookie but a missing or wrong secret: the cookie alone, as a
+    browser also sends it to other ports of this host, opens nothing), or ``"none"``."""
     path = request.path
     if path in PUBLIC_PATHS or (path.startswith("/console/static/") and request.method in SAFE_METHODS):
         return "public"
@@ -146,10 +151,13 @@ def console_access(request: web.Request, token: str) -> str:
     session = console.sessions.get(request.cookies.get(COOKIE), token)
     if session is None:
         return "none"
-    if request.method in SAFE_METHODS:
-        return "session"
+    return "session" if secret_matches(request, session) else "csrf"
+
+
+def secret_matches(request: web.Request, session: Session) -> bool:
+    """Whether the request carries the session's secret (the login answer's ``csrf``)."""
     given = request.headers.get(CSRF_HEADER, "").encode("utf-8", "surrogateescape")
-    return "session" if hmac.compare_digest(given, session.csrf.encode()) else "csrf"
+    return hmac.compare_digest(given, session.csrf.encode())
 
 
 # -- the live numbers -----------------------------------------------------------------------------
@@ -320,7 +328,9 @@ def _runtime(request: web.Request) -> Runtime:
 
 
 async def login(request: web.Request) -> web.Response:
-    """``{"token": "..."}`` as JSON -> the session cookie and the CSRF token; 401 for a wrong token."""
+    """``{"token": "..."}`` as JSON -> the session cookie and the session's secret (``csrf``, to
+    send in ``X-CSRF-Token`` with every call: this answer is the only one that holds it); 401
+    for a wrong token."""
     runtime = _runtime(request)
     token = runtime.settings.admin.token
     if request.content_type != "application/json":
@@ -348,13 +358,15 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def session_info(request: web.Request) -> web.Response:
-    """Whether this browser is logged in, and its CSRF token (a page reload needs it again)."""
+    """Whether the session cookie and the secret in ``X-CSRF-Token`` sent with this call are a
+    live session (a page reloaded in the same tab sends the secret it kept). The secret itself
+    is never given here: a cookie replayed from another port's request must learn nothing."""
     token = _runtime(request).settings.admin.token
     if token is None:
-        return _json({"authenticated": True, "token_required": False, "csrf": None})
+        return _json({"authenticated": True, "token_required": False})
     session = request.app[CONSOLE].sessions.get(request.cookies.get(COOKIE), token)
-    return _json({"authenticated": session is not None, "token_required": True,
-                  "csrf": session.csrf if session is not None else None})
+    return _json({"authenticated": session is not None and secret_matches(request, session),
+                  "token_required": True})
 
 
 async def logout(request: web.Request) -> web.Response:

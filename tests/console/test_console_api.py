@@ -83,7 +83,7 @@ async def test_the_page_and_its_files_are_public_hold_no_data_and_forbid_inline_
 
 async def test_without_a_session_the_console_api_gives_nothing(locked: Proxy) -> None:
     session = js(await locked.admin("GET", "/console/api/session"))
-    assert session == {"authenticated": False, "token_required": True, "csrf": None}
+    assert session == {"authenticated": False, "token_required": True}
     assert (await locked.admin("GET", "/console/api/live")).status == 401
     forged = {"Cookie": f"{COOKIE}=made-up"}
     assert (await locked.admin("GET", "/console/api/live", headers=forged)).status == 401
@@ -102,10 +102,28 @@ async def test_login_sets_an_httponly_samesite_strict_cookie_and_gives_a_csrf_to
     morsel = SimpleCookie(reply.headers["Set-Cookie"])[COOKIE]
     assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/"
     cookie = {"Cookie": f"{COOKIE}={morsel.value}"}
-    session = js(await locked.admin("GET", "/console/api/session", headers=cookie))
-    assert session["authenticated"] and session["csrf"] == js(reply)["csrf"]
-    assert (await locked.admin("GET", "/console/api/live", headers=cookie)).status == 200
-    assert (await locked.admin("GET", "/stats", headers=cookie)).status == 200
+    both = {**cookie, "X-CSRF-Token": js(reply)["csrf"]}
+    session = js(await locked.admin("GET", "/console/api/session", headers=both))
+    assert session == {"authenticated": True, "token_required": True}  # the secret is not repeated
+    assert (await locked.admin("GET", "/console/api/live", headers=both)).status == 200
+    assert (await locked.admin("GET", "/stats", headers=both)).status == 200
+
+
+async def test_the_session_cookie_alone_opens_nothing_not_even_a_get(locked: Proxy) -> None:
+    """Browsers send a host's cookies to every port of it: another web app on this machine
+    gets the session cookie. With it alone, or with a wrong secret, nothing answers, and the
+    session call does not hand the secret out."""
+    await locked.get("/keep")
+    await settle(locked)
+    cookie, csrf = await login(locked)
+    for headers in ({}, {"X-CSRF-Token": "wrong"}, {"X-CSRF-Token": ""}):
+        session = js(await locked.admin("GET", "/console/api/session", headers={**cookie, **headers}))
+        assert session == {"authenticated": False, "token_required": True}
+        for path in ("/console/api/live", "/stats", "/metrics", "/upstreams",
+                     f"/cache?url={absolute(locked, '/keep')}"):
+            reply = await locked.admin("GET", path, headers={**cookie, **headers})
+            assert reply.status == 403 and "X-CSRF-Token" in js(reply)["error"], (path, reply.body)
+    assert (await locked.admin("GET", "/stats", headers={**cookie, "X-CSRF-Token": csrf})).status == 200
 
 
 async def test_every_state_changing_call_needs_the_sessions_csrf_token(locked: Proxy) -> None:
@@ -132,8 +150,9 @@ async def test_logout_ends_the_session(locked: Proxy) -> None:
     cookie, csrf = await login(locked)
     reply = await locked.admin("POST", "/console/api/logout", headers={**cookie, "X-CSRF-Token": csrf})
     assert reply.status == 200 and f"{COOKIE}=\"\"" in reply.headers["Set-Cookie"]
-    assert (await locked.admin("GET", "/console/api/live", headers=cookie)).status == 401
-    assert not js(await locked.admin("GET", "/console/api/session", headers=cookie))["authenticated"]
+    both = {**cookie, "X-CSRF-Token": csrf}
+    assert (await locked.admin("GET", "/console/api/live", headers=both)).status == 401
+    assert not js(await locked.admin("GET", "/console/api/session", headers=both))["authenticated"]
 
 
 async def test_a_reload_that_changes_the_token_ends_every_session(locked: Proxy) -> None:
@@ -142,12 +161,12 @@ async def test_a_reload_that_changes_the_token_ends_every_session(locked: Proxy)
     replace_in(locked.config_path, TOKEN, TOKEN + "-new")
     reply = await locked.admin("POST", "/reload", headers={**cookie, "X-CSRF-Token": csrf})
     assert reply.status == 200
-    assert (await locked.admin("GET", "/console/api/live", headers=cookie)).status == 401
+    assert (await locked.admin("GET", "/console/api/live", headers={**cookie, "X-CSRF-Token": csrf})).status == 401
 
 
 async def test_without_an_admin_token_the_console_opens_on_the_dashboard(proxy: Proxy) -> None:
     session = js(await proxy.admin("GET", "/console/api/session"))
-    assert session == {"authenticated": True, "token_required": False, "csrf": None}
+    assert session == {"authenticated": True, "token_required": False}
     assert (await proxy.admin("GET", "/console/api/live")).status == 200
 
 

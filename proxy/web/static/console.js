@@ -1,6 +1,10 @@
 // cachegate console: the dashboard's whole script. No framework, no build step, nothing
 // from other origins; charts are SVG drawn here. Every call is a same-origin fetch with
-// Content-Type: application/json and, once logged in, the session's X-CSRF-Token.
+// Content-Type: application/json and, once logged in, the session's secret in X-CSRF-Token
+// (on every call: the session cookie alone opens nothing, since browsers send it to every
+// port of this host). The secret comes only from the login answer and is kept in
+// sessionStorage, which is this origin's (scheme, host and port) and this tab's only: a reload
+// of the page stays logged in, a new tab logs in again.
 // Data is only ever put into the page as text (textContent), never as markup.
 "use strict";
 
@@ -13,6 +17,7 @@ const WINDOW_POINTS = 300; // seconds charted (the server keeps 600)
 const POLL_MS = 1000;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
+const SECRET_KEY = "cachegate.session";
 const state = { csrf: null, seq: 0, points: [], timer: null, failures: 0, clusterChecked: 0 };
 
 const $ = (id) => document.getElementById(id);
@@ -30,7 +35,7 @@ class ApiError extends Error {
 async function api(method, path, body) {
   const headers = { "Accept": "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (state.csrf && method !== "GET") headers["X-CSRF-Token"] = state.csrf;
+  if (state.csrf) headers["X-CSRF-Token"] = state.csrf;
   const response = await fetch(path, {
     method, headers, credentials: "same-origin", cache: "no-store",
     body: body === undefined ? undefined : JSON.stringify(body),
@@ -431,9 +436,21 @@ async function reload() {
 
 // -- session ------------------------------------------------------------------------------------
 
+function keepSecret(secret) {
+  state.csrf = secret || null;
+  try {
+    if (state.csrf) sessionStorage.setItem(SECRET_KEY, state.csrf);
+    else sessionStorage.removeItem(SECRET_KEY);
+  } catch (err) { /* storage switched off: this page keeps it in memory only */ }
+}
+
+function keptSecret() {
+  try { return sessionStorage.getItem(SECRET_KEY); } catch (err) { return null; }
+}
+
 function showLogin() {
   clearTimeout(state.timer);
-  state.csrf = null;
+  keepSecret(null);
   $("dashboard").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
@@ -454,7 +471,7 @@ async function login(event) {
   try {
     const answer = await api("POST", "/console/api/login", { token: $("token").value });
     $("token").value = "";
-    state.csrf = answer.csrf;
+    keepSecret(answer.csrf);
     showDashboard(answer.token_required);
   } catch (err) {
     $("login-error").textContent = err.status === 401 ? "wrong admin token" : err.message;
@@ -465,6 +482,7 @@ async function logout() {
   try {
     await api("POST", "/console/api/logout", {});
   } finally {
+    keepSecret(null);
     // A fresh page: nothing of the session's data stays on screen or in memory.
     window.location.reload();
   }
@@ -478,8 +496,8 @@ async function start() {
   $("reload-button").addEventListener("click", reload);
   window.addEventListener("resize", () => { if (!$("dashboard").hidden) drawCharts(); });
   try {
+    state.csrf = keptSecret(); // a reload in this tab: the secret its login got
     const session = await api("GET", "/console/api/session");
-    state.csrf = session.csrf;
     if (session.authenticated) showDashboard(session.token_required);
     else showLogin();
   } catch (err) {
