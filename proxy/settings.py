@@ -529,6 +529,13 @@ class Settings:
     max_request_head: int = setting(DEFAULT_MAX_HEAD, "the request line and fields together; a bigger head "
                                                       "is refused with 431",
                                     byte_size(minimum=1024, why=" (a browser's request head is 0.5-2KB)"))
+    # A head sent a few bytes at a time (slowloris), or never finished, holds a connection and its
+    # file descriptor: the keep-alive timer alone let it for 75 s, the admin listener's for an hour.
+    client_header_timeout: float = setting(60.0, "the longest a request head may take to arrive whole "
+                                                 "(from the connection's opening for its first request, "
+                                                 "from its first byte for the next); then the "
+                                                 "connection is closed, on both listeners",
+                                           duration(positive=True))
     # A request body is sent upstream as it arrives, on a pooled connection: without a limit, a
     # client that stalls mid-upload holds that connection for as long as it likes, and
     # pool_size of them stop every other client's misses (nginx: client_body_timeout).

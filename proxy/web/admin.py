@@ -45,7 +45,7 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, ClientBodyError
 from proxy.explain import ExplainRequest, StoredVariant, explain_trace
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
@@ -189,6 +189,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status >= 400:
             return json_error(exc.status, exc.reason)
         raise
+    except ClientBodyError as exc:  # (a BadRequest) the body did not come in time: it never will
+        response = json_error(408, f"{exc}: the request body did not arrive in time")
+        response.force_close()
+        # Once it is written, close: aiohttp would otherwise linger, reading what is left of the body.
+        task, protocol = asyncio.current_task(), request.protocol
+        if task is not None and protocol is not None:
+            task.add_done_callback(lambda _: protocol.force_close())
+        return response
     except BadRequest as exc:
         return json_error(400, str(exc))
     except PurgeUnavailable as exc:
@@ -202,12 +210,25 @@ TOO_LARGE = f"the request body is over {MAX_BODY} bytes (1 MiB), the admin API's
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as JSON (``admin_guard.loads_untrusted``): 413 over 1 MiB, 400 when hostile."""
+    """The body as JSON (``admin_guard.loads_untrusted``): 413 over 1 MiB, 400 when hostile,
+    408 (the connection closed) when it does not come within the client listener's limits:
+    ``client_body_timeout`` of silence, or slower than ``client_body_min_rate`` on average
+    (``proxy_handler._BodyReader``). The login is public: without them, a body that never came
+    held its connection for good."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length,
                                             text=TOO_LARGE)
-    raw = await request.read()  # a chunked body over client_max_size (MAX_BODY) raises 413 too
-    return loads_untrusted(raw or b"null")
+    from proxy.web.proxy_handler import _BodyReader  # (it imports this module: PURGE)
+
+    settings = request.app[ADMIN].runtime.settings
+    reader = _BodyReader(request, settings.client_body_timeout, settings.client_body_min_rate)
+    parts: list[bytes] = []
+    while chunk := await reader.read(64 * 1024):
+        if reader.received > MAX_BODY:  # a chunked body has no Content-Length to refuse first
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=reader.received,
+                                                text=TOO_LARGE)
+        parts.append(chunk)
+    return loads_untrusted(b"".join(parts) or b"null")
 
 
 def query_params(request: web.Request, allowed: tuple[str, ...], repeatable: tuple[str, ...] = ()
@@ -523,4 +544,4 @@ async def upstreams(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-__all__ = ["create_admin_app", "purge_method", "token_matches", "too_many_guesses"]
+__all__ = ["ADMIN", "create_admin_app", "purge_method", "token_matches", "too_many_guesses"]

@@ -92,6 +92,7 @@ from proxy.storage.memory import Cached
 from proxy.web.fastheads import HeadShapes
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import from_response
+from proxy.web.headtimeout import HeadTimedHandler
 from proxy.web.proxy_handler import sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
@@ -300,7 +301,7 @@ class FastPath:
         return data if self._alive(cached) else None
 
 
-class ProxyRequestHandler(RequestHandler):
+class ProxyRequestHandler(HeadTimedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
     __slots__ = ("_answered", "_boundary", "_fast", "_front", "_parser_args", "declined", "gone_logged")
@@ -410,6 +411,8 @@ class ProxyRequestHandler(RequestHandler):
             return
         boundary = self._boundary
         if boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
+            if self._head_handle is not None:
+                self.head_ended()
             return  # (a longer chunk is never a remembered request: not even hashed)
         parser = self._parser
         feed = data
@@ -430,7 +433,11 @@ class ProxyRequestHandler(RequestHandler):
                 self._refuse_unparsable(exc)
                 return
             if not messages:
+                if self.waiting_for_head():
+                    self.head_begun()  # a head not whole yet (``headtimeout``)
                 return
+            if self._head_handle is not None:
+                self.head_ended()
             done = self._answer(messages, raw if len(messages) == 1 and not upgraded else None)
             if done < len(messages) or upgraded:
                 # A full batch means the parser stopped and holds more requests: aiohttp's
@@ -740,7 +747,9 @@ class ProxyServer(web.Server):
         return self._fast
 
     def __call__(self) -> RequestHandler:
+        # Read per connection: a reload's client_header_timeout applies to the next ones.
         return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, front=self._front,
+                                   head_timeout=self._front.runtime.settings.client_header_timeout,
                                    **self._kwargs)
 
 

@@ -38,11 +38,12 @@ from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CACHE_DIR
 from proxy.storage.room import FilesystemFull, MemoryUnavailable, filesystem_full
 from proxy.tls import ServerTLS
-from proxy.web.admin import create_admin_app
+from proxy.web.admin import ADMIN, create_admin_app
 from proxy.web.console import register_console_calls
 from proxy.web.fastpath import FastPath, ProxyServer
 from proxy.web.fastpath import probe as probe_fast_path
 from proxy.web.frontend import Front
+from proxy.web.headtimeout import CappedServer
 from proxy.web.proxy_handler import make_handler
 
 log = logging.getLogger("cachegate.server")
@@ -164,12 +165,35 @@ async def start_admin_listener(runtime: Runtime, settings: Settings,
     if settings.admin.listen is None:
         return None
     app = create_admin_app(runtime, purge, inspector)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=settings.shutdown_grace)
+    runner = AdminRunner(app, handle_signals=False, access_log=None,
+                         shutdown_timeout=settings.shutdown_grace, keepalive_timeout=ADMIN_KEEPALIVE)
     await runner.setup()
     host, port = settings.admin.listen
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+# The admin listener's limits on connections (the client listener's are its own): a request
+# head must be whole within client_header_timeout, a body is read under client_body_timeout
+# and client_body_min_rate (``proxy.web.admin.read_json``), an idle connection is closed after
+# ADMIN_KEEPALIVE seconds, and at most ADMIN_MAX_CONNECTIONS are open at once (the oldest idle
+# one makes room for a new one). Without them, a few hundred connections that never finished a
+# request held as many file descriptors for an hour, and the client listener could accept
+# nothing once the process ran out.
+ADMIN_KEEPALIVE = 30.0
+ADMIN_MAX_CONNECTIONS = 64
+
+
+class AdminRunner(web.AppRunner):
+    """``web.AppRunner`` whose server is a ``CappedServer`` (head timeout, connection cap)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        runtime = self.app[ADMIN].runtime
+        return CappedServer(server.request_handler, request_factory=server.request_factory,
+                            handler_cancellation=server.handler_cancellation, loop=server._loop,
+                            head_timeout=lambda: runtime.settings.client_header_timeout,
+                            max_connections=ADMIN_MAX_CONNECTIONS, **server._kwargs)
 
 
 def announce(listeners: Listeners) -> None:

@@ -1,0 +1,120 @@
+"""A time limit on request heads, for both listeners (nginx: ``client_header_timeout``).
+
+aiohttp closes a connection whose handler waits for a request only when its keep-alive timer
+runs out, and nothing bounds how long one request head may take to arrive: a client that
+opens connections and sends a head a few bytes at a time (slowloris), or never finishes it,
+holds a file descriptor each for as long as that timer lets it. ``HeadTimedHandler`` closes
+the connection when a head is not whole ``head_timeout`` seconds after it began: after the
+connection opened, for the first request; after its first byte, for the next ones (the time
+in between is the keep-alive timeout's). Nothing is answered (as nginx: the client never
+finished asking). The timer is armed only when a chunk leaves a head unfinished: a request
+that arrives whole in one read, the common case, costs a counter comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger("cachegate.server")
+
+
+class HeadTimedHandler(RequestHandler):
+    """aiohttp's ``RequestHandler`` with a limit on how long one request head may take."""
+
+    __slots__ = ("_head_handle", "_head_timeout")
+
+    def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_handle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.head_begun()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.head_ended()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        self.head_checked(before)
+
+    def head_checked(self, before: int) -> None:
+        """After a chunk was parsed (``before``: the request count before it)."""
+        if self._request_count != before:
+            self.head_ended()
+        elif self.waiting_for_head():
+            self.head_begun()
+
+    def waiting_for_head(self) -> bool:
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._messages
+
+    def head_begun(self) -> None:
+        if self._head_handle is None and self._head_timeout > 0 and not self._force_close:
+            self._head_handle = self._loop.call_later(self._head_timeout, self._head_expired)
+
+    def head_ended(self) -> None:
+        handle = self._head_handle
+        if handle is not None:
+            handle.cancel()
+            self._head_handle = None
+
+    def _head_expired(self) -> None:
+        self._head_handle = None
+        if self._messages or self._current_request is not None or self._force_close:
+            return  # a request came (or is being handled): not a head that never finished
+        log.debug("a request head from %s was not whole within %gs (client_header_timeout): "
+                  "connection closed", self.peername, self._head_timeout)
+        self.force_close()
+
+
+class CappedHandler(HeadTimedHandler):
+    """A connection of a listener that keeps at most ``max_connections`` open: when one more
+    comes, the oldest one waiting for a request (idle, or its head unfinished) is closed to make
+    room, else the new one. So idle connections someone opens by the hundred cannot run the
+    process out of file descriptors, nor lock out a client that comes later."""
+
+    __slots__ = ("_max_connections",)
+
+    def __init__(self, manager: web.Server, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._max_connections = max_connections
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        manager = self._manager
+        if manager is None or len(manager.connections) <= self._max_connections:
+            return
+        for other in manager.connections:  # oldest first (a dict keeps the order they came)
+            if other is not self and isinstance(other, HeadTimedHandler) and other.waiting_for_head():
+                log.debug("more than %d connections: the oldest waiting for a request, from %s, "
+                          "closed", self._max_connections, other.peername)
+                other.force_close()
+                return
+        log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
+        self.force_close()
+
+
+class CappedServer(web.Server):
+    """``web.Server`` whose connections are ``CappedHandler``s; ``settings`` (a callable) gives
+    the head timeout at each new connection, so a reload applies to the next ones."""
+
+    def __init__(self, handler: Any, *, head_timeout: Any, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._head_timeout_of = head_timeout
+        self._max = max_connections
+
+    def __call__(self) -> RequestHandler:
+        return CappedHandler(self, loop=self._loop, head_timeout=float(self._head_timeout_of()),
+                             max_connections=self._max, **self._kwargs)
+
+
+__all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler"]

@@ -1,0 +1,111 @@
+"""Connections that never finish a request, on the admin listener and the client listener.
+
+A request head sent a few bytes at a time or never finished (slowloris) is closed after
+``client_header_timeout``; on the admin listener a body that does not come (the login is
+public) is answered 408 after ``client_body_timeout``, and at most ``ADMIN_MAX_CONNECTIONS``
+connections are open at once, the oldest idle one closed to make room: a few hundred idle
+connections held as many file descriptors for an hour, until the client listener could accept
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from proxy.web import server
+from tests.conftest import MakeProxy
+from tests.harness import Proxy
+
+TOKEN = "slow-clients-t0ken-of-some-length"
+CONFIG = f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\nclient_header_timeout: 1s\nclient_body_timeout: 1s\n"
+
+
+async def closed_after(host: str, port: int, first: bytes, trickle: bytes = b"", every: float = 0.25,
+                       limit: float = 10.0) -> tuple[float, bytes]:
+    """Send ``first`` (then ``trickle`` every ``every`` seconds): seconds until the server
+    closed the connection, and what it answered."""
+    reader, writer = await asyncio.open_connection(host, port)
+    started = time.monotonic()
+    writer.write(first)
+    answer = b""
+    try:
+        while time.monotonic() - started < limit:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), every)
+            except TimeoutError:
+                if trickle:
+                    writer.write(trickle)
+                continue
+            if not chunk:
+                return time.monotonic() - started, answer
+            answer += chunk
+        raise AssertionError(f"still open after {limit}s: {answer!r}")
+    except ConnectionResetError:
+        return time.monotonic() - started, answer
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def slow(make_proxy: MakeProxy) -> Proxy:
+    return await make_proxy(config=CONFIG)
+
+
+async def test_an_admin_body_that_never_comes_is_answered_408_and_closed(slow: Proxy) -> None:
+    host, port = slow.listeners.admin_addresses[0]
+    took, answer = await closed_after(host, port, b"POST /console/api/login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"did not arrive in time" in answer
+    assert 0.8 < took < 4, took
+
+
+async def test_an_admin_head_never_finished_or_trickled_is_closed(slow: Proxy) -> None:
+    host, port = slow.listeners.admin_addresses[0]
+    results = await asyncio.gather(
+        closed_after(host, port, b"GET /console/api/session HTTP/1.1\r\nHost: 127.0"),
+        closed_after(host, port, b"GET /console/api/session HTTP/1.1\r\n", trickle=b"X-A: b\r\n"),
+        closed_after(host, port, b""))  # nothing at all
+    for took, answer in results:
+        assert answer == b"" and 0.8 < took < 4, (took, answer)
+
+
+async def test_a_client_head_never_finished_or_trickled_is_closed(slow: Proxy) -> None:
+    host, port = slow.listeners.proxy_addresses[0]
+    results = await asyncio.gather(
+        closed_after(host, port, b"GET / HTTP/1.1\r\nHost: a"),
+        closed_after(host, port, b"GET / HTTP/1.1\r\n", trickle=b"X-A: b\r\n"),
+        closed_after(host, port, b""))
+    for took, answer in results:
+        assert answer == b"" and 0.8 < took < 4, (took, answer)
+    # A whole request is answered, and its connection stays open past the head timeout.
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 ")
+    await asyncio.sleep(1.5)
+    assert not reader.at_eof()
+    writer.close()
+
+
+async def test_idle_admin_connections_are_capped_the_oldest_making_room(
+        make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "ADMIN_MAX_CONNECTIONS", 8)
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    host, port = proxy.listeners.admin_addresses[0]
+    idle = []
+    for _ in range(30):  # unfinished heads, as many as an attacker likes
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /stats HTTP/1.1\r\nHost: 127.0")
+        await writer.drain()
+        idle.append((reader, writer))
+    await asyncio.sleep(0.2)
+    open_ = [r for r, _ in idle if not r.at_eof()]
+    assert len(open_) <= 8, len(open_)
+    assert not idle[0][0].at_eof() or await idle[0][0].read() == b""  # the oldest were closed
+    reply = await proxy.admin("GET", "/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert reply.status == 200  # the operator still gets in
+    for _, writer in idle:
+        writer.close()
