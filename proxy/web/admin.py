@@ -237,6 +237,9 @@ def query_params(request: web.Request, allowed: tuple[str, ...], repeatable: tup
     out: dict[str, list[str]] = {}
     for name, value in request.query.items():
         if name not in allowed:
+            if not allowed:
+                raise BadRequest(f"unknown parameter {name!r}: {request.method} {request.path} takes "
+                                 "no query parameters")
             raise BadRequest(f"unknown parameter {name!r}; allowed: {', '.join(allowed)}")
         out.setdefault(name, []).append(value)
         if len(out[name]) > 1 and name not in repeatable:
@@ -265,6 +268,8 @@ async def check_hosts(ctx: AdminContext, hosts: set[str]) -> None:
 
 async def purge(request: web.Request) -> web.Response:
     ctx = request.app[ADMIN]
+    # Everything is in the body: a ?soft=true or ?dry_run=1 must not become a hard purge.
+    query_params(request, ())
     spec = await read_purge(await read_json(request))  # in slices: client requests go on meanwhile
     await check_hosts(ctx, spec.hosts)
     outcome = await ctx.purge(spec)
@@ -276,6 +281,7 @@ async def purge(request: web.Request) -> web.Response:
 async def reload(request: web.Request) -> web.Response:
     """Re-read config and rules: 200 when applied; 400 with every FILE:LINE problem when not
     (the running config stays); 501 when this process was started without a config file."""
+    query_params(request, ())
     runtime = request.app[ADMIN].runtime
     if runtime.reload_config is None:
         return json_error(501, "reload is not available in this process")

@@ -279,3 +279,21 @@ async def test_a_purge_of_many_urls_looks_through_the_memory_once_a_slice_not_on
     monkeypatch.undo()
     for lang in ("en", "fr"):
         assert (await proxy.get("/v", headers={"Accept-Language": lang})).x_cache == "MISS"
+async def test_unknown_query_parameters_on_purge_and_reload_are_refused_and_nothing_is_done(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+    versioned(origin, "/q")
+    await warm(proxy, "/q")
+    reloads: list[int] = []
+    proxy.runtime.reload_config = lambda: reloads.append(1)  # type: ignore[assignment,return-value,func-returns-value]
+    for query in ("soft=true", "dry_run=1", "urls=x"):
+        reply = await proxy.admin("POST", f"/purge?{query}", json={"urls": [absolute(proxy, "/q")]})
+        assert reply.status == 400, reply.body
+        name = query.split("=")[0]
+        assert js(reply)["error"] == f"unknown parameter {name!r}: POST /purge takes no query parameters"
+    assert (await proxy.get("/q")).x_cache == "HIT"  # nothing was purged
+    reply = await proxy.admin("POST", "/reload?x=1")
+    assert reply.status == 400 and js(reply)["error"] == "unknown parameter 'x': POST /reload takes no query parameters"
+    assert reloads == []
+    reply = await proxy.admin("GET", "/metrics?x=1")
+    assert reply.status == 400 and js(reply)["error"] == "unknown parameter 'x': GET /metrics takes no query parameters"
