@@ -201,6 +201,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(400, str(exc))
     except PurgeUnavailable as exc:
         return json_error(503, str(exc))
+    except ConnectionError as exc:
+        # The client hung up (mid-body, most often): nobody to answer, and not an internal error
+        # (a hostile client must not fill the log with tracebacks). Nothing was done: the body
+        # was not whole.
+        log.debug("admin client %s went away during %s %s: %r", request.remote, request.method,
+                  request.path, exc)
+        return json_error(400, "the client went away")
     except Exception:
         log.exception("admin error on %s", request.path)
         return json_error(500, "internal error")

@@ -11,6 +11,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -109,3 +110,25 @@ async def test_idle_admin_connections_are_capped_the_oldest_making_room(
     assert reply.status == 200  # the operator still gets in
     for _, writer in idle:
         writer.close()
+
+
+@pytest.mark.parametrize("path", ["/purge", "/console/api/login", "/explain"])
+async def test_an_admin_client_that_hangs_up_mid_body_is_not_an_error(
+        slow: Proxy, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    caplog.set_level(logging.DEBUG)
+    host, port = slow.listeners.admin_addresses[0]
+    for reset in (False, True):
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"all\"".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        if reset:
+            writer.transport.abort()
+        else:
+            writer.close()
+        await asyncio.sleep(0.2)
+    records = [r for r in caplog.records if r.name.startswith(("cachegate", "aiohttp", "asyncio"))]
+    assert not [r for r in records if r.levelno > logging.INFO or r.exc_info], \
+        [(r.name, r.levelname, r.getMessage()) for r in records]
+    assert any("went away" in r.getMessage() for r in records), [r.getMessage() for r in records]
