@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("cachegate.server")
@@ -77,16 +79,19 @@ class HeadTimedHandler(RequestHandler):
 
 
 class CappedHandler(HeadTimedHandler):
-    """A connection of a listener that keeps at most ``max_connections`` open: when one more
-    comes, the oldest one waiting for a request (idle, or its head unfinished) is closed to make
-    room, else the new one. So idle connections someone opens by the hundred cannot run the
-    process out of file descriptors, nor lock out a client that comes later."""
+    """A connection of the admin listener, which keeps at most ``max_connections`` open: when one
+    more comes, the oldest one waiting for a request (idle, or its head unfinished) is closed to
+    make room, else the new one. So idle connections someone opens by the hundred cannot run the
+    process out of file descriptors, nor lock out a client that comes later. A request aiohttp's
+    parser refuses is answered like every admin error, ``{"error": "..."}`` (``handle_error``)."""
 
-    __slots__ = ("_max_connections",)
+    __slots__ = ("_max_connections", "_server_header")
 
-    def __init__(self, manager: web.Server, *, max_connections: int, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, max_connections: int, server_header: Callable[[], str],
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._max_connections = max_connections
+        self._server_header = server_header  # the operator's Server field, not aiohttp's
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -102,19 +107,43 @@ class CappedHandler(HeadTimedHandler):
         log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
         self.force_close()
 
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request the parser refused: JSON saying why, the connection closed, one DEBUG line
+        (aiohttp's own answer is text with a traceback in the log). Its own 500s stay aiohttp's."""
+        if status == 500 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        text = str(exc.message)
+        if isinstance(exc, LineTooLong) and f"more than {self.max_line_size} bytes" in text:
+            status, why = 414, (f"the request line (method, URL, version) is over {self.max_line_size:,} "
+                                "bytes, the admin listener's limit")
+        elif isinstance(exc, LineTooLong):
+            status, why = 431, (f"a header field is over {self.max_field_size:,} bytes, the admin "
+                                "listener's limit")
+        else:
+            first = text.strip().strip("'\"").splitlines()[0].rstrip(":") if text.strip() else repr(exc)
+            why = f"the request could not be parsed: {first}"
+        log.debug("admin request from %s refused by the parser: %s", self.peername, text)
+        response = web.json_response({"error": why}, status=status,
+                                     headers={"Server": self._server_header()})
+        response.force_close()
+        return response
+
 
 class CappedServer(web.Server):
-    """``web.Server`` whose connections are ``CappedHandler``s; ``settings`` (a callable) gives
-    the head timeout at each new connection, so a reload applies to the next ones."""
+    """``web.Server`` whose connections are ``CappedHandler``s; ``head_timeout`` and
+    ``server_header`` are read at each new connection (or answer), so a reload applies."""
 
-    def __init__(self, handler: Any, *, head_timeout: Any, max_connections: int, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, head_timeout: Callable[[], float], max_connections: int,
+                 server_header: Callable[[], str], **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._head_timeout_of = head_timeout
         self._max = max_connections
+        self._server_header = server_header
 
     def __call__(self) -> RequestHandler:
         return CappedHandler(self, loop=self._loop, head_timeout=float(self._head_timeout_of()),
-                             max_connections=self._max, **self._kwargs)
+                             max_connections=self._max, server_header=self._server_header, **self._kwargs)
 
 
 __all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler"]

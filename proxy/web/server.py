@@ -166,7 +166,8 @@ async def start_admin_listener(runtime: Runtime, settings: Settings,
         return None
     app = create_admin_app(runtime, purge, inspector)
     runner = AdminRunner(app, handle_signals=False, access_log=None,
-                         shutdown_timeout=settings.shutdown_grace, keepalive_timeout=ADMIN_KEEPALIVE)
+                         shutdown_timeout=settings.shutdown_grace, keepalive_timeout=ADMIN_KEEPALIVE,
+                         max_line_size=ADMIN_MAX_LINE)
     await runner.setup()
     host, port = settings.admin.listen
     await web.TCPSite(runner, host, port).start()
@@ -182,6 +183,9 @@ async def start_admin_listener(runtime: Runtime, settings: Settings,
 # nothing once the process ran out.
 ADMIN_KEEPALIVE = 30.0
 ADMIN_MAX_CONNECTIONS = 64
+# The request line (method, URL, version): a URL to inspect (/cache?url=, /explain?url=&headers=)
+# may be long; aiohttp's default, 8,190 bytes, refused some that the client listener serves.
+ADMIN_MAX_LINE = 64 * 1024
 
 
 class AdminRunner(web.AppRunner):
@@ -193,7 +197,8 @@ class AdminRunner(web.AppRunner):
         return CappedServer(server.request_handler, request_factory=server.request_factory,
                             handler_cancellation=server.handler_cancellation, loop=server._loop,
                             head_timeout=lambda: runtime.settings.client_header_timeout,
-                            max_connections=ADMIN_MAX_CONNECTIONS, **server._kwargs)
+                            max_connections=ADMIN_MAX_CONNECTIONS,
+                            server_header=lambda: runtime.settings.server_header, **server._kwargs)
 
 
 def announce(listeners: Listeners) -> None:

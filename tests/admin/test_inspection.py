@@ -104,3 +104,23 @@ async def test_the_last_minute_hit_ratio_leaves_older_requests_out(origin: Origi
     # The sample at t=1000 is over a minute old: the window starts at t=1061.
     assert (ratio["last_minute"], ratio["last_minute_requests"]) == (0.75, 4)
     assert ratio["last_minute_window_seconds"] == 30.0
+
+
+async def test_long_urls_are_inspected_and_overlong_request_lines_get_a_json_error(
+        origin: Origin, proxy: Proxy) -> None:
+    # 7,500 bytes as the client sends it; escaped as a query parameter (= and & take 3 bytes
+    # each), 17,500: over aiohttp's default line limit, 8,190 bytes.
+    long_path = "/long?" + "x=&" * 2500
+    origin.route("/long", body=b"long", headers={"Cache-Control": "max-age=100"})
+    await proxy.get(long_path)
+    await settle(proxy)
+    reply = await proxy.admin("GET", "/cache?url=" + quote(absolute(proxy, long_path), safe=""))
+    assert reply.status == 200 and len(js(reply)["variants"]) == 1, reply.body[:300]
+    reply = await proxy.admin("GET", "/explain?url=" + quote(absolute(proxy, long_path), safe=""))
+    assert reply.status == 200, reply.body[:300]
+    reply = await proxy.admin("GET", "/cache?url=" + quote(absolute(proxy, "/" + "c" * 70_000)))
+    assert reply.status == 414 and reply.headers["Content-Type"].startswith("application/json")
+    assert js(reply) == {"error": "the request line (method, URL, version) is over 65,536 bytes, "
+                                  "the admin listener's limit"}
+    reply = await proxy.admin("GET", "/stats", headers={"X-Big": "a" * 9000})
+    assert reply.status == 431 and js(reply)["error"].startswith("a header field is over 8,190 bytes")
