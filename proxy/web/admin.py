@@ -38,11 +38,14 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser
 from multidict import MultiMapping
 
 from proxy.errors import BadRequest, ClientBodyError
@@ -383,13 +386,41 @@ def _header_pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
         raise BadRequest(f"{what!r} must be a JSON object like {EXAMPLE_HEADERS}")
     out: list[tuple[str, str]] = []
     for name, v in value.items():
+        if not _TOKEN.fullmatch(name):
+            raise BadRequest(f"{what!r}: {name!r} is not a field name: a name is a token of ASCII "
+                             "letters, digits and !#$%&'*+-.^_`|~ (RFC 9110 §5.1), as the proxy's "
+                             "parser takes them")
         values = v if isinstance(v, list) else [v]
-        if not name or any(c in name for c in " \t\r\n:") or not all(
-            isinstance(x, str) and "\r" not in x and "\n" not in x for x in values
-        ):
+        if not all(isinstance(x, str) for x in values):
             raise BadRequest(f"{what!r}: {name!r} must map to a string or a list of strings")
+        for x in values:
+            bad = next((c for c in x if c in "\r\n\x00"), None)
+            if bad is not None:
+                raise BadRequest(f"{what!r}: the value of {name!r} holds {bad!r}, which no field value "
+                                 "may (RFC 9110 §5.5)")
         out.extend((name, x) for x in values)
     return tuple(out)
+
+
+# RFC 9110 §5.6.2: token = 1*tchar, ASCII only (methods and field names are tokens).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _check_method(method: Any) -> str:
+    """The method as the proxy's parser takes it (case-sensitive, RFC 9110 §9.1); BadRequest
+    for a method no client could send it, or one it answers 501 itself."""
+    if not isinstance(method, str) or not _TOKEN.fullmatch(method):
+        raise BadRequest(f"'method' must be a method name like GET: a token of ASCII letters, digits "
+                         f"and !#$%&'*+-.^_`|~ (RFC 9110 §9.1), not {method!r}")
+    parser = HttpRequestParser(None, None, 1 << 16)  # aiohttp's, as the listeners parse
+    try:
+        parser.feed_data(f"{method} / HTTP/1.1\r\nHost: h\r\n\r\n".encode("ascii"))
+    except HttpProcessingError:
+        hint = f" (methods are case-sensitive: {method.upper()} is another method)" \
+            if method != method.upper() else ""
+        raise BadRequest(f"the proxy answers 501 to the method {method!r}, which its HTTP parser does "
+                         f"not implement{hint}") from None
+    return method
 
 
 def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
@@ -399,9 +430,7 @@ def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
     url = doc.get("url")
     if not isinstance(url, str) or not url:
         raise BadRequest("give the URL: {\"url\": \"https://host/path\"} or ?url=...")
-    method = doc.get("method", "GET")
-    if not isinstance(method, str) or not method.isalpha():
-        raise BadRequest("'method' must be a method name like GET")
+    method = _check_method(doc.get("method", "GET"))
     raw_status = doc.get("status", [])
     statuses = raw_status if isinstance(raw_status, list) else [raw_status]
     parsed: list[int] = []
@@ -414,7 +443,7 @@ def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
     response_headers = _header_pairs(doc.get("response_headers"), "response_headers")
     if response_headers and not parsed:
         parsed = [200]
-    return ExplainRequest(url=normalise_url(url), method=method.upper(),
+    return ExplainRequest(url=normalise_url(url), method=method,
                           headers=_header_pairs(doc.get("headers"), "headers"), statuses=tuple(parsed),
                           response_headers=response_headers)
 

@@ -165,6 +165,30 @@ async def test_bad_explain_requests_get_400(ruled: Proxy, query: str, message: s
     assert message in js(reply)["error"]
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("method", "\uff27\uff25\uff34", "'method' must be a method name like GET: a token of ASCII"),  # full-width
+    ("method", "G(T", "'method' must be a method name like GET"),
+    ("method", "", "'method' must be a method name like GET"),
+    ("method", "get", "the proxy answers 501 to the method 'get', which its HTTP parser does not implement "
+                      "(methods are case-sensitive: GET is another method)"),
+    ("method", "BREW", "the proxy answers 501 to the method 'BREW'"),
+    ("headers", {"X\u0000A": "v"}, "'headers': 'X\\x00A' is not a field name"),
+    ("headers", {"X(": "v"}, "'headers': 'X(' is not a field name"),
+    ("headers", {"X-\u00e9": "v"}, "is not a field name"),
+    ("headers", {"": "v"}, "'headers': '' is not a field name"),
+    ("headers", {"X-A": "a\u0000b"}, "the value of 'X-A' holds '\\x00'"),
+    ("response_headers", {"Cache Control": "max-age=1"}, "'response_headers': 'Cache Control' is not a field name"),
+])
+async def test_explain_refuses_requests_no_client_could_send(ruled: Proxy, field: str, value: object,
+                                                             message: str) -> None:
+    """What the proxy's parser refuses (or answers 501 itself) is not explained as if served."""
+    reply = await ruled.admin("POST", "/explain", json={"url": absolute(ruled, "/"), field: value})
+    assert reply.status == 400 and message in js(reply)["error"], reply.body
+    reply = await ruled.admin("POST", "/explain", json={"url": absolute(ruled, "/"), "method": "PROPFIND",
+                                                        "headers": {"X-Odd_Name!": "v"}})
+    assert reply.status == 200, reply.body  # tokens the parser takes
+
+
 async def test_a_bad_post_body_gets_400(ruled: Proxy) -> None:
     for body, message in ((b"{", "invalid JSON"), (b"[]", "JSON object"),
                           (b'{"url": "http://x/", "extra": 1}', "unknown field(s): extra"),

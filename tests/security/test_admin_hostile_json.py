@@ -69,7 +69,7 @@ CASES: list[tuple[str, bytes, str]] = [
     ("/explain", b'{"url": "{page}", "method": "G\\u0000T"}', "'method' must be a method name"),
     ("/explain", b'{"url": "{page}", "headers": [["Accept", "x"]]}', "'headers' must be a JSON object"),
     ("/explain", b'{"url": "{page}", "headers": {"X": [["a"]]}}', "must map to a string or a list of strings"),
-    ("/explain", b'{"url": "{page}", "headers": {"X": "a\\r\\nInjected: 1"}}', "must map to a string"),
+    ("/explain", b'{"url": "{page}", "headers": {"X": "a\\r\\nInjected: 1"}}', "the value of 'X' holds '\\r'"),
     ("/explain", b'{"url": "{page}", "headers": "' + b"[" * 5000 + b'"}', "'headers' must be a JSON object"),
     ("/explain", b'{"url": "{page}", "response_headers": {"Cache-Control": {"max-age": 1}}}',
      "'response_headers'"),
