@@ -53,6 +53,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -91,14 +92,40 @@ class Refused:
     message: str
 
 
-def _split_host(value: str) -> tuple[str, str]:
-    """``name[:port]`` or ``[v6][:port]`` -> (name without brackets, lower-cased, no trailing dot; port)."""
+_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")  # a DNS name or IPv4 address, lower-cased
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _split_host(value: str) -> tuple[str, str] | None:
+    """``name[:port]`` or ``[v6][:port]`` -> (name without brackets, lower-cased, no trailing dot;
+    port), or None when ``value`` is not that: the port must be 1-65535 in ASCII digits, brackets
+    hold an IPv6 address and nothing follows them but ``:port``, a name is letters, digits, ``-``,
+    ``_`` and dots (``127.0.0.1:80@evil.com``, ``[::1]evil.com``, ``localhost:evil`` are None).
+
+    >>> [_split_host(h) for h in ("LocalHost.:8081", "[::1]", "127.0.0.1:80@evil.com", "[::1]evil.com")]
+    [('localhost', '8081'), ('::1', ''), None, None]
+    """
     value = value.strip().lower()
     if value.startswith("["):
-        name, _, rest = value[1:].partition("]")
-        return name, rest.removeprefix(":")
-    name, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+        name, closed, rest = value[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+        if "%" in name:  # a zone (scope) id: for the host it names, not for a Host field
+            return None
+        if not closed or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+        return (name, port) if not rest or _port_ok(port) else None
+    name, colon, port = value.partition(":")
+    if not _NAME.fullmatch(name) or (colon and not _port_ok(port)):
+        return None
     return name.rstrip("."), port
+
+
+def _port_ok(port: str) -> bool:
+    return bool(_PORT.fullmatch(port)) and 1 <= int(port) <= 65535
 
 
 def host_is_loopback(name: str) -> bool:
@@ -119,7 +146,10 @@ def host_is_loopback(name: str) -> bool:
 
 
 def _host_allowed(host: str, server_names: Iterable[str]) -> bool:
-    name, port = _split_host(host)
+    split = _split_host(host)
+    if split is None:
+        return False
+    name, port = split
     if host_is_loopback(name):
         return True
     return host_matches(server_names, f"{name}:{port}" if port else name)
@@ -130,14 +160,20 @@ def _authority(origin: str) -> str | None:
     scheme, sep, rest = origin.strip().lower().partition("://")
     if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
         return None
-    name, port = _split_host(rest)
+    split = _split_host(rest)
+    if split is None:
+        return None
+    name, port = split
     if port == {"http": "80", "https": "443"}[scheme]:
         port = ""
     return f"{name}:{port}" if port else name
 
 
-def _host_authority(host: str) -> str:
-    name, port = _split_host(host)
+def _host_authority(host: str) -> str | None:
+    split = _split_host(host)
+    if split is None:
+        return None
+    name, port = split
     if port == "80":
         port = ""
     return f"{name}:{port}" if port else name
@@ -156,6 +192,9 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
         if len(hosts) != 1:
             return Refused(403, "host", "the admin API needs exactly one Host header naming a loopback "
                                         "address or one of admin.server_names")
+        if _split_host(hosts[0]) is None:
+            return Refused(403, "host", f"Host {hosts[0]!r} is not a host name or address with an "
+                                        "optional :port (1-65535): refused")
         if not _host_allowed(hosts[0], settings.server_names):
             names = ", ".join(settings.server_names) or "none listed"
             return Refused(403, "host", f"Host {hosts[0]!r} is not a loopback address or one of "

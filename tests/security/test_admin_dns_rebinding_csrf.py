@@ -333,3 +333,30 @@ async def test_the_guard_runs_before_routing_so_routes_added_later_are_covered(o
     assert forged.status == 403
     rebound = await send(open_admin, "GET", "/console", {"Host": EVIL})
     assert rebound.status == 403
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:80@evil.com", "[::1]evil.com", "[::1]:x.evil.com", "localhost:evil",
+                                  "127.0.0.1:abc", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:", "[127.0.0.1]",
+                                  "[::1", "::1", "[::1%25lo]", "127.0.0.1:\u0661", "127.0.0.1 evil.com",
+                                  "evil.com#@127.0.0.1", "localhost:80:80"])
+async def test_a_host_that_is_not_name_and_port_is_refused(open_admin: Proxy, host: str) -> None:
+    """Only ``name[:port]`` or ``[v6][:port]``, the port 1-65535: what follows a loopback name is
+    never ignored (a lenient split once answered ``127.0.0.1:80@evil.com`` as loopback)."""
+    reader, writer = await asyncio.open_connection(*open_admin.listeners.admin_addresses[0])
+    writer.write(b"GET /stats HTTP/1.1\r\nHost: " + host.encode() + b"\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"403", (host, answer[:300])
+    assert b"is not a host name or address with an optional :port" in answer
+
+
+def test_host_syntax_units() -> None:
+    from proxy.web.admin_guard import _authority, _split_host
+
+    assert _split_host("LocalHost.:8081") == ("localhost", "8081")
+    assert _split_host("[::1]:1") == ("::1", "1") and _split_host("[::FFFF:127.0.0.1]") == ("::ffff:127.0.0.1", "")
+    assert _split_host("127.0.0.1:65535") == ("127.0.0.1", "65535")
+    for bad in ("127.0.0.1:80@evil.com", "[::1]evil.com", "localhost:evil", "a:0", "[x]", ""):
+        assert _split_host(bad) is None, bad
+    assert _authority("http://127.0.0.1:80") == "127.0.0.1"
+    assert _authority("http://127.0.0.1:80@evil.com") is None and _authority("http://[::1]evil.com") is None
