@@ -80,10 +80,12 @@ class HeadTimedHandler(RequestHandler):
 
 class CappedHandler(HeadTimedHandler):
     """A connection of the admin listener, which keeps at most ``max_connections`` open: when one
-    more comes, the oldest one waiting for a request (idle, or its head unfinished) is closed to
-    make room, else the new one. So idle connections someone opens by the hundred cannot run the
-    process out of file descriptors, nor lock out a client that comes later. A request aiohttp's
-    parser refuses is answered like every admin error, ``{"error": "..."}`` (``handle_error``)."""
+    more comes, the oldest one that is only waiting for its client (``waits_for_client``: idle, a
+    head unfinished, a body still coming) is closed to make room, else the new one. So
+    connections someone opens by the hundred, without a token, cannot run the process out of
+    file descriptors, nor lock out a client that comes later: only a request that arrived whole
+    and is being answered keeps its place. A request aiohttp's parser refuses is answered like
+    every admin error, ``{"error": "..."}`` (``handle_error``)."""
 
     __slots__ = ("_max_connections", "_server_header")
 
@@ -99,13 +101,22 @@ class CappedHandler(HeadTimedHandler):
         if manager is None or len(manager.connections) <= self._max_connections:
             return
         for other in manager.connections:  # oldest first (a dict keeps the order they came)
-            if other is not self and isinstance(other, HeadTimedHandler) and other.waiting_for_head():
+            if other is not self and isinstance(other, CappedHandler) and other.waits_for_client():
                 log.debug("more than %d connections: the oldest waiting for a request, from %s, "
                           "closed", self._max_connections, other.peername)
                 other.force_close()
                 return
         log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
         self.force_close()
+
+    def waits_for_client(self) -> bool:
+        """Nothing to answer yet, or nothing more to answer: no request, or one whose body is
+        still coming (a login whose body never comes, too). Not a request that arrived whole and
+        is being answered (a purge, a reload)."""
+        if not self._request_in_progress:  # (set from the handler's call to the reply's end)
+            return True
+        request = self._current_request
+        return request is not None and not request.content.is_eof()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -177,10 +177,10 @@ async def start_admin_listener(runtime: Runtime, settings: Settings,
 # The admin listener's limits on connections (the client listener's are its own): a request
 # head must be whole within client_header_timeout, a body is read under client_body_timeout
 # and client_body_min_rate (``proxy.web.admin.read_json``), an idle connection is closed after
-# ADMIN_KEEPALIVE seconds, and at most ADMIN_MAX_CONNECTIONS are open at once (the oldest idle
-# one makes room for a new one). Without them, a few hundred connections that never finished a
-# request held as many file descriptors for an hour, and the client listener could accept
-# nothing once the process ran out.
+# ADMIN_KEEPALIVE seconds, and at most ADMIN_MAX_CONNECTIONS are open at once (the oldest that
+# only waits for its client makes room for a new one: ``CappedHandler``). Without them, a few
+# hundred connections that never finished a request held as many file descriptors for an hour,
+# and the client listener could accept nothing once the process ran out.
 ADMIN_KEEPALIVE = 30.0
 ADMIN_MAX_CONNECTIONS = 64
 # The request line (method, URL, version): a URL to inspect (/cache?url=, /explain?url=&headers=)
