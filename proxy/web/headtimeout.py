@@ -98,10 +98,15 @@ class CappedHandler(HeadTimedHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         manager = self._manager
-        if manager is None or len(manager.connections) <= self._max_connections:
+        if manager is None:
             return
-        for other in manager.connections:  # oldest first (a dict keeps the order they came)
-            if other is not self and isinstance(other, CappedHandler) and other.waits_for_client():
+        # Closed ones stay listed until their connection_lost, which comes later: a burst of
+        # connections accepted at once would otherwise pick the same one again and again.
+        live = [c for c in manager.connections if isinstance(c, CappedHandler) and not c._force_close]
+        if len(live) <= self._max_connections:
+            return
+        for other in live:  # oldest first (a dict keeps the order they came)
+            if other is not self and other.waits_for_client():
                 log.debug("more than %d connections: the oldest waiting for a request, from %s, "
                           "closed", self._max_connections, other.peername)
                 other.force_close()

@@ -97,18 +97,17 @@ async def test_idle_admin_connections_are_capped_the_oldest_making_room(
     monkeypatch.setattr(server, "ADMIN_MAX_CONNECTIONS", 8)
     proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
     host, port = proxy.listeners.admin_addresses[0]
-    idle = []
     # As many as an attacker likes (no token needed): unfinished heads, public logins whose body
-    # never comes (their handler waits for it), idle connections after a refused request.
-    for i in range(45):
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write((b"GET /stats HTTP/1.1\r\nHost: 127.0",
-                      b"POST /console/api/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
-                      b"\r\nContent-Length: 100\r\n\r\n{",
-                      b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[i % 3])
-        await writer.drain()
-        idle.append((reader, writer))
-    await asyncio.sleep(0.3)
+    # never comes (their handler waits for it), idle connections after a refused request; opened
+    # at once, so the listener accepts many before any closed one is gone.
+    heads = (b"GET /stats HTTP/1.1\r\nHost: 127.0",
+             b"POST /console/api/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+             b"\r\nContent-Length: 100\r\n\r\n{",
+             b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    idle = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(45)))
+    for i, (_, writer) in enumerate(idle):
+        writer.write(heads[i % 3])
+    await asyncio.sleep(0.5)
     conns = proxy.listeners.runners[-1].server.connections  # type: ignore[union-attr]
     assert len(conns) <= 8, len(conns)
     assert await idle[0][0].read() == b""  # the oldest were closed
