@@ -196,12 +196,21 @@ class RuleSet:
         # The cookies any rule reads in a condition: a request whose Cookie reads ambiguously
         # for one of them (``policy.fields.cookies``) is not cached (see ``plan``).
         self.cookie_names = tuple(dict.fromkeys(c.name for r in rules for c in r.match.cookies))
-        # Index by the first path segment: the rules a path with segment S can match, in order.
-        segs = {r.match.first_segment() for r in rules} - {None}
-        self._other = tuple(r for r in rules if r.match.first_segment() is None)
-        self._by_segment = {
-            s: tuple(r for r in rules if r.match.first_segment() in (None, s)) for s in segs
-        }
+        # Index by the first path segment: the rules a path with segment S can match, in order
+        # (those fixing S and those fixing none). One pass over the rules: asking every rule
+        # its segment once per segment made 5000 one-path rules take seconds to load.
+        segments = [(r, r.match.first_segment()) for r in rules]
+        by_segment: dict[str, list[Rule]] = {s: [] for _, s in segments if s is not None}
+        other: list[Rule] = []
+        for r, seg in segments:
+            if seg is not None:
+                by_segment[seg].append(r)
+                continue
+            other.append(r)
+            for matching in by_segment.values():
+                matching.append(r)
+        self._other = tuple(other)
+        self._by_segment = {s: tuple(matching) for s, matching in by_segment.items()}
 
     def rebased(self, base: CacheOptions) -> RuleSet:
         return RuleSet(self.defaults, tuple(replace(r) for r in self.rules), base, self.files)

@@ -12,6 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.config import Listener, Settings
 from proxy.policy.messages import CacheOptions, RequestHead
 from proxy.rules import RequestView, RuleSet, compile_rule_file, normalise_path
+from proxy.rules.match import Match
 from proxy.web.server import live_settings
 from proxy.yamlsrc import Problems, parse_yaml
 
@@ -155,6 +156,26 @@ def test_the_path_index_finds_the_same_rule_as_a_scan_of_every_rule(
     assert list(plan.response_rules) == [r for r in before if r.match.needs_response]
     for r in rules.rules:  # the compiled predicate and the explaining check agree
         assert r.holds(view) is (r.match.request_mismatch(view) is None)
+
+
+def test_the_path_index_asks_each_rule_its_first_segment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Indexing asked every rule its segment once per distinct segment: 5000 one-path rules
+    took 25 million calls (seconds of a reload). Counted, not timed."""
+    rules = compile_text("rules:\n" + "".join(
+        f"  - {{name: r{i}, match: {{path: '/p{i}/**'}}, ttl: {{200: 1m}}}}\n" for i in range(200)))
+    calls = 0
+    asked = Match.first_segment
+
+    def counting(self: Match) -> str | None:
+        nonlocal calls
+        calls += 1
+        return asked(self)
+
+    monkeypatch.setattr(Match, "first_segment", counting)
+    again = rules.rebased(CacheOptions())
+    assert calls <= 2 * len(rules.rules)
+    plan = again.plan(head("/p7/x"))
+    assert plan.rule is not None and plan.rule.name == "r7"
 
 
 def test_reload_keeps_what_needs_a_restart() -> None:
