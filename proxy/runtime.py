@@ -140,7 +140,7 @@ class Runtime:
     metrics: Metrics
     purger: Purger
     # Set by the server (install_reloader): re-read config and rules, apply them when valid.
-    reload_config: Callable[[], ReloadResult] | None = None
+    reload_config: Callable[[], Awaitable[ReloadResult]] | None = None
     # Where a purge really happens: in cluster mode the node's bus (proxy.cluster), with
     # several workers the supervisor's fan-out (in a worker, a call to the supervisor).
     # None: purge this process's store (``purge_here``).

@@ -94,6 +94,7 @@ from proxy.web.server import (
     ignore_while_stopping,
     install_reloader,
     open_runtime,
+    reload_in_background,
     restart_only,
     say_started,
     serve,
@@ -261,6 +262,7 @@ class Supervisor:
         self.notifier = Notifier.take()
         self._serving: str | None = None  # the STATUS= line once every worker was ready
         self._reloading = 0  # reloads announced (RELOADING=1) and not over: READY=1 when none is
+        self._reload_turn = asyncio.Lock()  # ``_reload_here``: one at a time, in order
         # The watchdog's bookkeeping (``_unresponsive``): workers it killed that are not reaped
         # yet, and workers that waited for a lock of a process it killed (pid -> when).
         self._killed: set[int] = set()
@@ -332,13 +334,13 @@ class Supervisor:
         stop = self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload_config and runtime.reload_config())
+        loop.add_signal_handler(signal.SIGHUP, reload_in_background, runtime)
         self._track(self.notifier.keep_watchdog())  # until the process exits, the drain included
         # What came during the start-up (``proxy.earlysignals``): done now.
         if any([earlysignals.take(signal.SIGTERM), earlysignals.take(signal.SIGINT)]):
             stop.set()
         elif earlysignals.take(signal.SIGHUP):
-            runtime.reload_config()
+            await runtime.reload_config()  # before any worker starts: they read what it loads
         for w in self.workers:
             self._spawn_soon(w, 0)
         status = 0
@@ -761,7 +763,7 @@ class Supervisor:
             await process.wait()
             return 0
 
-    def reload(self, reloader: Reloader) -> ReloadResult:
+    async def reload(self, reloader: Reloader) -> ReloadResult:
         """Re-read the config here (validating it), then in every worker (SIGHUP, POST /reload).
 
         The answer is the supervisor's own reload; the workers follow within moments (each
@@ -774,7 +776,7 @@ class Supervisor:
         if serving is not None:
             self._reloading += 1
             self.notifier.reloading()
-        result = self._reload_here(reloader)
+        result = await self._reload_here(reloader)
         if result.ok:
             self._track(self._reload_workers(serving))
         elif serving is not None:
@@ -788,20 +790,24 @@ class Supervisor:
         if self._reloading == 0 and not self.stopping:
             self.notifier.reloaded(serving, problems)
 
-    def _reload_here(self, reloader: Reloader) -> ReloadResult:
-        copy = self._config
-        if copy is not None:
-            try:
-                copy.stage()
-            except OSError as exc:
-                return reloader.reject([f"{copy.original}:0: cannot read file: {exc.strerror or exc}"])
-        result = reloader.reload()
-        if copy is not None:
-            if result.ok:
-                copy.commit()  # before the workers reload: they read the copy
-            else:
-                copy.discard()
-        return result
+    async def _reload_here(self, reloader: Reloader) -> ReloadResult:
+        """Stage, load (compiled in a thread: the loop keeps pinging the workers) and commit the
+        copy, one reload at a time: a second one staging while the first still loads would
+        hand the workers a file nobody validated."""
+        async with self._reload_turn:
+            copy = self._config
+            if copy is not None:
+                try:
+                    copy.stage()
+                except OSError as exc:
+                    return reloader.reject([f"{copy.original}:0: cannot read file: {exc.strerror or exc}"])
+            result = await reloader.reload()
+            if copy is not None:
+                if result.ok:
+                    copy.commit()  # before the workers reload: they read the copy
+                else:
+                    copy.discard()
+            return result
 
     async def _reload_workers(self, serving: str | None = None) -> None:
         """Every worker's reload, in turn; then READY=1 for the reload ``serving`` announced."""

@@ -295,7 +295,7 @@ async def reload(request: web.Request) -> web.Response:
     runtime = request.app[ADMIN].runtime
     if runtime.reload_config is None:
         return json_error(501, "reload is not available in this process")
-    result = runtime.reload_config()
+    result = await runtime.reload_config()
     if not result.ok:
         return web.json_response({"error": "config rejected; the running config stays",
                                   "problems": result.problems}, status=400)

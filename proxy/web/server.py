@@ -13,11 +13,13 @@ supervisor itself is ``proxy.supervisor``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,7 +29,7 @@ from aiohttp import web
 from proxy import __version__, earlysignals, gctuning
 from proxy.cluster import ClusterUnavailable, attach_shared
 from proxy.cluster import join as join_cluster
-from proxy.config import Listener, Overrides, Settings, base_cache_options, load_config
+from proxy.config import HostPort, Listener, Overrides, Settings, base_cache_options, load_config
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
@@ -309,8 +311,36 @@ def _listener_shape(s: Settings) -> tuple[tuple[str, int, bool], ...]:
     return tuple((li.host, li.port, li.tls is not None) for li in s.listeners)
 
 
+RELOAD_HOLD = "CACHEGATE_RELOAD_HOLD"
+
+
+def _hold_for_tests() -> None:
+    """For tests, as CACHEGATE_READY_TIMEOUT: with ``CACHEGATE_RELOAD_HOLD`` set to a directory,
+    a reload's compiling thread writes ``<pid>.held`` there and waits until the file is removed,
+    so that a test sees what a process does while a reload compiles, however fast the machine."""
+    where = os.environ.get(RELOAD_HOLD)
+    if not where:
+        return
+    marker = os.path.join(where, f"{os.getpid()}.held")
+    try:
+        with open(marker, "x"):
+            pass
+    except OSError:
+        return
+    deadline = time.monotonic() + 20.0  # a test that failed midway does not hang the process
+    while os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with contextlib.suppress(OSError):
+        os.remove(marker)
+
+
 class Reloader:
-    """Re-reads config and rules; applies them only when valid, else the old ones keep running."""
+    """Re-reads config and rules; applies them only when valid, else the old ones keep running.
+
+    The files are read and compiled in a thread (thousands of rules take seconds): the event
+    loop meanwhile serves requests and answers the supervisor's pings. Only the swap of the new
+    settings runs on the loop, all at once. Reloads run one at a time, in the order asked, each
+    reading the files when its turn comes: the last one asked applies last."""
 
     def __init__(self, path: str | None, overrides: Overrides, current: Callable[[], Settings],
                  apply: Callable[[Settings], None],
@@ -323,31 +353,37 @@ class Reloader:
         self._current = current
         self._apply = apply
         self._on_result = on_result
+        self._turn = asyncio.Lock()  # FIFO: overlapping reloads apply in the order they came
 
-    def reload(self) -> ReloadResult:
-        try:
-            # The token of a listener that only a restart moves is checked where it listens now.
-            new = load_config(self.path, self.overrides, running_admin=self._current().admin.listen,
-                              display=self.display)
-        except ConfigError as exc:
-            return self.reject(exc.problems)
-        except Exception as exc:  # a bug must not take the serving process down with it
-            log.exception("reload failed")
-            return self.reject([f"{self.display or self.path}:0: reload failed: {exc!r}"])
-        current = self._current()
-        merged, restart = live_settings(current, self._prepare(new, current) if self._prepare else new)
-        self._apply(merged)
-        gctuning.resettle_soon()
-        for name in restart:
-            log.warning("reload: %s changed; it applies at the next restart", name)
-        for warning in new.warnings:
-            log.warning("reload: %s", warning)
-        log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.display or self.path,
-                 len(merged.rules.rules), len(merged.rules.files))
-        if self._on_result:
-            self._on_result(True)
-        return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files, new.warnings)
+    def _load(self, running_admin: HostPort | None) -> Settings:
+        _hold_for_tests()
+        return load_config(self.path, self.overrides, running_admin=running_admin, display=self.display)
 
+    async def reload(self) -> ReloadResult:
+        async with self._turn:
+            try:
+                # The token of a listener that only a restart moves is checked where it listens now.
+                new = await asyncio.to_thread(self._load, self._current().admin.listen)
+            except ConfigError as exc:
+                return self.reject(exc.problems)
+            except Exception as exc:  # a bug must not take the serving process down with it
+                log.exception("reload failed")
+                return self.reject([f"{self.display or self.path}:0: reload failed: {exc!r}"])
+            # From here on the loop alone: nothing runs between reading the running settings
+            # and applying the new ones.
+            current = self._current()
+            merged, restart = live_settings(current, self._prepare(new, current) if self._prepare else new)
+            self._apply(merged)
+            gctuning.resettle_soon()
+            for name in restart:
+                log.warning("reload: %s changed; it applies at the next restart", name)
+            for warning in new.warnings:
+                log.warning("reload: %s", warning)
+            log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.display or self.path,
+                     len(merged.rules.rules), len(merged.rules.files))
+            if self._on_result:
+                self._on_result(True)
+            return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files, new.warnings)
 
     def reject(self, problems: list[str]) -> ReloadResult:
         """A reload that did not happen: ``problems`` logged and answered, the old config stays."""
@@ -356,6 +392,24 @@ class Reloader:
         if self._on_result:
             self._on_result(False)
         return ReloadResult(problems)
+
+
+_RELOADS: set[asyncio.Task[Any]] = set()  # reloads a signal started, kept until they end
+
+
+def reload_in_background(runtime: Runtime) -> None:
+    """SIGHUP: the reload as a task (a signal handler cannot wait for it)."""
+    if runtime.reload_config is None:
+        return
+    task = asyncio.ensure_future(runtime.reload_config())
+    _RELOADS.add(task)
+    task.add_done_callback(_reload_done)
+
+
+def _reload_done(task: asyncio.Task[Any]) -> None:
+    _RELOADS.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("reload failed", exc_info=task.exception())
 
 
 def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides,
@@ -456,13 +510,13 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     stop_signals = (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT)
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload_config and runtime.reload_config())
+    loop.add_signal_handler(signal.SIGHUP, reload_in_background, runtime)
     watchdog = asyncio.ensure_future(notifier.keep_watchdog())
     # What came during the start-up (``proxy.earlysignals``): done now.
     if any(earlysignals.take(sig) for sig in stop_signals):
         stop.set()
     if earlysignals.take(signal.SIGHUP) and not stop.is_set():
-        reloader.reload()
+        await reloader.reload()
     gctuning.settle()
     runtime.state = "ready"
     if channel is not None:
@@ -502,12 +556,21 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
 
 
 def _notified(notifier: Notifier, serving: str,
-              reload: Callable[[], ReloadResult]) -> Callable[[], ReloadResult]:
-    """``reload`` bracketed by RELOADING=1 and READY=1 for the service manager."""
-    def reload_notified() -> ReloadResult:
+              reload: Callable[[], Awaitable[ReloadResult]]) -> Callable[[], Awaitable[ReloadResult]]:
+    """``reload`` bracketed by RELOADING=1 and READY=1 for the service manager; READY=1 once
+    the last of overlapping reloads is over (its outcome), not while a later one still runs."""
+    pending = 0
+
+    async def reload_notified() -> ReloadResult:
+        nonlocal pending
+        pending += 1
         notifier.reloading()
-        result = reload()
-        notifier.reloaded(serving, result.problems)
+        try:
+            result = await reload()
+        finally:
+            pending -= 1
+        if pending == 0:
+            notifier.reloaded(serving, result.problems)
         return result
     return reload_notified
 
@@ -535,7 +598,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
                                                  [Ban.from_json(b) for b in bans])
 
     async def reload() -> dict[str, Any]:
-        result = reloader.reload()
+        result = await reloader.reload()
         return {"problems": result.problems, "restart_required": result.restart_required}
 
     async def ping() -> dict[str, Any]:

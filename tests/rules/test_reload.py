@@ -105,6 +105,70 @@ async def test_reload_applies_a_new_admin_token_and_reports_what_needs_a_restart
     assert proxy.runtime.settings.listen == ("127.0.0.1", 0)  # kept until a restart
 
 
+async def held_reload(hold: Path, pid: int, wait: float = 20.0) -> Path:
+    """The marker of a reload of process ``pid`` held while it compiles (CACHEGATE_RELOAD_HOLD)."""
+    marker = hold / f"{pid}.held"
+    for _ in range(int(wait / 0.01)):
+        if marker.exists():
+            return marker
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no reload of pid {pid} began compiling")
+
+
+async def test_the_proxy_answers_while_a_reload_compiles(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of rules take seconds to compile: meanwhile the old config serves (the compile
+    runs in a thread), and the new one applies all at once when it is done. The reload is held
+    mid-compile by the test hook, not made slow with a big file: ordering, not timing."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv("CACHEGATE_RELOAD_HOLD", str(hold))
+    proxy = await make_proxy(rules=RULES_V1)
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    for path in ("/kept", "/old", "/new"):
+        origin.route(path, body=path.encode(), headers={"Cache-Control": "max-age=60"})
+    assert (await proxy.get("/kept")).x_cache == "MISS"
+    rewrite(tmp_path, RULES_V2)
+    reload = asyncio.ensure_future(proxy.admin("POST", "/reload"))
+    marker = await held_reload(hold, os.getpid())
+    # Compiling: answered meanwhile, by the old rules.
+    assert (await proxy.get("/kept")).x_cache == "HIT"
+    assert (await proxy.get("/old")).x_cache == "BYPASS"
+    assert (await proxy.get("/new")).x_cache == "MISS"
+    assert not reload.done()
+    marker.unlink()
+    reply = await reload
+    assert reply.status == 200, reply.body
+    assert (await proxy.get("/new")).x_cache == "BYPASS"
+    assert (await proxy.get("/old")).x_cache == "MISS"
+
+
+async def test_overlapping_reloads_apply_in_the_order_they_came(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second reload asked while the first compiles waits its turn and reads the files then:
+    the edit it was asked for is what runs at the end, never the first's older read."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv("CACHEGATE_RELOAD_HOLD", str(hold))
+    proxy = await make_proxy(rules=RULES_V1)
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    origin.route("/new", body=b"new", headers={"Cache-Control": "max-age=60"})
+    rewrite(tmp_path, RULES_V2)
+    first = asyncio.ensure_future(proxy.admin("POST", "/reload"))
+    marker = await held_reload(hold, os.getpid())
+    second = asyncio.ensure_future(proxy.admin("POST", "/reload"))
+    await asyncio.sleep(0.1)
+    rewrite(tmp_path, RULES_V1)  # after the second was asked: it must read this
+    marker.unlink()
+    marker = await held_reload(hold, os.getpid())  # the second's turn
+    assert first.done() and (await first).status == 200
+    assert not second.done()
+    marker.unlink()
+    assert (await second).status == 200
+    assert (await proxy.get("/new")).x_cache == "MISS"  # RULES_V1 runs: /new is cached
+    assert [r.name for r in proxy.runtime.settings.rules.rules] == ["old"]
+
+
 async def test_post_reload_without_a_config_file_answers_501(make_proxy: MakeProxy) -> None:
     proxy = await make_proxy()
     assert (await proxy.admin("POST", "/reload")).status == 501

@@ -124,7 +124,7 @@ async def test_a_reload_changes_the_head_cap_at_once(origin: Origin, make_proxy:
     big = get("/page", *big_fields(40 * 1024))
     assert (await send_raw(proxy, big)).status == 200
     replace_in(proxy.config_path, "max_request_head: 64KB", "max_request_head: 32KB")
-    assert proxy.runtime.reload_config().ok
+    assert (await proxy.runtime.reload_config()).ok
     assert (await send_raw(proxy, big)).status == 431  # the fast path (a stored page) included
 
 

@@ -197,6 +197,44 @@ async def test_sighup_reloads_the_config_in_every_worker(origin: Origin, tmp_pat
         assert await proxy.stop() == 0
 
 
+async def test_a_reload_longer_than_worker_timeout_kills_no_worker_and_serves_throughout(
+        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling thousands of rules takes longer than worker_timeout: the supervisor, then each
+    worker, compiles in a thread, so every worker answers clients and pings meanwhile (a reload
+    on the event loop got each one killed as unresponsive, its connections reset). Each reload
+    is held mid-compile by the test hook (CACHEGATE_RELOAD_HOLD) for two worker_timeouts."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv("CACHEGATE_RELOAD_HOLD", str(hold))
+    origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
+    timeout = 1.0
+    extra = f"worker_timeout: {timeout:g}s\n"
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, extra + "via: before\n"))
+    await proxy.start("--workers", "2", with_log=True)
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        await _until_each_worker(proxy, "/h", 2, lambda r: r.status == 200)
+        pids = dict(proxy.workers)
+        assert proxy.process is not None
+        write_config(str(tmp_path), origin.url, CACHE, extra + "via: after\n")
+        proxy.send(signal.SIGHUP)
+        for pid in (proxy.process.pid, pids[0], pids[1]):  # the supervisor first, then each worker
+            marker = hold / f"{pid}.held"
+            await proxy.wait_for(marker.exists, wait=20)
+            held = [w for w, p in pids.items() if p == pid]
+            if held:  # the worker compiling answers a client meanwhile, on the old config
+                seen = await _until_each_worker(proxy, "/h", 2, lambda r: r.status == 200)
+                assert "1.1 before" in seen[str(held[0])].headers["Via"]
+            await asyncio.sleep(2 * timeout)  # pings keep coming, and are answered
+            assert marker.exists()  # still compiling
+            marker.unlink()
+        await every_worker_says(proxy, "1.1 after")
+        assert proxy.workers == pids  # no worker was killed or restarted
+        assert not [line for line in proxy.lines if "unresponsive" in line or "reload failed" in line]
+    finally:
+        assert await proxy.stop() == 0
+
+
 async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
         origin: Origin, tmp_path: Path) -> None:
     proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
