@@ -44,7 +44,7 @@ from proxy.settings import (
     upstream_url,
 )
 from proxy.storage.room import human_size, machine_memory, space
-from proxy.yamlsrc import Problems, Src, load_yaml
+from proxy.yamlsrc import Problems, Sources, Src, load_snapshot, load_yaml
 
 # The settings types live in proxy.settings; these names stay importable from here.
 __all__ = [
@@ -296,29 +296,40 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
     """Load and validate; raise ConfigError with every ``FILE:LINE: message`` found.
 
     ``running_admin`` is the admin listener of a process that reloads: it keeps listening there
-    until a restart, so the new token is checked against it too. ``display``: the file ``path``
-    is a copy of (a supervisor's workers read the copy of the config it last loaded good):
-    messages name it, and relative paths in it are relative to its directory."""
+    until a restart, so the new token is checked against it too. ``display``: the config file
+    that ``path`` holds a snapshot of (``proxy.yamlsrc.dump_snapshot``: a supervisor's workers
+    load the config and rule files as it last loaded them good, ``ConfigCopy``): it is loaded
+    from the snapshot's bytes alone, messages name it, and relative paths in it are relative to
+    its directory. The settings keep the bytes of every file read (``Settings.sources``)."""
     problems = Problems()
     overrides = overrides or Overrides()
+    sources = Sources()
     if path is None:
         root = Src({}, "<defaults>", 1)
         base_dir = os.getcwd()
     else:
-        loaded = load_yaml(path, problems, display)
+        if display is not None:
+            try:
+                sources = load_snapshot(path)
+            except (OSError, ValueError) as exc:
+                problems.add((display, 0), f"cannot read the supervisor's copy of it ({path}): {exc}")
+                raise ConfigError(problems.items, problems.warnings) from None
+            path = display
+        loaded = load_yaml(path, problems, sources=sources)
         if loaded is None:
             raise ConfigError(problems.items, problems.warnings)
         root = loaded
-        base_dir = os.path.dirname(os.path.abspath(display or path))
-    settings = read_settings(root, Context(problems, base_dir))
+        base_dir = os.path.dirname(os.path.abspath(path))
+    settings = read_settings(root, Context(problems, base_dir, sources=sources))
     settings = _apply_overrides(settings, overrides, problems)
     _check(settings, problems, root, overrides, running_admin)
     files = [(f, os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f)
-             for f in settings.rule_files if os.path.isfile(f)]
-    rules = load_rules(files, base_cache_options(settings), problems)
+             for f in settings.rule_files if sources.why_not(f) is None]
+    rules = load_rules(files, base_cache_options(settings), problems, sources)
     if problems:
         raise ConfigError(problems.ordered(), problems.ordered_warnings())
-    return replace(settings, rules=rules, warnings=tuple(problems.ordered_warnings()))
+    return replace(settings, rules=rules, warnings=tuple(problems.ordered_warnings()),
+                   sources=dict(sources.read))
 
 
 REFERENCE_INTRO = """\

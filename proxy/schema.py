@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeAlias, TypeVar
 
 from proxy.units import parse_duration, parse_size
-from proxy.yamlsrc import Problems, Src
+from proxy.yamlsrc import Problems, Sources, Src
 
 T = TypeVar("T")
 
@@ -250,6 +250,7 @@ class Context:
     base_dir: Str
     name: Str = ""
     where: tuple[Str, Int] | None = None  # None: where the section itself starts
+    sources: Sources = dataclasses.field(default_factory=Sources)  # how files it names are read
 
     def child(self, key: Str, where: tuple[Str, Int]) -> Context:
         return replace(self, name=f"{self.name}.{key}" if self.name else key, where=where)

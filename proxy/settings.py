@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -465,8 +466,9 @@ def _rule_files(item: Src, ctx: Context) -> tuple[str, ...]:
         except Invalid as exc:
             ctx.problem(element, str(exc))
             continue
-        if not os.path.isfile(resolved):
-            ctx.problem(element, f"rule file {resolved} does not exist")
+        why = ctx.sources.why_not(resolved)
+        if why is not None:
+            ctx.problem(element, f"rule file {resolved} {why}")
         files.append(resolved)
     return tuple(files)
 
@@ -508,6 +510,9 @@ class Settings:
     rule_files: tuple[str, ...] = setting((), "rule files, applied in order (relative paths: to the config "
                                               "file)", Parser("list of paths", _rule_files), key="rules")
     rules: RuleSet = internal(factory=RuleSet)  # compiled from rule_files by proxy.config
+    # The bytes of the config file and its rule files as this load read them, by absolute path
+    # (proxy.yamlsrc.Sources): a supervisor hands them to its workers (ConfigCopy).
+    sources: Mapping[str, bytes] = internal(factory=dict)
     trusted_proxies: tuple[Network, ...] = setting((), "peers (IPs, CIDRs) whose forwarding fields "
                                                        "(X-Forwarded-*, X-Real-IP, ...) are kept", networks())
     workers: int = setting(1, "worker processes, or auto: one per CPU this process may use (affinity and "

@@ -17,10 +17,10 @@ clients. It
   or that leaves its pings unanswered for ``worker_timeout`` (killed first: ``_watchdog``);
   one silent because it waits for a lock of the shared memory that another worker holds is
   spared, and that holder killed instead (``_unresponsive``, ``proxy.storage.lockwait``).
-  A worker reads a copy of the config file as the supervisor last loaded it good
-  (``ConfigCopy``), not the file as it is now: a file edited but not reloaded yet, or
-  broken, would give a restarted worker another config than its siblings, or make
-  it exit at every restart (the main file only: rule files are read as they are);
+  A worker reads a copy of the config file and its rule files as the supervisor last
+  loaded them good (``ConfigCopy``), not the files as they are now: a file edited but not
+  reloaded yet, or broken, would give a restarted worker another config than its
+  siblings, or make it exit at every restart;
 - owns the cache directory's upkeep and runs the admin API;
 - purges for everyone: the shared half once on the disk tier (deletes and bans),
   then ``purge_local`` in every worker, and answers only when every worker has
@@ -58,7 +58,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -101,6 +101,7 @@ from proxy.web.server import (
     start_admin_listener,
     with_restart_only,
 )
+from proxy.yamlsrc import dump_snapshot
 
 log = logging.getLogger("cachegate.supervisor")
 
@@ -124,28 +125,40 @@ class Worker:
 
 
 class ConfigCopy:
-    """The config file as the supervisor last loaded it good, in a private temporary directory
-    (``path``), for its workers. A reload copies the file to ``staged`` first and loads that
-    copy, so what it validated is exactly what the workers get (``commit``), whatever happens
-    to the file meanwhile. Loaded with ``display=original`` (``load_config``): messages name
-    the original, and its relative paths (rule files, the cache directory) resolve as before."""
+    """The config file and its rule files as the supervisor last loaded them good, for its
+    workers: one snapshot file (``proxy.yamlsrc.dump_snapshot``: each file's bytes by path) in a
+    private temporary directory (``path``). It holds the bytes that load read and validated
+    (``Settings.sources``), never the files read again: a worker loads it with
+    ``display=original`` (``load_config``), from the snapshot alone, so a restarted worker runs
+    exactly its siblings' config, rule files included, whatever happened to the files since
+    (edited and not reloaded yet, broken, removed). Messages name the original, and its
+    relative paths (rule files, the cache directory) resolve as before. A reload writes the new
+    snapshot to ``staged``, then moves it in place (``commit``).
 
-    def __init__(self, original: str) -> None:
+    The directory is this process's own, mode 0700 (``_private_directory``): the snapshot holds
+    the admin token and whatever the rule files say, and a worker must never load one another
+    user put there."""
+
+    def __init__(self, original: str, files: Mapping[str, bytes]) -> None:
         self.original = original
         remove_stale_copies()
         # Named by this process, so that a later supervisor finds it left behind (``close``
         # does not run when this one is killed) and removes it.
         self.directory = tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-")
-        self.path = os.path.join(self.directory, "config.yaml")
-        self.staged = os.path.join(self.directory, "config.yaml.next")
+        self.path = os.path.join(self.directory, "config.snapshot")
+        self.staged = os.path.join(self.directory, "config.snapshot.next")
+        self._text = dump_snapshot(files)  # kept: see ``current``
         try:
-            shutil.copyfile(original, self.path)
-            with open(self.path, "rb") as f:
-                self._text = f.read()  # kept: see ``current``
+            self._write(self.path, self._text)
         except BaseException:
             self.close()
             raise
-        self._staged_text = b""
+
+    @staticmethod
+    def _write(path: str, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
     def _private_directory(self) -> None:
         """Make sure the copy's directory is still this process's own (mode 0700, this user's,
@@ -160,18 +173,16 @@ class ConfigCopy:
         except OSError:
             pass
         self.directory = tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-")
-        self.path = os.path.join(self.directory, "config.yaml")
-        self.staged = os.path.join(self.directory, "config.yaml.next")
+        self.path = os.path.join(self.directory, "config.snapshot")
+        self.staged = os.path.join(self.directory, "config.snapshot.next")
 
-    def stage(self) -> None:
+    def commit(self, files: Mapping[str, bytes]) -> None:
+        """The files a reload loaded good become what workers load (before they reload)."""
         self._private_directory()  # removed by a cleaner: see ``current``
-        shutil.copyfile(self.original, self.staged)
-        with open(self.staged, "rb") as f:
-            self._staged_text = f.read()
-
-    def commit(self) -> None:
+        text = dump_snapshot(files)
+        self._write(self.staged, text)
         os.replace(self.staged, self.path)  # atomic: a worker starting now reads one or the other
-        self._text = self._staged_text
+        self._text = text
 
     def current(self) -> str:
         """The copy's path for a worker starting now, written again from memory when something
@@ -179,13 +190,8 @@ class ConfigCopy:
         10 days unused) delete files in the temporary directory."""
         self._private_directory()
         if not os.path.isfile(self.path):
-            with open(self.path, "wb") as f:
-                f.write(self._text)
+            self._write(self.path, self._text)
         return self.path
-
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            os.remove(self.staged)
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -283,7 +289,7 @@ class Supervisor:
         setup_logging(worker="supervisor")
         if self.config_path is not None:
             try:
-                self._config = ConfigCopy(self.config_path)
+                self._config = ConfigCopy(self.config_path, self.settings.sources)
             except OSError as exc:  # no private temporary directory: workers read the file
                 log.warning("cannot keep a copy of the config for the workers (%s); a restarted "
                             "worker reads %s as it is then", exc, self.config_path)
@@ -303,9 +309,7 @@ class Supervisor:
         self.leases.table = LeaseTable(runtime.storage.memory.arena)
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
-        copy = self._config
-        reloader = install_reloader(runtime, copy.staged if copy is not None else self.config_path,
-                                    self.overrides, self.config_path)
+        reloader = install_reloader(runtime, self.config_path, self.overrides)
         runtime.reload_config = lambda: self.reload(reloader)
         listeners = Listeners()
         try:
@@ -767,8 +771,8 @@ class Supervisor:
         """Re-read the config here (validating it), then in every worker (SIGHUP, POST /reload).
 
         The answer is the supervisor's own reload; the workers follow within moments (each
-        reads the copy of the config file this reload validated, ``ConfigCopy``, and the same
-        rule files; a worker that rejects them logs why and keeps its config)."""
+        reads the copy of the config and rule files this reload validated, ``ConfigCopy``; a
+        worker that rejects them logs why and keeps its config)."""
         # The service manager hears of a reload only once the start-up said READY (a SIGHUP
         # held during the start-up is replayed before it): RELOADING=1, then READY=1 when
         # every worker answered its reload.
@@ -791,22 +795,19 @@ class Supervisor:
             self.notifier.reloaded(serving, problems)
 
     async def _reload_here(self, reloader: Reloader) -> ReloadResult:
-        """Stage, load (compiled in a thread: the loop keeps pinging the workers) and commit the
-        copy, one reload at a time: a second one staging while the first still loads would
-        hand the workers a file nobody validated."""
+        """Load (compiled in a thread: the loop keeps pinging the workers) and commit what was
+        loaded to the copy, one reload at a time, so that the copy is always the config that
+        runs here."""
         async with self._reload_turn:
-            copy = self._config
-            if copy is not None:
-                try:
-                    copy.stage()
-                except OSError as exc:
-                    return reloader.reject([f"{copy.original}:0: cannot read file: {exc.strerror or exc}"])
             result = await reloader.reload()
-            if copy is not None:
-                if result.ok:
-                    copy.commit()  # before the workers reload: they read the copy
-                else:
-                    copy.discard()
+            copy, runtime = self._config, self.runtime
+            if copy is not None and runtime is not None and result.ok:
+                try:
+                    copy.commit(runtime.settings.sources)  # before the workers reload: they read it
+                except OSError as exc:
+                    log.error("cannot update the workers' copy of the config (%s); a worker "
+                              "restarted now runs the config loaded before this reload",
+                              exc.strerror or exc)
             return result
 
     async def _reload_workers(self, serving: str | None = None) -> None:

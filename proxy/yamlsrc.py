@@ -7,8 +7,12 @@ collects messages in the ``FILE:LINE: message`` shape every config error uses.
 
 from __future__ import annotations
 
+import base64
+import errno
+import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +77,54 @@ def _by_place(messages: list[str], where: list[tuple[str, int]]) -> list[str]:
     return [messages[i] for i in order]
 
 
+class Sources:
+    """Where the config file and its rule files are read from.
+
+    By default the file system, keeping the bytes of every file read (``read``, by absolute
+    path): what a load validated, exactly. With ``snapshot`` (such bytes, from an earlier load)
+    from those bytes only: a supervisor's workers load what it last loaded good, its rule
+    files too, whatever happened to the files since (``proxy.supervisor.ConfigCopy``)."""
+
+    def __init__(self, snapshot: Mapping[str, bytes] | None = None) -> None:
+        self.snapshot = snapshot
+        self.read: dict[str, bytes] = {}
+
+    def data(self, path: str) -> bytes:
+        """The bytes of ``path``; OSError as reading the file would give."""
+        key = os.path.abspath(path)
+        if self.snapshot is not None:
+            if key not in self.snapshot:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            data = self.snapshot[key]
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        self.read[key] = data
+        return data
+
+    def why_not(self, path: str) -> str | None:
+        """Why ``path`` cannot be read as a config or rule file ("does not exist"), or None."""
+        if self.snapshot is not None:
+            return None if os.path.abspath(path) in self.snapshot else "does not exist"
+        return None if os.path.isfile(path) else "does not exist"
+
+
+def dump_snapshot(files: Mapping[str, bytes]) -> bytes:
+    """``Sources.read`` as one file (``load_snapshot`` reads it back)."""
+    return json.dumps({"files": {path: base64.b64encode(data).decode("ascii")
+                                 for path, data in files.items()}}).encode()
+
+
+def load_snapshot(path: str) -> Sources:
+    """The ``Sources`` of a file ``dump_snapshot`` wrote; OSError or ValueError when it cannot."""
+    with open(path, "rb") as f:
+        raw = json.loads(f.read())
+    files = raw["files"] if isinstance(raw, dict) else None
+    if not isinstance(files, dict):
+        raise ValueError("not a snapshot of config files")
+    return Sources({str(p): base64.b64decode(d, validate=True) for p, d in files.items()})
+
+
 class _Refused(yaml.MarkedYAMLError):
     """Valid YAML that cachegate's files do not take (reported without "syntax error")."""
 
@@ -126,12 +178,13 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
     return Src(value, file, line)
 
 
-def load_yaml(path: str, problems: Problems, display: str | None = None) -> Src | None:
-    """Parse ``path``; on failure record ``FILE:LINE: message`` and return None."""
+def load_yaml(path: str, problems: Problems, display: str | None = None,
+              sources: Sources | None = None) -> Src | None:
+    """Parse ``path`` (read from ``sources``: by default the file system); on failure record
+    ``FILE:LINE: message`` and return None."""
     name = display or path
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = (sources or Sources()).data(path)
     except OSError as exc:
         problems.add((name, 0), f"cannot read file: {exc.strerror or exc}")
         return None

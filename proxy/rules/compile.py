@@ -21,7 +21,7 @@ from proxy.rules.match import Condition, Glob, HostPattern, Match
 from proxy.rules.plan import CACHED_METHODS, Actions, HeaderEdits, Rule, RuleSet, first, header_edits
 from proxy.schema import Section, type_name
 from proxy.units import parse_duration
-from proxy.yamlsrc import Problems, Src, load_yaml
+from proxy.yamlsrc import Problems, Sources, Src, load_yaml
 
 MATCH_KEYS = ("host", "path", "method", "query", "header", "cookie", "status", "content_type")
 RULE_KEYS = (
@@ -566,12 +566,14 @@ def _check_rule_set(defaults: Actions, rules: list[Rule], problems: Problems) ->
                                            "(in the rule or in defaults) to replace the origin's")
 
 
-def load_rules(files: list[tuple[str, str]], base: CacheOptions, problems: Problems) -> RuleSet:
-    """Compile rule files (``(path, name to show)`` pairs) in order into one RuleSet."""
+def load_rules(files: list[tuple[str, str]], base: CacheOptions, problems: Problems,
+               sources: Sources | None = None) -> RuleSet:
+    """Compile rule files (``(path, name to show)`` pairs, read from ``sources``) in order into
+    one RuleSet."""
     defaults = Actions()
     rules: list[Rule] = []
     for path, display in files:
-        root = load_yaml(path, problems, display)
+        root = load_yaml(path, problems, display, sources)
         if root is None:
             continue
         file_defaults, file_rules = compile_rule_file(root, problems)

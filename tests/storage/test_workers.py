@@ -351,11 +351,18 @@ async def test_two_workers_together_stay_within_the_machines_memory_budget(
 
 async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_as_it_is(
         origin: Origin, tmp_path: Path) -> None:
-    """An edited file not reloaded yet, or a broken one: a restarted worker runs what its
-    siblings run (and starts at all), with the config's relative rule file still found."""
+    """An edited file not reloaded yet, or a broken one, the config or a rule file: a restarted
+    worker runs what its siblings run (and starts at all), with the config's relative rule
+    file still found."""
     origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
-    (tmp_path / "rules.yaml").write_text(
-        "rules:\n  - name: mark\n    match: {path: /h}\n    response_headers: {add: {X-Rule: here}}\n")
+
+    def rules(text: str) -> None:
+        (tmp_path / "rules.yaml").write_text(text)
+
+    def marking(value: str) -> str:
+        return f"rules:\n  - name: mark\n    match: {{path: /h}}\n    response_headers: {{add: {{X-Rule: {value}}}}}\n"
+
+    rules(marking("here"))
     extra = "rules: [rules.yaml]\n"
     config = write_config(str(tmp_path), origin.url, CACHE, extra + "via: before\n")
     proxy = ProxyProcess(str(tmp_path), config)
@@ -366,16 +373,22 @@ async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_
         os.kill(old, signal.SIGKILL)
         await proxy.wait_for(lambda: proxy.workers[1] != old, wait=30)
 
-    def good(via: str) -> object:
-        return lambda r: f"1.1 {via}" in r.headers["Via"] and r.headers.get("X-Rule") == "here"
+    def good(via: str, rule: str = "here") -> object:
+        return lambda r: f"1.1 {via}" in r.headers["Via"] and r.headers.get("X-Rule") == rule
 
     try:
         await proxy.wait_for(lambda: len(proxy.workers) == 2)
         write_config(str(tmp_path), origin.url, CACHE, extra + "via: edited\n")  # not reloaded
+        rules("rules:\n  - {name: mark, match: {path: /h}, bypass: true}\n")  # nor this
         await restart_worker_1()
         assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
         for _ in range(10):
-            assert "1.1 before" in (await proxy.get("/h")).headers["Via"]
+            r = await proxy.get("/h")
+            assert "1.1 before" in r.headers["Via"] and r.headers.get("X-Rule") == "here"
+        rules("rules:\n  - name: mark\n    match: {path: /h\n")  # half-written: broken
+        await restart_worker_1()  # it starts (it would exit 2 at every restart)
+        assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
+        rules(marking("here"))
         write_config(str(tmp_path), origin.url, CACHE, extra + "workers: lots\n")  # broken
         await restart_worker_1()  # it starts (it would exit 2 at every restart)
         assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
@@ -383,17 +396,19 @@ async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_
         await restart_worker_1()
         assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
         write_config(str(tmp_path), origin.url, CACHE, extra + "via: after\n")
+        rules(marking("after"))
         assert (await proxy.admin("POST", "/reload")).status == 200
         await every_worker_says(proxy, "1.1 after")
+        rules(marking("edited-again"))  # not reloaded
         await restart_worker_1()
-        assert len(await _until_each_worker(proxy, "/h", 2, good("after"))) == 2
+        assert len(await _until_each_worker(proxy, "/h", 2, good("after", "after"))) == 2
         # A temporary-file cleaner removes the copy (the supervisor runs for months): written again.
         with open(f"/proc/{proxy.workers[1]}/cmdline", "rb") as f:  # noqa: ASYNC230 (procfs, instant)
             argv = f.read().split(b"\0")
         copy = argv[argv.index(b"--config") + 1].decode()
         shutil.rmtree(os.path.dirname(copy))
         await restart_worker_1()
-        assert len(await _until_each_worker(proxy, "/h", 2, good("after"))) == 2
+        assert len(await _until_each_worker(proxy, "/h", 2, good("after", "after"))) == 2
     finally:
         assert await proxy.stop() == 0
 
