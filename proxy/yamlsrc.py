@@ -155,6 +155,28 @@ def _expand_env(text: str, at: tuple[str, int], problems: Problems) -> str:
     return _ENV.sub(sub, text)
 
 
+_UNREADABLE = object()
+
+
+def _scalar(node: yaml.Node, file: str, loader: _Loader, problems: Problems) -> Any:
+    """A scalar's value, or ``_UNREADABLE`` after a ``FILE:LINE`` problem: YAML resolves some
+    plain scalars to values Python cannot build (an integer over 4300 digits, a date such as
+    2024-13-45)."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except ValueError as exc:
+        line = node.start_mark.line + 1
+        text = str(node.value)
+        if node.tag == "tag:yaml.org,2002:int":
+            problems.add((file, line), f"an integer of {len(text)} characters is too long to read "
+                                       "(at most 4300 digits)")
+        else:
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            problems.add((file, line), f"cannot read {shown!r} as a {node.tag.rsplit(':', 1)[-1]}: "
+                                       f"{exc} (quote it to write a string)")
+        return _UNREADABLE
+
+
 def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) -> Src:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
@@ -164,7 +186,9 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
             if not isinstance(key_node, yaml.ScalarNode):  # before hashing it
                 problems.add((file, key_node.start_mark.line + 1), "a key must be a scalar")
                 continue
-            key = loader.construct_object(key_node, deep=True)
+            key = _scalar(key_node, file, loader, problems)
+            if key is _UNREADABLE:
+                continue
             if key in out:
                 problems.add((file, key_node.start_mark.line + 1), f"duplicate key {key!r}")
             out[key] = _convert(value_node, file, loader, problems)
@@ -172,7 +196,9 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
         return Src(out, file, line, key_lines)
     if isinstance(node, yaml.SequenceNode):
         return Src([_convert(n, file, loader, problems) for n in node.value], file, line)
-    value = loader.construct_object(node, deep=True)
+    value = _scalar(node, file, loader, problems)
+    if value is _UNREADABLE:
+        return Src(None, file, line)
     if isinstance(value, str) and node.tag == "tag:yaml.org,2002:str":
         value = _expand_env(value, (file, line), problems)
     return Src(value, file, line)

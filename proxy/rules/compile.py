@@ -81,8 +81,9 @@ def _compile_regex(text: str, at: Src, problems: Problems, what: str) -> re.Patt
         return None
     try:
         return re.compile(text)
-    except re.error as exc:
-        problems.add(at, f"{what}: bad regex {text!r}: {exc}")
+    except Exception as exc:  # re.error, and OverflowError (a{4294967296}), RecursionError, ...
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        problems.add(at, f"{what}: bad regex {shown!r}: {exc}")
         return None
 
 
