@@ -458,14 +458,22 @@ def _workers(item: Src, ctx: Context) -> int:
 
 
 def _rule_files(item: Src, ctx: Context) -> tuple[str, ...]:
-    """Rule file paths (a list, or one), each of which must exist."""
+    """Rule file paths (a list, or one), each a regular file, each listed once."""
     files = []
+    seen: dict[str, str] = {}  # the real path -> the entry as written first
     for element in elements(item):
         try:
-            resolved = ctx.path(text().read(element, ctx))
+            written = text().read(element, ctx)
         except Invalid as exc:
             ctx.problem(element, str(exc))
             continue
+        resolved = ctx.path(written)
+        real = ctx.sources.identity(resolved)
+        if real in seen:
+            also = "" if seen[real] == written else f" (as {seen[real]} before)"
+            ctx.problem(element, f"rule file {written} is listed twice{also}; list it once")
+            continue
+        seen[real] = written
         why = ctx.sources.why_not(resolved)
         if why is not None:
             ctx.problem(element, f"rule file {resolved} {why}")

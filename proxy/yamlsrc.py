@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,11 +103,30 @@ class Sources:
         self.read[key] = data
         return data
 
+    def identity(self, path: str) -> str:
+        """What makes two paths one file: its real path (links followed); in a snapshot, its
+        path as the load that took it saw it."""
+        return os.path.abspath(path) if self.snapshot is not None else os.path.realpath(path)
+
     def why_not(self, path: str) -> str | None:
-        """Why ``path`` cannot be read as a config or rule file ("does not exist"), or None."""
+        """Why ``path`` cannot be read as a rule file ("does not exist", "is a directory", ...),
+        or None. A rule file is a regular file: not a directory, nor a device (/dev/zero would
+        be read forever), FIFO or socket."""
         if self.snapshot is not None:
             return None if os.path.abspath(path) in self.snapshot else "does not exist"
-        return None if os.path.isfile(path) else "does not exist"
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return "does not exist"
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror or exc}"
+        if stat.S_ISDIR(mode):
+            return "is a directory"
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+            return f"is not a regular file ({kind})"
+        return None
 
 
 def dump_snapshot(files: Mapping[str, bytes]) -> bytes:

@@ -241,6 +241,11 @@ PROBLEMS: list[tuple[str, list[str]]] = [
     ("trusted_proxies: 5", ["2: trusted_proxies: expected a list, got an integer"]),
     ("rules: [missing.yaml]", ["2: rules: rule file {dir}/missing.yaml does not exist"]),
     ("rules: [r.yaml, 5]", ["2: rules: rule file {dir}/5 does not exist"]),
+    ("rules: [logs]", ["2: rules: rule file {dir}/logs is a directory"]),
+    ("rules: [/dev/zero]", ["2: rules: rule file /dev/zero is not a regular file (a device)"]),
+    ("rules: [r.yaml, r.yaml, ./r.yaml]", ["2: rules: rule file r.yaml is listed twice; list it once",
+                                           "2: rules: rule file ./r.yaml is listed twice (as r.yaml before); "
+                                           "list it once"]),
     ("workers: 0", ["2: workers: expected a positive number or auto, got '0'"]),
     ("workers: lots", ["2: workers: expected a positive number or auto, got 'lots'"]),
     ("workers: true", ["2: workers: expected a positive number or auto, got 'True'"]),
@@ -321,6 +326,12 @@ def test_upstream_mistakes(folder: Path, value: str, expected: list[str]) -> Non
 def test_upstream_entries_take_a_url_or_a_mapping_and_lose_a_trailing_slash(folder: Path) -> None:
     s = load(folder, "upstreams: ['https://a:443/', {url: 'http://b:1', weight: 3}]\n")
     assert [(str(u.url), u.weight) for u in s.upstreams] == [("https://a", 1), ("http://b:1", 3)]
+
+
+def test_a_rule_file_that_is_a_fifo_is_named_as_one_not_read(folder: Path) -> None:
+    os.mkfifo(folder / "pipe.yaml")  # reading it would wait for a writer forever
+    assert problems(folder, U + "rules: [pipe.yaml]\n") == [
+        f"2: rules: rule file {folder}/pipe.yaml is not a regular file (a FIFO)"]
 
 
 def test_a_file_that_is_not_a_mapping_is_one_problem(folder: Path) -> None:
