@@ -345,14 +345,24 @@ Every key of the config file, with its type, its default and what it does. `cach
 a value out of range), every problem of the file at once. The README shows a whole file;
 rule files have their own reference, [rules.md](rules.md).
 
-- Durations: `30s`, `5m`, `1h`, `1d` (or combined, `1h30m`), or a number of seconds; at most
-  2147483648 seconds (2^31, about 68 years, as HTTP caps its delta-seconds), never `.inf` or `.nan`.
-- Sizes: `512KB`, `256MB`, `10GB` (binary multiples), or a number of bytes; at most `1024TB`.
+- Durations: a number of seconds (`30`, `1.5`), or numbers with units `ms`, `s`, `m`, `h`, `d`,
+  `w` (`500ms`, `30s`, `5m`, `1h`, `1d`, `1w`), combined (`1h30m`, `1h 30m`), with or
+  without a space before the unit (`10s`, `10 s`), in any case; never
+  negative, at most 2147483648 seconds (2^31, about 68 years, as HTTP caps its delta-seconds),
+  never `.inf` or `.nan`.
+- Sizes: a number of bytes (`1048576`), or a number (decimals too: `1.5MB`, rounded down to a
+  byte) with a unit `B`, `KB`, `MB`, `GB`, `TB` (binary multiples: `1KB` is 1024 bytes; `K`,
+  `M`, `G`, `T` and `KiB`, `MiB`, `GiB`, `TiB` are the same), with or without a space before the
+  unit (`10GB`, `10 GB`), in any case (`10gb`); never negative, at most `1024TB`.
+- A bare number is a YAML number, so `1_000_000` and `0x100000` are numbers too; but for a
+  duration or a size, `1:30` (YAML reads base 60: 90) and `010` (octal: 8) are refused: write
+  `1m30s`, `10`.
 - Config and rule files are UTF-8 YAML without anchors and aliases (`&name`, `*name`,
   `<<: *name`): write each value out.
 - Relative paths are relative to the config file.
 - `${VAR}` in a value is the environment variable `VAR`; `${VAR:-default}` gives a default
-  (an unset variable without one is a problem).
+  (an unset variable without one is a problem). Inside `[...]` or `{...}` braces are YAML's:
+  quote it there (`cache: {memory: '${M}'}`); an unquoted one is a YAML syntax error.
 - A key written as null takes its default, unless its line says what null means.
 - Some values are checked together, and against this machine: `admin.listen` on the address of
   a client listener is a problem, and so are sizes that leave room for no body at all

@@ -143,12 +143,12 @@ class Section:
     def size(self, key: Str, default: Int) -> Int:
         return self._parsed(key, default, parse_size)
 
-    def _parsed(self, key: Str, default: T, parse: Callable[[object], Any]) -> T:
+    def _parsed(self, key: Str, default: T, parse: Callable[[object, Str | None], Any]) -> T:
         item = self.values.get(key)
         if item is None or item.value is None:
             return default
         try:
-            return parse(item.value)  # type: ignore[no-any-return]
+            return parse(item.value, item.raw)  # type: ignore[no-any-return]
         except ValueError as exc:
             self.problems.add(item, f"{self._name(key)}: {exc}")
             return default
@@ -536,7 +536,7 @@ def elements(item: Src) -> builtins.list[Src]:
 def byte_size(*, minimum: Int | None = None, why: Str = "") -> Parser[Int]:
     def read(item: Src, ctx: Context) -> Int:
         try:
-            value = parse_size(item.value)
+            value = parse_size(item.value, item.raw)
         except ValueError as exc:
             raise Invalid(str(exc)) from None
         if minimum is not None and value < minimum:
@@ -550,7 +550,7 @@ def byte_size(*, minimum: Int | None = None, why: Str = "") -> Parser[Int]:
 def duration(*, positive: Bool = False) -> Parser[float]:
     def read(item: Src, ctx: Context) -> float:
         try:
-            value = parse_duration(item.value)
+            value = parse_duration(item.value, item.raw)
         except ValueError as exc:
             raise Invalid(str(exc)) from None
         if positive and value <= 0:

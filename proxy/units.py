@@ -17,7 +17,7 @@ import re
 from decimal import Decimal
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*")  # 10s, 10 s, 1h 30m
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib|k|m|g|t)?", re.IGNORECASE)
 _SIZE_UNITS = {
     None: 1, "b": 1,
@@ -30,11 +30,32 @@ MAX_DURATION = float(1 << 31)  # about 68 years: the cap RFC 9111 (1.2.2) puts o
 MAX_SIZE = 1 << 50  # 1024TB (a pebibyte): beyond any disk or memory one cache node has
 
 
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like ``30s``, ``5m``, ``1h30m``, ``7d``; ValueError otherwise."""
+def yaml_number(value: object, written: str | None, example: str) -> None:
+    """ValueError for a number YAML (1.1) read from a form that does not mean what it looks
+    like: ``1:30`` is 90 (base 60), ``010`` is 8 (octal). ``written``: the scalar as written,
+    when YAML read it as a number; ``example``: the value written as meant."""
+    if written is None:
+        return
+    digits = written.strip().lstrip("+-")
+    if ":" in digits:
+        raise ValueError(f"{written} reads as the number {value} in YAML (base 60, as in 1:30 = 90); "
+                         f"write {example}")
+    if re.fullmatch(r"0[0-7_]+", digits) and value:
+        raise ValueError(f"{written} reads as the number {value} in YAML (octal, from its leading 0); "
+                         "write it without the leading 0")
+
+
+def parse_duration(value: object, written: str | None = None) -> float:
+    """Seconds from a number or a string like ``30s``, ``5m``, ``1h30m``, ``7d``; ValueError otherwise.
+    ``written``: the YAML scalar as written when YAML read it as a number (``yaml_number``).
+
+    >>> parse_duration("10 s"), parse_duration("1h 30m"), parse_duration("500ms"), parse_duration("1w")
+    (10.0, 5400.0, 0.5, 604800.0)
+    """
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 30s, 5m, 1h, got {value!r}")
     if isinstance(value, int | float):
+        yaml_number(value, written, "1m30s")
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value!r}")
         return _duration_cap(float(value), value)
@@ -50,7 +71,7 @@ def parse_duration(value: object) -> float:
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
     if pos != len(text) or not text:
-        raise ValueError(f"bad duration {value!r}: use seconds or 30s, 5m, 1h, 1d")
+        raise ValueError(f"bad duration {value!r}: use seconds or 30s, 5m, 1h, 1d")  # (also ms, w)
     return _duration_cap(total, value)
 
 
@@ -63,11 +84,13 @@ def _duration_cap(seconds: float, value: object) -> float:
     return seconds
 
 
-def parse_size(value: object) -> int:
-    """Bytes from a number or a string like ``512KB``, ``256MB``, ``10GB`` (binary multiples)."""
+def parse_size(value: object, written: str | None = None) -> int:
+    """Bytes from a number or a string like ``512KB``, ``256MB``, ``10GB`` (binary multiples).
+    ``written`` as for ``parse_duration``."""
     if isinstance(value, bool):
         raise ValueError(f"expected a size like 256MB, got {value!r}")
     if isinstance(value, int):
+        yaml_number(value, written, "the bytes, or a size such as 64KB")
         if value < 0:
             raise ValueError(f"size must not be negative, got {value!r}")
         return _size_cap(value, value)

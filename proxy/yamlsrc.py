@@ -28,6 +28,7 @@ class Src:
     file: str
     line: int  # 1-based
     key_lines: dict[Any, int] = field(default_factory=dict)  # for mappings: the line of each key
+    raw: str | None = None  # a plain scalar YAML read as a number: as written (1:30 for 90)
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -221,6 +222,8 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
         return Src(None, file, line)
     if isinstance(value, str) and node.tag == "tag:yaml.org,2002:str":
         value = _expand_env(value, (file, line), problems)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return Src(value, file, line, raw=str(node.value))
     return Src(value, file, line)
 
 
@@ -258,7 +261,12 @@ def parse_yaml(text: str, name: str, problems: Problems) -> Src | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
-        problems.add((name, line), f"YAML syntax error: {exc.problem or exc.context}")
+        hint = ""
+        lines = text.splitlines()
+        if 0 < line <= len(lines) and "${" in lines[line - 1] and re.search(r"[\[{]", lines[line - 1]):
+            # ``cache: {memory: ${M}}``: in YAML's [...] and {...}, braces are syntax.
+            hint = " (inside [...] or {...}, quote a ${VAR}: '${VAR}')"
+        problems.add((name, line), f"YAML syntax error: {exc.problem or exc.context}{hint}")
         return None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow (a control character)
         line = text.count("\n", 0, exc.position) + 1

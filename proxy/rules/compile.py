@@ -229,7 +229,7 @@ def _compile_match(src: Src | None, problems: Problems) -> Match:
 def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, float], float | None]:
     if not isinstance(src.value, dict):
         try:
-            return MappingProxyType({}), parse_duration(src.value)
+            return MappingProxyType({}), parse_duration(src.value, src.raw)
         except ValueError as exc:
             problems.add(src, f"{what}: expected a duration or a mapping of status to duration "
                               f"(e.g. {{200: 5m, 404: 1m, default: 1m}}), got {src.value!r} ({exc})")
@@ -244,7 +244,7 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
             problems.add((src.file, line), f"{what}: {status!r} is not a status code (100-599) or 'default'")
             continue
         try:
-            seconds = parse_duration(value.value)
+            seconds = parse_duration(value.value, value.raw)
         except ValueError as exc:
             problems.add(value, f"{what}.{status}: {exc}")
             continue

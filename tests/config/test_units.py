@@ -73,3 +73,65 @@ def test_check_refuses_an_infinite_or_huge_duration(tmp_path: Path, capsys: pyte
     assert main(["check", "--config", str(tmp_path / "c.yaml")]) == 2
     (message,) = [m for m in capsys.readouterr().err.splitlines() if ": warning: " not in m]
     assert message.startswith(f"{tmp_path / file}.yaml:{line}: ") and words in message
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("10 s", 10.0), ("10S", 10.0), ("1h 30m", 5400.0),
+                                                ("500ms", 0.5), ("1w", 604800.0), (" 2 m ", 120.0)])
+def test_durations_take_a_space_before_a_unit_as_sizes_do(value: str, seconds: float) -> None:
+    """``10 GB`` was a size and ``10 s`` not a duration; both are now, as docs/configuration.md says."""
+    assert parse_duration(value) == seconds
+    assert parse_size("10 GB") == parse_size("10gb") == 10 << 30
+
+
+# (the value as written in the config, the words of the problem): numbers YAML 1.1 reads from a
+# form that does not say what it looks like, refused where a duration or a size is meant.
+MISREAD = [
+    ("shutdown_grace: 1:30", "2: shutdown_grace: 1:30 reads as the number 90 in YAML (base 60"),
+    ("shutdown_grace: 1:30:00", "2: shutdown_grace: 1:30:00 reads as the number 5400 in YAML (base 60"),
+    ("shutdown_grace: 010", "2: shutdown_grace: 010 reads as the number 8 in YAML (octal"),
+    ("max_request_head: 16:00", "2: max_request_head: 16:00 reads as the number 960 in YAML (base 60"),
+    ("upstream: {timeouts: {read: 1:30.5}}", "2: upstream.timeouts.read: 1:30.5 reads as the number 90.5"),
+]
+
+
+@pytest.mark.parametrize(("line", "words"), MISREAD, ids=[m[0] for m in MISREAD])
+def test_a_base_60_or_octal_number_is_refused_for_a_duration_or_a_size(tmp_path: Path, line: str,
+                                                                        words: str) -> None:
+    from proxy.config import load_config
+    from proxy.errors import ConfigError
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [http://127.0.0.1:9]\n{line}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(config))
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{config}:") and words in problem, problem
+
+
+def test_numbers_in_the_other_yaml_forms_still_read(tmp_path: Path) -> None:
+    from proxy.config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\nshutdown_grace: '1m30s'\n"
+                      "max_request_head: 1_048_576\nclient_body_timeout: 0x10\n")
+    s = load_config(str(config))
+    assert (s.shutdown_grace, s.max_request_head, s.client_body_timeout) == (90.0, 1 << 20, 16.0)
+
+
+def test_a_rule_ttl_in_base_60_is_refused_at_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "r.yaml").write_text("rules:\n  - name: a\n    match: {path: /a}\n    ttl: {200: 1:30}\n"
+                                     "  - name: b\n    match: {path: /b}\n    ttl: 2:00\n")
+    (tmp_path / "c.yaml").write_text("upstreams: [http://127.0.0.1:9]\nrules: [r.yaml]\n")
+    assert main(["check", "--config", str(tmp_path / "c.yaml")]) == 2
+    messages = [m for m in capsys.readouterr().err.splitlines() if ": warning: " not in m]
+    assert [m.split(": ")[0] for m in messages] == [f"{tmp_path}/r.yaml:4", f"{tmp_path}/r.yaml:7"]
+    assert all("base 60" in m for m in messages), messages
+
+
+def test_an_unquoted_variable_in_braces_is_a_syntax_error_that_says_to_quote_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\ncache: {memory: ${M}}\n")
+    assert main(["check", "--config", str(config)]) == 2
+    (message,) = capsys.readouterr().err.splitlines()
+    assert message.startswith(f"{config}:2: YAML syntax error") and "quote a ${VAR}" in message
