@@ -329,7 +329,7 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
     if problems:
         raise ConfigError(problems.ordered(), problems.ordered_warnings())
     return replace(settings, rules=rules, warnings=tuple(problems.ordered_warnings()),
-                   sources=dict(sources.read))
+                   sources=tuple(sources.read.items()))
 
 
 REFERENCE_INTRO = """\

@@ -25,7 +25,6 @@ import functools
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -518,9 +517,10 @@ class Settings:
     rule_files: tuple[str, ...] = setting((), "rule files, applied in order (relative paths: to the config "
                                               "file)", Parser("list of paths", _rule_files), key="rules")
     rules: RuleSet = internal(factory=RuleSet)  # compiled from rule_files by proxy.config
-    # The bytes of the config file and its rule files as this load read them, by absolute path
-    # (proxy.yamlsrc.Sources): a supervisor hands them to its workers (ConfigCopy).
-    sources: Mapping[str, bytes] = internal(factory=dict)
+    # The bytes of the config file and its rule files as this load read them, (absolute path,
+    # bytes) pairs (proxy.yamlsrc.Sources): a supervisor hands them to its workers (ConfigCopy).
+    # A tuple: Settings stays hashable.
+    sources: tuple[tuple[str, bytes], ...] = internal(())
     trusted_proxies: tuple[Network, ...] = setting((), "peers (IPs, CIDRs) whose forwarding fields "
                                                        "(X-Forwarded-*, X-Real-IP, ...) are kept", networks())
     workers: int = setting(1, "worker processes, or auto: one per CPU this process may use (affinity and "

@@ -289,7 +289,7 @@ class Supervisor:
         setup_logging(worker="supervisor")
         if self.config_path is not None:
             try:
-                self._config = ConfigCopy(self.config_path, self.settings.sources)
+                self._config = ConfigCopy(self.config_path, dict(self.settings.sources))
             except OSError as exc:  # no private temporary directory: workers read the file
                 log.warning("cannot keep a copy of the config for the workers (%s); a restarted "
                             "worker reads %s as it is then", exc, self.config_path)
@@ -803,7 +803,7 @@ class Supervisor:
             copy, runtime = self._config, self.runtime
             if copy is not None and runtime is not None and result.ok:
                 try:
-                    copy.commit(runtime.settings.sources)  # before the workers reload: they read it
+                    copy.commit(dict(runtime.settings.sources))  # before the workers reload: they read it
                 except OSError as exc:
                     log.error("cannot update the workers' copy of the config (%s); a worker "
                               "restarted now runs the config loaded before this reload",
