@@ -1,7 +1,7 @@
 """Redis as a shared L2 tier behind every node's memory and disk, and cluster-wide fill locks.
 
 Layout (``NS`` = ``cluster.namespace``, ``G`` = the generation in ``NS:l2:gen``, a random
-name that purge-all replaces so that every older key becomes unreachable at once and
+integer that purge-all replaces so that every older key becomes unreachable at once and
 expires by its TTL; a missing ``NS:l2:gen`` (Redis evicted it, or lost its data) is a new
 random generation too, never a default one, or the generation a purge-all left behind
 could become current again; ``new_generation`` replaces it when a node finds Redis
@@ -231,8 +231,12 @@ def counter_start() -> int:
 def fresh_generation() -> str:
     """A new generation's name (``NS:l2:gen``): random, so that it is never one whose keys
     are still in Redis (a purge-all's predecessor, or the one before Redis lost the key).
-    Every script that finds no generation starts one with it; purge-all replaces it."""
-    return secrets.token_hex(8)
+    Every script that finds no generation starts one with it; purge-all replaces it.
+
+    An integer in decimal (room left for INCR), as the generation was before it was random:
+    a node of an earlier release in the same cluster (a rolling upgrade) bumps it with INCR
+    on purge-all, which fails on anything but an integer."""
+    return str(secrets.randbits(62) + 1)
 
 
 class SharedTier:

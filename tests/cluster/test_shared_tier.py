@@ -114,6 +114,40 @@ async def test_losing_the_generation_key_does_not_undo_a_purge_of_everything(sha
         await tier.close()
 
 
+# What the release before the random generation does with NS:l2:gen (KEYS[1]; KEYS[2] is the
+# purge counter): purge-all INCRs it, a lookup reads it with a default of '0'.
+EARLIER_PURGE_ALL = """
+redis.call('INCR', KEYS[2])
+redis.call('INCR', KEYS[1])
+return -1
+"""
+EARLIER_GENERATION = "return redis.call('GET', KEYS[1]) or '0'"
+
+
+async def test_nodes_of_the_earlier_release_can_purge_everything_in_the_same_cluster(
+        shared_redis: RedisServer) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    try:
+        for _ in range(2):  # the generation a missing key starts, and the one purge-all sets
+            await fill(tier, HOT, b"first")
+            ours = await generation(tier)
+            assert ours.isdigit() and int(ours) < 2**63 - 2**32, ours  # room for an earlier node's INCR
+            # An earlier node purges everything (a rolling upgrade): it must work, and be a purge.
+            assert await tier._redis.eval(EARLIER_PURGE_ALL, 2, tier.names.generation, tier.names.purges) == -1
+            assert int(await generation(tier)) == int(ours) + 1
+            assert (await tier._redis.eval(EARLIER_GENERATION, 1, tier.names.generation)).decode() == str(int(ours) + 1)
+            assert await bodies(tier, HOT) == set()
+            await fill(tier, HOT, b"second")
+            assert await bodies(tier, HOT) == {b"second"}
+            await tier.purge(PurgeSpec(all=True))
+            assert await bodies(tier, HOT) == set()
+            assert await generation(tier) != str(int(ours) + 1)
+            await tier._redis.delete(tier.names.generation)
+    finally:
+        await tier.close()
+
+
 async def test_a_purge_counter_that_is_not_a_number_is_a_failure_and_the_lock_taken_is_let_go(
         shared_redis: RedisServer) -> None:
     ns = f"t{uuid.uuid4().hex[:8]}"
