@@ -51,6 +51,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from redis.exceptions import ResponseError
 
 from proxy.cluster import HOLD_MAX, ClusterUnavailable, stream
 from proxy.cluster.redis_io import REDIS_DOWN, Names, RedisDataError, client, stored_int
@@ -270,8 +271,7 @@ class ClusterNode:
                     attempt = 0
                     self._set_state("catching-up", self.reason)
                 else:
-                    self._set_state("disconnected", f"Redis at {self.settings.redacted_url} is unreachable: "
-                                                    f"{_describe(exc)}")
+                    self._set_state("disconnected", _trouble(self.settings.redacted_url, exc))
                     self._release_hits()  # cut off from Redis: it serves from its tiers (below)
                     if was_ready:
                         attempt = 0  # a session that worked: the next attempt comes soon
@@ -554,7 +554,7 @@ class ClusterNode:
             if spec.invalidation:
                 return await self._invalidate_offline(spec)
             self.counts["unavailable"] += 1
-            raise PurgeUnavailable(self._unavailable_message(_describe(exc))) from None
+            raise PurgeUnavailable(self._unavailable_message(_describe(exc), refused=_refused(exc))) from None
         finally:
             self._appending.discard(appending)
             appending.set_result(None)
@@ -582,7 +582,11 @@ class ClusterNode:
                         ", ".join(result.missing), self.settings.ack_timeout)
         return result
 
-    def _unavailable_message(self, why: str) -> str:
+    def _unavailable_message(self, why: str, *, refused: bool = False) -> str:
+        if refused:  # Redis answered, with an error: retrying will not help by itself
+            return (f"cluster: the purge was not made: Redis at {self.settings.redacted_url} answered "
+                    f"with an error ({why}), so the other nodes cannot be told; nothing was purged on "
+                    "any node (GET /cluster shows the state)")
         return (f"cluster: the purge was not made: Redis at {self.settings.redacted_url} is not "
                 f"reachable ({why}), so the other nodes cannot be told; nothing was purged on any "
                 "node; retry when it is back (GET /cluster shows the state)")
@@ -776,7 +780,7 @@ class ClusterNode:
                     nodes[n] = _heartbeat_info(n, b)
             except REDIS_DOWN as exc:
                 body["connected"] = False
-                body["reason"] = f"Redis at {self.settings.redacted_url} is unreachable: {_describe(exc)}"
+                body["reason"] = _trouble(self.settings.redacted_url, exc)
         nodes[self.name] = me
         for info in nodes.values():
             seq = info.get("applied_seq")
@@ -865,6 +869,18 @@ def _who(beat: str) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if "timeout" not in type(exc).__name__.lower() else f"no answer within the timeout ({text})"
+
+
+def _refused(exc: BaseException) -> bool:
+    """Redis answered, with an error (a script's, a value of the wrong type, maxmemory reached,
+    a read-only replica): not a Redis that cannot be reached."""
+    return isinstance(exc, ResponseError)
+
+
+def _trouble(url: str, exc: BaseException) -> str:
+    if _refused(exc):
+        return f"Redis at {url} answered with an error: {_describe(exc)}"
+    return f"Redis at {url} is unreachable: {_describe(exc)}"
 
 
 __all__ = ["ClusterNode"]

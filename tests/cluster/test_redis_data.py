@@ -12,7 +12,8 @@ from proxy.cluster import ClusterUnavailable
 from proxy.cluster.node import ClusterNode
 from proxy.cluster.redis_io import Names, client
 from proxy.cluster.settings import ClusterSettings
-from proxy.purge import PurgeSpec
+from proxy.cluster.shared import SharedTier
+from proxy.purge import PurgeSpec, PurgeUnavailable
 from tests.cluster.nodes import wait_until
 from tests.cluster.redis_server import RedisServer
 
@@ -79,3 +80,22 @@ async def test_a_heartbeat_that_is_not_a_nodes_is_shown_as_unreadable(shared_red
     finally:
         await r.aclose()
         await node.close()
+
+
+async def test_a_purge_redis_answers_with_an_error_does_not_blame_reachability(shared_redis: RedisServer) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = SharedTier(settings(shared_redis, ns))
+    node = ClusterNode(settings(shared_redis, ns), nothing, None, shared_purge=tier.purge)
+    await node.start()
+    try:
+        await tier._redis.set(Names(ns).purges, "garbage")  # the purge script's INCR fails
+        with pytest.raises(PurgeUnavailable) as info:
+            await node.purge(PurgeSpec(all=True))
+        message = str(info.value)
+        assert f"Redis at {shared_redis.url} answered with an error (" in message, message
+        assert "not an integer" in message and "reachable" not in message, message
+        assert "nothing was purged on any node" in message
+        assert node.connected and node.state == "ready"  # Redis is there: the session goes on
+    finally:
+        await node.close()
+        await tier.close()
