@@ -40,7 +40,10 @@ could match it after a purge made since. The scripts touch keys they compute, so
 need a single Redis (or a sentinel-managed one), not Redis Cluster.
 
 Every call is bounded by ``cluster.timeout``; a failure is counted and the caller
-goes on as if the shared tier had nothing (the origin is asked).
+goes on as if the shared tier had nothing (the origin is asked). It fails for every request
+while Redis is down (or holds garbage under our keys), so each distinct failure is logged once,
+then how often it happened once a minute, and "works again" once lookups work for ``SETTLE``
+seconds (``RepeatedFailure``; lookups that hit and miss in turn would log at every turn).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from proxy.cluster.fills import Contended, Found, Locked, Lookup
 from proxy.cluster.redis_io import REDIS_DOWN, Names, client
 from proxy.cluster.settings import ClusterSettings
+from proxy.logs import RepeatedFailure
 from proxy.policy.keys import url_of_key
 from proxy.purge import PurgeSpec
 from proxy.storage.entry import Entry, decode_variants, encode_variants
@@ -68,6 +72,10 @@ log = logging.getLogger("cachegate.cluster.shared")
 UNREADABLE = (ValueError, TypeError, IndexError, AttributeError, KeyError)
 TTL_MARGIN = 5.0  # seconds a shared entry outlives what any node could serve from it
 TTL_MAX = 30 * 86400.0
+# What a node does when a call of the shared tier fails (said in the log).
+AFTER_FAILURE = {"lookup": "the origin is asked instead", "write": "the fill is not shared",
+                 "release": "the lock expires by itself"}
+SETTLE = 10.0  # seconds without a failure before the shared tier is logged as working again
 
 # The variants of a key still indexed (KEY in every set its field names), as pairs of body
 # id and record; the others are deleted (their body expires by its TTL).
@@ -239,6 +247,15 @@ def fresh_generation() -> str:
     return str(secrets.randbits(62) + 1)
 
 
+class SharedTierFailure(Exception):
+    """A shared-tier call failed, as logged (``SharedTier._failed``)."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
 class SharedTier:
     def __init__(self, settings: ClusterSettings) -> None:
         self.settings = settings
@@ -251,6 +268,8 @@ class SharedTier:
         self.counts: dict[str, int] = dict.fromkeys(
             ("hit", "miss", "locked", "contended", "woken", "wait_timeout", "written", "write_voided",
              "too_large", "error"), 0)
+        self._failures = RepeatedFailure(log, "cluster: the shared tier", settle=SETTLE, traceback=False,
+                                         level=logging.WARNING)
 
     async def close(self) -> None:
         self._closing = True
@@ -276,16 +295,18 @@ class SharedTier:
             self._failed("lookup", key, exc)
             return None
         try:
-            return self._lookup_answer(key, answer)
+            result = self._lookup_answer(key, answer)
         except UNREADABLE as exc:
             # A value under our keys that we never write (the purge counter not a number, ...):
             # a shared-tier failure like any other, and a lock the script took is let go at once
             # (its waiters would otherwise wait for its expiry).
-            self._failed("lookup", key, ValueError(f"unreadable answer from Redis {answer!r:.120}: {exc}"))
+            self._failed("lookup", key, ValueError(f"unreadable answer from Redis: {exc}"))
             with contextlib.suppress(*UNREADABLE):
                 if bytes(answer[0]) == b"locked":
                     await self.release(key, Locked(int(answer[1]), 0), "failed")
             return None
+        self._failures.succeeded()
+        return result
 
     def _lookup_answer(self, key: str, answer: Any) -> Lookup:
         kind = answer[0].decode()
@@ -389,7 +410,7 @@ class SharedTier:
         try:
             written = int(done) == 1
         except UNREADABLE as exc:
-            self._failed("write", entry.key, ValueError(f"unreadable answer from Redis {done!r:.120}: {exc}"))
+            self._failed("write", entry.key, ValueError(f"unreadable answer from Redis: {exc}"))
             return False
         if written:
             self.counts["written"] += 1
@@ -429,9 +450,12 @@ class SharedTier:
         await self._redis.eval(NEW_GENERATION, 2, n.generation, n.purges, fresh_generation(), counter_start())
 
     def _failed(self, what: str, key: str, exc: BaseException) -> None:
+        """Counted each time; logged once per distinct failure, then once a minute. What is
+        logged, and what tells failures apart, is the operation and the error: never the key (a
+        URL, a different one each time) or an answer's varying parts (a lock's token)."""
         self.counts["error"] += 1
-        log.warning("shared tier: %s of %s failed (%s); going on without it", what, key,
-                    str(exc) or type(exc).__name__)
+        log.debug("shared tier: %s of %s failed: %r", what, key, exc)
+        self._failures.failed(SharedTierFailure(f"{what}: {_describe(exc)} ({AFTER_FAILURE[what]})"))
 
     def collect(self) -> Iterator[Metric]:
         c = CounterMetricFamily("cachegate_cluster_shared",

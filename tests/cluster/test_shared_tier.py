@@ -4,6 +4,8 @@ that restarted empty."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 import uuid
 
@@ -159,6 +161,47 @@ async def test_a_purge_counter_that_is_not_a_number_is_a_failure_and_the_lock_ta
         assert await tier.lookup(HOT, 5.0) is None
         assert tier.counts["error"] == 1 and tier.counts["locked"] == 0
         assert await tier._redis.exists(f"{ns}:l2:lock:{HOT}") == 0
+    finally:
+        await tier.close()
+
+
+async def test_a_failure_of_every_lookup_is_logged_once_and_counted_each_time(
+        shared_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    caplog.set_level(logging.INFO, "cachegate.cluster.shared")
+    try:
+        await fill(tier, OTHER, b"kept")
+        await tier._redis.set(tier.names.purges, "garbage")
+        for i in range(20):  # every miss fails (a Redis that is down fails the same way)
+            assert await tier.lookup(f"{SITE}/miss/{i}", 5.0) is None
+            if i == 10:  # a hit in between: not "works again" yet, nor the failure logged again
+                assert await bodies(tier, OTHER) == {b"kept"}
+        assert tier.counts["error"] == 20  # the metric counts each failure
+        logged = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+        assert len(logged) == 1, logged
+        assert "shared tier failed: lookup: ValueError: " in logged[0] and "garbage" in logged[0], logged
+        assert "/miss/" not in logged[0]
+        await tier._redis.delete(tier.names.purges)
+        tier._failures.settle = 0.0  # as after SETTLE seconds without a failure
+        assert isinstance(await tier.lookup(HOT, 5.0), Locked)
+        assert [rec.getMessage() for rec in caplog.records][-1] == "cluster: the shared tier works again"
+    finally:
+        await tier.close()
+
+
+async def test_a_redis_that_is_down_is_logged_once_not_per_lookup(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tier = SharedTier(ClusterSettings(redis=f"redis://127.0.0.1:{port}/0", node="a", namespace="down", timeout=2.0))
+    caplog.set_level(logging.INFO, "cachegate.cluster.shared")
+    try:
+        for i in range(10):
+            assert await tier.lookup(f"{SITE}/miss/{i}", 5.0) is None
+        assert tier.counts["error"] == 10
+        logged = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+        assert len(logged) == 1 and "the origin is asked instead" in logged[0], logged
     finally:
         await tier.close()
 
