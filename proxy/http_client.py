@@ -126,7 +126,10 @@ class UpstreamConnectTimeout(UpstreamTimeout):
 class PoolWaitTimeout(UpstreamConnectTimeout):
     """No pooled connection came free within the connect timeout (every one of ``pool_size`` is
     busy): cachegate's own limit was reached and no connection was tried, so it says nothing of
-    the upstream's state (passive health does not hold it against the upstream)."""
+    the upstream's state (passive health does not hold it against the upstream). The client is
+    told so, not that a connect timed out. Same ``kind`` (``connect_timeout``) and 504."""
+
+    public = "no free connection to the origin server within the connect timeout (every pooled one was busy)"
 
 
 class UpstreamDisconnected(UpstreamConnectError):
@@ -730,8 +733,8 @@ class HostPool:
                 given = await waiter
         except TimeoutError:
             self._give_back(waiter)
-            raise PoolWaitTimeout(f"{self.name}: connect timed out (no free pooled "
-                                  f"connection within {self.connect_timeout:g}s)") from None
+            raise PoolWaitTimeout(f"{self.name}: no free pooled connection within the connect "
+                                  f"timeout ({self.connect_timeout:g}s; all {self.limit} busy)") from None
         except BaseException:
             self._give_back(waiter)
             raise

@@ -613,6 +613,10 @@ async def test_waiting_for_a_free_pooled_connection_in_vain_takes_no_upstream_ou
                    "retries: 0}\n", upstreams=[a.url, b.url])
         replies = await asyncio.gather(*[proxy.get(f"/slow?{i}") for i in range(6)])
         assert sorted(r.status for r in replies) == [200] * 2 + [504] * 4
+        for r in replies:  # the client is told what happened: no connect was tried
+            if r.status == 504:
+                assert b"no free connection to the origin server within the connect timeout" in r.body
+                assert b"connect timed out" not in r.body and "detail=UPSTREAM-TIMEOUT" in r.cache_status
         assert all(u.available(time.monotonic()) for u in proxy.runtime.pool.upstreams)
         assert [(await proxy.get(f"/ok?{i}")).status for i in range(2)] == [200] * 2
 
