@@ -262,7 +262,7 @@ class UpstreamConnection(BaseProtocol):
     __slots__ = (
         "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes", "_head_method",
         "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim", "_payload", "_pool",
-        "_read_timeout", "_read_timer", "_total_timer", "busy", "exchange", "idle_since",
+        "_read_timeout", "_read_timer", "_sent", "_total_timer", "busy", "exchange", "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -279,6 +279,7 @@ class UpstreamConnection(BaseProtocol):
         self._message: Any = None
         self._payload: StreamReader | None = None
         self._got_bytes = False
+        self._sent = False
         self._failed = False
         self._head_method = False
         self._read_timeout = 0.0
@@ -294,6 +295,11 @@ class UpstreamConnection(BaseProtocol):
     def answering(self) -> bool:
         """Whether a byte of the current exchange's response has arrived."""
         return self._got_bytes
+
+    @property
+    def request_sent(self) -> bool:
+        """Whether the current exchange's request was written whole (its head, and its body)."""
+        return self._sent
 
     def alive(self) -> bool:
         t = self.transport
@@ -317,6 +323,7 @@ class UpstreamConnection(BaseProtocol):
         self._on_interim = on_interim
         self._interims = self._head_bytes = self._interim_bytes = 0
         self._got_bytes = self._failed = False
+        self._sent = body is None
         self._head_method = head_method
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
         head_future: asyncio.Future[Response] = loop.create_future()
@@ -377,6 +384,7 @@ class UpstreamConnection(BaseProtocol):
                                       f"{sent} of {expected} bytes")
             if chunked and self.transport is not None:
                 self.transport.write(b"0\r\n\r\n")
+            self._sent = not self._failed and self.transport is not None
         except asyncio.CancelledError:
             raise
         except (UpstreamError, ClientBodyError) as exc:

@@ -175,11 +175,11 @@ class HealthSettings:
 
 @dataclass(frozen=True)
 class PassiveHealth:
-    """Passive checks: consecutive failures to connect or 502/503/504 answers take an upstream out for a
-    cool-down (an invalid response or a read timeout is one request's answer: not counted)."""
+    """Passive checks: consecutive failures take an upstream out for a cool-down. Failures to connect
+    have no cap; a hang, an invalid answer, a connection dropped before any answer or a 502/503/504
+    take out at most half the upstreams (see docs/upstreams.md)."""
 
-    failures: int = setting(3, "consecutive failures to connect or 502/503/504 answers that take an "
-                               "upstream out (0: off)",
+    failures: int = setting(3, "consecutive failures that take an upstream out (0: off)",
                             integer(minimum=0))
     cooldown: float = setting(10.0, "how long it stays out", duration())
     # False when the config has no passive: section. Then, like nginx's max_fails, a pool

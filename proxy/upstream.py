@@ -15,13 +15,21 @@ Health:
   ``pool_size``: a pool busy with slow answers is no failed check); ``unhealthy``
   consecutive failures take an upstream out, ``healthy`` consecutive successes bring
   it back;
-- passive: ``passive.failures`` consecutive failures to connect (``cannot_connect``:
-  refused, a connect timeout, a new connection closed or reset before any response
-  byte) or 502/503/504 answers take it out for ``passive.cooldown`` (by default only
-  in pools of two or more: like nginx's max_fails, a single upstream is never taken
-  out unless ``passive:`` is configured). An invalid response, a read or total
-  timeout after the request was sent, or another 5xx is counted as an error but
-  not held against the upstream: it is the answer to one request.
+- passive: ``passive.failures`` consecutive passive failures take it out for
+  ``passive.cooldown`` (by default only in pools of two or more: like nginx's
+  max_fails, a single upstream is never taken out unless ``passive:`` is
+  configured). ``passive_failure`` sorts an exchange's failure: before the request
+  was written (refused, a connect timeout, a TLS handshake that failed: ``CONNECT``)
+  the upstream is unreachable, and such failures take it out without a cap; after
+  it was written, a failure that looks like the upstream's but could be one URL's
+  (``RESPONSE``: no response head within the read or total timeout, an invalid
+  response, a new connection closed or reset before any response byte, and
+  502/503/504 answers) takes it out only while at least half the pool (rounded
+  up) stays up (``_may_take_out``, as Envoy's max_ejection_percent): one URL that
+  fails or is dropped cannot take every upstream out, and a lone upstream is never
+  taken out by them. Another 5xx, a slow or broken body, a wait for a free pooled
+  connection or a pooled connection closed as the request left is no passive
+  failure.
 
 A request is retried on another upstream only when the connection failed before
 any response byte arrived (refused, reset, closed with nothing read, or a connect
@@ -77,6 +85,8 @@ from proxy.http_client import (
     UpstreamConnection,
     UpstreamConnectTimeout,
     UpstreamDisconnected,
+    UpstreamReadTimeout,
+    UpstreamTotalTimeout,
     body_once,
     error_kind,
     request_head,
@@ -88,6 +98,12 @@ log = logging.getLogger("cachegate.upstream")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
+
+# What passive health makes of a failure (``passive_failure``): before the request was written,
+# the upstream cannot be reached (no cap); after, it may be one URL's answer (capped:
+# ``UpstreamPool._may_take_out``).
+CONNECT = "connect"
+RESPONSE = "response"
 
 # The answers held against an upstream by passive health: it says it cannot serve (a gateway's
 # failure, unavailable, a gateway's timeout). A 500 (or 501, 505) is the application's answer to
@@ -275,27 +291,48 @@ class UpstreamPool:
         upstream.in_flight = max(0, upstream.in_flight - 1)
 
     def _error(self, upstream: Upstream, kind: str) -> None:
-        """An upstream error, counted (``failures``, ``cachegate_upstream_errors_total``) but not
-        held against the upstream's health: the answer to one request (an invalid response, a
-        timeout after the request was sent), which any client able to make one URL fail could
-        cause on every upstream in turn."""
+        """An upstream error, counted (``failures``, ``cachegate_upstream_errors_total``); on its
+        own not held against the upstream's health (``_passive_failure`` does that)."""
         upstream.failures += 1
         if self._on_error is not None:
             self._on_error(upstream.name, kind)
 
-    def _passive_failure(self, upstream: Upstream, kind: str) -> None:
-        """A failure to connect (``cannot_connect``), or an answer that says the upstream cannot
-        serve (``UNAVAILABLE``): counted, and ``passive.failures`` in a row take it out."""
+    def _passive_failure(self, upstream: Upstream, kind: str, cause: str) -> None:
+        """A passive failure (``passive_failure``: ``CONNECT`` or ``RESPONSE``, a 502/503/504 is
+        ``RESPONSE``): counted, and ``passive.failures`` in a row take the upstream out, those
+        of ``RESPONSE`` only as far as ``_may_take_out`` allows."""
         self._error(upstream, kind)
         passive = self.settings.passive
         if passive.failures <= 0 or (len(self.upstreams) == 1 and not passive.configured):
             return
         upstream.passive_failures += 1
-        if upstream.passive_failures >= passive.failures:
-            upstream.down_until = self._clock() + passive.cooldown
-            upstream.passive_failures = 0
-            log.warning("upstream %s marked down for %.0fs after %d consecutive failures",
-                        upstream.name, passive.cooldown, passive.failures)
+        if upstream.passive_failures < passive.failures:
+            return
+        now = self._clock()
+        if cause == RESPONSE and not self._may_take_out(upstream, now):
+            # Still counted (consecutive): once enough others are up again, the next one takes it out.
+            log.debug("upstream %s: %d consecutive failures, but it stays up: failures after the request "
+                      "was sent take out at most %d of %d upstreams", upstream.name,
+                      upstream.passive_failures, len(self.upstreams) // 2, len(self.upstreams))
+            return
+        upstream.down_until = now + passive.cooldown
+        upstream.passive_failures = 0
+        log.warning("upstream %s marked down for %.0fs after %d consecutive failures",
+                    upstream.name, passive.cooldown, passive.failures)
+
+    def _may_take_out(self, upstream: Upstream, now: float) -> bool:
+        """Whether failures after the request was sent may take ``upstream`` out: only while at
+        least half the pool (rounded up) stays up without it, counting every upstream down for
+        any reason (refused connections, active checks, these failures). Such a failure may be
+        one URL's answer (an app or WAF that drops the connection, answers garbage, hangs or
+        says 503 for it), which any client can ask every upstream for: without the cap, three
+        such requests took every upstream out and every other URL was a 503. So at most half the
+        upstreams (rounded down: one of two, none of one) are taken out by them; an upstream
+        already out stays out."""
+        if not upstream.available(now):
+            return True
+        up = sum(1 for u in self.upstreams if u is not upstream and u.available(now))
+        return up >= (len(self.upstreams) + 1) // 2
 
     def _passive_success(self, upstream: Upstream) -> None:
         upstream.passive_failures = 0
@@ -468,8 +505,9 @@ class UpstreamPool:
                                       on_interim=on_interim)
         except UpstreamError as exc:
             self._done(upstream)
-            if cannot_connect(exc, conn, fresh):
-                self._passive_failure(upstream, error_kind(exc))
+            cause = passive_failure(exc, conn, fresh)
+            if cause is not None:
+                self._passive_failure(upstream, error_kind(exc), cause)
             else:
                 self._error(upstream, error_kind(exc))
             raise
@@ -482,11 +520,11 @@ class UpstreamPool:
             # as the whole, nor to each client of a coalesced fetch in turn.
             resp.discard()
             self._done(upstream)
-            self._error(upstream, "protocol")
+            self._passive_failure(upstream, "protocol", RESPONSE)  # an invalid response
             raise UpstreamProtocolError(f"{upstream.name}: 206 Partial Content to a request without Range",
                                         detail="a 206 Partial Content to a request without Range")
         if resp.status in UNAVAILABLE:
-            self._passive_failure(upstream, f"status_{resp.status}")
+            self._passive_failure(upstream, f"status_{resp.status}", RESPONSE)
         else:
             if resp.status >= 500 and self._on_error is not None:
                 self._on_error(upstream.name, f"status_{resp.status}")  # counted, not held against it
@@ -494,21 +532,37 @@ class UpstreamPool:
         return UpstreamResponse(resp, upstream, self)
 
 
-def cannot_connect(exc: UpstreamError, conn: UpstreamConnection | None, fresh: bool) -> bool:
-    """Whether an exchange's error says the upstream cannot be reached (held against it by passive
-    health): no connection was made (``conn`` None: refused, unreachable, a TLS handshake that
-    failed, a connect timeout), or a new connection (``fresh``) closed or was reset before any
-    response byte. A pooled connection that closes as the request leaves is the upstream's idle
-    timeout, not its state (the request is tried again). Not a failure to connect: an invalid
-    response, or a read or total timeout after the request was sent, which are the answer to
-    that one request (held against the upstream, one URL that fails so took every upstream out
-    for everyone); nor a request cachegate refused to send (a CR or LF in a field), nor a wait
-    for a free pooled connection that timed out (``PoolWaitTimeout``: ``pool_size`` busy with
-    slow answers, perhaps all to one URL, and no connection tried)."""
+def passive_failure(exc: UpstreamError, conn: UpstreamConnection | None, fresh: bool) -> str | None:
+    """What passive health makes of an exchange's error before the response head: ``CONNECT``,
+    ``RESPONSE`` or None (counted as an error, not held against the upstream).
+
+    ``CONNECT``, before the request was written (``conn`` None): refused, unreachable, a TLS
+    handshake that failed, a connect timeout. Unambiguous: the upstream cannot be reached.
+
+    ``RESPONSE``, after it was written, what a hung or broken upstream does: an invalid
+    response (``UpstreamProtocolError``: garbage, a head that breaks off), no response head
+    within the read timeout, or within the total one once the whole request was sent (a slow
+    upload is the client's), and a new connection (``fresh``) closed or reset before any
+    response byte. One URL can cause each of these too (an app or WAF that drops it, a slow
+    endpoint), hence the cap (``UpstreamPool._may_take_out``).
+
+    None: a pooled connection that closed as the request left (the upstream's idle timeout, not
+    its state: the request is tried again), a wait for a free pooled connection that timed out
+    (``PoolWaitTimeout``: ``pool_size`` busy, perhaps with slow answers to one URL, and no
+    connection tried), a request cachegate refused to send (a CR or LF in a field)."""
     if conn is None:
-        return isinstance(exc, (UpstreamConnectError, UpstreamConnectTimeout)) \
-            and not isinstance(exc, PoolWaitTimeout)
-    return fresh and isinstance(exc, UpstreamConnectError) and not conn.answering
+        if isinstance(exc, PoolWaitTimeout):
+            return None
+        return CONNECT if isinstance(exc, (UpstreamConnectError, UpstreamConnectTimeout)) else None
+    if isinstance(exc, UpstreamProtocolError):
+        return RESPONSE
+    if isinstance(exc, UpstreamReadTimeout):
+        return RESPONSE
+    if isinstance(exc, UpstreamTotalTimeout):
+        return RESPONSE if conn.request_sent else None
+    if isinstance(exc, UpstreamConnectError) and fresh and not conn.answering:
+        return RESPONSE
+    return None
 
 
 __all__ = ["KEEPALIVE_IDLE", "Selector", "Upstream", "UpstreamConnectTimeout", "UpstreamDisconnected",

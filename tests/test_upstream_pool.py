@@ -17,13 +17,13 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.config import HealthSettings, Overrides, PoolSettings, UpstreamSettings, load_config
+from proxy.config import HealthSettings, Overrides, PassiveHealth, PoolSettings, UpstreamSettings, load_config
 from proxy.runtime import Runtime
-from proxy.upstream import Selector, Upstream, UpstreamPool
+from proxy.upstream import CONNECT, RESPONSE, Selector, Upstream, UpstreamPool
 from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, self_signed
-from tests.security.misbehaving import Conn, raw_origins, response
+from tests.security.misbehaving import Conn, Request, raw_origins, response
 
 
 def test_weighted_round_robin_spreads_by_weight_and_interleaves() -> None:
@@ -189,9 +189,9 @@ async def test_with_every_upstream_down_it_is_503_or_stale_if_error(
     origin.route("/n", body=b"never stored")
     proxy = await make_proxy(config="upstream: {passive: {failures: 1, cooldown: 60s}, retries: 0}\n")
     await proxy.get("/s")
-    origin.route("/boom", status=503, body=b"x")
-    await proxy.get("/boom")  # one 5xx takes the only upstream out
+    await origin.stop()
     await asyncio.sleep(1.1)
+    assert (await proxy.get("/boom")).status == 502  # one refused connection takes the only upstream out
     stale = await proxy.get("/s")
     assert (stale.status, stale.body, stale.x_cache) == (200, b"old", "STALE")
     down = await proxy.get("/n")
@@ -568,24 +568,31 @@ def test_a_responses_content_length_is_parsed_once_and_the_same_every_time(
 async def _answer_by_path(conn: Conn) -> None:
     """/nul: a response with a NUL in a field (invalid); /slow: slower than the read timeout;
     /close: the connection closed without an answer; anything else: 200."""
-    while True:
-        request = await conn.request()
-        path = request.target.split("?")[0]
-        if path == "/nul":
-            await conn.send(response("200 OK", {"X-Bad": "a\x00b"}, b"hi"))
-        elif path == "/slow":
-            await asyncio.sleep(0.6)
-            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"late"))
-        elif path == "/close":
-            return
-        else:
-            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+    while await _answer_by_path_once(conn, await conn.request()):
+        pass
 
 
-async def test_one_url_with_invalid_or_slow_answers_takes_no_upstream_out(make_proxy: MakeProxy) -> None:
-    """Only failures to connect and 502/503/504 are held against an upstream: an invalid response
-    or a read timeout is the answer to that one request, and any client could ask for such a URL
-    until every upstream was out (then every other URL was a 503)."""
+async def _answer_by_path_once(conn: Conn, request: Request) -> bool:
+    """Answer one request (``_answer_by_path``); False when the connection is to be closed."""
+    path = request.target.split("?")[0]
+    if path == "/nul":
+        await conn.send(response("200 OK", {"X-Bad": "a\x00b"}, b"hi"))
+    elif path == "/slow":
+        await asyncio.sleep(0.6)
+        await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"late"))
+    elif path == "/close":
+        return False
+    else:
+        await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+    return True
+
+
+async def test_one_url_with_invalid_or_slow_answers_takes_out_at_most_half_the_upstreams(
+    make_proxy: MakeProxy
+) -> None:
+    """An invalid response or no response head within the read timeout counts against an
+    upstream (a broken or hung one is taken out), but one URL can cause them on every upstream:
+    such failures take out at most half the pool, and every other URL keeps its answers."""
     async with raw_origins() as start:
         a, b = await start(_answer_by_path), await start(_answer_by_path)
         proxy = await make_proxy(
@@ -594,10 +601,10 @@ async def test_one_url_with_invalid_or_slow_answers_takes_no_upstream_out(make_p
         replies = await asyncio.gather(*[proxy.get(f"/nul?{i}") for i in range(6)],
                                        *[proxy.get(f"/slow?{i}") for i in range(4)])
         assert [r.status for r in replies] == [502] * 6 + [504] * 4
-        assert all(u.available(time.monotonic()) for u in proxy.runtime.pool.upstreams)
+        assert sum(u.available(time.monotonic()) for u in proxy.runtime.pool.upstreams) == 1
         assert [(await proxy.get(f"/ok?{i}")).status for i in range(4)] == [200] * 4
         metrics = (await proxy.admin("GET", "/metrics")).body.decode()
-        for kind, n in (("protocol", 6), ("read_timeout", 4)):  # counted as errors all the same
+        for kind, n in (("protocol", 6), ("read_timeout", 4)):
             counts = re.findall(rf'cachegate_upstream_errors_total{{kind="{kind}",upstream="[^"]+"}} (\d+)', metrics)
             assert sum(float(c) for c in counts) == n, (kind, counts)
 
@@ -621,16 +628,143 @@ async def test_waiting_for_a_free_pooled_connection_in_vain_takes_no_upstream_ou
         assert [(await proxy.get(f"/ok?{i}")).status for i in range(2)] == [200] * 2
 
 
-async def test_a_new_connection_closed_before_any_answer_is_held_against_the_upstream(
+async def test_a_url_the_app_drops_takes_out_one_upstream_of_two_not_both(make_proxy: MakeProxy) -> None:
+    """A new connection closed before any answer (an app or WAF dropping one URL, nginx's 444)
+    counts against the upstream, and the retry on the other one counts there: three requests
+    for such a URL took every upstream out and every other URL was a 503 for the cool-down."""
+    async with raw_origins() as start:
+        a, b = await start(_answer_by_path), await start(_answer_by_path)
+        proxy = await make_proxy(upstreams=[a.url, b.url])  # the defaults: 3 failures, 10 s
+        assert [(await proxy.get(f"/close?x={i}")).status for i in range(6)] == [502] * 6
+        assert sum(u.available(time.monotonic()) for u in proxy.runtime.pool.upstreams) == 1
+        assert [(await proxy.get(f"/ok?{i}")).status for i in range(4)] == [200] * 4
+
+
+async def _hang(conn: Conn) -> None:
+    await conn.request()
+    await asyncio.sleep(30)  # accepts and reads, never answers (cancelled when the origin stops)
+
+
+async def _garbage(conn: Conn) -> None:
+    await conn.request()
+    await conn.send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+
+@pytest.mark.parametrize(("serve", "timeouts", "status"), [
+    (_hang, "{read: 200ms}", 504),
+    (_hang, "{read: 5s, total: 200ms}", 504),  # no response head within the total timeout
+    (_garbage, "{read: 5s}", 502),
+], ids=["hang-read", "hang-total", "garbage"])
+async def test_an_upstream_that_hangs_or_answers_garbage_beside_a_good_one_is_taken_out(
+    make_proxy: MakeProxy, serve: Callable[[Conn], Awaitable[None]], timeouts: str, status: int
+) -> None:
+    """Default passive settings (3 failures), no active checks: the bad upstream is out after
+    three failed requests, not tried every other request for ever."""
+    async with raw_origins() as start:
+        good, bad = await start(_answer_by_path), await start(serve)
+        proxy = await make_proxy(config=f"upstream: {{timeouts: {timeouts}}}\n", upstreams=[good.url, bad.url])
+        statuses = [(await proxy.get(f"/x?{i}")).status for i in range(12)]
+        assert statuses == [200, status] * 3 + [200] * 6
+        assert [u.available(time.monotonic()) for u in proxy.runtime.pool.upstreams] == [True, False]
+
+
+async def test_a_total_timeout_while_the_client_still_uploads_is_not_held_against_the_upstream(
     make_proxy: MakeProxy
 ) -> None:
+    """No response head within the total timeout counts against an upstream only once it had the
+    whole request: while a slow client is still uploading, the upstream is not the slow one."""
+    async def swallow(conn: Conn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await conn.reader.read(-1)  # the body, as it comes: never answered
+
     async with raw_origins() as start:
-        origin = await start(_answer_by_path)
-        proxy = await make_proxy(config="upstream: {passive: {failures: 2, cooldown: 30s}, retries: 0}\n",
-                                 upstreams=[origin.url])
-        assert (await proxy.get("/close")).status == 502  # tried twice, on a new connection each time
+        a, b = await start(swallow), await start(swallow)
+        proxy = await make_proxy(
+            config="upstream: {timeouts: {total: 300ms}, passive: {failures: 1, cooldown: 30s}}\n"
+                   "client_body_buffer: 0\nclient_body_min_rate: 0\n", upstreams=[a.url, b.url])
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 1000\r\n\r\nx")
+
+            async def drip() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(40):
+                        await asyncio.sleep(0.05)
+                        writer.write(b"x")
+
+            dripping = asyncio.ensure_future(drip())
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert answer.startswith(b"HTTP/1.1 504 "), answer
+            dripping.cancel()
+        finally:
+            writer.close()
+        pool = proxy.runtime.pool
+        assert [(u.available(time.monotonic()), u.passive_failures) for u in pool.upstreams] == [(True, 0)] * 2
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        assert 'kind="total_timeout"' in metrics  # counted as an error all the same
+
+
+async def test_a_lone_upstream_is_taken_out_by_refused_connections_only(make_proxy: MakeProxy) -> None:
+    """With one upstream and passive checks configured, an invalid answer, a hang, a dropped
+    connection or a 503 leave it up (taken out, everything would be a 503 for the cool-down,
+    and one URL could cause it); a refused connection takes it out."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if request.target.startswith("/unavailable"):
+                await conn.send(response("503 Service Unavailable", {"Cache-Control": "no-store"}, b"x"))
+            elif not await _answer_by_path_once(conn, request):
+                return
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(
+            config="upstream: {timeouts: {read: 200ms}, passive: {failures: 1, cooldown: 30s}, retries: 0}\n",
+            upstreams=[origin.url])
+        for path, status in (("/nul", 502), ("/slow", 504), ("/close", 502), ("/unavailable", 503)) * 2:
+            assert (await proxy.get(path)).status == status, path
+        assert proxy.runtime.pool.upstreams[0].available(time.monotonic())
+        assert (await proxy.get("/ok")).status == 200
+        await origin.stop()
+        await asyncio.sleep(0.05)  # the pooled connection's close is seen
+        assert (await proxy.get("/ok?again")).status == 502
         down = await proxy.get("/ok")
         assert down.status == 503 and "detail=NO-UPSTREAM" in down.cache_status
+
+
+def test_failures_after_the_request_was_sent_leave_at_least_half_the_upstreams_up() -> None:
+    """Upstreams down for any reason count: a refused connection or an active check takes an
+    upstream out whatever the cap, and then response failures take out none more."""
+    now = [0.0]
+    pool = UpstreamPool(tuple(UpstreamSettings(URL(f"http://{n}")) for n in "abcd"),
+                        PoolSettings(passive=PassiveHealth(failures=1, cooldown=10.0)), clock=lambda: now[0])
+    a, b, c, d = pool.upstreams
+
+    def up() -> str:
+        return "".join(u.name[-1] for u in pool.upstreams if u.available(now[0]))
+
+    for u in (a, b, c, d):
+        pool._passive_failure(u, "read_timeout", RESPONSE)
+    assert up() == "cd"  # two of four at most
+    now[0] = 5.0
+    pool._passive_failure(c, "connect", CONNECT)  # no cap
+    assert up() == "d"
+    pool._passive_failure(d, "status_503", RESPONSE)
+    assert up() == "d" and d.passive_failures == 2  # held up, still counted
+    now[0] = 11.0  # a and b are back, c is out until 15
+    a.healthy = False  # an active check took a out
+    pool._passive_failure(d, "protocol", RESPONSE)
+    assert up() == "bd"
+    b.healthy = a.healthy = True
+    pool._passive_failure(d, "protocol", RESPONSE)
+    assert up() == "ab"
+
+    three = UpstreamPool(tuple(UpstreamSettings(URL(f"http://{n}")) for n in "xyz"),
+                         PoolSettings(passive=PassiveHealth(failures=1, cooldown=10.0)), clock=lambda: 0.0)
+    for u in three.upstreams:
+        three._passive_failure(u, "connect", RESPONSE)
+    assert sum(u.available(0.0) for u in three.upstreams) == 2  # one of three
 
 
 async def test_a_body_delimited_by_the_end_of_a_tls_connection_is_relayed_never_stored(
