@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from proxy.cluster.settings import ClusterSettings
 from proxy.errors import ConfigError
 from proxy.policy.messages import CacheOptions
+from proxy.room import human_size, machine_memory, space
 from proxy.rules import load_rules
 from proxy.schema import Context, parse_hostport, reference
 from proxy.settings import (
@@ -43,7 +44,6 @@ from proxy.settings import (
     storable_limit,
     upstream_url,
 )
-from proxy.storage.room import human_size, machine_memory, space
 from proxy.yamlsrc import Problems, Sources, Src, load_snapshot, load_yaml
 
 # The settings types live in proxy.settings; these names stay importable from here.

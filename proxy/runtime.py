@@ -33,13 +33,13 @@ from proxy.lockfile import HeldLock, LockTaken
 from proxy.logs import AccessLog, RepeatedFailure, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import PurgeOutcome, Purger, PurgeSpec
+from proxy.room import MemoryUnavailable
 from proxy.settings import storable_limit
 from proxy.storage.arena import Arena
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier, arena_capacity
 from proxy.storage.persist import PERSIST_INTERVAL
-from proxy.storage.room import MemoryUnavailable
 from proxy.storage.tiered import Storage
 from proxy.upstream import UpstreamPool
 

@@ -61,10 +61,10 @@ from typing import IO, Any
 import diskcache
 
 from proxy.logs import RepeatedFailure
+from proxy.room import FilesystemFull, filesystem_full
 from proxy.settings import DiskEviction, shard_budget  # the budget split is what cache.disk.size means
 from proxy.storage.entry import Entry, decode_variants, encode_variants
 from proxy.storage.failures import SETTLE
-from proxy.storage.room import FilesystemFull, filesystem_full
 
 log = logging.getLogger("cachegate.storage")
 

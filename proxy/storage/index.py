@@ -30,8 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from proxy.room import FilesystemFull, filesystem_full
 from proxy.storage.disk import damaged, set_aside
-from proxy.storage.room import FilesystemFull, filesystem_full
 
 log = logging.getLogger("cachegate.storage")
 

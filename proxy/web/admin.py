@@ -71,6 +71,7 @@ from proxy.web.admin_guard import (
     guard_middleware,
     loads_untrusted,
 )
+from proxy.web.bodyreader import BodyReader
 from proxy.web.console import CSRF_HEADER, console_access, setup_console
 from proxy.web.heads import ends_connection
 
@@ -223,15 +224,13 @@ async def read_json(request: web.Request) -> Any:
     """The body as JSON (``admin_guard.loads_untrusted``): 413 over 1 MiB, 400 when hostile,
     408 (the connection closed) when it does not come within the client listener's limits:
     ``client_body_timeout`` of silence, or slower than ``client_body_min_rate`` on average
-    (``proxy_handler._BodyReader``). The login is public: without them, a body that never came
+    (``bodyreader.BodyReader``). The login is public: without them, a body that never came
     held its connection for good."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length,
                                             text=TOO_LARGE)
-    from proxy.web.proxy_handler import _BodyReader  # (it imports this module: PURGE)
-
     settings = request.app[ADMIN].runtime.settings
-    reader = _BodyReader(request, settings.client_body_timeout, settings.client_body_min_rate)
+    reader = BodyReader(request, settings.client_body_timeout, settings.client_body_min_rate)
     parts: list[bytes] = []
     while chunk := await reader.read(64 * 1024):
         if reader.received > MAX_BODY:  # a chunked body has no Content-Length to refuse first

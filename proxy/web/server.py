@@ -35,10 +35,10 @@ from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
 from proxy.logs import say
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
+from proxy.room import FilesystemFull, MemoryUnavailable, filesystem_full
 from proxy.runtime import CacheDirectoryInUse, ReloadResult, Runtime
 from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CACHE_DIR
-from proxy.storage.room import FilesystemFull, MemoryUnavailable, filesystem_full
 from proxy.tls import ServerTLS
 from proxy.web.admin import ADMIN, create_admin_app
 from proxy.web.console import register_console_calls

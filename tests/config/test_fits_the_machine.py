@@ -14,9 +14,9 @@ import pytest
 from proxy import config
 from proxy.config import Overrides, base_cache_options, load_config
 from proxy.errors import ConfigError
+from proxy.room import human_size, machine_memory
 from proxy.runtime import open_storage
 from proxy.storage.arena import Arena
-from proxy.storage.room import human_size, machine_memory
 from proxy.web.server import open_runtime
 
 

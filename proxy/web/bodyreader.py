@@ -1,0 +1,59 @@
+"""A client's request body read under time limits, for both listeners (the proxy's request
+bodies and the admin API's JSON)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from proxy.errors import ClientBodyError
+
+
+class BodyReader:
+    """Reads a client's request body with two limits: at most ``silence`` seconds
+    (``client_body_timeout``) for any one read, and, when ``min_rate`` is set
+    (``client_body_min_rate``), an average of ``min_rate`` bytes a second after an allowance of
+    ``silence`` seconds: by the body's n-th byte, cachegate must have waited for it at most
+    ``silence + n / min_rate`` seconds, as Apache's mod_reqtimeout counts. Only the time spent
+    waiting in ``read`` counts: a client is not blamed for the time cachegate took before it
+    read (an upstream connection to free up in a busy pool, the origin's 100 Continue that an
+    ``Expect`` client waits for, an origin reading slowly). A per-read limit alone let a body
+    trickled a byte every few seconds hold an upstream connection for as long as it liked.
+    Running out is the client's failure (``ClientBodyError``)."""
+
+    __slots__ = ("_content", "_min_rate", "_silence", "_waited", "received")
+
+    def __init__(self, request: web.BaseRequest, silence: float, min_rate: int) -> None:
+        self._content = request.content
+        self._silence = silence
+        self._min_rate = min_rate
+        self._waited = 0.0  # seconds spent in ``read`` so far
+        self.received = 0
+
+    async def read(self, size: int) -> bytes:
+        timeout = self._silence
+        slow = False
+        if self._min_rate:
+            allowed = self._silence + self.received / self._min_rate - self._waited
+            if allowed < timeout:
+                timeout, slow = allowed, True
+            if timeout <= 0:
+                raise self._too_slow()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await self._content.read(size)
+        except TimeoutError:
+            if slow:
+                raise self._too_slow() from None
+            raise ClientBodyError(f"no byte of the request body for {self._silence:g}s") from None
+        finally:
+            self._waited += time.monotonic() - started
+        self.received += len(chunk)
+        return chunk
+
+    def _too_slow(self) -> ClientBodyError:
+        return ClientBodyError(f"the request body came slower than {self._min_rate} bytes/s "
+                               f"({self.received} bytes)")
