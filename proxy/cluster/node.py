@@ -171,6 +171,9 @@ class ClusterNode:
         self._outbox: deque[PurgeSpec] = deque()
         self._redis: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
+        # The heartbeat's own connection, set up before the first beat: a beat never waits for a
+        # connection's set-up (several round trips) behind the time its key's lifetime counts from.
+        self._beater: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()  # the first session caught up, or failed
         self._first_error: BaseException | None = None
@@ -180,7 +183,10 @@ class ClusterNode:
         self._failures = RepeatedFailure(log, "cluster: session")  # each second: once a minute
         self._named = False  # this instance's heartbeat was written (the name is ours)
         self._twin_logged = False
-        self._ttl = max(3 * settings.heartbeat, 2.0)  # the heartbeat key's TTL
+        # The heartbeat key's TTL: long enough that a Redis answering within cluster.timeout never
+        # lets it expire (a beat reaches Redis at most a timeout after it is sent, and the next one
+        # is sent at most a timeout plus a heartbeat after that).
+        self._ttl = max(3 * settings.heartbeat, 2.0, settings.heartbeat + 2 * settings.timeout)
         # When this session's heartbeat key expires at the latest (monotonic; 0: no heartbeat in
         # this session yet): past it, purges may answer 200 without this node.
         self._beat_deadline = 0.0
@@ -233,11 +239,11 @@ class ClusterNode:
         await self._disconnect()
 
     async def _disconnect(self) -> None:
-        for c in (self._redis, self._reader):
+        for c in (self._redis, self._reader, self._beater):
             if c is not None:
                 with contextlib.suppress(Exception):
                     await c.aclose()
-        self._redis = self._reader = None
+        self._redis = self._reader = self._beater = None
         self.connected = False
 
     async def _run(self) -> None:
@@ -307,7 +313,10 @@ class ClusterNode:
         self._tip_read = False
         self._redis = client(s, decode=True)
         self._reader = client(s, decode=True, blocking=BLOCK_MS / 1000)
-        await self._redis.ping()
+        self._beater = client(s, decode=True)
+        # Both connections set up at once (each costs a few round trips); the beats' is up before
+        # the first beat's clock starts.
+        await asyncio.gather(self._redis.ping(), self._beater.ping())
         self.connected = True
         self._set_state("catching-up", "catching up with the cluster's purge stream")
         pubsub = self._redis.pubsub()
@@ -709,7 +718,7 @@ class ClusterNode:
         heartbeat that is renewed means another process runs as this node (NameTaken); one
         that expires unrenewed was a process that died (a restart within its TTL waits for it).
         Once the node serves, another instance's heartbeat is logged (once) and overwritten."""
-        r = self._redis
+        r = self._beater  # used by the beats alone, one at a time: its one connection is up
         assert r is not None
         ttl_ms = int(self._ttl * 1000)
         take = self._named or self._first.is_set()

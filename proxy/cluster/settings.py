@@ -82,7 +82,8 @@ class ClusterSettings:
     required: bool = setting(True, "false: start and serve alone when Redis cannot be reached at start")
     stream_max: int = setting(100_000, "purge stream entries kept (older ones are trimmed)",
                               integer(minimum=100))
-    heartbeat: float = setting(1.0, "how often a node says it is alive (it is gone after 3 missed beats)",
+    heartbeat: float = setting(1.0, "how often a node says it is alive (it is gone after 3 missed beats, "
+                                    "or a beat and two timeouts)",
                                duration(positive=True))
     timeout: float = setting(1.0, "a Redis command slower than this counts as Redis being unreachable",
                              duration(positive=True))
