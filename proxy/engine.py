@@ -222,9 +222,6 @@ class Engine:
     # -- entry point -----------------------------------------------------------------------
 
     async def handle(self, req: ClientRequest) -> Reply:
-        cluster = self.cluster
-        if cluster is not None and cluster.hits_held():
-            await cluster.caught_up()
         head = req.head
         planned = req.planned
         if planned is not None and planned.rules is self.rules:
@@ -241,6 +238,11 @@ class Engine:
             if plan.bypass:
                 return await self._pass(req, plan, fwd="bypass", detail=plan.bypass_detail)
             key = cache_key(head, plan.key)
+        # Only a lookup waits for a node whose heartbeat lapsed (what its tiers hold may have been
+        # purged meanwhile); a pass-through or an unsafe method goes to the origin as it is.
+        cluster = self.cluster
+        if cluster is not None and cluster.hits_held():
+            await cluster.caught_up()
         note_key(key)
         variants = self.storage.memory_get(key)
         nowhere = False  # the key is nowhere, as of this step (no await since)

@@ -3,6 +3,7 @@ standing in for Redis where the test must decide exactly when things happen."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -49,3 +50,37 @@ async def test_an_entry_found_in_the_shared_tier_while_a_purge_of_it_was_applied
     assert (await a.get("/x", headers=site)).body == b"v3"  # fetched, written through
     assert (await b.get("/x", headers=site)).x_cache == "HIT"  # found in the shared tier
     assert (await b.get("/x", headers=site)).body == b"v3" and origin.count("/x") == 3
+
+
+class _Lapsed:
+    """A cluster node whose heartbeat lapsed and that has not caught up yet."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.waited = 0
+
+    def hits_held(self) -> bool:
+        return not self.go.is_set()
+
+    async def caught_up(self) -> None:
+        self.waited += 1
+        await self.go.wait()
+
+
+async def test_only_lookups_wait_for_a_node_whose_heartbeat_lapsed(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=b"ok", headers={"Cache-Control": "max-age=300"})
+
+    origin.route("/x", page)
+    proxy = await make_proxy()
+    lapsed = _Lapsed()
+    proxy.runtime.engine.cluster = lapsed  # type: ignore[assignment]
+    # An unsafe method goes to the origin at once: nothing stored answers it.
+    assert (await asyncio.wait_for(proxy.request("POST", "/x"), 2)).status == 200
+    assert lapsed.waited == 0
+    lookup = asyncio.ensure_future(proxy.get("/x"))
+    await asyncio.sleep(0.2)
+    assert not lookup.done() and lapsed.waited == 1  # a lookup waits until the node caught up
+    lapsed.go.set()
+    assert (await asyncio.wait_for(lookup, 2)).body == b"ok"
