@@ -52,6 +52,19 @@ def test_what_clients_and_origins_sent_cannot_drive_the_operators_terminal() -> 
     assert "https://shop.example/\ufffd[2J\ufffd31m\ufffdevil" in text
 
 
+def test_text_that_cannot_drive_a_terminal_is_shown_as_it_is_and_the_columns_stay() -> None:
+    # A no-break space, a zero-width joiner in an emoji, a Persian zero-width non-joiner, a soft
+    # hyphen, an ideographic space, a left-to-right mark, an emoji newer than Python's database.
+    url = "https://a.example/10\u00a0€/👨\u200d👩/می\u200cخواهم/Sil\u00adben/東\u3000京/שלום\u200e/\U0001fae8"
+    rows = [{"url": url, "requests": 1, "hits": 1, "hit_ratio": 1.0},
+            {"url": url.replace("/10", "/\x1b[2J"), "requests": 1, "hits": 1, "hit_ratio": 1.0}]
+    lines = render({**LIVE, "top_urls": rows}, POINTS, "http://127.0.0.1:8081", 200, 60)
+    kept = [line for line in lines if url in line]
+    assert len(kept) == 1
+    replaced = [line for line in lines if url.replace("/10", "/\ufffd[2J") in line]  # one for one
+    assert len(replaced) == 1 and replaced[0].index(" 1 ") == kept[0].index(" 1 ")  # the columns stay
+
+
 def test_the_screen_shows_rates_latency_storage_upstreams_and_top_lists_within_its_size() -> None:
     lines = render(LIVE, POINTS, "http://127.0.0.1:8081", 100, 40, clock="12:00:00")
     text = "\n".join(lines)
