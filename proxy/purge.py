@@ -23,7 +23,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -274,8 +274,15 @@ class Purger:
 
     async def plan(self, spec: PurgeSpec) -> tuple[set[str], PurgeMatch]:
         """The keys of the spec's URLs (every key shape, as the rules reshape them) and the match
-        that tells any process what the purge covers."""
+        that tells any process what the purge covers.
+
+        Where the purge begins (``since`` on the clock, ``arena_from`` in the shared memory) is
+        taken first, before anything is looked up: the event loop runs between the slices of the
+        lookup, and a fill that completes meanwhile, in any process, after its URL's slice was
+        looked up, is found by no lookup; it lies past ``arena_from``, where every process's half
+        looks (``Storage.purge_local``), as does one that lands on disk after ``since``."""
         since = time.monotonic()
+        arena_from = self.storage.purge_mark()
         rules = self._rules()
         urls: set[str] = set()
         for n, raw in enumerate(spec.urls, 1):
@@ -288,7 +295,8 @@ class Purger:
             keys.update(await self.storage.keys_for_urls(listed[at:at + PURGE_SLICE]))
         keys.update(spec.keys)
         match = PurgeMatch(keys=frozenset(keys), urls=frozenset(urls), prefixes=spec.prefixes,
-                           tags=frozenset(spec.tags), all=spec.all, soft=spec.soft, since=since)
+                           tags=frozenset(spec.tags), all=spec.all, soft=spec.soft, since=since,
+                           arena_from=arena_from)
         return keys, match
 
     async def purge_shared(self, spec: PurgeSpec) -> tuple[int, list[Ban], PurgeMatch]:
@@ -297,8 +305,10 @@ class Purger:
         keys, match = await self.plan(spec)
         count, bans = await self.storage.purge_shared(keys, spec.prefixes, spec.tags, spec.all,
                                                       spec.soft)
-        in_memory, arena_from = await self.storage.purge_memory(match)
-        return max(count, in_memory), bans, replace(match, arena_from=arena_from)
+        # The shared memory's pass goes up to where the purge began, not where it is now: what
+        # was written after that is left to every process's half, which looks from there on.
+        in_memory, _ = await self.storage.purge_memory(match, start=match.arena_from)
+        return max(count, in_memory), bans, match
 
     async def purge(self, spec: PurgeSpec) -> int:
         async with self.storage.purging():

@@ -122,8 +122,9 @@ class PurgeMatch:
     # When the purge began (time.monotonic(), the same clock in every process of the machine):
     # a fill of a covered key that reached the disk after this predates the purge and is undone.
     since: float = 0.0
-    # Where in the shared memory the purge's own pass over it began (``Storage.purge_memory``):
-    # a process finishing the purge looks at what was written from there on (0: everything).
+    # Where the shared memory stood when the purge began, before it looked up any key
+    # (``Purger.plan``): a process finishing the purge looks at what was written from there on
+    # (0: everything).
     arena_from: int = 0
 
     def covers(self, e: Entry) -> bool:

@@ -7,8 +7,9 @@ Purges have two halves, so that several worker processes can share the store:
   bans), and ``purge_memory`` on the machine's shared memory;
 - ``purge_local`` acts in each process: its ban list, the fills it has in flight (a fill
   that was running when the purge arrived is not stored; one being written to disk is
-  waited for and removed again), and what reached the shared memory after the shared half
-  passed over it.
+  waited for and removed again), and what reached the shared memory since the purge began
+  (before it looked up any key: a fill that completes while the purge looks keys up, after
+  its URL was looked up, is found there).
 
 A process that answers ``purge_local`` cannot serve a purged object afterwards: disk reads
 that were running during the purge are done again (``InProgress.epoch``).
@@ -127,14 +128,22 @@ class Purging:
             count += len(found)
         return count, bans
 
-    async def purge_memory(self, match: PurgeMatch) -> tuple[int, int]:
+    def mark(self) -> int:
+        """Where the shared memory stands now (its head): a purge takes this as it begins, before
+        it looks anything up (``purge_memory``'s ``start``)."""
+        return self.t.memory.arena.head
+
+    async def purge_memory(self, match: PurgeMatch, start: int | None = None) -> tuple[int, int]:
         """The shared memory's part of a purge's shared half, once: (keys dropped or marked
-        stale, where in the arena this pass began: the processes finishing the purge look from
-        there on, ``PurgeMatch.arena_from``). Returns once the whole pass is done; the event
-        loop runs between its slices (``SCAN_SLICE``), and what is written meanwhile lies past
-        the pass's start, where ``purge_local`` looks."""
+        stale, ``start``: the processes finishing the purge look from there on,
+        ``PurgeMatch.arena_from``). ``start`` is where the purge began (``mark``, taken before
+        the keys were looked up: what a fill wrote after its key's lookup lies past it); by
+        default, now. Returns once the whole pass is done; the event loop runs between its
+        slices (``SCAN_SLICE``), and what is written meanwhile lies past ``start`` too, where
+        ``purge_local`` looks."""
         m = self.t.memory
-        start = m.arena.head
+        if start is None:
+            start = m.arena.head
         if match.all and not match.soft:
             return m.clear(), start
         count = sum(self.forget_in_memory(k, match.soft) for k in match.keys)

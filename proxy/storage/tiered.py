@@ -258,8 +258,12 @@ class Storage:
                            ) -> tuple[int, list[Ban]]:
         return await self.purges.purge_shared(keys, prefixes, tags, all, soft)
 
-    async def purge_memory(self, match: PurgeMatch) -> tuple[int, int]:
-        return await self.purges.purge_memory(match)
+    def purge_mark(self) -> int:
+        """Where the shared memory stands as a purge begins (``Purging.mark``)."""
+        return self.purges.mark()
+
+    async def purge_memory(self, match: PurgeMatch, start: int | None = None) -> tuple[int, int]:
+        return await self.purges.purge_memory(match, start)
 
     async def purge_local(self, match: PurgeMatch, bans: Iterable[Ban] = ()) -> int:
         return await self.purges.purge_local(match, bans)

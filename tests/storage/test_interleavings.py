@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from proxy.purge import Purger, PurgeSpec, match_from_json, match_to_json
+from proxy.rules import RuleSet
 from proxy.storage import upkeep
 from proxy.storage.arena import F_PERSISTED, Arena
 from proxy.storage.bans import PurgeMatch
@@ -267,5 +269,63 @@ def test_a_put_whose_view_of_another_variant_died_meanwhile_keeps_that_variants_
             assert await s.open_body(c) == bodies[c.entry.response.vary]
         assert len(await s.get(K)) == 3
         s.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("filler", ["the purging process", "another worker"])
+def test_a_fill_that_completes_after_its_url_was_looked_up_does_not_outlive_the_purge(
+        tmp_path: Path, filler: str, soft: bool) -> None:
+    """A purge by URL looks the URLs' keys up a slice at a time, the event loop running in
+    between. A fill of a URL whose slice was already looked up (its response from before the
+    purge) completed right then: no step of the purge found it, and after the purge answered
+    it was served as a fresh hit, and written behind to disk."""
+    path = str(tmp_path / "c")
+
+    async def main() -> None:
+        sup = open_store(path)  # the only process, or the supervisor with workers
+        worker = sup if filler == "the purging process" else Storage(
+            MemoryTier(8 * MB, 64 * 1024, arena=sup.memory.arena), DiskTier(path, 64 * MB, 2),
+            UrlTagIndex(path), max_object=16 * MB)
+        real = sup.purges.keys_for_urls
+        filled: list[bool] = []
+
+        async def looked_up_then_filled(urls: Any) -> set[str]:
+            urls = list(urls)
+            keys = await real(urls)
+            if K in urls:  # K's slice is looked up (nothing of K stored yet): the fill completes
+                filled.append(await store(worker, entry(K), b"from before the purge", flush=False))
+                filled.append(sup.memory.peek(K) is not None)
+            return keys
+
+        sup.purges.keys_for_urls = looked_up_then_filled  # type: ignore[method-assign]
+        purger = Purger(sup, RuleSet)
+        spec = PurgeSpec(urls=("http://h.test/other", K), soft=soft)
+        if worker is sup:
+            await purger.purge(spec)
+        else:  # as the supervisor does it (``Supervisor.purge_here``)
+            async with sup.purging():
+                _, bans, match = await purger.purge_shared(spec)
+                await sup.purge_local(match, bans)
+                await worker.purge_local(match_from_json(match_to_json(match)), bans)
+        assert filled == [True, True]
+        for s in (sup, worker):
+            variants = await s.get(K)
+            if soft:
+                assert variants and all(c.entry.response.invalidated for c in variants)
+            else:
+                assert variants == ()
+        await sup.flush()  # write-behind does not bring it back either
+        if worker is not sup:
+            worker.close()
+        sup.close()
+        fresh = open_store(path)  # a restart: the disk only
+        variants = await fresh.get(K)
+        if soft:
+            assert variants and all(c.entry.response.invalidated for c in variants)
+        else:
+            assert variants == ()
+        fresh.close()
 
     asyncio.run(main())
