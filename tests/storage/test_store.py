@@ -200,8 +200,9 @@ async def test_a_purge_waits_for_a_disk_write_in_progress_and_removes_it(disk_st
     writing = asyncio.ensure_future(disk_store.put_disk(final, spool))
     await asyncio.sleep(0)  # the write has started in the executor
     assert disk_store.work.writes
+    since = time.monotonic()  # as the purger takes it: a write that ends during the shared half is late
     _, bans = await disk_store.purge_shared([KEY], tags=["t"])
-    await disk_store.purge_local(PurgeMatch(keys=frozenset({KEY}), tags=frozenset({"t"})), bans)
+    await disk_store.purge_local(PurgeMatch(keys=frozenset({KEY}), tags=frozenset({"t"}), since=since), bans)
     await writing
     assert await disk_store.get(KEY) == ()
     assert disk_store.disk is not None and not disk_store.disk.has(KEY)
