@@ -81,19 +81,67 @@ class HeadTimedHandler(RequestHandler):
 class CappedHandler(HeadTimedHandler):
     """A connection of the admin listener, which keeps at most ``max_connections`` open: when one
     more comes, the oldest one that is only waiting for its client (``waits_for_client``: idle, a
-    head unfinished, a body still coming) is closed to make room, else the new one. So
-    connections someone opens by the hundred, without a token, cannot run the process out of
-    file descriptors, nor lock out a client that comes later: only a request that arrived whole
-    and is being answered keeps its place. A request aiohttp's parser refuses is answered like
-    every admin error, ``{"error": "..."}`` (``handle_error``)."""
+    head unfinished, a body still coming, a reply the client does not read) is closed to make
+    room, else the new one. So connections someone opens by the hundred, without a token, cannot
+    run the process out of file descriptors, nor lock out a client that comes later: only a
+    request that arrived whole and is being answered to a client that reads keeps its place. A
+    reply whose writes stay paused (the client reads nothing) for ``send_timeout`` seconds has
+    its connection aborted (nginx: ``send_timeout``). A request aiohttp's parser refuses is
+    answered like every admin error, ``{"error": "..."}`` (``handle_error``)."""
 
-    __slots__ = ("_max_connections", "_server_header")
+    __slots__ = ("_max_connections", "_send_handle", "_send_timeout", "_server_header")
 
     def __init__(self, manager: web.Server, *, max_connections: int, server_header: Callable[[], str],
-                 **kwargs: Any) -> None:
+                 send_timeout: float = 0.0, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._max_connections = max_connections
         self._server_header = server_header  # the operator's Server field, not aiohttp's
+        self._send_timeout = send_timeout
+        self._send_handle: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_handle is None and self._send_timeout > 0:
+            self._send_handle = self._loop.call_later(self._send_timeout, self._send_expired)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send_ended()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._send_ended()
+        super().connection_lost(exc)
+
+    def _send_ended(self) -> None:
+        handle = self._send_handle
+        if handle is not None:
+            handle.cancel()
+            self._send_handle = None
+
+    def _send_expired(self) -> None:
+        self._send_handle = None
+        if not self.not_reading():
+            return
+        log.debug("a reply to %s could not be sent for %gs (the client reads nothing): connection "
+                  "aborted", self.peername, self._send_timeout)
+        self.drop()
+
+    def not_reading(self) -> bool:
+        """Replies are waiting for the client to read: the transport paused writing, or holds
+        more than its high-water mark."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if self.writing_paused:
+            return True
+        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+    def drop(self) -> None:
+        """Close the connection now. One whose client reads nothing is aborted: a plain close
+        waits for the write buffer to drain, which would keep its file descriptor for good."""
+        if self.not_reading() and self.transport is not None:
+            self.transport.abort()
+        self.force_close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -109,15 +157,19 @@ class CappedHandler(HeadTimedHandler):
             if other is not self and other.waits_for_client():
                 log.debug("more than %d connections: the oldest waiting for a request, from %s, "
                           "closed", self._max_connections, other.peername)
-                other.force_close()
+                other.drop()
                 return
         log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
         self.force_close()
 
     def waits_for_client(self) -> bool:
         """Nothing to answer yet, or nothing more to answer: no request, or one whose body is
-        still coming (a login whose body never comes, too). Not a request that arrived whole and
-        is being answered (a purge, a reload)."""
+        still coming (a login whose body never comes, too), or replies the client does not read
+        (pipelined requests from a client that reads nothing: a reply stuck writing is not being
+        answered, it waits for the client). Not a request that arrived whole and is being
+        answered (a purge, a reload)."""
+        if self.not_reading():
+            return True
         if not self._request_in_progress:  # (set from the handler's call to the reply's end)
             return True
         request = self._current_request
@@ -151,15 +203,17 @@ class CappedServer(web.Server):
     ``server_header`` are read at each new connection (or answer), so a reload applies."""
 
     def __init__(self, handler: Any, *, head_timeout: Callable[[], float], max_connections: int,
-                 server_header: Callable[[], str], **kwargs: Any) -> None:
+                 server_header: Callable[[], str], send_timeout: float = 0.0, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._head_timeout_of = head_timeout
         self._max = max_connections
         self._server_header = server_header
+        self._send_timeout = send_timeout
 
     def __call__(self) -> RequestHandler:
         return CappedHandler(self, loop=self._loop, head_timeout=float(self._head_timeout_of()),
-                             max_connections=self._max, server_header=self._server_header, **self._kwargs)
+                             max_connections=self._max, server_header=self._server_header,
+                             send_timeout=self._send_timeout, **self._kwargs)
 
 
 __all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler"]

@@ -182,9 +182,12 @@ async def start_admin_listener(runtime: Runtime, settings: Settings,
 # ADMIN_KEEPALIVE seconds, and at most ADMIN_MAX_CONNECTIONS are open at once (the oldest that
 # only waits for its client makes room for a new one: ``CappedHandler``). Without them, a few
 # hundred connections that never finished a request held as many file descriptors for an hour,
-# and the client listener could accept nothing once the process ran out.
+# and the client listener could accept nothing once the process ran out. A reply the client
+# does not read for ADMIN_SEND_TIMEOUT seconds (its writes paused all along) has its connection
+# aborted: 64 connections pipelining requests and reading nothing otherwise held every place.
 ADMIN_KEEPALIVE = 30.0
 ADMIN_MAX_CONNECTIONS = 64
+ADMIN_SEND_TIMEOUT = 30.0
 # The request line (method, URL, version): a URL to inspect (/cache?url=, /explain?url=&headers=)
 # may be long; aiohttp's default, 8,190 bytes, refused some that the client listener serves.
 ADMIN_MAX_LINE = 64 * 1024
@@ -199,7 +202,7 @@ class AdminRunner(web.AppRunner):
         return CappedServer(server.request_handler, request_factory=server.request_factory,
                             handler_cancellation=server.handler_cancellation, loop=server._loop,
                             head_timeout=lambda: runtime.settings.client_header_timeout,
-                            max_connections=ADMIN_MAX_CONNECTIONS,
+                            max_connections=ADMIN_MAX_CONNECTIONS, send_timeout=ADMIN_SEND_TIMEOUT,
                             server_header=lambda: runtime.settings.server_header, **server._kwargs)
 
 

@@ -5,14 +5,18 @@ A request head sent a few bytes at a time or never finished (slowloris) is close
 public) is answered 408 after ``client_body_timeout``, and at most ``ADMIN_MAX_CONNECTIONS``
 connections are open at once, the oldest idle one closed to make room: a few hundred idle
 connections held as many file descriptors for an hour, until the client listener could accept
-nothing.
+nothing. A connection whose client reads none of its replies is waiting for its client too
+(it makes room; its replies are aborted after ``ADMIN_SEND_TIMEOUT``): 64 connections
+pipelining the public console page and reading nothing locked the operator out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -139,3 +143,74 @@ async def test_an_admin_client_that_hangs_up_mid_body_is_not_an_error(
     assert not [r for r in records if r.levelno > logging.INFO or r.exc_info], \
         [(r.name, r.levelname, r.getMessage()) for r in records]
     assert any("went away" in r.getMessage() for r in records), [r.getMessage() for r in records]
+
+
+def unread_pipeliner(host: str, port: int, path: str) -> socket.socket:
+    """A connection with a small receive buffer that will pipeline ``GET path`` and read nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+def admin_connections(proxy: Proxy) -> list[Any]:
+    """The admin listener's open connections (a copy, taken now)."""
+    return list(proxy.listeners.runners[-1].server.connections)  # type: ignore[union-attr]
+
+
+async def fill_unread(proxy: Proxy, socks: list[socket.socket], path: str) -> list[Any]:
+    """Pipeline ``GET path`` on each of ``socks`` until the admin listener's connection for each
+    is paused for writing (its client reads nothing): those connections."""
+    for _ in range(200):
+        if len(admin_connections(proxy)) >= len(socks):
+            break
+        await asyncio.sleep(0.01)
+    for handler in admin_connections(proxy):  # small kernel buffers: a few replies fill them
+        handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() * 40
+    for sock in socks:
+        sock.send(request)  # a couple of KiB: the kernel takes them whole
+    for _ in range(500):
+        conns = admin_connections(proxy)
+        if len(conns) >= len(socks) and all(h.writing_paused for h in conns):
+            return conns
+        await asyncio.sleep(0.01)
+    raise AssertionError("the listener did not stop writing to clients that read nothing")
+
+
+async def test_clients_that_pipeline_and_never_read_do_not_lock_the_operator_out(
+        make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every place taken by a connection pipelining the public console page and reading nothing:
+    # a reply stuck writing waits for its client, so the oldest makes room for the operator.
+    monkeypatch.setattr(server, "ADMIN_MAX_CONNECTIONS", 8)
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    host, port = proxy.listeners.admin_addresses[0]
+    socks = [unread_pipeliner(host, port, "/") for _ in range(8)]
+    try:
+        await fill_unread(proxy, socks, "/console/static/console.js")
+        for _ in range(3):
+            async with aiohttp.ClientSession() as s, \
+                    s.get(proxy.admin_url + "/stats", headers={"Authorization": f"Bearer {TOKEN}"},
+                          timeout=aiohttp.ClientTimeout(total=5)) as r:
+                assert r.status == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_a_reply_the_client_never_reads_is_aborted_after_the_send_timeout(
+        make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "ADMIN_SEND_TIMEOUT", 0.5)
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    host, port = proxy.listeners.admin_addresses[0]
+    socks = [unread_pipeliner(host, port, "/")]
+    try:
+        await fill_unread(proxy, socks, "/")
+        for _ in range(300):  # gone (file descriptor and all), not just marked closed
+            if not admin_connections(proxy):
+                break
+            await asyncio.sleep(0.01)
+        assert not admin_connections(proxy), "a connection whose client reads nothing was kept"
+    finally:
+        socks[0].close()
