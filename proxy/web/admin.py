@@ -163,10 +163,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         access = console_access(request, token)  # the console's page, or a logged-in browser
         if access in ("public", "session"):
             return await handler(request)
-        if access == "csrf":
-            return json_error(403, f"missing or wrong {CSRF_HEADER} header for this console session: "
-                                   "every call needs the session's secret (the login answer's csrf) "
-                                   "with the cookie; the cookie alone opens nothing")
+        if access == "csrf":  # 401, not 403: the console tab shows its login (another tab's
+            # login replaced this browser's one cookie, so this tab's secret opens nothing now)
+            return web.json_response(
+                {"error": f"missing or wrong {CSRF_HEADER} header for this console session: every "
+                          "call needs the session's secret (the login answer's csrf) with the cookie; "
+                          "the cookie alone opens nothing"},
+                status=401, headers={"WWW-Authenticate": 'Bearer realm="cachegate"'})
         runtime.metrics.admin_unauthorized.inc()
         return web.json_response({"error": "admin token required: Authorization: Bearer <token>"},
                                  status=401, headers={"WWW-Authenticate": 'Bearer realm="cachegate"'})

@@ -122,7 +122,7 @@ async def test_the_session_cookie_alone_opens_nothing_not_even_a_get(locked: Pro
         for path in ("/console/api/live", "/stats", "/metrics", "/upstreams",
                      f"/cache?url={absolute(locked, '/keep')}"):
             reply = await locked.admin("GET", path, headers={**cookie, **headers})
-            assert reply.status == 403 and "X-CSRF-Token" in js(reply)["error"], (path, reply.body)
+            assert reply.status == 401 and "X-CSRF-Token" in js(reply)["error"], (path, reply.body)
     assert (await locked.admin("GET", "/stats", headers={**cookie, "X-CSRF-Token": csrf})).status == 200
 
 
@@ -133,14 +133,14 @@ async def test_every_state_changing_call_needs_the_sessions_csrf_token(locked: P
     url = absolute(locked, "/keep")
     for headers in ({}, {"X-CSRF-Token": "wrong"}, {"X-CSRF-Token": ""}):
         reply = await locked.admin("POST", "/purge", json={"urls": [url]}, headers={**cookie, **headers})
-        assert reply.status == 403 and "X-CSRF-Token" in js(reply)["error"]
-        assert (await locked.admin("POST", "/reload", json={}, headers={**cookie, **headers})).status == 403
-        assert (await locked.admin("POST", "/console/api/logout", headers={**cookie, **headers})).status == 403
+        assert reply.status == 401 and "X-CSRF-Token" in js(reply)["error"]
+        assert (await locked.admin("POST", "/reload", json={}, headers={**cookie, **headers})).status == 401
+        assert (await locked.admin("POST", "/console/api/logout", headers={**cookie, **headers})).status == 401
     assert (await locked.get("/keep")).x_cache == "HIT"  # nothing was purged
     _, other_csrf = await login(locked)
     assert other_csrf != csrf  # one session's token does not open another's
     reply = await locked.admin("POST", "/purge", json={"urls": [url]}, headers={**cookie, "X-CSRF-Token": other_csrf})
-    assert reply.status == 403
+    assert reply.status == 401
     reply = await locked.admin("POST", "/purge", json={"urls": [url]}, headers={**cookie, "X-CSRF-Token": csrf})
     assert reply.status == 200 and js(reply)["purged"] == 1
     assert (await locked.get("/keep")).x_cache == "MISS"
@@ -247,4 +247,4 @@ async def test_a_csrf_header_that_is_not_utf8_is_refused_not_an_error(locked: Pr
                  + b"X-CSRF-Token: \xff\xfe\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
     answer = await reader.read()
     writer.close()
-    assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]

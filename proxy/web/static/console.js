@@ -44,7 +44,11 @@ async function api(method, path, body) {
   const type = response.headers.get("Content-Type") || "";
   if (type.includes("json")) data = await response.json();
   if (!response.ok) {
-    if (response.status === 401 && !path.startsWith("/console/api/login")) showLogin();
+    if (response.status === 401 && !path.startsWith("/console/api/login")) {
+      // This tab had a session: another tab's login (or logout) replaced the browser's cookie.
+      showLogin(state.csrf ? "this browser logged in again elsewhere (another tab or window), or "
+        + "the session ended: log in again" : "");
+    }
     throw new ApiError(response.status, data);
   }
   return data;
@@ -448,9 +452,10 @@ function keptSecret() {
   try { return sessionStorage.getItem(SECRET_KEY); } catch (err) { return null; }
 }
 
-function showLogin() {
+function showLogin(why = "") {
   clearTimeout(state.timer);
   keepSecret(null);
+  $("login-error").textContent = why;
   $("dashboard").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
