@@ -256,6 +256,7 @@ class Supervisor:
         self._ports: tuple[int, ...] = tuple(li.port for li in settings.listeners)  # as reserved
         self._port_locks: list[HeldLock] = []  # one per reserved address, held while running
         self._config: ConfigCopy | None = None  # what workers read (None: the file itself)
+        self._uncommitted: str | None = None  # why the last reload's copy could not be written
         self._tasks: set[asyncio.Task[Any]] = set()
         # Calls the workers may make to the supervisor, by name (features add their own);
         # each gets the calling worker's id as ``worker_id`` besides the call's arguments.
@@ -770,9 +771,13 @@ class Supervisor:
     async def reload(self, reloader: Reloader) -> ReloadResult:
         """Re-read the config here (validating it), then in every worker (SIGHUP, POST /reload).
 
-        The answer is the supervisor's own reload; the workers follow within moments (each
-        reads the copy of the config and rule files this reload validated, ``ConfigCopy``; a
-        worker that rejects them logs why and keeps its config)."""
+        Each worker loads the copy of the config and rule files this reload validated and
+        committed (``ConfigCopy``), named in the call (the copy's directory may have moved since
+        the worker started: ``ConfigCopy.current``). The answer comes once every worker has
+        answered: a worker that did not apply the new config (it rejected it, failed or ended
+        meanwhile) makes it a failed reload whose problems name that worker, since it keeps
+        serving the config it ran; the supervisor and the workers that applied it run the new
+        one."""
         # The service manager hears of a reload only once the start-up said READY (a SIGHUP
         # held during the start-up is replayed before it): RELOADING=1, then READY=1 when
         # every worker answered its reload.
@@ -780,11 +785,15 @@ class Supervisor:
         if serving is not None:
             self._reloading += 1
             self.notifier.reloading()
-        result = await self._reload_here(reloader)
-        if result.ok:
-            self._track(self._reload_workers(serving))
-        elif serving is not None:
-            self._reloaded(serving, result.problems)
+        problems = ["the reload failed"]
+        try:
+            result = await self._reload_here(reloader)
+            if result.ok:
+                result = replace(result, problems=await self._reload_workers(result.problems))
+            problems = result.problems
+        finally:
+            if serving is not None:
+                self._reloaded(serving, problems)
         return result
 
     def _reloaded(self, serving: str, problems: list[str]) -> None:
@@ -797,7 +806,8 @@ class Supervisor:
     async def _reload_here(self, reloader: Reloader) -> ReloadResult:
         """Load (compiled in a thread: the loop keeps pinging the workers) and commit what was
         loaded to the copy, one reload at a time, so that the copy is always the config that
-        runs here."""
+        runs here. A copy that cannot be written fails the workers' half (``_reload_workers``):
+        they would load the copy as it was."""
         async with self._reload_turn:
             result = await reloader.reload()
             copy, runtime = self._config, self.runtime
@@ -805,28 +815,40 @@ class Supervisor:
                 try:
                     copy.commit(dict(runtime.settings.sources))  # before the workers reload: they read it
                 except OSError as exc:
-                    log.error("cannot update the workers' copy of the config (%s); a worker "
-                              "restarted now runs the config loaded before this reload",
-                              exc.strerror or exc)
+                    why = exc.strerror or str(exc)
+                    log.error("cannot update the workers' copy of the config (%s); the workers keep "
+                              "the config loaded before this reload", why)
+                    self._uncommitted = f"cannot write the workers' copy of the config: {why}"
+                else:
+                    self._uncommitted = None
             return result
 
-    async def _reload_workers(self, serving: str | None = None) -> None:
-        """Every worker's reload, in turn; then READY=1 for the reload ``serving`` announced."""
-        problems: list[str] = []
+    async def _reload_workers(self, problems: list[str]) -> list[str]:
+        """Every worker's reload, in turn, from the copy as it is now: ``problems`` plus one
+        for each worker that did not apply it (it keeps the config it ran)."""
+        problems = list(problems)
+        path: str | None = self.config_path
+        if self._config is not None:
+            try:
+                path = self._config.current()  # written again if a cleaner removed it
+            except OSError as exc:
+                self._uncommitted = f"cannot write the workers' copy of the config: {exc.strerror or exc}"
         for w in self.workers:
             if w.channel is None:
+                continue  # not running: it loads the copy when it starts
+            if self._uncommitted is not None:
+                problems.append(f"worker {w.worker_id} did not reload: {self._uncommitted}")
                 continue
             try:
-                answer = await w.channel.call("reload", wait=30)
+                answer = await w.channel.call("reload", wait=30, config=path)
             except Exception as exc:
                 log.error("worker %d: reload failed: %s", w.worker_id, exc)
-                problems.append(f"worker {w.worker_id}: reload failed: {exc}")
+                problems.append(f"worker {w.worker_id} did not reload: {str(exc) or type(exc).__name__}")
                 continue
             for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
-                problems.append(f"worker {w.worker_id}: {p}")
-        if serving is not None:
-            self._reloaded(serving, problems)
+                problems.append(f"worker {w.worker_id} rejected the reload and keeps its config: {p}")
+        return problems
 
     def _notify_worker(self, worker_id: int, event: dict[str, Any]) -> None:
         """Tell a worker how another worker's fetch of a key it waits for went (no answer needed)."""

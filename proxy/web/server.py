@@ -362,8 +362,12 @@ class Reloader:
         _hold_for_tests()
         return load_config(self.path, self.overrides, running_admin=running_admin, display=self.display)
 
-    async def reload(self) -> ReloadResult:
+    async def reload(self, path: str | None = None) -> ReloadResult:
+        """``path``: the file to read from now on (a worker's supervisor names the copy it just
+        committed: ``proxy.supervisor.ConfigCopy`` may have moved since the worker started)."""
         async with self._turn:
+            if path is not None:
+                self.path = path
             try:
                 # The token of a listener that only a restart moves is checked where it listens now.
                 new = await asyncio.to_thread(self._load, self._current().admin.listen)
@@ -600,8 +604,8 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
         return await runtime.storage.purge_local(match_from_json(match),
                                                  [Ban.from_json(b) for b in bans])
 
-    async def reload() -> dict[str, Any]:
-        result = await reloader.reload()
+    async def reload(config: str | None = None) -> dict[str, Any]:
+        result = await reloader.reload(config)  # the supervisor's copy as it committed it
         return {"problems": result.problems, "restart_required": result.restart_required}
 
     async def ping() -> dict[str, Any]:

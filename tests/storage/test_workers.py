@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -409,6 +410,74 @@ async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_
         shutil.rmtree(os.path.dirname(copy))
         await restart_worker_1()
         assert len(await _until_each_worker(proxy, "/h", 2, good("after", "after"))) == 2
+    finally:
+        assert await proxy.stop() == 0
+
+
+def _copy_of(pid: int) -> str:
+    """The config copy a worker was started with (its ``--config``)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    return argv[argv.index(b"--config") + 1].decode()
+
+
+async def test_a_reload_after_a_cleaner_removed_the_copy_reaches_every_worker(
+        origin: Origin, tmp_path: Path) -> None:
+    """A temporary-file cleaner removed the workers' copy of the config, whose directory moves
+    then: each worker reloads from the copy the reload committed (named in the call), not the
+    path it was started with, and the answer comes once every worker has applied it."""
+    origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, "via: before\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        started_with = _copy_of(proxy.workers[0])
+        assert _copy_of(proxy.workers[1]) == started_with
+        shutil.rmtree(os.path.dirname(started_with))
+        write_config(str(tmp_path), origin.url, CACHE, "via: after\n")
+        reply = await proxy.admin("POST", "/reload")
+        assert reply.status == 200, reply.body
+        for _ in range(20):  # already everywhere
+            assert "1.1 after" in (await proxy.get("/h")).headers["Via"]
+        assert len(await _until_each_worker(proxy, "/h", 2, lambda r: "1.1 after" in r.headers["Via"])) == 2
+        assert proxy.process is not None
+        pid = proxy.process.pid
+        copies = [n for n in os.listdir(os.path.dirname(os.path.dirname(started_with)))
+                  if n.startswith(f"cachegate-config-{pid}-")]
+        assert len(copies) == 1  # one copy per supervisor
+    finally:
+        assert await proxy.stop() == 0
+
+
+async def test_a_reload_a_worker_did_not_apply_is_answered_as_failed_naming_the_worker(
+        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy vanishes while worker 1 is about to read it (held by the test hook before it
+    loads): worker 0 and the supervisor run the new config, worker 1 keeps the old one, and the
+    answer says so instead of {"reloaded": true}."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv("CACHEGATE_RELOAD_HOLD", str(hold))
+    origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, "via: before\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        assert proxy.process is not None
+        write_config(str(tmp_path), origin.url, CACHE, "via: after\n")
+        reply = asyncio.ensure_future(proxy.admin("POST", "/reload"))
+        for pid in (proxy.process.pid, proxy.workers[0], proxy.workers[1]):
+            marker = hold / f"{pid}.held"
+            await proxy.wait_for(marker.exists, wait=20)
+            if pid == proxy.workers[1]:
+                shutil.rmtree(os.path.dirname(_copy_of(pid)))
+            marker.unlink()
+        answer = await reply
+        assert answer.status == 400, answer.body
+        problems = json.loads(answer.body)["problems"]
+        assert len(problems) == 1 and problems[0].startswith("worker 1 "), problems
+        assert "cannot read the supervisor's copy" in problems[0]
+        seen = await _until_each_worker(proxy, "/h", 2, lambda r: True)
+        assert "1.1 after" in seen["0"].headers["Via"] and "1.1 before" in seen["1"].headers["Via"]
     finally:
         assert await proxy.stop() == 0
 
