@@ -171,10 +171,15 @@ class ConfigCopy:
             if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
                 return
         except OSError:
-            pass
+            st = None
+        old = self.directory
         self.directory = tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-")
         self.path = os.path.join(self.directory, "config.snapshot")
         self.staged = os.path.join(self.directory, "config.snapshot.next")
+        # One copy per supervisor: what is left of the old one goes (this user's directory
+        # only; another's, in a sticky temporary directory, could not be removed anyway).
+        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(old, ignore_errors=True)
 
     def commit(self, files: Mapping[str, bytes]) -> None:
         """The files a reload loaded good become what workers load (before they reload)."""
