@@ -69,7 +69,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from proxy.explain import ExplainRequest, explain, parse_header
 
-    settings = load_settings(args.config, Overrides())
+    settings = load_settings(args.config, Overrides(), machine="no")
     if settings is None:
         return EXIT_CONFIG
     try:
@@ -220,7 +220,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if args.proxy:
         proxy = args.proxy
     elif args.config:
-        settings = load_settings(args.config, Overrides())
+        settings = load_settings(args.config, Overrides(), machine="no")
         if settings is None:
             return EXIT_CONFIG
         # A plain listener if there is one; a wildcard listen address is reached on loopback.
@@ -277,7 +277,7 @@ def _admin_of(args: argparse.Namespace, command: str) -> tuple[str, str | None] 
     if args.admin:
         return args.admin, token
     if args.config:
-        settings = load_settings(args.config, Overrides())
+        settings = load_settings(args.config, Overrides(), machine="no")
         if settings is None:
             return EXIT_CONFIG
         if settings.admin.listen is None:
@@ -305,7 +305,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     if args.admin:
         base = args.admin
     else:
-        settings = load_settings(args.config, Overrides())
+        settings = load_settings(args.config, Overrides(), machine="no")
         if settings is None:
             return EXIT_CONFIG
         if settings.admin.listen is None:

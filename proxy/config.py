@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from proxy.cluster.settings import ClusterSettings
 from proxy.errors import ConfigError
@@ -139,8 +140,18 @@ def _line(root: Src, *path: str) -> tuple[str, int]:
     return at
 
 
+# Whether a load checks the config against this machine (``cache.memory`` against its memory,
+# ``cache.disk.size`` against its filesystem): "start" where the shared memory and the cache
+# directory are made (``cachegate check``, the start of a supervisor or a single process);
+# "reload" there on a reload, which changes neither (what would refuse a start only warns);
+# "no" in a worker, which maps what its supervisor made (its start and its reloads), and in
+# commands that only read the config: a machine that reports less memory since must not stop
+# a running instance's workers from starting again.
+MachineCheck = Literal["start", "reload", "no"]
+
+
 def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
-           running_admin: HostPort | None = None) -> None:
+           running_admin: HostPort | None = None, machine: MachineCheck = "start") -> None:
     """Problems that involve several fields, each reported at the line of the field concerned
     (or the command line, when an override set it)."""
     configured = root.value.get("upstreams") if isinstance(root.value, dict) else None
@@ -149,8 +160,9 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
     if not s.upstreams and not o.upstreams and not entries:
         problems.add(_line(root, "upstreams"),
                      "no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL")
-    _check_disk_room(s, problems, root)
-    _check_memory(s, problems, root)
+    if machine != "no":
+        _check_disk_room(s, problems, root)
+        _check_memory(s, problems, root, machine)
     _check_stores_something(s, problems, root)
     _check_addresses(s, problems, root, o)
     _check_running_admin(s, problems, root, running_admin)
@@ -183,21 +195,24 @@ def _check_disk_room(s: Settings, problems: Problems, root: Src) -> None:
                   "(and a start on the full filesystem); set it below what that filesystem can spare")
 
 
-def _check_memory(s: Settings, problems: Problems, root: Src) -> None:
+def _check_memory(s: Settings, problems: Problems, root: Src, machine: MachineCheck = "start") -> None:
     """``cache.memory`` is one shared mapping, made at start: more than the machine's memory and
-    swap together cannot be mapped (a problem); more than its memory alone maps, but the
-    kernel pages it out to swap (every hit a page fault) or ends the process once it fills (a
-    warning)."""
-    machine = machine_memory()
-    if machine is None:
+    swap together cannot be mapped (a problem; on a reload, which does not map it again, a
+    warning for the next start); more than its memory alone maps, but the kernel pages it out
+    to swap (every hit a page fault) or ends the process once it fills (a warning)."""
+    memory = machine_memory()
+    if memory is None:
         return
-    ram, swap = machine
+    ram, swap = memory
     budget = s.cache.memory
     if budget <= ram:
         return
     at = _line(root, "cache", "memory")
     has = f"this machine has {human_size(ram)} of memory and {human_size(swap)} of swap"
-    if budget > ram + swap:
+    if budget > ram + swap and machine == "reload":
+        problems.warn(at, f"cache.memory {human_size(budget)} is more than {has}: its shared memory "
+                          "could not be mapped at the next start; set it lower")
+    elif budget > ram + swap:
         problems.add(at, f"cache.memory {human_size(budget)} is more than {has}: its shared memory "
                          "cannot be mapped; set it lower")
     else:
@@ -292,7 +307,8 @@ def base_cache_options(s: Settings) -> CacheOptions:
 
 
 def load_config(path: str | None, overrides: Overrides | None = None, *,
-                running_admin: HostPort | None = None, display: str | None = None) -> Settings:
+                running_admin: HostPort | None = None, display: str | None = None,
+                machine: MachineCheck = "start") -> Settings:
     """Load and validate; raise ConfigError with every ``FILE:LINE: message`` found.
 
     ``running_admin`` is the admin listener of a process that reloads: it keeps listening there
@@ -300,7 +316,8 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
     that ``path`` holds a snapshot of (``proxy.yamlsrc.dump_snapshot``: a supervisor's workers
     load the config and rule files as it last loaded them good, ``ConfigCopy``): it is loaded
     from the snapshot's bytes alone, messages name it, and relative paths in it are relative to
-    its directory. The settings keep the bytes of every file read (``Settings.sources``)."""
+    its directory. ``machine``: whether the config is checked against this machine
+    (``MachineCheck``). The settings keep the bytes of every file read (``Settings.sources``)."""
     problems = Problems()
     overrides = overrides or Overrides()
     sources = Sources()
@@ -322,7 +339,7 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
         base_dir = os.path.dirname(os.path.abspath(path))
     settings = read_settings(root, Context(problems, base_dir, sources=sources))
     settings = _apply_overrides(settings, overrides, problems)
-    _check(settings, problems, root, overrides, running_admin)
+    _check(settings, problems, root, overrides, running_admin, machine)
     files = [(f, os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f)
              for f in settings.rule_files if sources.why_not(f) is None]
     rules = load_rules(files, base_cache_options(settings), problems, sources)
@@ -370,6 +387,11 @@ rule files have their own reference, [rules.md](rules.md).
   nothing on purpose, write a rule with `bypass: true`) and a `cache.memory` bigger than the
   machine's memory and swap together; a `cache.memory` bigger than its memory alone, and a
   `cache.disk.size` bigger than the whole filesystem under `cache.disk.path`, are warnings.
+  The checks against this machine are made by `cachegate check` and when `cachegate run`
+  starts (the process that makes the shared memory and the cache directory), not by the
+  workers it starts nor restarts, which use what it made; a reload only warns (the cache
+  tiers change at a restart), so a machine that reports less memory since (a `swapoff`, a
+  balloon driver) never keeps a running instance's workers from starting again.
 """
 
 

@@ -77,11 +77,15 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-def machine_memory(meminfo: str = "/proc/meminfo") -> tuple[int, int] | None:
-    """(RAM, swap) of this machine in bytes, from ``/proc/meminfo``; None where there is none."""
+MEMINFO = "CACHEGATE_MEMINFO"  # for tests, as CACHEGATE_READY_TIMEOUT: another /proc/meminfo
+
+
+def machine_memory(meminfo: str | None = None) -> tuple[int, int] | None:
+    """(RAM, swap) of this machine in bytes, from ``/proc/meminfo``; None where there is none.
+    It is the machine's, not a cgroup's limit (``memory.max``): a container's may be lower."""
     found: dict[str, int] = {}
     try:
-        with open(meminfo) as f:
+        with open(meminfo or os.environ.get(MEMINFO) or "/proc/meminfo") as f:
             for line in f:
                 name, _, rest = line.partition(":")
                 if name in ("MemTotal", "SwapTotal"):

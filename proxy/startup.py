@@ -15,7 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from proxy.config import Overrides, Settings, load_config
+from proxy.config import MachineCheck, Overrides, Settings, load_config
 from proxy.errors import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -47,11 +47,11 @@ def start_logging(level: str, worker: str | None = None) -> None:
 
 
 def load_settings(path: str | None, overrides: Overrides, *, warn: bool = False,
-                  display: str | None = None) -> Settings | None:
+                  display: str | None = None, machine: MachineCheck = "start") -> Settings | None:
     """The settings, or None after printing every problem (and, with ``warn``, every warning);
-    ``display`` as for ``load_config``."""
+    ``display`` and ``machine`` as for ``load_config``."""
     try:
-        settings = load_config(path, overrides, display=display)
+        settings = load_config(path, overrides, display=display, machine=machine)
     except ConfigError as exc:
         for line in exc.problems + (exc.warnings if warn else []):
             print(line, file=sys.stderr)

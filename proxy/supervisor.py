@@ -979,7 +979,10 @@ def _worker_main(argv: list[str]) -> int:
     for name in ("upstreams", "listen"):  # JSON lists back to tuples
         raw[name] = tuple(raw.get(name) or ())
     overrides = Overrides(**raw)
-    settings = load_settings(args.config, overrides, display=args.config_as)
+    # Not checked against the machine again: the supervisor did at its start, and made the
+    # shared memory this worker maps (a machine that reports less memory since, after a
+    # swapoff, say, would have the worker exit at every restart).
+    settings = load_settings(args.config, overrides, display=args.config_as, machine="no")
     if settings is None:
         return EXIT_CONFIG
     if args.running_fd is not None:

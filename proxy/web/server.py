@@ -29,7 +29,15 @@ from aiohttp import web
 from proxy import __version__, earlysignals, gctuning
 from proxy.cluster import ClusterUnavailable, attach_shared
 from proxy.cluster import join as join_cluster
-from proxy.config import HostPort, Listener, Overrides, Settings, base_cache_options, load_config
+from proxy.config import (
+    HostPort,
+    Listener,
+    MachineCheck,
+    Overrides,
+    Settings,
+    base_cache_options,
+    load_config,
+)
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
@@ -348,8 +356,10 @@ class Reloader:
     def __init__(self, path: str | None, overrides: Overrides, current: Callable[[], Settings],
                  apply: Callable[[Settings], None],
                  on_result: Callable[[bool], None] | None = None, display: str | None = None,
-                 prepare: Callable[[Settings, Settings], Settings] | None = None) -> None:
+                 prepare: Callable[[Settings, Settings], Settings] | None = None,
+                 machine: MachineCheck = "reload") -> None:
         self.path = path
+        self.machine = machine  # (``load_config``)
         self._prepare = prepare  # (new, running) -> new, before ``live_settings``
         self.display = display  # the config file ``path`` is a copy of (``load_config``)
         self.overrides = overrides
@@ -360,7 +370,8 @@ class Reloader:
 
     def _load(self, running_admin: HostPort | None) -> Settings:
         _hold_for_tests()
-        return load_config(self.path, self.overrides, running_admin=running_admin, display=self.display)
+        return load_config(self.path, self.overrides, running_admin=running_admin, display=self.display,
+                           machine=self.machine)
 
     async def reload(self, path: str | None = None) -> ReloadResult:
         """``path``: the file to read from now on (a worker's supervisor names the copy it just
@@ -421,11 +432,12 @@ def _reload_done(task: asyncio.Task[Any]) -> None:
 
 def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides,
                      display: str | None = None,
-                     prepare: Callable[[Settings, Settings], Settings] | None = None) -> Reloader:
+                     prepare: Callable[[Settings, Settings], Settings] | None = None,
+                     machine: MachineCheck = "reload") -> Reloader:
     """Give ``runtime`` its reload (used by SIGHUP and ``POST /reload``)."""
     reloader = Reloader(path, overrides, lambda: runtime.settings, runtime.reconfigure,
                         lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc(),
-                        display, prepare)
+                        display, prepare, machine)
     runtime.reload_config = reloader.reload
     return reloader
 
@@ -488,7 +500,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     # A worker's listeners are on the ports its supervisor reserved (a config's port 0 too).
     reloader = install_reloader(runtime, config_path, overrides,
                                 worker.config_as if worker is not None else None,
-                                with_running_ports if worker is not None else None)
+                                with_running_ports if worker is not None else None,
+                                "no" if worker is not None else "reload")  # (the supervisor checks)
     channel = None
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)

@@ -4,9 +4,11 @@ check`` (and at start), at the line concerned, rather than by the running proxy.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,12 @@ import pytest
 from proxy import config
 from proxy.config import Overrides, base_cache_options, load_config
 from proxy.errors import ConfigError
-from proxy.room import human_size, machine_memory
+from proxy.room import MEMINFO, human_size, machine_memory
 from proxy.runtime import open_storage
 from proxy.storage.arena import Arena
 from proxy.web.server import open_runtime
+from tests.harness import Origin
+from tests.storage.procs import ProxyProcess, write_config
 
 
 def warnings(tmp_path: Path, text: str) -> list[str]:
@@ -137,3 +141,49 @@ def test_the_start_says_the_limit_the_config_sets(tmp_path: Path, caplog: pytest
         assert storage.writes.max_object == 512 == base_cache_options(settings).max_object
     finally:
         storage.close()
+
+
+def test_a_reload_or_a_worker_does_not_refuse_what_the_machine_no_longer_has(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cache.memory is mapped once, at the start of the supervisor (or single process): a reload
+    does not map it again (what would refuse a start only warns), and a worker maps the
+    supervisor's (nothing checked)."""
+    monkeypatch.setattr(config, "machine_memory", lambda: (1 << 20, 0))
+    path = tmp_path / "c.yaml"
+    path.write_text("upstreams: [http://127.0.0.1:9]\ncache: {memory: 16MB}\n")
+    with pytest.raises(ConfigError):
+        load_config(str(path))
+    (warning,) = load_config(str(path), machine="reload").warnings
+    assert "cache.memory 16 MB is more than this machine has 1 MB of memory and 0 B of swap: its shared " \
+           "memory could not be mapped at the next start" in warning, warning
+    assert load_config(str(path), machine="no").warnings == ()
+
+
+def _meminfo(path: Path, ram: int) -> None:
+    path.write_text(f"MemTotal:       {ram // 1024} kB\nSwapTotal:             0 kB\n")
+
+
+async def test_workers_start_again_on_a_machine_that_reports_less_memory_since(
+        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swapoff (a balloon, lxcfs) after the supervisor mapped cache.memory: a worker restarted
+    then still starts (it exited 2 at every restart, with backoff, forever), and a reload is
+    accepted with a warning."""
+    meminfo = tmp_path / "meminfo"
+    _meminfo(meminfo, 16 << 30)
+    monkeypatch.setenv(MEMINFO, str(meminfo))
+    origin.route("/h", body=b"h", headers={"Cache-Control": "no-store"})
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url, "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        _meminfo(meminfo, 1 << 20)  # 1 MB now
+        old = proxy.workers[1]
+        os.kill(old, signal.SIGKILL)
+        await proxy.wait_for(lambda: proxy.workers[1] != old, wait=15)
+        reply = await proxy.admin("POST", "/reload")
+        assert reply.status == 200, reply.body
+        assert any("could not be mapped at the next start" in w for w in json.loads(reply.body)["warnings"])
+        assert (await proxy.get("/h")).status == 200
+    finally:
+        assert await proxy.stop() == 0
