@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from proxy.cluster.settings import ClusterSettings
+from proxy.cpus import cgroup_memory_limit
 from proxy.errors import ConfigError
 from proxy.policy.messages import CacheOptions
 from proxy.room import human_size, machine_memory, space
@@ -199,15 +200,19 @@ def _check_memory(s: Settings, problems: Problems, root: Src, machine: MachineCh
     """``cache.memory`` is one shared mapping, made at start: more than the machine's memory and
     swap together cannot be mapped (a problem; on a reload, which does not map it again, a
     warning for the next start); more than its memory alone maps, but the kernel pages it out
-    to swap (every hit a page fault) or ends the process once it fills (a warning)."""
+    to swap (every hit a page fault) or ends the process once it fills (a warning); so it does
+    when it is more than the limit of the process's cgroup (a container's: a warning too)."""
     memory = machine_memory()
-    if memory is None:
+    budget = s.cache.memory
+    at = _line(root, "cache", "memory")
+    if memory is None or budget <= memory[0]:
+        limit = cgroup_memory_limit()
+        if limit is not None and budget > limit:
+            problems.warn(at, f"cache.memory {human_size(budget)} is more than the memory limit of this "
+                              f"process's cgroup ({human_size(limit)}: a container's, a unit's MemoryMax=): "
+                              "the kernel would end cachegate once the memory tier fills; set it lower")
         return
     ram, swap = memory
-    budget = s.cache.memory
-    if budget <= ram:
-        return
-    at = _line(root, "cache", "memory")
     has = f"this machine has {human_size(ram)} of memory and {human_size(swap)} of swap"
     if budget > ram + swap and machine == "reload":
         problems.warn(at, f"cache.memory {human_size(budget)} is more than {has}: its shared memory "
@@ -385,7 +390,9 @@ rule files have their own reference, [rules.md](rules.md).
   a client listener is a problem, and so are sizes that leave room for no body at all
   (`cache.memory: 0` with `disk: null`, `cache.disk.size: 0`, `cache.max_object: 0`: to cache
   nothing on purpose, write a rule with `bypass: true`) and a `cache.memory` bigger than the
-  machine's memory and swap together; a `cache.memory` bigger than its memory alone, and a
+  machine's memory and swap together (`/proc/meminfo`); a `cache.memory` bigger than its
+  memory alone or than the memory limit of the process's cgroup (a container's, a unit's
+  `MemoryMax=`: `memory.max`, or `memory.limit_in_bytes` with cgroup v1), and a
   `cache.disk.size` bigger than the whole filesystem under `cache.disk.path`, are warnings.
   The checks against this machine are made by `cachegate check` and when `cachegate run`
   starts (the process that makes the shared memory and the cache directory), not by the

@@ -15,6 +15,10 @@ A fractional quota is rounded down (at least 1), as Go's automaxprocs does: 2.5 
 shows up as latency spikes rather than throughput.
 
 Nothing here raises: a file that is missing or unreadable means "no limit from it".
+
+The cgroup's memory limit is read the same way (``cgroup_memory_limit``), for the config's
+check of ``cache.memory``: v2 ``memory.max`` (``"max"`` = no limit), v1
+``memory.limit_in_bytes`` (a huge number = no limit).
 """
 
 from __future__ import annotations
@@ -68,6 +72,40 @@ def _quotas(root: Path, membership: str) -> Iterator[float | None]:
                     for d in _dirs(mount, path):
                         yield _v1_quota(_read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us"))
                     break
+
+
+def cgroup_memory_limit(cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = PROC_SELF_CGROUP) -> int | None:
+    """The tightest memory limit (bytes) over this process's cgroup and its ancestors, v2 or
+    v1; None when none is set."""
+    limits = [n for n in _memory_limits(Path(cgroup_root), _read(proc_cgroup) or "") if n is not None]
+    return min(limits) if limits else None
+
+
+NO_MEMORY_LIMIT = 1 << 62  # v1 says "none" with 2**63 - 1 rounded down to a page
+
+
+def _memory_limits(root: Path, membership: str) -> Iterator[int | None]:
+    for line in membership.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2
+            for d in _dirs(root, path):
+                yield _bytes(_read(d / "memory.max"))
+        elif "memory" in controllers.split(","):  # cgroup v1: "4:memory:/path"
+            mount = root / "memory"
+            if mount.is_dir():
+                for d in _dirs(mount, path):
+                    yield _bytes(_read(d / "memory.limit_in_bytes"))
+
+
+def _bytes(text: str | None) -> int | None:
+    try:
+        n = int(text or "")
+    except ValueError:  # "max", or nothing
+        return None
+    return n if 0 < n < NO_MEMORY_LIMIT else None
 
 
 def _dirs(mount: Path, path: str) -> Iterator[Path]:

@@ -62,11 +62,27 @@ def test_cache_memory_beyond_the_machines_memory_and_swap_is_refused(tmp_path: P
 def test_cache_memory_between_the_machines_memory_and_memory_and_swap_is_a_warning(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config, "machine_memory", lambda: (1 << 30, 2 << 30))
+    monkeypatch.setattr(config, "cgroup_memory_limit", lambda: None)
     assert warnings(tmp_path, "cache:\n  memory: 1GB\n") == []
     assert warnings(tmp_path, "cache:\n  memory: 3GB\n") == [
         "3: warning: cache.memory 3 GB is more than this machine has 1 GB of memory and 2 GB of swap: the "
         "memory tier would live in swap, or be ended when it fills; set it lower"]
     assert problems(tmp_path, "cache:\n  memory: 3073MB\n")[0].startswith("3: cache.memory 3.001 GB is more than")
+
+
+def test_cache_memory_beyond_the_limit_of_the_process_cgroup_is_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container limited to less than the machine's memory: the shared memory maps, and the
+    kernel ends the process once the memory tier fills it."""
+    monkeypatch.setattr(config, "machine_memory", lambda: (8 << 30, 0))
+    monkeypatch.setattr(config, "cgroup_memory_limit", lambda: 512 << 20)
+    assert warnings(tmp_path, "cache:\n  memory: 256MB\n") == []
+    assert warnings(tmp_path, "cache:\n  memory: 1GB\n") == [
+        "3: warning: cache.memory 1 GB is more than the memory limit of this process's cgroup (512 MB: a "
+        "container's, a unit's MemoryMax=): the kernel would end cachegate once the memory tier fills; set "
+        "it lower"]
+    monkeypatch.setattr(config, "machine_memory", lambda: None)  # no /proc/meminfo: the cgroup still
+    assert len(warnings(tmp_path, "cache:\n  memory: 1GB\n")) == 1
 
 
 async def test_shared_memory_that_cannot_be_mapped_is_blamed_on_cache_memory(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import parse_workers
-from proxy.cpus import available_cpus, cgroup_cpu_limit
+from proxy.cpus import available_cpus, cgroup_cpu_limit, cgroup_memory_limit
 
 
 def tree(root: Path, files: dict[str, str]) -> None:
@@ -79,3 +79,19 @@ def test_workers_auto_in_the_config_reads_the_cgroup_quota(tmp_path: Path, monke
     monkeypatch.setattr(proxy.cpus, "PROC_SELF_CGROUP", str(tmp_path / "self-cgroup"))
     monkeypatch.setattr(proxy.cpus, "affinity_cpus", lambda: 64)
     assert parse_workers("auto") == 1
+
+
+def test_the_memory_limit_of_the_cgroup_and_its_ancestors_v2_and_v1(tmp_path: Path) -> None:
+    """For the config's check of cache.memory: the tightest limit, "max" (v2) or a huge number
+    (v1) being none."""
+    (tmp_path / "self-cgroup").write_text("0::/system.slice/cachegate.service\n")
+    tree(tmp_path / "fs", {"memory.max": "max", "system.slice/memory.max": "1073741824",
+                           "system.slice/cachegate.service/memory.max": "max"})
+    assert cgroup_memory_limit(str(tmp_path / "fs"), str(tmp_path / "self-cgroup")) == 1 << 30
+    tree(tmp_path / "fs", {"system.slice/memory.max": "max"})
+    assert cgroup_memory_limit(str(tmp_path / "fs"), str(tmp_path / "self-cgroup")) is None
+    (tmp_path / "self-cgroup").write_text("4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n")
+    tree(tmp_path / "fs", {"memory/memory.limit_in_bytes": "536870912"})  # the mount is the cgroup
+    assert cgroup_memory_limit(str(tmp_path / "fs"), str(tmp_path / "self-cgroup")) == 512 << 20
+    tree(tmp_path / "fs", {"memory/memory.limit_in_bytes": "9223372036854771712"})
+    assert cgroup_memory_limit(str(tmp_path / "fs"), str(tmp_path / "self-cgroup")) is None
