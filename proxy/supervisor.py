@@ -91,6 +91,7 @@ from proxy.web.server import (
     _bound,
     _fmt,
     check_c_parser,
+    count_reload,
     ignore_while_stopping,
     install_reloader,
     open_runtime,
@@ -315,7 +316,7 @@ class Supervisor:
         self.leases.table = LeaseTable(runtime.storage.memory.arena)
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
-        reloader = install_reloader(runtime, self.config_path, self.overrides)
+        reloader = install_reloader(runtime, self.config_path, self.overrides, counted=False)  # (``reload``)
         runtime.reload_config = lambda: self.reload(reloader)
         listeners = Listeners()
         try:
@@ -797,6 +798,8 @@ class Supervisor:
                 result = replace(result, problems=await self._reload_workers(result.problems))
             problems = result.problems
         finally:
+            if self.runtime is not None:  # counted as answered: failed when a worker did not apply it
+                count_reload(self.runtime, not problems)
             if serving is not None:
                 self._reloaded(serving, problems)
         return result

@@ -433,13 +433,19 @@ def _reload_done(task: asyncio.Task[Any]) -> None:
 def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides,
                      display: str | None = None,
                      prepare: Callable[[Settings, Settings], Settings] | None = None,
-                     machine: MachineCheck = "reload") -> Reloader:
-    """Give ``runtime`` its reload (used by SIGHUP and ``POST /reload``)."""
+                     machine: MachineCheck = "reload", counted: bool = True) -> Reloader:
+    """Give ``runtime`` its reload (used by SIGHUP and ``POST /reload``); ``counted``: in
+    ``cachegate_config_reloads_total`` (a supervisor counts its reloads once its workers'
+    answers are in)."""
     reloader = Reloader(path, overrides, lambda: runtime.settings, runtime.reconfigure,
-                        lambda ok: runtime.metrics.reloads.labels("success" if ok else "failure").inc(),
+                        (lambda ok: count_reload(runtime, ok)) if counted else None,
                         display, prepare, machine)
     runtime.reload_config = reloader.reload
     return reloader
+
+
+def count_reload(runtime: Runtime, ok: bool) -> None:
+    runtime.metrics.reloads.labels("success" if ok else "failure").inc()
 
 
 async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None = None,

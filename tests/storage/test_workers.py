@@ -478,6 +478,10 @@ async def test_a_reload_a_worker_did_not_apply_is_answered_as_failed_naming_the_
         assert "cannot read the supervisor's copy" in problems[0]
         seen = await _until_each_worker(proxy, "/h", 2, lambda r: True)
         assert "1.1 after" in seen["0"].headers["Via"] and "1.1 before" in seen["1"].headers["Via"]
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        assert 'cachegate_config_reloads_total{result="failure"} 1.0' in metrics
+        assert 'cachegate_config_reloads_total{result="success"} 0.0' in metrics \
+            or 'cachegate_config_reloads_total{result="success"}' not in metrics
     finally:
         assert await proxy.stop() == 0
 
