@@ -125,6 +125,9 @@ class ReloadResult:
     rules: int = 0
     rule_files: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  # FILE:LINE: warning: ... of the applied config
+    # Applied by the supervisor but not by every worker (``problems`` name them): the new config
+    # runs in some processes, not "rejected" as a whole.
+    partial: bool = False
 
     @property
     def ok(self) -> bool:

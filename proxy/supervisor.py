@@ -795,7 +795,8 @@ class Supervisor:
         try:
             result = await self._reload_here(reloader)
             if result.ok:
-                result = replace(result, problems=await self._reload_workers(result.problems))
+                problems = await self._reload_workers(result.problems)
+                result = replace(result, problems=problems, partial=bool(problems))
             problems = result.problems
         finally:
             if self.runtime is not None:  # counted as answered: failed when a worker did not apply it

@@ -299,8 +299,9 @@ async def reload(request: web.Request) -> web.Response:
         return json_error(501, "reload is not available in this process")
     result = await runtime.reload_config()
     if not result.ok:
-        return web.json_response({"error": "config rejected; the running config stays",
-                                  "problems": result.problems}, status=400)
+        error = ("the new config runs here but not in every worker (those named keep the config "
+                 "they ran)" if result.partial else "config rejected; the running config stays")
+        return web.json_response({"error": error, "problems": result.problems}, status=400)
     return web.json_response({"reloaded": True, "rules": result.rules,
                               "rule_files": list(result.rule_files),
                               "restart_required": result.restart_required,

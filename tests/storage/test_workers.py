@@ -475,6 +475,7 @@ async def test_a_reload_a_worker_did_not_apply_is_answered_as_failed_naming_the_
         assert answer.status == 400, answer.body
         problems = json.loads(answer.body)["problems"]
         assert len(problems) == 1 and problems[0].startswith("worker 1 "), problems
+        assert json.loads(answer.body)["error"].startswith("the new config runs here but not in every worker")
         assert "cannot read the supervisor's copy" in problems[0]
         seen = await _until_each_worker(proxy, "/h", 2, lambda r: True)
         assert "1.1 after" in seen["0"].headers["Via"] and "1.1 before" in seen["1"].headers["Via"]
