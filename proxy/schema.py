@@ -547,7 +547,7 @@ def byte_size(*, minimum: Int | None = None, why: Str = "") -> Parser[Int]:
     return Parser(kind, read, show=show_size)
 
 
-def duration(*, positive: Bool = False) -> Parser[float]:
+def duration(*, positive: Bool = False, maximum: float | None = None) -> Parser[float]:
     def read(item: Src, ctx: Context) -> float:
         try:
             value = parse_duration(item.value, item.raw)
@@ -555,9 +555,14 @@ def duration(*, positive: Bool = False) -> Parser[float]:
             raise Invalid(str(exc)) from None
         if positive and value <= 0:
             raise Invalid("must be more than 0")
+        if maximum is not None and value > maximum:
+            raise Invalid(f"must be at most {show_duration(maximum)}")
         return value
 
-    return Parser("duration (30s, 5m, 1h, 1d)" + (" > 0" if positive else ""), read, show=show_duration)
+    kind = "duration (30s, 5m, 1h, 1d)" + (" > 0" if positive else "")
+    if maximum is not None:
+        kind += f", at most {show_duration(maximum)}"
+    return Parser(kind, read, show=show_duration)
 
 
 def hostport(*, off: Bool = False) -> Parser[Any]:

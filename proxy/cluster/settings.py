@@ -82,11 +82,14 @@ class ClusterSettings:
     required: bool = setting(True, "false: start and serve alone when Redis cannot be reached at start")
     stream_max: int = setting(100_000, "purge stream entries kept (older ones are trimmed)",
                               integer(minimum=100))
+    # Both bounded: a node's heartbeat key lives max(3 beats, a beat and two timeouts), and a node
+    # restarted after a crash waits that long for its old key to expire (so do purges that count
+    # it live meanwhile): at most 30 s.
     heartbeat: float = setting(1.0, "how often a node says it is alive (it is gone after 3 missed beats, "
                                     "or a beat and two timeouts)",
-                               duration(positive=True))
+                               duration(positive=True, maximum=10.0))
     timeout: float = setting(1.0, "a Redis command slower than this counts as Redis being unreachable",
-                             duration(positive=True))
+                             duration(positive=True, maximum=10.0))
 
     @property
     def redacted_url(self) -> str:

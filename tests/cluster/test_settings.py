@@ -96,3 +96,18 @@ def test_cachegate_check_validates_the_section(tmp_path: Path) -> None:
     good = write(tmp_path, "cluster: {redis: 'rediss://cache.internal:6380/0', node: n1, shared_cache: true}\n")
     r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", good], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(("key", "value", "ok"), [("timeout", "10s", True), ("timeout", "1h", False),
+                                                  ("heartbeat", "10s", True), ("heartbeat", "11s", False)])
+def test_the_heartbeat_and_the_timeout_are_at_most_10_s(tmp_path: Path, key: str, value: str, ok: bool) -> None:
+    # A node's heartbeat key lives a beat and two timeouts: a node restarted after a crash waits
+    # that long for its old key (a timeout of 1h: two hours), and purges count it live meanwhile.
+    path = write(tmp_path, f"cluster:\n  redis: redis://h:1\n  {key}: {value}\n")
+    if ok:
+        load_config(path)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p for p in info.value.problems if p.startswith(f"{path}:6: cluster.{key}: ")
+            and "must be at most 10s" in p], info.value.problems
