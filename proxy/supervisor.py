@@ -833,8 +833,9 @@ class Supervisor:
             return result
 
     async def _reload_workers(self, problems: list[str]) -> list[str]:
-        """Every worker's reload, in turn, from the copy as it is now: ``problems`` plus one
-        for each worker that did not apply it (it keeps the config it ran)."""
+        """Every worker's reload, all at once, from the copy as it is now: ``problems`` plus one
+        for each worker that did not apply it (it keeps the config it ran). At once, not in turn:
+        a hung worker held the reload of every worker after it for the call's 30 s."""
         problems = list(problems)
         path: str | None = self.config_path
         if self._config is not None:
@@ -842,21 +843,25 @@ class Supervisor:
                 path = self._config.current()  # written again if a cleaner removed it
             except OSError as exc:
                 self._uncommitted = f"cannot write the workers' copy of the config: {exc.strerror or exc}"
-        for w in self.workers:
-            if w.channel is None:
-                continue  # not running: it loads the copy when it starts
+
+        async def one(w: Worker) -> list[str]:
+            channel = w.channel
+            if channel is None:
+                return []  # not running: it loads the copy when it starts
             if self._uncommitted is not None:
-                problems.append(f"worker {w.worker_id} did not reload: {self._uncommitted}")
-                continue
+                return [f"worker {w.worker_id} did not reload: {self._uncommitted}"]
             try:
-                answer = await w.channel.call("reload", wait=30, config=path)
+                answer = await channel.call("reload", wait=30, config=path)
             except Exception as exc:
                 log.error("worker %d: reload failed: %s", w.worker_id, exc)
-                problems.append(f"worker {w.worker_id} did not reload: {str(exc) or type(exc).__name__}")
-                continue
+                return [f"worker {w.worker_id} did not reload: {str(exc) or type(exc).__name__}"]
             for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
-                problems.append(f"worker {w.worker_id} rejected the reload and keeps its config: {p}")
+            return [f"worker {w.worker_id} rejected the reload and keeps its config: {p}"
+                    for p in answer.get("problems", ())]
+
+        for found in await asyncio.gather(*(one(w) for w in self.workers)):
+            problems += found
         return problems
 
     def _notify_worker(self, worker_id: int, event: dict[str, Any]) -> None:

@@ -469,6 +469,8 @@ async def test_a_reload_a_worker_did_not_apply_is_answered_as_failed_naming_the_
             marker = hold / f"{pid}.held"
             await proxy.wait_for(marker.exists, wait=20)
             if pid == proxy.workers[1]:
+                # Workers reload at once: worker 0 reads the copy before it goes.
+                await _until_each_worker(proxy, "/h", 1, lambda r: r.worker == "0" and "1.1 after" in r.headers["Via"])
                 shutil.rmtree(os.path.dirname(_copy_of(pid)))
             marker.unlink()
         answer = await reply
@@ -635,3 +637,31 @@ async def test_a_worker_stopped_holding_the_ring_lock_is_killed_not_the_worker_w
             with contextlib.suppress(BaseException):
                 await load
         await proxy.stop(signal.SIGTERM)
+
+
+async def test_workers_reload_at_once_not_one_after_the_other(
+        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker's reload is asked for at once: held in turn, a hung worker kept every worker
+    after it on the old config for the call's 30 s. Both workers' reloads are held (the test
+    hook) at the same time here before either is let go."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv("CACHEGATE_RELOAD_HOLD", str(hold))
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, "via: before\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        assert proxy.process is not None
+        write_config(str(tmp_path), origin.url, CACHE, "via: after\n")
+        reply = asyncio.ensure_future(proxy.admin("POST", "/reload"))
+        marker = hold / f"{proxy.process.pid}.held"
+        await proxy.wait_for(marker.exists, wait=20)
+        marker.unlink()
+        workers = [hold / f"{proxy.workers[i]}.held" for i in (0, 1)]
+        await proxy.wait_for(lambda: all(m.exists() for m in workers), wait=8)
+        for m in workers:
+            m.unlink()
+        answer = await reply
+        assert answer.status == 200, answer.body
+    finally:
+        assert await proxy.stop() == 0
