@@ -191,24 +191,29 @@ def parse_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> 
     (('http://shop.example/a?',), True)
     """
     steps = _parse(doc, host_allowed)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            spec: PurgeSpec = done.value
-            return spec
+    while (spec := _step(steps)) is None:
+        pass
+    return spec
 
 
 async def read_purge(doc: Any, host_allowed: Callable[[str], bool] | None = None) -> PurgeSpec:
     """``parse_purge``, letting the event loop run after every ``PURGE_SLICE`` URLs or prefixes."""
     steps = _parse(doc, host_allowed)
     while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            spec: PurgeSpec = done.value
+        spec = _step(steps)
+        if spec is not None:
             return spec
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a turn of the loop between slices, not a wait for something
+
+
+def _step(steps: Generator[None, None, PurgeSpec]) -> PurgeSpec | None:
+    """One slice of ``_parse``: None while more is left, the purge once it is read."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        spec: PurgeSpec = done.value
+        return spec
+    return None
 
 
 def _normalised(texts: tuple[str, ...], prefix: bool) -> Generator[None, None, tuple[str, ...]]:
