@@ -113,8 +113,13 @@ class _Disk(diskcache.Disk):  # type: ignore[misc]
             held.append(file_path)
 
     @contextlib.contextmanager
-    def holding(self) -> Iterator[list[str]]:
-        """Hold this thread's removals; the caller removes them (``release``) after its COMMIT."""
+    def holding(self) -> Iterator[list[str] | None]:
+        """Hold this thread's removals; the caller removes them (``release``) after its COMMIT.
+        Inside another hold (a nested ``_transaction``): None, the outer one's COMMIT releases
+        them (diskcache nests transactions the same way)."""
+        if getattr(self._held, "files", None) is not None:
+            yield None
+            return
         files: list[str] = []
         self._held.files = files
         try:
@@ -133,7 +138,8 @@ def _transaction(shard: diskcache.Cache, retry: bool = False) -> Iterator[None]:
     disk: _Disk = shard.disk
     with disk.holding() as files, shard.transact(retry=retry):
         yield
-    disk.release(files)  # not reached when the transaction rolled back: its rows keep their files
+    if files is not None:  # (not reached when the transaction rolled back: its rows keep their files)
+        disk.release(files)
 
 
 def _drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:

@@ -18,7 +18,7 @@ import pytest
 from proxy.storage import persist, reads
 from proxy.storage.arena import Arena
 from proxy.storage.bans import PurgeMatch
-from proxy.storage.disk import DiskTier, new_body_id, shard_budget
+from proxy.storage.disk import DiskTier, _transaction, new_body_id, shard_budget
 from proxy.storage.entry import Entry
 from proxy.storage.index import Ban, UrlTagIndex
 from proxy.storage.memory import MemoryTier
@@ -566,4 +566,25 @@ def test_a_rolled_back_batch_keeps_the_files_its_rows_still_refer_to(tmp_path: P
     assert disk.commit_many([(KEY, replace_old, new.body_id, b"x" * 10)]) == [True]
     assert disk.get_variants(KEY) == (new,)
     assert _val_files(tmp_path) == set()  # committed: the replaced body's file is gone
+    disk.close()
+
+
+def test_a_nested_transaction_leaves_file_removals_to_the_outer_commit(tmp_path: Path) -> None:
+    disk = DiskTier(str(tmp_path / "d"), 64 * MB, shards=1)
+    shard = disk._shards[0]
+    big = os.urandom(40 * 1024)  # a file
+    shard.set("b:x", big)
+    files = _val_files(tmp_path)
+    assert len(files) == 1
+    with pytest.raises(ValueError), _transaction(shard):
+        with _transaction(shard):
+            shard.delete("b:x")
+        assert _val_files(tmp_path) == files  # the inner one's end is no COMMIT
+        raise ValueError("rolled back")
+    assert shard.get("b:x") == big  # the row and its file both kept
+    with _transaction(shard):
+        with _transaction(shard):
+            shard.delete("b:x")
+        assert _val_files(tmp_path) == files
+    assert _val_files(tmp_path) == set()
     disk.close()
