@@ -148,27 +148,22 @@ def _rate(text: str) -> float:
     return rate
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, most: float = math.inf, example: str = "30") -> float:
+    """An argparse type: a number of seconds above 0 (and at most ``most``)."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0, such as 30 or 0.5, "
-                                         f"not {text!r}")
+    if not (math.isfinite(seconds) and 0 < seconds <= most):
+        upto = "" if most == math.inf else f" and up to {most:g}"
+        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0{upto}, such as {example} or "
+                                         f"0.5, not {text!r}")
     return seconds
 
 
 def _interval(text: str) -> float:
     """``cachegate top --interval``: seconds above 0, at most an hour."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and 0 < seconds <= 3600):
-        raise argparse.ArgumentTypeError(f"takes a number of seconds above 0 and up to 3600, such as 1 or "
-                                         f"0.5, not {text!r}")
-    return seconds
+    return _seconds(text, 3600, "1")
 
 
 def _whole(least: int, most: int | None = None) -> Any:
