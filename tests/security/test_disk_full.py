@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +28,7 @@ from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 from tests.security.misbehaving import Conn, RawOrigin, Serve, flight_with, raw_origins, response
 from tests.test_partial_content import NONE, Representation
+from tests.tmpfs import mounted_tmpfs
 
 BODY = os.urandom(4 * 1024 * 1024)  # spilled from memory to a spool file past 1 MiB
 DIGEST = hashlib.sha256(BODY).hexdigest()
@@ -205,19 +204,7 @@ async def test_disk_full_while_spooling_a_range_part_its_client_gets_the_whole_2
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted for the test (root on Linux only), lazily unmounted after."""
-    mount, umount = shutil.which("mount"), shutil.which("umount")
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not mount or not umount:
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    path = tmp_path / "tiny"
-    path.mkdir()
-    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run([umount, "-l", str(path)], capture_output=True)
+    yield from mounted_tmpfs(tmp_path / "tiny", "2m")
 
 
 @pytest.mark.slow

@@ -30,10 +30,10 @@ def damage(path: Path, how: str) -> None:
         Path(f"{path}{journal}").unlink(missing_ok=True)
 
 
-async def filled(origin: Origin, make_proxy: MakeProxy, directory: Path) -> None:
+async def filled(origin: Origin, make_proxy: MakeProxy, directory: Path, config: str = CONFIG) -> None:
     for i in range(KEYS):
         origin.route(f"/k{i}", body=b"x" * 100 + str(i).encode(), headers={"Cache-Control": "max-age=600"})
-    proxy = await make_proxy(config=CONFIG, directory=directory)
+    proxy = await make_proxy(config=config, directory=directory)
     for i in range(KEYS):
         assert (await proxy.get(f"/k{i}", headers=HOST)).status == 200
     await proxy.runtime.storage.flush()

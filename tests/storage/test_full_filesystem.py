@@ -10,7 +10,6 @@ A real tmpfs of a few MiB: only where the test may mount one (root on Linux).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,8 @@ import pytest
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, write_config
-from tests.storage.test_damaged import HOST, KEYS, x_caches
+from tests.storage.test_damaged import KEYS, filled, x_caches
+from tests.tmpfs import mounted_tmpfs
 
 CONFIG = "cache: {memory: 16MB, disk: {path: cache, size: 4MB, shards: 2}}\nshutdown_grace: 1s\n"
 
@@ -30,19 +30,7 @@ CONFIG = "cache: {memory: 16MB, disk: {path: cache, size: 4MB, shards: 2}}\nshut
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs mounted for the test (root on Linux only), lazily unmounted after."""
-    mount, umount = shutil.which("mount"), shutil.which("umount")
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not mount or not umount:
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    path = tmp_path / "small"
-    path.mkdir()
-    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run([umount, "-l", str(path)], capture_output=True)
+    yield from mounted_tmpfs(tmp_path / "small", "8m")
 
 
 def fill(filesystem: Path, leave: int) -> Path:
@@ -52,17 +40,6 @@ def fill(filesystem: Path, leave: int) -> Path:
     with open(filler, "wb") as f:
         f.write(b"\0" * max(0, free - leave))
     return filler
-
-
-async def filled(origin: Origin, make_proxy: MakeProxy, directory: Path) -> None:
-    for i in range(KEYS):
-        origin.route(f"/k{i}", body=b"x" * 100 + str(i).encode(), headers={"Cache-Control": "max-age=600"})
-    proxy = await make_proxy(config=CONFIG, directory=directory)
-    for i in range(KEYS):
-        assert (await proxy.get(f"/k{i}", headers=HOST)).status == 200
-    await proxy.runtime.storage.flush()
-    await proxy.session.close()
-    await proxy.close()
 
 
 def run(config: str, workers: int, on_line: Callable[[str], None] = lambda line: None) -> tuple[int | None, str]:
@@ -92,7 +69,7 @@ def one_line_says_full(out: str, cache: Path, processes: int = 1) -> None:
 async def test_a_full_filesystem_at_start_loses_nothing_and_says_so_in_one_line(
         origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path, leave: int, workers: int) -> None:
     directory = small_tmpfs / "p"
-    await filled(origin, make_proxy, directory)
+    await filled(origin, make_proxy, directory, CONFIG)
     cache = directory / "cache"
     before = sorted(p.name for p in cache.iterdir())
     filler = fill(small_tmpfs, leave)
@@ -115,7 +92,7 @@ async def test_workers_that_meet_a_full_filesystem_at_start_stop_it_once(
     """The supervisor opened the cache directory; the filesystem is full before its workers open
     it: they fail alike, and so would their restarts. The start fails once, with one line."""
     directory = small_tmpfs / "p"
-    await filled(origin, make_proxy, directory)
+    await filled(origin, make_proxy, directory, CONFIG)
     cache = directory / "cache"
     fillers: list[Path] = []
 
