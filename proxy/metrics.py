@@ -247,7 +247,7 @@ class Metrics:
                                           registry=r)
         self.admin_refused = Counter("cachegate_admin_refused",
                                      "Admin API requests refused before the token check (DNS rebinding "
-                                     "and CSRF guards), by reason: host, origin, content_type",
+                                     "and CSRF guards), by reason: host, origin, content_type, csrf",
                                      ["reason"], registry=r)
         self.reloads = Counter("cachegate_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.storage_errors = Counter("cachegate_storage_errors",

@@ -165,6 +165,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             return await handler(request)
         if access == "csrf":  # 401, not 403: the console tab shows its login (another tab's
             # login replaced this browser's one cookie, so this tab's secret opens nothing now)
+            runtime.metrics.admin_refused.labels("csrf").inc()
             return web.json_response(
                 {"error": f"missing or wrong {CSRF_HEADER} header for this console session: every "
                           "call needs the session's secret (the login answer's csrf) with the cookie; "

@@ -124,6 +124,8 @@ async def test_the_session_cookie_alone_opens_nothing_not_even_a_get(locked: Pro
             reply = await locked.admin("GET", path, headers={**cookie, **headers})
             assert reply.status == 401 and "X-CSRF-Token" in js(reply)["error"], (path, reply.body)
     assert (await locked.admin("GET", "/stats", headers={**cookie, "X-CSRF-Token": csrf})).status == 200
+    metrics = (await locked.admin("GET", "/metrics", headers=AUTH)).body.decode()
+    assert 'cachegate_admin_refused_total{reason="csrf"} 15.0' in metrics  # 3 headers × 5 paths
 
 
 async def test_every_state_changing_call_needs_the_sessions_csrf_token(locked: Proxy) -> None:
