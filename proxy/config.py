@@ -377,8 +377,9 @@ rule files have their own reference, [rules.md](rules.md).
   `M`, `G`, `T` and `KiB`, `MiB`, `GiB`, `TiB` are the same), with or without a space before the
   unit (`10GB`, `10 GB`), in any case (`10gb`); never negative, at most `1024TB`.
 - A bare number is a YAML number, so `1_000_000` and `0x100000` are numbers too; but for a
-  duration or a size, `1:30` (YAML reads base 60: 90) and `010` (octal: 8) are refused: write
-  `1m30s`, `10`.
+  duration, a size or a count (`workers`, `pool_size`, ...), `1:30` (YAML reads base 60: 90)
+  and `010` (octal: 8) are refused: write `1m30s`, `10`. Where a string is expected (a header
+  value, a rule's `equals`), a bare number is taken as written: `010` is the text `010`.
 - Config and rule files are UTF-8 YAML without anchors and aliases (`&name`, `*name`,
   `<<: *name`): write each value out.
 - Relative paths are relative to the config file.

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeAlias, TypeVar
 
-from proxy.units import parse_duration, parse_size
+from proxy.units import parse_duration, parse_size, yaml_number
 from proxy.yamlsrc import Problems, Sources, Src
 
 T = TypeVar("T")
@@ -93,7 +93,7 @@ class Section:
         if not isinstance(item.value, str | Int) or isinstance(item.value, bool):
             self._bad(item, key, "a string")
             return default
-        return str(item.value)
+        return item.as_text()
 
     def optional_str(self, key: Str) -> Str | None:
         item = self.values.get(key)
@@ -189,7 +189,7 @@ class Section:
         out: builtins.list[Str] = []
         for element in self.list(key):
             if isinstance(element.value, str | Int) and not isinstance(element.value, bool):
-                out.append(str(element.value))
+                out.append(element.as_text())
             else:
                 self.problems.add(element, f"{self._name(key)}: expected strings in the list, "
                                            f"got {type_name(element.value)}")
@@ -473,6 +473,10 @@ def integer(minimum: Int | None = None) -> Parser[Int]:
         value = item.value
         if not isinstance(value, int) or isinstance(value, bool):
             raise Invalid(f"expected an integer, got {type_name(value)}")
+        try:
+            yaml_number(value, item.raw, str(value))
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
         if minimum is not None and value < minimum:
             raise Invalid(f"must be at least {minimum}, got {value}")
         return value
@@ -486,7 +490,7 @@ def _text(item: Src, strict: Bool) -> Str:
         return value
     if strict or not isinstance(value, int) or isinstance(value, bool):
         raise Invalid(f"expected a string, got {type_name(value)}")
-    return str(value)
+    return item.as_text()
 
 
 def text(*, strict: Bool = False, check: Callable[[Str], Any] | None = None,
@@ -516,7 +520,7 @@ def strings() -> Parser[tuple[Str, ...]]:
         out = []
         for element in elements(item):
             if isinstance(element.value, str | int) and not isinstance(element.value, bool):
-                out.append(str(element.value))
+                out.append(element.as_text())
             else:
                 ctx.problem(element, f"expected strings in the list, got {type_name(element.value)}")
         return tuple(out)
@@ -571,7 +575,7 @@ def hostport(*, off: Bool = False) -> Parser[Any]:
         if off and item.value is False:
             return None
         try:
-            return parse_hostport(str(item.value))
+            return parse_hostport(item.as_text())
         except ValueError as exc:
             raise Invalid(str(exc)) from None
 

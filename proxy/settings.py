@@ -57,6 +57,7 @@ from proxy.schema import (
     type_name,
 )
 from proxy.tls import ENCRYPTED_KEY, key_is_encrypted, load_problem
+from proxy.units import yaml_number
 from proxy.yamlsrc import Src
 
 HostPort = tuple[str, int]
@@ -366,7 +367,7 @@ def _listener(item: Src, ctx: Context) -> tuple[Listener, Src]:
         return Listener(*entry.address, entry.tls), item.value.get("address", item)
     if isinstance(item.value, str | int) and not isinstance(item.value, bool):
         try:
-            return Listener(*parse_hostport(str(item.value))), item
+            return Listener(*parse_hostport(item.as_text())), item
         except ValueError as exc:
             raise Invalid(str(exc)) from None
     raise Invalid(_LISTEN_FORMS)
@@ -449,6 +450,11 @@ def parse_workers(text: str) -> int:
 
 
 def _workers(item: Src, ctx: Context) -> int:
+    try:
+        yaml_number(item.value, item.raw, str(item.value))
+    except ValueError as exc:
+        ctx.problems.add(item, f"workers: {exc}")
+        raise Reported from None
     try:
         return parse_workers(str(item.value))
     except ValueError as exc:

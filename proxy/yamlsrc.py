@@ -33,6 +33,11 @@ class Src:
     def where(self) -> str:
         return f"{self.file}:{self.line}"
 
+    def as_text(self) -> str:
+        """A scalar taken as a string: a number as written (a header value ``010`` stays 010, not
+        YAML's octal 8; ``1.50`` stays 1.50)."""
+        return self.raw if self.raw is not None else str(self.value)
+
 
 class Problems:
     """Errors (the config is refused) and warnings (it runs, but probably not as meant)."""

@@ -118,7 +118,7 @@ def _host_pattern(text: str, at: Src, problems: Problems) -> HostPattern | None:
 def _str_items(src: Src, problems: Problems, what: str) -> list[tuple[str, Src]]:
     """A string or a list of strings, each with where it came from; an empty list is an error."""
     if isinstance(src.value, str | int) and not isinstance(src.value, bool):
-        return [(str(src.value), src)]
+        return [(src.as_text(), src)]
     if not isinstance(src.value, list):
         problems.add(src, f"{what}: expected a string or a list of strings, got {type_name(src.value)}")
         return []
@@ -128,7 +128,7 @@ def _str_items(src: Src, problems: Problems, what: str) -> list[tuple[str, Src]]
     out: list[tuple[str, Src]] = []
     for item in src.value:
         if isinstance(item.value, str | int) and not isinstance(item.value, bool):
-            out.append((str(item.value), item))
+            out.append((item.as_text(), item))
         else:
             problems.add(item, f"{what}: expected strings in the list, got {type_name(item.value)}")
     return out
@@ -163,7 +163,7 @@ def _conditions(src: Src, problems: Problems, what: str) -> tuple[Condition, ...
             else:
                 problems.add(cond, f"{where}: give equals: or regex:")
         elif isinstance(v, str | int | float) and not isinstance(v, bool):
-            out.append(Condition(name, "equals", value=str(v)))
+            out.append(Condition(name, "equals", value=cond.as_text()))
         else:
             problems.add(cond, f"{where}: expected present, absent, a value, "
                                f"{{equals: ...}} or {{regex: ...}}, got {type_name(v)}")
@@ -375,11 +375,11 @@ def _header_edits(src: Src, problems: Problems) -> HeaderEdits | None:
                 v = value.value
                 if not isinstance(v, str | int) or isinstance(v, bool):
                     problems.add(value, f"response_headers.add.{name}: expected a string, got {type_name(v)}")
-                elif any((c < " " and c != "\t") or c == "\x7f" for c in str(v)):
+                elif any((c < " " and c != "\t") or c == "\x7f" for c in value.as_text()):
                     problems.add(value, f"response_headers.add.{name}: a header value cannot contain "
                                         "line breaks or other control characters")
                 else:
-                    add.append((str(name), str(v)))
+                    add.append((str(name), value.as_text()))
         else:
             problems.add(adds, "response_headers.add: expected a mapping of header to value")
     remove = [n for n, at in (_str_items(sec.values["remove"], problems, "response_headers.remove")

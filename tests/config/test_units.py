@@ -91,12 +91,15 @@ MISREAD = [
     ("shutdown_grace: 010", "2: shutdown_grace: 010 reads as the number 8 in YAML (octal"),
     ("max_request_head: 16:00", "2: max_request_head: 16:00 reads as the number 960 in YAML (base 60"),
     ("upstream: {timeouts: {read: 1:30.5}}", "2: upstream.timeouts.read: 1:30.5 reads as the number 90.5"),
+    ("workers: 010", "2: workers: 010 reads as the number 8 in YAML (octal"),
+    ("workers: 1:00", "2: workers: 1:00 reads as the number 60 in YAML (base 60"),
+    ("upstream: {pool_size: 0100}", "2: upstream.pool_size: 0100 reads as the number 64 in YAML (octal"),
 ]
 
 
 @pytest.mark.parametrize(("line", "words"), MISREAD, ids=[m[0] for m in MISREAD])
-def test_a_base_60_or_octal_number_is_refused_for_a_duration_or_a_size(tmp_path: Path, line: str,
-                                                                        words: str) -> None:
+def test_a_base_60_or_octal_number_is_refused_for_a_duration_a_size_or_a_count(
+        tmp_path: Path, line: str, words: str) -> None:
     from proxy.config import load_config
     from proxy.errors import ConfigError
 

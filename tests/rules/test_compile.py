@@ -95,6 +95,22 @@ def test_plans_without_response_rules_are_built_once() -> None:
     assert RULES.plan(head("/api/x")) is RULES.plan(head("/api/y"))  # composed plans are memoised
 
 
+def test_a_bare_number_where_a_string_is_meant_is_taken_as_written() -> None:
+    """YAML reads ``010`` as 8 and ``1.50`` as 1.5: a header value or a condition's value is the
+    text as written, not that number's (a rule matching ``v=1.50`` never matched)."""
+    rules = compile_text("""
+        rules:
+          - name: versioned
+            match: {path: /v, query: {v: 1.50, w: {equals: 010}}, header: {X-Id: 0x1F}}
+            response_headers: {add: {X-Version: 010}}
+    """)
+    plan = rules.plan(head("/v?v=1.50&w=010", x_id="0x1F"))
+    assert plan.rule is not None and plan.rule.name == "versioned"
+    assert plan.response_headers_for(200, None).add == (("X-Version", "010"),)  # type: ignore[union-attr]
+    assert rules.plan(head("/v?v=1.5&w=010", x_id="0x1F")).rule is None
+    assert rules.plan(head("/v?v=1.50&w=8", x_id="0x1F")).rule is None
+
+
 def test_get_in_a_method_list_implies_head() -> None:
     rules = compile_text("""
         rules:
