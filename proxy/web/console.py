@@ -165,22 +165,31 @@ def secret_matches(request: web.Request, session: Session) -> bool:
 
 def process_totals(runtime: Runtime, owner: bool) -> Totals:
     """This process's cumulative counters for the console's series (``proxy.live.Totals``).
-    The owner of the cache directory adds the disk tier's evictions."""
+
+    ``owner``: the process that owns the cache directory (the supervisor, or the one process
+    without workers) also reports the tiers: the memory tier's entries and bytes (``memory``)
+    and the evictions of both tiers. The memory tier is the machine's shared arena, so every
+    process reads the same whole-machine figures from it: counted from each worker too, they
+    would be counted once per process (as /stats and /metrics take them from the supervisor
+    alone). A worker's ``evictions`` is 0 and it has no ``memory``."""
     m = runtime.metrics
-    memory = runtime.storage.memory
-    evictions = memory.evictions
-    if owner and runtime.storage.disk is not None:
-        evictions += runtime.storage.upkeep.index_rows_dropped
-    return {
+    totals: Totals = {
         "pid": os.getpid(),
         "requests": m.request_counts(),
         "bytes": {labels[0]: int(v) for labels, v in m.response_bytes.values().items()},
         "origin": int(sum(m.upstream_requests.values().values())),
         "fills": int(m.fills.values()[()]),
-        "evictions": int(evictions),
+        "evictions": 0,
         "latency": {labels[0]: counts for labels, counts in m.request_duration.values().items()},
-        "memory": {"entries": len(memory), "bytes": memory.bytes},
     }
+    if owner:
+        memory = runtime.storage.memory
+        evictions = memory.evictions
+        if runtime.storage.disk is not None:
+            evictions += runtime.storage.upkeep.index_rows_dropped
+        totals["evictions"] = int(evictions)
+        totals["memory"] = {"entries": len(memory), "bytes": memory.bytes}
+    return totals
 
 
 def register_console_calls(runtime: Runtime) -> None:
@@ -220,7 +229,8 @@ class LiveFeed:
         if self.inspector.multi:
             parts += await self.inspector.ask_workers("console_totals")
         self.processes = max(1, len(parts) - 1) if self.inspector.multi else 1
-        self.memory = {k: sum(int(p["memory"][k]) for p in parts) for k in ("entries", "bytes")}
+        own = parts[0]["memory"]  # the machine's shared memory tier, counted once (process_totals)
+        self.memory = {k: int(own[k]) for k in ("entries", "bytes")}
         self.series.add(now, parts)
         if self._ticks % LIVE_TABLES_EVERY == 0:
             await self.refresh_tables(now)
@@ -255,8 +265,8 @@ class LiveFeed:
         since_start = {"requests": totals["requests"], "bytes": totals["bytes"],
                        "origin": totals["origin"], "fills": totals.get("fills", 0),
                        **ratios(totals["requests"], totals["bytes"], totals["origin"])}
-        storage: dict[str, Any] = {"memory": {**self.memory,
-                                              "budget": settings.cache.memory * self.processes}}
+        # cache.memory is the whole machine's budget, shared by every worker (docs/storage.md).
+        storage: dict[str, Any] = {"memory": {**self.memory, "budget": settings.cache.memory}}
         disk = runtime.storage.disk
         if disk is not None and settings.cache.disk is not None:
             storage["disk"] = {"entries": await self.inspector.disk_entries(),

@@ -266,6 +266,9 @@ async def test_warm_and_top_against_two_workers(origin: Origin, tmp_path: Path) 
         await term.screen_where(counts_url(f"http://{HOST}/w/0", 16, 64))
         lines = await screen_under_traffic(term, proxy.get, "/w/1")
         assert "2 workers" in lines[0]
+        # One memory tier for the machine, shared by both workers: its budget is cache.memory.
+        memory = next(line for line in lines if line.startswith("memory "))
+        assert " / 16.0 MB (" in memory, memory
         upstream = next(line for line in lines if line.startswith(origin.url))
         assert "up 2/2 wk" in upstream
         assert int(upstream.split()[-2].replace(",", "")) >= 5  # the workers' requests, not the supervisor's 0
