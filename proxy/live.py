@@ -15,7 +15,10 @@ Two halves:
   (``Totals``: requests by cache status, bytes by source, origin requests, fills,
   evictions, request-duration buckets) and keeps the differences in a ring buffer of
   ``SERIES_POINTS`` seconds. A worker that restarts (a new pid) starts from a fresh
-  baseline, so its counters going back to zero never show as a negative rate.
+  baseline, so its counters going back to zero never show as a negative rate (nor its new
+  process's counts as a spike), and what the process it replaces had counted stays in the
+  totals since start (``retired``, as ``proxy.metrics.ClusterMetrics`` keeps it for
+  /metrics), so those never go down.
 
 Everything here is plain data and arithmetic: no I/O, no clock reads (``now`` is given).
 """
@@ -180,10 +183,19 @@ def add_counts(a: list[int], b: Sequence[int]) -> list[int]:
 # -- the per-second series ------------------------------------------------------------------------
 
 # Totals, one dict per process, JSON-ready (it crosses the control channel):
-#   {"pid": 123, "requests": {"HIT": 10, ...}, "bytes": {"memory": ..., "disk": ..., "upstream": ...},
+#   {"pid": 123, "worker": 0, "requests": {"HIT": 10, ...},
+#    "bytes": {"memory": ..., "disk": ..., "upstream": ...},
 #    "origin": 4, "fills": 3, "evictions": 0, "latency": {"HIT": [bucket counts], ...}}
+# "worker" is the worker id (None, or left out, for a process that is no worker): a new pid
+# under the same worker id is a restarted worker, and the old pid's totals are retired.
 Totals = dict[str, Any]
 _COUNTED = ("origin", "fills", "evictions")
+
+
+def _place_of(part: Totals) -> tuple[str, Any]:
+    """Where a process counts: its worker id, or its pid for a process that is no worker."""
+    worker = part.get("worker")
+    return ("worker", worker) if worker is not None else ("pid", int(part["pid"]))
 
 
 def _delta_map(new: dict[str, Any], old: dict[str, Any]) -> dict[str, int]:
@@ -203,10 +215,33 @@ class Series:
         self.bounds = tuple(bounds)
         self.points: collections.deque[dict[str, Any]] = collections.deque(maxlen=points)
         self._latency: collections.deque[dict[str, list[int]]] = collections.deque(maxlen=latency_window)
-        self._last: dict[int, Totals] = {}  # pid -> its previous totals
+        # pid -> its latest totals, for every current process: one a sample missed (a worker
+        # slow to answer, or dead and not replaced yet) is still counted as last seen.
+        self._last: dict[int, Totals] = {}
+        self._pid_of: dict[Any, int] = {}  # a process's place (its worker id) -> its current pid
+        self._retired: Totals = sum_totals(())  # processes replaced since start: their last totals
         self._last_time: float | None = None
         self.seq = 0
-        self.totals: Totals = {}  # the latest totals summed over processes
+        self.totals: Totals = {}  # since start: the current processes' latest totals and the retired
+
+    def _place(self, pid: int, part: Totals) -> None:
+        """Note the process ``pid`` in its place; the process it replaces there (a restarted
+        worker's predecessor) is retired: its last totals stay in ``totals`` for good."""
+        place = _place_of(part)
+        old = self._last.get(pid)
+        if old is not None and _place_of(old) != place:
+            self._retire(pid)  # a pid the system gave again, to a process in another place
+        before = self._pid_of.get(place)
+        if before is not None and before != pid:
+            replaced = self._last.get(before)
+            if replaced is not None and _place_of(replaced) == place:  # (not a pid given again since)
+                self._retire(before)
+        self._pid_of[place] = pid
+
+    def _retire(self, pid: int) -> None:
+        old = self._last.pop(pid, None)
+        if old is not None:
+            self._retired = sum_totals((self._retired, old))
 
     def add(self, now: float, parts: Sequence[Totals]) -> dict[str, Any] | None:
         """A sample of every process's totals; the new point (None for the first sample,
@@ -215,11 +250,11 @@ class Series:
         bytes_: dict[str, int] = {}
         counted = dict.fromkeys(_COUNTED, 0)
         latency: dict[str, list[int]] = {}
-        seen: dict[int, Totals] = {}
         for part in parts:
             pid = int(part["pid"])
-            seen[pid] = part
+            self._place(pid, part)
             old = self._last.get(pid)
+            self._last[pid] = part
             if old is None:
                 continue  # a process seen for the first time: its baseline
             for k, v in _delta_map(part["requests"], old["requests"]).items():
@@ -233,8 +268,7 @@ class Series:
                 diff = [max(0, int(x) - int(y)) for x, y in zip(counts, before, strict=True)]
                 if any(diff):
                     latency[status] = add_counts(latency.get(status, []), diff)
-        self._last = seen
-        self.totals = sum_totals(parts)
+        self.totals = sum_totals((self._retired, *self._last.values()))
         previous, self._last_time = self._last_time, now
         if previous is None:
             return None

@@ -175,6 +175,7 @@ def process_totals(runtime: Runtime, owner: bool) -> Totals:
     m = runtime.metrics
     totals: Totals = {
         "pid": os.getpid(),
+        "worker": runtime.worker_id,  # None for the supervisor or the one process
         "requests": m.request_counts(),
         "bytes": {labels[0]: int(v) for labels, v in m.response_bytes.values().items()},
         "origin": int(sum(m.upstream_requests.values().values())),

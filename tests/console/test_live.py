@@ -83,6 +83,59 @@ def test_a_restarted_worker_starts_from_a_new_baseline_never_a_negative_rate():
     assert point is not None and point["requests"] == {"HIT": 7}
 
 
+def worker(w: int, pid: int, **counts: int) -> dict:
+    return {**totals(pid, **counts), "worker": w}
+
+
+def since_start(s: Series) -> int:
+    return sum(s.totals["requests"].values())
+
+
+def test_totals_since_start_keep_what_a_restarted_worker_had_counted():
+    s = Series(REQUEST_BUCKETS)
+    s.add(0.0, [totals(1), worker(0, 10), worker(1, 11)])
+    s.add(1.0, [totals(1), worker(0, 10, hit=2000), worker(1, 11, hit=1000, origin=5)])
+    assert since_start(s) == 3000
+    # Worker 1 is killed: a sample without it, then one with its successor (pid 12), counting afresh.
+    point = s.add(2.0, [totals(1), worker(0, 10, hit=2010)])
+    assert point is not None and point["requests"] == {"HIT": 10}
+    assert since_start(s) == 3010 and s.totals["origin"] == 5  # its last totals still count
+    point = s.add(3.0, [totals(1), worker(0, 10, hit=2020), worker(1, 12, hit=3)])
+    assert point is not None and point["requests"] == {"HIT": 10}  # pid 12's first sight: its baseline
+    assert since_start(s) == 3023 and s.totals["origin"] == 5
+    point = s.add(4.0, [totals(1), worker(0, 10, hit=2030), worker(1, 12, hit=10, origin=1)])
+    assert point is not None and point["requests"] == {"HIT": 17} and point["origin"] == 1
+    assert since_start(s) == 3040 and s.totals["origin"] == 6
+    # Restarted again: the retired totals add up (and the old process is kept once, not per sample).
+    for t in (5.0, 6.0):
+        s.add(t, [totals(1), worker(0, 10, hit=2030), worker(1, 13)])
+    assert since_start(s) == 3040 and s.totals["origin"] == 6
+    assert sorted(s._last) == [1, 10, 13]
+
+
+def test_a_worker_missing_from_a_sample_is_counted_as_last_seen():
+    """A worker too slow to answer one sample: the totals do not dip, and its requests meanwhile
+    are in the next point it answers."""
+    s = Series(REQUEST_BUCKETS)
+    s.add(0.0, [worker(0, 10), worker(1, 11)])
+    s.add(1.0, [worker(0, 10, hit=5), worker(1, 11, hit=5)])
+    s.add(2.0, [worker(0, 10, hit=6)])
+    assert since_start(s) == 11
+    point = s.add(3.0, [worker(0, 10, hit=7), worker(1, 11, hit=9)])
+    assert point is not None and point["requests"] == {"HIT": 5}
+    assert since_start(s) == 16
+
+
+def test_a_pid_given_again_to_another_worker_is_a_new_process():
+    s = Series(REQUEST_BUCKETS)
+    s.add(0.0, [worker(0, 10, hit=100), worker(1, 11, hit=50)])
+    s.add(1.0, [worker(1, 10, hit=1), worker(0, 12, hit=2)])  # both restarted; 10 is worker 1's now
+    assert since_start(s) == 153  # the old processes retired, the new ones counted from 0
+    point = s.add(2.0, [worker(1, 10, hit=4), worker(0, 12, hit=2)])
+    assert point is not None and point["requests"] == {"HIT": 3}
+    assert since_start(s) == 156
+
+
 def test_latency_by_status_covers_the_last_minute_of_samples():
     buckets = len(REQUEST_BUCKETS) + 1
     s = Series(REQUEST_BUCKETS, latency_window=2)

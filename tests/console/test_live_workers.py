@@ -1,10 +1,13 @@
 """The console's live numbers against ``cachegate run`` as a real process tree: the shared memory
-tier counted once however many processes read it."""
+tier counted once however many processes read it, and totals since start that a worker's
+restart does not take back."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,13 @@ async def live_until(proxy: ProxyProcess, done: Callable[[dict[str, Any]], bool]
             break
         await asyncio.sleep(0.2)
     return body
+
+
+async def requests_in_metrics(proxy: ProxyProcess) -> int:
+    """Client requests as ``/metrics`` counts them (over every worker, the retired ones too)."""
+    text = (await proxy.admin("GET", "/metrics")).body.decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("cachegate_requests_total{")))
 
 
 def since_start(body: dict[str, Any]) -> int:
@@ -98,5 +108,61 @@ async def test_the_shared_memory_tier_is_counted_once_against_the_machines_budge
         assert body["last_minute"]["evictions"] <= memory["evictions"]
         assert "disk" not in body["storage"]
         assert body["workers"] == (2 if workers == "2" else None)
+    finally:
+        await proxy.stop()
+
+
+async def test_totals_since_start_keep_what_a_killed_worker_had_counted(origin: Origin, tmp_path: Path) -> None:
+    """A worker killed and started again: the console's totals since start keep its requests (as
+    /metrics does) and never go down meanwhile; its successor's counts start from a baseline, so
+    no point of the series counts a request twice or goes negative."""
+    origin.route("/r", body=b"r" * 100, headers={"Cache-Control": "max-age=600"})
+    cache = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        # Both workers sampled before any traffic: their baselines are at 0.
+        assert (await live_until(proxy, lambda b: b["workers"] == 2))["workers"] == 2
+        by_worker = {"0": 0, "1": 0}
+        sent = 0
+        while min(by_worker.values()) < 20:
+            r = await proxy.get("/r")  # a new connection each: both workers answer some
+            assert r.status == 200
+            by_worker[r.worker] += 1
+            sent += 1
+        seen: list[dict[str, Any]] = []
+        assert since_start(await live_until(proxy, lambda b: since_start(b) == sent, seen)) == sent
+        assert await requests_in_metrics(proxy) == sent  # /metrics has read the workers' counts too
+        victim = max(by_worker, key=lambda w: by_worker[w])  # the busier one
+        old = proxy.workers[int(victim)]
+        os.kill(old, signal.SIGKILL)
+        for _ in range(int(WAIT / 0.2)):  # the console read meanwhile, the worker dead and restarting
+            seen.append(await live(proxy))
+            if proxy.workers[int(victim)] != old:
+                break
+            await asyncio.sleep(0.2)
+        assert proxy.workers[int(victim)] != old, "the killed worker was not started again"
+        # A whole sample after the new worker was ready: its baseline, before it answers anything.
+        ready_seq = seen[-1]["seq"]
+        body = await live_until(proxy, lambda b: b["seq"] >= ready_seq + 2 and b["workers"] == 2, seen)
+        assert body["workers"] == 2
+        more = 0
+        answered = set()
+        while len(answered) < 2 or more < 20:  # the new worker answers some too
+            r = await proxy.get("/r")
+            assert r.status == 200
+            answered.add(r.worker)
+            more += 1
+        body = await live_until(proxy, lambda b: since_start(b) == sent + more, seen)
+        totals = [since_start(b) for b in seen]
+        assert totals == sorted(totals), totals  # never backwards, not even while the worker was down
+        assert since_start(body) == sent + more
+        assert await requests_in_metrics(proxy) == since_start(body)  # what /metrics says
+        # The series: what each second counted adds up to the requests sent, none counted twice
+        # (the new worker's counts start from its baseline) and none negative.
+        points = body["points"]
+        assert all(n >= 0 for p in points for n in p["requests"].values())
+        assert sum(n for p in points for n in p["requests"].values()) == sent + more
     finally:
         await proxy.stop()
