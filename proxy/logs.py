@@ -16,10 +16,20 @@ path only records a tuple (``AccessLog.add``); formatting and writing happen in 
 the records of one event-loop iteration (every request its connections' bytes carried) are
 formatted and written together by a ``call_soon`` at the end of it (or at ``MAX_BATCH``
 records), with one ``write`` per batch to a file, and writes of at most ``PIPE_BUF`` bytes,
-cut at line ends, to a pipe or terminal (several workers share standard output: a bigger
-write to a pipe may be interleaved with another process's). Times are kept as
-``time.perf_counter()`` readings on the request path and turned into wall-clock time when
-the batch is written.
+cut at line ends, to a pipe, socket or terminal. Times are kept as ``time.perf_counter()``
+readings on the request path and turned into wall-clock time when the batch is written.
+
+**Whole lines on a shared pipe.** Several workers write to the same standard output, and
+Linux keeps a write to a pipe whole (never interleaved with another process's) only up to
+``PIPE_BUF`` (4096) bytes. A line is longer only when a client made it so (a long path, Host,
+Referer or User-Agent, longer still once escaped: 7,000 ``"`` are 14,000 bytes of JSON), so
+on any sink that is not a regular file a longer line has those values cut (``_fit``), each cut
+one ending in ``…``, until the line fits. Why cut rather than lock: a lock between the
+workers held for a whole line would hold every worker's writes behind a slow reader, and
+could not keep a line whole anyway where the descriptor is non-blocking (a write of more than
+``PIPE_BUF`` may then be partial, and the rest may never fit); a write of at most
+``PIPE_BUF`` to a pipe is all or nothing in both modes. A regular file keeps its lines whole
+(``O_APPEND``: one write is one append) and whole values: nothing is cut there.
 
 **Error log.** Every line of cachegate's own logging (warnings, errors, tracebacks) is one
 line per event, with the worker and the request id; JSON objects when the access log is JSON.
@@ -48,6 +58,7 @@ from proxy.settings import AccessLogSettings
 
 MAX_BATCH = 256  # records: a batch this long is written at once (a flush holds the loop ≈ 0.7 ms)
 PIPE_BUF = 4096  # writes up to this size to a pipe are atomic (POSIX)
+CUT_MARK = "\u2026"  # "…": the end of a client's value cut to keep its line within PIPE_BUF
 
 
 # -- request ids ---------------------------------------------------------------------------
@@ -279,6 +290,9 @@ class AccessLog:
         lines = [fmt(r) for r in batch]
         try:
             if self._pipe:
+                if max(map(len, lines)) > PIPE_BUF:  # (the lines are ASCII: characters are bytes)
+                    lines = [line if len(line) <= PIPE_BUF else self._fit(r)
+                             for line, r in zip(lines, batch, strict=True)]
                 self._write_pieces(lines)
             else:
                 self._write_all("".join(lines).encode("utf-8", "surrogateescape"))
@@ -358,10 +372,96 @@ class AccessLog:
                 f"{_quoted(request)} {r[8]} {r[9]} {_quoted(referer)} {_quoted(agent)} "
                 f"cache={r[10]} duration_us={int(r[1] * 1e6)} request_id={rid}\n")
 
+    def _fit(self, r: Record, limit: int = PIPE_BUF) -> str:
+        """The line of ``r`` within ``limit`` bytes (it was longer): the values a client chose
+        (host, path and query; Referer and User-Agent in the combined format) cut to what room
+        the rest of the line leaves, as escaped, shared out evenly (a short value keeps all it
+        needs), each cut one ending in ``CUT_MARK``. The rest of a line is a few hundred bytes
+        at most (a kept request id is 200 characters), so every line fits.
+
+        Cut rather than written whole under a lock between the workers: see the module
+        docstring. Only lines over ``limit`` come here (a client's doing), at the cost of a few
+        escapes of each value cut (``_cut``)."""
+        headers = r[15]
+        as_json = self._format == self._json
+        values: list[str | None] = [r[5] if as_json else None, r[6], None, None]  # (no host in combined)
+        if headers is not None:
+            values[2], values[3] = headers.get("Referer"), headers.get("User-Agent")
+        width = _json_width if as_json else _quoted_width
+        base = len(self._format(_with_values(r, [None if v is None else "" for v in values])))
+        widths = [width(v) if v else 0 for v in values]
+        shares = _shares(widths, limit - base)
+        return self._format(_with_values(r, [v if not v or w <= share else _cut(v, share, width)
+                                             for v, w, share in zip(values, widths, shares, strict=True)]))
+
+
+def _json_width(value: str) -> int:
+    """Characters ``value`` takes in a JSON line (escaped, without its quotes)."""
+    return len(_json_str(value)) - 2
+
+
+# The bytes a combined-format field keeps as they are; every other byte is written \xHH.
+_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
+def _quoted_width(value: str) -> int:
+    """Characters ``value`` takes in a combined-format line (``_quoted``, without its quotes)."""
+    data = value.encode("utf-8", "surrogateescape")
+    return len(data) + 3 * len(data.translate(None, _PLAIN))
+
+
+def _cut(value: str, room: int, width: Callable[[str], int]) -> str:
+    """The longest start of ``value`` that, with ``CUT_MARK`` after it, takes at most ``room``
+    characters once escaped. A guess from the escapes' density, then bisection, the range
+    narrowed by what one character takes at least (one): two or three escapes (``width``, at C
+    speed) for a value escaped evenly, some twelve at worst."""
+    room -= width(CUT_MARK)
+    lo, hi = 0, min(len(value), room)
+    if hi <= 0:
+        return CUT_MARK
+    taken = width(value[:hi])
+    if taken <= room:
+        return value[:hi] + CUT_MARK
+    guess = hi * room // taken
+    taken = width(value[:guess])
+    if taken <= room:
+        lo, hi = guess, min(hi, guess + room - taken)
+    else:
+        hi = guess - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        taken = width(value[:mid])
+        if taken <= room:
+            lo, hi = mid, min(hi, mid + room - taken)
+        else:
+            hi = mid - 1
+    return value[:lo] + CUT_MARK
+
+
+def _shares(widths: list[int], room: int) -> list[int]:
+    """``room`` shared out among values of these widths: each gets what it needs, up to an
+    even share of what the smaller ones left."""
+    shares = [0] * len(widths)
+    left = len(widths)
+    for i in sorted(range(len(widths)), key=widths.__getitem__):
+        shares[i] = min(widths[i], max(room, 0) // left)
+        room -= shares[i]
+        left -= 1
+    return shares
+
+
+def _with_values(r: Record, values: list[str | None]) -> Record:
+    """``r`` with its host, target, Referer and User-Agent replaced (``AccessLog._fit``)."""
+    new = list(r)
+    new[5], new[6] = values[0], values[1]
+    if r[15] is not None:
+        new[15] = {"Referer": values[2], "User-Agent": values[3]}
+    return tuple(new)
+
 
 def pipe_pieces(lines: list[str], limit: int = PIPE_BUF) -> Iterator[bytes]:
     """``lines`` joined into writes of at most ``limit`` bytes, each ending at a line end (a
-    single longer line is a write of its own)."""
+    single longer line, which ``AccessLog._fit`` leaves none of, would be a write of its own)."""
     piece: list[bytes] = []
     size = 0
     for line in lines:

@@ -7,6 +7,9 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from proxy.logs import (
+    CUT_MARK,
     MAX_BATCH,
     PIPE_BUF,
     AccessLog,
@@ -277,6 +281,113 @@ def test_pipe_writes_are_at_most_pipe_buf_and_end_at_line_ends() -> None:
     assert all(p.endswith(b"\n") for p in pieces)
     assert all(len(p) <= PIPE_BUF for p in pieces[:-1]) and len(pieces[-1]) == 5001  # a long line alone
     assert len(pieces) < len(lines) / 10  # batched, not a write per line
+
+
+# A worker of its own: the real AccessLog on standard output, a third of its lines made long by
+# the client's path (7,000 quotes: 14 KB of JSON, 28 KB of combined) and, in combined, by a
+# Referer and a User-Agent, written in batches as a worker does.
+WRITER = r"""
+import asyncio, sys
+from proxy.logs import AccessLog
+from proxy.settings import AccessLogSettings
+
+async def main(worker, fmt):
+    access = AccessLog(AccessLogSettings(fmt, "stdout"), worker)
+    for i in range(150):
+        long = i % 3 == 0
+        headers = {"Referer": "r" * 8000, "User-Agent": "u\x01" * 3000} if long else {"User-Agent": "probe"}
+        access.add((1.0, 0.001, f"{worker}-{i}", "127.0.0.1", "GET", "example.com",
+                    f"/{worker}/{i}/" + ('"' * 7000 if long else ""), (1, 1), 200, 100, "MISS",
+                    "cachegate; fwd=uri-miss", None, None, None, headers if fmt == "combined" else None))
+        if i % 10 == 9:
+            await asyncio.sleep(0)  # the end of an event-loop iteration: a batch is written
+    access.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+COMBINED_LINE = re.compile(
+    r'127\.0\.0\.1 - - \[[^]]+\] "GET /(\d)/(\d+)/((?:\\x22)*)(\\xE2\\x80\\xA6)? HTTP/1\.1" 200 100 '
+    r'"(-|r+(?:\\xE2\\x80\\xA6)?)" "(probe|[u\\x01]+(?:\\xE2\\x80\\xA6)?)" cache=MISS duration_us=1000 '
+    r"request_id=(\d)-(\d+)")
+
+
+def whole_line(fmt: str, line: str) -> tuple[int, int, bool] | None:
+    """(worker, request, whether its path was cut) of a line the writer wrote whole, else None."""
+    if fmt == "json":
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        worker, i = map(int, record["request_id"].split("-"))
+        if not (record["path"].startswith(f"/{worker}/{i}/") and record["host"] == "example.com"):
+            return None
+        return worker, i, record["path"].endswith(CUT_MARK)
+    found = COMBINED_LINE.fullmatch(line)
+    if found is None or (found[1], found[2]) != (found[7], found[8]):
+        return None
+    return int(found[1]), int(found[2]), bool(found[4])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["json", "combined"])
+def test_two_workers_on_one_pipe_write_whole_lines_whatever_the_path(fmt: str) -> None:
+    """Two processes share a pipe as two workers share standard output, and the reader is slow
+    (a log shipper): a line over PIPE_BUF was written in a write of its own, which Linux splits
+    when the pipe is full, and the other worker's lines came out inside it (792 broken lines
+    of 3,608). Every line is whole now: the client's values are cut, and say so."""
+    read_end, write_end = os.pipe()
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(w), fmt], stdout=write_end)
+               for w in (1, 2)]
+    os.close(write_end)
+    chunks = []
+    try:
+        while chunk := os.read(read_end, 4096):
+            chunks.append(chunk)
+            time.sleep(0.001)  # a slow reader: the pipe is full, and the writers wait
+    finally:
+        os.close(read_end)
+        for writer in writers:
+            assert writer.wait(30) == 0
+    lines = b"".join(chunks).decode("ascii").splitlines()
+    found = [whole_line(fmt, line) for line in lines]
+    broken = [line for line, f in zip(lines, found, strict=True) if f is None]
+    assert not broken, f"{len(broken)} of {len(lines)} lines broken, as {broken[0][:200]!r}"
+    assert sorted((w, i) for w, i, _ in filter(None, found)) == [(w, i) for w in (1, 2) for i in range(150)]
+    assert all(cut == (i % 3 == 0) for _, i, cut in filter(None, found))  # the long ones, and only those
+    assert max(map(len, lines)) < PIPE_BUF
+
+
+def test_a_long_line_is_cut_to_pipe_buf_evenly_and_a_file_keeps_it_whole(tmp_path: Path) -> None:
+    def record(path: str, host: str, headers: dict[str, str] | None) -> tuple[Any, ...]:
+        return (1.0, 0.001, "id-1", "127.0.0.1", "GET", host, path, (1, 1), 200, 1, "MISS", "cachegate; fwd=uri-miss",
+                "k", None, None, headers)
+
+    read_end, write_end = os.pipe()
+    try:
+        for fmt in ("json", "combined"):
+            access = AccessLog(AccessLogSettings(fmt, str(tmp_path / f"{fmt}.log")), "0")
+            access._fd, access._pipe = write_end, True  # (a pipe's: what stdout would be)
+            access._clock.anchor()
+            headers = {"Referer": "http://r/" + "é" * 3000, "User-Agent": "short"} if fmt == "combined" else None
+            for path, host in (("/p/" + "\x01\\" * 4000, "example.com"), ("/p/" + "a" * 5000, "h" * 5000),
+                               ("/p/" + "😀" * 2000, "example.com")):
+                line = access._fit(record(path, host, headers))
+                assert line.isascii() and PIPE_BUF - 16 < len(line) <= PIPE_BUF  # the room is used
+                if fmt == "json":
+                    fields = json.loads(line)
+                    assert fields["path"].endswith(CUT_MARK) and path.startswith(fields["path"][:-1])
+                    assert fields["host"] == host or (len(fields["host"]) > 1500 and fields["host"].endswith(CUT_MARK))
+                else:
+                    assert line.count("\\xE2\\x80\\xA6") == 2 and '"short"' in line  # path, Referer
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    long = record("/p/" + '"' * 7000, "example.com", None)
+    access = AccessLog(AccessLogSettings("json", str(tmp_path / "file.log")), "0")
+    access._batch.append(long)
+    access.close()
+    (written,) = (tmp_path / "file.log").read_text().splitlines()
+    assert json.loads(written)["path"] == long[6]  # a file: whole, nothing cut
 
 
 async def test_sighup_reopens_the_access_log_after_logrotate(
