@@ -211,6 +211,10 @@ class _Clock:
 
 _NO_UPSTREAM = '"upstream":null,"upstream_us":null,'
 MAX_TAILS = 4096  # the fixed parts of JSON lines kept (URL and outcome); cleared when full
+# Characters of one kept tail and the strings its key holds (path, host, cache key): a longer
+# one is formatted anew each time, so the kept tails hold at most MAX_TAILS × TAIL_KEPT
+# characters (≈ 4 MiB, about 6 MB with the objects around them) whatever URLs clients send.
+TAIL_KEPT = 1024
 # Cache-Status of a fast-path hit: this and floor(ttl) (as proxy.web.fastpath writes it).
 _HIT_PREFIX = cache_status(hit=True, ttl=0.0)[:-1]
 
@@ -342,13 +346,17 @@ class AccessLog:
                 f'{"null" if upstream_time is None else int(upstream_time * 1e6)},' + tail)
 
     def _tail(self, fixed: tuple[Any, ...]) -> str:
+        """The end of a line, kept for the next line of the same URL and outcome unless it is
+        long (``TAIL_KEPT``): 6,000 distinct 8,000-character URLs kept 4,096 tails of 16 KB
+        (escaped) and their 8 KB paths and keys, +130 MB a worker never gave back."""
         method, host, path, status, size, x_cache, key = fixed
-        if len(self._tails) >= MAX_TAILS:
-            self._tails.clear()
         hashed = "null" if key is None else f'"{key_hash(key)}"'
-        tail = self._tails[fixed] = (
-            f'"method":"{method}","host":{_json_str(host)},"path":{_json_str(path)},"status":{status},'
-            f'"bytes":{size},"cache":"{x_cache}","key":{hashed},"worker":"{self.worker}"}}\n')
+        tail = (f'"method":"{method}","host":{_json_str(host)},"path":{_json_str(path)},"status":{status},'
+                f'"bytes":{size},"cache":"{x_cache}","key":{hashed},"worker":"{self.worker}"}}\n')
+        if len(tail) + len(path or "") + len(host or "") + len(key or "") <= TAIL_KEPT:
+            if len(self._tails) >= MAX_TAILS:
+                self._tails.clear()
+            self._tails[fixed] = tail
         return tail
 
     def _json_refused(self, r: Record) -> str:

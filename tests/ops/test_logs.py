@@ -19,7 +19,9 @@ from aiohttp import web
 from proxy.logs import (
     CUT_MARK,
     MAX_BATCH,
+    MAX_TAILS,
     PIPE_BUF,
+    TAIL_KEPT,
     AccessLog,
     AccessLogSettings,
     LineFormatter,
@@ -388,6 +390,26 @@ def test_a_long_line_is_cut_to_pipe_buf_evenly_and_a_file_keeps_it_whole(tmp_pat
     access.close()
     (written,) = (tmp_path / "file.log").read_text().splitlines()
     assert json.loads(written)["path"] == long[6]  # a file: whole, nothing cut
+
+
+def test_kept_line_ends_are_bounded_in_bytes_not_only_in_number(tmp_path: Path) -> None:
+    """6,000 distinct 8,000-character URLs (no-store: nothing cached) kept 4,096 line ends of
+    16 KB and their paths and keys: +130 MB in the worker, never given back."""
+    access = AccessLog(AccessLogSettings("json", str(tmp_path / "a.log")), "0")
+    try:
+        for i in range(600):
+            path = f"/n/{i:06d}/" + '"' * 8000
+            access._batch.append((1.0, 0.001, f"id-{i}", "127.0.0.1", "GET", "example.com", path, (1, 1), 200, 1,
+                                  "MISS", "cachegate; fwd=uri-miss", "http://example.com" + path, None, None, None))
+            access._batch.append((1.0, 0.001, f"id-{i}", "127.0.0.1", "GET", "example.com", f"/s/{i}", (1, 1),
+                                  200, 1, "HIT", 1.0, f"http://example.com/s/{i}", None, None, None))
+        access.flush()
+        held = sum(len(tail) + sum(len(v) for v in fixed if isinstance(v, str)) for fixed, tail in access._tails.items())
+        assert held <= MAX_TAILS * TAIL_KEPT // 8  # 600 short URLs' ends: a few hundred characters each
+        assert len(access._tails) == 600  # the short ones are kept, as before
+        assert len((tmp_path / "a.log").read_text().splitlines()) == 1200
+    finally:
+        access.close()
 
 
 async def test_sighup_reopens_the_access_log_after_logrotate(
