@@ -375,7 +375,8 @@ class AccessLog:
         referer = headers.get("Referer") if headers is not None else None
         agent = headers.get("User-Agent") if headers is not None else None
         version = r[7]
-        request = f"{r[4]} {r[6]} HTTP/{version[0]}.{version[1]}"
+        # A request the parser refused has no request line to tell: "-", as nginx writes it.
+        request = None if r[4] is None else f"{r[4]} {r[6]} HTTP/{version[0]}.{version[1]}"
         return (f"{r[3] or '-'} - - [{self._clock.clf(self._clock.wall_of(r[0] - r[1]))}] "
                 f"{_quoted(request)} {r[8]} {r[9]} {_quoted(referer)} {_quoted(agent)} "
                 f"cache={r[10]} duration_us={int(r[1] * 1e6)} request_id={rid}\n")

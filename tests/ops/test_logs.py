@@ -124,6 +124,21 @@ async def test_odd_paths_and_refused_requests_stay_valid_json_lines(
     assert (lines[1]["method"], lines[1]["path"]) == (None, None)  # the parser refused it: unknown
 
 
+async def test_a_refused_request_is_a_dash_in_the_combined_format(tmp_path: Path, make_proxy: MakeProxy) -> None:
+    """It was written "None None HTTP/1.1": nginx writes "-" for a request line it could not read."""
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: combined, path: {log_file}}}\n")
+    port = proxy.listeners.proxy_addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"BREW /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    await reader.read(65536)
+    writer.close()
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    (line,) = log_file.read_text().splitlines()
+    assert re.fullmatch(r'127\.0\.0\.1 - - \[[^]]+\] "-" 501 \d+ "-" "-" cache=ERROR duration_us=0 request_id=\S+', line), line
+
+
 async def test_request_ids_are_generated_returned_and_sent_upstream(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.route("/a", body=b"a")
     proxy = await make_proxy()
