@@ -56,6 +56,12 @@ from proxy.live import HIT_STATUSES, LiveStats
 # The *_created series double the scrape size and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+# cachegate_requests_total's method for a request the HTTP parser refused: its method is not
+# known (a field too long, a bad byte), or is one llhttp does not know (BREW, lower-case get),
+# which would make the label as open-ended as what clients send. Every other request's method
+# is one llhttp parsed: its list of methods bounds the label.
+REFUSED_METHOD = "-"
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # Families that only the supervisor's numbers describe (workers forward these to it).

@@ -81,7 +81,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from proxy.engine import response_edits
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
-from proxy.metrics import FastPathState
+from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import normalise_request
 from proxy.replies import Planned
@@ -336,7 +336,10 @@ class ProxyRequestHandler(HeadTimedHandler):
         """aiohttp's answer to a request it refused (bad framing, a 500 of its own), with the
         status that says why (``parser_refusal``), under the operator's Server name rather
         than aiohttp's (which names its and Python's versions), with a request id, and in the
-        access log."""
+        access log. A request the parser refused is counted here, as ERROR with the method
+        ``REFUSED_METHOD`` (cachegate's handler, which counts every other request, never saw
+        it); a 500 of aiohttp's own follows a request the handler has counted already."""
+        refused = isinstance(exc, HttpProcessingError)
         if status == 400 and isinstance(exc, HttpProcessingError):
             status, message = parser_refusal(exc, message)
         # aiohttp's text and status, written by the one head writer, and the connection closed.
@@ -346,11 +349,12 @@ class ProxyRequestHandler(HeadTimedHandler):
         request_id = fe.ids.new()
         resp.headers[hdrs.SERVER] = fe.server
         resp.headers["X-Request-Id"] = request_id
+        if refused:
+            fe.requests("ERROR", REFUSED_METHOD).inc()
         access = fe.access_log
         if access is not None:
             # A request the parser refused has no method or target to tell (aiohttp hands a
             # placeholder "GET /" message here).
-            refused = isinstance(exc, HttpProcessingError)
             peer = self.peername
             remote = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "")
             body = resp.body

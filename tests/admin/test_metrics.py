@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import aiohttp
@@ -93,3 +94,38 @@ async def test_every_family_is_there_with_its_labels(origin: Origin, make_proxy:
     assert value(m, "cachegate_config_reloads_total", result="failure") == 1
     assert value(m, "cachegate_not_stored_total", reason="PRIVATE") == 1
     assert value(m, "cachegate_upstream_up", upstream=up) in (0.0, 1.0)
+
+
+# What aiohttp's parser (llhttp) refuses before cachegate's handler sees the request, and why.
+REFUSED = [
+    (b"BREW /c/x HTTP/1.1\r\nHost: example.com\r\n\r\n", 501),  # a method llhttp does not know
+    (b"GET /c/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),  # the line is too long
+    (b"GET /c/x HTTP/1.1\r\nHost: example.com\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 400),  # a field
+    (b"GET /a\x1bb HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),  # an ESC in the target
+]
+
+
+async def test_requests_the_parser_refused_are_counted_as_errors_with_a_bounded_method(
+    tmp_path: Path, make_proxy: MakeProxy
+) -> None:
+    """They were in the access log as ERROR, never in cachegate_requests_total (nor the
+    console's counts): 100 refused requests read +20, the ones cachegate itself refused."""
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: json, path: {log_file}}}\n")
+    port = proxy.listeners.proxy_addresses[0][1]
+    for raw, status in REFUSED:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        answer = await reader.read(65536)
+        writer.close()
+        assert int(answer.split(b" ", 2)[1]) == status, answer[:80]
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(r["cache"], r["method"], r["status"]) for r in logged] == [("ERROR", None, s) for _, s in REFUSED]
+    m = await scrape(proxy)
+    assert value(m, "cachegate_requests_total", cache_status="ERROR", method="-") == len(REFUSED)
+    assert {labels for (name, labels), n in m.items() if name == "cachegate_requests_total" and n} == {
+        (("cache_status", "ERROR"), ("method", "-"))}  # BREW is no label: only methods llhttp parsed
+    counts = proxy.runtime.metrics.request_counts()  # the console's
+    assert {status: n for status, n in counts.items() if n} == {"ERROR": len(REFUSED)}
