@@ -467,6 +467,18 @@ async def test_the_dashboard_asks_only_for_metrics_a_real_scrape_exports(
     assert len(per_node) >= 5, "panels per node (Prometheus instance) for clustered setups"
 
 
+def test_no_dashboard_panel_draws_a_5xx_answer_twice() -> None:
+    """A 5xx answer is counted in cachegate_upstream_errors_total{kind="status_5NN"} and in
+    cachegate_upstream_requests_total{status_class="5xx"}: "Upstream errors" drew both, each
+    5xx once as its status kind and again as "5xx"."""
+    board = json.loads(DASHBOARD.read_text())
+    for panel in board["panels"]:
+        exprs = [target["expr"] for target in panel.get("targets", ())]
+        all_errors = any("cachegate_upstream_errors_total" in e and 'kind!~"status_' not in e for e in exprs)
+        answers_5xx = any(re.search(r'cachegate_upstream_requests_total\{[^}]*status_class="5xx"', e) for e in exprs)
+        assert not (all_errors and answers_5xx), panel["title"]
+
+
 def test_the_readme_config_example_passes_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

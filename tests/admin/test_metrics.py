@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Overrides
@@ -14,6 +16,7 @@ from proxy.web.server import install_reloader
 from tests.admin.util import absolute, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.ops.test_server_and_errors import closed_port
 
 CONFIG = "cache: {memory: 40KB, memory_max_object: 2KB, disk: {path: cache, size: 64MB, shards: 2}}\n"
 
@@ -129,3 +132,166 @@ async def test_requests_the_parser_refused_are_counted_as_errors_with_a_bounded_
         (("cache_status", "ERROR"), ("method", "-"))}  # BREW is no label: only methods llhttp parsed
     counts = proxy.runtime.metrics.request_counts()  # the console's
     assert {status: n for status, n in counts.items() if n} == {"ERROR": len(REFUSED)}
+
+
+# -- the documented PromQL, on real counters ----------------------------------------------------
+
+Vector = dict[frozenset[tuple[str, str]], float]
+_TOKEN = re.compile(r'\s*(?:(?P<num>\d+[smh]\b|\d+(?:\.\d+)?)|(?P<str>"(?:[^"\\]|\\.)*")|(?P<name>[A-Za-z_:][\w:]*)'
+                    r"|(?P<op>=~|!~|!=|[-+*/(){}\[\],=]))")
+
+
+class PromQL:
+    """The part of PromQL the documented ratios use, on one scrape of counters that all began at 0:
+    ``rate(x[5m])`` is then the counter itself (every ratio of two rates over one window is the
+    ratio of what was counted); ``sum by (...)``; ``+ - * /`` between vectors (matched on equal
+    label sets, the others dropped, as Prometheus does) and numbers; selectors with ``=``,
+    ``!=``, ``=~``, ``!~``, ``__name__`` included."""
+
+    def __init__(self, samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], text: str) -> None:
+        self.samples = samples
+        self.tokens = [m.group(m.lastgroup or "") for m in _TOKEN.finditer(text)]
+        assert "".join(self.tokens) == re.sub(r"\s", "", text), text  # all of it understood
+        self.at = 0
+
+    def run(self) -> Vector | float:
+        out = self.expr()
+        assert self.at == len(self.tokens), self.tokens[self.at:]
+        return out
+
+    def take(self, expected: str | None = None) -> str:
+        token = self.tokens[self.at]
+        assert expected is None or token == expected, (token, expected)
+        self.at += 1
+        return token
+
+    def peek(self) -> str | None:
+        return self.tokens[self.at] if self.at < len(self.tokens) else None
+
+    def expr(self) -> Vector | float:
+        out = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            out = self.binary(op, out, self.term())
+        return out
+
+    def term(self) -> Vector | float:
+        out = self.factor()
+        while self.peek() in ("*", "/"):
+            op = self.take()
+            out = self.binary(op, out, self.factor())
+        return out
+
+    def factor(self) -> Vector | float:
+        token = self.take()
+        if token == "(":
+            out = self.expr()
+            self.take(")")
+            return out
+        if re.fullmatch(r"\d+(?:\.\d+)?", token):
+            return float(token)
+        if token == "sum":
+            by: list[str] = []
+            if self.peek() == "by":
+                self.take()
+                self.take("(")
+                while self.peek() != ")":
+                    by.append(self.take())
+                    if self.peek() == ",":
+                        self.take()
+                self.take(")")
+            self.take("(")
+            inner = self.expr()
+            self.take(")")
+            assert isinstance(inner, dict)
+            summed: Vector = {}
+            for labels, v in inner.items():
+                key = frozenset((k, val) for k, val in labels if k in by)
+                summed[key] = summed.get(key, 0.0) + v
+            return summed
+        if token == "rate":
+            self.take("(")
+            out = self.selector(self.take())
+            self.take("[")
+            self.take()  # the window, as 5m: the scrape covers it all
+            self.take("]")
+            self.take(")")
+            return {frozenset((k, v) for k, v in labels if k != "__name__"): n for labels, n in out.items()}
+        return self.selector(token)
+
+    def selector(self, first: str) -> Vector:
+        matchers: list[tuple[str, str, str]] = []
+        if first != "{":
+            matchers.append(("__name__", "=", first))
+            if self.peek() != "{":
+                return self.select(matchers)
+            self.take("{")
+        while self.peek() != "}":
+            label, op, quoted = self.take(), self.take(), self.take()
+            matchers.append((label, op, json.loads(quoted)))
+            if self.peek() == ",":
+                self.take()
+        self.take("}")
+        return self.select(matchers)
+
+    def select(self, matchers: list[tuple[str, str, str]]) -> Vector:
+        out: Vector = {}
+        for (name, labels), n in self.samples.items():
+            have = {"__name__": name, **dict(labels)}
+            if all(self.matches(have.get(label, ""), op, want) for label, op, want in matchers):
+                out[frozenset(have.items())] = n
+        return out
+
+    @staticmethod
+    def matches(value: str, op: str, want: str) -> bool:
+        return {"=": value == want, "!=": value != want, "=~": re.fullmatch(want, value) is not None,
+                "!~": re.fullmatch(want, value) is None}[op]
+
+    @staticmethod
+    def binary(op: str, a: Vector | float, b: Vector | float) -> Vector | float:
+        def apply(x: float, y: float) -> float:
+            return {"+": x + y, "-": x - y, "*": x * y, "/": x / y if y else float("nan")}[op]
+
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: apply(v, b[k]) for k, v in a.items() if k in b}
+        if isinstance(a, dict):
+            return {k: apply(v, float(b)) for k, v in a.items()}  # type: ignore[arg-type]
+        if isinstance(b, dict):
+            return {k: apply(float(a), v) for k, v in b.items()}
+        return apply(a, b)
+
+
+def documented_query(title: str) -> str:
+    """The PromQL under the comment starting with ``title`` in docs/admin-api.md (to the blank line)."""
+    text = (Path(__file__).resolve().parents[2] / "docs/admin-api.md").read_text()
+    block = text.split("```promql\n", 1)[1].split("```", 1)[0]
+    lines = block.split(f"# {title}", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    return " ".join(line for line in lines if not line.startswith("#"))
+
+
+async def test_the_documented_upstream_error_rate_counts_each_failure_once(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A 5xx answer is in cachegate_upstream_requests_total{status_class="5xx"} and in
+    cachegate_upstream_errors_total{kind="status_5NN"}: the query added both, and an origin
+    failing one request in two read 0.667. An upstream nothing answered (connect failures only:
+    no requests series) is there too, at 1."""
+    answered = 0
+
+    async def half(request: web.Request) -> web.Response:
+        nonlocal answered
+        answered += 1
+        status = 503 if answered % 2 == 0 else 200
+        return web.Response(status=status, body=b"x", headers={"Cache-Control": "no-store"})
+
+    origin.route("/half", half)
+    down = f"http://127.0.0.1:{closed_port()}"
+    proxy = await make_proxy(upstreams=[origin.url, down])
+    for _ in range(20):
+        await proxy.get("/half")
+    m = await scrape(proxy)
+    failed = value(m, "cachegate_upstream_errors_total", upstream=down, kind="connect")
+    assert answered >= 10 and failed >= 1
+    rate = PromQL(m, documented_query("Upstream error rate, per upstream")).run()
+    assert rate == {frozenset({("upstream", origin.url)}): (answered // 2) / answered,
+                    frozenset({("upstream", down)}): 1.0}
