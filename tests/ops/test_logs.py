@@ -27,6 +27,8 @@ from proxy.logs import (
     LineFormatter,
     RequestIds,
     RequestInfo,
+    _quoted,
+    _quoted_width,
     key_hash,
     pipe_pieces,
 )
@@ -528,3 +530,11 @@ def test_upstream_request_sends_the_request_id_in_place_of_the_heads() -> None:
         assert [v for k, v in sent if k.lower() == "x-request-id"] == ["ours-1"]
     assert not [v for k, v in upstream_request(head, "10.0.0.9", Forwarder()).headers
                 if k.lower() == "x-request-id"]  # no id given (an embedding caller): none sent
+
+
+def test_combined_fields_are_escaped_byte_by_byte_and_their_width_known() -> None:
+    assert _quoted('a "q" \\ \x01\x7f é\udcff😀 ~') == (
+        '"a \\x22q\\x22 \\x5C \\x01\\x7F \\xC3\\xA9\\xFF\\xF0\\x9F\\x98\\x80 ~"')
+    assert _quoted("") == _quoted(None) == '"-"' and _quoted("/plain?q=1") == '"/plain?q=1"'
+    for value in ('"' * 100, "é" * 7, "\x00\x1f\x20\x7e\x7f", "mixed \"é\" \\ \udcfe 😀"):
+        assert _quoted_width(value) == len(_quoted(value)) - 2  # what _fit cuts by
