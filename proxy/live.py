@@ -34,6 +34,9 @@ from typing import Any
 FAST_SAMPLE = 16  # the fast path records one hit in this many (a power of two: a bit test)
 FAST_SAMPLE_MASK = FAST_SAMPLE - 1
 TOP_CAPACITY = 2000  # URLs per generation of TopUrls
+# Bytes of URLs per generation of TopUrls: a URL may be 8 KB long, and 2,000 of them in each of
+# two generations in every worker held 32 MB that clients chose.
+TOP_MAX_BYTES = 2 << 20
 TOP_GENERATION = 60.0  # seconds per generation: "top URLs" covers the last one to two minutes
 NOT_STORED_REASONS = 200  # distinct reasons kept (RULE-NO-STORE:<rule> makes them open-ended)
 SERIES_POINTS = 600  # seconds of history the console can chart
@@ -46,33 +49,43 @@ HIT_STATUSES = frozenset({"HIT", "STALE", "UPDATING"})
 class TopUrls:
     """Requests and hits per URL over the last one to two minutes (two generations)."""
 
-    def __init__(self, capacity: int = TOP_CAPACITY) -> None:
+    def __init__(self, capacity: int = TOP_CAPACITY, max_bytes: int = TOP_MAX_BYTES) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.current: dict[str, list[int]] = {}
         self.previous: dict[str, list[int]] = {}
         self.started: float | None = None
+        self._bytes = 0  # of the current generation's URLs
 
     def add(self, url: str, hit: bool, weight: int = 1) -> None:
         row = self.current.get(url)
         if row is None:
-            if len(self.current) >= self.capacity:
+            if len(self.current) >= self.capacity or self._bytes >= self.max_bytes:
                 self._prune()
             row = self.current[url] = [0, 0]
+            self._bytes += len(url)
         row[0] += weight
         if hit:
             row[1] += weight
 
     def _prune(self) -> None:
-        """Keep the most requested half: a long tail of one-off URLs cannot grow the table."""
-        keep = sorted(self.current.items(), key=lambda kv: -kv[1][0])[: self.capacity // 2]
-        self.current = dict(keep)
+        """Keep the most requested half (of the URLs, and of the bytes they take): a long tail
+        of one-off URLs, short or long, cannot grow the table."""
+        keep: dict[str, list[int]] = {}
+        size = 0
+        for url, row in sorted(self.current.items(), key=lambda kv: -kv[1][0]):
+            if len(keep) >= self.capacity // 2 or size + len(url) > self.max_bytes // 2:
+                break
+            keep[url] = row
+            size += len(url)
+        self.current, self._bytes = keep, size
 
     def rotate(self, now: float, span: float = TOP_GENERATION) -> None:
         """Start a new generation when the current one is ``span`` old (called by readers)."""
         if self.started is None:
             self.started = now
         elif now - self.started >= span:
-            self.previous, self.current = self.current, {}
+            self.previous, self.current, self._bytes = self.current, {}, 0
             self.started = now
 
     def top(self, n: int) -> list[list[Any]]:

@@ -37,6 +37,17 @@ def test_top_urls_stay_bounded_under_a_long_tail_of_one_off_urls():
     assert top.top(1) == [["http://a/hot", 50, 50]]
 
 
+def test_top_urls_stay_bounded_in_bytes_under_long_one_off_urls():
+    """2,000 URLs of 8 KB (a request line's limit) were 16 MB a generation in every worker."""
+    top = TopUrls(capacity=2000, max_bytes=64 * 1024)
+    for _ in range(50):
+        top.add("http://a/hot", True)
+    for i in range(3_000):
+        top.add(f"http://a/once/{i}/" + "x" * 8000, False)
+        assert sum(map(len, top.current)) <= 64 * 1024 + 8100
+    assert top.top(1) == [["http://a/hot", 50, 50]]
+
+
 def test_not_stored_keeps_a_count_and_the_last_url_per_reason():
     log = NotStoredLog(capacity=2)
     log.add("PRIVATE", "http://a/1")
