@@ -318,7 +318,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.earlysignals import hold
 
-    hold()  # already done by ``python -m proxy run``; the console script comes here first
+    # Already done by proxy.__main__ (``python -m proxy``, the console script) before the
+    # imports; here for ``python -m proxy.cli`` and a direct call of main().
+    hold()
     try:
         return _run(args)
     finally:

@@ -72,6 +72,8 @@ class ProxyProcess:
     lines: list[str] = field(default_factory=list)
     workers: dict[int, int] = field(default_factory=dict)  # worker id -> pid (latest)
     ready_at: dict[int, float] = field(default_factory=dict)  # worker id -> when its ready line came
+    # The program before ``run``: ``python -m proxy`` unless given (the console script's).
+    program: tuple[str, ...] = ()
     _reader: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -79,7 +81,7 @@ class ProxyProcess:
         """``with_log``: the error log (standard error) among ``lines`` too."""
         env = dict(os.environ, CACHEGATE_DEBUG_HEADERS="1")
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "--config", self.config_path, "--log-level",
+            *(self.program or (sys.executable, "-m", "proxy")), "run", "--config", self.config_path, "--log-level",
             "warning", *args, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT if with_log else None, env=env,
             cwd=self.directory)

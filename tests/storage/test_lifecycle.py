@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,8 @@ from aiohttp import web
 from proxy.config import Overrides
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, Response, write_config
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -58,14 +61,34 @@ async def _spawned(proxy: ProxyProcess) -> int:
     return proxy.process.pid
 
 
+def _console_script(directory: Path) -> tuple[str, ...]:
+    """The ``cachegate`` program pip installs from pyproject.toml's [project.scripts] (its
+    wrapper: import the entry function, call it), which the Dockerfile, the systemd unit and
+    Kubernetes run: it must hold its signals as early as ``python -m proxy`` does."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        module, function = tomllib.load(f)["project"]["scripts"]["cachegate"].split(":")
+    script = directory / "cachegate"
+    script.write_text(f"import re\nimport sys\nfrom {module} import {function}\n"
+                      "if __name__ == '__main__':\n"
+                      "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+                      f"    sys.exit({function}())\n")
+    return (sys.executable, str(script))
+
+
+ENTRIES = pytest.mark.parametrize("console_script", [False, True], ids=["python-m", "console-script"])
+
+
+@ENTRIES
 @pytest.mark.parametrize("workers", [("--workers", "2"), ()], ids=["workers", "single"])
 async def test_sighup_during_the_start_up_neither_kills_the_process_nor_is_lost(
-        origin: Origin, tmp_path: Path, workers: tuple[str, ...]) -> None:
+        origin: Origin, tmp_path: Path, workers: tuple[str, ...], console_script: bool) -> None:
     """SIGHUP (``systemctl reload``, logrotate) from the moment the program's imports begin until
     it listens: it keeps starting, then serves (systemd would not restart it: killed by SIGHUP
-    is a clean exit for Restart=on-failure)."""
+    is a clean exit for Restart=on-failure). Both ``python -m proxy run`` and the installed
+    ``cachegate run``."""
     origin.route("/s", body=b"s", headers={"Cache-Control": "max-age=300"})
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE),
+                         program=_console_script(tmp_path) if console_script else ())
     sent = 0
 
     async def hup() -> None:
@@ -90,11 +113,13 @@ async def test_sighup_during_the_start_up_neither_kills_the_process_nor_is_lost(
     assert code == 0, "\n".join(proxy.lines)
 
 
+@ENTRIES
 async def test_sigterm_during_the_start_up_stops_the_process_once_started(
-        origin: Origin, tmp_path: Path) -> None:
+        origin: Origin, tmp_path: Path, console_script: bool) -> None:
     """A SIGTERM before the loop's handlers is remembered: the process stops cleanly (exit 0),
     its workers with it, instead of dying where it was."""
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE),
+                         program=_console_script(tmp_path) if console_script else ())
     start = asyncio.ensure_future(proxy.start("--workers", "2"))
     pid = await _spawned(proxy)
     await _until(lambda: _caught(pid, signal.SIGTERM) or _importing(pid))
