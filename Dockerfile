@@ -1,7 +1,10 @@
 # cachegate: HTTP caching reverse proxy, built from this checkout.
 #   docker build -t cachegate .
-#   docker run -p 8080:8080 -p 8081:8081 -e CACHEGATE_ADMIN_TOKEN=$(openssl rand -hex 16) \
-#     --ulimit nofile=65536:65536 -v cachegate-cache:/var/cache/cachegate cachegate
+#   docker run --stop-timeout 30 -p 8080:8080 -p 127.0.0.1:8081:8081 \
+#     -e CACHEGATE_ADMIN_TOKEN=$(openssl rand -hex 16) --ulimit nofile=65536:65536 \
+#     -v cachegate-cache:/var/cache/cachegate cachegate
+#   (--stop-timeout above shutdown_grace's 20 s, Docker's default being 10 s; the admin port
+#   on the host's loopback only)
 #
 # Config: /etc/cachegate/cachegate.yaml (deploy/cachegate.yaml), rules beside it in
 # /etc/cachegate/rules; mount your own over them. The cache lives in the volume.
