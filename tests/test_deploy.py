@@ -382,7 +382,10 @@ def test_the_systemd_unit_is_hardened_and_runs_cachegate() -> None:
     assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")
     assert parse_duration(service["WatchdogSec"]) >= 30
     start = shlex.split(service["ExecStart"])
-    assert start[0].endswith("/cachegate")
+    # The virtualenv docs/deploy.md makes (no pip into a PEP 668 system Python), outside
+    # /home and /root: ProtectHome=yes hides them from the service.
+    assert start[0] == f"{systemd_venv()}/bin/cachegate"
+    assert not start[0].startswith(("/home/", "/root/"))
     build_parser().parse_args(start[1:])
     config_path = start[start.index("--config") + 1]
     assert config_path == "/etc/cachegate/cachegate.yaml"
@@ -391,7 +394,17 @@ def test_the_systemd_unit_is_hardened_and_runs_cachegate() -> None:
     assert config["cache"]["disk"]["path"] == f"/var/cache/{service['CacheDirectory']}"
     assert parse_duration(service["TimeoutStopSec"]) > parse_duration(config["shutdown_grace"])
     check = shlex.split(service["ExecStartPre"])
+    assert check[0] == start[0]
     assert check[1] == "check" and check[check.index("--config") + 1] == config_path
+
+
+def systemd_venv() -> str:
+    """The virtualenv docs/deploy.md's systemd steps install cachegate into."""
+    section = (ROOT / "docs/deploy.md").read_text().split("## systemd", 1)[1]
+    made = re.search(r"^python3 -m venv (\S+)", section, re.M)
+    assert made, "docs/deploy.md: no python3 -m venv in the systemd steps"
+    assert f"{made.group(1)}/bin/pip install ." in section
+    return made.group(1)
 
 
 def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
@@ -399,7 +412,7 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed")
     cachegate = shutil.which("cachegate") or str(Path(os.sys.executable).parent / "cachegate")
     copy = tmp_path / "cachegate.service"
-    copy.write_text(UNIT.read_text().replace("/usr/local/bin/cachegate", cachegate))
+    copy.write_text(UNIT.read_text().replace(f"{systemd_venv()}/bin/cachegate", cachegate))
     done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
     problems = [line for line in (done.stdout + done.stderr).splitlines() if str(copy) in line or "cachegate" in line]
     assert done.returncode == 0 and not problems, done.stdout + done.stderr
