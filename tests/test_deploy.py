@@ -326,11 +326,11 @@ def test_the_deployment_probes_drains_and_sizes_itself_by_the_config() -> None:
     assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + parse_duration(config["shutdown_grace"]) + 5
     build_parser().parse_args(container["args"])
     assert "auto" in container["args"]
-    # --workers auto reads the CPU limit: each worker holds cache.memory, and ~100 MB besides;
-    # the supervisor ~100 MB.
+    # --workers auto reads the CPU limit: the workers share one memory tier (cache.memory, the
+    # machine's) and each needs ~100 MB besides, the supervisor's share included (docs/deploy.md).
     limits = container["resources"]["limits"]
     workers = int(float(limits["cpu"]))
-    need = workers * (parse_size(config["cache"]["memory"]) + 100 * MB) + 100 * MB
+    need = parse_size(config["cache"]["memory"]) + workers * 100 * MB
     assert k8s_quantity(limits["memory"]) >= need
     volumes = {v["name"]: v for v in pod["volumes"]}
     cache_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == config["cache"]["disk"]["path"])
