@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-listen", default="127.0.0.1:8081", metavar="HOST:PORT")
     p.add_argument("--rules", default="rules/default.yaml", metavar="FILE")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="keep the demo's cache here (default: an empty temporary folder)")
+                   help="keep the demo's cache (and its demo.yaml) here (default: an empty temporary folder)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-uvloop", action="store_true")
     p.set_defaults(func=cmd_demo)

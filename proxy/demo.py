@@ -97,6 +97,9 @@ Press Ctrl-C to stop.
 """
 
 
+DEMO_CONFIG = "demo.yaml"  # the config the demo writes (inside --cache-dir when given)
+
+
 def prepare_demo(listen: str, admin_listen: str, origin_listen: str, rules: str, cache_dir: str | None
                  ) -> tuple[str, Settings, str]:
     """Write the demo's config and load it (ConfigError if broken): (config path, settings,
@@ -112,15 +115,16 @@ def prepare_demo(listen: str, admin_listen: str, origin_listen: str, rules: str,
         cache_dir = os.path.join(home, "cache")
         note = "starting with an empty cache (a temporary folder, removed at the end)"
     else:
-        cache_dir = os.path.abspath(cache_dir)
-        home = os.path.dirname(cache_dir)
-        if os.path.isdir(cache_dir) and os.listdir(cache_dir):
+        # The config goes inside the folder given, not beside it (into a parent the user never
+        # named); the disk tier does not mind a file of its own there.
+        cache_dir = home = os.path.abspath(cache_dir)
+        if os.path.isdir(cache_dir) and set(os.listdir(cache_dir)) - {DEMO_CONFIG}:
             note = (f"reusing the cache in {cache_dir}: what it holds is served, so the first "
                     "request may not be a MISS")
         else:
             note = f"starting with an empty cache in {cache_dir}"
     os.makedirs(cache_dir, exist_ok=True)
-    config = os.path.join(home, "demo.yaml")
+    config = os.path.join(home, DEMO_CONFIG)
     rules_line = f"rules: [{os.path.abspath(rules)!s}]\n" if os.path.isfile(rules) else ""
     with open(config, "w") as f:
         f.write(
