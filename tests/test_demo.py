@@ -77,16 +77,16 @@ async def test_demo_shows_miss_hit_revalidated_purge_miss(tmp_path: Path) -> Non
         assert await asyncio.to_thread(demo.stop) == 0, demo.text
 
 
-def run_demo(*args: str, timeout: float = 30.0) -> tuple[int, str]:
-    """``scripts/run`` with ``args`` (the demo, as there is no --config), stopped once it printed
-    its curl lines (or exited): (exit status, output)."""
+def run_demo(*args: str, timeout: float = 30.0, cwd: Path | None = None) -> tuple[int, str]:
+    """``scripts/run`` with ``args`` (the demo, unless there is a --config), run in ``cwd``,
+    stopped once it printed its curl lines or its listener (or exited): (exit status, output)."""
     import os
     import signal
     import subprocess
     import time
 
     proc = subprocess.Popen([str(ROOT / "scripts" / "run"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=cwd)
     assert proc.stdout is not None
     out: list[str] = []
     deadline = time.monotonic() + timeout
@@ -122,6 +122,29 @@ def test_scripts_run_passes_its_flags_to_the_demo_and_starts_with_an_empty_cache
         assert f"curl -si http://127.0.0.1:{listen}/hello" in text, text
         assert f"http://127.0.0.1:{admin}/purge" in text, text
         assert "empty cache" in text, text
+
+
+@pytest.mark.slow
+def test_scripts_run_takes_relative_paths_from_the_directory_it_is_called_in(tmp_path: Path) -> None:
+    """scripts/run works in the checkout (the demo's rules/default.yaml), but --config,
+    --cache-dir and --rules name files from where it was called; demo.yaml goes inside the
+    cache folder given, not into its parent."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/c.yaml").write_text(
+        "listen: 127.0.0.1:0\nupstreams: [{url: 'http://127.0.0.1:9'}]\nadmin: {listen: null}\n"
+        "cache: {memory: 16MB, disk: null}\n")
+    for config in (["--config", "conf/c.yaml"], ["--config=conf/c.yaml"], ["-cconf/c.yaml"]):
+        code, text = run_demo(*config, "--log-level", "info", cwd=tmp_path)
+        assert code == 0 and "proxy listening on" in text, (config, text)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r/mine.yaml").write_text((ROOT / "rules/default.yaml").read_text())
+    code, text = run_demo("--origin-listen", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{free_port()}",
+                          "--admin-listen", f"127.0.0.1:{free_port()}", "--cache-dir", "kept",
+                          "--rules=r/mine.yaml", cwd=tmp_path)
+    assert code == 0, text
+    assert f"empty cache in {tmp_path / 'kept'}" in text, text
+    assert f"rules: [{tmp_path / 'r/mine.yaml'}]" in (tmp_path / "kept/demo.yaml").read_text()
+    assert not (tmp_path / "demo.yaml").exists()
 
 
 @pytest.mark.slow
