@@ -186,3 +186,29 @@ async def test_access_log_writes_a_json_line_per_request_with_its_cache_status(
     assert started["config"] == config and started["workers"] == 1
     assert any("proxy listening on" in r.get("message", "") for r in records)
     assert all(line.startswith("{") for line in proxy.output if line.strip()), proxy.text
+
+
+def test_the_readme_cli_synopsis_names_every_flag_of_every_command() -> None:
+    """README's CLI section lists each command with all its flags (a flag added to the parser
+    and to no synopsis is a flag nobody finds)."""
+    import argparse
+    import re
+
+    from proxy.cli import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## CLI", 1)[1].split("```", 2)[1]
+    synopsis: dict[str, str] = {}
+    command = ""
+    for line in block.splitlines():
+        if m := re.match(r"cachegate ([a-z-]+)", line):
+            command = m.group(1)
+        if command:
+            synopsis[command] = synopsis.get(command, "") + line.split("#", 1)[0] + "\n"
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(synopsis) == set(sub.choices)
+    missing = [f"{name} {action.option_strings[-1]}" for name, parser in sub.choices.items()
+               for action in parser._actions if action.option_strings and action.dest != "help"
+               and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", synopsis[name])
+                           for o in action.option_strings)]
+    assert not missing, missing
