@@ -27,7 +27,7 @@ async def until_close(port: int, data: bytes) -> bytes:
 # (request bytes, status line, text in the body)
 REFUSED = {
     "HTTP/2.0": (req("GET", "/v", version="2.0"), "HTTP/1.1 505 HTTP Version Not Supported", b"HTTP/2.0"),
-    "HTTP/3.0": (req("GET", "/v", version="3.0"), "HTTP/1.0 505 HTTP Version Not Supported", b"HTTP/1.1"),
+    "HTTP/3.0": (req("GET", "/v", version="3.0"), "HTTP/1.1 505 HTTP Version Not Supported", b"HTTP/1.1"),
     "HTTP/0.9": (req("GET", "/v", version="0.9"), "HTTP/1.1 400 Bad Request", b"HTTP/0.9"),
     "no version (0.9)": (b"GET /v\r\n\r\n", "HTTP/1.1 400 Bad Request", b"HTTP/0.9"),
 }

@@ -74,7 +74,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
@@ -304,11 +304,12 @@ class FastPath:
 class ProxyRequestHandler(HeadTimedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_answered", "_boundary", "_fast", "_front", "_parser_args", "declined", "gone_logged")
+    __slots__ = ("_answered", "_boundary", "_fast", "_front", "_parser_args", "_refused_version", "declined",
+                 "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        # How aiohttp made this connection's parser (its defaults), for ``_parsed_up_to_close``.
+        # How aiohttp made this connection's parser (its defaults), for ``_parsed_until_refused``.
         self._parser_args = {"max_line_size": kwargs.get("max_line_size", 8190),
                              "max_field_size": kwargs.get("max_field_size", 8190),
                              "max_headers": kwargs.get("max_headers", 128),
@@ -325,6 +326,9 @@ class ProxyRequestHandler(HeadTimedHandler):
         self.declined: Declined | None = None  # the fast path's view of the request it left
         self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
         self._front = front
+        # The version of the request line of a request the parser refused (``_refusal``): the
+        # message aiohttp hands ``handle_error`` for it says HTTP/1.0 whatever the client sent.
+        self._refused_version: tuple[int, int] = HttpVersion11
 
     @property
     def stopping(self) -> bool:
@@ -342,8 +346,10 @@ class ProxyRequestHandler(HeadTimedHandler):
         refused = isinstance(exc, HttpProcessingError)
         if status == 400 and isinstance(exc, HttpProcessingError):
             status, message = parser_refusal(exc, message)
-        # aiohttp's text and status, written by the one head writer, and the connection closed.
-        resp = from_response(super().handle_error(request, status, exc, message), request.method)
+        # aiohttp's text and status, written by the one head writer (a refusal in the version
+        # of its request line, not the HTTP/1.0 of aiohttp's placeholder), and the connection closed.
+        resp = from_response(super().handle_error(request, status, exc, message), request.method,
+                             self._refused_version if refused else None)
         resp.force_close()
         fe = self._front.current()
         request_id = fe.ids.new()
@@ -407,11 +413,11 @@ class ProxyRequestHandler(HeadTimedHandler):
                 return
             queued = self._messages
             refused = queued[-1][0] if boundary and queued else None
-            if isinstance(refused, _ErrInfo) and _data_after_close(refused):
-                # aiohttp queued its 400 in place of the requests before: answer them instead.
+            if isinstance(refused, _ErrInfo) and isinstance(refused.exc, HttpProcessingError):
+                # aiohttp queued its 400 in place of the requests before: answer them first.
                 queued.pop()
                 self._request_count -= 1
-                self._answer_up_to_close(data, refused.exc)
+                self._answer_before_refusal(data, refused.exc)
             return
         boundary = self._boundary
         if boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
@@ -427,11 +433,10 @@ class ProxyRequestHandler(HeadTimedHandler):
             try:
                 messages, upgraded, tail = parser.feed_data(feed)
             except HttpProcessingError as exc:
-                if boundary and feed is data and _data_after_close(exc):
-                    self._answer_up_to_close(data, exc)
+                if boundary and feed is data:
+                    self._answer_before_refusal(data, exc)
                 else:
-                    self._enqueue([(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)],
-                                  False, b"")
+                    self._refuse(exc, None)
                 return
             except PARSER_FAULTS as exc:
                 self._refuse_unparsable(exc)
@@ -567,28 +572,35 @@ class ProxyRequestHandler(HeadTimedHandler):
             if self._keepalive_handle is None:
                 self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
-    def _answer_up_to_close(self, data: bytes, exc: BaseException) -> None:
-        """The requests of ``data`` up to one that closes the connection, when bytes followed it
-        (RFC 9112 §9.6: the server answers up to and including that request, then closes,
-        ignoring the rest). aiohttp's parser refuses such bytes ("Data after `Connection:
-        close`") and drops every request it parsed from the same chunk with them: the client
-        got a lone 400 for a batch of pipelined requests. ``data`` is parsed again by a parser
-        of its own (only from where the connection's parser stood between two requests:
-        ``_boundary``), and the requests are queued for aiohttp's handler, which closes after
-        the last; the connection's parser then discards what comes. Else the 400, as before."""
-        messages = self._parsed_up_to_close(data)
-        if messages is None:
-            err = exc if isinstance(exc, HttpProcessingError) else HttpProcessingError(message=str(exc))
-            self._enqueue([(_ErrInfo(status=400, exc=err, message=err.message), EMPTY_PAYLOAD)], False, b"")
+    def _answer_before_refusal(self, data: bytes, exc: HttpProcessingError) -> None:
+        """The requests of ``data`` before one aiohttp's parser refused, then the refusal; or up
+        to one that closes the connection, when bytes followed it (RFC 9112 §9.6: the server
+        answers up to and including that request, then closes, ignoring the rest).
+
+        aiohttp's parser raises for the whole chunk and drops every request it parsed from it
+        before the bad one: the client got a lone 400 for a batch of pipelined requests, and
+        would take it for the answer to the first (RFC 9112 §9.3.2: responses come in order).
+        So ``data`` is parsed again by a parser of its own (only from where the connection's
+        parser stood between two requests: ``_boundary``), and the requests before the refusal
+        are queued for aiohttp's handler, then the 400 (``handle_error``), which closes the
+        connection; the connection's parser then discards what comes. Without a boundary (or
+        when the parse again goes otherwise), the 400 alone, as before."""
+        parsed = self._parsed_until_refused(data)
+        if parsed is None:
+            self._refuse(exc, None)
             return
+        messages, refused, piece = parsed
+        if not (_data_after_close(refused) and messages and messages[-1][0].should_close):
+            messages.append(self._refusal(refused, piece))
         self._parser = _Discarding()  # type: ignore[assignment]
         self._enqueue(messages, False, b"")
 
-    def _parsed_up_to_close(self, data: bytes) -> list[tuple[Any, Any]] | None:
-        """The requests of ``data`` (which starts a request) up to and including the one that
-        closes the connection, parsed anew: fed in pieces ending at each head's end, so the
-        piece that meets the bytes after that request holds no request of its own; None when
-        the parse does not end that way (another refusal, or none)."""
+    def _parsed_until_refused(self, data: bytes
+                              ) -> tuple[list[tuple[Any, Any]], HttpProcessingError, bytes] | None:
+        """The requests of ``data`` (which starts a request) before the parser's refusal, parsed
+        anew, with the refusal and the piece of ``data`` it came in: fed in pieces ending at
+        each head's end, so the piece it meets holds no request of its own; None when the parse
+        does not end in a refusal (or upgrades, or fills aiohttp's queue first)."""
         parser = HttpRequestParser(self, self._loop, self._read_bufsize,
                                    payload_exception=RequestPayloadError,
                                    max_msg_queue_size=self._max_msg_queue_size, **self._parser_args)
@@ -600,14 +612,23 @@ class ProxyRequestHandler(HeadTimedHandler):
             try:
                 messages, upgraded, _ = parser.feed_data(data[start:end])
             except HttpProcessingError as exc:
-                if _data_after_close(exc) and out and out[-1][0].should_close:
-                    return out
-                return None
+                return out, exc, data[start:end]
             if upgraded or len(out) + len(messages) >= self._max_msg_queue_size:
                 return None
             out.extend(messages)
             start = end
         return None
+
+    def _refusal(self, exc: HttpProcessingError, piece: bytes | None) -> tuple[Any, Any]:
+        """The queue entry for a request the parser refused (answered by ``handle_error``), in
+        the version of its request line when ``piece`` shows it (else HTTP/1.1)."""
+        self._refused_version = _line_version(piece) if piece is not None else HttpVersion11
+        return _ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD
+
+    def _refuse(self, exc: HttpProcessingError, piece: bytes | None) -> None:
+        """The 400 alone; the connection's parser then discards what comes (the reply closes)."""
+        self._parser = _Discarding()  # type: ignore[assignment]
+        self._enqueue([self._refusal(exc, piece)], False, b"")
 
     def _refuse_unparsable(self, exc: Exception) -> None:
         """A request the parser failed on with something other than its own refusal: yarl raises
@@ -615,8 +636,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         (the transport then died with no answer, and a traceback in the log). A 400, as for any
         malformed request, and the connection closes after it."""
         log.debug("request target refused by the URL parser: %r", exc)
-        err = InvalidURLError("malformed request target")
-        self._enqueue([(_ErrInfo(status=400, exc=err, message=err.message), EMPTY_PAYLOAD)], False, b"")
+        self._refuse(InvalidURLError("malformed request target"), None)
 
     def _enqueue(self, messages: Sequence[Any], upgraded: bool, tail: bytes, full: bool = False) -> None:
         """Hand parsed messages to aiohttp's handler, as ``RequestHandler.data_received`` does."""
@@ -697,7 +717,53 @@ def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, 
                      "'chunked' is accepted\n")
     if "Too many headers" in text:
         return 431, "431 Request Header Fields Too Large: too many header fields\n"
-    return 400, message
+    return 400, f"400 Bad Request: {refusal_reason(exc)}\n"
+
+
+# What the parser found wrong, by the first line of its message (llhttp's reason), named in
+# words of our own: the rest of its message quotes the request's bytes (a Cookie's value, say),
+# which a reply must not echo back (a proxy between could log or cache it).
+_REASONS = (
+    ("duplicate 'host'", "duplicate Host header"),
+    ("missing 'host'", "missing Host header"),
+    ("transfer-encoding can't be present with content-length", "both Content-Length and Transfer-Encoding"),
+    ("content-length", "invalid Content-Length"),
+    ("transfer-encoding", "invalid Transfer-Encoding"),
+    ("chunk", "invalid chunked body"),
+    ("whitespace after header value", "folded header line (obs-fold) or stray whitespace"),
+    ("invalid header token", "invalid character in a header field name"),
+    ("invalid header value char", "invalid character in a header field value"),
+    ("https traffic", "TLS on a plain HTTP port"),
+    ("bad status line", "invalid request line"),
+    ("invalid method", "invalid request line"),
+    ("http version", "invalid request line"),
+    ("expected lf", "bad line ending"),
+    ("expected cr", "bad line ending"),
+    ("data after `connection: close`", "data after a request that closes the connection"),
+)
+
+
+def refusal_reason(exc: HttpProcessingError) -> str:
+    """A fixed text naming what is wrong with a request the parser refused (never its bytes)."""
+    if isinstance(exc, InvalidURLError):
+        return "malformed request target"
+    if isinstance(exc, LineTooLong):
+        return "malformed request: request line or header field too long"
+    first = str(exc.message).split("\n", 1)[0].lower()
+    for marker, reason in _REASONS:
+        if marker in first:
+            return f"malformed request: {reason}"
+    return "malformed request"
+
+
+_LINE_VERSION = re.compile(rb"[^\r\n]* HTTP/(\d)\.(\d)\r?\n")
+
+
+def _line_version(piece: bytes) -> tuple[int, int]:
+    """The version of the request line ``piece`` starts with (after any empty lines), as a
+    reply to it is framed (``heads.reply_version``): HTTP/1.0 for 1.0, else HTTP/1.1."""
+    found = _LINE_VERSION.match(piece.lstrip(b"\r\n"))
+    return HttpVersion10 if found is not None and found.group(1, 2) == (b"1", b"0") else HttpVersion11
 
 
 # What the fast path reads of aiohttp's ``RequestHandler`` (its ``__slots__``) and calls.

@@ -163,13 +163,16 @@ class ReplyResponse(web.StreamResponse):
     """aiohttp's ``StreamResponse`` with its head from ``frame`` (the general path's every
     reply). ``length`` is the body's (None: unknown); a ``body`` given here is sent with the
     head in one write when aiohttp ends the response (``write_eof``), as ``web.Response``
-    sends it; without one the head goes out at ``prepare`` and the caller writes the body."""
+    sends it; without one the head goes out at ``prepare`` and the caller writes the body.
+    ``version``: the request's version when ``request.version`` is not it (a request aiohttp's
+    parser refused is handed over as a placeholder message that says HTTP/1.0)."""
 
     def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str], length: int | None,
-                 body: bytes | None = None) -> None:
+                 body: bytes | None = None, version: tuple[int, int] | None = None) -> None:
         super().__init__(status=status, reason=reason, headers=headers)
         self._reply_length = length
         self._reply_body = body
+        self._reply_version = version
         if body is not None:
             self._send_headers_immediately = False
 
@@ -186,7 +189,8 @@ class ReplyResponse(web.StreamResponse):
             keep_alive = request.keep_alive
         if keep_alive and (closing(request.protocol) or ends_connection(request.headers)):
             keep_alive = False
-        framing = frame(self._headers, self.status, request.method, reply_version(request.version),
+        version = request.version if self._reply_version is None else self._reply_version
+        framing = frame(self._headers, self.status, request.method, reply_version(version),
                         self._reply_length, keep_alive, rfc822_formatted_time())
         self._keep_alive = framing.keep_alive
         if framing.chunked:
@@ -198,7 +202,8 @@ class ReplyResponse(web.StreamResponse):
         request = self._req
         writer = self._payload_writer
         assert request is not None and writer is not None
-        line = status_line(request.version, self.status, self.reason)
+        line = status_line(request.version if self._reply_version is None else self._reply_version,
+                           self.status, self.reason)
         if ascii_head(line, self._headers):
             # aiohttp's writer serialises with ``_serialize_headers`` too (``serialise``), and buffers.
             await writer.write_headers(line, self._headers)
@@ -227,20 +232,21 @@ def reply_length(method: str, status: int, body: bytes) -> int | None:
 
 
 def plain_reply(status: int, reason: str | None, headers: CIMultiDict[str], body: bytes,
-                method: str) -> ReplyResponse:
-    """A reply with its whole body at hand."""
-    return ReplyResponse(status, reason, headers, reply_length(method, status, body), body)
+                method: str, version: tuple[int, int] | None = None) -> ReplyResponse:
+    """A reply with its whole body at hand (``version``: see ``ReplyResponse``)."""
+    return ReplyResponse(status, reason, headers, reply_length(method, status, body), body, version)
 
 
-def from_response(resp: web.StreamResponse, method: str) -> ReplyResponse:
+def from_response(resp: web.StreamResponse, method: str, version: tuple[int, int] | None = None
+                  ) -> ReplyResponse:
     """The same reply, written by this writer (a ``web.Response`` that aiohttp or the admin
     module built, its whole body at hand). It is cachegate's own: a body without a type is
-    ``application/octet-stream``, as aiohttp would have said."""
+    ``application/octet-stream``, as aiohttp would have said. ``version``: see ``ReplyResponse``."""
     body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""
     headers = CIMultiDict(resp.headers)
     if body:
         headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
-    return plain_reply(resp.status, resp.reason, headers, body, method)
+    return plain_reply(resp.status, resp.reason, headers, body, method, version)
 
 
 __all__ = ["Framing", "ReplyResponse", "closing", "ends_connection", "frame", "from_response", "plain_reply",

@@ -1,0 +1,117 @@
+"""How a client connection ends, on both paths (the fast hit path, and a listener without it),
+with raw sockets against a running cachegate: a head left unfinished behind pipelined requests
+is timed (``client_header_timeout``), a client that half-closes its side gets every answer
+before the close, and a request aiohttp's parser refuses is answered after the requests before
+it, in order, framed in the client's version and without echoing its bytes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin
+from tests.test_fastpath import Pair, pair, req
+
+# Every read below is bounded only so that a test fails rather than hangs; none measures speed.
+HANG = 20.0  # well above client_header_timeout (1 s here), well below the keep-alive timeout (75 s)
+
+
+def answers(data: bytes) -> list[tuple[str, dict[str, str], bytes]]:
+    """The responses in ``data`` (answers to GETs and POSTs: framed by Content-Length), in order;
+    bytes that are not a whole response fail the test."""
+    out = []
+    rest = data
+    while rest:
+        head, sep, rest = rest.partition(b"\r\n\r\n")
+        assert sep, data
+        lines = head.decode("latin-1").split("\r\n")
+        fields = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
+        length = int(fields["content-length"])
+        assert len(rest) >= length, data
+        out.append((lines[0], fields, rest[:length]))
+        rest = rest[length:]
+    return out
+
+
+async def until_eof(port: int, data: bytes, half_close: bool = False) -> bytes:
+    """Send ``data`` (then shut the sending side, ``half_close``); every byte the server sends,
+    up to its close (the test fails if it does not close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()  # shutdown(SHUT_WR)
+        return await asyncio.wait_for(reader.read(), HANG)
+    finally:
+        writer.close()
+
+
+async def proxies(origin: Origin, make_proxy: MakeProxy, config: str = "") -> Pair:
+    cc = {"Cache-Control": "max-age=300"}
+    origin.route("/hit", body=b"h" * 100, headers=cc)
+    origin.route("/a", body=b"a", headers=cc)
+    origin.route("/b", body=b"b", headers=cc)
+    origin.route("/m", body=b"m", headers=cc)  # a miss for each query
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=b"got " + await request.read())
+
+    origin.route("/post", echo)
+    p = await pair(make_proxy, config=config)
+    for path in ("/hit", "/a", "/b"):
+        got = answers(await until_eof(p.general_port, req("GET", path, "Connection: close")))
+        assert [a[0] for a in got] == ["HTTP/1.1 200 OK"]
+    await asyncio.sleep(0.1)
+    await p.proxy.runtime.storage.flush()
+    return p
+
+
+# (requests before the refused one, their bodies, the refused request, the reason in the 400)
+REFUSED = {
+    "duplicate Host behind two hits": (
+        req("GET", "/a") + req("GET", "/b"), [b"a", b"b"],
+        b"GET /x HTTP/1.1\r\nHost: example.test\r\nHost: other.test\r\n\r\n", b"duplicate Host header"),
+    "obs-fold behind a miss": (
+        req("GET", "/m?fold"), [b"m"], b"GET /x HTTP/1.1\r\nHost: example.test\r\nX: a\r\n b\r\n\r\n",
+        b"folded header line"),
+    "a bad field name behind a POST": (
+        b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nab", [b"got ab"],
+        b"GET /x HTTP/1.1\r\nHo st: x\r\n\r\n", b"invalid character in a header field name"),
+    "a control character in a Cookie, alone": (
+        b"", [], b"GET /x HTTP/1.1\r\nHost: example.test\r\nCookie: session=SECRET123\x01\r\n\r\n",
+        b"invalid character in a header field value"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+async def test_a_request_the_parser_refuses_is_answered_after_the_ones_before_it(
+        origin: Origin, make_proxy: MakeProxy, case: str) -> None:
+    """RFC 9112 §9.3.2: responses come in the order of the requests. aiohttp's parser refused the
+    whole read, and a lone 400 went out (which the client takes for the first request's answer),
+    labelled HTTP/1.0 and quoting the refused line (a Cookie's value, say)."""
+    before, bodies, refused, reason = REFUSED[case]
+    p = await proxies(origin, make_proxy)
+    for port in (p.fast_port, p.general_port):
+        data = await until_eof(port, before + refused)
+        got = answers(data)
+        assert [a[0] for a in got] == ["HTTP/1.1 200 OK"] * len(bodies) + ["HTTP/1.1 400 Bad Request"], (port, data)
+        assert [a[2] for a in got[:-1]] == bodies
+        _, fields, body = got[-1]
+        assert fields["connection"] == "close"
+        assert body.startswith(b"400 Bad Request: malformed request: " + reason)
+        assert b"SECRET" not in data and b"example.test" not in body
+    assert origin.count("/post") == (2 if "POST" in case else 0)
+
+
+async def test_a_refusal_to_a_1_0_client_is_in_1_0(origin: Origin, make_proxy: MakeProxy) -> None:
+    p = await proxies(origin, make_proxy)
+    for port in (p.fast_port, p.general_port):
+        data = await until_eof(port, req("GET", "/a", "Connection: keep-alive", version="1.0")
+                               + b"GET /x HTTP/1.0\r\nHost: example.test\r\nCookie: s=SECRET\x01\r\n\r\n")
+        got = answers(data)
+        assert [a[0] for a in got] == ["HTTP/1.0 200 OK", "HTTP/1.0 400 Bad Request"], (port, data)
+        assert got[0][2] == b"a" and b"SECRET" not in data
