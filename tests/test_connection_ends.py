@@ -70,6 +70,27 @@ async def proxies(origin: Origin, make_proxy: MakeProxy, config: str = "") -> Pa
     return p
 
 
+PARTIAL = b"GET /hit HTTP/1.1\r\nHost: example.test\r\nX-Slow: "  # a head never finished
+
+
+async def test_a_head_begun_behind_pipelined_requests_is_timed(origin: Origin, make_proxy: MakeProxy) -> None:
+    """With ``client_header_timeout``, the start of a head that came in the same read as a whole
+    request (a hit, a miss, a miss whose fill outlasts the timeout) closes the connection once
+    the requests before it are answered and the head is still not whole; before, only the
+    keep-alive timer (75 s) ended it."""
+    origin.route("/slow", body=b"s", headers={"Cache-Control": "max-age=300"}, delay=2.0)  # > 1 s
+    p = await proxies(origin, make_proxy, "client_header_timeout: 1s\n")
+    answered_before = p.fast.answered
+    for port in (p.fast_port, p.general_port):
+        for first, body in ((req("GET", "/hit"), b"h" * 100), (req("GET", f"/m?{port}"), b"m"),
+                            (req("GET", f"/slow?{port}"), b"s")):
+            got = answers(await until_eof(port, first + PARTIAL))  # (the server must close it)
+            assert [(a[0], a[1].get("connection"), a[2]) for a in got] == [("HTTP/1.1 200 OK", None, body)], \
+                (port, first)
+    assert p.fast.answered == answered_before + 1  # the hit on the fast listener, on the fast path
+    assert origin.count("/slow") == 2
+
+
 # (requests before the refused one, their bodies, the refused request, the reason in the 400)
 REFUSED = {
     "duplicate Host behind two hits": (

@@ -92,7 +92,7 @@ from proxy.storage.memory import Cached
 from proxy.web.fastheads import HeadShapes
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import from_response
-from proxy.web.headtimeout import HeadTimedHandler
+from proxy.web.headtimeout import HeadTimedHandler, unfinished_head
 from proxy.web.proxy_handler import sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
@@ -330,6 +330,11 @@ class ProxyRequestHandler(HeadTimedHandler):
         # message aiohttp hands ``handle_error`` for it says HTTP/1.0 whatever the client sent.
         self._refused_version: tuple[int, int] = HttpVersion11
 
+    def head_idle(self) -> bool:
+        """``HeadTimedHandler``'s, and the moment after a general answer written whole
+        (``_answered``) before aiohttp's loop is back waiting."""
+        return self.waiting_for_head() or (self._waiter is None and self._answered and not self._messages)
+
     @property
     def stopping(self) -> bool:
         """The process is stopping: every reply closes its connection (``heads.closing``)."""
@@ -442,7 +447,7 @@ class ProxyRequestHandler(HeadTimedHandler):
                 self._refuse_unparsable(exc)
                 return
             if not messages:
-                if self.waiting_for_head():
+                if feed is data or unfinished_head(data):
                     self.head_begun()  # a head not whole yet (``headtimeout``)
                 return
             if self._head_handle is not None:
@@ -453,10 +458,14 @@ class ProxyRequestHandler(HeadTimedHandler):
                 # handler re-feeds it once it has drained the queue (read paused till then).
                 self._enqueue(messages[done:], upgraded, tail,
                               full=len(messages) >= self._max_msg_queue_size)
+                if not upgraded and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
+                    self.head_begun()  # the next head begun in the same read (``headtimeout``)
                 return
             if len(messages) < self._max_msg_queue_size or self._force_close:
                 # Between two requests when the chunk ends a request that has no body.
-                self._boundary = feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD
+                self._boundary = between = feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD
+                if not between and unfinished_head(data):
+                    self.head_begun()  # the next head begun in the same read (``headtimeout``)
                 return
             feed = b""  # the parser stopped after a full queue's worth: it holds more requests
 

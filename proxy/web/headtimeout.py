@@ -9,6 +9,11 @@ connection opened, for the first request; after its first byte, for the next one
 in between is the keep-alive timeout's). Nothing is answered (as nginx: the client never
 finished asking). The timer is armed only when a chunk leaves a head unfinished: a request
 that arrives whole in one read, the common case, costs a counter comparison.
+
+A head begun behind pipelined requests (in the read that ends the one before it, or while
+those are being answered) is timed from its first byte too: the timer does not close the
+connection while requests before the head are queued or being answered, it looks again a
+timeout later, so the head has at most one more timeout once the handler is idle.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("cachegate.server")
@@ -46,18 +52,36 @@ class HeadTimedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         before = self._request_count
         super().data_received(data)
-        self.head_checked(before)
+        self.head_checked(before, data)
 
-    def head_checked(self, before: int) -> None:
-        """After a chunk was parsed (``before``: the request count before it)."""
+    def head_checked(self, before: int, data: bytes) -> None:
+        """After a chunk ``data`` was parsed (``before``: the request count before it)."""
         if self._request_count != before:
             self.head_ended()
-        elif self.waiting_for_head():
+            messages = self._messages
+            # The next head begun in the same read, behind a request without a body.
+            if data and messages and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
+                self.head_begun()
+        elif data and not self._reading_body():
             self.head_begun()
+
+    def _reading_body(self) -> bool:
+        """The last request parsed has a body not yet whole (what is read goes to it)."""
+        if self._messages:
+            payload = self._messages[-1][1]
+        elif self._current_request is not None:
+            payload = self._current_request.content
+        else:
+            return False
+        return payload is not EMPTY_PAYLOAD and not payload.is_eof()
 
     def waiting_for_head(self) -> bool:
         waiter = self._waiter
         return waiter is not None and not waiter.done() and not self._messages
+
+    def head_idle(self) -> bool:
+        """Nothing is queued or being answered: only the unfinished head is left."""
+        return self.waiting_for_head()
 
     def head_begun(self) -> None:
         if self._head_handle is None and self._head_timeout > 0 and not self._force_close:
@@ -71,11 +95,21 @@ class HeadTimedHandler(RequestHandler):
 
     def _head_expired(self) -> None:
         self._head_handle = None
-        if self._messages or self._current_request is not None or self._force_close:
-            return  # a request came (or is being handled): not a head that never finished
+        if self._force_close:
+            return
+        if not self.head_idle():
+            self.head_begun()  # requests before the head are still being answered: again later
+            return
         log.debug("a request head from %s was not whole within %gs (client_header_timeout): "
                   "connection closed", self.peername, self._head_timeout)
         self.force_close()
+
+
+def unfinished_head(data: bytes) -> bool:
+    """Whether ``data``, read after requests without a body, ends in a head not whole yet:
+    anything but empty lines after its last head's end (``data`` may end one begun before)."""
+    end = data.rfind(b"\r\n\r\n")
+    return bool((data if end < 0 else data[end + 4:]).strip(b"\r\n"))
 
 
 class CappedHandler(HeadTimedHandler):
@@ -216,4 +250,4 @@ class CappedServer(web.Server):
                              send_timeout=self._send_timeout, **self._kwargs)
 
 
-__all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler"]
+__all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "unfinished_head"]
