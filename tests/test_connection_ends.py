@@ -91,6 +91,36 @@ async def test_a_head_begun_behind_pipelined_requests_is_timed(origin: Origin, m
     assert origin.count("/slow") == 2
 
 
+async def test_a_half_closed_client_gets_every_answer_then_the_close(origin: Origin,
+                                                                    make_proxy: MakeProxy) -> None:
+    """A client that sends its requests and shuts its sending side (RFC 9112 §9.6: a half-close
+    is not a close) is answered, misses too, in order, and then the connection closes; before,
+    only a fast hit was (a miss was fetched and stored, its answer dropped)."""
+    origin.route("/fill", body=b"f", headers={"Cache-Control": "max-age=300"}, delay=1.0)
+    p = await proxies(origin, make_proxy)
+    hit, ok, ok10 = b"h" * 100, "HTTP/1.1 200 OK", "HTTP/1.0 200 OK"
+    post = b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nab"
+    for port in (p.fast_port, p.general_port):
+        cases = [
+            (req("GET", "/hit"), [(ok, hit)]),
+            (req("GET", f"/m?1-{port}"), [(ok, b"m")]),
+            (req("GET", f"/m?2-{port}", "Connection: close"), [(ok, b"m")]),
+            (req("GET", f"/m?3-{port}", version="1.0"), [(ok10, b"m")]),
+            (req("GET", f"/m?4-{port}") + req("GET", "/hit"), [(ok, b"m"), (ok, hit)]),
+            (req("GET", "/hit") + req("GET", f"/m?5-{port}"), [(ok, hit), (ok, b"m")]),
+            (req("GET", f"/fill?{port}"), [(ok, b"f")]),  # half-closed while the origin is asked
+            (post + req("GET", "/a"), [(ok, b"got ab"), (ok, b"a")]),
+        ]
+        for request, want in cases:
+            got = answers(await until_eof(port, request, half_close=True))  # (to the close)
+            assert [(a[0], a[2]) for a in got] == want, (port, request)
+        # nothing to answer (a head never finished, or nothing at all): closed at once
+        assert await until_eof(port, PARTIAL, half_close=True) == b""
+        assert await until_eof(port, b"", half_close=True) == b""
+    assert origin.count("/fill") == 2 and origin.count("/post") == 2
+    assert origin.count("/m") == 10
+
+
 # (requests before the refused one, their bodies, the refused request, the reason in the 400)
 REFUSED = {
     "duplicate Host behind two hits": (

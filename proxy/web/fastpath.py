@@ -304,8 +304,8 @@ class FastPath:
 class ProxyRequestHandler(HeadTimedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_answered", "_boundary", "_fast", "_front", "_parser_args", "_refused_version", "declined",
-                 "gone_logged")
+    __slots__ = ("_answered", "_boundary", "_fast", "_front", "_half_closed", "_parser_args",
+                 "_refused_version", "declined", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -329,6 +329,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         # The version of the request line of a request the parser refused (``_refusal``): the
         # message aiohttp hands ``handle_error`` for it says HTTP/1.0 whatever the client sent.
         self._refused_version: tuple[int, int] = HttpVersion11
+        self._half_closed = False  # the client shut its sending side (``eof_received``)
 
     def head_idle(self) -> bool:
         """``HeadTimedHandler``'s, and the moment after a general answer written whole
@@ -388,15 +389,47 @@ class ProxyRequestHandler(HeadTimedHandler):
         the transport's buffer (300,000 pipelined HEADs from one connection: +268 MB). Waiting
         here holds the queue, so aiohttp pauses reading once it is full, and ``data_received``
         leaves the paused connection to aiohttp (the fast path answers nothing meanwhile)."""
+        if self._half_closed and not self._messages:
+            self.close()  # the last answer to a half-closed client: it says Connection: close
         out = await super().finish_response(request, resp, start_time)
         if not out[1] and self.transport is not None and self._paused:
             try:
                 await self._drain_helper()
             except ConnectionError:  # the client went away while its replies waited
                 return out[0], True
+        if self._half_closed and not self._messages:
+            self.close()  # (the client half-closed while this one was answered)
         self._answered = (not out[1] and bool(out[0].keep_alive) and not self._messages
-                          and request.content.is_eof())
+                          and request.content.is_eof() and not self._close)
         return out
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # (asyncio.Protocol: bool | None)
+        """The client shut its sending side (``shutdown(SHUT_WR)``, an HTTP/1.0 client that sends
+        its request and waits): a half-close is not a close (RFC 9112 §9.6), so the requests it
+        sent are answered, then the connection closes (``finish_response``); nothing more is read.
+
+        aiohttp returns None here, and the transport then closed at once: only a fast hit,
+        written before, was answered; a miss was fetched and stored, and its answer dropped.
+        With nothing to answer (or a request whose body can now never be whole, or over TLS,
+        where asyncio cannot keep a half-closed connection), the transport closes as before."""
+        if self._force_close or self.transport is None or self.ssl_context is not None:
+            return False
+        if not self._answers_pending():
+            return False
+        self._half_closed = True
+        return True
+
+    def _answers_pending(self) -> bool:
+        """Requests are queued or being answered, and none waits for body bytes."""
+        messages = self._messages
+        if messages:
+            payload = messages[-1][1]
+            return payload is EMPTY_PAYLOAD or bool(payload.is_eof())
+        request = self._current_request
+        if request is not None:
+            return bool(request.content.is_eof())
+        # (a request being answered, or taken from the queue and not yet handed to its task)
+        return self._request_in_progress or (self._waiter is None and not self._answered)
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
