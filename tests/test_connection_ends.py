@@ -91,6 +91,30 @@ async def test_a_head_begun_behind_pipelined_requests_is_timed(origin: Origin, m
     assert origin.count("/slow") == 2
 
 
+async def test_a_kept_alive_connection_is_not_closed_by_the_head_timer(origin: Origin,
+                                                                      make_proxy: MakeProxy) -> None:
+    """The head timer is for heads: a connection that only waits between requests (after a
+    hit, a miss, a POST whose body came in several reads) is the keep-alive timer's."""
+    p = await proxies(origin, make_proxy, "client_header_timeout: 1s\n")
+    post = b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 4\r\n\r\nab"
+    for port in (p.fast_port, p.general_port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for pieces, body in (([req("GET", "/hit")], b"h" * 100), ([req("GET", f"/m?ka{port}")], b"m"),
+                                 ([post, b"c", b"d"], b"got abcd")):
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG)
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                assert await asyncio.wait_for(reader.readexactly(length), HANG) == body
+                await asyncio.sleep(2.5)  # more than client_header_timeout: the connection stays open
+                assert not reader.at_eof(), (port, pieces)
+        finally:
+            writer.close()
+
+
 async def test_a_half_closed_client_gets_every_answer_then_the_close(origin: Origin,
                                                                     make_proxy: MakeProxy) -> None:
     """A client that sends its requests and shuts its sending side (RFC 9112 §9.6: a half-close

@@ -51,18 +51,21 @@ class HeadTimedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
+        body = bool(data) and self._reading_body()
         super().data_received(data)
-        self.head_checked(before, data)
+        self.head_checked(before, data, body)
 
-    def head_checked(self, before: int, data: bytes) -> None:
-        """After a chunk ``data`` was parsed (``before``: the request count before it)."""
+    def head_checked(self, before: int, data: bytes, body: bool) -> None:
+        """After a chunk ``data`` was parsed (``before``: the request count before it; ``body``:
+        a request body was still coming when it arrived)."""
         if self._request_count != before:
             self.head_ended()
             messages = self._messages
             # The next head begun in the same read, behind a request without a body.
             if data and messages and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
                 self.head_begun()
-        elif data and not self._reading_body():
+        elif data and not body and not self._reading_body():
+            # (a read that ends a body is not a head: where the body ends in it is not known)
             self.head_begun()
 
     def _reading_body(self) -> bool:
