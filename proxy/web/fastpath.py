@@ -350,12 +350,13 @@ class ProxyRequestHandler(HeadTimedHandler):
         ``REFUSED_METHOD`` (cachegate's handler, which counts every other request, never saw
         it); a 500 of aiohttp's own follows a request the handler has counted already."""
         refused = isinstance(exc, HttpProcessingError)
+        version = None
         if status == 400 and isinstance(exc, HttpProcessingError):
+            version = self._refused_version  # (aiohttp's placeholder message says HTTP/1.0)
             status, message = parser_refusal(exc, message)
         # aiohttp's text and status, written by the one head writer (a refusal in the version
-        # of its request line, not the HTTP/1.0 of aiohttp's placeholder), and the connection closed.
-        resp = from_response(super().handle_error(request, status, exc, message), request.method,
-                             self._refused_version if refused else None)
+        # of its request line), and the connection closed.
+        resp = from_response(super().handle_error(request, status, exc, message), request.method, version)
         resp.force_close()
         fe = self._front.current()
         request_id = fe.ids.new()
