@@ -656,6 +656,8 @@ class ProxyRequestHandler(HeadTimedHandler):
                 messages, upgraded, _ = parser.feed_data(data[start:end])
             except HttpProcessingError as exc:
                 return out, exc, data[start:end]
+            except PARSER_FAULTS:
+                return None
             if upgraded or len(out) + len(messages) >= self._max_msg_queue_size:
                 return None
             out.extend(messages)
