@@ -190,3 +190,19 @@ async def test_a_refusal_to_a_1_0_client_is_in_1_0(origin: Origin, make_proxy: M
         got = answers(data)
         assert [a[0] for a in got] == ["HTTP/1.0 200 OK", "HTTP/1.0 400 Bad Request"], (port, data)
         assert got[0][2] == b"a" and b"SECRET" not in data
+
+
+async def test_more_pipelined_requests_than_aiohttp_queues_then_a_half_close_or_a_partial_head(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """aiohttp's parser stops after 32 queued requests and reading pauses: the EOF of a half-close
+    is seen once reading resumes, and every request is still answered before the close; an
+    unfinished head behind them is timed once they are answered."""
+    p = await proxies(origin, make_proxy, "client_header_timeout: 1s\n")
+    n = 40
+    for port in (p.fast_port, p.general_port):
+        batch = b"".join(req("GET", f"/m?{port}-{i}") if i % 3 else req("GET", "/hit") for i in range(n))
+        got = answers(await until_eof(port, batch, half_close=True))
+        assert [a[2] for a in got] == [b"m" if i % 3 else b"h" * 100 for i in range(n)], port
+        batch = b"".join(req("GET", f"/m?{port}-{i}") for i in range(n))
+        got = answers(await until_eof(port, batch + PARTIAL))
+        assert [a[2] for a in got] == [b"m"] * n, port

@@ -59,10 +59,14 @@ class HeadTimedHandler(RequestHandler):
         """After a chunk ``data`` was parsed (``before``: the request count before it; ``body``:
         a request body was still coming when it arrived)."""
         if self._request_count != before:
+            if not data:
+                # aiohttp parsing again what it held while its queue was full: requests read
+                # before a head being timed, never that head (its end has not been read).
+                return
             self.head_ended()
             messages = self._messages
             # The next head begun in the same read, behind a request without a body.
-            if data and messages and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
+            if messages and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
                 self.head_begun()
         elif data and not body and not self._reading_body():
             # (a read that ends a body is not a head: where the body ends in it is not known)
