@@ -372,7 +372,8 @@ class ProxyRequestHandler(HeadTimedHandler):
             remote = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "")
             body = resp.body
             access.add((perf_counter(), 0.0, request_id, remote, None if refused else request.method,
-                        None, None if refused else request.raw_path, (1, 1) if refused else request.version,
+                        None, None if refused else request.raw_path,
+                        self._refused_version if refused else request.version,
                         status, len(body) if isinstance(body, bytes) else 0, "ERROR", None, None, None,
                         None, None))
         return resp
