@@ -231,16 +231,33 @@ def normal_host(value: str, scheme: str) -> str | None:
     if known != _UNKNOWN:
         return known
     host: str | None = None
-    text = value.strip(" \t").lower()
+    stripped = value.strip(" \t")
+    text = stripped.lower()
     if len(text) <= 300 and _HOST.fullmatch(text):
         name, port = split_host(text)
-        if name.rstrip(".") and (not port or int(port) <= 65535):
+        if (name.rstrip(".") and (not port or int(port) <= 65535) and _decodable(name)
+                and (stripped == text or _decodable(split_host(stripped)[0]))):
             host = normalise_host(text, scheme)
     if len(value) <= 300:  # what a valid host can be: longer values are not remembered
         if len(_HOSTS) >= _HOSTS_MAX:
             _HOSTS.clear()
         _HOSTS[key] = host
     return host
+
+
+def _decodable(name: str) -> bool:
+    """Can yarl decode this host name (IDNA, as ``URL.host`` does)? ``xn--``, ``xn--a`` and
+    ``a.xn--`` match the reg-name grammar, but their punycode labels do not decode: aiohttp
+    building a request from such an absolute-form target raised UnicodeError where nothing
+    caught it, and the connection was left open, answering nothing. They are invalid hosts
+    here, in the Host field as in the target, on both paths (400)."""
+    if name.startswith("["):
+        return True  # an IP literal (the grammar checked it): never IDNA-decoded
+    try:
+        URL.build(scheme="http", host=name, encoded=True).host  # noqa: B018 (decoded lazily)
+    except (ValueError, IndexError):  # UnicodeError is a ValueError
+        return False
+    return True
 
 
 def normalise_request(msg: RequestMessage, *, secure: bool, trusted: bool,

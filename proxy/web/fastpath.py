@@ -77,7 +77,7 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 
 from proxy.engine import response_edits
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
@@ -93,7 +93,7 @@ from proxy.web.fastheads import HeadShapes
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import from_response
 from proxy.web.headtimeout import HeadTimedHandler, unfinished_head
-from proxy.web.proxy_handler import sendfile_now
+from proxy.web.proxy_handler import UnbuildableRequest, sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
 
@@ -861,6 +861,21 @@ class ProxyServer(web.Server):
     @property
     def fast(self) -> FastPath | None:
         return self._fast
+
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+                      ) -> web.BaseRequest:
+        """aiohttp's request factory, which its request loop calls outside any ``try``: an
+        exception here ended that loop, and the connection stayed open answering nothing
+        (``BaseRequest`` raised UnicodeError for an absolute-form target whose host does not
+        decode, ``http://xn--/``; normalisation refuses those hosts, but only once a request
+        exists). Whatever the message, a request comes out: one that ``handle`` answers 400,
+        closing the connection (``proxy_handler.UnbuildableRequest``)."""
+        try:
+            return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        except Exception as exc:  # any of them would end the loop silently
+            log.info("a request from %s could not be built (%r): answered 400, connection closed",
+                     getattr(protocol, "peername", None), exc)
+            return UnbuildableRequest(exc, ERROR, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> RequestHandler:
         # Read per connection: a reload's client_header_timeout applies to the next ones.

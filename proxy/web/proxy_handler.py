@@ -16,11 +16,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import IO, assert_never
+from typing import IO, Any, assert_never
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from multidict import CIMultiDict
 
 from proxy.engine import ClientRequest, Reply
@@ -171,6 +171,21 @@ class _ClientErrorFilter(logging.Filter):
 _CLIENT_ERROR_FILTER = _ClientErrorFilter()
 
 
+class UnbuildableRequest(web.BaseRequest):
+    """What the client listener's request factory (``fastpath.ProxyServer``) makes of a message
+    aiohttp could not build a request from (``BaseRequest`` decoding the host of an
+    absolute-form target raised UnicodeError: ``http://xn--/``): aiohttp's placeholder
+    message, with the exception. ``handle`` answers it 400 and the connection closes, where
+    the exception used to end the connection's request loop (no answer, nothing logged, the
+    connection left open for good)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception, *args: Any) -> None:
+        super().__init__(*args)
+        self.exc = exc
+
+
 def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
     """The general path's handler, for the runtime of ``front``."""
     server_log = logging.getLogger("aiohttp.server")
@@ -179,6 +194,8 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
     runtime = front.runtime
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.__class__ is UnbuildableRequest:  # (a class test: no call on every request)
+            return _unbuildable(request)
         started = time.perf_counter()
         fe = front.current()
         remote = request.remote or ""
@@ -202,6 +219,15 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
         return resp
 
     return handle
+
+
+def _unbuildable(request: web.BaseRequest) -> web.StreamResponse:
+    """A 400 for a request aiohttp could not build (``UnbuildableRequest``), by the connection's
+    own answer to a malformed request (``ProxyRequestHandler.handle_error``: Server, request id,
+    access log), which closes the connection."""
+    assert isinstance(request, UnbuildableRequest)
+    err = InvalidURLError("invalid host in the request target")
+    return request.protocol.handle_error(request, 400, err, err.message)
 
 
 async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, info: RequestInfo, remote: str,
