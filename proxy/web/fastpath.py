@@ -304,8 +304,8 @@ class FastPath:
 class ProxyRequestHandler(HeadTimedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_answered", "_boundary", "_fast", "_front", "_half_closed", "_parser_args",
-                 "_refused_version", "declined", "gone_logged")
+    __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_head_bytes",
+                 "_head_max", "_parser_args", "_refused_version", "declined", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -326,6 +326,12 @@ class ProxyRequestHandler(HeadTimedHandler):
         self.declined: Declined | None = None  # the fast path's view of the request it left
         self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
         self._front = front
+        # max_request_head, in raw bytes as they arrive (``data_received``): the bytes of the
+        # head not whole yet, and the body of the last request handed over while it may still
+        # be coming (its bytes are not head bytes). Read per connection, as the head timeout.
+        self._head_max = front.current().listener.max_head
+        self._head_bytes = 0
+        self._body: Any = None
         # The version of the request line of a request the parser refused (``_refusal``): the
         # message aiohttp hands ``handle_error`` for it says HTTP/1.0 whatever the client sent.
         self._refused_version: tuple[int, int] = HttpVersion11
@@ -434,6 +440,121 @@ class ProxyRequestHandler(HeadTimedHandler):
         return self._request_in_progress or (self._waiter is None and not self._answered)
 
     def data_received(self, data: bytes) -> None:
+        """Count the bytes of the request head they belong to, then hand them on (``_received``).
+
+        ``max_request_head`` bounds the raw bytes of a head, as nginx's header buffers do, and
+        as they arrive: the parser only caps each line and the number of fields, and the cap on
+        the whole head was checked once the head was whole, on the fields as parsed (without
+        the whitespace the parser strips): a client could make each connection hold a head of
+        up to 1 MB, and have a head of 800 KB of padding answered. A read whose bytes would take
+        the current head over the cap goes the slow way (``_received_capped``), where a head
+        over it is refused with 431 before the parser buffers more of it; every other read
+        costs an addition and a comparison (and, when it ends a request whole, a store)."""
+        if self._head_bytes + len(data) > self._head_max:
+            self._received_capped(data)
+            return
+        body = self._body
+        before = self._request_count
+        self._received(data)
+        if self._boundary:
+            self._head_bytes = 0  # between two requests: no head begun
+        else:
+            self._count(data, before, body)
+
+    def _count(self, data: bytes, before: int, body: Any) -> None:
+        """After a read that did not end between two requests: the bytes it leaves of a head
+        not whole yet. ``before``: the request count before it; ``body``: the body that may have
+        been coming then (``_body``)."""
+        if self._buffer_paused:
+            # The queue of pipelined requests is full: the parser holds back the rest of what
+            # it was given, which was not parsed yet (so not known to be head bytes).
+            self._head_bytes = 0
+        elif self._request_count != before:  # heads ended in this read: what follows the last one
+            self._head_bytes = self._after_head(data)
+        elif body is not None:
+            # Body bytes. If the body ended in this read, where the next head began in it is not
+            # known: that head is counted from the next read on (it can pass the cap by what
+            # this one read held of it, never by more).
+            if body.is_eof():
+                self._body = None
+            self._head_bytes = 0
+        elif not self._upgraded:
+            self._head_bytes += len(data)
+
+    def _after_head(self, data: bytes) -> int:
+        """The bytes of ``data`` after the end of the last head it ended (a request was handed
+        over or answered): the next head's, unless that request has a body, which comes first."""
+        queued = self._messages
+        payload = queued[-1][1] if queued else EMPTY_PAYLOAD
+        if payload is not EMPTY_PAYLOAD or self._upgraded:
+            self._body = None if payload is EMPTY_PAYLOAD or payload.is_eof() else payload
+            return 0
+        self._body = None
+        end = data.rfind(b"\r\n\r\n")
+        if end != -1:
+            return len(data) - end - 4
+        if not data:
+            return 0  # requests the parser held back (``_count``), parsed now
+        # The head's CRLF CRLF began in the read before (llhttp accepts nothing else).
+        return len(data) - (3 if data[:3] == b"\n\r\n" else 2 if data[:2] == b"\r\n" else 1)
+
+    def _received_capped(self, data: bytes) -> None:
+        """A read that would take the current head over ``max_request_head`` if it were all
+        head bytes: handed on a head at a time (each piece ends where a head ends, the
+        parser's CRLF CRLF), so that pipelined heads are each counted on their own and a
+        body is not counted; a head that passes the cap is refused (``_refuse_head``)."""
+        # A reload's cap, at once (read here, off the hot path; the parsed head is checked
+        # against the current one in any case: ``normalise_request``).
+        self._head_max = self._front.current().listener.max_head
+        while data:
+            if self._head_bytes + len(data) <= self._head_max:
+                self.data_received(data)  # (all of it may be head bytes: under the cap)
+                return
+            if (self._body is not None or self._upgraded or self._force_close or self._close
+                    or self._parser is None or isinstance(self._parser, _Discarding)):
+                self._received_counted(data)  # not head bytes (a body), or nothing to refuse
+                return
+            if self._buffer_paused:
+                # aiohttp's queue of pipelined requests is full: the parser holds back what
+                # follows until the queue drains, and pieces fed now would be taken out of turn.
+                # The rest goes to it whole; it is counted from the next read on (``_count``).
+                self._received_counted(data)
+                return
+            have = self._head_bytes
+            end = data.find(b"\r\n\r\n")
+            if end != -1:
+                end += 4
+            elif have and (data[:1] == b"\n" or data[:2] == b"\r\n"):
+                # Perhaps the CRLF CRLF began in the read before: a piece up to where it would
+                # end here (if it did not, the parser takes that piece as more of the head).
+                end = 3 if data[:3] == b"\n\r\n" else 2 if data[:2] == b"\r\n" else 1
+            if end == -1 or have + end > self._head_max:
+                self._refuse_head(have + (len(data) if end == -1 else end))
+                return
+            piece, data = data[:end], data[end:]
+            self.data_received(piece)  # (under the cap: not back here)
+
+    def _received_counted(self, data: bytes) -> None:
+        before = self._request_count
+        body = self._body
+        self._received(data)
+        self._count(data, before, body)
+
+    def _refuse_head(self, size: int) -> None:
+        """A head over ``max_request_head`` (``size``: its bytes so far): 431 (after the requests
+        before it, if any), then the connection closes; what else comes is read and dropped,
+        never buffered."""
+        log.debug("a request head from %s is over max_request_head (%d bytes): 431, connection "
+                  "closed", self.peername, self._head_max)
+        # (as ``normalise_request`` words it; the head may not be whole, so "at least")
+        why = f"the request head is at least {size} bytes, over the {self._head_max} this proxy accepts"
+        err = HttpProcessingError(code=431, message=why)
+        self._enqueue([(_ErrInfo(status=431, exc=err, message=why + "\n"), EMPTY_PAYLOAD)], False, b"")
+        self._parser = _Discarding()  # type: ignore[assignment]
+        self._head_bytes = 0
+        self.head_ended()
+
+    def _received(self, data: bytes) -> None:
         waiter = self._waiter
         # aiohttp's handler is idle when its loop waits for a request (``waiter`` set), but also
         # from the moment a response it wrote is whole until that loop comes back round (a task
