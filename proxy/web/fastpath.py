@@ -506,32 +506,36 @@ class ProxyRequestHandler(HeadTimedHandler):
         # A reload's cap, at once (read here, off the hot path; the parsed head is checked
         # against the current one in any case: ``normalise_request``).
         self._head_max = self._front.current().listener.max_head
-        while data:
-            if self._head_bytes + len(data) <= self._head_max:
-                self.data_received(data)  # (all of it may be head bytes: under the cap)
+        start, size = 0, len(data)  # (offsets: a batch of small heads is not copied once a head)
+        while start < size:
+            rest = data[start:] if start else data
+            if self._head_bytes + size - start <= self._head_max:
+                self.data_received(rest)  # (all of it may be head bytes: under the cap)
                 return
             if (self._body is not None or self._upgraded or self._force_close or self._close
                     or self._parser is None or isinstance(self._parser, _Discarding)):
-                self._received_counted(data)  # not head bytes (a body), or nothing to refuse
+                self._received_counted(rest)  # not head bytes (a body), or nothing to refuse
                 return
             if self._buffer_paused:
                 # aiohttp's queue of pipelined requests is full: the parser holds back what
                 # follows until the queue drains, and pieces fed now would be taken out of turn.
                 # The rest goes to it whole; it is counted from the next read on (``_count``).
-                self._received_counted(data)
+                self._received_counted(rest)
                 return
             have = self._head_bytes
-            end = data.find(b"\r\n\r\n")
-            if end != -1:
-                end += 4
-            elif have and (data[:1] == b"\n" or data[:2] == b"\r\n"):
+            head = data[start:start + 3]
+            if have and head[:1] in (b"\n", b"\r"):
                 # Perhaps the CRLF CRLF began in the read before: a piece up to where it would
                 # end here (if it did not, the parser takes that piece as more of the head).
-                end = 3 if data[:3] == b"\n\r\n" else 2 if data[:2] == b"\r\n" else 1
-            if end == -1 or have + end > self._head_max:
-                self._refuse_head(have + (len(data) if end == -1 else end))
+                end = start + (3 if head == b"\n\r\n" else 2 if head[:2] == b"\r\n" else 1)
+            else:
+                end = data.find(b"\r\n\r\n", start)
+                if end != -1:
+                    end += 4
+            if end == -1 or have + end - start > self._head_max:
+                self._refuse_head(have + (size if end == -1 else end) - start)
                 return
-            piece, data = data[:end], data[end:]
+            piece, start = data[start:end], end
             self.data_received(piece)  # (under the cap: not back here)
 
     def _received_counted(self, data: bytes) -> None:

@@ -153,3 +153,9 @@ async def test_heads_are_counted_one_by_one_and_bodies_not_at_all(
         assert str(len(body)).encode() in got
         if port == p.fast_port:
             assert p.fast.answered > fast_answered  # (hits among them answered on the fast path)
+        # A head whose CRLF CRLF is split between two reads, then more than the cap of heads
+        # pipelined in the second: the first head ends there, each is counted on its own.
+        first = padded(CAP - 100)
+        got = await until_close(port, first[:-1], first[-1:] + padded(CAP // 2) * 2
+                                + req("GET", "/p", "Connection: close", host=HOST), pause=0.05)
+        assert statuses(got) == [b"HTTP/1.1 200 OK"] * 4, (port, got[-400:])
