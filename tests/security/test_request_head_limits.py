@@ -56,8 +56,9 @@ async def until_close(port: int, *pieces: bytes, pause: float = 0.0) -> bytes:
 
 
 def statuses(data: bytes) -> list[bytes]:
-    """The status lines of the answers in ``data`` (bodies here never hold one)."""
-    return re.findall(rb"HTTP/1\.[01] [0-9]{3} [^\r]*", data)
+    """The statuses of the answers in ``data``, without the version their lines say (bodies here
+    never hold a status line)."""
+    return re.findall(rb"HTTP/1\.[01] ([0-9]{3} [^\r]*)", data)
 
 
 def padded(size: int, path: str = "/p", *extra: str) -> bytes:
@@ -89,8 +90,7 @@ async def test_a_host_that_does_not_decode_is_400_and_the_connection_closes(
     for port in (p.fast_port, p.general_port):
         # a stored page's request pipelined behind it: never answered (the connection closes)
         got = await until_close(port, BAD_TARGETS[case] + req("GET", "/p"))
-        assert statuses(got) == [b"HTTP/1.0 400 Bad Request"] or statuses(got) == [
-            b"HTTP/1.1 400 Bad Request"], (port, got)
+        assert statuses(got) == [b"400 Bad Request"], (port, got)
     assert origin.count("/p") == 1  # nothing forwarded
 
 
@@ -110,7 +110,7 @@ async def test_an_unfinished_head_over_the_cap_is_refused_with_431_before_it_end
             got = await asyncio.wait_for(reader.read(), 10)
         finally:
             writer.close()
-        assert statuses(got) == [b"HTTP/1.0 431 Request Header Fields Too Large"], (port, got)
+        assert statuses(got) == [b"431 Request Header Fields Too Large"], (port, got)
         assert f"over the {CAP} this proxy accepts".encode() in got
     assert origin.count("/p") == 1
 
@@ -120,13 +120,13 @@ async def test_every_byte_of_the_head_counts_whitespace_too(origin: Origin, make
     for port in (p.fast_port, p.general_port):
         # exactly the cap (then a request that closes the connection)
         got = await until_close(port, padded(CAP) + req("GET", "/p", "Connection: close", host=HOST))
-        assert statuses(got) == [b"HTTP/1.1 200 OK"] * 2, (port, got)
+        assert statuses(got) == [b"200 OK"] * 2, (port, got)
         for path in ("/p", "/other"):  # one byte over: stored (the fast path's), and not
             got = await until_close(port, padded(CAP + 1, path))
-            assert statuses(got) == [b"HTTP/1.0 431 Request Header Fields Too Large"], (port, path, got)
+            assert statuses(got) == [b"431 Request Header Fields Too Large"], (port, path, got)
     # Ten times the cap, which the parser takes (every line under its limit).
     got = await until_close(p.fast_port, padded(10 * CAP))
-    assert statuses(got) == [b"HTTP/1.0 431 Request Header Fields Too Large"], got
+    assert statuses(got) == [b"431 Request Header Fields Too Large"], got
     assert origin.count("/p") == 1 and origin.count("/other") == 0
 
 
@@ -148,8 +148,8 @@ async def test_heads_are_counted_one_by_one_and_bodies_not_at_all(
         batch = small * 8 + post + padded(CAP) * 2
         more = [f"X-More-{i}: {'m' * 1000}\r\n".encode() for i in range(CAP // 1000 + 1)]
         got = await until_close(port, batch, req("GET", "/p", host=HOST)[:-2], *more, pause=0.02)
-        assert statuses(got) == [b"HTTP/1.1 200 OK"] * 11 + [
-            b"HTTP/1.0 431 Request Header Fields Too Large"], (port, got[-400:])
+        assert statuses(got) == [b"200 OK"] * 11 + [
+            b"431 Request Header Fields Too Large"], (port, got[-400:])
         assert str(len(body)).encode() in got
         if port == p.fast_port:
             assert p.fast.answered > fast_answered  # (hits among them answered on the fast path)
@@ -158,4 +158,4 @@ async def test_heads_are_counted_one_by_one_and_bodies_not_at_all(
         first = padded(CAP - 100)
         got = await until_close(port, first[:-1], first[-1:] + padded(CAP // 2) * 2
                                 + req("GET", "/p", "Connection: close", host=HOST), pause=0.05)
-        assert statuses(got) == [b"HTTP/1.1 200 OK"] * 4, (port, got[-400:])
+        assert statuses(got) == [b"200 OK"] * 4, (port, got[-400:])
