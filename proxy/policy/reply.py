@@ -13,6 +13,9 @@ client's request, which reply those fields head:
   §14.2); a stored part (RFC 9111 §3.3) only for a range it holds whole;
 - ``None``: the stored response cannot answer this request (a part asked for another
   range, or by a HEAD): the engine fetches instead.
+
+``reply_on_arrival`` is the same decision for a response that is still arriving (a fill's,
+whose request dropped the client's conditionals and ``Range``), made from its head alone.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from proxy.policy.messages import RequestHead, StoredResponse
 from proxy.policy.partial import answerable, part_range
 from proxy.policy.ranges import if_range_allows, request_range, resolve_range
-from proxy.policy.validation import precondition_failed
+from proxy.policy.validation import client_not_modified, precondition_failed
 
 # A stored response's fields that are never served as stored (see served_headers).
 # X-Cache-Status: this cache's own field, in case an entry stored before it was dropped on the
@@ -65,6 +68,16 @@ class Send:
 ReplyHead = PreconditionFailed | NotModified | Unsatisfiable | Send
 
 
+@dataclass(frozen=True, slots=True)
+class AsArrives:
+    """The response itself, relayed as it arrives (``reply_on_arrival``): what the request asks
+    besides it cannot be decided from the head (a range of a body of unknown length), or is
+    the whole response (no range, a range ``If-Range`` does not allow, several ranges)."""
+
+
+ArrivalReply = PreconditionFailed | NotModified | Unsatisfiable | Send | AsArrives
+
+
 def served_headers(stored: Sequence[tuple[str, str]], age: str, cs: str, x_cache: str
                    ) -> list[tuple[str, str]]:
     """A stored response's fields as served: its own Age and Content-Length dropped (the
@@ -95,12 +108,9 @@ def reply_head(request: RequestHead, stored: StoredResponse, body_size: int,
     >>> reply_head(get("bytes=20-"), s, 10, [], False)
     Unsatisfiable(headers=[('Content-Range', 'bytes */10')])
     """
-    fields = request.headers
-    if ("If-Match" in fields or "If-Unmodified-Since" in fields) and precondition_failed(fields, stored):
-        return PreconditionFailed([(k, v) for k, v in headers if k in _OWN_FIELDS and k != "Age"])
-    if not_modified:
-        return NotModified([(k, v) for k, v in headers
-                            if k.lower() in NOT_MODIFIED_FIELDS or k in _OWN_FIELDS])
+    early = _conditions(request, stored, headers, not_modified)
+    if early is not None:
+        return early
     # RFC 9110 §14.2: GET is the only method range handling is defined for; a HEAD's Range is
     # ignored (its answer is the 200's head).
     spec = request_range(request.headers) if request.method == "GET" else None
@@ -120,3 +130,60 @@ def reply_head(request: RequestHead, stored: StoredResponse, body_size: int,
         headers = [*headers, ("Content-Range", f"bytes {first}-{last}/{body_size}")]
         return Send(206, "Partial Content", headers, last - first + 1, first)
     return Send(stored.status, stored.reason, headers, body_size, 0)
+
+
+def _conditions(request: RequestHead, stored: StoredResponse, headers: list[tuple[str, str]],
+                not_modified: bool) -> PreconditionFailed | NotModified | None:
+    """RFC 9110 §13.2.2 steps 1-4, before any range: a 412 when If-Match or If-Unmodified-Since
+    is false, a 304 when the client's If-None-Match / If-Modified-Since matched
+    (``not_modified``); None when neither applies."""
+    fields = request.headers
+    if ("If-Match" in fields or "If-Unmodified-Since" in fields) and precondition_failed(fields, stored):
+        return PreconditionFailed([(k, v) for k, v in headers if k in _OWN_FIELDS and k != "Age"])
+    if not_modified:
+        return NotModified([(k, v) for k, v in headers
+                            if k.lower() in NOT_MODIFIED_FIELDS or k in _OWN_FIELDS])
+    return None
+
+
+def reply_on_arrival(request: RequestHead, response: StoredResponse, length: int | None,
+                     headers: list[tuple[str, str]]) -> ArrivalReply:
+    """The reply to a client of a fill, decided from the response's head as it arrives, before
+    its body: ``response`` is the head as it will be stored, ``length`` its Content-Length
+    (None: unknown until the body ends), ``headers`` the fields the client would get with it.
+
+    A fill drops the client's conditionals and ``Range`` (it must get the whole response to
+    store it), so they are answered here; all that needs is the head. The preconditions and
+    If-None-Match / If-Modified-Since compare the client's validators with the response's
+    ETag and Last-Modified (or Date), which the head carries (RFC 9110 §13.1-13.2): a 412 or
+    a 304 goes out at once. A single range of a 200 whose length the head states is a slice
+    of the body as it streams (RFC 9110 §14.2; ``If-Range`` against the head's validators):
+    a 206, or a 416 when it lies beyond the end. Anything else gets the response itself
+    (``AsArrives``), always a valid answer to a conditional or ranged GET: a false
+    If-None-Match means the 200, and a server may ignore Range. Waiting for the store
+    instead held the client for the whole body, and past ``lock_timeout`` made it fetch the
+    object again.
+
+    >>> from proxy.policy.messages import Freshness
+    >>> from multidict import CIMultiDict, CIMultiDictProxy
+    >>> s = StoredResponse(200, "OK", (), 0, 0, Freshness(10, "max-age", 0, 0), etag='"v1"')
+    >>> def get(**fields: str) -> RequestHead:
+    ...     return RequestHead("GET", "http", "a", "/", CIMultiDictProxy(CIMultiDict(fields)))
+    >>> reply_on_arrival(get(**{"If-None-Match": '"v1"', "Range": "bytes=0-1"}), s, 10, [])
+    NotModified(headers=[])
+    >>> reply_on_arrival(get(Range="bytes=2-"), s, 10, [])  # doctest: +NORMALIZE_WHITESPACE
+    Send(status=206, reason='Partial Content', headers=[('Content-Range', 'bytes 2-9/10')],
+         length=8, offset=2)
+    >>> reply_on_arrival(get(Range="bytes=2-"), s, None, [])
+    AsArrives()
+    """
+    early = _conditions(request, response, headers, client_not_modified(request.headers, response))
+    if early is not None:
+        return early
+    if length is None:
+        return AsArrives()
+    answer = reply_head(request, response, length, headers, False)
+    if isinstance(answer, Unsatisfiable) or (isinstance(answer, Send) and answer.status == 206
+                                             and response.status != 206):
+        return answer
+    return AsArrives()

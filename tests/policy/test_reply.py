@@ -8,13 +8,16 @@ import pytest
 
 from proxy.policy.messages import StoredResponse
 from proxy.policy.reply import (
+    AsArrives,
     NotModified,
     PreconditionFailed,
     Send,
     Unsatisfiable,
     reply_head,
+    reply_on_arrival,
     served_headers,
 )
+from proxy.policy.validation import client_not_modified
 from tests.policy.build import date, request, stored
 
 FIELDS: list[tuple[str, str]] = [("Date", date(0)), ("Cache-Control", "max-age=60"), ("ETag", '"a"'),
@@ -115,3 +118,79 @@ def test_preconditions_come_first_rfc_9110_section_13_2_2(
 def test_a_412_carries_none_of_the_stored_response_s_fields() -> None:
     answer = reply_head(request(("If-Match", '"z"')), WHOLE, 10, served(WHOLE), False)
     assert answer == PreconditionFailed([("Cache-Status", "cachegate; hit"), ("X-Cache-Status", "HIT")])
+
+
+# -- a fill's response, from its head as it arrives (reply_on_arrival) -------------------------------
+
+LM = ("Last-Modified", date(-3600))
+ARRIVING = stored([*FIELDS, LM])
+
+# (case, method, request fields, Content-Length known, what the client gets: "as arrives",
+# 304, 412, 416, or (206, Content-Range, length, offset))
+ARRIVAL: list[tuple[str, str, list[tuple[str, str]], bool, object]] = [
+    ("no conditions: the response itself", "GET", [], True, "as arrives"),
+    ("If-None-Match that matches: 304 from the head", "GET", [("If-None-Match", '"a"')], True, 304),
+    ("If-None-Match, weakly: 304", "GET", [("If-None-Match", 'W/"a"')], True, 304),
+    ("If-None-Match *: 304", "GET", [("If-None-Match", "*")], True, 304),
+    ("If-None-Match of another tag: the response", "GET", [("If-None-Match", '"b"')], True, "as arrives"),
+    ("If-Modified-Since at Last-Modified: 304", "GET", [("If-Modified-Since", date(-3600))], True, 304),
+    ("If-Modified-Since before Last-Modified: the response", "GET", [("If-Modified-Since", date(-7200))],
+     True, "as arrives"),
+    ("a 304 without a known length too (it has no body)", "GET", [("If-None-Match", '"a"')], False, 304),
+    ("a HEAD's matching If-None-Match: 304", "HEAD", [("If-None-Match", '"a"')], True, 304),
+    ("If-Match of another tag: 412", "GET", [("If-Match", '"b"')], True, 412),
+    ("If-Match that holds: the response", "GET", [("If-Match", '"a"')], True, "as arrives"),
+    ("If-Unmodified-Since before Last-Modified: 412", "GET", [("If-Unmodified-Since", date(-7200))], True, 412),
+    ("412 before 304 (RFC 9110 §13.2.2)", "GET", [("If-Match", '"b"'), ("If-None-Match", '"a"')], True, 412),
+    ("a range: 206 sliced from the body", "GET", [("Range", "bytes=2-4")], True, (206, "bytes 2-4/10", 3, 2)),
+    ("a suffix range", "GET", [("Range", "bytes=-3")], True, (206, "bytes 7-9/10", 3, 7)),
+    ("a range of a body of unknown length: the response", "GET", [("Range", "bytes=2-4")], False, "as arrives"),
+    ("a range beyond the end: 416", "GET", [("Range", "bytes=20-")], True, 416),
+    ("If-None-Match before Range (RFC 9110 §13.2.2)", "GET", [("Range", "bytes=0-3"), ("If-None-Match", '"a"')],
+     True, 304),
+    ("If-None-Match that fails, then the range", "GET", [("Range", "bytes=0-3"), ("If-None-Match", '"b"')], True,
+     (206, "bytes 0-3/10", 4, 0)),
+    ("If-Range that matches the head's ETag: 206", "GET", [("Range", "bytes=2-4"), ("If-Range", '"a"')], True,
+     (206, "bytes 2-4/10", 3, 2)),
+    ("If-Range of another ETag: the whole response", "GET", [("Range", "bytes=2-4"), ("If-Range", '"b"')], True,
+     "as arrives"),
+    ("If-Range at Last-Modified (strong: an hour before Date): 206", "GET",
+     [("Range", "bytes=2-4"), ("If-Range", date(-3600))], True, (206, "bytes 2-4/10", 3, 2)),
+    ("several ranges: the whole response", "GET", [("Range", "bytes=0-1,4-5")], True, "as arrives"),
+    ("a HEAD's range: the response's head", "HEAD", [("Range", "bytes=2-4")], True, "as arrives"),
+]
+
+
+@pytest.mark.parametrize(("case", "method", "fields", "known", "expected"), ARRIVAL, ids=[c[0] for c in ARRIVAL])
+def test_a_fill_s_clients_are_answered_from_its_head_as_it_arrives(
+        case: str, method: str, fields: list[tuple[str, str]], known: bool, expected: object) -> None:
+    answer = reply_on_arrival(request(*fields, method=method), ARRIVING, 10 if known else None,
+                              served(ARRIVING))
+    match answer:
+        case AsArrives():
+            got: object = "as arrives"
+        case NotModified():
+            got = 304
+        case PreconditionFailed():
+            got = 412
+        case Unsatisfiable():
+            got = 416
+            assert ("Content-Range", "bytes */10") in answer.headers
+        case Send():
+            got = (answer.status, dict(answer.headers).get("Content-Range"), answer.length, answer.offset)
+    assert got == expected
+
+
+def test_the_head_s_answers_are_those_the_stored_response_gives_later() -> None:
+    """What a client of the fill gets from its head is what it would get from the store once
+    the fill is complete (the same decision, ``reply_head``), the 200 aside."""
+    for _case, method, fields, known, _expected in ARRIVAL:
+        if not known:
+            continue
+        req = request(*fields, method=method)
+        early = reply_on_arrival(req, ARRIVING, 10, served(ARRIVING))
+        later = reply_head(req, ARRIVING, 10, served(ARRIVING), client_not_modified(req.headers, ARRIVING))
+        if isinstance(early, AsArrives):
+            assert isinstance(later, Send) and later.status == 200
+        else:
+            assert early == later
