@@ -51,6 +51,7 @@ from multidict import CIMultiDictProxy
 from proxy.errors import ResponseAborted
 
 if TYPE_CHECKING:
+    from proxy.policy.messages import StoredResponse
     from proxy.storage.entry import Entry
 
 log = logging.getLogger("cachegate.coalescer")
@@ -353,6 +354,9 @@ class FlightHead:
     store_detail: str  # "" when it is being stored, else the DontStore detail
     content_length: int | None
     vary: tuple[tuple[str, str], ...] = ()  # selecting values of the leader's request
+    # The response as it is being stored (None when it is not): its clients' conditionals and
+    # ranges are answered from it as the head arrives (``proxy.policy.reply.reply_on_arrival``).
+    stored: StoredResponse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +433,11 @@ class Coalescer:
 
     def get(self, key: str) -> Flight | None:
         return self._flights.get(key)
+
+    @property
+    def in_flight(self) -> int:
+        """The flights whose task is still running (registered or not, retired or not)."""
+        return len(self._tasks)
 
     def start(self, key: str, run: Callable[[Flight], Coroutine[Any, Any, None]]) -> Flight:
         """Start the one flight for ``key``; it removes itself when its body is done."""

@@ -788,6 +788,11 @@ class Engine:
 
     # -- finishing ---------------------------------------------------------------------------
 
+    def edited(self, plan: RequestPlan, status: int, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``headers`` with the rule's response_headers for a reply of ``status`` applied."""
+        edits = response_edits(plan, status, headers)
+        return edits.apply(headers) if edits else headers
+
     def finish(self, plan: RequestPlan, reply: Reply) -> Reply:
         """Apply the rule's response_headers (chosen by the reply's status and type) for the client."""
         edits = response_edits(plan, reply.status, reply.headers)

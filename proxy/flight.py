@@ -26,9 +26,14 @@ the lease, the readers or the count.
 
 Each client is then answered from its flight by ``MissPath.answer`` (the leader and each
 follower alike). What it does once the flight has its head is a pure function of that head
-and its request, ``after_head``: answer from the store once the flight stored it
-(``FromStore``), stale-if-error (``StaleInstead``), fetch for itself (``OnItsOwn``), or the
-flight's response, head only, whole or streamed (``Relay``). What followers may be given,
+and its request, ``after_head``: answer from the store when the flight's response is there
+whole already (``FromStore``: another worker stored it, or a 304 freshened it),
+stale-if-error (``StaleInstead``), fetch for itself (``OnItsOwn``), the flight's response,
+head only, whole or streamed (``Relay``), or, for a client with conditionals or a range the
+fill did not send, the answer to them from the flight's head (``FromHead``: a 304, a 412, a
+416, a 206 sliced from the body as it arrives; else the ``Relay``). A client never waits for
+the store while its own flight is still delivering, and never fetches the object again
+because that took long. What followers may be given,
 and what slow readers get, is the coalescer's contract (``proxy.coalescer``'s module
 docstring): it is carried out here.
 
@@ -43,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, ClassVar, Literal, assert_never
 
@@ -65,6 +70,14 @@ from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
 from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
+from proxy.policy.reply import (
+    AsArrives,
+    NotModified,
+    PreconditionFailed,
+    Send,
+    Unsatisfiable,
+    reply_on_arrival,
+)
 from proxy.policy.reuse import Serve, decide_lookup, select_variant
 from proxy.policy.validation import (
     Freshen,
@@ -76,7 +89,7 @@ from proxy.policy.validation import (
     decide_on_validation,
     origin_error,
 )
-from proxy.replies import ClientRequest, Reply, error_reply, relay, upstream_detail
+from proxy.replies import Body, ClientRequest, Reply, error_reply, relay, upstream_detail
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.storage.tiered import BodySpool
@@ -112,6 +125,8 @@ class Attempt:
     # The lookup found the key nowhere (memory, the disk's directory, this process's disk
     # writes) in the same step: there is nothing stored meanwhile to look for (``fetch``).
     nowhere: bool = False
+    # Fetched alone after a flight left nothing for it (``MissPath._serve_after_flight``): at most once.
+    refetched: bool = False
 
     def alone(self) -> Attempt:
         """The same request fetched for this client alone, without joining anyone's flight
@@ -256,7 +271,7 @@ class MissPath:
             if reader is None:
                 # Too late to stream this flight from its first byte: wait until it
                 # is stored and answer from the store.
-                return await self._serve_after_flight(attempt, None, "HIT", True)
+                return await self._serve_after_flight(attempt, None, "HIT", True, flight, own=False)
             flight.followers += 1
             collapsed = True
         if flight is None:
@@ -647,7 +662,8 @@ class MissPath:
         if "date" not in fields:  # forwarded with the Date it is stored with (policy.headers.dated)
             fields = CIMultiDictProxy(CIMultiDict(dated(tuple(fields.items()), response_time)))
         flight.set_head(FlightHead(resp.status, resp.reason, fields, shareable,
-                                   store_detail, resp.content_length, vary))
+                                   store_detail, resp.content_length, vary,
+                                   entry.response if entry is not None else None))
         passing = store_detail in PASS_DETAILS
         if passing:
             self.coalescer.mark_pass(key, found_nothing=self._found_nothing(run.attempt))
@@ -776,15 +792,14 @@ class MissPath:
         step = after_head(fhead, head, fwd, collapsed=collapsed, stale=stale is not None)
         if step.coalesced:
             engine.metrics.coalesced.inc()
+        from_head = False
         match step:
             case FromStore():
                 reader.close()
                 # Its leader and its followers alike: their requests came before the origin's
                 # answer, so what it stored or validated (the variant each selects) is theirs.
                 return await self._serve_after_flight(attempt, fhead.status, step.x_cache, step.collapsed,
-                                                      stored=step.stored,
-                                                      flight=flight if step.this_flight else None,
-                                                      own=flight)
+                                                      flight, own=True)
             case StaleInstead():
                 reader.close()
                 assert stale is not None
@@ -792,6 +807,8 @@ class MissPath:
             case OnItsOwn():
                 reader.close()
                 return await self.fetch(attempt.alone())
+            case FromHead():
+                from_head, step = True, step.otherwise
             case Relay():
                 pass
             case _:
@@ -814,6 +831,11 @@ class MissPath:
                 flight.follower_headers[fwd] = list(headers)
 
         length = fhead.content_length
+        if from_head:
+            assert fhead.stored is not None
+            early = await self._from_head(attempt, flight, reader, fhead, fhead.stored, headers, step)
+            if early is not None:
+                return early
         match step.body:
             case "none":
                 reader.close()
@@ -842,6 +864,58 @@ class MissPath:
                                                   x_cache, "upstream"))
             case _:
                 assert_never(step.body)
+
+    async def _from_head(self, attempt: Attempt, flight: Flight, reader: Reader, fhead: FlightHead,
+                         response: StoredResponse, headers: list[tuple[str, str]], otherwise: Relay
+                         ) -> Reply | None:
+        """The reply to the client's conditionals or range from the flight's head
+        (``reply_on_arrival``); None when it is the response itself (``otherwise``, as any client's).
+
+        As ``Engine.serve`` does, the rule's response_headers are those of the response (its
+        200's, for a 304 or a 206) before the decision picks fields from them; a 412 also gets
+        its own. The 206 is sliced from the body as it arrives; a small body is sent in one
+        write, as the relay would."""
+        engine, plan = self.engine, attempt.plan
+        edited = engine.edited(plan, fhead.status, list(headers))
+        answer = reply_on_arrival(attempt.req.head, response, fhead.content_length, edited)
+        x_cache = otherwise.x_cache
+        match answer:
+            case AsArrives():
+                return None
+            case PreconditionFailed():
+                reader.close()
+                text = b"412 Precondition Failed\n"
+                fields = [("Content-Type", "text/plain; charset=utf-8"), *answer.headers]
+                return engine.finish(plan, Reply(412, "Precondition Failed", fields, text, len(text), x_cache,
+                                                 "none"))
+            case NotModified():
+                reader.close()
+                return Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none")
+            case Unsatisfiable():
+                reader.close()
+                return Reply(416, "Range Not Satisfiable", answer.headers, b"", 0, x_cache, "none")
+            case Send():
+                return await self._slice(attempt, flight, reader, answer, otherwise)
+            case _:
+                assert_never(answer)
+
+    async def _slice(self, attempt: Attempt, flight: Flight, reader: Reader, answer: Send,
+                     otherwise: Relay) -> Reply:
+        """A 206 of the flight's body: ``answer.length`` bytes from ``answer.offset``."""
+        first, end = answer.offset, answer.offset + answer.length
+        body: Body
+        if otherwise.body == "whole":
+            try:
+                whole = await flight.body.whole()
+            except UpstreamError as exc:
+                return await self._origin_failed(attempt, exc)
+            finally:
+                reader.close()
+            body = whole[first:end]
+        else:
+            body = _sliced(self._flight_body(flight, attempt.key, reader), first, end)
+        return Reply(answer.status, answer.reason, answer.headers, body, answer.length, otherwise.x_cache,
+                     "upstream")
 
     async def _origin_failed(self, attempt: Attempt, exc: UpstreamError) -> Reply:
         """A client of a flight whose fetch failed before anything of its response was sent to
@@ -997,23 +1071,36 @@ class MissPath:
                                   decision.age, decision.not_modified, hit=True)
 
     async def _serve_after_flight(self, attempt: Attempt, fwd_status: int | None, x_cache: str,
-                                  collapsed: bool, *, stored: bool = False,
-                                  flight: Flight | None = None, own: Flight | None = None) -> Reply:
-        """Answer from the store once ``flight`` (by default, the key's) has ended. A client of
-        the flight (``own``, ended: its leader or a follower that joined it, whose request
-        came before the origin's answer) gets the variant it stored or freshened, fresh or
-        not (a ``no-cache`` response validated once for all of them): the origin has just
-        answered for it. Any other client gets what the store holds only when that is a
+                                  collapsed: bool, flight: Flight | None, *, own: bool) -> Reply:
+        """Answer from the store once ``flight`` has ended.
+
+        A client of the flight (``own``: its leader or a follower that joined it, whose request
+        came before the origin's answer) comes here only once the flight's response is in the
+        store whole (``FromStore``: stored by another worker or node, or freshened by a 304),
+        and waits for the flight's end without a bound: it ends as soon as it has said so. It
+        gets the variant the flight stored or freshened, fresh or not (a ``no-cache`` response
+        validated once for all of them): the origin has just answered for it.
+
+        A client too late to read the flight's body from its first byte (its history is no
+        longer kept: ``fetch``) waits for as long as the flight is storing the body (bounded by
+        the flight's own upstream timeouts), since the store is where it reads it from: a wait
+        cut at ``lock_timeout`` made every late client download the object again. A flight that
+        gives the store up (too large, no room) or was not storing is waited for
+        ``lock_timeout`` at most. Such a client gets what the store holds only when that is a
         fresh hit for its own request (``decide_lookup``): the flight may have stored nothing
-        (an error, a late joiner's flight that failed), or freshened another variant than
-        this client's. Else the request is fetched for this client alone."""
+        (an error, a store given up), or freshened another variant than this client's.
+
+        Else the request is fetched for this client alone, once: that fetch never comes back
+        here (its flight answers from its own head: ``after_head``), and ``refetched`` makes
+        sure of it."""
         engine, req, key = self.engine, attempt.req, attempt.key
-        flight = flight or self.coalescer.get(key)
         if flight is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(flight.result), engine.settings.cache.lock_timeout)
-        mine = own.result.result() if own is not None and own.result.done() and not own.result.cancelled() \
-            else None
+            if own:
+                await asyncio.shield(flight.result)
+            else:
+                await self._outwait(flight)
+        mine = flight.result.result() if own and flight is not None and flight.result.done() \
+            and not flight.result.cancelled() else None
         ours = mine.entry if mine is not None else None
         variants = await engine.load(key)
         index = None
@@ -1034,12 +1121,27 @@ class MissPath:
                 req, attempt.plan, cached, x_cache, ttl if hit else forwarded_ttl(x_cache, ttl),
                 response.freshness.age(now), client_not_modified(req.head.headers, cached.entry.response),
                 hit=hit, fwd=attempt.fwd, collapsed=collapsed,
-                mark_stored=stored,
                 fwd_status=fwd_status if fwd_status is not None else cached.entry.response.status,
             )
             if reply is not None:
                 return reply
-        return await self.fetch(Attempt(req, attempt.plan, key, attempt.fwd, coalesce=False))
+        if attempt.refetched:
+            # Unreachable by construction (see above); were it reached, a third exchange for one
+            # request, or a loop of them, would be worse than an error.
+            log.error("%s: a refetch for one client came back to the store; not fetched again", key)
+            return engine.upstream_failed(attempt.plan, UpstreamProtocolError("refetched already"),
+                                          attempt.fwd)
+        return await self.fetch(Attempt(req, attempt.plan, key, attempt.fwd, coalesce=False, refetched=True))
+
+    async def _outwait(self, flight: Flight) -> None:
+        """Wait for the end of a flight a client joined too late to read from its first byte:
+        while it stores the body (looked at every ``lock_timeout``), or ``lock_timeout`` at most."""
+        timeout = self.engine.settings.cache.lock_timeout
+        while not flight.result.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(flight.result), timeout)
+            if not flight.body.storing:
+                return
 
     async def _serve_stale(self, attempt: Attempt, stale: Cached, fwd_status: int | None,
                            detail: str) -> Reply:
@@ -1061,12 +1163,12 @@ class MissPath:
 
 @dataclass(frozen=True, slots=True)
 class FromStore:
-    """Answer from the store once the flight has stored (or freshened) the response."""
+    """Answer from the store: the flight's response is already there whole (another worker or
+    node stored it; or the origin's 304 freshened the stored one), and the flight ends as soon
+    as it has said so."""
 
     x_cache: str
     collapsed: bool  # Cache-Status: it went forward with another request (never "hit")
-    stored: bool = False  # Cache-Status: "stored" (the leader's own client)
-    this_flight: bool = False  # wait for this flight (else for whichever the key has then)
     coalesced: bool = False  # served from another's fetch (cachegate_coalesced_requests_total)
 
 
@@ -1096,7 +1198,21 @@ class Relay:
     coalesced: bool = False
 
 
-NextStep = FromStore | StaleInstead | OnItsOwn | Relay
+@dataclass(frozen=True, slots=True)
+class FromHead:
+    """The client's conditionals or range, which the fill did not send, answered from the
+    flight's head as it arrives (``proxy.policy.reply.reply_on_arrival``: a 304, a 412, a 416,
+    a 206 sliced from the body as it streams); ``otherwise`` when the head answers nothing
+    more than the response itself."""
+
+    otherwise: Relay
+
+    @property
+    def coalesced(self) -> bool:
+        return self.otherwise.coalesced
+
+
+NextStep = FromStore | StaleInstead | OnItsOwn | Relay | FromHead
 
 
 def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: bool,
@@ -1113,20 +1229,43 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
                                                                       request.headers)):
         return OnItsOwn()
     x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")
+    plain: Relay
+    if request.method == "HEAD" or fhead.status in (204, 304):
+        plain = Relay(x_cache, "none", coalesced=collapsed)
+    elif (length := fhead.content_length) is not None \
+            and length <= (WHOLE_FOR_FOLLOWERS if collapsed else WHOLE_FOR_LEADER):
+        # The leader too, when the body is small enough not to delay its first byte.
+        plain = Relay(x_cache, "whole", coalesced=collapsed)
+    else:
+        plain = Relay(x_cache, "stream", coalesced=collapsed)
     fields = request.headers
-    if fhead.store_detail == "" and fhead.status == 200 and (
+    if fhead.stored is not None and fhead.status == 200 and (
             "if-none-match" in fields or "if-modified-since" in fields or "range" in fields
             or "if-match" in fields or "if-unmodified-since" in fields):
-        # Fill requests drop the client's conditionals and ranges: the stored response answers them.
-        return FromStore(x_cache, collapsed=collapsed, stored=not collapsed, this_flight=True,
-                         coalesced=collapsed)
-    if request.method == "HEAD" or fhead.status in (204, 304):
-        return Relay(x_cache, "none", coalesced=collapsed)
-    length = fhead.content_length
-    if length is not None and length <= (WHOLE_FOR_FOLLOWERS if collapsed else WHOLE_FOR_LEADER):
-        # The leader too, when the body is small enough not to delay its first byte.
-        return Relay(x_cache, "whole", coalesced=collapsed)
-    return Relay(x_cache, "stream", coalesced=collapsed)
+        # Fill requests drop the client's conditionals and ranges: the response's head answers
+        # them, as it arrives (never the store: waiting for it held the client for the whole
+        # body, and a wait that ran out fetched the object again).
+        return FromHead(plain)
+    return plain
+
+
+async def _sliced(chunks: AsyncIterator[bytes], first: int, end: int) -> AsyncIterator[bytes]:
+    """Bytes ``first`` to ``end`` (exclusive) of a body arriving as ``chunks``; the rest of it
+    is not read (the flight goes on for its other readers and the store)."""
+    at = 0
+    try:
+        async for chunk in chunks:
+            size = len(chunk)
+            if at + size > first:
+                piece = chunk[max(0, first - at):end - at]
+                if piece:
+                    yield piece
+            at += size
+            if at >= end:
+                return
+    finally:
+        if isinstance(chunks, AsyncGenerator):
+            await chunks.aclose()
 
 
 def _unasked_304(resp: UpstreamResponse, revalidating: Cached | None) -> UpstreamProtocolError | None:

@@ -7,13 +7,26 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.coalescer import FlightHead
-from proxy.flight import STORED_ELSEWHERE, FromStore, NextStep, OnItsOwn, Relay, StaleInstead, after_head
-from proxy.policy.messages import RequestHead
+from proxy.flight import (
+    STORED_ELSEWHERE,
+    FromHead,
+    FromStore,
+    NextStep,
+    OnItsOwn,
+    Relay,
+    StaleInstead,
+    after_head,
+)
+from proxy.policy.messages import Freshness, RequestHead, StoredResponse
+
+STORED = StoredResponse(200, "OK", (), 0, 0, Freshness(60, "max-age", 0, 0), etag='"e"')
 
 
 def head(status: int = 200, detail: str = "", shareable: bool = True, length: int | None = 10,
          vary: tuple[tuple[str, str], ...] = ()) -> FlightHead:
-    return FlightHead(status, "", CIMultiDictProxy(CIMultiDict()), shareable, detail, length, vary)
+    """A flight's head; being stored (``detail`` "") it carries the response as stored."""
+    return FlightHead(status, "", CIMultiDictProxy(CIMultiDict()), shareable, detail, length, vary,
+                      STORED if detail == "" and status == 200 else None)
 
 
 def request(method: str = "GET", **fields: str) -> RequestHead:
@@ -44,10 +57,19 @@ CASES: list[tuple[str, FlightHead, RequestHead, str, bool, bool, NextStep]] = [
      request(Accept_Language="de"), "uri-miss", True, False, OnItsOwn()),
     ("a follower with the same Vary value is served", head(vary=(("accept-language", "en"),)),
      request(Accept_Language="en"), "uri-miss", True, False, Relay("HIT", "whole", coalesced=True)),
-    ("a conditional leader is answered from the store once stored", head(), request(If_None_Match='"x"'),
-     "uri-miss", False, False, FromStore("MISS", collapsed=False, stored=True, this_flight=True)),
-    ("a range follower is answered from the store once stored", head(), request(Range="bytes=0-1"),
-     "uri-miss", True, False, FromStore("HIT", collapsed=True, this_flight=True, coalesced=True)),
+    ("a conditional leader is answered from the flight's head, not the store", head(),
+     request(If_None_Match='"x"'), "uri-miss", False, False, FromHead(Relay("MISS", "whole"))),
+    ("a range follower is answered from the flight's head, not the store", head(), request(Range="bytes=0-1"),
+     "uri-miss", True, False, FromHead(Relay("HIT", "whole", coalesced=True))),
+    ("a big body's If-Range leader: from the head, else streamed", head(length=10_000_000),
+     request(Range="bytes=0-1", If_Range='"e"'), "uri-miss", False, False, FromHead(Relay("MISS", "stream"))),
+    ("a precondition on a refetched stale response: from the head", head(length=None),
+     request(If_Match='"e"'), "stale", False, False, FromHead(Relay("EXPIRED", "stream"))),
+    ("If-Modified-Since on a HEAD: from the head, else the head only", head(),
+     request("HEAD", If_Modified_Since="Mon, 01 Jan 2024 00:00:00 GMT"), "uri-miss", False, False,
+     FromHead(Relay("MISS", "none"))),
+    ("a conditional request of a stored error status gets the response", head(404, length=3),
+     request(If_None_Match='"x"'), "uri-miss", False, False, Relay("MISS", "whole")),
     ("a conditional request of an unstored response gets the response", head(detail="NO-STORE"),
      request(If_None_Match='"x"'), "uri-miss", False, False, Relay("MISS", "whole")),
     ("what another worker stored is answered from the store", head(detail=STORED_ELSEWHERE), request(),

@@ -1,0 +1,315 @@
+"""A conditional or ranged request whose key is being filled is answered from the fill's own
+response head as it arrives: one origin exchange, never a second download of the object.
+
+A fill drops the client's conditionals and Range (it must get the whole response to store
+it). Its clients used to wait for the store, ``lock_timeout`` at most, then fetch the object
+again alone, whose fill dropped them again: with a ``no-cache`` response, one stale on
+arrival, or a body slower than ``lock_timeout``, the client never got an answer and the
+origin served the whole object every ``lock_timeout``, on after the client had gone.
+
+Each origin route here sends its head and the first bytes of its body at once, and the rest
+only when the test releases it: a client answered before that was answered from the head
+(or from the bytes already there), and one that waited for the store could not have been.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.policy.httpdate import format_http_date
+from tests.conftest import MakeProxy, clocked
+from tests.harness import Clock, Origin, Proxy
+from tests.storage.procs import ProxyProcess, write_config
+
+T = TypeVar("T")
+
+BODY = bytes(range(256)) * 1024  # 256 KiB
+FIRST = 64 * 1024  # sent with the head; the rest waits for the test
+# Short: a client that (wrongly) waits for the store gives up, and fetches again, at once.
+QUICK = "cache: {memory: 64MB, lock_timeout: 200ms, disk: {path: cache, size: 64MB}}\n"
+
+
+class Gated:
+    """An origin route whose body's first ``first`` bytes go out with its head, the rest once
+    ``release`` is set; ``requests`` holds the request fields of each GET it got."""
+
+    def __init__(self, headers: dict[str, str], body: bytes = BODY, first: int = FIRST,
+                 clock: Clock | None = None) -> None:
+        self.headers, self.body, self.first, self.clock = headers, body, first, clock
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()  # a body's first bytes went out
+        self.requests: list[CIMultiDictProxy[str]] = []
+        self.sent = 0  # bodies sent whole
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request.headers)
+        headers = dict(self.headers)
+        if self.clock is not None:
+            headers["Date"] = format_http_date(self.clock())
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = len(self.body)
+        await resp.prepare(request)
+        await resp.write(self.body[:self.first])
+        self.started.set()
+        await self.release.wait()
+        await resp.write(self.body[self.first:])
+        await resp.write_eof()
+        self.sent += 1
+        return resp
+
+
+async def before_a_second_fetch(client: Awaitable[T], gated: Gated) -> T:
+    """``client``'s outcome, failing the test as soon as the origin gets a second request for
+    the object instead (a client that waited for the store gives up after ``lock_timeout``
+    and fetches the object again: the defect)."""
+    task = asyncio.ensure_future(client)
+    try:
+        while not task.done():
+            fetched = len(gated.requests)
+            assert fetched <= 1, "the object was fetched again for the same client"
+            await asyncio.wait({task}, timeout=0.02)
+        return task.result()
+    finally:
+        task.cancel()
+
+
+async def flights_over(proxy: Proxy) -> None:
+    """Until the proxy has no flight running (every fetch it started has ended)."""
+    coalescer = proxy.runtime.engine.coalescer
+    for _ in range(1000):
+        if coalescer.in_flight == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("a flight is still running")
+
+
+async def finished(proxy: Proxy, gated: Gated, path: str) -> None:
+    """Release the body, let every flight end, and check the origin saw that one GET only (and
+    the object is stored: a plain GET is a hit)."""
+    gated.release.set()
+    await flights_over(proxy)
+    assert len(gated.requests) == 1
+    after = await proxy.get(path)
+    assert after.status == 200 and after.body == BODY and after.x_cache == "HIT"
+    await flights_over(proxy)
+    assert len(gated.requests) == 1
+
+
+NO_CACHE = {"Cache-Control": "no-cache", "ETag": '"p1"', "Content-Type": "application/octet-stream"}
+FRESH = {"Cache-Control": "max-age=600", "ETag": '"e1"', "Last-Modified": "Mon, 01 Jan 2024 00:00:00 GMT",
+         "Content-Type": "application/octet-stream"}
+
+
+async def test_a_matching_if_none_match_on_a_no_cache_miss_is_304_from_the_head(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    gated = Gated(NO_CACHE)
+    origin.route("/page", gated)
+    proxy = await make_proxy(config=QUICK)
+    reply = await before_a_second_fetch(proxy.get("/page", headers={"If-None-Match": '"p1"'}), gated)
+    assert reply.status == 304 and reply.body == b""
+    assert reply.headers["ETag"] == '"p1"' and reply.x_cache == "MISS"
+    assert "fwd-status=200" in reply.cache_status
+    assert not gated.release.is_set()  # answered while the body was still on its way
+    assert "If-None-Match" not in gated.requests[0]  # the fill asked for the whole response
+    gated.release.set()
+    await flights_over(proxy)
+    assert len(gated.requests) == 1
+
+
+async def test_a_client_that_leaves_a_no_cache_fill_costs_no_other_fetch(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """If-None-Match of another tag: the 200 streams from the fill at once; the client reads
+    its head and a little of the body, and goes."""
+    gated = Gated(NO_CACHE)
+    origin.route("/page", gated)
+    proxy = await make_proxy(config=QUICK)
+
+    async def head_and_go() -> tuple[int, bytes]:
+        async with aiohttp.ClientSession() as session, \
+                session.get(proxy.url + "/page", headers={"If-None-Match": '"old"'}) as resp:
+            return resp.status, await resp.content.readexactly(10)
+
+    status, start = await before_a_second_fetch(head_and_go(), gated)
+    assert (status, start) == (200, BODY[:10])
+    gated.release.set()
+    await flights_over(proxy)
+    assert len(gated.requests) == 1 and gated.sent == 1
+
+
+async def test_a_range_with_a_matching_if_range_on_a_miss_is_sliced_from_the_fill(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A video player resuming: Range with If-Range. The range is in the bytes that came with
+    the head: the 206 is complete before the rest of the body has left the origin."""
+    gated = Gated(FRESH)
+    origin.route("/video", gated)
+    proxy = await make_proxy(config=QUICK)
+    reply = await before_a_second_fetch(
+        proxy.get("/video", headers={"Range": "bytes=100-1099", "If-Range": '"e1"'}), gated)
+    assert reply.status == 206
+    assert reply.headers["Content-Range"] == f"bytes 100-1099/{len(BODY)}"
+    assert reply.body == BODY[100:1100]
+    assert not gated.release.is_set()
+    assert "Range" not in gated.requests[0] and "If-Range" not in gated.requests[0]
+    await finished(proxy, gated, "/video")
+
+
+async def test_a_range_beyond_what_has_arrived_follows_the_fill(origin: Origin, make_proxy: MakeProxy) -> None:
+    """The 206's head goes out with the fill's; its bytes follow the fill as they arrive."""
+    gated = Gated(FRESH)
+    origin.route("/video", gated)
+    proxy = await make_proxy(config=QUICK)
+    headed = asyncio.Event()
+
+    async def ranged() -> tuple[int, str | None, bytes]:
+        async with aiohttp.ClientSession() as session, session.get(
+                proxy.url + "/video", headers={"Range": f"bytes={len(BODY) - 1000}-", "If-Range": '"e1"'}) as resp:
+            headed.set()
+            return resp.status, resp.headers.get("Content-Range"), await resp.read()
+
+    client = asyncio.ensure_future(before_a_second_fetch(ranged(), gated))
+    waiter = asyncio.ensure_future(headed.wait())
+    await asyncio.wait({client, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if client.done():
+        client.result()  # (the reason it ended before its head)
+    gated.release.set()  # only once the 206's head is out: its bytes were not there before
+    status, content_range, body = await client
+    assert (status, content_range) == (206, f"bytes {len(BODY) - 1000}-{len(BODY) - 1}/{len(BODY)}")
+    assert body == BODY[-1000:]
+    await finished(proxy, gated, "/video")
+
+
+async def test_if_range_of_another_version_gets_the_whole_fill(origin: Origin, make_proxy: MakeProxy) -> None:
+    gated = Gated(FRESH)
+    origin.route("/video", gated)
+    proxy = await make_proxy(config=QUICK)
+
+    async def head() -> tuple[int, str | None]:
+        async with aiohttp.ClientSession() as session, session.get(
+                proxy.url + "/video", headers={"Range": "bytes=0-9", "If-Range": '"old"'}) as resp:
+            return resp.status, resp.headers.get("Content-Range")
+
+    assert await before_a_second_fetch(head(), gated) == (200, None)
+    await finished(proxy, gated, "/video")
+
+
+async def test_if_match_of_another_tag_on_a_miss_is_412_from_the_head(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    gated = Gated(FRESH)
+    origin.route("/obj", gated)
+    proxy = await make_proxy(config=QUICK)
+    reply = await before_a_second_fetch(proxy.get("/obj", headers={"If-Match": '"other"'}), gated)
+    assert reply.status == 412
+    await finished(proxy, gated, "/obj")
+
+
+async def test_a_range_on_a_stale_entry_is_sliced_from_the_refetched_response(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """The revalidation gets a new 200 (another ETag) with a slow body: the range comes from it."""
+    served = 0
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal served
+        served += 1
+        headers = {"Cache-Control": "max-age=1", "ETag": f'"v{served}"', "Date": format_http_date(clock())}
+        if served == 1:
+            return web.Response(body=BODY, headers=headers)
+        return await Gated(headers)(request) if release.is_set() else await _held(request, headers, release)
+
+    origin.route("/stale", handler)
+    proxy = await clocked(make_proxy, clock, config=QUICK)
+    assert (await proxy.get("/stale")).body == BODY
+    clock.advance(5)
+    task = asyncio.ensure_future(proxy.get("/stale", headers={"Range": "bytes=0-9"}))
+    while not task.done():
+        assert served <= 2, "the object was fetched again for the same client"
+        await asyncio.wait({task}, timeout=0.02)
+    reply = task.result()
+    assert reply.status == 206 and reply.body == BODY[:10]
+    assert reply.headers["ETag"] == '"v2"' and reply.headers["Content-Range"] == f"bytes 0-9/{len(BODY)}"
+    assert not release.is_set()
+    release.set()
+    await flights_over(proxy)
+    assert served == 2
+
+
+async def _held(request: web.Request, headers: dict[str, str], release: asyncio.Event) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = len(BODY)
+    await resp.prepare(request)
+    await resp.write(BODY[:FIRST])
+    await release.wait()
+    await resp.write(BODY[FIRST:])
+    await resp.write_eof()
+    return resp
+
+
+async def test_clients_joining_a_big_fill_late_wait_for_it_rather_than_fetch_it_again(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """Past the first MiB the flight keeps no history to replay: clients that join then read
+    the object from the store once the fill has stored it, however long that takes."""
+    big = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    gated = Gated(FRESH, body=big, first=2 * 1024 * 1024)
+    origin.route("/big", gated)
+    proxy = await make_proxy(config=QUICK)
+    past_history = asyncio.Event()
+
+    async def first() -> bytes:
+        async with aiohttp.ClientSession() as session, session.get(proxy.url + "/big") as resp:
+            start = await resp.content.readexactly(2 * 1024 * 1024)  # the flight's history is gone
+            past_history.set()
+            return start + await resp.read()
+
+    leader = asyncio.ensure_future(first())
+    await past_history.wait()
+    late = [asyncio.ensure_future(proxy.get("/big")) for _ in range(2)]
+    late.append(asyncio.ensure_future(proxy.get("/big", headers={"If-None-Match": '"e1"'})))
+    waited = 0
+    while waited < 25:  # past lock_timeout (200 ms), the late clients fetched the object again
+        fetched = len(gated.requests)
+        assert fetched == 1, "a late client fetched the object again"
+        waited += 1
+        await asyncio.sleep(0.02)
+    gated.release.set()
+    assert await leader == big
+    replies = [await t for t in late]
+    assert [(r.status, r.body == big) for r in replies] == [(200, True), (200, True), (304, False)]
+    await flights_over(proxy)
+    assert len(gated.requests) == 1
+
+
+async def test_two_workers_answer_a_conditional_miss_from_the_fill_s_head(
+        origin: Origin, tmp_path: Path) -> None:
+    """The same across workers: whichever worker the client reaches, its fill answers it."""
+    page, video = Gated(NO_CACHE), Gated(FRESH)
+    origin.route("/page", page)
+    origin.route("/video", video)
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url,
+        "cache: {memory: 64MB, lock_timeout: 200ms, disk: {path: cache, size: 64MB, shards: 2}}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        reply = await before_a_second_fetch(proxy.get("/page", headers={"If-None-Match": '"p1"'}), page)
+        assert reply.status == 304 and reply.headers["ETag"] == '"p1"'
+        ranged = await before_a_second_fetch(
+            proxy.get("/video", headers={"Range": "bytes=0-9", "If-Range": '"e1"'}), video)
+        assert ranged.status == 206 and ranged.body == BODY[:10]
+        assert not page.release.is_set()
+        page.release.set()
+        video.release.set()
+        hit = await proxy.get("/video")  # stored by then, or joins the fill: no other fetch
+        assert hit.status == 200 and hit.body == BODY
+        assert len(page.requests) == len(video.requests) == 1
+    finally:
+        page.release.set()
+        video.release.set()
+        await proxy.stop()
