@@ -475,8 +475,8 @@ class Engine:
                                                   self.clock(), plan.options)
         if isinstance(decision, FromPart):
             found = decision.serve
-            reply = await self.serve(req, plan, parts[found.index], "HIT", found.ttl, found.age, False,
-                                     hit=True)
+            reply = await self.serve(req, plan, parts[found.index], "HIT", found.ttl, found.age,
+                                     found.not_modified, hit=True)
             if reply is not None:
                 return reply
             decision = decision.otherwise

@@ -200,6 +200,21 @@ async def test_if_range_of_another_version_gets_the_whole_fill(origin: Origin, m
     await finished(proxy, gated, "/video")
 
 
+async def test_range_and_a_matching_if_none_match_on_a_miss_is_304_not_206(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """RFC 9110 §13.2.2: If-None-Match is evaluated before Range (as on a hit)."""
+    gated = Gated(FRESH)
+    origin.route("/obj", gated)
+    proxy = await make_proxy(config=QUICK)
+    reply = await before_a_second_fetch(
+        proxy.get("/obj", headers={"Range": "bytes=0-3", "If-None-Match": '"e1"'}), gated)
+    assert reply.status == 304 and "Content-Range" not in reply.headers
+    assert "Range" not in gated.requests[0]  # the whole response, not a part
+    await finished(proxy, gated, "/obj")
+    hit = await proxy.get("/obj", headers={"Range": "bytes=0-3", "If-None-Match": '"e1"'})
+    assert hit.status == 304
+
+
 async def test_if_match_of_another_tag_on_a_miss_is_412_from_the_head(
         origin: Origin, make_proxy: MakeProxy) -> None:
     gated = Gated(FRESH)
@@ -313,3 +328,22 @@ async def test_two_workers_answer_a_conditional_miss_from_the_fill_s_head(
         page.release.set()
         video.release.set()
         await proxy.stop()
+
+
+async def test_a_stored_part_answers_a_matching_if_none_match_304_before_its_range(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    async def ranged(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=206, body=BODY[0:4], headers={
+            **FRESH, "Content-Range": f"bytes 0-3/{len(BODY)}"})
+
+    origin.route("/part", ranged)
+    proxy = await make_proxy(config="cache: {memory: 64MB, range_fill: none, disk: {path: cache, size: 64MB}}\n")
+    first = await proxy.get("/part", headers={"Range": "bytes=0-3"})
+    assert first.status == 206 and first.body == BODY[:4]
+    hit = await proxy.get("/part", headers={"Range": "bytes=0-3"})
+    assert hit.status == 206 and hit.x_cache == "HIT"
+    again = await proxy.get("/part", headers={"Range": "bytes=0-3", "If-None-Match": '"e1"'})
+    assert again.status == 304 and again.x_cache == "HIT"
+    other = await proxy.get("/part", headers={"Range": "bytes=1-2", "If-None-Match": '"e0"'})
+    assert other.status == 206 and other.body == BODY[1:3]
+    assert origin.count("/part") == 1

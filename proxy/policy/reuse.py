@@ -29,7 +29,7 @@ revalidated for a client's ``max-age`` (RFC 8246).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from proxy.policy.cache_control import EMPTY_CACHE_CONTROL, CacheControl, parse_cache_control
@@ -246,8 +246,9 @@ class FetchPart:
 class FetchWhole:
     """Not through a part: the complete response is fetched and answers the range. ``reason``:
     ``if-range`` (the client's If-Range does not hold for the part that has the range: it wants
-    the whole representation) or ``conditional`` (a conditional range, answered from the
-    complete response once stored)."""
+    the whole representation) or ``conditional`` (a conditional range: If-Range, If-Match,
+    If-Unmodified-Since, If-None-Match or If-Modified-Since, answered from the complete
+    response's head as it arrives, the range sliced from its body)."""
 
     reason: Literal["if-range", "conditional"]
 
@@ -276,10 +277,18 @@ def decide_part_lookup(request: RequestHead, spec: RangeSpec, parts: Sequence[St
                 and answerable(parts[decision.index], spec) is not None:
             if not if_range_allows(request.headers, parts[decision.index]):
                 return FetchWhole("if-range")
-            found = decision
+            # The part's validators are its representation's (RFC 9111 §3.3): a matching
+            # If-None-Match / If-Modified-Since is a 304 before any range (RFC 9110 §13.2.2).
+            found = replace(decision, not_modified=client_not_modified(
+                request.headers, replace(parts[decision.index], status=200)))
         held = select_variant(request, parts)
     fields = request.headers
     otherwise: FetchPart | FetchWhole = FetchPart(held)
-    if "if-range" in fields or "if-match" in fields or "if-unmodified-since" in fields:
+    if "if-range" in fields or "if-match" in fields or "if-unmodified-since" in fields \
+            or "if-none-match" in fields or "if-modified-since" in fields:
+        # RFC 9110 §13.2.2: the preconditions, then If-None-Match / If-Modified-Since, are
+        # evaluated before Range, against the representation: a part's fetch does not carry
+        # them, so the whole fill answers them from its head (a 304, a 412, or the range
+        # sliced from its body as it arrives: ``proxy.policy.reply.reply_on_arrival``).
         otherwise = FetchWhole("conditional")
     return otherwise if found is None else FromPart(found, otherwise)

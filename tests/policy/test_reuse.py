@@ -264,7 +264,22 @@ def part_lookup(after: float, *req_fields: tuple[str, str], parts: int = 1) -> s
     (10, [("Range", "bytes=3-5"), ("If-Range", '"v2"')], 1, "FetchWhole(reason='if-range')"),
     (10, [("Range", "bytes=0-3"), ("If-Match", '"v1"')], 1, "FetchWhole(reason='conditional')"),
     (10, [("Range", "bytes=3-5"), ("If-Match", '"v2"')], 1, "part 0, else FetchWhole(reason='conditional')"),
+    # If-None-Match / If-Modified-Since come before Range (RFC 9110 §13.2.2): not a part's fetch
+    (10, [("Range", "bytes=0-3"), ("If-None-Match", '"v1"')], 1, "FetchWhole(reason='conditional')"),
+    (10, [("Range", "bytes=0-3"), ("If-None-Match", '"v1"')], 0, "FetchWhole(reason='conditional')"),
+    (10, [("Range", "bytes=0-3"), ("If-Modified-Since", "Mon, 01 Jan 2024 00:00:00 GMT")], 0,
+     "FetchWhole(reason='conditional')"),
 ])
 def test_a_range_is_answered_by_a_fresh_part_that_holds_it_else_fetched_alone_or_whole(
         after: float, fields: Pairs, parts: int, expected: str) -> None:
     assert part_lookup(after, *fields, parts=parts) == expected
+
+
+@pytest.mark.parametrize(("inm", "not_modified"), [('"v1"', True), ('W/"v1"', True), ('"v2"', False)])
+def test_a_part_answers_a_matching_if_none_match_304_before_its_range(inm: str, not_modified: bool) -> None:
+    """RFC 9110 §13.2.2: If-None-Match (weak comparison) before Range; a part carries its
+    representation's validators."""
+    part = replace(stored(PART_FIELDS), status=206, reason="Partial Content")
+    head = request(("Range", "bytes=3-5"), ("If-None-Match", inm))
+    decision = decide_part_lookup(head, (3, 5), [part], T0 + 10, CacheOptions())
+    assert isinstance(decision, FromPart) and decision.serve.not_modified is not_modified
