@@ -377,9 +377,10 @@ rule files have their own reference, [rules.md](rules.md).
   `M`, `G`, `T` and `KiB`, `MiB`, `GiB`, `TiB` are the same), with or without a space before the
   unit (`10GB`, `10 GB`), in any case (`10gb`); never negative, at most `1024TB`.
 - A bare number is a YAML number, so `1_000_000` and `0x100000` are numbers too; but for a
-  duration, a size or a count (`workers`, `pool_size`, ...), `1:30` (YAML reads base 60: 90)
-  and `010` (octal: 8) are refused: write `1m30s`, `10`. Where a string is expected (a header
-  value, a rule's `equals`), a bare number is taken as written: `010` is the text `010`.
+  duration, a size, a count (`workers`, `pool_size`, ...) or a status code, `1:30` (YAML reads
+  base 60: 90) and `010` (octal: 8) are refused: write `1m30s`, `10`. Where a string is
+  expected (a header value or name, a rule's `equals`), a bare number is taken as written:
+  `010` is the text `010`, `1.50` the text `1.50`.
 - Config and rule files are UTF-8 YAML without anchors and aliases (`&name`, `*name`,
   `<<: *name`): write each value out.
 - Relative paths are relative to the config file.

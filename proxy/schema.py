@@ -90,7 +90,7 @@ class Section:
         item = self.values.get(key)
         if item is None or item.value is None:
             return default
-        if not isinstance(item.value, str | Int) or isinstance(item.value, bool):
+        if not isinstance(item.value, str | Int | float) or isinstance(item.value, bool):
             self._bad(item, key, "a string")
             return default
         return item.as_text()
@@ -188,7 +188,7 @@ class Section:
             return [item.value]
         out: builtins.list[Str] = []
         for element in self.list(key):
-            if isinstance(element.value, str | Int) and not isinstance(element.value, bool):
+            if isinstance(element.value, str | Int | float) and not isinstance(element.value, bool):
                 out.append(element.as_text())
             else:
                 self.problems.add(element, f"{self._name(key)}: expected strings in the list, "
@@ -488,7 +488,7 @@ def _text(item: Src, strict: Bool) -> Str:
     value = item.value
     if isinstance(value, str):
         return value
-    if strict or not isinstance(value, int) or isinstance(value, bool):
+    if strict or not isinstance(value, int | float) or isinstance(value, bool):
         raise Invalid(f"expected a string, got {type_name(value)}")
     return item.as_text()
 
@@ -519,7 +519,7 @@ def strings() -> Parser[tuple[Str, ...]]:
     def read(item: Src, ctx: Context) -> tuple[Str, ...]:
         out = []
         for element in elements(item):
-            if isinstance(element.value, str | int) and not isinstance(element.value, bool):
+            if isinstance(element.value, str | int | float) and not isinstance(element.value, bool):
                 out.append(element.as_text())
             else:
                 ctx.problem(element, f"expected strings in the list, got {type_name(element.value)}")

@@ -29,6 +29,7 @@ class Src:
     line: int  # 1-based
     key_lines: dict[Any, int] = field(default_factory=dict)  # for mappings: the line of each key
     raw: str | None = None  # a plain scalar YAML read as a number: as written (1:30 for 90)
+    key_texts: dict[Any, str] = field(default_factory=dict)  # mapping keys read as numbers: as written
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -37,6 +38,10 @@ class Src:
         """A scalar taken as a string: a number as written (a header value ``010`` stays 010, not
         YAML's octal 8; ``1.50`` stays 1.50)."""
         return self.raw if self.raw is not None else str(self.value)
+
+    def key_text(self, key: Any) -> str:
+        """One of this mapping's keys taken as a string, as written (``as_text``)."""
+        return self.key_texts.get(key, str(key))
 
 
 class Problems:
@@ -208,6 +213,7 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Src] = {}
         key_lines: dict[Any, int] = {}
+        key_texts: dict[Any, str] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):  # before hashing it
                 problems.add((file, key_node.start_mark.line + 1), "a key must be a scalar")
@@ -219,7 +225,9 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
                 problems.add((file, key_node.start_mark.line + 1), f"duplicate key {key!r}")
             out[key] = _convert(value_node, file, loader, problems)
             key_lines[key] = key_node.start_mark.line + 1
-        return Src(out, file, line, key_lines)
+            if isinstance(key, int | float) and not isinstance(key, bool):
+                key_texts[key] = str(key_node.value)
+        return Src(out, file, line, key_lines, key_texts=key_texts)
     if isinstance(node, yaml.SequenceNode):
         return Src([_convert(n, file, loader, problems) for n in node.value], file, line)
     value = _scalar(node, file, loader, problems)

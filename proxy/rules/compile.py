@@ -20,7 +20,7 @@ from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
 from proxy.rules.match import Condition, Glob, HostPattern, Match
 from proxy.rules.plan import CACHED_METHODS, Actions, HeaderEdits, Rule, RuleSet, first, header_edits
 from proxy.schema import Section, type_name
-from proxy.units import parse_duration
+from proxy.units import parse_duration, yaml_number
 from proxy.yamlsrc import Problems, Sources, Src, load_yaml
 
 MATCH_KEYS = ("host", "path", "method", "query", "header", "cookie", "status", "content_type")
@@ -117,7 +117,7 @@ def _host_pattern(text: str, at: Src, problems: Problems) -> HostPattern | None:
 
 def _str_items(src: Src, problems: Problems, what: str) -> list[tuple[str, Src]]:
     """A string or a list of strings, each with where it came from; an empty list is an error."""
-    if isinstance(src.value, str | int) and not isinstance(src.value, bool):
+    if isinstance(src.value, str | int | float) and not isinstance(src.value, bool):
         return [(src.as_text(), src)]
     if not isinstance(src.value, list):
         problems.add(src, f"{what}: expected a string or a list of strings, got {type_name(src.value)}")
@@ -127,7 +127,7 @@ def _str_items(src: Src, problems: Problems, what: str) -> list[tuple[str, Src]]
         return []
     out: list[tuple[str, Src]] = []
     for item in src.value:
-        if isinstance(item.value, str | int) and not isinstance(item.value, bool):
+        if isinstance(item.value, str | int | float) and not isinstance(item.value, bool):
             out.append((item.as_text(), item))
         else:
             problems.add(item, f"{what}: expected strings in the list, got {type_name(item.value)}")
@@ -142,7 +142,7 @@ def _conditions(src: Src, problems: Problems, what: str) -> tuple[Condition, ...
         return ()
     out: list[Condition] = []
     for raw_name, cond in src.value.items():
-        name = str(raw_name)
+        name = src.key_text(raw_name)
         where = f"match.{what}.{name}"
         if what != "query" and not _TOKEN.fullmatch(name):
             problems.add(cond, f"match.{what}: {name!r} is not a valid {what} name")
@@ -201,7 +201,10 @@ def _compile_match(src: Src | None, problems: Problems) -> Match:
         if isinstance(items.value, list) and not items.value:
             problems.add(items, "match.status: an empty list never matches")
         for item in (items.value if isinstance(items.value, list) else [items]):
-            if item.value == 206:  # proxy.policy.partial.representation_status
+            misread = _misread(item.value, item.raw)
+            if misread:
+                problems.add(item, f"match.status: {misread}")
+            elif item.value == 206:  # proxy.policy.partial.representation_status
                 problems.add(item, "match.status: 206 never matches: a 206 is part of a 200, stored and "
                                    "edited by the rules of status 200; match 200")
             elif type(item.value) is int and 100 <= item.value <= 599:
@@ -226,6 +229,16 @@ def _compile_match(src: Src | None, problems: Problems) -> Match:
     )
 
 
+def _misread(value: object, written: str | None) -> str:
+    """Why a status code YAML read from another form than it shows is refused (``0404`` is
+    octal 260, ``4:04`` base 60), or ""."""
+    try:
+        yaml_number(value, written, str(value))
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, float], float | None]:
     if not isinstance(src.value, dict):
         try:
@@ -238,6 +251,10 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
     default: float | None = None
     for status, value in src.value.items():
         line = src.key_lines.get(status, value.line)
+        misread = _misread(status, src.key_texts.get(status))
+        if misread:
+            problems.add((src.file, line), f"{what}: {misread}")
+            continue
         if status == "default":
             pass
         elif not (isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599):
@@ -373,7 +390,7 @@ def _header_edits(src: Src, problems: Problems) -> HeaderEdits | None:
                 if not check_name(str(name), at):
                     continue
                 v = value.value
-                if not isinstance(v, str | int) or isinstance(v, bool):
+                if not isinstance(v, str | int | float) or isinstance(v, bool):
                     problems.add(value, f"response_headers.add.{name}: expected a string, got {type_name(v)}")
                 elif any((c < " " and c != "\t") or c == "\x7f" for c in value.as_text()):
                     problems.add(value, f"response_headers.add.{name}: a header value cannot contain "

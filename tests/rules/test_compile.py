@@ -101,14 +101,28 @@ def test_a_bare_number_where_a_string_is_meant_is_taken_as_written() -> None:
     rules = compile_text("""
         rules:
           - name: versioned
-            match: {path: /v, query: {v: 1.50, w: {equals: 010}}, header: {X-Id: 0x1F}}
-            response_headers: {add: {X-Version: 010}}
+            match: {path: /v, query: {v: 1.50, w: {equals: 010}, 010: {equals: 2.0}}, header: {X-Id: 0x1F}}
+            response_headers: {add: {X-Version: 010, X-Api: 1.50}}
     """)
-    plan = rules.plan(head("/v?v=1.50&w=010", x_id="0x1F"))
+    plan = rules.plan(head("/v?v=1.50&w=010&010=2.0", x_id="0x1F"))
     assert plan.rule is not None and plan.rule.name == "versioned"
-    assert plan.response_headers_for(200, None).add == (("X-Version", "010"),)  # type: ignore[union-attr]
-    assert rules.plan(head("/v?v=1.5&w=010", x_id="0x1F")).rule is None
-    assert rules.plan(head("/v?v=1.50&w=8", x_id="0x1F")).rule is None
+    assert plan.response_headers_for(200, None).add == (  # type: ignore[union-attr]
+        ("X-Version", "010"), ("X-Api", "1.50"))
+    assert rules.plan(head("/v?v=1.5&w=010&010=2.0", x_id="0x1F")).rule is None
+    assert rules.plan(head("/v?v=1.50&w=8&010=2.0", x_id="0x1F")).rule is None
+    assert rules.plan(head("/v?v=1.50&w=010&8=2.0", x_id="0x1F")).rule is None
+
+
+@pytest.mark.parametrize("text", ["match: {path: /s, status: [0404]}", "ttl: {0404: 1m}", "ttl: {4:04: 1m}"])
+def test_a_status_code_yaml_reads_as_octal_or_base_60_is_refused(text: str) -> None:
+    """``0404`` is YAML's octal 260 (a status code) and ``4:04`` its base-60 244: refused, as
+    for counts, durations and sizes."""
+    problems = Problems()
+    root = parse_yaml(f"rules:\n  - name: s\n    match: {{path: /s}}\n    {text}\n"
+                      if text.startswith("ttl") else f"rules:\n  - name: s\n    {text}\n", "t.yaml", problems)
+    assert root is not None
+    compile_rule_file(root, problems)
+    assert any("reads as the number" in p for p in problems.items), problems.items
 
 
 def test_get_in_a_method_list_implies_head() -> None:
