@@ -141,6 +141,11 @@ async def test_a_half_closed_client_gets_every_answer_then_the_close(origin: Ori
         # nothing to answer (a head never finished, or nothing at all): closed at once
         assert await until_eof(port, PARTIAL, half_close=True) == b""
         assert await until_eof(port, b"", half_close=True) == b""
+        # a request whose body can never come whole now: closed at once too, not held open
+        # (CLOSE-WAIT) until client_body_timeout (60 s, past HANG)
+        never = b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10\r\n\r\n"
+        for _ in range(5):  # (the half-close lands at one moment or another of the request's start)
+            assert b"200 OK" not in await until_eof(port, never, half_close=True)
     assert origin.count("/fill") == 2 and origin.count("/post") == 2
     assert origin.count("/m") == 10
 

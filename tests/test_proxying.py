@@ -129,7 +129,7 @@ async def test_hostile_requests_get_4xx_and_everyone_else_is_still_served(origin
     for name, data in HOSTILE.items():
         answer = await raw_exchange(proxy.url, data)
         status_line = answer.split(b"\r\n", 1)[0]
-        assert status_line.split(b" ")[1] in (b"400", b"413", b"431"), (name, status_line)
+        assert status_line.split(b" ")[1:2] in ([b"400"], [b"413"], [b"431"]), (name, answer)
     # A connection that sends half a request and stalls does not wedge anyone.
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
     _r, stalled = await asyncio.open_connection(host, int(port))

@@ -305,7 +305,7 @@ class ProxyRequestHandler(HeadTimedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
     __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_head_bytes",
-                 "_head_max", "_parser_args", "_refused_version", "declined", "gone_logged")
+                 "_head_max", "_parser_args", "_refused_version", "_taken", "declined", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -336,6 +336,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         # message aiohttp hands ``handle_error`` for it says HTTP/1.0 whatever the client sent.
         self._refused_version: tuple[int, int] = HttpVersion11
         self._half_closed = False  # the client shut its sending side (``eof_received``)
+        self._taken: Any = EMPTY_PAYLOAD  # the body of the request aiohttp's loop took last
 
     def head_idle(self) -> bool:
         """``HeadTimedHandler``'s, and the moment after a general answer written whole
@@ -357,9 +358,10 @@ class ProxyRequestHandler(HeadTimedHandler):
         it); a 500 of aiohttp's own follows a request the handler has counted already."""
         refused = isinstance(exc, HttpProcessingError)
         version = None
-        if status == 400 and isinstance(exc, HttpProcessingError):
+        if isinstance(exc, HttpProcessingError):
             version = self._refused_version  # (aiohttp's placeholder message says HTTP/1.0)
-            status, message = parser_refusal(exc, message)
+            if status == 400:
+                status, message = parser_refusal(exc, message)
         # aiohttp's text and status, written by the one head writer (a refusal in the version
         # of its request line), and the connection closed.
         resp = from_response(super().handle_error(request, status, exc, message), request.method, version)
@@ -436,8 +438,14 @@ class ProxyRequestHandler(HeadTimedHandler):
         request = self._current_request
         if request is not None:
             return bool(request.content.is_eof())
-        # (a request being answered, or taken from the queue and not yet handed to its task)
-        return self._request_in_progress or (self._waiter is None and not self._answered)
+        if self._request_in_progress:  # (its handler is done with the body: the reply is going out)
+            return True
+        # A request taken from the queue and not yet handed to its task (``_taken``, noted by the
+        # request factory): pending only if its body is whole, else the client can never send
+        # the rest and the handler would wait for it until client_body_timeout.
+        taken = self._taken
+        return (self._waiter is None and not self._answered
+                and (taken is EMPTY_PAYLOAD or bool(taken.is_eof())))
 
     def data_received(self, data: bytes) -> None:
         """Count the bytes of the request head they belong to, then hand them on (``_received``).
@@ -533,7 +541,8 @@ class ProxyRequestHandler(HeadTimedHandler):
                 if end != -1:
                     end += 4
             if end == -1 or have + end - start > self._head_max:
-                self._refuse_head(have + (size if end == -1 else end) - start)
+                self._refuse_head(have + (size if end == -1 else end) - start,
+                                  b"" if have else data[start:])
                 return
             piece, start = data[start:end], end
             self.data_received(piece)  # (under the cap: not back here)
@@ -544,7 +553,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         self._received(data)
         self._count(data, before, body)
 
-    def _refuse_head(self, size: int) -> None:
+    def _refuse_head(self, size: int, piece: bytes) -> None:
         """A head over ``max_request_head`` (``size``: its bytes so far): 431 (after the requests
         before it, if any), then the connection closes; what else comes is read and dropped,
         never buffered."""
@@ -553,6 +562,8 @@ class ProxyRequestHandler(HeadTimedHandler):
         # (as ``normalise_request`` words it; the head may not be whole, so "at least")
         why = f"the request head is at least {size} bytes, over the {self._head_max} this proxy accepts"
         err = HttpProcessingError(code=431, message=why)
+        # (the request line's version when this read began the head; else HTTP/1.1)
+        self._refused_version = _line_version(piece) if piece else HttpVersion11
         self._enqueue([(_ErrInfo(status=431, exc=err, message=why + "\n"), EMPTY_PAYLOAD)], False, b"")
         self._parser = _Discarding()  # type: ignore[assignment]
         self._head_bytes = 0
@@ -774,6 +785,7 @@ class ProxyRequestHandler(HeadTimedHandler):
                                    payload_exception=RequestPayloadError,
                                    max_msg_queue_size=self._max_msg_queue_size, **self._parser_args)
         out: list[tuple[Any, Any]] = []
+        head = b""  # the piece holding the last parsed request's head
         start = 0
         while start < len(data):
             end = data.find(b"\r\n\r\n", start)
@@ -781,11 +793,20 @@ class ProxyRequestHandler(HeadTimedHandler):
             try:
                 messages, upgraded, _ = parser.feed_data(data[start:end])
             except HttpProcessingError as exc:
+                payload = out[-1][1] if out else EMPTY_PAYLOAD
+                if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                    # The refusal is of the last request's body (bad chunking): that request
+                    # is the one refused, not one after it (answered, it would wait for a body
+                    # that never comes).
+                    out.pop()
+                    return out, exc, head
                 return out, exc, data[start:end]
             except PARSER_FAULTS:
                 return None
             if upgraded or len(out) + len(messages) >= self._max_msg_queue_size:
                 return None
+            if messages:
+                head = data[start:end]
             out.extend(messages)
             start = end
         return None
@@ -994,7 +1015,10 @@ class ProxyServer(web.Server):
         (``BaseRequest`` raised UnicodeError for an absolute-form target whose host does not
         decode, ``http://xn--/``; normalisation refuses those hosts, but only once a request
         exists). Whatever the message, a request comes out: one that ``handle`` answers 400,
-        closing the connection (``proxy_handler.UnbuildableRequest``)."""
+        closing the connection (``proxy_handler.UnbuildableRequest``). The request's body is noted
+        on its connection (``ProxyRequestHandler._taken``) until its task takes it over."""
+        if isinstance(protocol, ProxyRequestHandler):
+            protocol._taken = payload
         try:
             return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
         except Exception as exc:  # any of them would end the loop silently

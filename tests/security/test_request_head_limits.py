@@ -124,6 +124,9 @@ async def test_every_byte_of_the_head_counts_whitespace_too(origin: Origin, make
         for path in ("/p", "/other"):  # one byte over: stored (the fast path's), and not
             got = await until_close(port, padded(CAP + 1, path))
             assert statuses(got) == [b"431 Request Header Fields Too Large"], (port, path, got)
+            assert got.startswith(b"HTTP/1.1 431 "), got[:40]  # (not aiohttp's placeholder's 1.0)
+        one_zero = padded(CAP + 1).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+        assert (await until_close(port, one_zero)).startswith(b"HTTP/1.0 431 ")
     # Ten times the cap, which the parser takes (every line under its limit).
     got = await until_close(p.fast_port, padded(10 * CAP))
     assert statuses(got) == [b"431 Request Header Fields Too Large"], got
