@@ -310,7 +310,11 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
     """Write ``reply``; the response and the body bytes sent."""
     headers = CIMultiDict(reply.headers)
     fe.own_fields(headers, reply.tier, info.request_id)
-    info.cache_status = headers.get("Cache-Status")
+    # cachegate's own member: the engine adds it last, after any the origin (or a cache between)
+    # sent (RFC 9211 lists caches from the origin's side); the first was the origin's own, of
+    # any length, and not what the fast path logs for the same hit.
+    own = headers.getall("Cache-Status", ())
+    info.cache_status = own[-1] if own else None
     body = reply.body
     counted = fe.sent(reply.tier)
     if isinstance(body, bytes) and not reply.head_only:

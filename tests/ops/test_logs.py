@@ -84,6 +84,34 @@ async def test_json_lines_carry_every_field_on_the_general_and_the_fast_path(
                           "duration_us", "upstream", "upstream_us", "cache", "cache_status", "key", "worker"}
 
 
+async def test_the_log_has_cachegates_own_cache_status_on_every_path_not_the_origins(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """An origin's own Cache-Status member comes before cachegate's (RFC 9211 lists the caches
+    from the origin's side): the general path logged that first one (6 KB here, which made lines
+    over PIPE_BUF on a pipe) on a miss and a hit, where the fast path logged cachegate's own."""
+    theirs = 'origin-cdn; fwd=miss; detail="' + "x" * 6000 + '"'
+    origin.route("/cs", body=b"hello", headers={"Cache-Control": "max-age=60", "Cache-Status": theirs})
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: json, path: {log_file}}}\n")
+    miss = await proxy.get("/cs")
+    await asyncio.sleep(0.05)
+    before = fast_answered(proxy)
+    fast = await proxy.get("/cs")
+    assert fast_answered(proxy) == before + 1, "the hit was answered on the fast path"
+    general = await proxy.get("/cs", headers={"Connection": "close"})  # (never the fast path's)
+    assert fast_answered(proxy) == before + 1, "the hit was answered on the general path"
+    logged = records(proxy, log_file)
+    assert [r["cache"] for r in logged] == ["MISS", "HIT", "HIT"]
+    for record, reply in zip(logged, (miss, fast, general), strict=True):
+        members = reply.headers.getall("Cache-Status")
+        assert members[0] == theirs and len(members) == 2, members  # the origin's is relayed
+        assert record["cache_status"] == members[-1]
+    assert logged[0]["cache_status"] == "cachegate; fwd=uri-miss; fwd-status=200; stored"
+    assert logged[1]["cache_status"].startswith("cachegate; hit; ttl=")
+    assert logged[2]["cache_status"] == logged[1]["cache_status"]  # the same hit, the same line
+
+
 async def test_combined_lines_have_one_pair_of_brackets_and_microseconds(
     tmp_path: Path, origin: Origin, make_proxy: MakeProxy
 ) -> None:
