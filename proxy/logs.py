@@ -21,10 +21,11 @@ readings on the request path and turned into wall-clock time when the batch is w
 
 **Whole lines on a shared pipe.** Several workers write to the same standard output, and
 Linux keeps a write to a pipe whole (never interleaved with another process's) only up to
-``PIPE_BUF`` (4096) bytes. A line is longer only when a client made it so (a long path, Host,
-Referer or User-Agent, longer still once escaped: 7,000 ``"`` are 14,000 bytes of JSON), so
-on any sink that is not a regular file a longer line has those values cut (``_fit``), each cut
-one ending in ``…``, until the line fits. Why cut rather than lock: a lock between the
+``PIPE_BUF`` (4096) bytes. A line is longer mostly when a client made it so (a long path,
+Host, Referer or User-Agent, longer still once escaped: 7,000 ``"`` are 14,000 bytes of JSON),
+but also with a long ``cache_status`` or ``upstream``, so on any sink that is not a regular file
+a longer line has its values cut (``_fit``: the client's first), each cut one ending in ``…``,
+until the line fits, whatever its values. Why cut rather than lock: a lock between the
 workers held for a whole line would hold every worker's writes behind a slow reader, and
 could not keep a line whole anyway where the descriptor is non-blocking (a write of more than
 ``PIPE_BUF`` may then be partial, and the rest may never fit); a write of at most
@@ -58,7 +59,7 @@ from proxy.settings import AccessLogSettings
 
 MAX_BATCH = 256  # records: a batch this long is written at once (a flush holds the loop ≈ 0.7 ms)
 PIPE_BUF = 4096  # writes up to this size to a pipe are atomic (POSIX)
-CUT_MARK = "\u2026"  # "…": the end of a client's value cut to keep its line within PIPE_BUF
+CUT_MARK = "\u2026"  # "…": the end of a value cut to keep its line within PIPE_BUF
 
 
 # -- request ids ---------------------------------------------------------------------------
@@ -389,26 +390,51 @@ class AccessLog:
                 f"cache={r[10]} duration_us={int(r[1] * 1e6)} request_id={rid}\n")
 
     def _fit(self, r: Record, limit: int = PIPE_BUF) -> str:
-        """The line of ``r`` within ``limit`` bytes (it was longer): the values a client chose
-        (host, path and query; Referer and User-Agent in the combined format) cut to what room
-        the rest of the line leaves, as escaped, shared out evenly (a short value keeps all it
-        needs), each cut one ending in ``CUT_MARK``. The rest of a line is a few hundred bytes
-        at most (a kept request id is 200 characters), so every line fits.
+        """The line of ``r`` within ``limit`` bytes (it was longer), each value cut ending in
+        ``CUT_MARK``. First the values a client chose (host, path and query; Referer and
+        User-Agent in the combined format), cut to what room the rest of the line leaves, as
+        escaped, shared out evenly (a short value keeps all it needs). When the rest alone
+        leaves too little room even with the client's values cut to their mark, cachegate's
+        other long values are cut too (in JSON ``cache_status``, whose ``detail`` may name a
+        long rule, and ``upstream``): then every value shares the room, evenly, a short one
+        keeping all it needs. Last, while the line is still too long (a share too small for the
+        mark), the widest value is cut by the excess. What is never cut is bounded: the time,
+        numbers, the method (llhttp's list), the request id (at most 200 characters), the
+        client's address, the cache key's hash, the worker. So every line fits, whatever its
+        values.
 
         Cut rather than written whole under a lock between the workers: see the module
-        docstring. Only lines over ``limit`` come here (a client's doing), at the cost of a few
-        escapes of each value cut (``_cut``)."""
-        headers = r[15]
+        docstring. Only lines over ``limit`` come here, at the cost of a few escapes of each
+        value cut (``_cut``)."""
         as_json = self._format == self._json
-        values: list[str | None] = [r[5] if as_json else None, r[6], None, None]  # (no host in combined)
-        if headers is not None:
-            values[2], values[3] = headers.get("Referer"), headers.get("User-Agent")
         width = _json_width if as_json else _quoted_width
-        base = len(self._format(_with_values(r, [None if v is None else "" for v in values])))
+        # Where the values that may be long are (a record's position, or a request field's
+        # name), the client's first; the JSON's cache_status is a str but for a fast-path hit.
+        slots: tuple[int | str, ...] = (5, 6, 11, 13) if as_json else (6, "Referer", "User-Agent")
+        chosen = 2 if as_json else 3
+        values = [_value(r, slot) for slot in slots]
+        base = len(self._format(_with_values(r, slots, [v and "" for v in values])))
         widths = [width(v) if v else 0 for v in values]
-        shares = _shares(widths, limit - base)
-        return self._format(_with_values(r, [v if not v or w <= share else _cut(v, share, width)
-                                             for v, w, share in zip(values, widths, shares, strict=True)]))
+        room = limit - base
+        mark = width(CUT_MARK)
+        least = sum(min(w, mark) for w in widths[:chosen])  # the client's values cut to their mark
+        rest = widths[chosen:]
+        if sum(rest) + least <= room:  # the others whole: the client's values share what is left
+            shares = _shares(widths[:chosen], room - sum(rest)) + rest
+        else:  # every value shares the room (a short host keeps all of it, a 6 KB detail does not)
+            shares = _shares(widths, room)
+        kept = [v if not v or w <= share else _cut(v, share, width)
+                for v, w, share in zip(values, widths, shares, strict=True)]
+        line = self._format(_with_values(r, slots, kept))
+        while len(line) > limit:  # (the lines are ASCII: characters are bytes)
+            kept_widths = [width(v) if v else 0 for v in kept]
+            widest = max(range(len(kept)), key=kept_widths.__getitem__)
+            value = values[widest]
+            if value is None or kept_widths[widest] <= mark:
+                break  # nothing left to cut (never: what is not cut is bounded, see above)
+            kept[widest] = _cut(value, kept_widths[widest] - (len(line) - limit), width)
+            line = self._format(_with_values(r, slots, kept))
+        return line
 
 
 def _json_width(value: str) -> int:
@@ -466,12 +492,32 @@ def _shares(widths: list[int], room: int) -> list[int]:
     return shares
 
 
-def _with_values(r: Record, values: list[str | None]) -> Record:
-    """``r`` with its host, target, Referer and User-Agent replaced (``AccessLog._fit``)."""
+def _value(r: Record, slot: int | str) -> str | None:
+    """The value at ``slot`` of ``r`` (``AccessLog._fit``): a position, or a request field's name;
+    None when there is none or it is not a string (a fast-path hit's ttl)."""
+    if isinstance(slot, str):
+        headers = r[15]
+        value = headers.get(slot) if headers is not None else None
+    else:
+        value = r[slot]
+    return value if isinstance(value, str) else None
+
+
+def _with_values(r: Record, slots: tuple[int | str, ...], values: list[str | None]) -> Record:
+    """``r`` with the values at ``slots`` replaced, but where a value is None (``AccessLog._fit``)."""
     new = list(r)
-    new[5], new[6] = values[0], values[1]
+    fields: dict[str, str | None] | None = None
     if r[15] is not None:
-        new[15] = {"Referer": values[2], "User-Agent": values[3]}
+        fields = {"Referer": r[15].get("Referer"), "User-Agent": r[15].get("User-Agent")}
+        new[15] = fields
+    for slot, value in zip(slots, values, strict=True):
+        if value is None:
+            continue
+        if isinstance(slot, str):
+            if fields is not None:
+                fields[slot] = value
+        else:
+            new[slot] = value
     return tuple(new)
 
 

@@ -27,6 +27,7 @@ from proxy.logs import (
     LineFormatter,
     RequestIds,
     RequestInfo,
+    _json_str,
     _quoted,
     _quoted_width,
     key_hash,
@@ -332,25 +333,31 @@ def test_pipe_writes_are_at_most_pipe_buf_and_end_at_line_ends() -> None:
 
 # A worker of its own: the real AccessLog on standard output, a third of its lines made long by
 # the client's path (7,000 quotes: 14 KB of JSON, 28 KB of combined) and, in combined, by a
-# Referer and a User-Agent, written in batches as a worker does.
+# Referer and a User-Agent, written in batches as a worker does; or (``long`` "others") in JSON
+# by what the client did not choose: a 6 KB cache_status (as the origin's member made it) and
+# a 3 KB upstream, with a short path.
 WRITER = r"""
 import asyncio, sys
 from proxy.logs import AccessLog
 from proxy.settings import AccessLogSettings
 
-async def main(worker, fmt):
+async def main(worker, fmt, what):
     access = AccessLog(AccessLogSettings(fmt, "stdout"), worker)
     for i in range(150):
         long = i % 3 == 0
-        headers = {"Referer": "r" * 8000, "User-Agent": "u\x01" * 3000} if long else {"User-Agent": "probe"}
+        client = long and what == "client"
+        others = long and what == "others"
+        headers = {"Referer": "r" * 8000, "User-Agent": "u\x01" * 3000} if client else {"User-Agent": "probe"}
+        cs = 'cachegate; fwd=uri-miss; detail="' + "x" * 6000 + '"' if others else "cachegate; fwd=uri-miss"
         access.add((1.0, 0.001, f"{worker}-{i}", "127.0.0.1", "GET", "example.com",
-                    f"/{worker}/{i}/" + ('"' * 7000 if long else ""), (1, 1), 200, 100, "MISS",
-                    "cachegate; fwd=uri-miss", None, None, None, headers if fmt == "combined" else None))
+                    f"/{worker}/{i}/" + ('"' * 7000 if client else ""), (1, 1), 200, 100, "MISS",
+                    cs, None, "http://" + "u" * 3000 if others else None, 0.001 if others else None,
+                    headers if fmt == "combined" else None))
         if i % 10 == 9:
             await asyncio.sleep(0)  # the end of an event-loop iteration: a batch is written
     access.close()
 
-asyncio.run(main(sys.argv[1], sys.argv[2]))
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
 COMBINED_LINE = re.compile(
     r'127\.0\.0\.1 - - \[[^]]+\] "GET /(\d)/(\d+)/((?:\\x22)*)(\\xE2\\x80\\xA6)? HTTP/1\.1" 200 100 '
@@ -368,7 +375,7 @@ def whole_line(fmt: str, line: str) -> tuple[int, int, bool] | None:
         worker, i = map(int, record["request_id"].split("-"))
         if not (record["path"].startswith(f"/{worker}/{i}/") and record["host"] == "example.com"):
             return None
-        return worker, i, record["path"].endswith(CUT_MARK)
+        return worker, i, any(isinstance(v, str) and v.endswith(CUT_MARK) for v in record.values())
     found = COMBINED_LINE.fullmatch(line)
     if found is None or (found[1], found[2]) != (found[7], found[8]):
         return None
@@ -376,14 +383,15 @@ def whole_line(fmt: str, line: str) -> tuple[int, int, bool] | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["json", "combined"])
-def test_two_workers_on_one_pipe_write_whole_lines_whatever_the_path(fmt: str) -> None:
+@pytest.mark.parametrize(("fmt", "what"), [("json", "client"), ("combined", "client"), ("json", "others")])
+def test_two_workers_on_one_pipe_write_whole_lines_whatever_the_values(fmt: str, what: str) -> None:
     """Two processes share a pipe as two workers share standard output, and the reader is slow
     (a log shipper): a line over PIPE_BUF was written in a write of its own, which Linux splits
     when the pipe is full, and the other worker's lines came out inside it (792 broken lines
-    of 3,608). Every line is whole now: the client's values are cut, and say so."""
+    of 3,608). Every line is whole now: the long values are cut, and say so; the client's,
+    and what it did not choose (an origin's 6 KB Cache-Status broke 4 to 60 lines of 300)."""
     read_end, write_end = os.pipe()
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(w), fmt], stdout=write_end)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(w), fmt, what], stdout=write_end)
                for w in (1, 2)]
     os.close(write_end)
     chunks = []
@@ -435,6 +443,47 @@ def test_a_long_line_is_cut_to_pipe_buf_evenly_and_a_file_keeps_it_whole(tmp_pat
     access.close()
     (written,) = (tmp_path / "file.log").read_text().splitlines()
     assert json.loads(written)["path"] == long[6]  # a file: whole, nothing cut
+
+
+def test_a_line_fits_pipe_buf_whatever_its_values_the_clients_cut_first(tmp_path: Path) -> None:
+    """Only the client's values were cut, the rest of a line assumed a few hundred bytes: a
+    long cache_status (an origin's member, a rule's name in its detail) or upstream made lines
+    of any length on a pipe. They are cut too now, after the client's."""
+    def record(host: str, path: str, cs: str, upstream: str | None) -> tuple[Any, ...]:
+        return (1.0, 0.001, "id-1", "127.0.0.1", "GET", host, path, (1, 1), 200, 1, "MISS", cs, "k",
+                upstream, 0.001 if upstream else None, None)
+
+    access = AccessLog(AccessLogSettings("json", str(tmp_path / "a.log")), "0")
+    try:
+        access._clock.anchor()
+        cs = 'cachegate; fwd=uri-miss; detail="' + '"' * 6000 + '"'
+        line = access._fit(record("example.com", "/p", cs, "http://origin"))  # only cache_status is long
+        fields = json.loads(line)
+        assert line.isascii() and PIPE_BUF - 16 < len(line) <= PIPE_BUF
+        assert (fields["host"], fields["path"], fields["upstream"]) == ("example.com", "/p", "http://origin")
+        assert fields["cache_status"].endswith(CUT_MARK) and cs.startswith(fields["cache_status"][:-1])
+        # A long Cache-Status and a long path: the path is cut first, the Cache-Status kept whole
+        # while the room allows.
+        short_cs = 'cachegate; fwd=uri-miss; detail="' + "x" * 3000 + '"'
+        fields = json.loads(access._fit(record("example.com", "/" + "p" * 5000, short_cs, None)))
+        assert fields["cache_status"] == short_cs and fields["path"].endswith(CUT_MARK)
+        # Everything long: every value shares the room (a short one keeps all of it).
+        long = {"host": "h" * 5000, "path": "/" + '"' * 5000, "cache_status": cs, "upstream": "http://" + "u" * 5000}
+        for host in (long["host"], "example.com"):
+            line = access._fit(record(host, long["path"], cs, long["upstream"]))
+            fields = json.loads(line)
+            assert line.isascii() and PIPE_BUF - 16 < len(line) <= PIPE_BUF
+            assert fields["host"] == host or host == long["host"]  # a short host whole
+            for name in ("path", "cache_status", "upstream", "host")[:3 if host != long["host"] else 4]:
+                assert fields[name].endswith(CUT_MARK) and long[name].startswith(fields[name][:-1])
+                assert len(_json_str(fields[name])) > 500  # the room shared out
+        # A fast-path hit (its ttl in place of a cache_status) and a refused request fit too.
+        fast = (*record("h" * 5000, "/" + "p" * 5000, cs, None)[:11], 59.2, *record("", "", "", None)[12:])
+        for r in (fast, (*fast[:4], None, *fast[5:11], cs, *fast[12:])):
+            line = access._fit(r)
+            assert line.isascii() and len(line) <= PIPE_BUF and json.loads(line)["path"].endswith(CUT_MARK)
+    finally:
+        access.close()
 
 
 def test_kept_line_ends_are_bounded_in_bytes_not_only_in_number(tmp_path: Path) -> None:
