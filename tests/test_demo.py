@@ -6,16 +6,21 @@ the README's first impression is tested, not a copy of it.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import re
 import shlex
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from proxy.cli import build_parser
 from tests.harness import spawn_cachegate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +150,73 @@ def test_scripts_run_takes_relative_paths_from_the_directory_it_is_called_in(tmp
     assert f"empty cache in {tmp_path / 'kept'}" in text, text
     assert f"rules: [{tmp_path / 'r/mine.yaml'}]" in (tmp_path / "kept/demo.yaml").read_text()
     assert not (tmp_path / "demo.yaml").exists()
+
+
+def fake_checkout(tmp_path: Path) -> Path:
+    """A checkout holding the real scripts/run (and the _venv.sh it sources) whose .venv counts
+    as installed and whose cachegate prints its directory and its arguments, one a line."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / ".venv/bin").mkdir(parents=True)
+    for name in ("run", "_venv.sh"):
+        shutil.copy2(ROOT / "scripts" / name, root / "scripts" / name)
+    (root / "pyproject.toml").write_text("")
+    os.utime(root / "pyproject.toml", (0, 0))  # older than the install's stamp: nothing to install
+    (root / ".venv/.installed-base").write_text("")
+    for name, text in (("python", "#!/bin/sh\n"), ("cachegate", '#!/bin/sh\nprintf "%s\\n" "$PWD" "$@"\n')):
+        (root / ".venv/bin" / name).write_text(text)
+        (root / ".venv/bin" / name).chmod(0o755)
+    return root
+
+
+# scripts/run's arguments, and what cachegate gets ("@" is the caller's directory).
+RUN_ARGS = [
+    (["--c", "kept"], ["demo", "--c", "@/kept"]),  # argparse's unique prefix of the demo's --cache-dir
+    (["--listen", "1:2", "--ca=kept", "--r", "r.yaml"], ["demo", "--listen", "1:2", "--ca=@/kept", "--r", "@/r.yaml"]),
+    (["--rules=/etc/r.yaml", "--cache-dir", "k"], ["demo", "--rules=/etc/r.yaml", "--cache-dir", "@/k"]),
+    (["--config", "c.yaml", "--rules", "r.yaml"], ["run", "--config", "@/c.yaml", "--rules", "r.yaml"]),  # not run's
+    (["--conf", "c.yaml"], ["run", "--conf", "@/c.yaml"]),  # a prefix only run's --config has
+    (["-c", "c.yaml"], ["run", "-c", "@/c.yaml"]),
+    (["-cc.yaml"], ["run", "-c@/c.yaml"]),
+    (["-c=c.yaml"], ["run", "-c=@/c.yaml"]),  # argparse reads c.yaml
+    (["--config=", "--listen", "1:2"], ["run", "--config=", "--listen", "1:2"]),  # empty: argparse's to refuse
+    (["--config", "--listen", "1.2.3.4:80"], ["run", "--config", "--listen", "1.2.3.4:80"]),  # no value
+    (["--config", ""], ["run", "--config", ""]),
+    (["--cache-dir"], ["demo", "--cache-dir"]),
+    (["--listen", "1:2", "--", "--config", "c"], ["demo", "--listen", "1:2", "--", "--config", "c"]),
+]
+
+
+def test_scripts_run_resolves_only_the_path_flags_of_the_command_it_runs(tmp_path: Path) -> None:
+    """Relative paths are made absolute before scripts/run cd's into the checkout, but the flags
+    were read against --config first whatever the command: --c (the demo's --cache-dir, for
+    argparse) ran cachegate run, --config= became the caller's directory, and --config's
+    missing value became the next flag as a path ("cannot read file", not argparse's "expected
+    one argument"). The command is decided first, then only its own path flags are resolved."""
+    root = fake_checkout(tmp_path)
+    caller = tmp_path / "call dir"
+    caller.mkdir()
+    wrong = []
+    for args, expected in RUN_ARGS:
+        out = subprocess.run([str(root / "scripts/run"), *args], cwd=caller, capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+        cwd, *argv = out.split("\n")[:-1]
+        assert cwd == str(root)
+        if argv != [a.replace("@", str(caller)) for a in expected]:
+            wrong.append((args, argv))
+    assert not wrong, wrong
+
+
+def test_scripts_run_knows_the_flags_of_cachegate_run_and_demo() -> None:
+    """scripts/run reads argparse's prefixes from its own lists of the two commands' flags."""
+    text = (ROOT / "scripts/run").read_text()
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, name in (("run", "RUN_FLAGS"), ("demo", "DEMO_FLAGS")):
+        found = re.search(rf"^{name}=\((.*)\)$", text, re.M)
+        assert found is not None, name
+        flags = {f for a in sub.choices[command]._actions for f in a.option_strings if f.startswith("--")}
+        assert sorted(found[1].split()) == sorted(flags), command
 
 
 @pytest.mark.slow
