@@ -855,7 +855,9 @@ class MissPath:
                     # The head said it was being stored; the body ended and it was not (its
                     # Content-Range said more, a purge came): the Cache-Status says so.
                     cs = cache_status(fwd=fwd, fwd_status=fhead.status, collapsed=collapsed, detail=detail)
-                    headers = [(k, cs if k == "Cache-Status" else v) for k, v in headers]
+                    # cachegate's own member is the last; any before it are the origin's
+                    own = max(i for i, (k, _) in enumerate(headers) if k == "Cache-Status")
+                    headers = [*headers[:own], ("Cache-Status", cs), *headers[own + 1:]]
                 return engine.finish(plan, Reply(fhead.status, fhead.reason, headers, body, len(body),
                                                   x_cache, "upstream"))
             case "stream":
