@@ -618,8 +618,13 @@ async def test_a_worker_stopped_holding_the_ring_lock_is_killed_not_the_worker_w
         assert _state(holder_pid) == "gone"
         assert served_at is not None and served_at <= timeout + period + 1.0, (served_at, proxy.lines)
         assert proxy.workers[waiter] == waiter_pid, proxy.lines
-        assert any(f"worker {holder} (pid {holder_pid}) holds the ring lock worker {waiter} waits for" in line
-                   for line in proxy.lines), proxy.lines
+        # The waiter's ping times out first, as timed above, and the supervisor finds the lock's
+        # holder; on a loaded machine the stop can land late in the holder's own phase, and the
+        # holder's ping times out first: killed as unresponsive, which frees the lock too. Either
+        # way the holder goes, never the waiter (asserted above and below).
+        rescued = f"worker {holder} (pid {holder_pid}) holds the ring lock worker {waiter} waits for"
+        unresponsive = f"worker {holder} (pid {holder_pid}) did not answer a ping"
+        assert any(rescued in line or unresponsive in line for line in proxy.lines), proxy.lines
         assert not any(f"worker {waiter} (pid {waiter_pid}) unresponsive" in line for line in proxy.lines)
         done.set()
         await asyncio.wait_for(load, 30)
