@@ -580,6 +580,7 @@ class ProxyRequestHandler(HeadTimedHandler):
                 or self._messages or self._force_close or self._close or self._payload_parser is not None
                 or self._upgraded or self._paused or self._parser is None or self.transport is None):
             boundary = self._boundary
+            count = self._request_count
             self._answered = False
             self._boundary = False
             try:
@@ -594,6 +595,13 @@ class ProxyRequestHandler(HeadTimedHandler):
                 queued.pop()
                 self._request_count -= 1
                 self._answer_before_refusal(data, refused.exc)
+                return
+            # The parser stands between two requests again when this read ended requests that
+            # have no body, and nothing of a next one (so a refusal in the next read is parsed
+            # again from its start, whichever path answered the ones before).
+            self._boundary = (self._request_count != count and bool(queued) and not self._buffer_paused
+                              and data[-4:] == b"\r\n\r\n" and queued[-1][1] is EMPTY_PAYLOAD
+                              and not self._upgraded)
             return
         boundary = self._boundary
         if boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
@@ -629,6 +637,9 @@ class ProxyRequestHandler(HeadTimedHandler):
                 # handler re-feeds it once it has drained the queue (read paused till then).
                 self._enqueue(messages[done:], upgraded, tail,
                               full=len(messages) >= self._max_msg_queue_size)
+                # Between two requests (the rest declined to aiohttp's handler), as below.
+                self._boundary = (not upgraded and len(messages) < self._max_msg_queue_size
+                                  and feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD)
                 if not upgraded and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
                     self.head_begun()  # the next head begun in the same read (``headtimeout``)
                 return
