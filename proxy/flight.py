@@ -875,8 +875,8 @@ class MissPath:
 
         As ``Engine.serve`` does, the rule's response_headers are those of the response (its
         200's, for a 304 or a 206) before the decision picks fields from them; a 412 also gets
-        its own. The 206 is sliced from the body as it arrives; a small body is sent in one
-        write, as the relay would."""
+        its own. The 206 is sliced from the body as it arrives, its head sent with its first
+        bytes (``_slice``); a small body's slice is sent in one write, as the relay would."""
         engine, plan = self.engine, attempt.plan
         edited = engine.edited(plan, fhead.status, list(headers))
         answer = reply_on_arrival(attempt.req.head, response, fhead.content_length, edited)
@@ -903,19 +903,32 @@ class MissPath:
 
     async def _slice(self, attempt: Attempt, flight: Flight, reader: Reader, answer: Send,
                      otherwise: Relay) -> Reply:
-        """A 206 of the flight's body: ``answer.length`` bytes from ``answer.offset``."""
-        first, end = answer.offset, answer.offset + answer.length
+        """A 206 of the flight's body: ``answer.length`` bytes from ``answer.offset``.
+
+        Its head goes out only with bytes of it: once the slice's first bytes have arrived (or,
+        for a small body, ``otherwise`` "whole", the whole slice: one write), never before. A
+        fill that fails before then has sent this client nothing, so it is answered as when
+        the origin fails before its head (``_origin_failed``: 502, or stale-if-error), not
+        with a 206 that ends at once; a slice whose bytes had all arrived is answered whatever
+        becomes of the rest of the body. Once some of it has gone out, a failure aborts the
+        connection, as for any streamed response."""
+        pieces = _sliced(self._flight_body(flight, attempt.key, reader), answer.offset,
+                         answer.offset + answer.length)
         body: Body
-        if otherwise.body == "whole":
-            try:
-                whole = await flight.body.whole()
-            except UpstreamError as exc:
-                return await self._origin_failed(attempt, exc)
-            finally:
-                reader.close()
-            body = whole[first:end]
-        else:
-            body = _sliced(self._flight_body(flight, attempt.key, reader), first, end)
+        try:
+            if otherwise.body == "whole":
+                body = b"".join([piece async for piece in pieces])
+                arrived = len(body) == answer.length
+            else:
+                lead = await anext(pieces, b"")
+                arrived = bool(lead)
+                body = _Led(lead, pieces)
+        except UpstreamError as exc:
+            return await self._origin_failed(attempt, exc)
+        if not arrived:  # (an origin's body that ended short of its Content-Length without an error)
+            await pieces.aclose()
+            return await self._origin_failed(attempt, UpstreamProtocolError(
+                "the response's body ended before the range asked for"))
         return Reply(answer.status, answer.reason, answer.headers, body, answer.length, otherwise.x_cache,
                      "upstream")
 
@@ -1251,7 +1264,7 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
     return plain
 
 
-async def _sliced(chunks: AsyncIterator[bytes], first: int, end: int) -> AsyncIterator[bytes]:
+async def _sliced(chunks: AsyncIterator[bytes], first: int, end: int) -> AsyncGenerator[bytes, None]:
     """Bytes ``first`` to ``end`` (exclusive) of a body arriving as ``chunks``; the rest of it
     is not read (the flight goes on for its other readers and the store)."""
     at = 0
@@ -1268,6 +1281,31 @@ async def _sliced(chunks: AsyncIterator[bytes], first: int, end: int) -> AsyncIt
     finally:
         if isinstance(chunks, AsyncGenerator):
             await chunks.aclose()
+
+
+class _Led:
+    """A body whose first chunk was read before its head went out (``MissPath._slice``): that
+    chunk, then the rest of ``rest``; ``aclose`` closes ``rest`` (the web layer closes a body it
+    did not read to its end, and a generator already started runs its cleanup then)."""
+
+    __slots__ = ("_lead", "_rest")
+
+    def __init__(self, lead: bytes, rest: AsyncGenerator[bytes, None]) -> None:
+        self._lead: bytes | None = lead
+        self._rest = rest
+
+    def __aiter__(self) -> _Led:
+        return self
+
+    async def __anext__(self) -> bytes:
+        lead = self._lead
+        if lead is not None:
+            self._lead = None
+            return lead
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
 
 
 def _unasked_304(resp: UpstreamResponse, revalidating: Cached | None) -> UpstreamProtocolError | None:

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
+import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy.policy.httpdate import format_http_date
 from tests.conftest import MakeProxy, clocked
-from tests.harness import Clock, Origin, Proxy
+from tests.harness import Clock, Origin, Proxy, Reply
+from tests.security.misbehaving import flight_with
 from tests.storage.procs import ProxyProcess, write_config
 
 T = TypeVar("T")
@@ -38,11 +40,13 @@ QUICK = "cache: {memory: 64MB, lock_timeout: 200ms, disk: {path: cache, size: 64
 
 class Gated:
     """An origin route whose body's first ``first`` bytes go out with its head, the rest once
-    ``release`` is set; ``requests`` holds the request fields of each GET it got."""
+    ``release`` is set (or, ``broken``, the connection is closed then: the body breaks off);
+    ``requests`` holds the request fields of each GET it got."""
 
     def __init__(self, headers: dict[str, str], body: bytes = BODY, first: int = FIRST,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, *, broken: bool = False) -> None:
         self.headers, self.body, self.first, self.clock = headers, body, first, clock
+        self.broken = broken
         self.release = asyncio.Event()
         self.started = asyncio.Event()  # a body's first bytes went out
         self.requests: list[CIMultiDictProxy[str]] = []
@@ -59,6 +63,10 @@ class Gated:
         await resp.write(self.body[:self.first])
         self.started.set()
         await self.release.wait()
+        if self.broken:
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         await resp.write(self.body[self.first:])
         await resp.write_eof()
         self.sent += 1
@@ -160,8 +168,10 @@ async def test_a_range_with_a_matching_if_range_on_a_miss_is_sliced_from_the_fil
     await finished(proxy, gated, "/video")
 
 
-async def test_a_range_beyond_what_has_arrived_follows_the_fill(origin: Origin, make_proxy: MakeProxy) -> None:
-    """The 206's head goes out with the fill's; its bytes follow the fill as they arrive."""
+async def test_a_range_beyond_what_has_arrived_is_headed_once_its_bytes_arrive(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The 206's head goes out with the first bytes of its range, not before them (a fill that
+    failed first would have left the client a 206 and no body); the rest follows the fill."""
     gated = Gated(FRESH)
     origin.route("/video", gated)
     proxy = await make_proxy(config=QUICK)
@@ -174,16 +184,102 @@ async def test_a_range_beyond_what_has_arrived_follows_the_fill(origin: Origin, 
             return resp.status, resp.headers.get("Content-Range"), await resp.read()
 
     client = asyncio.ensure_future(before_a_second_fetch(ranged(), gated))
-    waiter = asyncio.ensure_future(headed.wait())
-    await asyncio.wait({client, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if client.done():
-        client.result()  # (the reason it ended before its head)
-    gated.release.set()  # only once the 206's head is out: its bytes were not there before
+    await gated.started.wait()
+    await asyncio.sleep(0.1)  # (room for a head that would go out too early)
+    assert not headed.is_set() and not client.done()
+    gated.release.set()
     status, content_range, body = await client
     assert (status, content_range) == (206, f"bytes {len(BODY) - 1000}-{len(BODY) - 1}/{len(BODY)}")
     assert body == BODY[-1000:]
     await finished(proxy, gated, "/video")
+
+
+async def leader_and_follower(proxy: Proxy, gated: Gated, leader: dict[str, str], follower: dict[str, str]
+                              ) -> list[Reply | BaseException]:
+    """The answers to a leader's request for /video and a follower's, both joined to its one
+    flight before the origin's gate opens (a ``broken`` origin's body breaks off then)."""
+    first = asyncio.ensure_future(proxy.get("/video", headers=leader))
+    await gated.started.wait()
+    second = asyncio.ensure_future(proxy.get("/video", headers=follower))
+    await flight_with(proxy, 1)
+    gated.release.set()
+    answers = await asyncio.gather(first, second, return_exceptions=True)
+    await flights_over(proxy)
+    assert len(gated.requests) == 1
+    return answers
+
+
+# The leader streams a body past 64 KiB; a follower streams one past 256 KiB, and below that
+# gets it (here: its slice) whole.
+@pytest.mark.parametrize("size", [len(BODY), 2 * len(BODY)])
+async def test_a_range_past_where_the_fill_breaks_off_is_a_502_not_an_empty_206(
+        origin: Origin, make_proxy: MakeProxy, size: int) -> None:
+    """The origin promises ``size`` bytes and breaks off after FIRST: nothing of either
+    client's range had arrived, so nothing was sent to them; they get the error any client
+    of a failed fill gets when nothing was sent, never a 206 head and a closed connection."""
+    body = (BODY * 2)[:size]
+    gated = Gated(FRESH, body=body, broken=True)
+    origin.route("/video", gated)
+    proxy = await make_proxy(config=QUICK)
+    answers = await leader_and_follower(
+        proxy, gated, {"Range": f"bytes={size - 1000}-{size - 991}", "If-Range": '"e1"'},
+        {"Range": "bytes=-10", "If-None-Match": '"other"'})
+    for answer in answers:
+        assert isinstance(answer, Reply), answer
+        assert answer.status == 502 and "Content-Range" not in answer.headers
+        assert "detail=UPSTREAM-BROKE-OFF" in answer.cache_status
+
+
+# A body the leader gets whole (its head with it) and the follower too; one the leader streams.
+@pytest.mark.parametrize("size", [48 * 1024, 128 * 1024])
+async def test_a_range_within_what_arrived_is_its_206_though_the_fill_breaks_off_after(
+        origin: Origin, make_proxy: MakeProxy, size: int) -> None:
+    """Both clients' ranges lie in the bytes that came before the body broke off: each gets its
+    206 and exactly its bytes (a small body's slice used to wait for the whole body, and got
+    its error)."""
+    body = BODY[:size]
+    gated = Gated(FRESH, body=body, first=size // 2, broken=True)
+    origin.route("/video", gated)
+    proxy = await make_proxy(config=QUICK)
+    answers = await leader_and_follower(
+        proxy, gated, {"Range": "bytes=100-1099", "If-Range": '"e1"'},
+        {"Range": "bytes=0-9", "If-None-Match": '"other"'})
+    assert all(isinstance(a, Reply) for a in answers), answers
+    leader, follower = (a for a in answers if isinstance(a, Reply))
+    assert (leader.status, leader.headers["Content-Range"], leader.body) == \
+        (206, f"bytes 100-1099/{size}", body[100:1100])
+    assert (follower.status, follower.headers["Content-Range"], follower.body) == \
+        (206, f"bytes 0-9/{size}", body[:10])
+
+
+async def test_a_range_past_where_a_refetch_breaks_off_gets_the_stale_response(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """stale-if-error: the stored response instead of the error, its range of it, as when the
+    origin fails before its head."""
+    served = 0
+    headers = {"Cache-Control": "max-age=1, stale-if-error=600", "ETag": '"v1"',
+               "Content-Type": "application/octet-stream"}
+    gated = Gated({**headers, "ETag": '"v2"'}, clock=clock, broken=True)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal served
+        served += 1
+        if served == 1:
+            return web.Response(body=BODY, headers={**headers, "Date": format_http_date(clock())})
+        return await gated(request)
+
+    origin.route("/video", handler)
+    proxy = await clocked(make_proxy, clock, config=QUICK)
+    assert (await proxy.get("/video")).body == BODY
+    clock.advance(5)
+    task = asyncio.ensure_future(proxy.get("/video", headers={"Range": "bytes=-10"}))
+    await gated.started.wait()
+    gated.release.set()
+    reply = await task
+    assert (reply.status, reply.x_cache, reply.headers["ETag"]) == (206, "STALE", '"v1"')
+    assert reply.body == BODY[-10:]
+    await flights_over(proxy)
+    assert served == 2
 
 
 async def test_if_range_of_another_version_gets_the_whole_fill(origin: Origin, make_proxy: MakeProxy) -> None:
