@@ -260,6 +260,45 @@ async def test_remembered_bytes_that_continue_a_request_are_parsed_as_such(
     assert p.fast.known_answered == 1
 
 
+async def test_remembered_bytes_never_pass_a_request_the_parser_holds_after_a_late_body(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """aiohttp's parser counts one request too many in its queue once aiohttp takes a request
+    before its body has come (``message_consumed`` then finds nothing to take off): 31 pipelined
+    requests fill it, and it holds the 32nd. A remembered hit's bytes sent next must not be
+    answered before that one (they were: the client got /h33's answer in /h32's place)."""
+    paths = [f"/h{i}" for i in range(34)]
+    for path in paths:
+        origin.route(path, body=path.encode(), headers={"Cache-Control": "max-age=300"})
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=b"got " + await request.read())
+
+    origin.route("/post", echo)
+    p = await pair(make_proxy)
+    for path in paths:
+        await exchange(p.general_port, req("GET", path), ["GET"])
+    await asyncio.sleep(0.05)
+    for _ in range(2):
+        await exchange(p.fast_port, req("GET", "/h33"), ["GET"])  # remembered (Known)
+    known = p.fast.known_answered
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.fast_port)
+    try:
+        writer.write(b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # (taken by aiohttp before its body comes)
+        writer.write(b"hello")
+        assert (await read_response(reader, "POST")).body == b"got hello"
+        writer.write(b"".join(req("GET", path) for path in paths[1:33]))  # /h1 .. /h32
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(req("GET", "/h33"))  # the remembered bytes, in a read of their own
+        got = [(await asyncio.wait_for(read_response(reader, "GET"), 10)).body for _ in paths[1:34]]
+    finally:
+        writer.close()
+    assert got == [path.encode() for path in paths[1:34]]
+    assert p.fast.known_answered == known  # (parsed, on a connection that had a body)
+
+
 async def test_a_request_the_fast_path_leaves_is_not_normalised_twice(
         origin: Origin, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:
     """A miss the fast path normalised and left goes on with that view (fastpath.Declined):

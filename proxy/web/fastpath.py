@@ -305,7 +305,8 @@ class ProxyRequestHandler(HeadTimedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
     __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_head_bytes",
-                 "_head_max", "_parser_args", "_refused_version", "_taken", "declined", "gone_logged")
+                 "_head_max", "_parser_args", "_refused_version", "_taken", "_with_body", "declined",
+                 "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -323,6 +324,13 @@ class ProxyRequestHandler(HeadTimedHandler):
         # aiohttp's parser stands between two requests (nothing of a next one read yet): only
         # then may a remembered request's bytes be answered without parsing them (``Known``).
         self._boundary = True
+        # A request with a body was parsed on this connection: from then on the parser may hold
+        # a request while aiohttp's queue looks short, and ``_boundary`` is never set again. (Its
+        # count of queued requests goes one too high when aiohttp takes a request before its body
+        # has come: ``message_consumed`` finds nothing to take off, the body's end adds one; at
+        # 32 the parser pauses with a request held, and the remembered bytes of a hit answered
+        # without parsing would go out before it.)
+        self._with_body = False
         self.declined: Declined | None = None  # the fast path's view of the request it left
         self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
         self._front = front
@@ -599,9 +607,11 @@ class ProxyRequestHandler(HeadTimedHandler):
             # The parser stands between two requests again when this read ended requests that
             # have no body, and nothing of a next one (so a refusal in the next read is parsed
             # again from its start, whichever path answered the ones before).
+            if self._request_count != count and any(p is not EMPTY_PAYLOAD for _, p in queued):
+                self._with_body = True
             self._boundary = (self._request_count != count and bool(queued) and not self._buffer_paused
                               and data[-4:] == b"\r\n\r\n" and queued[-1][1] is EMPTY_PAYLOAD
-                              and not self._upgraded)
+                              and not self._upgraded and not self._with_body)
             return
         boundary = self._boundary
         if boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
@@ -637,15 +647,19 @@ class ProxyRequestHandler(HeadTimedHandler):
                 # handler re-feeds it once it has drained the queue (read paused till then).
                 self._enqueue(messages[done:], upgraded, tail,
                               full=len(messages) >= self._max_msg_queue_size)
+                if any(p is not EMPTY_PAYLOAD for _, p in messages[done:]):
+                    self._with_body = True
                 # Between two requests (the rest declined to aiohttp's handler), as below.
                 self._boundary = (not upgraded and len(messages) < self._max_msg_queue_size
-                                  and feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD)
+                                  and feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD
+                                  and not self._with_body)
                 if not upgraded and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
                     self.head_begun()  # the next head begun in the same read (``headtimeout``)
                 return
             if len(messages) < self._max_msg_queue_size or self._force_close:
                 # Between two requests when the chunk ends a request that has no body.
-                self._boundary = between = feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD
+                self._boundary = between = (feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD
+                                            and not self._with_body)
                 if not between and unfinished_head(data):
                     self.head_begun()  # the next head begun in the same read (``headtimeout``)
                 return
