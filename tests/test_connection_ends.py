@@ -191,19 +191,22 @@ async def test_a_refusal_after_answers_of_the_general_path_is_still_answered_in_
         origin: Origin, make_proxy: MakeProxy) -> None:
     """The read is parsed again when the connection's parser stands between two requests, also
     after requests the general path answered (a miss: only a connection's first read, or one
-    after fast hits, were): the GET before the refused request is answered, then the 400. (After
-    a request with a body, where the parser stands is not known: the 400 alone, as documented.)"""
+    after fast hits, were), and after a POST whose body came whole with its head: the GET before
+    the refused request is answered, then the 400."""
     p = await proxies(origin, make_proxy)
     bad = b"GET /x HTTP/1.1\r\nHost: example.test\r\nHost: other.test\r\n\r\n"
+    post = b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nab"
     for port in (p.fast_port, p.general_port):
-        for first, body in ((req("GET", f"/m?general-{port}"), b"m"),):
+        # a miss; a POST whose body came whole in its head's read, then a hit
+        for firsts in ([(req("GET", f"/m?general-{port}"), b"m")], [(post, b"got ab"), (req("GET", "/hit"), b"h" * 100)]):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                writer.write(first)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG)
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                assert await asyncio.wait_for(reader.readexactly(length), HANG) == body
-                await asyncio.sleep(0.1)  # (the connection idle again, between two requests)
+                for first, body in firsts:
+                    writer.write(first)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG)
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    assert await asyncio.wait_for(reader.readexactly(length), HANG) == body
+                    await asyncio.sleep(0.1)  # (the connection idle again, between two requests)
                 writer.write(req("GET", "/a") + bad)
                 data = await asyncio.wait_for(reader.read(), HANG)
             finally:

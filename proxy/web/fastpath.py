@@ -324,12 +324,13 @@ class ProxyRequestHandler(HeadTimedHandler):
         # aiohttp's parser stands between two requests (nothing of a next one read yet): only
         # then may a remembered request's bytes be answered without parsing them (``Known``).
         self._boundary = True
-        # A request with a body was parsed on this connection: from then on the parser may hold
-        # a request while aiohttp's queue looks short, and ``_boundary`` is never set again. (Its
-        # count of queued requests goes one too high when aiohttp takes a request before its body
-        # has come: ``message_consumed`` finds nothing to take off, the body's end adds one; at
-        # 32 the parser pauses with a request held, and the remembered bytes of a hit answered
-        # without parsing would go out before it.)
+        # A request whose body had not all come with its head's read was parsed on this
+        # connection: from then on the parser may hold a request while aiohttp's queue looks
+        # short, and ``_boundary`` is never set again. (Its count of queued requests goes one too
+        # high when aiohttp takes a request before its body has come: ``message_consumed`` finds
+        # nothing to take off, the body's end adds one; at 32 the parser pauses with a request
+        # held, and the remembered bytes of a hit answered without parsing would go out before
+        # it.) A body whole in its head's read was counted before aiohttp could take it.
         self._with_body = False
         self.declined: Declined | None = None  # the fast path's view of the request it left
         self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
@@ -607,7 +608,7 @@ class ProxyRequestHandler(HeadTimedHandler):
             # The parser stands between two requests again when this read ended requests that
             # have no body, and nothing of a next one (so a refusal in the next read is parsed
             # again from its start, whichever path answered the ones before).
-            if self._request_count != count and any(p is not EMPTY_PAYLOAD for _, p in queued):
+            if self._request_count != count and any(_late_body(p) for _, p in queued):
                 self._with_body = True
             self._boundary = (self._request_count != count and bool(queued) and not self._buffer_paused
                               and data[-4:] == b"\r\n\r\n" and queued[-1][1] is EMPTY_PAYLOAD
@@ -647,7 +648,7 @@ class ProxyRequestHandler(HeadTimedHandler):
                 # handler re-feeds it once it has drained the queue (read paused till then).
                 self._enqueue(messages[done:], upgraded, tail,
                               full=len(messages) >= self._max_msg_queue_size)
-                if any(p is not EMPTY_PAYLOAD for _, p in messages[done:]):
+                if any(_late_body(p) for _, p in messages[done:]):
                     self._with_body = True
                 # Between two requests (the rest declined to aiohttp's handler), as below.
                 self._boundary = (not upgraded and len(messages) < self._max_msg_queue_size
@@ -974,6 +975,12 @@ def refusal_reason(exc: HttpProcessingError) -> str:
 
 
 _LINE_VERSION = re.compile(rb"[^\r\n]* HTTP/(\d)\.(\d)\r?\n")
+
+
+def _late_body(payload: Any) -> bool:
+    """A request's body that had not all come by the end of the read that parsed its head
+    (``ProxyRequestHandler._with_body``)."""
+    return payload is not EMPTY_PAYLOAD and not payload.is_eof()
 
 
 def _line_version(piece: bytes) -> tuple[int, int]:
