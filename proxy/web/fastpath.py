@@ -442,8 +442,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         """Requests are queued or being answered, and none waits for body bytes."""
         messages = self._messages
         if messages:
-            payload = messages[-1][1]
-            return payload is EMPTY_PAYLOAD or bool(payload.is_eof())
+            return not _body_pending(messages[-1][1])
         request = self._current_request
         if request is not None:
             return bool(request.content.is_eof())
@@ -452,9 +451,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         # A request taken from the queue and not yet handed to its task (``_taken``, noted by the
         # request factory): pending only if its body is whole, else the client can never send
         # the rest and the handler would wait for it until client_body_timeout.
-        taken = self._taken
-        return (self._waiter is None and not self._answered
-                and (taken is EMPTY_PAYLOAD or bool(taken.is_eof())))
+        return self._waiter is None and not self._answered and not _body_pending(self._taken)
 
     def data_received(self, data: bytes) -> None:
         """Count the bytes of the request head they belong to, then hand them on (``_received``).
@@ -504,7 +501,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         queued = self._messages
         payload = queued[-1][1] if queued else EMPTY_PAYLOAD
         if payload is not EMPTY_PAYLOAD or self._upgraded:
-            self._body = None if payload is EMPTY_PAYLOAD or payload.is_eof() else payload
+            self._body = payload if _body_pending(payload) else None
             return 0
         self._body = None
         end = data.rfind(b"\r\n\r\n")
@@ -608,7 +605,7 @@ class ProxyRequestHandler(HeadTimedHandler):
             # The parser stands between two requests again when this read ended requests that
             # have no body, and nothing of a next one (so a refusal in the next read is parsed
             # again from its start, whichever path answered the ones before).
-            if self._request_count != count and any(_late_body(p) for _, p in queued):
+            if self._request_count != count and any(_body_pending(p) for _, p in queued):
                 self._with_body = True
             self._boundary = (self._request_count != count and bool(queued) and not self._buffer_paused
                               and data[-4:] == b"\r\n\r\n" and queued[-1][1] is EMPTY_PAYLOAD
@@ -648,7 +645,7 @@ class ProxyRequestHandler(HeadTimedHandler):
                 # handler re-feeds it once it has drained the queue (read paused till then).
                 self._enqueue(messages[done:], upgraded, tail,
                               full=len(messages) >= self._max_msg_queue_size)
-                if any(_late_body(p) for _, p in messages[done:]):
+                if any(_body_pending(p) for _, p in messages[done:]):
                     self._with_body = True
                 # Between two requests (the rest declined to aiohttp's handler), as below.
                 self._boundary = (not upgraded and len(messages) < self._max_msg_queue_size
@@ -819,8 +816,7 @@ class ProxyRequestHandler(HeadTimedHandler):
             try:
                 messages, upgraded, _ = parser.feed_data(data[start:end])
             except HttpProcessingError as exc:
-                payload = out[-1][1] if out else EMPTY_PAYLOAD
-                if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                if out and _body_pending(out[-1][1]):
                     # The refusal is of the last request's body (bad chunking): that request
                     # is the one refused, not one after it (answered, it would wait for a body
                     # that never comes).
@@ -977,9 +973,8 @@ def refusal_reason(exc: HttpProcessingError) -> str:
 _LINE_VERSION = re.compile(rb"[^\r\n]* HTTP/(\d)\.(\d)\r?\n")
 
 
-def _late_body(payload: Any) -> bool:
-    """A request's body that had not all come by the end of the read that parsed its head
-    (``ProxyRequestHandler._with_body``)."""
+def _body_pending(payload: Any) -> bool:
+    """A request's body (its payload, or ``EMPTY_PAYLOAD``) that has not all come yet."""
     return payload is not EMPTY_PAYLOAD and not payload.is_eof()
 
 
