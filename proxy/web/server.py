@@ -159,14 +159,46 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     host, port = listener.address
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
-                       ssl_context=tls.context if tls is not None else None)
+    site: web.TCPSite
+    if tls is not None:
+        site = HandshakeTimedSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+                                  ssl_context=tls.context, handshake_timeout=settings.client_header_timeout)
+    else:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+                           ssl_context=tls.context if tls is not None else None)
     try:
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
     return runner
+
+
+class HandshakeTimedSite(web.TCPSite):
+    """aiohttp's ``TCPSite`` whose TLS handshakes must end within ``handshake_timeout`` seconds
+    (``client_header_timeout``, as nginx bounds its handshakes). ``TCPSite`` leaves the event
+    loop's 60 s: a client that connected and stalled mid-handshake held its connection that
+    long whatever ``client_header_timeout`` said (200 such held 200 descriptors), and the head's
+    own timer starts only once the handshake is done. ``start`` is ``TCPSite.start`` (aiohttp
+    3.14) with the loop's ``ssl_handshake_timeout``, which ``TCPSite`` does not pass."""
+
+    __slots__ = ("_handshake_timeout",)
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, handshake_timeout: float,
+                 **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._handshake_timeout)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 async def start_admin_listener(runtime: Runtime, settings: Settings,

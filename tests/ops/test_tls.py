@@ -131,6 +131,31 @@ async def test_a_plain_and_a_tls_listener_serve_side_by_side(
         plain.close()
 
 
+async def test_a_tls_handshake_that_stalls_is_cut_at_client_header_timeout(
+    origin: Origin, make_proxy: MakeProxy, certs: Certs
+) -> None:
+    """A client that connects to a TLS listener and sends nothing (or half a ClientHello) was
+    held for the event loop's 60 s handshake timeout, whatever client_header_timeout said (the
+    plain listener closed it in time); now the handshake has client_header_timeout too."""
+    proxy = await make_proxy(config=tls_config(certs) + "client_header_timeout: 1s\n")
+    _, tls_url = proxy.listeners.proxy_urls
+    host, port = tls_url.removeprefix("https://").rsplit(":", 1)
+    for first in (b"", b"\x16\x03\x01\x02\x00\x01"):  # nothing; the start of a ClientHello
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(first)
+            # closed by the server well before 60 s (20 s only bounds a failing test)
+            assert await asyncio.wait_for(reader.read(), 20) == b""
+        finally:
+            writer.close()
+    conn = await Conn.open(tls_url)  # a handshake that goes on is served as before
+    try:
+        origin.route("/t", body=b"t", headers=CC)
+        assert (await conn.get("/t"))[0] == 200
+    finally:
+        conn.close()
+
+
 async def test_sendfile_bodies_over_tls_are_encrypted_not_sent_around_it(
     origin: Origin, make_proxy: MakeProxy, certs: Certs
 ) -> None:
