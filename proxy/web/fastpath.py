@@ -305,7 +305,7 @@ class ProxyRequestHandler(HeadTimedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
     __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_head_bytes",
-                 "_head_max", "_parser_args", "_refused_version", "_taken", "_with_body", "declined",
+                 "_head_max", "_late", "_parser_args", "_refused_version", "_taken", "declined",
                  "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
@@ -324,14 +324,6 @@ class ProxyRequestHandler(HeadTimedHandler):
         # aiohttp's parser stands between two requests (nothing of a next one read yet): only
         # then may a remembered request's bytes be answered without parsing them (``Known``).
         self._boundary = True
-        # A request whose body had not all come with its head's read was parsed on this
-        # connection: from then on the parser may hold a request while aiohttp's queue looks
-        # short, and ``_boundary`` is never set again. (Its count of queued requests goes one too
-        # high when aiohttp takes a request before its body has come: ``message_consumed`` finds
-        # nothing to take off, the body's end adds one; at 32 the parser pauses with a request
-        # held, and the remembered bytes of a hit answered without parsing would go out before
-        # it.) A body whole in its head's read was counted before aiohttp could take it.
-        self._with_body = False
         self.declined: Declined | None = None  # the fast path's view of the request it left
         self.gone_logged = False  # "client went away" was logged (here, or by ``write_reply``)
         self._front = front
@@ -346,6 +338,8 @@ class ProxyRequestHandler(HeadTimedHandler):
         self._refused_version: tuple[int, int] = HttpVersion11
         self._half_closed = False  # the client shut its sending side (``eof_received``)
         self._taken: Any = EMPTY_PAYLOAD  # the body of the request aiohttp's loop took last
+        # The body of a request aiohttp's loop took before it had all come (``_late_ended``).
+        self._late: Any = None
 
     def head_idle(self) -> bool:
         """``HeadTimedHandler``'s, and the moment after a general answer written whole
@@ -475,6 +469,24 @@ class ProxyRequestHandler(HeadTimedHandler):
         else:
             self._count(data, before, body)
 
+    def _late_ended(self) -> None:
+        """The body of a request aiohttp's loop took before it had all come has ended: take it
+        off the parser's count of requests waiting in the queue.
+
+        aiohttp's C parser counts a request into that queue when its body ends, and aiohttp
+        counts it out (``message_consumed``) when its loop takes it: taken first, it was counted
+        out of nothing (the count stays at 0), then in, and stayed one too high for the rest of
+        the connection. At 32 the parser stops with what follows held back, and nothing feeds
+        it again while aiohttp's own queue is short: one upload with its body in a read of its
+        own, then 32 pipelined requests in one write, and the 32nd was never answered (plain
+        aiohttp 3.14.5 too). The requests it held back in this read are parsed now."""
+        self._late = None
+        parser = self._parser
+        if parser is None or self.transport is None or not COUNTS_AT_BODY_END:
+            return
+        parser.message_consumed()
+        super().data_received(b"")
+
     def _count(self, data: bytes, before: int, body: Any) -> None:
         """After a read that did not end between two requests: the bytes it leaves of a head
         not whole yet. ``before``: the request count before it; ``body``: the body that may have
@@ -591,6 +603,8 @@ class ProxyRequestHandler(HeadTimedHandler):
             self._boundary = False
             try:
                 super().data_received(data)  # aiohttp's handler is busy (or never idle yet)
+                if self._late is not None and self._late.is_eof():
+                    self._late_ended()
             except PARSER_FAULTS as exc:
                 self._refuse_unparsable(exc)
                 return
@@ -605,11 +619,9 @@ class ProxyRequestHandler(HeadTimedHandler):
             # The parser stands between two requests again when this read ended requests that
             # have no body, and nothing of a next one (so a refusal in the next read is parsed
             # again from its start, whichever path answered the ones before).
-            if self._request_count != count and any(_body_pending(p) for _, p in queued):
-                self._with_body = True
             self._boundary = (self._request_count != count and bool(queued) and not self._buffer_paused
                               and data[-4:] == b"\r\n\r\n" and queued[-1][1] is EMPTY_PAYLOAD
-                              and not self._upgraded and not self._with_body)
+                              and not self._upgraded)
             return
         boundary = self._boundary
         if boundary and len(data) <= KNOWN_BYTES and self._answer_known(data):
@@ -645,19 +657,15 @@ class ProxyRequestHandler(HeadTimedHandler):
                 # handler re-feeds it once it has drained the queue (read paused till then).
                 self._enqueue(messages[done:], upgraded, tail,
                               full=len(messages) >= self._max_msg_queue_size)
-                if any(_body_pending(p) for _, p in messages[done:]):
-                    self._with_body = True
                 # Between two requests (the rest declined to aiohttp's handler), as below.
                 self._boundary = (not upgraded and len(messages) < self._max_msg_queue_size
-                                  and feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD
-                                  and not self._with_body)
+                                  and feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD)
                 if not upgraded and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
                     self.head_begun()  # the next head begun in the same read (``headtimeout``)
                 return
             if len(messages) < self._max_msg_queue_size or self._force_close:
                 # Between two requests when the chunk ends a request that has no body.
-                self._boundary = between = (feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD
-                                            and not self._with_body)
+                self._boundary = between = (feed[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD)
                 if not between and unfinished_head(data):
                     self.head_begun()  # the next head begun in the same read (``headtimeout``)
                 return
@@ -970,6 +978,10 @@ def refusal_reason(exc: HttpProcessingError) -> str:
     return "malformed request"
 
 
+# aiohttp's C request parser counts a request into its queue when its body ends; its pure-Python
+# one (AIOHTTP_NO_EXTENSIONS) when its head ends, which ``message_consumed`` always finds.
+COUNTS_AT_BODY_END = HttpRequestParser.__module__ == "aiohttp._http_parser"
+
 _LINE_VERSION = re.compile(rb"[^\r\n]* HTTP/(\d)\.(\d)\r?\n")
 
 
@@ -1046,6 +1058,8 @@ class ProxyServer(web.Server):
         on its connection (``ProxyRequestHandler._taken``) until its task takes it over."""
         if isinstance(protocol, ProxyRequestHandler):
             protocol._taken = payload
+            if _body_pending(payload):
+                protocol._late = payload
         try:
             return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
         except Exception as exc:  # any of them would end the loop silently
