@@ -562,7 +562,16 @@ class UpstreamConnection(BaseProtocol):
             self.close()
             return
         if self._body_task is not None:
-            return  # _send_body finishes the exchange once the request body is out
+            # The origin answered before the request body was all sent: it has not read (and
+            # may never read) the rest, and would take what follows as its next request. That
+            # rest was the client's to choose: on a reused connection it made the next
+            # client's request part of a request of its own, and the answer to that was stored
+            # under the next client's URL. RFC 9112 §9.5: stop sending the body and close; an
+            # abort, so that nothing of it still buffered goes out either.
+            self._parser = None
+            self.busy = False
+            self.abort()  # (cancels the body's task)
+            return
         self._finish()
 
     def _finish(self) -> None:

@@ -397,6 +397,52 @@ async def test_a_client_body_that_breaks_off_is_told_apart_from_the_upstream_fai
         await server.wait_closed()
 
 
+async def test_a_body_still_going_out_when_the_response_ended_is_cut_and_its_connection_dropped() -> None:
+    """An origin that answers a POST at its head, without reading the body, and keeps the
+    connection: the rest of the body (the client's bytes) must not be sent after the answer, and
+    the connection must not carry another request (the origin would read that body as the start
+    of it: RFC 9112 §9.5). Without the cut, the origin received ``SMUGGLED`` and then the next
+    request on the same connection."""
+    received: list[bytes] = []
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")  # body unread
+            while chunk := await reader.read(65536):
+                received.append(chunk)
+            received.append(b"<closed>")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = HostPool(URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"), 4, None, 1.0)
+    answered = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first"
+        await answered.wait()  # the rest comes after the origin's answer
+        yield b"SMUGGLED"
+
+    try:
+        conn = await pool.acquire()
+        head, chunked, expected = request_head("POST", "/early", [("Content-Length", "13")],
+                                               pool.host_header, None)
+        resp = await conn.request(head, body(), chunked, expected, head_method=False, read_timeout=5.0)
+        assert resp.complete_body() == b"early"
+        answered.set()
+        await asyncio.sleep(0.2)
+        assert b"SMUGGLED" not in b"".join(received) and received[-1:] == [b"<closed>"]
+        assert pool.size == 0 and pool.idle == 0
+    finally:
+        await pool.close()
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
+
+
 async def test_a_slow_upload_is_not_a_read_timeout(origin: Origin, make_proxy: MakeProxy) -> None:
     async def echo_size(request: web.Request) -> web.Response:
         return web.Response(text=str(len(await request.read())))
