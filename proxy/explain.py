@@ -271,6 +271,11 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
 
 def _bypass_why(plan: RequestPlan) -> str:
     """Why a request the rules did not bypass is neither looked up nor stored."""
+    if plan.read_as is not None:
+        return (f"some origins read this path as {plan.read_as} (servlet containers drop ';' "
+                "parameters, IIS reads '\\' as '/' and drops a segment's trailing dots and spaces), "
+                f"and there the rules do not store it ({plan.detail}): neither looked up nor stored, "
+                "so that such an origin's answer is never stored under this URL")
     name = (plan.detail or "").partition(":")[2]
     return (f"the rules read cookie {name!r}, and this Cookie field is read differently by "
             "different origins (a comma, whitespace or a quote inside it, a name sent twice with "
@@ -681,6 +686,7 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
         "rule": _rule_json(plan.rule),
         "response_rules": [_rule_json(r) for r in plan.response_rules],
         "lowered_by": _rule_json(plan.lowered_by),
+        "read_as": plan.read_as,
         "bypass": plan.bypass,
         "cache_key": key,
         "key_changes": _key_changes(plan.key),

@@ -9,6 +9,8 @@ hold, else its own. The contract of the two moments is stated once, in ``proxy.r
 
 A rule whose ``key`` lower-cases the path has the origin asked for the lower-cased path: the
 rules are then read again on that path, and what they decide there wins (``RuleSet._lowered``).
+A path that some origins read as another path (``;`` parameters, ``\\``, a NUL, a segment's
+trailing dots or spaces) is read that way too, and a bypass there wins (``RuleSet._read_otherwise``).
 
 Speed: the path's first segment picks the (precomputed, ordered) rules that can match
 it, and the scan stops at the first request-time rule. A rule's plan and store plan
@@ -18,6 +20,7 @@ here but its ``RequestView``; the few combinations with them are memoised.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -27,6 +30,7 @@ from proxy.policy.headers import caching_field, reply_edits
 from proxy.policy.keys import DEFAULT_KEY, KeySpec, lower_path
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
 from proxy.policy.partial import representation_status
+from proxy.policy.request import normalise_path
 from proxy.rules.match import Match, Predicate, RequestView, first_segment
 
 T = TypeVar("T")
@@ -129,6 +133,8 @@ class RequestPlan:
     lowered_by: Rule | None = None
     # The Cache-Status detail of a bypass the rules did not ask for (``AMBIGUOUS-COOKIE:<name>``).
     detail: str | None = None
+    # The path as some origins read it, when the rules bypass it there (``RuleSet._read_otherwise``).
+    read_as: str | None = None
 
     @property
     def bypass_detail(self) -> str:
@@ -163,6 +169,44 @@ def lowered_path(request: RequestHead) -> RequestHead:
     path, sep, query = request.target.partition("?")
     lowered = lower_path(path)
     return request if lowered == path else request._replace(target=lowered + sep + query)
+
+
+# What makes a path one that origins read differently (``origin_reading``), raw or escaped: a
+# path parameter, a backslash, a NUL, a dot or space ending a segment.
+_READ_OTHERWISE = re.compile(r"[;\\\x00]|%(?:3[Bb]|5[Cc]|00)|(?:\.|%2[Ee]|%20| )(?=/|$)")
+
+
+def origin_reading(request: RequestHead) -> RequestHead | None:
+    """``request`` with its path as some origins act on it, when that differs from how the rules
+    read it (``normalise_path``); None when no origin reads it otherwise.
+
+    Servlet containers (Tomcat, Jetty, Spring) drop a segment's ``;`` parameters (``/cart;x`` is
+    their ``/cart``), IIS and ASP.NET read ``\\`` as ``/`` and drop a segment's trailing dots and
+    spaces, C-string code stops at a NUL. A ``bypass`` rule for ``/cart`` did not hold for
+    ``/cart;x``, whose answer (a personal page) was stored for everyone under that URL.
+
+    >>> origin_reading(RequestHead("GET", "http", "h", "/cart;x?a=1", ())).target
+    '/cart?a=1'
+    >>> origin_reading(RequestHead("GET", "http", "h", "/a%5C..%5Caccount./p%20", ())).target
+    '/account/p'
+    >>> origin_reading(RequestHead("GET", "http", "h", "/plain/path", ())) is None
+    True
+    """
+    raw, sep, query = request.target.partition("?")
+    if _READ_OTHERWISE.search(raw) is None:
+        return None
+    path = normalise_path(raw)
+    other = normalise_path(path.replace("\\", "/"))
+    segments = []
+    for part in other.split("/"):
+        part = part.split(";", 1)[0].split("\x00", 1)[0]
+        segments.append(part if part in (".", "..") else part.rstrip(". "))
+    other = normalise_path("/".join(segments) or "/")
+    if other == path:
+        return None
+    # (escaped again where the rules would decode it, or cut the path at a "?")
+    target = other.replace("%", "%25").replace("?", "%3F")
+    return request._replace(target=target + sep + query)
 
 
 def first(*values: T | None) -> T | None:
@@ -218,7 +262,27 @@ class RuleSet:
     def plan(self, request: RequestHead) -> RequestPlan:
         plan = self._first_match(request)
         if plan.key.lowercase_path and not plan.bypass:
-            return self._lowered(request, plan)
+            plan = self._lowered(request, plan)
+        if not plan.bypass and _READ_OTHERWISE.search(request.target) is not None:
+            return self._read_otherwise(request, plan)
+        return plan
+
+    def _read_otherwise(self, request: RequestHead, plan: RequestPlan) -> RequestPlan:
+        """``plan``, or a bypass when the rules bypass the path as some origins read it
+        (``origin_reading``: ``/cart;x`` is a servlet's ``/cart``), or say not to store it
+        there: the origin may answer the other path, and what it answers must not be stored
+        for everyone under this one (web cache deception). The Cache-Status detail names the
+        rule that bypasses the other reading."""
+        other = origin_reading(request)
+        if other is None:
+            return plan
+        again = self.plan(other)
+        if again.rule is plan.rule and again.response_rules == plan.response_rules:
+            return plan
+        if again.bypass:
+            return replace(plan, bypass=True, detail=again.bypass_detail, read_as=other.target)
+        if again.store.no_store and not plan.store.no_store and again.rule is not None:
+            return replace(plan, bypass=True, detail=f"RULE-BYPASS:{again.rule.name}", read_as=other.target)
         return plan
 
     def _lowered(self, request: RequestHead, plan: RequestPlan) -> RequestPlan:
