@@ -168,6 +168,9 @@ class Runtime:
     access_log: AccessLog | None = None
     # "starting" until the client listeners accept, "ready", then "stopping" (GET /healthz).
     state: str = "starting"
+    # Why this process serves short of its config (the supervisor: workers it no longer
+    # restarts, ``Supervisor._code_changed``); GET /healthz answers 503 "degraded" with it.
+    degraded: str | None = None
     # What else a reload applies (the web layer adds a TLS listener's certificate reload).
     on_reconfigure: list[Callable[[Settings], None]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)

@@ -41,6 +41,16 @@ alive, and a purge needs exactly that.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    # A worker first makes sure that its code is its supervisor's (``proxy.codeid``), before
+    # anything else of this version is imported or reads what the supervisor passed: cachegate
+    # upgraded in place under a running supervisor must not crash-loop here. Keep it first.
+    from proxy.codeid import exit_if_changed
+
+    exit_if_changed(sys.argv[2:])
+
 import argparse
 import asyncio
 import contextlib
@@ -55,7 +65,6 @@ import shutil
 import signal
 import socket
 import stat
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -65,6 +74,9 @@ from typing import Any
 from proxy import earlysignals, gctuning
 from proxy.cluster import OUTBOX_CALL, ClusterUnavailable
 from proxy.cluster import join as join_cluster
+from proxy.codeid import ARG as CODE_ID_ARG
+from proxy.codeid import CHANGED as CODE_CHANGED
+from proxy.codeid import EXIT_CODE_CHANGED, identity
 from proxy.config import Overrides, Settings
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.inspection import Inspector
@@ -123,6 +135,8 @@ class Worker:
     started_at: float = 0.0
     backoff: float = 0.5
     restarts: int = 0
+    # Why it is not restarted (its code is not this supervisor's: ``_code_changed``), or None.
+    given_up: str | None = None
 
 
 class ConfigCopy:
@@ -256,6 +270,9 @@ class Supervisor:
         self.config_path = config_path
         self.overrides = overrides
         self.use_uvloop = use_uvloop
+        # The code this process runs, as its workers must run it (``proxy.codeid``): hashed now,
+        # before anything could be installed over it.
+        self.code_id = identity()
         self.workers = [Worker(i) for i in range(settings.workers)]
         self.stopping = False
         self.runtime: Runtime | None = None
@@ -480,7 +497,8 @@ class Supervisor:
         except BaseException:
             os.close(running_fd)
             raise
-        args = [sys.executable, "-m", "proxy.supervisor", "worker", "--supervisor-pid", str(os.getpid()),
+        args = [sys.executable, "-m", "proxy.supervisor", "worker", CODE_ID_ARG, self.code_id,
+                "--supervisor-pid", str(os.getpid()),
                 "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
                 "--arena-fd", str(arena_fd), "--running-fd", str(running_fd),
                 "--overrides", json.dumps(asdict(overrides))]
@@ -579,6 +597,9 @@ class Supervisor:
             self._startup_failed = True
             self._stop.set()
             return
+        if code == EXIT_CODE_CHANGED:
+            self._code_changed(w, process)
+            return
         w.restarts += 1
         # A worker that lived a while is restarted at once; one that keeps dying (or that never
         # became ready), with backoff.
@@ -592,6 +613,33 @@ class Supervisor:
         say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
             event="worker_exited", worker_id=w.worker_id, pid=process.pid, code=code)
         self._spawn_soon(w, delay)
+
+    def _code_changed(self, w: Worker, process: asyncio.subprocess.Process) -> None:
+        """A worker exited because its code is not this supervisor's (``proxy.codeid``): cachegate
+        was installed over the running one. Every restart would run the new code and exit the
+        same, so it is not restarted: the instance runs a worker short until the service is
+        restarted, and ``/healthz`` says so (503, degraded). During the start-up the start
+        fails instead (the service manager starts the new version)."""
+        w.given_up = CODE_CHANGED
+        runtime = self.runtime
+        if runtime is not None and runtime.state == "starting" and self._stop is not None:
+            if not self._startup_failed:
+                log.error("worker %d (pid %d) exited: %s; stopping", w.worker_id, process.pid, CODE_CHANGED)
+            self._startup_failed = True
+            self._stop.set()
+            return
+        running = sum(1 for o in self.workers if o.given_up is None)
+        log.error("worker %d (pid %d) exited: %s. Not restarting it: %d of %d workers run until the "
+                  "service is restarted", w.worker_id, process.pid, CODE_CHANGED, running, len(self.workers))
+        say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited: the installed cachegate changed; "
+            "not restarting it", event="worker_code_changed", worker_id=w.worker_id, pid=process.pid,
+            code=EXIT_CODE_CHANGED)
+        if runtime is not None:
+            gone = [str(o.worker_id) for o in self.workers if o.given_up is not None]
+            which = f"worker{'s' if len(gone) > 1 else ''} {', '.join(gone)}"
+            runtime.degraded = (f"{running} of {len(self.workers)} workers run: {which} cannot start "
+                                "because the installed cachegate changed under the running supervisor; "
+                                "restart the service to run the new version")
 
     async def _sweep_spools_of(self, pid: int) -> None:
         """A dead worker's spool files (the bodies it was receiving) count against the disk budget
@@ -964,6 +1012,7 @@ def _die_with_supervisor(supervisor: int) -> bool:
 
 def _worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cachegate-worker")
+    parser.add_argument(CODE_ID_ARG)  # checked before this parser (``proxy.codeid.exit_if_changed``)
     parser.add_argument("--supervisor-pid", type=int)
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)

@@ -320,7 +320,9 @@ async def healthz(request: web.Request) -> web.Response:
     ``--workers N``); 503 while starting or stopping, so a readiness probe sends traffic only
     to a process that takes it; in cluster mode also 503 while it catches up with the
     cluster's purges (a load balancer sends it nothing until it has applied them), with the
-    reason."""
+    reason; and 503 "degraded", with the reason, while the supervisor runs fewer workers than
+    configured because some cannot start (cachegate installed over the running one:
+    ``Supervisor._code_changed``). A worker restarting after a crash does not count."""
     runtime = request.app[ADMIN].runtime
     node = runtime.cluster
     if node is not None and not node.ready:  # the cluster's reason first: it is why the rest waits
@@ -328,6 +330,8 @@ async def healthz(request: web.Request) -> web.Response:
                                   "cluster": node.state}, status=503)
     if runtime.state != "ready":
         return web.json_response({"status": runtime.state}, status=503)
+    if runtime.degraded is not None:
+        return web.json_response({"status": "degraded", "reason": runtime.degraded}, status=503)
     if node is None:
         return web.json_response({"status": "ok"})
     body = {"status": "ok", "cluster": node.state}

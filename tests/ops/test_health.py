@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,17 @@ async def test_with_workers_healthz_waits_for_every_worker(origin: Origin, tmp_p
         assert "2 workers" in line and "memory" in line and "config " in line
     finally:
         await proxy.stop()
+
+
+async def test_healthz_is_503_degraded_with_the_reason_while_workers_cannot_start(
+    make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The supervisor's ``Runtime.degraded`` (workers it no longer restarts: cachegate installed
+    over the running one) makes /healthz 503 with the reason, and `cachegate health` exit 1."""
+    proxy = await make_proxy()
+    proxy.runtime.degraded = "1 of 2 workers run: worker 1 cannot start"
+    reply = await proxy.admin("GET", "/healthz")
+    assert reply.status == 503
+    assert json.loads(reply.body) == {"status": "degraded", "reason": "1 of 2 workers run: worker 1 cannot start"}
+    assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 1
+    assert "worker 1 cannot start" in capsys.readouterr().err

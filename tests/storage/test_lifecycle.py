@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from proxy.codeid import identity
 from proxy.config import Overrides
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, Response, write_config
@@ -424,7 +425,7 @@ async def test_a_worker_whose_supervisor_is_gone_before_it_is_ready_exits_quietl
     ours, theirs = socket.socketpair()
     overrides = asdict(Overrides(workers="1", admin_listen="off"))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.supervisor", "worker", "--worker-id", "0",
+        sys.executable, "-m", "proxy.supervisor", "worker", "--code-id", identity(), "--worker-id", "0",
         "--control-fd", str(theirs.fileno()), "--overrides", json.dumps(overrides), "--config", config,
         "--log-level", "warning", pass_fds=(theirs.fileno(),),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(tmp_path))
