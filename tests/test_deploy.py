@@ -407,6 +407,43 @@ def systemd_venv() -> str:
     return made.group(1)
 
 
+def systemd_etc_steps() -> list[str]:
+    """The lines of docs/deploy.md's systemd steps that place files in /etc/cachegate."""
+    section = (ROOT / "docs/deploy.md").read_text().split("## systemd", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if "/etc/cachegate" in line and "systemctl" not in line]
+
+
+def test_the_systemd_steps_run_again_keep_the_config_rules_and_token_in_etc(tmp_path: Path) -> None:
+    """Run as an upgrade, the install steps placed the example config over the operator's, a
+    new admin token over the old one, and the rules in /etc/cachegate/rules/rules/: run twice
+    here (with /etc/cachegate in a temporary directory), the second run changes nothing."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (scripts/test installs it with apt-get where it can)")
+    etc = tmp_path / "etc" / "cachegate"
+    script = "\n".join(line.replace("/etc/cachegate", str(etc)) for line in systemd_etc_steps())
+    assert str(etc) in script and "rules" in script and "env" in script
+
+    def run() -> None:
+        done = subprocess.run(["sh", "-ec", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    run()
+    config, rules, env = etc / "cachegate.yaml", etc / "rules" / "default.yaml", etc / "env"
+    assert config.read_text() == (DEPLOY / "cachegate.yaml").read_text()
+    assert rules.read_text() == (ROOT / "rules" / "default.yaml").read_text()
+    assert re.fullmatch(r"CACHEGATE_ADMIN_TOKEN=[0-9a-f]{32}\n", env.read_text())
+    assert env.stat().st_mode & 0o777 == 0o600
+    # The operator's own, then the steps again (an upgrade):
+    config.write_text(config.read_text() + "# mine\n")
+    rules.write_text(rules.read_text() + "# mine\n")
+    ours = {path: path.read_text() for path in (config, rules, env)}
+    run()
+    assert {path: path.read_text() for path in (config, rules, env)} == ours
+    assert not (etc / "rules" / "rules").exists()
+    assert env.stat().st_mode & 0o777 == 0o600
+
+
 def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
