@@ -263,6 +263,9 @@ class Metrics:
                                     "Clients that fell too far behind a shared fill: resumed from the "
                                     "stored response, or cut off (connection aborted)", ["outcome"],
                                     registry=r)
+        self.access_log_dropped = Counter("cachegate_access_log_dropped_lines",
+                                          "Access log lines not written: a write failed (a full disk)",
+                                          registry=r)
         self.fills = Counter("cachegate_fills", "Responses stored in the cache (a complete body committed)",
                              registry=r)
         self.flights = Counter("cachegate_flights",

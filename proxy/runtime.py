@@ -73,11 +73,12 @@ def lock_cache_directory(settings: Settings) -> HeldLock | None:
         raise CacheDirectoryInUse(disk.path, exc.holder) from None
 
 
-def open_access_log(settings: Settings) -> AccessLog | None:
+def open_access_log(settings: Settings, metrics: Metrics | None = None) -> AccessLog | None:
     if settings.access_log is None:
         return None
+    dropped = metrics.access_log_dropped.inc if metrics is not None else None
     try:
-        return AccessLog(settings.access_log, worker_label())
+        return AccessLog(settings.access_log, worker_label(), dropped)
     except OSError as exc:  # checked by the config, but the file may have gone since
         log.error("cannot open the access log %s: %s; logging no requests", settings.access_log.path, exc)
         return None
@@ -204,7 +205,7 @@ class Runtime:
         engine = Engine(settings, storage, pool, metrics, invalidate=invalidate)
         purger = Purger(storage, lambda: runtime.settings.rules)
         runtime = cls(settings, storage, pool, engine, metrics, purger)
-        runtime.access_log = open_access_log(settings)
+        runtime.access_log = open_access_log(settings, metrics)
         metrics.add_collector(runtime._collect_tiers)
         if storage.disk is not None:
             loop = runtime._upkeep(started) if owner else runtime._reload_bans()
@@ -243,7 +244,7 @@ class Runtime:
         if settings.access_log != old.access_log:
             if self.access_log is not None:
                 self.access_log.close()
-            self.access_log = open_access_log(settings)
+            self.access_log = open_access_log(settings, self.metrics)
             setup_logging(as_json=error_log_json(settings))
         elif self.access_log is not None:
             self.access_log.reopen()  # SIGHUP after logrotate moved the file

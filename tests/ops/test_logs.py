@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,11 @@ from proxy.logs import (
     pipe_pieces,
 )
 from proxy.logs import REQUEST as CURRENT_REQUEST
+from proxy.metrics import Metrics
 from proxy.web.fastpath import ProxyServer
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.tmpfs import mounted_tmpfs
 
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -320,6 +323,116 @@ async def test_writes_to_a_pipe_stay_within_pipe_buf_and_end_at_line_ends(monkey
     data = b"".join(chunks)
     assert len(data.splitlines()) == 200
     assert all(json.loads(line) for line in data.splitlines())
+
+
+# -- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    yield from mounted_tmpfs(tmp_path / "small", "256k")
+
+
+def fill_but(fs: Path, room: int) -> Path:
+    """Fill ``fs`` (a real filesystem: the tmpfs) but ``room`` bytes; the file that fills it."""
+    filler = fs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == 28
+    os.truncate(filler, filler.stat().st_size - room)
+    return filler
+
+
+def log_batches(access: AccessLog, start: int, batches: int, size: int = 10) -> None:
+    for b in range(batches):
+        for i in range(start + b * size, start + (b + 1) * size):
+            access._batch.append(record_for(i))
+        access.flush()
+
+
+def access_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "cachegate.access"]
+
+
+def test_a_full_disk_logs_one_error_and_the_cut_line_is_finished_when_space_is_freed(
+        small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On a full disk every batch's write failed and logged an error (50,704 lines in 3 s at
+    29,000 requests a second); the write that filled the disk wrote half a line, and the next
+    line, once space was freed, was glued to it: neither read as JSON. Now: one error line for
+    the run, its end with counts, and the cut line finished by the writer that cut it."""
+    filler = fill_but(small_fs, 8192)
+    log_file = small_fs / "access.log"
+    metrics = Metrics()
+    access = AccessLog(AccessLogSettings("json", str(log_file)), "0", metrics.access_log_dropped.inc)
+    access._failures.settle = 0.0  # (10 s in use)
+    try:
+        with caplog.at_level(logging.INFO):
+            log_batches(access, 0, 10)  # ~2,500 bytes a batch: the fourth or so fills the disk
+            assert not log_file.read_bytes().endswith(b"\n")  # the write that filled it cut a line
+            log_batches(access, 100, 2000)
+            errors = access_errors(caplog)
+            assert errors == ["writing the access log (lines dropped meanwhile) failed: "
+                              "[Errno 28] No space left on device; retrying"]
+            filler.unlink()
+            log_batches(access, 100_000, 1)
+            errors = access_errors(caplog)
+        lines = log_file.read_bytes().splitlines()
+        paths = [json.loads(line)["path"] for line in lines]  # every line whole
+        assert paths[-10:] == [f"/{i}" for i in range(100_000, 100_010)]
+        written = paths[:-10]
+        assert written == [f"/{i}" for i in range(len(written))]  # the cut one finished, in its place
+        dropped = 10 * 2010 - len(written)
+        assert len(errors) == 2 and errors[1] == (
+            "writing the access log (lines dropped meanwhile) works again, after "
+            f"{2010 - len(written) // 10} failed writes; {dropped} lines dropped")
+        assert f"cachegate_access_log_dropped_lines_total {float(dropped)}" in metrics.render().decode()
+    finally:
+        access.close()
+
+
+def test_another_writers_cut_line_stays_alone_on_its_line(
+        small_fs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers append to one file, each by its own descriptor: a worker that writes first once
+    space is freed, and did not see the disk full (it wrote shortly before and not since), ends
+    the other's cut line before its own; the one that cut it then leaves it as it is. One line
+    does not read, the cut one, and no other is glued to it. The other worker here writes to
+    standard output redirected to the file (write-only: the file's end is read another way)."""
+    log_file = small_fs / "access.log"
+    cutter = AccessLog(AccessLogSettings("json", str(log_file)), "1")
+    monkeypatch.setattr("sys.stdout", os.fdopen(os.open(log_file, os.O_WRONLY | os.O_APPEND), "w"))
+    other = AccessLog(AccessLogSettings("json", "stdout"), "2")
+    try:
+        log_batches(other, 50_000, 1)
+        filler = fill_but(small_fs, 8192)
+        log_batches(cutter, 0, 10)
+        assert not log_file.read_bytes().endswith(b"\n")
+        filler.unlink()
+        time.sleep(0.03)  # longer than CHECK_AFTER since its last write
+        log_batches(other, 60_000, 1)
+        log_batches(cutter, 70_000, 1)
+        lines = log_file.read_bytes().splitlines()
+        unread = [i for i, line in enumerate(lines) if not parses(line)]
+        assert len(unread) == 1  # the cut line, alone: nothing glued to it
+        cut = unread[0]
+        assert lines[cut].startswith(b'{"time":') and lines[cut].count(b'{"time":') == 1
+        paths = [json.loads(line)["path"] for line in lines[:cut] + lines[cut + 1:]]
+        assert paths == [f"/{i}" for i in [*range(50_000, 50_010), *range(cut - 10),
+                                           *range(60_000, 60_010), *range(70_000, 70_010)]]
+    finally:
+        cutter.close()
+        other.close()
+        sys.stdout.close()
+
+
+def parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def test_pipe_writes_are_at_most_pipe_buf_and_end_at_line_ends() -> None:
