@@ -574,6 +574,8 @@ def hostport(*, off: Bool = False) -> Parser[Any]:
     def read(item: Src, ctx: Context) -> tuple[Str, Int] | None:
         if off and item.value is False:
             return None
+        if isinstance(item.value, list | dict):  # (its text would be the reader's records)
+            raise Invalid(f"expected HOST:PORT, got {type_name(item.value)}")
         try:
             return parse_hostport(item.as_text())
         except ValueError as exc:
@@ -589,6 +591,10 @@ def networks() -> Parser[tuple[Any, ...]]:
     def read(item: Src, ctx: Context) -> tuple[Any, ...]:
         out = []
         for element in elements(item):
+            if isinstance(element.value, list | dict):
+                ctx.problem(element, f"expected IP addresses or CIDR networks in the list, "
+                                     f"got {type_name(element.value)}")
+                continue
             try:
                 out.append(ipaddress.ip_network(str(element.value), strict=False))
             except ValueError:

@@ -57,7 +57,7 @@ from proxy.schema import (
     type_name,
 )
 from proxy.tls import ENCRYPTED_KEY, key_is_encrypted, load_problem
-from proxy.units import yaml_number
+from proxy.units import shown, yaml_number
 from proxy.yamlsrc import Src
 
 HostPort = tuple[str, int]
@@ -264,7 +264,7 @@ def _host_patterns(item: Src, ctx: Context) -> tuple[str, ...]:
         host = str(element.value).strip().lower().rstrip(".")
         if not isinstance(element.value, str) or not re.fullmatch(
                 r"(\*\.)?[a-z0-9_.-]+(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?", host):
-            ctx.problem(element, f"{element.value!r} is not a host name, host:port or *.domain")
+            ctx.problem(element, f"{shown(element.value)} is not a host name, host:port or *.domain")
             continue
         hosts.append(host)
     return tuple(hosts)
@@ -450,6 +450,9 @@ def parse_workers(text: str) -> int:
 
 
 def _workers(item: Src, ctx: Context) -> int:
+    if isinstance(item.value, list | dict):  # (its text would be the reader's records)
+        ctx.problems.add(item, f"workers: expected a positive number or auto, got {type_name(item.value)}")
+        raise Reported from None
     try:
         yaml_number(item.value, item.raw, str(item.value))
     except ValueError as exc:

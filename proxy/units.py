@@ -45,6 +45,18 @@ def yaml_number(value: object, written: str | None, example: str) -> None:
                          "write it without the leading 0")
 
 
+def shown(value: object) -> str:
+    """A config value as an error message shows it after "got": a scalar as YAML read it
+    (``'5 mins'``, ``-3``), a list or a mapping by its kind (``a list``, ``a mapping``, the words
+    of ``proxy.schema.type_name``): their elements are the reader's records (``Src``: a file,
+    a line, the value as written), which read as Python's internals, not as the config."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return repr(value)
+
+
 def parse_duration(value: object, written: str | None = None) -> float:
     """Seconds from a number or a string like ``30s``, ``5m``, ``1h30m``, ``7d``; ValueError otherwise.
     ``written``: the YAML scalar as written when YAML read it as a number (``yaml_number``).
@@ -53,14 +65,14 @@ def parse_duration(value: object, written: str | None = None) -> float:
     (10.0, 5400.0, 0.5, 604800.0)
     """
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 30s, 5m, 1h, got {value!r}")
+        raise ValueError(f"expected a duration like 30s, 5m, 1h, got {shown(value)}")
     if isinstance(value, int | float):
         yaml_number(value, written, "1m30s")
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value!r}")
         return _duration_cap(float(value), value)
     if not isinstance(value, str):
-        raise ValueError(f"expected a duration like 30s, 5m, 1h, got {value!r}")
+        raise ValueError(f"expected a duration like 30s, 5m, 1h, got {shown(value)}")
     text = value.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return _duration_cap(float(text), value)
@@ -88,14 +100,14 @@ def parse_size(value: object, written: str | None = None) -> int:
     """Bytes from a number or a string like ``512KB``, ``256MB``, ``10GB`` (binary multiples).
     ``written`` as for ``parse_duration``."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a size like 256MB, got {value!r}")
+        raise ValueError(f"expected a size like 256MB, got {shown(value)}")
     if isinstance(value, int):
         yaml_number(value, written, "the bytes, or a size such as 64KB")
         if value < 0:
             raise ValueError(f"size must not be negative, got {value!r}")
         return _size_cap(value, value)
     if not isinstance(value, str):
-        raise ValueError(f"expected a size like 256MB, got {value!r}")
+        raise ValueError(f"expected a size like 256MB, got {shown(value)}")
     m = _SIZE.fullmatch(value.strip())
     if not m:
         raise ValueError(f"bad size {value!r}: use bytes or KB, MB, GB")

@@ -20,7 +20,7 @@ from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
 from proxy.rules.match import Condition, Glob, HostPattern, Match
 from proxy.rules.plan import CACHED_METHODS, Actions, HeaderEdits, Rule, RuleSet, first, header_edits
 from proxy.schema import Section, type_name
-from proxy.units import parse_duration, yaml_number
+from proxy.units import parse_duration, shown, yaml_number
 from proxy.yamlsrc import Problems, Sources, Src, load_yaml
 
 MATCH_KEYS = ("host", "path", "method", "query", "header", "cookie", "status", "content_type")
@@ -210,7 +210,8 @@ def _compile_match(src: Src | None, problems: Problems) -> Match:
             elif type(item.value) is int and 100 <= item.value <= 599:
                 codes.add(item.value)
             else:
-                problems.add(item, f"match.status: expected HTTP status codes (100-599), got {item.value!r}")
+                problems.add(item, "match.status: expected HTTP status codes (100-599), "
+                                   f"got {shown(item.value)}")
         status = frozenset(codes)
     content_types = tuple(t.strip().lower() for t, _ in _str_items(raw["content_type"], problems,
                                                                    "match.content_type")
@@ -244,8 +245,9 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
         try:
             return MappingProxyType({}), parse_duration(src.value, src.raw)
         except ValueError as exc:
+            why = "" if isinstance(src.value, list) else f" ({exc})"
             problems.add(src, f"{what}: expected a duration or a mapping of status to duration "
-                              f"(e.g. {{200: 5m, 404: 1m, default: 1m}}), got {src.value!r} ({exc})")
+                              f"(e.g. {{200: 5m, 404: 1m, default: 1m}}), got {shown(src.value)}{why}")
             return MappingProxyType({}), None
     table: dict[int, float] = {}
     default: float | None = None
@@ -277,6 +279,12 @@ _COVERED_ERRORS = " and ".join(", ".join(str(s) for s in sorted(HEURISTICALLY_CA
 CPDOS = "cache-poisoned denial of service"
 
 
+def _scalar(src: Src) -> bool:
+    """Not a list or a mapping: a ttl a warning may show (a list or mapping where a duration goes
+    is an error already, and its value would show as the reader's records)."""
+    return not isinstance(src.value, list | dict)
+
+
 def _warn_error_ttls(src: Src, statuses: frozenset[int] | None, label: str, problems: Problems) -> None:
     """Warnings (not errors) where a ``ttl`` meets error statuses (``policy.statuses``).
 
@@ -289,16 +297,18 @@ def _warn_error_ttls(src: Src, statuses: frozenset[int] | None, label: str, prob
         for status, value in src.value.items():
             if isinstance(status, int) and not isinstance(status, bool):
                 named.add(status)
-                if 400 <= status <= 599 and not default_ttl_covers(status):
+                if 400 <= status <= 599 and not default_ttl_covers(status) and _scalar(value):
                     problems.warn((src.file, src.key_lines.get(status, value.line)),
                                   f"{label}: ttl {status}: {value.value} stores the origin's {status} for "
                                   "every client: one request the origin rejects or fails on (an oversized "
                                   "or malformed header) then denies the page to everyone for that long "
                                   f"({CPDOS}); name an error status only where that is meant")
-        if "default" not in src.value:
+        if "default" not in src.value or not _scalar(src.value["default"]):
             return
         at: Src | tuple[str, int] = (src.file, src.key_lines.get("default", src.line))
         what = f"ttl default: {src.value['default'].value}"
+    elif not _scalar(src):
+        return
     else:
         at, what = src, f"ttl: {src.value} (a default for every status)"
     if statuses is None:
@@ -414,7 +424,8 @@ def _jitter(sec: Section) -> float | None:
     except ValueError:
         value = -1.0
     if isinstance(item.value, bool) or not 0 <= value < 1:
-        sec.problems.add(item, f"ttl_jitter: expected a percentage below 100% like 10%, got {item.value!r}")
+        sec.problems.add(item, "ttl_jitter: expected a percentage below 100% like 10%, "
+                               f"got {shown(item.value)}")
         return None
     return value
 

@@ -297,6 +297,83 @@ def test_each_mistake_is_one_problem_at_its_line(folder: Path, line: str, expect
     assert problems(folder, U + line + "\n") == [e.replace("{dir}", str(folder)) for e in expected]
 
 
+# A list or a mapping where one value goes: the problem names what it is ("got a list", as every
+# other key says), not the reader's records of its elements (it said ``got [Src(value=1,
+# file='c.yaml', line=2, key_lines={}, raw='1', key_texts={}), ...]``). VALUE: the value given.
+NOT_SCALARS: list[tuple[str, str]] = [
+    ("cache: {lock_timeout: VALUE}", "cache.lock_timeout: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("shutdown_grace: VALUE", "shutdown_grace: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("upstream: {timeouts: {read: VALUE}}", "upstream.timeouts.read: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("cluster: {redis: 'redis://h:1', ack_timeout: VALUE}",
+     "cluster.ack_timeout: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("cache: {memory: VALUE}", "cache.memory: expected a size like 256MB, got KIND"),
+    ("cache: {disk: {size: VALUE}}", "cache.disk.size: expected a size like 256MB, got KIND"),
+    ("max_request_head: VALUE", "max_request_head: expected a size like 256MB, got KIND"),
+    ("workers: VALUE", "workers: expected a positive number or auto, got KIND"),
+    ("upstream: {retries: VALUE}", "upstream.retries: expected an integer, got KIND"),
+    ("cache: {disk: {shards: VALUE}}", "cache.disk.shards: expected an integer, got KIND"),
+    ("upstream: {preserve_host: VALUE}", "upstream.preserve_host: expected true or false, got KIND"),
+    ("admin: {listen: VALUE}", "admin.listen: expected HOST:PORT, got KIND"),
+    ("admin: {token: VALUE}", "admin.token: expected a string, got KIND"),
+    ("access_log: {format: VALUE}", "access_log.format: expected a string, got KIND"),
+    ("admin: {hosts: [VALUE]}", "admin.hosts: KIND is not a host name, host:port or *.domain"),
+    ("admin: {server_names: [VALUE]}", "admin.server_names: KIND is not a host name, host:port or *.domain"),
+    ("trusted_proxies: [VALUE]", "trusted_proxies: expected IP addresses or CIDR networks in the list, got KIND"),
+    ("admin: {purge_from: [VALUE]}", "admin.purge_from: expected IP addresses or CIDR networks in the list, got KIND"),
+    ("cache: {tag_headers: [VALUE]}", "cache.tag_headers: expected strings in the list, got KIND"),
+]
+KINDS = [("[1, 2]", "a list"), ("{a: 1}", "a mapping")]
+
+
+@pytest.mark.parametrize(("value", "kind"), KINDS, ids=[k for _, k in KINDS])
+@pytest.mark.parametrize(("line", "expected"), NOT_SCALARS, ids=[c[0] for c in NOT_SCALARS])
+def test_a_list_or_a_mapping_for_one_value_is_named_by_its_kind(
+        folder: Path, line: str, expected: str, value: str, kind: str) -> None:
+    assert problems(folder, U + line.replace("VALUE", value) + "\n") == ["2: " + expected.replace("KIND", kind)]
+
+
+# The same in a rule file (line 4: the rule's last line); "|" joins the problem's line and words.
+RULE_NOT_SCALARS: list[tuple[str, str]] = [
+    ("ttl: {200: VALUE}", "ttl.200: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("ttl: {404: VALUE}", "ttl.404: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("ttl: {default: VALUE}", "ttl.default: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("stale_while_revalidate: VALUE",
+     "rules[0].stale_while_revalidate: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("ttl_jitter: VALUE", "ttl_jitter: expected a percentage below 100% like 10%, got KIND"),
+]
+
+
+@pytest.mark.parametrize(("value", "kind"), KINDS, ids=[k for _, k in KINDS])
+@pytest.mark.parametrize(("line", "expected"), RULE_NOT_SCALARS, ids=[c[0] for c in RULE_NOT_SCALARS])
+def test_a_list_or_a_mapping_for_one_value_of_a_rule_is_named_by_its_kind(
+        folder: Path, line: str, expected: str, value: str, kind: str) -> None:
+    rules = folder / "r.yaml"
+    rules.write_text("rules:\n  - name: a\n    match: {path: /x}\n    " + line.replace("VALUE", value) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load(folder, U + "rules: [r.yaml]\n")
+    assert info.value.problems == [f"{rules}:4: " + expected.replace("KIND", kind)]
+    assert not [w for w in info.value.warnings if "Src(" in w]  # (a ttl's warning showed them too)
+
+
+@pytest.mark.parametrize(("rules", "expected"), [
+    ("rules:\n  - name: a\n    match: {path: /x}\n    ttl: [1, 2]\n",
+     "4: ttl: expected a duration or a mapping of status to duration (e.g. {200: 5m, 404: 1m, default: 1m}), "
+     "got a list"),
+    ("defaults: {ttl: [1, 2]}\nrules: []\n",
+     "1: ttl: expected a duration or a mapping of status to duration (e.g. {200: 5m, 404: 1m, default: 1m}), "
+     "got a list"),
+    ("rules:\n  - name: a\n    match: {path: /x, status: [[1, 2], {a: 1}]}\n    ttl: 1m\n",
+     "3: match.status: expected HTTP status codes (100-599), got a list|"
+     "3: match.status: expected HTTP status codes (100-599), got a mapping"),
+])
+def test_a_list_for_a_ttl_or_a_status_is_named_by_its_kind(folder: Path, rules: str, expected: str) -> None:
+    (folder / "r.yaml").write_text(rules)
+    with pytest.raises(ConfigError) as info:
+        load(folder, U + "rules: [r.yaml]\n")
+    assert info.value.problems == [f"{folder / 'r.yaml'}:{e}" for e in expected.split("|")]
+    assert not [w for w in info.value.warnings if "Src(" in w]
+
+
 UPSTREAMS: list[tuple[str, list[str]]] = [
     ("[{url: 'http://a:1', weight: 0}]", ["1: upstreams[].weight: must be at least 1, got 0"]),
     ("[{url: 'http://a:1', weight: x}]", ["1: upstreams[].weight: expected an integer, got a string"]),
