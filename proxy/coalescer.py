@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
@@ -198,6 +200,67 @@ class Reader:
             self._broadcast._remove(self)
 
 
+class SpoolFollower:
+    """A client too late to read a flight's body from its first byte in memory (the flight
+    keeps ``history_limit`` of it to replay), while the flight stores it: it reads what the
+    flight spooled to its file so far, then each new part as the flight writes it, to the end.
+
+    Before, such a client waited for the whole fill before its first byte (a 2 GB download at
+    100 MB/s: 20 s of silence, past many clients' read timeouts), as nginx's cache lock makes
+    them wait; Varnish and Traffic Server stream it to them as it arrives, as this does. The
+    flight writes each chunk to its spool file (flushed) before it pushes it, so what
+    ``Broadcast.size`` counts is in the file; the descriptor, opened when the client joined,
+    still reads the file once the flight has moved it into the store or removed it. A store
+    given up mid-body (too large, no room, a full disk) cuts the client off (``TooFarBehind``:
+    its connection is aborted, never ended as if complete), as a detached reader would be."""
+
+    __slots__ = ("_body", "_fd", "_read", "closed")
+
+    def __init__(self, body: Broadcast, fd: int,
+                 read: Callable[[int, int, int], Coroutine[Any, Any, bytes]]) -> None:
+        self._body = body
+        self._fd = fd
+        self._read = read  # (fd, size, offset) -> bytes, off the event loop
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        body, at = self._body, 0
+        try:
+            while True:
+                if at < body.size:
+                    chunk = await self._read(self._fd, min(FOLLOW_CHUNK, body.size - at), at)
+                    if not chunk:
+                        raise TooFarBehind(f"the spool file ended at {at} of {body.size} bytes")
+                    at += len(chunk)
+                    yield chunk
+                elif body.ended:
+                    if body._end_error is not None:
+                        raise body._end_error
+                    return
+                elif not body.storing:
+                    raise TooFarBehind("the fill a late client read from its spool stopped storing it")
+                else:
+                    await body.moved()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+    def __del__(self) -> None:  # a reply whose body was never started (its client went first)
+        self.close()
+
+
+# What a ``SpoolFollower`` reads of the spool file at once.
+FOLLOW_CHUNK = 256 * 1024
+
+# A client's view of a flight's body: from memory as it arrives, or from its spool file.
+BodyView = Reader | SpoolFollower
+
+
 class Broadcast:
     """A body read once from upstream and streamed to any number of readers.
 
@@ -219,6 +282,7 @@ class Broadcast:
         self._drained: asyncio.Event | None = None
         self._done: asyncio.Future[None] | None = None  # for whole(): resolved at the end
         self._whole: bytes | None = None
+        self._moved: asyncio.Future[None] | None = None  # for ``moved``: resolved at the next change
         self.size = 0
 
     @property
@@ -243,8 +307,24 @@ class Broadcast:
             self._readers.append(reader)
         return reader
 
+    async def moved(self) -> None:
+        """Until the next chunk, the end, or the store given up (``SpoolFollower``)."""
+        moved = self._moved
+        if moved is None:
+            moved = self._moved = asyncio.get_running_loop().create_future()
+        await asyncio.wait((moved,))  # (a waiter cancelled leaves the others theirs)
+
+    def _move(self) -> None:
+        moved = self._moved
+        if moved is not None:
+            self._moved = None
+            if not moved.done():
+                moved.set_result(None)
+
     async def push(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        if self._moved is not None:
+            self._move()
         for r in self._readers:
             r._put(chunk)
         if self._history is not None:
@@ -294,6 +374,7 @@ class Broadcast:
         self.storing = False
         for r in [r for r in self._readers if r.detached]:
             self._cut(r)
+        self._move()
 
     async def whole(self) -> bytes:
         """The complete body once it has ended, joined once for every caller (a coalesced
@@ -323,6 +404,7 @@ class Broadcast:
             return
         self._ended = True
         self._end_error = item
+        self._move()
         for r in self._readers:
             r._put(item)
         self._readers = []

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, ClassVar, Literal, assert_never
@@ -55,7 +56,16 @@ from typing import IO, TYPE_CHECKING, ClassVar, Literal, assert_never
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cluster.fills import Contended, Found, Locked, SharedCache
-from proxy.coalescer import Coalescer, FellBehind, Flight, FlightHead, FlightResult, Reader, TooFarBehind
+from proxy.coalescer import (
+    BodyView,
+    Coalescer,
+    FellBehind,
+    Flight,
+    FlightHead,
+    FlightResult,
+    SpoolFollower,
+    TooFarBehind,
+)
 from proxy.errors import (
     NoUpstreamAvailable,
     ResponseAborted,
@@ -269,9 +279,13 @@ class MissPath:
         if flight is not None:
             reader = flight.body.join()
             if reader is None:
-                # Too late to stream this flight from its first byte: wait until it
-                # is stored and answer from the store.
-                return await self._serve_after_flight(attempt, None, "HIT", True, flight, own=False)
+                # Too late to stream this flight from its first byte in memory: read it from
+                # the flight's spool file as it is written, or else wait until it is stored.
+                late = self._follower(flight)
+                if late is None:
+                    return await self._serve_after_flight(attempt, None, "HIT", True, flight, own=False)
+                flight.followers += 1
+                return await self.answer(attempt, flight, late, True)
             flight.followers += 1
             collapsed = True
         if flight is None:
@@ -284,6 +298,18 @@ class MissPath:
         if interim is not None and not flight.head.done():
             flight.interim.append(interim)  # the origin's 1xx, until the head arrives
         return await self.answer(attempt, flight, reader, collapsed)
+
+    def _follower(self, flight: Flight) -> SpoolFollower | None:
+        """A late client's reader of the flight's spool file, while the flight stores its body
+        in one and has its head (``SpoolFollower``); else None."""
+        spool = flight.spool
+        if spool is None or not flight.body.storing or not flight.head.done() or flight.body.ended:
+            return None
+        fd = spool.follow()
+        if fd is None:
+            return None
+        run = self.engine.storage.run
+        return SpoolFollower(flight.body, fd, lambda f, n, at: run(os.pread, f, n, at))
 
     def start(self, attempt: Attempt, *, register: bool, background: bool = False) -> Flight:
         """Start a flight for ``attempt``: findable by the key's other clients when ``register``
@@ -759,7 +785,7 @@ class MissPath:
 
     # -- a client's answer from its flight ----------------------------------------------------
 
-    async def answer(self, attempt: Attempt, flight: Flight, reader: Reader, collapsed: bool) -> Reply:
+    async def answer(self, attempt: Attempt, flight: Flight, reader: BodyView, collapsed: bool) -> Reply:
         """Answer a client that joined ``flight`` (as its leader, or ``collapsed`` as a follower)."""
         engine = self.engine
         head, plan, fwd, stale = attempt.req.head, attempt.plan, attempt.fwd, attempt.stale
@@ -867,7 +893,7 @@ class MissPath:
             case _:
                 assert_never(step.body)
 
-    async def _from_head(self, attempt: Attempt, flight: Flight, reader: Reader, fhead: FlightHead,
+    async def _from_head(self, attempt: Attempt, flight: Flight, reader: BodyView, fhead: FlightHead,
                          response: StoredResponse, headers: list[tuple[str, str]], otherwise: Relay
                          ) -> Reply | None:
         """The reply to the client's conditionals or range from the flight's head
@@ -901,7 +927,7 @@ class MissPath:
             case _:
                 assert_never(answer)
 
-    async def _slice(self, attempt: Attempt, flight: Flight, reader: Reader, answer: Send,
+    async def _slice(self, attempt: Attempt, flight: Flight, reader: BodyView, answer: Send,
                      otherwise: Relay) -> Reply:
         """A 206 of the flight's body: ``answer.length`` bytes from ``answer.offset``.
 
@@ -949,7 +975,7 @@ class MissPath:
                 cache_status(fwd=fwd, detail="STALE-NOT-ALLOWED")))
         return engine.upstream_failed(plan, exc, fwd)
 
-    async def _flight_body(self, flight: Flight, key: str, reader: Reader) -> AsyncIterator[bytes]:
+    async def _flight_body(self, flight: Flight, key: str, reader: BodyView) -> AsyncIterator[bytes]:
         """A flight's body for one client, as it arrives; a reader detached from a fill it fell
         behind (``proxy.coalescer``) gets the rest from the store (``_stored_rest``)."""
         chunks = reader.__aiter__()

@@ -397,6 +397,37 @@ async def test_clients_joining_a_big_fill_late_wait_for_it_rather_than_fetch_it_
     assert len(gated.requests) == 1
 
 
+async def test_a_client_joining_a_big_fill_late_gets_its_first_bytes_before_the_fill_ends(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """Past the flight's replay history, a late client reads the fill's spool file as it is
+    written (``SpoolFollower``): its first bytes come while the origin still holds the rest
+    (it waited for the whole fill: a long download's late clients heard nothing for its whole
+    length), and its body is the object, byte for byte, from one origin request."""
+    big = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    gated = Gated(FRESH, body=big, first=2 * 1024 * 1024)
+    origin.route("/big", gated)
+    proxy = await make_proxy(config=QUICK)
+    past_history = asyncio.Event()
+
+    async def first() -> bytes:
+        async with aiohttp.ClientSession() as session, session.get(proxy.url + "/big") as resp:
+            start = await resp.content.readexactly(2 * 1024 * 1024)
+            past_history.set()
+            return start + await resp.read()
+
+    leader = asyncio.ensure_future(first())
+    await past_history.wait()
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/big") as resp:
+        assert resp.status == 200 and resp.headers["X-Cache-Status"] == "HIT"
+        start = await asyncio.wait_for(resp.content.readexactly(1024 * 1024), 10)
+        assert not gated.release.is_set()  # (the fill is not over)
+        gated.release.set()
+        late = start + await resp.read()
+    assert late == big and await leader == big
+    await flights_over(proxy)
+    assert len(gated.requests) == 1
+
+
 async def test_two_workers_answer_a_conditional_miss_from_the_fill_s_head(
         origin: Origin, tmp_path: Path) -> None:
     """The same across workers: whichever worker the client reaches, its fill answers it."""

@@ -75,9 +75,20 @@ class BodySpool:
         if self._file is None:
             self._file = await writer.t.run(writer.spools.make_file)
             pending, self._chunks = b"".join(self._chunks), []
-            await writer.t.run(self._file.write, pending)
-        await writer.t.run(self._file.write, chunk)
+            await writer.t.run(_append, self._file, pending)
+        await writer.t.run(_append, self._file, chunk)
         return True
+
+    def follow(self) -> int | None:
+        """A descriptor that reads the spool file (for a client that joins the fill late:
+        ``coalescer.SpoolFollower``), or None when the body is not in a file (any more)."""
+        f = self._file
+        if f is None or self.too_large or self.doomed:
+            return None
+        try:
+            return os.open(f.name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
 
     @property
     def complete(self) -> bool:
@@ -102,6 +113,13 @@ class BodySpool:
                 f.close()
             with contextlib.suppress(OSError):
                 os.unlink(name)
+
+
+def _append(f: IO[bytes], data: bytes) -> None:
+    """A spool write, flushed: what the flight has pushed to its readers is in the file, for
+    a late client that reads it from there (``BodySpool.follow``)."""
+    f.write(data)
+    f.flush()
 
 
 class Writer:
