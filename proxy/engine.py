@@ -101,6 +101,10 @@ log = logging.getLogger("cachegate.engine")
 
 T = TypeVar("T")
 
+# What a stop gives the lease words still being sent once its grace period is over (within the
+# supervisor's margin past it: proxy.supervisor.STOP_DEADLINE_MARGIN).
+NOTICE_GRACE = 0.5
+
 
 class MemoryLimits(Protocol):
     """What the engine reads of the memory tier."""
@@ -204,8 +208,15 @@ class Engine:
         self._fill_settings = FillSettings(self._via, tuple(h.lower() for h in settings.cache.tag_headers))
 
     async def close(self, grace: float | None = None) -> None:
-        """Let background fills finish within ``grace`` (default: shutdown_grace), then cancel them."""
-        await self.coalescer.close(self.settings.shutdown_grace if grace is None else grace)
+        """Let background fills finish within ``grace`` (default: shutdown_grace), then cancel them;
+        then let the words their leases' releases send to other workers go out (in what is left
+        of ``grace``, at least ``NOTICE_GRACE``: a fill cancelled at the deadline still ends its
+        lease, and that word is what the waiters in other workers answer by)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.settings.shutdown_grace if grace is None else grace)
+        await self.coalescer.close(max(0.0, deadline - loop.time()))
+        if self.leases is not None:
+            await self.leases.close(max(NOTICE_GRACE, deadline - loop.time()))
 
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the

@@ -451,10 +451,8 @@ class MissPath:
                         self._end(run, Skipped())
                         return
                     try:
-                        told = await asyncio.wait_for(asyncio.shield(lease.outcome),
-                                                      max(0.0, deadline - loop.time()))
-                    except TimeoutError:
-                        told = {"outcome": "timeout"}  # past lock_timeout: fetch on our own
+                        # ("timeout": past lock_timeout: fetch on our own)
+                        told = await leases.wait(key, lease, deadline)
                     finally:
                         leases.forget(key, lease)
                     match told["outcome"]:
@@ -465,8 +463,10 @@ class MissPath:
                             self._end(run, Unreachable(_upstream_error(told["status"], told["message"],
                                                                        told.get("detail", ""))))
                             return
-                        case "gone" if loop.time() < deadline:
-                            continue  # the holder died: one of the waiters takes the lease on
+                        case "gone" | "ended" if loop.time() < deadline:
+                            # The holder died: one of the waiters takes the lease on. Or the lease
+                            # ended and no word came: asked again, it finds what the holder stored.
+                            continue
                         case "pass":
                             self.coalescer.mark_pass(key)
                 case None:

@@ -18,6 +18,17 @@ Within a process the coalescer already makes one fetch per key. With
   fetch for themselves).
 - A holder that dies loses its leases: the supervisor sees it die, clears them,
   and tells the waiters ``gone``: they ask again, so one of them takes the lease on.
+- A waiter that is not told also looks at the lease in the table every
+  ``LEASE_POLL`` seconds (``LeaseClient.wait``): a lease released (or taken over)
+  with no word for ``LEASE_WORD_WAIT`` seconds after a look found it so ends the
+  wait as ``ended``: it asks again, and finds what the holder stored. Why: the word
+  is a message through the supervisor, and a message can be lost (a worker whose
+  control channel closed before its fill ended, as a stop once did: the waiters sat
+  until ``lock_timeout``, then each fetched the object again); a lost word then
+  costs under a second, not ``lock_timeout``. Why wait for the word at all once the
+  table says the lease is over: it normally follows the release within a
+  millisecond (a busy machine may hold it up for a while), and it says how the
+  fetch went (an error, a pass), which the table does not keep.
 
 Waiters are told through the supervisor: the holder sends it one message with
 the waiters to tell, which it relays over their control channels. A lease
@@ -70,6 +81,8 @@ from proxy.storage.arena import Arena
 log = logging.getLogger("cachegate.leases")
 
 LEASE_MAX_AGE = 600.0  # a lease never released (a bug, a wedged worker) is taken over after this
+LEASE_POLL = 0.25  # seconds between a waiter's looks at its lease in the table (see the docstring)
+LEASE_WORD_WAIT = 0.5  # how long a waiter that found its lease over still waits for the word
 MAX_WORKERS = 64  # waiters are a bit mask
 
 # The table: a header (counters, the next token), then buckets of slots (``_SLOT``): the key's
@@ -214,6 +227,23 @@ class LeaseTable:
             event["detail"] = detail
         return self._tell(waiters, event)
 
+    def ended(self, key: str, token: int) -> str | None:
+        """What a waiter on lease ``token`` on ``key`` that was not told can read in the table:
+        None while the lease is held; ``"pass"`` or ``"unshareable"`` once the holder's head said
+        so (as that word would have); ``"ended"`` once it is released or cleared (how the fetch
+        went is not kept: ask again), or older than ``LEASE_MAX_AGE`` (asking again takes it over)."""
+        fp = self._arena.fingerprint(key)
+        with self._arena.lease_locked():
+            found = self._find(fp)
+            if found is None or found[1][1] != token:
+                return "ended"
+            _, (_, _, started, _, _, flags) = found
+            if self._clock() - started > LEASE_MAX_AGE:
+                return "ended"
+        if flags & F_HEAD and not flags & F_SHAREABLE:
+            return "pass" if flags & F_PASS else "unshareable"
+        return None
+
     def worker_gone(self, worker: int) -> Told:
         """A worker died (the supervisor saw it): its leases end (their waiters are told), and it
         waits for nothing any more."""
@@ -345,6 +375,32 @@ class LeaseClient:
             self._by_token[token] = (key, waiting)
         return waiting
 
+    async def wait(self, key: str, waiting: Waiting, deadline: float) -> dict[str, Any]:
+        """How the holder's fetch went: its word through the supervisor, or what the table shows
+        when no word comes (looked at every ``LEASE_POLL`` seconds: see the module docstring);
+        ``{"outcome": "timeout"}`` at ``deadline`` (the loop's time)."""
+        loop = asyncio.get_running_loop()
+        ended_at: float | None = None  # when a look first found the lease over, with no word
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return {"outcome": "timeout"}
+            await asyncio.wait((waiting.outcome,), timeout=min(left, LEASE_POLL))
+            if waiting.outcome.done():
+                return waiting.outcome.result()
+            seen = self._table.ended(key, waiting.token)
+            if seen is None:
+                continue
+            if seen != "ended":
+                return {"outcome": seen}  # the head's word, as the message would have said it
+            if ended_at is None:
+                ended_at = loop.time()  # the word may be on its way
+            if loop.time() - ended_at < LEASE_WORD_WAIT:
+                continue
+            log.warning("lease on %s ended without word to worker %d (%.2fs ago): asking again",
+                        key, self._worker, loop.time() - ended_at)
+            return {"outcome": "ended"}
+
     def forget(self, key: str, waiting: Waiting) -> None:
         if self._waits.get(key) is waiting:
             del self._waits[key]
@@ -369,6 +425,13 @@ class LeaseClient:
         task = asyncio.ensure_future(send())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def close(self, grace: float) -> None:
+        """Let the words still being sent reach the supervisor (within ``grace`` seconds): a stop
+        closes the control channel only after this, or the waiters in other workers would hear
+        nothing of the fills that ended during the stop (``proxy.web.server.serve``)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
 
     async def _event(self, token: int, outcome: str, status: int = 0, message: str = "",
                      key: str = "", detail: str = "") -> None:

@@ -254,6 +254,14 @@ class Runtime:
             except Exception:  # one part failing to reload must not stop the rest
                 log.exception("reload: applying the new config failed in part")
 
+    async def drain(self, grace: float | None = None) -> None:
+        """Let the fills still running end within ``grace`` seconds (default: shutdown_grace), and
+        the words their cross-worker leases send go out (``Engine.close``). A worker's stop does
+        this before it closes its control channel (``proxy.web.server.serve``): a fill that ends
+        later could not tell the other workers' waiters how it went. ``close`` does it too (a
+        second time it has nothing to wait for)."""
+        await self.engine.close(grace)
+
     async def close(self, grace: float | None = None) -> None:
         """Close everything; background fills get ``grace`` seconds (default: shutdown_grace),
         what is left of the stop's deadline (``proxy.web.server.serve``)."""

@@ -366,3 +366,51 @@ async def test_the_spool_files_of_a_worker_killed_mid_fill_are_removed_at_once(
             await r.read()
     await two_workers.wait_for(lambda: two_workers.workers[worker] != pid)
     await two_workers.wait_for(lambda: not spooled(), wait=10)
+
+
+async def test_a_fill_that_ends_during_a_stop_still_answers_the_other_workers_waiters(
+        tmp_path: Path, origin: Origin) -> None:
+    """SIGTERM while a big body (past memory_max_object: the holder writes it to disk once its
+    own clients are served) is still coming: the holder's fill ends during the stop, and the
+    other worker's waiters hear of it and answer from the store. The worker used to close its
+    control channel before its fills ended, so the release's word to the supervisor was lost:
+    the waiters sat until the stop cut them off (or lock_timeout sent each to the origin)."""
+    size, chunks = 4 << 20, 32
+
+    async def slow_big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=60", "Content-Length": str(size)})
+        await resp.prepare(request)
+        for _ in range(chunks):  # ~1.6 s in all
+            await resp.write(b"b" * (size // chunks))
+            await asyncio.sleep(0.05)
+        return resp
+
+    origin.route("/big", slow_big)
+    path = write_config(str(tmp_path), origin.url,
+                        "cache: {memory: 64MB, lock_timeout: 10s, disk: {path: cache, size: 256MB, shards: 2}}\n")
+    config = Path(path)  # (a small local file)
+    config.write_text(config.read_text().replace("shutdown_grace: 2s", "shutdown_grace: 4s"))  # noqa: ASYNC240
+    proxy = ProxyProcess(str(tmp_path), path)
+    await proxy.start("--workers", "2", with_log=True)
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        clients = asyncio.ensure_future(herd(proxy.url, "/big", 12))
+        await wait_until(lambda: origin.count("/big") > 0)
+        await asyncio.sleep(0.4)  # every client has asked: the other worker waits on the lease
+        stopping = asyncio.ensure_future(proxy.stop())  # one SIGTERM
+        results = await clients
+        took = loop.time() - started
+        assert await stopping == 0
+    finally:
+        await proxy.kill()
+    got = answered(results)
+    assert len(got) == 12, [r for r in results if not isinstance(r, Response)]
+    assert {r.worker for r in got} == {"0", "1"}  # both workers had clients
+    assert {(r.status, len(r.body)) for r in got} == {(200, size)}
+    assert origin.count("/big") == 1
+    assert took < 4.5, took  # within the grace period (4 s), and far from lock_timeout (10 s)
+    # The waiters were told, not left to find out from the lease table (the backstop).
+    lost = [line for line in proxy.lines if "without word" in line]
+    assert not lost, lost

@@ -206,3 +206,100 @@ async def test_a_dead_workers_leases_are_cleared_without_blocking_the_supervisor
             holder.kill()
         await holder.wait()
         arena.close()
+
+
+class QuietChannel:
+    """A worker's control channel whose words to the supervisor take ``delay`` seconds to be
+    answered (``sent`` has them once answered)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.handlers: dict[str, object] = {}
+        self.sent: list[object] = []
+        self.delay = delay
+
+    async def call(self, name: str, wait: float | None = None, **args: object) -> None:
+        import asyncio
+
+        await asyncio.sleep(self.delay)
+        self.sent.append((name, args))
+
+
+async def test_a_waiter_that_hears_nothing_finds_the_lease_over_in_the_table() -> None:
+    """The holder's word is lost (its worker closed its control channel first, as a stop once
+    did): the waiter finds the lease gone from the table, gives the word LEASE_WORD_WAIT more,
+    and asks again (it waited until lock_timeout). A head that is not shareable is read there
+    too, at once."""
+    import asyncio
+
+    from proxy.leases import LEASE_POLL, LEASE_WORD_WAIT, LeaseClient, Waiting
+
+    arena = Arena.create(64 * 1024)
+    try:
+        t = LeaseTable(arena)
+        client = LeaseClient(t, 1, QuietChannel())  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        for key, end in (("k", "release"), ("p", "pass"), ("u", "unshareable")):
+            granted, _ = t.acquire(0, key)  # worker 0 fetches
+            assert granted is not None
+            waiting = await client.acquire(key)
+            assert isinstance(waiting, Waiting)
+            started = loop.time()
+            wait = asyncio.ensure_future(client.wait(key, waiting, started + 30))
+            await asyncio.sleep(LEASE_POLL * 1.5)
+            assert not wait.done()  # held: it goes on waiting
+            if end == "release":
+                t.release(key, granted["token"], "stored")  # the waiters' word is never sent
+            else:
+                t.head(key, granted["token"], shareable=False, pass_=end == "pass")
+            told = await asyncio.wait_for(wait, 5)
+            client.forget(key, waiting)
+            assert told == {"outcome": "ended" if end == "release" else end}
+            took = loop.time() - started - LEASE_POLL * 1.5
+            assert took < LEASE_POLL * 2 + (LEASE_WORD_WAIT if end == "release" else 0), took
+        # The word when it comes first; "timeout" at the deadline when neither comes.
+        granted, _ = t.acquire(0, "w")
+        assert granted is not None
+        waiting = await client.acquire("w")
+        assert isinstance(waiting, Waiting)
+        wait = asyncio.ensure_future(client.wait("w", waiting, loop.time() + 30))
+        await client._event(waiting.token, "error", 504, "timed out", "w")
+        assert await wait == {"outcome": "error", "status": 504, "message": "timed out", "detail": ""}
+        client.forget("w", waiting)
+        # A word that comes after the table showed the lease over, but soon, is still the answer.
+        granted, _ = t.acquire(0, "v")
+        assert granted is not None
+        waiting = await client.acquire("v")
+        assert isinstance(waiting, Waiting)
+        wait = asyncio.ensure_future(client.wait("v", waiting, loop.time() + 30))
+        t.release("v", granted["token"], "error", 504, "timed out")
+        await asyncio.sleep(LEASE_POLL * 1.5)  # a look found it over
+        assert not wait.done()
+        await client._event(waiting.token, "error", 504, "timed out", "v")
+        assert (await wait)["outcome"] == "error"
+        granted, _ = t.acquire(0, "y")
+        waiting = await client.acquire("y")
+        assert isinstance(waiting, Waiting)
+        assert await client.wait("y", waiting, loop.time() + LEASE_POLL / 2) == {"outcome": "timeout"}
+    finally:
+        arena.close()
+
+
+async def test_the_words_still_being_sent_go_out_before_the_lease_client_closes() -> None:
+    """A stop closes the control channel once ``close`` returns: a release's word to the waiters
+    must be with the supervisor by then."""
+    from proxy.leases import Granted, LeaseClient
+
+    arena = Arena.create(64 * 1024)
+    try:
+        t = LeaseTable(arena)
+        channel = QuietChannel(delay=0.2)
+        holder = LeaseClient(t, 0, channel)  # type: ignore[arg-type]
+        lease = await holder.acquire("k")
+        assert isinstance(lease, Granted)
+        t.acquire(1, "k")  # worker 1 waits
+        holder.release("k", lease, "stored")
+        assert channel.sent == []
+        await holder.close(5.0)
+        assert [name for name, _ in channel.sent] == ["lease_notify"]  # type: ignore[misc]
+    finally:
+        arena.close()

@@ -604,6 +604,11 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         # with what is left of the grace period (not a grace period each).
         deadline = loop.time() + runtime.settings.shutdown_grace
         await listeners.stop(runtime.settings.shutdown_grace)
+        # The fills still running (a body past memory_max_object goes to disk once its clients
+        # are served) end while the control channel is open: their leases' waiters in other
+        # workers are told through it (proxy.leases). Closed before, their words were lost, and
+        # those waiters sat until lock_timeout, then each fetched the object again.
+        await runtime.drain(max(0.0, deadline - loop.time()))
         if channel is not None:
             await channel.close()
         await runtime.close(max(0.0, deadline - loop.time()))

@@ -303,7 +303,18 @@ class FakeLeases:
     async def acquire(self, key: str, wait: bool = True) -> Granted | Waiting | Busy | None:
         return self.answers.pop(0)
 
+    async def wait(self, key: str, waiting: Waiting, deadline: float) -> dict[str, Any]:
+        """The word the wait was given, or ``timeout`` at ``deadline`` (no table to look at)."""
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting.outcome), left)
+        except TimeoutError:
+            return {"outcome": "timeout"}
+
     def forget(self, key: str, waiting: Waiting) -> None:
+        pass
+
+    async def close(self, grace: float) -> None:
         pass
 
     def head(self, key: str, lease: Granted, shareable: bool, pass_: bool) -> None:

@@ -124,6 +124,35 @@ async def test_a_fill_another_worker_stored_while_this_one_waited_is_answered_fr
         await r.engine.close()
 
 
+async def test_a_lease_that_ended_without_word_is_asked_again_and_what_was_stored_is_answered(
+        tmp_path: Path) -> None:
+    """The holder's word was lost (``LeaseClient.wait`` found the lease gone from the table):
+    the flight asks again, is granted the lease, and finds what the holder stored."""
+    rig = make_rig(tmp_path)
+    rig.origin.route("/a", answer(body=b"mine", headers=CACHEABLE))
+    other = make_rig(tmp_path / "other")
+    other.origin.route("/a", answer(body=b"the other worker's", headers=CACHEABLE))
+    await read(await other.get("/a"))
+    key = key_of(rig, "/a")
+    leases = FakeLeases(told("ended"), Granted(5))
+    rig.engine.leases = leases
+    asked = leases.acquire
+
+    async def stored_meanwhile(key_: str, wait: bool = True) -> Granted | Waiting | Busy | None:
+        if len(leases.answers) == 1:  # asked again: what the holder stored before it released
+            rig.store.variants[key] = other.store.variants[key]
+        return await asked(key_, wait)
+
+    leases.acquire = stored_meanwhile
+    reply = await rig.get("/a")
+    assert (reply.x_cache, await read(reply)) == ("HIT", b"the other worker's")
+    await rig.settled(stored_elsewhere=1)
+    assert rig.origin.sent == [] and leases.answers == []  # asked twice
+    assert leases.released == [(key, 5, "stored")]
+    for r in (rig, other):
+        await r.engine.close()
+
+
 async def test_a_fill_under_a_granted_lease_releases_it_as_stored(tmp_path: Path) -> None:
     rig = make_rig(tmp_path)
     leases = FakeLeases(Granted(5))
