@@ -431,8 +431,7 @@ class ClusterNode:
         if saved is not None and saved.epoch == tip.epoch and tip.seq > saved.seq:
             first: Any = await r.xrange(self.names.stream, f"({saved.id}", "+", count=1)
             if first:
-                entry = stream.decode_entry(first[0][0], first[0][1])
-                next_seq = entry.seq if entry is not None else None
+                next_seq = stream.entry_seq(first[0][1])  # (a damaged entry's too: it took its number)
         holds = saved is None and self._local_entries is not None and self._local_entries() > 0
         plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along,
                                   holds_entries=holds)
@@ -454,8 +453,8 @@ class ClusterNode:
                 while await self._read_and_apply(block=False):
                     pass
 
-    async def _flush(self, reason: str, tip: Tip) -> None:
-        """Purge the whole local cache: this node cannot know which purges it missed."""
+    async def _flush(self, reason: str, tip: Tip) -> int:
+        """Purge the whole local cache: this node cannot know which purges it missed (its count)."""
         self.full_purges[reason] = self.full_purges.get(reason, 0) + 1
         why = {"trimmed": "the purges it missed were trimmed from the stream",
                "redis-lost-data": "Redis lost its data (restarted empty, or from an older snapshot)",
@@ -463,8 +462,9 @@ class ClusterNode:
                            "missing or unreadable)"}.get(reason, reason)
         log.warning("cluster: purging the whole local cache: %s, so this node cannot know which "
                     "purges it missed", why)
-        await self._local(PurgeSpec(all=True))
+        count = await self._local(PurgeSpec(all=True))
         self._save(Saved(tip.epoch, tip.seq, tip.last_id))
+        return count
 
     async def _follow(self) -> None:
         while not self._closing:
@@ -485,7 +485,11 @@ class ClusterNode:
         if not raw:
             return False
         entries: list[StreamEntry] = []
+        seqs: list[int] = []  # a damaged entry's too, when readable: it took its number
         for entry_id, fields in raw:
+            seq = stream.entry_seq(fields)
+            if seq is not None:
+                seqs.append(seq)
             entry = stream.decode_entry(entry_id, fields)
             if entry is None:
                 self.counts["damaged"] += 1
@@ -493,17 +497,22 @@ class ClusterNode:
                 continue
             entries.append(entry)
         last_id = str(raw[-1][0])
-        if entries and entries[0].seq > self.saved.seq + 1:
-            # Trimmed while we were away (or slow): what was lost cannot be known.
-            await self._flush("trimmed", await self._tip())
-            return False
+        last_seq = max([self.saved.seq, *seqs])
+        if seqs and seqs[0] > self.saved.seq + 1:
+            # Trimmed while we were away (or slow): what was lost cannot be known. The whole local
+            # cache goes, which covers this batch too: its entries are acknowledged with that count
+            # (their senders wait for us), and reading goes on after it.
+            count = await self._flush("trimmed", Tip((await self._tip()).epoch, last_seq, last_id))
+            await self._apply(entries, merge=True, flushed=count)
+            return len(raw) == READ_BATCH
         await self._apply(entries, merge=not block)
-        self._save(Saved(self.saved.epoch, max([self.saved.seq, *(e.seq for e in entries)]), last_id))
+        self._save(Saved(self.saved.epoch, last_seq, last_id))
         return len(raw) == READ_BATCH
 
-    async def _apply(self, entries: list[StreamEntry], merge: bool) -> None:
+    async def _apply(self, entries: list[StreamEntry], merge: bool, *, flushed: int | None = None) -> None:
         """Apply entries in order (``merge``: a backlog, as few local purges as possible; their
-        acknowledgements then all carry the merged count)."""
+        acknowledgements then all carry the merged count). ``flushed``: the whole local cache was
+        just purged, which covers them: they are only acknowledged, with that count."""
         theirs: list[StreamEntry] = []
         for e in entries:
             if e.node == self.name and e.id not in self._own and self._appending:
@@ -517,7 +526,9 @@ class ClusterNode:
         if not theirs:
             return
         counts: dict[str, int] = {}
-        if not merge and len(theirs) <= 16:
+        if flushed is not None:
+            counts = dict.fromkeys((e.id for e in theirs), flushed)
+        elif not merge and len(theirs) <= 16:
             for e in theirs:
                 counts[e.id] = await self._local(e.spec)
         else:

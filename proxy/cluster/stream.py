@@ -41,6 +41,19 @@ def entry_fields(node: str, spec: PurgeSpec) -> dict[str, str]:
     return {"node": node, "spec": json.dumps(spec.to_json(), separators=(",", ":"))}
 
 
+def entry_seq(fields: Mapping[str, str]) -> int | None:
+    """An entry's sequence number, read apart from the rest of it (None: unreadable). A damaged
+    entry whose number is readable took that number all the same: skipping it leaves no gap.
+
+    >>> entry_seq({"seq": "4", "spec": "{not json"}), entry_seq({"spec": "{}"}), entry_seq({"seq": "x"})
+    (4, None, None)
+    """
+    try:
+        return int(fields["seq"])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StreamEntry | None:
     """An entry as read back; None when it is damaged (it is then skipped and counted).
 

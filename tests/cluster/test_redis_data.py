@@ -3,8 +3,11 @@ cluster in the namespace): said in words, throttled, never a crash (in-process n
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +102,54 @@ async def test_a_purge_redis_answers_with_an_error_does_not_blame_reachability(s
     finally:
         await node.close()
         await tier.close()
+
+
+async def test_a_damaged_stream_entry_is_skipped_without_purging_everything(
+        shared_redis: RedisServer, tmp_path: Path) -> None:
+    """An entry whose number is readable but whose purge is not (another program's XADD, a
+    truncated write): skipped and counted, and the next purge reaches every node as usual (a node
+    following the stream, and one catching up on it), none of which purges its whole cache."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    applied: dict[str, list[PurgeSpec]] = {"a": [], "b": [], "c": []}
+
+    def node(name: str) -> ClusterNode:
+        async def local(spec: PurgeSpec) -> int:
+            applied[name].append(spec)
+            return 1
+
+        os.makedirs(tmp_path / name, exist_ok=True)
+        return ClusterNode(ClusterSettings(redis=shared_redis.url, node=name, namespace=ns, heartbeat=0.2,
+                                           ack_timeout=3), local, str(tmp_path / name))
+
+    a, b, c = node("a"), node("b"), node("c")
+    r = client(settings(shared_redis, ns), decode=True)
+    try:
+        await asyncio.gather(a.start(), b.start(), c.start())
+        assert (await a.purge(PurgeSpec(tags=("t0",)))).complete
+        await c.close()  # c misses what follows, and catches up on it
+        names = Names(ns)
+        await r.eval("local s = redis.call('INCR', KEYS[2]) "
+                     "return redis.call('XADD', KEYS[1], '*', 'seq', s, 'node', 'x', 'spec', '{not json')",
+                     2, names.stream, names.seq)
+        await wait_until(lambda: answer(b.counts["damaged"] == 1))
+
+        outcome = await a.purge(PurgeSpec(urls=("http://h.test/gone",)))
+        assert outcome.missing == () and set(outcome.nodes or {}) == {"a", "b"}, outcome
+        c = node("c")
+        await c.start()
+        assert c.counts["damaged"] == 1 and c.saved is not None and c.saved.seq == 3
+        for n in (a, b, c):
+            assert sum(n.full_purges.values()) == 0, (n.name, n.full_purges)
+            assert not any(s.all for s in applied[n.name]), (n.name, applied[n.name])
+        assert [s.urls for s in applied["c"]] == [(), ("http://h.test/gone",)]
+
+        # A number taken with no entry (as trimming leaves it): the others cannot know what they
+        # missed and purge everything, which covers the purge: they acknowledge it all the same.
+        await r.incr(names.seq)
+        outcome = await a.purge(PurgeSpec(urls=("http://h.test/next",)))
+        assert outcome.missing == () and set(outcome.nodes or {}) == {"a", "b", "c"}, outcome
+        assert b.full_purges["trimmed"] == c.full_purges["trimmed"] == 1
+    finally:
+        await r.aclose()
+        for n in (a, b, c):
+            await n.close()
