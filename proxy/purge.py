@@ -114,7 +114,8 @@ class PurgeOutcome:
 
 class PurgeUnavailable(CachegateError):
     """A purge that cannot be carried out everywhere now (cluster mode, Redis unreachable):
-    nothing was purged, on this node or any other; the caller may retry."""
+    nothing was purged, on this node or any other (unless the message says that it may have been
+    made: Redis did not answer its append); the caller may retry."""
 
     status_hint = 503
 

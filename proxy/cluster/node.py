@@ -12,7 +12,8 @@ A purge (admin API, ``PURGE``, or an unsafe method's invalidation arising here):
 3. a script appends the purge to the stream: ``INCR`` of a gap-free sequence
    number and ``XADD ... MAXLEN ~ stream_max`` in one step;
 4. only then is it applied here (``purge_here``): if Redis failed before, the
-   purge answers 503 and nothing was applied anywhere;
+   purge answers 503 and nothing was applied anywhere (an append sent whose answer
+   did not come may have been made: the 503 says so, and every node applies it);
 5. every other node reads the entry (``XREAD BLOCK``), applies it, and publishes
    its acknowledgement with its count; the purge answers once every live node
    has acknowledged, or after ``ack_timeout`` with the others in ``missing`` (202).
@@ -554,15 +555,17 @@ class ClusterNode:
             if spec.invalidation:
                 return await self._invalidate_offline(spec)
             self.counts["unavailable"] += 1
-            raise PurgeUnavailable(self._unavailable_message(self.reason))
+            raise PurgeUnavailable(self._unavailable_message(self.reason, "disconnected"))
         r = self._redis
         loop = asyncio.get_running_loop()
         appending: asyncio.Future[None] = loop.create_future()
         self._appending.add(appending)
+        appended = False  # the append was sent: Redis may have made the entry whatever comes back
         try:
             live = await self._live_nodes(r)
             if self._shared_purge is not None:
                 await self._shared_purge(spec)
+            appended = True
             entry_id, _seq, _epoch = await r.eval(
                 APPEND, 3, self.names.stream, self.names.seq, self.names.epoch,
                 self.settings.stream_max, self.name, json.dumps(spec.to_json(), separators=(",", ":")),
@@ -574,7 +577,8 @@ class ClusterNode:
             if spec.invalidation:
                 return await self._invalidate_offline(spec)
             self.counts["unavailable"] += 1
-            raise PurgeUnavailable(self._unavailable_message(_describe(exc), refused=_refused(exc))) from None
+            kind = "refused" if _refused(exc) else "unknown" if appended else "unreachable"
+            raise PurgeUnavailable(self._unavailable_message(_describe(exc), kind)) from None
         finally:
             self._appending.discard(appending)
             appending.set_result(None)
@@ -602,14 +606,27 @@ class ClusterNode:
                         ", ".join(result.missing), self.settings.ack_timeout)
         return result
 
-    def _unavailable_message(self, why: str, *, refused: bool = False) -> str:
-        if refused:  # Redis answered, with an error: retrying will not help by itself
-            return (f"cluster: the purge was not made: Redis at {self.settings.redacted_url} answered "
-                    f"with an error ({why}), so the other nodes cannot be told; nothing was purged on "
-                    "any node (GET /cluster shows the state)")
-        return (f"cluster: the purge was not made: Redis at {self.settings.redacted_url} is not "
-                f"reachable ({why}), so the other nodes cannot be told; nothing was purged on any "
-                "node; retry when it is back (GET /cluster shows the state)")
+    def _unavailable_message(self, why: str, kind: str) -> str:
+        """A 503's words, by what went wrong (``kind``): ``unreachable`` (no answer before the
+        append was sent), ``refused`` (Redis answered with an error: retrying will not help by
+        itself), ``unknown`` (the append was sent, and no answer came: Redis may have made it) or
+        ``disconnected`` (this node is not connected; ``why`` is its state's reason)."""
+        url = self.settings.redacted_url
+        if kind == "unknown":
+            return (f"cluster: the purge may or may not have been made: Redis at {url} did not answer "
+                    f"its append ({why}); if Redis made it, every node applies it; retry it (a purge "
+                    "is idempotent) (GET /cluster shows the state)")
+        if kind == "refused":
+            return (f"cluster: the purge was not made: Redis at {url} answered with an error ({why}), "
+                    "so the other nodes cannot be told; nothing was purged on any node; retrying does "
+                    "not help until that is fixed (GET /cluster shows the state)")
+        if kind == "disconnected":
+            return (f"cluster: the purge was not made: this node is not connected to Redis ({why}), "
+                    "so the other nodes cannot be told; nothing was purged on any node; retry once it "
+                    "is connected again (GET /cluster shows its state)")
+        return (f"cluster: the purge was not made: Redis at {url} is not reachable ({why}), so the "
+                "other nodes cannot be told; nothing was purged on any node; retry when it is back "
+                "(GET /cluster shows the state)")
 
     async def _invalidate_offline(self, spec: PurgeSpec) -> PurgeOutcome:
         """An unsafe method's invalidation while Redis is away: applied here now (the client
