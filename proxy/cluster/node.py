@@ -7,7 +7,8 @@ lapsed?): hits read only the local tiers.
 
 A purge (admin API, ``PURGE``, or an unsafe method's invalidation arising here):
 
-1. the live nodes are read (each node's heartbeat key has a TTL);
+1. the live nodes are read (each node's heartbeat key has a TTL; a node seen live
+   before that Redis forgot, restarted empty, counts for a TTL more: ``_live_nodes``);
 2. with ``shared_cache`` the shared tier is purged (``proxy.cluster.shared``);
 3. a script appends the purge to the stream: ``INCR`` of a gap-free sequence
    number and ``XADD ... MAXLEN ~ stream_max`` in one step;
@@ -166,6 +167,11 @@ class ClusterNode:
             ("sent", "applied", "incomplete", "unavailable", "reconnects", "damaged", "outbox_dropped"), 0)
         self.full_purges: dict[str, int] = {"trimmed": 0, "redis-lost-data": 0, "no-state": 0}
         self._pending: dict[str, _Pending] = {}
+        # The nodes last seen live (kept across sessions), and those Redis forgot since (it restarted
+        # empty), each counted live until a heartbeat TTL after that was seen (_live_nodes).
+        self._seen_live: set[str] = set()
+        self._vouched: dict[str, float] = {}
+        self._live_read = 0.0  # when they were last read (monotonic)
         self._early: dict[str, dict[str, int]] = {}  # acks that came before their XADD's answer
         self._own: dict[str, asyncio.Future[None]] = {}  # own entries, applied by purge()
         self._appending: set[asyncio.Future[None]] = set()  # purge() calls waiting for their XADD
@@ -470,6 +476,11 @@ class ClusterNode:
     async def _follow(self) -> None:
         while not self._closing:
             await self._read_and_apply(block=True)
+            if self._redis is not None and time.monotonic() - self._live_read >= self.settings.heartbeat:
+                # Who is live, read each heartbeat and remembered: should Redis forget them
+                # (restarted empty), purges go on counting them for a while (_live_nodes).
+                with contextlib.suppress(*REDIS_DOWN):  # (the next read says so, if Redis is gone)
+                    await self._live_nodes(self._redis)
 
     async def _read_and_apply(self, *, block: bool) -> bool:
         """Read the next entries and apply them; whether a full batch was read (more may wait)."""
@@ -708,12 +719,22 @@ class ClusterNode:
         self._outbox_failing = False
 
     async def _live_nodes(self, r: aioredis.Redis) -> list[str]:
+        """The nodes a purge waits for: those whose heartbeat key is there, and those this node saw
+        live before that Redis no longer knows of at all (the member set only grows: Redis lost its
+        data, restarted empty). Those are counted live for a heartbeat TTL from when that was first
+        seen here, time enough to reconnect: a purge answers 202 naming them (or waits for their
+        acknowledgements), never 200 while they still serve what it covers. A node that left
+        (its heartbeat deleted or expired) is still a member: it is not counted."""
         names = sorted(str(n) for n in await r.smembers(self.names.members))
-        if not names:
-            return [self.name]
-        beats = await r.mget([self.names.node(n) for n in names])
-        live = [n for n, b in zip(names, beats, strict=True) if b is not None]
-        return live if self.name in live else [*live, self.name]
+        beats = await r.mget([self.names.node(n) for n in names]) if names else []
+        live = {n for n, b in zip(names, beats, strict=True) if b is not None} | {self.name}
+        now = time.monotonic()
+        for n in self._seen_live.difference(names):
+            self._vouched.setdefault(n, now + self._ttl)
+        self._vouched = {n: t for n, t in self._vouched.items() if t > now and n not in live}
+        self._seen_live = live | set(self._vouched)
+        self._live_read = now
+        return sorted(self._seen_live)
 
     async def _listen_acks(self, pubsub: Any) -> None:
         while not self._closing:

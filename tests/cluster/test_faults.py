@@ -351,3 +351,96 @@ async def test_the_workers_of_a_node_whose_supervisor_is_stopped_past_its_heartb
             assert r.body != old, f"c served what a purge that answered 200 without it removed ({r.x_cache})"
     finally:
         await nodes.stop_all()
+
+
+class Link:
+    """A TCP proxy in front of Redis that can be held closed (connections refused, and those up
+    cut), as a node's slow way back after Redis restarted."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        self.redis = redis
+        self.closed = False
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        if self.closed:
+            cw.close()
+            return
+        try:
+            sr, sw = await asyncio.open_connection("127.0.0.1", self.redis.port)
+        except OSError:
+            cw.close()
+            return
+        self.writers.update((cw, sw))
+        await asyncio.gather(self._pump(cr, sw), self._pump(sr, cw))
+        self.writers.difference_update((cw, sw))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    def close_all(self) -> None:
+        self.closed = True
+        for w in list(self.writers):
+            w.close()
+
+    async def stop(self) -> None:
+        self.close_all()
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_purge_right_after_redis_restarted_empty_waits_for_a_node_not_back_yet(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """Redis restarts empty and b's way back to it is slower than a's: a no longer finds b in Redis,
+    but saw it live before. A purge on a meanwhile answers 202 naming b (which still serves the
+    object: it has not read the purge), never 200; b applies it once it is back."""
+    versioned(origin, "/p")
+    link = Link(own_redis)
+    late_url = await link.start()
+    # heartbeat 1 s, timeout 0.5 s: a heartbeat's TTL is 3 s, longer than b's way back (2 s)
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s", heartbeat="1s", ack_timeout="1s")
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b", redis=late_url))
+        await a.get("/p")
+        old = (await b.get("/p")).body
+        await wait_until(lambda: _hit(b, "/p"))
+        await wait_until(lambda: _live_count(a, 2))
+        await asyncio.sleep(1.5)  # a has read who is live since b's start
+
+        own_redis.kill()
+        link.close_all()
+        for proc in (a, b):
+            await wait_until(lambda p=proc: _disconnected(p), wait=10)
+        own_redis.start()
+        await wait_until(lambda: ready(a), wait=10)
+        status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+        assert status == 202 and answer["missing"] == ["b"] and set(answer["nodes"]) == {"a"}, answer
+        r = await b.get("/p")
+        assert (r.x_cache, r.body) == ("HIT", old)  # why the purge could not answer 200
+
+        link.closed = False
+        await wait_until(lambda: ready(b), wait=10)
+        r = await b.get("/p")
+        assert r.body != old, f"b serves what the purge removed ({r.x_cache})"
+        await wait_until(lambda: _live_count(a, 2))
+        status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+        assert status == 200 and set(answer["nodes"]) == {"a", "b"}, answer
+    finally:
+        await nodes.stop_all()
+        await link.stop()
+
+
+async def _disconnected(proc: ProxyProcess) -> bool:
+    return not (await cluster_view(proc))["connected"]
