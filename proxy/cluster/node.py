@@ -93,6 +93,8 @@ return {redis.call('GET', KEYS[3]), redis.call('GET', KEYS[2]) or '0', id}
 # KEYS: members, this node's heartbeat, seq. ARGV: name, heartbeat, ttl ms, instance, take (0/1).
 # -> {1 if written, the heartbeat another instance left there ('' if none), its PTTL, seq}.
 # A value that is no node's heartbeat is overwritten; another instance's only with take.
+# Liveness is also kept in members..':alive' (ALIVE_SUFFIX), a ZSET of expiry times by Redis's
+# clock: it has no TTL, so a volatile-* maxmemory policy never evicts it, as it may the heartbeat.
 BEAT = """
 local old = redis.call('GET', KEYS[2])
 local other = ''
@@ -105,13 +107,34 @@ if other ~= '' and ARGV[5] ~= '1' then
 end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1] .. ':alive', t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[3], ARGV[1])
 return {1, other, 0, redis.call('GET', KEYS[3]) or '0'}
 """
-# KEYS: this node's heartbeat. ARGV: instance. Deletes it only if it is this instance's.
+# KEYS: this node's heartbeat, the alive ZSET. ARGV: instance, name. Only if it is this instance's
+# (or its heartbeat was evicted: a twin that beats puts itself back).
 LEAVE = """
-local ok, beat = pcall(cjson.decode, redis.call('GET', KEYS[1]) or '')
-if ok and type(beat) == 'table' and beat.instance == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local old = redis.call('GET', KEYS[1])
+local ok, beat = pcall(cjson.decode, old or '')
+local ours = ok and type(beat) == 'table' and beat.instance == ARGV[1]
+if ours then redis.call('DEL', KEYS[1]) end
+if ours or not old then redis.call('ZREM', KEYS[2], ARGV[2]) end
 return 1
+"""
+ALIVE_SUFFIX = ":alive"  # after the members key: NS:nodes:alive
+# KEYS: members, the alive ZSET. ARGV: the heartbeat keys' prefix. -> {members, the live ones}: a
+# heartbeat key (nodes of the release before write only that), or an expiry time still to come.
+LIVE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local names = redis.call('SMEMBERS', KEYS[1])
+local live = {}
+for _, n in ipairs(names) do
+  if tonumber(redis.call('ZSCORE', KEYS[2], n) or '0') > now or redis.call('EXISTS', ARGV[1] .. n) == 1 then
+    live[#live + 1] = n
+  end
+end
+return {names, live}
 """
 
 
@@ -147,6 +170,7 @@ class ClusterNode:
         self.name = settings.node
         self.instance = uuid.uuid4().hex  # this process, in its heartbeat: twins are told apart
         self.names = Names(settings.namespace)
+        self._alive = self.names.members + ALIVE_SUFFIX  # liveness without a TTL (BEAT)
         self._local = local_purge
         self._shared_purge = shared_purge
         self._shared_reset = shared_reset  # the shared tier's new generation (SharedTier.new_generation)
@@ -233,8 +257,8 @@ class ClusterNode:
         self._closing = True
         if self._redis is not None and self.connected:
             with contextlib.suppress(*REDIS_DOWN):  # not a twin's heartbeat: only our own
-                await asyncio.wait_for(self._redis.eval(LEAVE, 1, self.names.node(self.name), self.instance),
-                                       self.settings.timeout)
+                await asyncio.wait_for(self._redis.eval(LEAVE, 2, self.names.node(self.name), self._alive,
+                                                        self.instance, self.name), self.settings.timeout)
         self.state = "stopped"
         self._beat_deadline = 0.0
         self._release_hits()
@@ -725,9 +749,9 @@ class ClusterNode:
         seen here, time enough to reconnect: a purge answers 202 naming them (or waits for their
         acknowledgements), never 200 while they still serve what it covers. A node that left
         (its heartbeat deleted or expired) is still a member: it is not counted."""
-        names = sorted(str(n) for n in await r.smembers(self.names.members))
-        beats = await r.mget([self.names.node(n) for n in names]) if names else []
-        live = {n for n, b in zip(names, beats, strict=True) if b is not None} | {self.name}
+        members, alive = await r.eval(LIVE, 2, self.names.members, self._alive, self.names.node(""))
+        names = [str(n) for n in members]
+        live = {str(n) for n in alive} | {self.name}
         now = time.monotonic()
         for n in self._seen_live.difference(names):
             self._vouched.setdefault(n, now + self._ttl)
