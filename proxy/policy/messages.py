@@ -21,6 +21,15 @@ HeaderList = tuple[tuple[str, str], ...]
 
 ClientCacheControl = Literal["honor", "revalidate", "ignore"]
 
+# Seconds a stored response's ``response_time`` may lie ahead of ``now`` before the clock is
+# taken to have gone back since it was stored (``Freshness.age``). Within it the resident time
+# counts as 0, as RFC 9111 §4.2.3's ``max(0, ...)`` does: processes of one machine read one
+# clock but stamp and read at slightly different moments, NTP steps a drifting clock back by
+# well under a second, and cluster peers' clocks (``proxy/cluster``) differ by a few seconds at
+# worst. Beyond it the entry cannot be told how old it is, and is stale. 60 s: the most
+# freshness a step back can add to an entry, against a skew no healthy setup comes near.
+CLOCK_SLACK = 60.0
+
 
 class RequestHead(NamedTuple):
     """What the cache needs of a request: never the body.
@@ -51,6 +60,15 @@ class Freshness:
 
     The current age is ``initial_age + (now - response_time)`` (RFC 9111 §4.2.3),
     so the hit path does one subtraction and one comparison.
+
+    A ``response_time`` more than ``CLOCK_SLACK`` ahead of ``now`` was stamped by a clock that
+    has gone back since (it was ahead, and was set right): the time the entry has been stored
+    is unknown, and its age is taken as its whole lifetime (at least ``initial_age``), so it is
+    stale and revalidated at its next use, never served as fresh for a day because the clock
+    was a day ahead. (RFC 9111's ``max(0, now - response_time)`` keeps the age from going
+    negative but would hold it at ``initial_age`` until the clock caught up.) It counts as
+    stale by 0 s: ``stale-while-revalidate`` and ``stale-if-error`` may still serve it while
+    it is revalidated or while the origin fails, as for any response just gone stale.
     """
 
     lifetime: float  # seconds; 0 when none was given
@@ -64,11 +82,26 @@ class Freshness:
     immutable: bool = False
 
     def age(self, now: float) -> float:
-        return self.initial_age + max(0.0, now - self.response_time)
+        resident = now - self.response_time
+        if resident >= 0.0:  # the hit path: one comparison, where max() was a call
+            return self.initial_age + resident
+        if resident >= -CLOCK_SLACK:
+            return self.initial_age
+        return self.lifetime if self.lifetime > self.initial_age else self.initial_age
 
     def ttl(self, now: float) -> float:
         """Seconds of freshness left; negative once stale."""
         return self.lifetime - self.age(now)
+
+    def stamped_ahead(self, now: float) -> bool:
+        """Whether this was stored by a clock ahead of ``now`` by more than ``CLOCK_SLACK`` (it
+        has gone back since): the entry is stale whatever its lifetime (``age``).
+
+        >>> f = Freshness(300.0, "max-age", 0.0, 1_000_000.0)
+        >>> f.stamped_ahead(1_000_000.0 - 30), f.stamped_ahead(1_000_000.0 - 86400)
+        (False, True)
+        """
+        return self.response_time - now > CLOCK_SLACK
 
 
 @dataclass(frozen=True, slots=True)

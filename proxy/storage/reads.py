@@ -24,7 +24,8 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import IO, Any, TypeVar, cast
 
@@ -48,6 +49,30 @@ LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 ex
 LOOKUP_BATCH = 16  # keys per group: a group waits for its slowest read
 OPENING_LIMIT = 8  # body files being opened for sendfile at once (see sendable_file)
 PROMOTION_DOORKEEPER = 8192  # keys read from disk once that a process remembers (``Promotions``)
+
+
+class _ClockBack:
+    """Whether this process logged an entry stored by a clock ahead of its own (once only)."""
+
+    seen = False
+
+
+def note_clock_back(entries: Sequence[Entry], now: float) -> bool:
+    """Log, once per process, an entry read from disk that was stored while the clock was
+    ahead (``Freshness.stamped_ahead``: the clock has gone back since). The policy treats such
+    an entry as stale (``Freshness.age``); this says why so many entries are revalidated at
+    once. After the first, it costs one attribute read per disk read. Whether it logged."""
+    if _ClockBack.seen:
+        return False
+    for e in entries:
+        f = e.response.freshness
+        if f.stamped_ahead(now):
+            _ClockBack.seen = True
+            log.warning("entry %s was stored %.0f s ahead of this machine's clock: the clock has "
+                        "gone back since; such entries are stale and revalidated at their next use "
+                        "(logged once)", e.key, f.response_time - now)
+            return True
+    return False
 
 
 class Promotions:
@@ -370,6 +395,8 @@ class Reader:
         t = self.t
         assert t.disk is not None
         entries = t.bans.apply(t.disk.get_variants(key))
+        if not _ClockBack.seen:
+            note_clock_back(entries, time.time())
         if bodies and len(entries) == 1 and entries[0].body_size <= t.memory.max_object:
             body = self._read_small_body(entries[0])
             return (Cached(entries[0], body, from_disk=body is not None),)

@@ -6,7 +6,7 @@ import pytest
 
 from proxy.policy.cache_control import DELTA_SECONDS_MAX, parse_cache_control
 from proxy.policy.freshness import compute_freshness, corrected_initial_age
-from proxy.policy.messages import CacheOptions, Freshness
+from proxy.policy.messages import CLOCK_SLACK, CacheOptions, Freshness
 from tests.policy.build import T0, date, headers
 
 Pairs = list[tuple[str, str]]
@@ -157,3 +157,27 @@ def test_rule_default_stale_serving_never_applies_to_a_response_without_freshnes
 
 def test_immutable_is_recorded_rfc_8246() -> None:
     assert freshness([("Cache-Control", "max-age=60, immutable")]).immutable
+
+
+# (case, seconds the clock is behind the stored response_time, expected age, expected ttl) for
+# a max-age=100 response that arrived with Age: 10 at T0. A response_time ahead of `now` by more
+# than CLOCK_SLACK was stamped by a clock that has gone back since: its age is its lifetime.
+CLOCK_BACK = [
+    ("a clock a moment behind the stamp (another process, a slewing NTP): resident time 0", 0.5, 10.0, 90.0),
+    ("up to CLOCK_SLACK behind: still resident time 0, as RFC 9111's max(0, ...)", CLOCK_SLACK, 10.0, 90.0),
+    ("just past CLOCK_SLACK: the clock went back, stale by 0 s", CLOCK_SLACK + 1, 100.0, 0.0),
+    ("a day behind (stored with a clock a day ahead): stale, not fresh for a day", 86400.0, 100.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("case", "behind", "age", "ttl"), CLOCK_BACK, ids=[x[0] for x in CLOCK_BACK])
+def test_a_response_stored_while_the_clock_was_ahead_is_stale(
+        case: str, behind: float, age: float, ttl: float) -> None:
+    f = freshness([("Cache-Control", "max-age=100"), ("Age", "10"), ("Date", date(0))])
+    assert (f.age(T0 - behind), f.ttl(T0 - behind)) == (age, ttl)
+    assert f.stamped_ahead(T0 - behind) == (behind > CLOCK_SLACK)
+
+
+def test_a_response_older_than_its_lifetime_keeps_its_age_when_the_clock_went_back() -> None:
+    f = freshness([("Cache-Control", "max-age=100"), ("Age", "500"), ("Date", date(0))])
+    assert f.age(T0 - 86400) == 500 and f.ttl(T0 - 86400) == -400

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,23 @@ async def test_a_key_with_variants_enters_memory_on_its_first_disk_read(disk_sto
     variants = await disk_store.get(key)  # from memory
     assert sorted([await disk_store.open_body(c) for c in variants]) == [  # type: ignore[type-var]
         b"br", b"gzip", b"identity"]
+
+
+async def test_an_entry_stored_while_the_clock_was_ahead_is_logged_once_per_process(
+        disk_store: Storage, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy makes such an entry stale (``Freshness.age``); the disk read says why, once."""
+    monkeypatch.setattr(reads._ClockBack, "seen", False)
+    for k in ("ahead-1", "ahead-2", "now"):
+        e = entry(k)
+        ahead = 86400.0 if k != "now" else 0.0
+        f = replace(e.response.freshness, response_time=time.time() + ahead)
+        await store(disk_store, replace(e, response=replace(e.response, freshness=f)), b"x")
+    disk_store.memory.clear()
+    with caplog.at_level(logging.WARNING, "cachegate.storage"):
+        assert await disk_store.get("now")
+        assert not [r for r in caplog.records if "clock" in r.message]
+        for k in ("ahead-1", "ahead-2", "ahead-1"):
+            assert await disk_store.get(k)
+    said = [r for r in caplog.records if "gone back" in r.message]
+    assert len(said) == 1 and "ahead-1" in said[0].message, caplog.text
+    assert reads._ClockBack.seen
