@@ -46,6 +46,7 @@ Facts of diskcache respected here:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -189,6 +190,35 @@ def damaged(exc: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in DAMAGED_CODES
 
 
+SQLITE_READONLY, SQLITE_CANTOPEN = 8, 14
+
+
+class NotWritable(OSError):
+    """A shard's database cannot be written (or opened) where it is: its file or folder is
+    read-only for this user, immutable (``chattr +i``) or on a read-only mount. An operator's
+    setting, not damage (nothing is set aside) and not a full filesystem: said in one line at
+    start (``proxy.web.server.open_runtime`` prints an ``OSError``), as a full one is."""
+
+    def __init__(self, database: str, cause: sqlite3.Error) -> None:
+        what = "cannot be written" if _code(cause) == SQLITE_READONLY else "cannot be opened"
+        super().__init__(errno.EROFS if what == "cannot be written" else errno.EACCES,
+                         f"{database} {what} ({cause}): make it and its folder writable by the user "
+                         "cachegate runs as (their modes and owner, an immutable flag: lsattr, a "
+                         "read-only mount); nothing in it was changed")
+        self.filename = database
+
+
+def _code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
+
+
+def not_writable(exc: BaseException) -> bool:
+    """Whether ``exc`` (met opening a database) says it is read-only or cannot be opened for
+    writing (SQLITE_READONLY, SQLITE_CANTOPEN)."""
+    return _code(exc) in (SQLITE_READONLY, SQLITE_CANTOPEN)
+
+
 def set_aside(path: str) -> str:
     """Move a damaged database (a shard's folder, the index file) to ``<path>.corrupt-<time>``
     beside it, for inspection (it is outside the disk budget: delete it when done); where."""
@@ -250,6 +280,9 @@ class DiskTier:
                 if filesystem_full(directory, exc):
                     self.close()
                     raise FilesystemFull(path, exc) from exc
+                if isinstance(exc, sqlite3.Error) and not_writable(exc):
+                    self.close()
+                    raise NotWritable(os.path.join(directory, "cache.db"), exc) from exc
                 if not repair or not isinstance(exc, sqlite3.Error) or not damaged(exc):
                     raise
                 aside = set_aside(directory)
