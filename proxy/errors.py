@@ -102,3 +102,14 @@ class ClientBodyError(BadRequest):
 
     def public_text(self) -> str:
         return self.public  # the message names the upstream: for the log only
+
+
+class PurgeUnavailable(CachegateError):
+    """A purge that cannot be carried out now: in cluster mode, Redis unreachable (nothing was
+    purged, on this node or any other, unless the message says that it may have been made:
+    Redis did not answer its append); the cache directory's filesystem full (the disk tier
+    could not record it: not carried out, or only in part). The admin API answers 503 with its
+    message; the caller may retry. Defined here, not in ``proxy.purge``, so that the storage
+    layer can raise it (``proxy.purge`` imports the storage)."""
+
+    status_hint = 503

@@ -29,7 +29,8 @@ from typing import Any
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.errors import BadRequest, CachegateError
+from proxy.errors import BadRequest
+from proxy.errors import PurgeUnavailable as PurgeUnavailable  # raised by cluster mode and storage
 from proxy.policy.fill import tags_from_headers as tags_from_headers  # read where fills are decided
 from proxy.policy.keys import cache_key, normalise_host, url_of_key
 from proxy.policy.messages import RequestHead
@@ -110,14 +111,6 @@ class PurgeOutcome:
         nodes = d.get("nodes")
         return cls(int(d["purged"]), None if nodes is None else
                    {str(n): int(v["purged"]) for n, v in nodes.items()}, tuple(d.get("missing", ())))
-
-
-class PurgeUnavailable(CachegateError):
-    """A purge that cannot be carried out everywhere now (cluster mode, Redis unreachable):
-    nothing was purged, on this node or any other (unless the message says that it may have been
-    made: Redis did not answer its append); the caller may retry."""
-
-    status_hint = 503
 
 
 def normalise_url(text: str, *, prefix: bool = False) -> str:

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import replace
 
+from proxy.errors import PurgeUnavailable
 from proxy.policy.keys import url_of_key
+from proxy.room import filesystem_full, human_size, space
 from proxy.storage.arena import Record
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies
@@ -35,6 +39,8 @@ from proxy.storage.work import Tiers
 # tag decodes each record's metadata (~40 µs), so a pass over 40,000 records held the loop for
 # 1.6 s; in slices (~10 ms each), other clients are answered meanwhile.
 SCAN_SLICE = 256
+
+log = logging.getLogger("cachegate.storage")
 
 
 class Purging:
@@ -94,7 +100,28 @@ class Purging:
         bans)."""
         if self.t.disk is None:
             return 0, []
-        return await self.t.run(self._purge_shared, list(keys), list(prefixes), list(tags), all, soft)
+        try:
+            return await self.t.run(self._purge_shared, list(keys), list(prefixes), list(tags), all, soft)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unrecorded(exc) from exc
+
+    def _unrecorded(self, exc: sqlite3.Error | OSError) -> Exception:
+        """What a purge's disk write that failed with ``exc`` raises: ``PurgeUnavailable``
+        (the admin API's 503, naming the cause) when the cache directory's filesystem is full,
+        ``exc`` itself otherwise (a bug or a damaged disk: the admin API's 500, logged).
+
+        Why: on a full filesystem a purge's bans and deletions cannot be committed; it failed
+        safe (nothing answered as purged) but the answer was a bare 500 "internal error"."""
+        disk = self.t.disk
+        if disk is None or not filesystem_full(disk.path, exc):
+            return exc
+        room = space(disk.path)
+        free = f" ({human_size(room[0])} free of {human_size(room[1])})" if room is not None else ""
+        message = (f"the purge could not be written to the cache directory {disk.path} "
+                   f"(cache.disk.path): its filesystem is full{free}: {exc}; it was not carried "
+                   "out, or only in part: free some space there, then purge again")
+        log.warning("%s", message)
+        return PurgeUnavailable(message)
 
     def _purge_shared(self, keys: list[str], prefixes: list[str], tags: list[str], all_: bool,
                       soft: bool) -> tuple[int, list[Ban]]:
@@ -191,11 +218,14 @@ class Purging:
             keys = sorted({e.key for e, _ in waits} | late)
             if t.disk is not None:
                 disk = t.disk
-                if match.soft:
-                    await t.run(disk.update_many, keys, mark_stale)
-                else:
-                    await t.run(disk.delete_keys, keys)
-                    t.memory.arena.disk_remove(keys)
+                try:
+                    if match.soft:
+                        await t.run(disk.update_many, keys, mark_stale)
+                    else:
+                        await t.run(disk.delete_keys, keys)
+                        t.memory.arena.disk_remove(keys)
+                except (sqlite3.Error, OSError) as exc:
+                    raise self._unrecorded(exc) from exc
             for k in keys:
                 self.forget_in_memory(k, match.soft)
         return count

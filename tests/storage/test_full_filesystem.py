@@ -10,6 +10,7 @@ A real tmpfs of a few MiB: only where the test may mount one (root on Linux).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, write_config
-from tests.storage.test_damaged import KEYS, filled, x_caches
+from tests.storage.test_damaged import HOST, KEYS, filled, x_caches
 from tests.tmpfs import mounted_tmpfs
 
 CONFIG = "cache: {memory: 16MB, disk: {path: cache, size: 4MB, shards: 2}}\nshutdown_grace: 1s\n"
@@ -110,3 +111,29 @@ async def test_workers_that_meet_a_full_filesystem_at_start_stop_it_once(
     fillers[0].unlink()
     proxy = await make_proxy(config=CONFIG, directory=directory)
     assert await x_caches(proxy) == ["HIT"] * KEYS
+
+
+async def test_a_purge_on_a_full_filesystem_is_a_503_naming_it_and_purges_once_there_is_room(
+        origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path) -> None:
+    """A purge's bans and deletions cannot be committed on a full filesystem: it fails safe
+    (never answered as done), and says why (503, the admin API's error format), not a bare 500."""
+    directory = small_tmpfs / "p"
+    for i in range(KEYS):
+        origin.route(f"/k{i}", body=b"x" * 100 + str(i).encode(),
+                     headers={"Cache-Control": "max-age=600", "Surrogate-Key": f"t{i % 2}"})
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    assert await x_caches(proxy) == ["MISS"] * KEYS
+    await proxy.runtime.storage.flush()
+    filler = fill(small_tmpfs, 0)
+
+    for spec in ({"tags": ["t1"]}, {"urls": [f"http://{HOST['Host']}/k0"]}, {"all": True}):
+        reply = await proxy.admin("POST", "/purge", json=spec)
+        assert reply.status == 503, (spec, reply)
+        error = json.loads(reply.body)["error"]
+        assert "filesystem is full" in error and "(cache.disk.path)" in error and "purge again" in error, error
+    assert await x_caches(proxy) == ["HIT"] * KEYS  # nothing answered as purged: nothing was
+
+    filler.unlink()
+    reply = await proxy.admin("POST", "/purge", json={"tags": ["t1"]})
+    assert reply.status == 200, reply
+    assert await x_caches(proxy) == ["MISS" if i % 2 else "HIT" for i in range(KEYS)]
