@@ -156,6 +156,32 @@ def new_body_id(now: float | None = None) -> str:
     return f"{ns:x}-{random.getrandbits(64):016x}"
 
 
+def with_checksum(body_id: str, crc: int) -> str:
+    """``body_id`` carrying the CRC-32 of its body (``zlib.crc32``), for a body kept as a file.
+
+    Why in the id: it names the body wherever its metadata goes (the disk record, the shared
+    memory, a cluster peer), a new body gets a new id, and every cachegate takes the id as an
+    opaque name: records keep their format (an older cachegate reads them as before, and
+    ``body_time`` reads the id's first part), and a body whose id has no CRC (stored before,
+    or small) is simply not checked (``body_checksum``)."""
+    return f"{body_id}-{crc:08x}"
+
+
+def body_checksum(body_id: str) -> int | None:
+    """The CRC-32 ``with_checksum`` put in ``body_id``; None when it has none.
+
+    >>> body_checksum(with_checksum("18b2-00ff", 0xDEADBEEF)) == 0xDEADBEEF, body_checksum("18b2-00ff")
+    (True, None)
+    """
+    parts = body_id.split("-")
+    if len(parts) != 3 or len(parts[2]) != 8:
+        return None
+    try:
+        return int(parts[2], 16)
+    except ValueError:
+        return None
+
+
 def body_time(body_id: str) -> float:
     """When a body id was made (0 for ids of another shape: old enough to sweep)."""
     try:

@@ -25,12 +25,13 @@ import contextlib
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import IO, Any, TypeVar, cast
 
 from proxy.storage.bodyfiles import BodyFile, OpenBodies, SharedFile
-from proxy.storage.disk import INLINE_LIMIT
+from proxy.storage.disk import INLINE_LIMIT, body_checksum
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.storage.work import Tiers
@@ -49,6 +50,7 @@ LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 ex
 LOOKUP_BATCH = 16  # keys per group: a group waits for its slowest read
 OPENING_LIMIT = 8  # body files being opened for sendfile at once (see sendable_file)
 PROMOTION_DOORKEEPER = 8192  # keys read from disk once that a process remembers (``Promotions``)
+DAMAGED_REMEMBERED = 4096  # body files found damaged that sendable_file no longer opens
 
 
 class _ClockBack:
@@ -200,6 +202,9 @@ class Reader:
         # Body files being opened for sendable_file (close() closes what they opened that the
         # event loop has not taken yet).
         self._opening: dict[tuple[str, str], concurrent.futures.Future[bytes | IO[bytes] | None]] = {}
+        # Body files whose bytes did not match their checksum when opened for a body memory
+        # holds (``_open_big_body``): memory's verified copy is sent, the file is not opened again.
+        self._damaged: set[tuple[str, str]] = set()
 
     def close(self) -> None:
         for job in self._opening.values():
@@ -462,7 +467,8 @@ class Reader:
         if shared is not None or t.disk is None or e.body_size <= INLINE_LIMIT:
             return shared
         ident = (e.key, e.body_id)
-        if ident not in self._opening and len(self._opening) < OPENING_LIMIT and not t.closed:
+        if ident not in self._opening and len(self._opening) < OPENING_LIMIT and not t.closed \
+                and ident not in self._damaged:
             loop = asyncio.get_running_loop()
             epoch = t.work.epoch
             job = t.executor.submit(self._open_big_body, e)
@@ -482,14 +488,22 @@ class Reader:
             del self._opening[ident]
         opened = _opened_file(job)
         if opened is None:
-            return  # gone, cut short, held in the database (sent from memory), or closed
+            return  # gone, cut short, damaged, held in the database (sent from memory), or closed
         if self.t.closed or epoch != self.t.work.epoch or self.body_files.get(*ident) is not None:
             opened.close()  # a purge came meanwhile (it may have removed it), or another hit opened it
         else:
             self.body_files.add(e.key, e.body_id, opened, e.body_size, e)
 
     def _open_big_body(self, e: Entry) -> bytes | IO[bytes] | None:
-        """A big body's file, open, when it holds exactly the body (else None: gone or cut)."""
+        """A big body's file, open, when it holds exactly the body (else None: gone, cut, or
+        its bytes do not match its checksum: then remembered, and not opened again).
+
+        A body memory may hold (up to ``memory_max_object``: ``sendable_file`` sends such a
+        body from its file, in place of memory's copy) is read and summed first, once per
+        open (the file then stays open for the next hits): memory's copy is right (a fill, or a
+        promotion that ``_read_small_body`` checked), the file may not be. A bigger body's file
+        is not: it goes out by ``sendfile``, which Python never sees, and summing it at each
+        open would hold its first byte back (see docs/storage.md)."""
         assert self.t.disk is not None
         raw = self.t.disk.get_body(e.key, e.body_id, e.body_size)
         if raw is None or isinstance(raw, bytes):
@@ -497,15 +511,39 @@ class Reader:
         if os.fstat(raw.fileno()).st_size != e.body_size:
             raw.close()
             return None
+        expected = body_checksum(e.body_id)
+        if expected is not None and e.body_size <= self.t.memory.max_object \
+                and zlib.crc32(os.pread(raw.fileno(), e.body_size, 0)) != expected:
+            raw.close()
+            _damaged_body(e)
+            if len(self._damaged) >= DAMAGED_REMEMBERED:
+                self._damaged.clear()
+            self._damaged.add((e.key, e.body_id))  # (a thread's set.add: one step under the GIL)
+            return None
         return raw
 
     def _read_small_body(self, e: Entry) -> bytes | None:
+        """A body memory may hold, read whole from disk (to be promoted into memory, or sent):
+        None when it is gone, not its length, or a file whose bytes do not match the checksum
+        its id carries (``disk.body_checksum``): the caller forgets the variant, as for a body
+        the disk no longer has, and the next request refetches it."""
         assert self.t.disk is not None
         raw = self.t.disk.get_body(e.key, e.body_id, e.body_size)
         if raw is None:
             return None
         body = raw if isinstance(raw, bytes) else _read_all(raw)
-        return body if len(body) == e.body_size else None
+        if len(body) != e.body_size:
+            return None
+        expected = body_checksum(e.body_id)
+        if expected is not None and zlib.crc32(body) != expected:
+            _damaged_body(e)
+            return None
+        return body
+
+
+def _damaged_body(e: Entry) -> None:
+    log.warning("stored body of %s does not match its checksum on disk (%d bytes, body %s): not "
+                "served, the next request refetches it", e.key, e.body_size, e.body_id)
 
 
 def _stays(current: tuple[Cached, ...], e: Entry, size: int, limit: int) -> bool:

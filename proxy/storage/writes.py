@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from collections.abc import Sequence
 from typing import IO
 
 from proxy.policy.keys import url_of_key
-from proxy.storage.disk import new_body_id
+from proxy.storage.disk import INLINE_LIMIT, new_body_id, with_checksum
 from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry
 from proxy.storage.memory import Cached
 from proxy.storage.persist import adding, committed_tags, merge_variant, updating
@@ -55,6 +56,7 @@ class BodySpool:
         self.in_memory = False  # its body went into the shared memory (the disk gets it behind)
         self.reserved = 0  # bytes of the process's spool room this spool holds (``Writer.spooled``)
         self.no_room = False  # given up: the process's spools hold their share of the disk
+        self._crc = 0  # zlib.crc32 of what went into the file (``_write_file``)
 
     async def write(self, chunk: bytes) -> bool:
         if self.too_large:
@@ -75,9 +77,28 @@ class BodySpool:
         if self._file is None:
             self._file = await writer.t.run(writer.spools.make_file)
             pending, self._chunks = b"".join(self._chunks), []
-            await writer.t.run(_append, self._file, pending)
-        await writer.t.run(_append, self._file, chunk)
+            await writer.t.run(self._write_file, pending)
+        await writer.t.run(self._write_file, chunk)
         return True
+
+    def _write_file(self, data: bytes) -> None:
+        """Append ``data`` to the spool file, flushed, and to its CRC, in the thread pool (zlib
+        lets go of the GIL while it sums a buffer). Flushed: what the flight has pushed to its
+        readers is in the file, for a late client that reads it from there (``follow``)."""
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()
+        self._crc = zlib.crc32(data, self._crc)
+
+    def checksum(self) -> int | None:
+        """The CRC-32 of a complete body the disk tier keeps as a file (INLINE_LIMIT and more:
+        ``disk.with_checksum``); None for a smaller one (in the database, not checked)."""
+        if self.size < INLINE_LIMIT:
+            return None
+        if self._file is not None:
+            return self._crc
+        body = self.body_bytes()
+        return None if body is None else zlib.crc32(body)
 
     def follow(self) -> int | None:
         """A descriptor that reads the spool file (for a client that joins the fill late:
@@ -97,7 +118,11 @@ class BodySpool:
         )
 
     def body_bytes(self) -> bytes | None:
-        return b"".join(self._chunks) if self._file is None else None
+        if self._file is not None:
+            return None
+        if len(self._chunks) != 1:  # joined once: the checksum, memory and disk take the same bytes
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
 
     def file(self) -> IO[bytes] | None:
         return self._file
@@ -113,13 +138,6 @@ class BodySpool:
                 f.close()
             with contextlib.suppress(OSError):
                 os.unlink(name)
-
-
-def _append(f: IO[bytes], data: bytes) -> None:
-    """A spool write, flushed: what the flight has pushed to its readers is in the file, for
-    a late client that reads it from there (``BodySpool.follow``)."""
-    f.write(data)
-    f.flush()
 
 
 class Writer:
@@ -168,6 +186,9 @@ class Writer:
         if not spool.complete or spool.doomed:
             spool.discard()
             return None
+        crc = spool.checksum()
+        if crc is not None:
+            spool.body_id = with_checksum(spool.body_id, crc)
         return entry.with_body(spool.body_id, spool.size)
 
     def put_memory(self, entry: Entry, spool: BodySpool) -> bool:
