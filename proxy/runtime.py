@@ -112,6 +112,16 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
         index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
         disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                         empty=index.recreated)
+        # An index missing, or older than the shards, lists none of the entries past it: they
+        # would be served unlisted and escape purges. Emptied, as for a damaged index.
+        why = index.unlisted(disk.high_seq(), disk.has_entries()) if repair and not index.recreated else None
+        if why is not None:
+            log.warning("cache index %s does not list every entry of the disk tier (%s): the disk "
+                        "tier is emptied (its entries are misses)", index.file, why)
+            disk.close()
+            index.clear()
+            disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
+                            empty=True)
     limit = storable_limit(c.max_object, (c.disk.size, c.disk.shards) if c.disk is not None else None,
                            c.memory_max_object, c.memory)
     return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit)

@@ -86,6 +86,14 @@ _INSERT = ("INSERT OR IGNORE INTO Cache(key, raw, store_time, expire_time, acces
 _PRESENT = ("SELECT key FROM Cache WHERE raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
             " AND key IN ({})")
 PRESENT_CHUNK = 500
+# The highest commit sequence number (``UrlTagIndex``) each shard holds, raised in the same
+# transaction as every commit: at start the owner compares it with the index's, which must be
+# at least as high (an index made anew, or come back older, lists none of the entries past
+# it), in one read per shard (``DiskTier.high_seq``).
+_SEQ_TABLE = ("CREATE TABLE IF NOT EXISTS cachegate_seq (id INTEGER PRIMARY KEY CHECK (id = 0),"
+              " seq INTEGER NOT NULL)")
+_SEQ_RAISE = ("INSERT INTO cachegate_seq (id, seq) VALUES (0, ?)"
+              " ON CONFLICT(id) DO UPDATE SET seq = max(seq, excluded.seq)")
 
 Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
 
@@ -141,6 +149,24 @@ def _transaction(shard: diskcache.Cache, retry: bool = False) -> Iterator[None]:
         yield
     if files is not None:  # (not reached when the transaction rolled back: its rows keep their files)
         disk.release(files)
+
+
+def _noting_seq(merge: Merge, top: list[int]) -> Merge:
+    """``merge``, noting in ``top[0]`` the highest sequence number of the variants it keeps."""
+    def noted(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+        variants, dropped = merge(current)
+        for e in variants:
+            if e.seq > top[0]:
+                top[0] = e.seq
+        return variants, dropped
+
+    return noted
+
+
+def _raise_seq(shard: diskcache.Cache, top: list[int]) -> None:
+    """Inside the commit's transaction: the shard's highest sequence number is at least ``top``."""
+    if top[0]:
+        shard._sql(_SEQ_RAISE, (top[0],))
 
 
 def _drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
@@ -257,6 +283,26 @@ def set_aside(path: str) -> str:
     return aside
 
 
+def _seq_table(shard: diskcache.Cache) -> None:
+    """Make the shard's table of its highest sequence number; a shard written before it
+    existed gets it from its metadata, read once (every record decoded)."""
+    if shard._sql("SELECT 1 FROM sqlite_master WHERE name = 'cachegate_seq'").fetchone():
+        return
+    top = 0
+    for k in shard.iterkeys():
+        if isinstance(k, str) and k.startswith("m:"):
+            blob = shard.get(k, default=None, retry=True)
+            if blob is not None:
+                top = max([top, *(e.seq for e in decode_variants(blob))])
+    try:
+        with shard.transact(retry=True):  # (IF NOT EXISTS: another process may have made it since)
+            shard._sql(_SEQ_TABLE)
+            if top:
+                shard._sql(_SEQ_RAISE, (top,))
+    except sqlite3.OperationalError as exc:  # a shard that cannot be written: its commits fail too
+        log.warning("disk shard %s: cannot note its highest sequence number (%s)", shard.directory, exc)
+
+
 def shard_of(key: str, shards: int) -> int:
     """A hash that every process computes alike (``hash()`` is salted per process)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % shards
@@ -343,6 +389,8 @@ class DiskTier:
         self._shards: list[diskcache.Cache] = []
         for i in range(shards):
             self._shards.append(open_shard(os.path.join(path, f"{i:03d}")))
+        for shard in self._shards:  # (the owner opens first: the workers find it there)
+            _seq_table(shard)
         self._bulk = [_plain_layout(s) for s in self._shards]
         # Whether a read is one SELECT: under least-recently-used every ``get`` is a write
         # transaction too (its access time), which can wait seconds for another process's
@@ -411,9 +459,11 @@ class DiskTier:
         False (counted in ``failed_writes``) when the shard lock timed out.
         """
         shard = self._shard(key)
+        top = [0]
         try:
             with _transaction(shard):
-                self._merge_locked(shard, key, merge)
+                self._merge_locked(shard, key, _noting_seq(merge, top))
+                _raise_seq(shard, top)
         except diskcache.Timeout as exc:
             self.failed_writes += 1
             self._lock_timeouts.failed(exc)
@@ -440,15 +490,18 @@ class DiskTier:
                 if self._bulk[index] else []
             taken = set(fresh)
             rest = [i for i in positions if i not in taken]
+            top = [0]
             try:
                 with _transaction(shard):
                     if fresh:
-                        self._insert_new(shard, [items[i] for i in fresh])
+                        self._insert_new(shard, [(k, _noting_seq(m, top), b, v)
+                                                 for k, m, b, v in (items[i] for i in fresh)])
                     for i in rest:
                         key, merge, body_id, body = items[i]
                         if body is not None:
                             shard.set("b:" + body_id, body)
-                        self._merge_locked(shard, key, merge, new is not None and new[i])
+                        self._merge_locked(shard, key, _noting_seq(merge, top), new is not None and new[i])
+                    _raise_seq(shard, top)
             except diskcache.Timeout as exc:
                 self.failed_writes += len(positions)
                 self._lock_timeouts.failed(exc)
@@ -567,6 +620,30 @@ class DiskTier:
     def clear(self) -> None:
         for s in self._shards:
             s.clear(retry=True)
+
+    def high_seq(self) -> int:
+        """The highest commit sequence number stored in any shard (0: none noted)."""
+        top = 0
+        for shard in self._shards:
+            with contextlib.suppress(sqlite3.OperationalError):  # no table (a worker, before the owner)
+                row = shard._sql("SELECT seq FROM cachegate_seq WHERE id = 0").fetchone()
+                if row:
+                    top = max(top, int(row[0]))
+        return top
+
+    def has_entries(self) -> bool:
+        """Whether any shard holds a row (diskcache's own count: no scan)."""
+        return any(len(s) for s in self._shards)
+
+    def keys_page(self, after: str, limit: int) -> list[str]:
+        """The disk's keys (metadata records) after ``after``, in key order, at most ``limit``:
+        a sweep of every entry that does not go by the index (a purge of everything)."""
+        found: list[str] = []
+        for shard in self._shards:
+            rows = shard._sql("SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < 'm;'"
+                              " ORDER BY key LIMIT ?", ("m:" + after, limit)).fetchall()
+            found += [r[0][2:] for r in rows if isinstance(r[0], str)]
+        return sorted(found)[:limit]
 
     def volume(self) -> int:
         """Bytes on disk as diskcache counts them (database pages and value files)."""

@@ -12,7 +12,14 @@ every worker process:
   ``seq`` is at most the ban's. Recording a ban is one INSERT, whatever the number
   of entries it covers, and a sweeper deletes the covered entries afterwards in
   batches (Varnish's "ban lurker"). Deleting 100k entries synchronously costs one
-  metadata read and two diskcache deletes each: seconds, not the 2 s budget.
+  metadata read and two diskcache deletes each: seconds, not the 2 s budget. A ban's
+  ``seq`` is at least the highest the disk holds (``DiskTier.high_seq``), whatever this
+  index numbered, and the index's numbering is raised to it.
+
+The index commits with ``synchronous=FULL``, before the shard commit that uses its numbers: after
+a power loss it is never older than the shards. One that is (restored, or written before this),
+or missing, lists none of the entries past it: the owner empties the disk tier at start
+(``unlisted``), as it does when the index is damaged.
 
 The index may hold rows for entries the disk tier has since culled (diskcache
 evicts without telling anyone); ``live_keys`` lets the sweeper drop them, so the
@@ -91,6 +98,8 @@ class UrlTagIndex:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self.recreated = False
+        # Made at this open (no file before it): the shards may hold entries it does not list.
+        self.created = not os.path.exists(self.file)
         try:
             self._create()
         except (sqlite3.Error, OSError) as exc:
@@ -106,7 +115,7 @@ class UrlTagIndex:
                     os.rename(self.file + journal, aside + journal)
             log.warning("cache index %s is damaged (%s): moved aside to %s and started empty, "
                         "with the disk tier emptied too (its entries are misses)", self.file, exc, aside)
-            self.recreated = True
+            self.recreated = self.created = True
             self._create()
 
     def _create(self) -> None:
@@ -119,7 +128,12 @@ class UrlTagIndex:
         if db is None:
             db = sqlite3.connect(self.file, timeout=30, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk (the WAL fsynced) before it returns, so an index row
+            # and its sequence number are durable before the shard commit that uses them: with
+            # NORMAL (as the shards have), a power loss could bring the index back older than the
+            # shards, and the entries past it unlisted (escaping purges by URL, tag and bans).
+            # One fsync per transaction: write-behind makes one index transaction per batch.
+            db.execute("PRAGMA synchronous=FULL")
             # Keep the WAL file small: checkpoint often, truncate it after each checkpoint.
             db.execute(f"PRAGMA wal_autocheckpoint={max(self._wal_limit // 4096, 16)}")
             db.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
@@ -179,6 +193,11 @@ class UrlTagIndex:
         if not rows:
             return
         db = self._db()
+        # Not fsynced (NORMAL, for this transaction only): its tag rows are a subset of those
+        # ``add_many`` made durable before the commit, and a retag lost to a power loss leaves
+        # a row too many, which costs a purge by that tag one look at the key. Write-behind
+        # thus makes one fsync per batch, a big body's fill one.
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("BEGIN IMMEDIATE")
         try:
             for key, tags in rows:
@@ -195,6 +214,8 @@ class UrlTagIndex:
         except BaseException:
             _rollback(db)
             raise
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
 
     def scan(self, after: str, limit: int) -> list[tuple[str, int]]:
         """(key, seq) pairs in key order after ``after``: the index GC's cursor."""
@@ -283,13 +304,20 @@ class UrlTagIndex:
 
     # -- bans ------------------------------------------------------------------------------
 
-    def add_ban(self, kind: BanKind, value: str, soft: bool) -> Ban:
-        """Record a ban covering every variant committed so far."""
+    def add_ban(self, kind: BanKind, value: str, soft: bool, floor: int = 0) -> Ban:
+        """Record a ban covering every variant committed so far: those the index numbered, and
+        up to ``floor`` (the highest sequence number the disk holds, ``DiskTier.high_seq``),
+        whatever the index says. The index's numbering is raised to the ban's, so no later
+        commit takes a number the ban covers."""
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
-            seq = int(row[0]) if row else 0
+            seq = max(int(row[0]) if row else 0, floor)
+            if row is None and seq:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('entries', ?)", (seq,))
+            elif row is not None and seq > int(row[0]):
+                db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'entries'", (seq,))
             cur = db.execute("INSERT INTO bans (kind, value, soft, seq) VALUES (?, ?, ?, ?)",
                              (kind, value, int(soft), seq))
             ban_id = int(cur.lastrowid or 0)
@@ -298,6 +326,24 @@ class UrlTagIndex:
             _rollback(db)
             raise
         return Ban(ban_id, kind, value, soft, seq)
+
+    def unlisted(self, disk_seq: int, disk_has_entries: bool) -> str | None:
+        """Why the disk tier may hold entries this index does not list (None: it cannot): the
+        index was made at this start while the shards hold rows, or its numbering stops below
+        the highest sequence number on disk (``disk_seq``: it came back older, a power loss
+        before its WAL reached the disk, a restored copy). Such entries would be served (a
+        crowded directory of disk keys asks the disk) and escape every purge by URL or tag and
+        every ban of the lower numbering: the owner empties the disk tier, as for a damaged
+        index."""
+        if not disk_has_entries:
+            return None
+        if self.created:
+            return "it was missing and is made anew, empty"
+        seq = self.current_seq()
+        if seq < disk_seq:
+            return (f"it is older than the disk tier (its sequence numbers stop at {seq}, "
+                    f"the disk's at {disk_seq})")
+        return None
 
     def bans(self) -> list[Ban]:
         rows = self._db().execute("SELECT id, kind, value, soft, seq FROM bans ORDER BY id")

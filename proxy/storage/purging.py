@@ -131,14 +131,16 @@ class Purging:
         count = 0
         bans: list[Ban] = []
         if index is not None:
+            # Every ban covers what the disk holds, whatever the index numbered (``add_ban``).
+            floor = disk.high_seq() if all_ or tags or prefixes else 0
             if all_:
-                bans.append(index.add_ban("all", "", soft))
+                bans.append(index.add_ban("all", "", soft, floor))
                 count += index.count()
             for tag in tags:
-                bans.append(index.add_ban("tag", tag, soft))
+                bans.append(index.add_ban("tag", tag, soft, floor))
                 count += index.count_tag(tag)
             for p in prefixes:
-                bans.append(index.add_ban("prefix", p, soft))
+                bans.append(index.add_ban("prefix", p, soft, floor))
                 count += index.count_prefix(p)
         elif all_:
             count += len(disk.iter_keys())

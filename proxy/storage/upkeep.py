@@ -118,7 +118,8 @@ class Upkeep:
         pages: dict[str, Callable[[str, int], list[str]]] = {
             "tag": lambda after, n: index.keys_for_tag(ban.value, after, n),
             "prefix": lambda after, n: index.keys_for_prefix(ban.value, after, n),
-            "all": index.all_keys,
+            # Every key on disk, not the index's: an entry it does not list is swept too.
+            "all": disk.keys_page,
         }
         page = pages[ban.kind]
         after = ""
