@@ -59,6 +59,15 @@ CREATE TABLE IF NOT EXISTS bans (
 _ADD_TAG = "INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)"
 
 
+def _quick_check(db: sqlite3.Connection) -> str | None:
+    """What ``PRAGMA quick_check`` finds wrong with the database (None: nothing). It reads every
+    page of the index (not the schema alone, as opening it does): measured at 100,000 entries
+    with two tags each (a 42 MB file), 0.1 s (40 ms of CPU) with the file in the page cache,
+    0.7 s out of it."""
+    rows = [str(r[0]) for r in db.execute("PRAGMA quick_check(5)").fetchall()]
+    return None if rows == ["ok"] else "; ".join(rows)
+
+
 def _rollback(db: sqlite3.Connection) -> None:
     """Roll back what a failed transaction began, if SQLite has not already: on a full disk it
     rolls back by itself, and a ROLLBACK then raised "cannot rollback - no transaction is
@@ -100,23 +109,79 @@ class UrlTagIndex:
         self.recreated = False
         # Made at this open (no file before it): the shards may hold entries it does not list.
         self.created = not os.path.exists(self.file)
+        # Why this index is damaged, once a process found it so (``noticed``): it can no longer
+        # say which entries a purge covers (``proxy.storage.purging`` then empties the disk
+        # tier), and the next start sets it aside (its mark: ``damaged_mark``).
+        self.damage: str | None = None
+        self.damaged_mark = self.file + ".damaged"
+        problem: str | None = None
         try:
             self._create()
+            if repair:
+                problem = self._marked() or _quick_check(self._db())
         except (sqlite3.Error, OSError) as exc:
             if filesystem_full(path, exc):  # sound, only without room: never set aside for that
                 self.close()
                 raise FilesystemFull(path, exc) from exc
             if not repair or not isinstance(exc, sqlite3.Error) or not damaged(exc):
                 raise
+            problem = str(exc)
+        if problem is not None:
             self.close()
             aside = set_aside(self.file)
             for journal in ("-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(self.file + journal, aside + journal)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.damaged_mark)
             log.warning("cache index %s is damaged (%s): moved aside to %s and started empty, "
-                        "with the disk tier emptied too (its entries are misses)", self.file, exc, aside)
+                        "with the disk tier emptied too (its entries are misses)", self.file, problem, aside)
             self.recreated = self.created = True
             self._create()
+
+    def _marked(self) -> str | None:
+        """What a process noted when it found this index damaged while running (``noticed``)."""
+        try:
+            with open(self.damaged_mark, encoding="utf-8", errors="replace") as f:
+                return f"found damaged while running: {f.read().strip() or 'no detail'}"
+        except FileNotFoundError:
+            return None
+
+    def noticed(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (raised by this index) is the index being damaged, checked with
+        ``PRAGMA quick_check`` on a connection of its own (an I/O error that passes, or a busy
+        database, is not). The first time: noted in ``damage`` and in a mark beside the file, so
+        that the next start sets it aside and empties the disk tier; logged once, as an error.
+        Not repaired at once: every worker holds connections to the file, and would go on
+        numbering commits in the one set aside."""
+        if self.damage is not None:
+            return True
+        if not isinstance(exc, sqlite3.DatabaseError) or not damaged(exc) \
+                or filesystem_full(os.path.dirname(self.file), exc):
+            return False
+        try:
+            db = sqlite3.connect(self.file, timeout=5, isolation_level=None)
+        except sqlite3.Error:
+            return False
+        try:
+            problem = _quick_check(db)
+        except sqlite3.Error as again:
+            problem = str(again) if isinstance(again, sqlite3.DatabaseError) and damaged(again) else None
+        finally:
+            db.close()
+        if problem is None:
+            return False
+        self.damage = f"{exc}; quick_check: {problem}"
+        try:
+            with open(self.damaged_mark, "w", encoding="utf-8") as f:
+                f.write(self.damage + "\n")
+        except OSError as mark_error:
+            log.error("cannot mark the cache index %s damaged (%s): it is checked at the next start",
+                      self.file, mark_error)
+        log.error("cache index %s is damaged (%s): it cannot say which entries a purge covers, so "
+                  "every purge empties the whole disk tier until cachegate restarts; the restart "
+                  "sets it aside and starts with the disk tier empty", self.file, self.damage)
+        return True
 
     def _create(self) -> None:
         db = self._db()

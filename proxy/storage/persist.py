@@ -281,6 +281,8 @@ class Persister:
         try:
             return self._write(items, positions)
         except Exception as exc:  # tried again with the next batches (MAX_ATTEMPTS)
+            if self.index is not None:
+                self.index.noticed(exc)  # a damaged index: marked for the next start
             errors.append((len(items), exc))
             self.stats.failed += len(items)
             return list(positions)

@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import TypeVar
 
 from proxy.errors import PurgeUnavailable
 from proxy.policy.keys import url_of_key
@@ -41,6 +42,7 @@ from proxy.storage.work import Tiers
 SCAN_SLICE = 256
 
 log = logging.getLogger("cachegate.storage")
+T = TypeVar("T")
 
 
 class Purging:
@@ -63,21 +65,40 @@ class Purging:
         t = self.t
         urls = list(urls)
         # The index knows every key shape of what reached the disk; memory is asked for the
-        # plain keys (and, without an index, looked through for the others).
-        keys = t.memory.keys_for_urls(urls, scan=t.index is None)
+        # plain keys (and, without an index that answers, looked through for the others).
+        found: list[str] = []
         if t.index is not None and urls:
             index = t.index
-            keys.update(await t.run(lambda: [k for u in urls for k in index.keys_for_url(u)]))
+            found = await self._ask_index(lambda: [k for u in urls for k in index.keys_for_url(u)], [])
+        keys = t.memory.keys_for_urls(urls, scan=not self.index_answers)
+        keys.update(found)
         return keys
+
+    @property
+    def index_answers(self) -> bool:
+        """Whether there is an index, and it is not damaged (``UrlTagIndex.noticed``)."""
+        return self.t.index is not None and self.t.index.damage is None
+
+    async def _ask_index(self, lookup: Callable[[], T], otherwise: T) -> T:
+        """``lookup`` in the index; ``otherwise`` when it finds the index damaged (a purge then
+        empties the disk tier: ``_purge_shared``)."""
+        index = self.t.index
+        assert index is not None
+        if index.damage is not None:
+            return otherwise
+        try:
+            return await self.t.run(lookup)
+        except sqlite3.DatabaseError as exc:
+            if not await self.t.run(index.noticed, exc):
+                raise
+            return otherwise
 
     async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
                        tags: Iterable[str] = (), memory_only: bool = False) -> set[str]:
         """Every stored key for these URLs, prefixes and tags (small purges and inspection)."""
         t = self.t
         urls, prefixes, tags = list(urls), list(prefixes), list(tags)
-        keys = t.memory.keys_for_urls(urls, scan=t.index is None)
-        keys.update(k for p in prefixes for k in t.memory.keys_with_prefix(p))
-        keys.update(k for tag in tags for k in t.memory.keys_for_tag(tag))
+        found: set[str] = set()
         if t.index is not None and not memory_only:
             index = t.index
 
@@ -87,7 +108,11 @@ class Purging:
                 found.update(k for tag in tags for k in index.keys_for_tag(tag))
                 return found
 
-            keys.update(await t.run(lookup))
+            found = await self._ask_index(lookup, set())
+        keys = t.memory.keys_for_urls(urls, scan=not self.index_answers)
+        keys.update(k for p in prefixes for k in t.memory.keys_with_prefix(p))
+        keys.update(k for tag in tags for k in t.memory.keys_for_tag(tag))
+        keys.update(found)
         return keys
 
     # -- the shared half -----------------------------------------------------------------------
@@ -125,6 +150,27 @@ class Purging:
 
     def _purge_shared(self, keys: list[str], prefixes: list[str], tags: list[str], all_: bool,
                       soft: bool) -> tuple[int, list[Ban]]:
+        t = self.t
+        disk, index = t.disk, t.index
+        assert disk is not None
+        if index is not None and index.damage is None:
+            try:
+                return self._purge_indexed(keys, prefixes, tags, all_, soft)
+            except sqlite3.DatabaseError as exc:
+                if not index.noticed(exc):
+                    raise
+        if index is not None:
+            # The index is damaged: it cannot say which entries on disk a purge covers, nor
+            # number a ban. Everything goes (more than asked, never less: they are misses, as
+            # they will be anyway once the next start has set the index aside).
+            count = len(disk.iter_keys())
+            disk.clear()
+            t.memory.arena.disk_clear()
+            return count, []
+        return self._purge_indexed(keys, prefixes, tags, all_, soft)
+
+    def _purge_indexed(self, keys: list[str], prefixes: list[str], tags: list[str], all_: bool,
+                       soft: bool) -> tuple[int, list[Ban]]:
         t = self.t
         disk, index = t.disk, t.index
         assert disk is not None
@@ -176,7 +222,7 @@ class Purging:
         if match.all and not match.soft:
             return m.clear(), start
         count = sum(self.forget_in_memory(k, match.soft) for k in match.keys)
-        if match.all or match.tags or match.prefixes or (match.urls and self.t.index is None):
+        if match.all or match.tags or match.prefixes or (match.urls and not self.index_answers):
             count += await self._purge_arena(match, 0, start)
         return count, start
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,28 @@ class Upkeep:
         if t.index is None or t.disk is None:
             return self.stats
         index = t.index
+        if index.damage is None:
+            try:
+                await self._index_round()
+            except sqlite3.DatabaseError as exc:
+                # A damaged index: noted (and logged) once, set aside at the next start; until
+                # then purges empty the disk tier, and the rounds leave the index alone.
+                if not await t.run(index.noticed, exc):
+                    raise
+        await t.run(self._checkpoint)
+        if orphans_before is not None:
+            removed = await t.run(t.disk.sweep_stray_files, orphans_before)
+            removed += await self.sweep_dead_spools()
+            if removed:
+                log.info("removed %d orphan(s) left by an earlier crash", removed)
+            self.stats.orphans_removed += removed
+        return self.stats
+
+    async def _index_round(self) -> None:
+        """Bans swept, then a step of the index GC."""
+        t = self.t
+        index = t.index
+        assert index is not None
         mark = t.bans.mark()
         bans = await t.run(index.bans)
         t.bans.refresh(bans, mark)
@@ -56,14 +79,6 @@ class Upkeep:
             mark = t.bans.mark()
             t.bans.refresh(await t.run(index.bans), mark)
         await t.run(self._gc_step)
-        await t.run(self._checkpoint)
-        if orphans_before is not None:
-            removed = await t.run(t.disk.sweep_stray_files, orphans_before)
-            removed += await self.sweep_dead_spools()
-            if removed:
-                log.info("removed %d orphan(s) left by an earlier crash", removed)
-            self.stats.orphans_removed += removed
-        return self.stats
 
     async def sweep_dead_spools(self) -> int:
         """Remove the spool folders of processes that are gone (their files, half-received
@@ -199,4 +214,5 @@ class Upkeep:
         t = self.t
         assert t.disk is not None and t.index is not None
         t.disk.checkpoint()
-        t.index.checkpoint()
+        if t.index.damage is None:
+            t.index.checkpoint()

@@ -1,0 +1,144 @@
+"""The URL and tag index damaged past its schema page (a table's pages overwritten), as a
+reviewer did it: opening it reads only the schema, so it was not noticed; every purge then
+answered 500 and the entries stayed cached, across restarts, and the upkeep failed every round.
+
+At start the owner checks the whole index (``PRAGMA quick_check``) and sets a damaged one aside,
+emptying the disk tier with it; damage found while running is noted beside the file for the next
+start, and until then every purge empties the whole disk tier (the index cannot say which entries
+it covers)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+CONFIG = "cache: {memory: 8MB, max_object: 1MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
+KEYS = 60
+HOST = {"Host": "site.test"}
+PAGE = 4096
+
+
+def body(i: int) -> bytes:
+    return b"x" * 500 + str(i).encode()
+
+
+def tag(i: int) -> str:
+    return f"t{i % 3}"
+
+
+async def filled(origin: Origin, make_proxy: MakeProxy, directory: Path) -> Proxy:
+    for i in range(KEYS):
+        origin.route(f"/k{i}", body=body(i), headers={"Cache-Control": "max-age=600", "Surrogate-Key": tag(i)})
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    for i in range(KEYS):
+        assert (await proxy.get(f"/k{i}", headers=HOST)).status == 200
+    await proxy.runtime.storage.flush()
+    return proxy
+
+
+async def close(proxy: Proxy) -> None:
+    await proxy.session.close()
+    await proxy.close()
+
+
+async def x_caches(proxy: Proxy, keys: list[int]) -> list[str]:
+    out = []
+    for i in keys:
+        reply = await proxy.get(f"/k{i}", headers=HOST)
+        assert (reply.status, reply.body) == (200, body(i))
+        out.append(reply.x_cache)
+    return out
+
+
+def damage(index: Path, how: str) -> None:
+    """``tags``: the tags table's root page overwritten (repro_index_damage.py); ``pages``:
+    pages 3 and 4 overwritten with random bytes (corrupt.py garble_index, seeded here)."""
+    if how == "tags":
+        db = sqlite3.connect(index)
+        page = dict(db.execute("SELECT name, rootpage FROM sqlite_master"))["tags"]
+        db.close()
+        at, garbage = (page - 1) * PAGE, b"\xa5" * PAGE
+    else:
+        at, garbage = 2 * PAGE, random.Random(7).randbytes(2 * PAGE)
+    with open(index, "r+b") as f:
+        f.seek(at)
+        f.write(garbage)
+
+
+def marked(index: Path) -> bool:
+    """Whether a process noted the index damaged, for the next start."""
+    return Path(f"{index}.damaged").exists()
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
+
+
+@pytest.mark.parametrize("how", ["tags", "pages"])
+async def test_an_index_damaged_past_its_schema_is_set_aside_at_start(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        how: str) -> None:
+    await close(await filled(origin, make_proxy, tmp_path))
+    index = tmp_path / "cache" / "index.sqlite3"
+    damage(index, how)
+    caplog.set_level(logging.WARNING, logger="cachegate")
+
+    proxy = await make_proxy(config=CONFIG, directory=tmp_path)
+    # Without the check, a purge by tag answered 500 here and its entries stayed HITs.
+    purged = await proxy.admin("POST", "/purge", json={"tags": ["t1"]})
+    assert purged.status == 200, purged.body
+    found = messages(caplog, logging.WARNING, "moved aside")
+    assert len(found) == 1 and str(index) in found[0], found
+    assert [p.name.startswith("index.sqlite3.corrupt-") for p in index.parent.iterdir()].count(True) == 1
+    # The disk tier was emptied with it: nothing it held escapes a purge unlisted.
+    assert await x_caches(proxy, list(range(KEYS))) == ["MISS"] * KEYS
+    await proxy.runtime.storage.flush()
+    assert await x_caches(proxy, list(range(KEYS))) == ["HIT"] * KEYS
+    assert (await proxy.admin("POST", "/purge", json={"tags": ["t1"]})).status == 200
+    assert (await proxy.admin("POST", "/purge", json={"urls": ["http://site.test/k0"]})).status == 200
+    after = await x_caches(proxy, list(range(KEYS)))
+    assert [i for i, x in enumerate(after) if x == "HIT"] == [i for i in range(1, KEYS) if tag(i) != "t1"]
+
+
+async def test_an_index_damaged_while_running_is_noted_and_purges_empty_the_disk(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    proxy = await filled(origin, make_proxy, tmp_path)
+    storage = proxy.runtime.storage
+    assert storage.index is not None and storage.disk is not None
+    index = tmp_path / "cache" / "index.sqlite3"
+    storage.index.checkpoint()
+    damage(index, "tags")
+    storage.index.close()  # its connections cached the pages: the next ones read the file
+    caplog.set_level(logging.WARNING, logger="cachegate")
+
+    # The purge's count reads the tags table: the damage is found (checked with quick_check).
+    # The index cannot say which entries the purge covers: the whole disk tier goes.
+    purged = await proxy.admin("POST", "/purge", json={"tags": ["t1"]})
+    assert purged.status == 200, purged.body
+    found = messages(caplog, logging.ERROR, "is damaged")
+    assert len(found) == 1 and str(index) in found[0], found
+    assert marked(index)
+    assert await storage.run(storage.disk.count) == 0
+    assert "HIT" not in await x_caches(proxy, [i for i in range(KEYS) if tag(i) == "t1"])
+    # Until the restart: the upkeep leaves the index alone, other purges empty the disk too.
+    await storage.maintain()
+    await storage.flush()
+    assert (await proxy.admin("POST", "/purge", json={"urls": ["http://site.test/k0"]})).status == 200
+    assert (await proxy.get("/k0", headers=HOST)).x_cache == "MISS"
+    assert len(messages(caplog, logging.ERROR, "is damaged")) == 1
+    await close(proxy)
+
+    caplog.clear()
+    proxy = await make_proxy(config=CONFIG, directory=tmp_path)
+    found = messages(caplog, logging.WARNING, "moved aside")
+    assert len(found) == 1 and "found damaged while running" in found[0], found
+    assert not marked(index)
+    assert await x_caches(proxy, list(range(KEYS))) == ["MISS"] * KEYS
+    assert (await proxy.admin("POST", "/purge", json={"tags": ["t2"]})).status == 200
