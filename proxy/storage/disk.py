@@ -284,21 +284,16 @@ def set_aside(path: str) -> str:
 
 
 def _seq_table(shard: diskcache.Cache) -> None:
-    """Make the shard's table of its highest sequence number; a shard written before it
-    existed gets it from its metadata, read once (every record decoded)."""
+    """Make the shard's table of its highest sequence number. A shard written before it existed
+    starts without a row (0: nothing noted) and gets one at its next commit: reading its
+    metadata for the number would decode every record at the first start after an upgrade
+    (about a minute at a million entries, with the start held), and an index that came back
+    older than such a shard is the one case it would catch."""
     if shard._sql("SELECT 1 FROM sqlite_master WHERE name = 'cachegate_seq'").fetchone():
         return
-    top = 0
-    for k in shard.iterkeys():
-        if isinstance(k, str) and k.startswith("m:"):
-            blob = shard.get(k, default=None, retry=True)
-            if blob is not None:
-                top = max([top, *(e.seq for e in decode_variants(blob))])
     try:
         with shard.transact(retry=True):  # (IF NOT EXISTS: another process may have made it since)
             shard._sql(_SEQ_TABLE)
-            if top:
-                shard._sql(_SEQ_RAISE, (top,))
     except sqlite3.OperationalError as exc:  # a shard that cannot be written: its commits fail too
         log.warning("disk shard %s: cannot note its highest sequence number (%s)", shard.directory, exc)
 
