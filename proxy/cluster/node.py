@@ -56,7 +56,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from redis.exceptions import ResponseError
 
 from proxy.cluster import HOLD_MAX, ClusterUnavailable, stream
-from proxy.cluster.redis_io import REDIS_DOWN, Names, RedisDataError, client, stored_int
+from proxy.cluster.redis_io import (
+    REDIS_DOWN,
+    DeadSubscription,
+    Names,
+    RedisDataError,
+    client,
+    stored_int,
+    subscribed,
+)
 from proxy.cluster.settings import ClusterSettings
 from proxy.cluster.stream import Flush, Resume, Saved, StreamEntry, Tip
 from proxy.logs import RepeatedFailure
@@ -188,7 +196,8 @@ class ClusterNode:
         self.tip_seq = 0
         self.started = time.time()
         self.counts: dict[str, int] = dict.fromkeys(
-            ("sent", "applied", "incomplete", "unavailable", "reconnects", "damaged", "outbox_dropped"), 0)
+            ("sent", "applied", "incomplete", "unavailable", "reconnects", "damaged", "outbox_dropped",
+             "dead_subscriptions"), 0)
         self.full_purges: dict[str, int] = {"trimmed": 0, "redis-lost-data": 0, "no-state": 0}
         self._pending: dict[str, _Pending] = {}
         # The nodes last seen live (kept across sessions), and those Redis forgot since (it restarted
@@ -761,21 +770,30 @@ class ClusterNode:
         return sorted(self._seen_live)
 
     async def _listen_acks(self, pubsub: Any) -> None:
-        while not self._closing:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is None or message.get("type") != "message":
-                continue
-            try:
-                ack = json.loads(message["data"])
-                entry_id, node, n = str(ack["id"]), str(ack["node"]), int(ack["n"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            pending = self._pending.get(entry_id)
-            if pending is not None:
-                pending.acks[node] = n
-                pending.changed.set()
-            elif len(self._early) < EARLY_ACKS_MAX:
-                self._early.setdefault(entry_id, {})[node] = n
+        """Collect the acknowledgements; DeadSubscription (the session ends, and reconnects) when
+        the connection answers no PING: without it, every purge made here waited ``ack_timeout``
+        and answered 202 naming every other node, for as long as the process ran."""
+        try:
+            async for message in subscribed(pubsub, self.settings, "acknowledgements", lambda: self._closing):
+                self._take_ack(message)
+        except DeadSubscription:
+            self.counts["dead_subscriptions"] += 1
+            raise
+
+    def _take_ack(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "message":
+            return
+        try:
+            ack = json.loads(message["data"])
+            entry_id, node, n = str(ack["id"]), str(ack["node"]), int(ack["n"])
+        except (ValueError, KeyError, TypeError):
+            return
+        pending = self._pending.get(entry_id)
+        if pending is not None:
+            pending.acks[node] = n
+            pending.changed.set()
+        elif len(self._early) < EARLY_ACKS_MAX:
+            self._early.setdefault(entry_id, {})[node] = n
 
     # -- membership -----------------------------------------------------------------------
 

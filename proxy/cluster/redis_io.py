@@ -5,22 +5,37 @@ clusters can share one Redis. Clients are made to fail fast: no retries inside
 the client (a slow or dead Redis must turn into "Redis unreachable" within
 ``cluster.timeout``, not into a request that hangs), and the caller decides what
 a failure means (a purge answers 503, a shared-tier lookup becomes a miss).
+
+A connection that dies without being closed (a NAT, conntrack table or load balancer
+that drops an idle flow sends no reset) fails the next command within
+``cluster.timeout`` too, but a subscribed one sends no commands: it only waits for
+messages, for ever. Every pub/sub listener therefore reads through ``subscribed``,
+which PINGs its connection every heartbeat and gives it up when no pong comes
+within ``cluster.timeout``; TCP keepalive (short, ``KEEPALIVE``) keeps idle
+connections known to such middleboxes and lets the kernel notice a dead peer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.cluster.settings import ClusterSettings
 
 # What a Redis that is down, slow or restarting raises through the asyncio client.
 REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, ConnectionError)
+# TCP keepalive on every TCP connection to Redis: first probe after 5 s idle, then every 2 s, and
+# the connection fails after 3 unanswered (redis-py's default waits 30 s; older ones send none).
+KEEPALIVE = (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
 
 
 @dataclass(frozen=True)
@@ -91,9 +106,26 @@ def stored_int(value: Any, key: str) -> int:
                              "key to start it over") from None
 
 
+def keepalive_options() -> dict[int, int]:
+    """``KEEPALIVE`` as socket options, those this platform has (macOS names the idle time
+    TCP_KEEPALIVE)."""
+    options: dict[int, int] = {}
+    for name, value in KEEPALIVE:
+        option = getattr(socket, name, None)
+        if option is None and name == "TCP_KEEPIDLE":
+            option = getattr(socket, "TCP_KEEPALIVE", None)
+        if option is not None:
+            options[option] = value
+    return options
+
+
 def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) -> aioredis.Redis:
     """A client for ``cluster.redis`` that fails within ``cluster.timeout`` (plus ``blocking``
-    for a connection that waits in XREAD BLOCK)."""
+    for a connection that waits in XREAD BLOCK), with TCP keepalive (not on a unix socket,
+    whose connections take no such options)."""
+    tcp: dict[str, Any] = {}
+    if not settings.redis.lower().startswith("unix:"):
+        tcp = {"socket_keepalive": True, "socket_keepalive_options": keepalive_options()}
     return aioredis.Redis.from_url(
         settings.redis,
         decode_responses=decode,
@@ -103,4 +135,46 @@ def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) ->
         retry_on_timeout=False,
         health_check_interval=0,
         client_name=f"cachegate:{settings.node}",
+        **tcp,
     )
+
+
+class DeadSubscription(RedisConnectionError):
+    """A subscribed connection answered no PING within ``cluster.timeout``: it is dead although
+    nothing closed it (dropped without a reset by a NAT, firewall or load balancer)."""
+
+
+async def subscribed(pubsub: Any, settings: ClusterSettings, what: str,
+                     stop: Callable[[], bool]) -> AsyncIterator[dict[str, Any]]:
+    """The messages of a subscribed ``pubsub`` (its subscribe confirmations included, not its
+    pongs) until ``stop()``. Every ``cluster.heartbeat`` it PINGs the connection (a subscribed
+    connection may: the pong comes as a message); no pong within ``cluster.timeout`` raises
+    DeadSubscription (``what`` names the connection). Waiting for messages alone never fails
+    on a connection dropped without a reset: nothing ever comes, as when nothing is sent."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    ping_at = loop.time() + settings.heartbeat
+    pong_by = 0.0  # 0: no PING unanswered
+    while not stop():
+        if task is not None and task.cancelling():
+            # Python 3.11's wait_for (redis-py sends each command under one) returns the result
+            # when its command was sent just as the task was cancelled, and the cancellation is
+            # lost: the listener of a session that had ended went on, reconnecting by itself.
+            raise asyncio.CancelledError
+        now = loop.time()
+        if pong_by and now >= pong_by:
+            raise DeadSubscription(
+                f"the {what} connection (pub/sub) answered no PING within {settings.timeout:g}s: "
+                "dead although nothing closed it (dropped by a NAT, firewall or load balancer?)")
+        if not pong_by and now >= ping_at:
+            await pubsub.ping()
+            pong_by = now + settings.timeout
+        # At most a second at a time: a cancellation that lands in the client's own read timeout
+        # can be lost (``stop`` ends it then).
+        message = await pubsub.get_message(timeout=min(1.0, max(0.01, (pong_by or ping_at) - now)))
+        if message is None:
+            continue
+        if message.get("type") == "pong":
+            pong_by, ping_at = 0.0, loop.time() + settings.heartbeat
+            continue
+        yield message

@@ -59,7 +59,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from proxy.cluster.fills import Contended, Found, Locked, Lookup
-from proxy.cluster.redis_io import REDIS_DOWN, Names, client
+from proxy.cluster.redis_io import REDIS_DOWN, DeadSubscription, Names, client, subscribed
 from proxy.cluster.settings import ClusterSettings
 from proxy.logs import RepeatedFailure
 from proxy.policy.keys import url_of_key
@@ -267,7 +267,7 @@ class SharedTier:
         self._closing = False
         self.counts: dict[str, int] = dict.fromkeys(
             ("hit", "miss", "locked", "contended", "woken", "wait_timeout", "written", "write_voided",
-             "too_large", "error"), 0)
+             "too_large", "error", "dead_subscriptions"), 0)
         self._failures = RepeatedFailure(log, "cluster: the shared tier", settle=SETTLE, traceback=False,
                                          level=logging.WARNING)
 
@@ -361,14 +361,20 @@ class SharedTier:
 
     async def _listen(self) -> None:
         """Pub/sub: wake the waiters of a key when its fill lock is released (reconnecting
-        when Redis goes away: meanwhile waiters time out and fetch for themselves)."""
+        when Redis goes away, or when the connection answers no PING: one dropped without a
+        reset otherwise left every waiter of this node to wait out its whole wait, for as long
+        as the process ran). Each subscription, once Redis confirms it, wakes every waiter to
+        look again: a release may have come while no subscription heard it."""
         while not self._closing:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self.names.filled)
-                while not self._closing:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is None or message.get("type") != "message":
+                fills = subscribed(pubsub, self.settings, "shared tier's fill", lambda: self._closing)
+                async for message in fills:
+                    if message.get("type") == "subscribe":
+                        self._wake_all()
+                        continue
+                    if message.get("type") != "message":
                         continue
                     key, _, outcome = bytes(message["data"]).decode(errors="replace").partition("\n")
                     for fut in self._waiters.pop(key, ()):
@@ -376,12 +382,24 @@ class SharedTier:
                             fut.set_result(outcome)
             except asyncio.CancelledError:
                 raise
+            except DeadSubscription as exc:
+                self.counts["dead_subscriptions"] += 1
+                log.warning("cluster: the shared tier's listener reconnects: %s", exc)
             except REDIS_DOWN as exc:
                 log.debug("shared tier: pub/sub lost: %s", exc)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
             await asyncio.sleep(1.0)
+
+    def _wake_all(self) -> None:
+        """Every waiter looks again (told "stored", as by a release: the lookup finds the fill,
+        or the lock free to take, or its holder to wait for, now heard)."""
+        waiters, self._waiters = self._waiters, {}
+        for futs in waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result("stored")
 
     # -- fills ----------------------------------------------------------------------------
 
