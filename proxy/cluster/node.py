@@ -307,8 +307,11 @@ class ClusterNode:
                     # so only the stream can tell what it missed (a new epoch then means "unknown").
                     self._caught_up_all_along = False
                 else:
+                    # (Still "disconnected" after reading the tip: a reconnection that stayed ready,
+                    # with nothing to catch up on; as far along as one catching up.)
+                    state = "catching-up" if self.state == "disconnected" and self._tip_read else self.state
                     self._caught_up_all_along = stream.caught_up_when_lost(
-                        self.state, self._tip_read, self.saved, self.tip_seq, self._caught_up_all_along)
+                        state, self._tip_read, self.saved, self.tip_seq, self._caught_up_all_along)
                 self._beat_deadline = 0.0
                 if self._lapsed and not self._lapse_retried:
                     # Reconnect at once, hits still waiting: a node that was stopped usually finds
@@ -357,11 +360,16 @@ class ClusterNode:
         # Both connections set up at once (each costs a few round trips); the beats' is up before
         # the first beat's clock starts.
         await asyncio.gather(self._redis.ping(), self._beater.ping())
-        self.connected = True
-        self._set_state("catching-up", "catching up with the cluster's purge stream")
+        # A node that says it is ready (it was, then lost Redis, and serves from its tiers) says
+        # so until it knows of purges to catch up on (_catch_up): a Redis that answers PING but
+        # holds writes (CLIENT PAUSE WRITE, in a failover) made each attempt say catching-up until
+        # its heartbeat timed out, and every node's /healthz 503 at the same moments.
+        if not self.ready:
+            self._catching_up()
         pubsub = self._redis.pubsub()
         await pubsub.subscribe(self.names.acks)
         await self._heartbeat()  # live (purges wait for us) while catching up
+        self.connected = True  # this session's writes get through
         tasks = [asyncio.ensure_future(self._listen_acks(pubsub)),
                  asyncio.ensure_future(self._heartbeats())]
         try:
@@ -444,10 +452,15 @@ class ClusterNode:
             self._failures.succeeded()
         self.state, self.reason = state, reason
 
+    def _catching_up(self) -> None:
+        if self.state != "catching-up":
+            self._set_state("catching-up", "catching up with the cluster's purge stream")
+
     @property
     def ready(self) -> bool:
         """Whether this node has applied every purge it knows of (``/healthz``). A node that
-        lost Redis after it was ready stays ready: it serves from its local cache."""
+        lost Redis after it was ready stays ready: it serves from its local cache (and while it
+        reconnects, until it finds purges it missed: ``_session``)."""
         return self.state == "ready" or (self.state == "disconnected" and self.ever_ready) \
             or (self.state == "disconnected" and not self.settings.required)
 
@@ -479,16 +492,19 @@ class ClusterNode:
             # Redis lost purges (restarted empty, or from an older snapshot): what its shared tier
             # holds may be what they removed. Nothing of it is read again (before the local cache
             # goes, or a miss here would adopt it back).
+            self._catching_up()
             log.warning("cluster: Redis lost data: the shared tier starts a new generation")
             await self._shared_reset()
         match plan:
             case Flush():
+                self._catching_up()
                 await self._flush(plan.reason, tip)
             case Resume():
                 if saved is None or saved.epoch != tip.epoch:
                     self._save(Saved(tip.epoch, 0 if plan.after == stream.START else tip.seq, plan.after))
                 behind = tip.seq - (self.saved.seq if self.saved else 0)
                 if behind > 0:
+                    self._catching_up()
                     log.info("cluster: catching up on %d purge(s) after %s", behind, plan.after)
                 while await self._read_and_apply(block=False):
                     pass

@@ -40,7 +40,8 @@ class _Flow:
 
 class Middlebox:
     """A TCP proxy in front of Redis that can drop the flows of subscribed connections as a NAT
-    whose idle timeout passed does: every byte either way vanishes, and no side is told."""
+    whose idle timeout passed does (every byte either way vanishes, and no side is told), or cut
+    every connection as a Redis that went away does."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -48,10 +49,20 @@ class Middlebox:
         self.flows: list[_Flow] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.writers: list[asyncio.StreamWriter] = []
+        self.refusing = False
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    def cut(self) -> None:
+        """Close every connection, and refuse new ones until ``restore``: Redis is away."""
+        self.refusing = True
+        for w in self.writers:
+            w.close()
+
+    def restore(self) -> None:
+        self.refusing = False
 
     def drop_subscribers(self) -> int:
         """Drop the flows that subscribed so far (new connections go through); how many."""
@@ -61,6 +72,9 @@ class Middlebox:
         return len(dropped)
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            cw.close()
+            return
         sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
         self.writers += [cw, sw]
         flow = _Flow()

@@ -12,7 +12,9 @@ from proxy.cluster import join
 from proxy.cluster.node import ClusterNode
 from proxy.cluster.settings import ClusterSettings
 from proxy.purge import PurgeSpec
+from tests.cluster.nodes import wait_until
 from tests.cluster.redis_server import RedisServer
+from tests.cluster.test_dead_connections import Middlebox, answer
 from tests.harness import Origin, Proxy, start_proxy
 
 
@@ -118,3 +120,77 @@ async def test_a_lapse_noticed_on_the_hit_path_is_caught_up_even_when_a_heartbea
         assert not n.hits_held() and n.ready and n.counts["reconnects"] == 1
     finally:
         await n.close()
+
+
+async def test_healthz_stays_200_while_redis_takes_no_writes(
+        tmp_path: Path, origin: Origin, own_redis: RedisServer) -> None:
+    """CLIENT PAUSE WRITE (what FAILOVER and failover tools do): Redis answers PING and reads but
+    holds every write. Each reconnection attempt said catching-up (503) from its PING until its
+    first heartbeat timed out: every node's /healthz was 503 about half the time, all at the same
+    moments, and a load balancer had no node left. A node that was ready stays ready until it
+    knows of purges to catch up on."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    a = await node(tmp_path, origin, own_redis, ns, "a")
+    try:
+        await join(a.runtime, a.runtime.purge_here)
+        cluster = a.runtime.cluster
+        assert cluster is not None and cluster.ready
+        assert own_redis.command("CLIENT", "PAUSE", "4000", "WRITE").startswith(b"+OK")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 4.5
+        seen: list[tuple[int, object]] = []
+        while loop.time() < end:
+            r = await a.admin("GET", "/healthz")
+            seen.append((r.status, json.loads(r.body)))
+            await asyncio.sleep(0.02)
+        assert cluster.counts["reconnects"] >= 2  # it was cut off, and retried meanwhile
+        assert [s for s in seen if s[0] != 200] == [], len(seen)
+        # Said all the same: serving from its cache, Redis unreachable (its writes time out).
+        assert any(isinstance(body, dict) and body.get("cluster") == "disconnected"
+                   and f"Redis at {own_redis.url} is unreachable" in str(body.get("reason"))
+                   for _, body in seen), seen[-1]
+        await wait_until(lambda: answer(cluster.state == "ready" and cluster.connected), wait=10)
+        outcome = await cluster.purge(PurgeSpec(tags=("t",)))
+        assert outcome.complete and outcome.nodes == {"a": 0}
+    finally:
+        await a.session.close()
+        await a.close()
+
+
+async def test_a_ready_node_back_to_purges_it_missed_is_not_ready_until_it_has_applied_them(
+        shared_redis: RedisServer) -> None:
+    box = Middlebox(shared_redis.port)
+    url = await box.start()
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    release, started = asyncio.Event(), asyncio.Event()
+
+    async def local(spec: PurgeSpec) -> int:
+        return 0
+
+    async def slow(spec: PurgeSpec) -> int:
+        started.set()
+        await release.wait()
+        return 0
+
+    a = ClusterNode(ClusterSettings(shared_redis.url, node="a", namespace=ns, heartbeat=0.2, timeout=0.5,
+                                    ack_timeout=0.5), local, None)
+    b = ClusterNode(ClusterSettings(url, node="b", namespace=ns, heartbeat=0.2, timeout=0.5), slow, None)
+    try:
+        await a.start()
+        await b.start()
+        box.cut()  # b loses Redis: it serves from its own tiers, and says ready
+        await wait_until(lambda: answer(b.state == "disconnected"))
+        assert b.ready
+        await a.purge(PurgeSpec(tags=("t",)))
+        box.restore()
+        await asyncio.wait_for(started.wait(), 10)  # b is back, and applies what it missed
+        assert (b.state, b.reason, b.ready) == ("catching-up", "catching up with the cluster's purge stream",
+                                                False)
+        release.set()
+        await wait_until(lambda: answer(b.state == "ready"))
+        assert b.ready and b.connected
+    finally:
+        release.set()
+        await a.close()
+        await b.close()
+        await box.close()
