@@ -62,6 +62,7 @@ from proxy.cluster.redis_io import (
     Names,
     RedisDataError,
     client,
+    raise_if_cancelled,
     stored_int,
     subscribed,
 )
@@ -523,7 +524,7 @@ class ClusterNode:
         return count
 
     async def _follow(self) -> None:
-        while not self._closing:
+        while self._goes_on():
             await self._read_and_apply(block=True)
             if self._redis is not None and time.monotonic() - self._live_read >= self.settings.heartbeat:
                 # Who is live, read each heartbeat and remembered: should Redis forget them
@@ -857,8 +858,16 @@ class ClusterNode:
                       self.name, _who(other))
         self._tell_beat()
 
+    def _goes_on(self) -> bool:
+        """Whether a loop of this session goes on: not once the node closes, nor once the session
+        ended (CancelledError: a cancellation Python 3.11 lost in a command's send left the loop
+        of an ended session going on beside the next one's, the heartbeats on its connection
+        until that was gone, and the session waited for it its whole 3 s before it reconnected)."""
+        raise_if_cancelled()
+        return not self._closing
+
     async def _heartbeats(self) -> None:
-        while not self._closing:
+        while self._goes_on():
             await asyncio.sleep(self.settings.heartbeat)
             # (Noticed on the hit path, maybe against the deadline before a heartbeat that was
             # under way when the process stopped: this session ends all the same.)
@@ -871,7 +880,7 @@ class ClusterNode:
     async def _send_outbox(self) -> None:
         """Retry the outbox every heartbeat while it holds anything (a purge that Redis refused
         while the connection stayed up lands there too)."""
-        while not self._closing:
+        while self._goes_on():
             await asyncio.sleep(self.settings.heartbeat)
             await self._try_flush_outbox()
 

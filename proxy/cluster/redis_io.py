@@ -139,6 +139,15 @@ def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) ->
     )
 
 
+def raise_if_cancelled() -> None:
+    """CancelledError when this task is being cancelled, for loops to call at each turn: Python
+    3.11's wait_for, under which redis-py sends each command, returns the command's result when
+    the cancellation lands just as the command was sent, and the cancellation is lost."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class DeadSubscription(RedisConnectionError):
     """A subscribed connection answered no PING within ``cluster.timeout``: it is dead although
     nothing closed it (dropped without a reset by a NAT, firewall or load balancer)."""
@@ -152,15 +161,10 @@ async def subscribed(pubsub: Any, settings: ClusterSettings, what: str,
     DeadSubscription (``what`` names the connection). Waiting for messages alone never fails
     on a connection dropped without a reset: nothing ever comes, as when nothing is sent."""
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
     ping_at = loop.time() + settings.heartbeat
     pong_by = 0.0  # 0: no PING unanswered
     while not stop():
-        if task is not None and task.cancelling():
-            # Python 3.11's wait_for (redis-py sends each command under one) returns the result
-            # when its command was sent just as the task was cancelled, and the cancellation is
-            # lost: the listener of a session that had ended went on, reconnecting by itself.
-            raise asyncio.CancelledError
+        raise_if_cancelled()  # (the listener of an ended session went on, reconnecting by itself)
         now = loop.time()
         if pong_by and now >= pong_by:
             raise DeadSubscription(

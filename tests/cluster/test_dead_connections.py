@@ -146,6 +146,30 @@ async def test_a_node_whose_acknowledgement_subscription_was_dropped_silently_re
         await box.close()
 
 
+async def test_a_session_that_ends_leaves_none_of_its_loops_going(shared_redis: RedisServer) -> None:
+    """The session's PINGs and its heartbeats tick together (each every cluster.heartbeat from its
+    start), so a dead subscription is found just as a heartbeat is sent: Python 3.11's wait_for
+    lost the session's cancellation of its heartbeats, which went on beside the next session's
+    (until their connection was gone), and the session waited 3 s for them before reconnecting."""
+    box = Middlebox(shared_redis.port)
+    url = await box.start()
+    a = ClusterNode(ClusterSettings(redis=url, node="a", namespace=f"t{uuid.uuid4().hex[:8]}"), nothing, None)
+    try:
+        await a.start()  # heartbeat and timeout 1 s, the defaults
+        await asyncio.sleep(2.3)
+        assert box.drop_subscribers() == 1
+        dropped = time.monotonic()
+        await wait_until(lambda: answer(a.counts["reconnects"] >= 1), wait=10)
+        # A heartbeat and a timeout to notice, 0.2 s to reconnect (4.9 s before, each time).
+        assert time.monotonic() - dropped < 3.5
+        loops = [t for t in asyncio.all_tasks() if not t.done()
+                 and getattr(t.get_coro(), "__qualname__", "") == "ClusterNode._heartbeats"]
+        assert len(loops) <= 1, loops
+    finally:
+        await a.close()
+        await box.close()
+
+
 async def test_the_shared_tiers_fill_listener_reconnects_when_dropped_silently_and_wakes_its_waiters(
         shared_redis: RedisServer) -> None:
     box = Middlebox(shared_redis.port)
