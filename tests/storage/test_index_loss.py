@@ -181,19 +181,3 @@ async def test_a_purge_of_everything_reaches_entries_the_index_lost(
     assert await storage.run(disk.count) == 2 * 10
     assert "HIT" not in await x_caches(proxy, range(100))
     assert await x_caches(proxy, range(100, 110)) == ["HIT"] * 10
-
-
-async def test_the_index_commits_durably() -> None:
-    """Each index transaction is fsynced before it returns (synchronous=FULL), so its rows and
-    sequence numbers are on disk before the shard commit that uses them: with NORMAL a power
-    loss could bring the index back older than the shards (see above)."""
-    import tempfile
-
-    from proxy.storage.index import UrlTagIndex
-
-    with tempfile.TemporaryDirectory() as d:
-        index = UrlTagIndex(d)
-        try:
-            assert index._db().execute("PRAGMA synchronous").fetchone()[0] == 2
-        finally:
-            index.close()
