@@ -368,12 +368,15 @@ class ClusterNode:
         if not self.ready:
             self._catching_up()
         pubsub = self._redis.pubsub()
-        await pubsub.subscribe(self.names.acks)
-        await self._heartbeat()  # live (purges wait for us) while catching up
-        self.connected = True  # this session's writes get through
-        tasks = [asyncio.ensure_future(self._listen_acks(pubsub)),
-                 asyncio.ensure_future(self._heartbeats())]
+        tasks: list[asyncio.Future[None]] = []
         try:
+            # (inside the try: a heartbeat that Redis refuses, maxmemory reached, ended the
+            # session with the subscribed connection left open, one more at each attempt)
+            await pubsub.subscribe(self.names.acks)
+            await self._heartbeat()  # live (purges wait for us) while catching up
+            self.connected = True  # this session's writes get through
+            tasks += [asyncio.ensure_future(self._listen_acks(pubsub)),
+                      asyncio.ensure_future(self._heartbeats())]
             await self._catch_up()
             await self._try_flush_outbox()
             self._set_state("ready", "")
@@ -389,7 +392,8 @@ class ClusterNode:
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.wait(tasks, timeout=BLOCK_MS / 1000 + self.settings.timeout + 1)
+            if tasks:
+                await asyncio.wait(tasks, timeout=BLOCK_MS / 1000 + self.settings.timeout + 1)
             for t in tasks:
                 if t.done() and not t.cancelled():
                     t.exception()  # retrieved: the first one was raised above
