@@ -192,6 +192,8 @@ class Engine:
         self._forgetting: set[asyncio.Future[None]] = set()  # see body_file_cut_short
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
+        # Stopping (``close``): a fill cancelled now tells its lease's waiters "error", not "failed".
+        self.closing = False
         # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
         self.shared: SharedCache | None = None
         # Cluster mode, in the process that is the node's member: hits wait while its heartbeat
@@ -214,6 +216,7 @@ class Engine:
         lease, and that word is what the waiters in other workers answer by)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.settings.shutdown_grace if grace is None else grace)
+        self.closing = True
         await self.coalescer.close(max(0.0, deadline - loop.time()))
         if self.leases is not None:
             await self.leases.close(max(NOTICE_GRACE, deadline - loop.time()))

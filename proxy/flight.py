@@ -417,6 +417,12 @@ class MissPath:
                 leases.release(key, lease, "error", error.status_hint, str(error), upstream_detail(error))
             case Filled(on_disk=True) | Freshened() | Adopted() | StoredElsewhere():
                 leases.release(key, lease, "stored")  # they answer from the store
+            case Aborted() if self.engine.closing:
+                # Cancelled by a stop's deadline: "failed" had each waiter of the other stopping
+                # workers fetch for itself, be cut off a moment later and pass "failed" on (a
+                # reviewer: 11-30 origin fetches for 4 keys at one SIGTERM, 4 before). They
+                # answer as for an unreachable origin: stale-if-error, or 503.
+                leases.release(key, lease, "error", 503, "the worker fetching it was stopping")
             case Filled() | Passed() | Abandoned() | Skipped() | Aborted():
                 leases.release(key, lease, "failed")  # they fetch for themselves
             case _:

@@ -213,6 +213,23 @@ async def test_a_lease_is_released_with_how_the_flight_ended(
     await rig.engine.close()
 
 
+async def test_a_fill_cancelled_by_a_stop_tells_its_waiters_an_error_not_to_fetch_for_themselves(
+        tmp_path: Path) -> None:
+    """At a stop's deadline the fill is cancelled: "failed" had each waiter of the other stopping
+    workers fetch for itself, be cut off at once and pass "failed" on (a chain of origin
+    fetches at every SIGTERM); "error" 503 has them answer stale-if-error or 503."""
+    rig = make_rig(tmp_path)
+    leases = FakeLeases(Granted(5))
+    rig.engine.leases = leases
+    slow = answer(body=b"x" * (1 << 20), headers=CACHEABLE, chunk=1 << 16, hold=asyncio.Queue())
+    rig.origin.route("/a", slow)
+    reply = await asyncio.wait_for(rig.get("/a"), 5)
+    reading = asyncio.ensure_future(read(reply))
+    await asyncio.wait_for(rig.engine.close(grace=0.1), 5)  # never released: cancelled at the deadline
+    assert leases.released == [(key_of(rig, "/a"), 5, "error")]
+    reading.cancel()
+
+
 async def test_a_failed_word_to_the_waiting_workers_costs_the_flight_nothing(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rig = make_rig(tmp_path)
