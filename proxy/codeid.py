@@ -12,8 +12,10 @@ relative paths, sizes and contents; about 4 ms for the 1.5 MB of ``proxy/**/*.py
 passes the hash to every worker (``ARG``). A worker hashes its own files first thing
 (``exit_if_changed``, at the top of ``proxy.supervisor`` before anything else of its version
 is imported or reads what the supervisor passed) and exits with ``EXIT_CODE_CHANGED`` and
-one line when they differ, or when no hash came at all: a supervisor older than this check.
-The supervisor does not restart a worker that exits so (``Supervisor._code_changed``), and
+one line when they differ. No hash at all comes from a supervisor older than this check,
+which cannot tell and would restart the worker for ever: such a worker goes on (it runs when
+the arguments that supervisor passes still parse, as between this release and the one
+before). The supervisor does not restart a worker that exits so (``Supervisor._code_changed``), and
 ``/healthz`` says degraded. Contents, not modification times: a reinstall of the same
 version changes nothing and must not stop a worker.
 
@@ -73,7 +75,10 @@ def exit_if_changed(argv: Sequence[str]) -> None:
     error when the supervisor's code (its ``ARG``; none: an older supervisor) is not this
     worker's."""
     theirs = given(argv)
-    if theirs and theirs == identity():
+    if theirs is None or theirs == identity():
+        # (None: a supervisor older than this check, which cannot tell; exiting would only make
+        # it restart this worker for ever, where arguments it passes that this version still
+        # reads let the worker run: a reviewer's upgrade from the release before this one)
         return
     worker = given(argv, "--worker-id") or "?"
     print(f"cachegate: worker {worker}: {CHANGED}", file=sys.stderr, flush=True)

@@ -305,6 +305,12 @@ class MissPath:
         spool = flight.spool
         if spool is None or not flight.body.storing or not flight.head.done() or flight.body.ended:
             return None
+        if spool.expected_length is None or spool.reserved < spool.expected_length:
+            # A body whose length is not known, or whose room is not held for all of it, may
+            # give the store up mid-body (too large, no room): a client reading the spool would
+            # then be cut off, where waiting lets it fetch for itself (a reviewer's chunked 12 MB
+            # over a 4 MB max_object). Only a write that fails (a full disk) can still do that.
+            return None
         fd = spool.follow()
         if fd is None:
             return None
