@@ -22,6 +22,7 @@ from proxy.cluster.shared import SharedTier
 from proxy.purge import PurgeSpec
 from tests.cluster.nodes import wait_until
 from tests.cluster.redis_server import RedisServer
+from tests.cluster.relay import Relay
 
 
 async def nothing(spec: PurgeSpec) -> int:
@@ -38,22 +39,16 @@ class _Flow:
     dropped: bool = False  # forwards nothing more, either way, and closes nothing
 
 
-class Middlebox:
+class Middlebox(Relay):
     """A TCP proxy in front of Redis that can drop the flows of subscribed connections as a NAT
     whose idle timeout passed does (every byte either way vanishes, and no side is told), or cut
     every connection as a Redis that went away does."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.server: asyncio.Server | None = None
+        super().__init__(port)
         self.flows: list[_Flow] = []
-        self.tasks: set[asyncio.Task[None]] = set()
         self.writers: list[asyncio.StreamWriter] = []
         self.refusing = False
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
 
     def cut(self) -> None:
         """Close every connection, and refuse new ones until ``restore``: Redis is away."""
@@ -80,9 +75,7 @@ class Middlebox:
         flow = _Flow()
         self.flows.append(flow)
         for reader, writer, up in ((cr, sw, True), (sr, cw, False)):
-            t = asyncio.ensure_future(self._pump(reader, writer, flow, up))
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
+            self._spawn(self._pump(reader, writer, flow, up))
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: _Flow,
                     up: bool) -> None:
@@ -100,11 +93,7 @@ class Middlebox:
             writer.close()
 
     async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await super().close()
         for w in self.writers:
             w.close()
 

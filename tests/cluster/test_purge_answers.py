@@ -15,6 +15,7 @@ from proxy.cluster.settings import ClusterSettings
 from proxy.purge import PurgeSpec, PurgeUnavailable
 from tests.cluster.nodes import wait_until
 from tests.cluster.redis_server import RedisServer
+from tests.cluster.relay import Relay
 
 URL = "redis://10.0.0.5:6379/0"
 
@@ -48,27 +49,19 @@ def settings(redis: RedisServer, ns: str, name: str, **kw: object) -> ClusterSet
     return ClusterSettings(redis=redis.url, node=name, namespace=ns, heartbeat=0.2, **kw)  # type: ignore[arg-type]
 
 
-class LateReplies:
+class LateReplies(Relay):
     """A TCP proxy in front of Redis that, once ``hold`` is set, holds Redis's answers on a
     connection for ``hold`` seconds after that connection sends an XADD (the append script)."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
+        super().__init__(port)
         self.hold = 0.0
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
         until = [0.0]
         for pair in ((cr, sw, True), (sr, cw, False)):
-            t = asyncio.ensure_future(self._pump(*pair, until))
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
+            self._spawn(self._pump(*pair, until))
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool,
                     until: list[float]) -> None:
@@ -84,13 +77,6 @@ class LateReplies:
             pass
         finally:
             writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 async def test_an_append_whose_answer_comes_too_late_may_have_been_made(shared_redis: RedisServer) -> None:

@@ -14,30 +14,24 @@ from proxy.cluster.node import ClusterNode
 from proxy.cluster.settings import ClusterSettings
 from proxy.purge import PurgeSpec
 from tests.cluster.redis_server import RedisServer
+from tests.cluster.relay import Relay
 
 
 async def nothing(spec: PurgeSpec) -> int:
     return 0
 
 
-class SlowLink:
+class SlowLink(Relay):
     """A TCP proxy in front of Redis that delays everything by ``delay`` in each direction."""
 
     def __init__(self, port: int, delay: float) -> None:
-        self.port, self.delay = port, delay
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+        super().__init__(port)
+        self.delay = delay
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
         for pair in ((cr, sw), (sr, cw)):
-            t = asyncio.ensure_future(self._pump(*pair))
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
+            self._spawn(self._pump(*pair))
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -61,13 +55,6 @@ class SlowLink:
         except (OSError, asyncio.CancelledError):
             sender.cancel()
             writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 async def test_a_slow_redis_answering_within_the_timeout_holds_no_hits(
