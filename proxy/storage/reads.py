@@ -515,12 +515,18 @@ class Reader:
         if expected is not None and e.body_size <= self.t.memory.max_object \
                 and zlib.crc32(os.pread(raw.fileno(), e.body_size, 0)) != expected:
             raw.close()
-            _damaged_body(e)
-            if len(self._damaged) >= DAMAGED_REMEMBERED:
-                self._damaged.clear()
-            self._damaged.add((e.key, e.body_id))  # (a thread's set.add: one step under the GIL)
+            self._found_damaged(e)
             return None
         return raw
+
+    def _found_damaged(self, e: Entry) -> None:
+        """A body file whose bytes do not match its checksum: said once, and remembered, so that
+        neither reader reads and sums it again (a hit read it in ``_load_from_disk`` and again in
+        ``open_body``: twice the read, twice the warning)."""
+        _damaged_body(e)
+        if len(self._damaged) >= DAMAGED_REMEMBERED:
+            self._damaged.clear()
+        self._damaged.add((e.key, e.body_id))  # (a thread's set.add: one step under the GIL)
 
     def _read_small_body(self, e: Entry) -> bytes | None:
         """A body memory may hold, read whole from disk (to be promoted into memory, or sent):
@@ -528,6 +534,8 @@ class Reader:
         its id carries (``disk.body_checksum``): the caller forgets the variant, as for a body
         the disk no longer has, and the next request refetches it."""
         assert self.t.disk is not None
+        if (e.key, e.body_id) in self._damaged:
+            return None
         raw = self.t.disk.get_body(e.key, e.body_id, e.body_size)
         if raw is None:
             return None
@@ -536,7 +544,7 @@ class Reader:
             return None
         expected = body_checksum(e.body_id)
         if expected is not None and zlib.crc32(body) != expected:
-            _damaged_body(e)
+            self._found_damaged(e)
             return None
         return body
 
