@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from proxy.policy.messages import Freshness, StoredResponse
 from proxy.storage.disk import DiskTier
 from proxy.storage.entry import Entry
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryPolicy, MemoryTier
 from proxy.storage.tiered import Storage
+from tests.harness import Proxy
 
 MB = 1 << 20
+
+
+async def close_proxy(proxy: Proxy) -> None:
+    """Stop an in-process proxy before the test starts another on its cache directory."""
+    await proxy.session.close()
+    await proxy.close()
+
+
+async def x_caches(proxy: Proxy, keys: Iterable[int], body: Callable[[int], bytes],
+                   headers: dict[str, str] | None = None) -> list[str]:
+    """The X-Cache-Status of ``/k<i>`` for each key, each answer checked to be ``body(i)``."""
+    out = []
+    for i in keys:
+        reply = await proxy.get(f"/k{i}", headers=headers)
+        assert (reply.status, reply.body) == (200, body(i))
+        out.append(reply.x_cache)
+    return out
 
 
 def entry(key: str, *, tags: tuple[str, ...] = (), vary: tuple[tuple[str, str], ...] = (),

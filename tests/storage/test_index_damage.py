@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.storage.helpers import close_proxy, x_caches
 
 CONFIG = "cache: {memory: 8MB, max_object: 1MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
 KEYS = 60
@@ -43,18 +44,6 @@ async def filled(origin: Origin, make_proxy: MakeProxy, directory: Path) -> Prox
     return proxy
 
 
-async def close(proxy: Proxy) -> None:
-    await proxy.session.close()
-    await proxy.close()
-
-
-async def x_caches(proxy: Proxy, keys: list[int]) -> list[str]:
-    out = []
-    for i in keys:
-        reply = await proxy.get(f"/k{i}", headers=HOST)
-        assert (reply.status, reply.body) == (200, body(i))
-        out.append(reply.x_cache)
-    return out
 
 
 def damage(index: Path, how: str) -> None:
@@ -85,7 +74,7 @@ def messages(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[st
 async def test_an_index_damaged_past_its_schema_is_set_aside_at_start(
         origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         how: str) -> None:
-    await close(await filled(origin, make_proxy, tmp_path))
+    await close_proxy(await filled(origin, make_proxy, tmp_path))
     index = tmp_path / "cache" / "index.sqlite3"
     damage(index, how)
     caplog.set_level(logging.WARNING, logger="cachegate")
@@ -98,12 +87,12 @@ async def test_an_index_damaged_past_its_schema_is_set_aside_at_start(
     assert len(found) == 1 and str(index) in found[0], found
     assert [p.name.startswith("index.sqlite3.corrupt-") for p in index.parent.iterdir()].count(True) == 1
     # The disk tier was emptied with it: nothing it held escapes a purge unlisted.
-    assert await x_caches(proxy, list(range(KEYS))) == ["MISS"] * KEYS
+    assert await x_caches(proxy, list(range(KEYS)), body, HOST) == ["MISS"] * KEYS
     await proxy.runtime.storage.flush()
-    assert await x_caches(proxy, list(range(KEYS))) == ["HIT"] * KEYS
+    assert await x_caches(proxy, list(range(KEYS)), body, HOST) == ["HIT"] * KEYS
     assert (await proxy.admin("POST", "/purge", json={"tags": ["t1"]})).status == 200
     assert (await proxy.admin("POST", "/purge", json={"urls": ["http://site.test/k0"]})).status == 200
-    after = await x_caches(proxy, list(range(KEYS)))
+    after = await x_caches(proxy, list(range(KEYS)), body, HOST)
     assert [i for i, x in enumerate(after) if x == "HIT"] == [i for i in range(1, KEYS) if tag(i) != "t1"]
 
 
@@ -126,19 +115,19 @@ async def test_an_index_damaged_while_running_is_noted_and_purges_empty_the_disk
     assert len(found) == 1 and str(index) in found[0], found
     assert marked(index)
     assert await storage.run(storage.disk.count) == 0
-    assert "HIT" not in await x_caches(proxy, [i for i in range(KEYS) if tag(i) == "t1"])
+    assert "HIT" not in await x_caches(proxy, [i for i in range(KEYS) if tag(i) == "t1"], body, HOST)
     # Until the restart: the upkeep leaves the index alone, other purges empty the disk too.
     await storage.maintain()
     await storage.flush()
     assert (await proxy.admin("POST", "/purge", json={"urls": ["http://site.test/k0"]})).status == 200
     assert (await proxy.get("/k0", headers=HOST)).x_cache == "MISS"
     assert len(messages(caplog, logging.ERROR, "is damaged")) == 1
-    await close(proxy)
+    await close_proxy(proxy)
 
     caplog.clear()
     proxy = await make_proxy(config=CONFIG, directory=tmp_path)
     found = messages(caplog, logging.WARNING, "moved aside")
     assert len(found) == 1 and "found damaged while running" in found[0], found
     assert not marked(index)
-    assert await x_caches(proxy, list(range(KEYS))) == ["MISS"] * KEYS
+    assert await x_caches(proxy, list(range(KEYS)), body, HOST) == ["MISS"] * KEYS
     assert (await proxy.admin("POST", "/purge", json={"tags": ["t2"]})).status == 200

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.storage.helpers import close_proxy, x_caches
 
 # A small disk tier, one shard: 64 directory buckets of 8 keys, so most of the keys below are in
 # buckets that overflowed, whose keys are asked on disk (an unlisted entry there is served).
@@ -41,18 +42,6 @@ async def fill(proxy: Proxy, keys: range) -> None:
     await proxy.runtime.storage.flush()
 
 
-async def x_caches(proxy: Proxy, keys: range) -> list[str]:
-    out = []
-    for i in keys:
-        reply = await proxy.get(f"/k{i}", headers=HOST)
-        assert (reply.status, reply.body) == (200, body(i))
-        out.append(reply.x_cache)
-    return out
-
-
-async def close(proxy: Proxy) -> None:
-    await proxy.session.close()
-    await proxy.close()
 
 
 def lost_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -70,7 +59,7 @@ async def purges_reach_everything(proxy: Proxy) -> None:
                  {"all": True}):
         assert (await proxy.admin("POST", "/purge", json=spec)).status == 200
     await proxy.runtime.storage.maintain()
-    assert "HIT" not in await x_caches(proxy, range(KEYS))
+    assert "HIT" not in await x_caches(proxy, range(KEYS), body, HOST)
 
 
 async def test_a_missing_index_empties_the_disk_tier(
@@ -78,14 +67,14 @@ async def test_a_missing_index_empties_the_disk_tier(
     route(origin, range(KEYS))
     proxy = await make_proxy(config=CONFIG, directory=tmp_path)
     await fill(proxy, range(KEYS))
-    await close(proxy)
+    await close_proxy(proxy)
     remove_index(tmp_path / "cache")
     caplog.set_level(logging.WARNING, logger="cachegate")
 
     proxy = await make_proxy(config=CONFIG, directory=tmp_path)
     # Without the emptying, a few hundred of them were HITs here, and stayed HITs after purges
     # by tag, URL and of everything.
-    assert await x_caches(proxy, range(KEYS)) == ["MISS"] * KEYS
+    assert await x_caches(proxy, range(KEYS), body, HOST) == ["MISS"] * KEYS
     found = lost_warnings(caplog)
     assert len(found) == 1 and "missing" in found[0], found
     await purges_reach_everything(proxy)
@@ -103,13 +92,13 @@ async def test_an_index_older_than_the_shards_empties_the_disk_tier(
     src.close()
     dst.close()
     await fill(proxy, range(KEYS // 2, KEYS))  # committed on disk, past the snapshot
-    await close(proxy)
+    await close_proxy(proxy)
     remove_index(tmp_path / "cache")
     snapshot.rename(index)  # the index comes back as it was before the last fills
     caplog.set_level(logging.WARNING, logger="cachegate")
 
     proxy = await make_proxy(config=CONFIG, directory=tmp_path)
-    assert await x_caches(proxy, range(KEYS)) == ["MISS"] * KEYS
+    assert await x_caches(proxy, range(KEYS), body, HOST) == ["MISS"] * KEYS
     found = lost_warnings(caplog)
     assert len(found) == 1 and "older than the disk tier" in found[0], found
     await purges_reach_everything(proxy)
@@ -123,7 +112,7 @@ async def test_a_shard_from_before_the_sequence_table_is_not_read_whole_and_note
     route(origin, range(KEYS))
     proxy = await make_proxy(config=CONFIG, directory=tmp_path)
     await fill(proxy, range(KEYS // 2))
-    await close(proxy)
+    await close_proxy(proxy)
     db = tmp_path / "cache" / "000" / "cache.db"
     shard = sqlite3.connect(db, isolation_level=None)
     shard.execute("DROP TABLE cachegate_seq")
@@ -131,12 +120,12 @@ async def test_a_shard_from_before_the_sequence_table_is_not_read_whole_and_note
     caplog.set_level(logging.WARNING, logger="cachegate")
     proxy = await make_proxy(config=CONFIG, directory=tmp_path)
     assert lost_warnings(caplog) == []
-    assert await x_caches(proxy, range(KEYS // 2)) == ["HIT"] * (KEYS // 2)
+    assert await x_caches(proxy, range(KEYS // 2), body, HOST) == ["HIT"] * (KEYS // 2)
     shard = sqlite3.connect(db, isolation_level=None)
     assert shard.execute("SELECT seq FROM cachegate_seq").fetchall() == []
     shard.close()
     await fill(proxy, range(KEYS // 2, KEYS))
-    await close(proxy)
+    await close_proxy(proxy)
     shard = sqlite3.connect(db, isolation_level=None)
     assert [int(r[0]) > 0 for r in shard.execute("SELECT seq FROM cachegate_seq")] == [True]
     shard.close()
@@ -147,11 +136,11 @@ async def test_an_index_as_new_as_the_shards_keeps_them(
     route(origin, range(KEYS))
     proxy = await make_proxy(config=CONFIG, directory=tmp_path)
     await fill(proxy, range(50))
-    await close(proxy)
+    await close_proxy(proxy)
     caplog.set_level(logging.WARNING, logger="cachegate")
     proxy = await make_proxy(config=CONFIG, directory=tmp_path)
     assert lost_warnings(caplog) == []
-    assert await x_caches(proxy, range(50)) == ["HIT"] * 50
+    assert await x_caches(proxy, range(50), body, HOST) == ["HIT"] * 50
 
 
 async def test_a_purge_of_everything_reaches_entries_the_index_lost(
@@ -172,12 +161,12 @@ async def test_a_purge_of_everything_reaches_entries_the_index_lost(
     db.execute("UPDATE sqlite_sequence SET seq = 10 WHERE name = 'entries'")
     db.close()
     assert (await proxy.admin("POST", "/purge", json={"all": True})).status == 200
-    assert await x_caches(proxy, range(100, 110)) == ["MISS"] * 10  # fills after the purge
+    assert await x_caches(proxy, range(100, 110), body, HOST) == ["MISS"] * 10  # fills after the purge
     await storage.flush()
     await storage.maintain()  # the ban's sweep, then the ban is dropped
     assert storage.index is not None and storage.index.bans() == []
     # Only the fills after the purge are left on disk (a metadata and a body row each): the
     # sweep went through the disk's keys, and the fills numbered past the ban.
     assert await storage.run(disk.count) == 2 * 10
-    assert "HIT" not in await x_caches(proxy, range(100))
-    assert await x_caches(proxy, range(100, 110)) == ["HIT"] * 10
+    assert "HIT" not in await x_caches(proxy, range(100), body, HOST)
+    assert await x_caches(proxy, range(100, 110), body, HOST) == ["HIT"] * 10
