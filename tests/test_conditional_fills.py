@@ -363,12 +363,14 @@ async def _held(request: web.Request, headers: dict[str, str], release: asyncio.
     return resp
 
 
-async def test_clients_joining_a_big_fill_late_wait_for_it_rather_than_fetch_it_again(
-        origin: Origin, make_proxy: MakeProxy) -> None:
-    """Past the first MiB the flight keeps no history to replay: clients that join then read
-    the object from the store once the fill has stored it, however long that takes."""
-    big = bytes(range(256)) * (12 * 1024)  # 3 MiB
-    gated = Gated(FRESH, body=big, first=2 * 1024 * 1024)
+BIG = bytes(range(256)) * (12 * 1024)  # 3 MiB
+
+
+async def _big_fill_past_history(origin: Origin, make_proxy: MakeProxy
+                                 ) -> tuple[Proxy, Gated, asyncio.Future[bytes]]:
+    """A fill of ``BIG`` whose origin holds back all but its first 2 MiB (``Gated``), and its first
+    client's body to come, once that client has read past the MiB the flight keeps to replay."""
+    gated = Gated(FRESH, body=BIG, first=2 * 1024 * 1024)
     origin.route("/big", gated)
     proxy = await make_proxy(config=QUICK)
     past_history = asyncio.Event()
@@ -381,6 +383,15 @@ async def test_clients_joining_a_big_fill_late_wait_for_it_rather_than_fetch_it_
 
     leader = asyncio.ensure_future(first())
     await past_history.wait()
+    return proxy, gated, leader
+
+
+async def test_clients_joining_a_big_fill_late_wait_for_it_rather_than_fetch_it_again(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """Past the first MiB the flight keeps no history to replay: clients that join then read
+    the object as the fill stores it (its spool file, or the store), however long that takes,
+    never from the origin again."""
+    proxy, gated, leader = await _big_fill_past_history(origin, make_proxy)
     late = [asyncio.ensure_future(proxy.get("/big")) for _ in range(2)]
     late.append(asyncio.ensure_future(proxy.get("/big", headers={"If-None-Match": '"e1"'})))
     waited = 0
@@ -390,9 +401,9 @@ async def test_clients_joining_a_big_fill_late_wait_for_it_rather_than_fetch_it_
         waited += 1
         await asyncio.sleep(0.02)
     gated.release.set()
-    assert await leader == big
+    assert await leader == BIG
     replies = [await t for t in late]
-    assert [(r.status, r.body == big) for r in replies] == [(200, True), (200, True), (304, False)]
+    assert [(r.status, r.body == BIG) for r in replies] == [(200, True), (200, True), (304, False)]
     await flights_over(proxy)
     assert len(gated.requests) == 1
 
@@ -403,27 +414,14 @@ async def test_a_client_joining_a_big_fill_late_gets_its_first_bytes_before_the_
     written (``SpoolFollower``): its first bytes come while the origin still holds the rest
     (it waited for the whole fill: a long download's late clients heard nothing for its whole
     length), and its body is the object, byte for byte, from one origin request."""
-    big = bytes(range(256)) * (12 * 1024)  # 3 MiB
-    gated = Gated(FRESH, body=big, first=2 * 1024 * 1024)
-    origin.route("/big", gated)
-    proxy = await make_proxy(config=QUICK)
-    past_history = asyncio.Event()
-
-    async def first() -> bytes:
-        async with aiohttp.ClientSession() as session, session.get(proxy.url + "/big") as resp:
-            start = await resp.content.readexactly(2 * 1024 * 1024)
-            past_history.set()
-            return start + await resp.read()
-
-    leader = asyncio.ensure_future(first())
-    await past_history.wait()
+    proxy, gated, leader = await _big_fill_past_history(origin, make_proxy)
     async with aiohttp.ClientSession() as session, session.get(proxy.url + "/big") as resp:
         assert resp.status == 200 and resp.headers["X-Cache-Status"] == "HIT"
         start = await asyncio.wait_for(resp.content.readexactly(1024 * 1024), 10)
         assert not gated.release.is_set()  # (the fill is not over)
         gated.release.set()
         late = start + await resp.read()
-    assert late == big and await leader == big
+    assert late == BIG and await leader == BIG
     await flights_over(proxy)
     assert len(gated.requests) == 1
 

@@ -24,6 +24,18 @@ class Relay:
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One direction's bytes as they come, until its end (then the other side is closed)."""
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         t = asyncio.ensure_future(coro)
         self.tasks.add(t)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.cluster.nodes import Nodes, admin_json, cluster_view, metrics, purge, wait_until
 from tests.cluster.redis_server import RedisServer
+from tests.cluster.relay import Relay
 from tests.cluster.test_bus import versioned
 from tests.harness import Origin
 from tests.storage.procs import HOST, ProxyProcess
@@ -353,42 +354,27 @@ async def test_the_workers_of_a_node_whose_supervisor_is_stopped_past_its_heartb
         await nodes.stop_all()
 
 
-class Link:
+class Link(Relay):
     """A TCP proxy in front of Redis that can be held closed (connections refused, and those up
     cut), as a node's slow way back after Redis restarted."""
 
     def __init__(self, redis: RedisServer) -> None:
-        self.redis = redis
+        super().__init__(redis.port)
         self.closed = False
-        self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         if self.closed:
             cw.close()
             return
         try:
-            sr, sw = await asyncio.open_connection("127.0.0.1", self.redis.port)
+            sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError:
             cw.close()
             return
         self.writers.update((cw, sw))
-        await asyncio.gather(self._pump(cr, sw), self._pump(sr, cw))
+        await asyncio.gather(self._forward(cr, sw), self._forward(sr, cw))
         self.writers.difference_update((cw, sw))
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
 
     def close_all(self) -> None:
         self.closed = True
@@ -397,8 +383,7 @@ class Link:
 
     async def stop(self) -> None:
         self.close_all()
-        assert self.server is not None
-        self.server.close()
+        await self.close()
 
 
 async def test_a_purge_right_after_redis_restarted_empty_waits_for_a_node_not_back_yet(
