@@ -280,12 +280,14 @@ class ClusterNode:
         await self._disconnect()
 
     async def _disconnect(self) -> None:
+        # Not connected from now on, not once the clients are closed: closing them waits on dead
+        # sockets, and meanwhile /metrics said connected 1 beside a "disconnected" state.
+        self.connected = False
         for c in (self._redis, self._reader, self._beater):
             if c is not None:
                 with contextlib.suppress(Exception):
                     await c.aclose()
         self._redis = self._reader = self._beater = None
-        self.connected = False
 
     async def _run(self) -> None:
         attempt = 0
