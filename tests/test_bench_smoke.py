@@ -315,3 +315,25 @@ def test_a_pair_alternates_two_running_systems_and_takes_the_median_of_the_pairs
     assert result["rps_ratios"] == [1.5, 1.5, 1.5] and result["rps_ratio"] == 1.5
     assert result["p99_ratios"] == [0.8, 0.8, 0.8] and result["p99_ratio"] == 0.8
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids["before"] + pids["this"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bench_storage_runs_every_part_against_the_store_of_today() -> None:
+    """scripts/bench-storage calls the store's own methods, which move when the store is
+    reorganised: a few keys of each part (memory, disk, purge) run for real and print the table."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_storage.py"), "--smoke",
+                          "--purge-entries", "2000"],
+                         capture_output=True, text=True, timeout=110, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "| tier | size | op | median | p50 | p99 | baseline (median) | ratio |" in out.stdout
+    for tier, ops, baseline in (("memory", ("get", "put"), "x dict"),
+                                ("disk", ("get", "put", "put-batch"), "x diskcache")):
+        for size in ("1KB", "100KB", "1MB"):
+            for op in ops:
+                row = next((line for line in out.stdout.splitlines()
+                            if line.startswith(f"| {tier} | {size} | {op} |")), None)
+                assert row is not None and row.endswith(f"{baseline} |"), (tier, size, op, out.stdout)
+    assert "purge tag 'hot' (200 entries): median" in out.stdout
+    assert "eager deletion instead:" in out.stdout
