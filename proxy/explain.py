@@ -64,6 +64,8 @@ WHY_NOT = {
     "SET-COOKIE": "the response sets a cookie; a rule with allow_set_cookie: true would store it "
                   "(without the Set-Cookie)",
     "VARY-STAR": "the response has Vary: *",
+    "VARY-INVALID": "the response's Vary has a member that is not a field name (such as \"Cookie\", "
+                    "Cookie;x=1 or Coo kie): no request can be matched on it, as for Vary: *",
     "VARY-PER-CLIENT": "the response varies on X-Forwarded-For or X-Request-Id, which cachegate sets "
                        "per client",
     "TOO-LARGE": "the response is larger than cache.max_object",

@@ -56,6 +56,8 @@ CASES: list[tuple[str, str, str, Pairs, int, Pairs, int, str | None]] = [
     ("a cookie", "GET", "/p/cookie", [], 200, [MAX_AGE, ("Set-Cookie", "s=1")], 10, "SET-COOKIE"),
     ("a cookie a rule allows", "GET", "/landing/a", [], 200, [MAX_AGE, ("Set-Cookie", "s=1")], 10, None),
     ("Vary: *", "GET", "/p/vary-star", [], 200, [MAX_AGE, ("Vary", "*")], 10, "VARY-STAR"),
+    ("Vary not a list of field names", "GET", "/p/vary-invalid", [], 200, [MAX_AGE, ("Vary", '"Cookie"')], 10,
+     "VARY-INVALID"),
     ("an error without freshness", "GET", "/p/error", [], 503, [], 10, "UNCACHEABLE-STATUS"),
     ("an error a rule names", "GET", "/errors/a", [], 503, [], 10, None),
     ("no freshness, no validator", "GET", "/p/nothing", [], 200, [], 10, "NO-FRESHNESS"),

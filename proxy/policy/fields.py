@@ -143,6 +143,18 @@ def content_length(values: Sequence[str]) -> int | None:
     return digits(members[0])
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 tchar, ASCII only
+
+
+def is_token(text: str) -> bool:
+    """``1*tchar`` (RFC 9110 §5.6.2): a field name (§5.1), a directive or coding name.
+
+    >>> [is_token(t) for t in ("Accept-Encoding", '"Cookie"', "Cookie;x=1", "Coo kie", "K\u212a")]
+    [True, False, False, False, False]
+    """
+    return _TOKEN.fullmatch(text) is not None
+
+
 _ENTITY_TAG = re.compile(r'(?:W/)?"[^"\x00-\x20\x7f]*"')
 
 

@@ -45,7 +45,8 @@ _FILLER_ONLY = ("set-cookie", "x-request-id")
 # key's next requests skip waiting for each other's fetches for a while). Only what the
 # response says: AUTHORIZATION is the request's (one client's header must not turn the key's
 # coalescing off for everyone: any client could do it every few seconds).
-PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "VARY-STAR", "VARY-PER-CLIENT"})
+PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "VARY-STAR", "VARY-INVALID",
+                          "VARY-PER-CLIENT"})
 # The most surrogate keys (tags) one stored response may carry. Each is a row of the index and a
 # key of the purge tables; a response naming more is passed on, not stored: keeping only some
 # of its tags would leave it out of the purges by the others (Cloudflare's Cache-Tag holds

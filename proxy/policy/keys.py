@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
-from proxy.policy.fields import cookies, parameters, split_list, weight
+from proxy.policy.fields import cookies, is_token, parameters, split_list, weight
 from proxy.policy.messages import HeaderList, Headers, RequestHead
 
 ABSENT = "\n"  # a value no header can have: marks a Vary field the request lacked
@@ -331,14 +331,30 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
 
 
 def vary_names(headers: Headers) -> tuple[str, ...] | None:
-    """The field names a response varies on, lower-cased and sorted; None for ``Vary: *``."""
+    """The field names a response varies on, lower-cased and sorted; None when no request can
+    be matched on them (RFC 9111 §4.1): ``Vary: *``, or a member that is not a field name
+    (RFC 9110 §5.1: a token), such as ``"Cookie"``, ``Cookie;x=1`` or ``Coo kie``. Taken as
+    written, such a member names a field no request carries, so every client would match the
+    variant stored for the first (the origin meant ``Cookie``); Varnish makes such a response
+    a pass too. ``vary_refusal`` says which of the two it was.
+
+    >>> from multidict import CIMultiDict
+    >>> vary_names(CIMultiDict(Vary="Cookie, accept-encoding")), vary_names(CIMultiDict(Vary='"Cookie"'))
+    (('accept-encoding', 'cookie'), None)
+    """
     names: set[str] = set()
     for member in split_list(headers.getall("Vary", ())):
-        name = member.lower()
-        if name == "*":
+        if member == "*" or not is_token(member):
             return None
-        names.add(name)
+        names.add(member.lower())
     return tuple(sorted(names))
+
+
+def vary_refusal(headers: Headers) -> str:
+    """Why ``vary_names`` found no fields to match on, as a Cache-Status detail: ``VARY-STAR``,
+    or ``VARY-INVALID`` for a member that is not a field name (and no ``*``)."""
+    members = split_list(headers.getall("Vary", ()))
+    return "VARY-STAR" if "*" in members else "VARY-INVALID"
 
 
 def variant_of(names: tuple[str, ...], request_headers: Headers) -> HeaderList:

@@ -26,7 +26,7 @@ from proxy.policy.cache_control import (
 from proxy.policy.fields import content_length
 from proxy.policy.freshness import carries_credentials, compute_freshness, origin_freshness_only
 from proxy.policy.headers import dated, end_to_end
-from proxy.policy.keys import variant_of, vary_names
+from proxy.policy.keys import variant_of, vary_names, vary_refusal
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
 from proxy.policy.partial import parse_content_range
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
@@ -153,7 +153,7 @@ def _decide(
         return DontStore("SET-COOKIE")
     names = vary_names(headers)
     if names is None:
-        return DontStore("VARY-STAR")
+        return DontStore(vary_refusal(headers))  # VARY-STAR, VARY-INVALID
     if not PER_CLIENT_FIELDS.isdisjoint(names):
         return DontStore("VARY-PER-CLIENT")
     length = content_length(headers.getall("Content-Length", ()))

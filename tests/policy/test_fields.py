@@ -225,6 +225,11 @@ VARY = [
     ("duplicates count once", ["foo, Foo"], ("foo",)),
     ("* anywhere is *", ["foo", "bar, *"], None),
     ("an empty Vary varies on nothing", [""], ()),
+    ("a quoted member is not a field name: no request could be matched on it", ['"Cookie"'], None),
+    ("nor is one with a parameter", ["Accept, Cookie;x=1"], None),
+    ("nor one with a space inside", ["Coo kie"], None),
+    ("nor one past ASCII (the Kelvin sign is no K)", ["Coo\u212aie"], None),
+    ("every tchar is allowed", ["!#$%&'*+-.^_`|~09azAZ"], ("!#$%&'*+-.^_`|~09azaz",)),
 ]
 
 
