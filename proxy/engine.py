@@ -765,7 +765,7 @@ class Engine:
         updated = freshened(old, Exchange(head, 304, "", update, request_time, response_time), store_plan,
                             self._fill_settings, jitter=self._random.random())
         try:
-            if updated is None:  # the 304 said no-store or private: forget the stored response
+            if updated is None:  # the 304 said no-store, private or another Vary: forget the key's responses
                 await self.storage.delete([entry.key])
             else:
                 entries = [entry.with_response(updated)]

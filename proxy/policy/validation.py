@@ -22,6 +22,7 @@ from proxy.policy.fields import split_list
 from proxy.policy.freshness import compute_freshness, origin_freshness_only
 from proxy.policy.headers import HOP_BY_HOP, dated, end_to_end
 from proxy.policy.httpdate import parse_http_date
+from proxy.policy.keys import vary_names
 from proxy.policy.messages import CacheOptions, HeaderList, Headers, StoredResponse
 from proxy.policy.storability import response_cache_control
 
@@ -104,7 +105,13 @@ def freshen_stored(
     headers, except that ``Age`` and ``Date`` are the 304's own (a stored Age or
     Date describes the old exchange, not this one): a 304 without Date is dated
     ``response_time`` (``headers.dated``), so the stored Date agrees with the new age.
-    A 304 that adds ``no-store`` or ``private`` ends the stored response's life.
+    A 304 that adds ``no-store`` or ``private`` ends the stored response's life, and so does
+    one whose ``Vary`` names other fields than those the stored variant was selected by
+    (``Vary: *``, a member that is not a field name, a field added or gone: ``vary_names``):
+    the stored response would say ``Vary: Cookie`` while still matching every request as filled
+    without it (RFC 9111 §4.1: a response with Vary is used only for requests whose nominated
+    fields match those of the request that stored it, which for the new fields were never
+    recorded). The key is then fetched anew, its response stored (or not) by its own Vary.
     ``credentials``: the revalidating request carried Cookie or Authorization. No heuristic
     freshness then, nor when the stored response was filled (or freshened) for such a
     request (``StoredResponse.credentials``, kept): an anonymous revalidation says nothing
@@ -124,6 +131,8 @@ def freshen_stored(
     for name in ("Age", "Date"):
         for value in update.getall(name, ()):
             view.add(name, value)
+    if vary_names(view) != tuple(name for name, _ in stored.vary):
+        return None  # a Vary the stored variant is not matched on (see the docstring)
     cc, source = response_cache_control(view, options)
     if "no-store" in cc or "private" in cc:
         return None

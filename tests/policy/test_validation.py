@@ -20,7 +20,7 @@ from proxy.policy.validation import (
     merge_headers,
     precondition_failed,
 )
-from tests.policy.build import T0, date, headers, stored
+from tests.policy.build import T0, date, headers, request, stored
 
 Pairs = list[tuple[str, str]]
 LM = date(-10_000)
@@ -174,6 +174,31 @@ def test_a_304_with_a_new_max_age_changes_the_lifetime() -> None:
 def test_a_304_that_forbids_storing_ends_the_stored_response(directive: str) -> None:
     s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"')])
     assert freshen_stored(s, headers(("Cache-Control", directive)), T0, T0, CacheOptions()) is None
+
+
+# (case, the stored response's Vary (None: none), the 304's Vary lines, kept?) The stored response
+# was filled for a request with Cookie: u=A and Accept-Language: de.
+VARY_304: list[tuple[str, str | None, list[str], bool]] = [
+    ("a 304 without Vary keeps the stored one (RFC 9111 §3.2)", "Cookie", [], True),
+    ("the same fields, spelt otherwise, keep it", "Cookie, Accept-Language", ["accept-language", "COOKIE"], True),
+    ("Vary: * ends it: it could never be matched (RFC 9111 §4.1)", None, ["*"], False),
+    ("a field added ends it: the fill's value of it was never recorded", None, ["Cookie"], False),
+    ("so does one more field", "Cookie", ["Cookie, Accept-Language"], False),
+    ("and one gone: the variant would still be matched on it", "Cookie, Accept-Language", ["Cookie"], False),
+    ("a member that is not a field name ends it", "Cookie", ['"Cookie"'], False),
+    ("an empty Vary on a response stored without one keeps it", None, [""], True),
+]
+
+
+@pytest.mark.parametrize(("case", "vary", "update", "kept"), VARY_304, ids=[v[0] for v in VARY_304])
+def test_a_304_whose_vary_names_other_fields_ends_the_stored_response(
+        case: str, vary: str | None, update: list[str], kept: bool) -> None:
+    fill = request(("Cookie", "u=A"), ("Accept-Language", "de"))
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"'), *([("Vary", vary)] if vary else [])], req=fill)
+    fresh = freshen_stored(s, headers(("ETag", '"a"'), *(("Vary", v) for v in update)), T0, T0, CacheOptions())
+    assert (fresh is not None) is kept
+    if fresh is not None:
+        assert fresh.vary == s.vary
 
 
 # (case, stored fields, request fields, 304?)
