@@ -244,6 +244,13 @@ def client_not_modified(request_headers: Headers, stored: StoredResponse) -> boo
     If-None-Match (weak comparison) wins over If-Modified-Since. Without a stored
     Last-Modified, the stored Date stands in, then the time it was received
     (RFC 9111 §4.3.2).
+
+    Only for a stored 200: a 304 says the request "would have resulted in a 200 (OK)" and
+    tells the client to use its copy "as if it were the content of a 200" (RFC 9110 §15.4.5).
+    A stored 203 (content a proxy transformed), 204, 300, 301 or 404 is sent whole, as nginx
+    (``ngx_http_not_modified_filter``: status 200 only) and Varnish (``RFC2616_Do_Cond``: 200
+    only) do: a correct answer, only not the shortest one. (A failing If-Match or
+    If-Unmodified-Since does give a stored 2xx its 412: ``precondition_failed``.)
     """
     if stored.status != 200:
         return False

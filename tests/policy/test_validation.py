@@ -236,9 +236,13 @@ def test_a_client_s_conditional_request_is_evaluated_against_the_stored_response
     assert client_not_modified(headers(*req), s) is expected
 
 
-def test_only_a_stored_200_answers_a_conditional_with_304() -> None:
-    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"')], status=404)
+@pytest.mark.parametrize("status", [203, 204, 300, 301, 404])
+def test_only_a_stored_200_answers_a_conditional_with_304(status: int) -> None:
+    # RFC 9110 §15.4.5: a 304 stands for the 200 the request would otherwise get (nginx and
+    # Varnish answer 304 only for a 200 too); a 203 or a 404 is sent whole.
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Last-Modified", LM)], status=status)
     assert not client_not_modified(headers(("If-None-Match", '"a"')), s)
+    assert not client_not_modified(headers(("If-Modified-Since", date(0))), s)
 
 
 # (case, stored fields, stored status, request fields, 412?): RFC 9110 §13.1.1, §13.1.4, §13.2
