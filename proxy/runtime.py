@@ -139,6 +139,10 @@ class ReloadResult:
     # Applied by the supervisor but not by every worker (``problems`` name them): the new config
     # runs in some processes, not "rejected" as a whole.
     partial: bool = False
+    # Of ``restart_required``, what this process could not apply although the config changed
+    # nothing only a restart changes (a TLS listener's new key of another type): a supervisor
+    # adds its workers' to its answer (their other names are theirs, not the config's).
+    unapplied: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -182,8 +186,9 @@ class Runtime:
     # Why this process serves short of its config (the supervisor: workers it no longer
     # restarts, ``Supervisor._code_changed``); GET /healthz answers 503 "degraded" with it.
     degraded: str | None = None
-    # What else a reload applies (the web layer adds a TLS listener's certificate reload).
-    on_reconfigure: list[Callable[[Settings], None]] = field(default_factory=list)
+    # What else a reload applies (the web layer adds a TLS listener's certificate reload): each
+    # returns None, or what it could not apply and only a restart does (``ReloadResult.unapplied``).
+    on_reconfigure: list[Callable[[Settings], str | None]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Closed first by ``close`` (cluster mode's Redis connections), last added first.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -247,7 +252,8 @@ class Runtime:
             self.metrics.purges.labels(kind).inc()
         self.metrics.purged_entries.inc(count)
 
-    def reconfigure(self, settings: Settings) -> None:
+    def reconfigure(self, settings: Settings) -> list[str]:
+        """Apply ``settings``; what the hooks could not apply (they logged why)."""
         old = self.settings
         self.settings = settings
         self.engine.reconfigure(settings)
@@ -258,11 +264,16 @@ class Runtime:
             setup_logging(as_json=error_log_json(settings))
         elif self.access_log is not None:
             self.access_log.reopen()  # SIGHUP after logrotate moved the file
+        unapplied = []
         for hook in self.on_reconfigure:
             try:
-                hook(settings)
+                kept = hook(settings)
             except Exception:  # one part failing to reload must not stop the rest
                 log.exception("reload: applying the new config failed in part")
+            else:
+                if kept is not None:
+                    unapplied.append(kept)
+        return unapplied
 
     async def drain(self, grace: float | None = None) -> None:
         """Let the fills still running end within ``grace`` seconds (default: shutdown_grace), and

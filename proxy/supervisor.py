@@ -843,8 +843,10 @@ class Supervisor:
         try:
             result = await self._reload_here(reloader)
             if result.ok:
-                problems = await self._reload_workers(result.problems)
-                result = replace(result, problems=problems, partial=bool(problems))
+                problems, unapplied = await self._reload_workers(result.problems)
+                restart = result.restart_required
+                restart = [*restart, *(u for u in unapplied if u not in restart)]
+                result = replace(result, problems=problems, partial=bool(problems), restart_required=restart)
             problems = result.problems
         finally:
             if self.runtime is not None:  # counted as answered: failed when a worker did not apply it
@@ -880,10 +882,12 @@ class Supervisor:
                     self._uncommitted = None
             return result
 
-    async def _reload_workers(self, problems: list[str]) -> list[str]:
+    async def _reload_workers(self, problems: list[str]) -> tuple[list[str], list[str]]:
         """Every worker's reload, all at once, from the copy as it is now: ``problems`` plus one
-        for each worker that did not apply it (it keeps the config it ran). At once, not in turn:
-        a hung worker held the reload of every worker after it for the call's 30 s."""
+        for each worker that did not apply it (it keeps the config it ran), and what workers
+        applied it without and needs a restart (a TLS key of another type: the listeners are
+        the workers'), each name once. At once, not in turn: a hung worker held the reload of
+        every worker after it for the call's 30 s."""
         problems = list(problems)
         path: str | None = self.config_path
         if self._config is not None:
@@ -891,6 +895,8 @@ class Supervisor:
                 path = self._config.current()  # written again if a cleaner removed it
             except OSError as exc:
                 self._uncommitted = f"cannot write the workers' copy of the config: {exc.strerror or exc}"
+
+        unapplied: list[str] = []
 
         async def one(w: Worker) -> list[str]:
             channel = w.channel
@@ -905,12 +911,13 @@ class Supervisor:
                 return [f"worker {w.worker_id} did not reload: {str(exc) or type(exc).__name__}"]
             for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
+            unapplied.extend(u for u in answer.get("unapplied", ()) if u not in unapplied)
             return [f"worker {w.worker_id} rejected the reload and keeps its config: {p}"
                     for p in answer.get("problems", ())]
 
         for found in await asyncio.gather(*(one(w) for w in self.workers)):
             problems += found
-        return problems
+        return problems, unapplied
 
     def _notify_worker(self, worker_id: int, event: dict[str, Any]) -> None:
         """Tell a worker how another worker's fetch of a key it waits for went (no answer needed)."""

@@ -17,7 +17,9 @@ name that is not ASCII (anyone can send one) then printed a traceback to stderr 
 
 A reload whose files do not load (a key that does not match
 its certificate, a half-copied file, a key that needs a passphrase) leaves the current context
-in place: the config check loads them first, and refuses the reload. cachegate never asks for
+in place: the config check loads them first, and refuses the reload. A key of another type
+than the running one (RSA to EC) leaves it in place too, and the reload's answer names the
+listener in ``restart_required``. cachegate never asks for
 a passphrase: OpenSSL's default would ask on the controlling terminal and block the process.
 """
 
@@ -131,9 +133,10 @@ class ServerTLS:
         self.files = (cert, key)
         self.kind = _file_key_kind(key)
 
-    def reload(self, cert: str, key: str) -> bool:
-        """Read the files again (they may be new files at the same paths); True when the new
-        certificate is in use for new handshakes, False (logged) when the old one stays."""
+    def reload(self, cert: str, key: str) -> str | None:
+        """Read the files again (they may be new files at the same paths); None when the new
+        certificate is in use for new handshakes, else why the old one stays (logged): the
+        reload's answer names it in ``restart_required``, so a renewal hook sees it."""
         try:
             with tempfile.TemporaryDirectory(prefix="cachegate-tls-") as folder:  # mode 0700
                 copies: dict[str, str] = {}
@@ -153,13 +156,14 @@ class ServerTLS:
                               "running one %s: restart cachegate to change the key type (OpenSSL "
                               "keeps one certificate per key type: the old one would still be served "
                               "to clients of its type)", key, kind, self.kind)
-                    return False
+                    return (f"the key is {kind}, the certificate served has an {self.kind} key: "
+                            "a restart changes the key type")
                 self.context.load_cert_chain(copies["cert.pem"], copies["key.pem"], password=_no_passphrase)
         except EncryptedKey:
             log.error("TLS reload failed, the current certificate stays: %s: %s", key, ENCRYPTED_KEY)
-            return False
+            return f"the current certificate stays: {ENCRYPTED_KEY}"
         except (ssl.SSLError, OSError) as exc:
             log.error("TLS reload failed, the current certificate stays: %s: %s", cert, exc)
-            return False
+            return f"the current certificate stays: {cert} did not load ({exc})"
         self.files = (cert, key)
-        return True
+        return None

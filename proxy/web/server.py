@@ -127,11 +127,16 @@ async def start_proxy_listeners(runtime: Runtime, settings: Settings, listeners:
             runtime.on_reconfigure.append(_tls_reload(tls, index))
 
 
-def _tls_reload(tls: ServerTLS, index: int) -> Callable[[Settings], None]:
-    def reload(settings: Settings) -> None:
+def _tls_reload(tls: ServerTLS, index: int) -> Callable[[Settings], str | None]:
+    """A reload's hook: the listener's certificate read again; when the old one stays (a key of
+    another type), a ``restart_required`` name saying why, not a silent success."""
+
+    def reload(settings: Settings) -> str | None:
         files = settings.listeners[index].tls if index < len(settings.listeners) else None
-        if files is not None:
-            tls.reload(files.cert, files.key)
+        if files is None:
+            return None
+        kept = tls.reload(files.cert, files.key)
+        return None if kept is None else f"listen[{index}].tls ({kept})"
 
     return reload
 
@@ -386,7 +391,7 @@ class Reloader:
     reading the files when its turn comes: the last one asked applies last."""
 
     def __init__(self, path: str | None, overrides: Overrides, current: Callable[[], Settings],
-                 apply: Callable[[Settings], None],
+                 apply: Callable[[Settings], list[str]],
                  on_result: Callable[[bool], None] | None = None, display: str | None = None,
                  prepare: Callable[[Settings, Settings], Settings] | None = None,
                  machine: MachineCheck = "reload") -> None:
@@ -423,7 +428,7 @@ class Reloader:
             # and applying the new ones.
             current = self._current()
             merged, restart = live_settings(current, self._prepare(new, current) if self._prepare else new)
-            self._apply(merged)
+            unapplied = self._apply(merged)  # named in ``restart_required`` too (logged by who kept them)
             gctuning.resettle_soon()
             for name in restart:
                 log.warning("reload: %s changed; it applies at the next restart", name)
@@ -433,7 +438,8 @@ class Reloader:
                      len(merged.rules.rules), len(merged.rules.files))
             if self._on_result:
                 self._on_result(True)
-            return ReloadResult([], restart, len(merged.rules.rules), merged.rules.files, new.warnings)
+            return ReloadResult([], [*restart, *unapplied], len(merged.rules.rules), merged.rules.files,
+                                new.warnings, unapplied=unapplied)
 
     def reject(self, problems: list[str]) -> ReloadResult:
         """A reload that did not happen: ``problems`` logged and answered, the old config stays."""
@@ -662,7 +668,8 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
 
     async def reload(config: str | None = None) -> dict[str, Any]:
         result = await reloader.reload(config)  # the supervisor's copy as it committed it
-        return {"problems": result.problems, "restart_required": result.restart_required}
+        return {"problems": result.problems, "restart_required": result.restart_required,
+                "unapplied": result.unapplied}
 
     async def ping() -> dict[str, Any]:
         return {"worker_id": worker.worker_id, "pid": os.getpid(),

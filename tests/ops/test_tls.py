@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -456,7 +457,7 @@ def test_server_tls_never_prompts_for_a_passphrase(tmp_path: Path, certs: Certs)
     try:
         assert term.read(lambda out: False), f"waiting at the terminal: {term.output!r}"
         text = term.output.decode(errors="replace")
-        assert "reload False" in text and "the key is encrypted" in text, text
+        assert "reload the current certificate stays: the key is encrypted" in text, text
         assert "pass phrase" not in text
     finally:
         term.stop()
@@ -528,16 +529,14 @@ def test_a_reload_to_another_key_type_is_refused_and_the_old_certificate_stays(
     although the reload said it succeeded."""
     from proxy.tls import ServerTLS, key_kind
 
-    ec_key, ec_cert = tmp_path / "eckey.pem", tmp_path / "eccert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(ec_key), "-out", str(ec_cert), "-days", "1", "-subj", "/CN=ec.test"],
-                   check=True, capture_output=True)
+    ec_key, ec_cert = ec_pair(tmp_path)
     assert key_kind(ec_key.read_bytes()) == "EC"
     assert key_kind(certs.key.read_bytes()) == "RSA"
     tls = ServerTLS(str(certs.cert), str(certs.key))
-    assert not tls.reload(str(ec_cert), str(ec_key))
+    assert tls.reload(str(ec_cert), str(ec_key)) == ("the key is EC, the certificate served has an RSA "
+                                                     "key: a restart changes the key type")
     assert tls.files == (str(certs.cert), str(certs.key))
-    assert tls.reload(str(certs.b[1]), str(certs.b[0]))  # the same key type: rotated
+    assert tls.reload(str(certs.b[1]), str(certs.b[0])) is None  # the same key type: rotated
 
     async def served() -> bytes:
         server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0,
@@ -553,3 +552,60 @@ def test_a_reload_to_another_key_type_is_refused_and_the_old_certificate_stays(
         return bytes(der)
 
     assert asyncio.run(served()) == Certs.der(certs.b)  # never the EC one
+
+
+def ec_pair(directory: Path) -> tuple[Path, Path]:
+    """A throwaway EC key and its self-signed certificate (another key type than ``Certs``')."""
+    key, cert = directory / "eckey.pem", directory / "eccert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=ec.test",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return key, cert
+
+
+KEY_TYPE_KEPT = ("listen[1].tls (the key is EC, the certificate served has an RSA key: a restart "
+                 "changes the key type)")
+
+
+async def test_a_reload_that_keeps_the_certificate_for_its_key_type_says_a_restart_is_needed(
+        origin: Origin, make_proxy: MakeProxy, certs: Certs, tmp_path: Path) -> None:
+    """A renewal that switches the key type (new files at the same paths): the reload cannot
+    rotate the certificate, and its answer said so only in the log (``restart_required: []``),
+    so a renewal hook took the old certificate for the new one. Now it names the listener in
+    ``restart_required``, at this reload and the next ones, until a restart."""
+    proxy = await make_proxy(config=tls_config(certs))
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    ec_key, ec_cert = ec_pair(tmp_path)
+    certs.use((ec_key, ec_cert))
+    for _ in range(2):
+        reply = await proxy.admin("POST", "/reload")
+        assert reply.status == 200, reply.body
+        answer = json.loads(reply.body)
+        assert answer["reloaded"] is True and answer["restart_required"] == [KEY_TYPE_KEPT], answer
+    conn = await Conn.open(proxy.listeners.proxy_urls[1])
+    try:
+        assert conn.peer_cert() == Certs.der(certs.a)  # what it said: the old one stays
+    finally:
+        conn.close()
+    certs.use(certs.b)  # back to an RSA pair: rotated, nothing left for a restart
+    reply = await proxy.admin("POST", "/reload")
+    assert json.loads(reply.body)["restart_required"] == [], reply.body
+
+
+@pytest.mark.slow
+async def test_with_workers_the_reload_answer_names_a_key_type_change_once(
+        origin: Origin, tmp_path: Path, certs: Certs) -> None:
+    """The listeners are the workers': the supervisor's answer carries what its workers could
+    not apply (each name once), not only what its own config comparison found."""
+    from tests.harness import spawn_cachegate, write_config
+
+    config = write_config(str(tmp_path), origin.url, tls_config(certs))
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--workers", "2"])
+    try:
+        assert proc.admin_url is not None
+        certs.use(ec_pair(tmp_path))
+        status, body = await asyncio.to_thread(_post, proc.admin_url + "/reload")
+        assert status == 200, body
+        assert json.loads(body)["restart_required"] == [KEY_TYPE_KEPT], body
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
