@@ -371,6 +371,7 @@ def cmd_sample_origin(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from proxy.warm import MAX_CONCURRENCY
     parser = argparse.ArgumentParser(prog="cachegate", description="HTTP caching reverse proxy")
     parser.add_argument("--version", action="version", version=f"cachegate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -448,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "http://127.0.0.1:8080)")
     where.add_argument("--config", "-c", metavar="FILE", help="take the proxy's address from this config")
     p.add_argument("--host", metavar="HOST", help="the Host for paths (default: the proxy's address)")
-    p.add_argument("--concurrency", type=_whole(1), default=8, metavar="N",
-                   help="requests at once (default 8)")
+    p.add_argument("--concurrency", type=_whole(1, MAX_CONCURRENCY), default=8, metavar="N",
+                   help=f"requests at once (default 8, at most {MAX_CONCURRENCY})")
     p.add_argument("--rate", type=_rate, default=None, metavar="R/s",
                    help="at most R requests a second (default: no limit)")
     p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",

@@ -48,13 +48,20 @@ from typing import IO, Any
 from urllib.parse import quote, urlsplit
 from xml.parsers import expat
 
+from multidict import CIMultiDict
+
 MAX_SITEMAP_BYTES = 50 * 1024 * 1024  # the sitemaps.org limit for one sitemap, uncompressed
 READ_CHUNK = 1 << 16  # answers are read this much at a time, never whole
 PARSE_CHUNK = 1 << 16  # a sitemap is parsed this much at a time, the event loop running in between
 MAX_SITEMAP_URLS = 1_000_000  # URLs taken from all the sitemaps of a run (pages and sitemaps)
 MAX_URL_LENGTH = 8192  # characters of one <loc> kept (sitemaps.org: under 2,048)
 MAX_SITEMAP_DEPTH = 4  # sitemap index -> sitemap index -> ... -> urlset
-USER_AGENT = "cachegate-warm"
+USER_AGENT = "cachegate-warm"  # sent unless -H 'User-Agent: ...' replaces it ('User-Agent:': none)
+# aiohttp's own defaults, never sent: ``Accept-Encoding: gzip, deflate`` filled a variant no
+# browser asks for, and the variant of clients that send none (curl, most bots) could not be
+# warmed at all. Warm sends what -H and --variants give; without them, no Accept-Encoding.
+SKIPPED_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+MAX_CONCURRENCY = 1000  # --concurrency at most (each is a connection to the proxy)
 HIT_LIKE = frozenset({"HIT", "STALE", "UPDATING"})
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -69,23 +76,57 @@ class Target:
     """One request to send: a URL (absolute, or a path for the default host) and its headers."""
 
     url: str
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str | None], ...] = ()  # None: sent without that field
 
 
 # -- sources (pure) -----------------------------------------------------------------------------
 
 
-def parse_header(text: str) -> tuple[str, str]:
-    """``'Name: value'`` -> (name, value); ValueError otherwise.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a field name (RFC 9110 §5.1)
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\U0010ffff]*")  # no controls (RFC 9110 §5.5)
 
-    >>> parse_header("Accept-Encoding: gzip, br")
-    ('Accept-Encoding', 'gzip, br')
+
+def parse_header(text: str) -> tuple[str, str | None]:
+    """``'Name: value'`` -> (name, value); as curl's ``-H``, ``'Name:'`` -> (name, None): sent
+    without that field (not even warm's own default), and ``'Name;'`` -> (name, ''): an empty
+    value. ValueError for anything that is not a field, or a value with a control character.
+
+    >>> parse_header("Accept-Encoding: gzip, br"), parse_header("Accept-Encoding:"), parse_header("X-Empty;")
+    (('Accept-Encoding', 'gzip, br'), ('Accept-Encoding', None), ('X-Empty', ''))
     """
     name, sep, value = text.partition(":")
+    empty = not sep and text.endswith(";")
+    if empty:
+        name = text[:-1]
     name = name.strip()
-    if not sep or not name or any(c in name for c in " \t\r\n") or "\r" in value or "\n" in value:
-        raise ValueError(f"not a header: {text!r} (write 'Name: value')")
-    return name, value.strip()
+    if not (sep or empty) or not _TOKEN.fullmatch(name):
+        raise ValueError(f"not a header: {text!r} (write 'Name: value'; 'Name:' sends none, "
+                         "'Name;' an empty value)")
+    value = value.strip(" \t")
+    if not _FIELD_VALUE.fullmatch(value):
+        raise ValueError(f"a control character in the value of {text!r}")
+    if empty:
+        return name, ""
+    return name, value or None
+
+
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::(\d{1,5}))?")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot be a Host field (``--host``, a URL's host), or None.
+
+    >>> host_problem("shop.example:8080"), host_problem("[::1]:80")
+    (None, None)
+    >>> host_problem("x\\r\\nY: 1"), host_problem("a:99999")
+    ('not a host[:port]', 'the port is above 65535')
+    """
+    m = _HOST.fullmatch(host)
+    if m is None:
+        return "not a host[:port]"
+    if m.group(2) is not None and int(m.group(2)) > 65535:
+        return "the port is above 65535"
+    return None
 
 
 def parse_url_list(text: str) -> list[str]:
@@ -284,8 +325,8 @@ async def read_sitemap(body: bytes, room: int = MAX_SITEMAP_URLS) -> tuple[list[
     return reader.result()
 
 
-def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str]],
-                variants: Sequence[tuple[str, str]]) -> list[Target]:
+def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str | None]],
+                variants: Sequence[tuple[str, str | None]]) -> list[Target]:
     """Each URL once (first seen wins), once per variant when variants are given."""
     seen: set[str] = set()
     out: list[Target] = []
@@ -308,6 +349,9 @@ _DETAIL = re.compile(r';\s*detail=("(?:[^"\\]|\\.)*"|[^;,\s]+)')
 EMPTY_QUERY = "an empty query ('?') cannot be sent"
 USERINFO = "a URL with user:password@ is refused (it would be sent in the Host header)"
 OPEN_BRACKET = "not a valid URL: the '[' of an IPv6 address is not closed by ']'"
+NOT_A_URL = "not a URL or path"
+NOT_HTTP = "not an http(s) URL"
+BAD_HOST = "not a valid URL: its host is not a host[:port]"
 
 
 def sendable(target: str) -> str:
@@ -550,6 +594,14 @@ class Warmer:
         if split.scheme not in ("http", "https") or not split.netloc or "@" in split.netloc:
             raise WarmError(f"--proxy must be a URL like http://127.0.0.1:8080 (no user:password@), "
                             f"not {_hide_userinfo(options.proxy)!r}")
+        why = host_problem(split.netloc)
+        if why is not None:
+            raise WarmError(f"--proxy must be a URL like http://127.0.0.1:8080: {why} in {options.proxy!r}")
+        if options.host is not None and (why := host_problem(options.host)) is not None:
+            raise WarmError(f"--host {options.host!r}: {why}")
+        if not 1 <= options.concurrency <= MAX_CONCURRENCY:
+            raise WarmError(f"--concurrency takes a whole number from 1 to {MAX_CONCURRENCY}, "
+                            f"not {options.concurrency}")
         self._base = f"{split.scheme}://{split.netloc}"
         self._default_host = options.host or split.netloc
 
@@ -557,11 +609,11 @@ class Warmer:
         """WarmError when ``url`` cannot be requested (what a request for it would count as)."""
         self._request_of(Target(url))
 
-    def _request_of(self, target: Target) -> tuple[str, dict[str, str]]:
+    def _request_of(self, target: Target) -> tuple[str, CIMultiDict[str]]:
         """Where to send ``target`` and with which headers (Host from the URL); WarmError when
         it cannot be sent: not a URL or path, an empty query, user info (``user:pw@``, which
         would land in the Host header and the access log)."""
-        headers = {"User-Agent": USER_AGENT}
+        headers = CIMultiDict({"User-Agent": USER_AGENT})
         if target.url.startswith("/"):
             # A path is sent as written: '//evil.example/x' is a path of its own (the proxy, purge
             # and explain keep it so), not a URL of host evil.example, as urlsplit would read it.
@@ -575,11 +627,15 @@ class Warmer:
                     raise WarmError(OPEN_BRACKET) from None
                 raise WarmError(f"not a valid URL ({exc})") from None
             if not (split.scheme and split.netloc):
-                raise WarmError(f"not a URL or path: {target.url!r}")
+                raise WarmError(NOT_A_URL)
+            if split.scheme.lower() not in ("http", "https"):  # ftp://h/x is not http://h/x
+                raise WarmError(NOT_HTTP)
             if "@" in split.netloc:
                 raise WarmError(USERINFO)
+            if host_problem(split.netloc) is not None:  # a control character, a port past 65535
+                raise WarmError(BAD_HOST)
             host = split.netloc
-            if split.scheme == "https":
+            if split.scheme.lower() == "https":
                 headers["X-Forwarded-Proto"] = "https"
             path = split.path or "/"
             if "?" in target.url.split("#", 1)[0]:
@@ -589,7 +645,10 @@ class Warmer:
             raise WarmError(EMPTY_QUERY)
         headers["Host"] = host
         for k, v in target.headers:
-            headers[k] = v
+            if v is None:  # 'Name:': sent without it
+                headers.popall(k, None)
+            else:
+                headers[k] = v
         return self._base + sendable(path), headers
 
     async def fetch(self, session: Any, target: Target, keep: int | None = None) -> tuple[int, Any, bytes]:
@@ -665,7 +724,8 @@ class Warmer:
         connector = aiohttp.TCPConnector(limit=max(1, self.options.concurrency))
         try:
             async with aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
-                                             cookie_jar=aiohttp.DummyCookieJar()) as session:
+                                             cookie_jar=aiohttp.DummyCookieJar(),
+                                             skip_auto_headers=SKIPPED_AUTO_HEADERS) as session:
                 found = await _until(stop, self.sitemap_urls(session, sitemaps, tally)) if sitemaps else []
                 targets: list[Target] = targets_of(found or [])
                 tally.total += len(targets)
@@ -698,7 +758,9 @@ class Warmer:
                 tally.add(outcome, target.url)
 
         reporter = asyncio.ensure_future(self._report(tally, started))
-        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, self.options.concurrency))]
+        # No more workers than requests: each one is a task and, once it sends, a connection.
+        count = max(1, min(self.options.concurrency, len(queue)))
+        workers = [asyncio.ensure_future(worker()) for _ in range(count)]
         try:
             await _until(stop, asyncio.gather(*workers))
         finally:

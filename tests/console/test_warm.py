@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -279,7 +280,7 @@ async def test_a_path_starting_with_two_slashes_is_warmed_as_written(
 
 
 @pytest.mark.parametrize(("option", "value", "accepts"), [
-    ("--concurrency", "0", "a whole number of 1 or more"), ("--concurrency", "-1", "a whole number of 1 or more"),
+    ("--concurrency", "0", "a whole number from 1 to 1000"), ("--concurrency", "-1", "a whole number from 1 to 1000"),
     ("--rate", "0", "a number of requests a second above 0"), ("--rate", "nan", "a number of requests a second above 0"),
     ("--rate", "inf/s", "a number of requests a second above 0"), ("--timeout", "0", "a number of seconds above 0"),
     ("--timeout", "nan", "a number of seconds above 0"), ("--max-errors", "-1", "a whole number of 0 or more"),
@@ -581,3 +582,82 @@ async def test_warm_reads_cachegates_own_cache_status_and_prints_no_controls(mak
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- what warm sends ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_warm_sends_no_accept_encoding_of_its_own_and_can_warm_the_absent_variant(
+        origin: Origin, proxy: Proxy) -> None:
+    """aiohttp's default ``Accept-Encoding: gzip, deflate`` (and ``Accept: */*``) went with every
+    request: warm filled a variant no browser asks for, while a client sending none (curl, bots)
+    still missed. Now warm sends only what -H and --variants say; ``'Name:'`` sends the request
+    without that field (as curl's -H), so the absent variant can be listed beside others."""
+    seen: list[tuple[str, str | None, str | None, str | None]] = []
+
+    async def negotiated(request: web.Request) -> web.Response:
+        h = request.headers
+        seen.append((request.path, h.get("Accept-Encoding"), h.get("Accept"), h.get("User-Agent")))
+        return web.Response(body=b"x" * 100, headers={"Cache-Control": "max-age=600", "Vary": "Accept-Encoding"})
+
+    for path in ("/plain", "/both"):
+        origin.route(path, negotiated)
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none", stdin=b"/plain\n")
+    assert code == 0 and "stored                1" in out, (out, err)
+    assert seen == [("/plain", None, None, "cachegate-warm")]
+    assert (await proxy.raw("GET", "/plain")).x_cache == "HIT"  # a client that sends no Accept-Encoding
+
+    seen.clear()
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
+                                "--variants", "Accept-Encoding:", "--variants", "Accept-Encoding: gzip, br",
+                                "-H", "User-Agent:", stdin=b"/both\n")
+    assert code == 0 and "stored                2" in out, (out, err)
+    assert sorted(seen, key=str) == sorted([("/both", None, None, None), ("/both", "gzip, br", None, None)], key=str)
+    assert (await proxy.raw("GET", "/both")).x_cache == "HIT"
+    assert (await proxy.get("/both", headers={"Accept-Encoding": "br, gzip"})).x_cache == "HIT"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--proxy", "http://127.0.0.1:99999"], "--proxy must be a URL like http://127.0.0.1:8080: the port is above 65535"),
+    (["--proxy", "http://127.0.0.1:8x"], "--proxy must be a URL like http://127.0.0.1:8080: not a host[:port]"),
+    (["--host", "x\r\nY: 1"], "--host 'x\\r\\nY: 1': not a host[:port]"),
+    (["-H", "X-A: a\x01b"], "a control character in the value of 'X-A: a\\x01b'"),
+    (["--variants", "Bad Name: 1"], "not a header: 'Bad Name: 1'"),
+    (["--concurrency", "3000000"], "argument --concurrency: takes a whole number from 1 to 1000, not '3000000'"),
+])
+def test_a_bad_proxy_host_header_or_concurrency_is_a_usage_error_before_anything_is_sent(
+        args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each used to fail every URL as a bare ``ValueError`` (exit 1), or, for a huge
+    --concurrency, to start that many workers for one URL."""
+    from proxy.cli import main
+
+    argv = ["warm", "--proxy", "http://127.0.0.1:9", "--sitemap", "http://a.example/s.xml", "--progress", "none",
+            *args]
+    try:
+        code = main(argv)
+    except SystemExit as stopped:  # argparse's own usage errors
+        code = stopped.code  # type: ignore[assignment]
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+async def test_no_more_workers_than_requests(origin: Origin, proxy: Proxy) -> None:
+    """--concurrency 1000 for one URL started 1000 workers (3,000,000: 48 s and 3.5 GB)."""
+    origin.route("/one", body=b"x", headers={"Cache-Control": "max-age=600"})
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    warmer = warm_module.Warmer(warm_module.WarmOptions(proxy=proxy.url, concurrency=1000, progress="none"))
+    loop.set_task_factory(factory)
+    try:
+        tally, _, _ = await warmer.run(lambda found: targets_for(["/one"], [], []))
+    finally:
+        loop.set_task_factory(None)
+    assert tally.counts["stored"] == 1
+    assert sum(1 for name in made if name.endswith("_warm.<locals>.worker")) == 1
