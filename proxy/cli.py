@@ -226,15 +226,16 @@ def cmd_warm(args: argparse.Namespace) -> int:
     else:
         proxy = "http://127.0.0.1:8080"
     urls: list[str] = []
+    refused: list[tuple[str, str]] = []  # logged paths that cannot be sent as logged: errors
     try:
         for name in args.urls:
             urls += parse_url_list(_read_source(name))
         for name in args.from_access_log:
-            urls += parse_access_log(_read_source(name).splitlines())
+            urls += parse_access_log(_read_source(name).splitlines(), refused)
     except OSError as exc:
         print(f"cachegate warm: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not urls and not args.sitemap:
+    if not urls and not args.sitemap and not refused:
         print("cachegate warm: nothing to warm: give --sitemap URL, --urls FILE (- for stdin) or "
               "--from-access-log FILE", file=sys.stderr)
         return EXIT_USAGE
@@ -249,7 +250,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
             except WarmError as exc:
                 raise WarmError(f"--sitemap {sitemap!r}: {exc}") from None
         tally, seconds, interrupted = run_async(
-            warmer.run(lambda found: targets_for([*found, *urls], headers, variants), args.sitemap))
+            warmer.run(lambda found: targets_for([*found, *urls], headers, variants), args.sitemap, refused))
     except WarmError as exc:
         print(f"cachegate warm: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,14 +9,16 @@ access log: anything that starts with ``/``, ``//other.example/x`` included) is 
 written to ``--host``, else to the proxy's own address.
 
 Sources, all combined and deduplicated: ``--sitemap URL`` (a ``urlset``, or a
-``sitemapindex`` whose sitemaps are fetched in turn, through the proxy too; gzip
+``sitemapindex`` whose sitemaps are fetched in turn, through the proxy too, down to
+``MAX_SITEMAP_DEPTH`` nested indexes (deeper ones are counted as errors); gzip
 accepted, read up to ``MAX_SITEMAP_BYTES`` compressed and uncompressed; documents with a
 DOCTYPE are refused by the parser, in any encoding, so no entity can expand; at most
 ``MAX_SITEMAP_URLS`` URLs in all; parsed ``PARSE_CHUNK`` at a time, in linear time, the event
 loop (and so Ctrl-C) running between slices), ``--urls
 FILE`` (one URL or path a line, ``#`` comments; ``-`` is standard input) and
 ``--from-access-log FILE`` (GET/HEAD request lines of the common, combined or
-cachegate format with a status below 400, most requested first).
+cachegate format with a status below 400, most requested first, each sent as the client sent
+it: ``logged_path``).
 
 Each answer is classified from ``X-Cache-Status`` and cachegate's own member of
 ``Cache-Status`` (the last one named ``cachegate``; an origin's members come first): stored,
@@ -68,7 +70,15 @@ EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class WarmError(Exception):
-    """A source that cannot be read (a bad sitemap, an unreadable file)."""
+    """A source that cannot be read (a bad sitemap, an unreadable file), or a URL that cannot be
+    sent. ``kind``: what the summary counts it as, from a small fixed set (never the URL or a
+    parser's message: 20,000 bad lines made 20,000 kinds on one 700 KB line); ``detail``: what
+    is particular to this one, shown with the kind's example."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -144,11 +154,43 @@ def parse_url_list(text: str) -> list[str]:
 
 
 _REQUEST_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[0-9.]+"(?:\s+(\d{3}))?')
+_LOG_ESCAPE = re.compile(r"\\x([0-9A-Fa-f]{2})")
+NOT_SENDABLE_AS_LOGGED = "a logged path with a space or control character (not sendable as logged)"
 
 
-def parse_access_log(lines: Iterable[str]) -> list[str]:
+class LoggedPath(str):
+    """A request target as a client sent it (from an access log): sent as it is, not through
+    ``sendable`` (which writes ``"`` as ``%22``, another key than the client's raw ``"``)."""
+
+
+def logged_path(text: str, escaped: bool) -> LoggedPath:
+    r"""A request target as an access log wrote it, as it was sent: with ``escaped`` (the common,
+    combined and cachegate formats, which write each byte that is not printable ASCII, a quote
+    and a backslash as ``\xHH``, as nginx does) those decoded; bytes beyond ASCII
+    percent-encoded (as ``sendable`` does; the rest is sent as logged: ``LoggedPath``).
+    WarmError when it holds a space or a control character: no request line carries one, and
+    percent-encoded it would be another key than the one logged.
+
+    >>> logged_path(r"/q\x22x/b\x5Cc/caf\xC3\xA9", escaped=True), logged_path("/caf\u00e9", escaped=False)
+    ('/q"x/b\\c/caf%C3%A9', '/caf%C3%A9')
+    """
+    data = bytearray()
+    at = 0
+    for m in (_LOG_ESCAPE.finditer(text) if escaped else ()):
+        data += text[at:m.start()].encode("utf-8", "surrogateescape")
+        data.append(int(m.group(1), 16))
+        at = m.end()
+    data += text[at:].encode("utf-8", "surrogateescape")
+    if any(b <= 0x20 or b == 0x7F for b in data):
+        raise WarmError(NOT_SENDABLE_AS_LOGGED)
+    return LoggedPath("".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in data))
+
+
+def parse_access_log(lines: Iterable[str], refused: list[tuple[str, str]] | None = None) -> list[str]:
     """The paths of GET/HEAD requests answered below 400 (or with no status), most requested first:
-    from combined or common lines, or cachegate's JSON lines (``access_log: {format: json}``).
+    from combined or common lines, or cachegate's JSON lines (``access_log: {format: json}``), as
+    they were sent (``logged_path``); each distinct one that cannot be is added to ``refused``
+    as (error kind, the path as logged).
 
     >>> parse_access_log(['{"method":"GET","path":"/j?x=1","status":200}', '{"method":null,"path":null}'])
     ['/j?x=1']
@@ -161,7 +203,7 @@ def parse_access_log(lines: Iterable[str]) -> list[str]:
     ...     '127.0.0.1 - - [26/Nov/2026:13:40:06 +0000] "GET /gone HTTP/1.1" 404 2 "-" "curl"'])
     ['/b', '/a']
     """
-    counts: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[tuple[str, bool]] = collections.Counter()
     for line in lines:
         if line.startswith("{"):
             try:
@@ -171,13 +213,20 @@ def parse_access_log(lines: Iterable[str]) -> list[str]:
             path, status = record.get("path"), record.get("status")
             if (record.get("method") in ("GET", "HEAD") and isinstance(path, str)
                     and not (isinstance(status, int) and status >= 400)):
-                counts[path] += 1
+                counts[path, False] += 1  # JSON's own escapes: json.loads decoded them
             continue
         m = _REQUEST_LINE.search(line)
         if m is None or (m.group(3) is not None and int(m.group(3)) >= 400):
             continue
-        counts[m.group(2)] += 1
-    return [path for path, _ in counts.most_common()]
+        counts[m.group(2), True] += 1
+    out: dict[str, None] = {}
+    for (path, escaped), _ in counts.most_common():
+        try:
+            out.setdefault(logged_path(path, escaped))
+        except WarmError as exc:
+            if refused is not None:
+                refused.append((exc.kind, path))
+    return list(out)
 
 
 def _local(tag: str) -> str:
@@ -254,12 +303,12 @@ class _SitemapReader:
         except _Stop:
             self.done = True
         except (expat.ExpatError, ValueError) as exc:  # ValueError: an encoding expat cannot read
-            raise WarmError(f"not XML: {exc}") from None
+            raise WarmError("not XML", str(exc)) from None
 
     def result(self) -> tuple[list[str], list[str]]:
         if self.kind not in ("urlset", "sitemapindex"):
-            raise WarmError(f"not a sitemap: the root element is <{self.kind}>, "
-                            "not <urlset> or <sitemapindex>")
+            raise WarmError("not a sitemap (the root element is not <urlset> or <sitemapindex>)",
+                            f"the root element is <{self.kind}>")
         return (self.locs, []) if self.kind == "urlset" else ([], self.locs)
 
 
@@ -278,7 +327,7 @@ def _pieces(body: bytes) -> Iterator[bytes]:
             try:
                 piece = f.read(PARSE_CHUNK)
             except (OSError, EOFError) as exc:
-                raise WarmError(f"bad gzip: {exc}") from None
+                raise WarmError("bad gzip", str(exc)) from None
             if not piece:
                 return
             total += len(piece)
@@ -427,6 +476,7 @@ def own_cache_status(values: Sequence[str]) -> str:
 class Outcome:
     kind: str  # "stored", "refreshed", "fresh", "not_storable", "error"
     reason: str = ""  # the not-stored detail, or the error's kind
+    detail: str = field(default="", repr=False)  # an error's particulars (shown with its example)
 
 
 def classify(status: int, x_cache: str, cache_status: str) -> Outcome:
@@ -464,7 +514,8 @@ class Tally:
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    examples: dict[str, str] = field(default_factory=dict)  # error kind -> a URL that had it
+    # error kind -> a URL that had it, and that one's particulars (one example a kind)
+    examples: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def add(self, outcome: Outcome, url: str) -> None:
         self.done += 1
@@ -473,7 +524,7 @@ class Tally:
             self.reasons[outcome.reason] += 1
         elif outcome.kind == "error":
             self.errors[outcome.reason] += 1
-            self.examples.setdefault(outcome.reason, url)
+            self.examples.setdefault(outcome.reason, (url, outcome.detail))
 
     @property
     def error_count(self) -> int:
@@ -519,8 +570,9 @@ def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str
         elif kind == "error" and t.errors:
             extra = f"  ({_breakdown(t.errors)})"
         lines.append(f"  {label:<16}{t.counts[kind]:>7}{extra}")
-    for kind, url in sorted(t.examples.items()):
-        lines.append(f"  {_shown(kind)}: e.g. {_shown(_hide_userinfo(url))}")
+    for kind, (url, detail) in sorted(t.examples.items()):
+        particulars = f" ({_shown(detail)})" if detail else ""
+        lines.append(f"  {_shown(kind)}: e.g. {_shown(_hide_userinfo(url))}{particulars}")
     return lines
 
 
@@ -625,7 +677,7 @@ class Warmer:
             except ValueError as exc:
                 if "IPv6" in str(exc):  # 'http://[::1/x'
                     raise WarmError(OPEN_BRACKET) from None
-                raise WarmError(f"not a valid URL ({exc})") from None
+                raise WarmError("not a valid URL", str(exc)) from None
             if not (split.scheme and split.netloc):
                 raise WarmError(NOT_A_URL)
             if split.scheme.lower() not in ("http", "https"):  # ftp://h/x is not http://h/x
@@ -649,7 +701,7 @@ class Warmer:
                 headers.popall(k, None)
             else:
                 headers[k] = v
-        return self._base + sendable(path), headers
+        return self._base + (path if isinstance(target.url, LoggedPath) else sendable(path)), headers
 
     async def fetch(self, session: Any, target: Target, keep: int | None = None) -> tuple[int, Any, bytes]:
         """(status, headers, body). A page's body is read in chunks and thrown away (only the
@@ -686,14 +738,16 @@ class Warmer:
                     continue
                 seen.add(sitemap)
                 try:
-                    status, _, body = await self.fetch(session, Target(sitemap), keep=MAX_SITEMAP_BYTES)
-                    if status >= 400:
-                        raise WarmError(f"HTTP {status}")
+                    status, fields, body = await self.fetch(session, Target(sitemap), keep=MAX_SITEMAP_BYTES)
+                    if not 200 <= status < 300:  # a redirect's body is no sitemap either
+                        location = fields.get("Location")
+                        raise WarmError(f"HTTP {status}", f"Location: {location}" if location else "")
                     room = MAX_SITEMAP_URLS - taken
                     pages, more = await read_sitemap(body, room)
                 except Exception as exc:  # WarmError, or a failed request (aiohttp's errors)
+                    kind, detail = _error_kind(exc)
                     tally.total += 1
-                    tally.add(Outcome("error", f"sitemap: {_error_kind(exc)}"), sitemap)
+                    tally.add(Outcome("error", f"sitemap: {kind}", detail), sitemap)
                     continue
                 if len(pages) + len(more) > room:
                     tally.total += 1
@@ -708,14 +762,22 @@ class Warmer:
             level = nested
             if not level:
                 break
+        for sitemap in dict.fromkeys(s for s in level if s not in seen):  # past the limit: said, not dropped
+            tally.total += 1
+            tally.add(Outcome("error", f"sitemap: nested deeper than {MAX_SITEMAP_DEPTH} sitemap indexes "
+                                       "(not fetched)"), sitemap)
         return urls
 
-    async def run(self, targets_of: Any, sitemaps: Sequence[str] = ()) -> tuple[Tally, float, bool]:
+    async def run(self, targets_of: Any, sitemaps: Sequence[str] = (),
+                  refused: Sequence[tuple[str, str]] = ()) -> tuple[Tally, float, bool]:
         """Warm everything; (tally, seconds, interrupted). ``targets_of(urls)`` turns the
-        sitemap's URLs (first) and the other sources into targets."""
+        sitemap's URLs (first) and the other sources into targets; ``refused``: (error kind,
+        URL) the sources could not turn into a request, counted as errors."""
         import aiohttp
 
-        tally = Tally(total=0)
+        tally = Tally(total=len(refused))
+        for kind, url in refused:
+            tally.add(Outcome("error", kind), url)
         started = time.monotonic()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -754,7 +816,7 @@ class Warmer:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    outcome = Outcome("error", _error_kind(exc))
+                    outcome = Outcome("error", *_error_kind(exc))
                 tally.add(outcome, target.url)
 
         reporter = asyncio.ensure_future(self._report(tally, started))
@@ -820,21 +882,28 @@ async def _until(stop: asyncio.Event, work: Any) -> Any:
         stopper.cancel()
 
 
-def _error_kind(exc: BaseException) -> str:
-    """A short name for a failed request, to count errors by kind."""
+def _error_kind(exc: BaseException) -> tuple[str, str]:
+    """A short name for a failed request, to count errors by kind (from a fixed set: the
+    summary lists each kind), and the particulars of this one."""
     import aiohttp
 
     if isinstance(exc, WarmError):
-        return str(exc)
+        return exc.kind, exc.detail
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | aiohttp.ServerTimeoutError):
-        return "timeout"
+        return "timeout", ""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):  # before its base class below
+        return ("TLS certificate not verified (SSL_CERT_FILE names the CA to trust)",
+                str(exc.certificate_error))
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed", str(exc)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else "cannot connect"
+        refused = isinstance(exc.os_error, ConnectionRefusedError)
+        return ("connection refused" if refused else "cannot connect"), ("" if refused else str(exc.os_error))
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return "connection closed"
+        return "connection closed", ""
     if isinstance(exc, aiohttp.ClientResponseError):
-        return f"bad response ({exc.message})"
-    return type(exc).__name__
+        return "bad response", exc.message
+    return type(exc).__name__, str(exc)
 
 
 __all__ = ["Target", "WarmError", "WarmOptions", "Warmer", "classify", "parse_access_log",

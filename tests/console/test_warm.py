@@ -76,10 +76,11 @@ def test_outcomes_come_from_the_cache_status_fields() -> None:
     assert classify(502, "MISS", "cachegate; fwd=uri-miss; detail=UPSTREAM-UNREACHABLE") == Outcome("error", "HTTP 502")
 
 
-async def warm(*args: str, stdin: bytes | None = None, wait: float = 60.0) -> tuple[int, str, str]:
+async def warm(*args: str, stdin: bytes | None = None, wait: float = 60.0,
+               env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "warm", *args, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
     out, err = await asyncio.wait_for(proc.communicate(stdin), wait)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -661,3 +662,93 @@ async def test_no_more_workers_than_requests(origin: Origin, proxy: Proxy) -> No
         loop.set_task_factory(None)
     assert tally.counts["stored"] == 1
     assert sum(1 for name in made if name.endswith("_warm.<locals>.worker")) == 1
+
+
+# -- sources and error kinds ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["combined", "json"])
+async def test_an_access_logs_escapes_are_decoded_and_a_control_character_is_refused(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, fmt: str) -> None:
+    """cachegate's combined log writes a quote or a backslash in a path as \\x22, \\x5C: warm
+    sent the escape itself (``/q%5Cx22x``), another key, and reported it stored. Now it warms
+    the key the client's request had; a path with a control character (no request line can
+    carry it as logged) is an error of its own kind, once."""
+    for path in ('/al/q"x', "/al/b\\c", "/al/plain"):
+        origin.route(path, body=b"x", headers={"Cache-Control": "max-age=600"})
+    log = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: {fmt}, path: '{log}'}}\n")
+    for path in ('/al/q"x', "/al/b\\c", "/al/plain"):
+        assert (await proxy.raw("GET", path)).status == 200
+    for _ in range(100):  # the log is written behind the requests
+        if len(log.read_text().splitlines()) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    with log.open("a") as f:  # what a proxy in front logged, or nginx: a control byte
+        f.write('{"method":"GET","path":"/al/c\\u0001x","status":200}\n' if fmt == "json" else
+                '127.0.0.1 - - [05/Dec/2026:19:08:46 +0000] "GET /al/c\\x01x HTTP/1.1" 200 2 "-" "-"\n'
+                '127.0.0.1 - - [05/Dec/2026:19:08:47 +0000] "GET /al/c\\x01x HTTP/1.1" 200 2 "-" "-"\n')
+    code, out, err = await warm("--proxy", proxy.url, "--from-access-log", str(log), "--progress", "none",
+                                "--max-errors", "1")
+    assert code == 0, (out, err)
+    assert "already fresh         3" in out, out  # the three keys the clients' requests stored
+    assert "errors                1  (a logged path with a space or control character" in out, out
+    assert [origin.count(p) for p in ('/al/q"x', "/al/b\\c", "/al/plain")] == [1, 1, 1]
+
+
+@pytest.mark.slow
+async def test_error_kinds_are_a_fixed_few_with_one_example_each(origin: Origin, proxy: Proxy) -> None:
+    """Each line that was not a URL was a kind of its own, URL included ("not a URL or path:
+    'x1'" ...): 20,000 of them printed a 700 KB summary line and 20,000 "e.g." lines. Other
+    schemes were sent as http (``ftp://h/x`` with Host h): now refused, a kind of their own."""
+    lines = [f"nope{i}" for i in range(50)] + ["ftp://h/x", "mailto://a/b", "HTTP://h/upper-case-scheme"]
+    origin.route("/upper-case-scheme", body=b"x", headers={"Cache-Control": "max-age=600"})
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
+                                stdin="\n".join(lines).encode())
+    assert code == 1, (out, err)
+    assert "errors               52  (not a URL or path 50, not an http(s) URL 2)" in out, out
+    assert len([line for line in out.splitlines() if "e.g." in line]) == 2, out
+    assert "not a URL or path: e.g. nope0" in out and "not an http(s) URL: e.g. ftp://h/x" in out, out
+    assert origin.count("/x") == origin.count("/b") == 0
+    assert origin.count("/upper-case-scheme") == 1
+
+
+@pytest.mark.slow
+async def test_sitemaps_past_the_depth_limit_or_redirected_are_errors_saying_so(
+        origin: Origin, proxy: Proxy) -> None:
+    """An index nested deeper than MAX_SITEMAP_DEPTH was dropped silently ("0 of 0 requests",
+    exit 0); a sitemap answering 301 was read as XML ("not XML: syntax error")."""
+    depth = warm_module.MAX_SITEMAP_DEPTH
+    for i in range(depth + 1):
+        origin.route(f"/idx{i}.xml", body=NESTED.replace("{base}/sitemap-deep.xml", f"{proxy.url}/idx{i + 1}.xml"))
+    origin.route(f"/idx{depth + 1}.xml", body=urlset([f"{proxy.url}/deep-page"]))
+    origin.route("/moved.xml", status=301, headers={"Location": "https://shop.example/sitemap.xml"})
+    code, out, err = await warm("--proxy", proxy.url, "--sitemap", f"{proxy.url}/idx0.xml",
+                                "--sitemap", f"{proxy.url}/moved.xml", "--progress", "none")
+    assert code == 1, (out, err)
+    assert "cachegate warm: 2 of 2 requests" in out, out
+    assert (f"sitemap: nested deeper than {depth} sitemap indexes (not fetched): e.g. "
+            f"{proxy.url}/idx{depth + 1}.xml") in out, out
+    assert f"sitemap: HTTP 301: e.g. {proxy.url}/moved.xml (Location: https://shop.example/sitemap.xml)" in out, out
+    assert origin.count(f"/idx{depth + 1}.xml") == 0
+
+
+@pytest.mark.slow
+async def test_a_certificate_that_fails_verification_is_named_and_ssl_cert_file_trusts_it(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """A TLS listener whose certificate warm could not verify counted as "cannot connect"."""
+    from tests.harness import self_signed
+
+    key, cert = self_signed(tmp_path, "w", "warm.test", "IP:127.0.0.1")
+    origin.route("/t", body=b"x", headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config=f"listen:\n  - {{address: '127.0.0.1:0', tls: {{cert: '{cert}', key: '{key}'}}}}\n")
+    https = proxy.listeners.proxy_urls[0]
+    assert https.startswith("https://")
+    code, out, _ = await warm("--proxy", https, "--urls", "-", "--progress", "none", stdin=b"/t\n",
+                              env={"SSL_CERT_FILE": str(cert)})
+    assert code == 0 and "stored                1" in out, out
+    code, out, _ = await warm("--proxy", https, "--urls", "-", "--progress", "none", stdin=b"/t\n",
+                              env={"SSL_CERT_FILE": os.devnull})
+    assert code == 1
+    assert "(TLS certificate not verified (SSL_CERT_FILE names the CA to trust) 1)" in out, out
+    assert "certificate verify failed" in out, out
