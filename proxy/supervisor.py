@@ -764,15 +764,20 @@ class Supervisor:
                 p.send_signal(signal.SIGTERM)
         # A worker stops within shutdown_grace + STOP_MARGIN (``proxy.web.server.serve``) and
         # then closes its store: it is killed only well past that.
-        deadline = asyncio.get_running_loop().time() + self._grace() + STOP_DEADLINE_MARGIN
-        for p in procs:
-            try:
-                await asyncio.wait_for(p.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except TimeoutError:
-                log.error("worker pid %d did not stop in time; killing it", p.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
-                await p.wait()
+        # All are awaited together, and only those still running at the deadline are killed:
+        # one by one, a worker that had exited while a hung one was waited for was taken for
+        # hung too (a wait given no time left fails even on an exited process).
+        if not procs:
+            return
+        waits = {asyncio.ensure_future(p.wait()): p for p in procs}
+        _, pending = await asyncio.wait(waits, timeout=self._grace() + STOP_DEADLINE_MARGIN)
+        for task in pending:
+            p = waits[task]
+            log.error("worker pid %d did not stop in time; killing it", p.pid)
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        if pending:
+            await asyncio.wait(pending)
 
     # -- calls into every worker -----------------------------------------------------------
 
