@@ -33,12 +33,38 @@ from proxy.storage.entry import Entry, entry_from_json, entry_to_json
 from proxy.storage.failures import merge_snapshots
 from proxy.storage.tiered import Storage
 
-WorkerCall = Callable[..., Awaitable[list[Any]]]  # Supervisor.call_all(name, wait=..., **args)
+# Supervisor.call_each(name, wait=..., **args): worker id -> its answer, or the exception it gave
+WorkerCall = Callable[..., Awaitable[dict[int, Any]]]
 
 SAMPLE_INTERVAL = 5.0  # seconds between samples of the request counters (hit ratio, last minute)
 DISK_COUNT_MAX_AGE = 10.0  # seconds a counted number of disk entries is reused (COUNT(*) is O(n))
 TOP_KEYS = 20
-CALL_WAIT = 10.0
+# Seconds an admin request waits for each worker (asked all at once). A hung worker must not
+# hold a scrape past Prometheus's scrape_timeout (10 s by default) until the watchdog replaces
+# it: /metrics then gives that worker's last snapshot, /stats and /cache name it.
+ANSWER_WAIT = 2.0
+SAMPLE_WAIT = 10.0  # the background sampler's wait: nobody waits on it
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Every live worker's answer to one call, by worker id, and the workers that gave none
+    in time (or failed)."""
+
+    by_worker: dict[int, Any]
+    unanswered: tuple[int, ...] = ()
+
+    @property
+    def values(self) -> list[Any]:
+        return [self.by_worker[w] for w in sorted(self.by_worker)]
+
+
+@dataclass(frozen=True)
+class Found:
+    """Stored copies, and the workers that did not answer (their share may be missing)."""
+
+    copies: list[Copy]
+    unanswered: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,24 +191,35 @@ class Inspector:
 
     async def _workers(self, name: str, **args: Any) -> list[Any]:
         """Answers of every live worker that answered (failures are left out)."""
+        return (await self._ask(name, **args)).values
+
+    async def _ask(self, name: str, wait: float = ANSWER_WAIT, **args: Any) -> Answers:
+        """Every live worker's answer within ``wait`` seconds, and which workers gave none."""
         assert self._call is not None
-        results = await self._call(name, wait=CALL_WAIT, **args)
-        return [r for r in results if not isinstance(r, BaseException)]
+        results = await self._call(name, wait=wait, **args)
+        return Answers({w: r for w, r in results.items() if not isinstance(r, BaseException)},
+                       tuple(sorted(w for w, r in results.items() if isinstance(r, BaseException))))
+
+    def _take_snapshots(self, answers: Answers) -> None:
+        for a in answers.values:
+            self.cluster.update(int(a["worker"]), int(a["pid"]), a["snapshot"])
 
     # -- variants ------------------------------------------------------------------------------
 
-    async def copies(self, urls: Iterable[str], keys: Iterable[str] = ()) -> list[Copy]:
+    async def copies(self, urls: Iterable[str], keys: Iterable[str] = ()) -> Found:
         """Every stored copy of these URLs (all key shapes) and keys, in every tier and worker."""
         runtime = self._runtime
         urls, keys = sorted(set(urls)), sorted(set(keys))
+        unanswered: tuple[int, ...] = ()
         if self._call is None:
             memory = memory_copies(runtime, urls, keys)
         else:
-            answers = await self._workers("admin_copies", urls=urls, keys=keys)
-            memory = [Copy.from_json(d) for a in answers for d in a]
+            answers = await self._ask("admin_copies", urls=urls, keys=keys)
+            memory = [Copy.from_json(d) for a in answers.values for d in a]
+            unanswered = answers.unanswered
         storage = runtime.storage
         disk = await storage.run(disk_copies, storage, urls, keys)
-        return memory + disk
+        return Found(memory + disk, unanswered)
 
     # -- hosts ---------------------------------------------------------------------------------
 
@@ -258,8 +295,7 @@ class Inspector:
     async def refresh(self) -> None:
         """Fetch every worker's metrics snapshot (multi-worker) and sample the request counts."""
         if self._call is not None:
-            for a in await self._workers("admin_metrics"):
-                self.cluster.update(int(a["worker"]), int(a["pid"]), a["snapshot"])
+            self._take_snapshots(await self._ask("admin_metrics", wait=SAMPLE_WAIT))
         self.window.add(self.request_counts())
 
     def request_counts(self) -> dict[str, int]:
@@ -282,19 +318,29 @@ class Inspector:
         own = runtime.metrics.snapshot()
         if self._call is None:
             return render_families(merge_single(own, extras))
-        for a in await self._workers("admin_metrics"):
-            self.cluster.update(int(a["worker"]), int(a["pid"]), a["snapshot"])
+        answers = await self._ask("admin_metrics")
+        self._take_snapshots(answers)
+        # A worker that did not answer in time counts with its last snapshot, and says so.
+        stale = [["cachegate_worker_metrics_stale", {"worker": str(w)}, float(w in answers.unanswered)]
+                 for w in sorted({*answers.by_worker, *answers.unanswered})]
+        extras = [*extras, ["cachegate_worker_metrics_stale", "gauge",
+                            "1 when a worker did not answer this scrape in time: its numbers are from "
+                            "its last snapshot", stale]]
         return render_families(self.cluster.merge(own + extras, self.cluster.workers()))
 
     async def stats(self, top: int = TOP_KEYS) -> dict[str, Any]:
         runtime = self._runtime
         storage = runtime.storage
+        unanswered: list[int] = []
         if self._call is None:
             parts = [local_stats(runtime, top)]
         else:
-            parts = await self._workers("admin_stats", top=top)
-            for a in await self._workers("admin_metrics"):
-                self.cluster.update(int(a["worker"]), int(a["pid"]), a["snapshot"])
+            # Both at once: a worker that does not answer costs one wait, not two in a row.
+            stats, snapshots = await asyncio.gather(self._ask("admin_stats", top=top),
+                                                    self._ask("admin_metrics"))
+            parts = stats.values
+            self._take_snapshots(snapshots)
+            unanswered = sorted({*stats.unanswered, *snapshots.unanswered})
         m = storage.memory  # the machine's shared memory: the same in every process
         tiers: dict[str, Any] = {"memory": {"entries": len(m), "bytes": m.bytes, "evictions": m.evictions}}
         if storage.disk is not None:
@@ -332,6 +378,8 @@ class Inspector:
             out["workers"] = [{"worker": p["worker"], "pid": p["pid"], "memory": p["memory"],
                                "requests": sum(p["requests"].values()), "fast_path": p.get("fast_path")}
                               for p in sorted(parts, key=lambda p: p["worker"])]
+            if unanswered:  # counted with its last snapshot; its top keys and storage are missing
+                out["unanswered_workers"] = unanswered
         return out
 
     async def sample_forever(self) -> None:

@@ -338,7 +338,7 @@ class Supervisor:
         listeners = Listeners()
         try:
             admin = await start_admin_listener(runtime, self.settings, self.purge,
-                                               Inspector(runtime, self.call_all))
+                                               Inspector(runtime, self.call_each))
         except OSError as exc:
             print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
             await runtime.close()
@@ -943,6 +943,13 @@ class Supervisor:
         live = [w.channel for w in self.workers if w.channel is not None]
         return list(await asyncio.gather(*(c.call(name, wait=wait, **args) for c in live),
                                          return_exceptions=True))
+
+    async def call_each(self, name: str, wait: float = 10.0, **args: Any) -> dict[int, Any]:
+        """``call_all`` by worker id, so that the admin API can say which worker did not answer."""
+        live = [(w.worker_id, w.channel) for w in self.workers if w.channel is not None]
+        results = await asyncio.gather(*(c.call(name, wait=wait, **args) for _, c in live),
+                                       return_exceptions=True)
+        return {worker_id: r for (worker_id, _), r in zip(live, results, strict=True)}
 
 
 async def _tell_quietly(channel: Channel, name: str, **args: Any) -> None:

@@ -371,10 +371,13 @@ async def cache(request: web.Request) -> web.Response:
     url = normalise_url(params["url"][0])
     await check_hosts(ctx, {url_host(url)})
     keyed = keys_for_url(url, ctx.runtime.settings.rules)
-    copies = await ctx.inspector.copies({url, keyed})
+    found = await ctx.inspector.copies({url, keyed})
     now = ctx.runtime.engine.clock()  # the clock the engine decides freshness with
-    variants = [variant_view(entry, cs, now) for entry, cs in group_copies(copies)]
-    return web.json_response({"url": url, "variants": variants})
+    variants = [variant_view(entry, cs, now) for entry, cs in group_copies(found.copies)]
+    body: dict[str, Any] = {"url": url, "variants": variants}
+    if found.unanswered:  # a hung worker: its reads (memory_workers, hits) are missing
+        body["unanswered_workers"] = list(found.unanswered)
+    return web.json_response(body)
 
 
 EXAMPLE_HEADERS = '{"Accept": "text/html"}'
@@ -484,7 +487,7 @@ async def explain(request: web.Request) -> web.Response:
     key = cache_key(head, plan.key)
     found: dict[str, list[StoredVariant]] = {key: [], part_key(key): []}  # the key's, its parts
     if head.method in ("GET", "HEAD") and not plan.bypass:
-        copies = [c for c in await ctx.inspector.copies((), tuple(found)) if c.entry.key in found]
+        copies = [c for c in (await ctx.inspector.copies((), tuple(found))).copies if c.entry.key in found]
         for entry, cs in group_copies(copies):
             tiers = tuple(sorted({c.tier for c in cs}, key=("memory", "disk").index))
             found[entry.key].append(StoredVariant(entry.response, tiers, entry.tags, entry.body_size,

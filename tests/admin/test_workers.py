@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -178,4 +179,46 @@ async def test_every_kind_of_purge_is_complete_in_both_workers_when_it_answers(
         assert metrics[("cachegate_purges_total", (("kind", "url"),))] == 3  # soft url + 2 PURGEs
         assert metrics[("cachegate_purges_total", (("kind", "prefix"),))] == 1
     finally:
+        await proxy.stop()
+
+
+async def test_a_hung_worker_is_named_and_its_last_snapshot_counted_not_waited_for(
+        origin: Origin, tmp_path: Path) -> None:
+    """A worker stopped (SIGSTOP: as one hung) answers no call until the watchdog replaces it
+    (worker_timeout, 30 s by default). /metrics still adds its last snapshot, and flags it
+    stale; /stats and /cache name it. (They waited 10 s for it, /stats twice, one call after
+    the other: longer than Prometheus's scrape_timeout, and without saying why.)"""
+    origin.route("/n", body=b"n", headers={"Cache-Control": "max-age=300"})
+    proxy = await start(origin, tmp_path)
+    hung = proxy.workers[0]
+    try:
+        seen: set[str] = set()
+        total = 0
+        while seen != {"0", "1"}:
+            seen.add((await proxy.get("/n")).worker)
+            total += 1
+            assert total < 500
+        before = samples((await proxy.admin("GET", "/metrics")).body)
+        assert requests_total(before) == total
+        assert before[("cachegate_worker_metrics_stale", (("worker", "0"),))] == 0
+        assert before[("cachegate_worker_metrics_stale", (("worker", "1"),))] == 0
+
+        os.kill(hung, signal.SIGSTOP)
+        after = samples((await proxy.admin("GET", "/metrics")).body)
+        assert requests_total(after) == total  # worker 0's count, from its last snapshot
+        assert after[("cachegate_worker_metrics_stale", (("worker", "0"),))] == 1
+        assert after[("cachegate_worker_metrics_stale", (("worker", "1"),))] == 0
+
+        stats = json.loads((await proxy.admin("GET", "/stats")).body)
+        assert stats["unanswered_workers"] == [0]
+        assert stats["requests"]["total"] == total
+        assert [w["worker"] for w in stats["workers"]] == [1]
+
+        cache = json.loads((await proxy.admin("GET", "/cache?url=" + quote(f"http://{HOST}/n"))).body)
+        assert cache["unanswered_workers"] == [0]
+        assert cache["variants"][0]["url"] == f"http://{HOST}/n"  # the other worker's and the disk's
+        assert proxy.workers[0] == hung  # (not replaced meanwhile: these were its answers)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
         await proxy.stop()
