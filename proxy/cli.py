@@ -295,8 +295,13 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """GET /healthz on the admin API (a container HEALTHCHECK, an exec probe): exit 0 when it
-    answers 200, else 1 with why."""
+    answers 200 with cachegate's ``{"status": "ok"}``, else 1 with why. The body is checked: a
+    URL that reaches another server (the client listener, passing /healthz on to the origin)
+    would otherwise report a healthy cachegate."""
+    import json
+
     from proxy.admin_client import AdminClientError, admin_url_of, call_admin
+    from proxy.shown import shown
 
     if args.admin:
         base = args.admin
@@ -309,9 +314,19 @@ def cmd_health(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         base = admin_url_of(settings.admin.listen)
     try:
-        call_admin(base, "GET", "/healthz", None, None, timeout=args.timeout)
+        text = call_admin(base, "GET", "/healthz", None, None, timeout=args.timeout)
     except AdminClientError as exc:
         print(f"cachegate health: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or answer.get("status") != "ok":
+        said = shown(text.strip()[:80], keep="")
+        print(f"cachegate health: {shown(base.rstrip('/'))}/healthz is not cachegate's admin endpoint: it "
+              f'answered "{said}", not {{"status": "ok"}} (give the address of admin.listen, not the '
+              "client listener's)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -63,3 +63,20 @@ async def test_healthz_is_503_degraded_with_the_reason_while_workers_cannot_star
     assert json.loads(reply.body) == {"status": "degraded", "reason": "1 of 2 workers run: worker 1 cannot start"}
     assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 1
     assert "worker 1 cannot start" in capsys.readouterr().err
+
+
+async def test_cachegate_health_refuses_a_200_that_is_not_cachegates_healthz(
+    origin: Origin, make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pointed at the client listener, /healthz went on to the origin, whose own 200 made
+    `cachegate health` exit 0 while it said nothing about cachegate's admin API."""
+    origin.route("/healthz", body=b"ok\x1b[2J", headers={"Cache-Control": "no-store"})
+    proxy = await make_proxy()
+    assert (await proxy.get("/healthz")).status == 200  # the origin's answer, through the proxy
+    assert await asyncio.to_thread(main, ["health", "--admin", proxy.url]) == 1
+    err = capsys.readouterr().err
+    assert "is not cachegate's admin endpoint" in err and "\x1b" not in err
+    origin.route("/healthz", body=b'{"status": "fine"}', headers={"Content-Type": "application/json"})
+    assert await asyncio.to_thread(main, ["health", "--admin", proxy.url]) == 1
+    assert "is not cachegate's admin endpoint" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 0  # the real one
