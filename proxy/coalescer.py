@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDictProxy
 
-from proxy.errors import ResponseAborted
+from proxy.errors import ProxyStopping, ResponseAborted
 
 if TYPE_CHECKING:
     from proxy.policy.messages import StoredResponse
@@ -494,6 +494,11 @@ class Flight:
             lead.set_exception(exc)  # retrieved by the leader, which awaits it
 
 
+def cut_off() -> ProxyStopping:
+    """The error of a flight that the stop's deadline cut off (``Coalescer.close``)."""
+    return ProxyStopping("the fetch was cut off at the stop's deadline")
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -512,6 +517,7 @@ class Coalescer:
         self._hit_for_pass = hit_for_pass
         self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
+        self.closing = False  # ``close`` began: flights cut off now end with ``ProxyStopping``
 
     def get(self, key: str) -> Flight | None:
         return self._flights.get(key)
@@ -535,7 +541,7 @@ class Coalescer:
                 # The safety net under the flight's own end (proxy.flight), however it ended.
                 if self._flights.get(key) is flight:
                     del self._flights[key]
-                flight.fail_head(ConnectionError("flight ended without a response"))
+                flight.fail_head(self.headless())
                 flight.body.fail(ResponseAborted("the fetch ended before its body did"))  # if not ended
                 if not flight.result.done():
                     flight.result.set_result(FlightResult(False, "ABORTED"))
@@ -588,7 +594,16 @@ class Coalescer:
     def is_pass(self, key: str) -> bool:
         return self._pass_until.holds(key, self._clock())
 
+    def headless(self) -> Exception:
+        """What the clients of a flight that ended without a response head are told: that the
+        proxy is stopping when ``close`` cut it off (a 503, or stale-if-error; not an origin
+        error), else that it ended without one."""
+        if self.closing:
+            return cut_off()
+        return ConnectionError("flight ended without a response")
+
     async def close(self, grace: float = 5.0) -> None:
+        self.closing = True
         tasks = list(self._tasks)
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=grace)

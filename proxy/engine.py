@@ -33,7 +33,7 @@ from proxy.cluster.fills import NodeGate, SharedCache
 from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
-from proxy.errors import StorageError, UpstreamError
+from proxy.errors import ProxyStopping, StorageError, UpstreamError
 from proxy.flight import Attempt, MissPath
 from proxy.http_client import InterimHook
 from proxy.leases import LeaseClient, LeaseTable
@@ -192,8 +192,6 @@ class Engine:
         self._forgetting: set[asyncio.Future[None]] = set()  # see body_file_cut_short
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
-        # Stopping (``close``): a fill cancelled now tells its lease's waiters "error", not "failed".
-        self.closing = False
         # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
         self.shared: SharedCache | None = None
         # Cluster mode, in the process that is the node's member: hits wait while its heartbeat
@@ -216,7 +214,6 @@ class Engine:
         lease, and that word is what the waiters in other workers answer by)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.settings.shutdown_grace if grace is None else grace)
-        self.closing = True
         await self.coalescer.close(max(0.0, deadline - loop.time()))
         if self.leases is not None:
             await self.leases.close(max(NOTICE_GRACE, deadline - loop.time()))
@@ -691,7 +688,10 @@ class Engine:
         reason = {502: "Bad Gateway", 503: "Service Unavailable",
                   504: "Gateway Timeout"}.get(status, "Bad Gateway")
         detail = upstream_detail(exc)
-        log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
+        if isinstance(exc, ProxyStopping):  # cut off by the stop: no origin error to warn of
+            log.info("answered %d: %s", status, exc)
+        else:
+            log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
         return self.finish(plan, error_reply(status, reason, f"{status} {reason}: {exc.public_text()}",
                                                x_cache, cache_status(fwd=fwd, detail=detail)))
 

@@ -69,6 +69,18 @@ class NoUpstreamAvailable(UpstreamError):
     cache_detail = "NO-UPSTREAM"
 
 
+class ProxyStopping(UpstreamError):
+    """The fetch was cut off because cachegate is stopping (its stop's deadline cancelled it,
+    here or in the worker holding the key's lease), before its response head came. Not the
+    origin's fault: no upstream warning or metric. It is an ``UpstreamError`` because its
+    clients are answered as for a fetch that failed before its head: stale-if-error when
+    allowed, else this error (503, RFC 9110 §15.6.4: a temporary condition)."""
+
+    status_hint = 503
+    public = "cachegate is stopping (restarting or shutting down); try again"
+    cache_detail = "STOPPING"
+
+
 class ResponseAborted(CachegateError):
     """A response body that cannot be completed for one client (it fell too far behind a
     shared fill that is not stored, or the fill ended before its body did): the web layer

@@ -16,7 +16,7 @@ A flight's task goes through at most four states, each a method below:
 
 and ends with exactly one ``FlightOutcome`` (the classes below, named after what happened):
 ``Filled``, ``Freshened``, ``Passed``, ``BrokeOff``, ``Abandoned``, ``Unreachable``,
-``Adopted``, ``StoredElsewhere``, ``Skipped`` or ``Aborted``. ``MissPath._end`` is the one
+``Adopted``, ``StoredElsewhere``, ``Skipped``, ``Stopped`` or ``Aborted``. ``MissPath._end`` is the one
 place a flight ends: it matches the outcome (closed with ``assert_never``) and, once per
 flight, releases the cross-worker lease with how it went, ends the broadcast (clients get
 the end of the body or its error), sets the flight's result (what detached readers finish
@@ -65,9 +65,11 @@ from proxy.coalescer import (
     FlightResult,
     SpoolFollower,
     TooFarBehind,
+    cut_off,
 )
 from proxy.errors import (
     NoUpstreamAvailable,
+    ProxyStopping,
     ResponseAborted,
     UpstreamConnectError,
     UpstreamError,
@@ -223,6 +225,18 @@ class Skipped:
 
 
 @dataclass(frozen=True, slots=True)
+class Stopped:
+    """The proxy is stopping: its stop's deadline cut the flight off (``Coalescer.close``), or
+    the worker holding the key's lease was cut off so. Its clients are answered as for a fetch
+    that failed before its head, with ``error`` (503) or stale-if-error: the origin did nothing
+    wrong, so no origin error is logged or counted."""
+
+    label: ClassVar[str] = "stopped"
+
+    error: ProxyStopping
+
+
+@dataclass(frozen=True, slots=True)
 class Aborted:
     """The flight's task raised or was cancelled (a shutdown, a bug): its clients' bodies fail."""
 
@@ -230,7 +244,7 @@ class Aborted:
 
 
 FlightOutcome = (Filled | Freshened | Passed | BrokeOff | Abandoned | Unreachable | Adopted
-                 | StoredElsewhere | Skipped | Aborted)
+                 | StoredElsewhere | Skipped | Stopped | Aborted)
 
 
 @dataclass(slots=True)
@@ -344,7 +358,8 @@ class MissPath:
             try:
                 await fly(run)
             finally:
-                self._end(run, Aborted())  # nothing when it has ended already
+                # (Nothing when it has ended already.) Cut off by the stop: the stop's own error.
+                self._end(run, Stopped(cut_off()) if self.coalescer.closing else Aborted())
 
         name = attempt.key if register else f"\x00solo:{id(attempt.req)}:{attempt.key}"
         return self.coalescer.start(name, task)
@@ -396,6 +411,10 @@ class MissPath:
                 self.coalescer.retire(flight)
                 flight.body.finish()
                 result = FlightResult(True, STORED_ELSEWHERE)
+            case Stopped(error=error):
+                flight.fail_head(error)
+                flight.body.fail(ResponseAborted("the fetch was cut off by the stop before its body ended"))
+                result = FlightResult(False, "ABORTED")
             case Skipped() | Aborted():
                 flight.fail_head(ConnectionError("flight ended without a response"))
                 flight.body.fail(ResponseAborted("the fetch ended before its body did"))
@@ -423,12 +442,14 @@ class MissPath:
                 leases.release(key, lease, "error", error.status_hint, str(error), upstream_detail(error))
             case Filled(on_disk=True) | Freshened() | Adopted() | StoredElsewhere():
                 leases.release(key, lease, "stored")  # they answer from the store
-            case Aborted() if self.engine.closing:
-                # Cancelled by a stop's deadline: "failed" had each waiter of the other stopping
+            case Stopped(error=error):
+                # Cut off by a stop's deadline: "failed" had each waiter of the other stopping
                 # workers fetch for itself, be cut off a moment later and pass "failed" on (a
                 # reviewer: 11-30 origin fetches for 4 keys at one SIGTERM, 4 before). They
-                # answer as for an unreachable origin: stale-if-error, or 503.
-                leases.release(key, lease, "error", 503, "the worker fetching it was stopping")
+                # answer as this worker's own clients do: stale-if-error, or the 503 (its detail
+                # tells them it is the stop's: ``_leased``).
+                leases.release(key, lease, "error", error.status_hint, "the worker fetching it was stopping",
+                               upstream_detail(error))
             case Filled() | Passed() | Abandoned() | Skipped() | Aborted():
                 leases.release(key, lease, "failed")  # they fetch for themselves
             case _:
@@ -471,6 +492,9 @@ class MissPath:
                         case "stored":
                             if await self._answer_from_store(run):
                                 return
+                        case "error" if told.get("detail") == ProxyStopping.cache_detail:
+                            self._end(run, Stopped(ProxyStopping(told["message"])))  # not the origin's
+                            return
                         case "error":  # what the holder's own followers get: stale-if-error or the error
                             self._end(run, Unreachable(_upstream_error(told["status"], told["message"],
                                                                        told.get("detail", ""))))
@@ -976,9 +1000,11 @@ class MissPath:
         stale response (stale-if-error), a 504 when the stored one may not be served stale, or
         the error."""
         engine, plan, fwd = self.engine, attempt.plan, attempt.fwd
+        stopping = isinstance(exc, ProxyStopping)
         if attempt.stale is not None:
-            return await self._serve_stale(attempt, attempt.stale, None, "ORIGIN-UNREACHABLE")
-        if attempt.stale_prohibited:
+            return await self._serve_stale(attempt, attempt.stale, None,
+                                           exc.cache_detail if stopping else "ORIGIN-UNREACHABLE")
+        if attempt.stale_prohibited and not stopping:  # (stopping: the 503 says why, not the origin)
             # RFC 9111 §5.2.2.2: a stored response that may not be served stale
             # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
             log.warning("upstream failed, stale response not allowed: %s", exc)

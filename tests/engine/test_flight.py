@@ -230,6 +230,21 @@ async def test_a_fill_cancelled_by_a_stop_tells_its_waiters_an_error_not_to_fetc
     reading.cancel()
 
 
+async def test_a_worker_told_the_holder_was_stopping_answers_503_stopping_as_the_holder_does(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig = make_rig(tmp_path)
+    rig.engine.leases = FakeLeases(told("error", status=503, message="the worker fetching it was stopping",
+                                        detail="STOPPING"))
+    rig.origin.route("/a", answer(body=b"never asked"))
+    reply = await rig.get("/a")
+    assert reply.status == 503
+    assert "detail=STOPPING" in dict(reply.headers)["Cache-Status"]
+    assert b"stopping" in await read(reply)
+    await rig.settled(stopped=1)  # not "unreachable": the origin did nothing wrong
+    assert rig.origin.sent == [] and "upstream failed" not in caplog.text
+    await rig.engine.close()
+
+
 async def test_a_failed_word_to_the_waiting_workers_costs_the_flight_nothing(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rig = make_rig(tmp_path)
@@ -296,11 +311,31 @@ async def test_a_flight_cancelled_mid_fetch_still_ends_its_clients_and_its_lease
     rig.origin.route("/a", answer(body=b"never", gate=asyncio.Event()))  # the origin never answers
     client = asyncio.create_task(rig.get("/a"))
     await rig.origin.arrived.wait()
-    await rig.engine.coalescer.close(grace=0)  # a shutdown: the flight's task is cancelled
+    flight = rig.engine.coalescer.get(key_of(rig, "/a"))
+    assert flight is not None and flight.task is not None
+    flight.task.cancel()  # cancelled, not by a stop (that is Stopped: the next test)
     reply = await client
     assert reply.status == 502
     await rig.settled(aborted=1)
     assert leases.released == [(key_of(rig, "/a"), 5, "failed")]  # the waiting workers fetch for themselves
+    await rig.engine.close()
+
+
+async def test_a_flight_cut_off_by_a_stop_answers_503_stopping_not_an_origin_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig = make_rig(tmp_path)
+    leases = FakeLeases(Granted(5))
+    rig.engine.leases = leases
+    rig.origin.route("/a", answer(body=b"never", gate=asyncio.Event()))  # the origin never answers
+    client = asyncio.create_task(rig.get("/a"))
+    await rig.origin.arrived.wait()
+    await rig.engine.coalescer.close(grace=0)  # a stop's deadline: the flight's task is cancelled
+    reply = await client
+    assert reply.status == 503
+    assert "detail=STOPPING" in dict(reply.headers)["Cache-Status"]
+    await rig.settled(stopped=1)
+    assert leases.released == [(key_of(rig, "/a"), 5, "error")]  # they answer the same (not fetch)
+    assert "upstream failed" not in caplog.text
 
 
 async def test_a_flight_ends_once_whatever_calls_its_end_again(tmp_path: Path) -> None:

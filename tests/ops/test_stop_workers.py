@@ -1,7 +1,9 @@
-"""Stopping a supervisor whose worker hangs: only the hung worker is killed, and said to be."""
+"""Stopping ``cachegate run --workers 2`` for real (SIGTERM): what the clients still in flight get,
+and what the supervisor says of its workers."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -33,3 +35,40 @@ async def test_stopping_with_a_hung_worker_kills_it_alone_and_blames_no_healthy_
     assert any(f"pid {hung} " in line for line in blamed), proxy.lines
     assert not any(f"pid {healthy} " in line for line in blamed), blamed
     assert code == 0, proxy.lines
+
+
+async def test_requests_cut_off_at_the_end_of_shutdown_grace_get_503_stopping_or_stale_if_error(
+        origin: Origin, tmp_path: Path) -> None:
+    """Fetches still running when shutdown_grace (2 s) runs out are cut off: their clients (one
+    alone, three on one key in one worker or across both through the lease) get a 503 that
+    says the proxy is stopping, and one with a stale copy under stale-if-error gets that. They
+    got 502 "the origin server failed to answer" (UPSTREAM-UNREACHABLE, or NO-UPSTREAM across
+    workers) with an "upstream failed" warning: a false origin error at every deploy."""
+    origin.route("/sie", body=b"old", headers={"Cache-Control": "max-age=1, stale-if-error=600"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2", with_log=True)
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        assert (await proxy.get("/sie")).body == b"old"
+        await asyncio.sleep(1.5)  # stale now (max-age=1); stale-if-error allows it for 600 s
+        for path in ("/alone", "/shared", "/sie"):
+            origin.route(path, body=b"late", headers={"Cache-Control": "max-age=60"}, delay=60)
+        before = origin.count("/sie")
+        clients = [asyncio.ensure_future(proxy.get(p)) for p in ("/alone", "/shared", "/shared", "/shared", "/sie")]
+        for _ in range(200):  # every fetch reached the origin: the clients wait on them
+            if origin.count("/alone") and origin.count("/shared") and origin.count("/sie") > before:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # (the last /shared clients joined their flights)
+    finally:
+        code = await proxy.stop(signal.SIGTERM)
+    replies = [await c for c in clients]
+    assert code == 0
+    for r in replies[:4]:
+        assert r.status == 503, (r.status, r.headers.get("Cache-Status"), r.body)
+        assert "detail=STOPPING" in r.headers["Cache-Status"], r.headers["Cache-Status"]
+        assert b"cachegate is stopping" in r.body
+    stale = replies[4]
+    assert (stale.status, stale.body, stale.x_cache) == (200, b"old", "STALE")
+    assert "detail=STOPPING" in stale.headers["Cache-Status"]
+    assert not [line for line in proxy.lines if "upstream failed" in line]
