@@ -532,23 +532,31 @@ class Coalescer:
         flight = Flight(key, self._history_limit)
         self._flights[key] = flight
 
+        def settle() -> None:
+            # The safety net under the flight's own end (proxy.flight), however it ended.
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.fail_head(self.headless())
+            flight.body.fail(ResponseAborted("the fetch ended before its body did"))  # if not ended
+            if not flight.result.done():
+                flight.result.set_result(FlightResult(False, "ABORTED"))
+
         async def runner() -> None:
             try:
                 await run(flight)
             except Exception:
                 log.exception("the fetch for %s failed", key)
             finally:
-                # The safety net under the flight's own end (proxy.flight), however it ended.
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-                flight.fail_head(self.headless())
-                flight.body.fail(ResponseAborted("the fetch ended before its body did"))  # if not ended
-                if not flight.result.done():
-                    flight.result.set_result(FlightResult(False, "ABORTED"))
+                settle()
+
+        def ended(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if task.cancelled():  # cancelled before its first step, ``runner``'s finally never ran
+                settle()
 
         flight.task = asyncio.get_running_loop().create_task(runner())
         self._tasks.add(flight.task)
-        flight.task.add_done_callback(self._tasks.discard)
+        flight.task.add_done_callback(ended)
         return flight
 
     def retire(self, flight: Flight) -> None:

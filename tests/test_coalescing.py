@@ -230,3 +230,27 @@ def test_hit_for_pass_marks_expire_in_order_and_are_capped() -> None:
         c.mark_pass(f"/long/{i}?{pad}")
     assert len(c._pass_until) <= 16 * 1024 * 1024 // 8000
     assert c.is_pass(f"/long/2999?{pad}") and not c.is_pass(f"/long/0?{pad}")
+
+
+async def test_a_flight_cancelled_before_its_first_step_still_answers_its_clients() -> None:
+    """A task cancelled before it first runs never enters its coroutine: the runner's finally
+    does not run, and the flight's clients waited for a head that never came while the key
+    stayed in flight for every later request."""
+    from proxy.coalescer import Coalescer
+    from proxy.errors import ProxyStopping
+
+    c = Coalescer(1 << 20)
+    ran: list[str] = []
+
+    async def run(flight: object) -> None:
+        ran.append("ran")
+
+    for closing, error in ((False, ConnectionError), (True, ProxyStopping)):
+        c.closing = closing
+        flight = c.start("/k", run)
+        assert flight.task is not None
+        flight.task.cancel()
+        with pytest.raises(error):
+            await asyncio.wait_for(asyncio.shield(flight.head), 2)
+        assert c.get("/k") is None and flight.result.done() and c.in_flight == 0
+    assert ran == []
