@@ -214,17 +214,24 @@ class SpoolFollower:
     given up mid-body (too large, no room, a full disk) cuts the client off (``TooFarBehind``:
     its connection is aborted, never ended as if complete), as a detached reader would be."""
 
-    __slots__ = ("_body", "_fd", "_read", "closed")
+    __slots__ = ("_at", "_body", "_fd", "_read", "closed")
 
     def __init__(self, body: Broadcast, fd: int,
                  read: Callable[[int, int, int], Coroutine[Any, Any, bytes]]) -> None:
         self._body = body
         self._fd = fd
         self._read = read  # (fd, size, offset) -> bytes, off the event loop
+        self._at = 0  # where it starts reading
         self.closed = False
 
+    def start_at(self, offset: int) -> int:
+        """Read from byte ``offset`` on (a range's first byte: the bytes before it are never
+        read); returns it. Before the first read only."""
+        self._at = offset
+        return offset
+
     async def __aiter__(self) -> AsyncGenerator[bytes, None]:
-        body, at = self._body, 0
+        body, at = self._body, self._at
         try:
             while True:
                 if at < body.size:

@@ -34,7 +34,7 @@ from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import ProxyStopping, StorageError, UpstreamError
-from proxy.flight import Attempt, MissPath
+from proxy.flight import Attempt, HeldFill, MissPath
 from proxy.http_client import InterimHook
 from proxy.leases import LeaseClient, LeaseTable
 from proxy.logs import note_key, note_upstream
@@ -56,7 +56,11 @@ from proxy.policy.messages import RequestHead, StoredResponse
 from proxy.policy.partial import (
     ByteRange,
     Combine,
+    FetchRange,
+    JoinFill,
+    RangeFetch,
     decide_combine,
+    decide_range_fetch,
     parse_content_range,
     part_range,
     representation_status,
@@ -291,16 +295,15 @@ class Engine:
                 return await self.miss.fetch(Attempt(req, plan, key, decision.fwd, cached, stale,
                                                      stale_prohibited=decision.stale_prohibited))
             case Forward():
+                stale = variants[decision.stale_index] if decision.stale_index is not None else None
+                attempt = Attempt(req, plan, key, decision.fwd, None, stale,
+                                  coalesce=decision.fwd != "request", nowhere=nowhere,
+                                  stale_prohibited=decision.stale_prohibited)
                 if decision.fwd in ("uri-miss", "vary-miss") and head.method == "GET":
                     spec = request_range(head.headers)
                     if spec is not None:
-                        nowhere = False  # the range path awaits: things may be stored meanwhile
-                        if (reply := await self._range_miss(req, plan, key, spec, decision.fwd)) is not None:
-                            return reply
-                stale = variants[decision.stale_index] if decision.stale_index is not None else None
-                return await self.miss.fetch(Attempt(req, plan, key, decision.fwd, None, stale,
-                                                     coalesce=decision.fwd != "request", nowhere=nowhere,
-                                                     stale_prohibited=decision.stale_prohibited))
+                        return await self._range_miss(attempt, spec)
+                return await self.miss.fetch(attempt)
             case OnlyIfCachedMiss():
                 return self.finish(plan, error_reply(
                     504, "Gateway Timeout", "only-if-cached: no stored response", "MISS",
@@ -470,14 +473,18 @@ class Engine:
 
     # -- partial content (RFC 9111 §3.3-3.4) ----------------------------------------------
 
-    async def _range_miss(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
-                          fwd: str) -> Reply | None:
+    async def _range_miss(self, attempt: Attempt, spec: RangeSpec, *, alone: bool = False) -> Reply:
         """A single byte range that no complete stored response answers: from a stored part
-        that holds it, else from the origin at once (a Range request, its 206 stored as a part,
-        combined with the part already held when their strong validators agree). With
-        ``range_fill: whole`` the whole object is fetched in the background meanwhile, so the
-        next ranges are hits. None: not this way (``decide_part_lookup``'s ``FetchWhole``: an
-        If-Range the part does not satisfy, or a conditional range)."""
+        that holds it, else as ``decide_range_fetch`` says: from the key's whole fill (joined
+        when one is in flight and has, or will soon have, the range's first byte; started for
+        ``bytes=0-``), or from the origin at once (a Range request, its 206 stored as a part,
+        combined with the part already held when their strong validators agree; with
+        ``range_fill: whole`` the whole object is fetched after it when that 206 may be
+        stored, so the next ranges are hits). A conditional range, or an If-Range the part
+        does not satisfy (``FetchWhole``), is answered by the whole fill. ``alone``: for this
+        client alone, joining no fill (``range_alone``)."""
+        attempt = replace(attempt, nowhere=False)  # the range path awaits: things may be stored meanwhile
+        req, plan, key = attempt.req, attempt.plan, attempt.key
         pkey = part_key(key)
         parts = self.storage.memory_get(pkey)
         if parts is None:
@@ -493,15 +500,49 @@ class Engine:
             decision = decision.otherwise
         match decision:
             case FetchWhole():
-                return None  # the whole fill answers it
+                return await self.miss.fetch(replace(attempt.alone() if alone else attempt, part=None))
             case FetchPart(held=held):
-                return await self._fetch_part(req, plan, key, spec, fwd,
-                                              parts[held] if held is not None else None)
+                old = parts[held] if held is not None else None
+                how: RangeFetch = FetchRange(lead=False)
+                if not alone:
+                    flight = self.coalescer.get(key)
+                    how = decide_range_fetch(spec, fill_whole=self.settings.cache.range_fill == "whole",
+                                             fill_received=flight.body.size if flight is not None else None,
+                                             passing=self.coalescer.is_pass(key),
+                                             authorization="Authorization" in req.head.headers)
+                match how:
+                    case JoinFill():
+                        return await self.miss.fetch(replace(attempt, part=spec))
+                    case FetchRange(lead=lead):
+                        return await self._fetch_part(attempt, spec, old, lead=lead)
+                    case _:
+                        assert_never(how)
             case _:
                 assert_never(decision)
 
-    async def _fetch_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
-                          fwd: str, old: Cached | None) -> Reply:
+    async def range_alone(self, attempt: Attempt) -> Reply:
+        """A range miss that waited for the key's fill and must fetch on its own after all (the
+        fill's response was not its to share, or never came): its range, not the object."""
+        assert attempt.part is not None
+        return await self._range_miss(attempt, attempt.part, alone=True)
+
+    async def _fetch_part(self, attempt: Attempt, spec: RangeSpec, old: Cached | None, *, lead: bool
+                          ) -> Reply:
+        """The range from the origin. ``lead``: the key's fill is held meanwhile (``MissPath.hold``)
+        and told what the answer means for it: the whole object when the 206 may be stored
+        (never for one that may not: a private object's every range cost a whole fetch of it),
+        the 200 itself when the origin ignored Range, the error; whatever happens, the fill
+        is never left waiting."""
+        fill = self.miss.hold(attempt) if lead else None
+        try:
+            return await self._ask_part(attempt, spec, old, fill)
+        finally:
+            if fill is not None:
+                fill.say("drop")  # (nothing when told already)
+
+    async def _ask_part(self, attempt: Attempt, spec: RangeSpec, old: Cached | None, fill: HeldFill | None
+                        ) -> Reply:
+        req, plan, key, fwd = attempt.req, attempt.plan, attempt.key, attempt.fwd
         head = req.head
         first, last = spec
         upstream = self.upstream(req, plan)
@@ -512,26 +553,28 @@ class Engine:
         try:
             resp = await self.send(upstream, on_interim=relay(req.interim))
         except UpstreamError as exc:
+            if fill is not None:
+                fill.say(exc)  # its waiting clients get the error too, as a fill's followers do
             return self.upstream_failed(plan, exc, fwd)
         response_time = self.clock()
         if resp.status == 200:
             # An origin that ignores Range sends the whole representation: that is the fill.
-            return await self.miss.answer_unshared(Attempt(req, plan, key, fwd), resp, request_time,
-                                                   response_time, epoch)
+            if fill is not None:
+                return await self.miss.answer_held(fill, attempt, resp, request_time, response_time, epoch)
+            return await self.miss.answer_unshared(attempt, resp, request_time, response_time, epoch)
         if resp.status != 206:  # an error, or a 416 about this range only: passed on, not stored
             return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
                                       False)
         held = parse_content_range(resp.headers.get("Content-Range"))
         if held is None:  # a multipart answer: passed on as it is
             return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=206), False)
-        if self.settings.cache.range_fill == "whole" and self.coalescer.get(key) is None:
-            # The origin serves ranges: the whole object follows in the background.
-            self.miss.start(Attempt(req, plan, key, fwd), register=True, background=True)
         detail, entry = self._part_decision(head, plan, key, resp, request_time, response_time)
         if entry is not None and resp.content_length not in (None, held.length):
             # Its length disagrees with its Content-Range: relayed as framed, never stored
             # (``_store_part``), and known now, before the head says "stored".
             detail, entry = "LENGTH-MISMATCH", None
+        if fill is not None and entry is not None:
+            fill.say("whole")  # the origin serves ranges, storable ones: the whole object follows
         if detail:
             self.metrics.not_stored.labels(detail).inc()
         cs = cache_status(fwd=fwd, fwd_status=206, stored=entry is not None, detail=detail or None)

@@ -6,8 +6,9 @@ on). ``MissPath.fetch`` then takes one of three ways:
 
 - the key is hit-for-pass: the request goes to the origin in its own task, no flight;
 - a flight for the key is under way: the client joins it as a *follower*;
-- else the client starts one and is its *leader* (a stale-while-revalidate refresh and a
-  range miss's whole-object fetch start one with no client at all).
+- else the client starts one and is its *leader* (a stale-while-revalidate refresh starts one
+  with no client at all; a range miss that asks the origin for its range first *holds* one,
+  which fetches the whole object once that range's 206 turns out storable: ``hold``).
 
 A flight's task goes through at most four states, each a method below:
 
@@ -82,6 +83,7 @@ from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
 from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
+from proxy.policy.ranges import RangeSpec
 from proxy.policy.reply import (
     AsArrives,
     NotModified,
@@ -139,6 +141,9 @@ class Attempt:
     nowhere: bool = False
     # Fetched alone after a flight left nothing for it (``MissPath._serve_after_flight``): at most once.
     refetched: bool = False
+    # A range miss that joined the key's whole fill (``proxy.policy.partial.JoinFill``): should
+    # it have to fetch on its own after all, it asks for this range, not the whole object.
+    part: RangeSpec | None = None
 
     def alone(self) -> Attempt:
         """The same request fetched for this client alone, without joining anyone's flight
@@ -219,7 +224,8 @@ class StoredElsewhere:
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
-    """A background refresh that another worker is already doing: nothing fetched here."""
+    """Nothing fetched here: a background refresh that another worker is already doing, or a
+    fill held for a range whose answer said not to fetch the whole object (``MissPath.hold``)."""
 
     label: ClassVar[str] = "skipped"
 
@@ -254,6 +260,7 @@ class _Run:
     attempt: Attempt
     flight: Flight
     background: bool = False  # nobody waits for it (a refresh, a range miss's whole object)
+    register: bool = True  # findable by the key's other clients (``MissPath.start``)
     lease: Granted | None = None  # the cross-worker lease it holds (proxy.leases)
     # Cluster mode: called with the stored entry and its body (when in memory) as soon as the
     # fill is complete, to write it through to the shared tier (``_locked_fill``).
@@ -336,15 +343,71 @@ class MissPath:
         (else the same machinery that nobody can join: the client asked for the origin, or
         hit-for-pass)."""
 
-        async def fly(run: _Run) -> None:
-            if register and self.engine.leases is not None:
-                await self._leased(run)
-            elif register and not background:
-                await self._fill(run)
-            else:
-                await self._origin(run, attempt.revalidating)
+        return self._launch(attempt, register, background, self._fly)
 
-        return self._launch(attempt, register, background, fly)
+    async def _fly(self, run: _Run) -> None:
+        """A flight's fetch: under the key's lease (workers), through the shared tier (a
+        coalesced fill in cluster mode), or straight from the origin."""
+        register = run.register
+        if register and self.engine.leases is not None:
+            await self._leased(run)
+        elif register and not run.background:
+            await self._fill(run)
+        else:
+            await self._origin(run, run.attempt.revalidating)
+
+    def hold(self, attempt: Attempt) -> HeldFill:
+        """The key's fill, registered now for a range miss that asks the origin for its range
+        first (``proxy.policy.partial.FetchRange(lead=True)``), and held until that answer
+        says what it does (``HeldFill.say``). Meanwhile the key's other misses wait for it
+        (their range sliced from its body) rather than each going to the origin: one range and
+        one whole fetch for a herd of them. Nobody waits for it otherwise (``background``)."""
+        word: asyncio.Future[HeldWord] = asyncio.get_running_loop().create_future()
+
+        async def fly(run: _Run) -> None:
+            said = await word
+            match said:
+                case "whole":
+                    await self._fly(run)
+                case Delivery():
+                    await self._deliver(run, said.resp, said.store_detail, said.entry, said.response_time,
+                                        said.epoch)
+                case UpstreamError():
+                    self._end(run, Unreachable(said))
+                case "drop":
+                    self._end(run, Skipped())
+                case _:
+                    assert_never(said)
+
+        return HeldFill(self._launch(attempt, True, True, fly), word)
+
+    async def answer_held(self, held: HeldFill, attempt: Attempt, resp: UpstreamResponse,
+                          request_time: float, response_time: float, epoch: int) -> Reply:
+        """Answer the client holding ``held`` from the whole 200 its range got (the origin
+        ignored Range): delivered through the held fill, so the key's clients waiting for it get
+        it too, and stored when it may be (as ``answer_unshared`` does for a client alone)."""
+        if not held.waiting:  # the fill is gone (a stop cancelled it): answered alone
+            return await self.answer_unshared(attempt, resp, request_time, response_time, epoch)
+        try:
+            store_detail, entry = self.engine.fill_decision(attempt, resp, request_time, response_time)
+        except BaseException:
+            resp.close()
+            raise
+        flight = held.flight
+        reader = flight.body.join()
+        assert reader is not None
+        flight.led()
+        held.say(Delivery(resp, store_detail, entry, response_time, epoch))
+        # Answered as its leader: no stale to fall back on.
+        return await self.answer(Attempt(attempt.req, attempt.plan, attempt.key, attempt.fwd), flight, reader,
+                                 False)
+
+    async def _fetch_alone(self, attempt: Attempt) -> Reply:
+        """Fetch for this client alone, after waiting for a flight that was not its to share (or
+        went away): its range when it came to the flight as a range miss, else the object."""
+        if attempt.part is not None:
+            return await self.engine.range_alone(attempt)
+        return await self.fetch(attempt.alone())
 
     def refresh(self, attempt: Attempt) -> None:
         """stale-while-revalidate: one revalidation per key, whoever asks while it runs."""
@@ -354,7 +417,7 @@ class MissPath:
     def _launch(self, attempt: Attempt, register: bool, background: bool,
                 fly: Callable[[_Run], Awaitable[None]]) -> Flight:
         async def task(flight: Flight) -> None:
-            run = _Run(attempt, flight, background)
+            run = _Run(attempt, flight, background, register)
             try:
                 await fly(run)
             finally:
@@ -841,14 +904,14 @@ class MissPath:
                     flight.interim.remove(sink)
         except TimeoutError:
             reader.close()
-            return await self.fetch(attempt.alone())
+            return await self._fetch_alone(attempt)
         except UpstreamError as exc:
             reader.close()
             return await self._origin_failed(attempt, exc)
         except ConnectionError as exc:
             reader.close()
             if collapsed:
-                return await self.fetch(attempt.alone())
+                return await self._fetch_alone(attempt)
             return engine.upstream_failed(plan, UpstreamError(str(exc)), fwd)
 
         step = after_head(fhead, head, fwd, collapsed=collapsed, stale=stale is not None)
@@ -868,7 +931,7 @@ class MissPath:
                 return await self._serve_stale(attempt, stale, fhead.status, step.detail)
             case OnItsOwn():
                 reader.close()
-                return await self.fetch(attempt.alone())
+                return await self._fetch_alone(attempt)
             case FromHead():
                 from_head, step = True, step.otherwise
             case Relay():
@@ -974,8 +1037,10 @@ class MissPath:
         with a 206 that ends at once; a slice whose bytes had all arrived is answered whatever
         becomes of the rest of the body. Once some of it has gone out, a failure aborts the
         connection, as for any streamed response."""
-        pieces = _sliced(self._flight_body(flight, attempt.key, reader), answer.offset,
-                         answer.offset + answer.length)
+        # A client reading the spool file reads it from the range's first byte on.
+        start = reader.start_at(answer.offset) if isinstance(reader, SpoolFollower) else 0
+        pieces = _sliced(self._flight_body(flight, attempt.key, reader), answer.offset - start,
+                         answer.offset + answer.length - start)
         body: Body
         try:
             if otherwise.body == "whole":
@@ -1210,6 +1275,8 @@ class MissPath:
             log.error("%s: a refetch for one client came back to the store; not fetched again", key)
             return engine.upstream_failed(attempt.plan, UpstreamProtocolError("refetched already"),
                                           attempt.fwd)
+        if attempt.part is not None:
+            return await engine.range_alone(attempt)  # (its range alone: never back here)
         return await self.fetch(Attempt(req, attempt.plan, key, attempt.fwd, coalesce=False, refetched=True))
 
     async def _outwait(self, flight: Flight) -> None:
@@ -1370,6 +1437,45 @@ class _Led:
 
     async def aclose(self) -> None:
         await self._rest.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The whole response a held fill's client got to its range (the origin ignored Range),
+    for the fill to deliver (``MissPath.answer_held``)."""
+
+    resp: UpstreamResponse
+    store_detail: str
+    entry: Entry | None
+    response_time: float
+    epoch: int
+
+
+# What a held fill is told (``MissPath.hold``): fetch the whole object ("whole": the range's 206
+# may be stored), deliver the 200 the range got, fail as the range's fetch did (its waiting
+# clients get that error, as a fill's followers do), or end without fetching ("drop").
+HeldWord = Literal["whole", "drop"] | Delivery | UpstreamError
+
+
+class HeldFill:
+    """A key's fill held for a range miss's own fetch (``MissPath.hold``): told once what it
+    does; the first word counts (the range's answer says it; its end says "drop" whatever
+    happened, so a fill is never left waiting)."""
+
+    __slots__ = ("_word", "flight")
+
+    def __init__(self, flight: Flight, word: asyncio.Future[HeldWord]) -> None:
+        self.flight = flight
+        self._word = word
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the fill still waits for its word (not told yet, nor cancelled by a stop)."""
+        return not self._word.done()
+
+    def say(self, word: HeldWord) -> None:
+        if not self._word.done():
+            self._word.set_result(word)
 
 
 def _unasked_304(resp: UpstreamResponse, revalidating: Cached | None) -> UpstreamProtocolError | None:

@@ -248,10 +248,12 @@ class CacheSettings:
     disk: DiskSettings | None = setting(DiskSettings(), "the disk tier (null: memory only)")
     tag_headers: tuple[str, ...] = setting(("Surrogate-Key", "Cache-Tag"),
                                            "response fields whose values tag an entry, for purges by tag")
-    # A range request that misses: "whole" also fetches the whole object in the background
-    # (stored, it answers every later range); "none" fetches only the ranges asked for.
-    range_fill: RangeFill = setting("whole", "a range miss: answered at once and the whole object fetched "
-                                             "behind it (whole), or only the ranges asked for (none)")
+    # A range request that misses: "whole" also fetches the whole object in the background when
+    # the range's 206 may be stored (stored, it answers every later range); "none" fetches only
+    # the ranges asked for. Either way a range joins the key's fill in flight (docs/caching.md).
+    range_fill: RangeFill = setting("whole", "a range miss: answered at once and, when its 206 may be "
+                                             "stored, the whole object fetched behind it (whole), or only "
+                                             "the ranges asked for (none)")
 
 
 # -- the admin API -------------------------------------------------------------------------

@@ -426,6 +426,23 @@ async def test_a_client_joining_a_big_fill_late_gets_its_first_bytes_before_the_
     assert len(gated.requests) == 1
 
 
+async def test_a_range_joining_a_big_fill_late_is_read_from_its_spool_file(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A range miss past the flight's replay history, within what the fill has received, joins
+    it as any late client does: its bytes come from the spool file (read from the range's first
+    byte) while the origin still holds the rest, and the origin gets no request of its own."""
+    proxy, gated, leader = await _big_fill_past_history(origin, make_proxy)
+    first = 3 * 512 * 1024
+    reply = await asyncio.wait_for(proxy.get("/big", headers={"Range": f"bytes={first}-{first + 9999}"}), 10)
+    assert (reply.status, reply.headers["Content-Range"]) == (206, f"bytes {first}-{first + 9999}/{len(BIG)}")
+    assert reply.body == BIG[first:first + 10000]
+    assert not gated.release.is_set() and len(gated.requests) == 1
+    gated.release.set()
+    assert await leader == BIG
+    await flights_over(proxy)
+    assert len(gated.requests) == 1
+
+
 async def test_two_workers_answer_a_conditional_miss_from_the_fill_s_head(
         origin: Origin, tmp_path: Path) -> None:
     """The same across workers: whichever worker the client reaches, its fill answers it."""

@@ -17,6 +17,7 @@ are never put together.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from proxy.policy.fields import digits
 from proxy.policy.messages import StoredResponse
@@ -128,6 +129,63 @@ def decide_combine(stored: StoredResponse, new: StoredResponse) -> Combine | Ref
     if hi.first > lo.last + 1:
         return Refuse("NOT-CONTIGUOUS")
     return Combine(ByteRange(lo.first, max(lo.last, hi.last), a.total), lower, upper)
+
+
+# A range that starts at most this far past what the key's fill in flight has received waits for
+# that fill's body (at most this much of it) and is answered from it; one further on is asked
+# of the origin at once: a seek far into a video never waits for the fill to get there.
+JOIN_AHEAD = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class JoinFill:
+    """Answered from the key's whole fill, as its other clients are (the range sliced from the
+    body as it arrives: ``proxy.policy.reply.reply_on_arrival``): joined when one is in flight
+    (``in-flight``), else started (``whole``: ``bytes=0-`` asks for the whole representation,
+    which is what a browser's video element sends first)."""
+
+    reason: Literal["in-flight", "whole"]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRange:
+    """Ask the origin for the range alone (``FetchPart``). ``lead``: the key's fill is held for
+    it until its 206 arrives: the whole object is fetched after it only when that 206 may be
+    stored, and the key's other range misses meanwhile wait for that fill (a herd of them is
+    one range and one whole fetch, not one each)."""
+
+    lead: bool
+
+
+RangeFetch = JoinFill | FetchRange
+
+
+def decide_range_fetch(spec: RangeSpec, *, fill_whole: bool, fill_received: int | None, passing: bool,
+                       authorization: bool) -> RangeFetch:
+    """How a single range no stored response answers (``FetchPart``) goes to the origin.
+
+    ``fill_whole``: ``cache.range_fill: whole``; ``fill_received``: the bytes the key's fill in
+    flight has received (None: none is); ``passing``: the key is hit-for-pass (nothing of it is
+    shared or stored: the range alone, never a whole fetch); ``authorization``: the request
+    has credentials, which no fetch the client did not ask for may carry (RFC 9111 §3.5: a
+    response to it is stored only when it says so; Varnish passes such requests).
+
+    >>> plain = dict(passing=False, authorization=False)
+    >>> decide_range_fetch((0, None), fill_whole=False, fill_received=None, **plain)
+    JoinFill(reason='whole')
+    >>> decide_range_fetch((5 << 20, None), fill_whole=True, fill_received=0, **plain)
+    FetchRange(lead=False)
+    """
+    if passing:
+        return FetchRange(lead=False)
+    first = spec[0]
+    if fill_received is not None:
+        if first is not None and first <= fill_received + JOIN_AHEAD:
+            return JoinFill("in-flight")
+        return FetchRange(lead=False)  # the fill in flight brings the whole object already
+    if spec == (0, None):
+        return JoinFill("whole")
+    return FetchRange(lead=fill_whole and not authorization)
 
 
 def widen(spec: RangeSpec, slice_size: int) -> RangeSpec:

@@ -5,7 +5,19 @@ from __future__ import annotations
 import pytest
 
 from proxy.policy.messages import CacheOptions, StoredResponse
-from proxy.policy.partial import ByteRange, Combine, Refuse, answerable, decide_combine, parse_content_range
+from proxy.policy.partial import (
+    JOIN_AHEAD,
+    ByteRange,
+    Combine,
+    FetchRange,
+    JoinFill,
+    RangeFetch,
+    Refuse,
+    answerable,
+    decide_combine,
+    decide_range_fetch,
+    parse_content_range,
+)
 from proxy.policy.ranges import RangeSpec
 from proxy.policy.storability import DontStore, Store, decide_store_part
 from tests.policy.build import T0, headers, request
@@ -94,3 +106,35 @@ def test_content_range_is_read_strictly() -> None:
     assert parse_content_range("Bytes 0-4/10") == ByteRange(0, 4, 10)
     for bad in ("bytes 0-4/*", "bytes */10", "bytes 5-4/10", "bytes 0-10/10", "items 0-4/10", "bytes 0-²/10", ""):
         assert parse_content_range(bad) is None, bad
+
+
+# (case, spec, range_fill whole, bytes the fill in flight received (None: none), passing,
+#  Authorization, decision)
+RANGE_FETCHES: list[tuple[str, RangeSpec, bool, int | None, bool, bool, RangeFetch]] = [
+    ("bytes=0- asks for the whole: the key's fill", (0, None), True, None, False, False, JoinFill("whole")),
+    ("bytes=0- under range_fill: none too", (0, None), False, None, False, False, JoinFill("whole")),
+    ("a range near a fill in flight joins it", (100, 199), True, 0, False, False, JoinFill("in-flight")),
+    ("a range up to a MiB past what it received", (5000 + JOIN_AHEAD, None), False, 5000, False, False,
+     JoinFill("in-flight")),
+    ("a seek further on is asked of the origin", (5001 + JOIN_AHEAD, None), True, 5000, False, False,
+     FetchRange(lead=False)),
+    ("a suffix does not wait for a fill", (None, 100), True, 0, False, False, FetchRange(lead=False)),
+    ("a cold range holds the fill (range_fill: whole)", (100, 199), True, None, False, False,
+     FetchRange(lead=True)),
+    ("a cold suffix too", (None, 100), True, None, False, False, FetchRange(lead=True)),
+    ("never under range_fill: none", (100, 199), False, None, False, False, FetchRange(lead=False)),
+    ("never with Authorization", (100, 199), True, None, False, True, FetchRange(lead=False)),
+    ("bytes=0- with Authorization is its own request", (0, None), True, None, False, True, JoinFill("whole")),
+    ("hit-for-pass: the range alone", (100, 199), True, None, True, False, FetchRange(lead=False)),
+    ("hit-for-pass: bytes=0- too", (0, None), True, None, True, False, FetchRange(lead=False)),
+    ("hit-for-pass: never a fill in flight", (100, 199), True, 0, True, False, FetchRange(lead=False)),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "whole", "received", "passing", "authorization", "expected"),
+                         RANGE_FETCHES, ids=[r[0] for r in RANGE_FETCHES])
+def test_a_range_miss_shares_the_whole_fill_or_asks_for_its_range(
+        case: str, spec: RangeSpec, whole: bool, received: int | None, passing: bool, authorization: bool,
+        expected: RangeFetch) -> None:
+    assert decide_range_fetch(spec, fill_whole=whole, fill_received=received, passing=passing,
+                              authorization=authorization) == expected

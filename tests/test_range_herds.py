@@ -1,0 +1,230 @@
+"""Range misses share the key's whole fill, as its other misses do: a herd of them is one
+origin fetch (or one range and one whole fetch), never one each; and a range of an object that
+may not be stored never costs a fetch of the whole object.
+
+A browser's video element asks ``Range: bytes=0-`` first: twenty players on a cold object
+were twenty whole downloads from the origin (forty with an origin that honours ranges: each
+range, then each one's whole fill), and ranges arriving while the object was being filled
+each went to the origin too. Each origin route here records the Range (and Authorization) of
+every request it gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+BODY = bytes(i % 251 for i in range(256 * 1024))
+NONE = "cache: {memory: 64MB, range_fill: none, disk: {path: cache, size: 512MB, shards: 2}}\n"
+WHOLE = "cache: {memory: 64MB, range_fill: whole, disk: {path: cache, size: 512MB, shards: 2}}\n"
+
+
+class Video:
+    """An origin resource that honours single byte ranges (``ranges``) or ignores them, each
+    answer after ``delay`` (the herd arrives meanwhile); ``held``: the whole body's first
+    64 KiB go out with its head, the rest once ``release`` is set."""
+
+    def __init__(self, body: bytes = BODY, *, ranges: bool = True, delay: float = 0.0,
+                 cache_control: str = "max-age=3600", held: bool = False) -> None:
+        self.body, self.honours, self.delay, self.cache_control = body, ranges, delay, cache_control
+        self.held = held
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()  # a held body's first bytes went out
+        self.seen: list[tuple[str | None, str | None]] = []  # (Range, Authorization) of each request
+
+    @property
+    def ranges(self) -> list[str | None]:
+        return [rng for rng, _ in self.seen]
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        rng = request.headers.get("Range")
+        self.seen.append((rng, request.headers.get("Authorization")))
+        await asyncio.sleep(self.delay)
+        headers = {"Cache-Control": self.cache_control, "ETag": '"v1"', "Content-Type": "video/mp4"}
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "") if self.honours else None
+        if m is not None:
+            size = len(self.body)
+            first, last = int(m.group(1)), min(int(m.group(2) or size - 1), size - 1)
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+            return web.Response(status=206, body=self.body[first:last + 1], headers=headers)
+        if not self.held:
+            return web.Response(body=self.body, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = len(self.body)
+        await resp.prepare(request)
+        await resp.write(self.body[:65536])
+        self.started.set()
+        await self.release.wait()
+        await resp.write(self.body[65536:])
+        await resp.write_eof()
+        return resp
+
+
+async def ranged(proxy: Proxy, ranges: list[str], headers: dict[str, str] | None = None
+                 ) -> list[tuple[int, str | None, bytes]]:
+    """Each range asked at once, on a connection of its own: (status, Content-Range, body)."""
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        async def one(rng: str) -> tuple[int, str | None, bytes]:
+            async with session.get(proxy.url + "/v", headers={**(headers or {}), "Range": rng}) as resp:
+                return resp.status, resp.headers.get("Content-Range"), await resp.read()
+
+        return await asyncio.gather(*(one(r) for r in ranges))
+
+
+def answers(ranges: list[str], body: bytes = BODY) -> list[tuple[int, str | None, bytes]]:
+    """The 206 each range asks for."""
+    out: list[tuple[int, str | None, bytes]] = []
+    for rng in ranges:
+        first_text, last_text = rng.removeprefix("bytes=").split("-")
+        first, last = int(first_text), int(last_text or len(body) - 1)
+        out.append((206, f"bytes {first}-{last}/{len(body)}", body[first:last + 1]))
+    return out
+
+
+async def flights_over(proxy: Proxy) -> None:
+    coalescer = proxy.runtime.engine.coalescer
+    for _ in range(1000):
+        if coalescer.in_flight == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("a flight is still running")
+
+
+@pytest.mark.parametrize("config", [WHOLE, NONE], ids=["range_fill-whole", "range_fill-none"])
+@pytest.mark.parametrize("honours", [True, False], ids=["origin-honours-ranges", "origin-ignores-ranges"])
+async def test_twenty_video_players_on_a_cold_object_are_one_origin_fetch(
+        origin: Origin, make_proxy: MakeProxy, config: str, honours: bool) -> None:
+    """``bytes=0-`` asks for the whole representation: the key's fill, joined by the others,
+    each answered 206 from it as it arrives (with ``range_fill: none`` too: the origin sends
+    no more than they ask for)."""
+    video = Video(ranges=honours, delay=0.2)
+    origin.route("/v", video)
+    proxy = await make_proxy(config=config)
+    replies = await ranged(proxy, ["bytes=0-"] * 20)
+    assert replies == answers(["bytes=0-"] * 20)
+    assert video.ranges == [None]  # one whole fetch
+    await flights_over(proxy)
+    assert (await ranged(proxy, ["bytes=5-9"])) == answers(["bytes=5-9"])
+    assert video.ranges == [None]  # stored
+
+
+async def test_ranges_asked_while_the_object_is_being_filled_are_answered_from_the_fill(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The Bounded wait of docs/upstreams.md: a range request that comes while the key is
+    filled joins the fill and is answered from its head and body (the origin honours ranges:
+    each went to it as a range request of its own)."""
+    video = Video(held=True)
+    origin.route("/v", video)
+    proxy = await make_proxy()
+    leader = asyncio.ensure_future(proxy.get("/v"))
+    await asyncio.wait_for(video.started.wait(), 5)
+    wanted = [f"bytes={i * 9000}-{i * 9000 + 99}" for i in range(20)] + ["bytes=200000-"]
+    herd = asyncio.ensure_future(ranged(proxy, wanted))
+    flight = proxy.runtime.engine.coalescer.get(f"http://{proxy.url.removeprefix('http://')}/v")
+    assert flight is not None
+    for _ in range(500):  # until every range has joined the fill (it holds the rest of its body)
+        if flight.followers == len(wanted):
+            break
+        await asyncio.sleep(0.01)
+    assert flight.followers == len(wanted)
+    video.release.set()
+    assert await herd == answers(wanted)
+    assert (await leader).body == BODY
+    await flights_over(proxy)
+    assert video.ranges == [None]
+
+
+async def test_a_cold_herd_of_ranges_is_one_range_and_one_whole_fetch(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """range_fill: whole. The first range goes to the origin and holds the key's fill; its 206
+    may be stored, so the whole object follows, and the other ranges are answered from that
+    fill rather than each asking for its range (and each then starting a whole fill)."""
+    video = Video(delay=0.2)
+    origin.route("/v", video)
+    proxy = await make_proxy(config=WHOLE)
+    wanted = [f"bytes={i * 100}-{i * 100 + 99}" for i in range(20)]
+    assert await ranged(proxy, wanted) == answers(wanted)
+    await flights_over(proxy)
+    assert len(video.ranges) == 2 and video.ranges[1] is None, video.ranges  # a range, then the whole
+    full = await proxy.get("/v")
+    assert (full.status, full.x_cache, full.body) == (200, "HIT", BODY)
+
+
+async def test_a_seek_far_past_a_fill_in_flight_is_asked_of_the_origin_at_once(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A range that starts more than a MiB past what the fill has received does not wait for
+    the fill to get there (the origin holds the rest of the body here: it never would)."""
+    big = bytes(i % 253 for i in range(3 << 20))
+    video = Video(big, held=True)
+    origin.route("/v", video)
+    proxy = await make_proxy()
+    leader = asyncio.ensure_future(proxy.get("/v"))
+    await asyncio.wait_for(video.started.wait(), 5)
+    seek = ["bytes=2621440-2621539"]
+    assert await asyncio.wait_for(ranged(proxy, seek), 5) == answers(seek, big)
+    assert video.ranges == [None, "bytes=2621440-2621539"]  # no second whole fetch
+    video.release.set()
+    assert (await leader).body == big
+    await flights_over(proxy)
+
+
+@pytest.mark.parametrize(("cache_control", "headers"), [
+    ("private, max-age=100", {}), ("no-store", {}), ("max-age=100", {"Authorization": "Bearer alice"})],
+    ids=["private", "no-store", "authorization"])
+async def test_a_range_of_an_object_that_may_not_be_stored_never_fetches_it_whole(
+        origin: Origin, make_proxy: MakeProxy, cache_control: str, headers: dict[str, str]) -> None:
+    """range_fill: whole fetches the whole object after a range only when the range's 206 may be
+    stored: a private object's every 1 KB range had the origin send all of it again, and a
+    request with credentials had them sent on a whole fetch the client never asked for."""
+    video = Video(cache_control=cache_control)
+    origin.route("/v", video)
+    proxy = await make_proxy(config=WHOLE)
+    for i in range(3):
+        wanted = [f"bytes={i * 1024}-{i * 1024 + 1023}"]
+        assert await ranged(proxy, wanted, headers) == answers(wanted)
+        await flights_over(proxy)
+    assert video.ranges == ["bytes=0-1023", "bytes=1024-2047", "bytes=2048-3071"]
+
+
+async def test_ranges_that_waited_for_a_fill_their_first_range_declined_ask_for_their_own(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A cold herd of ranges of a private object: the others waited for the fill the first one
+    held, which its private 206 said not to make; each then asks for its own range (never the
+    whole object) and gets its 206."""
+    video = Video(cache_control="private, max-age=100", delay=0.2)
+    origin.route("/v", video)
+    proxy = await make_proxy(config=WHOLE)
+    wanted = [f"bytes={i * 100}-{i * 100 + 99}" for i in range(8)]
+    assert await ranged(proxy, wanted) == answers(wanted)
+    await flights_over(proxy)
+    assert sorted(map(str, video.ranges)) == sorted(wanted)
+
+
+async def test_ranges_that_waited_for_a_fill_whose_range_failed_get_its_error(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The first range's fetch breaks (the origin closes the connection): the ranges waiting for
+    the fill it held get that error as a fill's followers do, rather than each trying again."""
+    seen: list[str | None] = []
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Range"))
+        await asyncio.sleep(0.2)
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    origin.route("/v", broken)
+    proxy = await make_proxy(config=WHOLE)
+    wanted = [f"bytes={i * 100}-{i * 100 + 99}" for i in range(5)]
+    replies = await ranged(proxy, wanted)
+    assert [status for status, _, _ in replies] == [502] * 5
+    await flights_over(proxy)
+    assert len(set(seen)) == 1, seen  # one range's fetch (the pool tries it twice: it is idempotent)
