@@ -1131,14 +1131,21 @@ class MissPath:
 
         The client's preconditions go with it (RFC 9110 §13.2.1: a cache that does not evaluate
         them forwards them): a private page's If-None-Match gets its 304. Its answer to them (a
-        304, a 412) is relayed and never stored; only a full response may end the pass."""
+        304, a 412) is relayed and never stored; only a full response may end the pass.
+
+        A HEAD goes as a HEAD, as Varnish passes one: nothing of its answer can be stored, and
+        sent as the GET a fill is, it had the origin start sending the body (megabytes of a big
+        object) for nothing, at every HEAD."""
         engine = self.engine
         head = attempt.req.head
         request_time = engine.clock()
         epoch = engine.storage.epoch
+        upstream = engine.upstream(attempt.req, attempt.plan, preconditions=True)
+        head_only = head.method == "HEAD"
+        if head_only:
+            upstream = replace(upstream, method="HEAD")
         try:
-            resp = await engine.send(engine.upstream(attempt.req, attempt.plan, preconditions=True),
-                                     on_interim=relay(attempt.req.interim))
+            resp = await engine.send(upstream, on_interim=relay(attempt.req.interim))
         except UpstreamError as exc:
             return engine.upstream_failed(attempt.plan, exc, attempt.fwd)
         fields = head.headers
@@ -1150,7 +1157,25 @@ class MissPath:
         if unasked is not None:
             return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
         response_time = engine.clock()
+        if head_only:
+            return self._passed_head(attempt, resp, request_time, response_time)
         return await self.answer_unshared(attempt, resp, request_time, response_time, epoch)
+
+    def _passed_head(self, attempt: Attempt, resp: UpstreamResponse, request_time: float,
+                     response_time: float) -> Reply:
+        """A hit-for-pass key's HEAD answered: relayed, never stored (it has no body). What its
+        head says of the GET's response keeps the mark, or ends it (storable now: the next GET
+        fills), as a passed GET's would."""
+        engine = self.engine
+        store_detail, entry = engine.fill_decision(attempt, resp, request_time, response_time)
+        if entry is not None:
+            self.coalescer.clear_pass(attempt.key)
+        else:
+            if store_detail in PASS_DETAILS:
+                self.coalescer.mark_pass(attempt.key, found_nothing=self._found_nothing(attempt))
+            engine.metrics.not_stored_because(store_detail, attempt.req.head.url)
+        cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status, detail=store_detail or None)
+        return engine.direct_reply(attempt.plan, resp, "MISS", cs, True)
 
     async def answer_unshared(self, attempt: Attempt, resp: UpstreamResponse, request_time: float,
                               response_time: float, epoch: int) -> Reply:

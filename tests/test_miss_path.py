@@ -63,6 +63,27 @@ async def test_a_hit_for_pass_key_whose_response_turns_cacheable_is_stored(
     assert origin.count("/turns") == 2
 
 
+async def test_a_head_for_a_hit_for_pass_key_goes_upstream_as_a_head(origin: Origin, proxy: Proxy) -> None:
+    """Nothing of a HEAD's answer can be stored: passed, it goes as a HEAD (as Varnish passes
+    one), not as the GET a fill is, which had the origin start sending the body at every HEAD
+    (megabytes of a big object). What its head says keeps the mark, or ends it."""
+    origin.route("/ns", body=b"123456789", headers={"Cache-Control": "no-store"})
+    for _ in range(2):
+        assert (await proxy.get("/ns")).body == b"123456789"
+    for _ in range(2):
+        head = await proxy.request("HEAD", "/ns")
+        assert (head.status, head.body, head.headers["Content-Length"]) == (200, b"", "9")
+        assert head.cache_status == "cachegate; fwd=uri-miss; fwd-status=200; detail=NO-STORE"
+    assert [s.method for s in origin.seen] == ["GET", "GET", "HEAD", "HEAD"]
+    assert proxy.runtime.engine.coalescer.is_pass(_key(proxy, "/ns"))
+    origin.route("/ns", body=b"public", headers={"Cache-Control": "max-age=60"})
+    assert (await proxy.request("HEAD", "/ns")).status == 200  # storable now: the mark ends
+    assert not proxy.runtime.engine.coalescer.is_pass(_key(proxy, "/ns"))
+    assert (await proxy.get("/ns")).x_cache == "MISS"
+    assert (await proxy.request("HEAD", "/ns")).x_cache == "HIT"
+    assert [s.method for s in origin.seen] == ["GET", "GET", "HEAD", "HEAD", "HEAD", "GET"]
+
+
 def _key(proxy: Proxy, path: str) -> str:
     from proxy.policy.keys import cache_key
 
