@@ -33,7 +33,7 @@ Predicate = Callable[["RequestView"], bool]
 class RequestView:
     """A request as rules see it; query parameters and cookies are parsed on first use."""
 
-    __slots__ = ("_cookies", "_params", "head", "host", "path", "query")
+    __slots__ = ("_cookies", "_params", "head", "host", "path", "query", "repeated")
 
     def __init__(self, head: RequestHead) -> None:
         raw_path, _, self.query = head.target.partition("?")
@@ -43,6 +43,8 @@ class RequestView:
         self.host = host.rsplit(":", 1)[0] if ":" in host and not host.endswith("]") else host
         self._params: dict[str, str] | None = None
         self._cookies: dict[str, str] | None = None
+        # The first header a value condition read that came as several lines (``header``).
+        self.repeated: str | None = None
 
     def params(self) -> dict[str, str]:
         """Query parameters, decoded; the first value of a repeated one."""
@@ -63,10 +65,17 @@ class RequestView:
         return self._cookies
 
     def header(self, name: str) -> str | None:
+        """The field's lines joined with ``, `` (RFC 9110 §5.3). A field sent as several lines is
+        noted in ``repeated``: origins read it as its first line (aiohttp, Go, Varnish), its last
+        or the joined value, so ``RuleSet.plan`` reads the rules each way (``_repeated``)."""
         values = self.head.headers.getall(name, ())
         if len(values) == 1:
             return values[0]
-        return ", ".join(values) if values else None
+        if not values:
+            return None
+        if self.repeated is None:
+            self.repeated = name
+        return ", ".join(values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from proxy.policy.fields import ambiguous_cookie
 from proxy.policy.headers import caching_field, reply_edits
 from proxy.policy.keys import DEFAULT_KEY, KeySpec, lower_path
@@ -131,7 +133,8 @@ class RequestPlan:
     # The rule whose key lower-cases the path, when the plan was decided on the lower-cased path
     # (the one the origin is asked for) instead of the client's (``RuleSet.plan``).
     lowered_by: Rule | None = None
-    # The Cache-Status detail of a bypass the rules did not ask for (``AMBIGUOUS-COOKIE:<name>``).
+    # The Cache-Status detail of a bypass the rules did not ask for (``AMBIGUOUS-COOKIE:<name>``,
+    # ``AMBIGUOUS-HEADER:<name>``).
     detail: str | None = None
     # The path as some origins read it, when the rules bypass it there (``RuleSet._read_otherwise``).
     read_as: str | None = None
@@ -323,7 +326,40 @@ class RuleSet:
         if response_rules is not None:
             plan = self._composed(plan, response_rules)
         if (view._cookies is not None or plan.key.cookies) and not plan.bypass:
-            return self._unambiguous(view, plan)
+            plan = self._unambiguous(view, plan)
+        if view.repeated is not None and not plan.bypass:
+            return self._repeated(request, view.repeated, plan)
+        return plan
+
+    def _repeated(self, request: RequestHead, name: str, plan: RequestPlan) -> RequestPlan:
+        """``plan``, or a bypass when the rules decide otherwise on the request as origins read
+        its repeated fields. A value condition reads a field sent as several lines joined with
+        ``, `` (RFC 9110 §5.3), but aiohttp, Go and Varnish read its first line and some
+        frameworks its last: ``X-Requested-With: XMLHttpRequest`` sent twice did not hold a
+        bypass rule's ``equals: XMLHttpRequest`` while the origin answered its XHR fragment,
+        stored for every browser. The rules are read again with each repeated field cut to its
+        first line, then to its last; when the outcome differs the request is neither looked up
+        nor stored (``Cache-Status`` detail ``AMBIGUOUS-HEADER:<name>``, the first such field a
+        condition read). Only requests with a repeated field a value condition reads get here."""
+        lines = list(request.headers.items())
+        count: dict[str, int] = {}
+        for k, _ in lines:
+            low = k.lower()
+            count[low] = count.get(low, 0) + 1
+        for reading in (lines, lines[::-1]):
+            kept: CIMultiDict[str] = CIMultiDict()
+            seen: set[str] = set()
+            for k, v in reading:
+                low = k.lower()
+                if count[low] > 1:
+                    if low in seen:
+                        continue
+                    seen.add(low)
+                kept.add(k, v)
+            again = self._first_match(request._replace(headers=CIMultiDictProxy(kept)))
+            if (again.rule is not plan.rule or again.bypass != plan.bypass
+                    or again.response_rules != plan.response_rules):
+                return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{name}", plan)
         return plan
 
     def _unambiguous(self, view: RequestView, plan: RequestPlan) -> RequestPlan:
@@ -337,10 +373,14 @@ class RuleSet:
             name = ambiguous_cookie(jar, plan.key.cookies)
             if name is None:
                 return plan
-        memo = (name, plan.rule, *plan.response_rules)
+        return self._unkeyable_plan(f"AMBIGUOUS-COOKIE:{name}", plan)
+
+    def _unkeyable_plan(self, detail: str, plan: RequestPlan) -> RequestPlan:
+        """``plan`` as a bypass with Cache-Status ``detail``; the few combinations are memoised."""
+        memo = (detail, plan.rule, *plan.response_rules)
         bypass = self._unkeyable.get(memo)
         if bypass is None:
-            bypass = replace(plan, bypass=True, detail=f"AMBIGUOUS-COOKIE:{name}")
+            bypass = replace(plan, bypass=True, detail=detail)
             if len(self._unkeyable) < 4096:
                 self._unkeyable[memo] = bypass
         return bypass

@@ -1,0 +1,115 @@
+"""A header a rule compares sent as several lines: the rules and the origin must not part.
+
+A value condition (``equals``, ``regex``) reads a repeated field joined with ``, `` (RFC 9110
+§5.3), but aiohttp, Go and Varnish read its first line and some frameworks its last. With a
+``bypass`` rule on ``X-Requested-With: XMLHttpRequest``, the field sent twice read
+``XMLHttpRequest, XMLHttpRequest`` to the rules (no bypass) while the origin (aiohttp here)
+answered its XHR fragment, which was stored and served to every browser of the page. Now the
+rules are read with each repeated field cut to its first and to its last line too, and when the
+outcome differs the request is neither looked up nor stored (``AMBIGUOUS-HEADER:<name>``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.policy.messages import RequestHead
+from tests.conftest import MakeProxy
+from tests.harness import Origin
+from tests.rules.test_compile import compile_text
+from tests.security.util import get, send_raw
+
+RULES = """
+defaults:
+  ttl: {200: 5m}
+rules:
+  - name: ajax skips the cache
+    match: {header: {X-Requested-With: {equals: XMLHttpRequest}}}
+    bypass: true
+"""
+
+
+async def page(request: web.Request) -> web.Response:
+    if request.headers.get("X-Requested-With") == "XMLHttpRequest":  # the first line, as aiohttp reads it
+        return web.json_response({"fragment": True})
+    return web.Response(text="<html>full page</html>", content_type="text/html")
+
+
+@pytest.mark.parametrize("lines", [
+    ["XMLHttpRequest", "XMLHttpRequest"],
+    ["XMLHttpRequest", "other"],
+    ["other", "XMLHttpRequest"],
+])
+async def test_a_repeated_header_a_bypass_rule_reads_is_never_stored_for_everyone(
+        origin: Origin, make_proxy: MakeProxy, lines: list[str]) -> None:
+    origin.route("/page", page)
+    proxy = await make_proxy(rules=RULES)
+    attack = await send_raw(proxy, get("/page", *(f"X-Requested-With: {v}" for v in lines)))
+    assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
+    assert "AMBIGUOUS-HEADER:X-Requested-With" in (attack.header("Cache-Status") or "")
+    for _ in range(2):
+        victim = await send_raw(proxy, get("/page"))
+        assert victim.body == b"<html>full page</html>"
+    assert victim.x_cache == "HIT"
+
+
+async def test_a_repeated_header_every_reading_agrees_on_is_cached_as_usual(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    origin.route("/page", page)
+    proxy = await make_proxy(rules=RULES)
+    first = await send_raw(proxy, get("/page", "X-Requested-With: a", "X-Requested-With: b"))
+    assert first.x_cache == "MISS", first.header("Cache-Status")
+    assert (await send_raw(proxy, get("/page"))).x_cache == "HIT"
+
+
+PLAN_RULES = compile_text("""
+    rules:
+      - name: xhr
+        match: {header: {X-Requested-With: {equals: XMLHttpRequest}}}
+        bypass: true
+      - name: json
+        match: {path: "/api/**", header: {Accept: {regex: "^application/json$"}}}
+        ttl: {200: 1m}
+      - name: tenant
+        match: {header: {X-Tenant: acme}}
+        ttl: {200: 2m}
+""")
+
+# (case, target, header lines, the plan's rule name, its bypass detail or None)
+CASES: list[tuple[str, str, list[tuple[str, str]], str | None, str | None]] = [
+    ("one line", "/a", [("X-Requested-With", "XMLHttpRequest")], "xhr", "RULE-BYPASS:xhr"),
+    ("no such field", "/a", [], None, None),
+    ("twice, same value: joined reads otherwise", "/a",
+     [("X-Requested-With", "XMLHttpRequest")] * 2, None, "AMBIGUOUS-HEADER:X-Requested-With"),
+    ("twice, first line holds", "/a", [("X-Requested-With", "XMLHttpRequest"), ("X-Requested-With", "x")],
+     None, "AMBIGUOUS-HEADER:X-Requested-With"),
+    ("twice, last line holds", "/a", [("X-Requested-With", "x"), ("X-Requested-With", "XMLHttpRequest")],
+     None, "AMBIGUOUS-HEADER:X-Requested-With"),
+    ("twice, no reading holds", "/a", [("X-Requested-With", "a"), ("X-Requested-With", "b")], None, None),
+    ("one line with a comma: read whole by every origin", "/a",
+     [("X-Requested-With", "XMLHttpRequest, x")], None, None),
+    ("a regex on a repeated Accept: the key rule may differ", "/api/x",
+     [("Accept", "application/json"), ("Accept", "text/html")], None, "AMBIGUOUS-HEADER:Accept"),
+    ("a repeated field no condition reads", "/a", [("X-Other", "1"), ("X-Other", "2")], None, None),
+    ("a repeated field whose condition was not reached", "/other",
+     [("Accept", "application/json"), ("Accept", "text/html")], None, None),
+    ("the second rule's field repeated", "/a", [("X-Tenant", "acme"), ("X-Tenant", "evil")],
+     None, "AMBIGUOUS-HEADER:X-Tenant"),
+]
+
+
+def head(target: str, lines: list[tuple[str, str]]) -> RequestHead:
+    fields = CIMultiDict([("Host", "a.example"), *lines])
+    return RequestHead("GET", "http", "a.example", target, CIMultiDictProxy(fields))
+
+
+@pytest.mark.parametrize(("case", "target", "lines", "rule", "detail"), CASES, ids=[c[0] for c in CASES])
+def test_the_rules_read_a_repeated_field_every_way_origins_do(
+        case: str, target: str, lines: list[tuple[str, str]], rule: str | None, detail: str | None) -> None:
+    plan = PLAN_RULES.plan(head(target, lines))
+    assert (plan.rule.name if plan.rule else None) == rule
+    assert plan.bypass is (detail is not None)
+    if detail is not None:
+        assert plan.bypass_detail == detail
