@@ -109,8 +109,7 @@ class Sources:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
             data = self.snapshot[key]
         else:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read_regular(path)
         self.read[key] = data
         return data
 
@@ -134,10 +133,36 @@ class Sources:
         if stat.S_ISDIR(mode):
             return "is a directory"
         if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
-            return f"is not a regular file ({kind})"
+            return f"is not a regular file ({_kind(mode)})"
         return None
+
+
+class NotRegularFile(OSError):
+    """A config or rule file that is a FIFO, socket or device: read, it would block or never end."""
+
+
+def _kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+
+
+def _read_regular(path: str) -> bytes:
+    """The bytes of ``path``, a regular file; ``NotRegularFile`` for anything else. Opened
+    without blocking and checked on the open file (no window to swap it between a check and
+    the read): a FIFO's open and read would wait for a writer forever (a reload that never
+    answered, a stop that never ended, ``cachegate check`` hung), /dev/zero never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, f"not a regular file ({_kind(mode)})", path)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def dump_snapshot(files: Mapping[str, bytes]) -> bytes:
