@@ -122,6 +122,11 @@ PURGE_ACK_TIMEOUT = 10.0  # seconds a worker has to drop purged keys before it i
 LOCK_WAIT_CONFIRM = 0.1  # seconds between two looks at a silent worker's wait for a lock
 PING_INTERVAL = 5.0  # seconds between two liveness pings of a worker (at most worker_timeout / 2)
 READY_TIMEOUT = 60.0  # seconds a worker has from its start to say it is ready (any start)
+# Seconds a worker has to apply a reload (at least: ``worker_reload_bound``); past them it drops
+# the reload and keeps its config, so that the supervisor's answer that it does is true.
+WORKER_RELOAD_WAIT = 30.0
+WORKER_RELOAD_SLOWER = 3.0  # ... or this many times the supervisor's own load of the same files
+RELOAD_ANSWER_MARGIN = 5.0  # seconds past that bound the supervisor waits for the worker's answer
 MAX_BACKOFF = 30.0
 STOP_DEADLINE_MARGIN = 5.0  # seconds past shutdown_grace before a stopping worker is killed
 
@@ -293,6 +298,7 @@ class Supervisor:
         self._serving: str | None = None  # the STATUS= line once every worker was ready
         self._reloading = 0  # reloads announced (RELOADING=1) and not over: READY=1 when none is
         self._reload_turn = asyncio.Lock()  # ``_reload_here``: one at a time, in order
+        self._loaded_in = 0.0  # seconds the last reload here took to load (``worker_reload_bound``)
         # The watchdog's bookkeeping (``_unresponsive``): workers it killed that are not reaped
         # yet, and workers that waited for a lock of a process it killed (pid -> when).
         self._killed: set[int] = set()
@@ -873,7 +879,9 @@ class Supervisor:
         runs here. A copy that cannot be written fails the workers' half (``_reload_workers``):
         they would load the copy as it was."""
         async with self._reload_turn:
+            began = time.monotonic()
             result = await reloader.reload()
+            self._loaded_in = time.monotonic() - began
             copy, runtime = self._config, self.runtime
             if copy is not None and runtime is not None and result.ok:
                 try:
@@ -902,6 +910,11 @@ class Supervisor:
                 self._uncommitted = f"cannot write the workers' copy of the config: {exc.strerror or exc}"
 
         unapplied: list[str] = []
+        # A worker compiles what this process just did, as fast: it has a multiple of that (a
+        # big rule set takes a worker longer than a fixed 30 s), and drops the reload past it
+        # (``Reloader.reload``'s ``within``): a worker the answer says keeps its config does,
+        # where one that went on compiling applied it later, unlogged, after a 400 said otherwise.
+        within = worker_reload_bound(self._loaded_in)
 
         async def one(w: Worker) -> list[str]:
             channel = w.channel
@@ -909,11 +922,18 @@ class Supervisor:
                 return []  # not running: it loads the copy when it starts
             if self._uncommitted is not None:
                 return [f"worker {w.worker_id} did not reload: {self._uncommitted}"]
+            wait = within + RELOAD_ANSWER_MARGIN
             try:
-                answer = await channel.call("reload", wait=30, config=path)
+                answer = await channel.call("reload", wait=wait, config=path, within=within)
+            except TimeoutError:
+                why = (f"did not answer within {wait:g} s (a worker drops a reload it has not "
+                       f"applied within {within:g} s and keeps its config)")
+                log.error("worker %d: reload failed: %s", w.worker_id, why)
+                return [f"worker {w.worker_id} {why}"]
             except Exception as exc:
-                log.error("worker %d: reload failed: %s", w.worker_id, exc)
-                return [f"worker {w.worker_id} did not reload: {str(exc) or type(exc).__name__}"]
+                why = str(exc) or repr(exc)
+                log.error("worker %d: reload failed: %s", w.worker_id, why)
+                return [f"worker {w.worker_id} did not reload: {why}"]
             for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
             unapplied.extend(u for u in answer.get("unapplied", ()) if u not in unapplied)
@@ -955,6 +975,17 @@ class Supervisor:
 async def _tell_quietly(channel: Channel, name: str, **args: Any) -> None:
     with contextlib.suppress(Exception):
         await channel.call(name, wait=10.0, **args)
+
+
+def worker_reload_bound(loaded_in: float) -> float:
+    """Seconds a worker has to apply a reload the supervisor loaded in ``loaded_in`` seconds:
+    WORKER_RELOAD_WAIT, or WORKER_RELOAD_SLOWER times ``loaded_in`` when that is longer.
+    CACHEGATE_WORKER_RELOAD_WAIT (seconds) sets another minimum for tests."""
+    try:
+        least = float(os.environ.get("CACHEGATE_WORKER_RELOAD_WAIT") or WORKER_RELOAD_WAIT)
+    except ValueError:
+        least = WORKER_RELOAD_WAIT
+    return max(least, WORKER_RELOAD_SLOWER * loaded_in)
 
 
 def ready_timeout() -> float:
