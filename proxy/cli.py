@@ -332,7 +332,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.earlysignals import hold
+    from proxy.earlysignals import hold, ignore_at_exit
 
     # Already done by proxy.__main__ (``python -m proxy``, the console script) before the
     # imports; here for ``python -m proxy.cli`` and a direct call of main().
@@ -340,7 +340,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     finally:
-        hold()  # the closed loop gave the signals their default action back: not while exiting
+        # The loop's handlers were swapped for held ones before it closed (``held_at_end``);
+        # from here the process only exits (docs/deploy.md: a SIGHUP while stopping is ignored).
+        ignore_at_exit()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -356,9 +358,10 @@ def _run(args: argparse.Namespace) -> int:
         from proxy.supervisor import supervise
 
         return supervise(settings, args.config, overrides, use_uvloop=not args.no_uvloop)
+    from proxy.earlysignals import held_at_end
     from proxy.web.server import serve
 
-    return run_async(serve(settings, args.config, overrides), not args.no_uvloop)
+    return run_async(held_at_end(serve(settings, args.config, overrides)), not args.no_uvloop)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

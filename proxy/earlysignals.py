@@ -13,8 +13,13 @@ reload once (the config it reads is the newest anyway), or stop.
 
 from __future__ import annotations
 
+import asyncio
 import signal
+from collections.abc import Coroutine
 from types import FrameType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 HELD = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 _pending: set[int] = set()
@@ -37,3 +42,39 @@ def take(sig: signal.Signals) -> bool:
         _pending.discard(sig)
         return True
     return False
+
+
+async def held_at_end(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro``, then the loop's signal handlers given up for ``hold``'s when it closes, never
+    for the default action. Closing a loop removes its handlers, giving each signal its default
+    action (to die) until ``hold`` ran again after the loop was gone: a SIGHUP as a stop ended
+    (logrotate, a ``systemctl reload`` racing the stop) killed the stopped process, status 129.
+    Blocking the signals in the main thread meanwhile would not do: a thread of libuv's pool,
+    which blocks none, takes them then. So the loop's removal is replaced on this loop: each
+    signal goes from the loop's handler straight to ``_remember``."""
+    try:
+        return await coro
+    finally:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.remove_signal_handler = _held_instead  # type: ignore[method-assign]
+        except AttributeError:  # a loop without instance attributes: its removal, then hold
+            for sig in HELD:
+                if loop.remove_signal_handler(sig):
+                    signal.signal(sig, _remember)
+
+
+def _held_instead(sig: int) -> bool:
+    """A closing loop's ``remove_signal_handler``: ``sig`` held, not given its default action."""
+    if signal.getsignal(sig) is not signal.SIG_IGN:
+        signal.signal(sig, _remember)
+    return True
+
+
+def ignore_at_exit() -> None:
+    """The process is exiting with its status decided: ``HELD`` change nothing any more, so
+    ignore them. Not ``hold``: the interpreter's finalization gives every signal with a Python
+    handler its default action back (to die) while it tears down, so a SIGHUP there still
+    ended the process with status 129; an ignored signal stays ignored."""
+    for sig in HELD:
+        signal.signal(sig, signal.SIG_IGN)

@@ -265,7 +265,8 @@ def _running(pid: int) -> bool:
 
 def supervise(settings: Settings, config_path: str | None, overrides: Overrides,
               use_uvloop: bool = True) -> int:
-    return run_async(Supervisor(settings, config_path, overrides, use_uvloop).run(), use_uvloop)
+    return run_async(earlysignals.held_at_end(Supervisor(settings, config_path, overrides, use_uvloop).run()),
+                     use_uvloop)
 
 
 class Supervisor:
@@ -1098,9 +1099,12 @@ def _worker_main(argv: list[str]) -> int:
             f.seek(0)
             settings = with_restart_only(settings, pickle.load(f))  # written by its supervisor
     log_as_configured(settings)
-    return run_async(serve(settings, args.config, overrides,
-                           WorkerLink(args.worker_id, args.control_fd, args.arena_fd, args.config_as)),
-                     not args.no_uvloop)
+    link = WorkerLink(args.worker_id, args.control_fd, args.arena_fd, args.config_as)
+    try:
+        return run_async(earlysignals.held_at_end(serve(settings, args.config, overrides, link)),
+                         not args.no_uvloop)
+    finally:
+        earlysignals.ignore_at_exit()
 
 
 if __name__ == "__main__":
