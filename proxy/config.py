@@ -403,6 +403,13 @@ rule files have their own reference, [rules.md](rules.md).
   workers it starts nor restarts, which use what it made; a reload only warns (the cache
   tiers change at a restart), so a machine that reports less memory since (a `swapoff`, a
   balloon driver) never keeps a running instance's workers from starting again.
+- A reload (SIGHUP, `POST /reload`) applies most keys at once; `listen` (its addresses),
+  `admin.listen`, `upstreams`, `upstream`, `workers`, `cluster` and every `cache` key but
+  `cache.tag_headers`, `cache.lock_timeout` and `cache.range_fill` keep their running values
+  until a restart, and the reload names each one that changed in `restart_required` (and the
+  log): `cache.max_object`, `cache.memory_max_object`, `cache.memory_policy`,
+  `cache.hit_for_pass`, `cache.memory`, `cache.disk.size`, ...
+  ([rules.md](rules.md#reload-without-a-restart)).
 """
 
 

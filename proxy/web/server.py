@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -288,14 +288,33 @@ def _fmt(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+LIVE_CACHE_KEYS = ("tag_headers", "lock_timeout", "range_fill")  # the cache keys a reload applies
+
+
+def _cache_keys(old: Any, new: Any, prefix: str = "cache") -> list[tuple[str, Any, Any]]:
+    """(``cache.KEY``, old value, new value) for each cache key only a restart applies, the disk
+    tier's key by key (``cache.disk.size``): ``restart_required`` names the key that changed."""
+    keys: list[tuple[str, Any, Any]] = []
+    for f in fields(old):
+        if prefix == "cache" and f.name in LIVE_CACHE_KEYS:
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if is_dataclass(a) and is_dataclass(b):
+            keys += _cache_keys(a, b, f"{prefix}.{f.name}")
+        else:
+            keys.append((f"{prefix}.{f.name}", a, b))
+    return keys
+
+
 def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
     Rules, the admin token, purge_from and server_names, trusted_proxies, via, tag_headers,
     lock_timeout, range_fill, shutdown_grace, worker_timeout, server_header and the access log apply at once
     (they are read per request), and so do TLS certificates (read again, also from the same
-    files). Listener addresses, upstreams, cache tiers and workers keep their running values
-    until a restart; they are named so the operator is told instead of silently ignored.
+    files). Listener addresses, upstreams, the other cache keys (each named: ``cache.max_object``,
+    ``cache.disk.size``) and workers keep their running values until a restart; they are named
+    so the operator is told instead of silently ignored.
     """
     same_listeners = _listener_shape(old) == _listener_shape(new)
     restart = [name for name, a, b in (
@@ -303,8 +322,7 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
         ("admin.listen", old.admin.listen, new.admin.listen),
         ("upstreams", old.upstreams, new.upstreams),
         ("upstream", old.pool, new.pool),
-        ("cache", replace(old.cache, tag_headers=(), lock_timeout=0, range_fill="whole"),
-         replace(new.cache, tag_headers=(), lock_timeout=0, range_fill="whole")),
+        *_cache_keys(old.cache, new.cache),
         ("workers", old.workers, new.workers),
         ("cluster", old.cluster, new.cluster),
     ) if a != b]
