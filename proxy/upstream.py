@@ -71,6 +71,7 @@ from yarl import URL
 
 from proxy.errors import (
     NoUpstreamAvailable,
+    ProxyStopping,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -254,6 +255,7 @@ class UpstreamPool:
         self._checks: list[asyncio.Task[None]] = []
         self._on_error = on_error
         self._clock = clock
+        self._closed = False  # ``close`` began: what fails from now on failed because of it
 
     def _ssl(self) -> ssl.SSLContext:
         """Verification on by default (the system's CAs, or ``ca_file``); SNI is the upstream's
@@ -278,6 +280,7 @@ class UpstreamPool:
             self._checks = [loop.create_task(self._check_loop(u)) for u in self.upstreams]
 
     async def close(self) -> None:
+        self._closed = True
         for task in self._checks:
             task.cancel()
         await asyncio.gather(*self._checks, return_exceptions=True)
@@ -451,27 +454,33 @@ class UpstreamPool:
         reconnect = retryable  # one try more after a connection closed with nothing read
         tried: set[str] = set()
         last: UpstreamError | None = None
-        while attempts > 0:
-            upstream = self.selector.choose(self.upstreams, self._clock(), frozenset(tried))
-            if upstream is None:
-                if last is not None:
-                    raise last
-                raise NoUpstreamAvailable("no upstream is available (all are down)")
-            tried.add(upstream.name)
-            try:
-                return await self._send_once(upstream, method, target, headers, body, on_interim)
-            except UpstreamDisconnected as exc:
-                last = exc
-                if reconnect:
-                    reconnect = False
-                    tried.discard(upstream.name)
-                    continue
-                attempts -= 1
-            except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
-                last = exc
-                attempts -= 1
-        assert last is not None
-        raise last
+        try:
+            while attempts > 0:
+                upstream = self.selector.choose(self.upstreams, self._clock(), frozenset(tried))
+                if upstream is None:
+                    if last is not None:
+                        raise last
+                    raise NoUpstreamAvailable("no upstream is available (all are down)")
+                tried.add(upstream.name)
+                try:
+                    return await self._send_once(upstream, method, target, headers, body, on_interim)
+                except UpstreamDisconnected as exc:
+                    last = exc
+                    if reconnect:
+                        reconnect = False
+                        tried.discard(upstream.name)
+                        continue
+                    attempts -= 1
+                except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
+                    last = exc
+                    attempts -= 1
+            assert last is not None
+            raise last
+        except UpstreamError as exc:
+            if self._closed and not isinstance(exc, ProxyStopping):
+                # The stop closed the pool under it (its deadline passed): not the origin's fault.
+                raise ProxyStopping("the request to the origin was cut off at the stop's deadline") from exc
+            raise
 
     async def _send_once(
         self,

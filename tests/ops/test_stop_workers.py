@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.harness import Origin
@@ -71,4 +72,43 @@ async def test_requests_cut_off_at_the_end_of_shutdown_grace_get_503_stopping_or
     stale = replies[4]
     assert (stale.status, stale.body, stale.x_cache) == (200, b"old", "STALE")
     assert "detail=STOPPING" in stale.headers["Cache-Status"]
+    assert not [line for line in proxy.lines if "upstream failed" in line]
+
+
+async def test_requests_outside_a_fill_cut_off_at_the_end_of_shutdown_grace_get_503_stopping(
+        origin: Origin, tmp_path: Path) -> None:
+    """What no flight carries (a POST, a cold range asked of the origin, a hit-for-pass key's
+    GET) runs in its client's own task; the stop's closing of the upstream pool cut it off, and
+    its client got 502 UPSTREAM-UNREACHABLE ("pool not started", "closed the connection before
+    answering") with an "upstream failed" warning, where a fill's got 503 STOPPING."""
+    origin.route("/nostore", body=b"x", headers={"Cache-Control": "no-store"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "1", with_log=True)
+    try:
+        assert (await proxy.get("/nostore")).status == 200  # now hit-for-pass
+        for path in ("/post", "/rng", "/nostore"):
+            origin.route(path, body=b"late" * 100, headers={"Cache-Control": "no-store"}, delay=60)
+
+        async def post() -> tuple[int, str, bytes]:
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as s, \
+                    s.post(proxy.url + "/post", data=b"form") as r:
+                return r.status, r.headers.get("Cache-Status", ""), await r.read()
+
+        clients = [asyncio.ensure_future(post()),
+                   asyncio.ensure_future(proxy.get("/rng", headers={"Range": "bytes=0-3"})),
+                   asyncio.ensure_future(proxy.get("/nostore"))]
+        for _ in range(200):  # every request reached the origin
+            if origin.count("/post") and origin.count("/rng") and origin.count("/nostore") > 1:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        code = await proxy.stop(signal.SIGTERM)
+    status, cache_status, body = await clients[0]
+    replies = [(status, cache_status, body)] + [
+        (r.status, r.headers.get("Cache-Status", ""), r.body) for r in [await c for c in clients[1:]]]
+    assert code == 0
+    for status, cache_status, body in replies:
+        assert status == 503 and "detail=STOPPING" in cache_status, (status, cache_status, body)
+        assert b"cachegate is stopping" in body
     assert not [line for line in proxy.lines if "upstream failed" in line]
