@@ -469,6 +469,7 @@ class Flight:
         self.body = Broadcast(history_limit)
         self.task: asyncio.Task[None] | None = None
         self.followers = 0
+        self.whole_followers = 0  # of them, those that asked for the whole object (not a range)
         # Reply headers prepared once for every follower (by the engine), by their variant.
         self.follower_headers: dict[Any, list[tuple[str, str]]] = {}
         self.spool: Any = None  # the BodySpool storing this flight's body, once there is one

@@ -308,6 +308,8 @@ class MissPath:
                 flight.followers += 1
                 return await self.answer(attempt, flight, late, True)
             flight.followers += 1
+            if attempt.part is None:
+                flight.whole_followers += 1
             collapsed = True
         if flight is None:
             # A hit-for-pass key's fetch is nobody else's to join (nor to hold a lease for).
@@ -368,12 +370,22 @@ class MissPath:
             said = await word
             match said:
                 case "whole":
+                    # Misses may have joined it, or join it yet: it waits for another worker's
+                    # lease as theirs would (a background fill skips it, and each of them then
+                    # fetched the whole object alone).
+                    run.background = False
                     await self._fly(run)
                 case Delivery():
                     await self._deliver(run, said.resp, said.store_detail, said.entry, said.response_time,
                                         said.epoch)
                 case UpstreamError():
                     self._end(run, Unreachable(said))
+                case "drop" if run.flight.whole_followers:
+                    # Misses for the whole object joined it while the range was asked (its answer,
+                    # a 416 or a part not to store, says nothing of the object): their one whole
+                    # fetch, not one each. (Ranges alone ask each for its own: ``range_alone``.)
+                    run.background = False
+                    await self._fly(run)
                 case "drop":
                     self._end(run, Skipped())
                 case _:

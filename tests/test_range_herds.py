@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,6 +22,7 @@ from aiohttp import web
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.storage.procs import ProxyProcess, write_config
 
 BODY = bytes(i % 251 for i in range(256 * 1024))
 NONE = "cache: {memory: 64MB, range_fill: none, disk: {path: cache, size: 512MB, shards: 2}}\n"
@@ -228,3 +231,77 @@ async def test_ranges_that_waited_for_a_fill_whose_range_failed_get_its_error(
     assert [status for status, _, _ in replies] == [502] * 5
     await flights_over(proxy)
     assert len(set(seen)) == 1, seen  # one range's fetch (the pool tries it twice: it is idempotent)
+
+
+async def test_whole_misses_that_joined_a_held_fill_its_range_declined_share_one_fetch(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A range past the object's end holds the key's fill (range_fill: whole) and gets a 416,
+    which says nothing of the object: the plain GETs that joined the held fill meanwhile are
+    one whole fetch, not one each (any client could multiply the origin's load so)."""
+    seen: list[str | None] = []
+
+    async def video(request: web.Request) -> web.StreamResponse:
+        rng = request.headers.get("Range")
+        seen.append(rng)
+        await asyncio.sleep(0.5)
+        headers = {"Cache-Control": "max-age=3600", "ETag": '"v1"'}
+        if rng is not None:
+            return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{len(BODY)}"})
+        return web.Response(body=BODY, headers=headers)
+
+    origin.route("/v", video)
+    proxy = await make_proxy(config=WHOLE)
+    past_end = asyncio.ensure_future(ranged(proxy, ["bytes=5000000-"]))
+    await asyncio.sleep(0.1)
+    plain = await asyncio.gather(*(proxy.get("/v") for _ in range(10)))
+    assert [(r.status, r.body == BODY) for r in plain] == [(200, True)] * 10
+    assert [status for status, _, _ in await past_end] == [416]
+    await flights_over(proxy)
+    assert seen == ["bytes=5000000-", None], seen
+
+
+async def test_a_held_fill_in_a_worker_waits_for_the_other_workers_fill_of_the_key(
+        origin: Origin, tmp_path: Path) -> None:
+    """Two workers: one fills the key (a slow body) when ranges and plain GETs come to both. In
+    the other worker a range holds the key's fill and the plain GETs join it; its storable 206
+    sends the fill for the whole object, which must wait for the first worker's lease as any
+    fill does: as a background fill it skipped it, and each GET waiting on it then fetched the
+    2 MiB alone (10-12 whole downloads in a run of 16)."""
+    big = bytes(i % 251 for i in range(2 << 20))
+
+    async def video(request: web.Request) -> web.StreamResponse:
+        rng = request.headers.get("Range")
+        headers = {"Cache-Control": "max-age=3600", "ETag": '"v1"', "Content-Type": "video/mp4"}
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", rng or "")
+        if m is not None:
+            await asyncio.sleep(0.3)
+            first, last = int(m.group(1)), int(m.group(2))
+            headers["Content-Range"] = f"bytes {first}-{last}/{len(big)}"
+            return web.Response(status=206, body=big[first:last + 1], headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = len(big)
+        await resp.prepare(request)
+        for i in range(0, len(big), 65536):
+            await resp.write(big[i:i + 65536])
+            await asyncio.sleep(0.06)
+        await resp.write_eof()
+        return resp
+
+    origin.route("/v", video)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, WHOLE))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        first = asyncio.ensure_future(proxy.get("/v"))
+        await asyncio.sleep(0.3)
+        ranges = [asyncio.ensure_future(proxy.get("/v", headers={"Range": "bytes=1000-1999"}))
+                  for _ in range(16)]
+        plain = [asyncio.ensure_future(proxy.get("/v")) for _ in range(16)]
+        for r in [await c for c in [first, *plain]]:
+            assert (r.status, r.body == big) == (200, True)
+        for r in [await c for c in ranges]:
+            assert (r.status, r.body) == (206, big[1000:2000])
+    finally:
+        await proxy.stop(signal.SIGTERM)
+    whole = [s for s in origin.seen if s.path == "/v" and "Range" not in s.headers]
+    assert len(whole) == 1, len(whole)  # one whole download
