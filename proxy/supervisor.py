@@ -827,8 +827,11 @@ class Supervisor:
         except ChannelClosed:
             return 0  # it died: it comes back with an empty memory tier
         except Exception as exc:
-            # It may still hold purged objects in memory: it must not serve again.
-            log.error("worker %d did not acknowledge a purge (%s); killing it", w.worker_id, exc)
+            # It may still hold purged objects in memory: it must not serve again. (A timeout's
+            # text is empty: say what it means.)
+            why = (f"no answer within {PURGE_ACK_TIMEOUT:g} s" if isinstance(exc, TimeoutError)
+                   else str(exc) or type(exc).__name__)
+            log.error("worker %d did not acknowledge a purge (%s); killing it", w.worker_id, why)
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
