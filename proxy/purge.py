@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -125,6 +126,7 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
     prefix); a URL's fragment is dropped, as a client drops it before asking."""
     if prefix and "#" in text:
         raise BadPurge(f"{text!r}: a prefix cannot hold a fragment ('#'): no stored URL has one")
+    text = as_sent(text)
     try:
         url = parse_url(text, encoded=True)
         scheme, raw_host, authority = url.scheme, url.raw_host, url.raw_authority
@@ -133,6 +135,44 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
     if scheme not in ("http", "https") or not raw_host:
         raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
     return f"{scheme}://{normalise_host(authority, scheme)}{url_target(url, text)}"
+
+
+# What the proxy's HTTP parser refuses in a request target (400): no stored key holds one.
+_NEVER_SENT = re.compile(r"[\x00-\x20\x7f]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def as_sent(text: str) -> str:
+    """``text`` as a client puts it on the wire, so that it names the key such a request has:
+    non-ASCII in the path and query percent-encoded as UTF-8 (``/café`` -> ``/caf%C3%A9``, as a
+    browser sends it: the proxy refuses raw non-ASCII in a target), a non-ASCII host in its IDNA
+    (punycode) form; BadPurge for a space, a control character or DEL, which no request target
+    holds (its ``%XX`` form is meant). Everything else is kept as written, as a request's key
+    keeps it: ``%c3%a9`` is not ``%C3%A9`` there, nor ``|`` ``%7C`` (the origin may tell them
+    apart).
+
+    >>> as_sent("http://Bücher.example/café?a=€#x")
+    'http://xn--bcher-kva.example/caf%C3%A9?a=%E2%82%AC#x'
+    """
+    bad = _NEVER_SENT.search(text)
+    if bad is not None:
+        char = {" ": "a space", "\t": "a tab", "\r": "a CR", "\n": "a line feed",
+                "\x7f": "DEL"}.get(bad.group(), f"the control character {bad.group()!r}")
+        raise BadPurge(f"{text!r} holds {char} at offset {bad.start()}, which no request target "
+                       f"can hold: write it percent-encoded (%{ord(bad.group()):02X}), as a client "
+                       "sends it")
+    if text.isascii():
+        return text
+    scheme, sep, rest = text.partition("://")
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    try:
+        if not authority.isascii():
+            authority = URL(f"http://{authority}/").raw_authority
+        tail = _NON_ASCII.sub(lambda m: quote(m.group(), safe=""), tail)
+    except (ValueError, UnicodeError) as exc:
+        raise BadPurge(f"{text!r} is not a URL: {exc}") from None
+    return f"{scheme}{sep}{authority}{tail}"
 
 
 def url_target(url: URL, text: str) -> str:

@@ -43,6 +43,15 @@ TARGETS = [
     ("/a//slash", "/a//slash"),
 ]
 
+# URL text no request target holds as written: non-ASCII, which a client sends percent-encoded
+# as UTF-8 (upper-case hex, as browsers do; the proxy refuses raw non-ASCII in a target).
+ENCODED = [
+    ("/caf%C3%A9", "/café"),
+    ("/q?a=%E2%82%AC", "/q?a=€"),
+    ("/caf%C3%A9?", "/café?#ü"),
+    ("/caf%c3%a9", "/caf%c3%a9"),  # another key than %C3%A9, for the proxy as for the purge
+]
+
 LOOPBACK = "admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8, '::1/128']}\n"
 
 
@@ -83,7 +92,7 @@ async def test_every_admin_url_names_the_key_the_proxy_stores_its_request_under(
     proxy = await make_proxy(config=LOOPBACK)
     rules = proxy.runtime.settings.rules
     wrong: list[tuple[str, str, object, object]] = []
-    for target, text in TARGETS:
+    for target, text in TARGETS + ENCODED:
         key = await stored_key(proxy, target)
         url = normalise_url(proxy.url + text)
         if url != url_of_key(key):
@@ -106,6 +115,23 @@ async def test_every_admin_url_names_the_key_the_proxy_stores_its_request_under(
                 wrong.append((text, "PURGE", status, key))
     assert wrong == [], "\n".join(map(str, wrong))
 
+
+async def test_a_url_with_a_character_no_request_target_holds_is_refused_and_nothing_is_purged(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A raw space (or a control character) in a purge URL is a typo for its ``%XX`` form: a 400
+    saying so, not a silent ``{"purged": 0}`` that leaves the entry cached."""
+    origin.routes = AnyPath()  # type: ignore[assignment]
+    proxy = await make_proxy()
+    key = await stored_key(proxy, "/sp%20ace")
+    for text in ("/sp ace", "/sp\tace"):
+        for doc in ({"urls": [proxy.url + text]}, {"prefixes": [proxy.url + text]}):
+            reply = await proxy.admin("POST", "/purge", json=doc)
+            assert reply.status == 400, (doc, reply.body)
+            error = js(reply)["error"]
+            assert "which no request target can hold: write it percent-encoded (%" in error, error
+        reply = await proxy.admin("GET", f"/cache?url={quote(proxy.url + text, safe='')}")
+        assert reply.status == 400, reply.body
+    assert key in set(proxy.runtime.storage.memory.keys())
 
 
 async def test_warm_requests_each_url_as_a_client_does(origin: Origin, make_proxy: MakeProxy) -> None:
