@@ -192,11 +192,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        if exc.status == 413:
-            return json_error(413, TOO_LARGE)
-        if exc.status >= 400:
-            return json_error(exc.status, exc.reason)
-        raise
+        if exc.status < 400:
+            raise
+        message = TOO_LARGE if exc.status == 413 else exc.reason
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = " or ".join(sorted(exc.allowed_methods))
+            message = f"{request.method} is not allowed on {request.path}: it takes {allowed}"
+        response = json_error(exc.status, message)
+        # Its fields but the body's: a 405's Allow is a MUST (RFC 9110 §15.5.6).
+        for name, value in exc.headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers.add(name, value)
+        return response
     except ClientBodyError as exc:  # (a BadRequest) the body did not come in time: it never will
         response = json_error(408, f"{exc}: the request body did not arrive in time")
         response.force_close()
