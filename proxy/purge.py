@@ -126,6 +126,8 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
     prefix); a URL's fragment is dropped, as a client drops it before asking."""
     if prefix and "#" in text:
         raise BadPurge(f"{text!r}: a prefix cannot hold a fragment ('#'): no stored URL has one")
+    if text.partition("://")[0].lower() not in ("http", "https"):
+        raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
     text = as_sent(text)
     try:
         url = parse_url(text, encoded=True)
