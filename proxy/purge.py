@@ -72,6 +72,27 @@ class PurgeSpec:
         return [k for k, v in (("url", self.urls or self.keys), ("prefix", self.prefixes),
                                ("tag", self.tags), ("all", self.all)) if v]
 
+    def describe(self, shown: int = 3, width: int = 100) -> str:
+        """A short account of the purge for the admin log: each kind with its count and its
+        first ``shown`` names (each cut at ``width`` characters), never a whole long list.
+
+        >>> PurgeSpec(urls=("http://a.example/x",), tags=tuple("abcde"), soft=True).describe()
+        "1 URL ('http://a.example/x'), 5 tags ('a', 'b', 'c', ... 2 more), soft"
+        """
+        parts = []
+        for one, many, names in (("URL", "URLs", self.urls or self.keys),
+                                 ("prefix", "prefixes", self.prefixes), ("tag", "tags", self.tags)):
+            if names:
+                listed = [repr(n if len(n) <= width else n[:width] + "...") for n in names[:shown]]
+                if len(names) > shown:
+                    listed.append(f"... {len(names) - shown} more")
+                parts.append(f"{len(names)} {one if len(names) == 1 else many} ({', '.join(listed)})")
+        if self.all:
+            parts.append("all")
+        if self.soft:
+            parts.append("soft")
+        return ", ".join(parts)
+
     def to_json(self) -> dict[str, Any]:
         return {"urls": list(self.urls), "prefixes": list(self.prefixes), "tags": list(self.tags),
                 "all": self.all, "soft": self.soft, "keys": list(self.keys),

@@ -37,8 +37,11 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
+import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +67,9 @@ from proxy.purge import (
     url_host,
 )
 from proxy.runtime import Runtime
+from proxy.shown import shown
 from proxy.web.admin_guard import (
+    SAFE_METHODS,
     GuardSettings,
     GuessLimiter,
     RefusalReason,
@@ -89,6 +94,7 @@ class AdminContext:
     purge: PurgeFn
     inspector: Inspector
     guesses: GuessLimiter = field(default_factory=GuessLimiter)
+    refusals: RefusalLog = field(default_factory=lambda: RefusalLog())
 
 
 ADMIN = web.AppKey("admin", AdminContext)
@@ -175,6 +181,88 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return web.json_response({"error": "admin token required: Authorization: Bearer <token>"},
                                  status=401, headers={"WWW-Authenticate": 'Bearer realm="cachegate"'})
     return await handler(request)
+
+
+AUDIT = web.RequestKey("admin_audit", str)  # what a state-changing request did, for its log line
+REFUSED = frozenset({401, 403, 405, 415, 429})  # refused before (or instead of) being carried out
+READ_ONLY_POSTS = frozenset({"/explain"})  # a POST that changes nothing (a long query's form)
+SHOWN_PATH = 200  # characters of a path a log line shows
+
+
+class RefusalLog:
+    """Refused admin requests, logged at most ``burst`` a ``every`` seconds: a client sending
+    wrong tokens or forged requests as fast as it can must not fill the log. The next line
+    logged says how many were left out since (the metrics count each one)."""
+
+    def __init__(self, burst: int = 10, every: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.every, self._clock = burst, every, clock
+        self._since = -math.inf
+        self._left = 0
+        self._dropped = 0
+
+    def refused(self, request: web.Request, status: int, why: str) -> None:
+        now = self._clock()
+        if now - self._since >= self.every:
+            self._since, self._left = now, self.burst
+        if self._left == 0:
+            self._dropped += 1
+            return
+        self._left -= 1
+        dropped, self._dropped = self._dropped, 0
+        more = f" ({dropped} more refused before it not logged)" if dropped else ""
+        log.warning("admin %s %s from %s refused: %d %s%s", _shown_method(request),
+                    _shown_path(request), request.remote, status, why, more)
+
+
+def _shown_method(request: web.Request) -> str:
+    return shown(request.method[:20], keep="")
+
+
+def _shown_path(request: web.Request) -> str:
+    path = request.raw_path
+    return shown(path if len(path) <= SHOWN_PATH else path[:SHOWN_PATH] + "...", keep="")
+
+
+def _error_of(response: web.StreamResponse) -> str:
+    """The ``error`` of a JSON error answer (cut short), or ''."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes) or len(body) > 1 << 16:
+        return ""
+    try:
+        error = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        return ""
+    text = str(error)
+    return shown(text if len(text) <= 300 else text[:300] + "...", keep="")
+
+
+@web.middleware
+async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line on ``cachegate.admin`` for each state-changing request (INFO: who, what, the
+    status and what it did) and each refused one (WARNING, ``RefusalLog``'s budget); read-only
+    GETs are not logged (scrapes and probes would bury the rest)."""
+    status, response = 0, None
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:  # (a redirect: error_middleware answers every error)
+        status = exc.status
+        raise
+    finally:
+        _audit(request, status, response)
+
+
+def _audit(request: web.Request, status: int, response: web.StreamResponse | None) -> None:
+    if status in REFUSED:
+        request.app[ADMIN].refusals.refused(request, status, _error_of(response) if response else "")
+    elif request.method not in SAFE_METHODS and request.path not in READ_ONLY_POSTS:
+        done = request.get(AUDIT, "")
+        error = _error_of(response) if response is not None and status >= 400 else ""
+        log.info("admin %s %s from %s: %s%s%s", _shown_method(request), _shown_path(request),
+                 request.remote, status or "not answered (the client went away)",
+                 f": {shown(done, keep='')}" if done else "", f": {error}" if error else "")
 
 
 @web.middleware
@@ -292,7 +380,10 @@ async def purge(request: web.Request) -> web.Response:
     query_params(request, ())
     spec = await read_purge(await read_json(request))  # in slices: client requests go on meanwhile
     await check_hosts(ctx, spec.hosts)
+    request[AUDIT] = spec.describe()
     outcome = await ctx.purge(spec)
+    request[AUDIT] += f"; purged {outcome.purged}" + ("" if outcome.complete else
+                                                      f", not acknowledged by {', '.join(outcome.missing)}")
     # 202: not every live node of the cluster acknowledged within cluster.ack_timeout.
     return web.json_response({**outcome.to_json(), "soft": spec.soft},
                              status=200 if outcome.complete else 202)
@@ -306,6 +397,8 @@ async def reload(request: web.Request) -> web.Response:
     if runtime.reload_config is None:
         return json_error(501, "reload is not available in this process")
     result = await runtime.reload_config()
+    request[AUDIT] = (f"applied: {result.rules} rules" if result.ok else
+                      f"not applied: {len(result.problems)} problems")
     if not result.ok:
         error = ("the new config runs here but not in every worker (those named keep the config "
                  "they ran)" if result.partial else "config rejected; the running config stays")
@@ -556,8 +649,9 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
     def refused(request: web.Request, reason: RefusalReason) -> None:
         runtime.metrics.admin_refused.labels(reason).inc()
 
-    app = web.Application(middlewares=[chunked_body_middleware, error_middleware, bearer_middleware,
-                                       guard_middleware(guard_settings, refused), auth_middleware],
+    app = web.Application(middlewares=[audit_middleware, chunked_body_middleware, error_middleware,
+                                       bearer_middleware, guard_middleware(guard_settings, refused),
+                                       auth_middleware],
                           client_max_size=MAX_BODY)
     ctx = AdminContext(runtime, purge_fn or runtime.purge,
                        inspector or Inspector(runtime))
