@@ -17,6 +17,11 @@ finish in under 2 s. This measures it end to end, as an operator sees it:
 5. check that purged entries miss (the origin is asked again) and others still hit,
    and time the background sweep that deletes the banned entries from disk.
 
+With ``--memory-entries M``, M other URLs (``/m/{i}``, tagged ``m{i % 10}`` by the origin)
+are requested through the proxy before the purges, so that the machine's shared memory holds
+M records, as a busy cache's recent fills are: a purge by tag or prefix looks through every
+record there (the shared memory has no tag map), so its time grows with M, whatever it covers.
+
 Each figure is the median of ``--runs`` calls (each tag or prefix purge covers a
 different tenth of the cache, so no run purges what an earlier one did).
 """
@@ -119,13 +124,13 @@ async def wait_idle(pids: list[int], quiet: float = 0.05, limit: float = 600.0) 
 
 
 class Cachegate:
-    def __init__(self, directory: str, origin: str, workers: int) -> None:
+    def __init__(self, directory: str, origin: str, workers: int, memory: str = "64MB") -> None:
         self.directory = directory
         self.config = os.path.join(directory, "cachegate.yaml")
         with open(self.config, "w") as f:
             f.write(f"listen: 127.0.0.1:0\nupstreams: [{{url: '{origin}'}}]\n"
                     "admin: {listen: '127.0.0.1:0'}\n"
-                    f"cache: {{memory: 64MB, disk: {{path: cache, size: 64GB, shards: 8}}}}\n"
+                    f"cache: {{memory: {memory}, disk: {{path: cache, size: 64GB, shards: 8}}}}\n"
                     f"workers: {workers}\nshutdown_grace: 2s\n")
         self.proc: asyncio.subprocess.Process | None = None
         self.url = self.admin = ""
@@ -181,8 +186,9 @@ async def run(args: argparse.Namespace, base: str) -> int:
 
     async def origin_handler(request: web.Request) -> web.Response:
         origin_hits[request.path] = origin_hits.get(request.path, 0) + 1
+        tags = {"Surrogate-Key": f"m{request.path[-1]}"} if request.path.startswith("/m/") else {}
         return web.Response(body=b"fresh from the origin",
-                            headers={"Cache-Control": "max-age=86400", "ETag": '"o"'})
+                            headers={"Cache-Control": "max-age=86400", "ETag": '"o"', **tags})
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", origin_handler)
@@ -192,7 +198,8 @@ async def run(args: argparse.Namespace, base: str) -> int:
     await site.start()
     origin_port = runner.addresses[0][1]
 
-    cg = Cachegate(base, f"http://127.0.0.1:{origin_port}", args.workers)
+    cg = Cachegate(base, f"http://127.0.0.1:{origin_port}", args.workers,
+                   "64MB" if not args.memory_entries else f"{64 + args.memory_entries // 500}MB")
     t0 = time.perf_counter()
     await cg.start()
     started = time.perf_counter() - t0
@@ -221,6 +228,18 @@ async def run(args: argparse.Namespace, base: str) -> int:
             if misses:
                 raise SystemExit(f"stored entries were not served as hits: {misses[:5]}")
             print(f"  {len(sample)} sampled entries served as HIT from the store", flush=True)
+
+            if args.memory_entries:
+                async def fill_one(i: int) -> None:
+                    async with s.get(cg.url + f"/m/{i}", headers={"Host": HOST}) as r:
+                        await r.read()
+
+                for at in range(0, args.memory_entries, 64):
+                    await asyncio.gather(*(fill_one(i) for i in range(at, min(at + 64, args.memory_entries))))
+                await wait_idle(cg.pids)  # their writes to disk done: not timed with the purges
+                held = (await admin("GET", "/stats?top=0"))["tiers"]["memory"]["entries"]
+                print(f"  {args.memory_entries:,} other URLs filled: the shared memory holds "
+                      f"{held:,} records", flush=True)
 
             health = [(await timed(lambda: admin("GET", "/healthz")))[0] for _ in range(args.runs)]
             rows.append(("GET /healthz (baseline: an admin round trip)", health, ""))
@@ -312,6 +331,8 @@ def main() -> int:
     ap.add_argument("--entries", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--memory-entries", type=int, default=0, metavar="M",
+                    help="request M entries first, so that the shared memory holds them too")
     ap.add_argument("--sweep-wait", type=float, default=120.0, metavar="SECONDS",
                     help="how long to wait for the background sweep at the end")
     ap.add_argument("--dir", help="work here instead of a temporary folder (kept afterwards)")

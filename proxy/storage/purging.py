@@ -31,7 +31,7 @@ from proxy.room import filesystem_full, human_size, space
 from proxy.storage.arena import Record
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies
-from proxy.storage.entry import Entry, decode_record
+from proxy.storage.entry import Entry, record_tags
 from proxy.storage.index import Ban
 from proxy.storage.persist import Persister
 from proxy.storage.work import Tiers
@@ -323,9 +323,8 @@ def record_covered(match: PurgeMatch, record: Record) -> bool:
         return True
     if any(key.startswith(p) for p in match.prefixes):
         return True
-    if match.tags:
-        decoded = decode_record(key, record.meta) or ()
-        return any(not match.tags.isdisjoint(e.tags) for e, _, _ in decoded)
+    if match.tags:  # the tags alone: an Entry built for each record made it 3x slower
+        return any(not match.tags.isdisjoint(tags) for tags in record_tags(record.meta) or ())
     return False
 
 

@@ -4,6 +4,7 @@ as frozen and as hashable as ones built by their own constructors."""
 from __future__ import annotations
 
 import dataclasses
+import marshal
 
 import pytest
 
@@ -17,6 +18,7 @@ from proxy.storage.entry import (
     decode_variants,
     encode_record,
     encode_variants,
+    record_tags,
 )
 
 
@@ -53,6 +55,20 @@ def test_a_record_decodes_to_the_entries_encoded() -> None:
             d.response.freshness.lifetime = 1.0  # type: ignore[misc]
         with pytest.raises(dataclasses.FrozenInstanceError):
             d.seq = 9  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("tags", [(), ("t1",), ("a", "b c", "caf\u00e9", "\udc80")])
+def test_a_records_tags_read_alone_are_the_decoded_entries_tags(tags: tuple[str, ...]) -> None:
+    """A purge by tag reads only the tags of each record in the shared memory (``record_tags``):
+    they must be exactly what ``decode_record`` gives, variant by variant."""
+    encoded = [(dataclasses.replace(e, tags=tags if i % 2 else ("other", *tags)), n, s)
+               for i, (e, n, s) in enumerate(variants())]
+    meta = encode_record(encoded)
+    decoded = decode_record("http://h/k", meta)
+    assert decoded is not None
+    assert record_tags(meta) == [e.tags for e, _, _ in decoded]
+    assert record_tags(b"") is None and record_tags(b"\x00garbage") is None
+    assert record_tags(marshal.dumps((99, ()))) is None  # another version's record
 
 
 def test_a_disk_record_decodes_to_the_entries_encoded_through_the_same_twins() -> None:
