@@ -208,7 +208,11 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
         return Refused(403, "origin", f"Sec-Fetch-Site: {site}: the browser says this request comes from "
                                       "another site; the admin API takes state-changing requests only "
                                       "from its own origin (cross-site request forgery)")
-    origin = headers.get("Origin")
+    origins = headers.getall("Origin", ())
+    if len(origins) > 1:  # a browser sends one: which one would another reader check?
+        return Refused(403, "origin", f"{len(origins)} Origin fields: a request has at most one "
+                                      "(RFC 6454 §7.3); refused, as forged")
+    origin = origins[0] if origins else None
     if origin is not None:
         authority = _authority(origin)
         own = _host_authority(hosts[0]) if len(hosts) == 1 else None

@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict
 
 from proxy.web.admin_guard import GuessLimiter
 from tests.admin.util import absolute, settle
@@ -293,6 +294,22 @@ async def test_a_forged_state_changing_request_is_refused_and_changes_nothing(
     assert await still_cached(open_admin)
     assert await reloads(open_admin) == reloads_before
     assert await refused_total(open_admin, reason) == 1
+
+
+@pytest.mark.parametrize("first", ["own", "foreign"])
+async def test_a_request_with_two_origin_fields_is_refused_whichever_comes_first(
+        open_admin: Proxy, first: str) -> None:
+    """Only the first Origin was checked: its own origin first let a foreign one ride behind it."""
+    own, foreign = f"http://127.0.0.1:{port_of(open_admin)}", f"http://{EVIL}"
+    pair = [own, foreign] if first == "own" else [foreign, own]
+    headers = CIMultiDict([("Host", f"127.0.0.1:{port_of(open_admin)}"),
+                           ("Content-Type", "application/json"), *(("Origin", o) for o in pair)])
+    async with open_admin.session.post(open_admin.admin_url + "/purge", headers=headers,
+                                       data=purge_all()) as resp:
+        status, body = resp.status, json.loads(await resp.read())
+    assert status == 403, body
+    assert body["error"].startswith("2 Origin fields: a request has at most one"), body
+    assert await still_cached(open_admin)
 
 
 async def reloads(proxy: Proxy) -> str:
