@@ -33,7 +33,8 @@ from proxy.storage.entry import Entry, entry_from_json, entry_to_json
 from proxy.storage.failures import merge_snapshots
 from proxy.storage.tiered import Storage
 
-# Supervisor.call_each(name, wait=..., **args): worker id -> its answer, or the exception it gave
+# Supervisor.call_each(name, wait=..., **args): worker id (every slot) -> its answer, or the
+# exception it gave (a timeout; for a worker not running, one it was never asked for)
 WorkerCall = Callable[..., Awaitable[dict[int, Any]]]
 
 SAMPLE_INTERVAL = 5.0  # seconds between samples of the request counters (hit ratio, last minute)
@@ -48,8 +49,8 @@ SAMPLE_WAIT = 10.0  # the background sampler's wait: nobody waits on it
 
 @dataclass(frozen=True)
 class Answers:
-    """Every live worker's answer to one call, by worker id, and the workers that gave none
-    in time (or failed)."""
+    """Every worker's answer to one call, by worker id, and the workers that gave none in time
+    (hung, failed, or not running: dead, restarting, stopped)."""
 
     by_worker: dict[int, Any]
     unanswered: tuple[int, ...] = ()
@@ -194,7 +195,7 @@ class Inspector:
         return (await self._ask(name, **args)).values
 
     async def _ask(self, name: str, wait: float = ANSWER_WAIT, **args: Any) -> Answers:
-        """Every live worker's answer within ``wait`` seconds, and which workers gave none."""
+        """Every worker's answer within ``wait`` seconds, and which workers gave none."""
         assert self._call is not None
         results = await self._call(name, wait=wait, **args)
         return Answers({w: r for w, r in results.items() if not isinstance(r, BaseException)},
@@ -320,12 +321,13 @@ class Inspector:
             return render_families(merge_single(own, extras))
         answers = await self._ask("admin_metrics")
         self._take_snapshots(answers)
-        # A worker that did not answer in time counts with its last snapshot, and says so.
+        # A worker that did not answer in time, or is not running (restarting, stopping), counts
+        # with its last snapshot, and says so: every worker slot has its series.
         stale = [["cachegate_worker_metrics_stale", {"worker": str(w)}, float(w in answers.unanswered)]
                  for w in sorted({*answers.by_worker, *answers.unanswered})]
         extras = [*extras, ["cachegate_worker_metrics_stale", "gauge",
-                            "1 when a worker did not answer this scrape in time: its numbers are from "
-                            "its last snapshot", stale]]
+                            "1 when a worker did not answer this scrape in time or is not running: "
+                            "its numbers are from its last snapshot", stale]]
         return render_families(self.cluster.merge(own + extras, self.cluster.workers()))
 
     async def stats(self, top: int = TOP_KEYS) -> dict[str, Any]:

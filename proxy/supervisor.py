@@ -969,11 +969,23 @@ class Supervisor:
                                          return_exceptions=True))
 
     async def call_each(self, name: str, wait: float = 10.0, **args: Any) -> dict[int, Any]:
-        """``call_all`` by worker id, so that the admin API can say which worker did not answer."""
+        """``call_all`` by worker id, so that the admin API can say which worker did not answer.
+        Every worker slot is in the answer: one not running (dead, waiting out its restart
+        backoff, not restarted, stopped) gives WorkerNotRunning, so it is named as not answering
+        instead of dropping out of the count unseen."""
         live = [(w.worker_id, w.channel) for w in self.workers if w.channel is not None]
         results = await asyncio.gather(*(c.call(name, wait=wait, **args) for _, c in live),
                                        return_exceptions=True)
-        return {worker_id: r for (worker_id, _), r in zip(live, results, strict=True)}
+        out: dict[int, Any] = {w.worker_id: WorkerNotRunning(w.worker_id) for w in self.workers}
+        out.update({worker_id: r for (worker_id, _), r in zip(live, results, strict=True)})
+        return out
+
+
+class WorkerNotRunning(Exception):
+    """``call_each``'s answer for a worker slot with no process to ask."""
+
+    def __init__(self, worker_id: int) -> None:
+        super().__init__(f"worker {worker_id} is not running")
 
 
 async def _tell_quietly(channel: Channel, name: str, **args: Any) -> None:

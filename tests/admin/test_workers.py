@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from tests.harness import Origin
 from tests.storage.procs import HOST, ProxyProcess, Response, write_config
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CACHE = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
 
@@ -222,6 +225,57 @@ async def test_a_hung_worker_is_named_and_its_last_snapshot_counted_not_waited_f
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung, signal.SIGCONT)
+        await proxy.stop()
+
+
+async def test_a_worker_that_is_not_running_is_flagged_stale_and_named_not_dropped(
+        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker slot with no process (dead and waiting out its restart backoff, or not
+    restarted: here its code changed under the supervisor, which is deterministic) keeps its
+    series: cachegate_worker_metrics_stale is 1 for it, its last snapshot is still counted, and
+    /stats and /cache name it in unanswered_workers. (It dropped out of the gauge and of /stats
+    unnamed: an alert on max(cachegate_worker_metrics_stale) == 1 never fired for it.)"""
+    origin.route("/n", body=b"n", headers={"Cache-Control": "max-age=300"})
+    code = tmp_path / "site"  # the package the supervisor runs from, changed while it runs
+    shutil.copytree(ROOT / "proxy", code / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("PYTHONPATH", str(code))
+    proxy = await start(origin, tmp_path)
+    try:
+        seen: set[str] = set()
+        total = 0
+        while seen != {"0", "1"}:
+            seen.add((await proxy.get("/n")).worker)
+            total += 1
+            assert total < 500
+        before = samples((await proxy.admin("GET", "/metrics")).body)  # (worker 1's last snapshot)
+        assert requests_total(before) == total
+        assert before[("cachegate_worker_metrics_stale", (("worker", "1"),))] == 0
+
+        with (code / "proxy" / "__init__.py").open("a") as f:
+            f.write("# another release\n")
+        proxy.lines.clear()
+        os.kill(proxy.workers[1], signal.SIGKILL)
+        await proxy.wait_for(lambda: any("cachegate: worker 1 started" in line for line in proxy.lines))
+        for _ in range(400):  # until the restarted worker 1 has exited, not to be restarted
+            health = await proxy.admin("GET", "/healthz")
+            if "restart the service" in health.body.decode():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"worker 1 still runs: {health.body!r}")
+        after = samples((await proxy.admin("GET", "/metrics")).body)
+        assert after[("cachegate_worker_metrics_stale", (("worker", "0"),))] == 0
+        assert after[("cachegate_worker_metrics_stale", (("worker", "1"),))] == 1
+        assert requests_total(after) == total  # worker 1's count, from its last snapshot
+
+        stats = json.loads((await proxy.admin("GET", "/stats")).body)
+        assert stats["unanswered_workers"] == [1]
+        assert [w["worker"] for w in stats["workers"]] == [0]
+        assert stats["requests"]["total"] == total
+
+        cache = json.loads((await proxy.admin("GET", "/cache?url=" + quote(f"http://{HOST}/n"))).body)
+        assert cache["unanswered_workers"] == [1]
+    finally:
         await proxy.stop()
 
 
