@@ -154,7 +154,11 @@ def parse_url_list(text: str) -> list[str]:
 
 
 _REQUEST_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[0-9.]+"(?:\s+(\d{3}))?')
-_LOG_ESCAPE = re.compile(r"\\x([0-9A-Fa-f]{2})")
+# nginx's and cachegate's \xHH; Apache's \" and \\ too, and its \b \n \r \t \v (controls). One
+# reading fits both: nginx writes a backslash itself as \x5C, so none of Apache's short forms
+# can occur in an nginx line; left to right, Apache's \\x41 (a client's \x41) stays \x41.
+_LOG_ESCAPE = re.compile(r'\\(?:x([0-9A-Fa-f]{2})|(["\\bnrtv]))')
+_SHORT_ESCAPES = {'"': 0x22, "\\": 0x5C, "b": 0x08, "n": 0x0A, "r": 0x0D, "t": 0x09, "v": 0x0B}
 NOT_SENDABLE_AS_LOGGED = "a logged path with a space or control character (not sendable as logged)"
 
 
@@ -165,20 +169,23 @@ class LoggedPath(str):
 
 def logged_path(text: str, escaped: bool) -> LoggedPath:
     r"""A request target as an access log wrote it, as it was sent: with ``escaped`` (the common,
-    combined and cachegate formats, which write each byte that is not printable ASCII, a quote
-    and a backslash as ``\xHH``, as nginx does) those decoded; bytes beyond ASCII
-    percent-encoded (as ``sendable`` does; the rest is sent as logged: ``LoggedPath``).
-    WarmError when it holds a space or a control character: no request line carries one, and
-    percent-encoded it would be another key than the one logged.
+    combined and cachegate formats: nginx and cachegate write each byte that is not printable
+    ASCII, a quote and a backslash as ``\xHH``; Apache writes a quote and a backslash as ``\"``
+    and ``\\``, a few controls as ``\n`` and the like, other bytes as ``\xHH``) those decoded;
+    bytes beyond ASCII percent-encoded (as ``sendable`` does; the rest is sent as logged:
+    ``LoggedPath``). WarmError when it holds a space or a control character: no request line
+    carries one, and percent-encoded it would be another key than the one logged.
 
     >>> logged_path(r"/q\x22x/b\x5Cc/caf\xC3\xA9", escaped=True), logged_path("/caf\u00e9", escaped=False)
     ('/q"x/b\\c/caf%C3%A9', '/caf%C3%A9')
+    >>> logged_path(r'/q\"x/b\\s/b\\x41', escaped=True)  # Apache's
+    '/q"x/b\\s/b\\x41'
     """
     data = bytearray()
     at = 0
     for m in (_LOG_ESCAPE.finditer(text) if escaped else ()):
         data += text[at:m.start()].encode("utf-8", "surrogateescape")
-        data.append(int(m.group(1), 16))
+        data.append(int(m.group(1), 16) if m.group(1) else _SHORT_ESCAPES[m.group(2)])
         at = m.end()
     data += text[at:].encode("utf-8", "surrogateescape")
     if any(b <= 0x20 or b == 0x7F for b in data):

@@ -696,6 +696,32 @@ async def test_an_access_logs_escapes_are_decoded_and_a_control_character_is_ref
     assert [origin.count(p) for p in ('/al/q"x', "/al/b\\c", "/al/plain")] == [1, 1, 1]
 
 
+async def test_apaches_backslash_escapes_are_decoded_as_nginxs_are(
+        origin: Origin, proxy: Proxy, tmp_path: Path) -> None:
+    """Apache's combined log writes a quote and a backslash in a request line as \\" and \\\\
+    (nginx and cachegate as \\x22 and \\x5C): warm sent the backslashes too, warming keys no client
+    asked for. Now both forms give the path the client sent; Apache's \\\\x41 (a client's
+    literal \\x41) stays \\x41, and its \\t (a tab) is refused as a control character."""
+    paths = ['/ap/q"x', "/ap/b\\s", "/ap/l\\x41", '/ng/q"x']
+    for path in paths:
+        origin.route(path, body=b"x", headers={"Cache-Control": "max-age=600"})
+    log = tmp_path / "apache.log"
+    log.write_text(
+        '10.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /ap/q\\"x HTTP/1.1" 200 5 "-" "curl/8"\n'
+        '10.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /ap/b\\\\s HTTP/1.1" 200 5 "-" "curl/8"\n'
+        '10.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /ap/l\\\\x41 HTTP/1.1" 200 5 "-" "curl/8"\n'
+        '10.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /ap/t\\tx HTTP/1.1" 200 5 "-" "curl/8"\n'
+        '10.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /ng/q\\x22x HTTP/1.1" 200 5 "-" "curl/8"\n')
+    code, out, err = await warm("--proxy", proxy.url, "--from-access-log", str(log), "--progress", "none",
+                                "--max-errors", "1")
+    assert code == 0, (out, err)
+    assert "stored                4" in out, out
+    assert "errors                1  (a logged path with a space or control character" in out, out
+    assert [origin.count(p) for p in paths] == [1, 1, 1, 1], [s.path for s in origin.seen]
+    for path in paths:
+        assert (await proxy.raw("GET", path)).x_cache == "HIT"
+
+
 @pytest.mark.slow
 async def test_error_kinds_are_a_fixed_few_with_one_example_each(origin: Origin, proxy: Proxy) -> None:
     """Each line that was not a URL was a kind of its own, URL included ("not a URL or path:
