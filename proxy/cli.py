@@ -464,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "most requested first, repeatable")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--proxy", metavar="URL",
-                       help="the proxy's client listener (default: --config's listen, else "
-                            "http://127.0.0.1:8080)")
+                       help="the proxy's client listener, its address alone (default: --config's "
+                            "listen, else http://127.0.0.1:8080)")
     where.add_argument("--config", "-c", metavar="FILE", help="take the proxy's address from this config")
     p.add_argument("--host", metavar="HOST", help="the Host for paths (default: the proxy's address)")
     p.add_argument("--concurrency", type=_whole(1, MAX_CONCURRENCY), default=8, metavar="N",
@@ -473,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=_rate, default=None, metavar="R/s",
                    help="at most R requests a second (default: no limit)")
     p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
-                   help="a header for every request, repeatable")
+                   help="a header for every request, repeatable (as curl's: a name given twice "
+                        "sends both fields; 'NAME:' sends none)")
     p.add_argument("--variants", action="append", default=[], metavar="'NAME: VALUE'",
                    help="request each URL once per variant header, e.g. 'Accept-Encoding: gzip', "
                         "repeatable")

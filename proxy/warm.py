@@ -383,7 +383,12 @@ async def read_sitemap(body: bytes, room: int = MAX_SITEMAP_URLS) -> tuple[list[
 
 def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str | None]],
                 variants: Sequence[tuple[str, str | None]]) -> list[Target]:
-    """Each URL once (first seen wins), once per variant when variants are given."""
+    """Each URL once (first seen wins), once per variant when variants are given: a variant's
+    field replaces any ``-H`` of that name (it names the variant).
+
+    >>> [t.headers for t in targets_for(["/a"], [("X-A", "1"), ("Accept", "x")], [("accept", "y")])]
+    [(('X-A', '1'), ('accept', 'y'))]
+    """
     seen: set[str] = set()
     out: list[Target] = []
     for url in urls:
@@ -391,7 +396,8 @@ def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str | None]],
             continue
         seen.add(url)
         if variants:
-            out.extend(Target(url, (*headers, v)) for v in variants)
+            out.extend(Target(url, (*(h for h in headers if h[0].lower() != v[0].lower()), v))
+                       for v in variants)
         else:
             out.append(Target(url, tuple(headers)))
     return out
@@ -656,6 +662,10 @@ class Warmer:
         why = host_problem(split.netloc)
         if why is not None:
             raise WarmError(f"--proxy must be a URL like http://127.0.0.1:8080: {why} in {options.proxy!r}")
+        rest = options.proxy.partition("://")[2][len(split.netloc):]
+        if rest not in ("", "/"):  # a path prefix or query would be dropped from every request
+            raise WarmError(f"--proxy is the listener's address alone, like http://127.0.0.1:8080: "
+                            f"{rest!r} would not be sent (paths go in the URLs, --urls or --sitemap)")
         if options.host is not None and (why := host_problem(options.host)) is not None:
             raise WarmError(f"--host {options.host!r}: {why}")
         if not 1 <= options.concurrency <= MAX_CONCURRENCY:
@@ -703,11 +713,15 @@ class Warmer:
             # /search? is a key apart from /search, and aiohttp's client drops an empty query
             raise WarmError(EMPTY_QUERY)
         headers["Host"] = host
+        given: set[str] = set()
         for k, v in target.headers:
-            if v is None:  # 'Name:': sent without it
+            # As curl's -H: the first of a name replaces warm's own (User-Agent, Host ...), each
+            # further one adds a field ('X-A: 1' and 'X-A: 2' send both); 'Name:' sends none.
+            if k.lower() not in given:
+                given.add(k.lower())
                 headers.popall(k, None)
-            else:
-                headers[k] = v
+            if v is not None:
+                headers.add(k, v)
         return self._base + (path if isinstance(target.url, LoggedPath) else sendable(path)), headers
 
     async def fetch(self, session: Any, target: Target, keep: int | None = None) -> tuple[int, Any, bytes]:

@@ -619,9 +619,31 @@ async def test_warm_sends_no_accept_encoding_of_its_own_and_can_warm_the_absent_
     assert (await proxy.get("/both", headers={"Accept-Encoding": "br, gzip"})).x_cache == "HIT"
 
 
+async def test_a_repeated_header_sends_every_field_as_curl_does(origin: Origin, proxy: Proxy) -> None:
+    """-H 'X-A: 1' -H 'X-A: 2' sent X-A: 2 alone (curl sends both); a --variants field still
+    replaces an -H of its name, and the first -H of a name still replaces warm's own default."""
+    seen: list[tuple[str, list[str], list[str], list[str]]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        h = request.headers
+        seen.append((request.path, h.getall("X-A", []), h.getall("Accept-Encoding", []), h.getall("User-Agent", [])))
+        return web.Response(body=b"x", headers={"Cache-Control": "max-age=600", "Vary": "Accept-Encoding"})
+
+    origin.route("/rh", record)
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
+                                "-H", "X-A: 1", "-H", "X-A: 2", "-H", "User-Agent: me",
+                                "-H", "Accept-Encoding: br", "--variants", "Accept-Encoding: gzip", stdin=b"/rh\n")
+    assert code == 0, (out, err)
+    assert seen == [("/rh", ["1", "2"], ["gzip"], ["me"])]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--proxy", "http://127.0.0.1:99999"], "--proxy must be a URL like http://127.0.0.1:8080: the port is above 65535"),
     (["--proxy", "http://127.0.0.1:8x"], "--proxy must be a URL like http://127.0.0.1:8080: not a host[:port]"),
+    (["--proxy", "http://127.0.0.1:9/prefix/"], "--proxy is the listener's address alone, like "
+                                                 "http://127.0.0.1:8080: '/prefix/' would not be sent"),
+    (["--proxy", "http://127.0.0.1:9/?y"], "'/?y' would not be sent"),
+    (["--proxy", "http://127.0.0.1:9#f"], "'#f' would not be sent"),
     (["--host", "x\r\nY: 1"], "--host 'x\\r\\nY: 1': not a host[:port]"),
     (["-H", "X-A: a\x01b"], "a control character in the value of 'X-A: a\\x01b'"),
     (["--variants", "Bad Name: 1"], "not a header: 'Bad Name: 1'"),
