@@ -68,6 +68,12 @@ HIT_LIKE = frozenset({"HIT", "STALE", "UPDATING"})
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+# A --proxy https://... certificate that fails: by a CA not trusted, or (OpenSSL checks the name
+# only once the chain is trusted) not issued for the host --proxy names, 127.0.0.1 say.
+UNTRUSTED = "TLS certificate not verified (SSL_CERT_FILE names the CA to trust)"
+NAME_MISMATCH = "TLS certificate not valid for the --proxy host (give --proxy the name it is for)"
+NAME_MISMATCH_CODES = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
 
 class WarmError(Exception):
     """A source that cannot be read (a bad sitemap, an unreadable file), or a URL that cannot be
@@ -913,8 +919,10 @@ def _error_kind(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | aiohttp.ServerTimeoutError):
         return "timeout", ""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):  # before its base class below
-        return ("TLS certificate not verified (SSL_CERT_FILE names the CA to trust)",
-                str(exc.certificate_error))
+        error = exc.certificate_error
+        if getattr(error, "verify_code", None) in NAME_MISMATCH_CODES:  # a trusted CA, another name
+            return NAME_MISMATCH, str(getattr(error, "verify_message", "") or error)
+        return UNTRUSTED, str(error)
     if isinstance(exc, aiohttp.ClientSSLError):
         return "TLS handshake failed", str(exc)
     if isinstance(exc, aiohttp.ClientConnectorError):

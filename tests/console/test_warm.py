@@ -800,3 +800,27 @@ async def test_a_certificate_that_fails_verification_is_named_and_ssl_cert_file_
     assert code == 1
     assert "(TLS certificate not verified (SSL_CERT_FILE names the CA to trust) 1)" in out, out
     assert "certificate verify failed" in out, out
+
+
+@pytest.mark.slow
+async def test_a_certificate_for_another_name_says_so_and_its_name_in_proxy_verifies(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """A certificate for localhost (a trusted CA: SSL_CERT_FILE) reached as https://127.0.0.1:...
+    fails on its name, not its CA: the error said to set SSL_CERT_FILE, which was set. Now it
+    says to give --proxy the certificate's name, and with that name warm verifies it."""
+    from tests.harness import self_signed
+
+    key, cert = self_signed(tmp_path, "n", "localhost", "DNS:localhost")
+    origin.route("/n", body=b"x", headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config=f"listen:\n  - {{address: '127.0.0.1:0', tls: {{cert: '{cert}', key: '{key}'}}}}\n")
+    by_address = proxy.listeners.proxy_urls[0]
+    assert by_address.startswith("https://127.0.0.1:")
+    env = {"SSL_CERT_FILE": str(cert)}
+    code, out, _ = await warm("--proxy", by_address, "--urls", "-", "--progress", "none", stdin=b"/n\n", env=env)
+    assert code == 1
+    assert "(TLS certificate not valid for the --proxy host (give --proxy the name it is for) 1)" in out, out
+    assert "certificate is not valid for '127.0.0.1'" in out, out
+    assert "SSL_CERT_FILE" not in out, out
+    by_name = by_address.replace("127.0.0.1", "localhost")
+    code, out, _ = await warm("--proxy", by_name, "--urls", "-", "--progress", "none", stdin=b"/n\n", env=env)
+    assert code == 0 and "stored                1" in out, out
