@@ -31,7 +31,10 @@ Pool desync: a response whose end was not read from its own framing but inferred
 answer to a HEAD, or a 204/304 whose head announces a body (``Content-Length`` other than
 0, or ``Transfer-Encoding``) — is never followed by another request either
 (``reusable_after``). An origin that sends that announced body anyway, a moment later,
-would otherwise have it read as the next client's response, and stored for everyone.
+would otherwise have it read as the next client's response, and stored for everyone. A
+response to HEAD is fed to the parser only up to the end of its final head
+(``_feed_head``): the GET's body that a naive origin writes after it, in the same read or
+later, is dropped unparsed rather than refused as a second response.
 
 Transfer codings (RFC 9112 §6.1): a response whose ``Transfer-Encoding`` names chunked
 anywhere but alone (``gzip, chunked``: a coding inside the chunks that cachegate does not
@@ -260,9 +263,9 @@ class UpstreamConnection(BaseProtocol):
     """One keep-alive connection to an upstream; one exchange (request + response) at a time."""
 
     __slots__ = (
-        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes", "_head_method",
-        "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim", "_payload", "_pool",
-        "_read_timeout", "_read_timer", "_sent", "_total_timer", "busy", "exchange", "idle_since",
+        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes", "_head_carry",
+        "_head_method", "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim", "_payload",
+        "_pool", "_read_timeout", "_read_timer", "_sent", "_total_timer", "busy", "exchange", "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -282,6 +285,7 @@ class UpstreamConnection(BaseProtocol):
         self._sent = False
         self._failed = False
         self._head_method = False
+        self._head_carry = b""  # a HEAD's last bytes fed, where its head's end may start
         self._read_timeout = 0.0
         self._last_read = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
@@ -325,6 +329,7 @@ class UpstreamConnection(BaseProtocol):
         self._got_bytes = self._failed = False
         self._sent = body is None
         self._head_method = head_method
+        self._head_carry = b""
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
         head_future: asyncio.Future[Response] = loop.create_future()
         self._head = head_future
@@ -413,7 +418,10 @@ class UpstreamConnection(BaseProtocol):
         if self._message is None:
             self._head_bytes += len(data)
         try:
-            messages, upgraded, _tail = parser.feed_data(data)
+            if self._head_method:
+                messages, upgraded = self._feed_head(parser, data)
+            else:
+                messages, upgraded, _tail = parser.feed_data(data)
         except Exception as exc:
             self._fail(UpstreamProtocolError(f"{self._pool.name}: invalid response: "
                                              f"{_describe(exc)}"))
@@ -487,6 +495,34 @@ class UpstreamConnection(BaseProtocol):
             self._head = None
             if not head.done():
                 head.set_result(Response(self._message, payload, self, self.exchange))
+
+    def _feed_head(self, parser: Any, data: bytes) -> tuple[list[Any], bool]:
+        """Feed a response to HEAD to the parser up to the end of its final head, and drop what
+        follows: that response ends at its head whatever its fields say (RFC 9112 §6.3), and a
+        naive origin writes the GET's body after it, which the parser would read as a second
+        response (a 502). The connection is then closed (``reusable_after``), never reused.
+
+        Each head ends at its first CRLF CRLF (the strict parser refuses bare LF line ends and
+        folded fields); interim (1xx) heads are fed one at a time until the final one."""
+        messages: list[Any] = []
+        upgraded = False
+        carry = self._head_carry
+        while data:
+            joined = carry + data
+            at = joined.find(b"\r\n\r\n")
+            if at < 0:
+                self._head_carry = joined[-3:]
+                got, upgraded, _tail = parser.feed_data(data)
+                messages += got
+                break
+            end = at + 4 - len(carry)
+            carry = self._head_carry = b""
+            got, upgraded, _tail = parser.feed_data(data[:end])
+            messages += got
+            if upgraded or any(not 100 <= m.code < 200 or m.code == 101 for m, _ in got):
+                break  # the final head: the rest is dropped
+            data = data[end:]
+        return messages, upgraded
 
     def _head_too_long(self) -> None:
         self._fail(UpstreamProtocolError(
@@ -659,11 +695,12 @@ def reusable_after(message: Any, head_method: bool) -> bool:
     A response to HEAD, and a 204 or 304, ends with its head by rule (RFC 9110 §6.4.1,
     RFC 9112 §6.3), whatever its fields say; the parser infers that end rather than reading
     it. A HEAD response's fields describe the GET's body, and a naive origin writes that body
-    too, so a connection is never reused after a HEAD (an upstream HEAD is rare here: a HEAD
-    miss fills with a GET). A 204/304 is reused only when its head announces no body: a
-    ``Content-Length`` other than 0 or any ``Transfer-Encoding`` says bytes may follow, and
-    late ones would be read as the next request's response. Closing costs one new connection;
-    waiting a while for bytes instead would still lose to an origin that waits longer.
+    too (dropped unparsed: ``_feed_head``), so a connection is never reused after a HEAD (an
+    upstream HEAD is rare here: a HEAD miss fills with a GET). A 204/304 is reused only when
+    its head announces no body: a ``Content-Length`` other than 0 or any ``Transfer-Encoding``
+    says bytes may follow, and late ones would be read as the next request's response. Closing
+    costs one new connection; waiting a while for bytes instead would still lose to an origin
+    that waits longer.
     """
     if message.should_close or head_method:
         return False

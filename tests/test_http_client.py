@@ -537,3 +537,85 @@ async def test_a_status_code_outside_100_to_599_is_an_invalid_response(
     for _ in range(2):  # served stale, and the stored copy is never replaced
         stale = await proxy.get("/s")
         assert (stale.status, stale.body, stale.x_cache) == (200, b"good", "STALE")
+
+
+# -- a response to HEAD ends at its head -----------------------------------------------------
+
+NAIVE_HEAD = b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 10\r\nX-Origin: naive\r\n\r\n"
+NAIVE_BODY = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"  # looks like a response, on purpose
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+FRESH = b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 5\r\n\r\nfresh"
+
+
+def naive(head_answer: bytes | list[bytes]) -> Answer:
+    """An origin that answers HEAD with ``head_answer`` (its head and the GET's body, as
+    hand-written servers do) and GET with ``FRESH``."""
+    return lambda head: head_answer if head.startswith(b"HEAD ") else FRESH
+
+
+@pytest.mark.parametrize("packets", [
+    [NAIVE_HEAD + NAIVE_BODY],  # the body in the same read as the head
+    [NAIVE_HEAD, NAIVE_BODY],  # the body a moment later
+    [NAIVE_HEAD[:-3], NAIVE_HEAD[-3:] + NAIVE_BODY],  # the head's end split across reads
+    [NAIVE_HEAD[:-1], NAIVE_HEAD[-1:] + NAIVE_BODY],
+    [EARLY_HINTS + NAIVE_HEAD + NAIVE_BODY],  # an interim response before the final head
+    [EARLY_HINTS[:-2], EARLY_HINTS[-2:] + NAIVE_HEAD[:5], NAIVE_HEAD[5:] + NAIVE_BODY],
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" + b"x" * 5000],  # more than Content-Length says
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 9000\r\n\r\nxy"],  # less
+    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+], ids=["one-read", "two-reads", "split-crlf-3", "split-crlf-1", "early-hints", "early-hints-split",
+        "longer-than-cl", "shorter-than-cl", "chunked"])
+async def test_the_bytes_after_a_head_responses_head_are_dropped_and_its_connection_closed(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], packets: list[bytes]
+) -> None:
+    """RFC 9112 §6.3: a response to HEAD has no body, whatever its fields say. What a naive
+    origin writes after the head is never parsed (it was a second, invalid response: a 502),
+    and the connection is closed: the next request gets its own answer on a new one."""
+    up = await raw_upstream(naive(packets))
+    pool = HostPool(URL(up.url), 2, None, 1.0)
+    try:
+        conn = await pool.acquire()
+        seen: list[int] = []
+        head, _, _ = request_head("HEAD", "/h", [], pool.host_header, None)
+        resp = await conn.request(head, None, False, None, head_method=True, read_timeout=5.0,
+                                  on_interim=lambda s, r, h: seen.append(s))
+        assert (resp.status, resp.complete_body()) == (200, b"")
+        assert seen == ([103] if packets[0].startswith(EARLY_HINTS[:12]) else [])
+        if b"naive" in b"".join(packets):
+            assert (resp.headers["X-Origin"], resp.headers["Content-Length"]) == ("naive", "10")
+        assert pool.size == 0  # closed at once, never back in the pool
+        await asyncio.sleep(0.05)  # any late bytes arrive
+        conn = await pool.acquire()
+        head, _, _ = request_head("GET", "/g", [], pool.host_header, None)
+        resp = await conn.request(head, None, False, None, head_method=False, read_timeout=5.0)
+        assert (resp.status, resp.complete_body()) == (200, b"fresh")
+        assert up.connections == 2
+    finally:
+        await pool.close()
+
+
+async def test_a_naive_origins_head_answers_through_cachegate(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy
+) -> None:
+    """A no-store key's HEADs (hit-for-pass: HEAD upstream) and a bypassed HEAD get the origin's
+    head and no body, not a 502; the next request never reads the bytes that followed."""
+    up = await raw_upstream(naive(NAIVE_HEAD + NAIVE_BODY))
+    rules = "rules:\n  - {name: b, match: {path: /bypassed}, bypass: true}\n"
+    proxy = await make_proxy(config=NO_STORE, rules=rules, upstreams=[up.url])
+    for method in ("GET", "GET", "HEAD", "HEAD", "GET"):
+        reply = await proxy.request(method, "/k")
+        if method == "GET":
+            assert (reply.status, reply.body) == (200, b"fresh"), reply
+        else:
+            assert (reply.status, reply.body, reply.headers["X-Origin"]) == (200, b"", "naive"), reply
+            assert reply.headers["Content-Length"] == "10"
+    assert [h.split(b" ", 1)[0] for h in up.heads] == [b"GET", b"GET", b"HEAD", b"HEAD", b"GET"]
+    # Each HEAD's connection closed after it: the GETs' (taken by the first HEAD), the second
+    # HEAD's, and the last GET's (taken by the bypassed HEAD below).
+    assert up.connections == 3
+    reply = await proxy.request("HEAD", "/bypassed")
+    assert (reply.status, reply.body, reply.headers["X-Origin"]) == (200, b"", "naive"), reply
+    assert "RULE-BYPASS" in reply.cache_status
+    reply = await proxy.get("/bypassed")
+    assert (reply.status, reply.body) == (200, b"fresh"), reply
+    assert up.connections == 4
