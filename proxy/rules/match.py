@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 
 from proxy.policy.fields import cookies as read_cookies
 from proxy.policy.keys import split_host
-from proxy.policy.messages import RequestHead
+from proxy.policy.messages import Headers, RequestHead
 from proxy.policy.request import normalise_path
 
 CondKind = Literal["present", "absent", "equals", "regex"]
@@ -30,12 +30,81 @@ Source = Literal["query", "header", "cookie"]
 Predicate = Callable[["RequestView"], bool]
 
 
+_UNSET = object()
+_NO_LINES: dict[str, tuple[str, ...]] = {}  # shared, never written
+_NO_SPELLING: dict[str, tuple[str, ...]] = {}  # shared, never written: no name with ``_``
+
+
+def underscored(headers: Headers) -> dict[str, tuple[str, ...]]:
+    """The request's field names spelled with ``_``, by the name they are to CGI, WSGI and Rack
+    origins (lower-cased, ``_`` read as ``-``: ``X_Requested_With`` and ``X-Requested-With`` both
+    become ``HTTP_X_REQUESTED_WITH``); empty, after one scan, for nearly every request."""
+    if "_" not in "".join(headers.keys()):
+        return _NO_SPELLING
+    found: dict[str, tuple[str, ...]] = {}
+    for k in headers:
+        if "_" in k:
+            low = k.lower()
+            norm = low.replace("_", "-")
+            if low not in found.get(norm, ()):
+                found[norm] = (*found.get(norm, ()), low)
+    return found
+
+
+def spellings(name: str) -> tuple[str, ...] | None:
+    """The other spellings of a field name a CGI-style origin reads as it (each ``-`` or ``_``
+    either way), lower-cased; None when there are too many to look each up (over 4 of them).
+
+    >>> spellings("X-Requested-With")
+    ('x_requested-with', 'x-requested_with', 'x_requested_with')
+    """
+    known = _SPELLINGS.get(name)
+    if known is not None or name in _SPELLINGS:
+        return known
+    low = name.lower()
+    parts = re.split("[-_]", low)
+    found: tuple[str, ...] | None = None
+    if len(parts) <= 5:
+        every = []
+        for mask in range(1 << (len(parts) - 1)):
+            spelled = parts[0]
+            for i, part in enumerate(parts[1:]):
+                spelled += ("_" if mask >> i & 1 else "-") + part
+            every.append(spelled)
+        found = tuple(n for n in every if n != low)
+    if len(_SPELLINGS) >= 4096:
+        _SPELLINGS.clear()
+    _SPELLINGS[name] = found
+    return found
+
+
+_SPELLINGS: dict[str, tuple[str, ...] | None] = {}  # the rules' field names: a bounded few
+
+
+def aliases(headers: Headers, name: str, view: RequestView) -> tuple[str, ...]:
+    """The other names (lower-cased) in ``headers`` that CGI-style origins read as the field
+    ``name``: spelled with ``_`` where ``name`` has ``-`` or the other way round."""
+    others = spellings(name)
+    if others is not None:
+        return tuple(n for n in others if n in headers)
+    low = name.lower()
+    norm = low.replace("_", "-")
+    found = tuple(n for n in view.spelled().get(norm, ()) if n != low)
+    if "_" in low and norm in headers:
+        found = (*found, norm)
+    return found
+
+
 class RequestView:
-    """A request as rules see it; query parameters and cookies are parsed on first use."""
+    """A request as rules see it; query parameters and cookies are parsed on first use.
 
-    __slots__ = ("_cookies", "_params", "head", "host", "path", "query", "repeated")
+    ``overrides`` (lower-cased field name -> value, None: absent) is one other reading of the
+    ambiguous fields the rules read (``RuleSet._repeated``)."""
 
-    def __init__(self, head: RequestHead) -> None:
+    __slots__ = ("_cookies", "_params", "_spelled", "head", "host", "lines", "overrides", "path",
+                 "query", "repeated")
+
+    def __init__(self, head: RequestHead, overrides: dict[str, str | None] | None = None) -> None:
         raw_path, _, self.query = head.target.partition("?")
         self.head = head
         self.path = normalise_path(raw_path)
@@ -43,8 +112,12 @@ class RequestView:
         self.host = host.rsplit(":", 1)[0] if ":" in host and not host.endswith("]") else host
         self._params: dict[str, str] | None = None
         self._cookies: dict[str, str] | None = None
-        # The first header a value condition read that came as several lines (``header``).
+        self._spelled: dict[str, tuple[str, ...]] | None = None  # ``underscored``, on first use
+        self.overrides = overrides
+        # The first header a condition read that is ambiguous (``header``, ``has``), and the
+        # lines of the repeated ones read, by lower-cased name.
         self.repeated: str | None = None
+        self.lines: dict[str, tuple[str, ...]] = _NO_LINES
 
     def params(self) -> dict[str, str]:
         """Query parameters, decoded; the first value of a repeated one."""
@@ -64,18 +137,58 @@ class RequestView:
             self._cookies = read_cookies(self.head.headers.getall("Cookie", ()))
         return self._cookies
 
+    def spelled(self) -> dict[str, tuple[str, ...]]:
+        """``underscored``: one scan of the field names per request, on first use."""
+        if self._spelled is None:
+            self._spelled = underscored(self.head.headers)
+        return self._spelled
+
+    def aliased(self, name: str) -> bool:
+        """Does the request carry ``name`` spelled otherwise (``_`` for ``-``), as CGI-style
+        origins read it? A usual request's names are scanned for ``_`` once; a request with very
+        many is asked for each spelling of ``name`` instead."""
+        spelled = self._spelled
+        if spelled is None:
+            if len(self.head.headers) > 64:
+                return bool(aliases(self.head.headers, name, self))
+            spelled = self.spelled()
+        if not spelled and "_" not in name:
+            return False
+        return bool(aliases(self.head.headers, name, self))
+
     def header(self, name: str) -> str | None:
-        """The field's lines joined with ``, `` (RFC 9110 §5.3). A field sent as several lines is
-        noted in ``repeated``: origins read it as its first line (aiohttp, Go, Varnish), its last
-        or the joined value, so ``RuleSet.plan`` reads the rules each way (``_repeated``)."""
+        """The field's lines joined with ``, `` (RFC 9110 §5.3). A field sent as several lines, or
+        also spelled with ``_`` for ``-`` (``X_Requested_With``), is noted in ``repeated``: origins
+        read it as its first line (aiohttp, Go, Varnish), its last or the joined value, and
+        CGI/WSGI/Rack ones read the other spelling as the same field, so ``RuleSet.plan`` reads
+        the rules each way (``_repeated``)."""
+        if self.overrides is not None:
+            value = self.overrides.get(name.lower(), _UNSET)
+            if value is not _UNSET:
+                return value  # type: ignore[return-value]
         values = self.head.headers.getall(name, ())
-        if len(values) == 1:
-            return values[0]
-        if not values:
-            return None
+        if len(values) < 2 and ((self._spelled is _NO_SPELLING and "_" not in name)
+                                or not self.aliased(name)):
+            return values[0] if values else None
         if self.repeated is None:
             self.repeated = name
-        return ", ".join(values)
+        if len(values) > 1:
+            if self.lines is _NO_LINES:
+                self.lines = {}
+            self.lines[name.lower()] = tuple(values)
+        return ", ".join(values) if values else None
+
+    def has(self, name: str) -> bool:
+        """Is the field present (``present``/``absent``)? Noted in ``repeated`` when another
+        spelling of it is (``header``)."""
+        if self.overrides is not None:
+            value = self.overrides.get(name.lower(), _UNSET)
+            if value is not _UNSET:
+                return value is not None
+        if (self._spelled is not _NO_SPELLING or "_" in name) and self.aliased(name) \
+                and self.repeated is None:
+            self.repeated = name
+        return name in self.head.headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +252,9 @@ class Condition:
         holds: Predicate
         if source == "header":
             if kind == "present":
-                return Check(lambda v: name in v.head.headers, lambda v: why)
+                return Check(lambda v: v.has(name), lambda v: why)
             if kind == "absent":
-                return Check(lambda v: name not in v.head.headers, lambda v: why)
+                return Check(lambda v: not v.has(name), lambda v: why)
             get = lambda v: v.header(name)  # noqa: E731
         elif source == "cookie":
             if kind == "present":

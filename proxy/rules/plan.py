@@ -25,18 +25,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from proxy.policy.fields import ambiguous_cookie
 from proxy.policy.headers import caching_field, reply_edits
 from proxy.policy.keys import DEFAULT_KEY, KeySpec, lower_path
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
 from proxy.policy.partial import representation_status
 from proxy.policy.request import normalise_path
-from proxy.rules.match import Match, Predicate, RequestView, first_segment
+from proxy.rules.match import Match, Predicate, RequestView, aliases, first_segment
 
 T = TypeVar("T")
 CACHED_METHODS = frozenset({"GET", "HEAD"})
+# More ambiguous fields the rules read than this in one request: a bypass at once (``_repeated``).
+MAX_AMBIGUOUS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +243,8 @@ class RuleSet:
         # The cookies any rule reads in a condition: a request whose Cookie reads ambiguously
         # for one of them (``policy.fields.cookies``) is not cached (see ``plan``).
         self.cookie_names = tuple(dict.fromkeys(c.name for r in rules for c in r.match.cookies))
+        # The header fields any rule's condition reads, lower-cased (``_repeated``).
+        self.header_names = tuple(dict.fromkeys(c.name.lower() for r in rules for c in r.match.headers))
         # Index by the first path segment: the rules a path with segment S can match, in order
         # (those fixing S and those fixing none). One pass over the rules: asking every rule
         # its segment once per segment made 5000 one-path rules take seconds to load.
@@ -311,6 +313,13 @@ class RuleSet:
 
     def _first_match(self, request: RequestHead) -> RequestPlan:
         view = RequestView(request)
+        plan = self._scan(view)
+        if view.repeated is not None and not plan.bypass:
+            return self._repeated(request, view, view.repeated, plan)
+        return plan
+
+    def _scan(self, view: RequestView) -> RequestPlan:
+        """The plan of the first rule that holds for ``view`` (one reading of the request)."""
         response_rules: list[Rule] | None = None
         plan = self.default_plan
         for r in self._by_segment.get(first_segment(view.path), self._other):
@@ -327,36 +336,58 @@ class RuleSet:
             plan = self._composed(plan, response_rules)
         if (view._cookies is not None or plan.key.cookies) and not plan.bypass:
             plan = self._unambiguous(view, plan)
-        if view.repeated is not None and not plan.bypass:
-            return self._repeated(request, view.repeated, plan)
         return plan
 
-    def _repeated(self, request: RequestHead, name: str, plan: RequestPlan) -> RequestPlan:
+    def _repeated(self, request: RequestHead, view: RequestView, name: str, plan: RequestPlan) -> RequestPlan:
         """``plan``, or a bypass when the rules decide otherwise on the request as origins read
-        its repeated fields. A value condition reads a field sent as several lines joined with
+        its ambiguous fields. A value condition reads a field sent as several lines joined with
         ``, `` (RFC 9110 §5.3), but aiohttp, Go and Varnish read its first line and some
         frameworks its last: ``X-Requested-With: XMLHttpRequest`` sent twice did not hold a
         bypass rule's ``equals: XMLHttpRequest`` while the origin answered its XHR fragment,
-        stored for every browser. The rules are read again with each repeated field cut to its
-        first line, then to its last; when the outcome differs the request is neither looked up
-        nor stored (``Cache-Status`` detail ``AMBIGUOUS-HEADER:<name>``, the first such field a
-        condition read). Only requests with a repeated field a value condition reads get here."""
-        lines = list(request.headers.items())
-        count: dict[str, int] = {}
-        for k, _ in lines:
-            low = k.lower()
-            count[low] = count.get(low, 0) + 1
-        for reading in (lines, lines[::-1]):
-            kept: CIMultiDict[str] = CIMultiDict()
-            seen: set[str] = set()
-            for k, v in reading:
+        stored for every browser. And CGI, WSGI and Rack origins read ``X_Requested_With`` as
+        ``X-Requested-With`` (both are ``HTTP_X_REQUESTED_WITH``), which the rules did not see.
+
+        So the fields the rules read that came as several lines or spelled otherwise too are read
+        again, each reading for all of them at once: their first line, their last, with the other
+        spellings as more lines (first, last, joined); the other fields as they are. When the
+        outcome differs, or more than ``MAX_AMBIGUOUS`` such fields came, the request is neither
+        looked up nor stored (``Cache-Status`` detail ``AMBIGUOUS-HEADER:<name>``, the first such
+        field a condition read). Only requests with such a field a condition read get here."""
+        headers = request.headers
+        own: dict[str, tuple[str, ...]] = {}  # lower-cased name -> its lines
+        other: dict[str, tuple[str, ...]] = {}  # -> its other spellings
+        for n in self.header_names:
+            lines = view.lines.get(n)
+            if lines is None:
+                lines = tuple(headers.getall(n, ()))
+            names = aliases(headers, n, view)
+            if len(lines) > 1 or names:
+                own[n] = lines
+                if names:
+                    other[n] = names
+        if len(own) > MAX_AMBIGUOUS:
+            return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{name}", plan)
+        readings = [{n: lines[0] if lines else None for n, lines in own.items()}]
+        last: dict[str, str | None] = {n: lines[-1] if lines else None for n, lines in own.items()}
+        if last != readings[0]:
+            readings.append(last)
+        if other:  # the other spellings as more lines, in the order they came
+            wanted = {n: (n, *names) for n, names in other.items()}
+            every: dict[str, list[str]] = {n: list(own[n]) if n not in other else [] for n in own}
+            for k, v in headers.items():
                 low = k.lower()
-                if count[low] > 1:
-                    if low in seen:
-                        continue
-                    seen.add(low)
-                kept.add(k, v)
-            again = self._first_match(request._replace(headers=CIMultiDictProxy(kept)))
+                for n, spellings in wanted.items():
+                    if low in spellings:
+                        every[n].append(v)
+            more: tuple[dict[str, str | None], ...] = (
+                {n: lines[0] for n, lines in every.items()},
+                {n: lines[-1] for n, lines in every.items()},
+                {n: ", ".join(lines) for n, lines in every.items()})
+            for reading in more:
+                if reading not in readings:
+                    readings.append(reading)
+        for reading in readings:
+            again = self._scan(RequestView(request, reading))
             if (again.rule is not plan.rule or again.bypass != plan.bypass
                     or again.response_rules != plan.response_rules):
                 return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{name}", plan)

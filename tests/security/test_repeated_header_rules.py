@@ -7,6 +7,9 @@ A value condition (``equals``, ``regex``) reads a repeated field joined with ``,
 answered its XHR fragment, which was stored and served to every browser of the page. Now the
 rules are read with each repeated field cut to its first and to its last line too, and when the
 outcome differs the request is neither looked up nor stored (``AMBIGUOUS-HEADER:<name>``).
+
+CGI, WSGI and Rack origins read ``X_Requested_With`` as ``X-Requested-With`` (both are
+``HTTP_X_REQUESTED_WITH``): a field spelled so is another line of the field the rules read.
 """
 
 from __future__ import annotations
@@ -97,7 +100,84 @@ CASES: list[tuple[str, str, list[tuple[str, str]], str | None, str | None]] = [
      [("Accept", "application/json"), ("Accept", "text/html")], None, None),
     ("the second rule's field repeated", "/a", [("X-Tenant", "acme"), ("X-Tenant", "evil")],
      None, "AMBIGUOUS-HEADER:X-Tenant"),
+    ("spelled with _ (CGI/WSGI/Rack read it as the field)", "/a",
+     [("X_Requested_With", "XMLHttpRequest")], None, "AMBIGUOUS-HEADER:X-Requested-With"),
+    ("spelled half with _", "/a", [("x-requested_with", "XMLHttpRequest")],
+     None, "AMBIGUOUS-HEADER:X-Requested-With"),
+    ("both spellings, the _ one last", "/a",
+     [("X-Requested-With", "a"), ("X_Requested_With", "XMLHttpRequest")], None,
+     "AMBIGUOUS-HEADER:X-Requested-With"),
+    ("the field holds, its _ spelling does not: the rule's bypass stands", "/a",
+     [("X-Requested-With", "XMLHttpRequest"), ("X_Requested_With", "a")], "xhr", "RULE-BYPASS:xhr"),
+    ("spelled with _, a value no reading holds", "/a", [("X_Requested_With", "a")], None, None),
+    ("a _ name no rule reads", "/a", [("X_Other", "XMLHttpRequest")], None, None),
 ]
+
+PRESENCE_RULES = compile_text("""
+    rules:
+      - name: signed-in skips the cache
+        match: {header: {X-Session: present}}
+        bypass: true
+      - name: anonymous for long
+        match: {path: "/p/**", header: {X-User: absent}}
+        ttl: {200: 1h}
+""")
+
+PRESENCE_CASES: list[tuple[str, str, list[tuple[str, str]], str | None, str | None]] = [
+    ("present, spelled with -", "/a", [("X-Session", "1")], "signed-in skips the cache",
+     "RULE-BYPASS:signed-in skips the cache"),
+    ("present, spelled with _ only", "/a", [("X_Session", "1")], None, "AMBIGUOUS-HEADER:X-Session"),
+    ("absent holds", "/p/x", [], "anonymous for long", None),
+    ("absent, the field spelled with _", "/p/x", [("X_User", "alice")], "anonymous for long",
+     "AMBIGUOUS-HEADER:X-User"),
+    ("absent, another _ field", "/p/x", [("X_Other", "1")], "anonymous for long", None),
+]
+
+
+@pytest.mark.parametrize(("case", "target", "lines", "rule", "detail"), PRESENCE_CASES,
+                         ids=[c[0] for c in PRESENCE_CASES])
+def test_present_and_absent_see_a_field_spelled_with_underscores(
+        case: str, target: str, lines: list[tuple[str, str]], rule: str | None, detail: str | None) -> None:
+    plan = PRESENCE_RULES.plan(head(target, lines))
+    assert (plan.rule.name if plan.rule else None) == rule
+    assert plan.bypass is (detail is not None)
+    if detail is not None:
+        assert plan.bypass_detail == detail
+
+
+def test_many_ambiguous_fields_the_rules_read_are_a_bypass_at_once() -> None:
+    names = [f"X-F{i}" for i in range(12)]
+    rules = compile_text("rules:\n" + "".join(
+        f"  - {{name: r{i}, match: {{header: {{{n}: {{equals: v}}}}}}, ttl: {{200: 1m}}}}\n"
+        for i, n in enumerate(names)))
+    lines = [(n, "x") for n in names] * 2
+    plan = rules.plan(head("/a", lines))
+    assert plan.bypass and plan.bypass_detail == "AMBIGUOUS-HEADER:X-F0"
+    # one repeated field every reading agrees on is cached as usual
+    assert not rules.plan(head("/a", [("X-F0", "x"), ("X-F0", "y")])).bypass
+
+
+async def cgi_page(request: web.Request) -> web.Response:
+    """An origin that reads fields as CGI, WSGI and Rack do: ``X_Requested_With`` is
+    ``HTTP_X_REQUESTED_WITH``, as ``X-Requested-With`` is."""
+    environ = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in request.headers.items()}
+    if environ.get("HTTP_X_REQUESTED_WITH") == "XMLHttpRequest":
+        return web.json_response({"fragment": True})
+    return web.Response(text="<html>full page</html>", content_type="text/html")
+
+
+async def test_a_field_spelled_with_underscores_never_stores_the_other_answer_for_everyone(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    origin.route("/page", cgi_page)
+    proxy = await make_proxy(rules=RULES)
+    attack = await send_raw(proxy, get("/page", "X_Requested_With: XMLHttpRequest"))
+    assert attack.body == b'{"fragment": true}'
+    assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
+    assert "AMBIGUOUS-HEADER:X-Requested-With" in (attack.header("Cache-Status") or "")
+    for _ in range(2):
+        victim = await send_raw(proxy, get("/page"))
+        assert victim.body == b"<html>full page</html>"
+    assert victim.x_cache == "HIT"
 
 
 def head(target: str, lines: list[tuple[str, str]]) -> RequestHead:
