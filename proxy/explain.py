@@ -278,7 +278,12 @@ def _bypass_why(plan: RequestPlan) -> str:
                 "parameters, IIS reads '\\' as '/' and drops a segment's trailing dots and spaces), "
                 f"and there the rules do not store it ({plan.detail}): neither looked up nor stored, "
                 "so that such an origin's answer is never stored under this URL")
-    name = (plan.detail or "").partition(":")[2]
+    kind, _, name = (plan.detail or "").partition(":")
+    if kind == "AMBIGUOUS-HEADER":
+        return (f"the rules read field {name!r}, which came as several lines or spelled with '_' "
+                "for '-' too (as CGI, WSGI and Rack origins read it), and reading its first line, "
+                "its last, all of them or the other spelling decides differently: neither looked "
+                "up nor stored")
     return (f"the rules read cookie {name!r}, and this Cookie field is read differently by "
             "different origins (a comma, whitespace or a quote inside it, a name sent twice with "
             "other values, or more than one Cookie line): neither looked up nor stored")
@@ -306,7 +311,7 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
                      f"(Cache-Status detail {plan.bypass_detail})")
         if plan.detail is not None:
             lines.append(f"  why                 {_bypass_why(plan)}")
-        if plan.lowered_by is plan.rule:
+        if plan.lowered_by is not None and plan.lowered_by is plan.rule:
             lines.append(f"  note                {_lowered_differ(rules, head)}")
     else:
         key = cache_key(head, plan.key)
@@ -567,7 +572,8 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
         assert plan.rule is not None
         return {"action": "forward", "fwd": "bypass", "x_cache_status": "BYPASS",
                 "cache_status": cache_status(fwd="bypass", detail=plan.bypass_detail),
-                "why": (_lowered_differ(rules, head) if plan.lowered_by is plan.rule else
+                "why": (_lowered_differ(rules, head)
+                        if plan.lowered_by is not None and plan.lowered_by is plan.rule else
                         f"rule {plan.rule.name!r} ({plan.rule.where}) says bypass: neither looked up "
                         "nor stored")}
     decision = decide_lookup(head, [v.response for v in variants], now, plan.options)

@@ -267,6 +267,27 @@ def test_explain_shows_a_bypass_and_origin_freshness(tmp_path: Path,
     assert "not stored: PRIVATE" in out
 
 
+@pytest.mark.parametrize("fields", [
+    ["X-Requested-With: XMLHttpRequest", "X-Requested-With: XMLHttpRequest"],
+    ["X_Requested_With: XMLHttpRequest"],
+])
+def test_explain_gives_the_reason_of_an_ambiguous_header_bypass(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: list[str]) -> None:
+    config = write(tmp_path, """
+        rules:
+          - name: ajax
+            match: {header: {X-Requested-With: {equals: XMLHttpRequest}}}
+            bypass: true
+    """)
+    args = [a for f in fields for a in ("-H", f)]
+    assert main(["explain", "--config", config, "http://a.example/page", *args]) == 0
+    out = capsys.readouterr().out
+    assert "Cache-Status detail AMBIGUOUS-HEADER:X-Requested-With" in out
+    assert "the rules read field 'X-Requested-With', which came as several lines" in out
+    assert "cookie" not in out.lower()
+    assert "lower-cases" not in out
+
+
 def test_explain_without_rules_adds_no_ttl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("upstreams: [http://127.0.0.1:9]\ncache: {disk: null}\n")
