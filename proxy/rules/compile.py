@@ -550,12 +550,18 @@ def compile_rule_file(root: Src, problems: Problems) -> tuple[Actions | None, li
         problems.add(root, f"a rule file is a mapping with defaults: and rules:, got {type_name(root.value)}")
         return None, []
     rules_src = root.value.get("rules")
-    bare = list(root.value) == ["rules"] and isinstance(rules_src, Src) and rules_src.value is None
-    if not root.value or bare:
-        # Valid, and nothing: every bypass rule gone without a word, as a file cut short by a
-        # write that had not finished when it was read would have it ("" or "rules:").
-        problems.warn(root, "the rule file is empty: no defaults and no rules apply from it "
-                            "(write 'rules: []' to say so)")
+    if rules_src is None or (isinstance(rules_src, Src) and rules_src.value is None):
+        # Valid, and no rules: every bypass rule gone without a word, as a file cut short by a
+        # write that had not finished when it was read would have it ("", "rules:", or its
+        # defaults: block and nothing after). Only "rules: []" says so on purpose.
+        bare = all(k == "rules" or (isinstance(v, Src) and v.value is None) for k, v in root.value.items())
+        if bare:
+            problems.warn(root, "the rule file is empty: no defaults and no rules apply from it "
+                                "(write 'rules: []' to say so)")
+        else:
+            where = rules_src if isinstance(rules_src, Src) else root
+            problems.warn(where, "the rule file has no rules (no list under 'rules:'), as a file cut "
+                                 "short while it was written would: write 'rules: []' to say so")
     sec = Section(root, problems, "", ("defaults", "rules"))
     defaults: Actions | None = None
     d = sec.section("defaults", DEFAULT_KEYS)

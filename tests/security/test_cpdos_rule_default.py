@@ -144,7 +144,7 @@ def test_check_warns_at_the_line_but_accepts_the_config(
     'rules:\n  - {name: a, match: {path: "/**"}, ttl: {200: 5m, 301: 1h, 404: 1m, 410: 1h}}\n',
     'rules:\n  - {name: a, match: {path: "/**", status: [200, 404]}, ttl: {default: 1m}}\n',
     'rules:\n  - {name: a, match: {path: "/**", status: [500, 503]}, no_store: true}\n',
-    'defaults: {ttl: {200: 5m}}\n',
+    'defaults: {ttl: {200: 5m}}\nrules: []\n',  # a defaults-only file says 'rules: []' (else: a warning)
 ], ids=["no-default-no-error", "default-over-covered-statuses", "no-store", "defaults-without-default"])
 def test_check_is_silent_where_no_error_status_is_stored(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], rules: str) -> None:
