@@ -927,8 +927,14 @@ class Supervisor:
             if self._uncommitted is not None:
                 return [f"worker {w.worker_id} did not reload: {self._uncommitted}"]
             wait = within + RELOAD_ANSWER_MARGIN
+            # The bound counts from now, on the clock every process of the machine reads
+            # (CLOCK_MONOTONIC): a worker stalled before it reads the call (stopped, swapped
+            # out) must not start counting when it runs again and apply the reload after the
+            # answer said it keeps its config.
+            deadline = time.monotonic() + within
             try:
-                answer = await channel.call("reload", wait=wait, config=path, within=within)
+                answer = await channel.call("reload", wait=wait, config=path, within=within,
+                                            deadline=deadline)
             except TimeoutError:
                 why = (f"did not answer within {wait:g} s (a worker drops a reload it has not "
                        f"applied within {within:g} s and keeps its config)")

@@ -428,17 +428,22 @@ class Reloader:
         return load_config(self.path, self.overrides, running_admin=running_admin, display=self.display,
                            machine=self.machine)
 
-    async def reload(self, path: str | None = None, within: float | None = None) -> ReloadResult:
+    async def reload(self, path: str | None = None, within: float | None = None,
+                     deadline: float | None = None) -> ReloadResult:
         """``path``: the file to read from now on (a worker's supervisor names the copy it just
         committed: ``proxy.supervisor.ConfigCopy`` may have moved since the worker started).
-        ``within``: seconds from now the reload may take to apply (a worker's supervisor waits
-        that long, then answers that the worker keeps its config): past them it is dropped,
-        whether it waited for its turn or compiled that long."""
-        began = time.monotonic()
+        ``within``: seconds the reload may take to apply (a worker's supervisor waits that long,
+        then answers that the worker keeps its config): past them it is dropped, whether it
+        waited for its turn or compiled that long. They count from ``deadline`` - ``within``
+        when ``deadline`` is given: the moment on CLOCK_MONOTONIC (``time.monotonic``, one clock
+        for every process of the machine) the supervisor sent the call, not the moment this
+        process read it, which a stalled process (stopped, swapped out) does seconds later."""
+        if within is not None and deadline is None:
+            deadline = time.monotonic() + within
         async with self._turn:
             if path is not None:
                 self.path = path
-            if within is not None and time.monotonic() - began > within:
+            if deadline is not None and time.monotonic() > deadline:
                 return self._too_late(within)
             try:
                 # The token of a listener that only a restart moves is checked where it listens now.
@@ -448,7 +453,7 @@ class Reloader:
             except Exception as exc:  # a bug must not take the serving process down with it
                 log.exception("reload failed")
                 return self.reject([f"{self.display or self.path}:0: reload failed: {exc!r}"])
-            if within is not None and time.monotonic() - began > within:
+            if deadline is not None and time.monotonic() > deadline:  # right before applying
                 return self._too_late(within)
             # From here on the loop alone: nothing runs between reading the running settings
             # and applying the new ones.
@@ -467,9 +472,10 @@ class Reloader:
             return ReloadResult([], [*restart, *unapplied], len(merged.rules.rules), merged.rules.files,
                                 new.warnings, unapplied=unapplied)
 
-    def _too_late(self, within: float) -> ReloadResult:
+    def _too_late(self, within: float | None) -> ReloadResult:
+        bound = f"{within:g} s, " if within is not None else ""
         return self.reject([f"{self.display or self.path}:0: not applied: the reload took longer than "
-                            f"{within:g} s, the time this process had to apply it"])
+                            f"{bound}the time this process had to apply it"])
 
     def reject(self, problems: list[str]) -> ReloadResult:
         """A reload that did not happen: ``problems`` logged and answered, the old config stays."""
@@ -696,8 +702,10 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
         return await runtime.storage.purge_local(match_from_json(match),
                                                  [Ban.from_json(b) for b in bans])
 
-    async def reload(config: str | None = None, within: float | None = None) -> dict[str, Any]:
-        result = await reloader.reload(config, within)  # the supervisor's copy as it committed it
+    async def reload(config: str | None = None, within: float | None = None,
+                     deadline: float | None = None) -> dict[str, Any]:
+        # the supervisor's copy as it committed it, to apply by ``deadline`` (CLOCK_MONOTONIC)
+        result = await reloader.reload(config, within, deadline)
         return {"problems": result.problems, "restart_required": result.restart_required,
                 "unapplied": result.unapplied}
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -101,3 +104,48 @@ async def test_a_worker_that_did_not_reload_in_time_keeps_the_config_the_answer_
     assert code == 0, proc.text
     assert proc.text.count("config reloaded from") == 1, proc.text  # the supervisor's alone
     assert "reload failed: \n" not in proc.text
+
+
+def _worker_pid(proc: ProxyProcess, worker_id: int, wait: float = 20.0) -> int:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        found = re.search(rf"worker {worker_id} started \(pid (\d+)\)", proc.text)
+        if found:
+            return int(found.group(1))
+        time.sleep(0.05)
+    raise AssertionError(proc.text)
+
+
+async def test_a_worker_stalled_before_it_reads_the_reload_drops_it_when_it_runs_again(
+        origin: Origin, tmp_path: Path) -> None:
+    """The bound counts from when the supervisor sent the call (an absolute CLOCK_MONOTONIC
+    deadline), not from when the worker read it: a worker stopped past the supervisor's wait
+    answered nothing (400, 'keeps its config'), then ran again, read the call, counted its
+    bound from then and applied the reload."""
+    origin.route("/old", body=b"old", headers={"Cache-Control": "max-age=60"})
+    origin.route("/new", body=b"new", headers={"Cache-Control": "max-age=60"})
+    config = write_config(str(tmp_path), origin.url, rules=RULES_V1)
+    proc = spawn_cachegate(["run", "--config", config, "--workers", "2", "--log-level", "info"],
+                           env={"CACHEGATE_WORKER_RELOAD_WAIT": "1"})
+    stalled = await asyncio.to_thread(_worker_pid, proc, 1)
+    try:
+        assert proc.admin_url is not None
+        await _caches(proc, "/old")  # both workers serve
+        (tmp_path / "rules.yaml").write_text(RULES_V2)
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            answer: list[tuple[int, dict[str, object]]] = []
+            await asyncio.wait_for(asyncio.to_thread(_post, proc.admin_url + "/reload", answer), 30)
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        status, body = answer[0]
+        assert status == 400, body
+        assert body["problems"] == ["worker 1 did not answer within 6 s (a worker drops a reload it "
+                                    "has not applied within 1 s and keeps its config)"], body
+        await asyncio.sleep(2.0)  # the stalled worker reads the call and handles it now
+    finally:
+        code = await asyncio.to_thread(proc.stop)
+    assert code == 0, proc.text
+    # the supervisor's and worker 0's: worker 1 dropped it when it ran again
+    assert proc.text.count("config reloaded from") == 2, proc.text
+    assert "not applied: the reload took longer than 1 s" in proc.text, proc.text
