@@ -383,8 +383,9 @@ rule files have their own reference, [rules.md](rules.md).
   `010` is the text `010`, `1.50` the text `1.50`.
 - Config and rule files are UTF-8 YAML without anchors and aliases (`&name`, `*name`,
   `<<: *name`): write each value out. Each is a regular file (or a link to one): a FIFO, a
-  device or a directory is refused at start, on reload and by `check` (`FILE:0: cannot read
-  file: not a regular file (a FIFO)`), never waited on.
+  socket, a device or a directory is refused at start, on reload and by `check`, in the same
+  words for the config as for a rule file (`FILE:0: cannot read file: is not a regular file (a
+  FIFO)`, `... is a directory`), never waited on.
 - Relative paths are relative to the config file.
 - `${VAR}` in a value is the environment variable `VAR`; `${VAR:-default}` gives a default
   (an unset variable without one is a problem). Inside `[...]` or `{...}` braces are YAML's:

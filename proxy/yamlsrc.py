@@ -130,11 +130,7 @@ class Sources:
             return "does not exist"
         except OSError as exc:
             return f"cannot be read: {exc.strerror or exc}"
-        if stat.S_ISDIR(mode):
-            return "is a directory"
-        if not stat.S_ISREG(mode):
-            return f"is not a regular file ({_kind(mode)})"
-        return None
+        return None if stat.S_ISREG(mode) else _not_regular(mode)
 
 
 class NotRegularFile(OSError):
@@ -146,16 +142,30 @@ def _kind(mode: int) -> str:
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
 
 
+def _not_regular(mode: int) -> str:
+    """What a path that is not a regular file is, in the words both config and rule files get."""
+    return "is a directory" if stat.S_ISDIR(mode) else f"is not a regular file ({_kind(mode)})"
+
+
 def _read_regular(path: str) -> bytes:
     """The bytes of ``path``, a regular file; ``NotRegularFile`` for anything else. Opened
     without blocking and checked on the open file (no window to swap it between a check and
     the read): a FIFO's open and read would wait for a writer forever (a reload that never
     answered, a stop that never ended, ``cachegate check`` hung), /dev/zero never ends."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:  # a socket cannot be opened (ENXIO): say what it is
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISREG(mode):
+            raise
+        raise NotRegularFile(exc.errno, _not_regular(mode), path) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularFile(errno.EINVAL, f"not a regular file ({_kind(mode)})", path)
+            raise NotRegularFile(errno.EINVAL, _not_regular(mode), path)
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as f:
             fd = -1

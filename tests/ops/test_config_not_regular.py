@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -64,4 +65,22 @@ def test_check_and_run_refuse_a_config_that_is_a_fifo(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, "-m", "proxy", command, "--config", str(fifo)],
                               capture_output=True, text=True, timeout=20, env=env, cwd=tmp_path)
         assert done.returncode != 0, done
-        assert f"{fifo}:0: cannot read file: not a regular file (a FIFO)" in done.stdout + done.stderr, done
+        assert f"{fifo}:0: cannot read file: is not a regular file (a FIFO)" in done.stdout + done.stderr, done
+
+
+def test_a_config_that_is_a_directory_or_a_socket_is_named_as_a_rule_file_would_be(tmp_path: Path) -> None:
+    """'is a directory' and '(a socket)', as for a rule file: they were 'not a regular file (not
+    a file)' and 'No such device or address' (a socket cannot be opened)."""
+    folder = tmp_path / "conf.d"
+    folder.mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        for path, said in ((folder, "is a directory"), (tmp_path / "s", "is not a regular file (a socket)")):
+            done = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(path)],
+                                  capture_output=True, text=True, timeout=20, env=env, cwd=tmp_path)
+            assert done.returncode != 0, done
+            assert f"{path}:0: cannot read file: {said}\n" in done.stdout + done.stderr, done
+    finally:
+        sock.close()
