@@ -279,6 +279,10 @@ def _bypass_why(plan: RequestPlan) -> str:
                 f"and there the rules do not store it ({plan.detail}): neither looked up nor stored, "
                 "so that such an origin's answer is never stored under this URL")
     kind, _, name = (plan.detail or "").partition(":")
+    if kind == "AMBIGUOUS-QUERY":
+        return (f"the rules read query parameter {name!r}, which came more than once with other "
+                "values, and reading its last value (as PHP, Rails and Django do) decides "
+                "differently from its first: neither looked up nor stored")
     if kind == "AMBIGUOUS-HEADER":
         return (f"the rules read field {name!r}, which came as several lines or spelled with '_' "
                 "for '-' too (as CGI, WSGI and Rack origins read it), and reading its first line, "

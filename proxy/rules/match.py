@@ -99,18 +99,23 @@ class RequestView:
     """A request as rules see it; query parameters and cookies are parsed on first use.
 
     ``overrides`` (lower-cased field name -> value, None: absent) is one other reading of the
-    ambiguous fields the rules read (``RuleSet._repeated``)."""
+    ambiguous fields the rules read (``RuleSet._repeated``); ``last_params``, the reading of
+    query parameters sent twice that takes their last value (``RuleSet._last_params``)."""
 
-    __slots__ = ("_cookies", "_params", "_spelled", "head", "host", "lines", "overrides", "path",
-                 "query", "repeated")
+    __slots__ = ("_cookies", "_last", "_params", "_spelled", "head", "host", "last_params", "lines",
+                 "overrides", "path", "query", "repeated", "repeated_param")
 
-    def __init__(self, head: RequestHead, overrides: dict[str, str | None] | None = None) -> None:
+    def __init__(self, head: RequestHead, overrides: dict[str, str | None] | None = None,
+                 last_params: bool = False) -> None:
         raw_path, _, self.query = head.target.partition("?")
         self.head = head
         self.path = normalise_path(raw_path)
         host = head.host
         self.host = host.rsplit(":", 1)[0] if ":" in host and not host.endswith("]") else host
         self._params: dict[str, str] | None = None
+        self._last: dict[str, str] | None = None  # the last value of a name sent with others
+        self.last_params = last_params  # read each such name as its last value
+        self.repeated_param: str | None = None  # the first such name a value condition read
         self._cookies: dict[str, str] | None = None
         self._spelled: dict[str, tuple[str, ...]] | None = None  # ``underscored``, on first use
         self.overrides = overrides
@@ -128,9 +133,28 @@ class RequestView:
             else:  # nothing to decode: skip parse_qsl's unquoting
                 pairs = [(k, v) for k, _, v in (p.partition("=") for p in self.query.split("&")) if k]
             for k, v in pairs:
-                params.setdefault(k, v)
+                if k not in params:
+                    params[k] = v
+                elif v != params[k]:  # a name sent again with another value: its last one
+                    if self._last is None:
+                        self._last = {}
+                    self._last[k] = v
+                elif self._last is not None and k in self._last:
+                    self._last[k] = v
             self._params = params
         return self._params
+
+    def param(self, name: str) -> str | None:
+        """A query parameter's first value (its last in a view reading them so). A name sent
+        again with another value is noted in ``repeated_param``: PHP, Rails and Django read its
+        last value, so ``RuleSet.plan`` reads the rules that way too (``_last_params``)."""
+        params = self._params if self._params is not None else self.params()
+        if self._last is not None and name in self._last:
+            if self.last_params:
+                return self._last[name]
+            if self.repeated_param is None:
+                self.repeated_param = name
+        return params.get(name)
 
     def cookies(self) -> dict[str, str]:
         if self._cookies is None:  # as the cache key reads them (``AMBIGUOUS``: see ``RuleSet.plan``)
@@ -271,7 +295,7 @@ class Condition:
             if kind == "absent":
                 holds = lambda v: name not in (v._params if v._params is not None else v.params())  # noqa: E731
                 return Check(holds, lambda v: why)
-            get = lambda v: (v._params if v._params is not None else v.params()).get(name)  # noqa: E731
+            get = lambda v: v.param(name)  # noqa: E731
         if kind == "equals":
             return Check(lambda v: get(v) == value, lambda v: why)
         assert pattern is not None

@@ -134,7 +134,7 @@ class RequestPlan:
     # (the one the origin is asked for) instead of the client's (``RuleSet.plan``).
     lowered_by: Rule | None = None
     # The Cache-Status detail of a bypass the rules did not ask for (``AMBIGUOUS-COOKIE:<name>``,
-    # ``AMBIGUOUS-HEADER:<name>``).
+    # ``AMBIGUOUS-HEADER:<name>``, ``AMBIGUOUS-QUERY:<name>``).
     detail: str | None = None
     # The path as some origins read it, when the rules bypass it there (``RuleSet._read_otherwise``).
     read_as: str | None = None
@@ -314,8 +314,23 @@ class RuleSet:
     def _first_match(self, request: RequestHead) -> RequestPlan:
         view = RequestView(request)
         plan = self._scan(view)
+        if view.repeated_param is not None and not plan.bypass:
+            plan = self._last_params(request, view.repeated_param, plan)
         if view.repeated is not None and not plan.bypass:
             return self._repeated(request, view, view.repeated, plan)
+        return plan
+
+    def _last_params(self, request: RequestHead, name: str, plan: RequestPlan) -> RequestPlan:
+        """``plan``, or a bypass when the rules decide otherwise reading each query parameter
+        sent again with another value as its last value, as PHP, Rails and Django do (the rules,
+        as aiohttp, Go and Flask, read the first): ``?mode=view&mode=edit`` did not hold a
+        bypass rule's ``mode: {equals: edit}`` while such an origin answered its edit form,
+        stored under that URL for whoever asked it next (``Cache-Status`` detail
+        ``AMBIGUOUS-QUERY:<name>``). Only requests with such a parameter a condition read get here."""
+        again = self._scan(RequestView(request, last_params=True))
+        if (again.rule is not plan.rule or again.bypass != plan.bypass
+                or again.response_rules != plan.response_rules):
+            return self._unkeyable_plan(f"AMBIGUOUS-QUERY:{name}", plan)
         return plan
 
     def _scan(self, view: RequestView) -> RequestPlan:

@@ -288,6 +288,20 @@ def test_explain_gives_the_reason_of_an_ambiguous_header_bypass(
     assert "lower-cases" not in out
 
 
+def test_explain_gives_the_reason_of_an_ambiguous_query_bypass(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path, """
+        rules:
+          - name: editing
+            match: {query: {mode: {equals: edit}}}
+            bypass: true
+    """)
+    assert main(["explain", "--config", config, "http://a.example/page?mode=view&mode=edit"]) == 0
+    out = capsys.readouterr().out
+    assert "Cache-Status detail AMBIGUOUS-QUERY:mode" in out
+    assert "the rules read query parameter 'mode', which came more than once" in out
+
+
 def test_explain_without_rules_adds_no_ttl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("upstreams: [http://127.0.0.1:9]\ncache: {disk: null}\n")
