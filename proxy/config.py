@@ -385,7 +385,7 @@ rule files have their own reference, [rules.md](rules.md).
   `<<: *name`): write each value out. Each is a regular file (or a link to one): a FIFO, a
   socket, a device or a directory is refused at start, on reload and by `check`, in the same
   words for the config as for a rule file (`FILE:0: cannot read file: is not a regular file (a
-  FIFO)`, `... is a directory`), never waited on.
+  FIFO)`, `... is a directory`), never waited on; `/dev/null` reads as an empty file.
 - Relative paths are relative to the config file.
 - `${VAR}` in a value is the environment variable `VAR`; `${VAR:-default}` gives a default
   (an unset variable without one is a problem). Inside `[...]` or `{...}` braces are YAML's:

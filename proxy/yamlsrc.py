@@ -125,12 +125,12 @@ class Sources:
         if self.snapshot is not None:
             return None if os.path.abspath(path) in self.snapshot else "does not exist"
         try:
-            mode = os.stat(path).st_mode
+            st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return "does not exist"
         except OSError as exc:
             return f"cannot be read: {exc.strerror or exc}"
-        return None if stat.S_ISREG(mode) else _not_regular(mode)
+        return None if stat.S_ISREG(st.st_mode) or _is_null(st) else _not_regular(st.st_mode)
 
 
 class NotRegularFile(OSError):
@@ -142,6 +142,12 @@ def _kind(mode: int) -> str:
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
 
 
+def _is_null(st: os.stat_result) -> bool:
+    """/dev/null (the character device 1:3, by any name): read as an empty file, as the shell
+    idiom ``--config /dev/null`` means; the other devices are refused (/dev/zero never ends)."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+
 def _not_regular(mode: int) -> str:
     """What a path that is not a regular file is, in the words both config and rule files get."""
     return "is a directory" if stat.S_ISDIR(mode) else f"is not a regular file ({_kind(mode)})"
@@ -151,7 +157,8 @@ def _read_regular(path: str) -> bytes:
     """The bytes of ``path``, a regular file; ``NotRegularFile`` for anything else. Opened
     without blocking and checked on the open file (no window to swap it between a check and
     the read): a FIFO's open and read would wait for a writer forever (a reload that never
-    answered, a stop that never ended, ``cachegate check`` hung), /dev/zero never ends."""
+    answered, a stop that never ended, ``cachegate check`` hung), /dev/zero never ends; /dev/null
+    is the empty file it reads as (``_is_null``)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:  # a socket cannot be opened (ENXIO): say what it is
@@ -163,9 +170,11 @@ def _read_regular(path: str) -> bytes:
             raise
         raise NotRegularFile(exc.errno, _not_regular(mode), path) from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(errno.EINVAL, _not_regular(mode), path)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            if _is_null(st):
+                return b""
+            raise NotRegularFile(errno.EINVAL, _not_regular(st.st_mode), path)
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as f:
             fd = -1

@@ -84,3 +84,15 @@ def test_a_config_that_is_a_directory_or_a_socket_is_named_as_a_rule_file_would_
             assert f"{path}:0: cannot read file: {said}\n" in done.stdout + done.stderr, done
     finally:
         sock.close()
+
+
+def test_dev_null_is_an_empty_config_and_other_devices_are_refused(tmp_path: Path) -> None:
+    """``--config /dev/null`` (the shell's empty file: every setting from the command line) is
+    read as empty; /dev/zero, which would be read forever, is refused as a device."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    argv = [sys.executable, "-m", "proxy", "check", "--config"]
+    done = subprocess.run([*argv, "/dev/null"], capture_output=True, text=True, timeout=20, env=env, cwd=tmp_path)
+    assert "/dev/null:0: cannot read file" not in done.stdout + done.stderr, done  # (read: what it lacks)
+    done = subprocess.run([*argv, "/dev/zero"], capture_output=True, text=True, timeout=20, env=env, cwd=tmp_path)
+    assert done.returncode != 0, done
+    assert "/dev/zero:0: cannot read file: is not a regular file (a device)" in done.stdout + done.stderr, done
