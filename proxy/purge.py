@@ -144,12 +144,31 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
     ``prefix`` that matters twice: ``/search?`` (every query of /search) must not become
     ``/search``, which /searchable also starts with. A fragment is refused there for the same
     reason (clients never send one, so no key holds it, and dropping it would widen the
-    prefix); a URL's fragment is dropped, as a client drops it before asking."""
+    prefix); a URL's fragment is dropped first, whatever it holds, as a client drops it before
+    asking. Surrounding ASCII whitespace (the line end of a URL pasted or read from a file) is
+    not part of the URL. A URL longer than any request line the proxy takes, a host longer
+    than a DNS name, or userinfo (``user:pw@``, which no request names) is refused."""
+    text = text.strip(" \t\r\n\f\v")
     if prefix and "#" in text:
-        raise BadPurge(f"{text!r}: a prefix cannot hold a fragment ('#'): no stored URL has one")
-    if text.partition("://")[0].lower() not in ("http", "https"):
-        raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
+        raise BadPurge(f"{text[:SHOWN]!r}: a prefix cannot hold a fragment ('#'): no stored URL has one")
+    text = text.partition("#")[0]
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise BadPurge(f"{text[:SHOWN]!r}: give an absolute http:// or https:// URL")
+    if len(text) > MAX_URL:
+        raise BadPurge(f"{text[:SHOWN]!r}... is {len(text):,} characters long: no request the proxy "
+                       f"takes names a URL over {MAX_URL:,} (its request line is at most "
+                       f"{MAX_REQUEST_LINE:,} bytes), so no stored entry has one")
+    authority = rest[:_authority_end(rest)]
+    if "@" in authority:
+        host = authority.rpartition("@")[2]
+        raise BadPurge(f"'{scheme}{sep}<userinfo>@{host[:SHOWN]}': a URL to purge holds no userinfo "
+                       "('user:password@'): no request names one, so no stored entry has it (RFC 9110 "
+                       "§4.2.4 deprecates it in http(s) URIs); give the URL without it")
     text = as_sent(text)
+    if len(text) > MAX_URL:  # percent-encoding made it longer
+        raise BadPurge(f"{text[:SHOWN]!r}... is {len(text):,} characters long as a client sends it: "
+                       f"no request the proxy takes names a URL over {MAX_URL:,}")
     try:
         url = parse_url(text, encoded=True)
         scheme, raw_host, authority = url.scheme, url.raw_host, url.raw_authority
@@ -158,6 +177,19 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
     if scheme not in ("http", "https") or not raw_host:
         raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
     return f"{scheme}://{normalise_host(authority, scheme)}{url_target(url, text)}"
+
+
+# The client listener's longest request line (aiohttp's max_line_size, ``proxy.web.server``):
+# a request target is shorter still, so a longer URL names nothing the proxy ever stored.
+MAX_REQUEST_LINE = 8190
+MAX_HOST = 253  # the longest DNS name (RFC 1035 §2.3.4, without the root's dot)
+MAX_URL = len("https://") + MAX_HOST + len(":65535") + MAX_REQUEST_LINE
+SHOWN = 200  # characters of a refused URL an error message shows
+
+
+def _authority_end(rest: str) -> int:
+    """Where the authority of ``rest`` (what follows ``scheme://``) ends: at ``/``, ``?`` or ``#``."""
+    return min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
 
 
 # What the proxy's HTTP parser refuses in a request target (400): no stored key holds one.
@@ -187,13 +219,18 @@ def as_sent(text: str) -> str:
     if text.isascii():
         return text
     scheme, sep, rest = text.partition("://")
-    cut = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    cut = _authority_end(rest)
     authority, tail = rest[:cut], rest[cut:]
     try:
         if not authority.isascii():
-            authority = URL(f"http://{authority}/").raw_authority
+            # Before IDNA, whose cost grows with the name: a longer one is no DNS name anyway.
+            name = authority.rpartition("@")[2].rsplit(":", 1)[0] if "]" not in authority else ""
+            if len(name) > MAX_HOST:
+                raise BadPurge(f"{text[:SHOWN]!r}...: its host is {len(name):,} characters long: a "
+                               f"DNS name has at most {MAX_HOST} (RFC 1035 §2.3.4)")
+            authority = parse_url(f"http://{authority}/").raw_authority
         tail = _NON_ASCII.sub(lambda m: quote(m.group(), safe=""), tail)
-    except (ValueError, UnicodeError) as exc:
+    except (ValueError, UnicodeError) as exc:  # (parse_url turns yarl's IndexError into one)
         raise BadPurge(f"{text!r} is not a URL: {exc}") from None
     return f"{scheme}{sep}{authority}{tail}"
 

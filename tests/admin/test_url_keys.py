@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+import pytest
 from aiohttp import web
 
 from proxy.policy.keys import url_of_key
@@ -41,6 +42,17 @@ TARGETS = [
     ("/hash%23x", "/hash%23x"),
     ("/a/../dots", "/a/../dots"),
     ("/a//slash", "/a//slash"),
+
+]
+
+# URL text that names a target with what is not the URL around it: a fragment is dropped
+# whatever it holds (it is never sent), surrounding whitespace (the line end of a URL read from a
+# file or pasted from a shell) is not part of it.
+WRITTEN = [
+    ("/x", "/x#frag ment"),
+    ("/x", "/x#a\x01b"),
+    ("/x", "/x\n"),
+    ("/x?", "/x? \r\n"),
 ]
 
 # URL text no request target holds as written: non-ASCII, which a client sends percent-encoded
@@ -92,7 +104,7 @@ async def test_every_admin_url_names_the_key_the_proxy_stores_its_request_under(
     proxy = await make_proxy(config=LOOPBACK)
     rules = proxy.runtime.settings.rules
     wrong: list[tuple[str, str, object, object]] = []
-    for target, text in TARGETS + ENCODED:
+    for target, text in TARGETS + ENCODED + WRITTEN:
         key = await stored_key(proxy, target)
         url = normalise_url(proxy.url + text)
         if url != url_of_key(key):
@@ -154,3 +166,33 @@ async def test_warm_requests_each_url_as_a_client_does(origin: Origin, make_prox
     assert (sorted(stored - wanted), sorted(wanted - stored)) == ([], [])
     assert code == 0, (out, err)
     assert f"(an empty query ('?') cannot be sent {len(empty)})" in out, out
+
+
+async def test_a_url_no_request_could_name_is_a_400_that_says_why_never_a_500(
+        origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """A non-ASCII host yarl cannot split was a 500 with a traceback; a host of 800 KB held the
+    event loop for a second in IDNA; userinfo was "does not serve host 'user:pw@...'"."""
+    origin.routes = AnyPath()  # type: ignore[assignment]
+    proxy = await make_proxy()
+    key = await stored_key(proxy, "/x")
+    authority = proxy.url.split("://", 1)[1]
+    cases = [
+        ("http://é[]/x", "is not a URL"),
+        ("http://é[]@/x", "holds no userinfo"),
+        (f"http://user:pw@{authority}/x", "holds no userinfo"),
+        ("http://" + "a.é" * 2000 + "/", "a DNS name has at most 253"),
+        (proxy.url + "/" + "a" * 9000, "no request the proxy takes names a URL over"),
+        (proxy.url + "/" + "é" * 3000, "no request the proxy takes names a URL over"),
+    ]
+    for text, why in cases:
+        for method, path, doc in (("POST", "/purge", {"urls": [proxy.url + "/x", text]}),
+                                  ("POST", "/purge", {"prefixes": [text]}),
+                                  ("POST", "/explain", {"url": text})):
+            reply = await proxy.admin(method, path, json=doc)
+            assert reply.status == 400, (text[:40], path, reply.body[:300])
+            assert why in js(reply)["error"], (text[:40], js(reply)["error"][:300])
+        reply = await proxy.admin("GET", f"/cache?url={quote(text, safe='')}")
+        assert reply.status == 400 and why in js(reply)["error"], (text[:40], reply.body[:300])
+    assert "pw@" not in caplog.text  # the password is not echoed into the admin log
+    assert "Traceback" not in caplog.text and "internal error" not in caplog.text
+    assert key in set(proxy.runtime.storage.memory.keys())

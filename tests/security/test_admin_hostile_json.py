@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from proxy.errors import BadRequest
 from proxy.explain import explain_trace
 from proxy.policy.keys import cache_key
-from proxy.purge import parse_purge
+from proxy.purge import BadPurge, normalise_url, parse_purge
 from proxy.rules import RuleSet
 from proxy.web.admin import explain_request
 from proxy.web.admin_guard import MAX_DEPTH, loads_untrusted
@@ -182,3 +182,19 @@ def test_any_explain_document_is_a_trace_or_a_bad_request(doc: dict[str, Any]) -
 def test_any_bytes_are_json_or_a_bad_request(raw: bytes) -> None:
     with contextlib.suppress(BadRequest):
         loads_untrusted(raw)
+
+
+URL_CHARS = st.sampled_from([*"aé/?#%:@[]\\.üß€ \x85\u200b\u3002１", "xn--", "::", "[::1]"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.sampled_from(["http://", "https://", "HTTP://"]), st.lists(URL_CHARS, max_size=14).map("".join)
+       | st.text(max_size=20))
+@example(scheme="http://", rest="é[]/x")  # yarl raised IndexError for the non-ASCII host: a 500
+@example(scheme="http://", rest="é[]@/x")
+def test_any_url_text_is_normalised_or_a_bad_purge(scheme: str, rest: str) -> None:
+    """Whatever the text, a purge, explain or cache URL is a URL or a BadPurge (400), never
+    another exception (a 500 with a traceback in the log)."""
+    for prefix in (False, True):
+        with contextlib.suppress(BadPurge):
+            normalise_url(scheme + rest, prefix=prefix)
