@@ -42,6 +42,7 @@ import logging
 import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,10 +164,13 @@ async def bearer_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     runtime = request.app[ADMIN].runtime
     token = runtime.settings.admin.token
+    # Without a token the listener is loopback only, and the guard let this one in.
+    request[AUTHENTICATED] = token is None or request.get(BEARER_OK, False)
     if token is None or request.path == "/healthz":
         return await handler(request)
     if not request.get(BEARER_OK, False):
         access = console_access(request, token)  # the console's page, or a logged-in browser
+        request[AUTHENTICATED] = access == "session"
         if access in ("public", "session"):
             return await handler(request)
         if access == "csrf":  # 401, not 403: the console tab shows its login (another tab's
@@ -183,36 +187,101 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+AUTHENTICATED = web.RequestKey("admin_authenticated", bool)  # the right token, or a session
+LOGIN_PATH = "/console/api/login"  # public: its 200 is a right token, any other answer is not
 AUDIT = web.RequestKey("admin_audit", str)  # what a state-changing request did, for its log line
 REFUSED = frozenset({401, 403, 405, 415, 429})  # refused before (or instead of) being carried out
 READ_ONLY_POSTS = frozenset({"/explain"})  # a POST that changes nothing (a long query's form)
 SHOWN_PATH = 200  # characters of a path a log line shows
 
 
+@dataclass
+class _Window:
+    """One client network's minute: when it began, lines it may still log, lines left out."""
+
+    since: float
+    left: int
+    dropped: int = 0
+
+
 class RefusalLog:
-    """Refused admin requests, logged at most ``burst`` a ``every`` seconds: a client sending
-    wrong tokens or forged requests as fast as it can must not fill the log. The next line
-    logged says how many were left out since (the metrics count each one)."""
+    """Lines about admin requests that did not authenticate (refusals, and any answer to a
+    request without the right token or a session: the public login's 400, 408 and 413), at
+    most ``burst`` a ``every`` seconds per client network (``GuessLimiter.key``: an IPv4 /24,
+    an IPv6 /64, loopback) and ``total`` in all: a client sending them as fast as it can must
+    not fill the log, nor spend another client's lines. What is left out is counted: said on
+    that network's next line, or, when none comes, in one line once its minute is over (a
+    timer; at close, whatever is still counted). The metrics count each request."""
+
+    MAX_NETWORKS = 1024  # networks remembered (the oldest forgotten first, their counts kept)
+    NAMED = 5  # networks named in a line about what was left out (the rest counted)
 
     def __init__(self, burst: int = 10, every: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, total: int | None = None) -> None:
         self.burst, self.every, self._clock = burst, every, clock
-        self._since = -math.inf
-        self._left = 0
-        self._dropped = 0
+        self.total = burst * 10 if total is None else total
+        self._nets: OrderedDict[str, _Window] = OrderedDict()
+        self._all = _Window(-math.inf, 0)
+        self._forgotten = 0  # left out by networks no longer remembered
+        self._timer: asyncio.TimerHandle | None = None
 
     def refused(self, request: web.Request, status: int, why: str) -> None:
+        self.note(request, logging.WARNING, f"admin {_shown_method(request)} {_shown_path(request)} "
+                                            f"from {request.remote} refused: {status} {why}")
+
+    def note(self, request: web.Request, level: int, line: str) -> None:
+        """Log ``line`` if the client's network and the whole have lines left; else count it."""
+        net = GuessLimiter.key(request.remote or "")
         now = self._clock()
-        if now - self._since >= self.every:
-            self._since, self._left = now, self.burst
-        if self._left == 0:
-            self._dropped += 1
+        window = self._nets.get(net)
+        if window is None or now - window.since >= self.every:
+            window = _Window(now, self.burst, window.dropped if window else 0)
+            self._nets[net] = window
+            while len(self._nets) > self.MAX_NETWORKS:
+                self._forgotten += self._nets.popitem(last=False)[1].dropped
+        self._nets.move_to_end(net)
+        if now - self._all.since >= self.every:
+            self._all.since, self._all.left = now, self.total
+        if window.left == 0 or self._all.left == 0:
+            window.dropped += 1
+            self._schedule(window.since + self.every - now)
             return
-        self._left -= 1
-        dropped, self._dropped = self._dropped, 0
-        more = f" ({dropped} more refused before it not logged)" if dropped else ""
-        log.warning("admin %s %s from %s refused: %d %s%s", _shown_method(request),
-                    _shown_path(request), request.remote, status, why, more)
+        window.left -= 1
+        self._all.left -= 1
+        dropped, window.dropped = window.dropped, 0
+        more = f" ({dropped} more from {net} before it not logged)" if dropped else ""
+        log.log(level, "%s%s", line, more)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self.flush)
+
+    def flush(self, final: bool = False) -> None:
+        """One line for what networks whose minute is over (every one, when ``final``) left out."""
+        self._timer = None
+        now = self._clock()
+        due = sorted(((w.dropped, net) for net, w in self._nets.items()
+                      if w.dropped and (final or now - w.since >= self.every)), reverse=True)
+        for _, net in due:
+            self._nets[net].dropped = 0
+        forgotten, self._forgotten = self._forgotten, 0
+        if due or forgotten:
+            named = [f"{net}: {n}" for n, net in due[:self.NAMED]]
+            others = sum(n for n, _ in due[self.NAMED:]) + forgotten
+            if others:
+                named.append(f"{others} from other networks")
+            log.warning("admin: %d more requests that did not authenticate were not logged (over "
+                        "%d lines a minute per client network, %d in all): %s",
+                        sum(n for n, _ in due) + forgotten, self.burst, self.total, ", ".join(named))
+        waits = [w.since + self.every - now for w in self._nets.values() if w.dropped]
+        if waits and not final:
+            self._schedule(min(waits))
+
+    def close(self) -> None:
+        """Write what is still counted, and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush(final=True)
 
 
 def _shown_method(request: web.Request) -> str:
@@ -255,14 +324,21 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _audit(request: web.Request, status: int, response: web.StreamResponse | None) -> None:
+    refusals = request.app[ADMIN].refusals
     if status in REFUSED:
-        request.app[ADMIN].refusals.refused(request, status, _error_of(response) if response else "")
+        refusals.refused(request, status, _error_of(response) if response else "")
     elif request.method not in SAFE_METHODS and request.path not in READ_ONLY_POSTS:
         done = request.get(AUDIT, "")
         error = _error_of(response) if response is not None and status >= 400 else ""
-        log.info("admin %s %s from %s: %s%s%s", _shown_method(request), _shown_path(request),
-                 request.remote, status or "not answered (the client went away)",
-                 f": {shown(done, keep='')}" if done else "", f": {error}" if error else "")
+        did = f": {shown(done, keep='')}" if done else ""
+        line = (f"admin {_shown_method(request)} {_shown_path(request)} from {request.remote}: "
+                f"{status or 'not answered (the client went away)'}{did}{f': {error}' if error else ''}")
+        # Only a request that authenticated (it cost a token) is logged whole; any other answer
+        # (the public login's 400s, 408s, 413s) goes through the budget, as refusals do.
+        if request.get(AUTHENTICATED, False) or (request.path == LOGIN_PATH and status == 200):
+            log.info("%s", line)
+        else:
+            refusals.note(request, logging.INFO, line)
 
 
 @web.middleware
@@ -668,7 +744,11 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
         # The operator's name, not aiohttp's default (which names its and Python's versions).
         response.headers["Server"] = runtime.settings.server_header
 
+    async def close_refusals(app: web.Application) -> None:
+        app[ADMIN].refusals.close()
+
     app.on_response_prepare.append(server_name)
+    app.on_cleanup.append(close_refusals)
     app.cleanup_ctx.append(sampler)
     app.router.add_post("/purge", purge)
     app.router.add_post("/reload", reload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -95,4 +96,82 @@ async def test_refused_admin_requests_are_logged_with_the_reason_within_a_budget
     assert (await proxy.admin("POST", "/reload", headers={"Host": "evil.example"})).status == 403
     last = admin_lines(caplog)[-1][1]
     assert last.startswith("admin POST /reload from 127.0.0.1 refused: 403 Host 'evil.example' is not"), last
-    assert last.endswith(" (21 more refused before it not logged)"), last
+    assert last.endswith(" (21 more from loopback before it not logged)"), last
+
+
+async def test_answers_to_requests_without_a_token_share_the_budget_and_a_token_is_logged_whole(
+        make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """The console login is public: its 400s (a body without a token) compared no token, so
+    neither the refusal budget nor the wrong-token limit applied, and each one was an INFO line
+    (500 requests, 500 lines). Now every answer to a request that did not authenticate is in
+    the budget; a right login and an authenticated purge are still logged, whatever was spent."""
+    caplog.set_level(logging.INFO, logger="cachegate.admin")
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    for _ in range(40):
+        assert (await proxy.admin("POST", "/console/api/login", json={"x": 1})).status == 400
+    lines = admin_lines(caplog)
+    assert len(lines) == 10, lines
+    assert lines[0] == (logging.INFO, "admin POST /console/api/login from 127.0.0.1: 400: the body must "
+                                      'be {"token": "<admin token>"}')
+    assert (await proxy.admin("POST", "/console/api/login", json={"token": TOKEN})).status == 200
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await proxy.admin("POST", "/purge", json={"tags": ["t"]}, headers=auth)).status == 200
+    lines = admin_lines(caplog)
+    assert [text for _, text in lines[10:]] == [
+        "admin POST /console/api/login from 127.0.0.1: 200",
+        "admin POST /purge from 127.0.0.1: 200: 1 tag ('t'); purged 0"], lines
+    await proxy.close()  # what is still counted is written at close
+    assert admin_lines(caplog)[-1] == (
+        logging.WARNING, "admin: 30 more requests that did not authenticate were not logged (over 10 "
+                         "lines a minute per client network, 100 in all): loopback: 30")
+
+
+async def test_refusals_left_out_are_counted_in_a_line_when_the_minute_ends_without_another(
+        make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """The count of refusals over the budget was only in the next logged refusal, which need
+    never come: 300 refusals after the first ten were never mentioned."""
+    caplog.set_level(logging.INFO, logger="cachegate.admin")
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    admin_context(proxy).refusals = RefusalLog(burst=3, every=0.5)
+    for _ in range(20):
+        assert (await proxy.admin("POST", "/purge", json={"all": True})).status == 401
+    assert len(admin_lines(caplog)) == 3
+    for _ in range(500):  # no request comes; the minute (here half a second) ends
+        if len(admin_lines(caplog)) > 3:
+            break
+        await asyncio.sleep(0.02)
+    assert admin_lines(caplog)[3:] == [(
+        logging.WARNING, "admin: 17 more requests that did not authenticate were not logged (over 3 "
+                         "lines a minute per client network, 30 in all): loopback: 17")]
+
+
+class Peer:
+    """What ``RefusalLog`` reads of a request: its address, method and path."""
+
+    def __init__(self, remote: str) -> None:
+        self.remote, self.method, self.raw_path = remote, "POST", "/purge"
+
+
+async def test_the_budget_is_per_client_network_and_bounded_in_all(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One process-wide budget let a client spend it on decoys, and the refusals of everyone
+    else that minute went unlogged."""
+    caplog.set_level(logging.INFO, logger="cachegate.admin")
+    clock = Clock()
+    refusals = RefusalLog(burst=2, every=60.0, clock=clock, total=5)
+    refusals.MAX_NETWORKS = 3
+    for _ in range(50):  # the attacker's network spends its own lines, not 10.0.1.0/24's
+        refusals.refused(Peer("10.0.0.7"), 401, "x")  # type: ignore[arg-type]
+    refusals.refused(Peer("10.0.1.9"), 401, "y")  # type: ignore[arg-type]
+    refusals.refused(Peer("10.0.0.8"), 401, "x")  # type: ignore[arg-type]
+    for n in range(2, 6):  # networks: the total caps them, the oldest are forgotten (counted)
+        refusals.refused(Peer(f"10.0.{n}.1"), 401, "z")  # type: ignore[arg-type]
+    lines = admin_lines(caplog)
+    assert [text.split(" refused")[0] for _, text in lines] == [
+        "admin POST /purge from 10.0.0.7", "admin POST /purge from 10.0.0.7",
+        "admin POST /purge from 10.0.1.9", "admin POST /purge from 10.0.2.1",
+        "admin POST /purge from 10.0.3.1"], lines
+    refusals.close()
+    assert admin_lines(caplog)[-1][1] == (
+        "admin: 51 more requests that did not authenticate were not logged (over 2 lines a minute per "
+        "client network, 5 in all): 10.0.5.0/24: 1, 10.0.4.0/24: 1, 49 from other networks")
