@@ -162,8 +162,8 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
     authority = rest[:_authority_end(rest)]
     if "@" in authority:
         host = authority.rpartition("@")[2]
-        raise BadPurge(f"'{scheme}{sep}<userinfo>@{host[:SHOWN]}': a URL to purge holds no userinfo "
-                       "('user:password@'): no request names one, so no stored entry has it (RFC 9110 "
+        raise BadPurge(f"'{scheme}{sep}<userinfo>@{host[:SHOWN]}': the URL holds userinfo "
+                       "('user:password@'), which no request names, so no stored entry has it (RFC 9110 "
                        "§4.2.4 deprecates it in http(s) URIs); give the URL without it")
     text = as_sent(text)
     if len(text) > MAX_URL:  # percent-encoding made it longer
