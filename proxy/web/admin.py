@@ -58,6 +58,7 @@ from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.policy.keys import cache_key, part_key
 from proxy.policy.messages import RequestHead
+from proxy.policy.request import ALLOW as FORWARDED_METHODS
 from proxy.purge import (
     PurgeOutcome,
     PurgeSpec,
@@ -688,8 +689,12 @@ async def purge_method(request: web.BaseRequest, runtime: Runtime, head: Request
     """``PURGE <path>`` sent to the proxy: purge that URL's variants, or refuse (see the docstring)."""
     if not runtime.settings.admin.purge_from:
         runtime.metrics.purge_refused.labels("disabled").inc()
-        return json_error(405, "PURGE is switched off on this listener: list the addresses allowed to "
-                               "send it in admin.purge_from, or use POST /purge on the admin API")
+        # Allow is a MUST on a 405 (RFC 9110 §15.5.6): the methods this listener forwards, as
+        # its own answer to an OPTIONS names them (the origin has the last word on each).
+        refused = json_error(405, "PURGE is switched off on this listener: list the addresses allowed "
+                                  "to send it in admin.purge_from, or use POST /purge on the admin API")
+        refused.headers["Allow"] = FORWARDED_METHODS
+        return refused
     if not _purge_allowed_peer(runtime, request.remote or ""):
         runtime.metrics.purge_refused.labels("forbidden").inc()
         log.info("PURGE %s refused for %s", head.url, request.remote)

@@ -121,6 +121,8 @@ async def test_without_purge_from_the_method_is_switched_off_even_from_loopback(
     reply = await proxy.request("PURGE", "/doc", headers=headers)  # from 127.0.0.1
     assert reply.status == 405
     assert "PURGE is switched off on this listener" in js(reply)["error"]
+    # Allow is a MUST on a 405 (RFC 9110 §15.5.6): what the listener forwards, as for OPTIONS.
+    assert reply.headers["Allow"] == "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
     assert "other" not in state  # never forwarded either
     assert (await proxy.get("/doc")).x_cache == "HIT"
 
