@@ -35,7 +35,7 @@ from proxy.errors import PurgeUnavailable as PurgeUnavailable  # raised by clust
 from proxy.policy.fill import tags_from_headers as tags_from_headers  # read where fills are decided
 from proxy.policy.keys import cache_key, normalise_host, url_of_key
 from proxy.policy.messages import RequestHead
-from proxy.policy.request import parse_url
+from proxy.policy.request import MAX_REQUEST_LINE, parse_url
 from proxy.rules import RuleSet
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.index import Ban
@@ -179,9 +179,8 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
     return f"{scheme}://{normalise_host(authority, scheme)}{url_target(url, text)}"
 
 
-# The client listener's longest request line (aiohttp's max_line_size, ``proxy.web.server``):
-# a request target is shorter still, so a longer URL names nothing the proxy ever stored.
-MAX_REQUEST_LINE = 8190
+# (A request target is shorter than the client listener's longest request line, so a longer URL
+# names nothing the proxy ever stored.)
 MAX_HOST = 253  # the longest DNS name (RFC 1035 §2.3.4, without the root's dot)
 MAX_URL = len("https://") + MAX_HOST + len(":65535") + MAX_REQUEST_LINE
 SHOWN = 200  # characters of a refused URL an error message shows

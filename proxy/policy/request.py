@@ -484,6 +484,10 @@ MAX_FORWARDS_METHODS = frozenset({"OPTIONS", "TRACE"})
 # (the echo would hand a page's script the Cookie and Authorization it cannot read: cross-site
 # tracing); a TRACE with hops left is forwarded, the origin decides.
 ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+# The client listener's longest request line and header field (aiohttp's max_line_size and
+# max_field_size there, ``proxy.web.server``); a purge URL longer than any request could name is
+# refused (``proxy.purge``).
+MAX_REQUEST_LINE = 8190
 
 
 def max_forwards(head: RequestHead) -> int | None:

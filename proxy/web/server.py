@@ -42,6 +42,7 @@ from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
 from proxy.logs import say
+from proxy.policy.request import MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.room import FilesystemFull, MemoryUnavailable, filesystem_full
 from proxy.runtime import CacheDirectoryInUse, ReloadResult, Runtime
@@ -155,8 +156,8 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
         # Fresh memory hits below web.Response (proxy.web.fastpath); tests compare without.
         front=front,
         fast=FastPath(front) if fast else None,
-        max_line_size=8190,
-        max_field_size=8190,
+        max_line_size=MAX_REQUEST_LINE,
+        max_field_size=MAX_REQUEST_LINE,
         max_headers=128,
         keepalive_timeout=75.0,
         access_log=None,  # cachegate's own, on both paths (proxy.logs)
