@@ -186,6 +186,17 @@ async def test_every_kind_of_purge_is_complete_in_both_workers_when_it_answers(
         await proxy.stop()
 
 
+async def from_both_workers(proxy: ProxyProcess, path: str) -> int:
+    """GET ``path`` until both workers answered one; how many requests that took."""
+    seen: set[str] = set()
+    total = 0
+    while seen != {"0", "1"}:
+        seen.add((await proxy.get(path)).worker)
+        total += 1
+        assert total < 500
+    return total
+
+
 async def test_a_hung_worker_is_named_and_its_last_snapshot_counted_not_waited_for(
         origin: Origin, tmp_path: Path) -> None:
     """A worker stopped (SIGSTOP: as one hung) answers no call until the watchdog replaces it
@@ -196,12 +207,7 @@ async def test_a_hung_worker_is_named_and_its_last_snapshot_counted_not_waited_f
     proxy = await start(origin, tmp_path)
     hung = proxy.workers[0]
     try:
-        seen: set[str] = set()
-        total = 0
-        while seen != {"0", "1"}:
-            seen.add((await proxy.get("/n")).worker)
-            total += 1
-            assert total < 500
+        total = await from_both_workers(proxy, "/n")
         before = samples((await proxy.admin("GET", "/metrics")).body)
         assert requests_total(before) == total
         assert before[("cachegate_worker_metrics_stale", (("worker", "0"),))] == 0
@@ -241,12 +247,7 @@ async def test_a_worker_that_is_not_running_is_flagged_stale_and_named_not_dropp
     monkeypatch.setenv("PYTHONPATH", str(code))
     proxy = await start(origin, tmp_path)
     try:
-        seen: set[str] = set()
-        total = 0
-        while seen != {"0", "1"}:
-            seen.add((await proxy.get("/n")).worker)
-            total += 1
-            assert total < 500
+        total = await from_both_workers(proxy, "/n")
         before = samples((await proxy.admin("GET", "/metrics")).body)  # (worker 1's last snapshot)
         assert requests_total(before) == total
         assert before[("cachegate_worker_metrics_stale", (("worker", "1"),))] == 0

@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.messages import RequestHead
+from proxy.rules.plan import RuleSet
 from tests.conftest import MakeProxy
 from tests.harness import Origin
 from tests.rules.test_compile import compile_text
@@ -138,11 +139,7 @@ PRESENCE_CASES: list[tuple[str, str, list[tuple[str, str]], str | None, str | No
                          ids=[c[0] for c in PRESENCE_CASES])
 def test_present_and_absent_see_a_field_spelled_with_underscores(
         case: str, target: str, lines: list[tuple[str, str]], rule: str | None, detail: str | None) -> None:
-    plan = PRESENCE_RULES.plan(head(target, lines))
-    assert (plan.rule.name if plan.rule else None) == rule
-    assert plan.bypass is (detail is not None)
-    if detail is not None:
-        assert plan.bypass_detail == detail
+    assert_plan(PRESENCE_RULES, target, lines, rule, detail)
 
 
 def test_many_ambiguous_fields_the_rules_read_are_a_bypass_at_once() -> None:
@@ -185,11 +182,17 @@ def head(target: str, lines: list[tuple[str, str]]) -> RequestHead:
     return RequestHead("GET", "http", "a.example", target, CIMultiDictProxy(fields))
 
 
-@pytest.mark.parametrize(("case", "target", "lines", "rule", "detail"), CASES, ids=[c[0] for c in CASES])
-def test_the_rules_read_a_repeated_field_every_way_origins_do(
-        case: str, target: str, lines: list[tuple[str, str]], rule: str | None, detail: str | None) -> None:
-    plan = PLAN_RULES.plan(head(target, lines))
+def assert_plan(rules: RuleSet, target: str, lines: list[tuple[str, str]], rule: str | None,
+                detail: str | None) -> None:
+    """The rule ``rules`` choose for a GET of ``target`` with ``lines``, and its bypass detail."""
+    plan = rules.plan(head(target, lines))
     assert (plan.rule.name if plan.rule else None) == rule
     assert plan.bypass is (detail is not None)
     if detail is not None:
         assert plan.bypass_detail == detail
+
+
+@pytest.mark.parametrize(("case", "target", "lines", "rule", "detail"), CASES, ids=[c[0] for c in CASES])
+def test_the_rules_read_a_repeated_field_every_way_origins_do(
+        case: str, target: str, lines: list[tuple[str, str]], rule: str | None, detail: str | None) -> None:
+    assert_plan(PLAN_RULES, target, lines, rule, detail)
