@@ -259,7 +259,7 @@ class _Run:
 
     attempt: Attempt
     flight: Flight
-    background: bool = False  # nobody waits for it (a refresh, a range miss's whole object)
+    background: bool = False  # nobody waits for it (a stale-while-revalidate refresh)
     register: bool = True  # findable by the key's other clients (``MissPath.start``)
     lease: Granted | None = None  # the cross-worker lease it holds (proxy.leases)
     # Cluster mode: called with the stored entry and its body (when in memory) as soon as the
@@ -363,35 +363,31 @@ class MissPath:
         first (``proxy.policy.partial.FetchRange(lead=True)``), and held until that answer
         says what it does (``HeldFill.say``). Meanwhile the key's other misses wait for it
         (their range sliced from its body) rather than each going to the origin: one range and
-        one whole fetch for a herd of them. Nobody waits for it otherwise (``background``)."""
+        one whole fetch for a herd of them."""
         word: asyncio.Future[HeldWord] = asyncio.get_running_loop().create_future()
 
         async def fly(run: _Run) -> None:
             said = await word
             match said:
-                case "whole":
-                    # Misses may have joined it, or join it yet: it waits for another worker's
-                    # lease as theirs would (a background fill skips it, and each of them then
-                    # fetched the whole object alone).
-                    run.background = False
+                case "whole" | "drop" if said == "whole" or run.flight.whole_followers:
+                    # "whole": the object follows the range; "drop" with misses for the whole
+                    # object behind it (the range's answer, a 416 or a part not to store, says
+                    # nothing of the object): their one whole fetch, not one each (ranges alone
+                    # ask each for its own: ``range_alone``). It waits for another worker's
+                    # lease as theirs would: as a background fill it skipped it, and each of them
+                    # then fetched the whole object alone.
                     await self._fly(run)
                 case Delivery():
                     await self._deliver(run, said.resp, said.store_detail, said.entry, said.response_time,
                                         said.epoch)
                 case UpstreamError():
                     self._end(run, Unreachable(said))
-                case "drop" if run.flight.whole_followers:
-                    # Misses for the whole object joined it while the range was asked (its answer,
-                    # a 416 or a part not to store, says nothing of the object): their one whole
-                    # fetch, not one each. (Ranges alone ask each for its own: ``range_alone``.)
-                    run.background = False
-                    await self._fly(run)
                 case "drop":
                     self._end(run, Skipped())
                 case _:
                     assert_never(said)
 
-        return HeldFill(self._launch(attempt, True, True, fly), word)
+        return HeldFill(self._launch(attempt, True, False, fly), word)
 
     async def answer_held(self, held: HeldFill, attempt: Attempt, resp: UpstreamResponse,
                           request_time: float, response_time: float, epoch: int) -> Reply:
@@ -1169,31 +1165,17 @@ class MissPath:
         if unasked is not None:
             return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
         response_time = engine.clock()
-        if head_only:
-            return self._passed_head(attempt, resp, request_time, response_time)
-        return await self.answer_unshared(attempt, resp, request_time, response_time, epoch)
-
-    def _passed_head(self, attempt: Attempt, resp: UpstreamResponse, request_time: float,
-                     response_time: float) -> Reply:
-        """A hit-for-pass key's HEAD answered: relayed, never stored (it has no body). What its
-        head says of the GET's response keeps the mark, or ends it (storable now: the next GET
-        fills), as a passed GET's would."""
-        engine = self.engine
-        store_detail, entry = engine.fill_decision(attempt, resp, request_time, response_time)
-        if entry is not None:
-            self.coalescer.clear_pass(attempt.key)
-        else:
-            if store_detail in PASS_DETAILS:
-                self.coalescer.mark_pass(attempt.key, found_nothing=self._found_nothing(attempt))
-            engine.metrics.not_stored_because(store_detail, attempt.req.head.url)
-        cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status, detail=store_detail or None)
-        return engine.direct_reply(attempt.plan, resp, "MISS", cs, True)
+        return await self.answer_unshared(attempt, resp, request_time, response_time, epoch,
+                                          head_only=head_only)
 
     async def answer_unshared(self, attempt: Attempt, resp: UpstreamResponse, request_time: float,
-                              response_time: float, epoch: int) -> Reply:
+                              response_time: float, epoch: int, *, head_only: bool = False) -> Reply:
         """Answer one client from a response fetched for it alone; stored (through a flight
         nobody else may join) when it is storable and no purge since ``epoch`` (the store's
-        when the request went out) covers it."""
+        when the request went out) covers it. ``head_only``: the answer to a HEAD sent as one
+        (a hit-for-pass key's), relayed and never stored (it has no body); what its head says
+        of the GET's response keeps the key's mark, or ends it (storable now: the next GET
+        fills), as a passed GET's would."""
         engine = self.engine
         head = attempt.req.head
         try:
@@ -1201,6 +1183,10 @@ class MissPath:
         except BaseException:
             resp.close()
             raise
+        if entry is not None and head_only:
+            self.coalescer.clear_pass(attempt.key)
+            cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status)
+            return engine.direct_reply(attempt.plan, resp, "MISS", cs, True)
         if entry is not None:
             async def deliver(run: _Run) -> None:
                 await self._deliver(run, resp, store_detail, entry, response_time, epoch)
@@ -1216,7 +1202,7 @@ class MissPath:
             self.coalescer.mark_pass(attempt.key, found_nothing=self._found_nothing(attempt))
         engine.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status, detail=store_detail)
-        return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")
+        return engine.direct_reply(attempt.plan, resp, "MISS", cs, head_only or head.method == "HEAD")
 
     def _found_nothing(self, attempt: Attempt) -> bool:
         """Whether a hit-for-pass mark made now may let the key's plain requests pass without a
