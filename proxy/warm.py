@@ -52,6 +52,8 @@ from xml.parsers import expat
 
 from multidict import CIMultiDict
 
+from proxy.policy.fields import is_token
+
 MAX_SITEMAP_BYTES = 50 * 1024 * 1024  # the sitemaps.org limit for one sitemap, uncompressed
 READ_CHUNK = 1 << 16  # answers are read this much at a time, never whole
 PARSE_CHUNK = 1 << 16  # a sitemap is parsed this much at a time, the event loop running in between
@@ -98,7 +100,6 @@ class Target:
 # -- sources (pure) -----------------------------------------------------------------------------
 
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a field name (RFC 9110 §5.1)
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\U0010ffff]*")  # no controls (RFC 9110 §5.5)
 
 
@@ -115,7 +116,7 @@ def parse_header(text: str) -> tuple[str, str | None]:
     if empty:
         name = text[:-1]
     name = name.strip()
-    if not (sep or empty) or not _TOKEN.fullmatch(name):
+    if not (sep or empty) or not is_token(name):
         raise ValueError(f"not a header: {text!r} (write 'Name: value'; 'Name:' sends none, "
                          "'Name;' an empty value)")
     value = value.strip(" \t")

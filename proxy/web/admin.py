@@ -40,7 +40,6 @@ import ipaddress
 import json
 import logging
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,6 +55,7 @@ from proxy.errors import BadRequest, ClientBodyError
 from proxy.explain import ExplainRequest, StoredVariant, explain_trace
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
+from proxy.policy.fields import is_token
 from proxy.policy.keys import cache_key, part_key
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import ALLOW as FORWARDED_METHODS
@@ -574,7 +574,7 @@ def _header_pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
         raise BadRequest(f"{what!r} must be a JSON object like {EXAMPLE_HEADERS}")
     out: list[tuple[str, str]] = []
     for name, v in value.items():
-        if not _TOKEN.fullmatch(name):
+        if not is_token(name):
             raise BadRequest(f"{what!r}: {name!r} is not a field name: a name is a token of ASCII "
                              "letters, digits and !#$%&'*+-.^_`|~ (RFC 9110 §5.1), as the proxy's "
                              "parser takes them")
@@ -591,13 +591,12 @@ def _header_pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
 
 
 # RFC 9110 §5.6.2: token = 1*tchar, ASCII only (methods and field names are tokens).
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _check_method(method: Any) -> str:
     """The method as the proxy's parser takes it (case-sensitive, RFC 9110 §9.1); BadRequest
     for a method no client could send it, or one it answers 501 itself."""
-    if not isinstance(method, str) or not _TOKEN.fullmatch(method):
+    if not isinstance(method, str) or not is_token(method):
         raise BadRequest(f"'method' must be a method name like GET: a token of ASCII letters, digits "
                          f"and !#$%&'*+-.^_`|~ (RFC 9110 §9.1), not {method!r}")
     parser = HttpRequestParser(None, None, 1 << 16)  # aiohttp's, as the listeners parse
