@@ -559,7 +559,9 @@ class Coalescer:
 
         def ended(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
-            if task.cancelled():  # cancelled before its first step, ``runner``'s finally never ran
+            # Cancelled before its first step, ``runner``'s finally never ran (cancelled later,
+            # it did: ``settle`` again changes nothing).
+            if task.cancelled():
                 settle()
 
         flight.task = asyncio.get_running_loop().create_task(runner())

@@ -143,9 +143,9 @@ def _kind(mode: int) -> str:
 
 
 def _is_null(st: os.stat_result) -> bool:
-    """/dev/null (the character device 1:3, by any name): read as an empty file, as the shell
+    """/dev/null (``os.devnull``, by any name): read as an empty file, as the shell
     idiom ``--config /dev/null`` means; the other devices are refused (/dev/zero never ends)."""
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    return stat.S_ISCHR(st.st_mode) and os.path.samestat(st, os.stat(os.devnull))
 
 
 def _not_regular(mode: int) -> str:
