@@ -23,6 +23,7 @@ from aiohttp import web
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 from tests.storage.procs import ProxyProcess, write_config
+from tests.test_conditional_fills import flights_over
 
 BODY = bytes(i % 251 for i in range(256 * 1024))
 NONE = "cache: {memory: 64MB, range_fill: none, disk: {path: cache, size: 512MB, shards: 2}}\n"
@@ -90,15 +91,6 @@ def answers(ranges: list[str], body: bytes = BODY) -> list[tuple[int, str | None
         first, last = int(first_text), int(last_text or len(body) - 1)
         out.append((206, f"bytes {first}-{last}/{len(body)}", body[first:last + 1]))
     return out
-
-
-async def flights_over(proxy: Proxy) -> None:
-    coalescer = proxy.runtime.engine.coalescer
-    for _ in range(1000):
-        if coalescer.in_flight == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("a flight is still running")
 
 
 @pytest.mark.parametrize("config", [WHOLE, NONE], ids=["range_fill-whole", "range_fill-none"])
