@@ -220,6 +220,12 @@ def first(*values: T | None) -> T | None:
     return None
 
 
+def _decides_otherwise(again: RequestPlan, plan: RequestPlan) -> bool:
+    """Whether another reading of a request chose another rule, bypass or response rules."""
+    return (again.rule is not plan.rule or again.bypass != plan.bypass
+            or again.response_rules != plan.response_rules)
+
+
 class RuleSet:
     """Compiled rules of every file, in order, with the merged defaults."""
 
@@ -327,9 +333,7 @@ class RuleSet:
         bypass rule's ``mode: {equals: edit}`` while such an origin answered its edit form,
         stored under that URL for whoever asked it next (``Cache-Status`` detail
         ``AMBIGUOUS-QUERY:<name>``). Only requests with such a parameter a condition read get here."""
-        again = self._scan(RequestView(request, last_params=True))
-        if (again.rule is not plan.rule or again.bypass != plan.bypass
-                or again.response_rules != plan.response_rules):
+        if _decides_otherwise(self._scan(RequestView(request, last_params=True)), plan):
             return self._unkeyable_plan(f"AMBIGUOUS-QUERY:{name}", plan)
         return plan
 
@@ -402,9 +406,7 @@ class RuleSet:
                 if reading not in readings:
                     readings.append(reading)
         for reading in readings:
-            again = self._scan(RequestView(request, reading))
-            if (again.rule is not plan.rule or again.bypass != plan.bypass
-                    or again.response_rules != plan.response_rules):
+            if _decides_otherwise(self._scan(RequestView(request, reading)), plan):
                 return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{name}", plan)
         return plan
 
