@@ -170,7 +170,10 @@ class RequestView:
     def aliased(self, name: str) -> bool:
         """Does the request carry ``name`` spelled otherwise (``_`` for ``-``), as CGI-style
         origins read it? A usual request's names are scanned for ``_`` once; a request with very
-        many is asked for each spelling of ``name`` instead."""
+        many is asked for each spelling of ``name`` instead (``spellings``). Both routes stay:
+        the scan alone cost 14-48 us per reading of a 1,500-field request against 2.7 us for
+        the lookups (timeit of ``RequestView.header``, 2026-12-05), and the lookups alone
+        cannot see a name of over five parts."""
         spelled = self._spelled
         if spelled is None:
             if len(self.head.headers) > 64:
