@@ -222,6 +222,12 @@ def as_sent(text: str) -> str:
     authority, tail = rest[:cut], rest[cut:]
     try:
         if not authority.isascii():
+            host = authority.rpartition("@")[2]
+            if host.startswith("[") and not host.partition("]")[0].isascii():
+                # IDNA would mangle it into a name and blame the port (yarl's message).
+                raise BadPurge(f"{text!r} is not a URL: its IPv6 address "
+                               f"{host.partition(']')[0] + ']'!r} holds a non-ASCII character (an "
+                               "IPv6 literal is hex digits, ':' and '.': RFC 3986 §3.2.2)")
             # Before IDNA, whose cost grows with the name: a longer one is no DNS name anyway.
             name = authority.rpartition("@")[2].rsplit(":", 1)[0] if "]" not in authority else ""
             if len(name) > MAX_HOST:

@@ -171,7 +171,8 @@ async def test_warm_requests_each_url_as_a_client_does(origin: Origin, make_prox
 async def test_a_url_no_request_could_name_is_a_400_that_says_why_never_a_500(
         origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
     """A non-ASCII host yarl cannot split was a 500 with a traceback; a host of 800 KB held the
-    event loop for a second in IDNA; userinfo was "does not serve host 'user:pw@...'"."""
+    event loop for a second in IDNA; userinfo was "does not serve host 'user:pw@...'"; a
+    non-ASCII IPv6 literal was quoted in punycode with "port can't be converted to integer"."""
     origin.routes = AnyPath()  # type: ignore[assignment]
     proxy = await make_proxy()
     key = await stored_key(proxy, "/x")
@@ -179,6 +180,8 @@ async def test_a_url_no_request_could_name_is_a_400_that_says_why_never_a_500(
     cases = [
         ("http://é[]/x", "is not a URL"),
         ("http://é[]@/x", "the URL holds userinfo"),
+        ("http://[::1é]/x", "its IPv6 address '[::1é]' holds a non-ASCII character"),
+        ("http://[::1é]:80/x", "its IPv6 address '[::1é]' holds a non-ASCII character"),
         (f"http://user:pw@{authority}/x", "the URL holds userinfo"),
         ("http://" + "a.é" * 2000 + "/", "a DNS name has at most 253"),
         (proxy.url + "/" + "a" * 9000, "no request the proxy takes names a URL over"),
