@@ -180,6 +180,7 @@ class _Shape:
     untrusted_drop: frozenset[str]  # both: what goes from an untrusted peer's request
     host: bool  # Host is present
     forwarded_proto: bool  # X-Forwarded-Proto is present (a trusted peer's sets the scheme)
+    cookie: bool  # Cookie is present (it may carry the console's session: ``CONSOLE_COOKIE``)
 
 
 def is_forwarding(name: str) -> bool:
@@ -203,6 +204,7 @@ def _shape(names: str) -> _Shape:
         untrusted_drop=hop | forwarding,
         host="host" in lowered,
         forwarded_proto="x-forwarded-proto" in lowered,
+        cookie="cookie" in lowered,
     )
 
 
@@ -293,6 +295,9 @@ def normalise_request(msg: RequestMessage, *, secure: bool, trusted: bool,
         if isinstance(found, Refusal):
             return found
         drop = found
+    if shape.cookie and (CONSOLE_COOKIE in headers["Cookie"] if not repeated
+                         else any(CONSOLE_COOKIE in v for v in headers.getall("Cookie"))):
+        return _normalise(msg, scheme, drop or frozenset(), trusted, listener, console=True)
     if shape.host and not repeated and target[:1] == "/" and "#" not in target:
         value = headers["Host"]
         if _HOSTS.get((value, scheme)) == value or normal_host(value, scheme) == value:
@@ -349,8 +354,9 @@ def _without(headers: Headers, drop: frozenset[str]) -> CIMultiDictProxy[str]:
 
 
 def _normalise(msg: RequestMessage, scheme: str, drop: frozenset[str], trusted: bool,
-               listener: Listener) -> RequestHead | Refusal:
-    """The rest: another target form, a Host to write back, or one to refuse."""
+               listener: Listener, console: bool = False) -> RequestHead | Refusal:
+    """The rest: another target form, a Host to write back, or one to refuse; ``console``: a
+    Cookie line carries the console's session (``CONSOLE_COOKIE``), which goes."""
     headers = msg.headers
     method = msg.method
     target = msg.path.split("#", 1)[0]
@@ -381,6 +387,10 @@ def _normalise(msg: RequestMessage, scheme: str, drop: frozenset[str], trusted: 
         host = normal_host(listener.default_host, scheme) or listener.default_host
     fields = CIMultiDict(_without(headers, drop))
     fields["Host"] = host
+    if console:
+        cookies = [c for c in (_without_console_cookie(v) for v in fields.popall("Cookie")) if c]
+        for value in cookies:
+            fields.add("Cookie", value)
     return RequestHead(method, scheme, host, target, CIMultiDictProxy(fields), trusted)
 
 
@@ -467,8 +477,9 @@ def fill_target(head: RequestHead, spec: KeySpec) -> str:
 
 # The admin console's session cookie (``proxy.web.console``). Browsers send a host's cookies to
 # every port of it (RFC 6265 §8.5), so a console session opened on the admin port rides along
-# with requests to the proxy's port: it is removed before the origin sees them (its logs, its
-# code), as it is nobody's but cachegate's.
+# with requests to the proxy's port: ``normalise_request`` removes it, as it is nobody's but
+# cachegate's: the origin never sees it (its logs, its code), nor do the rules, the key or a
+# ``Vary: Cookie`` variant (stored, and shown by the admin API, it was a session id on disk).
 CONSOLE_COOKIE = "cachegate_session"
 
 
@@ -565,10 +576,6 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
             continue
         if hops is not None and lk == "max-forwards":
             v = str(hops - 1) if hops > 0 else v  # one hop less (§7.6.2; 0 is answered here)
-        if lk == "cookie" and CONSOLE_COOKIE in v:
-            v = _without_console_cookie(v)
-            if not v:
-                continue
         if is_forwarding(lk):
             if not trusted:
                 continue
