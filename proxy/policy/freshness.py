@@ -185,9 +185,13 @@ def compute_freshness(
             if not credentials or "public" in cc else None
         lifetime, source = (heuristic, "heuristic") if heuristic is not None else (0.0, "none")
 
+    # override_origin drops the origin's no-cache and must-revalidate only where the rule's ttl
+    # is the lifetime: for a status the ttl does not name, the origin's freshness and its
+    # directives decide, as without the rule (§5.2.2.4, §4.2.4).
+    overridden = options.override_origin and source == "rule"
     must_revalidate = (
         "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc
-    ) and not options.override_origin
+    ) and not overridden
     swr = cc.delta("stale-while-revalidate")
     sie = cc.delta("stale-if-error")
     has_freshness = source != "none"
@@ -200,7 +204,7 @@ def compute_freshness(
         response_time=response_time,
         must_revalidate=must_revalidate,
         # no-cache="field" is treated as strictly as plain no-cache: revalidate every use.
-        no_cache="no-cache" in cc and not options.override_origin,
+        no_cache="no-cache" in cc and not overridden,
         stale_while_revalidate=float(swr) if swr is not None else default_swr,
         stale_if_error=float(sie) if sie is not None else default_sie,
         immutable="immutable" in cc,

@@ -232,3 +232,33 @@ def test_a_response_to_authorization_kept_by_must_revalidate_alone_gets_the_orig
     f = decision.response.freshness
     assert (f.lifetime, f.source, f.must_revalidate) == (lifetime, source, must_revalidate)
     assert decision.response.authorization is (AUTH in fields)
+
+
+# override_origin overrides the origin only where the rule's ttl is the lifetime: a status the
+# ttl table does not name keeps the origin's freshness and its no-cache / must-revalidate.
+# (case, response fields, status, lifetime, source, no_cache, must_revalidate)
+ONLY_404 = CacheOptions(ttl_by_status={404: 60.0}, override_origin=True)
+OVERRIDE_SCOPE: list[tuple[str, Pairs, int, float, str, bool, bool]] = [
+    ("200 no-cache, ttl names only 404: revalidated every use", [("Cache-Control", "no-cache"),
+     ("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")], 200, 0.0, "none", True, False),
+    ("200 no-cache, max-age=3600, ttl names only 404", [("Cache-Control", "no-cache, max-age=3600")],
+     200, 3600.0, "max-age", True, False),
+    ("200 max-age=1, must-revalidate, ttl names only 404", [("Cache-Control", "max-age=1, must-revalidate")],
+     200, 1.0, "max-age", False, True),
+    ("200 proxy-revalidate", [("Cache-Control", "max-age=1, proxy-revalidate")], 200, 1.0, "max-age",
+     False, True),
+    ("404 no-cache, must-revalidate: the rule's ttl is the lifetime, so it wins", [
+     ("Cache-Control", "no-cache, must-revalidate, max-age=5")], 404, 60.0, "rule", False, False),
+]
+
+
+@pytest.mark.parametrize(("case", "response", "status", "lifetime", "source", "no_cache", "must_revalidate"),
+                         OVERRIDE_SCOPE, ids=[c[0] for c in OVERRIDE_SCOPE])
+def test_override_origin_overrides_only_where_the_rules_ttl_applies(
+        case: str, response: Pairs, status: int, lifetime: float, source: str, no_cache: bool,
+        must_revalidate: bool) -> None:
+    decision = store(response, status=status, options=ONLY_404)
+    assert isinstance(decision, Store), decision
+    f = decision.response.freshness
+    assert (f.lifetime, f.source, f.no_cache, f.must_revalidate) == (lifetime, source, no_cache,
+                                                                     must_revalidate)

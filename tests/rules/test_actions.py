@@ -108,6 +108,33 @@ async def test_override_origin_replaces_the_origins_freshness_but_never_its_priv
     assert origin.count("/static/cookie.js") == 1 and (await proxy.get("/static/cookie.js")).x_cache == "MISS"
 
 
+async def test_override_origin_leaves_the_statuses_its_ttl_does_not_name_to_the_origin(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The rule's ttl names 404 only: a 200's no-cache was dropped all the same (an hour of hits
+    never revalidated), and its must-revalidate too (served stale when the origin failed)."""
+    proxy = await make_proxy(rules="""
+        rules:
+          - name: static
+            match: {path: "/static/**"}
+            ttl: {404: 1m}
+            override_origin: true
+            stale_if_error: 1h
+    """)
+    origin.route("/static/nocache.js", body=b"n", headers={
+        "Cache-Control": "no-cache, max-age=3600", "ETag": '"n1"', "Content-Type": "text/javascript"})
+    first, second = await twice(proxy, "/static/nocache.js")
+    assert (first, second) != ("MISS", "HIT"), (first, second)
+    assert origin.count("/static/nocache.js") == 2  # revalidated on its second use
+    origin.route("/static/strict.js", body=b"s", headers={
+        "Cache-Control": "max-age=1, must-revalidate", "Content-Type": "text/javascript"})
+    assert (await proxy.get("/static/strict.js")).x_cache == "MISS"
+    await settle(proxy)
+    shift_clock(proxy, 5)  # its max-age runs out
+    origin.route("/static/strict.js", status=503, body=b"down")
+    stale = await proxy.get("/static/strict.js")
+    assert stale.status == 503 and stale.body == b"down", (stale.status, stale.cache_status)
+
+
 # -- bypass ---------------------------------------------------------------------------------------
 
 
