@@ -39,7 +39,7 @@ from proxy.http_client import InterimHook
 from proxy.leases import LeaseClient, LeaseTable
 from proxy.logs import note_key, note_upstream
 from proxy.metrics import Metrics
-from proxy.policy.cache_status import cache_status, serve_detail
+from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fill import (
     Exchange,
     Fill,
@@ -725,8 +725,10 @@ class Engine:
         self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
         return resp
 
-    def upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str = "MISS"
+    def upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str | None = None
                          ) -> Reply:
+        """The error answer when the origin failed; ``x_cache`` as ``fwd`` says (``EXPIRED``
+        for a stale stored response that could not be refreshed) unless given."""
         status = exc.status_hint
         reason = {502: "Bad Gateway", 503: "Service Unavailable",
                   504: "Gateway Timeout"}.get(status, "Bad Gateway")
@@ -736,7 +738,8 @@ class Engine:
         else:
             log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
         return self.finish(plan, error_reply(status, reason, f"{status} {reason}: {exc.public_text()}",
-                                               x_cache, cache_status(fwd=fwd, detail=detail)))
+                                               x_cache or forwarded_x_cache(fwd),
+                                               cache_status(fwd=fwd, detail=detail)))
 
     async def _invalidate(self, urls: Sequence[str]) -> None:
         writes = self.storage.writing_urls(urls)

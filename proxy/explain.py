@@ -22,7 +22,7 @@ from typing import Any, assert_never
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.cache_control import CacheControl
-from proxy.policy.cache_status import cache_status, serve_detail
+from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill, freshened
 from proxy.policy.freshness import heuristic_withheld, origin_freshness_only
 from proxy.policy.httpdate import format_http_date
@@ -627,7 +627,7 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                 why += "; if the origin is unreachable: 504 (must-revalidate, no-cache or s-maxage)"
             return {"action": "revalidate", "variant": decision.index, "fwd": decision.fwd,
                     "x_cache_status": "REVALIDATED",
-                    "x_cache_status_if_changed": "EXPIRED" if decision.fwd == "stale" else "MISS",
+                    "x_cache_status_if_changed": forwarded_x_cache(decision.fwd),
                     "cache_status": cache_status(fwd=decision.fwd, fwd_status=304,
                                                  ttl=_ttl_if_not_modified(head, plan, v, now)),
                     "why": why}
@@ -649,8 +649,8 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                 if from_part is not None:
                     return from_part
                 why += more
-            x = "EXPIRED" if decision.fwd == "stale" else "MISS"
-            return {"action": "forward", "fwd": decision.fwd, "x_cache_status": x,
+            return {"action": "forward", "fwd": decision.fwd,
+                    "x_cache_status": forwarded_x_cache(decision.fwd),
                     "cache_status": cache_status(fwd=decision.fwd), "why": why}
         case OnlyIfCachedMiss():
             return {"action": "reject", "status": 504, "x_cache_status": "MISS",

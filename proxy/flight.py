@@ -78,7 +78,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.leases import Busy, Granted, Waiting
-from proxy.policy.cache_status import cache_status, forwarded_ttl
+from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
 from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
@@ -1082,7 +1082,7 @@ class MissPath:
             # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
             log.warning("upstream failed, stale response not allowed: %s", exc)
             return engine.finish(plan, error_reply(
-                504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", "MISS",
+                504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", forwarded_x_cache(fwd),
                 cache_status(fwd=fwd, detail="STALE-NOT-ALLOWED")))
         return engine.upstream_failed(plan, exc, fwd)
 
@@ -1397,7 +1397,7 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
     if collapsed and (not fhead.shareable or fhead.vary != variant_of(tuple(n for n, _ in fhead.vary),
                                                                       request.headers)):
         return OnItsOwn()
-    x_cache = "HIT" if collapsed else ("EXPIRED" if fwd == "stale" else "MISS")
+    x_cache = "HIT" if collapsed else forwarded_x_cache(fwd)
     plain: Relay
     if request.method == "HEAD" or fhead.status in (204, 304):
         plain = Relay(x_cache, "none", coalesced=collapsed)

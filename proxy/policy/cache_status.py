@@ -79,6 +79,18 @@ def serve_detail(status: str, stored: _Invalidatable) -> str | None:
     return "STALE-WHILE-REVALIDATE" if status == "UPDATING" else "MAX-STALE"
 
 
+def forwarded_x_cache(fwd: str) -> str:
+    """The ``X-Cache-Status`` of a request the cache sent forward (its ``Cache-Status`` ``fwd``),
+    whether the origin answered or failed: ``EXPIRED`` for a stored response that was stale
+    (nginx's word), ``MISS`` for anything else forwarded. (A bypass says ``BYPASS``, given where
+    the bypass is decided.)
+
+    >>> forwarded_x_cache("stale"), forwarded_x_cache("uri-miss"), forwarded_x_cache("request")
+    ('EXPIRED', 'MISS', 'MISS')
+    """
+    return "EXPIRED" if fwd == "stale" else "MISS"
+
+
 def forwarded_ttl(x_cache: str, ttl: float) -> float | None:
     """The ``ttl`` of an answer read from the store for a request that went forward (a fill or
     a revalidation it waited for): a REVALIDATED answer says the refreshed response's, which is

@@ -165,7 +165,9 @@ CASES: dict[str, tuple[Scenario, int, str, str]] = {
     "stale-if-error, origin down": (lambda o, p: unreachable(o, p, "/down", {CC: "max-age=1, stale-if-error=60"}),
                                     200, "STALE", f"cachegate; fwd=stale; ttl={T}; detail=ORIGIN-UNREACHABLE"),
     "must-revalidate, origin down": (lambda o, p: unreachable(o, p, "/mr", {CC: "max-age=1, must-revalidate"}),
-                                     504, "MISS", "cachegate; fwd=stale; detail=STALE-NOT-ALLOWED"),
+                                     504, "EXPIRED", "cachegate; fwd=stale; detail=STALE-NOT-ALLOWED"),
+    "stale, no stale permission, origin down": (lambda o, p: unreachable(o, p, "/plain", {CC: "max-age=1"}),
+                                                502, "EXPIRED", "cachegate; fwd=stale; detail=UPSTREAM-UNREACHABLE"),
     "origin down": (lambda o, p: unreachable(o, p, "/gone", None), 502, "MISS",
                     "cachegate; fwd=uri-miss; detail=UPSTREAM-UNREACHABLE"),
 }
