@@ -303,3 +303,15 @@ async def test_a_206_to_a_request_without_range_is_an_invalid_response(
     assert (stale.status, stale.body, stale.x_cache) == (200, b"whole", "STALE")
     ranged = await proxy.get("/r", headers={"Range": "bytes=2-5"})
     assert (ranged.status, ranged.body, ranged.headers["Content-Range"]) == (206, b"2345", "bytes 2-5/10")
+
+
+async def test_a_suffix_range_of_an_empty_representation_gets_the_empty_200(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """RFC 9110 §14.1.1: on an empty representation a suffix range is the one satisfiable form,
+    and no 206 can state it: the 200 answers it (nginx too), on the miss and on the hit. It was
+    a 416 with ``Content-Range: bytes */0``; ``bytes=0-`` stays 416."""
+    origin.route("/r", body=b"", headers={"Cache-Control": "max-age=3600", "ETag": '"e"'})
+    proxy = await make_proxy()
+    assert await get(proxy, "bytes=-5") == (200, "MISS", None, b"")
+    assert await get(proxy, "bytes=-5") == (200, "HIT", None, b"")
+    assert await get(proxy, "bytes=0-") == (416, "HIT", "bytes */0", b"")

@@ -90,7 +90,7 @@ def answerable(stored: StoredResponse, spec: RangeSpec) -> ByteRange | None:
     if held is None:
         return None
     wanted = resolve_range(spec, held.total)
-    if wanted == "unsatisfiable":
+    if wanted == "unsatisfiable" or wanted is None:
         return None
     first, last = wanted
     if first < held.first or last > held.last:

@@ -59,13 +59,22 @@ def parse_range_spec(value: str) -> RangeSpec | None:
     return first, last
 
 
-def resolve_range(spec: RangeSpec, size: int) -> tuple[int, int] | Unsatisfiable:
-    """The inclusive (first, last) bytes of a ``size``-byte representation that ``spec`` selects."""
+def resolve_range(spec: RangeSpec, size: int) -> tuple[int, int] | Unsatisfiable | None:
+    """The inclusive (first, last) bytes of a ``size``-byte representation that ``spec`` selects;
+    None to ignore the Range: a suffix range on an empty representation is satisfiable (RFC 9110
+    §14.1.1: the only form that is) but selects no byte, which no ``Content-Range`` can state,
+    so the whole (empty) 200 answers it, as nginx does.
+
+    >>> resolve_range((None, 5), 0), resolve_range((None, 0), 0), resolve_range((0, None), 0)
+    (None, 'unsatisfiable', 'unsatisfiable')
+    """
     first, last = spec
     if first is None:
         assert last is not None
-        if last == 0 or size <= 0:
+        if last == 0:
             return "unsatisfiable"
+        if size <= 0:
+            return None
         return max(0, size - last), size - 1
     if first >= size:
         return "unsatisfiable"
@@ -73,7 +82,11 @@ def resolve_range(spec: RangeSpec, size: int) -> tuple[int, int] | Unsatisfiable
 
 
 def parse_range(value: str, size: int) -> tuple[int, int] | Unsatisfiable | None:
-    """An inclusive (first, last) byte range; "unsatisfiable"; or None to ignore the header."""
+    """An inclusive (first, last) byte range; "unsatisfiable"; or None to ignore the header.
+
+    >>> parse_range("bytes=-5", 0) is None, parse_range("bytes=0-", 0)
+    (True, 'unsatisfiable')
+    """
     spec = parse_range_spec(value)
     return None if spec is None else resolve_range(spec, size)
 

@@ -126,9 +126,10 @@ def reply_head(request: RequestHead, stored: StoredResponse, body_size: int,
         rng = resolve_range(spec, body_size)
         if rng == "unsatisfiable":
             return Unsatisfiable([*headers, ("Content-Range", f"bytes */{body_size}")])
-        first, last = rng
-        headers = [*headers, ("Content-Range", f"bytes {first}-{last}/{body_size}")]
-        return Send(206, "Partial Content", headers, last - first + 1, first)
+        if rng is not None:
+            first, last = rng
+            headers = [*headers, ("Content-Range", f"bytes {first}-{last}/{body_size}")]
+            return Send(206, "Partial Content", headers, last - first + 1, first)
     return Send(stored.status, stored.reason, headers, body_size, 0)
 
 

@@ -85,6 +85,16 @@ def test_the_reply_to_a_request_from_a_stored_response(
     assert ranges == ([content_range] if content_range else [])
 
 
+def test_a_suffix_range_of_an_empty_200_is_answered_with_the_200_rfc_9110_section_14_1_1() -> None:
+    """Satisfiable (the only form that is on an empty representation) but no byte to send, which
+    no Content-Range can state: the whole (empty) 200, as nginx answers; ``bytes=0-`` stays 416."""
+    answer = reply_head(request(("Range", "bytes=-5")), WHOLE, 0, served(WHOLE), False)
+    assert isinstance(answer, Send) and (answer.status, answer.length, answer.offset) == (200, 0, 0), answer
+    assert not [v for k, v in answer.headers if k.lower() == "content-range"]
+    answer = reply_head(request(("Range", "bytes=0-")), WHOLE, 0, served(WHOLE), False)
+    assert isinstance(answer, Unsatisfiable) and answer.headers[-1] == ("Content-Range", "bytes */0")
+
+
 def test_a_range_beyond_a_stored_200_is_unsatisfiable_rfc_9110_section_15_5_17() -> None:
     answer = reply_head(request(("Range", "bytes=10-")), WHOLE, 10, served(WHOLE), False)
     assert isinstance(answer, Unsatisfiable)
