@@ -22,8 +22,9 @@ from urllib.parse import parse_qsl
 
 from proxy.policy.fields import cookies as read_cookies
 from proxy.policy.keys import split_host
-from proxy.policy.messages import Headers, RequestHead
+from proxy.policy.messages import RequestHead
 from proxy.policy.request import normalise_path
+from proxy.policy.spellings import NO_SPELLING, aliases, underscored
 
 CondKind = Literal["present", "absent", "equals", "regex"]
 Source = Literal["query", "header", "cookie"]
@@ -32,67 +33,6 @@ Predicate = Callable[["RequestView"], bool]
 
 _UNSET = object()
 _NO_LINES: dict[str, tuple[str, ...]] = {}  # shared, never written
-_NO_SPELLING: dict[str, tuple[str, ...]] = {}  # shared, never written: no name with ``_``
-
-
-def underscored(headers: Headers) -> dict[str, tuple[str, ...]]:
-    """The request's field names spelled with ``_``, by the name they are to CGI, WSGI and Rack
-    origins (lower-cased, ``_`` read as ``-``: ``X_Requested_With`` and ``X-Requested-With`` both
-    become ``HTTP_X_REQUESTED_WITH``); empty, after one scan, for nearly every request."""
-    if "_" not in "".join(headers.keys()):
-        return _NO_SPELLING
-    found: dict[str, tuple[str, ...]] = {}
-    for k in headers:
-        if "_" in k:
-            low = k.lower()
-            norm = low.replace("_", "-")
-            if low not in found.get(norm, ()):
-                found[norm] = (*found.get(norm, ()), low)
-    return found
-
-
-def spellings(name: str) -> tuple[str, ...] | None:
-    """The other spellings of a field name a CGI-style origin reads as it (each ``-`` or ``_``
-    either way), lower-cased; None when there are too many to look each up (over 4 of them).
-
-    >>> spellings("X-Requested-With")
-    ('x_requested-with', 'x-requested_with', 'x_requested_with')
-    """
-    known = _SPELLINGS.get(name)
-    if known is not None or name in _SPELLINGS:
-        return known
-    low = name.lower()
-    parts = re.split("[-_]", low)
-    found: tuple[str, ...] | None = None
-    if len(parts) <= 5:
-        every = []
-        for mask in range(1 << (len(parts) - 1)):
-            spelled = parts[0]
-            for i, part in enumerate(parts[1:]):
-                spelled += ("_" if mask >> i & 1 else "-") + part
-            every.append(spelled)
-        found = tuple(n for n in every if n != low)
-    if len(_SPELLINGS) >= 4096:
-        _SPELLINGS.clear()
-    _SPELLINGS[name] = found
-    return found
-
-
-_SPELLINGS: dict[str, tuple[str, ...] | None] = {}  # the rules' field names: a bounded few
-
-
-def aliases(headers: Headers, name: str, view: RequestView) -> tuple[str, ...]:
-    """The other names (lower-cased) in ``headers`` that CGI-style origins read as the field
-    ``name``: spelled with ``_`` where ``name`` has ``-`` or the other way round."""
-    others = spellings(name)
-    if others is not None:
-        return tuple(n for n in others if n in headers)
-    low = name.lower()
-    norm = low.replace("_", "-")
-    found = tuple(n for n in view.spelled().get(norm, ()) if n != low)
-    if "_" in low and norm in headers:
-        found = (*found, norm)
-    return found
 
 
 class RequestView:
@@ -177,11 +117,11 @@ class RequestView:
         spelled = self._spelled
         if spelled is None:
             if len(self.head.headers) > 64:
-                return bool(aliases(self.head.headers, name, self))
+                return bool(aliases(self.head.headers, name, self.spelled))
             spelled = self.spelled()
         if not spelled and "_" not in name:
             return False
-        return bool(aliases(self.head.headers, name, self))
+        return bool(aliases(self.head.headers, name, self.spelled))
 
     def header(self, name: str) -> str | None:
         """The field's lines joined with ``, `` (RFC 9110 §5.3). A field sent as several lines, or
@@ -194,7 +134,7 @@ class RequestView:
             if value is not _UNSET:
                 return value  # type: ignore[return-value]
         values = self.head.headers.getall(name, ())
-        if len(values) < 2 and ((self._spelled is _NO_SPELLING and "_" not in name)
+        if len(values) < 2 and ((self._spelled is NO_SPELLING and "_" not in name)
                                 or not self.aliased(name)):
             return values[0] if values else None
         if self.repeated is None:
@@ -212,7 +152,7 @@ class RequestView:
             value = self.overrides.get(name.lower(), _UNSET)
             if value is not _UNSET:
                 return value is not None
-        if (self._spelled is not _NO_SPELLING or "_" in name) and self.aliased(name) \
+        if (self._spelled is not NO_SPELLING or "_" in name) and self.aliased(name) \
                 and self.repeated is None:
             self.repeated = name
         return name in self.head.headers

@@ -31,7 +31,8 @@ from proxy.policy.keys import DEFAULT_KEY, KeySpec, lower_path
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
 from proxy.policy.partial import representation_status
 from proxy.policy.request import normalise_path
-from proxy.rules.match import Match, Predicate, RequestView, aliases, first_segment
+from proxy.policy.spellings import aliases
+from proxy.rules.match import Match, Predicate, RequestView, first_segment
 
 T = TypeVar("T")
 CACHED_METHODS = frozenset({"GET", "HEAD"})
@@ -379,7 +380,7 @@ class RuleSet:
             lines = view.lines.get(n)
             if lines is None:
                 lines = tuple(headers.getall(n, ()))
-            names = aliases(headers, n, view)
+            names = aliases(headers, n, view.spelled)
             if len(lines) > 1 or names:
                 own[n] = lines
                 if names:
