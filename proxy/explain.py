@@ -283,6 +283,10 @@ def _bypass_why(plan: RequestPlan) -> str:
         return (f"the rules read query parameter {name!r}, which came more than once with other "
                 "values, and reading its last value (as PHP, Rails and Django do) decides "
                 "differently from its first: neither looked up nor stored")
+    if kind == "AMBIGUOUS-HEADER" and name in plan.key.headers:
+        return (f"the rule's key reads field {name!r}, which came spelled with '_' for '-' too (CGI, "
+                "WSGI and Rack origins read both as one field, the later line winning), so the "
+                "origin may answer for another value than the key holds: neither looked up nor stored")
     if kind == "AMBIGUOUS-HEADER":
         return (f"the rules read field {name!r}, which came as several lines or spelled with '_' "
                 "for '-' too (as CGI, WSGI and Rack origins read it), and reading its first line, "

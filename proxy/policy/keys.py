@@ -24,7 +24,7 @@ value without it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, urlencode
 
 from proxy.policy.fields import cookies, is_token, parameters, split_list, weight
@@ -44,6 +44,12 @@ class KeySpec:
     headers: tuple[str, ...] = ()
     cookies: tuple[str, ...] = ()
     lowercase_path: bool = False
+    # A keyed name holds ``_``: a request without one in its names may spell it otherwise too
+    # (``proxy.rules.plan.RuleSet._keyed_once``). Derived, at load.
+    underscores: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "underscores", any("_" in name for name in self.headers))
 
     @property
     def is_default(self) -> bool:

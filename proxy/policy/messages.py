@@ -48,6 +48,9 @@ class RequestHead(NamedTuple):
     target: str  # raw path and query, as received (not decoded); never a #fragment
     headers: Headers  # normalised (proxy.policy.request): what the origin may receive
     trusted: bool = False  # from a trusted proxy: the forwarding fields it sent were kept
+    # A field name may hold ``_`` (``proxy.policy.spellings``); False only from
+    # ``normalise_request``, which read the names anyway, so that a key need not scan them again.
+    underscores: bool = True
 
     @property
     def url(self) -> str:

@@ -181,6 +181,7 @@ class _Shape:
     host: bool  # Host is present
     forwarded_proto: bool  # X-Forwarded-Proto is present (a trusted peer's sets the scheme)
     cookie: bool  # Cookie is present (it may carry the console's session: ``CONSOLE_COOKIE``)
+    underscores: bool  # a name holds ``_`` (``RequestHead.underscores``)
 
 
 def is_forwarding(name: str) -> bool:
@@ -205,6 +206,7 @@ def _shape(names: str) -> _Shape:
         host="host" in lowered,
         forwarded_proto="x-forwarded-proto" in lowered,
         cookie="cookie" in lowered,
+        underscores="_" in names,
     )
 
 
@@ -297,14 +299,16 @@ def normalise_request(msg: RequestMessage, *, secure: bool, trusted: bool,
         drop = found
     if shape.cookie and (CONSOLE_COOKIE in headers["Cookie"] if not repeated
                          else any(CONSOLE_COOKIE in v for v in headers.getall("Cookie"))):
-        return _normalise(msg, scheme, drop or frozenset(), trusted, listener, console=True)
+        return _normalise(msg, scheme, drop or frozenset(), trusted, listener, shape.underscores,
+                          console=True)
     if shape.host and not repeated and target[:1] == "/" and "#" not in target:
         value = headers["Host"]
         if _HOSTS.get((value, scheme)) == value or normal_host(value, scheme) == value:
             if not drop:  # nothing to change: nothing copied
-                return RequestHead(msg.method, scheme, value, target, headers, trusted)
-            return RequestHead(msg.method, scheme, value, target, _without(headers, drop), trusted)
-    return _normalise(msg, scheme, drop or frozenset(), trusted, listener)
+                return RequestHead(msg.method, scheme, value, target, headers, trusted, shape.underscores)
+            return RequestHead(msg.method, scheme, value, target, _without(headers, drop), trusted,
+                               shape.underscores)
+    return _normalise(msg, scheme, drop or frozenset(), trusted, listener, shape.underscores)
 
 
 def _to_drop(msg: RequestMessage, shape: _Shape, trusted: bool,
@@ -354,7 +358,7 @@ def _without(headers: Headers, drop: frozenset[str]) -> CIMultiDictProxy[str]:
 
 
 def _normalise(msg: RequestMessage, scheme: str, drop: frozenset[str], trusted: bool,
-               listener: Listener, console: bool = False) -> RequestHead | Refusal:
+               listener: Listener, underscores: bool, console: bool = False) -> RequestHead | Refusal:
     """The rest: another target form, a Host to write back, or one to refuse; ``console``: a
     Cookie line carries the console's session (``CONSOLE_COOKIE``), which goes."""
     headers = msg.headers
@@ -391,7 +395,7 @@ def _normalise(msg: RequestMessage, scheme: str, drop: frozenset[str], trusted: 
         cookies = [c for c in (_without_console_cookie(v) for v in fields.popall("Cookie")) if c]
         for value in cookies:
             fields.add("Cookie", value)
-    return RequestHead(method, scheme, host, target, CIMultiDictProxy(fields), trusted)
+    return RequestHead(method, scheme, host, target, CIMultiDictProxy(fields), trusted, underscores)
 
 
 def _transfer_coding_refusal(lines: list[str] | tuple[str, ...], version: tuple[int, int]) -> Refusal | None:

@@ -31,7 +31,7 @@ from proxy.policy.keys import DEFAULT_KEY, KeySpec, lower_path
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
 from proxy.policy.partial import representation_status
 from proxy.policy.request import normalise_path
-from proxy.policy.spellings import aliases
+from proxy.policy.spellings import aliases, spelled_otherwise
 from proxy.rules.match import Match, Predicate, RequestView, first_segment
 
 T = TypeVar("T")
@@ -276,8 +276,23 @@ class RuleSet:
         if plan.key.lowercase_path and not plan.bypass:
             plan = self._lowered(request, plan)
         if not plan.bypass and _READ_OTHERWISE.search(request.target) is not None:
-            return self._read_otherwise(request, plan)
+            plan = self._read_otherwise(request, plan)
+        if plan.key.headers and not plan.bypass and (request.underscores or plan.key.underscores):
+            return self._keyed_once(request, plan)
         return plan
+
+    def _keyed_once(self, request: RequestHead, plan: RequestPlan) -> RequestPlan:
+        """``plan``, or a bypass when the request also carries a field its key reads under another
+        spelling (``_`` and ``-`` swapped: ``policy.spellings``). A CGI, WSGI or Rack origin reads
+        ``X-Tenant: acme`` with ``X_Tenant: evil`` as tenant ``evil`` (the later line wins), while
+        the key held ``acme``: ``evil``'s page was stored for every ``acme`` client. Neither
+        looked up nor stored (``Cache-Status`` detail ``AMBIGUOUS-HEADER:<name>``). Asked only of a
+        plan whose key reads headers, for a request with ``_`` in a field name (or a keyed name
+        with one): ``normalise_request`` saw the names already (``RequestHead.underscores``)."""
+        name = spelled_otherwise(plan.key.headers, request.headers)
+        if name is None:
+            return plan
+        return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{name}", plan)
 
     def _read_otherwise(self, request: RequestHead, plan: RequestPlan) -> RequestPlan:
         """``plan``, or a bypass when the rules bypass the path as some origins read it

@@ -288,6 +288,21 @@ def test_explain_gives_the_reason_of_an_ambiguous_header_bypass(
     assert "lower-cases" not in out
 
 
+def test_explain_gives_the_reason_of_a_keyed_header_spelled_otherwise(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path, """
+        rules:
+          - name: dashboards
+            match: {path: /dash}
+            key: {headers: [X-Tenant]}
+    """)
+    fields = ["-H", "X-Tenant: acme", "-H", "X_Tenant: evil"]
+    assert main(["explain", "--config", config, "http://a.example/dash", *fields]) == 0
+    out = capsys.readouterr().out
+    assert "Cache-Status detail AMBIGUOUS-HEADER:x-tenant" in out
+    assert "the rule's key reads field 'x-tenant', which came spelled with '_' for '-' too" in out
+
+
 def test_explain_gives_the_reason_of_an_ambiguous_query_bypass(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path, """
