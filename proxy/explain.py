@@ -69,6 +69,11 @@ WHY_NOT = {
     "VARY-PER-CLIENT": "the response varies on X-Forwarded-For or X-Request-Id, which cachegate sets "
                        "per client",
     "TOO-LARGE": "the response is larger than cache.max_object",
+    # (with ":<name>", the Vary member the request also carried spelled otherwise)
+    "AMBIGUOUS-HEADER": "the response varies on a field the request also carried spelled with '_' "
+                        "for '-' (CGI, WSGI and Rack origins read both as one field, the later line "
+                        "winning): the origin may have answered for another value than the variant "
+                        "would record",
     "TLS-CLOSE-DELIMITED": "the response came from an https upstream with a body delimited only by the "
                            "connection's end (no Content-Length, not chunked), whose end cannot be told "
                            "from a truncation; send a Content-Length or chunked",
@@ -234,7 +239,8 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
              f"  store-time rule     {_rule_label(sp.rule)}"]
     match decision:
         case NoFill(detail=detail):
-            why = "the rule says no_store" if sp.no_store_rule is not None else WHY_NOT.get(detail, "")
+            why = "the rule says no_store" if sp.no_store_rule is not None \
+                else WHY_NOT.get(detail.partition(":")[0], "")
             lines.append(f"  decision            not stored: {detail} ({why})")
             if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, _cc_of(headers, sp), sp):
                 lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
@@ -422,7 +428,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     match decision:
         case NoFill(detail=detail):
             why = f"rule {sp.no_store_rule!r} says no_store" if sp.no_store_rule is not None \
-                else WHY_NOT.get(detail, "")
+                else WHY_NOT.get(detail.partition(":")[0], "")
             if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, cc, sp):
                 why += "; " + AUTHORIZATION_ORIGIN_ONLY
             out.update(stored=False, detail=detail, why=why)

@@ -4,16 +4,16 @@ CGI, WSGI, Rack and PHP origins (wsgiref, gunicorn before 22, Puma, PHP behind a
 passes such fields) see a request field as ``HTTP_`` plus its name upper-cased with ``-`` read
 as ``_``: ``X-Tenant`` and ``X_Tenant`` are both ``HTTP_X_TENANT``, and the line that comes
 later overwrites the other. Every other origin (aiohttp, Go, Node, Varnish) reads them as two
-fields. So a request carrying a field the cache reads (a rule's condition or ``key.headers``)
-and another spelling of it too may mean another value to the origin than to the cache:
-``X-Tenant: acme`` and ``X_Tenant: evil`` is tenant ``evil``'s page, which the cache would file
-under ``acme``'s key for every client.
+fields. So a request carrying a field the cache reads (a rule's condition or ``key.headers``,
+a response's ``Vary``) and another spelling of it too may mean another value to the origin
+than to the cache: ``X-Tenant: acme`` and ``X_Tenant: evil`` is tenant ``evil``'s page, which
+the cache would file under ``acme``'s key or variant for every client.
 
 cachegate forwards both spellings as they came and refuses to decide on such a request (the
-rules' conditions: ``proxy.rules.plan.RuleSet._repeated``; the key: ``RuleSet._keyed_once``),
-rather than dropping fields with ``_`` as nginx does by default (``underscores_in_headers
-off``): an origin may use such names on purpose, and only the few requests that carry two
-spellings of a field the cache reads lose anything.
+rules' conditions: ``proxy.rules.plan.RuleSet._repeated``; the key: ``RuleSet._keyed_once``; a
+variant: ``storability``), rather than dropping fields with ``_`` as nginx does by default
+(``underscores_in_headers off``): an origin may use such names on purpose, and only the few
+requests that carry two spellings of a field the cache reads lose anything.
 
 Nearly every request has no ``_`` in a field name: ``underscored`` then costs one scan of the
 names, and ``aliases`` one dictionary look-up per other spelling of the name asked about; the
@@ -108,7 +108,7 @@ def aliases(headers: Headers, name: str, spelled: Callable[[], Spelled] | None =
 
 
 def spelled_otherwise(names: Iterable[str], headers: Headers) -> str | None:
-    """The first of ``names`` (fields a key reads) that ``headers`` also carry under
+    """The first of ``names`` (fields a key or a variant reads) that ``headers`` also carry under
     another spelling (``aliases``), whether or not they carry it as named; None for nearly every
     request. Such a request may be another value to a CGI-style origin than to the cache.
 

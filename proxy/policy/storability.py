@@ -7,6 +7,14 @@ requests with ``Authorization`` (unless ``public``, ``s-maxage`` or
 ``must-revalidate`` allow it; with ``must-revalidate`` alone, with the origin's freshness
 only: ``freshness.origin_freshness_only``), nor ``Set-Cookie`` responses unless a rule says so.
 
+A response whose ``Vary`` names a field the request also carried under another spelling
+(``X_Tenant`` beside or instead of ``X-Tenant``: ``policy.spellings``) is not stored either
+(``AMBIGUOUS-HEADER:<name>``): a CGI, WSGI or Rack origin reads both spellings as one field,
+the later line winning, so it may have chosen the response for the other spelling's value
+while the variant would record the named field's, for every client sending that. Not
+hit-for-pass (``fill.PASS_DETAILS``): it is the request's doing, and the next clean request
+fills the key as usual.
+
 ``must-understand`` (§5.2.2.3): a response with a status code whose caching rules
 this cache does not know is never stored. The RFC adds that a cache which knows the
 status code SHOULD ignore a ``no-store`` beside it; cachegate keeps obeying
@@ -29,6 +37,7 @@ from proxy.policy.headers import dated, end_to_end
 from proxy.policy.keys import variant_of, vary_names, vary_refusal
 from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
 from proxy.policy.partial import parse_content_range
+from proxy.policy.spellings import spelled_otherwise
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 # Final status codes whose caching semantics RFC 9110 §15 defines: what "understands
@@ -156,6 +165,9 @@ def _decide(
         return DontStore(vary_refusal(headers))  # VARY-STAR, VARY-INVALID
     if not PER_CLIENT_FIELDS.isdisjoint(names):
         return DontStore("VARY-PER-CLIENT")
+    spelled = spelled_otherwise(names, request.headers) if names else None
+    if spelled is not None:
+        return DontStore(f"AMBIGUOUS-HEADER:{spelled}")  # see the module docstring
     length = content_length(headers.getall("Content-Length", ()))
     if length is not None and length > options.max_object:
         return DontStore("TOO-LARGE")

@@ -288,7 +288,7 @@ def test_explain_gives_the_reason_of_an_ambiguous_header_bypass(
     assert "lower-cases" not in out
 
 
-def test_explain_gives_the_reason_of_a_keyed_header_spelled_otherwise(
+def test_explain_gives_the_reason_of_a_keyed_header_spelled_otherwise_and_of_a_vary_on_one(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path, """
         rules:
@@ -301,6 +301,11 @@ def test_explain_gives_the_reason_of_a_keyed_header_spelled_otherwise(
     out = capsys.readouterr().out
     assert "Cache-Status detail AMBIGUOUS-HEADER:x-tenant" in out
     assert "the rule's key reads field 'x-tenant', which came spelled with '_' for '-' too" in out
+    assert main(["explain", "--config", config, "http://a.example/other", *fields,
+                 "-R", "Cache-Control: max-age=60", "-R", "Vary: X-Tenant"]) == 0
+    out = capsys.readouterr().out
+    assert "not stored: AMBIGUOUS-HEADER:x-tenant (the response varies on a field the request also " \
+           "carried spelled with '_'" in out
 
 
 def test_explain_gives_the_reason_of_an_ambiguous_query_bypass(

@@ -2,9 +2,10 @@
 
 CGI, WSGI, Rack and PHP origins read ``X-Tenant`` and ``X_Tenant`` as one field
 (``HTTP_X_TENANT``; the later line wins). ``X-Tenant: acme`` with ``X_Tenant: evil`` was keyed
-(``key.headers``) under ``acme`` while such an origin answered tenant ``evil``'s dashboard, which
-every ``acme`` client then got from the cache. Now a keyed field spelled otherwise too is a bypass
-(``AMBIGUOUS-HEADER:<name>``).
+(``key.headers``) or filed as a variant (``Vary: X-Tenant``) under ``acme`` while such an origin
+answered tenant ``evil``'s dashboard, which every ``acme`` client then got from the cache. Now a
+keyed field spelled otherwise too is a bypass (``AMBIGUOUS-HEADER:<name>``), a response varying on
+one is not stored (the same detail).
 The origins are real aiohttp apps reading fields as CGI does; the requests go byte for byte on a
 socket.
 """
@@ -71,6 +72,28 @@ async def test_a_keyed_field_sent_spelled_with_underscores_too_is_neither_looked
     assert victim.x_cache == "HIT"
     again = await send_raw(proxy, get("/dash", *lines))  # not looked up either
     assert (again.x_cache, again.body) == ("BYPASS", b"dashboard of tenant evil")
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+async def test_a_response_varying_on_a_field_the_request_also_sent_spelled_with_underscores_is_not_stored(
+        origin: Origin, make_proxy: MakeProxy, attack: str) -> None:
+    lines, victim_lines, victim_tenant = ATTACKS[attack]
+    origin.route("/dash", dashboard(vary=True))
+    proxy = await make_proxy()
+    first = await send_raw(proxy, get("/dash", *lines))
+    assert first.x_cache == "MISS", first.header("Cache-Status")
+    assert first.header("Cache-Status") == \
+        "cachegate; fwd=uri-miss; fwd-status=200; detail=AMBIGUOUS-HEADER:x-tenant"
+    assert first.body == b"dashboard of tenant evil"
+    victim_page = f"dashboard of tenant {victim_tenant}".encode()
+    victim = await send_raw(proxy, get("/dash", *victim_lines))
+    assert (victim.x_cache, victim.body) == ("MISS", victim_page)  # stored now: no hit-for-pass
+    victim = await send_raw(proxy, get("/dash", *victim_lines))
+    assert (victim.x_cache, victim.body) == ("HIT", victim_page)
+    # The attacker is served the stored variant, as a client sending the named field alone is.
+    again = await send_raw(proxy, get("/dash", *lines))
+    assert (again.x_cache, again.body) == ("HIT", victim_page)
+    assert origin.count("/dash") == 2
 
 
 PLAN_RULES = compile_text("""
