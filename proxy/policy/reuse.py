@@ -24,6 +24,9 @@ Cache-Control) go to the origin; ``max-age``, ``min-fresh`` and ``max-stale`` bo
 the age accepted; ``only-if-cached`` never goes to the origin (504 instead);
 unknown directives change nothing. A fresh ``immutable`` response is not
 revalidated for a client's ``max-age`` (RFC 8246).
+
+A request carrying a field a stale variant was selected by under another spelling too
+(``X_Tenant`` for ``X-Tenant``) never revalidates it (``vouches``): it fetches unconditionally.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from proxy.policy.keys import vary_matches
 from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
 from proxy.policy.partial import answerable
 from proxy.policy.ranges import RangeSpec, if_range_allows
+from proxy.policy.spellings import spelled_otherwise
 from proxy.policy.validation import client_not_modified, has_validator
 
 LOOKUP_METHODS = frozenset({"GET", "HEAD"})
@@ -184,7 +188,7 @@ def decide_lookup_in_full(
         if "no-cache" in req_cc:
             if only_if_cached:
                 return OnlyIfCachedMiss()
-            if mode == "revalidate" and validator:
+            if mode == "revalidate" and validator and vouches(request, stored):
                 return Revalidate(index, "request", stale_if_error=False)
             return Forward("request")
         max_age = req_cc.delta("max-age")
@@ -196,7 +200,7 @@ def decide_lookup_in_full(
         if (max_age is not None and age > max_age) or (min_fresh is not None and ttl < min_fresh):
             if only_if_cached:
                 return OnlyIfCachedMiss()
-            if validator:
+            if validator and vouches(request, stored):
                 return Revalidate(index, "request", stale_if_error=False)
             return Forward("request")
 
@@ -210,17 +214,28 @@ def decide_lookup_in_full(
             if -ttl <= limit:
                 return serve("STALE")
         if stored.invalidated or _within(-ttl, fresh_info.stale_while_revalidate):
-            return serve("UPDATING", refresh=True)
+            return serve("UPDATING", refresh=vouches(request, stored))
 
     if only_if_cached:
         return OnlyIfCachedMiss()
     stale_if_error = may_serve_stale and (
         _within(-ttl, fresh_info.stale_if_error) or _request_allows_stale_on_error(req_cc, -ttl)
     )
-    if validator:
+    if validator and vouches(request, stored):
         return Revalidate(index, "stale", stale_if_error, stale_prohibited=not may_serve_stale)
     return Forward("stale", stale_index=index if stale_if_error else None,
                    stale_prohibited=not may_serve_stale)
+
+
+def vouches(request: RequestHead, stored: StoredResponse) -> bool:
+    """May the origin's answer to this request revalidate ``stored`` (a 304 freshens it)? Not
+    when the request also carries a field the variant was selected by under another spelling
+    (``policy.spellings``): a CGI-style origin may have judged another value's response (its
+    304 about ``X_Tenant: evil``'s page would freshen ``X-Tenant: acme``'s with its headers).
+    Such a request fetches unconditionally instead, and its answer is not stored
+    (``storability``); it is still served a stored variant, as a client sending the named
+    fields alone would be. Asked only of a stale (or refused) response that varies."""
+    return not stored.vary or spelled_otherwise([n for n, _ in stored.vary], request.headers) is None
 
 
 def _within(staleness: float, window: float) -> bool:

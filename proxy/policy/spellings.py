@@ -11,9 +11,10 @@ the cache would file under ``acme``'s key or variant for every client.
 
 cachegate forwards both spellings as they came and refuses to decide on such a request (the
 rules' conditions: ``proxy.rules.plan.RuleSet._repeated``; the key: ``RuleSet._keyed_once``; a
-variant: ``storability``), rather than dropping fields with ``_`` as nginx does by default
-(``underscores_in_headers off``): an origin may use such names on purpose, and only the few
-requests that carry two spellings of a field the cache reads lose anything.
+variant: ``storability``, and ``reuse.vouches`` for its revalidation), rather than dropping
+fields with ``_`` as nginx does by default (``underscores_in_headers off``): an origin may use
+such names on purpose, and only the few requests that carry two spellings of a field the cache
+reads lose anything.
 
 Nearly every request has no ``_`` in a field name: ``underscored`` then costs one scan of the
 names, and ``aliases`` one dictionary look-up per other spelling of the name asked about; the

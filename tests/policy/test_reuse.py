@@ -189,6 +189,43 @@ def test_a_client_conditional_that_matches_is_answered_304_rfc_9110_section_13_2
     assert isinstance(d, Serve) and not d.not_modified
 
 
+# (case, seconds after storing, request fields, expected decision): a variant stored for
+# ``X-Tenant: acme`` (Vary: X-Tenant, max-age=60, an ETag, stale-while-revalidate=30 when "swr")
+SPELLED: list[tuple[str, float, Pairs, str]] = [
+    ("fresh: served, as to a client sending the field alone", 1,
+     [("X-Tenant", "acme"), ("X_Tenant", "evil")], "serve HIT"),
+    ("stale, a clean request: revalidated", 61, [("X-Tenant", "acme")], "revalidate stale"),
+    ("stale, the field spelled with _ too: fetched without validators, never revalidated", 61,
+     [("X-Tenant", "acme"), ("X_Tenant", "evil")], "forward stale"),
+    ("a client max-age, the field spelled with _ too: fetched without validators", 10,
+     [("X-Tenant", "acme"), ("x_tenant", "evil"), ("Cache-Control", "max-age=0")], "forward request"),
+    ("within stale-while-revalidate: served stale without a refresh by this request", 70,
+     [("X-Tenant", "acme"), ("X_Tenant", "evil")], "serve UPDATING swr"),
+    ("within stale-while-revalidate, a clean request: served stale and refreshed", 70,
+     [("X-Tenant", "acme")], "serve UPDATING refresh swr"),
+    ("another _ field changes nothing", 61, [("X-Tenant", "acme"), ("X_Other", "1")], "revalidate stale"),
+]
+
+
+@pytest.mark.parametrize(("case", "after", "req", "expected"), SPELLED, ids=[c[0] for c in SPELLED])
+def test_a_request_carrying_a_selecting_field_spelled_otherwise_never_revalidates_the_variant(
+        case: str, after: float, req: Pairs, expected: str) -> None:
+    swr = expected.endswith(" swr")
+    cc = "max-age=60, stale-while-revalidate=30" if swr else "max-age=60"
+    s = stored([("Cache-Control", cc), ("Vary", "X-Tenant"), ETAG], req=request(("X-Tenant", "acme")))
+    decision = decide_lookup(request(*req), [s], T0 + after, CacheOptions())
+    assert kind(decision) == expected.removesuffix(" swr")
+
+
+def test_a_no_cache_turned_into_a_revalidation_is_not_one_for_a_field_spelled_otherwise() -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("Vary", "X-Tenant"), ETAG], req=request(("X-Tenant", "acme")))
+    options = CacheOptions(client_cache_control="revalidate")
+    clean = request(("X-Tenant", "acme"), ("Cache-Control", "no-cache"))
+    spelled = request(("X-Tenant", "acme"), ("X_Tenant", "evil"), ("Cache-Control", "no-cache"))
+    assert kind(decide_lookup(clean, [s], T0 + 1, options)) == "revalidate request"
+    assert kind(decide_lookup(spelled, [s], T0 + 1, options)) == "forward request"
+
+
 MODES = [
     ("honor", "forward request"),
     ("revalidate", "revalidate request"),

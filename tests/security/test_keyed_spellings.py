@@ -5,7 +5,7 @@ CGI, WSGI, Rack and PHP origins read ``X-Tenant`` and ``X_Tenant`` as one field
 (``key.headers``) or filed as a variant (``Vary: X-Tenant``) under ``acme`` while such an origin
 answered tenant ``evil``'s dashboard, which every ``acme`` client then got from the cache. Now a
 keyed field spelled otherwise too is a bypass (``AMBIGUOUS-HEADER:<name>``), a response varying on
-one is not stored (the same detail).
+one is not stored (the same detail), and such a request never revalidates a stored variant.
 The origins are real aiohttp apps reading fields as CGI does; the requests go byte for byte on a
 socket.
 """
@@ -16,10 +16,11 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.policy.httpdate import format_http_date, parse_http_date
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import Listener, Message, normalise_request
-from tests.conftest import MakeProxy
-from tests.harness import Handler, Origin
+from tests.conftest import MakeProxy, clocked
+from tests.harness import Clock, Handler, Origin
 from tests.rules.test_compile import compile_text
 from tests.security.test_repeated_header_rules import assert_plan
 from tests.security.util import get, send_raw
@@ -94,6 +95,37 @@ async def test_a_response_varying_on_a_field_the_request_also_sent_spelled_with_
     again = await send_raw(proxy, get("/dash", *lines))
     assert (again.x_cache, again.body) == ("HIT", victim_page)
     assert origin.count("/dash") == 2
+
+
+async def test_a_request_with_a_selecting_field_spelled_otherwise_never_revalidates_the_variant(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """Tenant ``acme``'s page changes; tenant ``evil``'s does not. A revalidation of ``acme``'s
+    stale variant sent with ``X_Tenant: evil`` got the origin's 304 about ``evil``'s page, which
+    freshened ``acme``'s old page for every ``acme`` client."""
+    proxy = await clocked(make_proxy, clock)
+    modified = {"acme": clock() - 3600, "evil": clock() - 3600}
+    version = {"acme": 1, "evil": 1}
+
+    async def page(request: web.Request) -> web.Response:
+        who = tenant(request.headers)
+        headers = {"Cache-Control": "max-age=60", "Vary": "X-Tenant", "Date": format_http_date(clock()),
+                   "Last-Modified": format_http_date(modified[who])}
+        since = parse_http_date(request.headers.get("If-Modified-Since", ""))
+        if since is not None and since >= modified[who]:
+            return web.Response(status=304, headers=headers)
+        return web.Response(text=f"{who} v{version[who]}", headers=headers)
+
+    origin.route("/dash", page)
+    assert (await send_raw(proxy, get("/dash", "X-Tenant: acme"))).body == b"acme v1"
+    version["acme"], modified["acme"] = 2, clock()
+    clock.advance(120)
+    attack = await send_raw(proxy, get("/dash", "X-Tenant: acme", "X_Tenant: evil"))
+    asked = origin.seen[-1].headers
+    assert "If-Modified-Since" not in asked and "If-None-Match" not in asked  # fetched, not revalidated
+    assert attack.body == b"evil v1"
+    assert "AMBIGUOUS-HEADER:x-tenant" in (attack.header("Cache-Status") or "")
+    victim = await send_raw(proxy, get("/dash", "X-Tenant: acme"))
+    assert victim.body == b"acme v2", (victim.x_cache, victim.header("Cache-Status"))
 
 
 PLAN_RULES = compile_text("""
