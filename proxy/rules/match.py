@@ -29,6 +29,9 @@ from proxy.policy.spellings import NO_SPELLING, aliases, underscored
 CondKind = Literal["present", "absent", "equals", "regex"]
 Source = Literal["query", "header", "cookie"]
 Predicate = Callable[["RequestView"], bool]
+# How a view reads a query parameter sent more than once: its first value (aiohttp, Go, Flask)
+# or its last (PHP, Rails, Django).
+QueryReading = Literal["first", "last"]
 
 
 _UNSET = object()
@@ -39,23 +42,25 @@ class RequestView:
     """A request as rules see it; query parameters and cookies are parsed on first use.
 
     ``overrides`` (lower-cased field name -> value, None: absent) is one other reading of the
-    ambiguous fields the rules read (``RuleSet._repeated``); ``last_params``, the reading of
-    query parameters sent twice that takes their last value (``RuleSet._last_params``)."""
+    ambiguous fields the rules read, and ``query`` one reading of the query's ambiguous
+    parameters (``RuleSet._reread`` tries them all)."""
 
-    __slots__ = ("_cookies", "_last", "_params", "_spelled", "head", "host", "last_params", "lines",
-                 "overrides", "path", "query", "repeated", "repeated_param")
+    __slots__ = ("_cookies", "_odd", "_params", "_spelled", "head", "host", "lines", "overrides",
+                 "path", "query", "reading", "repeated", "repeated_param")
 
     def __init__(self, head: RequestHead, overrides: dict[str, str | None] | None = None,
-                 last_params: bool = False) -> None:
+                 query: QueryReading = "first") -> None:
         raw_path, _, self.query = head.target.partition("?")
         self.head = head
         self.path = normalise_path(raw_path)
         host = head.host
         self.host = host.rsplit(":", 1)[0] if ":" in host and not host.endswith("]") else host
         self._params: dict[str, str] | None = None
-        self._last: dict[str, str] | None = None  # the last value of a name sent with others
-        self.last_params = last_params  # read each such name as its last value
-        self.repeated_param: str | None = None  # the first such name a value condition read
+        self.reading = query
+        # The names another reading of the query reads otherwise (sent again with another
+        # value); None for nearly every request.
+        self._odd: set[str] | None = None
+        self.repeated_param: str | None = None  # the first such name a condition read
         self._cookies: dict[str, str] | None = None
         self._spelled: dict[str, tuple[str, ...]] | None = None  # ``underscored``, on first use
         self.overrides = overrides
@@ -65,35 +70,37 @@ class RequestView:
         self.lines: dict[str, tuple[str, ...]] = _NO_LINES
 
     def params(self) -> dict[str, str]:
-        """Query parameters, decoded; the first value of a repeated one."""
+        """Query parameters, decoded, as this view reads them (``reading``). The names another
+        reading reads otherwise go to ``_odd``."""
         if self._params is None:
-            params: dict[str, str] = {}
             if "%" in self.query or "+" in self.query:
                 pairs: list[tuple[str, str]] = parse_qsl(self.query, keep_blank_values=True)
             else:  # nothing to decode: skip parse_qsl's unquoting
                 pairs = [(k, v) for k, _, v in (p.partition("=") for p in self.query.split("&")) if k]
+            first: dict[str, str] = {}
+            last: dict[str, str] | None = None  # the last value of a name sent with others
             for k, v in pairs:
-                if k not in params:
-                    params[k] = v
-                elif v != params[k]:  # a name sent again with another value: its last one
-                    if self._last is None:
-                        self._last = {}
-                    self._last[k] = v
-                elif self._last is not None and k in self._last:
-                    self._last[k] = v
-            self._params = params
+                if k not in first:
+                    first[k] = v
+                elif (last is not None and k in last) or v != first[k]:
+                    if last is None:
+                        last = {}
+                    last[k] = v
+            if last is None or self.reading == "first":
+                self._params = first
+            else:
+                self._params = {**first, **last}
+            if last is not None:
+                self._odd = set(last)
         return self._params
 
     def param(self, name: str) -> str | None:
-        """A query parameter's first value (its last in a view reading them so). A name sent
-        again with another value is noted in ``repeated_param``: PHP, Rails and Django read its
-        last value, so ``RuleSet.plan`` reads the rules that way too (``_last_params``)."""
+        """A query parameter's value as this view reads it. A name another reading reads
+        otherwise (PHP, Rails and Django read a repeated one's last value) is noted in
+        ``repeated_param``: ``RuleSet.plan`` then reads the rules that way too (``_reread``)."""
         params = self._params if self._params is not None else self.params()
-        if self._last is not None and name in self._last:
-            if self.last_params:
-                return self._last[name]
-            if self.repeated_param is None:
-                self.repeated_param = name
+        if self._odd is not None and name in self._odd and self.repeated_param is None:
+            self.repeated_param = name
         return params.get(name)
 
     def cookies(self) -> dict[str, str]:
@@ -128,7 +135,7 @@ class RequestView:
         also spelled with ``_`` for ``-`` (``X_Requested_With``), is noted in ``repeated``: origins
         read it as its first line (aiohttp, Go, Varnish), its last or the joined value, and
         CGI/WSGI/Rack ones read the other spelling as the same field, so ``RuleSet.plan`` reads
-        the rules each way (``_repeated``)."""
+        the rules each way (``_reread``)."""
         if self.overrides is not None:
             value = self.overrides.get(name.lower(), _UNSET)
             if value is not _UNSET:

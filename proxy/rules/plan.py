@@ -32,11 +32,11 @@ from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
 from proxy.policy.partial import representation_status
 from proxy.policy.request import normalise_path
 from proxy.policy.spellings import aliases, spelled_otherwise
-from proxy.rules.match import Match, Predicate, RequestView, first_segment
+from proxy.rules.match import Match, Predicate, QueryReading, RequestView, first_segment
 
 T = TypeVar("T")
 CACHED_METHODS = frozenset({"GET", "HEAD"})
-# More ambiguous fields the rules read than this in one request: a bypass at once (``_repeated``).
+# More ambiguous fields the rules read than this in one request: a bypass at once (``_reread``).
 MAX_AMBIGUOUS = 8
 
 
@@ -250,7 +250,7 @@ class RuleSet:
         # The cookies any rule reads in a condition: a request whose Cookie reads ambiguously
         # for one of them (``policy.fields.cookies``) is not cached (see ``plan``).
         self.cookie_names = tuple(dict.fromkeys(c.name for r in rules for c in r.match.cookies))
-        # The header fields any rule's condition reads, lower-cased (``_repeated``).
+        # The header fields any rule's condition reads, lower-cased (``_field_readings``).
         self.header_names = tuple(dict.fromkeys(c.name.lower() for r in rules for c in r.match.headers))
         # Index by the first path segment: the rules a path with segment S can match, in order
         # (those fixing S and those fixing none). One pass over the rules: asking every rule
@@ -336,22 +336,56 @@ class RuleSet:
     def _first_match(self, request: RequestHead) -> RequestPlan:
         view = RequestView(request)
         plan = self._scan(view)
-        if view.repeated_param is not None and not plan.bypass:
-            plan = self._last_params(request, view.repeated_param, plan)
-        if view.repeated is not None and not plan.bypass:
-            return self._repeated(request, view, view.repeated, plan)
-        return plan
+        if plan.bypass or (view.repeated_param is None and view.repeated is None):
+            return plan
+        return self._reread(request, view, plan)
 
-    def _last_params(self, request: RequestHead, name: str, plan: RequestPlan) -> RequestPlan:
-        """``plan``, or a bypass when the rules decide otherwise reading each query parameter
-        sent again with another value as its last value, as PHP, Rails and Django do (the rules,
-        as aiohttp, Go and Flask, read the first): ``?mode=view&mode=edit`` did not hold a
-        bypass rule's ``mode: {equals: edit}`` while such an origin answered its edit form,
-        stored under that URL for whoever asked it next (``Cache-Status`` detail
-        ``AMBIGUOUS-QUERY:<name>``). Only requests with such a parameter a condition read get here."""
-        if _decides_otherwise(self._scan(RequestView(request, last_params=True)), plan):
-            return self._unkeyable_plan(f"AMBIGUOUS-QUERY:{name}", plan)
-        return plan
+    def _reread(self, request: RequestHead, view: RequestView, plan: RequestPlan) -> RequestPlan:
+        """``plan``, or a bypass when the rules decide otherwise on the request as some origin
+        reads its ambiguous query parameters and fields, each reading of the one combined with
+        each of the other: for an origin that reads ``?mode=view&mode=edit`` as ``edit`` and
+        ``X-Mode`` sent twice as its first line, a ``bypass`` rule on both held only in that
+        combination, which no reading tried, and its editor form was stored for everyone.
+
+        The query is read with its first values (the rules' own reading) and its last (PHP,
+        Rails, Django); the fields as sent and each way ``_field_readings`` lists. At most
+        2 x 6 readings; a reading that finds an ambiguity the
+        first did not reach (a rule evaluated only there) adds its readings. When one decides
+        otherwise the request is neither looked up nor stored: ``AMBIGUOUS-QUERY:<name>`` when
+        that reading read the query otherwise, else ``AMBIGUOUS-HEADER:<name>``, the first such
+        parameter or field a condition read. Only requests with such a parameter or field a
+        condition read get here."""
+        param, field = view.repeated_param, view.repeated
+        fields: list[dict[str, str | None] | None] = [None]  # None: the fields as sent
+        if field is not None:
+            more = self._field_readings(request, view)
+            if more is None:
+                return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{field}", plan)
+            fields.extend(more)
+        done = {("first", 0)}
+        while True:
+            found = (param, field)
+            queries: tuple[QueryReading, ...] = ("first",) if param is None else ("first", "last")
+            for reading_of_query in queries:
+                for i, reading in enumerate(fields):
+                    if (reading_of_query, i) in done:
+                        continue
+                    done.add((reading_of_query, i))
+                    other = RequestView(request, reading, reading_of_query)
+                    if _decides_otherwise(self._scan(other), plan):
+                        detail = (f"AMBIGUOUS-QUERY:{param}" if reading_of_query != "first"
+                                  else f"AMBIGUOUS-HEADER:{field}")
+                        return self._unkeyable_plan(detail, plan)
+                    if param is None and other.repeated_param is not None:
+                        param = other.repeated_param
+                    if field is None and other.repeated is not None:
+                        field = other.repeated
+                        more = self._field_readings(request, other)
+                        if more is None:
+                            return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{field}", plan)
+                        fields.extend(more)
+            if (param, field) == found:
+                return plan
 
     def _scan(self, view: RequestView) -> RequestPlan:
         """The plan of the first rule that holds for ``view`` (one reading of the request)."""
@@ -373,21 +407,18 @@ class RuleSet:
             plan = self._unambiguous(view, plan)
         return plan
 
-    def _repeated(self, request: RequestHead, view: RequestView, name: str, plan: RequestPlan) -> RequestPlan:
-        """``plan``, or a bypass when the rules decide otherwise on the request as origins read
-        its ambiguous fields. A value condition reads a field sent as several lines joined with
-        ``, `` (RFC 9110 §5.3), but aiohttp, Go and Varnish read its first line and some
-        frameworks its last: ``X-Requested-With: XMLHttpRequest`` sent twice did not hold a
-        bypass rule's ``equals: XMLHttpRequest`` while the origin answered its XHR fragment,
-        stored for every browser. And CGI, WSGI and Rack origins read ``X_Requested_With`` as
-        ``X-Requested-With`` (both are ``HTTP_X_REQUESTED_WITH``), which the rules did not see.
+    def _field_readings(self, request: RequestHead, view: RequestView) -> list[dict[str, str | None]] | None:
+        """The other readings of the fields the rules read that came as several lines or spelled
+        otherwise too, each for all of them at once; None when more than ``MAX_AMBIGUOUS`` came.
 
-        So the fields the rules read that came as several lines or spelled otherwise too are read
-        again, each reading for all of them at once: their first line, their last, with the other
-        spellings as more lines (first, last, joined); the other fields as they are. When the
-        outcome differs, or more than ``MAX_AMBIGUOUS`` such fields came, the request is neither
-        looked up nor stored (``Cache-Status`` detail ``AMBIGUOUS-HEADER:<name>``, the first such
-        field a condition read). Only requests with such a field a condition read get here."""
+        A value condition reads a field sent as several lines joined with ``, `` (RFC 9110
+        §5.3), but aiohttp, Go and Varnish read its first line and some frameworks its last:
+        ``X-Requested-With: XMLHttpRequest`` sent twice did not hold a bypass rule's ``equals:
+        XMLHttpRequest`` while the origin answered its XHR fragment, stored for every browser.
+        And CGI, WSGI and Rack origins read ``X_Requested_With`` as ``X-Requested-With`` (both
+        are ``HTTP_X_REQUESTED_WITH``), which the rules did not see. So: their first line, their
+        last, and with the other spellings as more lines, first, last and joined (at most 5);
+        the other fields as they are."""
         headers = request.headers
         own: dict[str, tuple[str, ...]] = {}  # lower-cased name -> its lines
         other: dict[str, tuple[str, ...]] = {}  # -> its other spellings
@@ -401,7 +432,7 @@ class RuleSet:
                 if names:
                     other[n] = names
         if len(own) > MAX_AMBIGUOUS:
-            return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{name}", plan)
+            return None
         readings = [{n: lines[0] if lines else None for n, lines in own.items()}]
         last: dict[str, str | None] = {n: lines[-1] if lines else None for n, lines in own.items()}
         if last != readings[0]:
@@ -421,10 +452,7 @@ class RuleSet:
             for reading in more:
                 if reading not in readings:
                     readings.append(reading)
-        for reading in readings:
-            if _decides_otherwise(self._scan(RequestView(request, reading)), plan):
-                return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{name}", plan)
-        return plan
+        return readings
 
     def _unambiguous(self, view: RequestView, plan: RequestPlan) -> RequestPlan:
         """``plan``, or a bypass when a cookie the rules read (in a condition, or the key) reads
