@@ -29,13 +29,47 @@ from proxy.policy.spellings import NO_SPELLING, aliases, underscored
 CondKind = Literal["present", "absent", "equals", "regex"]
 Source = Literal["query", "header", "cookie"]
 Predicate = Callable[["RequestView"], bool]
-# How a view reads a query parameter sent more than once: its first value (aiohttp, Go, Flask)
-# or its last (PHP, Rails, Django).
-QueryReading = Literal["first", "last"]
+# How a view reads a query parameter sent more than once: its first value (aiohttp, Go, Flask),
+# its last (Rails, Django), or its last counting the names PHP reads as it (``php_name``).
+QueryReading = Literal["first", "last", "php"]
 
 
 _UNSET = object()
 _NO_LINES: dict[str, tuple[str, ...]] = {}  # shared, never written
+
+
+def php_name(name: str) -> str | None:
+    """The name PHP registers a (decoded) query parameter under (``php_register_variable_ex``,
+    PHP 8): leading spaces dropped, ``.`` and `` `` read as ``_``; an array (``a[x]``, ``a[]``)
+    under the name before its ``[``; a ``[`` with no ``]`` after it read as ``_``, and the rest's
+    `` ``, ``.`` and ``[`` too. None when PHP drops it (an empty name, a ``__Host-`` or
+    ``__Secure-`` prefix only the rewriting made).
+
+    >>> php_name("edit.mode"), php_name(" edit mode"), php_name("edit[mode"), php_name("edit[x]")
+    ('edit_mode', 'edit_mode', 'edit_mode', 'edit')
+    """
+    name = name.lstrip(" ")
+    head, bracket, rest = name.partition("[")
+    var = head.replace(" ", "_").replace(".", "_")
+    if not var or (var != head and var.startswith(("__Host-", "__Secure-"))
+                   and not head.startswith(("__Host-", "__Secure-"))):
+        return None
+    if not bracket or "]" in rest:
+        return var
+    return var + "_" + rest.replace(" ", "_").replace(".", "_").replace("[", "_")
+
+
+def php_params(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Each name's last value, the values of the names PHP reads as it (``php_name``) counted
+    as more values of it, in the order they came: ``edit.mode=1`` is a value of ``edit_mode``,
+    and so is ``edit_mode[]=1`` (an array to PHP: ``isset($_GET['edit_mode'])`` holds)."""
+    params: dict[str, str] = {}
+    for k, v in pairs:
+        params[k] = v
+        other = php_name(k)
+        if other is not None and other != k:
+            params[other] = v
+    return params
 
 
 class RequestView:
@@ -57,8 +91,8 @@ class RequestView:
         self.host = host.rsplit(":", 1)[0] if ":" in host and not host.endswith("]") else host
         self._params: dict[str, str] | None = None
         self.reading = query
-        # The names another reading of the query reads otherwise (sent again with another
-        # value); None for nearly every request.
+        # The names another reading of the query reads otherwise: sent again with another
+        # value, or spelled as PHP reads them (``php_params``); None for nearly every request.
         self._odd: set[str] | None = None
         self.repeated_param: str | None = None  # the first such name a condition read
         self._cookies: dict[str, str] | None = None
@@ -71,12 +105,15 @@ class RequestView:
 
     def params(self) -> dict[str, str]:
         """Query parameters, decoded, as this view reads them (``reading``). The names another
-        reading reads otherwise go to ``_odd``."""
+        reading reads otherwise go to ``_odd``. Names are read as PHP reads them only when one has a
+        ``.``, a space or a ``[``: a scan of the query, then of its names if it has one or escapes."""
         if self._params is None:
-            if "%" in self.query or "+" in self.query:
-                pairs: list[tuple[str, str]] = parse_qsl(self.query, keep_blank_values=True)
+            query = self.query
+            escaped = "%" in query or "+" in query
+            if escaped:
+                pairs: list[tuple[str, str]] = parse_qsl(query, keep_blank_values=True)
             else:  # nothing to decode: skip parse_qsl's unquoting
-                pairs = [(k, v) for k, _, v in (p.partition("=") for p in self.query.split("&")) if k]
+                pairs = [(k, v) for k, _, v in (p.partition("=") for p in query.split("&")) if k]
             first: dict[str, str] = {}
             last: dict[str, str] | None = None  # the last value of a name sent with others
             for k, v in pairs:
@@ -86,22 +123,43 @@ class RequestView:
                     if last is None:
                         last = {}
                     last[k] = v
-            if last is None or self.reading == "first":
-                self._params = first
-            else:
-                self._params = {**first, **last}
-            if last is not None:
+            php: dict[str, str] | None = None
+            names = "".join(first) if escaped or "." in query or "[" in query or " " in query else ""
+            if names and ("." in names or " " in names or "[" in names):
+                php = php_params(pairs)
+                self._odd = {n for n, v in php.items() if first.get(n) != v}
+                if last is not None:
+                    self._odd.update(last)
+                self._odd = self._odd or None
+            elif last is not None:
                 self._odd = set(last)
+            reading = self.reading
+            if reading == "first" or (last is None and php is None):
+                self._params = first
+            elif reading == "php" and php is not None:
+                self._params = php
+            else:
+                self._params = {**first, **last} if last is not None else first
         return self._params
 
     def param(self, name: str) -> str | None:
         """A query parameter's value as this view reads it. A name another reading reads
-        otherwise (PHP, Rails and Django read a repeated one's last value) is noted in
-        ``repeated_param``: ``RuleSet.plan`` then reads the rules that way too (``_reread``)."""
+        otherwise (PHP, Rails and Django read a repeated one's last value, PHP ``edit.mode`` as
+        ``edit_mode``) is noted in ``repeated_param``: ``RuleSet.plan`` then reads the rules
+        those ways too (``_reread``)."""
         params = self._params if self._params is not None else self.params()
         if self._odd is not None and name in self._odd and self.repeated_param is None:
             self.repeated_param = name
         return params.get(name)
+
+    def has_param(self, name: str) -> bool:
+        """Is the query parameter present (``present``/``absent``)? Noted as ``param`` notes it
+        when only another reading has it: a name present here is present in every reading."""
+        if name in (self._params if self._params is not None else self.params()):
+            return True
+        if self._odd is not None and name in self._odd and self.repeated_param is None:
+            self.repeated_param = name
+        return False
 
     def cookies(self) -> dict[str, str]:
         if self._cookies is None:  # as the cache key reads them (``AMBIGUOUS``: see ``RuleSet.plan``)
@@ -239,11 +297,14 @@ class Condition:
                 return Check(holds, lambda v: why)
             get = lambda v: (v._cookies if v._cookies is not None else v.cookies()).get(name)  # noqa: E731
         else:
+            # (inline: a name present in this reading is present in every one, ``has_param``)
             if kind == "present":
-                holds = lambda v: name in (v._params if v._params is not None else v.params())  # noqa: E731
+                holds = lambda v: (name in (v._params if v._params is not None else v.params())  # noqa: E731
+                                   or (v._odd is not None and v.has_param(name)))
                 return Check(holds, lambda v: why)
             if kind == "absent":
-                holds = lambda v: name not in (v._params if v._params is not None else v.params())  # noqa: E731
+                holds = lambda v: not (name in (v._params if v._params is not None else v.params())  # noqa: E731
+                                       or (v._odd is not None and v.has_param(name)))
                 return Check(holds, lambda v: why)
             get = lambda v: v.param(name)  # noqa: E731
         if kind == "equals":

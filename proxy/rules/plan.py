@@ -347,15 +347,17 @@ class RuleSet:
         ``X-Mode`` sent twice as its first line, a ``bypass`` rule on both held only in that
         combination, which no reading tried, and its editor form was stored for everyone.
 
-        The query is read with its first values (the rules' own reading) and its last (PHP,
-        Rails, Django); the fields as sent and each way ``_field_readings`` lists. At most
-        2 x 6 readings; a reading that finds an ambiguity the
+        The query is read with its first values (the rules' own reading), its last (Rails,
+        Django) and as PHP reads it (``php_params``); the fields as sent and each way
+        ``_field_readings`` lists. At most 3 x 6 readings; a reading that finds an ambiguity the
         first did not reach (a rule evaluated only there) adds its readings. When one decides
         otherwise the request is neither looked up nor stored: ``AMBIGUOUS-QUERY:<name>`` when
         that reading read the query otherwise, else ``AMBIGUOUS-HEADER:<name>``, the first such
         parameter or field a condition read. Only requests with such a parameter or field a
         condition read get here."""
         param, field = view.repeated_param, view.repeated
+        query = request.target.partition("?")[2]  # PHP reads no name otherwise without these:
+        php: tuple[QueryReading, ...] = ("php",) if any(c in query for c in ".[ %+") else ()
         fields: list[dict[str, str | None] | None] = [None]  # None: the fields as sent
         if field is not None:
             more = self._field_readings(request, view)
@@ -365,7 +367,7 @@ class RuleSet:
         done = {("first", 0)}
         while True:
             found = (param, field)
-            queries: tuple[QueryReading, ...] = ("first",) if param is None else ("first", "last")
+            queries: tuple[QueryReading, ...] = ("first",) if param is None else ("first", "last", *php)
             for reading_of_query in queries:
                 for i, reading in enumerate(fields):
                     if (reading_of_query, i) in done:
