@@ -19,7 +19,8 @@ an error, not a silent no-op).
 
 ``PURGE <path>`` on the *client* listener (the Varnish/nginx convention) purges
 that URL (every variant, as ``POST /purge {"urls": [...]}``) when the TCP peer's
-address is in ``admin.purge_from``; anyone else gets 403. Without ``purge_from``
+address is in ``admin.purge_from`` and it is no browser's (``admin_guard.decide_purge_method``:
+no ``Origin``, no cross-site ``Sec-Fetch-Site``); anyone else gets 403. Without ``purge_from``
 (the default) the method is switched off: 405. Not loopback by default, because a
 TLS terminator or sidecar on the same host makes every client 127.0.0.1. The admin
 token does not open it: the token is the key to the whole admin API, and the client
@@ -75,6 +76,7 @@ from proxy.web.admin_guard import (
     GuardSettings,
     GuessLimiter,
     RefusalReason,
+    decide_purge_method,
     guard_middleware,
     loads_untrusted,
 )
@@ -698,6 +700,13 @@ async def purge_method(request: web.BaseRequest, runtime: Runtime, head: Request
         runtime.metrics.purge_refused.labels("forbidden").inc()
         log.info("PURGE %s refused for %s", head.url, request.remote)
         return json_error(403, f"PURGE is allowed only from admin.purge_from; {request.remote} is not in it")
+    browser = decide_purge_method(request.headers)
+    if browser is not None:
+        runtime.metrics.purge_refused.labels(browser.reason).inc()
+        # Only purge_from peers get here: the log is theirs to fill, as their purges are.
+        log.warning("PURGE %s from %s refused: %s", shown(head.url[:200], keep=""), request.remote,
+                    shown(browser.message[:500], keep=""))
+        return json_error(browser.status, browser.message)
     soft = request.headers.get(SOFT_PURGE_HEADER, "").strip().lower() in ("1", "true", "yes")
     try:
         url = normalise_url(head.url)

@@ -232,6 +232,32 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
     return None
 
 
+def decide_purge_method(headers: MultiMapping[str]) -> Refused | None:
+    """None when a ``PURGE`` on the client listener (from an ``admin.purge_from`` peer) may be
+    carried out; a 403 when a browser sent it for a page.
+
+    ``purge_from`` trusts a machine, and a browser on that machine stands inside that trust: a
+    page anywhere can ``fetch(url, {method: "PURGE"})`` once the origin grants the CORS
+    preflight (which cachegate forwards to it like any ``OPTIONS``), and the browser says so
+    (``Origin`` always, ``Sec-Fetch-Site`` in current browsers). Stricter than ``decide``: any
+    ``Origin`` is refused, its own too, because on the client listener "same origin" is a page
+    of the site cachegate serves (its user content, its third-party scripts), not an operator's
+    console. Scripts, CMSs and CDNs send neither field; ``Sec-Fetch-Site: none`` (typed by the
+    user) cannot come with a PURGE, so it is let through like its absence."""
+    site = headers.get("Sec-Fetch-Site", "").strip().lower()
+    if site and site != "none":
+        return Refused(403, "origin", f"Sec-Fetch-Site: {site}: a browser sent this PURGE for a web "
+                                      "page; PURGE is taken only from scripts on admin.purge_from "
+                                      "hosts, which send no Sec-Fetch-Site or Origin (cross-site "
+                                      "request forgery)")
+    origins = headers.getall("Origin", ())
+    if origins:
+        return Refused(403, "origin", f"Origin {origins[0]!r}: a browser sent this PURGE for a web "
+                                      "page; PURGE is taken only from scripts on admin.purge_from "
+                                      "hosts, which send no Origin (cross-site request forgery)")
+    return None
+
+
 class GuessLimiter:
     """Wrong admin tokens (a failed console login, a wrong bearer token), per client network
     (``key``: an IPv4 /24, an IPv6 /64, all of loopback): a
@@ -391,5 +417,5 @@ def loads_untrusted(raw: bytes | str) -> Any:
     return doc
 
 
-__all__ = ["GuardSettings", "GuessLimiter", "Refused", "decide", "guard_middleware", "host_is_loopback",
-           "loads_untrusted"]
+__all__ = ["GuardSettings", "GuessLimiter", "Refused", "decide", "decide_purge_method", "guard_middleware",
+           "host_is_loopback", "loads_untrusted"]

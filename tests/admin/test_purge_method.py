@@ -142,3 +142,65 @@ async def test_methods_the_parser_knows_pass_to_the_origin_and_ban_is_refused_be
     head = await raw_exchange(proxy.url, b"BAN /m HTTP/1.1\r\nHost: x\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 501 Not Implemented"), head  # (in the request line's version)
     assert state.get("other") == 3
+
+
+# -- a browser on a purge_from host (cross-site request forgery) -----------------------------------
+
+BROWSER_SENT = [
+    ("fetch from a page elsewhere", {"Origin": "http://localhost:3000", "Sec-Fetch-Site": "cross-site",
+                                     "Sec-Fetch-Mode": "cors"}, "Sec-Fetch-Site: cross-site"),
+    ("another local app", {"Origin": "http://127.0.0.1:3000", "Sec-Fetch-Site": "same-site"},
+     "Sec-Fetch-Site: same-site"),
+    # A page of the site cachegate serves: its user content and third-party scripts are no operator.
+    ("the site's own page", {"Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin"},
+     "Sec-Fetch-Site: same-origin"),
+    ("an older browser: Origin only", {"Origin": "http://evil.example"}, "Origin 'http://evil.example'"),
+    ("a sandboxed frame", {"Origin": "null"}, "Origin 'null'"),
+    ("Origin with Sec-Fetch-Site: none", {"Origin": "http://evil.example", "Sec-Fetch-Site": "none"},
+     "Origin 'http://evil.example'"),
+]
+
+
+@pytest.mark.parametrize("case, headers, message", BROWSER_SENT, ids=[c[0] for c in BROWSER_SENT])
+async def test_a_purge_a_browser_sent_for_a_page_is_refused_from_an_allowed_peer(
+        origin: Origin, proxy: Proxy, case: str, headers: dict[str, str], message: str) -> None:
+    """purge_from trusts a machine, and a browser on it sends what any page asks (the origin's
+    permissive CORS preflight lets the PURGE through): the browser's own fields refuse it."""
+    state = page(origin, "/doc")
+    await proxy.get("/doc")
+    await settle(proxy)
+    reply = await proxy.request("PURGE", "/doc", headers=headers)
+    assert reply.status == 403, (case, reply.body)
+    error = js(reply)["error"]
+    assert message in error and "cross-site request forgery" in error, error
+    assert "other" not in state
+    assert (await proxy.get("/doc")).x_cache == "HIT"
+    metrics = (await proxy.admin("GET", "/metrics")).body
+    assert b'cachegate_purge_refused_total{reason="origin"} 1.0' in metrics
+
+
+async def test_a_script_that_says_sec_fetch_site_none_still_purges(origin: Origin, proxy: Proxy) -> None:
+    """``none`` is a user's own navigation (never a PURGE): taken like no field at all."""
+    page(origin, "/doc")
+    await proxy.get("/doc")
+    await settle(proxy)
+    reply = await proxy.request("PURGE", "/doc", headers={"Sec-Fetch-Site": "none"})
+    assert (reply.status, js(reply)["purged"]) == (200, 1)
+
+
+@pytest.mark.parametrize("headers, refused", [
+    ({}, False),  # curl, a CMS, a CDN
+    ({"Sec-Fetch-Site": "none"}, False),
+    ({"Sec-Fetch-Site": " Cross-Site "}, True),
+    ({"Sec-Fetch-Site": "same-origin"}, True),
+    ({"Origin": "http://127.0.0.1:8080"}, True),
+    ({"Origin": ""}, True),  # a field at all: only browsers send it
+])
+def test_decide_purge_method(headers: dict[str, str], refused: bool) -> None:
+    from multidict import CIMultiDict
+
+    from proxy.web.admin_guard import decide_purge_method
+
+    verdict = decide_purge_method(CIMultiDict(headers))
+    assert (verdict is not None) == refused
+    assert verdict is None or (verdict.status, verdict.reason) == (403, "origin")
