@@ -601,6 +601,11 @@ def _check_method(method: Any) -> str:
     if not isinstance(method, str) or not is_token(method):
         raise BadRequest(f"'method' must be a method name like GET: a token of ASCII letters, digits "
                          f"and !#$%&'*+-.^_`|~ (RFC 9110 §9.1), not {method!r}")
+    if method == "CONNECT":
+        # The listener answers it 405 before any rule or key (proxy_handler); and the parser,
+        # fed a whole CONNECT, switches to tunnelling: it would call its (absent) protocol.
+        raise BadRequest("the proxy answers 405 to CONNECT (a reverse proxy opens no tunnels): no "
+                         "rule, key or cache decision applies to it")
     parser = HttpRequestParser(None, None, 1 << 16)  # aiohttp's, as the listeners parse
     try:
         parser.feed_data(f"{method} / HTTP/1.1\r\nHost: h\r\n\r\n".encode("ascii"))

@@ -156,6 +156,7 @@ async def test_methods_that_are_never_cached_and_soft_purged_entries(origin: Ori
     ("url=http://h/&status=%E2%91%A0%E2%91%A1", "'status' must be an HTTP status"),
     ("url=http://h/&status=%D9%A2%D9%A0%D9%A0", "'status' must be an HTTP status"),
     ("url=http://h/&method=G%20T", "'method' must be a method name"),
+    ("url=http://h/&method=CONNECT", "the proxy answers 405 to CONNECT"),
     ("url=http://unknown.example/", "does not serve host 'unknown.example'"),
 ])
 async def test_bad_explain_requests_get_400(ruled: Proxy, query: str, message: str) -> None:
@@ -172,6 +173,8 @@ async def test_bad_explain_requests_get_400(ruled: Proxy, query: str, message: s
     ("method", "get", "the proxy answers 501 to the method 'get', which its HTTP parser does not implement "
                       "(methods are case-sensitive: GET is another method)"),
     ("method", "BREW", "the proxy answers 501 to the method 'BREW'"),
+    # The parser, fed a whole CONNECT, switched to tunnelling and called its absent protocol: a 500.
+    ("method", "CONNECT", "the proxy answers 405 to CONNECT (a reverse proxy opens no tunnels)"),
     ("headers", {"X\u0000A": "v"}, "'headers': 'X\\x00A' is not a field name"),
     ("headers", {"X(": "v"}, "'headers': 'X(' is not a field name"),
     ("headers", {"X-\u00e9": "v"}, "is not a field name"),
@@ -197,3 +200,11 @@ async def test_a_bad_post_body_gets_400(ruled: Proxy) -> None:
                            "'status' must be")):
         reply = await ruled.admin("POST", "/explain", data=body)
         assert (reply.status, message in js(reply)["error"]) == (400, True), reply.body
+
+
+async def test_a_request_asking_to_upgrade_is_explained_as_the_proxy_answers_it(ruled: Proxy) -> None:
+    """Upgrade is hop-by-hop, dropped, and the request answered as HTTP/1.1: explained so (the
+    method check feeds the parser no fields, so none switches it to another protocol)."""
+    reply = await ruled.admin("POST", "/explain", json={
+        "url": absolute(ruled, "/"), "headers": {"Upgrade": "websocket", "Connection": "Upgrade"}})
+    assert reply.status == 200, reply.body
