@@ -399,11 +399,36 @@ TOO_LARGE = f"the request body is over {MAX_BODY} bytes (1 MiB), the admin API's
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as JSON (``admin_guard.loads_untrusted``): 413 over 1 MiB, 400 when hostile,
-    408 (the connection closed) when it does not come within the client listener's limits:
-    ``client_body_timeout`` of silence, or slower than ``client_body_min_rate`` on average
-    (``bodyreader.BodyReader``). The login is public: without them, a body that never came
-    held its connection for good."""
+    """The body as JSON (``admin_guard.loads_untrusted``; an empty body is ``null``): 400 when
+    hostile, and ``read_body``'s 413 and 408."""
+    return loads_untrusted(await read_body(request) or b"null")
+
+
+_JSON_KINDS = {type(None): "null", bool: "true or false", int: "a number", float: "a number",
+               str: "a string", list: "an array"}
+
+
+async def read_no_fields(request: web.Request) -> None:
+    """The body of an endpoint that takes no fields (``/reload``, the console's logout): none, or
+    ``{}``. Anything else is a 400 before anything is done: a ``{"dry_run": true}`` that was
+    ignored would do for real what its sender meant to try."""
+    raw = await read_body(request)
+    if not raw:
+        return
+    doc = loads_untrusted(raw)
+    what = f"{request.method} {request.path}"
+    if not isinstance(doc, dict):
+        raise BadRequest(f"{what} takes no fields: send no body or {{}}, not {_JSON_KINDS[type(doc)]}")
+    if doc:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(doc))}; {what} takes none (send no body "
+                         "or {}): nothing was done")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body: 413 over 1 MiB, 408 (the connection closed) when it does not come within
+    the client listener's limits: ``client_body_timeout`` of silence, or slower than
+    ``client_body_min_rate`` on average (``bodyreader.BodyReader``). The login is public:
+    without them, a body that never came held its connection for good."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length,
                                             text=TOO_LARGE)
@@ -415,7 +440,7 @@ async def read_json(request: web.Request) -> Any:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=reader.received,
                                                 text=TOO_LARGE)
         parts.append(chunk)
-    return loads_untrusted(b"".join(parts) or b"null")
+    return b"".join(parts)
 
 
 def query_params(request: web.Request, allowed: tuple[str, ...], repeatable: tuple[str, ...] = ()
@@ -472,6 +497,7 @@ async def reload(request: web.Request) -> web.Response:
     """Re-read config and rules: 200 when applied; 400 with every FILE:LINE problem when not
     (the running config stays); 501 when this process was started without a config file."""
     query_params(request, ())
+    await read_no_fields(request)
     runtime = request.app[ADMIN].runtime
     if runtime.reload_config is None:
         return json_error(501, "reload is not available in this process")

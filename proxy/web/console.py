@@ -381,6 +381,10 @@ async def session_info(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
+    """End this browser's session; the body is none or ``{}`` (anything else: 400, still logged in)."""
+    from proxy.web.admin import read_no_fields
+
+    await read_no_fields(request)
     request.app[CONSOLE].sessions.close(request.cookies.get(COOKIE))
     response = _json({"authenticated": False})
     response.del_cookie(COOKIE, path="/")

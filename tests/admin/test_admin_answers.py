@@ -175,3 +175,46 @@ async def test_the_budget_is_per_client_network_and_bounded_in_all(
     assert admin_lines(caplog)[-1][1] == (
         "admin: 51 more requests that did not authenticate were not logged (over 2 lines a minute per "
         "client network, 5 in all): 10.0.5.0/24: 1, 10.0.4.0/24: 1, 49 from other networks")
+
+
+async def reload_totals(proxy: Proxy) -> str:
+    text = (await proxy.admin("GET", "/metrics")).body.decode()
+    return "\n".join(line for line in text.splitlines() if line.startswith("cachegate_config_reloads_total"))
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"dry_run": true}', "unknown field(s): dry_run; POST /reload takes none (send no body or {}): "
+                           "nothing was done"),
+    (b'{"validate_only": true, "a": 1}', "unknown field(s): a, validate_only;"),
+    (b"not json at all", "invalid JSON"),
+    (b"\xff\xfe", "invalid JSON: not UTF-8"),
+    (b"null", "POST /reload takes no fields: send no body or {}, not null"),
+    (b"[]", "not an array"),
+    (b" ", "invalid JSON"),
+])
+async def test_a_reload_with_a_body_it_does_not_take_is_400_and_reloads_nothing(
+        origin: Origin, make_proxy: MakeProxy, body: bytes, message: str) -> None:
+    """/reload never read its body: a 'dry run' reloaded for real, and so did garbage."""
+    from proxy.config import Overrides
+    from proxy.web.server import install_reloader
+
+    proxy = await make_proxy()
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    before = await reload_totals(proxy)
+    reply = await proxy.admin("POST", "/reload", data=body)
+    assert reply.status == 400, reply.body
+    assert message in js(reply)["error"], js(reply)
+    assert await reload_totals(proxy) == before  # no reload was tried
+
+
+@pytest.mark.parametrize("body", [None, b"{}", b'{ }'])
+async def test_a_reload_with_no_body_or_an_empty_object_reloads(
+        origin: Origin, make_proxy: MakeProxy, body: bytes | None) -> None:
+    from proxy.config import Overrides
+    from proxy.web.server import install_reloader
+
+    proxy = await make_proxy()
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    reply = await proxy.admin("POST", "/reload", data=body)
+    assert (reply.status, js(reply).get("reloaded")) == (200, True), reply.body
+    assert 'cachegate_config_reloads_total{result="success"} 1.0' in await reload_totals(proxy)

@@ -250,3 +250,19 @@ async def test_a_csrf_header_that_is_not_utf8_is_refused_not_an_error(locked: Pr
     answer = await reader.read()
     writer.close()
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"everywhere": true}', "unknown field(s): everywhere; POST /console/api/logout takes none"),
+    (b"bye", "invalid JSON"),
+])
+async def test_a_logout_with_a_body_it_does_not_take_is_400_and_the_session_stays(
+        locked: Proxy, body: bytes, message: str) -> None:
+    cookie, csrf = await login(locked)
+    both = {**cookie, "X-CSRF-Token": csrf}
+    reply = await locked.admin("POST", "/console/api/logout", headers=both, data=body)
+    assert reply.status == 400 and message in js(reply)["error"], reply.body
+    assert js(await locked.admin("GET", "/console/api/session", headers=both))["authenticated"]
+    reply = await locked.admin("POST", "/console/api/logout", headers=both, json={})  # as the page sends
+    assert reply.status == 200
+    assert not js(await locked.admin("GET", "/console/api/session", headers=both))["authenticated"]
