@@ -21,6 +21,7 @@ import urllib.request
 from email.message import Message
 from typing import IO, Any
 
+from proxy.policy.fields import unsendable
 from proxy.shown import shown
 
 
@@ -120,7 +121,12 @@ def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
     request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
     request.add_header("Content-Type", "application/json")
     if token:
-        request.add_header("Authorization", f"Bearer {token}")
+        problem = unsendable(token)
+        if problem is not None:  # urllib's ValueError would read as a bad URL
+            raise AdminClientError(f"the admin token {problem}, which no client can send in an "
+                                   "Authorization field; remove it")
+        # As UTF-8, as curl sends it and the admin API reads it (http.client writes Latin-1).
+        request.add_header("Authorization", f"Bearer {token}".encode().decode("latin-1"))
     deadline = _Deadline(timeout)
     late = AdminClientError(f"the admin API at {base} did not answer within {timeout:g} s")
     try:

@@ -268,8 +268,15 @@ def _admin_of(args: argparse.Namespace, command: str) -> tuple[str, str | None] 
     """The admin API's address and token: --admin, else --config's admin.listen (its token too),
     else http://127.0.0.1:8081; the token from CACHEGATE_ADMIN_TOKEN first. An exit status on error."""
     from proxy.admin_client import admin_url_of
+    from proxy.policy.fields import unsendable
 
     token = os.environ.get("CACHEGATE_ADMIN_TOKEN") or None
+    problem = unsendable(token) if token else None
+    if problem is not None:  # (not the URL's fault, as urllib's "Invalid header value" read)
+        print(f"cachegate {command}: CACHEGATE_ADMIN_TOKEN {problem}, which no client can send in an "
+              "Authorization field; remove it (a secret file written with echo ends with a newline)",
+              file=sys.stderr)
+        return EXIT_CONFIG
     if args.admin:
         return args.admin, token
     if args.config:

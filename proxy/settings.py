@@ -32,6 +32,7 @@ from yarl import URL
 
 from proxy.cluster.settings import ClusterSettings
 from proxy.cpus import available_cpus
+from proxy.policy.fields import unsendable
 from proxy.policy.request import DEFAULT_MAX_HEAD, parse_url
 from proxy.policy.request import Listener as RequestListener
 from proxy.rules import RuleSet
@@ -275,6 +276,20 @@ def _host_patterns(item: Src, ctx: Context) -> tuple[str, ...]:
 HOSTS = Parser("list of host names (name, name:port, *.domain)", _host_patterns, show=lambda v: "[]")
 
 
+def _admin_token(value: str) -> str | None:
+    """A token some client can send in ``Authorization: Bearer``; else Invalid, saying which
+    character (never the token). Accepted, a trailing newline (a secret file written with
+    ``echo``) made every bearer request a 401, and ``cachegate purge`` blame the URL."""
+    problem = unsendable(value)
+    if problem is not None:
+        echo = (" (a secret file written with echo ends with one: write it with printf '%s', or "
+                "strip it)") if value.endswith("\n") else ""
+        raise Invalid(f"{problem}, which no client can send in an Authorization field (HTTP strips "
+                      "whitespace around a field value and refuses control characters): every "
+                      f"request with this token would be refused; remove it{echo}")
+    return value or None
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     """The admin API's listener and who may use it (docs/admin-api.md)."""
@@ -283,7 +298,7 @@ class AdminSettings:
                                       hostport(off=True))
     token: str | None = setting(None, "the bearer token the admin API asks for (required on a listener "
                                       f"others can reach, {MIN_TOKEN_LENGTH} characters or more)",
-                                text(strict=True, check=lambda v: v or None))
+                                text(strict=True, check=lambda v: _admin_token(v)))
     # Not loopback by default: behind a TLS terminator or sidecar on the same host, every
     # client arrives from 127.0.0.1.
     purge_from: tuple[Network, ...] = setting((), "peers (IPs, CIDRs) that may send PURGE to the client "

@@ -260,3 +260,35 @@ def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str]) -> str | None
         if jar.get(name) is AMBIGUOUS:
             return name
     return None
+
+
+_CHARACTER_NAMES = {"\n": "a newline (\\n)", "\r": "a carriage return (\\r)", "\t": "a tab (\\t)",
+                    " ": "a space", "\x00": "a NUL (\\x00)"}
+
+
+def _character(c: str) -> str:
+    return _CHARACTER_NAMES.get(c) or f"the character U+{ord(c):04X}"
+
+
+def unsendable(value: str) -> str | None:
+    """Why no client can send ``value`` as the last word of a field value (a bearer token), or
+    None when one can: whitespace at either end (parsers strip it: RFC 9110 §5.5, and the admin
+    API strips whatever ``str.strip`` does), or a control character anywhere (CR and LF end the
+    field; the others are refused by parsers and client libraries). Never quotes ``value``,
+    which may be a secret.
+
+    >>> unsendable("s3cret-token"), unsendable("s3cret token")
+    (None, None)
+    >>> unsendable("s3cret\\n"), unsendable(" s3cret")
+    ('ends with a newline (\\\\n)', 'starts with a space')
+    >>> unsendable("s3\\x07cret")
+    'holds the character U+0007 (a control character) at offset 2'
+    """
+    if value and value[-1] != value[-1].strip():
+        return f"ends with {_character(value[-1])}"
+    if value and value[0] != value[0].strip():
+        return f"starts with {_character(value[0])}"
+    for i, c in enumerate(value):
+        if c < " " or c == "\x7f":
+            return f"holds {_character(c)} (a control character) at offset {i}"
+    return None
