@@ -170,7 +170,7 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
     admin = s.admin
     if admin.listen is None or listens_on_loopback(admin.listen[0]):
         return
-    where = f"admin.listen {admin.listen[0]}:{admin.listen[1]}"
+    where = f"admin.listen {_fmt_hostport(admin.listen)}"  # [::]:8081, not :::8081
     if admin.token is None:
         at = ("<command line>", 0) if o.admin_listen is not None else _line(root, "admin", "listen")
         problems.add(at, f"{where} is not loopback and admin.token is not set: the admin API would be open "

@@ -18,7 +18,7 @@ import time
 from aiohttp import web
 
 from proxy.config import Overrides, Settings, load_config
-from proxy.schema import parse_hostport
+from proxy.schema import parse_hostport, show_hostport
 from proxy.web.server import Listeners, _bound, serve
 
 ORIGIN_HITS = web.AppKey("origin_hits", dict)
@@ -129,7 +129,7 @@ def prepare_demo(listen: str, admin_listen: str, origin_listen: str, rules: str,
     with open(config, "w") as f:
         f.write(
             f"listen: {listen}\n"
-            f"upstreams: [{{url: 'http://{origin_host}:{origin_port}'}}]\n"
+            f"upstreams: [{{url: 'http://{show_hostport((origin_host, origin_port))}'}}]\n"
             f"cache: {{memory: 64MB, disk: {{path: '{cache_dir}', size: 1GB, shards: 4}}}}\n"
             f"admin: {{listen: '{admin_listen}'}}\n"
             + rules_line
@@ -147,17 +147,17 @@ async def run_demo(settings: Settings, config: str, origin_listen: str, note: st
     try:
         await web.TCPSite(origin, origin_host, origin_port).start()
     except OSError as exc:
-        print(f"cachegate demo: cannot start the origin on {origin_host}:{origin_port}: {exc}",
-              file=sys.stderr)
+        where = show_hostport((origin_host, origin_port))
+        print(f"cachegate demo: cannot start the origin on {where}: {exc}", file=sys.stderr)
         await origin.cleanup()
         return 1
-    origin_url = f"http://{origin_host}:{_bound(origin)[0][1]}"
+    origin_url = f"http://{show_hostport((origin_host, _bound(origin)[0][1]))}"
 
     def listening(listeners: Listeners) -> None:
         proxy_host, proxy_port = listeners.proxy_addresses[0]
         admin = listeners.admin_addresses[0] if listeners.admin_addresses else ("127.0.0.1", 8081)
-        print(instructions(origin_url, f"http://{proxy_host}:{proxy_port}",
-                           f"http://{admin[0]}:{admin[1]}"), flush=True)
+        print(instructions(origin_url, f"http://{show_hostport((proxy_host, proxy_port))}",
+                           f"http://{show_hostport(admin)}"), flush=True)
         if note:
             print(f"({note})\n", flush=True)
 
@@ -173,7 +173,7 @@ async def run_origin(listen: str) -> int:
     runner = web.AppRunner(create_origin_app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    print(f"cachegate sample origin listening on http://{host}:{port}", flush=True)
+    print(f"cachegate sample origin listening on http://{show_hostport((host, port))}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -260,20 +261,48 @@ class CacheSettings:
 # -- the admin API -------------------------------------------------------------------------
 
 
-def _host_patterns(item: Src, ctx: Context) -> tuple[str, ...]:
-    """Host patterns: ``name``, ``name:port``, ``*.domain``, ``[v6]``; a list, or one."""
+_HOST_PATTERN = r"(\*\.)?[a-z0-9_.-]+(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?"
+
+
+def _host_patterns(item: Src, ctx: Context, refuse: Callable[[str], str | None] | None = None
+                   ) -> tuple[str, ...]:
+    """Host patterns: ``name``, ``name:port``, ``*.domain``, ``[v6]``; a list, or one. ``refuse``
+    says why a well-formed pattern is refused anyway (None: kept)."""
     hosts = []
     for element in elements(item):
         host = str(element.value).strip().lower().rstrip(".")
-        if not isinstance(element.value, str) or not re.fullmatch(
-                r"(\*\.)?[a-z0-9_.-]+(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?", host):
+        if not isinstance(element.value, str) or not re.fullmatch(_HOST_PATTERN, host):
             ctx.problem(element, f"{shown(element.value)} is not a host name, host:port or *.domain")
+            continue
+        why = refuse(host) if refuse is not None else None
+        if why is not None:
+            ctx.problem(element, f"{shown(element.value)} {why}")
             continue
         hosts.append(host)
     return tuple(hosts)
 
 
 HOSTS = Parser("list of host names (name, name:port, *.domain)", _host_patterns, show=lambda v: "[]")
+
+
+def wildcard_too_wide(pattern: str) -> str | None:
+    """Why a server name pattern is too wide for the DNS rebinding guard, or None: a wildcard of
+    one label (``*.com``) lets every page under that suffix through. ``*.co.uk`` cannot be told
+    from ``*.ops.example`` without the public suffix list, which cachegate does not ship (the
+    docs say so); ``*.localhost`` is kept: browsers resolve every name under it to loopback.
+
+    >>> [wildcard_too_wide(p) is None for p in ("*.com:8081", "*.uk.", "*.ops.example", "*.localhost", "com")]
+    [False, False, True, True, True]
+    """
+    labels = [label for label in pattern.partition(":")[0].removeprefix("*.").split(".") if label]
+    if not pattern.startswith("*.") or len(labels) != 1 or labels == ["localhost"]:
+        return None
+    return (f"matches every name under .{labels[0]}: any web page there could pass the DNS rebinding "
+            "guard; list your own domain (*.ops.example) or the names themselves")
+
+
+SERVER_NAMES = Parser("list of host names (name, name:port, *.domain)",
+                      lambda item, ctx: _host_patterns(item, ctx, wildcard_too_wide), show=lambda v: "[]")
 
 
 def _admin_token(value: str) -> str | None:
@@ -307,7 +336,8 @@ class AdminSettings:
                                          "and the hosts in the store)", HOSTS)
     # Checked without a token, or with one when listed (proxy.web.admin_guard).
     server_names: tuple[str, ...] = setting((), "names the admin listener answers to besides loopback "
-                                                "addresses and localhost (a DNS rebinding guard)", HOSTS)
+                                                "addresses and localhost (a DNS rebinding guard)",
+                                            SERVER_NAMES)
 
 
 # -- deploy and operate: listeners and TLS -------------------------------------------------

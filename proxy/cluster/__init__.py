@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import CachegateError
+from proxy.schema import show_hostport
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -117,7 +118,7 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
                        shared_purge=shared_purge,
                        shared_reset=tier.new_generation if tier is not None else None,
                        outbox_changed=outbox_changed, beat_changed=beat_changed,
-                       info=lambda: {"workers": workers, "listen": f"{host}:{port}"},
+                       info=lambda: {"workers": workers, "listen": show_hostport((host, port))},
                        local_entries=index.count if index is not None else None)
     runtime.metrics.add_collector(node.collect)
     runtime.cluster = node  # GET /healthz says "not ready" while it catches up

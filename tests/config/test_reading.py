@@ -120,6 +120,10 @@ VALUES: list[tuple[str, dict[str, Any]]] = [
      {"admin.purge_from": (ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("::1/128"))}),
     ("admin: {hosts: Example.COM., server_names: ['*.a.com', 'a:80', '[::1]:80']}",
      {"admin.hosts": ("example.com",), "admin.server_names": ("*.a.com", "a:80", "[::1]:80")}),
+    # admin.hosts names what a purge may name (no guard against pages): a wide wildcard is the
+    # operator's choice there; server_names keeps *.localhost (loopback) and *.co.uk (two labels).
+    ("admin: {hosts: ['*.com'], server_names: ['*.localhost', '*.co.uk']}",
+     {"admin.hosts": ("*.com",), "admin.server_names": ("*.localhost", "*.co.uk")}),
     ("admin: null", {"admin.listen": ("127.0.0.1", 8081)}),
     ("trusted_proxies: [10.0.0.0/8]", {"trusted_proxies": (ipaddress.ip_network("10.0.0.0/8"),)}),
     ("trusted_proxies: null", {"trusted_proxies": ()}),
@@ -226,6 +230,15 @@ PROBLEMS: list[tuple[str, list[str]]] = [
      ["2: admin.hosts: 'bad host' is not a host name, host:port or *.domain",
       "2: admin.hosts: 5 is not a host name, host:port or *.domain"]),
     ("admin: {server_names: 5}", ["2: admin.server_names: expected a list, got an integer"]),
+    # A DNS rebinding guard that lets every page under a public suffix through guards nothing.
+    ("admin: {server_names: ['*.com', '*.ops.example', '*.UK.:8081', '*.localhost', '*.co.uk']}",
+     ["2: admin.server_names: '*.com' matches every name under .com: any web page there could pass the "
+      "DNS rebinding guard; list your own domain (*.ops.example) or the names themselves",
+      "2: admin.server_names: '*.UK.:8081' matches every name under .uk: any web page there could pass "
+      "the DNS rebinding guard; list your own domain (*.ops.example) or the names themselves"]),
+    ("admin: {listen: '[::]:0'}",  # bracketed, as it was written: ':::0' read as nothing
+     ["2: admin.listen [::]:0 is not loopback and admin.token is not set: the admin API would be open to "
+      "anyone who can reach it; set admin.token or listen on 127.0.0.1"]),
     ("admin: {purge_from: 5}", ["2: admin.purge_from: expected a list, got an integer"]),
     ("admin: {purge_from: [x, 10.0.0.1]}", ["2: admin.purge_from: 'x' is not an IP address or CIDR network"]),
     ("admin: {listen: x}", ["2: admin.listen: expected HOST:PORT, got 'x'"]),
