@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 from multidict import MultiMapping
 
@@ -635,11 +635,16 @@ def _check_method(method: Any) -> str:
     parser = HttpRequestParser(None, None, 1 << 16)  # aiohttp's, as the listeners parse
     try:
         parser.feed_data(f"{method} / HTTP/1.1\r\nHost: h\r\n\r\n".encode("ascii"))
-    except HttpProcessingError:
+    except BadHttpMethod:
         hint = f" (methods are case-sensitive: {method.upper()} is another method)" \
             if method != method.upper() else ""
         raise BadRequest(f"the proxy answers 501 to the method {method!r}, which its HTTP parser does "
                          f"not implement{hint}") from None
+    except HttpProcessingError:  # PRI (the start of HTTP/2's connection preface), a method too long
+        why = ("takes it for the start of an HTTP/2 connection preface, not an HTTP/1.1 request"
+               if method == "PRI" else "refuses the request line")
+        raise BadRequest(f"the proxy answers 400 to the method {method[:40]!r}: its HTTP parser "
+                         f"{why}") from None
     return method
 
 

@@ -175,6 +175,9 @@ async def test_bad_explain_requests_get_400(ruled: Proxy, query: str, message: s
     ("method", "BREW", "the proxy answers 501 to the method 'BREW'"),
     # The parser, fed a whole CONNECT, switched to tunnelling and called its absent protocol: a 500.
     ("method", "CONNECT", "the proxy answers 405 to CONNECT (a reverse proxy opens no tunnels)"),
+    # What the listener answers it (400: the start of HTTP/2's preface), not 501.
+    ("method", "PRI", "the proxy answers 400 to the method 'PRI': its HTTP parser takes it for the "
+                      "start of an HTTP/2 connection preface"),
     ("headers", {"X\u0000A": "v"}, "'headers': 'X\\x00A' is not a field name"),
     ("headers", {"X(": "v"}, "'headers': 'X(' is not a field name"),
     ("headers", {"X-\u00e9": "v"}, "is not a field name"),
