@@ -26,7 +26,8 @@ What normalisation does, in order (each refusal is a ``Refusal`` with its status
   ``X-Forwarded*`` by prefix and every name in ``FORWARDING_FIELDS`` (client-IP, scheme,
   host, URL and method-override families, ``Forwarded``, ``Via``,
   ``Surrogate-Capability``): cachegate sets its own ``X-Forwarded-For/-Proto/-Host``
-  and ``Via``;
+  and ``Via``; a trusted peer's scheme fields (``SCHEME_FIELDS``) set the scheme, and
+  ``upstream_request`` sends only scheme fields that agree with it;
 - the target: a ``#fragment`` is dropped (it is never sent, RFC 9110 §4.2.5);
   absolute-form (RFC 9112 §3.2.2) gives the authority, which replaces ``Host``
   (RFC 9110 §7.2); userinfo in it is 400 (§4.2.4); ``OPTIONS *`` is the only other
@@ -179,9 +180,9 @@ class _Shape:
     forwarding: frozenset[str]  # the forwarding fields present
     untrusted_drop: frozenset[str]  # both: what goes from an untrusted peer's request
     host: bool  # Host is present
-    forwarded_proto: bool  # X-Forwarded-Proto is present (a trusted peer's sets the scheme)
     cookie: bool  # Cookie is present (it may carry the console's session: ``CONSOLE_COOKIE``)
     underscores: bool  # a name holds ``_`` (``RequestHead.underscores``)
+    scheme: tuple[str, ...]  # the scheme fields present (``SCHEME_FIELDS``), in the order they decide
 
 
 def is_forwarding(name: str) -> bool:
@@ -191,6 +192,122 @@ def is_forwarding(name: str) -> bool:
     if "_" in name:
         name = name.replace("_", "-")
     return name.startswith(FORWARDING_PREFIX) or name in FORWARDING_FIELDS
+
+
+# The fields a trusted front proxy states the client's scheme in, in the order they decide it
+# when several are present. X-Forwarded-Proto first: it is the one nginx, HAProxy, Envoy,
+# Traefik and the cloud load balancers set (replacing the client's), so a field they pass
+# through untouched (a client's Forwarded, say) cannot outvote it. Then RFC 7239's Forwarded,
+# then the single-value spellings frameworks read (Rack, Django, IIS, Cloudflare, ingress-nginx).
+SCHEME_FIELDS = ("x-forwarded-proto", "forwarded", "x-forwarded-scheme", "x-url-scheme", "x-scheme",
+                 "x-forwarded-ssl", "front-end-https", "x-https", "cf-visitor", "x-arr-ssl")
+_SCHEME_RANK = {name: i for i, name in enumerate(SCHEME_FIELDS)}
+_ON_OFF = {"on": "https", "off": "http"}
+_CF_SCHEME = re.compile(r'"scheme"\s*:\s*"([a-z]+)"')
+
+
+def _scheme_field(name: str) -> bool:
+    return (name.replace("_", "-") if "_" in name else name) in _SCHEME_RANK
+
+
+def _scheme_rank(name: str) -> tuple[int, bool]:
+    """Precedence, the ``-`` spelling before an ``_`` one of the same field."""
+    return _SCHEME_RANK[name.replace("_", "-")], "_" in name
+
+
+def stated_scheme(name: str, value: str) -> str | None:
+    """The scheme one line of a scheme field states (``http``/``https``), None when it states none
+    cachegate can read. A list (X-Forwarded-Proto, Forwarded) is read at its first element: what
+    the first proxy saw from the client (RFC 7239 §4 orders elements from the client on).
+
+    >>> [stated_scheme(n, v) for n, v in (("x-forwarded-proto", "HTTPS, http"), ("forwarded",
+    ...  'for="[2001:db8::1]:4711";proto=https, proto=http'), ("x-forwarded-ssl", "on"),
+    ...  ("cf-visitor", '{"scheme":"http"}'), ("forwarded", "for=1.2.3.4"), ("x-scheme", "ftp"))]
+    ['https', 'https', 'https', 'http', None, None]
+    """
+    name = name.replace("_", "-") if "_" in name else name
+    if name == "forwarded":
+        elements = forwarded_elements(value)
+        text = _proto_of(elements[0]) if elements else None
+    elif name == "x-forwarded-proto":
+        text = value.split(",", 1)[0]
+    elif name in ("x-forwarded-ssl", "front-end-https", "x-https"):
+        text = _ON_OFF.get(value.strip(" \t").lower())
+    elif name == "cf-visitor":
+        found = _CF_SCHEME.search(value.lower())
+        text = found.group(1) if found else None
+    elif name == "x-arr-ssl":  # IIS ARR sets it (to the client certificate's details) over TLS only
+        text = "https" if value.strip(" \t") else None
+    elif name in _SCHEME_RANK:
+        text = value
+    else:
+        return None  # not a scheme field
+    if text is None:
+        return None
+    text = text.strip(" \t").lower()
+    return text if text in ("http", "https") else None
+
+
+def trusted_scheme(headers: Headers, present: tuple[str, ...], default: str) -> str:
+    """The scheme a trusted peer states for the client's request: the first of ``present`` (the
+    scheme fields it sent, by precedence, ``SCHEME_FIELDS``) whose first line states one; else
+    ``default`` (the connection's). ``upstream_request`` then sends only fields that agree."""
+    for name in present:
+        scheme = stated_scheme(name, headers.get(name, ""))
+        if scheme is not None:
+            return scheme
+    return default
+
+
+def forwarded_elements(value: str) -> list[list[str]]:
+    """The elements of a ``Forwarded`` value (RFC 7239 §4), each as its raw ``name=value`` pairs;
+    a ``,`` or ``;`` inside a quoted-string (an IPv6 ``for``) does not split."""
+    elements: list[list[str]] = [[]]
+    start, quoted, escaped = 0, False, False
+    for i, ch in enumerate(value):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch in ",;":
+            elements[-1].append(value[start:i].strip(" \t"))
+            if ch == ",":
+                elements.append([])
+            start = i + 1
+    elements[-1].append(value[start:].strip(" \t"))
+    return [pairs for pairs in ([p for p in e if p] for e in elements) if pairs]
+
+
+def _proto_of(pairs: list[str]) -> str | None:
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name.strip(" \t").lower() == "proto":
+            value = value.strip(" \t")
+            return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+    return None
+
+
+def _agreeing(name: str, value: str, scheme: str) -> str | None:
+    """A trusted peer's scheme field as sent upstream for a request keyed under ``scheme``:
+    as it came when it agrees; ``Forwarded`` with every ``proto=`` rewritten to ``scheme``;
+    None (dropped) when it states another scheme or none cachegate can read, and always for
+    X-Forwarded-Proto, which cachegate writes itself. So every scheme field the origin reads
+    says the scheme the answer is stored under."""
+    name = name.replace("_", "-") if "_" in name else name
+    if name == "x-forwarded-proto":
+        return None
+    if name == "forwarded":
+        elements = forwarded_elements(value)
+        if all(_proto_of(pairs) in (None, scheme) for pairs in elements):
+            return value
+        return ", ".join(";".join(f"proto={scheme}" if p.partition("=")[0].strip(" \t").lower() == "proto"
+                                  else p for p in pairs) for pairs in elements) or None
+    return value if stated_scheme(name, value) == scheme else None
 
 
 def _shape(names: str) -> _Shape:
@@ -204,9 +321,9 @@ def _shape(names: str) -> _Shape:
         forwarding=forwarding,
         untrusted_drop=hop | forwarding,
         host="host" in lowered,
-        forwarded_proto="x-forwarded-proto" in lowered,
         cookie="cookie" in lowered,
         underscores="_" in names,
+        scheme=tuple(sorted((n for n in forwarding if _scheme_field(n)), key=_scheme_rank)),
     )
 
 
@@ -287,10 +404,8 @@ def normalise_request(msg: RequestMessage, *, secure: bool, trusted: bool,
         return Refusal(431, f"the request head is {size} bytes, over the {listener.max_head} this "
                             "proxy accepts")
     scheme = "https" if secure else "http"
-    if trusted and shape.forwarded_proto:
-        proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        if proto in ("http", "https"):
-            scheme = proto
+    if trusted and shape.scheme:
+        scheme = trusted_scheme(headers, shape.scheme, scheme)
     drop: frozenset[str] | None = None
     if shape.hop or (shape.forwarding and not trusted):
         found = _to_drop(msg, shape, trusted, repeated)
@@ -571,7 +686,7 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     out: list[tuple[str, str]] = [("Host", head.host)] if forwarder.preserve_host else []
     prior_for: list[str] = []
     prior_via: list[str] = []
-    proto = host = False
+    host = False
     drops = PASSING_DROPS if preconditions else FILL_DROPS
     hops = max_forwards(head) if head.method in MAX_FORWARDS_METHODS else None
     for k, v in head.headers.items():
@@ -589,12 +704,15 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
             if lk == "via":
                 prior_via.append(v)
                 continue
-            proto = proto or lk == "x-forwarded-proto"
+            if _scheme_field(lk):
+                agreeing = _agreeing(lk, v, head.scheme)
+                if agreeing is None:
+                    continue
+                v = agreeing
             host = host or lk == "x-forwarded-host"
         out.append((k, v))
     out.append(("X-Forwarded-For", ", ".join([*prior_for, peer])))
-    if not proto:
-        out.append(("X-Forwarded-Proto", head.scheme))
+    out.append(("X-Forwarded-Proto", head.scheme))
     if not host:
         out.append(("X-Forwarded-Host", head.host))
     out.append(("Via", ", ".join([*prior_via, forwarder.via])))

@@ -18,6 +18,7 @@ from proxy.policy.request import (
     Refusal,
     final_recipient,
     normalise_request,
+    stated_scheme,
     upstream_request,
 )
 from proxy.policy.storability import Store
@@ -159,6 +160,61 @@ def test_a_trusted_peer_keeps_its_forwarding_fields_and_sets_the_scheme() -> Non
     assert list(trusted.headers.items()) == fields
     untrusted = head_of("/a", *fields)
     assert untrusted.scheme == "http" and list(untrusted.headers.items()) == [HOST]
+
+
+SCHEMES = [
+    # (the trusted peer's fields, the connection secure?, the key's scheme)
+    ([("Forwarded", "proto=https")], False, "https"),
+    ([("Forwarded", "for=1.2.3.4;Proto=HTTP")], True, "http"),
+    ([("Forwarded", 'for="[2001:db8::1]:80";proto="https", proto=http')], False, "https"),  # the first element
+    ([("Forwarded", "for=1.2.3.4, proto=https")], False, "http"),  # the first element states none
+    ([("Forwarded", "proto=http"), ("Forwarded", "proto=https")], False, "http"),  # the first line
+    ([("X-Forwarded-Ssl", "on")], False, "https"),
+    ([("X-Forwarded-Ssl", "off")], True, "http"),
+    ([("X-Forwarded-Ssl", "yes")], False, "http"),  # unreadable: the connection's
+    ([("Front-End-Https", "On")], False, "https"),
+    ([("X-Forwarded-Scheme", "https")], False, "https"),
+    ([("X-Url-Scheme", "https")], False, "https"),
+    ([("X-Scheme", "https")], False, "https"),
+    ([("X-Https", "on")], False, "https"),
+    ([("CF-Visitor", '{"scheme":"https"}')], False, "https"),
+    ([("X-ARR-SSL", "2048|256|C=US, O=CA|CN=shop")], False, "https"),
+    ([("X_Forwarded_Proto", "https")], False, "https"),  # the underscore spelling is read too
+    # precedence: X-Forwarded-Proto, then Forwarded, then the rest
+    ([("Forwarded", "proto=http"), ("X-Forwarded-Proto", "https")], False, "https"),
+    ([("X-Forwarded-Ssl", "on"), ("Forwarded", "proto=http")], False, "http"),
+    ([("X-Forwarded-Proto", "ftp"), ("Forwarded", "proto=https")], False, "https"),
+    ([("X_Forwarded_Proto", "http"), ("X-Forwarded-Proto", "https")], False, "https"),
+]
+
+
+@pytest.mark.parametrize(("fields", "secure", "scheme"), SCHEMES)
+def test_a_trusted_peers_scheme_fields_set_the_scheme_and_the_origin_hears_only_that(
+        fields: list[tuple[str, str]], secure: bool, scheme: str) -> None:
+    head = head_of("/a", HOST, *fields, trusted=True, secure=secure)
+    assert head.scheme == scheme
+    assert cache_key(head) == f"{scheme}://shop.example/a"
+    sent = upstream_request(head, "10.0.0.1", Forwarder()).headers
+    assert [v for k, v in sent if k == "X-Forwarded-Proto"] == [scheme]
+    stated = [stated_scheme(k.lower(), v) for k, v in sent if k != "X-Forwarded-Proto"]
+    assert set(stated) <= {None, scheme}  # nothing the origin reads says another scheme
+    untrusted = head_of("/a", HOST, *fields, secure=secure)
+    assert untrusted.scheme == ("https" if secure else "http")
+
+
+def test_a_trusted_forwarded_field_is_rewritten_not_dropped() -> None:
+    head = head_of("/a", HOST, ("Forwarded", 'for=1.2.3.4;proto=http;host="a;b", for=5.6.7.8;proto=https'),
+                   ("X-Forwarded-Proto", "https"), trusted=True)
+    assert dict(upstream_request(head, "p", Forwarder()).headers)["Forwarded"] == \
+        'for=1.2.3.4;proto=https;host="a;b", for=5.6.7.8;proto=https'
+    agreeing = head_of("/a", HOST, ("Forwarded", "for=1.2.3.4;proto=https"), trusted=True)
+    assert dict(upstream_request(agreeing, "p", Forwarder()).headers)["Forwarded"] == "for=1.2.3.4;proto=https"
+
+
+def test_a_request_without_scheme_fields_pays_nothing_new() -> None:
+    fields = CIMultiDictProxy(CIMultiDict([HOST, ("X-Forwarded-For", "203.0.113.9")]))
+    head = normalise_request(Message("GET", "/a", (1, 1), fields), secure=True, trusted=True, listener=LISTENER)
+    assert isinstance(head, RequestHead) and head.headers is fields and head.scheme == "https"
 
 
 def test_every_forwarding_field_of_the_policy_is_in_the_attack_tests() -> None:

@@ -81,3 +81,48 @@ async def test_a_trusted_proxy_keeps_its_forwarding_fields(origin: Origin, make_
     assert seen["x-real-ip"] == ["203.0.113.9"]
     assert seen["x-forwarded-prefix"] == ["/shop"]
     assert seen["via"] == ["1.1 edge, 1.1 cachegate"]
+
+
+# A trusted front proxy may state the client's scheme in any of these; each pair is (the
+# front's https request, its http request for the same URL).
+SCHEME_STATEMENTS = [
+    (["Forwarded: for=203.0.113.9;proto=https"], ["Forwarded: for=203.0.113.9;proto=http"]),
+    (['Forwarded: for="[2001:db8::1]:4711";proto="https", for=10.0.0.2'], ["Forwarded: for=203.0.113.9"]),
+    (["X-Forwarded-Ssl: on"], []),
+    (["Front-End-Https: on"], ["Front-End-Https: off"]),
+    (["X-Url-Scheme: https"], ["X-Url-Scheme: http"]),
+    (["X-Forwarded-Proto: https"], ["X-Forwarded-Proto: http"]),
+]
+
+
+@pytest.mark.parametrize(("https", "http"), SCHEME_STATEMENTS)
+async def test_a_trusted_proxys_scheme_field_keeps_https_and_http_apart(
+        origin: Origin, make_proxy: MakeProxy, https: list[str], http: list[str]) -> None:
+    # The front's https answer was served to its http requests (and back) when the scheme came
+    # in a field other than X-Forwarded-Proto: the key said http for both.
+    echo_origin(origin, "/page")
+    proxy = await make_proxy(config="trusted_proxies: [127.0.0.0/8]\n")
+    secure = await send_raw(proxy, get("/page", *https))
+    plain = await send_raw(proxy, get("/page", *http))
+    assert (secure.x_cache, plain.x_cache) == ("MISS", "MISS")
+    assert received(secure)["fields"]["x-forwarded-proto"] == ["https"]
+    assert received(plain)["fields"]["x-forwarded-proto"] == ["http"]
+    assert (await send_raw(proxy, get("/page", *https))).body == secure.body
+    assert (await send_raw(proxy, get("/page", *http))).body == plain.body
+
+
+async def test_the_origin_is_told_one_scheme_the_one_in_the_key(origin: Origin, make_proxy: MakeProxy) -> None:
+    # A trusted Forwarded reached the origin as sent, beside cachegate's contradicting
+    # X-Forwarded-Proto; now every scheme field the origin receives says the key's scheme.
+    echo_origin(origin, "/page")
+    proxy = await make_proxy(config="trusted_proxies: [127.0.0.0/8]\n")
+    reply = await send_raw(proxy, get(
+        "/page", "X-Forwarded-Proto: https, http", 'Forwarded: for=203.0.113.9;proto=http;host="a.example"',
+        "X-Forwarded-Ssl: off", "Front-End-Https: on", "X-Scheme: http", "X-Url-Scheme: gopher"))
+    seen = received(reply)["fields"]
+    assert seen["x-forwarded-proto"] == ["https"]
+    assert seen["forwarded"] == ['for=203.0.113.9;proto=https;host="a.example"']
+    assert seen["front-end-https"] == ["on"]
+    assert not {"x-forwarded-ssl", "x-scheme", "x-url-scheme"} & set(seen)
+    again = await send_raw(proxy, get("/page", "Forwarded: proto=https"))
+    assert again.x_cache == "HIT"  # the same scheme, however it was stated

@@ -33,6 +33,7 @@ from proxy.policy.request import (
     Message,
     is_forwarding,
     normalise_request,
+    stated_scheme,
     upstream_request,
 )
 
@@ -183,6 +184,9 @@ def test_an_untrusted_client_never_reaches_the_origin_with_a_field_outside_the_v
                                  "transfer-encoding", "trailer", "proxy-connection"}
         own = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "surrogate-capability"}
         assert not set(names) & ({n.lower() for n in s.connection} - own)
+        if s.trusted:  # every scheme field sent says the key's scheme (X-Forwarded-Proto: cachegate's)
+            assert [v for k, v in fields if k.lower() == "x-forwarded-proto"] == [head.scheme]
+            assert {stated_scheme(k.lower(), v) for k, v in fields} <= {None, head.scheme}
         if not s.trusted:
             sent_forwarding = [(k, v) for k, v in fields if is_forwarding(k.lower())]
             assert sent_forwarding == [("X-Forwarded-For", s.peer), ("X-Forwarded-Proto", head.scheme),
