@@ -52,6 +52,15 @@ MAX_HOSTS_SEEN = 10_000
 OWNER_LOCK = ".lock"  # in the cache directory; holds the owner's pid
 
 
+class CacheDirectoryUnusable(Exception):
+    """The cache directory (or the shared memory beside it) could not be opened: ``cause`` says
+    why. Only what ``Runtime.open`` met opening the store, so nothing else is blamed on it."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class CacheDirectoryInUse(Exception):
     """Another running cachegate owns the cache directory."""
 
@@ -198,18 +207,23 @@ class Runtime:
     async def open(cls, settings: Settings, *, owner: bool = True, arena_fd: int | None = None,
                    processes: int = 1) -> Runtime:
         """Raises ``CacheDirectoryInUse`` when ``owner`` and another process owns the directory:
-        taken before anything is repaired or swept there."""
+        taken before anything is repaired or swept there; ``CacheDirectoryUnusable`` when the
+        store does not open; ``UpstreamTLSUnusable`` when ``upstream.tls.ca_file`` does not load."""
         started = time.time()
-        lock = lock_cache_directory(settings) if owner else None
-        try:
-            storage = open_storage(settings, arena_fd=arena_fd, processes=processes)
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
         metrics = Metrics()
+        # First: its TLS context (UpstreamTLSUnusable), before the cache directory is touched.
         pool = UpstreamPool(settings.upstreams, settings.pool,
                             on_error=lambda name, kind: metrics.upstream_errors.labels(name, kind).inc())
+        lock: HeldLock | None = None
+        try:
+            lock = lock_cache_directory(settings) if owner else None
+            storage = open_storage(settings, arena_fd=arena_fd, processes=processes)
+        except BaseException as exc:
+            if lock is not None:
+                lock.release()
+            if isinstance(exc, OSError):
+                raise CacheDirectoryUnusable(exc) from exc
+            raise
         await pool.start()
         metrics.add_collector(pool.collect)
         runtime: Runtime

@@ -58,7 +58,7 @@ from proxy.schema import (
     text,
     type_name,
 )
-from proxy.tls import ENCRYPTED_KEY, key_is_encrypted, load_problem
+from proxy.tls import ENCRYPTED_KEY, ca_file_problem, key_is_encrypted, load_problem
 from proxy.units import shown, yaml_number
 from proxy.yamlsrc import Src
 
@@ -191,13 +191,30 @@ class PassiveHealth:
     configured: bool = internal(False)
 
 
+def _ca_file() -> Parser[str]:
+    """``file_path``, holding a CA certificate: the pool would fail to start on one that does not
+    load, and a reload (which cannot apply it) would be accepted."""
+    path = file_path(must_exist=False, strict=True)
+
+    def read(item: Src, ctx: Context) -> str:
+        resolved = path.read(item, ctx)
+        if not os.path.exists(resolved):
+            raise Invalid(f"{resolved} does not exist")
+        problem = ca_file_problem(resolved)
+        if problem is not None:
+            raise Invalid(problem)
+        return resolved
+
+    return replace(path, read=read)
+
+
 @dataclass(frozen=True)
 class TLSSettings:
     """How the pool checks the certificates of https:// upstreams."""
 
     verify: bool = setting(True, "check the upstream's certificate and name")
     ca_file: str | None = setting(None, "CA certificates (PEM) to check against instead of the system's",
-                                  file_path(must_exist=True, strict=True))
+                                  _ca_file())
 
 
 @dataclass(frozen=True)

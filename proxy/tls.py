@@ -82,6 +82,29 @@ def load_problem(cert: str, key: str) -> str | None:
     return None
 
 
+def client_context(ca_file: str | None) -> ssl.SSLContext:
+    """The context upstream certificates are checked with: the system's CAs, or only those in
+    ``ca_file`` (as nginx's proxy_ssl_trusted_certificate and curl's --cacert: they replace the
+    system's, never add to them). Raises ``ssl.SSLError`` or ``OSError``: ``ca_file_problem``."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def ca_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be ``upstream.tls.ca_file``, or None when it holds a CA certificate.
+    OpenSSL's own words for a file that holds none (garbage, empty, a private key) name no file
+    (``[X509: NO_CERTIFICATE_OR_CRL_FOUND]``)."""
+    if os.path.isdir(path):
+        return f"no CA certificate in {path}: it is a directory (a PEM file of CA certificates is expected)"
+    try:
+        client_context(path)
+    except ssl.SSLError:  # before OSError: an SSLError is one
+        return (f"no CA certificate in {path} (a PEM file of one or more "
+                "'-----BEGIN CERTIFICATE-----' blocks is expected)")
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
 # Key algorithms by their object identifier, as DER bytes inside a PKCS#8 key.
 _KEY_OIDS = ((b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01", "RSA"),
              (b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x0a", "RSA-PSS"),

@@ -94,6 +94,7 @@ from proxy.http_client import (
 )
 from proxy.policy.fields import content_length
 from proxy.settings import PoolSettings, UpstreamSettings
+from proxy.tls import ca_file_problem, client_context
 
 log = logging.getLogger("cachegate.upstream")
 
@@ -244,6 +245,11 @@ class UpstreamResponse:
 ErrorHook = Callable[[str, str], None]  # (upstream name, error kind)
 
 
+class UpstreamTLSUnusable(Exception):
+    """``upstream.tls.ca_file`` does not load (the config check read it; it changed since):
+    the pool cannot check any certificate, so it does not start."""
+
+
 class UpstreamPool:
     def __init__(self, upstreams: tuple[UpstreamSettings, ...], settings: PoolSettings,
                  *, on_error: ErrorHook | None = None,
@@ -256,6 +262,10 @@ class UpstreamPool:
         self._on_error = on_error
         self._clock = clock
         self._closed = False  # ``close`` began: what fails from now on failed because of it
+        # Made here, before the caller opens anything else: a ca_file that does not load is said
+        # as such, not as whatever the caller was opening (UpstreamTLSUnusable).
+        needs_tls = any(u.url.scheme == "https" for u in self.upstreams)
+        self._context = self._ssl() if needs_tls else None
 
     def _ssl(self) -> ssl.SSLContext:
         """Verification on by default (the system's CAs, or ``ca_file``); SNI is the upstream's
@@ -266,11 +276,16 @@ class UpstreamPool:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
             return ctx
-        return ssl.create_default_context(cafile=tls.ca_file)
+        if tls.ca_file is None:
+            return client_context(None)
+        try:
+            return client_context(tls.ca_file)
+        except OSError:  # an ssl.SSLError is one
+            problem = ca_file_problem(tls.ca_file) or f"{tls.ca_file} does not load"
+            raise UpstreamTLSUnusable(f"upstream.tls.ca_file: {problem}") from None
 
     async def start(self) -> None:
-        needs_tls = any(u.url.scheme == "https" for u in self.upstreams)
-        context = self._ssl() if needs_tls else None
+        context = self._context
         for u in self.upstreams:
             self._hosts[u.name] = HostPool(u.url, self.settings.pool_size, context,
                                            self.settings.timeouts.connect,

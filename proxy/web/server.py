@@ -45,10 +45,11 @@ from proxy.logs import say
 from proxy.policy.request import MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.room import FilesystemFull, MemoryUnavailable, filesystem_full
-from proxy.runtime import CacheDirectoryInUse, ReloadResult, Runtime
+from proxy.runtime import CacheDirectoryInUse, CacheDirectoryUnusable, ReloadResult, Runtime
 from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CACHE_DIR
 from proxy.tls import ServerTLS
+from proxy.upstream import UpstreamTLSUnusable
 from proxy.web.admin import ADMIN, create_admin_app
 from proxy.web.console import register_console_calls
 from proxy.web.fastpath import FastPath, ProxyServer
@@ -527,20 +528,21 @@ async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None 
                        processes: int = 1) -> Runtime | None:
     """``Runtime.open``, or None after one line on stderr when the cache directory cannot be
     used (not writable, a file in the way, its filesystem full, owned by another running
-    cachegate) or the shared memory of ``cache.memory`` cannot be mapped: an operator's
-    mistake or the machine's state, not a traceback."""
+    cachegate), the shared memory of ``cache.memory`` cannot be mapped or ``upstream.tls.ca_file``
+    no longer loads: an operator's mistake or the machine's state, not a traceback."""
     try:
         return await Runtime.open(settings, owner=owner, arena_fd=arena_fd, processes=processes)
-    except (CacheDirectoryInUse, MemoryUnavailable) as exc:
+    except (CacheDirectoryInUse, MemoryUnavailable, UpstreamTLSUnusable) as exc:
         print(f"cachegate: {exc}", file=sys.stderr, flush=True)
         return None
-    except OSError as exc:
+    except CacheDirectoryUnusable as unusable:
+        cause = unusable.cause
         disk = settings.cache.disk
         where = disk.path if disk is not None else "?"
-        if disk is not None and not isinstance(exc, FilesystemFull) and filesystem_full(disk.path, exc):
-            exc = FilesystemFull(disk.path, exc)
+        if disk is not None and not isinstance(cause, FilesystemFull) and filesystem_full(disk.path, cause):
+            cause = FilesystemFull(disk.path, cause)
         print(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
-              f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+              f"{cause.strerror or cause}", file=sys.stderr, flush=True)
         return None
 
 

@@ -33,9 +33,25 @@ def _get(settings: Settings, path: str) -> Any:
     return value
 
 
+# A CA certificate (self-signed, EC P-256, valid until 2126): ``upstream.tls.ca_file`` must hold one.
+CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBjjCCATWgAwIBAgIUJtFWOJrn6aRho5ChrN3a/jC9QhgwCgYIKoZIzj0EAwIw
+HDEaMBgGA1UEAwwRY2FjaGVnYXRlIHRlc3QgQ0EwIBcNMjYxMjA1MjIxMzAwWhgP
+MjEyNjExMTEyMjEzMDBaMBwxGjAYBgNVBAMMEWNhY2hlZ2F0ZSB0ZXN0IENBMFkw
+EwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEf9Y6JAawqdDbIhdm2JEz4Clip+ITc127
+yf97i03EV9zq8iU9HTVsoMUVowvK94mfX8lCim4x7qQm9yjz9JvTXaNTMFEwHQYD
+VR0OBBYEFNsF/+WFOvMekblvvyFuMtADVA/iMB8GA1UdIwQYMBaAFNsF/+WFOvMe
+kblvvyFuMtADVA/iMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIg
+IcXPtufbIgwbLK1W0mjVxdcLTkGOl3xwqhjnQG4If5MCIA/kaqA9dplcEAtBgvIY
+YRJoUmbhbvxpVFl1AXn4NNPC
+-----END CERTIFICATE-----
+"""
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "ca.pem").write_text(CA_PEM)
     (tmp_path / "r.yaml").write_text("rules: []\n")
     (tmp_path / "logs").mkdir()
     return tmp_path
@@ -208,6 +224,10 @@ PROBLEMS: list[tuple[str, list[str]]] = [
                                                         "2: upstream.health.unhealthy: must be at least 1, got 0"]),
     ("upstream: {passive: 3}", ["2: upstream.passive: expected a mapping, got an integer"]),
     ("upstream: {tls: {ca_file: missing.pem}}", ["2: upstream.tls.ca_file: {dir}/missing.pem does not exist"]),
+    ("upstream: {tls: {ca_file: r.yaml}}", ["2: upstream.tls.ca_file: no CA certificate in {dir}/r.yaml (a PEM "
+                                            "file of one or more '-----BEGIN CERTIFICATE-----' blocks is expected)"]),
+    ("upstream: {tls: {ca_file: logs}}", ["2: upstream.tls.ca_file: no CA certificate in {dir}/logs: it is a "
+                                          "directory (a PEM file of CA certificates is expected)"]),
     ("upstream: {tls: {ca_file: 5}}", ["2: upstream.tls.ca_file: expected a string, got an integer"]),
     ("upstream: 5", ["2: upstream: expected a mapping, got an integer"]),
     ("upstream: {baalnce: x}", ["2: unknown key 'upstream.baalnce' (did you mean 'balance'?)"]),
