@@ -227,6 +227,29 @@ async def test_upstream_tls_is_verified_by_default(
         await secure.stop()
 
 
+async def test_ca_file_replaces_the_system_cas_rather_than_adding_to_them(
+    tmp_path: Path, tls_files: tuple[Path, Path], make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As nginx's proxy_ssl_trusted_certificate and curl's --cacert (docs/upstreams.md). The
+    # system's store is this test's SSL_CERT_FILE: it trusts the origin's certificate.
+    key, cert = tls_files
+    _, other = self_signed(tmp_path, "other", "other.test", "DNS:other.test")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    secure = Origin()
+    secure.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    secure.ssl_context.load_cert_chain(cert, key)
+    secure.route("/t", body=b"over tls")
+    await secure.start()
+    try:
+        system = await make_proxy(upstreams=[secure.url], directory=tmp_path / "system")
+        assert (await system.get("/t")).status == 200  # the system's CAs trust it
+        replaced = await make_proxy(config=f"upstream: {{tls: {{ca_file: '{other}'}}}}\n",
+                                    upstreams=[secure.url], directory=tmp_path / "replaced")
+        assert (await replaced.get("/t")).status == 502  # only the file's CA is consulted
+    finally:
+        await secure.stop()
+
+
 # -- weights and balancing through the running proxy ---------------------------------------
 
 def write_exact_config(directory: Path, text: str) -> Path:
