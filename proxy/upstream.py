@@ -127,6 +127,7 @@ class Upstream:
     passive_failures: int = 0  # consecutive
     check_successes: int = 0  # consecutive active-check results
     check_failures: int = 0
+    check_error: str | None = None  # why the last active check failed (None: it succeeded)
     requests: int = 0
     failures: int = 0
     name: str = field(init=False, default="")  # str(url), made once (it is asked for on every request)
@@ -243,6 +244,36 @@ class UpstreamResponse:
 
 
 ErrorHook = Callable[[str, str], None]  # (upstream name, error kind)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One active health check: ``ok``, else ``error`` says why in an operator's words (the
+    status, the TLS verification failure, refused, timed out), for the log and ``GET /upstreams``."""
+
+    ok: bool
+    error: str | None = None
+
+
+def check_error(exc: BaseException) -> str:
+    """Why a check's exchange failed, from the exception it raised (its cause for a connect error:
+    the ``OSError`` or ``ssl.SSLError`` the socket met).
+
+    >>> check_error(ConnectionRefusedError(111, "Connection refused"))
+    'connection refused'
+    """
+    cause = exc.__cause__ if isinstance(exc, UpstreamConnectError) and exc.__cause__ is not None else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS: {cause.reason or 'CERTIFICATE_VERIFY_FAILED'}: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS: {cause.reason or cause}"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror[:1].lower() + cause.strerror[1:]
+    text = str(cause)
+    name, sep, rest = text.partition(": ")  # "https://host:port: cannot connect: ..." -> what follows
+    return rest if sep and "://" in name else (text or type(cause).__name__)
 
 
 class UpstreamTLSUnusable(Exception):
@@ -372,7 +403,8 @@ class UpstreamPool:
             "health_check": None if health is None else {
                 "path": health.path, "healthy": u.healthy,
                 "consecutive_successes": u.check_successes,
-                "consecutive_failures": u.check_failures},
+                "consecutive_failures": u.check_failures,
+                "last_error": u.check_error},
         } for u in self.upstreams]
 
     def collect(self) -> Iterator[Metric]:
@@ -393,12 +425,13 @@ class UpstreamPool:
         health = self.settings.health
         assert health is not None
         while True:
-            ok = await self.check_once(upstream)
-            self.record_check(upstream, ok)
+            self.record_check(upstream, await self.check_once(upstream))
             await asyncio.sleep(health.interval)
 
-    async def check_once(self, upstream: Upstream) -> bool:
-        """One active check: ``GET health.path``; a 2xx or 3xx within ``health.timeout`` is a success.
+    async def check_once(self, upstream: Upstream) -> CheckResult:
+        """One active check: ``GET health.path``; a 2xx or 3xx within ``health.timeout`` is a success;
+        a failure says why (``check_error``): "failed 2 health checks" alone left an operator
+        guessing between a refused port, a timeout, a status and a certificate that does not verify.
 
         The check has a connection of its own, outside the pool's ``pool_size`` and closed after
         it (``Connection: close``), as Varnish's probes do. A check asks whether the upstream
@@ -412,7 +445,7 @@ class UpstreamPool:
         assert health is not None
         host = self._hosts.get(upstream.name)
         if host is None:
-            return False
+            return CheckResult(False, "the pool is closed")
         conn: UpstreamConnection | None = None
         try:
             async with asyncio.timeout(health.timeout):
@@ -426,17 +459,25 @@ class UpstreamPool:
                         pass
                 finally:
                     resp.discard()
-                return 200 <= resp.status < 400
-        except (UpstreamError, TimeoutError, OSError, RuntimeError):
-            return False
+                if 200 <= resp.status < 400:
+                    return CheckResult(True)
+                return CheckResult(False, f"answered {resp.status} to GET {health.path}")
+        except TimeoutError:
+            return CheckResult(False, f"no answer within {health.timeout:g}s (health.timeout)")
+        except (UpstreamError, OSError, RuntimeError) as exc:
+            return CheckResult(False, check_error(exc))
         finally:
             if conn is not None:
                 conn.close()
 
-    def record_check(self, upstream: Upstream, ok: bool) -> None:
+    def record_check(self, upstream: Upstream, result: CheckResult) -> None:
+        """Count a check against the thresholds; the reason goes to the log when the upstream is
+        taken out, and again when it changes while the upstream is out (a fix that only moved
+        the fault: a refused port now answering with a certificate that does not verify)."""
         health = self.settings.health
         assert health is not None
-        if ok:
+        previous, upstream.check_error = upstream.check_error, result.error
+        if result.ok:
             upstream.check_failures = 0
             upstream.check_successes += 1
             if not upstream.healthy and upstream.check_successes >= health.healthy:
@@ -448,8 +489,13 @@ class UpstreamPool:
             upstream.check_failures += 1
             if upstream.healthy and upstream.check_failures >= health.unhealthy:
                 upstream.healthy = False
-                log.warning("upstream %s failed %d health checks: taken out", upstream.name,
-                            upstream.check_failures)
+                log.warning("upstream %s failed %d health checks: taken out (%s)", upstream.name,
+                            upstream.check_failures, result.error)
+            elif not upstream.healthy and result.error != previous:
+                log.warning("upstream %s is still out: its health check now fails with: %s",
+                            upstream.name, result.error)
+            else:
+                log.debug("upstream %s health check failed: %s", upstream.name, result.error)
 
     # -- sending ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from yarl import URL
 
 from proxy.config import HealthSettings, Overrides, PassiveHealth, PoolSettings, UpstreamSettings, load_config
 from proxy.runtime import Runtime
-from proxy.upstream import CONNECT, RESPONSE, Selector, Upstream, UpstreamPool
+from proxy.upstream import CONNECT, RESPONSE, CheckResult, Selector, Upstream, UpstreamPool
 from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, self_signed
@@ -329,11 +329,64 @@ def test_active_checks_count_consecutive_results_against_their_thresholds() -> N
     up = pool.upstreams[0]
     for ok, healthy in [(False, True), (False, True), (True, True), (False, True), (False, True),
                         (False, False), (True, False), (False, False), (True, False), (True, True)]:
-        pool.record_check(up, ok)
+        pool.record_check(up, CheckResult(ok, None if ok else "connection refused"))
         assert up.healthy is healthy
-    pool.record_check(up, False)
+    pool.record_check(up, CheckResult(False, "answered 500 to GET /healthz"))
     assert pool.snapshot()[0]["health_check"] == {
-        "path": "/healthz", "healthy": True, "consecutive_successes": 0, "consecutive_failures": 1}
+        "path": "/healthz", "healthy": True, "consecutive_successes": 0, "consecutive_failures": 1,
+        "last_error": "answered 500 to GET /healthz"}
+    pool.record_check(up, CheckResult(True))
+    assert pool.snapshot()[0]["health_check"]["last_error"] is None
+
+
+HEALTH = "upstream: {retries: 0, health: {path: /healthz, interval: 100ms, timeout: 1s, healthy: 1, unhealthy: 2}}\n"
+
+
+async def taken_out_with(proxy: Proxy, caplog: pytest.LogCaptureFixture) -> tuple[str, str]:
+    """The reason in the take-out log line and in GET /upstreams, once the upstream is out."""
+    await wait_for(lambda: not proxy.runtime.pool.upstreams[0].healthy)
+    line = next(r.getMessage() for r in caplog.records if "taken out" in r.getMessage())
+    view = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"][0]
+    assert view["state"] == "down (health check)"
+    return line, view["health_check"]["last_error"]
+
+
+async def test_a_health_check_that_fails_tls_verification_says_why(
+    tmp_path: Path, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It said only "failed 2 health checks: taken out"; clients got 503 and nothing named the
+    # certificate. The origin's certificate is for another name, from a CA cachegate trusts.
+    key, cert = self_signed(tmp_path, "wrong", "wrong.test", "DNS:wrong.test")
+    secure = Origin()
+    secure.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    secure.ssl_context.load_cert_chain(cert, key)
+    secure.route("/healthz", body=b"ok")
+    await secure.start()
+    try:
+        caplog.set_level("WARNING", logger="cachegate.upstream")
+        config = HEALTH.replace("{retries: 0,", f"{{retries: 0, tls: {{ca_file: '{cert}'}},")
+        proxy = await make_proxy(config=config, upstreams=[secure.url])
+        line, last = await taken_out_with(proxy, caplog)
+        assert "CERTIFICATE_VERIFY_FAILED" in line and "mismatch" in line, line
+        assert last.startswith("TLS: CERTIFICATE_VERIFY_FAILED:") and "mismatch" in last, last
+        assert (await proxy.get("/x")).status == 503
+    finally:
+        await secure.stop()
+
+
+async def test_a_health_check_refused_or_answered_with_an_error_status_says_so(
+    origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="cachegate.upstream")
+    origin.route("/healthz", status=500, body=b"broken")
+    proxy = await make_proxy(config=HEALTH)
+    line, last = await taken_out_with(proxy, caplog)
+    assert last == "answered 500 to GET /healthz" and last in line
+    await origin.stop()  # now the port refuses: the reason that changed is logged
+    await wait_for(lambda: proxy.runtime.pool.upstreams[0].check_error == "connection refused")
+    view = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"][0]
+    assert view["health_check"]["last_error"] == "connection refused"
+    assert any("now fails with: connection refused" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_passively_ejected_upstream_returns_after_its_cooldown(
