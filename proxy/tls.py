@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 import tempfile
 
@@ -76,10 +77,71 @@ def load_problem(cert: str, key: str) -> str | None:
         server_context(cert, key)
     except EncryptedKey:
         return f"cannot load the certificate {cert} with the key {key}: {ENCRYPTED_KEY}"
-    except (ssl.SSLError, OSError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return f"cannot load the certificate {cert} with the key {key}: {reason}"
+    except ssl.SSLError as exc:  # before OSError: an SSLError is one
+        return f"cannot load the certificate {cert} with the key {key}: {what_went_wrong(cert, key) or exc}"
+    except OSError as exc:
+        return f"cannot load the certificate {cert} with the key {key}: {exc.strerror or exc}"
     return None
+
+
+_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+_CERTIFICATE_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.*?)-----END CERTIFICATE-----", re.S)
+
+
+def what_went_wrong(cert: str, key: str) -> str | None:
+    """What the files hold, when that explains a failed load that OpenSSL words as ``[SSL] PEM
+    lib`` (a file without the PEM block it should hold: the two swapped, the certificate given
+    for both) or ``no certificate assigned`` (a key of another type than the certificate's);
+    None when it does not (OpenSSL's words are then the best there are). Read only after a
+    load failed: nothing is spent on files that load."""
+    try:
+        with open(cert, "rb") as f:
+            cert_data = f.read(1 << 20)
+        with open(key, "rb") as f:
+            key_data = f.read(1 << 20)
+    except OSError:
+        return None
+    has_cert, has_key = _CERTIFICATE in cert_data, _PRIVATE_KEY.search(key_data) is not None
+    if not has_cert and not has_key and _PRIVATE_KEY.search(cert_data) and _CERTIFICATE in key_data:
+        return (f"the two are swapped: {cert} (tls.cert) holds a private key and {key} (tls.key) a "
+                "certificate")
+    if not has_cert:
+        return f"{cert} (tls.cert) holds no certificate (-----BEGIN CERTIFICATE-----): {_holds(cert_data)}"
+    if not has_key:
+        return f"{key} (tls.key) holds no private key (-----BEGIN PRIVATE KEY-----): {_holds(key_data)}"
+    cert_kind, kind = certificate_key_kind(cert_data), key_kind(key_data)
+    if "unknown" not in (cert_kind, kind) and cert_kind != kind:
+        return (f"the certificate in {cert} has an {cert_kind} key but {key} is an {kind} key: the key "
+                "must be the certificate's own")
+    return None
+
+
+def _holds(data: bytes) -> str:
+    if not data.strip():
+        return "the file is empty"
+    if _PRIVATE_KEY.search(data):
+        return "it holds a private key"
+    if _CERTIFICATE in data:
+        return "it holds a certificate"
+    return "it holds no PEM block cachegate knows"
+
+
+def certificate_key_kind(data: bytes) -> str:
+    """The algorithm of the first PEM certificate's public key ("RSA", "EC", ...; "unknown").
+    RSA and EC first: their key OIDs are never signature algorithms, Ed25519's is both (a
+    certificate signed by an Ed25519 CA holds its OID whatever its own key)."""
+    import base64
+
+    m = _CERTIFICATE_BLOCK.search(data)
+    if m is None:
+        return "unknown"
+    try:
+        der = base64.b64decode(re.sub(rb"\s+", b"", m.group(1)))
+    except ValueError:
+        return "unknown"
+    found = {kind for oid, kind in _KEY_OIDS if oid in der}
+    return next((k for k in ("RSA", "EC", "Ed25519", "Ed448", "RSA-PSS") if k in found), "unknown")
 
 
 def client_context(ca_file: str | None) -> ssl.SSLContext:
@@ -123,7 +185,6 @@ def key_kind(data: bytes) -> str:
     'EC'
     """
     import base64
-    import re
 
     m = re.search(rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----\s*(.*?)-----END", data, re.S)
     if m is None:
@@ -186,7 +247,8 @@ class ServerTLS:
             log.error("TLS reload failed, the current certificate stays: %s: %s", key, ENCRYPTED_KEY)
             return f"the current certificate stays: {ENCRYPTED_KEY}"
         except (ssl.SSLError, OSError) as exc:
-            log.error("TLS reload failed, the current certificate stays: %s: %s", cert, exc)
-            return f"the current certificate stays: {cert} did not load ({exc})"
+            reason = (what_went_wrong(cert, key) if isinstance(exc, ssl.SSLError) else None) or exc
+            log.error("TLS reload failed, the current certificate stays: %s: %s", cert, reason)
+            return f"the current certificate stays: {cert} did not load ({reason})"
         self.files = (cert, key)
         return None

@@ -21,6 +21,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.config import Overrides
+from proxy.tls import ServerTLS
 from proxy.web.fastpath import ProxyServer
 from proxy.web.server import install_reloader
 from tests.conftest import MakeProxy
@@ -230,6 +231,57 @@ async def test_a_certificate_that_does_not_load_is_refused_and_the_old_one_stays
         assert conn.peer_cert() == Certs.der(certs.a)
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(("files", "says"), [
+    # OpenSSL's own words were "[SSL] PEM lib (_ssl.c:3905)" and "no certificate assigned"
+    (("key", "cert"), "the two are swapped: {key} (tls.cert) holds a private key and {cert} (tls.key) a "
+                      "certificate"),
+    (("cert", "cert"), "{cert} (tls.key) holds no private key (-----BEGIN PRIVATE KEY-----): it holds a "
+                       "certificate"),
+    (("key", "key"), "{key} (tls.cert) holds no certificate (-----BEGIN CERTIFICATE-----): it holds a private key"),
+    (("eccert", "key"), "the certificate in {eccert} has an EC key but {key} is an RSA key: the key must be the "
+                        "certificate's own"),
+])
+def test_check_says_which_file_lacks_a_certificate_or_a_key_or_that_key_types_differ(
+    tmp_path: Path, certs: Certs, files: tuple[str, str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, eccert = ec_pair(tmp_path)
+    paths = {"cert": str(certs.cert), "key": str(certs.key), "eccert": str(eccert)}
+    cert, key = (paths[f] for f in files)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [http://127.0.0.1:9]\nlisten:\n  - 127.0.0.1:0\n"
+                      f"  - {{address: '127.0.0.1:0', tls: {{cert: '{cert}', key: '{key}'}}}}\n")
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{config}:4: listen[1].tls: cannot load the certificate {cert} with the key {key}: "
+            + says.format(**paths)) in err, err
+    assert "PEM lib" not in err and "no certificate assigned" not in err
+
+
+async def test_a_reload_to_swapped_files_says_so_and_the_old_certificate_stays(
+    origin: Origin, make_proxy: MakeProxy, certs: Certs
+) -> None:
+    proxy = await make_proxy(config=tls_config(certs))
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    key_pem, cert_pem = certs.key.read_bytes(), certs.cert.read_bytes()
+    certs.cert.write_bytes(key_pem)
+    certs.key.write_bytes(cert_pem)
+    reply = await proxy.admin("POST", "/reload")
+    assert reply.status == 400
+    assert "the two are swapped" in reply.body.decode()
+    conn = await Conn.open(proxy.listeners.proxy_urls[1])
+    try:
+        assert conn.peer_cert() == Certs.der(certs.a)
+    finally:
+        conn.close()
+
+
+def test_a_tls_reload_below_the_check_says_which_file_holds_what(certs: Certs) -> None:
+    tls = ServerTLS(str(certs.cert), str(certs.key))
+    assert tls.reload(str(certs.key), str(certs.cert)) == (
+        f"the current certificate stays: {certs.key} did not load (the two are swapped: {certs.key} "
+        f"(tls.cert) holds a private key and {certs.cert} (tls.key) a certificate)")
 
 
 @pytest.mark.parametrize(("listen", "message"), [
