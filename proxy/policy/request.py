@@ -261,7 +261,16 @@ def trusted_scheme(headers: Headers, present: tuple[str, ...], default: str) -> 
 
 def forwarded_elements(value: str) -> list[list[str]]:
     """The elements of a ``Forwarded`` value (RFC 7239 §4), each as its raw ``name=value`` pairs;
-    a ``,`` or ``;`` inside a quoted-string (an IPv6 ``for``) does not split."""
+    a ``,`` or ``;`` inside a quoted-string (an IPv6 ``for``) does not split.
+
+    >>> forwarded_elements('for="[2001:db8::1]:80";proto=https, for=10.0.0.2')
+    [['for="[2001:db8::1]:80"', 'proto=https'], ['for=10.0.0.2']]
+    >>> forwarded_elements("for=1.2.3.4;proto=http,, proto=https")
+    [['for=1.2.3.4', 'proto=http'], ['proto=https']]
+    """
+    if '"' not in value:  # no quoted-string: split (the hit path reads a trusted peer's on every request)
+        split = ([p.strip(" \t") for p in e.split(";")] for e in value.split(","))
+        return [pairs for pairs in ([p for p in e if p] for e in split) if pairs]
     elements: list[list[str]] = [[]]
     start, quoted, escaped = 0, False, False
     for i, ch in enumerate(value):
