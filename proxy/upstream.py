@@ -14,7 +14,9 @@ Health:
 - active: ``GET health.path`` every ``interval``, on a connection of its own (outside
   ``pool_size``: a pool busy with slow answers is no failed check); ``unhealthy``
   consecutive failures take an upstream out, ``healthy`` consecutive successes bring
-  it back;
+  it back; a failed check says why (``CheckResult``, ``check_error``: a status, refused,
+  a timeout, the TLS verification failure) in the take-out log line and as
+  ``last_error`` in ``GET /upstreams``;
 - passive: ``passive.failures`` consecutive passive failures take it out for
   ``passive.cooldown`` (by default only in pools of two or more: like nginx's
   max_fails, a single upstream is never taken out unless ``passive:`` is
