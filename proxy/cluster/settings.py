@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass, replace
+from urllib.parse import unquote_plus, urlsplit
 
 from yarl import URL
 
@@ -101,9 +102,45 @@ class ClusterSettings:
         return self if self.node else replace(self, node=f"{socket.gethostname()}:{listen_port}")
 
 
+# Query parameters whose values a message shows: settings of redis-py's that hold no secret. Every
+# other parameter's value is masked, whatever its name: redis-py passes any parameter of the URL
+# on to its connection (``password``, ``ssl_password``, ``credential_provider``, ... and names of
+# its releases to come), so a list of secret names would be one release behind.
+SHOWN_PARAMS = frozenset({
+    "db", "protocol", "username", "client_name", "socket_timeout", "socket_connect_timeout",
+    "socket_keepalive", "retry_on_timeout", "max_connections", "health_check_interval",
+    "ssl_cert_reqs", "ssl_check_hostname", "timeout",
+})
+MASK = "***"
+
+
 def redacted(url: str) -> str:
+    """``url`` as messages, logs, ``/healthz`` and ``GET /cluster`` show it: a password in it,
+    in the userinfo or in the query (``unix:///run/redis.sock?password=...``, redis-py's way for
+    a socket), never shown. Read as redis-py reads it (``urllib.parse``), so what it takes for a
+    password is what is masked: the userinfo's password (its whole userinfo when it has no ':',
+    most likely a password written without its ':'), the value of every query parameter but
+    ``SHOWN_PARAMS``, and a fragment.
+
+    >>> redacted("unix:///run/r.sock?db=0&password=S3CRET&ssl_password=x")
+    'unix:///run/r.sock?db=0&password=***&ssl_password=***'
+    >>> redacted("redis://user:pw@10.0.0.5:6379/2?pass%77ord=pw"), redacted("redis://pw@h:1/0")
+    ('redis://user:***@10.0.0.5:6379/2?pass%77ord=***', 'redis://***@h:1/0')
+    """
     try:
-        parsed = URL(url)
+        parts = urlsplit(url)
     except ValueError:
-        return url
-    return str(parsed.with_password("***")) if parsed.password else url
+        return "(a URL that cannot be read: not shown, it may hold a password)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
+    query = "&".join(_masked_param(p) for p in parts.query.split("&")) if parts.query else ""
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{MASK}" if parts.fragment else ""))
+
+
+def _masked_param(param: str) -> str:
+    name, eq, value = param.partition("=")
+    return f"{name}={MASK}" if eq and value and unquote_plus(name) not in SHOWN_PARAMS else param
