@@ -99,10 +99,27 @@ class PurgeSpec:
                 "invalidation": self.invalidation}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> PurgeSpec:
-        return cls(tuple(d.get("urls", ())), tuple(d.get("prefixes", ())), tuple(d.get("tags", ())),
-                   bool(d.get("all")), bool(d.get("soft")), tuple(d.get("keys", ())),
-                   bool(d.get("invalidation")))
+    def from_json(cls, d: Any) -> PurgeSpec:
+        """A purge as ``to_json`` wrote it (the cluster's stream, a worker's call); BadPurge for
+        what it never writes. Typed as strictly as the admin API's body (``strings``, ``flag``):
+        ``bool("false")`` is true, and ``tuple("http://x/")`` a purge of each of its letters.
+        Fields it does not know are left out (a newer release's, in a rolling upgrade).
+
+        >>> PurgeSpec.from_json({"tags": ["t"], "soft": True}) == PurgeSpec(tags=("t",), soft=True)
+        True
+        >>> for bad in ({"all": "false"}, {"urls": "http://x/"}, {"tags": [{"a": 1}]}):
+        ...     try:
+        ...         PurgeSpec.from_json(bad)
+        ...     except BadPurge as exc:
+        ...         print(exc)
+        'all' must be true or false
+        'urls' must be a list of non-empty strings
+        'tags' must be a list of non-empty strings
+        """
+        if not isinstance(d, dict):
+            raise BadPurge("a purge is a JSON object")
+        return cls(strings(d, "urls"), strings(d, "prefixes"), strings(d, "tags"), flag(d, "all"),
+                   flag(d, "soft"), strings(d, "keys"), flag(d, "invalidation"))
 
 
 @dataclass(frozen=True)
@@ -324,6 +341,27 @@ def _normalised(texts: tuple[str, ...], prefix: bool) -> Generator[None, None, t
     return tuple(out)
 
 
+# A lone surrogate: JSON can write one ("\\udcff"), UTF-8 cannot, and neither can the index (SQLite).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def strings(doc: dict[str, Any], name: str) -> tuple[str, ...]:
+    """``doc[name]``, a list of non-empty strings (none when missing); BadPurge otherwise."""
+    value = doc.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and _SURROGATE.search(v) is None
+                                              for v in value):
+        raise BadPurge(f"{name!r} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def flag(doc: dict[str, Any], name: str) -> bool:
+    """``doc[name]``, a JSON boolean (false when missing); BadPurge otherwise."""
+    value = doc.get(name, False)
+    if not isinstance(value, bool):
+        raise BadPurge(f"{name!r} must be true or false")
+    return value
+
+
 def _parse(doc: Any, host_allowed: Callable[[str], bool] | None) -> Generator[None, None, PurgeSpec]:
     """The parse, pausing (``yield``) after every ``PURGE_SLICE`` URLs; its value is the spec."""
     if not isinstance(doc, dict):
@@ -332,21 +370,9 @@ def _parse(doc: Any, host_allowed: Callable[[str], bool] | None) -> Generator[No
     if unknown:
         raise BadPurge(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(_FIELDS))}")
 
-    def strings(name: str) -> tuple[str, ...]:
-        value = doc.get(name, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise BadPurge(f"{name!r} must be a list of non-empty strings")
-        return tuple(value)
-
-    def flag(name: str) -> bool:
-        value = doc.get(name, False)
-        if not isinstance(value, bool):
-            raise BadPurge(f"{name!r} must be true or false")
-        return value
-
-    urls = yield from _normalised(strings("urls"), prefix=False)
-    prefixes = yield from _normalised(strings("prefixes"), prefix=True)
-    spec = PurgeSpec(urls, prefixes, strings("tags"), flag("all"), flag("soft"))
+    urls = yield from _normalised(strings(doc, "urls"), prefix=False)
+    prefixes = yield from _normalised(strings(doc, "prefixes"), prefix=True)
+    spec = PurgeSpec(urls, prefixes, strings(doc, "tags"), flag(doc, "all"), flag(doc, "soft"))
     if host_allowed is not None:
         for u in (*urls, *prefixes):
             host = url_host(u)

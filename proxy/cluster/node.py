@@ -222,6 +222,7 @@ class ClusterNode:
         self._tip_read = False  # this session has read the stream's tip (tip_seq)
         self._closing = False
         self._failures = RepeatedFailure(log, "cluster: session")  # each second: once a minute
+        self._skipped = _Skipped()  # what Redis handed us that we skip, logged with a budget
         self._named = False  # this instance's heartbeat was written (the name is ours)
         self._twin_logged = False
         # The heartbeat key's TTL: long enough that a Redis answering within cluster.timeout never
@@ -561,7 +562,8 @@ class ClusterNode:
             entry = stream.decode_entry(entry_id, fields)
             if entry is None:
                 self.counts["damaged"] += 1
-                log.error("cluster: damaged purge stream entry %s skipped: %r", entry_id, fields)
+                self._skipped.report("cluster: damaged purge stream entry %s skipped: %s", entry_id,
+                                     _shown(fields))
                 continue
             entries.append(entry)
         last_id = str(raw[-1][0])
@@ -597,20 +599,38 @@ class ClusterNode:
         if flushed is not None:
             counts = dict.fromkeys((e.id for e in theirs), flushed)
         elif not merge and len(theirs) <= 16:
-            for e in theirs:
-                counts[e.id] = await self._local(e.spec)
+            counts = await self._apply_each(theirs)
         else:
             total = 0
-            for spec in stream.merge_specs(e.spec for e in theirs):
-                total += await self._local(spec)
-            counts = {e.id: total for e in theirs}
-        self.counts["applied"] += len(theirs)
+            try:
+                for spec in stream.merge_specs(e.spec for e in theirs):
+                    total += await self._local(spec)
+                counts = {e.id: total for e in theirs}
+            except Exception:  # one of them cannot be applied: find which (purges are idempotent)
+                counts = await self._apply_each(theirs)
+        self.counts["applied"] += len(counts)
         r = self._redis
         if r is not None:
             async with r.pipeline(transaction=False) as pipe:
                 for entry_id, n in counts.items():
                     pipe.publish(self.names.acks, json.dumps({"id": entry_id, "node": self.name, "n": n}))
                 await pipe.execute()
+
+    async def _apply_each(self, entries: list[StreamEntry]) -> dict[str, int]:
+        """Apply each entry here: its count, by id. One that fails here (what the stream's typing
+        lets through and the local store refuses) is counted damaged, logged and skipped, and not
+        acknowledged (its sender answers 202 naming this node): it ended the session before, and
+        every session after it, for good."""
+        counts: dict[str, int] = {}
+        for e in entries:
+            try:
+                counts[e.id] = await self._local(e.spec)
+            except Exception as exc:
+                self.counts["damaged"] += 1
+                self._skipped.report("cluster: damaged purge stream entry %s skipped: it cannot be applied "
+                                     "here (%s: %s): %s from %s", e.id, type(exc).__name__, exc,
+                                     e.spec.describe(), _shown(e.node))
+        return counts
 
     # -- sending purges -------------------------------------------------------------------
 
@@ -782,8 +802,8 @@ class ClusterNode:
         acknowledgements), never 200 while they still serve what it covers. A node that left
         (its heartbeat deleted or expired) is still a member: it is not counted."""
         members, alive = await r.eval(LIVE, 2, self.names.members, self._alive, self.names.node(""))
-        names = [str(n) for n in members]
-        live = {str(n) for n in alive} | {self.name}
+        names = self._member_names(members)
+        live = {str(n) for n in alive if not stream.not_utf8(n)} | {self.name}
         now = time.monotonic()
         for n in self._seen_live.difference(names):
             self._vouched.setdefault(n, now + self._ttl)
@@ -802,6 +822,18 @@ class ClusterNode:
         except DeadSubscription:
             self.counts["dead_subscriptions"] += 1
             raise
+
+    def _member_names(self, members: Any) -> list[str]:
+        """The node names of the member set, without what no node writes there (not UTF-8:
+        logged with a budget and skipped; it failed the session, or answered GET /cluster 500)."""
+        names = []
+        for n in members:
+            if stream.not_utf8(n):
+                self._skipped.report("cluster: %s holds %s, which is not UTF-8 and so no node's name "
+                                     "(another program wrote it?): skipped", self.names.members, _shown(n))
+            else:
+                names.append(str(n))
+        return names
 
     def _take_ack(self, message: dict[str, Any]) -> None:
         if message.get("type") != "message":
@@ -902,7 +934,7 @@ class ClusterNode:
         r = self._redis
         if self.connected and r is not None:
             try:
-                names = sorted(str(n) for n in await r.smembers(self.names.members))
+                names = sorted(self._member_names(await r.smembers(self.names.members)))
                 beats = await r.mget([self.names.node(n) for n in names]) if names else []
                 with contextlib.suppress(RedisDataError):  # the session says so (reason)
                     self.tip_seq = stored_int(await r.get(self.names.seq), self.names.seq)
@@ -979,13 +1011,49 @@ def _heartbeat_info(name: str, beat: str | bytes | None) -> dict[str, Any]:
     if not beat:
         return {"node": name, "state": "gone"}
     try:
-        info = json.loads(beat)
-    except ValueError:
+        info = None if stream.not_utf8(beat) else json.loads(beat)
+    except Exception:  # (too deep for the parser, ...)
         info = None
     if not isinstance(info, dict):
         return {"node": name, "state": "unreadable",
-                "reason": f"its heartbeat key holds {beat[:40]!r}, which no node writes"}
+                "reason": f"its heartbeat key holds {_shown(beat, 40)}, which no node writes"}
     return info
+
+
+class _Skipped:
+    """What Redis handed this node that it skips (a damaged stream entry, a name that is not
+    UTF-8, ...), each counted by its caller: logged up to ``PER_MINUTE`` times a minute, then
+    how many were not. Another program's flood must neither end the session nor bury the log."""
+
+    PER_MINUTE = 10
+
+    def __init__(self) -> None:
+        self._since = -60.0
+        self._logged = self._quiet = 0
+
+    def report(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._since >= 60.0:
+            if self._quiet:
+                log.error("cluster: %d more such message(s) in the last minute were not logged", self._quiet)
+            self._since, self._logged, self._quiet = now, 0, 0
+        if self._logged < self.PER_MINUTE:
+            self._logged += 1
+            log.error(message, *args)
+        else:
+            self._quiet += 1
+
+
+def _shown(value: object, width: int = 300) -> str:
+    """A value read from Redis, for a message: its repr (bytes that are not UTF-8 as bytes),
+    cut at ``width`` characters."""
+    if isinstance(value, dict):
+        text = "{" + ", ".join(f"{_shown(k, width)}: {_shown(v, width)}" for k, v in value.items()) + "}"
+    elif isinstance(value, str) and stream.not_utf8(value):
+        text = repr(value.encode("utf-8", "surrogateescape"))
+    else:
+        text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def _who(beat: str) -> str:

@@ -129,6 +129,10 @@ def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) ->
     return aioredis.Redis.from_url(
         settings.redis,
         decode_responses=decode,
+        # Bytes that are not UTF-8 (another program's) decode to lone surrogates, which the
+        # readers of each key refuse one value at a time (``stream.not_utf8``): strict decoding
+        # failed the whole reply, and the session with it, on every attempt.
+        encoding_errors="surrogateescape",
         socket_timeout=settings.timeout + blocking,
         socket_connect_timeout=settings.timeout,
         retry=Retry(NoBackoff(), 0),

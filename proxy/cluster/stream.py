@@ -19,6 +19,7 @@ functions what to do.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,19 +56,34 @@ def entry_seq(fields: Mapping[str, str]) -> int | None:
 
 
 def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StreamEntry | None:
-    """An entry as read back; None when it is damaged (it is then skipped and counted).
+    """An entry as read back; None when it is damaged (it is then skipped and counted): whatever
+    another program XADDed, a field that is not UTF-8 (read with ``surrogateescape``:
+    ``proxy.cluster.redis_io.client``), JSON too deep for the parser, a purge of the wrong types.
 
     >>> e = decode_entry("5-0", {"seq": "3", **entry_fields("a", PurgeSpec(tags=("t",)))})
     >>> (e.seq, e.node, e.spec.tags) if e else None
     (3, 'a', ('t',))
+    >>> [decode_entry("5-0", {"seq": "3", "node": "a", "spec": s}) for s in ('{"urls":[1]}',
+    ...  '{"all":"false"}', '{"tags":"t"}', "[" * 100_000)]
+    [None, None, None, None]
     >>> decode_entry("5-0", {"seq": "x"}) is None
     True
     """
     try:
+        if any(not_utf8(v) for v in fields.values()):
+            return None
         spec = PurgeSpec.from_json(json.loads(fields["spec"]))
         return StreamEntry(entry_id, int(fields["seq"]), str(fields["node"]), spec)
-    except (KeyError, ValueError, TypeError, AttributeError):
+    except Exception:  # whatever a hostile entry raises: it is one entry, never the session's end
         return None
+
+
+def not_utf8(text: object) -> bool:
+    """Whether ``text``, read from Redis with ``surrogateescape``, held bytes that are not UTF-8."""
+    return isinstance(text, str) and _SURROGATE.search(text) is not None
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def id_tuple(entry_id: str) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from proxy.cluster.stream import (
     Saved,
     Tip,
     caught_up_when_lost,
+    decode_entry,
     merge_specs,
     outcome,
     plan_resume,
@@ -93,3 +94,26 @@ def test_the_answer_names_the_live_nodes_that_did_not_acknowledge() -> None:
     result = outcome(["a", "b", "c"], {"a": 2, "c": 0, "d": 1})
     assert (result.purged, result.missing, result.complete) == (3, ("b",), False)
     assert outcome(["a"], {"a": 0}).complete
+
+
+@pytest.mark.parametrize(("fields", "tags"), [
+    ({"seq": "3", "node": "a", "spec": '{"tags":["t"],"all":false}'}, ("t",)),
+    ({"seq": "3", "node": "a", "spec": '{"tags":["t"],"from_a_newer_release":1}'}, ("t",)),
+    ({"seq": "3", "node": "a", "spec": '{"urls":[1]}'}, None),
+    ({"seq": "3", "node": "a", "spec": '{"keys":[1]}'}, None),
+    ({"seq": "3", "node": "a", "spec": '{"prefixes":[null]}'}, None),
+    ({"seq": "3", "node": "a", "spec": '{"tags":[{"a":1}]}'}, None),
+    ({"seq": "3", "node": "a", "spec": '{"tags":[""]}'}, None),
+    ({"seq": "3", "node": "a", "spec": '{"tags":["\\ud800"]}'}, None),  # no UTF-8, no SQLite text
+    ({"seq": "3", "node": "a", "spec": '{"all":"false"}'}, None),  # not read as a purge of everything
+    ({"seq": "3", "node": "a", "spec": '{"soft":"no","tags":["t"]}'}, None),
+    ({"seq": "3", "node": "a", "spec": '{"urls":"http://x/"}'}, None),  # not purged letter by letter
+    ({"seq": "3", "node": "a", "spec": '["tags"]'}, None),
+    ({"seq": "3", "node": "a", "spec": "[" * 100_000}, None),  # RecursionError
+    ({"seq": "3", "node": "\udcff\udcfe", "spec": '{"tags":["t"]}'}, None),  # not UTF-8 (surrogateescape)
+    ({"seq": "3", "node": "a", "spec": '{"tags":["\udcff"]}'}, None),
+    ({"seq": "3", "node": "a"}, None),
+])
+def test_an_entry_is_read_only_as_the_purge_a_node_writes(fields: dict[str, str], tags: tuple[str, ...] | None) -> None:
+    entry = decode_entry("5-0", fields)
+    assert (entry.spec.tags if entry else None) == tags

@@ -1,0 +1,113 @@
+"""What another program (or tenant) can write under the cluster's keys: each bad value is skipped,
+counted and logged, never the end of a node's session (real nodes in-process: the local purge is
+the real store's)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.cluster import join
+from proxy.cluster.redis_io import Names
+from tests.cluster.nodes import wait_until
+from tests.cluster.redis_server import RedisServer
+from tests.cluster.test_bus import versioned
+from tests.harness import Origin, Proxy, start_proxy
+
+HOST = "h.test"
+
+
+async def node(tmp_path: Path, origin: Origin, redis: RedisServer, ns: str, name: str) -> Proxy:
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    cluster = {"redis": redis.url, "node": name, "namespace": ns, "heartbeat": "0.2s", "ack_timeout": "2s"}
+    p = await start_proxy(str(d), origin.url, f"cluster: {json.dumps(cluster)}\n")
+    await join(p.runtime, p.runtime.purge_here)
+    p.runtime.purge_fn = p.runtime.cluster.purge  # as serve() does once it has joined
+    return p
+
+
+async def answer(value: Any) -> Any:
+    return value
+
+
+# JSON that parses, with what no node writes: each was a session that ended, for good, on every node
+# (or a purge nobody asked for: "false" read as true, a URL purged letter by letter).
+WRONG_TYPES = ['{"urls":[1]}', '{"tags":[{"a":1}]}', '{"keys":[1]}', '{"prefixes":[null]}',
+               '{"all":"false","soft":"no"}', '{"urls":"http://h.test/"}', '{"tags":["\\udcff"]}',
+               "[" * 100_000]
+
+
+async def xadd(raw: aioredis.Redis, ns: str, node: bytes | str, spec: bytes | str) -> None:
+    names = Names(ns)
+    seq = await raw.incr(names.seq)
+    await raw.xadd(names.stream, {"seq": str(seq), "node": node, "spec": spec})
+
+
+async def test_hostile_stream_entries_and_member_names_are_skipped_and_the_cluster_goes_on(
+        tmp_path: Path, origin: Origin, shared_redis: RedisServer) -> None:
+    versioned(origin, "/keep")
+    versioned(origin, "/gone")
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    raw = aioredis.Redis.from_url(shared_redis.url)  # bytes as they are: not UTF-8 too
+    a = await node(tmp_path, origin, shared_redis, ns, "a")
+    b = await node(tmp_path, origin, shared_redis, ns, "b")
+    c = await node(tmp_path, origin, shared_redis, ns, "c")
+    procs = [a, b, c]
+    try:
+        for p in (a, b):
+            for path in ("/keep", "/gone"):
+                await p.get(path, headers={"Host": HOST})
+                assert (await p.get(path, headers={"Host": HOST})).x_cache == "HIT"
+        await c.session.close()
+        await c.close()  # c catches up on them at its restart (a backlog: merged)
+        procs.remove(c)
+
+        hostile = [*WRONG_TYPES,
+                   '{"urls":["http://[x"]}']  # well typed, and the store refuses it: skipped too
+        for spec in hostile:
+            await xadd(raw, ns, "evil", spec)
+        await xadd(raw, ns, b"\xff\xfe", '{"tags":["x"]}')  # a node name that is not UTF-8
+        await xadd(raw, ns, "evil", b'{"tags":["\xff"]}')  # a purge that is not UTF-8
+        await raw.sadd(Names(ns).members, b"\xff\xfe")
+        damaged = len(hostile) + 2
+
+        for p in (a, b):
+            node_ = p.runtime.cluster
+            await wait_until(lambda n=node_: answer(n.counts["damaged"] == damaged))
+            assert node_.state == "ready" and node_.connected, (node_.state, node_.reason)
+            assert node_.counts["reconnects"] == 0
+            assert (await p.get("/keep", headers={"Host": HOST})).x_cache == "HIT"  # nothing purged
+
+        r = await a.admin("GET", "/cluster")
+        assert r.status == 200, r.body
+        assert sorted(n["node"] for n in json.loads(r.body)["nodes"]) == ["a", "b", "c"]
+
+        c = await node(tmp_path, origin, shared_redis, ns, "c")  # required: true, it starts
+        procs.append(c)
+        assert c.runtime.cluster.state == "ready"
+        assert c.runtime.cluster.counts["damaged"] == damaged
+        assert sum(c.runtime.cluster.full_purges.values()) == 0
+
+        r = await a.admin("POST", "/purge", json={"urls": [f"http://{HOST}/gone"]})
+        assert r.status == 200, r.body
+        assert set(json.loads(r.body)["nodes"]) == {"a", "b", "c"}, r.body
+        for p in (a, b):
+            assert (await p.get("/gone", headers={"Host": HOST})).x_cache != "HIT"
+            assert (await p.get("/keep", headers={"Host": HOST})).x_cache == "HIT"
+    finally:
+        await raw.aclose()
+        for p in procs:
+            await p.session.close()
+            await p.close()
+
+
+@pytest.mark.parametrize("body", ['{"tags":["\\udcff"]}', '{"urls":["http://h.test/"],"soft":"no"}'])
+async def test_the_admin_api_refuses_what_the_stream_refuses(proxy: Proxy, body: str) -> None:
+    r = await proxy.admin("POST", "/purge", data=body)
+    assert r.status == 400, r.body
