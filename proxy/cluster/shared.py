@@ -64,12 +64,12 @@ from proxy.cluster.settings import ClusterSettings
 from proxy.logs import RepeatedFailure
 from proxy.policy.keys import url_of_key
 from proxy.purge import PurgeSpec
-from proxy.storage.entry import Entry, decode_variants, encode_variants
+from proxy.storage.entry import UNREADABLE_RECORD, Entry, decode_variants, encode_variants
 
 log = logging.getLogger("cachegate.cluster.shared")
 
 # What parsing an answer that is not what our scripts return raises (garbage under our keys).
-UNREADABLE = (ValueError, TypeError, IndexError, AttributeError, KeyError)
+UNREADABLE = UNREADABLE_RECORD
 TTL_MARGIN = 5.0  # seconds a shared entry outlives what any node could serve from it
 TTL_MAX = 30 * 86400.0
 # What a node does when a call of the shared tier fails (said in the log).
@@ -314,6 +314,10 @@ class SharedTier:
             variants = []
             for record, body in zip(answer[1::2], answer[2::2], strict=True):
                 decoded = decode_variants(record)
+                if not decoded:
+                    # Not what a node writes (another program's, or a value Python's JSON reads
+                    # and cachegate does not: Infinity): an error, and the origin answers.
+                    raise ValueError("a record under the key that cachegate cannot read")
                 if decoded and decoded[0].key == key and decoded[0].body_size == len(body):
                     variants.append((decoded[0], bytes(body)))
             if variants:

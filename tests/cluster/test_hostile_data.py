@@ -4,7 +4,9 @@ the real store's)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import redis.asyncio as aioredis
 
 from proxy.cluster import join
 from proxy.cluster.redis_io import Names
-from tests.cluster.nodes import wait_until
+from tests.cluster.nodes import Nodes, metrics, wait_until
 from tests.cluster.redis_server import RedisServer
 from tests.cluster.test_bus import versioned
 from tests.harness import Origin, Proxy, start_proxy
@@ -111,3 +113,48 @@ async def test_hostile_stream_entries_and_member_names_are_skipped_and_the_clust
 async def test_the_admin_api_refuses_what_the_stream_refuses(proxy: Proxy, body: str) -> None:
     r = await proxy.admin("POST", "/purge", data=body)
     assert r.status == 400, r.body
+
+
+def _spoiled(record: bytes, how: str) -> bytes:
+    """A shared-tier record (``bid\\nsets\\nJSON``) with one slot as Python's JSON reads it and
+    cachegate never writes it."""
+    bid, sets, text = record.split(b"\n", 2)
+    variants = json.loads(text)
+    if how == "deep":
+        return b"\n".join((bid, sets, b"[" * 100_000 + b"]" * 100_000))
+    slot, value = {"seq-inf": (7, math.inf), "stored_at-inf": (6, math.inf), "response_time-nan": (12, math.nan),
+                   "lifetime-inf": ((13, 0), math.inf), "status-inf": (8, math.inf)}[how]
+    if isinstance(slot, tuple):
+        variants[0][slot[0]][slot[1]] = value
+    else:
+        variants[0][slot] = value
+    return b"\n".join((bid, sets, json.dumps(variants).encode()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["seq-inf", "stored_at-inf", "response_time-nan", "lifetime-inf", "status-inf",
+                                 "deep"])
+async def test_a_shared_tier_record_cachegate_never_writes_is_an_error_and_the_origin_answers(
+        origin: Origin, tmp_path: Path, shared_redis: RedisServer, how: str) -> None:
+    versioned(origin, "/l2")
+    nodes = Nodes(str(tmp_path), origin.url, shared_redis.url, shared_cache=True)
+    raw = aioredis.Redis.from_url(shared_redis.url)
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        assert (await a.get("/l2")).body == b"v1"  # filled through to the shared tier
+        names = Names(nodes.namespace)
+        keys = [k async for k in raw.scan_iter(f"{names.l2}:*:m:*l2")]
+        assert len(keys) == 1, keys
+        field, record = next(iter((await raw.hgetall(keys[0])).items()))
+        await raw.hset(keys[0], field, _spoiled(record, how))
+
+        for _ in range(2):
+            r = await b.get("/l2")
+            assert r.status == 200 and r.body.startswith(b"v"), (r.status, r.body)
+        assert (await b.get("/l2")).x_cache == "HIT"  # its own fill, from its own tiers
+        assert origin.count("/l2") == 2
+        m = await metrics(b)
+        assert m[("cachegate_cluster_shared_total", (("event", "error"),))] >= 1
+    finally:
+        await raw.aclose()
+        await nodes.stop_all()
