@@ -198,7 +198,7 @@ class ClusterNode:
         self.started = time.time()
         self.counts: dict[str, int] = dict.fromkeys(
             ("sent", "applied", "incomplete", "unavailable", "reconnects", "damaged", "outbox_dropped",
-             "dead_subscriptions"), 0)
+             "dead_subscriptions", "malformed_acks"), 0)
         self.full_purges: dict[str, int] = {"trimmed": 0, "redis-lost-data": 0, "no-state": 0}
         self._pending: dict[str, _Pending] = {}
         # The nodes last seen live (kept across sessions), and those Redis forgot since (it restarted
@@ -818,7 +818,12 @@ class ClusterNode:
         and answered 202 naming every other node, for as long as the process ran."""
         try:
             async for message in subscribed(pubsub, self.settings, "acknowledgements", lambda: self._closing):
-                self._take_ack(message)
+                try:
+                    self._take_ack(message)
+                except Exception as exc:  # (a bug: a message is never the session's end)
+                    self.counts["malformed_acks"] += 1
+                    self._skipped.report("cluster: acknowledgement %s skipped: %s: %s",
+                                         _shown(message.get("data")), type(exc).__name__, exc)
         except DeadSubscription:
             self.counts["dead_subscriptions"] += 1
             raise
@@ -838,11 +843,15 @@ class ClusterNode:
     def _take_ack(self, message: dict[str, Any]) -> None:
         if message.get("type") != "message":
             return
-        try:
-            ack = json.loads(message["data"])
-            entry_id, node, n = str(ack["id"]), str(ack["node"]), int(ack["n"])
-        except (ValueError, KeyError, TypeError):
+        ack = _read_ack(message.get("data"))
+        if ack is None:
+            # Not what a node publishes (another program's, on our channel): ignored. An
+            # ``"n": Infinity`` (OverflowError) ended every node's session with it.
+            self.counts["malformed_acks"] += 1
+            self._skipped.report("cluster: malformed acknowledgement ignored: %s",
+                                 _shown(message.get("data")))
             return
+        entry_id, node, n = ack
         pending = self._pending.get(entry_id)
         if pending is not None:
             pending.acks[node] = n
@@ -1056,12 +1065,33 @@ def _shown(value: object, width: int = 300) -> str:
     return text if len(text) <= width else text[:width] + "..."
 
 
+def _read_ack(data: Any) -> tuple[str, str, int] | None:
+    """An acknowledgement as a node publishes it: entry id, node, count; None for anything else
+    (not JSON, too deep for the parser, not UTF-8, a count that is not a whole number).
+
+    >>> _read_ack('{"id":"1-0","node":"b","n":3}'), _read_ack('{"id":"1-0","node":"b","n":Infinity}')
+    (('1-0', 'b', 3), None)
+    >>> _read_ack('{"id":"1-0","node":"b","n":true}'), _read_ack('{"id":"1-0","node":"b","n":2.5}')
+    (None, None)
+    """
+    try:
+        ack = json.loads(data) if isinstance(data, str) and not stream.not_utf8(data) else None
+    except Exception:  # (ValueError; RecursionError for JSON nested too deep)
+        return None
+    if not isinstance(ack, dict):
+        return None
+    entry_id, node, n = ack.get("id"), ack.get("node"), ack.get("n")
+    if type(entry_id) is not str or type(node) is not str or type(n) is not int or n < 0:
+        return None
+    return entry_id, node, n
+
+
 def _who(beat: str) -> str:
     """Which process a heartbeat is, for messages."""
     try:
         info = json.loads(beat)
         return f"pid {info.get('pid')}, listening on {info.get('listen', '?')}"
-    except (ValueError, AttributeError):
+    except Exception:  # (what another program left there: not JSON, too deep, not an object)
         return "unknown process"
 
 

@@ -158,3 +158,45 @@ async def test_a_shared_tier_record_cachegate_never_writes_is_an_error_and_the_o
     finally:
         await raw.aclose()
         await nodes.stop_all()
+
+
+MALFORMED_ACKS = ['{"id":"1-0","node":"x","n":Infinity}', '{"id":"1-0","node":"x","n":NaN}',
+                  '{"id":"1-0","node":"x","n":1e999}', '{"id":"1-0","node":"x","n":true}',
+                  '{"id":["1-0"],"node":"x","n":1}', '{"id":"1-0","node":{"a":1},"n":1}', "[1]",
+                  "[" * 100_000, "not json"]
+
+
+async def test_malformed_acknowledgements_are_ignored_and_purges_go_on(
+        tmp_path: Path, origin: Origin, shared_redis: RedisServer) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    raw = aioredis.Redis.from_url(shared_redis.url)
+    a = await node(tmp_path, origin, shared_redis, ns, "a")
+    b = await node(tmp_path, origin, shared_redis, ns, "b")
+    stop = asyncio.Event()
+    rounds = [0]
+
+    async def flood() -> None:
+        while not stop.is_set():
+            for message in [*MALFORMED_ACKS, b'{"id":"1-0","node":"\xff","n":1}']:
+                await raw.publish(Names(ns).acks, message)
+            rounds[0] += 1
+            await asyncio.sleep(0.01)
+
+    flooding = asyncio.ensure_future(flood())
+    try:
+        await wait_until(lambda: answer(rounds[0] >= 20))
+        for i in range(5):
+            r = await a.admin("POST", "/purge", json={"tags": [f"t{i}"]})
+            assert r.status == 200, r.body
+            assert set(json.loads(r.body)["nodes"]) == {"a", "b"}, r.body
+        for p in (a, b):
+            n = p.runtime.cluster
+            assert n.connected and n.state == "ready" and n.counts["reconnects"] == 0, (n.state, n.reason)
+            assert n.counts.get("malformed_acks", 0) >= 20 * (len(MALFORMED_ACKS) + 1)
+    finally:
+        stop.set()
+        await flooding
+        await raw.aclose()
+        for p in (a, b):
+            await p.session.close()
+            await p.close()

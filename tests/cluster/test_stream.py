@@ -6,6 +6,7 @@ import doctest
 
 import pytest
 
+import proxy.cluster.node
 import proxy.cluster.shared
 import proxy.cluster.stream
 from proxy.cluster.stream import (
@@ -23,7 +24,7 @@ from proxy.cluster.stream import (
 from proxy.purge import PurgeSpec
 
 
-@pytest.mark.parametrize("module", [proxy.cluster.stream, proxy.cluster.shared])
+@pytest.mark.parametrize("module", [proxy.cluster.stream, proxy.cluster.shared, proxy.cluster.node])
 def test_docstring_examples_hold(module: object) -> None:
     assert doctest.testmod(module).failed == 0  # type: ignore[arg-type]
 
