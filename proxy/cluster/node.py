@@ -76,6 +76,7 @@ _monotonic = time.monotonic  # (bound once: hits_held is on the hit path)
 
 STATE_FILE = "cluster-state.json"
 READ_BATCH = 1000  # stream entries read (and, when many, merged) at once
+FIRST_READ = 16  # entries read to find where a backlog begins (past any that no node appended)
 BLOCK_MS = 1000  # XREAD BLOCK: how long a read waits for new entries
 OUTBOX_MAX = 10_000  # invalidations kept while Redis is unreachable
 EARLY_ACKS_MAX = 10_000
@@ -490,9 +491,9 @@ class ClusterNode:
         saved = self.saved
         next_seq = None
         if saved is not None and saved.epoch == tip.epoch and tip.seq > saved.seq:
-            first: Any = await r.xrange(self.names.stream, f"({saved.id}", "+", count=1)
-            if first:
-                next_seq = stream.entry_seq(first[0][1])  # (a damaged entry's too: it took its number)
+            first: Any = await r.xrange(self.names.stream, f"({saved.id}", "+", count=FIRST_READ)
+            # (a damaged entry's number too: it took its number; not one ahead of the counter)
+            next_seq = stream.first_trusted((stream.entry_seq(f) for _, f in first or ()), tip.seq)
         holds = saved is None and self._local_entries is not None and self._local_entries() > 0
         plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along,
                                   holds_entries=holds)
@@ -555,8 +556,17 @@ class ClusterNode:
             return False
         entries: list[StreamEntry] = []
         seqs: list[int] = []  # a damaged entry's too, when readable: it took its number
-        for entry_id, fields in raw:
-            seq = stream.entry_seq(fields)
+        read = [stream.entry_seq(fields) for _, fields in raw]
+        counter = self.tip_seq
+        if max((x for x in read if x is not None), default=0) > counter:
+            counter = await self._counter()  # (only for entries appended since it was last read)
+        for (entry_id, fields), seq in zip(raw, read, strict=True):
+            if not stream.trusted(seq, counter):
+                self.counts["damaged"] += 1
+                self._skipped.report("cluster: damaged purge stream entry %s skipped: its sequence number "
+                                     "%d is ahead of %s (%d), which every append counts: no node appended "
+                                     "it: %s", entry_id, seq, self.names.seq, counter, _shown(fields))
+                continue
             if seq is not None:
                 seqs.append(seq)
             entry = stream.decode_entry(entry_id, fields)
@@ -578,6 +588,13 @@ class ClusterNode:
         await self._apply(entries, merge=not block)
         self._save(Saved(self.saved.epoch, last_seq, last_id))
         return len(raw) == READ_BATCH
+
+    async def _counter(self) -> int:
+        """The stream's counter (``NS:purges:seq``) as it is now."""
+        r = self._redis
+        assert r is not None
+        self.tip_seq = stored_int(await r.get(self.names.seq), self.names.seq)
+        return self.tip_seq
 
     async def _apply(self, entries: list[StreamEntry], merge: bool, *, flushed: int | None = None) -> None:
         """Apply entries in order (``merge``: a backlog, as few local purges as possible; their

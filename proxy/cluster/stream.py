@@ -86,6 +86,28 @@ def not_utf8(text: object) -> bool:
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
+def trusted(seq: int | None, counter: int) -> bool:
+    """Whether an entry's sequence number can be believed: not ahead of the stream's counter
+    (``NS:purges:seq``), which the script that appends an entry increments in the same step.
+    One ahead of it is no node's: believed, it became this node's applied number, every lag
+    read 0, and the next start found the counter behind it and purged the whole local cache
+    ("Redis lost data"); as the first entry read, it was a gap (the same).
+
+    >>> trusted(5, 7), trusted(None, 7), trusted(999_999, 7)
+    (True, True, False)
+    """
+    return seq is None or seq <= counter
+
+
+def first_trusted(seqs: Iterable[int | None], counter: int) -> int | None:
+    """The first readable, trusted sequence number of ``seqs`` (None: none), for ``plan_resume``.
+
+    >>> first_trusted([None, 999_999, 8, 9], 9), first_trusted([999_999], 9)
+    (8, None)
+    """
+    return next((s for s in seqs if s is not None and trusted(s, counter)), None)
+
+
 def id_tuple(entry_id: str) -> tuple[int, int]:
     ms, _, n = entry_id.partition("-")
     return int(ms), int(n or 0)

@@ -200,3 +200,61 @@ async def test_malformed_acknowledgements_are_ignored_and_purges_go_on(
         for p in (a, b):
             await p.session.close()
             await p.close()
+
+
+async def test_an_entry_numbered_ahead_of_the_counter_is_skipped_and_costs_no_node_its_cache(
+        tmp_path: Path, origin: Origin, shared_redis: RedisServer) -> None:
+    """A well-formed entry whose seq is far ahead of NS:purges:seq (another program's XADD): it
+    was taken as this node's applied number, and the next start purged the whole local cache
+    ("Redis lost data"); read first in a backlog, it was a gap (the same)."""
+    versioned(origin, "/keep")
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    names = Names(ns)
+    raw = aioredis.Redis.from_url(shared_redis.url)
+    a = await node(tmp_path, origin, shared_redis, ns, "a")
+    b = await node(tmp_path, origin, shared_redis, ns, "b")
+    procs = [a, b]
+
+    async def restart_b() -> Proxy:
+        await procs[1].session.close()
+        await procs[1].close()
+        procs[1] = await node(tmp_path, origin, shared_redis, ns, "b")
+        return procs[1]
+
+    async def ahead() -> str:
+        entry_id = await raw.xadd(names.stream, {"seq": "999999", "node": "evil",
+                                                 "spec": '{"tags":["nothing-cached"]}'})
+        return str(entry_id.decode())
+
+    try:
+        await b.get("/keep", headers={"Host": HOST})
+        assert (await b.get("/keep", headers={"Host": HOST})).x_cache == "HIT"
+        assert (await a.admin("POST", "/purge", json={"tags": ["t0"]})).status == 200
+
+        # Followed: skipped and counted; what b applied stays the counter's.
+        bogus = await ahead()
+        await wait_until(lambda: answer(b.runtime.cluster.saved.id == bogus))  # read past it
+        counter = int(await raw.get(names.seq))
+        assert b.runtime.cluster.saved.seq == counter == 1
+        assert b.runtime.cluster.counts["damaged"] == 1
+        r = await a.admin("POST", "/purge", json={"tags": ["t1"]})
+        assert r.status == 200 and set(json.loads(r.body)["nodes"]) == {"a", "b"}, r.body
+        view = json.loads((await b.admin("GET", "/cluster")).body)
+        assert view["stream_seq"] == 2 and view["nodes"][1]["applied_seq"] == 2, view
+
+        # Read first in a backlog: b was away, one more purge came after it.
+        await procs[1].session.close()
+        await procs[1].close()
+        await ahead()
+        assert (await a.admin("POST", "/purge", json={"tags": ["t2"]})).status == 200
+        procs[1] = b = await node(tmp_path, origin, shared_redis, ns, "b")
+        assert b.runtime.cluster.saved.seq == 3
+        b = await restart_b()
+        for n in (a, b):
+            assert sum(n.runtime.cluster.full_purges.values()) == 0, n.runtime.cluster.full_purges
+        assert (await b.get("/keep", headers={"Host": HOST})).x_cache == "HIT"  # its cache kept
+    finally:
+        await raw.aclose()
+        for p in procs:
+            await p.session.close()
+            await p.close()
