@@ -219,6 +219,7 @@ class ClusterNode:
         self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()  # the first session caught up, or failed
         self._first_error: BaseException | None = None
+        self._ended: BaseException | None = None  # why the last session ended (None: none yet)
         self._caught_up_all_along = False  # applied everything seen when Redis went away
         self._tip_read = False  # this session has read the stream's tip (tip_seq)
         self._closing = False
@@ -306,6 +307,7 @@ class ClusterNode:
                 self._first.set()
                 return
             except LOST as exc:
+                self._ended = exc
                 was_ready = self.state == "ready"
                 if self._notice_lapse():
                     # Not counted live for a while: purges may have answered 200 without this node,
@@ -682,7 +684,13 @@ class ClusterNode:
                 return await self._invalidate_offline(spec)
             self.counts["unavailable"] += 1
             kind = "refused" if _refused(exc) else "unknown" if appended else "unreachable"
-            raise PurgeUnavailable(self._unavailable_message(_describe(exc), kind)) from None
+            why = _describe(exc)
+            if not self.connected and _timed_out(self._ended):
+                # This node gave its connections up under the purge (a Redis that answers nothing:
+                # stopped, hung): "Connection closed by server" blamed Redis for our own close.
+                why = (f"no answer within {self.settings.timeout:g}s, so this node closed its "
+                       "connections to it")
+            raise PurgeUnavailable(self._unavailable_message(why, kind)) from None
         finally:
             self._appending.discard(appending)
             appending.set_result(None)
@@ -1115,6 +1123,13 @@ def _who(beat: str) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if "timeout" not in type(exc).__name__.lower() else f"no answer within the timeout ({text})"
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """Whether a session ended because Redis answered nothing in time (a timeout, a PING of a
+    subscribed connection unanswered, this node's heartbeat lapsed)."""
+    return exc is not None and (isinstance(exc, (DeadSubscription, HeartbeatLapsed, TimeoutError))
+                                or "timeout" in type(exc).__name__.lower())
 
 
 def _refused(exc: BaseException) -> bool:

@@ -85,3 +85,28 @@ async def test_a_slow_redis_answering_within_the_timeout_holds_no_hits(
         watching.cancel()
         await node.close()
         await link.close()
+
+
+async def test_a_purge_under_a_hung_redis_says_it_answered_nothing_in_time(own_redis: RedisServer) -> None:
+    """Redis stopped (SIGSTOP): the node gives its connections up after cluster.timeout, and a
+    purge waiting on one of them was told 'Connection closed by server', which blamed Redis for
+    this node's own close."""
+    import os
+    import signal
+
+    from proxy.purge import PurgeUnavailable
+
+    node = ClusterNode(ClusterSettings(redis=own_redis.url, node="a", namespace=f"t{uuid.uuid4().hex[:8]}",
+                                       heartbeat=0.2, timeout=0.5), nothing, None)
+    await node.start()
+    assert own_redis.proc is not None
+    try:
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        await asyncio.sleep(0.3)  # a heartbeat is under way: the purge's answer outlasts it
+        with pytest.raises(PurgeUnavailable) as info:
+            await node.purge(PurgeSpec(tags=("x",)))
+        message = str(info.value)
+        assert "no answer within" in message and "closed by server" not in message, message
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await node.close()
