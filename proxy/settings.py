@@ -672,7 +672,9 @@ def read_settings(root: Src, ctx: Context) -> Settings:
         ctx.problems.add(root, "the config file must be a mapping (listen:, upstreams:, cache:, ...)")
         root = Src({}, root.file, root.line)
     settings = read_section(Settings, root, ctx, source=root.file)
-    if settings.cluster is not None:  # its default node name comes from the listeners
-        settings = replace(settings, cluster=settings.cluster.with_node_name(settings.listeners[0].port))
+    port = settings.listeners[0].port
+    if settings.cluster is not None and port:  # its default node name comes from the listeners
+        # (port 0: from the port bound at start, ``proxy.cluster.join``)
+        settings = replace(settings, cluster=settings.cluster.with_node_name(port))
     return settings
 

@@ -358,7 +358,7 @@ class Supervisor:
             # The node's member of the cluster: caught up before any worker serves.
             try:
                 await join_cluster(runtime, self.purge_here, workers=len(self.workers),
-                                   call_workers=self.call_all)
+                                   call_workers=self.call_all, port=self._ports[0])
             except ClusterUnavailable as exc:
                 print(f"cachegate: {exc}", file=sys.stderr, flush=True)
                 await listeners.stop(0)

@@ -78,16 +78,23 @@ class WorkerGate:
 
 
 async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[int]],
-               workers: int = 1, call_workers: Callable[..., Awaitable[list[Any]]] | None = None) -> None:
+               workers: int = 1, call_workers: Callable[..., Awaitable[list[Any]]] | None = None,
+               port: int | None = None) -> None:
     """Make this process its node's member of the cluster (the only process, or the
     supervisor, whose ``call_workers`` calls every worker): connect, catch up, then purge
     through the bus. Raises ``ClusterUnavailable`` when Redis cannot be reached and
-    ``cluster.required``."""
+    ``cluster.required``. ``port``: the first client listener's port as bound (a supervisor
+    reserves its ports first: a config's port 0 resolved), for the default node name and
+    ``GET /cluster``'s ``listen``; a single process joins before it binds (its clients wait
+    until it has caught up), so port 0 stays 0 there."""
     from proxy.cluster.node import ClusterNode
 
     settings = runtime.settings
-    cluster = settings.cluster
-    assert cluster is not None
+    assert settings.cluster is not None
+    host, listen_port = settings.listen
+    if port is not None:
+        listen_port = port
+    cluster = settings.cluster.with_node_name(listen_port)
     disk = settings.cache.disk
     shared_purge = None
     tier = attach_shared(runtime)
@@ -112,13 +119,12 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
             telling.add(told)
             told.add_done_callback(telling.discard)
 
-    host, port = settings.listen
     index = runtime.storage.index
     node = ClusterNode(cluster, local_purge, disk.path if disk is not None else None,
                        shared_purge=shared_purge,
                        shared_reset=tier.new_generation if tier is not None else None,
                        outbox_changed=outbox_changed, beat_changed=beat_changed,
-                       info=lambda: {"workers": workers, "listen": show_hostport((host, port))},
+                       info=lambda: {"workers": workers, "listen": show_hostport((host, listen_port))},
                        local_entries=index.count if index is not None else None)
     runtime.metrics.add_collector(node.collect)
     runtime.cluster = node  # GET /healthz says "not ready" while it catches up

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +17,9 @@ from proxy.cluster.node import ClusterNode
 from proxy.cluster.redis_io import Names, client
 from proxy.cluster.settings import ClusterSettings
 from proxy.purge import PurgeSpec
-from tests.cluster.nodes import wait_until
+from tests.cluster.nodes import Nodes, cluster_view, wait_until
 from tests.cluster.redis_server import RedisServer
+from tests.harness import Origin
 
 
 async def nothing(spec: PurgeSpec) -> int:
@@ -108,3 +111,22 @@ async def test_a_node_that_stops_leaves_another_instances_heartbeat_alone(shared
         assert await r.get(key) == beat
     finally:
         await r.aclose()
+
+
+@pytest.mark.slow
+async def test_the_default_name_of_a_node_listening_on_port_0_has_the_port_it_bound(
+        origin: Origin, tmp_path: Path, shared_redis: RedisServer) -> None:
+    """``listen: 127.0.0.1:0`` and no cluster.node: with --workers N the supervisor binds first,
+    so the name is HOSTNAME:PORT of that port; it was HOSTNAME:0, the same for every such node."""
+    nodes = Nodes(str(tmp_path), origin.url, shared_redis.url)
+    try:
+        a = await nodes.start("a", "--workers", "2", node="")
+        port = int(a.url.rsplit(":", 1)[1])
+        assert port != 0
+        view = await cluster_view(a)
+        name = f"{socket.gethostname()}:{port}"
+        assert view["node"] == name, view
+        (me,) = [n for n in view["nodes"] if n["node"] == name]
+        assert me["listen"] == f"127.0.0.1:{port}", me
+    finally:
+        await nodes.stop_all()
