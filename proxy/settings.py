@@ -672,6 +672,13 @@ def read_settings(root: Src, ctx: Context) -> Settings:
         ctx.problems.add(root, "the config file must be a mapping (listen:, upstreams:, cache:, ...)")
         root = Src({}, root.file, root.line)
     settings = read_section(Settings, root, ctx, source=root.file)
+    raw = root.value.get("cluster")
+    if raw is not None and raw.value is None:
+        # Every key commented out: YAML reads null, which is no cluster, and a node meant to be
+        # one of many ran alone without a word (purges reached no other node).
+        ctx.problems.warn((root.file, root.key_lines.get("cluster", root.line)),
+                          "cluster: is empty (are its keys commented out?): this node runs alone, "
+                          "not in cluster mode; give it redis: (and the rest), or remove the section")
     port = settings.listeners[0].port
     if settings.cluster is not None and port:  # its default node name comes from the listeners
         # (port 0: from the port bound at start, ``proxy.cluster.join``)

@@ -111,3 +111,13 @@ def test_the_heartbeat_and_the_timeout_are_at_most_10_s(tmp_path: Path, key: str
         load_config(path)
     assert [p for p in info.value.problems if p.startswith(f"{path}:6: cluster.{key}: ")
             and "must be at most 10s" in p], info.value.problems
+
+
+def test_an_empty_section_is_a_warning_with_its_file_and_line(tmp_path: Path) -> None:
+    # Every key commented out: YAML reads null, no cluster at all; the node ran alone, unsaid.
+    path = write(tmp_path, "cluster:\n  # redis: redis://10.0.0.5:6379/0\n  # node: a\n")
+    r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"{path}:4: warning: cluster: is empty (are its keys commented out?): this node runs alone" in \
+        r.stdout + r.stderr
+    assert load_config(path).cluster is None
