@@ -25,6 +25,7 @@ Keep this module free of imports from the rest of the package, and the check at 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -81,5 +82,6 @@ def exit_if_changed(argv: Sequence[str]) -> None:
         # reads let the worker run: a reviewer's upgrade from the release before this one)
         return
     worker = given(argv, "--worker-id") or "?"
-    print(f"cachegate: worker {worker}: {CHANGED}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # (standard error's reader gone: the exit status still says why)
+        print(f"cachegate: worker {worker}: {CHANGED}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_CODE_CHANGED)

@@ -40,6 +40,7 @@ line per event, with the worker and the request id; JSON objects when the access
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import itertools
@@ -766,7 +767,24 @@ def say(message: str, level: str = "info", **fields: Any) -> None:
                            "worker": _worker_label, "message": message, **fields}, ensure_ascii=False)
     else:
         line = message
-    print(line, flush=True)
+    try:
+        print(line, flush=True)
+    except OSError as exc:
+        # Standard output's reader is gone (a log shipper that died: EPIPE) or its disk is
+        # full: the line is lost, never what it announces. Raised, it ended the supervisor's
+        # task that restarts a dead worker (the line came first), its watchdog (before the
+        # kill), and the stop (exit 1 with a traceback).
+        _OUTPUT.failed(exc, traceback=False)
+    else:
+        _OUTPUT.succeeded()
+
+
+def tell(message: str) -> None:
+    """A line on standard error for the operator (why cachegate cannot start or goes on
+    without something), lost rather than raised when standard error cannot be written
+    (``say``): what follows the line must still happen."""
+    with contextlib.suppress(OSError):  # (nowhere left to say so)
+        print(message, file=sys.stderr, flush=True)
 
 
 class RepeatedFailure:
@@ -833,3 +851,9 @@ class RepeatedFailure:
             self._failing.clear()
             return True
         return False
+
+
+# ``say``'s failed writes: logged once (standard error may still be read), then once a minute.
+_OUTPUT = RepeatedFailure(logging.getLogger("cachegate"),
+                          "writing to standard output (lines dropped meanwhile)", settle=WRITES_SETTLE,
+                          traceback=False)

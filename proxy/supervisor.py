@@ -82,7 +82,7 @@ from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
 from proxy.lockfile import HeldLock, LockTaken, runtime_dir
-from proxy.logs import say, setup_logging
+from proxy.logs import say, setup_logging, tell
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
 from proxy.sdnotify import Notifier
@@ -315,7 +315,7 @@ class Supervisor:
         try:
             reserved = self._reserve_ports()
         except OSError as exc:
-            print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+            tell(f"cachegate: cannot listen: {exc}")
             return 1
         setup_logging(worker="supervisor")
         if self.config_path is not None:
@@ -347,7 +347,7 @@ class Supervisor:
             admin = await start_admin_listener(runtime, self.settings, self.purge,
                                                Inspector(runtime, self.call_each))
         except OSError as exc:
-            print(f"cachegate: cannot listen: {exc}", file=sys.stderr, flush=True)
+            tell(f"cachegate: cannot listen: {exc}")
             await runtime.close()
             self._release(reserved)
             return 1
@@ -360,7 +360,7 @@ class Supervisor:
                 await join_cluster(runtime, self.purge_here, workers=len(self.workers),
                                    call_workers=self.call_all, port=self._ports[0])
             except ClusterUnavailable as exc:
-                print(f"cachegate: {exc}", file=sys.stderr, flush=True)
+                tell(f"cachegate: {exc}")
                 await listeners.stop(0)
                 await runtime.close()
                 self._release(reserved)
@@ -392,7 +392,7 @@ class Supervisor:
                 t.cancel()
             if not stop.is_set():
                 if not all(w.ready.is_set() for w in self.workers):
-                    print("cachegate: workers did not start in time", file=sys.stderr, flush=True)
+                    tell("cachegate: workers did not start in time")
                     status = 1
                     stop.set()
                 else:
@@ -1097,8 +1097,7 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if args.supervisor_pid is not None and not _die_with_supervisor(args.supervisor_pid):
-        print(f"cachegate: worker {args.worker_id}: the supervisor is gone; not starting",
-              file=sys.stderr, flush=True)
+        tell(f"cachegate: worker {args.worker_id}: the supervisor is gone; not starting")
         return 0
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -41,7 +40,7 @@ from proxy.config import (
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
-from proxy.logs import say
+from proxy.logs import say, tell
 from proxy.policy.request import MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.room import FilesystemFull, MemoryUnavailable, filesystem_full
@@ -533,7 +532,7 @@ async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None 
     try:
         return await Runtime.open(settings, owner=owner, arena_fd=arena_fd, processes=processes)
     except (CacheDirectoryInUse, MemoryUnavailable, UpstreamTLSUnusable) as exc:
-        print(f"cachegate: {exc}", file=sys.stderr, flush=True)
+        tell(f"cachegate: {exc}")
         return None
     except CacheDirectoryUnusable as unusable:
         cause = unusable.cause
@@ -541,8 +540,8 @@ async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None 
         where = disk.path if disk is not None else "?"
         if disk is not None and not isinstance(cause, FilesystemFull) and filesystem_full(disk.path, cause):
             cause = FilesystemFull(disk.path, cause)
-        print(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
-              f"{cause.strerror or cause}", file=sys.stderr, flush=True)
+        tell(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
+             f"{cause.strerror or cause}")
         return None
 
 
@@ -603,7 +602,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         await start_proxy_listeners(runtime, settings, listeners, reuse_port=worker is not None)
     except (OSError, ClusterUnavailable) as exc:
         what = "cannot listen: " if isinstance(exc, OSError) else ""
-        print(f"cachegate: {what}{exc}", file=sys.stderr, flush=True)
+        tell(f"cachegate: {what}{exc}")
         await listeners.stop(0)
         if channel is not None:
             await channel.close()
