@@ -29,8 +29,9 @@ clients. It
   after the purge answered. A PURGE or an invalidation that arises in a worker is
   forwarded here (the worker's ``Runtime.purge`` calls ``purge``) and done the same way;
 - on SIGTERM/SIGINT stops the workers with SIGTERM (each drains within
-  ``shutdown_grace``), then exits 0; on SIGHUP re-reads the config and has every
-  worker do the same.
+  ``shutdown_grace``), then exits 0, or 1 when a worker died during the drain (killed, or
+  it crashed: its requests in flight were cut off); on SIGHUP re-reads the config and has
+  every worker do the same.
 
 Why processes that share a port rather than one accept socket handed down: with
 SO_REUSEPORT the kernel spreads connections across workers evenly, and a worker
@@ -89,6 +90,7 @@ from proxy.sdnotify import Notifier
 from proxy.startup import (
     EXIT_CACHE_DIR,
     EXIT_CONFIG,
+    EXIT_FAILURE,
     load_settings,
     log_as_configured,
     run_async,
@@ -416,7 +418,8 @@ class Supervisor:
             ignore_while_stopping(loop, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
             log.info("shutting down: stopping the workers (grace %gs)", self._grace())
             deadline = loop.time() + self._grace()
-            await self._stop_workers()
+            if not await self._stop_workers():
+                status = EXIT_FAILURE
             await listeners.stop(max(0.0, deadline - loop.time()))  # the admin API's requests
             for t in list(self._tasks):
                 t.cancel()
@@ -764,18 +767,36 @@ class Supervisor:
         runtime = self.runtime
         return (runtime.settings if runtime is not None else self.settings).worker_timeout
 
-    async def _stop_workers(self) -> None:
-        procs = [w.process for w in self.workers if w.process is not None and w.process.returncode is None]
-        for p in procs:
+    async def _stop_workers(self) -> bool:
+        """SIGTERM every worker and wait for them; whether every one stopped cleanly
+        (``stop_was_clean``), each that did not logged."""
+        running = [(w, w.process) for w in self.workers
+                   if w.process is not None and w.process.returncode is None]
+        for _, p in running:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
+        cut_off = await self._await_stopped([p for _, p in running])
+        clean = True
+        for w, p in running:
+            assert p.returncode is not None
+            if p.pid in cut_off or stop_was_clean(p.returncode, w.ready.is_set()):
+                continue
+            clean = False
+            log.error("worker %d (pid %d) exited with %s while stopping: the requests it had in flight "
+                      "were cut off; the stop exits %d", w.worker_id, p.pid, p.returncode, EXIT_FAILURE)
+            say(f"cachegate: worker {w.worker_id} (pid {p.pid}) exited with {p.returncode} while stopping",
+                level="warning", event="worker_exited", worker_id=w.worker_id, pid=p.pid, code=p.returncode)
+        return clean
+
+    async def _await_stopped(self, procs: list[asyncio.subprocess.Process]) -> set[int]:
+        """Wait for the stopping workers ``procs``; the pids of those killed at the deadline."""
         # A worker stops within shutdown_grace + STOP_MARGIN (``proxy.web.server.serve``) and
         # then closes its store: it is killed only well past that.
         # All are awaited together, and only those still running at the deadline are killed:
         # one by one, a worker that had exited while a hung one was waited for was taken for
         # hung too (a wait given no time left fails even on an exited process).
         if not procs:
-            return
+            return set()
         waits = {asyncio.ensure_future(p.wait()): p for p in procs}
         _, pending = await asyncio.wait(waits, timeout=self._grace() + STOP_DEADLINE_MARGIN)
         for task in pending:
@@ -785,6 +806,7 @@ class Supervisor:
                 p.kill()
         if pending:
             await asyncio.wait(pending)
+        return {waits[task].pid for task in pending}
 
     # -- calls into every worker -----------------------------------------------------------
 
@@ -1008,6 +1030,15 @@ def worker_reload_bound(loaded_in: float) -> float:
     except ValueError:
         least = WORKER_RELOAD_WAIT
     return max(least, WORKER_RELOAD_SLOWER * loaded_in)
+
+
+def stop_was_clean(code: int, was_ready: bool) -> bool:
+    """Whether a worker's exit ``code``, after the stop's SIGTERM, ends a clean stop: 0 (it
+    drained), or that SIGTERM's default action on a worker still starting (``was_ready`` False:
+    it came before the worker could hold it, and the worker had served nobody). Anything else,
+    a SIGKILL or a crash during the drain, cut off the requests it had in flight: the stop is
+    not clean (a worker the stop kills at its deadline is not asked: that cut-off is the stop's)."""
+    return code == 0 or (code == -signal.SIGTERM and not was_ready)
 
 
 def ready_timeout() -> float:

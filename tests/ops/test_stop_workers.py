@@ -112,3 +112,57 @@ async def test_requests_outside_a_fill_cut_off_at_the_end_of_shutdown_grace_get_
         assert status == 503 and "detail=STOPPING" in cache_status, (status, cache_status, body)
         assert b"cachegate is stopping" in body
     assert not [line for line in proxy.lines if "upstream failed" in line]
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (not gone, not a zombie its supervisor has yet to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_a_worker_killed_during_the_drain_is_logged_and_the_stop_exits_1(
+        origin: Origin, tmp_path: Path) -> None:
+    """Slow requests in flight, SIGTERM, then a draining worker is killed (SIGKILL): its clients
+    got no response. The supervisor said nothing of it and exited 0, as after a clean stop."""
+    paths = [f"/slow{i}" for i in range(8)]  # (one fetch each: no coalescing between them)
+    for path in paths:
+        origin.route(path, body=b"late", headers={"Cache-Control": "no-store"}, delay=60)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", "2", with_log=True)
+    clients: list[asyncio.Future[object]] = []
+    killed = None
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        clients = [asyncio.ensure_future(proxy.get(p)) for p in paths]
+        for _ in range(200):  # every request reached the origin: both workers drain some
+            if all(origin.count(p) for p in paths):
+                break
+            await asyncio.sleep(0.05)
+        proxy.send(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        worker, killed = next((w, pid) for w, pid in proxy.workers.items() if _running(pid))
+        os.kill(killed, signal.SIGKILL)
+    finally:
+        code = await proxy.stop(signal.SIGTERM)
+        await asyncio.gather(*clients, return_exceptions=True)
+    assert code == 1, proxy.lines
+    said = [line for line in proxy.lines if "while stopping" in line and f"pid {killed})" in line]
+    assert any(f"worker {worker} (pid {killed}) exited with -9 while stopping" in line for line in said), proxy.lines
+
+
+@pytest.mark.parametrize(("code", "was_ready", "clean"), [
+    (0, True, True),  # it drained
+    (0, False, True),
+    (-signal.SIGKILL, True, False),  # killed during the drain: its requests cut off
+    (1, True, False),  # it crashed
+    (-signal.SIGTERM, True, False),  # a serving worker holds SIGTERM: dying of it is no drain
+    (-signal.SIGTERM, False, True),  # still starting: the stop's SIGTERM came before it held it
+    (-signal.SIGKILL, False, False),
+])
+def test_stop_was_clean(code: int, was_ready: bool, clean: bool) -> None:
+    from proxy.supervisor import stop_was_clean
+
+    assert stop_was_clean(code, was_ready) is clean
