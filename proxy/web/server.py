@@ -574,6 +574,9 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         return 1 if worker is None else EXIT_CACHE_DIR
     runtime = opened
     listeners = Listeners()
+    # The admin listener: up until the drain is over, so that /healthz answers 503 "stopping"
+    # and /metrics shows the drain, where stopping it with the client listeners refused both.
+    admin = Listeners()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # systemd's Type=notify: the one serving process is the service's main process.
@@ -592,7 +595,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         if worker is None:
             admin_runner = await start_admin_listener(runtime, settings)
             if admin_runner is not None:
-                listeners.runners.append(admin_runner)
+                admin.runners.append(admin_runner)
                 listeners.admin_addresses = _bound(admin_runner)
             if settings.cluster is not None:
                 # Caught up with the cluster's purges before the first client is served
@@ -604,6 +607,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         what = "cannot listen: " if isinstance(exc, OSError) else ""
         tell(f"cachegate: {what}{exc}")
         await listeners.stop(0)
+        await admin.stop(0)
         if channel is not None:
             await channel.close()
         await runtime.close()
@@ -653,6 +657,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         # workers are told through it (proxy.leases). Closed before, their words were lost, and
         # those waiters sat until lock_timeout, then each fetched the object again.
         await runtime.drain(max(0.0, deadline - loop.time()))
+        await admin.stop(max(0.0, deadline - loop.time()))  # (its own requests: what is left)
         if channel is not None:
             await channel.close()
         await runtime.close(max(0.0, deadline - loop.time()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,38 @@ async def test_cachegate_health_refuses_a_200_that_is_not_cachegates_healthz(
     assert await asyncio.to_thread(main, ["health", "--admin", proxy.url]) == 1
     assert "is not cachegate's admin endpoint" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 0  # the real one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["alone", "workers"])
+async def test_during_the_drain_healthz_answers_503_stopping_and_metrics_answer(
+        origin: Origin, tmp_path: Path, workers: tuple[str, ...]) -> None:
+    """A request in flight, SIGTERM: until the drain is over the admin listener answers,
+    /healthz 503 {"status": "stopping"} (what a load balancer needs to take the instance out)
+    and /metrics. A single process stopped its admin listener with the client listeners:
+    both refused connections for the whole drain."""
+    from tests.storage.procs import ProxyProcess, write_config
+
+    origin.route("/slow", body=b"late", headers={"Cache-Control": "no-store"}, delay=60)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, "cache: {disk: null}\n"))
+    await proxy.start(*workers)
+    client = None
+    try:
+        if workers:
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        client = asyncio.ensure_future(proxy.get("/slow"))
+        for _ in range(200):
+            if origin.count("/slow"):
+                break
+            await asyncio.sleep(0.05)
+        proxy.send(signal.SIGTERM)
+        await asyncio.sleep(0.5)  # draining: shutdown_grace is 2 s and the request is still in flight
+        health = await proxy.admin("GET", "/healthz")
+        metrics = await proxy.admin("GET", "/metrics")
+    finally:
+        code = await proxy.stop()
+        if client is not None:
+            await asyncio.gather(client, return_exceptions=True)
+    assert (health.status, json.loads(health.body)) == (503, {"status": "stopping"})
+    assert metrics.status == 200 and b"cachegate_" in metrics.body
+    assert code == 0
