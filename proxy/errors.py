@@ -111,9 +111,23 @@ class ClientBodyError(BadRequest):
     never from the upstream's socket."""
 
     public = "the request body broke off"
+    cache_detail = "PROXY-ERROR"
 
     def public_text(self) -> str:
         return self.public  # the message names the upstream: for the log only
+
+
+class BodyCutOff(ClientBodyError):
+    """The client was still sending its request body when cachegate's stop reached the end of
+    shutdown_grace (aiohttp's shutdown fails the body's stream). Not the client's fault, but a
+    ``ClientBodyError`` all the same: it comes from reading the client's body, so it is never
+    counted against the upstream, and it ends the upstream exchange. Answered as a client
+    still waiting for its head is at the deadline (``ProxyStopping``): 503, then the connection
+    closes without reading the rest (RFC 9112 §9.6 lets a server answer before the body's end)."""
+
+    status_hint = 503
+    public = ProxyStopping.public
+    cache_detail = ProxyStopping.cache_detail
 
 
 class PurgeUnavailable(CachegateError):

@@ -83,6 +83,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import (
+    BodyCutOff,
     ClientBodyError,
     UpstreamConnectError,
     UpstreamError,
@@ -364,8 +365,8 @@ class UpstreamConnection(BaseProtocol):
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                except asyncio.CancelledError:
-                    raise
+                except (asyncio.CancelledError, BodyCutOff):
+                    raise  # (BodyCutOff: the stop cut the body off, which its client is told)
                 except Exception as exc:  # the client's body broke off (closed, reset, malformed)
                     raise ClientBodyError(f"{self._pool.name}: the client's request body broke off "
                                           f"after {sent} bytes: {exc!r}") from exc

@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from proxy.errors import ClientBodyError
+from proxy.errors import BodyCutOff, ClientBodyError
 
 
 class BodyReader:
@@ -49,6 +49,14 @@ class BodyReader:
             if slow:
                 raise self._too_slow() from None
             raise ClientBodyError(f"no byte of the request body for {self._silence:g}s") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this task is cancelled
+            # The stream failed, not this task: aiohttp's shutdown does that to a body still
+            # coming at the end of shutdown_grace. Its client gets 503 then, not a closed connection.
+            raise BodyCutOff(f"the request body was cut off at the stop's deadline ({self.received} bytes "
+                             "in)") from None
         finally:
             self._waited += time.monotonic() - started
         self.received += len(chunk)

@@ -272,10 +272,11 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
                                                           request_id=info.request_id, planned=planned))
     except ClientBodyError as exc:
         # The client broke off its own upload (it is most likely gone): a 400 if it still
-        # listens, and one line at DEBUG; nothing about the upstream, which did no wrong.
+        # listens, and one line at DEBUG; nothing about the upstream, which did no wrong. Or
+        # the stop's deadline cut the upload off (``BodyCutOff``): a 503 saying so.
         log.debug("%s %s from %s: %s", request.method, request.raw_path, request.remote, exc)
         fe.requests("ERROR", request.method).inc()
-        refused = _plain(exc.status_hint, exc.public_text(), "MISS", fe, info, request)
+        refused = _plain(exc.status_hint, exc.public_text(), "MISS", fe, info, request, exc.cache_detail)
         refused.force_close()  # the rest of its body, if any, is not worth reading
         return refused, 0
     except CachegateError as exc:

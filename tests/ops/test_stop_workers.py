@@ -166,3 +166,39 @@ def test_stop_was_clean(code: int, was_ready: bool, clean: bool) -> None:
     from proxy.supervisor import stop_was_clean
 
     assert stop_was_clean(code, was_ready) is clean
+
+
+async def test_an_upload_still_coming_at_the_end_of_shutdown_grace_gets_503_stopping_and_close(
+        origin: Origin, tmp_path: Path) -> None:
+    """Clients still sending their request bodies when shutdown_grace (2 s) runs out: a body
+    still in cachegate's first buffer (client_body_buffer, 64KB), and one past it, already
+    going to the origin. Their connections were closed without a response; docs/deploy.md
+    promises a client still waiting for a response head a 503 with detail=STOPPING."""
+    origin.route("/post", body=b"never", headers={"Cache-Control": "no-store"})
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start(with_log=True)
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    conns = []
+    try:
+        for sent in (1000, 1000, 70_000, 70_000):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /post HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * sent)
+            await writer.drain()
+            conns.append((reader, writer))
+        for _ in range(200):  # the bodies past the first buffer are going to the origin
+            if origin.count("/post") == 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+    finally:
+        code = await proxy.stop(signal.SIGTERM)
+    answers = []
+    for reader, writer in conns:
+        answers.append(await asyncio.wait_for(reader.read(), 10))  # all it sends, up to its close
+        writer.close()
+    assert code == 0, proxy.lines
+    for answer in answers:
+        head = answer.partition(b"\r\n\r\n")[0].decode()
+        assert head.startswith("HTTP/1.1 503 "), (answer, proxy.lines)
+        assert "detail=STOPPING" in head and "Connection: close" in head, head
+        assert answer.endswith(b"cachegate is stopping (restarting or shutting down); try again\n"), answer
