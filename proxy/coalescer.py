@@ -6,9 +6,13 @@ the bytes arrive. The flight belongs to the coalescer: a client that goes away
 only stops reading; the fetch goes on to fill the cache for the others.
 
 The wait is bounded: a follower that has not seen the response head within
-``lock_timeout`` goes upstream on its own. A response that turns out not to be
-shareable (private, Set-Cookie, a Vary mismatch, ...) is not handed to
-followers; they fetch for themselves, and the key is remembered as
+``lock_timeout`` goes upstream on its own. A fill held for another request's answer (a range
+asked of the origin first: ``Flight.held``) has not begun its fetch yet: its followers wait
+``lock_timeout`` at most for that answer, then ``lock_timeout`` for the head of the fetch it
+starts (the range's round trip counted against the fill's wait had every follower of it go
+upstream on its own whenever the origin took more than half of ``lock_timeout``). A
+response that turns out not to be shareable (private, Set-Cookie, a Vary mismatch, ...) is
+not handed to followers; they fetch for themselves, and the key is remembered as
 "hit-for-pass" for a short time so the next herd goes straight through (each
 request in its own task: the engine starts no flight for such a key).
 
@@ -470,6 +474,10 @@ class Flight:
         self.task: asyncio.Task[None] | None = None
         self.followers = 0
         self.whole_followers = 0  # of them, those that asked for the whole object (not a range)
+        # A fill held for another request's answer (``proxy.flight.MissPath.hold``): done once
+        # it is told whether it fetches. Until then its followers' wait for the head has not
+        # begun (the module docstring's bounded wait): None for any other flight.
+        self.held: asyncio.Future[Any] | None = None
         # Reply headers prepared once for every follower (by the engine), by their variant.
         self.follower_headers: dict[Any, list[tuple[str, str]]] = {}
         self.spool: Any = None  # the BodySpool storing this flight's body, once there is one

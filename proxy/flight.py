@@ -363,7 +363,8 @@ class MissPath:
         first (``proxy.policy.partial.FetchRange(lead=True)``), and held until that answer
         says what it does (``HeldFill.say``). Meanwhile the key's other misses wait for it
         (their range sliced from its body) rather than each going to the origin: one range and
-        one whole fetch for a herd of them."""
+        one whole fetch for a herd of them; their ``lock_timeout`` for its head begins once it
+        is told (``Flight.held``, ``answer``)."""
         word: asyncio.Future[HeldWord] = asyncio.get_running_loop().create_future()
 
         async def fly(run: _Run) -> None:
@@ -387,7 +388,9 @@ class MissPath:
                 case _:
                     assert_never(said)
 
-        return HeldFill(self._launch(attempt, True, False, fly), word)
+        flight = self._launch(attempt, True, False, fly)
+        flight.held = word  # its followers' wait for the head begins once it is told (``answer``)
+        return HeldFill(flight, word)
 
     async def answer_held(self, held: HeldFill, attempt: Attempt, resp: UpstreamResponse,
                           request_time: float, response_time: float, epoch: int) -> Reply:
@@ -899,8 +902,18 @@ class MissPath:
         try:
             try:
                 if collapsed:
-                    fhead = await asyncio.wait_for(asyncio.shield(flight.head),
-                                                   engine.settings.cache.lock_timeout)
+                    lock_timeout = engine.settings.cache.lock_timeout
+                    held = flight.held
+                    if held is not None and not held.done():
+                        # A fill held for a range's answer: at most lock_timeout for that answer
+                        # (or its head: a 200 delivered, an error), then lock_timeout for the
+                        # head of the fetch it starts. Counted from here, the range's round trip
+                        # (another request's) had every follower of it fetch the object alone
+                        # whenever the origin took more than half of lock_timeout.
+                        await asyncio.wait((held, flight.head), timeout=lock_timeout)
+                        if not held.done() and not flight.head.done():
+                            raise TimeoutError
+                    fhead = await asyncio.wait_for(asyncio.shield(flight.head), lock_timeout)
                 else:
                     fhead = await (flight.lead or asyncio.shield(flight.head))
             finally:

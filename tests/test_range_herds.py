@@ -297,3 +297,59 @@ async def test_a_held_fill_in_a_worker_waits_for_the_other_workers_fill_of_the_k
         await proxy.stop(signal.SIGTERM)
     whole = [s for s in origin.seen if s.path == "/v" and "Range" not in s.headers]
     assert len(whole) == 1, len(whole)  # one whole download
+
+
+async def test_whole_misses_behind_a_held_fill_wait_lock_timeout_for_its_fetch_not_for_the_range_too(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """range_fill: whole, an origin that takes more than half of lock_timeout to answer. The plain
+    GETs that joined the fill a range holds wait for that range's answer, then lock_timeout for
+    the whole fetch it starts: their wait counted from when they joined ran out before the
+    range's round trip and the whole fetch were over, and each GET then fetched the object alone
+    (1 range and 11 whole downloads for a range and 10 GETs)."""
+    video = Video(delay=1.4)
+    origin.route("/v", video)
+    proxy = await make_proxy(config="cache: {memory: 64MB, range_fill: whole, lock_timeout: 2s, "
+                                    "disk: {path: cache, size: 512MB, shards: 2}}\n")
+    first = asyncio.ensure_future(ranged(proxy, ["bytes=100-199"]))
+    for _ in range(500):  # the range is at the origin: the key's fill is held
+        if video.seen:
+            break
+        await asyncio.sleep(0.01)
+    plain = await asyncio.gather(*(proxy.get("/v") for _ in range(10)))
+    assert [(r.status, r.body == BODY) for r in plain] == [(200, True)] * 10
+    assert await first == answers(["bytes=100-199"])
+    await flights_over(proxy)
+    assert video.ranges == ["bytes=100-199", None]  # the range, then one whole fetch
+
+
+async def test_whole_misses_behind_a_held_fill_whose_range_never_answers_fetch_alone_after_lock_timeout(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The wait for a held fill's word is bounded too: past lock_timeout without the range's
+    answer, a GET that joined the fill fetches the object on its own (as nginx passes a request
+    to the upstream after proxy_cache_lock_timeout), never waits as long as the range does."""
+    release = asyncio.Event()
+    seen: list[str | None] = []
+
+    async def video(request: web.Request) -> web.StreamResponse:
+        rng = request.headers.get("Range")
+        seen.append(rng)
+        headers = {"Cache-Control": "max-age=3600", "ETag": '"v1"'}
+        if rng is None:
+            return web.Response(body=BODY, headers=headers)
+        await release.wait()  # the range's answer comes only once the GETs have theirs
+        return web.Response(status=206, body=BODY[100:200],
+                            headers={**headers, "Content-Range": f"bytes 100-199/{len(BODY)}"})
+
+    origin.route("/v", video)
+    proxy = await make_proxy(config="cache: {memory: 64MB, range_fill: whole, lock_timeout: 300ms, "
+                                    "disk: {path: cache, size: 512MB, shards: 2}}\n")
+    first = asyncio.ensure_future(ranged(proxy, ["bytes=100-199"]))
+    for _ in range(500):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    plain = await asyncio.wait_for(asyncio.gather(*(proxy.get("/v") for _ in range(3))), 10)
+    assert [(r.status, r.body == BODY) for r in plain] == [(200, True)] * 3
+    release.set()
+    assert await first == answers(["bytes=100-199"])
+    await flights_over(proxy)
