@@ -12,6 +12,7 @@ every request it gets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 from pathlib import Path
@@ -22,7 +23,7 @@ from aiohttp import web
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
-from tests.storage.procs import ProxyProcess, write_config
+from tests.storage.procs import HOST, ProxyProcess, write_config
 from tests.test_conditional_fills import flights_over
 
 BODY = bytes(i % 251 for i in range(256 * 1024))
@@ -353,3 +354,47 @@ async def test_whole_misses_behind_a_held_fill_whose_range_never_answers_fetch_a
     release.set()
     assert await first == answers(["bytes=100-199"])
     await flights_over(proxy)
+
+
+async def test_whole_misses_behind_a_held_fill_in_one_of_two_workers_share_its_one_whole_fetch(
+        origin: Origin, tmp_path: Path) -> None:
+    """The same with two workers, the range and the GETs all in one of them (keep-alive
+    connections, each answered by the worker that accepted it): the held fill's whole fetch,
+    under the key's lease, is the GETs' one fetch (each of them fetched the object alone)."""
+    video = Video(delay=1.4)
+    origin.route("/v", video)
+    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
+    cache = ("cache: {memory: 64MB, range_fill: whole, lock_timeout: 2s, "
+             "disk: {path: cache, size: 512MB, shards: 2}}\n")
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
+    await proxy.start("--workers", "2")
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
+            for _ in range(200):  # connections until one worker has accepted 11 of them
+                session = await stack.enter_async_context(aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
+                async with session.get(proxy.url + "/probe") as r:
+                    await r.read()
+                    sessions = by_worker.setdefault(r.headers["X-Cachegate-Worker"], [])
+                sessions.append(session)
+                if len(sessions) == 11:
+                    break
+            worker, pinned = next((w, s) for w, s in by_worker.items() if len(s) == 11)
+
+            async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[str, int, bytes]:
+                async with session.get(proxy.url + "/v", headers=headers) as r:
+                    return r.headers["X-Cachegate-Worker"], r.status, await r.read()
+
+            first = asyncio.ensure_future(get(pinned[0], {"Range": "bytes=100-199"}))
+            for _ in range(500):  # the range is at the origin: the key's fill is held
+                if video.seen:
+                    break
+                await asyncio.sleep(0.01)
+            plain = await asyncio.gather(*(get(s, {}) for s in pinned[1:]))
+            assert plain == [(worker, 200, BODY)] * 10
+            assert await first == (worker, 206, BODY[100:200])
+        finally:
+            await proxy.stop(signal.SIGTERM)
+    assert video.ranges == ["bytes=100-199", None]  # the range, then one whole fetch
