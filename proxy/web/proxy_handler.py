@@ -244,7 +244,12 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             return refused, 0
         if request.method == "CONNECT":
             info.x_cache = "BYPASS"
-            return _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", fe, info, request), 0
+            refused = _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", fe, info, request)
+            # The parser reads nothing after a CONNECT (it would be the tunnel's bytes, whatever
+            # Content-Length said): read on, those bytes would be taken for the next request,
+            # which a front end framing by Content-Length never sent (request smuggling).
+            refused.force_close()
+            return refused, 0
         head, planned = client_head(request, fe, trusted)
         match head:
             case RequestHead():
