@@ -161,6 +161,12 @@ REFUSED = {
     "a bad field name behind a POST": (
         b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nab", [b"got ab"],
         b"GET /x HTTP/1.1\r\nHo st: x\r\n\r\n", b"invalid character in a header field name"),
+    "a method that is not a token, behind a hit": (
+        req("GET", "/a"), [b"a"], b"P@ST /y?tok=SECRET2 HTTP/1.1\r\nHost: example.test\r\nCookie: c=SECRET3\r\n\r\n",
+        b"invalid request line"),
+    "a method that is not a token, alone": (
+        b"", [], b"G@T /account?session=SECRET123 HTTP/1.1\r\nHost: example.test\r\n\r\n",
+        b"invalid request line"),
     "a control character in a Cookie, alone": (
         b"", [], b"GET /x HTTP/1.1\r\nHost: example.test\r\nCookie: session=SECRET123\x01\r\n\r\n",
         b"invalid character in a header field value"),

@@ -364,7 +364,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         if isinstance(exc, HttpProcessingError):
             version = self._refused_version  # (aiohttp's placeholder message says HTTP/1.0)
             if status == 400:
-                status, message = parser_refusal(exc, message)
+                status, message = parser_refusal(exc)
         # aiohttp's text and status, written by the one head writer (a refusal in the version
         # of its request line), and the connection closed.
         resp = from_response(super().handle_error(request, status, exc, message), request.method, version)
@@ -926,8 +926,10 @@ class _Discarding:
         pass
 
 
-def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, str | None]:
-    """The status and text for a request aiohttp's parser refused (it says 400 for all).
+def parser_refusal(exc: HttpProcessingError) -> tuple[int, str]:
+    """The status and text for a request aiohttp's parser refused (it says 400 for all), in
+    fixed words: never the parser's own message, which quotes the request line (a session
+    token in its query, say) back to the client and every proxy and log on the way.
 
     llhttp refuses a ``Transfer-Encoding`` whose last coding is not ``chunked`` before
     cachegate sees the request: that is a coding this proxy does not implement, 501 as
@@ -940,20 +942,20 @@ def parser_refusal(exc: HttpProcessingError, message: str | None) -> tuple[int, 
     (RFC 9110 §9.1, §15.6.2), anything else in its place (``G@T``) stays 400.
     """
     text = str(exc.message)
-    if "Invalid method" in text:
+    first = text.split("\n", 1)[0]  # llhttp's reason (what follows quotes the request)
+    if "Invalid method" in first:
         found = _METHOD.search(text)
         if found is not None:
             return 501, (f"501 Not Implemented: the method {found.group(1)[:40]} is not implemented "
                          "by this server\n")
-        return 400, message
-    if "Invalid HTTP version" in text:
+    if "Invalid HTTP version" in first:
         found = _VERSION.search(text)
         if found is not None and found.group(1) != "1":
             return 505, "505 HTTP Version Not Supported: this server speaks HTTP/1.1\n"
-    if "invalid `Transfer-Encoding`" in text:
+    if "invalid `Transfer-Encoding`" in first:
         return 501, ("501 Not Implemented: a transfer coding other than 'chunked'; only a single "
                      "'chunked' is accepted\n")
-    if "Too many headers" in text:
+    if "Too many headers" in first:
         return 431, "431 Request Header Fields Too Large: too many header fields\n"
     return 400, f"400 Bad Request: {refusal_reason(exc)}\n"
 
