@@ -942,7 +942,7 @@ def parser_refusal(exc: HttpProcessingError) -> tuple[int, str]:
     (RFC 9110 §9.1, §15.6.2), anything else in its place (``G@T``) stays 400.
     """
     text = str(exc.message)
-    first = text.split("\n", 1)[0]  # llhttp's reason (what follows quotes the request)
+    first = text.split("\n\n", 1)[0]  # llhttp's reason (what follows the blank line quotes the request)
     if "Invalid method" in first:
         found = _METHOD.search(text)
         if found is not None:
