@@ -246,3 +246,73 @@ async def test_more_pipelined_requests_than_aiohttp_queues_then_a_half_close_or_
         batch = b"".join(req("GET", f"/m?{port}-{i}") for i in range(n))
         got = answers(await until_eof(port, batch + PARTIAL))
         assert [a[2] for a in got] == [b"m"] * n, port
+
+
+async def until_eof_in_pieces(port: int, pieces: tuple[bytes, ...]) -> bytes:
+    """``until_eof`` with ``pieces`` written a moment apart (each in a read of its own)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i, piece in enumerate(pieces):
+            if i:
+                await asyncio.sleep(0.15)
+            writer.write(piece)
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(), HANG)
+    finally:
+        writer.close()
+
+
+SIMPLE = b"GET /a\r\n"  # HTTP/0.9: the line, then the client waits
+# (the reads, the bodies of the answers before the 400)
+SIMPLE_REQUESTS = {
+    "alone": ((SIMPLE,), []),
+    "in pieces, after an empty line": ((b"\r\nGE", b"T /", b"a\r", b"\n"), []),
+    "behind a hit, in its read": ((req("GET", "/a") + SIMPLE,), [b"a"]),
+    "behind a hit, in a read of its own": ((req("GET", "/a"), SIMPLE), [b"a"]),
+    "behind a miss": ((req("GET", "/m?h09-{port}"), SIMPLE), [b"m"]),
+    "behind a POST and a hit": ((b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nab",
+                                 req("GET", "/a"), SIMPLE), [b"got ab", b"a"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SIMPLE_REQUESTS))
+async def test_an_http_0_9_request_is_refused_at_the_end_of_its_line(
+        origin: Origin, make_proxy: MakeProxy, case: str) -> None:
+    """An HTTP/0.9 client sends its request line alone and waits: the parser took it for a head
+    still to come, and the client got nothing until client_header_timeout (60 s, past HANG)
+    closed the connection. Now the 400 comes once the line has ended, after the answers to the
+    requests before it, and the connection closes."""
+    pieces, bodies = SIMPLE_REQUESTS[case]
+    p = await proxies(origin, make_proxy)
+    for port in (p.fast_port, p.general_port):
+        data = await until_eof_in_pieces(port, tuple(x.replace(b"{port}", str(port).encode()) for x in pieces))
+        got = answers(data)
+        assert [a[0] for a in got] == ["HTTP/1.1 200 OK"] * len(bodies) + ["HTTP/1.1 400 Bad Request"], (port, data)
+        assert [a[2] for a in got[:-1]] == bodies
+        assert got[-1][1]["connection"] == "close"
+        assert got[-1][2] == b"400 Bad Request: malformed request: HTTP/0.9 request (a request line without a version)\n"
+
+
+SLOW_HEADS = {
+    "the version in the next read": ((b"GET /a HT", b"TP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"),
+                                     [b"a"]),
+    "the space before it in the next read": ((b"GET /a", b" HTTP/1.1\r\nHost: example.test\r\n" + b"Connection: close\r\n\r\n"),
+                                             [b"a"]),
+    # a field's value that looks like a simple request line, read after a POST's body
+    "a field split after a POST's body": (
+        (b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nab" + b"GET /a HTTP/1.1\r\nX-A: ",
+         b"bc d\r\nHost: example.test\r\nConnection: close\r\n\r\n"), [b"got ab", b"a"]),
+    "a field split after a hit": ((req("GET", "/a") + b"GET /a HTTP/1.1\r\nX-A: ",
+                                   b"bc d\r\nHost: example.test\r\nConnection: close\r\n\r\n"), [b"a", b"a"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SLOW_HEADS))
+async def test_a_head_in_pieces_with_a_version_is_answered(origin: Origin, make_proxy: MakeProxy, case: str) -> None:
+    """What the HTTP/0.9 check must leave alone: a request line whose version comes in a later
+    read, and field lines read on their own."""
+    pieces, bodies = SLOW_HEADS[case]
+    p = await proxies(origin, make_proxy)
+    for port in (p.fast_port, p.general_port):
+        got = answers(await until_eof_in_pieces(port, pieces))
+        assert [(a[0], a[2]) for a in got] == [("HTTP/1.1 200 OK", b) for b in bodies], port

@@ -734,6 +734,47 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     return UpstreamRequest("GET", fill_target(head, fill), tuple(out))
 
 
+@dataclass(frozen=True, slots=True)
+class LineOpen:
+    """The request line has not ended yet: ``kept`` is all of it that ``simple_request`` needs,
+    to be given again with what follows (a few bytes, however long the target grows)."""
+
+    kept: bytes
+
+
+# method SP target, and the line ends: no version (RFC 9112 §2.3, HTTP/0.9's simple request)
+_SIMPLE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+\r?")
+_METHOD_MAX = 64  # a line whose first word is longer is no request line to wait for
+
+
+def simple_request(start: bytes) -> bool | LineOpen:
+    r"""Whether the head that begins with ``start`` (empty lines before it allowed) is an
+    HTTP/0.9 simple request, a request line without a version (``GET /page`` CRLF), once its
+    first line has ended; ``LineOpen`` until then.
+
+    Why: the parser takes such a line for HTTP/0.9 and waits for fields and a blank line that
+    a 0.9 client never sends (it sends that one line and waits): the client got nothing until
+    client_header_timeout closed the connection. The answer is due at the line's end (nginx
+    answers then). A second space means a version follows: decided at once, without waiting
+    for the line to end.
+
+    >>> simple_request(b"GET /page\r\n"), simple_request(b"GET /page HTTP/1.1\r\n")
+    (True, False)
+    >>> simple_request(b"\r\nGET /pa")
+    LineOpen(kept=b'GET /')
+    """
+    start = start.lstrip(b"\r\n")
+    end = start.find(b"\n")
+    if end == -1:
+        space = start.find(b" ")
+        if space == -1:
+            return LineOpen(start) if len(start) <= _METHOD_MAX else False
+        if start.find(b" ", space + 1) != -1:
+            return False  # a version follows
+        return LineOpen(start[:space + 2])  # method SP and a byte of the target
+    return _SIMPLE.fullmatch(start, 0, end) is not None
+
+
 def parse_url(text: str, *, encoded: bool = False) -> URL:
     """``URL(text)``, with every way yarl refuses a string as ValueError: it raises IndexError for
     some (``http://[::1]@``, found by the hostile-JSON tests), which an admin request or a config

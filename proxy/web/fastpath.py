@@ -74,7 +74,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
@@ -83,7 +83,7 @@ from proxy.engine import response_edits
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.messages import RequestHead
-from proxy.policy.request import normalise_request
+from proxy.policy.request import LineOpen, normalise_request, simple_request
 from proxy.replies import Planned
 from proxy.rules import RequestPlan, RuleSet
 from proxy.storage.bodyfiles import SharedFile
@@ -305,7 +305,7 @@ class ProxyRequestHandler(HeadTimedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
     __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_head_bytes",
-                 "_head_max", "_late", "_parser_args", "_refused_version", "_taken", "declined",
+                 "_head_max", "_late", "_line", "_parser_args", "_refused_version", "_taken", "declined",
                  "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
@@ -333,6 +333,9 @@ class ProxyRequestHandler(HeadTimedHandler):
         self._head_max = front.current().listener.max_head
         self._head_bytes = 0
         self._body: Any = None
+        # The start of an unfinished head's request line, while it may still be an HTTP/0.9 one
+        # (``_first_line``); b"": a head starts at the next byte; None: settled, or not known.
+        self._line: bytes | None = b""
         # The version of the request line of a request the parser refused (``_refusal``): the
         # message aiohttp hands ``handle_error`` for it says HTTP/1.0 whatever the client sent.
         self._refused_version: tuple[int, int] = HttpVersion11
@@ -506,13 +509,18 @@ class ProxyRequestHandler(HeadTimedHandler):
     def _count(self, data: bytes, before: int, body: Any) -> None:
         """After a read that did not end between two requests: the bytes it leaves of a head
         not whole yet. ``before``: the request count before it; ``body``: the body that may have
-        been coming then (``_body``)."""
+        been coming then (``_body``). Where that head is known to begin, its request line is
+        looked at until it is settled (``_first_line``)."""
+        line = self._line
+        self._line = None
         if self._buffer_paused:
             # The queue of pipelined requests is full: the parser holds back the rest of what
             # it was given, which was not parsed yet (so not known to be head bytes).
             self._head_bytes = 0
         elif self._request_count != before:  # heads ended in this read: what follows the last one
-            self._head_bytes = self._after_head(data)
+            self._head_bytes = after = self._after_head(data)
+            if after:
+                self._first_line(data[len(data) - after:])
         elif body is not None:
             # Body bytes. If the body ended in this read, where the next head began in it is not
             # known: that head is counted from the next read on (it can pass the cap by what
@@ -522,6 +530,22 @@ class ProxyRequestHandler(HeadTimedHandler):
             self._head_bytes = 0
         elif not self._upgraded:
             self._head_bytes += len(data)
+            if line is not None:
+                self._first_line(line + data)
+
+    def _first_line(self, start: bytes) -> None:
+        """``start``, the beginning of a head not whole yet: refused at once if its request line
+        has ended without a version (an HTTP/0.9 simple request: ``simple_request``), else kept
+        while that is not settled. Only reads that leave a head unfinished come here."""
+        if self._close or self._force_close or self._parser is None or isinstance(self._parser, _Discarding):
+            return
+        found = simple_request(start)
+        if isinstance(found, LineOpen):
+            self._line = found.kept
+        elif found:
+            log.debug("an HTTP/0.9 request from %s: 400, connection closed", self.peername)
+            self._refuse(BadHttpMessage(SIMPLE_REQUEST), None)
+            self.head_ended()
 
     def _after_head(self, data: bytes) -> int:
         """The bytes of ``data`` after the end of the last head it ended (a request was handed
@@ -614,6 +638,8 @@ class ProxyRequestHandler(HeadTimedHandler):
                 or self._messages or self._force_close or self._close or self._payload_parser is not None
                 or self._upgraded or self._paused or self._parser is None or self.transport is None):
             boundary = self._boundary
+            if boundary:
+                self._line = b""  # a head starts with this read (``_first_line``)
             count = self._request_count
             self._answered = False
             self._boundary = False
@@ -664,6 +690,8 @@ class ProxyRequestHandler(HeadTimedHandler):
             if not messages:
                 if feed is data or unfinished_head(data):
                     self.head_begun()  # a head not whole yet (``headtimeout``)
+                    if boundary and feed is data:
+                        self._line = b""  # it starts with this read (``_first_line``)
                 return
             if self._head_handle is not None:
                 self.head_ended()
@@ -892,6 +920,8 @@ class ProxyRequestHandler(HeadTimedHandler):
             self._message_tail = tail
 
 
+# The parser's words for an HTTP/0.9 request (``_first_line``), as ``refusal_reason`` knows them.
+SIMPLE_REQUEST = "HTTP/0.9 request: a request line without a version"
 _VERSION = re.compile(r"HTTP/(\d+)\.\d+'")  # the refused version, in the parser's quote of the line
 # A method token (RFC 9110 §9.1, §5.6.2: tchar), at the start of the parser's quote of the line.
 _METHOD = re.compile(r"\n\n  b['\"]([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
@@ -964,6 +994,7 @@ def parser_refusal(exc: HttpProcessingError) -> tuple[int, str]:
 # words of our own: the rest of its message quotes the request's bytes (a Cookie's value, say),
 # which a reply must not echo back (a proxy between could log or cache it).
 _REASONS = (
+    ("http/0.9 request", "HTTP/0.9 request (a request line without a version)"),
     ("duplicate 'host'", "duplicate Host header"),
     ("missing 'host'", "missing Host header"),
     ("transfer-encoding can't be present with content-length", "both Content-Length and Transfer-Encoding"),

@@ -13,11 +13,13 @@ from proxy.policy.messages import CacheOptions, RequestHead
 from proxy.policy.request import (
     FORWARDING_FIELDS,
     Forwarder,
+    LineOpen,
     Listener,
     Message,
     Refusal,
     final_recipient,
     normalise_request,
+    simple_request,
     stated_scheme,
     upstream_request,
 )
@@ -369,3 +371,43 @@ def test_max_forwards_counts_down_on_options_and_trace_and_zero_is_answered_here
         return
     sent = upstream_request(head, "10.0.0.1", Forwarder()).headers
     assert [v for k, v in sent if k == "Max-Forwards"] == forwarded
+
+
+# (the start of a head, what simple_request says): True once a line without a version has ended
+SIMPLE_REQUESTS = [
+    (b"GET /page\r\n", True),
+    (b"GET /page\n", True),
+    (b"\r\n\r\nPOST /p?q=1\r\n", True),
+    (b"GET http://a.test/x\r\nHost: a", True),
+    (b"GET /page HTTP/1.1\r\n", False),
+    (b"GET /page HTTP/1.0\r\nHost: a\r\n", False),
+    (b"GET /page H", False),  # a second space: a version follows
+    (b"GET /page \r\n", False),  # (the parser refuses it on its own)
+    (b"X-Field: a\r\n", False),  # not a request line
+    (b"value with spaces\r\n", False),
+    (b"a" * 65, False),  # no method is that long
+    (b"", LineOpen(b"")),
+    (b"\r\n", LineOpen(b"")),
+    (b"GE", LineOpen(b"GE")),
+    (b"GET ", LineOpen(b"GET ")),
+    (b"GET /a-long-target-still-coming", LineOpen(b"GET /")),
+    (b"GET /page\r", LineOpen(b"GET /")),
+]
+
+
+@pytest.mark.parametrize(("start", "want"), SIMPLE_REQUESTS)
+def test_an_http_0_9_request_is_known_at_the_end_of_its_line(start: bytes, want: bool | LineOpen) -> None:
+    assert simple_request(start) == want
+
+
+@pytest.mark.parametrize(("start", "want"), SIMPLE_REQUESTS)
+def test_the_first_line_decided_in_pieces_is_decided_as_a_whole(start: bytes, want: bool | LineOpen) -> None:
+    """Fed a byte at a time, keeping only what ``LineOpen`` keeps, the verdict is the same."""
+    kept = b""
+    found: bool | LineOpen = LineOpen(b"")
+    for i in range(len(start)):
+        found = simple_request(kept + start[i:i + 1])
+        if not isinstance(found, LineOpen):
+            break
+        kept = found.kept
+    assert found == want or (isinstance(want, LineOpen) and isinstance(found, LineOpen))
