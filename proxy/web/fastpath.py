@@ -82,6 +82,7 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 from proxy.engine import response_edits
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.metrics import REFUSED_METHOD, FastPathState
+from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import LineOpen, normalise_request, simple_request
 from proxy.replies import Planned
@@ -152,6 +153,7 @@ class Declined(NamedTuple):
     planned: Planned | None  # its plan and key (None: the rules bypass it)
 
 
+PROXY_ERROR = cache_status(detail="PROXY-ERROR")  # the Cache-Status of a refusal
 KNOWN_MAX = 2048  # requests remembered per listener (then forgotten all at once)
 KNOWN_BYTES = 2048  # longer requests are not remembered
 
@@ -376,6 +378,10 @@ class ProxyRequestHandler(HeadTimedHandler):
         request_id = fe.ids.new()
         resp.headers[hdrs.SERVER] = fe.server
         resp.headers["X-Request-Id"] = request_id
+        # As every answer cachegate gives in place of the origin's (``proxy_handler._plain``),
+        # and as the access log and cachegate_requests_total count it.
+        resp.headers["Cache-Status"] = PROXY_ERROR
+        resp.headers["X-Cache-Status"] = "ERROR"
         if refused:
             fe.requests("ERROR", REFUSED_METHOD).inc()
         access = fe.access_log

@@ -239,7 +239,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             fe.requests("ERROR", request.method).inc()
             log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
                      request.remote, *version)
-            refused = _plain(version[0], version[1], "MISS", fe, info, request)
+            refused = _plain(version[0], version[1], "ERROR", fe, info, request)
             refused.force_close()  # nothing more on this connection is read as HTTP/1.x
             return refused, 0
         if request.method == "CONNECT":
@@ -258,7 +258,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
                 fe.requests("ERROR", request.method).inc()
                 log.info("refused %s %s from %s: %d %s", request.method, request.raw_path[:200],
                          request.remote, head.status, head.reason)
-                refused = _plain(head.status, head.reason, "MISS", fe, info, request)
+                refused = _plain(head.status, head.reason, "ERROR", fe, info, request)
                 refused.force_close()  # the body's framing may be what was wrong
                 return refused, 0
             case _:
@@ -281,21 +281,21 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         # the stop's deadline cut the upload off (``BodyCutOff``): a 503 saying so.
         log.debug("%s %s from %s: %s", request.method, request.raw_path, request.remote, exc)
         fe.requests("ERROR", request.method).inc()
-        refused = _plain(exc.status_hint, exc.public_text(), "MISS", fe, info, request, exc.cache_detail)
+        refused = _plain(exc.status_hint, exc.public_text(), "ERROR", fe, info, request, exc.cache_detail)
         refused.force_close()  # the rest of its body, if any, is not worth reading
         return refused, 0
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
         fe.requests("ERROR", request.method).inc()
-        return _plain(exc.status_hint, exc.public_text(), "MISS", fe, info, request,
+        return _plain(exc.status_hint, exc.public_text(), "ERROR", fe, info, request,
                       upstream_detail(exc) if isinstance(exc, UpstreamError) else "PROXY-ERROR"), 0
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error for %s %s", request.method, request.raw_path)
         fe.requests("ERROR", request.method).inc()
-        return _plain(500, "internal error", "MISS", fe, info, request), 0
+        return _plain(500, "internal error", "ERROR", fe, info, request), 0
     fe.requests(reply.x_cache, request.method).inc()
     info.x_cache = reply.x_cache
     return await write_reply(request, reply, fe, info, runtime)

@@ -134,6 +134,48 @@ async def test_requests_the_parser_refused_are_counted_as_errors_with_a_bounded_
     assert {status: n for status, n in counts.items() if n} == {"ERROR": len(REFUSED)}
 
 
+# Requests cachegate answers in place of the origin, refused: by its own reading of the request
+# (normalisation, the version) or by aiohttp's parser, and the statuses they get.
+ANSWERED_ERRORS = [
+    (b"GET /c/x HTTP/1.1\r\nHost: example.com\r\nConnection: host\r\n\r\n", 400),
+    (b"GET /c/x HTTP/1.1\r\nHost: evil@example.com\r\n\r\n", 400),
+    (b"POST /c/x HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"GET ftp://example.com/c/x HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),
+    (b"GET /c/x\r\n\r\n", 400),  # HTTP/0.9, with a blank line
+    (b"GET /c/x HTTP/2.0\r\nHost: example.com\r\n\r\n", 505),
+    (b"BREW /c/x HTTP/1.1\r\nHost: example.com\r\n\r\n", 501),  # (the parser's)
+    (b"GET /c/x\r\n", 400),  # HTTP/0.9, the line alone (the parser's)
+]
+
+
+async def test_a_refusal_says_error_in_its_head_as_the_log_and_the_metrics_count_it(
+    tmp_path: Path, make_proxy: MakeProxy
+) -> None:
+    """These said ``X-Cache-Status: MISS`` (a parser's refusal said nothing), while their
+    Cache-Status said ``detail=PROXY-ERROR`` and the access log and cachegate_requests_total
+    counted them as ERROR: a dashboard on the header counted refusals as cache misses."""
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: json, path: {log_file}}}\n")
+    port = proxy.listeners.proxy_addresses[0][1]
+    for raw, status in ANSWERED_ERRORS:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 10)  # (to the close: each one closes)
+        writer.close()
+        head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        assert int(head[0].split(" ")[1]) == status, answer[:80]
+        assert "X-Cache-Status: ERROR" in head[1:], (raw, head)
+        assert "Cache-Status: cachegate; detail=PROXY-ERROR" in head[1:], (raw, head)
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(r["cache"], r["status"]) for r in logged] == [("ERROR", s) for _, s in ANSWERED_ERRORS]
+    m = await scrape(proxy)
+    errors = sum(n for (name, labels), n in m.items()
+                 if name == "cachegate_requests_total" and ("cache_status", "ERROR") in labels)
+    assert errors == len(ANSWERED_ERRORS)
+
+
 # -- the documented PromQL, on real counters ----------------------------------------------------
 
 Vector = dict[frozenset[tuple[str, str]], float]
