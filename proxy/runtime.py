@@ -190,6 +190,9 @@ class Runtime:
     # X-Request-Id values (proxy.logs), and the access log when the config asks for one.
     request_ids: RequestIds = field(default_factory=RequestIds)
     access_log: AccessLog | None = None
+    # The first client listener's address once bound (``proxy.web.server``): with port 0 in the
+    # config, the port the system chose, which the default Host names (``Settings.bound_listener``).
+    bound_listen: tuple[str, int] | None = None
     # "starting" until the client listeners accept, "ready", then "stopping" (GET /healthz).
     state: str = "starting"
     # Why this process serves short of its config (the supervisor: workers it no longer

@@ -661,9 +661,22 @@ class Settings:
     def client_listener(self) -> RequestListener:
         """What request normalisation knows of the client listener (built once per config);
         the first listener's address is every listener's default Host."""
+        return RequestListener(host_port(*self.listen), self.max_request_head)
+
+    def bound_listener(self, bound: tuple[str, int] | None) -> RequestListener:
+        """``client_listener`` once the first listener is bound at ``bound``: a port 0 in the
+        config is the port the system chose (a default Host naming port 0 reaches nothing, and
+        went upstream and into the key as it was); the host stays as the config writes it."""
+        listener = self.client_listener
         host, port = self.listen
-        default_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return RequestListener(default_host, self.max_request_head)
+        if bound is None or port != 0:
+            return listener
+        return replace(listener, default_host=host_port(host, bound[1]))
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 literal in brackets (as a Host field names it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def read_settings(root: Src, ctx: Context) -> Settings:

@@ -59,7 +59,7 @@ class FrontEnd:
     def __init__(self, runtime: Runtime) -> None:
         settings = self.settings = runtime.settings
         metrics = self.metrics = runtime.metrics
-        self.listener = settings.client_listener
+        self.listener = settings.bound_listener(runtime.bound_listen)
         self.server = settings.server_header
         self._trust_nets = tuple(settings.trusted_proxies or ())
         self._trusted: dict[str, bool] = {}
@@ -159,6 +159,10 @@ class Front:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._current: FrontEnd | None = None
+
+    def reset(self) -> None:
+        """Build the front end anew at the next request (the runtime's ``bound_listen`` is set)."""
+        self._current = None
 
     def current(self) -> FrontEnd:
         front = self._current

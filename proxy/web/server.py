@@ -122,6 +122,9 @@ async def start_proxy_listeners(runtime: Runtime, settings: Settings, listeners:
                                             tls=tls, front=front)
         listeners.runners.append(runner)
         bound = _bound(runner)
+        if index == 0 and bound:
+            runtime.bound_listen = bound[0]
+            front.reset()  # (a front end built meanwhile named the config's port)
         listeners.proxy_addresses.extend(bound)
         listeners.proxy_urls.extend(f"{listener.scheme}://{_fmt(h)}:{p}" for h, p in bound)
         if tls is not None:

@@ -469,3 +469,21 @@ def test_without_a_file_the_defaults_apply_relative_to_the_working_directory(
     s = load_config(None, Overrides(upstreams=("http://a:1",)))
     assert s.source == "<defaults>"
     assert s.cache.disk is not None and s.cache.disk.path == os.path.join(str(tmp_path), "var/cache")
+
+
+# (listen, the address the first listener was bound at, the default Host of an HTTP/1.0 request)
+BOUND = [
+    ("127.0.0.1:0", ("127.0.0.1", 41234), "127.0.0.1:41234"),  # port 0: the port the system chose
+    ("localhost:0", ("127.0.0.1", 41234), "localhost:41234"),  # (the host as the config writes it)
+    ("'[::1]:0'", ("::1", 41234), "[::1]:41234"),
+    ("127.0.0.1:8080", ("127.0.0.1", 8080), "127.0.0.1:8080"),
+    ("127.0.0.1:0", None, "127.0.0.1:0"),  # not bound yet
+]
+
+
+@pytest.mark.parametrize(("listen", "bound", "host"), BOUND)
+def test_the_default_host_names_the_port_the_listener_was_bound_at(
+        folder: Path, listen: str, bound: tuple[str, int] | None, host: str) -> None:
+    settings = load(folder, U + f"listen: {listen}\n")
+    assert settings.bound_listener(bound).default_host == host
+    assert settings.bound_listener(bound).max_head == settings.client_listener.max_head

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin
-from tests.security.util import echo_origin, get, received, request, send_raw
+from tests.security.util import echo_origin, get, port_of, received, request, send_raw
 
 
 async def test_an_absolute_form_target_cannot_store_one_virtual_host_for_another(
@@ -67,3 +67,17 @@ async def test_a_fragment_neither_splits_the_key_nor_reaches_the_origin(
     third = await send_raw(proxy, get("/page?a=1"))
     assert (second.x_cache, third.x_cache) == ("HIT", "HIT")
     assert origin.count("/page") == 1
+
+
+async def test_a_1_0_request_without_host_names_the_port_the_listener_was_bound_at(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """``listen: 127.0.0.1:0`` (the tests' own config): the default Host said port 0, which
+    went to the origin and into the key, where no request could name it; now the port the
+    system chose, the one a client that sends Host names (the same page, the same entry)."""
+    echo_origin(origin, "/page")
+    proxy = await make_proxy()
+    port = port_of(proxy)
+    first = await send_raw(proxy, request("GET", "/page", version="1.0"))
+    assert received(first)["host"] == f"127.0.0.1:{port}"
+    named = await send_raw(proxy, get("/page", host=f"127.0.0.1:{port}"))
+    assert (named.x_cache, received(named)["host"]) == ("HIT", f"127.0.0.1:{port}")
