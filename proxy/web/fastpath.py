@@ -413,9 +413,7 @@ class ProxyRequestHandler(HeadTimedHandler):
         leaves the paused connection to aiohttp (the fast path answers nothing meanwhile)."""
         if self._half_closed and not self._messages:
             self.close()  # the last answer to a half-closed client: it says Connection: close
-        if self._upgraded and not self._messages and self._payload_parser is None:
-            self._upgrade_refused()
-        out = await super().finish_response(request, resp, start_time)
+        out = await super().finish_response(request, resp, start_time)  # (``upgrade_refused``)
         if not out[1] and self.transport is not None and self._paused:
             try:
                 await self._drain_helper()
@@ -426,20 +424,6 @@ class ProxyRequestHandler(HeadTimedHandler):
         self._answered = (not out[1] and bool(out[0].keep_alive) and not self._messages
                           and request.content.is_eof() and not self._close)
         return out
-
-    def _upgrade_refused(self) -> None:
-        """The answer to a request the parser took for a protocol switch (a ``CONNECT``, or an
-        ``Upgrade: websocket`` asked by ``Connection``), which cachegate never makes: the
-        parser stopped at its head, and what came after it is dropped, unparsed, and the
-        connection closes after this answer.
-
-        aiohttp parses those bytes as the next requests once the switch is declined. After a
-        ``CONNECT`` they were the tunnel's, or a body llhttp does not read (it ignores the
-        ``Content-Length`` of a CONNECT): a request hidden there was answered (fetched and
-        stored) as if the client had sent it, and a front end that frames by Content-Length
-        and reuses its connection gave that answer to the next client (request smuggling)."""
-        self._message_tail = b""
-        self.close()  # (the reply says Connection: close; nothing more is read)
 
     def eof_received(self) -> bool:  # type: ignore[override]  # (asyncio.Protocol: bool | None)
         """The client shut its sending side (``shutdown(SHUT_WR)``, an HTTP/1.0 client that sends

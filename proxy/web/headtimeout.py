@@ -55,6 +55,28 @@ class HeadTimedHandler(RequestHandler):
         super().data_received(data)
         self.head_checked(before, data, body)
 
+    async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None
+                              ) -> tuple[web.StreamResponse, bool]:
+        if self._upgraded and not self._messages and self._payload_parser is None:
+            self.upgrade_refused(resp)
+        return await super().finish_response(request, resp, start_time)
+
+    def upgrade_refused(self, resp: web.StreamResponse) -> None:
+        """The answer ``resp`` to a request the parser took for a protocol switch (a ``CONNECT``,
+        or an ``Upgrade: websocket`` asked by ``Connection``), which cachegate never makes, on
+        either listener: the parser stopped at its head, what came after it is dropped unparsed,
+        and the connection closes after this answer.
+
+        aiohttp parses those bytes as the next requests once the switch is declined. After a
+        ``CONNECT`` they were the tunnel's, or a body llhttp does not read (it ignores the
+        ``Content-Length`` of a CONNECT): a request hidden there was answered (fetched and
+        stored) as if the client had sent it, and a front end that frames by Content-Length
+        and reuses its connection gave that answer to the next client (request smuggling)."""
+        self._message_tail = b""
+        if isinstance(resp, web.StreamResponse):  # (aiohttp answers 500 for anything else)
+            resp.force_close()  # its head says Connection: close, if not written yet
+        self.close()  # nothing more is read
+
     def head_checked(self, before: int, data: bytes, body: bool) -> None:
         """After a chunk ``data`` was parsed (``before``: the request count before it; ``body``:
         a request body was still coming when it arrived)."""

@@ -104,3 +104,16 @@ async def test_a_front_end_reusing_its_connection_never_hands_on_a_smuggled_answ
         assert b"attacker's choice" not in rest, port
         assert rest == b"", port  # closed: the next client's request goes on a new connection
     assert origin.count("/smuggled") == 0
+
+
+async def test_the_admin_listener_reads_nothing_after_a_connect_either(make_proxy: MakeProxy) -> None:
+    """The admin listener answered the request in a CONNECT's body as well (a 403 for the
+    CONNECT's Host, then a 200 for the hidden request)."""
+    proxy = await make_proxy()
+    port = proxy.listeners.admin_addresses[0][1]
+    hidden = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    connect = b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(hidden)
+    data = await until_close(port, connect + hidden)
+    assert data.count(b"HTTP/1.1 ") == 1, data
+    assert b'"status"' not in data
+    assert b"\r\nConnection: close\r\n" in data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
