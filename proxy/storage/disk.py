@@ -104,11 +104,18 @@ def wal_limit(budget: int) -> int:
 
 
 class _Disk(diskcache.Disk):  # type: ignore[misc]
-    """diskcache's ``Disk`` whose file removals wait, inside ``_transaction``, for the COMMIT.
+    """diskcache's ``Disk`` whose file removals wait, inside ``_transaction``, for the COMMIT,
+    and which notes the files it writes, so that a write that fails takes them back.
 
     A removal held and then dropped by a rollback leaves nothing behind (the row still refers to
     the file); one held and then lost to a kill -9 after the COMMIT leaves a file no row refers
-    to, which ``sweep_stray_files`` removes, as it does a crash inside ``set``."""
+    to, which ``sweep_stray_files`` removes, as it does a crash inside ``set``.
+
+    Why note the files written: diskcache writes a big value's file before its row, and leaves
+    the file where the write fails after it (a full filesystem: the row's INSERT, a later
+    statement of the batch, the COMMIT) or while writing it (a truncated file). Such a file is
+    outside the disk budget and keeps a full filesystem full; the sweeps would take it only
+    after ``ORPHAN_AGE``, and a retried batch writes new files beside it."""
 
     def __init__(self, directory: str, **settings: Any) -> None:
         super().__init__(directory, **settings)
@@ -120,6 +127,25 @@ class _Disk(diskcache.Disk):  # type: ignore[misc]
             super().remove(file_path)
         else:
             held.append(file_path)
+
+    def filename(self, key: Any = diskcache.core.UNKNOWN, value: Any = diskcache.core.UNKNOWN
+                 ) -> tuple[str, str]:
+        name, full_path = super().filename(key, value)
+        self._held.naming = name  # (for ``store``: the file it was writing when it failed)
+        return name, full_path
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple[Any, ...]:
+        self._held.naming = None
+        try:
+            stored: tuple[Any, ...] = super().store(value, read, key=key)
+        except BaseException:
+            if self._held.naming is not None:  # a file half written (ENOSPC): never referred to
+                super().remove(self._held.naming)
+            raise
+        written: list[str] | None = getattr(self._held, "written", None)
+        if written is not None and stored[2] is not None:
+            written.append(stored[2])
+        return stored
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[list[str] | None]:
@@ -136,17 +162,52 @@ class _Disk(diskcache.Disk):  # type: ignore[misc]
         finally:
             self._held.files = None
 
+    @contextlib.contextmanager
+    def taking_back(self) -> Iterator[None]:
+        """Remove the files this thread writes inside the block if the block raises: no row
+        refers to them then (its transaction rolled back, or the write never got to its row).
+        Inside another such block: the outer one takes them back."""
+        if getattr(self._held, "written", None) is not None:
+            yield
+            return
+        written: list[str] = []
+        self._held.written = written
+        try:
+            yield
+        except BaseException:
+            self._held.written = None
+            self.release(written)
+            raise
+        finally:
+            self._held.written = None
+
     def release(self, files: list[str]) -> None:
         for f in files:
             super().remove(f)
 
 
+def _roll_back(shard: diskcache.Cache) -> None:
+    """End a transaction a failed COMMIT left open (SQLite keeps it open after SQLITE_BUSY, and
+    may after SQLITE_FULL): nothing of it was committed, and nothing of it may be later."""
+    con = getattr(shard._local, "con", None)
+    if con is not None and con.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")
+
+
 @contextlib.contextmanager
 def _transaction(shard: diskcache.Cache, retry: bool = False) -> Iterator[None]:
-    """``shard.transact()`` whose writes remove the files they replaced only once it committed."""
+    """``shard.transact()`` whose writes remove the files they replaced only once it committed,
+    and the files they wrote at once when it did not (nothing refers to them then)."""
     disk: _Disk = shard.disk
-    with disk.holding() as files, shard.transact(retry=retry):
-        yield
+    with disk.taking_back(), disk.holding() as files:
+        try:
+            with shard.transact(retry=retry):
+                yield
+        except BaseException:
+            if files is not None:  # (the outermost: a nested one's caller is still inside it)
+                _roll_back(shard)
+            raise
     if files is not None:  # (not reached when the transaction rolled back: its rows keep their files)
         disk.release(files)
 
@@ -431,10 +492,12 @@ class DiskTier:
         return found
 
     def put_body(self, key: str, body_id: str, body: bytes | IO[bytes]) -> bool:
-        """Copy a big body in, outside any transaction (the copy takes time); False when it timed out."""
+        """Copy a big body in, outside any transaction (the copy takes time); False when it timed
+        out. A copy that fails (a full filesystem) leaves no file behind."""
         shard = self._shard(key)
         try:
-            ok = bool(shard.set("b:" + body_id, body, read=not isinstance(body, bytes), retry=False))
+            with shard.disk.taking_back():
+                ok = bool(shard.set("b:" + body_id, body, read=not isinstance(body, bytes), retry=False))
         except diskcache.Timeout as exc:
             self._lock_timeouts.failed(exc)
             ok = False

@@ -10,8 +10,11 @@ A real tmpfs of a few MiB: only where the test may mount one (root on Linux).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -137,3 +140,76 @@ async def test_a_purge_on_a_full_filesystem_is_a_503_naming_it_and_purges_once_t
     reply = await proxy.admin("POST", "/purge", json={"tags": ["t1"]})
     assert reply.status == 200, reply
     assert await x_caches(proxy) == ["MISS" if i % 2 else "HIT" for i in range(KEYS)]
+
+
+BEHIND = ("cache: {memory: 16MB, memory_max_object: 256KB, disk: {path: cache, size: 64MB, shards: 1}}\n"
+          "shutdown_grace: 1s\n")
+
+
+def unreferenced(cache: Path) -> list[str]:
+    """The value files of the shards that no row of their ``Cache`` table refers to: outside the
+    disk budget, and on a full filesystem keeping it full."""
+    found = []
+    for shard in sorted(p for p in cache.iterdir() if (p / "cache.db").exists()):
+        db = sqlite3.connect(f"file:{shard / 'cache.db'}?mode=ro", uri=True)
+        try:
+            referred = {r[0] for r in db.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+        finally:
+            db.close()
+        found += [str(f.relative_to(shard)) for f in shard.rglob("*.val")
+                  if str(f.relative_to(shard)) not in referred]
+    return found
+
+
+async def test_a_write_behind_batch_that_fails_on_a_full_filesystem_leaves_no_file_behind(
+        origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch: a body's file written whole, the next one's cut short by ENOSPC. The batch
+    rolls back; both files go with it (they were outside the budget and kept the filesystem
+    full until a sweep an hour later, and each retry wrote new ones). With room, the retry
+    stores both."""
+    monkeypatch.setenv("CACHEGATE_PERSIST_INTERVAL", "3600")  # the batch is the test's flush
+    bodies = {"/a": os.urandom(100_000), "/b": os.urandom(200_000)}
+    for path, body in bodies.items():
+        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config=BEHIND, directory=small_tmpfs / "p")
+    cache = Path(proxy.cache_dir)
+    filler = fill(small_tmpfs, 150 * 1024)
+
+    for path, body in bodies.items():  # answered whole, from memory, not on disk yet
+        reply = await proxy.get(path, headers=HOST)
+        assert (reply.status, reply.body == body) == (200, True)
+    assert await proxy.runtime.storage.flush() == 0
+    assert proxy.runtime.storage.disk is not None and proxy.runtime.storage.disk.count() == 0
+    assert unreferenced(cache) == []
+
+    filler.unlink()
+    assert await proxy.runtime.storage.flush() == 2
+    assert unreferenced(cache) == []
+    for path, body in bodies.items():
+        reply = await proxy.get(path, headers=HOST)
+        assert (reply.status, reply.body == body, reply.x_cache) == (200, True, "HIT")
+
+
+async def test_a_big_body_whose_copy_to_disk_fails_on_a_full_filesystem_leaves_no_file_behind(
+        origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path) -> None:
+    """A body too big for memory is copied to disk by the process that fetched it: cut short by
+    ENOSPC, its truncated file is removed at once, as its spool file is."""
+    body = os.urandom(400_000)
+    origin.route("/big", body=body, headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config=BEHIND, directory=small_tmpfs / "p")
+    cache = Path(proxy.cache_dir)
+    filler = fill(small_tmpfs, 600 * 1024)  # room for its spool file, not for a copy beside it
+
+    reply = await proxy.get("/big", headers=HOST)
+    assert (reply.status, reply.body == body) == (200, True)
+    for _ in range(500):  # until the fill's store is over (it goes on after the answer)
+        if not proxy.runtime.storage.work.writes and not list((cache / "tmp").rglob("spool-*")):
+            break
+        await asyncio.sleep(0.01)
+    assert proxy.runtime.storage.disk is not None and proxy.runtime.storage.disk.count() == 0
+    assert unreferenced(cache) == []
+
+    filler.unlink()  # room again: stored by the next fill
+    assert (await proxy.get("/big", headers=HOST)).x_cache == "MISS"
+    reply = await proxy.get("/big", headers=HOST)
+    assert (reply.status, reply.body == body, reply.x_cache) == (200, True, "HIT")
