@@ -69,6 +69,39 @@ class FilesystemFull(OSError):
         self.path = path
 
 
+SQLITE_READONLY, SQLITE_CANTOPEN = 8, 14
+DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)  # a mode, an owner, chattr +i, a read-only mount
+
+
+class NotWritable(OSError):
+    """A file or folder of the cache directory cannot be written (or opened, or made) where it
+    is: read-only for this user, owned by another, immutable (``chattr +i``) or on a read-only
+    mount. An operator's setting, not damage (nothing is set aside) and not a full filesystem:
+    said in one line at start, naming the file and the fix (``proxy.web.server.open_runtime``
+    prints an ``OSError``), as a full one is. ``cause``: SQLite's error opening a database (a
+    shard, the index), or the ``OSError`` of a file or folder (``denied``)."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        code = getattr(cause, "sqlite_errorcode", None)
+        if code is not None:
+            what = "cannot be written" if int(code) & 0xFF == SQLITE_READONLY else "cannot be opened"
+            detail = str(cause)
+        else:
+            what = "cannot be written" if os.path.lexists(path) else "cannot be made"
+            detail = getattr(cause, "strerror", None) or str(cause)
+        super().__init__(errno.EROFS if what == "cannot be written" else errno.EACCES,
+                         f"{path} {what} ({detail}): make it and its folder writable by the user "
+                         "cachegate runs as (their modes and owner, an immutable flag: lsattr, a "
+                         "read-only mount); nothing in it was changed")
+        self.filename = path
+
+
+def denied(exc: BaseException) -> bool:
+    """Whether ``exc`` is a file or folder this user may not write or make (it names one)."""
+    return isinstance(exc, OSError) and not isinstance(exc, NotWritable) and exc.errno in DENIED \
+        and isinstance(exc.filename, str | bytes)
+
+
 def human_size(n: int) -> str:
     """``n`` bytes as a person reads them: 1.5 MB, 20 KB, 512 B."""
     for unit, scale in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):

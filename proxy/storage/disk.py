@@ -46,7 +46,6 @@ Facts of diskcache respected here:
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import logging
 import os
@@ -62,7 +61,7 @@ from typing import IO, Any
 import diskcache
 
 from proxy.logs import RepeatedFailure
-from proxy.room import FilesystemFull, filesystem_full
+from proxy.room import SQLITE_CANTOPEN, SQLITE_READONLY, FilesystemFull, NotWritable, filesystem_full
 from proxy.settings import DiskEviction, shard_budget  # the budget split is what cache.disk.size means
 from proxy.storage.entry import Entry, decode_variants, encode_variants
 from proxy.storage.failures import SETTLE
@@ -303,30 +302,12 @@ def damaged(exc: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in DAMAGED_CODES
 
 
-SQLITE_READONLY, SQLITE_CANTOPEN = 8, 14
-
-
-class NotWritable(OSError):
-    """A shard's database cannot be written (or opened) where it is: its file or folder is
-    read-only for this user, immutable (``chattr +i``) or on a read-only mount. An operator's
-    setting, not damage (nothing is set aside) and not a full filesystem: said in one line at
-    start (``proxy.web.server.open_runtime`` prints an ``OSError``), as a full one is."""
-
-    def __init__(self, database: str, cause: sqlite3.Error) -> None:
-        what = "cannot be written" if _code(cause) == SQLITE_READONLY else "cannot be opened"
-        super().__init__(errno.EROFS if what == "cannot be written" else errno.EACCES,
-                         f"{database} {what} ({cause}): make it and its folder writable by the user "
-                         "cachegate runs as (their modes and owner, an immutable flag: lsattr, a "
-                         "read-only mount); nothing in it was changed")
-        self.filename = database
-
-
 def _code(exc: BaseException) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)
     return None if code is None else int(code) & 0xFF
 
 
-def not_writable(exc: BaseException) -> bool:
+def not_writable(exc: BaseException) -> bool:  # (the shards' and the index's; ``NotWritable``)
     """Whether ``exc`` (met opening a database) says it is read-only or cannot be opened for
     writing (SQLITE_READONLY, SQLITE_CANTOPEN)."""
     return _code(exc) in (SQLITE_READONLY, SQLITE_CANTOPEN)

@@ -39,8 +39,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.room import FilesystemFull, filesystem_full
-from proxy.storage.disk import damaged, set_aside
+from proxy.room import FilesystemFull, NotWritable, filesystem_full
+from proxy.storage.disk import damaged, not_writable, set_aside
 
 log = logging.getLogger("cachegate.storage")
 
@@ -125,6 +125,9 @@ class UrlTagIndex:
             if filesystem_full(path, exc):  # sound, only without room: never set aside for that
                 self.close()
                 raise FilesystemFull(path, exc) from exc
+            if isinstance(exc, sqlite3.Error) and not_writable(exc):  # a setting: nor that
+                self.close()
+                raise NotWritable(self.file, exc) from exc
             if not repair or not isinstance(exc, sqlite3.Error) or not damaged(exc):
                 raise
             problem = str(exc)
@@ -189,6 +192,10 @@ class UrlTagIndex:
         db = self._db()
         db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file
         db.executescript(_SCHEMA)
+        # A write, to learn now whether the file can be written: SQLite opens a read-only file
+        # read-only without a word, and only every commit failed after the start.
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        db.execute(f"PRAGMA user_version = {int(version)}")
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

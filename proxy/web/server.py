@@ -43,7 +43,7 @@ from proxy.inspection import Inspector, register_worker_calls
 from proxy.logs import say, tell
 from proxy.policy.request import MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
-from proxy.room import FilesystemFull, MemoryUnavailable, filesystem_full
+from proxy.room import FilesystemFull, MemoryUnavailable, NotWritable, denied, filesystem_full
 from proxy.runtime import CacheDirectoryInUse, CacheDirectoryUnusable, ReloadResult, Runtime
 from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CACHE_DIR
@@ -543,6 +543,8 @@ async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None 
         where = disk.path if disk is not None else "?"
         if disk is not None and not isinstance(cause, FilesystemFull) and filesystem_full(disk.path, cause):
             cause = FilesystemFull(disk.path, cause)
+        elif denied(cause):  # its lock file, a spool folder: named, with the fix
+            cause = NotWritable(os.fsdecode(cause.filename), cause)
         tell(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
              f"{cause.strerror or cause}")
         return None

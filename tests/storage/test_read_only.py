@@ -1,7 +1,8 @@
-"""A shard that cannot be written at start (read-only for this user, immutable, a read-only
-mount) is an operator's setting, not damage and not a traceback: cachegate does not start, says
-so in one line naming the file and ``cache.disk.path``, exits 1 (as on a full filesystem), and
-changes nothing: once the file is writable again every entry is there."""
+"""A shard (or the index, the lock file, the spool folder, the cache directory itself) that cannot
+be written at start (read-only for this user, immutable, a read-only mount) is an operator's
+setting, not damage and not a traceback: cachegate does not start, says so in one line naming
+the file and ``cache.disk.path``, exits 1 (as on a full filesystem), and changes nothing: once
+the file is writable again every entry is there."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tests.storage.test_full_filesystem import run
 @contextmanager
 def read_only(path: Path) -> Iterator[str]:
     """``path`` made unwritable for this process: immutable (``chattr +i``) as root, else its
-    mode 0444 (root writes whatever the mode says); what was done."""
+    mode 0444 (a folder's 0555; root writes whatever the mode says); what was done."""
     if os.geteuid() == 0:
         chattr = shutil.which("chattr")
         if chattr is None:
@@ -38,7 +39,7 @@ def read_only(path: Path) -> Iterator[str]:
             subprocess.run([chattr, "-i", str(path)], check=True)
     else:
         mode = path.stat().st_mode
-        path.chmod(0o444)
+        path.chmod(0o555 if path.is_dir() else 0o444)
         try:
             yield "mode 0444"
         finally:
@@ -67,6 +68,30 @@ async def test_an_unwritable_shard_at_start_is_one_line_and_exit_1(
     said = [line for line in out.splitlines() if line.startswith("cachegate: ")]
     assert len(said) == 1, out
     assert str(db) in said[0] and "(cache.disk.path)" in said[0] and "cannot be written" in said[0], out
+    assert not [p for p in cache.iterdir() if ".corrupt-" in p.name]  # nothing set aside
+
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    assert await x_caches(proxy) == ["HIT"] * KEYS
+
+
+@pytest.mark.parametrize(("unwritable", "named"), [
+    ("index.sqlite3", "index.sqlite3"),  # SQLite opened it read-only without a word: it started
+    (".", "index.sqlite3"),  # the cache directory: a 49-line traceback (its index's journal)
+    (".lock", ".lock"),  # "Permission denied", naming nothing (an existing cache of another user)
+    ("tmp", "tmp/"),  # the spool folder: the same bare message
+])
+async def test_an_unwritable_part_of_the_cache_directory_at_start_is_one_line_naming_it(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, unwritable: str, named: str) -> None:
+    directory = tmp_path / "p"
+    await filled(origin, make_proxy, directory)
+    cache = directory / "cache"
+    with read_only(cache / unwritable):
+        code, out = run(write_config(str(directory), origin.url, CONFIG), 1)
+    assert (code, "Traceback" in out) == (1, False), out
+    said = [line for line in out.splitlines() if line.startswith("cachegate: ")]
+    assert len(said) == 1, out
+    assert f"{cache}/{named}" in said[0] and "(cache.disk.path)" in said[0], out
+    assert "make it and its folder writable by the user cachegate runs as" in said[0], out
     assert not [p for p in cache.iterdir() if ".corrupt-" in p.name]  # nothing set aside
 
     proxy = await make_proxy(config=CONFIG, directory=directory)
