@@ -40,6 +40,7 @@ from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier, arena_capacity
 from proxy.storage.persist import PERSIST_INTERVAL
+from proxy.storage.spool import SPOOLS, empty_dead_spools
 from proxy.storage.tiered import Storage
 from proxy.upstream import UpstreamPool
 
@@ -118,6 +119,8 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
         # The owner (no arena yet: the first process) sets a damaged database aside and starts
         # without it; the index first, since losing it empties the disk tier too.
         repair = arena_fd is None
+        if repair:  # before the databases: on a full filesystem they may need that room
+            empty_dead_spools(os.path.join(c.disk.path, SPOOLS))
         index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
         disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                         empty=index.recreated)

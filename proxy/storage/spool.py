@@ -16,6 +16,7 @@ CPU at a million entries).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -24,11 +25,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from typing import IO
 
 log = logging.getLogger("cachegate.storage")
 
+SPOOLS = "tmp"  # the spool folders' folder in the cache directory
 LOCK_NAME = ".owner.lock"
 INTENTS_NAME = ".intents"
 INTENTS_COMPACT = 256 * 1024  # rewrite the log with only the pending lines past this size
@@ -113,6 +115,50 @@ def read_intents(folder: str) -> list[tuple[str, str]]:
     return out
 
 
+@contextlib.contextmanager
+def _dead_folders(root: str) -> Iterator[Iterator[str]]:
+    """The spool folders under ``root`` of processes that are gone, each locked while it is
+    handed out (a process that is alive holds its folder's lock)."""
+
+    def folders() -> Generator[str, None, None]:
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.isdir(path):
+                continue
+            try:
+                fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR)
+            except FileNotFoundError:
+                # No lock file: a crash before the lock existed, or a folder being created now.
+                try:
+                    if time.time() - os.path.getmtime(path) < 60:
+                        continue
+                except OSError:
+                    continue
+                fd = -1
+            except OSError:
+                continue
+            try:
+                if fd >= 0:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its owner is alive
+                yield path
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+    found = folders()
+    try:
+        yield found
+    finally:
+        found.close()
+
+
 def sweep_dead_spools(root: str, on_intents: Callable[[list[tuple[str, str]]], None] | None = None
                       ) -> int:
     """Remove the spool folders of processes that are gone; return how many.
@@ -121,41 +167,38 @@ def sweep_dead_spools(root: str, on_intents: Callable[[list[tuple[str, str]]], N
     may have orphaned can be checked before the log is deleted with the folder.
     """
     removed = 0
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        path = os.path.join(root, name)
-        if not os.path.isdir(path):
-            continue
-        try:
-            fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR)
-        except FileNotFoundError:
-            # No lock file: a crash before the lock existed, or a folder being created now.
-            try:
-                if time.time() - os.path.getmtime(path) < 60:
-                    continue
-            except OSError:
-                continue
-            fd = -1
-        except OSError:
-            continue
-        try:
-            if fd >= 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # its owner is alive
+    with _dead_folders(root) as dead:
+        for path in dead:
             if on_intents is not None:
                 intents = read_intents(path)
                 if intents:
                     on_intents(intents)
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
-        finally:
-            if fd >= 0:
-                os.close(fd)
     if removed:
         log.info("removed %d spool folder(s) of dead processes", removed)
     return removed
+
+
+def empty_dead_spools(root: str) -> int:
+    """Remove the spool files (half-received bodies) of processes that are gone, keeping each
+    folder's lock and intent log for ``sweep_dead_spools``; how many bytes they held.
+
+    Why, before the owner opens the databases: on a full filesystem they may hold the room
+    SQLite needs to open them (a write-ahead log and a shared-memory file each), and judging
+    them needs no database. The value files no row refers to do (the shard's table), and SQLite
+    cannot open a table, even read-only, on a full filesystem: they wait for the start-up sweep."""
+    freed = 0
+    with _dead_folders(root) as dead:
+        for path in dead:
+            for name in os.listdir(path):
+                if name in (LOCK_NAME, INTENTS_NAME):
+                    continue
+                full = os.path.join(path, name)
+                with contextlib.suppress(OSError):
+                    size = os.lstat(full).st_size
+                    os.remove(full)
+                    freed += size
+    if freed:
+        log.info("removed %d bytes of spool files of dead processes", freed)
+    return freed

@@ -39,7 +39,7 @@ from proxy.storage.memory import Cached, MemoryTier, Slot, memory_only_bodies
 from proxy.storage.persist import Persister
 from proxy.storage.purging import Purging
 from proxy.storage.reads import Reader
-from proxy.storage.spool import SpoolDir
+from proxy.storage.spool import SPOOLS, SpoolDir
 from proxy.storage.upkeep import Upkeep, UpkeepStats
 from proxy.storage.work import InProgress, Tiers
 from proxy.storage.writes import BodySpool, Writer
@@ -79,7 +79,7 @@ class Storage:
         self._own_executor = executor is None
         self.tiers = Tiers(memory, disk, index, BanList(index.bans() if index is not None else ()),
                            executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="disk"))
-        root = spool_root or (os.path.join(disk.path, "tmp") if disk is not None
+        root = spool_root or (os.path.join(disk.path, SPOOLS) if disk is not None
                               else os.path.join(tempfile.gettempdir(), "cachegate-spool"))
         self.spools = SpoolDir(root)
         self.reads = Reader(self.tiers)

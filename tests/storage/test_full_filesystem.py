@@ -59,7 +59,8 @@ def run(config: str, workers: int, on_line: Callable[[str], None] = lambda line:
             on_line(line)
             if "started:" in line or time.monotonic() > deadline:
                 proc.terminate()
-    return (None if "started:" in "".join(out) else proc.wait(10)), "".join(out)
+    code = proc.wait(10)  # (stopped once it started: reaped too)
+    return (None if "started:" in "".join(out) else code), "".join(out)
 
 
 def one_line_says_full(out: str, cache: Path, processes: int = 1) -> None:
@@ -213,3 +214,27 @@ async def test_a_big_body_whose_copy_to_disk_fails_on_a_full_filesystem_leaves_n
     assert (await proxy.get("/big", headers=HOST)).x_cache == "MISS"
     reply = await proxy.get("/big", headers=HOST)
     assert (reply.status, reply.body == body, reply.x_cache) == (200, True, "HIT")
+
+
+async def test_spool_files_of_dead_processes_make_room_before_the_full_filesystem_check(
+        origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path) -> None:
+    """A process killed mid-fill leaves its spool folder (half-received bodies, up to a quarter
+    of the disk budget). On a full filesystem they held the room SQLite needs to open the
+    databases, and cachegate refused to start before the sweep that would have removed them:
+    the owner now empties them first (keeping the folder's intent log for that sweep)."""
+    directory = small_tmpfs / "p"
+    await filled(origin, make_proxy, directory, CONFIG)
+    cache = directory / "cache"
+    dead = cache / "tmp" / "999999-deadbeef"  # no process holds its lock: a dead one's
+    dead.mkdir(parents=True, exist_ok=True)
+    (dead / ".owner.lock").touch()
+    (dead / "spool-half").write_bytes(b"\0" * (1 << 20))
+    filler = fill(small_tmpfs, 0)
+
+    code, out = run(write_config(str(directory), origin.url, CONFIG), 1)
+    assert code is None and "Traceback" not in out, out  # it started
+    assert not dead.exists() or not (dead / "spool-half").exists()
+
+    filler.unlink()
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    assert await x_caches(proxy) == ["HIT"] * KEYS
