@@ -201,6 +201,9 @@ class Runtime:
     # Why this process serves short of its config (the supervisor: workers it no longer
     # restarts, ``Supervisor._code_changed``); GET /healthz answers 503 "degraded" with it.
     degraded: str | None = None
+    # The supervisor's: why its workers do not all serve now (none runs, some keep exiting:
+    # ``proxy.supervisor.workers_health``), or None; GET /healthz answers 503 "degraded" with it.
+    workers_health: Callable[[], str | None] | None = None
     # What else a reload applies (the web layer adds a TLS listener's certificate reload): each
     # returns None, or what it could not apply and only a restart does (``ReloadResult.unapplied``).
     on_reconfigure: list[Callable[[Settings], str | None]] = field(default_factory=list)

@@ -58,7 +58,7 @@ from proxy.schema import (
     text,
     type_name,
 )
-from proxy.tls import ENCRYPTED_KEY, ca_file_problem, key_is_encrypted, load_problem
+from proxy.tls import ENCRYPTED_KEY, ca_file_problem, load_problem, pem_is_encrypted
 from proxy.units import shown, yaml_number
 from proxy.yamlsrc import Src
 
@@ -366,7 +366,11 @@ def _key_path() -> Parser[str]:
 
     def read(item: Src, ctx: Context) -> str:
         resolved = path.read(item, ctx)
-        if key_is_encrypted(resolved):
+        try:  # through the load's sources: a worker checks the supervisor's copy, not the file now
+            encrypted = pem_is_encrypted(ctx.sources.data(resolved))
+        except OSError:
+            return resolved  # ``_loads`` says why it cannot be read
+        if encrypted:
             raise Invalid(ENCRYPTED_KEY)
         return resolved
 
@@ -383,7 +387,14 @@ class ListenerTLS:
 
 
 def _loads(tls: ListenerTLS, ctx: Context) -> ListenerTLS:
-    problem = load_problem(tls.cert, tls.key)  # the server would fail the same way: say so now
+    """The pair loads (the server would fail the same way: say so now), read through the load's
+    ``Sources``: the bytes checked are the bytes served (``Settings.pem``), and the supervisor's
+    copy for its workers holds them (``proxy.supervisor.ConfigCopy``)."""
+    try:
+        pem = (ctx.sources.data(tls.cert), ctx.sources.data(tls.key))
+    except OSError:
+        pem = None  # ``load_problem`` says why, as a start would
+    problem = load_problem(tls.cert, tls.key, pem)
     if problem is not None:
         raise Invalid(problem)
     return tls
@@ -651,6 +662,13 @@ class Settings:
         Parser("true, false or a mapping", _access_log, sections=(AccessLogSettings,)))
     server_header: str = setting("cachegate", "the Server field of every response (no software versions)",
                                  text(check=_printable))
+
+    def pem(self, tls: ListenerTLS) -> tuple[bytes, bytes] | None:
+        """A TLS listener's certificate chain and key as this load read and checked them (None:
+        settings not made by a load)."""
+        files = dict(self.sources)
+        cert, key = files.get(os.path.abspath(tls.cert)), files.get(os.path.abspath(tls.key))
+        return None if cert is None or key is None else (cert, key)
 
     @property
     def listen(self) -> HostPort:

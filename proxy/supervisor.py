@@ -17,10 +17,13 @@ clients. It
   or that leaves its pings unanswered for ``worker_timeout`` (killed first: ``_watchdog``);
   one silent because it waits for a lock of the shared memory that another worker holds is
   spared, and that holder killed instead (``_unresponsive``, ``proxy.storage.lockwait``).
-  A worker reads a copy of the config file and its rule files as the supervisor last
-  loaded them good (``ConfigCopy``), not the files as they are now: a file edited but not
-  reloaded yet, or broken, would give a restarted worker another config than its
-  siblings, or make it exit at every restart;
+  A worker reads a copy of the config file, its rule files and its listeners' TLS
+  certificates and keys as the supervisor last loaded them good (``ConfigCopy``), not the
+  files as they are now: a file edited but not reloaded yet, or broken, would give a
+  restarted worker another config (or certificate) than its siblings, or make it exit at
+  every restart (a key that does not match its certificate: every listener of that worker
+  down); and GET /healthz says degraded when no worker serves or one keeps exiting
+  (``workers_health``);
 - owns the cache directory's upkeep and runs the admin API;
 - purges for everyone: the shared half once on the disk tier (deletes and bans),
   then ``purge_local`` in every worker, and answers only when every worker has
@@ -68,7 +71,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -144,22 +147,63 @@ class Worker:
     restarts: int = 0
     # Why it is not restarted (its code is not this supervisor's: ``_code_changed``), or None.
     given_up: str | None = None
+    quick_exits: int = 0  # exits in a row soon after a start (restarted with backoff)
+    last_exit: int | None = None  # its last exit status
+
+    def health(self) -> WorkerHealth:
+        process = self.process
+        serving = process is not None and process.returncode is None and self.ready.is_set()
+        return WorkerHealth(self.worker_id, serving, self.quick_exits, self.last_exit,
+                            self.given_up is not None)
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    """What /healthz needs to know of one worker (``workers_health``)."""
+
+    worker_id: int
+    serving: bool  # running and ready: its listeners accept
+    quick_exits: int
+    last_exit: int | None
+    given_up: bool  # not restarted any more (``Runtime.degraded`` says why)
+
+
+def workers_health(workers: Sequence[WorkerHealth]) -> str | None:
+    """Why the workers do not all serve, for /healthz (503 "degraded"), or None. A worker
+    restarted at once after a crash (it had lived a while) does not count while its siblings
+    serve; one that keeps exiting soon after its starts (in backoff) does; and when no worker
+    serves, nothing accepts on the client listeners, whatever the reason.
+
+    >>> workers_health([WorkerHealth(0, True, 0, None, False), WorkerHealth(1, False, 0, -9, False)])
+    >>> workers_health([WorkerHealth(0, False, 3, 2, False)])
+    'no worker serves (1 configured): worker 0 keeps exiting (status 2, 3 times in a row)'
+    """
+    serving = sum(1 for w in workers if w.serving)
+    looping = [w for w in workers if not w.serving and not w.given_up and w.quick_exits]
+    why = "; ".join(f"worker {w.worker_id} keeps exiting (status {w.last_exit}, {w.quick_exits} "
+                    f"time{'s' if w.quick_exits > 1 else ''} in a row)" for w in looping)
+    if serving == 0:
+        return f"no worker serves ({len(workers)} configured)" + (f": {why}" if why else "")
+    if looping:
+        return f"{serving} of {len(workers)} workers serve: {why}"
+    return None
 
 
 class ConfigCopy:
-    """The config file and its rule files as the supervisor last loaded them good, for its
-    workers: one snapshot file (``proxy.yamlsrc.dump_snapshot``: each file's bytes by path) in a
-    private temporary directory (``path``). It holds the bytes that load read and validated
+    """The config file, its rule files and the TLS listeners' certificate and key files as the
+    supervisor last loaded them good, for its workers: one snapshot file
+    (``proxy.yamlsrc.dump_snapshot``: each file's bytes by path) in a private temporary
+    directory (``path``). It holds the bytes that load read and validated
     (``Settings.sources``), never the files read again: a worker loads it with
     ``display=original`` (``load_config``), from the snapshot alone, so a restarted worker runs
-    exactly its siblings' config, rule files included, whatever happened to the files since
-    (edited and not reloaded yet, broken, removed). Messages name the original, and its
-    relative paths (rule files, the cache directory) resolve as before. A reload writes the new
-    snapshot to ``staged``, then moves it in place (``commit``).
+    exactly its siblings' config, rule files and certificates included, whatever happened to
+    the files since (edited and not reloaded yet, broken, removed). Messages name the original,
+    and its relative paths (rule files, the cache directory) resolve as before. A reload writes
+    the new snapshot to ``staged``, then moves it in place (``commit``).
 
-    The directory is this process's own, mode 0700 (``_private_directory``): the snapshot holds
-    the admin token and whatever the rule files say, and a worker must never load one another
-    user put there."""
+    The directory is this process's own, mode 0700 (``_private_directory``), the file 0600: the
+    snapshot holds the admin token, TLS private keys and whatever the rule files say, and a
+    worker must never load one another user put there."""
 
     def __init__(self, original: str, files: Mapping[str, bytes]) -> None:
         self.original = original
@@ -338,6 +382,7 @@ class Supervisor:
             self._release(reserved)
             return 1
         runtime = self.runtime = opened
+        runtime.workers_health = lambda: workers_health([w.health() for w in self.workers])
         runtime.metrics.process_label = "supervisor"
         self.leases.table = LeaseTable(runtime.storage.memory.arena)
         runtime.metrics.add_collector(self.leases.collect)
@@ -611,12 +656,15 @@ class Supervisor:
             self._code_changed(w, process)
             return
         w.restarts += 1
+        w.last_exit = code
         # A worker that lived a while is restarted at once; one that keeps dying (or that never
-        # became ready), with backoff.
+        # became ready), with backoff (and /healthz says so: ``workers_health``).
         if w.ready.is_set() and time.monotonic() - w.started_at > 10:
             w.backoff = 0.5
+            w.quick_exits = 0
             delay = 0.0
         else:
+            w.quick_exits += 1
             delay = self._next_backoff(w)
         log.error("worker %d (pid %d) exited with %s; restarting in %.1fs", w.worker_id, process.pid,
                   code, delay)

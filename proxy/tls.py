@@ -5,11 +5,14 @@ Contexts take the standard library's secure defaults for a server
 cipher list, no renegotiation), TLS 1.2 at least, and ALPN ``http/1.1`` (cachegate speaks
 HTTP/1.1; a client that offers h2 is told so during the handshake instead of guessing).
 
-Rotation without a restart (SIGHUP, ``POST /reload``): a listening server keeps the
+The files are read once, by the config load that checks them (``Settings.pem``): the bytes
+checked are the bytes served, and with several workers the supervisor's copy of them
+(``proxy.supervisor.ConfigCopy``) is what a restarted worker serves, whatever the files hold
+by then. Rotation without a restart (SIGHUP, ``POST /reload``): a listening server keeps the
 ``SSLContext`` it was started with, so that context stays, and the new certificate chain and
-key are loaded into it once they have loaded into a fresh context (the same bytes: the files
-are read once, into a private temporary folder, so a file replaced between the two loads cannot
-leave the live context half-loaded). OpenSSL copies a context's certificate into each
+key are loaded into it once they have loaded into a fresh context (the same bytes, through a
+private temporary folder: a file replaced between the two loads cannot leave the live context
+half-loaded). OpenSSL copies a context's certificate into each
 connection when the connection is made: a connection already open keeps the certificate it
 shook hands with, so it goes on working; new handshakes present the new certificate. There is
 no SNI callback: CPython decodes the client's server name as ASCII before calling one, and a
@@ -58,6 +61,12 @@ def key_is_encrypted(path: str) -> bool:
             head = f.read(1 << 20)
     except OSError:
         return False
+    return pem_is_encrypted(head)
+
+
+def pem_is_encrypted(data: bytes) -> bool:
+    """``key_is_encrypted`` on a key's bytes."""
+    head = data[:1 << 20]
     return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in head or b"Proc-Type: 4,ENCRYPTED" in head
 
 
@@ -71,10 +80,41 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-def load_problem(cert: str, key: str) -> str | None:
-    """Why this certificate and key would not load, or None when they do (for ``cachegate check``)."""
+def read_pem(cert: str, key: str) -> tuple[bytes, bytes]:
+    """The bytes of the certificate chain and key files; OSError when one cannot be read."""
+    with open(cert, "rb") as f:
+        cert_pem = f.read()
+    with open(key, "rb") as f:
+        return cert_pem, f.read()
+
+
+def _load_pem(pem: tuple[bytes, bytes], into: ssl.SSLContext | None = None) -> ssl.SSLContext:
+    """A server context from these bytes (or ``into`` loaded with them once a fresh context took
+    them: all or nothing). OpenSSL loads PEM from files only: they go to a private temporary
+    folder (0700, files 0600: one holds the private key), removed at once."""
+    with tempfile.TemporaryDirectory(prefix="cachegate-tls-") as folder:
+        copies: list[str] = []
+        for name, data in zip(("cert.pem", "key.pem"), pem, strict=True):
+            copy = os.path.join(folder, name)
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as dst:
+                dst.write(data)
+            copies.append(copy)
+        ctx = server_context(copies[0], copies[1])
+        if into is None:
+            return ctx
+        into.load_cert_chain(copies[0], copies[1], password=_no_passphrase)
+        return into
+
+
+def load_problem(cert: str, key: str, pem: tuple[bytes, bytes] | None = None) -> str | None:
+    """Why this certificate and key would not load, or None when they do (for ``cachegate check``);
+    ``pem``: their bytes as read already (what a listener will be started with)."""
     try:
-        server_context(cert, key)
+        if pem is None:
+            server_context(cert, key)
+        else:
+            _load_pem(pem)
     except EncryptedKey:
         return f"cannot load the certificate {cert} with the key {key}: {ENCRYPTED_KEY}"
     except ssl.SSLError as exc:  # before OSError: an SSLError is one
@@ -200,49 +240,37 @@ def key_kind(data: bytes) -> str:
     return next((kind for oid, kind in _KEY_OIDS if oid in head), "unknown")
 
 
-def _file_key_kind(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return key_kind(f.read(1 << 20))
-    except OSError:
-        return "unknown"
-
-
 class ServerTLS:
     """A TLS listener's context (``context``: what the listener is started with), into which
-    ``reload`` loads a new certificate chain and key of the same key type."""
+    ``reload`` loads a new certificate chain and key of the same key type. ``pem``: the files'
+    bytes as the config load read and checked them (``Settings.pem``): with several workers,
+    the supervisor's copy, so that a restarted worker serves its siblings' certificate whatever
+    the files hold now (``proxy.supervisor.ConfigCopy``); None reads the files."""
 
-    def __init__(self, cert: str, key: str) -> None:
-        self.context = server_context(cert, key)
+    def __init__(self, cert: str, key: str, pem: tuple[bytes, bytes] | None = None) -> None:
+        pem = pem if pem is not None else read_pem(cert, key)
+        self.context = _load_pem(pem)
         self.files = (cert, key)
-        self.kind = _file_key_kind(key)
+        self.kind = key_kind(pem[1])
 
-    def reload(self, cert: str, key: str) -> str | None:
-        """Read the files again (they may be new files at the same paths); None when the new
-        certificate is in use for new handshakes, else why the old one stays (logged): the
-        reload's answer names it in ``restart_required``, so a renewal hook sees it."""
+    def reload(self, cert: str, key: str, pem: tuple[bytes, bytes] | None = None) -> str | None:
+        """Load the new files (they may be new files at the same paths; ``pem``: their bytes as
+        the reload's config load read them); None when the new certificate is in use for new
+        handshakes, else why the old one stays (logged): the reload's answer names it in
+        ``restart_required``, so a renewal hook sees it."""
         try:
-            with tempfile.TemporaryDirectory(prefix="cachegate-tls-") as folder:  # mode 0700
-                copies: dict[str, str] = {}
-                for name, path in (("cert.pem", cert), ("key.pem", key)):
-                    copy = os.path.join(folder, name)
-                    with open(path, "rb") as src:
-                        data = src.read()
-                    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "wb") as dst:
-                        dst.write(data)
-                    copies[name] = copy
-                # All or nothing: the live context is not touched unless the same bytes loaded.
-                server_context(copies["cert.pem"], copies["key.pem"])
-                kind = _file_key_kind(copies["key.pem"])
-                if kind != self.kind:
-                    log.error("TLS reload refused, the current certificate stays: %s is a %s key, the "
-                              "running one %s: restart cachegate to change the key type (OpenSSL "
-                              "keeps one certificate per key type: the old one would still be served "
-                              "to clients of its type)", key, kind, self.kind)
-                    return (f"the key is {kind}, the certificate served has an {self.kind} key: "
-                            "a restart changes the key type")
-                self.context.load_cert_chain(copies["cert.pem"], copies["key.pem"], password=_no_passphrase)
+            pem = pem if pem is not None else read_pem(cert, key)
+            kind = key_kind(pem[1])
+            if kind != self.kind:
+                _load_pem(pem)  # a pair that does not load says so first
+                log.error("TLS reload refused, the current certificate stays: %s is a %s key, the "
+                          "running one %s: restart cachegate to change the key type (OpenSSL "
+                          "keeps one certificate per key type: the old one would still be served "
+                          "to clients of its type)", key, kind, self.kind)
+                return (f"the key is {kind}, the certificate served has an {self.kind} key: "
+                        "a restart changes the key type")
+            # All or nothing: the live context is not touched unless the same bytes loaded.
+            _load_pem(pem, into=self.context)
         except EncryptedKey:
             log.error("TLS reload failed, the current certificate stays: %s: %s", key, ENCRYPTED_KEY)
             return f"the current certificate stays: {ENCRYPTED_KEY}"

@@ -527,7 +527,9 @@ async def healthz(request: web.Request) -> web.Response:
     cluster's purges (a load balancer sends it nothing until it has applied them), with the
     reason; and 503 "degraded", with the reason, while the supervisor runs fewer workers than
     configured because some cannot start (cachegate installed over the running one:
-    ``Supervisor._code_changed``). A worker restarting after a crash does not count."""
+    ``Supervisor._code_changed``), when no worker serves, or while one keeps exiting soon after
+    its restarts (``proxy.supervisor.workers_health``). A worker restarted after a crash does
+    not count while its siblings serve."""
     runtime = request.app[ADMIN].runtime
     node = runtime.cluster
     if node is not None and not node.ready:  # the cluster's reason first: it is why the rest waits
@@ -537,6 +539,9 @@ async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": runtime.state}, status=503)
     if runtime.degraded is not None:
         return web.json_response({"status": "degraded", "reason": runtime.degraded}, status=503)
+    workers = runtime.workers_health() if runtime.workers_health is not None else None
+    if workers is not None:
+        return web.json_response({"status": "degraded", "reason": workers}, status=503)
     if node is None:
         return web.json_response({"status": "ok"})
     body = {"status": "ok", "cluster": node.state}

@@ -113,11 +113,12 @@ async def start_proxy_listeners(runtime: Runtime, settings: Settings, listeners:
                                 *, reuse_port: bool = False) -> None:
     """Every client listener of ``settings`` (its runners added to ``listeners`` as they start,
     so a later one that cannot bind leaves nothing behind once they stop), all with one front
-    end (``proxy.web.frontend``); a TLS listener's certificate is read again at each reload
-    (``proxy.tls``)."""
+    end (``proxy.web.frontend``); a TLS listener's certificate is the one the config load read,
+    and each reload's (``proxy.tls``)."""
     front = Front(runtime)
     for index, listener in enumerate(settings.listeners):
-        tls = ServerTLS(listener.tls.cert, listener.tls.key) if listener.tls is not None else None
+        tls = (ServerTLS(listener.tls.cert, listener.tls.key, settings.pem(listener.tls))
+               if listener.tls is not None else None)
         runner = await start_proxy_listener(runtime, settings, reuse_port=reuse_port, listener=listener,
                                             tls=tls, front=front)
         listeners.runners.append(runner)
@@ -139,7 +140,7 @@ def _tls_reload(tls: ServerTLS, index: int) -> Callable[[Settings], str | None]:
         files = settings.listeners[index].tls if index < len(settings.listeners) else None
         if files is None:
             return None
-        kept = tls.reload(files.cert, files.key)
+        kept = tls.reload(files.cert, files.key, settings.pem(files))
         return None if kept is None else f"listen[{index}].tls ({kept})"
 
     return reload
@@ -152,7 +153,7 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
     False answers hits on aiohttp's general path only (tests compare both)."""
     listener = listener or settings.listeners[0]
     if listener.tls is not None and tls is None:
-        tls = ServerTLS(listener.tls.cert, listener.tls.key)
+        tls = ServerTLS(listener.tls.cert, listener.tls.key, settings.pem(listener.tls))
     front = front or Front(runtime)
     server = ProxyServer(
         make_handler(front),

@@ -116,3 +116,24 @@ async def test_during_the_drain_healthz_answers_503_stopping_and_metrics_answer(
     assert (health.status, json.loads(health.body)) == (503, {"status": "stopping"})
     assert metrics.status == 200 and b"cachegate_" in metrics.body
     assert code == 0
+
+
+@pytest.mark.parametrize(("workers", "reason"), [
+    # serving, quick exits in a row, last exit status, given up
+    ([(True, 0, None, False), (True, 0, None, False)], None),
+    # restarted at once after a long life: not counted while a sibling serves
+    ([(True, 0, None, False), (False, 0, -9, False)], None),
+    ([(True, 0, None, False), (False, 2, 2, False)],
+     "1 of 2 workers serve: worker 1 keeps exiting (status 2, 2 times in a row)"),
+    ([(False, 0, -9, False), (False, 0, -9, False)], "no worker serves (2 configured)"),
+    ([(False, 1, -9, False), (False, 3, 2, False)],
+     "no worker serves (2 configured): worker 0 keeps exiting (status -9, 1 time in a row); "
+     "worker 1 keeps exiting (status 2, 3 times in a row)"),
+    # not restarted any more: Runtime.degraded says why; the others serve
+    ([(True, 0, None, False), (False, 1, 75, True)], None),
+])
+def test_workers_health_says_degraded_when_none_serves_or_one_keeps_exiting(
+        workers: list[tuple[bool, int, int | None, bool]], reason: str | None) -> None:
+    from proxy.supervisor import WorkerHealth, workers_health
+
+    assert workers_health([WorkerHealth(i, *w) for i, w in enumerate(workers)]) == reason

@@ -661,3 +661,68 @@ async def test_with_workers_the_reload_answer_names_a_key_type_change_once(
         assert json.loads(body)["restart_required"] == [KEY_TYPE_KEPT], body
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.text
+
+
+def _healthz(admin_url: str) -> tuple[int, dict[str, str]]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{admin_url}/healthz", timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+async def test_a_restarted_worker_serves_the_last_good_certificate_not_the_files_now(
+        origin: Origin, tmp_path: Path, certs: Certs) -> None:
+    """A key that does not match its certificate put in place: the reload is refused, and the
+    workers go on with the old pair. A worker restarted after that (a crash, an OOM kill) read
+    the files again, exited 2 at every restart, and once all had died both listeners refused
+    connections while /healthz said ok. It now loads the pair from the supervisor's copy, as its
+    siblings run it; and /healthz says degraded while no worker serves."""
+    from tests.harness import spawn_cachegate, write_config
+
+    origin.route("/a", body=b"a", headers=CC)
+    config = write_config(str(tmp_path), origin.url, tls_config(certs))
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--workers", "2"])
+    try:
+        urls = [line.split("proxy listening on ", 1)[1].split()[0] for line in proc.output
+                if "proxy listening on" in line]
+        assert proc.admin_url is not None
+        assert await asyncio.to_thread(_healthz, proc.admin_url) == (200, {"status": "ok"})
+        shutil.copy(certs.b[0], certs.key)  # b's key, a's certificate: does not load
+        proc.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if any("reload rejected" in line for line in proc.output):
+                break
+            await asyncio.sleep(0.1)
+        assert any("reload rejected" in line for line in proc.output), proc.text
+        pids = [int(m.group(1)) for line in list(proc.output)
+                if (m := re.search(r"worker \d ready \(pid (\d+)\)", line))]
+        assert len(pids) == 2, proc.text
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(100):  # both reaped (restarted after a backoff: they lived under 10 s)
+            if {int(m.group(1)) for line in list(proc.output)
+                    if (m := re.search(r"\(pid (\d+)\) exited with", line))} == set(pids):
+                break
+            await asyncio.sleep(0.05)
+        status, body = await asyncio.to_thread(_healthz, proc.admin_url)
+        assert status == 503 and body["status"] == "degraded", body
+        assert body["reason"].startswith("no worker serves (2 configured)"), body
+        for _ in range(200):
+            if sum(" ready (pid" in line for line in proc.output) == 4:
+                break
+            await asyncio.sleep(0.1)
+        assert sum(" ready (pid" in line for line in proc.output) == 4, proc.text
+        assert "exited with 2" not in proc.text, proc.text
+        for _ in range(6):
+            conn = await Conn.open(urls[1])
+            assert conn.peer_cert() == Certs.der(certs.a)  # the last good one, in every worker
+            assert (await conn.get("/a"))[0] == 200
+            conn.close()
+        assert await asyncio.to_thread(_healthz, proc.admin_url) == (200, {"status": "ok"})
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
