@@ -56,6 +56,7 @@ from proxy.web.fastpath import probe as probe_fast_path
 from proxy.web.frontend import Front
 from proxy.web.headtimeout import CappedServer
 from proxy.web.proxy_handler import make_handler
+from proxy.web.tlsaccept import TLSAcceptor
 
 log = logging.getLogger("cachegate.server")
 
@@ -172,7 +173,8 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
     site: web.TCPSite
     if tls is not None:
         site = HandshakeTimedSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
-                                  ssl_context=tls.context, handshake_timeout=settings.client_header_timeout)
+                                  ssl_context=tls.context,
+                                  handshake_timeout=lambda: runtime.settings.client_header_timeout)
     else:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
                            ssl_context=tls.context if tls is not None else None)
@@ -185,30 +187,36 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
 
 
 class HandshakeTimedSite(web.TCPSite):
-    """aiohttp's ``TCPSite`` whose TLS handshakes must end within ``handshake_timeout`` seconds
-    (``client_header_timeout``, as nginx bounds its handshakes). ``TCPSite`` leaves the event
-    loop's 60 s: a client that connected and stalled mid-handshake held its connection that
-    long whatever ``client_header_timeout`` said (200 such held 200 descriptors), and the head's
-    own timer starts only once the handshake is done. ``start`` is ``TCPSite.start`` (aiohttp
-    3.14) with the loop's ``ssl_handshake_timeout``, which ``TCPSite`` does not pass."""
+    """aiohttp's ``TCPSite`` for a TLS listener, whose connections a ``TLSAcceptor`` accepts
+    (``proxy.web.tlsaccept``): a plain HTTP request gets a 400 that says so, and each TLS
+    handshake must end within ``handshake_timeout()`` seconds (``client_header_timeout``, read
+    live at each accept, as nginx bounds its handshakes). ``TCPSite`` leaves the event loop's
+    60 s: a client that connected and stalled mid-handshake held its connection that long
+    whatever ``client_header_timeout`` said (200 such held 200 descriptors), and the head's own
+    timer starts only once the handshake is done. The sockets are bound as ``TCPSite`` binds
+    them (``create_server``, not serving), then accepted on by the acceptor."""
 
     __slots__ = ("_handshake_timeout",)
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, handshake_timeout: float,
-                 **kwargs: Any) -> None:
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
+                 handshake_timeout: Callable[[], float], **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
         self._handshake_timeout = handshake_timeout
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
-        assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=self._handshake_timeout)
-        sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        assert server is not None and self._ssl_context is not None
+        bound = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port, start_serving=False)
+        # The listening sockets, as the acceptor's own (the server's are closed with it).
+        socks = [socket.socket(s.family, s.type, s.proto, fileno=os.dup(s.fileno())) for s in bound.sockets]
+        bound.close()
+        for sock in socks:
+            sock.listen(self._backlog)
+        self._server = TLSAcceptor(socks, server, self._ssl_context, self._handshake_timeout)  # type: ignore[assignment]
+        self._bound_port = socks[0].getsockname()[1] if socks else self._port
 
 
 async def start_admin_listener(runtime: Runtime, settings: Settings,

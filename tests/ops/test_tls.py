@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -726,3 +727,81 @@ async def test_a_restarted_worker_serves_the_last_good_certificate_not_the_files
         assert await asyncio.to_thread(_healthz, proc.admin_url) == (200, {"status": "ok"})
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.text
+
+
+async def test_a_reload_that_lowers_client_header_timeout_shortens_the_tls_handshake_limit_too(
+        origin: Origin, make_proxy: MakeProxy, certs: Certs) -> None:
+    """The handshake's limit was fixed when the listener started: a reload lowering
+    client_header_timeout shortened request heads at once but left handshakes (a handshake
+    slowloris) at the old value, and said nothing (restart_required: []). It is now read at
+    each connection."""
+    proxy = await make_proxy(config=tls_config(certs) + "client_header_timeout: 60s\n")
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    config = Path(proxy.config_path)
+    text = await asyncio.to_thread(config.read_text)
+    await asyncio.to_thread(config.write_text, text.replace("client_header_timeout: 60s",
+                                                            "client_header_timeout: 1s"))
+    reply = await proxy.admin("POST", "/reload")
+    assert reply.status == 200 and json.loads(reply.body)["restart_required"] == [], reply.body
+    _, tls_url = proxy.listeners.proxy_urls
+    host, port = tls_url.removeprefix("https://").rsplit(":", 1)
+    for first in (b"", b"\x16\x03\x01\x02\x00\x01"):  # nothing; the start of a ClientHello
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(first)
+            # closed by the server, long before the old 60 s (20 s only bounds a failing test)
+            assert await asyncio.wait_for(reader.read(), 20) == b""
+        finally:
+            writer.close()
+
+
+async def test_plain_http_sent_to_the_tls_port_gets_a_400_that_says_so_and_a_log_line(
+        origin: Origin, make_proxy: MakeProxy, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    """An http:// URL for the https:// port got an empty reply (curl: "Empty reply from
+    server") and nothing was logged; now a plain 400 in nginx's words, then the close, and an
+    INFO line. TLS connections on the same port are served as before."""
+    origin.route("/a", body=b"a", headers=CC)
+    proxy = await make_proxy(config=tls_config(certs))
+    _, tls_url = proxy.listeners.proxy_urls
+    host, port = tls_url.removeprefix("https://").rsplit(":", 1)
+    caplog.set_level(logging.INFO, "cachegate.tls")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 20)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close" in head, answer
+    assert body == b"400 Bad Request: the plain HTTP request was sent to HTTPS port\n"
+    assert any(f"plain HTTP from 127.0.0.1 sent to the TLS listener on port {port}" in r.getMessage()
+               for r in caplog.records), caplog.text
+    conn = await Conn.open(tls_url)
+    try:
+        assert (await conn.get("/a"))[0] == 200
+    finally:
+        conn.close()
+
+
+def test_the_first_bytes_tell_a_plain_http_request_from_a_tls_handshake() -> None:
+    from proxy.web.tlsaccept import first_bytes
+
+    for head, kind in ((b"GET / HTTP/1.1\r\n", "http"), (b"POST /", "http"), (b"get", "http"),
+                       (b"\x16\x03\x01\x02\x00", "tls"), (b"\x80\x2e\x01", "tls"),  # SSLv2 hello
+                       (b"\x00\x00", "tls"), (b" GET", "tls"), ("É".encode(), "tls")):
+        assert first_bytes(head) == kind, head
+
+
+def test_plain_http_on_a_tls_port_is_logged_within_a_budget(caplog: pytest.LogCaptureFixture) -> None:
+    from proxy.web.tlsaccept import PlainHTTPLog
+
+    now = [0.0]
+    budget = PlainHTTPLog(lines=2, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "cachegate.tls")
+    for _ in range(5):
+        budget.note("192.0.2.1", 443)
+    now[0] = 61.0
+    budget.note("192.0.2.1", 443)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[2].endswith("answered 400 (3 more left out of the log)"), lines
