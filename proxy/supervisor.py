@@ -101,6 +101,7 @@ from proxy.startup import (
 )
 from proxy.storage.arena import LOCK_NAMES
 from proxy.storage.lockwait import Locks, read_locks
+from proxy.tls import served_after_reload
 from proxy.web.server import (
     Listeners,
     Reloader,
@@ -331,6 +332,10 @@ class Supervisor:
         self._ports: tuple[int, ...] = tuple(li.port for li in settings.listeners)  # as reserved
         self._port_locks: list[HeldLock] = []  # one per reserved address, held while running
         self._config: ConfigCopy | None = None  # what workers read (None: the file itself)
+        # Per listener, the TLS certificate and key the workers serve (``served_after_reload``):
+        # what a restarted worker starts with (``with_restart_only``).
+        self._served_tls = tuple(settings.pem(li.tls) if li.tls is not None else None
+                                 for li in settings.listeners)
         self._uncommitted: str | None = None  # why the last reload's copy could not be written
         self._tasks: set[asyncio.Task[Any]] = set()
         # Calls the workers may make to the supervisor, by name (features add their own);
@@ -548,7 +553,8 @@ class Supervisor:
         # memfd, not on the command line, which every user can read (a Redis password).
         running_fd = os.memfd_create("cachegate-running", os.MFD_CLOEXEC)
         try:
-            os.write(running_fd, pickle.dumps(restart_only(self.settings, self._ports)))
+            os.write(running_fd, pickle.dumps({**restart_only(self.settings, self._ports),
+                                               "served_tls": self._served_tls}))
         except BaseException:
             os.close(running_fd)
             raise
@@ -967,7 +973,15 @@ class Supervisor:
                     self._uncommitted = f"cannot write the workers' copy of the config: {why}"
                 else:
                     self._uncommitted = None
+                    self._serve_tls(runtime.settings)
             return result
+
+    def _serve_tls(self, loaded: Settings) -> None:
+        """What the workers serve once they applied ``loaded`` (``served_after_reload``)."""
+        if len(loaded.listeners) == len(self._served_tls):
+            self._served_tls = tuple(
+                served_after_reload(served, loaded.pem(li.tls) if li.tls is not None else None)
+                for served, li in zip(self._served_tls, loaded.listeners, strict=True))
 
     async def _reload_workers(self, problems: list[str]) -> tuple[list[str], list[str]]:
         """Every worker's reload, all at once, from the copy as it is now: ``problems`` plus one

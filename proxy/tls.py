@@ -240,6 +240,25 @@ def key_kind(data: bytes) -> str:
     return next((kind for oid, kind in _KEY_OIDS if oid in head), "unknown")
 
 
+def served_after_reload(served: tuple[bytes, bytes] | None,
+                        loaded: tuple[bytes, bytes] | None) -> tuple[bytes, bytes] | None:
+    """The certificate and key a running TLS listener serves after a reload that loaded
+    ``loaded``: those, unless the key is of another type, which ``ServerTLS.reload`` refuses
+    (the old pair stays until a restart). A supervisor keeps it, so that a worker it restarts
+    serves what its siblings serve, not the pair they refused.
+
+    >>> served_after_reload((b"c1", b"-----BEGIN RSA PRIVATE KEY-----x-----END"),
+    ...                     (b"c2", b"-----BEGIN EC PRIVATE KEY-----y-----END"))[0]
+    b'c1'
+    >>> served_after_reload((b"c1", b"-----BEGIN RSA PRIVATE KEY-----x-----END"),
+    ...                     (b"c2", b"-----BEGIN RSA PRIVATE KEY-----y-----END"))[0]
+    b'c2'
+    """
+    if served is None or loaded is None or key_kind(loaded[1]) == key_kind(served[1]):
+        return loaded
+    return served
+
+
 class ServerTLS:
     """A TLS listener's context (``context``: what the listener is started with), into which
     ``reload`` loads a new certificate chain and key of the same key type. ``pem``: the files'

@@ -370,9 +370,20 @@ def restart_only(running: Settings, ports: tuple[int, ...]) -> dict[str, Any]:
 
 def with_restart_only(new: Settings, parts: dict[str, Any]) -> Settings:
     """A worker's settings: what is live from ``new`` (the config as its supervisor last loaded
-    it), the rest from ``parts`` (``restart_only``); a worker has no admin listener."""
+    it), the rest from ``parts`` (``restart_only``); a worker has no admin listener. With
+    ``served_tls`` in ``parts`` (per listener, the certificate and key its siblings serve:
+    ``proxy.tls.served_after_reload``), a TLS listener starts with those, not with a pair of
+    another key type that a reload loaded and they refused: every worker serves one
+    certificate, and each names the listener in ``restart_required`` at the next reload."""
+    parts = dict(parts)
+    served: tuple[tuple[bytes, bytes] | None, ...] = parts.pop("served_tls", ())
     running = replace(new, **parts, workers=1, admin=replace(new.admin, listen=None))
-    return live_settings(running, with_running_ports(new, running))[0]
+    merged = live_settings(running, with_running_ports(new, running))[0]
+    sources = dict(merged.sources)
+    for listener, pem in zip(merged.listeners, served, strict=False):
+        if listener.tls is not None and pem is not None and merged.pem(listener.tls) != pem:
+            sources[os.path.abspath(listener.tls.cert)], sources[os.path.abspath(listener.tls.key)] = pem
+    return replace(merged, sources=tuple(sources.items()))
 
 
 def with_running_ports(new: Settings, running: Settings) -> Settings:

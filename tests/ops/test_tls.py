@@ -805,3 +805,50 @@ def test_plain_http_on_a_tls_port_is_logged_within_a_budget(caplog: pytest.LogCa
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3, lines
     assert lines[2].endswith("answered 400 (3 more left out of the log)"), lines
+
+
+def _post_reload(admin_url: str) -> dict[str, object]:
+    status, body = _post(f"{admin_url}/reload")
+    assert status == 200, body
+    answer: dict[str, object] = json.loads(body)
+    return answer
+
+
+@pytest.mark.slow
+async def test_a_worker_restarted_after_a_key_type_change_serves_what_its_siblings_serve(
+        origin: Origin, tmp_path: Path, certs: Certs) -> None:
+    """A reload to a pair of another key type (RSA to EC) is applied but for the certificate,
+    which the workers keep until a restart (``restart_required`` says so). A worker restarted
+    after it started with the new EC pair from the supervisor's copy, while its siblings served
+    the RSA one; it now starts with what they serve, and says the same at the next reload."""
+    from tests.harness import spawn_cachegate, write_config
+
+    origin.route("/a", body=b"a", headers=CC)
+    config = write_config(str(tmp_path), origin.url, tls_config(certs))
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--workers", "2"])
+    try:
+        urls = [line.split("proxy listening on ", 1)[1].split()[0] for line in proc.output
+                if "proxy listening on" in line]
+        assert proc.admin_url is not None
+        certs.use(ec_pair(tmp_path))
+        answer = await asyncio.to_thread(_post_reload, proc.admin_url)
+        assert answer["restart_required"] == [KEY_TYPE_KEPT], answer
+        pids = [int(m.group(1)) for line in list(proc.output)
+                if (m := re.search(r"worker \d ready \(pid (\d+)\)", line))]
+        assert len(pids) == 2, proc.text
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(200):
+            if sum(" ready (pid" in line for line in proc.output) == 4:
+                break
+            await asyncio.sleep(0.1)
+        assert sum(" ready (pid" in line for line in proc.output) == 4, proc.text
+        for _ in range(6):  # only restarted workers run now
+            conn = await Conn.open(urls[1])
+            assert conn.peer_cert() == Certs.der(certs.a)
+            assert (await conn.get("/a"))[0] == 200
+            conn.close()
+        answer = await asyncio.to_thread(_post_reload, proc.admin_url)
+        assert answer["restart_required"] == [KEY_TYPE_KEPT], answer
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
