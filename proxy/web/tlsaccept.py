@@ -34,9 +34,14 @@ from typing import Literal
 log = logging.getLogger("cachegate.tls")
 
 _PLAIN_HTTP_BODY = b"400 Bad Request: the plain HTTP request was sent to HTTPS port\n"
-PLAIN_HTTP_REPLY = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_PLAIN_HTTP_BODY)
-                    + _PLAIN_HTTP_BODY)
+
+
+def plain_http_reply(server: str) -> bytes:
+    """The 400 a plain HTTP request on a TLS port gets (``server``: the Server field, as every
+    response carries it: printable ASCII, ``server_header``)."""
+    return (b"HTTP/1.1 400 Bad Request\r\nServer: %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (server.encode("ascii", "replace"), len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY))
 PLAIN_LINES = 10  # log lines a minute about plain HTTP on a TLS port (the rest counted)
 ACCEPT_PAUSE = 1.0  # seconds accepting pauses when the process is out of descriptors (as asyncio)
 # accept() errors that are about one connection (it went away before it was accepted).
@@ -82,11 +87,13 @@ class TLSAcceptor:
 
     def __init__(self, socks: list[socket.socket], protocol_factory: Callable[[], asyncio.BaseProtocol],
                  context: ssl.SSLContext, handshake_timeout: Callable[[], float],
+                 server_header: Callable[[], str] = lambda: "cachegate",
                  plain_log: PlainHTTPLog | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._socks, self._factory, self._context = socks, protocol_factory, context
         self._timeout = handshake_timeout
         self._plain_log = plain_log or PlainHTTPLog()
+        self._server_header = server_header
         self._port = int(socks[0].getsockname()[1]) if socks else 0
         # Connections waiting for their first bytes: their deadline and the timer that closes them.
         self._waiting: dict[socket.socket, tuple[float, asyncio.TimerHandle]] = {}
@@ -177,7 +184,8 @@ class TLSAcceptor:
         try:
             peer = conn.getpeername()
             conn.recv(64 * 1024)
-            conn.send(PLAIN_HTTP_REPLY)  # a few bytes into an empty send buffer: never partial
+            # A few bytes into an empty send buffer: never partial.
+            conn.send(plain_http_reply(self._server_header()))
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             peer = None

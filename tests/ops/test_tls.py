@@ -773,6 +773,7 @@ async def test_plain_http_sent_to_the_tls_port_gets_a_400_that_says_so_and_a_log
         writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close" in head, answer
+    assert b"\r\nServer: cachegate\r\n" in head, answer
     assert body == b"400 Bad Request: the plain HTTP request was sent to HTTPS port\n"
     assert any(f"plain HTTP from 127.0.0.1 sent to the TLS listener on port {port}" in r.getMessage()
                for r in caplog.records), caplog.text
