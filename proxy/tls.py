@@ -52,20 +52,9 @@ def _no_passphrase() -> str:
     raise EncryptedKey(ENCRYPTED_KEY)
 
 
-def key_is_encrypted(path: str) -> bool:
-    """Whether this PEM file holds an encrypted private key (PKCS#8 ``ENCRYPTED PRIVATE KEY``
-    or a traditional key with ``Proc-Type: 4,ENCRYPTED``); False when it cannot be read (the
-    load says why)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-    except OSError:
-        return False
-    return pem_is_encrypted(head)
-
-
 def pem_is_encrypted(data: bytes) -> bool:
-    """``key_is_encrypted`` on a key's bytes."""
+    """Whether these PEM bytes hold an encrypted private key (PKCS#8 ``ENCRYPTED PRIVATE KEY``
+    or a traditional key with ``Proc-Type: 4,ENCRYPTED``)."""
     head = data[:1 << 20]
     return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in head or b"Proc-Type: 4,ENCRYPTED" in head
 
