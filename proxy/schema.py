@@ -619,7 +619,9 @@ def file_path(*, must_exist: Bool = False, strict: Bool = False) -> Parser[Str]:
 
 
 def show_size(n: Int) -> Str:
-    """>>> show_size(10 << 30), show_size(1536), show_size(100)
+    """A size as the reference writes it: in the largest unit it is a whole number of.
+
+    >>> show_size(10 << 30), show_size(1536), show_size(100)
     ('10GB', '1536', '100')
     """
     for unit, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
@@ -629,7 +631,9 @@ def show_size(n: Int) -> Str:
 
 
 def show_duration(seconds: float | None) -> Str:
-    """>>> show_duration(60.0), show_duration(5.0), show_duration(None), show_duration(0.5)
+    """A duration as the reference writes it: in the largest unit it is a whole number of.
+
+    >>> show_duration(60.0), show_duration(5.0), show_duration(None), show_duration(0.5)
     ('1m', '5s', 'none', '0.5s')
     """
     if seconds is None:

@@ -210,7 +210,7 @@ def key_kind(data: bytes) -> str:
     pair into a context that holds an RSA one adds a certificate beside the old one instead of
     replacing it, and clients that negotiate RSA keep getting the old certificate.
 
-    >>> key_kind(b"-----BEGIN EC PRIVATE KEY-----\nMHcC\n-----END EC PRIVATE KEY-----\n")
+    >>> key_kind(b"-----BEGIN EC PRIVATE KEY-----\\nMHcC\\n-----END EC PRIVATE KEY-----\\n")
     'EC'
     """
     import base64
