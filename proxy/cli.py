@@ -113,7 +113,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     try:
         answer = call_admin(base, "POST", "/purge", spec, token, timeout=args.timeout)
     except AdminClientError as exc:
-        print(f"cachegate purge: {exc}", file=sys.stderr)
+        print(f"cachegate purge: {_unreachable(args, str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     print(shown(answer))  # the server's answer: a terminal control in it is printed escaped
     missing = _missing_nodes(answer)
@@ -280,15 +280,28 @@ def _admin_of(args: argparse.Namespace, command: str) -> tuple[str, str | None] 
     if args.admin:
         return args.admin, token
     if args.config:
-        settings = load_settings(args.config, Overrides(), machine="no")
-        if settings is None:
+        from proxy.config import load_admin_access
+
+        try:
+            admin = load_admin_access(args.config)
+        except ConfigError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
             return EXIT_CONFIG
-        if settings.admin.listen is None:
+        if admin.listen is None:
             print(f"cachegate {command}: {args.config} has no admin listener (admin.listen); use --admin URL",
                   file=sys.stderr)
             return EXIT_CONFIG
-        return admin_url_of(settings.admin.listen), token or settings.admin.token
+        return admin_url_of(admin.listen), token or admin.token
     return "http://127.0.0.1:8081", token
+
+
+def _unreachable(args: argparse.Namespace, error: str) -> str:
+    """A failed call's message; with --config, a refused connection says where the address
+    came from (admin.listen changes at a restart: an edit not yet applied points elsewhere)."""
+    if args.admin or not args.config or "cannot reach the admin API" not in error:
+        return error
+    return (f"{error} (admin.listen of {args.config}; a change to it applies only once cachegate "
+            "restarts: until then give --admin with the running listener's address)")
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -307,23 +320,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     would otherwise report a healthy cachegate."""
     import json
 
-    from proxy.admin_client import AdminClientError, admin_url_of, call_admin
+    from proxy.admin_client import AdminClientError, call_admin
     from proxy.shown import shown
 
-    if args.admin:
-        base = args.admin
-    else:
-        settings = load_settings(args.config, Overrides(), machine="no")
-        if settings is None:
-            return EXIT_CONFIG
-        if settings.admin.listen is None:
-            print(f"cachegate health: {args.config} has no admin listener (admin.listen)", file=sys.stderr)
-            return EXIT_CONFIG
-        base = admin_url_of(settings.admin.listen)
+    where = _admin_of(args, "health")
+    if isinstance(where, int):
+        return where
+    base = where[0]
     try:
         text = call_admin(base, "GET", "/healthz", None, None, timeout=args.timeout)
     except AdminClientError as exc:
-        print(f"cachegate health: {exc}", file=sys.stderr)
+        print(f"cachegate health: {_unreachable(args, str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     try:
         answer = json.loads(text)

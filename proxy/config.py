@@ -21,7 +21,7 @@ from proxy.errors import ConfigError
 from proxy.policy.messages import CacheOptions
 from proxy.room import human_size, machine_memory, space
 from proxy.rules import load_rules
-from proxy.schema import Context, parse_hostport, reference
+from proxy.schema import Context, parse_hostport, read_section, reference
 from proxy.settings import (
     MIN_TOKEN_LENGTH,
     AccessLogSettings,
@@ -72,6 +72,7 @@ __all__ = [
     "UpstreamSettings",
     "base_cache_options",
     "listens_on_loopback",
+    "load_admin_access",
     "load_config",
     "parse_workers",
     "read_settings",
@@ -352,6 +353,32 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
         raise ConfigError(problems.ordered(), problems.ordered_warnings())
     return replace(settings, rules=rules, warnings=tuple(problems.ordered_warnings()),
                    sources=tuple(sources.read.items()))
+
+
+def load_admin_access(path: str) -> AdminSettings:
+    """Only ``admin.listen`` and ``admin.token`` of a config file: what ``cachegate health``,
+    ``purge`` and ``top`` need to reach the running instance. Nothing else is read (no rule
+    file, no other key, not this machine): a file saved with a mistake elsewhere, which a reload
+    refused while the instance serves on, must not fail its health check. ConfigError with
+    ``FILE:LINE`` when the file cannot be parsed or these two keys are wrong."""
+    problems = Problems()
+    root = load_yaml(path, problems)
+    if root is None:
+        raise ConfigError(problems.items)
+    problems = Problems()  # an unset ${VAR} elsewhere in the file is no concern of ours
+    written = root.value.get("admin") if isinstance(root.value, dict) else None
+    if written is None or written.value is None:
+        return AdminSettings()
+    ctx = Context(problems, os.path.dirname(os.path.abspath(path)), name="admin",
+                  where=(written.file, written.line))
+    if isinstance(written.value, dict):
+        keys = ("listen", "token")
+        written = replace(written, value={k: v for k, v in written.value.items() if k in keys},
+                          key_lines={k: v for k, v in written.key_lines.items() if k in keys})
+    admin = read_section(AdminSettings, written, ctx)
+    if problems:
+        raise ConfigError(problems.ordered())
+    return admin
 
 
 REFERENCE_INTRO = """\

@@ -137,3 +137,36 @@ def test_workers_health_says_degraded_when_none_serves_or_one_keeps_exiting(
     from proxy.supervisor import WorkerHealth, workers_health
 
     assert workers_health([WorkerHealth(i, *w) for i, w in enumerate(workers)]) == reason
+
+
+async def test_cachegate_health_reads_only_the_admin_listener_of_the_config(
+    make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Docker HEALTHCHECK (`cachegate health --config`) reports on the running process: a
+    rule file saved with a mistake (a reload refuses it, the instance serves on) or a wrong
+    value elsewhere in the file made it exit 2 with the mistake, and an orchestrator replace a
+    healthy instance. Only admin.listen and admin.token are read; a mistake in them is still
+    FILE:LINE, exit 2."""
+    monkeypatch.delenv("CACHEGATE_ADMIN_TOKEN", raising=False)
+    port = closed_port()
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:{port}'}}\n",
+                             rules="rules:\n  - name: ok\n    match: {path: /static/**}\n    ttl: 5m\n")
+    config = Path(proxy.config_path)
+    rules = config.parent / "rules.yaml"
+    rules.write_text(rules.read_text().replace("ttl: 5m", "ttl: 5 minutes"))
+    config.write_text(config.read_text() + "shutdown_grace: soon\ncache: {memory: lots}\n")  # noqa: ASYNC240 (a small local file)
+    assert await asyncio.to_thread(main, ["check", "--config", str(config)]) == 2  # the file is wrong
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["health", "--config", str(config)]) == 0
+    assert await asyncio.to_thread(main, ["purge", "--config", str(config), "--all"]) == 0
+    assert '"purged"' in capsys.readouterr().out
+    # admin.listen edited: a restart applies it; until then the refusal says where it came from.
+    good = config.read_text()  # noqa: ASYNC240 (a small local file)
+    config.write_text(good.replace(f"127.0.0.1:{port}", f"127.0.0.1:{closed_port()}"))  # noqa: ASYNC240 (a small local file)
+    assert await asyncio.to_thread(main, ["health", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the admin API" in err and f"admin.listen of {config}" in err and "restart" in err
+    config.write_text(good.replace(f"127.0.0.1:{port}", "127.0.0.1:notaport"))  # noqa: ASYNC240 (a small local file)
+    assert await asyncio.to_thread(main, ["health", "--config", str(config)]) == 2
+    line = good.splitlines().index(f"admin: {{listen: '127.0.0.1:{port}'}}") + 1
+    assert capsys.readouterr().err.startswith(f"{config}:{line}: admin.listen: ")
