@@ -118,7 +118,10 @@ def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
     shows it with ``shown``), else AdminClientError with the error.
     ``timeout`` bounds the whole exchange, from connecting to the answer's last byte."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
+    try:
+        request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
+    except ValueError as exc:  # not a URL (the command line checks --admin first)
+        raise AdminClientError(f"bad admin URL {base!r}: {exc}") from None
     request.add_header("Content-Type", "application/json")
     if token:
         problem = unsendable(token)

@@ -161,6 +161,29 @@ def _seconds(text: str, most: float = math.inf, example: str = "30") -> float:
     return seconds
 
 
+def _admin_url(text: str) -> str:
+    """An argparse type: the admin API's URL, http(s)://HOST[:PORT] (a typo is a usage error
+    here, not a traceback or a connection error from the HTTP client)."""
+    from urllib.parse import urlsplit
+
+    try:
+        split = urlsplit(text)
+        split.port  # noqa: B018 (ValueError: a port out of range, or not a number)
+    except ValueError:  # an unclosed IPv6 bracket, a bad port
+        split = urlsplit("")
+    if (split.scheme not in ("http", "https") or not split.hostname
+            or any(c <= " " or c == "\x7f" for c in text)):
+        raise argparse.ArgumentTypeError(f"takes the admin API's URL, such as http://127.0.0.1:8081, "
+                                         f"not {text!r}")
+    return text
+
+
+def _call_timeout(text: str) -> float:
+    """``--timeout`` of an admin call: seconds above 0, at most a day (a socket's timeout has
+    a limit of its own)."""
+    return _seconds(text, 86400)
+
+
 def _interval(text: str) -> float:
     """``cachegate top --interval``: seconds above 0, at most an hour."""
     return _seconds(text, 3600, "1")
@@ -429,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="request header, repeatable (Cookie, Accept-Language, Cache-Control, ...)")
     p.add_argument("-X", "--method", default="GET", help="request method (default GET)")
-    p.add_argument("--status", action="append", type=int, default=[], metavar="N",
+    p.add_argument("--status", action="append", type=_whole(100, 599), default=[], metavar="N",
                    help="origin status to decide for, repeatable (default 200)")
     p.add_argument("-R", "--response-header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="a header the origin would send, repeatable (default: none, i.e. no "
@@ -451,16 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft", action="store_true",
                    help="mark stale instead of removing: served while one request revalidates")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
+    where.add_argument("--admin", metavar="URL", type=_admin_url,
+                       help="admin API address, e.g. http://127.0.0.1:8081")
     where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=_call_timeout, default=60.0, metavar="SECONDS")
     p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("health", help="exit 0 when the admin API's /healthz answers (for health checks)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
-    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
-    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    where.add_argument("--admin", metavar="URL", type=_admin_url,
+                       help="admin API address, e.g. http://127.0.0.1:8081")
+    p.add_argument("--timeout", type=_call_timeout, default=3.0, metavar="SECONDS")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("warm", help="preload the cache: request URLs through the proxy",
@@ -508,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from the admin API (token from CACHEGATE_ADMIN_TOKEN, or --config's "
                                    "admin.token). q or Ctrl-C quits.")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--admin", metavar="URL", help="admin API address, e.g. http://127.0.0.1:8081")
+    where.add_argument("--admin", metavar="URL", type=_admin_url,
+                       help="admin API address, e.g. http://127.0.0.1:8081")
     where.add_argument("--config", "-c", metavar="FILE", help="take the admin address from this config")
     p.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
                    help="refresh every (default 1, at most 3600)")

@@ -184,3 +184,33 @@ async def test_a_redirect_is_not_followed_so_the_token_stays_with_the_admin_list
     finally:
         for r in runners:
             await r.cleanup()
+
+
+async def test_a_bad_admin_url_timeout_or_status_is_a_one_line_usage_error(origin: Origin, proxy: Proxy) -> None:
+    """A malformed --admin was a traceback (or urllib's "unknown url type"), a --timeout of
+    -1 or nan "bad admin URL ...: Timeout value out of range", --timeout 0 "did not answer
+    within 0 s", an ftp:// URL or --status 999 accepted. Each is now argparse's usage error:
+    exit 2, the argument named, no traceback; the running admin API is never called."""
+    await cached(origin, proxy, "/a")
+    admin = proxy.admin_url
+    config = proxy.config_path
+    for args, named in (
+        (["health", "--admin", "notaurl"], "--admin"),
+        (["health", "--admin", "http://[::1"], "--admin"),
+        (["health", "--admin", "ftp://127.0.0.1:9"], "--admin"),
+        (["purge", "--admin", "http://[::1", "--all"], "--admin"),
+        (["purge", "--admin", "notaurl", "--all"], "--admin"),
+        (["top", "--admin", "notaurl", "--once"], "--admin"),
+        (["top", "--admin", admin.removeprefix("http://"), "--once"], "--admin"),
+        (["health", "--admin", admin, "--timeout", "-1"], "--timeout"),
+        (["health", "--admin", admin, "--timeout", "1e300"], "--timeout"),
+        (["purge", "--admin", admin, "--timeout", "nan", "--all"], "--timeout"),
+        (["purge", "--admin", admin, "--timeout", "0", "--all"], "--timeout"),
+        (["explain", "-c", config, absolute(proxy, "/a"), "--status", "999"], "--status"),
+    ):
+        code, out, err = await cachegate(*args)
+        assert (code, out) == (2, ""), args
+        assert f"error: argument {named}: takes " in err and "Traceback" not in err, (args, err)
+    assert (await proxy.get("/a")).x_cache == "HIT"  # no purge was sent
+    code, _, err = await cachegate("health", "--admin", admin, "--timeout", "5")
+    assert (code, err) == (0, "")
