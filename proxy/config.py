@@ -41,6 +41,7 @@ from proxy.settings import (
     Timeouts,
     TLSSettings,
     UpstreamSettings,
+    listed_twice,
     parse_workers,
     read_settings,
     storable_limit,
@@ -92,9 +93,15 @@ def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
     at = ("<command line>", 0)
     if o.listen:
         try:
-            s = replace(s, listeners=tuple(Listener(*parse_hostport(t)) for t in o.listen))
+            given = [Listener(*parse_hostport(t)) for t in o.listen]
         except ValueError as exc:
             problems.add(at, f"--listen: {exc}")
+        else:
+            for n, listener in enumerate(given):
+                twice = listed_twice(given[:n], listener)
+                if twice is not None:
+                    problems.add(at, f"--listen: {twice}")
+            s = replace(s, listeners=tuple(given))
     if o.upstreams:
         ups = []
         for text in o.upstreams:

@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -465,13 +466,67 @@ def _listen(item: Src, ctx: Context) -> tuple[Listener, ...]:
             continue
         except Reported:
             continue
-        if listener.port and any(other.address == listener.address for other in out):
-            sub.problem(at, f"{listener.host}:{listener.port} is listed twice")
+        twice = listed_twice(out, listener)
+        if twice is not None:
+            sub.problem(at, twice)
             continue
         out.append(listener)
     if not out:
         raise Reported
     return tuple(out)
+
+
+def bound_addresses(host: str, port: int) -> frozenset[str]:
+    """The IP addresses a listener on ``host`` takes: an IP as written, a name as it resolves
+    (``localhost``: 127.0.0.1, and ::1 where /etc/hosts says so), the name itself when it does
+    not resolve (binding it will say why)."""
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return frozenset({host})
+    return frozenset(str(info[4][0]) for info in infos)
+
+
+def shared_address(a: frozenset[str], b: frozenset[str]) -> str | None:
+    """An address that two listeners on one port would both take, or None: the same address,
+    or a wildcard (0.0.0.0, ::) and an address of its family. The second socket cannot bind.
+
+    >>> shared_address(frozenset({"127.0.0.1", "::1"}), frozenset({"127.0.0.1"}))
+    '127.0.0.1'
+    >>> shared_address(frozenset({"0.0.0.0"}), frozenset({"10.0.0.1"})), shared_address(
+    ...     frozenset({"::"}), frozenset({"10.0.0.1"}))
+    ('10.0.0.1', None)
+    """
+    for x in sorted(a):
+        for y in sorted(b):
+            if x == y or ((":" in x) == (":" in y) and (x in ("0.0.0.0", "::") or y in ("0.0.0.0", "::"))):
+                return y if x in ("0.0.0.0", "::") else x
+    return None
+
+
+def listed_twice(earlier: list[Listener], listener: Listener) -> str | None:
+    """Why ``listener`` cannot be bound beside the ``earlier`` ones (the same address written
+    twice, or two ways: ``localhost`` and ``127.0.0.1``), or None. Names are resolved only when
+    there are several listeners: the start would fail later with a bare "address in use", or
+    with several workers blame "another cachegate" (its own pid)."""
+    if not listener.port or not earlier:
+        return None
+    mine: frozenset[str] | None = None
+    for other in earlier:
+        if other.port != listener.port:
+            continue
+        if other.host == listener.host:
+            return f"{show_hostport(listener.address)} is listed twice"
+        mine = mine if mine is not None else bound_addresses(*listener.address)
+        both = shared_address(bound_addresses(*other.address), mine)
+        if both is not None:
+            return (f"{show_hostport(listener.address)} is listed twice: it and "
+                    f"{show_hostport(other.address)} both take {show_hostport((both, listener.port))}")
+    return None
 
 
 LISTEN = Parser("HOST:PORT, a listener mapping, or a list of them", _listen,

@@ -520,6 +520,9 @@ class Supervisor:
         try:
             self._port_locks.append(HeldLock(os.path.join(where, name), unlink=True))
         except LockTaken as exc:
+            if any(lock.path == exc.path for lock in self._port_locks):  # two listeners, one address
+                raise OSError(f"{_fmt(host)}:{port} is taken by two of this cachegate's listeners "
+                              "(listen: one address written twice, or two ways)") from None
             raise OSError(f"{_fmt(host)}:{port} is in use by another cachegate ({exc.holder})") from None
 
     def _release(self, reserved: list[socket.socket]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -212,3 +213,35 @@ def test_the_readme_cli_synopsis_names_every_flag_of_every_command() -> None:
                and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", synopsis[name])
                            for o in action.option_strings)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_one_address_written_two_ways_in_listen_is_refused_before_binding(tmp_path: Path, workers: str) -> None:
+    """``listen: [127.0.0.1:P, localhost:P]`` passed check; then a single process failed with a
+    bare "address already in use", and with workers the supervisor blamed "another cachegate"
+    with its own pid. The names are resolved at check time: FILE:LINE, exit 2, nothing bound.
+    ``--listen X --listen X`` the same, at the command line."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write(tmp_path / "c.yaml", f"listen: ['127.0.0.1:{port}', 'localhost:{port}']\n"
+                   "upstreams: [{url: 'http://127.0.0.1:9'}]\nadmin: {listen: '127.0.0.1:0'}\n"
+                   f"cache: {{disk: {{path: '{tmp_path}/cache'}}}}\n")
+    for args in (["check"], ["run", "--workers", workers]):
+        done = subprocess.run([sys.executable, "-m", "proxy", *args, "--config", config],
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr.splitlines()) == (2, [
+            f"{config}:1: listen[1]: localhost:{port} is listed twice: it and 127.0.0.1:{port} both take "
+            f"127.0.0.1:{port}"]), args
+    config = write(tmp_path / "c.yaml", f"listen: ['127.0.0.1:{port}', '127.0.0.2:{port}', 'localhost:0']\n"
+                   "upstreams: [{url: 'http://127.0.0.1:9'}]\nadmin: {listen: '127.0.0.1:0'}\n"
+                   f"cache: {{disk: {{path: '{tmp_path}/cache'}}}}\n")
+    assert main(["check", "--config", config]) == 0  # not the same address; port 0 twice neither
+    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", config, "--workers", workers,
+                           "--listen", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.splitlines()) == (2, [
+        f"<command line>:0: --listen: 127.0.0.1:{port} is listed twice"])

@@ -195,6 +195,10 @@ PROBLEMS: list[tuple[str, list[str]]] = [
     ("listen: 8080x", ["2: listen: expected HOST:PORT, got '8080x'"]),
     ("listen: []", ["2: listen: give at least one HOST:PORT"]),
     ("listen: ['a:1', 'a:1']", ["2: listen[1]: a:1 is listed twice"]),
+    ("listen: ['127.0.0.1:1', 'localhost:1']",
+     ["2: listen[1]: localhost:1 is listed twice: it and 127.0.0.1:1 both take 127.0.0.1:1"]),
+    ("listen: ['0.0.0.0:1', '[::1]:1', '10.0.0.1:1']",
+     ["2: listen[2]: 10.0.0.1:1 is listed twice: it and 0.0.0.0:1 both take 10.0.0.1:1"]),
     ("listen: true", [f"2: listen: {TLS_FORM}"]),
     ("listen: [[1]]", [f"2: listen[0]: {TLS_FORM}"]),
     ("listen: {address: ':1', foo: 1}", ["2: unknown key 'listen.foo' (allowed: address, tls)"]),
@@ -328,6 +332,20 @@ PROBLEMS: list[tuple[str, list[str]]] = [
 @pytest.mark.parametrize(("line", "expected"), PROBLEMS, ids=[c[0] for c in PROBLEMS])
 def test_each_mistake_is_one_problem_at_its_line(folder: Path, line: str, expected: list[str]) -> None:
     assert problems(folder, U + line + "\n") == [e.replace("{dir}", str(folder)) for e in expected]
+
+
+@pytest.mark.parametrize(("a", "b", "shared"), [
+    ({"127.0.0.1"}, {"127.0.0.1", "::1"}, "127.0.0.1"),  # localhost and 127.0.0.1
+    ({"0.0.0.0"}, {"10.0.0.1"}, "10.0.0.1"),  # a wildcard takes every address of its family
+    ({"::1"}, {"::"}, "::1"),
+    ({"::"}, {"0.0.0.0"}, None),  # one of each family (asyncio binds IPv6 sockets V6ONLY)
+    ({"127.0.0.1"}, {"127.0.0.2"}, None),
+])
+def test_two_listeners_on_one_port_clash_when_they_take_one_address(
+        a: set[str], b: set[str], shared: str | None) -> None:
+    from proxy.settings import shared_address
+
+    assert shared_address(frozenset(a), frozenset(b)) == shared
 
 
 # A list or a mapping where one value goes: the problem names what it is ("got a list", as every

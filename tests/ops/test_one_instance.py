@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -109,3 +110,23 @@ def test_a_reserved_port_is_locked_before_any_worker_listens(tmp_path: Path) -> 
         first._release(reserved)
     again = supervisor(f"127.0.0.1:{first._ports[0]}")  # released
     again._release(again._reserve_ports())
+
+
+def test_two_listeners_of_one_supervisor_on_one_address_do_not_blame_another_cachegate(tmp_path: Path) -> None:
+    """The config refuses one address listed twice; should two listeners still meet (a name
+    that resolves differently at the start), the supervisor named "another cachegate" with its
+    own pid."""
+    from dataclasses import replace
+
+    from proxy.config import Listener
+    from proxy.supervisor import Supervisor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(str(tmp_path), "http://127.0.0.1:9", "cache: {memory: 4MB}\n")
+    settings = load_config(config, Overrides(listen=(f"127.0.0.1:{port}",)))
+    settings = replace(settings, listeners=(*settings.listeners, Listener("127.0.0.1", port)))
+    supervisor = Supervisor(settings, config, Overrides())
+    with pytest.raises(OSError, match=rf"127\.0\.0\.1:{port} is taken by two of this cachegate's listeners"):
+        supervisor._reserve_ports()
