@@ -83,15 +83,19 @@ def lock_cache_directory(settings: Settings) -> HeldLock | None:
         raise CacheDirectoryInUse(disk.path, exc.holder) from None
 
 
-def open_access_log(settings: Settings, metrics: Metrics | None = None) -> AccessLog | None:
+def open_access_log(settings: Settings, metrics: Metrics | None = None,
+                    keeping: AccessLog | None = None) -> AccessLog | None:
+    """The access log ``settings`` ask for; None when they ask for none, or (logged) when it
+    cannot be opened: then ``keeping``, the log of the config running until now, goes on."""
     if settings.access_log is None:
         return None
     dropped = metrics.access_log_dropped.inc if metrics is not None else None
     try:
         return AccessLog(settings.access_log, worker_label(), dropped)
     except OSError as exc:  # checked by the config, but the file may have gone since
-        log.error("cannot open the access log %s: %s; logging no requests", settings.access_log.path, exc)
-        return None
+        then = f"writing on to {keeping.settings.path}" if keeping is not None else "logging no requests"
+        log.error("cannot open the access log %s: %s; %s", settings.access_log.path, exc, then)
+        return keeping
 
 
 def error_log_json(settings: Settings) -> bool:
@@ -281,9 +285,10 @@ class Runtime:
         self.settings = settings
         self.engine.reconfigure(settings)
         if settings.access_log != old.access_log:
-            if self.access_log is not None:
-                self.access_log.close()
-            self.access_log = open_access_log(settings, self.metrics)
+            running = self.access_log
+            self.access_log = open_access_log(settings, self.metrics, keeping=running)
+            if running is not None and self.access_log is not running:
+                running.close()
             setup_logging(as_json=error_log_json(settings))
         elif self.access_log is not None:
             self.access_log.reopen()  # SIGHUP after logrotate moved the file

@@ -21,11 +21,13 @@ engine take their setting types from here, and it imports none of them (nor the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -544,7 +546,39 @@ def _log_path(item: Src, ctx: Context) -> str:
     parent = os.path.dirname(resolved)
     if not os.path.isdir(parent):
         raise Invalid(f"directory {parent} does not exist")
+    why = _unappendable(resolved)
+    if why is not None:
+        raise Invalid(why)
     return resolved
+
+
+def _unappendable(path: str) -> str | None:
+    """Why the access log cannot open ``path`` for appending (None: it can), tried as it opens
+    it: a file that cannot be created (a read-only directory, /proc) passed the check and the
+    reload, then every process logged no requests, the log that worked dropped. A new file is
+    created and removed again; a FIFO or a device is not opened (a FIFO would wait for a reader)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            return f"cannot create {path}: {exc.strerror or exc}"
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    except OSError as exc:
+        return f"cannot open {path}: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path} is a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return None if os.access(path, os.W_OK) else f"cannot write to {path}"
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+    except OSError as exc:
+        return f"cannot open {path} for appending: {exc.strerror or exc}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxy.config import Overrides
 from proxy.logs import (
     CUT_MARK,
     MAX_BATCH,
@@ -728,3 +729,40 @@ def test_combined_fields_are_escaped_byte_by_byte_and_their_width_known() -> Non
     assert _quoted("") == _quoted(None) == '"-"' and _quoted("/plain?q=1") == '"/plain?q=1"'
     for value in ('"' * 100, "é" * 7, "\x00\x1f\x20\x7e\x7f", "mixed \"é\" \\ \udcfe 😀"):
         assert _quoted_width(value) == len(_quoted(value)) - 2  # what _fit cuts by
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, where no file can be created")
+async def test_an_access_log_that_cannot_be_created_is_refused_and_the_running_log_kept(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """access_log.path in a directory where the file cannot be created (/proc here; a
+    read-only directory in production) passed check and reload; then every process logged
+    "cannot open the access log ...; logging no requests" and dropped the log that worked.
+    Now it is FILE:LINE at check and reload, and the running log goes on."""
+    from proxy.cli import main
+    from proxy.web.server import install_reloader
+
+    origin.route("/page", body=b"hello", headers={"Cache-Control": "max-age=60"})
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{format: json, path: {log_file}}}\n")
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    config = Path(proxy.config_path)
+    text = config.read_text()  # noqa: ASYNC240 (a small local file)
+    config.write_text(text.replace(str(log_file), "/proc/cachegate-access.log"))  # noqa: ASYNC240
+    line = text.splitlines().index(f"access_log: {{format: json, path: {log_file}}}") + 1
+    expected = f"{config}:{line}: access_log.path: cannot create /proc/cachegate-access.log"
+    assert await asyncio.to_thread(main, ["check", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(expected)
+    reply = await proxy.admin("POST", "/reload")
+    assert reply.status != 200 and expected in reply.body.decode()
+    await proxy.get("/page")
+    assert [r["path"] for r in records(proxy, log_file)] == ["/page"]
+    # A file that goes between the check and the opening (the check passed): the running log goes on.
+    from dataclasses import replace
+
+    settings = proxy.runtime.settings
+    assert settings.access_log is not None
+    proxy.runtime.reconfigure(replace(settings, access_log=replace(
+        settings.access_log, path="/proc/cachegate-access.log", format="combined")))
+    await proxy.get("/page")
+    assert [r["path"] for r in records(proxy, log_file)] == ["/page", "/page"]
