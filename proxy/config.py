@@ -173,6 +173,7 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
         _check_disk_room(s, problems, root)
         _check_memory(s, problems, root, machine)
     _check_stores_something(s, problems, root)
+    _check_max_object(s, problems, root)
     _check_addresses(s, problems, root, o)
     _check_running_admin(s, problems, root, running_admin)
     admin = s.admin
@@ -256,6 +257,40 @@ def _check_stores_something(s: Settings, problems: Problems, root: Src) -> None:
     problems.add(_line(root, *at), f"{what} stores nothing: every response would be passed through "
                                    f"unstored; {hint} (to cache nothing on purpose, say so with a rule: "
                                    "bypass: true)")
+
+
+def _written(root: Src, *path: str) -> bool:
+    node = root
+    for key in path:
+        if not isinstance(node.value, dict) or key not in node.value:
+            return False
+        node = node.value[key]
+    return node.value is not None
+
+
+def _check_max_object(s: Settings, problems: Problems, root: Src) -> None:
+    """``cache.max_object`` over what the store can keep (half a disk shard; without a disk
+    tier, memory_max_object or half of cache.memory): bigger responses are passed through. A
+    warning at the line of the size that limits it; the start used to log it, once a process,
+    without FILE:LINE, and ``check --strict`` missed it. Memory-only with max_object left at
+    its default says nothing: there memory_max_object is the limit, as documented."""
+    c = s.cache
+    disk = (c.disk.size, c.disk.shards) if c.disk is not None else None
+    limit = storable_limit(c.max_object, disk, c.memory_max_object, c.memory)
+    if not 0 < limit < c.max_object or (c.disk is None and not _written(root, "cache", "max_object")):
+        return
+    if c.disk is not None:
+        at = ("cache", "disk", "size") if _written(root, "cache", "disk", "size") else ("cache", "max_object")
+        why = (f"half a disk shard: cache.disk.size {human_size(c.disk.size)} in {c.disk.shards} "
+               f"shard(s), less a tenth kept for the index")
+        fix = "lower cache.max_object, or give cache.disk.size more room (or fewer shards)"
+    else:
+        at = ("cache", "max_object")
+        why = "without a disk tier: cache.memory_max_object, and half of cache.memory"
+        fix = "lower cache.max_object, or give cache.memory_max_object more room"
+    problems.warn(_line(root, *at), f"cache.max_object {human_size(c.max_object)} is more than the store can "
+                                    f"keep ({why}): responses over {human_size(limit)} ({limit} bytes) "
+                                    f"are passed through unstored; {fix}")
 
 
 def _check_addresses(s: Settings, problems: Problems, root: Src, o: Overrides) -> None:

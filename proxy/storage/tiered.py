@@ -23,7 +23,6 @@ write-through of what a fill stores); nothing else needs to know of it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -45,7 +44,6 @@ from proxy.storage.work import InProgress, Tiers
 from proxy.storage.writes import BodySpool, Writer
 
 T = TypeVar("T")
-log = logging.getLogger("cachegate.storage")
 
 
 class Storage:
@@ -61,7 +59,7 @@ class Storage:
         configured_limit: int | None = None,
     ) -> None:
         """``configured_limit``: what the config's sizes let the store keep (``storable_limit``,
-        which the rules refuse bigger responses by): the start-up warning says the smaller."""
+        which the rules refuse bigger responses by)."""
         self.configured_max_object = max_object
         # What can be stored at all: a body bigger than half a disk shard would be culled at
         # once (or flush the shard); memory-only, it must be small enough for the memory tier.
@@ -69,11 +67,8 @@ class Storage:
                        else min(memory.max_object, memory.budget // 2))
         if configured_limit is not None:
             storable = min(storable, configured_limit)
-        if storable < max_object:
-            log.warning("cache.max_object %d is more than the store can keep (half a disk shard; "
-                        "without a disk tier, memory_max_object or half of cache.memory): responses "
-                        "over %d bytes are passed through",
-                        max_object, storable)
+        # Over max_object: a config warning at FILE:LINE (proxy.config), not logged here by
+        # every process.
         if disk is None:  # nothing is written behind: a key keeps more of its variants' bodies
             memory.unwritten_limit = memory_only_bodies(memory.arena.capacity, memory.max_object)
         self._own_executor = executor is None

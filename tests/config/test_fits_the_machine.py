@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import signal
@@ -37,7 +36,7 @@ def test_a_disk_budget_bigger_than_its_whole_filesystem_is_a_warning_naming_both
     assert len(found) == 1 and found[0].startswith("5: warning: cache.disk.size 1024 TB is more than the "
                                                    f"whole filesystem of {tmp_path / 'not/made/yet'} "
                                                    f"({human_size(total)})"), found
-    assert warnings(tmp_path, "cache:\n  disk:\n    path: cache\n    size: 1MB\n") == []
+    assert warnings(tmp_path, "cache:\n  max_object: 50KB\n  disk:\n    path: cache\n    size: 1MB\n") == []
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:
@@ -142,21 +141,51 @@ def test_sizes_that_leave_room_for_no_body_are_refused(tmp_path: Path, cache: st
     assert len(found) == 1 and found[0].startswith(expected), found
 
 
-def test_the_start_says_the_limit_the_config_sets(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A small memory-only cache: the start-up warning gives the limit the rules refuse by (half of
-    cache.memory), not one of the shared memory's rounded-up size."""
+def test_the_config_warns_of_the_limit_it_sets(tmp_path: Path) -> None:
+    """A small memory-only cache with max_object written: the warning gives the limit the rules
+    refuse by (half of cache.memory), not one of the shared memory's rounded-up size."""
     path = tmp_path / "c.yaml"
-    path.write_text("upstreams: [http://127.0.0.1:9]\ncache: {memory: 1KB, disk: null}\n")
+    path.write_text("upstreams: [http://127.0.0.1:9]\ncache: {memory: 1KB, disk: null, max_object: 1MB}\n")
     settings = load_config(str(path))
-    with caplog.at_level(logging.WARNING, "cachegate.storage"):
-        storage = open_storage(settings)
+    assert settings.warnings == (
+        f"{path}:2: warning: cache.max_object 1 MB is more than the store can keep (without a disk tier: "
+        "cache.memory_max_object, and half of cache.memory): responses over 512 B (512 bytes) are passed "
+        "through unstored; lower cache.max_object, or give cache.memory_max_object more room",)
+    storage = open_storage(settings)
     try:
-        assert [r.getMessage() for r in caplog.records] == [
-            "cache.max_object 104857600 is more than the store can keep (half a disk shard; without a disk "
-            "tier, memory_max_object or half of cache.memory): responses over 512 bytes are passed through"]
         assert storage.writes.max_object == 512 == base_cache_options(settings).max_object
     finally:
         storage.close()
+    path.write_text("upstreams: [http://127.0.0.1:9]\ncache: {memory: 1KB, disk: null}\n")
+    assert load_config(str(path)).warnings == ()  # memory-only: memory_max_object is the limit
+
+
+@pytest.mark.slow
+async def test_a_max_object_over_half_a_disk_shard_is_one_warning_at_its_line(
+        origin: Origin, tmp_path: Path) -> None:
+    """disk.size 1GB (8 shards) with the default max_object: check --strict said OK, and the start
+    logged "cache.max_object 104857600 is more than the store can keep" once a process (the
+    supervisor and each worker) without FILE:LINE. Now it is a config warning: check --strict
+    refuses it, run logs it once."""
+    import asyncio
+
+    from proxy.cli import main
+
+    config = write_config(str(tmp_path), origin.url,
+                          f"cache:\n  memory: 16MB\n  disk:\n    path: {tmp_path}/cache\n    size: 1GB\n")
+    expected = (f"{config}:9: warning: cache.max_object 100 MB is more than the store can keep (half a disk "
+                "shard: cache.disk.size 1 GB in 8 shard(s)")
+    assert await asyncio.to_thread(main, ["check", "--strict", "--config", config]) == 2
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start("--workers", "2", with_log=True)
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        await proxy.wait_for(lambda: any("started:" in line for line in proxy.lines))
+        assert (await proxy.admin("GET", "/healthz")).status == 200
+    finally:
+        await proxy.stop()
+    said = [line for line in proxy.lines if "more than the store can keep" in line]
+    assert len(said) == 1 and expected in said[0], said
 
 
 def test_a_reload_or_a_worker_does_not_refuse_what_the_machine_no_longer_has(
