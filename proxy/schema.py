@@ -604,12 +604,16 @@ def networks() -> Parser[tuple[Any, ...]]:
     return Parser("list of IP addresses or CIDR networks", read, show=_show_list)
 
 
-def file_path(*, must_exist: Bool = False, strict: Bool = False) -> Parser[Str]:
-    """A file or folder; relative to the config file (the default too)."""
+def file_path(*, must_exist: Bool = False, strict: Bool = False, folder: Bool = False) -> Parser[Str]:
+    """A file or folder; relative to the config file (the default too). ``folder``: one that
+    exists must be a directory (a file there passed the check, then the start failed)."""
     def read(item: Src, ctx: Context) -> Str:
         resolved = ctx.path(_text(item, strict))
         if must_exist and not os.path.isfile(resolved):
             raise Invalid(f"{resolved} does not exist")
+        if folder and os.path.exists(resolved) and not os.path.isdir(resolved):
+            what = "a file" if os.path.isfile(resolved) else "not a file nor a directory"
+            raise Invalid(f"{resolved} is {what}: give a directory (made if it does not exist)")
         return resolved
 
     return Parser("path", read, resolve=lambda v, ctx: None if v is None else ctx.path(v))

@@ -245,7 +245,8 @@ class PoolSettings:
 class DiskSettings:
     """The disk tier (docs/storage.md), shared by every worker; ``disk: null`` runs memory-only."""
 
-    path: str = setting("var/cache", "the cache folder (relative paths: to the config file)", file_path())
+    path: str = setting("var/cache", "the cache folder (relative paths: to the config file)",
+                        file_path(folder=True))
     size: int = setting(10 * 1024 * MB, "the disk tier's byte budget", byte_size())
     shards: int = setting(8, "SQLite databases the budget is split into (a body takes half of one at most)",
                           integer(minimum=1))

@@ -245,3 +245,20 @@ def test_one_address_written_two_ways_in_listen_is_refused_before_binding(tmp_pa
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr.splitlines()) == (2, [
         f"<command line>:0: --listen: 127.0.0.1:{port} is listed twice"])
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_cache_path_that_is_a_file_is_refused_at_its_line(tmp_path: Path, command: str) -> None:
+    """cache.disk.path naming a regular file passed check; the start then failed with "cannot
+    open the cache directory ...: File exists"."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:0\nupstreams: [{url: 'http://127.0.0.1:9'}]\n"
+                   f"admin: {{listen: '127.0.0.1:0'}}\ncache:\n  disk:\n    path: '{blocker}'\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", command, "--config", config],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.splitlines()) == (2, [
+        f"{config}:6: cache.disk.path: {blocker} is a file: give a directory (made if it does not exist)"])
