@@ -45,7 +45,7 @@ def test_check_reports_every_problem_by_file_and_line(tmp_path: Path, capsys: py
     assert f"{config}:5: unknown key 'cache.memry' (did you mean 'memory'?)" in err
     assert any(line.startswith(f"{config}:6: cache.disk.size: bad size '10XB'") for line in err)
     assert any(line.startswith(f"{config}:7: rules: rule file") and "missing.yaml" in line for line in err)
-    assert any(":3: ttl.200: bad duration 'soon'" in line for line in err)
+    assert any(":3: rules[0].ttl.200: bad duration 'soon'" in line for line in err)
 
 
 def test_cross_field_problems_point_at_the_field_involved_and_a_bad_url_is_reported_once(

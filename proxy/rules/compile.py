@@ -424,8 +424,8 @@ def _jitter(sec: Section) -> float | None:
     except ValueError:
         value = -1.0
     if isinstance(item.value, bool) or not 0 <= value < 1:
-        sec.problems.add(item, "ttl_jitter: expected a percentage below 100% like 10%, "
-                               f"got {shown(item.value)}")
+        sec.problems.add(item, f"{sec.path + '.' if sec.path else ''}ttl_jitter: expected a percentage "
+                               f"below 100% like 10%, got {shown(item.value)}")
         return None
     return value
 
@@ -438,7 +438,7 @@ def _actions(sec: Section, problems: Problems) -> Actions:
     ttl: Mapping[int, float] | None = None
     ttl_default: float | None = None
     if sec.has("ttl"):
-        ttl, ttl_default = _ttl_table(sec.values["ttl"], problems, "ttl")
+        ttl, ttl_default = _ttl_table(sec.values["ttl"], problems, f"{sec.path}.ttl" if sec.path else "ttl")
     mode: ClientCacheControl | None = None
     if sec.has("client_cache_control"):
         choice = sec.choice("client_cache_control", "honor", ("honor", "revalidate", "ignore"))

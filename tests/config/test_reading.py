@@ -384,13 +384,14 @@ def test_a_list_or_a_mapping_for_one_value_is_named_by_its_kind(
 
 
 # The same in a rule file (line 4: the rule's last line); "|" joins the problem's line and words.
+# Each names its rule (rules[0].ttl...), as stale_while_revalidate did and ttl and ttl_jitter did not.
 RULE_NOT_SCALARS: list[tuple[str, str]] = [
-    ("ttl: {200: VALUE}", "ttl.200: expected a duration like 30s, 5m, 1h, got KIND"),
-    ("ttl: {404: VALUE}", "ttl.404: expected a duration like 30s, 5m, 1h, got KIND"),
-    ("ttl: {default: VALUE}", "ttl.default: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("ttl: {200: VALUE}", "rules[0].ttl.200: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("ttl: {404: VALUE}", "rules[0].ttl.404: expected a duration like 30s, 5m, 1h, got KIND"),
+    ("ttl: {default: VALUE}", "rules[0].ttl.default: expected a duration like 30s, 5m, 1h, got KIND"),
     ("stale_while_revalidate: VALUE",
      "rules[0].stale_while_revalidate: expected a duration like 30s, 5m, 1h, got KIND"),
-    ("ttl_jitter: VALUE", "ttl_jitter: expected a percentage below 100% like 10%, got KIND"),
+    ("ttl_jitter: VALUE", "rules[0].ttl_jitter: expected a percentage below 100% like 10%, got KIND"),
 ]
 
 
@@ -408,10 +409,10 @@ def test_a_list_or_a_mapping_for_one_value_of_a_rule_is_named_by_its_kind(
 
 @pytest.mark.parametrize(("rules", "expected"), [
     ("rules:\n  - name: a\n    match: {path: /x}\n    ttl: [1, 2]\n",
-     "4: ttl: expected a duration or a mapping of status to duration (e.g. {200: 5m, 404: 1m, default: 1m}), "
+     "4: rules[0].ttl: expected a duration or a mapping of status to duration (e.g. {200: 5m, 404: 1m, default: 1m}), "
      "got a list"),
     ("defaults: {ttl: [1, 2]}\nrules: []\n",
-     "1: ttl: expected a duration or a mapping of status to duration (e.g. {200: 5m, 404: 1m, default: 1m}), "
+     "1: defaults.ttl: expected a duration or a mapping of status to duration (e.g. {200: 5m, 404: 1m, default: 1m}), "
      "got a list"),
     ("rules:\n  - name: a\n    match: {path: /x, status: [[1, 2], {a: 1}]}\n    ttl: 1m\n",
      "3: match.status: expected HTTP status codes (100-599), got a list|"
