@@ -1,4 +1,5 @@
-"""Exclusive locks one running cachegate holds for its lifetime: its cache directory, its port.
+"""Exclusive locks one running cachegate holds for its lifetime: its cache directory, its port
+(and, for a refusal's message, the processes that listen on a port: ``listening_pids``).
 
 Why ``flock`` on a file: the kernel drops the lock when the process ends, however it ends
 (SIGKILL, a crash), so a stale lock never keeps the next start out, and a lock file left
@@ -108,3 +109,34 @@ def runtime_dir() -> str | None:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
         return None
     return path
+
+
+def listening_pids(port: int) -> list[int]:
+    """The processes (of this user: others' are not readable) with a socket listening on TCP
+    ``port``, from /proc (Linux; an empty list elsewhere or when none is found): for the
+    refusal's message only."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except (OSError, ValueError):
+            continue
+    pids: list[int] = []
+    if not inodes:
+        return pids
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                            pids.append(int(entry))
+                            break
+    return sorted(pids)

@@ -85,7 +85,7 @@ from proxy.config import Overrides, Settings
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
-from proxy.lockfile import HeldLock, LockTaken, runtime_dir
+from proxy.lockfile import HeldLock, LockTaken, listening_pids, runtime_dir
 from proxy.logs import say, setup_logging, tell
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, Runtime
@@ -1129,37 +1129,6 @@ def _accepting(family: int, addr: Any) -> bool:
     finally:
         probe.close()
     return True
-
-
-def listening_pids(port: int) -> list[int]:
-    """The processes (of this user: others' are not readable) with a socket listening on TCP
-    ``port``, from /proc (Linux; an empty list elsewhere or when none is found): for the
-    refusal's message only."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(f"socket:[{fields[9]}]")
-        except (OSError, ValueError):
-            continue
-    pids: list[int] = []
-    if not inodes:
-        return pids
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                for fd in os.listdir(f"/proc/{entry}/fd"):
-                    with contextlib.suppress(OSError):
-                        if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
-                            pids.append(int(entry))
-                            break
-    return sorted(pids)
 
 
 PR_SET_PDEATHSIG = 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -40,11 +41,13 @@ from proxy.config import (
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
+from proxy.lockfile import listening_pids
 from proxy.logs import say, tell
 from proxy.policy.request import MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.room import FilesystemFull, MemoryUnavailable, NotWritable, denied, filesystem_full
 from proxy.runtime import CacheDirectoryInUse, CacheDirectoryUnusable, ReloadResult, Runtime
+from proxy.schema import show_hostport
 from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CACHE_DIR
 from proxy.tls import ServerTLS
@@ -234,8 +237,25 @@ async def start_admin_listener(runtime: Runtime, settings: Settings,
                          max_line_size=ADMIN_MAX_LINE)
     await runner.setup()
     host, port = settings.admin.listen
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(_admin_unbound(host, port, exc)) from None
     return runner
+
+
+def _admin_unbound(host: str, port: int, exc: OSError) -> str:
+    """Why the admin listener cannot bind, naming admin.listen and, for a port in use, the
+    processes that listen on it (as the client listeners' refusal does); it said only
+    "[Errno 98] address already in use"."""
+    where = f"admin.listen {show_hostport((host, port))}"
+    if exc.errno != errno.EADDRINUSE:
+        return f"{where}: {exc.strerror or exc}"
+    pids = ", ".join(map(str, listening_pids(port)))
+    holder = f" ({'pids' if ',' in pids else 'pid'} {pids})" if pids else ""
+    return (f"{where}: another process{holder} already accepts connections on this port; give the "
+            "admin API a free port, or stop that process")
 
 
 # The admin listener's limits on connections (the client listener's are its own): a request

@@ -130,3 +130,32 @@ def test_two_listeners_of_one_supervisor_on_one_address_do_not_blame_another_cac
     supervisor = Supervisor(settings, config, Overrides())
     with pytest.raises(OSError, match=rf"127\.0\.0\.1:{port} is taken by two of this cachegate's listeners"):
         supervisor._reserve_ports()
+
+
+def test_an_admin_port_in_use_names_admin_listen_and_the_holder(tmp_path: Path) -> None:
+    """The admin listener's port taken by another process: the start said only "[Errno 98]
+    address already in use", naming neither admin.listen nor who holds it (as the client
+    listeners' refusal does)."""
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", "import socket, sys, time\n"
+                               "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+                               "print(s.getsockname()[1], flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        port = int(holder.stdout.readline())
+        config = write_config(str(tmp_path), "http://127.0.0.1:9", "cache: {memory: 4MB, disk: null}\n",
+                              admin=f"{{listen: '127.0.0.1:{port}'}}")
+        for workers in ("1", "2"):
+            done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", config, "--workers", workers],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, done.stderr
+            assert (f"cachegate: cannot listen: admin.listen 127.0.0.1:{port}: another process "
+                    f"(pid {holder.pid}) already accepts connections on this port") in done.stderr, done.stderr
+            assert "Errno" not in done.stderr and "Traceback" not in done.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
