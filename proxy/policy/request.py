@@ -301,18 +301,51 @@ def _proto_of(pairs: list[str]) -> str | None:
     return None
 
 
+def _protos(pairs: list[str]) -> list[str]:
+    """Every ``proto`` of one element (RFC 7239 §4 allows one; a sender may repeat it)."""
+    found = []
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name.strip(" \t").lower() == "proto":
+            value = value.strip(" \t")
+            found.append(value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value)
+    return found
+
+
+def _unterminated(value: str) -> bool:
+    r"""Does a quoted-string in this ``Forwarded`` value never end (RFC 9110 §5.6.4 escapes)?
+
+    >>> [_unterminated(v) for v in ('for="x;proto=https', r'for="a\";proto=https', 'for="[::1]"')]
+    [True, True, False]
+    """
+    if '"' not in value:
+        return False
+    quoted = escaped = False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+    return quoted
+
+
 def _agreeing(name: str, value: str, scheme: str) -> str | None:
     """A trusted peer's scheme field as sent upstream for a request keyed under ``scheme``:
-    as it came when it agrees; ``Forwarded`` with every ``proto=`` rewritten to ``scheme``;
-    None (dropped) when it states another scheme or none cachegate can read, and always for
+    as it came when it agrees; ``Forwarded`` with every ``proto=`` rewritten to ``scheme`` (a
+    repeated one too: an origin may read the last), dropped when a quoted-string in it never
+    ends; None (dropped) when it states another scheme or none cachegate can read, and always for
     X-Forwarded-Proto, which cachegate writes itself. So every scheme field the origin reads
     says the scheme the answer is stored under."""
     name = name.replace("_", "-") if "_" in name else name
     if name == "x-forwarded-proto":
         return None
     if name == "forwarded":
+        if _unterminated(value):
+            return None  # what a lenient parser reads in it cannot be told: it does not go on
         elements = forwarded_elements(value)
-        if all(_proto_of(pairs) in (None, scheme) for pairs in elements):
+        if all(p == scheme for pairs in elements for p in _protos(pairs)):
             return value
         return ", ".join(";".join(f"proto={scheme}" if p.partition("=")[0].strip(" \t").lower() == "proto"
                                   else p for p in pairs) for pairs in elements) or None

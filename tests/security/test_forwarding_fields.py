@@ -126,3 +126,23 @@ async def test_the_origin_is_told_one_scheme_the_one_in_the_key(origin: Origin, 
     assert not {"x-forwarded-ssl", "x-scheme", "x-url-scheme"} & set(seen)
     again = await send_raw(proxy, get("/page", "Forwarded: proto=https"))
     assert again.x_cache == "HIT"  # the same scheme, however it was stated
+
+
+@pytest.mark.parametrize(("forwarded", "scheme", "sent"), [
+    # RFC 7239 allows one proto per element; an origin building a dict reads the last one.
+    ("proto=https;proto=http", "https", ["proto=https;proto=https"]),
+    ("for=1.2.3.4;proto=http;proto=https", "http", ["for=1.2.3.4;proto=http;proto=http"]),
+    # A quoted-string that never ends: cachegate reads no proto in it, a lenient parser may.
+    ('for="x;proto=https', "http", None),
+    ('for="a\\";proto=https', "http", None),
+])
+async def test_a_forwarded_the_origin_could_read_otherwise_never_reaches_it_as_sent(
+        origin: Origin, make_proxy: MakeProxy, forwarded: str, scheme: str, sent: list[str] | None) -> None:
+    """A repeated proto (the key read the first) and an unterminated quoted-string (the key read
+    none) went to the origin as they came: an origin reading the last proto, or a lenient one,
+    answered for another scheme than the key's (an http->https redirect stored for https)."""
+    echo_origin(origin, "/page")
+    proxy = await make_proxy(config="trusted_proxies: [127.0.0.0/8]\n")
+    seen = received(await send_raw(proxy, get("/page", f"Forwarded: {forwarded}")))["fields"]
+    assert seen["x-forwarded-proto"] == [scheme]
+    assert seen.get("forwarded") == sent
