@@ -243,8 +243,9 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             refused.force_close()  # nothing more on this connection is read as HTTP/1.x
             return refused, 0
         if request.method == "CONNECT":
-            info.x_cache = "BYPASS"
-            refused = _plain(405, "CONNECT is not supported by a reverse proxy", "BYPASS", fe, info, request)
+            fe.requests("ERROR", request.method).inc()  # refused, as the version refusals above
+            info.x_cache = "ERROR"
+            refused = _plain(405, "CONNECT is not supported by a reverse proxy", "ERROR", fe, info, request)
             # The parser reads nothing after a CONNECT (it would be the tunnel's bytes, whatever
             # Content-Length said): read on, those bytes would be taken for the next request,
             # which a front end framing by Content-Length never sent (request smuggling).

@@ -92,6 +92,9 @@ async def test_a_front_end_reusing_its_connection_never_hands_on_a_smuggled_answ
             writer.write(attack)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG)
             assert head.startswith(b"HTTP/1.1 405 ")
+            # A refusal, as every other: ERROR in both cache fields (it said BYPASS beside
+            # Cache-Status detail=PROXY-ERROR).
+            assert b"\r\nx-cache-status: error\r\n" in head.lower(), head
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             await asyncio.wait_for(reader.readexactly(length), HANG)
             writer.write(req("GET", "/victim"))
