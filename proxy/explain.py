@@ -287,9 +287,11 @@ def _bypass_why(plan: RequestPlan) -> str:
     kind, _, name = (plan.detail or "").partition(":")
     if kind == "AMBIGUOUS-QUERY":
         return (f"the rules read query parameter {name!r}, which came more than once with other "
-                "values or spelled as PHP reads it (edit.mode is PHP's edit_mode), and reading its "
-                "last value (as PHP, Rails and Django do), alone or with a field's other readings, "
-                "decides differently from its first: neither looked up nor stored")
+                "values or spelled as PHP reads it (edit.mode, edit+mode and the array edit_mode[] "
+                "are all PHP's edit_mode), and reading it as PHP, Rails or Django do, alone or with "
+                "a field's other readings, decides something unsafe to share (a bypass, no_store, "
+                "another key, other response edits or looser storing; not a ttl alone): neither "
+                "looked up nor stored")
     if kind == "AMBIGUOUS-HEADER" and name in plan.key.headers:
         return (f"the rule's key reads field {name!r}, which came spelled with '_' for '-' too (CGI, "
                 "WSGI and Rack origins read both as one field, the later line winning), so the "

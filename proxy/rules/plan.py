@@ -221,10 +221,24 @@ def first(*values: T | None) -> T | None:
     return None
 
 
+def _shared_as(plan: RequestPlan) -> tuple[object, ...]:
+    """What of a plan decides what one client's answer may do to another's: bypass, key, storing
+    at all, the edits clients get, and the options that loosen what is stored or served.
+    Lifetimes (ttl, stale_*, jitter) and tags are left out: two readings that differ only there
+    cache the same answer under the same key, only for longer or shorter."""
+    store, options = plan.store, plan.store.options
+    return (plan.bypass, plan.key, plan.response_rules, store.no_store, store.response_headers,
+            store.deception_guard, options.override_origin, options.allow_set_cookie,
+            options.client_cache_control)
+
+
 def _decides_otherwise(again: RequestPlan, plan: RequestPlan) -> bool:
-    """Whether another reading of a request chose another rule, bypass or response rules."""
-    return (again.rule is not plan.rule or again.bypass != plan.bypass
-            or again.response_rules != plan.response_rules)
+    """Whether another reading of a request does something unsafe to share with this one
+    (``_shared_as``): ``?category[]=shoes``, which PHP reads as ``category``, is still cached
+    when the rule for ``category`` only sets a longer ttl."""
+    if again.rule is plan.rule and again.response_rules == plan.response_rules:
+        return again.bypass != plan.bypass
+    return _shared_as(again) != _shared_as(plan)
 
 
 class RuleSet:

@@ -80,6 +80,26 @@ async def test_a_dotted_name_no_rule_reads_is_cached_as_usual(origin: Origin, ma
     assert reply.x_cache == "HIT"
 
 
+SEARCH_RULES = """
+defaults:
+  ttl: {200: 5m}
+rules:
+  - name: searches with a category are kept longer
+    match: {path: /search, query: {category: present}}
+    ttl: {200: 1h}
+"""
+
+
+async def test_an_array_a_ttl_rule_reads_is_cached_as_usual(origin: Origin, make_proxy: MakeProxy) -> None:
+    """``?category[]=shoes`` is PHP's (and Rails') ``category``: the rule for it only keeps the page
+    longer, so every reading caches the same page under the same key. It was a bypass for every
+    client (``AMBIGUOUS-QUERY:category``)."""
+    origin.route("/search", body="results")
+    proxy = await make_proxy(rules=SEARCH_RULES)
+    seen = [(await send_raw(proxy, get("/search?category[]=shoes"))).x_cache for _ in range(3)]
+    assert seen == ["MISS", "HIT", "HIT"]
+
+
 NAMES = [
     ("edit_mode", "edit_mode"),
     ("edit.mode", "edit_mode"),
@@ -118,6 +138,10 @@ PLAN_RULES = compile_text("""
       - name: feed
         match: {path: "/feed", query: {user_id: absent}}
         ttl: {200: 1m}
+        override_origin: true
+      - name: searches
+        match: {path: "/search", query: {category: present}}
+        ttl: {200: 1h}
       - name: pages
         match: {path: "/page"}
         ttl: {200: 1m}
@@ -144,6 +168,8 @@ CASES: list[tuple[str, str, str | None, str | None]] = [
     ("present", "/page?draft.id=7", "pages", "AMBIGUOUS-QUERY:draft_id"),
     ("absent", "/feed?user.id=7", "feed", "AMBIGUOUS-QUERY:user_id"),
     ("absent, no such name", "/feed?page.size=7", "feed", None),
+    # (readings that differ only in how long the page is kept cache the same page alike)
+    ("an array where only the ttl differs", "/search?category[]=shoes", None, None),
 ]
 
 

@@ -84,9 +84,14 @@ PLAN_RULES = compile_text("""
       - name: json
         match: {path: "/api/**", header: {Accept: {regex: "^application/json$"}}}
         ttl: {200: 1m}
+        override_origin: true
       - name: tenant
         match: {header: {X-Tenant: acme}}
         ttl: {200: 2m}
+        allow_set_cookie: true
+      - name: longer
+        match: {path: "/long", header: {X-Long: "1"}}
+        ttl: {200: 1h}
 """)
 
 # (case, target, header lines, the plan's rule name, its bypass detail or None)
@@ -120,6 +125,8 @@ CASES: list[tuple[str, str, list[tuple[str, str]], str | None, str | None]] = [
      [("X-Requested-With", "XMLHttpRequest"), ("X_Requested_With", "a")], "xhr", "RULE-BYPASS:xhr"),
     ("spelled with _, a value no reading holds", "/a", [("X_Requested_With", "a")], None, None),
     ("a _ name no rule reads", "/a", [("X_Other", "XMLHttpRequest")], None, None),
+    # (readings that differ only in how long the page is kept cache the same page alike)
+    ("twice, the readings differ only in ttl", "/long", [("X-Long", "1"), ("X-Long", "2")], None, None),
 ]
 
 PRESENCE_RULES = compile_text("""
@@ -130,6 +137,7 @@ PRESENCE_RULES = compile_text("""
       - name: anonymous for long
         match: {path: "/p/**", header: {X-User: absent}}
         ttl: {200: 1h}
+        override_origin: true
 """)
 
 PRESENCE_CASES: list[tuple[str, str, list[tuple[str, str]], str | None, str | None]] = [
