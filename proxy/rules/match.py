@@ -40,15 +40,18 @@ _NO_LINES: dict[str, tuple[str, ...]] = {}  # shared, never written
 
 def php_name(name: str) -> str | None:
     """The name PHP registers a (decoded) query parameter under (``php_register_variable_ex``,
-    PHP 8): leading spaces dropped, ``.`` and `` `` read as ``_``; an array (``a[x]``, ``a[]``)
+    PHP 8): cut at a NUL (it takes the name as a C string: ``edit_mode%00x`` is ``edit_mode``),
+    leading spaces dropped, ``.`` and `` `` read as ``_``; an array (``a[x]``, ``a[]``)
     under the name before its ``[``; a ``[`` with no ``]`` after it read as ``_``, and the rest's
     `` ``, ``.`` and ``[`` too. None when PHP drops it (an empty name, a ``__Host-`` or
     ``__Secure-`` prefix only the rewriting made).
 
     >>> php_name("edit.mode"), php_name(" edit mode"), php_name("edit[mode"), php_name("edit[x]")
     ('edit_mode', 'edit_mode', 'edit_mode', 'edit')
+    >>> php_name("edit_mode\\x00x")
+    'edit_mode'
     """
-    name = name.lstrip(" ")
+    name = name.split("\x00", 1)[0].lstrip(" ")
     head, bracket, rest = name.partition("[")
     var = head.replace(" ", "_").replace(".", "_")
     if not var or (var != head and var.startswith(("__Host-", "__Secure-"))
@@ -106,7 +109,8 @@ class RequestView:
     def params(self) -> dict[str, str]:
         """Query parameters, decoded, as this view reads them (``reading``). The names another
         reading reads otherwise go to ``_odd``. Names are read as PHP reads them only when one has a
-        ``.``, a space or a ``[``: a scan of the query, then of its names if it has one or escapes."""
+        ``.``, a space, a ``[`` or a NUL: a scan of the query, then of its names if it has one or
+        escapes."""
         if self._params is None:
             query = self.query
             escaped = "%" in query or "+" in query
@@ -125,7 +129,7 @@ class RequestView:
                     last[k] = v
             php: dict[str, str] | None = None
             names = "".join(first) if escaped or "." in query or "[" in query or " " in query else ""
-            if names and ("." in names or " " in names or "[" in names):
+            if names and ("." in names or " " in names or "[" in names or "\x00" in names):
                 php = php_params(pairs)
                 self._odd = {n for n, v in php.items() if first.get(n) != v}
                 if last is not None:

@@ -38,7 +38,7 @@ def php_get(query: str) -> dict[str, str]:
     main/php_variables.c, apart from the code under test)."""
     out: dict[str, str] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
-        name = name.lstrip(" ")
+        name = name.split("\x00", 1)[0].lstrip(" ")  # a C string: a NUL ends it
         cut = name.find("[")
         if cut >= 0 and "]" in name[cut + 1:]:
             continue  # an array
@@ -59,7 +59,7 @@ async def php_page(request: web.Request) -> web.Response:
 
 
 @pytest.mark.parametrize("query", ["edit.mode=1", "edit+mode=1", "%20edit%20mode=1", "edit[mode=1",
-                                   "edit_mode=0&edit.mode=1"])
+                                   "edit_mode=0&edit.mode=1", "edit_mode%00x=1", "edit%00=1&edit.mode%00=1"])
 async def test_a_name_php_reads_as_a_bypass_rules_parameter_is_never_stored(
         origin: Origin, make_proxy: MakeProxy, query: str) -> None:
     origin.route("/page", php_page)
@@ -117,6 +117,9 @@ NAMES = [
     ("..Host-x", None),  # made a __Host- prefix: dropped
     ("__Host-x", "__Host-x"),
     ("x]y", "x]y"),
+    ("edit_mode\x00x", "edit_mode"),  # a C string to PHP: a NUL ends the name
+    ("edit.mode\x00[x]", "edit_mode"),
+    ("\x00edit_mode", None),
 ]
 
 
@@ -168,6 +171,8 @@ CASES: list[tuple[str, str, str | None, str | None]] = [
     ("present", "/page?draft.id=7", "pages", "AMBIGUOUS-QUERY:draft_id"),
     ("absent", "/feed?user.id=7", "feed", "AMBIGUOUS-QUERY:user_id"),
     ("absent, no such name", "/feed?page.size=7", "feed", None),
+    ("a NUL ends PHP's name", "/page?edit_mode%00x=1", "pages", "AMBIGUOUS-QUERY:edit_mode"),
+    ("a NUL, the name PHP reads not read by a rule", "/page?utm%00x=1", "pages", None),
     # (readings that differ only in how long the page is kept cache the same page alike)
     ("an array where only the ttl differs", "/search?category[]=shoes", None, None),
 ]
