@@ -303,7 +303,8 @@ def _bypass_why(plan: RequestPlan) -> str:
                 "up nor stored")
     return (f"the rules read cookie {name!r}, and this Cookie field is read differently by "
             "different origins (a comma, whitespace or a quote inside it, a name sent twice with "
-            "other values, or more than one Cookie line): neither looked up nor stored")
+            "other values, more than one Cookie line, or a name PHP reads as it: ab.bucket is PHP's "
+            "ab_bucket): neither looked up nor stored")
 
 
 def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool = True) -> list[str]:

@@ -37,6 +37,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import unquote as percent_decode
 
+from proxy.policy.php_names import php_name
+
 DELTA_SECONDS_MAX = 2**31
 
 
@@ -177,9 +179,25 @@ _ANY_SEPARATOR = re.compile(r"[;,\s]+")
 
 def _names_any_parser_may_see(text: str) -> list[str]:
     """Every name some origin's parser may read in ``text``: it is split wherever any of them
-    splits (``;``, ``,``, whitespace, quotes ignored), with whitespace around ``=`` dropped."""
+    splits (``;``, ``,``, whitespace, quotes ignored), with whitespace around ``=`` dropped;
+    and the names PHP reads its ``;``-separated pairs under (``logged in=x`` is its ``logged_in``)."""
     tokens = _ANY_SEPARATOR.split(_AROUND_EQUALS.sub("=", text))
-    return [name for token in tokens if (name := token.partition("=")[0])]
+    names = [name for token in tokens if (name := token.partition("=")[0])]
+    for part in text.split(";"):
+        names.extend(_php_names(part.partition("=")[0].lstrip()))
+    return names
+
+
+def _php_names(name: str) -> list[str]:
+    """The other names PHP may read cookie ``name`` under: its own rewriting (``php_name``:
+    ``ab.bucket`` is ``$_COOKIE['ab_bucket']``), of the name as sent (PHP 8) and percent-decoded
+    (PHP 7 and before decoded cookie names)."""
+    out = []
+    for spelling in (name, percent_decode(name)) if "%" in name else (name,):
+        php = php_name(spelling)
+        if php is not None and php != name and php not in out:
+            out.append(php)
+    return out
 
 
 def cookies(lines: Sequence[str]) -> dict[str, str]:
@@ -199,12 +217,17 @@ def cookies(lines: Sequence[str]) -> dict[str, str]:
     - a plain pair is that cookie (whitespace around the pair is not part of it);
     - every name any of those parsers may see in a pair that is not plain (a comma, whitespace,
       no ``=``), or anywhere in a line with a quote or a backslash, or in more than one line,
-      is ``AMBIGUOUS``; and so is a name sent twice with different values.
+      is ``AMBIGUOUS``; and so is a name sent twice with different values;
+    - PHP reads a name with ``.``, `` `` or ``[`` as another (``ab.bucket`` is its
+      ``$_COOKIE['ab_bucket']``, and for cookies its first value wins): that other name is
+      ``AMBIGUOUS`` (the name as sent stays what it is).
 
     >>> cookies(["a=1; b=2;c=3; a=1"])
     {'a': '1', 'b': '2', 'c': '3'}
     >>> cookies(["theme=dark, session=x; lang=de"])["lang"], cookies(["theme=dark, session=x"])["session"]
     ('de', '\\x00ambiguous')
+    >>> cookies(["ab.bucket=B; ab_bucket=A"]) == {"ab.bucket": "B", "ab_bucket": AMBIGUOUS}
+    True
     >>> cookies(["a=1; a=2"]) == {"a": AMBIGUOUS}, cookies(['p="x; session=y"; lang=de'])["lang"] == AMBIGUOUS
     (True, True)
     """
@@ -230,13 +253,20 @@ def cookies(lines: Sequence[str]) -> dict[str, str]:
         if not eq:
             if name := name.lstrip(" "):
                 out[name] = AMBIGUOUS  # a name to Go and aiohttp, a nameless value to Django
+                for php in _php_names(name):
+                    out[php] = AMBIGUOUS
             continue
         name = name.lstrip(" ")
         if not name:
             continue
         if "%" in name:  # Rack decodes names: ``sess%69on`` is its ``session``
             out[percent_decode(name)] = out[name] = AMBIGUOUS
+            for php in _php_names(name):
+                out[php] = AMBIGUOUS
             continue
+        if "." in name or "[" in name:  # PHP's ``ab.bucket`` is its ``ab_bucket`` (``_php_names``)
+            for php in _php_names(name):
+                out[php] = AMBIGUOUS
         if out.get(name, value) != value:
             value = AMBIGUOUS  # sent twice, with another value: the origin may take either
         out[name] = value

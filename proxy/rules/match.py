@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 from proxy.policy.fields import cookies as read_cookies
 from proxy.policy.keys import split_host
 from proxy.policy.messages import RequestHead
+from proxy.policy.php_names import php_name
 from proxy.policy.request import normalise_path
 from proxy.policy.spellings import NO_SPELLING, aliases, underscored
 
@@ -36,30 +37,6 @@ QueryReading = Literal["first", "last", "php"]
 
 _UNSET = object()
 _NO_LINES: dict[str, tuple[str, ...]] = {}  # shared, never written
-
-
-def php_name(name: str) -> str | None:
-    """The name PHP registers a (decoded) query parameter under (``php_register_variable_ex``,
-    PHP 8): cut at a NUL (it takes the name as a C string: ``edit_mode%00x`` is ``edit_mode``),
-    leading spaces dropped, ``.`` and `` `` read as ``_``; an array (``a[x]``, ``a[]``)
-    under the name before its ``[``; a ``[`` with no ``]`` after it read as ``_``, and the rest's
-    `` ``, ``.`` and ``[`` too. None when PHP drops it (an empty name, a ``__Host-`` or
-    ``__Secure-`` prefix only the rewriting made).
-
-    >>> php_name("edit.mode"), php_name(" edit mode"), php_name("edit[mode"), php_name("edit[x]")
-    ('edit_mode', 'edit_mode', 'edit_mode', 'edit')
-    >>> php_name("edit_mode\\x00x")
-    'edit_mode'
-    """
-    name = name.split("\x00", 1)[0].lstrip(" ")
-    head, bracket, rest = name.partition("[")
-    var = head.replace(" ", "_").replace(".", "_")
-    if not var or (var != head and var.startswith(("__Host-", "__Secure-"))
-                   and not head.startswith(("__Host-", "__Secure-"))):
-        return None
-    if not bracket or "]" in rest:
-        return var
-    return var + "_" + rest.replace(" ", "_").replace(".", "_").replace("[", "_")
 
 
 def php_params(pairs: list[tuple[str, str]]) -> dict[str, str]:

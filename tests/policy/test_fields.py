@@ -351,7 +351,8 @@ COOKIES: list[tuple[str, list[str], dict[str, str]]] = [
     ("a tab too", ["theme=dark\tsession=x"], {"theme": A, "session": A}),
     ("only the pair with a comma is ambiguous", ["lang=de; theme=a,b"], {"lang": "de", "theme": A, "b": A}),
     ("unless it names a plain pair's cookie again", ["lang=de; x=1, lang=en"], {"lang": A, "x": A}),
-    ("whitespace around = : Go drops the name, aiohttp reads it", ["session =x"], {"session": A}),
+    ("whitespace around = : Go drops the name, aiohttp reads it, PHP reads session_", ["session =x"],
+     {"session": A, "session_": A}),
     ("whitespace at a pair's ends is no part of it", [" a=1 ;b=2 "], {"a": "1", "b": "2"}),
     ("a pair without = is a name to Go and aiohttp", ["a=1; session"], {"a": "1", "session": A}),
     ("a quoted value is one to aiohttp, split to others", ['p="x; session=y"; lang=de'],
@@ -367,6 +368,13 @@ COOKIES: list[tuple[str, list[str], dict[str, str]]] = [
     ("a name twice, one behind a no-break space", ["ab=A;\u00a0ab=B"], {"ab": A}),
     ("Rack decodes a percent-escaped name", ["sess%69on=x; a=1"], {"sess%69on": A, "session": A, "a": "1"}),
     ("a percent-escape in a value is the value's", ["prefs=a%2Cb; session=1"], {"prefs": "a%2Cb", "session": "1"}),
+    ("PHP reads a dot as _", ["logged.in=x"], {"logged.in": "x", "logged_in": A}),
+    ("PHP's first value wins: the dotted one", ["ab.bucket=B; ab_bucket=A"], {"ab.bucket": "B", "ab_bucket": A}),
+    ("after the plain one too", ["ab_bucket=A; ab.bucket=B"], {"ab_bucket": A, "ab.bucket": "B"}),
+    ("PHP reads a space as _", ["a=1; logged in=x"], {"a": "1", "logged": A, "in": A, "logged_in": A}),
+    ("PHP reads an array under its name", ["logged_in[x]=1"], {"logged_in[x]": "1", "logged_in": A}),
+    ("PHP 7 decoded names first", ["logged%2Ein=x"], {"logged%2Ein": A, "logged.in": A, "logged_in": A}),
+    ("a pair without = is PHP's empty cookie", ["logged.in"], {"logged.in": A, "logged_in": A}),
 ]
 
 

@@ -90,3 +90,53 @@ async def test_what_browsers_send_is_still_cached(origin: Origin, make_proxy: Ma
     assert (again.x_cache, again.body) == ("HIT", b"anonymous | ab_bucket=B")
     other = await send_raw(proxy, get("/promo", "Cookie: ab_bucket=A"))
     assert (other.x_cache, other.body) == ("MISS", b"anonymous | ab_bucket=A")
+
+
+def php_cookies(value: str) -> dict[str, str]:
+    """``$_COOKIE`` as PHP 8 builds it (main/php_variables.c): pairs split at ``;``, leading
+    whitespace dropped, ``.`` and `` `` read as ``_``, and a name's first value wins."""
+    jar: dict[str, str] = {}
+    for part in value.split(";"):
+        name, _, v = part.lstrip().partition("=")
+        name = name.replace(".", "_").replace(" ", "_")
+        if name and name not in jar:
+            jar[name] = v
+    return jar
+
+
+async def php_page(request: web.Request) -> web.Response:
+    jar = php_cookies(request.headers.get("Cookie", ""))
+    who = f"logged in as {jar['session']}" if "session" in jar else "anonymous"
+    return web.Response(text=f"{who} | ab_bucket={jar.get('ab_bucket', '-')}")
+
+
+@pytest.mark.parametrize("cookie", ["ab.bucket=B; ab_bucket=A", "ab_bucket=A; ab.bucket=B", "ab bucket=B; ab_bucket=A"])
+async def test_a_keyed_cookie_php_reads_under_another_name_is_not_cached(
+        origin: Origin, make_proxy: MakeProxy, cookie: str) -> None:
+    """PHP reads ``ab.bucket`` as ``$_COOKIE['ab_bucket']`` and keeps a name's first value: the B
+    page was stored under A's key and served to A's visitors."""
+    origin.route("/promo", php_page)
+    proxy = await make_proxy(rules=MIXED_APP)
+    attack = await send_raw(proxy, get("/promo", f"Cookie: {cookie}"))
+    assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
+    assert "AMBIGUOUS-COOKIE:ab_bucket" in (attack.header("Cache-Status") or "")
+    victim = await send_raw(proxy, get("/promo", "Cookie: ab_bucket=A"))
+    assert (victim.x_cache, victim.body) == ("MISS", b"anonymous | ab_bucket=A")
+
+
+async def php_logged_in(request: web.Request) -> web.Response:
+    jar = php_cookies(request.headers.get("Cookie", ""))
+    return web.Response(text=f"logged in as {jar['logged_in']}" if "logged_in" in jar else "anonymous")
+
+
+async def test_a_bypass_cookie_php_reads_under_another_name_is_never_stored_for_everyone(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """``logged.in`` is no ``logged_in`` to the rules but PHP's ``$_COOKIE['logged_in']``: the
+    bypass rule did not hold while PHP rendered the logged-in page, stored for cookieless visitors."""
+    origin.route("/news", php_logged_in)
+    proxy = await make_proxy(rules=MIXED_APP.replace("session", "logged_in"))
+    attack = await send_raw(proxy, get("/news", "Cookie: logged.in=ATTACKER"))
+    # (a cookie present in some reading holds a present-means-bypass rule, as an ambiguous one does)
+    assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
+    victim = await send_raw(proxy, get("/news"))
+    assert victim.body == b"anonymous"

@@ -125,7 +125,7 @@ NAMES = [
 
 @pytest.mark.parametrize(("name", "php"), NAMES)
 def test_php_name_reads_a_query_name_as_php_does(name: str, php: str | None) -> None:
-    from proxy.rules.match import php_name  # (here: the other tests run without it)
+    from proxy.policy.php_names import php_name  # (here: the other tests run without it)
 
     assert php_name(name) == php
 
