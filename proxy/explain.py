@@ -288,7 +288,8 @@ def _bypass_why(plan: RequestPlan) -> str:
     if kind == "AMBIGUOUS-QUERY":
         return (f"the rules read query parameter {name!r}, which came more than once with other "
                 "values or spelled as PHP reads it (edit.mode, edit+mode and the array edit_mode[] "
-                "are all PHP's edit_mode), and reading it as PHP, Rails or Django do, alone or with "
+                "are all PHP's edit_mode; x=1;edit_mode=1 holds edit_mode where ';' splits the query "
+                "too, as in Rack 2), and reading it as PHP, Rails, Django or Rack do, alone or with "
                 "a field's other readings, decides something unsafe to share (a bypass, no_store, "
                 "another key, other response edits or looser storing; not a ttl alone): neither "
                 "looked up nor stored")

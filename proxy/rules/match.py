@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from proxy.policy.fields import cookies as read_cookies
 from proxy.policy.keys import split_host
@@ -31,8 +31,12 @@ CondKind = Literal["present", "absent", "equals", "regex"]
 Source = Literal["query", "header", "cookie"]
 Predicate = Callable[["RequestView"], bool]
 # How a view reads a query parameter sent more than once: its first value (aiohttp, Go, Flask),
-# its last (Rails, Django), or its last counting the names PHP reads as it (``php_name``).
-QueryReading = Literal["first", "last", "php"]
+# its last (Rails, Django), or its last counting the names PHP reads as it (``php_name``); and,
+# for a query with a ``;``, split at ``;`` too, with the first value (Go before 1.17) or the last
+# (Rack 2, Python's parse_qsl before 3.9.2; arrays counted under their name: ``rack_params``).
+QueryReading = Literal["first", "last", "php", "split_first", "split_last"]
+# Rack 2's separator: ``&`` or ``;``, and the spaces after it (``Rack::Utils::DEFAULT_SEP``).
+_RACK_SEPARATOR = re.compile(r"[&;] *")
 
 
 _UNSET = object()
@@ -50,6 +54,23 @@ def php_params(pairs: list[tuple[str, str]]) -> dict[str, str]:
         if other is not None and other != k:
             params[other] = v
     return params
+
+
+def split_params(query: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The query as origins that split it at ``;`` as well as ``&`` read it: each name's first
+    value (Go before 1.17), and its last with the names PHP or Rack read as it counted
+    (``php_params``: an array ``a[]`` is Rack's ``a`` too). ``?x=1;edit_mode=1`` holds
+    ``edit_mode`` for them, and for nobody else.
+
+    >>> split_params("x=1;edit_mode=1&mode=a; mode=b")
+    ({'x': '1', 'edit_mode': '1', 'mode': 'a'}, {'x': '1', 'edit_mode': '1', 'mode': 'b'})
+    """
+    pairs = [(unquote_plus(k), unquote_plus(v))
+             for k, _, v in (p.partition("=") for p in _RACK_SEPARATOR.split(query)) if k]
+    first: dict[str, str] = {}
+    for k, v in pairs:
+        first.setdefault(k, v)
+    return first, php_params(pairs)
 
 
 class RequestView:
@@ -87,7 +108,7 @@ class RequestView:
         """Query parameters, decoded, as this view reads them (``reading``). The names another
         reading reads otherwise go to ``_odd``. Names are read as PHP reads them only when one has a
         ``.``, a space, a ``[`` or a NUL: a scan of the query, then of its names if it has one or
-        escapes."""
+        escapes; and split at ``;`` only when the query has one (``split_params``)."""
         if self._params is None:
             query = self.query
             escaped = "%" in query or "+" in query
@@ -115,6 +136,14 @@ class RequestView:
             elif last is not None:
                 self._odd = set(last)
             reading = self.reading
+            if ";" in query:  # (the only cost to a query without one)
+                split = split_params(query)
+                odd = {n for r in split for n in first.keys() | r.keys() if first.get(n) != r.get(n)}
+                if odd:
+                    self._odd = odd if self._odd is None else self._odd | odd
+                if reading in ("split_first", "split_last"):
+                    self._params = split[reading == "split_last"]
+                    return self._params
             if reading == "first" or (last is None and php is None):
                 self._params = first
             elif reading == "php" and php is not None:

@@ -362,8 +362,9 @@ class RuleSet:
         combination, which no reading tried, and its editor form was stored for everyone.
 
         The query is read with its first values (the rules' own reading), its last (Rails,
-        Django) and as PHP reads it (``php_params``); the fields as sent and each way
-        ``_field_readings`` lists. At most 3 x 6 readings; a reading that finds an ambiguity the
+        Django), as PHP reads it (``php_params``) and, when it has a ``;``, split there too
+        (``split_params``: Rack 2, Go before 1.17); the fields as sent and each way
+        ``_field_readings`` lists. At most 5 x 6 readings; a reading that finds an ambiguity the
         first did not reach (a rule evaluated only there) adds its readings. When one decides
         otherwise the request is neither looked up nor stored: ``AMBIGUOUS-QUERY:<name>`` when
         that reading read the query otherwise, else ``AMBIGUOUS-HEADER:<name>``, the first such
@@ -371,7 +372,9 @@ class RuleSet:
         condition read get here."""
         param, field = view.repeated_param, view.repeated
         query = request.target.partition("?")[2]  # PHP reads no name otherwise without these:
-        php: tuple[QueryReading, ...] = ("php",) if any(c in query for c in ".[ %+") else ()
+        others: tuple[QueryReading, ...] = ("php",) if any(c in query for c in ".[ %+") else ()
+        if ";" in query:  # Rack 2, Go before 1.17: ``?x=1;edit_mode=1`` holds ``edit_mode``
+            others = (*others, "split_first", "split_last")
         fields: list[dict[str, str | None] | None] = [None]  # None: the fields as sent
         if field is not None:
             more = self._field_readings(request, view)
@@ -381,7 +384,7 @@ class RuleSet:
         done = {("first", 0)}
         while True:
             found = (param, field)
-            queries: tuple[QueryReading, ...] = ("first",) if param is None else ("first", "last", *php)
+            queries: tuple[QueryReading, ...] = ("first",) if param is None else ("first", "last", *others)
             for reading_of_query in queries:
                 for i, reading in enumerate(fields):
                     if (reading_of_query, i) in done:

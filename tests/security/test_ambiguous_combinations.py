@@ -104,7 +104,8 @@ def test_every_reading_of_the_query_is_combined_with_every_reading_of_the_fields
 def test_the_readings_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A query with several repeated parameters and every kind of ambiguous field is read at
     most 3 x 6 times (first, last and PHP's query; the fields as sent, first, last, and with the
-    other spellings first, last and joined) when no reading decides otherwise."""
+    other spellings first, last and joined) when no reading decides otherwise; 5 x 6 with a ``;``
+    in the query (split there, first and last values)."""
     rules = compile_text("""
         rules:
           - name: editor
@@ -124,3 +125,6 @@ def test_the_readings_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = rules.plan(head("/p?a=0&a=2&a.=3&b=0&b=2&c.d=1", lines))
     assert not plan.bypass
     assert 1 < scans <= 18
+    scans = 0
+    assert not rules.plan(head("/p?a=0&a=2&a.=3&b=0&b=2;c=1", lines)).bypass
+    assert 18 < scans <= 30
