@@ -152,6 +152,15 @@ class NameTaken(Exception):
     """Another live process runs as this node (its heartbeat is renewed under our name)."""
 
 
+class NotAppliedHere(Exception):
+    """A purge read from the stream that this node cannot apply now (its store failed for a
+    reason of the moment): the session ends before its position is saved, and the next applies it."""
+
+    def __init__(self, entry_id: str, exc: BaseException) -> None:
+        super().__init__(f"purge stream entry {entry_id} could not be applied here "
+                         f"({type(exc).__name__}: {exc}); it is applied again when the session restarts")
+
+
 class HeartbeatLapsed(Exception):
     """This node's heartbeat key expired while it believed itself connected (the process was
     stopped, or stalled, for longer than the key's TTL): purges may have answered 200 without it."""
@@ -259,6 +268,8 @@ class ClusterNode:
             if isinstance(self._first_error, RedisDataError):
                 message = (f"cluster: Redis at {self.settings.redacted_url} holds what this node "
                            f"cannot read: {self._first_error}")
+            elif isinstance(self._first_error, NotAppliedHere):
+                message = f"cluster: catching up: {self._first_error}"
             if self.settings.required:
                 await self.close()
                 raise ClusterUnavailable(message + " (set cluster.required: false to start anyway "
@@ -338,7 +349,7 @@ class ClusterNode:
             except Exception as exc:  # keep the node serving, say so, and retry
                 # Garbage under our keys (RedisDataError) is said in words; anything else is a
                 # bug, with its traceback. Either once, then once a minute: it fails each second.
-                data = isinstance(exc, RedisDataError)
+                data = isinstance(exc, RedisDataError | NotAppliedHere)
                 self._failures.failed(exc, traceback=not data)
                 self._beat_deadline = 0.0
                 self._set_state("disconnected", str(exc) if data else f"cluster session failed: {exc!r}")
@@ -625,7 +636,9 @@ class ClusterNode:
                 for spec in stream.merge_specs(e.spec for e in theirs):
                     total += await self._local(spec)
                 counts = {e.id: total for e in theirs}
-            except Exception:  # one of them cannot be applied: find which (purges are idempotent)
+            except Exception as exc:  # one of them cannot be applied: find which (purges are idempotent)
+                if stream.apply_failure(exc) == "retry":
+                    raise NotAppliedHere(theirs[0].id, exc) from exc
                 counts = await self._apply_each(theirs)
         self.counts["applied"] += len(counts)
         r = self._redis
@@ -639,12 +652,15 @@ class ClusterNode:
         """Apply each entry here: its count, by id. One that fails here (what the stream's typing
         lets through and the local store refuses) is counted damaged, logged and skipped, and not
         acknowledged (its sender answers 202 naming this node): it ended the session before, and
-        every session after it, for good."""
+        every session after it, for good. One that cannot be applied *now* (``apply_failure``:
+        a locked index, a full disk) ends the session before its position is saved: retried."""
         counts: dict[str, int] = {}
         for e in entries:
             try:
                 counts[e.id] = await self._local(e.spec)
             except Exception as exc:
+                if stream.apply_failure(exc) == "retry":
+                    raise NotAppliedHere(e.id, exc) from exc
                 self.counts["damaged"] += 1
                 self._skipped.report("cluster: damaged purge stream entry %s skipped: it cannot be applied "
                                      "here (%s: %s): %s from %s", e.id, type(exc).__name__, exc,

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from proxy.purge import PurgeOutcome, PurgeSpec
 
@@ -76,6 +77,36 @@ def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StreamEntry | None
         return StreamEntry(entry_id, int(fields["seq"]), str(fields["node"]), spec)
     except Exception:  # whatever a hostile entry raises: it is one entry, never the session's end
         return None
+
+
+ApplyFailure = Literal["damaged", "retry"]
+
+# What an entry's own content raises in the local store: it fails the same way each time.
+_CONTENT_ERRORS = (TypeError, ValueError, LookupError, AttributeError, RecursionError,
+                   sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                   sqlite3.NotSupportedError)
+# SQLITE_ERROR messages that a purge's size or shape causes (its statement), not the moment.
+_CONTENT_SQL = re.compile(r"too many (SQL variables|terms)|too (large|big)", re.I)
+
+
+def apply_failure(exc: BaseException) -> ApplyFailure:
+    """What a failure to apply an entry that was read means: ``damaged``, its content can never
+    be applied here (skipped, counted, its position saved), or ``retry``, this node cannot apply
+    it now (its index locked or busy, a full or failing disk, a worker that did not answer): the
+    session ends with the position before it, and the next one applies it. Unknown failures are
+    retried: a skipped purge serves what it removed for ever; a retried one costs a reconnection.
+
+    >>> apply_failure(TypeError("unhashable type: 'dict'"))
+    'damaged'
+    >>> apply_failure(sqlite3.OperationalError("database is locked"))
+    'retry'
+    """
+    if isinstance(exc, sqlite3.OperationalError):
+        return "damaged" if _CONTENT_SQL.search(str(exc)) else "retry"
+    if isinstance(exc, sqlite3.ProgrammingError):  # a closed connection (stopping) is no content
+        return "retry" if "closed" in str(exc) else "damaged"
+    # (UnicodeError is a ValueError: content; OSError, a timeout, a worker's error: retried)
+    return "damaged" if isinstance(exc, _CONTENT_ERRORS) else "retry"
 
 
 def not_utf8(text: object) -> bool:

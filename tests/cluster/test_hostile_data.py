@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sqlite3
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,63 @@ async def test_hostile_stream_entries_and_member_names_are_skipped_and_the_clust
     finally:
         await raw.aclose()
         for p in procs:
+            await p.session.close()
+            await p.close()
+
+
+# Another process holding the index: BEGIN EXCLUSIVE until told to commit.
+HOLD = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
+db.execute("BEGIN EXCLUSIVE"); print("locked", flush=True)
+sys.stdin.readline(); db.execute("COMMIT")
+"""
+
+
+async def test_a_purge_a_node_cannot_apply_for_now_is_applied_when_it_can_never_skipped(
+        tmp_path: Path, origin: Origin, shared_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The index's busy timeout is 30 s: shortened here (the same real SQLite lock, sooner).
+    connect = sqlite3.connect
+
+    def quick(file: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if str(file).endswith("index.sqlite3"):
+            kwargs["timeout"] = 0.2
+        return connect(file, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", quick)
+    versioned(origin, "/obj")
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    a = await node(tmp_path, origin, shared_redis, ns, "a")
+    b = await node(tmp_path, origin, shared_redis, ns, "b")
+    holder = None
+    try:
+        for p in (a, b):
+            await p.get("/obj", headers={"Host": HOST})
+            assert (await p.get("/obj", headers={"Host": HOST})).x_cache == "HIT"
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLD, b.runtime.storage.index.file,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert holder.stdin is not None and holder.stdout is not None
+        assert (await holder.stdout.readline()).strip() == b"locked"
+        r = await a.admin("POST", "/purge", json={"urls": [f"http://{HOST}/obj"]})
+        assert r.status == 202 and json.loads(r.body)["missing"] == ["b"], r.body
+        node_b = b.runtime.cluster
+        await wait_until(lambda: answer(node_b.counts["reconnects"] > 0 or node_b.counts["damaged"] > 0))
+        holder.stdin.write(b"commit\n")
+        await holder.stdin.drain()
+        assert await holder.wait() == 0
+
+        async def purged_on_b() -> bool:
+            return (await b.get("/obj", headers={"Host": HOST})).x_cache != "HIT"
+
+        await wait_until(purged_on_b)  # the next session applied it: b no longer serves it
+        assert node_b.counts["damaged"] == 0
+        assert node_b.state == "ready", node_b.reason
+    finally:
+        if holder is not None and holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+        for p in (a, b):
             await p.session.close()
             await p.close()
 

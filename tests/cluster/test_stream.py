@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import sqlite3
 
 import pytest
 
@@ -15,6 +16,7 @@ from proxy.cluster.stream import (
     Resume,
     Saved,
     Tip,
+    apply_failure,
     caught_up_when_lost,
     decode_entry,
     merge_specs,
@@ -118,3 +120,35 @@ def test_the_answer_names_the_live_nodes_that_did_not_acknowledge() -> None:
 def test_an_entry_is_read_only_as_the_purge_a_node_writes(fields: dict[str, str], tags: tuple[str, ...] | None) -> None:
     entry = decode_entry("5-0", fields)
     assert (entry.spec.tags if entry else None) == tags
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    # What the entry's content makes the store refuse: the same each time, never applied.
+    (TypeError("unhashable type: 'dict'"), "damaged"),
+    (ValueError("Invalid IPv6 URL"), "damaged"),
+    (UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed"), "damaged"),
+    (KeyError("urls"), "damaged"),
+    (RecursionError("maximum recursion depth exceeded"), "damaged"),
+    (sqlite3.IntegrityError("NOT NULL constraint failed: bans.value"), "damaged"),
+    (sqlite3.DataError("string or blob too big"), "damaged"),
+    (sqlite3.ProgrammingError("Error binding parameter 1: type 'dict' is not supported"), "damaged"),
+    (sqlite3.OperationalError("too many SQL variables"), "damaged"),
+    # What this node cannot do now: the session ends before the entry's position, and retries.
+    (sqlite3.OperationalError("database is locked"), "retry"),
+    (sqlite3.OperationalError("database table is locked"), "retry"),
+    (sqlite3.OperationalError("database or disk is full"), "retry"),
+    (sqlite3.OperationalError("disk I/O error"), "retry"),
+    (sqlite3.OperationalError("unable to open database file"), "retry"),
+    (sqlite3.DatabaseError("database disk image is malformed"), "retry"),
+    (sqlite3.ProgrammingError("Cannot operate on a closed database."), "retry"),
+    (OSError(28, "No space left on device"), "retry"),
+    (PermissionError(13, "Permission denied"), "retry"),
+    (TimeoutError(), "retry"),
+    (ConnectionResetError(), "retry"),
+    (MemoryError(), "retry"),
+    (RuntimeError("worker call failed"), "retry"),
+    (Exception("unknown"), "retry"),
+])
+def test_only_what_an_entry_holds_makes_it_damaged_what_the_moment_does_is_retried(
+        exc: BaseException, expected: str) -> None:
+    assert apply_failure(exc) == expected
