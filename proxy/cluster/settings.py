@@ -30,9 +30,10 @@ def _redis_url(value: str) -> str:
         ok = url.scheme in REDIS_SCHEMES and (bool(url.host) or url.scheme == "unix")
     except ValueError:
         ok = False
-    if not ok:
+    if not ok or _password_cut(value):
         raise Invalid(f"{redacted(value)!r} is not a Redis URL: use redis://HOST:PORT/DB, "
-                      "rediss://HOST:PORT/DB (TLS) or unix:///path/to/redis.sock")
+                      "rediss://HOST:PORT/DB (TLS) or unix:///path/to/redis.sock"
+                      + (_ENCODE if "@" in value else ""))
     # The client reads the database from the path (or ?db=) and, for a path that is not a
     # number, quietly uses database 0: another cluster's data, maybe.
     db = url.query.get("db")
@@ -42,6 +43,18 @@ def _redis_url(value: str) -> str:
         raise Invalid(f"{redacted(value)!r}: the database {db!r} is not a number: use "
                       "redis://HOST:PORT/DB with DB a number (0 unless you chose another)")
     return value
+
+
+_ENCODE = ("; a password with / ? # @ or % in it is written percent-encoded "
+           "(%2F %3F %23 %40 %25): redis://:PASS%2FWORD@HOST:PORT/DB")
+
+
+def _password_cut(value: str) -> bool:
+    """Whether an '@' lies past where the URL's netloc ends (a '/', '?' or '#' in the password):
+    the client would take part of the password for the host, path or query."""
+    scheme, _, rest = value.partition("://")
+    # (unix: the password is a query parameter, which may hold an '@'; no host to take it for)
+    return scheme != "unix" and rest.count("@") != urlsplit(value).netloc.count("@")
 
 
 def _node_name(value: str) -> str:
@@ -117,27 +130,34 @@ MASK = "***"
 def redacted(url: str) -> str:
     """``url`` as messages, logs, ``/healthz`` and ``GET /cluster`` show it: a password in it,
     in the userinfo or in the query (``unix:///run/redis.sock?password=...``, redis-py's way for
-    a socket), never shown. Read as redis-py reads it (``urllib.parse``), so what it takes for a
-    password is what is masked: the userinfo's password (its whole userinfo when it has no ':',
-    most likely a password written without its ':'), the value of every query parameter but
-    ``SHOWN_PARAMS``, and a fragment.
+    a socket), never shown. Everything between ``://`` and the text's last ``@`` is userinfo
+    here, found before any parsing: a password holding ``/ ? #`` (unencoded) ends the netloc
+    for ``urllib.parse``, which then saw no userinfo and showed it all. The userinfo's password
+    is masked (its whole userinfo when it has no ':', most likely a password written without its
+    ':'), and so are the value of every query parameter but ``SHOWN_PARAMS``, and a fragment.
 
     >>> redacted("unix:///run/r.sock?db=0&password=S3CRET&ssl_password=x")
     'unix:///run/r.sock?db=0&password=***&ssl_password=***'
     >>> redacted("redis://user:pw@10.0.0.5:6379/2?pass%77ord=pw"), redacted("redis://pw@h:1/0")
     ('redis://user:***@10.0.0.5:6379/2?pass%77ord=***', 'redis://***@h:1/0')
+    >>> redacted("redis://:Zm9v/YmFy@h:1/0"), redacted("redis://u:p?s#s@h:1/0")
+    ('redis://:***@h:1/0', 'redis://u:***@h:1/0')
     """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo = ""
+    if "@" in rest:
+        secret, _, rest = rest.rpartition("@")
+        user, colon, _ = secret.partition(":")
+        userinfo = f"{user}:{MASK}@" if colon else f"{MASK}@"
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(f"{scheme}{sep}{rest}")
     except ValueError:
         return "(a URL that cannot be read: not shown, it may hold a password)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
     query = "&".join(_masked_param(p) for p in parts.query.split("&")) if parts.query else ""
-    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    start = f"{parts.scheme}://" if sep else ""
+    return (f"{start}{userinfo}{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
             + (f"#{MASK}" if parts.fragment else ""))
 
 

@@ -98,6 +98,21 @@ def test_cachegate_check_validates_the_section(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("password", ["Zm9v/YmFyS3CRET", "p?ss-S3CRET", "AB#CDS3CRET", "a@b/S3CRET"])
+def test_a_password_with_reserved_characters_is_never_printed_and_check_says_to_encode_it(
+        tmp_path: Path, password: str) -> None:
+    # '/', '?' and '#' end the netloc for urllib: no '@' was left in it, and nothing was masked.
+    path = write(tmp_path, f"cluster: {{redis: 'redis://default:{password}@127.0.0.1:6379/0', node: n1}}\n")
+    r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", path], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "S3CRET" not in r.stdout + r.stderr
+    assert f"{path}:4: cluster.redis: 'redis://default:***@127.0.0.1:6379/0' is not a Redis URL" in r.stderr
+    assert "percent-encoded (%2F %3F %23 %40 %25)" in r.stderr
+    encoded = write(tmp_path, "cluster: {redis: 'redis://default:Zm9v%2FYmFy@127.0.0.1:6379/0', node: n1}\n")
+    r = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", encoded], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize(("key", "value", "ok"), [("timeout", "10s", True), ("timeout", "1h", False),
                                                   ("heartbeat", "10s", True), ("heartbeat", "11s", False)])
 def test_the_heartbeat_and_the_timeout_are_at_most_10_s(tmp_path: Path, key: str, value: str, ok: bool) -> None:

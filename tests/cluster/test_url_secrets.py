@@ -33,6 +33,12 @@ SECRET = "S3CRETpw"
     ("redis://h:1/0#pw", "redis://h:1/0#***"),
     ("redis://[::1:6379/0?password=pw", "(a URL that cannot be read: not shown, it may hold a password)"),
     ("redis://h:1/0", "redis://h:1/0"),
+    # '/', '?', '#' in the password (not percent-encoded): urllib's netloc ends before the '@'
+    ("redis://:Zm9v/YmFy@h:1/0", "redis://:***@h:1/0"),
+    ("redis://default:p?ss@h:1/0", "redis://default:***@h:1/0"),
+    ("redis://default:AB#CD@h:1/0", "redis://default:***@h:1/0"),
+    ("redis://a/b?c#d@h:1/0", "redis://***@h:1/0"),
+    ("redis://u:p@ss@h:1/0?password=x", "redis://u:***@h:1/0?password=***"),
 ])
 def test_every_place_a_password_can_be_written_is_masked(url: str, shown: str) -> None:
     assert redacted(url) == shown
