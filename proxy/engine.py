@@ -746,14 +746,25 @@ class Engine:
         if writes:
             await asyncio.wait(writes, timeout=self.settings.cache.lock_timeout)
         try:
-            if self._invalidate_hook is not None:
-                await self._invalidate_hook(urls)
-            else:
-                keys = await self.storage.keys_for(urls=urls)
-                await self.storage.delete(keys)
+            await self._invalidate_now(urls)
         except Exception:
-            log.exception("invalidation of %s failed", urls)
-            self.metrics.storage_errors.labels("invalidate").inc()
+            if len(urls) == 1:
+                log.exception("invalidation of %s failed", urls[0])
+                self.metrics.storage_errors.labels("invalidate").inc()
+                return
+            # One URL the store refuses must not keep the others (the target first) stored.
+            for url in urls:
+                try:
+                    await self._invalidate_now((url,))
+                except Exception:
+                    log.exception("invalidation of %s failed", url)
+                    self.metrics.storage_errors.labels("invalidate").inc()
+
+    async def _invalidate_now(self, urls: Sequence[str]) -> None:
+        if self._invalidate_hook is not None:
+            await self._invalidate_hook(urls)
+        else:
+            await self.storage.delete(await self.storage.keys_for(urls=urls))
 
     def direct_reply(self, plan: RequestPlan, resp: UpstreamResponse, x_cache: str, cs: str,
                       head_only: bool) -> Reply:

@@ -44,7 +44,8 @@ def invalidated_urls(request: RequestHead, status: int, headers: Headers) -> tup
 
 def same_origin_url(request: RequestHead, reference: str) -> str | None:
     """``reference`` resolved against the request's URL, as a key's URL (normalised authority,
-    no fragment); None when it is another origin's (or its authority is not a valid host).
+    no fragment); None when it is another origin's (or its authority is not a valid host), or
+    no URL (``http://[x``, a lone surrogate that no header's bytes decode to).
 
     A reference's query is the resolved URL's even when empty (RFC 3986 §5.2.2), and the key
     of ``/search?`` is not that of ``/search``; ``urljoin`` and ``urlsplit`` drop an empty
@@ -56,12 +57,32 @@ def same_origin_url(request: RequestHead, reference: str) -> str | None:
     >>> [same_origin_url(head, r) for r in ("/search?", "?", "/s?#top", "#top")]
     ['http://a.example/search?', 'http://a.example/x?', 'http://a.example/s?', 'http://a.example/x?q']
     """
-    ref = reference.strip()
-    parts = urlsplit(urljoin(request.url, ref))
-    if parts.scheme != request.scheme or normal_host(parts.netloc, parts.scheme) != request.host:
+    ref = _ascii(reference.strip())
+    if ref is None:
+        return None
+    try:
+        parts = urlsplit(urljoin(request.url, ref))
+        netloc = parts.netloc
+    except ValueError:  # "http://[x": no URL at all (it raised, and took the target's invalidation)
+        return None
+    if parts.scheme != request.scheme or normal_host(netloc, parts.scheme) != request.host:
         return None
     before = ref.split("#", 1)[0]
     if not before:  # a fragment only: the request's own URL
         return request.url
     _, mark, query = before.partition("?")  # a reference with a path or authority: its query only
     return f"{request.scheme}://{request.host}{parts.path or '/'}{mark}{query}"
+
+
+def _ascii(reference: str) -> str | None:
+    """``reference`` with each byte of the header that is not ASCII percent-encoded, as browsers
+    and curl do when they follow it (a byte that is not UTF-8 arrives as a lone surrogate,
+    ``surrogateescape``): the URL a client then asks for, and one that a key can hold. None for
+    what no header's bytes decode to (another lone surrogate): that reference alone is dropped."""
+    if reference.isascii():
+        return reference
+    try:
+        raw = reference.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+    return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import KeySpec, cache_key, normalise_selecting, vary_matches, vary_names
@@ -119,6 +121,17 @@ INVALIDATIONS: list[tuple[str, str, int, Pairs, tuple[str, ...]]] = [
      ("http://example.com/r",)),
     ("an authority with user info is not taken for ours", "POST", 201, [("Location", "http://u@example.com/new")],
      ("http://example.com/r",)),
+    ("a byte that is not UTF-8 (read as a lone surrogate) is percent-encoded, as a browser follows it", "POST",
+     201, [("Location", "/new\udcff"), ("Content-Location", "/c?q=\udce9")],
+     ("http://example.com/r", "http://example.com/new%FF", "http://example.com/c?q=%E9")),
+    ("UTF-8 that is not ASCII is percent-encoded byte by byte", "PUT", 200, [("Location", "/caf\u00e9")],
+     ("http://example.com/r", "http://example.com/caf%C3%A9")),
+    ("what no header's bytes decode to is dropped alone: the target is still invalidated", "POST", 201,
+     [("Location", "/x\ud800"), ("Content-Location", "/c")], ("http://example.com/r", "http://example.com/c")),
+    ("a reference that is no URL is dropped alone", "POST", 201,
+     [("Location", "http://[x/new"), ("Content-Location", "/c")], ("http://example.com/r", "http://example.com/c")),
+    ("a host that is not ASCII is not ours", "POST", 201, [("Location", "http://example.com\udcff/x")],
+     ("http://example.com/r",)),
 ]
 
 
@@ -149,3 +162,15 @@ def test_a_keyed_cookie_is_read_as_the_origin_reads_it(
         assert cache_key(request(*(("Cookie", v) for v in same)), spec) == key
     if other is not None:
         assert cache_key(request(*(("Cookie", v) for v in other)), spec) != key
+
+
+REFERENCE = st.builds(str.__add__, st.sampled_from(["", "/", "?", "#", "//", "http://", "http://[", "http://example.com"]),
+                      st.text(max_size=30))
+
+
+@given(REFERENCE, REFERENCE)
+def test_every_invalidated_url_is_ascii_whatever_location_holds(location: str, content_location: str) -> None:
+    # A URL the store's keys cannot hold (a lone surrogate) failed the target's invalidation too.
+    fields = [("Location", location), ("Content-Location", content_location)]
+    urls = invalidated_urls(request(method="POST"), 201, headers(*fields))
+    assert urls[0] == "http://example.com/r" and all(u.isascii() for u in urls)
