@@ -223,13 +223,19 @@ def first(*values: T | None) -> T | None:
 
 def _shared_as(plan: RequestPlan) -> tuple[object, ...]:
     """What of a plan decides what one client's answer may do to another's: bypass, key, storing
-    at all, the edits clients get, and the options that loosen what is stored or served.
-    Lifetimes (ttl, stale_*, jitter) and tags are left out: two readings that differ only there
-    cache the same answer under the same key, only for longer or shorter."""
+    at all, the edits clients get, the options that loosen what is stored or served, the tags a
+    purge finds it by, and which statuses a ttl of 0 keeps from being served from the store
+    (Varnish's idiom for "never from the cache"). A lifetime's length (ttl, stale_*, jitter) is
+    left out: two readings that differ only there cache the same answer under the same key, only
+    for longer or shorter. With override_origin, the ttl table is whole: it decides where the
+    origin's no-cache and must-revalidate are dropped."""
     store, options = plan.store, plan.store.options
+    ttls = ((options.ttl_by_status, options.ttl_default) if options.override_origin else
+            (frozenset(s for s, t in options.ttl_by_status.items() if t <= 0),
+             options.ttl_default is not None and options.ttl_default <= 0))
     return (plan.bypass, plan.key, plan.response_rules, store.no_store, store.response_headers,
             store.deception_guard, options.override_origin, options.allow_set_cookie,
-            options.client_cache_control)
+            options.client_cache_control, store.tags, ttls)
 
 
 def _decides_otherwise(again: RequestPlan, plan: RequestPlan) -> bool:

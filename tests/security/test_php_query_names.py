@@ -145,6 +145,9 @@ PLAN_RULES = compile_text("""
       - name: searches
         match: {path: "/search", query: {category: present}}
         ttl: {200: 1h}
+      - name: tagged
+        match: {path: "/shoes", query: {category: shoes}}
+        tags: [shoes]
       - name: pages
         match: {path: "/page"}
         ttl: {200: 1m}
@@ -175,6 +178,9 @@ CASES: list[tuple[str, str, str | None, str | None]] = [
     ("a NUL, the name PHP reads not read by a rule", "/page?utm%00x=1", "pages", None),
     # (readings that differ only in how long the page is kept cache the same page alike)
     ("an array where only the ttl differs", "/search?category[]=shoes", None, None),
+    # ... but a ttl of 0 (never from the store) and tags (what a purge finds) are not lifetimes:
+    # another client was served a PHP reading's editor form; a tag purge missed the array page.
+    ("tags in one reading only", "/shoes?category[]=shoes", None, "AMBIGUOUS-QUERY:category"),
 ]
 
 
@@ -187,3 +193,19 @@ def test_the_rules_read_a_query_name_as_php_does_too(
     assert plan.bypass is (detail is not None)
     if detail is not None:
         assert plan.bypass_detail == detail
+
+
+def test_a_reading_with_a_ttl_of_0_is_not_a_lifetime_only_difference() -> None:
+    """A ttl of 0 is Varnish's "never from the cache": ``?edit.mode=1`` (PHP's ``edit_mode``) was
+    stored under the defaults' 5 minutes and one client's editor form served to the next."""
+    rules = compile_text("""
+        defaults: {ttl: {200: 5m}}
+        rules:
+          - name: editor
+            match: {path: "/form", query: {edit_mode: "1"}}
+            ttl: {200: 0s}
+    """)
+    head = RequestHead("GET", "http", "a.example", "/form?edit.mode=1",
+                       CIMultiDictProxy(CIMultiDict(Host="a.example")))
+    plan = rules.plan(head)
+    assert plan.bypass and plan.bypass_detail == "AMBIGUOUS-QUERY:edit_mode", plan
