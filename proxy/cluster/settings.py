@@ -142,6 +142,8 @@ def redacted(url: str) -> str:
     ('redis://user:***@10.0.0.5:6379/2?pass%77ord=***', 'redis://***@h:1/0')
     >>> redacted("redis://:Zm9v/YmFy@h:1/0"), redacted("redis://u:p?s#s@h:1/0")
     ('redis://:***@h:1/0', 'redis://u:***@h:1/0')
+    >>> redacted("unix:///r.sock?db=0&password=S3CRET:tail@x")
+    'unix://***@x'
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -150,7 +152,10 @@ def redacted(url: str) -> str:
     if "@" in rest:
         secret, _, rest = rest.rpartition("@")
         user, colon, _ = secret.partition(":")
-        userinfo = f"{user}:{MASK}@" if colon else f"{MASK}@"
+        # A "user" holding / ? # = & is no user name: the '@' was in a query (a socket's
+        # ?password=...:...@...), or a password's unencoded reserved character came first.
+        shown = colon and not any(c in user for c in "/?#=&")
+        userinfo = f"{user}:{MASK}@" if shown else f"{MASK}@"
     try:
         parts = urlsplit(f"{scheme}{sep}{rest}")
     except ValueError:
