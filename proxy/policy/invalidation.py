@@ -13,6 +13,7 @@ from: ``http://Shop.example:80/item#top`` is ``http://shop.example/item``.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urljoin, urlsplit
 
 from proxy.policy.messages import Headers, RequestHead
@@ -75,14 +76,28 @@ def same_origin_url(request: RequestHead, reference: str) -> str | None:
 
 
 def _ascii(reference: str) -> str | None:
-    """``reference`` with each byte of the header that is not ASCII percent-encoded, as browsers
+    """``reference`` with each byte of the header that is not ASCII, and each character browsers
+    encode in a path or a query (``_PATH_SET``, ``_QUERY_SET``), percent-encoded, as browsers
     and curl do when they follow it (a byte that is not UTF-8 arrives as a lone surrogate,
     ``surrogateescape``): the URL a client then asks for, and one that a key can hold. None for
     what no header's bytes decode to (another lone surrogate): that reference alone is dropped."""
-    if reference.isascii():
+    if reference.isascii() and _UNSAFE.search(reference) is None:
         return reference
     try:
         raw = reference.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return None
-    return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)
+    path, mark, query = raw.partition(b"?")
+    return _encoded(path, _PATH_SET) + mark.decode() + _encoded(query, _QUERY_SET)
+
+
+def _encoded(raw: bytes, unsafe: frozenset[int]) -> str:
+    return "".join(f"%{b:02X}" if b >= 0x80 or b in unsafe else chr(b) for b in raw)
+
+
+# What browsers percent-encode in a path or a query they request (WHATWG URL's path and
+# special-query percent-encode sets, controls aside): ``Location: /my report.pdf`` is asked for
+# as ``/my%20report.pdf``, the key such a request has.
+_QUERY_SET = frozenset(b' "<>\'')
+_PATH_SET = frozenset(b' "<>`{}')
+_UNSAFE = re.compile('[ "<>`{}\']')
