@@ -139,11 +139,6 @@ def first_trusted(seqs: Iterable[int | None], counter: int) -> int | None:
     return next((s for s in seqs if s is not None and trusted(s, counter)), None)
 
 
-def id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, n = entry_id.partition("-")
-    return int(ms), int(n or 0)
-
-
 @dataclass(frozen=True, slots=True)
 class Saved:
     """What a node last applied, kept in its cache directory (survives its restarts)."""

@@ -157,19 +157,6 @@ def is_token(text: str) -> bool:
     return _TOKEN.fullmatch(text) is not None
 
 
-_ENTITY_TAG = re.compile(r'(?:W/)?"[^"\x00-\x20\x7f]*"')
-
-
-def is_entity_tag(text: str) -> bool:
-    """``[W/] DQUOTE *etagc DQUOTE`` (RFC 9110 §8.8.3); obs-text is allowed in etagc."""
-    return _ENTITY_TAG.fullmatch(text) is not None
-
-
-def first_line(values: Sequence[str]) -> str | None:
-    """The first field line of a singleton whose values contain commas (HTTP-dates)."""
-    return values[0] if values else None
-
-
 # What a cookie reads as when origins disagree about it (a string no field value holds: NUL).
 AMBIGUOUS = "\x00ambiguous"
 _AROUND_EQUALS = re.compile(r"\s*=\s*")
