@@ -202,7 +202,12 @@ async def test_a_shared_tier_record_cachegate_never_writes_is_an_error_and_the_o
         a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
         assert (await a.get("/l2")).body == b"v1"  # filled through to the shared tier
         names = Names(nodes.namespace)
-        keys = [k async for k in raw.scan_iter(f"{names.l2}:*:m:*l2")]
+        keys: list[bytes] = []
+        for _ in range(200):  # the shared tier is written after the answer, not before it
+            keys = [k async for k in raw.scan_iter(f"{names.l2}:*:m:*l2")]
+            if keys:
+                break
+            await asyncio.sleep(0.025)
         assert len(keys) == 1, keys
         field, record = next(iter((await raw.hgetall(keys[0])).items()))
         await raw.hset(keys[0], field, _spoiled(record, how))
