@@ -22,8 +22,7 @@ from proxy.policy.request import Listener, Message, normalise_request
 from tests.conftest import MakeProxy, clocked
 from tests.harness import Clock, Handler, Origin
 from tests.rules.test_compile import compile_text
-from tests.security.test_repeated_header_rules import assert_plan
-from tests.security.util import get, send_raw
+from tests.security.util import assert_plan, get, send_raw
 
 KEYED = """
 rules:

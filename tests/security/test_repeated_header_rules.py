@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.policy.messages import RequestHead
-from proxy.rules.plan import RuleSet
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 from tests.rules.test_compile import compile_text
-from tests.security.util import Raw, get, send_raw
+from tests.security.util import Raw, assert_plan, get, head, send_raw
 
 RULES = """
 defaults:
@@ -185,21 +182,6 @@ async def test_a_field_spelled_with_underscores_never_stores_the_other_answer_fo
     proxy = await make_proxy(rules=RULES)
     attack = await attack_then_browse(proxy, "X_Requested_With: XMLHttpRequest")
     assert attack.body == b'{"fragment": true}'
-
-
-def head(target: str, lines: list[tuple[str, str]]) -> RequestHead:
-    fields = CIMultiDict([("Host", "a.example"), *lines])
-    return RequestHead("GET", "http", "a.example", target, CIMultiDictProxy(fields))
-
-
-def assert_plan(rules: RuleSet, target: str, lines: list[tuple[str, str]], rule: str | None,
-                detail: str | None) -> None:
-    """The rule ``rules`` choose for a GET of ``target`` with ``lines``, and its bypass detail."""
-    plan = rules.plan(head(target, lines))
-    assert (plan.rule.name if plan.rule else None) == rule
-    assert plan.bypass is (detail is not None)
-    if detail is not None:
-        assert plan.bypass_detail == detail
 
 
 @pytest.mark.parametrize(("case", "target", "lines", "rule", "detail"), CASES, ids=[c[0] for c in CASES])

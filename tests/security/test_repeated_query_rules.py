@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.policy.messages import RequestHead
 from tests.conftest import MakeProxy
 from tests.harness import Origin
 from tests.rules.test_compile import compile_text
-from tests.security.util import get, send_raw
+from tests.security.util import assert_plan, get, send_raw
 
 RULES = """
 defaults:
@@ -81,9 +79,4 @@ CASES: list[tuple[str, str, str | None, str | None]] = [
 @pytest.mark.parametrize(("case", "target", "rule", "detail"), CASES, ids=[c[0] for c in CASES])
 def test_the_rules_read_a_repeated_parameter_first_and_last(
         case: str, target: str, rule: str | None, detail: str | None) -> None:
-    head = RequestHead("GET", "http", "a.example", target, CIMultiDictProxy(CIMultiDict(Host="a.example")))
-    plan = PLAN_RULES.plan(head)
-    assert (plan.rule.name if plan.rule else None) == rule
-    assert plan.bypass is (detail is not None)
-    if detail is not None:
-        assert plan.bypass_detail == detail
+    assert_plan(PLAN_RULES, target, [], rule, detail)

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.policy.messages import RequestHead
+from proxy.rules.plan import RuleSet
 from tests.harness import Origin, Proxy
 
 CACHEABLE = {"Cache-Control": "public, max-age=60", "Content-Type": "application/json"}
@@ -99,3 +102,19 @@ def received(reply: Raw) -> dict[str, Any]:
         fields.setdefault(k.lower(), []).append(v)
     data["fields"] = fields
     return data
+
+
+def head(target: str, lines: list[tuple[str, str]] | None = None) -> RequestHead:
+    """A GET of ``target`` on ``a.example`` with these field lines."""
+    fields = CIMultiDict([("Host", "a.example"), *(lines or [])])
+    return RequestHead("GET", "http", "a.example", target, CIMultiDictProxy(fields))
+
+
+def assert_plan(rules: RuleSet, target: str, lines: list[tuple[str, str]], rule: str | None,
+                detail: str | None) -> None:
+    """The rule ``rules`` choose for a GET of ``target`` with ``lines``, and its bypass detail."""
+    plan = rules.plan(head(target, lines))
+    assert (plan.rule.name if plan.rule else None) == rule
+    assert plan.bypass is (detail is not None)
+    if detail is not None:
+        assert plan.bypass_detail == detail
