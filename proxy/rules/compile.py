@@ -87,29 +87,30 @@ def _compile_regex(text: str, at: Src, problems: Problems, what: str) -> re.Patt
         return None
 
 
-def _path_pattern(src: Src, problems: Problems) -> tuple[re.Pattern[str] | Glob | None, bool, str]:
+def _path_pattern(src: Src, problems: Problems,
+                  where: str) -> tuple[re.Pattern[str] | Glob | None, bool, str]:
     if not isinstance(src.value, str) or not src.value:
-        problems.add(src, f"match.path: expected a glob like /static/** or regex:..., "
+        problems.add(src, f"{where}: expected a glob like /static/** or regex:..., "
                           f"got {type_name(src.value)}")
         return None, False, ""
     text = src.value
     if text.startswith("regex:"):
-        return _compile_regex(text[6:].strip(), src, problems, "match.path"), True, text
+        return _compile_regex(text[6:].strip(), src, problems, where), True, text
     if not text.startswith("/"):
-        problems.add(src, f"match.path: a path glob starts with '/', got {text!r} "
+        problems.add(src, f"{where}: a path glob starts with '/', got {text!r} "
                           "(use regex:... for a regular expression)")
         return None, False, text
     if "?" in text[1:] and "=" in text:
-        problems.add(src, f"match.path: {text!r} looks like it has a query; match it with query:")
+        problems.add(src, f"{where}: {text!r} looks like it has a query; match it with query:")
     return Glob(text, glob_to_regex(text)), False, text
 
 
-def _host_pattern(text: str, at: Src, problems: Problems) -> HostPattern | None:
+def _host_pattern(text: str, at: Src, problems: Problems, where: str) -> HostPattern | None:
     host = text.strip().lower().rstrip(".")
     with_port = bool(re.search(r":\d+$", host))
     bare = host.rsplit(":", 1)[0] if with_port else host
     if not bare or not re.fullmatch(r"(\*\.)?[a-z0-9_.\[\]:-]+", bare):
-        problems.add(at, f"match.host: {text!r} is not a host name or *.domain")
+        problems.add(at, f"{where}: {text!r} is not a host name or *.domain")
         return None
     pattern = r"(?:[^.]+\.)+" + re.escape(host[2:]) if host.startswith("*.") else re.escape(host)
     return HostPattern(re.compile(pattern), with_port, text)
@@ -134,18 +135,18 @@ def _str_items(src: Src, problems: Problems, what: str) -> list[tuple[str, Src]]
     return out
 
 
-def _conditions(src: Src, problems: Problems, what: str) -> tuple[Condition, ...]:
+def _conditions(src: Src, problems: Problems, match: str, what: str) -> tuple[Condition, ...]:
     if not isinstance(src.value, dict) or not src.value:
-        problems.add(src, f"match.{what}: expected a mapping of name to condition "
+        problems.add(src, f"{match}.{what}: expected a mapping of name to condition "
                           f"(present, absent, a value, {{equals: ...}} or {{regex: ...}}), "
                           f"got {type_name(src.value) if src.value != {} else 'an empty mapping'}")
         return ()
     out: list[Condition] = []
     for raw_name, cond in src.value.items():
         name = src.key_text(raw_name)
-        where = f"match.{what}.{name}"
+        where = f"{match}.{what}.{name}"
         if what != "query" and not _TOKEN.fullmatch(name):
-            problems.add(cond, f"match.{what}: {name!r} is not a valid {what} name")
+            problems.add(cond, f"{match}.{what}: {name!r} is not a valid {what} name")
             continue
         v = cond.value
         if v in ("present", "absent"):
@@ -170,27 +171,27 @@ def _conditions(src: Src, problems: Problems, what: str) -> tuple[Condition, ...
     return tuple(out)
 
 
-def _compile_match(src: Src | None, problems: Problems) -> Match:
+def _compile_match(src: Src | None, problems: Problems, where: str) -> Match:
     if src is None:
         return Match()
     if not isinstance(src.value, dict):
-        problems.add(src, f"match: expected a mapping, got {type_name(src.value)}")
+        problems.add(src, f"{where}: expected a mapping, got {type_name(src.value)}")
         return Match()
-    sec = Section(src, problems, "match", MATCH_KEYS)
+    sec = Section(src, problems, where, MATCH_KEYS)
     raw = sec.values
-    hosts = tuple(h for text, at in (_str_items(raw["host"], problems, "match.host")
+    hosts = tuple(h for text, at in (_str_items(raw["host"], problems, f"{where}.host")
                                      if "host" in raw else [])
-                  if (h := _host_pattern(text, at, problems)) is not None)
-    path, path_is_regex, path_text = (_path_pattern(raw["path"], problems) if "path" in raw
+                  if (h := _host_pattern(text, at, problems, f"{where}.host")) is not None)
+    path, path_is_regex, path_text = (_path_pattern(raw["path"], problems, f"{where}.path") if "path" in raw
                                       else (None, False, ""))
     methods: frozenset[str] | None = None
     if "method" in raw:
         names: set[str] = set()
-        for m, at in _str_items(raw["method"], problems, "match.method"):
+        for m, at in _str_items(raw["method"], problems, f"{where}.method"):
             if _TOKEN.fullmatch(m):
                 names.add(m.upper())
             else:
-                problems.add(at, f"match.method: {m!r} is not an HTTP method")
+                problems.add(at, f"{where}.method: {m!r} is not an HTTP method")
         if "GET" in names:
             names.add("HEAD")  # a HEAD is answered from the stored GET: same rule, same key
         methods = frozenset(names)
@@ -199,22 +200,22 @@ def _compile_match(src: Src | None, problems: Problems) -> Match:
         codes: set[int] = set()
         items = raw["status"]
         if isinstance(items.value, list) and not items.value:
-            problems.add(items, "match.status: an empty list never matches")
+            problems.add(items, f"{where}.status: an empty list never matches")
         for item in (items.value if isinstance(items.value, list) else [items]):
             misread = _misread(item.value, item.raw)
             if misread:
-                problems.add(item, f"match.status: {misread}")
+                problems.add(item, f"{where}.status: {misread}")
             elif item.value == 206:  # proxy.policy.partial.representation_status
-                problems.add(item, "match.status: 206 never matches: a 206 is part of a 200, stored and "
+                problems.add(item, f"{where}.status: 206 never matches: a 206 is part of a 200, stored and "
                                    "edited by the rules of status 200; match 200")
             elif type(item.value) is int and 100 <= item.value <= 599:
                 codes.add(item.value)
             else:
-                problems.add(item, "match.status: expected HTTP status codes (100-599), "
+                problems.add(item, f"{where}.status: expected HTTP status codes (100-599), "
                                    f"got {shown(item.value)}")
         status = frozenset(codes)
     content_types = tuple(t.strip().lower() for t, _ in _str_items(raw["content_type"], problems,
-                                                                   "match.content_type")
+                                                                   f"{where}.content_type")
                           ) if "content_type" in raw else ()
     return Match(
         hosts=hosts,
@@ -222,9 +223,9 @@ def _compile_match(src: Src | None, problems: Problems) -> Match:
         path_is_regex=path_is_regex,
         path_text=path_text,
         methods=methods,
-        query=_conditions(raw["query"], problems, "query") if "query" in raw else (),
-        headers=_conditions(raw["header"], problems, "header") if "header" in raw else (),
-        cookies=_conditions(raw["cookie"], problems, "cookie") if "cookie" in raw else (),
+        query=_conditions(raw["query"], problems, where, "query") if "query" in raw else (),
+        headers=_conditions(raw["header"], problems, where, "header") if "header" in raw else (),
+        cookies=_conditions(raw["cookie"], problems, where, "cookie") if "cookie" in raw else (),
         status=status,
         content_types=content_types,
     )
@@ -336,15 +337,15 @@ def _names(src: Src | None, problems: Problems, what: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _key_spec(src: Src, problems: Problems) -> KeySpec | None:
+def _key_spec(src: Src, problems: Problems, where: str) -> KeySpec | None:
     if not isinstance(src.value, dict):
-        problems.add(src, f"key: expected a mapping (query:, headers:, cookies:, lowercase_path:), "
+        problems.add(src, f"{where}: expected a mapping (query:, headers:, cookies:, lowercase_path:), "
                           f"got {type_name(src.value)}")
         return None
-    sec = Section(src, problems, "key", ("query", "headers", "cookies", "lowercase_path"))
+    sec = Section(src, problems, where, ("query", "headers", "cookies", "lowercase_path"))
     spec = KeySpec(
-        headers=tuple(h.lower() for h in _names(sec.raw("headers"), problems, "key.headers")),
-        cookies=_names(sec.raw("cookies"), problems, "key.cookies"),
+        headers=tuple(h.lower() for h in _names(sec.raw("headers"), problems, f"{where}.headers")),
+        cookies=_names(sec.raw("cookies"), problems, f"{where}.cookies"),
         lowercase_path=sec.bool("lowercase_path", False),
     )
     q = sec.raw("query")
@@ -354,40 +355,42 @@ def _key_spec(src: Src, problems: Problems) -> KeySpec | None:
         elif q.value == "sort":
             spec = replace(spec, query_sort=True)
         elif isinstance(q.value, dict):
-            qs = Section(q, problems, "key.query", ("include", "exclude", "sort", "ignore"))
-            include = (tuple(n for n, _ in _str_items(qs.values["include"], problems, "key.query.include"))
+            qs = Section(q, problems, f"{where}.query", ("include", "exclude", "sort", "ignore"))
+            include = (tuple(n for n, _ in _str_items(qs.values["include"], problems,
+                                                      f"{where}.query.include"))
                        if qs.has("include") else None)
-            exclude = (tuple(n for n, _ in _str_items(qs.values["exclude"], problems, "key.query.exclude"))
+            exclude = (tuple(n for n, _ in _str_items(qs.values["exclude"], problems,
+                                                      f"{where}.query.exclude"))
                        if qs.has("exclude") else ())
             ignore = qs.bool("ignore", False)
             if ignore and (include is not None or exclude):
-                problems.add(q, "key.query: ignore: true drops the whole query; include/exclude "
+                problems.add(q, f"{where}.query: ignore: true drops the whole query; include/exclude "
                                 "would never apply")
             if include is not None and exclude:
-                problems.add(q, "key.query: give include: or exclude:, not both "
+                problems.add(q, f"{where}.query: give include: or exclude:, not both "
                                 "(include already drops every other parameter)")
             spec = replace(spec, query_include=include, query_exclude=exclude,
                            query_sort=qs.bool("sort", False), query_ignore=ignore)
         else:
-            problems.add(q, "key.query: expected ignore, sort or a mapping "
+            problems.add(q, f"{where}.query: expected ignore, sort or a mapping "
                             "{include: [...] | exclude: [...], sort: true}")
     return spec
 
 
-def _header_edits(src: Src, problems: Problems) -> HeaderEdits | None:
+def _header_edits(src: Src, problems: Problems, where: str) -> HeaderEdits | None:
     if not isinstance(src.value, dict):
-        problems.add(src, "response_headers: expected a mapping with add:/remove:, "
+        problems.add(src, f"{where}: expected a mapping with add:/remove:, "
                           f"got {type_name(src.value)}")
         return None
-    sec = Section(src, problems, "response_headers", ("add", "remove"))
+    sec = Section(src, problems, where, ("add", "remove"))
     add: list[tuple[str, str]] = []
 
     def check_name(name: str, at: Src | tuple[str, int]) -> bool:
         if not _TOKEN.fullmatch(name):
-            problems.add(at, f"response_headers: {name!r} is not a valid header name")
+            problems.add(at, f"{where}: {name!r} is not a valid header name")
             return False
         if name.lower() in FRAMING_FIELDS:
-            problems.add(at, f"response_headers: {name} describes the message framing or "
+            problems.add(at, f"{where}: {name} describes the message framing or "
                              "connection; cachegate sets it")
             return False
         return True
@@ -401,15 +404,15 @@ def _header_edits(src: Src, problems: Problems) -> HeaderEdits | None:
                     continue
                 v = value.value
                 if not isinstance(v, str | int | float) or isinstance(v, bool):
-                    problems.add(value, f"response_headers.add.{name}: expected a string, got {type_name(v)}")
+                    problems.add(value, f"{where}.add.{name}: expected a string, got {type_name(v)}")
                 elif any((c < " " and c != "\t") or c == "\x7f" for c in value.as_text()):
-                    problems.add(value, f"response_headers.add.{name}: a header value cannot contain "
+                    problems.add(value, f"{where}.add.{name}: a header value cannot contain "
                                         "line breaks or other control characters")
                 else:
                     add.append((str(name), value.as_text()))
         else:
-            problems.add(adds, "response_headers.add: expected a mapping of header to value")
-    remove = [n for n, at in (_str_items(sec.values["remove"], problems, "response_headers.remove")
+            problems.add(adds, f"{where}.add: expected a mapping of header to value")
+    remove = [n for n, at in (_str_items(sec.values["remove"], problems, f"{where}.remove")
                               if sec.has("remove") else []) if check_name(n, at)]
     return header_edits(tuple(add), tuple(remove))
 
@@ -434,11 +437,16 @@ def _optional_bool(sec: Section, key: str) -> bool | None:
     return sec.bool(key, False) if sec.has(key) else None
 
 
+def _under(sec: Section, key: str) -> str:
+    """A key's place in messages (``rules[2].key``, ``defaults.tags``): a file holds many rules."""
+    return f"{sec.path}.{key}" if sec.path else key
+
+
 def _actions(sec: Section, problems: Problems) -> Actions:
     ttl: Mapping[int, float] | None = None
     ttl_default: float | None = None
     if sec.has("ttl"):
-        ttl, ttl_default = _ttl_table(sec.values["ttl"], problems, f"{sec.path}.ttl" if sec.path else "ttl")
+        ttl, ttl_default = _ttl_table(sec.values["ttl"], problems, _under(sec, "ttl"))
     mode: ClientCacheControl | None = None
     if sec.has("client_cache_control"):
         choice = sec.choice("client_cache_control", "honor", ("honor", "revalidate", "ignore"))
@@ -449,11 +457,12 @@ def _actions(sec: Section, problems: Problems) -> Actions:
         override_origin=_optional_bool(sec, "override_origin"),
         bypass=sec.bool("bypass", False),
         no_store=sec.bool("no_store", False),
-        key=_key_spec(sec.values["key"], problems) if sec.has("key") else None,
+        key=_key_spec(sec.values["key"], problems, _under(sec, "key")) if sec.has("key") else None,
         stale_while_revalidate=sec.optional_duration("stale_while_revalidate"),
         stale_if_error=sec.optional_duration("stale_if_error"),
-        tags=_names(sec.raw("tags"), problems, "tags"),
-        response_headers=(_header_edits(sec.values["response_headers"], problems)
+        tags=_names(sec.raw("tags"), problems, _under(sec, "tags")),
+        response_headers=(_header_edits(sec.values["response_headers"], problems,
+                                        _under(sec, "response_headers"))
                           if sec.has("response_headers") else None),
         client_cache_control=mode,
         deception_guard=_optional_bool(sec, "deception_guard"),
@@ -501,7 +510,7 @@ def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
     if not all(" " <= c <= "~" for c in name):  # it is sent in Cache-Status (RULE-BYPASS:name)
         problems.add(sec.raw("name") or src,
                      f"rules[{index}].name: expected printable ASCII text, got {name!r}")
-    match = _compile_match(sec.raw("match"), problems)
+    match = _compile_match(sec.raw("match"), problems, f"rules[{index}].match")
     actions = _actions(sec, problems)
     written = tuple(k for k in RULE_KEYS if sec.has(k) and k not in ("name", "match"))
     label = f"rule {name!r}"

@@ -74,7 +74,7 @@ def test_a_regex_that_does_not_compile_is_named_with_its_rule_file_and_line(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [line.split(": bad regex")[0] for line in err.splitlines()] == [
-        f"{rules}:3: match.path", f"{rules}:6: match.header.X-A"]
+        f"{rules}:3: rules[0].match.path", f"{rules}:6: rules[1].match.header.X-A"]
     with pytest.raises(ConfigError) as caught:  # what a reload sees
         load_config(str(config))
     assert [p.split(":")[1] for p in caught.value.problems] == ["3", "6"]

@@ -415,8 +415,8 @@ def test_a_list_or_a_mapping_for_one_value_of_a_rule_is_named_by_its_kind(
      "1: defaults.ttl: expected a duration or a mapping of status to duration (e.g. {200: 5m, 404: 1m, default: 1m}), "
      "got a list"),
     ("rules:\n  - name: a\n    match: {path: /x, status: [[1, 2], {a: 1}]}\n    ttl: 1m\n",
-     "3: match.status: expected HTTP status codes (100-599), got a list|"
-     "3: match.status: expected HTTP status codes (100-599), got a mapping"),
+     "3: rules[0].match.status: expected HTTP status codes (100-599), got a list|"
+     "3: rules[0].match.status: expected HTTP status codes (100-599), got a mapping"),
 ])
 def test_a_list_for_a_ttl_or_a_status_is_named_by_its_kind(folder: Path, rules: str, expected: str) -> None:
     (folder / "r.yaml").write_text(rules)

@@ -38,7 +38,7 @@ BAD_RULES = [
        - name: a
          match: {path: /a}
          response_headers: {add: {X-A: "1\\x01"}}
-     """, 4, "response_headers.add.X-A: a header value cannot contain line breaks or other control"),
+     """, 4, "rules[0].response_headers.add.X-A: a header value cannot contain line breaks or other control"),
     ("""
      rules:
        - name: a
@@ -51,7 +51,7 @@ BAD_RULES = [
          match:
            paht: /a
          bypass: true
-     """, 4, "unknown key 'match.paht' (did you mean 'path'?)"),
+     """, 4, "unknown key 'rules[0].match.paht' (did you mean 'path'?)"),
     ("""
      rules:
        - name: a
@@ -71,17 +71,36 @@ BAD_RULES = [
        stale_if_error: 1 hour
      """, 2, "defaults.stale_if_error: bad duration"),
     ("""
+     defaults:
+       response_headers: {remove: ["a b"]}
+     """, 2, "defaults.response_headers: 'a b' is not a valid header name"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         ttl: {200: 1m}
+       - name: b
+         match: {path: /b, status: [206]}
+         no_store: true
+     """, 6, "rules[1].match.status: 206 never matches"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /a}
+         tags: ["x y"]
+     """, 4, "rules[0].tags: 'x y' is not a valid name"),
+    ("""
      rules:
        - name: a
          match: {path: "regex:^/(a|b"}
          bypass: true
-     """, 3, "match.path: bad regex '^/(a|b'"),
+     """, 3, "rules[0].match.path: bad regex '^/(a|b'"),
     ("""
      rules:
        - name: a
          match: {header: {Accept: {regex: "[json"}}}
          bypass: true
-     """, 3, "match.header.Accept: bad regex"),
+     """, 3, "rules[0].match.header.Accept: bad regex"),
     ("""
      rules:
        - name: errors skip the cache

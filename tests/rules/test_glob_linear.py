@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 from proxy.rules.compile import _path_pattern
 from proxy.yamlsrc import Problems, Src
-pattern, _, _ = _path_pattern(Src("/thumbs/*-*x*.jpg", "r.yaml", 1), Problems())
+pattern, _, _ = _path_pattern(Src("/thumbs/*-*x*.jpg", "r.yaml", 1), Problems(), "match.path")
 assert pattern.fullmatch("/thumbs/" + "-x" * 20000) is None
 assert pattern.fullmatch("/thumbs/" + "-x" * 20000 + ".jpg") is not None
 print("done")
@@ -37,7 +37,7 @@ def test_a_glob_with_wildcards_in_one_segment_fails_a_hostile_path_quickly() -> 
 
 
 def glob(text: str) -> object:
-    pattern, _, _ = _path_pattern(Src(text, "r.yaml", 1), Problems())
+    pattern, _, _ = _path_pattern(Src(text, "r.yaml", 1), Problems(), "match.path")
     return pattern
 
 
