@@ -97,7 +97,8 @@ class RequestView:
         self._odd: set[str] | None = None
         self.repeated_param: str | None = None  # the first such name a condition read
         self._cookies: dict[str, str] | None = None
-        self._spelled: dict[str, tuple[str, ...]] | None = None  # ``underscored``, on first use
+        # ``underscored``, on first use; known empty when ``normalise_request`` saw no ``_``.
+        self._spelled: dict[str, tuple[str, ...]] | None = None if head.underscores else NO_SPELLING
         self.overrides = overrides
         # The first header a condition read that is ambiguous (``header``, ``has``), and the
         # lines of the repeated ones read, by lower-cased name.
