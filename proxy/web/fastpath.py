@@ -394,8 +394,8 @@ class ProxyRequestHandler(HeadTimedHandler):
             access.add((perf_counter(), 0.0, request_id, remote, None if refused else request.method,
                         None, None if refused else request.raw_path,
                         self._refused_version if refused else request.version,
-                        status, len(body) if isinstance(body, bytes) else 0, "ERROR", None, None, None,
-                        None, None))
+                        status, len(body) if isinstance(body, bytes) else 0, "ERROR", PROXY_ERROR, None,
+                        None, None, None))
         return resp
 
     async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None

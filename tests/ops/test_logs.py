@@ -766,3 +766,32 @@ async def test_an_access_log_that_cannot_be_created_is_refused_and_the_running_l
         settings.access_log, path="/proc/cachegate-access.log", format="combined")))
     await proxy.get("/page")
     assert [r["path"] for r in records(proxy, log_file)] == ["/page", "/page"]
+
+
+async def read_reply(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    data = await reader.read(65536)
+    writer.close()
+    return data
+
+
+async def test_a_parser_refusal_logs_the_cache_status_it_sent(tmp_path: Path, make_proxy: MakeProxy) -> None:
+    """docs/logs.md: ``cache_status`` is cachegate's member of the Cache-Status sent. A request
+    the parser refused (400, 431, 501) was answered ``cachegate; detail=PROXY-ERROR`` and logged
+    ``null``."""
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    port = proxy.listeners.proxy_addresses[0][1]
+    sent = []
+    for raw in (b"GET /x HTTP/1.1\r\nHost: h\r\nContent-Length: nope\r\n\r\n",
+                b"GET /x HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 200 + b"\r\n",
+                b"BREW /x HTTP/1.1\r\nHost: h\r\n\r\n"):
+        head = (await read_reply(port, raw)).split(b"\r\n\r\n")[0].decode("latin-1")
+        status = int(head.split()[1])
+        (member,) = re.findall(r"(?im)^cache-status: ([^\r\n]*)", head)
+        sent.append((status, member))
+    assert [s for s, _ in sent] == [400, 431, 501]
+    logged = records(proxy, log_file)
+    assert [(r["status"], r["cache_status"]) for r in logged] == sent
+    assert all(m == "cachegate; detail=PROXY-ERROR" for _, m in sent)
