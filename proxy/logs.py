@@ -157,12 +157,20 @@ Record = tuple[Any, ...]
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\\x7f-\U0010ffff]').search
 
 
+# A lone surrogate: how aiohttp keeps a byte of a field that is not UTF-8 (surrogateescape).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _json_str(value: str | None) -> str:
+    """``value`` as a JSON string; an ASCII one without quotes or controls as it is (one
+    check). A byte that was not UTF-8 becomes U+FFFD: ``json.dumps`` wrote it as a lone
+    surrogate (``\\udcff``), which is not Unicode, and strict JSON readers (I-JSON, RFC 7493)
+    refuse the line or drop the value."""
     if value is None:
         return "null"
     if _NEEDS_ESCAPE(value) is None:
         return f'"{value}"'
-    return json.dumps(value)
+    return json.dumps(_SURROGATE.sub("\ufffd", value))
 
 
 # A combined-format field's escapes: every byte but printable ASCII, the quote and the backslash.

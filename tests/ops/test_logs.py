@@ -795,3 +795,19 @@ async def test_a_parser_refusal_logs_the_cache_status_it_sent(tmp_path: Path, ma
     logged = records(proxy, log_file)
     assert [(r["status"], r["cache_status"]) for r in logged] == sent
     assert all(m == "cachegate; detail=PROXY-ERROR" for _, m in sent)
+
+
+async def test_bytes_that_are_not_utf8_are_valid_unicode_in_a_json_line(tmp_path: Path, make_proxy: MakeProxy) -> None:
+    """A Host of bytes that are not UTF-8 was written as lone surrogates (``"\\udcff\\udcfe..."``):
+    not Unicode (RFC 8259 §8.2), refused by strict JSON readers. Each such byte is U+FFFD."""
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    port = proxy.listeners.proxy_addresses[0][1]
+    await read_reply(port, b"GET /x HTTP/1.1\r\nHost: \xff\xfeexample.com\r\nConnection: close\r\n\r\n")
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    data = log_file.read_bytes()
+    assert b"\\ud" not in data.lower(), data  # no surrogate escapes
+    (record,) = [json.loads(line) for line in data.decode("utf-8").splitlines()]
+    assert record["host"] == "\ufffd\ufffdexample.com"
+    record["host"].encode("utf-8")  # strict: no lone surrogate
