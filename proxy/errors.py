@@ -117,6 +117,11 @@ class ClientBodyError(BadRequest):
         return self.public  # the message names the upstream: for the log only
 
 
+class ClientGone(ClientBodyError):
+    """The client's connection closed or was reset while its request body was coming: nobody is
+    left to answer (the access log's 499), and not an error of cachegate's."""
+
+
 class BodyCutOff(ClientBodyError):
     """The client was still sending its request body when cachegate's stop reached the end of
     shutdown_grace (aiohttp's shutdown fails the body's stream). Not the client's fault, but a

@@ -103,8 +103,8 @@ class RequestInfo:
     """What one request's log line needs besides its message: filled in as it is handled
     (the engine adds the cache key and the upstream it went to)."""
 
-    __slots__ = ("cache_status", "host", "key", "request_id", "target", "upstream", "upstream_time", "url",
-                 "x_cache")
+    __slots__ = ("cache_status", "client_left", "host", "key", "request_id", "target", "upstream",
+                 "upstream_time", "url", "x_cache")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -116,6 +116,7 @@ class RequestInfo:
         self.upstream_time: float | None = None
         self.x_cache = "ERROR"
         self.cache_status: str | None = None
+        self.client_left = False  # the client closed before its streamed answer was complete
 
 
 # The request being handled in this task (and in the flights it started): its id and

@@ -52,7 +52,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 from multidict import MultiMapping
 
-from proxy.errors import BadRequest, ClientBodyError
+from proxy.errors import BadRequest, ClientBodyError, ClientGone
 from proxy.explain import ExplainRequest, StoredVariant, explain_trace
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
@@ -371,6 +371,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if name.lower() not in ("content-type", "content-length"):
                 response.headers.add(name, value)
         return response
+    except (ConnectionError, ClientGone) as exc:
+        # The client hung up (mid-body, most often): nobody to answer, and not an internal error
+        # (a hostile client must not fill the log with tracebacks). Nothing was done: the body
+        # was not whole.
+        log.debug("admin client %s went away during %s %s: %r", request.remote, request.method,
+                  request.path, exc)
+        return json_error(400, "the client went away")
     except ClientBodyError as exc:  # (a BadRequest) the body did not come in time: it never will
         response = json_error(408, f"{exc}: the request body did not arrive in time")
         response.force_close()
@@ -383,13 +390,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(400, str(exc))
     except PurgeUnavailable as exc:
         return json_error(503, str(exc))
-    except ConnectionError as exc:
-        # The client hung up (mid-body, most often): nobody to answer, and not an internal error
-        # (a hostile client must not fill the log with tracebacks). Nothing was done: the body
-        # was not whole.
-        log.debug("admin client %s went away during %s %s: %r", request.remote, request.method,
-                  request.path, exc)
-        return json_error(400, "the client went away")
     except Exception:
         log.exception("admin error on %s", request.path)
         return json_error(500, "internal error")

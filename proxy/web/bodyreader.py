@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from proxy.errors import BodyCutOff, ClientBodyError
+from proxy.errors import BodyCutOff, ClientBodyError, ClientGone
 
 
 class BodyReader:
@@ -49,6 +49,11 @@ class BodyReader:
             if slow:
                 raise self._too_slow() from None
             raise ClientBodyError(f"no byte of the request body for {self._silence:g}s") from None
+        except ConnectionError as exc:
+            # The client's connection closed or was reset mid-body (aiohttp: "Connection lost"):
+            # its failure, not cachegate's (it went to the catch-all as a 500 with a traceback).
+            raise ClientGone(f"the client's connection closed {self.received} bytes into the "
+                                  f"request body: {exc}") from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():

@@ -207,18 +207,34 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
         finally:
             REQUEST.reset(token)
         done = time.perf_counter()
+        status = resp.status
+        if info.client_left if resp.prepared else client_left(request):
+            status = CLIENT_CLOSED
+            if request.transport is None and not resp.prepared:
+                sent = 0  # nothing of an answer at hand is written to a connection that is gone
         if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
             runtime.metrics.answered(info.url, info.x_cache, done - started)
         access = front.current().access_log  # a reload meanwhile may have opened another
         if access is not None:
             access.add((done, done - started, info.request_id, remote, request.method,
                         info.host or request.host, info.target or request.raw_path, request.version,
-                        resp.status, sent,
-                        info.x_cache, info.cache_status, info.key, info.upstream, info.upstream_time,
-                        request.headers if access.wants_fields else None))
+                        status, sent, info.x_cache, info.cache_status, info.key, info.upstream,
+                        info.upstream_time, request.headers if access.wants_fields else None))
         return resp
 
     return handle
+
+
+# nginx's "client closed request": the access log's status for a request whose client left
+# before its answer was complete. Logged only, never sent.
+CLIENT_CLOSED = 499
+
+
+def client_left(request: web.BaseRequest) -> bool:
+    """The client closed its connection, or its sending side (a FIN: TCP does not tell the two
+    apart before an answer is written to it, and nginx takes either for a close). A half-closed
+    client is still answered (RFC 9112 §9.6); a closed connection is not written to."""
+    return request.transport is None or getattr(request.protocol, "half_closed", False)
 
 
 def _unbuildable(request: web.BaseRequest) -> web.StreamResponse:
@@ -343,6 +359,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
             else:
                 sent = await _send_file(request, resp, body, reply.offset, reply.length)
         await resp.write_eof()
+        info.client_left = client_left(request)
     except BodyCutShort as exc:
         # The stored body file ended early: the client must not take what it got for the whole
         # body, and the variant is forgotten so the next request refetches it.
@@ -361,6 +378,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
         _abort(request)
     except ConnectionError as exc:
         # The client went away mid-response: one line, nothing for anyone else to see.
+        info.client_left = True
         _client_gone(request, exc)
         _abort(request)
     finally:

@@ -1,0 +1,114 @@
+"""What the access log and the error log say about requests that did not end in an answer the
+client read: an upload the client broke off, a client that left before its answer, a head that
+never came whole. Real cachegate, real origin, raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+
+def records(proxy: Proxy, path: Path) -> list[dict[str, Any]]:
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def wait_for_records(proxy: Proxy, path: Path, count: int) -> list[dict[str, Any]]:
+    for _ in range(200):
+        got = records(proxy, path)
+        if len(got) >= count:
+            return got
+        await asyncio.sleep(0.05)
+    return records(proxy, path)
+
+
+def port_of(proxy: Proxy) -> int:
+    return int(proxy.listeners.proxy_addresses[0][1])
+
+
+async def test_an_upload_the_client_broke_off_is_a_499_and_no_traceback(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A POST announcing 1,000 bytes, sending 3 and closing: aiohttp's "Connection lost" went to
+    the handler's catch-all, one ERROR line with a traceback per abort and a logged 500. It is
+    the client's failure: one DEBUG line, and the access log's 499 (nginx's "client closed
+    request"), nothing written to the connection that is gone."""
+    origin.route("/upload", body=b"ok")
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    caplog.set_level(logging.DEBUG, logger="cachegate")
+    for i in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+        writer.write(b"POST /upload/%d HTTP/1.1\r\nHost: example.test\r\nContent-Length: 1000\r\n\r\nabc" % i)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+    logged = await wait_for_records(proxy, log_file, 3)
+    assert [(r["path"], r["status"], r["bytes"], r["cache"]) for r in logged] == [
+        (f"/upload/{i}", 499, 0, "ERROR") for i in range(3)]
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud, [r.getMessage() for r in loud]
+    assert not any(r.exc_info for r in caplog.records)
+    assert origin.count("/upload/0") == 0  # nothing of a broken body reached the origin
+
+
+async def test_a_client_that_left_before_its_miss_was_answered_is_a_499_and_the_fill_is_stored(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """The client closes 0.2 s into a 1 s miss: logged "status":200 with the body's bytes as if
+    it had been served. Now 499, as nginx logs it; the fill goes on and is stored for the next
+    client, as before."""
+    origin.route("/slow", body=b"s" * 40, headers={"Cache-Control": "max-age=300"}, delay=1.0)
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    (left,) = await wait_for_records(proxy, log_file, 1)
+    assert (left["path"], left["status"], left["cache"]) == ("/slow", 499, "MISS")
+    again = await proxy.get("/slow", headers={"Host": "example.test"})
+    assert again.status == 200 and again.x_cache == "HIT"  # the fill was stored all the same
+    assert origin.count("/slow") == 1
+    assert records(proxy, log_file)[-1]["status"] == 200
+
+
+async def test_a_client_that_reset_during_a_streamed_answer_is_a_499_with_the_bytes_sent(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A client that reads nothing of a large answer and resets the connection: logged as a 200
+    with every byte though most were never sent. Now 499 with the bytes handed to it."""
+    size = 8 * 1024 * 1024
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(size), "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        for _ in range(size // 65536):
+            await resp.write(b"b" * 65536)
+        return resp
+
+    origin.route("/big", big)
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port_of(proxy)))
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    await asyncio.sleep(0.5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset
+    (left,) = await wait_for_records(proxy, log_file, 1)
+    assert left["status"] == 499 and 0 <= left["bytes"] < size, left
