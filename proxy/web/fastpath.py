@@ -154,6 +154,7 @@ class Declined(NamedTuple):
 
 
 PROXY_ERROR = cache_status(detail="PROXY-ERROR")  # the Cache-Status of a refusal
+REQUEST_TIMEOUT = 408  # the access log's status for a head not whole in time (never sent)
 KNOWN_MAX = 2048  # requests remembered per listener (then forgotten all at once)
 KNOWN_BYTES = 2048  # longer requests are not remembered
 
@@ -397,6 +398,20 @@ class ProxyRequestHandler(HeadTimedHandler):
                         status, len(body) if isinstance(body, bytes) else 0, "ERROR", PROXY_ERROR, None,
                         None, None, None))
         return resp
+
+    def head_timed_out(self, timeout: float) -> None:
+        """A head begun (some of its bytes came) and not whole within ``timeout``: logged 408 with
+        no request line, as nginx logs its client_header_timeout, and counted as a request the
+        parser refused. A connection that sent nothing of a head is closed without a line, as
+        nginx's is: an idle connection asked nothing. Nothing is sent either way."""
+        if self._head_bytes <= 0:
+            return
+        fe = self._front.current()
+        fe.requests("ERROR", REFUSED_METHOD).inc()
+        access = fe.access_log
+        if access is not None:
+            access.add((perf_counter(), timeout, fe.ids.new(), self._remote(), None, None, None,
+                        self._refused_version, REQUEST_TIMEOUT, 0, "ERROR", None, None, None, None, None))
 
     async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None
                               ) -> tuple[web.StreamResponse, bool]:

@@ -7,7 +7,8 @@ holds a file descriptor each for as long as that timer lets it. ``HeadTimedHandl
 the connection when a head is not whole ``head_timeout`` seconds after it began: after the
 connection opened, for the first request; after its first byte, for the next ones (the time
 in between is the keep-alive timeout's). Nothing is answered (as nginx: the client never
-finished asking). The timer is armed only when a chunk leaves a head unfinished: a request
+finished asking); the proxy listener logs a head begun that way as nginx does, 408
+(``head_timed_out``). The timer is armed only when a chunk leaves a head unfinished: a request
 that arrives whole in one read, the common case, costs a counter comparison.
 
 A head begun behind pipelined requests (in the read that ends the one before it, or while
@@ -131,7 +132,12 @@ class HeadTimedHandler(RequestHandler):
             return
         log.debug("a request head from %s was not whole within %gs (client_header_timeout): "
                   "connection closed", self.peername, self._head_timeout)
+        self.head_timed_out(self._head_timeout)
         self.force_close()
+
+    def head_timed_out(self, timeout: float) -> None:
+        """A head was not whole within ``timeout`` seconds: its connection closes next, with
+        nothing answered. The proxy listener logs and counts it; here, nothing more."""
 
 
 def unfinished_head(data: bytes) -> bool:

@@ -112,3 +112,41 @@ async def test_a_client_that_reset_during_a_streamed_answer_is_a_499_with_the_by
     sock.close()  # a reset
     (left,) = await wait_for_records(proxy, log_file, 1)
     assert left["status"] == 499 and 0 <= left["bytes"] < size, left
+
+
+async def test_a_head_not_whole_in_time_is_a_408_line_and_counted_but_an_idle_connection_is_not(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """client_header_timeout closed a connection whose head never came whole with no trace: no
+    access-log line, no count. Now a 408 line without a request line (as nginx logs it) and
+    ``cachegate_requests_total{cache_status="ERROR",method="-"}``; nothing is sent. A connection
+    that sent nothing, fresh or kept alive after a request, is closed without a line."""
+    from tests.admin.test_metrics import scrape, value
+
+    origin.route("/a", body=b"a", headers={"Cache-Control": "max-age=60"})
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\nclient_header_timeout: 1s\n")
+    port = port_of(proxy)
+    before = value(await scrape(proxy), "cachegate_requests_total", cache_status="ERROR", method="-")
+    partial = []
+    for i in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slowloris%d HTTP/1.1\r\nHost: exa" % i)
+        partial.append((reader, writer))
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # never send a byte
+    kept_reader, kept_writer = await asyncio.open_connection("127.0.0.1", port)
+    kept_writer.write(b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    await kept_reader.readuntil(b"\r\n\r\na")  # then idle between requests
+    for reader, _ in partial:
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing sent
+    for reader, _ in idle:
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the head timer too
+    logged = records(proxy, log_file)
+    assert [r["status"] for r in logged] == [200, 408, 408, 408], logged
+    for r in logged[1:]:
+        assert (r["method"], r["path"], r["bytes"], r["cache"], r["cache_status"]) == (None, None, 0, "ERROR", None)
+        assert r["duration_us"] == 1_000_000
+    after = value(await scrape(proxy), "cachegate_requests_total", cache_status="ERROR", method="-")
+    assert after == before + 3
+    for _, writer in [*partial, *idle, (kept_reader, kept_writer)]:
+        writer.close()
