@@ -105,8 +105,12 @@ CONNECTION_MAY_NOT_NAME = {"host": "Host", "content-length": "Content-Length",
 # (hit-for-pass) carries them, so the origin evaluates them (§13.2.1); a fill never does.
 PRECONDITIONS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since"})
 # A fill asks for the full representation; the client's conditionals and ranges are
-# answered from the stored response afterwards. It sends no body: no Expect.
-FILL_DROPS = PRECONDITIONS | {"if-range", "range", "expect"}
+# answered from the stored response afterwards. It sends no body: no Expect. Request-Range is
+# the pre-standard Range that Apache httpd's byterange filter still honours; a name with ``_``
+# is dropped when it reads as one of these with ``_`` as ``-`` (``If_None_Match``: a CGI, WSGI
+# or Rack origin reads it as HTTP_IF_NONE_MATCH, ``proxy.policy.spellings``). Either would get
+# a fill a 304 or 206 it cannot store, an invalid answer for every client of the fetch.
+FILL_DROPS = PRECONDITIONS | {"if-range", "range", "request-range", "expect"}
 PASSING_DROPS = FILL_DROPS - PRECONDITIONS  # a fill-shaped request that keeps the preconditions
 DEFAULT_MAX_HEAD = 32 * 1024
 
@@ -730,10 +734,13 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     prior_via: list[str] = []
     host = False
     drops = PASSING_DROPS if preconditions else FILL_DROPS
+    spelled = fill is not None and head.underscores  # else no name holds ``_``: one look-up a field
     hops = max_forwards(head) if head.method in MAX_FORWARDS_METHODS else None
     for k, v in head.headers.items():
         lk = k.lower()
         if lk in ("host", "x-request-id") or lk in HOP_BY_HOP or (fill is not None and lk in drops):
+            continue
+        if spelled and "_" in lk and lk.replace("_", "-") in drops:
             continue
         if hops is not None and lk == "max-forwards":
             v = str(hops - 1) if hops > 0 else v  # one hop less (§7.6.2; 0 is answered here)

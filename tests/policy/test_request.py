@@ -257,6 +257,29 @@ def test_a_hit_for_pass_request_keeps_the_client_s_preconditions_but_not_its_ran
     assert not {"Range", "If-Range", "Expect"} & set(dict(passing))
 
 
+@pytest.mark.parametrize(("name", "preconditions", "dropped"), [
+    ("Request-Range", False, True),  # Apache httpd's byterange filter honours it as Range
+    ("Request-Range", True, True),
+    ("request_range", False, True),
+    ("If_None_Match", False, True),  # HTTP_IF_NONE_MATCH to a CGI, WSGI or Rack origin
+    ("if_modified_SINCE", False, True),
+    ("If_Match", False, True),
+    ("If_Unmodified_Since", False, True),
+    ("If_Range", False, True),
+    ("If_Range", True, True),
+    ("If_None_Match", True, False),  # a hit-for-pass request keeps the preconditions, as spelled
+    ("X_Range", False, False),
+    ("If_None_Match", None, False),  # passed through: all the client's fields
+])
+def test_a_fill_drops_request_range_and_the_underscore_spellings_of_what_it_drops(
+        name: str, preconditions: bool | None, dropped: bool) -> None:
+    head = head_of("/s", HOST, (name, '"x"'))
+    assert head.underscores == ("_" in name)
+    fill = None if preconditions is None else KeySpec()
+    sent = upstream_request(head, "10.0.0.1", Forwarder(), fill=fill, preconditions=bool(preconditions)).headers
+    assert (name not in dict(sent)) == dropped
+
+
 def test_the_consoles_session_cookie_never_reaches_the_origin() -> None:
     # Browsers send it to the proxy's port too (cookies are per host, not per port).
     head = head_of("/a", HOST, ("Cookie", "a=1; cachegate_session=s3cret;b=2"), ("Cookie", " cachegate_session =x"))
