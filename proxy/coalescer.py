@@ -14,7 +14,10 @@ upstream on its own whenever the origin took more than half of ``lock_timeout``)
 response that turns out not to be shareable (private, Set-Cookie, a Vary mismatch, ...) is
 not handed to followers; they fetch for themselves, and the key is remembered as
 "hit-for-pass" for a short time so the next herd goes straight through (each
-request in its own task: the engine starts no flight for such a key).
+request in its own task: the engine starts no flight for such a key). A fetch that fails
+before its head (a reset, a timeout, an invalid response) is its leader's failure only: its
+request may be what the origin failed on, and the followers' were never sent. They fetch
+again, once, as one new flight the first of them leads (``proxy.flight.fetches_again``).
 
 Slow readers: the fetch never waits for one client while others keep up, nor while the
 body is being stored. A reader more than ``HIGH_WATER`` bytes behind is

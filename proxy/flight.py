@@ -32,7 +32,9 @@ whole already (``FromStore``: another worker stored it, or a 304 freshened it),
 stale-if-error (``StaleInstead``), fetch for itself (``OnItsOwn``), the flight's response,
 head only, whole or streamed (``Relay``), or, for a client with conditionals or a range the
 fill did not send, the answer to them from the flight's head (``FromHead``: a 304, a 412, a
-416, a 206 sliced from the body as it arrives; else the ``Relay``). A client never waits for
+416, a 206 sliced from the body as it arrives; else the ``Relay``). A flight that gets no head
+is another pure function's, ``fetches_again``: a follower fetches once more (the leader's
+request may be what the origin failed on), or takes the error. A client never waits for
 the store while its own flight is still delivering, and never fetches the object again
 because that took long. What followers may be given,
 and what slow readers get, is the coalescer's contract (``proxy.coalescer``'s module
@@ -141,6 +143,9 @@ class Attempt:
     nowhere: bool = False
     # Fetched alone after a flight left nothing for it (``MissPath._serve_after_flight``): at most once.
     refetched: bool = False
+    # Fetched again, in a flight of its own or one it joined, after the fetch of the flight it
+    # had joined failed (``fetches_again``): at most once; that flight's failure is its own.
+    again: bool = False
     # A range miss that joined the key's whole fill (``proxy.policy.partial.JoinFill``): should
     # it have to fetch on its own after all, it asks for this range, not the whole object.
     part: RangeSpec | None = None
@@ -539,6 +544,7 @@ class MissPath:
         key, background = run.attempt.key, run.background
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.engine.settings.cache.lock_timeout
+        again = run.attempt.again  # fetched once more after the holder's failure (``fetches_again``)
         for _ in range(3):  # a holder that dies hands the lease on: ask again
             lease = await leases.acquire(key, wait=not background)
             match lease:
@@ -569,9 +575,17 @@ class MissPath:
                         case "error" if told.get("detail") == ProxyStopping.cache_detail:
                             self._end(run, Stopped(ProxyStopping(told["message"])))  # not the origin's
                             return
-                        case "error":  # what the holder's own followers get: stale-if-error or the error
-                            self._end(run, Unreachable(_upstream_error(told["status"], told["message"],
-                                                                       told.get("detail", ""))))
+                        case "error":
+                            error = _upstream_error(told["status"], told["message"], told.get("detail", ""))
+                            if not again and run.attempt.stale is None and loop.time() < deadline \
+                                    and told.get("detail") not in SHARED_FAILURES:
+                                # The holder's request failed, not ours: as the holder's own
+                                # followers (``fetches_again``), once more under the lease,
+                                # which one of the waiting workers takes.
+                                again = True
+                                continue
+                            # what the holder's own followers get: stale-if-error or the error
+                            self._end(run, Unreachable(error))
                             return
                         case "gone" | "ended" if loop.time() < deadline:
                             # The holder died: one of the waiters takes the lease on. Or the lease
@@ -928,6 +942,9 @@ class MissPath:
             return await self._fetch_alone(attempt)
         except UpstreamError as exc:
             reader.close()
+            if fetches_again(exc, collapsed=collapsed, again=attempt.again, stale=stale is not None,
+                             part=attempt.part is not None):
+                return await self._again(attempt, flight)
             return await self._origin_failed(attempt, exc)
         except ConnectionError as exc:
             reader.close()
@@ -1079,6 +1096,14 @@ class MissPath:
                 "the response's body ended before the range asked for"))
         return Reply(answer.status, answer.reason, answer.headers, body, answer.length, otherwise.x_cache,
                      "upstream")
+
+    async def _again(self, attempt: Attempt, flight: Flight) -> Reply:
+        """A follower's own fetch after the fetch of the flight it joined failed (``fetches_again``):
+        through ``fetch`` again, so the key's followers fetch as one new flight that the first of
+        them leads and the others join (an origin that is down costs one more request, not one
+        a follower), never the failed flight, which takes no newcomer from now on."""
+        self.coalescer.retire(flight)
+        return await self.fetch(replace(attempt, again=True, nowhere=False))
 
     async def _origin_failed(self, attempt: Attempt, exc: UpstreamError) -> Reply:
         """A client of a flight whose fetch failed before anything of its response was sent to
@@ -1395,6 +1420,24 @@ class FromHead:
 
 
 NextStep = FromStore | StaleInstead | OnItsOwn | Relay | FromHead
+
+
+# The Cache-Status details of the failures every client of a fetch shares (``fetches_again``):
+# none that one request causes (an empty pool, the stop), or a body that broke off (its
+# waiters would wait for the origin twice: docs/upstreams.md).
+SHARED_FAILURES = frozenset({"NO-UPSTREAM", "STOPPING", "UPSTREAM-BROKE-OFF"})
+
+
+def fetches_again(error: UpstreamError, *, collapsed: bool, again: bool, stale: bool, part: bool) -> bool:
+    """Whether a follower of a flight whose fetch failed before its response head fetches again
+    rather than take the error: its own request was never sent, and a reset, a timeout or an
+    invalid response may be what the leader's request caused (a field that makes the origin
+    drop the connection); as nginx's ``proxy_cache_lock`` waiters send their own request when
+    the holder stored nothing. Once only (``Attempt.again``); never with a stored response
+    stale-if-error serves instead, nor for a range miss that joined the whole fill (each would
+    fetch its range alone), nor for ``SHARED_FAILURES``; the leader's error is its own."""
+    return (collapsed and not again and not stale and not part
+            and upstream_detail(error) not in SHARED_FAILURES)
 
 
 def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: bool,

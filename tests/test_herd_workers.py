@@ -414,3 +414,34 @@ async def test_a_fill_that_ends_during_a_stop_still_answers_the_other_workers_wa
     # The waiters were told, not left to find out from the lease table (the backstop).
     lost = [line for line in proxy.lines if "without word" in line]
     assert not lost, lost
+
+
+async def test_the_herd_of_a_fetch_one_client_made_the_origin_reset_fetches_again_once_for_both_workers(
+        origin: Origin, patient_workers: ProxyProcess) -> None:
+    """One client's request makes the origin's app drop the connection: the clients that waited
+    for that fetch, in its worker or the other, were given its 502. Now they fetch again, once
+    for the machine (the lease), and get the page."""
+    release = asyncio.Event()
+    plain: list[str] = []
+
+    async def page(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        if "X-Crash" in request.headers:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        plain.append(request.path)
+        return web.Response(body=BODY, headers={"Cache-Control": "max-age=60"})
+
+    origin.route("/crash", page)
+    proxy = patient_workers
+    attacker = asyncio.ensure_future(proxy.get("/crash", headers={"X-Crash": "1"}))
+    await wait_until(lambda: origin.count("/crash") > 0)
+    victims = asyncio.ensure_future(herd(proxy.url, "/crash", 16))
+    await asyncio.sleep(0.5)  # every victim has asked: some joined the fetch, the rest wait on its lease
+    release.set()
+    assert (await attacker).status == 502
+    got = answered(await victims)
+    assert len(got) == 16 and {r.worker for r in got} == {"0", "1"}
+    assert {(r.status, r.body) for r in got} == {(200, BODY)}
+    assert plain == ["/crash"]  # one more fetch, for both workers' clients

@@ -296,8 +296,10 @@ async def test_a_206_to_a_request_without_range_is_an_invalid_response(
     partial["on"] = True
     replies = await asyncio.gather(*[proxy.get("/p") for _ in range(3)])
     assert [r.status for r in replies] == [502] * 3 and b"PARTIAL" not in b"".join(r.body for r in replies)
-    assert origin.count("/p") == 1  # one fetch for the three of them
-    assert (await proxy.get("/p")).status == 502 and origin.count("/p") == 2  # nothing stored
+    # The leader's fetch, then one for the two that had joined it (docs/upstreams.md): an
+    # invalid response may be what the leader's request caused.
+    assert origin.count("/p") == 2
+    assert (await proxy.get("/p")).status == 502 and origin.count("/p") == 3  # nothing stored
     clock.advance(30)  # /s is stale, within stale-if-error
     stale = await proxy.get("/s")
     assert (stale.status, stale.body, stale.x_cache) == (200, b"whole", "STALE")

@@ -7,6 +7,14 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.coalescer import FlightHead
+from proxy.errors import (
+    NoUpstreamAvailable,
+    ProxyStopping,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from proxy.flight import (
     STORED_ELSEWHERE,
     FromHead,
@@ -16,7 +24,9 @@ from proxy.flight import (
     Relay,
     StaleInstead,
     after_head,
+    fetches_again,
 )
+from proxy.http_client import UpstreamBodyError
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 
 STORED = StoredResponse(200, "OK", (), 0, 0, Freshness(60, "max-age", 0, 0), etag='"e"')
@@ -94,3 +104,29 @@ def test_what_a_client_of_a_flight_does_once_it_has_its_head(
         name: str, fhead: FlightHead, req: RequestHead, fwd: str, collapsed: bool, stale: bool,
         expected: NextStep) -> None:
     assert after_head(fhead, req, fwd, collapsed=collapsed, stale=stale) == expected
+
+
+# -- a flight without a head (``proxy.flight.fetches_again``) ------------------------------------
+
+RESET = UpstreamConnectError("closed the connection before answering")
+# (case, error, collapsed, again, stale, part, fetches again)
+FAILURES: list[tuple[str, UpstreamError, bool, bool, bool, bool, bool]] = [
+    ("a follower of a fetch the origin reset", RESET, True, False, False, False, True),
+    ("a follower of one answered with an invalid response", UpstreamProtocolError("206 to no Range"),
+     True, False, False, False, True),
+    ("a follower of one that timed out", UpstreamTimeout("read"), True, False, False, False, True),
+    ("the leader: its own request failed", RESET, False, False, False, False, False),
+    ("a follower that fetched again already", RESET, True, True, False, False, False),
+    ("a follower with a stale response to serve (stale-if-error)", RESET, True, False, True, False, False),
+    ("a range miss that joined the whole fill", RESET, True, False, False, True, False),
+    ("an empty pool: no request caused it", NoUpstreamAvailable("all down"), True, False, False, False, False),
+    ("the stop", ProxyStopping("cut off"), True, False, False, False, False),
+    ("a body that broke off", UpstreamBodyError("short"), True, False, False, False, False),
+]
+
+
+@pytest.mark.parametrize(("case", "error", "collapsed", "again", "stale", "part", "want"), FAILURES,
+                         ids=[c[0] for c in FAILURES])
+def test_who_fetches_again_after_a_fetch_without_a_head(case: str, error: UpstreamError, collapsed: bool,
+                                                        again: bool, stale: bool, part: bool, want: bool) -> None:
+    assert fetches_again(error, collapsed=collapsed, again=again, stale=stale, part=part) is want

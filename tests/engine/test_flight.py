@@ -263,14 +263,42 @@ async def test_a_failed_word_to_the_waiting_workers_costs_the_flight_nothing(
     await rig.engine.close()
 
 
-async def test_an_origin_error_another_worker_met_is_this_workers_answer_too(tmp_path: Path) -> None:
+async def test_an_origin_error_another_worker_met_twice_is_this_workers_answer_too(tmp_path: Path) -> None:
+    """The holder's request failed, not this worker's: it asks for the lease once more (one of
+    the waiting workers fetches again); the failure of that second fetch is its answer."""
     rig = make_rig(tmp_path)
-    rig.engine.leases = FakeLeases(told("error", status=504, message="upstream timed out"))
+    rig.engine.leases = FakeLeases(told("error", status=504, message="upstream timed out"),
+                                   told("error", status=504, message="upstream timed out"))
     rig.origin.route("/a", answer(body=b"never asked"))
     reply = await rig.get("/a")
     assert reply.status == 504
     assert "detail=UPSTREAM-TIMEOUT" in dict(reply.headers)["Cache-Status"]
     await rig.settled(unreachable=1)
+    assert rig.origin.sent == []
+    await rig.engine.close()
+
+
+async def test_after_another_worker_s_origin_error_this_worker_may_be_the_one_to_fetch_again(
+        tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    leases = rig.engine.leases = FakeLeases(told("error", status=502, message="reset",
+                                                 detail="UPSTREAM-UNREACHABLE"), Granted(8))
+    rig.origin.route("/a", answer(body=b"page", headers=CACHEABLE))
+    reply = await rig.get("/a")
+    assert (reply.status, await read(reply)) == (200, b"page")
+    await rig.settled(filled=1)
+    assert leases.released == [(key_of(rig, "/a"), 8, "stored")]
+    await rig.engine.close()
+
+
+@pytest.mark.parametrize("detail", ["NO-UPSTREAM", "UPSTREAM-BROKE-OFF"])
+async def test_what_no_request_causes_or_a_broken_body_is_shared_at_once(tmp_path: Path, detail: str) -> None:
+    rig = make_rig(tmp_path)
+    status = 503 if detail == "NO-UPSTREAM" else 502
+    rig.engine.leases = FakeLeases(told("error", status=status, message="x", detail=detail))
+    rig.origin.route("/a", answer(body=b"never asked"))
+    reply = await rig.get("/a")
+    assert reply.status == status and f"detail={detail}" in dict(reply.headers)["Cache-Status"]
     assert rig.origin.sent == []
     await rig.engine.close()
 
