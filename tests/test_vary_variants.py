@@ -1,8 +1,10 @@
-"""Vary through the proxy: browsers' equivalent Accept-Encoding / Accept-Language share a variant."""
+"""Vary through the proxy: browsers' equivalent Accept-Encoding / Accept-Language share a variant,
+and values an origin reads otherwise (another order, another case) never do."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from aiohttp import web
 
@@ -11,8 +13,9 @@ from tests.conftest import MakeProxy, clocked
 from tests.harness import Clock, Handler, Origin, Proxy
 
 CHROME = {"Accept-Encoding": "gzip, deflate, br, zstd", "Accept-Language": "en-US,en;q=0.9"}
-CURL = {"Accept-Encoding": "deflate, gzip, br, zstd", "Accept-Language": "en-us, en;q=0.90"}
+CURL = {"Accept-Encoding": "gzip,deflate , br,zstd", "Accept-Language": "en-US , en; q=0.9"}
 FIREFOX = {"Accept-Encoding": "gzip, deflate, br, zstd", "Accept-Language": "en-US,en;q=0.5"}
+MIXED_APP = Path(__file__).resolve().parent.parent / "rules" / "examples" / "mixed-app.yaml"
 
 
 async def test_equivalent_browser_values_share_one_stored_variant(origin: Origin, proxy: Proxy) -> None:
@@ -22,11 +25,69 @@ async def test_equivalent_browser_values_share_one_stored_variant(origin: Origin
 
     origin.route("/page", page)
     first = await proxy.get("/page", headers=CHROME)
-    again = await proxy.get("/page", headers=CURL)  # the same preferences, spelled otherwise
+    again = await proxy.get("/page", headers=CURL)  # the same values, other whitespace
     other = await proxy.get("/page", headers=FIREFOX)  # en weighs 0.5, not 0.9: another variant
     assert (first.x_cache, again.x_cache, other.x_cache) == ("MISS", "HIT", "MISS")
     assert again.body == first.body
     assert origin.count("/page") == 2
+
+
+def first_member(value: str | None, default: str) -> str:
+    """What an origin that reads the first member of a list field takes (PHP's
+    ``substr($_SERVER['HTTP_ACCEPT_LANGUAGE'], 0, 2)`` for a language, a framework's first
+    media type for Accept), whatever the weights say."""
+    return (value or default).split(",")[0].split(";")[0].strip()
+
+
+async def test_a_weighted_down_first_language_never_selects_the_variant_of_the_other_order(
+        origin: Origin, proxy: Proxy) -> None:
+    async def page(request: web.Request) -> web.Response:
+        lang = first_member(request.headers.get("Accept-Language"), "en")[:2]
+        return web.Response(text=f"page in {lang}", headers={"Cache-Control": "max-age=60",
+                                                              "Vary": "Accept-Language"})
+
+    origin.route("/page", page)
+    attacker = await proxy.get("/page", headers={"Accept-Language": "en;q=0.5, de"})
+    victim = await proxy.get("/page", headers={"Accept-Language": "de, en;q=0.5"})
+    assert (attacker.body, victim.body) == (b"page in en", b"page in de")
+    assert victim.x_cache == "MISS"
+    shouting = await proxy.get("/page", headers={"Accept-Language": "DE, en;q=0.5"})  # another case: apart
+    assert shouting.x_cache == "MISS"
+    spaced = await proxy.get("/page", headers={"Accept-Language": "de ,en ; q=0.5"})  # whitespace only
+    assert (spaced.x_cache, spaced.body) == ("HIT", b"page in de")
+
+
+async def test_json_stored_for_a_weighted_down_first_media_type_never_reaches_a_browser(
+        origin: Origin, proxy: Proxy) -> None:
+    async def page(request: web.Request) -> web.Response:
+        if first_member(request.headers.get("Accept"), "text/html") == "application/json":
+            return web.json_response({"page": 1}, headers={"Cache-Control": "max-age=60", "Vary": "Accept"})
+        return web.Response(text="<html>page</html>", content_type="text/html",
+                            headers={"Cache-Control": "max-age=60", "Vary": "Accept"})
+
+    origin.route("/page", page)
+    attacker = await proxy.get("/page", headers={"Accept": "application/json;q=0.9, text/html"})
+    browser = await proxy.get("/page", headers={"Accept": "text/html, application/json;q=0.9"})
+    assert attacker.headers["Content-Type"].startswith("application/json")
+    assert (browser.x_cache, browser.headers["Content-Type"]) == ("MISS", "text/html; charset=utf-8")
+
+
+async def test_the_shipped_mixed_app_rules_key_a_first_language_reader_s_pages_apart(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """rules/examples/mixed-app.yaml keys anonymous pages on Accept-Language (``key.headers``,
+    the same reading as a Vary variant's)."""
+    async def page(request: web.Request) -> web.Response:
+        lang = (request.headers.get("Accept-Language") or "en")[:2]  # PHP's substr(..., 0, 2)
+        return web.Response(text=f"<html lang={lang}>page in {lang}</html>", content_type="text/html")
+
+    origin.route("/products", page)
+    proxy = await make_proxy(rules=MIXED_APP.read_text())
+    attacker = await proxy.get("/products", headers={"Accept-Language": "en;q=0.5, de"})
+    victim = await proxy.get("/products", headers={"Accept-Language": "de, en;q=0.5"})
+    assert attacker.body == b"<html lang=en>page in en</html>"
+    assert (victim.x_cache, victim.body) == ("MISS", b"<html lang=de>page in de</html>")
+    again = await proxy.get("/products", headers={"Accept-Language": "de,en;q=0.5"})
+    assert (again.x_cache, again.body) == ("HIT", b"<html lang=de>page in de</html>")
 
 
 async def test_many_variants_of_a_big_page_keep_at_most_one_objects_worth_of_bodies_in_memory(

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, urlencode
 
-from proxy.policy.fields import cookies, is_token, parameters, split_list, weight
+from proxy.policy.fields import cookies, is_token, split_list
 from proxy.policy.messages import HeaderList, Headers, RequestHead
 
 ABSENT = "\n"  # a value no header can have: marks a Vary field the request lacked
@@ -176,70 +176,28 @@ def normalise_field(values: list[str] | tuple[str, ...]) -> str:
     return ", ".join(";".join(" ".join(p.split()) for p in item.split(";")) for item in items)
 
 
-# Content codings RFC 9110 §8.4.1 says a recipient should treat as the same.
-_CODING_ALIASES = {"x-gzip": "gzip", "x-compress": "compress"}
-Weighted = tuple[float, str]  # (weight, the member without its q) of an Accept-* member
+_OWS = " \t"
 
 
-def _weighted_members(values: list[str] | tuple[str, ...], media: bool) -> list[Weighted] | None:
-    """The members of an Accept-* field with their weights (RFC 9110 §12.4.2), lower-cased
-    (media types keep their parameters' values); None when a member's weight is invalid."""
-    out: list[Weighted] = []
-    for member in split_list(values):
-        value, params = parameters(member)
-        q = 1.0
-        kept: list[str] = []
-        for name, arg in params:
-            if name == "q":
-                w = weight(arg)
-                if w is None:
-                    return None
-                q = w
-            else:
-                kept.append(f"{name}={arg}")
-        token = value.lower()
-        if media and kept:
-            token = ";".join((token, *kept))
-        elif kept:
-            return None  # a parameter we do not know the meaning of: keep the value as written
-        out.append((q, token))
-    return out
+def _normalise_accept(values: list[str] | tuple[str, ...]) -> str | None:
+    """An Accept-* value (one field line) with the whitespace the grammar allows around its
+    members and their ``;`` (RFC 9110 §5.6.1, §5.6.6, §12.4.2) taken out; None when a member
+    holds a quoted string (then it is compared as written).
 
-
-def _format(members: list[Weighted]) -> str:
-    return ", ".join(t if q == 1.0 else f"{t};q={f'{q:.3f}'.rstrip('0').rstrip('.')}" for q, t in members)
-
-
-def _normalise_accept(name: str, values: list[str] | tuple[str, ...]) -> str | None:
-    """An Accept-* value (one field line) in canonical form; None when it is not one (then
-    it is compared as written).
-
-    Weights are numbers (``q=1.0`` is no ``q``; ``0.500`` is ``0.5``); members are sorted by
-    weight, since the weights, not the order, say which is preferred. A member listed twice
-    (``de;q=0.1, en;q=0.5, de``, also ``gzip, x-gzip``) is not one: servers disagree on
-    which of the two counts (the first, the last, the higher weight), so no spelling of it
-    is the same value as another. Members of equal weight keep their order, except
-    content codings: Accept-Encoding is a set (RFC 9110 §12.5.3 gives order no meaning),
-    while a server may take the first of two equal languages or media types (Django and
-    Werkzeug do).
+    Nothing else: origins do not read the rest alike. The order is kept, equal weights or not
+    (PHP's ``substr($_SERVER['HTTP_ACCEPT_LANGUAGE'], 0, 2)``, and any reader of the first
+    member, answers ``en;q=0.5, de`` in English and ``de, en;q=0.5`` in German); so is case
+    (language tags match case-insensitively, RFC 4647 §2, but a PHP or JavaScript string
+    comparison does not); so are weights as written (``q=1.0``, ``q=0.500``: a reader of the
+    raw value sees other text), members listed twice, ``x-gzip`` beside ``gzip``, and any
+    whitespace around ``=``, which the grammar does not allow and parsers read differently.
     """
-    members = _weighted_members(values, media=name == "accept")
-    if members is None:
-        return None
-    seen: set[str] = set()
-    unique: list[Weighted] = []
-    for q, token in members:
-        if name == "accept-encoding":
-            token = _CODING_ALIASES.get(token, token)
-        if token in seen:
-            return None  # servers take the first, the last or the best of two: keep it as written
-        seen.add(token)
-        unique.append((q, token))
-    if name == "accept-encoding":
-        unique.sort(key=lambda m: (-m[0], m[1]))
-    else:
-        unique.sort(key=lambda m: -m[0])  # stable: equal weights keep their order
-    return _format(unique)
+    members: list[str] = []
+    for member in split_list(values):
+        if '"' in member:
+            return None
+        members.append(";".join(part.strip(_OWS) for part in member.split(";")))
+    return ", ".join(members)
 
 
 ACCEPT_FIELDS = frozenset({"accept", "accept-encoding", "accept-language", "accept-charset"})
@@ -284,20 +242,20 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     """A request field's value as a Vary variant and a rule's ``key.headers`` compare it:
     normalised only where RFC 9111 §4.1 allows, that is where the meaning is known to be the
     same. A list field (``LIST_FIELDS``) sent on one line without an empty member: whitespace
-    around members and parameters; the Accept-* fields also case, weights and the order the
-    weights decide (see ``_normalise_accept``). Anything else is compared as written
-    (``raw_selecting``): several lines, an empty member, a field not known to be a list, a
-    member listed twice, or a value longer than 4 KB (its cost stays that of reading it once).
+    around members and parameters, never their order or case (see ``_normalise_accept``).
+    Anything else is compared as written (``raw_selecting``): several lines, an empty member,
+    a field not known to be a list, or a value longer than 4 KB (its cost stays that of
+    reading it once).
 
     Every hit on a response that varies runs this for the request's value, so the
     Accept-* results are remembered (a handful of distinct browser values make up nearly
     all traffic; only values of up to 256 bytes are kept, and the memo is cleared when it
     reaches 4096 entries: ~2 MB at most, however long the values sent).
 
-    >>> normalise_selecting("accept-language", ["eN, De;q=0.5"])
-    'en, de;q=0.5'
-    >>> normalise_selecting("accept-encoding", ["br, x-gzip;q=1.0, deflate"])
-    'br, deflate, gzip'
+    >>> normalise_selecting("accept-language", ["de , en ;q=0.5"])
+    'de, en;q=0.5'
+    >>> normalise_selecting("accept-language", ["en;q=0.5, De"])
+    'en;q=0.5, De'
     >>> normalise_selecting("cache-control", ["no-cache ,max-age=0"])
     'no-cache, max-age=0'
     >>> normalise_selecting("origin", ["https://a.example,"])
@@ -323,10 +281,9 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     if size > SELECTING_VALUE_MAX:
         return raw_selecting(values)
     value = None
-    # Past ASCII, as written: Unicode case folding makes "u\u212a" (a Kelvin sign) "uk", which an
-    # origin's ASCII grammar does not read as Ukrainian.
+    # Past ASCII, as written: an origin's ASCII grammar may read such a value in ways of its own.
     if len(values) == 1 and values[0].isascii() and _EMPTY_MEMBER.search(values[0]) is None:
-        value = _normalise_accept(lname, values)
+        value = _normalise_accept(values)
     if value is None:
         value = raw_selecting(values)
     if size <= MEMO_VALUE_MAX:

@@ -172,7 +172,7 @@ def test_the_variant_records_the_normalised_selecting_fields_rfc_9111_section_4_
                      req=request(("Accept-Language", "EN , De"), ("Foo", "1"), ("Foo", "2")))
     assert isinstance(decision, Store)
     # (Foo is no list field: its two lines are kept as written, apart)
-    assert decision.response.vary == (("accept-language", "en, de"), ("bar", "\n"), ("foo", "1\n2\n"))
+    assert decision.response.vary == (("accept-language", "EN, De"), ("bar", "\n"), ("foo", "1\n2\n"))
 
 
 # A rule's ttl default (``default:`` or a lone duration) against every class of status: it never
