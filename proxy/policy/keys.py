@@ -179,7 +179,7 @@ def normalise_field(values: list[str] | tuple[str, ...]) -> str:
 _OWS = " \t"
 
 
-def _normalise_accept(values: list[str] | tuple[str, ...]) -> str | None:
+def _normalise_accept(values: list[str] | tuple[str, ...], codings: bool = False) -> str | None:
     """An Accept-* value (one field line) with the whitespace the grammar allows around its
     members and their ``;`` (RFC 9110 §5.6.1, §5.6.6, §12.4.2) taken out; None when a member
     holds a quoted string (then it is compared as written).
@@ -197,6 +197,12 @@ def _normalise_accept(values: list[str] | tuple[str, ...]) -> str | None:
         if '"' in member:
             return None
         members.append(";".join(part.strip(_OWS) for part in member.split(";")))
+    if codings and len({m.split(";", 1)[0].lower() for m in members}) == len(members):
+        # Accept-Encoding (``codings``) is a set: whichever coding an origin takes from it, every
+        # client that sent the same members accepts it, and a coding's weight is no taste of a
+        # reader's (gzip or br decode alike). A coding listed twice is kept in order: a reader of
+        # the first and one of the last disagree on whether it is refused (``gzip, gzip;q=0``).
+        members.sort()
     return ", ".join(members)
 
 
@@ -242,7 +248,8 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     """A request field's value as a Vary variant and a rule's ``key.headers`` compare it:
     normalised only where RFC 9111 §4.1 allows, that is where the meaning is known to be the
     same. A list field (``LIST_FIELDS``) sent on one line without an empty member: whitespace
-    around members and parameters, never their order or case (see ``_normalise_accept``).
+    around members and parameters, never their case, nor their order but Accept-Encoding's (a
+    set: see ``_normalise_accept``).
     Anything else is compared as written (``raw_selecting``): several lines, an empty member,
     a field not known to be a list, or a value longer than 4 KB (its cost stays that of
     reading it once).
@@ -256,6 +263,8 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     'de, en;q=0.5'
     >>> normalise_selecting("accept-language", ["en;q=0.5, De"])
     'en;q=0.5, De'
+    >>> normalise_selecting("accept-encoding", ["gzip, br;q=0.9 , zstd"])
+    'br;q=0.9, gzip, zstd'
     >>> normalise_selecting("cache-control", ["no-cache ,max-age=0"])
     'no-cache, max-age=0'
     >>> normalise_selecting("origin", ["https://a.example,"])
@@ -283,7 +292,7 @@ def normalise_selecting(name: str, values: list[str] | tuple[str, ...]) -> str:
     value = None
     # Past ASCII, as written: an origin's ASCII grammar may read such a value in ways of its own.
     if len(values) == 1 and values[0].isascii() and _EMPTY_MEMBER.search(values[0]) is None:
-        value = _normalise_accept(values)
+        value = _normalise_accept(values, lname == "accept-encoding")
     if value is None:
         value = raw_selecting(values)
     if size <= MEMO_VALUE_MAX:

@@ -25,8 +25,12 @@ FIREFOX_AL = "en-US,en;q=0.5"
 # (case, field, first request's lines, second request's lines, same variant?)
 EQUIVALENT: list[tuple[str, str, list[str], list[str], bool]] = [
     # Accept-Encoding (RFC 9110 §12.5.3): a set of codings with weights; order means nothing.
-    ("the same codings in another order: apart (an origin may take the first it knows)", "Accept-Encoding",
-     [CHROME_AE], ["deflate, gzip, br, zstd"], False),
+    ("the same codings in another order: one variant (whichever an origin takes, each client decodes it)",
+     "Accept-Encoding", [CHROME_AE], ["deflate, gzip, br, zstd"], True),
+    ("the same codings and weights in another order: one variant", "Accept-Encoding",
+     ["br;q=0.9, gzip"], ["gzip,br;q=0.9"], True),
+    ("the same codings with their weights on others: apart", "Accept-Encoding",
+     ["br;q=0.9, gzip"], ["br, gzip;q=0.9"], False),
     ("the same codings over two lines: apart (an origin may read the first line only)", "Accept-Encoding",
      [CHROME_AE], ["gzip, deflate", "br, zstd"], False),
     ("codings in another case: apart (a string comparison sees another coding)", "Accept-Encoding", ["gzip, br"],
@@ -103,7 +107,7 @@ def test_equivalent_selecting_values_share_a_variant_and_others_do_not(
 
 def test_normalised_values_lose_only_whitespace_around_members_and_their_semicolons() -> None:
     assert normalise_selecting("accept-encoding", ["deflate , X-GZIP;q=1.0,br ;  q=0.50"]) == \
-        "deflate, X-GZIP;q=1.0, br;q=0.50"
+        "X-GZIP;q=1.0, br;q=0.50, deflate"  # a set: sorted as written
     assert normalise_selecting("accept-language", ["de;q=0.8,EN-us , en;q=0.90"]) == "de;q=0.8, EN-us, en;q=0.90"
     assert normalise_selecting("accept-language", ["de, de;q=0.1"]) == "de, de;q=0.1"  # as sent, twice
 
