@@ -280,10 +280,13 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
 def _bypass_why(plan: RequestPlan) -> str:
     """Why a request the rules did not bypass is neither looked up nor stored."""
     if plan.read_as is not None:
+        there = ("the rules decide there what is unsafe to share with this path's plan"
+                 if plan.detail == "AMBIGUOUS-PATH" else "there the rules do not store it")
         return (f"some origins read this path as {plan.read_as} (servlet containers drop ';' "
-                "parameters, IIS reads '\\' as '/' and drops a segment's trailing dots and spaces), "
-                f"and there the rules do not store it ({plan.detail}): neither looked up nor stored, "
-                "so that such an origin's answer is never stored under this URL")
+                "parameters, Go, Rails and Express route on the raw path and never decode an "
+                "escaped '/' or resolve '%2e%2e', IIS reads '\\' as '/' and drops a segment's "
+                f"trailing dots and spaces), and {there} ({plan.detail}): neither looked up nor "
+                "stored, so that such an origin's answer is never stored under this URL")
     kind, _, name = (plan.detail or "").partition(":")
     if kind == "AMBIGUOUS-QUERY":
         return (f"the rules read query parameter {name!r}, which came more than once with other "

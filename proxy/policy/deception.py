@@ -5,7 +5,9 @@ a static-looking URL: a rule that caches ``*.css`` by force must not store it.
 
 The extension is read from the path the rules matched (``normalise_path``:
 percent-decoded, dot-segments removed), never from the raw target, so ``%2e`` cannot
-hide the dot from the guard while the rule sees it.
+hide the dot from the guard while the rule sees it; and from every other path origins
+read it as (``path_readings``), each of which must agree: ``/account;%2f..%2fstatic%2fx.html``
+is ``/static/x.html`` to the rules but a servlet's ``/account``, which has no extension.
 
 Two strengths. When the response's own freshness decides (the origin said it may be
 shared), a path without an extension, or with one the ``mimetypes`` table does not
@@ -23,6 +25,8 @@ False
 [True, False, True, False]
 >>> guard_allows("/account%2ecss", "text/html")
 False
+>>> [guard_allows(p, "text/html", forced=True) for p in ("/s/x.html", "/account;%2f..%2fs%2fx.html")]
+[True, False]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import mimetypes
 import posixpath
 
 from proxy.policy.messages import RequestHead, StoredResponse
-from proxy.policy.request import normalise_path
+from proxy.policy.request import normalise_path, path_readings
 
 # Types that browsers and CDNs treat as the same thing as the registered one.
 _ALIASES = {
@@ -61,8 +65,12 @@ def content_type_agrees(path: str, content_type: str | None, *, forced: bool = F
 
 
 def guard_allows(target: str, content_type: str | None, *, forced: bool = False) -> bool:
-    """The guard's verdict for a request target (raw path and query), read as the rules read it."""
-    return content_type_agrees(normalise_path(target.partition("?")[0]), content_type, forced=forced)
+    """The guard's verdict for a request target (raw path and query), read as the rules read it
+    and as every origin that reads it otherwise does: it allows only when all agree."""
+    raw = target.partition("?")[0]
+    if not content_type_agrees(normalise_path(raw), content_type, forced=forced):
+        return False
+    return all(content_type_agrees(p, content_type, forced=forced) for p in path_readings(raw))
 
 
 def deception_refuses(head: RequestHead, stored: StoredResponse, content_type: str | None) -> bool:

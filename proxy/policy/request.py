@@ -594,8 +594,8 @@ def normalise_path(path: str) -> str:
     """The path rules match against: percent-decoded, ``//`` collapsed, dot-segments removed.
 
     So ``/static/..%2Faccount`` does not match ``/static/**`` and ``/%61dmin`` does
-    match ``/admin``: a rule sees the path the origin will most likely act on. The
-    deception guard reads the extension from the same path.
+    match ``/admin``: the reading of an origin that decodes first (nginx, Varnish's
+    backends behind it). Origins that read a path otherwise are read too (``path_readings``).
 
     >>> normalise_path("/static/..%2Faccount"), normalise_path("//a/./b/"), normalise_path("/a")
     ('/account', '/a/b/', '/a')
@@ -604,6 +604,11 @@ def normalise_path(path: str) -> str:
         path = unquote(path, errors="replace")
     if "//" in path:
         path = _MULTI_SLASH.sub("/", path)
+    return path if "/." not in path else _without_dot_segments(path)
+
+
+def _without_dot_segments(path: str) -> str:
+    """``path`` without its ``.`` and ``..`` segments (RFC 3986 §5.2.4), read on ``/`` as it stands."""
     if "/." not in path:
         return path
     out: list[str] = []
@@ -616,6 +621,72 @@ def normalise_path(path: str) -> str:
             out.append(part)
     trailing = parts[-1] in (".", "..")
     return "/" + "/".join(out) + ("/" if trailing and out else "")
+
+
+# What makes origins read a raw path otherwise than ``normalise_path`` does, raw or escaped: a
+# ``;`` parameter, a backslash, a NUL, an escaped ``/``, and a dot or space ending a segment (dot
+# segments among them). A path without one (nearly every path) has no other reading.
+PATH_READ_OTHERWISE = re.compile(r"[;\\\x00]|%(?:2[Ff]|3[Bb]|5[Cc]|00)|(?:\.|%2[Ee]|%20| )(?=/|$)")
+_PARAMS = re.compile(r";[^/]*")
+# Escaped reserved characters (RFC 3986 §2.2) an origin that routes on the raw path never reads as
+# the character: ``/``, ``;``, ``?``, ``#`` and ``\``.
+_KEPT_ESCAPES = re.compile(r"(%(?:2[Ff]|3[Bb]|3[Ff]|23|5[Cc]))")
+
+
+def path_readings(raw: str) -> tuple[str, ...]:
+    r"""The other paths origins read the raw path ``raw`` as, each unlike ``normalise_path(raw)``
+    (the rules' reading) and unlike each other; ``()`` for a path none reads otherwise.
+
+    - servlet containers (Tomcat, Jetty, Spring): a segment's ``;`` parameters dropped up to the
+      next raw ``/``, then decoded (``/account;%2f..%2fstatic%2fx.html`` is their ``/account``);
+    - origins that route on the raw path (Go's mux on ``RawPath``, Rails, Express): dot segments
+      resolved on the raw ``/`` only, then decoded except the escaped reserved characters
+      (RFC 3986 §6.2.2.2): ``..`` never climbs over ``%2F``, nor is read out of ``%2e%2e``;
+    - IIS and ASP.NET: ``\`` read as ``/``, a segment's trailing dots and spaces dropped, and C
+      code stops at a NUL (also a segment's ``;`` parameters, read after decoding).
+
+    >>> path_readings("/account;%2f%2e%2e%2fstatic%2fpage.html")
+    ('/account', '/account;%2F..%2Fstatic%2Fpage.html')
+    >>> path_readings("/static/..%2Faccount"), path_readings("/a%5C..%5Caccount./p%20")
+    (('/static/..%2Faccount',), ('/a%5C..%5Caccount./p ', '/account/p'))
+    >>> path_readings("/plain/path.css"), path_readings("/a/../b")
+    ((), ())
+    """
+    if PATH_READ_OTHERWISE.search(raw) is None:
+        return ()
+    rules = normalise_path(raw)
+    readings: list[str] = []
+    for other in (normalise_path(_PARAMS.sub("", raw)), _raw_reading(raw), _iis_reading(rules)):
+        if other != rules and other not in readings:
+            readings.append(other)
+    return tuple(readings)
+
+
+def _raw_reading(raw: str) -> str:
+    """``raw`` as an origin routing on the raw path reads it (``path_readings``)."""
+    if "//" in raw:
+        raw = _MULTI_SLASH.sub("/", raw)
+    return "/".join(_decoded_segment(s) for s in _without_dot_segments(raw).split("/"))
+
+
+def _decoded_segment(segment: str) -> str:
+    """A raw segment decoded but for its escaped reserved characters (upper-cased); left raw when
+    it would decode to a dot segment, which such an origin never resolved."""
+    if "%" not in segment:
+        return segment
+    parts = _KEPT_ESCAPES.split(segment)
+    decoded = "".join(p.upper() if i % 2 else unquote(p, errors="replace") for i, p in enumerate(parts))
+    return segment if decoded in (".", "..") else decoded
+
+
+def _iis_reading(path: str) -> str:
+    """The rules' reading ``path`` as IIS and ASP.NET read it (``path_readings``)."""
+    other = normalise_path(path.replace("\\", "/"))
+    segments = []
+    for part in other.split("/"):
+        part = part.split(";", 1)[0].split("\x00", 1)[0]
+        segments.append(part if part in (".", "..") else part.rstrip(". "))
+    return normalise_path("/".join(segments) or "/")
 
 
 def fill_target(head: RequestHead, spec: KeySpec) -> str:

@@ -9,8 +9,9 @@ hold, else its own. The contract of the two moments is stated once, in ``proxy.r
 
 A rule whose ``key`` lower-cases the path has the origin asked for the lower-cased path: the
 rules are then read again on that path, and what they decide there wins (``RuleSet._lowered``).
-A path that some origins read as another path (``;`` parameters, ``\\``, a NUL, a segment's
-trailing dots or spaces) is read that way too, and a bypass there wins (``RuleSet._read_otherwise``).
+A path that some origins read as another path (``;`` parameters, an escaped ``/`` they do not
+decode, ``\\``, a NUL, a segment's trailing dots or spaces) is read that way too, and a plan there
+unsafe to share with this one bypasses (``RuleSet._read_otherwise``).
 
 Speed: the path's first segment picks the (precomputed, ordered) rules that can match
 it, and the scan stops at the first request-time rule. A rule's plan and store plan
@@ -20,7 +21,6 @@ here but its ``RequestView``; the few combinations with them are memoised.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -30,7 +30,7 @@ from proxy.policy.headers import caching_field, reply_edits
 from proxy.policy.keys import DEFAULT_KEY, KeySpec, lower_path
 from proxy.policy.messages import CacheOptions, ClientCacheControl, RequestHead
 from proxy.policy.partial import representation_status
-from proxy.policy.request import normalise_path
+from proxy.policy.request import PATH_READ_OTHERWISE, normalise_path, path_readings
 from proxy.policy.spellings import aliases, spelled_otherwise
 from proxy.rules.match import Match, Predicate, QueryReading, RequestView, first_segment
 
@@ -135,9 +135,9 @@ class RequestPlan:
     # (the one the origin is asked for) instead of the client's (``RuleSet.plan``).
     lowered_by: Rule | None = None
     # The Cache-Status detail of a bypass the rules did not ask for (``AMBIGUOUS-COOKIE:<name>``,
-    # ``AMBIGUOUS-HEADER:<name>``, ``AMBIGUOUS-QUERY:<name>``).
+    # ``AMBIGUOUS-HEADER:<name>``, ``AMBIGUOUS-QUERY:<name>``, ``AMBIGUOUS-PATH``).
     detail: str | None = None
-    # The path as some origins read it, when the rules bypass it there (``RuleSet._read_otherwise``).
+    # The path as some origins read it, when the rules decide otherwise there (``RuleSet._read_otherwise``).
     read_as: str | None = None
 
     @property
@@ -175,42 +175,21 @@ def lowered_path(request: RequestHead) -> RequestHead:
     return request if lowered == path else request._replace(target=lowered + sep + query)
 
 
-# What makes a path one that origins read differently (``origin_reading``), raw or escaped: a
-# path parameter, a backslash, a NUL, a dot or space ending a segment.
-_READ_OTHERWISE = re.compile(r"[;\\\x00]|%(?:3[Bb]|5[Cc]|00)|(?:\.|%2[Ee]|%20| )(?=/|$)")
+def origin_readings(request: RequestHead) -> tuple[RequestHead, ...]:
+    """``request`` with its path as each origin that reads it otherwise acts on it
+    (``path_readings``: a servlet's ``/cart`` for ``/cart;x``, IIS's ``/account`` for
+    ``/a%5C..%5Caccount``, a raw router's ``/static/..%2Faccount`` for what the rules read as
+    ``/account``); ``()`` when every origin reads it as the rules do. Each is escaped again so
+    that ``normalise_path`` gives the reading back as it is.
 
-
-def origin_reading(request: RequestHead) -> RequestHead | None:
-    """``request`` with its path as some origins act on it, when that differs from how the rules
-    read it (``normalise_path``); None when no origin reads it otherwise.
-
-    Servlet containers (Tomcat, Jetty, Spring) drop a segment's ``;`` parameters (``/cart;x`` is
-    their ``/cart``), IIS and ASP.NET read ``\\`` as ``/`` and drop a segment's trailing dots and
-    spaces, C-string code stops at a NUL. A ``bypass`` rule for ``/cart`` did not hold for
-    ``/cart;x``, whose answer (a personal page) was stored for everyone under that URL.
-
-    >>> origin_reading(RequestHead("GET", "http", "h", "/cart;x?a=1", ())).target
-    '/cart?a=1'
-    >>> origin_reading(RequestHead("GET", "http", "h", "/a%5C..%5Caccount./p%20", ())).target
-    '/account/p'
-    >>> origin_reading(RequestHead("GET", "http", "h", "/plain/path", ())) is None
-    True
+    >>> [r.target for r in origin_readings(RequestHead("GET", "http", "h", "/cart;x?a=1", ()))]
+    ['/cart?a=1']
+    >>> origin_readings(RequestHead("GET", "http", "h", "/plain/path", ()))
+    ()
     """
     raw, sep, query = request.target.partition("?")
-    if _READ_OTHERWISE.search(raw) is None:
-        return None
-    path = normalise_path(raw)
-    other = normalise_path(path.replace("\\", "/"))
-    segments = []
-    for part in other.split("/"):
-        part = part.split(";", 1)[0].split("\x00", 1)[0]
-        segments.append(part if part in (".", "..") else part.rstrip(". "))
-    other = normalise_path("/".join(segments) or "/")
-    if other == path:
-        return None
-    # (escaped again where the rules would decode it, or cut the path at a "?")
-    target = other.replace("%", "%25").replace("?", "%3F")
-    return request._replace(target=target + sep + query)
+    return tuple(request._replace(target=other.replace("%", "%25").replace("?", "%3F") + sep + query)
+                 for other in path_readings(raw))
 
 
 def first(*values: T | None) -> T | None:
@@ -295,7 +274,7 @@ class RuleSet:
         plan = self._first_match(request)
         if plan.key.lowercase_path and not plan.bypass:
             plan = self._lowered(request, plan)
-        if not plan.bypass and _READ_OTHERWISE.search(request.target) is not None:
+        if not plan.bypass and PATH_READ_OTHERWISE.search(request.target) is not None:
             plan = self._read_otherwise(request, plan)
         if plan.key.headers and not plan.bypass and (request.underscores or plan.key.underscores):
             return self._keyed_once(request, plan)
@@ -315,21 +294,25 @@ class RuleSet:
         return self._unkeyable_plan(f"AMBIGUOUS-HEADER:{name}", plan)
 
     def _read_otherwise(self, request: RequestHead, plan: RequestPlan) -> RequestPlan:
-        """``plan``, or a bypass when the rules bypass the path as some origins read it
-        (``origin_reading``: ``/cart;x`` is a servlet's ``/cart``), or say not to store it
-        there: the origin may answer the other path, and what it answers must not be stored
-        for everyone under this one (web cache deception). The Cache-Status detail names the
-        rule that bypasses the other reading."""
-        other = origin_reading(request)
-        if other is None:
-            return plan
-        again = self.plan(other)
-        if again.rule is plan.rule and again.response_rules == plan.response_rules:
-            return plan
-        if again.bypass:
-            return replace(plan, bypass=True, detail=again.bypass_detail, read_as=other.target)
-        if again.store.no_store and not plan.store.no_store and again.rule is not None:
-            return replace(plan, bypass=True, detail=f"RULE-BYPASS:{again.rule.name}", read_as=other.target)
+        """``plan``, or a bypass when the rules decide otherwise on the path as some origin reads
+        it (``origin_readings``): the origin may answer that other path, and its answer must not
+        be stored for everyone under this one (web cache deception). ``/account;%2f..%2fstatic%2fx.html``
+        is ``/static/x.html`` to the rules but a servlet's ``/account``: the static rule stored
+        the victim's page. A bypass or ``no_store`` there gives ``RULE-BYPASS:<that rule>``;
+        another plan unsafe to share (``_decides_otherwise``) ``AMBIGUOUS-PATH``."""
+        for other in origin_readings(request):
+            again = self._first_match(other)
+            if again.key.lowercase_path and not again.bypass:
+                again = self._lowered(other, again)
+            read_as = normalise_path(other.target.partition("?")[0])
+            if again.bypass:
+                return replace(plan, bypass=True, detail=again.bypass_detail, read_as=read_as)
+            if again.rule is plan.rule and again.response_rules == plan.response_rules:
+                continue
+            if again.store.no_store and not plan.store.no_store and again.rule is not None:
+                return replace(plan, bypass=True, detail=f"RULE-BYPASS:{again.rule.name}", read_as=read_as)
+            if _shared_as(again) != _shared_as(plan):
+                return replace(plan, bypass=True, detail="AMBIGUOUS-PATH", read_as=read_as)
         return plan
 
     def _lowered(self, request: RequestHead, plan: RequestPlan) -> RequestPlan:

@@ -60,7 +60,7 @@ def careless_origin(origin: Origin) -> None:
     origin.route("/site.css", stylesheet)
 
 
-LURES = ["/account%2ecss", "/account%2Ecss", "/static/profile.zzz", "/static/..;/account",
+LURES = ["/account%2ecss", "/account%2Ecss", "/static/profile.zzz",
          "/static/account", "/assets/account.zzz", "/assets/account"]
 
 
@@ -75,6 +75,19 @@ async def test_a_personal_page_behind_a_static_looking_url_is_not_stored(
     attacker = await send_raw(proxy, get(lure))
     assert attacker.body == b"<h1>account of stranger</h1>", lure
     assert attacker.x_cache == "MISS"
+
+
+async def test_a_path_a_servlet_reads_as_another_path_is_not_looked_up_or_stored(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """``/static/..;/account`` is the rules' ``/static/..;/account`` but a servlet's ``/account``,
+    where no rule caches by force: the plans differ, so it is neither looked up nor stored."""
+    careless_origin(origin)
+    proxy = await make_proxy(rules=RULES)
+    victim = await send_raw(proxy, get("/static/..;/account", "Cookie: session=alice"))
+    assert victim.body == b"<h1>account of alice</h1>"
+    assert "detail=AMBIGUOUS-PATH" in (victim.header("Cache-Status") or "")
+    attacker = await send_raw(proxy, get("/static/..;/account"))
+    assert (attacker.x_cache, attacker.body) == ("BYPASS", b"<h1>account of stranger</h1>")
 
 
 @pytest.mark.parametrize("path", ["/static/site.css", "/site.css"])
@@ -110,6 +123,9 @@ def test_explain_gives_the_deception_guard_verdict_the_proxy_gives(tmp_path: Pat
     for lure in LURES:
         text = "\n".join(explain(rules, ExplainRequest(f"http://shop.example{lure}", response_headers=html), 0.0))
         assert "not stored: DECEPTION-GUARD" in text, (lure, text)
+    text = "\n".join(explain(rules, ExplainRequest("http://shop.example/static/..;/account",
+                                                   response_headers=html), 0.0))
+    assert "detail AMBIGUOUS-PATH" in text and "read this path as /account" in text, text
     css = (("Content-Type", "text/css"),)
     text = "\n".join(explain(rules, ExplainRequest("http://shop.example/static/site.css", response_headers=css), 0.0))
     assert "stored, fresh for 1h" in text, text
