@@ -481,6 +481,10 @@ class Flight:
         # it is told whether it fetches. Until then its followers' wait for the head has not
         # begun (the module docstring's bounded wait): None for any other flight.
         self.held: asyncio.Future[Any] | None = None
+        # The loop's time when the flight's request went to the origin (``MissPath._origin``);
+        # None until then: meanwhile it may wait for another worker's or node's fetch, and its
+        # followers with it (``proxy.flight._followed_head``).
+        self.sent: float | None = None
         # Reply headers prepared once for every follower (by the engine), by their variant.
         self.follower_headers: dict[Any, list[tuple[str, str]]] = {}
         self.spool: Any = None  # the BodySpool storing this flight's body, once there is one

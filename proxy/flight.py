@@ -748,6 +748,8 @@ class MissPath:
                     sink(status, reason, shared)
 
         epoch = engine.storage.epoch
+        if flight.sent is None:
+            flight.sent = asyncio.get_running_loop().time()  # its followers' wait counts from here
         try:
             resp = await engine.send(engine.upstream(attempt.req, plan, revalidating), on_interim=interim)
         except UpstreamError as exc:
@@ -927,7 +929,7 @@ class MissPath:
                         await asyncio.wait((held, flight.head), timeout=lock_timeout)
                         if not held.done() and not flight.head.done():
                             raise TimeoutError
-                    fhead = await asyncio.wait_for(asyncio.shield(flight.head), lock_timeout)
+                    fhead = await _followed_head(flight, lock_timeout)
                 else:
                     fhead = await (flight.lead or asyncio.shield(flight.head))
             finally:
@@ -1472,6 +1474,26 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
         # body, and a wait that ran out fetched the object again).
         return FromHead(plain)
     return plain
+
+
+async def _followed_head(flight: Flight, lock_timeout: float) -> FlightHead:
+    """A follower's wait for its flight's head: ``lock_timeout`` from when it joined, or from
+    when the flight's own request went to the origin, whichever is later. A flight that waited
+    for another worker's lease (or node's fill lock) waited ``lock_timeout`` too, and then
+    fetches for the worker: its followers follow that one fetch rather than each give up at the
+    same instant and fetch alone (with ``--workers 2``, a slow body cost one origin request per
+    client of the waiting worker)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(flight.head), lock_timeout)
+    except TimeoutError:
+        sent = flight.sent
+        now = asyncio.get_running_loop().time()
+        if sent is None:
+            sent = now  # still waiting elsewhere, until its own deadline (not after ours): it goes now
+        left = sent + lock_timeout - now
+        if left <= 0:
+            raise
+    return await asyncio.wait_for(asyncio.shield(flight.head), left)
 
 
 async def _sliced(chunks: AsyncIterator[bytes], first: int, end: int) -> AsyncGenerator[bytes, None]:

@@ -93,6 +93,37 @@ async def test_500_concurrent_clients_over_two_workers_make_one_origin_request(
     assert state["upstreams"][0]["url"] == origin.url
 
 
+async def test_a_body_slower_than_lock_timeout_costs_one_fetch_per_worker_not_one_per_client(
+        tmp_path: Path, origin: Origin) -> None:
+    """The head comes at once, the body takes longer than ``lock_timeout``: the waiting worker
+    gives up on the lease and fetches once for all of its clients. Its flight and its
+    followers reached ``lock_timeout`` at the same instant, and each follower used to fetch
+    alone (a reviewer: 11-12 origin requests for 20 clients over two workers)."""
+    body = b"s" * (40 * 1024)
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=60", "Content-Length": str(len(body))})
+        await resp.prepare(request)
+        for i in range(0, len(body), 2048):  # 20 pieces over 2.5 s
+            await resp.write(body[i:i + 2048])
+            await asyncio.sleep(0.125)
+        await resp.write_eof()
+        return resp
+
+    origin.route("/slow-body", slow)
+    proxy = await start_two_workers(
+        tmp_path, origin, "cache: {memory: 64MB, lock_timeout: 1s, disk: {path: cache, size: 256MB, shards: 2}}\n")
+    try:
+        results = answered(await herd(proxy.url, "/slow-body", 20))
+    finally:
+        await proxy.stop()
+    assert len(results) == 20 and {(r.status, r.body) for r in results} == {(200, body)}
+    workers = Counter(r.worker for r in results)
+    assert set(workers) == {"0", "1"} and min(workers.values()) >= 2, workers
+    # The lease holder's fetch, and the waiting worker's own after lock_timeout: one each.
+    assert origin.count("/slow-body") == 2
+
+
 async def until_each_worker(proxy: ProxyProcess, path: str, check: Callable[[Response], bool],
                             within: float = 10.0) -> None:
     """New connections until every worker answered ``path`` with a response ``check`` accepts."""
