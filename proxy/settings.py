@@ -112,6 +112,13 @@ def upstream_url(value: str) -> URL:
         raise ValueError(f"upstream url {value!r}: expected http://HOST[:PORT] or https://...")
     if url.path not in ("", "/") or url.query_string:
         raise ValueError(f"upstream url {value!r}: must not have a path or query")
+    authority = re.split(r"[/?#]", value.partition("://")[2], maxsplit=1)[0]
+    if "@" in authority:
+        # The pool never sends them, and the URL is shown in logs, /metrics and /upstreams (RFC
+        # 9110 §4.2.4 deprecates userinfo in http(s) URIs): refused, shown without them.
+        shown = f"{url.scheme}://***@{authority.rpartition('@')[2]}"
+        raise ValueError(f"upstream url {shown!r}: credentials in the URL are not sent to the origin "
+                         "(and would be shown in logs and metrics); remove them")
     return url.with_path("")
 
 
@@ -129,7 +136,8 @@ def _read_url(item: Src, ctx: Context) -> URL:
 class UpstreamSettings:
     """One entry of ``upstreams``: a URL, or a mapping with its weight."""
 
-    url: URL = setting(doc="http://HOST[:PORT] or https://HOST[:PORT], without a path",
+    url: URL = setting(doc="http://HOST[:PORT] or https://HOST[:PORT], without a path or "
+                           "user:password@ (never sent: refused)",
                        parse=Parser("URL", _read_url))
     weight: int = setting(1, "its share of requests against the other upstreams' weights", integer(minimum=1))
 

@@ -48,6 +48,24 @@ def test_check_reports_every_problem_by_file_and_line(tmp_path: Path, capsys: py
     assert any(":3: rules[0].ttl.200: bad duration 'soon'" in line for line in err)
 
 
+def test_check_refuses_credentials_in_an_upstream_url_without_printing_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """user:password@ in an upstream URL was accepted, never sent to the origin, and printed in
+    every warning, /metrics label and /upstreams: refused at its line, the password not shown."""
+    config = write(tmp_path / "c.yaml", (
+        "upstreams:\n"
+        "  - url: http://127.0.0.1:8\n"
+        "  - url: 'http://user:secretpw@127.0.0.1:9'\n"
+        "  - {url: 'https://@127.0.0.1:10', weight: 2}\n"
+    ))
+    assert main(["check", "--config", config]) == 2
+    out, err = capsys.readouterr()
+    why = "credentials in the URL are not sent to the origin (and would be shown in logs and metrics); remove them"
+    assert f"{config}:3: upstream url 'http://***@127.0.0.1:9': {why}" in err.splitlines()
+    assert f"{config}:4: upstream url 'https://***@127.0.0.1:10': {why}" in err.splitlines()
+    assert "secretpw" not in out + err
+
+
 def test_cross_field_problems_point_at_the_field_involved_and_a_bad_url_is_reported_once(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path / "c.yaml", (

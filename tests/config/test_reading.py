@@ -440,6 +440,10 @@ UPSTREAMS: list[tuple[str, list[str]]] = [
     ("['http://a b:1']", ["1: upstream url 'http://a b:1': must not contain spaces or control characters"]),
     ("['http://a?q']", ["1: upstream url 'http://a?q': must not have a path or query"]),
     ("['http://[::1]@']", ["1: upstream url 'http://[::1]@': not a valid URL"]),  # yarl raises IndexError
+    ("['http://u:pw@a:1']", ["1: upstream url 'http://***@a:1': credentials in the URL are not sent to the "
+                             "origin (and would be shown in logs and metrics); remove them"]),
+    ("['http://:pw@[::1]:1#x@y']", ["1: upstream url 'http://***@[::1]:1': credentials in the URL are not sent to "
+                                    "the origin (and would be shown in logs and metrics); remove them"]),
     ("[{url: 'http://a', foo: 1}]", ["1: unknown key 'upstreams[].foo' (allowed: url, weight)"]),
     ("http://a", ["1: upstreams: expected a list, got a string",
                   "1: no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL"]),
