@@ -163,9 +163,12 @@ def _upstreams(item: Src, ctx: Context) -> tuple[UpstreamSettings, ...]:
 class Timeouts:
     """How long the pool waits on an upstream."""
 
-    connect: float = setting(5.0, "to connect to an upstream", duration())
-    read: float = setting(60.0, "the longest silence between bytes of a response", duration())
-    total: float | None = setting(None, "a whole exchange, first byte to last (none: no limit)", duration())
+    # Each > 0 (total may be none): a 0 made every connect time out (every upstream taken out, every request a
+    # 503), every total deadline pass at once, and switched the read timeout off unsaid.
+    connect: float = setting(5.0, "to connect to an upstream", duration(positive=True))
+    read: float = setting(60.0, "the longest silence between bytes of a response", duration(positive=True))
+    total: float | None = setting(None, "a whole exchange, first byte to last (none: no limit)",
+                                  duration(positive=True))
 
 
 def _absolute_path(value: str) -> str:
@@ -181,8 +184,10 @@ class HealthSettings:
     """Active health checks: GET ``path`` every ``interval``; 2xx/3xx within ``timeout`` is a success."""
 
     path: str = setting("/healthz", "the path each upstream is asked for", text(check=_absolute_path))
-    interval: float = setting(5.0, "time between two checks of an upstream", duration())
-    timeout: float = setting(1.0, "a check that takes longer failed", duration())
+    # A 0 interval checked each upstream thousands of times a second; a 0 timeout failed
+    # every check, and took every upstream out.
+    interval: float = setting(5.0, "time between two checks of an upstream", duration(positive=True))
+    timeout: float = setting(1.0, "a check that takes longer failed", duration(positive=True))
     healthy: int = setting(2, "consecutive successes that bring a down upstream back", integer(minimum=1))
     unhealthy: int = setting(3, "consecutive failures that take an upstream out", integer(minimum=1))
 
@@ -195,7 +200,8 @@ class PassiveHealth:
 
     failures: int = setting(3, "consecutive failures that take an upstream out (0: off)",
                             integer(minimum=0))
-    cooldown: float = setting(10.0, "how long it stays out", duration())
+    cooldown: float = setting(10.0, "how long it stays out (failures: 0 turns passive checks off)",
+                              duration(positive=True))
     # False when the config has no passive: section. Then, like nginx's max_fails, a pool
     # of one upstream is never taken out: with nowhere else to send requests, a cool-down
     # would only turn three failed requests into 10 s of 503s for everyone.
@@ -271,10 +277,12 @@ class CacheSettings:
     memory_max_object: int = setting(1 * MB, "bigger bodies stay on disk only", byte_size())
     memory_policy: MemoryPolicy = setting("lru", "what the memory tier drops first")
     max_object: int = setting(100 * MB, "bigger responses are streamed through, not stored", byte_size())
+    # (0 made every request of a herd fetch for itself: the herd coalescing exists to stop.)
     lock_timeout: float = setting(5.0, "the longest a request waits for another's fetch of the same key",
-                                  duration())
+                                  duration(positive=True))
     hit_for_pass: float = setting(5.0, "a key whose response was not shareable skips waiting for this long "
-                                  "(and the disk lookup, when nothing is stored under it: see upstreams.md)",
+                                  "(and the disk lookup, when nothing is stored under it: see upstreams.md; "
+                                  "0: no key is remembered)",
                                   duration())
     disk: DiskSettings | None = setting(DiskSettings(), "the disk tier (null: memory only)")
     tag_headers: tuple[str, ...] = setting(("Surrogate-Key", "Cache-Tag"),
@@ -707,7 +715,8 @@ class Settings:
                                                        "(X-Forwarded-*, X-Real-IP, ...) are kept", networks())
     workers: int = setting(1, "worker processes, or auto: one per CPU this process may use (affinity and "
                               "cgroup quota)", Parser("integer ≥ 1 or auto", _workers))
-    shutdown_grace: float = setting(10.0, "how long requests in flight may take to finish on SIGTERM",
+    shutdown_grace: float = setting(10.0, "how long requests in flight may take to finish on SIGTERM "
+                                          "(0: they are cut off at once)",
                                     duration())
     # A worker whose event loop is stuck (a blocking call, a loop that never ends, SIGSTOP) keeps
     # accepting its share of connections (SO_REUSEPORT) and answers none of them: the supervisor

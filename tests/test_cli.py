@@ -66,6 +66,33 @@ def test_check_refuses_credentials_in_an_upstream_url_without_printing_them(
     assert "secretpw" not in out + err
 
 
+def test_check_refuses_a_zero_duration_where_zero_breaks_the_pool(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 0 that passed check and broke things at run time: health.interval 0s checked every
+    upstream thousands of times a second; timeouts.connect or health.timeout 0s took every
+    upstream out (every request a 503); timeouts.read 0s turned the read timeout off unsaid."""
+    config = write(tmp_path / "c.yaml", (
+        "upstreams: [{url: 'http://127.0.0.1:9'}]\n"
+        "upstream:\n"
+        "  timeouts: {connect: 0s, read: 0, total: 0s}\n"
+        "  health: {path: /healthz, interval: 0s,\n"
+        "           timeout: 0ms}\n"
+        "  passive: {cooldown: 0s}\n"
+        "cache: {memory: 64MB, disk: null, lock_timeout: 0s, hit_for_pass: 0s}\n"
+        "shutdown_grace: 0s\n"
+    ))
+    assert main(["check", "--config", config]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert sorted(line for line in err if "must be more than 0" in line) == sorted(
+        f"{config}:{line}: {key}: must be more than 0" for line, key in [
+            (3, "upstream.timeouts.connect"), (3, "upstream.timeouts.read"), (3, "upstream.timeouts.total"),
+            (4, "upstream.health.interval"), (5, "upstream.health.timeout"), (6, "upstream.passive.cooldown"),
+            (7, "cache.lock_timeout")])
+    # Where 0 has a meaning (documented), it is taken: no key remembered as hit-for-pass; a stop
+    # that cuts requests off at once.
+    assert not [line for line in err if "hit_for_pass" in line or "shutdown_grace" in line]
+
+
 def test_cross_field_problems_point_at_the_field_involved_and_a_bad_url_is_reported_once(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path / "c.yaml", (
