@@ -51,8 +51,9 @@ complete only when the TLS closure alert (close_notify) was received, and asynci
 give a protocol no reliable way to tell that alert from a bare TCP FIN: a FIN forged on the
 path would have a truncated body stored as complete, and served to everyone.
 
-A status code outside 100-599 (RFC 9110 §15: three digits; llhttp reads "099" or "999") is
-refused like any invalid response: a 502, never relayed nor stored.
+A status code outside 100-599 (RFC 9110 §15: three digits; llhttp reads "099" or "999"), or a
+status line of a version other than HTTP/1.0 and HTTP/1.1 (llhttp reads "HTTP/2.0"; HTTP/2
+has no status line), is refused like any invalid response: a 502, never relayed nor stored.
 
 Errors are ``proxy.errors`` types whose ``kind`` names them for the metrics: ``connect``
 (refused, reset, TLS), ``connect_timeout``, ``read_timeout`` (no byte for ``read``
@@ -436,6 +437,14 @@ class UpstreamConnection(BaseProtocol):
                     # stored, it would be served to everyone and replace a good copy.
                     self._fail(UpstreamProtocolError(f"{self._pool.name}: invalid status code {code}",
                                                      detail="an invalid status code"))
+                    return
+                version = message.version
+                if version != (1, 1) and version != (1, 0):
+                    # llhttp refuses HTTP/1.2 but reads any other major version ("HTTP/2.0",
+                    # "HTTP/9.9"): no HTTP/1.1 response, which was relayed and stored as one.
+                    self._fail(UpstreamProtocolError(
+                        f"{self._pool.name}: invalid response: HTTP/{version[0]}.{version[1]} status line",
+                        detail="a status line that is not HTTP/1.x"))
                     return
                 if 100 <= code < 200 and code != 101:
                     # An interim response (100 Continue, 102 Processing, 103 Early Hints).

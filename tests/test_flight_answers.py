@@ -314,6 +314,40 @@ async def test_a_fill_whose_small_body_breaks_off_is_the_same_gateway_error_for_
         assert len(origin.requests) == 1
 
 
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/3.0", "HTTP/9.9", "HTTP/1.2", "HTTP/0.9"])
+async def test_a_status_line_of_another_http_version_is_a_502_never_stored(
+        make_proxy: MakeProxy, version: str) -> None:
+    """HTTP/2 has no text status line: "HTTP/2.0 200 OK" from an origin asked in HTTP/1.1 is not
+    a valid response. It was relayed and stored (llhttp reads any major version; only HTTP/1.2
+    was refused)."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            await conn.request()
+            await conn.send(f"{version} 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"
+                            .encode())
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        for _ in range(2):
+            reply = await proxy.get("/p")
+            assert (reply.status, reply.cache_status) == (502, "cachegate; fwd=uri-miss; detail=UPSTREAM-INVALID")
+        assert len(origin.requests) == 2  # nothing was stored
+
+
+async def test_an_http_1_0_status_line_is_relayed_and_stored(make_proxy: MakeProxy) -> None:
+    async def serve(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.0 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok")
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        assert [((r := await proxy.get("/p")).status, r.x_cache, r.body) for _ in range(2)] == [
+            (200, "MISS", b"ok"), (200, "HIT", b"ok")]
+        assert len(origin.requests) == 1
+
+
 async def test_an_invalid_response_is_a_502_that_says_so(make_proxy: MakeProxy) -> None:
     async def serve(conn: Conn) -> None:
         await conn.request()
