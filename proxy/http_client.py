@@ -901,23 +901,51 @@ class HostPool:
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.connect_timeout
+        handshake = False  # the TCP connection is made, the TLS handshake under way
         try:
             async with asyncio.timeout_at(deadline):
                 addresses = await self._resolve(loop)
                 last: OSError | None = None
                 for family, address in addresses:
+                    handshake = False
                     try:
+                        if self.ssl is None:
+                            _, conn = await loop.create_connection(
+                                lambda: UpstreamConnection(loop, self), address, self.port, family=family)
+                            return conn
+                        # TCP first, then TLS: a plain-HTTP server behind an https:// URL waits
+                        # for a request head that never comes, and was reported as a connect
+                        # that timed out.
+                        sock = await self._tcp(loop, family, address)
+                        handshake = True
+                        # (The loop owns the socket now: it closes it if the handshake fails.)
                         _, conn = await loop.create_connection(
-                            lambda: UpstreamConnection(loop, self), address, self.port, family=family,
-                            ssl=self.ssl, server_hostname=self.host if self.ssl is not None else None)
+                            lambda: UpstreamConnection(loop, self), sock=sock, ssl=self.ssl,
+                            server_hostname=self.host)
                         return conn
                     except OSError as exc:
                         last = exc
                 raise last if last is not None else OSError(f"{self.host}: no address")
         except TimeoutError:
+            if handshake:
+                raise UpstreamConnectTimeout(f"{self.name}: TLS handshake timed out (connected; is it "
+                                             "an https server?)") from None
             raise UpstreamConnectTimeout(f"{self.name}: connect timed out") from None
         except OSError as exc:  # refused, unreachable, DNS, TLS verification (ssl.SSLError)
+            if handshake:
+                raise UpstreamConnectError(f"{self.name}: TLS handshake failed: {exc}") from exc
             raise UpstreamConnectError(f"{self.name}: cannot connect: {exc}") from exc
+
+    async def _tcp(self, loop: asyncio.AbstractEventLoop, family: int, address: str) -> socket.socket:
+        """A TCP connection to ``address``, not yet wrapped in TLS."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (address, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, str]]:
         """The upstream's addresses (an IP literal as is; names cached for DNS_TTL)."""

@@ -433,6 +433,37 @@ def unresponsive_port() -> Iterator[int]:
     listener.close()
 
 
+async def test_an_https_upstream_that_speaks_plain_http_is_told_as_a_tls_handshake_not_a_connect(
+    origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An https:// URL for a server that is plain HTTP: the TCP connection is made, the TLS
+    handshake never completes. The log said "connect timed out", which sent the operator
+    looking at the network; the client's 504 and its detail stay the same."""
+    caplog.set_level("WARNING", logger="cachegate.engine")
+
+    async def silent(conn: Conn) -> None:  # waits for a request head that never comes
+        await conn.reader.read()
+
+    async with raw_origins() as start:
+        quiet = await start(silent)
+        port = quiet.url.rsplit(":", 1)[1]
+        proxy = await make_proxy(config="upstream: {timeouts: {connect: 300ms}, retries: 0}\n",
+                                 upstreams=[f"https://127.0.0.1:{port}"], directory=tmp_path / "t")
+        reply = await proxy.get("/x")
+        assert reply.status == 504 and "detail=UPSTREAM-TIMEOUT" in reply.cache_status
+        assert quiet.connections == 1
+    # A plain HTTP server that answers the ClientHello with its own 400: the handshake fails.
+    proxy = await make_proxy(config="upstream: {timeouts: {connect: 2s}, retries: 0}\n",
+                             upstreams=[origin.url.replace("http://", "https://")], directory=tmp_path / "f")
+    reply = await proxy.get("/y")
+    assert reply.status == 502
+    warned = [r.getMessage() for r in caplog.records if "upstream failed" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert warned[0].endswith(f"https://127.0.0.1:{port}: TLS handshake timed out (connected; is it an https "
+                              "server?)"), warned
+    assert "TLS handshake failed: " in warned[1] and "cannot connect" not in warned[1], warned
+
+
 async def test_connect_read_and_total_timeouts_are_504s_told_apart(
     origin: Origin, make_proxy: MakeProxy, unresponsive_port: int, tmp_path: Path
 ) -> None:
