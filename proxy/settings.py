@@ -738,8 +738,11 @@ class Settings:
     client_header_timeout: float = setting(60.0, "the longest a request head may take to arrive whole "
                                                  "(from the connection's opening for its first request, "
                                                  "from its first byte for the next); then the "
-                                                 "connection is closed, on both listeners (on a TLS "
-                                                 "one, its handshake has as long again, before)",
+                                                 "connection is closed, on both listeners (with "
+                                                 "nothing sent; on the proxy listener a head begun is "
+                                                 "logged `408`: [logs.md](logs.md#the-access-log)) "
+                                                 "(on a TLS one, its handshake has as long again, "
+                                                 "before)",
                                            duration(positive=True))
     # A request body is sent upstream as it arrives, on a pooled connection: without a limit, a
     # client that stalls mid-upload holds that connection for as long as it likes, and
