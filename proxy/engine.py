@@ -506,11 +506,18 @@ class Engine:
                 how: RangeFetch = FetchRange(lead=False)
                 if not alone:
                     flight = self.coalescer.get(key)
+                    # Another worker's fill is not in this worker's coalescer: the lease table
+                    # says whether one is in flight (a plain miss would wait for it).
+                    leases = self.leases
+                    elsewhere = flight is None and leases is not None and leases.fetching_elsewhere(key)
                     how = decide_range_fetch(spec, fill_whole=self.settings.cache.range_fill == "whole",
                                              fill_received=flight.body.size if flight is not None else None,
                                              passing=self.coalescer.is_pass(key),
-                                             authorization="Authorization" in req.head.headers)
+                                             authorization="Authorization" in req.head.headers,
+                                             filling_elsewhere=elsewhere)
                 match how:
+                    case JoinFill(reason="elsewhere"):
+                        return await self._range_after_elsewhere(attempt, spec, old)
                     case JoinFill():
                         return await self.miss.fetch(replace(attempt, part=spec))
                     case FetchRange(lead=lead):
@@ -519,6 +526,26 @@ class Engine:
                         assert_never(how)
             case _:
                 assert_never(decision)
+
+    async def _range_after_elsewhere(self, attempt: Attempt, spec: RangeSpec, old: Cached | None) -> Reply:
+        """A range miss while another worker fetches the object under its lease: wait for that
+        fetch (``lock_timeout`` at most, as a plain miss does) and answer from what it stored;
+        when it stored nothing this request may have (not shareable, failed, too late), ask
+        the origin for the range alone, as a range does after a fill here it could not share."""
+        leases = self.leases
+        assert leases is not None
+        req, plan, key = attempt.req, attempt.plan, attempt.key
+        deadline = asyncio.get_running_loop().time() + self.settings.cache.lock_timeout
+        if await leases.await_fetch(key, deadline):
+            variants = await self.load(key, bodies=True)
+            decision = decide_lookup(req.head, [c.entry.response for c in variants], self.clock(),
+                                     plan.options)
+            if isinstance(decision, Serve) and decision.status == "HIT":
+                reply = await self.serve(req, plan, variants[decision.index], "HIT", decision.ttl,
+                                         decision.age, decision.not_modified, hit=True)
+                if reply is not None:
+                    return reply
+        return await self._fetch_part(attempt, spec, old, lead=False)
 
     async def range_alone(self, attempt: Attempt) -> Reply:
         """A range miss that waited for the key's fill and must fetch on its own after all (the

@@ -244,6 +244,20 @@ class LeaseTable:
             return "pass" if flags & F_PASS else "unshareable"
         return None
 
+    def fetching_elsewhere(self, worker: int, key: str) -> bool:
+        """Whether a worker other than ``worker`` holds the lease on ``key`` (it is fetching the
+        object) and its response is not known to be unshareable: a look, nothing taken (a range
+        miss deciding whether to wait for that fetch: ``decide_range_fetch``)."""
+        fp = self._arena.fingerprint(key)
+        with self._arena.lease_locked():
+            found = self._find(fp)
+            if found is None:
+                return False
+            _, (_, _, started, _, holder, flags) = found
+            if holder == worker or self._clock() - started > LEASE_MAX_AGE:
+                return False
+        return not (flags & F_HEAD and not flags & F_SHAREABLE)
+
     def worker_gone(self, worker: int) -> Told:
         """A worker died (the supervisor saw it): its leases end (their waiters are told), and it
         waits for nothing any more."""
@@ -400,6 +414,29 @@ class LeaseClient:
             log.warning("lease on %s ended without word to worker %d (%.2fs ago): asking again",
                         key, self._worker, loop.time() - ended_at)
             return {"outcome": "ended"}
+
+    def fetching_elsewhere(self, key: str) -> bool:
+        """Whether another worker is fetching ``key`` under its lease (``LeaseTable.fetching_elsewhere``)."""
+        return self._worker < MAX_WORKERS and self._table.fetching_elsewhere(self._worker, key)
+
+    async def await_fetch(self, key: str, deadline: float) -> bool:
+        """Wait for another worker's fetch of ``key`` without taking its lease (a range miss: it
+        never fetches the object in its stead); whether the store may have it now (stored, or
+        the lease ended meanwhile). False when it was not shareable, failed, or not over by
+        ``deadline`` (the loop's time)."""
+        lease = await self.acquire(key)
+        match lease:
+            case Granted():  # the holder was done before we asked: hand the lease straight back
+                self.release(key, lease, "ended")  # (anyone who asked since asks again)
+                return True
+            case Waiting():
+                try:
+                    told = await self.wait(key, lease, deadline)
+                finally:
+                    self.forget(key, lease)
+                return told["outcome"] in ("stored", "ended")
+            case Busy() | None:
+                return False
 
     def forget(self, key: str, waiting: Waiting) -> None:
         if self._waits.get(key) is waiting:

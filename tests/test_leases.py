@@ -75,6 +75,26 @@ def test_a_response_that_is_not_shareable_sends_waiters_and_later_askers_upstrea
     assert events(t.head("too-big", token=2, shareable=False, pass_=False)) == [(1, "unshareable")]
 
 
+def test_a_look_tells_whether_another_worker_is_fetching_a_key_and_takes_nothing(
+        table: tuple[LeaseTable, Clock]) -> None:
+    """A range miss looks (``fetching_elsewhere``) before it decides to wait for another
+    worker's fill: not its own lease, not one whose response is known not to be shareable,
+    not one past LEASE_MAX_AGE; and the look neither takes the lease nor waits on it."""
+    t, clock = table
+    assert not t.fetching_elsewhere(1, "k")
+    t.acquire(0, "k")
+    assert t.fetching_elsewhere(1, "k") and not t.fetching_elsewhere(0, "k")
+    assert t.counts()["waited"] == 0 and t.held == 1
+    assert t.release("k", token=1, outcome="stored") == []  # nobody became a waiter by looking
+    assert not t.fetching_elsewhere(1, "k")
+    t.acquire(0, "private")
+    t.head("private", token=2, shareable=False, pass_=False)
+    assert not t.fetching_elsewhere(1, "private")
+    t.acquire(0, "old")
+    clock.now += LEASE_MAX_AGE + 1
+    assert not t.fetching_elsewhere(1, "old")
+
+
 def test_a_refresh_that_does_not_wait_is_told_busy_and_not_counted_as_a_waiter(
         table: tuple[LeaseTable, Clock]) -> None:
     t, _ = table

@@ -398,3 +398,47 @@ async def test_whole_misses_behind_a_held_fill_in_one_of_two_workers_share_its_o
         finally:
             await proxy.stop(signal.SIGTERM)
     assert video.ranges == ["bytes=100-199", None]  # the range, then one whole fetch
+
+
+@pytest.mark.parametrize("honours", [True, False], ids=["origin-serves-ranges", "origin-ignores-range"])
+async def test_ranges_in_one_worker_wait_for_the_other_workers_fill_of_the_key(
+        origin: Origin, tmp_path: Path, honours: bool) -> None:
+    """Two workers: one fills the key (a slow body); ranges near its start come to the other
+    worker meanwhile. They wait for that fill under its lease, as plain GETs there do, and are
+    answered from what it stored: one fetch per machine. They looked only at their own worker's
+    flights, so the first of them asked the origin itself: one more Range request, or (an
+    origin that ignores Range) the whole object downloaded and stored a second time."""
+    video = Video(ranges=honours, held=True)
+    origin.route("/v", video)
+    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
+    cache = "cache: {memory: 64MB, lock_timeout: 20s, disk: {path: cache, size: 512MB, shards: 2}}\n"
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
+    await proxy.start("--workers", "2")
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
+            for _ in range(200):  # keep-alive connections until each worker has accepted 4
+                session = await stack.enter_async_context(aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
+                async with session.get(proxy.url + "/probe") as r:
+                    await r.read()
+                    by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
+                if len(by_worker) == 2 and all(len(s) >= 4 for s in by_worker.values()):
+                    break
+            (filler, *_), (_, *others) = by_worker.values()
+
+            async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[int, bytes]:
+                async with session.get(proxy.url + "/v", headers=headers) as r:
+                    return r.status, await r.read()
+
+            whole = asyncio.ensure_future(get(filler, {}))
+            await asyncio.wait_for(video.started.wait(), 10)  # the fill is under way in one worker
+            ranges = [asyncio.ensure_future(get(s, {"Range": "bytes=100-200"})) for s in others[:3]]
+            await asyncio.sleep(0.5)  # they are waiting in the other worker
+            video.release.set()
+            assert await whole == (200, BODY)
+            assert [await r for r in ranges] == [(206, BODY[100:201])] * 3
+        finally:
+            await proxy.stop(signal.SIGTERM)
+    assert video.ranges == [None]  # one fetch of the object, and no range of it

@@ -142,9 +142,11 @@ class JoinFill:
     """Answered from the key's whole fill, as its other clients are (the range sliced from the
     body as it arrives: ``proxy.policy.reply.reply_on_arrival``): joined when one is in flight
     (``in-flight``), else started (``whole``: ``bytes=0-`` asks for the whole representation,
-    which is what a browser's video element sends first)."""
+    which is what a browser's video element sends first; ``elsewhere``: another worker is
+    fetching the object, and this worker's fill waits for its lease as a plain miss's does,
+    then answers from what it stored)."""
 
-    reason: Literal["in-flight", "whole"]
+    reason: Literal["in-flight", "whole", "elsewhere"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,11 +163,16 @@ RangeFetch = JoinFill | FetchRange
 
 
 def decide_range_fetch(spec: RangeSpec, *, fill_whole: bool, fill_received: int | None, passing: bool,
-                       authorization: bool) -> RangeFetch:
+                       authorization: bool, filling_elsewhere: bool = False) -> RangeFetch:
     """How a single range no stored response answers (``FetchPart``) goes to the origin.
 
     ``fill_whole``: ``cache.range_fill: whole``; ``fill_received``: the bytes the key's fill in
-    flight has received (None: none is); ``passing``: the key is hit-for-pass (nothing of it is
+    flight has received (None: none is); ``filling_elsewhere``: no fill of the key is in flight
+    here, but another worker holds its lease (``proxy.leases``: it is fetching the object, and
+    its response is not known to be unshareable). A range near the start then waits for that
+    fetch as the key's plain misses do (one fetch per machine), as it would join a fill here
+    that has received nothing yet; a seek further on, or a suffix, is asked of the origin at
+    once (that fill brings the whole object already). ``passing``: the key is hit-for-pass (nothing of it is
     shared or stored: the range alone, never a whole fetch); ``authorization``: the request
     has credentials, which no fetch the client did not ask for may carry (RFC 9111 §3.5: a
     response to it is stored only when it says so; Varnish passes such requests).
@@ -183,6 +190,8 @@ def decide_range_fetch(spec: RangeSpec, *, fill_whole: bool, fill_received: int 
         if first is not None and first <= fill_received + JOIN_AHEAD:
             return JoinFill("in-flight")
         return FetchRange(lead=False)  # the fill in flight brings the whole object already
+    if filling_elsewhere:
+        return JoinFill("elsewhere") if first is not None and first <= JOIN_AHEAD else FetchRange(lead=False)
     if spec == (0, None):
         return JoinFill("whole")
     return FetchRange(lead=fill_whole and not authorization)

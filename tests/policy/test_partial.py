@@ -130,6 +130,27 @@ RANGE_FETCHES: list[tuple[str, RangeSpec, bool, int | None, bool, bool, RangeFet
     ("hit-for-pass: never a fill in flight", (100, 199), True, 0, True, False, FetchRange(lead=False)),
 ]
 
+# (case, spec, range_fill whole, passing, decision) with another worker fetching the object
+ELSEWHERE: list[tuple[str, RangeSpec, bool, bool, RangeFetch]] = [
+    ("a range near the start waits for the other worker's fill", (100, 200), True, False,
+     JoinFill("elsewhere")),
+    ("under range_fill: none too", (100, 200), False, False, JoinFill("elsewhere")),
+    ("bytes=0- too", (0, None), True, False, JoinFill("elsewhere")),
+    ("up to a MiB in", (JOIN_AHEAD, None), True, False, JoinFill("elsewhere")),
+    ("a seek further on is asked of the origin, not held", (JOIN_AHEAD + 1, None), True, False,
+     FetchRange(lead=False)),
+    ("a suffix is asked of the origin", (None, 100), True, False, FetchRange(lead=False)),
+    ("hit-for-pass: the range alone", (100, 200), True, True, FetchRange(lead=False)),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "whole", "passing", "expected"), ELSEWHERE,
+                         ids=[r[0] for r in ELSEWHERE])
+def test_a_range_miss_waits_for_another_workers_fill_of_the_key_as_a_plain_miss_does(
+        case: str, spec: RangeSpec, whole: bool, passing: bool, expected: RangeFetch) -> None:
+    assert decide_range_fetch(spec, fill_whole=whole, fill_received=None, passing=passing,
+                              authorization=False, filling_elsewhere=True) == expected
+
 
 @pytest.mark.parametrize(("case", "spec", "whole", "received", "passing", "authorization", "expected"),
                          RANGE_FETCHES, ids=[r[0] for r in RANGE_FETCHES])
