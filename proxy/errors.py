@@ -32,6 +32,8 @@ class UpstreamError(CachegateError):
     public = "the origin server failed to answer"
     # The Cache-Status ``detail`` of the error reply a client gets for it (docs/admin-api.md).
     cache_detail = "UPSTREAM-UNREACHABLE"
+    # Logged already (``first_report``): every client of a coalesced fetch gets this one error.
+    reported = False
 
     def __init__(self, message: str = "", *, detail: str | None = None) -> None:
         super().__init__(message)
@@ -144,3 +146,12 @@ class PurgeUnavailable(CachegateError):
     layer can raise it (``proxy.purge`` imports the storage)."""
 
     status_hint = 503
+
+
+def first_report(exc: UpstreamError) -> bool:
+    """Whether this is the first report of ``exc`` (and note it): one failed origin fetch is
+    one warning in the error log, however many clients coalesced on it got the error."""
+    if exc.reported:
+        return False
+    exc.reported = True
+    return True

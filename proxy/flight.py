@@ -78,6 +78,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    first_report,
 )
 from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
@@ -851,7 +852,8 @@ class MissPath:
                     return
                 await body.push(chunk)
         except UpstreamError as exc:
-            log.warning("upstream body broke off for %s: %s", key, exc)
+            if first_report(exc):  # the one line for every client it cut (``first_report``)
+                log.warning("upstream body broke off for %s (%d clients reading): %s", key, body.readers, exc)
             if spool is not None:
                 spool.discard()
             self._end(run, BrokeOff(exc))
@@ -1120,7 +1122,8 @@ class MissPath:
         if attempt.stale_prohibited and not stopping:  # (stopping: the 503 says why, not the origin)
             # RFC 9111 §5.2.2.2: a stored response that may not be served stale
             # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
-            log.warning("upstream failed, stale response not allowed: %s", exc)
+            if first_report(exc):
+                log.warning("upstream failed, stale response not allowed: %s", exc)
             return engine.finish(plan, error_reply(
                 504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", forwarded_x_cache(fwd),
                 cache_status(fwd=fwd, detail="STALE-NOT-ALLOWED")))

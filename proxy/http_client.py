@@ -165,6 +165,19 @@ def error_kind(exc: UpstreamError) -> str:
     return "protocol" if isinstance(exc, UpstreamProtocolError) else "connect"
 
 
+def body_error_kind(exc: UpstreamError) -> str:
+    """The ``cachegate_upstream_errors_total{kind}`` label of an error in a response's body,
+    after its head: ``body_`` and a timeout's own kind (``body_read_timeout``: it fell silent),
+    else ``body_broke_off`` (it ended short of its length or final chunk, was malformed or was
+    reset). Apart from the kinds of exchanges that got no head: these got one, so they are in
+    ``cachegate_upstream_requests_total`` too (the error rate counts them once).
+
+    >>> body_error_kind(UpstreamReadTimeout("x")), body_error_kind(UpstreamBodyError("x"))
+    ('body_read_timeout', 'body_broke_off')
+    """
+    return f"body_{error_kind(exc)}" if isinstance(exc, UpstreamTimeout) else "body_broke_off"
+
+
 def head_size(message: Any) -> int:
     """The bytes of a parsed response head: its status line and fields, as received but for
     whitespace (``message.raw_headers``: the fields as bytes)."""

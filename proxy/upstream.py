@@ -90,6 +90,7 @@ from proxy.http_client import (
     UpstreamDisconnected,
     UpstreamReadTimeout,
     UpstreamTotalTimeout,
+    body_error_kind,
     body_once,
     error_kind,
     request_head,
@@ -219,10 +220,13 @@ class UpstreamResponse:
             while True:
                 try:
                     chunk = await self._resp.read_chunk()
-                except UpstreamError:
+                except UpstreamError as exc:
+                    self._pool._body_error(self.upstream, exc)
                     raise
                 except (OSError, RuntimeError) as exc:
-                    raise UpstreamConnectError(f"{self.upstream.name}: {exc}") from exc
+                    error = UpstreamConnectError(f"{self.upstream.name}: {exc}")
+                    self._pool._body_error(self.upstream, error)
+                    raise error from exc
                 if not chunk:
                     return
                 yield chunk
@@ -347,6 +351,13 @@ class UpstreamPool:
         upstream.failures += 1
         if self._on_error is not None:
             self._on_error(upstream.name, kind)
+
+    def _body_error(self, upstream: Upstream, exc: UpstreamError) -> None:
+        """A response whose body failed after its head came (``body_error_kind``): counted
+        once per exchange, however many clients it cut; not held against the upstream's
+        health (its head was an answer)."""
+        if not isinstance(exc, ProxyStopping):
+            self._error(upstream, body_error_kind(exc))
 
     def _passive_failure(self, upstream: Upstream, kind: str, cause: str) -> None:
         """A passive failure (``passive_failure``: ``CONNECT`` or ``RESPONSE``, a 502/503/504 is

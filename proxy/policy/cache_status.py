@@ -61,6 +61,37 @@ def cache_status(
     return "; ".join(parts)
 
 
+def _params(member: str) -> list[str]:
+    """A member's parts split at the ``;`` outside sf-strings (RFC 8941 §3.3.3), stripped."""
+    parts, start, quoted, escaped = [], 0, False, False
+    for i, c in enumerate(member):
+        if escaped:
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ";" and not quoted:
+            parts.append(member[start:i].strip())
+            start = i + 1
+    parts.append(member[start:].strip())
+    return parts
+
+
+def cut_short(member: str | None, detail: str) -> str:
+    """What cachegate's member says of a response whose body broke off after its head went out:
+    the head's member, without ``stored`` (nothing was) and with the error's ``detail`` in place
+    of any it had. The client was sent the head's; this one is for the access log.
+
+    >>> cut_short("cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed", "UPSTREAM-BROKE-OFF")
+    'cachegate; fwd=uri-miss; fwd-status=200; collapsed; detail=UPSTREAM-BROKE-OFF'
+    >>> cut_short(None, "UPSTREAM-TIMEOUT")
+    'cachegate; detail=UPSTREAM-TIMEOUT'
+    """
+    kept = [p for p in _params(member or CACHE_NAME) if p != "stored" and not p.startswith("detail=")]
+    return "; ".join([*kept, f"detail={_sf_token_or_string(detail)}"])
+
+
 class _Invalidatable(Protocol):
     @property
     def invalidated(self) -> bool: ...

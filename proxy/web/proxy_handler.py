@@ -24,9 +24,16 @@ from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from multidict import CIMultiDict
 
 from proxy.engine import ClientRequest, Reply
-from proxy.errors import BadRequest, CachegateError, ClientBodyError, ResponseAborted, UpstreamError
+from proxy.errors import (
+    BadRequest,
+    CachegateError,
+    ClientBodyError,
+    ResponseAborted,
+    UpstreamError,
+    first_report,
+)
 from proxy.logs import REQUEST, RequestInfo
-from proxy.policy.cache_status import cache_status
+from proxy.policy.cache_status import cache_status, cut_short
 from proxy.policy.messages import HeaderList, RequestHead
 from proxy.policy.request import Message, Refusal
 from proxy.replies import Planned, upstream_detail
@@ -313,9 +320,13 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         log.exception("unhandled error for %s %s", request.method, request.raw_path)
         fe.requests("ERROR", request.method).inc()
         return _plain(500, "internal error", "ERROR", fe, info, request), 0
-    fe.requests(reply.x_cache, request.method).inc()
     info.x_cache = reply.x_cache
-    return await write_reply(request, reply, fe, info, runtime)
+    try:
+        return await write_reply(request, reply, fe, info, runtime)
+    finally:
+        # Counted once written: a body the origin broke off is counted as the error it was
+        # (``write_reply``), whatever its head said.
+        fe.requests(info.x_cache, request.method).inc()
 
 
 def _plain(status: int, text: str, x_cache: str, fe: FrontEnd, info: RequestInfo,
@@ -372,7 +383,14 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
         # client's upload broke off): end the connection so the client sees an incomplete
         # response, never a truncated "complete" one.
         if isinstance(exc, UpstreamError):
-            log.warning("aborting client response: %s", exc)
+            # Its head (HIT, stored, ...) has gone out and cannot be taken back; the access log
+            # and the request counter say what happened: an error, and why, nothing stored.
+            info.x_cache = "ERROR"
+            info.cache_status = cut_short(info.cache_status, upstream_detail(exc))
+            if first_report(exc):  # (a coalesced fetch's clients all get this one error)
+                log.warning("aborting client response: %s", exc)
+            else:
+                log.debug("aborting client response to %s: %s", request.remote, exc)
         else:
             log.debug("aborting client response to %s: %s", request.remote, exc)
         _abort(request)

@@ -258,6 +258,7 @@ class FakeOrigin:
         self.sent: list[Sent] = []
         self.upstream = Upstream(URL(ORIGIN))
         self.arrived = asyncio.Event()  # set at each request
+        self.body_errors: list[UpstreamError] = []
         self.wires: list[_Wire] = []
 
     def route(self, path: str, *answers: Answer) -> None:
@@ -283,6 +284,9 @@ class FakeOrigin:
 
     def _done(self, upstream: Upstream) -> None:
         pass  # the pool's bookkeeping of connections in use
+
+    def _body_error(self, upstream: Upstream, exc: UpstreamError) -> None:
+        self.body_errors.append(exc)  # the pool's count of bodies that failed after their head
 
     def snapshot(self) -> list[dict[str, Any]]:
         return []
