@@ -821,7 +821,8 @@ class MissPath:
         if passing:
             self.coalescer.mark_pass(key, found_nothing=self._found_nothing(run.attempt))
         if not shareable:
-            engine.metrics.not_stored_because(store_detail, url_of_key(key))
+            if store_detail:  # ("": stored, though stale on arrival: not for followers, but stored)
+                engine.metrics.not_stored_because(store_detail, url_of_key(key))
             if run.lease is not None and engine.leases is not None:
                 # The workers waiting on this key's lease go upstream now (with hit-for-pass
                 # when that is why), rather than when the body is over (the only head of a
