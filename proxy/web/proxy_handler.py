@@ -51,6 +51,8 @@ FILE_CHUNK = 256 * 1024
 # the client's write buffer: it is informational, and a client that does not read must not
 # make the proxy hold every one an origin sends.
 INTERIM_HIGH_WATER = 64 * 1024
+# cachegate's member on its answer to a PURGE (carried out or refused: its status says which).
+PURGE_STATUS = cache_status(detail="PURGE")
 
 
 def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool
@@ -290,8 +292,13 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         info.host, info.target, info.url = head.host, head.target, head.url
         if request.method == "PURGE":  # never forwarded: allowed callers purge, others 403
             purged = from_response(await purge_method(request, runtime, head), request.method)
-            fe.own_fields(purged.headers, None, info.request_id)
+            # Carried out or refused, cachegate's own answer: it says so in both fields, as every
+            # response does, and is counted as every client request is.
             info.x_cache = "PURGE"
+            info.cache_status = purged.headers["Cache-Status"] = PURGE_STATUS
+            purged.headers["X-Cache-Status"] = "PURGE"
+            fe.own_fields(purged.headers, None, info.request_id)
+            fe.requests("PURGE", request.method).inc()
             return purged, len(purged.body or b"")
         fe.saw_host(head.host)
         settings = fe.settings

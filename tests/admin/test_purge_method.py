@@ -3,6 +3,8 @@ those peers only (the admin token does not open it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from aiohttp import web
 
@@ -204,3 +206,21 @@ def test_decide_purge_method(headers: dict[str, str], refused: bool) -> None:
     verdict = decide_purge_method(CIMultiDict(headers))
     assert (verdict is not None) == refused
     assert verdict is None or (verdict.status, verdict.reason) == (403, "origin")
+
+
+async def test_a_purge_answer_carries_both_cache_fields_and_is_counted_as_a_client_request(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """Carried out (200) or refused (403), cachegate's answer says so in X-Cache-Status and
+    Cache-Status, as every response does, and cachegate_requests_total counts it (PURGE)."""
+    page(origin, "/doc")
+    allowed = await make_proxy(config=LOOPBACK, directory=tmp_path / "allowed")
+    refused = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}, purge_from: [10.0.0.0/8]}}\n",
+                               directory=tmp_path / "refused")
+    for proxy, status in ((allowed, 200), (refused, 403)):
+        await proxy.get("/doc")
+        await settle(proxy)
+        reply = await proxy.request("PURGE", "/doc")
+        assert reply.status == status
+        assert (reply.x_cache, reply.cache_status) == ("PURGE", "cachegate; detail=PURGE")
+        metrics = (await proxy.admin("GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})).body
+        assert b'cachegate_requests_total{cache_status="PURGE",method="PURGE"} 1.0' in metrics
