@@ -197,7 +197,7 @@ def add_counts(a: list[int], b: Sequence[int]) -> list[int]:
 
 # Totals, one dict per process, JSON-ready (it crosses the control channel):
 #   {"pid": 123, "worker": 0, "requests": {"HIT": 10, ...},
-#    "bytes": {"memory": ..., "disk": ..., "upstream": ...},
+#    "bytes": {"memory": ..., "disk": ..., "upstream": ..., "none": ...},
 #    "origin": 4, "fills": 3, "evictions": 0, "latency": {"HIT": [bucket counts], ...}}
 # "worker" is the worker id (None, or left out, for a process that is no worker): a new pid
 # under the same worker id is a restarted worker, and the old pid's totals are retired.
@@ -356,9 +356,15 @@ def ratios(requests: dict[str, int], bytes_: dict[str, int], origin: int) -> dic
 
     >>> ratios({"HIT": 3, "MISS": 1}, {"memory": 300, "upstream": 100}, 1)
     {'hit_ratio': 0.75, 'request_offload': 0.75, 'byte_offload': 0.75}
+
+    cachegate's own bodies (tier "none": error pages, refusals) are neither the store's nor
+    the origin's, so they are no offload:
+
+    >>> ratios({"HIT": 3, "ERROR": 1}, {"memory": 300, "upstream": 100, "none": 400}, 1)["byte_offload"]
+    0.75
     """
     total = sum(requests.values())
-    sent = sum(bytes_.values())
+    sent = sum(n for tier, n in bytes_.items() if tier != "none")
     return {
         "hit_ratio": _round(sum(n for s, n in requests.items() if s in HIT_STATUSES) / total)
         if total else None,

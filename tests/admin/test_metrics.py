@@ -17,6 +17,7 @@ from tests.admin.util import absolute, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 from tests.ops.test_server_and_errors import closed_port
+from tests.security.misbehaving import Conn, raw_origins, response
 
 CONFIG = "cache: {memory: 40KB, memory_max_object: 2KB, disk: {path: cache, size: 64MB, shards: 2}}\n"
 
@@ -337,3 +338,29 @@ async def test_the_documented_upstream_error_rate_counts_each_failure_once(
     rate = PromQL(m, documented_query("Upstream error rate, per upstream")).run()
     assert rate == {frozenset({("upstream", origin.url)}): (answered // 2) / answered,
                     frozenset({("upstream", down)}): 1.0}
+
+
+async def test_the_documented_byte_offload_leaves_cachegate_s_own_error_pages_out(
+        make_proxy: MakeProxy) -> None:
+    """An error page is neither the store's bytes nor the origin's (tier="none"): counted as
+    offload, it read 1 - upstream/all and rose with every 502."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if request.target == "/bad":
+                return  # closed without an answer: a 502 of cachegate's own
+            await conn.send(response("200 OK", {"Cache-Control": "max-age=60"}, b"x" * 1000))
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        assert (await proxy.get("/a")).x_cache == "MISS"
+        await asyncio.sleep(0.05)
+        for _ in range(3):
+            assert (await proxy.get("/a")).x_cache == "HIT"
+        for _ in range(3):
+            assert (await proxy.get("/bad")).status == 502
+        m = await scrape(proxy)
+        assert value(m, "cachegate_response_bytes_total", tier="none") > 0
+        offload = PromQL(m, documented_query("Origin offload (bytes)")).run()
+        assert offload == {frozenset(): 0.75}

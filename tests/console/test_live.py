@@ -175,6 +175,12 @@ def test_window_adds_up_the_last_points_and_ratios_follow():
     assert ratios({}, {}, 0) == {"hit_ratio": None, "request_offload": None, "byte_offload": None}
 
 
+def test_byte_offload_leaves_cachegate_s_own_bodies_out():
+    # tier "none" (error pages, refusals) is neither the store's nor the origin's
+    assert ratios({"HIT": 3, "ERROR": 1}, {"memory": 300, "upstream": 100, "none": 400}, 1)["byte_offload"] == 0.75
+    assert ratios({"ERROR": 1}, {"none": 400}, 0)["byte_offload"] is None
+
+
 def test_lean_histogram_exposes_what_prometheus_client_histogram_exposes():
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 

@@ -207,7 +207,7 @@ function ratioSeries() {
   });
   const byteOffload = make((ps) => {
     let all = 0, up = 0;
-    for (const p of ps) { all += sum(p.bytes); up += p.bytes.upstream || 0; }
+    for (const p of ps) { all += sum(p.bytes) - (p.bytes.none || 0); up += p.bytes.upstream || 0; }
     return all ? 100 * (1 - up / all) : null;
   });
   return [
