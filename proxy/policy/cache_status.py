@@ -16,7 +16,11 @@ why a response was not stored or not served (``PRIVATE``, ``NO-STORE``, ...).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol
+
+from http_sfv.item import Item
+from http_sfv.list import List
 
 CACHE_NAME = "cachegate"
 
@@ -61,21 +65,54 @@ def cache_status(
     return "; ".join(parts)
 
 
-def _params(member: str) -> list[str]:
-    """A member's parts split at the ``;`` outside sf-strings (RFC 8941 §3.3.3), stripped."""
+def _split(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside sf-strings (RFC 8941 §3.3.3), each part stripped."""
     parts, start, quoted, escaped = [], 0, False, False
-    for i, c in enumerate(member):
+    for i, c in enumerate(text):
         if escaped:
             escaped = False
         elif quoted and c == "\\":
             escaped = True
         elif c == '"':
             quoted = not quoted
-        elif c == ";" and not quoted:
-            parts.append(member[start:i].strip())
+        elif c == sep and not quoted:
+            parts.append(text[start:i].strip(" \t"))
             start = i + 1
-    parts.append(member[start:].strip())
+    parts.append(text[start:].strip(" \t"))
     return parts
+
+
+def _foreign_member(member: str) -> bool:
+    """Is ``member`` one an upstream cache may have put in Cache-Status: valid sf-list syntax
+    of one item (RFC 8941 §3.1), a cache's name (sf-token or sf-string, RFC 9211 §2) with its
+    parameters, and not this cache's name?"""
+    members = List()
+    try:
+        members.parse(member.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        return False
+    if len(members) != 1 or not isinstance(item := members[0], Item):
+        return False
+    return isinstance(item.value, str) and str(item.value) != CACHE_NAME
+
+
+def upstream_cache_status(values: Sequence[str]) -> tuple[str, ...] | None:
+    """An upstream's ``Cache-Status`` field lines as cachegate relays and stores them: None when
+    they stay as they are; else the members kept, in order. RFC 9211 §2: each cache appends
+    its member to the list; cachegate's goes last. A member that is not valid sf-list syntax
+    made the whole field fail to parse for every client (hits included), and one named as this
+    cache would pass for its own: both are dropped, the other caches' members kept.
+
+    >>> upstream_cache_status(["inner; hit", "edge; fwd=miss"]) is None
+    True
+    >>> upstream_cache_status(["a b c, inner; hit", "cachegate; hit; ttl=999"])
+    ('inner; hit',)
+    >>> upstream_cache_status(['"cachegate"; hit', 'x; detail="a, b",'])
+    ('x; detail="a, b"',)
+    """
+    members = [m for value in values for m in _split(value, ",")]
+    kept = tuple(m for m in members if _foreign_member(m))
+    return None if len(kept) == len(members) else kept
 
 
 def cut_short(member: str | None, detail: str) -> str:
@@ -88,7 +125,7 @@ def cut_short(member: str | None, detail: str) -> str:
     >>> cut_short(None, "UPSTREAM-TIMEOUT")
     'cachegate; detail=UPSTREAM-TIMEOUT'
     """
-    kept = [p for p in _params(member or CACHE_NAME) if p != "stored" and not p.startswith("detail=")]
+    kept = [p for p in _split(member or CACHE_NAME, ";") if p != "stored" and not p.startswith("detail=")]
     return "; ".join([*kept, f"detail={_sf_token_or_string(detail)}"])
 
 

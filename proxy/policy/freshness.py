@@ -28,7 +28,7 @@ from dataclasses import replace
 from types import MappingProxyType
 
 from proxy.policy.cache_control import CacheControl
-from proxy.policy.fields import delta_seconds, first_member
+from proxy.policy.fields import DELTA_SECONDS_MAX, delta_seconds, first_member
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.messages import CacheOptions, Freshness, Headers
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
@@ -90,7 +90,9 @@ def explicit_lifetime(
         date = parse_http_date(date_values[0]) if date_values else None
         if date is None:
             return None  # the caller measures from response_time instead of Date
-        return max(0.0, expires - date), "expires"
+        # Capped as delta-seconds are (RFC 9111 §1.2.2): a far Expires says no more than a
+        # huge max-age does, and the Cache-Status ttl of both is the same.
+        return min(float(DELTA_SECONDS_MAX), max(0.0, expires - date)), "expires"
     return None
 
 
@@ -174,7 +176,7 @@ def compute_freshness(
     if explicit is None and expires_values:
         # Expires without a valid Date: measure from when the response arrived.
         expires = parse_http_date(expires_values[0])
-        explicit = (max(0.0, (expires or 0.0) - response_time), "expires")
+        explicit = (min(float(DELTA_SECONDS_MAX), max(0.0, (expires or 0.0) - response_time)), "expires")
     rule_ttl = options.rule_ttl(status)
     if rule_ttl is not None and (options.override_origin or explicit is None):
         lifetime, source = rule_ttl, "rule"

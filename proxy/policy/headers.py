@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from proxy.policy.cache_control import parse_cache_control
-from proxy.policy.cache_status import CACHE_NAME
+from proxy.policy.cache_status import CACHE_NAME, upstream_cache_status
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.messages import HeaderList, Headers
 
@@ -40,7 +40,28 @@ def end_to_end(headers: Headers) -> HeaderList:
     not a generator: one call instead of one per field, on every response forwarded or stored.)"""
     listed = connection_tokens(headers)
     drop = _RESPONSE_DROPS | listed if listed else _RESPONSE_DROPS
-    return tuple([(k, v) for k, v in headers.items() if k.lower() not in drop])
+    fields = [(k, v) for k, v in headers.items() if k.lower() not in drop]
+    if "Cache-Status" in headers:  # (a CIMultiDict: any spelling; rare: a cache before this one)
+        return _their_cache_status(fields)
+    return tuple(fields)
+
+
+def _their_cache_status(fields: list[tuple[str, str]]) -> HeaderList:
+    """``fields`` with the upstream's Cache-Status members that cachegate relays and stores
+    (``upstream_cache_status``): one line where the first was, or none; done once, when a
+    response is received, never per hit."""
+    values = [v for k, v in fields if k.lower() == "cache-status"]
+    kept = upstream_cache_status(values)
+    if kept is None:
+        return tuple(fields)
+    out: list[tuple[str, str]] = []
+    for k, v in fields:
+        if k.lower() != "cache-status":
+            out.append((k, v))
+        elif kept:
+            out.append((k, ", ".join(kept)))
+            kept = ()
+    return tuple(out)
 
 
 def shared_interim(status: int, fields: HeaderList) -> HeaderList:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from tests.admin.util import settle
 from tests.conftest import MakeProxy
@@ -292,6 +293,50 @@ async def test_an_origins_x_cache_status_is_dropped_and_its_cache_status_members
         for variant in variants:
             names = [name.lower() for name, _ in variant["headers"]]
             assert "x-cache-status" not in names and "cache-status" in names, path
+
+
+async def test_an_origins_invalid_or_forged_cache_status_members_are_dropped_once_at_the_fill(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A member that is not valid sf-list syntax (``a b c``) made the whole Cache-Status fail
+    RFC 8941 parsing for every client, hits included; one named as this cache (``cachegate;
+    hit``) passed for cachegate's own. Both are dropped when the response arrives (relayed and
+    stored without them), the other caches' members kept before cachegate's."""
+    from http_sfv.list import List
+
+    async def two_lines(request: web.Request) -> web.Response:
+        return web.Response(body=b"x", headers=CIMultiDict([
+            (CC, "max-age=600"), ("Cache-Status", "a b c, inner; hit"), ("Cache-Status", "cachegate; hit; ttl=999")]))
+
+    origin.route("/cs", two_lines)
+    origin.route("/bad", body=b"x", headers={CC: "max-age=600", "Cache-Status": "a b c"})
+    proxy = await make_proxy()
+    for path, theirs in (("/cs", ["inner; hit"]), ("/bad", [])):
+        for x_cache in ("MISS", "HIT"):
+            reply = await proxy.get(path)
+            assert reply.x_cache == x_cache
+            members = reply.headers.getall("Cache-Status")
+            assert members[:-1] == theirs and members[-1].startswith("cachegate; "), (path, members)
+            field = List()
+            field.parse(", ".join(members).encode())  # the whole field parses (RFC 8941)
+            assert [str(m.value) for m in field] == [*(t.split(";")[0] for t in theirs), "cachegate"]
+            await settle(proxy)
+
+
+async def test_a_far_expires_gives_the_same_capped_ttl_as_a_huge_max_age(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """RFC 9111 §1.2.2 caps delta-seconds at 2**31: a far Expires said ttl=251605782415 where
+    max-age=99999999999999999999 said 2147483647."""
+    origin.route("/expires", body=b"x", headers={"Expires": "Fri, 31 Dec 9999 23:59:59 GMT"})
+    origin.route("/maxage", body=b"x", headers={CC: "max-age=99999999999999999999"})
+    proxy = await make_proxy()
+    ttls = []
+    for path in ("/expires", "/maxage"):
+        await proxy.get(path)
+        await settle(proxy)
+        hit = await proxy.get(path)
+        assert hit.x_cache == "HIT"
+        ttls.append(int(hit.cache_status.split("ttl=")[1].split(";")[0]))
+    assert all(2**31 - 5 <= ttl <= 2**31 for ttl in ttls), ttls
 
 
 def test_a_stored_x_cache_status_is_never_served() -> None:

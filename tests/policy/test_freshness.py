@@ -42,6 +42,10 @@ LIFETIMES = [
      [("Cache-Control", "max-age=1.5"), ("Date", date(0)), ("Expires", date(500))], 0, "max-age"),
     ("max-age=2**31 is the largest lifetime (RFC 9111 §1.2.2)",
      [("Cache-Control", "max-age=99999999999")], DELTA_SECONDS_MAX, "max-age"),
+    ("a far Expires is capped as delta-seconds are (RFC 9111 §1.2.2)",
+     [("Date", date(0)), ("Expires", "Fri, 31 Dec 9999 23:59:59 GMT")], DELTA_SECONDS_MAX, "expires"),
+    ("a far Expires without Date is capped alike",
+     [("Expires", "Fri, 31 Dec 9999 23:59:59 GMT")], DELTA_SECONDS_MAX, "expires"),
     ("no freshness information and no Last-Modified: a lifetime of zero, no default TTL",
      [("Date", date(0))], 0, "none"),
 ]
