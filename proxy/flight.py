@@ -854,7 +854,9 @@ class MissPath:
                 await body.push(chunk)
         except UpstreamError as exc:
             if first_report(exc):  # the one line for every client it cut (``first_report``)
-                log.warning("upstream body broke off for %s (%d clients reading): %s", key, body.readers, exc)
+                readers = body.readers
+                log.warning("upstream body broke off for %s (%d client%s reading): %s", key, readers,
+                            "" if readers == 1 else "s", exc)
             if spool is not None:
                 spool.discard()
             self._end(run, BrokeOff(exc))
