@@ -194,7 +194,8 @@ def _key_text(key: str) -> str:
         kind, _, rest = e.partition(":")
         name, _, value = rest.partition("=")
         shown = "(absent)" if value in ("\n", "") else repr(value)
-        parts.append(f"+ {'header' if kind == 'h' else 'cookie'} {name}={shown}")
+        what = {"h": "header", "H": "header (bytes not UTF-8, read as Latin-1)"}.get(kind, "cookie")
+        parts.append(f"+ {what} {name}={shown}")
     return "  ".join(parts)
 
 

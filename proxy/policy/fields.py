@@ -309,3 +309,29 @@ def unsendable(value: str) -> str | None:
         if c < " " or c == "\x7f":
             return f"holds {_character(c)} (a control character) at offset {i}"
     return None
+
+
+def latin1_unless_utf8(value: str) -> str | None:
+    """A field value whose bytes are not UTF-8, read as Latin-1 (each byte one character, as
+    RFC 9110 §5.5's obs-text was historically); None when the value is text as it is (ASCII,
+    or valid UTF-8: the common case, one flag read for ASCII).
+
+    The parsers decode a field's bytes as UTF-8 with ``surrogateescape``, so a byte that is not
+    part of UTF-8 arrives as a lone surrogate, which no index (SQLite), JSON answer or purge
+    request can hold. Read as Latin-1 the value is text again, and still tells every byte
+    sequence apart (Latin-1 is one character per byte).
+
+    >>> latin1_unless_utf8("caf\\udce9"), latin1_unless_utf8("café"), latin1_unless_utf8("cafe")
+    ('café', None, None)
+    """
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            raw = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no byte decodes to (not from a parser): as SQLite would
+            raw = value.encode("utf-8", "surrogatepass")
+        return raw.decode("latin-1")
+    return None

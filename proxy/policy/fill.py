@@ -33,7 +33,7 @@ from typing import Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.deception import deception_refuses
-from proxy.policy.fields import split_list
+from proxy.policy.fields import latin1_unless_utf8, split_list
 from proxy.policy.freshness import carries_credentials
 from proxy.policy.messages import CacheOptions, Freshness, HeaderList, Headers, RequestHead, StoredResponse
 from proxy.policy.storability import DontStore, decide_store, decide_store_part
@@ -271,15 +271,23 @@ def tags_from_headers(headers: Headers, names: Iterable[str]) -> tuple[str, ...]
     (Cloudflare, where a tag may contain spaces); any other configured field is split
     on commas and whitespace both (``X-Magento-Tags: a,b``, ``X-Drupal-Cache-Tags: a b``).
 
+    A field line whose bytes are not UTF-8 is read as Latin-1 (``caf\\xe9`` is the tag
+    ``café``, as the UTF-8 ``café`` is): the parser hands such a byte over as a lone
+    surrogate, which the tag index cannot hold nor a purge request name.
+
     >>> from multidict import CIMultiDict
     >>> h = CIMultiDict([("Surrogate-Key", "a  b"), ("Cache-Tag", "c d, e"), ("X-Tags", "f,g h")])
     >>> tags_from_headers(h, ["surrogate-key", "cache-tag", "x-tags"])
     ('a', 'b', 'c d', 'e', 'f', 'g', 'h')
+    >>> tags_from_headers(CIMultiDict([("Surrogate-Key", "caf\\udce9 x"), ("Surrogate-Key", "café")]),
+    ...                   ["surrogate-key"])
+    ('café', 'x')
     """
     tags: list[str] = []
     for name in names:
         lname = name.lower()
         for line in headers.getall(name, ()):
+            line = latin1_unless_utf8(line) or line  # (the function's docstring)
             if lname == "surrogate-key":
                 parts = line.split()
             elif lname == "cache-tag":

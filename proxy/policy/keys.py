@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, urlencode
 
-from proxy.policy.fields import cookies, is_token, split_list
+from proxy.policy.fields import cookies, is_token, latin1_unless_utf8, split_list
 from proxy.policy.messages import HeaderList, Headers, RequestHead
 
 ABSENT = "\n"  # a value no header can have: marks a Vary field the request lacked
@@ -133,6 +133,16 @@ def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
     'https://example.com/a?b=2&a=1'
     >>> cache_key(head, KeySpec(query_include=("a", "b"), query_sort=True))
     'https://example.com/a?a=1&b=2'
+
+    A keyed field's value is a ``h:`` part; one whose bytes are not UTF-8 (a Latin-1
+    ``d\\xe9``, which the parser hands over as a lone surrogate) is an ``H:`` part with the
+    bytes read as Latin-1: a key any index can hold, never equal to the key of another byte
+    sequence (the UTF-8 ``dé`` is an ``h:`` part).
+
+    >>> lang = KeySpec(headers=("Accept-Language",))
+    >>> [cache_key(head._replace(headers=CIMultiDict({"Accept-Language": v})), lang).split("\\x1f")[1]
+    ...  for v in ("d\\udce9", "dé")]
+    ['H:accept-language=dé', 'h:accept-language=dé']
     """
     if spec is DEFAULT_KEY:
         return f"{request.scheme}://{request.host}{request.target}"
@@ -144,8 +154,12 @@ def cache_key(request: RequestHead, spec: KeySpec = DEFAULT_KEY) -> str:
     if query:
         key += "?" + query
     for name in spec.headers:
-        values = request.headers.getall(name, ())
-        key += f"\x1fh:{name.lower()}={normalise_selecting(name, values)}"
+        selecting = normalise_selecting(name, request.headers.getall(name, ()))
+        octets = latin1_unless_utf8(selecting)
+        if octets is None:
+            key += f"\x1fh:{name.lower()}={selecting}"
+        else:  # bytes that are not UTF-8: their own part kind, so no UTF-8 text can equal them
+            key += f"\x1fH:{name.lower()}={octets}"
     if spec.cookies:
         jar = cookies(request.headers.getall("Cookie", ()))
         for name in spec.cookies:

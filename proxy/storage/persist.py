@@ -25,6 +25,10 @@ and an index row without its entry is dropped by the upkeep, and a body that wen
 is written before the transaction that refers to it. After a restart the lost entries are
 simply misses (tested: ``tests/storage/test_integrity.py``).
 
+**One record's data** (a key or tag the index cannot hold) must not cost the other records of
+its batch their place on disk: a batch that raised for anything but the disk or the database
+(``_environmental``) is written again in halves until that record is alone.
+
 **Purges** hold ``paused`` while they act on the shared memory and the disk, so no batch is in
 flight meanwhile, and what a purge killed in the shared memory is never committed afterwards.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,6 +138,12 @@ def committed_tags(written: Entry, kept: list[tuple[Entry, ...]]) -> tuple[str, 
     if not kept:
         return written.tags
     return tuple(sorted({t for e in kept[-1] for t in e.tags}))
+
+
+def _environmental(exc: Exception) -> bool:
+    """Whether a batch's failure is the disk's or the database's (full, locked, damaged,
+    unreadable), which writing it in smaller parts cannot help, rather than one record's."""
+    return isinstance(exc, (OSError, sqlite3.OperationalError)) or type(exc) is sqlite3.DatabaseError
 
 
 @dataclass
@@ -281,6 +292,13 @@ class Persister:
         try:
             return self._write(items, positions)
         except Exception as exc:  # tried again with the next batches (MAX_ATTEMPTS)
+            if len(positions) > 1 and not _environmental(exc):
+                # One record's data (a key or tag the index cannot hold) must not cost the
+                # others their place on disk: written in halves until it is alone.
+                half = positions[len(positions) // 2]
+                first, second = [p for p in positions if p < half], [p for p in positions if p >= half]
+                return (self._write_part([i for i in items if i.pos < half], first, errors)
+                        + self._write_part([i for i in items if i.pos >= half], second, errors))
             if self.index is not None:
                 self.index.noticed(exc)  # a damaged index: marked for the next start
             errors.append((len(items), exc))

@@ -171,6 +171,29 @@ def test_a_keyed_cookie_is_read_as_the_origin_reads_it(
         assert cache_key(request(*(("Cookie", v) for v in other)), spec) != key
 
 
+# (keyed Accept-Language bytes, as the parser hands them over: UTF-8 with surrogateescape)
+KEYED_OCTETS = [b"de", b"d\xe9", "dé".encode(), b"d\xc3", b"d\xc3\xa9\xe9", "dÃ©".encode(), b"d\\xe9"]
+
+
+def test_a_keyed_value_s_bytes_each_give_a_key_of_their_own_that_an_index_can_hold() -> None:
+    # A byte that is not UTF-8 (a lone surrogate) failed the disk's write of the whole batch;
+    # read as Latin-1 it must not meet the UTF-8 text it spells (d\xc3\xa9 is "dé", d\xe9 too).
+    spec = KeySpec(headers=("Accept-Language",))
+    keys = [cache_key(request(("Accept-Language", raw.decode("utf-8", "surrogateescape"))), spec)
+            for raw in KEYED_OCTETS]
+    assert len(set(keys)) == len(keys)
+    for key in keys:
+        key.encode("utf-8")  # no lone surrogate
+
+
+@given(st.binary(max_size=8), st.binary(max_size=8))
+def test_two_keyed_byte_values_share_a_key_only_when_equal(a: bytes, b: bytes) -> None:
+    spec = KeySpec(headers=("X-Tenant",))
+    ka, kb = (cache_key(request(("X-Tenant", v.decode("utf-8", "surrogateescape"))), spec) for v in (a, b))
+    assert (ka == kb) == (a == b)
+    ka.encode("utf-8")
+
+
 REFERENCE = st.builds(str.__add__, st.sampled_from(["", "/", "?", "#", "//", "http://", "http://[", "http://example.com"]),
                       st.text(max_size=30))
 

@@ -588,3 +588,26 @@ def test_a_nested_transaction_leaves_file_removals_to_the_outer_commit(tmp_path:
         assert _val_files(tmp_path) == files
     assert _val_files(tmp_path) == set()
     disk.close()
+
+
+async def test_a_record_the_index_cannot_hold_costs_no_other_fill_its_place_on_disk(disk_store: Storage) -> None:
+    # A key or tag with a lone surrogate (a byte that is not UTF-8, as the parser hands it over)
+    # cannot be written to SQLite. It used to fail the whole write-behind batch: every other
+    # client's fills in it stayed in memory only. Now the batch is written in halves until the
+    # record is alone, and only it is left out.
+    assert disk_store.disk is not None and disk_store.persister is not None
+    bodies = {f"{KEY}/{i}": os.urandom(300) for i in range(40)}
+    bad = {f"{KEY}/key\x1fh:accept-language=d\udce9": (), f"{KEY}/tag": ("caf\udce9",)}
+    keys = list(bodies)
+    for k in keys[:20]:
+        assert await store(disk_store, entry(k), bodies[k], flush=False)
+    for k, tags in bad.items():
+        assert await store(disk_store, entry(k, tags=tags), b"bad", flush=False)
+    for k in keys[20:]:
+        assert await store(disk_store, entry(k), bodies[k], flush=False)
+    assert await disk_store.flush() == 40
+    assert all(disk_store.disk.has(k) for k in bodies)
+    assert disk_store.persister.stats.failed == 2  # the two records alone, not the batch
+    disk_store.memory.clear()
+    for k, b in bodies.items():
+        assert await read_body(disk_store, k) == b
