@@ -391,6 +391,16 @@ def keys_for_url(url: str, rules: RuleSet) -> str:
     return url_of_key(cache_key(head, rules.plan(head).key))
 
 
+def url_shapes(url: str, rules: RuleSet) -> set[str]:
+    """Every URL part (``url_of_key``) the keys of ``url`` may have under the rules, whatever
+    fields and cookies its requests carry (``RuleSet.key_shapes``): a purge by URL looks each up,
+    so it finds the entries of a rule with a header condition too."""
+    parsed = URL(url, encoded=True)
+    head = RequestHead("GET", parsed.scheme, normalise_host(parsed.raw_authority, parsed.scheme),
+                       url_target(parsed, url), CIMultiDictProxy(CIMultiDict()))
+    return {keys_for_url(url, rules), *(url_of_key(cache_key(head, spec)) for spec in rules.key_shapes(head))}
+
+
 class Purger:
     """Carries out purges: the shared half once on the disk tier, the local half in a process.
 
@@ -416,7 +426,8 @@ class Purger:
         rules = self._rules()
         urls: set[str] = set()
         for n, raw in enumerate(spec.urls, 1):
-            urls.update((raw, keys_for_url(raw, rules)))
+            urls.add(raw)
+            urls.update(url_shapes(raw, rules))
             if n % PURGE_SLICE == 0:
                 await asyncio.sleep(0)  # tens of thousands of URLs: let client requests in between
         listed = list(urls)

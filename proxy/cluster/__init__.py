@@ -99,11 +99,11 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
     shared_purge = None
     tier = attach_shared(runtime)
     if tier is not None:
-        from proxy.purge import keys_for_url
+        from proxy.purge import url_shapes
 
         def shared_purge(spec: PurgeSpec) -> Awaitable[None]:
             rules = runtime.settings.rules
-            return tier.purge(spec, {keys_for_url(u, rules) for u in spec.urls})
+            return tier.purge(spec, {shape for u in spec.urls for shape in url_shapes(u, rules)})
 
     outbox_changed = beat_changed = None
     if call_workers is not None:

@@ -467,10 +467,13 @@ class Match:
     content_types: tuple[str, ...] = ()
     # Compiled from the fields above, cheapest first; explain and matching both read them.
     checks: tuple[Check, ...] = field(init=False, repr=False, compare=False)
+    # The checks of the URL alone (method, host, path, query), for a purge by URL (``url_holds``).
+    url_checks: tuple[Check, ...] = field(init=False, repr=False, compare=False)
     response_checks: tuple[ResponseCheck, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checks", self._request_checks())
+        object.__setattr__(self, "url_checks", self._request_checks(url_only=True))
         object.__setattr__(self, "response_checks", self._response_checks())
 
     @property
@@ -495,6 +498,11 @@ class Match:
     def request_holds(self, v: RequestView) -> bool:
         return self.predicate()(v)
 
+    def url_holds(self, v: RequestView) -> bool:
+        """Whether the conditions on the URL hold, header and cookie conditions aside: whether
+        some request for this URL (with the right fields and cookies) can match."""
+        return all(c.holds(v) for c in self.url_checks)
+
     def request_mismatch(self, v: RequestView) -> str | None:
         """None when every request condition holds, else the first that does not (for explain)."""
         for c in self.checks:
@@ -514,7 +522,7 @@ class Match:
                 return c.why_not(status, content_type)
         return None
 
-    def _request_checks(self) -> tuple[Check, ...]:
+    def _request_checks(self, url_only: bool = False) -> tuple[Check, ...]:
         checks: list[Check] = []
         if self.methods is not None:
             methods = self.methods
@@ -539,8 +547,9 @@ class Match:
             checks.append(Check(lambda v: path_match(v.path) is not None,
                                 lambda v: f"path {v.path} does not match {path_text!r}"))
         checks.extend(c.check("query") for c in self.query)
-        checks.extend(c.check("header") for c in self.headers)
-        checks.extend(c.check("cookie") for c in self.cookies)
+        if not url_only:
+            checks.extend(c.check("header") for c in self.headers)
+            checks.extend(c.check("cookie") for c in self.cookies)
         return tuple(checks)
 
     def _response_checks(self) -> tuple[ResponseCheck, ...]:

@@ -495,6 +495,20 @@ class RuleSet:
                 self._plans[key] = composed
         return composed
 
+    def key_shapes(self, request: RequestHead) -> list[KeySpec]:
+        """Every key spec a GET of ``request``'s URL may be stored under, whatever fields and
+        cookies it carries: the plan's for ``request`` as it is, and that of every rule whose
+        URL conditions hold (``Match.url_holds``). A purge by URL plans a request with no
+        fields, which a rule with a header condition (``X-Mobile: present``) never matched: the
+        URL's entries under that rule's key (``query: ignore``: its path alone) escaped it."""
+        specs = [self.plan(request).key]
+        view = RequestView(request)
+        for r in self._by_segment.get(first_segment(view.path), self._other):
+            key = r.actions.key
+            if key is not None and not r.actions.bypass and key not in specs and r.match.url_holds(view):
+                specs.append(key)
+        return specs
+
     def trace(self, request: RequestHead) -> list[tuple[Rule, str | None]]:
         """Every rule with the first request condition that fails (None: it holds). For explain."""
         view = RequestView(request)

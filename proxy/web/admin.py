@@ -64,10 +64,10 @@ from proxy.purge import (
     PurgeOutcome,
     PurgeSpec,
     PurgeUnavailable,
-    keys_for_url,
     normalise_url,
     read_purge,
     url_host,
+    url_shapes,
 )
 from proxy.runtime import Runtime
 from proxy.shown import shown
@@ -580,8 +580,7 @@ async def cache(request: web.Request) -> web.Response:
         raise BadRequest("give the URL: GET /cache?url=https://host/path")
     url = normalise_url(params["url"][0])
     await check_hosts(ctx, {url_host(url)})
-    keyed = keys_for_url(url, ctx.runtime.settings.rules)
-    found = await ctx.inspector.copies({url, keyed})
+    found = await ctx.inspector.copies({url, *url_shapes(url, ctx.runtime.settings.rules)})
     now = ctx.runtime.engine.clock()  # the clock the engine decides freshness with
     variants = [variant_view(entry, cs, now) for entry, cs in group_copies(found.copies)]
     body: dict[str, Any] = {"url": url, "variants": variants}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
@@ -57,6 +58,32 @@ async def test_a_url_purge_removes_every_variant_and_key_shape(origin: Origin, m
         assert (await proxy.get("/v", headers={"Accept-Language": lang})).x_cache == "MISS"
     for bucket in ("a", "b"):
         assert (await proxy.get("/k", headers={"Cookie": f"bucket={bucket}"})).x_cache == "MISS"
+
+
+@pytest.mark.parametrize("tier", ["memory", "disk"])
+async def test_a_url_purge_finds_the_key_shape_of_a_rule_that_matches_on_a_header(
+        origin: Origin, make_proxy: MakeProxy, tier: str) -> None:
+    # The purge used to plan a GET without fields, which the header condition never matched:
+    # the URL's entries under the rule's key (its path alone) were left, {"purged": 0}, HIT.
+    proxy = await make_proxy(rules="""
+        rules:
+          - name: mobile
+            match: {path: "/m/**", header: {X-Mobile: present}}
+            key: {query: ignore, headers: [X-Mobile]}
+    """)
+    versioned(origin, "/m/p")
+    for mobile in ("1", "2"):
+        await proxy.get("/m/p?utm=1", headers={"X-Mobile": mobile})
+        assert (await proxy.get("/m/p?utm=2", headers={"X-Mobile": mobile})).x_cache == "HIT"
+    await settle(proxy)
+    if tier == "disk":
+        proxy.runtime.storage.memory.clear()
+    copies = js(await proxy.admin("GET", "/cache?url=" + quote(absolute(proxy, "/m/p?utm=3"), safe="")))
+    assert len(copies["variants"]) == 2  # every key shape of the URL, as the purge finds them
+    reply = await proxy.admin("POST", "/purge", json={"urls": [absolute(proxy, "/m/p?utm=3")]})
+    assert js(reply) == {"purged": 2, "soft": False}
+    for mobile in ("1", "2"):
+        assert (await proxy.get("/m/p?utm=1", headers={"X-Mobile": mobile})).x_cache == "MISS"
 
 
 async def test_a_prefix_purge_takes_the_urls_under_it_only(origin: Origin, proxy: Proxy) -> None:

@@ -283,3 +283,37 @@ def test_a_rule_that_widens_sharing_on_an_unkeyed_condition_is_warned_about() ->
             stale_if_error: 1d
     """)
     assert "stale_if_error is chosen by query preview" in warning
+
+
+SHAPED = """
+rules:
+  - name: mobile
+    match: {path: "/m/**", header: {X-Mobile: present}}
+    key: {query: ignore, headers: [X-Mobile]}
+  - name: search
+    match: {path: "/m/**", query: {q: present}, cookie: {ab: present}}
+    key: {query: {include: [q]}, cookies: [ab]}
+  - name: another host
+    match: {host: b.example, path: "/m/**", header: {X-Mobile: present}}
+    key: {lowercase_path: true}
+  - name: passed
+    match: {path: "/m/**", header: {X-Debug: present}}
+    bypass: true
+"""
+
+# (URL target, the URL parts of every key a GET of it may have)
+KEY_SHAPES = [
+    ("/m/p?utm=1", {"http://a.example/m/p?utm=1", "http://a.example/m/p"}),
+    ("/m/p?q=x&utm=1", {"http://a.example/m/p?q=x&utm=1", "http://a.example/m/p", "http://a.example/m/p?q=x"}),
+    ("/other?utm=1", {"http://a.example/other?utm=1"}),
+]
+
+
+@pytest.mark.parametrize(("target", "shapes"), KEY_SHAPES)
+def test_a_url_s_key_shapes_include_those_of_rules_that_match_on_fields_and_cookies(
+        target: str, shapes: set[str]) -> None:
+    # A purge by URL plans a GET with no fields: the rules with a header or cookie condition
+    # give the URL key shapes of their own, which the purge must look up too.
+    from proxy.purge import url_shapes
+
+    assert url_shapes(f"http://a.example{target}", compile_text(SHAPED)) == shapes
