@@ -702,10 +702,14 @@ class Warmer:
                 if "IPv6" in str(exc):  # 'http://[::1/x'
                     raise WarmError(OPEN_BRACKET) from None
                 raise WarmError("not a valid URL", str(exc)) from None
+            if split.scheme and split.scheme.lower() not in ("http", "https") and (
+                    split.netloc or not target.url[len(split.scheme) + 1:][:1].isdigit()):
+                # ftp://h/x is not http://h/x; nor are mailto:a@b.example, file:///etc/passwd
+                # (no host: checked first, they were "not a URL or path"). A host and port
+                # (localhost:8080/x, read as the scheme "localhost") is no URL of another scheme.
+                raise WarmError(NOT_HTTP)
             if not (split.scheme and split.netloc):
                 raise WarmError(NOT_A_URL)
-            if split.scheme.lower() not in ("http", "https"):  # ftp://h/x is not http://h/x
-                raise WarmError(NOT_HTTP)
             if "@" in split.netloc:
                 raise WarmError(USERINFO)
             if host_problem(split.netloc) is not None:  # a control character, a port past 65535

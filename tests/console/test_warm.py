@@ -749,12 +749,13 @@ async def test_error_kinds_are_a_fixed_few_with_one_example_each(origin: Origin,
     """Each line that was not a URL was a kind of its own, URL included ("not a URL or path:
     'x1'" ...): 20,000 of them printed a 700 KB summary line and 20,000 "e.g." lines. Other
     schemes were sent as http (``ftp://h/x`` with Host h): now refused, a kind of their own."""
-    lines = [f"nope{i}" for i in range(50)] + ["ftp://h/x", "mailto://a/b", "HTTP://h/upper-case-scheme"]
+    lines = [f"nope{i}" for i in range(49)] + ["localhost:8080/x", "ftp://h/x", "mailto://a/b",
+                                                "mailto:a@b.example", "file:///etc/passwd", "HTTP://h/upper-case-scheme"]
     origin.route("/upper-case-scheme", body=b"x", headers={"Cache-Control": "max-age=600"})
     code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
                                 stdin="\n".join(lines).encode())
     assert code == 1, (out, err)
-    assert "errors               52  (not a URL or path 50, not an http(s) URL 2)" in out, out
+    assert "errors               54  (not a URL or path 50, not an http(s) URL 4)" in out, out
     assert len([line for line in out.splitlines() if "e.g." in line]) == 2, out
     assert "not a URL or path: e.g. nope0" in out and "not an http(s) URL: e.g. ftp://h/x" in out, out
     assert origin.count("/x") == origin.count("/b") == 0
