@@ -127,6 +127,7 @@ class Store(Protocol):
 
     memory_get: Callable[[str], tuple[Cached, ...] | None]
     fresh_view: Callable[[str], Slot | None]
+    alive: Callable[[Cached], bool]  # whether a variant's record in the shared memory still stands
 
     @property
     def memory(self) -> MemoryLimits: ...
@@ -236,7 +237,7 @@ class Engine:
 
     # -- entry point -----------------------------------------------------------------------
 
-    async def handle(self, req: ClientRequest) -> Reply:
+    async def handle(self, req: ClientRequest, *, looked_again: bool = False) -> Reply:
         head = req.head
         planned = req.planned
         if planned is not None and planned.rules is self.rules:
@@ -288,6 +289,11 @@ class Engine:
                                           detail=serve_detail(decision.status, cached.entry.response))
                 if reply is not None:
                     return reply
+                if not looked_again and not self.storage.alive(cached):
+                    # Its record in the shared memory was replaced while its body was read (a
+                    # refresh or fill, maybe another worker's): the key is stored anew, not gone.
+                    # Looked up again once, where a full miss used to go to the origin.
+                    return await self.handle(req, looked_again=True)
                 return await self.miss.fetch(Attempt(req, plan, key, "uri-miss"))
             case Revalidate():
                 cached = variants[decision.index]
@@ -443,8 +449,10 @@ class Engine:
             log.exception("storage body read failed for %s", cached.entry.key)
             self.metrics.storage_errors.labels("read").inc()
             body = None
-        if body is None:
+        if body is None and self.storage.alive(cached):
             # The disk tier culled the body: forget the variant so the next request refetches.
+            # (Not when its record in the shared memory died meanwhile: replaced by a refresh or
+            # a fill, or purged; forgetting the key then dropped the new copy as well.)
             try:
                 await self.storage.delete([cached.entry.key])
             except Exception:

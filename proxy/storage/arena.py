@@ -71,6 +71,7 @@ DISK_BYTES_PER_SLOT = 4096  # directory size: one slot per this many bytes of di
 MIN_BUCKETS = 64
 LEASE_BYTES = 128 + 512 * 8 * 40  # the cross-worker lease table (proxy.leases): 4,096 leases
 FLAGS_PER_LOCK = 64  # records write-behind marks persisted per taking of the ring's lock
+FIND_TRIES = 4  # readings of a key's bucket that changed under a lookup before it counts as a miss
 MAX_SECOND_CHANCES = 16  # records read since written that go round again per write (bounds its work)
 
 # The bytes of the memfd whose POSIX record locks guard the three regions (``_Locked``), and
@@ -338,14 +339,22 @@ class Arena:
         """The live record of ``key``, copied (its body stays in place: ``body_at``), or None."""
         if fp is None:
             fp = self.fingerprint(key)
-        slots = _BUCKET.unpack_from(self.mm, self._bucket_at(fp))
+        bucket = self._bucket_at(fp)
+        slots = _BUCKET.unpack_from(self.mm, bucket)
         if fp not in slots:  # (in C) a miss, most often: a fill looks its key up four times
             return None
-        for i in range(0, 2 * BUCKET_SLOTS, 2):
-            if slots[i] == fp:
-                found = self.read(slots[i + 1], key)
-                if found is not None:
-                    return found
+        for _ in range(FIND_TRIES):
+            for i in range(0, 2 * BUCKET_SLOTS, 2):
+                if slots[i] == fp:
+                    found = self.read(slots[i + 1], key)
+                    if found is not None:
+                        return found
+            # The record the slot named died while it was read: a writer that replaced it has
+            # pointed the slot at the new one first (``_link``), so the bucket read again finds it.
+            again = _BUCKET.unpack_from(self.mm, bucket)
+            if again == slots:
+                return None
+            slots = again
         return None
 
     def read(self, pos: int, key: str | None = None) -> Record | None:
@@ -601,9 +610,11 @@ class Arena:
         for i in range(0, 2 * BUCKET_SLOTS, 2):
             sfp, spos = slots[i], slots[i + 1]
             if sfp == fp and spos != pos and self._key_at(spos) == key:
-                self._kill(spos)
+                # The slot first, then the old record dies: killed first, a reader in another
+                # process that came between found the key gone (a miss for a key being replaced).
                 _Q.pack_into(mm, at + i * 8 + 8, pos)
                 self._bytes += size - self._size_at(spos)
+                self._kill(spos)
                 return
             if sfp == 0:
                 if free < 0:

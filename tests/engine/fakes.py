@@ -101,6 +101,9 @@ class FakeStore:
     def fresh_view(self, key: str) -> None:
         return None  # the fast path is not the engine's: tests/test_fastpath.py
 
+    def alive(self, cached: Cached) -> bool:
+        return True  # no shared memory here: a variant's record never dies under a read
+
     def serve_from(self, key: str, slot: Any, cached: Cached, max_file: int | None) -> tuple[bool, None]:
         return True, None
 
