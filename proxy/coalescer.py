@@ -485,6 +485,10 @@ class Flight:
         # None until then: meanwhile it may wait for another worker's or node's fetch, and its
         # followers with it (``proxy.flight._followed_head``).
         self.sent: float | None = None
+        # The flight's fetch is already a second try (its leader fetched again after another
+        # fetch failed, or its worker did after the lease holder's did): its failure is every
+        # follower's answer, as ``Attempt.again`` makes it the leader's (``fetches_again``).
+        self.again = False
         # Reply headers prepared once for every follower (by the engine), by their variant.
         self.follower_headers: dict[Any, list[tuple[str, str]]] = {}
         self.spool: Any = None  # the BodySpool storing this flight's body, once there is one

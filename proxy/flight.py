@@ -435,6 +435,7 @@ class MissPath:
                 fly: Callable[[_Run], Awaitable[None]]) -> Flight:
         async def task(flight: Flight) -> None:
             run = _Run(attempt, flight, background, register)
+            flight.again = attempt.again
             try:
                 await fly(run)
             finally:
@@ -583,7 +584,7 @@ class MissPath:
                                 # The holder's request failed, not ours: as the holder's own
                                 # followers (``fetches_again``), once more under the lease,
                                 # which one of the waiting workers takes.
-                                again = True
+                                again = run.flight.again = True
                                 continue
                             # what the holder's own followers get: stale-if-error or the error
                             self._end(run, Unreachable(error))
@@ -949,8 +950,8 @@ class MissPath:
             return await self._fetch_alone(attempt)
         except UpstreamError as exc:
             reader.close()
-            if fetches_again(exc, collapsed=collapsed, again=attempt.again, stale=stale is not None,
-                             part=attempt.part is not None):
+            if fetches_again(exc, collapsed=collapsed, again=attempt.again or flight.again,
+                             stale=stale is not None, part=attempt.part is not None):
                 return await self._again(attempt, flight)
             return await self._origin_failed(attempt, exc)
         except ConnectionError as exc:
