@@ -100,7 +100,7 @@ UNWRITTEN_ROOM = 4  # × memory_max_object: a key's bodies not on disk yet (``bo
 MEMORY_ONLY_SHARE = 64
 
 
-def bodies_within(variants: tuple[Cached, ...], limit: int, unwritten: int | None,
+def bodies_within(variants: tuple[Cached, ...], limit: int, unwritten: int,
                   on_disk: Callable[[Cached], bool]) -> tuple[Cached, ...]:
     """A key's variants with about ``limit`` bytes of bodies (``memory_max_object``: what one
     object may hold in memory), the newest kept. Why: every new Vary variant rewrites the key's
@@ -111,15 +111,10 @@ def bodies_within(variants: tuple[Cached, ...], limit: int, unwritten: int | Non
     body's). One not written to disk yet keeps its body while the record's bodies stay within
     ``unwritten`` bytes (``MemoryTier.unwritten_limit``: dropped at once, it was refetched by
     clients asking for the variants of a page in turn faster than write-behind writes them);
-    past that the oldest of them are left out (a miss, as if the ring had evicted them).
-    ``unwritten`` None: none is left out (with a disk tier: the record is what write-behind
-    commits, so a body left out of it never reached the disk; ``Writer.put_memory`` keeps a
-    key's unwritten bodies within bounds by writing a fill past them through to disk)."""
+    past that the oldest of them are left out (a miss, as if the ring had evicted them)."""
     if sum(len(c.body) for c in variants if c.body is not None) <= limit:
         return variants
-    room = limit
-    spare = unwritten - limit if unwritten is not None else sum(
-        len(c.body) for c in variants if c.body is not None)
+    room, spare = limit, unwritten - limit
     kept: list[Cached] = []
     for c in reversed(variants):  # the newest last (``merge_variant``)
         body = c.body
@@ -209,11 +204,6 @@ class MemoryTier:
         # What a key's record may hold of bodies not on disk yet (``bodies_within``); without a
         # disk tier (nothing is written behind) ``Storage`` sets ``memory_only_bodies``.
         self.unwritten_limit = UNWRITTEN_ROOM * max_object
-        # Whether a put may leave out bodies not on disk yet past ``unwritten_limit`` (a miss):
-        # only without a disk tier. With one, the record is what write-behind commits, so a
-        # body left out never reached the disk although its fill was answered as stored;
-        # ``Storage`` sets False and its writer keeps to the limit (``unwritten_fits``).
-        self.drops_unwritten = True
         self.policy = policy
         self.decoded_budget = decoded if decoded is not None else decoded_budget(budget)
         self._decoded: OrderedDict[str, Slot] = OrderedDict()
@@ -417,8 +407,7 @@ class MemoryTier:
         ``if_absent``: written only when the shared memory has no record of the key (checked
         under the ring's lock): for promotions from disk (``Arena.put``)."""
         if len(variants) > 1:
-            variants = bodies_within(variants, self.max_object,
-                                     self.unwritten_limit if self.drops_unwritten else None, self._on_disk)
+            variants = bodies_within(variants, self.max_object, self.unwritten_limit, self._on_disk)
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
         written: list[Cached] = []
@@ -466,12 +455,6 @@ class MemoryTier:
             held.append(Cached(c.entry, view_of, c.heads, False, pos, state))
         self._hold(key, tuple(held), pos, tuple(starts), before)
         return True
-
-    def unwritten_fits(self, variants: tuple[Cached, ...]) -> bool:
-        """Whether a record of ``variants`` keeps every body not on disk yet within
-        ``unwritten_limit`` (``bodies_within`` would leave none of them out)."""
-        return len(variants) < 2 or len(
-            bodies_within(variants, self.max_object, self.unwritten_limit, self._on_disk)) == len(variants)
 
     def _body_now(self, key: str, c: Cached) -> tuple[builtins.bytes | None, int]:
         """The body of ``c`` (a view of a record that was replaced meanwhile) and the state to

@@ -193,35 +193,25 @@ class Writer:
 
     def put_memory(self, entry: Entry, spool: BodySpool) -> bool:
         """Make a finalized entry visible at once, to every process of the machine (bodies up to
-        ``memory_max_object``); the disk tier gets it behind (``persist``). False (``put_disk``
-        writes it through, as a big body) when the key's record already holds its room of
-        bodies not on disk yet (``MemoryTier.unwritten_fits``): put, it would push older
-        variants out of the record write-behind commits, and they never reached the disk
-        although their fills were answered as stored."""
+        ``memory_max_object``); the disk tier gets it behind (``persist``)."""
         memory = self.t.memory
         body = spool.body_bytes()
         if body is None or entry.body_size > memory.max_object or spool.doomed:
             return False
-        current, variants = self._with_variant(Cached(entry, body, state=ALL_TO_WRITE))
-        if self.t.disk is not None and not memory.unwritten_fits(variants):
-            return False
-        spool.in_memory = memory.put(entry.key, variants, admit=not current)
+        spool.in_memory = self._put_variant(Cached(entry, body, state=ALL_TO_WRITE))
         return spool.in_memory
 
-    def _with_variant(self, new: Cached) -> tuple[tuple[Cached, ...], tuple[Cached, ...]]:
-        """The key's variants in the shared memory now, and with ``new`` (replacing the one with
-        its Vary values)."""
+    def _put_variant(self, new: Cached) -> bool:
+        """Put ``new`` in the shared memory beside the key's other variants there (replacing the
+        one with its Vary values); a key memory did not hold goes through this process's
+        doorkeeper (``MemoryTier.put``'s ``admit``)."""
+        memory = self.t.memory
         entry = new.entry
-        current = self.t.memory.peek(entry.key) or ()
+        current = memory.peek(entry.key) or ()
         merged, _ = merge_variant(tuple(c.entry for c in current), entry)
         held = {c.entry.body_id: c for c in current}
-        return current, tuple(new if e.body_id == entry.body_id else held[e.body_id] for e in merged)
-
-    def _put_variant(self, new: Cached) -> bool:
-        """Put ``new`` in the shared memory beside the key's other variants there; a key memory
-        did not hold goes through this process's doorkeeper (``MemoryTier.put``'s ``admit``)."""
-        current, variants = self._with_variant(new)
-        return self.t.memory.put(new.entry.key, variants, admit=not current)
+        return memory.put(entry.key, tuple(
+            new if e.body_id == entry.body_id else held[e.body_id] for e in merged), admit=not current)
 
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
         """The disk tier's part of a finalized entry: nothing now for a body the shared memory
