@@ -625,8 +625,10 @@ def _without_dot_segments(path: str) -> str:
 
 # What makes origins read a raw path otherwise than ``normalise_path`` does, raw or escaped: a
 # ``;`` parameter, a backslash, a NUL, an escaped ``/``, and a dot or space ending a segment (dot
-# segments among them). A path without one (nearly every path) has no other reading.
-PATH_READ_OTHERWISE = re.compile(r"[;\\\x00]|%(?:2[Ff]|3[Bb]|5[Cc]|00)|(?:\.|%2[Ee]|%20| )(?=/|$)")
+# segments among them). A path without one (nearly every path) has no other reading. Searched
+# in the whole target too, so a segment also ends where the query starts (``/cart.?a=1`` is
+# IIS's ``/cart``: a query turned the readings off).
+PATH_READ_OTHERWISE = re.compile(r"[;\\\x00]|%(?:2[Ff]|3[Bb]|5[Cc]|00)|(?:\.|%2[Ee]|%20| )(?=[/?]|$)")
 _PARAMS = re.compile(r";[^/]*")
 # Escaped reserved characters (RFC 3986 §2.2) an origin that routes on the raw path never reads as
 # the character: ``/``, ``;``, ``?``, ``#`` and ``\``.

@@ -60,6 +60,9 @@ PLANS: list[tuple[str, str, str, bool, str | None]] = [
      False, None),
     ("a parameter in the query is not the path's", "/about?a=1;cart", "anonymous pages", False, None),
     ("a dotted file name is no trailing dot", "/about.html", "anonymous pages", False, None),
+    ("a trailing dot before a query: IIS's /cart all the same", "/cart.?a=1", "anonymous pages", True, "/cart"),
+    ("a trailing space before a query", "/cart%20?a=1", "anonymous pages", True, "/cart"),
+    ("a dotted file name before a query is no trailing dot", "/about.html?a=1", "anonymous pages", False, None),
 ]
 
 
@@ -135,6 +138,8 @@ ESCAPED_PLANS: list[tuple[str, str, str, str, str | None, str | None, str | None
      "/static/..%2Fsearch", "", "search results keyed by the params that matter", "AMBIGUOUS-PATH",
      "/static/..%2Fsearch"),
     ("%2e%2e is no dot segment to a raw router", README_RULES, "/static/%2e%2e/search", "",
+     "search results keyed by the params that matter", "AMBIGUOUS-PATH", "/static/%2e%2e/search"),
+    ("...nor before a query", README_RULES, "/static/%2e%2e/search?a=1", "",
      "search results keyed by the params that matter", "AMBIGUOUS-PATH", "/static/%2e%2e/search"),
     ("json-api: the auth endpoints pass on the servlet's reading", JSON_API.read_text(), API_LURE, "",
      "product catalogue", "RULE-BYPASS:auth endpoints pass", "/api/auth/me"),
