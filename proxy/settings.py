@@ -102,6 +102,16 @@ def storable_limit(max_object: int, disk: tuple[int, int] | None, memory_max_obj
 
 def upstream_url(value: str) -> URL:
     """An upstream's URL, without a path; ValueError saying why not."""
+    scheme, sep, rest = value.partition("://")
+    authority = re.split(r"[/?#]", rest if sep else value, maxsplit=1)[0]
+    if "@" in authority:
+        # The pool never sends them, and the URL is shown in logs, /metrics and /upstreams (RFC
+        # 9110 §4.2.4 deprecates userinfo in http(s) URIs): refused first, so that no other
+        # message about the URL shows them.
+        shown = f"{scheme}://***@" if sep else "***@"
+        shown += authority.rpartition("@")[2]
+        raise ValueError(f"upstream url {shown!r}: credentials in the URL are not sent to the origin "
+                         "(and would be shown in logs and metrics); remove them")
     if any(c <= " " or c == "\x7f" for c in value):  # yarl drops a CR or LF, the host goes in Host
         raise ValueError(f"upstream url {value!r}: must not contain spaces or control characters")
     try:
@@ -112,13 +122,6 @@ def upstream_url(value: str) -> URL:
         raise ValueError(f"upstream url {value!r}: expected http://HOST[:PORT] or https://...")
     if url.path not in ("", "/") or url.query_string:
         raise ValueError(f"upstream url {value!r}: must not have a path or query")
-    authority = re.split(r"[/?#]", value.partition("://")[2], maxsplit=1)[0]
-    if "@" in authority:
-        # The pool never sends them, and the URL is shown in logs, /metrics and /upstreams (RFC
-        # 9110 §4.2.4 deprecates userinfo in http(s) URIs): refused, shown without them.
-        shown = f"{url.scheme}://***@{authority.rpartition('@')[2]}"
-        raise ValueError(f"upstream url {shown!r}: credentials in the URL are not sent to the origin "
-                         "(and would be shown in logs and metrics); remove them")
     return url.with_path("")
 
 

@@ -439,8 +439,18 @@ UPSTREAMS: list[tuple[str, list[str]]] = [
      ["1: upstream url 'http://a\\r\\nX: 1': must not contain spaces or control characters"]),
     ("['http://a b:1']", ["1: upstream url 'http://a b:1': must not contain spaces or control characters"]),
     ("['http://a?q']", ["1: upstream url 'http://a?q': must not have a path or query"]),
-    ("['http://[::1]@']", ["1: upstream url 'http://[::1]@': not a valid URL"]),  # yarl raises IndexError
+    ("['http://[::1]@']", ["1: upstream url 'http://***@': credentials in the URL are not sent to the "
+                           "origin (and would be shown in logs and metrics); remove them"]),
     ("['http://u:pw@a:1']", ["1: upstream url 'http://***@a:1': credentials in the URL are not sent to the "
+                             "origin (and would be shown in logs and metrics); remove them"]),
+    # the password is never shown, whatever else is wrong with the URL
+    ("['http://u:S3cret@a:1/app']", ["1: upstream url 'http://***@a:1': credentials in the URL are not sent to the "
+                             "origin (and would be shown in logs and metrics); remove them"]),
+    ("['http://u:S3cret@a:99999']", ["1: upstream url 'http://***@a:99999': credentials in the URL are not sent to the "
+                             "origin (and would be shown in logs and metrics); remove them"]),
+    ("['ftp://u:S3cret@a']", ["1: upstream url 'ftp://***@a': credentials in the URL are not sent to the "
+                             "origin (and would be shown in logs and metrics); remove them"]),
+    ("['u:S3cret@a:1']", ["1: upstream url '***@a:1': credentials in the URL are not sent to the "
                              "origin (and would be shown in logs and metrics); remove them"]),
     ("['http://:pw@[::1]:1#x@y']", ["1: upstream url 'http://***@[::1]:1': credentials in the URL are not sent to "
                                     "the origin (and would be shown in logs and metrics); remove them"]),
