@@ -203,8 +203,10 @@ class PassiveHealth:
 
     failures: int = setting(3, "consecutive failures that take an upstream out (0: off)",
                             integer(minimum=0))
-    cooldown: float = setting(10.0, "how long it stays out (failures: 0 turns passive checks off)",
-                              duration(positive=True))
+    # 0 loads, as it always did: no upstream is ever out, as with failures: 0 (refusing it broke
+    # configs that had turned the checks off with both).
+    cooldown: float = setting(10.0, "how long it stays out (0, or failures: 0, turns passive checks "
+                                    "off)", duration())
     # False when the config has no passive: section. Then, like nginx's max_fails, a pool
     # of one upstream is never taken out: with nowhere else to send requests, a cool-down
     # would only turn three failed requests into 10 s of 503s for everyone.

@@ -106,6 +106,8 @@ VALUES: list[tuple[str, dict[str, Any]]] = [
      {"pool.health.path": "/h", "pool.health.interval": 2.0, "pool.health.timeout": 3.0,
       "pool.health.healthy": 1, "pool.health.unhealthy": 5}),
     ("upstream: {passive: {}}", {"pool.passive.configured": True, "pool.passive.failures": 3}),
+    ("upstream: {passive: {failures: 0, cooldown: 0}}",
+     {"pool.passive.configured": True, "pool.passive.failures": 0, "pool.passive.cooldown": 0.0}),
     ("upstream: {passive: {failures: 0, cooldown: 1m}}",
      {"pool.passive.configured": True, "pool.passive.failures": 0, "pool.passive.cooldown": 60.0}),
     ("upstream: {tls: {verify: false, ca_file: ca.pem}}", {"pool.tls.verify": False,
