@@ -166,11 +166,11 @@ def _upstreams(item: Src, ctx: Context) -> tuple[UpstreamSettings, ...]:
 class Timeouts:
     """How long the pool waits on an upstream."""
 
-    # Each > 0 (total may be none): a 0 made every connect time out (every upstream taken out, every request a
+    # Each > 0 (total may be null): a 0 made every connect time out (every upstream taken out, every request a
     # 503), every total deadline pass at once, and switched the read timeout off unsaid.
     connect: float = setting(5.0, "to connect to an upstream", duration(positive=True))
     read: float = setting(60.0, "the longest silence between bytes of a response", duration(positive=True))
-    total: float | None = setting(None, "a whole exchange, first byte to last (none: no limit)",
+    total: float | None = setting(None, "a whole exchange, first byte to last (null, the default: no limit)",
                                   duration(positive=True))
 
 
