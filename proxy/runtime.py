@@ -32,7 +32,7 @@ from proxy.engine import Engine
 from proxy.lockfile import HeldLock, LockTaken
 from proxy.logs import AccessLog, RepeatedFailure, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
-from proxy.purge import PurgeOutcome, Purger, PurgeSpec
+from proxy.purge import PurgeOutcome, Purger, PurgeSpec, PurgeUnavailable
 from proxy.room import MemoryUnavailable
 from proxy.settings import storable_limit
 from proxy.storage.arena import Arena
@@ -183,6 +183,8 @@ class Runtime:
     # process, or the supervisor): its ``proxy.cluster.node.ClusterNode``, for GET /cluster
     # and /healthz. Typed loosely so that nothing here imports the Redis client.
     cluster: Any = None
+    # Set once ``proxy.cluster.join`` is over (joined, or failed): a purge waits for it.
+    joined: asyncio.Event = field(default_factory=asyncio.Event)
     worker_id: int | None = None
     # In a worker: the control channel to the supervisor. Features add named calls to
     # ``control.handlers`` (answered here) and call the supervisor with ``control.call``.
@@ -266,7 +268,28 @@ class Runtime:
         """Purge everywhere this cache lives (every worker, every node of a cluster)."""
         if self.purge_fn is not None:
             return await self.purge_fn(spec)
+        if self.settings.cluster is not None:
+            return await (await self.joined_cluster()).purge(spec)  # type: ignore[no-any-return]
         return PurgeOutcome(await self.purge_here(spec))
+
+    async def joined_cluster(self) -> Any:
+        """In cluster mode, this node's member of the cluster, once it has joined. The admin
+        listener answers before then (GET /healthz says why the node is not ready), and a purge
+        applied here alone meanwhile was lost for the other nodes, which went on serving what it
+        covered: it waits for the join, up to ``cluster.ack_timeout`` (what a purge waits for the
+        other nodes), else ``PurgeUnavailable`` (503) with nothing purged anywhere."""
+        cluster = self.settings.cluster
+        assert cluster is not None
+        if not self.joined.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.joined.wait(), cluster.ack_timeout)
+        if self.cluster is None or not self.joined.is_set():
+            raise PurgeUnavailable(
+                "cluster: the purge was not made: this node has not joined the cluster yet (it is "
+                "connecting to Redis or catching up with the cluster's purges; GET /healthz answers "
+                "503 until it has), so the other nodes cannot be told; nothing was purged on any "
+                "node; retry once it is ready")
+        return self.cluster
 
     async def purge_here(self, spec: PurgeSpec) -> int:
         """Purge this process's store (a cachegate of one process: its whole cache)."""

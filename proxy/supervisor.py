@@ -872,8 +872,8 @@ class Supervisor:
         (which calls ``purge_here`` on every node), else ``purge_here``."""
         runtime = self.runtime
         assert runtime is not None
-        if runtime.cluster is not None:
-            outcome: PurgeOutcome = await runtime.cluster.purge(spec)
+        if runtime.settings.cluster is not None:  # (once joined: ``Runtime.joined_cluster``)
+            outcome: PurgeOutcome = await (await runtime.joined_cluster()).purge(spec)
             return outcome
         return PurgeOutcome(await self.purge_here(spec))
 

@@ -3,7 +3,8 @@
 An adapter around the runtime, like the web layer: nothing in ``proxy/policy/`` or
 the storage roles knows Redis exists. The runtime and the engine call narrow seams:
 
-- ``Runtime.purge_fn``: a purge goes through the node's bus (``node.ClusterNode``),
+- ``Runtime.purge``: a purge goes through the node's bus (``node.ClusterNode``) once the
+  node has joined (one sent before waits for that: ``Runtime.joined_cluster``),
   which appends it to a Redis stream, applies it here with the purge the node had
   before (``purge_here``: one process, or the supervisor's fan-out to its workers)
   and waits for the other nodes' acknowledgements;
@@ -137,6 +138,8 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
     except BaseException:
         runtime.cluster = runtime.engine.cluster = None
         raise
+    finally:
+        runtime.joined.set()  # purges made meanwhile waited (``Runtime.joined_cluster``)
     runtime.closers.append(node.close)
 
 

@@ -649,8 +649,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
             if settings.cluster is not None:
                 # Caught up with the cluster's purges before the first client is served
                 # (GET /healthz on the admin listener says why it is not ready meanwhile).
-                await join_cluster(runtime, runtime.purge_here)
-                runtime.purge_fn = runtime.cluster.purge
+                await join_cluster(runtime, runtime.purge_here)  # (purges go through it: Runtime.purge)
         await start_proxy_listeners(runtime, settings, listeners, reuse_port=worker is not None)
     except (OSError, ClusterUnavailable) as exc:
         what = "cannot listen: " if isinstance(exc, OSError) else ""
