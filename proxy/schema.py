@@ -595,13 +595,22 @@ def networks() -> Parser[tuple[Any, ...]]:
                 ctx.problem(element, f"expected IP addresses or CIDR networks in the list, "
                                      f"got {type_name(element.value)}")
                 continue
+            text = str(element.value)
             try:
-                out.append(ipaddress.ip_network(str(element.value), strict=False))
+                out.append(ipaddress.ip_network(text, strict=True))
             except ValueError:
-                ctx.problem(element, f"{element.value!r} is not an IP address or CIDR network")
+                try:  # host bits set: which network was meant is a guess (trust is at stake)
+                    wide = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    ctx.problem(element, f"{element.value!r} is not an IP address or CIDR network")
+                    continue
+                host = text.split("/", 1)[0].strip()
+                ctx.problem(element, f"{text} has host bits set: write {host}/{wide.max_prefixlen} "
+                                     f"for the host or {wide} for the network")
         return tuple(out)
 
-    return Parser("list of IP addresses or CIDR networks", read, show=_show_list)
+    return Parser("list of IP addresses or CIDR networks (10.0.0.0/8: with host bits set, as 10.0.0.1/8, "
+                  "an error)", read, show=_show_list)
 
 
 def file_path(*, must_exist: Bool = False, strict: Bool = False, folder: Bool = False) -> Parser[Str]:

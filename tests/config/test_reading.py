@@ -267,6 +267,15 @@ PROBLEMS: list[tuple[str, list[str]]] = [
       "anyone who can reach it; set admin.token or listen on 127.0.0.1"]),
     ("admin: {purge_from: 5}", ["2: admin.purge_from: expected a list, got an integer"]),
     ("admin: {purge_from: [x, 10.0.0.1]}", ["2: admin.purge_from: 'x' is not an IP address or CIDR network"]),
+    # Host bits set: the whole network was trusted without a word (nginx warns).
+    ("admin: {purge_from: [10.0.0.1/8]}",
+     ["2: admin.purge_from: 10.0.0.1/8 has host bits set: write 10.0.0.1/32 for the host or 10.0.0.0/8 "
+      "for the network"]),
+    ("trusted_proxies: [192.168.1.7/16, 'fd00::1/64', 10.0.0.0/8]",
+     ["2: trusted_proxies: 192.168.1.7/16 has host bits set: write 192.168.1.7/32 for the host or "
+      "192.168.0.0/16 for the network",
+      "2: trusted_proxies: fd00::1/64 has host bits set: write fd00::1/128 for the host or fd00::/64 "
+      "for the network"]),
     ("admin: {listen: x}", ["2: admin.listen: expected HOST:PORT, got 'x'"]),
     ("admin: {lsten: 1}", ["2: unknown key 'admin.lsten' (did you mean 'listen'?)"]),
     ("admin: 5", ["2: admin: expected a mapping, got an integer"]),
