@@ -171,10 +171,15 @@ NOT_SENDABLE_AS_LOGGED = "a logged path with a space or control character (not s
 
 class LoggedPath(str):
     """A request target as a client sent it (from an access log): sent as it is, not through
-    ``sendable`` (which writes ``"`` as ``%22``, another key than the client's raw ``"``)."""
+    ``sendable`` (which writes ``"`` as ``%22``, another key than the client's raw ``"``).
+    ``host``: the Host field it was sent with, when the log recorded it (cachegate's JSON lines):
+    without it, a log of several sites warmed every path under the proxy's own address, keys no
+    client asks for. ``--host`` overrides it, as it does for every path."""
+
+    host: str | None = None
 
 
-def logged_path(text: str, escaped: bool) -> LoggedPath:
+def logged_path(text: str, escaped: bool, host: str | None = None) -> LoggedPath:
     r"""A request target as an access log wrote it, as it was sent: with ``escaped`` (the common,
     combined and cachegate formats: nginx and cachegate write each byte that is not printable
     ASCII, a quote and a backslash as ``\xHH``; Apache writes a quote and a backslash as ``\"``
@@ -197,17 +202,23 @@ def logged_path(text: str, escaped: bool) -> LoggedPath:
     data += text[at:].encode("utf-8", "surrogateescape")
     if any(b <= 0x20 or b == 0x7F for b in data):
         raise WarmError(NOT_SENDABLE_AS_LOGGED)
-    return LoggedPath("".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in data))
+    path = LoggedPath("".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in data))
+    path.host = host
+    return path
 
 
 def parse_access_log(lines: Iterable[str], refused: list[tuple[str, str]] | None = None) -> list[str]:
     """The paths of GET/HEAD requests answered below 400 (or with no status), most requested first:
     from combined or common lines, or cachegate's JSON lines (``access_log: {format: json}``), as
-    they were sent (``logged_path``); each distinct one that cannot be is added to ``refused``
-    as (error kind, the path as logged).
+    they were sent (``logged_path``, with the Host the JSON line records: the same path on two
+    sites is two paths); each distinct one that cannot be is added to ``refused`` as (error kind,
+    the path as logged).
 
     >>> parse_access_log(['{"method":"GET","path":"/j?x=1","status":200}', '{"method":null,"path":null}'])
     ['/j?x=1']
+    >>> [(p, p.host) for p in parse_access_log(['{"method":"GET","host":"a.example","path":"/j"}',
+    ...                                         '{"method":"GET","host":"b.example","path":"/j"}'])]
+    [('/j', 'a.example'), ('/j', 'b.example')]
 
     >>> parse_access_log([
     ...     '127.0.0.1 - - [26/Nov/2026:13:40:02 +0000] "GET /a HTTP/1.1" 200 288 "-" "curl"',
@@ -217,30 +228,33 @@ def parse_access_log(lines: Iterable[str], refused: list[tuple[str, str]] | None
     ...     '127.0.0.1 - - [26/Nov/2026:13:40:06 +0000] "GET /gone HTTP/1.1" 404 2 "-" "curl"'])
     ['/b', '/a']
     """
-    counts: collections.Counter[tuple[str, bool]] = collections.Counter()
+    counts: collections.Counter[tuple[str, bool, str | None]] = collections.Counter()
     for line in lines:
         if line.startswith("{"):
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            path, status = record.get("path"), record.get("status")
+            path, status, host = record.get("path"), record.get("status"), record.get("host")
             if (record.get("method") in ("GET", "HEAD") and isinstance(path, str)
                     and not (isinstance(status, int) and status >= 400)):
-                counts[path, False] += 1  # JSON's own escapes: json.loads decoded them
+                # JSON's own escapes: json.loads decoded them
+                counts[path, False, host if isinstance(host, str) and host else None] += 1
             continue
         m = _REQUEST_LINE.search(line)
         if m is None or (m.group(3) is not None and int(m.group(3)) >= 400):
             continue
-        counts[m.group(2), True] += 1
-    out: dict[str, None] = {}
-    for (path, escaped), _ in counts.most_common():
+        counts[m.group(2), True, None] += 1
+    out: dict[tuple[str, str | None], LoggedPath] = {}
+    for (path, escaped, host), _ in counts.most_common():
         try:
-            out.setdefault(logged_path(path, escaped))
+            logged = logged_path(path, escaped, host)
         except WarmError as exc:
             if refused is not None:
                 refused.append((exc.kind, path))
-    return list(out)
+            continue
+        out.setdefault((logged, host), logged)
+    return list(out.values())
 
 
 def _local(tag: str) -> str:
@@ -396,12 +410,13 @@ def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str | None]],
     >>> [t.headers for t in targets_for(["/a"], [("X-A", "1"), ("Accept", "x")], [("accept", "y")])]
     [(('X-A', '1'), ('accept', 'y'))]
     """
-    seen: set[str] = set()
+    seen: set[tuple[str, str | None]] = set()
     out: list[Target] = []
     for url in urls:
-        if url in seen:
+        key = (url, url.host if isinstance(url, LoggedPath) else None)  # a path of each site once
+        if key in seen:
             continue
-        seen.add(url)
+        seen.add(key)
         if variants:
             out.extend(Target(url, (*(h for h in headers if h[0].lower() != v[0].lower()), v))
                        for v in variants)
@@ -421,6 +436,7 @@ OPEN_BRACKET = "not a valid URL: the '[' of an IPv6 address is not closed by ']'
 NOT_A_URL = "not a URL or path"
 NOT_HTTP = "not an http(s) URL"
 BAD_HOST = "not a valid URL: its host is not a host[:port]"
+BAD_LOGGED_HOST = "the host the access log records is not a host[:port]"
 
 
 def sendable(target: str) -> str:
@@ -694,6 +710,11 @@ class Warmer:
             # A path is sent as written: '//evil.example/x' is a path of its own (the proxy, purge
             # and explain keep it so), not a URL of host evil.example, as urlsplit would read it.
             host = self._default_host
+            logged_host = target.url.host if isinstance(target.url, LoggedPath) else None
+            if logged_host is not None and self.options.host is None:
+                if host_problem(logged_host) is not None:
+                    raise WarmError(BAD_LOGGED_HOST)
+                host = logged_host
             path = target.url.split("#", 1)[0]
         else:
             try:

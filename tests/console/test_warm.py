@@ -135,7 +135,8 @@ async def test_urls_from_stdin_and_an_access_log_with_headers_and_variants(
     for path in ("/a", "/b", "/c"):
         origin.route(path, negotiated)
     log = tmp_path / "access.log"
-    log.write_text('{"time":"2026-11-26T13:40:02.000Z","method":"GET","host":"h","path":"/c","status":200}\n'
+    host = proxy.url.removeprefix("http://")  # the Host the proxy.get below sends
+    log.write_text(f'{{"time":"2026-11-26T13:40:02.000Z","method":"GET","host":"{host}","path":"/c","status":200}}\n'
                    '127.0.0.1 - - [26/Nov/2026:13:40:05 +0000] "POST /a HTTP/1.1" 200 2 "-" "curl"\n')
     code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--from-access-log", str(log),
                                 "-H", "X-Warm: yes", "--variants", "Accept-Encoding: gzip",
@@ -716,6 +717,40 @@ async def test_an_access_logs_escapes_are_decoded_and_a_control_character_is_ref
     assert "already fresh         3" in out, out  # the three keys the clients' requests stored
     assert "errors                1  (a logged path with a space or control character" in out, out
     assert [origin.count(p) for p in ('/al/q"x', "/al/b\\c", "/al/plain")] == [1, 1, 1]
+
+
+async def test_a_json_log_line_is_warmed_with_the_host_it_records(
+        origin: Origin, proxy: Proxy, tmp_path: Path) -> None:
+    """cachegate's JSON log records each request's Host: warm sent every path with the proxy's
+    own address, and stored keys of a site no client asks for. Now each path goes with the Host
+    the line records (the same path on two sites is two requests); a line without one (combined)
+    with the proxy's; --host still overrides every one."""
+    hosts: list[tuple[str, str]] = []
+
+    async def page(request: web.Request) -> web.Response:
+        hosts.append((request.path_qs, request.headers.get("Host", "")))
+        return web.Response(body=b"x", headers={"Cache-Control": "max-age=600"})
+
+    for path in ("/cart", "/post/1", "/plain", "/over"):
+        origin.route(path, page)
+    log = tmp_path / "access.log"
+    log.write_text(
+        '{"method":"GET","host":"shop.example","path":"/cart?x=1","status":200}\n'
+        '{"method":"GET","host":"blog.example","path":"/post/1","status":200}\n'
+        '{"method":"GET","host":"shop.example","path":"/post/1","status":200}\n'
+        '127.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /plain HTTP/1.1" 200 5 "-" "curl/8"\n')
+    code, out, err = await warm("--proxy", proxy.url, "--from-access-log", str(log), "--progress", "none")
+    assert code == 0, (out, err)
+    assert "stored                4" in out, out
+    for path, host in (("/cart?x=1", "shop.example"), ("/post/1", "blog.example"), ("/post/1", "shop.example")):
+        assert (await proxy.get(path, headers={"Host": host})).x_cache == "HIT", (path, host)
+    assert (await proxy.get("/plain")).x_cache == "HIT"
+    log.write_text('{"method":"GET","host":"shop.example","path":"/over","status":200}\n')
+    code, out, err = await warm("--proxy", proxy.url, "--host", "www.example", "--from-access-log", str(log),
+                                "--progress", "none")
+    assert code == 0, (out, err)
+    assert (await proxy.get("/over", headers={"Host": "www.example"})).x_cache == "HIT"
+    assert (await proxy.get("/over", headers={"Host": "shop.example"})).x_cache == "MISS"
 
 
 async def test_apaches_backslash_escapes_are_decoded_as_nginxs_are(
