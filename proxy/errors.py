@@ -124,6 +124,16 @@ class ClientGone(ClientBodyError):
     left to answer (the access log's 499), and not an error of cachegate's."""
 
 
+class BodyTimedOut(ClientBodyError):
+    """The client's request body did not come in time: ``client_body_timeout`` of silence, or
+    slower than ``client_body_min_rate`` (``proxy.web.bodyreader``). 408 (RFC 9110 §15.5.9, as
+    nginx answers), not 400 "broke off": the client is told it was too slow, and the connection
+    is closed once the answer is written, without reading the rest of the body."""
+
+    status_hint = 408
+    public = "the request body did not arrive in time"
+
+
 class BodyCutOff(ClientBodyError):
     """The client was still sending its request body when cachegate's stop reached the end of
     shutdown_grace (aiohttp's shutdown fails the body's stream). Not the client's fault, but a

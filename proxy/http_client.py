@@ -85,6 +85,7 @@ from yarl import URL
 
 from proxy.errors import (
     BodyCutOff,
+    BodyTimedOut,
     ClientBodyError,
     UpstreamConnectError,
     UpstreamError,
@@ -379,8 +380,8 @@ class UpstreamConnection(BaseProtocol):
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                except (asyncio.CancelledError, BodyCutOff):
-                    raise  # (BodyCutOff: the stop cut the body off, which its client is told)
+                except (asyncio.CancelledError, BodyCutOff, BodyTimedOut):
+                    raise  # (the stop cut the body off, or it came too slowly: its client is told)
                 except Exception as exc:  # the client's body broke off (closed, reset, malformed)
                     raise ClientBodyError(f"{self._pool.name}: the client's request body broke off "
                                           f"after {sent} bytes: {exc!r}") from exc

@@ -753,7 +753,7 @@ class Settings:
     # client that stalls mid-upload holds that connection for as long as it likes, and
     # pool_size of them stop every other client's misses (nginx: client_body_timeout).
     client_body_timeout: float = setting(60.0, "the longest silence between two reads of a request "
-                                               "body; then 400, the connection closed",
+                                               "body; then 408, the connection closed",
                                          duration(positive=True))
     # A silence limit alone lets a body trickled a byte every few seconds hold its pooled
     # connection for as long as it likes (600 such uploads made every miss a 504): the start of a
@@ -765,7 +765,7 @@ class Settings:
                                                  "0: none (not for Expect: 100-continue)",
                                       byte_size())
     client_body_min_rate: int = setting(500, "bytes per second a request body must average, after the "
-                                             "first client_body_timeout; slower: 400, the connection "
+                                             "first client_body_timeout; slower: 408, the connection "
                                              "closed (0: no minimum)",
                                         byte_size())
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate

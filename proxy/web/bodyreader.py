@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from proxy.errors import BodyCutOff, ClientBodyError, ClientGone
+from proxy.errors import BodyCutOff, BodyTimedOut, ClientGone
 
 
 class BodyReader:
@@ -21,7 +21,7 @@ class BodyReader:
     read (an upstream connection to free up in a busy pool, the origin's 100 Continue that an
     ``Expect`` client waits for, an origin reading slowly). A per-read limit alone let a body
     trickled a byte every few seconds hold an upstream connection for as long as it liked.
-    Running out is the client's failure (``ClientBodyError``)."""
+    Running out is the client's failure (``BodyTimedOut``: 408)."""
 
     __slots__ = ("_content", "_min_rate", "_silence", "_waited", "received")
 
@@ -48,7 +48,7 @@ class BodyReader:
         except TimeoutError:
             if slow:
                 raise self._too_slow() from None
-            raise ClientBodyError(f"no byte of the request body for {self._silence:g}s") from None
+            raise BodyTimedOut(f"no byte of the request body for {self._silence:g}s") from None
         except ConnectionError as exc:
             # The client's connection closed or was reset mid-body (aiohttp: "Connection lost"):
             # its failure, not cachegate's (it went to the catch-all as a 500 with a traceback).
@@ -67,6 +67,6 @@ class BodyReader:
         self.received += len(chunk)
         return chunk
 
-    def _too_slow(self) -> ClientBodyError:
-        return ClientBodyError(f"the request body came slower than {self._min_rate} bytes/s "
+    def _too_slow(self) -> BodyTimedOut:
+        return BodyTimedOut(f"the request body came slower than {self._min_rate} bytes/s "
                                f"({self.received} bytes)")
