@@ -316,6 +316,11 @@ def _host_patterns(item: Src, ctx: Context, refuse: Callable[[str], str | None] 
         if not isinstance(element.value, str) or not re.fullmatch(_HOST_PATTERN, host):
             ctx.problem(element, f"{shown(element.value)} is not a host name, host:port or *.domain")
             continue
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
+        if port and not 1 <= int(port) <= 65535:  # never matched: no Host can carry it
+            ctx.problem(element, f"{shown(element.value)} has port {int(port)}, which no Host field can "
+                                 "carry (a port is 1 to 65535)")
+            continue
         why = refuse(host) if refuse is not None else None
         if why is not None:
             ctx.problem(element, f"{shown(element.value)} {why}")

@@ -255,6 +255,13 @@ PROBLEMS: list[tuple[str, list[str]]] = [
     ("admin: {hosts: ['*.a.com', 'bad host', 5]}",
      ["2: admin.hosts: 'bad host' is not a host name, host:port or *.domain",
       "2: admin.hosts: 5 is not a host name, host:port or *.domain"]),
+    # A port no Host field can carry never matches: refused, not kept as dead weight.
+    ("admin: {hosts: ['a:99999', 'b:0', 'c:65535'], server_names: ['c:70000', '[::1]:0', 'd:1']}",
+     ["2: admin.hosts: 'a:99999' has port 99999, which no Host field can carry (a port is 1 to 65535)",
+      "2: admin.hosts: 'b:0' has port 0, which no Host field can carry (a port is 1 to 65535)",
+      "2: admin.server_names: 'c:70000' has port 70000, which no Host field can carry (a port is 1 to "
+      "65535)",
+      "2: admin.server_names: '[::1]:0' has port 0, which no Host field can carry (a port is 1 to 65535)"]),
     ("admin: {server_names: 5}", ["2: admin.server_names: expected a list, got an integer"]),
     # A DNS rebinding guard that lets every page under a public suffix through guards nothing.
     ("admin: {server_names: ['*.com', '*.ops.example', '*.UK.:8081', '*.localhost', '*.co.uk']}",
