@@ -56,8 +56,9 @@ from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet,
 
 # What each "not stored" detail means, and what to change.
 WHY_NOT = {
-    "PRIVATE": "the origin sent Cache-Control: private (never stored by a shared cache)",
-    "NO-STORE": "the origin sent Cache-Control: no-store",
+    # ({field}: the field the directives came from, ``response_cache_control``)
+    "PRIVATE": "the origin sent {field}: private (never stored by a shared cache)",
+    "NO-STORE": "the origin sent {field}: no-store",
     "REQUEST-NO-STORE": "the request sent Cache-Control: no-store",
     "AUTHORIZATION": "the request has Authorization and the response is not public/s-maxage/"
                      "must-revalidate",
@@ -88,6 +89,14 @@ WHY_NOT = {
                        "known extension of the response's type counts, so a path without one needs "
                        "deception_guard: false on its rule",
 }
+
+
+def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str]) -> str:
+    """What a "not stored" detail means, naming the field whose directive decided (spelled as
+    the response spelled it): a targeted field (CDN-Cache-Control: no-store) overrides
+    Cache-Control, and blaming Cache-Control sent the reader to a field that said max-age=500."""
+    field = next((k for k in headers if k.lower() == cc_field.lower()), "Cache-Control")
+    return WHY_NOT.get(detail.partition(":")[0], "").replace("{field}", field)
 
 
 NO_HEURISTIC = ("no heuristic freshness: the request carries Cookie or Authorization and the response is "
@@ -241,7 +250,7 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
     match decision:
         case NoFill(detail=detail):
             why = "the rule says no_store" if sp.no_store_rule is not None \
-                else WHY_NOT.get(detail.partition(":")[0], "")
+                else why_not(detail, response_cache_control(headers, sp.options)[1], headers)
             lines.append(f"  decision            not stored: {detail} ({why})")
             if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, _cc_of(headers, sp), sp):
                 lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
@@ -437,7 +446,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     match decision:
         case NoFill(detail=detail):
             why = f"rule {sp.no_store_rule!r} says no_store" if sp.no_store_rule is not None \
-                else WHY_NOT.get(detail.partition(":")[0], "")
+                else why_not(detail, cc_field, headers)
             if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, cc, sp):
                 why += "; " + AUTHORIZATION_ORIGIN_ONLY
             out.update(stored=False, detail=detail, why=why)

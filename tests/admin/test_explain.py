@@ -129,6 +129,21 @@ async def test_a_post_body_can_ask_what_a_response_would_do(origin: Origin, rule
     assert "static" in asset["freshness_decided_by"]
 
 
+async def test_a_directive_that_refuses_storing_is_blamed_on_the_field_it_came_from(ruled: Proxy) -> None:
+    """A targeted field (RFC 9213) overrides Cache-Control: its no-store was blamed on a
+    Cache-Control that said max-age=500."""
+    url = absolute(ruled, "/page")
+    targeted = js(await ruled.admin("POST", "/explain", json={
+        "url": url, "response_headers": {"Cache-Control": "max-age=500", "CDN-Cache-Control": "No-Store"}}))
+    [fetched] = targeted["if_fetched"]
+    assert (fetched["stored"], fetched["detail"], fetched["directives_from"]) == (False, "NO-STORE",
+                                                                                 "cdn-cache-control")
+    assert fetched["why"] == "the origin sent CDN-Cache-Control: no-store"
+    plain = js(await ruled.admin("POST", "/explain", json={
+        "url": url, "response_headers": {"cache-control": "private"}}))
+    assert plain["if_fetched"][0]["why"] == "the origin sent cache-control: private (never stored by a shared cache)"
+
+
 async def test_methods_that_are_never_cached_and_soft_purged_entries(origin: Origin, ruled: Proxy) -> None:
     posted = await explain(ruled, "/form", method="POST")
     assert posted["decision"]["fwd"] == "method" and "invalidates" in posted["decision"]["why"]

@@ -283,7 +283,10 @@ def test_explain_shows_a_bypass_and_origin_freshness(tmp_path: Path,
     assert "request-time rule   none (defaults only)" in out
     assert "fresh for 30s (from the origin's max-age)" in out
     out = explain(tmp_path, capsys, "http://shop.example/home", "-R", "Cache-Control: private")
-    assert "not stored: PRIVATE" in out
+    assert "not stored: PRIVATE (the origin sent Cache-Control: private" in out
+    out = explain(tmp_path, capsys, "http://shop.example/home", "-R", "Cache-Control: max-age=500",
+                  "-R", "CDN-Cache-Control: No-Store")  # the targeted field decides: it is named
+    assert "not stored: NO-STORE (the origin sent CDN-Cache-Control: no-store)" in out
 
 
 @pytest.mark.parametrize("fields", [
