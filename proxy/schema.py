@@ -216,8 +216,11 @@ def parse_hostport(text: str) -> tuple[str, int]:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:  # not '²'
+    if not sep or not (port.isascii() and port.isdigit()):  # not '²'
         raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if int(port) > 65535:
+        raise ValueError(f"{text!r}: port {int(port)} is out of range (a port is 0 to 65535; 0: one "
+                         "the system chooses)")
     return host or "0.0.0.0", int(port)
 
 

@@ -636,7 +636,7 @@ def parse_workers(text: str) -> int:
     if text == "auto":
         return available_cpus()  # the affinity mask and cgroup quota, not the host's CPUs
     if not (text.isascii() and text.isdigit()) or int(text) < 1:  # not '²', which int() refuses
-        raise ValueError(f"workers: expected a positive number or auto, got {text!r}")
+        raise ValueError(f"expected a positive number or auto, got {text!r}")  # (callers name the key)
     return int(text)
 
 
@@ -652,7 +652,7 @@ def _workers(item: Src, ctx: Context) -> int:
     try:
         return parse_workers(str(item.value))
     except ValueError as exc:
-        ctx.problems.add(item, str(exc))  # the message names the key
+        ctx.problems.add(item, f"workers: {exc}")
         raise Reported from None
 
 

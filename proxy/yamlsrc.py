@@ -217,17 +217,25 @@ class _Loader(yaml.SafeLoader):
         return node
 
 
-def _expand_env(text: str, at: tuple[str, int], problems: Problems) -> str:
+def _expand_env(text: str, at: tuple[str, int], problems: Problems) -> str | None:
+    """``text`` with its ``${VAR}`` expanded; None after a problem for each one that is not set
+    (the value is then read as an unreadable one is: not checked again, which only added a
+    second error about the empty text left, such as ``bad size ''``)."""
+    unset = False
+
     def sub(m: re.Match[str]) -> str:
+        nonlocal unset
         value = os.environ.get(m.group(1))
         if value is None:
             if m.group(2) is not None:
                 return m.group(2)
             problems.add(at, f"environment variable {m.group(1)} is not set")
+            unset = True
             return ""
         return value
 
-    return _ENV.sub(sub, text)
+    expanded = _ENV.sub(sub, text)
+    return None if unset else expanded
 
 
 _UNREADABLE = object()
@@ -279,6 +287,8 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
         return Src(None, file, line)
     if isinstance(value, str) and node.tag == "tag:yaml.org,2002:str":
         value = _expand_env(value, (file, line), problems)
+        if value is None:
+            return Src(None, file, line)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return Src(value, file, line, raw=str(node.value))
     return Src(value, file, line)

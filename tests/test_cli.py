@@ -40,7 +40,8 @@ def test_check_reports_every_problem_by_file_and_line(tmp_path: Path, capsys: py
     ))
     assert main(["check", "--config", config]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert f"{config}:1: listen: expected HOST:PORT, got '127.0.0.1:99999'" in err
+    assert f"{config}:1: listen: '127.0.0.1:99999': port 99999 is out of range (a port is 0 to 65535; 0: one " \
+           "the system chooses)" in err
     assert f"{config}:3: upstream url 'ftp://nope': expected http://HOST[:PORT] or https://..." in err
     assert f"{config}:5: unknown key 'cache.memry' (did you mean 'memory'?)" in err
     assert any(line.startswith(f"{config}:6: cache.disk.size: bad size '10XB'") for line in err)

@@ -281,9 +281,16 @@ CPDOS = "cache-poisoned denial of service"
 
 
 def _scalar(src: Src) -> bool:
-    """Not a list or a mapping: a ttl a warning may show (a list or mapping where a duration goes
-    is an error already, and its value would show as the reader's records)."""
-    return not isinstance(src.value, list | dict)
+    """A duration: a ttl a warning may show. Not a list or a mapping (an error already, whose
+    value would show as the reader's records), nor a value refused (``.inf``: its error said so,
+    and a warning about what it would store spoke of it as kept)."""
+    if isinstance(src.value, list | dict):
+        return False
+    try:
+        parse_duration(src.value, src.raw)
+    except ValueError:
+        return False
+    return True
 
 
 def _warn_error_ttls(src: Src, statuses: frozenset[int] | None, label: str, problems: Problems) -> None:

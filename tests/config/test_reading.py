@@ -511,7 +511,7 @@ def test_command_line_overrides_replace_what_the_file_says(folder: Path) -> None
     assert problems(folder, U, Overrides(listen=("bad",), admin_listen="bad", workers="x")) == [
         "<command line>:0: --listen: expected HOST:PORT, got 'bad'",
         "<command line>:0: --admin-listen: expected HOST:PORT, got 'bad'",
-        "<command line>:0: --workers: workers: expected a positive number or auto, got 'x'"]
+        "<command line>:0: --workers: expected a positive number or auto, got 'x'"]
 
 
 def test_without_a_file_the_defaults_apply_relative_to_the_working_directory(

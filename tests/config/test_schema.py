@@ -131,5 +131,5 @@ def test_a_port_of_digits_int_refuses_is_the_usual_message(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["\u00b2", "\u2460", "\u0664"])
 def test_workers_of_digits_int_refuses_is_the_usual_message(text: str) -> None:
-    with pytest.raises(ValueError, match=r"^workers: expected a positive number or auto, got "):
+    with pytest.raises(ValueError, match=r"^expected a positive number or auto, got "):
         parse_workers(text)

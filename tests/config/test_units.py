@@ -138,3 +138,28 @@ def test_an_unquoted_variable_in_braces_is_a_syntax_error_that_says_to_quote_it(
     assert main(["check", "--config", str(config)]) == 2
     (message,) = capsys.readouterr().err.splitlines()
     assert message.startswith(f"{config}:2: YAML syntax error") and "quote a ${VAR}" in message
+
+
+def test_each_mistake_gets_one_clear_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unset ${VAR} also said "bad size ''" about the empty text left; a refused ttl (.inf)
+    was also warned about as "a default for every status"; a port above 65535 said only "expected
+    HOST:PORT"; --workers 0 said "--workers: workers: ...". One message each now."""
+    monkeypatch.delenv("CACHEGATE_TEST_UNSET", raising=False)
+    config = tmp_path / "c.yaml"
+
+    def check(text: str, *args: str, command: str = "check") -> list[str]:
+        config.write_text(text)
+        assert main([command, "--config", str(config), *args]) == 2
+        return capsys.readouterr().err.splitlines()
+
+    assert check("upstreams: [http://127.0.0.1:9]\ncache:\n  memory: ${CACHEGATE_TEST_UNSET}\n") == [
+        f"{config}:3: environment variable CACHEGATE_TEST_UNSET is not set"]
+    (tmp_path / "r.yaml").write_text("rules:\n  - name: a\n    match: {path: /a}\n    ttl: .inf\n")
+    [message] = check("upstreams: [http://127.0.0.1:9]\nrules: [r.yaml]\n")
+    assert message.startswith(f"{tmp_path}/r.yaml:4: rules[0].ttl: expected a duration"), message
+    assert check("upstreams: [http://127.0.0.1:9]\nlisten: 127.0.0.1:99999\n") == [
+        f"{config}:2: listen: '127.0.0.1:99999': port 99999 is out of range (a port is 0 to 65535; 0: one "
+        "the system chooses)"]
+    assert check("upstreams: [http://127.0.0.1:9]\n", "--workers", "0", command="run") == [
+        "<command line>:0: --workers: expected a positive number or auto, got '0'"]
