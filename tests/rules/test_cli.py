@@ -279,6 +279,10 @@ def test_explain_shows_a_bypass_and_origin_freshness(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = explain(tmp_path, capsys, "http://shop.example/home", "-H", "Cookie: session=1")
     assert "BYPASS: neither looked up nor stored (Cache-Status detail RULE-BYPASS:logged-in users)" in out
+    # An ambiguous session cookie under that present bypass rule: the rule's bypass stands (docs/rules.md).
+    for cookie in ("theme=dark,session=alice", 'p="x; session=y"', "session =x"):
+        out = explain(tmp_path, capsys, "http://shop.example/home", "-H", f"Cookie: {cookie}")
+        assert "(Cache-Status detail RULE-BYPASS:logged-in users)" in out, cookie
     out = explain(tmp_path, capsys, "http://shop.example/home", "-R", "Cache-Control: max-age=30")
     assert "request-time rule   none (defaults only)" in out
     assert "fresh for 30s (from the origin's max-age)" in out
