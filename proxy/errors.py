@@ -165,3 +165,15 @@ def first_report(exc: UpstreamError) -> bool:
         return False
     exc.reported = True
     return True
+
+
+def drop_traceback(exc: BaseException) -> None:
+    """Cut a caught exception from the frames it was raised through. A reset met while waiting
+    for the socket to drain is aiohttp's drain waiter's exception, and its traceback holds the
+    frame that holds the waiter: a reference cycle through every frame between, the handler's
+    (the request, the response, the body file, the chunk in hand) included. Left to the cyclic
+    collector, which a serving process runs rarely (``proxy.gctuning``), 20,000 aborted disk
+    hits held 200 MB; cut, they are freed when the handler returns.
+    A stream's stored exception (a request body's reset) is the same: it holds the frame
+    that holds the stream."""
+    exc.__traceback__ = None

@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from proxy.errors import BodyCutOff, BodyTimedOut, ClientGone
+from proxy.errors import BodyCutOff, BodyTimedOut, ClientGone, drop_traceback
 
 
 class BodyReader:
@@ -52,6 +52,7 @@ class BodyReader:
         except ConnectionError as exc:
             # The client's connection closed or was reset mid-body (aiohttp: "Connection lost"):
             # its failure, not cachegate's (it went to the catch-all as a 500 with a traceback).
+            drop_traceback(exc)  # (the stream keeps it: a cycle through these frames)
             raise ClientGone(f"the client's connection closed {self.received} bytes into the "
                                   f"request body: {exc}") from None
         except asyncio.CancelledError:

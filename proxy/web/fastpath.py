@@ -80,6 +80,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 
 from proxy.engine import response_edits
+from proxy.errors import drop_traceback
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
@@ -432,7 +433,8 @@ class ProxyRequestHandler(HeadTimedHandler):
         if not out[1] and self.transport is not None and self._paused:
             try:
                 await self._drain_helper()
-            except ConnectionError:  # the client went away while its replies waited
+            except ConnectionError as exc:  # the client went away while its replies waited
+                drop_traceback(exc)  # (the drain waiter's: a cycle through this frame)
                 return out[0], True
         if self._half_closed and not self._messages:
             self.close()  # (the client half-closed while this one was answered)

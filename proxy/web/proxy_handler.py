@@ -30,6 +30,7 @@ from proxy.errors import (
     ClientBodyError,
     ResponseAborted,
     UpstreamError,
+    drop_traceback,
     first_report,
 )
 from proxy.logs import REQUEST, RequestInfo
@@ -411,6 +412,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
         info.client_left = True
         _client_gone(request, exc)
         _abort(request)
+        drop_traceback(exc)
     finally:
         await _close_body(body)
         counted.inc(sent)
