@@ -766,8 +766,10 @@ class Settings:
     # proxy_request_buffering), and a body must keep a minimum average rate (Apache's
     # mod_reqtimeout: body=20,MinRate=500).
     client_body_buffer: int = setting(64 * 1024, "this much of a request body (all of a smaller one) is "
-                                                 "read before an upstream connection is taken for it; "
-                                                 "0: none (not for Expect: 100-continue)",
+                                                 "read before an upstream connection is taken for it "
+                                                 "(an Expect: 100-continue client is sent cachegate's "
+                                                 "own 100 first); 0: none, and such a client gets the "
+                                                 "origin's 100",
                                       byte_size())
     client_body_min_rate: int = setting(500, "bytes per second a request body must average, after the "
                                              "first client_body_timeout; slower: 408, the connection "

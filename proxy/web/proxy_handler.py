@@ -94,7 +94,8 @@ def version_refusal(version: tuple[int, int]) -> tuple[int, str] | None:
     return None
 
 
-def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList], None] | None:
+def interim_sender(request: web.BaseRequest, continued: bool = False
+                   ) -> Callable[[int, str, HeaderList], None] | None:
     """Writes the origin's interim (1xx) responses to the client, before the final response.
 
     aiohttp's server has no public way to send a 1xx: ``StreamResponse`` writes one head,
@@ -104,12 +105,15 @@ def interim_sender(request: web.BaseRequest) -> Callable[[int, str, HeaderList],
     1xx, so they go out in order and always before the final head (which ``prepare``
     writes later on the same transport). Never to an HTTP/1.0 client (RFC 9110 §15.2),
     and not while the client's write buffer holds more than ``INTERIM_HIGH_WATER`` bytes:
-    a 1xx is informational, so one a client is not reading is dropped.
+    a 1xx is informational, so one a client is not reading is dropped. The origin's ``100`` is
+    dropped when cachegate sent its own (``continued``): the client is already sending.
     """
     if request.version < HttpVersion11:
         return None
 
     def send(status: int, reason: str, fields: HeaderList) -> None:
+        if continued and status == 100:
+            return
         transport = request.transport
         if transport is None or transport.is_closing():
             return
@@ -133,14 +137,17 @@ async def client_body(request: web.BaseRequest, silence: float, min_rate: int, b
     """The client's request body as it will go upstream: its first ``buffer`` bytes (all of a
     smaller body) read now, before the engine takes an upstream connection for it, the rest as
     it arrives (``BodyReader``'s limits on both). A body that trickles in then holds only its
-    own client connection, not a pooled one (nginx reads the whole body first by default). Not
-    for ``Expect: 100-continue``: that client sends its body only after the origin's 100."""
+    own client connection, not a pooled one (nginx reads the whole body first by default). An
+    ``Expect: 100-continue`` client is sent cachegate's own ``100`` first, as nginx and Varnish
+    do: otherwise it holds a pooled connection having sent nothing (``continued_here``)."""
     if not request.body_exists:
         return None
     reader = BodyReader(request, silence, min_rate)
     first: list[bytes] = []
     ended = False
-    if buffer > 0 and "100-continue" not in request.headers.get("Expect", "").lower():
+    if buffer > 0:
+        if continued_here(request, buffer):
+            send_continue(request)
         while reader.received < buffer:
             chunk = await reader.read(buffer - reader.received)
             if not chunk:
@@ -148,6 +155,21 @@ async def client_body(request: web.BaseRequest, silence: float, min_rate: int, b
                 break
             first.append(chunk)
     return _body_stream(reader, first, ended)
+
+
+def continued_here(request: web.BaseRequest, buffer: int) -> bool:
+    """Whether cachegate answers the client's ``Expect: 100-continue`` itself (it reads the
+    start of the body before going upstream: ``buffer``); the origin's own ``100`` is then not
+    relayed (``interim_sender``). An HTTP/1.0 request's expectation is ignored (RFC 9110 §10.1.1)."""
+    return (buffer > 0 and request.version >= HttpVersion11 and request.body_exists
+            and "100-continue" in request.headers.get("Expect", "").lower())
+
+
+def send_continue(request: web.BaseRequest) -> None:
+    """``100 Continue`` on the connection, before the final head (as aiohttp's expect handler)."""
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 async def _body_stream(reader: BodyReader, first: list[bytes], ended: bool) -> AsyncIterator[bytes]:
@@ -305,7 +327,8 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         settings = fe.settings
         body = await client_body(request, settings.client_body_timeout, settings.client_body_min_rate,
                                  settings.client_body_buffer)
-        reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim_sender(request),
+        interim = interim_sender(request, continued_here(request, settings.client_body_buffer))
+        reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim,
                                                           request_id=info.request_id, planned=planned))
     except ClientBodyError as exc:
         # The client broke off its own upload (it is most likely gone): a 400 if it still

@@ -191,15 +191,17 @@ async def test_an_upload_slower_than_the_minimum_rate_is_cut_off_and_a_fast_one_
 
 async def test_time_cachegate_takes_before_it_reads_a_body_is_not_blamed_on_the_client(
         origin: Origin, make_proxy: MakeProxy) -> None:
-    """An ``Expect: 100-continue`` client sends its body only after the origin's 100, which
-    comes only once a pooled connection is free: waiting for one is not the client being slow
-    (its upload was cut off with a 400 when the pool was busy for client_body_timeout)."""
+    """An ``Expect: 100-continue`` client sends its body only after the origin's 100 when
+    cachegate reads none of it first (``client_body_buffer: 0``), which comes only once a pooled
+    connection is free: waiting for one is not the client being slow (its upload was cut off
+    with a 400 when the pool was busy for client_body_timeout)."""
     async def echo(request: web.Request) -> web.Response:
         return web.Response(body=b"got " + await request.read(), headers={"Cache-Control": "no-store"})
 
     origin.route("/slow", body=b"slow", delay=2.5, headers={"Cache-Control": "no-store"})
     origin.route("/up", echo)
-    proxy = await make_proxy(config="upstream: {pool_size: 1, retries: 0}\nclient_body_timeout: 1s\n")
+    proxy = await make_proxy(config="upstream: {pool_size: 1, retries: 0}\nclient_body_timeout: 1s\n"
+                                    "client_body_buffer: 0\n")
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
 
     async def upload() -> bytes:
@@ -217,3 +219,44 @@ async def test_time_cachegate_takes_before_it_reads_a_body_is_not_blamed_on_the_
     slow, answer = await asyncio.gather(proxy.get("/slow"), upload())
     assert slow.body == b"slow"
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"got hello"), answer
+
+
+async def test_expect_100_continue_uploads_that_send_nothing_do_not_take_the_pool(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """An ``Expect: 100-continue`` upload pays what any other does before it holds a pooled
+    connection: cachegate sends its own 100 and reads the start of the body first. Holders that
+    got their 100 and send nothing held every pooled connection, and each other miss waited for
+    one, then got a 504."""
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=b"got " + await request.read(), headers={"Cache-Control": "no-store"})
+
+    origin.route("/up", echo)
+    origin.route("/page", body=b"page", headers={"Cache-Control": "max-age=60"})
+    proxy = await make_proxy(config="upstream: {pool_size: 2, retries: 0, timeouts: {connect: 2s}}\n"
+                                    "client_body_timeout: 30s\n")
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    holders = []
+    try:
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /up HTTP/1.1\r\nHost: shop.example\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 100000\r\n\r\n")
+            holders.append(writer)
+            first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert first == b"HTTP/1.1 100 Continue\r\n\r\n", first  # then it sends nothing
+        miss = await proxy.get("/page")
+        assert (miss.status, miss.x_cache, miss.body) == (200, "MISS", b"page")
+        assert origin.count("/up") == 0  # none of them reached the origin
+        # One that sends its body gets the origin's answer, and one 100 (cachegate's) before it.
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /up HTTP/1.1\r\nHost: shop.example\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 5\r\nConnection: close\r\n\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"got hello"), answer
+        assert b" 100 " not in answer
+    finally:
+        for writer in holders:
+            writer.close()
