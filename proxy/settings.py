@@ -88,6 +88,16 @@ def shard_budget(size: int, shards: int) -> int:
     return max(int(size * (1 - RESERVE)) // shards, 1)
 
 
+def shard_budget_beside(size: int, shards: int, index_bytes: int) -> int:
+    """A shard's budget with the index's bytes counted (``index_bytes``: the URL index beside
+    the shards, which diskcache does not count). Past half the RESERVE (the journals have the
+    rest) they come off the shards' budget, so long keys evict sooner instead of growing the
+    directory past ``size``; never below an eighth of the usual budget."""
+    usual = shard_budget(size, shards)
+    over = max(0, index_bytes - int(size * RESERVE / 2))
+    return max(usual - over // shards, usual // 8, 1)
+
+
 def storable_limit(max_object: int, disk: tuple[int, int] | None, memory_max_object: int,
                    memory: int) -> int:
     """The biggest body the store can keep: ``max_object``, but at most half a disk shard

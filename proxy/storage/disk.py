@@ -62,7 +62,11 @@ import diskcache
 
 from proxy.logs import RepeatedFailure
 from proxy.room import SQLITE_CANTOPEN, SQLITE_READONLY, FilesystemFull, NotWritable, filesystem_full
-from proxy.settings import DiskEviction, shard_budget  # the budget split is what cache.disk.size means
+from proxy.settings import (  # the budget split is what cache.disk.size means
+    DiskEviction,
+    shard_budget,
+    shard_budget_beside,
+)
 from proxy.storage.entry import Entry, decode_variants, encode_variants
 from proxy.storage.failures import SETTLE
 
@@ -683,6 +687,16 @@ class DiskTier:
                               " ORDER BY key LIMIT ?", ("m:" + after, limit)).fetchall()
             found += [r[0][2:] for r in rows if isinstance(r[0], str)]
         return sorted(found)[:limit]
+
+    def count_index(self, index_bytes: int) -> int:
+        """Take the index's bytes past its share off each shard's budget (``shard_budget_beside``);
+        the shard budget now. The owner's upkeep calls this every round: the next write culls
+        to it (``_cull``), and the index GC then drops the culled entries' rows. Only this
+        process's view: the owner is the one that writes and culls."""
+        limit = shard_budget_beside(self.size_limit, len(self._shards), index_bytes)
+        for shard in self._shards:
+            shard.size_limit = limit
+        return limit
 
     def volume(self) -> int:
         """Bytes on disk as diskcache counts them (database pages and value files)."""

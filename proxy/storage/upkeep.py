@@ -216,3 +216,4 @@ class Upkeep:
         t.disk.checkpoint()
         if t.index.damage is None:
             t.index.checkpoint()
+            t.disk.count_index(t.index.size())

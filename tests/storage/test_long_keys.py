@@ -1,0 +1,69 @@
+"""Long keys hold the disk budget: the URL index's bytes count against ``cache.disk.size``.
+
+diskcache keeps each shard within its share (90 % of ``size``) counting its own pages, but the
+index beside it (``index.sqlite3``: every entry's key) is outside that count: distinct URLs with
+8,000-byte query strings and tiny bodies grew the directory to 1.9x ``size`` (1,884 MB for a
+1 GB budget). The index's bytes past its share now come off the shards' budget, so the
+shards evict sooner and the index GC drops the evicted entries' rows."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.settings import shard_budget, shard_budget_beside
+from proxy.storage import upkeep
+from tests.conftest import MakeProxy
+from tests.harness import Origin
+from tests.storage.procs import breakdown, disk_usage
+
+MB = 1 << 20
+DISK = 4 * MB
+PAD = "q" * 8000
+
+
+@pytest.mark.parametrize(("index_bytes", "budget"), [
+    (0, shard_budget(DISK, 2)),  # an index within its share takes nothing
+    (DISK // 20, shard_budget(DISK, 2)),  # (half the 10 % reserve: the journals have the rest)
+    (DISK // 20 + 2 * MB, shard_budget(DISK, 2) - MB),  # past it: off the shards, evenly
+    (10 * DISK, shard_budget(DISK, 2) // 8),  # never below an eighth
+])
+def test_the_index_past_its_share_comes_off_the_shards_budget(index_bytes: int, budget: int) -> None:
+    assert shard_budget_beside(DISK, 2, index_bytes) == budget
+
+
+async def test_long_url_entries_keep_the_directory_within_its_budget(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Index rows are judged once no commit in progress can own them: 10 s, 0.3 s here.
+    monkeypatch.setattr(upkeep, "GC_SEQ_LAG", 0.3)
+
+    async def tiny(request: web.Request) -> web.Response:
+        return web.Response(body=b"k", headers={"Cache-Control": "max-age=600"})
+
+    origin.route("/k", tiny)
+    proxy = await make_proxy(config=f"cache: {{memory: 16MB, disk: {{path: cache, size: {DISK}, shards: 2}}}}\n")
+    cache = str(tmp_path / "cache")
+    connector = aiohttp.TCPConnector(limit=16)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        async def fetch(i: int) -> None:
+            async with s.get(f"{proxy.url}/k?i={i:06d}&p={PAD}") as r:
+                assert r.status == 200
+                await r.read()
+
+        for start in range(0, 900, 100):
+            await asyncio.gather(*(fetch(i) for i in range(start, start + 100)))
+            await asyncio.sleep(0.3)  # write-behind and the upkeep keep up, as between bursts
+    usage = 0
+    for _ in range(60):  # the index GC drops the evicted entries' rows, then gives the pages back
+        await asyncio.sleep(0.25)
+        usage = disk_usage(cache)
+        if usage <= DISK * 1.10:
+            break
+    assert usage <= DISK * 1.10, (usage / MB, breakdown(cache))
+    # The newest entries are still kept.
+    async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/k?i={899:06d}&p={PAD}") as r:
+        assert r.headers["X-Cache-Status"] == "HIT"
