@@ -255,7 +255,10 @@ class PoolSettings:
 
     balance: Balance = setting("round_robin", "how requests are spread over the upstreams")
     timeouts: Timeouts = setting(factory=Timeouts, doc="connect, read and total timeouts")
-    pool_size: int = setting(256, "keep-alive connections per upstream", integer(minimum=1))
+    pool_size: int = setting(256, "the most connections to each upstream, per worker: a hard cap on its "
+                                  "requests in flight (kept alive between them); one beyond it waits "
+                                  "for a connection to come free, up to timeouts.connect, then gets 504",
+                             integer(minimum=1))
     preserve_host: bool = setting(True, "send the request's Host upstream (normalised, as the key names it)")
     retries: int = setting(1, "extra attempts on another upstream when the connection failed",
                            integer(minimum=0))
