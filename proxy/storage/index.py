@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS bans (
 """
 
 _INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+VACUUM_STEP = 1024  # pages given back between two checkpoints (4 MB of WAL at most)
 
 _ADD_TAG = "INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)"
 
@@ -432,11 +433,16 @@ class UrlTagIndex:
         self._write([("DELETE FROM entries", ()), ("DELETE FROM tags", ()), ("DELETE FROM bans", ())])
 
     def vacuum(self) -> None:
-        """Give freed pages back to the file system (the index shrinks after sweeps)."""
+        """Give freed pages back to the file system (the index shrinks after sweeps), a step
+        at a time with a checkpoint after each: every page it moves goes through the WAL, and
+        freeing 800 MB at once grew the WAL by hundreds of MB before the checkpoint."""
         db = self._db()
-        # Through sqlite3_exec: a cursor steps the pragma once, and each step frees one page.
-        db.executescript("PRAGMA incremental_vacuum;")
-        self.checkpoint()
+        for _ in range(1 << 20):
+            # Through sqlite3_exec: a cursor steps the pragma once, and each step frees one page.
+            db.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP});")
+            self.checkpoint()
+            if not db.execute("PRAGMA freelist_count").fetchone()[0]:
+                break
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the database and truncate it (see ``DiskTier.checkpoint``)."""
