@@ -3,7 +3,7 @@
 A small SQLite database (stdlib ``sqlite3``, WAL) in the cache directory, shared by
 every worker process:
 
-- ``entries``: key -> URL, with a commit sequence number (``seq``, AUTOINCREMENT:
+- ``entries``: the keys, each with a commit sequence number (``seq``, AUTOINCREMENT:
   strictly increasing across processes, never reused). Every commit of a variant
   takes a new ``seq`` and stores it in the variant's metadata.
 - ``tags``: (tag, key) pairs, for purge by tag without a scan.
@@ -15,6 +15,10 @@ every worker process:
   metadata read and two diskcache deletes each: seconds, not the 2 s budget. A ban's
   ``seq`` is at least the highest the disk holds (``DiskTier.high_seq``), whatever this
   index numbered, and the index's numbering is raised to it.
+
+A key's URL is not stored: it is the key up to its first ``\x1f`` (``url_of_key``), so the keys
+of a URL are a range of the key's own index (``keys_for_url``). A column of its own, indexed,
+held each URL twice more: with 8,000-byte query strings, 32 KB of index per entry.
 
 An index missing, or older than the shards (restored from a copy, or brought back older by a
 power loss: it commits with ``synchronous=NORMAL``, as the shards do, so two files keep no order
@@ -48,8 +52,7 @@ BanKind = Literal["tag", "prefix", "all"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, url TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS entries_url ON entries (url);
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tag, key))
     WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_key ON tags (key);
@@ -194,7 +197,14 @@ class UrlTagIndex:
     def _create(self, vacuumable: bool = True) -> None:
         db = self._db()
         db.executescript(_SCHEMA)
-        if vacuumable and db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+        dropped = False
+        if vacuumable and "url" in (r[1] for r in db.execute("PRAGMA table_info(entries)").fetchall()):
+            # An index of an earlier release: its URL column goes (the module docstring), and
+            # the VACUUM below gives its pages back.
+            db.execute("DROP INDEX IF EXISTS entries_url")
+            db.execute("ALTER TABLE entries DROP COLUMN url")
+            dropped = True
+        if vacuumable and (dropped or db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL):
             # Set on a file that has its first page, auto_vacuum takes effect only at a VACUUM,
             # and journal_mode=WAL (``_db``) writes that page: every index was made without it,
             # so ``vacuum`` gave nothing back and the file only grew (72,000 free pages seen).
@@ -237,12 +247,12 @@ class UrlTagIndex:
 
     # -- entries ---------------------------------------------------------------------------
 
-    def add(self, key: str, url: str, tags: tuple[str, ...]) -> int:
+    def add(self, key: str, tags: tuple[str, ...]) -> int:
         """Record a commit of ``key``; return its new sequence number."""
-        return self.add_many([(key, url, tags)])[0]
+        return self.add_many([(key, tags)])[0]
 
-    def add_many(self, rows: list[tuple[str, str, tuple[str, ...]]]) -> list[int]:
-        """``add`` for many (key, url, tags) rows in one transaction; their new sequence numbers.
+    def add_many(self, rows: list[tuple[str, tuple[str, ...]]]) -> list[int]:
+        """``add`` for many (key, tags) rows in one transaction; their new sequence numbers.
 
         Tags are only added here, before the disk commit they index: a key's tag rows are made
         exact by ``retag`` once that commit has succeeded. Deleting the key's old rows here hid
@@ -253,8 +263,8 @@ class UrlTagIndex:
         seqs: list[int] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for key, url, tags in rows:
-                cur = db.execute("INSERT OR REPLACE INTO entries (key, url) VALUES (?, ?)", (key, url))
+            for key, tags in rows:
+                cur = db.execute("INSERT OR REPLACE INTO entries (key) VALUES (?)", (key,))
                 seqs.append(int(cur.lastrowid or 0))
                 if tags:
                     db.executemany(_ADD_TAG, [(t, key) for t in tags])
@@ -333,7 +343,11 @@ class UrlTagIndex:
         return removed
 
     def keys_for_url(self, url: str) -> list[str]:
-        rows = self._db().execute("SELECT key FROM entries WHERE url = ?", (url,))
+        """The keys whose URL is ``url``: ``url`` itself and ``url`` + ``\x1f`` + its other parts
+        (``url_of_key``), a range of the key's index."""
+        rows = self._db().execute(
+            "SELECT key FROM entries WHERE key = ? UNION ALL "
+            "SELECT key FROM entries WHERE key >= ? AND key < ?", (url, url + "\x1f", url + "\x20"))
         return [r[0] for r in rows]
 
     def keys_for_prefix(self, prefix: str, after: str = "", limit: int = -1) -> list[str]:

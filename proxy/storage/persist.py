@@ -44,7 +44,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from proxy.logs import RepeatedFailure
-from proxy.policy.keys import url_of_key
 from proxy.storage.arena import F_PERSISTED, Arena, Record
 from proxy.storage.bans import GONE, BanList
 from proxy.storage.disk import DiskTier
@@ -319,7 +318,7 @@ class Persister:
             absent.append(i.entry.key not in seen and on_disk(i.entry.key) is False)
             seen.add(i.entry.key)
         if self.index is not None and items:
-            seqs = self.index.add_many([(i.entry.key, url_of_key(i.entry.key), i.entry.tags) for i in items])
+            seqs = self.index.add_many([(i.entry.key, i.entry.tags) for i in items])
         else:
             seqs = [0] * len(items)
         kept: list[list[tuple[Entry, ...]]] = [[] for _ in items]

@@ -16,7 +16,6 @@ import zlib
 from collections.abc import Sequence
 from typing import IO
 
-from proxy.policy.keys import url_of_key
 from proxy.storage.disk import INLINE_LIMIT, new_body_id, with_checksum
 from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry
 from proxy.storage.memory import Cached
@@ -260,7 +259,7 @@ class Writer:
             disk.delete_body(entry.key, entry.body_id)  # a partial write may have left it
             self.spools.settle(entry.body_id)
             return None
-        seq = t.index.add(entry.key, url_of_key(entry.key), entry.tags) if t.index else 0
+        seq = t.index.add(entry.key, entry.tags) if t.index else 0
         new = entry.with_seq(seq)
         kept: list[tuple[Entry, ...]] = []
         committed = disk.commit(entry.key, adding(t.bans, new, kept))
@@ -301,7 +300,7 @@ class Writer:
         key = entries[0].key
         tags = tuple(sorted({tag for e in entries for tag in e.tags}))
         # A new seq: a soft purge that covered the old copy does not cover the revalidated one.
-        seq = t.index.add(key, url_of_key(key), tags) if t.index else 0
+        seq = t.index.add(key, tags) if t.index else 0
         kept: list[tuple[Entry, ...]] = []
         if t.disk.commit(key, updating(t.bans, [e.with_seq(seq) for e in entries], kept)) \
                 and t.index is not None:

@@ -506,9 +506,9 @@ def test_an_index_write_on_a_full_database_says_it_is_full(tmp_path: Path) -> No
         db = index._db()
         db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
         with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
-            index.add_many([(f"{KEY}/{i}", "http://h.test/" + "u" * 2000, ("t",)) for i in range(50)])
+            index.add_many([(f"{KEY}/{i}/" + "u" * 2000, ("t",)) for i in range(50)])
         db.execute("PRAGMA max_page_count = 1073741823")
-        assert len(index.add_many([(KEY, "http://h.test/a", ())])) == 1  # and works once there is room
+        assert len(index.add_many([(KEY, ())])) == 1  # and works once there is room
     finally:
         index.close()
 
@@ -519,7 +519,7 @@ def test_retag_does_not_depend_on_the_number_of_tags(tmp_path: Path) -> None:
     limit = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     index = UrlTagIndex(str(tmp_path / "index"))
     many = tuple(f"t{i}" for i in range(limit + 10))
-    index.add("k", "http://a/k", many[:3])
+    index.add("k", many[:3])
     index.retag([("k", many), ("other", ("t1",))])
     assert index.count_tag("t0") == 1 and index.count_tag(many[-1]) == 1 and index.count_tag("t1") == 2
     index.retag([("k", many[5:])])  # fewer: the others' rows go

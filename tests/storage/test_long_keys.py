@@ -9,6 +9,7 @@ shards evict sooner and the index GC drops the evicted entries' rows."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from proxy.settings import shard_budget, shard_budget_beside
 from proxy.storage import upkeep
+from proxy.storage.index import UrlTagIndex
 from tests.conftest import MakeProxy
 from tests.harness import Origin
 from tests.storage.procs import breakdown, disk_usage
@@ -67,3 +69,44 @@ async def test_long_url_entries_keep_the_directory_within_its_budget(
     # The newest entries are still kept.
     async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/k?i={899:06d}&p={PAD}") as r:
         assert r.headers["X-Cache-Status"] == "HIT"
+
+
+def test_the_index_holds_each_key_once_and_finds_a_urls_keys_by_it(tmp_path: Path) -> None:
+    index = UrlTagIndex(str(tmp_path / "cache"))
+    try:
+        long = [f"http://h.test/k?i={i:06d}&p={PAD}" for i in range(200)]
+        index.add_many([(k, ()) for k in long])
+        index.checkpoint()
+        # The key and its UNIQUE index: about twice its length, not four times (a URL column too).
+        assert index.size() < 200 * len(long[0]) * 2.5, index.size()
+        keys = ["http://h/a", "http://h/a\x1fh:accept=x", "http://h/a\x1fpart", "http://h/ab", "http://h/a/b"]
+        index.add_many([(k, ()) for k in keys])
+        assert sorted(index.keys_for_url("http://h/a")) == keys[:3]
+        assert index.keys_for_url("http://h/ab") == ["http://h/ab"]
+        assert index.keys_for_url(long[7]) == [long[7]]
+        assert index.keys_for_url("http://h/") == []
+    finally:
+        index.close()
+
+
+def test_an_index_with_a_url_column_loses_it_at_the_owners_start(tmp_path: Path) -> None:
+    """An index of an earlier release (a URL column, indexed) keeps its keys and sequence."""
+    (tmp_path / "cache").mkdir()
+    old = sqlite3.connect(tmp_path / "cache" / "index.sqlite3")
+    old.executescript("""
+        CREATE TABLE entries (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE,
+                              url TEXT NOT NULL);
+        CREATE INDEX entries_url ON entries (url);
+        INSERT INTO entries (key, url) VALUES ('http://h/a', 'http://h/a'),
+                                              ('http://h/a' || char(31) || 'h:accept=x', 'http://h/a');
+    """)
+    old.commit()
+    old.close()
+    index = UrlTagIndex(str(tmp_path / "cache"), repair=True)
+    try:
+        columns = [r[1] for r in index._db().execute("PRAGMA table_info(entries)")]
+        assert columns == ["seq", "key"]
+        assert sorted(index.keys_for_url("http://h/a")) == ["http://h/a", "http://h/a\x1fh:accept=x"]
+        assert index.add("http://h/b", ()) == 3
+    finally:
+        index.close()
