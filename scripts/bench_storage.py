@@ -311,7 +311,7 @@ async def _bench_purge(entries: int, base: str, scale: Scale) -> None:
     t0 = time.perf_counter()
     batch = 50_000
     for start in range(0, entries, batch):
-        index.add_many([(f"http://bench.test/p/{i}", f"http://bench.test/p/{i}",
+        index.add_many([(f"http://bench.test/p/{i}",
                          ("hot",) if i % 10 == 0 else (f"t{i % 1000}",))
                         for i in range(start, min(entries, start + batch))])
     print(f"  filled in {time.perf_counter() - t0:.1f} s")
