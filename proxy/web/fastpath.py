@@ -442,11 +442,6 @@ class ProxyRequestHandler(HeadTimedHandler):
                           and request.content.is_eof() and not self._close)
         return out
 
-    @property
-    def half_closed(self) -> bool:
-        """The client shut its sending side (``eof_received``): the access log's 499."""
-        return self._half_closed
-
     def eof_received(self) -> bool:  # type: ignore[override]  # (asyncio.Protocol: bool | None)
         """The client shut its sending side (``shutdown(SHUT_WR)``, an HTTP/1.0 client that sends
         its request and waits): a half-close is not a close (RFC 9112 §9.6), so the requests it

@@ -263,10 +263,10 @@ CLIENT_CLOSED = 499
 
 
 def client_left(request: web.BaseRequest) -> bool:
-    """The client closed its connection, or its sending side (a FIN: TCP does not tell the two
-    apart before an answer is written to it, and nginx takes either for a close). A half-closed
-    client is still answered (RFC 9112 §9.6); a closed connection is not written to."""
-    return request.transport is None or getattr(request.protocol, "half_closed", False)
+    """The client's connection is gone (reset, or closed and noticed by a failed write). A
+    half-closed client (a FIN) is not: it is answered (RFC 9112 §9.6) and logged with what it
+    was answered, as TCP does not tell a close from a half-close until a write fails."""
+    return request.transport is None
 
 
 def _unbuildable(request: web.BaseRequest) -> web.StreamResponse:

@@ -67,9 +67,9 @@ async def test_an_upload_the_client_broke_off_is_a_499_and_no_traceback(
 async def test_a_client_that_left_before_its_miss_was_answered_is_a_499_and_the_fill_is_stored(
     tmp_path: Path, origin: Origin, make_proxy: MakeProxy
 ) -> None:
-    """The client closes 0.2 s into a 1 s miss: logged "status":200 with the body's bytes as if
-    it had been served. Now 499, as nginx logs it; the fill goes on and is stored for the next
-    client, as before."""
+    """The client resets its connection 0.2 s into a 1 s miss: logged "status":200 with the
+    body's bytes as if it had been served. Now 499, as nginx logs it; the fill goes on and is
+    stored for the next client, as before."""
     origin.route("/slow", body=b"s" * 40, headers={"Cache-Control": "max-age=300"}, delay=1.0)
     log_file = tmp_path / "access.log"
     proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
@@ -77,7 +77,9 @@ async def test_a_client_that_left_before_its_miss_was_answered_is_a_499_and_the_
     writer.write(b"GET /slow HTTP/1.1\r\nHost: example.test\r\n\r\n")
     await writer.drain()
     await asyncio.sleep(0.2)
-    writer.close()
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # a reset: a plain close is a FIN, which may be a half-close
     (left,) = await wait_for_records(proxy, log_file, 1)
     assert (left["path"], left["status"], left["cache"]) == ("/slow", 499, "MISS")
     again = await proxy.get("/slow", headers={"Host": "example.test"})
@@ -112,6 +114,42 @@ async def test_a_client_that_reset_during_a_streamed_answer_is_a_499_with_the_by
     sock.close()  # a reset
     (left,) = await wait_for_records(proxy, log_file, 1)
     assert left["status"] == 499 and 0 <= left["bytes"] < size, left
+
+
+def half_closed_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, shut the sending side (a FIN), read to the server's close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        return got
+
+
+async def test_a_half_closed_client_answered_in_full_is_logged_with_its_answer(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """An HTTP/1.0 client that sends its request and shuts its sending side, and three
+    pipelined requests then a FIN: every answer was sent whole, yet the misses, hits and
+    no-store answers were logged 499 (the fast path's hit 200). Now each is logged with the
+    status it was answered with, whichever path answered it."""
+    origin.route("/c", body=b"c" * 100, headers={"Cache-Control": "max-age=300"})
+    origin.route("/ns", body=b"n" * 50, headers={"Cache-Control": "no-store"})
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    port = port_of(proxy)
+    for path in ("/c", "/c", "/ns"):  # a miss, a hit, a no-store pass
+        got = await asyncio.to_thread(half_closed_exchange, port,
+                                      b"GET %s HTTP/1.0\r\nHost: example.test\r\n\r\n" % path.encode())
+        assert got.startswith(b"HTTP/1.0 200") or got.startswith(b"HTTP/1.1 200"), got[:40]
+    pipelined = b"".join(b"GET %s HTTP/1.1\r\nHost: example.test\r\n\r\n" % p for p in (b"/ns", b"/c", b"/ns"))
+    got = await asyncio.to_thread(half_closed_exchange, port, pipelined)
+    assert got.count(b" 200 OK\r\n") == 3, got
+    logged = await wait_for_records(proxy, log_file, 6)
+    assert [(r["path"], r["status"], r["bytes"]) for r in logged] == [
+        ("/c", 200, 100), ("/c", 200, 100), ("/ns", 200, 50), ("/ns", 200, 50), ("/c", 200, 100),
+        ("/ns", 200, 50)], logged
 
 
 async def test_a_head_not_whole_in_time_is_a_408_line_and_counted_but_an_idle_connection_is_not(
