@@ -87,6 +87,7 @@ from proxy.errors import (
     BodyCutOff,
     BodyTimedOut,
     ClientBodyError,
+    ClientGone,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -383,8 +384,10 @@ class UpstreamConnection(BaseProtocol):
                 except (asyncio.CancelledError, BodyCutOff, BodyTimedOut):
                     raise  # (the stop cut the body off, or it came too slowly: its client is told)
                 except Exception as exc:  # the client's body broke off (closed, reset, malformed)
-                    raise ClientBodyError(f"{self._pool.name}: the client's request body broke off "
-                                          f"after {sent} bytes: {exc!r}") from exc
+                    # (ClientGone stays itself: the client left, which its access-log line says)
+                    error = ClientGone if isinstance(exc, ClientGone) else ClientBodyError
+                    raise error(f"{self._pool.name}: the client's request body broke off "
+                                f"after {sent} bytes: {exc!r}") from exc
                 if not chunk:
                     continue
                 transport = self.transport

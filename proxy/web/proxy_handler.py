@@ -28,6 +28,7 @@ from proxy.errors import (
     BadRequest,
     CachegateError,
     ClientBodyError,
+    ClientGone,
     ResponseAborted,
     UpstreamError,
     drop_traceback,
@@ -428,6 +429,8 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
             else:
                 log.debug("aborting client response to %s: %s", request.remote, exc)
         else:
+            if isinstance(exc, ClientGone):  # its upload broke off: the client left (499)
+                info.client_left = True
             log.debug("aborting client response to %s: %s", request.remote, exc)
         _abort(request)
     except ConnectionError as exc:

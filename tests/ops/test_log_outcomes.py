@@ -152,6 +152,41 @@ async def test_a_half_closed_client_answered_in_full_is_logged_with_its_answer(
         ("/ns", 200, 50)], logged
 
 
+async def test_an_upload_broken_off_while_its_answer_streams_is_a_499(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A POST announcing 10 MB, to an origin that starts a streamed answer before reading the
+    body; the client reads the head, then resets with 100 KB sent: logged 200 with the bytes
+    streamed so far, as if it had been answered. Now 499."""
+
+    async def early(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Cache-Control": "no-store"})
+        await resp.prepare(request)
+        try:
+            for _ in range(40):
+                await resp.write(b"e" * 1000)
+                await asyncio.sleep(0.05)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # cachegate dropped the fetch its client left
+        return resp
+
+    origin.route("/early", early)
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+    writer.write(b"POST /early HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10000000\r\n\r\n"
+                 + b"z" * 100_000)
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    await asyncio.sleep(0.3)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    (left,) = await wait_for_records(proxy, log_file, 1)
+    assert (left["path"], left["status"]) == ("/early", 499), left
+    assert 0 < left["bytes"] < 40_000, left
+
+
 async def test_a_head_not_whole_in_time_is_a_408_line_and_counted_but_an_idle_connection_is_not(
     tmp_path: Path, origin: Origin, make_proxy: MakeProxy
 ) -> None:
