@@ -51,7 +51,7 @@ from proxy import __version__, gctuning
 
 # HIT_STATUSES: the X-Cache-Status values that count as hits in hit ratios (answered from the
 # store without waiting for the origin; a collapsed waiter says HIT too: it cost no origin request).
-from proxy.live import HIT_STATUSES, LiveStats
+from proxy.live import HIT_STATUSES, NOT_IN_RATIOS, LiveStats
 
 # The *_created series double the scrape size and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -399,8 +399,9 @@ def snapshot_of(families: Iterable[Metric]) -> Snapshot:
 
 
 def hit_ratio(counts: dict[str, int]) -> float | None:
-    """Hits (HIT, STALE, UPDATING) over every client request; None before the first request."""
-    total = sum(counts.values())
+    """Hits (HIT, STALE, UPDATING) over every client request but PURGEs (``NOT_IN_RATIOS``);
+    None before the first request."""
+    total = sum(n for s, n in counts.items() if s not in NOT_IN_RATIOS)
     if total == 0:
         return None
     return sum(n for s, n in counts.items() if s in HIT_STATUSES) / total

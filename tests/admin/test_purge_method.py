@@ -3,6 +3,7 @@ those peers only (the admin token does not open it)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,28 @@ async def test_a_purge_answer_carries_both_cache_fields_and_is_counted_as_a_clie
         assert (reply.x_cache, reply.cache_status) == ("PURGE", "cachegate; detail=PURGE")
         metrics = (await proxy.admin("GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})).body
         assert b'cachegate_requests_total{cache_status="PURGE",method="PURGE"} 1.0' in metrics
+
+
+async def test_purges_are_counted_as_requests_but_in_no_hit_ratio_or_offload(
+        origin: Origin, proxy: Proxy) -> None:
+    """1 miss and 9 hits, then 40 PURGEs: /stats's hit ratio went from 0.90 to 0.18, and the
+    console's request offload counted every PURGE as a request the origin was spared. PURGEs
+    stay counted as requests (PURGE), in neither ratio."""
+    page(origin, "/r")
+    for _ in range(10):
+        await proxy.get("/r")
+        await settle(proxy)
+    for i in range(40):
+        assert (await proxy.request("PURGE", f"/none{i}")).x_cache == "PURGE"
+    stats = js(await proxy.admin("GET", "/stats"))
+    assert stats["requests"]["by_cache_status"] == {"HIT": 9, "MISS": 1, "PURGE": 40}
+    assert stats["hit_ratio"]["since_start"] == 0.9
+    for _ in range(100):  # the console samples its counters every second or so
+        live = js(await proxy.admin("GET", "/console/api/live"))
+        if live["since_start"]["requests"].get("PURGE") == 40:
+            break
+        await asyncio.sleep(0.1)
+    since = live["since_start"]
+    assert since["requests"] == {"HIT": 9, "MISS": 1, "PURGE": 40}
+    assert (since["hit_ratio"], since["request_offload"]) == (0.9, 0.9)
+    assert (live["last_minute"]["hit_ratio"], live["last_minute"]["request_offload"]) == (0.9, 0.9)

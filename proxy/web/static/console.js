@@ -193,16 +193,20 @@ function rolling(i, pts, span, fn) {
   return fn(pts.slice(from, i + 1));
 }
 
+// Client requests that count in ratios: PURGE is counted as a request, but is neither a hit,
+// a miss nor offload (proxy/live.py NOT_IN_RATIOS).
+const asked = (p) => sum(p.requests) - (p.requests.PURGE || 0);
+
 function ratioSeries() {
   const make = (f) => windowed((pts, i) => rolling(i, pts, 10, f));
   const hit = make((ps) => {
     let all = 0, hits = 0;
-    for (const p of ps) { all += sum(p.requests); hits += (p.requests.HIT || 0) + (p.requests.STALE || 0) + (p.requests.UPDATING || 0); }
+    for (const p of ps) { all += asked(p); hits += (p.requests.HIT || 0) + (p.requests.STALE || 0) + (p.requests.UPDATING || 0); }
     return all ? (100 * hits) / all : null;
   });
   const reqOffload = make((ps) => {
     let all = 0, origin = 0;
-    for (const p of ps) { all += sum(p.requests); origin += p.origin; }
+    for (const p of ps) { all += asked(p); origin += p.origin; }
     return all ? Math.max(0, 100 * (1 - origin / all)) : null;
   });
   const byteOffload = make((ps) => {
