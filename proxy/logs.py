@@ -103,8 +103,8 @@ class RequestInfo:
     """What one request's log line needs besides its message: filled in as it is handled
     (the engine adds the cache key and the upstream it went to)."""
 
-    __slots__ = ("cache_status", "client_left", "host", "key", "request_id", "target", "upstream",
-                 "upstream_time", "url", "x_cache")
+    __slots__ = ("cache_status", "client_left", "host", "key", "request_id", "sent", "target",
+                 "upstream", "upstream_time", "url", "x_cache")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -117,6 +117,9 @@ class RequestInfo:
         self.x_cache = "ERROR"
         self.cache_status: str | None = None
         self.client_left = False  # the client closed before its streamed answer was complete
+        # Body bytes of a streamed answer handed to the connection so far: what its line says
+        # when the answer ends early (the client left, or the stop cut it off).
+        self.sent = 0
 
 
 # The request being handled in this task (and in the flights it started): its id and

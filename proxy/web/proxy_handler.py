@@ -237,14 +237,25 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
         token = REQUEST.set(info)  # error log lines about this request carry its id
         try:
             resp, sent = await _respond(request, runtime, fe, info, remote, trusted)
+        except asyncio.CancelledError:
+            # Cut off (the stop's deadline): its line all the same, as the counter has it (499,
+            # the bytes handed over so far); the cancellation goes on.
+            logged(request, info, remote, started, CLIENT_CLOSED, info.sent)
+            raise
         finally:
             REQUEST.reset(token)
-        done = time.perf_counter()
         status = resp.status
         if info.client_left if resp.prepared else client_left(request):
             status = CLIENT_CLOSED
             if request.transport is None and not resp.prepared:
                 sent = 0  # nothing of an answer at hand is written to a connection that is gone
+        logged(request, info, remote, started, status, sent)
+        return resp
+
+    def logged(request: web.BaseRequest, info: RequestInfo, remote: str, started: float, status: int,
+               sent: int) -> None:
+        """The request's duration and top-URL count, and its access-log line."""
+        done = time.perf_counter()
         if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
             runtime.metrics.answered(info.url, info.x_cache, done - started)
         access = front.current().access_log  # a reload meanwhile may have opened another
@@ -253,7 +264,6 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
                         info.host or request.host, info.target or request.raw_path, request.version,
                         status, sent, info.x_cache, info.cache_status, info.key, info.upstream,
                         info.upstream_time, request.headers if access.wants_fields else None))
-        return resp
 
     return handle
 
@@ -352,6 +362,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         return _plain(exc.status_hint, exc.public_text(), "ERROR", fe, info, request,
                       upstream_detail(exc) if isinstance(exc, UpstreamError) else "PROXY-ERROR"), 0
     except asyncio.CancelledError:
+        fe.requests(info.x_cache, request.method).inc()  # cut off before its answer: as logged
         raise
     except Exception:
         log.exception("unhandled error for %s %s", request.method, request.raw_path)
@@ -393,19 +404,21 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
         return plain_reply(reply.status, reply.reason, headers, body, request.method), len(body)
     length = reply.length if reply.status not in (204, 304) and reply.status >= 200 else None
     resp = ReplyResponse(reply.status, reply.reason, headers, length)
-    sent = 0
+    # Bytes handed to the connection so far, kept on ``info`` as they go: an answer that ends
+    # early (a write fails, the stop cancels it) is logged and counted with what went out.
+    info.sent = 0
     try:
         await resp.prepare(request)
         if body is not None and not reply.head_only:
             if isinstance(body, bytes):
                 await resp.write(body)
-                sent = len(body)
+                info.sent = len(body)
             elif hasattr(body, "__anext__"):
                 async for chunk in body:  # type: ignore[union-attr]
                     await resp.write(chunk)
-                    sent += len(chunk)
+                    info.sent += len(chunk)
             else:
-                sent = await _send_file(request, resp, body, reply.offset, reply.length)
+                await _send_file(request, resp, body, reply.offset, reply.length, info)
         await resp.write_eof()
         info.client_left = client_left(request)
     except BodyCutShort as exc:
@@ -440,9 +453,9 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
         _abort(request)
         drop_traceback(exc)
     finally:
+        counted.inc(info.sent)
         await _close_body(body)
-        counted.inc(sent)
-    return resp, sent
+    return resp, info.sent
 
 
 def _client_gone(request: web.BaseRequest, exc: BaseException) -> None:
@@ -465,17 +478,18 @@ def _abort(request: web.BaseRequest) -> None:
 
 
 async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[bytes], offset: int,
-                     length: int | None) -> int:
+                     length: int | None, info: RequestInfo) -> None:
     """Send a file body: ``os.sendfile`` into the socket as far as it takes it at once (an
     open body file: ``proxy.storage.bodyfiles``), the rest read in the thread pool. A file that
     ends before ``length`` raises (``BodyCutShort`` from a body file's ``read``; else
-    ``ResponseAborted``): the head announced the whole length."""
+    ``ResponseAborted``): the head announced the whole length. The bytes sent go to
+    ``info.sent`` as they go, so a write that fails leaves the count of those before it."""
     sent = 0
     if isinstance(f, BodyFile):
         end = f.size if length is None else min(f.size, offset + length)
-        sent = sendfile_now(request.transport, f.fileno(), offset, end - offset)
+        sent = info.sent = sendfile_now(request.transport, f.fileno(), offset, end - offset)
         if sent == end - offset:
-            return sent
+            return
         length = end - offset - sent
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, f.seek, offset + sent)
@@ -489,9 +503,9 @@ async def _send_file(request: web.BaseRequest, resp: web.StreamResponse, f: IO[b
             break
         await resp.write(chunk)
         sent += len(chunk)
+        info.sent = sent
         if remaining > 0:
             remaining -= len(chunk)
-    return sent
 
 
 def sendfile_now(transport: asyncio.BaseTransport | None, fd: int, offset: int, count: int) -> int:

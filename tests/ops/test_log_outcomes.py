@@ -17,6 +17,7 @@ from aiohttp import web
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.rules.util import settle
 
 
 def records(proxy: Proxy, path: Path) -> list[dict[str, Any]]:
@@ -185,6 +186,82 @@ async def test_an_upload_broken_off_while_its_answer_streams_is_a_499(
     (left,) = await wait_for_records(proxy, log_file, 1)
     assert (left["path"], left["status"]) == ("/early", 499), left
     assert 0 < left["bytes"] < 40_000, left
+
+
+async def test_a_streamed_answer_cut_off_at_the_stop_has_its_line(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A client stalls mid-body of a 20 MB miss and cachegate stops: its handler was cancelled
+    at the end of the grace period and the request had no access-log line (its counter was
+    incremented all the same). Now one line: 499, the bytes handed to the connection."""
+    size = 20 * 1024 * 1024
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(size), "Cache-Control": "max-age=60"})
+        await resp.prepare(request)
+        try:
+            for _ in range(size // 65536):
+                await resp.write(b"b" * 65536)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # cachegate stopped
+        return resp
+
+    origin.route("/big", big)
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", port_of(proxy)))
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    got = await asyncio.to_thread(sock.recv, 65536)
+    assert got.startswith(b"HTTP/1.1 200"), got[:40]
+    await asyncio.sleep(0.5)  # the client reads nothing more
+    proxy.runtime.state = "stopping"
+    await proxy.listeners.stop(0.3)
+    try:
+        (line,) = records(proxy, log_file)
+        assert (line["path"], line["status"]) == ("/big", 499), line
+        assert 0 < line["bytes"] < size, line
+    finally:
+        sock.close()
+
+
+async def test_a_disk_hit_the_client_reset_is_a_499_with_the_bytes_sent_and_counted(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A 20 MB hit sent from a disk file; the client reads about 200 KB and resets: logged 499
+    with 0 bytes, and cachegate_response_bytes_total{tier="disk"} counted none, though hundreds
+    of KB went out. Now the bytes handed to the connection before the write that failed."""
+    from tests.admin.test_metrics import scrape, value
+
+    size = 20 * 1024 * 1024
+    origin.route("/file", body=b"f" * size, headers={"Cache-Control": "max-age=300"})
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")  # 20 MB: disk only
+    assert len((await proxy.get("/file", headers={"Host": "example.test"})).body) == size  # the fill
+    await settle(proxy)  # on disk
+    before = value(await scrape(proxy), "cachegate_response_bytes_total", tier="disk")
+
+    def read_then_reset() -> int:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.connect(("127.0.0.1", port_of(proxy)))
+        sock.sendall(b"GET /file HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        got = 0
+        while got < 200_000:
+            got += len(sock.recv(65536))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        return got
+
+    got = await asyncio.to_thread(read_then_reset)
+    logged = await wait_for_records(proxy, log_file, 2)
+    left = logged[-1]
+    assert (left["path"], left["status"], left["cache"]) == ("/file", 499, "HIT"), [(r["method"], r["status"], r["cache"], r["cache_status"], r["bytes"]) for r in logged]
+    assert got - 1000 <= left["bytes"] < size, (got, left)
+    counted = value(await scrape(proxy), "cachegate_response_bytes_total", tier="disk") - before
+    assert counted == left["bytes"], (counted, left)
 
 
 async def test_a_head_not_whole_in_time_is_a_408_line_and_counted_but_an_idle_connection_is_not(
