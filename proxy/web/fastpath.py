@@ -94,7 +94,7 @@ from proxy.storage.memory import Cached
 from proxy.web.fastheads import HeadShapes
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import from_response
-from proxy.web.headtimeout import HeadTimedHandler, unfinished_head
+from proxy.web.headtimeout import HeadTimedHandler, empty_lines, unfinished_head
 from proxy.web.proxy_handler import UnbuildableRequest, sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
@@ -527,7 +527,11 @@ class ProxyRequestHandler(HeadTimedHandler):
         elif self._request_count != before:  # heads ended in this read: what follows the last one
             self._head_bytes = after = self._after_head(data)
             if after:
-                self._first_line(data[len(data) - after:])
+                rest = data[len(data) - after:]
+                if empty_lines(rest):  # (empty lines after a request begin no head: RFC 9112 §2.2)
+                    self._head_bytes = 0
+                else:
+                    self._first_line(rest)
         elif body is not None:
             # Body bytes. If the body ended in this read, where the next head began in it is not
             # known: that head is counted from the next read on (it can pass the cap by what
@@ -535,10 +539,16 @@ class ProxyRequestHandler(HeadTimedHandler):
             if body.is_eof():
                 self._body = None
             self._head_bytes = 0
-        elif not self._upgraded:
+        elif self._upgraded:
+            pass
+        elif self._head_bytes or not empty_lines(data):
             self._head_bytes += len(data)
             if line is not None:
                 self._first_line(line + data)
+        else:
+            # Empty lines before a request line begin no head (RFC 9112 §2.2): a head would
+            # still start at the next byte.
+            self._line = line
 
     def _first_line(self, start: bytes) -> None:
         """``start``, the beginning of a head not whole yet: refused at once if its request line
@@ -695,7 +705,7 @@ class ProxyRequestHandler(HeadTimedHandler):
                 self._refuse_unparsable(exc)
                 return
             if not messages:
-                if feed is data or unfinished_head(data):
+                if (feed is data and not empty_lines(data)) or unfinished_head(data):
                     self.head_begun()  # a head not whole yet (``headtimeout``)
                     if boundary and feed is data:
                         self._line = b""  # it starts with this read (``_first_line``)

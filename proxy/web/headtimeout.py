@@ -6,7 +6,8 @@ opens connections and sends a head a few bytes at a time (slowloris), or never f
 holds a file descriptor each for as long as that timer lets it. ``HeadTimedHandler`` closes
 the connection when a head is not whole ``head_timeout`` seconds after it began: after the
 connection opened, for the first request; after its first byte, for the next ones (the time
-in between is the keep-alive timeout's). Nothing is answered (as nginx: the client never
+in between is the keep-alive timeout's; empty lines there begin no head, RFC 9112 §2.2:
+``empty_lines``). Nothing is answered (as nginx: the client never
 finished asking); the proxy listener logs a head begun that way as nginx does, 408
 (``head_timed_out``). The timer is armed only when a chunk leaves a head unfinished: a request
 that arrives whole in one read, the common case, costs a counter comparison.
@@ -91,8 +92,9 @@ class HeadTimedHandler(RequestHandler):
             # The next head begun in the same read, behind a request without a body.
             if messages and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
                 self.head_begun()
-        elif data and not body and not self._reading_body():
-            # (a read that ends a body is not a head: where the body ends in it is not known)
+        elif data and not body and not self._reading_body() and not empty_lines(data):
+            # (a read that ends a body is not a head: where the body ends in it is not known;
+            # nor are empty lines, which a server ignores before a request line)
             self.head_begun()
 
     def _reading_body(self) -> bool:
@@ -138,6 +140,17 @@ class HeadTimedHandler(RequestHandler):
     def head_timed_out(self, timeout: float) -> None:
         """A head was not whole within ``timeout`` seconds: its connection closes next, with
         nothing answered. The proxy listener logs and counts it; here, nothing more."""
+
+
+def empty_lines(data: bytes) -> bool:
+    r"""Whether ``data`` is only CR and LF bytes: before a request line, no head begun (RFC 9112
+    §2.2: a server SHOULD ignore at least one empty line received before the request-line; some
+    clients send a CRLF after a request's body). The first byte decides at once for a head.
+
+    >>> empty_lines(b"\r\n"), empty_lines(b"\n"), empty_lines(b"GET /"), empty_lines(b"\r\nGET")
+    (True, True, False, False)
+    """
+    return data[:1] in (b"\r", b"\n") and not data.strip(b"\r\n")
 
 
 def unfinished_head(data: bytes) -> bool:
@@ -285,4 +298,4 @@ class CappedServer(web.Server):
                              send_timeout=self._send_timeout, **self._kwargs)
 
 
-__all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "unfinished_head"]
+__all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "empty_lines", "unfinished_head"]

@@ -300,3 +300,47 @@ async def test_a_head_not_whole_in_time_is_a_408_line_and_counted_but_an_idle_co
     assert after == before + 3
     for _, writer in [*partial, *idle, (kept_reader, kept_writer)]:
         writer.close()
+
+
+async def test_empty_lines_between_requests_begin_no_head(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A kept-alive connection that sent only a CRLF after its request (after a GET or a POST's
+    body, in the request's write or one of its own) then stayed idle got a 408 line and
+    ``requests_total{ERROR,"-"}``, and was closed after client_header_timeout. RFC 9112 §2.2:
+    a server SHOULD ignore empty lines before a request line. Now they begin no head: no line,
+    the connection stays open as any idle one, and its next request is answered. A fresh
+    connection that sends only empty lines is closed at the timeout without a line."""
+    from tests.admin.test_metrics import scrape, value
+
+    origin.route("/a", body=b"a", headers={"Cache-Control": "max-age=60"})
+    origin.route("/post", body=b"p", headers={"Cache-Control": "no-store"})
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\nclient_header_timeout: 1s\n")
+    port = port_of(proxy)
+    before = value(await scrape(proxy), "cachegate_requests_total", cache_status="ERROR", method="-")
+    get = b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    post = b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 3\r\n\r\nabc"
+    kept = []
+    for first, crlf_apart in ((get, True), (get, False), (post, True), (post, False)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(first if crlf_apart else first + b"\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(1)  # the 1-byte body
+        if crlf_apart:
+            writer.write(b"\r\n")
+        kept.append((reader, writer))
+    fresh_reader, fresh_writer = await asyncio.open_connection("127.0.0.1", port)
+    fresh_writer.write(b"\r\n")
+    assert await asyncio.wait_for(fresh_reader.read(), 10) == b""  # closed, nothing sent
+    await asyncio.sleep(1.0)  # past the header timeout for the CRLFs
+    for reader, writer in kept:
+        writer.write(get)  # the connection is still open, and the CRLF was ignored
+        await reader.readuntil(b"\r\n\r\n")
+        assert await reader.readexactly(1) == b"a"
+        writer.close()
+    fresh_writer.close()
+    logged = records(proxy, log_file)
+    assert [r["status"] for r in logged] == [200] * 8, logged
+    after = value(await scrape(proxy), "cachegate_requests_total", cache_status="ERROR", method="-")
+    assert after == before
