@@ -855,9 +855,11 @@ class MissPath:
                 await body.push(chunk)
         except UpstreamError as exc:
             if first_report(exc):  # the one line for every client it cut (``first_report``)
+                # Clients joined to the body, whether or not a byte of it reached them yet (some
+                # may still be waiting for their head, and get a 502 with no body): "waiting on".
                 readers = body.readers
-                log.warning("upstream body broke off for %s (%d client%s reading): %s", key, readers,
-                            "" if readers == 1 else "s", exc)
+                log.warning("upstream body broke off for %s (%d client%s waiting on it): %s", key,
+                            readers, "" if readers == 1 else "s", exc)
             if spool is not None:
                 spool.discard()
             self._end(run, BrokeOff(exc))
