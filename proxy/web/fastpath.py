@@ -386,18 +386,19 @@ class ProxyRequestHandler(HeadTimedHandler):
         resp.headers["X-Cache-Status"] = "ERROR"
         if refused:
             fe.requests("ERROR", REFUSED_METHOD).inc()
+        body = resp.body
+        size = len(body) if isinstance(body, bytes) else 0
+        fe.sent("none").inc(size)  # cachegate's own body (a refused request: never a hit)
         access = fe.access_log
         if access is not None:
             # A request the parser refused has no method or target to tell (aiohttp hands a
             # placeholder "GET /" message here).
             peer = self.peername
             remote = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "")
-            body = resp.body
             access.add((perf_counter(), 0.0, request_id, remote, None if refused else request.method,
                         None, None if refused else request.raw_path,
                         self._refused_version if refused else request.version,
-                        status, len(body) if isinstance(body, bytes) else 0, "ERROR", PROXY_ERROR, None,
-                        None, None, None))
+                        status, size, "ERROR", PROXY_ERROR, None, None, None, None))
         return resp
 
     def head_timed_out(self, timeout: float) -> None:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, assert_never
 
 from aiohttp import web
+from aiohttp.helpers import must_be_empty_body
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from multidict import CIMultiDict
@@ -300,7 +301,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
                      request.remote, *version)
             refused = _plain(version[0], version[1], "ERROR", fe, info, request)
             refused.force_close()  # nothing more on this connection is read as HTTP/1.x
-            return refused, 0
+            return _own(refused, fe, request.method)
         if request.method == "CONNECT":
             fe.requests("ERROR", request.method).inc()  # refused, as the version refusals above
             info.x_cache = "ERROR"
@@ -309,7 +310,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             # Content-Length said): read on, those bytes would be taken for the next request,
             # which a front end framing by Content-Length never sent (request smuggling).
             refused.force_close()
-            return refused, 0
+            return _own(refused, fe, request.method)
         head, planned = client_head(request, fe, trusted)
         match head:
             case RequestHead():
@@ -320,7 +321,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
                          request.remote, head.status, head.reason)
                 refused = _plain(head.status, head.reason, "ERROR", fe, info, request)
                 refused.force_close()  # the body's framing may be what was wrong
-                return refused, 0
+                return _own(refused, fe, request.method)
             case _:
                 assert_never(head)
         info.host, info.target, info.url = head.host, head.target, head.url
@@ -333,7 +334,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             purged.headers["X-Cache-Status"] = "PURGE"
             fe.own_fields(purged.headers, None, info.request_id)
             fe.requests("PURGE", request.method).inc()
-            return purged, len(purged.body or b"")
+            return _own(purged, fe, request.method)
         fe.saw_host(head.host)
         settings = fe.settings
         body = await client_body(request, settings.client_body_timeout, settings.client_body_min_rate,
@@ -354,20 +355,21 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         task, protocol = asyncio.current_task(), request.protocol
         if task is not None and protocol is not None:
             task.add_done_callback(lambda _: protocol.force_close())
-        return refused, 0
+        return _own(refused, fe, request.method)
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
         fe.requests("ERROR", request.method).inc()
-        return _plain(exc.status_hint, exc.public_text(), "ERROR", fe, info, request,
-                      upstream_detail(exc) if isinstance(exc, UpstreamError) else "PROXY-ERROR"), 0
+        return _own(_plain(exc.status_hint, exc.public_text(), "ERROR", fe, info, request,
+                           upstream_detail(exc) if isinstance(exc, UpstreamError) else "PROXY-ERROR"),
+                    fe, request.method)
     except asyncio.CancelledError:
         fe.requests(info.x_cache, request.method).inc()  # cut off before its answer: as logged
         raise
     except Exception:
         log.exception("unhandled error for %s %s", request.method, request.raw_path)
         fe.requests("ERROR", request.method).inc()
-        return _plain(500, "internal error", "ERROR", fe, info, request), 0
+        return _own(_plain(500, "internal error", "ERROR", fe, info, request), fe, request.method)
     info.x_cache = reply.x_cache
     try:
         return await write_reply(request, reply, fe, info, runtime)
@@ -375,6 +377,14 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         # Counted once written: a body the origin broke off is counted as the error it was
         # (``write_reply``), whatever its head said.
         fe.requests(info.x_cache, request.method).inc()
+
+
+def _own(resp: ReplyResponse, fe: FrontEnd, method: str) -> tuple[ReplyResponse, int]:
+    """cachegate's own answer (a refusal, an error page, a PURGE's answer) and its body bytes,
+    counted as tier "none": neither the store's nor the origin's. Never a hit's path."""
+    size = 0 if must_be_empty_body(method, resp.status) else len(resp.body or b"")
+    fe.sent("none").inc(size)
+    return resp, size
 
 
 def _plain(status: int, text: str, x_cache: str, fe: FrontEnd, info: RequestInfo,

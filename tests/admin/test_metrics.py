@@ -364,3 +364,42 @@ async def test_the_documented_byte_offload_leaves_cachegate_s_own_error_pages_ou
         assert value(m, "cachegate_response_bytes_total", tier="none") > 0
         offload = PromQL(m, documented_query("Origin offload (bytes)")).run()
         assert offload == {frozenset(): 0.75}
+
+
+async def test_cachegates_own_bodies_are_counted_as_tier_none_and_logged(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """cachegate_response_bytes_total{tier="none"} promised cachegate's own bodies (error pages,
+    refusals, the answers to PURGE) but counted none of a PURGE's answer, the CONNECT 405, a
+    parser's 400 or a missing Host's 400 (and the access log said 0 bytes for most). Now each
+    body is counted there, and logged, with the bytes that went out."""
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n"
+                                    "admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8]}\n")
+    host, port = proxy.listeners.proxy_addresses[0]
+
+    async def exchange(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(data)
+        got = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return got.partition(b"\r\n\r\n")[2]
+
+    cases = [
+        b"PURGE /nothing HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n",
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ]
+    bodies = []
+    for data in cases:
+        before = value(await scrape(proxy), "cachegate_response_bytes_total", tier="none")
+        body = await exchange(data)
+        bodies.append(len(body))
+        assert body, data
+        counted = value(await scrape(proxy), "cachegate_response_bytes_total", tier="none") - before
+        assert counted == len(body), (data, counted, body)
+    assert proxy.runtime.access_log is not None
+    proxy.runtime.access_log.flush()
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [r["status"] for r in logged] == [200, 405, 400, 400], logged
+    assert [r["bytes"] for r in logged] == bodies, logged
