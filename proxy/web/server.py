@@ -103,6 +103,26 @@ class Listeners:
                 await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
         except TimeoutError:
             log.warning("requests still in flight %gs after the grace period; cut off", STOP_MARGIN)
+            await _cut_off(self.runners)
+
+
+async def _cut_off(runners: list[web.BaseRunner]) -> None:
+    """Cancel the handlers still writing to a client that reads nothing once the stop's
+    deadline passed, and let them unwind (at most STOP_MARGIN): aiohttp's cleanup, cut short by
+    that deadline, cancels them only after waiting its timeout a second time, so such a handler
+    was never cancelled, and its request had no access-log line (499) before the process
+    exited. Not the handlers waiting for a fetch: the stop's end of the fills answers them
+    (503 STOPPING, or stale-if-error) after this."""
+    tasks = []
+    for runner in runners:
+        server = runner.server
+        for conn in list(getattr(server, "connections", ())):
+            task = getattr(conn, "_task_handler", None)
+            if task is not None and not task.done() and getattr(conn, "writing_paused", False):
+                task.cancel()
+                tasks.append(task)
+    if tasks:
+        await asyncio.wait(tasks, timeout=STOP_MARGIN)
 
 
 def _bound(runner: web.BaseRunner) -> list[tuple[str, int]]:
