@@ -81,6 +81,7 @@ def check_c_parser() -> None:
 # A process stops within shutdown_grace + STOP_MARGIN, and a little more to close its store
 # (the supervisor kills a worker only at shutdown_grace + STOP_DEADLINE_MARGIN).
 STOP_MARGIN = 1.0
+FLUSH_POLL = 0.01  # seconds between looks at the closed connections' unsent bytes at a stop
 
 
 @dataclass
@@ -98,12 +99,40 @@ class Listeners:
             runner._shutdown_timeout = grace  # aiohttp reads it in cleanup()
         if not self.runners:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        transports = _transports(self.runners)
         try:
             async with asyncio.timeout(grace + STOP_MARGIN):
                 await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
         except TimeoutError:
             log.warning("requests still in flight %gs after the grace period; cut off", STOP_MARGIN)
             await _cut_off(self.runners)
+        await _flushed(transports, deadline)
+
+
+def _transports(runners: list[web.BaseRunner]) -> list[asyncio.Transport]:
+    """The client connections' transports as a stop begins (aiohttp's cleanup forgets them)."""
+    found = []
+    for runner in runners:
+        for conn in list(getattr(runner.server, "connections", ())):
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                found.append(transport)
+    return found
+
+
+async def _flushed(transports: list[asyncio.Transport], deadline: float) -> None:
+    """Wait, until ``deadline`` (the grace period's end) at most, for the bytes the closed
+    connections still hold to go out. aiohttp's cleanup closes a connection as soon as its
+    handler has put the last byte into the transport, whose buffer (32 KB behind for a client
+    reading at its pace) the event loop sends only later: the process exited first, and that
+    client's body ended short of its Content-Length."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:  # (a stop's look, so no per-connection hook on the request path)
+        if not any(t.get_write_buffer_size() for t in transports):
+            return
+        await asyncio.sleep(FLUSH_POLL)
 
 
 async def _cut_off(runners: list[web.BaseRunner]) -> None:
