@@ -130,9 +130,18 @@ async def _flushed(transports: list[asyncio.Transport], deadline: float) -> None
     client's body ended short of its Content-Length."""
     loop = asyncio.get_running_loop()
     while loop.time() < deadline:  # (a stop's look, so no per-connection hook on the request path)
-        if not any(t.get_write_buffer_size() for t in transports):
+        if not any(_unsent(t) for t in transports):
             return
         await asyncio.sleep(FLUSH_POLL)
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """The bytes ``transport`` still holds; 0 once it is gone (a TLS transport whose connection
+    ended has no buffer left to ask: asyncio's raises AttributeError then)."""
+    try:
+        return transport.get_write_buffer_size()
+    except (AttributeError, RuntimeError):
+        return 0
 
 
 async def _cut_off(runners: list[web.BaseRunner]) -> None:
