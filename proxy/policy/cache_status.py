@@ -22,6 +22,8 @@ from typing import Protocol
 from http_sfv.item import Item
 from http_sfv.list import List
 
+from proxy.policy.fields import split_outside_quotes
+
 CACHE_NAME = "cachegate"
 
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~:/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -66,20 +68,9 @@ def cache_status(
 
 
 def _split(text: str, sep: str) -> list[str]:
-    """``text`` split at ``sep`` outside sf-strings (RFC 8941 §3.3.3), each part stripped."""
-    parts, start, quoted, escaped = [], 0, False, False
-    for i, c in enumerate(text):
-        if escaped:
-            escaped = False
-        elif quoted and c == "\\":
-            escaped = True
-        elif c == '"':
-            quoted = not quoted
-        elif c == sep and not quoted:
-            parts.append(text[start:i].strip(" \t"))
-            start = i + 1
-    parts.append(text[start:].strip(" \t"))
-    return parts
+    """``text`` split at ``sep`` outside sf-strings (RFC 8941 §3.3.3: quoted, ``\\`` escapes, as
+    RFC 9110's quoted-string), each part stripped."""
+    return [part.strip(" \t") for part in split_outside_quotes(text, sep)]
 
 
 def _foreign_member(member: str) -> bool:
