@@ -42,7 +42,8 @@ a keep-alive connection closed by the upstream as the request left. A 5xx
 answer, a read timeout or a connection that closes part-way through the response
 head is not retried: the upstream may have acted on the request.
 
-A ``206 Partial Content`` to a request without ``Range`` (a fill never sends the client's)
+A ``206 Partial Content`` to a request without ``Range`` (a fill never sends the client's,
+and no request carries the pre-standard ``Request-Range``: ``proxy.policy.request.NEVER_FORWARDED``)
 is an invalid response, as Varnish fails such a fetch: a 502, or the stored response under
 stale-if-error; never relayed as if it were the whole, nor stored.
 

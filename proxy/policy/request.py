@@ -104,14 +104,22 @@ CONNECTION_MAY_NOT_NAME = {"host": "Host", "content-length": "Content-Length",
 # The client's preconditions (RFC 9110 §13.1): a request forwarded without being stored
 # (hit-for-pass) carries them, so the origin evaluates them (§13.2.1); a fill never does.
 PRECONDITIONS = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since"})
+# Never forwarded, on any request: Request-Range, the pre-standard Range (Netscape's, RFC 9110
+# defines only Range) that Apache httpd's byterange filter still honours. cachegate reads only
+# Range (as nginx and Varnish do), so the 206 such an origin answers is to a request without
+# Range for cachegate: an invalid response (``proxy.upstream``), a 502 for the client and a
+# passive failure of an upstream every client shares. Dropped, the request gets the whole 200.
+NEVER_FORWARDED = frozenset({"request-range"})
 # A fill asks for the full representation; the client's conditionals and ranges are
-# answered from the stored response afterwards. It sends no body: no Expect. Request-Range is
-# the pre-standard Range that Apache httpd's byterange filter still honours; a name with ``_``
+# answered from the stored response afterwards. It sends no body: no Expect. A name with ``_``
 # is dropped when it reads as one of these with ``_`` as ``-`` (``If_None_Match``: a CGI, WSGI
 # or Rack origin reads it as HTTP_IF_NONE_MATCH, ``proxy.policy.spellings``). Either would get
 # a fill a 304 or 206 it cannot store, an invalid answer for every client of the fetch.
-FILL_DROPS = PRECONDITIONS | {"if-range", "range", "request-range", "expect"}
+FILL_DROPS = PRECONDITIONS | NEVER_FORWARDED | {"if-range", "range", "expect"}
 PASSING_DROPS = FILL_DROPS - PRECONDITIONS  # a fill-shaped request that keeps the preconditions
+# What ``upstream_request`` never copies from the head: hop-by-hop fields, those it sets itself
+# (Host, X-Request-Id) and ``NEVER_FORWARDED``; one set lookup per field.
+_NOT_COPIED = HOP_BY_HOP | NEVER_FORWARDED | {"host", "x-request-id"}
 DEFAULT_MAX_HEAD = 32 * 1024
 
 _HOST = re.compile(r"(?:[a-z0-9._~!$&'()*+,;=-]+|\[[0-9a-f:.]+\])(?::[0-9]{0,5})?")
@@ -778,7 +786,7 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     ``preconditions``: a fill that keeps the client's preconditions (``PRECONDITIONS``: a
     hit-for-pass key's request, which is stored only when its answer is a full response).
     Without ``fill`` the request is passed through (any method, the target as received, all
-    its fields: preconditions, Range).
+    its fields: preconditions, Range; never ``NEVER_FORWARDED``'s Request-Range).
     ``request_id``: the request's ``X-Request-Id`` (``proxy.logs``: a trusted peer's, or
     cachegate's own), sent in place of any the head carries. An OPTIONS or TRACE's
     Max-Forwards goes one lower (``max_forwards``).
@@ -811,7 +819,7 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     hops = max_forwards(head) if head.method in MAX_FORWARDS_METHODS else None
     for k, v in head.headers.items():
         lk = k.lower()
-        if lk in ("host", "x-request-id") or lk in HOP_BY_HOP or (fill is not None and lk in drops):
+        if lk in _NOT_COPIED or (fill is not None and lk in drops):
             continue
         if spelled and "_" in lk and lk.replace("_", "-") in drops:
             continue

@@ -270,6 +270,8 @@ def test_a_hit_for_pass_request_keeps_the_client_s_preconditions_but_not_its_ran
     ("If_None_Match", True, False),  # a hit-for-pass request keeps the preconditions, as spelled
     ("X_Range", False, False),
     ("If_None_Match", None, False),  # passed through: all the client's fields
+    ("Request-Range", None, True),  # but Request-Range, on every request (NEVER_FORWARDED)
+    ("REQUEST-RANGE", None, True),
 ])
 def test_a_fill_drops_request_range_and_the_underscore_spellings_of_what_it_drops(
         name: str, preconditions: bool | None, dropped: bool) -> None:
