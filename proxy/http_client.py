@@ -27,6 +27,15 @@ the response is refused (502); later ones close the connection (bytes on an idle
 connection abort it: they are never read as the next request's response). A response that
 is not read to the end is never followed by another request on its connection.
 
+Except after a response that ends at its head (RFC 9112 §6.3): a body an origin writes after
+a 204 or a 304 (which must have none) is dropped unread, the 204/304 is the answer (a 304 to
+a revalidation freshens the stored response as any other does), the connection is closed,
+and a WARNING names the upstream; no error, nor a passive failure: as nginx does, which
+warns that the upstream sent more data than specified and keeps no such connection. Refused,
+one client's request for such a URL was a 502 and a passive failure of an upstream every
+client shares. The same read is searched for the head's end only when its status line shows
+a 204, a 304 or an interim response, or is not whole yet (``_feed_head``).
+
 Pool desync: a response whose end was not read from its own framing but inferred — the
 answer to a HEAD, or a 204/304 whose head announces a body (``Content-Length`` other than
 0, or ``Transfer-Encoding``) — is never followed by another request either
@@ -115,6 +124,8 @@ SMALL_BODY = 64 * 1024  # a request body up to this size leaves with the head, i
 # there is none (RFC 9110 §8.6), as aiohttp's client did.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FRAMING = ("content-length", "transfer-encoding")
+# The final statuses whose response ends at its head (RFC 9112 §6.3), as their status line reads.
+_ENDS_AT_HEAD = (b"204", b"304")
 # aiohttp's C parser (cachegate refuses to start without it: proxy.web.server).
 _http_parser: Any = importlib.import_module("aiohttp._http_parser")
 
@@ -282,7 +293,8 @@ class UpstreamConnection(BaseProtocol):
     __slots__ = (
         "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes", "_head_carry",
         "_head_method", "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim", "_payload",
-        "_pool", "_read_timeout", "_read_timer", "_sent", "_total_timer", "busy", "exchange", "idle_since",
+        "_pool", "_read_timeout", "_read_timer", "_sent", "_stray", "_total_timer", "busy", "exchange",
+        "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -302,7 +314,8 @@ class UpstreamConnection(BaseProtocol):
         self._sent = False
         self._failed = False
         self._head_method = False
-        self._head_carry = b""  # a HEAD's last bytes fed, where its head's end may start
+        self._head_carry = b""  # the last bytes fed up to a head's end, where that end may start
+        self._stray = 0  # bytes dropped after a 204/304's head (``_feed_head``): never reused
         self._read_timeout = 0.0
         self._last_read = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
@@ -347,6 +360,7 @@ class UpstreamConnection(BaseProtocol):
         self._sent = body is None
         self._head_method = head_method
         self._head_carry = b""
+        self._stray = 0
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
         head_future: asyncio.Future[Response] = loop.create_future()
         self._head = head_future
@@ -436,8 +450,18 @@ class UpstreamConnection(BaseProtocol):
             return
         if self._message is None:
             self._head_bytes += len(data)
+            # Fed up to the head's end first (``_feed_head``) where the response may end at its
+            # head: to HEAD, or when its first read does not show a final status other than 204
+            # and 304 (an interim 1xx first, a status line not whole yet, a later read of the
+            # head). Any other response goes to the parser at once, unsearched: per response,
+            # a slice and three comparisons.
+            status = data[9:12]
+            bounded = (self._head_method or self._head_bytes != len(data) or len(status) < 3
+                       or status[0] == 0x31 or status in _ENDS_AT_HEAD)
+        else:
+            bounded = self._head_method
         try:
-            if self._head_method:
+            if bounded:
                 messages, upgraded = self._feed_head(parser, data)
             else:
                 messages, upgraded, _tail = parser.feed_data(data)
@@ -516,6 +540,12 @@ class UpstreamConnection(BaseProtocol):
                                                      "response (bad framing)"))
                     return
                 self._message_done(reuse=False)
+            elif self._stray:
+                logging.getLogger("cachegate.upstream").warning(
+                    "upstream %s: %d bytes of body after a %d response, which has none (RFC 9112 "
+                    "§6.3): dropped, the %d answered, the connection closed", self._pool.name,
+                    self._stray, self._message.code, self._message.code)
+                self._message_done(reuse=False)
             else:
                 self._message_done(reuse=reusable_after(self._message, self._head_method))
         if head is not None:
@@ -524,10 +554,15 @@ class UpstreamConnection(BaseProtocol):
                 head.set_result(Response(self._message, payload, self, self.exchange))
 
     def _feed_head(self, parser: Any, data: bytes) -> tuple[list[Any], bool]:
-        """Feed a response to HEAD to the parser up to the end of its final head, and drop what
-        follows: that response ends at its head whatever its fields say (RFC 9112 §6.3), and a
-        naive origin writes the GET's body after it, which the parser would read as a second
-        response (a 502). The connection is then closed (``reusable_after``), never reused.
+        """Feed a response to the parser up to the end of its final head; then, when that
+        response ends at its head whatever its fields say (RFC 9112 §6.3: to HEAD, a 204, a
+        304), drop what follows, and feed it on otherwise.
+
+        A naive origin writes the GET's body after its answer to HEAD, and some write a body
+        after a 204 or 304: the parser would read it as a second response (a 502, and a passive
+        failure of the upstream). The client gets the head alone, as from nginx, and the
+        connection is closed, never reused (``reusable_after``; for a 204/304 ``_stray`` counts
+        the bytes dropped, and a WARNING names the upstream).
 
         Each head ends at its first CRLF CRLF (the strict parser refuses bare LF line ends and
         folded fields); interim (1xx) heads are fed one at a time until the final one."""
@@ -546,9 +581,17 @@ class UpstreamConnection(BaseProtocol):
             carry = self._head_carry = b""
             got, upgraded, _tail = parser.feed_data(data[:end])
             messages += got
-            if upgraded or any(not 100 <= m.code < 200 or m.code == 101 for m, _ in got):
-                break  # the final head: the rest is dropped
             data = data[end:]
+            final = next((m.code for m, _ in got if not 100 <= m.code < 200 or m.code == 101), None)
+            if upgraded or final is not None:  # the final head
+                if upgraded or self._head_method:
+                    pass  # the rest is dropped
+                elif final in (204, 304):
+                    self._stray = len(data)  # dropped
+                elif data:
+                    more, upgraded, _tail = parser.feed_data(data)
+                    messages += more
+                break
         return messages, upgraded
 
     def _head_too_long(self) -> None:

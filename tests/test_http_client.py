@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -619,3 +621,167 @@ async def test_a_naive_origins_head_answers_through_cachegate(
     reply = await proxy.get("/bypassed")
     assert (reply.status, reply.body) == (200, b"fresh"), reply
     assert up.connections == 4
+
+
+# -- a 204 or 304 ends at its head ------------------------------------------------------------
+
+STRAY = b"<p>rendered</p>"  # a body a sloppy origin writes after a 204 or 304
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\nX-Origin: sloppy\r\n\r\n"
+NO_CONTENT_CL = b"HTTP/1.1 204 No Content\r\nX-Origin: sloppy\r\nContent-Length: 15\r\n\r\n"
+NO_CONTENT_TE = b"HTTP/1.1 204 No Content\r\nX-Origin: sloppy\r\nTransfer-Encoding: chunked\r\n\r\n"
+NOT_MODIFIED = b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nX-Origin: sloppy\r\n\r\n'
+PASSIVE = "upstream: {passive: {failures: 1, cooldown: 30s}, retries: 0}\n"
+
+
+def stray_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "cachegate.upstream" and r.levelno == logging.WARNING and "which has none" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("packets", "status", "stray"), [
+    ([NO_CONTENT + STRAY], 204, STRAY),
+    ([NO_CONTENT_CL + STRAY], 204, STRAY),
+    ([NO_CONTENT_TE + b"f\r\n" + STRAY + b"\r\n0\r\n\r\n"], 204, b"f\r\n" + STRAY + b"\r\n0\r\n\r\n"),
+    ([NOT_MODIFIED + STRAY], 304, STRAY),
+    ([NOT_MODIFIED + NAIVE_BODY], 304, NAIVE_BODY),  # a whole response: never the next request's
+    ([NO_CONTENT[:5], NO_CONTENT[5:] + STRAY], 204, STRAY),  # the status line not whole at first
+    ([NO_CONTENT[:-1], NO_CONTENT[-1:] + STRAY], 204, STRAY),  # the head's end split across reads
+    ([EARLY_HINTS + NOT_MODIFIED + STRAY], 304, STRAY),  # an interim response first
+], ids=["204", "204-content-length", "204-chunked", "304", "304-then-a-response", "split-status-line",
+        "split-crlf", "early-hints"])
+async def test_a_body_after_a_204_or_304_is_dropped_and_its_connection_closed(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], caplog: pytest.LogCaptureFixture,
+    packets: list[bytes], status: int, stray: bytes
+) -> None:
+    """RFC 9112 §6.3: a 204 or 304 ends at its head. A body written after it in the same read was
+    parsed as a second response: an invalid response (a 502, a passive failure). Now the status
+    is the answer, the rest is dropped unread with a WARNING naming the upstream, and the
+    connection is closed: the next request goes on a new one and gets its own answer."""
+    caplog.set_level(logging.WARNING, logger="cachegate.upstream")
+    up = await raw_upstream(lambda head: packets if head.startswith(b"GET /b ") else FRESH)
+    pool = HostPool(URL(up.url), 2, None, 1.0)
+    try:
+        conn = await pool.acquire()
+        head, _, _ = request_head("GET", "/b", [], pool.host_header, None)
+        resp = await conn.request(head, None, False, None, head_method=False, read_timeout=5.0)
+        assert (resp.status, resp.headers["X-Origin"], resp.complete_body()) == (status, "sloppy", b"")
+        assert pool.size == 0  # closed at once, never back in the pool
+        await asyncio.sleep(0.05)
+        conn = await pool.acquire()
+        head, _, _ = request_head("GET", "/g", [], pool.host_header, None)
+        resp = await conn.request(head, None, False, None, head_method=False, read_timeout=5.0)
+        assert (resp.status, resp.complete_body()) == (200, b"fresh")
+        assert up.connections == 2
+        assert stray_warnings(caplog) == [
+            f"upstream {up.url}: {len(stray)} bytes of body after a {status} response, which has none "
+            f"(RFC 9112 §6.3): dropped, the {status} answered, the connection closed"]
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("packets", [
+    [EARLY_HINTS + FRESH],  # an interim response, then the final one and its body in one read
+    [FRESH[:5], FRESH[5:]],  # the status line not whole in the first read
+    [FRESH[:-7], FRESH[-7:]],  # the head's end split across reads, the body after it
+    [FRESH[:-5], FRESH[-5:-2], FRESH[-2:]],  # the body in pieces
+], ids=["early-hints", "split-status-line", "split-crlf", "split-body"])
+async def test_other_responses_searched_for_their_heads_end_keep_their_body_and_connection(
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], caplog: pytest.LogCaptureFixture,
+    packets: list[bytes]
+) -> None:
+    """A response whose first read does not show its final status is fed up to its head's end
+    first (it may be a 204 or 304): the body of any other is read on as before, and the
+    connection reused."""
+    caplog.set_level(logging.WARNING, logger="cachegate.upstream")
+    up = await raw_upstream(lambda head: packets)
+    pool = HostPool(URL(up.url), 2, None, 1.0)
+    try:
+        for _ in range(2):
+            conn = await pool.acquire()
+            head, _, _ = request_head("GET", "/g", [], pool.host_header, None)
+            resp = await conn.request(head, None, False, None, head_method=False, read_timeout=5.0)
+            body = b""
+            while chunk := await resp.read_chunk():
+                body += chunk
+            assert (resp.status, body) == (200, b"fresh")
+            await asyncio.sleep(0.02)
+        assert up.connections == 1 and not stray_warnings(caplog)
+    finally:
+        await pool.close()
+
+
+async def test_a_body_after_a_204_or_304_takes_no_upstream_out_and_no_other_client_sees_it(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through cachegate, with two upstreams and passive health that takes one out at its first
+    failure: each gets passed-through requests it answers 204 or 304 with a body. Each client
+    gets its status, head only; nothing is held against either upstream (a 502 and a passive
+    failure, before: one client could take an upstream out for everybody); the next request to
+    each goes on a new connection, and other clients get their answers from both."""
+    answers = {"/nc": NO_CONTENT + STRAY, "/nm": NOT_MODIFIED + STRAY}
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            await conn.send(answers.get(request.target.split("?")[0], FRESH))
+
+    caplog.set_level(logging.WARNING, logger="cachegate.upstream")
+    rules = "rules:\n  - {name: passed, match: {path: /n*}, bypass: true}\n"
+    async with raw_origins() as start:
+        a, b = await start(serve), await start(serve)
+        proxy = await make_proxy(config=PASSIVE, rules=rules, upstreams=[a.url, b.url])
+        for path, status in (("/nc", 204), ("/nc", 204), ("/nm", 304), ("/nm", 304)):
+            reply = await proxy.get(path)
+            assert (reply.status, reply.body, reply.headers["X-Origin"]) == (status, b"", "sloppy"), reply
+        others = await asyncio.gather(*[proxy.get(f"/ok?{i}") for i in range(6)])
+        assert [(r.status, r.body) for r in others] == [(200, b"fresh")] * 6
+        pool = proxy.runtime.pool
+        assert [(u.available(time.monotonic()), u.passive_failures, u.failures) for u in pool.upstreams] == [
+            (True, 0, 0)] * 2
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        assert "cachegate_upstream_errors_total{" not in metrics
+        for origin in (a, b):
+            served = origin.requests
+            assert [r.target for _, r in served[:2]] == ["/nc", "/nm"]  # round robin: both to each
+            assert any(r.target.startswith("/ok") for _, r in served[2:])
+            for k, (conn, _) in enumerate(served[:2]):  # never another request on that connection
+                assert conn not in [i for i, _ in served[k + 1:]], served
+        warned = stray_warnings(caplog)
+        assert len(warned) == 4 and sum(a.url in w for w in warned) == 2 and sum(b.url in w for w in warned) == 2
+
+
+async def test_a_304_with_a_body_to_a_revalidation_still_freshens_the_stored_response(
+    make_proxy: MakeProxy, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 304 is the answer to the revalidation, as from any origin: the stored response is
+    served and freshened (no 502, no passive failure), and the connection is not reused."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if "if-none-match" in request.headers:
+                await conn.send(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=60\r\n'
+                                b"X-Origin: sloppy\r\nContent-Length: 15\r\n\r\n" + STRAY)
+            else:
+                await conn.send(b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nCache-Control: max-age=10\r\n'
+                                b"X-Origin: first\r\nContent-Length: 6\r\n\r\nstored")
+
+    caplog.set_level(logging.WARNING, logger="cachegate.upstream")
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(config=PASSIVE, upstreams=[origin.url])
+        proxy.runtime.engine.clock = clock
+        first = await proxy.get("/page")
+        assert (first.status, first.body, first.x_cache) == (200, b"stored", "MISS")
+        clock.advance(30)  # stale
+        again = await proxy.get("/page")
+        assert (again.status, again.body, again.x_cache) == (200, b"stored", "REVALIDATED"), again
+        assert again.headers["X-Origin"] == "sloppy"  # the 304's fields freshen the stored ones
+        clock.advance(30)  # within the 304's max-age=60: fresh, not asked again
+        hit = await proxy.get("/page")
+        assert (hit.status, hit.body, hit.x_cache, hit.headers["X-Origin"]) == (200, b"stored", "HIT", "sloppy")
+        assert (await proxy.get("/other")).status == 200
+        connections = [i for i, _ in origin.requests]
+        assert len(connections) == 3 and connections[2] != connections[1]
+        u = proxy.runtime.pool.upstreams[0]
+        assert (u.available(time.monotonic()), u.passive_failures, u.failures) == (True, 0, 0)
+        assert len(stray_warnings(caplog)) == 1
