@@ -521,7 +521,11 @@ class MissPath:
                 # that broke off is no answer either; fetched again, it would cost them the
                 # wait a second time, and the origin the request).
                 leases.release(key, lease, "error", error.status_hint, str(error), upstream_detail(error))
-            case Filled(on_disk=True) | Freshened() | Adopted() | StoredElsewhere():
+            case Freshened():
+                # They answer from the store, saying what the origin answered: its 304 (their
+                # Cache-Status ``fwd-status``, as this worker's own followers': ``_answer_from_store``).
+                leases.release(key, lease, "stored", 304)
+            case Filled(on_disk=True) | Adopted() | StoredElsewhere():
                 leases.release(key, lease, "stored")  # they answer from the store
             case Stopped(error=error):
                 # Cut off by a stop's deadline: "failed" had each waiter of the other stopping
@@ -572,7 +576,7 @@ class MissPath:
                         leases.forget(key, lease)
                     match told["outcome"]:
                         case "stored":
-                            if await self._answer_from_store(run):
+                            if await self._answer_from_store(run, told.get("status") or None):
                                 return
                         case "error" if told.get("detail") == ProxyStopping.cache_detail:
                             self._end(run, Stopped(ProxyStopping(told["message"])))  # not the origin's
@@ -602,9 +606,10 @@ class MissPath:
             break
         await self._fill(run, deadline)
 
-    async def _answer_from_store(self, run: _Run) -> bool:
+    async def _answer_from_store(self, run: _Run, fetched: int | None = None) -> bool:
         """End the flight with what the shared store now holds for the key, when that is fresh
-        for the flight's request (another worker stored it); False when it is not."""
+        for the flight's request (another worker stored it, its fetch answered ``fetched``: a
+        304 that freshened it, else the stored response's own status); False when it is not."""
         engine, attempt, flight = self.engine, run.attempt, run.flight
         key = attempt.key
         try:
@@ -625,7 +630,7 @@ class MissPath:
         if cached.body is None and entry.body_size <= engine.storage.memory.max_object \
                 and await engine.open_body(cached) is None:
             return False
-        flight.set_head(_stored_head(entry.response, entry.body_size))
+        flight.set_head(_stored_head(entry.response, entry.body_size, fetched))
         self._end(run, StoredElsewhere())
         return True
 
@@ -1455,12 +1460,14 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
                stale: bool) -> NextStep:
     """What a client of a flight does once the flight has its response head: the leader's
     (``collapsed`` False) or a follower's, with a ``stale`` response to fall back on or not."""
-    if fhead.store_detail == STORED_ELSEWHERE:  # another worker or node stored it: from the store
-        return FromStore("HIT", collapsed=True, coalesced=True)
+    if fhead.store_detail == STORED_ELSEWHERE:
+        # Another worker or node stored it, or freshened it with its origin's 304: from the
+        # store, as this worker's own followers of that fetch would be answered.
+        return FromStore("REVALIDATED" if fhead.status == 304 else "HIT", collapsed=True, coalesced=True)
     if origin_error(fhead.status) and stale and fhead.store_detail != "":
         return StaleInstead("ORIGIN-ERROR")
     if fhead.status == 304 and fhead.store_detail == "FRESHENED":
-        return FromStore("REVALIDATED", collapsed=collapsed)
+        return FromStore("REVALIDATED", collapsed=collapsed, coalesced=collapsed)
     if collapsed and (not fhead.shareable or fhead.vary != variant_of(tuple(n for n, _ in fhead.vary),
                                                                       request.headers)):
         return OnItsOwn()
@@ -1599,10 +1606,12 @@ def _unasked_304(resp: UpstreamResponse, revalidating: Cached | None) -> Upstrea
     return UpstreamProtocolError("the origin answered 304 Not Modified to a request without conditions")
 
 
-def _stored_head(stored: StoredResponse, body_size: int) -> FlightHead:
-    """The head of a flight answered from a stored response (its clients read it from the store)."""
-    return FlightHead(stored.status, stored.reason, CIMultiDictProxy(CIMultiDict(stored.headers)), True,
-                      STORED_ELSEWHERE, body_size, stored.vary)
+def _stored_head(stored: StoredResponse, body_size: int, fetched: int | None = None) -> FlightHead:
+    """The head of a flight answered from a stored response (its clients read it from the store);
+    its status is what the fetch that stored it got (``fetched``: a 304 that freshened it), which
+    their Cache-Status ``fwd-status`` says (``after_head``)."""
+    return FlightHead(fetched or stored.status, stored.reason, CIMultiDictProxy(CIMultiDict(stored.headers)),
+                      True, STORED_ELSEWHERE, body_size, stored.vary)
 
 
 def _upstream_error(status: int, message: str, detail: str = "") -> UpstreamError:

@@ -12,7 +12,8 @@ Within a process the coalescer already makes one fetch per key. With
   Set-Cookie, ...), it marks the lease so: the waiters are sent upstream at once,
   with hit-for-pass when the reason calls for it; later askers are told the same.
 - When its fetch is over the holder releases the lease with the outcome:
-  ``stored`` (in the shared memory: the waiters answer their clients from it),
+  ``stored`` (in the shared memory: the waiters answer their clients from it; with
+  status 304 when it was a revalidation the origin answered so, which their clients say),
   ``error`` (the origin failed: the waiters answer as the holder's own followers
   do, with stale-if-error or the error), or ``failed`` (not stored: the waiters
   fetch for themselves).

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -162,6 +163,55 @@ async def test_stale_while_revalidate_refreshes_once_for_both_workers(
         assert (await two_workers.get("/swr")).x_cache == "UPDATING"
     await until_each_worker(two_workers, "/swr", lambda r: r.body == b"v2")
     assert origin.count("/swr") == 2  # one refresh for the machine
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_herd_on_a_stale_key_the_origin_answers_304_says_so_whichever_worker_answers(
+        tmp_path: Path, origin: Origin, workers: int) -> None:
+    """One conditional request for the herd on a stale key, which the origin answers 304: every
+    client says what happened, alike in each worker, in its fields, the access log and
+    cachegate_requests_total: ``REVALIDATED`` with ``fwd-status=304``, ``collapsed`` for all but
+    the one whose request went. The other worker's clients, which waited for that revalidation
+    under its lease, said ``HIT`` with ``fwd-status=200`` (the stored response's status, not the
+    origin's answer), and this worker's own followers were not counted as coalesced."""
+    conditionals = 0
+
+    async def page(request: web.Request) -> web.Response:
+        nonlocal conditionals
+        if "If-None-Match" not in request.headers:
+            return web.Response(text="v1", headers={"ETag": '"v1"', "Cache-Control": "max-age=1"})
+        conditionals += 1
+        await asyncio.sleep(0.5)  # the herd arrives meanwhile
+        return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60"})
+
+    origin.route("/r", page)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, PATIENT + "access_log: true\n"))
+    await proxy.start("--workers", str(workers))
+    try:
+        if workers > 1:
+            await proxy.wait_for(lambda: len(proxy.workers) == workers)
+        assert (await proxy.get("/r")).x_cache == "MISS"
+        await asyncio.sleep(2.1)  # stale (max-age=1)
+        results = answered(await herd(proxy.url, "/r", 16))
+        assert len(results) == 16 and {(r.status, r.body) for r in results} == {(200, b"v1")}
+        assert conditionals == 1  # one revalidation for the machine
+        if workers > 1:
+            assert {r.worker for r in results} == {"0", "1"}  # both workers had clients
+        went = "cachegate; fwd=stale; fwd-status=304; ttl=N"
+        told = Counter(re.sub(r"ttl=\d+", "ttl=N", r.headers["Cache-Status"]) for r in results)
+        assert told == {went: 1, went + "; collapsed": 15}
+        assert {r.x_cache for r in results} == {"REVALIDATED"}
+        await proxy.wait_for(lambda: sum('"path":"/r"' in line for line in proxy.lines) == 17, 10)
+        logged = [json.loads(line) for line in proxy.lines if '"path":"/r"' in line][1:]
+        assert Counter((e["cache"], re.sub(r"ttl=\d+", "ttl=N", e["cache_status"]), e["upstream"] is None)
+                       for e in logged) == {("REVALIDATED", went, False): 1,
+                                            ("REVALIDATED", went + "; collapsed", True): 15}
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        assert 'cachegate_requests_total{cache_status="REVALIDATED",method="GET"} 16.0' in metrics
+        assert 'cachegate_requests_total{cache_status="HIT",method="GET"} 0.0' in metrics
+        assert "cachegate_coalesced_requests_total 15.0" in metrics
+    finally:
+        await proxy.stop()
 
 
 async def test_a_response_that_is_not_shareable_sends_every_worker_upstream_then_straight_through(

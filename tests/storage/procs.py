@@ -21,8 +21,9 @@ import aiohttp
 from tests.harness import json_content
 
 HOST = "cachegate.test"
-LISTEN = re.compile(r"proxy listening on http://([^\s]+)")
-ADMIN = re.compile(r"admin listening on http://([^\s]+)")
+# (The URL ends at a space, or at the quote of a JSON line's "message": ``access_log: true``.)
+LISTEN = re.compile(r'proxy listening on http://([^\s"]+)')
+ADMIN = re.compile(r'admin listening on http://([^\s"]+)')
 WORKER = re.compile(r"worker (\d+) ready \(pid (\d+)\)")
 
 
