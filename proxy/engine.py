@@ -549,9 +549,14 @@ class Engine:
             decision = decide_lookup(req.head, [c.entry.response for c in variants], self.clock(),
                                      plan.options)
             if isinstance(decision, Serve) and decision.status == "HIT":
-                reply = await self.serve(req, plan, variants[decision.index], "HIT", decision.ttl,
-                                         decision.age, decision.not_modified, hit=True)
+                # It waited for that fetch, as a range waiting in the fetching worker does: said
+                # as a collapsed answer (no ``hit``, no ``ttl``: ``forwarded_ttl``), not a hit.
+                cached = variants[decision.index]
+                reply = await self.serve(req, plan, cached, "HIT", None, decision.age, decision.not_modified,
+                                         hit=False, fwd=attempt.fwd, collapsed=True,
+                                         fwd_status=cached.entry.response.status)
                 if reply is not None:
+                    self.metrics.coalesced.inc()
                     return reply
         return await self._fetch_part(attempt, spec, old, lead=False)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import signal
 from pathlib import Path
@@ -407,11 +408,16 @@ async def test_ranges_in_one_worker_wait_for_the_other_workers_fill_of_the_key(
     worker meanwhile. They wait for that fill under its lease, as plain GETs there do, and are
     answered from what it stored: one fetch per machine. They looked only at their own worker's
     flights, so the first of them asked the origin itself: one more Range request, or (an
-    origin that ignores Range) the whole object downloaded and stored a second time."""
+    origin that ignores Range) the whole object downloaded and stored a second time.
+
+    They say they waited for a fetch (``collapsed``, no ``hit``), as a range that joined the fill
+    in the filling worker does, in their fields and in the access log: they said ``hit; ttl=3599``
+    as if the object had been stored before they came."""
     video = Video(ranges=honours, held=True)
     origin.route("/v", video)
     origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
-    cache = "cache: {memory: 64MB, lock_timeout: 20s, disk: {path: cache, size: 512MB, shards: 2}}\n"
+    cache = ("cache: {memory: 64MB, lock_timeout: 20s, disk: {path: cache, size: 512MB, shards: 2}}\n"
+             "access_log: true\n")
     proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
     await proxy.start("--workers", "2")
     async with contextlib.AsyncExitStack() as stack:
@@ -426,19 +432,34 @@ async def test_ranges_in_one_worker_wait_for_the_other_workers_fill_of_the_key(
                     by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
                 if len(by_worker) == 2 and all(len(s) >= 4 for s in by_worker.values()):
                     break
-            (filler, *_), (_, *others) = by_worker.values()
+            (filler, beside, *_), (_, *others) = by_worker.values()
 
-            async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[int, bytes]:
+            async def get(session: aiohttp.ClientSession, headers: dict[str, str]
+                          ) -> tuple[int, bytes, str, str]:
                 async with session.get(proxy.url + "/v", headers=headers) as r:
-                    return r.status, await r.read()
+                    return r.status, await r.read(), r.headers["X-Cache-Status"], r.headers["Cache-Status"]
 
             whole = asyncio.ensure_future(get(filler, {}))
             await asyncio.wait_for(video.started.wait(), 10)  # the fill is under way in one worker
             ranges = [asyncio.ensure_future(get(s, {"Range": "bytes=100-200"})) for s in others[:3]]
+            joined = asyncio.ensure_future(get(beside, {"Range": "bytes=100-200"}))  # in the filling worker
             await asyncio.sleep(0.5)  # they are waiting in the other worker
             video.release.set()
-            assert await whole == (200, BODY)
-            assert [await r for r in ranges] == [(206, BODY[100:201])] * 3
+            assert await whole == (200, BODY, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; stored")
+            assert await joined == (206, BODY[100:201], "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; "
+                                    "collapsed")
+            waited = (206, BODY[100:201], "HIT", "cachegate; fwd=uri-miss; fwd-status=200; collapsed")
+            assert [await r for r in ranges] == [waited] * 3
+            await proxy.wait_for(lambda: sum('"path":"/v"' in line for line in proxy.lines) == 5, 10)
+            logged = [json.loads(line) for line in proxy.lines if '"path":"/v"' in line]
+            assert sorted((e["status"], e["cache"], e["cache_status"]) for e in logged) == [
+                (200, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; stored"),
+                (206, "HIT", "cachegate; fwd=uri-miss; fwd-status=200; collapsed"),
+                (206, "HIT", "cachegate; fwd=uri-miss; fwd-status=200; collapsed"),
+                (206, "HIT", "cachegate; fwd=uri-miss; fwd-status=200; collapsed"),
+                (206, "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed")]
+            metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+            assert "cachegate_coalesced_requests_total 4.0" in metrics
         finally:
             await proxy.stop(signal.SIGTERM)
     assert video.ranges == [None]  # one fetch of the object, and no range of it
