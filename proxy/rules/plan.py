@@ -498,16 +498,31 @@ class RuleSet:
     def key_shapes(self, request: RequestHead) -> list[KeySpec]:
         """Every key spec a GET of ``request``'s URL may be stored under, whatever fields and
         cookies it carries: the plan's for ``request`` as it is, and that of every rule whose
-        URL conditions hold (``Match.url_holds``). A purge by URL plans a request with no
-        fields, which a rule with a header condition (``X-Mobile: present``) never matched: the
-        URL's entries under that rule's key (``query: ignore``: its path alone) escaped it."""
+        URL conditions hold (``Match.url_holds``), on its path as sent and, when one of those
+        keys lower-cases it, on the lower-cased path (``_lowered``). A purge by URL plans a
+        request with no fields, which a rule with a header condition (``X-Mobile: present``)
+        never matched: the URL's entries under that rule's key (``query: ignore``: its path
+        alone) escaped it."""
         specs = [self.plan(request).key]
+        self._url_shapes(request, specs, lowered=False)
+        if any(spec.lowercase_path for spec in specs):
+            # A lower-casing rule reads the rules again on the lower-cased path (``_lowered``),
+            # where a rule the client's path does not match (``/shop/**`` for ``/Shop/x``) keys
+            # it: with a header condition, the plan above never reached it either.
+            lowered = lowered_path(request)
+            if lowered is not request:
+                self._url_shapes(lowered, specs, lowered=True)
+        return specs
+
+    def _url_shapes(self, request: RequestHead, specs: list[KeySpec], *, lowered: bool) -> None:
+        """Add to ``specs`` the key of every rule whose URL conditions hold for ``request``
+        (``lowered``: a lower-cased path, which only a key that lower-cases it is reached by)."""
         view = RequestView(request)
         for r in self._by_segment.get(first_segment(view.path), self._other):
             key = r.actions.key
-            if key is not None and not r.actions.bypass and key not in specs and r.match.url_holds(view):
+            if key is not None and not r.actions.bypass and key not in specs \
+                    and (key.lowercase_path or not lowered) and r.match.url_holds(view):
                 specs.append(key)
-        return specs
 
     def trace(self, request: RequestHead) -> list[tuple[Rule, str | None]]:
         """Every rule with the first request condition that fails (None: it holds). For explain."""

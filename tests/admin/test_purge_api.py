@@ -86,6 +86,38 @@ async def test_a_url_purge_finds_the_key_shape_of_a_rule_that_matches_on_a_heade
         assert (await proxy.get("/m/p?utm=1", headers={"X-Mobile": mobile})).x_cache == "MISS"
 
 
+@pytest.mark.parametrize("tier", ["memory", "disk"])
+async def test_a_url_purge_finds_what_a_header_rule_keyed_under_the_lower_cased_path(
+        origin: Origin, make_proxy: MakeProxy, tier: str) -> None:
+    # /Shop/Item with X-Mobile: the lower-casing rule reads the rules again on /shop/item, where
+    # the mobile rule keys it (/shop/item, each X-Mobile value). Purging /Shop/Item planned a
+    # request without fields on the path as sent, which the mobile rule matches neither way:
+    # {"purged": 0}, and the page went on being a HIT.
+    proxy = await make_proxy(rules="""
+        rules:
+          - name: mobile
+            match: {path: "/shop/**", header: {X-Mobile: present}}
+            key: {query: ignore, headers: [X-Mobile], lowercase_path: true}
+          - name: lower-cased
+            key: {lowercase_path: true}
+    """)
+    versioned(origin, "/shop/item")
+    for mobile in ("1", "2"):
+        await proxy.get("/Shop/Item?utm=1", headers={"X-Mobile": mobile})
+        assert (await proxy.get("/shop/ITEM?utm=2", headers={"X-Mobile": mobile})).x_cache == "HIT"
+    await settle(proxy)
+    if tier == "disk":
+        proxy.runtime.storage.memory.clear()
+    url = absolute(proxy, "/Shop/Item?utm=1")
+    copies = js(await proxy.admin("GET", "/cache?url=" + quote(url, safe="")))
+    assert len(copies["variants"]) == 2  # every key shape of the URL, as the purge finds them
+    reply = await proxy.admin("POST", "/purge", json={"urls": [url]})
+    assert js(reply) == {"purged": 2, "soft": False}
+    for mobile in ("1", "2"):
+        again = await proxy.get("/Shop/Item?utm=1", headers={"X-Mobile": mobile})
+        assert (again.x_cache, again.body) == ("MISS", f"/shop/item v{2 + int(mobile)}".encode())
+
+
 async def test_a_prefix_purge_takes_the_urls_under_it_only(origin: Origin, proxy: Proxy) -> None:
     for p in ("/p/1", "/p/2", "/p/deep/3", "/q/1", "/p"):
         versioned(origin, p)

@@ -317,3 +317,32 @@ def test_a_url_s_key_shapes_include_those_of_rules_that_match_on_fields_and_cook
     from proxy.purge import url_shapes
 
     assert url_shapes(f"http://a.example{target}", compile_text(SHAPED)) == shapes
+
+
+MOBILE = """
+rules:
+  - name: mobile
+    match: {path: "/shop/**", header: {X-Mobile: present}}
+    key: {query: ignore, headers: [X-Mobile], lowercase_path: true}
+"""
+LOWERED = MOBILE + """
+  - name: lower-cased
+    key: {lowercase_path: true}
+"""
+
+
+@pytest.mark.parametrize(("rules", "target", "shapes"), [
+    # /Shop/Item with X-Mobile is lower-cased by the second rule, then keyed by the first.
+    (LOWERED, "/Shop/Item?utm=1", {"http://a.example/shop/item?utm=1", "http://a.example/shop/item"}),
+    (LOWERED, "/other/X", {"http://a.example/other/x"}),
+    # Nothing lower-cases /Shop/Item: no request for it is keyed by the mobile rule.
+    (MOBILE, "/Shop/Item?utm=1", {"http://a.example/Shop/Item?utm=1"}),
+    (MOBILE, "/shop/Item?utm=1", {"http://a.example/shop/Item?utm=1", "http://a.example/shop/item"}),
+], ids=["lowered-into-a-header-rule", "lowered-only", "no-rule-lowers-it", "the-header-rule-itself"])
+def test_a_url_s_key_shapes_include_a_rule_its_lower_cased_path_is_read_again_by(
+        rules: str, target: str, shapes: set[str]) -> None:
+    # ``key.lowercase_path`` reads the rules again on the lower-cased path (RuleSet._lowered): a
+    # rule with a header condition matched there keys requests for the URL as sent too.
+    from proxy.purge import url_shapes
+
+    assert url_shapes(f"http://a.example{target}", compile_text(rules)) == shapes
