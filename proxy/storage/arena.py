@@ -30,7 +30,9 @@ hung holds up every process that asks for its lock; the supervisor's watchdog fi
 ``/proc/locks`` and kills it, not its waiters (``proxy.storage.lockwait``). A record is written
 whole, its ``pos`` field last; then ``head`` moves past it; only then does the index point to
 it. A record's ``pos`` is zeroed when it dies (dropped, replaced, deleted) and before its bytes
-are overwritten.
+are overwritten. A write may name the record it replaces (``put``'s ``expect``, checked under
+the lock): a process that read a key's variants and merges its own in then never drops what
+another process wrote in between (it reads again and merges anew).
 
 **Reads** take no lock: a reader copies what it needs, then checks that the record's ``pos``
 field still holds the record's position (a seqlock). A record overwritten meanwhile reads
@@ -88,7 +90,7 @@ H_SECRET = 128  # 16 bytes
 _HEAD = struct.Struct("<QQIIIHBBII")
 HEADER = _HEAD.size  # 40
 F_PERSISTED = 1  # the disk tier has this record's content
-PRESENT = -1  # ``Arena.put(if_absent=True)``: the key has a record already; nothing written
+CHANGED = -1  # ``Arena.put(expect=...)``: the key's record is not the one expected; nothing written
 F_FILLER = 2  # not a record: the unused end of a lap
 F_SOFT = 4  # soft-purged: its variants read as stale
 _Q = struct.Struct("<Q")
@@ -419,11 +421,14 @@ class Arena:
     # -- writing (under the lock) ------------------------------------------------------------
 
     def put(self, key: str, meta: bytes, body: bytes | memoryview | Sequence[bytes | memoryview] = b"",
-            flags: int = 0, fp: int | None = None, if_absent: bool = False) -> int:
+            flags: int = 0, fp: int | None = None, expect: int | None = None) -> int:
         """Write a record for ``key`` (replacing the one it had); its position, or 0 when it can
-        never fit (more than half the ring). ``if_absent``: only when the ring has no record of
-        the key, else ``PRESENT`` and nothing written (a promotion from disk must not replace a
-        fill another process wrote since it looked: the fill is newer, maybe not on disk yet)."""
+        never fit (more than half the ring). ``expect``: only while the key's record is the one
+        at that position (0: while the key has none), checked under the lock, else ``CHANGED``
+        and nothing written. Why: a process that read the key's variants and writes them back
+        with its own merged in must not replace a record another process wrote in between (that
+        one's variant would be lost, its body too when not on disk yet), and a promotion from
+        disk (0) must not replace a fill written since it looked (newer, maybe not on disk yet)."""
         parts = [body] if isinstance(body, (bytes, memoryview)) else body
         body_len = sum(len(p) for p in parts)
         kb = key.encode("utf-8", "surrogatepass")
@@ -434,8 +439,10 @@ class Arena:
             fp = self.fingerprint(key)
         crc = zlib.crc32(meta, zlib.crc32(kb))
         with self.locked():
-            if if_absent and self.find(key, fp) is not None:
-                return PRESENT
+            if expect is not None:
+                found = self.find(key, fp)
+                if (0 if found is None else found.pos) != expect:
+                    return CHANGED
             written = 0
             try:
                 pos = self._reserve(size)

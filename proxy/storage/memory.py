@@ -39,7 +39,7 @@ from typing import Any
 
 from proxy.policy.keys import url_of_key
 from proxy.settings import MemoryPolicy
-from proxy.storage.arena import F_PERSISTED, PRESENT, Arena
+from proxy.storage.arena import CHANGED, F_PERSISTED, Arena
 from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
 
 # What a decoded key and variant cost in a process beyond their strings, measured with
@@ -128,6 +128,19 @@ def bodies_within(variants: tuple[Cached, ...], limit: int, unwritten: int,
             spare -= len(body)
             kept.append(c)
     return tuple(reversed(kept))
+
+
+# Readings of a key's variants by a write that merges into them (``Writer._put_variant``), when
+# another process wrote the key between each reading and the write (``MemoryTier.put``'s
+# ``expect``). Each failed try means another write of the key went in; past these, the write
+# gives up (as for variants memory does not take).
+PUT_TRIES = 8
+
+
+def record_of(variants: tuple[Cached, ...] | None) -> int:
+    """The arena record ``variants`` (``MemoryTier.peek``'s) were read from, or 0 (none): a put
+    of what was made from them replaces that record only (``MemoryTier.put``'s ``expect``)."""
+    return variants[0].pos if variants else 0
 
 
 def memory_only_bodies(capacity: int, max_object: int) -> int:
@@ -389,7 +402,7 @@ class MemoryTier:
     # -- writing -----------------------------------------------------------------------------
 
     def put(self, key: str, variants: tuple[Cached, ...], *, admit: bool = False,
-            if_absent: bool = False) -> bool:
+            expect: int | None = None) -> bool | None:
         """Hold ``variants`` under ``key`` (a new record: whatever the key had is replaced); False
         when they can never fit. Bodies that are views of the arena are copied first (from the
         key's record as it is now, when theirs was replaced meanwhile: ``_body_now``); a variant
@@ -404,8 +417,10 @@ class MemoryTier:
         nothing). Paired with the code before (``scripts/bench-pair``): ``zipf`` 1.11x, 1.03x
         and 1.04x the req/s in three runs, ``fill`` 1.00x, 1.07x and 1.09x.
 
-        ``if_absent``: written only when the shared memory has no record of the key (checked
-        under the ring's lock): for promotions from disk (``Arena.put``)."""
+        ``expect``: written only while the key's record is the one the caller read (``record_of``
+        what ``peek`` gave; 0: while the key has none), checked under the ring's lock, else None
+        and nothing written: another process wrote the key in between, and the caller reads it
+        again (``Arena.put``)."""
         if len(variants) > 1:
             variants = bodies_within(variants, self.max_object, self.unwritten_limit, self._on_disk)
         metas: list[tuple[Entry, int, int]] = []
@@ -429,10 +444,10 @@ class MemoryTier:
             return False
         meta = encode_record(metas)
         persisted = all(state == ON_DISK for _, _, state in metas)
-        pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, if_absent=if_absent)
-        if pos == PRESENT:  # (``if_absent``) another process's record of the key stands
+        pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, expect=expect)
+        if pos == CHANGED:  # (``expect``) another process's record of the key stands
             self._forget(key)
-            return True
+            return None
         if not pos:
             self._forget(key)
             return False
@@ -475,12 +490,6 @@ class MemoryTier:
         """Whether the disk tier has the variant's body (its record was written behind since
         this process decoded it, or it came from disk)."""
         return c.state != ALL_TO_WRITE or (c.pos != 0 and self.arena.persisted(c.pos))
-
-    def replace(self, key: str, variants: tuple[Cached, ...]) -> bool:
-        """Update a present key (metadata changes) without counting a use."""
-        if self.slot(key) is None:
-            return False
-        return self.put(key, variants)
 
     def delete(self, key: str) -> bool:
         self._forget(key)
@@ -532,4 +541,5 @@ class MemoryTier:
         return [r.key for r in self.arena.scan() if r.key.startswith(prefix)]
 
 
-__all__ = ["ALL_TO_WRITE", "Cached", "Heads", "MemoryPolicy", "MemoryTier", "Slot", "cost"]
+__all__ = ["ALL_TO_WRITE", "PUT_TRIES", "Cached", "Heads", "MemoryPolicy", "MemoryTier", "Slot", "cost",
+           "record_of"]

@@ -33,6 +33,7 @@ from proxy.storage.bans import PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies
 from proxy.storage.entry import Entry, record_tags
 from proxy.storage.index import Ban
+from proxy.storage.memory import PUT_TRIES, record_of
 from proxy.storage.persist import Persister
 from proxy.storage.work import Tiers
 
@@ -282,14 +283,16 @@ class Purging:
         memory = self.t.memory
         if not soft:
             return memory.delete(key)
-        current = memory.peek(key)
-        if current is None:
-            return False
-        memory.replace(key, tuple(
-            c if c.entry.response.invalidated else c.with_entry(c.entry.invalidated(), c.state)
-            for c in current
-        ))
-        return True
+        for _ in range(PUT_TRIES):  # (over the record read only: ``Writer._put_variant``)
+            current = memory.peek(key)
+            if current is None:
+                return False
+            if memory.put(key, tuple(
+                c if c.entry.response.invalidated else c.with_entry(c.entry.invalidated(), c.state)
+                for c in current
+            ), expect=record_of(current)) is not None:
+                return True
+        return memory.delete(key)  # other processes kept rewriting it: dropped, never left fresh
 
     # -- both halves, in this process ------------------------------------------------------------
 

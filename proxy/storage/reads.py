@@ -33,7 +33,7 @@ from typing import IO, Any, TypeVar, cast
 from proxy.storage.bodyfiles import BodyFile, OpenBodies, SharedFile
 from proxy.storage.disk import INLINE_LIMIT, body_checksum
 from proxy.storage.entry import Entry
-from proxy.storage.memory import Cached
+from proxy.storage.memory import Cached, record_of
 from proxy.storage.work import Tiers
 
 log = logging.getLogger("cachegate.storage")
@@ -305,7 +305,7 @@ class Reader:
             if not any(c.entry.response.vary for c in variants) and not self.promotions.admit(key):
                 return variants  # read from disk once in a while: served, not promoted
             t.memory.put(key, tuple(Cached(c.entry, c.body) if c.from_disk else c for c in variants),
-                         admit=True, if_absent=True)  # (another worker's fill since the peek is newer)
+                         admit=True, expect=0)  # (another worker's fill since the peek is newer)
         return variants
 
     def _inline(self) -> bool:
@@ -390,7 +390,7 @@ class Reader:
             current = t.memory.peek(key)
             if current is not None:
                 return current  # stored or promoted meanwhile: newer than what the disk had
-            t.memory.put(key, variants, admit=True, if_absent=True)
+            t.memory.put(key, variants, admit=True, expect=0)
         return variants
 
     def _load_from_disk(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:
@@ -448,9 +448,11 @@ class Reader:
         memory = t.memory
         current = memory.peek(e.key)
         if current is not None and epoch == t.work.epoch and _stays(current, e, len(body), memory.max_object):
-            memory.replace(e.key, tuple(
+            # Only over the record it was read from (a record another worker wrote meanwhile
+            # may hold a variant this one lacks): else it is simply not put back this time.
+            memory.put(e.key, tuple(
                 Cached(c.entry, body, state=c.state) if c.entry.body_id == e.body_id and c.body is None
-                else c for c in current))
+                else c for c in current), expect=record_of(current))
         return body
 
     def sendable_file(self, e: Entry) -> SharedFile | None:

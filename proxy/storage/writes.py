@@ -18,7 +18,7 @@ from typing import IO
 
 from proxy.storage.disk import INLINE_LIMIT, new_body_id, with_checksum
 from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry
-from proxy.storage.memory import Cached
+from proxy.storage.memory import PUT_TRIES, Cached, record_of
 from proxy.storage.persist import adding, committed_tags, merge_variant, updating
 from proxy.storage.spool import SpoolDir
 from proxy.storage.work import Tiers
@@ -203,14 +203,25 @@ class Writer:
     def _put_variant(self, new: Cached) -> bool:
         """Put ``new`` in the shared memory beside the key's other variants there (replacing the
         one with its Vary values); a key memory did not hold goes through this process's
-        doorkeeper (``MemoryTier.put``'s ``admit``)."""
+        doorkeeper (``MemoryTier.put``'s ``admit``).
+
+        The key's record is replaced only while it is the one the variants were read from
+        (``expect``), else read and merged again. Why: two workers filling two variants of a key
+        at the same moment read the same record, and the second write dropped the first one's
+        variant, with its body when write-behind had not committed it yet: a fill answered as
+        stored, lost. False after ``PUT_TRIES`` (``put_disk`` then commits a body itself)."""
         memory = self.t.memory
         entry = new.entry
-        current = memory.peek(entry.key) or ()
-        merged, _ = merge_variant(tuple(c.entry for c in current), entry)
-        held = {c.entry.body_id: c for c in current}
-        return memory.put(entry.key, tuple(
-            new if e.body_id == entry.body_id else held[e.body_id] for e in merged), admit=not current)
+        for _ in range(PUT_TRIES):
+            current = memory.peek(entry.key) or ()
+            merged, _ = merge_variant(tuple(c.entry for c in current), entry)
+            held = {c.entry.body_id: c for c in current}
+            done = memory.put(entry.key, tuple(
+                new if e.body_id == entry.body_id else held[e.body_id] for e in merged),
+                admit=not current, expect=record_of(current))
+            if done is not None:
+                return done
+        return False
 
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
         """The disk tier's part of a finalized entry: nothing now for a body the shared memory
@@ -284,12 +295,18 @@ class Writer:
         key = entries[0].key
         assert all(e.key == key for e in entries), "variants of one key"
         new = {e.body_id: e for e in entries}
-        current = t.memory.peek(key)
-        held = {c.entry.body_id for c in current} & new.keys() if current is not None else set()
-        if current is not None and held:
-            t.memory.put(key, tuple(
-                c.with_entry(new[c.entry.body_id], max(c.state, META_TO_WRITE))
-                if c.entry.body_id in held else c for c in current))
+        held: set[str] = set()
+        for _ in range(PUT_TRIES):  # (another process may write the key meanwhile: ``_put_variant``)
+            current = t.memory.peek(key) or ()
+            held = {c.entry.body_id for c in current} & new.keys()
+            if not held:
+                break
+            updated = tuple(c.with_entry(new[c.entry.body_id], max(c.state, META_TO_WRITE))
+                            if c.entry.body_id in held else c for c in current)
+            if t.memory.put(key, updated, expect=record_of(current)) is not None:
+                break
+        else:
+            held = set()  # memory keeps the older metadata; the disk gets the new now
         rest = [e for e in entries if e.body_id not in held]
         if rest and t.disk is not None:
             await t.run(self._update_on_disk, rest)

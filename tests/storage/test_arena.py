@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 import pytest
 
 from proxy.storage import arena as arena_module
-from proxy.storage.arena import BUCKET_SLOTS, F_PERSISTED, FLAGS_PER_LOCK, HEADER, Arena
+from proxy.storage.arena import BUCKET_SLOTS, CHANGED, F_PERSISTED, FLAGS_PER_LOCK, HEADER, Arena
 
 KB = 1024
 
@@ -149,6 +149,31 @@ def test_records_that_do_not_fit_before_the_end_start_the_next_lap(arena: Arena)
     live = list(arena.scan())
     assert live and all(arena.alive(r.pos) for r in live)
     assert [r.key for r in live] == [f"k{i}" for i in range(len(sizes) - len(live), len(sizes))]
+
+
+def test_a_put_that_expects_the_keys_record_writes_only_while_the_key_still_has_that_one(arena: Arena) -> None:
+    """A process reads a key's record, merges its variant in and writes the key anew, naming the
+    record it read (``expect``); another process's write of the key in between must stand."""
+    arena.put("other", b"m", b"another key")
+    head, entries = arena.head, arena.entries
+    assert arena.put("k", b"m", b"x", expect=head) == CHANGED  # the key has no record
+    assert (arena.head, arena.entries) == (head, entries)  # nothing written
+    read = arena.put("k", b"m", b"read", expect=0)  # none, as expected (a promotion's)
+    assert read == head
+    assert arena.put("k", b"m", b"x", expect=0) == CHANGED  # it has one now
+    meanwhile = arena.put("k", b"m", b"another process's")
+    head = arena.head
+    assert arena.put("k", b"m", b"merged into what was read", expect=read) == CHANGED
+    assert (arena.head, arena.entries) == (head, entries + 1)
+    found = arena.find("k")
+    assert found is not None and found.pos == meanwhile and arena.body(found) == b"another process's"
+    merged = arena.put("k", b"m", b"merged into what is there", expect=meanwhile)
+    found = arena.find("k")
+    assert found is not None and found.pos == merged > meanwhile and not arena.alive(meanwhile)
+    assert arena.body(found) == b"merged into what is there" and arena.entries == entries + 1
+    assert arena.delete("k")
+    assert arena.put("k", b"m", b"x", expect=merged) == CHANGED  # deleted (or evicted) meanwhile
+    assert arena.find("k") is None and arena.find("other") is not None
 
 
 def test_too_big_a_record_is_refused(arena: Arena) -> None:

@@ -1,6 +1,7 @@
 """The storage's guarantees when its operations meet others: a 304's metadata or a soft purge
 after the ring has gone round, a read during a delete, a reader's mark of a record another
-process reclaimed, a write-behind batch that failed, the index's clean-up beside write-behind.
+process reclaimed, a write-behind batch that failed, the index's clean-up beside write-behind,
+another worker's fill of a key between this process's read of the key and its write.
 Nothing is lost, nothing purged comes back, no body is corrupted. (The interleavings are
 forced: a hook runs the other side at the moment it matters.)"""
 
@@ -19,7 +20,7 @@ from proxy.rules import RuleSet
 from proxy.storage import upkeep
 from proxy.storage.arena import F_PERSISTED, Arena
 from proxy.storage.bans import PurgeMatch
-from proxy.storage.disk import DiskTier
+from proxy.storage.disk import DiskTier, new_body_id
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import ALL_TO_WRITE, HEAD_OVERHEAD, Cached, MemoryTier
 from proxy.storage.tiered import Storage
@@ -27,6 +28,7 @@ from tests.storage.helpers import MB, entry, open_store, read_body, store
 
 K = "http://h.test/k"
 EN, FR = (("accept-language", "en"),), (("accept-language", "fr"),)
+DE = (("accept-language", "de"),)
 
 
 async def wrap_the_ring(s: Storage) -> None:
@@ -268,6 +270,90 @@ def test_a_put_whose_view_of_another_variant_died_meanwhile_keeps_that_variants_
         for c in await s.get(K):  # from disk: every variant, its own body
             assert await s.open_body(c) == bodies[c.entry.response.vary]
         assert len(await s.get(K)) == 3
+        s.close()
+
+    asyncio.run(main())
+
+
+def another_worker_fills(s: Storage, vary: tuple[tuple[str, str], ...], body: bytes,
+                         monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Make another worker (its own tier on the same shared memory) store a variant of K beside
+    what it finds there, right after this process's next read of K: between its read of the
+    key and its write. Whether the other worker's put went in, once it has run."""
+    other = MemoryTier(budget=16 * MB, max_object=MB, arena=s.memory.arena, doorkeeper=0)
+    real_peek = s.memory.peek
+    filled: list[bool] = []
+
+    def peek_then_the_other_fills(key: str) -> Any:
+        seen = real_peek(key)
+        if key == K and not filled:
+            new = Cached(entry(K, vary=vary).with_body(new_body_id(), len(body)), body, state=ALL_TO_WRITE)
+            filled.append(bool(other.put(K, (*(other.peek(K) or ()), new))))
+        return seen
+
+    monkeypatch.setattr(s.memory, "peek", peek_then_the_other_fills)
+    return filled
+
+
+def test_a_304_update_keeps_a_variant_another_worker_filled_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"))
+        assert await store(s, entry(K, vary=EN), b"en" * 100, flush=False)
+        (c,) = s.memory.peek(K) or ()
+        r = c.entry.response
+        filled = another_worker_fills(s, FR, b"fr" * 100, monkeypatch)
+        await s.update_many([c.entry.with_response(dataclasses.replace(r, response_time=r.response_time + 5))])
+        monkeypatch.undo()
+        assert filled == [True]
+        held = {v.entry.response.vary: v for v in s.memory.peek(K) or ()}
+        assert set(held) == {EN, FR}
+        assert held[EN].entry.response.response_time == r.response_time + 5
+        assert s.memory.body_bytes(held[EN]) == b"en" * 100
+        assert s.memory.body_bytes(held[FR]) == b"fr" * 100
+        await s.flush()  # and write-behind commits both
+        s.memory.delete(K)
+        assert {v.entry.response.vary for v in await s.get(K)} == {EN, FR}
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_soft_purge_keeps_a_variant_another_worker_filled_meanwhile_and_marks_it_stale(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"))
+        assert await store(s, entry(K, vary=EN), b"en" * 100, flush=False)
+        filled = another_worker_fills(s, FR, b"fr" * 100, monkeypatch)
+        await s.delete([K], soft=True)
+        monkeypatch.undo()
+        assert filled == [True]
+        held = {v.entry.response.vary: v for v in s.memory.peek(K) or ()}
+        assert set(held) == {EN, FR}
+        assert all(v.entry.response.invalidated for v in held.values())
+        assert s.memory.body_bytes(held[FR]) == b"fr" * 100
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_body_read_back_from_disk_keeps_a_variant_another_worker_filled_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        s = open_store(str(tmp_path / "c"))
+        for vary in (EN, FR):
+            assert await store(s, entry(K, vary=vary), b"on disk")
+        s.memory.delete(K)  # the ring moved on
+        assert len(await s.get(K)) == 2  # back in memory, metadata only (bodies read when sent)
+        en = next(c for c in s.memory.peek(K) or () if c.entry.response.vary == EN)
+        assert en.body is None
+        filled = another_worker_fills(s, DE, b"de" * 100, monkeypatch)
+        assert await s.open_body(en) == b"on disk"  # read from disk (put back beside the others)
+        monkeypatch.undo()
+        assert filled == [True]
+        held = {v.entry.response.vary: v for v in s.memory.peek(K) or ()}
+        assert set(held) == {EN, FR, DE}
+        assert s.memory.body_bytes(held[DE]) == b"de" * 100
         s.close()
 
     asyncio.run(main())
