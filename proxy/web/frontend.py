@@ -23,7 +23,6 @@ an older config is told apart by identity alone.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from typing import Any
 
 from multidict import CIMultiDict
@@ -128,10 +127,6 @@ class FrontEnd:
         if child is None:
             child = self.bytes_sent[tier] = self.metrics.response_bytes.labels(tier)
         return child
-
-    def request_id(self, headers: Mapping[str, str], trusted: bool) -> str:
-        """The request's id: a trusted peer's sane X-Request-Id, else a new one (``proxy.logs``)."""
-        return self.ids.take(headers, trusted)
 
     def own_fields(self, headers: CIMultiDict[str], tier: str | None, request_id: str) -> None:
         """What the web layer adds to every reply: the tier's debug fields, the request's id,

@@ -234,37 +234,34 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
         fe = front.current()
         remote = request.remote or ""
         trusted = fe.trusted(remote)
-        info = RequestInfo(fe.request_id(request.headers, trusted))
+        info = RequestInfo(fe.ids.take(request.headers, trusted))
         token = REQUEST.set(info)  # error log lines about this request carry its id
+        resp: web.StreamResponse | None = None
+        cut = False
         try:
             resp, sent = await _respond(request, runtime, fe, info, remote, trusted)
         except asyncio.CancelledError:
             # Cut off (the stop's deadline): its line all the same, as the counter has it (499,
             # the bytes handed over so far); the cancellation goes on.
-            logged(request, info, remote, started, CLIENT_CLOSED, info.sent)
+            cut, sent = True, info.sent
             raise
         finally:
             REQUEST.reset(token)
-        status = resp.status
-        if info.client_left if resp.prepared else client_left(request):
-            status = CLIENT_CLOSED
-            if request.transport is None and not resp.prepared:
-                sent = 0  # nothing of an answer at hand is written to a connection that is gone
-        logged(request, info, remote, started, status, sent)
+            # The request's duration and top-URL count, and its access-log line: answered, or cut
+            # off (any other exception is aiohttp's 500, with no line of ours). Here, not in a
+            # helper of its own: that was one call more per request (pass-through and fill).
+            if resp is not None or cut:
+                done = time.perf_counter()
+                if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
+                    runtime.metrics.answered(info.url, info.x_cache, done - started)
+                access = front.current().access_log  # a reload meanwhile may have opened another
+                if access is not None:
+                    access.add((done, done - started, info.request_id, remote, request.method,
+                                info.host or request.host, info.target or request.raw_path,
+                                request.version, *_logged_outcome(request, info, resp, sent),
+                                info.x_cache, info.cache_status, info.key, info.upstream,
+                                info.upstream_time, request.headers if access.wants_fields else None))
         return resp
-
-    def logged(request: web.BaseRequest, info: RequestInfo, remote: str, started: float, status: int,
-               sent: int) -> None:
-        """The request's duration and top-URL count, and its access-log line."""
-        done = time.perf_counter()
-        if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
-            runtime.metrics.answered(info.url, info.x_cache, done - started)
-        access = front.current().access_log  # a reload meanwhile may have opened another
-        if access is not None:
-            access.add((done, done - started, info.request_id, remote, request.method,
-                        info.host or request.host, info.target or request.raw_path, request.version,
-                        status, sent, info.x_cache, info.cache_status, info.key, info.upstream,
-                        info.upstream_time, request.headers if access.wants_fields else None))
 
     return handle
 
@@ -272,6 +269,21 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
 # nginx's "client closed request": the access log's status for a request whose client left
 # before its answer was complete. Logged only, never sent.
 CLIENT_CLOSED = 499
+
+
+def _logged_outcome(request: web.BaseRequest, info: RequestInfo, resp: web.StreamResponse | None,
+                    sent: int) -> tuple[int, int]:
+    """The access log's status and body bytes of a request answered with ``resp`` (None: cut
+    off by the stop) after ``sent`` bytes: 499 when the client left before its answer was
+    complete. Only an access log reads them, so only with one are they worked out (a look at
+    the response and the connection: four calls a request, measured, when done for every one)."""
+    if resp is None:
+        return CLIENT_CLOSED, sent
+    if resp.prepared:  # streamed: whether the client was still there at its end (``write_reply``)
+        return (CLIENT_CLOSED if info.client_left else resp.status), sent
+    if client_left(request):  # an answer at hand (aiohttp writes it once the handler returns)
+        return CLIENT_CLOSED, 0  # nothing of it is written to a connection that is gone
+    return resp.status, sent
 
 
 def client_left(request: web.BaseRequest) -> bool:
