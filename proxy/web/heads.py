@@ -180,6 +180,9 @@ class ReplyResponse(web.StreamResponse):
     def body(self) -> bytes | None:
         return self._reply_body
 
+    # (``self._status`` and ``self._reason``, as aiohttp's own ``_write_headers`` reads them: its
+    # ``status`` and ``reason`` are properties, three Python calls a reply, measured.)
+
     async def _prepare_headers(self) -> None:
         request = self._req
         writer = self._payload_writer
@@ -190,7 +193,7 @@ class ReplyResponse(web.StreamResponse):
         if keep_alive and (closing(request.protocol) or ends_connection(request.headers)):
             keep_alive = False
         version = request.version if self._reply_version is None else self._reply_version
-        framing = frame(self._headers, self.status, request.method, reply_version(version),
+        framing = frame(self._headers, self._status, request.method, reply_version(version),
                         self._reply_length, keep_alive, rfc822_formatted_time())
         self._keep_alive = framing.keep_alive
         if framing.chunked:
@@ -203,7 +206,7 @@ class ReplyResponse(web.StreamResponse):
         writer = self._payload_writer
         assert request is not None and writer is not None
         line = status_line(request.version if self._reply_version is None else self._reply_version,
-                           self.status, self.reason)
+                           self._status, self._reason)
         if ascii_head(line, self._headers):
             # aiohttp's writer serialises with ``_serialize_headers`` too (``serialise``), and buffers.
             await writer.write_headers(line, self._headers)
