@@ -1253,7 +1253,11 @@ class MissPath:
             assert reader is not None
             return await self.answer(solo, flight, reader, False)
         if store_detail in PASS_DETAILS:
-            self.coalescer.mark_pass(attempt.key, found_nothing=self._found_nothing(attempt))
+            # (``engine.coalescer``, not the property, and ``nowhere`` read before the call: a
+            # hit-for-pass key's request, forwarded without a lookup, never found the key
+            # nowhere. Two calls fewer on every pass-through, measured.)
+            engine.coalescer.mark_pass(attempt.key,
+                                       found_nothing=attempt.nowhere and self._found_nothing(attempt))
         engine.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status, detail=store_detail)
         return engine.direct_reply(attempt.plan, resp, "MISS", cs, head_only or head.method == "HEAD")
