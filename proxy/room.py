@@ -69,6 +69,23 @@ class FilesystemFull(OSError):
         self.path = path
 
 
+class NoRoomToConvert(FilesystemFull):
+    """Converting the index of an earlier release (``UrlTagIndex._convert``) ran out of room: it
+    builds the new file beside the old one, in the cache directory, so it needs about the old
+    one's size free there. The half-made file is removed and the old one is as it was."""
+
+    def __init__(self, path: str, index: str, needed: int, cause: BaseException) -> None:
+        room = space(path)
+        free = f"; its filesystem has {human_size(room[0])} free of {human_size(room[1])}" if room else ""
+        OSError.__init__(self, errno.ENOSPC,
+                         f"converting the cache index {index} of an earlier release needs about "
+                         f"{human_size(needed)} free beside it{free}: {cause}; the index is as it "
+                         "was (the half-made copy is removed): free some space there, then start "
+                         "cachegate again (or delete the index and its journals: the disk tier "
+                         "starts empty then)")
+        self.path = path
+
+
 SQLITE_READONLY, SQLITE_CANTOPEN = 8, 14
 DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)  # a mode, an owner, chattr +i, a read-only mount
 
