@@ -106,6 +106,42 @@ async def test_100_continue_102_and_103_are_relayed_in_order_for_a_request_body(
     assert field(heads[-1], b"Link") is None
 
 
+async def test_an_http_1_0_requests_100_continue_is_not_forwarded(origin: Origin, proxy: Proxy) -> None:
+    """RFC 9110 §10.1.1: a server ignores a 100-continue expectation in an HTTP/1.0 request, and
+    HTTP/1.0 has no Expect field. cachegate forwards over HTTP/1.1, where the origin acts on it:
+    the field does not go on. An HTTP/1.1 client's does."""
+    seen: list[str | None] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Expect"))
+        body = await request.read()
+        return web.Response(text=f"got {len(body)} bytes", headers={"Cache-Control": "no-store"})
+
+    origin.route("/upload", upload)
+    reader, writer = await open_exchange(proxy, (
+        b"POST /upload HTTP/1.0\r\nHost: site.example\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\nhello"))
+    try:
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert data.split(b"\r\n", 1)[0].endswith(b" 200 OK") and data.endswith(b"got 5 bytes"), data
+    assert b" 100 Continue" not in data
+    reader, writer = await open_exchange(proxy, (
+        b"POST /upload HTTP/1.1\r\nHost: site.example\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n"))
+    try:
+        await read_heads(reader, b"HTTP/1.1 100")
+        writer.write(b"hello")
+        await writer.drain()
+        heads = await read_heads(reader, b"HTTP/1.1 200")
+        body = await reader.readexactly(int(field(heads[-1], b"Content-Length") or 0))
+    finally:
+        writer.close()
+    assert body == b"got 5 bytes"
+    assert seen == [None, "100-continue"]
+
+
 async def test_an_http_1_0_client_gets_no_interim_response(origin: Origin, proxy: Proxy) -> None:
     origin.route("/page", early_hints_page)
     reader, writer = await open_exchange(proxy, b"GET /page HTTP/1.0\r\nHost: site.example\r\n\r\n")

@@ -22,6 +22,9 @@ What normalisation does, in order (each refusal is a ``Refusal`` with its status
 - ``Connection`` (RFC 9110 §7.6.1): the fields it names and the hop-by-hop fields are
   removed; naming ``Host``, ``Content-Length`` or ``Transfer-Encoding`` is 400, since
   removing those would change which host or which body the request means;
+- ``Expect`` in an HTTP/1.0 request is removed: that version has no such field, and a
+  100-continue expectation in it must be ignored (RFC 9110 §10.1.1), which the origin, on an
+  HTTP/1.1 connection from cachegate, could not know to do;
 - forwarding fields are dropped unless the peer is in ``trusted_proxies``: every
   ``X-Forwarded*`` by prefix and every name in ``FORWARDING_FIELDS`` (client-IP, scheme,
   host, URL and method-override families, ``Forwarded``, ``Via``,
@@ -120,6 +123,10 @@ PASSING_DROPS = FILL_DROPS - PRECONDITIONS  # a fill-shaped request that keeps t
 # What ``upstream_request`` never copies from the head: hop-by-hop fields, those it sets itself
 # (Host, X-Request-Id) and ``NEVER_FORWARDED``; one set lookup per field.
 _NOT_COPIED = HOP_BY_HOP | NEVER_FORWARDED | {"host", "x-request-id"}
+# HTTP/1.0 has no Expect, and a server ignores a 100-continue in an HTTP/1.0 request (RFC 9110
+# §10.1.1): cachegate forwards over HTTP/1.1, where the origin would honour it (a 100, or a wait
+# for the body), so the field does not go on.
+EXPECT = frozenset({"expect"})
 DEFAULT_MAX_HEAD = 32 * 1024
 
 _HOST = re.compile(r"(?:[a-z0-9._~!$&'()*+,;=-]+|\[[0-9a-f:.]+\])(?::[0-9]{0,5})?")
@@ -189,6 +196,7 @@ class _Shape:
     names: int  # how many names the list holds (multidict 7's keys() lists each name once)
     present: frozenset[str]  # the names, lower-cased
     hop: frozenset[str]  # the hop-by-hop fields present (Connection, TE, Keep-Alive, ...)
+    expect: bool  # Expect is present (removed from an HTTP/1.0 request: ``EXPECT``)
     forwarding: frozenset[str]  # the forwarding fields present
     untrusted_drop: frozenset[str]  # both: what goes from an untrusted peer's request
     host: bool  # Host is present
@@ -372,6 +380,7 @@ def _shape(names: str) -> _Shape:
         names=len(lowered),
         present=frozenset(lowered),
         hop=hop,
+        expect="expect" in lowered,
         forwarding=forwarding,
         untrusted_drop=hop | forwarding,
         host="host" in lowered,
@@ -461,7 +470,7 @@ def normalise_request(msg: RequestMessage, *, secure: bool, trusted: bool,
     if trusted and shape.scheme:
         scheme = trusted_scheme(headers, shape.scheme, scheme)
     drop: frozenset[str] | None = None
-    if shape.hop or (shape.forwarding and not trusted):
+    if shape.hop or (shape.forwarding and not trusted) or (shape.expect and msg.version < (1, 1)):
         found = _to_drop(msg, shape, trusted, repeated)
         if isinstance(found, Refusal):
             return found
@@ -483,9 +492,12 @@ def normalise_request(msg: RequestMessage, *, secure: bool, trusted: bool,
 def _to_drop(msg: RequestMessage, shape: _Shape, trusted: bool,
              repeated: bool) -> frozenset[str] | Refusal:
     """The fields present that must go (hop-by-hop, what Connection names, forwarding unless
-    trusted), or a refusal for a Connection or Transfer-Encoding that cannot be honoured."""
+    trusted, an HTTP/1.0 request's Expect), or a refusal for a Connection or Transfer-Encoding
+    that cannot be honoured."""
     headers = msg.headers
     drop = shape.hop if trusted else shape.untrusted_drop
+    if shape.expect and msg.version < (1, 1):
+        drop |= EXPECT
     if "connection" in drop:
         lines = headers.getall("Connection") if repeated else (headers["Connection"],)
         for line in lines:
