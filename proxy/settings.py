@@ -225,14 +225,19 @@ class PassiveHealth:
 
 def _ca_file() -> Parser[str]:
     """``file_path``, holding a CA certificate: the pool would fail to start on one that does not
-    load, and a reload (which cannot apply it) would be accepted."""
+    load, and a reload (which cannot apply it) would be accepted. Read through the load's
+    sources, as the TLS listeners' files are: the bytes checked are the bytes the pool trusts
+    (``TLSSettings.ca_data``), and a restarted worker loads its supervisor's copy of them,
+    whatever the file holds by then."""
     path = file_path(must_exist=False, strict=True)
 
     def read(item: Src, ctx: Context) -> str:
         resolved = path.read(item, ctx)
-        if not os.path.exists(resolved):
-            raise Invalid(f"{resolved} does not exist")
-        problem = ca_file_problem(resolved)
+        try:
+            data: bytes | OSError = ctx.sources.data(resolved)
+        except OSError as exc:
+            data = exc
+        problem = ca_file_problem(resolved, data)
         if problem is not None:
             raise Invalid(problem)
         return resolved
@@ -247,6 +252,17 @@ class TLSSettings:
     verify: bool = setting(True, "check the upstream's certificate and name")
     ca_file: str | None = setting(None, "CA certificates (PEM) to check against instead of the system's",
                                   _ca_file())
+    # The bytes of ca_file as the load read and checked them (None: no ca_file, or settings not
+    # made by a load). Part of the pool's settings: a reload that changes them is named in
+    # ``restart_required`` (proxy.web.server.live_settings), and a worker restarted after it
+    # gets its supervisor's running bytes with the rest of the pool (``restart_only``).
+    ca_data: bytes | None = internal(None)
+
+
+def _with_ca_data(tls: TLSSettings, ctx: Context) -> TLSSettings:
+    if tls.ca_file is None:
+        return tls
+    return replace(tls, ca_data=ctx.sources.read.get(os.path.abspath(tls.ca_file)))
 
 
 @dataclass(frozen=True)
@@ -267,7 +283,8 @@ class PoolSettings:
     passive: PassiveHealth = setting(
         factory=PassiveHealth, doc="passive health checks",
         parse=section(PassiveHealth, check=lambda v, ctx: replace(v, configured=True)))
-    tls: TLSSettings = setting(factory=TLSSettings, doc="certificate checks of https:// upstreams")
+    tls: TLSSettings = setting(factory=TLSSettings, doc="certificate checks of https:// upstreams",
+                               parse=section(TLSSettings, check=_with_ca_data))
 
 
 # -- the cache -----------------------------------------------------------------------------

@@ -173,26 +173,37 @@ def certificate_key_kind(data: bytes) -> str:
     return next((k for k in ("RSA", "EC", "Ed25519", "Ed448", "RSA-PSS") if k in found), "unknown")
 
 
-def client_context(ca_file: str | None) -> ssl.SSLContext:
+def client_context(ca: bytes | None) -> ssl.SSLContext:
     """The context upstream certificates are checked with: the system's CAs, or only those in
-    ``ca_file`` (as nginx's proxy_ssl_trusted_certificate and curl's --cacert: they replace the
-    system's, never add to them). Raises ``ssl.SSLError`` or ``OSError``: ``ca_file_problem``."""
-    return ssl.create_default_context(cafile=ca_file)
+    ``ca`` (the PEM bytes of ``upstream.tls.ca_file`` as the config load read them: as nginx's
+    proxy_ssl_trusted_certificate and curl's --cacert, they replace the system's, never add to
+    them). Raises ``ssl.SSLError`` when ``ca`` holds no certificate: ``ca_file_problem``."""
+    if ca is None:
+        return ssl.create_default_context()
+    # ``cadata`` takes PEM as ASCII text; bytes outside the base64 blocks (a bundle's comments)
+    # may be anything, and only they can be outside ASCII.
+    # An empty ``cadata`` is no ``cadata``: the system's CAs, silently.
+    if not ca:
+        raise ssl.SSLError("no certificate: the file is empty")
+    return ssl.create_default_context(cadata=re.sub(rb"[^\x00-\x7f]", b"?", ca).decode("ascii"))
 
 
-def ca_file_problem(path: str) -> str | None:
-    """Why ``path`` cannot be ``upstream.tls.ca_file``, or None when it holds a CA certificate.
-    OpenSSL's own words for a file that holds none (garbage, empty, a private key) name no file
-    (``[X509: NO_CERTIFICATE_OR_CRL_FOUND]``)."""
-    if os.path.isdir(path):
-        return f"no CA certificate in {path}: it is a directory (a PEM file of CA certificates is expected)"
+def ca_file_problem(path: str, read: bytes | OSError) -> str | None:
+    """Why ``path`` cannot be ``upstream.tls.ca_file``, or None when it holds a CA certificate;
+    ``read``: its bytes, or why reading it failed. OpenSSL's own words for a file that holds none
+    (garbage, empty, a private key) name no file (``[X509: NO_CERTIFICATE_OR_CRL_FOUND]``)."""
+    if isinstance(read, OSError):
+        if isinstance(read, (FileNotFoundError, NotADirectoryError)):
+            return f"{path} does not exist"
+        if os.path.isdir(path):
+            return (f"no CA certificate in {path}: it is a directory (a PEM file of CA certificates "
+                    "is expected)")
+        return f"cannot read {path}: {read.strerror or read}"
     try:
-        client_context(path)
-    except ssl.SSLError:  # before OSError: an SSLError is one
+        client_context(read)
+    except ssl.SSLError:
         return (f"no CA certificate in {path} (a PEM file of one or more "
                 "'-----BEGIN CERTIFICATE-----' blocks is expected)")
-    except OSError as exc:
-        return f"cannot read {path}: {exc.strerror or exc}"
     return None
 
 

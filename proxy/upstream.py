@@ -61,6 +61,7 @@ without a byte), ``total_timeout`` (``timeouts.total`` for the whole exchange).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -284,8 +285,9 @@ def check_error(exc: BaseException) -> str:
 
 
 class UpstreamTLSUnusable(Exception):
-    """``upstream.tls.ca_file`` does not load (the config check read it; it changed since):
-    the pool cannot check any certificate, so it does not start."""
+    """``upstream.tls.ca_file`` does not load (settings not made by a config load, which checks
+    the file and keeps its bytes: ``TLSSettings.ca_data``): the pool cannot check any
+    certificate, so it does not start."""
 
 
 class UpstreamPool:
@@ -316,11 +318,20 @@ class UpstreamPool:
             return ctx
         if tls.ca_file is None:
             return client_context(None)
-        try:
-            return client_context(tls.ca_file)
-        except OSError:  # an ssl.SSLError is one
-            problem = ca_file_problem(tls.ca_file) or f"{tls.ca_file} does not load"
-            raise UpstreamTLSUnusable(f"upstream.tls.ca_file: {problem}") from None
+        data: bytes | OSError
+        if tls.ca_data is not None:  # the bytes the config load checked
+            data = tls.ca_data
+        else:  # settings not made by a load
+            try:
+                with open(tls.ca_file, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                data = exc
+        if not isinstance(data, OSError):
+            with contextlib.suppress(ssl.SSLError):
+                return client_context(data)
+        problem = ca_file_problem(tls.ca_file, data) or f"{tls.ca_file} does not load"
+        raise UpstreamTLSUnusable(f"upstream.tls.ca_file: {problem}") from None
 
     async def start(self) -> None:
         context = self._context

@@ -34,6 +34,7 @@ from proxy.config import (
     Listener,
     MachineCheck,
     Overrides,
+    PoolSettings,
     Settings,
     base_cache_options,
     load_config,
@@ -401,6 +402,14 @@ def _cache_keys(old: Any, new: Any, prefix: str = "cache") -> list[tuple[str, An
     return keys
 
 
+def _pool_change(old: PoolSettings, new: PoolSettings) -> str:
+    """The name ``restart_required`` gives a change of the pool's settings: ``upstream.tls.ca_file``
+    when only the CA certificates it trusts changed (the same path, new bytes, say), else
+    ``upstream``."""
+    same_but_ca = replace(new, tls=replace(new.tls, ca_file=old.tls.ca_file, ca_data=old.tls.ca_data))
+    return "upstream.tls.ca_file" if same_but_ca == old else "upstream"
+
+
 def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
@@ -416,7 +425,7 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
         ("listen", _listener_shape(old), _listener_shape(new)),
         ("admin.listen", old.admin.listen, new.admin.listen),
         ("upstreams", old.upstreams, new.upstreams),
-        ("upstream", old.pool, new.pool),
+        (_pool_change(old.pool, new.pool), old.pool, new.pool),
         *_cache_keys(old.cache, new.cache),
         ("workers", old.workers, new.workers),
         ("cluster", old.cluster, new.cluster),

@@ -4,8 +4,15 @@ say so. It used to pass ``check``; ``run`` then exited blaming the cache directo
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import re
+import signal
+import ssl
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +20,7 @@ import pytest
 from proxy.config import Overrides, load_config
 from proxy.web.server import install_reloader, open_runtime
 from tests.conftest import MakeProxy
-from tests.harness import self_signed
+from tests.harness import Origin, ProxyProcess, self_signed, spawn_cachegate, write_config
 
 
 def bad_ca(tmp_path: Path, kind: str) -> Path:
@@ -71,13 +78,98 @@ async def test_a_reload_to_a_ca_file_without_a_certificate_is_refused(
     assert proxy.runtime.settings.pool.tls.ca_file == str(cert)  # the running config stays
 
 
-async def test_a_ca_file_spoilt_after_the_check_is_named_not_the_cache_directory(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_a_ca_file_spoilt_after_the_check_does_not_matter(tmp_path: Path) -> None:
+    """The pool trusts the bytes the load checked (``TLSSettings.ca_data``), not the file read again."""
     _, cert = self_signed(tmp_path, "ca", "ca.test", "DNS:ca.test")
     settings = load_config(str(config_with(tmp_path, cert)), Overrides())
     cert.write_text("garbage\n")  # between the check and the start
+    runtime = await open_runtime(settings, owner=True)
+    assert runtime is not None
+    await runtime.close()
+
+
+async def test_a_ca_file_not_loaded_by_a_config_load_is_named_not_the_cache_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, cert = self_signed(tmp_path, "ca", "ca.test", "DNS:ca.test")
+    settings = load_config(str(config_with(tmp_path, cert)), Overrides())
+    # Settings made otherwise (no bytes kept): the pool reads the file, and says it does not load.
+    settings = replace(settings, pool=replace(settings.pool, tls=replace(settings.pool.tls, ca_data=None)))
+    cert.write_text("garbage\n")
     assert await open_runtime(settings, owner=True) is None
     err = capsys.readouterr().err
     assert f"cachegate: upstream.tls.ca_file: no CA certificate in {cert}" in err, err
     assert "cache directory" not in err
     assert not (tmp_path / "cache").exists()  # nothing was opened before the pool's context
+
+
+def _get(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _reload(admin_url: str) -> tuple[int, dict[str, object]]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{admin_url}/reload", method="POST", data=b"{}",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def _restart_workers(proc: ProxyProcess) -> None:
+    """Kill every worker as it runs now (kill -9) and wait until the supervisor restarted them."""
+    ready = [m for line in list(proc.output) if (m := re.search(r"worker \d ready \(pid (\d+)\)", line))]
+    for m in ready[-2:]:
+        os.kill(int(m.group(1)), signal.SIGKILL)
+    for _ in range(300):
+        if sum(" ready (pid" in line for line in proc.output) == len(ready) + 2:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the workers were not restarted:\n{proc.text}")
+
+
+@pytest.mark.slow
+async def test_restarted_workers_trust_the_running_ca_not_the_file_now(tmp_path: Path) -> None:
+    """A restarted worker (a crash, an OOM kill) read ca_file again: a file a reload had refused
+    (garbage) made it exit at every restart, and a new CA, which a reload had accepted saying
+    nothing (``restart_required: []``) while its siblings kept the old one, made it refuse the
+    upstream its siblings trusted. It now trusts the bytes its supervisor runs, and the reload
+    names ``upstream.tls.ca_file`` in ``restart_required``."""
+    key, cert = self_signed(tmp_path, "", "127.0.0.1", "IP:127.0.0.1")
+    _, other = self_signed(tmp_path, "other", "other.test", "DNS:other.test")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(cert.read_bytes())
+    secure = Origin()
+    secure.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    secure.ssl_context.load_cert_chain(cert, key)
+    secure.route("/t", body=b"over tls", headers={"Cache-Control": "no-store"})
+    await secure.start()
+    config = write_config(str(tmp_path), secure.url, f"upstream: {{tls: {{ca_file: '{ca}'}}}}\n")
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--workers", "2"])
+    try:
+        assert proc.admin_url is not None
+        assert [await asyncio.to_thread(_get, f"{proc.proxy_url}/t") for _ in range(4)] == [200] * 4
+        ca.write_text("garbage\n")
+        status, _ = await asyncio.to_thread(_reload, proc.admin_url)
+        assert status == 400
+        await _restart_workers(proc)  # they used to exit 2, again and again
+        assert [await asyncio.to_thread(_get, f"{proc.proxy_url}/t") for _ in range(6)] == [200] * 6
+        ca.write_bytes(other.read_bytes())  # a CA that does not sign the origin's certificate
+        status, answer = await asyncio.to_thread(_reload, proc.admin_url)
+        assert status == 200, answer
+        await _restart_workers(proc)  # only restarted workers run now
+        assert [await asyncio.to_thread(_get, f"{proc.proxy_url}/t") for _ in range(6)] == [200] * 6
+        assert answer["restart_required"] == ["upstream.tls.ca_file"], answer
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
+        await secure.stop()
