@@ -1027,6 +1027,10 @@ class Supervisor:
                        f"applied within {within:g} s and keeps its config)")
                 log.error("worker %d: reload failed: %s", w.worker_id, why)
                 return [f"worker {w.worker_id} {why}"]
+            except ChannelClosed:  # it died (kill -9, OOM): as one not running, it restarts from the copy
+                log.warning("worker %d exited during the reload; restarted, it loads the new config",
+                            w.worker_id)
+                return []
             except Exception as exc:
                 why = str(exc) or repr(exc)
                 log.error("worker %d: reload failed: %s", w.worker_id, why)
