@@ -413,7 +413,8 @@ def _pool_change(old: PoolSettings, new: PoolSettings) -> str:
 def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """What a running process can take from a reloaded config, and what needs a restart.
 
-    Rules, the admin token, purge_from and server_names, trusted_proxies, via, tag_headers,
+    Rules, the admin token, purge_from and server_names, trusted_proxies, via (but not on
+    responses already stored: their head keeps the Via of their fill, docs/rules.md), tag_headers,
     lock_timeout, range_fill, shutdown_grace, worker_timeout, server_header and the access log apply at once
     (they are read per request), and so do TLS certificates (read again, also from the same
     files). Listener addresses, upstreams, the other cache keys (each named: ``cache.max_object``,
