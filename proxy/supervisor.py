@@ -191,8 +191,8 @@ def workers_health(workers: Sequence[WorkerHealth]) -> str | None:
 
 
 class ConfigCopy:
-    """The config file, its rule files and the TLS listeners' certificate and key files as the
-    supervisor last loaded them good, for its workers: one snapshot file
+    """The config file, its rule files, the TLS listeners' certificate and key files and
+    ``upstream.tls.ca_file`` as the supervisor last loaded them good, for its workers: one snapshot file
     (``proxy.yamlsrc.dump_snapshot``: each file's bytes by path) in a private temporary
     directory (``path``). It holds the bytes that load read and validated
     (``Settings.sources``), never the files read again: a worker loads it with
