@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -166,12 +166,13 @@ class CappedHandler(HeadTimedHandler):
     head unfinished, a body still coming, a reply the client does not read) is closed to make
     room, else the new one. So connections someone opens by the hundred, without a token, cannot
     run the process out of file descriptors, nor lock out a client that comes later: only a
-    request that arrived whole and is being answered to a client that reads keeps its place. A
+    request that arrived whole and is being answered (or queued to be) to a client that reads
+    keeps its place, and one on a connection closed before its handler began is not handled. A
     reply whose writes stay paused (the client reads nothing) for ``send_timeout`` seconds has
     its connection aborted (nginx: ``send_timeout``). A request aiohttp's parser refuses is
     answered like every admin error, ``{"error": "..."}`` (``handle_error``)."""
 
-    __slots__ = ("_max_connections", "_send_handle", "_send_timeout", "_server_header")
+    __slots__ = ("_finished", "_max_connections", "_send_handle", "_send_timeout", "_server_header")
 
     def __init__(self, manager: web.Server, *, max_connections: int, server_header: Callable[[], str],
                  send_timeout: float = 0.0, **kwargs: Any) -> None:
@@ -180,6 +181,7 @@ class CappedHandler(HeadTimedHandler):
         self._server_header = server_header  # the operator's Server field, not aiohttp's
         self._send_timeout = send_timeout
         self._send_handle: asyncio.TimerHandle | None = None
+        self._finished = 0  # requests whose handling ended (``_request_count``: parsed)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -249,13 +251,34 @@ class CappedHandler(HeadTimedHandler):
         still coming (a login whose body never comes, too), or replies the client does not read
         (pipelined requests from a client that reads nothing: a reply stuck writing is not being
         answered, it waits for the client). Not a request that arrived whole and is being
-        answered (a purge, a reload)."""
+        answered (a purge, a reload), nor one queued to be."""
         if self.not_reading():
             return True
-        if not self._request_in_progress:  # (set from the handler's call to the reply's end)
+        if self._request_in_progress:  # (set from the handler's call to the reply's end)
+            request = self._current_request
+            return request is not None and not request.content.is_eof()
+        # A request parsed, its handler not begun yet (queued, or taken from the queue for a
+        # task that starts on the next turn of the loop), is being answered as much as one
+        # whose handler runs: closing its connection made it lose its answer, not its action.
+        if self._request_count == self._finished:
             return True
-        request = self._current_request
-        return request is not None and not request.content.is_eof()
+        messages = self._messages
+        return bool(messages) and self._finished + len(messages) == self._request_count \
+            and not messages[0][1].is_eof()  # (the next one's body is still coming)
+
+    async def _handle_request(self, request: web.BaseRequest, start_time: float | None,
+                              request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+                              ) -> tuple[web.StreamResponse, bool]:
+        """Run the handler, unless the connection was closed (``drop``, ``force_close``) after
+        the request was queued: aiohttp still takes it from the queue and runs it, so a reload
+        or a purge was done with no one to tell (the client saw its connection closed with
+        nothing answered, and may send it again)."""
+        try:
+            if self._force_close:
+                raise ConnectionResetError("connection closed before its request was handled")
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            self._finished += 1
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
