@@ -542,7 +542,7 @@ class UpstreamConnection(BaseProtocol):
                 self._message_done(reuse=False)
             elif self._stray:
                 logging.getLogger("cachegate.upstream").warning(
-                    "upstream %s: %d bytes of body after a %d response, which has none (RFC 9112 "
+                    "upstream %s: %d or more bytes of body after a %d response, which has none (RFC 9112 "
                     "§6.3): dropped, the %d answered, the connection closed", self._pool.name,
                     self._stray, self._message.code, self._message.code)
                 self._message_done(reuse=False)
