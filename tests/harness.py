@@ -279,6 +279,22 @@ class ProxyProcess:
         return "".join(self.output)
 
 
+def post_reload(admin_url: str, timeout: float = 90) -> tuple[int, dict[str, Any]]:
+    """``POST /reload`` to a cachegate's admin API (blocking: call it in a thread); its status
+    and JSON answer, a refusal's too."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{admin_url}/reload", method="POST", data=b"{}",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def spawn_cachegate(args: list[str], env: dict[str, str] | None = None, *, expect_admin: bool = True,
                     timeout: float = 20.0, preexec: Callable[[], None] | None = None) -> ProxyProcess:
     """Start ``python -m proxy <args>`` and wait until it announces its listeners (``preexec``

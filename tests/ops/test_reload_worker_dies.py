@@ -6,7 +6,6 @@ not running: nothing to report, as the worker restarted shows."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Origin, spawn_cachegate, write_config
+from tests.harness import Origin, post_reload, spawn_cachegate, write_config
 
 
 def _via(url: str) -> str:
@@ -24,14 +23,6 @@ def _via(url: str) -> str:
         return str(resp.headers.get("Via", ""))
 
 
-def _reload(admin_url: str) -> tuple[int, dict[str, object]]:
-    req = urllib.request.Request(f"{admin_url}/reload", method="POST", data=b"{}",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=90) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _metrics(admin_url: str) -> str:
@@ -54,7 +45,7 @@ async def test_a_worker_killed_during_a_reload_restarts_with_it_and_fails_nothin
         for pid in pids:  # stopped: the reload's call waits for them
             os.kill(pid, signal.SIGSTOP)
         config.write_text(config.read_text().replace("via: alpha", "via: beta"))  # noqa: ASYNC240
-        reload = asyncio.create_task(asyncio.to_thread(_reload, proc.admin_url))
+        reload = asyncio.create_task(asyncio.to_thread(post_reload, proc.admin_url))
         await asyncio.sleep(1.5)  # the supervisor has loaded the config and called the workers
         assert not reload.done()
         for pid in pids:

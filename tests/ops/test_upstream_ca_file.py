@@ -5,7 +5,6 @@ say so. It used to pass ``check``; ``run`` then exited blaming the cache directo
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ import pytest
 from proxy.config import Overrides, load_config
 from proxy.web.server import install_reloader, open_runtime
 from tests.conftest import MakeProxy
-from tests.harness import Origin, ProxyProcess, self_signed, spawn_cachegate, write_config
+from tests.harness import Origin, ProxyProcess, post_reload, self_signed, spawn_cachegate, write_config
 
 
 def bad_ca(tmp_path: Path, kind: str) -> Path:
@@ -113,17 +112,6 @@ def _get(url: str) -> int:
         return int(exc.code)
 
 
-def _reload(admin_url: str) -> tuple[int, dict[str, object]]:
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(f"{admin_url}/reload", method="POST", data=b"{}",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 async def _restart_workers(proc: ProxyProcess) -> None:
@@ -160,12 +148,12 @@ async def test_restarted_workers_trust_the_running_ca_not_the_file_now(tmp_path:
         assert proc.admin_url is not None
         assert [await asyncio.to_thread(_get, f"{proc.proxy_url}/t") for _ in range(4)] == [200] * 4
         ca.write_text("garbage\n")
-        status, _ = await asyncio.to_thread(_reload, proc.admin_url)
+        status, _ = await asyncio.to_thread(post_reload, proc.admin_url)
         assert status == 400
         await _restart_workers(proc)  # they used to exit 2, again and again
         assert [await asyncio.to_thread(_get, f"{proc.proxy_url}/t") for _ in range(6)] == [200] * 6
         ca.write_bytes(other.read_bytes())  # a CA that does not sign the origin's certificate
-        status, answer = await asyncio.to_thread(_reload, proc.admin_url)
+        status, answer = await asyncio.to_thread(post_reload, proc.admin_url)
         assert status == 200, answer
         await _restart_workers(proc)  # only restarted workers run now
         assert [await asyncio.to_thread(_get, f"{proc.proxy_url}/t") for _ in range(6)] == [200] * 6
