@@ -180,12 +180,20 @@ def client_context(ca: bytes | None) -> ssl.SSLContext:
     them). Raises ``ssl.SSLError`` when ``ca`` holds no certificate: ``ca_file_problem``."""
     if ca is None:
         return ssl.create_default_context()
-    # ``cadata`` takes PEM as ASCII text; bytes outside the base64 blocks (a bundle's comments)
-    # may be anything, and only they can be outside ASCII.
-    # An empty ``cadata`` is no ``cadata``: the system's CAs, silently.
+    # An empty file is no CA file for OpenSSL either way; refused rather than the system's CAs.
     if not ca:
         raise ssl.SSLError("no certificate: the file is empty")
-    return ssl.create_default_context(cadata=re.sub(rb"[^\x00-\x7f]", b"?", ca).decode("ascii"))
+    # Loaded as a file (of the bytes the load read), not as ``cadata``: ``cadata`` reads only
+    # '-----BEGIN CERTIFICATE-----' blocks and skips OpenSSL's 'BEGIN TRUSTED CERTIFICATE' ones
+    # (``openssl x509 -addtrust``; RHEL's ca-bundle.trust.crt) without a word, which nginx, curl
+    # and ``cafile`` take: a bundle of both then trusted only some of its CAs (502s).
+    fd, path = tempfile.mkstemp(prefix="cachegate-ca-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(ca)
+        return ssl.create_default_context(cafile=path)
+    finally:
+        os.unlink(path)
 
 
 def ca_file_problem(path: str, read: bytes | OSError) -> str | None:

@@ -161,3 +161,21 @@ async def test_restarted_workers_trust_the_running_ca_not_the_file_now(tmp_path:
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.text
         await secure.stop()
+
+
+def test_a_ca_file_of_openssl_trusted_certificate_blocks_is_read_as_nginx_and_curl_read_it(tmp_path: Path) -> None:
+    """``openssl x509 -addtrust`` writes 'BEGIN TRUSTED CERTIFICATE' blocks (so do bundles such
+    as RHEL's ca-bundle.trust.crt). Read as ``cadata`` they were skipped without a word: a file of
+    them alone was refused at check, and a bundle mixing both kinds trusted only its plain
+    certificates (every upstream signed by the others: 502, "unable to get local issuer")."""
+    from proxy.tls import ca_file_problem, client_context
+
+    _, plain = self_signed(tmp_path, "plain", "plain-ca", "DNS:plain.test")
+    _, other = self_signed(tmp_path, "other", "other-ca", "DNS:other.test")
+    trusted = subprocess.run(["openssl", "x509", "-in", str(other), "-addtrust", "serverAuth"],
+                             check=True, capture_output=True).stdout
+    assert b"BEGIN TRUSTED CERTIFICATE" in trusted
+    assert ca_file_problem("trusted.pem", trusted) is None
+    assert [c["subject"] for c in client_context(trusted).get_ca_certs()] == [((("commonName", "other-ca"),),)]
+    mixed = plain.read_bytes() + trusted
+    assert sorted(c["subject"][0][0][1] for c in client_context(mixed).get_ca_certs()) == ["other-ca", "plain-ca"]
