@@ -529,6 +529,42 @@ def test_no_dashboard_panel_draws_a_5xx_answer_twice() -> None:
         assert not (all_errors and answers_5xx), panel["title"]
 
 
+SELECTOR = re.compile(r"\b(cachegate_[a-z0-9_]+)\{([^}]*)\}")
+MATCHER = re.compile(r'([a-z_]+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+# Series in no ratio (proxy/live.py NOT_IN_RATIOS; docs/admin-api.md's PromQL): a PURGE asks
+# nothing of the cache's content, and cachegate's own bodies (tier="none") are neither the store's
+# nor the origin's.
+NOT_IN_RATIOS = {"cachegate_requests_total": ("cache_status", "PURGE"),
+                 "cachegate_response_bytes_total": ("tier", "none")}
+
+
+def selects(matchers: str, label: str, value: str) -> bool:
+    """Whether a series with label=value passes every matcher of a selector on that label."""
+    for name, op, pattern in MATCHER.findall(matchers):
+        if name != label:
+            continue
+        hit = re.fullmatch(pattern, value) is not None if "~" in op else pattern == value
+        if hit == op.startswith("!"):
+            return False
+    return True
+
+
+def test_no_dashboard_ratio_counts_purges_or_cachegates_own_bodies() -> None:
+    """With 40 PURGE/s and 10 GET/s all hits, "Hit ratio" drew 0.2 where /stats says 1.0: every
+    selector of a ratio panel (numerator and denominator) leaves out what /stats leaves out."""
+    ratios = [(title, expr) for title, expr in dashboard_queries() if " / " in expr]
+    assert len(ratios) >= 5, ratios
+    for title, expr in ratios:
+        for metric, matchers in SELECTOR.findall(expr):
+            if metric in NOT_IN_RATIOS:
+                label, value = NOT_IN_RATIOS[metric]
+                assert not selects(matchers, label, value), f"panel {title!r} counts {label}={value}: {expr}"
+    # the checker itself: a bare selector counts them, the documented ones do not
+    assert selects('instance=~"$instance"', "cache_status", "PURGE")
+    assert not selects('cache_status!="PURGE"', "cache_status", "PURGE")
+    assert not selects('tier=~"memory|disk|upstream"', "tier", "none")
+
+
 def test_the_readme_config_example_passes_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
