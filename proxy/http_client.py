@@ -178,6 +178,12 @@ def error_kind(exc: UpstreamError) -> str:
     return "protocol" if isinstance(exc, UpstreamProtocolError) else "connect"
 
 
+# Every kind ``error_kind`` and ``body_error_kind`` give (a 5xx answer's ``status_5NN`` aside):
+# exported at 0 for each upstream from the start (``proxy.metrics.KNOWN_LABELS`` says why).
+UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "read_timeout", "total_timeout", "protocol",
+                        "body_broke_off", "body_read_timeout", "body_total_timeout")
+
+
 def body_error_kind(exc: UpstreamError) -> str:
     """The ``cachegate_upstream_errors_total{kind}`` label of an error in a response's body,
     after its head: ``body_`` and a timeout's own kind (``body_read_timeout``: it fell silent),

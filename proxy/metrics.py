@@ -78,6 +78,24 @@ WORKER_ONLY = frozenset({"cachegate_upstream_up", "cachegate_upstream_in_flight"
                          "cachegate_fast_path_enabled"})
 MEAN_GAUGES = frozenset({"cachegate_upstream_up", "cachegate_fast_path_enabled"})
 
+# The label sets each labelled counter below is known to take, exported at 0 from the start
+# (``Metrics.__init__``): rate() and increase() read a series' first sample as its start, so a
+# counter first exported at 1 (one rejected reload, the first storage error) shows no increase
+# and an alert on it never fires. Open-ended labels (rule names, URLs' statuses) are not here;
+# upstream error kinds are added per configured upstream by ``Runtime.open``
+# (``proxy.http_client.UPSTREAM_ERROR_KINDS``). tests/ops/test_metrics_ops.py checks the Literal
+# types these mirror (admin_guard.RefusalReason) are covered.
+KNOWN_LABELS: dict[str, tuple[str, ...]] = {
+    "cachegate_config_reloads": ("success", "failure"),
+    "cachegate_storage_errors": ("read", "spool", "write", "invalidate"),
+    "cachegate_admin_refused": ("host", "origin", "content_type", "rate", "csrf"),
+    "cachegate_purge_refused": ("forbidden", "disabled", "origin"),
+    "cachegate_slow_readers": ("resumed", "cut_off"),
+    # the store's own reasons (a full disk, too large, the spools' share used up); the
+    # response's reasons (PRIVATE, RULE-NO-STORE:<rule>, ...) stay open-ended
+    "cachegate_not_stored": ("STORE-FAILED", "TOO-LARGE", "SPOOLS-FULL"),
+}
+
 # A snapshot: [[family name, type, help, [[sample name, {labels}, value], ...]], ...]
 Snapshot = list[list[Any]]
 
@@ -277,6 +295,10 @@ class Metrics:
             "Time to answer a client request, by cache status (fast-path hits sampled)",
             ["cache_status"], REQUEST_BUCKETS, registry=r)
         self.live = LiveStats()
+        for family in (self.reloads, self.storage_errors, self.admin_refused, self.purge_refused,
+                       self.slow_readers, self.not_stored):
+            for value in KNOWN_LABELS[family.name]:
+                family.labels(value)  # at 0 from the start (KNOWN_LABELS)
         # Whether this process's client listeners answer fresh hits on the fast path (set when
         # they start: ``proxy.web.server.start_proxy_listener``); None: it has none.
         self.fast_path: FastPathState | None = None

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.engine import Engine
+from proxy.http_client import UPSTREAM_ERROR_KINDS
 from proxy.lockfile import HeldLock, LockTaken
 from proxy.logs import AccessLog, RepeatedFailure, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
@@ -229,6 +230,9 @@ class Runtime:
         # First: its TLS context (UpstreamTLSUnusable), before the cache directory is touched.
         pool = UpstreamPool(settings.upstreams, settings.pool,
                             on_error=lambda name, kind: metrics.upstream_errors.labels(name, kind).inc())
+        for upstream in pool.upstreams:  # at 0 from the start (proxy.metrics.KNOWN_LABELS)
+            for kind in UPSTREAM_ERROR_KINDS:
+                metrics.upstream_errors.labels(upstream.name, kind)
         lock: HeldLock | None = None
         try:
             lock = lock_cache_directory(settings) if owner else None

@@ -188,3 +188,64 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           cwd=str(Path(__file__).resolve().parents[2]))
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+async def test_a_fresh_cachegate_exports_its_known_events_at_zero(origin: Origin, tmp_path: Path) -> None:
+    """rate() and increase() read a series' first sample as its start: a reload rejected once,
+    first exported at 1, showed no increase, and an alert on it never fired. A cachegate that
+    has seen nothing exports every known label set at 0 (a real process, scraped)."""
+    from proxy.http_client import UPSTREAM_ERROR_KINDS
+    from proxy.metrics import KNOWN_LABELS
+    from tests.storage.procs import ProxyProcess, write_config
+
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url,
+                                                     "cache: {memory: 16MB, disk: null}\n"))
+    await proxy.start()
+    try:
+        await proxy.wait_for(lambda: bool(proxy.admin_url))
+        m = samples((await proxy.admin("GET", "/metrics")).body)
+    finally:
+        await proxy.stop()
+    label = {"cachegate_config_reloads": "result", "cachegate_storage_errors": "operation",
+             "cachegate_admin_refused": "reason", "cachegate_purge_refused": "reason",
+             "cachegate_slow_readers": "outcome", "cachegate_not_stored": "reason"}
+    assert set(label) == set(KNOWN_LABELS)
+    for family, values in KNOWN_LABELS.items():
+        for value in values:
+            assert m.get((family + "_total", ((label[family], value),))) == 0, (family, value)
+    assert {"success", "failure", "read", "spool", "write", "host", "csrf", "forbidden", "cut_off",
+            "STORE-FAILED"} <= {v for values in KNOWN_LABELS.values() for v in values}
+    errors = {dict(labels)["upstream"]: [] for name, labels in m if name == "cachegate_upstream_errors_total"}
+    assert len(errors) == 1 and next(iter(errors)).rstrip("/") == origin.url.rstrip("/"), errors
+    for (name, labels), value in m.items():
+        if name == "cachegate_upstream_errors_total":
+            assert value == 0, labels
+            errors[dict(labels)["upstream"]].append(dict(labels)["kind"])
+    assert sorted(next(iter(errors.values()))) == sorted(UPSTREAM_ERROR_KINDS)
+
+
+def test_the_known_label_sets_cover_the_typed_ones() -> None:
+    """KNOWN_LABELS mirrors label types declared elsewhere: a new refusal reason is exported at
+    0 too, or this fails."""
+    from typing import get_args
+
+    from proxy.errors import UpstreamConnectError, UpstreamProtocolError
+    from proxy.http_client import (
+        UPSTREAM_ERROR_KINDS,
+        UpstreamBodyError,
+        UpstreamConnectTimeout,
+        UpstreamReadTimeout,
+        UpstreamTotalTimeout,
+        body_error_kind,
+        error_kind,
+    )
+    from proxy.metrics import KNOWN_LABELS
+    from proxy.web.admin_guard import RefusalReason
+
+    assert set(get_args(RefusalReason)) <= set(KNOWN_LABELS["cachegate_admin_refused"])
+    errors = (UpstreamConnectError("x"), UpstreamConnectTimeout("x"), UpstreamReadTimeout("x"),
+              UpstreamTotalTimeout("x"), UpstreamProtocolError("x"), UpstreamBodyError("x"))
+    in_a_body = (UpstreamReadTimeout("x"), UpstreamTotalTimeout("x"), UpstreamBodyError("x"))
+    kinds = {error_kind(e) for e in errors} | {body_error_kind(e) for e in in_a_body}
+    assert kinds == set(UPSTREAM_ERROR_KINDS)
+
