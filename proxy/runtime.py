@@ -420,9 +420,11 @@ class Runtime:
         yield c
         q = GaugeMetricFamily("cachegate_disk_writes_pending",
                               "Stored responses still being written to the disk tier (write-behind queue)")
-        # Bodies this process is writing to the disk tier right now (too big for memory; what
-        # memory holds goes to disk behind it, proxy.storage.persist).
-        q.add_metric([], len(s.work.writes))
+        # Bodies this process is writing to the disk tier right now (too big for memory), and in
+        # the owner what memory holds that the write-behind has not committed yet
+        # (proxy.storage.persist; the other processes' persisters never run).
+        behind = s.persister.backlog() if self.owner and s.persister is not None else 0
+        q.add_metric([], len(s.work.writes) + behind)
         yield q
         if s.disk is not None:
             lost = CounterMetricFamily(

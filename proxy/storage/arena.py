@@ -391,6 +391,18 @@ class Arena:
         head when the scan began), oldest first, but those with any of the ``skip`` flags (not
         read at all). Records written or dropped meanwhile may be missed or skipped; each one
         yielded was alive when it was copied."""
+        for pos in self._live(start, end, skip):
+            found = self.read(pos)
+            if found is not None:
+                yield found
+
+    def count(self, start: int = 0, end: int | None = None, skip: int = 0) -> int:
+        """How many records ``scan`` would yield, read from their headers only (no copy)."""
+        return sum(1 for _ in self._live(start, end, skip))
+
+    def _live(self, start: int, end: int | None, skip: int) -> Iterator[int]:
+        """The positions of the live records from ``start`` to ``end`` but those with any of
+        the ``skip`` flags (``scan``)."""
         mm = self.mm
         pos = max(start, self._get(H_TAIL))
         stop = self._get(H_HEAD) if end is None else end
@@ -407,9 +419,7 @@ class Arena:
             if size < HEADER or size % 8:
                 return  # unreadable (should not happen): stop rather than loop
             if rpos == pos and not flags & skip:
-                found = self.read(pos)
-                if found is not None:
-                    yield found
+                yield pos
             pos += size
 
     def _lap(self, pos: int) -> int:

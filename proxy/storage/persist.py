@@ -163,6 +163,7 @@ class Persister:
         self.bans = bans
         self.stats = PersistStats()
         self._cursor = 0
+        self._committing = 0  # records of the batch the thread is committing now
         self._retry: dict[int, int] = {}  # position of a record a batch failed to commit -> attempts
         self._lock = asyncio.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist")
@@ -185,6 +186,12 @@ class Persister:
     def pending(self) -> bool:
         """Whether the writers added anything since the last look."""
         return self.arena.head > self._cursor
+
+    def backlog(self) -> int:
+        """Records the shared memory holds that are not on disk yet: those added since the last
+        batch (or left by a failed one to retry) and the batch being committed. Read from the
+        records' headers (``Arena.count``): at scrape time, never on a request."""
+        return self._committing + self.arena.count(self._cursor, self.arena.head, skip=F_PERSISTED)
 
     async def run_forever(self, interval: float = PERSIST_INTERVAL) -> None:
         """The owner's background loop."""
@@ -227,8 +234,12 @@ class Persister:
                 before = self.stats.entries
                 # Shielded: a cancelled flush (a clean stop cancels the loop) must not take back
                 # a batch still queued in the thread; ``close`` waits for it to be committed.
-                failed, errors = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
-                    self._thread, self._commit, records))
+                self._committing = len(records)
+                try:
+                    failed, errors = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                        self._thread, self._commit, records))
+                finally:
+                    self._committing = 0
                 committed += self.stats.entries - before
                 self._report(errors, self.stats.entries - before)
                 again = [p for p in failed if self._retry.get(p, 0) < MAX_ATTEMPTS]

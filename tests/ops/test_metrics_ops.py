@@ -249,3 +249,35 @@ def test_the_known_label_sets_cover_the_typed_ones() -> None:
     kinds = {error_kind(e) for e in errors} | {body_error_kind(e) for e in in_a_body}
     assert kinds == set(UPSTREAM_ERROR_KINDS)
 
+
+@pytest.mark.slow
+async def test_the_write_behind_queue_counts_what_memory_holds_and_the_disk_does_not_yet(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cachegate_disk_writes_pending ("the write-behind queue") counted only big bodies written
+    straight to disk: 50 fills held in memory, none on disk, and it said 0. The owner's
+    write-behind backlog is in it (two workers: the supervisor owns the directory)."""
+    from tests.storage.procs import ProxyProcess, write_config
+
+    for i in range(5):
+        origin.route(f"/c/{i}", body=b"c" * 1000, headers={"Cache-Control": "max-age=600"})
+    monkeypatch.setenv("CACHEGATE_PERSIST_INTERVAL", "3600")  # a disk far behind
+    disk = tmp_path / "cache"
+    proxy = ProxyProcess(str(tmp_path), write_config(
+        str(tmp_path), origin.url, f"cache: {{memory: 16MB, max_object: 1MB, disk: {{path: '{disk}', size: 64MB}}}}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        for i in range(5):
+            assert (await proxy.get(f"/c/{i}")).status == 200
+        m: Samples = {}
+        for _ in range(100):  # the fills reach the shared memory, the scrape asks the workers
+            m = samples((await proxy.admin("GET", "/metrics")).body)
+            if m.get(("cachegate_cache_entries", (("tier", "memory"),))) == 5:
+                break
+            await asyncio.sleep(0.1)
+        assert m[("cachegate_cache_entries", (("tier", "memory"),))] == 5
+        assert m[("cachegate_cache_entries", (("tier", "disk"),))] == 0
+        assert m[("cachegate_disk_writes_pending", ())] == 5
+    finally:
+        await proxy.stop()

@@ -93,6 +93,25 @@ async def test_a_batch_still_queued_when_write_behind_is_cancelled_is_committed_
         reopened.close()
 
 
+async def test_the_backlog_counts_what_memory_holds_until_its_batch_is_committed(disk_store: Storage) -> None:
+    """``cachegate_disk_writes_pending`` (the write-behind queue): records not on disk yet,
+    those of a batch being committed included, none once it is."""
+    writer = disk_store.persister
+    assert writer is not None and writer.backlog() == 0
+    for i in range(20):
+        assert await store(disk_store, entry(f"{KEY}/{i}"), os.urandom(500), flush=False)
+    assert writer.backlog() == 20
+    gate = asyncio.get_running_loop().run_in_executor(writer._thread, time.sleep, 0.3)
+    flushing = asyncio.ensure_future(writer.flush())
+    await asyncio.sleep(0.05)  # the batch is scanned (the cursor past it) and queued behind the sleep
+    assert writer.backlog() == 20
+    await gate
+    assert await flushing == 20
+    assert writer.backlog() == 0
+    assert await store(disk_store, entry(f"{KEY}/new"), b"one more", flush=False)
+    assert writer.backlog() == 1
+
+
 async def test_two_variants_of_one_key_in_one_group_are_both_kept(disk_store: Storage) -> None:
     gz = entry(KEY, vary=(("accept-encoding", "gzip"),))
     br = entry(KEY, vary=(("accept-encoding", "br"),))
