@@ -565,6 +565,19 @@ def test_no_dashboard_ratio_counts_purges_or_cachegates_own_bodies() -> None:
     assert not selects('tier=~"memory|disk|upstream"', "tier", "none")
 
 
+def test_open_files_are_held_against_the_limit_per_process() -> None:
+    """process_max_fds is one process's limit; process_open_fds is the sum over the supervisor
+    and every worker: drawn against each other, four workers at a quarter of the limit each
+    looked like a node at its limit. The busiest process is what runs out."""
+    board = json.loads(DASHBOARD.read_text())
+    panels = [p for p in board["panels"] if any("process_max_fds" in t["expr"] for t in p.get("targets", ()))]
+    assert panels
+    for panel in panels:
+        others = [t["expr"] for t in panel["targets"] if "process_max_fds" not in t["expr"]]
+        assert others and all(re.match(r"max by \(instance\) \(cachegate_worker_open_fds\{", e) for e in others), \
+            (panel["title"], others)
+
+
 def test_the_readme_config_example_passes_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
