@@ -444,6 +444,19 @@ def test_the_systemd_steps_run_again_keep_the_config_rules_and_token_in_etc(tmp_
     assert env.stat().st_mode & 0o777 == 0o600
 
 
+def test_the_systemd_steps_say_to_set_the_upstreams_and_a_loopback_admin_listener() -> None:
+    """The steps copy deploy/cachegate.yaml, written for Docker (admin API on every interface,
+    upstream origin:9000), to /etc/cachegate: on a VM that opened the admin API to the
+    network unless the steps say to change it before the first start."""
+    image = yaml.safe_load((DEPLOY / "cachegate.yaml").read_text())
+    assert str(image["admin"]["listen"]).startswith("0.0.0.0:")  # why the step is needed
+    section = (ROOT / "docs/deploy.md").read_text().split("## systemd", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    before_start = block.split("systemctl enable", 1)[0]
+    assert "upstreams:" in before_start and "admin.listen: 127.0.0.1:" in before_start, block
+    assert "`admin.listen:` to\n`127.0.0.1:8081`" in section
+
+
 def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
