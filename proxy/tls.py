@@ -28,11 +28,13 @@ a passphrase: OpenSSL's default would ask on the controlling terminal and block 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import ssl
 import tempfile
+from collections.abc import Iterator
 
 log = logging.getLogger("cachegate.tls")
 
@@ -77,22 +79,30 @@ def read_pem(cert: str, key: str) -> tuple[bytes, bytes]:
         return cert_pem, f.read()
 
 
-def _load_pem(pem: tuple[bytes, bytes], into: ssl.SSLContext | None = None) -> ssl.SSLContext:
-    """A server context from these bytes (or ``into`` loaded with them once a fresh context took
-    them: all or nothing). OpenSSL loads PEM from files only: they go to a private temporary
-    folder (0700, files 0600: one holds the private key), removed at once."""
+@contextlib.contextmanager
+def _pem_files(*pem: bytes) -> Iterator[list[str]]:
+    """Files holding these PEM bytes, for the whole ``with``. OpenSSL loads PEM from files only,
+    and some of it only there ('TRUSTED CERTIFICATE' blocks, which ``cadata`` skips): they go to
+    a private temporary folder (0700, files 0600: one may hold a private key), removed at once."""
     with tempfile.TemporaryDirectory(prefix="cachegate-tls-") as folder:
         copies: list[str] = []
-        for name, data in zip(("cert.pem", "key.pem"), pem, strict=True):
-            copy = os.path.join(folder, name)
+        for n, data in enumerate(pem):
+            copy = os.path.join(folder, f"{n}.pem")
             fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as dst:
                 dst.write(data)
             copies.append(copy)
-        ctx = server_context(copies[0], copies[1])
+        yield copies
+
+
+def _load_pem(pem: tuple[bytes, bytes], into: ssl.SSLContext | None = None) -> ssl.SSLContext:
+    """A server context from these bytes (or ``into`` loaded with them once a fresh context took
+    them: all or nothing), through ``_pem_files``."""
+    with _pem_files(*pem) as (cert, key):
+        ctx = server_context(cert, key)
         if into is None:
             return ctx
-        into.load_cert_chain(copies[0], copies[1], password=_no_passphrase)
+        into.load_cert_chain(cert, key, password=_no_passphrase)
         return into
 
 
@@ -187,13 +197,8 @@ def client_context(ca: bytes | None) -> ssl.SSLContext:
     # '-----BEGIN CERTIFICATE-----' blocks and skips OpenSSL's 'BEGIN TRUSTED CERTIFICATE' ones
     # (``openssl x509 -addtrust``; RHEL's ca-bundle.trust.crt) without a word, which nginx, curl
     # and ``cafile`` take: a bundle of both then trusted only some of its CAs (502s).
-    fd, path = tempfile.mkstemp(prefix="cachegate-ca-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(ca)
+    with _pem_files(ca) as (path,):
         return ssl.create_default_context(cafile=path)
-    finally:
-        os.unlink(path)
 
 
 def ca_file_problem(path: str, read: bytes | OSError) -> str | None:
