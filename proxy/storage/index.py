@@ -324,7 +324,11 @@ class UrlTagIndex:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.file, timeout=30, isolation_level=None, check_same_thread=False)
-            if self.created:  # before journal_mode=WAL writes its first page: only then it takes
+            if self.created and not self._all:
+                # The file's first connection, before journal_mode=WAL writes its first page:
+                # only then it takes. Never on a later one: on a full filesystem the pragma
+                # fails even where it changes nothing, and a purge's lookup in a new thread was
+                # a 500 for it.
                 db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL, as the shards: an index a power loss brings back older than the shards is

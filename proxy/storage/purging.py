@@ -70,7 +70,10 @@ class Purging:
         found: list[str] = []
         if t.index is not None and urls:
             index = t.index
-            found = await self._ask_index(lambda: [k for u in urls for k in index.keys_for_url(u)], [])
+            try:
+                found = await self._ask_index(lambda: [k for u in urls for k in index.keys_for_url(u)], [])
+            except (sqlite3.Error, OSError) as exc:  # a full filesystem: the purge's 503
+                raise self._unrecorded(exc) from exc
         keys = t.memory.keys_for_urls(urls, scan=not self.index_answers)
         keys.update(found)
         return keys

@@ -11,6 +11,7 @@ A real tmpfs of a few MiB: only where the test may mount one (root on Linux).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -19,10 +20,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from proxy.storage.index import UrlTagIndex
 from tests.conftest import MakeProxy
 from tests.harness import Origin, write_config
 from tests.storage.test_damaged import HOST, KEYS, filled, x_caches
@@ -141,6 +144,43 @@ async def test_a_purge_on_a_full_filesystem_is_a_503_naming_it_and_purges_once_t
     reply = await proxy.admin("POST", "/purge", json={"tags": ["t1"]})
     assert reply.status == 200, reply
     assert await x_caches(proxy) == ["MISS" if i % 2 else "HIT" for i in range(KEYS)]
+
+
+def test_an_index_made_at_this_start_answers_new_threads_on_a_full_filesystem(small_tmpfs: Path) -> None:
+    """Each storage thread opens its own connection to the index. One opened after the
+    filesystem filled must still read it: the setup that only a new file's first connection
+    needs (``PRAGMA auto_vacuum``) wrote even where it changed nothing, so a purge whose lookup
+    ran in a thread without a connection yet was a 500 "database or disk is full"."""
+    index = UrlTagIndex(str(small_tmpfs / "index"))
+    assert index.created
+    index.add("http://site.test/a", ("t",))
+    fill(small_tmpfs, 0)
+    with ThreadPoolExecutor(1) as fresh:
+        assert fresh.submit(index.keys_for_url, "http://site.test/a").result() == ["http://site.test/a"]
+    index.close()
+
+
+async def test_a_purge_whose_lookup_meets_a_full_filesystem_is_a_503(
+        origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the index can still fail for want of room (its shared-memory file growing): the
+    purge then says so as for its writes, a 503, and nothing is answered as purged."""
+    directory = small_tmpfs / "p"
+    origin.route("/k", body=b"x", headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    assert (await proxy.get("/k", headers=HOST)).headers["X-Cache-Status"] == "MISS"
+    await proxy.runtime.storage.flush()
+    fill(small_tmpfs, 0)
+
+    def no_room(url: str) -> list[str]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    index = proxy.runtime.storage.index
+    assert index is not None
+    monkeypatch.setattr(index, "keys_for_url", no_room)
+    reply = await proxy.admin("POST", "/purge", json={"urls": [f"http://{HOST['Host']}/k"]})
+    assert reply.status == 503, reply
+    assert "filesystem is full" in json.loads(reply.body)["error"]
+    assert (await proxy.get("/k", headers=HOST)).headers["X-Cache-Status"] == "HIT"
 
 
 BEHIND = ("cache: {memory: 16MB, memory_max_object: 256KB, disk: {path: cache, size: 64MB, shards: 1}}\n"
