@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
@@ -231,7 +232,8 @@ class Engine:
         pool = self.pool
 
         async def upstream_states() -> dict[str, Any]:
-            return {"worker": worker_id, "upstreams": pool.snapshot()}
+            # pid: the console keeps a killed worker's counts by process (``proxy.live.Kept``).
+            return {"worker": worker_id, "pid": os.getpid(), "upstreams": pool.snapshot()}
 
         channel.handlers["upstream_states"] = upstream_states
 

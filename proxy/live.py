@@ -1,6 +1,6 @@
 """What the operator's console and ``cachegate top`` show, counted without slowing the hit path.
 
-Two halves:
+Three parts:
 
 - **Per process, per request** (``LiveStats``, held by ``Metrics.live``): the most requested
   URLs with their hits (``TopUrls``) and, per reason a response was not stored, a count and
@@ -17,8 +17,14 @@ Two halves:
   ``SERIES_POINTS`` seconds. A worker that restarts (a new pid) starts from a fresh
   baseline, so its counters going back to zero never show as a negative rate (nor its new
   process's counts as a spike), and what the process it replaces had counted stays in the
-  totals since start (``retired``, as ``proxy.metrics.ClusterMetrics`` keeps it for
-  /metrics), so those never go down.
+  totals since start (``Kept``, as ``proxy.metrics.ClusterMetrics`` keeps it for /metrics),
+  so those never go down.
+- **Counters kept by process** (``Places``, ``Kept``): the same bookkeeping keeps the other
+  counts since start that the console and ``cachegate top`` show, each process's answers
+  folded with its own function: the workers' upstream requests and failures
+  (``sum_upstreams``) and the not-stored counts (``sum_tables``). A worker killed and started
+  again takes nothing back from them; gauges (requests in flight) are not kept, and its top
+  URLs (the last minute or two) stay for TOP_GENERATION after it was last read.
 
 Everything here is plain data and arithmetic: no I/O, no clock reads (``now`` is given).
 """
@@ -28,7 +34,7 @@ from __future__ import annotations
 import collections
 import heapq
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 FAST_SAMPLE = 16  # the fast path records one hit in this many (a power of two: a bit test)
@@ -137,16 +143,25 @@ class LiveStats:
     def snapshot(self, now: float, top: int) -> dict[str, Any]:
         """What the admin listener merges over processes (JSON-ready)."""
         self.top.rotate(now)
-        return {"top": self.top.top(top), "not_stored": self.not_stored.rows()}
+        return {"t": now, "top": self.top.top(top), "not_stored": self.not_stored.rows()}
 
 
-def merge_snapshots(parts: Iterable[dict[str, Any]], top: int) -> dict[str, Any]:
+def merge_snapshots(parts: Iterable[dict[str, Any]], top: int, now: float | None = None) -> dict[str, Any]:
     """Several processes' ``LiveStats.snapshot`` added up: top URLs with their hit ratio, and
-    the not-stored reasons with the example of the process that saw the most of them."""
+    the not-stored reasons with the example of the process that saw the most of them. With
+    ``now``, a process's top URLs count until TOP_GENERATION after it was last read (``t``),
+    whether it still runs, is dead and not started again yet, or was replaced since
+    (``sum_tables``' ``gone``)."""
     urls: dict[str, list[int]] = {}
     reasons: dict[str, list[Any]] = {}
+
+    def recent(t: Any) -> bool:
+        return now is None or t is None or float(t) > now - TOP_GENERATION
+
     for part in parts:
-        for url, requests, hits in part["top"]:
+        rows = [*(part["top"] if recent(part.get("t")) else ()),
+                *(row for t, gone in part.get("gone", ()) if now is not None and recent(t) for row in gone)]
+        for url, requests, hits in rows:
             row = urls.setdefault(url, [0, 0])
             row[0] += int(requests)
             row[1] += int(hits)
@@ -224,6 +239,124 @@ def _delta_map(new: dict[str, Any], old: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+# -- processes that come and go -------------------------------------------------------------------
+
+# A process's answer to one of the console's calls: JSON-ready, with its "pid" and its "worker" id
+# (None, or left out, for a process that is no worker), as ``Totals``.
+Answer = dict[str, Any]
+
+
+class Places:
+    """Which process holds each place (a worker id; a process that is no worker is a place of
+    its own), and each current process's latest answer (``last``, by pid).
+
+    A process replaced in its place (a restarted worker's predecessor, killed or crashed), or
+    whose pid the system gave to a process in another place since, is retired: ``place`` hands
+    its last answer back, once. By pid and not by worker id: the restarted worker's counts start
+    again from 0, so they must neither add to its predecessor's (counted twice) nor take their
+    place (a reset)."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, Answer] = {}
+        self._pid_of: dict[tuple[str, Any], int] = {}  # a place -> the pid of its current process
+
+    def place(self, part: Answer) -> list[Answer]:
+        """Note ``part``'s process in its place (before its answer goes into ``last``); the
+        last answers of the processes that retires."""
+        pid, place = int(part["pid"]), _place_of(part)
+        retired = []
+        old = self.last.get(pid)
+        if old is not None and _place_of(old) != place:  # a pid given again, to another place
+            retired.append(self.last.pop(pid))
+        before = self._pid_of.get(place)
+        if before is not None and before != pid:
+            replaced = self.last.get(before)
+            if replaced is not None and _place_of(replaced) == place:  # (not a pid given again since)
+                retired.append(self.last.pop(before))
+        self._pid_of[place] = pid
+        return retired
+
+
+class Kept:
+    """Counters the processes report, added up so that they never go down, as Prometheus
+    counters of one series: every current process's latest answer (one that missed a sample,
+    slow to answer or dead and not started again yet, counts as last read), plus the last
+    answer of every process replaced since start (``Places``). ``fold`` adds answers up into
+    one answer of the same shape (``fold(())`` is the empty one): the retired are kept folded,
+    so their cost does not grow with restarts. Their counts since the last read are lost (a
+    ``kill -9`` gives no chance to report): the console reads once a second."""
+
+    def __init__(self, fold: Callable[[Iterable[Answer]], Answer]) -> None:
+        self._fold = fold
+        self._places = Places()
+        self._retired = fold(())
+
+    def add_one(self, part: Answer) -> Answer | None:
+        """Keep ``part`` as its process's latest answer; that process's answer before it (None
+        for a process seen for the first time)."""
+        for old in self._places.place(part):
+            self._retired = self._fold((self._retired, old))
+        pid = int(part["pid"])
+        before = self._places.last.get(pid)
+        self._places.last[pid] = part
+        return before
+
+    def add(self, parts: Iterable[Answer]) -> None:
+        for part in parts:
+            self.add_one(part)
+
+    def pids(self) -> list[int]:
+        """The current processes (the retired are folded and have none)."""
+        return sorted(self._places.last)
+
+    def parts(self) -> list[Answer]:
+        """The retired processes' answers folded into one, then every current process's."""
+        return [self._retired, *self._places.last.values()]
+
+    def total(self) -> Answer:
+        return self._fold(self.parts())
+
+
+# Per upstream, what a worker's pool counts that only goes up (``in_flight`` is a gauge: a worker
+# that died has none in flight any more).
+UPSTREAM_COUNTED = ("requests", "failures")
+
+
+def sum_upstreams(parts: Iterable[Answer]) -> Answer:
+    """Workers' upstream pools (their ``upstream_states`` answers) added up: per upstream URL,
+    the counters of ``UPSTREAM_COUNTED`` (``Kept``'s fold)."""
+    by_url: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for u in part.get("upstreams", ()):
+            row = by_url.setdefault(str(u["url"]), dict.fromkeys(UPSTREAM_COUNTED, 0))
+            for k in UPSTREAM_COUNTED:
+                row[k] += int(u.get(k, 0))
+    return {"upstreams": [{"url": url, **row} for url, row in by_url.items()]}
+
+
+def sum_tables(parts: Iterable[Answer]) -> Answer:
+    """Processes' ``LiveStats.snapshot`` folded for ``Kept``: the not-stored counts (since start)
+    added up, with the example of the process that saw the most of each reason; the top URLs of
+    each (the last one to two minutes it served) in ``gone``, with the time ``t`` they were read,
+    as long as they are less than TOP_GENERATION older than the newest (``merge_snapshots``
+    shows them that long: what the process served stays in the top list about as long as it
+    would have, had it lived)."""
+    reasons: dict[str, list[Any]] = {}
+    gone: list[list[Any]] = []
+    for part in parts:
+        for reason, count, example in part.get("not_stored", ()):
+            row = reasons.setdefault(reason, [0, example, 0])
+            row[0] += int(count)
+            if int(count) > row[2]:
+                row[1], row[2] = example, int(count)
+        gone += part.get("gone", ())
+        if part.get("top") and part.get("t") is not None:
+            gone.append([float(part["t"]), part["top"]])
+    newest = max((t for t, _ in gone), default=0.0)
+    return {"top": [], "not_stored": [[r, n, ex] for r, (n, ex, _) in reasons.items()],
+            "gone": [[t, rows] for t, rows in gone if t > newest - TOP_GENERATION]}
+
+
 class Series:
     """The console's time series: one point per sample, from the differences of ``Totals``."""
 
@@ -232,33 +365,10 @@ class Series:
         self.bounds = tuple(bounds)
         self.points: collections.deque[dict[str, Any]] = collections.deque(maxlen=points)
         self._latency: collections.deque[dict[str, list[int]]] = collections.deque(maxlen=latency_window)
-        # pid -> its latest totals, for every current process: one a sample missed (a worker
-        # slow to answer, or dead and not replaced yet) is still counted as last seen.
-        self._last: dict[int, Totals] = {}
-        self._pid_of: dict[Any, int] = {}  # a process's place (its worker id) -> its current pid
-        self._retired: Totals = sum_totals(())  # processes replaced since start: their last totals
+        self.kept = Kept(sum_totals)  # every process's latest totals, and the replaced ones' last
         self._last_time: float | None = None
         self.seq = 0
         self.totals: Totals = {}  # since start: the current processes' latest totals and the retired
-
-    def _place(self, pid: int, part: Totals) -> None:
-        """Note the process ``pid`` in its place; the process it replaces there (a restarted
-        worker's predecessor) is retired: its last totals stay in ``totals`` for good."""
-        place = _place_of(part)
-        old = self._last.get(pid)
-        if old is not None and _place_of(old) != place:
-            self._retire(pid)  # a pid the system gave again, to a process in another place
-        before = self._pid_of.get(place)
-        if before is not None and before != pid:
-            replaced = self._last.get(before)
-            if replaced is not None and _place_of(replaced) == place:  # (not a pid given again since)
-                self._retire(before)
-        self._pid_of[place] = pid
-
-    def _retire(self, pid: int) -> None:
-        old = self._last.pop(pid, None)
-        if old is not None:
-            self._retired = sum_totals((self._retired, old))
 
     def add(self, now: float, parts: Sequence[Totals]) -> dict[str, Any] | None:
         """A sample of every process's totals; the new point (None for the first sample,
@@ -268,10 +378,7 @@ class Series:
         counted = dict.fromkeys(_COUNTED, 0)
         latency: dict[str, list[int]] = {}
         for part in parts:
-            pid = int(part["pid"])
-            self._place(pid, part)
-            old = self._last.get(pid)
-            self._last[pid] = part
+            old = self.kept.add_one(part)
             if old is None:
                 continue  # a process seen for the first time: its baseline
             for k, v in _delta_map(part["requests"], old["requests"]).items():
@@ -285,7 +392,7 @@ class Series:
                 diff = [max(0, int(x) - int(y)) for x, y in zip(counts, before, strict=True)]
                 if any(diff):
                     latency[status] = add_counts(latency.get(status, []), diff)
-        self.totals = sum_totals((self._retired, *self._last.values()))
+        self.totals = self.kept.total()
         previous, self._last_time = self._last_time, now
         if previous is None:
             return None
@@ -392,5 +499,6 @@ def _ms(seconds: float | None) -> float | None:
     return round(seconds * 1000, 3)
 
 
-__all__ = ["FAST_SAMPLE", "HIT_STATUSES", "NOT_IN_RATIOS", "LiveStats", "NotStoredLog", "Series",
-           "TopUrls", "merge_snapshots", "percentile", "ratios"]
+__all__ = ["FAST_SAMPLE", "HIT_STATUSES", "NOT_IN_RATIOS", "UPSTREAM_COUNTED", "Kept", "LiveStats",
+           "NotStoredLog", "Places", "Series", "TopUrls", "merge_snapshots", "percentile", "ratios",
+           "sum_tables", "sum_upstreams"]

@@ -55,7 +55,17 @@ from aiohttp import web
 
 from proxy.errors import BadRequest
 from proxy.inspection import Inspector
-from proxy.live import Series, Totals, merge_snapshots, ratios
+from proxy.live import (
+    UPSTREAM_COUNTED,
+    Answer,
+    Kept,
+    Series,
+    Totals,
+    merge_snapshots,
+    ratios,
+    sum_tables,
+    sum_upstreams,
+)
 from proxy.metrics import REQUEST_BUCKETS
 from proxy.policy.request import CONSOLE_COOKIE
 from proxy.runtime import Runtime
@@ -193,6 +203,12 @@ def process_totals(runtime: Runtime, owner: bool) -> Totals:
     return totals
 
 
+def process_tables(runtime: Runtime, now: float, top: int) -> Answer:
+    """This process's top URLs and not-stored reasons (``LiveStats.snapshot``), with its pid and
+    worker id: ``Kept`` keeps a killed worker's counts by process."""
+    return {"pid": os.getpid(), "worker": runtime.worker_id, **runtime.metrics.live.snapshot(now, top)}
+
+
 def register_console_calls(runtime: Runtime) -> None:
     """The calls the supervisor's console makes to a worker (``runtime.control`` is its channel)."""
     channel = runtime.control
@@ -202,7 +218,7 @@ def register_console_calls(runtime: Runtime) -> None:
         return process_totals(runtime, owner=False)
 
     async def console_live(top: int) -> dict[str, Any]:
-        return runtime.metrics.live.snapshot(time.time(), top)
+        return process_tables(runtime, time.time(), top)
 
     channel.handlers.update({"console_totals": console_totals, "console_live": console_live})
 
@@ -218,6 +234,12 @@ class LiveFeed:
         self.memory: dict[str, int] = {"entries": 0, "bytes": 0}
         self.processes = 1
         self.tables: dict[str, Any] = {"top_urls": [], "not_stored": []}
+        # What the tables count since start (not-stored reasons) and the workers' upstream
+        # counters, kept by process (``Kept``): a worker killed and started again must not take
+        # its counts out of the totals shown, which only go up (the gauges, such as requests in
+        # flight, are the workers' that answered this time).
+        self.table_counts = Kept(sum_tables)
+        self.upstream_counts = Kept(sum_upstreams)
         self.upstream_workers: list[Any] = []
         self._ticks = 0
         self.task: asyncio.Future[None] | None = None  # the sampling loop (tests stop it)
@@ -240,11 +262,13 @@ class LiveFeed:
     async def refresh_tables(self, now: float | None = None) -> None:
         runtime = self._runtime
         now = time.time() if now is None else now
-        snaps = [runtime.metrics.live.snapshot(now, TOP_TABLE)]
+        snaps = [process_tables(runtime, now, TOP_TABLE)]
         if self.inspector.multi:
             snaps += await self.inspector.ask_workers("console_live", top=TOP_TABLE)
             self.upstream_workers = await self.inspector.ask_workers("upstream_states")
-        self.tables = merge_snapshots(snaps, TOP_TABLE)
+            self.upstream_counts.add(self.upstream_workers)
+        self.table_counts.add(snaps)
+        self.tables = merge_snapshots(self.table_counts.parts(), TOP_TABLE, now)
 
     async def run(self) -> None:
         while True:
@@ -277,14 +301,18 @@ class LiveFeed:
         if self.upstream_workers:
             # Workers send the requests (and eject upstreams passively); the supervisor's pool
             # runs the active health checks. Counts are the workers'; "available" needs both.
+            # Requests and failures since start are every worker's that ever ran (``Kept``); the
+            # gauges (in flight, available) those of the workers that answered now.
+            counted = {c["url"]: c for c in self.upstream_counts.total()["upstreams"]}
             for u in upstreams:
                 states = [w_u for w in self.upstream_workers for w_u in w.get("upstreams", ())
                           if w_u.get("url") == u["url"]]
                 u["workers_available"] = sum(1 for s in states if s.get("available"))
                 u["workers"] = len(states)
                 u["available"] = bool(u["available"]) and u["workers_available"] > 0
-                for counted in ("in_flight", "requests", "failures"):
-                    u[counted] = sum(int(s.get(counted, 0)) for s in states)
+                u["in_flight"] = sum(int(s.get("in_flight", 0)) for s in states)
+                for name in UPSTREAM_COUNTED:
+                    u[name] = int(counted.get(u["url"], {}).get(name, 0))
         return {
             "seq": self.series.seq,
             "interval": SAMPLE_EVERY,

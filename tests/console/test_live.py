@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from proxy.live import NotStoredLog, Series, TopUrls, merge_snapshots, percentile, ratios
+from proxy.live import (
+    TOP_GENERATION,
+    Kept,
+    NotStoredLog,
+    Series,
+    TopUrls,
+    merge_snapshots,
+    percentile,
+    ratios,
+    sum_tables,
+    sum_upstreams,
+)
 from proxy.metrics import REQUEST_BUCKETS, LeanHistogram, Metrics
 
 
@@ -121,7 +132,7 @@ def test_totals_since_start_keep_what_a_restarted_worker_had_counted():
     for t in (5.0, 6.0):
         s.add(t, [totals(1), worker(0, 10, hit=2030), worker(1, 13)])
     assert since_start(s) == 3040 and s.totals["origin"] == 6
-    assert sorted(s._last) == [1, 10, 13]
+    assert s.kept.pids() == [1, 10, 13]
 
 
 def test_a_worker_missing_from_a_sample_is_counted_as_last_seen():
@@ -203,3 +214,64 @@ def test_metrics_answered_times_the_request_and_counts_the_url():
     m.answered(None, "ERROR", 0.001)
     assert m.live.top.top(5) == [["http://a/x", 2, 1]]
     assert sum(m.request_duration.values()[("ERROR",)]) == 1
+
+
+def upstream_states(pid: int, worker: int, requests: int, failures: int, in_flight: int = 0) -> dict:
+    return {"pid": pid, "worker": worker,
+            "upstreams": [{"url": "http://o", "requests": requests, "failures": failures, "in_flight": in_flight}]}
+
+
+def test_upstream_counts_keep_a_killed_workers_last_read_and_count_its_successor_from_zero():
+    """Like Prometheus counters of one series: a worker's successor (a new pid in its place)
+    neither adds to its counts twice nor resets them; a pid given again to another worker retires
+    what it counted there; requests in flight are no counter and are not kept."""
+    kept = Kept(sum_upstreams)
+    kept.add([upstream_states(10, 0, 100, 3, in_flight=2), upstream_states(11, 1, 50, 1)])
+    assert kept.total() == {"upstreams": [{"url": "http://o", "requests": 150, "failures": 4}]}
+    kept.add([upstream_states(10, 0, 120, 3)])  # worker 1 killed: counted as last read
+    assert kept.total()["upstreams"][0]["requests"] == 170
+    kept.add([upstream_states(10, 0, 120, 3), upstream_states(12, 1, 0, 0)])  # its successor
+    assert kept.total()["upstreams"][0] == {"url": "http://o", "requests": 170, "failures": 4}
+    kept.add([upstream_states(10, 0, 121, 3), upstream_states(12, 1, 5, 2)])
+    assert kept.total()["upstreams"][0] == {"url": "http://o", "requests": 176, "failures": 6}
+    kept.add([upstream_states(13, 0, 0, 0), upstream_states(12, 1, 5, 2)])  # worker 0 restarted
+    kept.add([upstream_states(12, 0, 1, 0), upstream_states(14, 1, 0, 0)])  # pid 12 given again
+    assert kept.total()["upstreams"][0] == {"url": "http://o", "requests": 177, "failures": 6}
+    assert kept.pids() == [12, 14]
+
+
+def test_not_stored_counts_are_kept_and_a_killed_workers_top_urls_age_out_of_the_window():
+    kept = Kept(sum_tables)
+    a = {"pid": 10, "worker": 0, "t": 100.0, "top": [["http://a/x", 10, 5]],
+         "not_stored": [["PRIVATE", 3, "http://a/p1"]]}
+    b = {"pid": 11, "worker": 1, "t": 100.0, "top": [["http://a/x", 10, 10]],
+         "not_stored": [["PRIVATE", 5, "http://a/p2"], ["NO-STORE", 1, "http://a/n"]]}
+    kept.add([a, b])
+    fresh = {"pid": 12, "worker": 1, "t": 102.0, "top": [["http://a/x", 1, 1]],
+             "not_stored": [["PRIVATE", 1, "http://a/p3"]]}
+    kept.add([{**a, "t": 102.0}, fresh])  # worker 1 killed and started again as pid 12
+    merged = merge_snapshots(kept.parts(), 10, 102.0)
+    assert merged["not_stored"] == [{"reason": "PRIVATE", "count": 9, "example": "http://a/p2"},
+                                    {"reason": "NO-STORE", "count": 1, "example": "http://a/n"}]
+    assert merged["top_urls"] == [{"url": "http://a/x", "requests": 21, "hits": 16, "hit_ratio": 0.7619}]
+    # A generation after it was last read, what the killed worker served is out of the top list
+    # (it would have been out of its own); its not-stored counts stay.
+    later = merge_snapshots(kept.parts(), 10, 100.0 + TOP_GENERATION)
+    assert later["top_urls"][0]["requests"] == 11
+    assert later["not_stored"][0]["count"] == 9
+    # Retired top lists are kept only while they can still be shown.
+    late = 100.0 + 2 * TOP_GENERATION
+    kept.add([{**a, "pid": 13, "t": late}, fresh])  # worker 0 restarted (pid 10 retired) ...
+    kept.add([{**a, "pid": 14, "t": late + 1}, fresh])  # ... and again, two generations on
+    assert [t for t, _ in kept.parts()[0]["gone"]] == [late]
+
+
+def test_a_dead_workers_top_urls_leave_the_list_a_generation_after_its_last_read_even_unreplaced():
+    """A worker that is not started again (its code changed, or in a long backoff) is never
+    replaced: its top URLs still age out, its not-stored counts stay."""
+    kept = Kept(sum_tables)
+    kept.add([{"pid": 10, "worker": 0, "t": 100.0, "top": [["http://a/x", 4, 4]],
+               "not_stored": [["PRIVATE", 2, "http://a/p"]]}])
+    assert merge_snapshots(kept.parts(), 10, 100.0 + TOP_GENERATION - 1)["top_urls"][0]["requests"] == 4
+    gone = merge_snapshots(kept.parts(), 10, 100.0 + TOP_GENERATION)
+    assert gone["top_urls"] == [] and gone["not_stored"][0]["count"] == 2

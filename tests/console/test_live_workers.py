@@ -8,6 +8,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ WAIT = 60.0  # at most this long for the console's once-a-second sampler to see 
 
 
 async def live(proxy: ProxyProcess) -> dict[str, Any]:
-    reply = await proxy.admin("GET", "/console/api/live?since=0&top=1")
+    reply = await proxy.admin("GET", "/console/api/live?since=0&top=10")
     assert reply.status == 200, reply.body
     body: dict[str, Any] = json.loads(reply.body)
     return body
@@ -164,5 +166,95 @@ async def test_totals_since_start_keep_what_a_killed_worker_had_counted(origin: 
         points = body["points"]
         assert all(n >= 0 for p in points for n in p["requests"].values())
         assert sum(n for p in points for n in p["requests"].values()) == sent + more
+    finally:
+        await proxy.stop()
+
+
+def shown_counts(body: dict[str, Any]) -> dict[str, int]:
+    """What the console shows as counted since start besides ``since_start``: the upstream's
+    requests and failures (the workers' pools) and the not-stored reasons; and the top URLs'
+    requests (the last one to two minutes: a killed worker's stay until they would have aged)."""
+    upstream = body["upstreams"][0]
+    out = {"upstream requests": upstream["requests"], "upstream failures": upstream["failures"]}
+    out.update({f"not stored {r['reason']}": r["count"] for r in body["not_stored"]})
+    out.update({f"top {r['url'].rsplit('/', 1)[1]}": r["requests"] for r in body["top_urls"]})
+    return out
+
+
+def top_once(proxy: ProxyProcess) -> list[str]:
+    """``cachegate top --once``'s frame, as an operator would read it."""
+    done = subprocess.run([sys.executable, "-m", "proxy", "top", "--admin", proxy.admin_url, "--once"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.splitlines()
+
+
+def upstream_row(lines: list[str]) -> tuple[int, int]:
+    """REQUESTS and FAILURES of ``top``'s one upstream."""
+    row = lines[lines.index(next(x for x in lines if x.startswith("UPSTREAM"))) + 1].split()
+    return int(row[-2].replace(",", "")), int(row[-1].replace(",", ""))
+
+
+async def test_upstream_counts_and_reasons_keep_what_a_killed_worker_had_counted(
+        origin: Origin, tmp_path: Path) -> None:
+    """kill -9 of a worker: the upstream's requests and failures, the not-stored counts and the
+    top URLs that the console and ``cachegate top`` show keep what it had counted (they went
+    down to the surviving worker's), while it is down, once it is started again, and after its
+    successor counts more; requests in flight (a gauge) are the live workers'."""
+    origin.route("/c", body=b"c" * 100, headers={"Cache-Control": "max-age=600"})
+    origin.route("/p", body=b"p" * 100, headers={"Cache-Control": "private"})
+    origin.route("/bad", status=502, body=b"no")
+    cache = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        by_worker = {"0": 0, "1": 0}
+        while min(by_worker.values()) < 10:  # a new connection each: both workers answer some
+            r = await proxy.get("/p")
+            assert r.status == 200
+            by_worker[r.worker] += 1
+            assert (await proxy.get("/c")).status == 200
+            assert (await proxy.get("/bad")).status == 502
+
+        def origin_saw() -> dict[str, int]:
+            return {"upstream requests": sum(origin.counts.values()), "upstream failures": origin.count("/bad"),
+                    "not stored PRIVATE": origin.count("/p"), "top p": origin.count("/p")}
+
+        def counted(body: dict[str, Any]) -> bool:
+            shown = shown_counts(body)
+            return all(shown.get(k) == v for k, v in origin_saw().items())
+
+        seen: list[dict[str, Any]] = []
+        before = await live_until(proxy, counted, seen)
+        assert counted(before), (shown_counts(before), origin_saw())
+        assert upstream_row(await asyncio.to_thread(top_once, proxy)) == (
+            origin_saw()["upstream requests"], origin_saw()["upstream failures"])
+
+        victim = max(by_worker, key=lambda w: by_worker[w])
+        old = proxy.workers[int(victim)]
+        os.kill(old, signal.SIGKILL)
+        for _ in range(int(WAIT / 0.2)):  # read while it is dead and being started again
+            seen.append(await live(proxy))
+            if proxy.workers[int(victim)] != old:
+                break
+            await asyncio.sleep(0.2)
+        assert proxy.workers[int(victim)] != old, "the killed worker was not started again"
+        ready_seq = seen[-1]["seq"]  # a few samples with the new worker in them
+        after = await live_until(proxy, lambda b: b["seq"] >= ready_seq + 3 and b["workers"] == 2, seen)
+        assert counted(after), (shown_counts(after), origin_saw())
+        assert upstream_row(await asyncio.to_thread(top_once, proxy)) == (
+            origin_saw()["upstream requests"], origin_saw()["upstream failures"])
+
+        answered = set()
+        while len(answered) < 2:  # the new worker counts on from there
+            r = await proxy.get("/p")
+            answered.add(r.worker)
+            assert (await proxy.get("/bad")).status == 502
+        final = await live_until(proxy, counted, seen)
+        assert counted(final), (shown_counts(final), origin_saw())
+        assert final["upstreams"][0]["in_flight"] == 0
+        for name in origin_saw():
+            values = [shown_counts(b).get(name, 0) for b in seen]
+            assert values == sorted(values), (name, values)  # never backwards
     finally:
         await proxy.stop()
