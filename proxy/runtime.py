@@ -144,6 +144,30 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
     return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit)
 
 
+@dataclass(frozen=True)
+class ReplacedWorker:
+    """A worker that ended while a reload waited for its answer: killed by the supervisor
+    (``cause`` "watchdog": its pings went unanswered for worker_timeout; "purge": it did not
+    acknowledge a purge) or exited on its own ("exited": kill -9, the OOM killer, a crash). It
+    never confirmed the reload, yet the reload holds for its slot: its replacement starts from
+    the config the reload committed (``proxy.supervisor.ConfigCopy``). Named in the answer so
+    that a 200 does not read as every worker having confirmed it."""
+
+    worker: int
+    pid: int
+    cause: str  # "watchdog", "purge" or "exited"
+    exit_status: int | None  # as waitpid gives it (-9: SIGKILL); None when not reaped in time
+    why: str  # what ended it, in words ("was killed by the watchdog (no answer to ... for 2 s)")
+
+    def detail(self) -> str:
+        return (f"worker {self.worker} (pid {self.pid}) {self.why} during the reload; its "
+                "replacement starts with the new config")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"worker": self.worker, "pid": self.pid, "cause": self.cause,
+                "exit_status": self.exit_status, "detail": self.detail()}
+
+
 @dataclass
 class ReloadResult:
     """What a reload did: the problems that rejected it, or what it applied."""
@@ -160,6 +184,9 @@ class ReloadResult:
     # nothing only a restart changes (a TLS listener's new key of another type): a supervisor
     # adds its workers' to its answer (their other names are theirs, not the config's).
     unapplied: list[str] = field(default_factory=list)
+    # Workers that ended during the reload without confirming it; their replacements start
+    # with the new config (``ReplacedWorker``). A supervisor's only.
+    replaced: tuple[ReplacedWorker, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -88,7 +88,7 @@ from proxy.leases import LeaseRelay, LeaseTable
 from proxy.lockfile import HeldLock, LockTaken, listening_pids, runtime_dir
 from proxy.logs import say, setup_logging, tell
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
-from proxy.runtime import ReloadResult, Runtime
+from proxy.runtime import ReloadResult, ReplacedWorker, Runtime
 from proxy.sdnotify import Notifier
 from proxy.startup import (
     EXIT_CACHE_DIR,
@@ -134,6 +134,7 @@ WORKER_RELOAD_WAIT = 30.0
 WORKER_RELOAD_SLOWER = 3.0  # ... or this many times the supervisor's own load of the same files
 RELOAD_ANSWER_MARGIN = 5.0  # seconds past that bound the supervisor waits for the worker's answer
 MAX_BACKOFF = 30.0
+REAP_WAIT = 5.0  # seconds a reload waits for a worker whose channel closed to be reaped
 STOP_DEADLINE_MARGIN = 5.0  # seconds past shutdown_grace before a stopping worker is killed
 
 
@@ -150,6 +151,9 @@ class Worker:
     given_up: str | None = None
     quick_exits: int = 0  # exits in a row soon after a start (restarted with backoff)
     last_exit: int | None = None  # its last exit status
+    # The last of its processes this supervisor killed: (pid, cause, why), for a reload that
+    # waited for it (``ReplacedWorker``): the watchdog, a purge not acknowledged, not ready.
+    killed: tuple[int, str, str] | None = None
 
     def health(self) -> WorkerHealth:
         process = self.process
@@ -612,6 +616,7 @@ class Supervisor:
                   timeout)
         say(f"cachegate: worker {w.worker_id} (pid {process.pid}) not ready after {timeout:g}s; killing it",
             event="worker_not_ready", worker_id=w.worker_id, pid=process.pid)
+        w.killed = (process.pid, "not_ready", f"was killed (not ready {timeout:g} s after its start)")
         with contextlib.suppress(ProcessLookupError):
             process.kill()
 
@@ -788,7 +793,9 @@ class Supervisor:
                     say(f"cachegate: worker {holder.worker_id} (pid {holder_pid}) holds the {name} lock "
                         f"worker {w.worker_id} waits for; killing it", event="worker_lock_holder",
                         worker_id=holder.worker_id, pid=holder_pid, waiter=w.worker_id, lock=name)
-                    self._kill(holder.process, locks)
+                    self._kill(holder, holder.process, locks,
+                               f"was killed by the watchdog (it held the {name} lock of the shared "
+                               f"memory that worker {w.worker_id} waited for)")
                 return False
             if holder_pid == os.getpid():
                 log.error("worker %d (pid %d) did not answer a ping for %gs: it waits for the %s lock of "
@@ -805,14 +812,17 @@ class Supervisor:
                   "killing it", w.worker_id, pid, silent_for)
         say(f"cachegate: worker {w.worker_id} (pid {pid}) unresponsive for {silent_for:g}s; "
             "killing it", event="worker_unresponsive", worker_id=w.worker_id, pid=pid)
-        self._kill(process, locks)
+        self._kill(w, process, locks, f"was killed by the watchdog (no answer to the supervisor's "
+                                      f"pings for {silent_for:g} s)")
         return True
 
-    def _kill(self, process: asyncio.subprocess.Process, locks: Locks | None) -> None:
-        """SIGKILL a worker the watchdog gave up on; the processes waiting for the locks it holds
-        (``locks``, as read just before) are noted as freed now (``_unresponsive``)."""
+    def _kill(self, w: Worker, process: asyncio.subprocess.Process, locks: Locks | None, why: str) -> None:
+        """SIGKILL a worker the watchdog gave up on (``why``: for a reload that waits for it); the
+        processes waiting for the locks it holds (``locks``, as read just before) are noted as
+        freed now (``_unresponsive``)."""
         now = time.monotonic()
         self._killed.add(process.pid)
+        w.killed = (process.pid, "watchdog", why)
         if locks is not None:
             for waiter in locks.waiters_for(process.pid):
                 self._freed[waiter] = now
@@ -911,6 +921,7 @@ class Supervisor:
             why = (f"no answer within {PURGE_ACK_TIMEOUT:g} s" if isinstance(exc, TimeoutError)
                    else str(exc) or type(exc).__name__)
             log.error("worker %d did not acknowledge a purge (%s); killing it", w.worker_id, why)
+            w.killed = (process.pid, "purge", f"was killed for not acknowledging a purge ({why})")
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
@@ -937,10 +948,11 @@ class Supervisor:
         try:
             result = await self._reload_here(reloader)
             if result.ok:
-                problems, unapplied = await self._reload_workers(result.problems)
+                workers = await self._reload_workers(result.problems)
                 restart = result.restart_required
-                restart = [*restart, *(u for u in unapplied if u not in restart)]
-                result = replace(result, problems=problems, partial=bool(problems), restart_required=restart)
+                restart = [*restart, *(u for u in workers.unapplied if u not in restart)]
+                result = replace(result, problems=workers.problems, partial=bool(workers.problems),
+                                 restart_required=restart, replaced=workers.replaced)
             problems = result.problems
         finally:
             if self.runtime is not None:  # counted as answered: failed when a worker did not apply it
@@ -986,11 +998,12 @@ class Supervisor:
                 served_after_reload(served, loaded.pem(li.tls) if li.tls is not None else None)
                 for served, li in zip(self._served_tls, loaded.listeners, strict=True))
 
-    async def _reload_workers(self, problems: list[str]) -> tuple[list[str], list[str]]:
+    async def _reload_workers(self, problems: list[str]) -> WorkersReloaded:
         """Every worker's reload, all at once, from the copy as it is now: ``problems`` plus one
-        for each worker that did not apply it (it keeps the config it ran), and what workers
+        for each worker that did not apply it (it keeps the config it ran), what workers
         applied it without and needs a restart (a TLS key of another type: the listeners are
-        the workers'), each name once. At once, not in turn: a hung worker held the reload of
+        the workers'), each name once, and the workers that ended meanwhile (``ReplacedWorker``:
+        restarted, they load the copy). At once, not in turn: a hung worker held the reload of
         every worker after it for the call's 30 s."""
         problems = list(problems)
         path: str | None = self.config_path
@@ -1001,6 +1014,7 @@ class Supervisor:
                 self._uncommitted = f"cannot write the workers' copy of the config: {exc.strerror or exc}"
 
         unapplied: list[str] = []
+        replaced: list[ReplacedWorker] = []
         # A worker compiles what this process just did, as fast: it has a multiple of that (a
         # big rule set takes a worker longer than a fixed 30 s), and drops the reload past it
         # (``Reloader.reload``'s ``within``): a worker the answer says keeps its config does,
@@ -1008,7 +1022,7 @@ class Supervisor:
         within = worker_reload_bound(self._loaded_in)
 
         async def one(w: Worker) -> list[str]:
-            channel = w.channel
+            channel, process = w.channel, w.process
             if channel is None:
                 return []  # not running: it loads the copy when it starts
             if self._uncommitted is not None:
@@ -1027,9 +1041,11 @@ class Supervisor:
                        f"applied within {within:g} s and keeps its config)")
                 log.error("worker %d: reload failed: %s", w.worker_id, why)
                 return [f"worker {w.worker_id} {why}"]
-            except ChannelClosed:  # it died (kill -9, OOM): as one not running, it restarts from the copy
-                log.warning("worker %d exited during the reload; restarted, it loads the new config",
-                            w.worker_id)
+            except ChannelClosed:  # it died (kill -9, OOM, the watchdog): restarted, it loads the copy
+                gone = await self._replaced(w, process)
+                if gone is not None:
+                    replaced.append(gone)
+                    log.warning("%s", gone.detail())
                 return []
             except Exception as exc:
                 why = str(exc) or repr(exc)
@@ -1043,7 +1059,30 @@ class Supervisor:
 
         for found in await asyncio.gather(*(one(w) for w in self.workers)):
             problems += found
-        return problems, unapplied
+        return WorkersReloaded(problems, unapplied, tuple(sorted(replaced, key=lambda r: r.worker)))
+
+    async def _replaced(self, w: Worker, process: asyncio.subprocess.Process | None) -> ReplacedWorker | None:
+        """What ended a worker whose channel closed while a reload waited for its answer, or None
+        when no replacement follows (the supervisor stops; its code changed: not restarted,
+        ``_code_changed``), which leaves it out of the answer as a worker not running is."""
+        if process is None or self.stopping:
+            return None
+        try:  # the channel closes as the process ends: reaped at once
+            code: int | None = await asyncio.wait_for(process.wait(), REAP_WAIT)
+        except TimeoutError:
+            code = None
+        if code == EXIT_CODE_CHANGED or self.stopping:
+            return None
+        killed = w.killed
+        if killed is not None and killed[0] == process.pid:
+            return ReplacedWorker(w.worker_id, process.pid, killed[1], code, killed[2])
+        if code is None:
+            why = "closed its control channel"
+        elif code < 0:
+            why = f"was killed by {_signal_name(-code)}"
+        else:
+            why = f"exited with status {code}"
+        return ReplacedWorker(w.worker_id, process.pid, "exited", code, why)
 
     def _notify_worker(self, worker_id: int, event: dict[str, Any]) -> None:
         """Tell a worker how another worker's fetch of a key it waits for went (no answer needed)."""
@@ -1076,6 +1115,22 @@ class Supervisor:
         out: dict[int, Any] = {w.worker_id: WorkerNotRunning(w.worker_id) for w in self.workers}
         out.update({worker_id: r for (worker_id, _), r in zip(live, results, strict=True)})
         return out
+
+
+@dataclass(frozen=True)
+class WorkersReloaded:
+    """The workers' half of a reload (``Supervisor._reload_workers``)."""
+
+    problems: list[str]  # the supervisor's, then one per worker that keeps its config
+    unapplied: list[str]  # what workers applied it without (needs a restart), each once
+    replaced: tuple[ReplacedWorker, ...]  # ended meanwhile; restarted with the new config
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class WorkerNotRunning(Exception):

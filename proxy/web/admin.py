@@ -502,16 +502,25 @@ async def reload(request: web.Request) -> web.Response:
     if runtime.reload_config is None:
         return json_error(501, "reload is not available in this process")
     result = await runtime.reload_config()
-    request[AUDIT] = (f"applied: {result.rules} rules" if result.ok else
-                      f"not applied: {len(result.problems)} problems")
+    # Workers that ended during the reload never confirmed it: named, so that a 200 does not
+    # read as every worker having applied it (their replacements start with the new config).
+    replaced = [r.to_json() for r in result.replaced]
+    gone = f"; replaced worker{'s' if len(replaced) > 1 else ''} " \
+           f"{', '.join(str(r.worker) for r in result.replaced)}" if replaced else ""
+    request[AUDIT] = (f"applied: {result.rules} rules{gone}" if result.ok else
+                      f"not applied: {len(result.problems)} problems{gone}")
     if not result.ok:
         error = ("the new config runs here but not in every worker (those named keep the config "
                  "they ran)" if result.partial else "config rejected; the running config stays")
-        return web.json_response({"error": error, "problems": result.problems}, status=400)
+        refused: dict[str, Any] = {"error": error, "problems": result.problems}
+        if result.partial:
+            refused["replaced_workers"] = replaced
+        return web.json_response(refused, status=400)
     return web.json_response({"reloaded": True, "rules": result.rules,
                               "rule_files": list(result.rule_files),
                               "restart_required": result.restart_required,
-                              "warnings": list(result.warnings)})
+                              "warnings": list(result.warnings),
+                              "replaced_workers": replaced})
 
 
 async def metrics(request: web.Request) -> web.Response:

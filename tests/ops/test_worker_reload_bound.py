@@ -142,6 +142,7 @@ async def test_a_worker_stalled_before_it_reads_the_reload_drops_it_when_it_runs
         assert status == 400, body
         assert body["problems"] == ["worker 1 did not answer within 6 s (a worker drops a reload it "
                                     "has not applied within 1 s and keeps its config)"], body
+        assert body["replaced_workers"] == [], body  # hung, not killed: not said to run it either
         await asyncio.sleep(2.0)  # the stalled worker reads the call and handles it now
     finally:
         code = await asyncio.to_thread(proc.stop)
