@@ -81,10 +81,13 @@ MEAN_GAUGES = frozenset({"cachegate_upstream_up", "cachegate_fast_path_enabled"}
 # The label sets each labelled counter below is known to take, exported at 0 from the start
 # (``Metrics.__init__``): rate() and increase() read a series' first sample as its start, so a
 # counter first exported at 1 (one rejected reload, the first storage error) shows no increase
-# and an alert on it never fires. Open-ended labels (rule names, URLs' statuses) are not here;
+# and an alert on it never fires. Open-ended labels (rule names, URLs' statuses) are not here,
+# nor are cachegate_requests (cache status by method: a product of two lists) and
+# cachegate_upstream_requests (status classes: whatever an origin sends);
 # upstream error kinds are added per configured upstream by ``Runtime.open``
-# (``proxy.http_client.UPSTREAM_ERROR_KINDS``). tests/ops/test_metrics_ops.py checks the Literal
-# types these mirror (admin_guard.RefusalReason) are covered.
+# (``proxy.http_client.UPSTREAM_ERROR_KINDS``). tests/ops/test_metrics_ops.py checks the types
+# these mirror (admin_guard.RefusalReason, flight.FlightOutcome, PurgeSpec.kinds, frontend.TIERS)
+# are covered.
 KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "cachegate_config_reloads": ("success", "failure"),
     "cachegate_storage_errors": ("read", "spool", "write", "invalidate"),
@@ -94,6 +97,12 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     # the store's own reasons (a full disk, too large, the spools' share used up); the
     # response's reasons (PRIVATE, RULE-NO-STORE:<rule>, ...) stay open-ended
     "cachegate_not_stored": ("STORE-FAILED", "TOO-LARGE", "SPOOLS-FULL"),
+    # how a flight ended: ``proxy.flight.FlightOutcome``'s labels
+    "cachegate_flights": ("filled", "freshened", "passed", "broke_off", "abandoned", "unreachable",
+                          "adopted", "stored_elsewhere", "skipped", "stopped", "aborted"),
+    "cachegate_purges": ("url", "prefix", "tag", "all", "invalidation"),  # ``PurgeSpec.kinds``
+    # where a body came from: ``proxy.web.frontend.TIERS``
+    "cachegate_response_bytes": ("memory", "disk", "upstream", "none"),
 }
 
 # A snapshot: [[family name, type, help, [[sample name, {labels}, value], ...]], ...]
@@ -296,7 +305,8 @@ class Metrics:
             ["cache_status"], REQUEST_BUCKETS, registry=r)
         self.live = LiveStats()
         for family in (self.reloads, self.storage_errors, self.admin_refused, self.purge_refused,
-                       self.slow_readers, self.not_stored):
+                       self.slow_readers, self.not_stored, self.flights, self.purges,
+                       self.response_bytes):
             for value in KNOWN_LABELS[family.name]:
                 family.labels(value)  # at 0 from the start (KNOWN_LABELS)
         # Whether this process's client listeners answer fresh hits on the fast path (set when

@@ -192,10 +192,15 @@ print("ok")
 
 async def test_a_fresh_cachegate_exports_its_known_events_at_zero(origin: Origin, tmp_path: Path) -> None:
     """rate() and increase() read a series' first sample as its start: a reload rejected once,
-    first exported at 1, showed no increase, and an alert on it never fired. A cachegate that
-    has seen nothing exports every known label set at 0 (a real process, scraped)."""
+    first exported at 1, showed no increase, and an alert on it never fired (so did the first
+    broken-off flight, the first tag purge, the first body from upstream). A cachegate that has
+    seen nothing exports every known label set at 0 (a real process, scraped)."""
+    from typing import get_args
+
+    from proxy.flight import FlightOutcome
     from proxy.http_client import UPSTREAM_ERROR_KINDS
     from proxy.metrics import KNOWN_LABELS
+    from proxy.web.frontend import TIERS
     from tests.storage.procs import ProxyProcess, write_config
 
     proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url,
@@ -206,15 +211,24 @@ async def test_a_fresh_cachegate_exports_its_known_events_at_zero(origin: Origin
         m = samples((await proxy.admin("GET", "/metrics")).body)
     finally:
         await proxy.stop()
+    # Counted from the first flight, purge and body sent: read from the sources, not KNOWN_LABELS
+    # (cachegate_flights_total, _purges_total and _response_bytes_total appeared at their first).
+    known = [("cachegate_flights_total", "outcome", o.label) for o in get_args(FlightOutcome)]
+    known += [("cachegate_purges_total", "kind", k) for k in ("url", "prefix", "tag", "all", "invalidation")]
+    known += [("cachegate_response_bytes_total", "tier", t) for t in TIERS]
+    missing = [k for k in known if m.get((k[0], ((k[1], k[2]),))) != 0]
+    assert not missing, missing
     label = {"cachegate_config_reloads": "result", "cachegate_storage_errors": "operation",
              "cachegate_admin_refused": "reason", "cachegate_purge_refused": "reason",
-             "cachegate_slow_readers": "outcome", "cachegate_not_stored": "reason"}
+             "cachegate_slow_readers": "outcome", "cachegate_not_stored": "reason",
+             "cachegate_flights": "outcome", "cachegate_purges": "kind", "cachegate_response_bytes": "tier"}
     assert set(label) == set(KNOWN_LABELS)
     for family, values in KNOWN_LABELS.items():
         for value in values:
             assert m.get((family + "_total", ((label[family], value),))) == 0, (family, value)
     assert {"success", "failure", "read", "spool", "write", "host", "csrf", "forbidden", "cut_off",
-            "STORE-FAILED"} <= {v for values in KNOWN_LABELS.values() for v in values}
+            "STORE-FAILED", "broke_off", "invalidation", "upstream"} <= {
+        v for values in KNOWN_LABELS.values() for v in values}
     errors = {dict(labels)["upstream"]: [] for name, labels in m if name == "cachegate_upstream_errors_total"}
     assert len(errors) == 1 and next(iter(errors)).rstrip("/") == origin.url.rstrip("/"), errors
     for (name, labels), value in m.items():
@@ -230,6 +244,7 @@ def test_the_known_label_sets_cover_the_typed_ones() -> None:
     from typing import get_args
 
     from proxy.errors import UpstreamConnectError, UpstreamProtocolError
+    from proxy.flight import FlightOutcome
     from proxy.http_client import (
         UPSTREAM_ERROR_KINDS,
         UpstreamBodyError,
@@ -240,9 +255,17 @@ def test_the_known_label_sets_cover_the_typed_ones() -> None:
         error_kind,
     )
     from proxy.metrics import KNOWN_LABELS
+    from proxy.purge import PurgeSpec
     from proxy.web.admin_guard import RefusalReason
+    from proxy.web.frontend import TIERS
 
     assert set(get_args(RefusalReason)) <= set(KNOWN_LABELS["cachegate_admin_refused"])
+    # how a flight ends, what a purge is, where a body comes from: each value exported at 0
+    assert {o.label for o in get_args(FlightOutcome)} == set(KNOWN_LABELS["cachegate_flights"])
+    specs = (PurgeSpec(urls=("http://a/",)), PurgeSpec(keys=("k",)), PurgeSpec(prefixes=("http://a/",)),
+             PurgeSpec(tags=("t",)), PurgeSpec(all=True), PurgeSpec(keys=("k",), invalidation=True))
+    assert {k for spec in specs for k in spec.kinds} == set(KNOWN_LABELS["cachegate_purges"])
+    assert set(TIERS) == set(KNOWN_LABELS["cachegate_response_bytes"])
     errors = (UpstreamConnectError("x"), UpstreamConnectTimeout("x"), UpstreamReadTimeout("x"),
               UpstreamTotalTimeout("x"), UpstreamProtocolError("x"), UpstreamBodyError("x"))
     in_a_body = (UpstreamReadTimeout("x"), UpstreamTotalTimeout("x"), UpstreamBodyError("x"))
