@@ -361,9 +361,10 @@ class Rig:
         return ClientRequest(head, "192.0.2.1")
 
     def outcomes(self) -> dict[str, float]:
-        """How the engine's flights ended so far: ``cachegate_flights_total`` by outcome."""
+        """How the engine's flights ended so far: ``cachegate_flights_total`` by outcome (the
+        outcomes none ended with left out: every one is exported at 0 from start)."""
         return {s.labels["outcome"]: s.value for m in self.engine.metrics.flights.collect()
-                for s in m.samples if s.name.endswith("_total")}
+                for s in m.samples if s.name.endswith("_total") and s.value}
 
     def counted(self, metric: str, **labels: str) -> float:
         """A counter of the engine's metrics (``proxy.metrics.Metrics``), by its labels."""
