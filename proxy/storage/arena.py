@@ -340,8 +340,8 @@ class Arena:
     def find(self, key: str, fp: int | None = None) -> Record | None:
         """The live record of ``key``, copied (its body stays in place: ``body_at``), or None."""
         if fp is None:
-            fp = self.fingerprint(key)
-        bucket = self._bucket_at(fp)
+            fp = self._fps.get(key) or self.fingerprint(key)  # (``fingerprint``'s, one call fewer)
+        bucket = self._index_at + (fp % self.index_buckets) * _BUCKET.size  # (``_bucket_at``, inline)
         slots = _BUCKET.unpack_from(self.mm, bucket)
         if fp not in slots:  # (in C) a miss, most often: a fill looks its key up four times
             return None
@@ -439,16 +439,20 @@ class Arena:
         with its own merged in must not replace a record another process wrote in between (that
         one's variant would be lost, its body too when not on disk yet), and a promotion from
         disk (0) must not replace a fill written since it looked (newer, maybe not on disk yet)."""
-        parts = [body] if isinstance(body, (bytes, memoryview)) else body
-        body_len = sum(len(p) for p in parts)
+        parts = (body,) if isinstance(body, (bytes, memoryview)) else body
+        # Each length taken once, in C (a fill's put took eleven ``len`` calls and a generator's
+        # steps: ``scripts/bench-calls``).
+        lengths = [*map(len, parts)]
+        body_len = sum(lengths)
         kb = key.encode("utf-8", "surrogatepass")
-        size = _align(HEADER + len(kb) + len(meta) + body_len)
-        if size > self.capacity // 2 or len(kb) > 0xFFFF:
+        key_len, meta_len = len(kb), len(meta)
+        size = _align(HEADER + key_len + meta_len + body_len)
+        if size > self.capacity // 2 or key_len > 0xFFFF:
             return 0
         if fp is None:
             fp = self.fingerprint(key)
         crc = zlib.crc32(meta, zlib.crc32(kb))
-        with self.locked():
+        with self._locked:  # (``locked()``)
             if expect is not None:
                 found = self.find(key, fp)
                 if (0 if found is None else found.pos) != expect:
@@ -458,15 +462,15 @@ class Arena:
                 pos = self._reserve(size)
                 at = self._phys(pos)
                 mm = self.mm
-                _HEAD.pack_into(mm, at, 0, fp, size, len(meta), body_len, len(kb), flags, 0, crc, 0)
+                _HEAD.pack_into(mm, at, 0, fp, size, meta_len, body_len, key_len, flags, 0, crc, 0)
                 off = at + HEADER
-                mm[off:off + len(kb)] = kb
-                off += len(kb)
-                mm[off:off + len(meta)] = meta
-                off += len(meta)
-                for p in parts:
-                    mm[off:off + len(p)] = p
-                    off += len(p)
+                mm[off:off + key_len] = kb
+                off += key_len
+                mm[off:off + meta_len] = meta
+                off += meta_len
+                for p, n in zip(parts, lengths, strict=True):
+                    mm[off:off + n] = p
+                    off += n
                 _Q.pack_into(mm, at, pos)  # complete: readers may take it from now on
                 self._set(H_HEAD, pos + size)
                 self._link(key, fp, pos, size)
@@ -732,10 +736,10 @@ class Arena:
 
     def on_disk(self, key: str, fp: int | None = None) -> bool | None:
         """Whether the disk tier holds ``key``: True, False, or None (not known: ask the disk)."""
-        if not self.directory_ready:
+        if not self.dir_buckets or _Q.unpack_from(self.mm, H_READY)[0] != 1:  # (``directory_ready``)
             return None
         if fp is None:
-            fp = self.fingerprint(key)
+            fp = self._fps.get(key) or self.fingerprint(key)
         b = fp % self.dir_buckets
         if fp in _DIR_BUCKET.unpack_from(self.mm, self._dir_at + b * BUCKET_SLOTS * DIR_SLOT):
             return True
