@@ -95,6 +95,12 @@ _FPS = struct.Struct("<" + "Q32x" * SLOTS)  # the fingerprints of a bucket's slo
 assert _FPS.size == SLOTS * _SLOT.size
 EVENTS = ("granted", "waited", "busy", "pass", "stored", "error", "failed", "holder_gone")
 _HEAD = 8 * (len(EVENTS) + 2)  # the counters, the next token, the leases held
+# Where each of those is in the header, worked out once: a fill's lease (taken, released)
+# looked them up with len() and tuple.index() five times (``scripts/bench-calls``).
+_COUNTER_AT = {e: 8 * i for i, e in enumerate(EVENTS)}
+_TOKEN_AT = 8 * len(EVENTS)
+_HELD_AT = 8 * (len(EVENTS) + 1)
+_BUCKET_BYTES = SLOTS * _SLOT.size
 F_HEAD, F_SHAREABLE, F_PASS = 1, 2, 4
 
 Notify = Callable[[int, dict[str, Any]], None]  # (worker id, event) -> None, fire and forget
@@ -110,17 +116,15 @@ class LeaseTable:
     def __init__(self, arena: Arena, clock: Callable[[], float] = time.monotonic) -> None:
         self._arena = arena
         self._mm = arena.mm
+        self._locked = arena.lease_locked()  # the table's lock (one object for the arena's life)
         self._at, size = arena.lease_region
         self._buckets = (size - _HEAD) // (SLOTS * _SLOT.size)
         self._clock = clock
 
     # -- the slots ---------------------------------------------------------------------------
 
-    def _bucket(self, fp: int) -> int:
-        return self._at + _HEAD + (fp % self._buckets) * SLOTS * _SLOT.size
-
     def _find(self, fp: int) -> tuple[int, tuple[Any, ...]] | None:
-        at = self._bucket(fp)
+        at = self._at + _HEAD + (fp % self._buckets) * _BUCKET_BYTES  # the key's bucket
         fps = _FPS.unpack_from(self._mm, at)
         if fp not in fps:
             return None
@@ -128,7 +132,7 @@ class LeaseTable:
         return at, _SLOT.unpack_from(self._mm, at)
 
     def _free(self, fp: int) -> int | None:
-        at = self._bucket(fp)
+        at = self._at + _HEAD + (fp % self._buckets) * _BUCKET_BYTES
         fps = _FPS.unpack_from(self._mm, at)
         return at + fps.index(0) * _SLOT.size if 0 in fps else None
 
@@ -137,15 +141,16 @@ class LeaseTable:
         self._held(-1)
 
     def _held(self, delta: int) -> None:
-        at = self._at + 8 * (len(EVENTS) + 1)
-        _Q.pack_into(self._mm, at, max(0, int(_Q.unpack_from(self._mm, at)[0]) + delta))
+        at = self._at + _HELD_AT
+        held = int(_Q.unpack_from(self._mm, at)[0]) + delta
+        _Q.pack_into(self._mm, at, held if held > 0 else 0)
 
     def _count(self, event: str) -> None:
-        at = self._at + 8 * EVENTS.index(event)
+        at = self._at + _COUNTER_AT[event]
         _Q.pack_into(self._mm, at, _Q.unpack_from(self._mm, at)[0] + 1)
 
     def _next_token(self) -> int:
-        at = self._at + 8 * len(EVENTS)
+        at = self._at + _TOKEN_AT
         token = int(_Q.unpack_from(self._mm, at)[0]) + 1
         _Q.pack_into(self._mm, at, token)
         return token
@@ -164,7 +169,7 @@ class LeaseTable:
         response is not shareable); None when the table has no room (fetch without a lease)."""
         fp = self._arena.fingerprint(key)
         told: Told = []
-        with self._arena.lease_locked():
+        with self._locked:
             now = self._clock()
             found = self._find(fp)
             if found is not None:
@@ -198,7 +203,7 @@ class LeaseTable:
     def head(self, key: str, token: int, shareable: bool, pass_: bool) -> Told:
         """The holder has its response head: a not shareable one sends the waiters upstream now."""
         fp = self._arena.fingerprint(key)
-        with self._arena.lease_locked():
+        with self._locked:
             found = self._find(fp)
             if found is None or found[1][1] != token:
                 return []
@@ -216,12 +221,12 @@ class LeaseTable:
         """The holder's fetch is over: the lease ends, and its waiters hear how it went (an error:
         its status, message and Cache-Status ``detail``)."""
         fp = self._arena.fingerprint(key)
-        with self._arena.lease_locked():
+        with self._locked:
             found = self._find(fp)
             if found is None or found[1][1] != token:
                 return []
             at, (_, _, _, waiters, _, _) = found
-            self._count(outcome if outcome in EVENTS else "failed")
+            self._count(outcome if outcome in _COUNTER_AT else "failed")
             self._clear(at)
         event = {"key": key, "token": token, "outcome": outcome, "status": status, "message": message}
         if detail:
@@ -234,7 +239,7 @@ class LeaseTable:
         so (as that word would have); ``"ended"`` once it is released or cleared (how the fetch
         went is not kept: ask again), or older than ``LEASE_MAX_AGE`` (asking again takes it over)."""
         fp = self._arena.fingerprint(key)
-        with self._arena.lease_locked():
+        with self._locked:
             found = self._find(fp)
             if found is None or found[1][1] != token:
                 return "ended"
@@ -250,7 +255,7 @@ class LeaseTable:
         object) and its response is not known to be unshareable: a look, nothing taken (a range
         miss deciding whether to wait for that fetch: ``decide_range_fetch``)."""
         fp = self._arena.fingerprint(key)
-        with self._arena.lease_locked():
+        with self._locked:
             found = self._find(fp)
             if found is None:
                 return False
@@ -264,7 +269,7 @@ class LeaseTable:
         waits for nothing any more."""
         told: Told = []
         mm = self._mm
-        with self._arena.lease_locked():
+        with self._locked:
             for b in range(self._buckets):
                 base = self._at + _HEAD + b * SLOTS * _SLOT.size
                 for i in range(SLOTS):
@@ -283,7 +288,7 @@ class LeaseTable:
 
     @property
     def held(self) -> int:
-        return int(_Q.unpack_from(self._mm, self._at + 8 * (len(EVENTS) + 1))[0])
+        return int(_Q.unpack_from(self._mm, self._at + _HELD_AT)[0])
 
     def counts(self) -> dict[str, int]:
         return {e: int(_Q.unpack_from(self._mm, self._at + 8 * i)[0]) for i, e in enumerate(EVENTS)}
