@@ -191,11 +191,12 @@ def compute_freshness(
     # is the lifetime: for a status the ttl does not name, the origin's freshness and its
     # directives decide, as without the rule (§5.2.2.4, §4.2.4).
     overridden = options.override_origin and source == "rule"
+    directives = cc.directives  # asked directly: ``name in cc`` is a Python-level call each time
     must_revalidate = (
-        "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc
+        "must-revalidate" in directives or "proxy-revalidate" in directives or "s-maxage" in directives
     ) and not overridden
-    swr = cc.delta("stale-while-revalidate")
-    sie = cc.delta("stale-if-error")
+    swr = cc.delta("stale-while-revalidate") if "stale-while-revalidate" in directives else None
+    sie = cc.delta("stale-if-error") if "stale-if-error" in directives else None
     has_freshness = source != "none"
     default_swr = options.stale_while_revalidate if has_freshness else 0.0
     default_sie = options.stale_if_error if has_freshness else 0.0
@@ -206,8 +207,8 @@ def compute_freshness(
         response_time=response_time,
         must_revalidate=must_revalidate,
         # no-cache="field" is treated as strictly as plain no-cache: revalidate every use.
-        no_cache="no-cache" in cc and not overridden,
+        no_cache="no-cache" in directives and not overridden,
         stale_while_revalidate=float(swr) if swr is not None else default_swr,
         stale_if_error=float(sie) if sie is not None else default_sie,
-        immutable="immutable" in cc,
+        immutable="immutable" in directives,
     )
