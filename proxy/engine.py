@@ -39,7 +39,7 @@ from proxy.flight import Attempt, HeldFill, MissPath
 from proxy.http_client import InterimHook
 from proxy.leases import LeaseClient, LeaseTable
 from proxy.logs import note_key, note_upstream
-from proxy.metrics import Metrics
+from proxy.metrics import CounterChild, HistogramChild, Metrics
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fill import (
     Exchange,
@@ -196,6 +196,9 @@ class Engine:
         self._random = random.Random()
         self.write_failures = WriteFailures(lambda op: metrics.storage_errors.labels(op).inc())
         self._forgetting: set[asyncio.Future[None]] = set()  # see body_file_cut_short
+        # ``send``'s metric children by (upstream, status class), looked up once each: two
+        # ``labels()`` and an ``inc()`` were five Python-level calls on every upstream request.
+        self._upstream_children: dict[tuple[str, int], tuple[HistogramChild, CounterChild]] = {}
         # In a worker of several: cross-worker leases (join_cluster). None: this process alone.
         self.leases: LeaseClient | None = None
         # Cluster mode with shared_cache: the shared tier behind this node's own (proxy.cluster).
@@ -762,9 +765,15 @@ class Engine:
                                     on_interim)
         name = resp.upstream.name
         took = time.monotonic() - started
-        self.metrics.upstream_latency.labels(name).observe(took)
+        klass = resp.status // 100
+        children = self._upstream_children.get((name, klass))
+        if children is None:
+            metrics = self.metrics
+            children = self._upstream_children[(name, klass)] = (
+                metrics.upstream_latency.labels(name), metrics.upstream_requests.labels(name, f"{klass}xx"))
+        children[0].observe(took)
         note_upstream(name, took)
-        self.metrics.upstream_requests.labels(name, f"{resp.status // 100}xx").inc()
+        children[1].value += 1
         return resp
 
     def upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str | None = None
