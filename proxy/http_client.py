@@ -1053,20 +1053,20 @@ def request_head(method: str, target: str, headers: Sequence[tuple[str, str]], d
     and set for the body really sent, except that a streamed body keeps its Content-Length
     (sent exactly, or the exchange fails); no body means no framing fields (or
     ``Content-Length: 0`` for POST, PUT, PATCH). A CR or LF anywhere is refused."""
-    lines = [f"{method} {target} HTTP/1.1"]
-    has_host = False
+    # Two comprehensions, not a loop of appends: one Python-level call per field fewer on every
+    # request sent upstream (``scripts/bench-calls``); the fields' order is kept.
+    names = [k.lower() for k, _ in headers]
     length: str | None = None
-    for k, v in headers:
-        lk = k.lower()
-        if lk in _FRAMING:
+    if "content-length" in names or "transfer-encoding" in names:  # (a client's framing: rare)
+        for (_, v), lk in zip(headers, names, strict=True):
             if lk == "content-length":
                 length = v
-            continue
-        if lk == "host":
-            has_host = True
-        lines.append(f"{k}: {v}")
-    if not has_host:
-        lines.insert(1, f"Host: {default_host}")
+        fields = [f"{k}: {v}" for (k, v), lk in zip(headers, names, strict=True) if lk not in _FRAMING]
+    else:
+        fields = [f"{k}: {v}" for k, v in headers]
+    lines = [f"{method} {target} HTTP/1.1"] if "host" in names \
+        else [f"{method} {target} HTTP/1.1", f"Host: {default_host}"]
+    lines += fields
     chunked = False
     expected: int | None = None
     if isinstance(body, bytes):
