@@ -104,6 +104,10 @@ from proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
 
+# A relayed response's fields this proxy writes itself (its Via member appended to the origin's,
+# the framing and Server of its own server), left out with the hop-by-hop ones (``end_to_end``).
+_RELAY_OWN = frozenset({"via", "content-length", "server"})
+
 T = TypeVar("T")
 
 # What a stop gives the lease words still being sent once its grace period is over (within the
@@ -736,9 +740,8 @@ class Engine:
                                 preconditions=preconditions)
 
     def response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
-        out = list(end_to_end(headers))
+        out = list(end_to_end(headers, _RELAY_OWN))
         via = headers.get("Via")
-        out = [(k, v) for k, v in out if k.lower() not in ("via", "content-length", "server")]
         out.append(("Via", f"{via}, {self._via}" if via else self._via))
         return out
 

@@ -34,12 +34,22 @@ OWN_RESPONSE_FIELDS = frozenset({"x-cache-status"})
 _RESPONSE_DROPS = HOP_BY_HOP | OWN_RESPONSE_FIELDS
 
 
-def end_to_end(headers: Headers) -> HeaderList:
+def end_to_end(headers: Headers, also: frozenset[str] = frozenset()) -> HeaderList:
     """A response's header list without hop-by-hop fields and this cache's own
     (``OWN_RESPONSE_FIELDS``), order kept: what is relayed and stored. (A list comprehension,
-    not a generator: one call instead of one per field, on every response forwarded or stored.)"""
+    not a generator: one call instead of one per field, on every response forwarded or stored.)
+    ``also``: more lower-cased names to leave out, in the same pass (a relay's own fields:
+    filtered afterwards, each name was lowered a second time).
+
+    >>> from multidict import CIMultiDict
+    >>> h = CIMultiDict([("Connection", "x-a"), ("X-A", "1"), ("Server", "o"), ("ETag", "e")])
+    >>> end_to_end(h), end_to_end(h, frozenset({"server"}))
+    ((('Server', 'o'), ('ETag', 'e')), (('ETag', 'e'),))
+    """
     listed = connection_tokens(headers)
-    drop = _RESPONSE_DROPS | listed if listed else _RESPONSE_DROPS
+    drop = _RESPONSE_DROPS | also if also else _RESPONSE_DROPS
+    if listed:
+        drop = drop | listed
     fields = [(k, v) for k, v in headers.items() if k.lower() not in drop]
     if "Cache-Status" in headers:  # (a CIMultiDict: any spelling; rare: a cache before this one)
         return _their_cache_status(fields)
