@@ -240,7 +240,7 @@ def _check_stores_something(s: Settings, problems: Problems, root: Src) -> None:
     refuses a zone of size 0; one meant to is written as a rule (``bypass: true``)."""
     c = s.cache
     disk = (c.disk.size, c.disk.shards) if c.disk is not None else None
-    if storable_limit(c.max_object, disk, c.memory_max_object, c.memory) > 0:
+    if storable_limit(c.max_object, disk, c.memory_max_object, c.memory, s.workers) > 0:
         return
     no_disk = "with no disk tier (cache.disk: null)"
     at: tuple[str, ...]
@@ -270,13 +270,14 @@ def _written(root: Src, *path: str) -> bool:
 
 def _check_max_object(s: Settings, problems: Problems, root: Src) -> None:
     """``cache.max_object`` over what the store can keep (half a disk shard; without a disk
-    tier, memory_max_object or half of cache.memory): bigger responses are passed through. A
+    tier, memory_max_object or what a record of the shared memory holds): bigger responses are
+    passed through. A
     warning at the line of the size that limits it; the start used to log it, once a process,
     without FILE:LINE, and ``check --strict`` missed it. Memory-only with max_object left at
     its default says nothing: there memory_max_object is the limit, as documented."""
     c = s.cache
     disk = (c.disk.size, c.disk.shards) if c.disk is not None else None
-    limit = storable_limit(c.max_object, disk, c.memory_max_object, c.memory)
+    limit = storable_limit(c.max_object, disk, c.memory_max_object, c.memory, s.workers)
     if not 0 < limit < c.max_object or (c.disk is None and not _written(root, "cache", "max_object")):
         return
     if c.disk is not None:
@@ -286,8 +287,9 @@ def _check_max_object(s: Settings, problems: Problems, root: Src) -> None:
         fix = "lower cache.max_object, or give cache.disk.size more room (or fewer shards)"
     else:
         at = ("cache", "max_object")
-        why = "without a disk tier: cache.memory_max_object, and half of cache.memory"
-        fix = "lower cache.max_object, or give cache.memory_max_object more room"
+        why = ("without a disk tier: cache.memory_max_object, half of cache.memory, and what one "
+               "record of the shared memory holds")
+        fix = "lower cache.max_object, or give cache.memory_max_object (or cache.memory) more room"
     problems.warn(_line(root, *at), f"cache.max_object {human_size(c.max_object)} is more than the store can "
                                     f"keep ({why}): responses over {human_size(limit)} ({limit} bytes) "
                                     f"are passed through unstored; {fix}")
@@ -347,11 +349,13 @@ def _fmt_hostport(hp: HostPort) -> str:
 
 
 def base_cache_options(s: Settings) -> CacheOptions:
-    # What the store can really keep (half a disk shard at most), so that a response over it
+    # What the store can really keep (half a disk shard at most; memory-only, what a record of
+    # the shared memory holds for the configured workers), so that a response over it
     # is refused up front with Cache-Status detail=TOO-LARGE, not after streaming.
     c = s.cache
     disk = (c.disk.size, c.disk.shards) if c.disk is not None else None
-    return CacheOptions(max_object=storable_limit(c.max_object, disk, c.memory_max_object, c.memory))
+    return CacheOptions(max_object=storable_limit(c.max_object, disk, c.memory_max_object, c.memory,
+                                                  s.workers))
 
 
 def load_config(path: str | None, overrides: Overrides | None = None, *,

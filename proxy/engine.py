@@ -138,6 +138,9 @@ class Store(Protocol):
     def memory(self) -> MemoryLimits: ...
     @property
     def epoch(self) -> int: ...
+    @property
+    def memory_only(self) -> bool: ...
+    def room(self, entry: Entry) -> int: ...
     def serve_from(self, key: str, slot: Slot, cached: Cached, max_file: int | None
                    ) -> tuple[bool, SharedFile | None]: ...
     def absent(self, key: str) -> bool: ...
@@ -847,9 +850,16 @@ class Engine:
         """May this response to ``attempt`` be stored, as what (``decide_fill``, under the rules'
         plan for its status and type)?"""
         store_plan = attempt.plan.for_response(resp.status, resp.headers.get("Content-Type"))
-        return self._filled(attempt.key, store_plan, Exchange(attempt.req.head, resp.status, resp.reason,
-                                                              resp.headers, request_time, response_time,
-                                                              resp.close_delimited_tls))
+        detail, entry = self._filled(attempt.key, store_plan, Exchange(
+            attempt.req.head, resp.status, resp.reason, resp.headers, request_time, response_time,
+            resp.close_delimited_tls))
+        length = resp.content_length
+        if entry is not None and length is not None and length > self.storage.room(entry):
+            # Past what the store can keep of this entry (without a disk tier, a record of the
+            # shared memory with its key and metadata: less than ``max_object`` says): refused up
+            # front, as the rules' max_object is (``decide_store``), not said stored and dropped.
+            return "TOO-LARGE", None
+        return detail, entry
 
     def _filled(self, key: str, store_plan: StorePlan, exchange: Exchange, *, part: bool = False
                 ) -> tuple[str, Entry | None]:

@@ -537,7 +537,7 @@ class MissPath:
                 # They answer from the store, saying what the origin answered: its 304 (their
                 # Cache-Status ``fwd-status``, as this worker's own followers': ``_answer_from_store``).
                 leases.release(key, lease, "stored", 304)
-            case Filled(on_disk=True) | Adopted() | StoredElsewhere():
+            case Filled(on_disk=True) | Adopted(on_disk=True) | StoredElsewhere():
                 leases.release(key, lease, "stored")  # they answer from the store
             case Stopped(error=error):
                 # Cut off by a stop's deadline: "failed" had each waiter of the other stopping
@@ -547,8 +547,8 @@ class MissPath:
                 # tells them it is the stop's: ``_leased``).
                 leases.release(key, lease, "error", error.status_hint, "the worker fetching it was stopping",
                                upstream_detail(error))
-            case Filled() | Passed() | Abandoned() | Skipped() | Aborted():
-                leases.release(key, lease, "failed")  # they fetch for themselves
+            case Filled() | Adopted() | Passed() | Abandoned() | Skipped() | Aborted():
+                leases.release(key, lease, "failed")  # they fetch for themselves (nothing stored)
             case _:
                 assert_never(outcome)
 
@@ -893,7 +893,14 @@ class MissPath:
             return
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.
-        storage.put_memory(final, spool)
+        if not storage.put_memory(final, spool) and spool.refused and storage.memory_only:
+            # Refused by the shared memory, and nothing else keeps it: not stored, as Cache-Status
+            # and the count say of a response refused up front (the workers waiting on the lease
+            # fetch for themselves). Said stored, it was a miss again at the next request.
+            spool.discard()
+            engine.metrics.not_stored_because(spool.refused, url_of_key(key))
+            self._end(run, Passed(spool.refused))
+            return
         if run.on_filled is not None:
             run.on_filled(final, spool.body_bytes())
         self.coalescer.retire(flight)

@@ -35,11 +35,11 @@ from proxy.logs import AccessLog, RepeatedFailure, RequestIds, setup_logging, wo
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import PurgeOutcome, Purger, PurgeSpec, PurgeUnavailable
 from proxy.room import MemoryUnavailable
-from proxy.settings import storable_limit
+from proxy.settings import arena_capacity, storable_limit
 from proxy.storage.arena import Arena
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
 from proxy.storage.index import UrlTagIndex
-from proxy.storage.memory import MemoryTier, arena_capacity
+from proxy.storage.memory import MemoryTier
 from proxy.storage.persist import PERSIST_INTERVAL
 from proxy.storage.spool import SPOOLS, empty_dead_spools
 from proxy.storage.tiered import Storage
@@ -140,7 +140,7 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
             disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                             empty=True)
     limit = storable_limit(c.max_object, (c.disk.size, c.disk.shards) if c.disk is not None else None,
-                           c.memory_max_object, c.memory)
+                           c.memory_max_object, c.memory, arena.processes)
     return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit)
 
 

@@ -98,13 +98,40 @@ def shard_budget_beside(size: int, shards: int, index_bytes: int) -> int:
     return max(usual - over // shards, usual // 8, 1)
 
 
+def decoded_budget(budget: int) -> int:
+    """Each process's cache of decoded entries: 1/32 of the memory budget, 16 KiB to 32 MB
+    (and at most a quarter of a tiny budget)."""
+    return min(max(budget // 32, 16 * 1024), 32 << 20, budget // 4)
+
+
+def arena_capacity(budget: int, processes: int = 1) -> int:
+    """The part of a memory budget the shared memory's ring gets: what is left once each
+    process's decoded cache (``decoded_budget``) and the arena's index have theirs."""
+    ring = budget - processes * decoded_budget(budget)
+    return max(ring - ring // 32, 8 * 1024)  # the index: 16 bytes per 512 of ring
+
+
+RECORD_HEADER = 40  # an arena record's header (``proxy.storage.arena.HEADER``; a test keeps them equal)
+
+
+def ring_body_limit(capacity: int) -> int:
+    """The most body bytes one record of a ring of ``capacity`` bytes holds: a record takes at
+    most half the ring (rounded to 8 bytes, as the arena does), less its header; the record's
+    key and metadata come off this too (``proxy.storage.writes.Writer.room``)."""
+    return max((((capacity + 7) & ~7) // 2 & ~7) - RECORD_HEADER, 0)
+
+
 def storable_limit(max_object: int, disk: tuple[int, int] | None, memory_max_object: int,
-                   memory: int) -> int:
+                   memory: int, processes: int = 1) -> int:
     """The biggest body the store can keep: ``max_object``, but at most half a disk shard
-    (``disk`` = (size, shards)), or without a disk tier what the memory tier takes."""
+    (``disk`` = (size, shards)), or without a disk tier what the memory tier takes: at most
+    ``memory_max_object``, and at most what one record of the shared memory's ring holds (the
+    ring of ``memory`` shared by ``processes`` serving processes: ``ring_body_limit``). Why the
+    ring's own figure: half of ``cache.memory`` let responses in that the ring then refused, a
+    MISS said ``stored`` and the next request missed again."""
     if disk is not None:
         return min(max_object, shard_budget(*disk) // 2)
-    return min(max_object, memory_max_object, memory // 2)
+    return min(max_object, memory_max_object, memory // 2, ring_body_limit(arena_capacity(memory, processes)))
 
 
 # -- upstreams -----------------------------------------------------------------------------
@@ -309,7 +336,9 @@ class CacheSettings:
 
     memory: int = setting(256 * MB, "the memory tier's byte budget (the whole machine: workers share it)",
                           byte_size())
-    memory_max_object: int = setting(1 * MB, "bigger bodies stay on disk only", byte_size())
+    memory_max_object: int = setting(1 * MB, "bigger bodies stay on disk only (and none bigger than one "
+                                     "record of the shared memory holds: a little under half its ring)",
+                                     byte_size())
     memory_policy: MemoryPolicy = setting("lru", "what the memory tier drops first")
     max_object: int = setting(100 * MB, "bigger responses are streamed through, not stored", byte_size())
     # (0 made every request of a herd fetch for itself: the herd coalescing exists to stop.)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.policy.keys import url_of_key
-from proxy.settings import MemoryPolicy
+from proxy.settings import MemoryPolicy, arena_capacity, decoded_budget, ring_body_limit
 from proxy.storage.arena import CHANGED, F_PERSISTED, Arena
 from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
 
@@ -154,6 +154,19 @@ def memory_only_bodies(capacity: int, max_object: int) -> int:
     return min(max(UNWRITTEN_ROOM * max_object, capacity // MEMORY_ONLY_SHARE), capacity // 4)
 
 
+def _without_oldest(written: list[Cached], metas: list[tuple[Entry, int, int]], parts: list[builtins.bytes]
+                    ) -> tuple[list[Cached], list[tuple[Entry, int, int]], list[builtins.bytes]]:
+    """A record's variants less the oldest one's body when the disk has it (its metadata
+    stays), else less the oldest variant (never the newest, the last: ``merge_variant``)."""
+    at = 0  # where the variant's body is in ``parts``
+    for i, (entry, body_len, state) in enumerate(metas[:-1]):
+        if body_len >= 0 and state != ALL_TO_WRITE:
+            return (written, [*metas[:i], (entry, -1, state), *metas[i + 1:]], [*parts[:at], *parts[at + 1:]])
+        at += body_len >= 0
+    _, body_len, _ = metas[0]
+    return written[1:], metas[1:], parts[1:] if body_len >= 0 else parts
+
+
 def cost(variants: tuple[Cached, ...]) -> int:
     """What a key's decoded variants cost a process (bodies excepted: they are the arena's,
     unless a variant holds its own bytes)."""
@@ -188,19 +201,6 @@ class Slot:
         self.marked = 0  # the record last marked read (the arena's second chance)
 
 
-def arena_capacity(budget: int, processes: int = 1) -> int:
-    """The part of a memory budget the arena's ring gets: what is left once each process's
-    decoded cache (``decoded_budget``) and the arena's index have theirs."""
-    ring = budget - processes * decoded_budget(budget)
-    return max(ring - ring // 32, 8 * 1024)  # the index: 16 bytes per 512 of ring
-
-
-def decoded_budget(budget: int) -> int:
-    """Each process's cache of decoded entries: 1/32 of the memory budget, 16 KiB to 32 MB
-    (and at most a quarter of a tiny budget)."""
-    return min(max(budget // 32, 16 * 1024), 32 << 20, budget // 4)
-
-
 class MemoryTier:
     def __init__(self, budget: int, max_object: int, policy: MemoryPolicy = "lru", *,
                  arena: Arena | None = None, decoded: int | None = None, owns_arena: bool = False,
@@ -213,7 +213,9 @@ class MemoryTier:
         self.arena = arena if arena is not None else Arena.create(arena_capacity(budget))
         self._own_arena = arena is None or owns_arena
         self.budget = self.arena.capacity
-        self.max_object = max_object
+        # ``memory_max_object``, but no more than one record of the ring holds (``ring_body_limit``):
+        # a bigger body was spooled in RAM, then refused by the ring at the put.
+        self.max_object = min(max_object, ring_body_limit(self.arena.capacity))
         # What a key's record may hold of bodies not on disk yet (``bodies_within``); without a
         # disk tier (nothing is written behind) ``Storage`` sets ``memory_only_bodies``.
         self.unwritten_limit = UNWRITTEN_ROOM * max_object
@@ -443,6 +445,14 @@ class MemoryTier:
         if not written:  # (each was a view of a record gone meanwhile, its variant with it)
             return False
         meta = encode_record(metas)
+        # Each variant fits the ring alone (``proxy.storage.writes.Writer.room``), but all of them
+        # together may be more than a record holds (``ring_body_limit``): the oldest give way, a
+        # body the disk has first (its metadata stays), else the whole variant (a miss). Why: the
+        # record was refused whole, the new variant with it, after its MISS said ``stored``.
+        room = ring_body_limit(self.arena.capacity) - len(key.encode("utf-8", "surrogatepass"))
+        while len(written) > 1 and len(meta) + sum(len(p) for p in parts) > room:
+            written, metas, parts = _without_oldest(written, metas, parts)
+            meta = encode_record(metas)
         persisted = all(state == ON_DISK for _, _, state in metas)
         pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, expect=expect)
         if pos == CHANGED:  # (``expect``) another process's record of the key stands
@@ -541,5 +551,5 @@ class MemoryTier:
         return [r.key for r in self.arena.scan() if r.key.startswith(prefix)]
 
 
-__all__ = ["ALL_TO_WRITE", "PUT_TRIES", "Cached", "Heads", "MemoryPolicy", "MemoryTier", "Slot", "cost",
-           "record_of"]
+__all__ = ["ALL_TO_WRITE", "PUT_TRIES", "Cached", "Heads", "MemoryPolicy", "MemoryTier", "Slot",
+           "arena_capacity", "cost", "decoded_budget", "record_of"]

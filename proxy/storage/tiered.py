@@ -62,9 +62,9 @@ class Storage:
         which the rules refuse bigger responses by)."""
         self.configured_max_object = max_object
         # What can be stored at all: a body bigger than half a disk shard would be culled at
-        # once (or flush the shard); memory-only, it must be small enough for the memory tier.
-        storable = min(max_object, disk.max_body if disk is not None
-                       else min(memory.max_object, memory.budget // 2))
+        # once (or flush the shard); memory-only, it must be small enough for the memory tier
+        # (its ``max_object`` is within what one record of the ring holds).
+        storable = min(max_object, disk.max_body if disk is not None else memory.max_object)
         if configured_limit is not None:
             storable = min(storable, configured_limit)
         # Over max_object: a config warning at FILE:LINE (proxy.config), not logged here by
@@ -114,6 +114,11 @@ class Storage:
         return self.tiers.work
 
     @property
+    def memory_only(self) -> bool:
+        """No disk tier: what the shared memory refuses is not stored at all."""
+        return self.tiers.disk is None
+
+    @property
     def epoch(self) -> int:
         return self.tiers.work.epoch
 
@@ -125,6 +130,11 @@ class Storage:
     @max_object.setter
     def max_object(self, value: int) -> None:
         self.writes.max_object = value
+
+    def room(self, entry: Entry) -> int:
+        """The biggest body ``entry`` can be stored with (``Writer.room``): what the engine
+        refuses a response by up front, when its Content-Length says it is bigger."""
+        return self.writes.room(entry)
 
     @property
     def body_files(self) -> OpenBodies:

@@ -16,8 +16,9 @@ import zlib
 from collections.abc import Sequence
 from typing import IO
 
+from proxy.settings import ring_body_limit
 from proxy.storage.disk import INLINE_LIMIT, new_body_id, with_checksum
-from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry
+from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry, encode_record
 from proxy.storage.memory import PUT_TRIES, Cached, record_of
 from proxy.storage.persist import adding, committed_tags, merge_variant, updating
 from proxy.storage.spool import SpoolDir
@@ -50,19 +51,23 @@ class BodySpool:
         self.size = 0
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
-        self.too_large = expected_length is not None and expected_length > writer.max_object
+        # The biggest body it may be stored with (``Writer.room``: without a disk tier, what a
+        # record of the shared memory holds beside its key and metadata).
+        self.limit = writer.room(entry)
+        self.too_large = expected_length is not None and expected_length > self.limit
         self.body_id = new_body_id()
         self.in_memory = False  # its body went into the shared memory (the disk gets it behind)
         self.reserved = 0  # bytes of the process's spool room this spool holds (``Writer.spooled``)
         self.no_room = False  # given up: the process's spools hold their share of the disk
         self._crc = 0  # zlib.crc32 of what went into the file (``_write_file``)
+        self.refused = ""  # why the shared memory did not take it (``Writer.put_memory``): TOO-LARGE
 
     async def write(self, chunk: bytes) -> bool:
         if self.too_large:
             return False
         self.size += len(chunk)
         writer = self._writer
-        if self.size > writer.max_object:
+        if self.size > self.limit:
             self.too_large = True
             self.discard()
             return False
@@ -153,6 +158,20 @@ class Writer:
         self.spool_room = disk.size_limit // SPOOL_SHARE // processes if disk is not None else 0
         self.spooled = 0  # bytes the process's spools hold or expect (``BodySpool.reserved``)
 
+    def room(self, entry: Entry) -> int:
+        """The biggest body ``entry`` can be stored with: ``max_object``; without a disk tier,
+        no more than one record of the shared memory's ring holds beside the entry's key and
+        metadata (``ring_body_limit``). Why: a body in between was refused by the ring at the
+        put, after its MISS had said ``stored``, and the next request missed again. (Its
+        metadata is measured with the longest body id and the largest size it may carry: a
+        few bytes more, never less.)"""
+        if self.t.disk is not None:
+            return self.max_object
+        probe = entry.with_body(with_checksum(new_body_id(), 0), self.max_object)
+        meta = encode_record([(probe, self.max_object, ALL_TO_WRITE)])
+        key = len(entry.key.encode("utf-8", "surrogatepass"))
+        return max(0, min(self.max_object, ring_body_limit(self.t.memory.arena.capacity) - key - len(meta)))
+
     def reserve(self, spool: BodySpool, total: int) -> bool:
         """Let ``spool`` hold ``total`` bytes of spool room: yes within the room, or when it is
         the process's only spool (then it may grow to ``max_object``)."""
@@ -197,10 +216,13 @@ class Writer:
         body = spool.body_bytes()
         if body is None or entry.body_size > memory.max_object or spool.doomed:
             return False
-        spool.in_memory = self._put_variant(Cached(entry, body, state=ALL_TO_WRITE))
+        done = self._put_variant(Cached(entry, body, state=ALL_TO_WRITE))
+        spool.in_memory = done is True
+        if done is False:
+            spool.refused = "TOO-LARGE"
         return spool.in_memory
 
-    def _put_variant(self, new: Cached) -> bool:
+    def _put_variant(self, new: Cached) -> bool | None:
         """Put ``new`` in the shared memory beside the key's other variants there (replacing the
         one with its Vary values); a key memory did not hold goes through this process's
         doorkeeper (``MemoryTier.put``'s ``admit``).
@@ -209,7 +231,8 @@ class Writer:
         (``expect``), else read and merged again. Why: two workers filling two variants of a key
         at the same moment read the same record, and the second write dropped the first one's
         variant, with its body when write-behind had not committed it yet: a fill answered as
-        stored, lost. False after ``PUT_TRIES`` (``put_disk`` then commits a body itself)."""
+        stored, lost. False when the record can never fit the ring; None after ``PUT_TRIES``
+        (``put_disk`` then commits a body itself)."""
         memory = self.t.memory
         entry = new.entry
         for _ in range(PUT_TRIES):
@@ -221,7 +244,7 @@ class Writer:
                 admit=not current, expect=record_of(current))
             if done is not None:
                 return done
-        return False
+        return None
 
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
         """The disk tier's part of a finalized entry: nothing now for a body the shared memory
@@ -232,7 +255,9 @@ class Writer:
             spool.discard()
             return False
         if t.disk is None or spool.in_memory:
-            ok = spool.in_memory or (t.disk is None and spool.body_bytes() is not None)
+            # Without a disk tier, stored only when the shared memory took it (a body it
+            # refused is nowhere: said stored, the next request missed).
+            ok = spool.in_memory
             spool.discard()
             return ok
         token = t.work.begin_write(entry)

@@ -149,8 +149,9 @@ def test_the_config_warns_of_the_limit_it_sets(tmp_path: Path) -> None:
     settings = load_config(str(path))
     assert settings.warnings == (
         f"{path}:2: warning: cache.max_object 1 MB is more than the store can keep (without a disk tier: "
-        "cache.memory_max_object, and half of cache.memory): responses over 512 B (512 bytes) are passed "
-        "through unstored; lower cache.max_object, or give cache.memory_max_object more room",)
+        "cache.memory_max_object, half of cache.memory, and what one record of the shared memory holds): "
+        "responses over 512 B (512 bytes) are passed through unstored; lower cache.max_object, or give "
+        "cache.memory_max_object (or cache.memory) more room",)
     storage = open_storage(settings)
     try:
         assert storage.writes.max_object == 512 == base_cache_options(settings).max_object

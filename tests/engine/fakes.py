@@ -49,6 +49,7 @@ class FakeSpool:
         self.size = 0
         self.too_large = expected_length is not None and expected_length > store.max_object
         self.discarded = False
+        self.refused = ""
 
     async def write(self, chunk: bytes) -> bool:
         if self.store.full:
@@ -89,6 +90,7 @@ class FakeStore:
         self.memory = MemoryLimits()
         self.max_object = max_object
         self.epoch = 0
+        self.memory_only = False
         self.full = False
         self.puts: list[Entry] = []  # every entry stored, in order
         self.updates: list[Entry] = []
@@ -129,6 +131,9 @@ class FakeStore:
         return []
 
     # writing
+    def room(self, entry: Entry) -> int:
+        return self.max_object
+
     def spool(self, entry: Entry, expected_length: int | None, since: int | None = None) -> FakeSpool:
         return FakeSpool(self, entry, expected_length)
 

@@ -188,6 +188,33 @@ async def test_a_granted_lease_finding_the_key_stored_meanwhile_is_released_as_s
         await r.engine.close()
 
 
+async def test_a_fill_the_shared_memory_refuses_at_the_put_without_a_disk_tier_ends_not_stored(
+        tmp_path: Path) -> None:
+    """Memory only, a body the ring refuses only at the put (its size not known up front) is
+    stored nowhere: the flight ends passed (TOO-LARGE, counted), and the workers waiting on its
+    lease fetch for themselves. It ended "filled" and told them "stored": they found nothing."""
+    rig = make_rig(tmp_path)
+    store = rig.store
+    store.memory_only = True
+
+    def refused(entry: object, spool: FakeSpool) -> bool:
+        spool.refused = "TOO-LARGE"
+        return False
+
+    store.put_memory = refused  # type: ignore[method-assign]
+    leases = FakeLeases(Granted(5))
+    rig.engine.leases = leases
+    rig.origin.route("/a", answer(body=b"x" * 1000, headers=CACHEABLE))
+    reply = await rig.get("/a")
+    assert await read(reply) == b"x" * 1000
+    await rig.settled(passed=1)
+    assert leases.released == [(key_of(rig, "/a"), 5, "failed")]
+    assert rig.engine.metrics.registry.get_sample_value(
+        "cachegate_not_stored_total", {"reason": "TOO-LARGE"}) == 1
+    assert store.variants == {}
+    await rig.engine.close()
+
+
 @pytest.mark.parametrize(("script", "outcome", "released"), [
     (answer(error=upstream_error()), "unreachable", "error"),
     (answer(body=b"yours", headers={"Cache-Control": "private"}), "passed", "failed"),
