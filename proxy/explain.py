@@ -69,7 +69,8 @@ WHY_NOT = {
                     "Cookie;x=1 or Coo kie): no request can be matched on it, as for Vary: *",
     "VARY-PER-CLIENT": "the response varies on X-Forwarded-For or X-Request-Id, which cachegate sets "
                        "per client",
-    "TOO-LARGE": "the response is larger than cache.max_object",
+    "TOO-LARGE": "the response is larger than the store keeps (cache.max_object, half a disk shard, or "
+                 "without a disk tier what one record of the shared memory holds)",
     # (with ":<name>", the Vary member the request also carried spelled otherwise)
     "AMBIGUOUS-HEADER": "the response varies on a field the request also carried spelled with '_' "
                         "for '-' (CGI, WSGI and Rack origins read both as one field, the later line "
