@@ -231,6 +231,9 @@ class LiveFeed:
         self.inspector = inspector
         self.series = Series(REQUEST_BUCKETS)
         self.started = time.time()
+        # Made at start: ``seq`` starts again at 0 with a restart, so a client holding points
+        # (the console's charts) tells by this that they are another process's.
+        self.instance = secrets.token_hex(8)
         self.memory: dict[str, int] = {"entries": 0, "bytes": 0}
         self.processes = 1
         self.tables: dict[str, Any] = {"top_urls": [], "not_stored": []}
@@ -314,6 +317,7 @@ class LiveFeed:
                 for name in UPSTREAM_COUNTED:
                     u[name] = int(counted.get(u["url"], {}).get(name, 0))
         return {
+            "instance": self.instance,
             "seq": self.series.seq,
             "interval": SAMPLE_EVERY,
             "points": self.series.since(since),

@@ -15,10 +15,21 @@ const STATUS_COLORS = {
 const STATUS_ORDER = ["HIT", "STALE", "UPDATING", "REVALIDATED", "EXPIRED", "MISS", "BYPASS", "ERROR"];
 const WINDOW_POINTS = 300; // seconds charted (the server keeps 600)
 const POLL_MS = 1000;
+// A call the admin API has not answered by then is given up (AbortController), so that a hung
+// admin process (stopped, or its API saturated) cannot hold the next poll forever.
+const POLL_TIMEOUT_MS = 5000;
+// What the operator asked for (inspect, purge, reload) may legitimately take long (a cluster's
+// ack_timeout, a worker's 30 s to apply a reload): it gets longer.
+const ACTION_TIMEOUT_MS = 120000;
+// "not updating" is shown once the last successful update is older than this.
+const STALE_MS = 5000;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 const SECRET_KEY = "cachegate.session";
-const state = { csrf: null, seq: 0, points: [], timer: null, failures: 0, clusterChecked: 0 };
+// instance: the id of the admin process the points came from (/console/api/live's `instance`);
+// lastUpdate: when the last poll succeeded (Date.now()), for the "not updating" warning.
+const state = { csrf: null, seq: 0, instance: null, points: [], timer: null, staleTimer: null,
+  lastUpdate: 0, clusterChecked: 0 };
 
 const $ = (id) => document.getElementById(id);
 
@@ -32,17 +43,31 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body) {
+// A call the admin API did not answer in time (given up): it may still have been made.
+class ApiTimeout extends Error {}
+
+async function api(method, path, body, timeoutMs = POLL_TIMEOUT_MS) {
   const headers = { "Accept": "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (state.csrf) headers["X-CSRF-Token"] = state.csrf;
-  const response = await fetch(path, {
-    method, headers, credentials: "same-origin", cache: "no-store",
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  let data = null;
-  const type = response.headers.get("Content-Type") || "";
-  if (type.includes("json")) data = await response.json();
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), timeoutMs);
+  let response, data = null;
+  try {
+    response = await fetch(path, {
+      method, headers, credentials: "same-origin", cache: "no-store", signal: abort.signal,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const type = response.headers.get("Content-Type") || "";
+    if (type.includes("json")) data = await response.json();
+  } catch (err) {
+    if (abort.signal.aborted) {
+      throw new ApiTimeout(`the admin API did not answer within ${Math.round(timeoutMs / 1000)} s`);
+    }
+    throw err;
+  } finally {
+    clearTimeout(timer);
+  }
   if (!response.ok) {
     if (response.status === 401 && !path.startsWith("/console/api/login")) {
       // This tab had a session: another tab's login (or logout) replaced the browser's cookie.
@@ -309,10 +334,23 @@ function renderTables(live) {
   }));
 }
 
+// Forget the points drawn: they are another session's, or another process's.
+function resetSeries() {
+  state.points = [];
+  state.seq = 0;
+  state.instance = null;
+}
+
 async function poll() {
   try {
-    const live = await api("GET", `/console/api/live?since=${state.seq}&top=15`);
-    if (live.seq < state.seq) state.points = []; // the admin listener restarted
+    let live = await api("GET", `/console/api/live?since=${state.seq}&top=15`);
+    if ((state.instance !== null && live.instance !== state.instance) || live.seq < state.seq) {
+      // cachegate restarted: its points are not a continuation of those held, and since=<old
+      // seq> left out the new process's first ones. Start over from all of the new process's.
+      resetSeries();
+      live = await api("GET", `/console/api/live?since=0&top=15`);
+    }
+    state.instance = live.instance === undefined ? null : live.instance;
     const known = new Set(state.points.map((p) => p.seq));
     for (const p of live.points) if (!known.has(p.seq)) state.points.push(p);
     state.points = state.points.slice(-600);
@@ -320,18 +358,28 @@ async function poll() {
     renderCards(live);
     renderTables(live);
     drawCharts();
-    state.failures = 0;
-    $("stale").hidden = true;
+    state.lastUpdate = Date.now();
+    checkStale();
     if (Date.now() - state.clusterChecked > 5000) {
       state.clusterChecked = Date.now();
       pollCluster();
     }
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) return;
-    state.failures++;
-    $("stale").hidden = state.failures < 3;
+    checkStale();
   }
   if (!$("dashboard").hidden) state.timer = setTimeout(poll, POLL_MS);
+}
+
+// Its own timer, not poll's: a poll that hangs must not keep the warning from showing.
+function checkStale() {
+  const age = Date.now() - state.lastUpdate;
+  const stale = !$("dashboard").hidden && age > STALE_MS;
+  $("stale").hidden = !stale;
+  if (stale) {
+    $("stale").textContent = state.lastUpdate
+      ? `not updating: last update ${seconds(age / 1000)} ago` : "not updating";
+  }
 }
 
 // GET /cluster exists only in cluster mode (and in versions that have it): shown when present.
@@ -380,8 +428,8 @@ async function inspect(url, headerText) {
   }
   try {
     const [stored, trace] = await Promise.all([
-      api("GET", "/cache?url=" + encodeURIComponent(url)),
-      api("POST", "/explain", { url, headers }),
+      api("GET", "/cache?url=" + encodeURIComponent(url), undefined, ACTION_TIMEOUT_MS),
+      api("POST", "/explain", { url, headers }, ACTION_TIMEOUT_MS),
     ]);
     const d = trace.decision || {};
     const rule = trace.rule ? `rule ${trace.rule.name} (${trace.rule.where})` : "no rule";
@@ -418,11 +466,24 @@ async function purge(event) {
   $("purge-result").className = "";
   $("purge-result").textContent = "purging…";
   try {
-    const answer = await api("POST", "/purge", { [kind]: [value], soft });
-    $("purge-result").textContent = `purged ${answer.purged} ${answer.purged === 1 ? "entry" : "entries"}${answer.soft ? " (soft: marked stale)" : ""}`;
+    const answer = await api("POST", "/purge", { [kind]: [value], soft }, ACTION_TIMEOUT_MS);
+    const purged = `purged ${answer.purged} ${answer.purged === 1 ? "entry" : "entries"}${answer.soft ? " (soft: marked stale)" : ""}`;
+    const missing = answer.missing || [];
+    if (missing.length) {
+      // A 202 in cluster mode: the nodes named did not acknowledge within cluster.ack_timeout;
+      // the count is that of the nodes that did.
+      const on = Object.keys(answer.nodes || {});
+      $("purge-result").className = "error";
+      $("purge-result").textContent = `${purged}${on.length ? " on " + on.join(", ") : ""}; `
+        + `not acknowledged by ${missing.join(", ")}: `
+        + `${missing.length === 1 ? "it" : "they"} may still serve what was purged`;
+    } else {
+      $("purge-result").textContent = purged;
+    }
   } catch (err) {
     $("purge-result").className = "error";
-    $("purge-result").textContent = err.message;
+    $("purge-result").textContent = err.message
+      + (err instanceof ApiTimeout ? ": the purge may or may not have been made (retrying it is safe)" : "");
   }
 }
 
@@ -431,15 +492,28 @@ async function reload() {
   $("reload-result").textContent = "reloading…";
   $("reload-problems").replaceChildren();
   try {
-    const answer = await api("POST", "/reload", {});
+    const answer = await api("POST", "/reload", {}, ACTION_TIMEOUT_MS);
     const restart = answer.restart_required.length ? ` · needs a restart: ${answer.restart_required.join(", ")}` : "";
-    $("reload-result").textContent = `reloaded: ${answer.rules} rule(s) from ${answer.rule_files.length} file(s)${restart}`;
+    const warnings = answer.warnings || [];
+    const replaced = answer.replaced_workers || [];
+    const notes = [warnings.length ? `${warnings.length} warning(s)` : "",
+      replaced.length ? `${replaced.length} worker(s) replaced` : ""].filter(Boolean).join(", ");
+    $("reload-result").textContent = `reloaded: ${answer.rules} rule(s) from ${answer.rule_files.length} file(s)${restart}`
+      + (notes ? ` · ${notes}, below` : "");
+    $("reload-problems").replaceChildren(...warnings.map((w) => el("li", w, "warning")),
+      ...replaced.map((r) => el("li", replacedText(r), "warning")));
   } catch (err) {
     $("reload-result").className = "error";
     $("reload-result").textContent = err.message;
-    const problems = (err.body && err.body.problems) || [];
-    $("reload-problems").replaceChildren(...problems.map((p) => el("li", p)));
+    const body = err.body || {};
+    $("reload-problems").replaceChildren(...(body.problems || []).map((p) => el("li", p, "error")),
+      ...(body.replaced_workers || []).map((r) => el("li", replacedText(r), "warning")));
   }
+}
+
+// A worker that ended during the reload (never confirmed it): its detail says who and why.
+function replacedText(r) {
+  return r.detail || `worker ${r.worker} (pid ${r.pid}) was replaced during the reload (${r.cause})`;
 }
 
 // -- session ------------------------------------------------------------------------------------
@@ -458,6 +532,7 @@ function keptSecret() {
 
 function showLogin(why = "") {
   clearTimeout(state.timer);
+  $("stale").hidden = true;
   keepSecret(null);
   $("login-error").textContent = why;
   $("dashboard").hidden = true;
@@ -471,6 +546,7 @@ function showDashboard(tokenRequired) {
   $("dashboard").hidden = false;
   $("logout").hidden = !tokenRequired;
   clearTimeout(state.timer);
+  state.lastUpdate = Date.now(); // "not updating" counts from here until the first answer
   poll();
 }
 
@@ -481,6 +557,7 @@ async function login(event) {
     const answer = await api("POST", "/console/api/login", { token: $("token").value });
     $("token").value = "";
     keepSecret(answer.csrf);
+    resetSeries(); // a fresh login starts a fresh chart: the points held may be another process's
     showDashboard(answer.token_required);
   } catch (err) {
     $("login-error").textContent = err.status === 401 ? "wrong admin token" : err.message;
@@ -504,6 +581,7 @@ async function start() {
   $("purge-form").addEventListener("submit", purge);
   $("reload-button").addEventListener("click", reload);
   window.addEventListener("resize", () => { if (!$("dashboard").hidden) drawCharts(); });
+  state.staleTimer = setInterval(checkStale, 1000);
   try {
     state.csrf = keptSecret(); // a reload in this tab: the secret its login got
     const session = await api("GET", "/console/api/session");
