@@ -79,7 +79,7 @@ READ_BATCH = 1000  # stream entries read (and, when many, merged) at once
 FIRST_READ = 16  # entries read to find where a backlog begins (past any that no node appended)
 BLOCK_MS = 1000  # XREAD BLOCK: how long a read waits for new entries
 OUTBOX_MAX = 10_000  # invalidations kept while Redis is unreachable
-EARLY_ACKS_MAX = 10_000
+EARLY_ACKS_MAX = 10_000  # acks kept while appends are in flight (the oldest go first)
 RECONNECT_DELAY = (0.2, 0.5, 1.0)  # then every second
 
 LocalPurge = Callable[[PurgeSpec], Awaitable[int]]
@@ -216,7 +216,9 @@ class ClusterNode:
         self._seen_live: set[str] = set()
         self._vouched: dict[str, float] = {}
         self._live_read = 0.0  # when they were last read (monotonic)
-        self._early: dict[str, dict[str, int]] = {}  # acks that came before their XADD's answer
+        # Acks that came while an append of ours was in flight: one of them may be for it, read by
+        # the others before its XADD's answer reached us (_take_ack). Emptied once none is in flight.
+        self._early: dict[str, dict[str, int]] = {}
         self._own: dict[str, asyncio.Future[None]] = {}  # own entries, applied by purge()
         self._appending: set[asyncio.Future[None]] = set()  # purge() calls waiting for their XADD
         self._outbox: deque[PurgeSpec] = deque()
@@ -360,6 +362,7 @@ class ClusterNode:
             if self._first_error is not None:
                 self._first.set()  # only now: start() may close this node at once
             self._own.clear()  # entries of ours not read yet are applied again: harmless
+            self._early.clear()  # (an append in flight failed with the session)
             for p in self._pending.values():
                 p.changed.set()
             if not at_once:
@@ -693,6 +696,7 @@ class ClusterNode:
                 self.settings.stream_max, self.name, json.dumps(spec.to_json(), separators=(",", ":")),
                 uuid.uuid4().hex)
             entry_id = str(entry_id)
+            early = self._early.pop(entry_id, {})  # (before _appended: it may empty them)
             applied: asyncio.Future[None] = loop.create_future()
             self._own[entry_id] = applied
         except REDIS_DOWN as exc:
@@ -708,10 +712,9 @@ class ClusterNode:
                        "connections to it")
             raise PurgeUnavailable(self._unavailable_message(why, kind)) from None
         finally:
-            self._appending.discard(appending)
-            appending.set_result(None)
+            self._appended(appending)
         self.counts["sent"] += 1
-        pending = self._pending[entry_id] = _Pending(self._early.pop(entry_id, {}))
+        pending = self._pending[entry_id] = _Pending(early)
         try:
             pending.acks[self.name] = await self._local(spec)
         finally:
@@ -733,6 +736,15 @@ class ClusterNode:
             log.warning("cluster: purge %s not acknowledged by %s within %.1fs", entry_id,
                         ", ".join(result.missing), self.settings.ack_timeout)
         return result
+
+    def _appended(self, appending: asyncio.Future[None]) -> None:
+        """An append of ours has its answer (or failed). With none in flight any more, the early
+        acks are nobody's: every entry of ours already took its own (kept, they filled the buffer
+        with the other nodes' purges, and ours were then dropped: 202 after ack_timeout)."""
+        self._appending.discard(appending)
+        appending.set_result(None)
+        if not self._appending:
+            self._early.clear()
 
     def _unavailable_message(self, why: str, kind: str) -> str:
         """A 503's words, by what went wrong (``kind``): ``unreachable`` (no answer before the
@@ -806,8 +818,7 @@ class ClusterNode:
                     applied: asyncio.Future[None] = loop.create_future()
                     self._own[str(entry_id)] = applied
                 finally:
-                    self._appending.discard(appending)
-                    appending.set_result(None)
+                    self._appended(appending)
                 self._outbox.popleft()
                 self.counts["sent"] += 1
                 try:
@@ -897,8 +908,14 @@ class ClusterNode:
         if pending is not None:
             pending.acks[node] = n
             pending.changed.set()
-        elif len(self._early) < EARLY_ACKS_MAX:
+        elif self._appending:
+            # Maybe for an append of ours whose answer has not come yet (a slower link than the
+            # others'): kept until it has. Past the cap the oldest go (ours is among the newest).
             self._early.setdefault(entry_id, {})[node] = n
+            while len(self._early) > EARLY_ACKS_MAX:
+                del self._early[next(iter(self._early))]
+        # else: no append of ours is in flight, so it is for a purge made elsewhere (or one of ours
+        # that no longer waits)
 
     # -- membership -----------------------------------------------------------------------
 
