@@ -1053,9 +1053,12 @@ class ClusterNode:
         g = GaugeMetricFamily("cachegate_cluster_connected", "1 when this node is connected to Redis")
         g.add_metric([], 1.0 if self.connected else 0.0)
         yield g
+        # The same test as /healthz and GET /cluster's "ready" (it said 0 while Redis was away,
+        # where those say ready: the node serves from its tiers; ..._connected says Redis is away).
         g = GaugeMetricFamily("cachegate_cluster_ready",
-                              "1 when this node has applied every purge of the cluster it knows of")
-        g.add_metric([], 1.0 if self.state == "ready" else 0.0)
+                              "1 when this node has applied every purge of the cluster it knows of "
+                              "(what /healthz says)")
+        g.add_metric([], 1.0 if self.ready else 0.0)
         yield g
         g = GaugeMetricFamily("cachegate_cluster_lag", "Purges of the stream this node has not applied yet")
         g.add_metric([], float(max(0, self.tip_seq - (self.saved.seq if self.saved else 0))))

@@ -194,3 +194,28 @@ async def test_a_ready_node_back_to_purges_it_missed_is_not_ready_until_it_has_a
         await a.close()
         await b.close()
         await box.close()
+
+
+async def test_the_ready_metric_says_what_get_cluster_and_healthz_say_while_redis_is_away(
+        own_redis: RedisServer) -> None:
+    """Redis gone after the node was ready: it serves from its tiers, /healthz 200 and GET /cluster
+    "ready": true; cachegate_cluster_ready said 0 (it read the state, "disconnected")."""
+
+    async def nothing(spec: PurgeSpec) -> int:
+        return 0
+
+    def metric(name: str) -> float:
+        return next(s.value for f in n.collect() for s in f.samples if s.name == name)
+
+    n = ClusterNode(ClusterSettings(redis=own_redis.url, node="a", namespace=f"t{uuid.uuid4().hex[:8]}",
+                                    heartbeat=0.2, timeout=0.5), nothing, None)
+    try:
+        await n.start()
+        assert metric("cachegate_cluster_ready") == 1.0 and metric("cachegate_cluster_connected") == 1.0
+        own_redis.kill()
+        await wait_until(lambda: answer(n.state == "disconnected"), wait=10)
+        assert n.ready and (await n.view())["ready"] is True
+        assert metric("cachegate_cluster_ready") == 1.0
+        assert metric("cachegate_cluster_connected") == 0.0  # (what says Redis is away)
+    finally:
+        await n.close()
