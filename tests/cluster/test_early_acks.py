@@ -32,8 +32,9 @@ async def test_acknowledgements_of_other_nodes_purges_never_crowd_out_this_nodes
     ns = f"t{uuid.uuid4().hex[:8]}"
     link = LateReplies(shared_redis.port)
     late_url = await link.start()
-    a = ClusterNode(ClusterSettings(redis=late_url, node="a", namespace=ns, heartbeat=0.2, ack_timeout=3.0),
-                    one, None)
+    # (timeout 5 s: the pong of the listener's PING comes after the flood, read on a busy machine)
+    a = ClusterNode(ClusterSettings(redis=late_url, node="a", namespace=ns, heartbeat=0.2, timeout=5.0,
+                                    ack_timeout=3.0), one, None)
     b = ClusterNode(ClusterSettings(redis=shared_redis.url, node="b", namespace=ns, heartbeat=0.2), one, None)
     r = aioredis.Redis.from_url(shared_redis.url)
     try:
