@@ -76,7 +76,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from proxy import earlysignals, gctuning
-from proxy.cluster import OUTBOX_CALL, ClusterUnavailable
+from proxy.cluster import BEAT_CALL, OUTBOX_CALL, ClusterUnavailable
 from proxy.cluster import join as join_cluster
 from proxy.codeid import ARG as CODE_ID_ARG
 from proxy.codeid import CHANGED as CODE_CHANGED
@@ -629,6 +629,10 @@ class Supervisor:
                 node = self.runtime.cluster if self.runtime is not None else None
                 if node is not None and node.invalidations_pending:  # (a worker started meanwhile)
                     self._track(_tell_quietly(channel, OUTBOX_CALL, pending=True))
+                if node is not None and not node.connected:  # its shared tier is not asked meanwhile
+                    n, deadline, held, away = node.beat_word()
+                    self._track(_tell_quietly(channel, BEAT_CALL, n=n, deadline=deadline, held=held,
+                                              away=away))
             say(f"cachegate: worker {worker_id} ready (pid {pid})", event="worker_ready",
                 worker_id=worker_id, pid=pid)
 

@@ -55,6 +55,7 @@ class WorkerGate:
         self.invalidations_pending = False
         self.deadline = 0.0  # when the supervisor's heartbeat key expires (0: no check)
         self.held = False
+        self.redis_away = False  # the supervisor is not connected to Redis: the shared tier waits
         self._told = -1
         self._go = asyncio.Event()
         self._go.set()
@@ -68,10 +69,10 @@ class WorkerGate:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._go.wait(), HOLD_MAX)
 
-    def told(self, n: int, deadline: float, held: bool) -> None:
+    def told(self, n: int, deadline: float, held: bool, away: bool = False) -> None:
         if n <= self._told:
             return  # (an older word that arrived late)
-        self._told, self.deadline, self.held = n, deadline, held
+        self._told, self.deadline, self.held, self.redis_away = n, deadline, held, away
         if self.hits_held():
             self._go.clear()
         else:
@@ -114,9 +115,9 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
         async def outbox_changed(pending: bool) -> None:
             await call_workers(OUTBOX_CALL, wait=wait, pending=pending)
 
-        def beat_changed(n: int, deadline: float, held: bool) -> None:
+        def beat_changed(n: int, deadline: float, held: bool, away: bool) -> None:
             told = asyncio.ensure_future(call_workers(BEAT_CALL, wait=wait, n=n, deadline=deadline,
-                                                      held=held))
+                                                      held=held, away=away))
             telling.add(told)
             told.add_done_callback(telling.discard)
 
@@ -128,6 +129,8 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
                        info=lambda: {"workers": workers, "listen": show_hostport((host, listen_port))},
                        local_entries=index.count if index is not None else None)
     runtime.metrics.add_collector(node.collect)
+    if tier is not None:
+        tier.cut_off = lambda: not node.connected  # (this process's own lookups, when it serves)
     runtime.cluster = node  # GET /healthz says "not ready" while it catches up
     # Hits wait while this node's heartbeat has lapsed, and the shared tier is not consulted while
     # invalidations wait for Redis (in this process; with --workers N the member is the
@@ -158,8 +161,8 @@ def attach_shared(runtime: Runtime) -> SharedTier | None:
         async def outbox(pending: bool) -> None:
             gate.invalidations_pending = pending
 
-        async def beat(n: int, deadline: float, held: bool) -> None:
-            gate.told(n, deadline, held)
+        async def beat(n: int, deadline: float, held: bool, away: bool = False) -> None:
+            gate.told(n, deadline, held, away)
 
         control.handlers[OUTBOX_CALL] = outbox
         control.handlers[BEAT_CALL] = beat
@@ -170,6 +173,9 @@ def attach_shared(runtime: Runtime) -> SharedTier | None:
     if isinstance(runtime.engine.shared, SharedTier):
         return runtime.engine.shared
     tier = SharedTier(cluster)
+    told = runtime.engine.cluster
+    if isinstance(told, WorkerGate):
+        tier.cut_off = lambda: told.redis_away
     runtime.engine.shared = tier
     runtime.closers.append(tier.close)
     runtime.metrics.add_collector(tier.collect)

@@ -182,7 +182,7 @@ class ClusterNode:
                  *, shared_purge: Callable[[PurgeSpec], Awaitable[None]] | None = None,
                  shared_reset: Callable[[], Awaitable[None]] | None = None,
                  outbox_changed: Callable[[bool], Awaitable[None]] | None = None,
-                 beat_changed: Callable[[int, float, bool], None] | None = None,
+                 beat_changed: Callable[[int, float, bool, bool], None] | None = None,
                  info: Callable[[], dict[str, Any]] | None = None,
                  local_entries: Callable[[], int] | None = None) -> None:
         self.settings = settings
@@ -194,7 +194,9 @@ class ClusterNode:
         self._shared_purge = shared_purge
         self._shared_reset = shared_reset  # the shared tier's new generation (SharedTier.new_generation)
         self._outbox_changed = outbox_changed  # tells the workers whether the outbox holds anything
-        self._beat_changed = beat_changed  # tells the workers when its heartbeat expires (WorkerGate)
+        # Tells the workers when its heartbeat expires, whether hits wait, and whether it is cut off
+        # from Redis (WorkerGate).
+        self._beat_changed = beat_changed
         self._beats_told = 0
         self._info = info or dict
         self._local_entries = local_entries  # how many entries the local cache holds (disk)
@@ -298,7 +300,9 @@ class ClusterNode:
     async def _disconnect(self) -> None:
         # Not connected from now on, not once the clients are closed: closing them waits on dead
         # sockets, and meanwhile /metrics said connected 1 beside a "disconnected" state.
-        self.connected = False
+        if self.connected:
+            self.connected = False
+            self._tell_beat()  # the workers' shared tier stops waiting for Redis
         for c in (self._redis, self._reader, self._beater):
             if c is not None:
                 with contextlib.suppress(Exception):
@@ -395,6 +399,7 @@ class ClusterNode:
             await pubsub.subscribe(self.names.acks)
             await self._heartbeat()  # live (purges wait for us) while catching up
             self.connected = True  # this session's writes get through
+            self._tell_beat()
             tasks += [asyncio.ensure_future(self._listen_acks(pubsub)),
                       asyncio.ensure_future(self._heartbeats())]
             await self._catch_up()
@@ -449,10 +454,15 @@ class ClusterNode:
 
     def _tell_beat(self) -> None:
         """Tell the workers (``--workers N``) when this node's heartbeat expires and whether hits
-        wait: they check the clock against it on their hit path as this process does."""
+        wait: they check the clock against it on their hit path as this process does; and whether
+        it is cut off from Redis: their shared tier is not asked meanwhile."""
         if self._beat_changed is not None:
             self._beats_told += 1
-            self._beat_changed(self._beats_told, self._beat_deadline, self._lapsed)
+            self._beat_changed(*self.beat_word())
+
+    def beat_word(self) -> tuple[int, float, bool, bool]:
+        """What the workers were last told (``_tell_beat``), for one that starts now."""
+        return self._beats_told, self._beat_deadline, self._lapsed, not self.connected
 
     def hits_held(self) -> bool:
         """Whether hits must wait (``Engine``: on the hit path, so cheap): this node's heartbeat

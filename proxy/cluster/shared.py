@@ -40,10 +40,16 @@ could match it after a purge made since. The scripts touch keys they compute, so
 need a single Redis (or a sentinel-managed one), not Redis Cluster.
 
 Every call is bounded by ``cluster.timeout``; a failure is counted and the caller
-goes on as if the shared tier had nothing (the origin is asked). It fails for every request
-while Redis is down (or holds garbage under our keys), so each distinct failure is logged once,
-then how often it happened once a minute, and "works again" once lookups work for ``SETTLE``
-seconds (``RepeatedFailure``; lookups that hit and miss in turn would log at every turn).
+goes on as if the shared tier had nothing (the origin is asked). A Redis that answers
+nothing (stopped, hung) would cost every miss that timeout for the whole outage, so
+lookups are skipped (counted ``skipped``: the origin is asked at once) while this
+node's member of the cluster is not connected to Redis (``cut_off``; with
+``--workers N`` its supervisor tells each worker), and for ``BACK_OFF`` seconds after
+a lookup got no answer (before the member notices, which takes a heartbeat or so).
+Otherwise it fails for every request while Redis is down (or holds garbage under our
+keys), so each distinct failure is logged once, then how often it happened once a minute,
+and "works again" once lookups work for ``SETTLE`` seconds (``RepeatedFailure``; lookups
+that hit and miss in turn would log at every turn).
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -76,6 +83,7 @@ TTL_MAX = 30 * 86400.0
 AFTER_FAILURE = {"lookup": "the origin is asked instead", "write": "the fill is not shared",
                  "release": "the lock expires by itself"}
 SETTLE = 10.0  # seconds without a failure before the shared tier is logged as working again
+BACK_OFF = 1.0  # seconds lookups skip the shared tier after one got no answer from Redis
 
 # The variants of a key still indexed (KEY in every set its field names), as pairs of body
 # id and record; the others are deleted (their body expires by its TTL).
@@ -251,6 +259,11 @@ class SharedTierFailure(Exception):
     """A shared-tier call failed, as logged (``SharedTier._failed``)."""
 
 
+def _no_answer(exc: BaseException) -> bool:
+    """Whether a call failed because Redis answered nothing within ``cluster.timeout``."""
+    return isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower()
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
@@ -265,9 +278,13 @@ class SharedTier:
         self._waiters: dict[str, list[asyncio.Future[str]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
+        # Whether this node's member is cut off from Redis (set by proxy.cluster: not connected);
+        # lookups are skipped meanwhile, and until _quiet_until (monotonic) after one got no answer.
+        self.cut_off: Callable[[], bool] = lambda: False
+        self._quiet_until = 0.0
         self.counts: dict[str, int] = dict.fromkeys(
             ("hit", "miss", "locked", "contended", "woken", "wait_timeout", "written", "write_voided",
-             "too_large", "error", "dead_subscriptions"), 0)
+             "too_large", "error", "skipped", "dead_subscriptions"), 0)
         self._failures = RepeatedFailure(log, "cluster: the shared tier", settle=SETTLE, traceback=False,
                                          level=logging.WARNING)
 
@@ -284,7 +301,11 @@ class SharedTier:
     async def lookup(self, key: str, lock_for: float, lock_only: bool = False) -> Lookup:
         """The key's variants from the shared tier, or its fill lock (``lock_for`` seconds > 0),
         or who holds it; None when Redis cannot be asked. ``lock_only``: what is stored is of
-        no use to the caller (stale for it): only take the lock."""
+        no use to the caller (stale for it): only take the lock. None at once, without asking,
+        while Redis is known not to answer (``cut_off``, ``BACK_OFF``)."""
+        if self.cut_off() or time.monotonic() < self._quiet_until:
+            self.counts["skipped"] += 1
+            return None
         n = self.names
         try:
             answer: Any = await self._redis.eval(LOOKUP, 3, n.generation, n.purges, n.fence, n.l2, key,
@@ -292,6 +313,8 @@ class SharedTier:
                                                  "1" if lock_only else "0", counter_start(),
                                                  fresh_generation())
         except REDIS_DOWN as exc:
+            if _no_answer(exc):  # (a refused connection, or an error Redis answered, came at once)
+                self._quiet_until = time.monotonic() + BACK_OFF
             self._failed("lookup", key, exc)
             return None
         try:

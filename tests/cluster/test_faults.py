@@ -429,3 +429,40 @@ async def test_a_purge_right_after_redis_restarted_empty_waits_for_a_node_not_ba
 
 async def _disconnected(proc: ProxyProcess) -> bool:
     return not (await cluster_view(proc))["connected"]
+
+
+async def test_misses_do_not_wait_for_a_hung_redis_once_the_node_is_cut_off_from_it(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """Redis stopped (SIGSTOP): once the node says it is disconnected, its misses go to the origin
+    without asking the shared tier (one process, and each worker of one with --workers 2). Each
+    one's lookup waited cluster.timeout and failed, for the whole outage."""
+    paths = {name: [f"/{name}{i}" for i in range(4)] for name in ("a", "c")}
+    for path in paths["a"] + paths["c"]:
+        versioned(origin, path)
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, shared_cache=True, timeout="1s")
+    assert own_redis.proc is not None
+    try:
+        a, c = await asyncio.gather(nodes.start("a"), nodes.start("c", "--workers", "2"))
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        for proc in (a, c):
+            await wait_until(lambda p=proc: _cut_off(p), wait=15)  # type: ignore[misc]
+        await asyncio.sleep(0.3)  # (c's supervisor tells its workers: a local message, under way)
+        skipped, error = ("cachegate_cluster_shared_total", (("event", "skipped"),)), \
+            ("cachegate_cluster_shared_total", (("event", "error"),))
+        for name, proc in (("a", a), ("c", c)):
+            before = await metrics(proc)
+            for path in paths[name]:
+                r = await proc.get(path)
+                assert (r.status, r.body, r.x_cache) == (200, b"v1", "MISS")
+            after = await metrics(proc)
+            assert after[error] == before[error], "a miss asked the hung Redis (and waited its timeout)"
+            assert after[skipped] - before.get(skipped, 0) == len(paths[name])
+        assert own_redis.proc.poll() is None  # (still stopped: every answer came without it)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await nodes.stop_all()
+
+
+async def _cut_off(proc: ProxyProcess) -> bool:
+    view = await cluster_view(proc)
+    return not view["connected"] and view["state"] == "disconnected"

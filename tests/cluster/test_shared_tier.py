@@ -229,3 +229,30 @@ async def test_a_fill_locked_before_redis_restarted_empty_is_not_written_after_a
     finally:
         await a.close()
         await c.close()
+
+
+async def test_after_a_lookup_redis_did_not_answer_the_next_ones_skip_it_for_a_while(
+        own_redis: RedisServer) -> None:
+    """A hung Redis (SIGSTOP), before the node's bus notices: one lookup waits cluster.timeout and
+    fails; those right after it do not ask (each waited the timeout too)."""
+    import os
+    import signal
+
+    tier = SharedTier(ClusterSettings(redis=own_redis.url, node="a", namespace=f"t{uuid.uuid4().hex[:8]}",
+                                      timeout=0.5))
+    assert own_redis.proc is not None
+    try:
+        assert await tier.lookup(HOT, 0) is None  # (a miss: the connection is up)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        assert await tier.lookup(HOT, 0) is None
+        assert (tier.counts["error"], tier.counts["skipped"]) == (1, 0)
+        for _ in range(3):
+            assert await tier.lookup(OTHER, 5.0) is None
+        assert (tier.counts["error"], tier.counts["skipped"]) == (1, 3)
+        tier.cut_off = lambda: True  # the node says it is not connected: skipped however long
+        tier._quiet_until = 0.0
+        assert await tier.lookup(OTHER, 5.0) is None
+        assert (tier.counts["error"], tier.counts["skipped"]) == (1, 4)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await tier.close()
