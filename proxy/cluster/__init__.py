@@ -146,6 +146,23 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
     runtime.closers.append(node.close)
 
 
+async def purge_shared_tier(runtime: Runtime, spec: PurgeSpec) -> None:
+    """Remove what ``spec`` covers from the shared tier, from this process (a worker whose
+    supervisor did not answer an invalidation: ``proxy.web.server.invalidate_unheard``), so
+    that no node's miss fetches it from there meanwhile. Nothing without ``shared_cache``.
+    Raises when Redis cannot be reached."""
+    cluster = runtime.settings.cluster
+    if cluster is None or not cluster.shared_cache:
+        return
+    from proxy.cluster.shared import SharedTier
+    from proxy.purge import url_shapes
+
+    tier = runtime.engine.shared
+    if isinstance(tier, SharedTier):
+        rules = runtime.settings.rules
+        await tier.purge(spec, {shape for u in spec.urls for shape in url_shapes(u, rules)})
+
+
 def attach_shared(runtime: Runtime) -> SharedTier | None:
     """With ``shared_cache: true``: this process's client of the shared tier, as the engine's
     ``shared`` (every serving process: the only one, or each worker). None otherwise. In a

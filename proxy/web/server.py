@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__, earlysignals, gctuning
-from proxy.cluster import ClusterUnavailable, attach_shared
+from proxy.cluster import HOLD_MAX, ClusterUnavailable, attach_shared, purge_shared_tier
 from proxy.cluster import join as join_cluster
 from proxy.config import (
     HostPort,
@@ -816,6 +816,29 @@ def _ignored_while_stopping(sig: signal.Signals) -> None:
     log.warning("%s ignored while stopping", signal.Signals(sig).name)
 
 
+async def invalidate_unheard(runtime: Runtime, spec: PurgeSpec, worker_id: int) -> PurgeOutcome:
+    """An invalidation the supervisor did not carry out within ``HOLD_MAX`` (it is stopped or
+    stalled): applied here to what every worker reads (the disk tier, the shared memory and, in
+    cluster mode, the shared tier) and to this worker's own half, and the client gets its answer,
+    rather than waiting for as long as the supervisor is stopped. The call stays queued on the control
+    channel: when the supervisor runs again it makes the invalidation as usual (every worker's
+    half; in cluster mode the other nodes, through the stream or the outbox). Until then another
+    worker may still store a covered fill that was in flight in it, and the other nodes serve what
+    they hold: a client kept waiting would not have changed that."""
+    log.warning("worker %d: the supervisor did not answer an invalidation (%s) within %g s (stopped "
+                "or stalled): applied from this worker to the disk and the shared memory (and the "
+                "shared tier); the other workers and nodes get it when the supervisor runs again",
+                worker_id, spec.describe(), HOLD_MAX)
+    runtime.metrics.storage_errors.labels("invalidate").inc()
+    count = await runtime.purger.purge(spec)
+    try:
+        await purge_shared_tier(runtime, spec)
+    except Exception as exc:  # Redis away: the supervisor's outbox covers it once it runs
+        log.warning("worker %d: the invalidation's removal from the shared tier failed: %r",
+                    worker_id, exc)
+    return PurgeOutcome(count)
+
+
 async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Reloader,
                               stop: asyncio.Event) -> Channel:
     from proxy.purge import match_from_json
@@ -841,8 +864,16 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
                                  name=f"worker {worker.worker_id}")
 
     async def purge_via_supervisor(spec: PurgeSpec) -> PurgeOutcome:
+        # An unsafe method's invalidation holds a client's answer: it waits for the supervisor as
+        # long as a hit waits for a node to catch up (HOLD_MAX), then goes on without it
+        # (``invalidate_unheard``). An admin purge's answer is the purge's outcome: it waits.
+        wait = HOLD_MAX if spec.invalidation else None
         try:
-            return PurgeOutcome.from_json(await channel.call("purge", spec=spec.to_json()))
+            return PurgeOutcome.from_json(await channel.call("purge", wait=wait, spec=spec.to_json()))
+        except TimeoutError:
+            if not spec.invalidation:
+                raise
+            return await invalidate_unheard(runtime, spec, worker.worker_id)
         except RemoteError as exc:
             kind, _, message = str(exc).partition(": ")
             if kind == PurgeUnavailable.__name__:
