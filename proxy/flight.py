@@ -583,7 +583,9 @@ class MissPath:
                         return
                     try:
                         # ("timeout": past lock_timeout: fetch on our own)
-                        told = await leases.wait(key, lease, deadline)
+                        # (the holder's wait for another node's fill is not counted: ``_fill``)
+                        told = await leases.wait(key, lease, deadline,
+                                                 self.engine.settings.cache.lock_timeout)
                     finally:
                         leases.forget(key, lease)
                     match told["outcome"]:
@@ -652,8 +654,9 @@ class MissPath:
         one node in the cluster fetches under the key's fill lock and writes its fill through,
         while the others wait for it (until ``deadline``, by default ``lock_timeout`` from
         now, then they fetch here: a flight that already waited for another worker's lease
-        passes the deadline it had then, so that its clients wait ``lock_timeout`` in all, not
-        twice). Revalidations stay with each node."""
+        passes the deadline it had then, so that its clients do not wait for the shared tier all
+        over again). A lease holder's wait here is not its waiters' (``LeaseTable.fetch_from``):
+        they wait for it, then for its fetch. Revalidations stay with each node."""
         engine = self.engine
         shared = engine.shared
         revalidating = run.attempt.revalidating
@@ -667,6 +670,8 @@ class MissPath:
         if deadline is None:
             deadline = loop.time() + lock_timeout
         lock_only = False
+        leases, lease = engine.leases, run.lease
+        waited = False  # for another node's fill, holding this node's lease (``fetch_from``)
         for _ in range(4):
             if cluster is not None and cluster.invalidations_pending:
                 break  # invalidations made here wait for Redis: the shared tier may hold what they cover
@@ -680,10 +685,17 @@ class MissPath:
                         return
                     lock_only = True  # stored, but not fresh for this request: fetch under the lock
                 case Locked():
+                    if waited and leases is not None and lease is not None:
+                        leases.fetch_from(key, lease, 0.0)
                     await self._locked_fill(run, shared, answer)
                     return
                 case Contended():
                     left = deadline - loop.time()
+                    if leases is not None and lease is not None and left > 0:
+                        # The workers waiting on this node's lease wait for this wait, then for
+                        # the fetch after it (one origin request for the node, not one each).
+                        leases.fetch_from(key, lease, left)
+                        waited = True
                     told = await shared.wait_filled(key, min(left, answer.wait + 0.05)) \
                         if left > 0 else None
                     if told not in (None, "stored") or loop.time() >= deadline:
@@ -692,6 +704,8 @@ class MissPath:
                     break
                 case _:
                     assert_never(answer)
+        if waited and leases is not None and lease is not None:
+            leases.fetch_from(key, lease, 0.0)  # (now, if it stopped waiting early)
         await self._origin(run, None)
 
     async def _locked_fill(self, run: _Run, shared: SharedCache, lock: Locked) -> None:

@@ -7,7 +7,9 @@ Within a process the coalescer already makes one fetch per key. With
 - A worker about to fetch key K for its local flight takes K's lease: the first
   to ask is granted it and fetches; the others are told who holds it, note
   themselves as waiters in the lease, and wait (at most ``cache.lock_timeout``,
-  counted from the start of their flight, as nginx's ``proxy_cache_lock_timeout``).
+  counted from the start of their flight, as nginx's ``proxy_cache_lock_timeout``;
+  in cluster mode, while the holder waits for another node's fill, from when the
+  holder's own fetch begins: ``LeaseTable.fetch_from``).
 - When the holder has the response head and it is not shareable (private,
   Set-Cookie, ...), it marks the lease so: the waiters are sent upstream at once,
   with hit-for-pass when the reason calls for it; later askers are told the same.
@@ -87,7 +89,8 @@ LEASE_WORD_WAIT = 0.5  # how long a waiter that found its lease over still waits
 MAX_WORKERS = 64  # waiters are a bit mask
 
 # The table: a header (counters, the next token), then buckets of slots (``_SLOT``): the key's
-# fingerprint, the lease's token, when it started, the waiting workers, the holder, flags.
+# fingerprint, the lease's token, when it started (moved on to when the holder's own fetch begins,
+# after a wait for another node's fill: ``fetch_from``), the waiting workers, the holder, flags.
 _SLOT = struct.Struct("<QQdQHH4x")
 _Q = struct.Struct("<Q")
 SLOTS = 8
@@ -250,6 +253,31 @@ class LeaseTable:
             return "pass" if flags & F_PASS else "unshareable"
         return None
 
+    def fetch_from(self, key: str, token: int, delay: float) -> None:
+        """The holder of lease ``token`` fetches from the origin ``delay`` seconds from now (at
+        the latest; 0: now). Its waiters count their ``lock_timeout`` from then (``fetch_left``):
+        the time it spent waiting for another node's fill (``proxy.cluster``) is not theirs to
+        lose. Why: the holder gives up that wait at its own ``lock_timeout`` and fetches, the
+        node's one origin request; its waiters, timed out at the same moment, each fetched too."""
+        fp = self._arena.fingerprint(key)
+        with self._arena.lease_locked():
+            found = self._find(fp)
+            if found is None or found[1][1] != token:
+                return
+            at, (_, _, _, waiters, holder, flags) = found
+            _SLOT.pack_into(self._mm, at, fp, token, self._clock() + max(delay, 0.0), waiters, holder, flags)
+
+    def fetch_left(self, key: str, token: int, wait: float) -> float | None:
+        """Seconds left of ``wait`` counted from when lease ``token``'s holder began (or begins)
+        its fetch (``fetch_from``); None once the lease is over."""
+        fp = self._arena.fingerprint(key)
+        with self._arena.lease_locked():
+            found = self._find(fp)
+            if found is None or found[1][1] != token:
+                return None
+            started = float(found[1][2])
+        return started + wait - self._clock()
+
     def fetching_elsewhere(self, worker: int, key: str) -> bool:
         """Whether a worker other than ``worker`` holds the lease on ``key`` (it is fetching the
         object) and its response is not known to be unshareable: a look, nothing taken (a range
@@ -395,14 +423,21 @@ class LeaseClient:
             self._by_token[token] = (key, waiting)
         return waiting
 
-    async def wait(self, key: str, waiting: Waiting, deadline: float) -> dict[str, Any]:
+    async def wait(self, key: str, waiting: Waiting, deadline: float,
+                   fetch_wait: float | None = None) -> dict[str, Any]:
         """How the holder's fetch went: its word through the supervisor, or what the table shows
         when no word comes (looked at every ``LEASE_POLL`` seconds: see the module docstring);
-        ``{"outcome": "timeout"}`` at ``deadline`` (the loop's time)."""
+        ``{"outcome": "timeout"}`` at ``deadline`` (the loop's time), or, with ``fetch_wait``,
+        once the holder has fetched for that long too (``LeaseTable.fetch_from``), if later."""
         loop = asyncio.get_running_loop()
         ended_at: float | None = None  # when a look first found the lease over, with no word
         while True:
             left = deadline - loop.time()
+            if left <= 0 and fetch_wait is not None:
+                fetching = self._table.fetch_left(key, waiting.token, fetch_wait)
+                if fetching is not None and fetching > 0:
+                    deadline = loop.time() + fetching
+                    left = fetching
             if left <= 0:
                 return {"outcome": "timeout"}
             await asyncio.wait((waiting.outcome,), timeout=min(left, LEASE_POLL))
@@ -448,6 +483,9 @@ class LeaseClient:
         if self._waits.get(key) is waiting:
             del self._waits[key]
         self._by_token.pop(waiting.token, None)
+
+    def fetch_from(self, key: str, lease: Granted, delay: float) -> None:
+        self._table.fetch_from(key, lease.token, delay)
 
     def head(self, key: str, lease: Granted, shareable: bool, pass_: bool) -> None:
         self._tell(self._table.head(key, lease.token, shareable, pass_))

@@ -323,3 +323,56 @@ async def test_the_words_still_being_sent_go_out_before_the_lease_client_closes(
         assert [name for name, _ in channel.sent] == ["lease_notify"]  # type: ignore[misc]
     finally:
         arena.close()
+
+
+def test_a_waiters_time_counts_from_the_holders_own_fetch_after_its_wait_for_another_node(
+        table: tuple[LeaseTable, Clock]) -> None:
+    """The holder waits for another node's fill (cluster mode) until its lock_timeout, then
+    fetches: the node's one origin request. Its waiters' lock_timeout counts from that fetch,
+    not from the lease's start, else they time out with it and each fetch too."""
+    t, clock = table
+    granted, _ = t.acquire(0, "k")
+    assert granted is not None
+    token = granted["token"]
+    t.acquire(1, "k")
+    assert t.fetch_left("k", token, 5.0) == 5.0
+    t.fetch_from("k", token, 4.0)  # it waits for another node's fill, 4 s at most
+    clock.now += 3
+    assert t.fetch_left("k", token, 5.0) == 6.0
+    clock.now += 0.5
+    t.fetch_from("k", token, 0.0)  # the wait ended early: it fetches now
+    clock.now += 4.0
+    assert t.fetch_left("k", token, 5.0) == 1.0
+    t.fetch_from("k", token + 1, 60.0)  # not that lease's holder: nothing changes
+    assert t.fetch_left("k", token, 5.0) == 1.0
+    assert events(t.release("k", token, "stored")) == [(1, "stored")]
+    assert t.fetch_left("k", token, 5.0) is None
+
+
+async def test_a_waiter_waits_past_its_deadline_while_its_holder_waits_for_another_node() -> None:
+    import asyncio
+
+    from proxy.leases import LEASE_POLL, LeaseClient, Waiting
+
+    arena = Arena.create(64 * 1024)
+    try:
+        t = LeaseTable(arena)
+        client = LeaseClient(t, 1, QuietChannel())  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        granted, _ = t.acquire(0, "k")
+        assert granted is not None
+        waiting = await client.acquire("k")
+        assert isinstance(waiting, Waiting)
+        t.fetch_from("k", granted["token"], LEASE_POLL * 4)
+        wait = asyncio.ensure_future(client.wait("k", waiting, loop.time() + LEASE_POLL, LEASE_POLL))
+        await asyncio.sleep(LEASE_POLL * 3)
+        assert not wait.done()  # past its own deadline: the holder has not fetched yet
+        await client._event(waiting.token, "stored")
+        assert (await wait)["outcome"] == "stored"
+        client.forget("k", waiting)
+        # Without ``fetch_wait`` (a range miss waiting for a fetch) the deadline is the deadline.
+        waiting = await client.acquire("k")
+        assert isinstance(waiting, Waiting)
+        assert await client.wait("k", waiting, loop.time() + LEASE_POLL / 2) == {"outcome": "timeout"}
+    finally:
+        arena.close()

@@ -60,3 +60,37 @@ async def test_a_herd_over_three_nodes_costs_one_origin_request_and_fills_are_sh
         assert sum(m[("cachegate_cluster_shared_total", (("event", "written"),))] for m in counts) == 3
     finally:
         await nodes.stop_all()
+
+
+async def test_a_node_of_two_workers_waiting_on_a_dead_lock_holder_makes_one_origin_request(
+        origin: Origin, tmp_path: Path, shared_redis: RedisServer) -> None:
+    """The node holding the cluster's fill lock is killed mid-fill: its lock stays until it
+    expires, the waiting nodes reach ``lock_timeout`` and each fetches once. In a node of two
+    workers one worker holds the key's lease and waits for the lock; the other waited for that
+    lease, until the same ``lock_timeout``, and fetched too: two origin requests for the node.
+    Its wait for the lease now counts ``lock_timeout`` from when the holder's own fetch begins."""
+    calls = {"n": 0}
+    fetching = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        calls["n"] += 1
+        fetching.set()
+        await asyncio.sleep(2)
+        return web.Response(body=b"herd-body", headers={"Cache-Control": "max-age=300"})
+
+    origin.route("/herd", slow)
+    nodes = Nodes(str(tmp_path), origin.url, shared_redis.url, shared_cache=True)
+    try:
+        b, c = await asyncio.gather(nodes.start("b"), nodes.start("c", "--workers", "2"))
+        holder = asyncio.ensure_future(b.get("/herd"))
+        await asyncio.wait_for(fetching.wait(), 10)  # b has the lock and is fetching
+        herd = [asyncio.ensure_future(c.get("/herd")) for _ in range(20)]
+        await asyncio.sleep(0.3)
+        await b.kill()
+        replies = await asyncio.gather(*herd)
+        holder.cancel()
+        assert {(r.status, r.body) for r in replies} == {(200, b"herd-body")}
+        assert {r.worker for r in replies} == {"0", "1"}, "the herd did not reach both workers"
+        assert calls["n"] == 2, f"{calls['n'] - 1} origin requests from the waiting node, not 1"
+    finally:
+        await nodes.stop_all()

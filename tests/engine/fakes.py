@@ -311,12 +311,15 @@ class FakeLeases:
         self.released: list[tuple[str, int, str]] = []  # (key, token, outcome)
         self.details: list[str] = []  # the Cache-Status detail of each release ("" but for an error)
         self.heads: list[tuple[str, bool]] = []
+        self.fetch_froms: list[tuple[str, float]] = []  # (key, delay): ``LeaseTable.fetch_from``
 
     async def acquire(self, key: str, wait: bool = True) -> Granted | Waiting | Busy | None:
         return self.answers.pop(0)
 
-    async def wait(self, key: str, waiting: Waiting, deadline: float) -> dict[str, Any]:
-        """The word the wait was given, or ``timeout`` at ``deadline`` (no table to look at)."""
+    async def wait(self, key: str, waiting: Waiting, deadline: float,
+                   fetch_wait: float | None = None) -> dict[str, Any]:
+        """The word the wait was given, or ``timeout`` at ``deadline`` (no table to look at, nor a
+        holder's ``fetch_from`` to wait for)."""
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
             return await asyncio.wait_for(asyncio.shield(waiting.outcome), left)
@@ -331,6 +334,9 @@ class FakeLeases:
 
     def head(self, key: str, lease: Granted, shareable: bool, pass_: bool) -> None:
         self.heads.append((key, shareable))
+
+    def fetch_from(self, key: str, lease: Granted, delay: float) -> None:
+        self.fetch_froms.append((key, delay))
 
     def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "",
                 detail: str = "") -> None:
