@@ -105,6 +105,7 @@ _TOKEN_AT = 8 * len(EVENTS)
 _HELD_AT = 8 * (len(EVENTS) + 1)
 _BUCKET_BYTES = SLOTS * _SLOT.size
 F_HEAD, F_SHAREABLE, F_PASS = 1, 2, 4
+F_WAITED = 8  # the holder waited for another node's fill: its start is its fetch's (``fetch_from``)
 
 Notify = Callable[[int, dict[str, Any]], None]  # (worker id, event) -> None, fire and forget
 Told = list[tuple[int, dict[str, Any]]]  # (worker to tell, event)
@@ -265,15 +266,17 @@ class LeaseTable:
             if found is None or found[1][1] != token:
                 return
             at, (_, _, _, waiters, holder, flags) = found
-            _SLOT.pack_into(self._mm, at, fp, token, self._clock() + max(delay, 0.0), waiters, holder, flags)
+            _SLOT.pack_into(self._mm, at, fp, token, self._clock() + max(delay, 0.0), waiters, holder,
+                            flags | F_WAITED)
 
     def fetch_left(self, key: str, token: int, wait: float) -> float | None:
         """Seconds left of ``wait`` counted from when lease ``token``'s holder began (or begins)
-        its fetch (``fetch_from``); None once the lease is over."""
+        its fetch after a wait for another node's fill (``fetch_from``); None once the lease is
+        over, or when its holder did not wait so (a waiter's deadline is then its own)."""
         fp = self._arena.fingerprint(key)
         with self._arena.lease_locked():
             found = self._find(fp)
-            if found is None or found[1][1] != token:
+            if found is None or found[1][1] != token or not found[1][5] & F_WAITED:
                 return None
             started = float(found[1][2])
         return started + wait - self._clock()

@@ -335,7 +335,7 @@ def test_a_waiters_time_counts_from_the_holders_own_fetch_after_its_wait_for_ano
     assert granted is not None
     token = granted["token"]
     t.acquire(1, "k")
-    assert t.fetch_left("k", token, 5.0) == 5.0
+    assert t.fetch_left("k", token, 5.0) is None  # it did not wait for another node: no change
     t.fetch_from("k", token, 4.0)  # it waits for another node's fill, 4 s at most
     clock.now += 3
     assert t.fetch_left("k", token, 5.0) == 6.0
