@@ -223,6 +223,9 @@ class ClusterNode:
         self._early: dict[str, dict[str, int]] = {}
         self._own: dict[str, asyncio.Future[None]] = {}  # own entries, applied by purge()
         self._appending: set[asyncio.Future[None]] = set()  # purge() calls waiting for their XADD
+        # The last entry this node appended (epoch, seq): a Redis restored from a snapshot older
+        # than it lost it, whether or not the follower had read it back (``stream.lost_own``).
+        self._appended_seq: tuple[str, int] | None = None
         self._outbox: deque[PurgeSpec] = deque()
         self._redis: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
@@ -523,7 +526,11 @@ class ClusterNode:
         holds = saved is None and self._local_entries is not None and self._local_entries() > 0
         plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along,
                                   holds_entries=holds)
-        if stream.lost_data(saved, tip) and self._shared_reset is not None:
+        lost_own = stream.lost_own(self._appended_seq, tip)
+        if lost_own:  # one of ours, and maybe others' before it, it had not read yet
+            plan = Flush(tip.last_id, "redis-lost-data")
+        self._appended_seq = None  # (what Redis holds now: new appends number from its counter)
+        if (lost_own or stream.lost_data(saved, tip)) and self._shared_reset is not None:
             # Redis lost purges (restarted empty, or from an older snapshot): what its shared tier
             # holds may be what they removed. Nothing of it is read again (before the local cache
             # goes, or a miss here would adopt it back).
@@ -701,11 +708,12 @@ class ClusterNode:
             if self._shared_purge is not None:
                 await self._shared_purge(spec)
             appended = True
-            entry_id, _seq, _epoch = await r.eval(
+            entry_id, seq, epoch = await r.eval(
                 APPEND, 3, self.names.stream, self.names.seq, self.names.epoch,
                 self.settings.stream_max, self.name, json.dumps(spec.to_json(), separators=(",", ":")),
                 uuid.uuid4().hex)
             entry_id = str(entry_id)
+            self._appended_seq = (str(epoch), stored_int(seq, self.names.seq))
             early = self._early.pop(entry_id, {})  # (before _appended: it may empty them)
             applied: asyncio.Future[None] = loop.create_future()
             self._own[entry_id] = applied

@@ -231,6 +231,22 @@ def lost_data(saved: Saved | None, tip: Tip) -> bool:
     return saved is not None and (saved.epoch != tip.epoch or tip.seq < saved.seq)
 
 
+def lost_own(appended: tuple[str, int] | None, tip: Tip) -> bool:
+    """Whether Redis lost an entry this node appended itself (``appended``: its epoch and seq,
+    the last one it appended): the same epoch, the counter now below it (restored from a
+    snapshot older than the append). ``lost_data`` compares what the node *read* back from the
+    stream: Redis killed between a purge's append (answered 200) and the follower's read of it,
+    then restored from a snapshot of before it, looked intact, and its shared tier served what
+    that purge removed.
+
+    >>> lost_own(("e1", 8), Tip("e1", 7, "6-0")), lost_own(("e1", 8), Tip("e1", 8, "8-0"))
+    (True, False)
+    >>> lost_own(("e0", 8), Tip("e1", 2, "1-0")), lost_own(None, Tip("e1", 0, "0-0"))
+    (False, False)
+    """
+    return appended is not None and appended[0] == tip.epoch and tip.seq < appended[1]
+
+
 def caught_up_when_lost(state: str, tip_read: bool, saved: Saved | None, tip_seq: int,
                         before: bool) -> bool:
     """Whether a node that just lost Redis had applied every purge it knew of (``keep_unknown``
