@@ -744,8 +744,8 @@ class Engine:
 
     def response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
         out = list(end_to_end(headers, _RELAY_OWN))
-        via = headers.get("Via")
-        out.append(("Via", f"{via}, {self._via}" if via else self._via))
+        # Every Via line of the origin's, in order (a second line was lost), then this proxy's.
+        out.append(("Via", ", ".join((*headers.getall("Via", ()), self._via))))
         return out
 
     async def _pass(self, req: ClientRequest, plan: RequestPlan, *, fwd: str, detail: str | None) -> Reply:

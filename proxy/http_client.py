@@ -1072,7 +1072,7 @@ def request_head(method: str, target: str, headers: Sequence[tuple[str, str]], d
     if isinstance(body, bytes):
         lines.append(f"Content-Length: {len(body)}")
     elif body is not None:
-        if length is not None and length.isdigit():
+        if length is not None and length.isascii() and length.isdigit():  # not '²' or '٥'
             expected = int(length)
             lines.append(f"Content-Length: {expected}")
         else:

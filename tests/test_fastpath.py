@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.rules import RuleSet
 from proxy.web.fastheads import build_head
@@ -982,6 +983,25 @@ async def test_via_is_on_every_answer_once_the_fast_path_included(origin: Origin
     assert revalidated.header("X-Cache-Status") == "REVALIDATED"
     (hit,), _ = await exchange(p.fast_port, req("GET", "/via"), ["GET"])
     assert (hit.header("X-Cache-Status"), hit.header("Via")) == ("HIT", "1.1 revalidating-lb, 1.1 cachegate")
+
+
+async def test_every_via_line_of_the_origin_is_kept_on_relayed_and_stored_answers(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """An origin behind two intermediaries may send Via as two field lines: both members stay,
+    in order, before this cache's (a relayed answer kept the first line only)."""
+    async def page(request: web.Request) -> web.Response:
+        cc = "private" if request.path == "/via-pass" else "max-age=300"
+        headers = CIMultiDict([("Cache-Control", cc), ("Via", "1.0 a, 1.1 b"), ("via", "1.1 c")])
+        return web.Response(text="page", headers=headers)
+
+    origin.route("/via-pass", page)
+    origin.route("/via-fill", page)
+    proxy = await make_proxy()
+    want = "1.0 a, 1.1 b, 1.1 c, 1.1 cachegate"
+    for path, statuses in (("/via-pass", ("MISS", "MISS")), ("/via-fill", ("MISS", "HIT"))):
+        for status in statuses:
+            r = await proxy.get(path)
+            assert (r.headers["X-Cache-Status"], r.headers.getall("Via")) == (status, [want]), path
 
 
 async def test_a_reload_reaches_both_paths_front_end_at_the_next_request(origin: Origin,
