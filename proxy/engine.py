@@ -41,6 +41,7 @@ from proxy.leases import LeaseClient, LeaseTable
 from proxy.logs import note_key, note_upstream
 from proxy.metrics import CounterChild, HistogramChild, Metrics
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
+from proxy.policy.fields import split_list
 from proxy.policy.fill import (
     Exchange,
     Fill,
@@ -745,7 +746,9 @@ class Engine:
     def response_headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
         out = list(end_to_end(headers, _RELAY_OWN))
         # Every Via line of the origin's, in order (a second line was lost), then this proxy's.
-        out.append(("Via", ", ".join((*headers.getall("Via", ()), self._via))))
+        # (As members: an empty line adds none.)
+        vias = headers.getall("Via", ())
+        out.append(("Via", ", ".join((*split_list(vias), self._via)) if vias else self._via))
         return out
 
     async def _pass(self, req: ClientRequest, plan: RequestPlan, *, fwd: str, detail: str | None) -> Reply:

@@ -516,6 +516,7 @@ class ClusterNode:
     async def _catch_up(self) -> None:
         r = self._redis
         assert r is not None
+        appended = self._appended_seq  # (taken before TIP: an append answered later is after it)
         tip = await self._tip()
         saved = self.saved
         next_seq = None
@@ -526,10 +527,11 @@ class ClusterNode:
         holds = saved is None and self._local_entries is not None and self._local_entries() > 0
         plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along,
                                   holds_entries=holds)
-        lost_own = stream.lost_own(self._appended_seq, tip)
+        lost_own = stream.lost_own(appended, tip)
         if lost_own:  # one of ours, and maybe others' before it, it had not read yet
             plan = Flush(tip.last_id, "redis-lost-data")
-        self._appended_seq = None  # (what Redis holds now: new appends number from its counter)
+        if self._appended_seq == appended:
+            self._appended_seq = None  # (what Redis holds now: new appends number from its counter)
         if (lost_own or stream.lost_data(saved, tip)) and self._shared_reset is not None:
             # Redis lost purges (restarted empty, or from an older snapshot): what its shared tier
             # holds may be what they removed. Nothing of it is read again (before the local cache
