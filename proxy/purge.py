@@ -458,6 +458,17 @@ class Purger:
         return max(count, local)
 
 
+    async def purge_unheard(self, spec: PurgeSpec, within: float) -> tuple[int, bool]:
+        """``purge`` when the process owning the cache directory did not answer (stopped or
+        stalled, maybe holding a disk shard's write lock): the disk part takes at most about
+        ``within`` seconds (``Storage.purge_unheard``); (entries removed, whether the disk's
+        copies are gone too). URL keys only: tags, prefixes and "all" are bans, which only that
+        process records."""
+        async with self.storage.purging():
+            _, match = await self.plan(spec)
+            return await self.storage.purge_unheard(match, within)
+
+
 def match_to_json(m: PurgeMatch) -> dict[str, Any]:
     return {"keys": sorted(m.keys), "urls": sorted(m.urls), "prefixes": list(m.prefixes),
             "tags": sorted(m.tags), "all": m.all, "soft": m.soft, "since": m.since,

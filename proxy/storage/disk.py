@@ -233,7 +233,12 @@ def _raise_seq(shard: diskcache.Cache, top: list[int]) -> None:
         shard._sql(_SEQ_RAISE, (top[0],))
 
 
-def _drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+class ShardBusy(Exception):
+    """A shard's write lock stayed held (``update_many(retry=False)``): nothing of that batch was
+    written."""
+
+
+def drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
     return (), [e.body_id for e in current]
 
 
@@ -627,8 +632,12 @@ class DiskTier:
             shard.delete("b:" + old)
         return bool(before)
 
-    def update_many(self, keys: Iterable[str], merge: Merge) -> list[str]:
-        """Apply ``merge`` to many keys, one transaction per shard and batch; return the keys found."""
+    def update_many(self, keys: Iterable[str], merge: Merge, retry: bool = True) -> list[str]:
+        """Apply ``merge`` to many keys, one transaction per shard and batch; return the keys found.
+
+        ``retry=False``: ``ShardBusy`` once a shard's write lock stayed held for the shards'
+        ``timeout`` (the batches before it are committed). With retries a lock held by a stopped
+        process keeps the calling thread for as long as it is stopped."""
         by_shard: dict[int, list[str]] = {}
         for k in keys:
             by_shard.setdefault(shard_of(k, len(self._shards)), []).append(k)
@@ -636,15 +645,18 @@ class DiskTier:
         for i, ks in by_shard.items():
             shard = self._shards[i]
             for start in range(0, len(ks), 500):  # bounded lock hold time
-                with _transaction(shard, retry=True):
-                    for k in ks[start:start + 500]:
-                        if self._merge_locked(shard, k, merge):
-                            found.append(k)
+                try:
+                    with _transaction(shard, retry=retry):
+                        for k in ks[start:start + 500]:
+                            if self._merge_locked(shard, k, merge):
+                                found.append(k)
+                except diskcache.Timeout as exc:
+                    raise ShardBusy(os.path.join(shard.directory, "cache.db")) from exc
         return found
 
-    def delete_keys(self, keys: Iterable[str]) -> list[str]:
+    def delete_keys(self, keys: Iterable[str], retry: bool = True) -> list[str]:
         """Remove keys with all their variants and bodies; return those found."""
-        return self.update_many(keys, _drop_all)
+        return self.update_many(keys, drop_all, retry)
 
     # -- bodies ------------------------------------------------------------------------------
 

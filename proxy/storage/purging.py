@@ -23,7 +23,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from proxy.errors import PurgeUnavailable
 from proxy.policy.keys import url_of_key
@@ -31,6 +31,7 @@ from proxy.room import filesystem_full, human_size, space
 from proxy.storage.arena import Record
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies
+from proxy.storage.disk import ShardBusy, drop_all
 from proxy.storage.entry import Entry, record_tags
 from proxy.storage.index import Ban
 from proxy.storage.memory import PUT_TRIES, record_of
@@ -51,6 +52,8 @@ class Purging:
         self.t = tiers
         self._persister = persister
         self._body_files = body_files
+        # The disk deletion of an unanswered purge, while it runs (``purge_unheard``).
+        self._unheard_disk: asyncio.Future[list[str]] | None = None
 
     def paused(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Held by a purge while it acts on the shared memory and the disk: no write-behind batch
@@ -246,10 +249,13 @@ class Purging:
 
     # -- each process's half -------------------------------------------------------------------
 
-    async def purge_local(self, match: PurgeMatch, bans: Iterable[Ban] = ()) -> int:
+    async def purge_local(self, match: PurgeMatch, bans: Iterable[Ban] = (),
+                          within: float | None = None) -> int:
         """This process's half of a purge: bans, fills in flight, and what reached the shared
         memory since the purge's pass over it (``match.arena_from``; all of it when 0). Returns
-        the number of keys dropped (or marked stale) from memory."""
+        the number of keys dropped (or marked stale) from memory. ``within``: the disk deletion of
+        this process's late fills does not retry a held write lock and is waited for at most that
+        long (``purge_unheard``; they leave the directory of disk keys all the same)."""
         t = self.t
         t.bans.add(bans)
         t.work.purged(match)
@@ -270,17 +276,62 @@ class Purging:
             keys = sorted({e.key for e, _ in waits} | late)
             if t.disk is not None:
                 disk = t.disk
-                try:
-                    if match.soft:
-                        await t.run(disk.update_many, keys, mark_stale)
-                    else:
-                        await t.run(disk.delete_keys, keys)
-                        t.memory.arena.disk_remove(keys)
-                except (sqlite3.Error, OSError) as exc:
-                    raise self._unrecorded(exc) from exc
+                if within is not None:
+                    t.memory.arena.disk_remove(keys)
+                    job = asyncio.ensure_future(
+                        t.run(disk.update_many, keys, mark_stale if match.soft else drop_all, False))
+                    job.add_done_callback(_retrieved)
+                    with contextlib.suppress(TimeoutError, ShardBusy, sqlite3.Error, OSError):
+                        await asyncio.wait_for(asyncio.shield(job), within)
+                else:
+                    try:
+                        if match.soft:
+                            await t.run(disk.update_many, keys, mark_stale)
+                        else:
+                            await t.run(disk.delete_keys, keys)
+                            t.memory.arena.disk_remove(keys)
+                    except (sqlite3.Error, OSError) as exc:
+                        raise self._unrecorded(exc) from exc
             for k in keys:
                 self.forget_in_memory(k, match.soft)
         return count
+
+    async def purge_unheard(self, match: PurgeMatch, within: float) -> tuple[int, bool]:
+        """A purge of ``match.keys`` that the process owning the cache directory did not carry out
+        (stopped or stalled, maybe holding a shard's write lock: ``proxy.web.server.
+        invalidate_unheard``): (entries removed, whether the disk's copies are gone too).
+
+        First what takes no SQLite lock, so that no process serves a covered entry any more: the
+        keys leave the directory of disk keys (the other processes' reads then miss instead of
+        reading the disk's copy), then the shared memory and this process's half. Then the disk's
+        copies, without retrying a held write lock and waited for at most ``within`` seconds (one
+        such deletion at a time in this process: a stopped holder would otherwise take every
+        disk thread); the owner's purge, queued for when it runs again, deletes what is left and
+        the index rows. Why not simply the whole purge: a shard's write lock held by a stopped
+        process kept it waiting, and the client's answer with it, until that process ran again."""
+        t = self.t
+        keys = sorted(match.keys)
+        t.memory.arena.disk_remove(keys)
+        in_memory, _ = await self.purge_memory(match, start=match.arena_from)
+        local = await self.purge_local(match, within=within)
+        disk = t.disk
+        if disk is None or not keys:
+            return in_memory + local, True
+        if self._unheard_disk is not None and not self._unheard_disk.done():
+            return in_memory + local, False  # the one before still waits for the lock
+        merge = mark_stale if match.soft else drop_all
+        job = asyncio.ensure_future(t.run(disk.update_many, keys, merge, False))
+        self._unheard_disk = job
+        try:
+            found = await asyncio.wait_for(asyncio.shield(job), within)
+        except (TimeoutError, ShardBusy, sqlite3.Error, OSError) as exc:
+            job.add_done_callback(_retrieved)
+            log.warning("the disk's copies of %d key(s) of an unanswered invalidation were not "
+                        "deleted (%r): they are no longer read (the directory of disk keys does "
+                        "not list them), and the owner's purge deletes them when it runs again",
+                        len(keys), exc)
+            return in_memory + local, False
+        return max(len(found), in_memory + local), True
 
     def forget_in_memory(self, key: str, soft: bool) -> bool:
         memory = self.t.memory
@@ -319,6 +370,12 @@ class Purging:
             in_memory, start = await self.purge_memory(match)
             local = await self.purge_local(replace(match, arena_from=start), bans)
         return max(shared, in_memory + local)
+
+
+def _retrieved(job: asyncio.Future[Any]) -> None:
+    """Its outcome read, so that one nobody waited for any more is not logged as never retrieved."""
+    if not job.cancelled():
+        job.exception()
 
 
 def record_covered(match: PurgeMatch, record: Record) -> bool:

@@ -273,6 +273,9 @@ class Storage:
     async def purge_local(self, match: PurgeMatch, bans: Iterable[Ban] = ()) -> int:
         return await self.purges.purge_local(match, bans)
 
+    async def purge_unheard(self, match: PurgeMatch, within: float) -> tuple[int, bool]:
+        return await self.purges.purge_unheard(match, within)
+
     def forget_in_memory(self, key: str, soft: bool) -> bool:
         return self.purges.forget_in_memory(key, soft)
 

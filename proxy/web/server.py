@@ -816,6 +816,11 @@ def _ignored_while_stopping(sig: signal.Signals) -> None:
     log.warning("%s ignored while stopping", signal.Signals(sig).name)
 
 
+# Seconds an unanswered invalidation waits for a disk shard's write lock before its worker answers
+# (the lock's holder may be the stopped supervisor; its queued purge deletes what is left).
+UNHEARD_DISK_WAIT = 1.0
+
+
 async def invalidate_unheard(runtime: Runtime, spec: PurgeSpec, worker_id: int) -> PurgeOutcome:
     """An invalidation the supervisor did not carry out within ``HOLD_MAX`` (it is stopped or
     stalled): applied here to what every worker reads (the disk tier, the shared memory and, in
@@ -824,13 +829,18 @@ async def invalidate_unheard(runtime: Runtime, spec: PurgeSpec, worker_id: int) 
     channel: when the supervisor runs again it makes the invalidation as usual (every worker's
     half; in cluster mode the other nodes, through the stream or the outbox). Until then another
     worker may still store a covered fill that was in flight in it, and the other nodes serve what
-    they hold: a client kept waiting would not have changed that."""
+    they hold: a client kept waiting would not have changed that.
+
+    The disk's copies are deleted without waiting long for a shard's write lock
+    (``UNHEARD_DISK_WAIT``): a supervisor stopped in the middle of a write-behind commit holds one,
+    and the deletion waited for it, the answer with it, until the supervisor ran again. They leave
+    the directory of disk keys first, so no worker reads them meanwhile (``Purger.purge_unheard``)."""
     log.warning("worker %d: the supervisor did not answer an invalidation (%s) within %g s (stopped "
                 "or stalled): applied from this worker to the disk and the shared memory (and the "
                 "shared tier); the other workers and nodes get it when the supervisor runs again",
                 worker_id, spec.describe(), HOLD_MAX)
     runtime.metrics.storage_errors.labels("invalidate").inc()
-    count = await runtime.purger.purge(spec)
+    count, _ = await runtime.purger.purge_unheard(spec, UNHEARD_DISK_WAIT)
     try:
         await purge_shared_tier(runtime, spec)
     except Exception as exc:  # Redis away: the supervisor's outbox covers it once it runs
