@@ -21,8 +21,38 @@ import urllib.request
 from email.message import Message
 from typing import IO, Any
 
-from proxy.policy.fields import unsendable
+from proxy.policy.cache_status import CACHE_NAME
+from proxy.policy.fields import split_outside_quotes, unsendable
 from proxy.shown import shown
+
+# The field every answer of the admin listener carries (``create_admin_app``), and no answer of
+# the client listener's of its own; see ``relayed``.
+ADMIN_FIELD = "Cachegate-Admin"
+
+
+def relayed(fields: Message) -> str | None:
+    """Why an answer is not the admin listener's own, or None. The admin listener marks every
+    answer with ``ADMIN_FIELD``; an origin could send that field too, and the client listener
+    relays it, but the client listener adds ``X-Cache-Status`` and its ``cachegate`` member of
+    ``Cache-Status`` to everything it answers, which the admin listener never sends.
+
+    >>> from email.message import Message
+    >>> m = Message(); m["Cachegate-Admin"] = "1"; relayed(m) is None
+    True
+    >>> m["Cache-Status"] = 'edge; hit, "cachegate"; fwd=uri-miss'; relayed(m)
+    'a Cache-Status that names cachegate'
+    >>> relayed(Message())
+    'no Cachegate-Admin field'
+    """
+    if fields.get(ADMIN_FIELD) is None:
+        return f"no {ADMIN_FIELD} field"
+    if fields.get("X-Cache-Status") is not None:
+        return "X-Cache-Status"
+    members = (split_outside_quotes(m, ";", 1)[0].strip(' \t"')
+               for line in fields.get_all("Cache-Status", []) for m in split_outside_quotes(str(line), ","))
+    if CACHE_NAME in members:
+        return "a Cache-Status that names cachegate"
+    return None
 
 
 class AdminClientError(Exception):
@@ -117,6 +147,13 @@ def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
     """Send ``body`` as JSON; the answer's text on 2xx (as the server sent it: what prints it
     shows it with ``shown``), else AdminClientError with the error.
     ``timeout`` bounds the whole exchange, from connecting to the answer's last byte."""
+    return call_admin_answer(base, method, path, body, token, timeout)[0]
+
+
+def call_admin_answer(base: str, method: str, path: str, body: Any, token: str | None,
+                      timeout: float = 60.0) -> tuple[str, Message]:
+    """``call_admin``, with the answer's header fields too (``cachegate health`` tells the admin
+    listener's /healthz from a relayed one by them)."""
     data = json.dumps(body).encode() if body is not None else None
     try:
         request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
@@ -138,9 +175,10 @@ def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
                                              *_handlers(deadline))
         with opener.open(request, timeout=timeout) as resp:
             text = resp.read()
+            fields: Message = resp.headers
         if deadline.expired:
             raise late
-        return str(text.decode(errors="replace"))
+        return str(text.decode(errors="replace")), fields
     except urllib.error.HTTPError as exc:
         if deadline.expired:
             raise late from None

@@ -338,12 +338,13 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """GET /healthz on the admin API (a container HEALTHCHECK, an exec probe): exit 0 when it
-    answers 200 with cachegate's ``{"status": "ok"}``, else 1 with why. The body is checked: a
-    URL that reaches another server (the client listener, passing /healthz on to the origin)
-    would otherwise report a healthy cachegate."""
+    answers 200 with cachegate's ``{"status": "ok"}`` and is the admin listener's own answer
+    (``admin_client.relayed``), else 1 with why. A URL that reaches another server (the client
+    listener, passing /healthz on to an origin that may answer just as cachegate does) would
+    otherwise report a healthy cachegate."""
     import json
 
-    from proxy.admin_client import AdminClientError, call_admin
+    from proxy.admin_client import ADMIN_FIELD, AdminClientError, call_admin_answer, relayed
     from proxy.shown import shown
 
     where = _admin_of(args, "health")
@@ -351,7 +352,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         return where
     base = where[0]
     try:
-        text = call_admin(base, "GET", "/healthz", None, None, timeout=args.timeout)
+        text, fields = call_admin_answer(base, "GET", "/healthz", None, None, timeout=args.timeout)
     except AdminClientError as exc:
         print(f"cachegate health: {_unreachable(args, str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
@@ -359,11 +360,22 @@ def cmd_health(args: argparse.Namespace) -> int:
         answer = json.loads(text)
     except ValueError:
         answer = None
+    said = shown(text.strip()[:80], keep="")
+    url = f"{shown(base.rstrip('/'))}/healthz"
     if not isinstance(answer, dict) or answer.get("status") != "ok":
-        said = shown(text.strip()[:80], keep="")
-        print(f"cachegate health: {shown(base.rstrip('/'))}/healthz is not cachegate's admin endpoint: it "
+        print(f"cachegate health: {url} is not cachegate's admin endpoint: it "
               f'answered "{said}", not {{"status": "ok"}} (give the address of admin.listen, not the '
               "client listener's)", file=sys.stderr)
+        return EXIT_FAILURE
+    why = relayed(fields)
+    if why is not None:
+        older = (f"; a cachegate started before an upgrade to this version sends no {ADMIN_FIELD}: "
+                 "restart it" if fields.get(ADMIN_FIELD) is None else "")
+        print(f"cachegate health: {url} is not cachegate's admin endpoint: it answered "
+              f'"{said}", but with {why} (the admin listener marks its answers with {ADMIN_FIELD}, '
+              "the client listener adds X-Cache-Status and Cache-Status to what it relays): give "
+              f"the address of admin.listen, not the client listener's or an origin's{older}",
+              file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -52,6 +52,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 from multidict import MultiMapping
 
+from proxy.admin_client import ADMIN_FIELD
 from proxy.errors import BadRequest, ClientBodyError, ClientGone
 from proxy.explain import ExplainRequest, StoredVariant, explain_trace
 from proxy.explain import request_head as explain_head
@@ -805,6 +806,9 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
     async def server_name(request: web.Request, response: web.StreamResponse) -> None:
         # The operator's name, not aiohttp's default (which names its and Python's versions).
         response.headers["Server"] = runtime.settings.server_header
+        # What tells this listener's answers from the client listener's: `cachegate health`
+        # requires it (with none of the fields the client listener adds to what it relays).
+        response.headers[ADMIN_FIELD] = "1"
 
     async def close_refusals(app: web.Application) -> None:
         app[ADMIN].refusals.close()

@@ -83,6 +83,33 @@ async def test_cachegate_health_refuses_a_200_that_is_not_cachegates_healthz(
     assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 0  # the real one
 
 
+@pytest.mark.parametrize("marked", [False, True], ids=["origin", "origin-sends-the-admin-field"])
+async def test_cachegate_health_refuses_an_origins_healthz_that_answers_as_cachegates(
+    origin: Origin, make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str], marked: bool
+) -> None:
+    """An origin whose /healthz answers 200 {"status": "ok"}, as cachegate's does: relayed (and
+    cached, then served as a hit) by the client listener, it made `cachegate health` exit 0
+    against the client listener. The admin listener's answers carry Cachegate-Admin; the client
+    listener's carry X-Cache-Status, even when the origin sends Cachegate-Admin too."""
+    fields = {"Content-Type": "application/json", "Cache-Control": "max-age=60"}
+    if marked:
+        fields["Cachegate-Admin"] = "1"
+    origin.route("/healthz", body=b'{"status": "ok"}', headers=fields)
+    proxy = await make_proxy()
+    for _ in range(2):  # a miss, then a hit from the store
+        assert await asyncio.to_thread(main, ["health", "--admin", proxy.url]) == 1
+        err = capsys.readouterr().err
+        assert "is not cachegate's admin endpoint" in err, err
+        assert ("X-Cache-Status" if marked else "no Cachegate-Admin field") in err, err
+    assert origin.count("/healthz") == 1
+    if not marked:  # the origin itself, reached directly: nothing marks it as cachegate's
+        assert await asyncio.to_thread(main, ["health", "--admin", origin.url]) == 1
+        assert "no Cachegate-Admin field" in capsys.readouterr().err
+    reply = await proxy.admin("GET", "/healthz")
+    assert reply.headers["Cachegate-Admin"] == "1" and "X-Cache-Status" not in reply.headers
+    assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["alone", "workers"])
 async def test_during_the_drain_healthz_answers_503_stopping_and_metrics_answer(
