@@ -334,6 +334,67 @@ def sum_upstreams(parts: Iterable[Answer]) -> Answer:
     return {"upstreams": [{"url": url, **row} for url, row in by_url.items()]}
 
 
+def _state_kind(state: str) -> str:
+    """A pool's state without what changes every second: ``down (passive)`` for every
+    ``down (passive, 7.5s left)``."""
+    return "down (passive)" if state.startswith("down (passive") else state
+
+
+def workers_state(own: str, states: Sequence[str]) -> str:
+    """The whole proxy's state of one upstream, from the supervisor's (``own``: its active
+    health checks) and the workers' (``states``: where requests go and passive ejections happen).
+
+    >>> workers_state("up", ["down (passive, 7.5s left)", "down (passive, 2.0s left)"])
+    'down (passive) in 2 of 2 workers'
+    >>> workers_state("up", ["up", "down (passive, 1.0s left)"])
+    'up in 1 of 2 workers, down (passive) in 1 of 2 workers'
+    >>> workers_state("up", ["up", "up"]), workers_state("down (health check)", ["up", "up"])
+    ('up', 'down (health check)')
+    >>> workers_state("up", [])
+    'up; no worker answered'
+    """
+    if own == "down (health check)":
+        return own  # the supervisor's check is what decides "available" for the whole proxy
+    if not states:
+        return f"{own}; no worker answered"
+    kinds = collections.Counter(_state_kind(s) for s in states)
+    if set(kinds) == {"up"}:
+        return "up"
+    order = sorted(kinds, key=lambda k: (k != "up", k))
+    return ", ".join(f"{k} in {kinds[k]} of {len(states)} workers" for k in order)
+
+
+def upstreams_of_workers(own: Sequence[Answer], workers: Sequence[Answer], counted: Answer
+                         ) -> list[dict[str, Any]]:
+    """``GET /upstreams``' top level (and the console's) with ``--workers N``: the supervisor's
+    pool (``own``) sends no client traffic and never ejects passively, so on its own it said "up",
+    available, 0 requests while every worker had the upstream down. Per upstream: ``state``
+    (``workers_state``); ``available`` when the supervisor's check and at least one worker's
+    pool say so (``workers_available`` of ``workers`` that answered); ``in_flight`` and
+    ``passive`` (the most consecutive failures, the longest ``down_for``) of the workers that
+    answered now (``workers``: their ``upstream_states``); ``requests`` and ``failures`` since
+    start from ``counted`` (``Kept(sum_upstreams).total()``: a worker killed and started again
+    takes nothing back); ``health_check`` the supervisor's."""
+    counts = {c["url"]: c for c in counted.get("upstreams", ())}
+    merged = []
+    for u in own:
+        states = [w_u for w in workers for w_u in w.get("upstreams", ()) if w_u.get("url") == u["url"]]
+        row = dict(u)
+        row["state"] = workers_state(str(u["state"]), [str(s.get("state", "")) for s in states])
+        row["workers_available"] = sum(1 for s in states if s.get("available"))
+        row["workers"] = len(states)
+        row["available"] = bool(u["available"]) and row["workers_available"] > 0
+        row["in_flight"] = sum(int(s.get("in_flight", 0)) for s in states)
+        for name in UPSTREAM_COUNTED:
+            row[name] = int(counts.get(u["url"], {}).get(name, 0))
+        passive = [s.get("passive") or {} for s in states]
+        row["passive"] = {
+            "consecutive_failures": max((int(p.get("consecutive_failures", 0)) for p in passive), default=0),
+            "down_for": max((float(p.get("down_for", 0.0)) for p in passive), default=0.0)}
+        merged.append(row)
+    return merged
+
+
 def sum_tables(parts: Iterable[Answer]) -> Answer:
     """Processes' ``LiveStats.snapshot`` folded for ``Kept``: the not-stored counts (since start)
     added up, with the example of the process that saw the most of each reason; the top URLs of
@@ -501,4 +562,4 @@ def _ms(seconds: float | None) -> float | None:
 
 __all__ = ["FAST_SAMPLE", "HIT_STATUSES", "NOT_IN_RATIOS", "UPSTREAM_COUNTED", "Kept", "LiveStats",
            "NotStoredLog", "Places", "Series", "TopUrls", "merge_snapshots", "percentile", "ratios",
-           "sum_tables", "sum_upstreams"]
+           "sum_tables", "sum_upstreams", "upstreams_of_workers", "workers_state"]

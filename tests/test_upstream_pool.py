@@ -11,6 +11,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -923,3 +924,59 @@ async def test_a_body_delimited_by_the_end_of_a_tls_connection_is_relayed_never_
     finally:
         for server in (secure, plain):
             server.close()
+
+
+@pytest.mark.slow
+async def test_with_workers_upstreams_top_level_is_the_workers_state_and_counts(
+        origin: Origin, tmp_path: Path) -> None:
+    """``cachegate run --workers 2``, a dead upstream and a live one: GET /upstreams' top level
+    was the supervisor's pool, which sends no client traffic, so it said "up", available, 0
+    requests for the dead upstream while every worker had it down (passive) with the failures.
+    Now it is the whole proxy's, as the console shows it; the supervisor's health_check stays."""
+    from tests.ops.test_server_and_errors import closed_port
+    from tests.storage.procs import ProxyProcess, write_config
+
+    dead = f"http://127.0.0.1:{closed_port()}"
+    origin.route("/u", body=b"fine", headers={"Cache-Control": "no-store"})
+    path = Path(write_config(str(tmp_path), origin.url, "cache: {disk: null}\n",
+                             "upstream: {passive: {failures: 2, cooldown: 60s}}\n"))
+    path.write_text(path.read_text().replace(f"upstreams: [{{url: '{origin.url}'}}]",  # noqa: ASYNC240
+                                             f"upstreams: ['{dead}', '{origin.url}']"))
+    proxy = ProxyProcess(str(tmp_path), str(path))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        await proxy.wait_for(lambda: any("started:" in line for line in proxy.lines))
+
+        async def view() -> dict[str, Any]:
+            return json.loads((await proxy.admin("GET", "/upstreams")).body)  # type: ignore[no-any-return]
+
+        body = await view()
+        for _ in range(200):  # new connections: both workers answer some, and eject the dead one
+            if all(not w["upstreams"][0]["available"] for w in body["workers"]) and len(body["workers"]) == 2:
+                break
+            assert (await proxy.get("/u")).status == 200  # retried on the live one
+            body = await view()
+        workers = body["workers"]
+        assert [w["worker"] for w in workers] == [0, 1]
+        assert all(w["upstreams"][0]["state"].startswith("down (passive") for w in workers), workers
+        top_dead, top_live = body["upstreams"]
+        assert top_dead["url"] == dead and top_live["url"] == origin.url
+        assert top_dead["state"] == "down (passive) in 2 of 2 workers"
+        assert top_dead["available"] is False
+        assert (top_dead["workers"], top_dead["workers_available"]) == (2, 0)
+        assert top_dead["failures"] == sum(w["upstreams"][0]["failures"] for w in workers) >= 4
+        assert top_dead["requests"] == sum(w["upstreams"][0]["requests"] for w in workers)
+        assert top_dead["passive"]["down_for"] > 30
+        assert top_dead["health_check"] is None  # the supervisor's: no active checks configured
+        assert top_live["state"] == "up" and top_live["available"] is True
+        assert top_live["requests"] == origin.count("/u") > 0 and top_live["failures"] == 0
+        assert (top_live["workers"], top_live["workers_available"]) == (2, 2)
+        for _ in range(100):  # the console reads the workers' pools every two seconds
+            shown = json.loads((await proxy.admin("GET", "/console/api/live")).body)["upstreams"][0]
+            if shown["state"] != "up":
+                break
+            await asyncio.sleep(0.1)
+        assert (shown["state"], shown["available"]) == ("down (passive) in 2 of 2 workers", False)
+    finally:
+        await proxy.stop()

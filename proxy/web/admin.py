@@ -57,6 +57,7 @@ from proxy.errors import BadRequest, ClientBodyError, ClientGone
 from proxy.explain import ExplainRequest, StoredVariant, explain_trace
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
+from proxy.live import upstreams_of_workers
 from proxy.policy.fields import is_token
 from proxy.policy.keys import cache_key, part_key
 from proxy.policy.messages import RequestHead
@@ -82,7 +83,7 @@ from proxy.web.admin_guard import (
     loads_untrusted,
 )
 from proxy.web.bodyreader import BodyReader
-from proxy.web.console import CSRF_HEADER, console_access, setup_console
+from proxy.web.console import CONSOLE, CSRF_HEADER, console_access, setup_console
 from proxy.web.heads import ends_connection
 
 log = logging.getLogger("cachegate.admin")
@@ -832,15 +833,20 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
 
 async def upstreams(request: web.Request) -> web.Response:
     """Each upstream's state: up or down and why, requests in flight, totals, and the passive
-    and active health counters (``UpstreamPool.snapshot``). With ``--workers N``, ``upstreams``
-    is the supervisor's pool (it runs the active health checks too) and ``workers`` has each
-    worker's own pool, where requests are sent and passive ejections happen."""
+    and active health counters (``UpstreamPool.snapshot``). With ``--workers N``, ``workers``
+    has each worker's own pool, where requests are sent and passive ejections happen, and the
+    top level is the whole proxy's, as the console shows it (``live.upstreams_of_workers``):
+    the supervisor's pool alone, which only runs health checks, said "up", 0 requests, while
+    every worker had the upstream down."""
     query_params(request, ())
     ctx = request.app[ADMIN]
     body: dict[str, Any] = {"upstreams": ctx.runtime.pool.snapshot()}
     if ctx.inspector.multi:
-        answers = await ctx.inspector.ask_workers("upstream_states")
-        body["workers"] = sorted(answers, key=lambda a: a["worker"])
+        answers = sorted(await ctx.inspector.ask_workers("upstream_states"), key=lambda a: a["worker"])
+        counts = request.app[CONSOLE].feed.upstream_counts  # kept by process since start
+        counts.add(answers)
+        body["upstreams"] = upstreams_of_workers(body["upstreams"], answers, counts.total())
+        body["workers"] = answers
     return web.json_response(body)
 
 

@@ -56,7 +56,6 @@ from aiohttp import web
 from proxy.errors import BadRequest
 from proxy.inspection import Inspector
 from proxy.live import (
-    UPSTREAM_COUNTED,
     Answer,
     Kept,
     Series,
@@ -65,6 +64,7 @@ from proxy.live import (
     ratios,
     sum_tables,
     sum_upstreams,
+    upstreams_of_workers,
 )
 from proxy.metrics import REQUEST_BUCKETS
 from proxy.policy.request import CONSOLE_COOKIE
@@ -303,19 +303,8 @@ class LiveFeed:
         upstreams = runtime.pool.snapshot()
         if self.upstream_workers:
             # Workers send the requests (and eject upstreams passively); the supervisor's pool
-            # runs the active health checks. Counts are the workers'; "available" needs both.
-            # Requests and failures since start are every worker's that ever ran (``Kept``); the
-            # gauges (in flight, available) those of the workers that answered now.
-            counted = {c["url"]: c for c in self.upstream_counts.total()["upstreams"]}
-            for u in upstreams:
-                states = [w_u for w in self.upstream_workers for w_u in w.get("upstreams", ())
-                          if w_u.get("url") == u["url"]]
-                u["workers_available"] = sum(1 for s in states if s.get("available"))
-                u["workers"] = len(states)
-                u["available"] = bool(u["available"]) and u["workers_available"] > 0
-                u["in_flight"] = sum(int(s.get("in_flight", 0)) for s in states)
-                for name in UPSTREAM_COUNTED:
-                    u[name] = int(counted.get(u["url"], {}).get(name, 0))
+            # runs the active health checks: the same view as GET /upstreams' top level.
+            upstreams = upstreams_of_workers(upstreams, self.upstream_workers, self.upstream_counts.total())
         return {
             "instance": self.instance,
             "seq": self.series.seq,

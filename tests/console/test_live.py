@@ -13,6 +13,7 @@ from proxy.live import (
     ratios,
     sum_tables,
     sum_upstreams,
+    upstreams_of_workers,
 )
 from proxy.metrics import REQUEST_BUCKETS, LeanHistogram, Metrics
 
@@ -238,6 +239,45 @@ def test_upstream_counts_keep_a_killed_workers_last_read_and_count_its_successor
     kept.add([upstream_states(12, 0, 1, 0), upstream_states(14, 1, 0, 0)])  # pid 12 given again
     assert kept.total()["upstreams"][0] == {"url": "http://o", "requests": 177, "failures": 6}
     assert kept.pids() == [12, 14]
+
+
+def pool_row(state: str, available: bool, requests: int = 0, failures: int = 0, in_flight: int = 0,
+             passive: tuple[int, float] = (0, 0.0), health_check: dict | None = None) -> dict:
+    return {"url": "http://o", "state": state, "available": available, "weight": 1, "in_flight": in_flight,
+            "requests": requests, "failures": failures,
+            "passive": {"consecutive_failures": passive[0], "down_for": passive[1]},
+            "health_check": health_check}
+
+
+def test_the_whole_proxys_upstream_is_the_workers_state_and_counts_with_the_supervisors_check():
+    """With --workers N the supervisor's pool sends nothing and never ejects passively: the
+    top level of GET /upstreams (and the console) takes the workers' state, counts kept by
+    process since start, and the supervisor's active check, which alone can say down for all."""
+    check = {"path": "/healthz", "healthy": True, "consecutive_successes": 4,
+             "consecutive_failures": 0, "last_error": None}
+    own = [pool_row("up", True, health_check=check)]
+    workers = [{"pid": 10, "worker": 0, "upstreams": [pool_row("down (passive, 7.5s left)", False, 5, 3,
+                                                               passive=(3, 7.5))]},
+               {"pid": 11, "worker": 1, "upstreams": [pool_row("up", True, 4, 1, in_flight=2, passive=(1, 0.0))]}]
+    kept = Kept(sum_upstreams)
+    kept.add([{"pid": 9, "worker": 1, "upstreams": [pool_row("up", True, 100, 10)]}])  # killed since
+    kept.add(workers)
+    [row] = upstreams_of_workers(own, workers, kept.total())
+    assert row == {"url": "http://o", "state": "up in 1 of 2 workers, down (passive) in 1 of 2 workers",
+                   "available": True, "weight": 1, "in_flight": 2, "requests": 109, "failures": 14,
+                   "passive": {"consecutive_failures": 3, "down_for": 7.5}, "health_check": check,
+                   "workers": 2, "workers_available": 1}
+    workers[1]["upstreams"] = [pool_row("down (passive, 9.0s left)", False, 6, 3, passive=(3, 9.0))]
+    [row] = upstreams_of_workers(own, workers, sum_upstreams(workers))
+    assert (row["state"], row["available"], row["workers_available"]) == ("down (passive) in 2 of 2 workers", False, 0)
+    assert (row["requests"], row["failures"], row["passive"]["down_for"]) == (11, 6, 9.0)
+    sick = [pool_row("down (health check)", False, health_check={**check, "healthy": False})]
+    workers[1]["upstreams"] = [pool_row("up", True)]
+    [row] = upstreams_of_workers(sick, workers, sum_upstreams(workers))
+    assert (row["state"], row["available"], row["workers_available"]) == ("down (health check)", False, 1)
+    assert row["health_check"]["healthy"] is False
+    [row] = upstreams_of_workers(own, [], sum_upstreams([]))  # no worker answered
+    assert (row["state"], row["available"], row["requests"]) == ("up; no worker answered", False, 0)
 
 
 def test_not_stored_counts_are_kept_and_a_killed_workers_top_urls_age_out_of_the_window():

@@ -311,8 +311,9 @@ function renderTables(live) {
   ]));
   fillTable("upstreams", live.upstreams.map((u) => {
     let stateText = u.available ? "up" : "down";
-    if (u.state && u.state !== "up" && u.state !== "down") stateText += ` (${u.state})`;
-    if (u.workers) stateText += ` · ${u.workers_available}/${u.workers} workers`;
+    if ("workers" in u) {  // --workers N: the state says in how many workers (GET /upstreams' top level)
+      if (u.state !== "up") stateText += `: ${u.state}`;
+    } else if (u.state && u.state !== "up" && u.state !== "down") stateText += ` (${u.state})`;
     return [td(u.url, "url"), td(stateText, u.available ? "state-up" : "state-down"), td(u.in_flight, "num"),
       td(u.requests, "num"), td(u.failures, "num")];
   }));
