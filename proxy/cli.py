@@ -400,6 +400,12 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, overrides)
     if settings is None:
         return EXIT_CONFIG
+    if settings.workers > 1:
+        # This process becomes the supervisor: its lines from here on (the config's warnings
+        # first) say so, as docs/logs.md promises, not "0" (a worker's, or a lone process's).
+        from proxy.logs import setup_logging
+
+        setup_logging(worker="supervisor")
     log_as_configured(settings)
     for warning in settings.warnings:
         logging.getLogger("cachegate.config").warning("%s", warning)

@@ -309,3 +309,27 @@ def test_a_cache_path_that_is_a_file_is_refused_at_its_line(tmp_path: Path, comm
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr.splitlines()) == (2, [
         f"{config}:6: cache.disk.path: {blocker} is a file: give a directory (made if it does not exist)"])
+
+
+@pytest.mark.parametrize("where", ["command line", "config"])
+def test_the_supervisors_config_warnings_name_the_supervisor_not_worker_0(tmp_path: Path, where: str) -> None:
+    """docs/logs.md: the supervisor's lines say "supervisor". Its config warnings were logged
+    before it named itself, as "worker": "0", a worker's name."""
+    workers = "workers: 2\n" if where == "config" else ""
+    config = write(tmp_path / "c.yaml", "listen: 127.0.0.1:0\nupstreams: [{url: 'http://127.0.0.1:9'}]\n"
+                   f"admin: {{listen: '127.0.0.1:0'}}\n{workers}"
+                   f"cache: {{memory: 16MB, max_object: 100MB, disk: {{path: '{tmp_path}/cache', size: 1GB}}}}\n"
+                   "access_log: true\n")
+    args = ["run", "--config", config] + (["--workers", "2"] if where == "command line" else [])
+    proc = spawn_cachegate(args, timeout=60)
+    try:
+        assert proc.stop() == 0
+    finally:
+        proc.wait()
+    lines = [json.loads(line) for line in proc.output if line.startswith("{")]
+    warned = [line for line in lines if line["logger"] == "cachegate.config"]
+    assert [line["level"] for line in warned] == ["warning"], proc.text
+    assert "cache.max_object 100 MB is more than the store can keep" in warned[0]["message"]
+    assert warned[0]["worker"] == "supervisor", proc.text
+    started = [line for line in lines if "proxy listening on" in line["message"]]
+    assert [line["worker"] for line in started] == ["supervisor"], proc.text
