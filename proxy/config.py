@@ -149,6 +149,17 @@ def _line(root: Src, *path: str) -> tuple[str, int]:
     return at
 
 
+def _key_written(root: Src, *path: str) -> bool:
+    """Whether the key ``root[path[0]][path[1]]...`` is in the file, whatever its value (an
+    unset ``${VAR}`` reads as null)."""
+    node = root
+    for key in path:
+        if not isinstance(node.value, dict) or key not in node.value:
+            return False
+        node = node.value[key]
+    return True
+
+
 # Whether a load checks the config against this machine (``cache.memory`` against its memory,
 # ``cache.disk.size`` against its filesystem): "start" where the shared memory and the cache
 # directory are made (``cachegate check``, the start of a supervisor or a single process);
@@ -180,12 +191,15 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
     if admin.listen is None or listens_on_loopback(admin.listen[0]):
         return
     where = f"admin.listen {_fmt_hostport(admin.listen)}"  # [::]:8081, not :::8081
-    if admin.token is None:
+    token_at = _line(root, "admin", "token")
+    if admin.token is None and _key_written(root, "admin", "token") and problems.reported_at(token_at):
+        pass  # written but refused (an unset ${VAR}, a newline at its end): said at its line, once
+    elif admin.token is None:
         at = ("<command line>", 0) if o.admin_listen is not None else _line(root, "admin", "listen")
         problems.add(at, f"{where} is not loopback and admin.token is not set: the admin API would be open "
                          "to anyone who can reach it; set admin.token or listen on 127.0.0.1")
     elif len(admin.token) < MIN_TOKEN_LENGTH:
-        problems.add(_line(root, "admin", "token"),
+        problems.add(token_at,
                      f"admin.token is {len(admin.token)} characters long; on a listener others can reach "
                      f"({where}) it must have at least {MIN_TOKEN_LENGTH} (e.g. the output of "
                      "`openssl rand -hex 24`)")

@@ -67,6 +67,11 @@ class Problems:
     def __bool__(self) -> bool:
         return bool(self.items)
 
+    def reported_at(self, at: tuple[str, int]) -> bool:
+        """Whether a problem was already reported at ``at`` (FILE, LINE): a check of several
+        fields then says nothing more of a value that was refused where it is written."""
+        return at in self._where
+
     def extend(self, other: Problems) -> None:
         self.items.extend(other.items)
         self._where.extend(other._where)

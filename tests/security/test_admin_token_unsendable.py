@@ -60,6 +60,27 @@ def test_check_refuses_a_token_no_client_can_send_at_its_line(
     assert main(["check", "--config", str(config)]) == 0
 
 
+@pytest.mark.parametrize("token", [TOKEN + "\n", None], ids=["newline", "unset variable"])
+def test_a_refused_token_on_a_reachable_listener_is_one_problem_not_also_not_set(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        token: str | None) -> None:
+    """With ``admin.listen: 0.0.0.0:...``, a token refused at its line was reported a second
+    time as "admin.token is not set", which sent the operator looking for a missing key."""
+    config = tmp_path / "cachegate.yaml"
+    config.write_text(write(tmp_path).read_text().replace("'127.0.0.1:0'", "'0.0.0.0:0'"))
+    if token is None:
+        monkeypatch.delenv("ADMIN_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("ADMIN_TOKEN", token)
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{config}:6: "), err
+    assert ("environment variable ADMIN_TOKEN is not set" if token is None else "ends with a newline") in err[0]
+    config.write_text(config.read_text().replace("  token: ${ADMIN_TOKEN}\n", "  token: null\n"))
+    assert main(["check", "--config", str(config)]) == 2  # written as null: not set, at admin.listen
+    assert "admin.listen 0.0.0.0:0 is not loopback and admin.token is not set" in capsys.readouterr().err
+
+
 async def test_a_reload_to_a_token_with_a_newline_is_refused_and_the_running_token_holds(
         origin: Origin, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:
     proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
