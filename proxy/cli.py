@@ -238,13 +238,18 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if args.proxy:
         proxy = args.proxy
     elif args.config:
-        settings = load_settings(args.config, Overrides(), machine="no")
-        if settings is None:
+        from proxy.config import load_client_listeners
+
+        # Only listen: is read (the rest, an admin token's unset ${VAR} say, is the service's).
+        try:
+            listeners = load_client_listeners(args.config)
+        except ConfigError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
             return EXIT_CONFIG
         # A plain listener if there is one; a wildcard listen address is reached on loopback.
-        listener = next((li for li in settings.listeners if li.tls is None), settings.listeners[0])
-        proxy = admin_url_of(listener.address)
-        if listener.tls is not None:
+        address, tls = next(((a, t) for a, t in listeners if not t), listeners[0])
+        proxy = admin_url_of(address)
+        if tls:
             proxy = "https" + proxy.removeprefix("http")
     else:
         proxy = "http://127.0.0.1:8080"
@@ -306,9 +311,13 @@ def _admin_of(args: argparse.Namespace, command: str) -> tuple[str, str | None] 
         from proxy.config import load_admin_access
 
         try:
-            admin = load_admin_access(args.config)
+            admin = load_admin_access(args.config, token=command != "health" and token is None)
         except ConfigError as exc:
             print("\n".join(exc.problems), file=sys.stderr)
+            if any("environment variable" in p for p in exc.problems):
+                print(f"cachegate {command}: admin.token of {args.config} names an environment variable "
+                      "that is not set here (on a systemd host, perhaps only in the unit's EnvironmentFile): "
+                      "set it, or give the token in CACHEGATE_ADMIN_TOKEN", file=sys.stderr)
             return EXIT_CONFIG
         if admin.listen is None:
             print(f"cachegate {command}: {args.config} has no admin listener (admin.listen); use --admin URL",

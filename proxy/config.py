@@ -74,6 +74,7 @@ __all__ = [
     "base_cache_options",
     "listens_on_loopback",
     "load_admin_access",
+    "load_client_listeners",
     "load_config",
     "parse_workers",
     "read_settings",
@@ -415,16 +416,21 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
                    sources=tuple(sources.read.items()))
 
 
-def load_admin_access(path: str) -> AdminSettings:
+def load_admin_access(path: str, *, token: bool = False) -> AdminSettings:
     """Only ``admin.listen`` and ``admin.token`` of a config file: what ``cachegate health``,
     ``purge`` and ``top`` need to reach the running instance. Nothing else is read (no rule
     file, no other key, not this machine): a file saved with a mistake elsewhere, which a reload
     refused while the instance serves on, must not fail its health check. ConfigError with
-    ``FILE:LINE`` when the file cannot be parsed or these two keys are wrong."""
-    problems = Problems()
-    root = load_yaml(path, problems)
+    ``FILE:LINE`` when the file cannot be parsed or these two keys are wrong; with ``token``
+    (the caller sends it), also when ``admin.token`` names an unset ``${VAR}``: sending no
+    token only earned a 401 "admin token required", with no word of the variable."""
+    loaded = Problems()
+    root = load_yaml(path, loaded)
     if root is None:
-        raise ConfigError(problems.items)
+        raise ConfigError(loaded.items)
+    unset = loaded.reported_at(_line(root, "admin", "token")) if _key_written(root, "admin", "token") else []
+    if token and unset:
+        raise ConfigError(unset)
     problems = Problems()  # an unset ${VAR} elsewhere in the file is no concern of ours
     written = root.value.get("admin") if isinstance(root.value, dict) else None
     if written is None or written.value is None:
@@ -439,6 +445,38 @@ def load_admin_access(path: str) -> AdminSettings:
     if problems:
         raise ConfigError(problems.ordered())
     return admin
+
+
+def load_client_listeners(path: str) -> tuple[tuple[HostPort, bool], ...]:
+    """Only ``listen`` of a config file: each client listener's address and whether it serves
+    TLS, what ``cachegate warm --config`` needs to reach the proxy. Nothing else is read: not
+    ``admin.token``'s ``${VAR}`` (on a systemd host it is set in a file only systemd reads),
+    not a TLS listener's certificate and key (often readable by the service alone), no rule
+    file. ConfigError with ``FILE:LINE`` when the file cannot be parsed or ``listen`` is wrong."""
+    problems = Problems()
+    root = load_yaml(path, problems)
+    if root is None:
+        raise ConfigError(problems.items)
+    problems = Problems()  # an unset ${VAR} elsewhere in the file is no concern of ours
+    written = root.value.get("listen") if isinstance(root.value, dict) else None
+    only = Src({}, root.file, root.line)
+    tls: list[bool] = []
+    if written is not None and written.value is not None:
+        entries = written.value if isinstance(written.value, list) else [written]
+        for e in entries:
+            served = e.value.get("tls") if isinstance(e.value, dict) else None
+            tls.append(served is not None and served.value is not None)
+        plain = [replace(e, value={k: v for k, v in e.value.items() if k != "tls"})
+                 if isinstance(e.value, dict) else e for e in entries]
+        written = replace(written, value=plain) if isinstance(written.value, list) else plain[0]
+        line = root.key_lines.get("listen", root.line)
+        only = Src({"listen": written}, root.file, root.line, {"listen": line})
+    settings = read_section(Settings, only, Context(problems, os.path.dirname(os.path.abspath(path))),
+                            source=root.file)
+    if problems:
+        raise ConfigError(problems.ordered())
+    tls += [False] * (len(settings.listeners) - len(tls))  # the default listener
+    return tuple((li.address, served) for li, served in zip(settings.listeners, tls, strict=True))
 
 
 REFERENCE_INTRO = """\

@@ -67,10 +67,10 @@ class Problems:
     def __bool__(self) -> bool:
         return bool(self.items)
 
-    def reported_at(self, at: tuple[str, int]) -> bool:
-        """Whether a problem was already reported at ``at`` (FILE, LINE): a check of several
-        fields then says nothing more of a value that was refused where it is written."""
-        return at in self._where
+    def reported_at(self, at: tuple[str, int]) -> list[str]:
+        """The problems already reported at ``at`` (FILE, LINE): a check of several fields then
+        says nothing more of a value that was refused where it is written."""
+        return [item for item, where in zip(self.items, self._where, strict=True) if where == at]
 
     def extend(self, other: Problems) -> None:
         self.items.extend(other.items)

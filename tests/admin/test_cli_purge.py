@@ -92,6 +92,31 @@ async def test_the_address_and_token_can_come_from_the_config(
     assert code == 1 and "401" in err
 
 
+async def test_a_config_token_naming_an_unset_variable_is_said_not_sent_as_none(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """``purge --config`` and ``top --config`` whose admin.token is ``${VAR}`` with VAR unset
+    (set only in systemd's EnvironmentFile) sent no token and printed 401 "admin token
+    required". They say which variable at its line and exit 2; health needs no token."""
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n",
+                             directory=tmp_path / "proxy")
+    port = proxy.admin_url.rsplit(":", 1)[1]
+    config = tmp_path / "operator.yaml"
+    config.write_text(f"upstreams: [{{url: '{origin.url}'}}]\nadmin:\n  listen: '127.0.0.1:{port}'\n"
+                      "  token: ${OPERATOR_TOKEN}\n")
+    for command in (["purge", "--all"], ["top", "--once"]):
+        code, out, err = await cachegate(*command, "--config", str(config))
+        assert (code, out) == (2, ""), err
+        assert err.splitlines() == [
+            f"{config}:4: environment variable OPERATOR_TOKEN is not set",
+            f"cachegate {command[0]}: admin.token of {config} names an environment variable that is not set here "
+            "(on a systemd host, perhaps only in the unit's EnvironmentFile): set it, or give the token in "
+            "CACHEGATE_ADMIN_TOKEN"], command
+    code, out, err = await cachegate("health", "--config", str(config))
+    assert (code, err) == (0, "")
+    code, out, err = await cachegate("purge", "--all", "--config", str(config), env={"CACHEGATE_ADMIN_TOKEN": TOKEN})
+    assert (code, err) == (0, "")
+
+
 async def test_the_servers_error_is_printed_and_the_exit_status_is_1(origin: Origin, proxy: Proxy) -> None:
     await cached(origin, proxy, "/a")
     code, out, err = await cachegate("purge", "--admin", proxy.admin_url, "/a")

@@ -860,3 +860,31 @@ async def test_a_certificate_for_another_name_says_so_and_its_name_in_proxy_veri
     by_name = by_address.replace("127.0.0.1", "localhost")
     code, out, _ = await warm("--proxy", by_name, "--urls", "-", "--progress", "none", stdin=b"/n\n", env=env)
     assert code == 0 and "stored                1" in out, out
+
+
+async def test_warm_config_reads_only_listen_not_the_services_token_variable_nor_tls_files(
+        origin: Origin, proxy: Proxy, tmp_path: Path) -> None:
+    """``warm --config`` loaded the whole config and exited 2 on ``environment variable
+    CACHEGATE_ADMIN_TOKEN is not set``: on a systemd host the token's variable lives in a file
+    only systemd reads, as docs/deploy.md sets it up. It reaches the proxy through ``listen``
+    alone (a TLS listener's key, readable by the service only, is not read either)."""
+    origin.route("/w", body=b"w", headers={"Cache-Control": "max-age=600"})
+    port = proxy.url.rsplit(":", 1)[1]
+    config = tmp_path / "cachegate.yaml"
+    config.write_text(f"listen:\n  - {{address: '127.0.0.1:1', tls: {{cert: '{tmp_path}/no.pem', "
+                      f"key: '{tmp_path}/no.key'}}}}\n  - '0.0.0.0:{port}'\n"
+                      f"upstreams: [{{url: '{origin.url}'}}]\n"
+                      "admin:\n  listen: 0.0.0.0:8081\n  token: ${CACHEGATE_TEST_UNSET_TOKEN}\n"
+                      "rules: [no-such-rules.yaml]\n")
+    environment = {k: v for k, v in os.environ.items() if k != "CACHEGATE_TEST_UNSET_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "warm", "--config", str(config), "--urls", "-", "--progress", "none",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=environment)
+    out, err = await asyncio.wait_for(proc.communicate(b"/w\n"), 60)
+    assert proc.returncode == 0, err.decode()
+    assert f"through http://127.0.0.1:{port}" in out.decode() and "stored                1" in out.decode()
+    config.write_text("listen: [{adress: '127.0.0.1:1'}]\n")  # listen itself wrong: FILE:LINE, exit 2
+    code, _, text = await warm("--config", str(config), "--urls", "-", stdin=b"/w\n")
+    assert (code, text.splitlines()[0]) == (2, f"{config}:1: unknown key 'listen[0].adress' (did you mean "
+                                               "'address'?)")
