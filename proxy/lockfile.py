@@ -1,5 +1,5 @@
 """Exclusive locks one running cachegate holds for its lifetime: its cache directory, its port
-(and, for a refusal's message, the processes that listen on a port: ``listening_pids``).
+(and, for a refusal's message, who holds a port: ``port_in_use``).
 
 Why ``flock`` on a file: the kernel drops the lock when the process ends, however it ends
 (SIGKILL, a crash), so a stale lock never keeps the next start out, and a lock file left
@@ -111,14 +111,14 @@ def runtime_dir() -> str | None:
     return path
 
 
-def listening_pids(port: int) -> list[int]:
-    """The processes (of this user: others' are not readable) with a socket listening on TCP
-    ``port``, from /proc (Linux; an empty list elsewhere or when none is found): for the
-    refusal's message only."""
+def _listening_inodes(port: int) -> set[str] | None:
+    """The inodes of the sockets listening on TCP ``port`` (any user's), None without /proc."""
     inodes: set[str] = set()
+    read = False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
+                read = True
                 next(f, None)
                 for line in f:
                     fields = line.split()
@@ -126,6 +126,11 @@ def listening_pids(port: int) -> list[int]:
                         inodes.add(f"socket:[{fields[9]}]")
         except (OSError, ValueError):
             continue
+    return inodes if read else None
+
+
+def _pids_of(inodes: set[str]) -> list[int]:
+    """The processes (of this user: others' are not readable) holding these sockets."""
     pids: list[int] = []
     if not inodes:
         return pids
@@ -140,3 +145,35 @@ def listening_pids(port: int) -> list[int]:
                             pids.append(int(entry))
                             break
     return sorted(pids)
+
+
+def local_port_range() -> tuple[int, int] | None:
+    """net.ipv4.ip_local_port_range: the ports the kernel gives outgoing connections (Linux)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(n) for n in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def port_in_use(where: str, port: int, whose: str) -> str:
+    """Why ``where`` (``admin.listen 127.0.0.1:8081``, ``127.0.0.1:8080``) cannot be bound
+    ("address already in use"), and what to do, for the client and admin listeners alike.
+    A process listening there is named; but a port held only as the local end of a connection
+    (an outgoing one from the ephemeral range, one bound by hand, one closing) has no listener,
+    and saying "stop that process" sent the operator after a process that does not exist."""
+    listening = _listening_inodes(port)
+    if listening is None:  # no /proc: who holds it is unknown
+        return f"{where}: the port is in use; give {whose} a free port"
+    if listening:
+        pids = ", ".join(map(str, _pids_of(listening)))
+        holder = f" ({'pids' if ',' in pids else 'pid'} {pids})" if pids else ""
+        return (f"{where}: another process{holder} already accepts connections on this port; give "
+                f"{whose} a free port, or stop that process")
+    span = local_port_range()
+    below = (f" below {span[0]} (the kernel takes the local ports of outgoing connections from "
+             f"net.ipv4.ip_local_port_range, {span[0]}-{span[1]})") if span is not None else ""
+    return (f"{where}: no process listens on this port, but a connection holds it (its local end: an "
+            f"outgoing connection, or one still closing; `ss -tan 'sport = :{port}'` shows it); give "
+            f"{whose} a free port{below}, or wait until that connection is closed")

@@ -59,6 +59,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import logging
@@ -85,7 +86,7 @@ from proxy.config import Overrides, Settings
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
-from proxy.lockfile import HeldLock, LockTaken, listening_pids, runtime_dir
+from proxy.lockfile import HeldLock, LockTaken, port_in_use, runtime_dir
 from proxy.logs import say, setup_logging, tell
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, ReplacedWorker, Runtime
@@ -497,15 +498,17 @@ class Supervisor:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
                 family, _, _, _, addr = infos[0]
                 if port and _accepting(family, addr):
-                    pids = ", ".join(map(str, listening_pids(port)))
-                    holder = f" ({'pids' if ',' in pids else 'pid'} {pids})" if pids else ""
-                    raise OSError(f"{_fmt(host)}:{port}: another process{holder} already accepts connections "
-                                  "on this port")
+                    raise OSError(port_in_use(f"{_fmt(host)}:{port}", port, "this listener"))
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 reserved.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind(addr)
+                try:
+                    sock.bind(addr)
+                except OSError as exc:  # a connection's local end, say: "[Errno 98]" alone
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    raise OSError(port_in_use(f"{_fmt(host)}:{port}", port, "this listener")) from None
                 self._lock_address(family, sock.getsockname())
         except OSError:
             self._release(reserved)

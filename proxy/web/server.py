@@ -42,7 +42,7 @@ from proxy.config import (
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
-from proxy.lockfile import listening_pids
+from proxy.lockfile import port_in_use
 from proxy.logs import say, tell
 from proxy.policy.request import MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
@@ -243,6 +243,13 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
                            ssl_context=tls.context if tls is not None else None)
     try:
         await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # aiohttp's "[Errno 98] error while attempting to bind on address ...": named as the
+        # supervisor names it, with who holds the port.
+        raise OSError(port_in_use(show_hostport((host, port)), port, "this listener")) from None
     except BaseException:
         await runner.cleanup()
         raise
@@ -311,10 +318,7 @@ def _admin_unbound(host: str, port: int, exc: OSError) -> str:
     where = f"admin.listen {show_hostport((host, port))}"
     if exc.errno != errno.EADDRINUSE:
         return f"{where}: {exc.strerror or exc}"
-    pids = ", ".join(map(str, listening_pids(port)))
-    holder = f" ({'pids' if ',' in pids else 'pid'} {pids})" if pids else ""
-    return (f"{where}: another process{holder} already accepts connections on this port; give the "
-            "admin API a free port, or stop that process")
+    return port_in_use(where, port, "the admin API")
 
 
 # The admin listener's limits on connections (the client listener's are its own): a request

@@ -159,3 +159,41 @@ def test_an_admin_port_in_use_names_admin_listen_and_the_holder(tmp_path: Path) 
         holder.wait()
         assert holder.stdout is not None
         holder.stdout.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("which", ["admin", "client"])
+def test_a_port_held_by_a_connection_not_a_listener_is_not_blamed_on_a_listening_process(
+        tmp_path: Path, which: str, workers: str) -> None:
+    """A port that is only the local end of a connection (an outgoing connection's port from the
+    ephemeral range): the admin listener said "another process already accepts connections on
+    this port ... stop that process", of a process that does not exist, and the client listener
+    "[Errno 98] ... address already in use". Both say a connection holds it and suggest a port
+    below net.ipv4.ip_local_port_range."""
+    import subprocess
+
+    from proxy.lockfile import local_port_range
+
+    with socket.socket() as server, socket.socket() as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client.connect(server.getsockname())  # its local port: one the kernel picked
+        accepted, _ = server.accept()
+        with accepted:
+            port = client.getsockname()[1]
+            listen = ["--listen", f"127.0.0.1:{port}"] if which == "client" else []
+            admin = f"{{listen: '127.0.0.1:{port}'}}" if which == "admin" else "{listen: '127.0.0.1:0'}"
+            config = write_config(str(tmp_path), "http://127.0.0.1:9", "cache: {memory: 4MB, disk: null}\n",
+                                  admin=admin)
+            done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", config, "--workers", workers,
+                                   *listen], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    where = f"admin.listen 127.0.0.1:{port}" if which == "admin" else f"127.0.0.1:{port}"
+    whose = "the admin API" if which == "admin" else "this listener"
+    assert (f"cachegate: cannot listen: {where}: no process listens on this port, but a connection holds it"
+            in done.stderr), done.stderr
+    span = local_port_range()
+    assert span is not None and span[0] <= port <= span[1]
+    assert (f"give {whose} a free port below {span[0]} (the kernel takes the local ports of outgoing "
+            f"connections from net.ipv4.ip_local_port_range, {span[0]}-{span[1]})") in done.stderr, done.stderr
+    assert "already accepts" not in done.stderr and "Errno" not in done.stderr and "Traceback" not in done.stderr
