@@ -30,7 +30,10 @@ def connection_tokens(headers: Headers) -> frozenset[str]:
 # X-Cache-Status would be relayed ahead of cachegate's own (clients saw "HIT, MISS") and
 # stored with the response. Cache-Status is not here: RFC 9211 lists every cache on the path,
 # the origin's side first, and cachegate appends its own member last.
-OWN_RESPONSE_FIELDS = frozenset({"x-cache-status"})
+# Cachegate-Admin: the admin listener's mark (``proxy.admin_client.relayed``): an origin's is
+# never relayed nor stored, so the client listener cannot pass for the admin one, even where a
+# rule removes its X-Cache-Status and Cache-Status.
+OWN_RESPONSE_FIELDS = frozenset({"x-cache-status", "cachegate-admin"})
 _RESPONSE_DROPS = HOP_BY_HOP | OWN_RESPONSE_FIELDS
 
 

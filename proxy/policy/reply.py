@@ -29,9 +29,10 @@ from proxy.policy.ranges import if_range_allows, request_range, resolve_range
 from proxy.policy.validation import client_not_modified, precondition_failed
 
 # A stored response's fields that are never served as stored (see served_headers).
-# X-Cache-Status: this cache's own field, in case an entry stored before it was dropped on the
-# way in (proxy.policy.headers.OWN_RESPONSE_FIELDS) still holds an origin's.
-SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id", "x-cache-status"})
+# X-Cache-Status, Cachegate-Admin: this cache's own fields, in case an entry stored before they
+# were dropped on the way in (proxy.policy.headers.OWN_RESPONSE_FIELDS) still holds an origin's.
+SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id", "x-cache-status",
+                          "cachegate-admin"})
 # The fields a 304 keeps (RFC 9110 §15.4.5), besides this cache's own.
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
                        "last-modified")  # fmt: skip

@@ -83,24 +83,35 @@ async def test_cachegate_health_refuses_a_200_that_is_not_cachegates_healthz(
     assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 0  # the real one
 
 
-@pytest.mark.parametrize("marked", [False, True], ids=["origin", "origin-sends-the-admin-field"])
+UNMARKED = """
+rules:
+  - name: no cache fields
+    match: {path: /healthz}
+    response_headers: {remove: [X-Cache-Status, Cache-Status]}
+"""
+
+
+@pytest.mark.parametrize(("marked", "rules"), [(False, None), (True, None), (True, UNMARKED)],
+                         ids=["origin", "origin-sends-the-admin-field", "and-a-rule-removes-cache-fields"])
 async def test_cachegate_health_refuses_an_origins_healthz_that_answers_as_cachegates(
-    origin: Origin, make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str], marked: bool
+    origin: Origin, make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str], marked: bool,
+    rules: str | None
 ) -> None:
     """An origin whose /healthz answers 200 {"status": "ok"}, as cachegate's does: relayed (and
     cached, then served as a hit) by the client listener, it made `cachegate health` exit 0
     against the client listener. The admin listener's answers carry Cachegate-Admin; the client
-    listener's carry X-Cache-Status, even when the origin sends Cachegate-Admin too."""
+    listener never relays nor stores an origin's (it passed for the admin listener where a rule
+    removed the X-Cache-Status and Cache-Status it adds)."""
     fields = {"Content-Type": "application/json", "Cache-Control": "max-age=60"}
     if marked:
         fields["Cachegate-Admin"] = "1"
     origin.route("/healthz", body=b'{"status": "ok"}', headers=fields)
-    proxy = await make_proxy()
+    proxy = await make_proxy(rules=rules)
     for _ in range(2):  # a miss, then a hit from the store
         assert await asyncio.to_thread(main, ["health", "--admin", proxy.url]) == 1
         err = capsys.readouterr().err
-        assert "is not cachegate's admin endpoint" in err, err
-        assert ("X-Cache-Status" if marked else "no Cachegate-Admin field") in err, err
+        assert "is not cachegate's admin endpoint" in err and "no Cachegate-Admin field" in err, err
+    assert "Cachegate-Admin" not in (await proxy.get("/healthz")).headers
     assert origin.count("/healthz") == 1
     if not marked:  # the origin itself, reached directly: nothing marks it as cachegate's
         assert await asyncio.to_thread(main, ["health", "--admin", origin.url]) == 1
