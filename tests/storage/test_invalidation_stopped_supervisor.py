@@ -56,17 +56,10 @@ async def test_an_invalidation_answers_within_the_hold_while_the_supervisor_is_s
         os.kill(supervisor, signal.SIGSTOP)
         stopped = True
 
-        async def post() -> tuple[int, bytes]:
-            connector = aiohttp.TCPConnector(force_close=True)
-            async with aiohttp.ClientSession(connector=connector) as s, \
-                    s.post(proxy.url + "/p", data=b"x", headers={"Host": HOST}) as r:
-                return r.status, await r.read()
-
         # The supervisor stays stopped three times the hold: the answer must come meanwhile.
-        posted = asyncio.ensure_future(post())
-        done, _ = await asyncio.wait({posted}, timeout=3 * HOLD_MAX)
-        assert posted in done, "the POST was not answered while the supervisor was stopped"
-        assert posted.result() == (200, b"posted")
+        answer = await post_within(proxy, 3 * HOLD_MAX)
+        assert answer is not None, "the POST was not answered while the supervisor was stopped"
+        assert answer == (200, b"posted")
         # Still stopped: no worker serves the invalidated v1 (the disk and shared memory lost it).
         for _ in range(4):
             r = await proxy.get("/p")
@@ -87,6 +80,20 @@ async def test_an_invalidation_answers_within_the_hold_while_the_supervisor_is_s
             with contextlib.suppress(ProcessLookupError):
                 os.kill(supervisor, signal.SIGCONT)
         await proxy.stop(signal.SIGTERM)
+
+
+async def post_within(proxy: ProxyProcess, wait: float) -> tuple[int, bytes] | None:
+    """POST /p: its status and body, or None when no answer came within ``wait`` seconds (the
+    request is left running: the supervisor, once resumed, answers it)."""
+    async def post() -> tuple[int, bytes]:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as s, \
+                s.post(proxy.url + "/p", data=b"x", headers={"Host": HOST}) as r:
+            return r.status, await r.read()
+
+    posted = asyncio.ensure_future(post())
+    done, _ = await asyncio.wait({posted}, timeout=wait)
+    return posted.result() if posted in done else None
 
 
 def _disk_keys(cache: Path, path: str) -> list[str]:
@@ -140,16 +147,9 @@ async def test_an_invalidation_answers_while_the_stopped_supervisor_holds_a_shar
         os.kill(supervisor, signal.SIGSTOP)
         stopped = True
 
-        async def post() -> tuple[int, bytes]:
-            connector = aiohttp.TCPConnector(force_close=True)
-            async with aiohttp.ClientSession(connector=connector) as s, \
-                    s.post(proxy.url + "/p", data=b"x", headers={"Host": HOST}) as r:
-                return r.status, await r.read()
-
-        posted = asyncio.ensure_future(post())
-        done, _ = await asyncio.wait({posted}, timeout=3 * HOLD_MAX)
-        assert posted in done, "the POST waited for the shard's write lock"
-        assert posted.result() == (200, b"posted")
+        answer = await post_within(proxy, 3 * HOLD_MAX)
+        assert answer is not None, "the POST waited for the shard's write lock"
+        assert answer == (200, b"posted")
         # The lock still held, the supervisor still stopped: no worker serves the disk's v1.
         assert _disk_keys(cache, "/p"), "the disk's copy was deleted: the lock was not held"
         seen: set[str] = set()
