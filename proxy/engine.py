@@ -90,6 +90,7 @@ from proxy.policy.reuse import (
     decide_part_lookup,
     plain_fresh_hit,
 )
+from proxy.policy.storability import too_large
 from proxy.policy.validation import (
     conditional_headers,
 )
@@ -856,12 +857,8 @@ class Engine:
         detail, entry = self._filled(attempt.key, store_plan, Exchange(
             attempt.req.head, resp.status, resp.reason, resp.headers, request_time, response_time,
             resp.close_delimited_tls))
-        length = resp.content_length
-        if entry is not None and length is not None and length > self.storage.room(entry):
-            # Past what the store can keep of this entry (without a disk tier, a record of the
-            # shared memory with its key and metadata: less than ``max_object`` says): refused up
-            # front, as the rules' max_object is (``decide_store``), not said stored and dropped.
-            return "TOO-LARGE", None
+        if entry is not None and too_large(resp.content_length, self.storage.room(entry)):
+            return "TOO-LARGE", None  # the same rule as max_object's, against this store's room
         return detail, entry
 
     def _filled(self, key: str, store_plan: StorePlan, exchange: Exchange, *, part: bool = False

@@ -172,8 +172,7 @@ def _decide(
     spelled = spelled_otherwise(names, request.headers) if names else None
     if spelled is not None:
         return DontStore(f"AMBIGUOUS-HEADER:{spelled}")  # see the module docstring
-    length = content_length(headers.getall("Content-Length", ()))
-    if length is not None and length > options.max_object:
+    if too_large(content_length(headers.getall("Content-Length", ())), options.max_object):
         return DontStore("TOO-LARGE")
 
     has_explicit = (
@@ -216,3 +215,18 @@ def _decide(
             authorization=authorization,
         )
     )
+
+
+def too_large(length: int | None, room: int) -> bool:
+    """Is a response of Content-Length ``length`` refused up front (detail ``TOO-LARGE``)?
+
+    ``room`` is the biggest body the store keeps: the rules' ``max_object`` here, and for an
+    entry the engine is about to store, what its store has room for (``Writer.room``: without a
+    disk tier, one record of the shared memory beside the entry's key and metadata). Refused
+    before the body streams, not said ``stored`` and dropped at the put. A response without a
+    Content-Length is measured as it streams instead (``flight``).
+
+    >>> too_large(None, 10), too_large(10, 10), too_large(11, 10)
+    (False, False, True)
+    """
+    return length is not None and length > room

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.policy.messages import CacheOptions, RequestHead
-from proxy.policy.storability import DontStore, Store
+from proxy.policy.storability import DontStore, Store, too_large
 from tests.policy.build import T0, date, request, store, stored
 
 Pairs = list[tuple[str, str]]
@@ -274,3 +274,14 @@ def test_override_origin_overrides_only_where_the_rules_ttl_applies(
     f = decision.response.freshness
     assert (f.lifetime, f.source, f.no_cache, f.must_revalidate) == (lifetime, source, no_cache,
                                                                      must_revalidate)
+
+
+@pytest.mark.parametrize("length, room, refused", [
+    (None, 0, False),  # no Content-Length: measured as the body streams, not up front
+    (0, 0, False),
+    (1000, 1000, False),  # exactly the room fits
+    (1001, 1000, True),
+    (1, 0, True),  # a store with no room (memory only, a key longer than a ring record)
+])
+def test_too_large_compares_a_content_length_with_the_room(length: int | None, room: int, refused: bool) -> None:
+    assert too_large(length, room) is refused
