@@ -219,6 +219,7 @@ class Feed:
         self.options = options
         self.points: list[dict[str, Any]] = []
         self.seq = 0
+        self.instance: str | None = None  # the id of the admin process the points came from
         self.live: dict[str, Any] | None = None
         self.cluster: dict[str, Any] | None = None
         self._cluster_at = 0.0
@@ -241,7 +242,18 @@ class Feed:
             seq = live["seq"]
             if not isinstance(seq, int):
                 raise TypeError(f"seq is {type(seq).__name__}, not a number")
-            points = self.points if seq >= self.seq else []  # else the admin listener restarted
+            points = self.points
+            instance = live.get("instance")
+            if (self.instance is not None and instance != self.instance) or seq < self.seq:
+                # cachegate restarted: its points do not continue those held (a restart whose
+                # counter had already passed ours was spliced onto them), and since=<old seq> left
+                # out the new process's first ones. Start over from all of the new process's.
+                live = self._get(f"/console/api/live?since=0&top={self.options.top}")
+                seq = live["seq"]
+                if not isinstance(seq, int):
+                    raise TypeError(f"seq is {type(seq).__name__}, not a number")
+                instance = live.get("instance")
+                points = []
             known = {p["seq"] for p in points}
             points = (points + [p for p in live["points"] if p["seq"] not in known])[-600:]
             render(live, points, self.options.admin, 120, 200, self.cluster)  # every field it reads
@@ -251,6 +263,7 @@ class Feed:
                                    f"not cachegate's live feed ({why})") from None
         self.points = points
         self.seq = seq
+        self.instance = instance if isinstance(instance, str) else None
         self.live = live
         if self._has_cluster and time.monotonic() - self._cluster_at > 5:
             self._cluster_at = time.monotonic()

@@ -450,3 +450,44 @@ def test_a_bad_interval_or_top_is_a_usage_error_naming_the_option(
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: takes {accepts}" in err and repr(value) in err, err
+
+
+async def test_a_restart_whose_counter_passed_ours_starts_the_points_over() -> None:
+    """The admin process restarted while top was away, and its point counter is already past the
+    one top holds: its ``instance`` differs, so top forgets the old process's points and asks for
+    all of the new one's (it spliced them: the old points, then only the new ones past its seq)."""
+    from aiohttp import web
+
+    from proxy.top import Feed, TopOptions
+
+    def points(first: int, last: int, origin: int) -> list[dict[str, Any]]:
+        return [{**POINTS[0], "seq": i, "t": float(i), "origin": origin} for i in range(first, last + 1)]
+
+    state = {"instance": "old", "seq": 5, "origin": 1}
+
+    async def live(request: web.Request) -> web.Response:
+        since = int(request.query["since"])
+        body = {**LIVE, "instance": state["instance"], "seq": state["seq"],
+                "points": points(since + 1, int(state["seq"]), int(state["origin"]))}
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_get("/console/api/live", live)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        feed = Feed(TopOptions(f"http://127.0.0.1:{port}", None))
+        await asyncio.to_thread(feed.poll)
+        assert [p["seq"] for p in feed.points] == [1, 2, 3, 4, 5]
+        state.update(instance="new", seq=8, origin=2)  # restarted, and already 8 points on
+        await asyncio.to_thread(feed.poll)
+        assert [(p["seq"], p["origin"]) for p in feed.points] == [(i, 2) for i in range(1, 9)]
+        assert feed.instance == "new" and feed.seq == 8
+        state.update(seq=9)  # the same process goes on: only the new point is added
+        await asyncio.to_thread(feed.poll)
+        assert [p["seq"] for p in feed.points] == list(range(1, 10))
+    finally:
+        await runner.cleanup()
