@@ -15,7 +15,7 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import Overrides
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, UnsetTokenVariable
 from proxy.startup import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -314,7 +314,7 @@ def _admin_of(args: argparse.Namespace, command: str) -> tuple[str, str | None] 
             admin = load_admin_access(args.config, token=command != "health" and token is None)
         except ConfigError as exc:
             print("\n".join(exc.problems), file=sys.stderr)
-            if any("environment variable" in p for p in exc.problems):
+            if isinstance(exc, UnsetTokenVariable):
                 print(f"cachegate {command}: admin.token of {args.config} names an environment variable "
                       "that is not set here (on a systemd host, perhaps only in the unit's EnvironmentFile): "
                       "set it, or give the token in CACHEGATE_ADMIN_TOKEN", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Literal
 
 from proxy.cluster.settings import ClusterSettings
 from proxy.cpus import cgroup_memory_limit
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, UnsetTokenVariable
 from proxy.policy.messages import CacheOptions
 from proxy.room import human_size, machine_memory, space
 from proxy.rules import load_rules
@@ -159,6 +159,29 @@ def _key_written(root: Src, *path: str) -> bool:
             return False
         node = node.value[key]
     return True
+
+
+def _reported_under(loaded: Problems, root: Src, *path: str) -> list[str]:
+    """The problems ``load_yaml`` reported within ``root[path...]`` (an unset ``${VAR}`` reads
+    as null there: a listener left out, which the caller would take for the default or none)."""
+    node: Src | None = root
+    for key in path:
+        if node is None or not isinstance(node.value, dict) or key not in node.value:
+            return []
+        node = node.value[key]
+    if node is None:
+        return []
+    at: set[tuple[str, int]] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        at.add((n.file, n.line))
+        at.update((n.file, line) for line in n.key_lines.values())
+        if isinstance(n.value, dict):
+            stack.extend(v for v in n.value.values() if isinstance(v, Src))
+        elif isinstance(n.value, list):
+            stack.extend(v for v in n.value if isinstance(v, Src))
+    return [p for where in sorted(at) for p in loaded.reported_at(where)]
 
 
 # Whether a load checks the config against this machine (``cache.memory`` against its memory,
@@ -430,7 +453,10 @@ def load_admin_access(path: str, *, token: bool = False) -> AdminSettings:
         raise ConfigError(loaded.items)
     unset = loaded.reported_at(_line(root, "admin", "token")) if _key_written(root, "admin", "token") else []
     if token and unset:
-        raise ConfigError(unset)
+        raise UnsetTokenVariable(unset)
+    unset_listen = _reported_under(loaded, root, "admin", "listen")
+    if unset_listen:  # not "no admin listener": it is written, with a variable not set here
+        raise ConfigError(unset_listen)
     problems = Problems()  # an unset ${VAR} elsewhere in the file is no concern of ours
     written = root.value.get("admin") if isinstance(root.value, dict) else None
     if written is None or written.value is None:
@@ -457,6 +483,9 @@ def load_client_listeners(path: str) -> tuple[tuple[HostPort, bool], ...]:
     root = load_yaml(path, problems)
     if root is None:
         raise ConfigError(problems.items)
+    unset = _reported_under(problems, root, "listen")
+    if unset:  # not the default listener: one is written, with a variable not set here
+        raise ConfigError(unset)
     problems = Problems()  # an unset ${VAR} elsewhere in the file is no concern of ours
     written = root.value.get("listen") if isinstance(root.value, dict) else None
     only = Src({}, root.file, root.line)

@@ -27,6 +27,11 @@ class ConfigError(CachegateError):
         super().__init__("\n".join(problems))
 
 
+class UnsetTokenVariable(ConfigError):
+    """``admin.token`` names a ``${VAR}`` not set where a client command runs (``cachegate purge
+    --config``): its own message says where the variable may be set instead."""
+
+
 class UpstreamError(CachegateError):
     status_hint = 502
     public = "the origin server failed to answer"

@@ -333,3 +333,23 @@ def test_the_supervisors_config_warnings_name_the_supervisor_not_worker_0(tmp_pa
     assert warned[0]["worker"] == "supervisor", proc.text
     started = [line for line in lines if "proxy listening on" in line["message"]]
     assert [line["worker"] for line in started] == ["supervisor"], proc.text
+
+
+@pytest.mark.parametrize("command", [["health"], ["top", "--once"], ["purge", "--all"], ["warm", "--urls", "-"]])
+def test_a_listener_written_with_an_unset_variable_is_named_not_taken_for_none_or_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        command: list[str]) -> None:
+    """``admin.listen: ${VAR}`` with VAR unset read as no admin listener ("has no admin listener
+    (admin.listen)"), and ``listen: ${VAR}`` as the default 127.0.0.1:8080 (warm then printed
+    connection refused): the variable is named at its line, exit 2. A token's unset variable is
+    not blamed for it."""
+    monkeypatch.delenv("CACHEGATE_TEST_UNSET_LISTEN", raising=False)
+    monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "a-token-of-24-characters")
+    config = write(tmp_path / "c.yaml", "upstreams: [{url: 'http://127.0.0.1:9'}]\n"
+                   "listen: ${CACHEGATE_TEST_UNSET_LISTEN}\n"
+                   "admin:\n  listen: ${CACHEGATE_TEST_UNSET_LISTEN}\n")
+    assert main([command[0], "--config", config, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    line = 2 if command[0] == "warm" else 4
+    assert err.splitlines()[0] == f"{config}:{line}: environment variable CACHEGATE_TEST_UNSET_LISTEN is not set", err
+    assert "admin.token" not in err and "no admin listener" not in err, err
