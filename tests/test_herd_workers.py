@@ -144,12 +144,13 @@ async def until_each_worker(proxy: ProxyProcess, path: str, check: Callable[[Res
 async def test_stale_while_revalidate_refreshes_once_for_both_workers(
         origin: Origin, two_workers: ProxyProcess) -> None:
     version = 0
+    release = asyncio.Event()  # the refresh stays at the origin until the checks below are done
 
     async def page(request: web.Request) -> web.Response:
         nonlocal version
         version += 1
         if version > 1:
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(release.wait(), 60)
         return web.Response(text=f"v{version}", headers={"Cache-Control": "max-age=2, stale-while-revalidate=30"})
 
     origin.route("/swr", page)
@@ -161,6 +162,7 @@ async def test_stale_while_revalidate_refreshes_once_for_both_workers(
     assert {r.worker for r in results} == {"0", "1"}
     for _ in range(10):  # more requests while the refresh is at the origin
         assert (await two_workers.get("/swr")).x_cache == "UPDATING"
+    release.set()
     await until_each_worker(two_workers, "/swr", lambda r: r.body == b"v2")
     assert origin.count("/swr") == 2  # one refresh for the machine
 
