@@ -329,15 +329,24 @@ class BadAdmin:
         app = web.Application()
         app.router.add_get("/console/api/live", self.handle)
         app.router.add_post("/purge", self.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            await runner.cleanup()
+        async with serving(app) as url:
+            yield url
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> Any:
+    """``app`` on a loopback port of its own; its URL."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize(("answer", "message"), [
@@ -473,13 +482,8 @@ async def test_a_restart_whose_counter_passed_ours_starts_the_points_over() -> N
 
     app = web.Application()
     app.router.add_get("/console/api/live", live)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        feed = Feed(TopOptions(f"http://127.0.0.1:{port}", None))
+    async with serving(app) as url:
+        feed = Feed(TopOptions(url, None))
         await asyncio.to_thread(feed.poll)
         assert [p["seq"] for p in feed.points] == [1, 2, 3, 4, 5]
         state.update(instance="new", seq=8, origin=2)  # restarted, and already 8 points on
@@ -489,5 +493,3 @@ async def test_a_restart_whose_counter_passed_ours_starts_the_points_over() -> N
         state.update(seq=9)  # the same process goes on: only the new point is added
         await asyncio.to_thread(feed.poll)
         assert [p["seq"] for p in feed.points] == list(range(1, 10))
-    finally:
-        await runner.cleanup()
