@@ -146,6 +146,21 @@ def heuristic_withheld(status: int, headers: Headers, cc: CacheControl, request_
             and heuristic_lifetime(status, headers, cc, response_time, options) is not None)
 
 
+def rule_stale_windows_apply(lifetime: float) -> bool:
+    """Do the rules' ``stale_if_error`` / ``stale_while_revalidate`` apply to a response of this
+    lifetime? Only when it is above 0. A response with no freshness information, or one the
+    origin marked expired at once (``max-age=0``, ``Expires: 0``, ``Expires: -1``, a date in the
+    past), may be one user's page, stored only to be revalidated: served stale it would go to
+    everyone while the origin is down (or at once, with stale-while-revalidate). Varnish and
+    nginx keep nothing with a lifetime of 0 either. (The origin's own ``stale-if-error=`` and
+    ``stale-while-revalidate=`` are its word that sharing it stale is fine: they apply.)
+
+    >>> rule_stale_windows_apply(0.0), rule_stale_windows_apply(1.0)
+    (False, True)
+    """
+    return lifetime > 0.0
+
+
 def compute_freshness(
     status: int,
     headers: Headers,
@@ -163,10 +178,9 @@ def compute_freshness(
     (CDN-Cache-Control, ...) Expires is ignored (RFC 9213 §2.1). ``credentials``: the
     request carried Cookie or Authorization, so no heuristic unless ``public``.
 
-    The rule's default ``stale_if_error`` / ``stale_while_revalidate`` apply only
-    when the response had some freshness (explicit, heuristic or a rule TTL): a
-    response the origin gave no freshness information for is never served stale
-    unless the origin itself sent ``stale-if-error`` / ``stale-while-revalidate``.
+    The rules' ``stale_if_error`` / ``stale_while_revalidate`` apply only to a response
+    with a lifetime (``rule_stale_windows_apply``); the origin's own ``stale-if-error=`` /
+    ``stale-while-revalidate=`` always do (RFC 5861).
     """
     lifetime: float
     source: str
@@ -197,9 +211,9 @@ def compute_freshness(
     ) and not overridden
     swr = cc.delta("stale-while-revalidate") if "stale-while-revalidate" in directives else None
     sie = cc.delta("stale-if-error") if "stale-if-error" in directives else None
-    has_freshness = source != "none"
-    default_swr = options.stale_while_revalidate if has_freshness else 0.0
-    default_sie = options.stale_if_error if has_freshness else 0.0
+    ruled = rule_stale_windows_apply(lifetime)
+    default_swr = options.stale_while_revalidate if ruled else 0.0
+    default_sie = options.stale_if_error if ruled else 0.0
     return Freshness(
         lifetime=lifetime,
         source=source,

@@ -159,6 +159,46 @@ def test_rule_default_stale_serving_never_applies_to_a_response_without_freshnes
     assert f.stale_if_error == 60  # the origin's own permission still counts
 
 
+RULE_STALE = CacheOptions(stale_if_error=3600, stale_while_revalidate=30)
+PAST = "Thu, 19 Nov 1981 08:52:00 GMT"  # PHP's session_cache_limiter("nocache")
+# (case, response fields, options, (stale_while_revalidate, stale_if_error))
+STALE_WINDOWS = [
+    ("max-age=0: expired at once, stored only to be revalidated: none of the rules' windows",
+     [("Cache-Control", "max-age=0")], RULE_STALE, (0, 0)),
+    ("Expires: -1 (ASP.NET): none", [("Date", date(0)), ("Expires", "-1")], RULE_STALE, (0, 0)),
+    ("Expires: 0: none", [("Date", date(0)), ("Expires", "0")], RULE_STALE, (0, 0)),
+    ("Expires: 0 without Date: none", [("Expires", "0")], RULE_STALE, (0, 0)),
+    ("Expires: 0 and Pragma: no-cache: none", [("Date", date(0)), ("Expires", "0"), ("Pragma", "no-cache")],
+     RULE_STALE, (0, 0)),
+    ("a past Expires (PHP's 1981 date): none", [("Date", date(0)), ("Expires", PAST)], RULE_STALE, (0, 0)),
+    ("s-maxage=0: none", [("Cache-Control", "s-maxage=0")], RULE_STALE, (0, 0)),
+    ("a rule ttl of 0: none", [("ETag", '"a"')], CacheOptions(stale_if_error=3600, stale_while_revalidate=30,
+                                                              ttl_default=0.0), (0, 0)),
+    ("no freshness information: none", [("Date", date(0)), ("ETag", '"a"')], RULE_STALE, (0, 0)),
+    ("max-age=0 with the origin's own windows: the origin's (RFC 5861)",
+     [("Cache-Control", "max-age=0, stale-while-revalidate=5, stale-if-error=60")], RULE_STALE, (5, 60)),
+    ("max-age=0 with the origin's stale-if-error only: that one, no rule swr",
+     [("Cache-Control", "max-age=0, stale-if-error=60")], RULE_STALE, (0, 60)),
+    ("max-age=1: a lifetime, so the rules' windows", [("Cache-Control", "max-age=1")], RULE_STALE, (30, 3600)),
+    ("a future Expires: the rules' windows", [("Date", date(0)), ("Expires", date(60))], RULE_STALE, (30, 3600)),
+    ("a rule ttl: the rules' windows", [("ETag", '"a"')],
+     CacheOptions(stale_if_error=3600, stale_while_revalidate=30, ttl_default=60.0), (30, 3600)),
+    ("a heuristic lifetime: the rules' windows", [("Date", date(0)), ("Last-Modified", date(-86400))],
+     RULE_STALE, (30, 3600)),
+]
+
+
+@pytest.mark.parametrize(("case", "pairs", "options", "windows"), STALE_WINDOWS, ids=[x[0] for x in STALE_WINDOWS])
+def test_the_rules_stale_windows_apply_only_to_a_response_with_a_lifetime(
+    case: str, pairs: Pairs, options: CacheOptions, windows: tuple[float, float]
+) -> None:
+    """A personal page the origin marked expired at once is stored only to be revalidated: with the
+    rules' stale_if_error it went to another user while the origin was down, and with their
+    stale_while_revalidate at once."""
+    f = freshness(pairs, options=options)
+    assert (f.stale_while_revalidate, f.stale_if_error) == windows
+
+
 def test_immutable_is_recorded_rfc_8246() -> None:
     assert freshness([("Cache-Control", "max-age=60, immutable")]).immutable
 
