@@ -24,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill, freshened
-from proxy.policy.freshness import heuristic_withheld, origin_freshness_only
+from proxy.policy.freshness import heuristic_withheld, origin_freshness_only, rule_stale_windows_apply
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
@@ -102,6 +102,12 @@ def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str]) -> str:
 
 NO_HEURISTIC = ("no heuristic freshness: the request carries Cookie or Authorization and the response is "
                 "not public, so it is revalidated before every use (a rule ttl would share it)")
+
+
+NO_RULE_STALE = ("the rules' stale_while_revalidate / stale_if_error apply only to a response with a "
+                 "lifetime: this one is stored only to be revalidated (it may be one user's page), "
+                 "so it is never served stale unless the origin sends stale-while-revalidate= or "
+                 "stale-if-error=")
 
 
 AUTHORIZATION_ORIGIN_ONLY = ("the request has Authorization and only must-revalidate lets a shared cache "
@@ -263,7 +269,11 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
                 "heuristic": "heuristic: 10% of the time since Last-Modified (RFC 9111 4.2.2)",
                 "none": "no freshness: every use is revalidated or refetched",
             }.get(f.source, f"from the origin's {f.source}")
-            lines.append(f"  decision            stored, fresh for {fmt_duration(f.lifetime)} ({source})")
+            if f.no_cache:
+                lines.append("  decision            stored, revalidated with the origin before every use "
+                             "(the origin's no-cache)")
+            else:
+                lines.append(f"  decision            stored, fresh for {fmt_duration(f.lifetime)} ({source})")
             if sp.ttl_jitter:
                 shortest = fmt_duration(f.lifetime * (1 - sp.ttl_jitter))
                 lines.append(f"  ttl jitter          each entry lives {shortest}..{fmt_duration(f.lifetime)} "
@@ -273,18 +283,37 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
                 lines.append(f"  note                {NO_HEURISTIC}")
             if authorization_origin_only(head, status, _cc_of(headers, sp), sp):
                 lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
-            if f.no_cache or f.must_revalidate:
-                which = "no-cache" if f.no_cache else "must-revalidate/s-maxage"
-                lines.append(f"  note                the origin requires revalidation ({which}): "
-                             "never served stale")
-            lines.append(f"  stale               while revalidating {fmt_duration(f.stale_while_revalidate)}"
-                         f", if error {fmt_duration(f.stale_if_error)}")
+            lines.extend(_stale_lines(f, _cc_of(headers, sp), sp))
             if sp.tags:
                 lines.append(f"  tags                {', '.join(sp.tags)} (besides Surrogate-Key/Cache-Tag)")
         case _:
             assert_never(decision)
     lines.append(f"  deception guard     {'on' if sp.deception_guard else 'off'}")
     lines.append(f"  response headers    {_edits_text(plan.response_headers_for(status, ctype))}")
+    return lines
+
+
+def _stale_lines(f: Freshness, cc: CacheControl, sp: StorePlan) -> list[str]:
+    """Which stale windows the engine applies to this stored response, and where each comes from:
+    none when the origin forbids serving it stale (``Freshness.may_serve_stale``), and the rules'
+    only for a response with a lifetime (``rule_stale_windows_apply``)."""
+    if not f.may_serve_stale():
+        which = "no-cache" if f.no_cache else "/".join(
+            d for d in ("must-revalidate", "proxy-revalidate", "s-maxage") if d in cc)
+        return [f"  stale               never served stale: the origin requires revalidation ({which}); "
+                "if it cannot be reached, 504"]
+
+    def window(value: float, directive: str, rule_name: str) -> str:
+        if cc.delta(directive) is not None:
+            return f"{fmt_duration(value)} (the origin's {directive})"
+        return f"{fmt_duration(value)} (the rules' {rule_name})" if value > 0 else fmt_duration(value)
+
+    lines = [f"  stale               while revalidating "
+             f"{window(f.stale_while_revalidate, 'stale-while-revalidate', 'stale_while_revalidate')}"
+             f", if error {window(f.stale_if_error, 'stale-if-error', 'stale_if_error')}"]
+    ruled = sp.options.stale_while_revalidate or sp.options.stale_if_error
+    if ruled and not rule_stale_windows_apply(f.lifetime):
+        lines.append(f"  note                {NO_RULE_STALE}")
     return lines
 
 
@@ -468,7 +497,10 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
         reasons.append(NO_HEURISTIC)
     out.update(stored=True, detail=None, lifetime=f.lifetime, freshness_source=f.source,
                freshness_decided_by=freshness_decided_by(f, cc, cc_field, sp.rule),
-               stale_while_revalidate=f.stale_while_revalidate, stale_if_error=f.stale_if_error,
+               # the windows the engine applies: none when the origin forbids serving it stale
+               may_serve_stale=f.may_serve_stale(),
+               stale_while_revalidate=f.stale_while_revalidate if f.may_serve_stale() else 0.0,
+               stale_if_error=f.stale_if_error if f.may_serve_stale() else 0.0,
                tags=list(sp.tags), why="; ".join(reasons) or "storable: " + (
                    f"fresh for {fmt_duration(f.lifetime)}" if f.lifetime > 0 else "to be revalidated"))
     return out
@@ -502,6 +534,7 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
             "decided_by": freshness_decided_by(f, cc, cc_field, sp.rule),
             "stale_while_revalidate": f.stale_while_revalidate, "stale_if_error": f.stale_if_error,
             "must_revalidate": f.must_revalidate, "no_cache": f.no_cache, "immutable": f.immutable,
+            "may_serve_stale": f.may_serve_stale(),
         },
         "storability": _storability(head, plan, r.status, headers, now),
     }

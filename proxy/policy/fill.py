@@ -205,7 +205,7 @@ def worth_freshening_others(updated: StoredResponse) -> bool:
         return False
     if f.ttl(f.response_time) > 0:
         return True
-    return not f.must_revalidate and (f.stale_while_revalidate > 0 or f.stale_if_error > 0)
+    return f.may_serve_stale() and (f.stale_while_revalidate > 0 or f.stale_if_error > 0)
 
 
 def shareable_with_followers(stored: StoredResponse, now: float) -> bool:

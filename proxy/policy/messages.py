@@ -96,6 +96,12 @@ class Freshness:
         """Seconds of freshness left; negative once stale."""
         return self.lifetime - self.age(now)
 
+    def may_serve_stale(self) -> bool:
+        """May this response ever be served stale? Never when it said ``must-revalidate``,
+        ``proxy-revalidate``, ``s-maxage`` or ``no-cache`` (RFC 9111 §4.2.4), whatever its
+        stale windows, the request's ``max-stale`` or the rules say."""
+        return not (self.must_revalidate or self.no_cache)
+
     def stamped_ahead(self, now: float) -> bool:
         """Whether this was stored by a clock ahead of ``now`` by more than ``CLOCK_SLACK`` (it
         has gone back since): the entry is stale whatever its lifetime (``age``).

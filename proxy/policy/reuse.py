@@ -177,7 +177,7 @@ def decide_lookup_in_full(
     age = fresh_info.age(now)
     ttl = stored.ttl(now)
     stale = ttl <= 0 or stored.invalidated
-    may_serve_stale = not (fresh_info.must_revalidate or fresh_info.no_cache)
+    may_serve_stale = fresh_info.may_serve_stale()
     mode = options.client_cache_control
     validator = has_validator(stored)
 

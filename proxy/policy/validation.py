@@ -229,7 +229,7 @@ def error_keeps_stored(stored: StoredResponse, status: int, now: float) -> bool:
     origin's failure then hides behind the stored response instead of being cached over it.
     """
     f = stored.freshness
-    if not origin_error(status) or stored.status >= 500 or f.must_revalidate or f.no_cache:
+    if not origin_error(status) or stored.status >= 500 or not f.may_serve_stale():
         return False
     return -f.ttl(now) <= f.stale_if_error
 

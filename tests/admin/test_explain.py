@@ -62,6 +62,8 @@ async def test_a_fresh_entry_is_a_hit_and_the_trace_says_which_directive_decided
     assert variant["freshness"]["source"] == "s-maxage"
     assert variant["freshness"]["decided_by"] == "s-maxage=120 in cache-control"
     assert variant["freshness"]["must_revalidate"] is True  # s-maxage: never served stale
+    assert variant["freshness"]["may_serve_stale"] is False
+    assert (variant["storability"]["may_serve_stale"], variant["storability"]["stale_if_error"]) == (False, 0)
     assert variant["storability"]["stored"] is True
     assert variant["storability"]["directives"] == "public, s-maxage=120, max-age=10"
     decision = trace["decision"]

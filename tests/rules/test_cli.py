@@ -293,6 +293,48 @@ def test_explain_shows_a_bypass_and_origin_freshness(tmp_path: Path,
     assert "not stored: NO-STORE (the origin sent CDN-Cache-Control: no-store)" in out
 
 
+def stored_lines(out: str) -> str:
+    return out[out.index("\nresponse "):]
+
+
+@pytest.mark.parametrize(("response", "revalidated", "why"), [
+    ("max-age=100, no-cache, stale-while-revalidate=30", True, "no-cache"),
+    ("max-age=100, must-revalidate, stale-if-error=60", False, "must-revalidate"),
+    ("max-age=100, proxy-revalidate", False, "proxy-revalidate"),
+    ("s-maxage=100", False, "s-maxage"),
+])
+def test_explain_never_promises_stale_serving_the_origin_forbids(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], response: str, revalidated: bool, why: str) -> None:
+    """The engine never serves these stale (RFC 9111 4.2.4) and revalidates no-cache before every
+    use; explain printed "fresh for 1m40s" and "if error 1h" next to "never served stale"."""
+    out = stored_lines(explain(tmp_path, capsys, "http://shop.example/home", "-R", f"Cache-Control: {response}"))
+    assert f"never served stale: the origin requires revalidation ({why})" in out
+    assert "while revalidating" not in out and "if error" not in out
+    assert ("revalidated with the origin before every use (the origin's no-cache)" in out) == revalidated
+    assert ("fresh for 1m40s" in out) == (not revalidated)
+
+
+@pytest.mark.parametrize("response", ["Expires: -1", "Expires: 0", "Cache-Control: max-age=0"])
+def test_explain_says_the_rules_stale_windows_skip_a_page_expired_at_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], response: str) -> None:
+    out = stored_lines(explain(tmp_path, capsys, "http://shop.example/home", "-H", "Cookie: theme=dark",
+                               "-R", response, "-R", 'ETag: "a"'))
+    assert "stale               while revalidating 0s, if error 0s\n" in out
+    assert "the rules' stale_while_revalidate / stale_if_error apply only to a response with a lifetime" in out
+
+
+def test_explain_names_where_each_stale_window_comes_from(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = stored_lines(explain(tmp_path, capsys, "http://shop.example/home",
+                               "-R", "Cache-Control: max-age=30, stale-while-revalidate=5"))
+    assert ("stale               while revalidating 5s (the origin's stale-while-revalidate), "
+            "if error 1h (the rules' stale_if_error)") in out
+    assert "apply only to a response with a lifetime" not in out
+    out = stored_lines(explain(tmp_path, capsys, "http://shop.example/home",
+                               "-R", "Cache-Control: max-age=0, stale-if-error=60"))
+    assert "while revalidating 0s, if error 1m (the origin's stale-if-error)" in out
+
+
 @pytest.mark.parametrize("fields", [
     ["X-Requested-With: XMLHttpRequest", "X-Requested-With: XMLHttpRequest"],
     ["X_Requested_With: XMLHttpRequest"],
