@@ -41,7 +41,7 @@ from proxy.leases import LeaseClient, LeaseTable
 from proxy.logs import note_key, note_upstream
 from proxy.metrics import CounterChild, HistogramChild, Metrics
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
-from proxy.policy.fields import split_list
+from proxy.policy.fields import body_length, ends_at_head, split_list
 from proxy.policy.fill import (
     Exchange,
     Fill,
@@ -836,7 +836,7 @@ class Engine:
         headers = self.response_headers(resp.headers)
         headers.append(("Cache-Status", cs))
         headers.append(("X-Cache-Status", x_cache))
-        if head_only or resp.status in (204, 304) or 100 <= resp.status < 200:
+        if head_only or ends_at_head(resp.status):
             length = resp.content_length if head_only else None
             if resp.complete_body() is None:  # read whole: the connection is reused
                 resp.release()
@@ -857,7 +857,9 @@ class Engine:
         detail, entry = self._filled(attempt.key, store_plan, Exchange(
             attempt.req.head, resp.status, resp.reason, resp.headers, request_time, response_time,
             resp.close_delimited_tls))
-        if entry is not None and too_large(resp.content_length, self.storage.room(entry)):
+        # The GET's body: a HEAD's Content-Length describes it, a 204's describes nothing.
+        length = body_length(resp.status, resp.content_length)
+        if entry is not None and too_large(length, self.storage.room(entry)):
             return "TOO-LARGE", None  # the same rule as max_object's, against this store's room
         return detail, entry
 

@@ -82,6 +82,7 @@ from proxy.errors import (
 )
 from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
+from proxy.policy.fields import ends_at_head
 from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
@@ -866,7 +867,9 @@ class MissPath:
                     log.exception("telling the workers waiting on %s failed", key)
         spool = None
         if entry is not None:
-            spool = storage.spool(entry, resp.content_length, epoch)
+            # The body that follows the head: none after a 204/304's, whatever its Content-Length
+            # says (the spool holds a body complete only at that length).
+            spool = storage.spool(entry, resp.body_length, epoch)
         flight.spool = spool
         body = flight.body
         body.storing = spool is not None
@@ -1510,7 +1513,7 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
         return OnItsOwn()
     x_cache = "HIT" if collapsed else forwarded_x_cache(fwd)
     plain: Relay
-    if request.method == "HEAD" or fhead.status in (204, 304):
+    if ends_at_head(fhead.status, request.method == "HEAD"):
         plain = Relay(x_cache, "none", coalesced=collapsed)
     elif (length := fhead.content_length) is not None \
             and length <= (WHOLE_FOR_FOLLOWERS if collapsed else WHOLE_FOR_LEADER):

@@ -102,6 +102,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from proxy.policy.fields import ends_at_head
 
 CHUNK = 64 * 1024  # the StreamReader's limit: reading stops past twice this many unread bytes
 MAX_LINE = 16 * 1024  # the longest status line or header field accepted
@@ -255,7 +256,8 @@ def reason_phrase(status: int, reason: str) -> str:
 class Response:
     """A response head, and its body as the parser's stream."""
 
-    __slots__ = ("_conn", "_exchange", "_payload", "close_delimited_tls", "headers", "reason", "status")
+    __slots__ = ("_conn", "_exchange", "_payload", "close_delimited_tls", "head_method", "headers", "reason",
+                 "status")
 
     def __init__(self, message: Any, payload: StreamReader, conn: UpstreamConnection, exchange: int) -> None:
         self.status: int = message.code
@@ -265,11 +267,12 @@ class Response:
         self._payload = payload
         self._conn = conn
         self._exchange = exchange
+        self.head_method: bool = conn._head_method  # the answer to a HEAD: no body (``ends_at_head``)
         # A body over TLS that only the connection's end delimits (no Content-Length, not
         # chunked): its end cannot be told from a truncation (module docstring).
         self.close_delimited_tls: bool = (
-            conn._pool.ssl is not None and not message.chunked and not conn._head_method
-            and message.code not in (204, 304)
+            conn._pool.ssl is not None and not message.chunked
+            and not ends_at_head(message.code, conn._head_method)
             and ("Content-Length" not in headers or "Transfer-Encoding" in headers))
 
     def complete_body(self) -> bytes | None:
@@ -793,7 +796,7 @@ def unsupported_coding(message: Any, head_method: bool) -> str | None:
     RFC 9112 §6.1 says to treat as faulty framing); None when the body can be relayed. A
     response without a body (to HEAD, 1xx, 204, 304) is framed by its status, not its fields."""
     coding: str | None = message.headers.get("Transfer-Encoding")
-    if coding is None or head_method or message.code < 200 or message.code in (204, 304):
+    if coding is None or ends_at_head(message.code, head_method):
         return None
     if message.version < (1, 1):
         return coding

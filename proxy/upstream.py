@@ -97,7 +97,7 @@ from proxy.http_client import (
     error_kind,
     request_head,
 )
-from proxy.policy.fields import content_length
+from proxy.policy.fields import body_length, content_length
 from proxy.settings import PoolSettings, UpstreamSettings
 from proxy.tls import ca_file_problem, client_context
 
@@ -208,6 +208,13 @@ class UpstreamResponse:
         if length == -1:
             length = self._length = content_length(self.headers.getall("Content-Length", ()))
         return length
+
+    @property
+    def body_length(self) -> int | None:
+        """How many bytes of body follow the head (``policy.fields.body_length``): 0 for a 204,
+        a 304 or the answer to HEAD whatever their Content-Length says, which describes no
+        body that comes (a fill that expected a 204's 5 bytes never stored it)."""
+        return body_length(self.status, self.content_length, self._resp.head_method)
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived with the head (a small response): no

@@ -155,6 +155,25 @@ def content_length(values: Sequence[str]) -> int | None:
     return digits(members[0])
 
 
+def ends_at_head(status: int, head_method: bool = False) -> bool:
+    """Whether a response has no body whatever its fields say (RFC 9112 §6.3): the answer to
+    HEAD, an interim 1xx, a 204 or a 304 ends with its head. Every reader of an upstream
+    response's length asks this one question (``body_length``), so the parser, the spool that
+    checks a body arrived whole, and the storability decision agree."""
+    return head_method or status < 200 or status == 204 or status == 304
+
+
+def body_length(status: int, length: int | None, head_method: bool = False) -> int | None:
+    """How many bytes of body follow a response head: 0 when it ends at its head
+    (``ends_at_head``: a 204's ``Content-Length: 5`` announces no body), else its parsed
+    ``Content-Length`` (None: unknown, chunked or to the connection's end).
+
+    >>> body_length(200, 5), body_length(204, 5), body_length(304, 5), body_length(200, 5, True)
+    (5, 0, 0, 0)
+    """
+    return 0 if ends_at_head(status, head_method) else length
+
+
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 tchar, ASCII only
 
 

@@ -31,7 +31,7 @@ from proxy.policy.cache_control import (
     parse_surrogate_control,
     targeted_cache_control,
 )
-from proxy.policy.fields import content_length
+from proxy.policy.fields import body_length, content_length
 from proxy.policy.freshness import carries_credentials, compute_freshness, origin_freshness_only
 from proxy.policy.headers import dated, end_to_end
 from proxy.policy.keys import variant_of, vary_names, vary_refusal
@@ -172,7 +172,8 @@ def _decide(
     spelled = spelled_otherwise(names, request.headers) if names else None
     if spelled is not None:
         return DontStore(f"AMBIGUOUS-HEADER:{spelled}")  # see the module docstring
-    if too_large(content_length(headers.getall("Content-Length", ())), options.max_object):
+    length = body_length(status, content_length(headers.getall("Content-Length", ())))  # none for a 204
+    if too_large(length, options.max_object):
         return DontStore("TOO-LARGE")
 
     has_explicit = (

@@ -228,6 +228,7 @@ class _Wire:
         self.reason = a.reason
         self.headers = CIMultiDictProxy(CIMultiDict(a.headers))
         self.close_delimited_tls = False  # a plain-HTTP origin
+        self.head_method = False
         self.sent = 0
         self.discarded = False
 

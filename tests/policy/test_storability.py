@@ -103,6 +103,8 @@ CASES: list[tuple[str, RequestHead, int, Pairs, CacheOptions, str | None]] = [
      [("Cache-Control", "no-cache, max-age=60")], CacheOptions(), None),
     ("Content-Length above max_object is not stored", request(), 200,
      [FRESH, ("Content-Length", "2000")], CacheOptions(max_object=1000), "TOO-LARGE"),
+    ("a 204's Content-Length announces no body: never too large (RFC 9112 §6.3)", request(), 204,
+     [FRESH, ("Content-Length", "2000")], CacheOptions(max_object=1000), None),
     ("an unknown request directive does not switch caching off",
      request(("Cache-Control", "nothing-to-see-here"), ("Pragma", "foo")), 200, [FRESH], CacheOptions(),
      None),
