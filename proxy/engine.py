@@ -771,8 +771,13 @@ class Engine:
                     on_interim: InterimHook | None = None) -> UpstreamResponse:
         started = time.monotonic()
         # Errors are counted by the pool.
-        resp = await self.pool.send(request.method, request.target, list(request.headers), body,
-                                    on_interim)
+        try:
+            resp = await self.pool.send(request.method, request.target, list(request.headers), body,
+                                        on_interim)
+        except UpstreamError as exc:
+            if exc.upstream is not None:  # the access log names the upstream that failed
+                note_upstream(exc.upstream, time.monotonic() - started)
+            raise
         name = resp.upstream.name
         took = time.monotonic() - started
         klass = resp.status // 100

@@ -39,6 +39,9 @@ class UpstreamError(CachegateError):
     cache_detail = "UPSTREAM-UNREACHABLE"
     # Logged already (``first_report``): every client of a coalesced fetch gets this one error.
     reported = False
+    # The upstream the failed request went to (the last one tried), for the access log's
+    # ``upstream``; None when none was (all down, the stop).
+    upstream: str | None = None
 
     def __init__(self, message: str = "", *, detail: str | None = None) -> None:
         super().__init__(message)

@@ -1164,6 +1164,11 @@ class MissPath:
         engine, plan, fwd = self.engine, attempt.plan, attempt.fwd
         stopping = isinstance(exc, ProxyStopping)
         if attempt.stale is not None:
+            # The client is served, but the origin failed all the same: the one warning of a
+            # failed fetch (not one per client of a herd: ``first_report``), as without a stale
+            # response (a body that broke off was logged where it broke).
+            if not stopping and first_report(exc):
+                log.warning("upstream failed, stale response served (stale-if-error): %s", exc)
             return await self._serve_stale(attempt, attempt.stale, None,
                                            exc.cache_detail if stopping else "ORIGIN-UNREACHABLE")
         if attempt.stale_prohibited and not stopping:  # (stopping: the 503 says why, not the origin)
@@ -1663,6 +1668,8 @@ def _upstream_error(status: int, message: str, detail: str = "") -> UpstreamErro
     error = cls(f"{message} (fetched by another worker)")
     if detail:
         error.cache_detail = detail
+    # That worker logged its failed fetch: one warning for the machine (``first_report``).
+    error.reported = True
     return error
 
 

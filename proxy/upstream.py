@@ -606,6 +606,7 @@ class UpstreamPool:
                                       read_timeout=t.read, total_deadline=total_deadline,
                                       on_interim=on_interim)
         except UpstreamError as exc:
+            exc.upstream = upstream.name
             self._done(upstream)
             cause = passive_failure(exc, conn, fresh)
             if cause is not None:
@@ -623,8 +624,10 @@ class UpstreamPool:
             resp.discard()
             self._done(upstream)
             self._passive_failure(upstream, "protocol", RESPONSE)  # an invalid response
-            raise UpstreamProtocolError(f"{upstream.name}: 206 Partial Content to a request without Range",
-                                        detail="a 206 Partial Content to a request without Range")
+            error = UpstreamProtocolError(f"{upstream.name}: 206 Partial Content to a request without Range",
+                                          detail="a 206 Partial Content to a request without Range")
+            error.upstream = upstream.name
+            raise error
         if resp.status in UNAVAILABLE:
             self._passive_failure(upstream, f"status_{resp.status}", RESPONSE)
         else:
