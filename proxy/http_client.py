@@ -300,10 +300,10 @@ class UpstreamConnection(BaseProtocol):
     """One keep-alive connection to an upstream; one exchange (request + response) at a time."""
 
     __slots__ = (
-        "_body_task", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes", "_head_carry",
-        "_head_method", "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim", "_payload",
-        "_pool", "_read_timeout", "_read_timer", "_sent", "_stray", "_total_timer", "busy", "exchange",
-        "idle_since",
+        "_body_task", "_broke", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes",
+        "_head_carry", "_head_method", "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim",
+        "_payload", "_pool", "_read_timeout", "_read_timer", "_sent", "_stray", "_total_timer", "busy",
+        "exchange", "idle_since",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -325,6 +325,9 @@ class UpstreamConnection(BaseProtocol):
         self._head_method = False
         self._head_carry = b""  # the last bytes fed up to a head's end, where that end may start
         self._stray = 0  # bytes dropped after a 204/304's head (``_feed_head``): never reused
+        # The parser's error in what followed the final head, in the head's read (``_feed_head``):
+        # the body's, told to its reader once the head is delivered.
+        self._broke: Exception | None = None
         self._read_timeout = 0.0
         self._last_read = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
@@ -370,6 +373,7 @@ class UpstreamConnection(BaseProtocol):
         self._head_method = head_method
         self._head_carry = b""
         self._stray = 0
+        self._broke = None
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
         head_future: asyncio.Future[Response] = loop.create_future()
         self._head = head_future
@@ -475,9 +479,26 @@ class UpstreamConnection(BaseProtocol):
             else:
                 messages, upgraded, _tail = parser.feed_data(data)
         except Exception as exc:
-            self._fail(UpstreamProtocolError(f"{self._pool.name}: invalid response: "
-                                             f"{_describe(exc)}"))
-            return
+            # (The error path alone: the common one is as above.)
+            if self._message is not None:  # in the body, after the final head (delivered)
+                self._fail(_payload_error(self._pool.name)(_describe(exc)))
+                return
+            if bounded:  # an error after the final head is not raised (``_feed_head``)
+                self._fail(UpstreamProtocolError(f"{self._pool.name}: invalid response: "
+                                                 f"{_describe(exc)}"))
+                return
+            # The head's first read, fed whole: the parser raised on the first bad byte, its
+            # head or its body's, and dropped the head with it. Fed again, up to the head's end
+            # first: a malformed body is the body's failure (UPSTREAM-BROKE-OFF, shared by the
+            # fetch's clients, not held against the upstream), not an invalid response.
+            parser = self._parser = strict_response_parser(self, self._loop, head=False,
+                                                           name=self._pool.name)
+            try:
+                messages, upgraded = self._feed_head(parser, data)
+            except Exception as again:
+                self._fail(UpstreamProtocolError(f"{self._pool.name}: invalid response: "
+                                                 f"{_describe(again)}"))
+                return
         for message, payload in messages:
             if self._message is None:
                 code = message.code
@@ -558,6 +579,18 @@ class UpstreamConnection(BaseProtocol):
             else:
                 self._message_done(reuse=reusable_after(self._message, self._head_method))
         if head is not None:
+            broke = self._broke
+            if broke is not None:  # the body failed in the head's read (``_feed_head``)
+                self._broke = None
+                if payload.is_eof():  # a whole response, and bytes after it
+                    self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the "
+                                                     "response (bad framing)"))
+                    return
+                self._head = None
+                if not head.done():
+                    head.set_result(Response(self._message, payload, self, self.exchange))
+                self._fail(_payload_error(self._pool.name)(_describe(broke)))
+                return
             self._head = None
             if not head.done():
                 head.set_result(Response(self._message, payload, self, self.exchange))
@@ -598,8 +631,15 @@ class UpstreamConnection(BaseProtocol):
                 elif final in (204, 304):
                     self._stray = len(data)  # dropped
                 elif data:
-                    more, upgraded, _tail = parser.feed_data(data)
-                    messages += more
+                    try:
+                        more, upgraded, _tail = parser.feed_data(data)
+                    except Exception as exc:
+                        # After the final head: its body's error (``data_received`` delivers the
+                        # head, then fails its body), not an invalid response.
+                        self._broke = exc
+                        self._parser = None
+                    else:
+                        messages += more
                 break
         return messages, upgraded
 

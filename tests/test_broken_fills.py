@@ -27,14 +27,18 @@ CLIENTS = 6
 def cut_body(how: str, go: asyncio.Event) -> Serve:
     """A 200 whose head says it is stored (max-age) and whose body breaks off once ``go`` is set:
     half of its Content-Length then the connection closes ("short"), or it falls silent
-    ("stall"), or a chunked body closes without its last chunk ("chunked")."""
+    ("stall"), or a chunked body closes without its last chunk ("chunked") or goes on with a
+    chunk size that is no hex number ("garbled")."""
     async def serve(conn: Conn) -> None:
         await conn.request()
         await go.wait()
-        if how == "chunked":
+        if how in ("chunked", "garbled"):
             await conn.send(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n")
             for _ in range(16):
                 await conn.send(b"%x\r\n%s\r\n" % (SENT // 16, b"x" * (SENT // 16)))
+            if how == "garbled":
+                await conn.send(b"ZZ\r\n")
+                await asyncio.sleep(10)
             return
         await conn.send(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: %d\r\n\r\n" % ANNOUNCED)
         for _ in range(16):
@@ -54,6 +58,7 @@ def records(proxy: Proxy, path: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(("how", "detail", "kind"), [
     ("short", "UPSTREAM-BROKE-OFF", "body_broke_off"),
     ("chunked", "UPSTREAM-BROKE-OFF", "body_broke_off"),
+    ("garbled", "UPSTREAM-BROKE-OFF", "body_broke_off"),  # not an invalid response (its head was valid)
     ("stall", "UPSTREAM-TIMEOUT", "body_read_timeout"),
 ])
 async def test_a_fill_broken_off_after_its_head_is_logged_and_counted_as_the_error_it_was(

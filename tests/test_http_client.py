@@ -165,8 +165,7 @@ async def test_bytes_after_a_complete_response_close_its_connection(
     b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok",  # control character
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 \r\nok\r\n0\r\n\r\n",  # space after size
-], ids=["bare-lf", "control-char", "cl-and-te", "two-cl", "chunk-size-space"])
+], ids=["bare-lf", "control-char", "cl-and-te", "two-cl"])  # (a malformed body: test_malformed_bodies)
 async def test_malformed_responses_are_refused_strictly(
     raw_upstream: Callable[[Answer], Awaitable[RawUpstream]], make_proxy: MakeProxy, response: bytes
 ) -> None:

@@ -1,0 +1,125 @@
+"""A response whose head was valid and whose chunked body is malformed (a chunk size that is no
+hex number) is a body that broke off (``UpstreamBodyError``: ``detail=UPSTREAM-BROKE-OFF``),
+whether the bad chunk came in the head's read or later: not an invalid response, which is held
+against the upstream's health (one client could take every upstream out with one URL), is
+counted as ``kind="protocol"`` and sends the fetch's other clients (followers, the other
+worker waiting on the lease) to the origin again.
+
+Real raw origins on loopback; one in-process proxy, or ``cachegate run --workers 2``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.admin.test_metrics import scrape, value
+from tests.conftest import MakeProxy
+from tests.security.misbehaving import Conn, Serve, flight_with, raw_origins
+from tests.storage.procs import ProxyProcess, Response, write_config
+
+HEAD = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n"
+GARBLED = b"5\r\nhello\r\nZZ\r\nxx\r\n0\r\n\r\n"  # a good chunk, then a chunk size "ZZ"
+GOOD = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\ngood"
+# One failure would take the upstream out of rotation for 30 s: the 503 says so.
+PASSIVE = "upstream: {passive: {failures: 1, cooldown: 30s}, retries: 0}\n"
+
+
+def garbling(go: asyncio.Event | None = None, *, apart: bool = False, body: bytes = GARBLED) -> Serve:
+    """``/bad``: a valid 200 head and a chunked body with a malformed chunk size, in one write
+    (the head's read), or ``apart`` (the head and a first chunk, then the bad chunk later);
+    held until ``go`` is set. Any other path: a good 200."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if not request.target.startswith("/bad"):
+                await conn.send(GOOD)
+                continue
+            if go is not None:
+                await go.wait()
+            if apart:
+                await conn.send(HEAD + b"%x\r\n%s\r\n" % (100_000, b"x" * 100_000))
+                await asyncio.sleep(0.2)
+                await conn.send(b"ZZ\r\nxx\r\n")
+            else:
+                await conn.send(HEAD + body)
+            await asyncio.sleep(5)
+            return
+
+    return serve
+
+
+@pytest.mark.parametrize("body", [GARBLED, b"2 \r\nok\r\n0\r\n\r\n"], ids=["size-not-hex", "space-after-size"])
+async def test_a_malformed_chunk_in_the_heads_read_is_a_body_that_broke_off_not_a_failed_upstream(
+        make_proxy: MakeProxy, tmp_path: Path, body: bytes) -> None:
+    """It was an invalid response HEAD: UPSTREAM-INVALID, kind="protocol", and a passive failure
+    (here, with ``failures: 1``, the next request found no upstream: a 503)."""
+    async with raw_origins() as start:
+        origin = await start(garbling(body=body))
+        log_file = tmp_path / "access.log"
+        proxy = await make_proxy(config=PASSIVE + f"access_log: {{format: json, path: {log_file}}}\n",
+                                 upstreams=[origin.url])
+        before = await scrape(proxy)
+        with pytest.raises(aiohttp.ClientPayloadError):  # its head went out: the connection is aborted
+            await proxy.get("/bad")
+        after = await scrape(proxy)
+        assert proxy.runtime.access_log is not None
+        proxy.runtime.access_log.flush()
+        logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+        assert [r["cache_status"].rsplit("; ", 1)[-1] for r in logged] == ["detail=UPSTREAM-BROKE-OFF"], logged
+        for kind, grew in (("body_broke_off", 1), ("protocol", 0)):
+            assert value(after, "cachegate_upstream_errors_total", upstream=origin.url, kind=kind) \
+                - value(before, "cachegate_upstream_errors_total", upstream=origin.url, kind=kind) == grew
+        upstreams = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"]
+        assert [u["state"] for u in upstreams] == ["up"], upstreams
+        good = await proxy.get("/good")  # the upstream is still in rotation
+        assert (good.status, good.body) == (200, b"good"), good
+
+
+async def test_the_followers_of_a_fetch_whose_body_was_malformed_in_its_heads_read_do_not_fetch_again(
+        make_proxy: MakeProxy) -> None:
+    """A body that broke off is every client's answer (docs/upstreams.md); taken for a failure
+    before the head, it sent the followers to the origin once more."""
+    go = asyncio.Event()
+    async with raw_origins() as start:
+        origin = await start(garbling(go))
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        clients = [asyncio.ensure_future(proxy.get("/bad")) for _ in range(5)]
+        await flight_with(proxy, 4)
+        go.set()
+        answers = await asyncio.gather(*clients, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        assert origin.targets() == [(0, "GET", "/bad")], (origin.targets(), answers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("apart", [False, True], ids=["in-the-heads-read", "mid-body"])
+async def test_a_malformed_body_is_one_fetch_for_both_workers(tmp_path: Path, apart: bool) -> None:
+    """The worker waiting on the lease takes the holder's failure (a body that broke off is
+    shared: ``SHARED_FAILURES``); told UPSTREAM-INVALID, it fetched again: two origin fetches."""
+    go = asyncio.Event()
+    async with raw_origins() as start:
+        origin = await start(garbling(go, apart=apart))
+        cache = "cache: {memory: 64MB, lock_timeout: 30s, disk: {path: cache, size: 256MB, shards: 2}}\n"
+        proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache,
+                                                         "upstream: {retries: 0}\n"))
+        await proxy.start("--workers", "2")
+        try:
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            clients = [asyncio.ensure_future(proxy.get("/bad")) for _ in range(16)]
+            await asyncio.sleep(1.0)  # every client has asked by now: one worker waits on the lease
+            go.set()
+            answers = await asyncio.gather(*clients, return_exceptions=True)
+            await asyncio.sleep(0.3)
+            replies = [a for a in answers if isinstance(a, Response)]
+            # The waiting worker's clients had no byte of the body: a 502 each (the holder's,
+            # whose body was being streamed, had their connections aborted when it broke off).
+            assert replies and {(r.status, r.headers["Cache-Status"]) for r in replies} == {
+                (502, "cachegate; fwd=uri-miss; detail=UPSTREAM-BROKE-OFF")}, answers
+            assert Counter(t for _, _, t in origin.targets())["/bad"] == 1, origin.targets()
+        finally:
+            await proxy.stop()
