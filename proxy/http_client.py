@@ -387,10 +387,18 @@ class UpstreamConnection(BaseProtocol):
         if body is not None:
             self._body_task = loop.create_task(self._send_body(body, chunked, expected))
         try:
-            return await head_future
+            response = await head_future
         except BaseException:
             self.abort()  # cancelled, or failed: the connection is in an unknown state
             raise
+        if self._stray:
+            # Logged here, in the context of the request the bytes followed: ``data_received``
+            # runs in the one captured when the connection was made (its first request's).
+            logging.getLogger("cachegate.upstream").warning(
+                "upstream %s: %d or more bytes of body after a %d response, which has none (RFC 9112 "
+                "§6.3): dropped, the %d answered, the connection closed", self._pool.name,
+                self._stray, response.status, response.status)
+        return response
 
     async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, expected: int | None) -> None:
         """Stream a request body (chunked, or exactly ``expected`` bytes), minding the socket's
@@ -570,11 +578,7 @@ class UpstreamConnection(BaseProtocol):
                                                      "response (bad framing)"))
                     return
                 self._message_done(reuse=False)
-            elif self._stray:
-                logging.getLogger("cachegate.upstream").warning(
-                    "upstream %s: %d or more bytes of body after a %d response, which has none (RFC 9112 "
-                    "§6.3): dropped, the %d answered, the connection closed", self._pool.name,
-                    self._stray, self._message.code, self._message.code)
+            elif self._stray:  # (warned of by ``request``, in its request's context)
                 self._message_done(reuse=False)
             else:
                 self._message_done(reuse=reusable_after(self._message, self._head_method))

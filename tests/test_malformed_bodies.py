@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from proxy.logs import REQUEST
 from tests.admin.test_metrics import scrape, value
 from tests.conftest import MakeProxy
 from tests.security.misbehaving import Conn, Serve, flight_with, raw_origins
@@ -94,6 +96,46 @@ async def test_the_followers_of_a_fetch_whose_body_was_malformed_in_its_heads_re
         answers = await asyncio.gather(*clients, return_exceptions=True)
         await asyncio.sleep(0.1)
         assert origin.targets() == [(0, "GET", "/bad")], (origin.targets(), answers)
+
+
+async def test_the_stray_body_warning_after_a_204_carries_the_request_id_of_the_204s_request(
+        make_proxy: MakeProxy) -> None:
+    """The warning was logged where the bytes were read, in the context the pooled connection
+    was made in: the request id of the request that opened it, another client's."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if request.target.startswith("/nothing"):
+                await conn.send(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello")
+                return
+            await conn.send(GOOD)
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            info = REQUEST.get()
+            seen.append((record.getMessage(), info.request_id if info is not None else None))
+
+    handler = Catch(logging.WARNING)
+    logger = logging.getLogger("cachegate.upstream")
+    logger.addHandler(handler)
+    try:
+        async with raw_origins() as start:
+            origin = await start(serve)
+            url = origin.url
+            proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[url])
+            opener = await proxy.get("/opener")
+            assert opener.status == 200
+            reply = await proxy.get("/nothing")
+            assert reply.status == 204
+            assert origin.connections == 1  # the 204 came on the connection the first request opened
+    finally:
+        logger.removeHandler(handler)
+    stray = [(m, rid) for m, rid in seen if "after a 204 response" in m]
+    assert stray == [(f"upstream {url}: 5 or more bytes of body after a 204 response, which has none "
+                      "(RFC 9112 §6.3): dropped, the 204 answered, the connection closed",
+                      reply.headers["X-Request-Id"])], (seen, opener.headers["X-Request-Id"])
 
 
 @pytest.mark.slow
