@@ -80,6 +80,7 @@ from proxy.errors import (
     UpstreamTimeout,
     first_report,
 )
+from proxy.http_client import UpstreamBodyError
 from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
 from proxy.policy.fields import ends_at_head
@@ -1648,7 +1649,8 @@ def _unasked_304(resp: UpstreamResponse, revalidating: Cached | None) -> Upstrea
     if resp.status != 304 or revalidating is not None:
         return None
     resp.close()
-    return UpstreamProtocolError("the origin answered 304 Not Modified to a request without conditions")
+    return UpstreamProtocolError(f"{resp.upstream.name}: the origin answered 304 Not Modified to a request "
+                                 "without conditions")
 
 
 def _stored_head(stored: StoredResponse, body_size: int, fetched: int | None = None) -> FlightHead:
@@ -1662,9 +1664,9 @@ def _stored_head(stored: StoredResponse, body_size: int, fetched: int | None = N
 def _upstream_error(status: int, message: str, detail: str = "") -> UpstreamError:
     """The error another worker's fetch of the same key met, as this worker's own (its
     Cache-Status ``detail`` too: an invalid response is not an unreachable origin)."""
-    invalid = detail in ("UPSTREAM-INVALID", "UPSTREAM-BROKE-OFF")  # (what its client is told)
-    cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(
-        status, UpstreamProtocolError if invalid else UpstreamConnectError)
+    invalid = UpstreamBodyError if detail == "UPSTREAM-BROKE-OFF" else (
+        UpstreamProtocolError if detail == "UPSTREAM-INVALID" else None)  # (what its client is told)
+    cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(status, invalid or UpstreamConnectError)
     error = cls(f"{message} (fetched by another worker)")
     if detail:
         error.cache_detail = detail

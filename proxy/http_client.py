@@ -168,7 +168,11 @@ class UpstreamTotalTimeout(UpstreamTimeout):
 
 
 class UpstreamBodyError(UpstreamProtocolError):
-    """The response body broke off or was malformed (raised by the body reader)."""
+    """The response body broke off or was malformed (raised by the body reader). Its head was
+    an answer: the client is told of the body (``detail=UPSTREAM-BROKE-OFF``), not of an
+    invalid response."""
+
+    public = "the origin server's response body broke off (cut short, malformed or reset)"
 
 
 def error_kind(exc: UpstreamError) -> str:

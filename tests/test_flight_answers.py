@@ -299,10 +299,11 @@ async def test_a_refetch_whose_small_body_breaks_off_serves_every_client_the_sta
         assert (again.x_cache, again.body) == ("STALE", b"old")
 
 
-@pytest.mark.parametrize(("broken", "status", "detail"), [
-    ("short", 502, "UPSTREAM-BROKE-OFF"), ("stall", 504, "UPSTREAM-TIMEOUT")])
+@pytest.mark.parametrize(("broken", "status", "detail", "said"), [
+    ("short", 502, "UPSTREAM-BROKE-OFF", b"the origin server's response body broke off"),
+    ("stall", 504, "UPSTREAM-TIMEOUT", b"the origin server did not answer in time")])
 async def test_a_fill_whose_small_body_breaks_off_is_the_same_gateway_error_for_every_client(
-        make_proxy: MakeProxy, broken: str, status: int, detail: str) -> None:
+        make_proxy: MakeProxy, broken: str, status: int, detail: str, said: bytes) -> None:
     go = asyncio.Event()
     async with raw_origins() as start:
         origin = await start(broken_refetch(broken, go))
@@ -311,6 +312,8 @@ async def test_a_fill_whose_small_body_breaks_off_is_the_same_gateway_error_for_
         replies = await three_clients(proxy, go)
         assert [(r.status, r.x_cache) for r in replies] == [(status, "MISS")] * 3
         assert {r.cache_status for r in replies} == {f"cachegate; fwd=uri-miss; detail={detail}"}
+        # What the body says agrees with its detail (a body cut short read "an invalid response").
+        assert all(said in r.body for r in replies), [r.body for r in replies]
         assert len(origin.requests) == 1
 
 

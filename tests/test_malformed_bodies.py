@@ -165,3 +165,22 @@ async def test_a_malformed_body_is_one_fetch_for_both_workers(tmp_path: Path, ap
             assert Counter(t for _, _, t in origin.targets())["/bad"] == 1, origin.targets()
         finally:
             await proxy.stop()
+
+
+async def test_the_warning_for_a_304_to_an_unconditional_request_names_the_upstream(
+        make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """Every other "upstream failed" line names the upstream, whose fault it is; this one did not."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            await conn.request()
+            await conn.send(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n')
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        url = origin.url
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[url])
+        with caplog.at_level(logging.WARNING, logger="cachegate"):
+            reply = await proxy.get("/unasked")
+    assert (reply.status, reply.cache_status) == (502, "cachegate; fwd=uri-miss; detail=UPSTREAM-INVALID"), reply
+    assert [r.getMessage() for r in caplog.records if "304" in r.getMessage()] == [
+        f"upstream failed: {url}: the origin answered 304 Not Modified to a request without conditions"]
