@@ -908,6 +908,19 @@ class Engine:
         except Exception as exc:
             self.write_failures.failed("write", entry.key, exc)
 
+    async def drop_superseded(self, cached: Cached) -> None:
+        """Forget the key's stored responses while ``cached`` is still among them: the origin's
+        full answer to a fetch made for it is not stored and supersedes it (``supersedes_stored``).
+        The whole key goes, as after a 304 that says no-store (``freshen``): the store removes
+        keys, not single variants. Not when a fill or a purge replaced it meanwhile (the new
+        copy is not this answer's to drop)."""
+        key = cached.entry.key
+        try:
+            if any(c.entry.body_id == cached.entry.body_id for c in await self.load(key)):
+                await self.storage.delete([key])
+        except Exception as exc:
+            self.write_failures.failed("write", key, exc)
+
     async def _freshen_siblings(self, cached: Cached, etag: str, update: CIMultiDictProxy[str],
                                 store_plan: StorePlan, request_time: float, response_time: float,
                                 head: RequestHead) -> list[Entry]:

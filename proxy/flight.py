@@ -107,6 +107,7 @@ from proxy.policy.validation import (
     client_not_modified,
     decide_on_validation,
     origin_error,
+    supersedes_stored,
 )
 from proxy.replies import Body, ClientRequest, Reply, error_reply, relay, upstream_detail
 from proxy.storage.entry import Entry
@@ -798,9 +799,9 @@ class MissPath:
 
         # What the answer means for the response held (revalidated, or kept for stale-if-error).
         kept = revalidating or attempt.stale
-        outcome: ValidationOutcome = Replace() if kept is None else decide_on_validation(
-            kept.entry.response, resp.status, resp.headers, response_time,
-            conditional=revalidating is not None)
+        outcome: ValidationOutcome = Replace(supersedes_stored(resp.status)) if kept is None \
+            else decide_on_validation(kept.entry.response, resp.status, resp.headers, response_time,
+                                      conditional=revalidating is not None)
         match outcome:
             case Freshen():
                 assert revalidating is not None
@@ -825,6 +826,13 @@ class MissPath:
                 store_detail, entry = outcome.detail, None
             case Replace():
                 store_detail, entry = engine.fill_decision(attempt, resp, request_time, response_time)
+                # The stored response this fetch was made for (revalidated, refetched after a 304
+                # about another, or kept for stale-if-error), when nothing stored replaces it:
+                # dropped before the clients get the answer, so no request after it is served the
+                # old one (stale-while-revalidate served it, and refreshed it, at every request).
+                held = kept or attempt.revalidating
+                if entry is None and outcome.supersedes and held is not None:
+                    await engine.drop_superseded(held)
             case _:
                 assert_never(outcome)
         await self._deliver(run, resp, store_detail, entry, response_time, epoch)

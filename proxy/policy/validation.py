@@ -6,7 +6,8 @@
   headers, keep the body, §4.3.4, done by ``freshen_stored``), ``Refetch`` (a 304
   about something else: ask again without validators), ``ServeStale`` (a 500, 502,
   503 or 504 the stored response may hide, RFC 5861 §4: it stays) or ``Replace`` (a new response,
-  decided as any fill by ``proxy.policy.fill``).
+  decided as any fill by ``proxy.policy.fill``; when it is not stored, the stored one is
+  dropped unless the answer is an origin error: ``supersedes_stored``).
 - ``client_not_modified``: may we answer the client's own conditional GET with 304?
 - ``precondition_failed``: must we answer the client's If-Match or If-Unmodified-Since
   with 412?
@@ -55,7 +56,13 @@ class ServeStale:
 
 @dataclass(frozen=True, slots=True)
 class Replace:
-    """A new response: decided as any fill (``fill.decide_fill``), stored over the old one if stored."""
+    """A new response: decided as any fill (``fill.decide_fill``), stored over the old one if stored.
+
+    ``supersedes``: the answer says the stored response is no longer the resource's
+    (``supersedes_stored``): when the new one is not stored, the stored one is dropped rather
+    than served again (stale-while-revalidate had served it, and refreshed it, at every request)."""
+
+    supersedes: bool = False
 
 
 ValidationOutcome = Freshen | Refetch | ServeStale | Replace
@@ -201,7 +208,24 @@ def decide_on_validation(
         return Freshen() if validates_stored(stored, headers) else Refetch()
     if error_keeps_stored(stored, status, now):
         return ServeStale("ORIGIN-ERROR")
-    return Replace()
+    return Replace(supersedes_stored(status))
+
+
+def supersedes_stored(status: int) -> bool:
+    """Does a full answer (anything but a 304 to a revalidation) to a fetch made for a stored
+    response leave that response unfit to serve, whether the answer is stored itself or not?
+
+    Yes for every status but an ``origin_error``: the origin has answered for the resource
+    anew (RFC 9111 §4.3.3: the full response is used, the stored one no longer is), so one it
+    would not let be stored (no-store, private, Set-Cookie, no freshness) or one that says the
+    page is gone (a 404) ends the stored response's life, as a 304 adding no-store does
+    (``freshen_stored``). An origin error (500, 502, 503, 504) says nothing about the
+    resource: the stored response stays for stale-if-error and a later revalidation.
+
+    >>> [s for s in (200, 203, 301, 404, 410, 500, 501, 502, 503, 504) if supersedes_stored(s)]
+    [200, 203, 301, 404, 410, 501]
+    """
+    return not origin_error(status)
 
 
 # RFC 5861 §4: "an error is any situation that would result in a 500, 502, 503, or 504 HTTP

@@ -87,6 +87,23 @@ def test_the_answer_to_a_full_fetch_made_while_a_stale_response_is_kept_never_fr
     assert name(outcome) == expected
 
 
+@pytest.mark.parametrize(("status", "sie", "conditional", "supersedes"), [
+    (200, False, True, True),  # a new response: if it is not stored, the stored one goes
+    (404, False, True, True),  # the page is gone
+    (410, True, False, True),  # (a full fetch made while a stale response is kept: alike)
+    (502, False, True, False),  # an origin error past stale-if-error: relayed, the stored one kept
+    (500, False, False, False),
+])
+def test_a_full_answer_other_than_an_origin_error_supersedes_the_stored_response(
+    status: int, sie: bool, conditional: bool, supersedes: bool
+) -> None:
+    """RFC 9111 §4.3.3: the full response is used, the stored one no longer is; when the new
+    one is not stored (no-store, private, a 404 without freshness) the engine drops the old
+    one, which stale-while-revalidate had otherwise served again at every request."""
+    s = stored([("Cache-Control", "max-age=1, stale-if-error=60" if sie else "max-age=1"), ("ETag", '"a"')])
+    assert decide_on_validation(s, status, headers(), T0 + 30, conditional=conditional) == Replace(supersedes)
+
+
 # (field, updated by a 304?) — RFC 9111 §3.2 and the suite's update304 list.
 UPDATES = [
     ("Test-Header", True),

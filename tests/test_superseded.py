@@ -1,0 +1,118 @@
+"""A full answer that is not stored supersedes the stored response it was fetched for (RFC 9111
+§4.3.3): the stored one is dropped, in every worker, rather than served again.
+
+``cachegate run`` as a real process (one worker, and two sharing the store) in front of a real
+origin. Before: an entry under stale-while-revalidate whose refresh got no-store, private,
+Set-Cookie, a 404 or a 200 without freshness was served UPDATING at every request of its
+window, each request refreshing it again; a foreground revalidation answered 200 no-store
+left it for stale-if-error to serve at the next origin error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.harness import Origin
+from tests.storage.procs import ProxyProcess, Response, write_config
+from tests.test_herd_workers import answered, herd
+
+pytestmark = pytest.mark.slow
+
+CACHE = "cache: {memory: 64MB, disk: {path: cache, size: 256MB, shards: 2}}\n"
+
+# What the origin answers once the stored response is stale: (status, fields), none storable.
+UNSTORABLE: dict[str, tuple[int, dict[str, str]]] = {
+    "no-store": (200, {"Cache-Control": "no-store"}),
+    "private": (200, {"Cache-Control": "private, max-age=100"}),
+    "set-cookie": (200, {"Cache-Control": "max-age=100", "Set-Cookie": "a=1"}),
+    "deleted": (404, {}),  # the page is gone (a 404 without freshness)
+    "no-freshness": (200, {}),
+}
+
+
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
+async def running(request: pytest.FixtureRequest, tmp_path: Path, origin: Origin) -> AsyncIterator[ProxyProcess]:
+    workers: int = request.param
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    await proxy.start("--workers", str(workers))
+    if workers > 1:
+        await proxy.wait_for(lambda: len(proxy.workers) == workers)
+    yield proxy
+    await proxy.stop()
+
+
+def sequence(origin: Origin, path: str, first: dict[str, str], *then: tuple[int, bytes, dict[str, str]]) -> None:
+    """``path`` answers ``old`` with ``first``'s fields once, then each of ``then`` in turn (the
+    last one from then on)."""
+    answers = [(200, b"old", {"ETag": '"a"', **first}), *then]
+
+    async def page(request: web.Request) -> web.Response:
+        status, body, fields = answers[min(origin.count(path) - 1, len(answers) - 1)]
+        return web.Response(status=status, body=body, headers=fields)
+
+    origin.route(path, page)
+
+
+async def until_new(proxy: ProxyProcess, path: str, within: float = 10.0) -> Response:
+    """Requests until one is not answered with the old body (the refresh's answer arrived)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        r = await proxy.get(path)
+        if r.body != b"old":
+            return r
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path}: the superseded response is still served ({r.x_cache})")
+
+
+async def test_a_refresh_answered_with_a_response_not_to_store_drops_the_stale_entry(
+        origin: Origin, running: ProxyProcess) -> None:
+    for name, (status, fields) in UNSTORABLE.items():
+        path = f"/swr-{name}"
+        sequence(origin, path, {"Cache-Control": "max-age=1, stale-while-revalidate=600"},
+                 (status, b"new", fields))
+        assert (await running.get(path)).x_cache == "MISS"
+    await asyncio.sleep(2.1)  # all stale, within stale-while-revalidate
+    for name, (status, _) in UNSTORABLE.items():
+        path = f"/swr-{name}"
+        first = await running.get(path)
+        assert (first.body, first.x_cache) == (b"old", "UPDATING"), name  # and one refresh starts
+        r = await until_new(running, path)
+        assert (r.status, r.body, r.x_cache) == (status, b"new", "MISS"), name
+        # No client is served the old response any more, whichever worker it reaches.
+        results = answered(await herd(running.url, path, 8))
+        assert len(results) == 8 and {(x.status, x.body) for x in results} == {(status, b"new")}, name
+        assert "UPDATING" not in {x.x_cache for x in results}, name
+
+
+async def test_a_revalidation_answered_no_store_leaves_nothing_for_stale_if_error(
+        origin: Origin, running: ProxyProcess) -> None:
+    """Stale, revalidated in the foreground: the 200 no-store is relayed, and the origin's 503
+    after it is relayed too, not hidden behind the response it superseded."""
+    sequence(origin, "/fg", {"Cache-Control": "max-age=1, stale-if-error=600"},
+             (200, b"new", {"Cache-Control": "no-store"}), (503, b"down", {}))
+    assert (await running.get("/fg")).x_cache == "MISS"
+    await asyncio.sleep(2.1)
+    r = await running.get("/fg")
+    assert (r.status, r.body, r.x_cache) == (200, b"new", "EXPIRED")
+    r = await running.get("/fg")
+    assert (r.status, r.body, r.x_cache) == (503, b"down", "MISS")
+    assert origin.count("/fg") == 3
+
+
+async def test_an_origin_error_on_a_refresh_keeps_the_stale_entry(origin: Origin, running: ProxyProcess) -> None:
+    """An origin error says nothing of the resource: the stored response stays, served stale."""
+    sequence(origin, "/err", {"Cache-Control": "max-age=1, stale-while-revalidate=600, stale-if-error=600"},
+             (503, b"down", {}))
+    assert (await running.get("/err")).x_cache == "MISS"
+    await asyncio.sleep(2.1)
+    assert (await running.get("/err")).x_cache == "UPDATING"
+    await running.wait_for(lambda: origin.count("/err") >= 2, 10)
+    await asyncio.sleep(0.2)
+    results = answered(await herd(running.url, "/err", 8))
+    assert {(r.status, r.body) for r in results} == {(200, b"old")}
