@@ -986,12 +986,14 @@ def parser_refusal(exc: HttpProcessingError) -> tuple[int, str]:
     whose major is not 1 (``HTTP/3.0``) is 505, as the general path answers ``HTTP/2.0``
     (``proxy_handler.version_refusal``); a 1.x one it refuses (``HTTP/1.2``) stays 400.
     llhttp refuses a method it does not know (``BREW``, ``get``: methods are case-sensitive)
-    as "Invalid method": a well-formed method token this server does not implement is 501
-    (RFC 9110 §9.1, §15.6.2), anything else in its place (``G@T``) stays 400.
+    as "Invalid method", and one that begins with a method it knows (``GETX``, ``POSTS``,
+    ``PURGEX``: it matches known names letter by letter) as "Expected space after method": a
+    well-formed method token this server does not implement is 501 (RFC 9110 §9.1, §15.6.2)
+    either way, anything else in its place (``G@T``, ``GET@``) stays 400.
     """
     text = str(exc.message)
     first = text.split("\n\n", 1)[0]  # llhttp's reason (what follows the blank line quotes the request)
-    if "Invalid method" in first:
+    if "Invalid method" in first or "Expected space after method" in first:
         found = _METHOD.search(text)
         if found is not None:
             return 501, (f"501 Not Implemented: the method {found.group(1)[:40]} is not implemented "
@@ -1025,6 +1027,7 @@ _REASONS = (
     ("https traffic", "TLS on a plain HTTP port"),
     ("bad status line", "invalid request line"),
     ("invalid method", "invalid request line"),
+    ("expected space after method", "invalid request line"),
     ("http version", "invalid request line"),
     ("expected lf", "bad line ending"),
     ("expected cr", "bad line ending"),
