@@ -799,9 +799,9 @@ class MissPath:
 
         # What the answer means for the response held (revalidated, or kept for stale-if-error).
         kept = revalidating or attempt.stale
-        outcome: ValidationOutcome = Replace(supersedes_stored(resp.status)) if kept is None \
-            else decide_on_validation(kept.entry.response, resp.status, resp.headers, response_time,
-                                      conditional=revalidating is not None)
+        outcome: ValidationOutcome = Replace() if kept is None else decide_on_validation(
+            kept.entry.response, resp.status, resp.headers, response_time,
+            conditional=revalidating is not None)
         match outcome:
             case Freshen():
                 assert revalidating is not None
@@ -831,7 +831,7 @@ class MissPath:
                 # dropped before the clients get the answer, so no request after it is served the
                 # old one (stale-while-revalidate served it, and refreshed it, at every request).
                 held = kept or attempt.revalidating
-                if entry is None and outcome.supersedes and held is not None:
+                if entry is None and held is not None and supersedes_stored(resp.status, store_detail):
                     await engine.drop_superseded(held)
             case _:
                 assert_never(outcome)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, Response, write_config
-from tests.test_herd_workers import answered, herd
+from tests.test_herd_workers import answered, herd, until_each_worker
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +88,8 @@ async def test_a_refresh_answered_with_a_response_not_to_store_drops_the_stale_e
         results = answered(await herd(running.url, path, 8))
         assert len(results) == 8 and {(x.status, x.body) for x in results} == {(status, b"new")}, name
         assert "UPDATING" not in {x.x_cache for x in results}, name
+        if len(running.workers) > 1:  # each worker answers with the origin's answer, not the old body
+            await until_each_worker(running, path, lambda x: x.body == b"new")
 
 
 async def test_a_revalidation_answered_no_store_leaves_nothing_for_stale_if_error(
@@ -116,3 +118,18 @@ async def test_an_origin_error_on_a_refresh_keeps_the_stale_entry(origin: Origin
     await asyncio.sleep(0.2)
     results = answered(await herd(running.url, "/err", 8))
     assert {(r.status, r.body) for r in results} == {(200, b"old")}
+
+
+async def test_an_answer_the_request_kept_out_of_the_store_leaves_the_stored_response(
+        origin: Origin, running: ProxyProcess) -> None:
+    """A client's own ``Cache-Control: no-store`` keeps the origin's answer out of the store: it
+    says nothing of the resource, so the stored response stays (else any client could drop any
+    stale entry): the next client, on an origin error, is served it under stale-if-error."""
+    sequence(origin, "/mine", {"Cache-Control": "max-age=1, stale-if-error=600"},
+             (200, b"new", {"Cache-Control": "max-age=100"}), (503, b"down", {}))
+    assert (await running.get("/mine")).x_cache == "MISS"
+    await asyncio.sleep(2.1)
+    r = await running.get("/mine", headers={"Cache-Control": "no-store"})
+    assert (r.status, r.body) == (200, b"new")
+    r = await running.get("/mine")
+    assert (r.status, r.body, r.x_cache) == (200, b"old", "STALE")

@@ -7,7 +7,8 @@
   about something else: ask again without validators), ``ServeStale`` (a 500, 502,
   503 or 504 the stored response may hide, RFC 5861 §4: it stays) or ``Replace`` (a new response,
   decided as any fill by ``proxy.policy.fill``; when it is not stored, the stored one is
-  dropped unless the answer is an origin error: ``supersedes_stored``).
+  dropped unless the answer is an origin error or was kept out by the request itself:
+  ``supersedes_stored``).
 - ``client_not_modified``: may we answer the client's own conditional GET with 304?
 - ``precondition_failed``: must we answer the client's If-Match or If-Unmodified-Since
   with 412?
@@ -56,13 +57,8 @@ class ServeStale:
 
 @dataclass(frozen=True, slots=True)
 class Replace:
-    """A new response: decided as any fill (``fill.decide_fill``), stored over the old one if stored.
-
-    ``supersedes``: the answer says the stored response is no longer the resource's
-    (``supersedes_stored``): when the new one is not stored, the stored one is dropped rather
-    than served again (stale-while-revalidate had served it, and refreshed it, at every request)."""
-
-    supersedes: bool = False
+    """A new response: decided as any fill (``fill.decide_fill``), stored over the old one if stored,
+    else the old one dropped when the answer supersedes it (``supersedes_stored``)."""
 
 
 ValidationOutcome = Freshen | Refetch | ServeStale | Replace
@@ -208,24 +204,39 @@ def decide_on_validation(
         return Freshen() if validates_stored(stored, headers) else Refetch()
     if error_keeps_stored(stored, status, now):
         return ServeStale("ORIGIN-ERROR")
-    return Replace(supersedes_stored(status))
+    return Replace()
 
 
-def supersedes_stored(status: int) -> bool:
-    """Does a full answer (anything but a 304 to a revalidation) to a fetch made for a stored
-    response leave that response unfit to serve, whether the answer is stored itself or not?
+def supersedes_stored(status: int, not_stored: str) -> bool:
+    """Does a full answer (anything but a 304 to a revalidation) that is not stored (why:
+    ``not_stored``, the fill's Cache-Status detail) leave the stored response it was fetched
+    for unfit to serve? Then the engine drops it rather than serve it again: kept,
+    stale-while-revalidate served it (and refreshed it) at every request of its window, and
+    stale-if-error at the next origin error, long after the origin had replaced or withdrawn it.
 
-    Yes for every status but an ``origin_error``: the origin has answered for the resource
-    anew (RFC 9111 §4.3.3: the full response is used, the stored one no longer is), so one it
-    would not let be stored (no-store, private, Set-Cookie, no freshness) or one that says the
-    page is gone (a 404) ends the stored response's life, as a 304 adding no-store does
-    (``freshen_stored``). An origin error (500, 502, 503, 504) says nothing about the
-    resource: the stored response stays for stale-if-error and a later revalidation.
+    Yes when the origin has answered for the resource anew (RFC 9111 §4.3.3: the full response
+    is used, the stored one no longer is): one it would not let be stored (no-store, private,
+    Set-Cookie, no freshness, a rule's no_store) or one that says the page is gone (a 404), as
+    a 304 adding no-store ends it (``freshen_stored``). No for an ``origin_error`` (500, 502,
+    503, 504), which says nothing of the resource: the stored response stays for stale-if-error
+    and a later revalidation. No either when it was this request that kept the answer out of
+    the store (``REQUEST_REFUSALS``: the client's own no-store, its Authorization, a field
+    spelled two ways): the answer may be this client's alone, and any client could otherwise
+    drop any stale entry.
 
-    >>> [s for s in (200, 203, 301, 404, 410, 500, 501, 502, 503, 504) if supersedes_stored(s)]
-    [200, 203, 301, 404, 410, 501]
+    >>> [s for s in (200, 301, 404, 410, 500, 501, 502, 503, 504) if supersedes_stored(s, "NO-STORE")]
+    [200, 301, 404, 410, 501]
+    >>> [supersedes_stored(200, d) for d in ("PRIVATE", "REQUEST-NO-STORE", "AMBIGUOUS-HEADER:X_Tenant")]
+    [True, False, False]
     """
-    return not origin_error(status)
+    if origin_error(status):
+        return False
+    return not_stored.partition(":")[0] not in REQUEST_REFUSALS
+
+
+# Why a fill is not stored that is about the request, not the resource (``supersedes_stored``),
+# as ``proxy.policy.storability`` says them (AMBIGUOUS-HEADER is followed by ":<field>").
+REQUEST_REFUSALS = frozenset({"REQUEST-NO-STORE", "AUTHORIZATION", "AMBIGUOUS-HEADER"})
 
 
 # RFC 5861 §4: "an error is any situation that would result in a 500, 502, 503, or 504 HTTP

@@ -19,6 +19,7 @@ from proxy.policy.validation import (
     freshen_stored,
     merge_headers,
     precondition_failed,
+    supersedes_stored,
 )
 from tests.policy.build import T0, date, headers, request, stored
 
@@ -87,21 +88,34 @@ def test_the_answer_to_a_full_fetch_made_while_a_stale_response_is_kept_never_fr
     assert name(outcome) == expected
 
 
-@pytest.mark.parametrize(("status", "sie", "conditional", "supersedes"), [
-    (200, False, True, True),  # a new response: if it is not stored, the stored one goes
-    (404, False, True, True),  # the page is gone
-    (410, True, False, True),  # (a full fetch made while a stale response is kept: alike)
-    (502, False, True, False),  # an origin error past stale-if-error: relayed, the stored one kept
-    (500, False, False, False),
-])
-def test_a_full_answer_other_than_an_origin_error_supersedes_the_stored_response(
-    status: int, sie: bool, conditional: bool, supersedes: bool
+# (status, why the answer is not stored, does it supersede the stored response?)
+SUPERSEDES = [
+    (200, "NO-STORE", True),  # RFC 9111 §4.3.3: the full response is used, the stored one no longer is
+    (200, "PRIVATE", True),
+    (200, "SET-COOKIE", True),
+    (200, "NO-FRESHNESS", True),
+    (404, "UNCACHEABLE-STATUS", True),  # the page is gone
+    (200, "RULE-NO-STORE:api", True),
+    (200, "TOO-LARGE", True),
+    (501, "UNCACHEABLE-STATUS", True),  # not an error stale-if-error covers (RFC 5861 §4)
+    (502, "UNCACHEABLE-STATUS", False),  # an origin error says nothing of the resource
+    (503, "NO-STORE", False),
+    (200, "REQUEST-NO-STORE", False),  # the request kept it out of the store, not the resource
+    (200, "AUTHORIZATION", False),
+    (200, "AMBIGUOUS-HEADER:X_Tenant", False),
+]
+
+
+@pytest.mark.parametrize(("status", "not_stored", "supersedes"), SUPERSEDES)
+def test_a_full_answer_that_is_not_stored_supersedes_the_stored_response_unless_an_error_or_the_request_s_doing(
+    status: int, not_stored: str, supersedes: bool
 ) -> None:
-    """RFC 9111 §4.3.3: the full response is used, the stored one no longer is; when the new
-    one is not stored (no-store, private, a 404 without freshness) the engine drops the old
-    one, which stale-while-revalidate had otherwise served again at every request."""
-    s = stored([("Cache-Control", "max-age=1, stale-if-error=60" if sie else "max-age=1"), ("ETag", '"a"')])
-    assert decide_on_validation(s, status, headers(), T0 + 30, conditional=conditional) == Replace(supersedes)
+    """What the engine drops the stored response on (kept, stale-while-revalidate served it
+    at every request of its window, each one refreshing it again)."""
+    assert supersedes_stored(status, not_stored) is supersedes
+    s = stored([("Cache-Control", "max-age=1"), ("ETag", '"a"')])
+    if status < 500:  # (a full answer other than an origin error is a Replace, to store or not)
+        assert decide_on_validation(s, status, headers(), T0 + 30) == Replace()
 
 
 # (field, updated by a 304?) — RFC 9111 §3.2 and the suite's update304 list.
