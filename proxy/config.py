@@ -41,9 +41,11 @@ from proxy.settings import (
     Timeouts,
     TLSSettings,
     UpstreamSettings,
+    bound_addresses,
     listed_twice,
     parse_workers,
     read_settings,
+    shared_address,
     storable_limit,
     upstream_url,
 )
@@ -339,23 +341,21 @@ def _check_addresses(s: Settings, problems: Problems, root: Src, o: Overrides) -
     admin = s.admin.listen
     if admin is None or not admin[1]:
         return
+    mine: frozenset[str] | None = None
     for listener in s.listeners:
-        if listener.port == admin[1] and _same_socket(listener.host, admin[0]):
+        if listener.port != admin[1]:
+            continue
+        # Names resolved as the listeners bind them: localhost:8080 beside 127.0.0.1:8080 passed,
+        # and the start blamed "another process" for cachegate's own client listener.
+        mine = bound_addresses(*admin) if mine is None else mine
+        both = shared_address(bound_addresses(*listener.address), mine)
+        if both is not None:
             at = ("<command line>", 0) if o.admin_listen is not None else _line(root, "admin", "listen")
+            also = "" if both in (admin[0], listener.host) else f", both {both}"
             problems.add(at, f"admin.listen {_fmt_hostport(admin)} is the address of a client listener "
-                             f"(listen {_fmt_hostport(listener.address)}): give the admin API a port of "
-                             "its own")
+                             f"(listen {_fmt_hostport(listener.address)}{also}): give the admin API a "
+                             "port of its own")
             return
-
-
-def _same_socket(a: str, b: str) -> bool:
-    """Whether listeners on hosts ``a`` and ``b`` (the same port) would take the same socket: the
-    same host, or a wildcard (``0.0.0.0``, ``::``) and a host of its family."""
-    if a == b:
-        return True
-    wildcards = {"0.0.0.0": 4, "::": 6}
-    family = {h: 6 if ":" in h else 4 for h in (a, b)}
-    return (a in wildcards or b in wildcards) and family[a] == family[b]
 
 
 def _check_running_admin(s: Settings, problems: Problems, root: Src, running: HostPort | None) -> None:

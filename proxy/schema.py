@@ -266,7 +266,11 @@ class Context:
         self.problems.add(at, f"{self.name}: {message}" if self.name else message)
 
     def path(self, text: Str) -> Str:
-        """A path as written in the config: relative ones are relative to the config file."""
+        """A path as written in the config: relative ones are relative to the config file.
+        Invalid for one holding a NUL, which no file's name can (every path setting comes
+        through here: the system calls on it raised ValueError, a traceback, not FILE:LINE)."""
+        if "\x00" in text:
+            raise Invalid(f"a path cannot contain a NUL character (\\x00), got {text!r}")
         return text if os.path.isabs(text) else os.path.normpath(os.path.join(self.base_dir, text))
 
 
@@ -554,7 +558,10 @@ def byte_size(*, minimum: Int | None = None, why: Str = "") -> Parser[Int]:
     return Parser(kind, read, show=show_size)
 
 
-def duration(*, positive: Bool = False, maximum: float | None = None) -> Parser[float]:
+def duration(*, positive: Bool = False, minimum: float | None = None, maximum: float | None = None,
+             why: Str = "") -> Parser[float]:
+    """A duration; ``minimum``: a floor below which the setting breaks serving (``why`` says
+    how, after "must be at least ...")."""
     def read(item: Src, ctx: Context) -> float:
         try:
             value = parse_duration(item.value, item.raw)
@@ -562,11 +569,16 @@ def duration(*, positive: Bool = False, maximum: float | None = None) -> Parser[
             raise Invalid(str(exc)) from None
         if positive and value <= 0:
             raise Invalid("must be more than 0")
+        if minimum is not None and value < minimum:
+            raise Invalid(f"must be at least {show_duration(minimum)}{why}, got {show_duration(value)}")
         if maximum is not None and value > maximum:
             raise Invalid(f"must be at most {show_duration(maximum)}")
         return value
 
-    kind = "duration (30s, 5m, 1h, 1d)" + (" > 0" if positive else "")
+    if minimum is not None:
+        kind = f"duration (30s, 5m, 1h, 1d) ≥ {show_duration(minimum)}"
+    else:
+        kind = "duration (30s, 5m, 1h, 1d)" + (" > 0" if positive else "")
     if maximum is not None:
         kind += f", at most {show_duration(maximum)}"
     return Parser(kind, read, show=show_duration)
@@ -626,9 +638,26 @@ def file_path(*, must_exist: Bool = False, strict: Bool = False, folder: Bool = 
         if folder and os.path.exists(resolved) and not os.path.isdir(resolved):
             what = "a file" if os.path.isfile(resolved) else "not a file nor a directory"
             raise Invalid(f"{resolved} is {what}: give a directory (made if it does not exist)")
+        if folder and not os.path.exists(resolved):
+            # Made at the start: under a file it cannot be ("Not a directory" once check passed).
+            parent = _nearest_existing(resolved)
+            if not os.path.isdir(parent):
+                what = "a file" if os.path.isfile(parent) else "not a directory"
+                raise Invalid(f"{resolved} cannot be made: {parent} is {what}; give a directory "
+                              "elsewhere")
         return resolved
 
     return Parser("path", read, resolve=lambda v, ctx: None if v is None else ctx.path(v))
+
+
+def _nearest_existing(path: Str) -> Str:
+    """``path``'s nearest ancestor that exists (a dangling link counts: it is there)."""
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
 
 
 # -- how the reference writes values -------------------------------------------------------

@@ -76,6 +76,20 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MB = 1 << 20
 GB = 1 << 30
 MIN_TOKEN_LENGTH = 16  # on a listener others can reach: guessing it must be out of the question
+# Floors of the timers that a tiny value (5ms for 5s) turns into an outage, not a tuning.
+# The supervisor's ping is answered by a worker's event loop, which a burst of requests, a
+# rule compile or a garbage collection holds for milliseconds: 5ms had the watchdog kill
+# every worker in a loop, and nothing was served.
+MIN_WORKER_TIMEOUT = 1.0
+WORKER_TIMEOUT_FLOOR = (" (a worker busy for a moment answers the supervisor's ping late; less has "
+                        "the watchdog kill sound workers in a loop, and nothing is served)")
+# A head (and a TLS handshake) or a body's next read takes a client's round trip and more:
+# 5ms closed nearly every connection before its request.
+MIN_CLIENT_TIMEOUT = 1.0
+CLIENT_TIMEOUT_FLOOR = (" (a client's round trip, and its TLS handshake, take longer than a tiny "
+                        "limit: connections are closed before their requests)")
+BODY_TIMEOUT_FLOOR = (" (a client's next part of a body takes its round trip and more: a tiny limit "
+                      "answers uploads 408)")
 
 
 # -- what the configured sizes give --------------------------------------------------------
@@ -691,11 +705,23 @@ def _access_log(item: Src, ctx: Context) -> AccessLogSettings | None:
 # -- the file ------------------------------------------------------------------------------
 
 
+# The most workers one instance runs: the lease table (``proxy.leases.MAX_WORKERS``, a test
+# keeps them equal) notes a key's waiting workers as bits of a 64-bit word, and worker 64 and
+# up fetched every miss for itself, unsaid (one fetch per machine no more).
+MAX_WORKERS = 64
+
+
 def parse_workers(text: str) -> int:
+    """``workers``: a number, 1 to MAX_WORKERS, or auto (at most MAX_WORKERS)."""
     if text == "auto":
-        return available_cpus()  # the affinity mask and cgroup quota, not the host's CPUs
+        # The affinity mask and cgroup quota, not the host's CPUs; on a bigger host, MAX_WORKERS.
+        return min(available_cpus(), MAX_WORKERS)
     if not (text.isascii() and text.isdigit()) or int(text) < 1:  # not '²', which int() refuses
         raise ValueError(f"expected a positive number or auto, got {text!r}")  # (callers name the key)
+    if int(text) > MAX_WORKERS:
+        raise ValueError(f"at most {MAX_WORKERS}, got {text}: {MAX_WORKERS} workers at most wait for "
+                         "each other's fetch of a key (one origin request per machine); more would "
+                         "each fetch every miss for itself")
     return int(text)
 
 
@@ -725,7 +751,11 @@ def _rule_files(item: Src, ctx: Context) -> tuple[str, ...]:
         except Invalid as exc:
             ctx.problem(element, str(exc))
             continue
-        resolved = ctx.path(written)
+        try:
+            resolved = ctx.path(written)
+        except Invalid as exc:
+            ctx.problem(element, str(exc))
+            continue
         real = ctx.sources.identity(resolved)
         if real in seen:
             also = "" if seen[real] == written else f" (as {seen[real]} before)"
@@ -783,7 +813,8 @@ class Settings:
     trusted_proxies: tuple[Network, ...] = setting((), "peers (IPs, CIDRs) whose forwarding fields "
                                                        "(X-Forwarded-*, X-Real-IP, ...) are kept", networks())
     workers: int = setting(1, "worker processes, or auto: one per CPU this process may use (affinity and "
-                              "cgroup quota)", Parser("integer ≥ 1 or auto", _workers))
+                              "cgroup quota), at most 64 (the workers that share a fetch of a key)",
+                           Parser("integer 1-64 or auto", _workers))
     shutdown_grace: float = setting(10.0, "how long requests in flight may take to finish on SIGTERM "
                                           "(0: they are cut off at once)",
                                     duration())
@@ -794,8 +825,11 @@ class Settings:
     worker_timeout: float = setting(30.0, "with several workers, a worker that does not answer the "
                                           "supervisor's ping for this long is killed and restarted; "
                                           "one that waits for a lock of the shared memory another "
-                                          "worker holds is spared and the holder killed instead",
-                                    duration(positive=True))
+                                          "worker holds is spared and the holder killed instead "
+                                          "(at least 1s: a worker busy for a moment answers late, "
+                                          "and less had sound workers killed in a loop, nothing "
+                                          "served)",
+                                    duration(minimum=MIN_WORKER_TIMEOUT, why=WORKER_TIMEOUT_FLOOR))
     via: str = setting("cachegate", "the name cachegate gives itself in Via fields (a token: no spaces)",
                        text(check=_via_name))
     cluster: ClusterSettings | None = setting(None, "cluster mode on Redis (none: this node alone)")
@@ -812,13 +846,13 @@ class Settings:
                                                  "logged `408`: [logs.md](logs.md#the-access-log)) "
                                                  "(on a TLS one, its handshake has as long again, "
                                                  "before)",
-                                           duration(positive=True))
+                                           duration(minimum=MIN_CLIENT_TIMEOUT, why=CLIENT_TIMEOUT_FLOOR))
     # A request body is sent upstream as it arrives, on a pooled connection: without a limit, a
     # client that stalls mid-upload holds that connection for as long as it likes, and
     # pool_size of them stop every other client's misses (nginx: client_body_timeout).
     client_body_timeout: float = setting(60.0, "the longest silence between two reads of a request "
                                                "body; then 408, the connection closed",
-                                         duration(positive=True))
+                                         duration(minimum=MIN_CLIENT_TIMEOUT, why=BODY_TIMEOUT_FLOOR))
     # A silence limit alone lets a body trickled a byte every few seconds hold its pooled
     # connection for as long as it likes (600 such uploads made every miss a 504): the start of a
     # body is read before a connection is taken (nginx reads the whole body first by default:

@@ -17,8 +17,10 @@ import re
 from decimal import Decimal
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*")  # 10s, 10 s, 1h 30m
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib|k|m|g|t)?", re.IGNORECASE)
+# [0-9], not \d: \d (and float, Decimal) take any script's digits ("１６MB", "٣s"), which
+# ``workers`` and the status codes of rules refuse.
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)\s*")  # 10s, 10 s, 1h 30m
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib|k|m|g|t)?", re.IGNORECASE)
 _SIZE_UNITS = {
     None: 1, "b": 1,
     "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
@@ -49,12 +51,13 @@ def shown(value: object) -> str:
     """A config value as an error message shows it after "got": a scalar as YAML read it
     (``'5 mins'``, ``-3``), a list or a mapping by its kind (``a list``, ``a mapping``, the words
     of ``proxy.schema.type_name``): their elements are the reader's records (``Src``: a file,
-    a line, the value as written), which read as Python's internals, not as the config."""
+    a line, the value as written), which read as Python's internals, not as the config. A
+    scalar of hundreds of characters (a 400-digit number) is cut to its first ones."""
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
-    return repr(value)
+    return _short(value)
 
 
 def parse_duration(value: object, written: str | None = None) -> float:
@@ -70,11 +73,13 @@ def parse_duration(value: object, written: str | None = None) -> float:
         yaml_number(value, written, "1m30s")
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value!r}")
+        if isinstance(value, int) and value > MAX_DURATION:  # (float() of a 310-digit int overflows)
+            return _duration_cap(math.inf, value)
         return _duration_cap(float(value), value)
     if not isinstance(value, str):
         raise ValueError(f"expected a duration like 30s, 5m, 1h, got {shown(value)}")
     text = value.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
         return _duration_cap(float(text), value)
     pos, total = 0, 0.0
     for m in _DURATION_PART.finditer(text):
@@ -83,17 +88,31 @@ def parse_duration(value: object, written: str | None = None) -> float:
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
     if pos != len(text) or not text:
-        raise ValueError(f"bad duration {value!r}: use seconds or 30s, 5m, 1h, 1d")  # (also ms, w)
+        # (ms and w too)
+        raise ValueError(f"bad duration {value!r}: use seconds or 30s, 5m, 1h, 1d{_ascii(text)}")
     return _duration_cap(total, value)
 
 
 def _duration_cap(seconds: float, value: object) -> float:
-    """``seconds`` unless infinite, not a number (.inf, .nan, a float overflow) or above MAX_DURATION."""
-    if not math.isfinite(seconds):
+    """``seconds`` unless infinite, not a number (.inf, .nan) or above MAX_DURATION (a number
+    too big for a float, written as digits, is too long: ``math.inf`` here)."""
+    if math.isnan(seconds) or (math.isinf(seconds) and isinstance(value, float)):
         raise ValueError(f"duration must be a finite number of seconds, got {value!r}")
     if seconds > MAX_DURATION:
-        raise ValueError(f"duration {value!r} is too long: at most {int(MAX_DURATION)}s (about 68 years)")
+        raise ValueError(f"duration {_short(value)} is too long: at most {int(MAX_DURATION)}s "
+                         "(about 68 years)")
     return seconds
+
+
+def _ascii(text: str) -> str:
+    """A hint for a number written in another script's digits (``１６``, ``٣``)."""
+    return " (in the digits 0-9)" if any(c.isdigit() and not c.isascii() for c in text) else ""
+
+
+def _short(value: object) -> str:
+    """``value`` as a message shows it, a huge number cut to its first digits and its length."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def parse_size(value: object, written: str | None = None) -> int:
@@ -110,12 +129,12 @@ def parse_size(value: object, written: str | None = None) -> int:
         raise ValueError(f"expected a size like 256MB, got {shown(value)}")
     m = _SIZE.fullmatch(value.strip())
     if not m:
-        raise ValueError(f"bad size {value!r}: use bytes or KB, MB, GB")
+        raise ValueError(f"bad size {value!r}: use bytes or KB, MB, GB{_ascii(value)}")
     unit = m.group(2).lower() if m.group(2) else None
     return _size_cap(int(Decimal(m.group(1)) * _SIZE_UNITS[unit]), value)  # exact: no float overflow
 
 
 def _size_cap(size: int, value: object) -> int:
     if size > MAX_SIZE:
-        raise ValueError(f"size {value!r} is too large: at most 1024TB")
+        raise ValueError(f"size {_short(value)} is too large: at most 1024TB")
     return size

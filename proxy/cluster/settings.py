@@ -25,6 +25,9 @@ _DB = re.compile(r"[0-9]{1,9}")
 
 
 def _redis_url(value: str) -> str:
+    if any(c < " " or c == "\x7f" for c in value):  # a NUL in a unix socket's path: a ValueError at connect
+        raise Invalid(f"{redacted(value)!r}: a Redis URL must not contain control characters (percent-encode "
+                      "them)")
     try:
         url = URL(value)
         ok = url.scheme in REDIS_SCHEMES and (bool(url.host) or url.scheme == "unix")

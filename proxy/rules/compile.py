@@ -116,15 +116,19 @@ def _host_pattern(text: str, at: Src, problems: Problems, where: str) -> HostPat
     return HostPattern(re.compile(pattern), with_port, text)
 
 
-def _str_items(src: Src, problems: Problems, what: str) -> list[tuple[str, Src]]:
-    """A string or a list of strings, each with where it came from; an empty list is an error."""
+NEVER_MATCHES = "an empty list never matches; remove the condition instead"
+
+
+def _str_items(src: Src, problems: Problems, what: str, empty: str = NEVER_MATCHES) -> list[tuple[str, Src]]:
+    """A string or a list of strings, each with where it came from; an empty list is an error
+    (``empty`` says why: a match condition never matches, a key's list means something else)."""
     if isinstance(src.value, str | int | float) and not isinstance(src.value, bool):
         return [(src.as_text(), src)]
     if not isinstance(src.value, list):
         problems.add(src, f"{what}: expected a string or a list of strings, got {type_name(src.value)}")
         return []
     if not src.value:
-        problems.add(src, f"{what}: an empty list never matches; remove the condition instead")
+        problems.add(src, f"{what}: {empty}")
         return []
     out: list[tuple[str, Src]] = []
     for item in src.value:
@@ -363,12 +367,14 @@ def _key_spec(src: Src, problems: Problems, where: str) -> KeySpec | None:
             spec = replace(spec, query_sort=True)
         elif isinstance(q.value, dict):
             qs = Section(q, problems, f"{where}.query", ("include", "exclude", "sort", "ignore"))
-            include = (tuple(n for n, _ in _str_items(qs.values["include"], problems,
-                                                      f"{where}.query.include"))
-                       if qs.has("include") else None)
-            exclude = (tuple(n for n, _ in _str_items(qs.values["exclude"], problems,
-                                                      f"{where}.query.exclude"))
-                       if qs.has("exclude") else ())
+            include = (tuple(n for n, _ in _str_items(
+                qs.values["include"], problems, f"{where}.query.include",
+                "an empty list keeps no parameter: to drop the whole query from the key, write "
+                "query: ignore; else list the parameters to keep")) if qs.has("include") else None)
+            exclude = (tuple(n for n, _ in _str_items(
+                qs.values["exclude"], problems, f"{where}.query.exclude",
+                "an empty list drops no parameter; list the parameters to drop, or remove exclude:"))
+                if qs.has("exclude") else ())
             ignore = qs.bool("ignore", False)
             if ignore and (include is not None or exclude):
                 problems.add(q, f"{where}.query: ignore: true drops the whole query; include/exclude "

@@ -305,7 +305,8 @@ PROBLEMS: list[tuple[str, list[str]]] = [
     ("workers: lots", ["2: workers: expected a positive number or auto, got 'lots'"]),
     ("workers: true", ["2: workers: expected a positive number or auto, got 'True'"]),
     ("shutdown_grace: x", [f"2: shutdown_grace: bad duration 'x': {BAD_DURATION}"]),
-    ("client_body_timeout: 0", ["2: client_body_timeout: must be more than 0"]),
+    ("client_body_timeout: 0", ["2: client_body_timeout: must be at least 1s (a client's next part of a body "
+                                "takes its round trip and more: a tiny limit answers uploads 408), got 0s"]),
     ("via: [a]", ["2: via: expected a string, got a list"]),
     ("access_log: {format: x}", ["2: access_log.format: must be one of json, combined, got 'x'"]),
     ("access_log: {path: nowhere/a.log}", ["2: access_log.path: directory {dir}/nowhere does not exist"]),

@@ -31,13 +31,14 @@ def test_check_names_the_line_of_a_huge_size(tmp_path: Path, capsys: pytest.Capt
     assert message.startswith(f"{config}:2: max_request_head: size ") and "at most 1024TB" in message
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("nan"), "9" * 400, "9" * 400 + "s", "1e999"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "1e999"])
 def test_a_duration_that_is_not_finite_is_a_value_error(value: object) -> None:
     with pytest.raises(ValueError, match=r"finite|bad duration"):
         parse_duration(value)
 
 
-@pytest.mark.parametrize("value", [MAX_DURATION + 1, "2147483649", "3551w", 10 ** 30])
+@pytest.mark.parametrize("value", [MAX_DURATION + 1, "2147483649", "3551w", 10 ** 30, 10 ** 400, "9" * 400,
+                                   "9" * 400 + "s"])
 def test_a_duration_above_two_to_the_31_seconds_is_a_value_error(value: object) -> None:
     with pytest.raises(ValueError, match="too long: at most 2147483648s"):
         parse_duration(value)
