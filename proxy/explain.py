@@ -396,8 +396,15 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
         for status in req.statuses:
             lines.append("")
             lines.extend(_store_lines(head, plan, status, req.response_headers, now))
-    elif plan.response_headers_for(req.statuses[0], None):
-        lines.append(f"  response headers    {_edits_text(plan.response_headers)}")
+    else:
+        # Not stored, but edited all the same: by the first rule whose request and response
+        # conditions hold, which may be an earlier status rule than the one that bypassed.
+        ctype = CIMultiDict(req.response_headers).get("Content-Type")
+        for status in req.statuses:
+            edits = plan.response_headers_for(status, ctype)
+            if edits:
+                which = f" (response {status})" if len(req.statuses) > 1 else ""
+                lines.append(f"  response headers    {_edits_text(edits)}{which}")
     if show_all:
         lines.append("")
         lines.append("rules in order (first match wins):")

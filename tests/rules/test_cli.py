@@ -403,3 +403,29 @@ def test_explain_rejects_a_relative_url(tmp_path: Path, capsys: pytest.CaptureFi
     config = write(tmp_path, EXPLAIN_RULES)
     assert main(["explain", "--config", config, "/relative"]) == 1
     assert "give an absolute http:// or https:// URL" in capsys.readouterr().err
+
+
+def test_explain_shows_the_response_header_edits_a_bypassed_reply_gets_for_each_status(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bypassed reply is edited by the first rule whose request and response conditions hold
+    (here the status rule before the bypass): explain printed the bypass rule's edits, and only
+    for the first --status."""
+    config = write(tmp_path, """
+        rules:
+          - name: x200
+            match: {path: "/x/**", status: [200]}
+            response_headers: {add: {X-From: x200}}
+            ttl: {200: 1m}
+          - name: xbyp
+            match: {path: "/x/**"}
+            bypass: true
+            response_headers: {add: {X-From: xbyp}}
+    """)
+    assert main(["explain", "--config", config, "http://a.example/x/1", "--status", "200",
+                 "--status", "404"]) == 0
+    out = capsys.readouterr().out
+    assert "BYPASS: neither looked up nor stored (Cache-Status detail RULE-BYPASS:xbyp)" in out
+    assert "  response headers    set X-From: x200 (response 200)" in out
+    assert "  response headers    set X-From: xbyp (response 404)" in out
+    assert main(["explain", "--config", config, "http://a.example/x/1", "--status", "200"]) == 0
+    assert "  response headers    set X-From: x200\n" in capsys.readouterr().out
