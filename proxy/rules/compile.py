@@ -17,7 +17,7 @@ from types import MappingProxyType
 from proxy.policy.keys import DEFAULT_KEY, KeySpec
 from proxy.policy.messages import CacheOptions, ClientCacheControl
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
-from proxy.rules.match import Condition, Glob, HostPattern, Match
+from proxy.rules.match import Condition, Glob, HostPattern, Match, Regex, RegexRefused
 from proxy.rules.plan import CACHED_METHODS, Actions, HeaderEdits, Rule, RuleSet, first, header_edits
 from proxy.schema import Section, type_name
 from proxy.units import parse_duration, shown, yaml_number
@@ -45,6 +45,9 @@ FRAMING_FIELDS = frozenset({
     "te", "proxy-connection", "content-encoding", "content-range",
 })  # fmt: skip
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RE2's words for what Python's re (a backtracking engine) has and it has not.
+_RE2_HAS_NO = ("perl operator", "escape sequence", "repetition operator", "repetition size",
+               "named capture group")
 
 
 def glob_to_regex(glob: str) -> str:
@@ -75,20 +78,29 @@ def glob_to_regex(glob: str) -> str:
     return "".join(out)
 
 
-def _compile_regex(text: str, at: Src, problems: Problems, what: str) -> re.Pattern[str] | None:
+def _compile_regex(text: str, at: Src, problems: Problems, what: str) -> Regex | None:
     if not text:
         problems.add(at, f"{what}: empty regex (it would match everything)")
         return None
+    shown = text if len(text) <= 200 else text[:200] + "..."
     try:
-        return re.compile(text)
-    except Exception as exc:  # re.error, and OverflowError (a{4294967296}), RecursionError, ...
-        shown = text if len(text) <= 200 else text[:200] + "..."
+        return Regex(text)
+    except RegexRefused as exc:
+        why = str(exc)
+        if any(part in why for part in _RE2_HAS_NO):
+            why += (": rules' regexes run on RE2, which matches in time linear in the text whatever a "
+                    "client sends and so has no backreferences, lookaround, atomic groups or possessive "
+                    "quantifiers (\\Z is \\z, and a count is at most 1000); use a glob, or a pattern "
+                    "without them (docs/rules.md, \"Regexes\")")
+        problems.add(at, f"{what}: bad regex {shown!r}: {why}")
+        return None
+    except Exception as exc:  # OverflowError, MemoryError, ...
         problems.add(at, f"{what}: bad regex {shown!r}: {exc}")
         return None
 
 
 def _path_pattern(src: Src, problems: Problems,
-                  where: str) -> tuple[re.Pattern[str] | Glob | None, bool, str]:
+                  where: str) -> tuple[Regex | Glob | None, bool, str]:
     if not isinstance(src.value, str) or not src.value:
         problems.add(src, f"{where}: expected a glob like /static/** or regex:..., "
                           f"got {type_name(src.value)}")

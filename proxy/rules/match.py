@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, unquote_plus
 
+import re2
+
 from proxy.policy.fields import cookies as read_cookies
 from proxy.policy.keys import split_host
 from proxy.policy.messages import RequestHead
@@ -37,6 +39,53 @@ Predicate = Callable[["RequestView"], bool]
 QueryReading = Literal["first", "last", "php", "split_first", "split_last"]
 # Rack 2's separator: ``&`` or ``;``, and the spaces after it (``Rack::Utils::DEFAULT_SEP``).
 _RACK_SEPARATOR = re.compile(r"[&;] *")
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is reported at its line, not on stderr
+_RE2_OPTIONS.never_capture = True  # only whether it matches is asked: the DFA alone answers
+_UNANCHORED = re2._Anchor.UNANCHORED
+_HUGE_COUNT = re.compile(r"(?<!\\)\{[0-9]{5,}(?:,[0-9]*)?\}|(?<!\\)\{[0-9]*,[0-9]{5,}\}")
+
+
+class RegexRefused(ValueError):
+    """A ``regex:`` that RE2 cannot run (a backreference, lookaround, ``\\Z``...), with why."""
+
+
+class Regex:
+    """A rule's ``regex:``, searched with RE2: time linear in the text, whatever the text.
+
+    Python's ``re`` backtracks: ``^/r/(a+)+$`` against ``/r/aaa...a!`` (34 a's) took a worker
+    30 s, until the watchdog killed it with every request it held. RE2 (google-re2) runs an
+    automaton instead, as Go's regexp does; what it cannot express (backreferences,
+    lookaround) is refused at load. ``search`` calls RE2's match directly
+    (``_Regexp._regexp.Match``: 1-2 us a call, against 4-10 us through the module's
+    ``search``, which builds a match object with Python-level offsets nobody reads here;
+    google-re2 is pinned to 1.1.x for it). Text is encoded with ``surrogatepass``: a header
+    byte that was not UTF-8 (aiohttp keeps it as a lone surrogate) reads as one character
+    that no literal matches, as ``re`` read it.
+    """
+
+    __slots__ = ("_match", "pattern")
+
+    def __init__(self, pattern: str) -> None:
+        huge = _HUGE_COUNT.search(pattern)
+        if huge is not None:  # RE2 reads a count it cannot parse as the literal text "{...}"
+            raise RegexRefused(f"invalid repetition size: {huge.group()}")
+        try:
+            compiled = re2.compile(pattern, _RE2_OPTIONS)
+        except re2.error as exc:
+            why = exc.args[0] if exc.args else exc
+            text = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
+            raise RegexRefused(text) from None
+        self.pattern = pattern
+        self._match: Callable[[object, bytes, int, int], list[tuple[int, int]]] = compiled._regexp.Match
+
+    def search(self, text: str) -> bool | None:
+        """True when the pattern matches somewhere in ``text``, else None (as ``re`` answers)."""
+        data = text.encode("utf-8", "surrogatepass")
+        return True if self._match(_UNANCHORED, data, 0, len(data))[0][0] >= 0 else None
+
+    def __repr__(self) -> str:
+        return f"Regex({self.pattern!r})"
 
 
 _UNSET = object()
@@ -285,7 +334,7 @@ class Condition:
     name: str
     kind: CondKind
     value: str | None = None
-    pattern: re.Pattern[str] | None = None
+    pattern: Regex | None = None
 
     def check(self, source: Source) -> Check:
         """This condition compiled for requests: with as few calls as possible (the hot path)."""
@@ -456,7 +505,7 @@ class Match:
     """A rule's ``match:`` as written, compiled into its request and response checks."""
 
     hosts: tuple[HostPattern, ...] = ()
-    path: re.Pattern[str] | Glob | None = None
+    path: Regex | Glob | None = None
     path_is_regex: bool = False  # regex: searched; glob: the whole path
     path_text: str = ""
     methods: frozenset[str] | None = None
@@ -542,7 +591,7 @@ class Match:
             checks.append(Check(host_ok, lambda v: f"host {v.head.host} not in {texts}"))
         if self.path is not None:
             path = self.path
-            path_match = path.search if isinstance(path, re.Pattern) else path.fullmatch
+            path_match = path.search if isinstance(path, Regex) else path.fullmatch
             path_text = self.path_text
             checks.append(Check(lambda v: path_match(v.path) is not None,
                                 lambda v: f"path {v.path} does not match {path_text!r}"))
