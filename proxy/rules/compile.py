@@ -158,12 +158,17 @@ def _conditions(src: Src, problems: Problems, match: str, what: str) -> tuple[Co
                           f"got {type_name(src.value) if src.value != {} else 'an empty mapping'}")
         return ()
     out: list[Condition] = []
+    seen: dict[str, tuple[str, int]] = {}  # header names, lower-cased: as written and where
     for raw_name, cond in src.value.items():
         name = src.key_text(raw_name)
         where = f"{match}.{what}.{name}"
         if what != "query" and not _TOKEN.fullmatch(name):
             problems.add(cond, f"{match}.{what}: {name!r} is not a valid {what} name")
             continue
+        if what == "header":
+            line = src.key_lines.get(raw_name, cond.line)
+            if _duplicate_name(name, (src.file, line), seen, problems, f"{match}.{what}"):
+                continue
         v = cond.value
         if v in ("present", "absent"):
             out.append(Condition(name, v))
@@ -230,9 +235,18 @@ def _compile_match(src: Src | None, problems: Problems, where: str) -> Match:
                 problems.add(item, f"{where}.status: expected HTTP status codes (100-599), "
                                    f"got {shown(item.value)}")
         status = frozenset(codes)
-    content_types = tuple(t.strip().lower() for t, _ in _str_items(raw["content_type"], problems,
-                                                                   f"{where}.content_type")
-                          ) if "content_type" in raw else ()
+    content_types: list[str] = []
+    types = (_str_items(raw["content_type"], problems, f"{where}.content_type")
+             if "content_type" in raw else [])
+    for t, at in types:
+        pattern = t.strip().lower()
+        if ";" in pattern or any(c.isspace() for c in pattern):
+            # match.py compares the media type alone: "text/plain; charset=utf-8" never matched
+            problems.add(at, f"{where}.content_type: {t!r} never matches: a response's type is matched "
+                             "on its media type alone, without parameters (write "
+                             f"{pattern.split(';', 1)[0].strip() or 'text/plain'!r})")
+        else:
+            content_types.append(pattern)
     return Match(
         hosts=hosts,
         path=path,
@@ -243,7 +257,7 @@ def _compile_match(src: Src | None, problems: Problems, where: str) -> Match:
         headers=_conditions(raw["header"], problems, where, "header") if "header" in raw else (),
         cookies=_conditions(raw["cookie"], problems, where, "cookie") if "cookie" in raw else (),
         status=status,
-        content_types=content_types,
+        content_types=tuple(content_types),
     )
 
 
@@ -402,6 +416,19 @@ def _key_spec(src: Src, problems: Problems, where: str) -> KeySpec | None:
     return spec
 
 
+def _duplicate_name(name: str, at: tuple[str, int], seen: dict[str, tuple[str, int]],
+                    problems: Problems, where: str) -> bool:
+    """Whether ``name`` repeats a header name of the same mapping in another case (reported at
+    its line, as a duplicate YAML key is): ``{X-A: present, x-a: absent}`` never held, and two
+    ``add``s of one field left one of them unsaid."""
+    first_seen = seen.setdefault(name.lower(), (name, at[1]))
+    if first_seen[1] == at[1] and first_seen[0] == name:
+        return False
+    problems.add(at, f"{where}: duplicate header name {name!r}: header names are case-insensitive, "
+                     f"and {first_seen[0]!r} (line {first_seen[1]}) names the same field")
+    return True
+
+
 def _header_edits(src: Src, problems: Problems, where: str) -> HeaderEdits | None:
     if not isinstance(src.value, dict):
         problems.add(src, f"{where}: expected a mapping with add:/remove:, "
@@ -423,9 +450,11 @@ def _header_edits(src: Src, problems: Problems, where: str) -> HeaderEdits | Non
     adds = sec.raw("add")
     if adds is not None:
         if isinstance(adds.value, dict):
+            seen: dict[str, tuple[str, int]] = {}
             for name, value in adds.value.items():
                 at = (adds.file, adds.key_lines.get(name, value.line))
-                if not check_name(str(name), at):
+                if not check_name(str(name), at) or _duplicate_name(str(name), at, seen, problems,
+                                                                    f"{where}.add"):
                     continue
                 v = value.value
                 if not isinstance(v, str | int | float) or isinstance(v, bool):
@@ -433,6 +462,11 @@ def _header_edits(src: Src, problems: Problems, where: str) -> HeaderEdits | Non
                 elif any((c < " " and c != "\t") or c == "\x7f" for c in value.as_text()):
                     problems.add(value, f"{where}.add.{name}: a header value cannot contain "
                                         "line breaks or other control characters")
+                elif any("\ud800" <= c <= "\udfff" for c in value.as_text()):
+                    # not a character: no encoding can send it (aiohttp sent the field empty)
+                    problems.add(value, f"{where}.add.{name}: a header value cannot contain a lone "
+                                        "surrogate (U+D800 to U+DFFF, as YAML's \"\\ud800\" writes one): "
+                                        "it is no character and cannot be sent")
                 else:
                     add.append((str(name), value.as_text()))
         else:
@@ -570,10 +604,21 @@ def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
         _warn_error_ttls(sec.values["ttl"], match.status, label, problems)
     if not actions.no_store and not actions.bypass:
         _warn_unkeyed_conditions(sec, match, actions.key or DEFAULT_KEY, label, problems)
+    raw_match = sec.raw("match")
+    raw_path = (raw_match.value.get("path") if raw_match is not None and isinstance(raw_match.value, dict)
+                else None)
+    if (actions.key is not None and actions.key.lowercase_path and not actions.bypass
+            and isinstance(match.path, Glob) and match.path_text != match.path_text.lower()
+            and raw_path is not None):
+        # The rules are read again on the lower-cased path (RuleSet._lowered), which this glob
+        # never matches: every request the rule matches is bypassed.
+        problems.warn(raw_path, f"{label}: path {match.path_text!r} has capitals, but key.lowercase_path "
+                                "reads the rules again on the lower-cased path, which it never matches: "
+                                "every request it matches is bypassed, or decided by another rule, and "
+                                "this rule never caches; write the glob in lower case")
     if not written and all(k in RULE_KEYS for k in sec.values):
         problems.add(src, f"{label}: the rule has no action (ttl, bypass, key, ...), so it only "
                           "hides the rules after it; remove it or give it an action")
-    raw_match = sec.raw("match")
     catch_all = raw_match is None or raw_match.value in ({}, None)
     return Rule(name=name, file=src.file, line=src.line, match=match, actions=actions,
                 set_fields=written, catch_all=catch_all)

@@ -192,6 +192,65 @@ BAD_RULES = [
        - name: a
          match: {path: /a
      """, 4, "YAML syntax error"),
+    # Rules' regexes run on RE2 (linear in the text): what it cannot run is refused, saying why.
+    ("""
+     rules:
+       - name: a
+         match: {path: 'regex:^/(a+)/\\1$'}
+         bypass: true
+     """, 3, "rules[0].match.path: bad regex '^/(a+)/\\\\1$': invalid escape sequence: \\1: rules' regexes "
+             "run on RE2, which matches in time linear in the text"),
+    ("""
+     rules:
+       - name: a
+         match:
+           header: {Accept: {regex: "^(?!text/)"}}
+         bypass: true
+     """, 4, "rules[0].match.header.Accept: bad regex '^(?!text/)': invalid perl operator: (?!: rules' "
+             "regexes run on RE2"),
+    ("""
+     rules:
+       - name: a
+         match: {query: {q: {regex: "a{99999}"}}}
+         bypass: true
+     """, 3, "bad regex 'a{99999}': invalid repetition size: {99999}"),
+    # The type is matched on its media type alone: with parameters it never matched.
+    ("""
+     rules:
+       - name: a
+         match:
+           path: /c/**
+           content_type: [text/html, "text/plain; charset=utf-8"]
+         no_store: true
+     """, 5, "rules[0].match.content_type: 'text/plain; charset=utf-8' never matches: a response's type is "
+             "matched on its media type alone, without parameters (write 'text/plain')"),
+    # Header names are case-insensitive: one written twice is a duplicate, at the second one's line.
+    ("""
+     rules:
+       - name: a
+         match:
+           path: /x
+           header:
+             X-A: present
+             x-a: absent
+         bypass: true
+     """, 7, "rules[0].match.header: duplicate header name 'x-a': header names are case-insensitive, and "
+             "'X-A' (line 6) names the same field"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /y}
+         response_headers:
+           add:
+             X-A: "1"
+             x-a: "2"
+     """, 7, "rules[0].response_headers.add: duplicate header name 'x-a'"),
+    ("""
+     rules:
+       - name: a
+         match: {path: /y}
+         response_headers: {add: {X-A: "\\ud800"}}
+     """, 4, "rules[0].response_headers.add.X-A: a header value cannot contain a lone surrogate"),
 ]
 
 

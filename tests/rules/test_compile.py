@@ -285,6 +285,30 @@ def test_a_rule_that_widens_sharing_on_an_unkeyed_condition_is_warned_about() ->
     assert "stale_if_error is chosen by query preview" in warning
 
 
+def test_a_lower_casing_rule_whose_glob_has_capitals_is_warned_about_at_the_glob() -> None:
+    """With ``key.lowercase_path`` the rules are read again on the lower-cased path, which
+    ``/Low/**`` never matches: every request the rule matched was bypassed, and check said OK."""
+    (warning,) = _warnings("""
+        rules:
+          - name: lower
+            match:
+              path: "/Low/**"
+            ttl: {200: 1m}
+            key: {lowercase_path: true}
+    """)
+    assert warning.startswith("t.yaml:5: warning: rule 'lower': path '/Low/**' has capitals, but "
+                              "key.lowercase_path reads the rules again on the lower-cased path")
+    assert _warnings("""
+        rules:
+          - name: lower
+            match: {path: "/low/**"}
+            key: {lowercase_path: true}
+          - name: keeps case
+            match: {path: "/Up/**"}
+            ttl: {200: 1m}
+    """) == []
+
+
 SHAPED = """
 rules:
   - name: mobile
