@@ -163,27 +163,25 @@ def _key_written(root: Src, *path: str) -> bool:
     return True
 
 
-def _reported_under(loaded: Problems, root: Src, *path: str) -> list[str]:
-    """The problems ``load_yaml`` reported within ``root[path...]`` (an unset ``${VAR}`` reads
-    as null there: a listener left out, which the caller would take for the default or none)."""
+def _refused_under(root: Src, *path: str) -> list[str]:
+    """The problems of the values within ``root[path...]`` that ``load_yaml`` read as null (an
+    unset ``${VAR}``: a listener left out, which the caller would take for the default or none).
+    By value, not by line: in flow style (``admin: {listen: ..., token: ...}``) one line holds both."""
     node: Src | None = root
     for key in path:
         if node is None or not isinstance(node.value, dict) or key not in node.value:
             return []
         node = node.value[key]
-    if node is None:
-        return []
-    at: set[tuple[str, int]] = set()
-    stack = [node]
+    found: list[str] = []
+    stack = [node] if node is not None else []
     while stack:
         n = stack.pop()
-        at.add((n.file, n.line))
-        at.update((n.file, line) for line in n.key_lines.values())
+        found.extend(n.refused)
         if isinstance(n.value, dict):
             stack.extend(v for v in n.value.values() if isinstance(v, Src))
         elif isinstance(n.value, list):
             stack.extend(v for v in n.value if isinstance(v, Src))
-    return [p for where in sorted(at) for p in loaded.reported_at(where)]
+    return found
 
 
 # Whether a load checks the config against this machine (``cache.memory`` against its memory,
@@ -451,10 +449,10 @@ def load_admin_access(path: str, *, token: bool = False) -> AdminSettings:
     root = load_yaml(path, loaded)
     if root is None:
         raise ConfigError(loaded.items)
-    unset = loaded.reported_at(_line(root, "admin", "token")) if _key_written(root, "admin", "token") else []
+    unset = _refused_under(root, "admin", "token")
     if token and unset:
         raise UnsetTokenVariable(unset)
-    unset_listen = _reported_under(loaded, root, "admin", "listen")
+    unset_listen = _refused_under(root, "admin", "listen")
     if unset_listen:  # not "no admin listener": it is written, with a variable not set here
         raise ConfigError(unset_listen)
     problems = Problems()  # an unset ${VAR} elsewhere in the file is no concern of ours
@@ -483,7 +481,7 @@ def load_client_listeners(path: str) -> tuple[tuple[HostPort, bool], ...]:
     root = load_yaml(path, problems)
     if root is None:
         raise ConfigError(problems.items)
-    unset = _reported_under(problems, root, "listen")
+    unset = _refused_under(root, "listen")
     if unset:  # not the default listener: one is written, with a variable not set here
         raise ConfigError(unset)
     problems = Problems()  # an unset ${VAR} elsewhere in the file is no concern of ours

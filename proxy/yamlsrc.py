@@ -30,6 +30,7 @@ class Src:
     key_lines: dict[Any, int] = field(default_factory=dict)  # for mappings: the line of each key
     raw: str | None = None  # a plain scalar YAML read as a number: as written (1:30 for 90)
     key_texts: dict[Any, str] = field(default_factory=dict)  # mapping keys read as numbers: as written
+    refused: tuple[str, ...] = ()  # a scalar read as null after these problems (an unset ${VAR})
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -291,9 +292,10 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
     if value is _UNREADABLE:
         return Src(None, file, line)
     if isinstance(value, str) and node.tag == "tag:yaml.org,2002:str":
+        before = len(problems.items)
         value = _expand_env(value, (file, line), problems)
-        if value is None:
-            return Src(None, file, line)
+        if value is None:  # its problems kept on it: another value may share its line (flow style)
+            return Src(None, file, line, refused=tuple(problems.items[before:]))
     if isinstance(value, int | float) and not isinstance(value, bool):
         return Src(value, file, line, raw=str(node.value))
     return Src(value, file, line)

@@ -353,3 +353,23 @@ def test_a_listener_written_with_an_unset_variable_is_named_not_taken_for_none_o
     line = 2 if command[0] == "warm" else 4
     assert err.splitlines()[0] == f"{config}:{line}: environment variable CACHEGATE_TEST_UNSET_LISTEN is not set", err
     assert "admin.token" not in err and "no admin listener" not in err, err
+
+
+def test_a_flow_style_admin_line_with_an_unset_token_variable_still_names_its_listener(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``admin: {listen: ..., token: ${VAR}}`` holds both on one line: the token's unset variable is
+    not the listener's (health needs no token; purge takes it from CACHEGATE_ADMIN_TOKEN), and an
+    unset listener beside a set token is named as the listener's, not blamed on the token."""
+    monkeypatch.delenv("CACHEGATE_TEST_UNSET_TOKEN", raising=False)
+    monkeypatch.delenv("CACHEGATE_TEST_UNSET_LISTEN", raising=False)
+    monkeypatch.delenv("CACHEGATE_ADMIN_TOKEN", raising=False)
+    config = write(tmp_path / "c.yaml", "upstreams: [{url: 'http://127.0.0.1:9'}]\n"
+                   "admin: {listen: '127.0.0.1:1', token: '${CACHEGATE_TEST_UNSET_TOKEN}'}\n")
+    assert main(["health", "--config", config]) == 1  # it reached for 127.0.0.1:1: nothing listens
+    assert "cannot reach the admin API at http://127.0.0.1:1" in capsys.readouterr().err
+    monkeypatch.setenv("CACHEGATE_TEST_UNSET_TOKEN", "a-token-of-24-characters")
+    write(tmp_path / "c.yaml", "upstreams: [{url: 'http://127.0.0.1:9'}]\n"
+          "admin: {listen: '${CACHEGATE_TEST_UNSET_LISTEN}', token: '${CACHEGATE_TEST_UNSET_TOKEN}'}\n")
+    assert main(["purge", "--config", config, "--all"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"{config}:2: environment variable CACHEGATE_TEST_UNSET_LISTEN is not set"], err
