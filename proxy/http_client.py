@@ -594,9 +594,9 @@ class UpstreamConnection(BaseProtocol):
                     self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the "
                                                      "response (bad framing)"))
                     return
-                self._head = None
-                if not head.done():
-                    head.set_result(Response(self._message, payload, self, self.exchange))
+                # Known to have failed before any of it was handed over: the head waiter gets
+                # the body's error (UPSTREAM-BROKE-OFF), not a head it would relay and then cut
+                # off. Then the flight serves a stored response stale (stale-if-error) or a 502.
                 self._fail(_payload_error(self._pool.name)(_describe(broke)))
                 return
             self._head = None

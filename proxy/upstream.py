@@ -87,6 +87,7 @@ from proxy.http_client import (
     InterimHook,
     PoolWaitTimeout,
     Response,
+    UpstreamBodyError,
     UpstreamConnection,
     UpstreamConnectTimeout,
     UpstreamDisconnected,
@@ -605,6 +606,13 @@ class UpstreamPool:
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",
                                       read_timeout=t.read, total_deadline=total_deadline,
                                       on_interim=on_interim)
+        except UpstreamBodyError as exc:
+            # A head whose body failed in the head's own read: its head was an answer (as
+            # ``_body_error``: counted as ``body_broke_off``, not held against the upstream).
+            exc.upstream = upstream.name
+            self._done(upstream)
+            self._body_error(upstream, exc)
+            raise
         except UpstreamError as exc:
             exc.upstream = upstream.name
             self._done(upstream)

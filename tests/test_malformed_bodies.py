@@ -21,6 +21,7 @@ import pytest
 from proxy.logs import REQUEST
 from tests.admin.test_metrics import scrape, value
 from tests.conftest import MakeProxy
+from tests.harness import Clock
 from tests.security.misbehaving import Conn, Serve, flight_with, raw_origins
 from tests.storage.procs import ProxyProcess, Response, write_config
 
@@ -59,15 +60,17 @@ def garbling(go: asyncio.Event | None = None, *, apart: bool = False, body: byte
 async def test_a_malformed_chunk_in_the_heads_read_is_a_body_that_broke_off_not_a_failed_upstream(
         make_proxy: MakeProxy, tmp_path: Path, body: bytes) -> None:
     """It was an invalid response HEAD: UPSTREAM-INVALID, kind="protocol", and a passive failure
-    (here, with ``failures: 1``, the next request found no upstream: a 503)."""
+    (here, with ``failures: 1``, the next request found no upstream: a 503). Then the head went
+    out and the connection was cut: known to have failed before any of it was sent, the body
+    is a 502 UPSTREAM-BROKE-OFF (docs/upstreams.md)."""
     async with raw_origins() as start:
         origin = await start(garbling(body=body))
         log_file = tmp_path / "access.log"
         proxy = await make_proxy(config=PASSIVE + f"access_log: {{format: json, path: {log_file}}}\n",
                                  upstreams=[origin.url])
         before = await scrape(proxy)
-        with pytest.raises(aiohttp.ClientPayloadError):  # its head went out: the connection is aborted
-            await proxy.get("/bad")
+        bad = await proxy.get("/bad")
+        assert (bad.status, bad.cache_status) == (502, "cachegate; fwd=uri-miss; detail=UPSTREAM-BROKE-OFF"), bad
         after = await scrape(proxy)
         assert proxy.runtime.access_log is not None
         proxy.runtime.access_log.flush()
@@ -136,6 +139,72 @@ async def test_the_stray_body_warning_after_a_204_carries_the_request_id_of_the_
     assert stray == [(f"upstream {url}: 5 or more bytes of body after a 204 response, which has none "
                       "(RFC 9112 §6.3): dropped, the 204 answered, the connection closed",
                       reply.headers["X-Request-Id"])], (seen, opener.headers["X-Request-Id"])
+
+
+STALE_IF_ERROR = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=3600\r\nContent-Length: 4\r\n\r\ngood"
+
+
+def turning() -> Serve:
+    """``/turn``: a good 200 (max-age=1, stale-if-error=3600) the first time, then a valid 200
+    head with a malformed chunked body in the same write."""
+    fetched = 0
+
+    async def serve(conn: Conn) -> None:
+        nonlocal fetched
+        while True:
+            await conn.request()
+            fetched += 1
+            if fetched == 1:
+                await conn.send(STALE_IF_ERROR)
+                continue
+            await conn.send(HEAD + GARBLED)
+            await asyncio.sleep(5)
+            return
+
+    return serve
+
+
+
+async def test_a_body_malformed_in_the_heads_read_is_covered_by_stale_if_error(
+        make_proxy: MakeProxy, clock: Clock) -> None:
+    """The head went out (``fwd=stale; fwd-status=200``) and the connection was closed with no
+    body, each time: the stored copy, which stale-if-error covers, was never served."""
+    async with raw_origins() as start:
+        origin = await start(turning())
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        proxy.runtime.engine.clock = clock
+        first = await proxy.get("/turn")
+        assert (first.status, first.body) == (200, b"good"), first
+        clock.advance(3)
+        for _ in range(2):
+            stale = await proxy.get("/turn")
+            assert (stale.status, stale.body, stale.x_cache) == (200, b"good", "STALE"), stale
+            assert stale.cache_status.endswith("detail=ORIGIN-UNREACHABLE"), stale
+        upstreams = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"]
+        assert [u["passive"]["consecutive_failures"] for u in upstreams] == [0], upstreams
+
+
+@pytest.mark.slow
+async def test_a_body_malformed_in_the_heads_read_is_covered_by_stale_if_error_in_two_workers(
+        tmp_path: Path) -> None:
+    """As with one worker: the worker that fetched relayed the head and cut the connection."""
+    async with raw_origins() as start:
+        origin = await start(turning())
+        cache = "cache: {memory: 64MB, disk: {path: cache, size: 256MB, shards: 2}}\n"
+        proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache,
+                                                         "upstream: {retries: 0}\n"))
+        await proxy.start("--workers", "2")
+        try:
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            first = await proxy.get("/turn")
+            assert (first.status, first.body) == (200, b"good"), first
+            await asyncio.sleep(1.5)  # expired, within stale-if-error
+            for _ in range(4):  # whichever worker takes it
+                stale = await proxy.get("/turn")
+                assert (stale.status, stale.body, stale.x_cache) == (200, b"good", "STALE"), stale
+                assert stale.headers["Cache-Status"].endswith("detail=ORIGIN-UNREACHABLE"), stale
+        finally:
+            await proxy.stop()
 
 
 @pytest.mark.slow
