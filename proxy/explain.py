@@ -92,11 +92,31 @@ WHY_NOT = {
 }
 
 
-def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str]) -> str:
+EXPIRED_AT_ONCE = ("{given}: it is expired at once, and with no validator (ETag, Last-Modified) "
+                   "nothing makes it reusable; have the origin send a validator (or its own "
+                   "stale-if-error=), or {fix}")
+
+
+def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str], expired_by: str = "") -> str:
     """What a "not stored" detail means, naming the field whose directive decided (spelled as
     the response spelled it): a targeted field (CDN-Cache-Control: no-store) overrides
-    Cache-Control, and blaming Cache-Control sent the reader to a field that said max-age=500."""
+    Cache-Control, and blaming Cache-Control sent the reader to a field that said max-age=500.
+
+    NO-FRESHNESS with a lifetime of 0 that was given (``expired_by``: max-age=0, Expires: -1, a
+    rule's ttl of 0s) is not "no freshness": adding a rule ttl, the fix for that, does nothing
+    against the origin's own lifetime without override_origin."""
     field = next((k for k in headers if k.lower() == cc_field.lower()), "Cache-Control")
+    if detail == "NO-FRESHNESS" and expired_by:
+        if expired_by == "rule":
+            given, fix = "the rule's ttl for this status is 0s", "give the rule a ttl above 0s"
+        elif expired_by == "expires":
+            given = ("the origin's Expires (a date not after its Date, or invalid: 0, -1) gives it "
+                     "a lifetime of 0")
+            fix = "give a rule a ttl for this status with override_origin: true"
+        else:
+            given = f"the origin's {field}: {expired_by}=0 gives it a lifetime of 0"
+            fix = "give a rule a ttl for this status with override_origin: true"
+        return EXPIRED_AT_ONCE.format(given=given, fix=fix)
     return WHY_NOT.get(detail.partition(":")[0], "").replace("{field}", field)
 
 
@@ -255,9 +275,9 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
     lines = [f"response {status} ({given})",
              f"  store-time rule     {_rule_label(sp.rule)}"]
     match decision:
-        case NoFill(detail=detail):
+        case NoFill(detail=detail, expired_by=expired_by):
             why = "the rule says no_store" if sp.no_store_rule is not None \
-                else why_not(detail, response_cache_control(headers, sp.options)[1], headers)
+                else why_not(detail, response_cache_control(headers, sp.options)[1], headers, expired_by)
             lines.append(f"  decision            not stored: {detail} ({why})")
             if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, _cc_of(headers, sp), sp):
                 lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
@@ -481,9 +501,9 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     out: dict[str, Any] = {"store_rule": _rule_json(sp.rule), "directives_from": cc_field,
                            "directives": _directives(cc)}
     match decision:
-        case NoFill(detail=detail):
+        case NoFill(detail=detail, expired_by=expired_by):
             why = f"rule {sp.no_store_rule!r} says no_store" if sp.no_store_rule is not None \
-                else why_not(detail, cc_field, headers)
+                else why_not(detail, cc_field, headers, expired_by)
             if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, cc, sp):
                 why += "; " + AUTHORIZATION_ORIGIN_ONLY
             out.update(stored=False, detail=detail, why=why)

@@ -15,7 +15,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from proxy.logs import REQUEST

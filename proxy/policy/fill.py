@@ -102,6 +102,7 @@ class Fill:
 @dataclass(frozen=True, slots=True)
 class NoFill:
     detail: str  # the Cache-Status detail token: PRIVATE, RULE-NO-STORE:<rule>, DECEPTION-GUARD, ...
+    expired_by: str = ""  # NO-FRESHNESS: what gave its lifetime of 0 (``DontStore.expired_by``)
 
 
 def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *, jitter: float = 0.0,
@@ -131,7 +132,7 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
     (('Cache-Control', 'max-age=100'), ('Surrogate-Key', 'k'), ('Date', 'Thu, 01 Jan 1970 00:00:00 GMT'),
      ('Via', '1.1 cachegate'))
     >>> decide_fill(Exchange(head, 200, "OK", answer, 0, 0), Rules(no_store_rule="api"), FillSettings())
-    NoFill(detail='RULE-NO-STORE:api')
+    NoFill(detail='RULE-NO-STORE:api', expired_by='')
     """
     request = exchange.request
     if request.method == "HEAD":
@@ -146,7 +147,7 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
         decision = decide_store(request, exchange.status, exchange.reason, headers, exchange.request_time,
                                 exchange.response_time, rules.options)
     if isinstance(decision, DontStore):
-        return NoFill(decision.detail)
+        return NoFill(decision.detail, decision.expired_by)
     if exchange.close_delimited_tls:
         return NoFill("TLS-CLOSE-DELIMITED")
     stored = decision.response

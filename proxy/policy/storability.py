@@ -66,6 +66,10 @@ class Store:
 @dataclass(frozen=True, slots=True)
 class DontStore:
     detail: str  # the Cache-Status detail token: PRIVATE, NO-STORE, SET-COOKIE, ...
+    # NO-FRESHNESS only: what gave the lifetime of 0 that expired it at once (``max-age``,
+    # ``s-maxage``, ``expires``, ``rule``), "" when nothing gave one. One detail token for both
+    # (Cache-Status stays stable); explain tells them apart, as their fixes differ.
+    expired_by: str = ""
 
 
 def response_cache_control(headers: Headers, options: CacheOptions) -> tuple[CacheControl, str]:
@@ -200,7 +204,7 @@ def _decide(
         or freshness.stale_while_revalidate > 0
     )
     if not reusable:
-        return DontStore("NO-FRESHNESS")
+        return DontStore("NO-FRESHNESS", "" if freshness.source == "none" else freshness.source)
     return Store(
         StoredResponse(
             status=status,

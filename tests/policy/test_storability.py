@@ -141,7 +141,24 @@ def test_a_shared_cache_stores_only_what_rfc_9111_section_3_allows(
     if detail is None:
         assert isinstance(decision, Store), decision
     else:
-        assert decision == DontStore(detail)
+        assert isinstance(decision, DontStore) and decision.detail == detail, decision
+
+
+@pytest.mark.parametrize(("pairs", "options", "expired_by"), [
+    ([("Date", date(0))], CacheOptions(stale_if_error=3600), ""),
+    ([("Cache-Control", "max-age=0")], CacheOptions(stale_if_error=3600), "max-age"),
+    ([("Cache-Control", "s-maxage=0, max-age=60")], CacheOptions(), "s-maxage"),
+    ([("Date", date(0)), ("Expires", "-1")], CacheOptions(), "expires"),
+    ([("Date", date(0)), ("Expires", date(0))], CacheOptions(), "expires"),
+    ([("Date", date(0))], CacheOptions(ttl_by_status={200: 0.0}), "rule"),
+    ([("Cache-Control", "max-age=0")], CacheOptions(ttl_by_status={200: 60.0}), "max-age"),  # origin's wins
+], ids=["nothing", "max-age=0", "s-maxage=0", "Expires: -1", "Expires: Date", "rule ttl 0s",
+        "max-age=0 beside a rule ttl"])
+def test_no_freshness_tells_a_lifetime_of_0_from_none(pairs: Pairs, options: CacheOptions,
+                                                      expired_by: str) -> None:
+    """One detail token (NO-FRESHNESS) for both, but their fixes differ: explain said "no rule
+    ttl applies; add a ttl" for max-age=0, which a rule ttl does not override."""
+    assert store(pairs, options=options) == DontStore("NO-FRESHNESS", expired_by)
 
 
 @pytest.mark.parametrize("value", ["no-cache; max-age=600", "max-age=600, no-cache =1", '"no-cache, max-age=600"'])

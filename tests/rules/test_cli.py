@@ -352,6 +352,30 @@ def test_explain_shows_a_bypass_and_origin_freshness(tmp_path: Path,
     assert "not stored: NO-STORE (the origin sent CDN-Cache-Control: no-store)" in out
 
 
+@pytest.mark.parametrize(("url", "response", "why"), [
+    ("http://a.example/x", [], "the origin gave no freshness (max-age, s-maxage, Expires), no validator"),
+    ("http://a.example/x", ["-R", "Cache-Control: max-age=0"],
+     "the origin's Cache-Control: max-age=0 gives it a lifetime of 0: it is expired at once"),
+    ("http://a.example/x", ["-R", "Expires: -1"],
+     "the origin's Expires (a date not after its Date, or invalid: 0, -1) gives it a lifetime of 0"),
+    ("http://a.example/zero/x", [], "the rule's ttl for this status is 0s: it is expired at once"),
+], ids=["none", "max-age=0", "Expires: -1", "rule ttl 0s"])
+def test_explain_tells_a_lifetime_of_0_from_no_freshness(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, response: list[str], why: str) -> None:
+    """Each said "the origin gave no freshness ... and no rule ttl applies; add a ttl for this
+    status in a rule": false for max-age=0 (a rule ttl does not override it) and a ttl of 0s."""
+    config = write(tmp_path, """
+        rules:
+          - name: zero
+            match: {path: /zero/**}
+            ttl: {200: 0s}
+    """)
+    assert main(["explain", "--config", config, "--brief", url, *response]) == 0
+    out = capsys.readouterr().out
+    assert f"not stored: NO-FRESHNESS ({why}" in out, out
+    assert ("add a ttl for this status in a rule" in out) == (not response and "zero" not in url), out
+
+
 def stored_lines(out: str) -> str:
     return out[out.index("\nresponse "):]
 
