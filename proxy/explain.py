@@ -541,6 +541,9 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
     sp = plan.for_response(r.status, headers.get("Content-Type"))
     cc, cc_field = response_cache_control(headers, sp.options)
     ttl = r.ttl(now)
+    # The windows that apply: none when the origin forbids serving it stale (as ``_storability``);
+    # 3600 beside may_serve_stale: false read as a stale-if-error hour that never comes.
+    stale = f.may_serve_stale()
     return {
         "index": index,
         "selected": index == selected,
@@ -559,9 +562,10 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
         "freshness": {
             "source": f.source, "lifetime": f.lifetime,
             "decided_by": freshness_decided_by(f, cc, cc_field, sp.rule),
-            "stale_while_revalidate": f.stale_while_revalidate, "stale_if_error": f.stale_if_error,
+            "stale_while_revalidate": f.stale_while_revalidate if stale else 0.0,
+            "stale_if_error": f.stale_if_error if stale else 0.0,
             "must_revalidate": f.must_revalidate, "no_cache": f.no_cache, "immutable": f.immutable,
-            "may_serve_stale": f.may_serve_stale(),
+            "may_serve_stale": stale,
         },
         "storability": _storability(head, plan, r.status, headers, now),
     }

@@ -45,6 +45,29 @@ async def explain(proxy: Proxy, path: str, **params: Any) -> Any:
     return js(reply)
 
 
+@pytest.mark.parametrize(("cc", "stale"), [
+    ("max-age=60, must-revalidate, stale-if-error=60", False),
+    ("max-age=60, no-cache, stale-while-revalidate=30", False),
+    ("max-age=60", True),
+])
+async def test_a_stored_variants_stale_windows_are_those_that_apply(
+        origin: Origin, make_proxy: MakeProxy, cc: str, stale: bool) -> None:
+    """The variant's freshness said stale_if_error: 3600 beside may_serve_stale: false (the
+    storability beside it said 0): a stale hour the proxy never serves."""
+    proxy = await make_proxy(rules="defaults: {stale_if_error: 1h, stale_while_revalidate: 10s}\nrules: []\n")
+    await proxy.get("/")
+    origin.route("/w", body=b"w", headers={"Cache-Control": cc})
+    await proxy.get("/w")
+    await settle(proxy)
+    [variant] = (await explain(proxy, "/w"))["stored"]
+    f = variant["freshness"]
+    assert f["may_serve_stale"] is stale
+    windows = (f["stale_if_error"], f["stale_while_revalidate"])
+    assert windows == ((3600, 10) if stale else (0, 0)), f
+    assert windows == (variant["storability"]["stale_if_error"],
+                       variant["storability"]["stale_while_revalidate"]), variant
+
+
 async def test_a_fresh_entry_is_a_hit_and_the_trace_says_which_directive_decided(
         origin: Origin, ruled: Proxy) -> None:
     origin.route("/page", body=b"p", headers={"Cache-Control": "public, s-maxage=120, max-age=10",
