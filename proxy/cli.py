@@ -371,6 +371,10 @@ def cmd_health(args: argparse.Namespace) -> int:
         answer = None
     said = shown(text.strip()[:80], keep="")
     url = f"{shown(base.rstrip('/'))}/healthz"
+    if isinstance(answer, dict) and answer.get("status") == "degraded" and relayed(fields) is None:
+        # Serving, but in need of a restart (a damaged index): unhealthy, with why.
+        print(f"cachegate health: degraded: {shown(str(answer.get('reason')), keep='')}", file=sys.stderr)
+        return EXIT_FAILURE
     if not isinstance(answer, dict) or answer.get("status") != "ok":
         print(f"cachegate health: {url} is not cachegate's admin endpoint: it "
               f'answered "{said}", not {{"status": "ok"}} (give the address of admin.listen, not the '

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.logs import RepeatedFailure
 from proxy.metrics import ClusterMetrics, RequestWindow, Snapshot, hit_ratio, merge_single, render_families
 from proxy.policy.keys import normalise_host, url_of_key
 from proxy.purge import host_matches
@@ -36,6 +39,8 @@ from proxy.storage.tiered import Storage
 # Supervisor.call_each(name, wait=..., **args): worker id (every slot) -> its answer, or the
 # exception it gave (a timeout; for a worker not running, one it was never asked for)
 WorkerCall = Callable[..., Awaitable[dict[int, Any]]]
+
+log = logging.getLogger("cachegate.admin")
 
 SAMPLE_INTERVAL = 5.0  # seconds between samples of the request counters (hit ratio, last minute)
 DISK_COUNT_MAX_AGE = 10.0  # seconds a counted number of disk entries is reused (COUNT(*) is O(n))
@@ -180,6 +185,11 @@ class Inspector:
         self.window = RequestWindow()
         self.started = time.time()
         self._disk_count: tuple[float, int] | None = None
+        # Why the last count of the disk tier's entries failed (the count given is the one
+        # before), or None; logged once per streak.
+        self.disk_count_failed: str | None = None
+        self._count_failures = RepeatedFailure(log, "counting the disk tier's entries (the index)",
+                                               traceback=False, level=logging.WARNING)
         self._worker_counts: dict[str, int] = {}
 
     @property
@@ -273,7 +283,20 @@ class Inspector:
         now = time.monotonic()
         if self._disk_count is None or now - self._disk_count[0] > DISK_COUNT_MAX_AGE:
             index = storage.index
-            self._disk_count = (now, await storage.run(index.count))
+            try:
+                self._disk_count = (now, await storage.run(index.count))
+            except sqlite3.Error as exc:
+                # A damaged (or unreadable) index must not turn /metrics and /stats into 500s
+                # when the disk tier is in trouble: the last count stands, said so
+                # (``disk_count_failed``), and a damaged index is noted for the next start.
+                self._count_failures.failed(exc)
+                self.disk_count_failed = str(exc)
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    await storage.run(index.noticed, exc)
+                self._disk_count = (now, self._disk_count[1] if self._disk_count else 0)
+            else:
+                self.disk_count_failed = None
+                self._count_failures.succeeded()
         return self._disk_count[1]
 
     async def disk_entries(self) -> int:
@@ -286,11 +309,20 @@ class Inspector:
         if storage.disk is None or storage.index is None:
             return []
         entries = await self._disk_entries()
+        damage = await storage.run(storage.index.look_for_damage)
         return [
             ["cachegate_cache_entries", "gauge", "Stored keys per tier",
              [["cachegate_cache_entries", {"tier": "disk"}, float(entries)]]],
             ["cachegate_evictions", "counter", "Evictions per tier",
              [["cachegate_evictions_total", {"tier": "disk"}, float(storage.upkeep.index_rows_dropped)]]],
+            ["cachegate_disk_index_damaged", "gauge",
+             "1 when the disk tier's index was found damaged: purges empty the whole disk tier "
+             "until a restart, which sets the index aside (disk entries: the last count)",
+             [["cachegate_disk_index_damaged", {}, float(damage is not None)]]],
+            ["cachegate_disk_entries_stale", "gauge",
+             "1 when the last count of the disk tier's entries failed: its entries gauge is the "
+             "count before",
+             [["cachegate_disk_entries_stale", {}, float(self.disk_count_failed is not None)]]],
         ]
 
     async def refresh(self) -> None:
@@ -350,6 +382,10 @@ class Inspector:
             tiers["disk"] = {"entries": await self._disk_entries(),
                              "bytes": await storage.run(disk.volume),
                              "evictions": storage.upkeep.index_rows_dropped}
+            if self.disk_count_failed is not None:
+                tiers["disk"]["entries_stale"] = f"the last count: counting failed ({self.disk_count_failed})"
+            if storage.index is not None and (damage := await storage.run(storage.index.look_for_damage)):
+                tiers["disk"]["index_damaged"] = damage
         counts = self.request_counts()
         seconds, recent = self.window.last(counts)
         hits: dict[tuple[str, str], int] = {}

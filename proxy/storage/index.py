@@ -165,6 +165,7 @@ class UrlTagIndex:
         # tier), and the next start sets it aside (its mark: ``damaged_mark``).
         self.damage: str | None = None
         self.damaged_mark = self.file + ".damaged"
+        self._marked_by_other: str | None = None  # ``known_damage``: the mark another process left
         problem: str | None = None
         try:
             if repair and not self.created and self._marked() is None:
@@ -205,6 +206,20 @@ class UrlTagIndex:
                 return f"found damaged while running: {f.read().strip() or 'no detail'}"
         except FileNotFoundError:
             return None
+
+    def look_for_damage(self) -> str | None:
+        """Why this index is damaged, when this process found it so (``damage``) or another
+        process did (its mark, looked for here: a stat, so in a storage thread, at each upkeep
+        round and scrape), else None. The supervisor rarely reads the index itself while its
+        workers find the damage; /healthz reads ``known_damage``, which does no I/O."""
+        if self.damage is None and self._marked_by_other is None and os.path.exists(self.damaged_mark):
+            self._marked_by_other = self._marked()
+        return self.known_damage
+
+    @property
+    def known_damage(self) -> str | None:
+        """What ``look_for_damage`` last found (no I/O: for /healthz on the event loop)."""
+        return self.damage if self.damage is not None else self._marked_by_other
 
     def noticed(self, exc: BaseException) -> bool:
         """Whether ``exc`` (raised by this index) is the index being damaged, checked with

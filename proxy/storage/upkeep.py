@@ -57,6 +57,7 @@ class Upkeep:
                 if not await t.run(index.noticed, exc):
                     raise
         await t.run(self._checkpoint)
+        await t.run(index.look_for_damage)  # found by a worker: for /healthz and the metrics
         if orphans_before is not None:
             removed = await t.run(t.disk.sweep_stray_files, orphans_before)
             removed += await self.sweep_dead_spools()

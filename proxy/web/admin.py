@@ -540,7 +540,11 @@ async def healthz(request: web.Request) -> web.Response:
     configured because some cannot start (cachegate installed over the running one:
     ``Supervisor._code_changed``), when no worker serves, or while one keeps exiting soon after
     its restarts (``proxy.supervisor.workers_health``). A worker restarted after a crash does
-    not count while its siblings serve."""
+    not count while its siblings serve.
+
+    200 "degraded" when the disk tier's index was found damaged: cachegate serves (so a load
+    balancer keeps sending traffic), but purges empty the whole disk tier until a restart sets
+    the index aside; the reason names the file and says so."""
     runtime = request.app[ADMIN].runtime
     node = runtime.cluster
     if node is not None and not node.ready:  # the cluster's reason first: it is why the rest waits
@@ -553,6 +557,15 @@ async def healthz(request: web.Request) -> web.Response:
     workers = runtime.workers_health() if runtime.workers_health is not None else None
     if workers is not None:
         return web.json_response({"status": "degraded", "reason": workers}, status=503)
+    index = runtime.storage.index
+    if index is not None and (damage := index.known_damage) is not None:
+        body = {"status": "degraded",
+                "reason": f"the disk tier's index {index.file} is damaged ({damage}): every purge "
+                          "empties the whole disk tier until cachegate restarts; restart it (the "
+                          "restart sets the index aside and starts the disk tier empty)"}
+        if node is not None:
+            body["cluster"] = node.state
+        return web.json_response(body)
     if node is None:
         return web.json_response({"status": "ok"})
     body = {"status": "ok", "cluster": node.state}

@@ -9,6 +9,7 @@ it covers)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sqlite3
@@ -131,3 +132,89 @@ async def test_an_index_damaged_while_running_is_noted_and_purges_empty_the_disk
     assert not marked(index)
     assert await x_caches(proxy, list(range(KEYS)), body, HOST) == ["MISS"] * KEYS
     assert (await proxy.admin("POST", "/purge", json={"tags": ["t2"]})).status == 200
+
+
+def entries_root(index: Path) -> int:
+    db = sqlite3.connect(index)
+    try:
+        return int(dict(db.execute("SELECT name, rootpage FROM sqlite_master"))["entries"])
+    finally:
+        db.close()
+
+
+def damage_page(index: Path, page: int) -> None:
+    with open(index, "r+b") as f:
+        f.seek((page - 1) * PAGE)
+        f.write(b"\xa5" * PAGE)
+
+
+def gauge(metrics: bytes, name: str) -> float:
+    lines = [ln for ln in metrics.decode().splitlines() if ln.startswith(name + " ") or ln.startswith(name + "{")]
+    assert len(lines) == 1, lines
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
+async def test_metrics_stats_and_healthz_answer_while_the_index_cannot_be_counted(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reviewer damaged the index while cachegate ran: once the count cache (10 s) ran out,
+    GET /metrics and /stats answered 500 (the count raised "database disk image is
+    malformed") while /healthz said ok: monitoring went dark when the disk tier was in trouble.
+    Now the last count stands (said so), the damage is a gauge, and /healthz says degraded,
+    naming the index and what to do."""
+    import proxy.inspection
+
+    monkeypatch.setattr(proxy.inspection, "DISK_COUNT_MAX_AGE", 0.0)  # count at every scrape
+    running = await filled(origin, make_proxy, tmp_path)
+    storage = running.runtime.storage
+    assert storage.index is not None
+    index = tmp_path / "cache" / "index.sqlite3"
+    before = await running.admin("GET", "/metrics")
+    assert before.status == 200
+    assert gauge(before.body, 'cachegate_cache_entries{tier="disk"}') == KEYS
+    assert gauge(before.body, "cachegate_disk_index_damaged") == 0
+    assert (await running.admin("GET", "/healthz")).body == b'{"status": "ok"}'
+
+    storage.index.checkpoint()
+    damage_page(index, entries_root(index))  # the entries table's root page: COUNT(*) reads it
+    storage.index.close()  # its connections cached the pages: the next ones read the file
+    caplog.set_level(logging.WARNING, logger="cachegate")
+
+    for _ in range(3):
+        metrics = await running.admin("GET", "/metrics")
+        assert metrics.status == 200, metrics.body[-2000:]
+        assert gauge(metrics.body, 'cachegate_cache_entries{tier="disk"}') == KEYS  # the last count
+        assert gauge(metrics.body, "cachegate_disk_entries_stale") == 1
+        assert gauge(metrics.body, "cachegate_disk_index_damaged") == 1
+        stats = await running.admin("GET", "/stats")
+        assert stats.status == 200, stats.body[-2000:]
+        disk = json.loads(stats.body)["tiers"]["disk"]
+        assert disk["entries"] == KEYS and "counting failed" in disk["entries_stale"], disk
+        assert "quick_check" in disk["index_damaged"], disk
+    health = await running.admin("GET", "/healthz")
+    assert health.status == 200  # it serves: a load balancer keeps sending traffic
+    answer = json.loads(health.body)
+    assert answer["status"] == "degraded" and str(index) in answer["reason"], answer
+    assert "restart" in answer["reason"], answer
+    assert marked(index)  # set aside at the next start
+    # Logged once: the count's failure (a warning) and the damage (an error).
+    assert len(messages(caplog, logging.WARNING, "counting the disk tier's entries")) == 1
+    assert len(messages(caplog, logging.ERROR, "is damaged")) == 1
+    await close_proxy(running)
+
+
+async def test_healthz_says_degraded_when_another_process_found_the_index_damaged(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """With --workers N the workers find the damage and mark it beside the file; the
+    supervisor, which answers /healthz and /metrics, reads the mark at its upkeep rounds."""
+    running = await filled(origin, make_proxy, tmp_path)
+    storage = running.runtime.storage
+    index = tmp_path / "cache" / "index.sqlite3"
+    assert (await running.admin("GET", "/healthz")).body == b'{"status": "ok"}'
+    Path(f"{index}.damaged").write_text(  # noqa: ASYNC240 (a small file, in a test)
+        "database disk image is malformed; quick_check: bad\n")
+    await storage.maintain()
+    answer = json.loads((await running.admin("GET", "/healthz")).body)
+    assert answer["status"] == "degraded" and "found damaged while running" in answer["reason"], answer
+    assert gauge((await running.admin("GET", "/metrics")).body, "cachegate_disk_index_damaged") == 1
+    await close_proxy(running)
