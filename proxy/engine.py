@@ -161,6 +161,7 @@ class Store(Protocol):
     async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
                        tags: Iterable[str] = (), memory_only: bool = False) -> set[str]: ...
     async def delete(self, keys: Iterable[str], soft: bool = False) -> int: ...
+    async def forget_gone(self, key: str) -> None: ...
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
@@ -467,10 +468,7 @@ class Engine:
             # The disk tier culled the body: forget the variant so the next request refetches.
             # (Not when its record in the shared memory died meanwhile: replaced by a refresh or
             # a fill, or purged; forgetting the key then dropped the new copy as well.)
-            try:
-                await self.storage.delete([cached.entry.key])
-            except Exception:
-                log.exception("could not drop %s", cached.entry.key)
+            await self._forget(cached.entry.key)
         return body
 
     def body_file_cut_short(self, entry: Entry) -> None:
@@ -488,10 +486,16 @@ class Engine:
         task.add_done_callback(self._forgetting.discard)
 
     async def _forget(self, key: str) -> None:
+        """Forget a variant whose disk body is gone (``Storage.forget_gone``). Its disk part
+        fails on a full filesystem, at every request for such a variant: counted
+        (``operation="forget"``) and logged once per streak of storage write failures, never
+        as a purge that could not be written (there was none) nor with a traceback each time."""
         try:
-            await self.storage.delete([key])
-        except Exception:
-            log.exception("could not drop %s", key)
+            await self.storage.forget_gone(key)
+        except Exception as exc:
+            self.write_failures.failed("forget", key, exc)
+        else:
+            self.write_failures.succeeded()
 
     # -- partial content (RFC 9111 §3.3-3.4) ----------------------------------------------
 

@@ -90,7 +90,7 @@ MEAN_GAUGES = frozenset({"cachegate_upstream_up", "cachegate_fast_path_enabled"}
 # are covered.
 KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "cachegate_config_reloads": ("success", "failure"),
-    "cachegate_storage_errors": ("read", "spool", "write", "invalidate"),
+    "cachegate_storage_errors": ("read", "spool", "write", "invalidate", "forget"),
     "cachegate_admin_refused": ("host", "origin", "content_type", "rate", "csrf"),
     "cachegate_purge_refused": ("forbidden", "disabled", "origin"),
     "cachegate_slow_readers": ("resumed", "cut_off"),
@@ -284,8 +284,9 @@ class Metrics:
                                      ["reason"], registry=r)
         self.reloads = Counter("cachegate_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.storage_errors = Counter("cachegate_storage_errors",
-                                      "Storage failures degraded to a miss (read) or to not storing "
-                                      "(spool, write), by operation", ["operation"], registry=r)
+                                      "Storage failures degraded to a miss (read), to not storing "
+                                      "(spool, write), or to forgetting a variant whose body is gone "
+                                      "in memory only (forget), by operation", ["operation"], registry=r)
         self.slow_readers = Counter("cachegate_slow_readers",
                                     "Clients that fell too far behind a shared fill: resumed from the "
                                     "stored response, or cut off (connection aborted)", ["outcome"],

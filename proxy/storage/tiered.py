@@ -27,6 +27,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import IO, Any, TypeVar
 
 from proxy.storage.bans import BanList, PurgeMatch
@@ -281,6 +282,35 @@ class Storage:
 
     async def delete(self, keys: Iterable[str], soft: bool = False) -> int:
         return await self.purges.delete(keys, soft)
+
+    async def forget_gone(self, key: str) -> None:
+        """Forget a variant whose disk body is gone (culled, cut short), so that the next
+        request refetches it: an internal delete, not a purge. The directory of disk keys stops
+        listing it first (no read finds it whatever the disk does next), then the disk and the
+        index are tried once (no retries on a busy shard), then the memory record goes. Raises
+        the disk's failure (a full filesystem) after all that, for the caller to count; unlike
+        ``delete``, it is not a purge that could not be written (none was asked for)."""
+        t = self.tiers
+        match = PurgeMatch(keys=frozenset((key,)))
+        failure: Exception | None = None
+        async with self.purges.paused():
+            disk, index = t.disk, t.index
+            if disk is not None:
+                await t.run(t.memory.arena.disk_remove, [key])
+
+                def on_disk() -> None:
+                    disk.delete_keys([key], retry=False)
+                    if index is not None and index.damage is None:
+                        index.remove([key])
+
+                try:
+                    await t.run(on_disk)
+                except Exception as exc:  # a full filesystem, a busy shard: counted by the caller
+                    failure = exc
+            _, start = await self.purges.purge_memory(match)
+            await self.purges.purge_local(replace(match, arena_from=start))
+        if failure is not None:
+            raise failure
 
     async def delete_all(self, soft: bool = False) -> int:
         return await self.purges.delete_all(soft)

@@ -176,6 +176,9 @@ class FakeStore:
     async def delete(self, keys: Iterable[str], soft: bool = False) -> int:
         return sum(self.variants.pop(k, None) is not None for k in list(keys))
 
+    async def forget_gone(self, key: str) -> None:
+        self.variants.pop(key, None)
+
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -278,3 +279,52 @@ async def test_spool_files_of_dead_processes_make_room_before_the_full_filesyste
     filler.unlink()
     proxy = await make_proxy(config=CONFIG, directory=directory)
     assert await x_caches(proxy) == ["HIT"] * KEYS
+
+
+def value_files(cache: Path) -> list[Path]:
+    return list(cache.rglob("*.val"))
+
+
+async def test_a_variant_whose_body_is_gone_is_forgotten_quietly_on_a_full_filesystem(
+        origin: Origin, make_proxy: MakeProxy, small_tmpfs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reviewer filled the filesystem under a running cachegate: each request for a variant
+    whose body file the disk tier had culled logged an ERROR traceback "could not drop" and two
+    warnings "the purge could not be written ... purge again", though no purge was asked (179
+    tracebacks in 20 s). Forgetting such a variant is internal: it is forgotten (the next
+    request refetches), and its disk part's failure is counted and logged once per streak."""
+    paths = [f"/g{i}" for i in range(6)]
+    bodies = {p: os.urandom(300_000) for p in paths}  # over memory_max_object: held on disk only
+    for p, body in bodies.items():
+        origin.route(p, body=body, headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config=BEHIND, directory=small_tmpfs / "p")
+    cache = Path(proxy.cache_dir)
+    storage = proxy.runtime.storage
+    for p in paths:
+        assert (await proxy.get(p, headers=HOST)).x_cache == "MISS"
+    for _ in range(500):  # until the fills' stores are over (they go on after the answers)
+        if not storage.work.writes and len(value_files(cache)) >= len(paths):
+            break
+        await asyncio.sleep(0.01)
+    await storage.flush()
+    assert len(storage.body_files) == 0  # none kept open (a hit would send from it)
+    for f in value_files(cache):  # culled under the disk tier's record
+        os.unlink(f)
+    fill(small_tmpfs, 0)
+    caplog.set_level(logging.INFO, logger="cachegate")
+    caplog.clear()
+
+    for _ in range(3):
+        for p, body in bodies.items():
+            reply = await proxy.get(p, headers=HOST)
+            assert (reply.status, reply.body == body) == (200, True)
+            assert reply.x_cache != "HIT"  # forgotten: refetched (and not stored: no room)
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    said = [r.getMessage() for r in records]
+    assert not [s for s in said if "could not drop" in s or "purge could not be written" in s], said
+    assert not [r for r in records if r.exc_info], said
+    assert len(said) <= 1, said  # the streak of storage write failures: once
+    assert all(origin.count(p) == 4 for p in paths)
+    forgets = proxy.runtime.engine.write_failures.counts.get("forget", 0)
+    assert forgets >= 1  # its disk part failed for want of room: counted
+    metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+    assert f'cachegate_storage_errors_total{{operation="forget"}} {float(forgets)}' in metrics
