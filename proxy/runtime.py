@@ -38,6 +38,7 @@ from proxy.room import MemoryUnavailable
 from proxy.settings import arena_capacity, storable_limit
 from proxy.storage.arena import Arena
 from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
+from proxy.storage.failures import SETTLE
 from proxy.storage.index import UrlTagIndex
 from proxy.storage.memory import MemoryTier
 from proxy.storage.persist import PERSIST_INTERVAL
@@ -399,7 +400,11 @@ class Runtime:
         in progress."""
         orphans_before: float | None = started
         next_orphans = time.monotonic() + ORPHAN_SWEEP_INTERVAL
-        failures = RepeatedFailure(log, "storage upkeep")
+        # Works again only once no round failed for SETTLE seconds: with the cache directory
+        # deleted, rounds failed and worked in turn (a storage thread with a new connection
+        # fails, one with an old connection works), and each success ended the streak: a
+        # traceback every few seconds where once, then once a minute, was promised.
+        failures = RepeatedFailure(log, "storage upkeep", settle=SETTLE)
         while True:
             try:
                 await self.storage.maintain(orphans_before=orphans_before)
