@@ -292,6 +292,8 @@ class Runtime:
                 interval = float(os.environ.get("CACHEGATE_PERSIST_INTERVAL") or PERSIST_INTERVAL)
                 storage.persister.failures = engine.write_failures
                 runtime._tasks.append(asyncio.ensure_future(storage.persister.run_forever(interval)))
+        if storage.disk is not None:  # body files found cut short count as read failures
+            storage.reads.read_failed = metrics.storage_errors.labels("read").inc
         runtime.owner = owner
         runtime._owner_lock = lock
         return runtime

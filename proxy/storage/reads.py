@@ -50,6 +50,7 @@ LOOKUP_PARALLEL = 3  # groups of disk lookups read at the same time (of the 4 ex
 LOOKUP_BATCH = 16  # keys per group: a group waits for its slowest read
 OPENING_LIMIT = 8  # body files being opened for sendfile at once (see sendable_file)
 PROMOTION_DOORKEEPER = 8192  # keys read from disk once that a process remembers (``Promotions``)
+CUT_SHORT_EVERY = 60.0  # seconds: body files found cut short are said at most this often
 DAMAGED_REMEMBERED = 4096  # body files found damaged that sendable_file no longer opens
 
 
@@ -205,6 +206,11 @@ class Reader:
         # Body files whose bytes did not match their checksum when opened for a body memory
         # holds (``_open_big_body``): memory's verified copy is sent, the file is not opened again.
         self._damaged: set[tuple[str, str]] = set()
+        # Big body files found cut short as a hit opened them (``_cut_short_before_open``):
+        # counted by ``read_failed`` (the engine's metric), said at most once a minute.
+        self.read_failed: Callable[[], None] = lambda: None
+        self._cut_short_said: float | None = None
+        self._cut_short_unsaid = 0
 
     def close(self) -> None:
         for job in self._opening.values():
@@ -432,7 +438,7 @@ class Reader:
         if e.body_size > t.memory.max_object:
             shared = self.body_files.get(e.key, e.body_id)
             if shared is None:
-                opened = await t.run(self._open_big_body, e)
+                opened = await t.run(self._open_big_body, e, True)
                 if opened is None or isinstance(opened, bytes):
                     return opened
                 shared = self.body_files.get(e.key, e.body_id)
@@ -496,7 +502,7 @@ class Reader:
         else:
             self.body_files.add(e.key, e.body_id, opened, e.body_size, e)
 
-    def _open_big_body(self, e: Entry) -> bytes | IO[bytes] | None:
+    def _open_big_body(self, e: Entry, missed: bool = False) -> bytes | IO[bytes] | None:
         """A big body's file, open, when it holds exactly the body (else None: gone, cut, or
         its bytes do not match its checksum: then remembered, and not opened again).
 
@@ -505,13 +511,19 @@ class Reader:
         open (the file then stays open for the next hits): memory's copy is right (a fill, or a
         promotion that ``_read_small_body`` checked), the file may not be. A bigger body's file
         is not: it goes out by ``sendfile``, which Python never sees, and summing it at each
-        open would hold its first byte back (see docs/storage.md)."""
+        open would hold its first byte back (see docs/storage.md).
+
+        ``missed``: no copy in memory (``open_body``): a file cut short is then a miss, said
+        and counted (``cut_short_before_open``), as one cut short while open is."""
         assert self.t.disk is not None
         raw = self.t.disk.get_body(e.key, e.body_id, e.body_size)
         if raw is None or isinstance(raw, bytes):
             return raw
-        if os.fstat(raw.fileno()).st_size != e.body_size:
+        size = os.fstat(raw.fileno()).st_size
+        if size != e.body_size:
             raw.close()
+            if missed:
+                self._cut_short_before_open(e, size)
             return None
         expected = body_checksum(e.body_id)
         if expected is not None and e.body_size <= self.t.memory.max_object \
@@ -520,6 +532,22 @@ class Reader:
             self._found_damaged(e)
             return None
         return raw
+
+    def _cut_short_before_open(self, e: Entry, size: int) -> None:
+        """A big body's file found cut short (by hand, a failing disk) when a hit opened it:
+        the variant is forgotten and refetched (``Engine.open_body``). Counted
+        (``cachegate_storage_errors_total{operation="read"}``, through ``read_failed``) and
+        said in one warning, then at most once a minute with how many more: before, it was a
+        silent miss, where a file cut short while open was said and counted."""
+        self.read_failed()
+        now = time.monotonic()
+        if self._cut_short_said is not None and now - self._cut_short_said < CUT_SHORT_EVERY:
+            self._cut_short_unsaid += 1
+            return
+        more = f" ({self._cut_short_unsaid} more since the last warning)" if self._cut_short_unsaid else ""
+        self._cut_short_said, self._cut_short_unsaid = now, 0
+        log.warning("stored body of %s is cut short on disk (%d of %d bytes) before it was opened: "
+                    "not served, the next request refetches it%s", e.key, size, e.body_size, more)
 
     def _found_damaged(self, e: Entry) -> None:
         """A body file whose bytes do not match its checksum: said once, and remembered, so that

@@ -117,3 +117,40 @@ async def test_a_body_file_cut_short_on_disk_aborts_its_client_and_is_refetched(
     again = await proxy.get("/big")
     assert (again.x_cache, again.body == body) == ("MISS", True)
     assert origin.count("/big") == 2
+
+
+async def test_a_big_body_file_cut_short_before_it_was_opened_is_said_and_counted(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A body bigger than memory_max_object whose file was cut on disk before any hit opened
+    it was a silent miss: no warning, no cachegate_storage_errors_total{operation="read"},
+    where one cut short while open is both. Now it is said (once a minute at most) and
+    counted, and the next request refetches it."""
+    size = 2 * 1024 * 1024
+    bodies = {f"/big{i}": os.urandom(size) for i in range(2)}
+    for path, body in bodies.items():
+        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config="cache: {memory: 64MB, memory_max_object: 1MB, "
+                                    "disk: {path: cache, size: 512MB, shards: 2}}\n")
+    for path in bodies:
+        assert (await proxy.get(path)).x_cache == "MISS"
+    files = body_files(tmp_path, size)
+    for _ in range(100):  # the disk commits follow the clients' answers
+        if len(files) == len(bodies):
+            break
+        await asyncio.sleep(0.05)
+        files = body_files(tmp_path, size)
+    assert len(files) == len(bodies), files
+    storage = proxy.runtime.storage
+    assert len(storage.body_files) == 0  # none opened yet
+    caplog.set_level(logging.WARNING, logger="cachegate")
+    for f in files:
+        os.truncate(f, 1000)
+
+    for path, body in bodies.items():
+        again = await proxy.get(path)
+        assert (again.x_cache, again.body == body) == ("MISS", True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "cut short" in warnings[0] and "before it was opened" in warnings[0], warnings
+    metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+    assert 'cachegate_storage_errors_total{operation="read"} 2.0' in metrics
+    assert all(origin.count(path) == 2 for path in bodies)
