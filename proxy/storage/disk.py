@@ -56,7 +56,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import diskcache
 
@@ -98,6 +98,7 @@ _SEQ_TABLE = ("CREATE TABLE IF NOT EXISTS cachegate_seq (id INTEGER PRIMARY KEY 
 _SEQ_RAISE = ("INSERT INTO cachegate_seq (id, seq) VALUES (0, ?)"
               " ON CONFLICT(id) DO UPDATE SET seq = max(seq, excluded.seq)")
 
+T = TypeVar("T")
 Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
 
 
@@ -198,14 +199,70 @@ def _roll_back(shard: diskcache.Cache) -> None:
             con.execute("ROLLBACK")
 
 
+# How long a call that retries (``retry=True`` here, never diskcache's own) waits for a shard's
+# write lock before it gives up with ``diskcache.Timeout`` (``ShardBusy`` from ``update_many``).
+BUSY_PATIENCE = 60.0
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
+
+
+def busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite waiting for a lock ("database is locked"), not a failure."""
+    code = _code(exc)
+    if code is not None:
+        return code in (SQLITE_BUSY, SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _unwrapped(exc: diskcache.Timeout) -> BaseException | None:
+    """The SQLite error behind a diskcache ``Timeout`` when it is not a held lock (diskcache
+    raises ``Timeout`` for any OperationalError of BEGIN IMMEDIATE: a "disk I/O error" too)."""
+    cause = exc.__context__
+    if isinstance(cause, sqlite3.Error) and not busy(cause):
+        return cause
+    return None
+
+
+def patiently(call: Callable[[], T], patience: float | None = None) -> T:
+    """``call()`` (a diskcache call made with ``retry=False``), again while a shard's write lock
+    is held, for at most ``patience`` seconds (BUSY_PATIENCE); any other SQLite error is raised
+    as itself.
+
+    Why not diskcache's ``retry=True``: it retries BEGIN IMMEDIATE on *any* OperationalError,
+    so a lasting "disk I/O error" (a shard's -wal removed while running) kept a purge's thread
+    spinning forever: the purge never answered and the process never exited on SIGTERM."""
+    deadline = time.monotonic() + (BUSY_PATIENCE if patience is None else patience)
+    while True:
+        try:
+            return call()
+        except diskcache.Timeout as exc:
+            cause = _unwrapped(exc)
+            if cause is not None:
+                raise cause from None
+            if time.monotonic() >= deadline:
+                raise
+
+
+@contextlib.contextmanager
+def _begun(shard: diskcache.Cache, retry: bool) -> Iterator[None]:
+    """``shard.transact()``; with ``retry``, BEGIN is tried again while the write lock is held
+    (``patiently``), and a failure that is not a held lock is raised as itself."""
+    with contextlib.ExitStack() as stack:
+        if retry:
+            patiently(lambda: stack.enter_context(shard.transact(retry=False)))
+        else:
+            stack.enter_context(shard.transact(retry=False))
+        yield
+
+
 @contextlib.contextmanager
 def _transaction(shard: diskcache.Cache, retry: bool = False) -> Iterator[None]:
     """``shard.transact()`` whose writes remove the files they replaced only once it committed,
-    and the files they wrote at once when it did not (nothing refers to them then)."""
+    and the files they wrote at once when it did not (nothing refers to them then). ``retry``:
+    a held write lock is waited for up to BUSY_PATIENCE seconds (``patiently``)."""
     disk: _Disk = shard.disk
     with disk.taking_back(), disk.holding() as files:
         try:
-            with shard.transact(retry=retry):
+            with _begun(shard, retry):
                 yield
         except BaseException:
             if files is not None:  # (the outermost: a nested one's caller is still inside it)
@@ -302,6 +359,9 @@ def _inline(value: bytes | None) -> bool:
 # image, not a database at all. Not "locked" or "cannot open" (a busy or unreadable but sound
 # database must never be set aside).
 DAMAGED_CODES = (10, 11, 26)  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
+# Beside a shard's database: a process found it damaged while running (``DiskTier.noticed``);
+# the next start sets the shard aside (as ``index.sqlite3.damaged`` for the index).
+DAMAGED_MARK = "cache.db.damaged"
 
 
 def damaged(exc: sqlite3.Error) -> bool:
@@ -343,9 +403,9 @@ def _seq_table(shard: diskcache.Cache) -> None:
     if shard._sql("SELECT 1 FROM sqlite_master WHERE name = 'cachegate_seq'").fetchone():
         return
     try:
-        with shard.transact(retry=True):  # (IF NOT EXISTS: another process may have made it since)
+        with _begun(shard, retry=True):  # (IF NOT EXISTS: another process may have made it since)
             shard._sql(_SEQ_TABLE)
-    except sqlite3.OperationalError as exc:  # a shard that cannot be written: its commits fail too
+    except (sqlite3.OperationalError, diskcache.Timeout) as exc:  # its commits fail too
         log.warning("disk shard %s: cannot note its highest sequence number (%s)", shard.directory, exc)
 
 
@@ -392,6 +452,15 @@ class DiskTier:
         wal = wal_limit(self.shard_limit)
 
         def open_shard(directory: str) -> diskcache.Cache:
+            if repair and os.path.exists(os.path.join(directory, DAMAGED_MARK)):
+                why = "no detail"
+                with contextlib.suppress(OSError), open(os.path.join(directory, DAMAGED_MARK),
+                                                        encoding="utf-8", errors="replace") as f:
+                    why = f.read().strip() or why
+                aside = set_aside(directory)
+                log.warning("disk shard %s was found damaged while running (%s): moved aside to %s "
+                            "and started empty; its entries are misses", directory, why, aside)
+                return make_shard(directory)
             try:
                 return make_shard(directory)
             except (sqlite3.Error, OSError) as exc:
@@ -433,6 +502,9 @@ class DiskTier:
             )
 
         self._shards: list[diskcache.Cache] = []
+        # Shards found damaged while running (``noticed``): index -> why.
+        self._damaged: dict[int, str] = {}
+        self._marks = [os.path.join(path, f"{i:03d}", DAMAGED_MARK) for i in range(shards)]
         for i in range(shards):
             self._shards.append(open_shard(os.path.join(path, f"{i:03d}")))
         for shard in self._shards:  # (the owner opens first: the workers find it there)
@@ -447,13 +519,56 @@ class DiskTier:
         for s in self._shards:
             s.close()
 
+    def marked(self, index: int) -> bool:
+        """Whether shard ``index`` was found damaged while running, by this process or another
+        (its mark beside its database): its entries are misses until the next start sets it
+        aside, so an entry a purge could not delete from it is never served."""
+        if index in self._damaged:
+            return True
+        if os.path.exists(self._marks[index]):
+            self._damaged[index] = "marked by another process"
+            return True
+        return False
+
+    def noticed(self, index: int, exc: BaseException) -> bool:
+        """Whether ``exc``, raised by shard ``index``, is damage to that shard: a SQLite error
+        that is not a held lock, a full filesystem or a read-only database (one that cannot be
+        opened any more, while running, is: its folder was removed). The
+        first time: marked (``DAMAGED_MARK``; the next start sets the shard aside and makes it
+        anew) and logged once, as an error.
+
+        Why: a shard cut short or missing its write-ahead log while running made every purge
+        of a key on it fail with a 500 (its memory copy kept being served) or loop forever."""
+        if self.marked(index):
+            return True
+        if not isinstance(exc, sqlite3.Error) or busy(exc) or _code(exc) == SQLITE_READONLY \
+                or filesystem_full(self.path, exc):
+            return False
+        directory = self._shards[index].directory
+        self._damaged[index] = str(exc)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(self._marks[index], "w", encoding="utf-8") as f:
+                f.write(f"{exc}\n")
+        except OSError as mark_error:
+            log.error("cannot mark disk shard %s damaged (%s): only this process stops reading "
+                      "it", directory, mark_error)
+        log.error("disk shard %s is damaged (%s): its entries are misses from now on (purges "
+                  "of them are complete: they are no longer read); the next start moves it "
+                  "aside and starts it empty, or stop cachegate and delete it", directory, exc)
+        return True
+
     def _shard(self, key: str) -> diskcache.Cache:
         return self._shards[shard_of(key, len(self._shards))]
 
     # -- metadata ----------------------------------------------------------------------------
 
     def get_variants(self, key: str) -> tuple[Entry, ...]:
-        blob = self._shard(key).get("m:" + key, default=None, retry=True)
+        index = shard_of(key, len(self._shards))
+        if self.marked(index):  # (its entries are misses until the next start sets it aside)
+            return ()
+        shard = self._shards[index]
+        blob = patiently(lambda: shard.get("m:" + key, default=None))
         if blob is None:
             return ()
         return decode_variants(blob)
@@ -474,11 +589,18 @@ class DiskTier:
         found: set[str] = set()
         now = time.time()
         for index, shard_names in names.items():
+            if self.marked(index):
+                continue  # (not read any more: as gone)
             execute = self._shards[index]._sql
-            for i in range(0, len(shard_names), PRESENT_CHUNK):
-                part = shard_names[i:i + PRESENT_CHUNK]
-                rows = execute(_PRESENT.format(",".join("?" * len(part))), (now, *part))
-                found.update(row[0][2:] for row in rows)
+            try:
+                for i in range(0, len(shard_names), PRESENT_CHUNK):
+                    part = shard_names[i:i + PRESENT_CHUNK]
+                    rows = execute(_PRESENT.format(",".join("?" * len(part))), (now, *part))
+                    found.update(row[0][2:] for row in rows)
+            except sqlite3.Error as exc:
+                if not self.noticed(index, exc):
+                    raise
+                found.difference_update(n[2:] for n in shard_names)
         return found
 
     def put_body(self, key: str, body_id: str, body: bytes | IO[bytes]) -> bool:
@@ -632,18 +754,23 @@ class DiskTier:
             shard.delete("b:" + old)
         return bool(before)
 
-    def update_many(self, keys: Iterable[str], merge: Merge, retry: bool = True) -> list[str]:
+    def update_many(self, keys: Iterable[str], merge: Merge, retry: bool = True,
+                    lost: list[str] | None = None) -> list[str]:
         """Apply ``merge`` to many keys, one transaction per shard and batch; return the keys found.
 
         ``retry=False``: ``ShardBusy`` once a shard's write lock stayed held for the shards'
-        ``timeout`` (the batches before it are committed). With retries a lock held by a stopped
-        process keeps the calling thread for as long as it is stopped."""
+        ``timeout`` (the batches before it are committed); with retries, for BUSY_PATIENCE
+        seconds. ``lost``: the keys of shards found damaged (``noticed``, or marked before) go
+        there instead of raising: they are no longer read."""
         by_shard: dict[int, list[str]] = {}
         for k in keys:
             by_shard.setdefault(shard_of(k, len(self._shards)), []).append(k)
         found: list[str] = []
         for i, ks in by_shard.items():
             shard = self._shards[i]
+            if lost is not None and self.marked(i):
+                lost += ks
+                continue
             for start in range(0, len(ks), 500):  # bounded lock hold time
                 try:
                     with _transaction(shard, retry=retry):
@@ -652,20 +779,28 @@ class DiskTier:
                                 found.append(k)
                 except diskcache.Timeout as exc:
                     raise ShardBusy(os.path.join(shard.directory, "cache.db")) from exc
+                except sqlite3.Error as exc:
+                    if lost is None or not self.noticed(i, exc):
+                        raise
+                    lost += ks
+                    break
         return found
 
-    def delete_keys(self, keys: Iterable[str], retry: bool = True) -> list[str]:
-        """Remove keys with all their variants and bodies; return those found."""
-        return self.update_many(keys, drop_all, retry)
+    def delete_keys(self, keys: Iterable[str], retry: bool = True,
+                    lost: list[str] | None = None) -> list[str]:
+        """Remove keys with all their variants and bodies; return those found (``lost``: as
+        ``update_many``)."""
+        return self.update_many(keys, drop_all, retry, lost)
 
     # -- bodies ------------------------------------------------------------------------------
 
     def get_body(self, key: str, body_id: str, size: int | None = None) -> bytes | IO[bytes] | None:
         """The body: bytes when small, an open file when stored as a file, None when gone."""
+        shard = self._shard(key)
         if size is not None and size < INLINE_LIMIT:  # kept in the database: no file to open
-            small = self._shard(key).get("b:" + body_id, default=None, retry=True)
+            small = patiently(lambda: shard.get("b:" + body_id, default=None))
             return small if small is None or isinstance(small, bytes) else None
-        value = self._shard(key).get("b:" + body_id, default=None, read=True, retry=True)
+        value = patiently(lambda: shard.get("b:" + body_id, default=None, read=True))
         if isinstance(value, io.BytesIO):
             return value.getvalue()
         return value  # type: ignore[no-any-return]
@@ -673,17 +808,37 @@ class DiskTier:
     # -- whole tier --------------------------------------------------------------------------
 
     def clear(self) -> None:
-        for s in self._shards:
-            s.clear(retry=True)
+        """Empty every shard; a damaged one (``noticed``) is left as it is: it is no longer read."""
+        for i, s in enumerate(self._shards):
+            if self.marked(i):
+                continue
+            try:
+                patiently(lambda: s.clear(retry=False))  # noqa: B023 (called at once)
+            except sqlite3.Error as exc:
+                if not self.noticed(i, exc):
+                    raise
 
     def high_seq(self) -> int:
-        """The highest commit sequence number stored in any shard (0: none noted)."""
+        """The highest commit sequence number stored in any shard (0: none noted; a damaged
+        shard's is not read)."""
         top = 0
-        for shard in self._shards:
-            with contextlib.suppress(sqlite3.OperationalError):  # no table (a worker, before the owner)
+        for i, shard in enumerate(self._shards):
+            if self.marked(i):
+                continue
+            try:
                 row = shard._sql("SELECT seq FROM cachegate_seq WHERE id = 0").fetchone()
-                if row:
-                    top = max(top, int(row[0]))
+            except sqlite3.OperationalError as exc:
+                if "no such table: cachegate_seq" in str(exc):
+                    continue  # (a worker, before the owner made it)
+                if not self.noticed(i, exc):
+                    raise
+                continue
+            except sqlite3.Error as exc:
+                if not self.noticed(i, exc):
+                    raise
+                continue
+            if row:
+                top = max(top, int(row[0]))
         return top
 
     def has_entries(self) -> bool:
@@ -718,8 +873,17 @@ class DiskTier:
         return sum(len(s) for s in self._shards)
 
     def iter_keys(self) -> list[str]:
-        return [k[2:] for s in self._shards for k in s.iterkeys()
-                if isinstance(k, str) and k.startswith("m:")]
+        """Every key on disk (a damaged shard's, ``noticed``, are not read)."""
+        found: list[str] = []
+        for i, s in enumerate(self._shards):
+            if self.marked(i):
+                continue
+            try:
+                found += [k[2:] for k in s.iterkeys() if isinstance(k, str) and k.startswith("m:")]
+            except sqlite3.Error as exc:
+                if not self.noticed(i, exc):
+                    raise
+        return found
 
     def checkpoint(self) -> None:
         """Fold each shard's write-ahead log back into its database and truncate it.
@@ -728,9 +892,14 @@ class DiskTier:
         reads an older snapshot, so under steady traffic the WAL outgrows its limit;
         the owner's upkeep calls this every round (a no-op when the log is empty).
         """
-        for shard in self._shards:
-            db = sqlite3.connect(os.path.join(shard.directory, "cache.db"), timeout=0.2,
-                                 isolation_level=None)
+        for i, shard in enumerate(self._shards):
+            if self.marked(i):
+                continue  # (damaged: set aside at the next start)
+            try:
+                db = sqlite3.connect(os.path.join(shard.directory, "cache.db"), timeout=0.2,
+                                     isolation_level=None)
+            except sqlite3.OperationalError:
+                continue  # (its folder gone: the next purge or upkeep round notices it)
             try:
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             except sqlite3.OperationalError:
@@ -757,7 +926,7 @@ class DiskTier:
             if any(e.body_id == body_id for e in self.get_variants(key)):
                 continue
             with contextlib.suppress(diskcache.Timeout):
-                if shard.delete("b:" + body_id, retry=True):
+                if patiently(lambda: shard.delete("b:" + body_id)):  # noqa: B023 (called at once)
                     removed += 1
         return removed
 
@@ -794,11 +963,11 @@ class DiskTier:
         if not candidates:
             return 0
         for m in metas:
-            blob = shard.get(m, default=None, retry=True)
+            blob = patiently(lambda: shard.get(m, default=None))  # noqa: B023 (called at once)
             if blob is not None:
                 candidates.difference_update(e.body_id for e in decode_variants(blob))
         for b in candidates:
-            shard.delete("b:" + b, retry=True)
+            patiently(lambda: shard.delete("b:" + b))  # noqa: B023 (called at once)
         return len(candidates)
 
     def _sweep_files(self, shard: diskcache.Cache, before: float) -> int:

@@ -31,7 +31,7 @@ from proxy.room import filesystem_full, human_size, space
 from proxy.storage.arena import Record
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies
-from proxy.storage.disk import ShardBusy, drop_all
+from proxy.storage.disk import BUSY_PATIENCE, ShardBusy, drop_all
 from proxy.storage.entry import Entry, record_tags
 from proxy.storage.index import Ban
 from proxy.storage.memory import PUT_TRIES, record_of
@@ -136,6 +136,11 @@ class Purging:
             return await self.t.run(self._purge_shared, list(keys), list(prefixes), list(tags), all, soft)
         except (sqlite3.Error, OSError) as exc:
             raise self._unrecorded(exc) from exc
+        except ShardBusy as exc:  # (its write lock held for BUSY_PATIENCE seconds)
+            raise PurgeUnavailable(
+                f"the purge could not take the write lock of the disk shard {exc}: another "
+                f"process held it for {BUSY_PATIENCE:.0f} s (stopped or hung?); it was not carried "
+                "out, or only in part: purge again") from exc
 
     def _unrecorded(self, exc: sqlite3.Error | OSError) -> Exception:
         """What a purge's disk write that failed with ``exc`` raises: ``PurgeUnavailable``
@@ -200,10 +205,14 @@ class Purging:
             disk.clear()
             t.memory.arena.disk_clear()
         if keys:
+            # A damaged shard (``DiskTier.noticed``) gives its keys up instead of failing the
+            # purge: it is no longer read, and they leave the directory of disk keys too.
+            lost: list[str] = []
             if soft:
-                found = disk.update_many(keys, mark_stale)
+                found = disk.update_many(keys, mark_stale, lost=lost)
+                t.memory.arena.disk_remove(lost)
             else:
-                found = disk.delete_keys(keys)
+                found = disk.delete_keys(keys, lost=lost)
                 if index is not None:
                     index.remove(keys)
                 t.memory.arena.disk_remove(keys)

@@ -174,7 +174,7 @@ class Upkeep:
                 emptied.append((current[0].key, max(e.seq for e in current)))
             return tuple(out), dropped
 
-        disk.update_many(keys, merge)
+        disk.update_many(keys, merge, lost=[])  # (a damaged shard's are not read any more)
         # Only rows no newer than what the sweep deleted: a fill committed meanwhile (its row
         # comes first) stays findable. Rows of keys the disk no longer had are the GC's.
         gone = index.remove_stale(emptied)
