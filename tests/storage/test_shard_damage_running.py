@@ -8,6 +8,7 @@ entries are misses; the next start sets it aside) and the purge answers 200."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -269,3 +270,32 @@ def test_a_held_write_lock_is_waited_for_up_to_busy_patience_then_shard_busy(
         assert len(outcome) == 1 and isinstance(outcome[0], ShardBusy), outcome
     finally:
         disk.close()
+
+
+async def test_a_purge_behind_a_write_lock_held_past_busy_patience_answers_503_naming_the_shard(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holding a shard's write lock (stopped in the middle of a commit) kept
+    the purge waiting for as long as it held it; now BUSY_PATIENCE at most, then a 503."""
+    monkeypatch.setattr(disk_module, "BUSY_PATIENCE", 0.5, raising=False)
+    routes(origin, 1)
+    proxy = await make_proxy(config="cache: {memory: 24MB, disk: {path: cache, size: 40MB, shards: 1}}\n",
+                             directory=tmp_path)
+    assert (await proxy.get("/k0", headers={"Host": HOST})).status == 200
+    await proxy.runtime.storage.flush()
+    con = sqlite3.connect(tmp_path / "cache" / "000" / "cache.db", isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        purged = await asyncio.wait_for(
+            proxy.admin("POST", "/purge", json={"urls": [f"http://{HOST}/k0"]}), 20)
+    except TimeoutError:
+        raise AssertionError("no answer to the purge while the lock was held") from None
+    finally:
+        con.rollback()
+        con.close()
+    assert purged.status == 503, purged.body
+    assert str(tmp_path / "cache" / "000") in purged.body.decode()
+    purged = await proxy.admin("POST", "/purge", json={"urls": [f"http://{HOST}/k0"]})
+    assert purged.status == 200, purged.body
+    assert (await proxy.get("/k0", headers={"Host": HOST})).x_cache == "MISS"
+    await proxy.session.close()
+    await proxy.close()
