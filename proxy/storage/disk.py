@@ -362,6 +362,10 @@ DAMAGED_CODES = (10, 11, 26)  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
 # Beside a shard's database: a process found it damaged while running (``DiskTier.noticed``);
 # the next start sets the shard aside (as ``index.sqlite3.damaged`` for the index).
 DAMAGED_MARK = "cache.db.damaged"
+# Another process's mark is looked for at most once a second per shard, not at every read (a
+# stat per disk lookup). A purge that marked it has already taken its keys out of the shared
+# directory of disk keys, so the second in between serves none of them.
+MARK_EVERY = 1.0
 
 
 def damaged(exc: sqlite3.Error) -> bool:
@@ -505,6 +509,7 @@ class DiskTier:
         # Shards found damaged while running (``noticed``): index -> why.
         self._damaged: dict[int, str] = {}
         self._marks = [os.path.join(path, f"{i:03d}", DAMAGED_MARK) for i in range(shards)]
+        self._marks_seen = [-MARK_EVERY] * shards  # when each mark was last looked for (monotonic)
         for i in range(shards):
             self._shards.append(open_shard(os.path.join(path, f"{i:03d}")))
         for shard in self._shards:  # (the owner opens first: the workers find it there)
@@ -525,6 +530,10 @@ class DiskTier:
         aside, so an entry a purge could not delete from it is never served."""
         if index in self._damaged:
             return True
+        now = time.monotonic()
+        if now - self._marks_seen[index] < MARK_EVERY:
+            return False
+        self._marks_seen[index] = now
         if os.path.exists(self._marks[index]):
             self._damaged[index] = "marked by another process"
             return True
