@@ -78,6 +78,61 @@ def glob_to_regex(glob: str) -> str:
     return "".join(out)
 
 
+_INLINE_I = re.compile(r"\(\?[a-zA-Z-]*i")
+
+
+def regex_literal_capital(pattern: str) -> str | None:
+    """The first capital letter a pattern must match as written, or None.
+
+    Conservative, for the lowercase_path warning: a pattern with an ``i`` flag anywhere
+    (``(?i)``, ``(?i:``, even ``(?-i)``) has none; escapes (``\\D``, ``\\pL``, ``\\x{..}``),
+    classes (``[A-Z]``) and group names are skipped; ``\\Q...\\E`` text is literal.
+    """
+    if _INLINE_I.search(pattern):
+        return None
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < n:
+            nxt = pattern[i + 1]
+            if nxt == "Q":
+                end = pattern.find("\\E", i + 2)
+                quoted = pattern[i + 2:n if end < 0 else end]
+                found = next((c for c in quoted if c != c.lower()), None)
+                if found is not None:
+                    return found
+                i = n if end < 0 else end + 2
+            elif nxt in "pPx" and pattern.startswith("{", i + 2):
+                end = pattern.find("}", i + 2)
+                i = n if end < 0 else end + 1
+            else:
+                i += {"p": 3, "P": 3, "x": 4}.get(nxt, 2)  # \pL names a class, \xHH a byte
+            continue
+        if ch == "[":
+            i += 1
+            if pattern.startswith("^", i):
+                i += 1
+            if pattern.startswith("]", i):
+                i += 1
+            while i < n and pattern[i] != "]":
+                if pattern[i] == "\\":
+                    i += 2
+                elif pattern.startswith("[:", i) and pattern.find(":]", i + 2) >= 0:
+                    i = pattern.find(":]", i + 2) + 2
+                else:
+                    i += 1
+            i += 1
+            continue
+        if pattern.startswith("(?P<", i):
+            end = pattern.find(">", i)
+            i = n if end < 0 else end + 1
+            continue
+        if ch != ch.lower():
+            return ch
+        i += 1
+    return None
+
+
 def _compile_regex(text: str, at: Src, problems: Problems, what: str) -> Regex | None:
     if not text:
         problems.add(at, f"{what}: empty regex (it would match everything)")
@@ -616,6 +671,15 @@ def _compile_rule(src: Src, index: int, problems: Problems) -> Rule | None:
                                 "reads the rules again on the lower-cased path, which it never matches: "
                                 "every request it matches is bypassed, or decided by another rule, and "
                                 "this rule never caches; write the glob in lower case")
+    elif (actions.key is not None and actions.key.lowercase_path and not actions.bypass
+            and isinstance(match.path, Regex) and raw_path is not None):
+        capital = regex_literal_capital(match.path.pattern)
+        if capital is not None:
+            problems.warn(raw_path, f"{label}: path {match.path_text!r} has the capital {capital!r} outside "
+                                    "a class and no (?i), but key.lowercase_path reads the rules again on "
+                                    "the lower-cased path, where that letter never matches: a request it "
+                                    "matches is bypassed, or decided by another rule, and this rule does "
+                                    "not cache it; write the letter in lower case or add (?i)")
     if not written and all(k in RULE_KEYS for k in sec.values):
         problems.add(src, f"{label}: the rule has no action (ttl, bypass, key, ...), so it only "
                           "hides the rules after it; remove it or give it an action")

@@ -46,6 +46,84 @@ _UNANCHORED = re2._Anchor.UNANCHORED
 _HUGE_COUNT = re.compile(r"(?<!\\)\{[0-9]{5,}(?:,[0-9]*)?\}|(?<!\\)\{[0-9]*,[0-9]{5,}\}")
 
 
+# What RE2 reads otherwise than Python's re did, silently (both compile it): refused, so a rule
+# written for re (a bypass, a no_store) never quietly matches less than it did.
+_ASCII_CLASSES = {
+    "d": "write [0-9] (0-9 inside a class), or \\p{Nd} for every Unicode digit as re's \\d",
+    "D": "write [^0-9], or \\P{Nd} for anything but a Unicode digit as re's \\D",
+    "w": "write [0-9A-Za-z_] (0-9A-Za-z_ inside a class), or [\\p{L}\\p{N}_] for every Unicode "
+         "letter and digit as re's \\w",
+    "W": "write [^0-9A-Za-z_], or [^\\p{L}\\p{N}_] as re's \\W",
+    "s": "write the spaces you mean, such as [ \\t] (re's \\s also matched \\v, \\x1c-\\x1f, \\x85, "
+         "\\xa0 and the other Unicode spaces; RE2's is [\\t\\n\\f\\r ])",
+    "S": "write the complement you mean, such as [^ \\t] (re's \\S also excluded \\v, \\x1c-\\x1f, "
+         "\\x85, \\xa0 and the other Unicode spaces; RE2's excludes only [\\t\\n\\f\\r ])",
+    "b": "write the boundary out, such as (?:^|/) or (?:/|$) (RE2 has no Unicode word boundary)",
+    "B": "write what must be on either side instead (RE2 has no Unicode word boundary)",
+}
+_EMPTY_MIN = re.compile(r"\{,([0-9]*)\}")
+
+
+def _read_otherwise(pattern: str) -> str | None:
+    """Why ``pattern`` means something else on RE2 than on ``re``, or None.
+
+    Walks the pattern as RE2 parses it (escapes, ``\\Q...\\E``, classes and their ``[:alpha:]``)
+    for the two silent differences: a count with no minimum, ``x{,n}`` (``re``: 0 to n
+    repeats; RE2: the literal text ``{,n}``), and the classes ``\\d \\w \\s \\b`` and their
+    negations (``re``: Unicode; RE2: ASCII). A lone surrogate is refused here too: it cannot be
+    encoded for RE2, and no text holds it as a character a literal could match.
+    """
+    for at, ch in enumerate(pattern):
+        if "\ud800" <= ch <= "\udfff":
+            return (f"a lone surrogate U+{ord(ch):04X} at character {at + 1}: not a character, so "
+                    "RE2 cannot read the pattern; remove it (a field byte that is not UTF-8 is "
+                    "matched by . or [^\\x00-\\x7f])")
+    i, n, in_class = 0, len(pattern), False
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < n:
+            nxt = pattern[i + 1]
+            if nxt == "Q":  # RE2's quoted literal text, up to \\E
+                end = pattern.find("\\E", i + 2)
+                i = n if end < 0 else end + 2
+                continue
+            if nxt in "uUN":
+                return (f"\\{nxt} is not an escape in RE2: write the character itself, or its code "
+                        "point as \\x{00e9}")
+            if nxt in _ASCII_CLASSES:
+                return (f"\\{nxt} is ASCII-only in RE2, where Python's re read it over all of Unicode "
+                        f"(a rule written for re would silently match other text): {_ASCII_CLASSES[nxt]}")
+            i += 2
+            continue
+        if in_class:
+            if ch == "[" and pattern.startswith("[:", i):
+                end = pattern.find(":]", i + 2)
+                i = i + 1 if end < 0 else end + 2
+                continue
+            if ch == "]":
+                in_class = False
+            i += 1
+            continue
+        if ch == "[":
+            in_class = True
+            i += 1
+            if i < n and pattern[i] == "^":
+                i += 1
+            if i < n and pattern[i] == "]":  # a leading ] is a literal
+                i += 1
+            continue
+        if ch == "{":
+            m = _EMPTY_MIN.match(pattern, i)
+            if m is not None:
+                most = m.group(1)
+                fix = f"{{0,{most}}}" if most else "* (or {0,})"
+                read = f"0 to {most} repeats" if most else "any number of repeats"
+                return (f"{m.group()} is the literal text {m.group()!r} in RE2, where Python's re read "
+                        f"it as {read}: write {fix}")
+        i += 1
+    return None
+
+
 class RegexRefused(ValueError):
     """A ``regex:`` that RE2 cannot run (a backreference, lookaround, ``\\Z``...), with why."""
 
@@ -67,6 +145,9 @@ class Regex:
     __slots__ = ("_match", "pattern")
 
     def __init__(self, pattern: str) -> None:
+        why = _read_otherwise(pattern)
+        if why is not None:
+            raise RegexRefused(why)
         huge = _HUGE_COUNT.search(pattern)
         if huge is not None:  # RE2 reads a count it cannot parse as the literal text "{...}"
             raise RegexRefused(f"invalid repetition size: {huge.group()}")

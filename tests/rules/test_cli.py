@@ -214,6 +214,29 @@ BAD_RULES = [
          match: {query: {q: {regex: "a{99999}"}}}
          bypass: true
      """, 3, "bad regex 'a{99999}': invalid repetition size: {99999}"),
+    # What RE2 reads otherwise than re is refused at its line, not silently changed: a bypass for
+    # ^/account/[0-9]{,8}/ stopped bypassing (RE2 reads "{,8}" as text) and private pages were cached.
+    ("""
+     rules:
+       - name: a
+         match: {path: "regex:^/account/[0-9]{,8}/"}
+         bypass: true
+     """, 3, "rules[0].match.path: bad regex '^/account/[0-9]{,8}/': {,8} is the literal text '{,8}' "
+             "in RE2, where Python's re read it as 0 to 8 repeats: write {0,8}"),
+    ("""
+     rules:
+       - name: a
+         match: {path: 'regex:^/account/\\d+/'}
+         bypass: true
+     """, 3, "\\d is ASCII-only in RE2, where Python's re read it over all of Unicode"),
+    ("""
+     rules:
+       - name: a
+         match:
+           header: {X-A: {regex: "^a\\ud800"}}
+         bypass: true
+     """, 4, "rules[0].match.header.X-A: bad regex '^a\\ud800': a lone surrogate U+D800 at character 3: "
+             "not a character, so RE2 cannot read the pattern; remove it"),
     # The type is matched on its media type alone: with parameters it never matched.
     ("""
      rules:
