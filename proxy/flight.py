@@ -85,6 +85,7 @@ from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
 from proxy.policy.fields import ends_at_head
 from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
+from proxy.policy.freshness import carries_credentials
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
 from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
@@ -103,6 +104,7 @@ from proxy.policy.validation import (
     Refetch,
     Replace,
     ServeStale,
+    UnstoredAnswer,
     ValidationOutcome,
     client_not_modified,
     decide_on_validation,
@@ -830,8 +832,11 @@ class MissPath:
                 # about another, or kept for stale-if-error), when nothing stored replaces it:
                 # dropped before the clients get the answer, so no request after it is served the
                 # old one (stale-while-revalidate served it, and refreshed it, at every request).
+                # Only when nothing of this client's request can have caused the answer.
                 held = kept or attempt.revalidating
-                if entry is None and held is not None and supersedes_stored(resp.status, store_detail):
+                if entry is None and held is not None and supersedes_stored(UnstoredAnswer(
+                        resp.status, store_detail, carries_credentials(head.headers),
+                        bool(held.entry.response.vary))):
                     await engine.drop_superseded(held)
             case _:
                 assert_never(outcome)

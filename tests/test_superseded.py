@@ -133,3 +133,117 @@ async def test_an_answer_the_request_kept_out_of_the_store_leaves_the_stored_res
     assert (r.status, r.body) == (200, b"new")
     r = await running.get("/mine")
     assert (r.status, r.body, r.x_cache) == (200, b"old", "STALE")
+
+
+# One client's request headers that make the origin answer that client alone (not stored):
+# its Cookie gets a Set-Cookie, its Authorization a private page (PRIVATE is said before
+# AUTHORIZATION), its Accept a 406. None of them is part of the cache key.
+ATTACKS: dict[str, dict[str, str]] = {
+    "cookie": {"Cookie": "sid=1"},
+    "authorization": {"Authorization": "Bearer x"},
+    "406": {"Accept": "application/xml"},
+}
+
+
+class Page:
+    """An origin's page shared by every client (``old`` until ``renewed``, then ``new``; per
+    Accept-Language when ``vary``), answered differently to one client's own request
+    (``ATTACKS``); a 503 while ``down``; the ``withdrawn`` language no-store once renewed."""
+
+    def __init__(self, origin: Origin, path: str, cache_control: str, *, vary: bool = False,
+                 withdrawn: str = "") -> None:
+        self.down = self.renewed = False
+        fields = {"Cache-Control": cache_control, "ETag": '"a"', **({"Vary": "Accept-Language"} if vary else {})}
+
+        async def page(request: web.Request) -> web.Response:
+            lang = request.headers.get("Accept-Language", "")
+            body = (b"new" if self.renewed else b"old") + (f" {lang}".encode() if vary else b"")
+            if self.down:
+                return web.Response(status=503, body=b"down")
+            if request.headers.get("Accept") == "application/xml":
+                return web.Response(status=406, body=b"not acceptable")
+            if "Authorization" in request.headers:
+                return web.Response(body=b"your account", headers={**fields, "Cache-Control": "private"})
+            if "Cookie" in request.headers:
+                return web.Response(body=b"yours", headers={**fields, "Set-Cookie": "sid=2"})
+            if self.renewed and lang and lang == withdrawn:
+                return web.Response(body=body, headers={**fields, "Cache-Control": "no-store"})
+            return web.Response(body=body, headers=fields)
+
+        origin.route(path, page)
+
+
+async def refreshed(running: ProxyProcess, origin: Origin, path: str, count: int) -> None:
+    """Until the background refresh reached the origin, and a moment for its answer's handling."""
+    await running.wait_for(lambda: origin.count(path) >= count, 10)
+    await asyncio.sleep(0.5)
+
+
+async def test_a_client_s_own_answer_on_a_revalidation_leaves_the_entry_for_stale_if_error(
+        origin: Origin, running: ProxyProcess) -> None:
+    """A client's Cookie (answered with a Set-Cookie), Authorization (answered private) or
+    Accept (answered 406) on a stale entry: its revalidation's answer is that client's, not the
+    resource's; the stored response stays, and the next client is served it under
+    stale-if-error when the origin is down (before: a MISS with the origin's 503)."""
+    pages = {name: Page(origin, f"/sie-{name}", "max-age=1, stale-if-error=600") for name in ATTACKS}
+    for name in ATTACKS:
+        assert (await running.get(f"/sie-{name}")).x_cache == "MISS"
+    await asyncio.sleep(2.1)
+    for name, fields in ATTACKS.items():
+        r = await running.get(f"/sie-{name}", headers=dict(fields))
+        assert r.body in {b"yours", b"your account", b"not acceptable"}, name  # the origin's, to it alone
+    for name, page in pages.items():
+        page.down = True
+        results = answered(await herd(running.url, f"/sie-{name}", 4))
+        assert {(x.status, x.body, x.x_cache) for x in results} == {(200, b"old", "STALE")}, name
+
+
+async def test_a_client_s_own_answer_on_a_background_refresh_leaves_the_stale_entry(
+        origin: Origin, running: ProxyProcess) -> None:
+    """Under stale-while-revalidate the refresh carries the request of the client that set it
+    off: its answer to that client alone leaves the entry; the next client is served it
+    UPDATING (before: a MISS, the entry dropped by one client's header)."""
+    pages = {name: Page(origin, f"/swr-{name}", "max-age=1, stale-while-revalidate=600") for name in ATTACKS}
+    for name in ATTACKS:
+        assert (await running.get(f"/swr-{name}")).x_cache == "MISS"
+    await asyncio.sleep(2.1)
+    for name, fields in ATTACKS.items():
+        r = await running.get(f"/swr-{name}", headers=dict(fields))
+        assert (r.status, r.body, r.x_cache) == (200, b"old", "UPDATING"), name
+        await refreshed(running, origin, f"/swr-{name}", 2)
+        pages[name].renewed = True
+        r = await running.get(f"/swr-{name}")
+        assert (r.status, r.body, r.x_cache) == (200, b"old", "UPDATING"), name
+
+
+async def test_one_client_s_variant_answered_for_it_alone_leaves_the_other_variants(
+        origin: Origin, running: ProxyProcess) -> None:
+    """Accept-Language: fr with a Cookie refreshes the stale fr variant with that client's
+    answer: the en variant, and fr, stay (before: the whole key went, en's clients missed)."""
+    page = Page(origin, "/vary-cookie", "max-age=1, stale-while-revalidate=600", vary=True)
+    for lang in ("en", "fr"):
+        assert (await running.get("/vary-cookie", headers={"Accept-Language": lang})).x_cache == "MISS"
+    await asyncio.sleep(2.1)
+    r = await running.get("/vary-cookie", headers={"Accept-Language": "fr", "Cookie": "sid=1"})
+    assert (r.body, r.x_cache) == (b"old fr", "UPDATING")
+    await refreshed(running, origin, "/vary-cookie", 3)
+    page.renewed = True
+    r = await running.get("/vary-cookie", headers={"Accept-Language": "en"})
+    assert (r.status, r.body, r.x_cache) == (200, b"old en", "UPDATING")
+
+
+async def test_a_variant_the_origin_withdraws_does_not_drop_the_other_variants(
+        origin: Origin, running: ProxyProcess) -> None:
+    """The fr variant's refresh, without credentials, is answered no-store: the store drops
+    whole keys, so dropping it would take en's variant, which other clients select, with it.
+    The key stays; en's clients are served theirs (before: a MISS)."""
+    page = Page(origin, "/vary-gone", "max-age=1, stale-while-revalidate=600", vary=True, withdrawn="fr")
+    for lang in ("en", "fr"):
+        assert (await running.get("/vary-gone", headers={"Accept-Language": lang})).x_cache == "MISS"
+    await asyncio.sleep(2.1)
+    page.renewed = True
+    r = await running.get("/vary-gone", headers={"Accept-Language": "fr"})
+    assert (r.body, r.x_cache) == (b"old fr", "UPDATING")
+    await refreshed(running, origin, "/vary-gone", 3)
+    r = await running.get("/vary-gone", headers={"Accept-Language": "en"})
+    assert (r.status, r.body, r.x_cache) == (200, b"old en", "UPDATING")

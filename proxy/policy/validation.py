@@ -7,8 +7,7 @@
   about something else: ask again without validators), ``ServeStale`` (a 500, 502,
   503 or 504 the stored response may hide, RFC 5861 §4: it stays) or ``Replace`` (a new response,
   decided as any fill by ``proxy.policy.fill``; when it is not stored, the stored one is
-  dropped unless the answer is an origin error or was kept out by the request itself:
-  ``supersedes_stored``).
+  dropped only when nothing client-specific can have caused the answer: ``supersedes_stored``).
 - ``client_not_modified``: may we answer the client's own conditional GET with 304?
 - ``precondition_failed``: must we answer the client's If-Match or If-Unmodified-Since
   with 412?
@@ -207,32 +206,59 @@ def decide_on_validation(
     return Replace()
 
 
-def supersedes_stored(status: int, not_stored: str) -> bool:
-    """Does a full answer (anything but a 304 to a revalidation) that is not stored (why:
-    ``not_stored``, the fill's Cache-Status detail) leave the stored response it was fetched
-    for unfit to serve? Then the engine drops it rather than serve it again: kept,
-    stale-while-revalidate served it (and refreshed it) at every request of its window, and
-    stale-if-error at the next origin error, long after the origin had replaced or withdrawn it.
+@dataclass(frozen=True, slots=True)
+class UnstoredAnswer:
+    """A full answer that is not stored, to a fetch made for a stored response (revalidation,
+    refresh, refetch): what ``supersedes_stored`` decides on."""
 
-    Yes when the origin has answered for the resource anew (RFC 9111 §4.3.3: the full response
-    is used, the stored one no longer is): one it would not let be stored (no-store, private,
-    Set-Cookie, no freshness, a rule's no_store) or one that says the page is gone (a 404), as
-    a 304 adding no-store ends it (``freshen_stored``). No for an ``origin_error`` (500, 502,
-    503, 504), which says nothing of the resource: the stored response stays for stale-if-error
-    and a later revalidation. No either when it was this request that kept the answer out of
-    the store (``REQUEST_REFUSALS``: the client's own no-store, its Authorization, a field
-    spelled two ways): the answer may be this client's alone, and any client could otherwise
-    drop any stale entry.
+    status: int
+    not_stored: str  # why it is not stored: the fill's Cache-Status detail
+    credentials: bool  # the request that fetched it carried Cookie or Authorization
+    stored_varies: bool  # the stored response has Vary (its key holds other clients' variants)
 
-    >>> [s for s in (200, 301, 404, 410, 500, 501, 502, 503, 504) if supersedes_stored(s, "NO-STORE")]
-    [200, 301, 404, 410, 501]
-    >>> [supersedes_stored(200, d) for d in ("PRIVATE", "REQUEST-NO-STORE", "AMBIGUOUS-HEADER:X_Tenant")]
-    [True, False, False]
+
+def supersedes_stored(answer: UnstoredAnswer) -> bool:
+    """Does a full answer (anything but a 304 to a revalidation) that is not stored leave the
+    stored response it was fetched for unfit to serve, for every client? Then the engine drops
+    it rather than serve it again: kept, stale-while-revalidate served it (and refreshed it) at
+    every request of its window, and stale-if-error at the next origin error, long after the
+    origin had replaced or withdrawn it (RFC 9111 §4.3.3: the full response is used, the stored
+    one no longer is).
+
+    The fetch carries the request of the client that set it off, so the answer can be that
+    client's alone; and nothing a client sends may change what another client receives unless
+    it is part of the cache key. So it supersedes only when nothing client-specific can have
+    caused it:
+
+    - the request carried no credentials (Cookie, Authorization): an answer to them (a
+      Set-Cookie, ``private``, an account page) is about that client, not the resource;
+    - its status is one the origin gives for the resource itself (``SUPERSEDING_STATUSES``),
+      not one the request provoked (a 406 to its Accept, a 412 to its If-Match, a 416 to its
+      Range, a 400 or 431 to its fields) nor an origin error (500, 502, 503, 504 says nothing
+      of the resource: the stored response stays for stale-if-error);
+    - the stored response has no Vary: the store drops whole keys, so one client's variant
+      would take every other client's with it;
+    - it was not the request that kept the answer out of the store (``REQUEST_REFUSALS``: its
+      own no-store, its Authorization, a field spelled two ways).
+
+    >>> def answer(status=200, not_stored="NO-STORE", credentials=False, stored_varies=False):
+    ...     return supersedes_stored(UnstoredAnswer(status, not_stored, credentials, stored_varies))
+    >>> [s for s in (200, 206, 301, 302, 404, 406, 410, 412, 500, 501, 503) if answer(s)]
+    [200, 301, 404, 410]
+    >>> answer(), answer(credentials=True), answer(stored_varies=True), answer(not_stored="REQUEST-NO-STORE")
+    (True, False, False, False)
     """
-    if origin_error(status):
-        return False
-    return not_stored.partition(":")[0] not in REQUEST_REFUSALS
+    return (answer.status in SUPERSEDING_STATUSES and not answer.credentials and not answer.stored_varies
+            and answer.not_stored.partition(":")[0] not in REQUEST_REFUSALS)
 
+
+# Statuses that say something of the resource whoever asks (the heuristically cacheable ones,
+# RFC 9110 §15.1, but those a request provokes): 200, 203 and 204 (its content now), 300, 301
+# and 308 (it is elsewhere, for good), 404 and 410 (it is gone). Not 206 (a Range asked for
+# it), 405 and 501 (the method did), any other 4xx (400, 406, 411-431: the request's fields,
+# its preconditions, its range), 302/303/307 (for now, often for this client) nor any 5xx (the
+# origin's trouble, not the resource's: stale-if-error keeps the stored one).
+SUPERSEDING_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 
 # Why a fill is not stored that is about the request, not the resource (``supersedes_stored``),
 # as ``proxy.policy.storability`` says them (AMBIGUOUS-HEADER is followed by ":<field>").

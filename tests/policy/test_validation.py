@@ -11,6 +11,7 @@ from proxy.policy.validation import (
     Refetch,
     Replace,
     ServeStale,
+    UnstoredAnswer,
     ValidationOutcome,
     client_not_modified,
     conditional_headers,
@@ -88,34 +89,52 @@ def test_the_answer_to_a_full_fetch_made_while_a_stale_response_is_kept_never_fr
     assert name(outcome) == expected
 
 
-# (status, why the answer is not stored, does it supersede the stored response?)
-SUPERSEDES = [
-    (200, "NO-STORE", True),  # RFC 9111 §4.3.3: the full response is used, the stored one no longer is
-    (200, "PRIVATE", True),
-    (200, "SET-COOKIE", True),
-    (200, "NO-FRESHNESS", True),
-    (404, "UNCACHEABLE-STATUS", True),  # the page is gone
-    (200, "RULE-NO-STORE:api", True),
-    (200, "TOO-LARGE", True),
-    (501, "UNCACHEABLE-STATUS", True),  # not an error stale-if-error covers (RFC 5861 §4)
-    (502, "UNCACHEABLE-STATUS", False),  # an origin error says nothing of the resource
-    (503, "NO-STORE", False),
-    (200, "REQUEST-NO-STORE", False),  # the request kept it out of the store, not the resource
-    (200, "AUTHORIZATION", False),
-    (200, "AMBIGUOUS-HEADER:X_Tenant", False),
+# (why, the answer not stored, does it supersede the stored response?). The fetch carries the
+# request of the client that set it off: an answer that client's request can have caused says
+# nothing of the resource, and must not take the stored response from every other client.
+SUPERSEDES: list[tuple[str, UnstoredAnswer, bool]] = [
+    # RFC 9111 §4.3.3: the full response is used, the stored one no longer is.
+    ("no-store", UnstoredAnswer(200, "NO-STORE", False, False), True),
+    ("private", UnstoredAnswer(200, "PRIVATE", False, False), True),
+    ("a Set-Cookie to a request without one", UnstoredAnswer(200, "SET-COOKIE", False, False), True),
+    ("no freshness", UnstoredAnswer(200, "NO-FRESHNESS", False, False), True),
+    ("a rule's no_store", UnstoredAnswer(200, "RULE-NO-STORE:api", False, False), True),
+    ("too large", UnstoredAnswer(200, "TOO-LARGE", False, False), True),
+    # Statuses the origin gives for the resource itself.
+    *[(f"{s} is the resource's", UnstoredAnswer(s, "UNCACHEABLE-STATUS", False, False), True)
+      for s in (203, 204, 300, 301, 308, 404, 410)],
+    # Statuses a request provokes (its method, fields, preconditions, range), temporary
+    # redirects, and the origin's errors (stale-if-error keeps the stored one).
+    *[(f"{s} is the request's or the origin's", UnstoredAnswer(s, "UNCACHEABLE-STATUS", False, False), False)
+      for s in (206, 302, 303, 307, 400, 401, 403, 405, 406, 411, 412, 413, 414, 415, 416, 421, 422, 428,
+                429, 431, 451, 500, 501, 502, 503, 504, 505)],
+    # The request carried credentials: the answer may be that client's alone.
+    ("a Set-Cookie to a Cookie", UnstoredAnswer(200, "SET-COOKIE", True, False), False),
+    ("private to an Authorization (PRIVATE is said before AUTHORIZATION)",
+     UnstoredAnswer(200, "PRIVATE", True, False), False),
+    ("no-store to a Cookie", UnstoredAnswer(200, "NO-STORE", True, False), False),
+    ("a 404 to a Cookie", UnstoredAnswer(404, "UNCACHEABLE-STATUS", True, False), False),
+    # The stored response varies: the whole key, every client's variant, would go.
+    ("no-store for one variant", UnstoredAnswer(200, "NO-STORE", False, True), False),
+    ("a 404 for one variant", UnstoredAnswer(404, "UNCACHEABLE-STATUS", False, True), False),
+    # The request kept it out of the store, not the resource.
+    ("the request's no-store", UnstoredAnswer(200, "REQUEST-NO-STORE", False, False), False),
+    ("the request's Authorization", UnstoredAnswer(200, "AUTHORIZATION", False, False), False),
+    ("a field spelled two ways", UnstoredAnswer(200, "AMBIGUOUS-HEADER:X_Tenant", False, False), False),
 ]
 
 
-@pytest.mark.parametrize(("status", "not_stored", "supersedes"), SUPERSEDES)
-def test_a_full_answer_that_is_not_stored_supersedes_the_stored_response_unless_an_error_or_the_request_s_doing(
-    status: int, not_stored: str, supersedes: bool
+@pytest.mark.parametrize(("why", "answer", "supersedes"), SUPERSEDES, ids=[row[0] for row in SUPERSEDES])
+def test_a_full_answer_that_is_not_stored_supersedes_the_stored_response_only_when_no_client_can_have_caused_it(
+    why: str, answer: UnstoredAnswer, supersedes: bool
 ) -> None:
     """What the engine drops the stored response on (kept, stale-while-revalidate served it
-    at every request of its window, each one refreshing it again)."""
-    assert supersedes_stored(status, not_stored) is supersedes
+    at every request of its window, each one refreshing it again); never on what one
+    client's request can have caused (else its headers drop the entry for every client)."""
+    assert supersedes_stored(answer) is supersedes, why
     s = stored([("Cache-Control", "max-age=1"), ("ETag", '"a"')])
-    if status < 500:  # (a full answer other than an origin error is a Replace, to store or not)
-        assert decide_on_validation(s, status, headers(), T0 + 30) == Replace()
+    if answer.status < 500:  # (a full answer other than an origin error is a Replace, to store or not)
+        assert decide_on_validation(s, answer.status, headers(), T0 + 30) == Replace()
 
 
 # (field, updated by a 304?) — RFC 9111 §3.2 and the suite's update304 list.
