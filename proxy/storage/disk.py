@@ -295,6 +295,31 @@ class ShardBusy(Exception):
     written."""
 
 
+class ShardUnavailable(Exception):
+    """A purge could not be carried out on a shard for a transient reason (no file descriptors
+    left, no memory, a damage mark that cannot be written): nothing of it is given up; the
+    purge answers 503, to be purged again."""
+
+
+def _confirmed(db_file: str) -> str | None:
+    """What ``PRAGMA quick_check`` on a connection of its own finds wrong with a shard's
+    database (None: nothing, or it could not be asked: not damage then). Why: an error code
+    alone is no proof (the index checks the same way: ``UrlTagIndex.noticed``)."""
+    try:
+        db = sqlite3.connect(f"file:{db_file}?mode=rw", uri=True, timeout=5, isolation_level=None)
+    except sqlite3.Error:
+        return None
+    try:
+        rows = [str(r[0]) for r in db.execute("PRAGMA quick_check(5)").fetchall()]
+    except sqlite3.Error as again:
+        return f"quick_check: {again}" if damaged(again) else None
+    finally:
+        db.close()
+    if rows == ["ok"]:
+        return None
+    return "quick_check: " + "; ".join(line.strip() for r in rows for line in r.splitlines())
+
+
 def drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
     return (), [e.body_id for e in current]
 
@@ -373,6 +398,11 @@ def damaged(exc: sqlite3.Error) -> bool:
     I/O error on a full filesystem is no damage)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in DAMAGED_CODES
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    """The SQLite error's name (SQLITE_CANTOPEN...): "unable to open database file" is EMFILE too."""
+    return str(getattr(exc, "sqlite_errorname", None) or type(exc).__name__)
 
 
 def _code(exc: BaseException) -> int | None:
@@ -508,6 +538,8 @@ class DiskTier:
         self._shards: list[diskcache.Cache] = []
         # Shards found damaged while running (``noticed``): index -> why.
         self._damaged: dict[int, str] = {}
+        # Of those, the ones whose mark could not be written (EMFILE...): index -> why.
+        self._unmarked: dict[int, str] = {}
         self._marks = [os.path.join(path, f"{i:03d}", DAMAGED_MARK) for i in range(shards)]
         self._marks_seen = [-MARK_EVERY] * shards  # when each mark was last looked for (monotonic)
         for i in range(shards):
@@ -540,31 +572,72 @@ class DiskTier:
         return False
 
     def noticed(self, index: int, exc: BaseException) -> bool:
-        """Whether ``exc``, raised by shard ``index``, is damage to that shard: a SQLite error
-        that is not a held lock, a full filesystem or a read-only database (one that cannot be
-        opened any more, while running, is: its folder was removed). The
-        first time: marked (``DAMAGED_MARK``; the next start sets the shard aside and makes it
-        anew) and logged once, as an error.
+        """Whether ``exc``, raised by shard ``index``, is damage to that shard: an I/O error, a
+        malformed image or not a database (DAMAGED_CODES) that ``PRAGMA quick_check`` on a
+        connection of its own confirms, or a database that cannot be opened because its file
+        or folder is gone (removed while running). The first time: marked (``DAMAGED_MARK``;
+        the next start sets the shard aside and makes it anew) and logged once, as an error.
 
-        Why: a shard cut short or missing its write-ahead log while running made every purge
-        of a key on it fail with a 500 (its memory copy kept being served) or loop forever."""
+        Anything else is transient and not damage (``transient`` says why): a held lock, a full
+        filesystem, a read-only database, no file descriptors or memory left (EMFILE, ENFILE,
+        SQLITE_NOMEM, a "cannot open" of a file that is there), a locking protocol error.
+        Why: running out of file descriptors was taken for damage; healthy shards were marked
+        (or not, the mark failing with EMFILE too) and purges answered 200 without deleting
+        anything: after a restart the purged URLs were HITs again.
+
+        Why at all: a shard cut short or missing its write-ahead log while running made every
+        purge of a key on it fail with a 500 (its memory copy kept being served) or loop forever."""
         if self.marked(index):
             return True
         if not isinstance(exc, sqlite3.Error) or busy(exc) or _code(exc) == SQLITE_READONLY \
                 or filesystem_full(self.path, exc):
             return False
         directory = self._shards[index].directory
-        self._damaged[index] = str(exc)
+        db_file = os.path.join(directory, "cache.db")
+        code = _code(exc)
+        if code == SQLITE_CANTOPEN and not os.path.exists(db_file):
+            problem: str | None = "its database file is gone"
+        elif code is not None and code in DAMAGED_CODES:
+            problem = _confirmed(db_file)
+        else:
+            problem = None
+        if problem is None:
+            return False
+        self._damaged[index] = f"{exc}; {problem}"
         try:
             os.makedirs(directory, exist_ok=True)
             with open(self._marks[index], "w", encoding="utf-8") as f:
-                f.write(f"{exc}\n")
+                f.write(f"{exc}; {problem}\n")
         except OSError as mark_error:
+            self._unmarked[index] = str(mark_error)
             log.error("cannot mark disk shard %s damaged (%s): only this process stops reading "
-                      "it", directory, mark_error)
-        log.error("disk shard %s is damaged (%s): its entries are misses from now on (purges "
+                      "it; purges of its entries answer 503 until the mark can be written",
+                      directory, mark_error)
+        log.error("disk shard %s is damaged (%s; %s): its entries are misses from now on (purges "
                   "of them are complete: they are no longer read); the next start moves it "
-                  "aside and starts it empty, or stop cachegate and delete it", directory, exc)
+                  "aside and starts it empty, or stop cachegate and delete it", directory, exc,
+                  problem)
+        return True
+
+    def lost_for_purges(self, index: int) -> bool:
+        """Whether shard ``index`` may be given up by a purge (``update_many``'s ``lost``): it is
+        marked on disk, so the next start sets it aside and nothing of it is ever served again.
+        A shard found damaged whose mark could not be written is tried again here; while it
+        cannot be, ``ShardUnavailable`` (the purge's 503): its entries would come back after a
+        restart, and a purge that answered 200 must never come back."""
+        if index not in self._unmarked:
+            return True
+        directory = self._shards[index].directory
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(self._marks[index], "w", encoding="utf-8") as f:
+                f.write(f"{self._damaged.get(index, 'damaged')}\n")
+        except OSError as mark_error:
+            raise ShardUnavailable(
+                f"the disk shard {directory} was found damaged ({self._damaged.get(index)}) but "
+                f"cannot be marked so ({mark_error}): its entries could come back after a "
+                "restart") from mark_error
+        del self._unmarked[index]
         return True
 
     def _shard(self, key: str) -> diskcache.Cache:
@@ -777,7 +850,7 @@ class DiskTier:
         found: list[str] = []
         for i, ks in by_shard.items():
             shard = self._shards[i]
-            if lost is not None and self.marked(i):
+            if lost is not None and self.marked(i) and self.lost_for_purges(i):
                 lost += ks
                 continue
             for start in range(0, len(ks), 500):  # bounded lock hold time
@@ -789,8 +862,15 @@ class DiskTier:
                 except diskcache.Timeout as exc:
                     raise ShardBusy(os.path.join(shard.directory, "cache.db")) from exc
                 except sqlite3.Error as exc:
-                    if lost is None or not self.noticed(i, exc):
+                    if lost is None:
                         raise
+                    if filesystem_full(self.path, exc):
+                        raise  # (the purge's 503 naming the full filesystem)
+                    if not self.noticed(i, exc):
+                        raise ShardUnavailable(
+                            f"the disk shard {shard.directory} could not be written: {exc} "
+                            f"({_describe(exc)})") from exc
+                    self.lost_for_purges(i)
                     lost += ks
                     break
         return found

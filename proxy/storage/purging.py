@@ -31,7 +31,7 @@ from proxy.room import filesystem_full, human_size, space
 from proxy.storage.arena import Record
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies
-from proxy.storage.disk import BUSY_PATIENCE, ShardBusy, drop_all
+from proxy.storage.disk import BUSY_PATIENCE, ShardBusy, ShardUnavailable, drop_all
 from proxy.storage.entry import Entry, record_tags
 from proxy.storage.index import Ban
 from proxy.storage.memory import PUT_TRIES, record_of
@@ -141,6 +141,10 @@ class Purging:
                 f"the purge could not take the write lock of the disk shard {exc}: another "
                 f"process held it for {BUSY_PATIENCE:.0f} s (stopped or hung?); it was not carried "
                 "out, or only in part: purge again") from exc
+        except ShardUnavailable as exc:  # (no file descriptors left, a mark not written...)
+            message = f"{exc}; the purge was not carried out, or only in part: purge again"
+            log.warning("%s", message)
+            raise PurgeUnavailable(message) from exc
 
     def _unrecorded(self, exc: sqlite3.Error | OSError) -> Exception:
         """What a purge's disk write that failed with ``exc`` raises: ``PurgeUnavailable``
