@@ -371,6 +371,7 @@ class Runtime:
     async def close(self, grace: float | None = None) -> None:
         """Close everything; background fills get ``grace`` seconds (default: shutdown_grace),
         what is left of the stop's deadline (``proxy.web.server.serve``)."""
+        self.storage.stop_waiting()  # (a purge behind another process's shard lock: 503 now)
         for close in reversed(self.closers):
             try:
                 await close()

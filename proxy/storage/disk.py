@@ -222,14 +222,18 @@ def _unwrapped(exc: diskcache.Timeout) -> BaseException | None:
     return None
 
 
-def patiently(call: Callable[[], T], patience: float | None = None) -> T:
+def patiently(call: Callable[[], T], patience: float | None = None,
+              stopping: threading.Event | None = None) -> T:
     """``call()`` (a diskcache call made with ``retry=False``), again while a shard's write lock
     is held, for at most ``patience`` seconds (BUSY_PATIENCE); any other SQLite error is raised
     as itself.
 
     Why not diskcache's ``retry=True``: it retries BEGIN IMMEDIATE on *any* OperationalError,
     so a lasting "disk I/O error" (a shard's -wal removed while running) kept a purge's thread
-    spinning forever: the purge never answered and the process never exited on SIGTERM."""
+    spinning forever: the purge never answered and the process never exited on SIGTERM.
+    ``stopping`` (``DiskTier.stop_waiting``): once set, a held lock is no longer waited for.
+    Why: a purge behind another process's lock kept the stopping supervisor alive for as long
+    as the lock was held, then ran on the shared memory already closed."""
     deadline = time.monotonic() + (BUSY_PATIENCE if patience is None else patience)
     while True:
         try:
@@ -238,7 +242,7 @@ def patiently(call: Callable[[], T], patience: float | None = None) -> T:
             cause = _unwrapped(exc)
             if cause is not None:
                 raise cause from None
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):
                 raise
 
 
@@ -248,7 +252,8 @@ def _begun(shard: diskcache.Cache, retry: bool) -> Iterator[None]:
     (``patiently``), and a failure that is not a held lock is raised as itself."""
     with contextlib.ExitStack() as stack:
         if retry:
-            patiently(lambda: stack.enter_context(shard.transact(retry=False)))
+            patiently(lambda: stack.enter_context(shard.transact(retry=False)),
+                      stopping=getattr(shard.disk, "stopping", None))
         else:
             stack.enter_context(shard.transact(retry=False))
         yield
@@ -536,6 +541,8 @@ class DiskTier:
             )
 
         self._shards: list[diskcache.Cache] = []
+        # Set when the process stops: a held write lock is no longer waited for (``patiently``).
+        self._stopping = threading.Event()
         # Shards found damaged while running (``noticed``): index -> why.
         self._damaged: dict[int, str] = {}
         # Of those, the ones whose mark could not be written (EMFILE...): index -> why.
@@ -545,6 +552,7 @@ class DiskTier:
         for i in range(shards):
             self._shards.append(open_shard(os.path.join(path, f"{i:03d}")))
         for shard in self._shards:  # (the owner opens first: the workers find it there)
+            shard.disk.stopping = self._stopping
             _seq_table(shard)
         self._bulk = [_plain_layout(s) for s in self._shards]
         # Whether a read is one SELECT: under least-recently-used every ``get`` is a write
@@ -552,7 +560,16 @@ class DiskTier:
         # write lock, so those reads never run in an event loop.
         self.reads_are_plain = diskcache.core.EVICTION_POLICY[eviction_policy]["get"] is None
 
+    def stop_waiting(self) -> None:
+        """From now on a shard's held write lock is given up at once (``ShardBusy``, a purge's
+        503), not waited for up to BUSY_PATIENCE: the process is stopping."""
+        self._stopping.set()
+
+    def _patiently(self, call: Callable[[], T]) -> T:
+        return patiently(call, stopping=self._stopping)
+
     def close(self) -> None:
+        self._stopping.set()
         for s in self._shards:
             s.close()
 
@@ -650,7 +667,7 @@ class DiskTier:
         if self.marked(index):  # (its entries are misses until the next start sets it aside)
             return ()
         shard = self._shards[index]
-        blob = patiently(lambda: shard.get("m:" + key, default=None))
+        blob = self._patiently(lambda: shard.get("m:" + key, default=None))
         if blob is None:
             return ()
         return decode_variants(blob)
@@ -887,9 +904,9 @@ class DiskTier:
         """The body: bytes when small, an open file when stored as a file, None when gone."""
         shard = self._shard(key)
         if size is not None and size < INLINE_LIMIT:  # kept in the database: no file to open
-            small = patiently(lambda: shard.get("b:" + body_id, default=None))
+            small = self._patiently(lambda: shard.get("b:" + body_id, default=None))
             return small if small is None or isinstance(small, bytes) else None
-        value = patiently(lambda: shard.get("b:" + body_id, default=None, read=True))
+        value = self._patiently(lambda: shard.get("b:" + body_id, default=None, read=True))
         if isinstance(value, io.BytesIO):
             return value.getvalue()
         return value  # type: ignore[no-any-return]
@@ -902,7 +919,7 @@ class DiskTier:
             if self.marked(i):
                 continue
             try:
-                patiently(lambda: s.clear(retry=False))  # noqa: B023 (called at once)
+                self._patiently(lambda: s.clear(retry=False))  # noqa: B023 (called at once)
             except sqlite3.Error as exc:
                 if not self.noticed(i, exc):
                     raise
@@ -1015,7 +1032,7 @@ class DiskTier:
             if any(e.body_id == body_id for e in self.get_variants(key)):
                 continue
             with contextlib.suppress(diskcache.Timeout):
-                if patiently(lambda: shard.delete("b:" + body_id)):  # noqa: B023 (called at once)
+                if self._patiently(lambda: shard.delete("b:" + body_id)):  # noqa: B023 (called at once)
                     removed += 1
         return removed
 
@@ -1052,11 +1069,11 @@ class DiskTier:
         if not candidates:
             return 0
         for m in metas:
-            blob = patiently(lambda: shard.get(m, default=None))  # noqa: B023 (called at once)
+            blob = self._patiently(lambda: shard.get(m, default=None))  # noqa: B023 (called at once)
             if blob is not None:
                 candidates.difference_update(e.body_id for e in decode_variants(blob))
         for b in candidates:
-            patiently(lambda: shard.delete("b:" + b))  # noqa: B023 (called at once)
+            self._patiently(lambda: shard.delete("b:" + b))  # noqa: B023 (called at once)
         return len(candidates)
 
     def _sweep_files(self, shard: diskcache.Cache, before: float) -> int:

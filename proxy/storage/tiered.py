@@ -153,9 +153,16 @@ class Storage:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.tiers.run(fn, *args)
 
+    def stop_waiting(self) -> None:
+        """The process stops: disk calls give up a shard's held write lock at once rather than
+        keep the stop waiting (the executor is drained before the shared memory is closed)."""
+        if self.tiers.disk is not None:
+            self.tiers.disk.stop_waiting()
+
     def close(self) -> None:
         t = self.tiers
         t.closed = True
+        self.stop_waiting()
         if self.persister is not None:
             self.persister.close()
         if self._own_executor:

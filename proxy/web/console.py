@@ -275,6 +275,10 @@ class LiveFeed:
 
     async def run(self) -> None:
         while True:
+            # Stopped once the store is closed: the admin app (and this task with it) can
+            # outlive it while a request finishes, and a sample read the closed shared memory.
+            if self._runtime.storage.tiers.closed:
+                return
             try:
                 await self.sample()
             except asyncio.CancelledError:
