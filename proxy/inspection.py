@@ -310,6 +310,7 @@ class Inspector:
             return []
         entries = await self._disk_entries()
         damage = await storage.run(storage.index.look_for_damage)
+        shards = await storage.run(storage.disk.look_for_damage)
         return [
             ["cachegate_cache_entries", "gauge", "Stored keys per tier",
              [["cachegate_cache_entries", {"tier": "disk"}, float(entries)]]],
@@ -319,6 +320,10 @@ class Inspector:
              "1 when the disk tier's index was found damaged: purges empty the whole disk tier "
              "until a restart, which sets the index aside (disk entries: the last count)",
              [["cachegate_disk_index_damaged", {}, float(damage is not None)]]],
+            ["cachegate_disk_shards_damaged", "gauge",
+             "Disk shards found damaged while running: their entries are misses until a restart "
+             "sets them aside",
+             [["cachegate_disk_shards_damaged", {}, float(len(shards))]]],
             ["cachegate_disk_entries_stale", "gauge",
              "1 when the last count of the disk tier's entries failed: its entries gauge is the "
              "count before",

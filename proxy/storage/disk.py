@@ -636,6 +636,18 @@ class DiskTier:
                   problem)
         return True
 
+    def damaged_shards(self) -> dict[str, str]:
+        """The shards found damaged while running (folder -> why), by this process or, as far as
+        ``marked`` has looked, another: for /healthz and the metrics (no I/O)."""
+        return {self._shards[i].directory: why for i, why in sorted(self._damaged.items())}
+
+    def look_for_damage(self) -> dict[str, str]:
+        """``damaged_shards`` after looking for other processes' marks (a stat per shard, at
+        most once a second each)."""
+        for i in range(len(self._shards)):
+            self.marked(i)
+        return self.damaged_shards()
+
     def lost_for_purges(self, index: int) -> bool:
         """Whether shard ``index`` may be given up by a purge (``update_many``'s ``lost``): it is
         marked on disk, so the next start sets it aside and nothing of it is ever served again.
@@ -727,6 +739,8 @@ class DiskTier:
         processes storing different variants of one key do not lose one of them.
         False (counted in ``failed_writes``) when the shard lock timed out.
         """
+        if self.marked(shard_of(key, len(self._shards))):
+            return False  # (damaged: not read any more, so not written either)
         shard = self._shard(key)
         top = [0]
         try:
@@ -752,6 +766,10 @@ class DiskTier:
             by_shard.setdefault(shard_of(item[0], len(self._shards)), []).append(i)
         done = [False] * len(items)
         for index, positions in by_shard.items():
+            if self.marked(index):
+                # Damaged (``noticed``): not read any more, so not written either. Why: every
+                # write-behind batch failed on it, an error and a retry each time.
+                continue
             shard = self._shards[index]
             # Keys known not to be on disk, with a body the database holds: inserted in bulk,
             # first (a later item of the same key in the batch merges with what they wrote).

@@ -559,10 +559,21 @@ async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "degraded", "reason": workers}, status=503)
     index = runtime.storage.index
     if index is not None and (damage := index.known_damage) is not None:
+        damage = " ".join(damage.split())  # (one line: ``cachegate health`` prints it)
         body = {"status": "degraded",
                 "reason": f"the disk tier's index {index.file} is damaged ({damage}): every purge "
                           "empties the whole disk tier until cachegate restarts; restart it (the "
                           "restart sets the index aside and starts the disk tier empty)"}
+        if node is not None:
+            body["cluster"] = node.state
+        return web.json_response(body)
+    disk = runtime.storage.disk
+    if disk is not None and (shards := disk.damaged_shards()):
+        named = "; ".join(f"{folder} ({why})" for folder, why in shards.items())
+        body = {"status": "degraded",
+                "reason": " ".join(f"disk shard(s) found damaged: {named}: their entries are "
+                                   "misses; restart cachegate (the restart sets them aside and "
+                                   "starts them empty)".split())}
         if node is not None:
             body["cluster"] = node.state
         return web.json_response(body)

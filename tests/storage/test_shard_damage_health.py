@@ -1,0 +1,62 @@
+"""A disk shard found damaged while running is seen: /healthz says degraded naming it (one
+line), cachegate_disk_shards_damaged counts it, and write-behind skips it quietly.
+
+Before: /healthz said ok and /metrics had nothing of it, while every write-behind batch for
+the shard failed (hundreds of storage_errors_total{operation="write"} in seconds, "storing
+entries on disk failed; retrying" and "works again" logged again and again)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.harness import Origin
+from tests.storage.procs import HOST
+from tests.storage.test_shard_damage_running import damaged_logged, fill, purge, routes, rows, started
+
+pytestmark = pytest.mark.slow
+
+
+async def test_a_shard_found_damaged_is_in_healthz_and_metrics_and_not_written(
+        origin: Origin, tmp_path: Path) -> None:
+    routes(origin, 300)
+    proxy = await started(origin, tmp_path, shards=2)
+    cache = tmp_path / "cache"
+    try:
+        await fill(proxy, range(150))
+        await proxy.wait_for(lambda: rows(cache) >= 150)
+        for db in cache.glob("00*/cache.db"):
+            with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        db = cache / "000" / "cache.db"
+        os.truncate(db, db.stat().st_size // 2)  # damaged while running
+        status, answer = await purge(proxy, {"urls": [f"http://{HOST}/k{i}" for i in range(0, 150, 3)]})
+        assert status == 200, answer
+        assert damaged_logged(proxy), "\n".join(proxy.lines[-20:])
+        async with aiohttp.ClientSession() as s:
+            async with s.get(proxy.admin_url + "/healthz") as r:
+                health = await r.json()
+            async with s.get(proxy.admin_url + "/metrics") as r:
+                metrics = await r.text()
+        assert health["status"] == "degraded", health
+        assert str(cache / "000") in health["reason"] and "\n" not in health["reason"], health
+        assert "cachegate_disk_shards_damaged 1.0" in metrics, \
+            [line for line in metrics.splitlines() if "damaged" in line]
+        before = len(proxy.lines)
+        await fill(proxy, range(150, 300))  # (about half of them for the damaged shard)
+        await asyncio.sleep(3)  # (written behind)
+        later = proxy.lines[before:]
+        assert not [line for line in later if "failed" in line or "Traceback" in line], "\n".join(later)
+        r = await proxy.get("/k1", headers={"Host": HOST})
+        assert r.status == 200
+        assert await proxy.stop(signal.SIGTERM) == 0
+    finally:
+        if proxy.process is not None and proxy.process.returncode is None:
+            await proxy.stop(signal.SIGTERM, wait=30)
