@@ -1019,11 +1019,10 @@ class DiskTier:
         for i, shard in enumerate(self._shards):
             if self.marked(i):
                 continue  # (damaged: set aside at the next start)
-            try:
-                db = sqlite3.connect(os.path.join(shard.directory, "cache.db"), timeout=0.2,
-                                     isolation_level=None)
-            except sqlite3.OperationalError:
-                continue  # (its folder gone: the next purge or upkeep round notices it)
+            # A folder gone (moved away, unmounted) raises here: the upkeep logs it once and says
+            # when it works again (``RepeatedFailure``); skipped, nothing said it at all.
+            db = sqlite3.connect(os.path.join(shard.directory, "cache.db"), timeout=0.2,
+                                 isolation_level=None)
             try:
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             except sqlite3.OperationalError:
