@@ -973,9 +973,16 @@ class DiskTier:
         """The disk's keys (metadata records) after ``after``, in key order, at most ``limit``:
         a sweep of every entry that does not go by the index (a purge of everything)."""
         found: list[str] = []
-        for shard in self._shards:
-            rows = shard._sql("SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < 'm;'"
-                              " ORDER BY key LIMIT ?", ("m:" + after, limit)).fetchall()
+        for i, shard in enumerate(self._shards):
+            if self.marked(i):
+                continue  # damaged: not read (its entries miss; set aside at the next start)
+            try:
+                rows = shard._sql("SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < 'm;'"
+                                  " ORDER BY key LIMIT ?", ("m:" + after, limit)).fetchall()
+            except sqlite3.Error as exc:
+                if not self.noticed(i, exc):
+                    raise
+                continue
             found += [r[0][2:] for r in rows if isinstance(r[0], str)]
         return sorted(found)[:limit]
 
@@ -990,11 +997,26 @@ class DiskTier:
         return limit
 
     def volume(self) -> int:
-        """Bytes on disk as diskcache counts them (database pages and value files)."""
-        return sum(int(s.volume()) for s in self._shards)
+        """Bytes on disk as diskcache counts them (database pages and value files); a damaged
+        shard's are not read (they made /metrics and /stats a 500 once one was found)."""
+        return sum(self._per_shard(lambda s: int(s.volume())))
 
     def count(self) -> int:
-        return sum(len(s) for s in self._shards)
+        return sum(self._per_shard(len))
+
+    def _per_shard(self, read: Callable[[diskcache.Cache], int]) -> list[int]:
+        """``read`` of each shard not found damaged (``noticed``: one that fails now is, or the
+        error is raised)."""
+        values: list[int] = []
+        for i, s in enumerate(self._shards):
+            if self.marked(i):
+                continue
+            try:
+                values.append(read(s))
+            except sqlite3.Error as exc:
+                if not self.noticed(i, exc):
+                    raise
+        return values
 
     def iter_keys(self) -> list[str]:
         """Every key on disk (a damaged shard's, ``noticed``, are not read)."""

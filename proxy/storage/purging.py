@@ -139,8 +139,9 @@ class Purging:
         except ShardBusy as exc:  # (its write lock held for BUSY_PATIENCE seconds)
             raise PurgeUnavailable(
                 f"the purge could not take the write lock of the disk shard {exc}: another "
-                f"process held it for {BUSY_PATIENCE:.0f} s (stopped or hung?); it was not carried "
-                "out, or only in part: purge again") from exc
+                f"process held it (waited for up to {BUSY_PATIENCE:.0f} s, less when cachegate began "
+                "to stop meanwhile; stopped or hung?); it was not carried out, or only in part: "
+                "purge again") from exc
         except ShardUnavailable as exc:  # (no file descriptors left, a mark not written...)
             message = f"{exc}; the purge was not carried out, or only in part: purge again"
             log.warning("%s", message)

@@ -60,3 +60,48 @@ async def test_a_shard_found_damaged_is_in_healthz_and_metrics_and_not_written(
     finally:
         if proxy.process is not None and proxy.process.returncode is None:
             await proxy.stop(signal.SIGTERM, wait=30)
+
+
+def overwrite(db: Path) -> None:
+    """Pages of ``db`` past its header overwritten with garbage."""
+    with open(db, "r+b") as f:
+        f.seek(4096)
+        f.write(b"\xde\xad" * 40000)
+
+
+async def test_metrics_stats_and_a_purge_of_everything_go_on_past_a_shard_found_damaged(
+        origin: Origin, tmp_path: Path) -> None:
+    """A shard overwritten while running: once found damaged, /metrics and /stats read the disk
+    tier's volume and count from the other shards (they answered 500, from the damaged shard's
+    ``volume``), and a purge of everything sweeps the others (its sweep read every shard, so
+    every upkeep round failed from then on and its ban was never done)."""
+    routes(origin, 300)
+    proxy = await started(origin, tmp_path, shards=2)
+    cache = tmp_path / "cache"
+    try:
+        await fill(proxy, range(150))
+        await proxy.wait_for(lambda: rows(cache) >= 150)
+        for db in cache.glob("00*/cache.db"):
+            with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        overwrite(cache / "001" / "cache.db")  # damaged while running
+        for i in range(150):  # (reads of it find the damage)
+            await proxy.get(f"/k{i}", headers={"Host": HOST})
+        status, answer = await purge(proxy, {"all": True})
+        assert status == 200, answer
+        await proxy.wait_for(lambda: bool(damaged_logged(proxy)))
+        before = len(proxy.lines)
+        await asyncio.sleep(12)  # past the count's 10 s cache, and upkeep rounds
+        async with aiohttp.ClientSession() as s:
+            for path in ("/metrics", "/stats"):
+                async with s.get(proxy.admin_url + path) as r:
+                    assert r.status == 200, (path, await r.text())
+        later = proxy.lines[before:]
+        assert not [line for line in later if "upkeep failed" in line or "Traceback" in line], "\n".join(later)
+        for i in range(0, 150, 10):  # purged everywhere: nothing served from before the purge
+            r = await proxy.get(f"/k{i}", headers={"Host": HOST})
+            assert r.status == 200 and r.headers["X-Cache-Status"] != "HIT", (i, r.headers)
+        assert await proxy.stop(signal.SIGTERM) == 0
+    finally:
+        if proxy.process is not None and proxy.process.returncode is None:
+            await proxy.stop(signal.SIGTERM, wait=30)
