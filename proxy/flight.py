@@ -836,7 +836,7 @@ class MissPath:
                 held = kept or attempt.revalidating
                 if entry is None and held is not None and supersedes_stored(UnstoredAnswer(
                         resp.status, store_detail, carries_credentials(head.headers),
-                        bool(held.entry.response.vary))):
+                        bool(held.entry.response.vary), attempt.fwd == "request")):
                     await engine.drop_superseded(held)
             case _:
                 assert_never(outcome)

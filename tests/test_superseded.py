@@ -28,8 +28,6 @@ CACHE = "cache: {memory: 64MB, disk: {path: cache, size: 256MB, shards: 2}}\n"
 # What the origin answers once the stored response is stale: (status, fields), none storable.
 UNSTORABLE: dict[str, tuple[int, dict[str, str]]] = {
     "no-store": (200, {"Cache-Control": "no-store"}),
-    "private": (200, {"Cache-Control": "private, max-age=100"}),
-    "set-cookie": (200, {"Cache-Control": "max-age=100", "Set-Cookie": "a=1"}),
     "deleted": (404, {}),  # the page is gone (a 404 without freshness)
     "no-freshness": (200, {}),
 }
@@ -142,6 +140,7 @@ ATTACKS: dict[str, dict[str, str]] = {
     "cookie": {"Cookie": "sid=1"},
     "authorization": {"Authorization": "Bearer x"},
     "406": {"Accept": "application/xml"},
+    "api-key": {"X-Api-Key": "zz"},  # a credential of its own: answered private
 }
 
 
@@ -162,7 +161,9 @@ class Page:
                 return web.Response(status=503, body=b"down")
             if request.headers.get("Accept") == "application/xml":
                 return web.Response(status=406, body=b"not acceptable")
-            if "Authorization" in request.headers:
+            if request.headers.get("X-Mode") == "nostore":
+                return web.Response(body=b"not for you", headers={**fields, "Cache-Control": "no-store"})
+            if "Authorization" in request.headers or "X-Api-Key" in request.headers:
                 return web.Response(body=b"your account", headers={**fields, "Cache-Control": "private"})
             if "Cookie" in request.headers:
                 return web.Response(body=b"yours", headers={**fields, "Set-Cookie": "sid=2"})
@@ -247,3 +248,18 @@ async def test_a_variant_the_origin_withdraws_does_not_drop_the_other_variants(
     await refreshed(running, origin, "/vary-gone", 3)
     r = await running.get("/vary-gone", headers={"Accept-Language": "en"})
     assert (r.status, r.body, r.x_cache) == (200, b"old en", "UPDATING")
+
+
+async def test_a_client_s_forced_revalidation_of_a_fresh_entry_leaves_it(
+        origin: Origin, running: ProxyProcess) -> None:
+    """``Cache-Control: max-age=0`` (with a field the origin answers no-store) on an entry still
+    fresh for every other client: the answer went to that client alone, and the entry stays
+    (before: dropped; the next client missed, and got the origin's 503 when it was down)."""
+    page = Page(origin, "/forced", "max-age=60, stale-if-error=600")
+    assert (await running.get("/forced")).x_cache == "MISS"
+    r = await running.get("/forced", headers={"Cache-Control": "max-age=0", "X-Mode": "nostore"})
+    assert (r.status, r.body) == (200, b"not for you")
+    page.down = True
+    results = answered(await herd(running.url, "/forced", 4))
+    assert {(x.status, x.body, x.x_cache) for x in results} == {(200, b"old", "HIT")}
+

@@ -215,6 +215,7 @@ class UnstoredAnswer:
     not_stored: str  # why it is not stored: the fill's Cache-Status detail
     credentials: bool  # the request that fetched it carried Cookie or Authorization
     stored_varies: bool  # the stored response has Vary (its key holds other clients' variants)
+    forced: bool = False  # the client's own directives sent it (fwd=request: max-age=0, no-cache)
 
 
 def supersedes_stored(answer: UnstoredAnswer) -> bool:
@@ -239,17 +240,26 @@ def supersedes_stored(answer: UnstoredAnswer) -> bool:
     - the stored response has no Vary: the store drops whole keys, so one client's variant
       would take every other client's with it;
     - it was not the request that kept the answer out of the store (``REQUEST_REFUSALS``: its
-      own no-store, its Authorization, a field spelled two ways).
+      own no-store, its Authorization, a field spelled two ways), nor an answer meant for one
+      client (``private``, a ``Set-Cookie``: whatever credential of its own, a custom API key
+      field too, the client sent);
+    - the cache sent the fetch (the stored response stale, or refreshed in the background),
+      not the client's own directives (``max-age=0``, ``no-cache``: fwd=request), which any
+      client may send for a response every other client is still served fresh.
 
-    >>> def answer(status=200, not_stored="NO-STORE", credentials=False, stored_varies=False):
-    ...     return supersedes_stored(UnstoredAnswer(status, not_stored, credentials, stored_varies))
+    >>> def answer(status=200, not_stored="NO-STORE", credentials=False, stored_varies=False, forced=False):
+    ...     return supersedes_stored(UnstoredAnswer(status, not_stored, credentials, stored_varies, forced))
     >>> [s for s in (200, 206, 301, 302, 404, 406, 410, 412, 500, 501, 503) if answer(s)]
     [200, 301, 404, 410]
     >>> answer(), answer(credentials=True), answer(stored_varies=True), answer(not_stored="REQUEST-NO-STORE")
     (True, False, False, False)
+    >>> answer(not_stored="PRIVATE"), answer(not_stored="SET-COOKIE")
+    (False, False)
+    >>> answer(404, "UNCACHEABLE-STATUS", forced=True)
+    False
     """
     return (answer.status in SUPERSEDING_STATUSES and not answer.credentials and not answer.stored_varies
-            and answer.not_stored.partition(":")[0] not in REQUEST_REFUSALS)
+            and not answer.forced and answer.not_stored.partition(":")[0] not in REQUEST_REFUSALS)
 
 
 # Statuses that say something of the resource whoever asks (the heuristically cacheable ones,
@@ -262,7 +272,9 @@ SUPERSEDING_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 
 # Why a fill is not stored that is about the request, not the resource (``supersedes_stored``),
 # as ``proxy.policy.storability`` says them (AMBIGUOUS-HEADER is followed by ":<field>").
-REQUEST_REFUSALS = frozenset({"REQUEST-NO-STORE", "AUTHORIZATION", "AMBIGUOUS-HEADER"})
+# PRIVATE and SET-COOKIE: an answer for one client (``supersedes_stored``).
+REQUEST_REFUSALS = frozenset({"REQUEST-NO-STORE", "AUTHORIZATION", "AMBIGUOUS-HEADER", "PRIVATE",
+                              "SET-COOKIE"})
 
 
 # RFC 5861 §4: "an error is any situation that would result in a 500, 502, 503, or 504 HTTP

@@ -95,8 +95,9 @@ def test_the_answer_to_a_full_fetch_made_while_a_stale_response_is_kept_never_fr
 SUPERSEDES: list[tuple[str, UnstoredAnswer, bool]] = [
     # RFC 9111 §4.3.3: the full response is used, the stored one no longer is.
     ("no-store", UnstoredAnswer(200, "NO-STORE", False, False), True),
-    ("private", UnstoredAnswer(200, "PRIVATE", False, False), True),
-    ("a Set-Cookie to a request without one", UnstoredAnswer(200, "SET-COOKIE", False, False), True),
+    # An answer for one client, whatever credential of its own (an API key field) it sent.
+    ("private", UnstoredAnswer(200, "PRIVATE", False, False), False),
+    ("a Set-Cookie to a request without one", UnstoredAnswer(200, "SET-COOKIE", False, False), False),
     ("no freshness", UnstoredAnswer(200, "NO-FRESHNESS", False, False), True),
     ("a rule's no_store", UnstoredAnswer(200, "RULE-NO-STORE:api", False, False), True),
     ("too large", UnstoredAnswer(200, "TOO-LARGE", False, False), True),
@@ -121,6 +122,9 @@ SUPERSEDES: list[tuple[str, UnstoredAnswer, bool]] = [
     ("the request's no-store", UnstoredAnswer(200, "REQUEST-NO-STORE", False, False), False),
     ("the request's Authorization", UnstoredAnswer(200, "AUTHORIZATION", False, False), False),
     ("a field spelled two ways", UnstoredAnswer(200, "AMBIGUOUS-HEADER:X_Tenant", False, False), False),
+    # The client's own directives sent it (max-age=0, no-cache on a response still fresh).
+    ("no-store to a client's max-age=0", UnstoredAnswer(200, "NO-STORE", False, False, True), False),
+    ("a 404 to a client's no-cache", UnstoredAnswer(404, "UNCACHEABLE-STATUS", False, False, True), False),
 ]
 
 
