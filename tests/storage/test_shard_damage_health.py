@@ -8,10 +8,8 @@ entries on disk failed; retrying" and "works again" logged again and again)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import sqlite3
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +17,14 @@ import pytest
 
 from tests.harness import Origin
 from tests.storage.procs import HOST
-from tests.storage.test_shard_damage_running import damaged_logged, fill, purge, routes, rows, started
+from tests.storage.test_shard_damage_running import (
+    damaged_logged,
+    fill,
+    filled_on_disk,
+    purge,
+    routes,
+    started,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +35,7 @@ async def test_a_shard_found_damaged_is_in_healthz_and_metrics_and_not_written(
     proxy = await started(origin, tmp_path, shards=2)
     cache = tmp_path / "cache"
     try:
-        await fill(proxy, range(150))
-        await proxy.wait_for(lambda: rows(cache) >= 150)
-        for db in cache.glob("00*/cache.db"):
-            with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        await filled_on_disk(proxy, cache, range(150))
         db = cache / "000" / "cache.db"
         os.truncate(db, db.stat().st_size // 2)  # damaged while running
         status, answer = await purge(proxy, {"urls": [f"http://{HOST}/k{i}" for i in range(0, 150, 3)]})
@@ -79,11 +80,7 @@ async def test_metrics_stats_and_a_purge_of_everything_go_on_past_a_shard_found_
     proxy = await started(origin, tmp_path, shards=2)
     cache = tmp_path / "cache"
     try:
-        await fill(proxy, range(150))
-        await proxy.wait_for(lambda: rows(cache) >= 150)
-        for db in cache.glob("00*/cache.db"):
-            with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        await filled_on_disk(proxy, cache, range(150))
         overwrite(cache / "001" / "cache.db")  # damaged while running
         for i in range(150):  # (reads of it find the damage)
             await proxy.get(f"/k{i}", headers={"Host": HOST})

@@ -77,6 +77,20 @@ async def purge(proxy: ProxyProcess, spec: dict[str, object], wait: float = 20.0
         raise AssertionError(f"no answer to the purge {spec} within {wait} s") from None
 
 
+async def filled_on_disk(proxy: ProxyProcess, cache: Path, keys: range) -> None:
+    """``keys`` filled, written behind, and every shard's log folded into its file (so that
+    damaging the file damages them)."""
+    await fill(proxy, keys)
+    await proxy.wait_for(lambda: rows(cache) >= len(keys))
+    fold_logs(cache)
+
+
+def fold_logs(cache: Path) -> None:
+    for db in cache.glob("00*/cache.db"):
+        with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
 def damage_index(index: Path) -> None:
     """Its tags table's root page overwritten (as ``test_index_damage`` does)."""
     damage_tables(index, "tags")
@@ -123,10 +137,7 @@ async def test_a_shard_cut_short_or_removed_while_running_costs_its_entries_not_
     cache = tmp_path / "cache"
     db = cache / "000" / "cache.db"
     try:
-        await fill(proxy, range(150))
-        await proxy.wait_for(lambda: rows(cache) >= 150)
-        with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:  # (the pages into the file)
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        await filled_on_disk(proxy, cache, range(150))
         if how == "cut":
             os.truncate(db, db.stat().st_size // 2)  # damaged while running (a failing disk)
         else:
@@ -178,10 +189,7 @@ async def test_a_shard_cut_short_after_a_kill_is_found_by_the_purge_after_the_re
     cache = tmp_path / "cache"
     db = cache / "000" / "cache.db"
     try:
-        await fill(proxy, range(130))
-        await proxy.wait_for(lambda: rows(cache) >= 130)
-        with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:  # (its pages into the file)
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        await filled_on_disk(proxy, cache, range(130))
         await fill(proxy, range(130, 150))
         await proxy.wait_for(lambda: rows(cache) >= 150)  # (these in the WAL)
         await proxy.kill()
