@@ -47,6 +47,22 @@ log = logging.getLogger("cachegate.storage")
 T = TypeVar("T")
 
 
+# SQLite's primary result codes of a failure of the moment: BUSY, LOCKED, NOMEM, IOERR, CANTOPEN.
+_TRANSIENT_SQLITE = frozenset((5, 6, 7, 10, 14))
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a disk failure met by a purge is one of the moment rather than a bug: an
+    operating-system error (no file descriptors or memory left: EMFILE, ENFILE, ENOMEM) or
+    SQLite's "unable to open database file", "disk I/O error", "database is locked", "out of
+    memory". Damage is told apart before this (``UrlTagIndex.noticed``, ``DiskTier.noticed``);
+    "no such table" and the like stay bugs (500)."""
+    if isinstance(exc, OSError):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _TRANSIENT_SQLITE
+
+
 class Purging:
     def __init__(self, tiers: Tiers, persister: Persister | None, body_files: OpenBodies) -> None:
         self.t = tiers
@@ -148,20 +164,29 @@ class Purging:
             raise PurgeUnavailable(message) from exc
 
     def _unrecorded(self, exc: sqlite3.Error | OSError) -> Exception:
-        """What a purge's disk write that failed with ``exc`` raises: ``PurgeUnavailable``
-        (the admin API's 503, naming the cause) when the cache directory's filesystem is full,
-        ``exc`` itself otherwise (a bug or a damaged disk: the admin API's 500, logged).
+        """What a purge's disk read or write that failed with ``exc`` raises: ``PurgeUnavailable``
+        (the admin API's 503, naming the cause) when the cache directory's filesystem is full or
+        the failure is one of the moment (``transient``), ``exc`` itself otherwise (a bug: the
+        admin API's 500, logged).
 
         Why: on a full filesystem a purge's bans and deletions cannot be committed; it failed
-        safe (nothing answered as purged) but the answer was a bare 500 "internal error"."""
+        safe (nothing answered as purged) but the answer was a bare 500 "internal error". The
+        same 500 met an index lookup that could not open a file (no file descriptors left): the
+        purge was not carried out and purging again, later, is what works."""
         disk = self.t.disk
-        if disk is None or not filesystem_full(disk.path, exc):
+        path = disk.path if disk is not None else None
+        if path is not None and filesystem_full(path, exc):
+            room = space(path)
+            free = f" ({human_size(room[0])} free of {human_size(room[1])})" if room is not None else ""
+            message = (f"the purge could not be written to the cache directory {path} "
+                       f"(cache.disk.path): its filesystem is full{free}: {exc}; it was not carried "
+                       "out, or only in part: free some space there, then purge again")
+        elif transient(exc):
+            message = (f"the purge could not read or write the cache directory {path} "
+                       f"(cache.disk.path): {exc}; it was not carried out, or only in part: "
+                       "purge again")
+        else:
             return exc
-        room = space(disk.path)
-        free = f" ({human_size(room[0])} free of {human_size(room[1])})" if room is not None else ""
-        message = (f"the purge could not be written to the cache directory {disk.path} "
-                   f"(cache.disk.path): its filesystem is full{free}: {exc}; it was not carried "
-                   "out, or only in part: free some space there, then purge again")
         log.warning("%s", message)
         return PurgeUnavailable(message)
 
