@@ -391,6 +391,8 @@ class Inspector:
                 tiers["disk"]["entries_stale"] = f"the last count: counting failed ({self.disk_count_failed})"
             if storage.index is not None and (damage := await storage.run(storage.index.look_for_damage)):
                 tiers["disk"]["index_damaged"] = damage
+            if shards := await storage.run(disk.look_for_damage):
+                tiers["disk"]["shards_damaged"] = shards
         counts = self.request_counts()
         seconds, recent = self.window.last(counts)
         hits: dict[tuple[str, str], int] = {}

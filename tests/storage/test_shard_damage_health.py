@@ -93,6 +93,9 @@ async def test_metrics_stats_and_a_purge_of_everything_go_on_past_a_shard_found_
             for path in ("/metrics", "/stats"):
                 async with s.get(proxy.admin_url + path) as r:
                     assert r.status == 200, (path, await r.text())
+                    if path == "/stats":  # (the shard named, with why)
+                        shards = (await r.json())["tiers"]["disk"]["shards_damaged"]
+                        assert list(shards) == [str(cache / "001")], shards
         later = proxy.lines[before:]
         assert not [line for line in later if "upkeep failed" in line or "Traceback" in line], "\n".join(later)
         for i in range(0, 150, 10):  # purged everywhere: nothing served from before the purge
