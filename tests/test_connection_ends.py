@@ -232,6 +232,22 @@ async def test_a_refusal_to_a_1_0_client_is_in_1_0(origin: Origin, make_proxy: M
         assert got[0][2] == b"a" and b"SECRET" not in data
 
 
+@pytest.mark.parametrize("connection", ["keep-alive, close", "close, keep-alive", "Keep-Alive, CLOSE"])
+async def test_a_1_0_request_asking_to_close_beside_keep_alive_ends_the_connection(
+        origin: Origin, make_proxy: MakeProxy, connection: str) -> None:
+    """``close`` wins over ``keep-alive`` (RFC 9112 §9.3), for HTTP/1.0 too: llhttp reads
+    ``close`` for HTTP/1.1 only, and what was pipelined behind such a request was answered (a
+    hit on the fast path, a miss or a POST on the general path)."""
+    p = await proxies(origin, make_proxy)
+    for port in (p.fast_port, p.general_port):
+        for path in ("/hit", "/m?1" if port == p.fast_port else "/m?2"):
+            data = await until_eof(port, req("GET", path, f"Connection: {connection}", version="1.0")
+                                   + req("GET", "/a", "Connection: keep-alive", version="1.0"))
+            got = answers(data)
+            assert [a[0] for a in got] == ["HTTP/1.0 200 OK"], (port, path, data)
+            assert got[0][1].get("connection", "close").lower() != "keep-alive", (port, path, data)
+
+
 async def test_more_pipelined_requests_than_aiohttp_queues_then_a_half_close_or_a_partial_head(
         origin: Origin, make_proxy: MakeProxy) -> None:
     """aiohttp's parser stops after 32 queued requests and reading pauses: the EOF of a half-close

@@ -93,7 +93,7 @@ from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.web.fastheads import HeadShapes
 from proxy.web.frontend import Front, FrontEnd
-from proxy.web.heads import from_response
+from proxy.web.heads import asks_to_close, from_response
 from proxy.web.headtimeout import HeadTimedHandler, empty_lines, unfinished_head
 from proxy.web.proxy_handler import UnbuildableRequest, sendfile_now
 
@@ -774,7 +774,8 @@ class ProxyRequestHandler(HeadTimedHandler):
         for i, (msg, payload) in enumerate(messages):
             if (payload is not EMPTY_PAYLOAD or msg.should_close or msg.upgrade or self._paused
                     or (msg.method != "GET" and msg.method != "HEAD")
-                    or (msg.version != HttpVersion11 and msg.version != HttpVersion10)):
+                    or (msg.version != HttpVersion11
+                        and (msg.version != HttpVersion10 or asks_to_close(msg.version, msg.headers)))):
                 return i
             try:
                 out = fast.answer(msg, remote, secure, started, raw)
@@ -863,7 +864,9 @@ class ProxyRequestHandler(HeadTimedHandler):
             self._refuse(exc, None)
             return
         messages, refused, piece = parsed
-        if not (_data_after_close(refused) and messages and messages[-1][0].should_close):
+        if not (_data_after_close(refused) and messages
+                and (messages[-1][0].should_close or asks_to_close(messages[-1][0].version,
+                                                                   messages[-1][0].headers))):
             messages.append(self._refusal(refused, piece))
         self._parser = _Discarding()  # type: ignore[assignment]
         self._enqueue(messages, False, b"")

@@ -159,6 +159,24 @@ def ends_connection(fields: Any) -> bool:
     return hdrs.TRANSFER_ENCODING in fields or hdrs.UPGRADE in fields
 
 
+def asks_to_close(version: Any, fields: Any) -> bool:
+    """An HTTP/1.0 request whose ``Connection`` lists ``close`` (beside ``keep-alive``): the
+    connection ends after its reply, as RFC 9112 §9.3 has it ("close" first, whatever the
+    version). llhttp looks at ``close`` for HTTP/1.1 only, so aiohttp said such a request kept
+    the connection and answered what was pipelined behind it.
+
+    >>> from multidict import CIMultiDict
+    >>> asks_to_close(HttpVersion10, CIMultiDict(Connection="keep-alive, Close"))
+    True
+    >>> asks_to_close(HttpVersion10, CIMultiDict(Connection="keep-alive")), asks_to_close(HttpVersion10, {})
+    (False, False)
+    """
+    if version != HttpVersion10 or hdrs.CONNECTION not in fields:
+        return False
+    return any(token.strip(" \t").lower() == "close"
+               for line in fields.getall(hdrs.CONNECTION) for token in line.split(","))
+
+
 class ReplyResponse(web.StreamResponse):
     """aiohttp's ``StreamResponse`` with its head from ``frame`` (the general path's every
     reply). ``length`` is the body's (None: unknown); a ``body`` given here is sent with the
@@ -190,7 +208,8 @@ class ReplyResponse(web.StreamResponse):
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = request.keep_alive
-        if keep_alive and (closing(request.protocol) or ends_connection(request.headers)):
+        if keep_alive and (closing(request.protocol) or ends_connection(request.headers)
+                           or asks_to_close(request.version, request.headers)):
             keep_alive = False
         version = request.version if self._reply_version is None else self._reply_version
         framing = frame(self._headers, self._status, request.method, reply_version(version),
