@@ -188,17 +188,26 @@ def is_token(text: str) -> bool:
 
 # What a cookie reads as when origins disagree about it (a string no field value holds: NUL).
 AMBIGUOUS = "\x00ambiguous"
-_AROUND_EQUALS = re.compile(r"\s*=\s*")
-# Any whitespace, Unicode's too: aiohttp and Django strip a no-break space around a name.
-_ANY_SEPARATOR = re.compile(r"[;,\s]+")
+# Anything but printable ASCII around ``=``, and ``;``, ``,`` or anything but printable ASCII
+# between pairs: Unicode whitespace (aiohttp and Django strip a no-break space around a name),
+# and the lone surrogate a byte that is not UTF-8 arrives as (aiohttp reads a raw 0xA0 as
+# ``\udca0``, which no ``\s`` matches, while a WSGI origin reads it as Latin-1's U+00A0, which
+# Django strips), controls and characters some origin case-folds or drops.
+_AROUND_EQUALS = re.compile(r"[^\x21-\x7e]*=[^\x21-\x7e]*")
+_ANY_SEPARATOR = re.compile(r"[^\x21-\x2b\x2d-\x3a\x3c-\x7e]+")
+_WHITESPACE_SEPARATOR = re.compile(r"[;,\s]+")
 
 
 def _names_any_parser_may_see(text: str) -> list[str]:
     """Every name some origin's parser may read in ``text``: it is split wherever any of them
-    splits (``;``, ``,``, whitespace, quotes ignored), with whitespace around ``=`` dropped;
-    and the names PHP reads its ``;``-separated pairs under (``logged in=x`` is its ``logged_in``)."""
+    splits (``;``, ``,``, whitespace, any character past printable ASCII, quotes ignored), with
+    those around ``=`` dropped, and also at whitespace alone (a name with a letter past ASCII,
+    ``ſession``, stays one for ``ambiguous_cookie``'s case-folding); and the names PHP reads
+    its ``;``-separated pairs under (``logged in=x`` is its ``logged_in``)."""
     tokens = _ANY_SEPARATOR.split(_AROUND_EQUALS.sub("=", text))
     names = [name for token in tokens if (name := token.partition("=")[0])]
+    if not text.isascii():
+        names.extend(name for token in _WHITESPACE_SEPARATOR.split(text) if (name := token.partition("=")[0]))
     for part in text.split(";"):
         names.extend(_php_names(part.partition("=")[0].lstrip()))
     return names
@@ -252,8 +261,8 @@ def cookies(lines: Sequence[str]) -> dict[str, str]:
     line = lines[0]
     if '"' in line or "\\" in line or not line.isascii():
         # A quote or backslash (read whole by some), a character past ASCII (``;\xa0session=x``:
-        # a no-break space aiohttp and Django strip around a name): every name any parser may
-        # see is ambiguous.
+        # a no-break space aiohttp and Django strip around a name; a raw 0xA0 or 0x85 byte,
+        # ``\udca0`` here, U+00A0 to a WSGI origin): every name any parser may see is ambiguous.
         return dict.fromkeys(_names_any_parser_may_see(line), AMBIGUOUS)
     out: dict[str, str] = {}
     # What browsers send: spaces only after ";", no comma, no tab.
@@ -289,21 +298,52 @@ def cookies(lines: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str]) -> str | None:
-    """The first of ``names`` (the cookies rules read) that reads as ``AMBIGUOUS`` in ``jar``.
+def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str],
+                     compared: Iterable[str] = ()) -> str | None:
+    """The first of ``names`` (the cookies rules read) that origins may read otherwise than
+    ``jar`` does; then the first of ``compared`` (those whose value a rule compares) whose value
+    they may decode; None when there is none.
 
     A request whose rules read such a cookie is neither looked up nor stored: which rule holds,
     or which key it has, depends on a reading of its ``Cookie`` that the origin may not share,
     and neither answer is safe for every rule (present-means-bypass and absent-means-cache
-    rules fail in opposite directions).
+    rules fail in opposite directions). Past ``AMBIGUOUS`` (``cookies``):
+
+    - a name the request also carries spelled in another case (``SESSION=x`` for ``session``):
+      ASP.NET Core and classic ASP.NET look cookies up ignoring case (the last pair wins), and
+      so does nginx's ``$cookie_session``; ``jar`` has no ``session`` (names are compared
+      case-folded, wider than ASCII's case: past it, more ambiguous, never less);
+    - a value with ``%`` or ``+`` in a cookie whose value a rule compares (``preview=%31``):
+      ASP.NET Core, PHP (``+`` is a space), Express and Rack percent-decode values, so the
+      origin reads ``1`` where an ``equals: "1"`` rule did not hold. A ``present``/``absent``
+      condition or a key never reads the value: two raw values are two keys.
 
     >>> ambiguous_cookie(cookies(["theme=dark, session=x"]), ("session",))
     'session'
     >>> ambiguous_cookie(cookies(["theme=dark, x=1; session=y"]), ("session", "lang")) is None
     True
+    >>> ambiguous_cookie(cookies(["SESSION=x"]), ("session",)), ambiguous_cookie(cookies(["b=1; B=2"]), "b")
+    ('session', 'b')
+    >>> ambiguous_cookie(cookies(["preview=%31"]), ("preview",), ("preview",))
+    'preview'
     """
+    if not jar:
+        return None
+    folded = ""
     for name in names:
-        if jar.get(name) is AMBIGUOUS:
+        if not folded:
+            # Every name case-folded between NULs, each its own: a few calls whatever the number
+            # of cookies (a name holding the NUL the parser refuses only adds occurrences).
+            folded = "\x00" + "\x00\x00".join(jar).casefold() + "\x00"
+        spelled = f"\x00{name.casefold()}\x00"
+        if name not in jar:
+            if spelled in folded:
+                return name  # only other spellings of it (``SESSION``)
+        elif jar[name] is AMBIGUOUS or folded.count(spelled) > 1:
+            return name  # (or beside another spelling: ``bucket=A; Bucket=EVIL``)
+    for name in compared:
+        value = jar.get(name)
+        if value is not None and ("%" in value or "+" in value):
             return name
     return None
 

@@ -366,6 +366,13 @@ COOKIES: list[tuple[str, list[str], dict[str, str]]] = [
      {"theme": A, "session": A}),
     ("before the =", ["session\u00a0=x"], {"session": A}),
     ("a name twice, one behind a no-break space", ["ab=A;\u00a0ab=B"], {"ab": A}),
+    ("a raw 0xA0 byte (not UTF-8: a lone surrogate here, U+00A0 to a WSGI origin, which Django strips)",
+     ["a=1;\udca0session=x"], {"a": A, "session": A, "\udca0session": A}),
+    ("a raw 0x85 byte (NEL to a WSGI origin)", ["a=1;\udc85session=x"], {"a": A, "session": A, "\udc85session": A}),
+    ("a raw 0xA0 byte before the =", ["session\udca0=x"], {"session": A, "session\udca0": A}),
+    ("a U+0085 before a name", ["a=1;\u0085session=x"], {"a": A, "session": A}),
+    ("a name past ASCII stays one too (for case-folding)", ["a=1;\u017fession=x"],
+     {"a": A, "ession": A, "\u017fession": A}),
     ("Rack decodes a percent-escaped name", ["sess%69on=x; a=1"], {"sess%69on": A, "session": A, "a": "1"}),
     ("a percent-escape in a value is the value's", ["prefs=a%2Cb; session=1"], {"prefs": "a%2Cb", "session": "1"}),
     ("PHP reads a dot as _", ["logged.in=x"], {"logged.in": "x", "logged_in": A}),
@@ -384,3 +391,30 @@ def test_cookies_read_as_every_origin_reads_them_or_as_ambiguous(case: str, line
     assert cookies(lines) == jar
     names = tuple(jar)
     assert (ambiguous_cookie(cookies(lines), names) is None) is (A not in jar.values())
+
+
+# What ``ambiguous_cookie`` says beyond ``AMBIGUOUS``: (case, Cookie lines, the names rules read,
+# those whose value a rule compares, the ambiguous one or None).
+AMBIGUOUS_NAMES: list[tuple[str, list[str], tuple[str, ...], tuple[str, ...], str | None]] = [
+    ("plain", ["session=x; bucket=A"], ("session", "bucket"), ("session",), None),
+    ("no Cookie", [], ("session",), ("session",), None),
+    ("another case alone: ASP.NET and nginx read it as the name", ["SESSION=x"], ("session",), (), "session"),
+    ("beside the exact spelling: ASP.NET's last pair wins", ["bucket=A; Bucket=EVIL"], ("bucket",), (), "bucket"),
+    ("before it", ["Bucket=EVIL; bucket=A"], ("bucket",), (), "bucket"),
+    ("a rule naming it in upper case", ["phpsessid=x"], ("PHPSESSID",), (), "PHPSESSID"),
+    ("case-folded past ASCII: more ambiguous, never less", ["a=1;\u017fession=x"], ("session",), (), "session"),
+    ("another case of a cookie no rule reads", ["Theme=a; theme=b; session=x"], ("session",), (), None),
+    ("two names that fold alike, neither read", ["Theme=a; theme=b"], ("bucket",), (), None),
+    ("a percent-escape in a compared value: decoded by ASP.NET Core, PHP, Express, Rack",
+     ["preview=%31"], ("preview",), ("preview",), "preview"),
+    ("a + in a compared value: a space to PHP", ["preview=a+b"], ("preview",), ("preview",), "preview"),
+    ("a percent-escape in a value only present/absent or a key reads", ["preview=%31"], ("preview",), (), None),
+    ("a compared value without either", ["preview=1"], ("preview",), ("preview",), None),
+]
+
+
+@pytest.mark.parametrize(("case", "lines", "names", "compared", "name"), AMBIGUOUS_NAMES,
+                         ids=[c[0] for c in AMBIGUOUS_NAMES])
+def test_a_cookie_origins_match_ignoring_case_or_decode_is_ambiguous_to_the_rules_reading_it(
+        case: str, lines: list[str], names: tuple[str, ...], compared: tuple[str, ...], name: str | None) -> None:
+    assert ambiguous_cookie(cookies(lines), names, compared) == name

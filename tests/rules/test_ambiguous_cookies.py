@@ -53,6 +53,12 @@ CASES: list[tuple[str, str, list[str], str | None]] = [
     ("two Cookie lines", "/a", ["ab_bucket=A", "x=1"], "AMBIGUOUS-COOKIE:ab_bucket"),
     ("an absent-condition's cookie, ambiguous", "/beta/x", ["a=1, beta=1"], "AMBIGUOUS-COOKIE:beta"),
     ("an absent-condition's cookie, plain", "/beta/x", ["beta=1"], None),
+    ("the session cookie in another case (ASP.NET, nginx read it)", "/a", ["SESSION=x"],
+     "AMBIGUOUS-COOKIE:session"),
+    ("an absent-condition's cookie in another case", "/beta/x", ["Beta=1"], "AMBIGUOUS-COOKIE:beta"),
+    ("the keyed cookie beside another case of it", "/a", ["ab_bucket=A; AB_BUCKET=B"], "AMBIGUOUS-COOKIE:ab_bucket"),
+    ("a raw 0xA0 byte before the session", "/a", ["a=1;\udca0session=x"], "RULE-BYPASS:logged in"),
+    ("a percent-escape in a value only present reads", "/a", ["theme=%31; ab_bucket=A%42"], None),
 ]
 
 
@@ -77,3 +83,31 @@ def test_explain_says_why_the_request_is_not_cached() -> None:
     trace = explain_trace(RULES, head("/a", ["ab_bucket=A, ab_bucket=B"]), [], time.time(), [])
     assert trace["decision"]["x_cache_status"] == "BYPASS"
     assert "AMBIGUOUS-COOKIE:ab_bucket" in trace["decision"]["cache_status"]
+
+
+PREVIEW = compile_text("""
+    rules:
+      - name: preview
+        match: {cookie: {preview: "1"}}
+        bypass: true
+      - name: beta
+        match: {cookie: {beta: {regex: "^on$"}}}
+        ttl: {200: 1m}
+      - name: pages
+        match: {path: "/**"}
+        ttl: {200: 2m}
+""")
+
+
+@pytest.mark.parametrize(("lines", "detail"), [
+    (["preview=1"], "RULE-BYPASS:preview"),
+    (["preview=%31"], "AMBIGUOUS-COOKIE:preview"),   # ASP.NET Core, PHP, Express, Rack read 1
+    (["preview=1+"], "AMBIGUOUS-COOKIE:preview"),    # PHP reads "1 "
+    (["beta=o%6E"], "AMBIGUOUS-COOKIE:beta"),        # a regex condition compares the value too
+    (["preview=0"], None),
+])
+def test_a_compared_cookie_value_an_origin_may_decode_is_a_bypass(lines: list[str], detail: str | None) -> None:
+    plan = PREVIEW.plan(head("/a", lines))
+    assert plan.bypass is (detail is not None)
+    if detail is not None:
+        assert plan.bypass_detail == detail

@@ -16,6 +16,7 @@ lines) makes the request a bypass: neither looked up nor stored (``AMBIGUOUS-COO
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from aiohttp import web
@@ -140,3 +141,111 @@ async def test_a_bypass_cookie_php_reads_under_another_name_is_never_stored_for_
     assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
     victim = await send_raw(proxy, get("/news"))
     assert victim.body == b"anonymous"
+
+
+# Origins that read a cookie otherwise than by its exact name and raw value.
+CASE_AND_VALUE_RULES = """
+    rules:
+      - name: preview mode is never cached
+        match: {cookie: {preview: "1"}}
+        bypass: true
+      - name: logged-in users skip the cache
+        match: {cookie: {session: present}}
+        bypass: true
+      - name: pages
+        match: {path: "/**"}
+        ttl: {200: 2m}
+        key: {cookies: [bucket]}
+"""
+
+
+def aspnet_cookies(value: str) -> dict[str, str]:
+    """``Request.Cookies`` as ASP.NET Core builds it: names compared ignoring case (nginx's
+    ``$cookie_*`` too), the last pair wins, values percent-decoded (``Uri.UnescapeDataString``)."""
+    jar: dict[str, str] = {}
+    for part in value.split(";"):
+        name, _, v = part.strip().partition("=")
+        if name:
+            jar[name.lower()] = unquote(v)
+    return jar
+
+
+async def aspnet_page(request: web.Request) -> web.Response:
+    jar = aspnet_cookies(request.headers.get("Cookie", ""))
+    who = f"logged in as {jar['session']}" if "session" in jar else "anonymous"
+    draft = " | DRAFT" if jar.get("preview") == "1" else ""
+    return web.Response(text=f"{who} | bucket={jar.get('bucket', '-')}{draft}")
+
+
+async def test_a_session_cookie_spelled_in_another_case_is_never_stored_for_everyone(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """``SESSION`` is no ``session`` to the rules but ASP.NET's: the bypass rule did not hold
+    while the origin rendered the logged-in page, stored for every anonymous visitor."""
+    origin.route("/home", aspnet_page)
+    proxy = await make_proxy(rules=CASE_AND_VALUE_RULES)
+    attack = await send_raw(proxy, get("/home", "Cookie: SESSION=MALLORY"))
+    assert attack.body.startswith(b"logged in as MALLORY")
+    assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
+    assert "AMBIGUOUS-COOKIE:session" in (attack.header("Cache-Status") or "")
+    victim = await send_raw(proxy, get("/home"))
+    assert (victim.x_cache, victim.body) == ("MISS", b"anonymous | bucket=-")
+
+
+@pytest.mark.parametrize("cookie", ["bucket=A; Bucket=EVIL", "BUCKET=EVIL; bucket=A", "Bucket=EVIL"])
+async def test_a_keyed_cookie_spelled_in_another_case_is_not_cached(
+        origin: Origin, make_proxy: MakeProxy, cookie: str) -> None:
+    """``bucket=A; Bucket=EVIL`` was keyed on A while ASP.NET rendered EVIL, served to A's visitors."""
+    origin.route("/ab/x", aspnet_page)
+    proxy = await make_proxy(rules=CASE_AND_VALUE_RULES)
+    attack = await send_raw(proxy, get("/ab/x", f"Cookie: {cookie}"))
+    assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
+    assert "AMBIGUOUS-COOKIE:bucket" in (attack.header("Cache-Status") or "")
+    victim = await send_raw(proxy, get("/ab/x", "Cookie: bucket=A"))
+    assert (victim.x_cache, victim.body) == ("MISS", b"anonymous | bucket=A")
+
+
+@pytest.mark.parametrize("cookie", ["preview=%31", "preview=%31; bucket=A"])
+async def test_a_compared_cookie_value_the_origin_percent_decodes_is_never_stored_for_everyone(
+        origin: Origin, make_proxy: MakeProxy, cookie: str) -> None:
+    """``preview=%31`` did not hold ``preview: "1"`` while the origin read 1 and rendered the
+    draft, stored for everyone."""
+    origin.route("/news", aspnet_page)
+    proxy = await make_proxy(rules=CASE_AND_VALUE_RULES)
+    attack = await send_raw(proxy, get("/news", f"Cookie: {cookie}"))
+    assert attack.body.endswith(b"DRAFT")
+    assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
+    assert "AMBIGUOUS-COOKIE:preview" in (attack.header("Cache-Status") or "")
+    victim = await send_raw(proxy, get("/news", *(["Cookie: bucket=A"] if "bucket" in cookie else [])))
+    assert victim.x_cache == "MISS" and not victim.body.endswith(b"DRAFT"), victim.body
+
+
+def wsgi_cookies(value: str) -> dict[str, str]:
+    """Django's ``parse_cookie`` behind a WSGI server: the field's bytes read as Latin-1 (PEP
+    3333), pairs split at ``;``, name and value ``str.strip``-ped (a no-break space, U+0085 too)."""
+    text = value.encode("utf-8", "surrogateescape").decode("latin-1")
+    jar: dict[str, str] = {}
+    for part in text.split(";"):
+        name, _, v = part.partition("=")
+        if name := name.strip():
+            jar[name] = v.strip()
+    return jar
+
+
+async def wsgi_page(request: web.Request) -> web.Response:
+    session = wsgi_cookies(request.headers.get("Cookie", "")).get("session")
+    return web.Response(text=f"logged in as {session}" if session else "anonymous")
+
+
+@pytest.mark.parametrize("separator", [b"\xa0", b"\x85", b" \xa0"])
+async def test_a_session_cookie_behind_a_byte_past_ascii_is_never_stored_for_everyone(
+        origin: Origin, make_proxy: MakeProxy, separator: bytes) -> None:
+    """A raw 0xA0 arrives as ``\\udca0`` (not UTF-8), which no whitespace pattern matched: the
+    rules saw ``\\udca0session`` while a WSGI origin read ``session`` and rendered its page."""
+    origin.route("/news", wsgi_page)
+    proxy = await make_proxy(rules=MIXED_APP)
+    data = get("/news", "Cookie: a=1;@session=MALLORY").replace(b"@", separator)
+    attack = await send_raw(proxy, data)
+    assert attack.body == b"logged in as MALLORY"
+    assert attack.x_cache == "BYPASS", attack.header("Cache-Status")
+    victim = await send_raw(proxy, get("/news"))
+    assert (victim.x_cache, victim.body) == ("MISS", b"anonymous")
