@@ -76,7 +76,15 @@ from proxy.policy.reply import (
     reply_head,
     served_headers,
 )
-from proxy.policy.request import Forwarder, UpstreamRequest, final_recipient, upstream_request
+from proxy.policy.request import (
+    Forwarder,
+    LookUp,
+    OwnAnswer,
+    PassThrough,
+    UpstreamRequest,
+    decide_request,
+    upstream_request,
+)
 from proxy.policy.reuse import (
     FetchPart,
     FetchWhole,
@@ -255,20 +263,24 @@ class Engine:
     async def handle(self, req: ClientRequest, *, looked_again: bool = False) -> Reply:
         head = req.head
         planned = req.planned
-        if planned is not None and planned.rules is self.rules:
-            plan, key = planned.plan, planned.key  # ``planned``'s, for a GET or HEAD not bypassed
+        if planned is not None and planned.rules is self.rules and req.body is None:
+            # ``planned``'s, for a GET or HEAD not bypassed (the fast path plans none with a body)
+            plan, key = planned.plan, planned.key
         else:
             plan = self.rules.plan(head)
-            if head.method not in ("GET", "HEAD"):
-                if (own := final_recipient(head)) is not None:  # Max-Forwards: 0 (RFC 9110 §7.6.2)
-                    status, reason, allow = own
-                    return self.finish(plan, Reply(status, reason, [
-                        *allow, ("Cache-Status", cache_status(detail="MAX-FORWARDS")),
+            route = decide_request(head, body=req.body is not None,
+                                   bypass=plan.bypass_detail if plan.bypass else None)
+            match route:
+                case LookUp():
+                    key = cache_key(head, plan.key)
+                case PassThrough():
+                    return await self._pass(req, plan, fwd=route.fwd, detail=route.detail)
+                case OwnAnswer():  # Max-Forwards: 0 (RFC 9110 §7.6.2)
+                    return self.finish(plan, Reply(route.status, route.reason, [
+                        *route.fields, ("Cache-Status", cache_status(detail="MAX-FORWARDS")),
                         ("X-Cache-Status", "BYPASS")], b"", 0, "BYPASS", "none"))
-                return await self._pass(req, plan, fwd="method", detail=None)
-            if plan.bypass:
-                return await self._pass(req, plan, fwd="bypass", detail=plan.bypass_detail)
-            key = cache_key(head, plan.key)
+                case _:
+                    assert_never(route)
         # Only a lookup waits for a node whose heartbeat lapsed (what its tiers hold may have been
         # purged meanwhile); a pass-through or an unsafe method goes to the origin as it is.
         cluster = self.cluster
@@ -757,7 +769,8 @@ class Engine:
         return out
 
     async def _pass(self, req: ClientRequest, plan: RequestPlan, *, fwd: str, detail: str | None) -> Reply:
-        """Forward without lookup or store (other methods, rule bypass); invalidate after unsafe ones."""
+        """Forward without lookup or store (other methods, rule bypass, a GET or HEAD with a body:
+        ``decide_request``), the body as it came; invalidate after unsafe ones."""
         head = req.head
         try:
             resp = await self.send(self.upstream(req, None), req.body, relay(req.interim))

@@ -38,7 +38,19 @@ from proxy.policy.reply import (
     reply_head,
     served_headers,
 )
-from proxy.policy.request import Listener, Message, Refusal, normalise_request, parse_url
+from proxy.policy.request import (
+    REQUEST_BODY,
+    Listener,
+    LookUp,
+    Message,
+    PassThrough,
+    Refusal,
+    RequestRoute,
+    carries_body,
+    decide_request,
+    normalise_request,
+    parse_url,
+)
 from proxy.policy.reuse import (
     FetchPart,
     FetchWhole,
@@ -219,6 +231,21 @@ def request_head(req: ExplainRequest) -> RequestHead:
     return head
 
 
+def request_body(req: ExplainRequest) -> bool:
+    """Whether the request described carries a body (its ``Content-Length`` or
+    ``Transfer-Encoding``): a GET or HEAD with one is passed through (``decide_request``)."""
+    return carries_body(CIMultiDict(req.headers))
+
+
+def route_of(head: RequestHead, plan: RequestPlan, body: bool) -> RequestRoute:
+    """The engine's first decision for this request (``decide_request``), from its plan."""
+    return decide_request(head, body=body, bypass=plan.bypass_detail if plan.bypass else None)
+
+
+BODY_WHY = ("the request carries a body (Content-Length over 0, or chunked), which the key never "
+            "reads: it is forwarded with its body, neither looked up, nor coalesced, nor stored")
+
+
 def _rule_label(rule: Rule | None) -> str:
     return f"{rule.name!r} ({rule.where})" if rule is not None else "none (defaults only)"
 
@@ -375,6 +402,8 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
     """The explanation, one line per string."""
     head = request_head(req)
     plan = rules.plan(head)
+    route = route_of(head, plan, request_body(req))
+    looked_up = isinstance(route, LookUp)
     lines = [f"request             {head.method} {head.url}"]
     extra = [f"{k}: {v}" for k, v in head.headers.items() if k.lower() != "host"]
     if extra:
@@ -388,6 +417,8 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
     if head.method not in CACHED_METHODS:
         lines.append(f"  decision            passed to the origin: {head.method} is never looked up "
                      "or stored (X-Cache-Status: BYPASS)")
+    elif not plan.bypass and not looked_up:
+        lines.append(f"  decision            BYPASS: {BODY_WHY} (Cache-Status detail {REQUEST_BODY})")
     elif plan.bypass:
         lines.append(f"  decision            BYPASS: neither looked up nor stored "
                      f"(Cache-Status detail {plan.bypass_detail})")
@@ -412,7 +443,7 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
         names = ", ".join(_rule_label(r) for r in plan.response_rules)
         lines.append(f"  response-dependent  {names} (decide store-time actions when their "
                      "status/content_type holds)")
-    if head.method in CACHED_METHODS and not plan.bypass:
+    if looked_up:
         for status in req.statuses:
             lines.append("")
             lines.extend(_store_lines(head, plan, status, req.response_headers, now))
@@ -654,8 +685,12 @@ def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts
 
 def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str | None,
                   variants: Sequence[StoredVariant], now: float,
-                  parts: Sequence[StoredVariant] = ()) -> dict[str, Any]:
+                  parts: Sequence[StoredVariant] = (), body: bool = False) -> dict[str, Any]:
     """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
+    route = route_of(head, plan, body)
+    if isinstance(route, PassThrough) and route.detail == REQUEST_BODY and not plan.bypass:
+        return {"action": "forward", "fwd": route.fwd, "x_cache_status": "BYPASS",
+                "cache_status": cache_status(fwd=route.fwd, detail=route.detail), "why": BODY_WHY}
     if head.method not in CACHED_METHODS:
         return {"action": "forward", "fwd": "method", "x_cache_status": "BYPASS",
                 "cache_status": cache_status(fwd="method"),
@@ -767,17 +802,18 @@ def _part_json(v: StoredVariant, index: int, now: float) -> dict[str, Any]:
 
 def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVariant], now: float,
                   responses: Sequence[tuple[int, Sequence[tuple[str, str]]]] = (),
-                  parts: Sequence[StoredVariant] = ()) -> dict[str, Any]:
+                  parts: Sequence[StoredVariant] = (), body: bool = False) -> dict[str, Any]:
     """The whole decision trace for one request, as JSON-ready data (``GET /explain``).
 
     ``variants`` are what the store holds under the request's key, in every tier, and
     ``parts`` the parts (206 responses) it holds beside them (``part_key``);
     ``responses`` are hypothetical origin answers (status, headers) to decide storing for.
-    Pure: nothing here touches the origin or the store.
+    ``body``: the request carries a body (``request_body``). Pure: nothing here touches the
+    origin or the store.
     """
     plan = rules.plan(head)
-    cached_method = head.method in CACHED_METHODS
-    key = cache_key(head, plan.key) if cached_method and not plan.bypass else None
+    looked_up = isinstance(route_of(head, plan, body), LookUp)
+    key = cache_key(head, plan.key) if looked_up else None
     selected = select_variant(head, [v.response for v in variants]) if variants else None
     rule_trace = []
     for rule, why, role in _rule_roles(rules, ruled_head(head, plan)):
@@ -786,7 +822,7 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
         else:
             rule_trace.append({"name": rule.name, "where": rule.where, "holds": False, "why": why})
     out: dict[str, Any] = {
-        "request": {"method": head.method, "url": head.url,
+        "request": {"method": head.method, "url": head.url, "body": body,
                     "headers": [[k, v] for k, v in head.headers.items()]},
         "rule": _rule_json(plan.rule),
         "response_rules": [_rule_json(r) for r in plan.response_rules],
@@ -798,10 +834,10 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
         "client_cache_control": plan.options.client_cache_control,
         "stored": [_variant_json(head, plan, v, i, selected, now) for i, v in enumerate(variants)],
         "stored_parts": [_part_json(v, i, now) for i, v in enumerate(parts)],
-        "decision": _now_decision(rules, head, plan, key, variants, now, parts),
+        "decision": _now_decision(rules, head, plan, key, variants, now, parts, body),
         "rules": rule_trace,
     }
-    if responses and cached_method and not plan.bypass:
+    if responses and looked_up:
         out["if_fetched"] = [
             {"status": status, "headers": [list(h) for h in hdrs],
              **_storability(head, plan, status, CIMultiDictProxy(CIMultiDict(hdrs)), now)}

@@ -787,6 +787,87 @@ def final_recipient(head: RequestHead) -> tuple[int, str, HeaderList] | None:
     return 405, "Method Not Allowed", (("Allow", ALLOW),)
 
 
+# The methods looked up in the store (and coalesced, and stored): every other one is passed
+# through. ``proxy.rules.CACHED_METHODS`` is the same set (tests/policy/test_request_route.py).
+LOOKED_UP = frozenset({"GET", "HEAD"})
+# The Cache-Status detail of a GET or HEAD passed through because it carries a body.
+REQUEST_BODY = "REQUEST-BODY"
+
+
+@dataclass(frozen=True, slots=True)
+class LookUp:
+    """A GET or HEAD without a body, not bypassed: looked up, coalesced, stored under its key."""
+
+
+@dataclass(frozen=True, slots=True)
+class PassThrough:
+    """Forwarded as it came, its body too; neither looked up, nor coalesced, nor stored.
+    ``fwd`` and ``detail`` are its Cache-Status parameters (``method``: never cached;
+    ``bypass``: a GET or HEAD the rules bypass, or one that carries a body)."""
+
+    fwd: str
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OwnAnswer:
+    """cachegate answers itself (``final_recipient``: Max-Forwards 0 on an OPTIONS or TRACE)."""
+
+    status: int
+    reason: str
+    fields: HeaderList
+
+
+LOOK_UP = LookUp()
+PASS_METHOD = PassThrough("method")
+PASS_BODY = PassThrough("bypass", REQUEST_BODY)
+RequestRoute = LookUp | PassThrough | OwnAnswer
+
+
+def carries_body(fields: Headers) -> bool:
+    """Whether a request with these fields (as received, before ``normalise_request`` drops
+    ``Transfer-Encoding``) carries a body, as aiohttp's parser frames it: any
+    ``Transfer-Encoding`` (only a single ``chunked`` is accepted), or a ``Content-Length`` over 0.
+    The proxy asks the parser (``body_exists``); ``explain`` asks this.
+
+    >>> [carries_body(f) for f in ({"Content-Length": "12"}, {"Content-Length": "0"},
+    ...                            {"Transfer-Encoding": "chunked"}, {})]
+    [True, False, True, False]
+    """
+    if "Transfer-Encoding" in fields:
+        return True
+    length = digits(fields.get("Content-Length", "").strip(" \t"))
+    return length is not None and length > 0
+
+
+def decide_request(head: RequestHead, *, body: bool, bypass: str | None) -> RequestRoute:
+    """What the proxy does with a request before any lookup: ``body``, it carries a body
+    (``Content-Length`` over 0, or chunked: even an empty chunked one); ``bypass``, the rules'
+    bypass detail, None when they do not bypass it.
+
+    Why a GET or HEAD with a body passes: the key is the URL and the Vary fields, never the
+    body, and a fill sends none. Looked up, such requests (a search API's ``GET /_search``
+    with a JSON query) all got the first one's answer, stored or coalesced, and the origin
+    never saw the query. RFC 9110 §9.3.1 gives such a body no defined meaning, so it is
+    forwarded as it came, and nothing is shared. ``Content-Length: 0`` is no body.
+
+    >>> from multidict import CIMultiDict
+    >>> get = RequestHead("GET", "http", "a", "/_search", CIMultiDict())
+    >>> decide_request(get, body=True, bypass=None)
+    PassThrough(fwd='bypass', detail='REQUEST-BODY')
+    >>> decide_request(get, body=False, bypass=None)
+    LookUp()
+    """
+    if head.method not in LOOKED_UP:
+        own = final_recipient(head)
+        return PASS_METHOD if own is None else OwnAnswer(*own)
+    if bypass is not None:
+        return PassThrough("bypass", bypass)
+    if body:
+        return PASS_BODY
+    return LOOK_UP
+
+
 def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
                      fill: KeySpec | None = None, validators: HeaderList = (),
                      request_id: str = "", preconditions: bool = False) -> UpstreamRequest:

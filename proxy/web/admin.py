@@ -54,7 +54,7 @@ from multidict import MultiMapping
 
 from proxy.admin_client import ADMIN_FIELD
 from proxy.errors import BadRequest, ClientBodyError, ClientGone
-from proxy.explain import ExplainRequest, StoredVariant, explain_trace
+from proxy.explain import ExplainRequest, StoredVariant, explain_trace, request_body
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.live import upstreams_of_workers
@@ -738,15 +738,17 @@ async def explain(request: web.Request) -> web.Response:
     rules = runtime.settings.rules
     plan = rules.plan(head)
     key = cache_key(head, plan.key)
+    body = request_body(req)  # a GET or HEAD with a body is never looked up
     found: dict[str, list[StoredVariant]] = {key: [], part_key(key): []}  # the key's, its parts
-    if head.method in ("GET", "HEAD") and not plan.bypass:
+    if head.method in ("GET", "HEAD") and not plan.bypass and not body:
         copies = [c for c in (await ctx.inspector.copies((), tuple(found))).copies if c.entry.key in found]
         for entry, cs in group_copies(copies):
             tiers = tuple(sorted({c.tier for c in cs}, key=("memory", "disk").index))
             found[entry.key].append(StoredVariant(entry.response, tiers, entry.tags, entry.body_size,
                                                   sum(c.hits or 0 for c in cs if c.tier == "memory")))
     trace = explain_trace(rules, head, found[key], runtime.engine.clock(),
-                          [(s, req.response_headers) for s in req.statuses], found[part_key(key)])
+                          [(s, req.response_headers) for s in req.statuses], found[part_key(key)],
+                          body)
     return web.json_response(trace)
 
 

@@ -251,3 +251,22 @@ async def test_a_request_asking_to_upgrade_is_explained_as_the_proxy_answers_it(
     reply = await ruled.admin("POST", "/explain", json={
         "url": absolute(ruled, "/"), "headers": {"Upgrade": "websocket", "Connection": "Upgrade"}})
     assert reply.status == 200, reply.body
+
+
+async def test_a_get_with_a_body_is_explained_as_the_proxy_passes_it(origin: Origin, ruled: Proxy) -> None:
+    origin.route("/_search", body=b"r", headers={"Cache-Control": "max-age=60"})
+    await ruled.get("/_search")
+    await settle(ruled)
+    url = absolute(ruled, "/_search")
+    trace = js(await ruled.admin("POST", "/explain", json={
+        "url": url, "headers": {"Content-Type": "application/json", "Content-Length": "14"}, "status": 200}))
+    assert trace["request"]["body"] is True and trace["cache_key"] is None and trace["stored"] == []
+    assert "if_fetched" not in trace
+    decision = trace["decision"]
+    assert (decision["action"], decision["x_cache_status"]) == ("forward", "BYPASS")
+    assert decision["cache_status"] == "cachegate; fwd=bypass; detail=REQUEST-BODY"
+    # What the trace predicts is what the proxy does, though the URL's answer is stored.
+    reply = await ruled.get("/_search", data=b'{"q": "alpha"}', headers={"Content-Type": "application/json"})
+    assert reply.x_cache == "BYPASS" and reply.cache_status.endswith("detail=REQUEST-BODY")
+    plain = js(await ruled.admin("POST", "/explain", json={"url": url, "headers": {"Content-Length": "0"}}))
+    assert plain["request"]["body"] is False and plain["decision"]["action"] == "serve"
