@@ -154,7 +154,8 @@ class Upstream:
 
 @dataclass
 class Selector:
-    """Smooth weighted round robin (nginx's algorithm) or least connections per weight."""
+    """Smooth weighted round robin (nginx's algorithm) or least connections per weight, its
+    ties broken by that round robin (as nginx's least_conn)."""
 
     balance: str = "round_robin"
     _current: dict[str, int] = field(default_factory=dict)
@@ -170,7 +171,13 @@ class Selector:
         if len(candidates) == 1:
             return candidates[0]
         if self.balance == "least_conn":
-            return min(candidates, key=lambda u: (u.in_flight / u.weight, -u.weight))
+            # The fewest in flight per weight; ties (every light load: nothing in flight) go by
+            # the smooth weighted round robin below, as nginx's least_conn does. Broken by
+            # order alone, every request of a light load went to one upstream, whatever the weights.
+            least = min(candidates, key=lambda u: u.in_flight / u.weight)
+            candidates = [u for u in candidates if u.in_flight * least.weight == least.in_flight * u.weight]
+            if len(candidates) == 1:
+                return candidates[0]
         total = sum(u.weight for u in candidates)
         best: Upstream | None = None
         for u in candidates:

@@ -42,6 +42,18 @@ def test_least_conn_picks_the_least_loaded_per_weight() -> None:
     assert Selector("least_conn").choose([a, b], 0.0) is a
 
 
+def test_least_conn_breaks_ties_by_weighted_round_robin() -> None:
+    """With nothing in flight every upstream ties: the weights share the load, interleaved, as
+    nginx's least_conn does (the first upstream took every request of a light load)."""
+    ups = [Upstream(URL("http://a"), 1), Upstream(URL("http://b"), 3), Upstream(URL("http://c"), 1)]
+    sel = Selector("least_conn")
+    picks = [sel.choose(ups, 0.0).name for _ in range(10)]  # type: ignore[union-attr]
+    assert [picks.count(u.name) for u in ups] == [2, 6, 2]
+    assert "http://a" in picks[:5] and "http://c" in picks[:5]
+    ups[1].in_flight = 3  # b: 3 of weight 3 = 1 per weight; a and c tie at 0
+    assert {sel.choose(ups, 0.0).name for _ in range(4)} == {"http://a", "http://c"}  # type: ignore[union-attr]
+
+
 def test_unavailable_upstreams_get_no_traffic() -> None:
     a, b = Upstream(URL("http://a")), Upstream(URL("http://b"), healthy=False)
     c = Upstream(URL("http://c"), down_until=100.0)
@@ -312,7 +324,7 @@ async def test_least_conn_is_chosen_per_pool_and_avoids_a_busy_upstream(
         proxy = await started(ups + f"upstream: {{balance: {balance}}}\n")
         assert proxy.runtime.pool.selector.balance == balance
         before = origin.count("/lc"), second.count("/lc")
-        slow = asyncio.ensure_future(proxy.get("/lc"))  # ties go to the first upstream: it is busy now
+        slow = asyncio.ensure_future(proxy.get("/lc"))  # the first turn of the round robin: busy now
         await wait_for(lambda b=before[0]: origin.count("/lc") == b + 1)  # type: ignore[misc]
         for i in range(6):
             await proxy.get(f"/lc?n={i}")  # distinct keys: no coalescing with the slow one
@@ -320,6 +332,28 @@ async def test_least_conn_is_chosen_per_pool_and_avoids_a_busy_upstream(
         # least_conn sends nothing more to the busy upstream; round robin keeps alternating.
         assert origin.count("/lc") - before[0] == 1 + busy_share
         assert second.count("/lc") - before[1] == 6 - busy_share
+
+
+async def test_least_conn_shares_a_light_load_by_weight(
+    origin: Origin, second: Origin, started: Callable[[str], Awaitable[Proxy]]
+) -> None:
+    """Sequential requests leave nothing in flight, so every upstream ties: the weights decide
+    (every request went to one upstream: 90/0/0, or 0/90/0 with weights 1, 3, 1)."""
+    third = Origin()
+    await third.start()
+    try:
+        origins = (origin, second, third)
+        for o in origins:
+            o.route("/lw", body=b"not cached")  # no freshness: every request goes upstream
+        for weights in ((1, 1, 1), (1, 3, 1)):
+            ups = ", ".join(f"{{url: '{o.url}', weight: {w}}}" for o, w in zip(origins, weights, strict=True))
+            proxy = await started(f"upstreams: [{ups}]\nupstream: {{balance: least_conn}}\n")
+            before = [o.count("/lw") for o in origins]
+            for i in range(10 * sum(weights)):
+                assert (await proxy.get(f"/lw?{weights}-{i}")).status == 200
+            assert [o.count("/lw") - b for o, b in zip(origins, before, strict=True)] == [10 * w for w in weights]
+    finally:
+        await third.stop()
 
 
 # -- health ------------------------------------------------------------------------------
