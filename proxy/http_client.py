@@ -152,9 +152,12 @@ class PoolWaitTimeout(UpstreamConnectTimeout):
 
 
 class UpstreamDisconnected(UpstreamConnectError):
-    """The connection closed after the request was sent, before any response byte: most often
-    a keep-alive connection the upstream had just closed. One more try, even on the same
-    upstream, is safe for a request that may be retried at all."""
+    """The connection closed after the request was sent, before any response byte. On a reused
+    keep-alive connection (``reused``, set by the sender) most often one the upstream had just
+    closed: one more try, even on the same upstream, is safe for a request that may be retried
+    at all. On a new one the upstream read the request and dropped it: an ordinary failure."""
+
+    reused = False
 
 
 class UpstreamReadTimeout(UpstreamTimeout):

@@ -36,9 +36,10 @@ Health:
 A request is retried on another upstream only when the connection failed before
 any response byte arrived (refused, reset, closed with nothing read, or a connect
 timeout), only for idempotent methods (unless ``retry_non_idempotent``), and never
-when the request body was streamed. A connection that closes with nothing read
-gets one more try besides, on any upstream (the same one when it is alone): that is
-a keep-alive connection closed by the upstream as the request left. A 5xx
+when the request body was streamed. A reused connection that closes with nothing read
+gets one more try besides, on another upstream (the same one when no other is up): that
+is a keep-alive connection closed by the upstream as the request left. A new connection
+closed so is a failed try like any other (the upstream dropped that request). A 5xx
 answer, a read timeout or a connection that closes part-way through the response
 head is not retried: the upstream may have acted on the request.
 
@@ -552,12 +553,17 @@ class UpstreamPool:
         streamed = body is not None and not isinstance(body, bytes)
         retryable = not streamed and (method in IDEMPOTENT or self.settings.retry_non_idempotent)
         attempts = 1 + (self.settings.retries if retryable else 0)
-        reconnect = retryable  # one try more after a connection closed with nothing read
+        reconnect = retryable  # one try more after a reused connection closed with nothing read
+        again: str | None = None  # that try's upstream: tried again only when no other is up
         tried: set[str] = set()
         last: UpstreamError | None = None
         try:
             while attempts > 0:
-                upstream = self.selector.choose(self.upstreams, self._clock(), frozenset(tried))
+                exclude = frozenset(tried)
+                upstream = self.selector.choose(self.upstreams, self._clock(), exclude)
+                if upstream is None and again is not None:  # alone: the same upstream
+                    upstream = self.selector.choose(self.upstreams, self._clock(), exclude - {again})
+                again = None
                 if upstream is None:
                     if last is not None:
                         raise last
@@ -567,9 +573,12 @@ class UpstreamPool:
                     return await self._send_once(upstream, method, target, headers, body, on_interim)
                 except UpstreamDisconnected as exc:
                     last = exc
-                    if reconnect:
+                    if reconnect and exc.reused:
+                        # A keep-alive connection the upstream closed as the request left: not
+                        # counted as a try. A new connection dropped is (it was the upstream's
+                        # answer to that request: sent retries + 2 times, to each upstream again).
                         reconnect = False
-                        tried.discard(upstream.name)
+                        again = upstream.name
                         continue
                     attempts -= 1
                 except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
@@ -622,6 +631,8 @@ class UpstreamPool:
             raise
         except UpstreamError as exc:
             exc.upstream = upstream.name
+            if isinstance(exc, UpstreamDisconnected):
+                exc.reused = conn is not None and not fresh
             self._done(upstream)
             cause = passive_failure(exc, conn, fresh)
             if cause is not None:

@@ -603,32 +603,50 @@ async def test_retries_happen_only_before_any_response_byte_and_not_for_5xx(
     assert origin.count("/five") == 2
 
 
-async def test_a_connection_closed_before_any_byte_gets_one_more_try_even_with_one_upstream(
+async def test_a_keep_alive_connection_closed_as_the_request_left_gets_one_more_try_even_alone(
     make_proxy: MakeProxy
 ) -> None:
-    requests: list[int] = []
+    async def first_connection_dropped_on_reuse(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+        await conn.request()
+        if conn.index == 0:
+            return  # as a keep-alive connection the server has just dropped: closed, nothing sent
+        await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            requests.append(1)
-            if len(requests) % 2:  # as a keep-alive connection the server has just dropped
-                writer.close()
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[url])
-        reply = await proxy.get("/k")
+    async with raw_origins() as start:
+        lone = await start(first_connection_dropped_on_reuse)
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[lone.url])
+        assert (await proxy.get("/a")).status == 200
+        reply = await proxy.get("/b")
         assert (reply.status, reply.body) == (200, b"ok")
-        assert len(requests) == 2
-    finally:
-        server.close()
-        await server.wait_closed()
+        assert lone.targets() == [(0, "GET", "/a"), (0, "GET", "/b"), (1, "GET", "/b")]
+
+
+async def test_a_request_dropped_by_the_upstream_is_sent_once_per_try(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """A new connection closed after the request was read (an app or WAF dropping it) is a
+    failed try, not a keep-alive connection the upstream had closed: one GET went retries + 2
+    times, to one upstream twice while others were up; and a reused connection dropped gets its
+    one more try on another upstream when one is up."""
+    async with raw_origins() as start:
+        origins = [await start(_answer_by_path) for _ in range(3)]
+        config = "upstream: {retries: 1, passive: {failures: 0}}\n"
+        proxy = await make_proxy(config=config, upstreams=[o.url for o in origins], directory=tmp_path / "3")
+        assert (await proxy.get("/close")).status == 502
+        assert sorted(len(o.requests) for o in origins) == [0, 1, 1]  # two tries, two upstreams
+
+        alone = await start(_answer_by_path)
+        proxy = await make_proxy(config=config, upstreams=[alone.url], directory=tmp_path / "1")
+        assert (await proxy.get("/close")).status == 502
+        assert len(alone.requests) == 1  # no other upstream to retry on
+
+        a, b = await start(_answer_by_path), await start(_answer_by_path)
+        proxy = await make_proxy(config=config, upstreams=[a.url, b.url], directory=tmp_path / "2")
+        assert [(await proxy.get(f"/ok?{i}")).status for i in range(2)] == [200, 200]  # one pooled each
+        assert (await proxy.get("/close?warm")).status == 502
+        # a's pooled connection dropped (the one more try) goes to b, not to a again
+        assert [t for _, _, t in a.targets()].count("/close?warm") == 1
+        assert [t for _, _, t in b.targets()].count("/close?warm") == 1
 
 
 async def test_post_is_retried_only_when_configured_and_its_body_was_not_streamed(
