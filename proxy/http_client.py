@@ -145,8 +145,9 @@ class UpstreamConnectTimeout(UpstreamTimeout):
 class PoolWaitTimeout(UpstreamConnectTimeout):
     """No pooled connection came free within the connect timeout (every one of ``pool_size`` is
     busy): cachegate's own limit was reached and no connection was tried, so it says nothing of
-    the upstream's state (passive health does not hold it against the upstream). The client is
-    told so, not that a connect timed out. Same ``kind`` (``connect_timeout``) and 504."""
+    the upstream's state (passive health does not hold it against the upstream), and it is not
+    retried (the wait already lasted a connect timeout). The client is told so, not that a
+    connect timed out. Same ``kind`` (``connect_timeout``) and 504."""
 
     public = "no free connection to the origin server within the connect timeout (every pooled one was busy)"
 

@@ -35,6 +35,7 @@ Health:
 
 A request is retried on another upstream only when the connection failed before
 any response byte arrived (refused, reset, closed with nothing read, or a connect
+timeout; not a wait for a free pooled connection in vain, already as long as a connect
 timeout), only for idempotent methods (unless ``retry_non_idempotent``), and never
 when the request body was streamed. A reused connection that closes with nothing read
 gets one more try besides, on another upstream (the same one when no other is up): that
@@ -581,6 +582,10 @@ class UpstreamPool:
                         again = upstream.name
                         continue
                     attempts -= 1
+                except PoolWaitTimeout:
+                    # ``pool_size`` busy for the whole connect timeout: the 504 now, not after
+                    # waiting as long again for another upstream's pool (nothing was tried).
+                    raise
                 except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
                     last = exc
                     attempts -= 1
@@ -604,8 +609,7 @@ class UpstreamPool:
         host = self._hosts.get(upstream.name)
         if host is None:
             raise UpstreamConnectError(f"{upstream.name}: pool not started")
-        upstream.in_flight += 1
-        upstream.requests += 1
+        upstream.in_flight += 1  # waiting for a pooled connection too (least_conn avoids it)
         t = self.settings.timeouts
         conn: UpstreamConnection | None = None
         fresh = False  # a new connection (else one reused from the pool)
@@ -618,6 +622,7 @@ class UpstreamPool:
             else:
                 stream = body
             conn = await host.acquire()
+            upstream.requests += 1  # held a connection: not a wait for one in vain (GET /upstreams)
             fresh = conn.exchange == 0
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",
                                       read_timeout=t.read, total_deadline=total_deadline,

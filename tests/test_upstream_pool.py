@@ -788,6 +788,39 @@ async def test_waiting_for_a_free_pooled_connection_in_vain_takes_no_upstream_ou
         assert [(await proxy.get(f"/ok?{i}")).status for i in range(2)] == [200] * 2
 
 
+async def test_a_wait_for_a_free_pooled_connection_is_one_connect_timeout_and_no_request(
+    make_proxy: MakeProxy
+) -> None:
+    """A request that waited ``timeouts.connect`` in vain for a free pooled connection gets its
+    504 then: it waited as long again for the next upstream's pool (each retry one more connect
+    timeout). And only requests that held a connection count in ``GET /upstreams``' requests
+    (those that waited in vain counted, though the origin never saw them)."""
+    release = asyncio.Event()
+
+    async def held(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if request.target.startswith("/held"):
+                await release.wait()
+            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+
+    async with raw_origins() as start:
+        a, b = await start(held), await start(held)
+        proxy = await make_proxy(config="upstream: {pool_size: 1, timeouts: {connect: 150ms}, retries: 1}\n",
+                                 upstreams=[a.url, b.url])
+        busy = [asyncio.ensure_future(proxy.get(f"/held?{i}")) for i in range(2)]
+        await wait_for(lambda: len(a.requests) + len(b.requests) == 2)
+        waited = await asyncio.gather(*(proxy.get(f"/w?{i}") for i in range(2)))
+        assert [r.status for r in waited] == [504, 504]
+        release.set()
+        assert [(await f).status for f in busy] == [200, 200]
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        waits = re.findall(r'cachegate_upstream_errors_total{kind="connect_timeout",upstream="[^"]+"} (\d+)', metrics)
+        assert sum(float(n) for n in waits) == 2  # one pool's wait each, not one per upstream
+        upstreams = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"]
+        assert [u["requests"] for u in upstreams] == [len(a.requests), len(b.requests)] == [1, 1]
+
+
 async def test_a_url_the_app_drops_takes_out_one_upstream_of_two_not_both(make_proxy: MakeProxy) -> None:
     """A new connection closed before any answer (an app or WAF dropping one URL, nginx's 444)
     counts against the upstream, and the retry on the other one counts there: three requests
