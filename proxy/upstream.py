@@ -18,7 +18,8 @@ Health:
   a timeout, the TLS verification failure) in the take-out log line and as
   ``last_error`` in ``GET /upstreams``;
 - passive: ``passive.failures`` consecutive passive failures take it out for
-  ``passive.cooldown`` (by default only in pools of two or more: like nginx's
+  ``passive.cooldown``, once (the failures of requests still in flight then are only counted)
+  (by default only in pools of two or more: like nginx's
   max_fails, a single upstream is never taken out unless ``passive:`` is
   configured). ``passive_failure`` sorts an exchange's failure: before the request
   was written (refused, a connect timeout, a TLS handshake that failed: ``CONNECT``)
@@ -391,15 +392,21 @@ class UpstreamPool:
     def _passive_failure(self, upstream: Upstream, kind: str, cause: str) -> None:
         """A passive failure (``passive_failure``: ``CONNECT`` or ``RESPONSE``, a 502/503/504 is
         ``RESPONSE``): counted, and ``passive.failures`` in a row take the upstream out, those
-        of ``RESPONSE`` only as far as ``_may_take_out`` allows."""
+        of ``RESPONSE`` only as far as ``_may_take_out`` allows.
+
+        One already out (``down_until`` ahead) is only counted: the requests that were in flight
+        when it was taken out fail in turn, and each took it out again (one more warning, the
+        cool-down restarted: 9 within a millisecond for one outage)."""
         self._error(upstream, kind)
         passive = self.settings.passive
         if passive.failures <= 0 or (len(self.upstreams) == 1 and not passive.configured):
             return
+        now = self._clock()
+        if now < upstream.down_until:
+            return
         upstream.passive_failures += 1
         if upstream.passive_failures < passive.failures:
             return
-        now = self._clock()
         if cause == RESPONSE and not self._may_take_out(upstream, now):
             # Still counted (consecutive): once enough others are up again, the next one takes it out.
             log.debug("upstream %s: %d consecutive failures, but it stays up: failures after the request "

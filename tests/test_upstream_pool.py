@@ -926,6 +926,50 @@ async def test_a_lone_upstream_is_taken_out_by_refused_connections_only(make_pro
         assert down.status == 503 and "detail=NO-UPSTREAM" in down.cache_status
 
 
+def test_failures_of_an_upstream_already_out_neither_restart_its_cooldown_nor_count_towards_the_next() -> None:
+    now = [0.0]
+    pool = UpstreamPool(tuple(UpstreamSettings(URL(f"http://{n}")) for n in "ab"),
+                        PoolSettings(passive=PassiveHealth(failures=2, cooldown=10.0)), clock=lambda: now[0])
+    a = pool.upstreams[0]
+    for _ in range(2):
+        pool._passive_failure(a, "connect", CONNECT)
+    assert a.down_until == 10.0
+    now[0] = 5.0
+    for _ in range(5):  # the requests in flight when it was taken out
+        pool._passive_failure(a, "connect", CONNECT)
+    assert (a.down_until, a.passive_failures, a.failures) == (10.0, 0, 7)
+    now[0] = 10.0  # back: it takes `failures` new ones to take it out again
+    pool._passive_failure(a, "connect", CONNECT)
+    assert a.available(now[0])
+    pool._passive_failure(a, "connect", CONNECT)
+    assert a.down_until == 20.0
+
+
+async def test_one_outage_takes_an_upstream_out_once(make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """The requests in flight to an upstream fail together: the first ``failures`` of them take
+    it out, the rest only count (each said "marked down" again and restarted the cool-down)."""
+    release = asyncio.Event()
+
+    async def dropping(conn: Conn) -> None:
+        await conn.request()
+        await release.wait()  # then closed without an answer
+
+    async with raw_origins() as start:
+        good, bad = await start(_answer_by_path), await start(dropping)
+        proxy = await make_proxy(config="upstream: {passive: {failures: 3, cooldown: 30s}, retries: 0}\n",
+                                 upstreams=[good.url, bad.url])
+        caplog.set_level("WARNING", logger="cachegate.upstream")
+        replies = [asyncio.ensure_future(proxy.get(f"/d?{i}")) for i in range(12)]
+        await wait_for(lambda: len(bad.requests) == 6)
+        release.set()
+        assert sorted([(await r).status for r in replies]) == [200] * 6 + [502] * 6
+        marks = [r.getMessage() for r in caplog.records if "marked down" in r.getMessage()]
+        assert marks == [f"upstream {bad.url} marked down for 30s after 3 consecutive failures"]
+        upstreams = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"]
+        assert upstreams[1]["failures"] == 6 and upstreams[1]["passive"]["consecutive_failures"] == 0
+        assert not upstreams[1]["available"]
+
+
 def test_failures_after_the_request_was_sent_leave_at_least_half_the_upstreams_up() -> None:
     """Upstreams down for any reason count: a refused connection or an active check takes an
     upstream out whatever the cap, and then response failures take out none more."""
