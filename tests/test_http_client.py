@@ -262,8 +262,11 @@ async def test_request_bodies_are_framed_by_what_is_really_sent(
     assert b"Content-Length: 7" in up.heads[-1] and up.bodies[-1] == b"payload"
     assert (await proxy.request("POST", "/chunked", data=chunks())).status == 200
     assert b"Transfer-Encoding: chunked" in up.heads[-1] and up.bodies[-1] == b"abcdef"
-    # A GET with a body is filled without it: no Content-Length may go with no body.
-    assert (await proxy.request("GET", "/get", data=b"ignored")).status == 200
+    # A GET with a body is passed through with it; one with an empty body is filled without
+    # one: no Content-Length may go with no body.
+    assert (await proxy.request("GET", "/get", data=b"passed")).status == 200
+    assert b"Content-Length: 6" in up.heads[-1] and up.bodies[-1] == b"passed"
+    assert (await proxy.request("GET", "/get", data=b"", headers={"Content-Length": "0"})).status == 200
     assert b"Content-Length" not in up.heads[-1]
     assert (await proxy.request("POST", "/empty")).status == 200
     assert b"Content-Length: 0" in up.heads[-1]
