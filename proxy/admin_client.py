@@ -1,10 +1,14 @@
-"""A small client for the admin API, used by ``cachegate purge`` (standard library only).
+"""A small client for the admin API, used by ``cachegate purge``, ``top`` and ``health``
+(standard library only).
 
-It speaks JSON to the admin listener with the token in ``Authorization: Bearer``
-and turns every failure (refused connection, timeout, a 3xx/4xx/5xx answer) into one
-``AdminClientError`` whose message is what the server said, shown as ``proxy.shown`` shows
-text from elsewhere (a terminal control in it is written as an escape, never sent to the
-operator's terminal as it is). The timeout bounds the whole
+Before it sends the token it makes sure the address is the admin listener's
+(``AdminAPI.check``: an unauthenticated ``GET /healthz`` whose answer must carry
+``Cachegate-Admin``, and no field the client listener adds to what it relays); then it speaks
+JSON to the admin listener with the token in ``Authorization: Bearer``, refuses any answer that
+is not the admin listener's own, and turns every failure (refused connection, timeout, a
+3xx/4xx/5xx answer) into one ``AdminClientError`` whose message is what the server said, shown
+as ``proxy.shown`` shows text from elsewhere (a terminal control in it is written as an escape,
+never sent to the operator's terminal as it is). The timeout bounds the whole
 exchange, not each read: an answer dripped slowly still ends at it. A redirect is not followed: the
 request carries the token, which must reach the admin listener named and nothing else.
 """
@@ -142,18 +146,94 @@ def _handlers(deadline: _Deadline) -> list[urllib.request.BaseHandler]:
     return [Handler(), TLSHandler()]
 
 
+def not_admin(base: str, method: str, path: str, fields: Message, why: str, unsent: bool = False) -> str:
+    """The message for an answer that is not the admin listener's own (``relayed`` says why):
+    the address is a mix-up (the client listener's port, another server), so say so rather
+    than print what some other server said as if cachegate had said it."""
+    older = (f"; a cachegate started before an upgrade to this version sends no {ADMIN_FIELD}: "
+             "restart it" if fields.get(ADMIN_FIELD) is None else "")
+    asked = f"{method} {path.split('?')[0]}"
+    unsent_note = " (the admin token was not sent to it)" if unsent else ""
+    return (f"{base.rstrip('/')} is not cachegate's admin endpoint{unsent_note}: its answer to {asked} "
+            f"has {why} (the admin listener marks every answer with {ADMIN_FIELD}: 1; the client "
+            "listener adds X-Cache-Status and Cache-Status to what it relays): give the address of "
+            f"admin.listen, not the client listener's or another server's{older}")
+
+
+class AdminAPI:
+    """The admin API at ``base`` for one command's run (``cachegate purge``, ``top``).
+
+    Before its first request it asks ``GET /healthz`` without the token (never behind it) and
+    goes on only if the admin listener answered (``relayed``): an address mixed up with the
+    client listener's, or another server's, would otherwise get the token (relayed to an origin,
+    which may log it) and answer something that reads as success. Every answer after that must
+    be the admin listener's own too. One extra round trip per run; ``top`` keeps one instance."""
+
+    def __init__(self, base: str, token: str | None, timeout: float = 60.0) -> None:
+        self.base = base
+        self.token = token
+        self.timeout = timeout
+        self._checked = False
+
+    def check(self) -> None:
+        """GET /healthz without the token, whatever its status (503 while starting is still the
+        admin listener); AdminClientError, naming the address, unless the admin listener answered."""
+        _, _, _, fields = _exchange(self.base, "GET", "/healthz", None, None, self.timeout)
+        why = relayed(fields)
+        if why is not None:
+            raise AdminClientError(not_admin(self.base, "GET", "/healthz", fields, why, bool(self.token)))
+        self._checked = True
+
+    def call(self, method: str, path: str, body: Any) -> str:
+        """Send ``body`` as JSON; the answer's text on 2xx (as the server sent it: what prints
+        it shows it with ``shown``), else AdminClientError with the error."""
+        return self.call_answer(method, path, body)[0]
+
+    def call_answer(self, method: str, path: str, body: Any) -> tuple[str, Message]:
+        """``call``, with the answer's header fields too."""
+        _sendable(self.token)  # said before any request, as a bad token, not a bad address
+        if not self._checked:
+            self.check()
+        return call_admin_answer(self.base, method, path, body, self.token, self.timeout)
+
+
 def call_admin(base: str, method: str, path: str, body: Any, token: str | None,
                timeout: float = 60.0) -> str:
-    """Send ``body`` as JSON; the answer's text on 2xx (as the server sent it: what prints it
-    shows it with ``shown``), else AdminClientError with the error.
-    ``timeout`` bounds the whole exchange, from connecting to the answer's last byte."""
-    return call_admin_answer(base, method, path, body, token, timeout)[0]
+    """One call through a fresh ``AdminAPI`` (its /healthz check first)."""
+    return AdminAPI(base, token, timeout).call(method, path, body)
 
 
 def call_admin_answer(base: str, method: str, path: str, body: Any, token: str | None,
-                      timeout: float = 60.0) -> tuple[str, Message]:
-    """``call_admin``, with the answer's header fields too (``cachegate health`` tells the admin
-    listener's /healthz from a relayed one by them)."""
+                      timeout: float = 60.0, *, own: bool = True) -> tuple[str, Message]:
+    """One request, no /healthz check first (``AdminAPI`` makes it): the answer's text and
+    header fields on 2xx, else AdminClientError with the error. With ``own``, an answer (2xx
+    or not) that is not the admin listener's (``relayed``) is an AdminClientError naming the
+    address; ``cachegate health`` passes False and tells such answers apart itself.
+    ``timeout`` bounds the whole exchange, from connecting to the answer's last byte."""
+    status, reason, text, fields = _exchange(base, method, path, body, token, timeout)
+    why = relayed(fields) if own else None
+    if why is not None:
+        raise AdminClientError(not_admin(base, method, path, fields, why))
+    if 200 <= status < 300:
+        return text, fields
+    try:
+        message = json.loads(text).get("error", text)
+    except (ValueError, AttributeError):
+        message = text.strip() or reason
+    raise AdminClientError(f"{status} {reason}: {message}")
+
+
+def _sendable(token: str | None) -> None:
+    problem = unsendable(token) if token else None
+    if problem is not None:  # urllib's ValueError would read as a bad URL
+        raise AdminClientError(f"the admin token {problem}, which no client can send in an "
+                               "Authorization field; remove it")
+
+
+def _exchange(base: str, method: str, path: str, body: Any, token: str | None,
+              timeout: float) -> tuple[int, str, str, Message]:
+    """One request: the answer's status, reason, text and header fields, whatever the status;
+    AdminClientError when there is no whole answer (unreachable, a redirect, the deadline)."""
     data = json.dumps(body).encode() if body is not None else None
     try:
         request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
@@ -161,10 +241,7 @@ def call_admin_answer(base: str, method: str, path: str, body: Any, token: str |
         raise AdminClientError(f"bad admin URL {base!r}: {exc}") from None
     request.add_header("Content-Type", "application/json")
     if token:
-        problem = unsendable(token)
-        if problem is not None:  # urllib's ValueError would read as a bad URL
-            raise AdminClientError(f"the admin token {problem}, which no client can send in an "
-                                   "Authorization field; remove it")
+        _sendable(token)
         # As UTF-8, as curl sends it and the admin API reads it (http.client writes Latin-1).
         request.add_header("Authorization", f"Bearer {token}".encode().decode("latin-1"))
     deadline = _Deadline(timeout)
@@ -174,11 +251,12 @@ def call_admin_answer(base: str, method: str, path: str, body: Any, token: str |
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
                                              *_handlers(deadline))
         with opener.open(request, timeout=timeout) as resp:
-            text = resp.read()
+            raw = resp.read()
             fields: Message = resp.headers
+            status, reason = int(resp.status), str(resp.reason)
         if deadline.expired:
             raise late
-        return str(text.decode(errors="replace")), fields
+        return status, reason, str(raw.decode(errors="replace")), fields
     except urllib.error.HTTPError as exc:
         if deadline.expired:
             raise late from None
@@ -188,11 +266,7 @@ def call_admin_answer(base: str, method: str, path: str, body: Any, token: str |
             text = ""
         if deadline.expired:
             raise late from None
-        try:
-            message = json.loads(text).get("error", text)
-        except (ValueError, AttributeError):
-            message = text.strip() or exc.reason
-        raise AdminClientError(f"{exc.code} {exc.reason}: {message}") from None
+        return exc.code, str(exc.reason), text, exc.headers
     except urllib.error.URLError as exc:
         if deadline.expired:
             raise late from None

@@ -89,7 +89,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Call ``POST /purge`` on the admin API; print its JSON answer, or its error and exit 1."""
-    from proxy.admin_client import AdminClientError, call_admin
+    from proxy.admin_client import AdminAPI, AdminClientError
     from proxy.shown import shown
 
     spec: dict[str, Any] = {}
@@ -111,9 +111,15 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return where
     base, token = where
     try:
-        answer = call_admin(base, "POST", "/purge", spec, token, timeout=args.timeout)
+        answer = AdminAPI(base, token, args.timeout).call("POST", "/purge", spec)
     except AdminClientError as exc:
         print(f"cachegate purge: {_unreachable(args, str(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not _purge_result(answer):
+        # The admin listener's own answer, but not a purge's result: nothing is known to be purged.
+        print(f"cachegate purge: the admin API at {shown(base)} answered POST /purge with something "
+              f'that is not a purge\'s result (a JSON object with "purged" and "soft"): '
+              f'"{shown(answer.strip()[:80], keep="")}"; nothing is known to be purged', file=sys.stderr)
         return EXIT_FAILURE
     print(shown(answer))  # the server's answer: a terminal control in it is printed escaped
     missing = _missing_nodes(answer)
@@ -124,6 +130,18 @@ def cmd_purge(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _purge_result(answer: str) -> bool:
+    """Whether ``answer`` is what POST /purge answers: ``{"purged": N, "soft": BOOL, ...}``."""
+    import json
+
+    try:
+        result = json.loads(answer, strict=False)  # (a control in a string is shown escaped)
+    except ValueError:
+        return False
+    return (isinstance(result, dict) and type(result.get("purged")) is int
+            and isinstance(result.get("soft"), bool))
 
 
 def _missing_nodes(answer: str) -> list[str]:
@@ -361,7 +379,8 @@ def cmd_health(args: argparse.Namespace) -> int:
         return where
     base = where[0]
     try:
-        text, fields = call_admin_answer(base, "GET", "/healthz", None, None, timeout=args.timeout)
+        text, fields = call_admin_answer(base, "GET", "/healthz", None, None, timeout=args.timeout,
+                                         own=False)
     except AdminClientError as exc:
         print(f"cachegate health: {_unreachable(args, str(exc))}", file=sys.stderr)
         return EXIT_FAILURE

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from proxy.admin_client import AdminClientError, call_admin
+from proxy.admin_client import AdminAPI, AdminClientError
 from proxy.shown import same_width, shown
 
 STATUS_ORDER = ("HIT", "STALE", "UPDATING", "REVALIDATED", "EXPIRED", "MISS", "BYPASS", "ERROR")
@@ -217,6 +217,8 @@ class Feed:
 
     def __init__(self, options: TopOptions) -> None:
         self.options = options
+        # One for the whole run: the admin listener is checked once, before the token is sent.
+        self.api = AdminAPI(options.admin, options.token, max(2.0, options.interval * 2))
         self.points: list[dict[str, Any]] = []
         self.seq = 0
         self.instance: str | None = None  # the id of the admin process the points came from
@@ -226,8 +228,7 @@ class Feed:
         self._has_cluster = True
 
     def _get(self, path: str) -> Any:
-        text = call_admin(self.options.admin, "GET", path, None, self.options.token,
-                          timeout=max(2.0, self.options.interval * 2))
+        text = self.api.call("GET", path, None)
         try:
             return json.loads(text)
         except ValueError:

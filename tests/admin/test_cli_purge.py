@@ -153,10 +153,14 @@ async def test_a_cluster_purge_not_acknowledged_by_every_node_prints_its_answer_
 
     async def purge(request: web.Request) -> web.Response:
         return web.json_response({"purged": 3, "nodes": {"a": {"purged": 3}}, "missing": ["b"],
-                                  "soft": False}, status=202)
+                                  "soft": False}, status=202, headers={"Cachegate-Admin": "1"})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"}, headers={"Cachegate-Admin": "1"})
 
     app = web.Application()
     app.router.add_post("/purge", purge)
+    app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app)
     await runner.setup()
     with socket.socket() as s:
@@ -194,8 +198,12 @@ async def test_a_redirect_is_not_followed_so_the_token_stays_with_the_admin_list
             async def redirect(request: web.Request, status: int = status) -> web.Response:
                 return web.Response(status=status, headers={"Location": target_url + "/purge"})
 
+            async def healthz(request: web.Request) -> web.Response:
+                return web.json_response({"status": "ok"}, headers={"Cachegate-Admin": "1"})
+
             app = web.Application()
             app.router.add_post("/purge", redirect)
+            app.router.add_get("/healthz", healthz)
             runner = web.AppRunner(app)
             runners.append(runner)
             await runner.setup()
@@ -239,3 +247,77 @@ async def test_a_bad_admin_url_timeout_or_status_is_a_one_line_usage_error(origi
     assert (await proxy.get("/a")).x_cache == "HIT"  # no purge was sent
     code, _, err = await cachegate("health", "--admin", admin, "--timeout", "5")
     assert (code, err) == (0, "")
+
+
+async def test_an_address_that_is_not_the_admin_listener_never_gets_the_token(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """``purge --admin <the client listener>`` (a port mix-up) sent POST /purge with the token:
+    the client listener relayed both to the origin, which answered 200, and the command printed
+    that and exited 0 with nothing purged; another server's ``<html>ok</html>`` did the same.
+    ``purge`` and ``top`` now first ask GET /healthz without the token and go on only when the
+    admin listener answered it (``Cachegate-Admin``, nothing the client listener adds)."""
+    from aiohttp import web
+
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    await cached(origin, proxy, "/a")
+    # An origin that answers as cachegate's admin listener would, marker included.
+    marked = {"Content-Type": "application/json", "Cachegate-Admin": "1"}
+    origin.route("/healthz", body='{"status": "ok"}', headers=marked)
+    origin.route("/purge", body='{"purged": 5, "soft": false}', headers=marked)
+    origin.route("/console/api/live", body="{}", headers=marked)
+
+    seen: list[str | None] = []
+
+    async def other(request: web.Request) -> web.Response:  # an unrelated server: 200 to anything
+        seen.append(request.headers.get("Authorization"))
+        return web.Response(text="<html>ok</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", other)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    elsewhere = "http://{}:{}".format(*runner.addresses[0][:2])
+    try:
+        for address in (proxy.url, elsewhere):
+            for command in (["purge", "--all"], ["purge", absolute(proxy, "/a")], ["top", "--once"]):
+                code, out, err = await cachegate(*command, "--admin", address,
+                                                 env={"CACHEGATE_ADMIN_TOKEN": TOKEN})
+                assert (code, out) == (1, ""), (command, address, out, err)
+                assert (f"{address} is not cachegate's admin endpoint (the admin token was not sent to it): "
+                        "its answer to GET /healthz has no Cachegate-Admin field") in err, err
+                assert "give the address of admin.listen" in err and "Traceback" not in err, err
+        assert seen and seen == [None] * len(seen)
+    finally:
+        await runner.cleanup()
+    assert [s for s in origin.seen if "Authorization" in s.headers] == []
+    assert not any(s.path == "/purge" for s in origin.seen)
+    assert (await proxy.get("/a")).x_cache == "HIT"  # nothing was purged, and nothing said it was
+    # The admin listener itself still works, token and all.
+    code, out, err = await cachegate("purge", "--admin", proxy.admin_url, absolute(proxy, "/a"),
+                                     env={"CACHEGATE_ADMIN_TOKEN": TOKEN})
+    assert (code, json.loads(out)) == (0, {"purged": 1, "soft": False}), err
+
+
+async def test_a_marked_answer_to_purge_that_is_not_a_purge_result_is_an_error() -> None:
+    """An answer that carries the admin listener's mark but is not ``{"purged": N, "soft": ...}``
+    does not say anything was purged: exit 1, naming the address and what it answered."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        text = '{"status": "ok"}' if request.path == "/healthz" else "<html>ok</html>"
+        return web.Response(text=text, headers={"Cachegate-Admin": "1"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    admin = "http://{}:{}".format(*runner.addresses[0][:2])
+    try:
+        code, out, err = await cachegate("purge", "--admin", admin, "--all")
+    finally:
+        await runner.cleanup()
+    assert (code, out) == (1, "")
+    assert (f"cachegate purge: the admin API at {admin} answered POST /purge with something that is "
+            "not a purge's result") in err and '"<html>ok</html>"' in err, err

@@ -306,7 +306,7 @@ class BadAdmin:
         if kind in ("escapes", "escapes 401"):  # a window title, a cleared screen, red
             return web.json_response({"error": "bad " + HOSTILE}, status=400 if kind == "escapes" else 401)
         if kind == "escapes 200":
-            return web.Response(text='{"purged": 0, "note": "' + HOSTILE + '"}', content_type="application/json")
+            return web.Response(text='{"purged": 0, "soft": false, "note": "' + HOSTILE + '"}', content_type="application/json")
         if kind == "partial":
             return web.json_response({"seq": 1, "points": []})
         if kind == "wrong types":
@@ -335,9 +335,19 @@ class BadAdmin:
 
 @contextlib.asynccontextmanager
 async def serving(app: Any) -> Any:
-    """``app`` on a loopback port of its own; its URL."""
+    """``app`` on a loopback port of its own, answering as the admin listener does (every answer
+    marked ``Cachegate-Admin: 1``, a GET /healthz that says ok, which top and purge ask first);
+    its URL."""
     from aiohttp import web
 
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def mark(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Cachegate-Admin"] = "1"
+
+    app.router.add_get("/healthz", healthz)
+    app.on_response_prepare.append(mark)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
