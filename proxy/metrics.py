@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import collections
 import gc
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -531,11 +532,31 @@ class ClusterMetrics:
         families: dict[str, Metric] = {}
         for name, (kind, doc) in types.items():
             families[name] = Metric(name, doc, kind)
-        for (name, sample, labels), value in sorted(sums.items()):
+        for (name, sample, labels), value in sorted(sums.items(), key=lambda kv: exposition_order(kv[0])):
             if name in MEAN_GAUGES and counts.get((name, sample, labels)):
                 value /= counts[(name, sample, labels)]
             families[name].add_sample(sample, dict(labels), value)
         return list(families.values())
+
+
+def exposition_order(key: tuple[str, str, tuple[tuple[str, str], ...]]) -> tuple[Any, ...]:
+    """Where a merged sample goes in /metrics: each series together (a histogram's buckets,
+    ``_count`` and ``_sum`` of one label set, as prometheus-client writes them), its buckets by
+    the number ``le`` names. The text format requires increasing ``le``; sorting the strings
+    put ``+Inf`` first and ``10.0`` before ``2.5``.
+
+    >>> sorted([("h", "h_bucket", (("le", v), ("u", "a"))) for v in ("+Inf", "10.0", "2.5")],
+    ...        key=exposition_order)[0][2][0], exposition_order(("h", "h_sum", (("u", "a"),)))
+    (('le', '2.5'), ('h', (('u', 'a'),), 'h_sum', 0.0))
+    """
+    name, sample, labels = key
+    rest = tuple(kv for kv in labels if kv[0] != "le")
+    le = next((v for k, v in labels if k == "le"), None)
+    try:
+        bound = float(le) if le is not None else 0.0  # float("+Inf") is inf: the last bucket
+    except ValueError:
+        bound = math.inf
+    return name, rest, sample, bound
 
 
 def render_families(families: Iterable[Metric]) -> bytes:

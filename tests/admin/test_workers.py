@@ -373,3 +373,41 @@ async def test_a_record_replaced_in_the_shared_memory_is_never_a_miss_in_the_oth
 
 
 REPLACED_KEYS, REPLACING_ROUNDS = 10, 40
+
+
+async def test_histogram_buckets_are_listed_by_increasing_le_across_workers(
+        origin: Origin, tmp_path: Path) -> None:
+    """With --workers the supervisor merges the workers' samples, and it sorted them as strings:
+    ``le="+Inf"`` came first and ``10.0`` before ``2.5``, where the text format requires each
+    series' buckets by increasing ``le``, ``+Inf`` last."""
+    origin.route("/h", body=b"h", headers={"Cache-Control": "max-age=300"})
+    origin.route("/u", body=b"u")
+    proxy = await start(origin, tmp_path)
+    try:
+        for path in ("/h", "/h", "/u", "/u"):
+            await proxy.get(path)
+        text = (await proxy.admin("GET", "/metrics")).body.decode()
+    finally:
+        await proxy.stop()
+    series: dict[tuple[str, str], list[float]] = {}
+    ended: set[tuple[str, str]] = set()  # series whose buckets were followed by something else
+    last: tuple[str, str] | None = None
+    for line in text.splitlines():
+        m = re.match(r'^(\w+)_bucket\{(.*)\} ', line)
+        if m is None:
+            if last is not None:
+                ended.add(last)
+            last = None
+            continue
+        labels = re.findall(r'(\w+)="([^"]*)"', m.group(2))
+        key = (m.group(1), ",".join(f"{k}={v}" for k, v in labels if k != "le"))
+        if key != last and last is not None:
+            ended.add(last)
+        assert key not in ended, f"the buckets of {key} are not together:\n{text}"
+        series.setdefault(key, []).append(float(dict(labels)["le"]))
+        last = key
+    names = {name for name, _ in series}
+    assert {"cachegate_upstream_latency_seconds", "cachegate_request_duration_seconds"} <= names, names
+    for key, bounds in series.items():
+        assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds) and bounds[-1] == float("inf"), (
+            key, bounds)
