@@ -610,9 +610,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A command whose standard output was closed before it had written everything (``| head -1``):
+# the status a shell gives a command killed by SIGPIPE (128 + 13), as coreutils' would end, so
+# that ``set -o pipefail`` still sees that the output was cut short, without a traceback.
+EXIT_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()  # what is still buffered: a reader gone shows here, not at exit
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        return EXIT_PIPE
+    return code
+
+
+def _stdout_gone() -> bool:
+    """After a BrokenPipeError: whether it was standard output's reader that left (a pipe or a
+    socket; then it is pointed at /dev/null, as the Python docs recommend, so that the flush at
+    exit does not print a second error), else False and the error is someone else's."""
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    return True
 
 
 if __name__ == "__main__":

@@ -373,3 +373,31 @@ def test_a_flow_style_admin_line_with_an_unset_token_variable_still_names_its_li
     assert main(["purge", "--config", config, "--all"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f"{config}:2: environment variable CACHEGATE_TEST_UNSET_LISTEN is not set"], err
+
+
+@pytest.mark.parametrize("command", ["explain", "warm"])
+async def test_a_reader_that_leaves_early_ends_the_command_quietly_with_141(
+        tmp_path: Path, origin: Origin, command: str) -> None:
+    """``cachegate explain ... | head -1`` printed a BrokenPipeError traceback and exited 1 (warm
+    too, with a long summary). A reader that is gone now ends the command at once, with nothing
+    on standard error and the status a shell gives a command killed by SIGPIPE (141)."""
+    import os
+    import subprocess
+    import sys
+
+    origin.route("/a", body=b"a", headers={"Cache-Control": "max-age=60"})
+    config = write(tmp_path / "c.yaml", f"upstreams: [{{url: '{origin.url}'}}]\nrules: []\n")
+    urls = write(tmp_path / "urls.txt", "/a\n")
+    if command == "explain":
+        args = ["explain", "--config", config, "http://shop.example/a"]
+    else:  # through the origin itself: its answers are what warm counts, and it prints a summary
+        args = ["warm", "--proxy", origin.url, "--urls", urls, "--progress", "none"]
+    read, write_end = os.pipe()
+    os.close(read)  # the reader left before a byte was written (head -1 after its line)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", *args, stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, err.decode()) == (141, "")
