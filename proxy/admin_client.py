@@ -66,6 +66,11 @@ class AdminClientError(Exception):
         super().__init__(shown(message))
 
 
+class NotAdminEndpoint(AdminClientError):
+    """Something other than the admin listener answered (``not_admin``): an address mixed up,
+    which waiting does not mend (``cachegate top`` exits on it, as on a wrong token)."""
+
+
 def admin_url_of(listen: tuple[str, int]) -> str:
     """The URL to reach an admin listener (a wildcard address is reached on loopback).
 
@@ -181,7 +186,7 @@ class AdminAPI:
         _, _, _, fields = _exchange(self.base, "GET", "/healthz", None, None, self.timeout)
         why = relayed(fields)
         if why is not None:
-            raise AdminClientError(not_admin(self.base, "GET", "/healthz", fields, why, bool(self.token)))
+            raise NotAdminEndpoint(not_admin(self.base, "GET", "/healthz", fields, why, bool(self.token)))
         self._checked = True
 
     def call(self, method: str, path: str, body: Any) -> str:
@@ -213,7 +218,7 @@ def call_admin_answer(base: str, method: str, path: str, body: Any, token: str |
     status, reason, text, fields = _exchange(base, method, path, body, token, timeout)
     why = relayed(fields) if own else None
     if why is not None:
-        raise AdminClientError(not_admin(base, method, path, fields, why))
+        raise NotAdminEndpoint(not_admin(base, method, path, fields, why))
     if 200 <= status < 300:
         return text, fields
     try:

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from proxy.admin_client import AdminAPI, AdminClientError
+from proxy.admin_client import AdminAPI, AdminClientError, NotAdminEndpoint
 from proxy.shown import same_width, shown
 
 STATUS_ORDER = ("HIT", "STALE", "UPDATING", "REVALIDATED", "EXPIRED", "MISS", "BYPASS", "ERROR")
@@ -306,7 +306,8 @@ def _frame(feed: Feed, error: str | None, size: os.terminal_size) -> list[str]:
 
 def run_top(options: TopOptions, once: bool = False, out: IO[str] = sys.stdout) -> int:
     """The loop: poll, draw, wait for a key or the next refresh. Exit status 0, or 1 when the
-    admin API refuses the token (or cannot be reached for ``--once``)."""
+    admin API refuses the token, when the address is not the admin listener's (``AdminAPI``),
+    or when it cannot be reached for ``--once``."""
     feed = Feed(options)
     interactive = not once and out.isatty() and sys.stdin.isatty()
     if not interactive:
@@ -318,9 +319,10 @@ def run_top(options: TopOptions, once: bool = False, out: IO[str] = sys.stdout) 
             try:
                 feed.poll()
             except AdminClientError as exc:
-                if str(exc).startswith("401"):
+                if str(exc).startswith("401") or isinstance(exc, NotAdminEndpoint):
                     out.write(LEAVE)
-                    print(f"cachegate top: {shown(str(exc))}; set CACHEGATE_ADMIN_TOKEN", file=sys.stderr)
+                    hint = "" if isinstance(exc, NotAdminEndpoint) else "; set CACHEGATE_ADMIN_TOKEN"
+                    print(f"cachegate top: {shown(str(exc))}{hint}", file=sys.stderr)
                     return 1
                 error = str(exc)
             size = shutil.get_terminal_size()
@@ -346,7 +348,7 @@ def _run_plain(feed: Feed, once: bool, out: IO[str]) -> int:
             feed.poll()
         except AdminClientError as exc:
             print(f"cachegate top: {shown(str(exc))}", file=sys.stderr)
-            if once or str(exc).startswith("401"):
+            if once or str(exc).startswith("401") or isinstance(exc, NotAdminEndpoint):
                 return 1
         if feed.live is not None:
             out.write("\n".join(_frame(feed, None, size)[:-1]) + "\n")

@@ -280,7 +280,7 @@ async def test_an_address_that_is_not_the_admin_listener_never_gets_the_token(
     elsewhere = "http://{}:{}".format(*runner.addresses[0][:2])
     try:
         for address in (proxy.url, elsewhere):
-            for command in (["purge", "--all"], ["purge", absolute(proxy, "/a")], ["top", "--once"]):
+            for command in (["purge", "--all"], ["purge", absolute(proxy, "/a")], ["top", "--once"], ["top"]):
                 code, out, err = await cachegate(*command, "--admin", address,
                                                  env={"CACHEGATE_ADMIN_TOKEN": TOKEN})
                 assert (code, out) == (1, ""), (command, address, out, err)
