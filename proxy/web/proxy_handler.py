@@ -426,8 +426,10 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
     body = reply.body
     counted = fe.sent(reply.tier)
     if isinstance(body, bytes) and not reply.head_only:
-        counted.inc(len(body))
-        return plain_reply(reply.status, reply.reason, headers, body, request.method), len(body)
+        # An answer to HEAD (an error page's too: it is not ``head_only``) sends its head only.
+        size = 0 if must_be_empty_body(request.method, reply.status) else len(body)
+        counted.inc(size)
+        return plain_reply(reply.status, reply.reason, headers, body, request.method), size
     length = reply.length if reply.status not in (204, 304) and reply.status >= 200 else None
     resp = ReplyResponse(reply.status, reply.reason, headers, length)
     # Bytes handed to the connection so far, kept on ``info`` as they go: an answer that ends

@@ -346,3 +346,30 @@ async def test_empty_lines_between_requests_begin_no_head(
     assert [r["status"] for r in logged] == [200] * 8, logged
     after = value(await scrape(proxy), "cachegate_requests_total", cache_status="ERROR", method="-")
     assert after == before
+
+
+async def test_a_head_answered_with_cachegates_own_error_page_sends_and_counts_no_body(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A HEAD while the origin is down is answered with cachegate's 502 page's head (its
+    Content-Length says 56): it was logged "bytes":56 and added 56 to
+    cachegate_response_bytes_total{tier="none"}, though no body byte went out. A HEAD's bytes
+    are 0 (docs/logs.md); the GET beside it counts its page."""
+    from tests.admin.test_metrics import scrape, value
+    from tests.ops.test_server_and_errors import closed_port
+
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\nupstream: {{retries: 0}}\n",
+                             upstreams=[f"http://127.0.0.1:{closed_port()}"])
+    before = value(await scrape(proxy), "cachegate_response_bytes_total", tier="none")
+    head = await proxy.request("HEAD", "/down/h", headers={"Host": "example.test"})
+    assert head.status == 502 and head.body == b"" and int(head.headers["Content-Length"]) > 0
+    after_head = value(await scrape(proxy), "cachegate_response_bytes_total", tier="none")
+    got = await proxy.get("/down/g", headers={"Host": "example.test"})
+    assert got.status == 502
+    after_get = value(await scrape(proxy), "cachegate_response_bytes_total", tier="none")
+    logged = await wait_for_records(proxy, log_file, 2)
+    assert [(r["method"], r["status"], r["bytes"]) for r in logged] == [
+        ("HEAD", 502, 0), ("GET", 502, len(got.body))], logged
+    assert after_head - before == 0
+    assert after_get - after_head == len(got.body)
