@@ -489,6 +489,10 @@ class Flight:
         # fetch failed, or its worker did after the lease holder's did): its failure is every
         # follower's answer, as ``Attempt.again`` makes it the leader's (``fetches_again``).
         self.again = False
+        # The flight failed with another worker's fetch's error (the lease holder's, or the
+        # stop's word from it): its leader waited for that fetch as its followers did, and says
+        # so as they do (Cache-Status ``collapsed``, cachegate_coalesced_requests_total).
+        self.elsewhere = False
         # Reply headers prepared once for every follower (by the engine), by their variant.
         self.follower_headers: dict[Any, list[tuple[str, str]]] = {}
         self.spool: Any = None  # the BodySpool storing this flight's body, once there is one

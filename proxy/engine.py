@@ -808,10 +808,11 @@ class Engine:
         children[1].value += 1
         return resp
 
-    def upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str | None = None
-                         ) -> Reply:
+    def upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str | None = None,
+                        collapsed: bool = False) -> Reply:
         """The error answer when the origin failed; ``x_cache`` as ``fwd`` says (``EXPIRED``
-        for a stale stored response that could not be refreshed) unless given."""
+        for a stale stored response that could not be refreshed) unless given; ``collapsed``
+        when the failed fetch was another request's this one waited for."""
         status = exc.status_hint
         reason = {502: "Bad Gateway", 503: "Service Unavailable",
                   504: "Gateway Timeout"}.get(status, "Bad Gateway")
@@ -824,7 +825,7 @@ class Engine:
             log.debug("answered %d: %s", status, exc)
         return self.finish(plan, error_reply(status, reason, f"{status} {reason}: {exc.public_text()}",
                                                x_cache or forwarded_x_cache(fwd),
-                                               cache_status(fwd=fwd, detail=detail)))
+                                               cache_status(fwd=fwd, collapsed=collapsed, detail=detail)))
 
     async def _invalidate(self, urls: Sequence[str]) -> None:
         writes = self.storage.writing_urls(urls)

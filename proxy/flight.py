@@ -598,6 +598,7 @@ class MissPath:
                             if await self._answer_from_store(run, told.get("status") or None):
                                 return
                         case "error" if told.get("detail") == ProxyStopping.cache_detail:
+                            run.flight.elsewhere = True
                             self._end(run, Stopped(ProxyStopping(told["message"])))  # not the origin's
                             return
                         case "error":
@@ -610,6 +611,7 @@ class MissPath:
                                 again = run.flight.again = True
                                 continue
                             # what the holder's own followers get: stale-if-error or the error
+                            run.flight.elsewhere = True
                             self._end(run, Unreachable(error))
                             return
                         case "gone" | "ended" if loop.time() < deadline:
@@ -1010,7 +1012,11 @@ class MissPath:
             if fetches_again(exc, collapsed=collapsed, again=attempt.again or flight.again,
                              stale=stale is not None, part=attempt.part is not None):
                 return await self._again(attempt, flight)
-            return await self._origin_failed(attempt, exc)
+            # A client that waited for another's fetch went forward with it, whatever came of it.
+            waited = collapsed or flight.elsewhere
+            if waited:
+                engine.metrics.coalesced.inc()
+            return await self._origin_failed(attempt, exc, waited)
         except ConnectionError as exc:
             reader.close()
             if collapsed:
@@ -1075,8 +1081,9 @@ class MissPath:
                     body = await flight.body.whole()
                 except UpstreamError as exc:
                     # Nothing of the response has gone to this client (its head goes out with
-                    # the whole body): answered as when the origin fails before its head.
-                    return await self._origin_failed(attempt, exc)
+                    # the whole body): answered as when the origin fails before its head
+                    # (a follower counted at its head: ``step.coalesced``).
+                    return await self._origin_failed(attempt, exc, collapsed)
                 finally:
                     reader.close()
                 if fhead.store_detail == "" and (detail := _not_stored(flight)):
@@ -1170,11 +1177,11 @@ class MissPath:
         self.coalescer.retire(flight)
         return await self.fetch(replace(attempt, again=True, nowhere=False))
 
-    async def _origin_failed(self, attempt: Attempt, exc: UpstreamError) -> Reply:
+    async def _origin_failed(self, attempt: Attempt, exc: UpstreamError, collapsed: bool = False) -> Reply:
         """A client of a flight whose fetch failed before anything of its response was sent to
         this client (no head, or a head whose body broke off before it was sent whole): the
         stale response (stale-if-error), a 504 when the stored one may not be served stale, or
-        the error."""
+        the error; ``collapsed`` when that fetch was another's it waited for."""
         engine, plan, fwd = self.engine, attempt.plan, attempt.fwd
         stopping = isinstance(exc, ProxyStopping)
         if attempt.stale is not None:
@@ -1184,7 +1191,7 @@ class MissPath:
             if not stopping and first_report(exc):
                 log.warning("upstream failed, stale response served (stale-if-error): %s", exc)
             return await self._serve_stale(attempt, attempt.stale, None,
-                                           exc.cache_detail if stopping else "ORIGIN-UNREACHABLE")
+                                           exc.cache_detail if stopping else "ORIGIN-UNREACHABLE", collapsed)
         if attempt.stale_prohibited and not stopping:  # (stopping: the 503 says why, not the origin)
             # RFC 9111 §5.2.2.2: a stored response that may not be served stale
             # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
@@ -1192,8 +1199,8 @@ class MissPath:
                 log.warning("upstream failed, stale response not allowed: %s", exc)
             return engine.finish(plan, error_reply(
                 504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", forwarded_x_cache(fwd),
-                cache_status(fwd=fwd, detail="STALE-NOT-ALLOWED")))
-        return engine.upstream_failed(plan, exc, fwd)
+                cache_status(fwd=fwd, collapsed=collapsed, detail="STALE-NOT-ALLOWED")))
+        return engine.upstream_failed(plan, exc, fwd, collapsed=collapsed)
 
     async def _flight_body(self, flight: Flight, key: str, reader: BodyView) -> AsyncIterator[bytes]:
         """A flight's body for one client, as it arrives; a reader detached from a fill it fell
@@ -1426,7 +1433,7 @@ class MissPath:
                 return
 
     async def _serve_stale(self, attempt: Attempt, stale: Cached, fwd_status: int | None,
-                           detail: str) -> Reply:
+                           detail: str, collapsed: bool = False) -> Reply:
         """stale-if-error (RFC 5861 §4): the stored response instead of the origin's error."""
         engine, req, fwd = self.engine, attempt.req, attempt.fwd
         response = stale.entry.response
@@ -1434,10 +1441,12 @@ class MissPath:
         reply = await engine.serve(req, attempt.plan, stale, "STALE", response.ttl(now),
                                    response.freshness.age(now),
                                    client_not_modified(req.head.headers, stale.entry.response),
-                                   hit=False, fwd=fwd, fwd_status=fwd_status, detail=detail)
+                                   hit=False, fwd=fwd, fwd_status=fwd_status, collapsed=collapsed,
+                                   detail=detail)
         if reply is None:
             return engine.finish(attempt.plan, error_reply(502, "Bad Gateway", "502 Bad Gateway", "MISS",
-                                                            cache_status(fwd=fwd, detail=detail)))
+                                                            cache_status(fwd=fwd, collapsed=collapsed,
+                                                                         detail=detail)))
         return reply
 
 

@@ -322,7 +322,10 @@ async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(
         origin: Origin, two_workers: ProxyProcess) -> None:
     """The worker waiting on the lease is given the holder's failure (stale-if-error, or the
     same error), as when the origin fails before its head: it used to fetch again, and its
-    clients waited for the origin twice."""
+    clients waited for the origin twice. Every client but the one whose request went waited for
+    that fetch: each says ``collapsed`` and is counted in cachegate_coalesced_requests_total, as
+    when the fetch succeeds (none said so, and only this worker's followers given the head
+    before the body broke off were counted)."""
     fields = {"Cache-Control": "max-age=1, stale-if-error=60"}
 
     async def breaking(request: web.Request) -> web.StreamResponse:
@@ -341,14 +344,18 @@ async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(
     assert (await two_workers.get("/stale")).body == b"v1"
     errors = answered(await herd(two_workers.url, "/gone", 16))
     assert len(errors) == 16 and {r.worker for r in errors} == {"0", "1"}
-    assert {(r.status, r.headers["Cache-Status"]) for r in errors} == {
-        (502, "cachegate; fwd=uri-miss; detail=UPSTREAM-BROKE-OFF")}
+    went = "cachegate; fwd=uri-miss; detail=UPSTREAM-BROKE-OFF"
+    assert Counter((r.status, r.headers["Cache-Status"]) for r in errors) == {
+        (502, went): 1, (502, went.replace("; detail", "; collapsed; detail")): 15}
     assert origin.count("/gone") == 1
+    coalesced = "cachegate_coalesced_requests_total 15.0"
+    assert coalesced in (await two_workers.admin("GET", "/metrics")).body.decode()
     await asyncio.sleep(1.1)  # /stale is stale now, within its stale-if-error
     stale = answered(await herd(two_workers.url, "/stale", 16))
     assert len(stale) == 16 and {r.worker for r in stale} == {"0", "1"}
     assert {(r.status, r.x_cache, r.body) for r in stale} == {(200, "STALE", b"v1")}
     assert all("detail=ORIGIN-UNREACHABLE" in r.headers["Cache-Status"] for r in stale)
+    assert sum("; collapsed" in r.headers["Cache-Status"] for r in stale) == 15
     assert origin.count("/stale") == 2
 
 
