@@ -103,7 +103,7 @@ class RequestInfo:
     """What one request's log line needs besides its message: filled in as it is handled
     (the engine adds the cache key and the upstream it went to)."""
 
-    __slots__ = ("cache_status", "client_left", "host", "key", "request_id", "sent", "target",
+    __slots__ = ("at_hand", "cache_status", "client_left", "host", "key", "request_id", "sent", "target",
                  "upstream", "upstream_time", "url", "x_cache")
 
     def __init__(self, request_id: str) -> None:
@@ -116,7 +116,10 @@ class RequestInfo:
         self.upstream_time: float | None = None
         self.x_cache = "ERROR"
         self.cache_status: str | None = None
-        self.client_left = False  # the client closed before its streamed answer was complete
+        self.client_left = False  # the client closed before its answer was complete
+        # The tier of an answer whose body is at hand (aiohttp writes it with the head once the
+        # handler returns): counted then, with what its line says (the client may be gone).
+        self.at_hand: str | None = None
         # Body bytes of a streamed answer handed to the connection so far: what its line says
         # when the answer ends early (the client left, or the stop cut it off).
         self.sent = 0

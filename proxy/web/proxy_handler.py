@@ -252,13 +252,20 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
             # helper of its own: that was one call more per request (pass-through and fill).
             if resp is not None or cut:
                 done = time.perf_counter()
+                # The one place an answer at hand's bytes are decided, for the counter and the
+                # line alike (a streamed one's: ``write_reply``, as they go).
+                tier = info.at_hand
+                if tier is not None:
+                    if request.transport is None:  # the client is gone: nothing of it is written
+                        info.client_left, sent = True, 0
+                    fe.sent(tier).inc(sent)
                 if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
                     runtime.metrics.answered(info.url, info.x_cache, done - started)
                 access = front.current().access_log  # a reload meanwhile may have opened another
                 if access is not None:
                     access.add((done, done - started, info.request_id, remote, request.method,
                                 info.host or request.host, info.target or request.raw_path,
-                                request.version, *_logged_outcome(request, info, resp, sent),
+                                request.version, *_logged_outcome(info, resp, sent),
                                 info.x_cache, info.cache_status, info.key, info.upstream,
                                 info.upstream_time, request.headers if access.wants_fields else None))
         return resp
@@ -271,18 +278,13 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
 CLIENT_CLOSED = 499
 
 
-def _logged_outcome(request: web.BaseRequest, info: RequestInfo, resp: web.StreamResponse | None,
-                    sent: int) -> tuple[int, int]:
+def _logged_outcome(info: RequestInfo, resp: web.StreamResponse | None, sent: int) -> tuple[int, int]:
     """The access log's status and body bytes of a request answered with ``resp`` (None: cut
-    off by the stop) after ``sent`` bytes: 499 when the client left before its answer was
-    complete. Only an access log reads them, so only with one are they worked out (a look at
-    the response and the connection: four calls a request, measured, when done for every one)."""
-    if resp is None:
+    off by the stop) after ``sent`` bytes (as counted: ``handle``): 499 when the client left
+    before its answer was complete (streamed: at its end, ``write_reply``; at hand: when the
+    handler returned, ``handle``)."""
+    if resp is None or info.client_left:
         return CLIENT_CLOSED, sent
-    if resp.prepared:  # streamed: whether the client was still there at its end (``write_reply``)
-        return (CLIENT_CLOSED if info.client_left else resp.status), sent
-    if client_left(request):  # an answer at hand (aiohttp writes it once the handler returns)
-        return CLIENT_CLOSED, 0  # nothing of it is written to a connection that is gone
     return resp.status, sent
 
 
@@ -313,7 +315,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
                      request.remote, *version)
             refused = _plain(version[0], version[1], "ERROR", fe, info, request)
             refused.force_close()  # nothing more on this connection is read as HTTP/1.x
-            return _own(refused, fe, request.method)
+            return _own(refused, info, request.method)
         if request.method == "CONNECT":
             fe.requests("ERROR", request.method).inc()  # refused, as the version refusals above
             info.x_cache = "ERROR"
@@ -322,7 +324,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             # Content-Length said): read on, those bytes would be taken for the next request,
             # which a front end framing by Content-Length never sent (request smuggling).
             refused.force_close()
-            return _own(refused, fe, request.method)
+            return _own(refused, info, request.method)
         head, planned = client_head(request, fe, trusted)
         match head:
             case RequestHead():
@@ -333,7 +335,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
                          request.remote, head.status, head.reason)
                 refused = _plain(head.status, head.reason, "ERROR", fe, info, request)
                 refused.force_close()  # the body's framing may be what was wrong
-                return _own(refused, fe, request.method)
+                return _own(refused, info, request.method)
             case _:
                 assert_never(head)
         info.host, info.target, info.url = head.host, head.target, head.url
@@ -346,7 +348,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             purged.headers["X-Cache-Status"] = "PURGE"
             fe.own_fields(purged.headers, None, info.request_id)
             fe.requests("PURGE", request.method).inc()
-            return _own(purged, fe, request.method)
+            return _own(purged, info, request.method)
         fe.saw_host(head.host)
         settings = fe.settings
         body = None
@@ -371,21 +373,21 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         task, protocol = asyncio.current_task(), request.protocol
         if task is not None and protocol is not None:
             task.add_done_callback(lambda _: protocol.force_close())
-        return _own(refused, fe, request.method)
+        return _own(refused, info, request.method)
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
         fe.requests("ERROR", request.method).inc()
         return _own(_plain(exc.status_hint, exc.public_text(), "ERROR", fe, info, request,
                            upstream_detail(exc) if isinstance(exc, UpstreamError) else "PROXY-ERROR"),
-                    fe, request.method)
+                    info, request.method)
     except asyncio.CancelledError:
         fe.requests(info.x_cache, request.method).inc()  # cut off before its answer: as logged
         raise
     except Exception:
         log.exception("unhandled error for %s %s", request.method, request.raw_path)
         fe.requests("ERROR", request.method).inc()
-        return _own(_plain(500, "internal error", "ERROR", fe, info, request), fe, request.method)
+        return _own(_plain(500, "internal error", "ERROR", fe, info, request), info, request.method)
     info.x_cache = reply.x_cache
     try:
         return await write_reply(request, reply, fe, info, runtime)
@@ -395,12 +397,12 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         fe.requests(info.x_cache, request.method).inc()
 
 
-def _own(resp: ReplyResponse, fe: FrontEnd, method: str) -> tuple[ReplyResponse, int]:
+def _own(resp: ReplyResponse, info: RequestInfo, method: str) -> tuple[ReplyResponse, int]:
     """cachegate's own answer (a refusal, an error page, a PURGE's answer) and its body bytes,
-    counted as tier "none": neither the store's nor the origin's. Never a hit's path."""
-    size = 0 if must_be_empty_body(method, resp.status) else len(resp.body or b"")
-    fe.sent("none").inc(size)
-    return resp, size
+    counted as tier "none" once written (``handle``): neither the store's nor the origin's.
+    Never a hit's path."""
+    info.at_hand = "none"
+    return resp, 0 if must_be_empty_body(method, resp.status) else len(resp.body or b"")
 
 
 def _plain(status: int, text: str, x_cache: str, fe: FrontEnd, info: RequestInfo,
@@ -424,12 +426,12 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
     own = headers.getall("Cache-Status", ())
     info.cache_status = own[-1] if own else None
     body = reply.body
-    counted = fe.sent(reply.tier)
     if isinstance(body, bytes) and not reply.head_only:
+        info.at_hand = reply.tier  # counted once written (``handle``)
         # An answer to HEAD (an error page's too: it is not ``head_only``) sends its head only.
         size = 0 if must_be_empty_body(request.method, reply.status) else len(body)
-        counted.inc(size)
         return plain_reply(reply.status, reply.reason, headers, body, request.method), size
+    counted = fe.sent(reply.tier)
     length = reply.length if reply.status not in (204, 304) and reply.status >= 200 else None
     resp = ReplyResponse(reply.status, reply.reason, headers, length)
     # Bytes handed to the connection so far, kept on ``info`` as they go: an answer that ends

@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +374,52 @@ async def test_a_head_answered_with_cachegates_own_error_page_sends_and_counts_n
         ("HEAD", 502, 0), ("GET", 502, len(got.body))], logged
     assert after_head - before == 0
     assert after_get - after_head == len(got.body)
+
+
+async def test_an_answer_at_hand_for_a_client_already_gone_is_not_counted_as_sent(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A small miss answered after its client reset, and cachegate's 400 to an upload broken
+    off: both logged 499 with 0 bytes, as nothing of them is written, yet their bodies were
+    added to cachegate_response_bytes_total (tier "upstream", tier "none"). The counter now
+    counts what the line says; an answer its client reads is counted in full."""
+    from tests.admin.test_metrics import scrape, value
+
+    origin.route("/slow", body=b"four", headers={"Cache-Control": "no-store"}, delay=0.3)
+    origin.route("/up", body=b"ok")
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\n")
+
+    async def sent() -> tuple[float, float]:
+        samples = await scrape(proxy)
+        return (value(samples, "cachegate_response_bytes_total", tier="upstream"),
+                value(samples, "cachegate_response_bytes_total", tier="none"))
+
+    def reset(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def miss_then_reset() -> None:
+        sock = socket.create_connection(("127.0.0.1", port_of(proxy)))
+        sock.sendall(b"GET /slow?gone HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        time.sleep(0.1)  # the request is in; the origin answers 0.2 s later
+        reset(sock)
+
+    def upload_then_reset() -> None:
+        sock = socket.create_connection(("127.0.0.1", port_of(proxy)))
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        time.sleep(0.1)
+        reset(sock)
+
+    before = await sent()
+    await asyncio.to_thread(miss_then_reset)
+    await asyncio.to_thread(upload_then_reset)
+    logged = await wait_for_records(proxy, log_file, 2)
+    assert sorted((r["path"], r["status"], r["bytes"]) for r in logged) == [
+        ("/slow?gone", 499, 0), ("/up", 499, 0)], logged
+    after = await sent()
+    assert (after[0] - before[0], after[1] - before[1]) == (0, 0)
+    read = await proxy.get("/slow?read", headers={"Host": "example.test"})
+    assert read.body == b"four"
+    assert (await sent())[0] - after[0] == 4
+    assert records(proxy, log_file)[-1]["bytes"] == 4
