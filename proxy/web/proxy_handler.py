@@ -428,8 +428,10 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
     body = reply.body
     if isinstance(body, bytes) and not reply.head_only:
         info.at_hand = reply.tier  # counted once written (``handle``)
-        # An answer to HEAD (an error page's too: it is not ``head_only``) sends its head only.
-        size = 0 if must_be_empty_body(request.method, reply.status) else len(body)
+        # An answer to HEAD (an error page's too: it is not ``head_only``) sends its head only
+        # (``must_be_empty_body``, inline: a call fewer on every pass-through and small miss).
+        status = reply.status
+        size = 0 if request.method == "HEAD" or status < 200 or status == 204 or status == 304 else len(body)
         return plain_reply(reply.status, reply.reason, headers, body, request.method), size
     counted = fe.sent(reply.tier)
     length = reply.length if reply.status not in (204, 304) and reply.status >= 200 else None
