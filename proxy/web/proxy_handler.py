@@ -37,6 +37,7 @@ from proxy.errors import (
 )
 from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status, cut_short
+from proxy.policy.fields import ends_at_head
 from proxy.policy.messages import HeaderList, RequestHead
 from proxy.policy.request import Message, Refusal
 from proxy.replies import Planned, upstream_detail
@@ -429,9 +430,8 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
     if isinstance(body, bytes) and not reply.head_only:
         info.at_hand = reply.tier  # counted once written (``handle``)
         # An answer to HEAD (an error page's too: it is not ``head_only``) sends its head only
-        # (``must_be_empty_body``, inline: a call fewer on every pass-through and small miss).
-        status = reply.status
-        size = 0 if request.method == "HEAD" or status < 200 or status == 204 or status == 304 else len(body)
+        # (``ends_at_head``: the one place that decides it, one call per plain answer).
+        size = 0 if ends_at_head(reply.status, request.method == "HEAD") else len(body)
         return plain_reply(reply.status, reply.reason, headers, body, request.method), size
     counted = fe.sent(reply.tier)
     length = reply.length if reply.status not in (204, 304) and reply.status >= 200 else None
