@@ -84,7 +84,7 @@ from proxy.http_client import UpstreamBodyError
 from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
 from proxy.policy.fields import ends_at_head
-from proxy.policy.fill import PASS_DETAILS, shareable_with_followers
+from proxy.policy.fill import hit_for_pass, shareable_with_followers
 from proxy.policy.freshness import carries_credentials
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
@@ -866,7 +866,7 @@ class MissPath:
         flight.set_head(FlightHead(resp.status, resp.reason, fields, shareable,
                                    store_detail, resp.content_length, vary,
                                    entry.response if entry is not None else None))
-        passing = store_detail in PASS_DETAILS
+        passing = hit_for_pass(store_detail, resp.status, run.attempt.req.head.headers)
         if passing:
             self.coalescer.mark_pass(key, found_nothing=self._found_nothing(run.attempt))
         if not shareable:
@@ -1314,7 +1314,7 @@ class MissPath:
             reader = flight.body.join()
             assert reader is not None
             return await self.answer(solo, flight, reader, False)
-        if store_detail in PASS_DETAILS:
+        if hit_for_pass(store_detail, resp.status, head.headers):
             # (``engine.coalescer``, not the property, and ``nowhere`` read before the call: a
             # hit-for-pass key's request, forwarded without a lookup, never found the key
             # nowhere. Two calls fewer on every pass-through, measured.)

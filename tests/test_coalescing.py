@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable
 
@@ -61,6 +62,61 @@ async def test_waiters_are_not_given_a_response_that_is_not_shareable(origin: Or
     results = await herd(proxy.url + "/me", 10)
     assert len({body for _, _, body in results}) == 10
     assert origin.count("/me") == 20
+
+
+class Gathering:
+    """An origin route that, while ``gather`` is set, holds each request until that many are
+    in at once (5 s at most), then answers them all; ``peaks`` gets how many were in at once
+    when each was answered. Else it answers after 0.2 s. ``storable``: it answers max-age=60."""
+
+    def __init__(self, status: int, cache_control: str) -> None:
+        self.status, self.cache_control = status, cache_control
+        self.gather = 0
+        self.storable = False
+        self.inside = 0
+        self.peaks: list[int] = []
+        self.everyone = asyncio.Event()
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        self.inside += 1
+        if self.gather:
+            if self.inside >= self.gather:
+                self.everyone.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.everyone.wait(), 5.0)
+        else:
+            await asyncio.sleep(0.2)
+        self.peaks.append(self.inside)
+        self.inside -= 1
+        return web.Response(status=self.status, body=b"x", headers={
+            "Cache-Control": "max-age=60" if self.storable else self.cache_control})
+
+
+@pytest.mark.parametrize(("status", "cache_control"), [(503, ""), (200, "max-age=0"), (200, "no-cache")])
+async def test_an_answer_nothing_may_reuse_makes_the_next_herd_go_straight_through(
+        origin: Origin, proxy: Proxy, status: int, cache_control: str) -> None:
+    # Not stored because nothing may reuse it (a 503 without freshness, a lifetime of 0, no-cache
+    # without a validator): hit-for-pass, as Varnish's hit-for-miss for a ttl <= 0. The next
+    # herd's requests all reach the origin at once, rather than one (the leader's) and the rest
+    # only after its answer: every herd used to wait in line.
+    route = Gathering(status, cache_control)
+    origin.route("/u", route)
+    first = await herd(proxy.url + "/u", 8)
+    # Not given the leader's answer (RFC 9111 §4: no reuse without validation; a 503 neither):
+    # each asked for its own, after the leader's head.
+    assert origin.count("/u") == 8 and {s for s, _, _ in first} == {status}
+    key = proxy.url.removeprefix("http://")
+    assert proxy.runtime.engine.coalescer.is_pass(f"http://{key}/u")
+    route.gather = 8
+    second = await herd(proxy.url + "/u", 8)
+    assert origin.count("/u") == 16 and {s for s, _, _ in second} == {status}
+    assert max(route.peaks[8:]) == 8  # all in at once: nobody waited for anybody
+    # Within the mark, an answer that became storable is stored, and ends the mark.
+    route.gather, route.storable = 0, True
+    assert (await proxy.get("/u")).x_cache == "MISS"
+    assert (await proxy.get("/u")).x_cache == "HIT"
+    assert origin.count("/u") == 17
+    assert not proxy.runtime.engine.coalescer.is_pass(f"http://{key}/u")
 
 
 async def test_one_request_with_authorization_does_not_stop_the_next_herd_from_coalescing(

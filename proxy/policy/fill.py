@@ -47,6 +47,10 @@ _FILLER_ONLY = ("set-cookie", "x-request-id")
 # coalescing off for everyone: any client could do it every few seconds).
 PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "VARY-STAR", "VARY-INVALID",
                           "VARY-PER-CLIENT"})
+# Not stored since nothing may reuse it (a status with no freshness, a lifetime of 0 and no
+# validator): hit-for-pass too, as Varnish's hit-for-miss for a ttl <= 0, or every herd on the
+# key waited for one answer, then sent a request each (``hit_for_pass``).
+UNREUSABLE_DETAILS = frozenset({"UNCACHEABLE-STATUS", "NO-FRESHNESS"})
 # The most surrogate keys (tags) one stored response may carry. Each is a row of the index and a
 # key of the purge tables; a response naming more is passed on, not stored: keeping only some
 # of its tags would leave it out of the purges by the others (Cloudflare's Cache-Tag holds
@@ -207,6 +211,33 @@ def worth_freshening_others(updated: StoredResponse) -> bool:
     if f.ttl(f.response_time) > 0:
         return True
     return f.may_serve_stale() and (f.stale_while_revalidate > 0 or f.stale_if_error > 0)
+
+
+def hit_for_pass(detail: str, status: int, request_headers: Headers) -> bool:
+    """Is the key marked hit-for-pass (``cache.hit_for_pass``) after an answer not stored for
+    ``detail``? Its next requests go upstream each at once, rather than wait for one another's
+    fetch of an answer that none of them may share. A storable answer among them is still
+    stored, and ends the mark (``MissPath.answer_unshared``).
+
+    ``UNREUSABLE_DETAILS`` only when the request cannot have caused them: a 206 or a 304 answers
+    the client's own range or preconditions, and a request with credentials gets no heuristic
+    lifetime (one client's Cookie must not turn the key's coalescing off for everyone).
+    (The request's fields are read only then: most fills are stored.)
+
+    >>> from multidict import CIMultiDict
+    >>> plain, cookie = CIMultiDict(), CIMultiDict({"Cookie": "s=1"})
+    >>> hit_for_pass("PRIVATE", 200, cookie), hit_for_pass("NO-FRESHNESS", 200, plain)
+    (True, True)
+    >>> hit_for_pass("NO-FRESHNESS", 200, cookie), hit_for_pass("UNCACHEABLE-STATUS", 304, plain)
+    (False, False)
+    >>> hit_for_pass("UNCACHEABLE-STATUS", 503, plain), hit_for_pass("TOO-LARGE", 200, plain)
+    (True, False)
+    """
+    if detail in PASS_DETAILS:
+        return True
+    if detail not in UNREUSABLE_DETAILS or status < 200 or status in (206, 304):
+        return False
+    return detail == "UNCACHEABLE-STATUS" or not carries_credentials(request_headers)
 
 
 def shareable_with_followers(stored: StoredResponse, now: float) -> bool:

@@ -12,7 +12,7 @@ A response whose ``Vary`` names a field the request also carried under another s
 (``AMBIGUOUS-HEADER:<name>``): a CGI, WSGI or Rack origin reads both spellings as one field,
 the later line winning, so it may have chosen the response for the other spelling's value
 while the variant would record the named field's, for every client sending that. Not
-hit-for-pass (``fill.PASS_DETAILS``): it is the request's doing, and the next clean request
+hit-for-pass (``fill.hit_for_pass``): it is the request's doing, and the next clean request
 fills the key as usual.
 
 ``must-understand`` (§5.2.2.3): a response with a status code whose caching rules
