@@ -235,6 +235,21 @@ class StoredElsewhere:
 
 
 @dataclass(frozen=True, slots=True)
+class Dispersed:
+    """The worker holding the key's lease got a response head that may not be shared (its
+    word, ``pass`` or ``unshareable``): every client of the flight goes upstream on its own at
+    once, as that worker's own followers do. Fetching here first only had them wait for one
+    more head that said the same."""
+
+    label: ClassVar[str] = "dispersed"
+
+
+class GoAlone(ConnectionError):
+    """A flight's clients are to fetch each on its own (``Dispersed``). A ConnectionError: what
+    waits for the flight otherwise takes it as a flight that ended without a head."""
+
+
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """Nothing fetched here: a background refresh that another worker is already doing, or a
     fill held for a range whose answer said not to fetch the whole object (``MissPath.hold``)."""
@@ -262,7 +277,7 @@ class Aborted:
 
 
 FlightOutcome = (Filled | Freshened | Passed | BrokeOff | Abandoned | Unreachable | Adopted
-                 | StoredElsewhere | Skipped | Stopped | Aborted)
+                 | StoredElsewhere | Dispersed | Skipped | Stopped | Aborted)
 
 
 @dataclass(slots=True)
@@ -512,6 +527,10 @@ class MissPath:
                 flight.fail_head(error)
                 flight.body.fail(ResponseAborted("the fetch was cut off by the stop before its body ended"))
                 result = FlightResult(False, "ABORTED")
+            case Dispersed():
+                flight.fail_head(GoAlone("another worker's response may not be shared"))
+                flight.body.fail(ResponseAborted("the fetch ended before its body did"))
+                result = FlightResult(False, "NOT-SHAREABLE")
             case Skipped() | Aborted():
                 flight.fail_head(ConnectionError("flight ended without a response"))
                 flight.body.fail(ResponseAborted("the fetch ended before its body did"))
@@ -552,7 +571,7 @@ class MissPath:
                 # tells them it is the stop's: ``_leased``).
                 leases.release(key, lease, "error", error.status_hint, "the worker fetching it was stopping",
                                upstream_detail(error))
-            case Filled() | Adopted() | Passed() | Abandoned() | Skipped() | Aborted():
+            case Filled() | Adopted() | Passed() | Abandoned() | Dispersed() | Skipped() | Aborted():
                 leases.release(key, lease, "failed")  # they fetch for themselves (nothing stored)
             case _:
                 assert_never(outcome)
@@ -618,8 +637,14 @@ class MissPath:
                             # The holder died: one of the waiters takes the lease on. Or the lease
                             # ended and no word came: asked again, it finds what the holder stored.
                             continue
-                        case "pass":
-                            self.coalescer.mark_pass(key)
+                        case "pass" | "unshareable" as word:
+                            # Not shareable (at the holder's head, before its body): every client
+                            # of this flight goes upstream on its own now, as the holder's own
+                            # followers do (with hit-for-pass when that is why).
+                            if word == "pass":
+                                self.coalescer.mark_pass(key)
+                            self._end(run, Dispersed())
+                            return
                 case None:
                     pass  # the broker cannot be asked: fetch for this worker alone
                 case _:
@@ -1004,7 +1029,7 @@ class MissPath:
                 sink = attempt.req.interim
                 if sink is not None and sink in flight.interim:
                     flight.interim.remove(sink)
-        except TimeoutError:
+        except (TimeoutError, GoAlone):
             reader.close()
             return await self._fetch_alone(attempt)
         except UpstreamError as exc:

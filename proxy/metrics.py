@@ -100,7 +100,7 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "cachegate_not_stored": ("STORE-FAILED", "TOO-LARGE", "SPOOLS-FULL"),
     # how a flight ended: ``proxy.flight.FlightOutcome``'s labels
     "cachegate_flights": ("filled", "freshened", "passed", "broke_off", "abandoned", "unreachable",
-                          "adopted", "stored_elsewhere", "skipped", "stopped", "aborted"),
+                          "adopted", "stored_elsewhere", "dispersed", "skipped", "stopped", "aborted"),
     "cachegate_purges": ("url", "prefix", "tag", "all", "invalidation"),  # ``PurgeSpec.kinds``
     # where a body came from: ``proxy.web.frontend.TIERS``
     "cachegate_response_bytes": ("memory", "disk", "upstream", "none"),

@@ -318,6 +318,43 @@ async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_befo
     assert order == ["the other worker while the first body was open"]
 
 
+@pytest.mark.parametrize("fields", [{"Cache-Control": "private, max-age=60"},  # the word "pass"
+                                    {"Cache-Control": "max-age=0", "ETag": '"e"'}])  # "unshareable"
+async def test_the_waiting_workers_clients_go_upstream_at_once_when_the_holders_head_is_not_shareable(
+        origin: Origin, patient_workers: ProxyProcess, fields: dict[str, str]) -> None:
+    """Told at the holder's head that its response may not be shared, the waiting worker's
+    clients each go upstream at once, as the holder's own followers do. Its flight used to
+    fetch once more first and its followers to wait for that head too (three origin round
+    trips for them). Here the first answer comes after 0.5 s (the herd has joined its flights
+    by then); every later request is held until all 39 are in the origin at once (15 s at most):
+    that many get in only when nobody waits for anybody's head."""
+    seen = 0
+    inside = 0
+    peaks: list[int] = []
+    everyone = asyncio.Event()
+
+    async def page(request: web.Request) -> web.Response:
+        nonlocal seen, inside
+        seen += 1
+        if seen == 1:
+            await asyncio.sleep(0.5)
+        else:
+            inside += 1
+            if inside >= 39:
+                everyone.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(everyone.wait(), 15.0)
+            peaks.append(inside)
+            inside -= 1
+        return web.Response(text="x", headers=fields)
+
+    origin.route("/np", page)
+    results = answered(await herd(patient_workers.url, "/np", 40))
+    assert len(results) == 40 and {r.worker for r in results} == {"0", "1"}
+    assert origin.count("/np") == 40
+    assert max(peaks) == 39  # the other 39 were in at once
+
+
 async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(
         origin: Origin, two_workers: ProxyProcess) -> None:
     """The worker waiting on the lease is given the holder's failure (stale-if-error, or the
