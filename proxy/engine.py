@@ -580,10 +580,11 @@ class Engine:
                                      plan.options)
             if isinstance(decision, Serve) and decision.status == "HIT":
                 # It waited for that fetch, as a range waiting in the fetching worker does: said
-                # as a collapsed answer (no ``hit``, no ``ttl``: ``forwarded_ttl``), not a hit.
+                # as it is (no ``hit``, no ``ttl``: ``forwarded_ttl``), a collapsed answer that
+                # fetch stored, not a hit.
                 cached = variants[decision.index]
                 reply = await self.serve(req, plan, cached, "HIT", None, decision.age, decision.not_modified,
-                                         hit=False, fwd=attempt.fwd, collapsed=True,
+                                         hit=False, fwd=attempt.fwd, collapsed=True, mark_stored=True,
                                          fwd_status=cached.entry.response.status)
                 if reply is not None:
                     self.metrics.coalesced.inc()

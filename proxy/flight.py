@@ -556,7 +556,8 @@ class MissPath:
                 # They answer as this worker's followers do: stale-if-error or the error (a body
                 # that broke off is no answer either; fetched again, it would cost them the
                 # wait a second time, and the origin the request).
-                leases.release(key, lease, "error", error.status_hint, str(error), upstream_detail(error))
+                leases.release(key, lease, "error", error.status_hint, str(error), upstream_detail(error),
+                               error.public_text())
             case Freshened():
                 # They answer from the store, saying what the origin answered: its 304 (their
                 # Cache-Status ``fwd-status``, as this worker's own followers': ``_answer_from_store``).
@@ -621,7 +622,8 @@ class MissPath:
                             self._end(run, Stopped(ProxyStopping(told["message"])))  # not the origin's
                             return
                         case "error":
-                            error = _upstream_error(told["status"], told["message"], told.get("detail", ""))
+                            error = _upstream_error(told["status"], told["message"], told.get("detail", ""),
+                                                    told.get("public", ""))
                             if not again and run.attempt.stale is None and loop.time() < deadline \
                                     and told.get("detail") not in SHARED_FAILURES:
                                 # The holder's request failed, not ours: as the holder's own
@@ -1058,7 +1060,7 @@ class MissPath:
                 # Its leader and its followers alike: their requests came before the origin's
                 # answer, so what it stored or validated (the variant each selects) is theirs.
                 return await self._serve_after_flight(attempt, fhead.status, step.x_cache, step.collapsed,
-                                                      flight, own=True)
+                                                      flight, own=True, stored=step.stored)
             case StaleInstead():
                 reader.close()
                 assert stale is not None
@@ -1383,7 +1385,8 @@ class MissPath:
                                   decision.age, decision.not_modified, hit=True)
 
     async def _serve_after_flight(self, attempt: Attempt, fwd_status: int | None, x_cache: str,
-                                  collapsed: bool, flight: Flight | None, *, own: bool) -> Reply:
+                                  collapsed: bool, flight: Flight | None, *, own: bool,
+                                  stored: bool = False) -> Reply:
         """Answer from the store once ``flight`` has ended.
 
         A client of the flight (``own``: its leader or a follower that joined it, whose request
@@ -1432,7 +1435,7 @@ class MissPath:
             reply = await engine.serve(
                 req, attempt.plan, cached, x_cache, ttl if hit else forwarded_ttl(x_cache, ttl),
                 response.freshness.age(now), client_not_modified(req.head.headers, cached.entry.response),
-                hit=hit, fwd=attempt.fwd, collapsed=collapsed,
+                hit=hit, fwd=attempt.fwd, collapsed=collapsed, mark_stored=stored,
                 fwd_status=fwd_status if fwd_status is not None else cached.entry.response.status,
             )
             if reply is not None:
@@ -1486,6 +1489,9 @@ class FromStore:
     x_cache: str
     collapsed: bool  # Cache-Status: it went forward with another request (never "hit")
     coalesced: bool = False  # served from another's fetch (cachegate_coalesced_requests_total)
+    # Cache-Status ``stored``: the fetch it went forward with stored the response (another
+    # worker's or node's fill: its own followers say so too).
+    stored: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1556,7 +1562,9 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
     if fhead.store_detail == STORED_ELSEWHERE:
         # Another worker or node stored it, or freshened it with its origin's 304: from the
         # store, as this worker's own followers of that fetch would be answered.
-        return FromStore("REVALIDATED" if fhead.status == 304 else "HIT", collapsed=True, coalesced=True)
+        if fhead.status == 304:  # a 304 freshened it: said as this worker's own followers say it
+            return FromStore("REVALIDATED", collapsed=True, coalesced=True)
+        return FromStore("HIT", collapsed=True, coalesced=True, stored=True)
     if origin_error(fhead.status) and stale and fhead.store_detail != "":
         return StaleInstead("ORIGIN-ERROR")
     if fhead.status == 304 and fhead.store_detail == "FRESHENED":
@@ -1708,15 +1716,19 @@ def _stored_head(stored: StoredResponse, body_size: int, fetched: int | None = N
                       True, STORED_ELSEWHERE, body_size, stored.vary)
 
 
-def _upstream_error(status: int, message: str, detail: str = "") -> UpstreamError:
+def _upstream_error(status: int, message: str, detail: str = "", public: str = "") -> UpstreamError:
     """The error another worker's fetch of the same key met, as this worker's own (its
-    Cache-Status ``detail`` too: an invalid response is not an unreachable origin)."""
+    Cache-Status ``detail`` too: an invalid response is not an unreachable origin), with the
+    text that worker's clients were given (``public``: "... (read timed out)" was theirs, the
+    class's shorter text this worker's)."""
     invalid = UpstreamBodyError if detail == "UPSTREAM-BROKE-OFF" else (
         UpstreamProtocolError if detail == "UPSTREAM-INVALID" else None)  # (what its client is told)
     cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(status, invalid or UpstreamConnectError)
     error = cls(f"{message} (fetched by another worker)")
     if detail:
         error.cache_detail = detail
+    if public:
+        error.public = public  # (public_text: the holder's, with its detail in it already)
     # That worker logged its failed fetch: one warning for the machine (``first_report``).
     error.reported = True
     return error

@@ -221,9 +221,9 @@ class LeaseTable:
                                         "outcome": "pass" if pass_ else "unshareable"})
 
     def release(self, key: str, token: int, outcome: str, status: int = 0, message: str = "",
-                detail: str = "") -> Told:
+                detail: str = "", public: str = "") -> Told:
         """The holder's fetch is over: the lease ends, and its waiters hear how it went (an error:
-        its status, message and Cache-Status ``detail``)."""
+        its status, message, Cache-Status ``detail`` and the text its clients were given)."""
         fp = self._arena.fingerprint(key)
         with self._locked:
             found = self._find(fp)
@@ -235,6 +235,8 @@ class LeaseTable:
         event = {"key": key, "token": token, "outcome": outcome, "status": status, "message": message}
         if detail:
             event["detail"] = detail
+        if public:
+            event["public"] = public
         return self._tell(waiters, event)
 
     def ended(self, key: str, token: int) -> str | None:
@@ -494,8 +496,8 @@ class LeaseClient:
         self._tell(self._table.head(key, lease.token, shareable, pass_))
 
     def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "",
-                detail: str = "") -> None:
-        self._tell(self._table.release(key, lease.token, outcome, status, message, detail))
+                detail: str = "", public: str = "") -> None:
+        self._tell(self._table.release(key, lease.token, outcome, status, message, detail, public))
 
     def _tell(self, told: Told) -> None:
         """Have the supervisor tell the waiters (only when there are some: a message each time)."""
@@ -518,7 +520,7 @@ class LeaseClient:
             await asyncio.wait(list(self._tasks), timeout=grace)
 
     async def _event(self, token: int, outcome: str, status: int = 0, message: str = "",
-                     key: str = "", detail: str = "") -> None:
+                     key: str = "", detail: str = "", public: str = "") -> None:
         found = self._by_token.pop(token, None)
         if found is None:
             return  # a wait that already gave up
@@ -527,4 +529,4 @@ class LeaseClient:
             del self._waits[key]
         if not waiting.outcome.done():
             waiting.outcome.set_result({"outcome": outcome, "status": status, "message": message,
-                                        "detail": detail})
+                                        "detail": detail, "public": public})

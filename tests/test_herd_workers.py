@@ -83,6 +83,10 @@ async def test_500_concurrent_clients_over_two_workers_make_one_origin_request(
     assert set(workers) == {"0", "1"}, workers  # both workers had clients
     statuses = Counter(r.x_cache for r in results)
     assert statuses == {"MISS": 1, "HIT": 499}
+    # Whichever worker answered, a follower says the same: its fetch stored the response (the
+    # waiting worker's clients, answered from the store, used to leave "stored" out).
+    assert {(r.worker, r.headers["Cache-Status"]) for r in results if r.x_cache == "HIT"} == {
+        (w, "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed") for w in ("0", "1")}
     metrics = (await two_workers.admin("GET", "/metrics")).body.decode()
     assert 'cachegate_cross_worker_leases_total{event="granted"} 1.0' in metrics
     assert 'cachegate_cross_worker_leases_total{event="stored"} 1.0' in metrics
@@ -353,6 +357,32 @@ async def test_the_waiting_workers_clients_go_upstream_at_once_when_the_holders_
     assert len(results) == 40 and {r.worker for r in results} == {"0", "1"}
     assert origin.count("/np") == 40
     assert max(peaks) == 39  # the other 39 were in at once
+
+
+async def test_an_origin_that_does_not_answer_in_time_gives_both_workers_clients_one_text(
+        tmp_path: Path, origin: Origin) -> None:
+    """The waiting worker's clients got the error class's text ("... did not answer in time"),
+    the holder's the read timeout's ("... did not answer in time (read timed out)"): the holder
+    now passes its clients' text on with its word."""
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(text="late")
+
+    origin.route("/hang", hang)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE,
+                                                     "upstream: {timeouts: {read: 300ms}}\n"))
+    await proxy.start("--workers", "2", with_log=True)
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        results = answered(await herd(proxy.url, "/hang", 30))
+        assert len(results) == 30 and {r.worker for r in results} == {"0", "1"}
+        assert {(r.status, r.body) for r in results} == {
+            (504, b"504 Gateway Timeout: the origin server did not answer in time (read timed out)\n")}
+        # Heard through the word (a waiter that misses it asks again and fetches for itself).
+        assert not [line for line in proxy.lines if "without word" in line]
+    finally:
+        await proxy.stop()
 
 
 async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(

@@ -283,7 +283,8 @@ async def test_a_waiter_that_hears_nothing_finds_the_lease_over_in_the_table() -
         assert isinstance(waiting, Waiting)
         wait = asyncio.ensure_future(client.wait("w", waiting, loop.time() + 30))
         await client._event(waiting.token, "error", 504, "timed out", "w")
-        assert await wait == {"outcome": "error", "status": 504, "message": "timed out", "detail": ""}
+        assert await wait == {"outcome": "error", "status": 504, "message": "timed out", "detail": "",
+                          "public": ""}
         client.forget("w", waiting)
         # A word that comes after the table showed the lease over, but soon, is still the answer.
         granted, _ = t.acquire(0, "v")

@@ -343,7 +343,7 @@ class FakeLeases:
         self.fetch_froms.append((key, delay))
 
     def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "",
-                detail: str = "") -> None:
+                detail: str = "", public: str = "") -> None:
         self.released.append((key, lease.token, outcome))
         self.details.append(detail)
 

@@ -83,7 +83,7 @@ CASES: list[tuple[str, FlightHead, RequestHead, str, bool, bool, NextStep]] = [
     ("a conditional request of an unstored response gets the response", head(detail="NO-STORE"),
      request(If_None_Match='"x"'), "uri-miss", False, False, Relay("MISS", "whole")),
     ("what another worker stored is answered from the store", head(detail=STORED_ELSEWHERE), request(),
-     "uri-miss", False, False, FromStore("HIT", collapsed=True, coalesced=True)),
+     "uri-miss", False, False, FromStore("HIT", collapsed=True, coalesced=True, stored=True)),
     ("what another worker freshened with its origin's 304 is answered as revalidated",
      head(304, STORED_ELSEWHERE), request(), "stale", False, False,
      FromStore("REVALIDATED", collapsed=True, coalesced=True)),
