@@ -893,7 +893,8 @@ class MissPath:
         flight.set_head(FlightHead(resp.status, resp.reason, fields, shareable,
                                    store_detail, resp.content_length, vary,
                                    entry.response if entry is not None else None))
-        passing = hit_for_pass(store_detail, resp.status, run.attempt.req.head.headers)
+        # ("": stored, the common case: no call)
+        passing = bool(store_detail) and hit_for_pass(store_detail, resp.status, run.attempt.req.head.headers)
         if passing:
             self.coalescer.mark_pass(key, found_nothing=self._found_nothing(run.attempt))
         if not shareable:
@@ -964,6 +965,10 @@ class MissPath:
         if run.on_filled is not None:
             run.on_filled(final, spool.body_bytes())
         self.coalescer.retire(flight)
+        # Stored: the key's hit-for-pass mark ends before this worker's clients have their answer
+        # (``_end`` clears it only once the disk has it, after them: a client's next request for
+        # a body kept on disk alone was still passed then, a MISS, as a herd's late ones were).
+        self.coalescer.clear_pass(key)
         if run.lease is None or spool.body_bytes() is None:
             # This worker's readers first; then the disk.
             flight.body.finish()

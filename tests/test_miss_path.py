@@ -4,6 +4,7 @@ the web layer whole."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,39 @@ async def test_a_key_no_process_stored_costs_no_disk_lookup(
     hit = await proxy.get("/n")
     assert (hit.x_cache, len(hit.body)) == ("HIT", 5000)  # the store cleared the mark
     assert origin.count("/n") == 4
+
+
+async def test_a_storable_answer_ends_the_hit_for_pass_mark_before_its_client_has_it(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """The mark used to end only once the disk had the body: a client's next request for a body
+    kept on disk alone, sent before the disk write had returned (late here), was passed again,
+    a MISS and one more origin request."""
+    proxy = await make_proxy(config="cache: {memory: 8MB, memory_max_object: 1KB, "
+                                    "disk: {path: cache, size: 64MB, shards: 1}}\n")
+    await directory_ready(proxy)
+    origin.route("/p", body=b"yours only", headers={"Cache-Control": "private"})
+    assert (await proxy.get("/p")).x_cache == "MISS"  # hit-for-pass
+    storage = proxy.runtime.storage
+    real = storage.put_disk
+    written = asyncio.Event()
+
+    async def slow_put_disk(*args: Any, **kwargs: Any) -> Any:
+        # The write itself as usual; what it returns comes late (its sync and index, here slow).
+        write = asyncio.ensure_future(real(*args, **kwargs))
+        await asyncio.sleep(0.5)
+        try:
+            return await write
+        finally:
+            written.set()
+
+    storage.put_disk = slow_put_disk  # type: ignore[method-assign]
+    origin.route("/p", body=b"x" * 5000, headers={"Cache-Control": "max-age=60"})
+    assert (await proxy.get("/p")).x_cache == "MISS"  # stored, on disk only
+    assert not written.is_set()  # answered before the disk has it
+    after = await proxy.get("/p")  # looked up, not passed: a hit
+    assert (after.x_cache, len(after.body)) == ("HIT", 5000)
+    assert origin.count("/p") == 2
 
 
 async def test_a_small_response_that_arrived_whole_is_handed_over_as_bytes(
