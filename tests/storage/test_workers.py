@@ -369,10 +369,16 @@ async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_
     proxy = ProxyProcess(str(tmp_path), config)
     await proxy.start("--workers", "2")
 
-    async def restart_worker_1() -> None:
-        old = proxy.workers[1]
+    turns = iter(range(100))
+
+    async def restart_a_worker() -> None:
+        """Kill a worker, worker 0 and 1 in turn (either must run what its siblings run): one
+        killed again soon after its start is restarted with crash-loop backoff (0.5 s, doubled
+        each time: six in a row took 31 s of this test's 38)."""
+        n = next(turns) % 2
+        old = proxy.workers[n]
         os.kill(old, signal.SIGKILL)
-        await proxy.wait_for(lambda: proxy.workers[1] != old, wait=30)
+        await proxy.wait_for(lambda: proxy.workers[n] != old, wait=30)
 
     def good(via: str, rule: str = "here") -> object:
         return lambda r: f"1.1 {via}" in r.headers["Via"] and r.headers.get("X-Rule") == rule
@@ -381,34 +387,34 @@ async def test_a_restarted_worker_gets_the_config_last_loaded_good_not_the_file_
         await proxy.wait_for(lambda: len(proxy.workers) == 2)
         write_config(str(tmp_path), origin.url, CACHE, extra + "via: edited\n")  # not reloaded
         rules("rules:\n  - {name: mark, match: {path: /h}, bypass: true}\n")  # nor this
-        await restart_worker_1()
+        await restart_a_worker()
         assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
         for _ in range(10):
             r = await proxy.get("/h")
             assert "1.1 before" in r.headers["Via"] and r.headers.get("X-Rule") == "here"
         rules("rules:\n  - name: mark\n    match: {path: /h\n")  # half-written: broken
-        await restart_worker_1()  # it starts (it would exit 2 at every restart)
+        await restart_a_worker()  # it starts (it would exit 2 at every restart)
         assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
         rules(marking("here"))
         write_config(str(tmp_path), origin.url, CACHE, extra + "workers: lots\n")  # broken
-        await restart_worker_1()  # it starts (it would exit 2 at every restart)
+        await restart_a_worker()  # it starts (it would exit 2 at every restart)
         assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
         assert (await proxy.admin("POST", "/reload")).status != 200  # rejected: "before" stays
-        await restart_worker_1()
+        await restart_a_worker()
         assert len(await _until_each_worker(proxy, "/h", 2, good("before"))) == 2
         write_config(str(tmp_path), origin.url, CACHE, extra + "via: after\n")
         rules(marking("after"))
         assert (await proxy.admin("POST", "/reload")).status == 200
         await every_worker_says(proxy, "1.1 after")
         rules(marking("edited-again"))  # not reloaded
-        await restart_worker_1()
+        await restart_a_worker()
         assert len(await _until_each_worker(proxy, "/h", 2, good("after", "after"))) == 2
         # A temporary-file cleaner removes the copy (the supervisor runs for months): written again.
         with open(f"/proc/{proxy.workers[1]}/cmdline", "rb") as f:  # noqa: ASYNC230 (procfs, instant)
             argv = f.read().split(b"\0")
         copy = argv[argv.index(b"--config") + 1].decode()
         shutil.rmtree(os.path.dirname(copy))
-        await restart_worker_1()
+        await restart_a_worker()  # (worker 1's turn: the one whose copy is gone)
         assert len(await _until_each_worker(proxy, "/h", 2, good("after", "after"))) == 2
     finally:
         assert await proxy.stop() == 0
