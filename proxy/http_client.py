@@ -899,13 +899,18 @@ class HostPool:
 
     # -- taking and giving back ------------------------------------------------------------
 
-    async def acquire(self) -> UpstreamConnection:
+    async def acquire(self, *, new: bool = False) -> UpstreamConnection:
         """An idle live connection, a new one, or (at the limit) the next one given back.
 
-        Waiting for a free connection and connecting share the connect timeout."""
+        Waiting for a free connection and connecting share the connect timeout. ``new``: never
+        an idle pooled connection (an idle one is closed for the slot): the try after a pooled
+        connection closed as the request left, whose siblings the upstream may have closed too."""
         conn = self._take_idle()
         if conn is not None:
-            return conn
+            if not new:
+                return conn
+            self._trade(conn)
+            return await self._connect_reserved(None)
         if self.size < self.limit and not self._waiters:
             self._connecting += 1  # the slot is ours
             return await self._connect_reserved(None)
@@ -924,8 +929,16 @@ class HostPool:
             self._give_back(waiter)
             raise
         if given is not None:
-            return given
+            if not new or given.exchange == 0:
+                return given
+            self._trade(given)
         return await self._connect_reserved(deadline)
+
+    def _trade(self, conn: UpstreamConnection) -> None:
+        """Close a pooled connection and keep its slot for a new one (``_connect_reserved``)."""
+        self._conns.discard(conn)  # not ``forget``: the slot is not woken for another waiter
+        self._connecting += 1
+        conn.close()
 
     def _give_back(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
         """A waiter that gave up: what it was handed (a connection, or a slot) goes on."""

@@ -39,9 +39,11 @@ any response byte arrived (refused, reset, closed with nothing read, or a connec
 timeout; not a wait for a free pooled connection in vain, already as long as a connect
 timeout), only for idempotent methods (unless ``retry_non_idempotent``), and never
 when the request body was streamed. A reused connection that closes with nothing read
-gets one more try besides, on another upstream (the same one when no other is up): that
-is a keep-alive connection closed by the upstream as the request left. A new connection
-closed so is a failed try like any other (the upstream dropped that request). A 5xx
+is a keep-alive connection closed by the upstream as the request left (its idle timeout,
+not its answer): it uses up neither that upstream's try nor a retry; the next try prefers
+another upstream (the same one when no other is up), and that try and every later one go
+on a new connection (the upstream's other idle ones may be closed as well). A new
+connection closed so is a failed try like any other (the upstream dropped that request). A 5xx
 answer, a read timeout or a connection that closes part-way through the response
 head is not retried: the upstream may have acted on the request.
 
@@ -561,32 +563,33 @@ class UpstreamPool:
         streamed = body is not None and not isinstance(body, bytes)
         retryable = not streamed and (method in IDEMPOTENT or self.settings.retry_non_idempotent)
         attempts = 1 + (self.settings.retries if retryable else 0)
-        reconnect = retryable  # one try more after a reused connection closed with nothing read
-        again: str | None = None  # that try's upstream: tried again only when no other is up
+        new = False  # a pooled connection closed as the request left: new connections only since
+        avoid: str | None = None  # its upstream: not the next choice while another is up
         tried: set[str] = set()
         last: UpstreamError | None = None
         try:
             while attempts > 0:
-                exclude = frozenset(tried)
-                upstream = self.selector.choose(self.upstreams, self._clock(), exclude)
-                if upstream is None and again is not None:  # alone: the same upstream
-                    upstream = self.selector.choose(self.upstreams, self._clock(), exclude - {again})
-                again = None
+                upstream = self._choose(tried, avoid)
+                avoid = None
                 if upstream is None:
                     if last is not None:
                         raise last
                     raise NoUpstreamAvailable("no upstream is available (all are down)")
                 tried.add(upstream.name)
                 try:
-                    return await self._send_once(upstream, method, target, headers, body, on_interim)
+                    return await self._send_once(upstream, method, target, headers, body, on_interim,
+                                                 new=new)
                 except UpstreamDisconnected as exc:
                     last = exc
-                    if reconnect and exc.reused:
-                        # A keep-alive connection the upstream closed as the request left: not
-                        # counted as a try. A new connection dropped is (it was the upstream's
-                        # answer to that request: sent retries + 2 times, to each upstream again).
-                        reconnect = False
-                        again = upstream.name
+                    if retryable and exc.reused and not new:
+                        # A keep-alive connection the upstream closed as the request left (its idle
+                        # timeout, not its answer): no try of that upstream nor a retry used up.
+                        # The next try prefers another upstream, and every later one goes on a
+                        # new connection (the upstream's other idle ones may be closed as well;
+                        # with a new one, a drop is the upstream's answer: a try, never repeated).
+                        new = True
+                        tried.discard(upstream.name)
+                        avoid = upstream.name
                         continue
                     attempts -= 1
                 except PoolWaitTimeout:
@@ -604,6 +607,16 @@ class UpstreamPool:
                 raise ProxyStopping("the request to the origin was cut off at the stop's deadline") from exc
             raise
 
+    def _choose(self, tried: set[str], avoid: str | None) -> Upstream | None:
+        """The next upstream: untried, and not ``avoid`` while another is up."""
+        now = self._clock()
+        exclude = frozenset(tried)
+        if avoid is not None:
+            upstream = self.selector.choose(self.upstreams, now, exclude | {avoid})
+            if upstream is not None:
+                return upstream
+        return self.selector.choose(self.upstreams, now, exclude)
+
     async def _send_once(
         self,
         upstream: Upstream,
@@ -612,6 +625,8 @@ class UpstreamPool:
         headers: list[tuple[str, str]],
         body: AsyncIterable[bytes] | bytes | None,
         on_interim: InterimHook | None = None,
+        *,
+        new: bool = False,
     ) -> UpstreamResponse:
         host = self._hosts.get(upstream.name)
         if host is None:
@@ -628,7 +643,7 @@ class UpstreamPool:
                 stream = body_once(body) if len(body) > SMALL_BODY else None
             else:
                 stream = body
-            conn = await host.acquire()
+            conn = await host.acquire(new=new)
             upstream.requests += 1  # held a connection: not a wait for one in vain (GET /upstreams)
             fresh = conn.exchange == 0
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",

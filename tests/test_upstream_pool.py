@@ -644,9 +644,53 @@ async def test_a_request_dropped_by_the_upstream_is_sent_once_per_try(make_proxy
         proxy = await make_proxy(config=config, upstreams=[a.url, b.url], directory=tmp_path / "2")
         assert [(await proxy.get(f"/ok?{i}")).status for i in range(2)] == [200, 200]  # one pooled each
         assert (await proxy.get("/close?warm")).status == 502
-        # a's pooled connection dropped (the one more try) goes to b, not to a again
-        assert [t for _, _, t in a.targets()].count("/close?warm") == 1
-        assert [t for _, _, t in b.targets()].count("/close?warm") == 1
+        # a's pooled connection dropped (no try used up) is followed by b's try, on a new
+        # connection, then a's on a new one (the retry): two tries, never a pooled one again
+        assert [(i, t) for i, _, t in a.targets() if t == "/close?warm"] == [(0, "/close?warm"), (1, "/close?warm")]
+        assert [(i, t) for i, _, t in b.targets() if t == "/close?warm"] == [(1, "/close?warm")]
+
+
+async def _drop_on_reuse(conn: Conn) -> None:
+    """The first request of a connection answered; the next one read and the connection closed
+    with nothing sent: an origin whose keep-alive idle timeout fires as a request arrives."""
+    await conn.request()
+    await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+    await conn.request()
+
+
+async def test_keep_alive_connections_closed_as_the_request_left_use_up_no_try(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """A pooled connection closed with nothing read is the upstream's idle timeout, not its
+    answer: it uses up neither that upstream's try nor a retry, the next try prefers another
+    upstream and goes on a new connection. With two such upstreams and retries 1, the third GET
+    was a 502 (a's pooled connection, then b's used up the one more try, and a counted as
+    tried), though a new connection to either answered; a lone upstream with two idle pooled
+    connections, both closed, was a 502 too (the one more try took the other pooled one)."""
+    async with raw_origins() as start:
+        a, b = await start(_drop_on_reuse), await start(_drop_on_reuse)
+        proxy = await make_proxy(config="upstream: {retries: 1}\n", upstreams=[a.url, b.url],
+                                 directory=tmp_path / "2")
+        assert [(await proxy.get(f"/r{i}")).status for i in range(4)] == [200] * 4
+        assert [(i, t) for i, _, t in a.targets() if t == "/r2"] == [(0, "/r2")]  # pooled: dropped
+        assert [(i, t) for i, _, t in b.targets() if t == "/r2"] == [(1, "/r2")]  # then a new one
+
+        both_open = asyncio.Event()
+
+        async def two_at_once_then_drop_on_reuse(conn: Conn) -> None:
+            await conn.request()
+            if conn.index == 1:
+                both_open.set()
+            await both_open.wait()  # two pooled connections, idle after
+            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+            await conn.request()
+
+        lone = await start(two_at_once_then_drop_on_reuse)
+        proxy = await make_proxy(config="upstream: {retries: 1}\n", upstreams=[lone.url], directory=tmp_path / "1")
+        assert [r.status for r in await asyncio.gather(proxy.get("/w0"), proxy.get("/w1"))] == [200, 200]
+        reply = await proxy.get("/x")
+        assert (reply.status, reply.body) == (200, b"ok")
+        assert [i for i, _, t in lone.targets() if t == "/x"] in ([0, 2], [1, 2])  # a new one, not the other idle
 
 
 async def test_post_is_retried_only_when_configured_and_its_body_was_not_streamed(
