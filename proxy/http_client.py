@@ -145,9 +145,10 @@ class UpstreamConnectTimeout(UpstreamTimeout):
 class PoolWaitTimeout(UpstreamConnectTimeout):
     """No pooled connection came free within the connect timeout (every one of ``pool_size`` is
     busy): cachegate's own limit was reached and no connection was tried, so it says nothing of
-    the upstream's state (passive health does not hold it against the upstream), and it is not
-    retried (the wait already lasted a connect timeout). The client is told so, not that a
-    connect timed out. Same ``kind`` (``connect_timeout``) and 504."""
+    the upstream's state (passive health does not hold it against the upstream), and no second
+    wait follows (the wait already lasted a connect timeout: only an upstream with a connection
+    free at once is tried then). The client is told so, not that a connect timed out. Same
+    ``kind`` (``connect_timeout``) and 504."""
 
     public = "no free connection to the origin server within the connect timeout (every pooled one was busy)"
 
@@ -899,12 +900,20 @@ class HostPool:
 
     # -- taking and giving back ------------------------------------------------------------
 
-    async def acquire(self, *, new: bool = False) -> UpstreamConnection:
+    @property
+    def free(self) -> bool:
+        """A request would get a connection without waiting: one idle, or room for a new one
+        (``UpstreamPool`` prefers an upstream whose pool is not full, as nginx's max_conns)."""
+        return bool(self._idle) or (self.size < self.limit and not self._waiters)
+
+    async def acquire(self, *, new: bool = False, wait: bool = True) -> UpstreamConnection:
         """An idle live connection, a new one, or (at the limit) the next one given back.
 
         Waiting for a free connection and connecting share the connect timeout. ``new``: never
         an idle pooled connection (an idle one is closed for the slot): the try after a pooled
-        connection closed as the request left, whose siblings the upstream may have closed too."""
+        connection closed as the request left, whose siblings the upstream may have closed too.
+        ``wait``: False when the request already waited a connect timeout for another pool
+        (``PoolWaitTimeout`` at once when none is free)."""
         conn = self._take_idle()
         if conn is not None:
             if not new:
@@ -914,6 +923,8 @@ class HostPool:
         if self.size < self.limit and not self._waiters:
             self._connecting += 1  # the slot is ours
             return await self._connect_reserved(None)
+        if not wait:
+            raise PoolWaitTimeout(f"{self.name}: no free pooled connection (all {self.limit} busy)")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()

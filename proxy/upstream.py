@@ -36,7 +36,6 @@ Health:
 
 A request is retried on another upstream only when the connection failed before
 any response byte arrived (refused, reset, closed with nothing read, or a connect
-timeout; not a wait for a free pooled connection in vain, already as long as a connect
 timeout), only for idempotent methods (unless ``retry_non_idempotent``), and never
 when the request body was streamed. A reused connection that closes with nothing read
 is a keep-alive connection closed by the upstream as the request left (its idle timeout,
@@ -46,6 +45,12 @@ on a new connection (the upstream's other idle ones may be closed as well). A ne
 connection closed so is a failed try like any other (the upstream dropped that request). A 5xx
 answer, a read timeout or a connection that closes part-way through the response
 head is not retried: the upstream may have acted on the request.
+
+An upstream whose pool is full (``HostPool.free``) is passed over while another has a
+connection free, as nginx's max_conns. A request that waited the connect timeout in vain
+for a full pool (every one was full) goes at once to an untried upstream with a connection
+free by then, never into a second wait ((retries + 1) x connect); none, and it is a 504.
+Not a try (nothing was sent), nor a request of the upstream's.
 
 A ``206 Partial Content`` to a request without ``Range`` (a fill never sends the client's,
 and no request carries the pre-standard ``Request-Range``: ``proxy.policy.request.NEVER_FORWARDED``)
@@ -165,12 +170,18 @@ class Selector:
     balance: str = "round_robin"
     _current: dict[str, int] = field(default_factory=dict)
 
-    def choose(self, upstreams: list[Upstream], now: float, exclude: frozenset[str] = frozenset()
-               ) -> Upstream | None:
+    def choose(self, upstreams: list[Upstream], now: float, exclude: frozenset[str] = frozenset(),
+               full: frozenset[str] = frozenset()) -> Upstream | None:
+        """``full``: upstreams whose connection pool is full (a request would wait for a free
+        connection): chosen only when every other is full too, as nginx's max_conns. Chosen by
+        turn, a slow upstream's full pool made a request wait the connect timeout for a 504
+        while another upstream had connections free."""
         if len(upstreams) == 1:  # the common case, without building lists
             only = upstreams[0]
             return only if only.available(now) and only.name not in exclude else None
         candidates = [u for u in upstreams if u.available(now) and u.name not in exclude]
+        if full and len(candidates) > 1:
+            candidates = [u for u in candidates if u.name not in full] or candidates
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -565,20 +576,23 @@ class UpstreamPool:
         attempts = 1 + (self.settings.retries if retryable else 0)
         new = False  # a pooled connection closed as the request left: new connections only since
         avoid: str | None = None  # its upstream: not the next choice while another is up
+        waited: PoolWaitTimeout | None = None  # a connect timeout spent waiting for a pool: not twice
         tried: set[str] = set()
         last: UpstreamError | None = None
         try:
             while attempts > 0:
-                upstream = self._choose(tried, avoid)
+                upstream = self._choose(tried, avoid, waited is not None)
                 avoid = None
                 if upstream is None:
+                    if waited is not None:
+                        raise waited
                     if last is not None:
                         raise last
                     raise NoUpstreamAvailable("no upstream is available (all are down)")
                 tried.add(upstream.name)
                 try:
                     return await self._send_once(upstream, method, target, headers, body, on_interim,
-                                                 new=new)
+                                                 new=new, wait=waited is None)
                 except UpstreamDisconnected as exc:
                     last = exc
                     if retryable and exc.reused and not new:
@@ -592,10 +606,11 @@ class UpstreamPool:
                         avoid = upstream.name
                         continue
                     attempts -= 1
-                except PoolWaitTimeout:
-                    # ``pool_size`` busy for the whole connect timeout: the 504 now, not after
-                    # waiting as long again for another upstream's pool (nothing was tried).
-                    raise
+                except PoolWaitTimeout as exc:
+                    # ``pool_size`` busy for the whole connect timeout (nothing was sent): an
+                    # untried upstream with a connection free at once is tried, never a second
+                    # wait ((retries + 1) x connect); none, and the 504 is now.
+                    waited = waited or exc
                 except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
                     last = exc
                     attempts -= 1
@@ -607,15 +622,19 @@ class UpstreamPool:
                 raise ProxyStopping("the request to the origin was cut off at the stop's deadline") from exc
             raise
 
-    def _choose(self, tried: set[str], avoid: str | None) -> Upstream | None:
-        """The next upstream: untried, and not ``avoid`` while another is up."""
+    def _choose(self, tried: set[str], avoid: str | None, free_only: bool) -> Upstream | None:
+        """The next upstream: untried, not ``avoid`` while another is up, one whose pool is not
+        full while another's is (``Selector.choose``), and only such a one after a pool wait
+        (``free_only``)."""
         now = self._clock()
-        exclude = frozenset(tried)
+        full = frozenset(name for name, host in self._hosts.items() if not host.free) if (
+            len(self.upstreams) > 1 or free_only) else frozenset()
+        exclude = frozenset(tried) | full if free_only else frozenset(tried)
         if avoid is not None:
-            upstream = self.selector.choose(self.upstreams, now, exclude | {avoid})
+            upstream = self.selector.choose(self.upstreams, now, exclude | {avoid}, full)
             if upstream is not None:
                 return upstream
-        return self.selector.choose(self.upstreams, now, exclude)
+        return self.selector.choose(self.upstreams, now, exclude, full)
 
     async def _send_once(
         self,
@@ -627,6 +646,7 @@ class UpstreamPool:
         on_interim: InterimHook | None = None,
         *,
         new: bool = False,
+        wait: bool = True,
     ) -> UpstreamResponse:
         host = self._hosts.get(upstream.name)
         if host is None:
@@ -643,7 +663,7 @@ class UpstreamPool:
                 stream = body_once(body) if len(body) > SMALL_BODY else None
             else:
                 stream = body
-            conn = await host.acquire(new=new)
+            conn = await host.acquire(new=new, wait=wait)
             upstream.requests += 1  # held a connection: not a wait for one in vain (GET /upstreams)
             fresh = conn.exchange == 0
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",

@@ -865,6 +865,46 @@ async def test_a_wait_for_a_free_pooled_connection_is_one_connect_timeout_and_no
         assert [u["requests"] for u in upstreams] == [len(a.requests), len(b.requests)] == [1, 1]
 
 
+async def test_a_full_pool_is_passed_over_for_an_upstream_with_a_free_connection(make_proxy: MakeProxy) -> None:
+    """Round robin over an upstream whose one pooled connection is busy (a slow answer) and one
+    with a free connection: the request goes to the free one, as nginx's max_conns, and one that
+    waited ``timeouts.connect`` in vain for a full pool goes to an untried upstream whose
+    connection is free by then, at once. A request by turn for the slow upstream was a 504
+    after the connect timeout while the other one had a connection free."""
+    release = {"/held-a": asyncio.Event(), "/held-b": asyncio.Event()}
+
+    async def held(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            gate = release.get(request.target.split("?")[0])
+            if gate is not None:
+                await gate.wait()
+            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+
+    async with raw_origins() as start:
+        a, b = await start(held), await start(held)
+        proxy = await make_proxy(config="upstream: {pool_size: 1, timeouts: {connect: 500ms}, retries: 0}\n",
+                                 upstreams=[a.url, b.url])
+        slow = asyncio.ensure_future(proxy.get("/held-a"))
+        await wait_for(lambda: len(a.requests) == 1)
+        assert [(await proxy.get(f"/ok?{i}")).status for i in range(4)] == [200] * 4
+        assert len(b.requests) == 4  # a's pool was full: none waited for it
+
+        other = asyncio.ensure_future(proxy.get("/held-b"))  # both pools full now
+        await wait_for(lambda: len(b.requests) == 5)
+        waits = [asyncio.ensure_future(proxy.get(f"/w?{i}")) for i in range(2)]  # by turn: one for each pool
+        pool = proxy.runtime.pool
+        await wait_for(lambda: [u.in_flight for u in pool.upstreams] == [2, 2])
+        release["/held-b"].set()  # b's waiter has its answer soon, a's pool stays full
+        assert (await other).status == 200
+        # a's waiter, after the connect timeout: b's connection, free by then, at once
+        assert [(await w).status for w in waits] == [200, 200]
+        assert sorted(t for _, _, t in b.targets() if t.startswith("/w")) == ["/w?0", "/w?1"]
+        assert [t for _, _, t in a.targets()] == ["/held-a"]
+        release["/held-a"].set()
+        assert (await slow).status == 200
+
+
 async def test_a_url_the_app_drops_takes_out_one_upstream_of_two_not_both(make_proxy: MakeProxy) -> None:
     """A new connection closed before any answer (an app or WAF dropping one URL, nginx's 444)
     counts against the upstream, and the retry on the other one counts there: three requests
