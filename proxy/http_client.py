@@ -65,8 +65,9 @@ status line of a version other than HTTP/1.0 and HTTP/1.1 (llhttp reads "HTTP/2.
 has no status line), is refused like any invalid response: a 502, never relayed nor stored.
 
 Errors are ``proxy.errors`` types whose ``kind`` names them for the metrics: ``connect``
-(refused, reset, TLS), ``connect_timeout``, ``read_timeout`` (no byte for ``read``
-seconds while waiting for one), ``total_timeout`` (the whole exchange), ``protocol``
+(refused, reset, TLS), ``connect_timeout``, ``pool_wait`` (no pooled connection came free
+within ``connect``: cachegate's limit, not the upstream's failure), ``read_timeout`` (no
+byte for ``read`` seconds while waiting for one), ``total_timeout`` (the whole exchange), ``protocol``
 (unparseable, or closed part-way through the head). ``UpstreamDisconnected`` means the
 connection closed after the request left and before any response byte: most often a
 keep-alive connection the upstream had just closed, which the pool may retry.
@@ -145,11 +146,13 @@ class UpstreamConnectTimeout(UpstreamTimeout):
 class PoolWaitTimeout(UpstreamConnectTimeout):
     """No pooled connection came free within the connect timeout (every one of ``pool_size`` is
     busy): cachegate's own limit was reached and no connection was tried, so it says nothing of
-    the upstream's state (passive health does not hold it against the upstream), and no second
-    wait follows (the wait already lasted a connect timeout: only an upstream with a connection
-    free at once is tried then). The client is told so, not that a connect timed out. Same
-    ``kind`` (``connect_timeout``) and 504."""
+    the upstream's state (passive health does not hold it against the upstream, nor do
+    ``GET /upstreams``' ``failures``), and no second wait follows (the wait already lasted a
+    connect timeout: only an upstream with a connection free at once is tried then). The client
+    is told so, not that a connect timed out: a 504, counted under its own ``kind``
+    (``pool_wait``), not as a connect timeout of the upstream's."""
 
+    kind = "pool_wait"
     public = "no free connection to the origin server within the connect timeout (every pooled one was busy)"
 
 
@@ -190,8 +193,8 @@ def error_kind(exc: UpstreamError) -> str:
 
 # Every kind ``error_kind`` and ``body_error_kind`` give (a 5xx answer's ``status_5NN`` aside):
 # exported at 0 for each upstream from the start (``proxy.metrics.KNOWN_LABELS`` says why).
-UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "read_timeout", "total_timeout", "protocol",
-                        "body_broke_off", "body_read_timeout", "body_total_timeout")
+UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "pool_wait", "read_timeout", "total_timeout",
+                        "protocol", "body_broke_off", "body_read_timeout", "body_total_timeout")
 
 
 def body_error_kind(exc: UpstreamError) -> str:

@@ -50,7 +50,8 @@ An upstream whose pool is full (``HostPool.free``) is passed over while another 
 connection free, as nginx's max_conns. A request that waited the connect timeout in vain
 for a full pool (every one was full) goes at once to an untried upstream with a connection
 free by then, never into a second wait ((retries + 1) x connect); none, and it is a 504.
-Not a try (nothing was sent), nor a request of the upstream's.
+Not a try (nothing was sent), nor a request or failure of the upstream's: its own
+``pool_wait`` kind.
 
 A ``206 Partial Content`` to a request without ``Range`` (a fill never sends the client's,
 and no request carries the pre-standard ``Request-Range``: ``proxy.policy.request.NEVER_FORWARDED``)
@@ -64,8 +65,9 @@ metrics. Counted, a client breaking off a few uploads would take every upstream 
 
 Timeouts (all 504 for the client, ``detail=UPSTREAM-TIMEOUT``) are told apart in
 the error and in ``cachegate_upstream_errors_total{kind}``: ``connect_timeout``
-(no connection within ``timeouts.connect``), ``read_timeout`` (``timeouts.read``
-without a byte), ``total_timeout`` (``timeouts.total`` for the whole exchange).
+(no connection within ``timeouts.connect``), ``pool_wait`` (no free pooled one within it),
+``read_timeout`` (``timeouts.read`` without a byte), ``total_timeout`` (``timeouts.total``
+for the whole exchange).
 """
 
 from __future__ import annotations
@@ -675,6 +677,14 @@ class UpstreamPool:
             exc.upstream = upstream.name
             self._done(upstream)
             self._body_error(upstream, exc)
+            raise
+        except PoolWaitTimeout as exc:
+            # cachegate's own limit, no connection tried: neither a request nor a failure of the
+            # upstream's (``GET /upstreams``), counted apart (``kind="pool_wait"``).
+            exc.upstream = upstream.name
+            self._done(upstream)
+            if self._on_error is not None:
+                self._on_error(upstream.name, error_kind(exc))
             raise
         except UpstreamError as exc:
             exc.upstream = upstream.name

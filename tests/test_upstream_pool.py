@@ -859,10 +859,15 @@ async def test_a_wait_for_a_free_pooled_connection_is_one_connect_timeout_and_no
         release.set()
         assert [(await f).status for f in busy] == [200, 200]
         metrics = (await proxy.admin("GET", "/metrics")).body.decode()
-        waits = re.findall(r'cachegate_upstream_errors_total{kind="connect_timeout",upstream="[^"]+"} (\d+)', metrics)
+        waits = re.findall(r'cachegate_upstream_errors_total{kind="pool_wait",upstream="[^"]+"} (\d+)', metrics)
         assert sum(float(n) for n in waits) == 2  # one pool's wait each, not one per upstream
+        # its own kind: not a connect timeout of the upstream's
+        assert not re.search(r'cachegate_upstream_errors_total{kind="connect_timeout",upstream="[^"]+"} [1-9]',
+                             metrics)
         upstreams = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"]
         assert [u["requests"] for u in upstreams] == [len(a.requests), len(b.requests)] == [1, 1]
+        # nor a failure of the upstream's: failures / requests read 7 / 8 for a healthy upstream
+        assert [u["failures"] for u in upstreams] == [0, 0]
 
 
 async def test_a_full_pool_is_passed_over_for_an_upstream_with_a_free_connection(make_proxy: MakeProxy) -> None:

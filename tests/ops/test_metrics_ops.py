@@ -249,6 +249,7 @@ def test_the_known_label_sets_cover_the_typed_ones() -> None:
     from proxy.flight import FlightOutcome
     from proxy.http_client import (
         UPSTREAM_ERROR_KINDS,
+        PoolWaitTimeout,
         UpstreamBodyError,
         UpstreamConnectTimeout,
         UpstreamReadTimeout,
@@ -268,7 +269,7 @@ def test_the_known_label_sets_cover_the_typed_ones() -> None:
              PurgeSpec(tags=("t",)), PurgeSpec(all=True), PurgeSpec(keys=("k",), invalidation=True))
     assert {k for spec in specs for k in spec.kinds} == set(KNOWN_LABELS["cachegate_purges"])
     assert set(TIERS) == set(KNOWN_LABELS["cachegate_response_bytes"])
-    errors = (UpstreamConnectError("x"), UpstreamConnectTimeout("x"), UpstreamReadTimeout("x"),
+    errors = (UpstreamConnectError("x"), UpstreamConnectTimeout("x"), PoolWaitTimeout("x"), UpstreamReadTimeout("x"),
               UpstreamTotalTimeout("x"), UpstreamProtocolError("x"), UpstreamBodyError("x"))
     in_a_body = (UpstreamReadTimeout("x"), UpstreamTotalTimeout("x"), UpstreamBodyError("x"))
     kinds = {error_kind(e) for e in errors} | {body_error_kind(e) for e in in_a_body}
