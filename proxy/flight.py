@@ -239,14 +239,22 @@ class Dispersed:
     """The worker holding the key's lease got a response head that may not be shared (its
     word, ``pass`` or ``unshareable``): every client of the flight goes upstream on its own at
     once, as that worker's own followers do. Fetching here first only had them wait for one
-    more head that said the same."""
+    more head that said the same. ``status``: that head's, when its response was not stored
+    (else 0): an origin error has the clients with a stale response serve it instead, as that
+    worker's own followers do (``when_dispersed``)."""
 
+    status: int = 0
     label: ClassVar[str] = "dispersed"
 
 
 class GoAlone(ConnectionError):
-    """A flight's clients are to fetch each on its own (``Dispersed``). A ConnectionError: what
-    waits for the flight otherwise takes it as a flight that ended without a head."""
+    """A flight's clients are to fetch each on its own, or serve stale-if-error (``Dispersed``,
+    ``when_dispersed``). A ConnectionError: what waits for the flight otherwise takes it as a
+    flight that ended without a head."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,8 +535,8 @@ class MissPath:
                 flight.fail_head(error)
                 flight.body.fail(ResponseAborted("the fetch was cut off by the stop before its body ended"))
                 result = FlightResult(False, "ABORTED")
-            case Dispersed():
-                flight.fail_head(GoAlone("another worker's response may not be shared"))
+            case Dispersed(status=status):
+                flight.fail_head(GoAlone("another worker's response may not be shared", status))
                 flight.body.fail(ResponseAborted("the fetch ended before its body did"))
                 result = FlightResult(False, "NOT-SHAREABLE")
             case Skipped() | Aborted():
@@ -642,10 +650,11 @@ class MissPath:
                         case "pass" | "unshareable" as word:
                             # Not shareable (at the holder's head, before its body): every client
                             # of this flight goes upstream on its own now, as the holder's own
-                            # followers do (with hit-for-pass when that is why).
+                            # followers do (with hit-for-pass when that is why), or serves
+                            # stale-if-error when the head was an origin error (its status).
                             if word == "pass":
                                 self.coalescer.mark_pass(key)
-                            self._end(run, Dispersed())
+                            self._end(run, Dispersed(int(told.get("status") or 0)))
                             return
                 case None:
                     pass  # the broker cannot be asked: fetch for this worker alone
@@ -905,8 +914,11 @@ class MissPath:
                 # when that is why), rather than when the body is over (the only head of a
                 # flight that can be not shareable is this one: a stored one always is). A
                 # failure here must not cost this flight its answer: they hear at the release.
+                # (With the status of a response not stored: an origin error has them serve
+                # stale-if-error, as this flight's own followers do, rather than each ask the
+                # failing origin again: ``when_dispersed``.)
                 try:
-                    engine.leases.head(key, run.lease, False, passing)
+                    engine.leases.head(key, run.lease, False, passing, resp.status if store_detail else 0)
                 except Exception:
                     log.exception("telling the workers waiting on %s failed", key)
         spool = None
@@ -1036,7 +1048,18 @@ class MissPath:
                 sink = attempt.req.interim
                 if sink is not None and sink in flight.interim:
                     flight.interim.remove(sink)
-        except (TimeoutError, GoAlone):
+        except GoAlone as exc:
+            reader.close()
+            alone = when_dispersed(exc.status, stale=stale is not None)
+            match alone:
+                case StaleInstead():
+                    assert stale is not None
+                    return await self._serve_stale(attempt, stale, exc.status, alone.detail)
+                case OnItsOwn():
+                    return await self._fetch_alone(attempt)
+                case _:
+                    assert_never(alone)
+        except TimeoutError:
             reader.close()
             return await self._fetch_alone(attempt)
         except UpstreamError as exc:
@@ -1558,6 +1581,23 @@ def fetches_again(error: UpstreamError, *, collapsed: bool, again: bool, stale: 
     fetch its range alone), nor for ``SHARED_FAILURES``; the leader's error is its own."""
     return (collapsed and not again and not stale and not part
             and upstream_detail(error) not in SHARED_FAILURES)
+
+
+def when_dispersed(status: int, *, stale: bool) -> StaleInstead | OnItsOwn:
+    """What a client of a flight told that another worker's head may not be shared
+    (``Dispersed``) does: what that worker's own followers do (``after_head``): stale-if-error
+    when that head was an origin error (``status``: 0 unless its response was not stored) and
+    the client has a ``stale`` response, else fetch on its own. Every client of a herd asking
+    the failing origin again cost it one request each for the whole outage.
+
+    >>> when_dispersed(503, stale=True), when_dispersed(503, stale=False)
+    (StaleInstead(detail='ORIGIN-ERROR'), OnItsOwn())
+    >>> when_dispersed(0, stale=True), when_dispersed(200, stale=True), when_dispersed(404, stale=True)
+    (OnItsOwn(), OnItsOwn(), OnItsOwn())
+    """
+    if stale and origin_error(status):
+        return StaleInstead("ORIGIN-ERROR")
+    return OnItsOwn()
 
 
 def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: bool,

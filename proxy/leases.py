@@ -90,8 +90,10 @@ MAX_WORKERS = 64  # waiters are a bit mask
 
 # The table: a header (counters, the next token), then buckets of slots (``_SLOT``): the key's
 # fingerprint, the lease's token, when it started (moved on to when the holder's own fetch begins,
-# after a wait for another node's fill: ``fetch_from``), the waiting workers, the holder, flags.
-_SLOT = struct.Struct("<QQdQHH4x")
+# after a wait for another node's fill: ``fetch_from``), the waiting workers, the holder, flags,
+# and the status of a head not shareable because not stored (``head``: an origin error there has
+# the waiters serve stale-if-error, as the holder's own followers do).
+_SLOT = struct.Struct("<QQdQHHH2x")
 _Q = struct.Struct("<Q")
 SLOTS = 8
 _FPS = struct.Struct("<" + "Q32x" * SLOTS)  # the fingerprints of a bucket's slots, read at once
@@ -177,7 +179,7 @@ class LeaseTable:
             now = self._clock()
             found = self._find(fp)
             if found is not None:
-                at, (_, token, started, waiters, holder, flags) = found
+                at, (_, token, started, waiters, holder, flags, status) = found
                 if now - started > LEASE_MAX_AGE:
                     log.error("lease on %s held by worker %d for %.0fs: taken over", key, holder,
                               now - started)
@@ -189,36 +191,39 @@ class LeaseTable:
                 if at_free is None:
                     return None, told
                 token = self._next_token()
-                _SLOT.pack_into(self._mm, at_free, fp, token, now, 0, worker, 0)
+                _SLOT.pack_into(self._mm, at_free, fp, token, now, 0, worker, 0, 0)
                 self._held(1)
                 self._count("granted")
                 return {"granted": True, "token": token}, told
             answer: dict[str, Any] = {"granted": False, "token": token, "holder": holder}
             if flags & F_HEAD and not flags & F_SHAREABLE:
-                answer["head"] = {"shareable": False, "pass": bool(flags & F_PASS)}
+                answer["head"] = {"shareable": False, "pass": bool(flags & F_PASS),
+                                  **({"status": status} if status else {})}
                 self._count("pass")
             elif block:
-                _SLOT.pack_into(self._mm, at, fp, token, started, waiters | 1 << worker, holder, flags)
+                _SLOT.pack_into(self._mm, at, fp, token, started, waiters | 1 << worker, holder, flags,
+                                status)
                 self._count("waited")
             else:
                 self._count("busy")
             return answer, told
 
-    def head(self, key: str, token: int, shareable: bool, pass_: bool) -> Told:
-        """The holder has its response head: a not shareable one sends the waiters upstream now."""
+    def head(self, key: str, token: int, shareable: bool, pass_: bool, status: int = 0) -> Told:
+        """The holder has its response head: a not shareable one sends the waiters upstream now
+        (``status``: the origin's, when the response is not stored: an origin error has them serve
+        stale-if-error instead, as the holder's own followers do; 0 otherwise)."""
         fp = self._arena.fingerprint(key)
         with self._locked:
             found = self._find(fp)
             if found is None or found[1][1] != token:
                 return []
-            at, (_, _, started, waiters, holder, flags) = found
+            at, (_, _, started, waiters, holder, flags, _) = found
             flags |= F_HEAD | (F_SHAREABLE if shareable else 0) | (F_PASS if pass_ else 0)
             if shareable:
-                _SLOT.pack_into(self._mm, at, fp, token, started, waiters, holder, flags)
+                _SLOT.pack_into(self._mm, at, fp, token, started, waiters, holder, flags, 0)
                 return []
-            _SLOT.pack_into(self._mm, at, fp, token, started, 0, holder, flags)
-            return self._tell(waiters, {"key": key, "token": token,
-                                        "outcome": "pass" if pass_ else "unshareable"})
+            _SLOT.pack_into(self._mm, at, fp, token, started, 0, holder, flags, status)
+            return self._tell(waiters, {"key": key, "token": token, **_head_word(flags, status)})
 
     def release(self, key: str, token: int, outcome: str, status: int = 0, message: str = "",
                 detail: str = "", public: str = "") -> Told:
@@ -229,7 +234,7 @@ class LeaseTable:
             found = self._find(fp)
             if found is None or found[1][1] != token:
                 return []
-            at, (_, _, _, waiters, _, _) = found
+            at, (_, _, _, waiters, _, _, _) = found
             self._count(outcome if outcome in _COUNTER_AT else "failed")
             self._clear(at)
         event = {"key": key, "token": token, "outcome": outcome, "status": status, "message": message}
@@ -239,21 +244,22 @@ class LeaseTable:
             event["public"] = public
         return self._tell(waiters, event)
 
-    def ended(self, key: str, token: int) -> str | None:
+    def ended(self, key: str, token: int) -> dict[str, Any] | None:
         """What a waiter on lease ``token`` on ``key`` that was not told can read in the table:
-        None while the lease is held; ``"pass"`` or ``"unshareable"`` once the holder's head said
-        so (as that word would have); ``"ended"`` once it is released or cleared (how the fetch
-        went is not kept: ask again), or older than ``LEASE_MAX_AGE`` (asking again takes it over)."""
+        None while the lease is held; ``"pass"`` or ``"unshareable"`` (with the head's status)
+        once the holder's head said so (as that word would have); ``"ended"`` once it is released
+        or cleared (how the fetch went is not kept: ask again), or older than ``LEASE_MAX_AGE``
+        (asking again takes it over)."""
         fp = self._arena.fingerprint(key)
         with self._locked:
             found = self._find(fp)
             if found is None or found[1][1] != token:
-                return "ended"
-            _, (_, _, started, _, _, flags) = found
+                return {"outcome": "ended"}
+            _, (_, _, started, _, _, flags, status) = found
             if self._clock() - started > LEASE_MAX_AGE:
-                return "ended"
+                return {"outcome": "ended"}
         if flags & F_HEAD and not flags & F_SHAREABLE:
-            return "pass" if flags & F_PASS else "unshareable"
+            return _head_word(flags, status)
         return None
 
     def fetch_from(self, key: str, token: int, delay: float) -> None:
@@ -267,9 +273,9 @@ class LeaseTable:
             found = self._find(fp)
             if found is None or found[1][1] != token:
                 return
-            at, (_, _, _, waiters, holder, flags) = found
+            at, (_, _, _, waiters, holder, flags, status) = found
             _SLOT.pack_into(self._mm, at, fp, token, self._clock() + max(delay, 0.0), waiters, holder,
-                            flags | F_WAITED)
+                            flags | F_WAITED, status)
 
     def fetch_left(self, key: str, token: int, wait: float) -> float | None:
         """Seconds left of ``wait`` counted from when lease ``token``'s holder began (or begins)
@@ -292,7 +298,7 @@ class LeaseTable:
             found = self._find(fp)
             if found is None:
                 return False
-            _, (_, _, started, _, holder, flags) = found
+            _, (_, _, started, _, holder, flags, _) = found
             if holder == worker or self._clock() - started > LEASE_MAX_AGE:
                 return False
         return not (flags & F_HEAD and not flags & F_SHAREABLE)
@@ -307,7 +313,7 @@ class LeaseTable:
                 base = self._at + _HEAD + b * SLOTS * _SLOT.size
                 for i in range(SLOTS):
                     at = base + i * _SLOT.size
-                    fp, token, started, waiters, holder, flags = _SLOT.unpack_from(mm, at)
+                    fp, token, started, waiters, holder, flags, status = _SLOT.unpack_from(mm, at)
                     if not fp:
                         continue
                     waiters &= ~(1 << worker)
@@ -316,7 +322,7 @@ class LeaseTable:
                         told += self._tell(waiters, {"token": token, "outcome": "gone"})
                         self._clear(at)
                     else:
-                        _SLOT.pack_into(mm, at, fp, token, started, waiters, holder, flags)
+                        _SLOT.pack_into(mm, at, fp, token, started, waiters, holder, flags, status)
         return told
 
     @property
@@ -325,6 +331,16 @@ class LeaseTable:
 
     def counts(self) -> dict[str, int]:
         return {e: int(_Q.unpack_from(self._mm, self._at + 8 * i)[0]) for i, e in enumerate(EVENTS)}
+
+
+def _head_word(flags: int, status: int) -> dict[str, Any]:
+    """What the holder's not shareable head says to a worker that waits for it (or that finds it
+    in the table): ``pass`` (hit-for-pass) or ``unshareable``, with the status of a response not
+    stored (``head``)."""
+    word: dict[str, Any] = {"outcome": "pass" if flags & F_PASS else "unshareable"}
+    if status:
+        word["status"] = status
+    return word
 
 
 class LeaseRelay:
@@ -416,7 +432,8 @@ class LeaseClient:
         head = answer.get("head")
         if head is not None:  # the holder's response is not shareable
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            fut.set_result({"outcome": "pass" if head.get("pass") else "unshareable"})
+            fut.set_result({"outcome": "pass" if head.get("pass") else "unshareable",
+                            **({"status": head["status"]} if head.get("status") else {})})
             return Waiting(int(answer["token"]), fut)
         if not wait:
             return Busy()
@@ -451,8 +468,8 @@ class LeaseClient:
             seen = self._table.ended(key, waiting.token)
             if seen is None:
                 continue
-            if seen != "ended":
-                return {"outcome": seen}  # the head's word, as the message would have said it
+            if seen["outcome"] != "ended":
+                return seen  # the head's word, as the message would have said it
             if ended_at is None:
                 ended_at = loop.time()  # the word may be on its way
             if loop.time() - ended_at < LEASE_WORD_WAIT:
@@ -492,8 +509,8 @@ class LeaseClient:
     def fetch_from(self, key: str, lease: Granted, delay: float) -> None:
         self._table.fetch_from(key, lease.token, delay)
 
-    def head(self, key: str, lease: Granted, shareable: bool, pass_: bool) -> None:
-        self._tell(self._table.head(key, lease.token, shareable, pass_))
+    def head(self, key: str, lease: Granted, shareable: bool, pass_: bool, status: int = 0) -> None:
+        self._tell(self._table.head(key, lease.token, shareable, pass_, status))
 
     def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "",
                 detail: str = "", public: str = "") -> None:

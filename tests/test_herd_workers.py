@@ -359,6 +359,35 @@ async def test_the_waiting_workers_clients_go_upstream_at_once_when_the_holders_
     assert max(peaks) == 39  # the other 39 were in at once
 
 
+async def test_a_stale_if_error_herd_against_a_failing_origin_costs_it_one_request_for_both_workers(
+        origin: Origin, patient_workers: ProxyProcess) -> None:
+    """A stale key whose origin now answers 503 (no freshness: not stored, not shareable):
+    the waiting worker's clients were told at the holder's head to go upstream each on its
+    own, and each asked the failing origin again before serving stale (13 of 20 per herd, at
+    every herd of the outage). The holder's word now carries its status: they serve
+    stale-if-error, as the holder's own followers do."""
+    failing = False
+
+    async def page(request: web.Request) -> web.Response:
+        if not failing:
+            return web.Response(text="good", headers={"Cache-Control": "max-age=1, stale-if-error=60"})
+        await asyncio.sleep(1.0)  # the herd has joined its flights by then
+        return web.Response(status=503, text="down")
+
+    origin.route("/sie", page)
+    assert (await patient_workers.get("/sie")).x_cache == "MISS"
+    await asyncio.sleep(2.1)  # stale (max-age=1)
+    failing = True
+    for herd_number in (1, 2):
+        before = origin.count("/sie")
+        results = answered(await herd(patient_workers.url, "/sie", 20))
+        assert len(results) == 20 and {r.worker for r in results} == {"0", "1"}
+        assert {(r.status, r.body, r.x_cache) for r in results} == {(200, b"good", "STALE")}
+        assert {re.sub(r"ttl=-\d+", "ttl=N", r.headers["Cache-Status"]) for r in results} == {
+            "cachegate; fwd=stale; fwd-status=503; ttl=N; detail=ORIGIN-ERROR"}
+        assert origin.count("/sie") - before == 1, herd_number  # one request for the machine
+
+
 async def test_an_origin_that_does_not_answer_in_time_gives_both_workers_clients_one_text(
         tmp_path: Path, origin: Origin) -> None:
     """The waiting worker's clients got the error class's text ("... did not answer in time"),

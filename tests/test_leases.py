@@ -75,6 +75,26 @@ def test_a_response_that_is_not_shareable_sends_waiters_and_later_askers_upstrea
     assert events(t.head("too-big", token=2, shareable=False, pass_=False)) == [(1, "unshareable")]
 
 
+def test_a_head_not_stored_tells_its_status_to_waiters_later_askers_and_the_table(
+        table: tuple[LeaseTable, Clock]) -> None:
+    """An origin error not stored (a 503 without freshness): the waiters serve stale-if-error
+    on it, as the holder's own followers do, rather than each ask the failing origin again;
+    so its status travels with the word, and stays in the table for a worker that asks later
+    (a new waiter joining after it, or one whose word was lost: ``ended``)."""
+    t, _ = table
+    t.acquire(0, "down")
+    t.acquire(1, "down")
+    told = t.head("down", token=1, shareable=False, pass_=False, status=503)
+    assert told == [(1, {"key": "down", "token": 1, "outcome": "unshareable", "status": 503})]
+    assert t.ended("down", token=1) == {"outcome": "unshareable", "status": 503}
+    late, _ = t.acquire(2, "down")
+    assert late is not None and late["head"] == {"shareable": False, "pass": False, "status": 503}
+    t.worker_gone(3)  # (a slot rewritten keeps it)
+    assert t.ended("down", token=1) == {"outcome": "unshareable", "status": 503}
+    t.release("down", token=1, outcome="failed")
+    assert t.ended("down", token=1) == {"outcome": "ended"}
+
+
 def test_a_look_tells_whether_another_worker_is_fetching_a_key_and_takes_nothing(
         table: tuple[LeaseTable, Clock]) -> None:
     """A range miss looks (``fetching_elsewhere``) before it decides to wait for another

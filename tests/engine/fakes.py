@@ -336,7 +336,7 @@ class FakeLeases:
     async def close(self, grace: float) -> None:
         pass
 
-    def head(self, key: str, lease: Granted, shareable: bool, pass_: bool) -> None:
+    def head(self, key: str, lease: Granted, shareable: bool, pass_: bool, status: int = 0) -> None:
         self.heads.append((key, shareable))
 
     def fetch_from(self, key: str, lease: Granted, delay: float) -> None:
