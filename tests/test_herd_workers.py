@@ -388,6 +388,30 @@ async def test_a_stale_if_error_herd_against_a_failing_origin_costs_it_one_reque
         assert origin.count("/sie") - before == 1, herd_number  # one request for the machine
 
 
+async def test_one_clients_refused_request_does_not_stop_either_workers_next_herd_from_coalescing(
+        origin: Origin, patient_workers: ProxyProcess) -> None:
+    """The origin refused one client's request (429: its rate limit); that answer marked the key
+    hit-for-pass, and the next herd of plain clients sent 15 of 20 requests over two workers,
+    on a stale key too. Now it is one request for the machine."""
+
+    async def page(request: web.Request) -> web.Response:
+        if "X-Rate" in request.headers:
+            return web.Response(status=429, text="slow down")
+        await asyncio.sleep(1.0)  # the herd has joined its flights by then
+        # (max-age=2: Date counts whole seconds, so the response may arrive nearly 1 s old)
+        return web.Response(text="page", headers={"Cache-Control": "max-age=2"})
+
+    origin.route("/rl", page)
+    for turn in ("cold", "stale"):
+        before = origin.count("/rl")
+        assert (await patient_workers.get("/rl", headers={"X-Rate": "limited"})).status == 429
+        results = answered(await herd(patient_workers.url, "/rl", 20))
+        assert len(results) == 20 and {r.worker for r in results} == {"0", "1"}
+        assert {(r.status, r.body) for r in results} == {(200, b"page")}
+        assert origin.count("/rl") - before == 2, turn  # the refused request, one for the herd
+        await asyncio.sleep(2.1)  # stale (max-age=2)
+
+
 async def test_an_origin_that_does_not_answer_in_time_gives_both_workers_clients_one_text(
         tmp_path: Path, origin: Origin) -> None:
     """The waiting worker's clients got the error class's text ("... did not answer in time"),

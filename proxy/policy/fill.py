@@ -51,6 +51,10 @@ PASS_DETAILS = frozenset({"PRIVATE", "NO-STORE", "SET-COOKIE", "VARY-STAR", "VAR
 # validator): hit-for-pass too, as Varnish's hit-for-miss for a ttl <= 0, or every herd on the
 # key waited for one answer, then sent a request each (``hit_for_pass``).
 UNREUSABLE_DETAILS = frozenset({"UNCACHEABLE-STATUS", "NO-FRESHNESS"})
+# Request fields an answer may be about (a Range, preconditions): an answer not stored to a
+# request carrying one says nothing of the key's other requests (``hit_for_pass``).
+_REQUEST_SPECIFIC = ("range", "if-range", "if-match", "if-none-match", "if-modified-since",
+                     "if-unmodified-since")
 # The most surrogate keys (tags) one stored response may carry. Each is a row of the index and a
 # key of the purge tables; a response naming more is passed on, not stored: keeping only some
 # of its tags would leave it out of the purges by the others (Cloudflare's Cache-Tag holds
@@ -219,9 +223,13 @@ def hit_for_pass(detail: str, status: int, request_headers: Headers) -> bool:
     fetch of an answer that none of them may share. A storable answer among them is still
     stored, and ends the mark (``MissPath.answer_unshared``).
 
-    ``UNREUSABLE_DETAILS`` only when the request cannot have caused them: a 206 or a 304 answers
-    the client's own range or preconditions, and a request with credentials gets no heuristic
-    lifetime (one client's Cookie must not turn the key's coalescing off for everyone).
+    ``UNREUSABLE_DETAILS`` only when the request cannot have caused them, since one client's
+    request must not turn the key's coalescing off for everyone (any client could do it every
+    few seconds, a revalidation stampede on a stale key too): an ``UNCACHEABLE-STATUS`` only
+    for a 5xx (a 400, 401, 403 or 429 is the origin refusing that request: its huge Cookie,
+    its rate limit); a 206 or a 304 answers the client's own range or preconditions; and
+    neither when the request carried credentials (a Cookie or Authorization: the answer may be
+    about that client, and gets no heuristic lifetime), a Range or preconditions.
     (The request's fields are read only then: most fills are stored.)
 
     >>> from multidict import CIMultiDict
@@ -232,12 +240,21 @@ def hit_for_pass(detail: str, status: int, request_headers: Headers) -> bool:
     (False, False)
     >>> hit_for_pass("UNCACHEABLE-STATUS", 503, plain), hit_for_pass("TOO-LARGE", 200, plain)
     (True, False)
+    >>> [s for s in (400, 401, 403, 429, 500, 502, 503, 504) if hit_for_pass("UNCACHEABLE-STATUS", s, plain)]
+    [500, 502, 503, 504]
+    >>> ranged = CIMultiDict({"Range": "bytes=0-9"})
+    >>> hit_for_pass("UNCACHEABLE-STATUS", 503, cookie), hit_for_pass("UNCACHEABLE-STATUS", 503, ranged)
+    (False, False)
     """
     if detail in PASS_DETAILS:
         return True
-    if detail not in UNREUSABLE_DETAILS or status < 200 or status in (206, 304):
+    if detail == "UNCACHEABLE-STATUS":
+        if status < 500:
+            return False
+    elif detail != "NO-FRESHNESS" or status < 200 or status in (206, 304):
         return False
-    return detail == "UNCACHEABLE-STATUS" or not carries_credentials(request_headers)
+    return not carries_credentials(request_headers) and not any(
+        name in request_headers for name in _REQUEST_SPECIFIC)
 
 
 def shareable_with_followers(stored: StoredResponse, now: float) -> bool:

@@ -13,6 +13,7 @@ from proxy.policy.fill import (
     NoFill,
     decide_fill,
     freshened,
+    hit_for_pass,
     shareable_with_followers,
 )
 from proxy.policy.messages import CacheOptions, RequestHead
@@ -260,3 +261,41 @@ def test_a_body_delimited_by_the_end_of_a_tls_connection_is_never_stored() -> No
         == NoFill("TLS-CLOSE-DELIMITED")
     assert over_tls([("Cache-Control", "private, max-age=100")]) == NoFill("PRIVATE")
     assert isinstance(fill([FRESH]), Fill)
+
+
+# (case, Cache-Status detail of the answer not stored, its status, the request's fields, marked)
+HIT_FOR_PASS: list[tuple[str, str, int, dict[str, str], bool]] = [
+    ("a private answer marks, whoever asked", "PRIVATE", 200, {"Cookie": "s=1"}, True),
+    ("a Set-Cookie marks", "SET-COOKIE", 200, {}, True),
+    ("a 503 without freshness marks", "UNCACHEABLE-STATUS", 503, {}, True),
+    ("a 500 without freshness marks", "UNCACHEABLE-STATUS", 500, {}, True),
+    ("a 200 with no lifetime and no validator marks", "NO-FRESHNESS", 200, {}, True),
+    # The origin refusing one client's request (its huge cookie, its rate limit, its token)
+    # says nothing of the key's other requests: no mark (any client could turn coalescing
+    # off for everyone every few seconds).
+    ("a 400 to one client's request does not mark", "UNCACHEABLE-STATUS", 400, {}, False),
+    ("a 401 does not mark", "UNCACHEABLE-STATUS", 401, {}, False),
+    ("a 403 does not mark", "UNCACHEABLE-STATUS", 403, {}, False),
+    ("a 429 to one client's rate does not mark", "UNCACHEABLE-STATUS", 429, {"X-Rate": "limited"}, False),
+    ("a redirect without freshness does not mark", "UNCACHEABLE-STATUS", 302, {}, False),
+    ("a 503 to a request with a Cookie does not mark", "UNCACHEABLE-STATUS", 503, {"Cookie": "huge=1"}, False),
+    ("a 503 to a request with Authorization does not mark", "UNCACHEABLE-STATUS", 503,
+     {"Authorization": "Bearer x"}, False),
+    ("a 503 to a request with a Range does not mark", "UNCACHEABLE-STATUS", 503, {"Range": "bytes=0-1"}, False),
+    ("a 503 to a conditional request does not mark", "UNCACHEABLE-STATUS", 503, {"If-None-Match": '"a"'}, False),
+    ("a 503 to an If-Modified-Since does not mark", "UNCACHEABLE-STATUS", 503,
+     {"If-Modified-Since": "Sun, 06 Dec 2026 10:00:00 GMT"}, False),
+    ("no lifetime for a request with a Cookie does not mark", "NO-FRESHNESS", 200, {"Cookie": "s=1"}, False),
+    ("no lifetime for a range request does not mark", "NO-FRESHNESS", 200, {"Range": "bytes=0-1"}, False),
+    ("a 206 answers the request's own range", "NO-FRESHNESS", 206, {}, False),
+    ("a 304 answers the request's own preconditions", "UNCACHEABLE-STATUS", 304, {}, False),
+    ("too large to keep does not mark", "TOO-LARGE", 200, {}, False),
+    ("the request's own Authorization does not mark", "AUTHORIZATION", 200, {"Authorization": "x"}, False),
+]
+
+
+@pytest.mark.parametrize(("case", "detail", "status", "fields", "marked"), HIT_FOR_PASS,
+                         ids=[c[0] for c in HIT_FOR_PASS])
+def test_an_answer_not_stored_marks_the_key_hit_for_pass_only_when_no_request_can_have_caused_it(
+        case: str, detail: str, status: int, fields: dict[str, str], marked: bool) -> None:
+    assert hit_for_pass(detail, status, headers(*fields.items())) is marked
