@@ -17,13 +17,13 @@ A flight's task goes through at most four states, each a method below:
 
 and ends with exactly one ``FlightOutcome`` (the classes below, named after what happened):
 ``Filled``, ``Freshened``, ``Passed``, ``BrokeOff``, ``Abandoned``, ``Unreachable``,
-``Adopted``, ``StoredElsewhere``, ``Skipped``, ``Stopped`` or ``Aborted``. ``MissPath._end`` is the one
-place a flight ends: it matches the outcome (closed with ``assert_never``) and, once per
-flight, releases the cross-worker lease with how it went, ends the broadcast (clients get
-the end of the body or its error), sets the flight's result (what detached readers finish
-from), and counts the outcome (``cachegate_flights_total``). The task is wrapped so that a
-flight that raises or is cancelled ends there too, as ``Aborted``: no exit path can forget
-the lease, the readers or the count.
+``Adopted``, ``StoredElsewhere``, ``Dispersed``, ``Skipped``, ``Stopped`` or ``Aborted``.
+``MissPath._end`` is the one place a flight ends: it matches the outcome (closed with
+``assert_never``) and, once per flight, releases the cross-worker lease with how it went, ends
+the broadcast (clients get the end of the body or its error), sets the flight's result (what
+detached readers finish from), and counts the outcome (``cachegate_flights_total``). The task
+is wrapped so that a flight that raises or is cancelled ends there too, as ``Aborted``: no exit
+path can forget the lease, the readers or the count.
 
 Each client is then answered from its flight by ``MissPath.answer`` (the leader and each
 follower alike). What it does once the flight has its head is a pure function of that head
