@@ -301,11 +301,9 @@ def cookies(lines: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str],
-                     compared: Iterable[str] = ()) -> str | None:
+def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str]) -> str | None:
     """The first of ``names`` (the cookies rules read) that origins may read otherwise than
-    ``jar`` does; then the first of ``compared`` (those whose value a rule compares) whose value
-    they may decode; None when there is none.
+    ``jar`` does; None when there is none.
 
     A request whose rules read such a cookie is neither looked up nor stored: which rule holds,
     or which key it has, depends on a reading of its ``Cookie`` that the origin may not share,
@@ -315,11 +313,10 @@ def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str],
     - a name the request also carries spelled in another case (``SESSION=x`` for ``session``):
       ASP.NET Core and classic ASP.NET look cookies up ignoring case (the last pair wins), and
       so does nginx's ``$cookie_session``; ``jar`` has no ``session`` (names are compared
-      case-folded, wider than ASCII's case: past it, more ambiguous, never less);
-    - a value with ``%`` or ``+`` in a cookie whose value a rule compares (``preview=%31``):
-      ASP.NET Core, PHP (``+`` is a space), Express and Rack percent-decode values, so the
-      origin reads ``1`` where an ``equals: "1"`` rule did not hold. A ``present``/``absent``
-      condition or a key never reads the value: two raw values are two keys.
+      case-folded, wider than ASCII's case: past it, more ambiguous, never less).
+
+    A value origins may decode (``preview=%31``) is the rules' own concern
+    (``decoded_readings``): only a condition comparing it can tell.
 
     >>> ambiguous_cookie(cookies(["theme=dark, session=x"]), ("session",))
     'session'
@@ -327,8 +324,6 @@ def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str],
     True
     >>> ambiguous_cookie(cookies(["SESSION=x"]), ("session",)), ambiguous_cookie(cookies(["b=1; B=2"]), "b")
     ('session', 'b')
-    >>> ambiguous_cookie(cookies(["preview=%31"]), ("preview",), ("preview",))
-    'preview'
     """
     if not jar:
         return None
@@ -344,11 +339,22 @@ def ambiguous_cookie(jar: Mapping[str, str], names: Iterable[str],
                 return name  # only other spellings of it (``SESSION``)
         elif jar[name] is AMBIGUOUS or folded.count(spelled) > 1:
             return name  # (or beside another spelling: ``bucket=A; Bucket=EVIL``)
-    for name in compared:
-        value = jar.get(name)
-        if value is not None and ("%" in value or "+" in value):
-            return name
     return None
+
+
+def decoded_readings(value: str) -> tuple[str, str]:
+    """The other readings of a cookie value with ``%`` or ``+`` in it: percent-decoded
+    (ASP.NET Core, Express, Rack) and percent-decoded with ``+`` as a space (PHP).
+
+    A condition comparing the value (equals, regex) that holds on some of these and on the raw
+    value and not on others decides otherwise for some origin: ``preview=%31`` is ``1`` to
+    them, not to an ``equals: "1"`` bypass rule, and the draft was stored for everyone. One that
+    agrees on all of them (``C0004(%3A|:)1`` on a OneTrust consent cookie) is safe to trust.
+
+    >>> decoded_readings("C0004%3A1+x")
+    ('C0004:1+x', 'C0004:1 x')
+    """
+    return percent_decode(value), percent_decode(value.replace("+", " "))
 
 
 _CHARACTER_NAMES = {"\n": "a newline (\\n)", "\r": "a carriage return (\\r)", "\t": "a tab (\\t)",

@@ -13,16 +13,19 @@ parsed on first use.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import unquote as percent_decode
 
 import re2
 
 from proxy.policy.fields import cookies as read_cookies
+from proxy.policy.fields import decoded_readings
 from proxy.policy.keys import split_host
 from proxy.policy.messages import RequestHead
 from proxy.policy.php_names import php_name
@@ -210,8 +213,8 @@ class RequestView:
     ambiguous fields the rules read, and ``query`` one reading of the query's ambiguous
     parameters (``RuleSet._reread`` tries them all)."""
 
-    __slots__ = ("_cookies", "_odd", "_params", "_spelled", "head", "host", "lines", "overrides",
-                 "path", "query", "reading", "repeated", "repeated_param")
+    __slots__ = ("_cookies", "_odd", "_params", "_spelled", "decoded_otherwise", "head", "host", "lines",
+                 "overrides", "path", "query", "reading", "repeated", "repeated_param")
 
     def __init__(self, head: RequestHead, overrides: dict[str, str | None] | None = None,
                  query: QueryReading = "first") -> None:
@@ -227,6 +230,9 @@ class RequestView:
         self._odd: set[str] | None = None
         self.repeated_param: str | None = None  # the first such name a condition read
         self._cookies: dict[str, str] | None = None
+        # The first cookie a value condition read that holds on some of its decoded readings
+        # and not on others (``Condition.check``); None for nearly every request.
+        self.decoded_otherwise: str | None = None
         # ``underscored``, on first use; known empty when ``normalise_request`` saw no ``_``.
         self._spelled: dict[str, tuple[str, ...]] | None = None if head.underscores else NO_SPELLING
         self.overrides = overrides
@@ -408,6 +414,61 @@ def all_of(checks: list[Predicate]) -> Predicate:
     return all_hold
 
 
+# A run of percent-escapes in a condition's own text: it was written against the value as
+# browsers send it (``C0004%3A1`` in a OneTrust consent cookie).
+_ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+
+
+Test = Callable[[str], bool]
+
+
+def _cookie_tests(kind: CondKind, value: str | None, pattern: Regex | None) -> tuple[bool, Test, Test, Test]:
+    """A value condition as three tests: on the raw value, on it percent-decoded and on it
+    percent-decoded with ``+`` as a space (``decoded_readings``); first, whether its own text
+    holds escapes. Such a condition is written against the raw value, so it is decoded alike for
+    the other two (``C0004%3A1`` is ``C0004:1`` there); one without holds its text as the
+    decoded value must (``"1"`` against ``%31``)."""
+    if kind == "equals":
+        assert value is not None
+        escaped = _ESCAPES.search(value) is not None
+        readings = (value, *decoded_readings(value)) if escaped else (value, value, value)
+        equal = [(lambda text, want=want: text == want) for want in readings]
+        return escaped, equal[0], equal[1], equal[2]
+    assert pattern is not None
+    raw = decoded = pattern.search
+    escaped = _ESCAPES.search(pattern.pattern) is not None
+    if escaped:  # each run of escapes as the literal text it stands for
+        literal = _ESCAPES.sub(lambda m: re.escape(percent_decode(m[0])), pattern.pattern)
+        # (one RE2 refuses, after ``\%28``: read as written, a decoded value decides otherwise)
+        with contextlib.suppress(RegexRefused):
+            decoded = Regex(literal).search
+    return (escaped, lambda text: raw(text) is not None, lambda text: decoded(text) is not None,
+            lambda text: decoded(text) is not None)
+
+
+def _cookie_compared(name: str, kind: CondKind, value: str | None, pattern: Regex | None) -> Predicate:
+    """A value condition on cookie ``name``, on the raw value; when the value holds ``%`` or
+    ``+`` (or the condition an escape) also on the readings of origins that decode it
+    (``_cookie_tests``), and a verdict that differs marks the view (``decoded_otherwise``:
+    ``RuleSet`` bypasses it). A verdict all readings share stands: a OneTrust consent cookie
+    (its value always holds ``%`` and ``+``) is cached under ``regex: "C0004%3A1"`` as under
+    ``regex: "C0004(%3A|:)1"``, while ``preview=%31`` under ``preview: "1"`` is not."""
+    escaped, test, test_decoded, test_plus = _cookie_tests(kind, value, pattern)
+
+    def holds(v: RequestView) -> bool:
+        actual = (v._cookies if v._cookies is not None else v.cookies()).get(name)
+        if actual is None:
+            return False
+        verdict = test(actual)
+        if (escaped or "%" in actual or "+" in actual) and v.decoded_otherwise is None:
+            decoded, plus = decoded_readings(actual)
+            if test_decoded(decoded) is not verdict or test_plus(plus) is not verdict:
+                v.decoded_otherwise = name
+        return verdict
+
+    return holds
+
+
 @dataclass(frozen=True, slots=True)
 class Condition:
     """One query parameter, header or cookie condition."""
@@ -436,7 +497,7 @@ class Condition:
             if kind == "absent":
                 holds = lambda v: name not in (v._cookies if v._cookies is not None else v.cookies())  # noqa: E731
                 return Check(holds, lambda v: why)
-            get = lambda v: (v._cookies if v._cookies is not None else v.cookies()).get(name)  # noqa: E731
+            return Check(_cookie_compared(name, kind, value, pattern), lambda v: why)
         else:
             # (inline: a name present in this reading is present in every one, ``has_param``)
             if kind == "present":

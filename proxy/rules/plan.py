@@ -249,10 +249,6 @@ class RuleSet:
         # The cookies any rule reads in a condition: a request whose Cookie reads ambiguously
         # for one of them (``policy.fields.cookies``) is not cached (see ``plan``).
         self.cookie_names = tuple(dict.fromkeys(c.name for r in rules for c in r.match.cookies))
-        # Those whose value a condition compares (equals, regex): one with ``%`` or ``+`` in its
-        # value is read otherwise by origins that decode values (``ambiguous_cookie``).
-        self.cookie_compared = tuple(dict.fromkeys(c.name for r in rules for c in r.match.cookies
-                                                   if c.kind in ("equals", "regex")))
         # The header fields any rule's condition reads, lower-cased (``_field_readings``).
         self.header_names = tuple(dict.fromkeys(c.name.lower() for r in rules for c in r.match.headers))
         # Index by the first path segment: the rules a path with segment S can match, in order
@@ -468,11 +464,13 @@ class RuleSet:
 
     def _unambiguous(self, view: RequestView, plan: RequestPlan) -> RequestPlan:
         """``plan``, or a bypass when a cookie the rules read (in a condition, or the key) reads
-        ambiguously (``policy.fields.ambiguous_cookie``): the request is then neither looked
+        ambiguously (``policy.fields.ambiguous_cookie``), or a value condition evaluated on the
+        scan decided otherwise on the value as an origin decodes it (``preview=%31`` under
+        ``preview: "1"``: ``RequestView.decoded_otherwise``): the request is then neither looked
         up nor stored, with ``Cache-Status`` detail ``AMBIGUOUS-COOKIE:<name>``."""
         read = view._cookies is not None  # a cookie condition was evaluated
         jar = view.cookies()
-        name = ambiguous_cookie(jar, self.cookie_names, self.cookie_compared) if read else None
+        name = (ambiguous_cookie(jar, self.cookie_names) or view.decoded_otherwise) if read else None
         if name is None:
             name = ambiguous_cookie(jar, plan.key.cookies)
             if name is None:

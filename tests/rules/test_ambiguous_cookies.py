@@ -93,21 +93,50 @@ PREVIEW = compile_text("""
       - name: beta
         match: {cookie: {beta: {regex: "^on$"}}}
         ttl: {200: 1m}
+      - name: analytics consent
+        match: {path: "/consented/**", cookie: {OptanonConsent: {regex: "C0004%3A1"}}}
+        ttl: {200: 5m}
+        key: {cookies: [OptanonConsent]}
+      - name: consent either way
+        match: {path: "/either/**", cookie: {OptanonConsent: {regex: "C0004(%3A|:)1"}}}
+        bypass: true
       - name: pages
         match: {path: "/**"}
         ttl: {200: 2m}
 """)
 
+# A OneTrust consent cookie as browsers send it: its value always holds % and +.
+ONETRUST = ("OptanonConsent=isGpcEnabled=0&datestamp=Sun+Dec+06+2026+12%3A00%3A00+GMT%2B0000"
+            "&version=202409.1.0&groups=C0001%3A1%2CC0002%3A1%2CC0003%3A0%2CC0004%3A1")
 
-@pytest.mark.parametrize(("lines", "detail"), [
-    (["preview=1"], "RULE-BYPASS:preview"),
-    (["preview=%31"], "AMBIGUOUS-COOKIE:preview"),   # ASP.NET Core, PHP, Express, Rack read 1
-    (["preview=1+"], "AMBIGUOUS-COOKIE:preview"),    # PHP reads "1 "
-    (["beta=o%6E"], "AMBIGUOUS-COOKIE:beta"),        # a regex condition compares the value too
-    (["preview=0"], None),
+
+# A compared value with % or + is read on the raw value, percent-decoded (ASP.NET Core,
+# Express, Rack) and with + as a space too (PHP): only a condition whose verdicts differ makes
+# the request ambiguous. (target, Cookie lines, the plan's bypass detail or the rule that holds)
+@pytest.mark.parametrize(("target", "lines", "detail"), [
+    ("/a", ["preview=1"], "RULE-BYPASS:preview"),
+    ("/a", ["preview=%31"], "AMBIGUOUS-COOKIE:preview"),   # ASP.NET Core, PHP, Express, Rack read 1
+    ("/a", ["preview=1+"], "pages"),                       # "1+" and PHP's "1 " are not "1" either
+    ("/a", ["preview=%30"], "pages"),                      # "0" on every reading
+    ("/a", ["beta=o%6E"], "AMBIGUOUS-COOKIE:beta"),        # a regex condition compares the value too
+    ("/a", ["beta=on+"], "pages"),                         # "on+", "on ": no reading holds ^on$
+    ("/a", ["preview=0"], "pages"),
+    ("/consented/x", [ONETRUST], "analytics consent"),      # the regex holds on the raw value only...
+    ("/either/x", [ONETRUST], "RULE-BYPASS:consent either way"),  # ...this one on every reading
+    ("/either/x", [ONETRUST.replace("C0004%3A1", "C0004%3A0")], "pages"),
+    ("/consented/x", [ONETRUST.replace("C0004%3A1", "C0004%3A0")], "pages"),  # no reading holds
+    # The escapes in a condition stand for what they encode: these are consent to the origin...
+    ("/consented/x", ["OptanonConsent=groups=C0004%3a1"], "AMBIGUOUS-COOKIE:OptanonConsent"),
+    ("/consented/x", ["OptanonConsent=groups=C0004:1"], "AMBIGUOUS-COOKIE:OptanonConsent"),
+    ("/either/x", ["OptanonConsent=groups=C0004:1"], "RULE-BYPASS:consent either way"),
+    # ...and this is not ("C0004%3A1" once decoded) on any reading.
+    ("/consented/x", ["OptanonConsent=groups=C0004%253A1"], "pages"),
 ])
-def test_a_compared_cookie_value_an_origin_may_decode_is_a_bypass(lines: list[str], detail: str | None) -> None:
-    plan = PREVIEW.plan(head("/a", lines))
-    assert plan.bypass is (detail is not None)
-    if detail is not None:
-        assert plan.bypass_detail == detail
+def test_a_compared_cookie_value_is_ambiguous_only_when_a_decoded_reading_decides_otherwise(
+        target: str, lines: list[str], detail: str) -> None:
+    plan = PREVIEW.plan(head(target, lines))
+    if detail.startswith(("RULE-BYPASS:", "AMBIGUOUS-COOKIE:")):
+        assert (plan.bypass, plan.bypass_detail) == (True, detail)
+    else:
+        assert not plan.bypass
+        assert plan.rule is not None and plan.rule.name == detail

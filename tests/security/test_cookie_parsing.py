@@ -219,6 +219,47 @@ async def test_a_compared_cookie_value_the_origin_percent_decodes_is_never_store
     assert victim.x_cache == "MISS" and not victim.body.endswith(b"DRAFT"), victim.body
 
 
+
+CONSENT_RULES = """
+    rules:
+      - name: analytics consent
+        match: {path: "/consented/**", cookie: {OptanonConsent: {regex: "C0004%3A1"}}}
+        ttl: {200: 2m}
+        key: {cookies: [OptanonConsent]}
+      - name: pages
+        match: {path: "/**"}
+        ttl: {200: 2m}
+"""
+
+# A OneTrust consent cookie as browsers send it: its value always holds % and +.
+ONETRUST = ("OptanonConsent=isGpcEnabled=0&datestamp=Sun+Dec+06+2026+12%3A00%3A00+GMT%2B0000"
+            "&groups=C0001%3A1%2CC0004%3A1")
+
+
+async def consent_page(request: web.Request) -> web.Response:
+    groups = aspnet_cookies(request.headers.get("Cookie", "")).get("optanonconsent", "").partition("groups=")[2]
+    return web.Response(text="with analytics" if "C0004:1" in groups.split(",") else "without analytics")
+
+
+async def test_a_compared_cookie_value_every_reading_agrees_on_is_cached(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A value with ``%`` or ``+`` is ambiguous only when a decoded reading decides otherwise:
+    every OneTrust visitor bypassed a ``regex: "C0004%3A1"`` rule, whose escape stands for the
+    ``C0004:1`` the origin reads; ``C0004%3a1`` is that too, and the rule's verdicts differ."""
+    origin.route("/consented/page", consent_page)
+    proxy = await make_proxy(rules=CONSENT_RULES)
+    first = await send_raw(proxy, get("/consented/page", f"Cookie: {ONETRUST}"))
+    second = await send_raw(proxy, get("/consented/page", f"Cookie: {ONETRUST}"))
+    assert (first.x_cache, second.x_cache) == ("MISS", "HIT"), first.header("Cache-Status")
+    assert second.body == b"with analytics"
+    odd = await send_raw(proxy, get("/consented/page", f"Cookie: {ONETRUST.replace('%3A1', '%3a1')}"))
+    assert odd.body == b"with analytics"
+    assert odd.x_cache == "BYPASS" and "AMBIGUOUS-COOKIE:OptanonConsent" in (odd.header("Cache-Status") or "")
+    anonymous = await send_raw(proxy, get("/consented/page"))  # ("pages" would have stored odd's page)
+    assert (anonymous.x_cache, anonymous.body) == ("MISS", b"without analytics")
+    assert origin.count("/consented/page") == 3
+
+
 def wsgi_cookies(value: str) -> dict[str, str]:
     """Django's ``parse_cookie`` behind a WSGI server: the field's bytes read as Latin-1 (PEP
     3333), pairs split at ``;``, name and value ``str.strip``-ped (a no-break space, U+0085 too)."""
