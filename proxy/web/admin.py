@@ -84,7 +84,7 @@ from proxy.web.admin_guard import (
 )
 from proxy.web.bodyreader import BodyReader
 from proxy.web.console import CONSOLE, CSRF_HEADER, console_access, setup_console
-from proxy.web.heads import ends_connection
+from proxy.web.heads import asks_to_close, ends_connection
 
 log = logging.getLogger("cachegate.admin")
 
@@ -836,6 +836,15 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
         # What tells this listener's answers from the client listener's: `cachegate health`
         # requires it (with none of the fields the client listener adds to what it relays).
         response.headers[ADMIN_FIELD] = "1"
+        # ``close`` beside ``keep-alive`` in an HTTP/1.0 request ends the connection (llhttp
+        # reads it for HTTP/1.1 only): the reply said keep-alive, and what was pipelined behind
+        # was answered. The client listener's replies see to it in ``ReplyResponse``. Here, for
+        # every reply (redirects and aiohttp's own too); aiohttp framed the head before this
+        # hook, and an HTTP/1.0 reply without ``Connection: keep-alive`` says close.
+        if asks_to_close(request.version, request.headers):
+            response.force_close()
+            if response.headers.get("Connection", "").lower() == "keep-alive":
+                del response.headers["Connection"]
 
     async def close_refusals(app: web.Application) -> None:
         app[ADMIN].refusals.close()

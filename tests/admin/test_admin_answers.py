@@ -218,3 +218,27 @@ async def test_a_reload_with_no_body_or_an_empty_object_reloads(
     reply = await proxy.admin("POST", "/reload", data=body)
     assert (reply.status, js(reply).get("reloaded")) == (200, True), reply.body
     assert 'cachegate_config_reloads_total{result="success"} 1.0' in await reload_totals(proxy)
+
+
+@pytest.mark.parametrize(("path", "connection"), [
+    ("/healthz", "keep-alive, close"), ("/healthz", "Close, Keep-Alive"),
+    ("/stats", "keep-alive,close"), ("/", "keep-alive, close"),  # (the console)
+    ("/nowhere", "keep-alive, close"),  # (a 404)
+])
+async def test_a_1_0_admin_request_asking_to_close_beside_keep_alive_ends_the_connection(
+        proxy: Proxy, connection: str, path: str) -> None:
+    """``close`` wins over ``keep-alive`` (RFC 9112 §9.3), for HTTP/1.0 too, on the admin
+    listener (the console's pages included) as on the client listener: llhttp reads ``close``
+    for HTTP/1.1 only, so the reply said keep-alive and a request pipelined behind was answered."""
+    host, port = proxy.listeners.admin_addresses[0]
+    ask = f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nConnection: {connection}\r\n\r\n"
+    behind = f"GET /healthz HTTP/1.0\r\nHost: {host}:{port}\r\nConnection: keep-alive\r\n\r\n"
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write((ask + behind).encode())
+        data = await asyncio.wait_for(reader.read(), 20)  # up to the server's close
+    finally:
+        writer.close()
+    assert data.count(b"HTTP/1.") == 1, data
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+    assert "connection: keep-alive" not in head, head
