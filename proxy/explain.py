@@ -48,6 +48,7 @@ from proxy.policy.request import (
     RequestRoute,
     carries_body,
     decide_request,
+    framing_refusal,
     normalise_request,
     parse_url,
 )
@@ -221,6 +222,9 @@ def request_head(req: ExplainRequest) -> RequestHead:
     if url.scheme not in ("http", "https") or not url.raw_host:
         raise ValueError(f"{req.url!r}: give an absolute http:// or https:// URL")
     headers: CIMultiDict[str] = CIMultiDict(req.headers)
+    refused = framing_refusal(headers)  # (aiohttp's parser answers these before normalise_request)
+    if refused is not None:
+        raise ValueError(f"the proxy would refuse this request with {refused.status}: {refused.reason}")
     if "Host" not in headers:
         headers["Host"] = url.raw_authority
     message = Message(req.method.upper(), req.url, (1, 1), CIMultiDictProxy(headers))

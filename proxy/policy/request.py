@@ -824,6 +824,47 @@ PASS_BODY = PassThrough("bypass", REQUEST_BODY)
 RequestRoute = LookUp | PassThrough | OwnAnswer
 
 
+# What aiohttp's parser (llhttp) finds wrong with a request's framing, in the words the
+# proxy's 400 says them (``web.fastpath.refusal_reason``: "400 Bad Request: malformed request:
+# ..."), so that ``explain`` says what the client is answered.
+INVALID_CONTENT_LENGTH = "invalid Content-Length"
+LENGTH_AND_CODING = "both Content-Length and Transfer-Encoding"
+_LENGTH_MAX = (1 << 64) - 1  # llhttp's uint64 (measured: one more is refused)
+
+
+def framing_refusal(fields: Headers) -> Refusal | None:
+    """The 400 a request with these fields (in the order sent) gets for its framing, as
+    aiohttp's parser reads them one by one: a ``Content-Length`` that is not one run of ASCII
+    digits (``abc``, ``-1``, ``5, 5``; spaces and tabs around it aside), too large, sent twice,
+    or beside a ``Transfer-Encoding`` (llhttp names the second of the two). None when the
+    parser frames it; ``normalise_request`` then decides on ``Transfer-Encoding``.
+
+    The proxy never gets such a request: the parser answers it (``parser_refusal``), before
+    ``normalise_request``. ``explain`` asks this, so that it explains no request the proxy
+    refuses (a GET with ``Content-Length: abc`` was explained as a lookup).
+
+    >>> [framing_refusal(f) for f in ({"Content-Length": " 12 "}, {"Transfer-Encoding": "chunked"})]
+    [None, None]
+    >>> framing_refusal({"Content-Length": "5, 5"})
+    Refusal(status=400, reason='malformed request: invalid Content-Length')
+    """
+    if "Content-Length" not in fields:
+        return None
+    length = coding = False
+    for name, value in fields.items():
+        lowered = name.lower()
+        if lowered == "content-length":
+            text = value.strip(" \t")
+            if length or coding or not (text.isascii() and text.isdigit()) or int(text) > _LENGTH_MAX:
+                return Refusal(400, f"malformed request: {INVALID_CONTENT_LENGTH}")
+            length = True
+        elif lowered == "transfer-encoding":
+            if length:
+                return Refusal(400, f"malformed request: {LENGTH_AND_CODING}")
+            coding = True
+    return None
+
+
 def carries_body(fields: Headers) -> bool:
     """Whether a request with these fields (as received, before ``normalise_request`` drops
     ``Transfer-Encoding``) carries a body, as aiohttp's parser frames it: any

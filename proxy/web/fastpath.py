@@ -85,7 +85,13 @@ from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
-from proxy.policy.request import LineOpen, normalise_request, simple_request
+from proxy.policy.request import (
+    INVALID_CONTENT_LENGTH,
+    LENGTH_AND_CODING,
+    LineOpen,
+    normalise_request,
+    simple_request,
+)
 from proxy.replies import Planned
 from proxy.rules import RequestPlan, RuleSet
 from proxy.storage.bodyfiles import SharedFile
@@ -1020,8 +1026,8 @@ _REASONS = (
     ("http/0.9 request", "HTTP/0.9 request (a request line without a version)"),
     ("duplicate 'host'", "duplicate Host header"),
     ("missing 'host'", "missing Host header"),
-    ("transfer-encoding can't be present with content-length", "both Content-Length and Transfer-Encoding"),
-    ("content-length", "invalid Content-Length"),
+    ("transfer-encoding can't be present with content-length", LENGTH_AND_CODING),  # (as explain says
+    ("content-length", INVALID_CONTENT_LENGTH),                                     # them: framing_refusal)
     ("transfer-encoding", "invalid Transfer-Encoding"),
     ("chunk", "invalid chunked body"),
     ("whitespace after header value", "folded header line (obs-fold) or stray whitespace"),

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
+from proxy.explain import ExplainRequest, request_head
 from tests.admin.util import absolute, js, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 from tests.rules.util import shift_clock
+from tests.security.util import send_raw
 
 RULES = """
 rules:
@@ -270,3 +273,45 @@ async def test_a_get_with_a_body_is_explained_as_the_proxy_passes_it(origin: Ori
     assert reply.x_cache == "BYPASS" and reply.cache_status.endswith("detail=REQUEST-BODY")
     plain = js(await ruled.admin("POST", "/explain", json={"url": url, "headers": {"Content-Length": "0"}}))
     assert plain["request"]["body"] is False and plain["decision"]["action"] == "serve"
+
+
+@pytest.mark.parametrize("fields", [
+    [("Content-Length", "abc")],
+    [("Content-Length", "-1")],
+    [("Content-Length", "5, 5")],
+    [("Content-Length", "+5")],
+    [("Content-Length", "")],
+    [("Content-Length", "18446744073709551616")],
+    [("Content-Length", "5"), ("Content-Length", "5")],
+    [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],   # "both"
+    [("Transfer-Encoding", "chunked"), ("Content-Length", "5")],   # llhttp names the length
+    [("Content-Length", "5"), ("Transfer-Encoding", "gzip")],      # 400 before the coding's 501
+    [("Content-Length", "abc"), ("Transfer-Encoding", "gzip")],
+])
+async def test_explain_refuses_a_framing_the_proxy_answers_400_with_the_proxy_s_words(
+        ruled: Proxy, fields: list[tuple[str, str]]) -> None:
+    """A GET with ``Content-Length: abc`` (or ``-1``, ``5, 5``, or beside ``Transfer-Encoding``)
+    was explained as a lookup or as REQUEST-BODY, while the proxy's parser answers it 400: now
+    explain (GET /explain, POST /explain, ``cachegate explain``) says the proxy refuses it, with
+    the status and the reason the proxy's answer gives."""
+    sent = "".join(f"{k}: {v}\r\n" for k, v in fields)
+    head = f"GET /p HTTP/1.1\r\nHost: {ruled.url.removeprefix('http://')}\r\n{sent}\r\n"
+    body = "0\r\n\r\n" if any(k == "Transfer-Encoding" for k, _ in fields) else "abcde"
+    answer = await send_raw(ruled, (head + body).encode())
+    assert answer.status == 400 and answer.body.startswith(b"400 Bad Request: malformed request: "), answer
+    reason = answer.body.decode().removeprefix("400 Bad Request: ").strip()
+    said = f"the proxy would refuse this request with 400: {reason}"
+    headers: dict[str, list[str]] = {}
+    for k, v in fields:
+        headers.setdefault(k, []).append(v)
+    reply = await ruled.admin("POST", "/explain", json={"url": absolute(ruled, "/p"), "headers": headers})
+    assert (reply.status, js(reply)["error"]) == (400, said), reply.body
+    with pytest.raises(ValueError, match=re.escape(said)):  # (`cachegate explain` reads it so)
+        request_head(ExplainRequest(absolute(ruled, "/p"), "GET", tuple(fields)))
+
+
+@pytest.mark.parametrize("value", ["5", " 5\t", "05", "0"])
+async def test_a_content_length_the_parser_takes_is_explained(ruled: Proxy, value: str) -> None:
+    reply = await ruled.admin("POST", "/explain", json={"url": absolute(ruled, "/p"),
+                                                        "headers": {"Content-Length": value}})
+    assert reply.status == 200, reply.body
