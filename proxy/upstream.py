@@ -633,7 +633,12 @@ class UpstreamPool:
             len(self.upstreams) > 1 or free_only) else frozenset()
         exclude = frozenset(tried) | full if free_only else frozenset(tried)
         if avoid is not None:
-            upstream = self.selector.choose(self.upstreams, now, exclude | {avoid}, full)
+            # Another upstream with room; else the avoided one if it has room (its dropped
+            # connection freed its slot); else as below. "Avoid" put before "full" sent the try
+            # to another upstream's full pool to wait timeouts.connect there in vain.
+            upstream = self.selector.choose(self.upstreams, now, exclude | {avoid} | full)
+            if upstream is None and avoid not in full:
+                upstream = self.selector.choose(self.upstreams, now, exclude | (full - {avoid}))
             if upstream is not None:
                 return upstream
         return self.selector.choose(self.upstreams, now, exclude, full)

@@ -693,6 +693,38 @@ async def test_keep_alive_connections_closed_as_the_request_left_use_up_no_try(
         assert [i for i, _, t in lone.targets() if t == "/x"] in ([0, 2], [1, 2])  # a new one, not the other idle
 
 
+async def test_a_try_after_a_dropped_pooled_connection_goes_where_a_pool_has_room(
+    make_proxy: MakeProxy,
+) -> None:
+    """b's pooled connection closed as the request left; a's one connection is busy. The next
+    try went to a (b was avoided for that one choice) and waited timeouts.connect on a's full
+    pool, though b had room (the drop freed its slot): it now goes to b on a new connection."""
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def busy(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if request.target == "/slow":
+                arrived.set()
+                await release.wait()
+            await conn.send(response("200 OK", {"Cache-Control": "no-store", "X-Origin": "a"}, b"a"))
+
+    async with raw_origins() as start:
+        a, b = await start(busy), await start(_drop_on_reuse)
+        proxy = await make_proxy(config="upstream: {retries: 1, pool_size: 1, timeouts: {connect: 60s}, "
+                                        "passive: {failures: 0}}\n", upstreams=[a.url, b.url])
+        assert [(await proxy.get(f"/w{i}")).status for i in range(2)] == [200, 200]  # a, then b
+        slow = asyncio.ensure_future(proxy.get("/slow"))  # to a: its one connection busy
+        await asyncio.wait_for(arrived.wait(), 20)
+        try:
+            reply = await asyncio.wait_for(proxy.get("/x"), 20)  # (it waited a's pool for 60 s)
+            assert (reply.status, reply.body) == (200, b"ok")
+            assert [i for i, _, t in b.targets() if t == "/x"] == [0, 1]  # pooled (dropped), then new
+        finally:
+            release.set()
+            assert (await slow).status == 200
+
+
 async def test_post_is_retried_only_when_configured_and_its_body_was_not_streamed(
     second: Origin, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
