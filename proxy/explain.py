@@ -398,8 +398,10 @@ def _bypass_why(plan: RequestPlan) -> str:
                 "up nor stored")
     return (f"the rules read cookie {name!r}, and this Cookie field is read differently by "
             "different origins (a comma, whitespace or a quote inside it, a name sent twice with "
-            "other values, more than one Cookie line, or a name PHP reads as it: ab.bucket is PHP's "
-            "ab_bucket): neither looked up nor stored")
+            "other values or in another case, more than one Cookie line, a name PHP reads as it: "
+            "ab.bucket is PHP's ab_bucket, or a value with % or + that origins decoding it, "
+            "ASP.NET Core, Express, Rack, PHP, read so that the rule decides otherwise): neither "
+            "looked up nor stored")
 
 
 def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool = True) -> list[str]:

@@ -422,12 +422,14 @@ _ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 Test = Callable[[str], bool]
 
 
-def _cookie_tests(kind: CondKind, value: str | None, pattern: Regex | None) -> tuple[bool, Test, Test, Test]:
+def _cookie_tests(kind: CondKind, value: str | None, pattern: Regex | None
+                  ) -> tuple[bool, Test, Test | None, Test | None]:
     """A value condition as three tests: on the raw value, on it percent-decoded and on it
     percent-decoded with ``+`` as a space (``decoded_readings``); first, whether its own text
     holds escapes. Such a condition is written against the raw value, so it is decoded alike for
     the other two (``C0004%3A1`` is ``C0004:1`` there); one without holds its text as the
-    decoded value must (``"1"`` against ``%31``)."""
+    decoded value must (``"1"`` against ``%31``). None for the other two: a regex whose escapes
+    cannot be decoded safely (``_literal_escapes``), under which every reading is ambiguous."""
     if kind == "equals":
         assert value is not None
         escaped = _ESCAPES.search(value) is not None
@@ -435,15 +437,41 @@ def _cookie_tests(kind: CondKind, value: str | None, pattern: Regex | None) -> t
         equal = [(lambda text, want=want: text == want) for want in readings]
         return escaped, equal[0], equal[1], equal[2]
     assert pattern is not None
-    raw = decoded = pattern.search
+    raw = pattern.search
     escaped = _ESCAPES.search(pattern.pattern) is not None
-    if escaped:  # each run of escapes as the literal text it stands for
+    if not escaped:
+        return (False, lambda text: raw(text) is not None, lambda text: raw(text) is not None,
+                lambda text: raw(text) is not None)
+    decoded: Callable[[str], object] | None = None
+    if _literal_escapes(pattern.pattern):  # each run of escapes as the literal text it stands for
         literal = _ESCAPES.sub(lambda m: re.escape(percent_decode(m[0])), pattern.pattern)
-        # (one RE2 refuses, after ``\%28``: read as written, a decoded value decides otherwise)
         with contextlib.suppress(RegexRefused):
             decoded = Regex(literal).search
-    return (escaped, lambda text: raw(text) is not None, lambda text: decoded(text) is not None,
-            lambda text: decoded(text) is not None)
+    if decoded is None:
+        # Not to be rewritten safely (``\%61`` became ``\a``, BEL, matching nothing, so the
+        # readings agreed and a decoded ``adm%69n`` was cached; ``x{%32}`` became ``x{2}``):
+        # every value an origin may decode is ambiguous under it, as it was before.
+        return True, lambda text: raw(text) is not None, None, None
+    found = decoded
+    return (True, lambda text: raw(text) is not None, lambda text: found(text) is not None,
+            lambda text: found(text) is not None)
+
+
+def _literal_escapes(pattern: str) -> bool:
+    """Whether every run of percent-escapes in a regex stands where a literal does: not right
+    after an odd number of backslashes (``\\%61``: the backslash would escape the decoded
+    character) nor inside a ``{...}`` count (``x{%32}``).
+
+    >>> _literal_escapes("C0004%3A1"), _literal_escapes(r"^\\%61dmin$"), _literal_escapes(r"\\\\%61")
+    (True, False, True)
+    >>> _literal_escapes("x{%32}"), _literal_escapes("a{1}%41")
+    (False, True)
+    """
+    for m in _ESCAPES.finditer(pattern):
+        before = pattern[:m.start()]
+        if (len(before) - len(before.rstrip("\\"))) % 2 or before.rfind("{") > before.rfind("}"):
+            return False
+    return True
 
 
 def _cookie_compared(name: str, kind: CondKind, value: str | None, pattern: Regex | None) -> Predicate:
@@ -462,7 +490,8 @@ def _cookie_compared(name: str, kind: CondKind, value: str | None, pattern: Rege
         verdict = test(actual)
         if (escaped or "%" in actual or "+" in actual) and v.decoded_otherwise is None:
             decoded, plus = decoded_readings(actual)
-            if test_decoded(decoded) is not verdict or test_plus(plus) is not verdict:
+            if test_decoded is None or test_plus is None \
+                    or test_decoded(decoded) is not verdict or test_plus(plus) is not verdict:
                 v.decoded_otherwise = name
         return verdict
 

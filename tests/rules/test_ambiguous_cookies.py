@@ -100,6 +100,12 @@ PREVIEW = compile_text("""
       - name: consent either way
         match: {path: "/either/**", cookie: {OptanonConsent: {regex: "C0004(%3A|:)1"}}}
         bypass: true
+      - name: admin drafts
+        match: {path: "/drafts/**", cookie: {role: {regex: "^\\\\%61dmin$"}}}
+        bypass: true
+      - name: twice
+        match: {path: "/twice/**", cookie: {n: {regex: "^x{%32}$"}}}
+        bypass: true
       - name: pages
         match: {path: "/**"}
         ttl: {200: 2m}
@@ -131,6 +137,12 @@ ONETRUST = ("OptanonConsent=isGpcEnabled=0&datestamp=Sun+Dec+06+2026+12%3A00%3A0
     ("/either/x", ["OptanonConsent=groups=C0004:1"], "RULE-BYPASS:consent either way"),
     # ...and this is not ("C0004%3A1" once decoded) on any reading.
     ("/consented/x", ["OptanonConsent=groups=C0004%253A1"], "pages"),
+    # Escapes a rewrite cannot decode safely (after a backslash, ``\\%61`` became ``\\a``, BEL,
+    # and the readings agreed on "no": adm%69n, "admin" to the origin, was stored for everyone;
+    # in a count): every value an origin may decode is ambiguous under them.
+    ("/drafts/x", ["role=adm%69n"], "AMBIGUOUS-COOKIE:role"),
+    ("/drafts/x", ["role=%61dmin"], "RULE-BYPASS:admin drafts"),
+    ("/twice/x", ["n=x%78"], "AMBIGUOUS-COOKIE:n"),
 ])
 def test_a_compared_cookie_value_is_ambiguous_only_when_a_decoded_reading_decides_otherwise(
         target: str, lines: list[str], detail: str) -> None:
