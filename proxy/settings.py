@@ -61,7 +61,7 @@ from proxy.schema import (
     text,
     type_name,
 )
-from proxy.tls import ENCRYPTED_KEY, ca_file_problem, load_problem, pem_is_encrypted
+from proxy.tls import ENCRYPTED_KEY, ca_file_problem, load_problem, pem_file_problem, pem_is_encrypted
 from proxy.units import shown, yaml_number
 from proxy.yamlsrc import Src
 
@@ -463,17 +463,21 @@ class AdminSettings:
 # -- deploy and operate: listeners and TLS -------------------------------------------------
 
 
-def _key_path() -> Parser[str]:
-    """``file_path``, refusing a key that needs a passphrase (cachegate never asks for one)."""
+def _pem_path(field: str) -> Parser[str]:
+    """``file_path``, read here through the load's sources (a worker checks the supervisor's
+    copy, not the file now): one that cannot be read is refused at its line, naming it and why
+    (missing, a directory, a FIFO, no permission), and OpenSSL never opens the path (a FIFO
+    there blocked ``check``, a start, and a reload for good). A key that needs a passphrase is
+    refused too: cachegate never asks for one."""
     path = file_path(strict=True)
 
     def read(item: Src, ctx: Context) -> str:
         resolved = path.read(item, ctx)
-        try:  # through the load's sources: a worker checks the supervisor's copy, not the file now
-            encrypted = pem_is_encrypted(ctx.sources.data(resolved))
-        except OSError:
-            return resolved  # ``_loads`` says why it cannot be read
-        if encrypted:
+        try:
+            data = ctx.sources.data(resolved)
+        except OSError as exc:
+            raise Invalid(pem_file_problem(resolved, exc)) from None
+        if field == "key" and pem_is_encrypted(data):
             raise Invalid(ENCRYPTED_KEY)
         return resolved
 
@@ -484,19 +488,18 @@ def _key_path() -> Parser[str]:
 class ListenerTLS:
     """A TLS listener's certificate chain and key (PEM files), read again on SIGHUP."""
 
-    cert: str = setting(doc="the certificate chain (PEM)", parse=file_path(strict=True),
-                        missing=" (a PEM file)")
-    key: str = setting(doc="its private key (PEM, unencrypted)", parse=_key_path(), missing=" (a PEM file)")
+    cert: str = setting(doc="the certificate chain (PEM)", parse=_pem_path("cert"), missing=" (a PEM file)")
+    key: str = setting(doc="its private key (PEM, unencrypted)", parse=_pem_path("key"),
+                       missing=" (a PEM file)")
 
 
 def _loads(tls: ListenerTLS, ctx: Context) -> ListenerTLS:
-    """The pair loads (the server would fail the same way: say so now), read through the load's
-    ``Sources``: the bytes checked are the bytes served (``Settings.pem``), and the supervisor's
-    copy for its workers holds them (``proxy.supervisor.ConfigCopy``)."""
-    try:
-        pem = (ctx.sources.data(tls.cert), ctx.sources.data(tls.key))
-    except OSError:
-        pem = None  # ``load_problem`` says why, as a start would
+    """The pair loads (the server would fail the same way: say so now), from the bytes the
+    fields' parsers read through the load's ``Sources``: the bytes checked are the bytes served
+    (``Settings.pem``), and the supervisor's copy for its workers holds them
+    (``proxy.supervisor.ConfigCopy``)."""
+    read = ctx.sources.read
+    pem = (read[os.path.abspath(tls.cert)], read[os.path.abspath(tls.key)])
     problem = load_problem(tls.cert, tls.key, pem)
     if problem is not None:
         raise Invalid(problem)

@@ -36,6 +36,8 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 
+from proxy.yamlsrc import read_regular
+
 log = logging.getLogger("cachegate.tls")
 
 
@@ -72,11 +74,20 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 def read_pem(cert: str, key: str) -> tuple[bytes, bytes]:
-    """The bytes of the certificate chain and key files; OSError when one cannot be read."""
-    with open(cert, "rb") as f:
-        cert_pem = f.read()
-    with open(key, "rb") as f:
-        return cert_pem, f.read()
+    """The bytes of the certificate chain and key files; OSError when one cannot be read. Regular
+    files only, opened without blocking: a FIFO's open waits for a writer (``check`` hung, a
+    reload blocked the event loop and every listener with it)."""
+    return read_regular(cert), read_regular(key)
+
+
+def pem_file_problem(path: str, exc: OSError) -> str:
+    """Why a TLS listener's certificate or key file cannot be read, naming it: OpenSSL's own
+    words ("No such file or directory") said neither which file it was nor what is wrong."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return f"{path} does not exist"
+    if os.path.isdir(path):
+        return f"{path} is a directory (a PEM file is expected)"
+    return f"cannot read {path}: {exc.strerror or exc}"
 
 
 @contextlib.contextmanager
@@ -106,19 +117,18 @@ def _load_pem(pem: tuple[bytes, bytes], into: ssl.SSLContext | None = None) -> s
         return into
 
 
-def load_problem(cert: str, key: str, pem: tuple[bytes, bytes] | None = None) -> str | None:
+def load_problem(cert: str, key: str, pem: tuple[bytes, bytes]) -> str | None:
     """Why this certificate and key would not load, or None when they do (for ``cachegate check``);
-    ``pem``: their bytes as read already (what a listener will be started with)."""
+    ``pem``: their bytes as read already (what a listener will be started with). OpenSSL never
+    opens the paths themselves: a FIFO there would block it for good."""
     try:
-        if pem is None:
-            server_context(cert, key)
-        else:
-            _load_pem(pem)
+        _load_pem(pem)
     except EncryptedKey:
         return f"cannot load the certificate {cert} with the key {key}: {ENCRYPTED_KEY}"
     except ssl.SSLError as exc:  # before OSError: an SSLError is one
-        return f"cannot load the certificate {cert} with the key {key}: {what_went_wrong(cert, key) or exc}"
-    except OSError as exc:
+        reason = what_went_wrong(cert, key, pem) or exc
+        return f"cannot load the certificate {cert} with the key {key}: {reason}"
+    except OSError as exc:  # the temporary copies (a full /tmp)
         return f"cannot load the certificate {cert} with the key {key}: {exc.strerror or exc}"
     return None
 
@@ -128,19 +138,14 @@ _PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 _CERTIFICATE_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.*?)-----END CERTIFICATE-----", re.S)
 
 
-def what_went_wrong(cert: str, key: str) -> str | None:
-    """What the files hold, when that explains a failed load that OpenSSL words as ``[SSL] PEM
-    lib`` (a file without the PEM block it should hold: the two swapped, the certificate given
-    for both) or ``no certificate assigned`` (a key of another type than the certificate's);
-    None when it does not (OpenSSL's words are then the best there are). Read only after a
-    load failed: nothing is spent on files that load."""
-    try:
-        with open(cert, "rb") as f:
-            cert_data = f.read(1 << 20)
-        with open(key, "rb") as f:
-            key_data = f.read(1 << 20)
-    except OSError:
-        return None
+def what_went_wrong(cert: str, key: str, pem: tuple[bytes, bytes]) -> str | None:
+    """What the files hold (``pem``: their bytes, as the load read them: never opened again),
+    when that explains a failed load that OpenSSL words as ``[SSL] PEM lib`` (a file without the
+    PEM block it should hold: the two swapped, the certificate given for both; a half-copied
+    file) or ``no certificate assigned`` (a key of another type than the certificate's); None
+    when it does not (OpenSSL's words are then the best there are). Asked only after a load
+    failed: nothing is spent on files that load."""
+    cert_data, key_data = pem[0][:1 << 20], pem[1][:1 << 20]
     has_cert, has_key = _CERTIFICATE in cert_data, _PRIVATE_KEY.search(key_data) is not None
     if not has_cert and not has_key and _PRIVATE_KEY.search(cert_data) and _CERTIFICATE in key_data:
         return (f"the two are swapped: {cert} (tls.cert) holds a private key and {key} (tls.key) a "
@@ -149,11 +154,54 @@ def what_went_wrong(cert: str, key: str) -> str | None:
         return f"{cert} (tls.cert) holds no certificate (-----BEGIN CERTIFICATE-----): {_holds(cert_data)}"
     if not has_key:
         return f"{key} (tls.key) holds no private key (-----BEGIN PRIVATE KEY-----): {_holds(key_data)}"
+    for path, field, data in ((cert, "cert", cert_data), (key, "key", key_data)):
+        broken = _broken_block(data)
+        if broken is not None:
+            return f"{path} (tls.{field}) holds {broken}"
     cert_kind, kind = certificate_key_kind(cert_data), key_kind(key_data)
     if "unknown" not in (cert_kind, kind) and cert_kind != kind:
         return (f"the certificate in {cert} has an {cert_kind} key but {key} is an {kind} key: the key "
                 "must be the certificate's own")
     return None
+
+
+_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+def _broken_block(data: bytes) -> str | None:
+    """The first PEM block of ``data`` that a half-copied file leaves: one without its END line,
+    or whose base64 does not decode; None when every block is whole.
+
+    >>> _broken_block(b"-----BEGIN CERTIFICATE-----\\nMIIB")
+    'a certificate block that is cut short (no -----END CERTIFICATE-----)'
+    >>> _broken_block(b"-----BEGIN PRIVATE KEY-----\\nMII*\\n-----END PRIVATE KEY-----\\n")
+    'a private key block whose base64 does not decode (a half-copied or edited file?)'
+    """
+    import base64
+    import binascii
+
+    at = 0
+    while (begin := _BEGIN.search(data, at)) is not None:
+        label = begin.group(1)
+        end = data.find(b"-----END " + label + b"-----", begin.end())
+        name = _block_name(label.decode())
+        if end < 0:
+            return f"{name} block that is cut short (no -----END {label.decode()}-----)"
+        body = b"".join(line for line in data[begin.end():end].split(b"\n") if b":" not in line)
+        try:
+            base64.b64decode(re.sub(rb"\s+", b"", body), validate=True)
+        except (binascii.Error, ValueError):
+            return f"{name} block whose base64 does not decode (a half-copied or edited file?)"
+        at = end
+    return None
+
+
+def _block_name(label: str) -> str:
+    if label == "CERTIFICATE":
+        return "a certificate"
+    if label.endswith("PRIVATE KEY"):
+        return "a private key"
+    return f"a {label}"
 
 
 def _holds(data: bytes) -> str:
@@ -290,8 +338,16 @@ class ServerTLS:
         the reload's config load read them); None when the new certificate is in use for new
         handshakes, else why the old one stays (logged): the reload's answer names it in
         ``restart_required``, so a renewal hook sees it."""
+        if pem is None:  # settings not made by a load: regular files only, never a FIFO's wait
+            try:
+                pem = read_pem(cert, key)
+            except OSError as exc:
+                path = exc.filename if isinstance(exc.filename, str) else cert
+                field = "key" if path == key != cert else "cert"
+                why = f"tls.{field}: {pem_file_problem(path, exc)}"
+                log.error("TLS reload failed, the current certificate stays: %s", why)
+                return f"the current certificate stays: {why}"
         try:
-            pem = pem if pem is not None else read_pem(cert, key)
             kind = key_kind(pem[1])
             if kind != self.kind:
                 _load_pem(pem)  # a pair that does not load says so first
@@ -307,7 +363,7 @@ class ServerTLS:
             log.error("TLS reload failed, the current certificate stays: %s: %s", key, ENCRYPTED_KEY)
             return f"the current certificate stays: {ENCRYPTED_KEY}"
         except (ssl.SSLError, OSError) as exc:
-            reason = (what_went_wrong(cert, key) if isinstance(exc, ssl.SSLError) else None) or exc
+            reason = (what_went_wrong(cert, key, pem) if isinstance(exc, ssl.SSLError) else None) or exc
             log.error("TLS reload failed, the current certificate stays: %s: %s", cert, reason)
             return f"the current certificate stays: {cert} did not load ({reason})"
         self.files = (cert, key)

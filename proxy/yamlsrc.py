@@ -115,7 +115,7 @@ class Sources:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
             data = self.snapshot[key]
         else:
-            data = _read_regular(path)
+            data = read_regular(path)
         self.read[key] = data
         return data
 
@@ -159,7 +159,7 @@ def _not_regular(mode: int) -> str:
     return "is a directory" if stat.S_ISDIR(mode) else f"is not a regular file ({_kind(mode)})"
 
 
-def _read_regular(path: str) -> bytes:
+def read_regular(path: str) -> bytes:
     """The bytes of ``path``, a regular file; ``NotRegularFile`` for anything else. Opened
     without blocking and checked on the open file (no window to swap it between a check and
     the read): a FIFO's open and read would wait for a writer forever (a reload that never

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -287,7 +288,7 @@ def test_a_tls_reload_below_the_check_says_which_file_holds_what(certs: Certs) -
 
 @pytest.mark.parametrize(("listen", "message"), [
     ("listen: [{address: '127.0.0.1:0', tls: {cert: nope.pem, key: nope.key}}]",
-     "listen[0].tls: cannot load the certificate"),
+     "listen[0].tls.cert: {dir}/nope.pem does not exist"),
     ("listen: [{address: '127.0.0.1:0', tls: {cert: x.pem}}]", "listen[0].tls.key: required (a PEM file)"),
     ("listen: [{tls: {cert: x.pem, key: y}}]", "listen[0].address: required (HOST:PORT)"),
     ("listen: ['127.0.0.1:8080', '127.0.0.1:8080']", "listen[1]: 127.0.0.1:8080 is listed twice"),
@@ -301,7 +302,7 @@ def test_listen_mistakes_are_reported_with_their_line(
     config.write_text("upstreams: [http://127.0.0.1:9]\n" + listen + "\n")
     assert main(["check", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert f"{config}:2: {message}" in err, err
+    assert f"{config}:2: {message.format(dir=tmp_path)}" in err, err
 
 
 def test_listen_as_one_string_or_one_mapping_still_works(tmp_path: Path) -> None:
@@ -502,10 +503,11 @@ def test_server_tls_never_prompts_for_a_passphrase(tmp_path: Path, certs: Certs)
     """Below the config check: the context itself refuses an encrypted key (a reload whose file
     changed between the check and the load)."""
     enc = encrypted_copy(certs.b[0], tmp_path / "enc.pem")
-    code = ("from proxy.tls import ServerTLS, load_problem\n"
+    code = ("from proxy.tls import ServerTLS, load_problem, read_pem\n"
             f"t = ServerTLS({str(certs.cert)!r}, {str(certs.key)!r})\n"
             f"print('reload', t.reload({str(certs.b[1])!r}, {str(enc)!r}))\n"
-            f"print('problem', load_problem({str(certs.b[1])!r}, {str(enc)!r}))\n")
+            f"print('problem', load_problem({str(certs.b[1])!r}, {str(enc)!r}, "
+            f"read_pem({str(certs.b[1])!r}, {str(enc)!r})))\n")
     term = Terminal(["-c", code])
     try:
         assert term.read(lambda out: False), f"waiting at the terminal: {term.output!r}"
@@ -853,3 +855,160 @@ async def test_a_worker_restarted_after_a_key_type_change_serves_what_its_siblin
         assert answer["restart_required"] == [KEY_TYPE_KEPT], answer
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.text
+
+
+# -- certificate and key files that cannot be read, or are half-copied ----------------------------
+
+
+def _no_reader_waits(fifo: Path) -> bool:
+    """Whether nothing holds ``fifo`` open for reading (a process blocked in its open would)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return exc.errno == errno.ENXIO
+    os.close(fd)  # a reader was waiting: it now reads an empty file and goes on
+    return False
+
+
+@pytest.mark.parametrize("field", ["cert", "key"])
+def test_check_refuses_a_fifo_as_the_certificate_or_key_at_its_line(
+        tmp_path: Path, certs: Certs, field: str) -> None:
+    """A FIFO's open waits for a writer: OpenSSL opening the path hung ``check`` (and a start)
+    without a word; the file is refused at its line, as ``upstream.tls.ca_file`` is."""
+    fifo = certs.cert if field == "cert" else certs.key
+    fifo.unlink()
+    os.mkfifo(fifo)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [http://127.0.0.1:9]\n{tls_config(certs)}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        done = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(config)],
+                              capture_output=True, text=True, timeout=30, env=env)
+    except subprocess.TimeoutExpired:
+        _no_reader_waits(fifo)
+        pytest.fail("cachegate check hung on a FIFO")
+    assert done.returncode == 2, done.stderr
+    assert (f"{config}:4: listen[1].tls.{field}: cannot read {fifo}: is not a regular file (a FIFO)"
+            in done.stderr), done.stderr
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (lambda p: p.unlink(), "{path} does not exist"),
+    (lambda p: (p.unlink(), p.mkdir()), "{path} is a directory (a PEM file is expected)"),
+])
+@pytest.mark.parametrize("field", ["cert", "key"])
+def test_check_says_which_file_is_missing_or_a_directory(
+        tmp_path: Path, certs: Certs, field: str, make: Callable[[Path], object], says: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """OpenSSL's 'No such file or directory' named neither file nor setting."""
+    path = certs.cert if field == "cert" else certs.key
+    make(path)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [http://127.0.0.1:9]\n{tls_config(certs)}")
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}:4: listen[1].tls.{field}: {says.format(path=path)}\n" in err, err
+    assert "cannot load the certificate" not in err
+
+
+def test_a_running_proxy_whose_certificate_became_a_fifo_refuses_the_reload_and_keeps_answering(
+        tmp_path: Path, certs: Certs) -> None:
+    """SIGHUP and POST /reload read the files again: a FIFO there never answered the reload, and
+    once something wrote into it the event loop blocked in its open (every listener, /healthz
+    too). Now the reload is refused naming the file, and nothing waits on the FIFO."""
+    import urllib.error
+    import urllib.request
+
+    from tests.harness import spawn_cachegate, write_config
+
+    config = write_config(str(tmp_path), "http://127.0.0.1:9", tls_config(certs))
+    proc = spawn_cachegate(["run", "--config", config])
+    try:
+        assert proc.admin_url is not None
+        certs.cert.unlink()
+        os.mkfifo(certs.cert)
+        proc.proc.send_signal(signal.SIGHUP)
+        refused = f"listen[1].tls.cert: cannot read {certs.cert}: is not a regular file (a FIFO)"
+        for _ in range(200):
+            if any(refused in line for line in proc.output):
+                break
+            time.sleep(0.05)
+        assert any(refused in line for line in proc.output), proc.text
+        req = urllib.request.Request(proc.admin_url + "/reload", method="POST", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=15) as resp:
+                status, body = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read().decode()
+        assert status == 400 and refused in body, body
+        assert _no_reader_waits(certs.cert)
+        with urllib.request.urlopen(proc.admin_url + "/healthz", timeout=15) as resp:
+            assert resp.status == 200
+        https = next(line.split("proxy listening on ", 1)[1].split()[0] for line in proc.output
+                     if "proxy listening on https" in line)
+        assert _peer_cert(https) == Certs.der(certs.a)  # the certificate served stays
+    finally:
+        _no_reader_waits(certs.cert)  # let a reader blocked in the FIFO's open go
+        proc.stop()
+
+
+def test_a_reload_below_the_check_never_waits_on_a_fifo(tmp_path: Path, certs: Certs) -> None:
+    """``ServerTLS.reload`` without the load's bytes reads the files itself: regular files only."""
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)
+    code = ("from proxy.tls import ServerTLS\n"
+            f"t = ServerTLS({str(certs.cert)!r}, {str(certs.key)!r})\n"
+            f"print(t.reload({str(fifo)!r}, {str(certs.key)!r}))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env)
+    except subprocess.TimeoutExpired:
+        _no_reader_waits(fifo)
+        pytest.fail("ServerTLS.reload waited on a FIFO")
+    assert done.stdout.strip() == (f"the current certificate stays: tls.cert: cannot read {fifo}: "
+                                   "is not a regular file (a FIFO)"), done
+
+
+def _cut(data: bytes, at: int) -> bytes:
+    return data[:at]
+
+
+def _garbled(data: bytes) -> bytes:
+    lines = data.split(b"\n")
+    lines[2] = b"*" + lines[2][1:]
+    return b"\n".join(lines)
+
+
+@pytest.mark.parametrize(("field", "change", "says"), [
+    ("cert", lambda d: _cut(d, 600), "{cert} (tls.cert) holds a certificate block that is cut short "
+                                     "(no -----END CERTIFICATE-----)"),
+    ("key", lambda d: _cut(d, 800), "{key} (tls.key) holds a private key block that is cut short "
+                                    "(no -----END PRIVATE KEY-----)"),
+    ("cert", _garbled, "{cert} (tls.cert) holds a certificate block whose base64 does not decode"),
+    ("key", _garbled, "{key} (tls.key) holds a private key block whose base64 does not decode"),
+])
+def test_a_half_copied_certificate_or_key_is_named_not_pem_lib(
+        tmp_path: Path, certs: Certs, field: str, change: Callable[[bytes], bytes], says: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """OpenSSL says only ``[SSL] PEM lib`` of a file cut short: check, a start and a reload say
+    which file, and that its block is cut short."""
+    from proxy.tls import what_went_wrong
+
+    path = certs.cert if field == "cert" else certs.key
+    path.write_bytes(change(path.read_bytes()))
+    expected = says.format(cert=certs.cert, key=certs.key)
+    pem = (certs.cert.read_bytes(), certs.key.read_bytes())
+    assert (what_went_wrong(str(certs.cert), str(certs.key), pem) or "").startswith(expected)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [http://127.0.0.1:9]\n{tls_config(certs)}")
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{config}:4: listen[1].tls: cannot load the certificate {certs.cert} with the key "
+            f"{certs.key}: {expected}") in err, err
+    assert "PEM lib" not in err
+    certs.use(certs.b)  # a running listener's reload says the same
+    tls = ServerTLS(str(certs.cert), str(certs.key))
+    path.write_bytes(change(path.read_bytes()))
+    kept = tls.reload(str(certs.cert), str(certs.key)) or ""
+    assert expected in kept, kept
