@@ -291,7 +291,8 @@ class TLSSettings:
     """How the pool checks the certificates of https:// upstreams."""
 
     verify: bool = setting(True, "check the upstream's certificate and name")
-    ca_file: str | None = setting(None, "CA certificates (PEM) to check against instead of the system's",
+    ca_file: str | None = setting(None, "CA certificates (PEM) to check against instead of the system's "
+                                        "(with verify: false, none are: a warning says so)",
                                   _ca_file())
     # The bytes of ca_file as the load read and checked them (None: no ca_file, or settings not
     # made by a load). Part of the pool's settings: a reload that changes them is named in
@@ -303,6 +304,12 @@ class TLSSettings:
 def _with_ca_data(tls: TLSSettings, ctx: Context) -> TLSSettings:
     if tls.ca_file is None:
         return tls
+    if not tls.verify and ctx.where is not None:
+        # Nothing is checked at all: a ca_file beside verify: false reads as if certificates
+        # were checked against it (a test setting left in, or one half of an edit).
+        ctx.problems.warn(ctx.where, f"{ctx.name}.ca_file is ignored: verify is false, so upstream "
+                                     "certificates are not checked at all; remove ca_file, or set "
+                                     "verify: true to check them against it")
     return replace(tls, ca_data=ctx.sources.read.get(os.path.abspath(tls.ca_file)))
 
 

@@ -179,3 +179,19 @@ def test_a_ca_file_of_openssl_trusted_certificate_blocks_is_read_as_nginx_and_cu
     assert [c["subject"] for c in client_context(trusted).get_ca_certs()] == [((("commonName", "other-ca"),),)]
     mixed = plain.read_bytes() + trusted
     assert sorted(c["subject"][0][0][1] for c in client_context(mixed).get_ca_certs()) == ["other-ca", "plain-ca"]
+
+
+@pytest.mark.parametrize(("verify", "warned"), [("false", True), ("true", False)])
+def test_a_ca_file_beside_verify_false_is_said_to_be_ignored(
+        tmp_path: Path, verify: str, warned: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify: false checks nothing: a ca_file beside it read as if certificates were checked."""
+    from proxy.cli import main
+
+    _, ca = self_signed(tmp_path, "ca", "ca.test", "DNS:ca.test")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [https://127.0.0.1:9]\nupstream:\n  tls: {{verify: {verify}, ca_file: '{ca}'}}\n")
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr()
+    said = (f"{config}:3: warning: upstream.tls.ca_file is ignored: verify is false, so upstream "
+            "certificates are not checked at all") in out.err + out.out
+    assert said == warned, out
