@@ -35,6 +35,14 @@ log = logging.getLogger("cachegate.tls")
 
 _PLAIN_HTTP_BODY = b"400 Bad Request: the plain HTTP request was sent to HTTPS port\n"
 
+# How long a TLS connection cachegate closes may take to hand a slow reader what is still
+# buffered and exchange close_notify. The loop's TLS counts this from the close (default 30 s)
+# and then drops what its buffers hold: a large response to a client reading ~40 KB/s lost its
+# last ~400 KB over TLS, where plain HTTP (no limit on a slow reader) got all of it. Bounded
+# still: a client that reads all and then neither closes nor answers close_notify holds its
+# connection this long at most.
+SSL_SHUTDOWN_TIMEOUT = 300.0
+
 
 def plain_http_reply(server: str) -> bytes:
     """The 400 a plain HTTP request on a TLS port gets (``server``: the Server field, as every
@@ -196,7 +204,8 @@ class TLSAcceptor:
     async def _handshake(self, conn: socket.socket, within: float) -> None:
         try:
             await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._context,
-                                                     ssl_handshake_timeout=within)
+                                                     ssl_handshake_timeout=within,
+                                                     ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             # Refused or cut by the TLS layer (not TLS, no common cipher, too slow): it closed
             # the connection. Logged as asyncio's own server does: at debug.

@@ -4,6 +4,7 @@ rotation on reload with a live connection, bad certificates refused with FILE:LI
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -1012,3 +1014,52 @@ def test_a_half_copied_certificate_or_key_is_named_not_pem_lib(
     path.write_bytes(change(path.read_bytes()))
     kept = tls.reload(str(certs.cert), str(certs.key)) or ""
     assert expected in kept, kept
+
+
+
+def _read_after_a_pause(url: str, path: str, pause: float) -> bytes:
+    """A client with a small receive buffer that reads nothing for ``pause`` seconds (cachegate
+    meanwhile writes what the buffers take, and closes once the rest fits), then reads to the end."""
+    host, port = url.split("://")[1].rsplit(":", 1)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    raw.connect((host, int(port)))
+    raw.settimeout(60)
+    conn = client_context().wrap_socket(raw, server_hostname="a.test")
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n".encode())
+    time.sleep(pause)
+    data = b""
+    with conn:
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+    return data.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.slow
+async def test_a_slow_reader_over_tls_gets_the_whole_body_after_cachegate_closes(
+        origin: Origin, tmp_path: Path, certs: Certs) -> None:
+    """Once cachegate closes a TLS connection (Connection: close), uvloop's TLS gave what its
+    own buffers still held 30 s (its default ssl_shutdown_timeout) to reach the client, then
+    dropped it: a slow reader's large response arrived cut short, with no error (plain HTTP:
+    whole). Clients that read nothing for longer than that, then all: each whole. Several
+    sizes, as which of them leaves data in the TLS layer's buffers at the close (rather than
+    all of it in the kernel's) depends on the kernel's buffer sizes."""
+    from tests.harness import spawn_cachegate, write_config
+
+    sizes = [(11 + n) << 18 for n in range(8)]  # 2.75 to 4.5 MiB
+    body = bytes(range(256)) * ((sizes[-1] >> 8) + 1)
+    for size in sizes:
+        origin.route(f"/big{size}", body=body[:size], headers=CC)
+    config = write_config(str(tmp_path), origin.url, tls_config(certs, "cache: {max_object: 64MB}\n"))
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    try:
+        https = next(line.split("proxy listening on ", 1)[1].split()[0] for line in proc.output
+                     if "proxy listening on https" in line)
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(len(sizes)) as clients:  # all at once
+            got = await asyncio.gather(*(loop.run_in_executor(clients, _read_after_a_pause, https,
+                                                              f"/big{size}", 33.0) for size in sizes))
+        assert [len(g) for g in got] == sizes
+        assert all(g == body[:size] for g, size in zip(got, sizes, strict=True))
+    finally:
+        await asyncio.to_thread(proc.stop)
