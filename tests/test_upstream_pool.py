@@ -864,6 +864,20 @@ async def test_waiting_for_a_free_pooled_connection_in_vain_takes_no_upstream_ou
         assert [(await proxy.get(f"/ok?{i}")).status for i in range(2)] == [200] * 2
 
 
+def _holding(gates: dict[str, asyncio.Event]) -> Callable[[Conn], Awaitable[None]]:
+    """An origin answering ``200 ok`` (no-store) to every request on a connection, a request
+    whose path (without its query) is in ``gates`` once its event is set."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            gate = gates.get(request.target.split("?")[0])
+            if gate is not None:
+                await gate.wait()
+            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+
+    return serve
+
+
 async def test_a_wait_for_a_free_pooled_connection_is_one_connect_timeout_and_no_request(
     make_proxy: MakeProxy
 ) -> None:
@@ -872,13 +886,7 @@ async def test_a_wait_for_a_free_pooled_connection_is_one_connect_timeout_and_no
     timeout). And only requests that held a connection count in ``GET /upstreams``' requests
     (those that waited in vain counted, though the origin never saw them)."""
     release = asyncio.Event()
-
-    async def held(conn: Conn) -> None:
-        while True:
-            request = await conn.request()
-            if request.target.startswith("/held"):
-                await release.wait()
-            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+    held = _holding({"/held": release})
 
     async with raw_origins() as start:
         a, b = await start(held), await start(held)
@@ -909,14 +917,7 @@ async def test_a_full_pool_is_passed_over_for_an_upstream_with_a_free_connection
     connection is free by then, at once. A request by turn for the slow upstream was a 504
     after the connect timeout while the other one had a connection free."""
     release = {"/held-a": asyncio.Event(), "/held-b": asyncio.Event()}
-
-    async def held(conn: Conn) -> None:
-        while True:
-            request = await conn.request()
-            gate = release.get(request.target.split("?")[0])
-            if gate is not None:
-                await gate.wait()
-            await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
+    held = _holding(release)
 
     async with raw_origins() as start:
         a, b = await start(held), await start(held)
