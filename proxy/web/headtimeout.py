@@ -51,19 +51,6 @@ class HeadTimedHandler(RequestHandler):
         self.head_ended()
         super().connection_lost(exc)
 
-    def force_close(self) -> None:
-        """Close now (a head or keep-alive timeout, a refusal): over TLS with nothing left to
-        send, at once. A TLS close waits for the client's close_notify up to the listener's
-        ``ssl_shutdown_timeout`` (300 s, so that a slow reader gets a response's end:
-        ``proxy.web.tlsaccept``), and a client that went silent held its connection, its
-        descriptor and ~57 KB that long after a timeout closed it (1,500 silent connections:
-        +86 MB for 300 s); plain TCP closes at once. What is still to send goes out as before."""
-        transport = self.transport
-        if transport is not None and transport.get_extra_info("sslcontext") is not None \
-                and transport.get_write_buffer_size() == 0:
-            transport.abort()
-        super().force_close()
-
     def data_received(self, data: bytes) -> None:
         before = self._request_count
         body = bool(data) and self._reading_body()
