@@ -54,7 +54,7 @@ from multidict import MultiMapping
 
 from proxy.admin_client import ADMIN_FIELD
 from proxy.errors import BadRequest, ClientBodyError, ClientGone
-from proxy.explain import ExplainRequest, StoredVariant, explain_trace, request_body
+from proxy.explain import ExplainRequest, StoredVariant, explain_trace, request_body, route_of
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.live import upstreams_of_workers
@@ -62,6 +62,7 @@ from proxy.policy.fields import is_token
 from proxy.policy.keys import cache_key, part_key
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import ALLOW as FORWARDED_METHODS
+from proxy.policy.request import LookUp
 from proxy.purge import (
     PurgeOutcome,
     PurgeSpec,
@@ -738,9 +739,9 @@ async def explain(request: web.Request) -> web.Response:
     rules = runtime.settings.rules
     plan = rules.plan(head)
     key = cache_key(head, plan.key)
-    body = request_body(req)  # a GET or HEAD with a body is never looked up
+    body = request_body(req)
     found: dict[str, list[StoredVariant]] = {key: [], part_key(key): []}  # the key's, its parts
-    if head.method in ("GET", "HEAD") and not plan.bypass and not body:
+    if isinstance(route_of(head, plan, body), LookUp):  # (as the engine decides: looked up)
         copies = [c for c in (await ctx.inspector.copies((), tuple(found))).copies if c.entry.key in found]
         for entry, cs in group_copies(copies):
             tiers = tuple(sorted({c.tier for c in cs}, key=("memory", "disk").index))
