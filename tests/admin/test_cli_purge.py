@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from tests.admin.util import absolute, settle, swept
 from tests.conftest import MakeProxy
@@ -272,13 +275,7 @@ async def test_an_address_that_is_not_the_admin_listener_never_gets_the_token(
         seen.append(request.headers.get("Authorization"))
         return web.Response(text="<html>ok</html>", content_type="text/html")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", other)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    elsewhere = "http://{}:{}".format(*runner.addresses[0][:2])
-    try:
+    async with answering_any_path(other) as elsewhere:
         for address in (proxy.url, elsewhere):
             for command in (["purge", "--all"], ["purge", absolute(proxy, "/a")], ["top", "--once"], ["top"]):
                 code, out, err = await cachegate(*command, "--admin", address,
@@ -288,8 +285,6 @@ async def test_an_address_that_is_not_the_admin_listener_never_gets_the_token(
                         "its answer to GET /healthz has no Cachegate-Admin field") in err, err
                 assert "give the address of admin.listen" in err and "Traceback" not in err, err
         assert seen and seen == [None] * len(seen)
-    finally:
-        await runner.cleanup()
     assert [s for s in origin.seen if "Authorization" in s.headers] == []
     assert not any(s.path == "/purge" for s in origin.seen)
     assert (await proxy.get("/a")).x_cache == "HIT"  # nothing was purged, and nothing said it was
@@ -297,6 +292,23 @@ async def test_an_address_that_is_not_the_admin_listener_never_gets_the_token(
     code, out, err = await cachegate("purge", "--admin", proxy.admin_url, absolute(proxy, "/a"),
                                      env={"CACHEGATE_ADMIN_TOKEN": TOKEN})
     assert (code, json.loads(out)) == (0, {"purged": 1, "soft": False}), err
+
+
+@contextlib.asynccontextmanager
+async def answering_any_path(handler: Any) -> AsyncIterator[str]:
+    """An HTTP server on a loopback port of its own, ``handler`` answering every method and
+    path; its URL."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield "http://{}:{}".format(*runner.addresses[0][:2])
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_marked_answer_to_purge_that_is_not_a_purge_result_is_an_error() -> None:
@@ -308,16 +320,8 @@ async def test_a_marked_answer_to_purge_that_is_not_a_purge_result_is_an_error()
         text = '{"status": "ok"}' if request.path == "/healthz" else "<html>ok</html>"
         return web.Response(text=text, headers={"Cachegate-Admin": "1"})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    admin = "http://{}:{}".format(*runner.addresses[0][:2])
-    try:
+    async with answering_any_path(answer) as admin:
         code, out, err = await cachegate("purge", "--admin", admin, "--all")
-    finally:
-        await runner.cleanup()
     assert (code, out) == (1, "")
     assert (f"cachegate purge: the admin API at {admin} answered POST /purge with something that is "
             "not a purge's result") in err and '"<html>ok</html>"' in err, err
