@@ -82,6 +82,8 @@ def exit_if_changed(argv: Sequence[str]) -> None:
         # reads let the worker run: a reviewer's upgrade from the release before this one)
         return
     worker = given(argv, "--worker-id") or "?"
+    from proxy.logs import write_line
+
     with contextlib.suppress(OSError):  # (standard error's reader gone: the exit status still says why)
-        print(f"cachegate: worker {worker}: {CHANGED}", file=sys.stderr, flush=True)
+        write_line(sys.stderr, f"cachegate: worker {worker}: {CHANGED}")
     raise SystemExit(EXIT_CODE_CHANGED)

@@ -783,7 +783,7 @@ def say(message: str, level: str = "info", **fields: Any) -> None:
     else:
         line = message
     try:
-        print(line, flush=True)
+        write_line(sys.stdout, line)
     except OSError as exc:
         # Standard output's reader is gone (a log shipper that died: EPIPE) or its disk is
         # full: the line is lost, never what it announces. Raised, it ended the supervisor's
@@ -799,7 +799,16 @@ def tell(message: str) -> None:
     without something), lost rather than raised when standard error cannot be written
     (``say``): what follows the line must still happen."""
     with contextlib.suppress(OSError):  # (nowhere left to say so)
-        print(message, file=sys.stderr, flush=True)
+        write_line(sys.stderr, message)
+
+
+def write_line(stream: Any, line: str) -> None:
+    """``line`` and its line end in one write, flushed. ``print`` writes the text and the
+    ``\n`` apart, which an unbuffered stream (``PYTHONUNBUFFERED=1``, common in container
+    images) passes on as two writes: on the standard output the supervisor and its workers
+    share, another process's line landed between them, and two JSON lines were one."""
+    stream.write(line + "\n")
+    stream.flush()
 
 
 class RepeatedFailure:

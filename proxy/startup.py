@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from proxy.config import MachineCheck, Overrides, Settings, load_config
 from proxy.errors import ConfigError
+from proxy.logs import write_line
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # A worker that cannot open the cache directory (a full filesystem, say; it printed why): what
@@ -54,11 +55,11 @@ def load_settings(path: str | None, overrides: Overrides, *, warn: bool = False,
         settings = load_config(path, overrides, display=display, machine=machine)
     except ConfigError as exc:
         for line in exc.problems + (exc.warnings if warn else []):
-            print(line, file=sys.stderr)
+            write_line(sys.stderr, line)
         return None
     if warn:
         for line in settings.warnings:
-            print(line, file=sys.stderr)
+            write_line(sys.stderr, line)
     return settings
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -34,6 +35,9 @@ from proxy.logs import (
     _quoted_width,
     key_hash,
     pipe_pieces,
+    say,
+    setup_logging,
+    tell,
 )
 from proxy.logs import REQUEST as CURRENT_REQUEST
 from proxy.metrics import Metrics
@@ -443,6 +447,39 @@ def test_pipe_writes_are_at_most_pipe_buf_and_end_at_line_ends() -> None:
     assert all(p.endswith(b"\n") for p in pieces)
     assert all(len(p) <= PIPE_BUF for p in pieces[:-1]) and len(pieces[-1]) == 5001  # a long line alone
     assert len(pieces) < len(lines) / 10  # batched, not a write per line
+
+
+class _Writes(io.RawIOBase):
+    """A raw stream that keeps each write apart, as the descriptor of a pipe sees them."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.writes.append(bytes(b))
+        return len(b)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_the_operators_lines_are_one_write_each_on_an_unbuffered_stream(
+        monkeypatch: pytest.MonkeyPatch, as_json: bool) -> None:
+    """The supervisor and its workers share one standard output, where a pipe keeps a write
+    whole: with ``PYTHONUNBUFFERED=1`` a line and its line end written apart let another
+    process's line in between, and two JSON lines became one unreadable line."""
+    out, err = _Writes(), _Writes()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, write_through=True))  # what -u makes
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(err, write_through=True))
+    setup_logging(as_json=as_json)
+    try:
+        say("worker 1 started", pid=1)
+        tell("cachegate: something to know")
+    finally:
+        setup_logging(as_json=False)
+    assert len(out.writes) == 1 and out.writes[0].endswith(b"\n") and b"worker 1 started" in out.writes[0]
+    assert err.writes == [b"cachegate: something to know\n"]
 
 
 # A worker of its own: the real AccessLog on standard output, a third of its lines made long by
