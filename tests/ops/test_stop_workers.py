@@ -169,13 +169,27 @@ def test_stop_was_clean(code: int, was_ready: bool, clean: bool) -> None:
 
 
 async def test_an_upload_still_coming_at_the_end_of_shutdown_grace_gets_503_stopping_and_close(
-        origin: Origin, tmp_path: Path) -> None:
+        tmp_path: Path) -> None:
     """Clients still sending their request bodies when shutdown_grace (2 s) runs out: a body
     still in cachegate's first buffer (client_body_buffer, 64KB), and one past it, already
     going to the origin. Their connections were closed without a response; docs/deploy.md
     promises a client still waiting for a response head a 503 with detail=STOPPING."""
-    origin.route("/post", body=b"never", headers={"Cache-Control": "no-store"})
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    # An origin that counts the request heads it is sent (``Origin`` counts a request once its
+    # whole body is in, which an upload still coming never is) and never answers.
+    heads: list[bytes] = []
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        try:
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            await reader.read()  # (the body, until cachegate closes)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    origin_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin_url, CACHE))
     await proxy.start(with_log=True)
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
     conns = []
@@ -186,12 +200,16 @@ async def test_an_upload_still_coming_at_the_end_of_shutdown_grace_gets_503_stop
             await writer.drain()
             conns.append((reader, writer))
         for _ in range(200):  # the bodies past the first buffer are going to the origin
-            if origin.count("/post") == 2:
+            if len(heads) == 2:
                 break
             await asyncio.sleep(0.05)
+        assert [h.split(b" ", 2)[:2] for h in heads] == [[b"POST", b"/post"]] * 2, heads
         await asyncio.sleep(0.2)
     finally:
         code = await proxy.stop(signal.SIGTERM)
+        for w in held:
+            w.close()
+        server.close()
     answers = []
     for reader, writer in conns:
         answers.append(await asyncio.wait_for(reader.read(), 10))  # all it sends, up to its close
