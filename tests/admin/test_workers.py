@@ -215,17 +215,21 @@ async def test_a_hung_worker_is_named_and_its_last_snapshot_counted_not_waited_f
         assert before[("cachegate_worker_metrics_stale", (("worker", "1"),))] == 0
 
         os.kill(hung, signal.SIGSTOP)
-        after = samples((await proxy.admin("GET", "/metrics")).body)
+        # The three asked at once: each waits out its own call to the hung worker.
+        metrics_reply, stats_reply, cache_reply = await asyncio.gather(
+            proxy.admin("GET", "/metrics"), proxy.admin("GET", "/stats"),
+            proxy.admin("GET", "/cache?url=" + quote(f"http://{HOST}/n")))
+        after = samples(metrics_reply.body)
         assert requests_total(after) == total  # worker 0's count, from its last snapshot
         assert after[("cachegate_worker_metrics_stale", (("worker", "0"),))] == 1
         assert after[("cachegate_worker_metrics_stale", (("worker", "1"),))] == 0
 
-        stats = json.loads((await proxy.admin("GET", "/stats")).body)
+        stats = json.loads(stats_reply.body)
         assert stats["unanswered_workers"] == [0]
         assert stats["requests"]["total"] == total
         assert [w["worker"] for w in stats["workers"]] == [1]
 
-        cache = json.loads((await proxy.admin("GET", "/cache?url=" + quote(f"http://{HOST}/n"))).body)
+        cache = json.loads(cache_reply.body)
         assert cache["unanswered_workers"] == [0]
         assert cache["variants"][0]["url"] == f"http://{HOST}/n"  # the other worker's and the disk's
         assert proxy.workers[0] == hung  # (not replaced meanwhile: these were its answers)
