@@ -196,8 +196,16 @@ async def test_overlapping_reloads_say_ready_once_the_last_is_over(
                     return r.status
 
             assert await asyncio.gather(*(reload() for _ in range(3))) == [200, 200, 200]
-        await asyncio.sleep(3)  # every worker's reload is over well before
-        while await asyncio.to_thread(manager.receive, 0.05) is not None:
+        # Each reload says READY (or not) before its answer goes: all were sent by now. Read
+        # until the READY after the last RELOADING, then what else came (none should).
+        def ready_after_the_reloads() -> bool:
+            said = ["READY" in f for _, f in manager.seen if "READY" in f or "RELOADING" in f]
+            return said.count(False) == 3 and said[-1]
+
+        deadline = time.monotonic() + 30
+        while not ready_after_the_reloads() and time.monotonic() < deadline:
+            await asyncio.to_thread(manager.receive, 0.1)
+        while await asyncio.to_thread(manager.receive, 0.5) is not None:
             pass
         states = [("READY" if "READY" in f else "RELOADING") for _, f in manager.seen
                   if "READY" in f or "RELOADING" in f]
