@@ -45,7 +45,8 @@ async def test_a_worker_killed_during_a_reload_restarts_with_it_and_fails_nothin
         origin: Origin, tmp_path: Path) -> None:
     origin.route("/v", body=b"v", headers={"Cache-Control": "no-store"})
     config = Path(write_config(str(tmp_path), origin.url, "via: alpha\n"))
-    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", str(config), "--workers", "2"])
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", str(config), "--workers", "2",
+                                                     "--log-level", "info"])
     try:
         assert proc.admin_url is not None
         assert "alpha" in await asyncio.to_thread(_via, f"{proc.proxy_url}/v")
@@ -56,7 +57,14 @@ async def test_a_worker_killed_during_a_reload_restarts_with_it_and_fails_nothin
             os.kill(pid, signal.SIGSTOP)
         config.write_text(config.read_text().replace("via: alpha", "via: beta"))  # noqa: ASYNC240
         reload = asyncio.create_task(asyncio.to_thread(post_reload, proc.admin_url))
-        await asyncio.sleep(1.5)  # the supervisor has loaded the config and called the workers
+        # The supervisor has loaded the config (it says so, then calls the workers at once).
+        for _ in range(300):
+            if any("worker=supervisor" in line and "config reloaded from" in line for line in proc.output):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the supervisor did not load the config:\n{proc.text}")
+        await asyncio.sleep(0.3)  # (its calls to the workers are on their way)
         assert not reload.done()
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
