@@ -81,12 +81,16 @@ async def test_a_head_begun_behind_pipelined_requests_is_timed(origin: Origin, m
     origin.route("/slow", body=b"s", headers={"Cache-Control": "max-age=300"}, delay=2.0)  # > 1 s
     p = await proxies(origin, make_proxy, "client_header_timeout: 1s\n")
     answered_before = p.fast.answered
-    for port in (p.fast_port, p.general_port):
-        for first, body in ((req("GET", "/hit"), b"h" * 100), (req("GET", f"/m?{port}"), b"m"),
-                            (req("GET", f"/slow?{port}"), b"s")):
-            got = answers(await until_eof(port, first + PARTIAL))  # (the server must close it)
-            assert [(a[0], a[1].get("connection"), a[2]) for a in got] == [("HTTP/1.1 200 OK", None, body)], \
-                (port, first)
+
+    async def case(port: int, first: bytes, body: bytes) -> None:
+        got = answers(await until_eof(port, first + PARTIAL))  # (the server must close it)
+        assert [(a[0], a[1].get("connection"), a[2]) for a in got] == [("HTTP/1.1 200 OK", None, body)], \
+            (port, first)
+
+    # Each case on its own connection, all at once: each waits out its own timer.
+    await asyncio.gather(*(case(port, first, body) for port in (p.fast_port, p.general_port)
+                           for first, body in ((req("GET", "/hit"), b"h" * 100), (req("GET", f"/m?{port}"), b"m"),
+                                               (req("GET", f"/slow?{port}"), b"s"))))
     assert p.fast.answered == answered_before + 1  # the hit on the fast listener, on the fast path
     assert origin.count("/slow") == 2
 
@@ -97,7 +101,8 @@ async def test_a_kept_alive_connection_is_not_closed_by_the_head_timer(origin: O
     hit, a miss, a POST whose body came in several reads) is the keep-alive timer's."""
     p = await proxies(origin, make_proxy, "client_header_timeout: 1s\n")
     post = b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 4\r\n\r\nab"
-    for port in (p.fast_port, p.general_port):
+
+    async def one_connection(port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             for pieces, body in (([req("GET", "/hit")], b"h" * 100), ([req("GET", f"/m?ka{port}")], b"m"),
@@ -113,6 +118,9 @@ async def test_a_kept_alive_connection_is_not_closed_by_the_head_timer(origin: O
                 assert not reader.at_eof(), (port, pieces)
         finally:
             writer.close()
+
+    # The two listeners' connections at once (each still waits after each of its requests).
+    await asyncio.gather(one_connection(p.fast_port), one_connection(p.general_port))
 
 
 async def test_a_half_closed_client_gets_every_answer_then_the_close(origin: Origin,
