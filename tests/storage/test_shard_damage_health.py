@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.runtime import UPKEEP_INTERVAL
 from tests.harness import Origin
 from tests.storage.procs import HOST
 from tests.storage.test_shard_damage_running import (
@@ -88,7 +89,8 @@ async def test_metrics_stats_and_a_purge_of_everything_go_on_past_a_shard_found_
         assert status == 200, answer
         await proxy.wait_for(lambda: bool(damaged_logged(proxy)))
         before = len(proxy.lines)
-        await asyncio.sleep(12)  # past the count's 10 s cache, and upkeep rounds
+        # Upkeep rounds (each one sweeps the purge's ban): three of them, with room to spare.
+        await asyncio.sleep(3 * UPKEEP_INTERVAL + 1)
         async with aiohttp.ClientSession() as s:
             for path in ("/metrics", "/stats"):
                 async with s.get(proxy.admin_url + path) as r:
