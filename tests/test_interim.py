@@ -216,12 +216,12 @@ async def test_an_origin_sending_interims_without_end_gets_a_502_after_16(make_p
     # Each 1xx restarted the read timeout, and each was relayed: an origin sending them without
     # end held the exchange forever and filled the memory of a proxy whose client did not read.
     async def serve(conn: Conn) -> None:
-        request = await conn.request()
-        count = 16 if request.target == "/sixteen" else 1000
-        for _ in range(count):
-            await conn.send(EARLY_HINTS)
-        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: no-store\r\n\r\nok")
-        await asyncio.sleep(5)
+        while True:  # (a kept-alive connection's next request is served: /endless may come on it)
+            request = await conn.request()
+            count = 16 if request.target == "/sixteen" else 1000
+            for _ in range(count):
+                await conn.send(EARLY_HINTS)
+            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: no-store\r\n\r\nok")
 
     async with raw_origins() as start:
         origin = await start(serve)
