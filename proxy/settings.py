@@ -88,6 +88,12 @@ WORKER_TIMEOUT_FLOOR = (" (a worker busy for a moment answers the supervisor's p
 MIN_CLIENT_TIMEOUT = 1.0
 CLIENT_TIMEOUT_FLOOR = (" (a client's round trip, and its TLS handshake, take longer than a tiny "
                         "limit: connections are closed before their requests)")
+# A request that waits for this node to be consistent (a hit, for a lapsed cluster node to catch up;
+# an unsafe method's answer, for the supervisor's invalidation) and got tired of it in a few
+# milliseconds would not wait at all: the supervisor's answer takes a moment under load.
+MIN_CONSISTENCY_WAIT = 1.0
+CONSISTENCY_WAIT_FLOOR = (" (the supervisor answers an invalidation in a moment, later under load; "
+                          "less has workers make the supervisor's invalidations themselves)")
 BODY_TIMEOUT_FLOOR = (" (a client's next part of a body takes its round trip and more: a tiny limit "
                       "answers uploads 408)")
 
@@ -840,6 +846,15 @@ class Settings:
                                           "and less had sound workers killed in a loop, nothing "
                                           "served)",
                                     duration(minimum=MIN_WORKER_TIMEOUT, why=WORKER_TIMEOUT_FLOOR))
+    # How long a request waits for this node to be consistent before it goes on without: the
+    # client's answer against what may be served stale meanwhile (an operator's trade-off).
+    consistency_wait: float = setting(10.0, "the longest a request waits for this node to be "
+                                            "consistent, then goes on without: in cluster mode a hit, "
+                                            "for a node whose heartbeat lapsed to catch up; with "
+                                            "several workers an unsafe method's answer, for the "
+                                            "supervisor to make its invalidation (past it the worker "
+                                            "makes it in the shared store itself)",
+                                      duration(minimum=MIN_CONSISTENCY_WAIT, why=CONSISTENCY_WAIT_FLOOR))
     via: str = setting("cachegate", "the name cachegate gives itself in Via fields (a token: no spaces)",
                        text(check=_via_name))
     cluster: ClusterSettings | None = setting(None, "cluster mode on Redis (none: this node alone)")

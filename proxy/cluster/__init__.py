@@ -43,7 +43,8 @@ class ClusterUnavailable(CachegateError):
 
 OUTBOX_CALL = "cluster_outbox"  # supervisor -> worker: whether invalidations wait for Redis
 BEAT_CALL = "cluster_beat"  # supervisor -> worker: when its heartbeat expires, whether hits wait
-HOLD_MAX = 10.0  # seconds a request waits for a node whose heartbeat lapsed to catch up
+HOLD_MAX = 10.0  # seconds a request waits for a node whose heartbeat lapsed to catch up (the default
+# of the ``consistency_wait`` setting, which the callers read)
 
 
 class WorkerGate:
@@ -51,7 +52,8 @@ class WorkerGate:
     while the supervisor says so, or once its last heartbeat's key has expired (the clock is
     the machine's monotonic one, the same in every process) without word of a newer one."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: Callable[[], float] = lambda: HOLD_MAX) -> None:
+        self._hold = hold  # at most this long a hit waits (``consistency_wait``)
         self.invalidations_pending = False
         self.deadline = 0.0  # when the supervisor's heartbeat key expires (0: no check)
         self.held = False
@@ -67,7 +69,7 @@ class WorkerGate:
         if self.hits_held():
             self._go.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._go.wait(), HOLD_MAX)
+            await asyncio.wait_for(self._go.wait(), self._hold())
 
     def told(self, n: int, deadline: float, held: bool, away: bool = False) -> None:
         if n <= self._told:
@@ -127,7 +129,8 @@ async def join(runtime: Runtime, local_purge: Callable[[PurgeSpec], Awaitable[in
                        shared_reset=tier.new_generation if tier is not None else None,
                        outbox_changed=outbox_changed, beat_changed=beat_changed,
                        info=lambda: {"workers": workers, "listen": show_hostport((host, listen_port))},
-                       local_entries=index.count if index is not None else None)
+                       local_entries=index.count if index is not None else None,
+                       hold=lambda: runtime.settings.consistency_wait)
     runtime.metrics.add_collector(node.collect)
     if tier is not None:
         tier.cut_off = lambda: not node.connected  # (this process's own lookups, when it serves)
@@ -172,7 +175,7 @@ def attach_shared(runtime: Runtime) -> SharedTier | None:
         return None
     control = runtime.control
     if control is not None and not isinstance(runtime.engine.cluster, WorkerGate):
-        gate = WorkerGate()
+        gate = WorkerGate(lambda: runtime.settings.consistency_wait)
         runtime.engine.cluster = gate
 
         async def outbox(pending: bool) -> None:

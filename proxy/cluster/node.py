@@ -184,8 +184,10 @@ class ClusterNode:
                  outbox_changed: Callable[[bool], Awaitable[None]] | None = None,
                  beat_changed: Callable[[int, float, bool, bool], None] | None = None,
                  info: Callable[[], dict[str, Any]] | None = None,
-                 local_entries: Callable[[], int] | None = None) -> None:
+                 local_entries: Callable[[], int] | None = None,
+                 hold: Callable[[], float] = lambda: HOLD_MAX) -> None:
         self.settings = settings
+        self._hold = hold  # at most this long a hit waits for this node to catch up (consistency_wait)
         self.name = settings.node
         self.instance = uuid.uuid4().hex  # this process, in its heartbeat: twins are told apart
         self.names = Names(settings.namespace)
@@ -473,9 +475,9 @@ class ClusterNode:
         return self._lapsed or (_monotonic() > self._beat_deadline > 0.0 and self._notice_lapse())
 
     async def caught_up(self) -> None:
-        """Wait until hits may go on (at most ``HOLD_MAX`` seconds)."""
+        """Wait until hits may go on (at most ``consistency_wait`` seconds)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._hits_go.wait(), HOLD_MAX)
+            await asyncio.wait_for(self._hits_go.wait(), self._hold())
 
     @property
     def invalidations_pending(self) -> bool:

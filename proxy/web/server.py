@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__, earlysignals, gctuning
-from proxy.cluster import HOLD_MAX, ClusterUnavailable, attach_shared, purge_shared_tier
+from proxy.cluster import ClusterUnavailable, attach_shared, purge_shared_tier
 from proxy.cluster import join as join_cluster
 from proxy.config import (
     HostPort,
@@ -826,7 +826,7 @@ UNHEARD_DISK_WAIT = 1.0
 
 
 async def invalidate_unheard(runtime: Runtime, spec: PurgeSpec, worker_id: int) -> PurgeOutcome:
-    """An invalidation the supervisor did not carry out within ``HOLD_MAX`` (it is stopped or
+    """An invalidation the supervisor did not carry out within ``consistency_wait`` (it is stopped or
     stalled): applied here to what every worker reads (the disk tier, the shared memory and, in
     cluster mode, the shared tier) and to this worker's own half, and the client gets its answer,
     rather than waiting for as long as the supervisor is stopped. The call stays queued on the control
@@ -842,7 +842,7 @@ async def invalidate_unheard(runtime: Runtime, spec: PurgeSpec, worker_id: int) 
     log.warning("worker %d: the supervisor did not answer an invalidation (%s) within %g s (stopped "
                 "or stalled): applied from this worker to the disk and the shared memory (and the "
                 "shared tier); the other workers and nodes get it when the supervisor runs again",
-                worker_id, spec.describe(), HOLD_MAX)
+                worker_id, spec.describe(), runtime.settings.consistency_wait)
     runtime.metrics.storage_errors.labels("invalidate").inc()
     count, _ = await runtime.purger.purge_unheard(spec, UNHEARD_DISK_WAIT)
     try:
@@ -879,9 +879,9 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
 
     async def purge_via_supervisor(spec: PurgeSpec) -> PurgeOutcome:
         # An unsafe method's invalidation holds a client's answer: it waits for the supervisor as
-        # long as a hit waits for a node to catch up (HOLD_MAX), then goes on without it
+        # long as a hit waits for a node to catch up (consistency_wait), then goes on without it
         # (``invalidate_unheard``). An admin purge's answer is the purge's outcome: it waits.
-        wait = HOLD_MAX if spec.invalidation else None
+        wait = runtime.settings.consistency_wait if spec.invalidation else None
         try:
             return PurgeOutcome.from_json(await channel.call("purge", wait=wait, spec=spec.to_json()))
         except TimeoutError:

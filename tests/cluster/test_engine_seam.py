@@ -84,3 +84,18 @@ async def test_only_lookups_wait_for_a_node_whose_heartbeat_lapsed(
     assert not lookup.done() and lapsed.waited == 1  # a lookup waits until the node caught up
     lapsed.go.set()
     assert (await asyncio.wait_for(lookup, 2)).body == b"ok"
+
+
+async def test_a_workers_hit_waits_for_its_lapsed_node_as_long_as_consistency_wait_says() -> None:
+    """``WorkerGate.caught_up`` (a worker's hits while its supervisor's heartbeat lapsed) waits
+    what ``consistency_wait`` says (read when it waits), not a constant 10 s."""
+    from proxy.cluster import WorkerGate
+
+    gate = WorkerGate(lambda: 0.2)
+    gate.told(1, 0.0, held=True)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(gate.caught_up(), 5)  # (the default, 10 s, fails here)
+    assert loop.time() - began >= 0.2  # it did wait while held
+    gate.told(2, 0.0, held=False)
+    await asyncio.wait_for(gate.caught_up(), 1)  # not held: at once

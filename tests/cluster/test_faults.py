@@ -12,7 +12,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.cluster import HOLD_MAX
 from tests.cluster.nodes import Nodes, admin_json, cluster_view, metrics, purge, wait_until
 from tests.cluster.redis_server import RedisServer
 from tests.cluster.relay import Relay
@@ -473,11 +472,13 @@ async def test_an_invalidation_through_a_worker_whose_supervisor_is_stopped_answ
         origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
     """With --workers 2 an unsafe method's invalidation is the supervisor's to make (the node's
     member): stopped, it left the client without its answer for as long as it was stopped. The
-    worker now waits ``HOLD_MAX`` for it, then removes what the invalidation covers from its
+    worker now waits ``consistency_wait`` for it, then removes what the invalidation covers from its
     node's disk, shared memory and the shared tier itself and answers. The other nodes keep their
     own copies until the supervisor runs again and makes the invalidation it was sent."""
     versioned(origin, "/p")
-    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s", shared_cache=True)
+    hold = 3.0  # consistency_wait (10 s by default): the POST's wait, then the GET's, below
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, top=f"consistency_wait: {hold:g}s\n",
+                  timeout="0.5s", shared_cache=True)
     try:
         a, c = await asyncio.gather(nodes.start("a"), nodes.start("c", "--workers", "2"))
         old = (await a.get("/p")).body
@@ -486,11 +487,11 @@ async def test_an_invalidation_through_a_worker_whose_supervisor_is_stopped_answ
         c.send(signal.SIGSTOP)  # the supervisor alone
         try:
             posted = asyncio.ensure_future(post(c, "/p"))
-            done, _ = await asyncio.wait({posted}, timeout=3 * HOLD_MAX)
+            done, _ = await asyncio.wait({posted}, timeout=3 * hold)
             assert posted in done, "the POST was not answered while the supervisor was stopped"
             assert posted.result() == 200
             # Neither c's tiers nor the shared tier hold it: c fetches it anew (after the wait
-            # for its lapsed heartbeat, HOLD_MAX at most); a still serves its own copy.
+            # for its lapsed heartbeat, ``hold`` at most); a still serves its own copy.
             assert (await c.get("/p")).body != old
             assert (await a.get("/p")).body == old
         finally:

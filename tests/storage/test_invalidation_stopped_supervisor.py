@@ -13,20 +13,21 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.cluster import HOLD_MAX
 from tests.harness import Origin
 from tests.storage.procs import HOST, ProxyProcess, write_config
 
 pytestmark = pytest.mark.slow
 
 CACHE = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
+HOLD = 3.0  # consistency_wait (10 s by default): how long the worker waits for the supervisor
+HELD = f"consistency_wait: {HOLD:g}s\n"
 
 
 async def test_an_invalidation_answers_within_the_hold_while_the_supervisor_is_stopped(
         origin: Origin, tmp_path: Path) -> None:
     """The POST reaches the origin at once; its answer waited for the stopped supervisor's
     fan-out for as long as the supervisor was stopped (30-47 s measured), while a GET waits at
-    most ``HOLD_MAX``. Now the worker waits that long, applies the invalidation to the disk and
+    most ``consistency_wait``. Now the worker waits that long, applies the invalidation to the disk and
     the shared memory itself (every worker reads them: the next GET is a miss), answers, and
     says so in its log and in ``cachegate_storage_errors_total{operation="invalidate"}``; the
     supervisor, when it runs again, makes the invalidation as before."""
@@ -39,7 +40,7 @@ async def test_an_invalidation_answers_within_the_hold_while_the_supervisor_is_s
         return web.Response(body=b"v%d" % version["n"], headers={"Cache-Control": "max-age=300"})
 
     origin.route("/p", page)
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, HELD))
     await proxy.start("--workers", "2", with_log=True)
     assert proxy.process is not None
     supervisor = proxy.process.pid
@@ -57,7 +58,7 @@ async def test_an_invalidation_answers_within_the_hold_while_the_supervisor_is_s
         stopped = True
 
         # The supervisor stays stopped three times the hold: the answer must come meanwhile.
-        answer = await post_within(proxy, 3 * HOLD_MAX)
+        answer = await post_within(proxy, 3 * HOLD)
         assert answer is not None, "the POST was not answered while the supervisor was stopped"
         assert answer == (200, b"posted")
         # Still stopped: no worker serves the invalidated v1 (the disk and shared memory lost it).
@@ -126,7 +127,7 @@ async def test_an_invalidation_answers_while_the_stopped_supervisor_holds_a_shar
         return web.Response(body=b"v1", headers={"Cache-Control": "max-age=300"})
 
     origin.route("/p", page)
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, HELD))
     await proxy.start("--workers", "2", with_log=True)
     assert proxy.process is not None
     supervisor = proxy.process.pid
@@ -147,7 +148,7 @@ async def test_an_invalidation_answers_while_the_stopped_supervisor_holds_a_shar
         os.kill(supervisor, signal.SIGSTOP)
         stopped = True
 
-        answer = await post_within(proxy, 3 * HOLD_MAX)
+        answer = await post_within(proxy, 3 * HOLD)
         assert answer is not None, "the POST waited for the shard's write lock"
         assert answer == (200, b"posted")
         # The lock still held, the supervisor still stopped: no worker serves the disk's v1.
