@@ -270,14 +270,24 @@ async def _check(system: System, workload: Workload, samples: int = 200) -> dict
     return {"checked": len(paths), "problems": problems, "says": describe(system.kind, last)}
 
 
-def prime_and_check(system: System, workload: Workload) -> dict[str, object]:
-    """Prime, let background fills land (disk writes finish after the response), then check.
+SETTLE_FILLS = 0.5  # seconds between a system's priming and its check: background fills land
+
+
+def prime_all(systems: list[System], workload: Workload) -> dict[str, float]:
+    """Prime every system, then let background fills land (disk writes finish after the
+    response): one wait for all of them, each primed at least ``SETTLE_FILLS`` before it is
+    checked (``check_primed``). The seconds each priming took, by system name."""
+    primed = {system.name: asyncio.run(prime(system, workload)) for system in systems}
+    time.sleep(SETTLE_FILLS)
+    return primed
+
+
+def check_primed(system: System, workload: Workload, primed: float) -> dict[str, object]:
+    """Check a primed system's answers (``prime_all``).
 
     For cachegate, its admin metrics must also show the checked bodies coming from the tier
     the workload is about (memory, or disk for the disk workload).
     """
-    primed = asyncio.run(prime(system, workload))
-    time.sleep(0.5)
     before = tier_bytes(system)
     report = asyncio.run(_check(system, workload))
     report["primed_s"] = round(primed, 2)
@@ -671,9 +681,10 @@ def run(opts: Options) -> int:
         for w in loads:
             if w.fresh:
                 continue
+            primed = prime_all([fleet.systems[name] for name in w.systems], w)
             for name in w.systems:
                 system = fleet.systems[name]
-                report = prime_and_check(system, w)
+                report = check_primed(system, w, primed[name])
                 checks[f"{w.name}/{name}"] = report
                 problems = report["problems"]
                 ok = "ok" if not problems else f"{len(problems)} PROBLEM(S): {problems[0]}"  # type: ignore[index]
