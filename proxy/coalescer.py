@@ -485,6 +485,10 @@ class Flight:
         # None until then: meanwhile it may wait for another worker's or node's fetch, and its
         # followers with it (``proxy.flight._followed_head``).
         self.sent: float | None = None
+        # The store's purge epoch when that request went out (``Storage.epoch``); None until
+        # then. A purge after it may cover the answer: a client arriving after that purge does
+        # not join the flight (``MissPath._overtaken``), whether or not its head has come.
+        self.epoch: int | None = None
         # The flight's fetch is already a second try (its leader fetched again after another
         # fetch failed, or its worker did after the lease holder's did): its failure is every
         # follower's answer, as ``Attempt.again`` makes it the leader's (``fetches_again``).

@@ -148,6 +148,7 @@ class Store(Protocol):
     def memory(self) -> MemoryLimits: ...
     @property
     def epoch(self) -> int: ...
+    def overtaken(self, since: int, key: str) -> bool: ...
     @property
     def memory_only(self) -> bool: ...
     def room(self, entry: Entry) -> int: ...
@@ -621,6 +622,8 @@ class Engine:
         upstream = replace(upstream, headers=(*upstream.headers, ("Range", wanted)))
         request_time = self.clock()
         epoch = self.storage.epoch
+        if fill is not None:
+            fill.flight.epoch = epoch  # its answer may be the 200 to this request (``answer_held``)
         try:
             resp = await self.send(upstream, on_interim=relay(req.interim))
         except UpstreamError as exc:

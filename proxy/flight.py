@@ -326,7 +326,7 @@ class MissPath:
         if passing and attempt.revalidating is None and attempt.stale is None:
             return await self.forward_passing(attempt)
         flight = self.coalescer.get(key) if coalesce and not passing else None
-        if flight is not None and flight.spool is not None and flight.spool.doomed:
+        if flight is not None and self._overtaken(flight, key):
             flight = None  # purged while in flight: what it carries must not be served anew
         elif flight is None and coalesce and not passing and not attempt.nowhere:
             reply = await self._stored_meanwhile(attempt)
@@ -357,6 +357,17 @@ class MissPath:
         if interim is not None and not flight.head.done():
             flight.interim.append(interim)  # the origin's 1xx, until the head arrives
         return await self.answer(attempt, flight, reader, collapsed)
+
+    def _overtaken(self, flight: Flight, key: str) -> bool:
+        """Whether a purge or an invalidation since ``flight``'s request went out may cover its
+        answer: a client arriving now does not join it (the answer may predate the purge; the
+        flight's own clients, those who came before, still get it). Before the head, from the
+        purges remembered since (its tags unknown: any purge by tag counts); after it, its
+        spool says (``Storage.spool(since=)`` asks the same, then purges doom it)."""
+        spool = flight.spool
+        if spool is not None:
+            return bool(spool.doomed)
+        return flight.epoch is not None and self.engine.storage.overtaken(flight.epoch, key)
 
     def _follower(self, flight: Flight) -> SpoolFollower | None:
         """A late client's reader of the flight's spool file, while the flight stores its body
@@ -823,7 +834,7 @@ class MissPath:
                 if shared:
                     sink(status, reason, shared)
 
-        epoch = engine.storage.epoch
+        epoch = flight.epoch = engine.storage.epoch
         if flight.sent is None:
             flight.sent = asyncio.get_running_loop().time()  # its followers' wait counts from here
         try:

@@ -13,7 +13,7 @@ from proxy.policy.httpdate import format_http_date
 from tests.conftest import MakeProxy, clocked
 from tests.harness import Clock, Origin, Proxy, Reply
 from tests.security.misbehaving import Conn, Serve, flight_with, raw_origins, response
-from tests.test_coalescing import herd
+from tests.test_coalescing import herd, wait_until
 
 CHUNK = 64 * 1024
 
@@ -364,3 +364,92 @@ async def test_an_invalid_response_is_a_502_that_says_so(make_proxy: MakeProxy) 
         proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
         reply = await proxy.get("/p")
         assert (reply.status, reply.cache_status) == (502, "cachegate; fwd=uri-miss; detail=UPSTREAM-INVALID")
+
+
+# How the tests below purge (or invalidate) the URL: admin by URL, by tag, soft; PURGE; a POST.
+LATE_PURGES = ["url", "tag", "soft", "PURGE", "POST"]
+
+
+async def purge_by(proxy: Proxy, how: str) -> int:
+    host = proxy.url.removeprefix("http://")
+    match how:
+        case "url" | "soft":
+            spec: dict[str, object] = {"urls": [f"http://{host}/p"], "soft": how == "soft"}
+            return (await proxy.admin("POST", "/purge", json=spec)).status
+        case "tag":
+            return (await proxy.admin("POST", "/purge", json={"tags": ["t1"]})).status
+        case "PURGE":
+            return (await proxy.request("PURGE", "/p")).status
+        case _:
+            return (await proxy.request("POST", "/p", data=b"x")).status  # RFC 9111 §4.4
+
+
+@pytest.mark.parametrize("how", LATE_PURGES)
+async def test_a_client_arriving_after_a_purge_does_not_join_a_fill_whose_request_went_out_before_it(
+        origin: Origin, make_proxy: MakeProxy, how: str) -> None:
+    """The fill's request went out, the purge answered, and only then came the origin's head
+    (rendered from the data before the purge). Its own clients, the one that made it and one
+    that joined before the purge, get that answer, labelled as not stored; a client arriving
+    after the purge's answer fetches anew (it joined the old fill, and got its body as a HIT)."""
+    state = {"version": 1, "gets": 0}
+    head = asyncio.Event()
+
+    async def item(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            state["version"] += 1
+            return web.Response(status=204)
+        state["gets"] += 1
+        version = state["version"]  # rendered from the data as it is now ...
+        if version == 1:
+            await head.wait()  # ... and answered after the purge
+        return web.Response(body=b"v%d" % version, headers={"Cache-Control": "max-age=600",
+                                                            "Surrogate-Key": "t1"})
+
+    origin.route("/p", item)
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8, '::1/128']}\n")
+    first = asyncio.ensure_future(proxy.get("/p"))
+    await wait_until(lambda: state["gets"] == 1)
+    early = asyncio.ensure_future(proxy.get("/p"))
+    old = await flight_with(proxy, 1)  # joined before the purge
+    assert await purge_by(proxy, how) in (200, 204)
+    state["version"] = 2  # the origin's data changed (the POST's did so itself)
+    late = [asyncio.ensure_future(proxy.get("/p")) for _ in range(3)]
+    # (the late clients either fetch anew or, wrongly, join the old fill)
+    await wait_until(lambda: state["gets"] == 2 or old.followers == 4)
+    head.set()
+    answers = [await first, await early]
+    assert [r.body for r in answers] == [b"v1", b"v1"]  # its own clients get its answer ...
+    # ... said not to be stored, as is: the one that went upstream a MISS, the one that waited a HIT
+    assert [(r.x_cache, r.cache_status) for r in answers] == [
+        ("MISS", "cachegate; fwd=uri-miss; fwd-status=200; detail=PURGED"),
+        ("HIT", "cachegate; fwd=uri-miss; fwd-status=200; collapsed; detail=PURGED")]
+    after = [await r for r in late]
+    assert [r.body for r in after] == [b"v2"] * 3, [(r.body, r.x_cache, r.cache_status) for r in after]
+    assert sorted(r.x_cache for r in after) == ["HIT", "HIT", "MISS"]  # one fetch for the three
+    assert state["gets"] == 2
+    again = await proxy.get("/p")
+    assert (again.body, again.x_cache) == (b"v2", "HIT")
+
+
+async def test_a_purge_of_another_url_does_not_keep_a_client_from_joining_a_fill_in_flight(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    gets = 0
+    head = asyncio.Event()
+
+    async def item(request: web.Request) -> web.StreamResponse:
+        nonlocal gets
+        gets += 1
+        await head.wait()
+        return web.Response(body=b"v1", headers={"Cache-Control": "max-age=600"})
+
+    origin.route("/p", item)
+    proxy = await make_proxy()
+    first = asyncio.ensure_future(proxy.get("/p"))
+    await wait_until(lambda: gets == 1)
+    host = proxy.url.removeprefix("http://")
+    assert (await proxy.admin("POST", "/purge", json={"urls": [f"http://{host}/other"]})).status == 200
+    late = asyncio.ensure_future(proxy.get("/p"))
+    await flight_with(proxy, 1)  # it joined
+    head.set()
+    assert [(r.body, r.x_cache) for r in (await first, await late)] == [(b"v1", "MISS"), (b"v1", "HIT")]
+    assert gets == 1

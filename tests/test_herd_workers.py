@@ -656,3 +656,53 @@ async def test_the_herd_of_a_fetch_one_client_made_the_origin_reset_fetches_agai
     assert len(got) == 16 and {r.worker for r in got} == {"0", "1"}
     assert {(r.status, r.body) for r in got} == {(200, BODY)}
     assert plain == ["/crash"]  # one more fetch, for both workers' clients
+
+
+@pytest.mark.parametrize("how", ["purge", "POST"])
+async def test_clients_arriving_after_a_purge_get_the_new_response_from_either_worker(
+        tmp_path: Path, origin: Origin, how: str) -> None:
+    """A fill's request went out, a purge (or a POST's invalidation) answered, and the origin's
+    head came only then (rendered from the data before it). The clients that arrived after the
+    purge's answer get the response fetched after it, whichever worker they reached: those of
+    the worker holding the fill used to join it and get the old body as a HIT."""
+    state = {"version": 1, "gets": 0}
+    head = asyncio.Event()
+
+    async def item(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            state["version"] += 1
+            return web.Response(status=204)
+        state["gets"] += 1
+        version = state["version"]
+        if version == 1:
+            await head.wait()
+        return web.Response(body=b"v%d" % version, headers={"Cache-Control": "max-age=600"})
+
+    origin.route("/p", item)
+    proxy = await start_two_workers(tmp_path, origin, PATIENT)
+    try:
+        first = asyncio.ensure_future(proxy.get("/p"))
+        for _ in range(500):
+            if state["gets"]:
+                break
+            await asyncio.sleep(0.01)
+        if how == "purge":
+            reply = await proxy.admin("POST", "/purge", json={"urls": [f"http://{HOST}/p"]})
+            assert reply.status == 200, reply.body
+        else:
+            async with aiohttp.ClientSession() as s, \
+                    s.post(proxy.url + "/p", data=b"x", headers={"Host": HOST}) as r:
+                assert r.status == 204  # (its invalidation made in both workers first)
+        state["version"] = 2
+        late = asyncio.ensure_future(herd(proxy.url, "/p", 16))
+        await asyncio.sleep(0.5)  # (for them to reach the workers: one that came later proves nothing)
+        head.set()
+        old = await first
+        assert old.body == b"v1" and "detail=PURGED" in old.headers["Cache-Status"]
+        after = answered(await late)
+        assert len(after) == 16
+        assert {r.body for r in after} == {b"v2"}, [(r.worker, r.body, r.x_cache) for r in after]
+        # (the worker that held the old fill had clients among them: 16 new connections)
+        assert old.worker in {r.worker for r in after}
+    finally:
+        await proxy.stop()

@@ -8,7 +8,7 @@ cancels the fills that were in flight when the purge arrived.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from proxy.policy.keys import url_of_key
@@ -128,10 +128,15 @@ class PurgeMatch:
     arena_from: int = 0
 
     def covers(self, e: Entry) -> bool:
-        if self.all or e.key in self.keys:
+        return self.may_cover(e.key, e.tags)
+
+    def may_cover(self, key: str, tags: Collection[str] | None) -> bool:
+        """Whether it covers a response stored under ``key`` with ``tags``; ``None``: its tags
+        are not known yet (a fill whose head has not come): any purge by tag may cover it."""
+        if self.all or key in self.keys:
             return True
-        if self.urls and url_of_key(e.key) in self.urls:
+        if self.urls and url_of_key(key) in self.urls:
             return True
-        if self.tags and not self.tags.isdisjoint(e.tags):
+        if self.tags and (tags is None or not self.tags.isdisjoint(tags)):
             return True
-        return any(e.key.startswith(p) for p in self.prefixes)
+        return any(key.startswith(p) for p in self.prefixes)

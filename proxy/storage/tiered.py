@@ -123,6 +123,12 @@ class Storage:
     def epoch(self) -> int:
         return self.tiers.work.epoch
 
+    def overtaken(self, since: int, key: str) -> bool:
+        """Whether a local purge (or invalidation) after ``since`` may cover what a fill of
+        ``key`` whose request went out at that epoch brings (its head not come yet: its tags
+        unknown): a client arriving after it must not join that fill."""
+        return self.tiers.work.purged_since(since, key, None)
+
     @property
     def max_object(self) -> int:
         """The biggest body the store keeps (``cache.max_object``, within what the tiers take)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -82,15 +82,18 @@ class InProgress:
         while purges and (len(purges) > RECENT_PURGES or self.purge_bytes > PURGE_LOG_BYTES):
             self.purge_bytes -= purges.popleft()[2]
 
-    def purged_since(self, epoch: int, entry: Entry) -> bool:
+    def purged_since(self, epoch: int, key: str, tags: Collection[str] | None) -> bool:
         """Whether a local purge after ``epoch`` (``Storage.epoch`` when a fill's request went
-        to the origin) covers ``entry``; True when those purges are no longer all remembered."""
+        to the origin) covers the response under ``key`` with ``tags`` (``None``: its head has
+        not come, so any purge by tag may); True when those purges are no longer all remembered.
+        Asked of a fill's body as it begins (``Writes.spool``) and of a flight before its head,
+        by a client that would join it (``Storage.overtaken``): one answer for both."""
         if epoch == self.epoch:
             return False
         purges = self.purges
         if not purges or purges[0][0] > epoch + 1:
             return True
-        return any(at > epoch and match.covers(entry) for at, match, _ in purges)
+        return any(at > epoch and match.may_cover(key, tags) for at, match, _ in purges)
 
     def begin_write(self, entry: Entry) -> int:
         """Note a disk write of ``entry`` starting; its token for ``end_write``."""

@@ -194,7 +194,7 @@ class Writer:
         so does one since ``since`` (the store's epoch when its request went to the origin: the
         response may have been made before that purge)."""
         spool = BodySpool(self, entry, expected_length)
-        if since is not None and self.t.work.purged_since(since, entry):
+        if since is not None and self.t.work.purged_since(since, entry.key, entry.tags):
             spool.doomed = True
         self.t.work.spools.add(spool)
         return spool

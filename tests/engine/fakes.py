@@ -134,6 +134,9 @@ class FakeStore:
     def room(self, entry: Entry) -> int:
         return self.max_object
 
+    def overtaken(self, since: int, key: str) -> bool:
+        return False  # no purges here
+
     def spool(self, entry: Entry, expected_length: int | None, since: int | None = None) -> FakeSpool:
         return FakeSpool(self, entry, expected_length)
 

@@ -26,15 +26,15 @@ def test_a_fill_is_covered_by_the_purges_since_its_request_went_out(
     for match in purges:
         work.purged(match)
     assert work.epoch == len(purges)
-    assert work.purged_since(since, A) is covered
+    assert work.purged_since(since, A.key, A.tags) is covered
 
 
 def test_a_fill_older_than_every_purge_remembered_counts_as_covered() -> None:
     work = InProgress()
     for _ in range(RECENT_PURGES + 1):
         work.purged(PurgeMatch(urls=frozenset({"http://h/b"})))
-    assert work.purged_since(0, A)  # the first purge is forgotten: it cannot be told
-    assert not work.purged_since(1, A)  # every purge since epoch 1 is remembered
+    assert work.purged_since(0, A.key, A.tags)  # the first purge is forgotten: it cannot be told
+    assert not work.purged_since(1, A.key, A.tags)  # every purge since epoch 1 is remembered
 
 
 def _named(work: InProgress) -> int:
@@ -49,10 +49,10 @@ def test_the_purge_log_is_bounded_by_what_it_names_and_a_fill_before_a_forgotten
         work.purged(PurgeMatch(urls=frozenset(f"http://h/p{i}/page/number/{j:08d}" for j in range(20_000))))
     assert _named(work) <= 4 * 1024 * 1024  # 30 of them named 16 MB, each worker kept all
     assert 0 < len(work.purges) < 30
-    assert work.purged_since(0, A)  # A is in none of them, but the oldest are forgotten
-    assert not work.purged_since(29, A)  # the last one is remembered: A is not in it
+    assert work.purged_since(0, A.key, A.tags)  # A is in none of them, but the oldest are forgotten
+    assert not work.purged_since(29, A.key, A.tags)  # the last one is remembered: A is not in it
     work.purged(PurgeMatch(urls=frozenset({"http://h/a"})))
-    assert work.purged_since(29, A) and not work.purged_since(31, A)
+    assert work.purged_since(29, A.key, A.tags) and not work.purged_since(31, A.key, A.tags)
 
 
 def test_a_purge_bigger_than_the_log_alone_dooms_every_fill_before_it() -> None:
@@ -60,7 +60,22 @@ def test_a_purge_bigger_than_the_log_alone_dooms_every_fill_before_it() -> None:
     work.purged(PurgeMatch(tags=frozenset({"t2"})))
     work.purged(PurgeMatch(urls=frozenset(f"http://h/{j:060d}" for j in range(100_000))))  # ~12 MB
     assert _named(work) <= 4 * 1024 * 1024
-    assert work.purged_since(0, A) and work.purged_since(1, A)  # not covered, but not told
-    assert not work.purged_since(2, A)  # sent after it
+    assert work.purged_since(0, A.key, A.tags) and work.purged_since(1, A.key, A.tags)  # not covered, but not told
+    assert not work.purged_since(2, A.key, A.tags)  # sent after it
     work.purged(PurgeMatch(tags=frozenset({"t3"})))
-    assert work.purged_since(1, A) and not work.purged_since(2, A)
+    assert work.purged_since(1, A.key, A.tags) and not work.purged_since(2, A.key, A.tags)
+
+
+@pytest.mark.parametrize(("match", "covered"), [
+    (PurgeMatch(urls=frozenset({"http://h/b"})), False),  # another URL's
+    (PurgeMatch(urls=frozenset({"http://h/a"})), True),
+    (PurgeMatch(prefixes=("http://h/",)), True),
+    (PurgeMatch(tags=frozenset({"x"})), True),  # any tag: the response's are not known yet
+    (PurgeMatch(all=True), True),
+])
+def test_a_fill_whose_head_has_not_come_is_covered_by_any_purge_by_tag_since_it_went_out(
+        match: PurgeMatch, covered: bool) -> None:
+    work = InProgress()
+    work.purged(match)
+    assert work.purged_since(0, A.key, None) is covered
+    assert not work.purged_since(1, A.key, None)  # its request went out after the purge
