@@ -304,7 +304,7 @@ class Inspector:
 
     async def _disk_extras(self) -> Snapshot:
         """Families only the owner of the cache directory reports: disk entries and evictions
-        (entries diskcache culled, as the index's upkeep finds them)."""
+        (entries evicted from disk, as the index's upkeep finds them)."""
         storage = self._runtime.storage
         if storage.disk is None or storage.index is None:
             return []

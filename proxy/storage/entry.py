@@ -207,6 +207,16 @@ def decode_variants(blob: bytes) -> tuple[Entry, ...]:
         return ()
 
 
+def body_refs(blob: bytes) -> list[tuple[str, int]]:
+    """The body ids and sizes a metadata record names, without decoding its entries (disk
+    eviction reads thousands of records a second); a damaged record names none."""
+    try:
+        return [(str(v[3]), int(v[4])) if isinstance(v, list) else (str(v["body_id"]), int(v["body_size"]))
+                for v in json.loads(blob.decode())]
+    except UNREADABLE_RECORD:
+        return []
+
+
 # -- the arena's records ----------------------------------------------------------------------
 # One record per key in the shared memory (proxy.storage.arena): every variant's metadata in a
 # ``marshal``-ed tuple, their bodies after it. marshal, not JSON: it decodes ≈ 4x faster, and

@@ -1,0 +1,108 @@
+"""Disk eviction (``DiskTier._cull``): whole entries in the policy's order, only until the shard is
+under its budget, never the entry just stored; the index and the directory follow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.storage import upkeep
+from proxy.storage.disk import DiskTier, new_body_id, shard_budget
+from proxy.storage.entry import decode_variants
+from tests.storage.helpers import MB, entry, open_store, read_body, store
+
+BODY = 2 * MB  # stored as files; a shard of 9 MB holds 4 of them
+SMALL = 1024  # kept in the database
+
+
+def _rows(disk: DiskTier) -> tuple[dict[str, list[str]], set[str]]:
+    """Each shard's metadata rows (key -> the body ids its variants name) and body ids."""
+    metas: dict[str, list[str]] = {}
+    bodies: set[str] = set()
+    for shard in disk._shards:
+        for (name,) in shard._sql("SELECT key FROM Cache WHERE raw = 1").fetchall():
+            if name.startswith("m:"):
+                metas[name[2:]] = [e.body_id for e in decode_variants(shard.get(name))]
+            elif name.startswith("b:"):
+                bodies.add(name[2:])
+    return metas, bodies
+
+
+async def test_a_big_entry_stored_beside_others_near_the_budget_stays_and_only_the_oldest_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, diskcache's cull deleted 10 rows (5 entries) a pass: a 30 MB body stored beside two
+    others in a 90 MB shard emptied it, the new entry with it (answered stored, then a miss)."""
+    monkeypatch.setattr(upkeep, "GC_SEQ_LAG", 0.0)
+    size = 10 * MB
+    st = open_store(str(tmp_path / "cache"), disk_size=size, shards=1, memory_max_object=1024,
+                    max_object=4 * MB)
+    disk, index = st.disk, st.index
+    assert disk is not None and index is not None
+    budget = shard_budget(size, 1)
+    fit = budget // (BODY + 64 * 1024)  # (each body's file, and a little of the database)
+    assert fit == 4
+    keys = [f"http://h.test/big/{i}" for i in range(10)]
+    bodies = {k: os.urandom(BODY) for k in keys}
+    try:
+        for n, k in enumerate(keys, 1):
+            assert await store(st, entry(k), bodies[k])
+            held = [x for x in keys[:n] if disk.has(x)]
+            assert held == keys[max(0, n - fit):n]  # the newest, as many as fit: the oldest went
+            assert disk.volume() <= budget
+            assert await read_body(st, k) == bodies[k]
+        metas, ids = _rows(disk)
+        assert sorted(metas) == sorted(keys[-fit:])
+        assert {b for named in metas.values() for b in named} == ids  # whole entries, nothing else
+        await st.maintain()  # the index GC drops the evicted entries' rows and directory slots
+        assert sorted(index.all_keys()) == sorted(keys[-fit:])
+        for k in keys[:-fit]:
+            assert st.memory.arena.on_disk(k) is not True  # the directory no longer lists it
+            assert await read_body(st, k) is None  # (memory kept its metadata: no body, a miss)
+            assert not disk.has(k)
+    finally:
+        st.close()
+
+
+def test_small_entries_keep_the_budget_and_go_whole(tmp_path: Path) -> None:
+    """New small entries are inserted in bulk (``commit_many`` of keys known new: the owner's
+    write-behind), bodies then metadata, with one store time: diskcache's cull took a batch's
+    bodies first (10 rows a pass) and left 130 of 600 metadata records naming bodies that were
+    gone."""
+    disk = DiskTier(str(tmp_path / "cache"), MB, shards=1)
+    budget = shard_budget(MB, 1)
+    keys = [f"http://h.test/small/{i}" for i in range(3000)]
+    try:
+        for start in range(0, len(keys), 300):
+            items = []
+            for k in keys[start:start + 300]:
+                body_id = new_body_id()
+                e = entry(k).with_body(body_id, SMALL)
+                items.append((k, lambda current, e=e: ((e,), []), body_id, os.urandom(SMALL)))
+            assert all(disk.commit_many(items, [True] * len(items)))
+            assert disk.volume() <= budget
+            metas, ids = _rows(disk)
+            assert {b for named in metas.values() for b in named} == ids  # no half entries
+            assert all(k in metas for k in keys[start:start + 300])  # the batch just written stays
+            held = [k for k in keys if k in metas]
+            assert len(metas) == start + 300 or len(metas) * (SMALL + 300) > budget // 2  # not emptied
+        held = [k for k in keys if k in metas]
+        assert held == keys[len(keys) - len(held):]  # the oldest went first
+    finally:
+        disk.close()
+
+
+def test_bodies_no_entry_names_are_culled_last_but_the_one_just_put(tmp_path: Path) -> None:
+    """A body whose metadata is not committed yet (put first, outside the lock) is never the one
+    culled to make room for itself; bodies of a crash no entry names go once entries are gone."""
+    disk = DiskTier(str(tmp_path / "cache"), 10 * MB, shards=1)
+    try:
+        assert disk.commit("http://h.test/e", lambda cur: ((entry("http://h.test/e").with_body("e", 1),), []))
+        for i in range(8):
+            assert disk.put_body("http://h.test/o", f"o{i}", os.urandom(BODY))
+            assert disk._shards[0].get(f"b:o{i}") is not None
+        assert disk.volume() <= disk.shard_limit
+        assert not disk.has("http://h.test/e")  # the entry went before any leftover body
+    finally:
+        disk.close()
