@@ -106,6 +106,7 @@ from proxy.policy.validation import (
     ServeStale,
     UnstoredAnswer,
     ValidationOutcome,
+    asks_validation,
     client_not_modified,
     decide_on_validation,
     origin_error,
@@ -837,13 +838,17 @@ class MissPath:
         epoch = flight.epoch = engine.storage.epoch
         if flight.sent is None:
             flight.sent = asyncio.get_running_loop().time()  # its followers' wait counts from here
+        upstream = engine.upstream(attempt.req, plan, revalidating)
+        # Whether the request went out conditional: from the fields sent (a stored response
+        # without validators is refreshed unconditionally), for both uses below.
+        conditional = asks_validation(upstream.headers)
         try:
-            resp = await engine.send(engine.upstream(attempt.req, plan, revalidating), on_interim=interim)
+            resp = await engine.send(upstream, on_interim=interim)
         except UpstreamError as exc:
             self._end(run, Unreachable(exc))
             return
         response_time = engine.clock()
-        unasked = _unasked_304(resp, revalidating)
+        unasked = _unasked_304(resp, conditional)
         if unasked is not None:
             self._end(run, Unreachable(unasked))
             return
@@ -851,11 +856,10 @@ class MissPath:
         # What the answer means for the response held (revalidated, or kept for stale-if-error).
         kept = revalidating or attempt.stale
         outcome: ValidationOutcome = Replace() if kept is None else decide_on_validation(
-            kept.entry.response, resp.status, resp.headers, response_time,
-            conditional=revalidating is not None)
+            kept.entry.response, resp.status, resp.headers, response_time, conditional=conditional)
         match outcome:
             case Freshen():
-                assert revalidating is not None
+                assert revalidating is not None  # (a fill drops the client's validators)
                 resp.release()
                 while engine.storage.epoch != epoch:  # (again if one came during the look)
                     epoch = engine.storage.epoch
@@ -1343,7 +1347,7 @@ class MissPath:
                 or (resp.status == 412 and ("If-Match" in fields or "If-Unmodified-Since" in fields)):
             cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status)
             return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")
-        unasked = _unasked_304(resp, None)
+        unasked = _unasked_304(resp, asks_validation(upstream.headers))
         if unasked is not None:
             return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
         response_time = engine.clock()
@@ -1752,12 +1756,14 @@ class HeldFill:
             self._word.set_result(word)
 
 
-def _unasked_304(resp: UpstreamResponse, revalidating: Cached | None) -> UpstreamProtocolError | None:
-    """A 304 to a request that carried no validators (a fill drops the client's: RFC 9110
+def _unasked_304(resp: UpstreamResponse, conditional: bool) -> UpstreamProtocolError | None:
+    """A 304 to a request that carried no validators (``asks_validation`` of the fields sent:
+    a fill drops the client's, a refresh of a response without validators has none; RFC 9110
     §15.4.5 allows it only for a conditional request) is an origin's fault, not an answer:
     every client of the flight gets a 502, as Varnish refuses one ("304 response but not
-    conditional fetch"), and nothing is stored."""
-    if resp.status != 304 or revalidating is not None:
+    conditional fetch"), and nothing is stored (a background refresh leaves the stale
+    response as it is)."""
+    if resp.status != 304 or conditional:
         return None
     resp.close()
     return UpstreamProtocolError(f"{resp.upstream.name}: the origin answered 304 Not Modified to a request "

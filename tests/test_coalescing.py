@@ -214,6 +214,44 @@ async def test_stale_while_revalidate_refreshes_once_whatever_arrives_during_the
     assert origin.count("/swr") == 2  # one background refresh for everyone
 
 
+def stale_then(clock: Clock, cache_control: str, status: int, headers: dict[str, str] | None = None) -> Handler:
+    """A handler answering OLD (no validators) once, then ``status`` with ``headers`` to every
+    request, its Date from the test's clock."""
+    served = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal served
+        served += 1
+        dated = {"Date": format_http_date(clock())}
+        if served == 1:
+            return web.Response(body=b"OLD", headers={**dated, "Cache-Control": cache_control})
+        return web.Response(status=status, body=b"" if status == 304 else b"down", headers={**dated, **(headers or {})})
+
+    return handler
+
+
+async def updating(proxy: Proxy) -> tuple[str, bytes]:
+    """One request, once any refresh it started has ended."""
+    reply = await proxy.get("/r")
+    await wait_until(lambda: proxy.runtime.engine.coalescer.in_flight == 0)
+    return reply.x_cache, reply.body
+
+
+async def test_a_refresh_answered_304_to_a_request_without_validators_leaves_the_stale_response_stale(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """The stored response has no validators: its refresh asks unconditionally, and a 304 to
+    that is the origin's fault. It freshened the old response (a HIT with the 304's max-age)."""
+    origin.route("/r", stale_then(clock, "max-age=1, stale-while-revalidate=60", 304,
+                                  {"Cache-Control": "max-age=100"}))
+    proxy = await clocked(make_proxy, clock)
+    assert (await proxy.get("/r")).body == b"OLD"
+    clock.advance(2)
+    assert await updating(proxy) == ("UPDATING", b"OLD")
+    assert origin.count("/r") == 2
+    assert not [k for k in origin.seen[-1].headers if k.lower().startswith("if-")]
+    assert await updating(proxy) == ("UPDATING", b"OLD")  # still stale, not a HIT
+
+
 async def test_stale_if_error_with_the_origin_stopped_within_the_window_then_the_error(
         origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
     origin.route("/sie", versions(clock, "max-age=1, stale-if-error=10"))

@@ -67,6 +67,18 @@ def has_validator(stored: StoredResponse) -> bool:
     return stored.etag is not None or stored.last_modified is not None
 
 
+def asks_validation(fields: HeaderList) -> bool:
+    """Whether a request sent with ``fields`` is one a 304 may answer (RFC 9110 §15.4.5: a
+    conditional GET or HEAD, with If-None-Match or If-Modified-Since). Decided from what was
+    sent, not from what the request was made for: a refresh of a stored response without
+    validators goes out unconditional, and a 304 to it is the origin's fault, not a freshening.
+
+    >>> asks_validation((("If-None-Match", '"a"'),)), asks_validation((("Accept", "*/*"),))
+    (True, False)
+    """
+    return any(k.lower() in ("if-none-match", "if-modified-since") for k, _ in fields)
+
+
 def conditional_headers(stored: StoredResponse) -> HeaderList:
     headers: list[tuple[str, str]] = []
     if stored.etag is not None:

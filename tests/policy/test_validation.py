@@ -13,6 +13,7 @@ from proxy.policy.validation import (
     ServeStale,
     UnstoredAnswer,
     ValidationOutcome,
+    asks_validation,
     client_not_modified,
     conditional_headers,
     decide_on_validation,
@@ -76,6 +77,26 @@ def test_the_origin_s_answer_to_a_revalidation_is_handled_as_rfc_9111_section_4_
     s = stored([("Cache-Control", cc), *validators])
     assert name(decide_on_validation(s, status, headers(*answer), T0 + 30)) == expected
     assert expected in {c.__name__ for c in (Freshen, Refetch, ServeStale, Replace)}
+
+
+ASKED = [
+    ("a stored response's etag", [("ETag", '"a"')], True),
+    ("its last-modified", [("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")], True),
+    ("both", [("ETag", '"a"'), ("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")], True),
+    ("none: a refresh of a response without validators is unconditional", [], False),
+]
+
+
+@pytest.mark.parametrize(("case", "validators", "conditional"), ASKED, ids=[a[0] for a in ASKED])
+def test_a_request_is_conditional_by_the_validators_it_was_sent_with(
+        case: str, validators: list[tuple[str, str]], conditional: bool) -> None:
+    """A revalidation of a stored response without validators went out unconditional, yet was
+    taken for conditional (it was made for a stored response): its 304 freshened it."""
+    s = stored([("Cache-Control", "max-age=1"), *validators])
+    sent = (("Host", "a.example"), ("Accept", "*/*"), *conditional_headers(s))
+    assert asks_validation(sent) is conditional
+    assert asks_validation(tuple((k.lower(), v) for k, v in sent)) is conditional
+    assert not asks_validation((("If-Match", '"a"'), ("If-Unmodified-Since", "x")))  # no 304 for those
 
 
 @pytest.mark.parametrize(("status", "expected"), [(304, "Replace"), (200, "Replace"), (503, "ServeStale")])
