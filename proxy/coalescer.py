@@ -548,6 +548,11 @@ class Coalescer:
         # then, a plain request for them that the memory has nothing for is passed without the
         # directory lookup (``passes_unlooked``).
         self._unlooked_until = PassMarks()
+        # Keys whose last stale-while-revalidate refresh failed: no other starts until then
+        # (``refresh_failed``), on the engine's clock. The whiles differ (a Retry-After), so
+        # the front-first pruning may keep an expired mark behind a longer one: bounded all
+        # the same, and ``holds`` drops an expired one when asked.
+        self._refresh_failed_until = PassMarks()
         self._history_limit = history_limit
         self._hit_for_pass = hit_for_pass
         self._clock = clock
@@ -638,6 +643,19 @@ class Coalescer:
 
     def is_pass(self, key: str) -> bool:
         return self._pass_until.holds(key, self._clock())
+
+    def refresh_failed(self, key: str, until: float, now: float) -> None:
+        """A background refresh of ``key`` failed at ``now``: the next waits until ``until``
+        (``proxy.policy.reuse.refresh_retry_at``)."""
+        self._refresh_failed_until.set(key, until, now)
+
+    def refresh_held_back(self, key: str, now: float) -> bool:
+        """Whether a refresh of ``key`` failed recently enough that none starts now."""
+        return self._refresh_failed_until.holds(key, now)
+
+    def refresh_ok(self, key: str) -> None:
+        """Something is stored under ``key`` anew: its next refresh need not wait."""
+        self._refresh_failed_until.discard(key)
 
     def headless(self) -> Exception:
         """What the clients of a flight that ended without a response head are told: that the

@@ -98,7 +98,7 @@ from proxy.policy.reply import (
     Unsatisfiable,
     reply_on_arrival,
 )
-from proxy.policy.reuse import Serve, decide_lookup, select_variant
+from proxy.policy.reuse import Serve, decide_lookup, refresh_retry_at, select_variant
 from proxy.policy.validation import (
     Freshen,
     Refetch,
@@ -302,6 +302,7 @@ class _Run:
     # fill is complete, to write it through to the shared tier (``_locked_fill``).
     on_filled: Callable[[Entry, bytes | None], None] | None = None
     outcome: FlightOutcome | None = field(default=None)  # set once, by ``_end``
+    retry_after: str | None = None  # the origin's Retry-After, for a refresh that failed
 
 
 class MissPath:
@@ -469,9 +470,24 @@ class MissPath:
         return await self.fetch(attempt.alone())
 
     def refresh(self, attempt: Attempt) -> None:
-        """stale-while-revalidate: one revalidation per key, whoever asks while it runs."""
-        if self.coalescer.get(attempt.key) is None:
+        """stale-while-revalidate: one revalidation per key, whoever asks while it runs, and
+        none for a while after one failed (``_refresh_failed``): a failing origin is not asked
+        again at every request the stale response answers."""
+        key, coalescer = attempt.key, self.coalescer
+        if coalescer.get(key) is None and not coalescer.refresh_held_back(key, self.engine.clock()):
             self.start(attempt, register=True, background=True)  # nobody reads it: it ends alone
+
+    def _refresh_failed(self, run: _Run) -> None:
+        """A background refresh ended with the stale response still as it was (no answer, an
+        error, a 304 it did not ask for, an answer not stored): the key's next refresh waits
+        (``proxy.policy.reuse.refresh_retry_at``). Per worker: with N workers, at most N
+        refreshes a while."""
+        stale = run.attempt.revalidating or run.attempt.stale
+        if stale is None:
+            return
+        now = self.engine.clock()
+        until = refresh_retry_at(stale.entry.response, now, run.retry_after)
+        self.coalescer.refresh_failed(run.attempt.key, until, now)
 
     def _launch(self, attempt: Attempt, register: bool, background: bool,
                 fly: Callable[[_Run], Awaitable[None]]) -> Flight:
@@ -559,6 +575,18 @@ class MissPath:
                 assert_never(outcome)
         if not flight.result.done():
             flight.result.set_result(result)
+        if result.stored:
+            coalescer.refresh_ok(run.attempt.key)  # (any fill: a new response, its own window)
+        elif run.background:
+            match outcome:
+                case Passed() | BrokeOff() | Abandoned() | Unreachable() | Dispersed():
+                    self._refresh_failed(run)
+                case Filled() | Freshened() | Adopted() | StoredElsewhere():
+                    pass  # stored after all (in memory: the disk write failed)
+                case Skipped() | Stopped() | Aborted():
+                    pass  # nothing asked of the origin here, or the proxy's own doing
+                case _:
+                    assert_never(outcome)
         counted = self._flight_counts.get(outcome.label)
         if counted is None:
             counted = self._flight_counts[outcome.label] = self.engine.metrics.flights.labels(outcome.label)
@@ -848,6 +876,8 @@ class MissPath:
             self._end(run, Unreachable(exc))
             return
         response_time = engine.clock()
+        if run.background:
+            run.retry_after = resp.headers.get("Retry-After")
         unasked = _unasked_304(resp, conditional)
         if unasked is not None:
             self._end(run, Unreachable(unasked))

@@ -252,6 +252,29 @@ async def test_a_refresh_answered_304_to_a_request_without_validators_leaves_the
     assert await updating(proxy) == ("UPDATING", b"OLD")  # still stale, not a HIT
 
 
+@pytest.mark.parametrize(("status", "headers", "backoff"), [
+    (503, {}, 5), (503, {"Retry-After": "30"}, 30), (500, {"Retry-After": "5000"}, 599),  # capped by the window
+    (304, {"Cache-Control": "max-age=100"}, 5)])  # a 304 it did not ask for
+async def test_a_failed_refresh_is_not_retried_by_every_request_until_its_while_is_over(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock, status: int, headers: dict[str, str],
+        backoff: int) -> None:
+    """Every request the stale response answered started another refresh of it: a failing
+    origin got one request per client request for the whole stale-while-revalidate window."""
+    origin.route("/r", stale_then(clock, "max-age=1, stale-while-revalidate=600", status, headers))
+    proxy = await clocked(make_proxy, clock)
+    await proxy.get("/r")
+    clock.advance(2)  # stale for 1 s: 599 s left of the window
+    for _ in range(10):
+        assert await updating(proxy) == ("UPDATING", b"OLD")
+    assert origin.count("/r") == 2  # one refresh, then none for its while
+    clock.advance(backoff - 1)
+    assert await updating(proxy) == ("UPDATING", b"OLD")
+    assert origin.count("/r") == 2
+    clock.advance(1)
+    assert await updating(proxy) == ("UPDATING", b"OLD")
+    assert origin.count("/r") == 3  # its while is over: one more refresh
+
+
 async def test_stale_if_error_with_the_origin_stopped_within_the_window_then_the_error(
         origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
     origin.route("/sie", versions(clock, "max-age=1, stale-if-error=10"))

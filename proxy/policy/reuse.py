@@ -37,6 +37,7 @@ from typing import Literal
 
 from proxy.policy.cache_control import EMPTY_CACHE_CONTROL, CacheControl, parse_cache_control
 from proxy.policy.fields import split_list
+from proxy.policy.httpdate import parse_http_date
 from proxy.policy.keys import vary_matches
 from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
 from proxy.policy.partial import answerable
@@ -241,6 +242,41 @@ def vouches(request: RequestHead, stored: StoredResponse) -> bool:
 def _within(staleness: float, window: float) -> bool:
     """Inside a stale-serving window; a window of 0 grants nothing."""
     return window > 0 and staleness <= window
+
+
+# How long a key's stale-while-revalidate refreshes wait after one failed, when the origin's
+# answer gave no Retry-After (``refresh_retry_at``).
+REFRESH_BACKOFF = 5.0
+
+
+def refresh_retry_at(stored: StoredResponse, now: float, retry_after: str | None = None) -> float:
+    """When the next stale-while-revalidate refresh of ``stored`` may start, after one that
+    failed at ``now`` (no answer, or one that leaves it stored: a 5xx, a 304 to a request
+    without validators). Meanwhile its clients are still served it stale (UPDATING), and
+    only the first request after this time refreshes it again: a failing origin gets one
+    request per while, not one per client request. The while is ``REFRESH_BACKOFF``, or the
+    answer's ``Retry-After`` (seconds or an HTTP-date), capped by what is left of the
+    response's stale-while-revalidate window (past it, requests revalidate in the foreground:
+    the mark no longer matters), or by ``REFRESH_BACKOFF`` for a soft-purged one past it.
+
+    >>> from proxy.policy.messages import Freshness
+    >>> s = StoredResponse(200, "OK", (), 0, 0, Freshness(10, "max-age", 0, 0, stale_while_revalidate=60))
+    >>> refresh_retry_at(s, 20), refresh_retry_at(s, 20, "30"), refresh_retry_at(s, 65, "30")
+    (25.0, 50.0, 70.0)
+    """
+    wait = REFRESH_BACKOFF
+    if retry_after is not None:
+        text = retry_after.strip()
+        given = float(text) if text.isdigit() else None
+        if given is None:
+            date = parse_http_date(text)
+            given = date - now if date is not None else None
+        if given is not None and given > 0:
+            wait = given
+    left = stored.freshness.stale_while_revalidate + stored.ttl(now)
+    # (Nothing left: a soft-purged response served stale past any window; the operator wants
+    # it replaced, so no Retry-After holds its refresh back longer than the default.)
+    return float(now + min(wait, left if left > 0 else REFRESH_BACKOFF))
 
 
 def _request_allows_stale_on_error(req_cc: CacheControl, staleness: float) -> bool:

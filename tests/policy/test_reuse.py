@@ -20,8 +20,9 @@ from proxy.policy.reuse import (
     Serve,
     decide_lookup,
     decide_part_lookup,
+    refresh_retry_at,
 )
-from tests.policy.build import T0, request, stored
+from tests.policy.build import T0, date, request, stored
 
 Pairs = list[tuple[str, str]]
 ETAG = ("ETag", '"v1"')
@@ -326,3 +327,27 @@ def test_a_part_answers_a_matching_if_none_match_304_before_its_range(inm: str, 
     head = request(("Range", "bytes=3-5"), ("If-None-Match", inm))
     decision = decide_part_lookup(head, (3, 5), [part], T0 + 10, CacheOptions())
     assert isinstance(decision, FromPart) and decision.serve.not_modified is not_modified
+
+
+SWR = [("Cache-Control", "max-age=10, stale-while-revalidate=60")]  # stored at T0: its window ends at T0 + 70
+RETRIES = [
+    ("the default while", SWR, False, 20, None, 25),
+    ("retry-after in seconds", SWR, False, 20, "30", 50),
+    ("retry-after as a date", SWR, False, 20, date(40), 40),
+    ("capped by what is left of the window", SWR, False, 20, "120", 70),
+    ("the default capped too", SWR, False, 68, None, 70),
+    ("retry-after 0: the default", SWR, False, 20, "0", 25),
+    ("a past date: the default", SWR, False, 20, date(10), 25),
+    ("not a delay: the default", SWR, False, 20, "soon", 25),
+    ("soft-purged past any window: at most the default", [("Cache-Control", "max-age=60")], True, 1, "3600", 6),
+]
+
+
+@pytest.mark.parametrize(("case", "response", "purged", "failed", "retry_after", "retry"), RETRIES,
+                         ids=[r[0] for r in RETRIES])
+def test_a_failed_refresh_holds_the_next_one_back_for_a_while(
+        case: str, response: Pairs, purged: bool, failed: float, retry_after: str | None, retry: float) -> None:
+    """Every request a stale response answered started another refresh of it while the origin
+    failed: one origin request per client request for the whole stale-while-revalidate window."""
+    s = replace(stored(response), invalidated=purged)
+    assert refresh_retry_at(s, T0 + failed, retry_after) == T0 + retry
