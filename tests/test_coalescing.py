@@ -275,6 +275,21 @@ async def test_a_failed_refresh_is_not_retried_by_every_request_until_its_while_
     assert origin.count("/r") == 3  # its while is over: one more refresh
 
 
+async def test_a_clients_max_stale_bounds_what_stale_while_revalidate_serves_it(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """A client that accepts at most 1 s of staleness was served a response 3 s stale
+    (UPDATING) because it was within the origin's stale-while-revalidate window."""
+    origin.route("/m", versions(clock, "max-age=1, stale-while-revalidate=600"))
+    proxy = await clocked(make_proxy, clock)
+    await proxy.get("/m")
+    clock.advance(4)  # stale for 3 s
+    within = await proxy.get("/m", headers={"Cache-Control": "max-stale=5"})
+    assert (within.x_cache, within.body) == ("STALE", b"v1")
+    bounded = await proxy.get("/m", headers={"Cache-Control": "max-stale=1"})
+    assert (bounded.x_cache, bounded.body) == ("EXPIRED", b"v2")  # revalidated first: a new response
+    assert origin.count("/m") == 2
+
+
 async def test_stale_if_error_with_the_origin_stopped_within_the_window_then_the_error(
         origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
     origin.route("/sie", versions(clock, "max-age=1, stale-if-error=10"))

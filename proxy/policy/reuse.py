@@ -21,7 +21,8 @@ Stale responses are never served when the response said ``must-revalidate``,
 
 Request directives (§5.2.1): ``no-cache`` and ``Pragma: no-cache`` (when there is no
 Cache-Control) go to the origin; ``max-age``, ``min-fresh`` and ``max-stale`` bound
-the age accepted; ``only-if-cached`` never goes to the origin (504 instead);
+the age accepted (a ``max-stale`` bound, stale-while-revalidate's stale serving too);
+``only-if-cached`` never goes to the origin (504 instead);
 unknown directives change nothing. A fresh ``immutable`` response is not
 revalidated for a client's ``max-age`` (RFC 8246).
 
@@ -210,11 +211,14 @@ def decide_lookup_in_full(
 
     if stale and may_serve_stale:
         if "max-stale" in req_cc and mode != "ignore":
+            # The client accepts a response stale by at most this much (RFC 9111 §5.2.1.1):
+            # within it, served; past it, not by stale-while-revalidate either (the request
+            # revalidates first, as one past the window does; stale-if-error still applies).
             max_stale = req_cc.get("max-stale")
             limit = float("inf") if max_stale is None else float(req_cc.delta("max-stale") or 0)
             if -ttl <= limit:
                 return serve("STALE")
-        if stored.invalidated or _within(-ttl, fresh_info.stale_while_revalidate):
+        elif stored.invalidated or _within(-ttl, fresh_info.stale_while_revalidate):
             return serve("UPDATING", refresh=vouches(request, stored))
 
     if only_if_cached:
