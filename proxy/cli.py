@@ -541,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("warm", help="preload the cache: request URLs through the proxy",
                        description="Requests every URL of the sitemaps, URL files and access logs "
                                    "through the proxy (so rules, keys and coalescing apply) and "
-                                   "prints what was stored, already fresh, not storable (and why) "
-                                   "and the errors. Exit 1 when errors exceed --max-errors, 130 "
+                                   "prints what was stored, already fresh, served stale, not "
+                                   "storable (and why) and the errors (a stale copy served because "
+                                   "the origin failed is one). Exit 1 when errors exceed --max-errors, 130 "
                                    "after Ctrl-C (with the summary so far).")
     p.add_argument("--sitemap", action="append", default=[], metavar="URL",
                    help="a sitemap or sitemap index (nested sitemaps are followed), repeatable")

@@ -22,12 +22,14 @@ it: ``logged_path``).
 
 Each answer is classified from ``X-Cache-Status`` and cachegate's own member of
 ``Cache-Status`` (the last one named ``cachegate``; an origin's members come first): stored,
-refreshed (a 304 freshened the stored copy), already fresh, not storable (with
-the ``detail`` reason) or an error (a status of 400 and above, a timeout, a refused
-connection ...). What the summary prints of reasons and URLs is shown as ``cachegate top``
-shows it: controls and bidi overrides replaced. The summary counts each; the exit status
-is 1 when errors exceed ``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and prints
-the summary so far), 2 for bad arguments or nothing to warm.
+refreshed (a 304 freshened the stored copy), already fresh, stale served (from the store, stale:
+stale-while-revalidate or a soft purge started a refresh, or max-stale allowed it; with the
+``detail``), not storable (with the ``detail`` reason) or an error (a status of 400 and above, a
+stale copy served because the origin failed (stale-if-error), a timeout, a refused connection
+...). What the summary prints of reasons and URLs is shown as ``cachegate top`` shows it:
+controls and bidi overrides replaced. The summary counts each; the exit status is 1 when errors
+exceed ``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and prints the
+summary so far), 2 for bad arguments or nothing to warm.
 
 The parsing and classifying functions are pure; ``Warmer`` does the I/O.
 """
@@ -66,7 +68,9 @@ USER_AGENT = "cachegate-warm"  # sent unless -H 'User-Agent: ...' replaces it ('
 # warmed at all. Warm sends what -H and --variants give; without them, no Accept-Encoding.
 SKIPPED_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 MAX_CONCURRENCY = 1000  # --concurrency at most (each is a connection to the proxy)
-HIT_LIKE = frozenset({"HIT", "STALE", "UPDATING"})
+# Served from the store, but stale: cachegate may have started a refresh (UPDATING, and the
+# soft-purged), yet what is stored is not what warming is for: counted apart from "fresh".
+STALE_SERVED = frozenset({"STALE", "UPDATING"})
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -437,6 +441,7 @@ NOT_A_URL = "not a URL or path"
 NOT_HTTP = "not an http(s) URL"
 BAD_HOST = "not a valid URL: its host is not a host[:port]"
 BAD_LOGGED_HOST = "the host the access log records is not a host[:port]"
+ORIGIN_FAILED_STALE_SERVED = "origin error, stale copy served"
 
 
 def sendable(target: str) -> str:
@@ -510,13 +515,17 @@ def own_cache_status(values: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str  # "stored", "refreshed", "fresh", "not_storable", "error"
-    reason: str = ""  # the not-stored detail, or the error's kind
+    kind: str  # "stored", "refreshed", "fresh", "stale", "not_storable", "error"
+    reason: str = ""  # the not-stored or stale-served detail, or the error's kind
     detail: str = field(default="", repr=False)  # an error's particulars (shown with its example)
 
 
 def classify(status: int, x_cache: str, cache_status: str) -> Outcome:
-    """What a warming request achieved, from the proxy's answer.
+    """What a warming request achieved, from the proxy's answer. A stale copy served in place of
+    the origin's error or silence (stale-if-error: ``STALE`` with ``fwd=`` and no ``hit``) is an
+    error: the origin failed and nothing was warmed. One served stale from the store (``hit``:
+    stale-while-revalidate, a soft purge, max-stale) is "stale", not "fresh": a refresh may have
+    started, but what is stored is not fresh.
 
     >>> classify(200, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; stored")
     Outcome(kind='stored', reason='')
@@ -526,17 +535,30 @@ def classify(status: int, x_cache: str, cache_status: str) -> Outcome:
     Outcome(kind='not_storable', reason='NO-FRESHNESS')
     >>> classify(404, "MISS", "cachegate; fwd=uri-miss; fwd-status=404; stored")
     Outcome(kind='error', reason='HTTP 404')
+    >>> classify(200, "STALE", "cachegate; fwd=stale; fwd-status=503; ttl=-2; detail=ORIGIN-ERROR")
+    Outcome(kind='error', reason='origin error, stale copy served')
+    >>> classify(200, "UPDATING", "cachegate; hit; ttl=-3; detail=STALE-WHILE-REVALIDATE")
+    Outcome(kind='stale', reason='STALE-WHILE-REVALIDATE')
     """
     if status >= 400:
         return Outcome("error", f"HTTP {status}")
     params = [p.strip() for p in cache_status.split(";")]
-    if x_cache in HIT_LIKE and "hit" in params:
+    if x_cache in STALE_SERVED:
+        if "hit" not in params and any(p.startswith("fwd=") for p in params):
+            # The fetch failed (the origin's 5xx, no answer, the proxy stopping): the stale copy
+            # stays as it was, and the next request fails the same way once it is too old.
+            said = [p for p in params if p.startswith("fwd-status=")]
+            detail = cache_status_detail(cache_status)
+            return Outcome("error", ORIGIN_FAILED_STALE_SERVED,
+                           ", ".join([*said, *([detail] if detail else [])]))
+        return Outcome("stale", cache_status_detail(cache_status) or x_cache)
+    if x_cache == "HIT" and "hit" in params:
         return Outcome("fresh")
     if "stored" in params:
         return Outcome("fresh" if "collapsed" in params else "stored")
     if x_cache == "REVALIDATED":
         return Outcome("refreshed")
-    if x_cache in HIT_LIKE:
+    if x_cache == "HIT":
         return Outcome("fresh")
     return Outcome("not_storable", cache_status_detail(cache_status) or x_cache or "NOT-STORED")
 
@@ -549,6 +571,7 @@ class Tally:
     done: int = 0
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    stale_reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     # error kind -> a URL that had it, and that one's particulars (one example a kind)
     examples: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -558,6 +581,8 @@ class Tally:
         self.counts[outcome.kind] += 1
         if outcome.kind == "not_storable":
             self.reasons[outcome.reason] += 1
+        elif outcome.kind == "stale":
+            self.stale_reasons[outcome.reason] += 1
         elif outcome.kind == "error":
             self.errors[outcome.reason] += 1
             self.examples.setdefault(outcome.reason, (url, outcome.detail))
@@ -599,10 +624,12 @@ def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str
         head += " (interrupted)"
     lines = [head]
     for kind, label in (("stored", "stored"), ("refreshed", "refreshed (304)"), ("fresh", "already fresh"),
-                        ("not_storable", "not storable"), ("error", "errors")):
+                        ("stale", "stale served"), ("not_storable", "not storable"), ("error", "errors")):
         extra = ""
         if kind == "not_storable" and t.reasons:
             extra = f"  ({_breakdown(t.reasons)})"
+        elif kind == "stale" and t.stale_reasons:
+            extra = f"  ({_breakdown(t.stale_reasons)})"
         elif kind == "error" and t.errors:
             extra = f"  ({_breakdown(t.errors)})"
         lines.append(f"  {label:<16}{t.counts[kind]:>7}{extra}")

@@ -26,6 +26,7 @@ import proxy.warm as warm_module
 from proxy.warm import Outcome, WarmError, classify, parse_sitemap, targets_for
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.rules.util import settle, shift_clock
 
 INDEX = """<?xml version="1.0" encoding="UTF-8"?>
 <sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">
@@ -74,6 +75,15 @@ def test_outcomes_come_from_the_cache_status_fields() -> None:
     assert classify(200, "BYPASS", 'cachegate; fwd=bypass; fwd-status=200; detail="RULE-BYPASS:x"') == \
         Outcome("not_storable", "RULE-BYPASS:x")
     assert classify(502, "MISS", "cachegate; fwd=uri-miss; detail=UPSTREAM-UNREACHABLE") == Outcome("error", "HTTP 502")
+    # stale-if-error: the origin failed, whatever it was (an answer of 5xx, none, the proxy stopping)
+    stale_error = warm_module.ORIGIN_FAILED_STALE_SERVED
+    assert classify(200, "STALE", "cachegate; fwd=stale; ttl=-9; detail=ORIGIN-UNREACHABLE") == \
+        Outcome("error", stale_error, "ORIGIN-UNREACHABLE")
+    assert classify(200, "STALE", "cachegate; fwd=stale; fwd-status=503; ttl=-9; detail=ORIGIN-ERROR") == \
+        Outcome("error", stale_error, "fwd-status=503, ORIGIN-ERROR")
+    # stale from the store: served, not fresh
+    assert classify(200, "STALE", "cachegate; hit; ttl=-9; detail=MAX-STALE") == Outcome("stale", "MAX-STALE")
+    assert classify(200, "UPDATING", "cachegate; hit; ttl=-9; detail=SOFT-PURGED") == Outcome("stale", "SOFT-PURGED")
 
 
 async def warm(*args: str, stdin: bytes | None = None, wait: float = 60.0,
@@ -584,6 +594,37 @@ async def test_warm_reads_cachegates_own_cache_status_and_prints_no_controls(mak
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_stale_copy_served_for_a_failing_origin_is_an_error_and_a_stale_one_is_not_fresh(
+        origin: Origin, proxy: Proxy) -> None:
+    """With the origin answering 503, stale-if-error serves the stored copies (STALE,
+    fwd-status=503, ORIGIN-ERROR): warm counted them "already fresh" and exited 0 while nothing
+    was warmed. Now each is an error of its kind, with the origin's status, and the exit status
+    is 1 as for other errors; a copy served stale while a refresh starts (UPDATING) is "stale
+    served", neither fresh nor an error."""
+    paths = ["/sie/1", "/sie/2", "/sie/3"]
+    for path in paths:
+        origin.route(path, body=b"x", headers={"Cache-Control": "max-age=1, stale-if-error=300"})
+    origin.route("/swr", body=b"x", headers={"Cache-Control": "max-age=1, stale-while-revalidate=300"})
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
+                                stdin="\n".join([*paths, "/swr"]).encode())
+    assert code == 0 and "stored                4" in out, (out, err)
+    await settle(proxy)
+    for path in paths:
+        origin.route(path, status=503, body=b"down")
+    shift_clock(proxy, 10)
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
+                                stdin="\n".join([*paths, "/swr"]).encode())
+    assert code == 1, (out, err)
+    assert "already fresh         0" in out, out
+    assert "stale served          1  (STALE-WHILE-REVALIDATE 1)" in out, out
+    assert "errors                3  (origin error, stale copy served 3)" in out, out
+    assert re.search(r"origin error, stale copy served: e\.g\. /sie/\d \(fwd-status=503, ORIGIN-ERROR\)", out), out
+    assert "3 errors, more than --max-errors 0" in err
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none", "--max-errors", "3",
+                                stdin="\n".join(paths).encode())
+    assert code == 0, (out, err)  # within --max-errors, as any other error
 
 
 # -- what warm sends ------------------------------------------------------------------------------
