@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from proxy import __version__
@@ -230,6 +231,20 @@ def _read_source(name: str) -> str:
         return f.read()
 
 
+def _source_lines(name: str) -> Iterator[bytes]:
+    """A URL list's lines as bytes (``-``: standard input), read as they are needed: whether
+    one is UTF-8 is ``url_lines``' to say, at its line."""
+    if name == "-":
+        buffer = getattr(sys.stdin, "buffer", None)
+        if buffer is None:  # a text stream put in its place (a test's StringIO)
+            yield from (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
+            return
+        yield from buffer
+        return
+    with open(name, "rb") as f:
+        yield from f
+
+
 def cmd_warm(args: argparse.Namespace) -> int:
     """Request URLs through the proxy to store them (``proxy.warm``); print the summary."""
     from proxy.admin_client import admin_url_of
@@ -237,14 +252,15 @@ def cmd_warm(args: argparse.Namespace) -> int:
         EXIT_ERRORS,
         EXIT_INTERRUPTED,
         EXIT_USAGE,
+        Outcome,
         Warmer,
         WarmError,
         WarmOptions,
         parse_access_log,
         parse_header,
-        parse_url_list,
         summary,
         targets_for,
+        url_lines,
     )
 
     try:
@@ -271,20 +287,6 @@ def cmd_warm(args: argparse.Namespace) -> int:
             proxy = "https" + proxy.removeprefix("http")
     else:
         proxy = "http://127.0.0.1:8080"
-    urls: list[str] = []
-    refused: list[tuple[str, str]] = []  # logged paths that cannot be sent as logged: errors
-    try:
-        for name in args.urls:
-            urls += parse_url_list(_read_source(name))
-        for name in args.from_access_log:
-            urls += parse_access_log(_read_source(name).splitlines(), refused)
-    except OSError as exc:
-        print(f"cachegate warm: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not urls and not args.sitemap and not refused:
-        print("cachegate warm: nothing to warm: give --sitemap URL, --urls FILE (- for stdin) or "
-              "--from-access-log FILE", file=sys.stderr)
-        return EXIT_USAGE
     options = WarmOptions(proxy=proxy, host=args.host, concurrency=args.concurrency, rate=args.rate or 0.0,
                           timeout=args.timeout, progress=args.progress,
                           progress_every=max(0.1, args.progress_interval))
@@ -295,6 +297,25 @@ def cmd_warm(args: argparse.Namespace) -> int:
                 warmer.check(sitemap)
             except WarmError as exc:
                 raise WarmError(f"--sitemap {sitemap!r}: {exc}") from None
+    except WarmError as exc:
+        print(f"cachegate warm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    urls: list[str] = []
+    refused: list[tuple[Outcome, str]] = []  # lines and logged paths that cannot be sent: errors
+    try:
+        for name in args.urls:
+            urls += url_lines(_source_lines(name), "<stdin>" if name == "-" else name, warmer.check, refused)
+        for name in args.from_access_log:
+            logged = parse_access_log(_read_source(name).splitlines(), refused)
+            urls += warmer.sendable(logged, refused)
+    except OSError as exc:
+        print(f"cachegate warm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not urls and not args.sitemap and not refused:
+        print("cachegate warm: nothing to warm: give --sitemap URL, --urls FILE (- for stdin) or "
+              "--from-access-log FILE", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         tally, seconds, interrupted = run_async(
             warmer.run(lambda found: targets_for([*found, *urls], headers, variants), args.sitemap, refused))
     except WarmError as exc:

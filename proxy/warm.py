@@ -46,7 +46,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import quote, urlsplit
@@ -62,6 +62,7 @@ PARSE_CHUNK = 1 << 16  # a sitemap is parsed this much at a time, the event loop
 MAX_SITEMAP_URLS = 1_000_000  # URLs taken from all the sitemaps of a run (pages and sitemaps)
 MAX_URL_LENGTH = 8192  # characters of one <loc> kept (sitemaps.org: under 2,048)
 MAX_SITEMAP_DEPTH = 4  # sitemap index -> sitemap index -> ... -> urlset
+MAX_PLACES = 5  # FILE:LINE shown for each kind of error of a URL list's lines (then a count)
 USER_AGENT = "cachegate-warm"  # sent unless -H 'User-Agent: ...' replaces it ('User-Agent:': none)
 # aiohttp's own defaults, never sent: ``Accept-Encoding: gzip, deflate`` filled a variant no
 # browser asks for, and the variant of clients that send none (curl, most bots) could not be
@@ -150,18 +151,55 @@ def host_problem(host: str) -> str | None:
     return None
 
 
-def parse_url_list(text: str) -> list[str]:
-    """One URL or path a line; blank lines and ``#`` comments skipped.
+class Placed(str):
+    """A URL or path as a URL list's line gave it, with ``where``: ``FILE:LINE``, so the
+    summary can say which line to mend. Only refused lines are kept so (the rest are plain)."""
 
-    >>> parse_url_list("https://a.example/x\\n\\n# a comment\\n/y  \\n")
-    ['https://a.example/x', '/y']
+    where: str = ""
+
+
+def placed(text: str, where: str) -> Placed:
+    url = Placed(text)
+    url.where = where
+    return url
+
+
+NOT_UTF8 = "a line that is not UTF-8 (no client's key is known for its bytes)"
+
+
+def url_lines(lines: Iterable[bytes], name: str, check: Callable[[str], object],
+              refused: list[tuple[Outcome, str]]) -> Iterator[str]:
+    r"""The URLs and paths of a URL list's ``lines`` (bytes, one URL or path a line; blank lines
+    and ``#`` comments skipped) that ``check`` (``Warmer.check``) lets through. Each line that
+    cannot be sent is added to ``refused`` once, as (its error, its text placed at ``name:LINE``):
+    a line that is not UTF-8 too. Read with its bytes replaced, ``/caf\xe9`` was sent as
+    ``/caf%EF%BF%BD`` and reported stored: a key no client asks for.
+
+    >>> refused, lines = [], [b"\xef\xbb\xbf/a\r\n", b"# caf\xe9\n", b"/caf\xe9\n", b"  \n", b"/b"]
+    >>> list(url_lines(lines, "u.txt", str, refused))
+    ['/a', '/b']
+    >>> [(o.reason, url, url.where) for o, url in refused]
+    [("a line that is not UTF-8 (no client's key is known for its bytes)", '/caf\\xe9', 'u.txt:3')]
     """
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            out.append(line)
-    return out
+    for number, raw in enumerate(lines, 1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte order mark, as editors on Windows write
+            raw = raw[3:]
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = raw.strip()
+            if text and not text.startswith(b"#"):
+                refused.append((Outcome("error", NOT_UTF8), placed(text.decode("utf-8", "backslashreplace"),
+                                                                    f"{name}:{number}")))
+            continue
+        if not line or line.startswith("#"):
+            continue
+        try:
+            check(line)
+        except WarmError as exc:
+            refused.append((Outcome("error", exc.kind, exc.detail), placed(line, f"{name}:{number}")))
+            continue
+        yield line
 
 
 _REQUEST_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[0-9.]+"(?:\s+(\d{3}))?')
@@ -211,11 +249,11 @@ def logged_path(text: str, escaped: bool, host: str | None = None) -> LoggedPath
     return path
 
 
-def parse_access_log(lines: Iterable[str], refused: list[tuple[str, str]] | None = None) -> list[str]:
+def parse_access_log(lines: Iterable[str], refused: list[tuple[Outcome, str]] | None = None) -> list[str]:
     """The paths of GET/HEAD requests answered below 400 (or with no status), most requested first:
     from combined or common lines, or cachegate's JSON lines (``access_log: {format: json}``), as
     they were sent (``logged_path``, with the Host the JSON line records: the same path on two
-    sites is two paths); each distinct one that cannot be is added to ``refused`` as (error kind,
+    sites is two paths); each distinct one that cannot be is added to ``refused`` as (its error,
     the path as logged).
 
     >>> parse_access_log(['{"method":"GET","path":"/j?x=1","status":200}', '{"method":null,"path":null}'])
@@ -255,7 +293,7 @@ def parse_access_log(lines: Iterable[str], refused: list[tuple[str, str]] | None
             logged = logged_path(path, escaped, host)
         except WarmError as exc:
             if refused is not None:
-                refused.append((exc.kind, path))
+                refused.append((Outcome("error", exc.kind, exc.detail), path))
             continue
         out.setdefault((logged, host), logged)
     return list(out.values())
@@ -575,9 +613,23 @@ class Tally:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     # error kind -> a URL that had it, and that one's particulars (one example a kind)
     examples: dict[str, tuple[str, str]] = field(default_factory=dict)
+    refused: int = 0  # errors that were never requests (a bad line, a sitemap not fetched)
+    # error kind -> the first few FILE:LINE of URL lists' lines that had it, and how many did
+    places: dict[str, list[str]] = field(default_factory=dict)
+    placed: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def add(self, outcome: Outcome, url: str) -> None:
+        """A request's outcome."""
         self.done += 1
+        self._count(outcome, url)
+
+    def refuse(self, outcome: Outcome, url: str) -> None:
+        """An error without a request: counted once, whatever the variants, and not in ``total``
+        (the summary's requests are what was sent)."""
+        self.refused += 1
+        self._count(outcome, url)
+
+    def _count(self, outcome: Outcome, url: str) -> None:
         self.counts[outcome.kind] += 1
         if outcome.kind == "not_storable":
             self.reasons[outcome.reason] += 1
@@ -586,6 +638,12 @@ class Tally:
         elif outcome.kind == "error":
             self.errors[outcome.reason] += 1
             self.examples.setdefault(outcome.reason, (url, outcome.detail))
+            where = getattr(url, "where", "")
+            if where:
+                self.placed[outcome.reason] += 1
+                places = self.places.setdefault(outcome.reason, [])
+                if len(places) < MAX_PLACES:
+                    places.append(where)
 
     @property
     def error_count(self) -> int:
@@ -620,6 +678,8 @@ def _hide_userinfo(url: str) -> str:
 def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str]:
     rate = t.done / seconds if seconds > 0 else 0.0
     head = f"cachegate warm: {t.done} of {t.total} requests in {seconds:.1f} s ({rate:.1f}/s) through {proxy}"
+    if t.refused:
+        head += f", {t.refused} URL{'s' if t.refused != 1 else ''} not sent (errors)"
     if interrupted:
         head += " (interrupted)"
     lines = [head]
@@ -636,6 +696,11 @@ def summary(t: Tally, seconds: float, proxy: str, interrupted: bool) -> list[str
     for kind, (url, detail) in sorted(t.examples.items()):
         particulars = f" ({_shown(detail)})" if detail else ""
         lines.append(f"  {_shown(kind)}: e.g. {_shown(_hide_userinfo(url))}{particulars}")
+        places = t.places.get(kind)
+        if places:
+            more = t.placed[kind] - len(places)
+            tail = f" and {more} more" if more else ""
+            lines.append(f"    at {', '.join(_shown(p) for p in places)}{tail}")
     return lines
 
 
@@ -727,6 +792,19 @@ class Warmer:
     def check(self, url: str) -> None:
         """WarmError when ``url`` cannot be requested (what a request for it would count as)."""
         self._request_of(Target(url))
+
+    def sendable(self, urls: Iterable[str], refused: list[tuple[Outcome, str]]) -> list[str]:
+        """``urls`` without those that cannot be requested, each of those added to ``refused``:
+        an error once (not once per ``--variants`` variant, nor counted as a request)."""
+        out = []
+        for url in urls:
+            try:
+                self.check(url)
+            except WarmError as exc:
+                refused.append((Outcome("error", exc.kind, exc.detail), url))
+                continue
+            out.append(url)
+        return out
 
     def _request_of(self, target: Target) -> tuple[str, CIMultiDict[str]]:
         """Where to send ``target`` and with which headers (Host from the URL); WarmError when
@@ -830,8 +908,7 @@ class Warmer:
                     tally.add(Outcome("error", f"sitemap: {kind}", detail), sitemap)
                     continue
                 if len(pages) + len(more) > room:
-                    tally.total += 1
-                    tally.add(Outcome("error", f"sitemap: more than {MAX_SITEMAP_URLS} URLs in all "
+                    tally.refuse(Outcome("error", f"sitemap: more than {MAX_SITEMAP_URLS} URLs in all "
                                                "(the rest skipped)"), sitemap)
                     pages, more = pages[:room], more[:room]
                     urls.extend(pages)
@@ -843,21 +920,21 @@ class Warmer:
             if not level:
                 break
         for sitemap in dict.fromkeys(s for s in level if s not in seen):  # past the limit: said, not dropped
-            tally.total += 1
-            tally.add(Outcome("error", f"sitemap: nested deeper than {MAX_SITEMAP_DEPTH} sitemap indexes "
+            tally.refuse(Outcome("error", f"sitemap: nested deeper than {MAX_SITEMAP_DEPTH} sitemap indexes "
                                        "(not fetched)"), sitemap)
         return urls
 
     async def run(self, targets_of: Any, sitemaps: Sequence[str] = (),
-                  refused: Sequence[tuple[str, str]] = ()) -> tuple[Tally, float, bool]:
+                  refused: Sequence[tuple[Outcome, str]] = ()) -> tuple[Tally, float, bool]:
         """Warm everything; (tally, seconds, interrupted). ``targets_of(urls)`` turns the
-        sitemap's URLs (first) and the other sources into targets; ``refused``: (error kind,
-        URL) the sources could not turn into a request, counted as errors."""
+        sitemap's URLs (first, those that can be sent) and the other sources (checked by the
+        caller: ``url_lines``) into targets; ``refused``: (error, URL) the sources could not turn
+        into a request, counted as errors once each."""
         import aiohttp
 
-        tally = Tally(total=len(refused))
-        for kind, url in refused:
-            tally.add(Outcome("error", kind), url)
+        tally = Tally(total=0)
+        for outcome, url in refused:
+            tally.refuse(outcome, url)
         started = time.monotonic()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -869,7 +946,10 @@ class Warmer:
                                              cookie_jar=aiohttp.DummyCookieJar(),
                                              skip_auto_headers=SKIPPED_AUTO_HEADERS) as session:
                 found = await _until(stop, self.sitemap_urls(session, sitemaps, tally)) if sitemaps else []
-                targets: list[Target] = targets_of(found or [])
+                unsent: list[tuple[Outcome, str]] = []
+                targets: list[Target] = targets_of(self.sendable(found or [], unsent))
+                for outcome, url in unsent:
+                    tally.refuse(outcome, url)
                 tally.total += len(targets)
                 if not stop.is_set():
                     await self._warm(session, targets, tally, stop, started)
@@ -989,4 +1069,4 @@ def _error_kind(exc: BaseException) -> tuple[str, str]:
 
 
 __all__ = ["Target", "WarmError", "WarmOptions", "Warmer", "classify", "parse_access_log",
-           "parse_sitemap", "parse_url_list", "read_sitemap", "summary", "targets_for"]
+           "parse_sitemap", "read_sitemap", "summary", "targets_for", "url_lines"]

@@ -820,6 +820,36 @@ async def test_apaches_backslash_escapes_are_decoded_as_nginxs_are(
         assert (await proxy.raw("GET", path)).x_cache == "HIT"
 
 
+async def test_bad_lines_are_errors_once_each_named_by_file_and_line_and_not_utf8_is_one(
+        origin: Origin, proxy: Proxy, tmp_path: Path) -> None:
+    """A Latin-1 line (``/caf\\xe9``) was read with its byte replaced, sent as /caf%EF%BF%BD and
+    reported stored; bad lines were reported with an example URL only, and counted once per
+    --variants variant (4 bad lines, 2 variants: 8 errors, and "94 of 94 requests" for 86 sent).
+    Now each bad line is one error, named FILE:LINE, and the request count is what was sent."""
+    for path in ("/ok", "/caf\u00e9"):
+        origin.route(path, body=b"x", headers={"Cache-Control": "max-age=600"})
+    urls = tmp_path / "urls.txt"
+    urls.write_bytes(b"/ok\n# caf\xe9, a comment\n/caf\xe9\nexample.com/x\nftp://h/x\n/caf\xc3\xa9\nexample.org/y\n")
+    code, out, err = await warm("--proxy", proxy.url, "--urls", str(urls), "--progress", "none",
+                                "--variants", "Accept-Encoding: gzip", "--variants", "Accept-Encoding:")
+    assert code == 1, (out, err)
+    assert "cachegate warm: 4 of 4 requests in " in out and ", 4 URLs not sent (errors)" in out, out
+    assert "stored                2" in out and "already fresh         2" in out, out  # one entry, two variants
+    assert ("errors                4  (not a URL or path 2, a line that is not UTF-8 (no client's key is known "
+            "for its bytes) 1, not an http(s) URL 1)") in out, out
+    assert f"a line that is not UTF-8 (no client's key is known for its bytes): e.g. /caf\\xe9\n    at {urls}:3\n" in out
+    assert f"not a URL or path: e.g. example.com/x\n    at {urls}:4, {urls}:7\n" in out, out
+    assert f"not an http(s) URL: e.g. ftp://h/x\n    at {urls}:5\n" in out, out
+    assert "4 errors, more than --max-errors 0" in err
+    assert origin.count("/ok") == 1 and origin.count("/caf\u00e9") == 1  # /caf%C3%A9: the UTF-8 line
+    assert len(origin.seen) == 2, [r.path for r in origin.seen]  # nothing under a replaced byte
+    # From standard input, and past the first few lines of a kind: a count of the rest.
+    code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
+                                stdin=b"".join(b"bad%d\n" % i for i in range(8)))
+    assert code == 1 and "cachegate warm: 0 of 0 requests" in out, (out, err)
+    assert "    at <stdin>:1, <stdin>:2, <stdin>:3, <stdin>:4, <stdin>:5 and 3 more\n" in out, out
+
+
 @pytest.mark.slow
 async def test_error_kinds_are_a_fixed_few_with_one_example_each(origin: Origin, proxy: Proxy) -> None:
     """Each line that was not a URL was a kind of its own, URL included ("not a URL or path:
@@ -851,7 +881,8 @@ async def test_sitemaps_past_the_depth_limit_or_redirected_are_errors_saying_so(
     code, out, err = await warm("--proxy", proxy.url, "--sitemap", f"{proxy.url}/idx0.xml",
                                 "--sitemap", f"{proxy.url}/moved.xml", "--progress", "none")
     assert code == 1, (out, err)
-    assert "cachegate warm: 2 of 2 requests" in out, out
+    # the sitemap not fetched is an error, not a request (the requests are what was sent)
+    assert "cachegate warm: 1 of 1 requests" in out and ", 1 URL not sent (errors)" in out, out
     assert (f"sitemap: nested deeper than {depth} sitemap indexes (not fetched): e.g. "
             f"{proxy.url}/idx{depth + 1}.xml") in out, out
     assert f"sitemap: HTTP 301: e.g. {proxy.url}/moved.xml (Location: https://shop.example/sitemap.xml)" in out, out
