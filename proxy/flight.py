@@ -944,6 +944,16 @@ class MissPath:
         fields = resp.headers
         if "date" not in fields:  # forwarded with the Date it is stored with (policy.headers.dated)
             fields = CIMultiDictProxy(CIMultiDict(dated(tuple(fields.items()), response_time)))
+        spool = None
+        if entry is not None:
+            # The body that follows the head: none after a 204/304's, whatever its Content-Length
+            # says (the spool holds a body complete only at that length).
+            spool = storage.spool(entry, resp.body_length, epoch)
+            if spool.no_room:  # (its room is taken before the head, which says so: ``spool``)
+                spool = None
+                store_detail = "SPOOLS-FULL"
+                if shareable:  # (else counted below, with any other reason)
+                    engine.metrics.not_stored_because(store_detail, url_of_key(key))
         flight.set_head(FlightHead(resp.status, resp.reason, fields, shareable,
                                    store_detail, resp.content_length, vary,
                                    entry.response if entry is not None else None))
@@ -966,11 +976,6 @@ class MissPath:
                     engine.leases.head(key, run.lease, False, passing, resp.status if store_detail else 0)
                 except Exception:
                     log.exception("telling the workers waiting on %s failed", key)
-        spool = None
-        if entry is not None:
-            # The body that follows the head: none after a 204/304's, whatever its Content-Length
-            # says (the spool holds a body complete only at that length).
-            spool = storage.spool(entry, resp.body_length, epoch)
         flight.spool = spool
         body = flight.body
         body.storing = spool is not None

@@ -203,6 +203,13 @@ class Writer:
         so does one since ``since`` (the store's epoch when its request went to the origin: the
         response may have been made before that purge)."""
         spool = BodySpool(self, entry, expected_length)
+        if expected_length is not None and expected_length > self.spill_threshold \
+                and not spool.too_large and not self.reserve(spool, expected_length):
+            # A length known to need a spool file is given its room now, before the response's
+            # head goes out, so that the head can say it will not be stored (reserved at the
+            # first spill, the head had said "stored" of a response then given up SPOOLS-FULL).
+            spool.too_large = spool.no_room = True
+            return spool  # (holds nothing: nothing to discard)
         if since is not None and self.t.work.purged_since(since, entry.key, entry.tags):
             spool.doomed = True
         self.t.work.spools.add(spool)

@@ -50,6 +50,7 @@ class FakeSpool:
         self.too_large = expected_length is not None and expected_length > store.max_object
         self.discarded = False
         self.refused = ""
+        self.no_room = False
 
     async def write(self, chunk: bytes) -> bool:
         if self.store.full:

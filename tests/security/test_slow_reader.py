@@ -178,6 +178,65 @@ async def test_a_lone_slow_client_is_not_cut_off_when_the_store_is_given_up_mid_
         assert proxy.runtime.metrics.slow_readers.values() == {("resumed",): 0.0, ("cut_off",): 0.0}
 
 
+@pytest.mark.slow
+async def test_a_response_with_no_spool_room_says_so_at_its_head_and_its_lone_slow_client_gets_it_all(
+    make_proxy: MakeProxy
+) -> None:
+    """Another fill holds the spool room (a quarter of the disk budget): a response whose length
+    needs more is not stored. Its room was taken at its first spill, after its head had said
+    "stored"; and its lone slow client, detached before that, was cut off when it was given up."""
+    go, holding = asyncio.Event(), asyncio.Event()
+    held = 20 * 1024 * 1024
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            length = held if request.target == "/hold" else len(BODY)
+            await conn.send(f"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n"
+                            f"Content-Length: {length}\r\n\r\n".encode())
+            if request.target == "/hold":  # past its first spill, then nothing until the end
+                await conn.send(b"h" * (2 * 1024 * 1024))
+                holding.set()
+                await go.wait()
+                await conn.send(b"h" * (held - 2 * 1024 * 1024))
+                continue
+            await go.wait()
+            for i in range(0, len(BODY), PIECE):
+                await conn.send(BODY[i:i + PIECE])
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(
+            config="upstream: {retries: 0}\ncache: {memory: 64MB, memory_max_object: 6MB, max_object: 32MB, "
+                   "disk: {path: cache, size: 64MB, shards: 1}}\n",  # spool room: 16 MB
+            upstreams=[origin.url])
+        holder = asyncio.ensure_future(proxy.get("/hold", headers={"Host": "shop.example"}))
+        await asyncio.wait_for(holding.wait(), 20)
+        stalled = await stalled_client(proxy, origin)
+        try:
+            flights = proxy.runtime.engine.coalescer._flights
+            for _ in range(2000):
+                if len(origin.requests) == 2 and (big := [f for k, f in flights.items() if k.endswith("/big")]):
+                    break
+                await asyncio.sleep(0.01)
+            flight = big[0]
+            head = await asyncio.wait_for(asyncio.shield(flight.head), 20)
+            assert head.store_detail == "SPOOLS-FULL"
+            go.set()
+            await back_pressured_or_cut(flight)
+            raw = await read_all(stalled)
+        finally:
+            stalled.close()
+        head_text, _, body = raw.partition(b"\r\n\r\n")
+        assert b"Cache-Status: cachegate; fwd=uri-miss; fwd-status=200; detail=SPOOLS-FULL" in head_text
+        assert hashlib.sha256(body).digest() == DIGEST
+        assert (flight.body.detached, flight.body.cut_off) == (0, 0)
+        assert (await asyncio.wait_for(holder, 20)).status == 200
+        stored = await proxy.get("/hold", headers={"Host": "shop.example", "Cache-Control": "only-if-cached"})
+        assert stored.status == 200  # the fill that held the room was stored
+        assert proxy.runtime.metrics.slow_readers.values() == {("resumed",): 0.0, ("cut_off",): 0.0}
+
+
 def dechunk(data: bytes) -> bytes:
     """A complete chunked body's content (raises on a body cut short)."""
     out, at = bytearray(), 0

@@ -526,7 +526,9 @@ def test_bodies_being_received_take_at_most_a_share_of_the_disk_budget(tmp_path:
         first = s.spool(entry("http://a/1"), 12 * MB)
         assert await kept(first, 2) == [True, True]  # on file, 12 MB reserved
         second = s.spool(entry("http://a/2"), 12 * MB)
-        assert await kept(second, 1) == [False]  # 12 + 12 MB > 16 MB: passed on unstored
+        # 12 + 12 MB > 16 MB: passed on unstored, known at once (before its head goes out)
+        assert second.no_room and second.reserved == 0 and second not in s.work.spools
+        assert await kept(second, 1) == [False]
         assert second.no_room and not second.complete
         small = s.spool(entry("http://a/3"), 3 * MB)  # fits beside the first
         assert await kept(small, 2) == [True, True]
