@@ -7,15 +7,12 @@ one ``FILE:LINE: message`` line per problem, before any port is bound.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
 from proxy import __version__
 from proxy.config import Overrides
@@ -29,9 +26,6 @@ from proxy.startup import (
     run_async,
     start_logging,
 )
-
-if TYPE_CHECKING:
-    from proxy.warm import Warmer
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -237,21 +231,15 @@ def _read_source(name: str) -> str:
         return f.read()
 
 
-def _source_lines(name: str, spool: IO[bytes]) -> Iterator[bytes]:
-    """A URL list's lines as bytes, read as they are needed (whether one is UTF-8 is
-    ``url_lines``' to say, at its line). A list is read twice, to count and to send, and never
-    kept in memory: ``-``, standard input, is read once into ``spool`` (a temporary file)."""
+def _source_lines(name: str) -> Iterator[bytes]:
+    """A URL list's lines as bytes (``-``: standard input), read as they are needed: whether
+    one is UTF-8 is ``url_lines``' to say, at its line."""
     if name == "-":
-        if not spool.tell():
-            buffer = getattr(sys.stdin, "buffer", None)
-            if buffer is None:  # a text stream put in its place (a test's StringIO)
-                spool.writelines(line.encode("utf-8", "surrogateescape") for line in sys.stdin)
-            else:
-                shutil.copyfileobj(buffer, spool)
-            spool.write(b"\n")  # (and so never empty once read)
-        spool.seek(0)
-        yield from spool
-        spool.seek(0, os.SEEK_END)
+        buffer = getattr(sys.stdin, "buffer", None)
+        if buffer is None:  # a text stream put in its place (a test's StringIO)
+            yield from (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
+            return
+        yield from buffer
         return
     with open(name, "rb") as f:
         yield from f
@@ -261,11 +249,18 @@ def cmd_warm(args: argparse.Namespace) -> int:
     """Request URLs through the proxy to store them (``proxy.warm``); print the summary."""
     from proxy.admin_client import admin_url_of
     from proxy.warm import (
+        EXIT_ERRORS,
+        EXIT_INTERRUPTED,
         EXIT_USAGE,
+        Outcome,
         Warmer,
         WarmError,
         WarmOptions,
+        parse_access_log,
         parse_header,
+        summary,
+        targets_for,
+        url_lines,
     )
 
     try:
@@ -305,56 +300,25 @@ def cmd_warm(args: argparse.Namespace) -> int:
     except WarmError as exc:
         print(f"cachegate warm: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with tempfile.TemporaryFile() as spool:
-        return _warm_from(args, warmer, proxy, headers, variants, spool)
-
-
-def _warm_from(args: argparse.Namespace, warmer: Warmer, proxy: str, headers: list[tuple[str, str | None]],
-               variants: list[tuple[str, str | None]], spool: IO[bytes]) -> int:
-    """``cmd_warm`` once its options are read: the URL lists read a first time (to count the
-    URLs and refuse the lines that cannot be sent), then again as the requests are sent."""
-    from proxy.warm import (
-        EXIT_ERRORS,
-        EXIT_INTERRUPTED,
-        EXIT_USAGE,
-        Outcome,
-        WarmError,
-        listed_targets,
-        parse_access_log,
-        summary,
-        url_key,
-        url_lines,
-    )
-
-    keys: set[int] = set()  # each URL's url_key, not the URL: a list of millions is not kept
-    logged: list[str] = []
+    urls: list[str] = []
     refused: list[tuple[Outcome, str]] = []  # lines and logged paths that cannot be sent: errors
-
-    def listed(refused: list[tuple[Outcome, str]]) -> Iterator[str]:
-        for name in args.urls:
-            yield from url_lines(_source_lines(name, spool), "<stdin>" if name == "-" else name, warmer.check,
-                                 refused)
-
     try:
-        keys.update(map(url_key, listed(refused)))
+        for name in args.urls:
+            urls += url_lines(_source_lines(name), "<stdin>" if name == "-" else name, warmer.check, refused)
         for name in args.from_access_log:
-            paths = warmer.sendable(parse_access_log(_read_source(name).splitlines(), refused), refused)
-            keys.update(map(url_key, paths))
-            logged += paths
+            logged = parse_access_log(_read_source(name).splitlines(), refused)
+            urls += warmer.sendable(logged, refused)
     except OSError as exc:
         print(f"cachegate warm: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not keys and not args.sitemap and not refused:
+    if not urls and not args.sitemap and not refused:
         print("cachegate warm: nothing to warm: give --sitemap URL, --urls FILE (- for stdin) or "
               "--from-access-log FILE", file=sys.stderr)
         return EXIT_USAGE
     try:
-        def again() -> Iterable[str]:
-            return itertools.chain(listed([]), logged)
-
-        tally, seconds, interrupted = run_async(warmer.run(
-            lambda found: listed_targets(found, keys, again, headers, variants), args.sitemap, refused))
-    except (WarmError, OSError) as exc:  # OSError: a URL list gone before its second read
+        tally, seconds, interrupted = run_async(
+            warmer.run(lambda found: targets_for([*found, *urls], headers, variants), args.sitemap, refused))
+    except WarmError as exc:
         print(f"cachegate warm: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print("\n".join(summary(tally, seconds, proxy, interrupted)), flush=True)

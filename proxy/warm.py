@@ -14,9 +14,8 @@ Sources, all combined and deduplicated: ``--sitemap URL`` (a ``urlset``, or a
 accepted, read up to ``MAX_SITEMAP_BYTES`` compressed and uncompressed; documents with a
 DOCTYPE are refused by the parser, in any encoding, so no entity can expand; at most
 ``MAX_SITEMAP_URLS`` URLs in all; parsed ``PARSE_CHUNK`` at a time, in linear time, the event
-loop (and so Ctrl-C) running between slices), ``--urls FILE`` (one URL or path a line, ``#``
-comments; ``-`` is standard input; read once to count and check, again as the requests go out,
-never kept: ``url_lines``, ``listed_targets``) and
+loop (and so Ctrl-C) running between slices), ``--urls
+FILE`` (one URL or path a line, ``#`` comments; ``-`` is standard input) and
 ``--from-access-log FILE`` (GET/HEAD request lines of the common, combined or
 cachegate format with a status below 400, most requested first, each sent as the client sent
 it: ``logged_path``).
@@ -445,22 +444,6 @@ async def read_sitemap(body: bytes, room: int = MAX_SITEMAP_URLS) -> tuple[list[
     return reader.result()
 
 
-def url_key(url: str) -> int:
-    """A short stand-in for a URL (and the Host its access log line recorded: a path of each site
-    once) in the set that sends each URL once: 2,000,000 URLs kept whole, with their targets, took
-    700 MB. A 64-bit hash: two URLs of one run share one with odds of about n * n / 2**65."""
-    return hash((str(url), url.host if isinstance(url, LoggedPath) else None))
-
-
-def _variants(url: str, headers: Sequence[tuple[str, str | None]],
-              variants: Sequence[tuple[str, str | None]]) -> Iterator[Target]:
-    if variants:
-        for v in variants:  # a variant's field replaces any -H of that name (it names the variant)
-            yield Target(url, (*(h for h in headers if h[0].lower() != v[0].lower()), v))
-    else:
-        yield Target(url, tuple(headers))
-
-
 def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str | None]],
                 variants: Sequence[tuple[str, str | None]]) -> list[Target]:
     """Each URL once (first seen wins), once per variant when variants are given: a variant's
@@ -469,49 +452,19 @@ def targets_for(urls: Iterable[str], headers: Sequence[tuple[str, str | None]],
     >>> [t.headers for t in targets_for(["/a"], [("X-A", "1"), ("Accept", "x")], [("accept", "y")])]
     [(('X-A', '1'), ('accept', 'y'))]
     """
-    seen: set[int] = set()
+    seen: set[tuple[str, str | None]] = set()
     out: list[Target] = []
     for url in urls:
-        key = url_key(url)
-        if key not in seen:
-            seen.add(key)
-            out.extend(_variants(url, headers, variants))
+        key = (url, url.host if isinstance(url, LoggedPath) else None)  # a path of each site once
+        if key in seen:
+            continue
+        seen.add(key)
+        if variants:
+            out.extend(Target(url, (*(h for h in headers if h[0].lower() != v[0].lower()), v))
+                       for v in variants)
+        else:
+            out.append(Target(url, tuple(headers)))
     return out
-
-
-@dataclass(frozen=True)
-class Targets:
-    """What to warm: how many requests (for the progress and the summary), and the requests,
-    made as the workers ask for them (a URL list is read again then, not kept in memory)."""
-
-    count: int
-    items: Iterable[Target]
-
-
-def listed_targets(found: Sequence[str], listed_keys: set[int], again: Callable[[], Iterable[str]],
-                   headers: Sequence[tuple[str, str | None]],
-                   variants: Sequence[tuple[str, str | None]]) -> Targets:
-    """The sitemaps' URLs ``found`` (first), then those ``again`` reads once more (URL lists,
-    access logs), each URL once and once per variant. ``listed_keys``: the ``url_key`` of the
-    latter, from a first read that counted them (and said which lines cannot be sent); used up
-    as they are sent (a URL whose key is gone was sent already), so no second set grows."""
-    found_keys = set(map(url_key, found))
-    count = (len(listed_keys) + len(found_keys - listed_keys)) * max(1, len(variants))
-
-    def urls() -> Iterator[str]:
-        for url in found:
-            key = url_key(url)
-            if key in found_keys:
-                found_keys.discard(key)
-                listed_keys.discard(key)
-                yield url
-        for url in again():
-            key = url_key(url)
-            if key in listed_keys:
-                listed_keys.discard(key)
-                yield url
-
-    return Targets(count, (t for url in urls() for t in _variants(url, headers, variants)))
 
 
 # -- outcomes (pure) ----------------------------------------------------------------------------
@@ -975,9 +928,8 @@ class Warmer:
                   refused: Sequence[tuple[Outcome, str]] = ()) -> tuple[Tally, float, bool]:
         """Warm everything; (tally, seconds, interrupted). ``targets_of(urls)`` turns the
         sitemap's URLs (first, those that can be sent) and the other sources (checked by the
-        caller: ``url_lines``) into targets (a list, or ``Targets``: made as they are sent);
-        ``refused``: (error, URL) the sources could not turn into a request, counted as errors
-        once each."""
+        caller: ``url_lines``) into targets; ``refused``: (error, URL) the sources could not turn
+        into a request, counted as errors once each."""
         import aiohttp
 
         tally = Tally(total=0)
@@ -995,31 +947,25 @@ class Warmer:
                                              skip_auto_headers=SKIPPED_AUTO_HEADERS) as session:
                 found = await _until(stop, self.sitemap_urls(session, sitemaps, tally)) if sitemaps else []
                 unsent: list[tuple[Outcome, str]] = []
-                targets = targets_of(self.sendable(found or [], unsent))
-                if not isinstance(targets, Targets):
-                    targets = Targets(len(targets), targets)
+                targets: list[Target] = targets_of(self.sendable(found or [], unsent))
                 for outcome, url in unsent:
                     tally.refuse(outcome, url)
-                tally.total += targets.count
+                tally.total += len(targets)
                 if not stop.is_set():
                     await self._warm(session, targets, tally, stop, started)
-                if not stop.is_set():  # a URL list that changed between its two reads
-                    tally.total = tally.done
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGINT)
         return tally, time.monotonic() - started, stop.is_set()
 
-    async def _warm(self, session: Any, targets: Targets, tally: Tally, stop: asyncio.Event,
+    async def _warm(self, session: Any, targets: list[Target], tally: Tally, stop: asyncio.Event,
                     started: float) -> None:
-        queue = iter(targets.items)  # shared by the workers: each takes the next (no copy)
+        queue = collections.deque(targets)
         pacer = Pacer(self.options.rate)
 
         async def worker() -> None:
-            while not stop.is_set():
-                target = next(queue, None)
-                if target is None:
-                    return
+            while queue and not stop.is_set():
+                target = queue.popleft()
                 wait = pacer.wait(time.monotonic())
                 if wait > 0:
                     await asyncio.sleep(wait)
@@ -1035,7 +981,7 @@ class Warmer:
 
         reporter = asyncio.ensure_future(self._report(tally, started))
         # No more workers than requests: each one is a task and, once it sends, a connection.
-        count = max(1, min(self.options.concurrency, targets.count))
+        count = max(1, min(self.options.concurrency, len(queue)))
         workers = [asyncio.ensure_future(worker()) for _ in range(count)]
         try:
             await _until(stop, asyncio.gather(*workers))

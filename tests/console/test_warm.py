@@ -402,40 +402,6 @@ async def test_warmed_pages_are_read_in_chunks_not_kept(origin: Origin, proxy: P
     assert peak < 300, f"warm peaked at {peak:.0f} MB for 3 pages of 128 MB"
 
 
-def peak_rss_so_far(pid: int) -> float:
-    """The peak RSS of a running process, in MB (Linux's VmHWM)."""
-    found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    assert found is not None
-    return int(found.group(1)) / 1024
-
-
-@pytest.mark.slow
-async def test_a_long_url_list_is_read_as_it_is_sent_not_kept_in_memory(proxy: Proxy, tmp_path: Path) -> None:
-    """A URL list was read whole, then held as lines, URLs, targets and a copy of those: 2,000,000
-    lines took 700 MB before the first request. Now it is read once to count its URLs (keeping a
-    short hash of each) and again as the requests go out: 400,000 lines stay well under 120 MB
-    (it was 176 MB; the hashes are about 75 bytes a URL)."""
-    lines = 400_000
-    with (tmp_path / "urls.txt").open("w") as f:
-        f.writelines(f"http://shop.example/products/item-{i:09d}?ref=sitemap&x=1\n" for i in range(lines))
-        f.write("http://shop.example/products/item-000000000?ref=sitemap&x=1\n")  # a repeat: once
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "warm", "--proxy", proxy.url, "--urls", str(tmp_path / "urls.txt"),
-        "--rate", "20", "--progress", "lines", "--progress-interval", "0.2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    assert proc.stderr is not None
-    try:
-        line = await asyncio.wait_for(proc.stderr.readline(), 120)  # the first progress line: sending
-        assert f"/{lines} (" in line.decode(), line
-        peak = peak_rss_so_far(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 130
-    assert f" of {lines} requests in " in out.decode(), out
-    assert peak < 120, f"warm peaked at {peak:.0f} MB for a list of {lines} URLs"
-
-
 # -- document type declarations and the cap on URLs ------------------------------------------------
 
 
