@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 from proxy import __version__
@@ -231,18 +230,18 @@ def _read_source(name: str) -> str:
         return f.read()
 
 
-def _source_lines(name: str) -> Iterator[bytes]:
-    """A URL list's lines as bytes (``-``: standard input), read as they are needed: whether
-    one is UTF-8 is ``url_lines``' to say, at its line."""
+def _source_lines(name: str) -> list[bytes]:
+    """A URL list's lines as bytes (``-``: standard input): whether one is UTF-8 is
+    ``url_lines``' to say, at its line. A line ends at CR LF, LF or a lone CR (a list saved by
+    an old Mac editor: read by LF alone, its URLs were one URL with %0D in it, warmed as a key
+    no client asks for)."""
     if name == "-":
         buffer = getattr(sys.stdin, "buffer", None)
         if buffer is None:  # a text stream put in its place (a test's StringIO)
-            yield from (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
-            return
-        yield from buffer
-        return
+            return sys.stdin.read().encode("utf-8", "surrogateescape").splitlines()
+        return bytes(buffer.read()).splitlines()
     with open(name, "rb") as f:
-        yield from f
+        return f.read().splitlines()
 
 
 def cmd_warm(args: argparse.Namespace) -> int:

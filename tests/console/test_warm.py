@@ -850,6 +850,19 @@ async def test_bad_lines_are_errors_once_each_named_by_file_and_line_and_not_utf
     assert "    at <stdin>:1, <stdin>:2, <stdin>:3, <stdin>:4, <stdin>:5 and 3 more\n" in out, out
 
 
+async def test_a_list_whose_lines_end_with_a_lone_cr_is_one_url_a_line(
+        origin: Origin, proxy: Proxy, tmp_path: Path) -> None:
+    """A list saved with old Mac line ends (a lone CR) was read by LF alone: its three URLs were
+    one, sent as /cr1%0D/cr2%0D/cr3 and reported stored (a key no client asks for)."""
+    for path in ("/cr1", "/cr2", "/cr3"):
+        origin.route(path, body=b"x", headers={"Cache-Control": "max-age=600"})
+    urls = tmp_path / "urls.txt"
+    urls.write_bytes(b"/cr1\r/cr2\r\n/cr3\r")
+    code, out, err = await warm("--proxy", proxy.url, "--urls", str(urls), "--progress", "none")
+    assert code == 0 and "cachegate warm: 3 of 3 requests" in out, (out, err)
+    assert sorted(r.path for r in origin.seen) == ["/cr1", "/cr2", "/cr3"]
+
+
 @pytest.mark.slow
 async def test_error_kinds_are_a_fixed_few_with_one_example_each(origin: Origin, proxy: Proxy) -> None:
     """Each line that was not a URL was a kind of its own, URL included ("not a URL or path:
