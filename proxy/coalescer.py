@@ -30,7 +30,7 @@ body is being stored. A reader more than ``HIGH_WATER`` bytes behind is
   ``TooFarBehind`` (its client's connection is aborted, never ended as if complete);
 - waited for only when it is the sole reader left and nothing stores the body, or nothing
   that is sure to: then the wait is back-pressure on the origin, and holds up nobody else.
-  (A store that may still be given up, a length not known (``BodySpool.held``), would
+  (A store that may still be given up, a length not known or its room not yet reserved, would
   leave a detached reader nothing to finish from; it is detached once a client that came too
   late to read the body waits for the store, here or in another worker: ``Broadcast.outwait``,
   ``Broadcast.awaited``.)
