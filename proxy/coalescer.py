@@ -32,8 +32,7 @@ body is being stored. A reader more than ``HIGH_WATER`` bytes behind is
   that is sure to: then the wait is back-pressure on the origin, and holds up nobody else.
   (A store that may still be given up, a length not known or its room not yet reserved, would
   leave a detached reader nothing to finish from; it is detached once a client that came too
-  late to read the body waits for the store, here or in another worker: ``Broadcast.outwait``,
-  ``Broadcast.awaited``.)
+  late to read the body waits for the store: ``Broadcast.outwait``.)
 
 Why detach rather than cut off whenever possible: a client on a slow link is legitimate,
 and the stored copy lets it finish at its own pace without holding memory (a detached
@@ -131,8 +130,6 @@ class PassMarks:
 # Unread bytes a reader may fall behind the fetch (beyond the history it joined with) before
 # it is detached or cut off (or, alone on an unstored body, waited for): see the module docstring.
 HIGH_WATER = 4 * 1024 * 1024
-# How often a fill held by a lone slow reader looks whether another worker waits for its store.
-AWAITED_LOOK = 0.25
 
 
 class FellBehind(Exception):
@@ -299,9 +296,6 @@ class Broadcast:
         # can give it up now. Set by the engine, as ``storing`` is.
         self.store_held = False
         self.outwaited = False  # a client too late to read the body waits for the store (``outwait``)
-        # Whether clients elsewhere (another worker's, on the fill's lease) wait for the store:
-        # looked at while a lone slow reader holds the fill (``_make_room``). Set by the engine.
-        self.awaited: Callable[[], bool] | None = None
         self.detached = 0  # readers detached so far (they finish from the store)
         self.cut_off = 0  # readers cut off so far
         self._ended = False
@@ -388,19 +382,9 @@ class Broadcast:
                 for r in slow:
                     self._cut(r)
                 return
-            drained = self._drained = asyncio.Event()
+            self._drained = asyncio.Event()
             try:
-                if self.storing and self.awaited is not None:
-                    # Another worker's clients may come to wait for this fill's store meanwhile
-                    # (no word reaches this loop when they do: looked at while it waits).
-                    while not drained.is_set():
-                        if self.awaited():
-                            self.outwaited = True
-                            break
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(drained.wait(), AWAITED_LOOK)
-                else:
-                    await drained.wait()
+                await self._drained.wait()
             finally:
                 self._drained = None
 

@@ -981,9 +981,6 @@ class MissPath:
         body = flight.body
         body.storing = spool is not None
         body.store_held = spool is not None and spool.held
-        if spool is not None and run.lease is not None and engine.leases is not None:
-            leases, lease = engine.leases, run.lease
-            body.awaited = lambda: leases.waited_on(key, lease)
         abandoned = ""  # why the store was given up mid-body
         whole = resp.complete_body()  # a small body arrives with its head: no async generator
         try:

@@ -289,14 +289,6 @@ class LeaseTable:
             started = float(found[1][2])
         return started + wait - self._clock()
 
-    def waited_on(self, key: str, token: int) -> bool:
-        """Whether another worker waits for lease ``token`` on ``key`` (its holder's fill then
-        holds up that worker's clients: ``coalescer.Broadcast.awaited``). A look, nothing changed."""
-        fp = self._arena.fingerprint(key)
-        with self._locked:
-            found = self._find(fp)
-            return found is not None and found[1][1] == token and found[1][3] != 0
-
     def fetching_elsewhere(self, worker: int, key: str) -> bool:
         """Whether a worker other than ``worker`` holds the lease on ``key`` (it is fetching the
         object) and its response is not known to be unshareable: a look, nothing taken (a range
@@ -516,9 +508,6 @@ class LeaseClient:
 
     def fetch_from(self, key: str, lease: Granted, delay: float) -> None:
         self._table.fetch_from(key, lease.token, delay)
-
-    def waited_on(self, key: str, lease: Granted) -> bool:
-        return self._table.waited_on(key, lease.token)
 
     def head(self, key: str, lease: Granted, shareable: bool, pass_: bool, status: int = 0) -> None:
         self._tell(self._table.head(key, lease.token, shareable, pass_, status))

@@ -115,21 +115,6 @@ def test_a_look_tells_whether_another_worker_is_fetching_a_key_and_takes_nothing
     assert not t.fetching_elsewhere(1, "old")
 
 
-def test_a_holder_can_look_whether_another_worker_waits_for_its_lease(
-        table: tuple[LeaseTable, Clock]) -> None:
-    """A fill held by its lone slow client lets it fall behind (to finish from the store) once
-    another worker's clients wait for that store (``coalescer.Broadcast.awaited``)."""
-    t, _ = table
-    t.acquire(0, "k")
-    assert not t.waited_on("k", token=1)
-    t.acquire(1, "k", block=False)  # a refresh that does not wait: not a waiter
-    assert not t.waited_on("k", token=1)
-    t.acquire(1, "k")
-    assert t.waited_on("k", token=1) and not t.waited_on("k", token=2)
-    t.release("k", token=1, outcome="stored")
-    assert not t.waited_on("k", token=1)
-
-
 def test_a_refresh_that_does_not_wait_is_told_busy_and_not_counted_as_a_waiter(
         table: tuple[LeaseTable, Clock]) -> None:
     t, _ = table

@@ -350,23 +350,6 @@ async def test_a_lone_reader_is_detached_once_a_late_client_waits_for_the_store(
     assert (only.detached, body.detached) == (True, 1)
 
 
-async def test_a_lone_reader_is_detached_once_another_worker_waits_for_the_store() -> None:
-    body = Broadcast(history_limit=0)
-    body.storing = True
-    waiting_elsewhere = False
-    body.awaited = lambda: waiting_elsewhere  # (the fill's lease: ``LeaseTable.waited_on``)
-    only = body.join()
-    assert only is not None
-    for _ in range(4):
-        await body.push(CHUNK)
-    blocked = asyncio.ensure_future(body.push(CHUNK))
-    await asyncio.sleep(0.01)
-    assert not blocked.done()
-    waiting_elsewhere = True  # another worker's client asked for the key: looked at, detached
-    await asyncio.wait_for(blocked, 5)
-    assert (only.detached, body.detached) == (True, 1)
-
-
 async def test_history_a_late_reader_joins_with_does_not_count_against_it() -> None:
     body = Broadcast(history_limit=2 * HIGH_WATER)
     first = body.join()
