@@ -28,11 +28,8 @@ body is being stored. A reader more than ``HIGH_WATER`` bytes behind is
   stored after all);
 - *cut off* when the body is not being stored and another reader keeps up: it raises
   ``TooFarBehind`` (its client's connection is aborted, never ended as if complete);
-- waited for only when it is the sole reader left and nothing stores the body, or nothing
-  that is sure to: then the wait is back-pressure on the origin, and holds up nobody else.
-  (A store that may still be given up, a length not known or its room not yet reserved, would
-  leave a detached reader nothing to finish from; it is detached once a client that came too
-  late to read the body waits for the store: ``Broadcast.outwait``.)
+- waited for only when it is the sole reader left and nothing stores the body: then the
+  wait is back-pressure on the origin, and holds up nobody else.
 
 Why detach rather than cut off whenever possible: a client on a slow link is legitimate,
 and the stored copy lets it finish at its own pace without holding memory (a detached
@@ -292,10 +289,6 @@ class Broadcast:
         self._history_limit = history_limit
         self._readers: list[Reader] = []
         self.storing = False
-        # The store holds its room for the whole body (``BodySpool.held``): only a failed write
-        # can give it up now. Set by the engine, as ``storing`` is.
-        self.store_held = False
-        self.outwaited = False  # a client too late to read the body waits for the store (``outwait``)
         self.detached = 0  # readers detached so far (they finish from the store)
         self.cut_off = 0  # readers cut off so far
         self._ended = False
@@ -366,13 +359,7 @@ class Broadcast:
             slow = [r for r in live if r.behind]
             if not slow:
                 return
-            # Detached only when the store will have the bytes it dropped (its room is held for
-            # the whole body), or when it would hold others up: readers that keep up, or clients
-            # that came too late to read the fill and wait for the store. A lone reader of a
-            # store that may still be given up (a length not known or not yet reserved: too
-            # large, no room) is waited for instead, as on an unstored body: detached, it was
-            # cut off when the store was given up, though nothing else needed the fill to hurry.
-            if self.storing and (self.store_held or len(slow) < len(live) or self.outwaited):
+            if self.storing:
                 for r in slow:
                     r._drop()
                     r.detached = True
@@ -388,14 +375,6 @@ class Broadcast:
             finally:
                 self._drained = None
 
-    def outwait(self) -> None:
-        """A client too late to read the body from its first byte waits for the store: a lone
-        slow reader no longer holds the fill to its pace (it is detached, as among fast ones)."""
-        self.outwaited = True
-        drained = self._drained
-        if drained is not None:
-            drained.set()
-
     def _cut(self, reader: Reader) -> None:
         reader._drop()
         reader._put(TooFarBehind(f"the client fell more than {HIGH_WATER} bytes behind a shared "
@@ -405,9 +384,8 @@ class Broadcast:
 
     def stop_storing(self) -> None:
         """The body will not be stored after all: readers detached to finish from the store
-        are cut off now (rather than at the end of the body), and none is detached any more.
-        (A lone reader was not detached while the store could still be given up: ``_make_room``.)"""
-        self.storing = self.store_held = False
+        are cut off now (rather than at the end of the body), and none is detached any more."""
+        self.storing = False
         for r in [r for r in self._readers if r.detached]:
             self._cut(r)
         self._move()

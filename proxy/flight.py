@@ -980,7 +980,6 @@ class MissPath:
         flight.spool = spool
         body = flight.body
         body.storing = spool is not None
-        body.store_held = spool is not None and spool.held
         abandoned = ""  # why the store was given up mid-body
         whole = resp.complete_body()  # a small body arrives with its head: no async generator
         try:
@@ -990,8 +989,6 @@ class MissPath:
                     if abandoned:
                         spool = None
                         body.stop_storing()
-                    else:
-                        body.store_held = spool.held  # (once its room is reserved, at the spill)
                 if body.readers == 0 and spool is None:
                     resp.close()  # nobody reads it and nothing stores it
                     self._end(run, Abandoned())
@@ -1536,7 +1533,6 @@ class MissPath:
         """Wait for the end of a flight a client joined too late to read from its first byte:
         while it stores the body (looked at every ``lock_timeout``), or ``lock_timeout`` at most."""
         timeout = self.engine.settings.cache.lock_timeout
-        flight.body.outwait()  # (a lone slow reader no longer holds the fill to its pace)
         while not flight.result.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flight.result), timeout)

@@ -85,15 +85,6 @@ class BodySpool:
         await writer.t.run(self._write_file, chunk)
         return True
 
-    @property
-    def held(self) -> bool:
-        """Whether only a failed write can give the store up now: the body's length is known,
-        within ``limit``, and it stays in memory or its spool room is reserved for all of it
-        (a length not known may grow too large, and an unreserved one find no room)."""
-        n = self.expected_length
-        return (n is not None and not self.too_large and not self.doomed
-                and (n <= self._writer.spill_threshold or self.reserved >= n))
-
     def _write_file(self, data: bytes) -> None:
         """Append ``data`` to the spool file, flushed, and to its CRC, in the thread pool (zlib
         lets go of the GIL while it sums a buffer). Flushed: what the flight has pushed to its

@@ -69,11 +69,6 @@ class FakeSpool:
     def complete(self) -> bool:
         return not self.too_large and (self.expected_length is None or self.expected_length == self.size)
 
-    @property
-    def held(self) -> bool:
-        """Only a failed write can give it up: its length is known and within ``max_object``."""
-        return self.expected_length is not None and not self.too_large and not self.doomed
-
     def body_bytes(self) -> bytes | None:
         return b"".join(self.chunks)
 
