@@ -27,10 +27,10 @@ Facts of diskcache respected here:
 - a write can time out on the shard lock (``diskcache.Timeout``): it is caught,
   counted in ``failed_writes`` and reported as False, never raised to a client;
 - eviction is ours (``_cull``: whole entries, only until the shard is under its budget, never
-  the entries just written while others are left), not diskcache's ``cull`` (10 rows a pass
-  whatever their size); an object bigger than a shard's budget would still be evicted as soon
-  as it is stored, after everything else: ``max_body`` is half a shard, and bigger bodies are
-  not stored on disk at all;
+  the entries just written while others are left, in rounds of at most ``CULL_BATCH`` rows),
+  not diskcache's ``cull`` (10 rows a pass whatever their size); an object bigger than a
+  shard's budget would still be evicted as soon as it is stored, after everything else:
+  ``max_body`` is half a shard, and bigger bodies are not stored on disk at all;
 - ``least-recently-used`` turns every read into a write; the memory tier keeps
   the recency of hot objects, so only memory misses reach the disk;
 - a big body is written before its metadata (outside the lock, since copying it
@@ -297,6 +297,28 @@ def _raise_seq(shard: diskcache.Cache, top: list[int]) -> None:
         shard._sql(_SEQ_RAISE, (top[0],))
 
 
+class BodyGone(Exception):
+    """A new variant's body is no longer on disk when its metadata is to be committed."""
+
+
+_HAS_ROW = "SELECT 1 FROM Cache WHERE raw = 1 AND key = ?"
+
+
+def _with_bodies(shard: diskcache.Cache, merge: Merge) -> Merge:
+    """``merge``, raising ``BodyGone`` when a variant it adds names a body the shard does not hold
+    (one indexed lookup each). Why: a big body is put before its metadata, outside the lock, and
+    may be culled meanwhile (by another process, or beyond ORPHAN_AGE); its metadata committed
+    anyway read as stored, then as a miss, with a record naming a missing body."""
+    def checked(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+        variants, dropped = merge(current)
+        had = {e.body_id for e in current}
+        for e in variants:
+            if e.body_id not in had and shard._sql(_HAS_ROW, ("b:" + e.body_id,)).fetchone() is None:
+                raise BodyGone(e.body_id)
+        return variants, dropped
+    return checked
+
+
 class ShardBusy(Exception):
     """A shard's write lock stayed held (``update_many(retry=False)``): nothing of that batch was
     written."""
@@ -338,19 +360,32 @@ ROW_OVERHEAD = 100  # bytes a row costs in the database besides its key and valu
 # Evicted beyond the excess (at most a 512th of the budget): volume counts database pages, which
 # deleting one small row rarely frees; a cull of exactly the excess took a round per small entry.
 CULL_SLACK = 64 * 1024
-CULL_ROUNDS = 64  # transactions one cull may take before it leaves the rest to the next write
+# One round (one transaction, the shard's write lock held) deletes at most CULL_BATCH rows and
+# aims at no more than an eighth of the budget; the volume is measured again after each. Why:
+# a round that took a whole excess at once held the lock for seconds (155,000 small entries:
+# 2.8 s, another process's write timed out), and its estimate of the bytes freed is below what
+# the pages really free, so a shard far over its budget (a smaller cache.disk.size at restart)
+# was emptied. Now a cull stops at most about one round's worth under the budget.
+CULL_BATCH = 500
+CULL_STEP = 8  # a round aims at most at budget // CULL_STEP bytes
+# Rounds one cull may take before it leaves the rest to the next write (the lock is released
+# between rounds): 256 rounds of CULL_BATCH rows work off 128,000 small entries, or 32 budgets.
+CULL_ROUNDS = 256
 # The stages of a cull, each taken once the one before found nothing more to evict:
-# 0: entries other than the ones just written; 1: bodies no remaining entry names (a crash's
-# leftovers, another process's write whose metadata is not committed yet), but the one just put;
-# 2: the entries just written (only when they alone are over the budget).
+# 0: entries other than the ones just written; 1: bodies no entry names (a crash's leftovers),
+# only those older than ORPHAN_AGE (a younger one may be another process's write whose metadata
+# is not committed yet), never the one just put; 2: the entries just written (only when they
+# alone are over the budget).
 LAST_STAGE = 2
+_META_ROWS = "SELECT key, value FROM Cache WHERE raw = 1 AND key >= 'm:' AND key < 'm;'"
 
 
 def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: str | None,
            stage: int) -> int:
     """Inside the cull's transaction: delete the first rows in the policy's order that free about
-    ``over`` bytes, in one statement per 500 rows; the estimate of bytes freed (0: nothing left to
-    evict at this stage). Metadata goes with the bodies it names."""
+    ``over`` bytes, at most CULL_BATCH rows (past it only to finish the entry it is in), in one
+    statement per 500 rows; the estimate of bytes freed (0: nothing left to evict at this stage).
+    Metadata goes with the bodies it names."""
     sql = shard._sql
     order = _EVICTION_ORDER.get(shard.eviction_policy)
     if order is None:
@@ -359,14 +394,16 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
     files: list[str] = []
     freed = 0
     spared: set[str] = {"b:" + keep_body} if keep_body is not None else set()
-    if stage == 1:  # the bodies of the entries kept: not leftovers
-        for k in keep:
-            spared.update("b:" + body for body, _ in _bodies_of(shard, "m:" + k, None))
+    young = time.time() - ORPHAN_AGE
+    if stage == 1:  # the bodies any entry names, read under the lock: not leftovers
+        for name, value in sql(_META_ROWS).fetchall():
+            if isinstance(name, str):
+                spared.update("b:" + body for body, _ in _bodies_of(shard, name, value))
     taken: set[str] = set()
     named: list[str] = []  # the bodies of the entries taken
     cursor = sql(_CULL_SCAN.format(order=order))
     try:
-        while freed < over:
+        while freed < over and len(taken) < CULL_BATCH:
             rows = cursor.fetchmany(256)
             if not rows:
                 break
@@ -382,14 +419,15 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
                             taken.add(body)
                             named.append(body)
                             freed += body_size + len(body) * 2 + ROW_OVERHEAD
-                elif stage != 1 or name in spared or not name.startswith("b:"):
+                elif stage != 1 or name in spared or not name.startswith("b:") \
+                        or body_time(name[2:]) >= young:
                     continue  # (a body goes with its entry)
                 taken.add(name)
                 rowids.append(rowid)
                 if filename is not None:
                     files.append(filename)
                 freed += size + length + len(name) * 2 + ROW_OVERHEAD
-                if freed >= over:
+                if freed >= over or len(taken) >= CULL_BATCH:
                     break
     finally:
         cursor.close()
@@ -835,11 +873,14 @@ class DiskTier:
         top = [0]
         try:
             with _transaction(shard):
-                self._merge_locked(shard, key, _noting_seq(merge, top))
+                self._merge_locked(shard, key, _noting_seq(_with_bodies(shard, merge), top))
                 _raise_seq(shard, top)
         except diskcache.Timeout as exc:
             self.failed_writes += 1
             self._lock_timeouts.failed(exc)
+            return False
+        except BodyGone:
+            self.failed_writes += 1  # (rolled back: nothing of it was written)
             return False
         self._lock_timeouts.succeeded()
         self._cull(shard, keep=(key,))
@@ -939,7 +980,10 @@ class DiskTier:
         others in a 90 MB shard emptied the shard, the new entry with it (answered ``stored``,
         then a miss), and a body could go without its metadata (a variant that reads as a
         miss). Checking once per write (or batch) costs two queries; diskcache's culling inside
-        every ``set`` cost three per set."""
+        every ``set`` cost three per set. Each round is one transaction of at most CULL_BATCH
+        rows aiming at min(excess, budget / CULL_STEP), the volume measured again after it: a
+        whole excess in one round held the lock for seconds and, its estimate below the pages
+        freed, emptied a shard far over its budget. After CULL_ROUNDS the next write goes on."""
         try:
             over = shard.volume() - shard.size_limit
             if over <= 0:
@@ -947,9 +991,10 @@ class DiskTier:
             kept = frozenset(keep)
             stage = 0
             for _ in range(CULL_ROUNDS):
+                budget = shard.size_limit
+                aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, 1))
                 with _transaction(shard):
-                    freed = _evict(shard, over + min(shard.size_limit // 512, CULL_SLACK), kept,
-                                   keep_body, stage)
+                    freed = _evict(shard, aim, kept, keep_body, stage)
                 over = shard.volume() - shard.size_limit
                 if over <= 0:
                     return

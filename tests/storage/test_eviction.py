@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from proxy.storage import disk as disk_module
 from proxy.storage import upkeep
-from proxy.storage.disk import DiskTier, new_body_id, shard_budget
-from proxy.storage.entry import decode_variants
+from proxy.storage.disk import CULL_BATCH, CULL_SLACK, CULL_STEP, DiskTier, new_body_id, shard_budget
+from proxy.storage.entry import Entry, decode_variants, encode_variants
 from tests.storage.helpers import MB, entry, open_store, read_body, store
 
 BODY = 2 * MB  # stored as files; a shard of 9 MB holds 4 of them
@@ -98,11 +99,119 @@ def test_bodies_no_entry_names_are_culled_last_but_the_one_just_put(tmp_path: Pa
     culled to make room for itself; bodies of a crash no entry names go once entries are gone."""
     disk = DiskTier(str(tmp_path / "cache"), 10 * MB, shards=1)
     try:
+        assert disk.put_body("http://h.test/e", "e", b"x")
         assert disk.commit("http://h.test/e", lambda cur: ((entry("http://h.test/e").with_body("e", 1),), []))
         for i in range(8):
             assert disk.put_body("http://h.test/o", f"o{i}", os.urandom(BODY))
             assert disk._shards[0].get(f"b:o{i}") is not None
         assert disk.volume() <= disk.shard_limit
         assert not disk.has("http://h.test/e")  # the entry went before any leftover body
+    finally:
+        disk.close()
+
+
+def _fill_small(disk: DiskTier, keys: list[str]) -> None:
+    """``keys`` as new 1 KiB entries, in batches as the owner's write-behind commits them."""
+    for start in range(0, len(keys), 500):
+        items = []
+        for k in keys[start:start + 500]:
+            body_id = new_body_id()
+            e = entry(k).with_body(body_id, SMALL)
+            items.append((k, lambda current, e=e: ((e,), []), body_id, os.urandom(SMALL)))
+        assert all(disk.commit_many(items, [True] * len(items)))
+
+
+def test_a_shard_far_over_its_budget_is_culled_to_close_under_it_in_bounded_rounds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smaller budget than the shard holds (cache.disk.size lowered at a restart, the index's
+    share grown, culls skipped while busy): one round took the whole excess in one transaction,
+    holding the shard's lock for seconds, and its estimate of the bytes freed is below what the
+    pages free, so 36 MB culled to a 3.8 MB budget left the shard empty. Now each round deletes
+    at most CULL_BATCH rows, aiming at an eighth of the budget, and measures again."""
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=1)
+    shard = disk._shards[0]
+    rounds: list[int] = []  # rows each round (one transaction) deleted
+    evict = disk_module._evict
+
+    def counted(sh: object, over: int, keep: frozenset[str], keep_body: str | None, stage: int) -> int:
+        before = len(shard)
+        freed = evict(shard, over, keep, keep_body, stage)
+        rounds.append(before - len(shard))
+        return freed
+
+    try:
+        _fill_small(disk, [f"http://h.test/old/{i}" for i in range(12000)])
+        full = shard.volume()
+        assert not rounds and full > 14 * MB
+        budget = full // 4
+        shard.size_limit = budget  # (as ``count_index`` lowers it)
+        monkeypatch.setattr(disk_module, "_evict", counted)
+        _fill_small(disk, ["http://h.test/new"])
+        kept = shard.volume()
+        assert kept <= budget
+        # Not emptied, nor far under: at most one round's aim (and a page or so) below.
+        assert kept >= budget - budget // CULL_STEP - CULL_SLACK, (kept, budget)
+        assert disk.has("http://h.test/new") and len(rounds) > 1
+        assert max(rounds) <= CULL_BATCH + 2  # (the last entry a round takes goes whole)
+        metas, ids = _rows(disk)
+        assert {b for named in metas.values() for b in named} == ids  # whole entries still
+    finally:
+        disk.close()
+
+
+def test_the_cull_of_bodies_no_entry_names_spares_named_and_young_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 deleted every body but the culling writer's own: a body another worker had put and
+    was about to name (its metadata commit then named a missing body), and the body of an entry
+    another process committed between two rounds. Now only bodies older than ORPHAN_AGE that no
+    metadata row names, read inside the round's transaction."""
+    disk = DiskTier(str(tmp_path / "cache"), 10 * MB, shards=1)
+    shard = disk._shards[0]
+    late = "http://h.test/late"
+    evict = disk_module._evict
+    committed: list[str] = []
+
+    def another_commits_first(sh: object, over: int, keep: frozenset[str], keep_body: str | None,
+                              stage: int) -> int:
+        if stage == 1 and not committed:  # an entry committed by another process between rounds
+            committed.append(late)
+            shard.set("m:" + late, encode_variants((entry(late).with_body("late", BODY),)))
+        return evict(shard, over, keep, keep_body, stage)
+
+    monkeypatch.setattr(disk_module, "_evict", another_commits_first)
+    young = new_body_id()  # another worker's body, its metadata not committed yet
+    try:
+        assert disk.put_body("http://h.test/y", young, os.urandom(BODY))
+        assert disk.put_body(late, "late", os.urandom(BODY))  # (an id of no time: old)
+        for i in range(3):  # a crash's leftovers, old; the third is over the budget
+            assert disk.put_body("http://h.test/o", f"o{i}", os.urandom(BODY))
+        assert committed  # (the cull reached stage 1)
+        assert disk.volume() <= disk.shard_limit
+        assert shard.get("b:" + young) is not None
+        assert disk.has(late) and shard.get("b:late") is not None
+        assert shard.get("b:o0") is None and shard.get("b:o2") is not None  # the oldest leftover went
+    finally:
+        disk.close()
+
+
+def test_metadata_naming_a_body_no_longer_on_disk_is_not_committed(tmp_path: Path) -> None:
+    """A big body is put before its metadata, outside the lock; culled meanwhile, its metadata was
+    committed anyway: answered stored, then a miss, a record naming a missing body."""
+    disk = DiskTier(str(tmp_path / "cache"), 10 * MB, shards=1)
+    key = "http://h.test/k"
+    e = entry(key).with_body(new_body_id(), SMALL)
+    try:
+        assert disk.put_body(key, e.body_id, os.urandom(SMALL))
+        disk.delete_body(key, e.body_id)  # (culled by another process)
+        assert not disk.commit(key, lambda current: ((e,), []))
+        assert not disk.has(key) and disk.failed_writes == 1
+
+        def refresh(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
+            return tuple(c.with_seq(7) for c in current), []
+
+        assert disk.put_body(key, e.body_id, os.urandom(SMALL))
+        assert disk.commit(key, lambda current: ((e,), []))
+        assert disk.commit(key, refresh)  # (a variant it already names is not looked up)
+        assert [v.seq for v in disk.get_variants(key)] == [7]
     finally:
         disk.close()

@@ -256,7 +256,9 @@ def test_which_keys_the_disk_holds_is_asked_in_chunks_per_shard_and_agrees_with_
     try:
         stored = [f"http://h.test/{i}/é" for i in range(60)]
         for k in stored:
-            assert disk.commit(k, lambda current, k=k: ((entry(k),), []))
+            e = entry(k).with_body(new_body_id(), 1)
+            assert disk.put_body(k, e.body_id, b"x")  # (a commit names a body the disk holds)
+            assert disk.commit(k, lambda current, e=e: ((e,), []))
         disk.delete_keys(stored[::5])  # gone again
         disk._shards[0].set("b:some-body", b"a body is not a key")
         asked = [*stored, "http://h.test/never", "some-body"]
