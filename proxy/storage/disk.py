@@ -371,6 +371,10 @@ CULL_STEP = 8  # a round aims at most at budget // CULL_STEP bytes
 # Rounds one cull may take before it leaves the rest to the next write (the lock is released
 # between rounds): 256 rounds of CULL_BATCH rows work off 128,000 small entries, or 32 budgets.
 CULL_ROUNDS = 256
+# Between two rounds the lock stays free as long as the round held it (at most CULL_PAUSE s):
+# another process waiting for it polls (SQLite's busy handler sleeps up to 100 ms between
+# tries), and a lock taken again at once was seldom free when it looked (waits up to 0.9 s).
+CULL_PAUSE = 0.02
 # The stages of a cull, each taken once the one before found nothing more to evict:
 # 0: entries other than the ones just written; 1: bodies no entry names (a crash's leftovers),
 # only those older than ORPHAN_AGE (a younger one may be another process's write whose metadata
@@ -993,8 +997,10 @@ class DiskTier:
             for _ in range(CULL_ROUNDS):
                 budget = shard.size_limit
                 aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, 1))
+                began = time.monotonic()
                 with _transaction(shard):
                     freed = _evict(shard, aim, kept, keep_body, stage)
+                held = time.monotonic() - began
                 over = shard.volume() - shard.size_limit
                 if over <= 0:
                     return
@@ -1002,6 +1008,8 @@ class DiskTier:
                     stage += 1
                     if stage > LAST_STAGE:
                         return
+                else:
+                    time.sleep(min(held, CULL_PAUSE))
         except diskcache.Timeout:
             pass  # busy: the next write culls
 

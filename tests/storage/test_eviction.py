@@ -10,7 +10,15 @@ import pytest
 
 from proxy.storage import disk as disk_module
 from proxy.storage import upkeep
-from proxy.storage.disk import CULL_BATCH, CULL_SLACK, CULL_STEP, DiskTier, new_body_id, shard_budget
+from proxy.storage.disk import (
+    CULL_BATCH,
+    CULL_PAUSE,
+    CULL_SLACK,
+    CULL_STEP,
+    DiskTier,
+    new_body_id,
+    shard_budget,
+)
 from proxy.storage.entry import Entry, decode_variants, encode_variants
 from tests.storage.helpers import MB, entry, open_store, read_body, store
 
@@ -146,13 +154,17 @@ def test_a_shard_far_over_its_budget_is_culled_to_close_under_it_in_bounded_roun
         budget = full // 4
         shard.size_limit = budget  # (as ``count_index`` lowers it)
         monkeypatch.setattr(disk_module, "_evict", counted)
+        pauses: list[float] = []  # the lock left free between rounds, for other processes
+        monkeypatch.setattr(disk_module.time, "sleep", pauses.append)
         _fill_small(disk, ["http://h.test/new"])
+        monkeypatch.undo()
         kept = shard.volume()
         assert kept <= budget
         # Not emptied, nor far under: at most one round's aim (and a page or so) below.
         assert kept >= budget - budget // CULL_STEP - CULL_SLACK, (kept, budget)
         assert disk.has("http://h.test/new") and len(rounds) > 1
         assert max(rounds) <= CULL_BATCH + 2  # (the last entry a round takes goes whole)
+        assert len(pauses) == len(rounds) - 1 and all(0 < p <= CULL_PAUSE for p in pauses)
         metas, ids = _rows(disk)
         assert {b for named in metas.values() for b in named} == ids  # whole entries still
     finally:
