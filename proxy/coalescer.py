@@ -51,7 +51,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -487,8 +487,11 @@ class Flight:
         self.sent: float | None = None
         # The store's purge epoch when that request went out (``Storage.epoch``); None until
         # then. A purge after it may cover the answer: a client arriving after that purge does
-        # not join the flight (``MissPath._overtaken``), whether or not its head has come.
+        # not take it (``MissPath.fetch``: before the head, when the purge names the key; at
+        # the head, from its ``tags``, for the clients that joined after the purge).
         self.epoch: int | None = None
+        # The tags of the response it stores, once its head has come (none when it stores none).
+        self.tags: Collection[str] = ()
         # The flight's fetch is already a second try (its leader fetched again after another
         # fetch failed, or its worker did after the lease holder's did): its failure is every
         # follower's answer, as ``Attempt.again`` makes it the leader's (``fetches_again``).

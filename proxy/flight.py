@@ -328,9 +328,21 @@ class MissPath:
         if passing and attempt.revalidating is None and attempt.stale is None:
             return await self.forward_passing(attempt)
         flight = self.coalescer.get(key) if coalesce and not passing else None
-        if flight is not None and self._overtaken(flight, key):
-            flight = None  # purged while in flight: what it carries must not be served anew
-        elif flight is None and coalesce and not passing and not attempt.nowhere:
+        joined: int | None = None  # the store's purge epoch, when purges came since its request
+        if flight is not None:
+            # Purged while in flight: what it carries must not be served anew to a client that
+            # came after the purge (its own clients, those who came before, still get it).
+            spool, sent = flight.spool, flight.epoch
+            if spool is not None:
+                if spool.doomed:  # (its head has come: its tags were known to the purges)
+                    flight = None
+            elif sent is not None:
+                joined = self.engine.storage.joining(sent, key)
+                if joined is None:  # a purge since names the key: decided without its tags
+                    flight = None
+                elif joined == sent:
+                    joined = None  # no purge since: nothing to ask at the head
+        elif coalesce and not passing and not attempt.nowhere:
             reply = await self._stored_meanwhile(attempt)
             if reply is not None:
                 return reply
@@ -358,18 +370,7 @@ class MissPath:
         interim = attempt.req.interim
         if interim is not None and not flight.head.done():
             flight.interim.append(interim)  # the origin's 1xx, until the head arrives
-        return await self.answer(attempt, flight, reader, collapsed)
-
-    def _overtaken(self, flight: Flight, key: str) -> bool:
-        """Whether a purge or an invalidation since ``flight``'s request went out may cover its
-        answer: a client arriving now does not join it (the answer may predate the purge; the
-        flight's own clients, those who came before, still get it). Before the head, from the
-        purges remembered since (its tags unknown: any purge by tag counts); after it, its
-        spool says (``Storage.spool(since=)`` asks the same, then purges doom it)."""
-        spool = flight.spool
-        if spool is not None:
-            return bool(spool.doomed)
-        return flight.epoch is not None and self.engine.storage.overtaken(flight.epoch, key)
+        return await self.answer(attempt, flight, reader, collapsed, joined)
 
     def _follower(self, flight: Flight) -> SpoolFollower | None:
         """A late client's reader of the flight's spool file, while the flight stores its body
@@ -955,6 +956,8 @@ class MissPath:
                 store_detail = "SPOOLS-FULL"
                 if shareable:  # (else counted below, with any other reason)
                     engine.metrics.not_stored_because(store_detail, url_of_key(key))
+        if entry is not None:
+            flight.tags = entry.tags  # (before its head: its followers ask purges with them)
         flight.set_head(FlightHead(resp.status, resp.reason, fields, shareable,
                                    store_detail, resp.content_length, vary,
                                    entry.response if entry is not None else None))
@@ -1071,8 +1074,11 @@ class MissPath:
 
     # -- a client's answer from its flight ----------------------------------------------------
 
-    async def answer(self, attempt: Attempt, flight: Flight, reader: BodyView, collapsed: bool) -> Reply:
-        """Answer a client that joined ``flight`` (as its leader, or ``collapsed`` as a follower)."""
+    async def answer(self, attempt: Attempt, flight: Flight, reader: BodyView, collapsed: bool,
+                     joined: int | None = None) -> Reply:
+        """Answer a client that joined ``flight`` (as its leader, or ``collapsed`` as a follower;
+        ``joined``: the store's purge epoch when it joined, when purges had come since the
+        flight's request went out)."""
         engine = self.engine
         head, plan, fwd, stale = attempt.req.head, attempt.plan, attempt.fwd, attempt.stale
         try:
@@ -1130,6 +1136,14 @@ class MissPath:
             return engine.upstream_failed(plan, UpstreamError(str(exc)), fwd)
 
         step = after_head(fhead, head, fwd, collapsed=collapsed, stale=stale is not None)
+        if joined is not None and isinstance(step, Relay | FromHead) and flight.epoch is not None \
+                and engine.storage.purged_since(flight.epoch, attempt.key, flight.tags, joined):
+            # A purge that came after the flight's request went out and before this client
+            # joined it covers its answer (its tags known now): not this client's. Fetched
+            # anew, as one new flight with the others who came after it (the old one takes
+            # no newcomer now); purges that do not cover it (other tags) never get here.
+            reader.close()
+            return await self._anew(attempt, flight)
         if step.coalesced:
             engine.metrics.coalesced.inc()
         from_head = False
@@ -1282,6 +1296,12 @@ class MissPath:
         a follower), never the failed flight, which takes no newcomer from now on."""
         self.coalescer.retire(flight)
         return await self.fetch(replace(attempt, again=True, nowhere=False))
+
+    async def _anew(self, attempt: Attempt, flight: Flight) -> Reply:
+        """A follower's own fetch when a purge before it joined covers its flight's answer:
+        through ``fetch``, as ``_again`` does, so the key's late clients share one new flight."""
+        self.coalescer.retire(flight)
+        return await self.fetch(replace(attempt, nowhere=False))
 
     async def _origin_failed(self, attempt: Attempt, exc: UpstreamError, collapsed: bool = False) -> Reply:
         """A client of a flight whose fetch failed before anything of its response was sent to

@@ -131,12 +131,14 @@ class PurgeMatch:
         return self.may_cover(e.key, e.tags)
 
     def may_cover(self, key: str, tags: Collection[str] | None) -> bool:
-        """Whether it covers a response stored under ``key`` with ``tags``; ``None``: its tags
-        are not known yet (a fill whose head has not come): any purge by tag may cover it."""
-        if self.all or key in self.keys:
+        """Whether it covers a response stored under ``key`` with ``tags``. ``None``: its tags
+        are not known yet (a fill whose head has not come): whether it names the key (by key,
+        URL or prefix) only; a purge of all or by tag is decided once the head has come
+        (``Storage.purged_since`` with its tags), else every purge of an unrelated tag counted."""
+        if tags is not None and (self.all or (self.tags and not self.tags.isdisjoint(tags))):
+            return True
+        if key in self.keys:
             return True
         if self.urls and url_of_key(key) in self.urls:
-            return True
-        if self.tags and (tags is None or not self.tags.isdisjoint(tags)):
             return True
         return any(key.startswith(p) for p in self.prefixes)

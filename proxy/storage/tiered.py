@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import IO, Any, TypeVar
@@ -123,11 +123,21 @@ class Storage:
     def epoch(self) -> int:
         return self.tiers.work.epoch
 
-    def overtaken(self, since: int, key: str) -> bool:
-        """Whether a local purge (or invalidation) after ``since`` may cover what a fill of
-        ``key`` whose request went out at that epoch brings (its head not come yet: its tags
-        unknown): a client arriving after it must not join that fill."""
-        return self.tiers.work.purged_since(since, key, None)
+    def joining(self, since: int, key: str) -> int | None:
+        """The epoch a client joins a fill of ``key`` at, whose request went out at ``since``
+        and whose head has not come; None: a local purge (or invalidation) since names the key
+        (or they are no longer all remembered), so the client must not join it. A purge of all
+        or by tag is told at the head, from its tags (``purged_since`` up to this epoch)."""
+        work = self.tiers.work
+        epoch = work.epoch
+        if epoch == since:
+            return epoch
+        return None if work.purged_since(since, key, None) else epoch
+
+    def purged_since(self, since: int, key: str, tags: Collection[str], until: int | None = None) -> bool:
+        """Whether a local purge after ``since`` (up to ``until``) covers the response under
+        ``key`` with ``tags`` (``InProgress.purged_since``: the one purge log)."""
+        return self.tiers.work.purged_since(since, key, tags, until)
 
     @property
     def max_object(self) -> int:

@@ -82,18 +82,24 @@ class InProgress:
         while purges and (len(purges) > RECENT_PURGES or self.purge_bytes > PURGE_LOG_BYTES):
             self.purge_bytes -= purges.popleft()[2]
 
-    def purged_since(self, epoch: int, key: str, tags: Collection[str] | None) -> bool:
+    def purged_since(self, epoch: int, key: str, tags: Collection[str] | None,
+                     until: int | None = None) -> bool:
         """Whether a local purge after ``epoch`` (``Storage.epoch`` when a fill's request went
-        to the origin) covers the response under ``key`` with ``tags`` (``None``: its head has
-        not come, so any purge by tag may); True when those purges are no longer all remembered.
-        Asked of a fill's body as it begins (``Writes.spool``) and of a flight before its head,
-        by a client that would join it (``Storage.overtaken``): one answer for both."""
-        if epoch == self.epoch:
+        to the origin), up to ``until`` when given (the epoch a client joined the fill at),
+        covers the response under ``key`` with ``tags`` (``None``: its head has not come, so
+        only a purge that names the key: ``PurgeMatch.may_cover``); True when those purges are
+        no longer all remembered. Asked of a fill's body as it begins (``Writes.spool``), of a
+        flight by a client that would join it before its head (``Storage.joining``) and by one
+        that joined it after a purge, at its head (``MissPath.answer``), and of a failed
+        refresh's wait (``MissPath.refresh_held_back``): one answer for all."""
+        if epoch == self.epoch or (until is not None and until <= epoch):
             return False
         purges = self.purges
         if not purges or purges[0][0] > epoch + 1:
             return True
-        return any(at > epoch and match.may_cover(key, tags) for at, match, _ in purges)
+        if until is None:
+            return any(at > epoch and match.may_cover(key, tags) for at, match, _ in purges)
+        return any(epoch < at <= until and match.may_cover(key, tags) for at, match, _ in purges)
 
     def begin_write(self, entry: Entry) -> int:
         """Note a disk write of ``entry`` starting; its token for ``end_write``."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -135,8 +135,11 @@ class FakeStore:
     def room(self, entry: Entry) -> int:
         return self.max_object
 
-    def overtaken(self, since: int, key: str) -> bool:
-        return False  # no purges here
+    def joining(self, since: int, key: str) -> int | None:
+        return since  # no purges here
+
+    def purged_since(self, since: int, key: str, tags: Collection[str], until: int | None = None) -> bool:
+        return False
 
     def spool(self, entry: Entry, expected_length: int | None, since: int | None = None) -> FakeSpool:
         return FakeSpool(self, entry, expected_length)
