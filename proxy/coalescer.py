@@ -113,6 +113,10 @@ class PassMarks:
         if self._until.pop(key, None) is not None:
             self._bytes -= len(key)
 
+    def until(self, key: str) -> float:
+        """When ``key``'s mark ends (0: it has none)."""
+        return self._until.get(key, 0.0)
+
     def holds(self, key: str, now: float) -> bool:
         """Whether ``key``'s mark still holds (an expired one is dropped)."""
         until = self._until.get(key)
@@ -556,6 +560,10 @@ class Coalescer:
         # the front-first pruning may keep an expired mark behind a longer one: bounded all
         # the same, and ``holds`` drops an expired one when asked.
         self._refresh_failed_until = PassMarks()
+        # The store's purge epoch when each of those marks was set: a purge since that covers
+        # the stale response lifts its mark (``MissPath.refresh_held_back``). Pruned to the
+        # marks kept whenever it holds twice as many keys.
+        self._refresh_failed_at: dict[str, int] = {}
         self._history_limit = history_limit
         self._hit_for_pass = hit_for_pass
         self._clock = clock
@@ -647,18 +655,29 @@ class Coalescer:
     def is_pass(self, key: str) -> bool:
         return self._pass_until.holds(key, self._clock())
 
-    def refresh_failed(self, key: str, until: float, now: float) -> None:
-        """A background refresh of ``key`` failed at ``now``: the next waits until ``until``
-        (``proxy.policy.reuse.refresh_retry_at``)."""
-        self._refresh_failed_until.set(key, until, now)
+    def refresh_failed(self, key: str, until: float, now: float, epoch: int) -> None:
+        """A background refresh of ``key`` failed at ``now``, the store's purge epoch being
+        ``epoch``: the next waits until ``until`` (``proxy.policy.reuse.refresh_retry_at``),
+        unless a purge since covers the response (``refresh_held_back``)."""
+        marks, at = self._refresh_failed_until, self._refresh_failed_at
+        marks.set(key, until, now)
+        at[key] = epoch
+        if len(at) > 2 * len(marks) + 16:
+            self._refresh_failed_at = {k: e for k, e in at.items() if marks.holds(k, now)}
 
-    def refresh_held_back(self, key: str, now: float) -> bool:
-        """Whether a refresh of ``key`` failed recently enough that none starts now."""
-        return self._refresh_failed_until.holds(key, now)
+    def refresh_held_back(self, key: str, now: float) -> tuple[float, int] | None:
+        """When a refresh of ``key`` failed recently enough that none starts now: until when,
+        and the store's purge epoch at the failure (a purge since may lift it); else None."""
+        marks = self._refresh_failed_until
+        if not marks.holds(key, now):
+            return None
+        return marks.until(key), self._refresh_failed_at.get(key, 0)
 
     def refresh_ok(self, key: str) -> None:
-        """Something is stored under ``key`` anew: its next refresh need not wait."""
+        """Something is stored under ``key`` anew, or a purge covered it: its next refresh need
+        not wait."""
         self._refresh_failed_until.discard(key)
+        self._refresh_failed_at.pop(key, None)
 
     def headless(self) -> Exception:
         """What the clients of a flight that ended without a response head are told: that the

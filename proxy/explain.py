@@ -15,7 +15,7 @@ stored again under the current rules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, assert_never
 
@@ -497,6 +497,11 @@ def _rule_roles(rules: RuleSet, head: RequestHead) -> list[tuple[Rule, str | Non
 # -- the JSON trace behind GET /explain --------------------------------------------------------
 
 
+# Until when the running proxy holds back a refresh of the key's stale response with these
+# tags after one failed (None: it would start one): ``MissPath.refresh_held_back``.
+RefreshHeld = Callable[[str, Collection[str], float], float | None]
+
+
 @dataclass(frozen=True)
 class StoredVariant:
     """A variant the store holds under the request's key, and where (from ``proxy.inspection``)."""
@@ -691,7 +696,8 @@ def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts
 
 def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str | None,
                   variants: Sequence[StoredVariant], now: float,
-                  parts: Sequence[StoredVariant] = (), body: bool = False) -> dict[str, Any]:
+                  parts: Sequence[StoredVariant] = (), body: bool = False,
+                  refresh_held: RefreshHeld | None = None) -> dict[str, Any]:
     """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
     route = route_of(head, plan, body)
     if isinstance(route, PassThrough) and route.detail == REQUEST_BODY and not plan.bypass:
@@ -722,7 +728,15 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
             v = stored.response
             out = {"action": "serve", "variant": decision.index, "x_cache_status": decision.status}
             detail = serve_detail(decision.status, v)  # the engine's own
-            if detail is None:
+            held = None
+            if decision.refresh and refresh_held is not None and key is not None:
+                held = refresh_held(key, stored.tags, now)
+            if held is not None:
+                # (The engine's own wait after a failed refresh: ``MissPath.refresh_held_back``.)
+                out["refresh_held_back"] = round(held - now, 3)
+                why = (f"stale by {fmt_duration(-decision.ttl)}: served at once; no background request "
+                       f"revalidates it for {fmt_duration(held - now)} more (the last refresh failed)")
+            elif detail is None:
                 why = f"a stored variant is fresh for {fmt_duration(max(decision.ttl, 0))} more"
             elif detail == "SOFT-PURGED":
                 why = "soft-purged: " + ("served at once while one background request revalidates it"
@@ -808,14 +822,16 @@ def _part_json(v: StoredVariant, index: int, now: float) -> dict[str, Any]:
 
 def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVariant], now: float,
                   responses: Sequence[tuple[int, Sequence[tuple[str, str]]]] = (),
-                  parts: Sequence[StoredVariant] = (), body: bool = False) -> dict[str, Any]:
+                  parts: Sequence[StoredVariant] = (), body: bool = False,
+                  refresh_held: RefreshHeld | None = None) -> dict[str, Any]:
     """The whole decision trace for one request, as JSON-ready data (``GET /explain``).
 
     ``variants`` are what the store holds under the request's key, in every tier, and
     ``parts`` the parts (206 responses) it holds beside them (``part_key``);
     ``responses`` are hypothetical origin answers (status, headers) to decide storing for.
-    ``body``: the request carries a body (``request_body``). Pure: nothing here touches the
-    origin or the store.
+    ``body``: the request carries a body (``request_body``). ``refresh_held``: the running
+    proxy's answer to whether a stale response's refresh waits after one failed (until when;
+    ``MissPath.refresh_held_back``). Pure: nothing here touches the origin or the store.
     """
     plan = rules.plan(head)
     looked_up = isinstance(route_of(head, plan, body), LookUp)
@@ -840,7 +856,7 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
         "client_cache_control": plan.options.client_cache_control,
         "stored": [_variant_json(head, plan, v, i, selected, now) for i, v in enumerate(variants)],
         "stored_parts": [_part_json(v, i, now) for i, v in enumerate(parts)],
-        "decision": _now_decision(rules, head, plan, key, variants, now, parts, body),
+        "decision": _now_decision(rules, head, plan, key, variants, now, parts, body, refresh_held),
         "rules": rule_trace,
     }
     if responses and looked_up:

@@ -52,7 +52,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, ClassVar, Literal, assert_never
 
@@ -475,8 +475,24 @@ class MissPath:
         none for a while after one failed (``_refresh_failed``): a failing origin is not asked
         again at every request the stale response answers."""
         key, coalescer = attempt.key, self.coalescer
-        if coalescer.get(key) is None and not coalescer.refresh_held_back(key, self.engine.clock()):
+        if coalescer.get(key) is None and (attempt.revalidating is None or self.refresh_held_back(
+                key, attempt.revalidating.entry.tags, self.engine.clock()) is None):
             self.start(attempt, register=True, background=True)  # nobody reads it: it ends alone
+
+    def refresh_held_back(self, key: str, tags: Collection[str], now: float) -> float | None:
+        """Until when a stale-while-revalidate refresh under ``key`` (of a response with ``tags``)
+        waits after one failed (``_refresh_failed``); None: it may start. A purge since the
+        failure that covers it (an operator's soft purge once the origin is mended, one by its
+        tag) lifts the wait: the purge log says, as it does for fills (``Storage.purged_since``).
+        Asked by ``GET /explain`` too, so it says what the next request would do."""
+        held = self.coalescer.refresh_held_back(key, now)
+        if held is None:
+            return None
+        until, since = held
+        if self.engine.storage.purged_since(since, key, tags):
+            self.coalescer.refresh_ok(key)
+            return None
+        return until
 
     def _refresh_failed(self, run: _Run) -> None:
         """A background refresh ended with the stale response still as it was (no answer, an
@@ -488,7 +504,10 @@ class MissPath:
             return
         now = self.engine.clock()
         until = refresh_retry_at(stale.entry.response, now, run.retry_after)
-        self.coalescer.refresh_failed(run.attempt.key, until, now)
+        # (The epoch when its request went out: a purge during the refresh lifts the wait too.)
+        epoch = run.flight.epoch
+        self.coalescer.refresh_failed(run.attempt.key, until, now,
+                                      self.engine.storage.epoch if epoch is None else epoch)
 
     def _launch(self, attempt: Attempt, register: bool, background: bool,
                 fly: Callable[[_Run], Awaitable[None]]) -> Flight:

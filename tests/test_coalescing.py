@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -273,6 +276,61 @@ async def test_a_failed_refresh_is_not_retried_by_every_request_until_its_while_
     clock.advance(1)
     assert await updating(proxy) == ("UPDATING", b"OLD")
     assert origin.count("/r") == 3  # its while is over: one more refresh
+
+
+async def explained(proxy: Proxy) -> dict[str, Any]:
+    """GET /explain's decision for /r."""
+    reply = await proxy.admin("GET", f"/explain?url={quote(proxy.url + '/r')}")
+    assert reply.status == 200, reply.body
+    decision: dict[str, Any] = json.loads(reply.body)["decision"]
+    return decision
+
+
+@pytest.mark.parametrize(("spec", "lifted"), [
+    ({"urls": ["/r"], "soft": True}, True),  # the operator's "the origin is mended: refresh it"
+    ({"tags": ["t1"], "soft": True}, True),
+    ({"tags": ["other"], "soft": True}, False),  # it does not cover the response: the wait holds
+])
+async def test_a_purge_covering_a_stale_response_lifts_the_wait_after_its_failed_refresh(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock, spec: dict[str, object], lifted: bool) -> None:
+    """A refresh failed with Retry-After: 3600; the origin recovered and the operator soft-purged
+    the URL: every request for the next hour was still UPDATING with the old body, and no
+    refresh went to the origin."""
+    state = {"served": 0, "down": False}
+
+    async def handler(request: web.Request) -> web.Response:
+        state["served"] += 1
+        dated = {"Date": format_http_date(clock()), "Surrogate-Key": "t1"}
+        if state["down"]:
+            return web.Response(status=503, body=b"down", headers={**dated, "Retry-After": "3600"})
+        body = b"OLD" if state["served"] == 1 else b"NEW"
+        return web.Response(body=body, headers={**dated, "Cache-Control": "max-age=1, stale-while-revalidate=86400"})
+
+    origin.route("/r", handler)
+    proxy = await clocked(make_proxy, clock,
+                          config="admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8, '::1/128']}\n")
+    assert (await proxy.get("/r")).body == b"OLD"
+    clock.advance(2)
+    state["down"] = True
+    assert await updating(proxy) == ("UPDATING", b"OLD")
+    assert origin.count("/r") == 2  # the refresh failed: the next waits an hour
+    state["down"] = False
+    clock.advance(1)
+    assert (await explained(proxy))["refresh_held_back"] == 3599  # GET /explain says so
+    if "urls" in spec:
+        spec = {**spec, "urls": [proxy.url + "/r"]}
+    assert (await proxy.admin("POST", "/purge", json=spec)).status == 200
+    decision = await explained(proxy)  # what the next request does
+    assert ("refresh_held_back" not in decision) is lifted, decision
+    assert ("one background request revalidates it" in decision["why"]) is lifted, decision["why"]
+    assert await updating(proxy) == ("UPDATING", b"OLD")  # (stale: served at once)
+    if lifted:
+        assert origin.count("/r") == 3  # one refresh, at once
+        assert (await proxy.get("/r")).body == b"NEW"
+    else:
+        assert origin.count("/r") == 2
+        assert await updating(proxy) == ("UPDATING", b"OLD")
+        assert origin.count("/r") == 2
 
 
 async def test_a_clients_max_stale_bounds_what_stale_while_revalidate_serves_it(
