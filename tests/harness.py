@@ -101,6 +101,28 @@ class Origin:
             self.runner = None
 
 
+class Versions:
+    """A page whose data changes while a fill of it is in flight: it renders the data's current
+    ``version`` (a POST to it makes the next one), and answers the first version only once
+    ``head`` is set: a response made before a purge and sent after it."""
+
+    def __init__(self, tag: str | None = None) -> None:
+        self.version = 1
+        self.gets = 0
+        self.head = asyncio.Event()
+        self._fields = {"Cache-Control": "max-age=600", **({"Surrogate-Key": tag} if tag else {})}
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            self.version += 1
+            return web.Response(status=204)
+        self.gets += 1
+        version = self.version  # rendered from the data as it is now ...
+        if version == 1:
+            await self.head.wait()  # ... and answered after the purge
+        return web.Response(body=b"v%d" % version, headers=self._fields)
+
+
 @dataclass
 class Reply:
     status: int

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy.policy.httpdate import format_http_date
 from tests.conftest import MakeProxy, clocked
-from tests.harness import Clock, Origin, Proxy, Reply
+from tests.harness import Clock, Origin, Proxy, Reply, Versions
 from tests.security.misbehaving import Conn, Serve, flight_with, raw_origins, response
 from tests.test_coalescing import herd, wait_until
 
@@ -391,32 +391,19 @@ async def test_a_client_arriving_after_a_purge_does_not_join_a_fill_whose_reques
     (rendered from the data before the purge). Its own clients, the one that made it and one
     that joined before the purge, get that answer, labelled as not stored; a client arriving
     after the purge's answer fetches anew (it joined the old fill, and got its body as a HIT)."""
-    state = {"version": 1, "gets": 0}
-    head = asyncio.Event()
-
-    async def item(request: web.Request) -> web.StreamResponse:
-        if request.method == "POST":
-            state["version"] += 1
-            return web.Response(status=204)
-        state["gets"] += 1
-        version = state["version"]  # rendered from the data as it is now ...
-        if version == 1:
-            await head.wait()  # ... and answered after the purge
-        return web.Response(body=b"v%d" % version, headers={"Cache-Control": "max-age=600",
-                                                            "Surrogate-Key": "t1"})
-
-    origin.route("/p", item)
+    v = Versions(tag="t1")
+    origin.route("/p", v.page)
     proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8, '::1/128']}\n")
     first = asyncio.ensure_future(proxy.get("/p"))
-    await wait_until(lambda: state["gets"] == 1)
+    await wait_until(lambda: v.gets == 1)
     early = asyncio.ensure_future(proxy.get("/p"))
     old = await flight_with(proxy, 1)  # joined before the purge
     assert await purge_by(proxy, how) in (200, 204)
-    state["version"] = 2  # the origin's data changed (the POST's did so itself)
+    v.version = 2  # the origin's data changed (the POST's did so itself)
     late = [asyncio.ensure_future(proxy.get("/p")) for _ in range(3)]
     # (the late clients either fetch anew or, wrongly, join the old fill)
-    await wait_until(lambda: state["gets"] == 2 or old.followers == 4)
-    head.set()
+    await wait_until(lambda: v.gets == 2 or old.followers == 4)
+    v.head.set()
     answers = [await first, await early]
     assert [r.body for r in answers] == [b"v1", b"v1"]  # its own clients get its answer ...
     # ... said not to be stored, as is: the one that went upstream a MISS, the one that waited a HIT
@@ -426,7 +413,7 @@ async def test_a_client_arriving_after_a_purge_does_not_join_a_fill_whose_reques
     after = [await r for r in late]
     assert [r.body for r in after] == [b"v2"] * 3, [(r.body, r.x_cache, r.cache_status) for r in after]
     assert sorted(r.x_cache for r in after) == ["HIT", "HIT", "MISS"]  # one fetch for the three
-    assert state["gets"] == 2
+    assert v.gets == 2
     again = await proxy.get("/p")
     assert (again.body, again.x_cache) == (b"v2", "HIT")
 
@@ -473,37 +460,27 @@ async def test_a_purge_covering_a_fill_before_its_head_sends_only_the_clients_af
     """Among purges of other tags, one by the fill's own tag (or of everything) answers before
     the origin's head: the clients who joined before it get the fill's answer, those who came
     after it get the new body, from one new fetch."""
-    state = {"version": 1, "gets": 0}
-    head = asyncio.Event()
-
-    async def item(request: web.Request) -> web.StreamResponse:
-        state["gets"] += 1
-        version = state["version"]
-        if version == 1:
-            await head.wait()
-        return web.Response(body=b"v%d" % version, headers={"Cache-Control": "max-age=600",
-                                                            "Surrogate-Key": "t1"})
-
-    origin.route("/p", item)
+    v = Versions(tag="t1")
+    origin.route("/p", v.page)
     proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8, '::1/128']}\n")
     first = asyncio.ensure_future(proxy.get("/p"))
-    await wait_until(lambda: state["gets"] == 1)
+    await wait_until(lambda: v.gets == 1)
     assert (await proxy.admin("POST", "/purge", json={"tags": ["other"]})).status == 200
     early = asyncio.ensure_future(proxy.get("/p"))
     old = await flight_with(proxy, 1)  # joined after a purge that does not cover it
     spec = {"tags": ["t1"]} if how == "tag" else {"all": True}
     assert (await proxy.admin("POST", "/purge", json=spec)).status == 200
-    state["version"] = 2
+    v.version = 2
     assert (await proxy.admin("POST", "/purge", json={"tags": ["other"]})).status == 200
     late = [asyncio.ensure_future(proxy.get("/p")) for _ in range(3)]
     await wait_until(lambda: old.followers == 4)  # they join: its tags are not known yet
-    head.set()
+    v.head.set()
     answers = [await first, await early]
     assert [(r.body, r.x_cache) for r in answers] == [(b"v1", "MISS"), (b"v1", "HIT")]
     after = [await r for r in late]
     assert [r.body for r in after] == [b"v2"] * 3, [(r.body, r.x_cache, r.cache_status) for r in after]
     assert sorted(r.x_cache for r in after) == ["HIT", "HIT", "MISS"]  # one fetch for the three
-    assert state["gets"] == 2
+    assert v.gets == 2
     again = await proxy.get("/p")
     assert (again.body, again.x_cache) == (b"v2", "HIT")
 

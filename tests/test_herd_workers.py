@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.harness import Origin
+from tests.harness import Origin, Versions
 from tests.storage.procs import HOST, ProxyProcess, Response, write_config
 
 pytestmark = pytest.mark.slow
@@ -665,25 +665,13 @@ async def test_clients_arriving_after_a_purge_get_the_new_response_from_either_w
     head came only then (rendered from the data before it). The clients that arrived after the
     purge's answer get the response fetched after it, whichever worker they reached: those of
     the worker holding the fill used to join it and get the old body as a HIT."""
-    state = {"version": 1, "gets": 0}
-    head = asyncio.Event()
-
-    async def item(request: web.Request) -> web.StreamResponse:
-        if request.method == "POST":
-            state["version"] += 1
-            return web.Response(status=204)
-        state["gets"] += 1
-        version = state["version"]
-        if version == 1:
-            await head.wait()
-        return web.Response(body=b"v%d" % version, headers={"Cache-Control": "max-age=600"})
-
-    origin.route("/p", item)
+    v = Versions()
+    origin.route("/p", v.page)
     proxy = await start_two_workers(tmp_path, origin, PATIENT)
     try:
         first = asyncio.ensure_future(proxy.get("/p"))
         for _ in range(500):
-            if state["gets"]:
+            if v.gets:
                 break
             await asyncio.sleep(0.01)
         if how == "purge":
@@ -693,10 +681,10 @@ async def test_clients_arriving_after_a_purge_get_the_new_response_from_either_w
             async with aiohttp.ClientSession() as s, \
                     s.post(proxy.url + "/p", data=b"x", headers={"Host": HOST}) as r:
                 assert r.status == 204  # (its invalidation made in both workers first)
-        state["version"] = 2
+        v.version = 2
         late = asyncio.ensure_future(herd(proxy.url, "/p", 16))
         await asyncio.sleep(0.5)  # (for them to reach the workers: one that came later proves nothing)
-        head.set()
+        v.head.set()
         old = await first
         assert old.body == b"v1" and "detail=PURGED" in old.headers["Cache-Status"]
         after = answered(await late)
