@@ -371,6 +371,14 @@ CULL_STEP = 8  # a round aims at most at budget // CULL_STEP bytes
 # Rounds one cull may take before it leaves the rest to the next write (the lock is released
 # between rounds): 256 rounds of CULL_BATCH rows work off 128,000 small entries, or 32 budgets.
 CULL_ROUNDS = 256
+# A cull stops after CULL_TIME (its pauses included) and leaves the rest to the next writes: culls
+# run on the write-behind thread,
+# under the lock purges wait for, and 256 rounds with pauses took seconds per shard (a purge
+# waited 9 s, the write-behind queue stopped draining and fills answered "stored" were lost, a
+# stop overran its grace). A round aims at least at CULL_FLOOR bytes: a small budget's eighth
+# (15 KB: 7 small entries) spent the rounds on their overhead.
+CULL_TIME = 0.05
+CULL_FLOOR = 256 * 1024
 # Between two rounds the lock stays free as long as the round held it (at most CULL_PAUSE s):
 # another process waiting for it polls (SQLite's busy handler sleeps up to 100 ms between
 # tries), and a lock taken again at once was seldom free when it looked (waits up to 0.9 s).
@@ -987,16 +995,23 @@ class DiskTier:
         every ``set`` cost three per set. Each round is one transaction of at most CULL_BATCH
         rows aiming at min(excess, budget / CULL_STEP), the volume measured again after it: a
         whole excess in one round held the lock for seconds and, its estimate below the pages
-        freed, emptied a shard far over its budget. After CULL_ROUNDS the next write goes on."""
+        freed, emptied a shard far over its budget. After CULL_TIME (or CULL_ROUNDS) the next
+        write goes on. (Not the owner's upkeep as well: a shard's budget can be below what an
+        empty shard occupies, an eighth of the usual beside a large index, and a cull that
+        spares no just-written keys then emptied the shard of the entries it had answered
+        stored.)"""
         try:
             over = shard.volume() - shard.size_limit
             if over <= 0:
                 return
             kept = frozenset(keep)
             stage = 0
-            for _ in range(CULL_ROUNDS):
+            start = time.monotonic()
+            for n in range(CULL_ROUNDS):
+                if n and time.monotonic() - start >= CULL_TIME:
+                    return  # (the rest: the next writes)
                 budget = shard.size_limit
-                aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, 1))
+                aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, CULL_FLOOR, 1))
                 began = time.monotonic()
                 with _transaction(shard):
                     freed = _evict(shard, aim, kept, keep_body, stage)

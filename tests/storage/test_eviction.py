@@ -156,6 +156,7 @@ def test_a_shard_far_over_its_budget_is_culled_to_close_under_it_in_bounded_roun
         monkeypatch.setattr(disk_module, "_evict", counted)
         pauses: list[float] = []  # the lock left free between rounds, for other processes
         monkeypatch.setattr(disk_module.time, "sleep", pauses.append)
+        monkeypatch.setattr(disk_module, "CULL_TIME", 3600.0)  # (its time bound: the test below)
         _fill_small(disk, ["http://h.test/new"])
         monkeypatch.undo()
         kept = shard.volume()
@@ -165,6 +166,41 @@ def test_a_shard_far_over_its_budget_is_culled_to_close_under_it_in_bounded_roun
         assert disk.has("http://h.test/new") and len(rounds) > 1
         assert max(rounds) <= CULL_BATCH + 2  # (the last entry a round takes goes whole)
         assert len(pauses) == len(rounds) - 1 and all(0 < p <= CULL_PAUSE for p in pauses)
+        metas, ids = _rows(disk)
+        assert {b for named in metas.values() for b in named} == ids  # whole entries still
+    finally:
+        disk.close()
+
+
+def test_a_cull_stops_after_its_time_and_the_next_writes_cull_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Culls run on the write-behind thread, under the lock purges wait for: 256 rounds with
+    their pauses took seconds per shard (a purge waited 9 s, the write-behind queue stopped
+    draining, a stop overran its grace). A write's cull now stops after CULL_TIME, and the next
+    writes cull what is left."""
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=1)
+    shard = disk._shards[0]
+    clock = [0.0]
+
+    def ticking() -> float:  # each look at the clock: 20 ms later (a round and its pause)
+        clock[0] += 0.02
+        return clock[0]
+
+    try:
+        _fill_small(disk, [f"http://h.test/old/{i}" for i in range(12000)])
+        budget = shard.volume() // 4
+        shard.size_limit = budget
+        monkeypatch.setattr(disk_module.time, "monotonic", ticking)
+        monkeypatch.setattr(disk_module.time, "sleep", lambda _: None)
+        _fill_small(disk, ["http://h.test/new"])
+        assert shard.volume() > budget  # stopped after CULL_TIME, the excess not worked off
+        assert disk.has("http://h.test/new")
+        for i in range(200):  # later writes, each culling CULL_TIME at most
+            if shard.volume() <= budget:
+                break
+            _fill_small(disk, [f"http://h.test/later/{i}"])
+        kept = shard.volume()
+        assert budget - budget // CULL_STEP - CULL_SLACK <= kept <= budget, (kept, budget)
         metas, ids = _rows(disk)
         assert {b for named in metas.values() for b in named} == ids  # whole entries still
     finally:
