@@ -108,14 +108,20 @@ def shard_budget(size: int, shards: int) -> int:
     return max(int(size * (1 - RESERVE)) // shards, 1)
 
 
+SHARD_FLOOR = 256 * 1024  # the least the index's bytes lower a shard's budget to (``shard_budget_beside``)
+
+
 def shard_budget_beside(size: int, shards: int, index_bytes: int) -> int:
     """A shard's budget with the index's bytes counted (``index_bytes``: the URL index beside
     the shards, which diskcache does not count). Past half the RESERVE (the journals have the
     rest) they come off the shards' budget, so long keys evict sooner instead of growing the
-    directory past ``size``; never below an eighth of the usual budget."""
+    directory past ``size``; never below an eighth of the usual budget, nor below SHARD_FLOOR
+    (or the usual budget when it is smaller): an empty shard's database takes about 36 KB, and
+    an eighth of a small budget beside a large index (2 MB over 8 shards: 29 KB) is under it,
+    so every write's cull emptied the shard of the entries it had just answered stored."""
     usual = shard_budget(size, shards)
     over = max(0, index_bytes - int(size * RESERVE / 2))
-    return max(usual - over // shards, usual // 8, 1)
+    return max(usual - over // shards, usual // 8, min(usual, SHARD_FLOOR), 1)
 
 
 def decoded_budget(budget: int) -> int:

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.settings import shard_budget, shard_budget_beside
+from proxy.settings import SHARD_FLOOR, shard_budget, shard_budget_beside
 from proxy.storage import upkeep
 from proxy.storage.index import UrlTagIndex
 from tests.conftest import MakeProxy
@@ -32,10 +32,22 @@ PAD = "q" * 8000
     (0, shard_budget(DISK, 2)),  # an index within its share takes nothing
     (DISK // 20, shard_budget(DISK, 2)),  # (half the 10 % reserve: the journals have the rest)
     (DISK // 20 + 2 * MB, shard_budget(DISK, 2) - MB),  # past it: off the shards, evenly
-    (10 * DISK, shard_budget(DISK, 2) // 8),  # never below an eighth
+    (10 * DISK, max(shard_budget(DISK, 2) // 8, SHARD_FLOOR)),  # never below an eighth, nor the floor
 ])
 def test_the_index_past_its_share_comes_off_the_shards_budget(index_bytes: int, budget: int) -> None:
     assert shard_budget_beside(DISK, 2, index_bytes) == budget
+
+
+def test_a_small_shards_budget_stays_above_what_an_empty_shard_takes() -> None:
+    """2 MB over 8 shards beside a large index: an eighth of the usual budget (29 KB) is under
+    the ~36 KB an empty shard's database takes, and every write's cull emptied the shard of the
+    entries it had just answered stored. A budget is never lowered below SHARD_FLOOR (nor raised
+    past the usual one)."""
+    usual = shard_budget(2 * MB, 8)
+    assert usual // 8 < 36 * 1024 < usual < SHARD_FLOOR
+    assert shard_budget_beside(2 * MB, 8, 3 * MB) == usual
+    assert shard_budget(16 * MB, 8) // 8 < SHARD_FLOOR < shard_budget(16 * MB, 8)
+    assert shard_budget_beside(16 * MB, 8, 64 * MB) == SHARD_FLOOR
 
 
 async def test_long_url_entries_keep_the_directory_within_its_budget(
