@@ -19,13 +19,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     dict.fromkeys([_ROOT, *(os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The ``slow`` tests (subprocesses, long waits: 288 of ~4,400, most of the suite's time)
-    run first, each file's in its order: a long test started last held one xdist worker
-    while the other sat idle at the end of the run (the slowest take 15-35 s)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture
 async def origin() -> AsyncIterator[Origin]:
     o = Origin()
