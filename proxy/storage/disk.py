@@ -386,8 +386,10 @@ CULL_PAUSE = 0.02
 # The stages of a cull, each taken once the one before found nothing more to evict:
 # 0: entries other than the ones just written; 1: bodies no entry names (a crash's leftovers),
 # only those older than ORPHAN_AGE (a younger one may be another process's write whose metadata
-# is not committed yet), never the one just put; 2: the entries just written (only when they
-# alone are over the budget).
+# is not committed yet), never the one just put; 2: the entries just written, once nothing else
+# is left and the shard is still over its budget (not checked to be theirs: a budget under an
+# empty shard's size would take them too, which ``shard_budget_beside``'s floor keeps from
+# happening but for a cache of a few hundred KB).
 LAST_STAGE = 2
 _META_ROWS = "SELECT key, value FROM Cache WHERE raw = 1 AND key >= 'm:' AND key < 'm;'"
 
