@@ -357,6 +357,8 @@ _CULL_SCAN = ("SELECT rowid, key, size, filename, CASE WHEN substr(key, 1, 2) = 
               " ifnull(length(value), 0) FROM Cache WHERE raw = 1 ORDER BY {order}")
 _BODY_ROWS = "SELECT rowid, filename FROM Cache WHERE raw = 1 AND key IN ({})"
 ROW_OVERHEAD = 100  # bytes a row costs in the database besides its key and value (columns, indexes)
+META_COST = 200  # about what an entry's metadata value takes (its head fields, one variant)
+BODY_NAME = 40  # about the length of a body's row name ("b:" and its id)
 # Evicted beyond the excess (at most a 512th of the budget): volume counts database pages, which
 # deleting one small row rarely frees; a cull of exactly the excess took a round per small entry.
 CULL_SLACK = 64 * 1024
@@ -457,6 +459,13 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
     for f in files:
         shard.disk.remove(f)  # (held until the COMMIT: ``_transaction``)
     return freed
+
+
+def _row_cost(key: str, body: bytes | None) -> int:
+    """About what committing ``key`` (and a small ``body`` the database holds) adds to a shard,
+    as ``_evict`` estimates what deleting it frees (its metadata's value: META_COST)."""
+    return (len(key) + 2) * 2 + ROW_OVERHEAD + META_COST \
+        + (len(body) + BODY_NAME * 2 + ROW_OVERHEAD if body is not None else 0)
 
 
 def _bodies_of(shard: diskcache.Cache, name: str, value: bytes | None) -> list[tuple[str, int]]:
@@ -868,7 +877,8 @@ class DiskTier:
             ok = False
         else:
             self._lock_timeouts.succeeded()
-        self._cull(shard, keep_body=body_id)
+        self._cull(shard, keep_body=body_id,
+                   added=len(body) if isinstance(body, bytes) else body.tell())  # (read to its end)
         if not ok:
             self.failed_writes += 1
         return ok
@@ -897,7 +907,7 @@ class DiskTier:
             self.failed_writes += 1  # (rolled back: nothing of it was written)
             return False
         self._lock_timeouts.succeeded()
-        self._cull(shard, keep=(key,))
+        self._cull(shard, keep=(key,), added=_row_cost(key, None))
         return True
 
     def commit_many(self, items: Sequence[tuple[str, Merge, str, bytes | None]],
@@ -944,7 +954,8 @@ class DiskTier:
                 continue
             self._lock_timeouts.succeeded()
             self._write_errors.succeeded()
-            self._cull(shard, keep=[items[i][0] for i in positions])
+            self._cull(shard, keep=[items[i][0] for i in positions],
+                       added=sum(_row_cost(items[i][0], items[i][3]) for i in positions))
             for i in positions:
                 done[i] = True
         return done
@@ -983,7 +994,8 @@ class DiskTier:
         for old in dropped:
             shard.delete("b:" + old)
 
-    def _cull(self, shard: diskcache.Cache, keep: Iterable[str] = (), keep_body: str | None = None) -> None:
+    def _cull(self, shard: diskcache.Cache, keep: Iterable[str] = (), keep_body: str | None = None,
+              added: int = 0) -> None:
         """Evict by the shard's policy while it is over its budget (after a write): whole
         entries (a key's metadata with every body it names, ``_evict``), never ``keep`` (the
         keys just written) nor ``keep_body`` (the body just put, its metadata not yet written)
@@ -998,7 +1010,10 @@ class DiskTier:
         rows aiming at min(excess, budget / CULL_STEP), the volume measured again after it: a
         whole excess in one round held the lock for seconds and, its estimate below the pages
         freed, emptied a shard far over its budget. After CULL_TIME (or CULL_ROUNDS) the next
-        write goes on. (Not the owner's upkeep as well: a shard's budget can be below what an
+        write goes on, but not before the cull has freed ``added`` (about what the write put in):
+        a batch of 32 fills (1.5 MB) took three rounds, and a cull cut at 50 ms after two let the
+        excess grow batch after batch (8 MB budget: 14 MB left after a flood on a slower
+        machine). (Not the owner's upkeep as well: a shard's budget can be below what an
         empty shard occupies, an eighth of the usual beside a large index, and a cull that
         spares no just-written keys then emptied the shard of the entries it had answered
         stored.)"""
@@ -1009,14 +1024,16 @@ class DiskTier:
             kept = frozenset(keep)
             stage = 0
             start = time.monotonic()
+            owed = added
             for n in range(CULL_ROUNDS):
-                if n and time.monotonic() - start >= CULL_TIME:
+                if n and owed <= 0 and time.monotonic() - start >= CULL_TIME:
                     return  # (the rest: the next writes)
                 budget = shard.size_limit
                 aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, CULL_FLOOR, 1))
                 began = time.monotonic()
                 with _transaction(shard):
                     freed = _evict(shard, aim, kept, keep_body, stage)
+                owed -= freed
                 held = time.monotonic() - began
                 over = shard.volume() - shard.size_limit
                 if over <= 0:

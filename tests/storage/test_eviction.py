@@ -207,6 +207,37 @@ def test_a_cull_stops_after_its_time_and_the_next_writes_cull_the_rest(
         disk.close()
 
 
+def test_a_cull_cut_by_its_time_still_frees_what_its_write_added(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time bound let a flood outgrow the budget: the write-behind commits fills in batches
+    (32 of them, 1.5 MB), a round frees an eighth of the budget, and a cull cut after two rounds
+    on a slower machine left each batch's rest over the budget (8 MB: 14 MB on disk after a
+    flood). A cull now frees at least what its write added before its time counts."""
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=1)
+    shard = disk._shards[0]
+    clock = [0.0]
+
+    def ticking() -> float:  # each look at the clock: 20 ms later (a slow machine's round)
+        clock[0] += 0.02
+        return clock[0]
+
+    try:
+        _fill_small(disk, [f"http://h.test/old/{i}" for i in range(1500)])
+        budget = shard.volume()
+        shard.size_limit = budget  # (full: every batch below is over it by what it adds)
+        assert budget // CULL_STEP < 500 * SMALL < budget
+        monkeypatch.setattr(disk_module.time, "monotonic", ticking)
+        monkeypatch.setattr(disk_module.time, "sleep", lambda _: None)
+        for n in range(6):  # six batches of 500 (each about 600 KB; a round: under 256 KiB)
+            _fill_small(disk, [f"http://h.test/new/{n}/{i}" for i in range(500)])
+            assert shard.volume() <= budget + CULL_SLACK, (n, shard.volume() - budget)
+        assert disk.has("http://h.test/new/5/499")
+        metas, ids = _rows(disk)
+        assert {b for named in metas.values() for b in named} == ids  # whole entries still
+    finally:
+        disk.close()
+
+
 def test_the_cull_of_bodies_no_entry_names_spares_named_and_young_ones(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage 1 deleted every body but the culling writer's own: a body another worker had put and
