@@ -1013,10 +1013,8 @@ class DiskTier:
         write goes on, but not before the cull has freed ``added`` (about what the write put in):
         a batch of 32 fills (1.5 MB) took three rounds, and a cull cut at 50 ms after two let the
         excess grow batch after batch (8 MB budget: 14 MB left after a flood on a slower
-        machine). (Not the owner's upkeep as well: a shard's budget can be below what an
-        empty shard occupies, an eighth of the usual beside a large index, and a cull that
-        spares no just-written keys then emptied the shard of the entries it had answered
-        stored.)"""
+        machine). The owner's upkeep culls too (``cull_over``), for an excess no write
+        added."""
         try:
             over = shard.volume() - shard.size_limit
             if over <= 0:
@@ -1184,13 +1182,31 @@ class DiskTier:
 
     def count_index(self, index_bytes: int) -> int:
         """Take the index's bytes past its share off each shard's budget (``shard_budget_beside``);
-        the shard budget now. The owner's upkeep calls this every round: the next write culls
-        to it (``_cull``), and the index GC then drops the culled entries' rows. Only this
-        process's view: the owner is the one that writes and culls."""
+        the shard budget now. The owner's upkeep calls this every round, then ``cull_over``;
+        the index GC then drops the culled entries' rows. Only this process's view: the owner
+        is the one that writes and culls."""
         limit = shard_budget_beside(self.size_limit, len(self._shards), index_bytes)
         for shard in self._shards:
             shard.size_limit = limit
         return limit
+
+    def cull_over(self) -> None:
+        """Cull each shard over its budget, CULL_TIME each (the owner's upkeep, every round).
+        Why: a write's cull repays what it added, and only then works on an older excess for
+        what is left of CULL_TIME; an excess no write added (the budget lowered as the index
+        grew, a smaller ``cache.disk.size`` at a restart) stayed once writes stopped (4 MB of
+        long-key entries on a loaded machine: 12.9 MB on disk for good). Safe without sparing
+        the entries just written since the budget floor (``shard_budget_beside``): a budget
+        is never below what an empty shard takes; and bodies not yet named by their entry are
+        never taken (``_evict``'s stages)."""
+        for i, shard in enumerate(self._shards):
+            if self.marked(i):
+                continue  # (damaged: set aside at the next start)
+            try:
+                self._cull(shard)
+            except sqlite3.Error as exc:
+                if not self.noticed(i, exc):
+                    raise
 
     def volume(self) -> int:
         """Bytes on disk as diskcache counts them (database pages and value files); a damaged

@@ -218,3 +218,4 @@ class Upkeep:
         if t.index.damage is None:
             t.index.checkpoint()
             t.disk.count_index(t.index.size())
+        t.disk.cull_over()

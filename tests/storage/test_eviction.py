@@ -238,6 +238,34 @@ def test_a_cull_cut_by_its_time_still_frees_what_its_write_added(
         disk.close()
 
 
+async def test_the_owners_upkeep_culls_an_excess_no_write_added(tmp_path: Path) -> None:
+    """A write's cull repays what it added and works on an older excess only for what is left of
+    CULL_TIME: an excess no write added (the budget lowered as the index grew, a smaller
+    cache.disk.size at a restart) stayed once writes stopped (4 MB of long-key entries on a
+    loaded machine: 12.9 MB on disk for good). The owner's upkeep rounds now cull it."""
+    st = open_store(str(tmp_path / "cache"), disk_size=64 * MB, shards=1)
+    disk = st.disk
+    assert disk is not None
+    shard = disk._shards[0]
+    keys = [f"http://h.test/old/{i}" for i in range(6000)]
+    try:
+        _fill_small(disk, keys)
+        disk.size_limit = 2 * MB  # (as a restart with a smaller cache.disk.size)
+        assert shard.volume() > 3 * shard_budget(2 * MB, 1)
+        for _ in range(200):  # upkeep rounds, no writes (one a second in the owner)
+            await st.maintain()
+            if shard.volume() <= shard.size_limit:
+                break
+        assert shard.size_limit == shard_budget(2 * MB, 1)
+        assert shard.size_limit - shard.size_limit // CULL_STEP - CULL_SLACK <= shard.volume() \
+            <= shard.size_limit
+        assert disk.has(keys[-1]) and not disk.has(keys[0])  # the oldest went, the newest stayed
+        metas, ids = _rows(disk)
+        assert {b for named in metas.values() for b in named} == ids  # whole entries still
+    finally:
+        st.close()
+
+
 def test_the_cull_of_bodies_no_entry_names_spares_named_and_young_ones(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage 1 deleted every body but the culling writer's own: a body another worker had put and
