@@ -380,6 +380,10 @@ CULL_ROUNDS = 256
 # stop overran its grace). A round aims at least at CULL_FLOOR bytes: a small budget's eighth
 # (15 KB: 7 small entries) spent the rounds on their overhead.
 CULL_TIME = 0.05
+# A cull that has not yet freed what its write added goes on past CULL_TIME, up to CULL_DEBT_TIME:
+# without a bound, storing a 50 MB body into a shard full of small entries culled 69 rounds
+# (1.7-2.5 s) on the thread a stop waits for, and the stop overran a 1 s grace.
+CULL_DEBT_TIME = 0.5
 CULL_FLOOR = 256 * 1024
 # Between two rounds the lock stays free as long as the round held it (at most CULL_PAUSE s):
 # another process waiting for it polls (SQLite's busy handler sleeps up to 100 ms between
@@ -463,8 +467,9 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
 
 def _row_cost(key: str, body: bytes | None) -> int:
     """About what committing ``key`` (and a small ``body`` the database holds) adds to a shard,
-    as ``_evict`` estimates what deleting it frees (its metadata's value: META_COST)."""
-    return (len(key) + 2) * 2 + ROW_OVERHEAD + META_COST \
+    as ``_evict`` estimates what deleting it frees (its metadata's value: META_COST and the URL,
+    about as long as the key)."""
+    return (len(key) + 2) * 2 + ROW_OVERHEAD + META_COST + len(key) \
         + (len(body) + BODY_NAME * 2 + ROW_OVERHEAD if body is not None else 0)
 
 
@@ -877,8 +882,9 @@ class DiskTier:
             ok = False
         else:
             self._lock_timeouts.succeeded()
-        self._cull(shard, keep_body=body_id,
-                   added=len(body) if isinstance(body, bytes) else body.tell())  # (read to its end)
+        # (A copy that timed out added nothing; a file copied was read to its end.)
+        added = 0 if not ok else len(body) if isinstance(body, bytes) else body.tell()
+        self._cull(shard, keep_body=body_id, added=added)
         if not ok:
             self.failed_writes += 1
         return ok
@@ -1010,7 +1016,8 @@ class DiskTier:
         rows aiming at min(excess, budget / CULL_STEP), the volume measured again after it: a
         whole excess in one round held the lock for seconds and, its estimate below the pages
         freed, emptied a shard far over its budget. After CULL_TIME (or CULL_ROUNDS) the next
-        write goes on, but not before the cull has freed ``added`` (about what the write put in):
+        write goes on, but not before the cull has freed ``added`` (about what the write put in)
+        or CULL_DEBT_TIME has passed:
         a batch of 32 fills (1.5 MB) took three rounds, and a cull cut at 50 ms after two let the
         excess grow batch after batch (8 MB budget: 14 MB left after a flood on a slower
         machine). The owner's upkeep culls too (``cull_over``), for an excess no write
@@ -1024,8 +1031,8 @@ class DiskTier:
             start = time.monotonic()
             owed = added
             for n in range(CULL_ROUNDS):
-                if n and owed <= 0 and time.monotonic() - start >= CULL_TIME:
-                    return  # (the rest: the next writes)
+                if n and time.monotonic() - start >= (CULL_TIME if owed <= 0 else CULL_DEBT_TIME):
+                    return  # (the rest: the next writes, and the owner's upkeep)
                 budget = shard.size_limit
                 aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, CULL_FLOOR, 1))
                 began = time.monotonic()

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import diskcache
 import pytest
 
 from proxy.storage import disk as disk_module
 from proxy.storage import upkeep
 from proxy.storage.disk import (
     CULL_BATCH,
+    CULL_DEBT_TIME,
     CULL_PAUSE,
     CULL_SLACK,
     CULL_STEP,
+    CULL_TIME,
     DiskTier,
     new_body_id,
     shard_budget,
@@ -234,6 +238,45 @@ def test_a_cull_cut_by_its_time_still_frees_what_its_write_added(
         assert disk.has("http://h.test/new/5/499")
         metas, ids = _rows(disk)
         assert {b for named in metas.values() for b in named} == ids  # whole entries still
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("copied", [True, False])
+def test_a_big_bodys_cull_owes_it_for_at_most_its_debt_time_and_a_failed_copy_owes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copied: bool) -> None:
+    """Without a bound on the debt, storing a 50 MB body into a shard full of small entries culled
+    69 rounds (1.7-2.5 s) on the thread a stop waits for: the stop overran a 1 s grace. And a copy
+    that timed out (the shard's lock held by another process) owed its whole size all the same:
+    49 rounds, 12,000 entries evicted for a write that added nothing."""
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=1)
+    shard = disk._shards[0]
+    clock = [0.0]
+    rounds: list[float] = []
+    evict = disk_module._evict
+
+    def ticking() -> float:  # each look at the clock: 20 ms later (a slow machine)
+        clock[0] += 0.02
+        return clock[0]
+
+    def counted(*args: Any) -> int:
+        rounds.append(clock[0])
+        return evict(*args)
+
+    try:
+        _fill_small(disk, [f"http://h.test/old/{i}" for i in range(6000)])
+        shard.size_limit = shard.volume() // 2  # (an older excess, and the body on top of it)
+        monkeypatch.setattr(disk_module.time, "monotonic", ticking)
+        monkeypatch.setattr(disk_module.time, "sleep", lambda _: None)
+        monkeypatch.setattr(disk_module, "_evict", counted)
+        if not copied:
+            def busy(*args: Any, **kwargs: Any) -> bool:
+                raise diskcache.Timeout("the shard's lock is held")
+            monkeypatch.setattr(shard, "set", busy)
+        assert disk.put_body("http://h.test/big", new_body_id(), os.urandom(6 * MB)) is copied
+        assert rounds and rounds[-1] - rounds[0] <= (CULL_DEBT_TIME if copied else CULL_TIME)
+        if copied:
+            assert len(rounds) > 2  # (past CULL_TIME, for its debt)
     finally:
         disk.close()
 
