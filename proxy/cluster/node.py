@@ -240,6 +240,9 @@ class ClusterNode:
         self._ended: BaseException | None = None  # why the last session ended (None: none yet)
         self._caught_up_all_along = False  # applied everything seen when Redis went away
         self._tip_read = False  # this session has read the stream's tip (tip_seq)
+        # Its last read of the stream read everything there was (not a full batch): should Redis
+        # lose its data now, what it had not read was lost for every node alike (check_epoch).
+        self._at_tip = False
         self._closing = False
         self._failures = RepeatedFailure(log, "cluster: session")  # each second: once a minute
         self._skipped = _Skipped()  # what Redis handed us that we skip, logged with a budget
@@ -407,7 +410,7 @@ class ClusterNode:
             self._tell_beat()
             tasks += [asyncio.ensure_future(self._listen_acks(pubsub)),
                       asyncio.ensure_future(self._heartbeats())]
-            await self._catch_up()
+            await self._catch_up(self._caught_up_all_along)
             await self._try_flush_outbox()
             self._set_state("ready", "")
             self._release_hits()
@@ -515,7 +518,12 @@ class ClusterNode:
         self._tip_read = True
         return Tip(str(epoch), self.tip_seq, str(last))
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, keep_unknown: bool, *, following: bool = False) -> None:
+        """Read the tip, then resume where ``plan_resume`` says (``keep_unknown``: see there).
+        ``following``: the node was ready and following the stream when it saw Redis lost its
+        data (``_read_and_apply``): it stays ready unless it purges its whole cache (its state
+        is not flipped for the few entries it reads again: every node noticed at once, and every
+        /healthz said 503 at the same moment)."""
         r = self._redis
         assert r is not None
         appended = self._appended_seq  # (taken before TIP: an append answered later is after it)
@@ -527,8 +535,7 @@ class ClusterNode:
             # (a damaged entry's number too: it took its number; not one ahead of the counter)
             next_seq = stream.first_trusted((stream.entry_seq(f) for _, f in first or ()), tip.seq)
         holds = saved is None and self._local_entries is not None and self._local_entries() > 0
-        plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=self._caught_up_all_along,
-                                  holds_entries=holds)
+        plan = stream.plan_resume(saved, tip, next_seq, keep_unknown=keep_unknown, holds_entries=holds)
         lost_own = stream.lost_own(appended, tip)
         if lost_own:  # one of ours, and maybe others' before it, it had not read yet
             plan = Flush(tip.last_id, "redis-lost-data")
@@ -538,22 +545,28 @@ class ClusterNode:
             # Redis lost purges (restarted empty, or from an older snapshot): what its shared tier
             # holds may be what they removed. Nothing of it is read again (before the local cache
             # goes, or a miss here would adopt it back).
-            self._catching_up()
+            if not following:
+                self._catching_up()
             log.warning("cluster: Redis lost data: the shared tier starts a new generation")
             await self._shared_reset()
         match plan:
             case Flush():
                 self._catching_up()
                 await self._flush(plan.reason, tip)
+                self._at_tip = True  # (its record is the tip now)
             case Resume():
                 if saved is None or saved.epoch != tip.epoch:
                     self._save(Saved(tip.epoch, 0 if plan.after == stream.START else tip.seq, plan.after))
                 behind = tip.seq - (self.saved.seq if self.saved else 0)
                 if behind > 0:
-                    self._catching_up()
+                    if not following:
+                        self._catching_up()
                     log.info("cluster: catching up on %d purge(s) after %s", behind, plan.after)
+                self._at_tip = False
                 while await self._read_and_apply(block=False):
                     pass
+        if following and self.state == "catching-up":
+            self._set_state("ready", "")
 
     async def _flush(self, reason: str, tip: Tip) -> int:
         """Purge the whole local cache: this node cannot know which purges it missed (its count)."""
@@ -590,13 +603,22 @@ class ClusterNode:
             raw = list(await reader.xrange(self.names.stream, f"({after}" if after != stream.START else "-",
                                            "+", count=READ_BATCH) or [])
         if not raw:
+            self._at_tip = True
             return False
+        # The stream's epoch, read after the entries: another one means Redis lost its data since
+        # this node last read it (FLUSHALL, or a restart under connections that stayed up), and
+        # what was read is the new stream's, not the next entries of the one saved.
+        epoch, counter = await self._stream_now()
+        recatch = stream.check_epoch(self.saved, epoch, at_tip=self._at_tip)
+        if recatch is not None:
+            log.warning("cluster: Redis lost its data while this node was connected (the purge "
+                        "stream's epoch changed: FLUSHALL, or a restart): catching up with the new stream")
+            await self._catch_up(recatch.keep_unknown, following=block)
+            return False  # (that caught up to the end)
+        self._at_tip = len(raw) < READ_BATCH
         entries: list[StreamEntry] = []
         seqs: list[int] = []  # a damaged entry's too, when readable: it took its number
         read = [stream.entry_seq(fields) for _, fields in raw]
-        counter = self.tip_seq
-        if max((x for x in read if x is not None), default=0) > counter:
-            counter = await self._counter()  # (only for entries appended since it was last read)
         for (entry_id, fields), seq in zip(raw, read, strict=True):
             if not stream.trusted(seq, counter):
                 self.counts["damaged"] += 1
@@ -626,12 +648,13 @@ class ClusterNode:
         self._save(Saved(self.saved.epoch, last_seq, last_id))
         return len(raw) == READ_BATCH
 
-    async def _counter(self) -> int:
-        """The stream's counter (``NS:purges:seq``) as it is now."""
+    async def _stream_now(self) -> tuple[str | None, int]:
+        """The stream's epoch (None: none yet) and counter (``NS:purges:seq``) as they are now."""
         r = self._redis
         assert r is not None
-        self.tip_seq = stored_int(await r.get(self.names.seq), self.names.seq)
-        return self.tip_seq
+        epoch, seq = await r.mget([self.names.epoch, self.names.seq])
+        self.tip_seq = stored_int(seq, self.names.seq)
+        return (None if epoch is None else str(epoch)), self.tip_seq
 
     async def _apply(self, entries: list[StreamEntry], merge: bool, *, flushed: int | None = None) -> None:
         """Apply entries in order (``merge``: a backlog, as few local purges as possible; their

@@ -217,6 +217,39 @@ def plan_resume(saved: Saved | None, tip: Tip, next_seq: int | None, *, keep_unk
     return Resume(saved.id)
 
 
+@dataclass(frozen=True, slots=True)
+class Recatch:
+    """Redis lost its data under a connected node: catch up again as a reconnection does
+    (``plan_resume`` with this ``keep_unknown``), before applying what was just read."""
+
+    keep_unknown: bool
+
+
+def check_epoch(saved: Saved, epoch: str | None, *, at_tip: bool) -> Recatch | None:
+    """What a node does with entries it just read after ``saved.id``, given the stream's epoch as
+    read right after them (None: no epoch, Redis emptied and nothing appended yet): apply them
+    (None), or catch up again (``Recatch``) when Redis lost its data meanwhile (``FLUSHALL``, or a
+    restart the connections did not notice). Read from the new stream after the old stream's id,
+    its entries were applied as the old epoch's, and at the next reconnection the new epoch made
+    the node read the new stream from its start and apply every purge of it again (a purge
+    "all" of long ago wiped everything cached since, on every node at once).
+
+    ``at_tip``: its previous read had read everything there was (not a full batch), so, as for a
+    reconnection (``caught_up_when_lost``), what the old stream held past it was lost for every
+    node alike: it reads the new stream from its start and keeps its cache. The entries just read
+    are not applied: they are the new stream's first ones (read again from its start), or, had
+    Redis lost its data between the read and this check, the lost stream's, which no node could
+    have acknowledged for this one (no purge of them answered 200).
+
+    >>> check_epoch(Saved("e1", 7, "6-0"), "e1", at_tip=True) is None
+    True
+    >>> s = Saved("e1", 7, "6-0")
+    >>> check_epoch(s, "e2", at_tip=True), check_epoch(s, None, at_tip=False)
+    (Recatch(keep_unknown=True), Recatch(keep_unknown=False))
+    """
+    return None if epoch == saved.epoch else Recatch(keep_unknown=at_tip)
+
+
 def lost_data(saved: Saved | None, tip: Tip) -> bool:
     """Whether Redis lost data since this node last read it: a new epoch (it restarted empty) or
     a sequence number gone backwards in the same epoch (restored from an older snapshot).

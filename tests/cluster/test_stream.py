@@ -13,11 +13,13 @@ import proxy.cluster.stream
 from proxy.cluster.stream import (
     START,
     Flush,
+    Recatch,
     Resume,
     Saved,
     Tip,
     apply_failure,
     caught_up_when_lost,
+    check_epoch,
     decode_entry,
     merge_specs,
     outcome,
@@ -54,6 +56,28 @@ TIP = Tip("e1", 10, "10-0")
 def test_where_a_node_resumes(saved: Saved | None, next_seq: int | None, keep: bool,
                               expected: Resume | Flush) -> None:
     assert plan_resume(saved, TIP, next_seq, keep_unknown=keep) == expected
+
+
+@pytest.mark.parametrize(("saved", "epoch", "at_tip", "expected"), [
+    # The entries just read are the next ones of the stream it follows: applied.
+    (Saved("e1", 4, "4-0"), "e1", True, None),
+    (Saved("e1", 4, "4-0"), "e1", False, None),
+    # Redis emptied (FLUSHALL) under a connected node that had read everything: the new stream
+    # from its start, cache kept, its record now the new epoch's.
+    (Saved("e0", 4, "4-0"), "e1", True, Resume(START)),
+    # ... no epoch yet (emptied between the read and the check): the same.
+    (Saved("e0", 4, "4-0"), None, True, Resume(START)),
+    # ... one that was a full batch behind cannot know what it missed.
+    (Saved("e0", 4, "4-0"), "e1", False, Flush("10-0", "redis-lost-data")),
+])
+def test_what_a_connected_node_does_when_redis_lost_its_data_under_it(
+        saved: Saved, epoch: str | None, at_tip: bool, expected: Resume | Flush | None) -> None:
+    recatch = check_epoch(saved, epoch, at_tip=at_tip)
+    if expected is None:
+        assert recatch is None
+        return
+    assert recatch == Recatch(keep_unknown=at_tip)
+    assert plan_resume(saved, TIP, None, keep_unknown=recatch.keep_unknown) == expected
 
 
 @pytest.mark.parametrize(("state", "tip_read", "saved", "before", "expected"), [
