@@ -27,7 +27,9 @@ Where a node resumes is kept in its cache directory (``cluster-state.json``:
 epoch, sequence number, stream id), so a restarted node catches up on what it
 missed before it serves (``proxy.cluster.stream.plan_resume``; a backlog is
 merged into two local purges) and purges its whole local cache when it cannot
-know what it missed (trimmed entries, a Redis that lost its data). A node that
+know what it missed (trimmed entries, a Redis that lost its data). Each read of the
+stream also checks its epoch: a Redis emptied under a connected node (``FLUSHALL``) is
+noticed at the first purge after it, not at the next reconnection. A node that
 loses Redis keeps serving from its tiers, answers purges 503, retries every
 second, and catches up the same way when Redis is back; invalidations made
 meanwhile (or refused by a Redis that answers but takes no writes) are applied

@@ -10,6 +10,9 @@ functions what to do.
 - ``plan_resume`` decides where a node (re)starts reading: from its saved id, or
   after purging its whole local cache when it cannot know what it missed (the
   entries after its id were trimmed, or Redis lost its data: a new *epoch*).
+- ``check_epoch`` decides what a connected node does when Redis lost its data under it
+  (``FLUSHALL``): the entries it reads are then the new stream's, and it catches up with that
+  from its start, as a reconnection would, before it applies them.
 - ``merge_specs`` turns a backlog into at most two purges (hard, then soft), so
   catching up on 1,000 purges costs two local purges, not 1,000: tags, prefixes
   and "all" are bans in the local store (``proxy.storage.bans``) and URLs one
