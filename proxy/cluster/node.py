@@ -31,7 +31,9 @@ know what it missed (trimmed entries, a Redis that lost its data). Each read of 
 stream also checks its epoch: a Redis emptied under a connected node (``FLUSHALL``) is
 noticed at the first purge after it, not at the next reconnection. A node that
 loses Redis keeps serving from its tiers, answers purges 503, retries every
-second, and catches up the same way when Redis is back; invalidations made
+second, and catches up the same way when Redis is back (stopped or stalled meanwhile past its
+heartbeat's TTL, it holds hits until its next attempt has caught up or failed: the others no
+longer counted it live: ``_away_ticks``); invalidations made
 meanwhile (or refused by a Redis that answers but takes no writes) are applied
 locally at once and kept in an outbox, retried every heartbeat: each is then
 removed from the shared tier, appended to the stream and applied here again.
@@ -261,6 +263,8 @@ class ClusterNode:
         self._lapse_retried = False  # the session that failed after a lapse was retried at once
         self._hits_go = asyncio.Event()  # set unless hits wait for a lapsed node to catch up
         self._hits_go.set()
+        self._wake = asyncio.Event()  # the next reconnection attempt comes now (a lapse while cut off)
+        self._ticks: asyncio.Task[None] | None = None  # _away_ticks
         self._flushing = asyncio.Lock()  # one sender of the outbox at a time
         self._telling = asyncio.Lock()  # one message to the workers about it at a time
         self._told = False  # what the workers were told: invalidations wait in the outbox
@@ -272,6 +276,7 @@ class ClusterNode:
         """Connect and catch up before this node serves; ``ClusterUnavailable`` when Redis
         cannot be reached and ``cluster.required`` is true (else keep trying in the background)."""
         self._task = asyncio.ensure_future(self._run())
+        self._ticks = asyncio.ensure_future(self._away_ticks())
         await self._first.wait()
         if isinstance(self._first_error, NameTaken):
             await self.close()
@@ -300,6 +305,8 @@ class ClusterNode:
         self.state = "stopped"
         self._beat_deadline = 0.0
         self._release_hits()
+        if self._ticks is not None:
+            self._ticks.cancel()
         if self._task is not None:
             self._task.cancel()
             # Bounded: a cancellation that lands in the client's own read timeout can be lost
@@ -323,6 +330,7 @@ class ClusterNode:
         attempt = 0
         while not self._closing:
             at_once = False
+            self._wake.clear()
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -355,7 +363,7 @@ class ClusterNode:
                     self._set_state("catching-up", self.reason)
                 else:
                     self._set_state("disconnected", _trouble(self.settings.redacted_url, exc))
-                    self._release_hits()  # cut off from Redis: it serves from its tiers (below)
+                    self._away()  # cut off from Redis: it serves from its tiers (below)
                     if was_ready:
                         attempt = 0  # a session that worked: the next attempt comes soon
                         log.error("cluster: %s; serving from the local cache, purges answer 503 until it "
@@ -367,9 +375,8 @@ class ClusterNode:
                 # bug, with its traceback. Either once, then once a minute: it fails each second.
                 data = isinstance(exc, RedisDataError | NotAppliedHere)
                 self._failures.failed(exc, traceback=not data)
-                self._beat_deadline = 0.0
                 self._set_state("disconnected", str(exc) if data else f"cluster session failed: {exc!r}")
-                self._release_hits()
+                self._away()
                 if not self._first.is_set():
                     self._first_error = exc
             await self._disconnect()
@@ -382,7 +389,8 @@ class ClusterNode:
             if not at_once:
                 delay = RECONNECT_DELAY[attempt] if attempt < len(RECONNECT_DELAY) else 1.0
                 attempt += 1
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):  # (woken by a lapse: hits wait for it)
+                    await asyncio.wait_for(self._wake.wait(), delay)
             self.counts["reconnects"] += 1
 
     async def _session(self) -> None:
@@ -439,7 +447,9 @@ class ClusterNode:
 
     def _notice_lapse(self) -> bool:
         """Whether this node's heartbeat has lapsed since it last caught up (noticed once: the
-        state says so, and hits wait until it has caught up)."""
+        state says so, and hits wait until it has caught up). While cut off from Redis, its
+        liveness as the others count it lapsed (``_away_ticks``): the next reconnection attempt
+        comes at once, and hits wait until it has caught up or failed."""
         if self._lapsed:
             return True
         deadline = self._beat_deadline
@@ -449,12 +459,42 @@ class ClusterNode:
         if late <= 0:
             return False
         self._lapsed = True
+        # Not counted live for a while: purges may have answered 200 without this node, so only the
+        # stream can tell what it missed (a new epoch then means "unknown": a Redis that restarted
+        # empty meanwhile may have done so more than once).
+        self._caught_up_all_along = False
         self._hits_go.clear()
         self._tell_beat()
-        self._set_state("catching-up", f"its heartbeat lapsed ({late + self._ttl:.1f}s since the last "
-                                       "one: the process was stopped or stalled), so purges may have "
+        if self.connected:
+            why = f"its heartbeat lapsed ({late + self._ttl:.1f}s since the last one"
+        else:
+            why = (f"it was cut off from Redis and stalled past its heartbeat's TTL ({late + self._ttl:.1f}s "
+                   "without a tick")
+            self._lapse_retried = True  # the next attempt is the one that catches up (or fails)
+            self._wake.set()
+        self._set_state("catching-up", f"{why}: the process was stopped or stalled), so purges may have "
                                        "answered without it: catching up before it serves from its cache")
         return True
+
+    def _away(self) -> None:
+        """Cut off from Redis: hits go on (it serves from its tiers), and the others count it live
+        for a heartbeat's TTL from now at most, renewed by ``_away_ticks`` as a heartbeat would."""
+        self._beat_deadline = time.monotonic() + self._ttl
+        self._release_hits()
+
+    async def _away_ticks(self) -> None:
+        """While cut off from Redis, renew ``_beat_deadline`` every heartbeat, and notice when the
+        process was stopped or stalled past it (here, or on the hit path: ``hits_held``): the
+        others stopped counting it live (one cut off is vouched for a TTL at most, across a Redis
+        restart), so purges may have answered 200 without it. It served them, the requests queued
+        up while it was stopped first, until its next attempt reconnected and caught up."""
+        while not self._closing:
+            await asyncio.sleep(self.settings.heartbeat)
+            if self.connected or self._lapsed or not self._beat_deadline:
+                continue  # (a session's heartbeats keep it; a lapse waits for the next attempt)
+            if not self._notice_lapse():
+                self._beat_deadline = time.monotonic() + self._ttl
+                self._tell_beat()
 
     def _release_hits(self) -> None:
         """Caught up again (or cut off from Redis, where it serves from its tiers): hits go on."""
@@ -476,7 +516,7 @@ class ClusterNode:
 
     def hits_held(self) -> bool:
         """Whether hits must wait (``Engine``: on the hit path, so cheap): this node's heartbeat
-        lapsed while it was connected, and it has not caught up since."""
+        lapsed (or, cut off from Redis, its ticks: ``_away_ticks``), and it has not caught up since."""
         return self._lapsed or (_monotonic() > self._beat_deadline > 0.0 and self._notice_lapse())
 
     async def caught_up(self) -> None:

@@ -326,6 +326,82 @@ async def test_a_node_stopped_past_its_heartbeat_serves_nothing_purged_meanwhile
         await nodes.stop_all()
 
 
+async def test_a_node_stopped_while_cut_off_from_redis_serves_nothing_purged_meanwhile_once_resumed(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """Redis dies and b notices (it serves from its tiers); b is then stopped (SIGSTOP) past its
+    heartbeat's TTL, Redis comes back empty, and a purge answers 200 without b (no longer vouched
+    for). Once resumed, b answers neither the requests that queued up meanwhile nor later ones from
+    what was purged: it notices the stall, reconnects at once and catches up first (it served them
+    as hits before). Redis restarted empty while it was not counted live: it cannot know whether
+    it restarted more than once, so it purges its whole local cache."""
+    versioned(origin, "/p")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        await a.get("/p")
+        old = (await b.get("/p")).body
+        await wait_until(lambda: _hit(b, "/p"))
+        own_redis.kill()
+        await wait_until(lambda: _cut_off(b), wait=10)
+        b.send(signal.SIGSTOP)
+        try:
+            own_redis.start()
+            await wait_until(lambda: ready(a), wait=20)
+            await asyncio.sleep(2.5)  # b, which Redis forgot, is vouched for a heartbeat TTL (2 s)
+
+            async def purged_without_b() -> bool:
+                status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+                return status == 200 and set(answer["nodes"]) == {"a"}
+
+            await wait_until(purged_without_b, wait=15)
+            queued = [asyncio.ensure_future(b.get("/p")) for _ in range(3)]
+            await asyncio.sleep(0.2)
+        finally:
+            b.send(signal.SIGCONT)
+        for r in [*await asyncio.gather(*queued), await b.get("/p")]:
+            assert r.body != old, f"b served what a purge that answered 200 without it removed ({r.x_cache})"
+        await wait_until(lambda: ready(b))
+        m = await metrics(b)
+        assert m[("cachegate_cluster_full_purges_total", (("reason", "redis-lost-data"),))] == 1
+    finally:
+        await nodes.stop_all()
+
+
+async def test_the_workers_of_a_node_whose_supervisor_is_stopped_while_cut_off_from_redis_wait_for_it(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """As above with --workers 2 and the supervisor stopped alone: its workers, told when its last
+    tick expires, hold hits once it has until it runs again and has caught up."""
+    versioned(origin, "/p")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
+    try:
+        a, c = await asyncio.gather(nodes.start("a"), nodes.start("c", "--workers", "2"))
+        await a.get("/p")
+        old = (await c.get("/p")).body
+        await wait_until(lambda: _hit(c, "/p"))
+        own_redis.kill()
+        await wait_until(lambda: _cut_off(c), wait=10)
+        c.send(signal.SIGSTOP)  # the supervisor alone
+        try:
+            own_redis.start()
+            await wait_until(lambda: ready(a), wait=20)
+            await asyncio.sleep(2.5)  # c, which Redis forgot, is vouched for a heartbeat TTL (2 s)
+
+            async def purged_without_c() -> bool:
+                status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+                return status == 200 and set(answer["nodes"]) == {"a"}
+
+            await wait_until(purged_without_c, wait=15)
+            waiting = [asyncio.ensure_future(c.get("/p")) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            assert not any(w.done() for w in waiting)
+        finally:
+            c.send(signal.SIGCONT)
+        for r in [*await asyncio.gather(*waiting), await c.get("/p")]:
+            assert r.body != old, f"c served what a purge that answered 200 without it removed ({r.x_cache})"
+    finally:
+        await nodes.stop_all()
+
+
 async def test_the_workers_of_a_node_whose_supervisor_is_stopped_past_its_heartbeat_wait_for_it(
         origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
     """With --workers 2 the node's member is the supervisor: stopped past its heartbeat's TTL, a
