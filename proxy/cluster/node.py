@@ -57,7 +57,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
 from proxy.cluster import HOLD_MAX, ClusterUnavailable, stream
 from proxy.cluster.redis_io import (
@@ -249,6 +249,9 @@ class ClusterNode:
         self._at_tip = False
         self._closing = False
         self._failures = RepeatedFailure(log, "cluster: session")  # each second: once a minute
+        # Why it is cut off from Redis, each reason when last logged and the failed attempts since
+        # (_say_away): a reason is logged when it comes up, then once a minute while it lasts.
+        self._away_said: dict[str, list[float]] = {}
         self._skipped = _Skipped()  # what Redis handed us that we skip, logged with a budget
         self._named = False  # this instance's heartbeat was written (the name is ours)
         self._twin_logged = False
@@ -284,7 +287,9 @@ class ClusterNode:
         if self._first_error is not None:
             message = (f"cluster: cannot reach Redis at {self.settings.redacted_url}: "
                        f"{_describe(self._first_error)}")
-            if isinstance(self._first_error, RedisDataError):
+            if isinstance(self._first_error, AuthenticationError):
+                message = f"cluster: {_trouble(self.settings.redacted_url, self._first_error)}"
+            elif isinstance(self._first_error, RedisDataError):
                 message = (f"cluster: Redis at {self.settings.redacted_url} holds what this node "
                            f"cannot read: {self._first_error}")
             elif isinstance(self._first_error, NotAppliedHere):
@@ -368,6 +373,8 @@ class ClusterNode:
                         attempt = 0  # a session that worked: the next attempt comes soon
                         log.error("cluster: %s; serving from the local cache, purges answer 503 until it "
                                   "is back", self.reason)
+                    # (start() says why the first attempt failed)
+                    self._say_away(self.reason, said=was_ready or not self._first.is_set())
                     if not self._first.is_set():
                         self._first_error = exc
             except Exception as exc:  # keep the node serving, say so, and retry
@@ -496,6 +503,27 @@ class ClusterNode:
                 self._beat_deadline = time.monotonic() + self._ttl
                 self._tell_beat()
 
+    def _say_away(self, reason: str, *, said: bool = False) -> None:
+        """Log why this node is still cut off from Redis: a reason when it comes up, then once a
+        minute while it lasts (``said``: it was just logged). Only the first reason was logged: a
+        Redis back with a password the node lacks said "unreachable: Connection closed by server"
+        once, as it went, and nothing after in the log."""
+        now = time.monotonic()
+        seen = self._away_said.pop(reason, None)
+        if said or seen is None:
+            if not said:
+                log.error("cluster: still cut off: %s; serving from the local cache and retrying", reason)
+            seen = [now, 0]
+        else:
+            seen[1] += 1
+            if now - seen[0] >= 60.0:
+                log.error("cluster: still cut off (%d more failed attempts in %.0fs): %s", seen[1],
+                          now - seen[0], reason)
+                seen = [now, 0]
+        self._away_said[reason] = seen  # (the latest last)
+        while len(self._away_said) > 16:
+            del self._away_said[next(iter(self._away_said))]
+
     def _release_hits(self) -> None:
         """Caught up again (or cut off from Redis, where it serves from its tiers): hits go on."""
         self._lapsed = self._lapse_retried = False
@@ -535,6 +563,7 @@ class ClusterNode:
             log.info("cluster: %s%s", state, f" ({reason})" if reason else "")
         if state == "ready":
             self._failures.succeeded()
+            self._away_said.clear()
         self.state, self.reason = state, reason
 
     def _catching_up(self) -> None:
@@ -1257,11 +1286,19 @@ def _timed_out(exc: BaseException | None) -> bool:
 
 def _refused(exc: BaseException) -> bool:
     """Redis answered, with an error (a script's, a value of the wrong type, maxmemory reached,
-    a read-only replica): not a Redis that cannot be reached."""
-    return isinstance(exc, ResponseError)
+    a read-only replica, a password missing or wrong): not a Redis that cannot be reached."""
+    return isinstance(exc, ResponseError | AuthenticationError)
 
 
 def _trouble(url: str, exc: BaseException) -> str:
+    if isinstance(exc, AuthenticationError):  # (a ConnectionError for redis-py: "unreachable")
+        text = str(exc)
+        if any(w in text.lower() for w in ("noauth", "authentication required", "already authenticated")):
+            return (f"Redis at {url} needs a password, and cluster.redis gives none ({text}): set it "
+                    "in cluster.redis (redis://:PASSWORD@HOST:PORT/DB, or redis://USER:PASSWORD@... "
+                    "for an ACL user)")
+        return (f"Redis at {url} refused the password (or user) in cluster.redis ({text}): set the "
+                "right one there")
     if _refused(exc):
         return f"Redis at {url} answered with an error: {_describe(exc)}"
     return f"Redis at {url} is unreachable: {_describe(exc)}"

@@ -38,6 +38,7 @@ class RedisServer:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = False
+        self.args: list[str] = []  # more arguments of redis-server's, from the next start on
 
     @property
     def url(self) -> str:
@@ -60,7 +61,8 @@ class RedisServer:
         os.makedirs(self.directory, exist_ok=True)
         self.proc = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-             "--save", "", "--appendonly", "no", "--logfile", os.path.join(self.directory, "redis.log")],
+             "--save", "", "--appendonly", "no", "--logfile", os.path.join(self.directory, "redis.log"),
+             *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -79,8 +81,9 @@ class RedisServer:
             return "(no log)"
 
     def ping(self) -> bool:
+        """Whether it answers (one that wants a password answers NOAUTH)."""
         try:
-            return self.command("PING") == b"+PONG\r\n"
+            return self.command("PING").startswith((b"+PONG\r\n", b"-NOAUTH"))
         except OSError:
             return False
 

@@ -225,6 +225,48 @@ async def _applied(proc: ProxyProcess, seq: int) -> bool:
     return any(n["node"] == view["node"] and n["applied_seq"] >= seq for n in view["nodes"])
 
 
+async def test_a_redis_that_wants_a_password_the_node_lacks_is_said_so_in_its_log_and_answers(
+        origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
+    """Redis restarted with a password the node does not know: its log said only "unreachable:
+    Connection closed by server" once, as Redis went, and /healthz and purges called it
+    unreachable. A reason that comes up while it is cut off is logged (once: not at each attempt),
+    and every answer names the password; a node given a wrong one does not start, and says so."""
+    versioned(origin, "/p")
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
+    a = nodes.procs["a"] = ProxyProcess(str(tmp_path / "a"), nodes.config("a"))
+    try:
+        await a.start(with_log=True)
+        await a.wait_for(lambda: bool(a.admin_url))
+        await wait_until(lambda: ready(a))
+        await a.get("/p")
+        own_redis.kill()
+        own_redis.args = ["--requirepass", "s3cret-pw"]
+        own_redis.start()
+        needs = f"Redis at {own_redis.url} needs a password, and cluster.redis gives none"
+        await a.wait_for(lambda: any(needs in line for line in a.lines), wait=15)
+        await asyncio.sleep(2.5)  # two attempts more, at least
+        assert [line for line in a.lines if needs in line and "ERROR" in line and "still cut off" in line] \
+            == [line for line in a.lines if needs in line], a.lines
+        assert sum(needs in line for line in a.lines) == 1, a.lines
+        status, health = await admin_json(a, "GET", "/healthz")
+        assert status == 200 and needs in health["reason"], health
+        assert needs in (await cluster_view(a))["reason"]
+        status, answer = await purge(a, urls=[f"http://{HOST}/p"])
+        assert status == 503 and needs in answer["error"], answer
+
+        wrong = own_redis.url.replace("redis://", "redis://:nope-pw@")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "--config", nodes.config("b", redis=wrong),
+            cwd=str(tmp_path / "b"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=dict(os.environ))
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 1
+        assert "refused the password (or user) in cluster.redis" in err.decode(), err.decode()
+        assert "nope-pw" not in err.decode()
+    finally:
+        await nodes.stop_all()
+
+
 async def test_a_redis_restored_from_an_older_snapshot_does_not_bring_purged_objects_back(
         origin: Origin, tmp_path: Path, own_redis: RedisServer) -> None:
     """The snapshot holds the shared tier from before a purge that answered 200: the node sees
