@@ -140,6 +140,8 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
             index.clear()
             disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                             empty=True)
+        if repair:  # (after the check above: an entry is moved only if the index lists it)
+            disk.relayout(index.listed)
     limit = storable_limit(c.max_object, (c.disk.size, c.disk.shards) if c.disk is not None else None,
                            c.memory_max_object, c.memory, arena.processes)
     return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit)

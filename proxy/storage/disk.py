@@ -58,6 +58,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import diskcache
@@ -604,6 +605,62 @@ def _seq_table(shard: diskcache.Cache) -> None:
         log.warning("disk shard %s: cannot note its highest sequence number (%s)", shard.directory, exc)
 
 
+LAYOUT_FILE = "shards"  # the shard count the folders are laid out for (``DiskTier.relayout``)
+MOVE_BATCH = 256  # entries read at a time by a relayout
+
+
+@dataclass
+class Relayout:
+    """What ``DiskTier.relayout`` did."""
+
+    recorded: int | None  # the count the directory was laid out for (None: never recorded)
+    shards: int
+    moved: int = 0
+    dropped: int = 0
+    removed: int = 0  # folders past the count
+    unreadable: int = 0  # of those, the ones whose entries could not be read (dropped)
+    seq: int = 0
+    seconds: float = 0.0
+
+
+def shard_folders(path: str) -> list[int]:
+    """The shard folders under a cache directory (``000``, ``001``...), whatever their count."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names
+                  if len(n) == 3 and n.isdigit() and os.path.isdir(os.path.join(path, n)))
+
+
+def recorded_shards(path: str) -> int | None:
+    """The shard count ``record_shards`` wrote (None: none, or unreadable)."""
+    try:
+        with open(os.path.join(path, LAYOUT_FILE), encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def record_shards(path: str, count: int) -> None:
+    """Note that the folders are laid out for ``count`` shards (written whole or not at all)."""
+    file = os.path.join(path, LAYOUT_FILE)
+    with open(file + ".tmp", "w", encoding="ascii") as f:
+        f.write(f"{count}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(file + ".tmp", file)
+
+
+def _delete_entry(shard: diskcache.Cache, key: str) -> None:
+    """Inside a transaction: delete a key's metadata with every body it names."""
+    meta = shard.get("m:" + key, default=None)
+    if isinstance(meta, bytes):
+        for body_id, _ in body_refs(meta):
+            shard.delete("b:" + body_id)
+    shard.delete("m:" + key)
+
+
 def shard_of(key: str, shards: int) -> int:
     """A hash that every process computes alike (``hash()`` is salted per process)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % shards
@@ -626,8 +683,8 @@ class DiskTier:
         cachegate from starting. ``empty``: start with every shard emptied (the index was
         lost: entries it no longer lists would escape purges)."""
         os.makedirs(path, exist_ok=True)
-        if empty:
-            for i in range(shards):
+        if empty:  # (every folder: those past a smaller count too)
+            for i in shard_folders(path):
                 shutil.rmtree(os.path.join(path, f"{i:03d}"), ignore_errors=True)
         self.path = path
         self.size_limit = size_limit
@@ -696,6 +753,7 @@ class DiskTier:
                 sqlite_cache_size=SQLITE_CACHE_PAGES,
             )
 
+        self._make_shard = make_shard
         self._shards: list[diskcache.Cache] = []
         # Set when the process stops: a held write lock is no longer waited for (``patiently``).
         self._stopping = threading.Event()
@@ -1279,6 +1337,157 @@ class DiskTier:
                 with contextlib.suppress(OSError):
                     total += os.path.getsize(os.path.join(dirpath, f))
         return total
+
+    # -- a new shard count ---------------------------------------------------------------------
+
+    def relayout(self, listed: Callable[[list[str]], set[str]]) -> Relayout | None:
+        """Bring a cache directory laid out for another shard count (``cache.disk.shards`` changed
+        since it was written) to this one: the owner, at start, before anything is served.
+
+        Each entry (its metadata with every body it names) whose shard changed is copied into
+        its new shard in one transaction, then deleted from the old one in another, and the
+        folders past the count are removed; an entry that cannot be moved (a body missing or
+        over half the new shard, a write that fails, a key the index (``listed``) does not
+        list, which a purge would not find) is dropped whole. The count done is recorded last
+        (``LAYOUT_FILE``), so a start that dies meanwhile leaves it unrecorded and the next
+        start does the rest: an entry found in both shards is the copy that was made (the one
+        in its new shard is kept unless the old one was stored later). None when the
+        directory was already laid out for this count (nothing read beyond one small file).
+
+        Why: the shard of a key is ``crc32 % shards``: with a new count half the entries (or
+        more) were looked for in another shard than theirs (misses), and folders past the
+        count stayed on disk for good, outside the budget, /stats, the culls and every purge,
+        so a purged URL came back when the count was changed back."""
+        count = len(self._shards)
+        recorded = recorded_shards(self.path)
+        surplus = [i for i in shard_folders(self.path) if i >= count]
+        if recorded == count and not surplus:
+            return None
+        began = time.monotonic()
+        done = Relayout(recorded, count)
+        if recorded != count:  # (None: never recorded: a directory from before the record)
+            for i, shard in enumerate(self._shards):
+                if not self.marked(i):
+                    self._move_out(shard, i, listed, done)
+        for i in surplus:
+            directory = os.path.join(self.path, f"{i:03d}")
+            try:
+                if os.path.exists(os.path.join(directory, DAMAGED_MARK)):
+                    raise sqlite3.DatabaseError(f"marked damaged ({DAMAGED_MARK})")
+                source = self._make_shard(directory)
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("disk shard %s (past cache.disk.shards: %d) cannot be read (%s): "
+                            "removed with its entries", directory, count, exc)
+                done.unreadable += 1
+            else:
+                try:
+                    self._move_out(source, i, listed, done)
+                finally:
+                    source.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            done.removed += 1
+        for shard in self._shards:
+            if done.seq:
+                with _transaction(shard, retry=True):
+                    _raise_seq(shard, [done.seq])
+            over = shard.volume() - shard.size_limit
+            if over > 0:  # (the entries over the new budget go as eviction would take them)
+                self._cull(shard, added=over)
+        record_shards(self.path, count)
+        done.seconds = time.monotonic() - began
+        if recorded is None and not done.moved and not done.dropped and not surplus:
+            return None  # (first start since the record: the layout was this one)
+        log.warning("cache.disk.shards changed (%s -> %d): %d entries moved to their new shard, "
+                    "%d dropped (unmovable or unlisted), %d folders past %d removed, in %.1f s",
+                    recorded if recorded is not None else "unrecorded", count, done.moved,
+                    done.dropped, done.removed, count - 1, done.seconds)
+        return done
+
+    def _move_out(self, source: diskcache.Cache, index: int,
+                  listed: Callable[[list[str]], set[str]], done: Relayout) -> None:
+        """Move the entries of ``source`` (folder ``index``) whose shard is another one now."""
+        count = len(self._shards)
+        with contextlib.suppress(sqlite3.OperationalError):  # (no table: none noted)
+            row = source._sql("SELECT seq FROM cachegate_seq WHERE id = 0").fetchone()
+            done.seq = max(done.seq, int(row[0]) if row else 0)  # (``high_seq``: they come along)
+        after = "m:"
+        while True:
+            rows = source._sql("SELECT key, store_time, access_time, access_count FROM Cache"
+                               " WHERE raw = 1 AND key > ? AND key < 'm;' ORDER BY key LIMIT ?",
+                               (after, MOVE_BATCH)).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            away = [r for r in rows if isinstance(r[0], str)
+                    and (index >= count or shard_of(r[0][2:], count) != index)]
+            if not away:
+                continue
+            known = listed([r[0][2:] for r in away])
+            by_shard: dict[int, list[tuple[str, float, float, int]]] = {}
+            for name, stored, accessed, uses in away:
+                key = name[2:]
+                if key in known:
+                    by_shard.setdefault(shard_of(key, count), []).append((key, stored, accessed, uses))
+                else:
+                    done.dropped += 1
+            gone: list[str] = [r[0][2:] for r in away]
+            for target, items in by_shard.items():
+                if self.marked(target):
+                    done.dropped += len(items)
+                    continue
+                try:
+                    with _transaction(self._shards[target], retry=True):
+                        moved = sum(self._copy_in(source, self._shards[target], item, done)
+                                    for item in items)
+                except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+                    log.warning("moving %d entries into disk shard %s failed (%s): dropped",
+                                len(items), self._shards[target].directory, exc)
+                    done.dropped += len(items)
+                    continue
+                done.moved += moved
+                done.dropped += len(items) - moved
+            with _transaction(source, retry=True):
+                for key in gone:
+                    _delete_entry(source, key)
+
+    def _copy_in(self, source: diskcache.Cache, target: diskcache.Cache,
+                 item: tuple[str, float, float, int], done: Relayout) -> bool:
+        """Inside ``target``'s transaction: copy one entry from ``source`` unless ``target``
+        holds it already from as late (a move a crash cut short); whether it is there now."""
+        key, stored, accessed, uses = item
+        name = "m:" + key
+        there = target._sql("SELECT store_time FROM Cache WHERE raw = 1 AND key = ?", (name,)).fetchone()
+        if there is not None and there[0] >= stored:
+            return True
+        meta = source.get(name, default=None)
+        if not isinstance(meta, bytes):
+            return False
+        refs = body_refs(meta)
+        if any(size > self.max_body for _, size in refs):
+            return False  # (as big a body is not stored in a shard this size)
+        bodies: list[tuple[str, Any]] = []
+        try:
+            for body_id, _ in refs:
+                value = source.get("b:" + body_id, default=None, read=True)
+                if value is None:
+                    return False  # (an entry without its body is no entry: dropped whole)
+                bodies.append(("b:" + body_id, value))
+            if there is not None:
+                _delete_entry(target, key)
+            for body_name, value in bodies:
+                if isinstance(value, io.BytesIO):
+                    value = value.getvalue()
+                target.set(body_name, value, read=not isinstance(value, bytes))
+            target.set(name, meta)
+        finally:
+            for _, value in bodies:
+                if hasattr(value, "close"):
+                    value.close()
+        names = [name] + [b for b, _ in bodies]
+        target._sql(f"UPDATE Cache SET store_time = ?, access_time = ?, access_count = ?"
+                    f" WHERE raw = 1 AND key IN ({','.join('?' * len(names))})",
+                    (stored, accessed, uses, *names))
+        return True
 
     def sweep_intents(self, intents: list[tuple[str, str]]) -> int:
         """Remove the bodies of a dead process's intent log that no metadata refers to."""

@@ -466,6 +466,16 @@ class UrlTagIndex:
             raise
         return removed
 
+    def listed(self, keys: list[str]) -> set[str]:
+        """Those of ``keys`` the index lists (a disk relayout moves only entries a purge finds)."""
+        found: set[str] = set()
+        db = self._db()
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            rows = db.execute(f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(part))})", part)
+            found.update(r[0] for r in rows)
+        return found
+
     def keys_for_url(self, url: str) -> list[str]:
         """The keys whose URL is ``url``: ``url`` itself and ``url`` + ``\x1f`` + its other parts
         (``url_of_key``), a range of the key's index."""
