@@ -12,6 +12,8 @@ live in the rest) and the configured eviction policy. Unlike
 *primary key*, so a key's metadata and its bodies live in the same shard: a
 commit of a small body is one SQLite transaction (body and metadata together,
 atomic), and a purge batch is one transaction per shard.
+The count is recorded in ``<path>/shards``; a start with another count moves the entries
+whose shard changed first (``DiskTier.relayout``).
 
 Records in a shard:
 
@@ -629,8 +631,8 @@ def shard_folders(path: str) -> list[int]:
         names = os.listdir(path)
     except OSError:
         return []
-    return sorted(int(n) for n in names
-                  if len(n) == 3 and n.isdigit() and os.path.isdir(os.path.join(path, n)))
+    return sorted(int(n) for n in names if n.isascii() and n.isdigit() and f"{int(n):03d}" == n
+                  and os.path.isdir(os.path.join(path, n)))
 
 
 def recorded_shards(path: str) -> int | None:
@@ -1358,6 +1360,18 @@ class DiskTier:
         more) were looked for in another shard than theirs (misses), and folders past the
         count stayed on disk for good, outside the budget, /stats, the culls and every purge,
         so a purged URL came back when the count was changed back."""
+        try:
+            return self._relayout(listed)
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            # Not recorded as done: the next start goes on with it. Meanwhile the entries not
+            # moved yet are misses, and a purge drops their index rows: then they are dropped,
+            # never moved back in.
+            log.error("cannot bring the cache directory %s to cache.disk.shards: %d (%s): the "
+                      "entries not moved yet are misses; the next start tries again",
+                      self.path, len(self._shards), exc)
+            return None
+
+    def _relayout(self, listed: Callable[[list[str]], set[str]]) -> Relayout | None:
         count = len(self._shards)
         recorded = recorded_shards(self.path)
         surplus = [i for i in shard_folders(self.path) if i >= count]
