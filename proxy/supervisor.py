@@ -150,8 +150,9 @@ class Worker:
     restarts: int = 0
     # Why it is not restarted (its code is not this supervisor's: ``_code_changed``), or None.
     given_up: str | None = None
-    quick_exits: int = 0  # exits in a row soon after a start (restarted with backoff)
+    quick_exits: int = 0  # exits in a row soon after a start (``looping``)
     last_exit: int | None = None  # its last exit status
+    last_was_ready: bool = False  # whether its last process to exit had become ready
     # The last of its processes this supervisor killed: (pid, cause, why), for a reload that
     # waited for it (``ReplacedWorker``): the watchdog, a purge not acknowledged, not ready.
     killed: tuple[int, str, str] | None = None
@@ -160,7 +161,7 @@ class Worker:
         process = self.process
         serving = process is not None and process.returncode is None and self.ready.is_set()
         return WorkerHealth(self.worker_id, serving, self.quick_exits, self.last_exit,
-                            self.given_up is not None)
+                            self.given_up is not None, self.last_was_ready)
 
 
 @dataclass(frozen=True)
@@ -172,22 +173,34 @@ class WorkerHealth:
     quick_exits: int
     last_exit: int | None
     given_up: bool  # not restarted any more (``Runtime.degraded`` says why)
+    last_was_ready: bool = False  # its last process to exit had become ready
+
+    @property
+    def looping(self) -> bool:
+        """Exiting soon after its starts: twice in a row, or once before it became ready. One
+        death soon after it became ready (a kill, an OOM) is a crash, not a start-up loop."""
+        return self.quick_exits >= 2 or (self.quick_exits == 1 and not self.last_was_ready)
 
 
 def workers_health(workers: Sequence[WorkerHealth]) -> str | None:
     """Why the workers do not all serve, for /healthz (503 "degraded"), or None. A worker
-    restarted at once after a crash (it had lived a while) does not count while its siblings
-    serve; one that keeps exiting soon after its starts (in backoff) does; and when no worker
-    serves, nothing accepts on the client listeners, whatever the reason.
+    restarted at once after a crash (after it became ready, the first time that it died young
+    too) does not count while its siblings serve; one that keeps exiting soon after its starts,
+    or exits before it is ready (in backoff), does; and when no worker serves, nothing accepts
+    on the client listeners, whatever the reason.
 
     >>> workers_health([WorkerHealth(0, True, 0, None, False), WorkerHealth(1, False, 0, -9, False)])
     >>> workers_health([WorkerHealth(0, False, 3, 2, False)])
     'no worker serves (1 configured): worker 0 keeps exiting (status 2, 3 times in a row)'
+    >>> workers_health([WorkerHealth(0, True, 0, None, False), WorkerHealth(1, False, 1, 2, False)])
+    '1 of 2 workers serve: worker 1 exited before it became ready (status 2)'
     """
     serving = sum(1 for w in workers if w.serving)
-    looping = [w for w in workers if not w.serving and not w.given_up and w.quick_exits]
-    why = "; ".join(f"worker {w.worker_id} keeps exiting (status {w.last_exit}, {w.quick_exits} "
-                    f"time{'s' if w.quick_exits > 1 else ''} in a row)" for w in looping)
+    looping = [w for w in workers if not w.serving and not w.given_up and w.looping]
+    why = "; ".join(f"worker {w.worker_id} keeps exiting (status {w.last_exit}, {w.quick_exits} times "
+                    "in a row)" if w.quick_exits > 1 else
+                    f"worker {w.worker_id} exited before it became ready (status {w.last_exit})"
+                    for w in looping)
     if serving == 0:
         return f"no worker serves ({len(workers)} configured)" + (f": {why}" if why else "")
     if looping:
@@ -678,15 +691,18 @@ class Supervisor:
             return
         w.restarts += 1
         w.last_exit = code
-        # A worker that lived a while is restarted at once; one that keeps dying (or that never
-        # became ready), with backoff (and /healthz says so: ``workers_health``).
+        w.last_was_ready = w.ready.is_set()
+        # A worker that lived a while is restarted at once, and so is one that died once soon
+        # after it became ready (a kill, an OOM: a crash, not a loop); one that keeps dying, or
+        # that never became ready, with backoff (and /healthz says so: ``workers_health``).
         if w.ready.is_set() and time.monotonic() - w.started_at > 10:
             w.backoff = 0.5
             w.quick_exits = 0
             delay = 0.0
         else:
             w.quick_exits += 1
-            delay = self._next_backoff(w)
+            first_crash = w.quick_exits == 1 and w.last_was_ready
+            delay = 0.0 if first_crash else self._next_backoff(w)
         log.error("worker %d (pid %d) exited with %s; restarting in %.1fs", w.worker_id, process.pid,
                   code, delay)
         say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -157,7 +158,7 @@ async def test_during_the_drain_healthz_answers_503_stopping_and_metrics_answer(
 
 
 @pytest.mark.parametrize(("workers", "reason"), [
-    # serving, quick exits in a row, last exit status, given up
+    # serving, quick exits in a row, last exit status, given up[, the last to exit had become ready]
     ([(True, 0, None, False), (True, 0, None, False)], None),
     # restarted at once after a long life: not counted while a sibling serves
     ([(True, 0, None, False), (False, 0, -9, False)], None),
@@ -165,13 +166,20 @@ async def test_during_the_drain_healthz_answers_503_stopping_and_metrics_answer(
      "1 of 2 workers serve: worker 1 keeps exiting (status 2, 2 times in a row)"),
     ([(False, 0, -9, False), (False, 0, -9, False)], "no worker serves (2 configured)"),
     ([(False, 1, -9, False), (False, 3, 2, False)],
-     "no worker serves (2 configured): worker 0 keeps exiting (status -9, 1 time in a row); "
+     "no worker serves (2 configured): worker 0 exited before it became ready (status -9); "
      "worker 1 keeps exiting (status 2, 3 times in a row)"),
     # not restarted any more: Runtime.degraded says why; the others serve
     ([(True, 0, None, False), (False, 1, 75, True)], None),
+    # died once soon after it became ready (a kill): a crash, not a loop, while a sibling serves
+    ([(True, 0, None, False), (False, 1, -9, False, True)], None),
+    ([(False, 1, -9, False, True)], "no worker serves (1 configured)"),
+    # ... but twice in a row is a loop, ready or not
+    ([(True, 0, None, False), (False, 2, -9, False, True)],
+     "1 of 2 workers serve: worker 1 keeps exiting (status -9, 2 times in a row)"),
 ])
 def test_workers_health_says_degraded_when_none_serves_or_one_keeps_exiting(
-        workers: list[tuple[bool, int, int | None, bool]], reason: str | None) -> None:
+        workers: list[tuple[bool, int, int | None, bool] | tuple[bool, int, int | None, bool, bool]],
+        reason: str | None) -> None:
     from proxy.supervisor import WorkerHealth, workers_health
 
     assert workers_health([WorkerHealth(i, *w) for i, w in enumerate(workers)]) == reason
@@ -208,3 +216,31 @@ async def test_cachegate_health_reads_only_the_admin_listener_of_the_config(
     assert await asyncio.to_thread(main, ["health", "--config", str(config)]) == 2
     line = good.splitlines().index(f"admin: {{listen: '127.0.0.1:{port}'}}") + 1
     assert capsys.readouterr().err.startswith(f"{config}:{line}: admin.listen: ")
+
+
+@pytest.mark.slow
+async def test_one_kill_of_a_young_ready_worker_leaves_healthz_200_and_restarts_it_at_once(
+        origin: Origin, tmp_path: Path) -> None:
+    """A worker killed a moment after it became ready (younger than the 10 s that count as a
+    life) is a crash, not a start-up loop: its siblings serve, so /healthz stays 200, and its
+    replacement starts at once, without the backoff a loop waits out."""
+    from tests.storage.procs import ProxyProcess, write_config
+
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, "cache: {disk: null}\n"))
+    await proxy.start("--workers", "2", with_log=True)
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+        await proxy.wait_for(lambda: any("started:" in line for line in proxy.lines))
+        killed = proxy.workers[0]
+        os.kill(killed, signal.SIGKILL)
+        answers: list[tuple[int, bytes]] = []
+        until = asyncio.get_running_loop().time() + 3.0  # a 503 used to last about 2 s
+        while asyncio.get_running_loop().time() < until:
+            reply = await proxy.admin("GET", "/healthz")
+            answers.append((reply.status, reply.body))
+            await asyncio.sleep(0.02)
+        assert proxy.workers[0] != killed, proxy.lines  # replaced meanwhile
+        assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+        assert any("worker 0" in line and "restarting in 0.0s" in line for line in proxy.lines), proxy.lines
+    finally:
+        await proxy.stop()
