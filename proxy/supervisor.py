@@ -1044,8 +1044,12 @@ class Supervisor:
         # where one that went on compiling applied it later, unlogged, after a 400 said otherwise.
         within = worker_reload_bound(self._loaded_in)
 
+        stopped = "did not apply the reload: the instance is stopping (it keeps the config it ran)"
+
         async def one(w: Worker) -> list[str]:
             channel, process = w.channel, w.process
+            if self.stopping:  # draining or gone, never restarted: the reload is not its
+                return [f"worker {w.worker_id} {stopped}"]
             if channel is None:
                 return []  # not running: it loads the copy when it starts
             if self._uncommitted is not None:
@@ -1069,6 +1073,8 @@ class Supervisor:
                 if gone is not None:
                     replaced.append(gone)
                     log.warning("%s", gone.detail())
+                elif self.stopping:  # stopped before it answered: no replacement loads the copy
+                    return [f"worker {w.worker_id} {stopped}"]
                 return []
             except Exception as exc:
                 why = str(exc) or repr(exc)

@@ -498,12 +498,15 @@ async def purge(request: web.Request) -> web.Response:
 
 async def reload(request: web.Request) -> web.Response:
     """Re-read config and rules: 200 when applied; 400 with every FILE:LINE problem when not
-    (the running config stays); 501 when this process was started without a config file."""
+    (the running config stays); 501 when this process was started without a config file; 503
+    once the instance stops (as SIGHUP is ignored then: the drain runs the config it had)."""
     query_params(request, ())
     await read_no_fields(request)
     runtime = request.app[ADMIN].runtime
     if runtime.reload_config is None:
         return json_error(501, "reload is not available in this process")
+    if runtime.state == "stopping":
+        return json_error(503, "the instance is stopping: not reloaded (the drain keeps the running config)")
     result = await runtime.reload_config()
     # Workers that ended during the reload never confirmed it: named, so that a 200 does not
     # read as every worker having applied it (their replacements start with the new config).

@@ -1,0 +1,94 @@
+"""Once the instance stops, a reload is not applied (docs/admin-api.md, docs/deploy.md).
+
+SIGHUP is ``ignored while stopping``; ``POST /reload`` answers 503 saying so, alone and with
+``--workers``. A ``POST /reload`` that began before the stop and reached the workers after it
+names every worker that did not apply it among its problems, instead of ``reloaded: true``
+when none did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Origin, post_reload, spawn_cachegate, write_config
+
+RULES_V1 = "rules: [{name: old, match: {path: /old}, bypass: true}]\n"
+RULES_V2 = "rules: [{name: new, match: {path: /new}, bypass: true}]\n"
+
+
+def new_rules(directory: Path) -> None:
+    (directory / "rules.yaml").write_text(RULES_V2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_post_reload_during_the_drain_answers_503_and_applies_nothing(
+        origin: Origin, tmp_path: Path, workers: str) -> None:
+    origin.route("/slow", body=b"slow", delay=3.0)
+    config = write_config(str(tmp_path), origin.url, "shutdown_grace: 20s\n", rules=RULES_V1)
+    proc = spawn_cachegate(["run", "--config", config, "--workers", workers, "--log-level", "info"])
+    try:
+        assert proc.admin_url is not None
+        reader, writer = await asyncio.open_connection(*proc.proxy_url.removeprefix("http://").split(":"))
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # keeps the drain going
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        proc.proc.send_signal(signal.SIGTERM)
+        for _ in range(100):
+            if "shutting down" in proc.text:
+                break
+            await asyncio.sleep(0.05)
+        new_rules(tmp_path)
+        status, answer = await asyncio.to_thread(post_reload, proc.admin_url, 20)
+        head = await asyncio.wait_for(reader.readline(), 10)  # the drain went on
+        writer.close()
+    finally:
+        code = proc.stop()
+    assert (status, answer) == (503, {"error": "the instance is stopping: not reloaded (the drain keeps "
+                                               "the running config)"}), proc.text
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert "config reloaded" not in proc.text
+    assert code == 0, proc.text
+
+
+@pytest.mark.slow
+async def test_a_reload_the_stop_cuts_short_names_the_workers_that_did_not_apply_it(
+        origin: Origin, tmp_path: Path) -> None:
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    config = write_config(str(tmp_path), origin.url, "shutdown_grace: 5s\n", rules=RULES_V1)
+    proc = spawn_cachegate(["run", "--config", config, "--workers", "2", "--log-level", "info"],
+                           env={"CACHEGATE_RELOAD_HOLD": str(hold)})
+    try:
+        assert proc.admin_url is not None
+        new_rules(tmp_path)
+        reload = asyncio.ensure_future(asyncio.to_thread(post_reload, proc.admin_url, 30))
+        # The supervisor's compile, held, then let go: its workers' compiles, held.
+        supervisor = hold / f"{proc.proc.pid}.held"
+        for _ in range(1000):
+            if supervisor.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert supervisor.exists(), proc.text
+        supervisor.unlink()
+        for _ in range(2000):
+            if len(list(hold.glob("*.held"))) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(list(hold.glob("*.held"))) == 2, proc.text
+        proc.proc.send_signal(signal.SIGTERM)  # the workers stop mid-compile: neither applies it
+        status, answer = await asyncio.wait_for(reload, 30)
+    finally:
+        code = proc.stop()
+        for marker in hold.glob("*.held"):
+            os.remove(marker)
+    assert status == 400, (answer, proc.text)
+    assert sorted(answer["problems"]) == [
+        f"worker {n} did not apply the reload: the instance is stopping (it keeps the config it ran)"
+        for n in (0, 1)], answer
+    assert code == 0, proc.text
