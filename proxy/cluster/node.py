@@ -674,6 +674,16 @@ class ClusterNode:
             raw = list(await reader.xrange(self.names.stream, f"({after}" if after != stream.START else "-",
                                            "+", count=READ_BATCH) or [])
         if not raw:
+            if not self._at_tip:
+                # Nothing after a full batch (a catch-up's reads): the old stream's end, or a new
+                # stream's empty start (a FLUSHALL mid-catch-up: a purge it had not read yet,
+                # answered 200, was lost with it, and the node went on serving its object).
+                epoch, _ = await self._stream_now()
+                if stream.check_epoch(self.saved, epoch, at_tip=False) is not None:
+                    log.warning("cluster: Redis lost its data while this node was catching up (the "
+                                "purge stream's epoch changed: FLUSHALL, or a restart)")
+                    await self._catch_up(False, following=block)
+                    return False
             self._at_tip = True
             return False
         # The stream's epoch, read after the entries: another one means Redis lost its data since

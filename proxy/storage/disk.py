@@ -357,7 +357,7 @@ def _confirmed(db_file: str) -> str | None:
 _EVICTION_ORDER = {"least-recently-stored": "store_time", "least-recently-used": "access_time",
                    "least-frequently-used": "access_count"}
 _CULL_SCAN = ("SELECT rowid, key, size, filename, CASE WHEN substr(key, 1, 2) = 'm:' THEN value END,"
-              " ifnull(length(value), 0) FROM Cache WHERE raw = 1 ORDER BY {order}")
+              " ifnull(length(value), 0), store_time FROM Cache WHERE raw = 1 ORDER BY {order}")
 _BODY_ROWS = "SELECT rowid, filename FROM Cache WHERE raw = 1 AND key IN ({})"
 ROW_OVERHEAD = 100  # bytes a row costs in the database besides its key and value (columns, indexes)
 META_COST = 200  # about what an entry's metadata value takes (its head fields, one variant)
@@ -387,6 +387,7 @@ CULL_TIME = 0.05
 # without a bound, storing a 50 MB body into a shard full of small entries culled 69 rounds
 # (1.7-2.5 s) on the thread a stop waits for, and the stop overran a 1 s grace.
 CULL_DEBT_TIME = 0.5
+CULL_SPARE = 5.0  # seconds: entries this young are not taken by the owner's upkeep cull
 CULL_FLOOR = 256 * 1024
 # Between two rounds the lock stays free as long as the round held it (at most CULL_PAUSE s):
 # another process waiting for it polls (SQLite's busy handler sleeps up to 100 ms between
@@ -404,7 +405,7 @@ _META_ROWS = "SELECT key, value FROM Cache WHERE raw = 1 AND key >= 'm:' AND key
 
 
 def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: str | None,
-           stage: int) -> int:
+           stage: int, spare_after: float | None = None) -> int:
     """Inside the cull's transaction: delete the first rows in the policy's order that free about
     ``over`` bytes, at most CULL_BATCH rows (past it only to finish the entry it is in), in one
     statement per 500 rows; the estimate of bytes freed (0: nothing left to evict at this stage).
@@ -430,11 +431,12 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
             rows = cursor.fetchmany(256)
             if not rows:
                 break
-            for rowid, name, size, filename, value, length in rows:
+            for rowid, name, size, filename, value, length, stored in rows:
                 if not isinstance(name, str) or name in taken:
                     continue
                 if name.startswith("m:"):
-                    if stage == 1 or (stage == 0 and name[2:] in keep):
+                    if stage == 1 or (stage == 0 and name[2:] in keep) \
+                            or (spare_after is not None and stored > spare_after):
                         continue
                     for body_id, body_size in _bodies_of(shard, name, value):
                         body = "b:" + body_id
@@ -1061,7 +1063,7 @@ class DiskTier:
             shard.delete("b:" + old)
 
     def _cull(self, shard: diskcache.Cache, keep: Iterable[str] = (), keep_body: str | None = None,
-              added: int = 0) -> None:
+              added: int = 0, spare_after: float | None = None) -> None:
         """Evict by the shard's policy while it is over its budget (after a write): whole
         entries (a key's metadata with every body it names, ``_evict``), never ``keep`` (the
         keys just written) nor ``keep_body`` (the body just put, its metadata not yet written)
@@ -1093,11 +1095,16 @@ class DiskTier:
             for n in range(CULL_ROUNDS):
                 if n and time.monotonic() - start >= (CULL_TIME if owed <= 0 else CULL_DEBT_TIME):
                     return  # (the rest: the next writes, and the owner's upkeep)
-                budget = shard.size_limit
-                aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, CULL_FLOOR, 1))
                 began = time.monotonic()
                 with _transaction(shard):
-                    freed = _evict(shard, aim, kept, keep_body, stage)
+                    # Measured again under the lock: another process's cull may have freed it
+                    # meanwhile, and two culls aiming at one stale excess emptied a shard.
+                    budget = shard.size_limit
+                    over = shard.volume() - budget
+                    if over <= 0:
+                        return
+                    aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, CULL_FLOOR, 1))
+                    freed = _evict(shard, aim, kept, keep_body, stage, spare_after)
                 owed -= freed
                 held = time.monotonic() - began
                 over = shard.volume() - shard.size_limit
@@ -1258,7 +1265,11 @@ class DiskTier:
         return limit
 
     def cull_over(self) -> None:
-        """Cull each shard over its budget, CULL_TIME each (the owner's upkeep, every round).
+        """Cull each shard over its budget, CULL_TIME each (the owner's upkeep, every round),
+        sparing entries stored in the last CULL_SPARE seconds: other processes' writes cull for
+        themselves, and an upkeep cull taking the newest entries lost fills answered `stored`
+        (2 workers, a shard far over budget after a restart with a smaller size). A shard whose
+        filesystem is full or whose lock is held is left for the next round.
         Why: a write's cull repays what it added, and only then works on an older excess for
         what is left of CULL_TIME; an excess no write added (the budget lowered as the index
         grew, a smaller ``cache.disk.size`` at a restart) stayed once writes stopped (4 MB of
@@ -1266,12 +1277,15 @@ class DiskTier:
         the entries just written since the budget floor (``shard_budget_beside``): a budget
         is never below what an empty shard takes; and bodies not yet named by their entry are
         never taken (``_evict``'s stages)."""
+        spare_after = time.time() - CULL_SPARE
         for i, shard in enumerate(self._shards):
             if self.marked(i):
                 continue  # (damaged: set aside at the next start)
             try:
-                self._cull(shard)
+                self._cull(shard, spare_after=spare_after)
             except sqlite3.Error as exc:
+                if busy(exc) or filesystem_full(self.path, exc):
+                    continue  # (the next round; a full filesystem ended every round's upkeep)
                 if not self.noticed(i, exc):
                     raise
 

@@ -17,6 +17,7 @@ from proxy.storage.disk import (
     CULL_DEBT_TIME,
     CULL_PAUSE,
     CULL_SLACK,
+    CULL_SPARE,
     CULL_STEP,
     CULL_TIME,
     DiskTier,
@@ -145,9 +146,10 @@ def test_a_shard_far_over_its_budget_is_culled_to_close_under_it_in_bounded_roun
     rounds: list[int] = []  # rows each round (one transaction) deleted
     evict = disk_module._evict
 
-    def counted(sh: object, over: int, keep: frozenset[str], keep_body: str | None, stage: int) -> int:
+    def counted(sh: object, over: int, keep: frozenset[str], keep_body: str | None, stage: int,
+                spare_after: float | None) -> int:
         before = len(shard)
-        freed = evict(shard, over, keep, keep_body, stage)
+        freed = evict(shard, over, keep, keep_body, stage, spare_after)
         rounds.append(before - len(shard))
         return freed
 
@@ -309,6 +311,48 @@ async def test_the_owners_upkeep_culls_an_excess_no_write_added(tmp_path: Path) 
         st.close()
 
 
+async def test_the_upkeep_cull_spares_the_newest_entries_and_a_cull_measures_under_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner's upkeep cull spares no key a write names: with 2 workers and a shard far over
+    its budget it took fills just answered `stored`, the newest in their shard, and two culls
+    aiming at one excess measured before either took the lock emptied a shard. Now the upkeep
+    spares entries stored in the last CULL_SPARE seconds, and each round measures the excess
+    again under the shard's lock."""
+    st = open_store(str(tmp_path / "cache"), disk_size=64 * MB, shards=1)
+    disk = st.disk
+    assert disk is not None
+    shard = disk._shards[0]
+    old = [f"http://h.test/old/{i}" for i in range(3000)]
+    try:
+        _fill_small(disk, old)
+        shard._sql("UPDATE Cache SET store_time = store_time - ?", (2 * CULL_SPARE,))
+        new = [f"http://h.test/new/{i}" for i in range(1000)]
+        _fill_small(disk, new)
+        shard.size_limit = shard.volume() // 8  # (under what the new entries alone take)
+        for _ in range(100):
+            disk.cull_over()
+        assert all(disk.has(k) for k in new)  # the newest stay, over budget as they are
+        assert not any(disk.has(k) for k in old)
+        metas, ids = _rows(disk)
+        assert {b for named in metas.values() for b in named} == ids
+
+        # Over its budget when first looked at; under it once the lock is taken (another
+        # process's cull freed it meanwhile): nothing more is evicted.
+        shard.size_limit = shard.volume() + MB
+        real = shard.volume
+        looks = [0]
+
+        def stale() -> int:
+            looks[0] += 1
+            return real() + (2 * MB if looks[0] == 1 else 0)
+
+        monkeypatch.setattr(shard, "volume", stale)
+        disk._cull(shard, keep=("http://h.test/new/0",))
+        assert looks[0] >= 2 and all(disk.has(k) for k in new)
+    finally:
+        st.close()
+
+
 def test_the_cull_of_bodies_no_entry_names_spares_named_and_young_ones(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage 1 deleted every body but the culling writer's own: a body another worker had put and
@@ -322,11 +366,11 @@ def test_the_cull_of_bodies_no_entry_names_spares_named_and_young_ones(
     committed: list[str] = []
 
     def another_commits_first(sh: object, over: int, keep: frozenset[str], keep_body: str | None,
-                              stage: int) -> int:
+                              stage: int, spare_after: float | None) -> int:
         if stage == 1 and not committed:  # an entry committed by another process between rounds
             committed.append(late)
             shard.set("m:" + late, encode_variants((entry(late).with_body("late", BODY),)))
-        return evict(shard, over, keep, keep_body, stage)
+        return evict(shard, over, keep, keep_body, stage, spare_after)
 
     monkeypatch.setattr(disk_module, "_evict", another_commits_first)
     young = new_body_id()  # another worker's body, its metadata not committed yet
