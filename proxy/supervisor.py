@@ -1049,6 +1049,7 @@ class Supervisor:
         async def one(w: Worker) -> list[str]:
             channel, process = w.channel, w.process
             if self.stopping:  # draining or gone, never restarted: the reload is not its
+                log.warning("worker %d %s", w.worker_id, stopped)
                 return [f"worker {w.worker_id} {stopped}"]
             if channel is None:
                 return []  # not running: it loads the copy when it starts
@@ -1074,6 +1075,7 @@ class Supervisor:
                     replaced.append(gone)
                     log.warning("%s", gone.detail())
                 elif self.stopping:  # stopped before it answered: no replacement loads the copy
+                    log.warning("worker %d %s", w.worker_id, stopped)
                     return [f"worker {w.worker_id} {stopped}"]
                 return []
             except Exception as exc:

@@ -610,6 +610,10 @@ def _seq_table(shard: diskcache.Cache) -> None:
 
 
 LAYOUT_FILE = "shards"  # the shard count the folders are laid out for (``DiskTier.relayout``)
+# Present while a relayout moves entries: a start killed midway and the next start at the old
+# count (recorded, no folder past it any more) found nothing to do, and the entries already moved
+# stayed in shards no lookup or purge reads.
+MOVING_FILE = "shards.moving"
 MOVE_BATCH = 256  # entries read at a time by a relayout
 
 
@@ -633,8 +637,10 @@ def shard_folders(path: str) -> list[int]:
         names = os.listdir(path)
     except OSError:
         return []
+    # (Only folders holding a shard's database: a folder of the operator's named "2024" or
+    # "123" in the cache directory was taken for a shard past the count and deleted.)
     return sorted(int(n) for n in names if n.isascii() and n.isdigit() and f"{int(n):03d}" == n
-                  and os.path.isdir(os.path.join(path, n)))
+                  and os.path.isfile(os.path.join(path, n, "cache.db")))
 
 
 def recorded_shards(path: str) -> int | None:
@@ -688,7 +694,7 @@ class DiskTier:
         lost: entries it no longer lists would escape purges)."""
         os.makedirs(path, exist_ok=True)
         if empty:  # (every folder: those past a smaller count too)
-            for i in shard_folders(path):
+            for i in sorted(set(shard_folders(path)) | set(range(shards))):
                 shutil.rmtree(os.path.join(path, f"{i:03d}"), ignore_errors=True)
         self.path = path
         self.size_limit = size_limit
@@ -1389,11 +1395,17 @@ class DiskTier:
         count = len(self._shards)
         recorded = recorded_shards(self.path)
         surplus = [i for i in shard_folders(self.path) if i >= count]
-        if recorded == count and not surplus:
+        moving = os.path.join(self.path, MOVING_FILE)
+        interrupted = os.path.exists(moving)
+        if recorded == count and not surplus and not interrupted:
             return None
         began = time.monotonic()
         done = Relayout(recorded, count)
-        if recorded != count:  # (None: never recorded: a directory from before the record)
+        if recorded != count or interrupted:  # (None: never recorded: from before the record)
+            with open(moving, "w", encoding="ascii") as f:
+                f.write(f"{recorded} -> {count}\n")
+                f.flush()
+                os.fsync(f.fileno())
             for i, shard in enumerate(self._shards):
                 if not self.marked(i):
                     self._move_out(shard, i, listed, done)
@@ -1422,9 +1434,11 @@ class DiskTier:
             if over > 0:  # (the entries over the new budget go as eviction would take them)
                 self._cull(shard, added=over)
         record_shards(self.path, count)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(moving)
         done.seconds = time.monotonic() - began
-        if recorded is None and not done.moved and not done.dropped and not surplus:
-            return None  # (first start since the record: the layout was this one)
+        if recorded in (None, count) and not done.moved and not done.dropped and not surplus:
+            return None  # (first start since the record, or nothing left to do: this layout)
         log.warning("cache.disk.shards changed (%s -> %d): %d entries moved to their new shard, "
                     "%d dropped (unmovable or unlisted), %d folders past %d removed, in %.1f s",
                     recorded if recorded is not None else "unrecorded", count, done.moved,

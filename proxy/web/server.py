@@ -524,6 +524,9 @@ def _hold_for_tests() -> None:
 _T = TypeVar("_T")
 
 
+STOP_LOOK = 0.1  # seconds between two looks at whether the instance stops, while a reload loads
+
+
 async def in_daemon_thread(fn: Callable[[], _T], name: str) -> _T:
     """``fn()`` in a thread of its own that nothing waits for at exit.
 
@@ -567,8 +570,9 @@ class Reloader:
                  apply: Callable[[Settings], list[str]],
                  on_result: Callable[[bool], None] | None = None, display: str | None = None,
                  prepare: Callable[[Settings, Settings], Settings] | None = None,
-                 machine: MachineCheck = "reload") -> None:
+                 machine: MachineCheck = "reload", stopping: Callable[[], bool] = lambda: False) -> None:
         self.path = path
+        self._stopping = stopping  # the instance stops: a reload still loading is not applied
         self.machine = machine  # (``load_config``)
         self._prepare = prepare  # (new, running) -> new, before ``live_settings``
         self.display = display  # the config file ``path`` is a copy of (``load_config``)
@@ -603,7 +607,16 @@ class Reloader:
             try:
                 # The token of a listener that only a restart moves is checked where it listens now.
                 running_admin = self._current().admin.listen
-                new = await in_daemon_thread(lambda: self._load(running_admin), "cachegate-reload")
+                load = asyncio.ensure_future(
+                    in_daemon_thread(lambda: self._load(running_admin), "cachegate-reload"))
+                while not load.done():
+                    # A stop that comes meanwhile answers at once: a POST /reload left waiting for
+                    # the compile was cut off unanswered at the end of the drain, which it held.
+                    await asyncio.wait({load}, timeout=STOP_LOOK)
+                    if self._stopping() and not load.done():
+                        load.cancel()
+                        return self._stopped()
+                new = load.result()
             except ConfigError as exc:
                 return self.reject(exc.problems)
             except Exception as exc:  # a bug must not take the serving process down with it
@@ -611,6 +624,8 @@ class Reloader:
                 return self.reject([f"{self.display or self.path}:0: reload failed: {exc!r}"])
             if deadline is not None and time.monotonic() > deadline:  # right before applying
                 return self._too_late(within)
+            if self._stopping():  # (the drain keeps the running config, however it was asked)
+                return self._stopped()
             # From here on the loop alone: nothing runs between reading the running settings
             # and applying the new ones.
             current = self._current()
@@ -627,6 +642,10 @@ class Reloader:
                 self._on_result(True)
             return ReloadResult([], [*restart, *unapplied], len(merged.rules.rules), merged.rules.files,
                                 new.warnings, unapplied=unapplied)
+
+    def _stopped(self) -> ReloadResult:
+        return self.reject([f"{self.display or self.path}:0: not applied: the instance is stopping "
+                            "(the drain keeps the running config)"])
 
     def _too_late(self, within: float | None) -> ReloadResult:
         bound = f"{within:g} s, " if within is not None else ""
@@ -669,7 +688,7 @@ def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides,
     answers are in)."""
     reloader = Reloader(path, overrides, lambda: runtime.settings, runtime.reconfigure,
                         (lambda ok: count_reload(runtime, ok)) if counted else None,
-                        display, prepare, machine)
+                        display, prepare, machine, stopping=lambda: runtime.state == "stopping")
     runtime.reload_config = reloader.reload
     return reloader
 

@@ -92,3 +92,44 @@ async def test_a_reload_the_stop_cuts_short_names_the_workers_that_did_not_apply
         f"worker {n} did not apply the reload: the instance is stopping (it keeps the config it ran)"
         for n in (0, 1)], answer
     assert code == 0, proc.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", [False, True])
+async def test_a_post_reload_still_compiling_when_the_stop_comes_answers_at_once_and_applies_nothing(
+        origin: Origin, tmp_path: Path, release: bool) -> None:
+    """A ``POST /reload`` whose compile was still going when SIGTERM came got no answer: it held
+    the drain to its end (grace and a second, then cut off, logged as "the client went away").
+    And a compile that ended during the drain was applied all the same. Now the stop answers it
+    at once, and nothing is applied (``release``: the compile ends during the drain)."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    config = write_config(str(tmp_path), origin.url, "shutdown_grace: 5s\n", rules=RULES_V1)
+    proc = spawn_cachegate(["run", "--config", config, "--log-level", "info"],
+                           env={"CACHEGATE_RELOAD_HOLD": str(hold)})
+    try:
+        assert proc.admin_url is not None
+        new_rules(tmp_path)
+        reload = asyncio.ensure_future(asyncio.to_thread(post_reload, proc.admin_url, 30))
+        held = hold / f"{proc.proc.pid}.held"
+        for _ in range(1000):
+            if held.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert held.exists(), proc.text
+        proc.proc.send_signal(signal.SIGTERM)
+        if release:
+            for _ in range(100):
+                if "shutting down" in proc.text:
+                    break
+                await asyncio.sleep(0.05)
+            held.unlink()
+        status, answer = await asyncio.wait_for(reload, 4)  # (not the grace's 5 s and more)
+        code = await asyncio.to_thread(proc.wait, 10)
+    finally:
+        if proc.proc.poll() is None:
+            proc.stop()
+    assert status == 400, (status, answer, proc.text)
+    assert any("not applied: the instance is stopping" in p for p in answer["problems"]), answer
+    assert "config reloaded" not in proc.text
+    assert code == 0, proc.text

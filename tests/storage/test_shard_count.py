@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.storage.disk import LAYOUT_FILE, shard_folders
+from proxy.storage.disk import LAYOUT_FILE, MOVING_FILE, shard_folders
 from tests.harness import Origin
 from tests.storage.procs import HOST, ProxyProcess, write_config
 
@@ -144,6 +144,12 @@ from proxy.storage.index import UrlTagIndex
 path, shards, point = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if point == "between":
     disk._delete_entry = lambda shard, key: os.kill(os.getpid(), signal.SIGKILL)
+elif point == "removed":  # once a folder past the count is gone, its entries moved
+    rmtree = disk.shutil.rmtree
+    def removed(*args, **kwargs):
+        rmtree(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    disk.shutil.rmtree = removed
 else:
     copy_in, calls = disk.DiskTier._copy_in, [0]
     def counted(self, *args):
@@ -180,3 +186,44 @@ async def test_a_kill_during_the_move_is_finished_by_the_next_start(
     finally:
         assert await proxy.stop() == 0
     assert origin.count("/s0") == 1 and origin.count("/l0") == 1
+
+
+async def test_a_start_at_the_old_count_after_a_move_killed_midway_brings_every_entry_home(
+        origin: Origin, tmp_path: Path) -> None:
+    """A start killed once a folder past the new count was removed (its entries moved into the
+    others), then a start at the old count: that count was still the recorded one and no folder
+    was past it, so nothing was done, and the moved entries stayed in shards no lookup or purge
+    of the old count reads (misses on disk, purges answering 0)."""
+    route(origin)
+    await fill(tmp_path, origin, 8)
+    killed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLED, str(tmp_path / "cache"), "4", "removed", env=dict(os.environ))
+    assert await killed.wait() == -9
+    assert len(shard_folders(str(tmp_path / "cache"))) < 8  # (a folder past 4 went)
+    proxy = await start(tmp_path, origin, 8)
+    try:
+        assert await statuses(proxy) == {"HIT": len(PATHS)}
+        assert shard_folders(str(tmp_path / "cache")) == list(range(8))
+    finally:
+        assert await proxy.stop() == 0
+    assert not (tmp_path / "cache" / MOVING_FILE).exists()
+
+
+async def test_folders_of_the_operators_in_the_cache_directory_are_left_alone(
+        origin: Origin, tmp_path: Path) -> None:
+    """Any all-digit folder past the count ("123", "2024") was taken for a shard and deleted with
+    what it held, and the log said the count had changed (4 -> 4). Only folders holding a shard's
+    database are shards."""
+    route(origin)
+    await fill(tmp_path, origin, 4)
+    for name in ("123", "2024"):
+        (tmp_path / "cache" / name).mkdir()
+        (tmp_path / "cache" / name / "precious.txt").write_text("keep")
+    proxy = await start(tmp_path, origin, 4)
+    try:
+        assert await statuses(proxy) == {"HIT": len(PATHS)}
+        assert said(proxy) == []
+    finally:
+        assert await proxy.stop() == 0
+    for name in ("123", "2024"):
+        assert (tmp_path / "cache" / name / "precious.txt").read_text() == "keep"
