@@ -190,6 +190,9 @@ class ReloadResult:
     # Workers that ended during the reload without confirming it; their replacements start
     # with the new config (``ReplacedWorker``). A supervisor's only.
     replaced: tuple[ReplacedWorker, ...] = ()
+    # Not applied because the process stops (not a bad config): a worker stopped alone is
+    # replaced with the new config, and a supervisor tells this apart from a rejection.
+    stopping: bool = False
 
     @property
     def ok(self) -> bool:

@@ -1082,6 +1082,14 @@ class Supervisor:
                 why = str(exc) or repr(exc)
                 log.error("worker %d: reload failed: %s", w.worker_id, why)
                 return [f"worker {w.worker_id} did not reload: {why}"]
+            if answer.get("stopping"):  # it stops (SIGTERM to it alone, or the drain): not a rejection
+                gone = await self._replaced(w, process)
+                if gone is not None:
+                    replaced.append(gone)
+                    log.warning("%s", gone.detail())
+                    return []
+                log.warning("worker %d %s", w.worker_id, stopped)
+                return [f"worker {w.worker_id} {stopped}"]
             for p in answer.get("problems", ()):
                 log.error("worker %d: reload rejected: %s", w.worker_id, p)
             unapplied.extend(u for u in answer.get("unapplied", ()) if u not in unapplied)

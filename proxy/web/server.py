@@ -602,6 +602,8 @@ class Reloader:
         async with self._turn:
             if path is not None:
                 self.path = path
+            if self._stopping():  # (queued behind another when the stop came: no compile)
+                return self._stopped()
             if deadline is not None and time.monotonic() > deadline:
                 return self._too_late(within)
             try:
@@ -644,8 +646,10 @@ class Reloader:
                                 new.warnings, unapplied=unapplied)
 
     def _stopped(self) -> ReloadResult:
-        return self.reject([f"{self.display or self.path}:0: not applied: the instance is stopping "
-                            "(the drain keeps the running config)"])
+        result = self.reject([f"{self.display or self.path}:0: not applied: the instance is stopping "
+                              "(the drain keeps the running config)"])
+        result.stopping = True
+        return result
 
     def _too_late(self, within: float | None) -> ReloadResult:
         bound = f"{within:g} s, " if within is not None else ""
@@ -922,7 +926,7 @@ async def _connect_supervisor(runtime: Runtime, worker: WorkerLink, reloader: Re
         # the supervisor's copy as it committed it, to apply by ``deadline`` (CLOCK_MONOTONIC)
         result = await reloader.reload(config, within, deadline)
         return {"problems": result.problems, "restart_required": result.restart_required,
-                "unapplied": result.unapplied}
+                "unapplied": result.unapplied, "stopping": result.stopping}
 
     async def ping() -> dict[str, Any]:
         return {"worker_id": worker.worker_id, "pid": os.getpid(),

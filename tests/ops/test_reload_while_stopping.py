@@ -133,3 +133,57 @@ async def test_a_post_reload_still_compiling_when_the_stop_comes_answers_at_once
     assert any("not applied: the instance is stopping" in p for p in answer["problems"]), answer
     assert "config reloaded" not in proc.text
     assert code == 0, proc.text
+
+
+@pytest.mark.slow
+async def test_a_worker_stopped_alone_mid_reload_is_replaced_with_the_new_config_not_a_rejection(
+        origin: Origin, tmp_path: Path) -> None:
+    """SIGTERM to one worker while its reload compiled: its answer "not applied: the instance is
+    stopping" came back while its drain went on, and the supervisor took it for a rejection (400,
+    "rejected the reload and keeps its config", logged as an error) though it restarted that
+    worker at once with the new config. A stop's answer is told apart: the worker is replaced
+    (200, ``replaced_workers``), as one that died during the reload is."""
+    origin.route("/slow", body=b"slow", delay=3.0)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    config = write_config(str(tmp_path), origin.url, "shutdown_grace: 10s\n", rules=RULES_V1)
+    proc = spawn_cachegate(["run", "--config", config, "--workers", "2", "--log-level", "info"],
+                           env={"CACHEGATE_RELOAD_HOLD": str(hold)})
+    slow: list[asyncio.StreamWriter] = []
+    try:
+        assert proc.admin_url is not None
+        new_rules(tmp_path)
+        reload = asyncio.ensure_future(asyncio.to_thread(post_reload, proc.admin_url, 30))
+        supervisor = hold / f"{proc.proc.pid}.held"
+        for _ in range(1000):
+            if supervisor.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert supervisor.exists(), proc.text
+        supervisor.unlink()
+        for _ in range(2000):
+            if len(list(hold.glob("*.held"))) == 2:
+                break
+            await asyncio.sleep(0.01)
+        workers = sorted(int(m.stem) for m in hold.glob("*.held"))
+        assert len(workers) == 2, proc.text
+        for _ in range(8):  # requests in flight: the stopped worker's drain outlasts its answer
+            _, writer = await asyncio.open_connection(*proc.proxy_url.removeprefix("http://").split(":"))
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            slow.append(writer)
+        await asyncio.sleep(0.3)
+        os.kill(workers[0], signal.SIGTERM)
+        await asyncio.sleep(0.5)  # (it answers the reload while it drains)
+        for marker in hold.glob("*.held"):
+            os.remove(marker)
+        status, answer = await asyncio.wait_for(reload, 30)
+    finally:
+        for writer in slow:
+            writer.close()
+        code = proc.stop()
+        for marker in hold.glob("*.held"):
+            os.remove(marker)
+    assert status == 200, (answer, proc.text)
+    assert [r["pid"] for r in answer["replaced_workers"]] == [workers[0]], answer
+    assert ": reload rejected:" not in proc.text  # (the supervisor's line for a rejection)
+    assert code == 0, proc.text

@@ -144,6 +144,11 @@ from proxy.storage.index import UrlTagIndex
 path, shards, point = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if point == "between":
     disk._delete_entry = lambda shard, key: os.kill(os.getpid(), signal.SIGKILL)
+elif point == "rmtree":  # inside the removal of a folder past the count: its cache.db gone
+    def partial(path, *args, **kwargs):
+        os.remove(os.path.join(path, "cache.db"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    disk.shutil.rmtree = partial
 elif point == "removed":  # once a folder past the count is gone, its entries moved
     rmtree = disk.shutil.rmtree
     def removed(*args, **kwargs):
@@ -227,3 +232,22 @@ async def test_folders_of_the_operators_in_the_cache_directory_are_left_alone(
         assert await proxy.stop() == 0
     for name in ("123", "2024"):
         assert (tmp_path / "cache" / name / "precious.txt").read_text() == "keep"
+
+
+async def test_a_folder_whose_removal_a_kill_cut_short_is_removed_by_the_next_start(
+        origin: Origin, tmp_path: Path) -> None:
+    """Killed inside the removal of a folder past the count, once its cache.db was gone: the
+    folder, no longer a shard's, stayed on disk for good outside every budget. Renamed before it
+    is removed, it goes at the next start."""
+    route(origin)
+    await fill(tmp_path, origin, 8)
+    killed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLED, str(tmp_path / "cache"), "4", "rmtree", env=dict(os.environ))
+    assert await killed.wait() == -9
+    proxy = await start(tmp_path, origin, 4)
+    try:
+        assert await statuses(proxy) == {"HIT": len(PATHS)}
+    finally:
+        assert await proxy.stop() == 0
+    left = sorted(n for n in os.listdir(tmp_path / "cache") if n[:1].isdigit())
+    assert left == ["000", "001", "002", "003"], left
