@@ -341,7 +341,10 @@ def spawn_cachegate(args: list[str], env: dict[str, str] | None = None, *, expec
             admin_url = re.split(r'[\s"]', line.split("admin listening on ", 1)[1])[0]
     if proxy_url is None:
         proc.kill()
-        raise RuntimeError("cachegate did not start:\n" + "".join(output) + proc.stdout.read())
+        rest = proc.stdout.read()
+        proc.stdout.close()  # (left open, its warning failed whichever test ran next in the worker)
+        proc.wait()
+        raise RuntimeError("cachegate did not start:\n" + "".join(output) + rest)
     drain = threading.Thread(target=_drain, args=(proc, output), daemon=True)
     drain.start()
     return ProxyProcess(proc, proxy_url, admin_url, output, drain)
