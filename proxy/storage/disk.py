@@ -844,6 +844,11 @@ class DiskTier:
         directory = self._shards[index].directory
         db_file = os.path.join(directory, "cache.db")
         code = _code(exc)
+        if code == SQLITE_CANTOPEN and not os.path.isdir(self.path):
+            # The cache directory itself is gone (moved away, unmounted): no damage of this shard,
+            # and writing its mark re-created a folder where the directory had been (it could
+            # not be moved back; the upkeep says it fails, then that it works again).
+            return False
         if code == SQLITE_CANTOPEN and not os.path.exists(db_file):
             problem: str | None = "its database file is gone"
         elif code is not None and code in DAMAGED_CODES:

@@ -310,3 +310,23 @@ async def test_a_purge_behind_a_write_lock_held_past_busy_patience_answers_503_n
     assert (await proxy.get("/k0", headers={"Host": HOST})).x_cache == "MISS"
     await proxy.session.close()
     await proxy.close()
+
+
+def test_a_cache_directory_moved_away_is_no_shards_damage_and_is_not_re_created(tmp_path: Path) -> None:
+    """A shard that cannot be opened because its file is gone is damaged, and its mark is
+    written (its folder made again for it). But with the whole cache directory moved away (an
+    unmount, a clean-up), a thread with no connection open yet met "unable to open" too, and
+    the mark re-created the directory, so it could not be moved back."""
+    root = tmp_path / "cache"
+    disk = DiskTier(str(root), 64 * 1024 * 1024, shards=2)
+    try:
+        os.rename(root, tmp_path / "moved")
+        cannot = sqlite3.OperationalError("unable to open database file")
+        cannot.sqlite_errorcode = 14  # SQLITE_CANTOPEN
+        assert not disk.noticed(0, cannot)
+        assert not root.exists() and not disk.marked(0)
+        os.rename(tmp_path / "moved", root)
+        shutil.rmtree(root / "001")  # one shard's folder removed: that is its damage
+        assert disk.noticed(1, cannot) and disk.marked(1)
+    finally:
+        disk.close()
