@@ -357,7 +357,7 @@ def _confirmed(db_file: str) -> str | None:
 _EVICTION_ORDER = {"least-recently-stored": "store_time", "least-recently-used": "access_time",
                    "least-frequently-used": "access_count"}
 _CULL_SCAN = ("SELECT rowid, key, size, filename, CASE WHEN substr(key, 1, 2) = 'm:' THEN value END,"
-              " ifnull(length(value), 0), store_time FROM Cache WHERE raw = 1{spare} ORDER BY {order}")
+              " ifnull(length(value), 0) FROM Cache WHERE raw = 1{spare} ORDER BY {order}")
 # The upkeep cull's spared entries, left out by SQLite rather than skipped row by row under the
 # lock (20,000 young rows held it 140-250 ms a round); an entry "stored" ahead of the clock (the
 # clock stepped back) is not spared.
@@ -439,7 +439,7 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
             rows = cursor.fetchmany(256)
             if not rows:
                 break
-            for rowid, name, size, filename, value, length, _stored in rows:
+            for rowid, name, size, filename, value, length in rows:
                 if not isinstance(name, str) or name in taken:
                     continue
                 if name.startswith("m:"):
@@ -1292,10 +1292,10 @@ class DiskTier:
         Why: a write's cull repays what it added, and only then works on an older excess for
         what is left of CULL_TIME; an excess no write added (the budget lowered as the index
         grew, a smaller ``cache.disk.size`` at a restart) stayed once writes stopped (4 MB of
-        long-key entries on a loaded machine: 12.9 MB on disk for good). Safe without sparing
-        the entries just written since the budget floor (``shard_budget_beside``): a budget
-        is never below what an empty shard takes; and bodies not yet named by their entry are
-        never taken (``_evict``'s stages)."""
+        long-key entries on a loaded machine: 12.9 MB on disk for good). Possible since the
+        budget floor (``shard_budget_beside``): a budget is never below what an empty shard
+        takes; bodies not yet named by their entry are never taken (stage 0 takes whole
+        entries only)."""
         spare_after = time.time() - CULL_SPARE
         for i, shard in enumerate(self._shards):
             if self.marked(i):
