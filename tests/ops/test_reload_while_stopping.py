@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Origin, post_reload, spawn_cachegate, write_config
+from tests.harness import Origin, ProxyProcess, post_reload, spawn_cachegate, write_config
 
 RULES_V1 = "rules: [{name: old, match: {path: /old}, bypass: true}]\n"
 RULES_V2 = "rules: [{name: new, match: {path: /new}, bypass: true}]\n"
@@ -23,6 +24,29 @@ RULES_V2 = "rules: [{name: new, match: {path: /new}, bypass: true}]\n"
 
 def new_rules(directory: Path) -> None:
     (directory / "rules.yaml").write_text(RULES_V2)
+
+
+async def until(seen: Callable[[], bool], what: str, wait: float = 20.0) -> None:
+    """Poll ``seen`` every 10 ms until it is true; fail naming ``what`` after ``wait`` s."""
+    for _ in range(int(wait * 100)):
+        if seen():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not seen within {wait:g} s: {what}")
+
+
+async def workers_held(hold: Path, proc: ProxyProcess) -> list[int]:
+    """The supervisor's compile, held, then let go; once both workers' compiles are held:
+    their pids (``CACHEGATE_RELOAD_HOLD``)."""
+    supervisor = hold / f"{proc.proc.pid}.held"
+    await until(supervisor.exists, proc.text)
+    supervisor.unlink()
+    await until(lambda: len(held_pids(hold)) == 2, proc.text)
+    return held_pids(hold)
+
+
+def held_pids(hold: Path) -> list[int]:
+    return sorted(int(m.stem) for m in hold.glob("*.held"))
 
 
 @pytest.mark.slow
@@ -39,10 +63,7 @@ async def test_post_reload_during_the_drain_answers_503_and_applies_nothing(
         await writer.drain()
         await asyncio.sleep(0.5)
         proc.proc.send_signal(signal.SIGTERM)
-        for _ in range(100):
-            if "shutting down" in proc.text:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: "shutting down" in proc.text, "shutting down", 5)
         new_rules(tmp_path)
         status, answer = await asyncio.to_thread(post_reload, proc.admin_url, 20)
         head = await asyncio.wait_for(reader.readline(), 10)  # the drain went on
@@ -68,19 +89,7 @@ async def test_a_reload_the_stop_cuts_short_names_the_workers_that_did_not_apply
         assert proc.admin_url is not None
         new_rules(tmp_path)
         reload = asyncio.ensure_future(asyncio.to_thread(post_reload, proc.admin_url, 30))
-        # The supervisor's compile, held, then let go: its workers' compiles, held.
-        supervisor = hold / f"{proc.proc.pid}.held"
-        for _ in range(1000):
-            if supervisor.exists():
-                break
-            await asyncio.sleep(0.01)
-        assert supervisor.exists(), proc.text
-        supervisor.unlink()
-        for _ in range(2000):
-            if len(list(hold.glob("*.held"))) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert len(list(hold.glob("*.held"))) == 2, proc.text
+        await workers_held(hold, proc)
         proc.proc.send_signal(signal.SIGTERM)  # the workers stop mid-compile: neither applies it
         status, answer = await asyncio.wait_for(reload, 30)
     finally:
@@ -112,17 +121,10 @@ async def test_a_post_reload_still_compiling_when_the_stop_comes_answers_at_once
         new_rules(tmp_path)
         reload = asyncio.ensure_future(asyncio.to_thread(post_reload, proc.admin_url, 30))
         held = hold / f"{proc.proc.pid}.held"
-        for _ in range(1000):
-            if held.exists():
-                break
-            await asyncio.sleep(0.01)
-        assert held.exists(), proc.text
+        await until(held.exists, proc.text)
         proc.proc.send_signal(signal.SIGTERM)
         if release:
-            for _ in range(100):
-                if "shutting down" in proc.text:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: "shutting down" in proc.text, "shutting down", 5)
             held.unlink()
         status, answer = await asyncio.wait_for(reload, 4)  # (not the grace's 5 s and more)
         code = await asyncio.to_thread(proc.wait, 10)
@@ -154,19 +156,7 @@ async def test_a_worker_stopped_alone_mid_reload_is_replaced_with_the_new_config
         assert proc.admin_url is not None
         new_rules(tmp_path)
         reload = asyncio.ensure_future(asyncio.to_thread(post_reload, proc.admin_url, 30))
-        supervisor = hold / f"{proc.proc.pid}.held"
-        for _ in range(1000):
-            if supervisor.exists():
-                break
-            await asyncio.sleep(0.01)
-        assert supervisor.exists(), proc.text
-        supervisor.unlink()
-        for _ in range(2000):
-            if len(list(hold.glob("*.held"))) == 2:
-                break
-            await asyncio.sleep(0.01)
-        workers = sorted(int(m.stem) for m in hold.glob("*.held"))
-        assert len(workers) == 2, proc.text
+        workers = await workers_held(hold, proc)
         for _ in range(8):  # requests in flight: the stopped worker's drain outlasts its answer
             _, writer = await asyncio.open_connection(*proc.proxy_url.removeprefix("http://").split(":"))
             writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
