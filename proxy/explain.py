@@ -23,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
+from proxy.policy.fields import body_length, content_length
 from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill, freshened
 from proxy.policy.freshness import heuristic_withheld, origin_freshness_only, rule_stale_windows_apply
 from proxy.policy.httpdate import format_http_date
@@ -64,7 +65,7 @@ from proxy.policy.reuse import (
     decide_part_lookup,
     select_variant,
 )
-from proxy.policy.storability import response_cache_control
+from proxy.policy.storability import response_cache_control, too_large
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan, lowered_path
 
 # What each "not stored" detail means, and what to change.
@@ -82,8 +83,9 @@ WHY_NOT = {
                     "Cookie;x=1 or Coo kie): no request can be matched on it, as for Vary: *",
     "VARY-PER-CLIENT": "the response varies on X-Forwarded-For or X-Request-Id, which cachegate sets "
                        "per client",
-    "TOO-LARGE": "the response is larger than the store keeps (cache.max_object, half a disk shard, or "
-                 "without a disk tier what one record of the shared memory holds)",
+    "TOO-LARGE": "the response is larger than the store keeps (cache.max_object, half a disk shard's "
+                 "budget in force, lower while the URL index takes more than its share of "
+                 "cache.disk.size, or without a disk tier what one record of the shared memory holds)",
     # (with ":<name>", the Vary member the request also carried spelled otherwise)
     "AMBIGUOUS-HEADER": "the response varies on a field the request also carried spelled with '_' "
                         "for '-' (CGI, WSGI and Rack origins read both as one field, the later line "
@@ -289,12 +291,19 @@ def _edits_text(edits: HeaderEdits | None) -> str:
 
 
 def fill_decision(head: RequestHead, plan: RequestPlan, status: int, headers: CIMultiDictProxy[str],
-                  now: float) -> tuple[StorePlan, Fill | NoFill]:
+                  now: float, room: int | None = None) -> tuple[StorePlan, Fill | NoFill]:
     """The store-time rules for this response, and the proxy's own fill decision for it
     (``decide_fill``, at the longest lifetime ``ttl_jitter`` allows). A 206's rules are its 200's,
-    as the engine stores parts (``representation_status``)."""
+    as the engine stores parts (``representation_status``). ``room``: the biggest body the
+    running store keeps now (``Storage.max_object``: less than the rules' while the disk
+    shards' budget is lowered), which a Content-Length is held against as the engine does
+    (``Engine.fill_decision``); None: the rules' alone (no running store)."""
     sp = plan.for_response(representation_status(status), headers.get("Content-Type"))
-    return sp, decide_fill(Exchange(head, status, "", headers, now, now), sp, FillSettings())
+    decision = decide_fill(Exchange(head, status, "", headers, now, now), sp, FillSettings())
+    length = body_length(status, content_length(headers.getall("Content-Length", ())))
+    if room is not None and isinstance(decision, Fill) and too_large(length, room):
+        return sp, NoFill("TOO-LARGE")
+    return sp, decision
 
 
 def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
@@ -536,9 +545,10 @@ def freshness_decided_by(f: Freshness, cc: CacheControl, cc_field: str, rule: Ru
 
 
 def _storability(head: RequestHead, plan: RequestPlan, status: int,
-                 headers: CIMultiDictProxy[str], now: float) -> dict[str, Any]:
-    """Whether a response with these headers is stored under the current rules, and what decided."""
-    sp, decision = fill_decision(head, plan, status, headers, now)
+                 headers: CIMultiDictProxy[str], now: float, room: int | None = None) -> dict[str, Any]:
+    """Whether a response with these headers is stored under the current rules (and the running
+    store's ``room``: ``fill_decision``), and what decided."""
+    sp, decision = fill_decision(head, plan, status, headers, now, room)
     cc, cc_field = response_cache_control(headers, sp.options)
     out: dict[str, Any] = {"store_rule": _rule_json(sp.rule), "directives_from": cc_field,
                            "directives": _directives(cc)}
@@ -823,7 +833,7 @@ def _part_json(v: StoredVariant, index: int, now: float) -> dict[str, Any]:
 def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVariant], now: float,
                   responses: Sequence[tuple[int, Sequence[tuple[str, str]]]] = (),
                   parts: Sequence[StoredVariant] = (), body: bool = False,
-                  refresh_held: RefreshHeld | None = None) -> dict[str, Any]:
+                  refresh_held: RefreshHeld | None = None, room: int | None = None) -> dict[str, Any]:
     """The whole decision trace for one request, as JSON-ready data (``GET /explain``).
 
     ``variants`` are what the store holds under the request's key, in every tier, and
@@ -831,7 +841,8 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     ``responses`` are hypothetical origin answers (status, headers) to decide storing for.
     ``body``: the request carries a body (``request_body``). ``refresh_held``: the running
     proxy's answer to whether a stale response's refresh waits after one failed (until when;
-    ``MissPath.refresh_held_back``). Pure: nothing here touches the origin or the store.
+    ``MissPath.refresh_held_back``). ``room``: the biggest body the running store keeps now
+    (``fill_decision``). Pure: nothing here touches the origin or the store.
     """
     plan = rules.plan(head)
     looked_up = isinstance(route_of(head, plan, body), LookUp)
@@ -862,7 +873,7 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     if responses and looked_up:
         out["if_fetched"] = [
             {"status": status, "headers": [list(h) for h in hdrs],
-             **_storability(head, plan, status, CIMultiDictProxy(CIMultiDict(hdrs)), now)}
+             **_storability(head, plan, status, CIMultiDictProxy(CIMultiDict(hdrs)), now, room)}
             for status, hdrs in responses
         ]
     return out

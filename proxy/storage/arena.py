@@ -85,6 +85,10 @@ LOCK_NAMES = {RING_LOCK: "ring", LEASE_LOCK: "lease-table", DIR_LOCK: "directory
 H_MAGIC, H_HEAD, H_TAIL, H_CAPACITY, H_ENTRIES, H_EVICTIONS, H_LOST, H_READY = (8 * i for i in range(8))
 H_INDEX_BUCKETS, H_DIR_BUCKETS, H_DIR_ENTRIES, H_WRITES, H_BYTES = (8 * i for i in range(8, 13))
 H_PROCESSES = 8 * 13  # the serving processes sharing the arena (at least 1)
+# The disk shards' budget in force, as the owner last counted it beside the URL index
+# (``DiskTier.count_index``); 0: none counted yet, the configured one holds (as an arena made
+# before the field read it). What every process's storable limit follows (``Writer.limit``).
+H_SHARD_BUDGET = 8 * 14
 H_SECRET = 128  # 16 bytes
 
 _HEAD = struct.Struct("<QQIIIHBBII")
@@ -261,6 +265,16 @@ class Arena:
     def processes(self) -> int:
         """How many serving processes share this arena (as its owner made it)."""
         return max(1, self._get(H_PROCESSES))
+
+    @property
+    def shard_budget(self) -> int:
+        """The disk shards' budget the owner has in force (``H_SHARD_BUDGET``; 0: the configured
+        one): one read of the shared header, no system call, no lock."""
+        return int(_Q.unpack_from(self.mm, H_SHARD_BUDGET)[0])
+
+    def set_shard_budget(self, budget: int) -> None:
+        """The owner's, after each ``DiskTier.count_index``: the other processes follow it."""
+        self._set(H_SHARD_BUDGET, budget)
 
     @property
     def used(self) -> int:

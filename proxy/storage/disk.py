@@ -32,7 +32,9 @@ Facts of diskcache respected here:
   the entries just written while others are left, in rounds of at most ``CULL_BATCH`` rows),
   not diskcache's ``cull`` (10 rows a pass whatever their size); an object bigger than a
   shard's budget would still be evicted as soon as it is stored, after everything else:
-  ``max_body`` is half a shard, and bigger bodies are not stored on disk at all;
+  ``max_body`` is half a shard's budget in force (lowered while the URL index takes more than
+  its share: ``count_index``, followed by every process: ``follow_budget``), and bigger bodies
+  are not stored on disk at all;
 - ``least-recently-used`` turns every read into a write; the memory tier keeps
   the recency of hot objects, so only memory misses reach the disk;
 - a big body is written before its metadata (outside the lock, since copying it
@@ -708,8 +710,12 @@ class DiskTier:
         self.size_limit = size_limit
         # diskcache counts its database pages and value files; the index and the SQLite
         # journals (WAL, shared memory) live in the remaining RESERVE of the budget.
-        self.shard_limit = shard_budget(size_limit, shards)
+        self.shard_limit = shard_budget(size_limit, shards)  # the configured budget
+        # The budget in force (lower while the URL index takes more than its share:
+        # ``count_index``), and the biggest body stored: half of it (``use_budget``).
+        self.budget = self.shard_limit
         self.max_body = self.shard_limit // 2
+        self._followed = 0  # the owner's budget this process last followed (``follow_budget``)
         self.failed_writes = 0
         # A write that fails fails again and again (a full disk, the directory removed, a lock
         # held long): logged with its traceback once, then once a minute with a count, and once
@@ -1279,9 +1285,31 @@ class DiskTier:
         the index GC then drops the culled entries' rows. Only this process's view: the owner
         is the one that writes and culls."""
         limit = shard_budget_beside(self.size_limit, len(self._shards), index_bytes)
+        self.use_budget(limit)
+        return limit
+
+    def use_budget(self, limit: int) -> None:
+        """Each shard's budget in force (never past the configured one), and with it
+        ``max_body``, half of it. Why: a body stored under a budget lowered since was over half a
+        shard, and the owner's next cull took it with the rest of its shard (a 900 KB fill
+        answered stored was gone 5 s later, once the index had lowered 1.8 MB shards to 256
+        KB); a budget raised again (the index shrank) raises it again."""
+        limit = max(1, min(limit, self.shard_limit))
+        self.budget = limit
+        self.max_body = limit // 2
         for shard in self._shards:
             shard.size_limit = limit
-        return limit
+
+    def follow_budget(self, published: int) -> None:
+        """A budget the owner published (``Arena.shard_budget``; 0: none yet) is this process's
+        too: the writes' storable limit and their culls follow it. Only a change of what was
+        published is followed: the owner counts its own first (``count_index``), and the value
+        published a moment later must not take it back meanwhile. Cheap when unchanged (a fill
+        asks each time)."""
+        if published != self._followed:
+            self._followed = published
+            if published:
+                self.use_budget(published)
 
     def cull_over(self) -> None:
         """Cull each shard over its budget, CULL_TIME each (the owner's upkeep, every round),

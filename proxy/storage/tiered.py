@@ -64,7 +64,8 @@ class Storage:
         self.configured_max_object = max_object
         # What can be stored at all: a body bigger than half a disk shard would be culled at
         # once (or flush the shard); memory-only, it must be small enough for the memory tier
-        # (its ``max_object`` is within what one record of the ring holds).
+        # (its ``max_object`` is within what one record of the ring holds). The ceiling: with a
+        # disk tier, less while the shards' budget is lowered (``Writer.limit``).
         storable = min(max_object, disk.max_body if disk is not None else memory.max_object)
         if configured_limit is not None:
             storable = min(storable, configured_limit)
@@ -141,8 +142,9 @@ class Storage:
 
     @property
     def max_object(self) -> int:
-        """The biggest body the store keeps (``cache.max_object``, within what the tiers take)."""
-        return self.writes.max_object
+        """The biggest body the store keeps now (``cache.max_object``, within what the tiers
+        take: half a disk shard's budget in force, ``Writer.limit``)."""
+        return self.writes.limit()
 
     @max_object.setter
     def max_object(self, value: int) -> None:

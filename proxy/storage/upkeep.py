@@ -217,5 +217,6 @@ class Upkeep:
         t.disk.checkpoint()
         if t.index.damage is None:
             t.index.checkpoint()
-            t.disk.count_index(t.index.size())
+            # Published for every process: what they store follows the budget (``Writer.limit``).
+            t.memory.arena.set_shard_budget(t.disk.count_index(t.index.size()))
         t.disk.cull_over()

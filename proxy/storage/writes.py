@@ -147,7 +147,9 @@ class BodySpool:
 class Writer:
     def __init__(self, tiers: Tiers, max_object: int, spools: SpoolDir) -> None:
         self.t = tiers
-        self.max_object = max_object  # what can be stored at all (Storage works it out)
+        # What can be stored at all (Storage works it out); with a disk tier, less while the
+        # shards' budget is lowered (``limit``).
+        self.max_object = max_object
         self.spill_threshold = max(tiers.memory.max_object, SPOOL_IN_MEMORY)
         self.spools = spools
         self.failed_writes = 0  # this process's own disk commits (big bodies) that failed
@@ -158,15 +160,29 @@ class Writer:
         self.spool_room = disk.size_limit // SPOOL_SHARE // processes if disk is not None else 0
         self.spooled = 0  # bytes the process's spools hold or expect (``BodySpool.reserved``)
 
+    def limit(self) -> int:
+        """The biggest body stored now: ``max_object``, and with a disk tier no more than half a
+        shard's budget in force (``DiskTier.max_body``), which the owner lowers while the URL
+        index takes more than its share of ``cache.disk.size`` and raises again as it shrinks
+        (``DiskTier.count_index``); every process follows what it published in the shared
+        memory (one read of it: no system call, no lock). Why: a worker kept taking bodies up
+        to half the configured budget, answered them stored, and the owner's cull took them
+        within seconds."""
+        disk = self.t.disk
+        if disk is None:
+            return self.max_object
+        disk.follow_budget(self.t.memory.arena.shard_budget)
+        return min(self.max_object, disk.max_body)
+
     def room(self, entry: Entry) -> int:
-        """The biggest body ``entry`` can be stored with: ``max_object``; without a disk tier,
-        no more than one record of the shared memory's ring holds beside the entry's key and
+        """The biggest body ``entry`` can be stored with: ``limit``; without a disk tier, no
+        more than one record of the shared memory's ring holds beside the entry's key and
         metadata (``ring_body_limit``). Why: a body in between was refused by the ring at the
         put, after its MISS had said ``stored``, and the next request missed again. (Its
         metadata is measured with the longest body id and the largest size it may carry: a
         few bytes more, never less.)"""
         if self.t.disk is not None:
-            return self.max_object
+            return self.limit()
         probe = entry.with_body(with_checksum(new_body_id(), 0), self.max_object)
         meta = encode_record([(probe, self.max_object, ALL_TO_WRITE)])
         key = len(entry.key.encode("utf-8", "surrogatepass"))

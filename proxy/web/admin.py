@@ -752,7 +752,7 @@ async def explain(request: web.Request) -> web.Response:
                                                   sum(c.hits or 0 for c in cs if c.tier == "memory")))
     trace = explain_trace(rules, head, found[key], runtime.engine.clock(),
                           [(s, req.response_headers) for s in req.statuses], found[part_key(key)],
-                          body, runtime.engine.miss.refresh_held_back)
+                          body, runtime.engine.miss.refresh_held_back, runtime.storage.max_object)
     return web.json_response(trace)
 
 
