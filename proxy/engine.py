@@ -38,7 +38,7 @@ from proxy.errors import ProxyStopping, StorageError, UpstreamError, first_repor
 from proxy.flight import Attempt, HeldFill, MissPath
 from proxy.http_client import InterimHook
 from proxy.leases import LeaseClient, LeaseTable
-from proxy.logs import note_key, note_upstream
+from proxy.logs import RepeatedFailure, note_key, note_upstream
 from proxy.metrics import CounterChild, HistogramChild, Metrics
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fields import body_length, ends_at_head, split_list
@@ -123,6 +123,10 @@ T = TypeVar("T")
 # What a stop gives the lease words still being sent once its grace period is over (within the
 # supervisor's margin past it: proxy.supervisor.STOP_DEADLINE_MARGIN).
 NOTICE_GRACE = 0.5
+
+# Seconds without a failed read before reads of the store are logged as working again (one
+# shard failing among working ones would otherwise say "works again" between its failures).
+READS_SETTLE = 60.0
 
 
 class MemoryLimits(Protocol):
@@ -215,6 +219,11 @@ class Engine:
         self._fill_settings = FillSettings(self._via, tuple(h.lower() for h in settings.cache.tag_headers))
         self._random = random.Random()
         self.write_failures = WriteFailures(lambda op: metrics.storage_errors.labels(op).inc())
+        # Reads that fail (the error is no shard's damage, so they go on failing): logged with
+        # the traceback once, then once a minute with a count. Why: a shard whose reads kept
+        # failing (its write-ahead log removed while running) logged a traceback per request.
+        self.read_failures = RepeatedFailure(log, "reading the cache's storage", settle=READS_SETTLE,
+                                             then="the request is answered as a miss (from the origin)")
         self._forgetting: set[asyncio.Future[None]] = set()  # see body_file_cut_short
         # ``send``'s metric children by (upstream, status class), looked up once each: two
         # ``labels()`` and an ``inc()`` were five Python-level calls on every upstream request.
@@ -394,11 +403,18 @@ class Engine:
         """The key's variants (``bodies``: a GET, which will send one: read a small body with
         its metadata, in the same read)."""
         try:
-            return await self.storage.get(key, bodies=bodies)
-        except Exception:  # storage failures degrade to a miss
-            log.exception("storage read failed for %s", key)
-            self.metrics.storage_errors.labels("read").inc()
+            found = await self.storage.get(key, bodies=bodies)
+        except Exception as exc:  # storage failures degrade to a miss
+            self.read_failed(exc)
             return ()
+        self.read_failures.succeeded()
+        return found
+
+    def read_failed(self, exc: Exception) -> None:
+        """A read of the store failed: counted, and logged at most once a minute
+        (``read_failures``)."""
+        self.metrics.storage_errors.labels("read").inc()
+        self.read_failures.failed(exc)
 
     # -- serving from the store ------------------------------------------------------------
 

@@ -731,9 +731,8 @@ class MissPath:
         key = attempt.key
         try:
             variants = await engine.storage.reread(key)
-        except Exception:
-            log.exception("storage read failed for %s", key)
-            engine.metrics.storage_errors.labels("read").inc()
+        except Exception as exc:
+            engine.read_failed(exc)
             return False
         if not variants:
             return False  # (the common case: nobody stored it meanwhile)

@@ -824,14 +824,16 @@ class RepeatedFailure:
     fail and succeed in turn, as writes do on a full disk between the small ones that still fit,
     would log its recovery and its failure again at every turn). ``traceback`` False: the first
     failure's line without its traceback (for every failure of this job; ``failed`` takes it for
-    one), at ``level`` (an expected failure: a lock's timeout)."""
+    one), at ``level`` (an expected failure: a lock's timeout). ``then``: what happens meanwhile,
+    after the failure's line ("retrying": a job that runs again; a request answered otherwise)."""
 
     KEPT = 16
 
     def __init__(self, logger: logging.Logger, what: str, every: float = 60.0, *, settle: float = 0.0,
-                 traceback: bool = True, level: int = logging.ERROR) -> None:
+                 traceback: bool = True, level: int = logging.ERROR, then: str = "retrying") -> None:
         self.log = logger
         self.what = what
+        self.then = then
         self.every = every
         self.settle = settle
         self.traceback = traceback
@@ -857,9 +859,9 @@ class RepeatedFailure:
                 del self._failing[next(iter(self._failing))]
             self._failing[key] = [0, now]
             if traceback and self.traceback:
-                self.log.log(self.level, "%s failed; retrying", self.what, exc_info=exc)
+                self.log.log(self.level, "%s failed; %s", self.what, self.then, exc_info=exc)
             else:
-                self.log.log(self.level, "%s failed: %s; retrying", self.what, exc)
+                self.log.log(self.level, "%s failed: %s; %s", self.what, exc, self.then)
             return
         state[0] += 1
         if now - state[1] >= self.every:
