@@ -1129,7 +1129,9 @@ class MissPath:
             match alone:
                 case StaleInstead():
                     assert stale is not None
-                    return await self._serve_stale(attempt, stale, exc.status, alone.detail)
+                    reply = await self._stale_reply(attempt, stale, exc.status, alone.detail)
+                    # (purged since it was looked up: asked for as without it)
+                    return reply if reply is not None else await self._fetch_alone(attempt)
                 case OnItsOwn():
                     return await self._fetch_alone(attempt)
                 case _:
@@ -1154,6 +1156,15 @@ class MissPath:
             return engine.upstream_failed(plan, UpstreamError(str(exc)), fwd)
 
         step = after_head(fhead, head, fwd, collapsed=collapsed, stale=stale is not None)
+        if isinstance(step, StaleInstead):
+            assert stale is not None
+            reply = await self._stale_reply(attempt, stale, fhead.status, step.detail)
+            if reply is not None:
+                reader.close()
+                return reply
+            # Purged (or its body gone) since it was looked up: the origin's own answer, as a
+            # cache without it answers (it was a 502 that was neither).
+            step = after_head(fhead, head, fwd, collapsed=collapsed, stale=False)
         if joined is not None and isinstance(step, Relay | FromHead) and flight.epoch is not None \
                 and engine.storage.purged_since(flight.epoch, attempt.key, flight.tags, joined):
             # A purge that came after the flight's request went out and before this client
@@ -1172,10 +1183,8 @@ class MissPath:
                 # answer, so what it stored or validated (the variant each selects) is theirs.
                 return await self._serve_after_flight(attempt, fhead.status, step.x_cache, step.collapsed,
                                                       flight, own=True, stored=step.stored)
-            case StaleInstead():
-                reader.close()
-                assert stale is not None
-                return await self._serve_stale(attempt, stale, fhead.status, step.detail)
+            case StaleInstead():  # (answered above)
+                raise AssertionError("stale-if-error without a stored response")
             case OnItsOwn():
                 reader.close()
                 return await self._fetch_alone(attempt)
@@ -1579,20 +1588,27 @@ class MissPath:
 
     async def _serve_stale(self, attempt: Attempt, stale: Cached, fwd_status: int | None,
                            detail: str, collapsed: bool = False) -> Reply:
-        """stale-if-error (RFC 5861 §4): the stored response instead of the origin's error."""
-        engine, req, fwd = self.engine, attempt.req, attempt.fwd
+        """stale-if-error (RFC 5861 §4): the stored response instead of the origin's error; a
+        502 when it is gone meanwhile (the origin gave no response to relay instead)."""
+        reply = await self._stale_reply(attempt, stale, fwd_status, detail, collapsed)
+        if reply is None:
+            return self.engine.finish(attempt.plan, error_reply(
+                502, "Bad Gateway", "502 Bad Gateway", "MISS",
+                cache_status(fwd=attempt.fwd, collapsed=collapsed, detail=detail)))
+        return reply
+
+    async def _stale_reply(self, attempt: Attempt, stale: Cached, fwd_status: int | None,
+                           detail: str, collapsed: bool = False) -> Reply | None:
+        """The stored response served stale instead of the origin's error; None when it is gone
+        (purged, its body culled) since it was looked up."""
+        engine, req = self.engine, attempt.req
         response = stale.entry.response
         now = engine.clock()
-        reply = await engine.serve(req, attempt.plan, stale, "STALE", response.ttl(now),
-                                   response.freshness.age(now),
-                                   client_not_modified(req.head.headers, stale.entry.response),
-                                   hit=False, fwd=fwd, fwd_status=fwd_status, collapsed=collapsed,
-                                   detail=detail)
-        if reply is None:
-            return engine.finish(attempt.plan, error_reply(502, "Bad Gateway", "502 Bad Gateway", "MISS",
-                                                            cache_status(fwd=fwd, collapsed=collapsed,
-                                                                         detail=detail)))
-        return reply
+        return await engine.serve(req, attempt.plan, stale, "STALE", response.ttl(now),
+                                  response.freshness.age(now),
+                                  client_not_modified(req.head.headers, stale.entry.response),
+                                  hit=False, fwd=attempt.fwd, fwd_status=fwd_status, collapsed=collapsed,
+                                  detail=detail)
 
 
 # -- what a client of a flight does once the flight has its head (pure) -----------------------

@@ -1,0 +1,40 @@
+"""A stale-if-error fill whose stored response is purged while the origin is asked: the
+client gets the origin's own error, as a cache without the stored response would answer.
+
+Before: the flight chose the stored response over the origin's 500 when the head came, found
+it purged, and answered 502 ``detail=ORIGIN-ERROR``, neither the stored response nor the
+origin's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
+async def test_a_stale_response_purged_while_the_origin_fails_gives_the_origins_own_error(
+        origin: Origin, make_proxy: MakeProxy, disk: bool) -> None:
+    origin.route("/s", body=b"stored copy", headers={"Cache-Control": "max-age=1, stale-if-error=600"})
+    config = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n" if disk else \
+        "cache: {memory: 16MB, disk: null}\n"
+    proxy = await make_proxy(config=config)
+    assert (await proxy.get("/s")).x_cache == "MISS"
+    assert (await proxy.get("/s")).x_cache == "HIT"
+    await asyncio.sleep(1.2)  # stale now
+    origin.route("/s", status=500, body=b"the origin's own error", delay=0.5,
+                 headers={"Content-Type": "text/plain"})
+    asked = asyncio.create_task(proxy.get("/s"))
+    for _ in range(100):
+        if origin.count("/s") == 2:
+            break
+        await asyncio.sleep(0.01)
+    purged = await proxy.admin("POST", "/purge", json={"urls": [proxy.url + "/s"]})
+    assert purged.status == 200, purged.body
+    r = await asked
+    assert (r.status, r.body) == (500, b"the origin's own error"), (r.status, r.body, r.headers.get("Cache-Status"))
+    again = await proxy.get("/s")
+    assert (again.status, again.body) == (500, b"the origin's own error")
