@@ -659,7 +659,7 @@ class Engine:
         held = parse_content_range(resp.headers.get("Content-Range"))
         if held is None:  # a multipart answer: passed on as it is
             return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=206), False)
-        detail, entry = self._part_decision(head, plan, key, resp, request_time, response_time)
+        detail, entry = self._part_decision(head, plan, key, resp, held.length, request_time, response_time)
         if entry is not None and resp.content_length not in (None, held.length):
             # Its length disagrees with its Content-Range: relayed as framed, never stored
             # (``_store_part``), and known now, before the head says "stored".
@@ -679,12 +679,13 @@ class Engine:
                                         "upstream"))
 
     def _part_decision(self, head: RequestHead, plan: RequestPlan, key: str, resp: UpstreamResponse,
-                       request_time: float, response_time: float) -> tuple[str, Entry | None]:
-        """May this 206 be stored as a part, as what (the same rules as its complete response)?"""
+                       length: int, request_time: float, response_time: float) -> tuple[str, Entry | None]:
+        """May this 206 be stored as a part, as what (the same rules as its complete response,
+        and the same room: ``_decided``)? ``length``: its Content-Range's, what the spool takes."""
         store_plan = plan.for_response(representation_status(resp.status), resp.headers.get("Content-Type"))
-        return self._filled(part_key(key), store_plan, Exchange(
+        return self._decided(part_key(key), store_plan, Exchange(
             head, resp.status, resp.reason, resp.headers, request_time, response_time,
-            resp.close_delimited_tls), part=True)
+            resp.close_delimited_tls), length, part=True)
 
     async def _tee_part(self, resp: UpstreamResponse, entry: Entry | None, held: ByteRange,
                         old: Cached | None, epoch: int) -> AsyncIterator[bytes]:
@@ -726,6 +727,11 @@ class Engine:
         own = part_range(entry.response)
         if not spool.complete or spool.doomed or own is None or spool.size != own.length:
             spool.discard()
+            return
+        if spool.size > self.storage.room(entry):
+            # The disk shards' budget was lowered while it streamed (``Writer.finalize``).
+            spool.discard()
+            self.metrics.not_stored_because("TOO-LARGE", entry.url)
             return
         combine = decide_combine(old.entry.response, entry.response) if old is not None else None
         if old is None or not isinstance(combine, Combine) \
@@ -898,11 +904,19 @@ class Engine:
         """May this response to ``attempt`` be stored, as what (``decide_fill``, under the rules'
         plan for its status and type)?"""
         store_plan = attempt.plan.for_response(resp.status, resp.headers.get("Content-Type"))
-        detail, entry = self._filled(attempt.key, store_plan, Exchange(
-            attempt.req.head, resp.status, resp.reason, resp.headers, request_time, response_time,
-            resp.close_delimited_tls))
         # The GET's body: a HEAD's Content-Length describes it, a 204's describes nothing.
-        length = body_length(resp.status, resp.content_length)
+        return self._decided(attempt.key, store_plan, Exchange(
+            attempt.req.head, resp.status, resp.reason, resp.headers, request_time, response_time,
+            resp.close_delimited_tls), body_length(resp.status, resp.content_length))
+
+    def _decided(self, key: str, store_plan: StorePlan, exchange: Exchange, length: int | None, *,
+                 part: bool = False) -> tuple[str, Entry | None]:
+        """The one fill decision of whole responses and parts alike: the rules' (``_filled``),
+        then a body of ``length`` held against what the store has room for now (``Storage.room``:
+        less than the rules' ``max_object`` while the disk shards' budget is lowered). Why one:
+        parts were held against the rules' alone, and a 206 between the two limits was said
+        ``stored`` while the spool refused it, uncounted."""
+        detail, entry = self._filled(key, store_plan, exchange, part=part)
         if entry is not None and too_large(length, self.storage.room(entry)):
             return "TOO-LARGE", None  # the same rule as max_object's, against this store's room
         return detail, entry

@@ -558,6 +558,10 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
                 else why_not(detail, cc_field, headers, expired_by)
             if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, cc, sp):
                 why += "; " + AUTHORIZATION_ORIGIN_ONLY
+            if detail == "TOO-LARGE":
+                # The figure in force (the rules' max_object, or the running store's room now).
+                limit = sp.options.max_object if room is None else min(room, sp.options.max_object)
+                why += f"; bodies over {limit} bytes are not stored now"
             out.update(stored=False, detail=detail, why=why)
             return out
         case Fill():

@@ -1034,7 +1034,14 @@ class MissPath:
         final = storage.finalize(entry, spool) if spool is not None and entry is not None else None
         if final is None or spool is None:
             doomed = spool is not None and spool.doomed  # a purge or an invalidation covered it
-            self._end(run, Passed(store_detail or abandoned or ("PURGED" if doomed else "INCOMPLETE")))
+            refused = spool.refused if spool is not None and not doomed else ""
+            if refused:
+                # Over the room in force at its end (the shards' budget was lowered while it
+                # streamed: ``Writer.finalize``): not stored, counted as a body that grows past
+                # the limit is (its head had said stored).
+                engine.metrics.not_stored_because(refused, url_of_key(key))
+            why = store_detail or abandoned or refused or ("PURGED" if doomed else "INCOMPLETE")
+            self._end(run, Passed(why))
             return
         # Visible in memory before the last reader sees the end of the body, so the
         # client's next request is a hit; the disk copy follows.

@@ -384,9 +384,15 @@ class Inspector:
         tiers: dict[str, Any] = {"memory": {"entries": len(m), "bytes": m.bytes, "evictions": m.evictions}}
         if storage.disk is not None:
             disk = storage.disk
+            max_body = storage.max_object  # (first: it follows the budget the owner published)
             tiers["disk"] = {"entries": await self._disk_entries(),
                              "bytes": await storage.run(disk.volume),
-                             "evictions": storage.upkeep.index_rows_dropped}
+                             "evictions": storage.upkeep.index_rows_dropped,
+                             # Each shard's budget in force (lower while the URL index takes more
+                             # than its share) and the biggest body stored now: without them an
+                             # operator saw big fills TOO-LARGE under a max_object far above them.
+                             "shard_budget": disk.budget, "shard_budget_configured": disk.shard_limit,
+                             "max_body": max_body}
             if self.disk_count_failed is not None:
                 tiers["disk"]["entries_stale"] = f"the last count: counting failed ({self.disk_count_failed})"
             if storage.index is not None and (damage := await storage.run(storage.index.look_for_damage)):

@@ -68,7 +68,14 @@ from typing import IO, Any, TypeVar
 import diskcache
 
 from proxy.logs import RepeatedFailure
-from proxy.room import SQLITE_CANTOPEN, SQLITE_READONLY, FilesystemFull, NotWritable, filesystem_full
+from proxy.room import (
+    SQLITE_CANTOPEN,
+    SQLITE_READONLY,
+    FilesystemFull,
+    NotWritable,
+    filesystem_full,
+    human_size,
+)
 from proxy.settings import (  # the budget split is what cache.disk.size means
     DiskEviction,
     shard_budget,
@@ -716,6 +723,7 @@ class DiskTier:
         self.budget = self.shard_limit
         self.max_body = self.shard_limit // 2
         self._followed = 0  # the owner's budget this process last followed (``follow_budget``)
+        self._told_budget = self.shard_limit  # the budget in force last logged (``_tell_budget``)
         self.failed_writes = 0
         # A write that fails fails again and again (a full disk, the directory removed, a lock
         # held long): logged with its traceback once, then once a minute with a count, and once
@@ -1286,7 +1294,28 @@ class DiskTier:
         is the one that writes and culls."""
         limit = shard_budget_beside(self.size_limit, len(self._shards), index_bytes)
         self.use_budget(limit)
+        self._tell_budget(index_bytes)
         return limit
+
+    def _tell_budget(self, index_bytes: int) -> None:
+        """Log the budget in force when it changed much since last said (by an eighth of the
+        configured one, or to the configured one or the floor): once per change, not every
+        round while a growing index lowers it a little each time. Why: operators saw big fills
+        TOO-LARGE under a max_object far above them, with nothing saying the limit had moved."""
+        budget, told, usual = self.budget, self._told_budget, self.shard_limit
+        if budget == told:
+            return
+        floor = shard_budget_beside(self.size_limit, len(self._shards), 1 << 62)
+        if abs(budget - told) < max(1, usual // 8) and budget not in (usual, floor):
+            return
+        self._told_budget = budget
+        if budget < usual:
+            log.info("disk shards' budget now %s of %s configured (the URL index takes %s): bodies over %s "
+                     "are not stored", human_size(budget), human_size(usual), human_size(index_bytes),
+                     human_size(self.max_body))
+        else:
+            log.info("disk shards' budget back to the configured %s (the URL index takes %s): bodies up to "
+                     "%s are stored", human_size(usual), human_size(index_bytes), human_size(self.max_body))
 
     def use_budget(self, limit: int) -> None:
         """Each shard's budget in force (never past the configured one), and with it

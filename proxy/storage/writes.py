@@ -223,8 +223,17 @@ class Writer:
         return spool
 
     def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None:
-        """The entry with its body's id and size; None when incomplete or purged meanwhile."""
+        """The entry with its body's id and size; None when incomplete or purged meanwhile, or
+        bigger than the store has room for now (``room``; ``spool.refused`` says TOO-LARGE).
+        Why again at the end: the room was read when the spool began (its ``limit``), and the
+        disk shards' budget may have been lowered while the body streamed (``limit``): a 900 KB
+        fill was said stored, then its own disk write's cull took it at once, uncounted. Held
+        here, before the shared memory takes it, so no tier keeps what the disk cannot."""
         if not spool.complete or spool.doomed:
+            spool.discard()
+            return None
+        if spool.size > self.room(entry):
+            spool.refused = "TOO-LARGE"
             spool.discard()
             return None
         crc = spool.checksum()

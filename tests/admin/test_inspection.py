@@ -124,3 +124,19 @@ async def test_long_urls_are_inspected_and_overlong_request_lines_get_a_json_err
                                   "the admin listener's limit"}
     reply = await proxy.admin("GET", "/stats", headers={"X-Big": "a" * 9000})
     assert reply.status == 431 and js(reply)["error"].startswith("a header field is over 8,190 bytes")
+
+
+async def test_stats_show_the_disk_shards_budget_in_force_and_the_biggest_body_stored(proxy: Proxy) -> None:
+    """The budget the URL index lowers (``count_index``) and the biggest body stored with it:
+    an operator saw fills TOO-LARGE under a max_object far above them, with nothing saying why."""
+    storage = proxy.runtime.storage
+    disk = storage.disk
+    assert disk is not None
+    usual = disk.shard_limit
+    shown = js(await proxy.admin("GET", "/stats?top=0"))["tiers"]["disk"]
+    assert (shown["shard_budget"], shown["shard_budget_configured"], shown["max_body"]) == \
+        (usual, usual, usual // 2)
+    storage.memory.arena.set_shard_budget(disk.count_index(64 << 20))  # (as the owner's upkeep does)
+    shown = js(await proxy.admin("GET", "/stats?top=0"))["tiers"]["disk"]
+    assert (shown["shard_budget"], shown["shard_budget_configured"], shown["max_body"]) == \
+        (usual // 8, usual, usual // 8 // 2)

@@ -9,7 +9,6 @@ shards evict sooner and the index GC drops the evicted entries' rows."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sqlite3
 from pathlib import Path
@@ -28,7 +27,7 @@ from proxy.storage.tiered import Storage
 from tests.conftest import MakeProxy
 from tests.harness import Origin
 from tests.storage.helpers import entry, open_store, read_body, store
-from tests.storage.procs import HOST, ProxyProcess, breakdown, disk_usage, write_config
+from tests.storage.procs import breakdown, disk_usage
 
 MB = 1 << 20
 DISK = 4 * MB
@@ -167,65 +166,3 @@ async def test_what_is_stored_follows_the_shards_budget_in_every_process(
     finally:
         worker.close()
         owner.close()
-
-
-ONE_SHARD = 640 * 1024  # one shard of 576 KB: bodies of up to 288 KB stored, 256 KB at its floor
-
-
-@pytest.mark.slow
-async def test_a_body_the_lowered_budget_cannot_keep_is_not_answered_stored(
-        origin: Origin, tmp_path: Path) -> None:
-    """Two workers, a flood of long keys, then a big fill. The index had lowered the shard's
-    budget (the owner's upkeep) below the body, yet the workers still stored bodies up to half
-    the configured budget: answered ``stored``, the body was culled with its shard within
-    seconds. Now the workers follow the budget in force: not stored (TOO-LARGE)."""
-    usual = shard_budget(ONE_SHARD, 1)
-    big = 270_000
-    floor = shard_budget_beside(ONE_SHARD, 1, 10 * ONE_SHARD)
-    assert floor < big <= usual // 2  # let in by the configured budget, more than the lowered one holds
-    at_floor = next(n for n in range(0, 10 * ONE_SHARD, 4096) if shard_budget_beside(ONE_SHARD, 1, n) == floor)
-
-    async def tiny(request: web.Request) -> web.Response:
-        return web.Response(body=b"k", headers={"Cache-Control": "max-age=600"})
-
-    async def sized(request: web.Request) -> web.Response:
-        return web.Response(body=b"b" * int(request.query["size"]), headers={"Cache-Control": "max-age=600"})
-
-    origin.route("/k", tiny)
-    origin.route("/big", sized)
-    cache = (f"cache: {{memory: 4MB, memory_max_object: 16KB, max_object: {usual // 2},"
-             f" disk: {{path: cache, size: {ONE_SHARD}, shards: 1}}}}\n")
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
-    index = tmp_path / "cache" / "index.sqlite3"
-    await proxy.start("--workers", "2")
-    try:
-        i = 0
-        while not index.exists() or index.stat().st_size < at_floor:  # (checkpointed by the upkeep)
-            assert i < 400, index.stat().st_size
-            for r in await asyncio.gather(*(proxy.get(f"/k?i={n:06d}&p={PAD}") for n in range(i, i + 10))):
-                assert r.status == 200
-            i += 10
-            await asyncio.sleep(0.1)
-        # The owner counts the index once a second: until then a fill may still be stored.
-        statuses = []
-        for n in range(80):
-            r = await proxy.get(f"/big?size={big}&n={n}")
-            assert (r.status, len(r.body)) == (200, big)
-            statuses.append(r.headers["Cache-Status"])
-            if "detail=TOO-LARGE" in statuses[-1]:
-                break
-            await asyncio.sleep(0.25)
-        assert "detail=TOO-LARGE" in statuses[-1], statuses
-        # What the lowered budget holds is stored still.
-        fits = floor // 2 - 8192
-        r = await proxy.get(f"/big?size={fits}")
-        assert r.headers["Cache-Status"].endswith("stored"), r.headers["Cache-Status"]
-        # The admin API's explain says the same of either.
-        for size, stored in ((big, False), (fits, True)):
-            r = await proxy.admin("POST", "/explain", json={
-                "url": f"http://{HOST}/big?size={size}&n=x", "status": 200,
-                "response_headers": {"Cache-Control": "max-age=600", "Content-Length": str(size)}})
-            fetched = json.loads(r.body)["if_fetched"][0]
-            assert (fetched["stored"], fetched["detail"]) == (stored, None if stored else "TOO-LARGE"), fetched
-    finally:
-        await proxy.stop()
