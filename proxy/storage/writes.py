@@ -224,7 +224,7 @@ class Writer:
 
     def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None:
         """The entry with its body's id and size; None when incomplete or purged meanwhile, or
-        bigger than the store has room for now (``room``; ``spool.refused`` says TOO-LARGE).
+        bigger than the store has room for now (``limit``; ``spool.refused`` says TOO-LARGE).
         Why again at the end: the room was read when the spool began (its ``limit``), and the
         disk shards' budget may have been lowered while the body streamed (``limit``): a 900 KB
         fill was said stored, then its own disk write's cull took it at once, uncounted. Held
@@ -232,7 +232,7 @@ class Writer:
         if not spool.complete or spool.doomed:
             spool.discard()
             return None
-        if spool.size > self.room(entry):
+        if self.t.disk is not None and spool.size > self.limit():  # (without one, the room never moves)
             spool.refused = "TOO-LARGE"
             spool.discard()
             return None
