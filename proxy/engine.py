@@ -490,10 +490,11 @@ class Engine:
             return cached.body
         try:
             body = await self.storage.open_body(cached)
-        except Exception:
-            log.exception("storage body read failed for %s", cached.entry.key)
-            self.metrics.storage_errors.labels("read").inc()
+        except Exception as exc:
+            self.read_failed(exc)
             body = None
+        else:
+            self.read_failures.succeeded()
         if body is None and self.storage.alive(cached):
             # The disk tier culled the body: forget the variant so the next request refetches.
             # (Not when its record in the shared memory died meanwhile: replaced by a refresh or

@@ -1607,8 +1607,12 @@ class MissPath:
     async def _stale_reply(self, attempt: Attempt, stale: Cached, fwd_status: int | None,
                            detail: str, collapsed: bool = False) -> Reply | None:
         """The stored response served stale instead of the origin's error; None when it is gone
-        (purged, its body culled) since it was looked up."""
+        (purged, its body culled) since it was looked up. Looked up again first: a HEAD or a 304
+        opens no body, and served a response purged meanwhile (a 304 told the client its copy
+        of purged content was still good)."""
         engine, req = self.engine, attempt.req
+        if not any(c.entry.body_id == stale.entry.body_id for c in await engine.load(stale.entry.key)):
+            return None
         response = stale.entry.response
         now = engine.clock()
         return await engine.serve(req, attempt.plan, stale, "STALE", response.ttl(now),

@@ -1314,8 +1314,9 @@ class DiskTier:
                      "are not stored", human_size(budget), human_size(usual), human_size(index_bytes),
                      human_size(self.max_body))
         else:
-            log.info("disk shards' budget back to the configured %s (the URL index takes %s): bodies up to "
-                     "%s are stored", human_size(usual), human_size(index_bytes), human_size(self.max_body))
+            log.info("disk shards' budget back to the configured %s (the URL index takes %s): the disk tier "
+                     "takes bodies up to %s again (within cache.max_object)", human_size(usual),
+                     human_size(index_bytes), human_size(self.max_body))
 
     def use_budget(self, limit: int) -> None:
         """Each shard's budget in force (never past the configured one), and with it

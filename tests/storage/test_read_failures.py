@@ -59,3 +59,38 @@ async def test_reads_that_keep_failing_are_misses_logged_once_with_their_count_a
     assert len(said(caplog, "reading the cache's storage works again")) == 1
     again = await proxy.get(f"/r{REQUESTS}")
     assert again.x_cache == "HIT"
+
+
+async def test_body_reads_that_keep_failing_are_logged_once_too(
+        origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """A big body's read from disk fails the same way (another path: ``Engine.open_body``): it
+    logged a traceback per request as well."""
+    bodies = {f"/big{i}": bytes([i]) * 100_000 for i in range(4)}
+    for path, body in bodies.items():
+        origin.route(path, body=body, headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(config="cache: {memory: 16MB, memory_max_object: 16KB, "
+                                    "disk: {path: cache, size: 64MB, shards: 2}}\n")
+    storage = proxy.runtime.storage
+    for path in bodies:
+        assert (await proxy.get(path)).x_cache == "MISS"
+    await storage.flush()  # (on disk, not in memory: the reads below go to the disk tier)
+    open_body = storage.open_body
+
+    async def failing(cached: Any) -> Any:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    caplog.set_level(logging.INFO, logger="cachegate")
+    storage.open_body = failing  # type: ignore[method-assign]
+    try:
+        for path, body in bodies.items():
+            for _ in range(2):
+                r = await proxy.get(path)
+                assert (r.status, r.body) == (200, body)
+    finally:
+        storage.open_body = open_body  # type: ignore[method-assign]
+    metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+    failures = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith('cachegate_storage_errors_total{operation="read"}')]
+    assert failures and failures[0] >= 2, failures
+    assert len(said(caplog, "reading the cache's storage failed")) == 1
+    assert not said(caplog, "storage body read failed")
