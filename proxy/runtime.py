@@ -37,9 +37,20 @@ from proxy.purge import PurgeOutcome, Purger, PurgeSpec, PurgeUnavailable
 from proxy.room import MemoryUnavailable
 from proxy.settings import arena_capacity, storable_limit
 from proxy.storage.arena import Arena
-from proxy.storage.disk import ORPHAN_AGE, DiskTier, wal_limit
+from proxy.storage.disk import (
+    KEY_SCHEME,
+    ORPHAN_AGE,
+    DiskTier,
+    foreign_placement,
+    record_scheme,
+    recorded_scheme,
+    shard_folders,
+    stamp_matches,
+    stamp_stop,
+    wal_limit,
+)
 from proxy.storage.failures import SETTLE
-from proxy.storage.index import UrlTagIndex
+from proxy.storage.index import UrlTagIndex, of_earlier_release
 from proxy.storage.memory import MemoryTier
 from proxy.storage.persist import PERSIST_INTERVAL
 from proxy.storage.spool import SPOOLS, empty_dead_spools
@@ -105,6 +116,22 @@ def error_log_json(settings: Settings) -> bool:
     return settings.access_log is not None and settings.access_log.format == "json"
 
 
+def _foreign_writes(path: str) -> tuple[str | None, int | None]:
+    """The owner, at start, before it opens a database of the cache directory: why another
+    program with another shard count wrote the directory since this release last stopped there
+    (``disk.foreign_placement``, looked for only when the stamp of that stop does not match,
+    ``disk.stamp_matches``), and the key scheme its entries were stored under (None: no record, an
+    index of this scheme). An index that needs conversion is of the scheme before the record:
+    noted as such before it is converted, so that a start killed after the conversion still
+    empties the entries."""
+    foreign = None if stamp_matches(path) else foreign_placement(path)
+    scheme = recorded_scheme(path)
+    if scheme is None and of_earlier_release(os.path.join(path, "index.sqlite3")):
+        scheme = KEY_SCHEME - 1
+        record_scheme(path, scheme)
+    return foreign, scheme
+
+
 def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: int = 1) -> Storage:
     """The store of one process. The owner of the cache directory makes the machine's shared
     memory (``processes`` serving processes take their decoded caches out of ``cache.memory``);
@@ -125,23 +152,43 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
         # The owner (no arena yet: the first process) sets a damaged database aside and starts
         # without it; the index first, since losing it empties the disk tier too.
         repair = arena_fd is None
+        foreign: str | None = None
+        scheme: int | None = None
         if repair:  # before the databases: on a full filesystem they may need that room
             empty_dead_spools(os.path.join(c.disk.path, SPOOLS))
+            foreign, scheme = _foreign_writes(c.disk.path)
         index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
         disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                         empty=index.recreated)
         # An index missing, or older than the shards, lists none of the entries past it: they
         # would be served unlisted and escape purges. Emptied, as for a damaged index.
         why = index.unlisted(disk.high_seq(), disk.has_entries()) if repair and not index.recreated else None
+        old_keys = scheme is not None and scheme != KEY_SCHEME and not index.recreated
         if why is not None:
             log.warning("cache index %s does not list every entry of the disk tier (%s): the disk "
                         "tier is emptied (its entries are misses)", index.file, why)
+        elif foreign is not None and not index.recreated:
+            log.warning("the cache directory %s was written, since cachegate last stopped there, "
+                        "by another program with another shard count (%s): an earlier release "
+                        "run on it with its own cache.disk.shards? Its purges may have missed "
+                        "entries, so the disk tier is emptied (its entries are misses). Keep the "
+                        "same cache.disk.shards across a rollback, or delete the cache directory",
+                        c.disk.path, foreign)
+        elif old_keys and (disk.has_entries()
+                           or any(i >= c.disk.shards for i in shard_folders(c.disk.path))):
+            log.warning("the cache directory %s holds entries stored by an earlier release, whose "
+                        "keys and Vary matching follow other rules (key scheme %d, this release's "
+                        "%d): the disk tier is emptied (its entries are misses), so that no "
+                        "response is served to a request those rules told apart",
+                        c.disk.path, scheme, KEY_SCHEME)
+        if why is not None or (foreign is not None and not index.recreated) or old_keys:
             disk.close()
             index.clear()
             disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                             empty=True)
         if repair:  # (after the check above: an entry is moved only if the index lists it)
             disk.relayout(index.listed)
+            record_scheme(c.disk.path, KEY_SCHEME)  # (the entries left are of this scheme)
     limit = storable_limit(c.max_object, (c.disk.size, c.disk.shards) if c.disk is not None else None,
                            c.memory_max_object, c.memory, arena.processes)
     return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit)
@@ -396,6 +443,8 @@ class Runtime:
             except Exception:
                 log.exception("writing the last fills to disk failed")
         self.storage.close()
+        if self.owner and self.storage.disk is not None:  # (``disk.stamp_matches`` at the next start)
+            stamp_stop(self.storage.disk.path)
         if self._owner_lock is not None:  # after the store: nothing of ours writes there any more
             self._owner_lock.release()
             self._owner_lock = None

@@ -89,6 +89,20 @@ def _needs_conversion(db: sqlite3.Connection) -> bool:
     return "url" in columns or db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL
 
 
+def of_earlier_release(file: str) -> bool:
+    """Whether the index at ``file`` is of a release from before the key scheme record
+    (``proxy.storage.disk.KEY_SCHEME``), the one whose index ``_convert`` converts: its entries'
+    keys and Vary values follow older matching rules. Read before it is converted (False: no
+    file, or one SQLite cannot read: the repair of a damaged index empties the disk tier)."""
+    if not os.path.exists(file):
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(file, timeout=30, isolation_level=None)) as db:
+            return _needs_conversion(db)
+    except sqlite3.Error:
+        return False
+
+
 def _probe_write(db: sqlite3.Connection) -> None:
     """A write, to learn now whether the file can be written: SQLite opens a read-only file
     read-only without a word, and only every commit failed after the start."""

@@ -1,0 +1,165 @@
+"""A cache directory written, between two runs of this release, by another program with another
+``cache.disk.shards``: an earlier release the operator went back to, with its own config.
+
+Such a release knows neither the layout record (``<path>/shards``) nor the stamp of our clean
+stop: it looks keys up at ``crc32 % its count``, so its purges miss the entries we placed
+elsewhere (its ban sweep deletes in the wrong shards, then drops the ban) and its fills land
+where we never look. Our next start trusted the record (the same count as ours) and served what
+the earlier release had purged, 200 and all. Now the stamp of the last clean stop does not match,
+the placement is checked, an entry out of place shows another count wrote the directory, and
+the disk tier is emptied, with one WARNING line saying why and what to do.
+
+The earlier release is simulated with the shards and the index themselves, doing what it did:
+its purge of a tag deletes each key in the shard its count names (and its index rows), and a
+refill of one purged URL lands in that shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import diskcache
+import pytest
+
+from proxy.storage.disk import STAMP_FILE, foreign_placement, shard_of, stamp_matches
+from proxy.storage.entry import body_refs
+from proxy.storage.index import UrlTagIndex
+from tests.harness import Origin
+from tests.storage.procs import ProxyProcess, write_config
+
+pytestmark = pytest.mark.slow
+
+PATHS = [f"/s{i}" for i in range(40)]
+PURGED = [p for i, p in enumerate(PATHS) if i % 10 == 3]
+FOREIGN = "another program with another shard count"
+
+
+def cache(shards: int) -> str:
+    return f"cache: {{memory: 8MB, max_object: 1MB, disk: {{path: cache, size: 64MB, shards: {shards}}}}}\n"
+
+
+def body(path: str) -> bytes:
+    return (path.encode() + b"|") * 20
+
+
+def route(origin: Origin) -> None:
+    for p in PATHS:
+        origin.route(p, body=body(p), headers={"Cache-Control": "max-age=600",
+                                               "Surrogate-Key": "t3" if p in PURGED else "x"})
+
+
+async def run(tmp_path: Path, origin: Origin, shards: int) -> ProxyProcess:
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache(shards)))
+    await proxy.start(with_log=True)
+    return proxy
+
+
+async def statuses(proxy: ProxyProcess, paths: list[str]) -> dict[str, str]:
+    found = {}
+    for p in paths:
+        r = await proxy.get(p)
+        assert (r.status, r.body) == (200, body(p)), p
+        found[p] = r.x_cache
+    return found
+
+
+def shard(directory: Path, index: int) -> diskcache.Cache:
+    return diskcache.Cache(str(directory / f"{index:03d}"), statistics=False)
+
+
+def earlier_release_purges_and_refills(directory: Path, shards: int, tag: str) -> list[str]:
+    """What an earlier release run with ``shards`` shards leaves after a purge of ``tag`` and a
+    refill of one purged URL; the keys it purged."""
+    index = UrlTagIndex(str(directory))
+    try:
+        keys = index.keys_for_tag(tag)
+    finally:
+        index.close()
+    for key in keys:  # its ban sweep: in the shard its count names (the ban is then dropped)
+        s = shard(directory, shard_of(key, shards))
+        s.delete("m:" + key)
+        s.close()
+    recorded = int((directory / "shards").read_text())
+    refilled = next(k for k in keys if shard_of(k, shards) != shard_of(k, recorded))
+    ours, theirs = shard(directory, shard_of(refilled, recorded)), shard(directory, shard_of(refilled, shards))
+    try:  # (its refill: a copy of the entry, in the shard its count names)
+        meta = ours.get("m:" + refilled)
+        for body_id, _ in body_refs(meta):
+            theirs.set("b:" + body_id, ours.get("b:" + body_id))
+        theirs.set("m:" + refilled, meta)
+    finally:
+        ours.close()
+        theirs.close()
+    return keys
+
+
+async def test_purges_of_an_earlier_release_run_with_another_count_are_not_undone(
+        origin: Origin, tmp_path: Path) -> None:
+    route(origin)
+    proxy = await run(tmp_path, origin, 8)
+    try:
+        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
+    finally:
+        assert await proxy.stop() == 0
+    directory = tmp_path / "cache"
+    purged = earlier_release_purges_and_refills(directory, 4, "t3")
+    assert len(purged) == len(PURGED)
+    # Some purged entries are in shards 4-7, which a 4-shard release never reads.
+    assert any(shard_of(k, 8) >= 4 for k in purged)
+
+    proxy = await run(tmp_path, origin, 8)
+    try:
+        # Without the check, those were HITs with the copy fetched before the purge.
+        assert set((await statuses(proxy, PURGED)).values()) == {"MISS"}
+        warned = [line for line in proxy.lines if FOREIGN in line]
+        assert len(warned) == 1 and "Keep the same cache.disk.shards" in warned[0], proxy.lines
+    finally:
+        assert await proxy.stop() == 0
+    assert all(origin.count(p) == 2 for p in PURGED)
+
+
+async def test_a_restart_after_a_kill_checks_the_placement_and_keeps_every_entry(
+        origin: Origin, tmp_path: Path) -> None:
+    route(origin)
+    proxy = await run(tmp_path, origin, 8)
+    try:
+        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
+    finally:
+        assert await proxy.stop() == 0
+    assert (tmp_path / "cache" / STAMP_FILE).exists()
+    proxy = await run(tmp_path, origin, 8)  # (a HIT takes the entry from disk: memory is new)
+    await proxy.kill()
+    assert not stamp_matches(str(tmp_path / "cache"))  # (the run wrote since the stamp)
+    proxy = await run(tmp_path, origin, 8)
+    try:
+        assert set((await statuses(proxy, PATHS)).values()) == {"HIT"}
+        assert not [line for line in proxy.lines if "emptied" in line or FOREIGN in line], proxy.lines
+    finally:
+        assert await proxy.stop() == 0
+
+
+async def test_folders_past_the_count_another_program_made_are_not_called_an_interrupted_move(
+        origin: Origin, tmp_path: Path) -> None:
+    route(origin)
+    proxy = await run(tmp_path, origin, 4)
+    try:
+        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
+    finally:
+        assert await proxy.stop() == 0
+    shard(tmp_path / "cache", 5).close()  # an 8-shard release opened its shards, stored nothing there
+    proxy = await run(tmp_path, origin, 4)
+    try:
+        assert set((await statuses(proxy, PATHS)).values()) == {"HIT"}
+        said = [line for line in proxy.lines if "past cache.disk.shards" in line]
+        assert len(said) == 1 and "another program" in said[0] and "interrupted" not in said[0], proxy.lines
+    finally:
+        assert await proxy.stop() == 0
+    assert not (tmp_path / "cache" / "005").exists()
+
+
+def test_the_placement_check_leaves_a_shard_sqlite_cannot_read_to_its_repair(tmp_path: Path) -> None:
+    directory = tmp_path / "cache"
+    (directory / "000").mkdir(parents=True)
+    (directory / "000" / "cache.db").write_bytes(b"not a database" * 100)
+    (directory / "shards").write_text("1\n")
+    assert foreign_placement(str(directory)) is None
