@@ -42,8 +42,10 @@ from proxy.storage.disk import (
     ORPHAN_AGE,
     DiskTier,
     foreign_placement,
+    mark_moving,
     record_scheme,
     recorded_scheme,
+    recorded_shards,
     shard_folders,
     stamp_matches,
     stamp_stop,
@@ -158,6 +160,9 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
             empty_dead_spools(os.path.join(c.disk.path, SPOOLS))
             foreign, scheme = _foreign_writes(c.disk.path)
         index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
+        recorded = recorded_shards(c.disk.path)
+        if repair and recorded is not None and recorded != c.disk.shards:
+            mark_moving(c.disk.path, recorded, c.disk.shards)  # (before the folders it opens)
         disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                         empty=index.recreated)
         # An index missing, or older than the shards, lists none of the entries past it: they

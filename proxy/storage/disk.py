@@ -753,23 +753,31 @@ def foreign_placement(path: str) -> str | None:
     """Why the entries of a cache directory are not where the recorded shard count
     (``LAYOUT_FILE``) puts them, when no interrupted move of ours (``MOVING_FILE``) explains it:
     another program wrote them with another count (None: every entry in its place, or nothing
-    recorded to check against). Read with plain SELECTs, nothing written; measured at 60,000
-    entries at about 0.05 s."""
+    recorded to check against). A shard folder past the recorded count is such a program's too,
+    even empty: it ran with more shards, so it looked our entries up in other shards than theirs;
+    so are shards last opened with another budget than the others (diskcache records it in each
+    shard it opens): a program with fewer shards opened only the first ones, and its purges
+    missed what we placed in the others, even when it stored nothing.
+    Read with plain SELECTs, nothing written; measured at 60,000 entries at about 0.05 s."""
     recorded = recorded_shards(path)
     if recorded is None or os.path.exists(os.path.join(path, MOVING_FILE)):
         return None
+    budgets: dict[int, list[int]] = {}  # the budget each shard was last opened with -> shards
     for i in shard_folders(path):
+        if i >= recorded:
+            return f"shard folder {i:03d}, past the {recorded} shards recorded"
         try:
             db = sqlite3.connect(os.path.join(path, f"{i:03d}", "cache.db"), timeout=5)
         except sqlite3.Error:
             continue  # (damage: the shard's own open deals with it)
         try:
+            row = db.execute("SELECT value FROM Settings WHERE key = 'size_limit'").fetchone()
+            if row is not None and isinstance(row[0], int):
+                budgets.setdefault(row[0], []).append(i)
             rows = db.execute("SELECT key FROM Cache WHERE raw = 1 AND key > 'm:' AND key < 'm;'")
             for (name,) in rows:
                 if not isinstance(name, str):
                     continue
-                if i >= recorded:
-                    return f"entries in shard folder {i:03d}, past the {recorded} shards recorded"
                 if shard_of(name[2:], recorded) != i:
                     return (f"entries in shard {i:03d} that {recorded} shards place in "
                             f"{shard_of(name[2:], recorded):03d}")
@@ -777,7 +785,21 @@ def foreign_placement(path: str) -> str | None:
             continue
         finally:
             db.close()
+    if len(budgets) > 1:
+        # diskcache writes the budget it is given into each shard it opens: every run of ours
+        # opens all of them alike, a program run with fewer shards only the first ones.
+        few = min(budgets.values(), key=len)
+        return (f"shards {', '.join(f'{i:03d}' for i in few)} were last opened with another "
+                f"budget than the other {recorded - len(few)}: by a program with fewer shards")
     return None
+
+
+def mark_moving(path: str, recorded: int | None, count: int) -> None:
+    """Note that the directory is being brought from ``recorded`` shards to ``count``
+    (``MOVING_FILE``). The owner writes it before it opens the shards at a new count (which makes
+    the folders past the recorded one), so that folders or entries a start killed then left are
+    never taken for another program's (``foreign_placement``)."""
+    _write_whole(os.path.join(path, MOVING_FILE), f"{recorded} -> {count}\n")
 
 
 def recorded_scheme(path: str) -> int | None:
@@ -1598,10 +1620,7 @@ class DiskTier:
         began = time.monotonic()
         done = Relayout(recorded, count)
         if recorded != count or interrupted:  # (None: never recorded: from before the record)
-            with open(moving, "w", encoding="ascii") as f:
-                f.write(f"{recorded} -> {count}\n")
-                f.flush()
-                os.fsync(f.fileno())
+            mark_moving(self.path, recorded, count)
             for i, shard in enumerate(self._shards):
                 if not self.marked(i):
                     self._move_out(shard, i, listed, done)

@@ -21,7 +21,7 @@ from pathlib import Path
 import diskcache
 import pytest
 
-from proxy.storage.disk import STAMP_FILE, foreign_placement, shard_of, stamp_matches
+from proxy.storage.disk import STAMP_FILE, DiskTier, foreign_placement, shard_of, stamp_matches
 from proxy.storage.entry import body_refs
 from proxy.storage.index import UrlTagIndex
 from tests.harness import Origin
@@ -67,6 +67,24 @@ def shard(directory: Path, index: int) -> diskcache.Cache:
     return diskcache.Cache(str(directory / f"{index:03d}"), statistics=False)
 
 
+def earlier_release_purges(directory: Path, shards: int, tag: str) -> list[str]:
+    """An earlier release run with ``shards`` shards (its own budget per shard) purges ``tag``:
+    its ban sweep deletes each key in the shard its count names, then drops the ban. The keys it
+    missed."""
+    index = UrlTagIndex(str(directory))
+    try:
+        keys = index.keys_for_tag(tag)
+    finally:
+        index.close()
+    disk = DiskTier(str(directory), 64 << 20, shards)
+    try:
+        missed = [k for k in keys if not disk.has(k)]
+        disk.delete_keys(keys)
+    finally:
+        disk.close()
+    return missed
+
+
 def earlier_release_purges_and_refills(directory: Path, shards: int, tag: str) -> list[str]:
     """What an earlier release run with ``shards`` shards leaves after a purge of ``tag`` and a
     refill of one purged URL; the keys it purged."""
@@ -75,7 +93,7 @@ def earlier_release_purges_and_refills(directory: Path, shards: int, tag: str) -
         keys = index.keys_for_tag(tag)
     finally:
         index.close()
-    for key in keys:  # its ban sweep: in the shard its count names (the ban is then dropped)
+    for key in keys:  # (the shards opened as they are: only the placement tells)
         s = shard(directory, shard_of(key, shards))
         s.delete("m:" + key)
         s.close()
@@ -118,6 +136,29 @@ async def test_purges_of_an_earlier_release_run_with_another_count_are_not_undon
     assert all(origin.count(p) == 2 for p in PURGED)
 
 
+async def test_purges_of_an_earlier_release_run_with_fewer_shards_that_stored_nothing_are_not_undone(
+        origin: Origin, tmp_path: Path) -> None:
+    """Nothing out of place: only the budget diskcache noted in the shards it opened (the first
+    four, with a 4-shard budget) tells that it ran with fewer shards."""
+    route(origin)
+    proxy = await run(tmp_path, origin, 8)
+    try:
+        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
+    finally:
+        assert await proxy.stop() == 0
+    missed = earlier_release_purges(tmp_path / "cache", 4, "t3")
+    assert missed and all(shard_of(k, 8) >= 4 for k in missed)
+
+    proxy = await run(tmp_path, origin, 8)
+    try:
+        # Without the check, the missed ones were HITs with the copy fetched before the purge.
+        assert set((await statuses(proxy, PURGED)).values()) == {"MISS"}
+        warned = [line for line in proxy.lines if FOREIGN in line]
+        assert len(warned) == 1 and "fewer shards" in warned[0], proxy.lines
+    finally:
+        assert await proxy.stop() == 0
+
+
 async def test_a_restart_after_a_kill_checks_the_placement_and_keeps_every_entry(
         origin: Origin, tmp_path: Path) -> None:
     route(origin)
@@ -138,20 +179,26 @@ async def test_a_restart_after_a_kill_checks_the_placement_and_keeps_every_entry
         assert await proxy.stop() == 0
 
 
-async def test_folders_past_the_count_another_program_made_are_not_called_an_interrupted_move(
+async def test_folders_past_the_count_of_a_release_run_with_more_shards_empty_the_disk_tier(
         origin: Origin, tmp_path: Path) -> None:
+    """An 8-shard release run on our 4-shard directory made folders 004-007, and looked each of
+    our entries up at crc32 % 8: its purges missed half of them, though it stored nothing."""
     route(origin)
     proxy = await run(tmp_path, origin, 4)
     try:
         assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
     finally:
         assert await proxy.stop() == 0
-    shard(tmp_path / "cache", 5).close()  # an 8-shard release opened its shards, stored nothing there
+    # Its purge of t3 (folders 004-007 made): the entries whose shard at 8 is another than at 4 stay.
+    missed = earlier_release_purges(tmp_path / "cache", 8, "t3")
+    assert missed
     proxy = await run(tmp_path, origin, 4)
     try:
-        assert set((await statuses(proxy, PATHS)).values()) == {"HIT"}
-        said = [line for line in proxy.lines if "past cache.disk.shards" in line]
-        assert len(said) == 1 and "another program" in said[0] and "interrupted" not in said[0], proxy.lines
+        # Without the check, those were HITs, and the start said "an interrupted move ... finished".
+        assert set((await statuses(proxy, PURGED)).values()) == {"MISS"}
+        warned = [line for line in proxy.lines if FOREIGN in line]
+        assert len(warned) == 1 and "shard folder 004" in warned[0], proxy.lines
+        assert not [line for line in proxy.lines if "interrupted" in line], proxy.lines
     finally:
         assert await proxy.stop() == 0
     assert not (tmp_path / "cache" / "005").exists()
