@@ -162,7 +162,10 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
         index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
         recorded = recorded_shards(c.disk.path)
         if repair and recorded is not None and recorded != c.disk.shards:
-            mark_moving(c.disk.path, recorded, c.disk.shards)  # (before the folders it opens)
+            # (Before the folders it opens. One that cannot be written: the shards' open says
+            # why, naming the file, and the move writes it again.)
+            with contextlib.suppress(OSError):
+                mark_moving(c.disk.path, recorded, c.disk.shards)
         disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                         empty=index.recreated)
         # An index missing, or older than the shards, lists none of the entries past it: they
