@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from aiohttp import web
 
 from tests.harness import Origin
-from tests.storage.procs import ProxyProcess, Response, write_config
+from tests.storage.procs import ProxyProcess, Response, shared, write_config
 from tests.test_herd_workers import answered, herd, until_each_worker
 
-pytestmark = pytest.mark.slow
+# One cachegate (of each worker count) and one origin for the module: every test uses paths of
+# its own, and none purges, reloads or stops what the others read (a start per test cost the
+# module more than its tests did).
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 CACHE = "cache: {memory: 64MB, disk: {path: cache, size: 256MB, shards: 2}}\n"
 
@@ -33,15 +36,30 @@ UNSTORABLE: dict[str, tuple[int, dict[str, str]]] = {
 }
 
 
-@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
-async def running(request: pytest.FixtureRequest, tmp_path: Path, origin: Origin) -> AsyncIterator[ProxyProcess]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+async def served(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Origin, ProxyProcess]]:
+    """An origin and cachegate in front of it (one worker, or two), for every test of the module."""
     workers: int = request.param
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
-    await proxy.start("--workers", str(workers))
-    if workers > 1:
-        await proxy.wait_for(lambda: len(proxy.workers) == workers)
-    yield proxy
-    await proxy.stop()
+    directory = str(tmp_path_factory.mktemp("superseded"))
+    origin = Origin()
+    await origin.start()
+    try:
+        config = write_config(directory, origin.url, CACHE)
+        async for proxy in shared(ProxyProcess(directory, config), workers=workers):
+            yield origin, proxy
+    finally:
+        await origin.stop()
+
+
+@pytest.fixture
+def origin(served: tuple[Origin, ProxyProcess]) -> Origin:
+    return served[0]
+
+
+@pytest.fixture
+def running(served: tuple[Origin, ProxyProcess]) -> ProxyProcess:
+    return served[1]
 
 
 def sequence(origin: Origin, path: str, first: dict[str, str], *then: tuple[int, bytes, dict[str, str]]) -> None:

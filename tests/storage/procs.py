@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,25 @@ def kill_leftovers() -> int:
                     os.kill(pid, signal.SIGKILL)
     STARTED.clear()
     return left
+
+
+async def shared(proxy: ProxyProcess, *args: str, workers: int = 1) -> AsyncIterator[ProxyProcess]:
+    """Start ``proxy`` for a module-scoped fixture whose tests each use URLs of their own (none
+    purges, reloads, kills or fills what another reads): one start for the module, not one per
+    test. ``kill_leftovers`` (after each test) leaves it running; this stops it at the end, and
+    kills it if it does not stop."""
+    await proxy.start(*args, *(("--workers", str(workers)) if workers > 1 else ()))
+    STARTED.remove(proxy)
+    try:
+        if workers > 1:
+            await proxy.wait_for(lambda: len(proxy.workers) == workers)
+        yield proxy
+    finally:
+        try:
+            await proxy.stop()
+        except BaseException:
+            await proxy.kill()
+            raise
 
 
 @dataclass
