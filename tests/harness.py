@@ -359,17 +359,30 @@ def _drain(proc: subprocess.Popen[str], output: list[str]) -> None:
         pass
 
 
+# What self_signed made, by its arguments: a key is generated once per process, not at each call
+# (two RSA keys per TLS test cost a second or more on a loaded machine).
+_SELF_SIGNED: dict[tuple[str, str, str], tuple[bytes, bytes, int]] = {}
+
+
 def self_signed(directory: Path, name: str, cn: str, alt_names: str) -> tuple[Path, Path]:
     """A throwaway key and self-signed certificate (openssl), valid for a day; the test skips,
-    saying why, when there is no openssl (scripts/test installs it)."""
+    saying why, when there is no openssl (scripts/test installs it). The same arguments give
+    the same pair within a test run (written afresh into ``directory``); other names, other keys."""
     import pytest
 
+    key, cert = directory / f"{name}key.pem", directory / f"{name}cert.pem"
+    made = _SELF_SIGNED.get((name, cn, alt_names))
+    if made is not None:
+        key.write_bytes(made[0])
+        key.chmod(made[2])
+        cert.write_bytes(made[1])
+        return key, cert
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (scripts/test installs it with apt-get where it can)")
-    key, cert = directory / f"{name}key.pem", directory / f"{name}cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
          "-days", "1", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={alt_names}"],
         check=True, capture_output=True,
     )
+    _SELF_SIGNED[(name, cn, alt_names)] = (key.read_bytes(), cert.read_bytes(), key.stat().st_mode & 0o777)
     return key, cert
