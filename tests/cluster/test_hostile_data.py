@@ -10,10 +10,12 @@ import math
 import sqlite3
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 
 from proxy.cluster import join
@@ -22,6 +24,7 @@ from tests.cluster.nodes import Nodes, metrics, wait_until
 from tests.cluster.redis_server import RedisServer
 from tests.cluster.test_bus import versioned
 from tests.harness import Origin, Proxy, start_proxy
+from tests.storage.procs import STARTED
 
 HOST = "h.test"
 
@@ -190,21 +193,48 @@ def _spoiled(record: bytes, how: str) -> bytes:
     return b"\n".join((bid, sets, json.dumps(variants).encode()))
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_tier_pair(tmp_path_factory: pytest.TempPathFactory,
+                           shared_redis: RedisServer) -> AsyncIterator[tuple[Origin, Nodes]]:
+    """Nodes a and b sharing a tier, for each spoiled record in turn (each under a path of its own):
+    two starts for them all, not two per record."""
+    origin = Origin()
+    await origin.start()
+    nodes = Nodes(str(tmp_path_factory.mktemp("hostile")), origin.url, shared_redis.url, shared_cache=True)
+    try:
+        await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        for proc in nodes.procs.values():
+            STARTED.remove(proc)  # (kill_leftovers, after each test, leaves them to this fixture)
+        yield origin, nodes
+    finally:
+        try:
+            await nodes.stop_all()
+        finally:
+            for proc in nodes.procs.values():
+                if proc.process is not None and proc.process.returncode is None:
+                    await proc.kill()
+            await origin.stop()
+
+
 @pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("how", ["seq-inf", "stored_at-inf", "response_time-nan", "lifetime-inf", "status-inf",
                                  "deep"])
 async def test_a_shared_tier_record_cachegate_never_writes_is_an_error_and_the_origin_answers(
-        origin: Origin, tmp_path: Path, shared_redis: RedisServer, how: str) -> None:
-    versioned(origin, "/l2")
-    nodes = Nodes(str(tmp_path), origin.url, shared_redis.url, shared_cache=True)
+        shared_tier_pair: tuple[Origin, Nodes], shared_redis: RedisServer, how: str) -> None:
+    origin, nodes = shared_tier_pair
+    a, b = nodes["a"], nodes["b"]
+    path = f"/{how}/l2"
+    versioned(origin, path)
+    errors = ("cachegate_cluster_shared_total", (("event", "error"),))
+    errors_before = (await metrics(b)).get(errors, 0)
     raw = aioredis.Redis.from_url(shared_redis.url)
     try:
-        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
-        assert (await a.get("/l2")).body == b"v1"  # filled through to the shared tier
+        assert (await a.get(path)).body == b"v1"  # filled through to the shared tier
         names = Names(nodes.namespace)
         keys: list[bytes] = []
         for _ in range(200):  # the shared tier is written after the answer, not before it
-            keys = [k async for k in raw.scan_iter(f"{names.l2}:*:m:*l2")]
+            keys = [k async for k in raw.scan_iter(f"{names.l2}:*:m:*{path}")]
             if keys:
                 break
             await asyncio.sleep(0.025)
@@ -213,15 +243,14 @@ async def test_a_shared_tier_record_cachegate_never_writes_is_an_error_and_the_o
         await raw.hset(keys[0], field, _spoiled(record, how))
 
         for _ in range(2):
-            r = await b.get("/l2")
+            r = await b.get(path)
             assert r.status == 200 and r.body.startswith(b"v"), (r.status, r.body)
-        assert (await b.get("/l2")).x_cache == "HIT"  # its own fill, from its own tiers
-        assert origin.count("/l2") == 2
+        assert (await b.get(path)).x_cache == "HIT"  # its own fill, from its own tiers
+        assert origin.count(path) == 2
         m = await metrics(b)
-        assert m[("cachegate_cluster_shared_total", (("event", "error"),))] >= 1
+        assert m[errors] >= errors_before + 1
     finally:
         await raw.aclose()
-        await nodes.stop_all()
 
 
 MALFORMED_ACKS = ['{"id":"1-0","node":"x","n":Infinity}', '{"id":"1-0","node":"x","n":NaN}',
