@@ -20,10 +20,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import pytest_asyncio
 from aiohttp import web
 
 from tests.harness import Origin, Versions
-from tests.storage.procs import HOST, ProxyProcess, Response, write_config
+from tests.storage.procs import HOST, ProxyProcess, Response, shared, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +70,33 @@ async def patient_workers(tmp_path: Path, origin: Origin) -> AsyncIterator[Proxy
     proxy = await start_two_workers(tmp_path, origin, PATIENT)
     yield proxy
     await proxy.stop()
+
+
+# Two workers (and their origin) shared by the tests of the module that use paths of their own and
+# neither kill a worker nor count what another test did (the tests marked SHARED): one start each
+# for them all. A test that kills, stops or counts from zero starts its own.
+SHARED = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Origin, ProxyProcess]]:
+    async for pair in shared(str(tmp_path_factory.mktemp("herd")), CACHE, workers=2):
+        yield pair
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_patient_pair(
+        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Origin, ProxyProcess]]:
+    async for pair in shared(str(tmp_path_factory.mktemp("patient")), PATIENT, workers=2):
+        yield pair
+
+
+def counter(metrics: str, sample: str) -> float:
+    """A sample's value in the metrics' text (0 before it was ever counted)."""
+    for line in metrics.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 async def test_500_concurrent_clients_over_two_workers_make_one_origin_request(
@@ -145,8 +173,10 @@ async def until_each_worker(proxy: ProxyProcess, path: str, check: Callable[[Res
     raise AssertionError(f"only workers {sorted(seen)} answered as wanted")
 
 
+@SHARED
 async def test_stale_while_revalidate_refreshes_once_for_both_workers(
-        origin: Origin, two_workers: ProxyProcess) -> None:
+        shared_pair: tuple[Origin, ProxyProcess]) -> None:
+    origin, two_workers = shared_pair
     version = 0
     release = asyncio.Event()  # the refresh stays at the origin until the checks below are done
 
@@ -220,8 +250,10 @@ async def test_a_herd_on_a_stale_key_the_origin_answers_304_says_so_whichever_wo
         await proxy.stop()
 
 
+@SHARED
 async def test_a_response_that_is_not_shareable_sends_every_worker_upstream_then_straight_through(
-        origin: Origin, two_workers: ProxyProcess) -> None:
+        shared_pair: tuple[Origin, ProxyProcess]) -> None:
+    origin, two_workers = shared_pair
     calls = 0
 
     async def personal(request: web.Request) -> web.Response:
@@ -236,16 +268,17 @@ async def test_a_response_that_is_not_shareable_sends_every_worker_upstream_then
     async def leases() -> str:
         return (await two_workers.admin("GET", "/metrics")).body.decode()
 
+    granted_before = grants(await leases())
     results = answered(await herd(two_workers.url, "/me", 40))
     assert len({r.body for r in results}) == 40  # nobody was given another's response
     assert {r.worker for r in results} == {"0", "1"}
-    granted = grants(await leases())
+    granted = grants(await leases()) - granted_before
     assert 1 <= granted <= 2
     # Both workers now know the key as hit-for-pass: the next herd asks nobody and waits for nobody.
     results = answered(await herd(two_workers.url, "/me", 40))
     assert len({r.body for r in results}) == 40
     assert origin.count("/me") == 80
-    assert grants(await leases()) == granted
+    assert grants(await leases()) - granted_before == granted
 
 
 async def test_what_one_worker_stores_under_a_hit_for_pass_key_the_other_serves_on_either_path(
@@ -288,12 +321,14 @@ async def test_what_one_worker_stores_under_a_hit_for_pass_key_the_other_serves_
         await proxy.stop()
 
 
+@SHARED
 async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_before_its_body_ends(
-        origin: Origin, patient_workers: ProxyProcess) -> None:
+        shared_patient_pair: tuple[Origin, ProxyProcess]) -> None:
     """The lease holder tells the waiting worker as soon as it has the head, not at the end of
     the body: here the first body ends only once a request from the other worker reached the
     origin, so without that word the other worker's clients would sit until the origin gave
     up on the first body."""
+    origin, patient_workers = shared_patient_pair
     from_other_worker = asyncio.Event()
     order: list[str] = []
     first: list[int] = []  # the pid of the worker that fetched first
@@ -324,14 +359,17 @@ async def test_a_head_that_is_not_shareable_sends_the_other_worker_upstream_befo
 
 @pytest.mark.parametrize("fields", [{"Cache-Control": "private, max-age=60"},  # the word "pass"
                                     {"Cache-Control": "max-age=0", "ETag": '"e"'}])  # "unshareable"
+@SHARED
 async def test_the_waiting_workers_clients_go_upstream_at_once_when_the_holders_head_is_not_shareable(
-        origin: Origin, patient_workers: ProxyProcess, fields: dict[str, str]) -> None:
+        shared_patient_pair: tuple[Origin, ProxyProcess], fields: dict[str, str]) -> None:
     """Told at the holder's head that its response may not be shared, the waiting worker's
     clients each go upstream at once, as the holder's own followers do. Its flight used to
     fetch once more first and its followers to wait for that head too (three origin round
     trips for them). Here the first answer comes after 0.5 s (the herd has joined its flights
     by then); every later request is held until all 39 are in the origin at once (15 s at most):
     that many get in only when nobody waits for anybody's head."""
+    origin, patient_workers = shared_patient_pair
+    path = "/np-etag" if "ETag" in fields else "/np-private"  # (each case a key of its own)
     seen = 0
     inside = 0
     peaks: list[int] = []
@@ -352,20 +390,22 @@ async def test_the_waiting_workers_clients_go_upstream_at_once_when_the_holders_
             inside -= 1
         return web.Response(text="x", headers=fields)
 
-    origin.route("/np", page)
-    results = answered(await herd(patient_workers.url, "/np", 40))
+    origin.route(path, page)
+    results = answered(await herd(patient_workers.url, path, 40))
     assert len(results) == 40 and {r.worker for r in results} == {"0", "1"}
-    assert origin.count("/np") == 40
+    assert origin.count(path) == 40
     assert max(peaks) == 39  # the other 39 were in at once
 
 
+@SHARED
 async def test_a_stale_if_error_herd_against_a_failing_origin_costs_it_one_request_for_both_workers(
-        origin: Origin, patient_workers: ProxyProcess) -> None:
+        shared_patient_pair: tuple[Origin, ProxyProcess]) -> None:
     """A stale key whose origin now answers 503 (no freshness: not stored, not shareable):
     the waiting worker's clients were told at the holder's head to go upstream each on its
     own, and each asked the failing origin again before serving stale (13 of 20 per herd, at
     every herd of the outage). The holder's word now carries its status: they serve
     stale-if-error, as the holder's own followers do."""
+    origin, patient_workers = shared_patient_pair
     failing = False
 
     async def page(request: web.Request) -> web.Response:
@@ -388,11 +428,13 @@ async def test_a_stale_if_error_herd_against_a_failing_origin_costs_it_one_reque
         assert origin.count("/sie") - before == 1, herd_number  # one request for the machine
 
 
+@SHARED
 async def test_one_clients_refused_request_does_not_stop_either_workers_next_herd_from_coalescing(
-        origin: Origin, patient_workers: ProxyProcess) -> None:
+        shared_patient_pair: tuple[Origin, ProxyProcess]) -> None:
     """The origin refused one client's request (429: its rate limit); that answer marked the key
     hit-for-pass, and the next herd of plain clients sent 15 of 20 requests over two workers,
     on a stale key too. Now it is one request for the machine."""
+    origin, patient_workers = shared_patient_pair
 
     async def page(request: web.Request) -> web.Response:
         if "X-Rate" in request.headers:
@@ -439,14 +481,16 @@ async def test_an_origin_that_does_not_answer_in_time_gives_both_workers_clients
         await proxy.stop()
 
 
+@SHARED
 async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(
-        origin: Origin, two_workers: ProxyProcess) -> None:
+        shared_pair: tuple[Origin, ProxyProcess]) -> None:
     """The worker waiting on the lease is given the holder's failure (stale-if-error, or the
     same error), as when the origin fails before its head: it used to fetch again, and its
     clients waited for the origin twice. Every client but the one whose request went waited for
     that fetch: each says ``collapsed`` and is counted in cachegate_coalesced_requests_total, as
     when the fetch succeeds (none said so, and only this worker's followers given the head
     before the body broke off were counted)."""
+    origin, two_workers = shared_pair
     fields = {"Cache-Control": "max-age=1, stale-if-error=60"}
 
     async def breaking(request: web.Request) -> web.StreamResponse:
@@ -463,14 +507,16 @@ async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(
     origin.route("/gone", breaking)
     origin.route("/stale", breaking)
     assert (await two_workers.get("/stale")).body == b"v1"
+    coalesced = "cachegate_coalesced_requests_total"
+    coalesced_before = counter((await two_workers.admin("GET", "/metrics")).body.decode(), coalesced)
     errors = answered(await herd(two_workers.url, "/gone", 16))
     assert len(errors) == 16 and {r.worker for r in errors} == {"0", "1"}
     went = "cachegate; fwd=uri-miss; detail=UPSTREAM-BROKE-OFF"
     assert Counter((r.status, r.headers["Cache-Status"]) for r in errors) == {
         (502, went): 1, (502, went.replace("; detail", "; collapsed; detail")): 15}
     assert origin.count("/gone") == 1
-    coalesced = "cachegate_coalesced_requests_total 15.0"
-    assert coalesced in (await two_workers.admin("GET", "/metrics")).body.decode()
+    coalesced_after = counter((await two_workers.admin("GET", "/metrics")).body.decode(), coalesced)
+    assert coalesced_after - coalesced_before == 15
     await asyncio.sleep(1.1)  # /stale is stale now, within its stale-if-error
     stale = answered(await herd(two_workers.url, "/stale", 16))
     assert len(stale) == 16 and {r.worker for r in stale} == {"0", "1"}
@@ -489,10 +535,8 @@ async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> Non
 
 
 def grants(metrics: str) -> int:
-    for line in metrics.splitlines():
-        if line.startswith('cachegate_cross_worker_leases_total{event="granted"}'):
-            return int(float(line.split()[-1]))
-    raise AssertionError("no lease metrics")
+    assert "cachegate_cross_worker_leases_total" in metrics, "no lease metrics"
+    return int(counter(metrics, 'cachegate_cross_worker_leases_total{event="granted"}'))
 
 
 def pid_owning_connection(local_port: int, remote_port: int, pids: list[int]) -> int:
@@ -627,11 +671,13 @@ async def test_a_fill_that_ends_during_a_stop_still_answers_the_other_workers_wa
     assert not lost, lost
 
 
+@SHARED
 async def test_the_herd_of_a_fetch_one_client_made_the_origin_reset_fetches_again_once_for_both_workers(
-        origin: Origin, patient_workers: ProxyProcess) -> None:
+        shared_patient_pair: tuple[Origin, ProxyProcess]) -> None:
     """One client's request makes the origin's app drop the connection: the clients that waited
     for that fetch, in its worker or the other, were given its 502. Now they fetch again, once
     for the machine (the lease), and get the page."""
+    origin, patient_workers = shared_patient_pair
     release = asyncio.Event()
     plain: list[str] = []
 

@@ -18,7 +18,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from tests.harness import Origin
-from tests.storage.procs import ProxyProcess, Response, shared, write_config
+from tests.storage.procs import ProxyProcess, Response, shared
 from tests.test_herd_workers import answered, herd, until_each_worker
 
 # One cachegate (of each worker count) and one origin for the module: every test uses paths of
@@ -40,16 +40,8 @@ UNSTORABLE: dict[str, tuple[int, dict[str, str]]] = {
 async def served(request: pytest.FixtureRequest,
                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Origin, ProxyProcess]]:
     """An origin and cachegate in front of it (one worker, or two), for every test of the module."""
-    workers: int = request.param
-    directory = str(tmp_path_factory.mktemp("superseded"))
-    origin = Origin()
-    await origin.start()
-    try:
-        config = write_config(directory, origin.url, CACHE)
-        async for proxy in shared(ProxyProcess(directory, config), workers=workers):
-            yield origin, proxy
-    finally:
-        await origin.stop()
+    async for pair in shared(str(tmp_path_factory.mktemp("superseded")), CACHE, workers=request.param):
+        yield pair
 
 
 @pytest.fixture

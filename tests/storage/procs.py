@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.harness import json_content
+from tests.harness import Origin, json_content
 
 HOST = "cachegate.test"
 # (The URL ends at a space, or at the quote of a JSON line's "message": ``access_log: true``.)
@@ -64,23 +64,35 @@ def kill_leftovers() -> int:
     return left
 
 
-async def shared(proxy: ProxyProcess, *args: str, workers: int = 1) -> AsyncIterator[ProxyProcess]:
-    """Start ``proxy`` for a module-scoped fixture whose tests each use URLs of their own (none
-    purges, reloads, kills or fills what another reads): one start for the module, not one per
-    test. ``kill_leftovers`` (after each test) leaves it running; this stops it at the end, and
-    kills it if it does not stop."""
-    await proxy.start(*args, *(("--workers", str(workers)) if workers > 1 else ()))
-    STARTED.remove(proxy)
+async def shared(directory: str, cache: str, *args: str,
+                 workers: int = 1) -> AsyncIterator[tuple[Origin, ProxyProcess]]:
+    """An origin and ``cachegate run`` in front of it (``cache`` config lines, in ``directory``)
+    for a module-scoped fixture whose tests each use paths of their own (none purges, reloads,
+    kills or fills what another reads, nor counts what another did): one start for the module,
+    not one per test. ``kill_leftovers`` (after each test) leaves the process running; this
+    stops it at the end, and kills it if it does not stop.
+
+    The tests that use it run in the module's event loop (``pytest.mark.asyncio(loop_scope=
+    "module")``), and so may not use async fixtures of a test's own (``origin``, ``make_proxy``):
+    those run in a loop of their own."""
+    origin = Origin()
+    await origin.start()
     try:
-        if workers > 1:
-            await proxy.wait_for(lambda: len(proxy.workers) == workers)
-        yield proxy
-    finally:
+        proxy = ProxyProcess(directory, write_config(directory, origin.url, cache))
+        await proxy.start(*args, *(("--workers", str(workers)) if workers > 1 else ()))
+        STARTED.remove(proxy)
         try:
-            await proxy.stop()
-        except BaseException:
-            await proxy.kill()
-            raise
+            if workers > 1:
+                await proxy.wait_for(lambda: len(proxy.workers) == workers)
+            yield origin, proxy
+        finally:
+            try:
+                await proxy.stop()
+            except BaseException:
+                await proxy.kill()
+                raise
+    finally:
+        await origin.stop()
 
 
 @dataclass
