@@ -50,7 +50,7 @@ async def test_connection_naming_host_or_a_framing_field_is_refused(
         origin: Origin, make_proxy: MakeProxy, named: str) -> None:
     echo_origin(origin, "/page")
     proxy = await make_proxy()
-    refused = await send_raw(proxy, get("/page", f"Connection: keep-alive, {named}"))
+    refused = await send_raw(proxy, get("/page", f"Connection: keep-alive, {named}"), see_close=True)
     assert refused.status == 400
     assert f"Connection names {named.title() if named != 'host' else 'Host'}".encode() in refused.body
     assert refused.closed

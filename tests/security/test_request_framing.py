@@ -43,7 +43,7 @@ async def test_a_transfer_encoding_other_than_chunked_is_refused_and_never_forwa
     echo_origin(origin, "/upload")
     proxy = await make_proxy()
     refused = await send_raw(proxy, request("POST", "/upload", "Host: shop.example", field, version=version)
-                             + CHUNKED_BODY)
+                             + CHUNKED_BODY, see_close=True)
     assert refused.status == status, refused.body
     assert text in refused.body
     assert refused.closed  # the rest of the bytes are never read as a next request
@@ -137,7 +137,7 @@ async def test_a_request_target_the_url_parser_chokes_on_is_a_400_on_a_new_or_a_
     connection's next), and everyone else is served as before."""
     echo_origin(origin, "/ok")
     proxy = await make_proxy()
-    refused = await send_raw(proxy, get(target))
+    refused = await send_raw(proxy, get(target), see_close=True)
     assert (refused.status, refused.closed) == (400, True)
     assert b"malformed request target" in refused.body
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
@@ -169,7 +169,8 @@ async def test_a_method_the_parser_does_not_know_is_501_and_a_malformed_one_400(
     400 says so in fixed words (it quoted the request line, a session token in its query too)."""
     echo_origin(origin, "/m")
     proxy = await make_proxy()
-    refused = await send_raw(proxy, request(method, "/m?session=SECRET123", "Host: shop.example", BODY))
+    refused = await send_raw(proxy, request(method, "/m?session=SECRET123", "Host: shop.example", BODY),
+                             see_close=True)
     assert refused.status == EXTENSION_METHODS[method], refused.body
     if refused.status == 501:
         assert f"the method {method} is not implemented".encode() in refused.body
