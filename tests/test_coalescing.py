@@ -125,7 +125,7 @@ async def test_an_answer_nothing_may_reuse_makes_the_next_herd_go_straight_throu
 @pytest.mark.parametrize(("field", "value", "refusal"), [
     ("Cookie", "huge=1", 400), ("X-Rate", "limited", 429), ("Cookie", "s=1", 503)])
 async def test_one_clients_refused_request_does_not_stop_the_next_herd_from_coalescing(
-        origin: Origin, proxy: Proxy, field: str, value: str, refusal: int) -> None:
+        origin: Origin, make_proxy: MakeProxy, clock: Clock, field: str, value: str, refusal: int) -> None:
     # The origin refuses one client's request (its huge cookie, its rate limit, its token): a
     # 400/429 (or a 5xx to a request with credentials) without freshness, UNCACHEABLE-STATUS,
     # marked the key hit-for-pass: the next herd of plain clients sent 20 requests, not 1, on a
@@ -135,10 +135,10 @@ async def test_one_clients_refused_request_does_not_stop_the_next_herd_from_coal
         if field in request.headers:
             return web.Response(status=refusal, text="refused")
         await asyncio.sleep(0.5)  # the herd has joined the flight by then
-        # (max-age=2: Date counts whole seconds, so the response may arrive nearly 1 s old)
-        return web.Response(text="page", headers={"Cache-Control": "max-age=2"})
+        return web.Response(text="page", headers={"Cache-Control": "max-age=2", "Date": format_http_date(clock())})
 
     origin.route("/r", page)
+    proxy = await clocked(make_proxy, clock)
     key = "http://" + proxy.url.removeprefix("http://") + "/r"
     refused = await proxy.get("/r", headers={field: value})
     assert refused.status == refusal
@@ -146,7 +146,7 @@ async def test_one_clients_refused_request_does_not_stop_the_next_herd_from_coal
     results = await herd(proxy.url + "/r", 20)
     assert {(status, body) for status, _, body in results} == {(200, b"page")}
     assert origin.count("/r") == 2  # the refused request, then one for the herd
-    await asyncio.sleep(2.1)  # stale now (max-age=2)
+    clock.advance(3)  # stale now (max-age=2)
     assert (await proxy.get("/r", headers={field: value})).status == refusal
     assert not proxy.runtime.engine.coalescer.is_pass(key)
     results = await herd(proxy.url + "/r", 20)
