@@ -8,7 +8,7 @@ from aiohttp import web
 
 from proxy.policy.httpdate import format_http_date
 from proxy.web.fastpath import ProxyServer
-from tests.conftest import MakeProxy
+from tests.conftest import MakeProxy, clocked
 from tests.harness import Clock, Origin, Proxy
 from tests.security.misbehaving import Conn, raw_origins
 
@@ -36,16 +36,18 @@ async def test_private_and_no_store_responses_are_never_stored(origin: Origin, p
         assert origin.count(path) == 2
 
 
-async def test_expired_entry_is_revalidated_with_if_none_match(origin: Origin, proxy: Proxy) -> None:
+async def test_expired_entry_is_revalidated_with_if_none_match(origin: Origin, make_proxy: MakeProxy,
+                                                               clock: Clock) -> None:
     async def handler(request: web.Request) -> web.Response:
-        headers = {"Cache-Control": "max-age=1", "ETag": '"v1"'}
+        headers = {"Cache-Control": "max-age=1", "ETag": '"v1"', "Date": format_http_date(clock())}
         if request.headers.get("If-None-Match") == '"v1"':
             return web.Response(status=304, headers=headers)
         return web.Response(body=b"body-v1", headers=headers)
 
     origin.route("/r", handler)
+    proxy = await clocked(make_proxy, clock)  # (expired by moving its clock, not by a sleep)
     assert (await proxy.get("/r")).x_cache == "MISS"
-    await asyncio.sleep(1.1)
+    clock.advance(2)
     again = await proxy.get("/r")
     assert (again.status, again.body, again.x_cache) == (200, b"body-v1", "REVALIDATED")
     assert origin.seen[-1].headers.get("If-None-Match") == '"v1"'
