@@ -22,7 +22,7 @@ import pytest
 from proxy.storage.disk import DAMAGED_MARK, DiskTier, ShardUnavailable
 from tests.harness import Origin
 from tests.storage.procs import HOST
-from tests.storage.test_shard_damage_running import body, damaged_logged, fill, routes, started
+from tests.storage.test_shard_damage_running import body, damaged_logged, fill, routes, rows, started
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ async def test_purges_out_of_file_descriptors_mark_nothing_and_what_answered_200
     groups = [list(range(k, KEYS, PURGES)) for k in range(PURGES)]
     try:
         await fill(proxy, range(KEYS))
-        await asyncio.sleep(2)  # written behind
+        await proxy.wait_for(lambda: rows(cache) >= KEYS)  # written behind
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         opened = len(os.listdir(f"/proc/{pid}/fd"))
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (opened + 3, hard))
