@@ -82,8 +82,8 @@ async def shared(directory: str, cache: str, *args: str,
         await proxy.start(*args, *(("--workers", str(workers)) if workers > 1 else ()))
         STARTED.remove(proxy)
         try:
-            if workers > 1:
-                await proxy.wait_for(lambda: len(proxy.workers) == workers)
+            # (Its admin listener's line comes after the proxy's: a test may ask it first.)
+            await proxy.wait_for(lambda: bool(proxy.admin_url) and (workers == 1 or len(proxy.workers) == workers))
             yield origin, proxy
         finally:
             try:
