@@ -663,23 +663,23 @@ def shard_folders(path: str) -> list[int]:
                   and os.path.isfile(os.path.join(path, n, "cache.db")))
 
 
-def recorded_shards(path: str) -> int | None:
-    """The shard count ``record_shards`` wrote (None: none, or unreadable)."""
+def _recorded_number(path: str, name: str) -> int | None:
+    """The number a record file of the cache directory holds (None: none, or unreadable)."""
     try:
-        with open(os.path.join(path, LAYOUT_FILE), encoding="ascii") as f:
+        with open(os.path.join(path, name), encoding="ascii") as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
 
 
+def recorded_shards(path: str) -> int | None:
+    """The shard count ``record_shards`` wrote (None: none, or unreadable)."""
+    return _recorded_number(path, LAYOUT_FILE)
+
+
 def record_shards(path: str, count: int) -> None:
     """Note that the folders are laid out for ``count`` shards (written whole or not at all)."""
-    file = os.path.join(path, LAYOUT_FILE)
-    with open(file + ".tmp", "w", encoding="ascii") as f:
-        f.write(f"{count}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(file + ".tmp", file)
+    _write_whole(os.path.join(path, LAYOUT_FILE), f"{count}\n")
 
 
 # Written by the owner at a clean stop (``stamp_stop``): the size and modification time of every
@@ -804,11 +804,7 @@ def mark_moving(path: str, recorded: int | None, count: int) -> None:
 
 def recorded_scheme(path: str) -> int | None:
     """The key scheme ``record_scheme`` wrote (None: none, or unreadable)."""
-    try:
-        with open(os.path.join(path, SCHEME_FILE), encoding="ascii") as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
+    return _recorded_number(path, SCHEME_FILE)
 
 
 def record_scheme(path: str, scheme: int) -> None:
