@@ -54,6 +54,16 @@ async def run(tmp_path: Path, origin: Origin, shards: int) -> ProxyProcess:
     return proxy
 
 
+async def filled(tmp_path: Path, origin: Origin, shards: int) -> None:
+    """cachegate with ``shards`` shards stores every path, then stops cleanly (its stamp)."""
+    route(origin)
+    proxy = await run(tmp_path, origin, shards)
+    try:
+        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
+    finally:
+        assert await proxy.stop() == 0
+
+
 async def statuses(proxy: ProxyProcess, paths: list[str]) -> dict[str, str]:
     found = {}
     for p in paths:
@@ -113,12 +123,7 @@ def earlier_release_purges_and_refills(directory: Path, shards: int, tag: str) -
 
 async def test_purges_of_an_earlier_release_run_with_another_count_are_not_undone(
         origin: Origin, tmp_path: Path) -> None:
-    route(origin)
-    proxy = await run(tmp_path, origin, 8)
-    try:
-        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
-    finally:
-        assert await proxy.stop() == 0
+    await filled(tmp_path, origin, 8)
     directory = tmp_path / "cache"
     purged = earlier_release_purges_and_refills(directory, 4, "t3")
     assert len(purged) == len(PURGED)
@@ -140,12 +145,7 @@ async def test_purges_of_an_earlier_release_run_with_fewer_shards_that_stored_no
         origin: Origin, tmp_path: Path) -> None:
     """Nothing out of place: only the budget diskcache noted in the shards it opened (the first
     four, with a 4-shard budget) tells that it ran with fewer shards."""
-    route(origin)
-    proxy = await run(tmp_path, origin, 8)
-    try:
-        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
-    finally:
-        assert await proxy.stop() == 0
+    await filled(tmp_path, origin, 8)
     missed = earlier_release_purges(tmp_path / "cache", 4, "t3")
     assert missed and all(shard_of(k, 8) >= 4 for k in missed)
 
@@ -161,12 +161,7 @@ async def test_purges_of_an_earlier_release_run_with_fewer_shards_that_stored_no
 
 async def test_a_restart_after_a_kill_checks_the_placement_and_keeps_every_entry(
         origin: Origin, tmp_path: Path) -> None:
-    route(origin)
-    proxy = await run(tmp_path, origin, 8)
-    try:
-        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
-    finally:
-        assert await proxy.stop() == 0
+    await filled(tmp_path, origin, 8)
     assert (tmp_path / "cache" / STAMP_FILE).exists()
     proxy = await run(tmp_path, origin, 8)  # (a HIT takes the entry from disk: memory is new)
     await proxy.kill()
@@ -183,12 +178,7 @@ async def test_folders_past_the_count_of_a_release_run_with_more_shards_empty_th
         origin: Origin, tmp_path: Path) -> None:
     """An 8-shard release run on our 4-shard directory made folders 004-007, and looked each of
     our entries up at crc32 % 8: its purges missed half of them, though it stored nothing."""
-    route(origin)
-    proxy = await run(tmp_path, origin, 4)
-    try:
-        assert set((await statuses(proxy, PATHS)).values()) == {"MISS"}
-    finally:
-        assert await proxy.stop() == 0
+    await filled(tmp_path, origin, 4)
     # Its purge of t3 (folders 004-007 made): the entries whose shard at 8 is another than at 4 stay.
     missed = earlier_release_purges(tmp_path / "cache", 8, "t3")
     assert missed
