@@ -35,7 +35,7 @@ from proxy.logs import AccessLog, RepeatedFailure, RequestIds, setup_logging, wo
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import PurgeOutcome, Purger, PurgeSpec, PurgeUnavailable
 from proxy.room import MemoryUnavailable
-from proxy.settings import arena_capacity, storable_limit
+from proxy.settings import arena_capacity, shard_budget, storable_limit
 from proxy.storage.arena import Arena
 from proxy.storage.disk import (
     KEY_SCHEME,
@@ -43,6 +43,7 @@ from proxy.storage.disk import (
     DiskTier,
     foreign_placement,
     mark_moving,
+    note_budget,
     record_scheme,
     recorded_scheme,
     recorded_shards,
@@ -159,6 +160,7 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
         if repair:  # before the databases: on a full filesystem they may need that room
             empty_dead_spools(os.path.join(c.disk.path, SPOOLS))
             foreign, scheme = _foreign_writes(c.disk.path)
+            note_budget(c.disk.path, shard_budget(c.disk.size, c.disk.shards))  # (before the shards)
         index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
         recorded = recorded_shards(c.disk.path)
         if repair and recorded is not None and recorded != c.disk.shards:
@@ -452,7 +454,7 @@ class Runtime:
                 log.exception("writing the last fills to disk failed")
         self.storage.close()
         if self.owner and self.storage.disk is not None:  # (``disk.stamp_matches`` at the next start)
-            stamp_stop(self.storage.disk.path)
+            stamp_stop(self.storage.disk.path, self.storage.disk.shard_limit)
         if self._owner_lock is not None:  # after the store: nothing of ours writes there any more
             self._owner_lock.release()
             self._owner_lock = None

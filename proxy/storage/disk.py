@@ -700,6 +700,12 @@ SCHEME_FILE = "keys"
 # origins read them (an absent cookie is not an empty one). 1: before those (the releases whose
 # index needs conversion). A directory with no record and a current index is of scheme 2.
 KEY_SCHEME = 2
+# The shard budgets our starts opened the shards with since the last clean stop, one a line
+# (``note_budget``; ``stamp_stop`` leaves the last one). diskcache writes the budget into each
+# shard as it opens it, so a start that failed or was killed midway after a change of
+# cache.disk.size left shards of two budgets, as a program with fewer shards does: taken for
+# one, it emptied an operator's cache it had written itself (``foreign_placement``).
+BUDGETS_FILE = "budgets"
 
 
 def _files_state(path: str) -> dict[str, list[int] | None]:
@@ -714,7 +720,10 @@ def _files_state(path: str) -> dict[str, list[int] | None]:
         except OSError:
             state[name] = None
         else:
-            state[name] = [st.st_size, st.st_mtime_ns]
+            # An empty write-ahead log is as none: SQLite removes it when the process's last
+            # connection closes, after the stamp (a single process's reader threads keep theirs
+            # open until it exits), and the stamp of every clean stop failed to match.
+            state[name] = None if name.endswith("-wal") and st.st_size == 0 else [st.st_size, st.st_mtime_ns]
     return state
 
 
@@ -727,12 +736,40 @@ def _write_whole(file: str, text: str) -> None:
     os.replace(file + ".tmp", file)
 
 
-def stamp_stop(path: str) -> None:
-    """The owner, at a clean stop, with its databases closed: note their state (``STAMP_FILE``)."""
+def stamp_stop(path: str, budget: int) -> None:
+    """The owner, at a clean stop, with its databases closed: note their state (``STAMP_FILE``),
+    and that every shard was last opened with ``budget`` (``BUDGETS_FILE``). Each database's
+    write-ahead log is folded in and emptied first: connections other threads of this process
+    still hold (a single process's readers) close at its exit, and the last one folded what was
+    left into the database then, after the stamp, which then never matched (one run in three)."""
+    for name in ["index.sqlite3", *(f"{i:03d}/cache.db" for i in shard_folders(path))]:
+        with contextlib.suppress(sqlite3.Error), \
+                contextlib.closing(sqlite3.connect(os.path.join(path, name), timeout=1)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     try:
+        _write_whole(os.path.join(path, BUDGETS_FILE), f"{budget}\n")
         _write_whole(os.path.join(path, STAMP_FILE), json.dumps(_files_state(path), sort_keys=True) + "\n")
     except OSError as exc:  # (the next start checks the placement: one scan)
         log.warning("cannot note the state of the cache directory %s at stop (%s)", path, exc)
+
+
+def _our_budgets(path: str) -> set[int]:
+    """The budgets ``note_budget`` noted (none: no file, or unreadable)."""
+    try:
+        with open(os.path.join(path, BUDGETS_FILE), encoding="ascii") as f:
+            return {int(line) for line in f.read().split()}
+    except (OSError, ValueError):
+        return set()
+
+
+def note_budget(path: str, budget: int) -> None:
+    """The owner, at start, before it opens the shards with ``budget``: note it among the budgets
+    our starts opened them with since the last clean stop (``BUDGETS_FILE``). Not written: the
+    shards' own open says why (a directory that cannot be written)."""
+    ours = _our_budgets(path)
+    if budget not in ours:
+        with contextlib.suppress(OSError):
+            _write_whole(os.path.join(path, BUDGETS_FILE), "".join(f"{b}\n" for b in sorted(ours | {budget})))
 
 
 def stamp_matches(path: str) -> bool:
@@ -785,9 +822,10 @@ def foreign_placement(path: str) -> str | None:
             continue
         finally:
             db.close()
-    if len(budgets) > 1:
+    if len(budgets) > 1 and not set(budgets) <= _our_budgets(path):
         # diskcache writes the budget it is given into each shard it opens: every run of ours
-        # opens all of them alike, a program run with fewer shards only the first ones.
+        # opens all of them alike, a program run with fewer shards only the first ones (budgets
+        # our own starts noted: one that failed or was killed midway after a size change).
         few = min(budgets.values(), key=len)
         return (f"shards {', '.join(f'{i:03d}' for i in few)} were last opened with another "
                 f"budget than the other {recorded - len(few)}: by a program with fewer shards")

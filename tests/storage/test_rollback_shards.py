@@ -16,6 +16,7 @@ refill of one purged URL lands in that shard.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import diskcache
@@ -34,8 +35,8 @@ PURGED = [p for i, p in enumerate(PATHS) if i % 10 == 3]
 FOREIGN = "another program with another shard count"
 
 
-def cache(shards: int) -> str:
-    return f"cache: {{memory: 8MB, max_object: 1MB, disk: {{path: cache, size: 64MB, shards: {shards}}}}}\n"
+def cache(shards: int, size: str = "64MB") -> str:
+    return f"cache: {{memory: 8MB, max_object: 1MB, disk: {{path: cache, size: {size}, shards: {shards}}}}}\n"
 
 
 def body(path: str) -> bytes:
@@ -48,8 +49,8 @@ def route(origin: Origin) -> None:
                                                "Surrogate-Key": "t3" if p in PURGED else "x"})
 
 
-async def run(tmp_path: Path, origin: Origin, shards: int) -> ProxyProcess:
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache(shards)))
+async def run(tmp_path: Path, origin: Origin, shards: int, size: str = "64MB") -> ProxyProcess:
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache(shards, size)))
     await proxy.start(with_log=True)
     return proxy
 
@@ -200,3 +201,39 @@ def test_the_placement_check_leaves_a_shard_sqlite_cannot_read_to_its_repair(tmp
     (directory / "000" / "cache.db").write_bytes(b"not a database" * 100)
     (directory / "shards").write_text("1\n")
     assert foreign_placement(str(directory)) is None
+
+
+async def test_a_clean_stop_of_a_single_process_leaves_a_stamp_the_next_start_finds_matching(
+        origin: Origin, tmp_path: Path) -> None:
+    """The stamp listed each shard's empty write-ahead log, which SQLite removes when the
+    process's last connection closes, after the stamp: no clean stop's stamp ever matched, and
+    every start scanned the shards."""
+    await filled(tmp_path, origin, 8)
+    assert stamp_matches(str(tmp_path / "cache"))
+
+
+def immutable(file: Path, on: bool) -> bool:
+    """``chattr +i`` / ``-i``: a file even root cannot write (False: not supported here)."""
+    return subprocess.run(["chattr", "+i" if on else "-i", str(file)], capture_output=True).returncode == 0
+
+
+async def test_a_start_that_failed_midway_after_a_size_change_empties_nothing(
+        origin: Origin, tmp_path: Path) -> None:
+    """diskcache writes the budget into each shard it opens: a start with a new cache.disk.size
+    that failed at shard 005 (not writable) left shards of two budgets, as a program with fewer
+    shards does, and the next start emptied the operator's cache for it."""
+    await filled(tmp_path, origin, 8)
+    db = tmp_path / "cache" / "005" / "cache.db"
+    if not immutable(db, True):
+        pytest.skip("chattr +i is not supported here (a shard that cannot be written is how a start fails midway)")
+    try:
+        with pytest.raises(AssertionError, match="cannot be written"):  # (it exits: ``wait_for``)
+            await run(tmp_path, origin, 8, "48MB")
+    finally:
+        assert immutable(db, False)
+    proxy = await run(tmp_path, origin, 8, "48MB")
+    try:
+        assert set((await statuses(proxy, PATHS)).values()) == {"HIT"}
+        assert not [line for line in proxy.lines if FOREIGN in line], proxy.lines
+    finally:
+        assert await proxy.stop() == 0
