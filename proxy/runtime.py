@@ -44,6 +44,7 @@ from proxy.storage.disk import (
     foreign_placement,
     mark_moving,
     note_budget,
+    opened_with,
     record_scheme,
     recorded_scheme,
     recorded_shards,
@@ -197,6 +198,7 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
             disk = DiskTier(c.disk.path, c.disk.size, c.disk.shards, c.disk.eviction, repair=repair,
                             empty=True)
         if repair:  # (after the check above: an entry is moved only if the index lists it)
+            opened_with(c.disk.path, disk.shard_limit)  # (every shard is open with it now)
             disk.relayout(index.listed)
             record_scheme(c.disk.path, KEY_SCHEME)  # (the entries left are of this scheme)
     limit = storable_limit(c.max_object, (c.disk.size, c.disk.shards) if c.disk is not None else None,

@@ -237,3 +237,20 @@ async def test_a_start_that_failed_midway_after_a_size_change_empties_nothing(
         assert not [line for line in proxy.lines if FOREIGN in line], proxy.lines
     finally:
         assert await proxy.stop() == 0
+
+
+async def test_a_rollback_after_a_run_that_was_killed_is_still_seen(origin: Origin, tmp_path: Path) -> None:
+    """The budgets our starts opened the shards with were kept until the next clean stop: after
+    a run at 8 shards that was killed, a 4-shard earlier release's budget was still among ours
+    (the 4-shard run before it), and its purges' misses were HITs again."""
+    await filled(tmp_path, origin, 4)
+    proxy = await run(tmp_path, origin, 8)  # (its start moves the entries to 8 shards)
+    await proxy.kill()
+    missed = earlier_release_purges(tmp_path / "cache", 4, "t3")
+    assert missed and all(shard_of(k, 8) >= 4 for k in missed)
+    proxy = await run(tmp_path, origin, 8)
+    try:
+        assert set((await statuses(proxy, PURGED)).values()) == {"MISS"}
+        assert len([line for line in proxy.lines if FOREIGN in line]) == 1, proxy.lines
+    finally:
+        assert await proxy.stop() == 0
