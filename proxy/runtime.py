@@ -456,7 +456,7 @@ class Runtime:
                 log.exception("writing the last fills to disk failed")
         self.storage.close()
         if self.owner and self.storage.disk is not None:  # (``disk.stamp_matches`` at the next start)
-            stamp_stop(self.storage.disk.path, self.storage.disk.shard_limit)
+            stamp_stop(self.storage.disk.path)
         if self._owner_lock is not None:  # after the store: nothing of ours writes there any more
             self._owner_lock.release()
             self._owner_lock = None

@@ -721,8 +721,8 @@ SCHEME_FILE = "keys"
 # origins read them (an absent cookie is not an empty one). 1: before those (the releases whose
 # index needs conversion). A directory with no record and a current index is of scheme 2.
 KEY_SCHEME = 2
-# The shard budgets our starts opened the shards with since the last clean stop, one a line
-# (``note_budget``; ``stamp_stop`` leaves the last one). diskcache writes the budget into each
+# The shard budget our last start opened the shards with, and while a start opens them, the one
+# before beside it, one a line (``note_budget``, then ``opened_with``). diskcache writes the budget into each
 # shard as it opens it, so a start that failed or was killed midway after a change of
 # cache.disk.size left shards of two budgets, as a program with fewer shards does: taken for
 # one, it emptied an operator's cache it had written itself (``foreign_placement``).
@@ -757,9 +757,9 @@ def _write_whole(file: str, text: str) -> None:
     os.replace(file + ".tmp", file)
 
 
-def stamp_stop(path: str, budget: int) -> None:
-    """The owner, at a clean stop, with its databases closed: note their state (``STAMP_FILE``),
-    and that every shard was last opened with ``budget`` (``BUDGETS_FILE``). Each database's
+def stamp_stop(path: str) -> None:
+    """The owner, at a clean stop, with its databases closed: note their state (``STAMP_FILE``).
+    Each database's
     write-ahead log is folded in and emptied first: connections other threads of this process
     still hold (a single process's readers) close at its exit, and the last one folded what was
     left into the database then, after the stamp, which then never matched (one run in three).
@@ -770,7 +770,6 @@ def stamp_stop(path: str, budget: int) -> None:
                 contextlib.closing(sqlite3.connect(os.path.join(path, name), timeout=0.05)) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     try:
-        _write_whole(os.path.join(path, BUDGETS_FILE), f"{budget}\n")
         _write_whole(os.path.join(path, STAMP_FILE), json.dumps(_files_state(path), sort_keys=True) + "\n")
     except OSError as exc:  # (the next start checks the placement: one scan)
         log.warning("cannot note the state of the cache directory %s at stop (%s)", path, exc)
@@ -795,8 +794,8 @@ def opened_with(path: str, budget: int) -> None:
 
 
 def note_budget(path: str, budget: int) -> None:
-    """The owner, at start, before it opens the shards with ``budget``: note it among the budgets
-    our starts opened them with since the last clean stop (``BUDGETS_FILE``). Not written: the
+    """The owner, at start, before it opens the shards with ``budget``: note it beside the one
+    the last start opened them with (``BUDGETS_FILE``). Not written: the
     shards' own open says why (a directory that cannot be written)."""
     ours = _our_budgets(path)
     if budget not in ours:
@@ -857,7 +856,7 @@ def foreign_placement(path: str) -> str | None:
     if len(budgets) > 1 and not set(budgets) <= _our_budgets(path):
         # diskcache writes the budget it is given into each shard it opens: every run of ours
         # opens all of them alike, a program run with fewer shards only the first ones (budgets
-        # our own starts noted: one that failed or was killed midway after a size change).
+        # our own starts noted: one that failed or was killed midway opening them).
         few = min(budgets.values(), key=len)
         return (f"shards {', '.join(f'{i:03d}' for i in few)} were last opened with another "
                 f"budget than the other {recorded - len(few)}: by a program with fewer shards")
@@ -945,22 +944,23 @@ class DiskTier:
                                               level=logging.WARNING)
         wal = wal_limit(self.shard_limit)
 
+        def anew(directory: str, found: str, why: object) -> diskcache.Cache:
+            """The shard moved aside, said once, and made anew, empty."""
+            aside = set_aside(directory)
+            log.warning("disk shard %s %s (%s): moved aside to %s and started empty; its entries are "
+                        "misses", directory, found, why, aside)
+            return make_shard(directory)
+
         def open_shard(directory: str) -> diskcache.Cache:
             if repair and os.path.exists(os.path.join(directory, DAMAGED_MARK)):
                 why = "no detail"
                 with contextlib.suppress(OSError), open(os.path.join(directory, DAMAGED_MARK),
                                                         encoding="utf-8", errors="replace") as f:
                     why = f.read().strip() or why
-                aside = set_aside(directory)
-                log.warning("disk shard %s was found damaged while running (%s): moved aside to %s "
-                            "and started empty; its entries are misses", directory, why, aside)
-                return make_shard(directory)
+                return anew(directory, "was found damaged while running", why)
             cut = _cut_short(os.path.join(directory, "cache.db")) if repair else None
             if cut is not None:
-                aside = set_aside(directory)
-                log.warning("disk shard %s is damaged (%s): moved aside to %s and started empty; "
-                            "its entries are misses", directory, cut, aside)
-                return make_shard(directory)
+                return anew(directory, "is damaged", cut)
             try:
                 return make_shard(directory)
             except (sqlite3.Error, OSError) as exc:
@@ -972,10 +972,7 @@ class DiskTier:
                     raise NotWritable(os.path.join(directory, "cache.db"), exc) from exc
                 if not repair or not isinstance(exc, sqlite3.Error) or not damaged(exc):
                     raise
-                aside = set_aside(directory)
-                log.warning("disk shard %s is damaged (%s): moved aside to %s and started empty; "
-                            "its entries are misses", directory, exc, aside)
-                return make_shard(directory)
+                return anew(directory, "is damaged", exc)
 
         def make_shard(directory: str) -> diskcache.Cache:
             return diskcache.Cache(
