@@ -222,10 +222,14 @@ class Persister:
 
     async def flush(self) -> int:
         """Commit what the shared memory holds that the disk tier does not (up to now); how
-        many variants were committed."""
+        many variants were committed. The lock is taken even with nothing new: a batch the
+        background loop took first is committed before this returns (a flush that saw nothing
+        pending returned while that batch was still in the thread: the disk had none of it)."""
         committed = 0
-        while self.pending and not self.closed:
+        while not self.closed:
             async with self._lock:
+                if not self.pending:
+                    break
                 start, end = self._cursor, self.arena.head
                 records = list(self.arena.scan(start, end, skip=F_PERSISTED))
                 self._cursor = end

@@ -630,3 +630,32 @@ async def test_a_record_the_index_cannot_hold_costs_no_other_fill_its_place_on_d
     disk_store.memory.clear()
     for k, b in bodies.items():
         assert await read_body(disk_store, k) == b
+
+
+async def test_a_flush_waits_for_the_batch_the_background_loop_is_committing(disk_store: Storage) -> None:
+    # The owner's write-behind loop can take every pending record a moment before a flush (a
+    # clean stop, a test) asks: that flush then saw nothing pending and returned while the
+    # loop's batch was still in the thread, so the disk (and the URL index's count) had none.
+    persister = disk_store.persister
+    assert persister is not None and disk_store.disk is not None
+    bodies = {f"{KEY}/{i}": os.urandom(300) for i in range(10)}
+    for k, b in bodies.items():
+        assert await store(disk_store, entry(k), b, flush=False)
+    started, release = threading.Event(), threading.Event()
+    commit = persister._commit
+
+    def slow(records: list[object]) -> object:
+        started.set()
+        release.wait(5)
+        return commit(records)  # type: ignore[arg-type]
+
+    persister._commit = slow  # type: ignore[method-assign]
+    loop_batch = asyncio.ensure_future(persister.flush())  # the background loop's round
+    assert await asyncio.to_thread(started.wait, 5)
+    assert not persister.pending  # the loop's batch holds every record
+    asked = asyncio.ensure_future(disk_store.flush())
+    await asyncio.sleep(0.05)
+    assert not asked.done()  # waits for the batch in the thread
+    release.set()
+    assert await asked == 0 and await loop_batch == 10
+    assert all(disk_store.disk.has(k) for k in bodies)
