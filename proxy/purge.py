@@ -33,7 +33,7 @@ from yarl import URL
 from proxy.errors import BadRequest
 from proxy.errors import PurgeUnavailable as PurgeUnavailable  # raised by cluster mode and storage
 from proxy.policy.fill import tags_from_headers as tags_from_headers  # read where fills are decided
-from proxy.policy.keys import cache_key, normalise_host, url_of_key
+from proxy.policy.keys import cache_key, ip_literal, literal_in, normalise_host, split_host, url_of_key
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import MAX_REQUEST_LINE, parse_url
 from proxy.rules import RuleSet
@@ -193,7 +193,10 @@ def normalise_url(text: str, *, prefix: bool = False) -> str:
         raise BadPurge(f"{text!r} is not a URL: {exc}") from None
     if scheme not in ("http", "https") or not raw_host:
         raise BadPurge(f"{text!r}: give an absolute http:// or https:// URL")
-    return f"{scheme}://{normalise_host(authority, scheme)}{url_target(url, text)}"
+    host = normalise_host(authority, scheme)
+    if host.startswith("[") and ip_literal(split_host(host)[0]) is None:
+        raise BadPurge(f"{text!r}: the brackets hold no IPv6 address, so no request names this host")
+    return f"{scheme}://{host}{url_target(url, text)}"
 
 
 # (A request target is shorter than the client listener's longest request line, so a longer URL
@@ -288,7 +291,7 @@ def host_matches(patterns: Iterable[str], host: str) -> bool:
     """
     name = host.rsplit(":", 1)[0] if re.search(r":\d+$", host) and not host.endswith("]") else host
     for p in patterns:
-        p = p.strip().lower().rstrip(".")
+        p = literal_in(p.strip().lower().rstrip("."))
         with_port = re.search(r":\d+$", p) is not None and not p.endswith("]")
         subject = host if with_port else name
         if p.startswith("*."):

@@ -37,6 +37,7 @@ from yarl import URL
 from proxy.cluster.settings import ClusterSettings
 from proxy.cpus import available_cpus
 from proxy.policy.fields import unsendable
+from proxy.policy.keys import literal_in
 from proxy.policy.request import DEFAULT_MAX_HEAD, parse_url
 from proxy.policy.request import Listener as RequestListener
 from proxy.rules import RuleSet
@@ -420,7 +421,7 @@ def _host_patterns(item: Src, ctx: Context, refuse: Callable[[str], str | None] 
         if why is not None:
             ctx.problem(element, f"{shown(element.value)} {why}")
             continue
-        hosts.append(host)
+        hosts.append(literal_in(host))
     return tuple(hosts)
 
 

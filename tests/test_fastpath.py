@@ -177,6 +177,9 @@ CASES: list[tuple[str, bytes, str, bool]] = [
     # the request is normalised by the same function on both paths (proxy.policy.request)
     ("a fragment", req("GET", "/plain#part"), "GET", True),
     ("Host with a trailing dot", req("GET", "/plain", host="example.test."), "GET", True),
+    ("an IPv6 literal spelt out", req("GET", "/plain", host="[0:0:0:0:0:0:0:1]:80"), "GET", True),
+    ("an IPv6 literal in the target", req("GET", "http://[0::0001]/plain"), "GET", True),
+    ("brackets holding no IPv6 address", req("GET", "/plain", host="[1:2:3]"), "GET", False),
     # the field is removed first: this is the variant without Accept-Encoding, stored by the warm-up
     ("Connection naming a field", req("GET", "/vary", "Connection: Accept-Encoding", "Accept-Encoding: gzip"),
      "GET", True),

@@ -6,7 +6,7 @@ safe invalidates the target URI and the same-origin ``Location`` and
 not be able to purge someone else's content.
 
 Same origin is decided on the normalised authority, as the cache key is
-(``proxy.policy.request.normal_host``: case, trailing dot, the scheme's default
+(``proxy.policy.request.normal_host``: case, trailing dot, an IPv6 literal's spelling, the scheme's default
 port; RFC 9110 §4.2.3), and the URL invalidated is the one the key was built
 from: ``http://Shop.example:80/item#top`` is ``http://shop.example/item``.
 """

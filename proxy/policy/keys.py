@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from ipaddress import IPv6Address
 from urllib.parse import parse_qsl, quote, urlencode
 
 from proxy.policy.fields import cookies, is_token, latin1_unless_utf8, split_list
@@ -74,18 +75,64 @@ def split_host(host: str) -> tuple[str, str]:
     return name, port
 
 
+def ip_literal(name: str) -> str | None:
+    """The RFC 5952 text form of an IPv6 literal ``[...]`` (compressed, lower case; an
+    IPv4-mapped address as ``::ffff:a.b.c.d``, RFC 5952 §5, spelt here so that the key does not
+    change with the Python version: 3.13 writes it so, earlier ones as ``::ffff:7f00:1``); None
+    when the brackets hold no IPv6 address. ``[0:0::1]``, ``[::0001]`` and ``[::1]`` are one
+    host, so they must be one key, and a purge of one must reach the others.
+
+    >>> ip_literal("[0:0:0:0:0:0:0:1]"), ip_literal("[::FFFF:7F00:1]"), ip_literal("[1:2:3]")
+    ('[::1]', '[::ffff:127.0.0.1]', None)
+    """
+    if "%" in name:  # a zone (RFC 6874): for the sender's own interfaces, never in a Host
+        return None
+    try:
+        address = IPv6Address(name[1:-1])
+    except ValueError:
+        return None
+    if address.ipv4_mapped is not None:
+        return f"[::ffff:{address.ipv4_mapped}]"
+    return f"[{address.compressed}]"
+
+
+def literal_in(host: str) -> str:
+    """``host`` (a ``[v6][:port]`` or any pattern) with its IPv6 literal in the ``ip_literal``
+    form: a configured host (a rule's ``match.host``, ``admin.hosts``) must be written as the
+    requests it is compared with are, or ``[0:0::1]`` would never match one.
+
+    >>> literal_in("[0:0::1]:8080"), literal_in("[::A]"), literal_in("*.a.example")
+    ('[::1]:8080', '[::a]', '*.a.example')
+    """
+    if not host.startswith("["):
+        return host
+    name, port = split_host(host.lower())
+    name = ip_literal(name) or name
+    return f"{name}:{port}" if port else name
+
+
 def normalise_host(host: str, scheme: str) -> str:
     """Lower-case a Host value, drop a trailing dot, leading zeros of the port and the
-    scheme's default port: every spelling of one host gives one key.
+    scheme's default port, write an IPv6 literal in its one form (``ip_literal``): every
+    spelling of one host gives one key.
+
+    An IPv4 address written otherwise than in dotted decimal (``127.0.0.01``, ``2130706433``,
+    ``0x7f.1``) is kept as written: RFC 3986 §3.2.2 reads it as a registered name, and origins
+    disagree on its meaning (``inet_aton`` reads ``010`` as octal 8, others as 10); the origin
+    receives the spelling the key holds.
 
     >>> normalise_host("Example.COM:80", "http"), normalise_host("a.b:8443", "https")
     ('example.com', 'a.b:8443')
     >>> normalise_host("example.com.:0080", "http"), normalise_host("[::1]:443", "https")
     ('example.com', '[::1]')
+    >>> normalise_host("[0:0::0001]:8080", "http"), normalise_host("127.0.0.01", "http")
+    ('[::1]:8080', '127.0.0.01')
     """
     name, port = split_host(host.strip(" \t").lower())
     if not name.startswith("["):
         name = name.rstrip(".")
+    elif name.endswith("]"):
+        name = ip_literal(name) or name
     if port.isascii() and port.isdigit():
         port = str(int(port))
     if port in ("", "80" if scheme == "http" else "443"):

@@ -38,7 +38,7 @@ What normalisation does, in order (each refusal is a ``Refusal`` with its status
 - ``Host``: an HTTP/1.1 request needs exactly one valid ``Host`` (RFC 9112 §3.2: 400
   otherwise, also beside an absolute-form target); an HTTP/1.0 request without one
   gets the listen address. The host is normalised (case, trailing dot, default port,
-  leading zeros of the port) and written back into the head in that form, so the
+  leading zeros of the port, an IPv6 literal's spelling) and written back into the head in that form, so the
   origin receives exactly the host the key names.
 
 Cost: a plain origin-form GET with one normalised Host and no field to remove returns
@@ -75,7 +75,7 @@ from yarl import URL
 from proxy.policy.cache_control import SURROGATE_CAPABILITY
 from proxy.policy.fields import digits
 from proxy.policy.headers import HOP_BY_HOP
-from proxy.policy.keys import KeySpec, cache_key, normalise_host, split_host, url_of_key
+from proxy.policy.keys import KeySpec, cache_key, ip_literal, normalise_host, split_host, url_of_key
 from proxy.policy.messages import HeaderList, Headers, RequestHead
 
 # Client-IP, scheme/TLS, host, URL-rewrite and method-override fields that proxies, CDNs
@@ -436,7 +436,7 @@ def _decodable(name: str) -> bool:
     caught it, and the connection was left open, answering nothing. They are invalid hosts
     here, in the Host field as in the target, on both paths (400)."""
     if name.startswith("["):
-        return True  # an IP literal (the grammar checked it): never IDNA-decoded
+        return ip_literal(name) is not None  # never IDNA-decoded; ``[1:2:3]`` is no address
     try:
         URL.build(scheme="http", host=name, encoded=True).host  # noqa: B018 (decoded lazily)
     except (ValueError, IndexError):  # UnicodeError is a ValueError

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
-from proxy.policy.keys import DEFAULT_KEY, KeySpec
+from proxy.policy.keys import DEFAULT_KEY, KeySpec, literal_in
 from proxy.policy.messages import CacheOptions, ClientCacheControl
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
 from proxy.rules.match import Condition, Glob, HostPattern, Match, Regex, RegexRefused
@@ -173,7 +173,7 @@ def _path_pattern(src: Src, problems: Problems,
 
 
 def _host_pattern(text: str, at: Src, problems: Problems, where: str) -> HostPattern | None:
-    host = text.strip().lower().rstrip(".")
+    host = literal_in(text.strip().lower().rstrip("."))
     with_port = bool(re.search(r":\d+$", host))
     bare = host.rsplit(":", 1)[0] if with_port else host
     if not bare or not re.fullmatch(r"(\*\.)?[a-z0-9_.\[\]:-]+", bare):

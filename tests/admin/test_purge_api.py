@@ -12,6 +12,7 @@ from aiohttp import web
 from tests.admin.util import absolute, js, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.security.util import get, send_raw
 
 
 def versioned(origin: Origin, path: str, headers: dict[str, str] | None = None) -> dict[str, int]:
@@ -356,3 +357,28 @@ async def test_unknown_query_parameters_on_purge_and_reload_are_refused_and_noth
     assert reloads == []
     reply = await proxy.admin("GET", "/metrics?x=1")
     assert reply.status == 400 and js(reply)["error"] == "unknown parameter 'x': GET /metrics takes no query parameters"
+
+
+async def test_a_url_purge_of_one_ipv6_spelling_removes_the_entry_of_every_spelling(
+        origin: Origin, proxy: Proxy) -> None:
+    """``[::1]``, ``[0:0::1]``, ``[0000::1]`` filled one entry each, and a purge took only its own."""
+    versioned(origin, "/pg")
+    port = proxy.url.rpartition(":")[2]
+    spellings = ("[::1]", "[0:0::1]", "[0000::1]", "[::0:1]", "[0:0:0:0:0:0:0:1]", "[::0001]")
+    for spelling in spellings:
+        reply = await send_raw(proxy, get("/pg", host=f"{spelling}:{port}"))
+        assert reply.status == 200, spelling
+    assert origin.count("/pg") == 1
+    for purged in ("[0:0::1]", "[::1]"):
+        for spelling in spellings:
+            await send_raw(proxy, get("/pg", host=f"[::1]:{port}"))
+            await settle(proxy)
+            reply = await proxy.admin("POST", "/purge", json={"urls": [f"http://{purged}:{port}/pg"]})
+            assert js(reply) == {"purged": 1, "soft": False}, (purged, spelling)
+            after = await send_raw(proxy, get("/pg", host=f"{spelling}:{port}"))
+            assert after.x_cache == "MISS", (purged, spelling)
+
+
+async def test_a_purge_url_whose_brackets_hold_no_ipv6_address_is_refused(proxy: Proxy) -> None:
+    reply = await proxy.admin("POST", "/purge", json={"urls": ["http://[1:2:3]/x"]})
+    assert reply.status == 400 and "IPv6" in js(reply)["error"]

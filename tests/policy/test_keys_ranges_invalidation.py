@@ -7,8 +7,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.policy.invalidation import invalidated_urls
-from proxy.policy.keys import KeySpec, cache_key, normalise_selecting, vary_matches, vary_names
+from proxy.policy.keys import (
+    KeySpec,
+    cache_key,
+    ip_literal,
+    literal_in,
+    normalise_host,
+    normalise_selecting,
+    vary_matches,
+    vary_names,
+)
 from proxy.policy.ranges import if_range_allows, parse_range
+from proxy.policy.request import normal_host
 from tests.policy.build import date, headers, request, stored
 
 Pairs = list[tuple[str, str]]
@@ -204,3 +214,44 @@ def test_every_invalidated_url_is_ascii_whatever_location_holds(location: str, c
     fields = [("Location", location), ("Content-Location", content_location)]
     urls = invalidated_urls(request(method="POST"), 201, headers(*fields))
     assert urls[0] == "http://example.com/r" and all(u.isascii() for u in urls)
+
+
+@pytest.mark.parametrize(("value", "scheme", "want"), [
+    ("[::1]", "http", "[::1]"),
+    ("[0:0::1]", "http", "[::1]"),
+    ("[0:0:0:0:0:0:0:1]", "http", "[::1]"),
+    ("[::0001]", "http", "[::1]"),
+    ("[0000::1]:80", "http", "[::1]"),
+    ("[::0:1]:0443", "https", "[::1]"),
+    ("[::A]", "http", "[::a]"),
+    ("[2001:DB8:0:0:1:0:0:1]:8080", "http", "[2001:db8::1:0:0:1]:8080"),
+    ("[2001:db8::0:1]", "https", "[2001:db8::1]"),
+    ("[::ffff:127.0.0.1]", "http", "[::ffff:127.0.0.1]"),  # RFC 5952 §5, on every Python version
+    ("[::FFFF:7F00:1]", "http", "[::ffff:127.0.0.1]"),
+    ("[0:0:0:0:0:ffff:7f00:0001]:81", "http", "[::ffff:127.0.0.1]:81"),
+    ("[::127.0.0.1]", "http", "[::7f00:1]"),
+    # IPv4 not in plain dotted decimal: a reg-name to RFC 3986, read differently by origins
+    ("127.0.0.01", "http", "127.0.0.01"),
+    ("2130706433", "http", "2130706433"),
+    ("0x7f.1", "http", "0x7f.1"),
+    ("127.0.0.1.", "http", "127.0.0.1"),
+])
+def test_every_spelling_of_one_host_gives_one_normalised_host(value: str, scheme: str, want: str) -> None:
+    assert normalise_host(value, scheme) == want
+    assert normal_host(value, scheme) == want
+
+
+@pytest.mark.parametrize("value", ["[1:2:3]", "[::::]", "[1::2::3]", "[::1.2.3]", "[12345::1]", "[::g]",
+                                   "[fe80::1%25eth0]", "[v1.x]"])
+def test_brackets_that_hold_no_ipv6_address_are_no_host(value: str) -> None:
+    assert normal_host(value, "http") is None
+    assert normal_host(f"{value}:8080", "http") is None
+    assert ip_literal(value) is None
+
+
+@pytest.mark.parametrize(("pattern", "want"), [
+    ("[0:0::1]", "[::1]"), ("[0:0::1]:8080", "[::1]:8080"), ("[::A]", "[::a]"), ("[1:2:3]", "[1:2:3]"),
+    ("*.a.example", "*.a.example"), ("a.example:80", "a.example:80"),
+])
+def test_a_configured_host_is_written_as_requests_are(pattern: str, want: str) -> None:
+    assert literal_in(pattern) == want

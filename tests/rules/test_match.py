@@ -27,6 +27,11 @@ REQUEST_CASES = [
     ("{host: [a.example, b.example]}", "/x", {"Host": "b.example"}, True),
     ("{host: 'a.example:8080'}", "/x", {"Host": "a.example:8080"}, True),
     ("{host: 'a.example:8080'}", "/x", {"Host": "a.example:9090"}, False),
+    # an IPv6 literal is compared in one spelling (RFC 5952), on both sides
+    ("{host: '[0:0::1]'}", "/x", {"Host": "[::1]"}, True),
+    ("{host: '[::1]'}", "/x", {"Host": "[0000::0001]:80"}, True),
+    ("{host: '[0::1]:8080'}", "/x", {"Host": "[::1]:8080"}, True),
+    ("{host: '[::1]'}", "/x", {"Host": "[::2]"}, False),
     ("{path: /a/*/c}", "/a/b/c", {}, True),
     ("{path: /a/*/c}", "/a/b/x/c", {}, False),
     ("{path: /a/**}", "/a/b/x/c", {}, True),

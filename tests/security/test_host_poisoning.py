@@ -81,3 +81,50 @@ async def test_a_1_0_request_without_host_names_the_port_the_listener_was_bound_
     assert received(first)["host"] == f"127.0.0.1:{port}"
     named = await send_raw(proxy, get("/page", host=f"127.0.0.1:{port}"))
     assert (named.x_cache, received(named)["host"]) == ("HIT", f"127.0.0.1:{port}")
+
+
+V6_SPELLINGS = ("[::1]", "[0:0::1]", "[0:0:0:0:0:0:0:1]", "[::0001]", "[0000::1]", "[::0:1]", "[::1]:80",
+                "[0::1]:0080")
+
+
+async def test_an_ipv6_literal_spelt_differently_is_one_key_and_one_host_upstream(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """Every spelling of one IPv6 address was its own entry, sent upstream as written."""
+    echo_origin(origin, "/page")
+    proxy = await make_proxy()
+    for spelling in V6_SPELLINGS:
+        reply = await send_raw(proxy, get("/page", host=spelling))
+        assert reply.status == 200, spelling
+        assert received(reply)["host"] == "[::1]", spelling
+    absolute = await send_raw(proxy, get("http://[0:0::0:1]/page", host="shop.example"))
+    assert (absolute.x_cache, received(absolute)["host"]) == ("HIT", "[::1]")
+    assert origin.count("/page") == 1
+
+
+async def test_an_ipv4_mapped_literal_is_spelt_with_its_dotted_address(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    echo_origin(origin, "/page")
+    proxy = await make_proxy()
+    for spelling in ("[::FFFF:127.0.0.1]", "[::ffff:7f00:1]", "[0:0:0:0:0:ffff:7f00:0001]"):
+        reply = await send_raw(proxy, get("/page", host=spelling))
+        assert received(reply)["host"] == "[::ffff:127.0.0.1]", spelling
+    assert origin.count("/page") == 1
+
+
+async def test_brackets_that_hold_no_ipv6_address_are_refused(origin: Origin, make_proxy: MakeProxy) -> None:
+    echo_origin(origin, "/page")
+    proxy = await make_proxy()
+    for spelling in ("[1:2:3]", "[::::]", "[1::2::3]", "[::1.2.3]"):
+        assert (await send_raw(proxy, get("/page", host=spelling))).status == 400, spelling
+        assert (await send_raw(proxy, get(f"http://{spelling}/page"))).status == 400, spelling
+    assert origin.count("/page") == 0
+
+
+async def test_ipv4_spellings_other_than_dotted_decimal_are_kept_as_written(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """``127.0.0.01``, ``2130706433``, ``0x7f.1`` are registered names to RFC 3986 and origins
+    read them differently (``inet_aton``: octal, hex): the origin gets the spelling the key holds."""
+    echo_origin(origin, "/page")
+    proxy = await make_proxy()
+    for spelling in ("127.0.0.01", "2130706433", "0x7f.1"):
+        assert received(await send_raw(proxy, get("/page", host=spelling)))["host"] == spelling
