@@ -47,6 +47,8 @@ from proxy.settings import (
     read_settings,
     shared_address,
     storable_limit,
+    upstream_identity,
+    upstream_twice,
     upstream_url,
 )
 from proxy.yamlsrc import Problems, Sources, Src, load_snapshot, load_yaml
@@ -107,11 +109,19 @@ def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
             s = replace(s, listeners=tuple(given))
     if o.upstreams:
         ups = []
+        seen: dict[str, str] = {}
         for text in o.upstreams:
             try:
-                ups.append(UpstreamSettings(upstream_url(text)))
+                url = upstream_url(text)
             except ValueError as exc:
                 problems.add(at, str(exc))
+                continue
+            twice = upstream_twice(seen, url, text)
+            if twice is not None:
+                problems.add(at, f"--upstream: {twice}")
+                continue
+            seen[upstream_identity(url)] = text
+            ups.append(UpstreamSettings(url))
         s = replace(s, upstreams=tuple(ups))
     if o.admin_listen is not None:
         try:

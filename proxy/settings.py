@@ -37,7 +37,7 @@ from yarl import URL
 from proxy.cluster.settings import ClusterSettings
 from proxy.cpus import available_cpus
 from proxy.policy.fields import unsendable
-from proxy.policy.keys import literal_in
+from proxy.policy.keys import literal_in, normalise_host
 from proxy.policy.request import DEFAULT_MAX_HEAD, parse_url
 from proxy.policy.request import Listener as RequestListener
 from proxy.rules import RuleSet
@@ -209,20 +209,61 @@ class UpstreamSettings:
     weight: int = setting(1, "its share of requests against the other upstreams' weights", integer(minimum=1))
 
 
+def upstream_identity(url: URL) -> str:
+    """What two upstream URLs must differ in to be two upstreams: the scheme and the host as the
+    key normalises a Host (case, trailing dot, default port, the port's zeros, an IPv6 literal's
+    spelling), an IPv4 address in any form the resolver reads as one (``127.0.0.01``,
+    ``2130706433``, ``0x7f.1``: the pool connects to ``127.0.0.1``) as that address. A name is
+    not resolved: ``localhost`` and ``127.0.0.1`` may be two virtual hosts of one server.
+
+    >>> upstream_identity(URL("http://[0:0::1]:052877")), upstream_identity(URL("http://0x7f.1:80"))
+    ('http://[::1]:52877', 'http://127.0.0.1')
+    """
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    elif re.fullmatch(r"[0-9a-fA-FxX.]+", host):
+        with contextlib.suppress(OSError):
+            host = socket.inet_ntoa(socket.inet_aton(host))
+    return f"{url.scheme}://{normalise_host(f'{host}:{url.port}', url.scheme)}"
+
+
+def upstream_twice(earlier: dict[str, str], url: URL, written: str) -> str | None:
+    """Why ``url`` (``written`` so) cannot be one more upstream beside the ``earlier`` ones (their
+    ``upstream_identity`` -> as written), or None. Listed twice, one upstream was two in
+    /upstreams, each with its own health and share of requests, and /metrics merged them."""
+    same = earlier.get(upstream_identity(url))
+    if same is None:
+        return None
+    also = "" if same == written else f": it and {same!r} are one upstream"
+    return f"upstream {written!r} is listed twice{also}; list it once (a weight: gives it a bigger share)"
+
+
 def _upstreams(item: Src, ctx: Context) -> tuple[UpstreamSettings, ...]:
     if not isinstance(item.value, list):
         raise Invalid(f"expected a list, got {type_name(item.value)}")
     out = []
+    seen: dict[str, str] = {}
     for entry in item.value:
         try:
             if isinstance(entry.value, str):
-                out.append(UpstreamSettings(_read_url(entry, ctx)))
+                upstream, written = UpstreamSettings(_read_url(entry, ctx)), entry.value
             elif isinstance(entry.value, dict):
-                out.append(read_section(UpstreamSettings, entry, ctx.entry("upstreams[]", entry)))
+                upstream = read_section(UpstreamSettings, entry, ctx.entry("upstreams[]", entry))
+                given = entry.value.get("url")
+                written = given.value if given is not None and isinstance(given.value, str) else ""
+                written = written or str(upstream.url)
             else:
                 ctx.problem(entry, "each entry is a URL or {url: ..., weight: ...}")
+                continue
         except Reported:
             continue
+        twice = upstream_twice(seen, upstream.url, written)
+        if twice is not None:
+            ctx.problem(entry, twice)
+            continue
+        seen[upstream_identity(upstream.url)] = written
+        out.append(upstream)
     return tuple(out)
 
 
@@ -824,7 +865,7 @@ class Settings:
                                               "the client listeners, plain or TLS (docs/deploy.md)", LISTEN,
                                               key="listen")
     upstreams: tuple[UpstreamSettings, ...] = setting(
-        (), "the origin servers: URLs, or {url, weight} mappings",
+        (), "the origin servers: URLs, or {url, weight} mappings; each one once (compared normalised)",
         Parser("list of URLs or mappings", _upstreams, sections=(UpstreamSettings,), entries=True))
     pool: PoolSettings = setting(factory=PoolSettings, doc="how the pool talks to upstreams", key="upstream")
     cache: CacheSettings = setting(factory=CacheSettings, doc="memory and disk tiers, object sizes, waits")

@@ -22,6 +22,7 @@ U = "upstreams: [http://127.0.0.1:9]\n"
 TLS_FORM = "expected HOST:PORT or {address: HOST:PORT, tls: {cert: FILE, key: FILE}}"
 BAD_SIZE = "use bytes or KB, MB, GB"
 BAD_DURATION = "use seconds or 30s, 5m, 1h, 1d"
+TWICE = "; list it once (a weight: gives it a bigger share)"
 REDIS_URL = ("is not a Redis URL: use redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or "
              "unix:///path/to/redis.sock")
 
@@ -478,6 +479,19 @@ UPSTREAMS: list[tuple[str, list[str]]] = [
     ("http://a", ["1: upstreams: expected a list, got a string",
                   "1: no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL"]),
     ("[]", ["1: no upstreams: add upstreams: [{url: http://HOST:PORT}] or --upstream URL"]),
+    # one upstream listed twice was two in /upstreams (each its own health and share), merged in /metrics
+    ("['http://a:1', 'http://a:1']", [f"1: upstreams: upstream 'http://a:1' is listed twice{TWICE}"]),
+    ("\n  - 'http://[::1]:8'\n  - 'http://[0:0::1]:8'\n  - 'http://[::1]:08'",
+     [f"3: upstreams: upstream 'http://[0:0::1]:8' is listed twice: it and 'http://[::1]:8' are one upstream{TWICE}",
+      f"4: upstreams: upstream 'http://[::1]:08' is listed twice: it and 'http://[::1]:8' are one upstream{TWICE}"]),
+    ("['http://LOCALHOST', 'http://localhost.:80']",
+     [f"1: upstreams: upstream 'http://localhost.:80' is listed twice: it and 'http://LOCALHOST' are one "
+      f"upstream{TWICE}"]),
+    ("['http://127.0.0.1:8', 'http://127.0.0.01:8', 'http://2130706433:8', 'http://0x7f.1:8']",
+     [f"1: upstreams: upstream '{u}' is listed twice: it and 'http://127.0.0.1:8' are one upstream{TWICE}"
+      for u in ("http://127.0.0.01:8", "http://2130706433:8", "http://0x7f.1:8")]),
+    ("['http://a:1', {url: 'http://A:01', weight: 2}]",
+     [f"1: upstreams: upstream 'http://A:01' is listed twice: it and 'http://a:1' are one upstream{TWICE}"]),
 ]
 
 
@@ -489,6 +503,21 @@ def test_upstream_mistakes(folder: Path, value: str, expected: list[str]) -> Non
 def test_upstream_entries_take_a_url_or_a_mapping_and_lose_a_trailing_slash(folder: Path) -> None:
     s = load(folder, "upstreams: ['https://a:443/', {url: 'http://b:1', weight: 3}]\n")
     assert [(str(u.url), u.weight) for u in s.upstreams] == [("https://a", 1), ("http://b:1", 3)]
+
+
+def test_upstreams_that_differ_are_kept_apart(folder: Path) -> None:
+    """Another scheme, port or name is another upstream; a name is not resolved (``localhost``
+    and ``127.0.0.1`` may be two virtual hosts of one server, told apart by Host)."""
+    urls = ["http://a:1", "https://a:1", "http://a:2", "http://b:1", "http://localhost:1", "http://127.0.0.1:1",
+            "http://[::1]:1", "http://[::ffff:127.0.0.1]:1", "http://127.0.0.2:1"]
+    s = load(folder, f"upstreams: {urls}\n")
+    assert len(s.upstreams) == len(urls)
+
+
+def test_an_upstream_given_twice_on_the_command_line_is_refused(folder: Path) -> None:
+    assert problems(folder, U, Overrides(upstreams=("http://a.example:1", "http://A.example.:01"))) == [
+        "<command line>:0: --upstream: upstream 'http://A.example.:01' is listed twice: it and "
+        f"'http://a.example:1' are one upstream{TWICE}"]
 
 
 def test_a_rule_file_that_is_a_fifo_is_named_as_one_not_read(folder: Path) -> None:
