@@ -548,7 +548,9 @@ rule files have their own reference, [rules.md](rules.md).
   socket, a device or a directory is refused at start, on reload and by `check`, in the same
   words for the config as for a rule file (`FILE:0: cannot read file: is not a regular file (a
   FIFO)`, `... is a directory`), never waited on; `/dev/null` reads as an empty file.
-- Relative paths are relative to the config file.
+- Relative paths are relative to the config file. A path holding a character the file system
+  encoding cannot write (`règles.yaml` under an ASCII locale, `LC_ALL=POSIX` without
+  `PYTHONUTF8=1`) is refused at its line, saying so: run with a UTF-8 locale or rename it.
 - `${VAR}` in a value is the environment variable `VAR`; `${VAR:-default}` gives a default
   (an unset variable without one is a problem). Inside `[...]` or `{...}` braces are YAML's:
   quote it there (`cache: {memory: '${M}'}`); an unquoted one is a YAML syntax error.

@@ -16,6 +16,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -271,7 +272,25 @@ class Context:
         through here: the system calls on it raised ValueError, a traceback, not FILE:LINE)."""
         if "\x00" in text:
             raise Invalid(f"a path cannot contain a NUL character (\\x00), got {text!r}")
+        unwritable = unencodable_path(text)
+        if unwritable is not None:
+            raise Invalid(unwritable)
         return text if os.path.isabs(text) else os.path.normpath(os.path.join(self.base_dir, text))
+
+
+def unencodable_path(text: Str) -> Str | None:
+    """Why ``text`` cannot be handed to the system as a file name, or None: under an ASCII
+    locale (``LC_ALL=POSIX``, no UTF-8 mode) the file system encoding cannot write ``è``, and
+    every call on such a path (``realpath``, ``stat``, ``open``) raised UnicodeEncodeError, a
+    traceback where the config's line was due."""
+    encoding = sys.getfilesystemencoding()
+    try:
+        text.encode(encoding, "surrogateescape")
+    except UnicodeEncodeError as exc:
+        return (f"{text!r} cannot be a file name here: the file system encoding is {encoding} (from the "
+                f"locale), which cannot write {exc.object[exc.start]!r}; run with a UTF-8 locale "
+                "(LC_ALL=C.UTF-8) or PYTHONUTF8=1, or give the path in ASCII")
+    return None
 
 
 @dataclass(frozen=True)

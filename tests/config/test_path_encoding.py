@@ -1,0 +1,35 @@
+"""Paths the file system encoding cannot write: a config line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ASCII_LOCALE = {"LANG": "", "LC_ALL": "POSIX", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_path_an_ascii_locale_cannot_write_is_named_at_its_line(tmp_path: Path, command: str) -> None:
+    """Under ``LC_ALL=POSIX`` (no UTF-8 mode) a rule file ``règles.yaml`` made ``realpath`` raise
+    UnicodeEncodeError: ``cachegate check`` ended in a traceback."""
+    (tmp_path / "règles.yaml").write_text("rules: []\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("listen: '127.0.0.1:0'\nupstreams: ['http://127.0.0.1:9']\n"
+                      "rules: [règles.yaml]\ncache: {memory: 16MB, disk: {path: cachè}}\n", encoding="utf-8")
+    env = {**os.environ, **ASCII_LOCALE, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-m", "proxy", command, "--config", str(config)],
+                          capture_output=True, env=env, timeout=60)
+    err = done.stderr.decode("ascii", "backslashreplace")
+    assert done.returncode == 2, err
+    assert "Traceback" not in err and "UnicodeEncodeError" not in err
+    fix = "run with a UTF-8 locale (LC_ALL=C.UTF-8) or PYTHONUTF8=1, or give the path in ASCII"
+    assert err.splitlines() == [
+        f"{config}:3: rules: 'r\\xe8gles.yaml' cannot be a file name here: the file system encoding is ascii "
+        f"(from the locale), which cannot write '\\xe8'; {fix}",
+        f"{config}:4: cache.disk.path: 'cach\\xe8' cannot be a file name here: the file system encoding is "
+        f"ascii (from the locale), which cannot write '\\xe8'; {fix}"]
+    assert not (tmp_path / "cachè").exists()
