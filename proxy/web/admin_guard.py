@@ -64,6 +64,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from proxy.errors import BadRequest
+from proxy.policy.keys import literal_in
 from proxy.purge import host_matches
 
 log = logging.getLogger("cachegate.admin")
@@ -153,6 +154,8 @@ def _host_allowed(host: str, server_names: Iterable[str]) -> bool:
     name, port = split
     if host_is_loopback(name):
         return True
+    if ":" in name:  # an IPv6 address: bracketed and spelt as server_names keeps it (literal_in)
+        name = literal_in(f"[{name}]")
     return host_matches(server_names, f"{name}:{port}" if port else name)
 
 

@@ -139,6 +139,19 @@ async def test_admin_server_names_adds_the_names_the_listener_answers_to(
         assert "(cache-admin.internal, *.ops.example)" in json.loads(reply.body)["error"]
 
 
+async def test_an_ipv6_address_in_server_names_lets_its_host_through_in_any_spelling(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The guard compared the address without its brackets with the bracketed pattern: an
+    IPv6 server name never matched, and its Host was refused."""
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', server_names: ['[2001:db8:0::1]', "
+                                    "'[2001:db8::2]:8081']}\n")
+    port = port_of(proxy)
+    for host in (f"[2001:db8::1]:{port}", "[2001:DB8:0:0::0001]", "[2001:db8::2]:8081"):
+        assert (await send(proxy, "GET", "/stats", {"Host": host})).status == 200, host
+    for host in (f"[2001:db8::3]:{port}", f"[2001:db8::2]:{port}"):
+        assert (await send(proxy, "GET", "/stats", {"Host": host})).status == 403, host
+
+
 async def test_with_a_token_the_host_is_checked_only_when_server_names_are_listed(
         origin: Origin, make_proxy: MakeProxy) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
