@@ -315,3 +315,15 @@ async def test_a_content_length_the_parser_takes_is_explained(ruled: Proxy, valu
     reply = await ruled.admin("POST", "/explain", json={"url": absolute(ruled, "/p"),
                                                         "headers": {"Content-Length": value}})
     assert reply.status == 200, reply.body
+
+
+async def test_an_ipv6_url_is_explained_under_the_key_every_spelling_shares(origin: Origin, ruled: Proxy) -> None:
+    origin.route("/six", body=b"6", headers={"Cache-Control": "max-age=120"})
+    port = ruled.url.rpartition(":")[2]
+    await ruled.raw("GET", "/six", host=f"[0:0::1]:{port}")
+    await settle(ruled)
+    url = f"http://[0000:0::0001]:{port}/six"
+    reply = await ruled.admin("GET", f"/explain?url={quote(url)}")
+    trace = js(reply)
+    assert trace["cache_key"] == f"http://[::1]:{port}/six"
+    assert trace["decision"]["x_cache_status"] == "HIT"

@@ -250,3 +250,14 @@ async def test_purges_are_counted_as_requests_but_in_no_hit_ratio_or_offload(
     assert since["requests"] == {"HIT": 9, "MISS": 1, "PURGE": 40}
     assert (since["hit_ratio"], since["request_offload"]) == (0.9, 0.9)
     assert (live["last_minute"]["hit_ratio"], live["last_minute"]["request_offload"]) == (0.9, 0.9)
+
+
+async def test_a_purge_with_one_ipv6_spelling_in_host_purges_what_another_stored(
+        origin: Origin, proxy: Proxy) -> None:
+    page(origin, "/six")
+    port = proxy.url.rpartition(":")[2]
+    assert (await proxy.raw("GET", "/six", host=f"[::1]:{port}")).status == 200
+    await settle(proxy)
+    purged = await proxy.raw("PURGE", "/six", host=f"[0:0:0:0:0:0:0:1]:{port}")
+    assert (purged.status, js(purged)) == (200, {"purged": 1, "soft": False, "url": f"http://[::1]:{port}/six"})
+    assert (await proxy.raw("GET", "/six", host=f"[0000::1]:{port}")).x_cache == "MISS"
