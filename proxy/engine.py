@@ -25,7 +25,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import IO, Any, Protocol, TypeVar, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -190,6 +190,14 @@ class Upstreams(Protocol):
 
 # Engine.fresh_hit: (plan, key, variant, age, ttl, its open body file when the body is on disk)
 FreshHit = tuple["RequestPlan", str, Cached, float, float, SharedFile | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """When a request went upstream, on both clocks (``Engine.answered``)."""
+
+    wall: float  # the engine's clock
+    monotonic: float  # time.monotonic(): no step of the system clock moves it
 
 
 class Engine:
@@ -638,7 +646,7 @@ class Engine:
         upstream = self.upstream(req, plan)
         wanted = f"bytes={'' if first is None else first}-{'' if last is None else last}"
         upstream = replace(upstream, headers=(*upstream.headers, ("Range", wanted)))
-        request_time = self.clock()
+        sent = self.sending()
         epoch = self.storage.epoch
         if fill is not None:
             fill.flight.epoch = epoch  # its answer may be the 200 to this request (``answer_held``)
@@ -648,7 +656,7 @@ class Engine:
             if fill is not None:
                 fill.say(exc)  # its waiting clients get the error too, as a fill's followers do
             return self.upstream_failed(plan, exc, fwd)
-        response_time = self.clock()
+        request_time, response_time = self.answered(sent)
         if resp.status == 200:
             # An origin that ignores Range sends the whole representation: that is the fill.
             if fill is not None:
@@ -811,6 +819,26 @@ class Engine:
             self.metrics.live.not_stored.add(detail, head.url)
         cs = cache_status(fwd=fwd, fwd_status=resp.status, detail=detail)
         return self.direct_reply(plan, resp, "BYPASS", cs, head.method == "HEAD")
+
+    def sending(self) -> Sent:
+        """When a request goes upstream: the engine's clock, and the monotonic one with it."""
+        return Sent(self.clock(), time.monotonic())
+
+    def answered(self, sent: Sent) -> tuple[float, float]:
+        """``(request_time, response_time)`` of the exchange started at ``sent`` (RFC 9111 §4.2.3).
+
+        The response's delay is the wall clock's, unless that clock was stepped meanwhile (an
+        NTP step, a VM resumed): then the monotonic time elapsed. Why: a step of a day forward
+        during a fetch read as a day's delay, so the response arrived stale (its Age a day): the
+        clients waiting on the fill went to the origin one by one, and it was stored stale.
+        A clock that does not move (a test's) keeps its delay of 0.
+        """
+        response_time = self.clock()
+        delay = response_time - sent.wall
+        elapsed = max(0.0, time.monotonic() - sent.monotonic)
+        if not 0.0 <= delay <= elapsed:
+            delay = elapsed
+        return response_time - delay, response_time
 
     async def send(self, request: UpstreamRequest, body: AsyncIterable[bytes] | None = None,
                     on_interim: InterimHook | None = None) -> UpstreamResponse:

@@ -865,7 +865,7 @@ class MissPath:
         means for the response held (``decide_on_validation``)."""
         engine, attempt, flight = self.engine, run.attempt, run.flight
         head, plan = attempt.req.head, attempt.plan
-        request_time = engine.clock()
+        sent = engine.sending()
 
         def interim(status: int, reason: str, fields: CIMultiDictProxy[str]) -> None:
             # The client whose request went upstream gets the interim as the origin sent it;
@@ -891,7 +891,7 @@ class MissPath:
         except UpstreamError as exc:
             self._end(run, Unreachable(exc))
             return
-        response_time = engine.clock()
+        request_time, response_time = engine.answered(sent)
         if run.background:
             run.retry_after = resp.headers.get("Retry-After")
         # Whether a 304 answers a conditional request: from the fields sent (a stored response
@@ -1422,7 +1422,7 @@ class MissPath:
         object) for nothing, at every HEAD."""
         engine = self.engine
         head = attempt.req.head
-        request_time = engine.clock()
+        sent = engine.sending()
         epoch = engine.storage.epoch
         upstream = engine.upstream(attempt.req, attempt.plan, preconditions=True)
         head_only = head.method == "HEAD"
@@ -1440,7 +1440,7 @@ class MissPath:
         unasked = _unasked_304(resp, resp.status == 304 and asks_validation(upstream.headers))
         if unasked is not None:
             return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
-        response_time = engine.clock()
+        request_time, response_time = engine.answered(sent)
         return await self.answer_unshared(attempt, resp, request_time, response_time, epoch,
                                           head_only=head_only)
 

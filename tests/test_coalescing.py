@@ -476,3 +476,40 @@ async def test_a_flight_cancelled_before_its_first_step_still_answers_its_client
             await asyncio.wait_for(asyncio.shield(flight.head), 2)
         assert c.get("/k") is None and flight.result.done() and c.in_flight == 0
     assert ran == []
+
+
+async def test_a_clock_stepped_a_day_forward_during_a_fill_neither_breaks_the_herd_nor_ages_the_response(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """An NTP step (or a VM resumed) while the origin answers is no delay of the response
+    (RFC 9111 §4.2.3's response_delay is measured on the monotonic clock then)."""
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)  # the herd joins the fill meanwhile
+        clock.advance(86400)  # the proxy's clock was a day behind; the origin's Date is right
+        return web.Response(body=b"page", headers={"Cache-Control": "max-age=600",
+                                                   "Date": format_http_date(clock())})
+
+    origin.route("/step", slow)
+    proxy = await clocked(make_proxy, clock)
+    results = await herd(proxy.url + "/step", 20)
+    assert origin.count("/step") == 1
+    assert {(s, b) for s, _, b in results} == {(200, b"page")}
+    assert sorted(x for _, x, _ in results) == ["HIT"] * 19 + ["MISS"]
+    stored = await proxy.get("/step")
+    assert (stored.x_cache, stored.headers["Age"]) == ("HIT", "0")
+    assert origin.count("/step") == 1
+
+
+async def test_the_delay_of_a_response_is_the_wall_clocks_unless_that_clock_was_stepped(
+        proxy: Proxy, clock: Clock) -> None:
+    engine = proxy.runtime.engine
+    engine.clock = clock
+    sent = engine.sending()
+    await asyncio.sleep(0.05)
+    assert engine.answered(sent) == (clock.now, clock.now)  # a clock that does not move: no delay
+    clock.advance(0.01)
+    assert engine.answered(sent) == (clock.now - 0.01, clock.now)  # less than elapsed: the wall's
+    for step in (86400.0, -3600.0):  # a step forward, a step back: the monotonic time elapsed
+        clock.advance(step)
+        request_time, response_time = engine.answered(sent)
+        assert response_time == clock.now
+        assert 0.05 <= response_time - request_time < 5
