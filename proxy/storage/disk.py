@@ -64,13 +64,15 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import IO, Any, TypeVar
 
 import diskcache
 
 from proxy.logs import RepeatedFailure
+from proxy.policy.messages import CLOCK_SLACK
 from proxy.room import (
     SQLITE_CANTOPEN,
     SQLITE_READONLY,
@@ -395,6 +397,15 @@ _CULL_SCAN = ("SELECT rowid, key, size, filename, CASE WHEN substr(key, 1, 2) = 
 # lock (20,000 young rows held it 140-250 ms a round); an entry "stored" ahead of the clock (the
 # clock stepped back) is not spared.
 _SPARE = " AND NOT (key >= 'm:' AND key < 'm;' AND store_time > ? AND store_time < ?)"
+# The time orders scan twice, each a range of the order's index as before: first the rows stamped
+# more than CLOCK_SLACK ahead of the clock, then the others. Why: after the clock stepped back,
+# the entries stamped while it was ahead sorted as the newest, so the cull took every entry
+# stored since the step first (60 new of 60 gone, 60 old kept); stamped ahead, they are older
+# than anything stored since. (The time a row was stamped cannot be told otherwise: a sort on
+# "ahead or not" would give up the index and sort the whole table.)
+_STAMPED = frozenset({"store_time", "access_time"})
+_AHEAD = " AND {order} > ?"
+_NOT_AHEAD = " AND {order} <= ?"
 _BODY_ROWS = "SELECT rowid, filename FROM Cache WHERE raw = 1 AND key IN ({})"
 ROW_OVERHEAD = 100  # bytes a row costs in the database besides its key and value (columns, indexes)
 META_COST = 200  # about what an entry's metadata value takes (its head fields, one variant)
@@ -462,14 +473,18 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
                 spared.update("b:" + body for body, _ in _bodies_of(shard, name, value))
     taken: set[str] = set()
     named: list[str] = []  # the bodies of the entries taken
-    if spare_after is None:
-        cursor = sql(_CULL_SCAN.format(order=order, spare=""))
+    spare, window = ("", ()) if spare_after is None else \
+        (_SPARE, (spare_after, spare_after + 2 * CULL_SPARE))  # (now - CULL_SPARE, now + CULL_SPARE)
+    if order in _STAMPED:
+        ahead = time.time() + CLOCK_SLACK
+        scans = [(spare + _AHEAD.format(order=order), (*window, ahead)),
+                 (spare + _NOT_AHEAD.format(order=order), (*window, ahead))]
     else:
-        window = (spare_after, spare_after + 2 * CULL_SPARE)  # (now - CULL_SPARE, now + CULL_SPARE)
-        cursor = sql(_CULL_SCAN.format(order=order, spare=_SPARE), window)
+        scans = [(spare, window)]
+    scanned = _scan(sql, order, scans)
     try:
         while freed < over and len(taken) < CULL_BATCH:
-            rows = cursor.fetchmany(256)
+            rows = list(islice(scanned, 256))
             if not rows:
                 break
             for rowid, name, size, filename, value, length in rows:
@@ -495,7 +510,7 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
                 if freed >= over or len(taken) >= CULL_BATCH:
                     break
     finally:
-        cursor.close()
+        scanned.close()
     for start in range(0, len(named), 500):
         names = named[start:start + 500]
         for rowid, filename in sql(_BODY_ROWS.format(",".join("?" * len(names))), names).fetchall():
@@ -508,6 +523,18 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
     for f in files:
         shard.disk.remove(f)  # (held until the COMMIT: ``_transaction``)
     return freed
+
+
+def _scan(sql: Any, order: str, scans: list[tuple[str, tuple[float, ...]]]) -> Generator[tuple[Any, ...]]:
+    """The cull's candidate rows: each scan's (its conditions, their values) in turn, in the
+    policy's order; closing it closes the cursor open."""
+    for where, values in scans:
+        cursor = sql(_CULL_SCAN.format(order=order, spare=where), values)
+        try:
+            while rows := cursor.fetchmany(256):
+                yield from rows
+        finally:
+            cursor.close()
 
 
 def _row_cost(key: str, body: bytes | None) -> int:

@@ -411,3 +411,39 @@ def test_metadata_naming_a_body_no_longer_on_disk_is_not_committed(tmp_path: Pat
         assert [v.seq for v in disk.get_variants(key)] == [7]
     finally:
         disk.close()
+
+
+@pytest.mark.parametrize("policy", ["least-recently-stored", "least-recently-used"])
+def test_entries_stamped_ahead_of_a_clock_set_back_are_evicted_first(tmp_path: Path, policy: str) -> None:
+    """Entries stored while the clock was a day ahead (set right since, by NTP or a restart)
+    sorted as the newest: the cull took every entry stored since the step first and kept the
+    old ones. Stamped ahead of the clock, they now go first."""
+    disk = DiskTier(str(tmp_path / "cache"), 64 * MB, shards=1, eviction_policy=policy)  # type: ignore[arg-type]
+    shard = disk._shards[0]
+    old = [f"http://h.test/old/{i}" for i in range(1000)]
+    new = [f"http://h.test/new/{i}" for i in range(1000)]
+    try:
+        _fill_small(disk, old)
+        shard._sql("UPDATE Cache SET store_time = store_time + 86400, access_time = access_time + 86400")
+        _fill_small(disk, new)
+        # (older than what the upkeep spares: the writes that store them cull for themselves)
+        shard._sql("UPDATE Cache SET store_time = store_time - ?, access_time = access_time - ?"
+                   " WHERE store_time < ?", (2 * CULL_SPARE, 2 * CULL_SPARE, disk_module.time.time() + 3600))
+        shard.size_limit = shard.volume() // 3  # room for some of the new entries
+        for _ in range(200):
+            disk.cull_over()
+            if shard.volume() <= shard.size_limit:
+                break
+        assert shard.volume() <= shard.size_limit
+        assert not any(disk.has(k) for k in old)
+        held = [k for k in new if disk.has(k)]
+        assert held and held == new[len(new) - len(held):]  # the newest stay
+        metas, ids = _rows(disk)
+        assert {b for named in metas.values() for b in named} == ids  # whole entries still
+        order = disk_module._EVICTION_ORDER[policy]
+        for where in (disk_module._AHEAD, disk_module._NOT_AHEAD):  # each scan a range of the index
+            sql = disk_module._CULL_SCAN.format(order=order, spare=disk_module._SPARE + where.format(order=order))
+            plan = " ".join(str(r[-1]) for r in shard._sql("EXPLAIN QUERY PLAN " + sql, (1, 2, 3)).fetchall())
+            assert f"USING INDEX Cache_{order}" in plan and "TEMP B-TREE" not in plan
+    finally:
+        disk.close()
