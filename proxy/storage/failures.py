@@ -7,7 +7,8 @@ at the request rate and tell the operator nothing new. The first failure of a st
 logged at WARNING with its error (with a traceback only when it is not an ``OSError`` or
 SQLite's I/O error or "disk is full": then it is a bug, not the disk); the ones after it are
 only counted. A streak ends at the first write that succeeds once no write failed for SETTLE
-seconds, logged at INFO with how many
+seconds (on the monotonic clock: a step of the system clock neither ends nor prolongs it),
+logged at INFO with how many
 failed meanwhile: on a full disk the small writes that still fit succeed between the big
 ones that fail, and a streak that ended at any success began again at the next failure (37
 warnings and 34 recoveries in 3 s). Every failure counts in
@@ -36,7 +37,11 @@ class WriteFailures:
         self.counts: dict[str, int] = {}
         self.streak = 0  # failures since the last write that succeeded
         self.last_error = ""
-        self.last_failed_at: float | None = None
+        self.last_failed_at: float | None = None  # the wall clock's: shown in /stats
+        # The monotonic clock's, for the settle test: a clock stepped back an hour (NTP, a VM
+        # resumed) kept ``failing: true`` in /stats for that hour after writes recovered, and a
+        # new streak meanwhile was never logged (the old one had not ended).
+        self.failed_monotonic = 0.0
 
     def failed(self, operation: str, key: str, exc: BaseException) -> None:
         self.counts[operation] = self.counts.get(operation, 0) + 1
@@ -44,6 +49,7 @@ class WriteFailures:
             self._count(operation)
         self.last_error = f"{operation} of {key}: {_describe(exc)}"
         self.last_failed_at = time.time()
+        self.failed_monotonic = time.monotonic()
         self.streak += 1
         if self.streak == 1:
             log.warning("storage write failed (%s); responses are passed on unstored while writes "
@@ -51,7 +57,7 @@ class WriteFailures:
                         self.last_error, exc_info=None if _of_the_disk(exc) else exc)
 
     def succeeded(self) -> None:
-        if self.streak and time.time() - (self.last_failed_at or 0.0) >= self.settle:
+        if self.streak and time.monotonic() - self.failed_monotonic >= self.settle:
             log.info("storage writes succeed again, after %d failed", self.streak)
             self.streak = 0
 

@@ -181,3 +181,34 @@ async def test_an_upkeep_that_fails_and_works_in_turn_is_one_streak(
     assert rounds >= 40
     said = [r.getMessage() for r in caplog.records if "storage upkeep" in r.getMessage()]
     assert said == ["storage upkeep failed; retrying"], said
+
+
+def test_a_streak_of_write_failures_ends_on_time_when_the_clock_steps_back(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The settle time was measured on the wall clock: a step back of an hour (NTP, a VM
+    resumed) right after a failure kept /stats' ``storage.failing: true`` that hour after writes
+    recovered, and a new streak meanwhile was not logged. The wall clock only dates the error."""
+    import proxy.storage.failures as failures
+
+    class Stepped:
+        wall, mono = 1_000_000.0, 50.0
+
+        def time(self) -> float:
+            return self.wall
+
+        def monotonic(self) -> float:
+            return self.mono
+
+    clock = Stepped()
+    monkeypatch.setattr(failures, "time", clock)
+    writes = failures.WriteFailures()
+    with caplog.at_level(logging.INFO, logger="cachegate.storage"):
+        writes.failed("write", "k", OSError(28, "No space left on device"))
+        clock.wall -= 3600  # the clock is stepped back an hour
+        clock.mono += failures.SETTLE
+        writes.succeeded()
+        assert not writes.snapshot()["failing"]
+        writes.failed("write", "k", OSError(28, "No space left on device"))  # a new streak: logged
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "storage write failed", "storage writes succeed again, after 1 failed", "storage write failed"]
+    assert writes.snapshot()["last_failed_at"] == clock.wall  # (shown: the wall clock's)

@@ -126,8 +126,7 @@ async def test_disk_full_while_spooling_every_client_gets_the_whole_body_and_not
         assert stats["write_errors"] == {"spool": 2} and stats["failing"]
         assert not any("succeed again" in r.getMessage() for r in caplog.records)
         failures = proxy.runtime.engine.write_failures
-        assert failures.last_failed_at is not None
-        failures.last_failed_at -= SETTLE  # as if that long had passed since
+        failures.failed_monotonic -= SETTLE  # as if that long had passed since
         failures.succeeded()  # the next write that succeeds
         stats = storage_stats((await proxy.admin("GET", "/stats")).body)
         assert stats["write_errors"] == {"spool": 2} and not stats["failing"]
