@@ -183,7 +183,9 @@ class Inspector:
         self._call = call_workers
         self.cluster = ClusterMetrics()
         self.window = RequestWindow()
-        self.started = time.time()
+        # Monotonic: a step of the system clock (NTP, a VM resumed) is no uptime (a step back of
+        # an hour showed uptime_seconds -3593).
+        self.started = time.monotonic()
         self._disk_count: tuple[float, int] | None = None
         # Why the last count of the disk tier's entries failed (the count given is the one
         # before), or None; logged once per streak.
@@ -407,7 +409,7 @@ class Inspector:
                 hits[(url, key)] = hits.get((url, key), 0) + int(n)
         ranked = sorted(hits.items(), key=lambda kv: (-kv[1], kv[0][1]))[:top]
         out: dict[str, Any] = {
-            "uptime_seconds": round(time.time() - self.started, 1),
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
             "tiers": tiers,
             "requests": {"total": sum(counts.values()), "by_cache_status": dict(sorted(counts.items()))},
             "hit_ratio": {

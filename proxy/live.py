@@ -431,9 +431,13 @@ class Series:
         self.seq = 0
         self.totals: Totals = {}  # since start: the current processes' latest totals and the retired
 
-    def add(self, now: float, parts: Sequence[Totals]) -> dict[str, Any] | None:
+    def add(self, now: float, parts: Sequence[Totals], elapsed_at: float | None = None
+            ) -> dict[str, Any] | None:
         """A sample of every process's totals; the new point (None for the first sample,
-        which only sets the baseline)."""
+        which only sets the baseline). ``now`` (the wall clock) labels the point (``t``);
+        ``elapsed_at`` (the monotonic clock; ``now`` when not given) measures its ``dt``. Why:
+        a step of the system clock back an hour made a point's dt -3600 (negative rates in the
+        console and in ``cachegate top``, last_minute.seconds negative)."""
         requests: dict[str, int] = {}
         bytes_: dict[str, int] = {}
         counted = dict.fromkeys(_COUNTED, 0)
@@ -454,7 +458,8 @@ class Series:
                 if any(diff):
                     latency[status] = add_counts(latency.get(status, []), diff)
         self.totals = self.kept.total()
-        previous, self._last_time = self._last_time, now
+        at = now if elapsed_at is None else elapsed_at
+        previous, self._last_time = self._last_time, at
         if previous is None:
             return None
         self.seq += 1
@@ -462,7 +467,7 @@ class Series:
         for counts in latency.values():
             merged = add_counts(merged, counts)
         p50, p99 = (percentile(merged, self.bounds, q) for q in (0.5, 0.99))
-        point = {"seq": self.seq, "t": round(now, 3), "dt": round(now - previous, 3),
+        point = {"seq": self.seq, "t": round(now, 3), "dt": round(at - previous, 3),
                  "requests": requests, "bytes": bytes_, **counted,
                  "p50": _ms(p50), "p99": _ms(p99)}
         self.points.append(point)

@@ -230,7 +230,7 @@ class LiveFeed:
         self._runtime = runtime
         self.inspector = inspector
         self.series = Series(REQUEST_BUCKETS)
-        self.started = time.time()
+        self.started = time.monotonic()  # (as the Inspector's: a clock step is no uptime)
         # Made at start: ``seq`` starts again at 0 with a restart, so a client holding points
         # (the console's charts) tells by this that they are another process's.
         self.instance = secrets.token_hex(8)
@@ -250,6 +250,7 @@ class LiveFeed:
     async def sample(self, now: float | None = None) -> None:
         """One sample of every process's totals (and, every LIVE_TABLES_EVERY, the tables)."""
         runtime = self._runtime
+        elapsed_at = time.monotonic() if now is None else None
         now = time.time() if now is None else now
         parts = [process_totals(runtime, owner=True)]
         if self.inspector.multi:
@@ -257,7 +258,7 @@ class LiveFeed:
         self.processes = max(1, len(parts) - 1) if self.inspector.multi else 1
         own = parts[0]["memory"]  # the machine's shared memory tier, counted once (process_totals)
         self.memory = {k: int(own[k]) for k in ("entries", "bytes")}
-        self.series.add(now, parts)
+        self.series.add(now, parts, elapsed_at)
         if self._ticks % LIVE_TABLES_EVERY == 0:
             await self.refresh_tables(now)
         self._ticks += 1
@@ -314,7 +315,7 @@ class LiveFeed:
             "seq": self.series.seq,
             "interval": SAMPLE_EVERY,
             "points": self.series.since(since),
-            "uptime_seconds": round(time.time() - self.started, 1),
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
             "workers": self.processes if self.inspector.multi else None,
             "last_minute": minute,
             "since_start": since_start,

@@ -266,3 +266,42 @@ async def test_a_logout_with_a_body_it_does_not_take_is_400_and_the_session_stay
     reply = await locked.admin("POST", "/console/api/logout", headers=both, json={})  # as the page sends
     assert reply.status == 200
     assert not js(await locked.admin("GET", "/console/api/session", headers=both))["authenticated"]
+
+
+async def test_a_step_of_the_system_clock_back_is_no_negative_uptime_or_rate(
+        locked: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uptime and a point's seconds (``dt``, which the console and ``cachegate top`` divide by)
+    were read on the wall clock: a step back of an hour (NTP, a VM resumed) showed uptime
+    -3593 s and a point of -3600 s. They are monotonic now; only a point's label ``t`` is the
+    wall clock's."""
+    import time
+
+    import proxy.inspection
+    import proxy.web.console
+
+    class Stepped:
+        offset = 0.0
+
+        def time(self) -> float:
+            return time.time() + self.offset
+
+        def monotonic(self) -> float:
+            return time.monotonic()
+
+    clock = Stepped()
+    monkeypatch.setattr(proxy.inspection, "time", clock)
+    monkeypatch.setattr(proxy.web.console, "time", clock)
+    live = feed(locked)
+    await live.sample()  # the baseline
+    clock.offset = -3600.0
+    await locked.get("/keep")
+    await settle(locked)
+    await live.sample()
+    body = js(await locked.admin("GET", "/console/api/live", headers=AUTH))
+    point = body["points"][-1]
+    assert 0 <= point["dt"] < 60 and point["requests"] == {"MISS": 1}
+    assert abs(point["t"] - (time.time() - 3600)) < 60  # (the label: the wall clock's)
+    assert 0 <= body["last_minute"]["seconds"] < 60
+    assert 0 <= body["uptime_seconds"] < 3000
+    stats = js(await locked.admin("GET", "/stats", headers=AUTH))
+    assert 0 <= stats["uptime_seconds"] < 3000

@@ -315,3 +315,12 @@ def test_a_dead_workers_top_urls_leave_the_list_a_generation_after_its_last_read
     assert merge_snapshots(kept.parts(), 10, 100.0 + TOP_GENERATION - 1)["top_urls"][0]["requests"] == 4
     gone = merge_snapshots(kept.parts(), 10, 100.0 + TOP_GENERATION)
     assert gone["top_urls"] == [] and gone["not_stored"][0]["count"] == 2
+
+
+def test_a_points_seconds_are_the_monotonic_clocks_and_its_label_the_wall_clocks():
+    """A step of the wall clock back an hour between two samples made the point's dt -3600."""
+    s = Series(REQUEST_BUCKETS)
+    s.add(10_000.0, [worker(0, 10)], 5.0)
+    point = s.add(10_001.0 - 3600, [worker(0, 10, hit=3)], 6.0)
+    assert point is not None and (point["t"], point["dt"]) == (6401.0, 1.0)
+    assert s.window(60)["seconds"] == 1.0
