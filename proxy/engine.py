@@ -34,7 +34,7 @@ from proxy.cluster.fills import NodeGate, SharedCache
 from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
-from proxy.errors import ProxyStopping, StorageError, UpstreamError, first_report
+from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamError, first_report
 from proxy.flight import Attempt, HeldFill, MissPath
 from proxy.http_client import InterimHook
 from proxy.leases import LeaseClient, LeaseTable
@@ -875,6 +875,8 @@ class Engine:
         detail = upstream_detail(exc)
         if isinstance(exc, ProxyStopping):  # cut off by the stop: no origin error to warn of
             log.info("answered %d: %s", status, exc)
+        elif isinstance(exc, OutOfResources):  # cachegate's own: the pool warns once per streak
+            log.debug("answered %d: %s", status, exc)
         elif first_report(exc):  # once per failed fetch, not once per client coalesced on it
             log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
         else:

@@ -79,6 +79,26 @@ class NoUpstreamAvailable(UpstreamError):
     cache_detail = "NO-UPSTREAM"
 
 
+class OutOfResources(UpstreamError):
+    """cachegate could not open a connection to the upstream because the process (or the
+    machine) ran out of file descriptors or socket memory: ``EMFILE``, ``ENFILE``, ``ENOBUFS``
+    or ``ENOMEM`` from ``socket()`` or ``connect()`` (``proxy.http_client.exhausted``).
+    cachegate's own failure, not the upstream's: never a passive or active health failure (a
+    flood of idle client connections at the open-files limit took every healthy upstream out,
+    and clients got 503 "no origin server is available" for the cool-down after it), not an
+    upstream error kind (``cachegate_out_of_resources_total`` counts it), and not retried on
+    another upstream (it would fail there too). 503 (RFC 9110 §15.6.4: a temporary condition of
+    this server), ``detail=PROXY-ERROR``."""
+
+    status_hint = 503
+    cache_detail = "PROXY-ERROR"
+
+    def __init__(self, message: str = "", *, detail: str | None = None, descriptors: bool = True) -> None:
+        super().__init__(message, detail=detail)
+        self.public = ("cachegate ran out of file descriptors" if descriptors
+                       else "cachegate ran out of memory for sockets")
+
+
 class ProxyStopping(UpstreamError):
     """The fetch was cut off because cachegate is stopping (its stop's deadline cancelled it,
     here or in the worker holding the key's lease), before its response head came. Not the

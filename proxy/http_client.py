@@ -78,8 +78,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import importlib
 import logging
+import os
 import re
 import socket
 import ssl
@@ -98,6 +100,7 @@ from proxy.errors import (
     BodyTimedOut,
     ClientBodyError,
     ClientGone,
+    OutOfResources,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -181,6 +184,38 @@ class UpstreamBodyError(UpstreamProtocolError):
     invalid response."""
 
     public = "the origin server's response body broke off (cut short, malformed or reset)"
+
+
+# What ``socket()`` or ``connect()`` says when this process or machine is out of descriptors
+# (EMFILE: the open-files limit; ENFILE: the system's) or of socket memory: cachegate's own
+# condition, whatever the upstream's state (``OutOfResources``).
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def exhausted(exc: BaseException | None) -> OSError | None:
+    """The ``OSError`` saying this process ran out of descriptors or memory, in ``exc`` or its
+    causes (an ``UpstreamConnectError`` raised from it, say); None for any other error.
+
+    >>> exhausted(OSError(errno.EMFILE, "Too many open files")).errno == errno.EMFILE
+    True
+    >>> exhausted(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")) is None
+    True
+    """
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in EXHAUSTED:
+            return exc
+        exc = exc.__cause__
+        seen += 1
+    return None
+
+
+def out_of_resources(name: str, exc: OSError) -> OutOfResources:
+    """The error for a connection to upstream ``name`` that this process could not open."""
+    why = (exc.strerror or os.strerror(exc.errno or 0))
+    return OutOfResources(f"{name}: cannot connect: cachegate's own limit: {exc}",
+                          detail=why[:1].lower() + why[1:],
+                          descriptors=exc.errno in (errno.EMFILE, errno.ENFILE))
 
 
 def error_kind(exc: UpstreamError) -> str:
@@ -1080,6 +1115,9 @@ class HostPool:
                                              "an https server?)") from None
             raise UpstreamConnectTimeout(f"{self.name}: connect timed out") from None
         except OSError as exc:  # refused, unreachable, DNS, TLS verification (ssl.SSLError)
+            mine = exhausted(exc)
+            if mine is not None:  # out of descriptors here: not the upstream's failure
+                raise out_of_resources(self.name, mine) from exc
             if handshake:
                 raise UpstreamConnectError(f"{self.name}: TLS handshake failed: {exc}") from exc
             raise UpstreamConnectError(f"{self.name}: cannot connect: {exc}") from exc

@@ -104,6 +104,8 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "cachegate_purges": ("url", "prefix", "tag", "all", "invalidation"),  # ``PurgeSpec.kinds``
     # where a body came from: ``proxy.web.frontend.TIERS``
     "cachegate_response_bytes": ("memory", "disk", "upstream", "none"),
+    # where this process ran out of descriptors opening a connection: ``proxy.upstream.EXHAUSTED_WHERE``
+    "cachegate_out_of_resources": ("upstream_connect", "health_check"),
 }
 
 # A snapshot: [[family name, type, help, [[sample name, {labels}, value], ...]], ...]
@@ -297,6 +299,12 @@ class Metrics:
                                           registry=r)
         self.fills = Counter("cachegate_fills", "Responses stored in the cache (a complete body committed)",
                              registry=r)
+        self.out_of_resources = Counter(
+            "cachegate_out_of_resources",
+            "Connections to an upstream this process could not open: out of file descriptors or "
+            "socket memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), by where: upstream_connect (the "
+            "request was answered 503), health_check (the check was skipped). Not an upstream error",
+            ["where"], registry=r)
         self.flights = Counter("cachegate_flights",
                                "Origin fetches shared by a key's clients (flights), by how they ended "
                                "(proxy.flight)", ["outcome"], registry=r)
@@ -308,7 +316,7 @@ class Metrics:
         self.live = LiveStats()
         for family in (self.reloads, self.storage_errors, self.admin_refused, self.purge_refused,
                        self.slow_readers, self.not_stored, self.flights, self.purges,
-                       self.response_bytes):
+                       self.response_bytes, self.out_of_resources):
             for value in KNOWN_LABELS[family.name]:
                 family.labels(value)  # at 0 from the start (KNOWN_LABELS)
         # Whether this process's client listeners answer fresh hits on the fast path (set when

@@ -321,7 +321,8 @@ class Runtime:
         metrics = Metrics()
         # First: its TLS context (UpstreamTLSUnusable), before the cache directory is touched.
         pool = UpstreamPool(settings.upstreams, settings.pool,
-                            on_error=lambda name, kind: metrics.upstream_errors.labels(name, kind).inc())
+                            on_error=lambda name, kind: metrics.upstream_errors.labels(name, kind).inc(),
+                            on_exhausted=lambda where: metrics.out_of_resources.labels(where).inc())
         for upstream in pool.upstreams:  # at 0 from the start (proxy.metrics.KNOWN_LABELS)
             for kind in UPSTREAM_ERROR_KINDS:
                 metrics.upstream_errors.labels(upstream.name, kind)

@@ -63,6 +63,14 @@ ends the exchange (the upstream connection is dropped) and is never retried, nor
 counted against the upstream: not a passive failure, not an upstream error in the
 metrics. Counted, a client breaking off a few uploads would take every upstream out.
 
+A connection this process cannot open because it is out of file descriptors or socket memory
+(``OutOfResources``: EMFILE, ENFILE, ENOBUFS, ENOMEM from ``socket()`` or ``connect()``) is
+cachegate's own failure: 503 "cachegate ran out of file descriptors", never retried, never a
+passive failure nor an upstream error kind (``cachegate_out_of_resources_total{where}``), logged
+once per streak; an active check that meets it gives no verdict (``CheckResult.own``). Held
+against the upstream, a flood of idle client connections at the open-files limit took every
+healthy upstream out, and clients got 503 "no origin server is available" for the cool-down.
+
 Timeouts (all 504 for the client, ``detail=UPSTREAM-TIMEOUT``) are told apart in
 the error and in ``cachegate_upstream_errors_total{kind}``: ``connect_timeout``
 (no connection within ``timeouts.connect``), ``pool_wait`` (no free pooled one within it),
@@ -87,6 +95,7 @@ from yarl import URL
 
 from proxy.errors import (
     NoUpstreamAvailable,
+    OutOfResources,
     ProxyStopping,
     UpstreamConnectError,
     UpstreamError,
@@ -108,8 +117,10 @@ from proxy.http_client import (
     body_error_kind,
     body_once,
     error_kind,
+    exhausted,
     request_head,
 )
+from proxy.logs import RepeatedFailure
 from proxy.policy.fields import body_length, content_length
 from proxy.settings import PoolSettings, UpstreamSettings
 from proxy.tls import ca_file_problem, client_context
@@ -285,6 +296,11 @@ class UpstreamResponse:
 
 
 ErrorHook = Callable[[str, str], None]  # (upstream name, error kind)
+ExhaustedHook = Callable[[str], None]  # (where: ``EXHAUSTED_WHERE``)
+
+# Where this process ran out of descriptors or socket memory opening a connection to an upstream
+# (``OutOfResources``): ``cachegate_out_of_resources_total{where}``, never an upstream error kind.
+EXHAUSTED_WHERE = ("upstream_connect", "health_check")
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +310,9 @@ class CheckResult:
 
     ok: bool
     error: str | None = None
+    # The check could not be made: this process is out of descriptors (``OutOfResources``).
+    # Neither a success nor a failure of the upstream's: its counts and verdict stay as they are.
+    own: bool = False
 
 
 def check_error(exc: BaseException) -> str:
@@ -325,7 +344,7 @@ class UpstreamTLSUnusable(Exception):
 
 class UpstreamPool:
     def __init__(self, upstreams: tuple[UpstreamSettings, ...], settings: PoolSettings,
-                 *, on_error: ErrorHook | None = None,
+                 *, on_error: ErrorHook | None = None, on_exhausted: ExhaustedHook | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.upstreams = [Upstream(u.url, u.weight) for u in upstreams]
@@ -333,6 +352,13 @@ class UpstreamPool:
         self._hosts: dict[str, HostPool] = {}
         self._checks: list[asyncio.Task[None]] = []
         self._on_error = on_error
+        self._on_exhausted = on_exhausted
+        # One warning per streak of connections this process could not open (thousands a
+        # second at the open-files limit: one line per miss buried the log), then once a minute.
+        self._exhausted = RepeatedFailure(
+            log, "opening a connection to an upstream", traceback=False, level=logging.WARNING,
+            then="answered 503 and not held against the upstream (cachegate's own limit: raise its "
+                 "open-files limit, or fewer client connections)")
         self._clock = clock
         self._closed = False  # ``close`` began: what fails from now on failed because of it
         # Made here, before the caller opens anything else: a ca_file that does not load is said
@@ -447,6 +473,13 @@ class UpstreamPool:
         up = sum(1 for u in self.upstreams if u is not upstream and u.available(now))
         return up >= (len(self.upstreams) + 1) // 2
 
+    def _exhausted_failure(self, where: str, exc: Exception) -> None:
+        """This process could not open a connection (``OutOfResources``): counted apart
+        (``on_exhausted``), logged once per streak; nothing held against the upstream."""
+        self._exhausted.failed(exhausted(exc) or exc, traceback=False)
+        if self._on_exhausted is not None:
+            self._on_exhausted(where)
+
     def _passive_success(self, upstream: Upstream) -> None:
         upstream.passive_failures = 0
 
@@ -523,12 +556,18 @@ class UpstreamPool:
                         pass
                 finally:
                     resp.discard()
+                self._exhausted.succeeded()  # a connection opened: a streak of EMFILEs ended
                 if 200 <= resp.status < 400:
                     return CheckResult(True)
                 return CheckResult(False, f"answered {resp.status} to GET {health.path}")
         except TimeoutError:
             return CheckResult(False, f"no answer within {health.timeout:g}s (health.timeout)")
         except (UpstreamError, OSError, RuntimeError) as exc:
+            if isinstance(exc, OutOfResources) or exhausted(exc) is not None:
+                # Out of descriptors here: no verdict on the upstream (a check failing so took
+                # healthy upstreams out).
+                self._exhausted_failure("health_check", exc)
+                return CheckResult(False, str(exc), own=True)
             return CheckResult(False, check_error(exc))
         finally:
             if conn is not None:
@@ -540,6 +579,8 @@ class UpstreamPool:
         the fault: a refused port now answering with a certificate that does not verify)."""
         health = self.settings.health
         assert health is not None
+        if result.own:  # not the upstream's result (``CheckResult.own``)
+            return
         previous, upstream.check_error = upstream.check_error, result.error
         if result.ok:
             upstream.check_failures = 0
@@ -673,6 +714,8 @@ class UpstreamPool:
             conn = await host.acquire(new=new, wait=wait)
             upstream.requests += 1  # held a connection: not a wait for one in vain (GET /upstreams)
             fresh = conn.exchange == 0
+            if fresh:
+                self._exhausted.succeeded()  # a connection opened: a streak of EMFILEs ended
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",
                                       read_timeout=t.read, total_deadline=total_deadline,
                                       on_interim=on_interim)
@@ -682,6 +725,12 @@ class UpstreamPool:
             exc.upstream = upstream.name
             self._done(upstream)
             self._body_error(upstream, exc)
+            raise
+        except OutOfResources as exc:
+            # This process is out of descriptors (``OutOfResources``): neither a request nor a
+            # failure of the upstream's, nor tried on another one (it would fail there too).
+            self._done(upstream)
+            self._exhausted_failure("upstream_connect", exc)
             raise
         except PoolWaitTimeout as exc:
             # cachegate's own limit, no connection tried: neither a request nor a failure of the
