@@ -162,6 +162,21 @@ class BodyTimedOut(ClientBodyError):
     public = "the request body did not arrive in time"
 
 
+class BodyRefused(ClientBodyError):
+    """The parser refused the request body's framing after the body began, in a later read than
+    its head (a malformed chunk-size line, a trailer with too many fields): the request is
+    refused as a head would be for the same fault (``status``, ``text``: 400 or 431, in the
+    parser refusal's fixed words), at once, and the upload to the upstream, if it began, is
+    aborted (its connection dropped). Before, the body's reader was never told: it waited
+    ``client_body_timeout`` for more body and answered 408, holding the upstream connection
+    with half a body meanwhile."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status_hint = status
+        self.public = text
+
+
 class BodyCutOff(ClientBodyError):
     """The client was still sending its request body when cachegate's stop reached the end of
     shutdown_grace (aiohttp's shutdown fails the body's stream). Not the client's fault, but a

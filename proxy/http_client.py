@@ -97,6 +97,7 @@ from yarl import URL
 
 from proxy.errors import (
     BodyCutOff,
+    BodyRefused,
     BodyTimedOut,
     ClientBodyError,
     ClientGone,
@@ -463,8 +464,9 @@ class UpstreamConnection(BaseProtocol):
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                except (asyncio.CancelledError, BodyCutOff, BodyTimedOut):
-                    raise  # (the stop cut the body off, or it came too slowly: its client is told)
+                except (asyncio.CancelledError, BodyCutOff, BodyTimedOut, BodyRefused):
+                    raise  # (the stop cut the body off, it came too slowly or was malformed: its
+                    # client is told so)
                 except Exception as exc:  # the client's body broke off (closed, reset, malformed)
                     # (ClientGone stays itself: the client left, which its access-log line says)
                     error = ClientGone if isinstance(exc, ClientGone) else ClientBodyError

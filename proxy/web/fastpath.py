@@ -80,7 +80,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 
 from proxy.engine import response_edits
-from proxy.errors import drop_traceback
+from proxy.errors import BodyRefused, drop_traceback
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
@@ -675,6 +675,8 @@ class ProxyRequestHandler(HeadTimedHandler):
                 self._refuse_unparsable(exc)
                 return
             queued = self._messages
+            if self._body is not None and queued and isinstance(queued[-1][0], _ErrInfo):
+                self._fail_body(queued[-1][0].exc)  # (a refusal in the body being read)
             refused = queued[-1][0] if boundary and queued else None
             if isinstance(refused, _ErrInfo) and isinstance(refused.exc, HttpProcessingError):
                 # aiohttp queued its 400 in place of the requests before: answer them first.
@@ -920,8 +922,24 @@ class ProxyRequestHandler(HeadTimedHandler):
 
     def _refuse(self, exc: HttpProcessingError, piece: bytes | None) -> None:
         """The 400 alone; the connection's parser then discards what comes (the reply closes)."""
+        self._fail_body(exc)
         self._parser = _Discarding()  # type: ignore[assignment]
         self._enqueue([self._refusal(exc, piece)], False, b"")
+
+    def _fail_body(self, exc: BaseException) -> None:
+        """The parser refused what came of a request body not yet whole (a malformed chunk, a
+        trailer with too many fields): that body's stream fails with the refusal
+        (``BodyRefused``: the status and words of ``parser_refusal``), so its request is
+        answered so at once, its upload to the origin is aborted, and the connection closes.
+        The refusal queued behind it is never reached. Before, the stream was never told: the
+        handler waited ``client_body_timeout`` for more body and answered 408, holding the
+        upstream connection with half a body all that time."""
+        if not isinstance(exc, HttpProcessingError):
+            return
+        status, text = parser_refusal(exc)
+        for body in {id(p): p for p in (self._late, self._body) if p is not None}.values():
+            if _body_pending(body) and body.exception() is None:
+                body.set_exception(BodyRefused(status, text.rstrip("\n")))
 
     def _refuse_unparsable(self, exc: Exception) -> None:
         """A request the parser failed on with something other than its own refusal: yarl raises
