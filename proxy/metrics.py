@@ -95,6 +95,8 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "cachegate_admin_refused": ("host", "origin", "content_type", "rate", "csrf"),
     "cachegate_purge_refused": ("forbidden", "disabled", "origin"),
     "cachegate_slow_readers": ("resumed", "cut_off"),
+    # ``proxy.web.headtimeout.LimitedHandler.limited``
+    "cachegate_client_connections_closed": ("send_timeout", "cap_oldest", "cap_refused"),
     # the store's own reasons (a full disk, too large, the spools' share used up); the
     # response's reasons (PRIVATE, RULE-NO-STORE:<rule>, ...) stay open-ended
     "cachegate_not_stored": ("STORE-FAILED", "TOO-LARGE", "SPOOLS-FULL"),
@@ -294,6 +296,12 @@ class Metrics:
                                     "Clients that fell too far behind a shared fill: resumed from the "
                                     "stored response, or cut off (connection aborted)", ["outcome"],
                                     registry=r)
+        self.client_closed = Counter("cachegate_client_connections_closed",
+                                     "Client connections closed by a limit: send_timeout (a reply "
+                                     "unread that long), cap_oldest (the oldest waiting for its "
+                                     "client, to admit a new one past max_connections), cap_refused "
+                                     "(a new one past max_connections, every other busy)", ["reason"],
+                                     registry=r)
         self.access_log_dropped = Counter("cachegate_access_log_dropped_lines",
                                           "Access log lines not written: a write failed (a full disk)",
                                           registry=r)
@@ -316,7 +324,7 @@ class Metrics:
         self.live = LiveStats()
         for family in (self.reloads, self.storage_errors, self.admin_refused, self.purge_refused,
                        self.slow_readers, self.not_stored, self.flights, self.purges,
-                       self.response_bytes, self.out_of_resources):
+                       self.response_bytes, self.out_of_resources, self.client_closed):
             for value in KNOWN_LABELS[family.name]:
                 family.labels(value)  # at 0 from the start (KNOWN_LABELS)
         # Whether this process's client listeners answer fresh hits on the fast path (set when

@@ -923,6 +923,22 @@ class Settings:
                                                  "(on a TLS one, its handshake has as long again, "
                                                  "before)",
                                            duration(minimum=MIN_CLIENT_TIMEOUT, why=CLIENT_TIMEOUT_FLOOR))
+    # A client that asks and never reads held its reply in the worker's memory for as long as it
+    # kept the connection open (3,000 such connections for a 900 KB hit: +520 MB per worker).
+    send_timeout: float = setting(60.0, "the longest a reply may stay unsent because the client reads "
+                                        "nothing (writes paused: the connection's send buffer full); "
+                                        "then the connection is aborted (nginx: send_timeout)",
+                                  duration(minimum=MIN_CLIENT_TIMEOUT, why=CLIENT_TIMEOUT_FLOOR))
+    # Without a cap, connections that only wait for their client (idle, a head or body never
+    # finished, a reply never read) ran a worker out of file descriptors, and every connection
+    # after them was closed unanswered.
+    max_connections: int | None = setting(None, "client connections one worker keeps open at once; one "
+                                                "more closes the oldest that only waits for its client "
+                                                "(idle, a head or body unfinished, a reply unread), "
+                                                "else itself (null, the default: 10,000, or less to "
+                                                "stay below the open-files limit: "
+                                                "[requests.md](requests.md#limits))",
+                                          integer(minimum=1))
     # A request body is sent upstream as it arrives, on a pooled connection: without a limit, a
     # client that stalls mid-upload holds that connection for as long as it likes, and
     # pool_size of them stop every other client's misses (nginx: client_body_timeout).

@@ -68,6 +68,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import resource
 from collections.abc import Sequence
 from time import perf_counter
 from typing import Any, NamedTuple
@@ -82,6 +83,7 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 from proxy.engine import response_edits
 from proxy.errors import BodyRefused, drop_traceback
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
+from proxy.logs import RepeatedFailure
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
@@ -94,13 +96,14 @@ from proxy.policy.request import (
 )
 from proxy.replies import Planned
 from proxy.rules import RequestPlan, RuleSet
+from proxy.settings import Settings
 from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.entry import Entry
 from proxy.storage.memory import Cached
 from proxy.web.fastheads import HeadShapes
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import asks_to_close, from_response
-from proxy.web.headtimeout import HeadTimedHandler, empty_lines, unfinished_head
+from proxy.web.headtimeout import LimitedHandler, LimitedServer, empty_lines, unfinished_head
 from proxy.web.proxy_handler import UnbuildableRequest, sendfile_now
 
 log = logging.getLogger("cachegate.proxy")
@@ -311,7 +314,7 @@ class FastPath:
         return data if self._alive(cached) else None
 
 
-class ProxyRequestHandler(HeadTimedHandler):
+class ProxyRequestHandler(LimitedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
     __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_head_bytes",
@@ -406,6 +409,14 @@ class ProxyRequestHandler(HeadTimedHandler):
                         self._refused_version if refused else request.version,
                         status, size, "ERROR", PROXY_ERROR, None, None, None, None))
         return resp
+
+    def limited(self, what: str) -> None:
+        """A connection closed by ``send_timeout`` or ``max_connections``: counted, and the cap's
+        closings logged once per streak (``ProxyServer.capped``)."""
+        self._front.runtime.metrics.client_closed.labels(what).inc()
+        manager = self._manager
+        if what != "send_timeout" and isinstance(manager, ProxyServer):
+            manager.capped(what, self._max_connections)
 
     def head_timed_out(self, timeout: float) -> None:
         """A head begun (some of its bytes came) and not whole within ``timeout``: logged 408 with
@@ -1128,12 +1139,46 @@ def fast_path_supported() -> bool:
     return probe().enabled
 
 
-class ProxyServer(web.Server):
-    """aiohttp's low-level server whose connections answer fresh hits on the fast path."""
+# max_connections when the config leaves it null: nginx's worker_connections is 512 by default
+# (counting its upstream connections too) and is raised to thousands in practice; Varnish caps
+# its threads, not its connections. 10,000 idle or slow connections cost a worker about 100 MB
+# at most beside their replies (docs/requests.md#limits), and a cap below the open-files limit
+# is what keeps a flood from making the accept fail (EMFILE, where new connections are closed
+# unanswered and unlogged): the cap leaves room for what else a worker opens.
+DEFAULT_MAX_CONNECTIONS = 10_000
+OTHER_FILES = 64 + 256  # logs, listeners, the loop's own, Redis; the open disk bodies (OpenBodies)
+
+
+def connection_cap(settings: Settings, nofile: int | None = None) -> int:
+    """The client connections one worker keeps open at once: ``max_connections``, or when it is
+    null DEFAULT_MAX_CONNECTIONS lowered below the open-files limit (``nofile``: the soft
+    RLIMIT_NOFILE) by what else a worker may have open (each upstream's pool, the disk shards'
+    three files each, OTHER_FILES), and never below a quarter of that limit."""
+    if settings.max_connections is not None:
+        return settings.max_connections
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY or nofile <= 0:
+        return DEFAULT_MAX_CONNECTIONS
+    disk = settings.cache.disk
+    reserve = (settings.pool.pool_size * len(settings.upstreams) + (3 * disk.shards if disk else 0)
+               + OTHER_FILES)
+    return max(min(DEFAULT_MAX_CONNECTIONS, nofile - reserve), nofile // 4, 1)
+
+
+class ProxyServer(LimitedServer):
+    """aiohttp's low-level server whose connections answer fresh hits on the fast path, at most
+    ``max_connections`` of them at once (``LimitedHandler``)."""
 
     def __init__(self, handler: Any, *, front: Front, fast: FastPath | None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._front = front
+        self._capped_by: Settings | None = None  # the settings ``max_connections`` was taken from
+        self.max_connections = DEFAULT_MAX_CONNECTIONS
+        self._capped = RepeatedFailure(log, "admitting client connections", traceback=False,
+                                       level=logging.WARNING,
+                                       then="connections waiting for their client are closed to make "
+                                            "room, else new ones")
         state = probe()
         front.runtime.metrics.fast_path = state  # cachegate_fast_path_enabled, /stats
         self._fast = fast if state.enabled else None
@@ -1143,6 +1188,11 @@ class ProxyServer(web.Server):
     @property
     def fast(self) -> FastPath | None:
         return self._fast
+
+    def capped(self, what: str, limit: int) -> None:
+        """One line when connections begin to be closed at the cap, then one a minute at most."""
+        reached = ConnectionCapReached(f"{limit} connections open in this worker (max_connections)")
+        self._capped.failed(reached)
 
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
                       ) -> web.BaseRequest:
@@ -1165,10 +1215,21 @@ class ProxyServer(web.Server):
             return UnbuildableRequest(exc, ERROR, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> RequestHandler:
-        # Read per connection: a reload's client_header_timeout applies to the next ones.
+        # Read per connection: a reload's client_header_timeout and send_timeout apply to the
+        # next ones.
+        settings = self._front.runtime.settings
+        if settings is not self._capped_by:  # (a reload's max_connections, too)
+            self._capped_by = settings
+            self.max_connections = connection_cap(settings)
         return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, front=self._front,
-                                   head_timeout=self._front.runtime.settings.client_header_timeout,
-                                   **self._kwargs)
+                                   head_timeout=settings.client_header_timeout,
+                                   send_timeout=settings.send_timeout,
+                                   max_connections=self.max_connections, **self._kwargs)
 
 
-__all__ = ["FastPath", "ProxyRequestHandler", "ProxyServer", "fast_path_supported", "probe"]
+class ConnectionCapReached(Exception):
+    """The client listener's ``max_connections`` closed a connection (for the streak's log line)."""
+
+
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "FastPath", "ProxyRequestHandler", "ProxyServer", "connection_cap",
+           "fast_path_supported", "probe"]

@@ -160,28 +160,37 @@ def unfinished_head(data: bytes) -> bool:
     return bool((data if end < 0 else data[end + 4:]).strip(b"\r\n"))
 
 
-class CappedHandler(HeadTimedHandler):
-    """A connection of the admin listener, which keeps at most ``max_connections`` open: when one
-    more comes, the oldest one that is only waiting for its client (``waits_for_client``: idle, a
-    head unfinished, a body still coming, a reply the client does not read) is closed to make
-    room, else the new one. So connections someone opens by the hundred, without a token, cannot
-    run the process out of file descriptors, nor lock out a client that comes later: only a
-    request that arrived whole and is being answered (or queued to be) to a client that reads
-    keeps its place, and one on a connection closed before its handler began is not handled. A
-    reply whose writes stay paused (the client reads nothing) for ``send_timeout`` seconds has
-    its connection aborted (nginx: ``send_timeout``). A request aiohttp's parser refuses is
-    answered like every admin error, ``{"error": "..."}`` (``handle_error``)."""
+class LimitedHandler(HeadTimedHandler):
+    """A connection of a listener that keeps at most ``max_connections`` open and aborts replies
+    its client does not read (both listeners: the client one with ``max_connections`` and
+    ``send_timeout`` from the config, the admin one with its own fixed limits).
 
-    __slots__ = ("_finished", "_max_connections", "_send_handle", "_send_timeout", "_server_header")
+    When one more connection comes than ``max_connections``, the oldest one that is only waiting
+    for its client (``waits_for_client``: idle, a head unfinished, a body still coming, a reply
+    the client does not read) is closed to make room, else the new one. So connections someone
+    opens by the thousand cannot run the process out of file descriptors, nor lock out a client
+    that comes later: only a request that arrived whole and is being answered (or queued to be)
+    to a client that reads keeps its place. A reply whose writes stay paused (the transport's
+    buffer over its high-water mark, the client reading nothing) for ``send_timeout`` seconds
+    has its connection aborted (nginx: ``send_timeout``): without it, each such connection held
+    what its reply had left to send for as long as the client kept it open.
 
-    def __init__(self, manager: web.Server, *, max_connections: int, server_header: Callable[[], str],
-                 send_timeout: float = 0.0, **kwargs: Any) -> None:
+    Cost: a timer only when the transport pauses writing; at each new connection a length
+    comparison, and a walk over the connections only once over the cap. ``limited`` says what
+    happened (the listener logs and counts it)."""
+
+    __slots__ = ("_finished", "_max_connections", "_send_handle", "_send_timeout", "_started")
+
+    def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._max_connections = max_connections
-        self._server_header = server_header  # the operator's Server field, not aiohttp's
         self._send_timeout = send_timeout
         self._send_handle: asyncio.TimerHandle | None = None
-        self._finished = 0  # requests whose handling ended (``_request_count``: parsed)
+        # Requests aiohttp's loop took from its queue (``LimitedServer``'s request factory) and
+        # whose handling ended; the fast path's answers are neither.
+        self._started = 0
+        self._finished = 0
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -206,8 +215,9 @@ class CappedHandler(HeadTimedHandler):
         self._send_handle = None
         if not self.not_reading():
             return
-        log.debug("a reply to %s could not be sent for %gs (the client reads nothing): connection "
-                  "aborted", self.peername, self._send_timeout)
+        log.debug("a reply to %s could not be sent for %gs (the client reads nothing; send_timeout): "
+                  "connection aborted", self.peername, self._send_timeout)
+        self.limited("send_timeout")
         self.drop()
 
     def not_reading(self) -> bool:
@@ -230,41 +240,67 @@ class CappedHandler(HeadTimedHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         manager = self._manager
-        if manager is None:
+        if manager is None or len(manager._connections) <= self._max_connections:
             return
         # Closed ones stay listed until their connection_lost, which comes later: a burst of
         # connections accepted at once would otherwise pick the same one again and again.
-        live = [c for c in manager.connections if isinstance(c, CappedHandler) and not c._force_close]
+        live = [c for c in manager._connections if isinstance(c, LimitedHandler) and not c._force_close]
         if len(live) <= self._max_connections:
             return
         for other in live:  # oldest first (a dict keeps the order they came)
             if other is not self and other.waits_for_client():
-                log.debug("more than %d connections: the oldest waiting for a request, from %s, "
+                log.debug("more than %d connections: the oldest waiting for its client, from %s, "
                           "closed", self._max_connections, other.peername)
+                self.limited("cap_oldest")
                 other.drop()
                 return
         log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
+        self.limited("cap_refused")
         self.force_close()
+
+    def limited(self, what: str) -> None:
+        """A limit closed a connection: ``send_timeout`` (this one's reply unread), ``cap_oldest``
+        (an older one, to admit this one), ``cap_refused`` (this one, all others busy). The
+        admin listener only logs it (at DEBUG, above); the client listener counts it too."""
 
     def waits_for_client(self) -> bool:
         """Nothing to answer yet, or nothing more to answer: no request, or one whose body is
         still coming (a login whose body never comes, too), or replies the client does not read
         (pipelined requests from a client that reads nothing: a reply stuck writing is not being
         answered, it waits for the client). Not a request that arrived whole and is being
-        answered (a purge, a reload), nor one queued to be."""
+        answered (a purge, a reload, a miss), nor one queued to be."""
         if self.not_reading():
             return True
         if self._request_in_progress:  # (set from the handler's call to the reply's end)
             request = self._current_request
             return request is not None and not request.content.is_eof()
-        # A request parsed, its handler not begun yet (queued, or taken from the queue for a
-        # task that starts on the next turn of the loop), is being answered as much as one
-        # whose handler runs: closing its connection made it lose its answer, not its action.
-        if self._request_count == self._finished:
-            return True
+        # A request taken from the queue, its handler not begun yet (a task that starts on the
+        # next turn of the loop), is being answered as much as one whose handler runs: closing
+        # its connection made it lose its answer, not its action.
+        if self._started != self._finished:
+            return False
         messages = self._messages
-        return bool(messages) and self._finished + len(messages) == self._request_count \
-            and not messages[0][1].is_eof()  # (the next one's body is still coming)
+        return not messages or not messages[0][1].is_eof()  # (the next one's body is still coming)
+
+    async def _handle_request(self, request: web.BaseRequest, start_time: float | None,
+                              request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+                              ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            self._finished += 1
+
+
+class CappedHandler(LimitedHandler):
+    """A connection of the admin listener (``LimitedHandler``'s limits). A request aiohttp's
+    parser refuses is answered like every admin error, ``{"error": "..."}`` (``handle_error``);
+    one on a connection closed before its handler began is not handled."""
+
+    __slots__ = ("_server_header",)
+
+    def __init__(self, manager: web.Server, *, server_header: Callable[[], str], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._server_header = server_header  # the operator's Server field, not aiohttp's
 
     async def _handle_request(self, request: web.BaseRequest, start_time: float | None,
                               request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -273,12 +309,10 @@ class CappedHandler(HeadTimedHandler):
         the request was queued: aiohttp still takes it from the queue and runs it, so a reload
         or a purge was done with no one to tell (the client saw its connection closed with
         nothing answered, and may send it again)."""
-        try:
-            if self._force_close:
-                raise ConnectionResetError("connection closed before its request was handled")
-            return await super()._handle_request(request, start_time, request_handler)
-        finally:
+        if self._force_close:
             self._finished += 1
+            raise ConnectionResetError("connection closed before its request was handled")
+        return await super()._handle_request(request, start_time, request_handler)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -303,8 +337,25 @@ class CappedHandler(HeadTimedHandler):
         return response
 
 
-class CappedServer(web.Server):
-    """``web.Server`` whose connections are ``CappedHandler``s; ``head_timeout`` and
+class LimitedServer(web.Server):
+    """``web.Server`` whose connections are ``LimitedHandler``s: each request aiohttp's loop
+    takes from a connection's queue is noted on it (``LimitedHandler.waits_for_client``), by
+    the request factory (the general path only: the fast path's answers never get there)."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        factory = self.request_factory
+
+        def taken(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+            if isinstance(protocol, LimitedHandler):
+                protocol._started += 1
+            return factory(message, payload, protocol, writer, task)
+
+        self.request_factory = taken
+
+
+class CappedServer(LimitedServer):
+    """``LimitedServer`` whose connections are ``CappedHandler``s; ``head_timeout`` and
     ``server_header`` are read at each new connection (or answer), so a reload applies."""
 
     def __init__(self, handler: Any, *, head_timeout: Callable[[], float], max_connections: int,
@@ -321,4 +372,5 @@ class CappedServer(web.Server):
                              send_timeout=self._send_timeout, **self._kwargs)
 
 
-__all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "empty_lines", "unfinished_head"]
+__all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "LimitedHandler", "LimitedServer",
+           "empty_lines", "unfinished_head"]

@@ -1,0 +1,126 @@
+"""The client listener's limits on connections: ``send_timeout`` and ``max_connections``.
+
+A client that asks for a large hit and never reads it held what its reply had left to send in
+the worker's memory for as long as it kept the connection open (3,000 such connections for a
+900 KB hit: +520 MB per worker), on the fast path and the general one alike; and nothing
+capped how many connections a worker kept, so connections that only wait for their client
+(idle, a head unfinished, a reply unread) ran it out of file descriptors. Now a reply unsent
+for ``send_timeout`` seconds has its connection aborted, and one more connection than
+``max_connections`` closes the oldest that only waits for its client, else itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+
+import aiohttp
+import pytest
+
+from proxy.web.fastpath import ProxyServer
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+
+BIG = bytes(range(256)) * (12 * 1024)  # 3 MB: more than the sockets' buffers take
+
+
+def client_connections(proxy: Proxy) -> int:
+    """Connections the client listener holds (gone from the list once their handler ended)."""
+    for runner in proxy.listeners.runners:
+        if isinstance(runner.server, ProxyServer):
+            return len(runner.server._connections)
+    raise AssertionError("no client listener")
+
+
+async def closed_count(proxy: Proxy, reason: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
+        text = await r.text()
+    name = f'cachegate_client_connections_closed_total{{reason="{reason}"}} '
+    found = re.search(re.escape(name) + r"([\d.]+)", text)
+    return float(found.group(1)) if found else -1.0
+
+
+def unread(proxy: Proxy, path: str) -> socket.socket:
+    """A connection asking for ``path`` whose client reads nothing (a tiny receive buffer)."""
+    host, port = proxy.listeners.proxy_addresses[0]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode())
+    return sock
+
+
+async def until(check: object, seconds: float) -> bool:
+    for _ in range(int(seconds * 50)):
+        if check():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+async def test_a_large_hit_the_client_never_reads_is_aborted_after_send_timeout(
+        make_proxy: MakeProxy, origin: Origin, where: str) -> None:
+    # From memory: the fast path (the body in memory, one transport write); from disk, too big
+    # for the fast path's sendfile: aiohttp's handler streaming the file.
+    memory = "cache: {memory: 64MB, memory_max_object: 4MB}\n" if where == "memory" else ""
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0'}}\nsend_timeout: 1s\n{memory}")
+    origin.route("/big", body=BIG, headers={"Cache-Control": "max-age=600"})
+    assert (await proxy.get("/big")).body == BIG  # stored
+    assert (await proxy.get("/big")).headers["X-Cache-Status"] == "HIT"
+    before = client_connections(proxy)
+    sock = unread(proxy, "/big")
+    try:
+        assert await until(lambda: client_connections(proxy) > before, 5)
+        # Gone (file descriptor, buffer and all) once its writes stayed paused send_timeout long.
+        assert await until(lambda: client_connections(proxy) <= before, 10), \
+            "a connection whose client reads nothing was kept"
+        assert await closed_count(proxy, "send_timeout") == 1
+        # A client that reads gets the whole answer, however long it takes to ask.
+        assert (await proxy.get("/big")).body == BIG
+    finally:
+        sock.close()
+
+
+async def test_max_connections_closes_the_oldest_idle_one_to_admit_a_new_one(make_proxy: MakeProxy,
+                                                                             origin: Origin) -> None:
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 4\n")
+    origin.route("/small", body=b"ok", headers={"Cache-Control": "max-age=600"})
+    host, port = proxy.listeners.proxy_addresses[0]
+    idle = [await asyncio.open_connection(host, port) for _ in range(4)]
+    idle[1][1].write(b"GET /small HTTP/1.1\r\nHost: a")  # a head never finished is idle too
+    assert await until(lambda: client_connections(proxy) == 4, 5)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /small HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    assert await asyncio.wait_for(idle[0][0].read(), 5) == b""  # the oldest, closed for it
+    idle[0][1].close()
+    for r, w in idle[1:]:
+        assert not r.at_eof()
+        w.close()
+    assert await closed_count(proxy, "cap_oldest") == 1
+
+
+async def test_max_connections_refuses_a_new_one_when_every_other_is_busy(make_proxy: MakeProxy,
+                                                                          origin: Origin) -> None:
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 3\n")
+    origin.route("/slow", body=b"slow", delay=2.0)
+    host, port = proxy.listeners.proxy_addresses[0]
+    busy = [await asyncio.open_connection(host, port) for _ in range(3)]
+    for i, (_, w) in enumerate(busy):  # whole requests being answered, to clients that read
+        w.write(f"GET /slow?{i} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n".encode())
+    assert await until(lambda: origin.count("/slow") == 3, 5)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"GET /slow?new HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    for r, w in busy:  # their answers are whole
+        assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 200 ")
+        w.close()
+    assert await closed_count(proxy, "cap_refused") == 1
