@@ -17,6 +17,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -44,7 +45,7 @@ from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
 from proxy.lockfile import port_in_use
-from proxy.logs import say, tell
+from proxy.logs import RepeatedFailure, say, tell
 from proxy.policy.request import MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.room import FilesystemFull, MemoryUnavailable, NotWritable, denied, filesystem_full
@@ -92,11 +93,14 @@ class Listeners:
     proxy_addresses: list[tuple[str, int]] = field(default_factory=list)  # every client listener's
     admin_addresses: list[tuple[str, int]] = field(default_factory=list)
     proxy_urls: list[str] = field(default_factory=list)  # the same, as http:// or https:// URLs
+    open_files: OpenFilesWatch | None = None
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; requests in flight have ``grace`` seconds, then are cancelled, and
         all is over within ``grace`` + STOP_MARGIN: aiohttp would wait as long as ``grace``
         again for the cancelled handlers."""
+        if self.open_files is not None:
+            self.open_files.close()
         for runner in self.runners:
             runner._shutdown_timeout = grace  # aiohttp reads it in cleanup()
         if not self.runners:
@@ -111,6 +115,48 @@ class Listeners:
             log.warning("requests still in flight %gs after the grace period; cut off", STOP_MARGIN)
             await _cut_off(self.runners)
         await _flushed(transports, deadline)
+
+
+class OpenFilesWatch:
+    """Once a second, whether this process can still open a file: at the open-files limit the
+    plain client listener's accept fails (EMFILE) and uvloop (libuv) closes each new connection
+    at once, with no log line and no metric (the TLS listener logs its own: ``TLSAcceptor``).
+    One line when it starts, once a minute while it lasts, one when it ends (``RepeatedFailure``).
+    Why a probe: the failure never reaches Python under uvloop; opening and closing
+    ``/dev/null`` costs two system calls a second. ``max_connections``'s default keeps the
+    connections below the limit; this says when something else (or a set cap) got there."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, every: float = 1.0) -> None:
+        self._loop = loop
+        self._every = every
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.failure = RepeatedFailure(
+            log, f"opening a file (the open-files limit, {soft}, reached: new client connections are "
+                 "closed unanswered; lower max_connections or raise the limit, LimitNOFILE)",
+            traceback=False, then="checked every second")
+        self._handle: asyncio.TimerHandle | None = loop.call_later(every, self._tick)
+
+    def _tick(self) -> None:
+        self.check()
+        self._handle = self._loop.call_later(self._every, self._tick)
+
+    def check(self) -> bool:
+        """Whether a file could be opened now (logged when that changes)."""
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.failure.failed(exc, traceback=False)
+            return False
+        os.close(fd)
+        self.failure.succeeded()
+        return True
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _transports(runners: list[web.BaseRunner]) -> list[asyncio.Transport]:
@@ -180,6 +226,8 @@ async def start_proxy_listeners(runtime: Runtime, settings: Settings, listeners:
     end (``proxy.web.frontend``); a TLS listener's certificate is the one the config load read,
     and each reload's (``proxy.tls``)."""
     front = Front(runtime)
+    if listeners.open_files is None:
+        listeners.open_files = OpenFilesWatch(asyncio.get_running_loop())
     for index, listener in enumerate(settings.listeners):
         tls = (ServerTLS(listener.tls.cert, listener.tls.key, settings.pem(listener.tls))
                if listener.tls is not None else None)

@@ -12,13 +12,18 @@ for ``send_timeout`` seconds has its connection aborted, and one more connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import re
+import resource
 import socket
 
 import aiohttp
 import pytest
 
 from proxy.web.fastpath import ProxyServer
+from proxy.web.server import OpenFilesWatch
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 
@@ -124,3 +129,34 @@ async def test_max_connections_refuses_a_new_one_when_every_other_is_busy(make_p
         assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 200 ")
         w.close()
     assert await closed_count(proxy, "cap_refused") == 1
+
+
+async def test_the_open_files_limit_reached_is_logged_once_and_its_end_too(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # At the limit, uvloop's accept closes each new connection unanswered and says nothing: the
+    # listener's watch says it (a real limit, lowered for the test and filled up).
+    watch = OpenFilesWatch(asyncio.get_running_loop(), every=3600)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="cachegate.server"):
+            assert watch.check()
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+            with contextlib.suppress(OSError):
+                for _ in range(100_000):
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            assert not watch.check() and not watch.check()
+            for fd in held:
+                os.close(fd)
+            held.clear()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert watch.check()
+        lines = [r.getMessage() for r in caplog.records if "open-files limit" in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert "Too many open files" in lines[0] and "works again" in lines[1]
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        watch.close()
