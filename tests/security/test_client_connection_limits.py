@@ -18,11 +18,13 @@ import os
 import re
 import resource
 import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy.web.fastpath import ProxyServer
+from proxy.config import load_config
+from proxy.web.fastpath import ProxyServer, connection_cap
 from proxy.web.server import OpenFilesWatch
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
@@ -160,3 +162,17 @@ async def test_the_open_files_limit_reached_is_logged_once_and_its_end_too(
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         watch.close()
+
+
+@pytest.mark.parametrize(("config", "nofile", "cap"), [
+    ("", 65536, 10_000),  # the default, well below the limit
+    ("", 1024, 256),  # 1,024 - (2 x 256 pooled + 8 x 3 shard files + 320) < a quarter
+    ("", 4096, 4096 - 2 * 256 - 24 - 320),
+    ("max_connections: 50\n", 1024, 50),  # as set
+])
+def test_the_default_cap_stays_below_the_open_files_limit(tmp_path: Path, config: str, nofile: int,
+                                                          cap: int) -> None:
+    path = tmp_path / "cachegate.yaml"
+    path.write_text("upstreams: [{url: 'http://127.0.0.1:1'}, {url: 'http://127.0.0.1:2'}]\n"
+                    f"cache: {{disk: {{path: '{tmp_path}/cache'}}}}\n{config}")
+    assert connection_cap(load_config(str(path)), nofile) == cap
