@@ -1204,6 +1204,7 @@ class ProxyServer(LimitedServer):
         closing the connection (``proxy_handler.UnbuildableRequest``). The request's body is noted
         on its connection (``ProxyRequestHandler._taken``) until its task takes it over."""
         if isinstance(protocol, ProxyRequestHandler):
+            protocol._started += 1  # (``LimitedServer``)
             protocol._taken = payload
             if _body_pending(payload):
                 protocol._late = payload

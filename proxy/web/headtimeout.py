@@ -340,11 +340,14 @@ class CappedHandler(LimitedHandler):
 class LimitedServer(web.Server):
     """``web.Server`` whose connections are ``LimitedHandler``s: each request aiohttp's loop
     takes from a connection's queue is noted on it (``LimitedHandler.waits_for_client``), by
-    the request factory (the general path only: the fast path's answers never get there)."""
+    the request factory (the general path only: the fast path's answers never get there). A
+    subclass's own ``_make_request`` counts it itself (no call more per request)."""
 
     def __init__(self, handler: Any, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        factory = self.request_factory
+        factory: Callable[..., web.BaseRequest] | None = kwargs.get("request_factory")
+        if factory is None:
+            return
 
         def taken(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
             if isinstance(protocol, LimitedHandler):
@@ -352,6 +355,12 @@ class LimitedServer(web.Server):
             return factory(message, payload, protocol, writer, task)
 
         self.request_factory = taken
+
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+                      ) -> web.BaseRequest:
+        if isinstance(protocol, LimitedHandler):
+            protocol._started += 1
+        return super()._make_request(message, payload, protocol, writer, task)
 
 
 class CappedServer(LimitedServer):
