@@ -370,7 +370,8 @@ def _admin_unbound(host: str, port: int, exc: OSError) -> str:
     return port_in_use(where, port, "the admin API")
 
 
-# The admin listener's limits on connections (the client listener's are its own): a request
+# The admin listener's limits on connections (the client listener's come from the config:
+# send_timeout, max_connections; both kept by ``LimitedHandler``): a request
 # head must be whole within client_header_timeout, a body is read under client_body_timeout
 # and client_body_min_rate (``proxy.web.admin.read_json``), an idle connection is closed after
 # ADMIN_KEEPALIVE seconds, and at most ADMIN_MAX_CONNECTIONS are open at once (the oldest that
