@@ -22,6 +22,7 @@ from proxy.startup import (
     EXIT_OK,
     load_settings,
     log_as_configured,
+    raise_open_files,
     run_async,
     start_logging,
 )
@@ -461,6 +462,7 @@ def _run(args: argparse.Namespace) -> int:
     log_as_configured(settings)
     for warning in settings.warnings:
         logging.getLogger("cachegate.config").warning("%s", warning)
+    raise_open_files()  # before the workers start: they inherit it
     if settings.workers > 1:
         from proxy.supervisor import supervise
 

@@ -11,6 +11,8 @@ to borrow these steps from the command line, which imports the supervisor: an im
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -25,6 +27,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # supervisor stops instead of restarting it forever.
 EXIT_CACHE_DIR = 3
 T = TypeVar("T")
+# The soft open-files limit a start raises itself to, at most (the hard limit bounds it).
+OPEN_FILES_WANTED = 1 << 20
 
 
 def run_async(coro: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
@@ -69,3 +73,26 @@ def log_as_configured(settings: Settings) -> None:
     from proxy.runtime import error_log_json
 
     setup_logging(as_json=error_log_json(settings))
+
+
+def raise_open_files(wanted: int = OPEN_FILES_WANTED) -> tuple[int, int] | None:
+    """Raise this process's soft open-files limit to its hard one (at most ``wanted``), as Go's
+    runtime and Java do at start; the workers inherit it. ``(before, after)`` when raised.
+
+    Why: the soft limit is 1,024 on most machines outside a unit that sets ``LimitNOFILE``
+    (systemd's own default is 1024:524288, a shell's too), and ``max_connections``' default
+    stays below the limit: 256 client connections a worker, where the hard limit allows the
+    10,000 of the default. Nothing here selects on descriptors (the loop is epoll's)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:  # a sandbox that refuses: the limit stays, said once
+        logging.getLogger("cachegate").info("the open-files limit stays %d (raising it to %d failed: %s)",
+                                            soft, target, exc)
+        return None
+    logging.getLogger("cachegate").info("open-files limit raised from %d to %d (the hard limit allows it)",
+                                        soft, target)
+    return soft, target

@@ -176,3 +176,40 @@ def test_the_default_cap_stays_below_the_open_files_limit(tmp_path: Path, config
     path.write_text("upstreams: [{url: 'http://127.0.0.1:1'}, {url: 'http://127.0.0.1:2'}]\n"
                     f"cache: {{disk: {{path: '{tmp_path}/cache'}}}}\n{config}")
     assert connection_cap(load_config(str(path)), nofile) == cap
+
+
+def _open_files_soft(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open-files limit for {pid}")
+
+
+def _raised_start(config: str) -> tuple[int, list[int], int, str]:
+    from tests.harness import spawn_cachegate
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    proc = spawn_cachegate(["run", "--config", config, "--workers", "2", "--log-level", "info"],
+                           preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    try:
+        pid = proc.proc.pid
+        workers = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return _open_files_soft(pid), [_open_files_soft(w) for w in workers], hard, proc.text
+    finally:
+        proc.stop()
+
+
+async def test_a_start_raises_the_soft_open_files_limit_to_the_hard_one(origin: Origin, tmp_path: Path) -> None:
+    # The soft limit is 1,024 in a shell and under systemd's own default (1024:524288): the
+    # connection cap's default stayed below it, 256 client connections a worker where the hard
+    # limit allowed 10,000. The supervisor raises it before its workers start; they inherit it.
+    from tests.harness import write_config
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] <= 1024:
+        pytest.skip("the hard open-files limit here is 1,024 or less: nothing to raise to")
+    config = write_config(str(tmp_path), origin.url)
+    supervisor, workers, hard, text = await asyncio.to_thread(_raised_start, config)
+    wanted = min(hard, 1 << 20)
+    assert supervisor == wanted, text[-2000:]
+    assert workers and all(w == wanted for w in workers), (workers, text[-2000:])
+    assert f"open-files limit raised from 1024 to {wanted}" in text, text[-2000:]
