@@ -1,0 +1,112 @@
+"""New Vary variants of one key against the shared memory's other keys: what a fill of a new
+variant writes into the ring is a small multiple of what it brings, so one client sending a new
+``User-Agent`` per request to one page pushes out no more than as many distinct URLs would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.storage.memory import OLDER_BODIES, fill_limit
+from proxy.storage.persist import MAX_VARIANTS
+from proxy.storage.tiered import Storage
+from tests.storage.helpers import MB, entry, open_store, read_body, store
+
+KEY = "http://h.test/vary"
+OTHERS = 2000
+SIZE = 30_000
+MISSES = 40
+
+
+async def churn(s: Storage, misses: int = MISSES, flush: bool = False) -> tuple[int, int]:
+    """Fill ``OTHERS`` ordinary keys of 1 KB, then ``misses`` new variants of ``KEY`` (``SIZE``
+    bytes each): the ring's evictions and the bytes it took during the variants' fills."""
+    for i in range(OTHERS):
+        assert await store(s, entry(f"http://h.test/o{i}"), b"o" * 1024, flush=False)
+    await s.flush()
+    ring = s.memory.arena
+    evictions, head = ring.evictions, ring.head
+    for i in range(misses):
+        e = entry(KEY, vary=(("user-agent", f"agent-{i}"),))
+        assert await store(s, e, bytes([65 + i % 26]) * SIZE, flush=flush)
+    return ring.evictions - evictions, ring.head - head
+
+
+def others_held(s: Storage) -> int:
+    return sum(s.memory.peek(f"http://h.test/o{i}") is not None for i in range(OTHERS))
+
+
+async def test_without_a_disk_tier_new_variants_of_one_key_push_out_no_other_key() -> None:
+    """Memory only, 40 misses of 30 KB with a new User-Agent each (1.2 MB from the origin): each
+    rewrote the key's record with up to 1/64 of the ring of the older variants' bodies, and the
+    ring's 2,000 other keys were all pushed out (every one a miss again)."""
+    s = open_store(None, memory=16 * MB, memory_max_object=MB)
+    try:
+        evicted, written = await churn(s)
+        assert evicted == 0 and others_held(s) == OTHERS
+        # What the ring took: each fill its own body and twice that of the older ones at most
+        # (and the variants' metadata), not a megabyte.
+        assert written <= MISSES * (1 + OLDER_BODIES) * SIZE + MISSES * MAX_VARIANTS * 512
+        variants = s.memory.peek(KEY) or ()
+        assert sum(len(c.body) for c in variants if c.body is not None) <= fill_limit(SIZE, MB)
+        # The newest are hits, the older ones past the bound misses (asked of the origin again).
+        assert await read_body(s, KEY, len(variants) - 1) == bytes([65 + (MISSES - 1) % 26]) * SIZE
+        assert len(variants) == 1 + OLDER_BODIES
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("written_behind", [False, True], ids=["within-one-interval", "each-written-behind"])
+async def test_with_a_disk_tier_new_variants_of_one_key_push_out_no_other_key_and_lose_none(
+        tmp_path: Path, written_behind: bool) -> None:
+    """With a disk tier, the older variants' bodies on disk keep their metadata only in the
+    record; those not written behind yet stayed in it (up to 4 × memory_max_object), so 40
+    misses within one write-behind interval rewrote all the earlier ones each time: 1 MB
+    records, and the other keys pushed out. Now such a fill's body goes to disk at once (as a
+    bigger body's does), and none of the variants is lost."""
+    s = open_store(str(tmp_path / "cache"), memory=16 * MB, memory_max_object=MB)
+    try:
+        evicted, written = await churn(s, flush=written_behind)
+        assert evicted == 0 and others_held(s) == OTHERS
+        assert written <= MISSES * (1 + OLDER_BODIES) * SIZE + MISSES * MAX_VARIANTS * 512
+        await s.flush()
+        variants = await s.get(KEY)
+        assert len(variants) == MAX_VARIANTS  # the newest 32 (as before): every one with its body
+        for i, c in enumerate(variants):
+            n = MISSES - MAX_VARIANTS + i
+            assert c.entry.response.vary == (("user-agent", f"agent-{n}"),)
+            assert await read_body(s, KEY, i) == bytes([65 + n % 26]) * SIZE, n
+    finally:
+        s.close()
+
+
+async def test_a_key_of_small_variants_keeps_several_bodies_in_its_record() -> None:
+    """The floor: a key whose variants are a few KB each keeps a handful of bodies together."""
+    s = open_store(None, memory=16 * MB, memory_max_object=MB)
+    try:
+        for i in range(12):
+            assert await store(s, entry(KEY, vary=(("user-agent", f"a{i}"),)), b"s" * 2000)
+        variants = s.memory.peek(KEY) or ()
+        assert len(variants) == 12 and all(c.body is not None for c in variants)
+    finally:
+        s.close()
+
+
+async def test_variants_filled_faster_than_write_behind_are_none_of_them_lost(tmp_path: Path) -> None:
+    """Six 50 KB variants at once with a 64 KB memory_max_object: the record kept the bodies not
+    written behind yet up to 4 × that, and the oldest was left out before it reached the disk
+    (answered stored, a miss afterwards). Now the fills past what the record may carry go to
+    disk at once."""
+    s = open_store(str(tmp_path / "cache"), memory_max_object=64 * 1024)
+    try:
+        for i in range(6):
+            assert await store(s, entry(KEY, vary=(("user-agent", f"a{i}"),)), bytes([65 + i]) * 50_000,
+                               flush=False)
+        await s.flush()
+        variants = await s.get(KEY)
+        assert [c.entry.response.vary for c in variants] == [(("user-agent", f"a{i}"),) for i in range(6)]
+        for i in range(6):
+            assert await read_body(s, KEY, i) == bytes([65 + i]) * 50_000, i
+    finally:
+        s.close()
