@@ -97,13 +97,16 @@ class Cached:
 UNWRITTEN_ROOM = 4  # × memory_max_object: a key's bodies not on disk yet (``bodies_within``)
 # What a fill of a new variant carries of the key's older bodies into its record (``fill_limit``):
 # up to OLDER_BODIES × the new body's size, OLDER_FLOOR at least. So the ring takes at most
-# (1 + OLDER_BODIES) × what the variant brings (metadata and bodies not on disk yet aside), not
+# (1 + OLDER_BODIES) × the bodies the variant brings (with the variants' metadata), not
 # ``memory_max_object`` per miss: 40 misses of 30 KB, each with a new ``User-Agent``, wrote 1 MB
-# records each (30 ×) and emptied the ring of its 5,000 other keys. Two: a page's usual
-# encodings (an identity body and its smaller compressed ones) stay in one record together;
-# the floor keeps several small variants' bodies (a few KB each) side by side.
-OLDER_BODIES = 2
-OLDER_FLOOR = 32 * 1024
+# records each (30 ×) and emptied the ring of its 5,000 other keys; at 3 × (two older bodies of
+# the size), 460 such misses emptied a 32 MB ring, where 700 of distinct URLs push out nothing.
+# One: the body the variant brings and as much again (the first other key goes after some 350
+# such misses, after some 750 of distinct URLs), so a page's two encodings of a size stay
+# together; the floor keeps several small variants' bodies (a few KB each) side by side, and is
+# about what the record's metadata of 32 variants costs each rewrite anyway.
+OLDER_BODIES = 1
+OLDER_FLOOR = 16 * 1024
 # Without a disk tier, a key's bodies may take this share of the ring when that is more
 # (``memory_only_bodies``).
 MEMORY_ONLY_SHARE = 64
@@ -170,7 +173,8 @@ def fill_limit(adding: int, limit: int) -> int:
     older ones (``OLDER_FLOOR`` at least), within ``limit`` (the tier's own bound). Why: each
     new variant rewrites the key's whole record; holding up to ``memory_max_object`` of the
     newest bodies, a miss of 30 KB wrote 1 MB into the ring, and 40 misses of one URL with a
-    new ``User-Agent`` each pushed out more keys than 1,000 misses of distinct URLs."""
+    new ``User-Agent`` each pushed out 700 other keys, where 700 misses of distinct URLs pushed
+    out none."""
     return min(limit, adding + max(OLDER_FLOOR, OLDER_BODIES * adding))
 
 
