@@ -4,6 +4,7 @@ variant writes into the ring is a small multiple of what it brings, so one clien
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ SIZE = 30_000
 MISSES = 40
 
 
-async def churn(s: Storage, misses: int = MISSES, flush: bool = False) -> tuple[int, int]:
+async def churn(s: Storage, misses: int = MISSES, flush_every: int = 0) -> tuple[int, int]:
     """Fill ``OTHERS`` ordinary keys of 1 KB, then ``misses`` new variants of ``KEY`` (``SIZE``
     bytes each): the ring's evictions and the bytes it took during the variants' fills."""
     for i in range(OTHERS):
@@ -28,8 +29,8 @@ async def churn(s: Storage, misses: int = MISSES, flush: bool = False) -> tuple[
     ring = s.memory.arena
     evictions, head = ring.evictions, ring.head
     for i in range(misses):
-        e = entry(KEY, vary=(("user-agent", f"agent-{i}"),))
-        assert await store(s, e, bytes([65 + i % 26]) * SIZE, flush=flush)
+        e = replace(entry(KEY, vary=(("user-agent", f"agent-{i}"),)), stored_at=1000.0 + i)  # (its response's time)
+        assert await store(s, e, bytes([65 + i % 26]) * SIZE, flush=bool(flush_every) and i % flush_every == 0)
     return ring.evictions - evictions, ring.head - head
 
 
@@ -57,17 +58,20 @@ async def test_without_a_disk_tier_new_variants_of_one_key_push_out_no_other_key
         s.close()
 
 
-@pytest.mark.parametrize("written_behind", [False, True], ids=["within-one-interval", "each-written-behind"])
+@pytest.mark.parametrize("flush_every", [0, 7, 1], ids=["within-one-interval", "written-behind-now-and-then",
+                                                       "each-written-behind"])
 async def test_with_a_disk_tier_new_variants_of_one_key_push_out_no_other_key_and_lose_none(
-        tmp_path: Path, written_behind: bool) -> None:
+        tmp_path: Path, flush_every: int) -> None:
     """With a disk tier, the older variants' bodies on disk keep their metadata only in the
     record; those not written behind yet stayed in it (up to 4 × memory_max_object), so 40
     misses within one write-behind interval rewrote all the earlier ones each time: 1 MB
     records, and the other keys pushed out. Now such a fill's body goes to disk at once (as a
-    bigger body's does), and none of the variants is lost."""
+    bigger body's does), and none of the variants is lost: the disk keeps the same newest 32
+    as the record (a fill committed to disk at once before an older one written behind made the
+    disk keep that older one and drop a newer one, a miss that the record still listed)."""
     s = open_store(str(tmp_path / "cache"), memory=16 * MB, memory_max_object=MB)
     try:
-        evicted, written = await churn(s, flush=written_behind)
+        evicted, written = await churn(s, flush_every=flush_every)
         assert evicted == 0 and others_held(s) == OTHERS
         assert written <= MISSES * (1 + OLDER_BODIES) * SIZE + MISSES * MAX_VARIANTS * 512
         await s.flush()
