@@ -81,8 +81,9 @@ class PersistStats:
 def merge_variant(current: tuple[Entry, ...], new: Entry, in_order: bool = False
                   ) -> tuple[tuple[Entry, ...], list[str]]:
     """``new`` replaces the variant with the same Vary values; at most MAX_VARIANTS are kept, the
-    newest (the last). Returns the variants and the body ids no longer used (never ``new``'s
-    own: committing the same variant twice must not delete the body it has just written).
+    newest (the last). Returns the variants and the body ids no longer used (not ``new``'s own
+    when it replaces itself: committing the same variant twice must not delete the body it has
+    just written).
 
     ``in_order`` (the disk's merges): ``new`` goes after the variants stored before it
     (``stored_at``), not after all of them. Why: the disk gets a key's variants out of order, a
@@ -90,7 +91,8 @@ def merge_variant(current: tuple[Entry, ...], new: Entry, in_order: bool = False
     (``MemoryTier.takes_fill``) before older ones written behind; appended, those older ones
     counted as the newest, and past MAX_VARIANTS the disk dropped newer variants than the
     record did: hits on them the record still listed found no body (misses, one refill pushing
-    out the next variant: every variant of the key a miss in turn)."""
+    out the next variant: every variant of the key a miss in turn). Older than the MAX_VARIANTS
+    kept, ``new`` itself goes (its body with it), as the record had dropped it."""
     kept = [e for e in current if e.response.vary != new.response.vary]
     dropped = [e.body_id for e in current if e.response.vary == new.response.vary
                and e.body_id != new.body_id]
@@ -100,7 +102,7 @@ def merge_variant(current: tuple[Entry, ...], new: Entry, in_order: bool = False
             at -= 1
     kept.insert(at, new)
     while len(kept) > MAX_VARIANTS:
-        dropped.append(kept.pop(1 if kept[0] is new else 0).body_id)
+        dropped.append(kept.pop(0).body_id)
     return tuple(kept), dropped
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from proxy.storage.entry import Entry
 from proxy.storage.memory import OLDER_BODIES, fill_limit
-from proxy.storage.persist import MAX_VARIANTS
+from proxy.storage.persist import MAX_VARIANTS, merge_variant
 from proxy.storage.tiered import Storage
 from tests.storage.helpers import MB, entry, open_store, read_body, store
 
@@ -116,3 +117,17 @@ async def test_variants_filled_faster_than_write_behind_are_none_of_them_lost(tm
             assert await read_body(s, KEY, i) == bytes([65 + i]) * 50_000, i
     finally:
         s.close()
+
+
+def test_the_disk_places_a_variant_written_behind_late_among_those_stored_before_and_after_it() -> None:
+    def v(n: int) -> Entry:
+        return replace(entry(KEY, vary=(("user-agent", f"a{n}"),)), body_id=f"b{n}", stored_at=1000.0 + n)
+
+    on_disk = tuple(v(n) for n in range(2, 2 + MAX_VARIANTS))  # committed by their workers at once
+    kept, dropped = merge_variant(on_disk, v(0), in_order=True)  # older, written behind since
+    assert [e.body_id for e in kept] == [e.body_id for e in on_disk]  # the oldest goes: itself,
+    assert dropped == ["b0"]  # as the record had dropped it (a newer one gone: a listed miss)
+    kept, dropped = merge_variant(on_disk[1:], v(0), in_order=True)
+    assert [e.body_id for e in kept] == ["b0", *(e.body_id for e in on_disk[1:])] and dropped == []
+    kept, dropped = merge_variant(on_disk, v(0))  # the shared memory's merge: the newest last
+    assert kept[-1].body_id == "b0" and dropped == ["b2"]
