@@ -37,7 +37,7 @@ from yarl import URL
 from proxy.cluster.settings import ClusterSettings
 from proxy.cpus import available_cpus
 from proxy.policy.fields import unsendable
-from proxy.policy.keys import literal_in, normalise_host
+from proxy.policy.keys import bracket_problem, literal_in, normalise_host
 from proxy.policy.request import DEFAULT_MAX_HEAD, parse_url
 from proxy.policy.request import Listener as RequestListener
 from proxy.rules import RuleSet
@@ -450,6 +450,10 @@ def _host_patterns(item: Src, ctx: Context, refuse: Callable[[str], str | None] 
     hosts = []
     for element in elements(item):
         host = str(element.value).strip().lower().rstrip(".")
+        brackets = bracket_problem(host) if isinstance(element.value, str) else None
+        if brackets is not None:  # never held (a Host spelt so is answered 400)
+            ctx.problem(element, f"{shown(element.value)}: {brackets}")
+            continue
         if not isinstance(element.value, str) or not re.fullmatch(_HOST_PATTERN, host):
             ctx.problem(element, f"{shown(element.value)} is not a host name, host:port or *.domain")
             continue

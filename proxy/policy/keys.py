@@ -96,6 +96,38 @@ def ip_literal(name: str) -> str | None:
     return f"[{address.compressed}]"
 
 
+def bracket_problem(host: str) -> str | None:
+    """Why a configured host (``admin.hosts``, a rule's ``match.host``) holding ``[`` or ``]``
+    is refused, or None: a Host whose brackets hold no IPv6 address is answered 400 before any
+    rule or admin check sees it, so such a pattern was kept and never held (an admin name
+    silently refused, a rule that never applied).
+
+    >>> [bracket_problem(h) for h in ("[::1]:8080", "a.example", "[0:0::FFFF:7F00:1]")]
+    [None, None, None]
+    >>> bracket_problem("[1:2:3]")
+    'the brackets hold no IPv6 address: no Host field can name it (one that does is answered 400)'
+    >>> bracket_problem("[::1]:")
+    "no port after the ':': drop it or add the port"
+    """
+    if "[" not in host and "]" not in host:
+        return None
+    if host.startswith("*."):
+        return "an IPv6 address has no names under it: write it without *."
+    end = host.find("]")
+    if not host.startswith("[") or end < 0 or "[" in host[1:] or "]" in host[end + 1:]:
+        return "brackets enclose one whole IPv6 address: [2001:db8::1] or [2001:db8::1]:8080"
+    name, rest = host[:end + 1], host[end + 1:]
+    if "%" in name:
+        return "a zone (%...) names one of the sender's own interfaces: no Host field carries one"
+    if ip_literal(name) is None:
+        return "the brackets hold no IPv6 address: no Host field can name it (one that does is answered 400)"
+    if rest == ":":
+        return "no port after the ':': drop it or add the port"
+    if rest and not re.fullmatch(r":[0-9]+", rest):
+        return "only a :PORT may follow the ']'"
+    return None
+
+
 def literal_in(host: str) -> str:
     """``host`` (a ``[v6][:port]`` or any pattern) with its IPv6 literal in the ``ip_literal``
     form: a configured host (a rule's ``match.host``, ``admin.hosts``) must be written as the

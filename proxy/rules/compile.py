@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
-from proxy.policy.keys import DEFAULT_KEY, KeySpec, literal_in
+from proxy.policy.keys import DEFAULT_KEY, KeySpec, bracket_problem, literal_in
 from proxy.policy.messages import CacheOptions, ClientCacheControl
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE, default_ttl_covers
 from proxy.rules.match import Condition, Glob, HostPattern, Match, Regex, RegexRefused
@@ -173,6 +173,10 @@ def _path_pattern(src: Src, problems: Problems,
 
 
 def _host_pattern(text: str, at: Src, problems: Problems, where: str) -> HostPattern | None:
+    brackets = bracket_problem(text.strip().lower().rstrip("."))
+    if brackets is not None:  # never held (a Host spelt so is answered 400)
+        problems.add(at, f"{where}: {text!r}: {brackets}")
+        return None
     host = literal_in(text.strip().lower().rstrip("."))
     with_port = bool(re.search(r":\d+$", host))
     bare = host.rsplit(":", 1)[0] if with_port else host

@@ -265,6 +265,17 @@ PROBLEMS: list[tuple[str, list[str]]] = [
       "65535)",
       "2: admin.server_names: '[::1]:0' has port 0, which no Host field can carry (a port is 1 to 65535)"]),
     ("admin: {server_names: 5}", ["2: admin.server_names: expected a list, got an integer"]),
+    # A Host whose brackets hold no IPv6 address is answered 400: such an entry could never match
+    # (an admin name silently refused).
+    ("admin: {hosts: ['[1:2:3]', '[::1]', '[0:0::1]:8080'], server_names: ['[2001:db8:1]', '[v1.x]', '[::1%25lo]']}",
+     ["2: admin.hosts: '[1:2:3]': the brackets hold no IPv6 address: no Host field can name it (one that does "
+      "is answered 400)",
+      "2: admin.server_names: '[2001:db8:1]': the brackets hold no IPv6 address: no Host field can name it (one "
+      "that does is answered 400)",
+      "2: admin.server_names: '[v1.x]': the brackets hold no IPv6 address: no Host field can name it (one that "
+      "does is answered 400)",
+      "2: admin.server_names: '[::1%25lo]': a zone (%...) names one of the sender's own interfaces: no Host "
+      "field carries one"]),
     # A DNS rebinding guard that lets every page under a public suffix through guards nothing.
     ("admin: {server_names: ['*.com', '*.ops.example', '*.UK.:8081', '*.localhost', '*.co.uk']}",
      ["2: admin.server_names: '*.com' matches every name under .com: any web page there could pass the "

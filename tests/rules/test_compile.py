@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Listener, Settings
+from proxy.policy.keys import normalise_host
 from proxy.policy.messages import CacheOptions, RequestHead
 from proxy.rules import RequestView, RuleSet, compile_rule_file, normalise_path
 from proxy.rules.match import Match
@@ -123,6 +124,35 @@ def test_a_status_code_yaml_reads_as_octal_or_base_60_is_refused(text: str) -> N
     assert root is not None
     compile_rule_file(root, problems)
     assert any("reads as the number" in p for p in problems.items), problems.items
+
+
+BRACKETS = "the brackets hold no IPv6 address: no Host field can name it (one that does is answered 400)"
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    ("[1:2:3]", BRACKETS), ("[v1.x]", BRACKETS), ("[2001:db8:1]:8080", BRACKETS),
+    ("[", "brackets enclose one whole IPv6 address: [2001:db8::1] or [2001:db8::1]:8080"),
+    ("a[::1]", "brackets enclose one whole IPv6 address: [2001:db8::1] or [2001:db8::1]:8080"),
+    ("*.[::1]", "an IPv6 address has no names under it: write it without *."),
+    ("[::1]:", "no port after the ':': drop it or add the port"),
+    ("[::1]x", "only a :PORT may follow the ']'"),
+])
+def test_a_host_pattern_whose_brackets_hold_no_ipv6_address_is_refused_at_its_line(host: str, why: str) -> None:
+    """A Host spelt so is answered 400 before the rules see it: the rule was kept and never applied."""
+    problems = Problems()
+    root = parse_yaml(f"rules:\n  - name: h\n    match: {{host: '{host}'}}\n    bypass: true\n", "t.yaml", problems)
+    assert root is not None
+    compile_rule_file(root, problems)
+    assert problems.items == [f"t.yaml:3: rules[0].match.host: {host!r}: {why}"]
+
+
+def test_a_host_pattern_with_an_ipv6_literal_matches_each_spelling_of_it() -> None:
+    rules = compile_text("""
+        rules:
+          - {name: v6, match: {host: ["[0:0::1]", "[::FFFF:7F00:1]:8080"]}, bypass: true}
+    """)
+    for host in ("[::1]", "[0::0001]", "[::ffff:7f00:1]:8080"):  # as the request reaches the rules
+        assert rules.plan(head("/", host=normalise_host(host, "http"))).rule is not None, host
 
 
 def test_get_in_a_method_list_implies_head() -> None:
