@@ -550,7 +550,8 @@ rule files have their own reference, [rules.md](rules.md).
   FIFO)`, `... is a directory`), never waited on; `/dev/null` reads as an empty file.
 - Relative paths are relative to the config file. A path holding a character the file system
   encoding cannot write (`règles.yaml` under an ASCII locale, `LC_ALL=POSIX` without
-  `PYTHONUTF8=1`) is refused at its line, saying so: run with a UTF-8 locale or rename it.
+  `PYTHONUTF8=1`) is refused at its line, saying so: run with a UTF-8 locale or rename it. So is
+  the socket path of a `cluster.redis: unix://...` URL.
 - `${VAR}` in a value is the environment variable `VAR`; `${VAR:-default}` gives a default
   (an unset variable without one is a problem). Inside `[...]` or `{...}` braces are YAML's:
   quote it there (`cache: {memory: '${M}'}`); an unquoted one is a YAML syntax error.

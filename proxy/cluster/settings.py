@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass, replace
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from yarl import URL
 
-from proxy.schema import Invalid, byte_size, duration, integer, setting, text
+from proxy.schema import Invalid, byte_size, duration, integer, setting, text, unencodable_path
 
 KB = 1 << 10
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -37,6 +37,12 @@ def _redis_url(value: str) -> str:
         raise Invalid(f"{redacted(value)!r} is not a Redis URL: use redis://HOST:PORT/DB, "
                       "rediss://HOST:PORT/DB (TLS) or unix:///path/to/redis.sock"
                       + (_ENCODE if "@" in value else ""))
+    if url.scheme == "unix":
+        # The client connects to this path (percent-decoded): a character the file system
+        # encoding cannot write failed at start, "cannot reach Redis", with no FILE:LINE.
+        unwritable = unencodable_path(unquote(urlsplit(value).path))
+        if unwritable is not None:
+            raise Invalid(f"{redacted(value)!r}: the socket path {unwritable}")
     # The client reads the database from the path (or ?db=) and, for a path that is not a
     # number, quietly uses database 0: another cluster's data, maybe.
     db = url.query.get("db")
