@@ -491,7 +491,7 @@ class Supervisor:
             await listeners.stop(max(0.0, deadline - loop.time()))  # the admin API's requests
             for t in list(self._tasks):
                 t.cancel()
-            await runtime.close()
+            await runtime.close(max(0.0, deadline - loop.time()))  # (the last commit to disk: what is left)
             self._release(reserved)
         say("cachegate: stopped", event="stopped")
         return 1 if self._startup_failed else status

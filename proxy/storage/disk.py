@@ -951,6 +951,7 @@ class DiskTier:
                 shutil.rmtree(os.path.join(path, f"{i:03d}"), ignore_errors=True)
         self.path = path
         self.size_limit = size_limit
+        self.lock_wait = timeout  # how long a write waits for a shard's lock held elsewhere
         # diskcache counts its database pages and value files; the index and the SQLite
         # journals (WAL, shared memory) live in the remaining RESERVE of the budget.
         self.shard_limit = shard_budget(size_limit, shards)  # the configured budget
@@ -1045,6 +1046,16 @@ class DiskTier:
         # transaction too (its access time), which can wait seconds for another process's
         # write lock, so those reads never run in an event loop.
         self.reads_are_plain = diskcache.core.EVICTION_POLICY[eviction_policy]["get"] is None
+
+    def _held(self, shard: diskcache.Cache, exc: diskcache.Timeout) -> ShardBusy:
+        """A lock's timeout with words: diskcache raises ``Timeout`` with none, and the log read
+        "storing on disk under a shard's lock (timed out: not stored) failed: ; retrying"."""
+        db = os.path.join(shard.directory, "cache.db")
+        cause = _unwrapped(exc)  # (diskcache raises it for any error of BEGIN: say which)
+        held = ShardBusy(f"{db}: {cause}" if cause is not None
+                         else f"{db} stayed locked by another connection for {self.lock_wait:g}s")
+        held.__cause__ = exc
+        return held
 
     def stop_waiting(self) -> None:
         """From now on a shard's held write lock is given up at once (``ShardBusy``, a purge's
@@ -1213,7 +1224,7 @@ class DiskTier:
             with shard.disk.taking_back():
                 ok = bool(shard.set("b:" + body_id, body, read=not isinstance(body, bytes), retry=False))
         except diskcache.Timeout as exc:
-            self._lock_timeouts.failed(exc)
+            self._lock_timeouts.failed(self._held(shard, exc))
             ok = False
         else:
             self._lock_timeouts.succeeded()
@@ -1242,7 +1253,7 @@ class DiskTier:
                 _raise_seq(shard, top)
         except diskcache.Timeout as exc:
             self.failed_writes += 1
-            self._lock_timeouts.failed(exc)
+            self._lock_timeouts.failed(self._held(shard, exc))
             return False
         except BodyGone:
             self.failed_writes += 1  # (rolled back: nothing of it was written)
@@ -1252,16 +1263,21 @@ class DiskTier:
         return True
 
     def commit_many(self, items: Sequence[tuple[str, Merge, str, bytes | None]],
-                    new: Sequence[bool] | None = None) -> list[bool]:
+                    new: Sequence[bool] | None = None, out_of_time: Callable[[], bool] | None = None
+                    ) -> list[bool]:
         """``commit`` for many keys: one transaction per shard (``(key, merge, body id, small
         body)`` each, merged in order). Whether each was committed: a shard whose lock timed
         out (or whose merge failed) commits none of its items. ``new``: which keys are known
-        not to be on disk (their metadata is not read first)."""
+        not to be on disk (their metadata is not read first). ``out_of_time`` (a stop's
+        deadline passed): the shards not begun yet are left out, uncommitted; one begun ends
+        as it would (its COMMIT, or its lock's timeout), never cut off midway."""
         by_shard: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             by_shard.setdefault(shard_of(item[0], len(self._shards)), []).append(i)
         done = [False] * len(items)
         for index, positions in by_shard.items():
+            if out_of_time is not None and out_of_time():
+                break
             if self.marked(index):
                 # Damaged (``noticed``): not read any more, so not written either. Why: every
                 # write-behind batch failed on it, an error and a retry each time.
@@ -1287,7 +1303,7 @@ class DiskTier:
                     _raise_seq(shard, top)
             except diskcache.Timeout as exc:
                 self.failed_writes += len(positions)
-                self._lock_timeouts.failed(exc)
+                self._lock_timeouts.failed(self._held(shard, exc))
                 continue
             except Exception as exc:
                 self.failed_writes += len(positions)

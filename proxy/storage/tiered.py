@@ -268,10 +268,15 @@ class Storage:
         in the shared memory, one disk commit (``Writer.update``)."""
         await self.writes.update(entries)
 
-    async def flush(self) -> int:
+    async def flush(self, until: float | None = None) -> int:
         """Commit to the disk tier what the shared memory holds that it does not yet (the owner's
-        write-behind, done now: tests, and a clean stop); how many variants."""
-        return await self.persister.flush() if self.persister is not None else 0
+        write-behind, done now: tests, and a clean stop); how many variants. ``until``: a stop's
+        deadline (``time.monotonic``), past which nothing more begins (``Persister.flush``)."""
+        return await self.persister.flush(until) if self.persister is not None else 0
+
+    def unwritten(self) -> int:
+        """After a stop's ``flush``: the records it left out (the deadline, a shard's lock)."""
+        return self.persister.unwritten() if self.persister is not None else 0
 
     # -- purging -----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,9 +41,9 @@ async def test_fills_are_written_behind_in_one_batch_and_all_read_back(disk_stor
     batches: list[int] = []
     commit_many = disk_store.disk.commit_many
 
-    def counting(items: list[tuple[object, ...]], new: list[bool] | None = None) -> list[bool]:
+    def counting(items: list[tuple[object, ...]], new: list[bool] | None = None, **kw: Any) -> list[bool]:
         batches.append(len(items))
-        return commit_many(items, new)  # type: ignore[arg-type]
+        return commit_many(items, new, **kw)  # type: ignore[arg-type]
 
     disk_store.disk.commit_many = counting  # type: ignore[method-assign]
     bodies = {f"{KEY}/{i}": os.urandom(1000) for i in range(200)}

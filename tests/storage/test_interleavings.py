@@ -148,7 +148,7 @@ def test_a_failed_write_behind_batch_does_not_hide_a_variant_from_a_purge_by_its
         assert len(await s.get(K)) == 1  # read from disk (a key that varies: promoted at once)
         assert await store(s, entry(K, vary=FR, tags=("b",)), b"FR body, tag b", flush=False)
         real = s.disk.commit_many
-        s.disk.commit_many = lambda items, new=None: [False] * len(items)  # type: ignore[method-assign]
+        s.disk.commit_many = lambda items, new=None, **_: [False] * len(items)  # type: ignore[method-assign]
         await s.flush()  # the shard's lock timed out: nothing committed
         s.disk.commit_many = real  # type: ignore[method-assign]
         assert s.index is not None and K in s.index.keys_for_tag("a")
