@@ -69,7 +69,7 @@ import logging
 import os
 import re
 import resource
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter
 from typing import Any, NamedTuple
 
@@ -317,9 +317,9 @@ class FastPath:
 class ProxyRequestHandler(LimitedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_head_bytes",
-                 "_head_max", "_late", "_line", "_parser_args", "_refused_version", "_taken", "declined",
-                 "gone_logged")
+    __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_handled",
+                 "_head_bytes", "_head_max", "_late", "_line", "_parser_args", "_refused_version", "_taken",
+                 "declined", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -356,6 +356,9 @@ class ProxyRequestHandler(LimitedHandler):
         self._taken: Any = EMPTY_PAYLOAD  # the body of the request aiohttp's loop took last
         # The body of a request aiohttp's loop took before it had all come (``_late_ended``).
         self._late: Any = None
+        # The body of the request whose handler and answer are done (``_fail_body``): aiohttp
+        # may be reading the rest of it in its lingering close.
+        self._handled: Any = None
 
     def head_idle(self) -> bool:
         """``HeadTimedHandler``'s, and the moment after a general answer written whole
@@ -937,6 +940,15 @@ class ProxyRequestHandler(LimitedHandler):
         self._parser = _Discarding()  # type: ignore[assignment]
         self._enqueue([self._refusal(exc, piece)], False, b"")
 
+    async def _handle_request(self, request: web.BaseRequest, start_time: float | None,
+                              request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+                              ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, noting the request's body once its answer is done (``_handled``)."""
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            self._handled = request._payload
+
     def _fail_body(self, exc: BaseException) -> None:
         """The parser refused what came of a request body not yet whole (a malformed chunk, a
         trailer with too many fields): that body's stream fails with the refusal
@@ -944,13 +956,23 @@ class ProxyRequestHandler(LimitedHandler):
         answered so at once, its upload to the origin is aborted, and the connection closes.
         The refusal queued behind it is never reached. Before, the stream was never told: the
         handler waited ``client_body_timeout`` for more body and answered 408, holding the
-        upstream connection with half a body all that time."""
+        upstream connection with half a body all that time.
+
+        aiohttp never reads a refused body after its answer: its lingering close (up to
+        ``lingering_time``, reading the rest of a body the handler left) met the refusal and
+        logged "Unhandled exception" at ERROR with a traceback, one per refused request, which
+        any client could send. The connection closes after the answer instead, and a body whose
+        handler has already returned (aiohttp may be lingering on it) is ended, not failed."""
         if not isinstance(exc, HttpProcessingError):
             return
         status, text = parser_refusal(exc)
+        self._lingering_time = 0.0  # (the connection closes after the answer: nothing to read)
         for body in {id(p): p for p in (self._late, self._body) if p is not None}.values():
             if _body_pending(body) and body.exception() is None:
-                body.set_exception(BodyRefused(status, text.rstrip("\n")))
+                if body is self._handled:
+                    body.feed_eof()  # its handler is done: aiohttp's lingering read ends quietly
+                else:
+                    body.set_exception(BodyRefused(status, text.rstrip("\n")))
 
     def _refuse_unparsable(self, exc: Exception) -> None:
         """A request the parser failed on with something other than its own refusal: yarl raises
@@ -1108,7 +1130,7 @@ def _line_version(piece: bytes) -> tuple[int, int]:
 # What the fast path reads of aiohttp's ``RequestHandler`` (its ``__slots__``) and calls.
 HANDLER_FIELDS = ("_waiter", "_messages", "_max_msg_queue_size", "_payload_parser", "_message_tail",
                   "_keepalive_handle", "_next_keepalive_close_time", "_request_count", "_force_close",
-                  "_current_request", "_read_bufsize")
+                  "_current_request", "_read_bufsize", "_lingering_time")
 HANDLER_METHODS = ("_pause_reading_for_buffer", "finish_response")  # (the latter: ``_answered``)
 PARSER_METHODS = ("message_consumed",)  # of aiohttp's C request parser
 
