@@ -72,6 +72,7 @@ from proxy.coalescer import (
 )
 from proxy.errors import (
     NoUpstreamAvailable,
+    OutOfResources,
     ProxyStopping,
     ResponseAborted,
     UpstreamConnectError,
@@ -1341,18 +1342,27 @@ class MissPath:
         """A client of a flight whose fetch failed before anything of its response was sent to
         this client (no head, or a head whose body broke off before it was sent whole): the
         stale response (stale-if-error), a 504 when the stored one may not be served stale, or
-        the error; ``collapsed`` when that fetch was another's it waited for."""
+        the error; ``collapsed`` when that fetch was another's it waited for.
+
+        cachegate's own failures (its stop, ``ProxyStopping``; no descriptor or socket memory
+        left, ``OutOfResources``) are never told as the origin's: a stale response says the
+        error's own detail (``STOPPING``, ``PROXY-ERROR``), not ``ORIGIN-UNREACHABLE``; one that
+        may not be served stale is answered as a miss would be (503), not 504 "origin
+        unreachable"; and no warning per request (the stop says so once, the pool warns once
+        per streak of ``OutOfResources``), where each stale answer logged its own."""
         engine, plan, fwd = self.engine, attempt.plan, attempt.fwd
-        stopping = isinstance(exc, ProxyStopping)
+        own = isinstance(exc, (ProxyStopping, OutOfResources))
         if attempt.stale is not None:
             # The client is served, but the origin failed all the same: the one warning of a
             # failed fetch (not one per client of a herd: ``first_report``), as without a stale
             # response (a body that broke off was logged where it broke).
-            if not stopping and first_report(exc):
+            if isinstance(exc, OutOfResources):
+                log.debug("stale response served (stale-if-error): %s", exc)
+            elif not own and first_report(exc):
                 log.warning("upstream failed, stale response served (stale-if-error): %s", exc)
             return await self._serve_stale(attempt, attempt.stale, None,
-                                           exc.cache_detail if stopping else "ORIGIN-UNREACHABLE", collapsed)
-        if attempt.stale_prohibited and not stopping:  # (stopping: the 503 says why, not the origin)
+                                           exc.cache_detail if own else "ORIGIN-UNREACHABLE", collapsed)
+        if attempt.stale_prohibited and not own:  # (own: the 503 says why, not the origin)
             # RFC 9111 §5.2.2.2: a stored response that may not be served stale
             # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
             if first_report(exc):
