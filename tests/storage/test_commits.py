@@ -660,3 +660,33 @@ async def test_a_flush_waits_for_the_batch_the_background_loop_is_committing(dis
     release.set()
     assert await asked == 0 and await loop_batch == 10
     assert all(disk_store.disk.has(k) for k in bodies)
+
+
+async def test_a_stops_flush_waits_for_the_batch_a_cancelled_flush_left_in_the_thread(disk_store: Storage) -> None:
+    # A clean stop cancels the write-behind loop while its batch is in the thread (the lock is
+    # released, the batch goes on there); the stop's own flush then found nothing pending and
+    # returned at once, and ``unwritten`` counted that batch's records: "573 entries in memory
+    # were not written to disk" logged at a stop whose every entry was on disk at the restart.
+    persister = disk_store.persister
+    assert persister is not None and disk_store.disk is not None
+    bodies = {f"{KEY}/{i}": os.urandom(300) for i in range(10)}
+    for k, b in bodies.items():
+        assert await store(disk_store, entry(k), b, flush=False)
+    started, release = threading.Event(), threading.Event()
+    commit = persister._commit
+
+    def slow(records: list[object]) -> object:
+        started.set()
+        release.wait(5)
+        return commit(records)  # type: ignore[arg-type]
+
+    persister._commit = slow  # type: ignore[method-assign]
+    loop_round = asyncio.ensure_future(persister.flush())
+    assert await asyncio.to_thread(started.wait, 5)
+    loop_round.cancel()  # the stop cancels the loop
+    with contextlib.suppress(asyncio.CancelledError):
+        await loop_round
+    asyncio.get_running_loop().call_later(0.2, release.set)
+    await persister.flush(until=time.monotonic() + 5)
+    assert persister.unwritten() == 0
+    assert all(disk_store.disk.has(k) for k in bodies)
