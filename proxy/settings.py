@@ -929,9 +929,9 @@ class Settings:
                                            duration(minimum=MIN_CLIENT_TIMEOUT, why=CLIENT_TIMEOUT_FLOOR))
     # A client that asks and never reads held its reply in the worker's memory for as long as it
     # kept the connection open (3,000 such connections for a 900 KB hit: +520 MB per worker).
-    send_timeout: float = setting(60.0, "the longest a reply may stay unsent because the client reads "
-                                        "nothing (writes paused: the connection's send buffer full); "
-                                        "then the connection is aborted (nginx: send_timeout)",
+    send_timeout: float = setting(60.0, "the longest a reply may make no progress because the client "
+                                        "reads nothing (writes paused, nothing more acknowledged); "
+                                        "then the connection is reset (nginx: send_timeout)",
                                   duration(minimum=MIN_CLIENT_TIMEOUT, why=CLIENT_TIMEOUT_FLOOR))
     # Without a cap, connections that only wait for their client (idle, a head or body never
     # finished, a reply never read) ran a worker out of file descriptors, and every connection

@@ -21,7 +21,12 @@ timeout later, so the head has at most one more timeout once the handler is idle
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -160,26 +165,39 @@ def unfinished_head(data: bytes) -> bool:
     return bool((data if end < 0 else data[end + 4:]).strip(b"\r\n"))
 
 
+# How long a paused reply must have made no progress (nothing its client acknowledged) for the
+# cap to count it as waiting for its client. A client that reads acknowledges within a round
+# trip, and TCP's own timers (delayed ACK 40-200 ms, retransmission at least 200 ms) are well
+# under it; a second gives a client that reads a few KB a few times a second its place, while a
+# connection that stopped reading is closable a second after it stopped (send_timeout still
+# bounds it on its own).
+CAP_STALLED = 1.0
+
+
 class LimitedHandler(HeadTimedHandler):
     """A connection of a listener that keeps at most ``max_connections`` open and aborts replies
     its client does not read (both listeners: the client one with ``max_connections`` and
     ``send_timeout`` from the config, the admin one with its own fixed limits).
 
     When one more connection comes than ``max_connections``, the oldest one that is only waiting
-    for its client (``waits_for_client``: idle, a head unfinished, a body still coming, a reply
-    the client does not read) is closed to make room, else the new one. So connections someone
-    opens by the thousand cannot run the process out of file descriptors, nor lock out a client
-    that comes later: only a request that arrived whole and is being answered (or queued to be)
-    to a client that reads keeps its place. A reply whose writes stay paused (the transport's
-    buffer over its high-water mark, the client reading nothing) for ``send_timeout`` seconds
-    has its connection aborted (nginx: ``send_timeout``): without it, each such connection held
-    what its reply had left to send for as long as the client kept it open.
+    for its client (``waits_for_client``: idle, a head unfinished, a body still coming) is
+    closed to make room, else the oldest whose reply its client stopped reading
+    (``reply_stalled``: nothing acknowledged for ``CAP_STALLED`` seconds), else the new one. So
+    connections someone opens by the thousand cannot run the process out of file descriptors,
+    nor lock out a client that comes later: a request that arrived whole and is being answered
+    (or queued to be), and a reply its client is reading, however slowly, keep their place. A
+    paused reply that made no progress (``unsent`` did not shrink) for ``send_timeout`` seconds
+    has its connection reset (nginx: ``send_timeout``, between two successive writes): without
+    it, each such connection held what its reply had left to send for as long as the client
+    kept it open.
 
-    Cost: a timer only when the transport pauses writing; at each new connection a length
-    comparison, and a walk over the connections only once over the cap. ``limited`` says what
-    happened (the listener logs and counts it)."""
+    Cost: while the transport's writes are paused, a timer every ``CAP_STALLED / 2`` seconds
+    and a measure (two ioctl-cheap calls) when it fires; nothing per request; at each new
+    connection a length comparison, and a walk over the connections only once over the cap.
+    ``limited`` says what happened (the listener logs and counts it)."""
 
-    __slots__ = ("_finished", "_max_connections", "_send_handle", "_send_timeout", "_started")
+    __slots__ = ("_finished", "_max_connections", "_moved_at", "_send_handle", "_send_timeout",
+                 "_started", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
                  **kwargs: Any) -> None:
@@ -191,11 +209,24 @@ class LimitedHandler(HeadTimedHandler):
         # whose handling ended; the fast path's answers are neither.
         self._started = 0
         self._finished = 0
+        # What the paused reply had left to send when last measured (``unsent``), and when it
+        # was last seen to shrink (or the writes paused): its progress (``reply_moved``).
+        self._unsent = 0
+        self._moved_at = 0.0
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._send_handle is None and self._send_timeout > 0:
-            self._send_handle = self._loop.call_later(self._send_timeout, self._send_expired)
+        self._unsent = self.unsent()
+        self._moved_at = self._loop.time()
+        if self._send_handle is None:
+            self._send_handle = self._loop.call_later(self.sample_every(), self._send_expired)
+
+    def sample_every(self) -> float:
+        """How often a paused reply's progress is measured: half ``CAP_STALLED``, so the cap
+        knows within that when its client last read (a measure finds only that it did, since
+        the one before); at most ``send_timeout``."""
+        every = CAP_STALLED / 2
+        return min(every, self._send_timeout) if self._send_timeout > 0 else every
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -215,10 +246,49 @@ class LimitedHandler(HeadTimedHandler):
         self._send_handle = None
         if not self.not_reading():
             return
+        moved = self.reply_moved(self.sample_every())
+        timeout = self._send_timeout
+        if moved or timeout <= 0 or self._loop.time() - self._moved_at < timeout:
+            # The client read some of it within send_timeout: it keeps its connection (nginx:
+            # the timeout is between two successive writes, not for the whole reply).
+            self._send_handle = self._loop.call_later(self.sample_every(), self._send_expired)
+            return
         log.debug("a reply to %s could not be sent for %gs (the client reads nothing; send_timeout): "
-                  "connection aborted", self.peername, self._send_timeout)
+                  "connection reset", self.peername, timeout)
         self.limited("send_timeout")
         self.drop()
+
+    def unsent(self) -> int:
+        """Bytes the reply has left to send: the transport's buffers and, when its socket is
+        reachable, the kernel's queue (sent but not acknowledged, or not sent: ``TIOCOUTQ``).
+
+        Linux reports a socket writable again only once about a third of its send buffer is
+        free (~1 MB of a large one), so the transport's buffer alone stays still for minutes
+        under a client that reads steadily but slowly; the kernel's queue shrinks with each
+        acknowledgement. Measured only when a timer fires or the cap looks: no cost per request."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        size = transport.get_write_buffer_size()
+        # A TLS transport's buffer is its own; the encrypted bytes wait in the socket's one.
+        raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        if isinstance(raw, asyncio.WriteTransport):
+            size += raw.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):  # (closed: the buffers alone)
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        return size
+
+    def reply_moved(self, within: float) -> bool:
+        """The paused reply's client read some of it within the last ``within`` seconds, as far
+        as measuring now tells (what it has left to send shrank since the last measure)."""
+        unsent = self.unsent()
+        now = self._loop.time()
+        if unsent < self._unsent:
+            self._moved_at = now
+        self._unsent = unsent
+        return now - self._moved_at < within
 
     def not_reading(self) -> bool:
         """Replies are waiting for the client to read: the transport paused writing, or holds
@@ -231,10 +301,24 @@ class LimitedHandler(HeadTimedHandler):
         return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
 
     def drop(self) -> None:
-        """Close the connection now. One whose client reads nothing is aborted: a plain close
-        waits for the write buffer to drain, which would keep its file descriptor for good."""
-        if self.not_reading() and self.transport is not None:
-            self.transport.abort()
+        """Close the connection now, its file descriptor and buffers freed at once.
+
+        One with a reply unsent is reset (``SO_LINGER`` 0, nginx: ``reset_timedout_connection``):
+        a plain close waits for the write buffer to drain, which would keep its file descriptor
+        for good, and an abort alone left the kernel the unsent bytes (an orphan socket holding
+        megabytes for as long as the client kept its end); the client sees a reset, never a
+        short body that looks complete. A TLS connection is aborted too: its close would wait
+        up to ``SSL_SHUTDOWN_TIMEOUT`` for the client's close_notify, holding its descriptor."""
+        transport = self.transport
+        if transport is not None:
+            unsent = self.not_reading()
+            if unsent:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if unsent or transport.get_extra_info("ssl_object") is not None:
+                transport.abort()
         self.force_close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -247,13 +331,16 @@ class LimitedHandler(HeadTimedHandler):
         live = [c for c in manager._connections if isinstance(c, LimitedHandler) and not c._force_close]
         if len(live) <= self._max_connections:
             return
-        for other in live:  # oldest first (a dict keeps the order they came)
-            if other is not self and other.waits_for_client():
-                log.debug("more than %d connections: the oldest waiting for its client, from %s, "
-                          "closed", self._max_connections, other.peername)
-                self.limited("cap_oldest")
-                other.drop()
-                return
+        # Oldest first (a dict keeps the order they came): one with nothing sent to its client
+        # (idle, a head or a body still coming), else one whose reply its client stopped reading.
+        for waits in (LimitedHandler.waits_for_client, LimitedHandler.reply_stalled):
+            for other in live:
+                if other is not self and waits(other):
+                    log.debug("more than %d connections: the oldest waiting for its client, from %s, "
+                              "closed", self._max_connections, other.peername)
+                    self.limited("cap_oldest")
+                    other.drop()
+                    return
         log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
         self.limited("cap_refused")
         self.force_close()
@@ -263,14 +350,19 @@ class LimitedHandler(HeadTimedHandler):
         (an older one, to admit this one), ``cap_refused`` (this one, all others busy). The
         admin listener only logs it (at DEBUG, above); the client listener counts it too."""
 
+    def reply_stalled(self) -> bool:
+        """A reply (or pipelined ones) its client has not read any of for ``CAP_STALLED``
+        seconds: it waits for the client as much as an idle connection. One the client is
+        reading, however slowly, is being answered: the cap never closes it."""
+        return self.not_reading() and not self.reply_moved(CAP_STALLED)
+
     def waits_for_client(self) -> bool:
         """Nothing to answer yet, or nothing more to answer: no request, or one whose body is
-        still coming (a login whose body never comes, too), or replies the client does not read
-        (pipelined requests from a client that reads nothing: a reply stuck writing is not being
-        answered, it waits for the client). Not a request that arrived whole and is being
-        answered (a purge, a reload, a miss), nor one queued to be."""
+        still coming (a login whose body never comes, too). Not a request that arrived whole and
+        is being answered (a purge, a reload, a miss), nor one queued to be, nor a reply being
+        sent (``reply_stalled`` says whether its client stopped reading it)."""
         if self.not_reading():
-            return True
+            return False
         if self._request_in_progress:  # (set from the handler's call to the reply's end)
             request = self._current_request
             return request is not None and not request.content.is_eof()

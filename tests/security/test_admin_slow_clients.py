@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from proxy.config import Overrides
-from proxy.web import server
+from proxy.web import headtimeout, server
 from proxy.web.server import install_reloader
 from tests.conftest import MakeProxy
 from tests.harness import Proxy
@@ -186,13 +186,16 @@ async def fill_unread(proxy: Proxy, socks: list[socket.socket], path: str) -> li
 async def test_clients_that_pipeline_and_never_read_do_not_lock_the_operator_out(
         make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every place taken by a connection pipelining the public console page and reading nothing:
-    # a reply stuck writing waits for its client, so the oldest makes room for the operator.
+    # a reply stuck writing, its client reading none of it for CAP_STALLED, waits for its
+    # client, so the oldest makes room for the operator.
     monkeypatch.setattr(server, "ADMIN_MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(headtimeout, "CAP_STALLED", 0.3)
     proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
     host, port = proxy.listeners.admin_addresses[0]
     socks = [unread_pipeliner(host, port, "/") for _ in range(8)]
     try:
         await fill_unread(proxy, socks, "/console/static/console.js")
+        await asyncio.sleep(0.6)
         for _ in range(3):
             async with aiohttp.ClientSession() as s, \
                     s.get(proxy.admin_url + "/stats", headers={"Authorization": f"Bearer {TOKEN}"},

@@ -6,7 +6,8 @@ the worker's memory for as long as it kept the connection open (3,000 such conne
 capped how many connections a worker kept, so connections that only wait for their client
 (idle, a head unfinished, a reply unread) ran it out of file descriptors. Now a reply unsent
 for ``send_timeout`` seconds has its connection aborted, and one more connection than
-``max_connections`` closes the oldest that only waits for its client, else itself.
+``max_connections`` closes the oldest that only waits for its client, else itself. A reply its
+client reads, however slowly, is neither timed out nor closed by the cap; one timed out is reset.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import re
 import resource
 import socket
+import time
 from pathlib import Path
 
 import aiohttp
@@ -213,3 +215,85 @@ async def test_a_start_raises_the_soft_open_files_limit_to_the_hard_one(origin: 
     assert supervisor == wanted, text[-2000:]
     assert workers and all(w == wanted for w in workers), (workers, text[-2000:])
     assert f"open-files limit raised from 1024 to {wanted}" in text, text[-2000:]
+
+
+def slow_read(host: str, port: int, path: str, chunk: int, every: float, stop_after: int = 0,
+              stop_for: float = 0.0) -> tuple[int, int, str]:
+    """A client that reads ``chunk`` bytes of the answer to ``path`` every ``every`` seconds
+    (once it has ``stop_after`` bytes, if set, reads nothing for ``stop_for`` seconds, then all
+    it can): the length announced, the body bytes it got, and how it ended: ``whole``, ``eof``
+    or ``reset``."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        sock.connect((host, port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode())
+        got, length, head = b"", -1, 0
+        while True:
+            time.sleep(every)
+            try:
+                data = sock.recv(chunk)
+            except ConnectionResetError:
+                return length, len(got) - head, "reset"
+            if not data:
+                return length, len(got) - head, "eof"
+            got += data
+            if length < 0 and b"\r\n\r\n" in got:
+                head = got.index(b"\r\n\r\n") + 4
+                found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", got[:head])
+                assert found, got[:head]
+                length = int(found.group(1))
+            if length >= 0 and len(got) - head >= length:
+                return length, len(got) - head, "whole"
+            if stop_after and len(got) >= stop_after:
+                stop_after, every = 0, 0.0
+                time.sleep(stop_for)  # its window full, nothing moves
+
+
+LARGE = bytes(range(256)) * (24 * 1024)  # 6 MB
+
+
+async def test_a_client_that_reads_slowly_keeps_its_connection_past_send_timeout(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    # send_timeout bounds the time between two steps of progress, not the whole reply: the
+    # kernel tells the writer to go on only once a third of its large send buffer is free,
+    # seconds apart under a slow reader (here at most 640 KB/s: up to 4 MB sent, a third of it
+    # is 2 s), and the reply was aborted at send_timeout.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nsend_timeout: 1s\n")
+    origin.route("/large", body=LARGE, headers={"Cache-Control": "max-age=600"})
+    assert (await proxy.get("/large")).body == LARGE
+    host, port = proxy.listeners.proxy_addresses[0]
+    length, got, how = await asyncio.to_thread(slow_read, host, port, "/large", 32768, 0.05)
+    assert (length, got, how) == (len(LARGE), len(LARGE), "whole")
+    assert await closed_count(proxy, "send_timeout") <= 0
+    # One that stops reading is reset a send_timeout later: it sees a reset, never an end that
+    # looks like the end of a shorter body, and the kernel keeps none of what was unsent.
+    length, got, how = await asyncio.to_thread(slow_read, host, port, "/large", 32768, 0.05, 1 << 20, 4.0)
+    assert how == "reset" and got < length
+    assert await closed_count(proxy, "send_timeout") == 1
+
+
+async def test_max_connections_never_closes_a_reply_its_client_is_reading(make_proxy: MakeProxy,
+                                                                          origin: Origin) -> None:
+    # A reply to a client reading it slowly has its writes paused most of the time: it looked
+    # like one waiting for its client, and a flood of idle connections closed it first (the
+    # oldest), its client seeing its body cut short. Idle ones make room; a reply read, never.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 6\n")
+    origin.route("/large", body=LARGE, headers={"Cache-Control": "max-age=600"})
+    assert (await proxy.get("/large")).body == LARGE
+    host, port = proxy.listeners.proxy_addresses[0]
+    reading = asyncio.ensure_future(asyncio.to_thread(slow_read, host, port, "/large", 32768, 0.05))
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert await until(lambda: any(getattr(c, "writing_paused", False) for r in proxy.listeners.runners
+                                       if isinstance(r.server, ProxyServer) for c in r.server._connections), 10)
+        for _ in range(20):  # idle keep-alive connections past the cap, the last ones kept
+            idle.append(await asyncio.open_connection(host, port))
+            await asyncio.sleep(0.1)
+        assert await reading == (len(LARGE), len(LARGE), "whole")
+        assert await closed_count(proxy, "cap_oldest") >= 15
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+        assert not idle[-1][0].at_eof()
+    finally:
+        reading.cancel()
+        for _, w in idle:
+            w.close()
