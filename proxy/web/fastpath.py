@@ -1196,7 +1196,7 @@ class ProxyServer(LimitedServer):
         super().__init__(handler, **kwargs)
         self._front = front
         self._capped_by: Settings | None = None  # the settings ``max_connections`` was taken from
-        self.max_connections = DEFAULT_MAX_CONNECTIONS
+        self._max_connections = DEFAULT_MAX_CONNECTIONS
         self._capped = RepeatedFailure(log, "admitting client connections", traceback=False,
                                        level=logging.WARNING,
                                        then="connections waiting for their client are closed to make "
@@ -1211,10 +1211,26 @@ class ProxyServer(LimitedServer):
     def fast(self) -> FastPath | None:
         return self._fast
 
+    @property
+    def max_connections(self) -> int:
+        """The cap, from the live settings (a reload's applies to the next connections); read at
+        each connection, and by a TLS listener's acceptor at each accept."""
+        settings = self._front.runtime.settings
+        if settings is not self._capped_by:
+            self._capped_by = settings
+            self._max_connections = connection_cap(settings)
+        return self._max_connections
+
     def capped(self, what: str, limit: int) -> None:
         """One line when connections begin to be closed at the cap, then one a minute at most."""
         reached = ConnectionCapReached(f"{limit} connections open in this worker (max_connections)")
         self._capped.failed(reached)
+
+    def closed_before_handshake(self) -> None:
+        """A TLS listener closed its oldest connection not yet handshaken, to stay within
+        ``max_connections`` (``TLSAcceptor``): counted and logged as the cap's other closings."""
+        self._front.runtime.metrics.client_closed.labels("cap_oldest").inc()
+        self.capped("cap_oldest", self.max_connections)
 
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
                       ) -> web.BaseRequest:
@@ -1241,9 +1257,6 @@ class ProxyServer(LimitedServer):
         # Read per connection: a reload's client_header_timeout and send_timeout apply to the
         # next ones.
         settings = self._front.runtime.settings
-        if settings is not self._capped_by:  # (a reload's max_connections, too)
-            self._capped_by = settings
-            self.max_connections = connection_cap(settings)
         return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, front=self._front,
                                    head_timeout=settings.client_header_timeout,
                                    send_timeout=settings.send_timeout,

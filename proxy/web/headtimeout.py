@@ -343,7 +343,7 @@ class LimitedHandler(HeadTimedHandler):
                     return
         log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
         self.limited("cap_refused")
-        self.force_close()
+        self.drop()  # (a TLS one aborted: no close_notify wait)
 
     def limited(self, what: str) -> None:
         """A limit closed a connection: ``send_timeout`` (this one's reply unread), ``cap_oldest``
@@ -463,7 +463,7 @@ class CappedServer(LimitedServer):
                  server_header: Callable[[], str], send_timeout: float = 0.0, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._head_timeout_of = head_timeout
-        self._max = max_connections
+        self._max = self.max_connections = max_connections  # (read by a TLS listener's acceptor)
         self._server_header = server_header
         self._send_timeout = send_timeout
 

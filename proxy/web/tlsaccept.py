@@ -1,7 +1,7 @@
 """A TLS listener's accepting: plain HTTP told from a handshake, and the handshake's time limit.
 
 A TLS listener accepts its connections itself rather than through ``create_server(ssl=...)``,
-for two things that must happen before the handshake:
+for things that must happen before the handshake:
 
 - The first bytes are peeked at (``MSG_PEEK``: nothing is consumed, the TLS layer then reads
   them as it would have). A handshake starts with a TLS record (0x16); a connection whose first
@@ -15,6 +15,9 @@ for two things that must happen before the handshake:
   lowers it applies to the next connections. ``create_server`` fixes it when the listener
   starts.
 
+- Connections before their handshake's end count against the listener's ``max_connections``
+  (``TLSAcceptor._make_room``): the oldest of them is closed when one more would pass it.
+
 The handshake itself and everything after are the event loop's own TLS
 (``connect_accepted_socket``: uvloop's, in C, under ``cachegate run``). What this adds is a
 peek and two callbacks per connection; nothing per request.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 import ssl
@@ -108,6 +112,9 @@ class TLSAcceptor:
         self._port = int(socks[0].getsockname()[1]) if socks else 0
         # Connections waiting for their first bytes: their deadline and the timer that closes them.
         self._waiting: dict[socket.socket, tuple[float, asyncio.TimerHandle]] = {}
+        # Every connection before its handshake ends (its task, once it began), oldest first:
+        # counted against the listener's ``max_connections`` (``_make_room``).
+        self._pending: dict[socket.socket, asyncio.Task[None] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         for sock in socks:
@@ -149,6 +156,8 @@ class TLSAcceptor:
                 self._loop.call_later(ACCEPT_PAUSE, self._resume, sock)
                 return
             conn.setblocking(False)
+            self._make_room()
+            self._pending[conn] = None
             timeout = self._timeout()
             self._waiting[conn] = (self._loop.time() + timeout,
                                    self._loop.call_later(timeout, self._drop, conn))
@@ -167,7 +176,35 @@ class TLSAcceptor:
     def _drop(self, conn: socket.socket) -> None:
         if conn in self._waiting:
             self._forget(conn)
+        self._pending.pop(conn, None)
         conn.close()
+
+    def _make_room(self) -> None:
+        """A connection was accepted: when it makes more than the listener's ``max_connections``
+        (those served and those before their handshake ends), the oldest before its handshake's
+        end is closed, as the cap closes the oldest waiting for its client (a handshake waits for
+        the client). Without it a TLS listener's cap counted only handshaken connections, and
+        raw TCP connections that never begin one held a descriptor each for
+        ``client_header_timeout`` whatever the cap (100 of them: +100 descriptors). Once none
+        is left, the new one is let through: the served ones make room for it after its
+        handshake, if any waits for its client."""
+        cap = getattr(self._factory, "max_connections", 0)
+        if not isinstance(cap, int) or cap <= 0 or not self._pending:
+            return
+        served = len(getattr(self._factory, "connections", ()))
+        if served + len(self._pending) + 1 <= cap:
+            return
+        conn, task = next(iter(self._pending.items()))
+        log.debug("more than %d connections on port %d: the oldest before its TLS handshake's end "
+                  "closed", cap, self._port)
+        closed = getattr(self._factory, "closed_before_handshake", None)
+        if callable(closed):
+            closed()
+        if task is None:
+            self._drop(conn)
+        else:
+            del self._pending[conn]
+            task.cancel()  # (the loop's TLS aborts a connection closed mid-handshake)
 
     def _first_bytes(self, conn: socket.socket) -> None:
         try:
@@ -187,11 +224,17 @@ class TLSAcceptor:
         task = self._loop.create_task(self._handshake(conn, max(deadline - self._loop.time(), 0.001)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._pending[conn] = task
+        task.add_done_callback(functools.partial(self._handshaken, conn))
+
+    def _handshaken(self, conn: socket.socket, _: asyncio.Task[None]) -> None:
+        self._pending.pop(conn, None)
 
     def _plain_http(self, conn: socket.socket) -> None:
         """Answer 400 and close. What the client sent is read first (as much as has come): a
         close with unread bytes would reset the connection, and the client might never see the
         answer."""
+        self._pending.pop(conn, None)
         try:
             peer = conn.getpeername()
             conn.recv(64 * 1024)

@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from proxy.config import load_config
 from proxy.web.fastpath import ProxyServer, connection_cap
 from proxy.web.server import OpenFilesWatch
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Origin, Proxy, self_signed
 
 BIG = bytes(range(256)) * (12 * 1024)  # 3 MB: more than the sockets' buffers take
 
@@ -297,3 +298,50 @@ async def test_max_connections_never_closes_a_reply_its_client_is_reading(make_p
         reading.cancel()
         for _, w in idle:
             w.close()
+
+
+def held_sockets(port: int) -> int:
+    """Connections to ``port`` the process still holds a descriptor for (an orphan, its
+    descriptor closed, shows inode 0; the listening socket is left out)."""
+    held = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] != "0A" and fields[9] != "0":
+                    held += 1
+    return held
+
+
+async def test_a_tls_listener_counts_handshakes_and_frees_what_the_cap_closes(
+        make_proxy: MakeProxy, origin: Origin, tmp_path: Path) -> None:
+    # The cap counted only handshaken connections (raw ones that never begin a handshake held a
+    # descriptor each for client_header_timeout), and one it closed kept its descriptor up to
+    # 60 s waiting for the client's close_notify. Now both stay within max_connections.
+    key, cert = self_signed(tmp_path, "cap", "a.test", "IP:127.0.0.1")
+    proxy = await make_proxy(config=f"listen: {{address: '127.0.0.1:0', tls: {{cert: '{cert}', key: '{key}'}}}}\n"
+                                    "admin: {listen: '127.0.0.1:0'}\nmax_connections: 5\n")
+    host, port = proxy.listeners.proxy_addresses[0]
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    tls: list[ssl.SSLSocket] = []
+    raw: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(20):  # handshaken, then idle, reading nothing (no close_notify back)
+            tls.append(await asyncio.to_thread(
+                lambda: ctx.wrap_socket(socket.create_connection((host, port)))))
+        assert await until(lambda: held_sockets(port) <= 6, 5), held_sockets(port)
+        for _ in range(20):  # never a handshake
+            raw.append(await asyncio.open_connection(host, port))
+        assert await until(lambda: held_sockets(port) <= 6, 5), held_sockets(port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=ctx)  # served as ever
+        origin.route("/t", body=b"t", headers={"Cache-Control": "max-age=60"})
+        writer.write(b"GET /t HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        assert await closed_count(proxy, "cap_oldest") >= 30
+    finally:
+        for _, w in raw:
+            w.close()
+        for sock in tls:
+            sock.close()
