@@ -196,8 +196,8 @@ class LimitedHandler(HeadTimedHandler):
     connection a length comparison, and a walk over the connections only once over the cap.
     ``limited`` says what happened (the listener logs and counts it)."""
 
-    __slots__ = ("_finished", "_max_connections", "_moved_at", "_send_handle", "_send_timeout",
-                 "_started", "_unsent")
+    __slots__ = ("_finished", "_max_connections", "_moved_at", "_opened", "_send_handle",
+                 "_send_timeout", "_started", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
                  **kwargs: Any) -> None:
@@ -213,6 +213,7 @@ class LimitedHandler(HeadTimedHandler):
         # was last seen to shrink (or the writes paused): its progress (``reply_moved``).
         self._unsent = 0
         self._moved_at = 0.0
+        self._opened = self._loop.time()  # (a TLS connection's accept, near enough: its handshake's end)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -331,16 +332,9 @@ class LimitedHandler(HeadTimedHandler):
         live = [c for c in manager._connections if isinstance(c, LimitedHandler) and not c._force_close]
         if len(live) <= self._max_connections:
             return
-        # Oldest first (a dict keeps the order they came): one with nothing sent to its client
-        # (idle, a head or a body still coming), else one whose reply its client stopped reading.
-        for waits in (LimitedHandler.waits_for_client, LimitedHandler.reply_stalled):
-            for other in live:
-                if other is not self and waits(other):
-                    log.debug("more than %d connections: the oldest waiting for its client, from %s, "
-                              "closed", self._max_connections, other.peername)
-                    self.limited("cap_oldest")
-                    other.drop()
-                    return
+        if close_oldest_waiting(live, self, self._max_connections) is not None:
+            self.limited("cap_oldest")
+            return
         log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
         self.limited("cap_refused")
         self.drop()  # (a TLS one aborted: no close_notify wait)
@@ -381,6 +375,28 @@ class LimitedHandler(HeadTimedHandler):
             return await super()._handle_request(request, start_time, request_handler)
         finally:
             self._finished += 1
+
+
+def oldest_waiting(live: list[LimitedHandler], new: LimitedHandler | None) -> LimitedHandler | None:
+    """The oldest of ``live`` (but ``new``) that waits for its client, if any (a dict keeps the
+    order they came): one with nothing sent to its client (idle, a head or a body still coming),
+    else one whose reply its client stopped reading."""
+    for waits in (LimitedHandler.waits_for_client, LimitedHandler.reply_stalled):
+        for other in live:
+            if other is not new and waits(other):
+                return other
+    return None
+
+
+def close_oldest_waiting(live: list[LimitedHandler], new: LimitedHandler | None, cap: int
+                         ) -> LimitedHandler | None:
+    """Close ``oldest_waiting``, if any: the one closed."""
+    other = oldest_waiting(live, new)
+    if other is not None:
+        log.debug("more than %d connections: the oldest waiting for its client, from %s, closed",
+                  cap, other.peername)
+        other.drop()
+    return other
 
 
 class CappedHandler(LimitedHandler):
@@ -454,6 +470,27 @@ class LimitedServer(web.Server):
             protocol._started += 1
         return super()._make_request(message, payload, protocol, writer, task)
 
+    def make_room(self, pending: int, oldest_pending: float) -> bool:
+        """For a TLS listener's acceptor, which holds ``pending`` connections before their
+        handshake's end (the oldest accepted at ``oldest_pending``, loop time) and has just
+        accepted one more: whether it is within ``max_connections`` with them, or was made so
+        by closing the oldest served connection waiting for its client when that one is older
+        (else the acceptor closes its oldest)."""
+        cap = getattr(self, "max_connections", 0)
+        if not isinstance(cap, int) or cap <= 0:
+            return True
+        live = [c for c in self._connections if isinstance(c, LimitedHandler) and not c._force_close]
+        if len(live) + pending + 1 <= cap:
+            return True
+        other = oldest_waiting(live, None)
+        if other is None or (pending and other._opened > oldest_pending):
+            return False
+        log.debug("more than %d connections: the oldest waiting for its client, from %s, closed",
+                  cap, other.peername)
+        other.limited("cap_oldest")
+        other.drop()
+        return True
+
 
 class CappedServer(LimitedServer):
     """``LimitedServer`` whose connections are ``CappedHandler``s; ``head_timeout`` and
@@ -474,4 +511,4 @@ class CappedServer(LimitedServer):
 
 
 __all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "LimitedHandler", "LimitedServer",
-           "empty_lines", "unfinished_head"]
+           "close_oldest_waiting", "empty_lines", "oldest_waiting", "unfinished_head"]

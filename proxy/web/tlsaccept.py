@@ -114,7 +114,7 @@ class TLSAcceptor:
         self._waiting: dict[socket.socket, tuple[float, asyncio.TimerHandle]] = {}
         # Every connection before its handshake ends (its task, once it began), oldest first:
         # counted against the listener's ``max_connections`` (``_make_room``).
-        self._pending: dict[socket.socket, asyncio.Task[None] | None] = {}
+        self._pending: dict[socket.socket, tuple[float, asyncio.Task[None] | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         for sock in socks:
@@ -157,7 +157,7 @@ class TLSAcceptor:
                 return
             conn.setblocking(False)
             self._make_room()
-            self._pending[conn] = None
+            self._pending[conn] = (self._loop.time(), None)
             timeout = self._timeout()
             self._waiting[conn] = (self._loop.time() + timeout,
                                    self._loop.call_later(timeout, self._drop, conn))
@@ -185,18 +185,17 @@ class TLSAcceptor:
         end is closed, as the cap closes the oldest waiting for its client (a handshake waits for
         the client). Without it a TLS listener's cap counted only handshaken connections, and
         raw TCP connections that never begin one held a descriptor each for
-        ``client_header_timeout`` whatever the cap (100 of them: +100 descriptors). Once none
-        is left, the new one is let through: the served ones make room for it after its
-        handshake, if any waits for its client."""
-        cap = getattr(self._factory, "max_connections", 0)
-        if not isinstance(cap, int) or cap <= 0 or not self._pending:
+        ``client_header_timeout`` whatever the cap (100 of them: +100 descriptors). A served
+        connection waiting for its client (idle, ...: ``LimitedServer.make_room``) goes instead
+        when it is the older. When neither is left, the new one is let through (its handler
+        refuses it if need be)."""
+        room = getattr(self._factory, "make_room", None)
+        oldest = next(iter(self._pending.values()))[0] if self._pending else 0.0
+        if not callable(room) or room(len(self._pending), oldest) or not self._pending:
             return
-        served = len(getattr(self._factory, "connections", ()))
-        if served + len(self._pending) + 1 <= cap:
-            return
-        conn, task = next(iter(self._pending.items()))
-        log.debug("more than %d connections on port %d: the oldest before its TLS handshake's end "
-                  "closed", cap, self._port)
+        conn, (_, task) = next(iter(self._pending.items()))
+        log.debug("more than max_connections on port %d: the oldest before its TLS handshake's end "
+                  "closed", self._port)
         closed = getattr(self._factory, "closed_before_handshake", None)
         if callable(closed):
             closed()
@@ -224,7 +223,7 @@ class TLSAcceptor:
         task = self._loop.create_task(self._handshake(conn, max(deadline - self._loop.time(), 0.001)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self._pending[conn] = task
+        self._pending[conn] = (self._pending.get(conn, (self._loop.time(), None))[0], task)
         task.add_done_callback(functools.partial(self._handshaken, conn))
 
     def _handshaken(self, conn: socket.socket, _: asyncio.Task[None]) -> None:
