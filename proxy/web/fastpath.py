@@ -69,7 +69,7 @@ import logging
 import os
 import re
 import resource
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from time import perf_counter
 from typing import Any, NamedTuple
 
@@ -317,7 +317,7 @@ class FastPath:
 class ProxyRequestHandler(LimitedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed", "_handled",
+    __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed",
                  "_head_bytes", "_head_max", "_late", "_line", "_parser_args", "_refused_version", "_taken",
                  "declined", "gone_logged")
 
@@ -356,9 +356,6 @@ class ProxyRequestHandler(LimitedHandler):
         self._taken: Any = EMPTY_PAYLOAD  # the body of the request aiohttp's loop took last
         # The body of a request aiohttp's loop took before it had all come (``_late_ended``).
         self._late: Any = None
-        # The body of the request whose handler and answer are done (``_fail_body``): aiohttp
-        # may be reading the rest of it in its lingering close.
-        self._handled: Any = None
 
     def head_idle(self) -> bool:
         """``HeadTimedHandler``'s, and the moment after a general answer written whole
@@ -939,15 +936,6 @@ class ProxyRequestHandler(LimitedHandler):
         self._fail_body(exc)
         self._parser = _Discarding()  # type: ignore[assignment]
         self._enqueue([self._refusal(exc, piece)], False, b"")
-
-    async def _handle_request(self, request: web.BaseRequest, start_time: float | None,
-                              request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-                              ) -> tuple[web.StreamResponse, bool]:
-        """aiohttp's, noting the request's body once its answer is done (``_handled``)."""
-        try:
-            return await super()._handle_request(request, start_time, request_handler)
-        finally:
-            self._handled = request._payload
 
     def _fail_body(self, exc: BaseException) -> None:
         """The parser refused what came of a request body not yet whole (a malformed chunk, a

@@ -196,7 +196,7 @@ class LimitedHandler(HeadTimedHandler):
     connection a length comparison, and a walk over the connections only once over the cap.
     ``limited`` says what happened (the listener logs and counts it)."""
 
-    __slots__ = ("_finished", "_max_connections", "_moved_at", "_opened", "_send_handle",
+    __slots__ = ("_finished", "_handled", "_max_connections", "_moved_at", "_opened", "_send_handle",
                  "_send_timeout", "_started", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
@@ -209,6 +209,11 @@ class LimitedHandler(HeadTimedHandler):
         # whose handling ended; the fast path's answers are neither.
         self._started = 0
         self._finished = 0
+        # The body of the last request whose handling ended: aiohttp may be reading the rest
+        # of it in its lingering close (the client listener's ``_fail_body``). Noted here, in
+        # the one wrapper of aiohttp's ``_handle_request``: a second one cost every request on
+        # the general path two calls more.
+        self._handled: Any = None
         # What the paused reply had left to send when last measured (``unsent``), and when it
         # was last seen to shrink (or the writes paused): its progress (``reply_moved``).
         self._unsent = 0
@@ -375,6 +380,7 @@ class LimitedHandler(HeadTimedHandler):
             return await super()._handle_request(request, start_time, request_handler)
         finally:
             self._finished += 1
+            self._handled = request._payload
 
 
 def oldest_waiting(live: list[LimitedHandler], new: LimitedHandler | None) -> LimitedHandler | None:
