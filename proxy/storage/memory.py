@@ -95,18 +95,6 @@ class Cached:
 
 
 UNWRITTEN_ROOM = 4  # × memory_max_object: a key's bodies not on disk yet (``bodies_within``)
-# What a fill of a new variant carries of the key's older bodies into its record (``fill_limit``):
-# up to OLDER_BODIES × the new body's size, OLDER_FLOOR at least. So the ring takes at most
-# (1 + OLDER_BODIES) × the bodies the variant brings (with the variants' metadata), not
-# ``memory_max_object`` per miss: 40 misses of 30 KB, each with a new ``User-Agent``, wrote 1 MB
-# records each (30 ×) and emptied the ring of its 5,000 other keys; at 3 × (two older bodies of
-# the size), 460 such misses emptied a 32 MB ring, where 700 of distinct URLs push out nothing.
-# One: the body the variant brings and as much again (the first other key goes after some 350
-# such misses, after some 750 of distinct URLs), so a page's two encodings of a size stay
-# together; the floor keeps several small variants' bodies (a few KB each) side by side, and is
-# about what the record's metadata of 32 variants costs each rewrite anyway.
-OLDER_BODIES = 1
-OLDER_FLOOR = 16 * 1024
 # Without a disk tier, a key's bodies may take this share of the ring when that is more
 # (``memory_only_bodies``).
 MEMORY_ONLY_SHARE = 64
@@ -115,16 +103,15 @@ MEMORY_ONLY_SHARE = 64
 def bodies_within(variants: tuple[Cached, ...], limit: int, unwritten: int,
                   on_disk: Callable[[Cached], bool]) -> tuple[Cached, ...]:
     """A key's variants with about ``limit`` bytes of bodies (``memory_max_object``: what one
-    object may hold in memory; less for a fill of a new variant, ``fill_limit``), the newest
-    kept. Why: every new Vary variant rewrites the key's record with all the others' bodies, so
-    a client asking for one 900 KB page with 64 User-Agents wrote 28 MB records, over and over,
-    and pushed every other key out of the shared memory (asking for 64 distinct URLs pushes out
-    none). An older variant whose body is on disk keeps only its metadata here (its body is read
-    from disk when asked, as a big body's). One not written to disk yet keeps its body while the
-    record's bodies stay within ``unwritten`` bytes (``MemoryTier.unwritten_limit``: dropped at
-    once, it was refetched by clients asking for the variants of a page in turn faster than
-    write-behind writes them); past that the oldest of them are left out (a miss, as if the ring
-    had evicted them)."""
+    object may hold in memory), the newest kept. Why: every new Vary variant rewrites the key's
+    record with all the others' bodies, so a client asking for one 900 KB page with 64
+    User-Agents wrote 28 MB records, over and over, and pushed every other key out of the
+    shared memory (asking for 64 distinct URLs pushes out none). An older variant whose body is
+    on disk keeps only its metadata here (its body is read from disk when asked, as a big
+    body's). One not written to disk yet keeps its body while the record's bodies stay within
+    ``unwritten`` bytes (``MemoryTier.unwritten_limit``: dropped at once, it was refetched by
+    clients asking for the variants of a page in turn faster than write-behind writes them);
+    past that the oldest of them are left out (a miss, as if the ring had evicted them)."""
     if sum(len(c.body) for c in variants if c.body is not None) <= limit:
         return variants
     room, spare = limit, unwritten - limit
@@ -165,17 +152,6 @@ def memory_only_bodies(capacity: int, max_object: int) -> int:
     ``User-Agent`` per request makes the ring write (the whole record, each time): 64 such
     requests to turn the ring over."""
     return min(max(UNWRITTEN_ROOM * max_object, capacity // MEMORY_ONLY_SHARE), capacity // 4)
-
-
-def fill_limit(adding: int, limit: int) -> int:
-    """What a key's record may hold of bodies when a fill adds a variant of ``adding`` bytes of
-    body (0: its body stays on disk) to it: that body and ``OLDER_BODIES`` × as much of the
-    older ones (``OLDER_FLOOR`` at least), within ``limit`` (the tier's own bound). Why: each
-    new variant rewrites the key's whole record; holding up to ``memory_max_object`` of the
-    newest bodies, a miss of 30 KB wrote 1 MB into the ring, and 40 misses of one URL with a
-    new ``User-Agent`` each pushed out 700 other keys, where 700 misses of distinct URLs pushed
-    out none."""
-    return min(limit, adding + max(OLDER_FLOOR, OLDER_BODIES * adding))
 
 
 def _without_oldest(written: list[Cached], metas: list[tuple[Entry, int, int]], parts: list[builtins.bytes]
@@ -241,10 +217,8 @@ class MemoryTier:
         # a bigger body was spooled in RAM, then refused by the ring at the put.
         self.max_object = min(max_object, ring_body_limit(self.arena.capacity))
         # What a key's record may hold of bodies not on disk yet (``bodies_within``); without a
-        # disk tier (nothing is written behind) ``Storage`` sets ``memory_only_bodies``, and
-        # ``written_behind`` False: a fill's record then keeps no body past ``fill_limit``.
+        # disk tier (nothing is written behind) ``Storage`` sets ``memory_only_bodies``.
         self.unwritten_limit = UNWRITTEN_ROOM * max_object
-        self.written_behind = True
         self.policy = policy
         self.decoded_budget = decoded if decoded is not None else decoded_budget(budget)
         self._decoded: OrderedDict[str, Slot] = OrderedDict()
@@ -356,9 +330,7 @@ class MemoryTier:
         data = bytes(body)
         return data if self._alive(cached.pos) else None
 
-    def _load(self, key: str, keep: bool = True) -> Slot | None:
-        """The key's record decoded; kept decoded when the doorkeeper admits it (``keep``: a
-        look that is no sighting of the key, ``takes_fill``'s, neither keeps it nor counts)."""
+    def _load(self, key: str) -> Slot | None:
         record = self.arena.find(key)
         if record is None:
             return None
@@ -379,7 +351,7 @@ class MemoryTier:
                 starts.append(-1)
             variants.append(Cached(e, body, pos=record.pos,
                                    state=ON_DISK if record.flags & F_PERSISTED else state))
-        before = self._admit(key) if keep else None
+        before = self._admit(key)
         if before is not None:
             return self._hold(key, tuple(variants), record.pos, tuple(starts), before)
         return Slot(tuple(variants), 0, 0, record.pos, tuple(starts))  # for this read only
@@ -432,7 +404,7 @@ class MemoryTier:
     # -- writing -----------------------------------------------------------------------------
 
     def put(self, key: str, variants: tuple[Cached, ...], *, admit: bool = False,
-            expect: int | None = None, adding: int | None = None) -> bool | None:
+            expect: int | None = None) -> bool | None:
         """Hold ``variants`` under ``key`` (a new record: whatever the key had is replaced); False
         when they can never fit. Bodies that are views of the arena are copied first (from the
         key's record as it is now, when theirs was replaced meanwhile: ``_body_now``); a variant
@@ -450,22 +422,9 @@ class MemoryTier:
         ``expect``: written only while the key's record is the one the caller read (``record_of``
         what ``peek`` gave; 0: while the key has none), checked under the ring's lock, else None
         and nothing written: another process wrote the key in between, and the caller reads it
-        again (``Arena.put``).
-
-        ``adding``: a fill's put, of a variant (the last, ``merge_variant``) with a body of that
-        many bytes (0: its body is on disk only): the older variants' bodies come along only
-        within ``fill_limit`` of it (those the disk has keep their metadata; those not written
-        behind yet still come, up to ``unwritten_limit``; without a disk tier those past it are
-        left out). Other puts (a 304's, a soft purge's, a body read back) keep what the record
-        held, within ``memory_max_object``."""
+        again (``Arena.put``)."""
         if len(variants) > 1:
-            limit, unwritten = self.max_object, self.unwritten_limit
-            if adding is not None:
-                if self.written_behind:
-                    limit = fill_limit(adding, limit)
-                else:  # nothing would ever write the others' bodies: past the limit, misses
-                    limit = unwritten = fill_limit(adding, unwritten)
-            variants = bodies_within(variants, limit, unwritten, self._on_disk)
+            variants = bodies_within(variants, self.max_object, self.unwritten_limit, self._on_disk)
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
         written: list[Cached] = []
@@ -521,27 +480,6 @@ class MemoryTier:
             held.append(Cached(c.entry, view_of, c.heads, False, pos, state))
         self._hold(key, tuple(held), pos, tuple(starts), before)
         return True
-
-    def takes_fill(self, entry: Entry, size: int) -> bool:
-        """Whether a fill of ``entry`` with a ``size``-byte body goes into the key's record now:
-        not while the record holds more bodies not written behind yet than ``fill_limit`` lets
-        the fill carry (then its body goes to disk at once, as a bigger body does, and only its
-        metadata into the record). Why: those bodies must stay in the record until write-behind
-        has them (``bodies_within``), so 40 misses of one URL with a new ``User-Agent`` each,
-        within one write-behind interval, each rewrote all the earlier ones: 1 MB records, and
-        the ring's 5,000 other keys pushed out. Without a disk tier nothing is written behind:
-        always (the older bodies past ``fill_limit`` are left out)."""
-        if not self.written_behind:
-            return True
-        slot = self._get(entry.key)
-        if slot is None or not self._alive(slot.pos):
-            slot = self._load(entry.key, keep=False)  # (the fill's put counts as its sighting)
-        if slot is None:
-            return True
-        vary = entry.response.vary
-        unwritten = sum(len(c.body) for c in slot.variants
-                        if c.body is not None and c.entry.response.vary != vary and not self._on_disk(c))
-        return size + unwritten <= fill_limit(size, self.max_object)
 
     def _body_now(self, key: str, c: Cached) -> tuple[builtins.bytes | None, int]:
         """The body of ``c`` (a view of a record that was replaced meanwhile) and the state to

@@ -79,29 +79,14 @@ class PersistStats:
     failed: int = 0  # variants a batch could not commit (a shard's lock timed out; tried again)
 
 
-def merge_variant(current: tuple[Entry, ...], new: Entry, in_order: bool = False
-                  ) -> tuple[tuple[Entry, ...], list[str]]:
-    """``new`` replaces the variant with the same Vary values; at most MAX_VARIANTS are kept, the
-    newest (the last). Returns the variants and the body ids no longer used (not ``new``'s own
-    when it replaces itself: committing the same variant twice must not delete the body it has
-    just written).
-
-    ``in_order`` (the disk's merges): ``new`` goes after the variants stored before it
-    (``stored_at``), not after all of them. Why: the disk gets a key's variants out of order, a
-    fill that the shared memory's record could not carry committed by its worker at once
-    (``MemoryTier.takes_fill``) before older ones written behind; appended, those older ones
-    counted as the newest, and past MAX_VARIANTS the disk dropped newer variants than the
-    record did: hits on them the record still listed found no body (misses, one refill pushing
-    out the next variant: every variant of the key a miss in turn). Older than the MAX_VARIANTS
-    kept, ``new`` itself goes (its body with it), as the record had dropped it."""
+def merge_variant(current: tuple[Entry, ...], new: Entry) -> tuple[tuple[Entry, ...], list[str]]:
+    """``new`` replaces the variant with the same Vary values; at most MAX_VARIANTS are kept.
+    Returns the variants and the body ids no longer used (never ``new``'s own: committing the
+    same variant twice must not delete the body it has just written)."""
     kept = [e for e in current if e.response.vary != new.response.vary]
     dropped = [e.body_id for e in current if e.response.vary == new.response.vary
                and e.body_id != new.body_id]
-    at = len(kept)
-    if in_order:
-        while at and kept[at - 1].stored_at > new.stored_at:
-            at -= 1
-    kept.insert(at, new)
+    kept.append(new)
     while len(kept) > MAX_VARIANTS:
         dropped.append(kept.pop(0).body_id)
     return tuple(kept), dropped
@@ -125,7 +110,7 @@ def adding(bans: BanList, new: Entry, kept: list[tuple[Entry, ...]]) -> Merge:
     """The merge that adds ``new`` to a key's variants (run under the shard's lock)."""
     def merge(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
         banned: list[str] = []
-        out, replaced = merge_variant(unbanned(bans, current, banned), new, in_order=True)
+        out, replaced = merge_variant(unbanned(bans, current, banned), new)
         kept.append(out)
         return out, replaced + banned
 

@@ -73,7 +73,6 @@ class Storage:
         # every process.
         if disk is None:  # nothing is written behind: a key keeps more of its variants' bodies
             memory.unwritten_limit = memory_only_bodies(memory.arena.capacity, memory.max_object)
-            memory.written_behind = False
         self._own_executor = executor is None
         self.tiers = Tiers(memory, disk, index, BanList(index.bans() if index is not None else ()),
                            executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="disk"))

@@ -248,8 +248,6 @@ class Writer:
         body = spool.body_bytes()
         if body is None or entry.body_size > memory.max_object or spool.doomed:
             return False
-        if not memory.takes_fill(entry, len(body)):
-            return False  # the key's record carries enough bodies not on disk yet: to disk now
         done = self._put_variant(Cached(entry, body, state=ALL_TO_WRITE))
         spool.in_memory = done is True
         if done is False:
@@ -275,8 +273,7 @@ class Writer:
             held = {c.entry.body_id: c for c in current}
             done = memory.put(entry.key, tuple(
                 new if e.body_id == entry.body_id else held[e.body_id] for e in merged),
-                admit=not current, expect=record_of(current),
-                adding=0 if new.body is None else len(new.body))
+                admit=not current, expect=record_of(current))
             if done is not None:
                 return done
         return None
