@@ -633,10 +633,10 @@ async def test_a_record_the_index_cannot_hold_costs_no_other_fill_its_place_on_d
         assert await read_body(disk_store, k) == b
 
 
-async def test_a_flush_waits_for_the_batch_the_background_loop_is_committing(disk_store: Storage) -> None:
-    # The owner's write-behind loop can take every pending record a moment before a flush (a
-    # clean stop, a test) asks: that flush then saw nothing pending and returned while the
-    # loop's batch was still in the thread, so the disk (and the URL index's count) had none.
+async def _batch_held_in_the_thread(disk_store: Storage) -> tuple[
+        persist.Persister, dict[str, bytes], threading.Event, asyncio.Future[int]]:
+    """Ten fills pending, and a write-behind round (the background loop's) started and held in
+    its thread until the event returned is set: the persister, the bodies, that event, the round."""
     persister = disk_store.persister
     assert persister is not None and disk_store.disk is not None
     bodies = {f"{KEY}/{i}": os.urandom(300) for i in range(10)}
@@ -651,8 +651,16 @@ async def test_a_flush_waits_for_the_batch_the_background_loop_is_committing(dis
         return commit(records)  # type: ignore[arg-type]
 
     persister._commit = slow  # type: ignore[method-assign]
-    loop_batch = asyncio.ensure_future(persister.flush())  # the background loop's round
+    held = asyncio.ensure_future(persister.flush())
     assert await asyncio.to_thread(started.wait, 5)
+    return persister, bodies, release, held
+
+
+async def test_a_flush_waits_for_the_batch_the_background_loop_is_committing(disk_store: Storage) -> None:
+    # The owner's write-behind loop can take every pending record a moment before a flush (a
+    # clean stop, a test) asks: that flush then saw nothing pending and returned while the
+    # loop's batch was still in the thread, so the disk (and the URL index's count) had none.
+    persister, bodies, release, loop_batch = await _batch_held_in_the_thread(disk_store)
     assert not persister.pending  # the loop's batch holds every record
     asked = asyncio.ensure_future(disk_store.flush())
     await asyncio.sleep(0.05)
@@ -667,22 +675,7 @@ async def test_a_stops_flush_waits_for_the_batch_a_cancelled_flush_left_in_the_t
     # released, the batch goes on there); the stop's own flush then found nothing pending and
     # returned at once, and ``unwritten`` counted that batch's records: "573 entries in memory
     # were not written to disk" logged at a stop whose every entry was on disk at the restart.
-    persister = disk_store.persister
-    assert persister is not None and disk_store.disk is not None
-    bodies = {f"{KEY}/{i}": os.urandom(300) for i in range(10)}
-    for k, b in bodies.items():
-        assert await store(disk_store, entry(k), b, flush=False)
-    started, release = threading.Event(), threading.Event()
-    commit = persister._commit
-
-    def slow(records: list[object]) -> object:
-        started.set()
-        release.wait(5)
-        return commit(records)  # type: ignore[arg-type]
-
-    persister._commit = slow  # type: ignore[method-assign]
-    loop_round = asyncio.ensure_future(persister.flush())
-    assert await asyncio.to_thread(started.wait, 5)
+    persister, bodies, release, loop_round = await _batch_held_in_the_thread(disk_store)
     loop_round.cancel()  # the stop cancels the loop
     with contextlib.suppress(asyncio.CancelledError):
         await loop_round
