@@ -416,7 +416,7 @@ class ProxyRequestHandler(LimitedHandler):
         self._front.runtime.metrics.client_closed.labels(what).inc()
         manager = self._manager
         if what != "send_timeout" and isinstance(manager, ProxyServer):
-            manager.capped(what, self._max_connections)
+            manager.capped(self._max_connections)
 
     def head_timed_out(self, timeout: float) -> None:
         """A head begun (some of its bytes came) and not whole within ``timeout``: logged 408 with
@@ -1209,7 +1209,7 @@ class ProxyServer(LimitedServer):
             self._max_connections = connection_cap(settings)
         return self._max_connections
 
-    def capped(self, what: str, limit: int) -> None:
+    def capped(self, limit: int) -> None:
         """One line when connections begin to be closed at the cap, then one a minute at most."""
         reached = ConnectionCapReached(f"{limit} connections open in this worker (max_connections)")
         self._capped.failed(reached)
@@ -1218,7 +1218,7 @@ class ProxyServer(LimitedServer):
         """A TLS listener closed its oldest connection not yet handshaken, to stay within
         ``max_connections`` (``TLSAcceptor``): counted and logged as the cap's other closings."""
         self._front.runtime.metrics.client_closed.labels("cap_oldest").inc()
-        self.capped("cap_oldest", self.max_connections)
+        self.capped(self.max_connections)
 
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
                       ) -> web.BaseRequest:

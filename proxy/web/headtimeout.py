@@ -399,10 +399,14 @@ def close_oldest_waiting(live: list[LimitedHandler], new: LimitedHandler | None,
     """Close ``oldest_waiting``, if any: the one closed."""
     other = oldest_waiting(live, new)
     if other is not None:
-        log.debug("more than %d connections: the oldest waiting for its client, from %s, closed",
-                  cap, other.peername)
-        other.drop()
+        _close_waiting(other, cap)
     return other
+
+
+def _close_waiting(other: LimitedHandler, cap: int) -> None:
+    log.debug("more than %d connections: the oldest waiting for its client, from %s, closed",
+              cap, other.peername)
+    other.drop()
 
 
 class CappedHandler(LimitedHandler):
@@ -491,10 +495,8 @@ class LimitedServer(web.Server):
         other = oldest_waiting(live, None)
         if other is None or (pending and other._opened > oldest_pending):
             return False
-        log.debug("more than %d connections: the oldest waiting for its client, from %s, closed",
-                  cap, other.peername)
         other.limited("cap_oldest")
-        other.drop()
+        _close_waiting(other, cap)
         return True
 
 
