@@ -47,7 +47,6 @@ from proxy.settings import (
     read_settings,
     shared_address,
     storable_limit,
-    upstream_identity,
     upstream_twice,
     upstream_url,
 )
@@ -120,7 +119,6 @@ def _apply_overrides(s: Settings, o: Overrides, problems: Problems) -> Settings:
             if twice is not None:
                 problems.add(at, f"--upstream: {twice}")
                 continue
-            seen[upstream_identity(url)] = text
             ups.append(UpstreamSettings(url))
         s = replace(s, upstreams=tuple(ups))
     if o.admin_listen is not None:

@@ -230,10 +230,13 @@ def upstream_identity(url: URL) -> str:
 
 def upstream_twice(earlier: dict[str, str], url: URL, written: str) -> str | None:
     """Why ``url`` (``written`` so) cannot be one more upstream beside the ``earlier`` ones (their
-    ``upstream_identity`` -> as written), or None. Listed twice, one upstream was two in
-    /upstreams, each with its own health and share of requests, and /metrics merged them."""
-    same = earlier.get(upstream_identity(url))
+    ``upstream_identity`` -> as written), or None, and then it is noted among them. Listed
+    twice, one upstream was two in /upstreams, each with its own health and share of requests,
+    and /metrics merged them."""
+    identity = upstream_identity(url)
+    same = earlier.get(identity)
     if same is None:
+        earlier[identity] = written
         return None
     also = "" if same == written else f": it and {same!r} are one upstream"
     return f"upstream {written!r} is listed twice{also}; list it once (a weight: gives it a bigger share)"
@@ -262,7 +265,6 @@ def _upstreams(item: Src, ctx: Context) -> tuple[UpstreamSettings, ...]:
         if twice is not None:
             ctx.problem(entry, twice)
             continue
-        seen[upstream_identity(upstream.url)] = written
         out.append(upstream)
     return tuple(out)
 
