@@ -666,8 +666,13 @@ class Engine:
             return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
                                       False)
         held = parse_content_range(resp.headers.get("Content-Range"))
-        if held is None:  # a multipart answer: passed on as it is
-            return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=206), False)
+        if held is None:
+            # A multipart answer, or none that says its range: passed on as it is, and why it
+            # is not stored said as for any other part (its Cache-Status had no detail).
+            detail, _ = self._part_decision(head, plan, key, resp, None, request_time, response_time)
+            self.metrics.not_stored.labels(detail).inc()
+            return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=206, detail=detail),
+                                      False)
         detail, entry = self._part_decision(head, plan, key, resp, held.length, request_time, response_time)
         if entry is not None and resp.content_length not in (None, held.length):
             # Its length disagrees with its Content-Range: relayed as framed, never stored
@@ -688,9 +693,11 @@ class Engine:
                                         "upstream"))
 
     def _part_decision(self, head: RequestHead, plan: RequestPlan, key: str, resp: UpstreamResponse,
-                       length: int, request_time: float, response_time: float) -> tuple[str, Entry | None]:
+                       length: int | None, request_time: float, response_time: float
+                       ) -> tuple[str, Entry | None]:
         """May this 206 be stored as a part, as what (the same rules as its complete response,
-        and the same room: ``_decided``)? ``length``: its Content-Range's, what the spool takes."""
+        and the same room: ``_decided``)? ``length``: its Content-Range's, what the spool takes
+        (None: it has none, and the decision says so)."""
         store_plan = plan.for_response(representation_status(resp.status), resp.headers.get("Content-Type"))
         return self._decided(part_key(key), store_plan, Exchange(
             head, resp.status, resp.reason, resp.headers, request_time, response_time,

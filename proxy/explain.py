@@ -297,9 +297,12 @@ def fill_decision(head: RequestHead, plan: RequestPlan, status: int, headers: CI
     as the engine stores parts (``representation_status``). ``room``: the biggest body the
     running store keeps now (``Storage.max_object``: less than the rules' while the disk
     shards' budget is lowered), which a Content-Length is held against as the engine does
-    (``Engine.fill_decision``); None: the rules' alone (no running store)."""
+    (``Engine.fill_decision``); None: the rules' alone (no running store). A 206 answering the
+    request's range is decided as a part (``Engine._part_decision``): explain said
+    ``UNCACHEABLE-STATUS`` for every 206 the proxy stored."""
     sp = plan.for_response(representation_status(status), headers.get("Content-Type"))
-    decision = decide_fill(Exchange(head, status, "", headers, now, now), sp, FillSettings())
+    part = status == 206 and "range" in head.headers
+    decision = decide_fill(Exchange(head, status, "", headers, now, now), sp, FillSettings(), part=part)
     length = body_length(status, content_length(headers.getall("Content-Length", ())))
     if room is not None and isinstance(decision, Fill) and too_large(length, room):
         return sp, NoFill("TOO-LARGE")

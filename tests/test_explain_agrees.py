@@ -75,6 +75,14 @@ CASES: list[tuple[str, str, str, Pairs, int, Pairs, int, str | None]] = [
     ("a HEAD fills with a GET", "HEAD", "/p/head", [], 200, [MAX_AGE], 10, None),
     ("too large", "GET", "/p/large", [], 200, [MAX_AGE], 2048, "TOO-LARGE"),
     ("a POST", "POST", "/p/post", [], 200, [MAX_AGE], 10, "METHOD"),
+    # A 206 answering the client's range is stored as a part of its representation (its 200's
+    # rules); one that cannot be placed is not.
+    ("a part", "GET", "/p/part", [("Range", "bytes=0-1")], 206, [MAX_AGE, ("Content-Range", "bytes 0-1/10")],
+     2, None),
+    ("a part without its range", "GET", "/p/part-unplaced", [("Range", "bytes=0-1")], 206, [MAX_AGE], 2,
+     "NO-CONTENT-RANGE"),
+    ("a private part", "GET", "/p/part-private", [("Range", "bytes=0-1")], 206,
+     [("Cache-Control", "private, max-age=60"), ("Content-Range", "bytes 0-1/10")], 2, "PRIVATE"),
 ]
 
 
