@@ -357,8 +357,9 @@ class UpstreamPool:
         # second at the open-files limit: one line per miss buried the log), then once a minute.
         self._exhausted = RepeatedFailure(
             log, "opening a connection to an upstream", traceback=False, level=logging.WARNING,
-            then="answered 503 and not held against the upstream (cachegate's own limit: raise its "
-                 "open-files limit, or fewer client connections)")
+            then="the request answered 503 (or stale, under stale-if-error), nothing held against "
+                 "the upstream (cachegate's own limit: raise its open-files limit, or fewer client "
+                 "connections)")
         self._clock = clock
         self._closed = False  # ``close`` began: what fails from now on failed because of it
         # Made here, before the caller opens anything else: a ca_file that does not load is said

@@ -57,6 +57,7 @@ def test_an_upkeep_failing_every_second_logs_one_traceback_then_says_it_works_ag
     places = [re.findall(r'File "([^"]+)", line (\d+)', line)[-1] for line in tracebacks]
     assert 1 <= failed <= 3 and proxy.text.count("Traceback") == len(tracebacks) == failed, proxy.text
     assert len(set(places)) == len(places), places
+    assert "storage upkeep still failing" not in proxy.text, proxy.text  # once a minute, not within seconds
 
 
 def test_the_same_failure_is_summed_once_a_minute_and_another_is_logged_at_once(
