@@ -695,8 +695,14 @@ class Reloader:
                                 new.warnings, unapplied=unapplied)
 
     def _stopped(self) -> ReloadResult:
-        result = self.reject([f"{self.display or self.path}:0: not applied: the instance is stopping "
-                              "(the drain keeps the running config)"])
+        """A reload that came during a stop: no fault of the config, so no ``FILE:LINE`` and no
+        ERROR (a SIGHUP racing a SIGTERM logged one, as if the file were wrong)."""
+        problem = f"{self.display or self.path}: not applied: the instance is stopping (the drain keeps " \
+                  "the running config)"
+        log.info("reload %s", problem)
+        if self._on_result:
+            self._on_result(False)
+        result = ReloadResult([problem])
         result.stopping = True
         return result
 

@@ -134,6 +134,8 @@ async def test_a_post_reload_still_compiling_when_the_stop_comes_answers_at_once
     assert status == 400, (status, answer, proc.text)
     assert any("not applied: the instance is stopping" in p for p in answer["problems"]), answer
     assert "config reloaded" not in proc.text
+    # The stop's fault, not the config's: no ERROR, no FILE:LINE that points at nothing.
+    assert " ERROR " not in proc.text and ":0:" not in proc.text, proc.text
     assert code == 0, proc.text
 
 
