@@ -345,3 +345,152 @@ async def test_a_tls_listener_counts_handshakes_and_frees_what_the_cap_closes(
             w.close()
         for sock in tls:
             sock.close()
+
+
+MID = bytes(range(256)) * 1024  # 256 KB: the kernel's send queue takes it whole, writes never pause
+
+
+def fin_wait_1(port: int) -> int:
+    """Sockets of ``port`` in FIN-WAIT-1: closed with bytes still unsent (an orphan, once its
+    descriptor is gone, that holds them in the host's TCP memory until the client reads or goes)."""
+    found = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "04":
+                    found += 1
+    return found
+
+
+def how_it_ends(sock: socket.socket, seconds: float) -> str:
+    """Read what is left: ``reset``, ``eof`` (a graceful close, all of it sent) or ``open``."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "open"
+    return "eof"
+
+
+async def test_the_cap_resets_an_unread_reply_that_fits_the_kernel_queue_and_closes_idle_ones_first(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    # A reply the kernel's send queue takes whole never pauses the writes: unread, it looked idle
+    # (the worker holds nothing of it), so the cap closed it before a truly idle one, gracefully:
+    # its FIN waited behind the unsent bytes, an orphan in FIN-WAIT-1 holding them for as long
+    # as the client kept its end. Now it has a reply in progress: an idle one goes first, and it
+    # is closed only once its client read nothing for a second, with a reset.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 4\n"
+                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
+    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    origin.route("/slow", body=b"slow", delay=3.0)
+    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID  # stored (no connection kept)
+    host, port = proxy.listeners.proxy_addresses[0]
+    before = client_connections(proxy)
+    unread_one = unread(proxy, "/mid")
+    busy: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert await until(lambda: client_connections(proxy) > before, 5)
+        await asyncio.sleep(0.3)  # its reply written (to the kernel) and the loop back waiting
+        idle = await asyncio.open_connection(host, port)
+        for i in range(2):  # whole requests being answered
+            busy.append(await asyncio.open_connection(host, port))
+            busy[-1][1].write(f"GET /slow?{i} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n".encode())
+        assert await until(lambda: origin.count("/slow") == 2, 5)
+        busy.append(await asyncio.open_connection(host, port))  # one more: the idle one goes, not the older unread one
+        busy[-1][1].write(b"GET /slow?2 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        assert await asyncio.wait_for(idle[0].read(), 5) == b""
+        idle[1].close()
+        assert await until(lambda: origin.count("/slow") == 3, 5)
+        assert fin_wait_1(port) == 0
+        await asyncio.sleep(1.2)  # its client read nothing for CAP_STALLED
+        late = await asyncio.open_connection(host, port)  # now the unread reply is the one closed
+        assert await asyncio.to_thread(how_it_ends, unread_one, 3.0) == "reset"
+        assert fin_wait_1(port) == 0, "an unread reply closed gracefully: an orphan holds it"
+        assert await closed_count(proxy, "cap_oldest") == 2
+        late[1].close()
+        for r, w in busy:  # their answers are whole
+            assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 200 ")
+            w.close()
+    finally:
+        unread_one.close()
+        for _, w in busy:
+            w.close()
+
+
+async def test_send_timeout_resets_an_unread_reply_that_fits_the_kernel_queue(make_proxy: MakeProxy,
+                                                                              origin: Origin) -> None:
+    # The writes never paused, so send_timeout never started: the connection stayed open (and
+    # its reply unsent) until the keep-alive timeout, then closed gracefully into an orphan.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nsend_timeout: 1s\n"
+                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
+    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID
+    _, port = proxy.listeners.proxy_addresses[0]
+    before = client_connections(proxy)
+    sock = unread(proxy, "/mid")
+    try:
+        assert await until(lambda: client_connections(proxy) > before, 5)
+        assert await until(lambda: client_connections(proxy) <= before, 4), \
+            "an unread reply in the kernel's queue was kept past send_timeout"
+        assert await asyncio.to_thread(how_it_ends, sock, 3.0) == "reset"
+        assert fin_wait_1(port) == 0
+        assert await closed_count(proxy, "send_timeout") == 1
+    finally:
+        sock.close()
+
+
+async def test_a_slow_steady_reader_of_a_reply_in_the_kernel_queue_keeps_its_connection(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    # Its reply sits in the kernel's queue, read a couple of KB at a time: it is being answered.
+    # Neither send_timeout nor the cap closes it (the cap refuses new connections instead, all
+    # others busy), and it asks again on the same connection once its reply ends.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nsend_timeout: 1s\nmax_connections: 2\n"
+                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
+    body = MID[:48 * 1024]
+    origin.route("/m", body=body, headers={"Cache-Control": "max-age=600"})
+    origin.route("/slow", body=b"slow", delay=3.5)
+    assert (await proxy.raw("GET", "/m", "a.test")).body == body
+    host, port = proxy.listeners.proxy_addresses[0]
+
+    def steady() -> tuple[int, bytes]:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, port))
+            sock.sendall(b"GET /m HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            got = b""
+            while b"\r\n\r\n" not in got or len(got) - got.index(b"\r\n\r\n") - 4 < len(body):
+                time.sleep(0.1)
+                data = sock.recv(2048)
+                assert data, "closed before its reply ended"
+                got += data
+            sock.sendall(b"GET /m HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            sock.settimeout(5)
+            again = b""
+            while data := sock.recv(65536):
+                again += data
+            return len(got) - got.index(b"\r\n\r\n") - 4, again
+
+    reading = asyncio.ensure_future(asyncio.to_thread(steady))
+    busy = await asyncio.open_connection(host, port)
+    busy[1].write(b"GET /slow HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    try:
+        assert await until(lambda: origin.count("/slow") == 1, 5)
+        for _ in range(6):  # new connections while it reads: refused, it is not idle
+            await asyncio.sleep(0.3)
+            r, w = await asyncio.open_connection(host, port)
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+        got, again = await reading
+        assert got == len(body)
+        assert again.startswith(b"HTTP/1.1 200 ") and again.endswith(body)
+        assert await closed_count(proxy, "send_timeout") <= 0
+        assert await closed_count(proxy, "cap_oldest") <= 0
+        assert await closed_count(proxy, "cap_refused") == 6
+    finally:
+        reading.cancel()
+        busy[1].close()
