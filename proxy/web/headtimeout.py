@@ -210,7 +210,7 @@ class LimitedHandler(HeadTimedHandler):
     paused reply is: its ``send_timeout`` counts from when it is found (so it is reset about
     ``1.5 × send_timeout`` after its last progress at most), and the keep-alive timeout's close
     of a connection whose queue did not move over the last sample is a reset too (a client
-    still reading gets the graceful close, nothing lost).
+    still reading gets the graceful close once its reply is read, nothing lost).
 
     Cost: while a reply is pending (the writes paused, or the kernel queue not empty), a timer
     every ``CAP_STALLED / 2`` seconds and a measure (two ioctl-cheap calls) when it fires;
@@ -310,8 +310,9 @@ class LimitedHandler(HeadTimedHandler):
         so ``send_timeout`` and the cap see it. At the keep-alive timeout, an idle connection
         whose queue did not move over the last sample is reset (``drop``): closed gracefully,
         its FIN waited behind the unsent bytes, an orphan socket holding them for as long as the
-        client kept its end. A client still reading gets the graceful close, nothing lost; one
-        whose queue was only just found is looked at again a sample later."""
+        client kept its end. One whose client is still reading (or whose queue was only just
+        found) is looked at again a sample later: closed gracefully once its reply is read,
+        nothing lost."""
         self._keepalive_handle = None
         if self._force_close or not self._keepalive:
             return
@@ -325,16 +326,19 @@ class LimitedHandler(HeadTimedHandler):
             self._keepalive_handle = loop.call_at(min(close_time, now + self.check_every()),
                                                   self._process_keepalive)
             return
-        if waiter is None or waiter.done() or (pending and not sampled):
-            # Busy (aiohttp's timer stops here; it is armed again after the reply), or a queue
-            # whose progress is known only a sample later.
-            every = self.sample_every() if pending else self.check_every()
-            self._keepalive_handle = loop.call_at(now + every, self._process_keepalive)
+        if waiter is None or waiter.done():
+            # Busy: aiohttp's timer stops here (it is armed again after the reply).
+            self._keepalive_handle = loop.call_at(now + self.check_every(), self._process_keepalive)
             return
-        if pending and not self.reply_moved(self.sample_every()):
-            log.debug("an idle connection from %s closed at the keep-alive timeout with a reply its "
-                      "client stopped reading: reset", self.peername)
-            self.drop()
+        if pending:
+            if sampled and not self.reply_moved(self.sample_every()):
+                log.debug("an idle connection from %s closed at the keep-alive timeout with a reply "
+                          "its client stopped reading: reset", self.peername)
+                self.drop()
+                return
+            # Just found (its progress is known a sample later), or still read: looked at again
+            # a sample later (closed gracefully once read, reset once its client stops).
+            self._keepalive_handle = loop.call_at(now + self.sample_every(), self._process_keepalive)
             return
         self.force_close()
 

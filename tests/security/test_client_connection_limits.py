@@ -494,3 +494,54 @@ async def test_a_slow_steady_reader_of_a_reply_in_the_kernel_queue_keeps_its_con
     finally:
         reading.cancel()
         busy[1].close()
+
+
+async def test_the_keepalive_timeout_resets_an_idle_connection_whose_reply_is_unread() -> None:
+    # At the keep-alive timeout aiohttp closes an idle connection gracefully: with its reply
+    # unread in the kernel's queue, an orphan in FIN-WAIT-1 kept it. Now it is reset when its
+    # queue did not move over the last sample; a client still reading gets the graceful close,
+    # and all of its reply. (A server of the listeners' handlers, with a 1 s keep-alive timeout
+    # and no send_timeout: the client listener's timeout is 75 s.)
+    from aiohttp import web
+
+    from proxy.web.headtimeout import CappedServer
+
+    body = MID[:48 * 1024]
+
+    async def answer(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=MID if request.path == "/mid" else body)
+
+    server = CappedServer(answer, head_timeout=lambda: 60.0, max_connections=100, server_header=lambda: "t",
+                          keepalive_timeout=1.0)
+    listening = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+
+    def steady() -> tuple[int, str]:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /m HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            got = b""
+            try:
+                while data := sock.recv(2048):
+                    got += data
+                    time.sleep(0.1)
+            except ConnectionResetError:
+                return len(got), "reset"
+            return len(got) - got.index(b"\r\n\r\n") - 4, "eof"
+
+    sock = socket.socket()
+    try:
+        reading = asyncio.ensure_future(asyncio.to_thread(steady))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /mid HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        assert await until(lambda: len(server.connections) == 2, 2)
+        assert await until(lambda: not server.connections, 4), "an idle connection kept past its keep-alive timeout"
+        assert fin_wait_1(port) == 0, "closed gracefully with its reply unread: an orphan holds it"
+        assert await asyncio.to_thread(how_it_ends, sock, 3.0) == "reset"
+        assert await reading == (len(body), "eof")
+    finally:
+        sock.close()
+        await server.shutdown(1.0)
+        listening.close()
