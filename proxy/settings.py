@@ -933,7 +933,9 @@ class Settings:
     # kept the connection open (3,000 such connections for a 900 KB hit: +520 MB per worker).
     send_timeout: float = setting(60.0, "the longest a reply may make no progress because the client "
                                         "reads nothing (writes paused, nothing more acknowledged); "
-                                        "then the connection is reset (nginx: send_timeout)",
+                                        "then the connection is reset (nginx: send_timeout); over TLS, "
+                                        "also how long a connection cachegate closes may take to hand "
+                                        "the client what its TLS layer still holds",
                                   duration(minimum=MIN_CLIENT_TIMEOUT, why=CLIENT_TIMEOUT_FLOOR))
     # Without a cap, connections that only wait for their client (idle, a head or body never
     # finished, a reply never read) ran a worker out of file descriptors, and every connection

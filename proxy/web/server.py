@@ -286,7 +286,8 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
         site = HandshakeTimedSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
                                   ssl_context=tls.context,
                                   handshake_timeout=lambda: runtime.settings.client_header_timeout,
-                                  server_header=lambda: runtime.settings.server_header)
+                                  server_header=lambda: runtime.settings.server_header,
+                                  shutdown_timeout=lambda: runtime.settings.send_timeout)
     else:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
                            ssl_context=tls.context if tls is not None else None)
@@ -315,14 +316,15 @@ class HandshakeTimedSite(web.TCPSite):
     timer starts only once the handshake is done. The sockets are bound as ``TCPSite`` binds
     them (``create_server``, not serving), then accepted on by the acceptor."""
 
-    __slots__ = ("_handshake_timeout", "_server_header")
+    __slots__ = ("_handshake_timeout", "_server_header", "_shutdown_timeout")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
                  handshake_timeout: Callable[[], float], server_header: Callable[[], str],
-                 **kwargs: Any) -> None:
+                 shutdown_timeout: Callable[[], float], **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
         self._handshake_timeout = handshake_timeout
         self._server_header = server_header
+        self._shutdown_timeout = shutdown_timeout  # (send_timeout: ``TLSAcceptor``)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -337,7 +339,8 @@ class HandshakeTimedSite(web.TCPSite):
         for sock in socks:
             sock.listen(self._backlog)
         self._server = TLSAcceptor(  # type: ignore[assignment]
-            socks, server, self._ssl_context, self._handshake_timeout, self._server_header)
+            socks, server, self._ssl_context, self._handshake_timeout, self._server_header,
+            shutdown_timeout=self._shutdown_timeout)
         self._bound_port = socks[0].getsockname()[1] if socks else self._port
 
 

@@ -47,7 +47,9 @@ _PLAIN_HTTP_BODY = b"400 Bad Request: the plain HTTP request was sent to HTTPS p
 # too) waits this long at most for the client's close_notify, holding a descriptor and ~57 KB;
 # 300 s held 1,500 silent connections +86 MB for five minutes. Closing those at once needs to
 # know the kernel's send queue is empty: uvloop's TLS transport does not count the TCP
-# transport's buffer under it (an abort on its count cut responses to slow readers).
+# transport's buffer under it (an abort on its count cut responses to slow readers). The
+# listener's ``send_timeout`` (read at each accept; this is the acceptor's own default): the
+# same bound on a client that reads nothing, before or after the close.
 SSL_SHUTDOWN_TIMEOUT = 60.0
 
 
@@ -103,10 +105,12 @@ class TLSAcceptor:
     def __init__(self, socks: list[socket.socket], protocol_factory: Callable[[], asyncio.BaseProtocol],
                  context: ssl.SSLContext, handshake_timeout: Callable[[], float],
                  server_header: Callable[[], str] = lambda: "cachegate",
-                 plain_log: PlainHTTPLog | None = None) -> None:
+                 plain_log: PlainHTTPLog | None = None,
+                 shutdown_timeout: Callable[[], float] = lambda: SSL_SHUTDOWN_TIMEOUT) -> None:
         self._loop = asyncio.get_running_loop()
         self._socks, self._factory, self._context = socks, protocol_factory, context
         self._timeout = handshake_timeout
+        self._shutdown_timeout = shutdown_timeout
         self._plain_log = plain_log or PlainHTTPLog()
         self._server_header = server_header
         self._port = int(socks[0].getsockname()[1]) if socks else 0
@@ -250,7 +254,7 @@ class TLSAcceptor:
         try:
             await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._context,
                                                      ssl_handshake_timeout=within,
-                                                     ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
+                                                     ssl_shutdown_timeout=self._shutdown_timeout())
         except (OSError, TimeoutError) as exc:
             # Refused or cut by the TLS layer (not TLS, no common cipher, too slow): it closed
             # the connection. Logged as asyncio's own server does: at debug.
