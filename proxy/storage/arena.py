@@ -432,7 +432,7 @@ class Arena:
                 continue
             if size < HEADER or size % 8:
                 return  # unreadable (should not happen): stop rather than loop
-            if rpos == pos and not flags & skip:
+            if rpos == pos and not flags & (skip | F_FILLER):  # (``read`` returns nothing for a filler)
                 yield pos
             pos += size
 
