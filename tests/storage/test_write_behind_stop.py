@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from proxy.config import Overrides, load_config
 from proxy.storage.arena import F_FILLER, F_PERSISTED, Arena
+from proxy.storage.disk import DiskTier
 from proxy.web.server import open_runtime
 from tests.storage.helpers import MB, entry, open_store, read_body, store
 
@@ -117,3 +121,47 @@ def _headers(arena: Arena, start: int = 0) -> list[int]:
         out.append(pos)
         pos += arena._size_at(pos)
     return out
+
+
+async def test_a_record_the_ring_drops_after_a_batch_copied_it_is_lost_only_if_the_batch_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ring counted a record lost when it dropped it before write-behind marked it
+    persisted, though the batch that had copied it committed it: 1,073 counted lost where 428
+    were misses after the restart."""
+    s = open_store(str(tmp_path), memory=1 * MB, shards=1)
+    try:
+        arena = s.memory.arena
+        disk = s.disk
+        assert disk is not None
+        real = DiskTier.commit_many
+        flood = [0]
+
+        def dropping(self: DiskTier, items: Sequence[Any], *args: Any, **kwargs: Any) -> list[bool]:
+            """The batch copied its records: other writers' records push them out of the ring."""
+            while any(arena.find(item[0]) is not None for item in items):
+                flood[0] += 1
+                arena.put(f"{KEY}/other/{flood[0]}", b"m", b"o" * 8000, flags=F_PERSISTED)
+            return real(self, items, *args, **kwargs)
+
+        monkeypatch.setattr(DiskTier, "commit_many", dropping)
+        body = os.urandom(3000)
+        assert await store(s, entry(f"{KEY}/committed"), body, flush=False)
+        await s.flush()
+        assert arena.find(f"{KEY}/committed") is None
+        assert arena.lost == 0  # (it was counted 1)
+        assert await read_body(s, f"{KEY}/committed") == body
+
+        blocker = sqlite3.connect(tmp_path / "000" / "cache.db", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # the batch's shard times out: nothing committed
+        try:
+            assert await store(s, entry(f"{KEY}/failed"), body, flush=False)
+            await s.flush()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert arena.find(f"{KEY}/failed") is None
+        assert arena.lost == 1  # dropped, and its batch did not commit it: lost
+        assert await read_body(s, f"{KEY}/failed") is None
+    finally:
+        s.close()
+
