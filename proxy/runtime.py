@@ -469,8 +469,8 @@ class Runtime:
                 log.exception("writing the last fills to disk failed")
             if left:
                 log.warning("stopping: %d entries in memory were not written to disk before the stop's "
-                            "deadline (a shard's lock held by another program, or a slow disk); they are "
-                            "misses after the restart, as after a kill", left)
+                            "deadline (a shard's lock held by another program, a slow or full disk); they "
+                            "are misses after the restart, as after a kill", left)
         self.storage.close()
         if self.owner and self.storage.disk is not None:  # (``disk.stamp_matches`` at the next start)
             stamp_stop(self.storage.disk.path)

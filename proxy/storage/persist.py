@@ -193,11 +193,15 @@ class Persister:
 
     def unwritten(self) -> int:
         """Records the shared memory holds that the disk does not (after a stop's ``flush``):
-        those a deadline or a lock's timeout left out, a cancelled batch's included."""
+        those a deadline or a lock's timeout left out, a cancelled batch's included, and those
+        given up on after ``MAX_ATTEMPTS`` failed batches (behind the cursor: a full disk's were
+        not counted, and a stop said nothing of them)."""
         if self.closed:  # (the shared memory may be closed too)
             return 0
         start = self._cursor if self._taken_from is None else min(self._cursor, self._taken_from)
-        return self.arena.count(start, self.arena.head, skip=F_PERSISTED)
+        arena = self.arena
+        given_up = sum(1 for p in self._retry if p < start and arena.alive(p) and not arena.persisted(p))
+        return arena.count(start, arena.head, skip=F_PERSISTED) + given_up
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
@@ -319,8 +323,11 @@ class Persister:
             self._taken_from = None  # (seen to its end: what it left is behind the cursor)
         committed = self.stats.entries - before
         self._report(errors, committed)
-        # A stop's flush tries again until its deadline; otherwise MAX_ATTEMPTS batches.
-        again = [p for p in failed if self._until is not None or self._retry.get(p, 0) < MAX_ATTEMPTS]
+        # A stop's flush tries a shard whose lock timed out again until its deadline (the lock
+        # may be let go meanwhile); a batch that raised (a full disk: it fails at once) has
+        # MAX_ATTEMPTS as the loop's, else a stop on a full disk spun to its deadline.
+        until_deadline = self._until is not None and not errors
+        again = [p for p in failed if until_deadline or self._retry.get(p, 0) < MAX_ATTEMPTS]
         for p in again:
             self._retry[p] = self._retry.get(p, 0) + 1
         return committed, again

@@ -29,6 +29,7 @@ import pytest
 from proxy.storage.index import UrlTagIndex
 from tests.conftest import MakeProxy
 from tests.harness import Origin, write_config
+from tests.storage.helpers import entry, open_store, store
 from tests.storage.test_damaged import HOST, KEYS, filled, x_caches
 from tests.tmpfs import mounted_tmpfs
 
@@ -328,3 +329,24 @@ async def test_a_variant_whose_body_is_gone_is_forgotten_quietly_on_a_full_files
     assert forgets >= 1  # its disk part failed for want of room: counted
     metrics = (await proxy.admin("GET", "/metrics")).body.decode()
     assert f'cachegate_storage_errors_total{{operation="forget"}} {float(forgets)}' in metrics
+
+
+async def test_a_stops_flush_on_a_full_filesystem_gives_up_as_write_behind_does(small_tmpfs: Path) -> None:
+    """A stop's flush tries a shard whose lock timed out again until its deadline (the lock may be
+    let go); a batch that fails for want of room fails at once each time, and is tried
+    ``persist.MAX_ATTEMPTS`` times as write-behind's are, not until the deadline (a stop on a full disk
+    spun there, ``shutdown_grace`` long)."""
+    storage = open_store(str(small_tmpfs / "c"), shards=1)
+    try:
+        for i in range(20):
+            assert await store(storage, entry(f"http://site.test/full/{i}"), os.urandom(20_000), flush=False)
+        filler = fill(small_tmpfs, 0)
+        persister = storage.persister
+        assert persister is not None
+        # (A deadline far out: the flush must end on its own, after its attempts.)
+        assert await asyncio.wait_for(storage.flush(until=time.monotonic() + 600), 60) == 0
+        # Given up on, as write-behind gives up: what the stop's warning counts.
+        assert persister.stats.failed > 0 and persister.unwritten() == 20, persister.stats
+        filler.unlink()
+    finally:
+        storage.close()
