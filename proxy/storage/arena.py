@@ -705,28 +705,11 @@ class Arena:
                 self._tally()
             return True
 
-    def set_flags_many(self, positions: Iterable[int], add: int) -> int:
+    def set_flags_many(self, positions: Iterable[int], add: int) -> list[int]:
         """Set flag bits of the live records at ``positions``, ``FLAGS_PER_LOCK`` of them per
         taking of the lock (write-behind marks whole batches: a lock per record cost ≈ 6 % of
         its thread, py-spy; one lock per batch held it for thousands of records while every
-        worker's fill waited to write its own); how many were still there."""
-        mm = self.mm
-        done = 0
-        todo = list(positions)
-        for start in range(0, len(todo), FLAGS_PER_LOCK):
-            with self.locked():
-                for pos in todo[start:start + FLAGS_PER_LOCK]:
-                    at = self._phys(pos)
-                    if _Q.unpack_from(mm, at)[0] == pos:
-                        mm[at + 30] = mm[at + 30] | add
-                        done += 1
-        return done
-
-    def take(self, positions: Iterable[int]) -> list[int]:
-        """Write-behind copies these records for a batch: ``F_TAKEN`` on those still there
-        (which), ``FLAGS_PER_LOCK`` per taking of the lock. Why: a record the ring dropped after
-        a batch copied it was counted lost, though the batch committed it (1,073 counted where
-        428 were misses after the restart)."""
+        worker's fill waited to write its own); the positions of those still there."""
         mm = self.mm
         done: list[int] = []
         todo = list(positions)
@@ -735,9 +718,15 @@ class Arena:
                 for pos in todo[start:start + FLAGS_PER_LOCK]:
                     at = self._phys(pos)
                     if _Q.unpack_from(mm, at)[0] == pos:
-                        mm[at + 30] |= F_TAKEN
+                        mm[at + 30] |= add
                         done.append(pos)
         return done
+
+    def take(self, positions: Iterable[int]) -> list[int]:
+        """Write-behind copies these records for a batch: ``F_TAKEN`` on those still there
+        (which). Why: a record the ring dropped after a batch copied it was counted lost, though
+        the batch committed it (1,073 counted where 428 were misses after the restart)."""
+        return self.set_flags_many(positions, F_TAKEN)
 
     def untake(self, records: Sequence[tuple[int, str]]) -> int:
         """A batch did not commit these taken records ((position, key) each): ``F_TAKEN`` off
