@@ -9,6 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.policy.httpdate import format_http_date
+from proxy.storage.entry import body_key
 from tests.conftest import MakeProxy, clocked
 from tests.harness import Clock, Handler, Origin, Proxy
 
@@ -90,11 +91,12 @@ async def test_the_shipped_mixed_app_rules_key_a_first_language_reader_s_pages_a
     assert (again.x_cache, again.body) == ("HIT", b"<html lang=de>page in de</html>")
 
 
-async def test_many_variants_of_a_big_page_keep_at_most_one_objects_worth_of_bodies_in_memory(
+async def test_many_variants_of_a_big_page_keep_each_body_once_in_memory(
         origin: Origin, make_proxy: MakeProxy) -> None:
-    """A client asking with many User-Agents for a page that varies on it: memory holds the
-    newest variants' bodies up to memory_max_object; the others are served from disk, each
-    variant its own bytes, and other keys stay in memory."""
+    """A client asking with many User-Agents for a page that varies on it: each variant's body
+    is written into memory once, in a record of its own (the key's record holds their metadata:
+    with the bodies in it, each new variant rewrote all the others'), every variant is served
+    its own bytes, and other keys stay in memory."""
     async def page(request: web.Request) -> web.Response:
         agent = request.headers.get("User-Agent", "")
         return web.Response(body=agent.encode().ljust(40 * 1024, b"."), headers={
@@ -107,20 +109,23 @@ async def test_many_variants_of_a_big_page_keep_at_most_one_objects_worth_of_bod
     assert (await proxy.get("/hot")).x_cache == "MISS"
     agents = [f"agent-{i}" for i in range(12)]
     memory = proxy.runtime.storage.memory
+    head = memory.arena.head
     for agent in agents:
         assert (await proxy.get("/big", headers={"User-Agent": agent})).x_cache == "MISS"
         await asyncio.sleep(0.3)  # written behind (one client's pace, as in the attack)
     variants = memory.peek(proxy.url + "/big") or ()
     assert len(variants) == len(agents)
-    # 12 × 40 KB were asked for; the record holds the newest bodies up to 100 KB (without the
-    # limit, each new variant rewrote all of them: 480 KB at the twelfth)
-    assert sum(len(c.body) for c in variants if c.body is not None) <= 100 * 1024
+    # 12 × 40 KB were asked for and written once each (with the bodies in the key's record,
+    # the twelfth fill alone wrote 480 KB)
+    assert memory.arena.head - head < 12 * 48 * 1024
+    record = memory.arena.find(proxy.url + "/big")
+    assert record is not None and record.body_len == 0
     for _ in range(2):
         for agent in agents:
             r = await proxy.get("/big", headers={"User-Agent": agent})
             assert r.body == agent.encode().ljust(40 * 1024, b"."), (agent, r.x_cache)
     assert (await proxy.get("/hot")).x_cache == "HIT"
-    assert origin.count("/big") == len(agents)  # the others' bodies came from disk
+    assert origin.count("/big") == len(agents)
 
 
 def agent_page(size: int = 40 * 1024) -> Handler:
@@ -132,11 +137,11 @@ def agent_page(size: int = 40 * 1024) -> Handler:
     return page
 
 
-async def test_hits_on_older_variants_served_from_disk_write_nothing_into_memory(
+async def test_a_hit_on_a_variant_whose_body_left_memory_writes_back_its_body_only(
         origin: Origin, make_proxy: MakeProxy) -> None:
-    """An older variant whose body the key's record leaves on disk is served from there: putting
-    it back rewrote the whole record (up to memory_max_object of bodies, pushing other keys out
-    of the ring) and the put left it out again, so every such hit was a disk read and a write."""
+    """A variant whose body record the ring dropped is served from disk, and its body goes back
+    into a record of its own: the key's record is not rewritten (putting a body back used to
+    rewrite the whole record, up to memory_max_object of bodies, pushing other keys out)."""
     origin.route("/big", agent_page())
     proxy = await make_proxy(config="cache: {memory: 64MB, memory_max_object: 100KB, "
                                     "disk: {path: cache, size: 256MB}}\n")
@@ -146,38 +151,44 @@ async def test_hits_on_older_variants_served_from_disk_write_nothing_into_memory
         assert (await proxy.get("/big", headers={"User-Agent": agent})).x_cache == "MISS"
         await storage.flush()  # written behind
     ring = storage.memory.arena
+    key = proxy.url + "/big"
+    for c in storage.memory.peek(key) or ():  # as if the ring had dropped the older bodies
+        if c.entry.response.vary[0][1] in agents[:-2]:
+            assert ring.delete(body_key(key, c.entry.body_id))
+    record = ring.find(key)
     head = ring.head
-    for _ in range(2):
-        for agent in agents[:-2]:  # the older ones: their bodies are on disk only
-            r = await proxy.get("/big", headers={"User-Agent": agent})
-            assert (r.x_cache, r.body) == ("HIT", agent.encode().ljust(40 * 1024, b"."))
-    assert ring.head == head  # the ring wrote nothing (each hit rewrote the key's record)
+    for agent in agents[:-2]:
+        r = await proxy.get("/big", headers={"User-Agent": agent})
+        assert (r.x_cache, r.body) == ("HIT", agent.encode().ljust(40 * 1024, b"."))
+    assert ring.head - head < 6 * 42 * 1024  # six bodies, nothing more
+    assert record is not None and ring.alive(record.pos)  # the key's record as it was
+    head = ring.head
+    for agent in agents:
+        r = await proxy.get("/big", headers={"User-Agent": agent})
+        assert (r.x_cache, r.body, r.headers.get("X-Cachegate-Tier", "memory")) == (
+            "HIT", agent.encode().ljust(40 * 1024, b"."), "memory")
+    assert ring.head == head  # from memory, writing nothing
     assert origin.count("/big") == len(agents)
 
 
-async def test_without_a_disk_tier_a_key_keeps_its_variants_bodies_up_to_a_share_of_the_ring(
+async def test_without_a_disk_tier_a_key_keeps_each_variants_body(
         origin: Origin, make_proxy: MakeProxy) -> None:
-    """Memory-only, nothing is written behind: a variant's body left out of its key's record is
-    asked of the origin again. A key keeps its newest bodies up to 1/64 of the ring (here more
-    than 4 × memory_max_object, which left 8 of 14 variants out for good)."""
+    """Memory-only, nothing is written behind: each variant's body is a record of its own, kept
+    as any other key's (a key's bodies were bounded to a share of the ring, and past it the
+    oldest variants were asked of the origin again)."""
     origin.route("/page", agent_page())
     proxy = await make_proxy(config="cache: {memory: 64MB, memory_max_object: 64KB, disk: null}\n")
-    memory = proxy.runtime.storage.memory
     agents = [f"agent-{i}" for i in range(14)]
     for _ in range(3):
         for agent in agents:
             r = await proxy.get("/page", headers={"User-Agent": agent})
             assert r.body == agent.encode().ljust(40 * 1024, b"."), (agent, r.x_cache)
     assert origin.count("/page") == len(agents)
-    assert memory.unwritten_limit == memory.arena.capacity // 64
-    # Past the share, the oldest are left out (misses), the newest kept.
-    more = [f"agent-{i}" for i in range(14, 40)]  # 40 × 40 KB in all
+    more = [f"agent-{i}" for i in range(14, 32)]  # 32 × 40 KB in all (MAX_VARIANTS)
     for agent in more:
         assert (await proxy.get("/page", headers={"User-Agent": agent})).x_cache == "MISS"
-    variants = memory.peek(proxy.url + "/page") or ()
-    assert sum(len(c.body) for c in variants if c.body is not None) <= memory.unwritten_limit
-    assert (await proxy.get("/page", headers={"User-Agent": more[-1]})).x_cache == "HIT"
-    assert (await proxy.get("/page", headers={"User-Agent": agents[0]})).x_cache == "MISS"
+    for agent in agents + more:
+        assert (await proxy.get("/page", headers={"User-Agent": agent})).x_cache == "HIT", agent
 
 
 async def test_a_304_freshens_every_variant_with_the_same_strong_etag(

@@ -100,6 +100,9 @@ F_SOFT = 4  # soft-purged: its variants read as stale
 # Copied by a write-behind batch not settled yet: dropped meanwhile, it is not counted lost by
 # the drop (that batch may commit it; if it does not, write-behind counts it: ``untake``).
 F_TAKEN = 8
+# A Vary variant's body in a record of its own (``proxy.storage.memory``: ``body_key``), apart
+# from its key's record; F_PERSISTED on it: the disk tier has that body.
+F_BODY = 16
 _Q = struct.Struct("<Q")
 _COUNTS = struct.Struct("<QQQ")  # H_ENTRIES, H_EVICTIONS, H_LOST (adjacent)
 _SIZES = struct.Struct("<QQ")  # H_WRITES, H_BYTES (adjacent)
@@ -563,7 +566,8 @@ class Arena:
                     survivors.append((key, fp, mm[at:at + rsize]))
                 else:
                     self._evictions += 1
-                    if not flags & (F_PERSISTED | F_TAKEN):
+                    # (a body record: its key's record counts)
+                    if not flags & (F_PERSISTED | F_TAKEN | F_BODY):
                         self._lost += 1
             if rpos == tail:
                 _Q.pack_into(mm, at, 0)
@@ -664,7 +668,7 @@ class Arena:
             victim = slots[oldest + 1]
             self._bytes -= self._size_at(victim)
             self._evictions += 1
-            if not self._flags_at(victim) & (F_PERSISTED | F_TAKEN):
+            if not self._flags_at(victim) & (F_PERSISTED | F_TAKEN | F_BODY):
                 self._lost += 1
             self._kill(victim)
             self._entries -= 1

@@ -229,6 +229,20 @@ ON_DISK = 0  # the disk tier has it as it is
 META_TO_WRITE = 1  # its body is on disk, its metadata changed (a revalidation)
 ALL_TO_WRITE = 2  # neither is on disk yet (a fill)
 
+# ``encode_record``'s body length of a variant whose body is in a record of its own (a key with
+# more than one variant: ``proxy.storage.memory``), found under ``body_key``.
+APART = -2
+# Between a key and a body id in ``body_key``: no cache key holds a NUL (a URL's is
+# percent-encoded, and HTTP parsers refuse one in a header's value).
+BODY_SEP = "\x00"
+
+
+def body_key(key: str, body_id: str) -> str:
+    """The arena key of the record holding the body ``body_id`` of a variant of ``key``. The
+    body id is new for every body, so such a record never stands for another body (one left
+    behind by a purge or a refill is never found by a variant that does not name it)."""
+    return key + BODY_SEP + body_id
+
 
 # Common field names, as one character in a record (``\x01``...): a record holds a 1 KiB
 # response in ≈ 1.4 KiB, and these names were 50 of its bytes.
@@ -243,7 +257,8 @@ _NAME_OF = {chr(i + 1): n for i, n in enumerate(_NAMES)}
 
 def encode_record(variants: list[tuple[Entry, int, int]]) -> bytes:
     """The metadata of a key's variants for an arena record: (entry, length of its body in the
-    record or -1 when the record holds none, disk state) each. Times equal to the response
+    record, -1 when the record holds none, or ``APART`` when a record of its own may, disk
+    state) each. Times equal to the response
     time, and a reason that is the status's usual phrase, are left out (None)."""
     out = []
     for e, body_len, state in variants:

@@ -1,10 +1,26 @@
 """The memory tier: the machine's shared memory (``proxy.storage.arena``) holding each key's
 variants and bodies once, in front of a small per-process cache of decoded entries.
 
-A key's variants are one record in the arena: their metadata (``entry.encode_record``) and
-the bodies the memory tier holds (over ``max_object``, a body stays on disk and only its
-metadata is here, so a hit on it still decides freshness without a disk read). Every
-process maps the same arena, so what one worker stores the others find at once, and a
+A key is one record in the arena: its variants' metadata (``entry.encode_record``) and, for a
+key with one variant, its body (over ``max_object``, a body stays on disk and only its
+metadata is here, so a hit on it still decides freshness without a disk read). A key with more
+than one variant (``Vary``) keeps each body in a record of its own (``entry.body_key``: the key,
+a NUL, the body's id; flagged ``arena.F_BODY``), and its key's record holds the metadata only
+(``entry.APART``). Why: with the bodies in the key's record, each fill of a new variant
+rewrote the record with the other variants' bodies: one client asking one URL with a new
+``User-Agent`` per request (40 fills of 30 KB) made the ring write ~30x what 40 URLs would and
+pushed 5,000 other keys out of it. Now a new variant costs its own body and the key's
+metadata; a body read again from disk writes its own record only.
+
+A body record the ring dropped (or never took) means the body is not in memory: it is read
+from disk when the disk has it (the key's record was written behind, or the body came from
+disk: as a body over ``max_object``), else the variant is left out when the record is read (a
+miss; never a listed variant whose body is nowhere, which a hit would take for a body the disk
+lost, and forget the whole key). A body record is found by its body id and checked by its
+length, so one a purge or a refill left behind is never served; ``delete`` drops a key's body
+records with it.
+
+Every process maps the same arena, so what one worker stores the others find at once, and a
 body is in RAM once however many workers serve it.
 
 Reading a record means copying and decoding its metadata (≈ 5-10 µs), so each process keeps
@@ -33,14 +49,23 @@ from __future__ import annotations
 import builtins
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.policy.keys import url_of_key
 from proxy.settings import MemoryPolicy, arena_capacity, decoded_budget, ring_body_limit
-from proxy.storage.arena import CHANGED, F_PERSISTED, Arena
-from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, ON_DISK, Entry, decode_record, encode_record
+from proxy.storage.arena import CHANGED, F_BODY, F_PERSISTED, Arena, Record
+from proxy.storage.entry import (
+    ALL_TO_WRITE,
+    APART,
+    META_TO_WRITE,
+    ON_DISK,
+    Entry,
+    body_key,
+    decode_record,
+    encode_record,
+)
 
 # What a decoded key and variant cost in a process beyond their strings, measured with
 # tracemalloc (tests/storage/test_memory.py keeps cost() within 10-50% of the real figure):
@@ -84,50 +109,19 @@ class Cached:
     # A variant just read from disk with its body (``Storage.get(bodies=True)``): this
     # request's body comes from the disk tier; memory holds a copy without the mark.
     from_disk: bool = field(default=False, compare=False, repr=False)
-    pos: int = field(default=0, compare=False, repr=False)  # its arena record (0: none)
+    # The arena record its body is a view of (its key's, or its own: ``apart``), else its key's
+    # record (0: none), by which ``alive`` checks a copy.
+    pos: int = field(default=0, compare=False, repr=False)
     state: int = field(default=ON_DISK, compare=False, repr=False)  # see entry.ON_DISK
+    # Its body is kept in a record of its own (``entry.APART``: a key with several variants).
+    apart: bool = field(default=False, compare=False, repr=False)
+    rec: int = field(default=0, compare=False, repr=False)  # its key's record (``record_of``)
 
     def with_entry(self, entry: Entry, state: int) -> Cached:
         """The same body with new metadata (a 304's, a soft purge's): a view of the arena keeps
         its record's position, by which a copy of it is checked (``MemoryTier.body_bytes``);
         the pre-serialised heads were built from the old metadata and are not carried."""
-        return Cached(entry, self.body, None, False, self.pos, state)
-
-
-UNWRITTEN_ROOM = 4  # × memory_max_object: a key's bodies not on disk yet (``bodies_within``)
-# Without a disk tier, a key's bodies may take this share of the ring when that is more
-# (``memory_only_bodies``).
-MEMORY_ONLY_SHARE = 64
-
-
-def bodies_within(variants: tuple[Cached, ...], limit: int, unwritten: int,
-                  on_disk: Callable[[Cached], bool]) -> tuple[Cached, ...]:
-    """A key's variants with about ``limit`` bytes of bodies (``memory_max_object``: what one
-    object may hold in memory), the newest kept. Why: every new Vary variant rewrites the key's
-    record with all the others' bodies, so a client asking for one 900 KB page with 64
-    User-Agents wrote 28 MB records, over and over, and pushed every other key out of the
-    shared memory (asking for 64 distinct URLs pushes out none). An older variant whose body is
-    on disk keeps only its metadata here (its body is read from disk when asked, as a big
-    body's). One not written to disk yet keeps its body while the record's bodies stay within
-    ``unwritten`` bytes (``MemoryTier.unwritten_limit``: dropped at once, it was refetched by
-    clients asking for the variants of a page in turn faster than write-behind writes them);
-    past that the oldest of them are left out (a miss, as if the ring had evicted them)."""
-    if sum(len(c.body) for c in variants if c.body is not None) <= limit:
-        return variants
-    room, spare = limit, unwritten - limit
-    kept: list[Cached] = []
-    for c in reversed(variants):  # the newest last (``merge_variant``)
-        body = c.body
-        if body is None or len(body) <= room:
-            room -= 0 if body is None else len(body)
-            kept.append(c)
-        elif on_disk(c):
-            state = ON_DISK if c.state == ALL_TO_WRITE else c.state
-            kept.append(Cached(c.entry, None, None, False, 0, state))
-        elif len(body) <= spare:
-            spare -= len(body)
-            kept.append(c)
-    return tuple(reversed(kept))
+        return Cached(entry, self.body, None, False, self.pos, state, self.apart, self.rec)
 
 
 # Readings of a key's variants by a write that merges into them (``Writer._put_variant``), when
@@ -140,31 +134,7 @@ PUT_TRIES = 8
 def record_of(variants: tuple[Cached, ...] | None) -> int:
     """The arena record ``variants`` (``MemoryTier.peek``'s) were read from, or 0 (none): a put
     of what was made from them replaces that record only (``MemoryTier.put``'s ``expect``)."""
-    return variants[0].pos if variants else 0
-
-
-def memory_only_bodies(capacity: int, max_object: int) -> int:
-    """What a key's record may hold of bodies without a disk tier (``unwritten_limit``): nothing
-    is ever written behind, so a variant left out is asked of the origin again; the key keeps
-    its newest bodies up to 1/``MEMORY_ONLY_SHARE`` of the ring (``UNWRITTEN_ROOM`` ×
-    ``max_object`` when that is more), and never more than a quarter of it (a record must fit
-    the ring, which takes at most half of it). The share bounds what a client sending a new
-    ``User-Agent`` per request makes the ring write (the whole record, each time): 64 such
-    requests to turn the ring over."""
-    return min(max(UNWRITTEN_ROOM * max_object, capacity // MEMORY_ONLY_SHARE), capacity // 4)
-
-
-def _without_oldest(written: list[Cached], metas: list[tuple[Entry, int, int]], parts: list[builtins.bytes]
-                    ) -> tuple[list[Cached], list[tuple[Entry, int, int]], list[builtins.bytes]]:
-    """A record's variants less the oldest one's body when the disk has it (its metadata
-    stays), else less the oldest variant (never the newest, the last: ``merge_variant``)."""
-    at = 0  # where the variant's body is in ``parts``
-    for i, (entry, body_len, state) in enumerate(metas[:-1]):
-        if body_len >= 0 and state != ALL_TO_WRITE:
-            return (written, [*metas[:i], (entry, -1, state), *metas[i + 1:]], [*parts[:at], *parts[at + 1:]])
-        at += body_len >= 0
-    _, body_len, _ = metas[0]
-    return written[1:], metas[1:], parts[1:] if body_len >= 0 else parts
+    return variants[0].rec if variants else 0
 
 
 def cost(variants: tuple[Cached, ...]) -> int:
@@ -188,10 +158,10 @@ def cost(variants: tuple[Cached, ...]) -> int:
 class Slot:
     """A key's variants decoded in this process, and the tier's bookkeeping of them."""
 
-    __slots__ = ("cost", "marked", "pos", "seen", "starts", "uses", "variants")
+    __slots__ = ("apart", "cost", "marked", "pos", "seen", "starts", "uses", "variants")
 
     def __init__(self, variants: tuple[Cached, ...], cost: int, uses: int, pos: int,
-                 starts: tuple[int, ...]) -> None:
+                 starts: tuple[int, ...], apart: tuple[int, ...] = ()) -> None:
         self.variants = variants
         self.cost = cost  # what it counts against the decoded budget
         self.uses = uses  # uses in this process since it was decoded here
@@ -199,6 +169,9 @@ class Slot:
         self.pos = pos  # its arena record
         self.starts = starts  # where each variant's body starts in the record (-1: none)
         self.marked = 0  # the record last marked read (the arena's second chance)
+        # The body records its variants' bodies are views of (``Cached.apart``): each one gone
+        # makes the decoded entry stale, as its key's record gone does (``MemoryTier.slot``).
+        self.apart = apart
 
 
 class MemoryTier:
@@ -216,9 +189,6 @@ class MemoryTier:
         # ``memory_max_object``, but no more than one record of the ring holds (``ring_body_limit``):
         # a bigger body was spooled in RAM, then refused by the ring at the put.
         self.max_object = min(max_object, ring_body_limit(self.arena.capacity))
-        # What a key's record may hold of bodies not on disk yet (``bodies_within``); without a
-        # disk tier (nothing is written behind) ``Storage`` sets ``memory_only_bodies``.
-        self.unwritten_limit = UNWRITTEN_ROOM * max_object
         self.policy = policy
         self.decoded_budget = decoded if decoded is not None else decoded_budget(budget)
         self._decoded: OrderedDict[str, Slot] = OrderedDict()
@@ -255,7 +225,7 @@ class MemoryTier:
         return self.slot(key) is not None
 
     def keys(self) -> Iterator[str]:
-        return iter([r.key for r in self.arena.scan()])
+        return iter([r.key for r in self.arena.scan(skip=F_BODY)])
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -272,7 +242,8 @@ class MemoryTier:
         serves from it: the fast path)."""
         slot = self._get(key)
         if slot is not None:
-            if self._alive(slot.pos):
+            # (A key without Vary has no body records: one attribute read more, no call.)
+            if self._alive(slot.pos) and (not slot.apart or all(map(self._alive, slot.apart))):
                 return slot
             self._forget(key)
         return self._load(key)
@@ -317,6 +288,44 @@ class MemoryTier:
         best = heapq.nlargest(n, self._decoded.items(), key=lambda kv: kv[1].uses)
         return [(k, slot.uses) for k, slot in best]
 
+    def use_body(self, cached: Cached) -> None:
+        """Mark a body record as read when its variant is served (it then goes round the ring
+        again, as a key's record read does: ``use``)."""
+        if cached.apart and cached.body is not None:
+            self.arena.mark(cached.pos)
+
+    def find_body(self, key: str, e: Entry) -> Record | None:
+        """The live record of the body of ``e`` (a variant of ``key``), if the ring has it: found
+        by its body id, and of its length (its bytes stay in place; check ``alive`` after copying)."""
+        found = self.arena.find(body_key(key, e.body_id))
+        if found is None or not found.flags & F_BODY or found.body_len != e.body_size:
+            return None
+        return found
+
+    def body_apart(self, key: str, e: Entry) -> builtins.bytes | None:
+        """A copy of ``e``'s body from its own record (None: the ring does not hold it). This
+        process's decoded entry of the key is dropped when it is found (it was read while the
+        ring lacked the body: another process put it back since), so the next hit takes it."""
+        found = self.find_body(key, e)
+        if found is None:
+            return None
+        data = self.arena.body(found)
+        if data is not None:
+            self._forget(key)
+        return data
+
+    def put_body(self, key: str, e: Entry, body: builtins.bytes, on_disk: bool) -> int:
+        """Write ``body`` (of ``e``, a variant of ``key`` whose body is kept apart) into a record
+        of its own, unless the ring has it already; its position (0: it does not fit).
+        ``on_disk``: the disk tier has it. This process's decoded entry of the key is dropped (it
+        does not know the new record)."""
+        found = self.find_body(key, e)
+        if found is not None:
+            return found.pos
+        pos = self.arena.put(body_key(key, e.body_id), b"", body, F_BODY | (F_PERSISTED if on_disk else 0))
+        self._forget(key)
+        return max(pos, 0)
+
     def alive(self, cached: Cached) -> bool:
         """Whether a variant's view of the arena still shows its body (after copying from it)."""
         return not cached.pos or self._alive(cached.pos)
@@ -340,8 +349,26 @@ class MemoryTier:
         view = self.arena.view
         base = self.arena.body_at(record.pos, 0, 0)
         at = record.body_at
-        variants, starts = [], []
+        rec = record.pos
+        persisted = record.flags & F_PERSISTED
+        variants, starts, apart = [], [], []
         for e, body_len, state in decoded:
+            if persisted:
+                state = ON_DISK
+            if body_len == APART:
+                found = self.find_body(key, e)
+                if found is not None:
+                    if state == ALL_TO_WRITE and found.flags & F_PERSISTED:
+                        state = ON_DISK  # (written behind since the key's record was)
+                    variants.append(Cached(e, view[found.body_at:found.body_at + found.body_len],
+                                           pos=found.pos, state=state, apart=True, rec=rec))
+                    apart.append(found.pos)
+                elif state != ALL_TO_WRITE:  # the disk has its body: read from there
+                    variants.append(Cached(e, None, pos=rec, state=state, apart=True, rec=rec))
+                else:
+                    continue  # nowhere (the ring dropped it before it was written behind): a miss
+                starts.append(-1)
+                continue
             body = None
             if body_len >= 0:
                 body = view[at:at + body_len]
@@ -349,12 +376,14 @@ class MemoryTier:
                 at += body_len
             else:
                 starts.append(-1)
-            variants.append(Cached(e, body, pos=record.pos,
-                                   state=ON_DISK if record.flags & F_PERSISTED else state))
+            variants.append(Cached(e, body, pos=rec, state=state, rec=rec))
+        if not variants:  # (each was a body the ring dropped before the disk had it)
+            self.arena.delete(key, rec)
+            return None
         before = self._admit(key)
         if before is not None:
-            return self._hold(key, tuple(variants), record.pos, tuple(starts), before)
-        return Slot(tuple(variants), 0, 0, record.pos, tuple(starts))  # for this read only
+            return self._hold(key, tuple(variants), rec, tuple(starts), before, tuple(apart))
+        return Slot(tuple(variants), 0, 0, rec, tuple(starts), tuple(apart))  # for this read only
 
     def _admit(self, key: str, read: bool = True) -> int | None:
         """Whether a key just decoded (``read``), or just written by a fill or a promotion from
@@ -372,13 +401,13 @@ class MemoryTier:
         return None
 
     def _hold(self, key: str, variants: tuple[Cached, ...], pos: int, starts: tuple[int, ...],
-              uses: int = 0) -> Slot:
+              uses: int = 0, apart: tuple[int, ...] = ()) -> Slot:
         """Keep ``variants`` decoded (``uses``: those counted before, when it was not kept)."""
         old = self._decoded.pop(key, None)
         if old is not None:
             self.decoded_bytes -= old.cost
         size = cost(variants)
-        slot = Slot(variants, size, uses if old is None else old.uses, pos, starts)
+        slot = Slot(variants, size, uses if old is None else old.uses, pos, starts, apart)
         self._decoded[key] = slot
         self.decoded_bytes += size
         self._shrink(key)
@@ -406,9 +435,12 @@ class MemoryTier:
     def put(self, key: str, variants: tuple[Cached, ...], *, admit: bool = False,
             expect: int | None = None) -> bool | None:
         """Hold ``variants`` under ``key`` (a new record: whatever the key had is replaced); False
-        when they can never fit. Bodies that are views of the arena are copied first (from the
-        key's record as it is now, when theirs was replaced meanwhile: ``_body_now``); a variant
-        whose body is neither at hand nor on disk is left out, never written body-less.
+        when they can never fit. One variant: its body in the key's record (bodies that are
+        views of the arena are copied first, from the key's record as it is now when theirs was
+        replaced meanwhile: ``_body_now``). More: each body in a record of its own, written
+        here unless the ring has it already (``put_body``), and only metadata in the key's
+        record. A variant whose body is neither at hand nor on disk is left out, never written
+        body-less.
 
         ``admit``: this process keeps them decoded only when the doorkeeper admits the key, as
         for a read of the shared memory (a fill of a new key, a promotion from disk: the put
@@ -423,13 +455,27 @@ class MemoryTier:
         what ``peek`` gave; 0: while the key has none), checked under the ring's lock, else None
         and nothing written: another process wrote the key in between, and the caller reads it
         again (``Arena.put``)."""
-        if len(variants) > 1:
-            variants = bodies_within(variants, self.max_object, self.unwritten_limit, self._on_disk)
+        apart = len(variants) > 1
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
         written: list[Cached] = []
+        views: list[tuple[int, memoryview | None]] = []  # each apart variant's body record and view
         for c in variants:
             body, state = c.body, c.state
+            if apart and (body is not None or c.apart):
+                kept = self._apart(key, c)
+                if kept is None:
+                    if state == ALL_TO_WRITE:
+                        continue  # neither in memory nor on disk: left out (a miss)
+                    views.append((0, None))  # on disk only (read from there)
+                else:
+                    pos, view, on_disk = kept
+                    if state == ALL_TO_WRITE and on_disk:
+                        state = ON_DISK  # (written behind since)
+                    views.append((pos, view))
+                metas.append((c.entry, APART, state))
+                written.append(c)
+                continue
             if isinstance(body, memoryview):
                 body = self.body_bytes(c)
                 if body is None:  # its record was replaced meanwhile (by another process)
@@ -441,18 +487,18 @@ class MemoryTier:
             else:
                 metas.append((c.entry, len(body), state))
                 parts.append(body)
+            views.append((0, None))
             written.append(c)
         if not written:  # (each was a view of a record gone meanwhile, its variant with it)
             return False
         meta = encode_record(metas)
-        # Each variant fits the ring alone (``proxy.storage.writes.Writer.room``), but all of them
-        # together may be more than a record holds (``ring_body_limit``): the oldest give way, a
-        # body the disk has first (its metadata stays), else the whole variant (a miss). Why: the
-        # record was refused whole, the new variant with it, after its MISS said ``stored``.
+        # Each variant fits the ring alone (``proxy.storage.writes.Writer.room``), and a key with
+        # several keeps their bodies apart, so this holds only for a key's one variant (or a key
+        # name and metadata past what a record holds): then it can never fit.
         room = ring_body_limit(self.arena.capacity) - len(key.encode("utf-8", "surrogatepass"))
-        while len(written) > 1 and len(meta) + sum(len(p) for p in parts) > room:
-            written, metas, parts = _without_oldest(written, metas, parts)
-            meta = encode_record(metas)
+        if len(meta) + sum(len(p) for p in parts) > room:
+            self._forget(key)
+            return False
         persisted = all(state == ON_DISK for _, _, state in metas)
         pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, expect=expect)
         if pos == CHANGED:  # (``expect``) another process's record of the key stands
@@ -468,8 +514,16 @@ class MemoryTier:
         base = self.arena.body_at(pos, 0, 0)
         at = self.arena.body_at(pos, len(key.encode("utf-8", "surrogatepass")), len(meta))
         view = self.arena.view
-        held, starts = [], []
-        for c, (_, body_len, state) in zip(written, metas, strict=True):
+        held, starts, positions = [], [], []
+        for c, (_, body_len, state), (body_pos, body_view) in zip(written, metas, views, strict=True):
+            if body_len == APART:
+                starts.append(-1)
+                if body_view is not None:
+                    held.append(Cached(c.entry, body_view, c.heads, False, body_pos, state, True, pos))
+                    positions.append(body_pos)
+                else:
+                    held.append(Cached(c.entry, None, c.heads, False, pos, state, True, pos))
+                continue
             view_of: memoryview | None = None
             if body_len >= 0:
                 view_of = view[at:at + body_len]
@@ -477,9 +531,37 @@ class MemoryTier:
                 at += body_len
             else:
                 starts.append(-1)
-            held.append(Cached(c.entry, view_of, c.heads, False, pos, state))
-        self._hold(key, tuple(held), pos, tuple(starts), before)
+            held.append(Cached(c.entry, view_of, c.heads, False, pos, state, False, pos))
+        self._hold(key, tuple(held), pos, tuple(starts), before, tuple(positions))
         return True
+
+    def _apart(self, key: str, c: Cached) -> tuple[int, memoryview, bool] | None:
+        """The record holding ``c``'s body apart (written now when the ring has none: from its
+        bytes, a view of a record still there, or the key's record as it is now), its view, and
+        whether the disk has it; None when the body is at hand nowhere."""
+        if c.apart and c.body is not None and self._alive(c.pos):
+            return c.pos, c.body if isinstance(c.body, memoryview) else memoryview(c.body), \
+                self.arena.persisted(c.pos)
+        found = self.find_body(key, c.entry)
+        if found is None:
+            body = c.body
+            if isinstance(body, memoryview):
+                body = self.body_bytes(c)
+                if body is None:
+                    body, _ = self._body_now(key, c)
+            if body is None:
+                return None
+            # (Its key's record may have been written behind since this process read it.)
+            on_disk = c.state != ALL_TO_WRITE or (c.pos != 0 and self.arena.persisted(c.pos))
+            pos = self.arena.put(body_key(key, c.entry.body_id), b"", body,
+                                 F_BODY | (F_PERSISTED if on_disk else 0))
+            if pos <= 0:
+                return None
+            found = self.arena.read(pos)
+            if found is None:
+                return None
+        view = self.arena.view[found.body_at:found.body_at + found.body_len]
+        return found.pos, view, bool(found.flags & F_PERSISTED)
 
     def _body_now(self, key: str, c: Cached) -> tuple[builtins.bytes | None, int]:
         """The body of ``c`` (a view of a record that was replaced meanwhile) and the state to
@@ -496,13 +578,14 @@ class MemoryTier:
             return body, c.state
         return None, c.state
 
-    def _on_disk(self, c: Cached) -> bool:
-        """Whether the disk tier has the variant's body (its record was written behind since
-        this process decoded it, or it came from disk)."""
-        return c.state != ALL_TO_WRITE or (c.pos != 0 and self.arena.persisted(c.pos))
-
     def delete(self, key: str) -> bool:
+        """Drop the key's record, and the records of its bodies kept apart (left behind, they
+        would never be served: no variant names them any more; dropped, they free the ring)."""
         self._forget(key)
+        record = self.arena.find(key)
+        for e, body_len, _ in (decode_record(key, record.meta) or ()) if record is not None else ():
+            if body_len == APART:
+                self.arena.delete(body_key(key, e.body_id))
         return self.arena.delete(key)
 
     def clear(self) -> int:
@@ -515,7 +598,7 @@ class MemoryTier:
 
     def keys_for_tag(self, tag: str) -> list[str]:
         out = []
-        for r in self.arena.scan():
+        for r in self.arena.scan(skip=F_BODY):
             decoded = decode_record(r.key, r.meta)
             if decoded and any(tag in e.tags for e, _, _ in decoded):
                 out.append(r.key)
@@ -526,9 +609,9 @@ class MemoryTier:
         range's parts. Without ``scan`` (the disk tier's index knows the persisted ones), only
         the records not yet written behind are looked through for the other shapes."""
         if scan:
-            return [r.key for r in self.arena.scan() if r.key == url or url_of_key(r.key) == url]
+            return [r.key for r in self.arena.scan(skip=F_BODY) if r.key == url or url_of_key(r.key) == url]
         keys = [url] if self.slot(url) is not None else []
-        keys += [r.key for r in self.arena.scan(skip=F_PERSISTED)
+        keys += [r.key for r in self.arena.scan(skip=F_PERSISTED | F_BODY)
                  if r.key != url and url_of_key(r.key) == url]
         return keys
 
@@ -539,16 +622,17 @@ class MemoryTier:
         if not wanted:
             return set()
         if scan:
-            return {r.key for r in self.arena.scan() if r.key in wanted or url_of_key(r.key) in wanted}
+            return {r.key for r in self.arena.scan(skip=F_BODY)
+                    if r.key in wanted or url_of_key(r.key) in wanted}
         keys = {url for url in wanted if self.slot(url) is not None}
-        for r in self.arena.scan(skip=F_PERSISTED):
+        for r in self.arena.scan(skip=F_PERSISTED | F_BODY):
             url = url_of_key(r.key)
             if url != r.key and url in wanted:
                 keys.add(r.key)
         return keys
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
-        return [r.key for r in self.arena.scan() if r.key.startswith(prefix)]
+        return [r.key for r in self.arena.scan(skip=F_BODY) if r.key.startswith(prefix)]
 
 
 __all__ = ["ALL_TO_WRITE", "PUT_TRIES", "Cached", "Heads", "MemoryPolicy", "MemoryTier", "Slot",

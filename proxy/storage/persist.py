@@ -30,6 +30,12 @@ simply misses (tested: ``tests/storage/test_integrity.py``).
 its batch their place on disk: a batch that raised for anything but the disk or the database
 (``_environmental``) is written again in halves until that record is alone.
 
+**Bodies kept apart** (a key with several variants: ``proxy.storage.memory``) are read from
+their own records as the key's record names them, and those records are marked persisted with
+it. One the ring dropped before its turn is lost for the disk: the key's record is then written
+again without that variant (its others as on disk), rather than marked persisted, which would
+have said the disk has it (a hit would then find its body nowhere and forget the whole key).
+
 **Purges** hold ``paused`` while they act on the shared memory and the disk, so no batch is in
 flight meanwhile, and what a purge killed in the shared memory is never committed afterwards.
 """
@@ -46,10 +52,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from proxy.logs import RepeatedFailure
-from proxy.storage.arena import F_PERSISTED, Arena, Record
+from proxy.storage.arena import CHANGED, F_BODY, F_PERSISTED, Arena, Record
 from proxy.storage.bans import GONE, BanList
 from proxy.storage.disk import DiskTier
-from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry, decode_record
+from proxy.storage.entry import (
+    ALL_TO_WRITE,
+    APART,
+    META_TO_WRITE,
+    ON_DISK,
+    Entry,
+    body_key,
+    decode_record,
+    encode_record,
+)
 from proxy.storage.failures import WriteFailures
 from proxy.storage.index import UrlTagIndex
 
@@ -153,6 +168,7 @@ class _Item:
     entry: Entry
     body: bytes | None  # the body to write with it (ALL_TO_WRITE), None: metadata only
     whole: bool  # ALL_TO_WRITE (else META_TO_WRITE)
+    body_pos: int = 0  # the record its body was read from when kept apart (marked persisted with it)
 
 
 class Persister:
@@ -176,6 +192,9 @@ class Persister:
         self._until: float | None = None
         self._written: set[int] = set()  # positions the batch in the thread committed so far
         self._retry: dict[int, int] = {}  # position of a record a batch failed to commit -> attempts
+        # Records of the batch in the thread with variants whose bodies the ring dropped before
+        # they were written (position -> their body ids): written again without them (``_relist``).
+        self._lost: dict[int, tuple[Record, set[str]]] = {}
         self._lock = asyncio.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist")
         self.closed = False
@@ -201,7 +220,7 @@ class Persister:
         start = self._cursor if self._taken_from is None else min(self._cursor, self._taken_from)
         arena = self.arena
         given_up = sum(1 for p in self._retry if p < start and arena.alive(p) and not arena.persisted(p))
-        return arena.count(start, arena.head, skip=F_PERSISTED) + given_up
+        return arena.count(start, arena.head, skip=F_PERSISTED | F_BODY) + given_up
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
@@ -218,7 +237,7 @@ class Persister:
         """Records the shared memory holds that are not on disk yet: those added since the last
         batch (or left by a failed one to retry) and the batch being committed. Read from the
         records' headers (``Arena.count``): at scrape time, never on a request."""
-        return self._committing + self.arena.count(self._cursor, self.arena.head, skip=F_PERSISTED)
+        return self._committing + self.arena.count(self._cursor, self.arena.head, skip=F_PERSISTED | F_BODY)
 
     async def run_forever(self, interval: float = PERSIST_INTERVAL) -> None:
         """The owner's background loop."""
@@ -279,7 +298,7 @@ class Persister:
                     if not self.pending or self._out_of_time():
                         break
                     start, end = self._cursor, self.arena.head
-                    records = list(self.arena.scan(start, end, skip=F_PERSISTED))
+                    records = list(self.arena.scan(start, end, skip=F_PERSISTED | F_BODY))
                     self._cursor = end
                     if not records:
                         continue
@@ -344,6 +363,7 @@ class Persister:
         """``_commit_taken`` with the records marked ``F_TAKEN`` while the batch has them: one
         the ring drops meanwhile counts as lost only when this batch did not commit it
         (``Arena.untake``), not when it did (``Arena.lost`` overcounted 2.5x)."""
+        records = [r for r in records if not r.flags & F_BODY]  # (written with their key's record)
         taken = set(self.arena.take([r.pos for r in records]))
         self._written.clear()
         try:
@@ -359,19 +379,33 @@ class Persister:
         and those errors with how many entries each cost."""
         items: list[_Item] = []
         batch_bytes = 0
+        self._lost.clear()
         done_positions: list[int] = []
         failed: list[int] = []
         errors: list[tuple[int, Exception]] = []
         for record in records:
             if self._out_of_time():  # a stop's deadline: the rest stays unwritten (``unwritten``)
                 return failed, errors
+            if record.flags & F_BODY:
+                continue  # a body kept apart: written with its key's record
             decoded = decode_record(record.key, record.meta)
             if decoded is None:
                 continue
             at = record.body_at
             found: list[_Item] = []
+            lost: set[str] = set()
             for e, body_len, state in decoded:
                 body = None
+                if body_len == APART:
+                    if state == ALL_TO_WRITE:
+                        item = self._apart(record, e)
+                        if item is None:
+                            lost.add(e.body_id)
+                        else:
+                            found.append(item)
+                    elif state == META_TO_WRITE:
+                        found.append(_Item(record.pos, e, None, False))
+                    continue
                 if body_len >= 0:
                     if state == ALL_TO_WRITE:
                         body = self.arena.mm[at:at + body_len]
@@ -384,6 +418,11 @@ class Persister:
                     log.error("a record of %s holds no body to write for %s; skipped", record.key, e.body_id)
             if not self.arena.alive(record.pos):
                 continue  # replaced (the newer record comes later), purged, or dropped by the ring
+            if lost:
+                self._lost[record.pos] = (record, lost)
+                if not found:
+                    self._relist(record.pos)
+                    continue
             items.extend(found)
             done_positions.append(record.pos)
             batch_bytes += sum(len(i.body) for i in found if i.body is not None)
@@ -393,6 +432,34 @@ class Persister:
         if not self._out_of_time():
             failed += self._write_part(items, done_positions, errors)
         return failed, errors
+
+    def _apart(self, record: Record, e: Entry) -> _Item | None:
+        """The item of a variant whose body is kept apart, its body copied from its own record
+        (None: the ring dropped it, or it changed while it was copied)."""
+        found = self.arena.find(body_key(record.key, e.body_id))
+        if found is None or not found.flags & F_BODY or found.body_len != e.body_size:
+            return None
+        body = self.arena.body(found)
+        return None if body is None else _Item(record.pos, e, body, True, found.pos)
+
+    def _relist(self, pos: int) -> None:
+        """Write the key's record at ``pos`` again without its variants whose bodies the ring
+        dropped before they were written (``_lost``), the others as on disk (they were all
+        committed: ``_write``); or drop it when none is left. Only over that record: a newer
+        one of the key is written behind in its turn."""
+        record, lost = self._lost.pop(pos)
+        decoded = decode_record(record.key, record.meta) or []
+        if any(body_len >= 0 for _, body_len, _ in decoded):  # pragma: no cover (never with bodies apart)
+            return
+        kept = [(e, body_len, ON_DISK) for e, body_len, _ in decoded if e.body_id not in lost]
+        log.info("%d variant(s) of %s left the shared memory before they were written to disk: "
+                 "misses from now on", len(lost), record.key)
+        if not kept:
+            self.arena.delete(record.key, pos)
+            return
+        done = self.arena.put(record.key, encode_record(kept), b"", F_PERSISTED, expect=pos)
+        if done == CHANGED:
+            return  # replaced meanwhile: the newer record is written behind in its turn
 
     def _write_part(self, items: list[_Item], positions: list[int], errors: list[tuple[int, Exception]]
                     ) -> list[int]:
@@ -406,6 +473,8 @@ class Persister:
                 first, second = [p for p in positions if p < half], [p for p in positions if p >= half]
                 return (self._write_part([i for i in items if i.pos < half], first, errors)
                         + self._write_part([i for i in items if i.pos >= half], second, errors))
+            for pos in positions:
+                self._lost.pop(pos, None)  # (tried again with the record)
             if self.index is not None:
                 self.index.noticed(exc)  # a damaged index: marked for the next start
             errors.append((len(items), exc))
@@ -453,7 +522,13 @@ class Persister:
         self.stats.entries += len(stored)
         self.stats.batches += 1
         committed = [pos for pos in positions if pos not in failed_positions]
-        self.arena.set_flags_many(committed, F_PERSISTED)
+        for pos in [p for p in committed if p in self._lost]:
+            committed.remove(pos)
+            self._relist(pos)
+        for pos in failed_positions:
+            self._lost.pop(pos, None)
+        bodies = [i.body_pos for i, good in zip(items, ok, strict=True) if good and i.body_pos]
+        self.arena.set_flags_many(committed + bodies, F_PERSISTED)
         self._written.update(committed)
         for pos in committed:
             self._retry.pop(pos, None)

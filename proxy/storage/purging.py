@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from proxy.errors import PurgeUnavailable
 from proxy.policy.keys import url_of_key
 from proxy.room import filesystem_full, human_size, space
-from proxy.storage.arena import Record
+from proxy.storage.arena import F_BODY, Record
 from proxy.storage.bans import PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies
 from proxy.storage.disk import BUSY_PATIENCE, ShardBusy, ShardUnavailable, drop_all
@@ -277,7 +277,7 @@ class Purging:
         slice of ``SCAN_SLICE`` records at a time, letting the event loop run in between."""
         count = 0
         covered: list[str] = []
-        for seen, record in enumerate(self.t.memory.arena.scan(start, end), 1):
+        for seen, record in enumerate(self.t.memory.arena.scan(start, end, skip=F_BODY), 1):
             if record_covered(match, record):
                 covered.append(record.key)
             if seen % SCAN_SLICE == 0:

@@ -425,6 +425,8 @@ class Reader:
         if cached.body is not None:
             body = t.memory.body_bytes(cached)
             if body is not None:
+                if cached.apart:
+                    t.memory.use_body(cached)
                 return body
             # The arena reclaimed it while it was copied: its current copy, if memory has one.
             for c in t.memory.peek(cached.entry.key) or ():
@@ -432,9 +434,14 @@ class Reader:
                     body = t.memory.body_bytes(c)
                     if body is not None:
                         return body
+        e = cached.entry
+        if cached.apart and e.body_size <= t.memory.max_object:
+            # Its body in a record of its own: another process may have put it back since.
+            body = t.memory.body_apart(e.key, e)
+            if body is not None:
+                return body
         if t.disk is None:
             return None
-        e = cached.entry
         if e.body_size > t.memory.max_object:
             shared = self.body_files.get(e.key, e.body_id)
             if shared is None:
@@ -453,7 +460,13 @@ class Reader:
             return None
         memory = t.memory
         current = memory.peek(e.key)
-        if current is not None and epoch == t.work.epoch and _stays(current, e, len(body), memory.max_object):
+        if current is None or epoch != t.work.epoch:
+            return body
+        if any(c.apart and c.body is None and c.entry.body_id == e.body_id for c in current):
+            # A variant of a key with several: its body goes back in a record of its own, and the
+            # key's record (metadata only) stays as it is.
+            memory.put_body(e.key, e, body, on_disk=True)
+        elif _stays(current, e, len(body), memory.max_object):
             # Only over the record it was read from (a record another worker wrote meanwhile
             # may hold a variant this one lacks): else it is simply not put back this time.
             memory.put(e.key, tuple(
@@ -585,12 +598,9 @@ def _damaged_body(e: Entry) -> None:
 
 
 def _stays(current: tuple[Cached, ...], e: Entry, size: int, limit: int) -> bool:
-    """Whether a body of ``e`` just read from disk goes back into the key's record: when the
-    record lacks it and keeps it there (its bodies and this one within ``limit``, what
-    ``MemoryTier.put`` lets a key hold). Why: a hit on an older Vary variant, whose body the
-    record left on disk for the newer ones', rewrote the whole record with it (up to
-    ``memory_max_object``, pushing other keys out of the ring), and the put left it out again:
-    a disk read and a record's write per hit. Such a variant is served from disk."""
+    """Whether a body of ``e`` just read from disk goes back into the key's record (a key of
+    one variant: the bodies of a key with several go back in records of their own): when the
+    record lacks it and its bodies and this one stay within ``limit``."""
     held = 0
     lacks = False
     for c in current:

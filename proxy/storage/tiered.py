@@ -35,7 +35,7 @@ from proxy.storage.bodyfiles import OpenBodies, SharedFile
 from proxy.storage.disk import ORPHAN_AGE, DiskTier
 from proxy.storage.entry import Entry
 from proxy.storage.index import Ban, UrlTagIndex
-from proxy.storage.memory import Cached, MemoryTier, Slot, memory_only_bodies
+from proxy.storage.memory import Cached, MemoryTier, Slot
 from proxy.storage.persist import Persister
 from proxy.storage.purging import Purging
 from proxy.storage.reads import Reader
@@ -71,8 +71,6 @@ class Storage:
             storable = min(storable, configured_limit)
         # Over max_object: a config warning at FILE:LINE (proxy.config), not logged here by
         # every process.
-        if disk is None:  # nothing is written behind: a key keeps more of its variants' bodies
-            memory.unwritten_limit = memory_only_bodies(memory.arena.capacity, memory.max_object)
         self._own_executor = executor is None
         self.tiers = Tiers(memory, disk, index, BanList(index.bans() if index is not None else ()),
                            executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="disk"))
@@ -215,6 +213,8 @@ class Storage:
         ok, shared = (True, None) if max_file is None else self.reads.open_file(key, cached, max_file)
         if ok:
             self.tiers.memory.use(slot)
+            if cached.apart:  # (a variant's body in a record of its own: marked read too)
+                self.tiers.memory.use_body(cached)
         return ok, shared
 
     def keep_head(self, key: str, cached: Cached, head: Any, size: int) -> None:

@@ -18,7 +18,7 @@ from typing import IO
 
 from proxy.settings import ring_body_limit
 from proxy.storage.disk import INLINE_LIMIT, new_body_id, with_checksum
-from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry, encode_record
+from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry, body_key, encode_record
 from proxy.storage.memory import PUT_TRIES, Cached, record_of
 from proxy.storage.persist import adding, committed_tags, merge_variant, updating
 from proxy.storage.spool import SpoolDir
@@ -269,12 +269,15 @@ class Writer:
         entry = new.entry
         for _ in range(PUT_TRIES):
             current = memory.peek(entry.key) or ()
-            merged, _ = merge_variant(tuple(c.entry for c in current), entry)
+            merged, dropped = merge_variant(tuple(c.entry for c in current), entry)
             held = {c.entry.body_id: c for c in current}
             done = memory.put(entry.key, tuple(
                 new if e.body_id == entry.body_id else held[e.body_id] for e in merged),
                 admit=not current, expect=record_of(current))
             if done is not None:
+                for body_id in dropped:  # (a refill's older body, kept apart: no variant names it)
+                    if held[body_id].apart:
+                        memory.arena.delete(body_key(entry.key, body_id))
                 return done
         return None
 

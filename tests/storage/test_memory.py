@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, ON_DISK
+from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, ON_DISK, body_key
 from proxy.storage.memory import Cached, MemoryTier
 from tests.storage.helpers import entry
 
@@ -281,9 +281,10 @@ def test_the_decoded_budget_counts_what_decoded_entries_really_take() -> None:
     writer.close()
 
 
-def test_a_keys_record_holds_at_most_one_objects_worth_of_bodies_the_newest_kept() -> None:
-    """Each new Vary variant rewrites the key's record: with every variant's body in it, one
-    client asking for a big page with many User-Agents filled the ring with copies of it."""
+def test_a_keys_variants_keep_their_bodies_in_records_of_their_own() -> None:
+    """With several variants, the key's record holds their metadata and each body is a record of
+    its own: a new variant writes its body and the metadata, never the others' bodies again (one
+    client asking for a big page with many User-Agents filled the ring with copies of them)."""
     m = MemoryTier(budget=8 << 20, max_object=100 * KB)
 
     def variant(name: str, size: int, state: int, key: str = "http://h/v") -> Cached:
@@ -291,24 +292,30 @@ def test_a_keys_record_holds_at_most_one_objects_worth_of_bodies_the_newest_kept
         return Cached(replace(e, body_id=name, body_size=size), name.encode() * size, state=state)
 
     assert m.put("http://h/v", (variant("a", 40 * KB, ON_DISK), variant("b", 40 * KB, META_TO_WRITE),
-                                variant("u", 40 * KB, ALL_TO_WRITE), variant("c", 40 * KB, ON_DISK),
-                                variant("d", 40 * KB, ALL_TO_WRITE)))
+                                variant("u", 40 * KB, ALL_TO_WRITE)))
+    record = m.arena.find("http://h/v")
+    assert record is not None and record.body_len == 0
     held = {c.entry.body_id: c for c in m.peek("http://h/v") or ()}
-    # The two newest bodies fit in 100 KB; the older ones whose bodies are on disk keep their
-    # metadata without them (read from disk when asked); the one not on disk yet keeps its body.
-    assert sorted(held) == ["a", "b", "c", "d", "u"]
-    assert m.body_bytes(held["d"]) == b"d" * 40 * KB and m.body_bytes(held["c"]) == b"c" * 40 * KB
-    assert m.body_bytes(held["u"]) == b"u" * 40 * KB
-    assert held["a"].body is None and held["a"].state == ON_DISK
-    assert held["b"].body is None and held["b"].state == META_TO_WRITE
-    # Bodies not on disk yet are kept up to 4 × the limit, then the oldest of them left out.
-    fresh = tuple(variant(name, 90 * KB, ALL_TO_WRITE) for name in "klmnop")
-    assert m.put("http://h/v", fresh)
-    assert [c.entry.body_id for c in m.peek("http://h/v") or ()] == ["m", "n", "o", "p"]
-    # Under the limit, nothing changes.
-    assert m.put("http://h/w", (variant("x", 10 * KB, ALL_TO_WRITE, "http://h/w"),
-                                variant("y", 10 * KB, ALL_TO_WRITE, "http://h/w")))
-    assert [m.body_bytes(c) for c in m.peek("http://h/w") or ()] == [b"x" * 10 * KB, b"y" * 10 * KB]
+    assert sorted(held) == ["a", "b", "u"]
+    assert all(m.body_bytes(held[n]) == n.encode() * 40 * KB for n in "abu")
+    assert held["a"].state == ON_DISK and held["b"].state == META_TO_WRITE and held["u"].state == ALL_TO_WRITE
+    assert m.arena.persisted(held["a"].pos) and not m.arena.persisted(held["u"].pos)  # (body records)
+    head = m.arena.head
+    assert m.put("http://h/v", (*(m.peek("http://h/v") or ()), variant("d", 40 * KB, ALL_TO_WRITE)))
+    assert m.arena.head - head < 44 * KB  # d's body, and the key's metadata
+    # A body record the ring dropped: on disk, its variant is read from there; not on disk yet,
+    # it is no longer listed (a miss), never listed without a body anywhere.
+    assert m.arena.delete(body_key("http://h/v", "a")) and m.arena.delete(body_key("http://h/v", "u"))
+    held = {c.entry.body_id: c for c in m.peek("http://h/v") or ()}
+    assert sorted(held) == ["a", "b", "d"]
+    assert held["a"].body is None and held["a"].apart and m.alive(held["a"])
+    # A single variant keeps its body in the key's record, as a key without Vary does.
+    assert m.put("http://h/w", (variant("x", 10 * KB, ALL_TO_WRITE, "http://h/w"),))
+    record = m.arena.find("http://h/w")
+    assert record is not None and record.body_len == 10 * KB
+    # Deleting the key drops its body records too.
+    assert m.delete("http://h/v")
+    assert m.arena.find(body_key("http://h/v", "d")) is None
     m.close()
 
 
@@ -326,9 +333,10 @@ def test_a_variant_whose_view_died_and_that_is_on_disk_nowhere_is_left_out_not_w
     assert one.put("http://h/v", (variant("a", ON_DISK), variant("b", ALL_TO_WRITE),
                                   variant("c", ALL_TO_WRITE)))
     seen = one.peek("http://h/v") or ()
-    # The other worker writes the key anew: "c" as it was, "b" gone (its own view of it died).
+    # The other worker writes the key anew: "c" as it was, "b" gone (the ring dropped its body).
     assert other.put("http://h/v", tuple(c for c in other.peek("http://h/v") or ()
                                          if c.entry.body_id != "b"))
+    assert one.arena.delete(body_key("http://h/v", "b"))
     assert one.put("http://h/v", seen)  # this process's put, from what it had seen
     held = {c.entry.body_id: c for c in one.peek("http://h/v") or ()}
     assert sorted(held) == ["a", "c"]
