@@ -381,9 +381,10 @@ class MemoryTier:
             self.arena.delete(key, rec)
             return None
         before = self._admit(key)
+        bodies = tuple(apart) if apart else ()
         if before is not None:
-            return self._hold(key, tuple(variants), rec, tuple(starts), before, tuple(apart))
-        return Slot(tuple(variants), 0, 0, rec, tuple(starts), tuple(apart))  # for this read only
+            return self._hold(key, tuple(variants), rec, tuple(starts), before, bodies)
+        return Slot(tuple(variants), 0, 0, rec, tuple(starts), bodies)  # for this read only
 
     def _admit(self, key: str, read: bool = True) -> int | None:
         """Whether a key just decoded (``read``), or just written by a fill or a promotion from
@@ -459,11 +460,13 @@ class MemoryTier:
         metas: list[tuple[Entry, int, int]] = []
         parts: list[builtins.bytes] = []
         written: list[Cached] = []
-        views: list[tuple[int, memoryview | None]] = []  # each apart variant's body record and view
+        # Each variant's body record and view (a key with several variants only).
+        views: list[tuple[int, memoryview | None]] | None = [] if apart else None
         for c in variants:
             body, state = c.body, c.state
             if apart and (body is not None or c.apart):
                 kept = self._apart(key, c)
+                assert views is not None
                 if kept is None:
                     if state == ALL_TO_WRITE:
                         continue  # neither in memory nor on disk: left out (a miss)
@@ -487,18 +490,15 @@ class MemoryTier:
             else:
                 metas.append((c.entry, len(body), state))
                 parts.append(body)
-            views.append((0, None))
+            if views is not None:
+                views.append((0, None))
             written.append(c)
         if not written:  # (each was a view of a record gone meanwhile, its variant with it)
             return False
+        # (Each variant fits the ring alone, ``proxy.storage.writes.Writer.room``, and a key with
+        # several keeps their bodies apart: a record the ring refuses is a key's one variant, or
+        # a key and metadata past what a record holds, which can never fit.)
         meta = encode_record(metas)
-        # Each variant fits the ring alone (``proxy.storage.writes.Writer.room``), and a key with
-        # several keeps their bodies apart, so this holds only for a key's one variant (or a key
-        # name and metadata past what a record holds): then it can never fit.
-        room = ring_body_limit(self.arena.capacity) - len(key.encode("utf-8", "surrogatepass"))
-        if len(meta) + sum(len(p) for p in parts) > room:
-            self._forget(key)
-            return False
         persisted = all(state == ON_DISK for _, _, state in metas)
         pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, expect=expect)
         if pos == CHANGED:  # (``expect``) another process's record of the key stands
@@ -515,8 +515,11 @@ class MemoryTier:
         at = self.arena.body_at(pos, len(key.encode("utf-8", "surrogatepass")), len(meta))
         view = self.arena.view
         held, starts, positions = [], [], []
-        for c, (_, body_len, state), (body_pos, body_view) in zip(written, metas, views, strict=True):
+        # (``written`` in place of ``views`` for a key's one variant: no list built for nothing.)
+        for c, (_, body_len, state), its in zip(written, metas, views or written, strict=True):
             if body_len == APART:
+                assert isinstance(its, tuple)
+                body_pos, body_view = its
                 starts.append(-1)
                 if body_view is not None:
                     held.append(Cached(c.entry, body_view, c.heads, False, body_pos, state, True, pos))
@@ -532,7 +535,7 @@ class MemoryTier:
             else:
                 starts.append(-1)
             held.append(Cached(c.entry, view_of, c.heads, False, pos, state, False, pos))
-        self._hold(key, tuple(held), pos, tuple(starts), before, tuple(positions))
+        self._hold(key, tuple(held), pos, tuple(starts), before, tuple(positions) if positions else ())
         return True
 
     def _apart(self, key: str, c: Cached) -> tuple[int, memoryview, bool] | None:
