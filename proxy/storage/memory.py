@@ -294,10 +294,18 @@ class MemoryTier:
         if cached.apart and cached.body is not None:
             self.arena.mark(cached.pos)
 
-    def find_body(self, key: str, e: Entry) -> Record | None:
+    def find_body(self, key: str, e: Entry, sure: bool = False) -> Record | None:
         """The live record of the body of ``e`` (a variant of ``key``), if the ring has it: found
-        by its body id, and of its length (its bytes stay in place; check ``alive`` after copying)."""
-        found = self.arena.find(body_key(key, e.body_id))
+        by its body id, and of its length (its bytes stay in place; check ``alive`` after copying).
+        ``sure``: not found, it is looked up again under the ring's lock. Why: a record read
+        since it was written that reaches the ring's tail is moved to its head (CLOCK's second
+        chance), out of the index meanwhile; taken for gone, a variant not on disk yet would be
+        left out of its key's next record, for good."""
+        bkey = body_key(key, e.body_id)
+        found = self.arena.find(bkey)
+        if found is None and sure:
+            with self.arena.locked():
+                found = self.arena.find(bkey)
         if found is None or not found.flags & F_BODY or found.body_len != e.body_size:
             return None
         return found
@@ -356,7 +364,7 @@ class MemoryTier:
             if persisted:
                 state = ON_DISK
             if body_len == APART:
-                found = self.find_body(key, e)
+                found = self.find_body(key, e, sure=state == ALL_TO_WRITE)
                 if found is not None:
                     if state == ALL_TO_WRITE and found.flags & F_PERSISTED:
                         state = ON_DISK  # (written behind since the key's record was)
@@ -545,7 +553,7 @@ class MemoryTier:
         if c.apart and c.body is not None and self._alive(c.pos):
             return c.pos, c.body if isinstance(c.body, memoryview) else memoryview(c.body), \
                 self.arena.persisted(c.pos)
-        found = self.find_body(key, c.entry)
+        found = self.find_body(key, c.entry, sure=c.apart)
         if found is None:
             body = c.body
             if isinstance(body, memoryview):

@@ -436,7 +436,11 @@ class Persister:
     def _apart(self, record: Record, e: Entry) -> _Item | None:
         """The item of a variant whose body is kept apart, its body copied from its own record
         (None: the ring dropped it, or it changed while it was copied)."""
-        found = self.arena.find(body_key(record.key, e.body_id))
+        bkey = body_key(record.key, e.body_id)
+        found = self.arena.find(bkey)
+        if found is None:  # (or being moved round the ring: ``MemoryTier.find_body``)
+            with self.arena.locked():
+                found = self.arena.find(bkey)
         if found is None or not found.flags & F_BODY or found.body_len != e.body_size:
             return None
         body = self.arena.body(found)
