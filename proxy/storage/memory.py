@@ -447,7 +447,7 @@ class MemoryTier:
         when they can never fit. One variant: its body in the key's record (bodies that are
         views of the arena are copied first, from the key's record as it is now when theirs was
         replaced meanwhile: ``_body_now``). More: each body in a record of its own, written
-        here unless the ring has it already (``put_body``), and only metadata in the key's
+        here unless the ring has it already (``_apart``), and only metadata in the key's
         record. A variant whose body is neither at hand nor on disk is left out, never written
         body-less.
 
