@@ -454,9 +454,11 @@ class FlightHead:
     store_detail: str  # "" when it is being stored, else the DontStore detail
     content_length: int | None
     vary: tuple[tuple[str, str], ...] = ()  # selecting values of the leader's request
-    # The response as it is being stored (None when it is not): its clients' conditionals and
-    # ranges are answered from it as the head arrives (``proxy.policy.reply.reply_on_arrival``).
-    stored: StoredResponse | None = None
+    # The response as it is being stored, or as it arrived when it is not stored
+    # (``proxy.policy.fill.arrived``); None for a head read from the store: its clients'
+    # conditionals and ranges are answered from it as the head arrives, stored or not
+    # (``proxy.policy.reply.reply_on_arrival``).
+    response: StoredResponse | None = None
 
 
 @dataclass(frozen=True, slots=True)

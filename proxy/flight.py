@@ -85,7 +85,7 @@ from proxy.http_client import UpstreamBodyError
 from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
 from proxy.policy.fields import ends_at_head
-from proxy.policy.fill import hit_for_pass, shareable_with_followers
+from proxy.policy.fill import arrived, hit_for_pass, shareable_with_followers
 from proxy.policy.freshness import carries_credentials
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
@@ -977,9 +977,12 @@ class MissPath:
                     engine.metrics.not_stored_because(store_detail, url_of_key(key))
         if entry is not None:
             flight.tags = entry.tags  # (before its head: its followers ask purges with them)
+        # (not stored: the head as it arrived answers its clients' conditionals and range all
+        # the same, ``after_head``)
         flight.set_head(FlightHead(resp.status, resp.reason, fields, shareable,
                                    store_detail, resp.content_length, vary,
-                                   entry.response if entry is not None else None))
+                                   entry.response if entry is not None else
+                                   arrived(resp.status, resp.reason, fields, response_time)))
         # ("": stored, the common case: no call)
         passing = bool(store_detail) and hit_for_pass(store_detail, resp.status, run.attempt.req.head.headers)
         if passing:
@@ -1221,8 +1224,8 @@ class MissPath:
 
         length = fhead.content_length
         if from_head:
-            assert fhead.stored is not None
-            early = await self._from_head(attempt, flight, reader, fhead, fhead.stored, headers, step)
+            assert fhead.response is not None
+            early = await self._from_head(attempt, flight, reader, fhead, fhead.response, headers, step)
             if early is not None:
                 return early
         match step.body:
@@ -1270,24 +1273,31 @@ class MissPath:
         engine, plan = self.engine, attempt.plan
         edited = engine.edited(plan, fhead.status, list(headers))
         answer = reply_on_arrival(attempt.req.head, response, fhead.content_length, edited)
-        x_cache = otherwise.x_cache
         match answer:
             case AsArrives():
                 return None
-            case PreconditionFailed():
-                reader.close()
-                text = b"412 Precondition Failed\n"
-                fields = [("Content-Type", "text/plain; charset=utf-8"), *answer.headers]
-                return engine.finish(plan, Reply(412, "Precondition Failed", fields, text, len(text), x_cache,
-                                                 "none"))
-            case NotModified():
-                reader.close()
-                return Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none")
-            case Unsatisfiable():
-                reader.close()
-                return Reply(416, "Range Not Satisfiable", answer.headers, b"", 0, x_cache, "none")
             case Send():
                 return await self._slice(attempt, flight, reader, answer, otherwise)
+            case PreconditionFailed() | NotModified() | Unsatisfiable():
+                reader.close()
+                return self._early(plan, answer, otherwise.x_cache)
+            case _:
+                assert_never(answer)
+
+    def _early(self, plan: RequestPlan, answer: PreconditionFailed | NotModified | Unsatisfiable,
+               x_cache: str) -> Reply:
+        """The 412, 304 or 416 a response's head answers a client's conditionals or range with
+        (``reply_on_arrival``), before any of its body: a flight's, or a client's own."""
+        match answer:
+            case PreconditionFailed():
+                text = b"412 Precondition Failed\n"
+                fields = [("Content-Type", "text/plain; charset=utf-8"), *answer.headers]
+                return self.engine.finish(plan, Reply(412, "Precondition Failed", fields, text, len(text),
+                                                      x_cache, "none"))
+            case NotModified():
+                return Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none")
+            case Unsatisfiable():
+                return Reply(416, "Range Not Satisfiable", answer.headers, b"", 0, x_cache, "none")
             case _:
                 assert_never(answer)
 
@@ -1424,8 +1434,11 @@ class MissPath:
         (and this client is answered from that flight), which ends the hit-for-pass.
 
         The client's preconditions go with it (RFC 9110 §13.2.1: a cache that does not evaluate
-        them forwards them): a private page's If-None-Match gets its 304. Its answer to them (a
-        304, a 412) is relayed and never stored; only a full response may end the pass.
+        them forwards them): a private page's If-None-Match gets its 304; so do its Range and
+        If-Range (a resume of a private download cost the origin the whole body each time). Its
+        answer to them (a 304, a 412, a 206, a 416) is relayed and never stored; only a full
+        response may end the pass (and one that ignored them is answered from its head:
+        ``answer_unshared``).
 
         A HEAD goes as a HEAD, as Varnish passes one: nothing of its answer can be stored, and
         sent as the GET a fill is, it had the origin start sending the body (megabytes of a big
@@ -1444,7 +1457,8 @@ class MissPath:
             return engine.upstream_failed(attempt.plan, exc, attempt.fwd)
         fields = head.headers
         if (resp.status == 304 and ("If-None-Match" in fields or "If-Modified-Since" in fields)) \
-                or (resp.status == 412 and ("If-Match" in fields or "If-Unmodified-Since" in fields)):
+                or (resp.status == 412 and ("If-Match" in fields or "If-Unmodified-Since" in fields)) \
+                or (resp.status in (206, 416) and "Range" in fields and not head_only):
             cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status)
             return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")
         unasked = _unasked_304(resp, resp.status == 304 and asks_validation(upstream.headers))
@@ -1492,7 +1506,56 @@ class MissPath:
                                        found_nothing=attempt.nowhere and self._found_nothing(attempt))
         engine.metrics.not_stored_because(store_detail, head.url)
         cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status, detail=store_detail)
+        if not head_only and asks_of_head(resp.status, head):
+            # The origin was sent no Range (nor, but for a hit-for-pass key's, conditionals):
+            # they are answered from the head, as a flight's clients' are (``after_head``).
+            reply = await self._unstored_from_head(attempt, resp, response_time, cs)
+            if reply is not None:
+                return reply
         return engine.direct_reply(attempt.plan, resp, "MISS", cs, head_only or head.method == "HEAD")
+
+    async def _unstored_from_head(self, attempt: Attempt, resp: UpstreamResponse, response_time: float,
+                                  cs: str) -> Reply | None:
+        """The reply to a client's conditionals or range from its own response that is not
+        stored (``reply_on_arrival``, as ``_from_head`` for a flight's): a 412, a 304, a 416, or
+        a 206 of the body sliced as it arrives (never read whole first), its head sent with the
+        slice's first bytes; None when it is the response itself."""
+        engine, plan = self.engine, attempt.plan
+        headers = engine.response_headers(resp.headers)
+        headers.append(("Cache-Status", cs))
+        headers.append(("X-Cache-Status", "MISS"))
+        edited = engine.edited(plan, resp.status, headers)
+        response = arrived(resp.status, resp.reason, resp.headers, response_time)
+        answer = reply_on_arrival(attempt.req.head, response, resp.content_length, edited)
+        match answer:
+            case AsArrives():
+                return None
+            case PreconditionFailed() | NotModified() | Unsatisfiable():
+                resp.release()
+                return self._early(plan, answer, "MISS")
+            case Send():
+                end = answer.offset + answer.length
+                whole = resp.complete_body()
+                if whole is not None:
+                    piece = whole[answer.offset:end]
+                    if len(piece) == answer.length:
+                        return Reply(answer.status, answer.reason, answer.headers, piece, answer.length,
+                                     "MISS", "upstream")
+                    return engine.upstream_failed(plan, UpstreamProtocolError(
+                        "the response's body ended before the range asked for"), attempt.fwd)
+                pieces = _sliced(resp.iter_chunks(), answer.offset, end)
+                try:
+                    lead = await anext(pieces, b"")
+                except UpstreamError as exc:
+                    return engine.upstream_failed(plan, exc, attempt.fwd)
+                if not lead:
+                    await pieces.aclose()
+                    return engine.upstream_failed(plan, UpstreamProtocolError(
+                        "the response's body ended before the range asked for"), attempt.fwd)
+                return Reply(answer.status, answer.reason, answer.headers, _Led(lead, pieces), answer.length,
+                             "MISS", "upstream")
+            case _:
+                assert_never(answer)
 
     def _found_nothing(self, attempt: Attempt) -> bool:
         """Whether a hit-for-pass mark made now may let the key's plain requests pass without a
@@ -1753,15 +1816,24 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
         plain = Relay(x_cache, "whole", coalesced=collapsed)
     else:
         plain = Relay(x_cache, "stream", coalesced=collapsed)
-    fields = request.headers
-    if fhead.stored is not None and fhead.status == 200 and (
-            "if-none-match" in fields or "if-modified-since" in fields or "range" in fields
-            or "if-match" in fields or "if-unmodified-since" in fields):
+    if fhead.response is not None and asks_of_head(fhead.status, request):
         # Fill requests drop the client's conditionals and ranges: the response's head answers
         # them, as it arrives (never the store: waiting for it held the client for the whole
-        # body, and a wait that ran out fetched the object again).
+        # body, and a wait that ran out fetched the object again), whether or not it is stored
+        # (a private or too large response got its clients the whole 200 to each).
         return FromHead(plain)
     return plain
+
+
+def asks_of_head(status: int, request: RequestHead) -> bool:
+    """Whether ``request`` asks what a fill did not send the origin (its conditionals, its
+    range) of a response of ``status``, to be answered from that response's head
+    (``reply_on_arrival``): by a flight's clients (``after_head``) and by a client's own
+    response that is not stored (``MissPath.answer_unshared``) alike."""
+    fields = request.headers
+    return status == 200 and (
+        "if-none-match" in fields or "if-modified-since" in fields or "range" in fields
+        or "if-match" in fields or "if-unmodified-since" in fields)
 
 
 async def _followed_head(flight: Flight, lock_timeout: float) -> FlightHead:

@@ -20,7 +20,8 @@ tags) or ``NoFill`` with the ``Cache-Status`` detail token, decided in this orde
 
 ``freshened`` is the same last step for a stored response a 304 updated (RFC 9111
 §4.3.4), and ``shareable_with_followers`` says whether coalesced followers may take a
-fill's response as it arrives.
+fill's response as it arrives; ``arrived`` is the head of one that is not stored, which its
+client's conditionals and range are answered from all the same.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.policy.deception import deception_refuses
 from proxy.policy.fields import latin1_unless_utf8, split_list
 from proxy.policy.freshness import carries_credentials
+from proxy.policy.headers import dated, end_to_end
 from proxy.policy.messages import CacheOptions, Freshness, HeaderList, Headers, RequestHead, StoredResponse
 from proxy.policy.storability import DontStore, decide_store, decide_store_part
 from proxy.policy.validation import freshen_stored
@@ -264,6 +266,23 @@ def shareable_with_followers(stored: StoredResponse, now: float) -> bool:
     otherwise be reused without the validation it needs.
     """
     return stored.freshness.ttl(now) > 0 and not stored.freshness.no_cache
+
+
+def arrived(status: int, reason: str, headers: Headers, response_time: float) -> StoredResponse:
+    """A response that is not stored, as the head its client's conditionals and range are
+    answered from (``proxy.policy.reply.reply_on_arrival``): what that answer reads of a stored
+    one (its status, ETag, Last-Modified, Date) read the same way, so a response is answered
+    alike whether or not it is stored. A fill sends the origin neither (it must get the whole
+    response to store it), and a private, too large or ``no-store`` one got the whole 200 to
+    an If-None-Match that matched, a failed If-Match, a Range. Nothing reuses it: no freshness.
+
+    >>> r = arrived(200, "OK", CIMultiDict({"ETag": '"a"'}), 7.0)
+    >>> r.etag, r.last_modified, r.headers, r.freshness.lifetime
+    ('"a"', None, (('ETag', '"a"'), ('Date', 'Thu, 01 Jan 1970 00:00:07 GMT')), 0)
+    """
+    return StoredResponse(status, reason, dated(end_to_end(headers), response_time), response_time,
+                          response_time, Freshness(0, "none", 0, response_time),
+                          etag=headers.get("ETag"), last_modified=headers.get("Last-Modified"))
 
 
 def _as_kept(stored: StoredResponse, rules: StoreRules, settings: FillSettings, jitter: float

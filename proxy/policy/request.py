@@ -119,7 +119,13 @@ NEVER_FORWARDED = frozenset({"request-range"})
 # or Rack origin reads it as HTTP_IF_NONE_MATCH, ``proxy.policy.spellings``). Either would get
 # a fill a 304 or 206 it cannot store, an invalid answer for every client of the fetch.
 FILL_DROPS = PRECONDITIONS | NEVER_FORWARDED | {"if-range", "range", "expect"}
-PASSING_DROPS = FILL_DROPS - PRECONDITIONS  # a fill-shaped request that keeps the preconditions
+# A hit-for-pass key's request keeps the preconditions and the range too (``PASSING``): the origin
+# answers them (a 304, a 412, a 206, a 416: relayed, never stored); only a full 200 may still end
+# the pass and be stored. Without its Range such a request (a resume with If-Range, a
+# conditional range) cost the origin the whole body each time, as a plain range of a passing key
+# never did (it goes with its Range: ``proxy.policy.partial.decide_range_fetch``).
+PASSING = PRECONDITIONS | {"range", "if-range"}
+PASSING_DROPS = FILL_DROPS - PASSING
 # What ``upstream_request`` never copies from the head: hop-by-hop fields, those it sets itself
 # (Host, X-Request-Id) and ``NEVER_FORWARDED``; one set lookup per field.
 _NOT_COPIED = HOP_BY_HOP | NEVER_FORWARDED | {"host", "x-request-id"}
@@ -917,7 +923,7 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
 
     ``fill``: a cache fill under this key spec: a GET for the URL as keyed, without the
     client's conditionals and ranges; ``validators`` (a revalidation's) are added;
-    ``preconditions``: a fill that keeps the client's preconditions (``PRECONDITIONS``: a
+    ``preconditions``: a fill that keeps the client's preconditions and range (``PASSING``: a
     hit-for-pass key's request, which is stored only when its answer is a full response).
     Without ``fill`` the request is passed through (any method, the target as received, all
     its fields: preconditions, Range; never ``NEVER_FORWARDED``'s Request-Range).

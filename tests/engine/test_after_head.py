@@ -3,6 +3,8 @@ a pure function, so a table."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -27,6 +29,7 @@ from proxy.flight import (
     fetches_again,
 )
 from proxy.http_client import UpstreamBodyError
+from proxy.policy.fill import arrived
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 
 STORED = StoredResponse(200, "OK", (), 0, 0, Freshness(60, "max-age", 0, 0), etag='"e"')
@@ -34,9 +37,13 @@ STORED = StoredResponse(200, "OK", (), 0, 0, Freshness(60, "max-age", 0, 0), eta
 
 def head(status: int = 200, detail: str = "", shareable: bool = True, length: int | None = 10,
          vary: tuple[tuple[str, str], ...] = ()) -> FlightHead:
-    """A flight's head; being stored (``detail`` "") it carries the response as stored."""
-    return FlightHead(status, "", CIMultiDictProxy(CIMultiDict()), shareable, detail, length, vary,
-                      STORED if detail == "" and status == 200 else None)
+    """A flight's head; being stored (``detail`` "") it carries the response as stored, not
+    stored the response as it arrived (``arrived``), read from the store (another worker's,
+    a 304's) none."""
+    fields = CIMultiDictProxy(CIMultiDict())
+    response = None if detail in (STORED_ELSEWHERE, "FRESHENED") else (
+        replace(STORED, status=status) if detail == "" else arrived(status, "", fields, 0))
+    return FlightHead(status, "", fields, shareable, detail, length, vary, response)
 
 
 def request(method: str = "GET", **fields: str) -> RequestHead:
@@ -80,7 +87,16 @@ CASES: list[tuple[str, FlightHead, RequestHead, str, bool, bool, NextStep]] = [
      FromHead(Relay("MISS", "none"))),
     ("a conditional request of a stored error status gets the response", head(404, length=3),
      request(If_None_Match='"x"'), "uri-miss", False, False, Relay("MISS", "whole")),
-    ("a conditional request of an unstored response gets the response", head(detail="NO-STORE"),
+    ("a conditional request of an unstored response: from the head all the same", head(detail="NO-STORE"),
+     request(If_None_Match='"x"'), "uri-miss", False, False, FromHead(Relay("MISS", "whole"))),
+    ("a range leader of a private response: from the head",
+     head(shareable=False, detail="PRIVATE", length=100_000), request(Range="bytes=0-"), "uri-miss", False,
+     False, FromHead(Relay("MISS", "stream"))),
+    ("a precondition on a response too large to store: from the head", head(detail="TOO-LARGE", length=None),
+     request(If_Match='"old"'), "uri-miss", False, False, FromHead(Relay("MISS", "stream"))),
+    ("a range follower of a private response fetches its own (answered from its own head)",
+     head(shareable=False, detail="PRIVATE"), request(Range="bytes=0-1"), "uri-miss", True, False, OnItsOwn()),
+    ("a conditional request of an unstored error status gets the response", head(404, "UNCACHEABLE-STATUS"),
      request(If_None_Match='"x"'), "uri-miss", False, False, Relay("MISS", "whole")),
     ("what another worker stored is answered from the store", head(detail=STORED_ELSEWHERE), request(),
      "uri-miss", False, False, FromStore("HIT", collapsed=True, coalesced=True, stored=True)),
