@@ -120,18 +120,26 @@ def reply_head(request: RequestHead, stored: StoredResponse, body_size: int,
         part = part_range(stored)
         if held is None or part is None or request.method == "HEAD":
             return None
-        headers = [(k, v) for k, v in headers if k.lower() != "content-range"]
-        headers.append(("Content-Range", f"bytes {held.first}-{held.last}/{held.total}"))
+        headers = _with_range(headers, f"bytes {held.first}-{held.last}/{held.total}")
         return Send(206, stored.reason, headers, held.length, held.first - part.first)
     if spec is not None and stored.status == 200 and if_range_allows(request.headers, stored):
         rng = resolve_range(spec, body_size)
         if rng == "unsatisfiable":
-            return Unsatisfiable([*headers, ("Content-Range", f"bytes */{body_size}")])
+            return Unsatisfiable(_with_range(headers, f"bytes */{body_size}"))
         if rng is not None:
             first, last = rng
-            headers = [*headers, ("Content-Range", f"bytes {first}-{last}/{body_size}")]
+            headers = _with_range(headers, f"bytes {first}-{last}/{body_size}")
             return Send(206, "Partial Content", headers, last - first + 1, first)
     return Send(stored.status, stored.reason, headers, body_size, 0)
+
+
+def _with_range(headers: list[tuple[str, str]], value: str) -> list[tuple[str, str]]:
+    """``headers`` with this cache's own Content-Range, and no other, on a 206 or 416 it makes:
+    a stored part's, a stray one a stored 200 carries, an origin's 206 arriving as a fill's, or
+    a rule's went out beside it (two fields, the other first: a client reading that one placed
+    the bytes at the wrong offset). A 200 keeps its own as stored (RFC 9111 §3.1 stores every
+    field; the HTTP cache tests' headers-store-Content-Range requires it)."""
+    return [*[(k, v) for k, v in headers if k.lower() != "content-range"], ("Content-Range", value)]
 
 
 def _conditions(request: RequestHead, stored: StoredResponse, headers: list[tuple[str, str]],

@@ -101,6 +101,43 @@ def test_a_range_beyond_a_stored_200_is_unsatisfiable_rfc_9110_section_15_5_17()
     assert answer.headers[-1] == ("Content-Range", "bytes */10")
 
 
+# -- Content-Range: only this cache's own, only on a 206 or a 416 (RFC 9110 §14.4) ---------------------
+
+STRAY = [*FIELDS, ("Content-Range", "bytes 0-9/1000")]  # an origin's, on its 200: stored as all fields are
+
+# (case, request fields, status, the reply's Content-Range fields: one, cachegate's own, or none)
+STRAY_CASES: list[tuple[str, list[tuple[str, str]], int, list[str]]] = [
+    ("no Range: the 200 as stored (RFC 9111 §3.1)", [], 200, ["bytes 0-9/1000"]),
+    ("a range: the 206 has this cache's only", [("Range", "bytes=5-9")], 206, ["bytes 5-9/10"]),
+    ("a range beyond it: the 416 has this cache's only", [("Range", "bytes=5000-")], 416, ["bytes */10"]),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "status", "ranges"), STRAY_CASES, ids=[c[0] for c in STRAY_CASES])
+@pytest.mark.parametrize("source", ["stored", "headed"])
+def test_a_reply_from_a_200_that_held_a_content_range_carries_only_this_cache_s_own(
+        case: str, fields: list[tuple[str, str]], status: int, ranges: list[str], source: str) -> None:
+    """``stored``: the 200's own (``served_headers`` keeps it); ``headed``: one among the fields
+    ``reply_head`` is given (a rule's, or a fill's relayed head): every 206 and 416 carried it
+    ahead of this cache's own."""
+    s = replace(WHOLE, headers=tuple(STRAY))
+    headers = served(s) if source == "stored" else [*served(WHOLE), ("Content-Range", "bytes 0-9/1000")]
+    answer = reply_head(request(*fields), s, 10, headers, False)
+    if status == 416:
+        assert isinstance(answer, Unsatisfiable), answer
+    else:
+        assert isinstance(answer, Send) and answer.status == status, answer
+    if source == "stored" or status != 200:  # (``headed``'s 200 is the fields given)
+        assert [v for k, v in answer.headers if k.lower() == "content-range"] == ranges
+
+
+def test_a_part_s_reply_has_one_content_range_whatever_its_fields_hold() -> None:
+    answer = reply_head(request(("Range", "bytes=3-5")), PART, 5,
+                        [*served(PART), ("Content-Range", "bytes 2-6/10")], False)
+    assert isinstance(answer, Send)
+    assert [v for k, v in answer.headers if k.lower() == "content-range"] == ["bytes 3-5/10"]
+
+
 # (case, request fields, not_modified: the client's If-None-Match/If-Modified-Since matched, status)
 PRECEDENCE: list[tuple[str, list[tuple[str, str]], bool, int]] = [
     ("a failed If-Match is 412, even where If-None-Match matched (RFC 9110 §13.2.2)",

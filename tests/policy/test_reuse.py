@@ -22,7 +22,8 @@ from proxy.policy.reuse import (
     decide_part_lookup,
     refresh_retry_at,
 )
-from tests.policy.build import T0, date, request, stored
+from proxy.policy.storability import Store, decide_store_part
+from tests.policy.build import T0, date, headers, request, stored
 
 Pairs = list[tuple[str, str]]
 ETAG = ("ETag", '"v1"')
@@ -298,8 +299,15 @@ def test_a_stale_response_that_may_never_be_served_stale_says_so_rfc_9111_sectio
 PART_FIELDS: Pairs = [("Cache-Control", "max-age=60"), ETAG, ("Content-Range", "bytes 2-6/10")]
 
 
+def stored_part(fields: Pairs) -> StoredResponse:
+    """The StoredResponse ``decide_store_part`` makes of a 206 (its Content-Range kept)."""
+    decision = decide_store_part(request(), "Partial Content", headers(*fields), T0, T0, CacheOptions())
+    assert isinstance(decision, Store), decision
+    return decision.response
+
+
 def part_lookup(after: float, *req_fields: tuple[str, str], parts: int = 1) -> str:
-    part = replace(stored(PART_FIELDS), status=206, reason="Partial Content")
+    part = stored_part(PART_FIELDS)
     head = request(*req_fields)
     spec = request_range(head.headers)
     assert spec is not None
@@ -335,7 +343,7 @@ def test_a_range_is_answered_by_a_fresh_part_that_holds_it_else_fetched_alone_or
 def test_a_part_answers_a_matching_if_none_match_304_before_its_range(inm: str, not_modified: bool) -> None:
     """RFC 9110 §13.2.2: If-None-Match (weak comparison) before Range; a part carries its
     representation's validators."""
-    part = replace(stored(PART_FIELDS), status=206, reason="Partial Content")
+    part = stored_part(PART_FIELDS)
     head = request(("Range", "bytes=3-5"), ("If-None-Match", inm))
     decision = decide_part_lookup(head, (3, 5), [part], T0 + 10, CacheOptions())
     assert isinstance(decision, FromPart) and decision.serve.not_modified is not_modified

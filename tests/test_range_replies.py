@@ -1,0 +1,38 @@
+"""Replies to ranges and parts through the proxy, against a real origin: the fields a 206 or a
+416 carries (RFC 9110 §14.4), a 304 nobody asked for, only-if-cached answered by a part."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy, Reply
+
+BODY = bytes(i % 251 for i in range(1000))
+
+
+def ranges(reply: Reply) -> list[str]:
+    return list(reply.headers.getall("Content-Range", ()))
+
+
+async def test_a_206_or_416_cut_from_a_200_with_a_stray_content_range_carries_only_this_cache_s_own(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """An origin's 200 carrying ``Content-Range: bytes 0-9/1000`` (meaningless on a 200, RFC
+    9110 §14.4): every 206 and 416 cut from it carried that one first, then cachegate's; a
+    client reading the first placed ``bytes=5-9`` at offset 0. The 200 itself is relayed and
+    served as the origin sent it (RFC 9111 §3.1 stores every field)."""
+    stray = {"Cache-Control": "max-age=3600", "ETag": '"v1"', "Content-Range": "bytes 0-9/1000"}
+    origin.route("/cr", body=BODY, headers=stray)
+    origin.route("/cr-cold", body=BODY, headers=stray)
+    proxy: Proxy = await make_proxy()
+    fill = await proxy.get("/cr")
+    assert (fill.status, fill.x_cache, ranges(fill), fill.body) == (200, "MISS", ["bytes 0-9/1000"], BODY)
+    await asyncio.sleep(0.1)  # stored as the fill's answer ends
+    hit = await proxy.get("/cr")
+    assert (hit.status, hit.x_cache, ranges(hit)) == (200, "HIT", ["bytes 0-9/1000"])
+    part = await proxy.get("/cr", headers={"Range": "bytes=5-9"})
+    assert (part.status, part.x_cache, ranges(part), part.body) == (206, "HIT", ["bytes 5-9/1000"], BODY[5:10])
+    beyond = await proxy.get("/cr", headers={"Range": "bytes=5000-"})
+    assert (beyond.status, ranges(beyond)) == (416, ["bytes */1000"])
+    cold = await proxy.get("/cr-cold", headers={"Range": "bytes=100-"})  # cut from the fill as it arrives
+    assert (cold.status, ranges(cold), cold.body) == (206, ["bytes 100-999/1000"], BODY[100:])
