@@ -29,7 +29,13 @@ from proxy.policy.freshness import heuristic_withheld, origin_freshness_only, ru
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
-from proxy.policy.partial import part_range, representation_status
+from proxy.policy.partial import (
+    FetchRange,
+    JoinFill,
+    decide_range_fetch,
+    part_range,
+    representation_status,
+)
 from proxy.policy.ranges import RangeSpec, request_range
 from proxy.policy.reply import (
     NotModified,
@@ -525,6 +531,17 @@ class StoredVariant:
     hits: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RangeFill:
+    """What the engine's range fetch decision (``decide_range_fetch``) takes from the running
+    proxy besides the request: ``whole``, ``cache.range_fill: whole``; ``passing``, the key
+    is hit-for-pass. A fill in flight is not looked at: explain says what a range does with
+    none (one in flight is joined by a range near its start)."""
+
+    whole: bool = True  # (the setting's default)
+    passing: bool = False
+
+
 def _rule_json(rule: Rule | None) -> dict[str, str] | None:
     return None if rule is None else {"name": rule.name, "where": rule.where}
 
@@ -682,31 +699,55 @@ def _reply(head: RequestHead, stored: StoredVariant, x_cache: str, cs: str, age:
 
 
 def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts: Sequence[StoredVariant],
-                    now: float) -> tuple[dict[str, Any] | None, str]:
-    """A single range no complete stored response answers, decided against the stored parts
-    as the engine decides it (``decide_part_lookup``): a serve decision from a part, or None
-    and what the forward does about the range, in words."""
+                    now: float, range_fill: RangeFill) -> tuple[dict[str, Any] | None, str, str]:
+    """A single range no complete stored response answers, decided as the engine decides it
+    (``Engine._range_miss``): against the stored parts (``decide_part_lookup``), then how it
+    goes to the origin (``decide_range_fetch``, with no fill in flight). A serve decision
+    from a part, or None, what the forward does about the range in words, and what the
+    origin is asked (``range_fetch``: "whole", "range", or "range, then whole")."""
     lookup = decide_part_lookup(head, spec, [p.response for p in parts], now, plan.options)
     if isinstance(lookup, FromPart):
         found = lookup.serve
         cs = cache_status(hit=True, ttl=found.ttl)
-        reply = _reply(head, parts[found.index], "HIT", cs, found.age, False)
+        reply = _reply(head, parts[found.index], "HIT", cs, found.age, found.not_modified)
         if reply is not None:
             return {"action": "serve", "part": found.index, "x_cache_status": "HIT", "status": reply[0],
                     "cache_status": cs,
                     "why": f"no complete response is stored, and a stored part holds the range and is "
-                           f"fresh for {fmt_duration(max(found.ttl, 0))} more" + reply[1]}, ""
+                           f"fresh for {fmt_duration(max(found.ttl, 0))} more" + reply[1]}, "", ""
         lookup = lookup.otherwise
     match lookup:
         case FetchWhole(reason="if-range"):
             return None, ("; the client's If-Range does not hold for the stored part that has the range: "
-                          "the whole response is fetched")
+                          "the whole response is fetched"), "whole"
         case FetchWhole():
-            return None, "; a conditional range: the whole response is fetched, stored, and answers it"
+            return None, ("; a conditional range: the whole response is fetched, stored, and answers it"), \
+                "whole"
         case FetchPart(held=held):
-            return None, ("; the range alone is asked of the origin, its 206 stored as a part"
-                          + (" (combined with the part held when their strong validators agree)"
-                             if held is not None else ""))
+            how = decide_range_fetch(spec, fill_whole=range_fill.whole, fill_received=None,
+                                     passing=range_fill.passing,
+                                     authorization="Authorization" in head.headers)
+            match how:
+                case JoinFill():
+                    return None, ("; the range asks for the whole representation (bytes=0-): the whole "
+                                  "response is fetched (the key's fill, which later ranges join), stored, "
+                                  "and the range cut from it as it arrives"), "whole"
+                case FetchRange(lead=lead):
+                    why = ("; the range alone is asked of the origin, its 206 stored as a part"
+                           + (" (combined with the part held when their strong validators agree)"
+                              if held is not None else ""))
+                    if lead:
+                        return None, why + ("; range_fill: whole: when that 206 may be stored, the whole "
+                                            "response is fetched after it, so the next ranges are hits"), \
+                            "range, then whole"
+                    if range_fill.passing:
+                        why += "; the key is hit-for-pass: no whole fetch follows"
+                    elif range_fill.whole:
+                        why += ("; no whole fetch follows: the request carries Authorization, which no "
+                                "fetch the client did not ask for may carry")
+                    return None, why, "range"
+                case _:
+                    assert_never(how)
         case _:
             assert_never(lookup)
 
@@ -714,7 +755,8 @@ def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts
 def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str | None,
                   variants: Sequence[StoredVariant], now: float,
                   parts: Sequence[StoredVariant] = (), body: bool = False,
-                  refresh_held: RefreshHeld | None = None) -> dict[str, Any]:
+                  refresh_held: RefreshHeld | None = None, range_fill: RangeFill = RangeFill()
+                  ) -> dict[str, Any]:
     """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
     route = route_of(head, plan, body)
     if isinstance(route, PassThrough) and route.detail == REQUEST_BODY and not plan.bypass:
@@ -810,10 +852,13 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                 why += "; if the origin fails, the stored response is served (stale-if-error)"
             spec = request_range(head.headers) if head.method == "GET" else None
             if spec is not None and decision.fwd in ("uri-miss", "vary-miss"):
-                from_part, more = _range_decision(head, plan, spec, parts, now)
+                from_part, more, fetch = _range_decision(head, plan, spec, parts, now, range_fill)
                 if from_part is not None:
                     return from_part
                 why += more
+                return {"action": "forward", "fwd": decision.fwd, "range_fetch": fetch,
+                        "x_cache_status": forwarded_x_cache(decision.fwd),
+                        "cache_status": cache_status(fwd=decision.fwd), "why": why}
             return {"action": "forward", "fwd": decision.fwd,
                     "x_cache_status": forwarded_x_cache(decision.fwd),
                     "cache_status": cache_status(fwd=decision.fwd), "why": why}
@@ -840,7 +885,8 @@ def _part_json(v: StoredVariant, index: int, now: float) -> dict[str, Any]:
 def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVariant], now: float,
                   responses: Sequence[tuple[int, Sequence[tuple[str, str]]]] = (),
                   parts: Sequence[StoredVariant] = (), body: bool = False,
-                  refresh_held: RefreshHeld | None = None, room: int | None = None) -> dict[str, Any]:
+                  refresh_held: RefreshHeld | None = None, room: int | None = None,
+                  range_fill: RangeFill = RangeFill()) -> dict[str, Any]:
     """The whole decision trace for one request, as JSON-ready data (``GET /explain``).
 
     ``variants`` are what the store holds under the request's key, in every tier, and
@@ -849,7 +895,8 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     ``body``: the request carries a body (``request_body``). ``refresh_held``: the running
     proxy's answer to whether a stale response's refresh waits after one failed (until when;
     ``MissPath.refresh_held_back``). ``room``: the biggest body the running store keeps now
-    (``fill_decision``). Pure: nothing here touches the origin or the store.
+    (``fill_decision``). ``range_fill``: what a range miss's fetch depends on (``RangeFill``).
+    Pure: nothing here touches the origin or the store.
     """
     plan = rules.plan(head)
     looked_up = isinstance(route_of(head, plan, body), LookUp)
@@ -874,7 +921,8 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
         "client_cache_control": plan.options.client_cache_control,
         "stored": [_variant_json(head, plan, v, i, selected, now) for i, v in enumerate(variants)],
         "stored_parts": [_part_json(v, i, now) for i, v in enumerate(parts)],
-        "decision": _now_decision(rules, head, plan, key, variants, now, parts, body, refresh_held),
+        "decision": _now_decision(rules, head, plan, key, variants, now, parts, body, refresh_held,
+                                  range_fill),
         "rules": rule_trace,
     }
     if responses and looked_up:

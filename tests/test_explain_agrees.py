@@ -321,3 +321,51 @@ async def test_explain_sees_the_stored_parts_a_range_is_answered_from(
                     "part (combined with the part held", 206)
     # An If-Range the part does not satisfy wants the whole representation: fetched whole.
     await forwarded({"Range": "bytes=3-5", "If-Range": '"other"'}, "If-Range does not hold", 200)
+
+
+def asked_since(origin: Origin, path: str, since: int) -> list[str]:
+    """What the origin was asked for ``path`` since its ``since``-th request: "whole" (no
+    Range) or "range", in order."""
+    return ["range" if "Range" in s.headers else "whole" for s in origin.seen[since:] if s.path == path]
+
+
+@pytest.mark.parametrize("range_fill", ["whole", "none"])
+async def test_explain_says_what_the_origin_is_asked_for_a_range_miss_as_the_proxy_asks_it(
+        origin: Origin, make_proxy: MakeProxy, range_fill: str) -> None:
+    """A range no stored response answers goes to the origin as ``decide_range_fetch`` says,
+    in the engine and in explain alike: ``bytes=0-`` is the whole fill (explain said the range
+    alone was asked, its 206 stored as a part, while the origin got no Range), and with
+    ``range_fill: whole`` a range is followed by a whole fetch (explain never said so)."""
+    proxy = await make_proxy(config=CONFIG.replace("{memory: 64MB,", f"{{memory: 64MB, range_fill: {range_fill},"))
+    clock = Clock()
+    proxy.runtime.engine.clock = clock
+    await proxy.get("/")  # a request names the listener's host: a host it serves (and explains)
+    expected = {"bytes=0-": ["whole"], "bytes=2-5": ["range", "whole"] if range_fill == "whole" else ["range"]}
+    said = {}
+    for i, rng in enumerate(expected):
+        path = f"/cold{i}"
+        origin.route(path, representation(clock, {"Cache-Control": "max-age=100", "ETag": '"c1"'}))
+        decision = (await trace_of(proxy, path, {"Range": rng}))["decision"]
+        since = len(origin.seen)
+        got = await proxy.get(path, headers={"Range": rng})
+        await settle(proxy)
+        assert (decision["action"], decision["x_cache_status"]) == ("forward", got.x_cache), (decision, got)
+        assert got.cache_status.startswith(decision["cache_status"] + ";"), (decision, got.cache_status)
+        said[rng] = (decision["range_fetch"].split(", then "), asked_since(origin, path, since))
+    assert said == {rng: (asked, asked) for rng, asked in expected.items()}, said
+
+
+async def test_explain_says_a_part_answers_a_matching_if_none_match_with_a_304(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A stored part holds the range and the client's If-None-Match matches its ETag: the proxy
+    answers 304 (RFC 9110 §13.2.2: before the range), and explain said 206."""
+    proxy = await make_proxy(config=CONFIG.replace("{memory: 64MB,", "{memory: 64MB, range_fill: none,"))
+    clock = Clock()
+    proxy.runtime.engine.clock = clock
+    origin.route("/inm", representation(clock, {"Cache-Control": "max-age=100", "ETag": '"p1"'}))
+    await proxy.get("/")
+    assert (await proxy.get("/inm", headers={"Range": "bytes=2-7"})).status == 206
+    await settle(proxy)
+    explained, done = await explain_then_ask(proxy, "/inm", {"Range": "bytes=3-5", "If-None-Match": '"p1"'})
+    assert explained == done, {"explain": explained, "proxy": done}
+    assert done[:2] == (304, "HIT") and origin.count("/inm") == 1

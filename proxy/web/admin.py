@@ -54,7 +54,7 @@ from multidict import MultiMapping
 
 from proxy.admin_client import ADMIN_FIELD
 from proxy.errors import BadRequest, ClientBodyError, ClientGone
-from proxy.explain import ExplainRequest, StoredVariant, explain_trace, request_body, route_of
+from proxy.explain import ExplainRequest, RangeFill, StoredVariant, explain_trace, request_body, route_of
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.live import upstreams_of_workers
@@ -752,7 +752,9 @@ async def explain(request: web.Request) -> web.Response:
                                                   sum(c.hits or 0 for c in cs if c.tier == "memory")))
     trace = explain_trace(rules, head, found[key], runtime.engine.clock(),
                           [(s, req.response_headers) for s in req.statuses], found[part_key(key)],
-                          body, runtime.engine.miss.refresh_held_back, runtime.storage.max_object)
+                          body, runtime.engine.miss.refresh_held_back, runtime.storage.max_object,
+                          RangeFill(whole=runtime.settings.cache.range_fill == "whole",
+                                    passing=runtime.engine.coalescer.is_pass(key)))
     return web.json_response(trace)
 
 
