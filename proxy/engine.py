@@ -35,7 +35,7 @@ from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamError, first_report
-from proxy.flight import Attempt, HeldFill, MissPath
+from proxy.flight import Attempt, HeldFill, MissPath, _unasked_304
 from proxy.http_client import InterimHook
 from proxy.leases import LeaseClient, LeaseTable
 from proxy.logs import RepeatedFailure, note_key, note_upstream
@@ -100,6 +100,7 @@ from proxy.policy.reuse import (
 )
 from proxy.policy.storability import too_large
 from proxy.policy.validation import (
+    asks_validation,
     conditional_headers,
 )
 from proxy.replies import Body, ClientRequest, Reply, close_body, error_reply, relay, upstream_detail
@@ -663,6 +664,14 @@ class Engine:
                 return await self.miss.answer_held(fill, attempt, resp, request_time, response_time, epoch)
             return await self.miss.answer_unshared(attempt, resp, request_time, response_time, epoch)
         if resp.status != 206:  # an error, or a 416 about this range only: passed on, not stored
+            # ... but a 304 to this Range request, which carried no validators (a conditional
+            # range is the whole fill's), is the origin's fault, as it is to a fill: a 502, never
+            # relayed to a client that asked no condition (the range's waiting fill gets it too).
+            unasked = _unasked_304(resp, resp.status == 304 and asks_validation(upstream.headers))
+            if unasked is not None:
+                if fill is not None:
+                    fill.say(unasked)
+                return self.upstream_failed(plan, unasked, fwd)
             return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
                                       False)
         held = parse_content_range(resp.headers.get("Content-Range"))

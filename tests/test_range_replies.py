@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, Reply
 
@@ -36,3 +38,18 @@ async def test_a_206_or_416_cut_from_a_200_with_a_stray_content_range_carries_on
     assert (beyond.status, ranges(beyond)) == (416, ["bytes */1000"])
     cold = await proxy.get("/cr-cold", headers={"Range": "bytes=100-"})  # cut from the fill as it arrives
     assert (cold.status, ranges(cold), cold.body) == (206, ["bytes 100-999/1000"], BODY[100:])
+
+
+@pytest.mark.parametrize("range_fill", ["whole", "none"])
+async def test_an_origin_304_to_a_range_request_without_conditions_is_a_502_as_to_a_fill(
+        origin: Origin, make_proxy: MakeProxy, range_fill: str) -> None:
+    """cachegate's own Range request (a part's fetch) carries no validators: a 304 to it is
+    the origin's fault, as one to a fill is (RFC 9110 §15.4.5), and was relayed to a client
+    that sent no conditional."""
+    origin.route("/unasked", status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60"})
+    proxy: Proxy = await make_proxy(config=f"cache: {{range_fill: {range_fill}}}\n")
+    whole = await proxy.get("/unasked")
+    part = await proxy.get("/unasked", headers={"Range": "bytes=5-9"})
+    assert "Range" in origin.seen[-1].headers  # the range went to the origin alone
+    assert (part.status, part.cache_status) == (whole.status, whole.cache_status) == (
+        502, "cachegate; fwd=uri-miss; detail=UPSTREAM-INVALID"), (part, whole)
