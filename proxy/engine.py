@@ -9,7 +9,7 @@ decision, closed with ``assert_never``:
 - ``Serve``       -> a reply from the stored response (HIT, STALE, UPDATING)
 - ``Revalidate``  -> a conditional request in a flight; 304 freshens (REVALIDATED)
 - ``Forward``     -> a fill in a flight, body teed to the client and the store (MISS)
-- ``OnlyIfCachedMiss`` -> 504
+- ``OnlyIfCachedMiss`` -> 504 (unless a stored part holds the range)
 
 Revalidations and misses go to the miss path (``proxy.flight``) as one ``Attempt``; the
 flights, their outcomes and the answers from them live there. What stays here: lookups,
@@ -357,7 +357,14 @@ class Engine:
                     if spec is not None:
                         return await self._range_miss(attempt, spec)
                 return await self.miss.fetch(attempt)
-            case OnlyIfCachedMiss():
+            case OnlyIfCachedMiss(unmatched=unmatched):
+                # A single range no complete response answers may be held by a stored part, as
+                # without only-if-cached (``_range_miss``): a HIT from it, else the 504.
+                spec = request_range(head.headers) if unmatched and head.method == "GET" else None
+                if spec is not None:
+                    reply, _, _ = await self._from_part(req, plan, key, spec)
+                    if reply is not None:
+                        return reply
                 return self.finish(plan, error_reply(
                     504, "Gateway Timeout", "only-if-cached: no stored response", "MISS",
                     cache_status(detail="ONLY-IF-CACHED")))
@@ -551,19 +558,9 @@ class Engine:
         client alone, joining no fill (``range_alone``)."""
         attempt = replace(attempt, nowhere=False)  # the range path awaits: things may be stored meanwhile
         req, plan, key = attempt.req, attempt.plan, attempt.key
-        pkey = part_key(key)
-        parts = self.storage.memory_get(pkey)
-        if parts is None:
-            parts = await self.load(pkey, bodies=True)
-        decision: PartLookup = decide_part_lookup(req.head, spec, [c.entry.response for c in parts],
-                                                  self.clock(), plan.options)
-        if isinstance(decision, FromPart):
-            found = decision.serve
-            reply = await self.serve(req, plan, parts[found.index], "HIT", found.ttl, found.age,
-                                     found.not_modified, hit=True)
-            if reply is not None:
-                return reply
-            decision = decision.otherwise
+        reply, decision, parts = await self._from_part(req, plan, key, spec)
+        if reply is not None:
+            return reply
         match decision:
             case FetchWhole():
                 return await self.miss.fetch(replace(attempt.alone() if alone else attempt, part=None))
@@ -592,6 +589,23 @@ class Engine:
                         assert_never(how)
             case _:
                 assert_never(decision)
+
+    async def _from_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec
+                         ) -> tuple[Reply | None, FetchPart | FetchWhole, tuple[Cached, ...]]:
+        """The key's stored parts against a single range (``decide_part_lookup``): the reply
+        from a fresh part that holds it, or None; what to fetch otherwise; the parts."""
+        pkey = part_key(key)
+        parts = self.storage.memory_get(pkey)
+        if parts is None:
+            parts = await self.load(pkey, bodies=True)
+        decision: PartLookup = decide_part_lookup(req.head, spec, [c.entry.response for c in parts],
+                                                  self.clock(), plan.options)
+        if isinstance(decision, FromPart):
+            found = decision.serve
+            reply = await self.serve(req, plan, parts[found.index], "HIT", found.ttl, found.age,
+                                     found.not_modified, hit=True)
+            return reply, decision.otherwise, parts  # (None: its body has gone from disk)
+        return None, decision, parts
 
     async def _range_after_elsewhere(self, attempt: Attempt, spec: RangeSpec, old: Cached | None) -> Reply:
         """A range miss while another worker fetches the object under its lease: wait for that

@@ -862,7 +862,12 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
             return {"action": "forward", "fwd": decision.fwd,
                     "x_cache_status": forwarded_x_cache(decision.fwd),
                     "cache_status": cache_status(fwd=decision.fwd), "why": why}
-        case OnlyIfCachedMiss():
+        case OnlyIfCachedMiss(unmatched=unmatched):
+            spec = request_range(head.headers) if unmatched and head.method == "GET" else None
+            if spec is not None:  # a stored part may hold the range (``Engine.handle``)
+                from_part, _, _ = _range_decision(head, plan, spec, parts, now, range_fill)
+                if from_part is not None:
+                    return from_part
             return {"action": "reject", "status": 504, "x_cache_status": "MISS",
                     "cache_status": cache_status(detail="ONLY-IF-CACHED"),
                     "why": "the client sent only-if-cached and nothing usable is stored"}

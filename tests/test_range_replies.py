@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from urllib.parse import quote
 
 import pytest
+from aiohttp import web
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, Reply
@@ -53,3 +57,33 @@ async def test_an_origin_304_to_a_range_request_without_conditions_is_a_502_as_t
     assert "Range" in origin.seen[-1].headers  # the range went to the origin alone
     assert (part.status, part.cache_status) == (whole.status, whole.cache_status) == (
         502, "cachegate; fwd=uri-miss; detail=UPSTREAM-INVALID"), (part, whole)
+
+
+async def ranged(request: web.Request) -> web.Response:
+    """``BODY``, fresh for an hour, a single range ``bytes=first-last`` of it as a 206."""
+    headers = {"Cache-Control": "max-age=3600", "ETag": '"v1"'}
+    m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+    if m is None:
+        return web.Response(body=BODY, headers=headers)
+    first, last = int(m.group(1)), min(int(m.group(2)), len(BODY) - 1)
+    return web.Response(status=206, body=BODY[first:last + 1],
+                        headers={**headers, "Content-Range": f"bytes {first}-{last}/{len(BODY)}"})
+
+
+async def test_only_if_cached_is_answered_by_a_fresh_stored_part_that_holds_the_range(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """RFC 9111 §5.2.1.7: only-if-cached asks for a stored response, and a fresh part holding
+    the range is one (without only-if-cached the range is a HIT from it): it got a 504."""
+    origin.route("/oic", ranged)
+    proxy: Proxy = await make_proxy(config="cache: {range_fill: none}\n")
+    assert (await proxy.get("/oic", headers={"Range": "bytes=0-99"})).status == 206
+    await asyncio.sleep(0.1)  # stored as the answer ends
+    only = {"Cache-Control": "only-if-cached"}
+    hit = await proxy.get("/oic", headers={"Range": "bytes=5-9", **only})
+    assert (hit.status, hit.x_cache, ranges(hit), hit.body) == (206, "HIT", ["bytes 5-9/1000"], BODY[5:10])
+    beyond = await proxy.get("/oic", headers={"Range": "bytes=200-209", **only})
+    assert (beyond.status, beyond.cache_status) == (504, "cachegate; detail=ONLY-IF-CACHED")
+    assert origin.count("/oic") == 1
+    query = f"url={quote(proxy.url + '/oic')}&headers={quote(json.dumps({'Range': 'bytes=5-9', **only}))}"
+    explained = json.loads((await proxy.admin("GET", "/explain?" + query)).body)["decision"]
+    assert (explained["action"], explained["status"], explained["x_cache_status"]) == ("serve", 206, "HIT")

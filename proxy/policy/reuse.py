@@ -9,7 +9,7 @@
   means 504 (§5.2.2.2);
 - ``Forward``: go to the origin, with ``fwd`` naming why (RFC 9211 vocabulary);
 - ``OnlyIfCachedMiss``: the client sent ``only-if-cached`` and nothing usable is
-  stored: answer 504 (§5.2.1.7).
+  stored: answer 504 (§5.2.1.7), unless a stored part answers its range.
 
 ``decide_part_lookup`` is the same question for a single range no complete response
 answers, asked of the stored parts (206 responses, RFC 9111 §3.3): ``FromPart``,
@@ -79,7 +79,12 @@ class Forward:
 
 @dataclass(frozen=True, slots=True)
 class OnlyIfCachedMiss:
-    pass
+    """``unmatched``: no complete stored response matches the request (what would otherwise be
+    a ``uri-miss`` or ``vary-miss``), so a single range may still be answered by a stored part
+    (``decide_part_lookup``), as it is without only-if-cached; a stored response that may not
+    be served (stale, the client's no-cache or max-age) leaves no part to look at."""
+
+    unmatched: bool = False
 
 
 LookupDecision = Serve | Revalidate | Forward | OnlyIfCachedMiss
@@ -171,7 +176,7 @@ def decide_lookup_in_full(
     index = select_variant(request, candidates) if candidates else None
     if index is None:
         if only_if_cached:
-            return OnlyIfCachedMiss()
+            return OnlyIfCachedMiss(unmatched=True)
         return Forward("vary-miss" if candidates else "uri-miss")
 
     stored = candidates[index]
