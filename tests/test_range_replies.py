@@ -87,3 +87,16 @@ async def test_only_if_cached_is_answered_by_a_fresh_stored_part_that_holds_the_
     query = f"url={quote(proxy.url + '/oic')}&headers={quote(json.dumps({'Range': 'bytes=5-9', **only}))}"
     explained = json.loads((await proxy.admin("GET", "/explain?" + query)).body)["decision"]
     assert (explained["action"], explained["status"], explained["x_cache_status"]) == ("serve", 206, "HIT")
+
+
+async def test_a_206_cut_from_a_stored_200_that_said_accept_ranges_none_says_bytes(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The origin's ``Accept-Ranges: none`` kept on the 206 cachegate made contradicted it."""
+    origin.route("/ar", body=BODY, headers={"Cache-Control": "max-age=3600", "Accept-Ranges": "none"})
+    proxy: Proxy = await make_proxy()
+    assert (await proxy.get("/ar")).headers.getall("Accept-Ranges") == ["none"]  # the 200, as sent
+    await asyncio.sleep(0.1)
+    part = await proxy.get("/ar", headers={"Range": "bytes=5-9"})
+    assert (part.status, part.x_cache, part.headers.getall("Accept-Ranges")) == (206, "HIT", ["bytes"])
+    cold = await proxy.get("/ar?cold", headers={"Range": "bytes=5-9"})  # cut from the fill as it arrives
+    assert (cold.status, cold.headers.getall("Accept-Ranges")) == (206, ["bytes"])

@@ -120,7 +120,7 @@ def reply_head(request: RequestHead, stored: StoredResponse, body_size: int,
         part = part_range(stored)
         if held is None or part is None or request.method == "HEAD":
             return None
-        headers = _with_range(headers, f"bytes {held.first}-{held.last}/{held.total}")
+        headers = _ranges_served(_with_range(headers, f"bytes {held.first}-{held.last}/{held.total}"))
         return Send(206, stored.reason, headers, held.length, held.first - part.first)
     if spec is not None and stored.status == 200 and if_range_allows(request.headers, stored):
         rng = resolve_range(spec, body_size)
@@ -128,7 +128,7 @@ def reply_head(request: RequestHead, stored: StoredResponse, body_size: int,
             return Unsatisfiable(_with_range(headers, f"bytes */{body_size}"))
         if rng is not None:
             first, last = rng
-            headers = _with_range(headers, f"bytes {first}-{last}/{body_size}")
+            headers = _ranges_served(_with_range(headers, f"bytes {first}-{last}/{body_size}"))
             return Send(206, "Partial Content", headers, last - first + 1, first)
     return Send(stored.status, stored.reason, headers, body_size, 0)
 
@@ -140,6 +140,18 @@ def _with_range(headers: list[tuple[str, str]], value: str) -> list[tuple[str, s
     the bytes at the wrong offset). A 200 keeps its own as stored (RFC 9111 §3.1 stores every
     field; the HTTP cache tests' headers-store-Content-Range requires it)."""
     return [*[(k, v) for k, v in headers if k.lower() != "content-range"], ("Content-Range", value)]
+
+
+def _ranges_served(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A 206's fields with any ``Accept-Ranges`` saying ``bytes`` (RFC 9110 §14.3), where it
+    stands: the origin's ``Accept-Ranges: none`` on the stored 200 contradicted the 206 this
+    cache cut from it. (None is added: a 206 without one says nothing false.)"""
+    if not any(k.lower() == "accept-ranges" and v != "bytes" for k, v in headers):
+        return headers
+    at = next(i for i, (k, _) in enumerate(headers) if k.lower() == "accept-ranges")
+    out = [(k, v) for k, v in headers if k.lower() != "accept-ranges"]
+    out.insert(at, ("Accept-Ranges", "bytes"))
+    return out
 
 
 def _conditions(request: RequestHead, stored: StoredResponse, headers: list[tuple[str, str]],

@@ -138,6 +138,17 @@ def test_a_part_s_reply_has_one_content_range_whatever_its_fields_hold() -> None
     assert [v for k, v in answer.headers if k.lower() == "content-range"] == ["bytes 3-5/10"]
 
 
+@pytest.mark.parametrize("which", ["whole", "part"])
+def test_a_206_this_cache_makes_never_says_accept_ranges_none_rfc_9110_section_14_3(which: str) -> None:
+    base = WHOLE if which == "whole" else PART
+    s = replace(base, headers=(*base.headers, ("Accept-Ranges", "none"), ("Accept-Ranges", "none")))
+    answer = reply_head(request(("Range", "bytes=3-5")), s, 10 if which == "whole" else 5, served(s), False)
+    assert isinstance(answer, Send) and answer.status == 206, answer
+    assert [v for k, v in answer.headers if k == "Accept-Ranges"] == ["bytes"]
+    whole = reply_head(request(), s, 10, served(s), False) if which == "whole" else None
+    assert whole is None or [v for k, v in whole.headers if k == "Accept-Ranges"] == ["none", "none"]
+
+
 # (case, request fields, not_modified: the client's If-None-Match/If-Modified-Since matched, status)
 PRECEDENCE: list[tuple[str, list[tuple[str, str]], bool, int]] = [
     ("a failed If-Match is 412, even where If-None-Match matched (RFC 9110 §13.2.2)",
