@@ -35,7 +35,7 @@ from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamError, first_report
-from proxy.flight import Attempt, HeldFill, MissPath, _unasked_304
+from proxy.flight import Attempt, HeldFill, MissPath, unasked_304
 from proxy.http_client import InterimHook
 from proxy.leases import LeaseClient, LeaseTable
 from proxy.logs import RepeatedFailure, note_key, note_upstream
@@ -681,7 +681,7 @@ class Engine:
             # ... but a 304 to this Range request, which carried no validators (a conditional
             # range is the whole fill's), is the origin's fault, as it is to a fill: a 502, never
             # relayed to a client that asked no condition (the range's waiting fill gets it too).
-            unasked = _unasked_304(resp, resp.status == 304 and asks_validation(upstream.headers))
+            unasked = unasked_304(resp, resp.status == 304 and asks_validation(upstream.headers))
             if unasked is not None:
                 if fill is not None:
                     fill.say(unasked)

@@ -899,7 +899,7 @@ class MissPath:
         # without validators is refreshed unconditionally), for both uses below. (Looked at for a
         # 304 only: the scan of every field cost a pass-through 17 calls.)
         conditional = resp.status == 304 and asks_validation(upstream.headers)
-        unasked = _unasked_304(resp, conditional)
+        unasked = unasked_304(resp, conditional)
         if unasked is not None:
             self._end(run, Unreachable(unasked))
             return
@@ -1461,7 +1461,7 @@ class MissPath:
                 or (resp.status in (206, 416) and "Range" in fields and not head_only):
             cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status)
             return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")
-        unasked = _unasked_304(resp, resp.status == 304 and asks_validation(upstream.headers))
+        unasked = unasked_304(resp, resp.status == 304 and asks_validation(upstream.headers))
         if unasked is not None:
             return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
         request_time, response_time = engine.answered(sent)
@@ -1939,7 +1939,7 @@ class HeldFill:
             self._word.set_result(word)
 
 
-def _unasked_304(resp: UpstreamResponse, conditional: bool) -> UpstreamProtocolError | None:
+def unasked_304(resp: UpstreamResponse, conditional: bool) -> UpstreamProtocolError | None:
     """A 304 to a request that carried no validators (``asks_validation`` of the fields sent:
     a fill drops the client's, a refresh of a response without validators has none; RFC 9110
     §15.4.5 allows it only for a conditional request) is an origin's fault, not an answer:
