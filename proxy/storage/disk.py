@@ -1263,14 +1263,16 @@ class DiskTier:
         return True
 
     def commit_many(self, items: Sequence[tuple[str, Merge, str, bytes | None]],
-                    new: Sequence[bool] | None = None, out_of_time: Callable[[], bool] | None = None
-                    ) -> list[bool]:
+                    new: Sequence[bool] | None = None, out_of_time: Callable[[], bool] | None = None,
+                    raised: list[int] | None = None) -> list[bool]:
         """``commit`` for many keys: one transaction per shard (``(key, merge, body id, small
         body)`` each, merged in order). Whether each was committed: a shard whose lock timed
         out (or whose merge failed) commits none of its items. ``new``: which keys are known
         not to be on disk (their metadata is not read first). ``out_of_time`` (a stop's
         deadline passed): the shards not begun yet are left out, uncommitted; one begun ends
-        as it would (its COMMIT, or its lock's timeout), never cut off midway."""
+        as it would (its COMMIT, or its lock's timeout), never cut off midway. ``raised``
+        gets the indexes of the items whose shard failed otherwise than by its lock's timeout
+        (a full disk): a stop retries only a lock's timeout until its deadline."""
         by_shard: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             by_shard.setdefault(shard_of(item[0], len(self._shards)), []).append(i)
@@ -1308,6 +1310,8 @@ class DiskTier:
             except Exception as exc:
                 self.failed_writes += len(positions)
                 self._write_errors.failed(exc)
+                if raised is not None:
+                    raised += positions
                 continue
             self._lock_timeouts.succeeded()
             self._write_errors.succeeded()

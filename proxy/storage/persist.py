@@ -191,6 +191,7 @@ class Persister:
         # A stop's deadline (``time.monotonic``): no batch, part of one or shard begins past it.
         self._until: float | None = None
         self._written: set[int] = set()  # positions the batch in the thread committed so far
+        self._broken: set[int] = set()  # and those it failed otherwise than by a lock's timeout
         self._retry: dict[int, int] = {}  # position of a record a batch failed to commit -> attempts
         # Records of the batch in the thread with variants whose bodies the ring dropped before
         # they were written (position -> their body ids): written again without them (``_relist``).
@@ -343,10 +344,11 @@ class Persister:
         committed = self.stats.entries - before
         self._report(errors, committed)
         # A stop's flush tries a shard whose lock timed out again until its deadline (the lock
-        # may be let go meanwhile); a batch that raised (a full disk: it fails at once) has
-        # MAX_ATTEMPTS as the loop's, else a stop on a full disk spun to its deadline.
-        until_deadline = self._until is not None and not errors
-        again = [p for p in failed if until_deadline or self._retry.get(p, 0) < MAX_ATTEMPTS]
+        # may be let go meanwhile); a record whose write failed otherwise (a full disk: it fails
+        # at once, in the index or in its shard) has MAX_ATTEMPTS as the loop's, else a stop on
+        # a full disk spun to its deadline.
+        stop, broken = self._until is not None, self._broken
+        again = [p for p in failed if (stop and p not in broken) or self._retry.get(p, 0) < MAX_ATTEMPTS]
         for p in again:
             self._retry[p] = self._retry.get(p, 0) + 1
         return committed, again
@@ -366,6 +368,7 @@ class Persister:
         records = [r for r in records if not r.flags & F_BODY]  # (written with their key's record)
         taken = set(self.arena.take([r.pos for r in records]))
         self._written.clear()
+        self._broken.clear()
         try:
             return self._commit_taken([r for r in records if r.pos in taken])
         finally:
@@ -481,6 +484,7 @@ class Persister:
                 self._lost.pop(pos, None)  # (tried again with the record)
             if self.index is not None:
                 self.index.noticed(exc)  # a damaged index: marked for the next start
+            self._broken.update(positions)
             errors.append((len(items), exc))
             self.stats.failed += len(items)
             return list(positions)
@@ -508,7 +512,9 @@ class Persister:
             new = item.entry.with_seq(seq)
             merge = adding(self.bans, new, k) if item.whole else updating(self.bans, (new,), k)
             jobs.append((new.key, merge, new.body_id, item.body))
-        ok = disk.commit_many(jobs, absent, out_of_time=self._out_of_time) if jobs else []
+        raised: list[int] = []
+        ok = disk.commit_many(jobs, absent, out_of_time=self._out_of_time, raised=raised) if jobs else []
+        self._broken.update(items[i].pos for i in raised)
         stored: list[str] = []
         retags: list[tuple[str, tuple[str, ...]]] = []
         failed_positions: set[int] = set()
