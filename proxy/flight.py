@@ -1280,22 +1280,29 @@ class MissPath:
                 return await self._slice(attempt, flight, reader, answer, otherwise)
             case PreconditionFailed() | NotModified() | Unsatisfiable():
                 reader.close()
-                return self._early(plan, answer, otherwise.x_cache)
+                # (not shareable: fetched for this client alone, its cookies are its own)
+                own = None if fhead.shareable else _cookies(headers)
+                return self._early(plan, answer, otherwise.x_cache, own)
             case _:
                 assert_never(answer)
 
     def _early(self, plan: RequestPlan, answer: PreconditionFailed | NotModified | Unsatisfiable,
-               x_cache: str) -> Reply:
+               x_cache: str, own: list[tuple[str, str]] | None = None) -> Reply:
         """The 412, 304 or 416 a response's head answers a client's conditionals or range with
-        (``reply_on_arrival``), before any of its body: a flight's, or a client's own."""
+        (``reply_on_arrival``), before any of its body: a flight's, or a client's own. ``own``:
+        the Set-Cookie fields of a response fetched for this client alone (not stored), which
+        its 304 or 412 carries: the 304's fields are those a stored response may give anyone,
+        and a client revalidating a private page lost the cookie the origin set (a session's
+        refresh, a logout's), every time the key passed."""
         match answer:
             case PreconditionFailed():
                 text = b"412 Precondition Failed\n"
-                fields = [("Content-Type", "text/plain; charset=utf-8"), *answer.headers]
+                fields = [("Content-Type", "text/plain; charset=utf-8"), *answer.headers, *(own or ())]
                 return self.engine.finish(plan, Reply(412, "Precondition Failed", fields, text, len(text),
                                                       x_cache, "none"))
             case NotModified():
-                return Reply(304, "Not Modified", answer.headers, None, None, x_cache, "none")
+                fields = [*answer.headers, *(own or ())]
+                return Reply(304, "Not Modified", fields, None, None, x_cache, "none")
             case Unsatisfiable():
                 return Reply(416, "Range Not Satisfiable", answer.headers, b"", 0, x_cache, "none")
             case _:
@@ -1532,7 +1539,7 @@ class MissPath:
                 return None
             case PreconditionFailed() | NotModified() | Unsatisfiable():
                 resp.release()
-                return self._early(plan, answer, "MISS")
+                return self._early(plan, answer, "MISS", _cookies(headers))
             case Send():
                 end = answer.offset + answer.length
                 whole = resp.complete_body()
@@ -1937,6 +1944,10 @@ class HeldFill:
     def say(self, word: HeldWord) -> None:
         if not self._word.done():
             self._word.set_result(word)
+
+
+def _cookies(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in fields if k.lower() == "set-cookie"]
 
 
 def unasked_304(resp: UpstreamResponse, conditional: bool) -> UpstreamProtocolError | None:

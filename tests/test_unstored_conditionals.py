@@ -163,3 +163,20 @@ async def test_a_hit_for_pass_keys_conditional_range_goes_with_its_range(
     assert "Range" not in fill and "If-Range" not in fill
     assert (passed.get("Range"), passed.get("If-Range")) == ("bytes=990-", '"pv"')
     assert origin.count("/resume") == 2
+
+
+async def test_a_304_or_412_made_from_a_clients_own_response_carries_its_set_cookie(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A 304 or 412 made from a response fetched for this client alone (not stored: it sets a
+    cookie) carries that response's Set-Cookie: the 304's fields were only those a stored
+    response gives anyone, and a client revalidating the page never got the cookie the origin
+    set (a session's refresh, a logout's), on every request while the key passed. A 206 kept it."""
+    origin.route("/psc", body=BODY, headers={"Cache-Control": "max-age=60", "ETag": '"u"', "Set-Cookie": "s=A"})
+    proxy = await make_proxy()
+    for attempt in (1, 2):  # a fill, then a request in the hit-for-pass window
+        reply = await proxy.get("/psc", headers={"If-None-Match": '"u"'})
+        assert (reply.status, reply.headers.getall("Set-Cookie", [])) == (304, ["s=A"]), attempt
+    reply = await proxy.get("/psc", headers={"If-Match": '"other"'})
+    assert (reply.status, reply.headers.getall("Set-Cookie", [])) == (412, ["s=A"])
+    reply = await proxy.get("/psc", headers={"Range": "bytes=0-9"})
+    assert (reply.status, reply.headers.getall("Set-Cookie", [])) == (206, ["s=A"])

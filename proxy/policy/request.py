@@ -77,6 +77,7 @@ from proxy.policy.fields import digits
 from proxy.policy.headers import HOP_BY_HOP
 from proxy.policy.keys import KeySpec, cache_key, ip_literal, normalise_host, split_host, url_of_key
 from proxy.policy.messages import HeaderList, Headers, RequestHead
+from proxy.policy.ranges import request_range
 
 # Client-IP, scheme/TLS, host, URL-rewrite and method-override fields that proxies, CDNs
 # and frameworks read, besides every X-Forwarded* (dropped by prefix). An origin that
@@ -126,6 +127,11 @@ FILL_DROPS = PRECONDITIONS | NEVER_FORWARDED | {"if-range", "range", "expect"}
 # never did (it goes with its Range: ``proxy.policy.partial.decide_range_fetch``).
 PASSING = PRECONDITIONS | {"range", "if-range"}
 PASSING_DROPS = FILL_DROPS - PASSING
+# ... but only one range the proxy itself would answer (``ranges.request_range``): 50 overlapping
+# ranges went on verbatim when the request also carried a conditional (RangeAmp's overlapping
+# ranges; without one, they were dropped as a plain range of a passing key's are). Several
+# ranges get the whole 200, as from a stored response.
+PASSING_ONE_RANGE_DROPS = FILL_DROPS - PRECONDITIONS
 # What ``upstream_request`` never copies from the head: hop-by-hop fields, those it sets itself
 # (Host, X-Request-Id) and ``NEVER_FORWARDED``; one set lookup per field.
 _NOT_COPIED = HOP_BY_HOP | NEVER_FORWARDED | {"host", "x-request-id"}
@@ -954,7 +960,10 @@ def upstream_request(head: RequestHead, peer: str, forwarder: Forwarder, *,
     prior_for: list[str] = []
     prior_via: list[str] = []
     host = False
-    drops = PASSING_DROPS if preconditions else FILL_DROPS
+    drops = FILL_DROPS
+    if preconditions:
+        several = "range" in head.headers and request_range(head.headers) is None
+        drops = PASSING_ONE_RANGE_DROPS if several else PASSING_DROPS
     spelled = fill is not None and head.underscores  # else no name holds ``_``: one look-up a field
     hops = max_forwards(head) if head.method in MAX_FORWARDS_METHODS else None
     for k, v in head.headers.items():

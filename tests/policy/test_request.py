@@ -263,6 +263,22 @@ def test_a_hit_for_pass_request_keeps_the_client_s_preconditions_and_its_range()
     assert "Expect" not in dict(passing)
 
 
+@pytest.mark.parametrize(("value", "kept"), [
+    ("bytes=0-1", True), ("bytes=-5", True), ("bytes=7-", True),
+    (",".join(["bytes=0-"] + ["0-"] * 49), False),  # RangeAmp's overlapping ranges
+    ("bytes=0-1,5-6", False), ("items=0-1", False), ("bytes=x-", False),
+])
+def test_a_hit_for_pass_request_keeps_one_range_only(value: str, kept: bool) -> None:
+    """A passing key's request keeps a Range the proxy would answer itself (one byte range) and
+    its If-Range; several ranges, another unit or a malformed one are dropped with their
+    If-Range, as a plain range of a passing key's are (the whole 200 answers them): 50
+    overlapping ranges went on verbatim when a conditional came with them."""
+    head = head_of("/s", HOST, ("If-None-Match", '"x"'), ("Range", value), ("If-Range", '"x"'))
+    passing = dict(upstream_request(head, "10.0.0.1", Forwarder(), fill=KeySpec(), preconditions=True).headers)
+    assert passing["If-None-Match"] == '"x"'
+    assert (passing.get("Range"), passing.get("If-Range")) == ((value, '"x"') if kept else (None, None))
+
+
 @pytest.mark.parametrize(("name", "preconditions", "dropped"), [
     ("Request-Range", False, True),  # Apache httpd's byterange filter honours it as Range
     ("Request-Range", True, True),
