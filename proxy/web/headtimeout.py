@@ -173,6 +173,10 @@ def unfinished_head(data: bytes) -> bool:
 # bounds it on its own).
 CAP_STALLED = 1.0
 
+# How long after ``CAP_STALLED`` the cap looks again at a connection it held over
+# ``max_connections`` (``LimitedHandler._hold``): past the found replies' second of samples.
+HOLD_MARGIN = 0.05
+
 # The bytes of a socket's send queue not sent yet (linux/sockios.h; ``termios`` has only
 # ``TIOCOUTQ``, which counts those in flight too).
 SIOCOUTQNSD = 0x894B
@@ -212,6 +216,16 @@ class LimitedHandler(HeadTimedHandler):
     of a connection whose queue did not move over the last sample is a reset too (a client
     still reading gets the graceful close once its reply is read, nothing lost).
 
+    A reply found in the kernel's queue only by the cap's walk (or the keep-alive timer less
+    than ``CAP_STALLED`` before) has just begun its samples: its client may have stopped reading
+    long ago, yet it looks moved for a second, and the new connection was refused although
+    every slot was held by replies unread for seconds. So when the walk closes nothing but such
+    replies are there, the new connection is held (served as usual) and the cap decides again
+    ``CAP_STALLED`` later (``_hold``, ``_held_expired``): the oldest waiting then, else the new
+    one (reset if mid-reply). A reply still read keeps its place (its queue moved between the
+    two looks). At most as many connections are held at once as there are such replies, never
+    more than the cap (``LimitedServer.held``); past that, new ones are refused at once.
+
     Cost: while a reply is pending (the writes paused, or the kernel queue not empty), a timer
     every ``CAP_STALLED / 2`` seconds and a measure (two ioctl-cheap calls) when it fires;
     per connection, the keep-alive timer every ``check_every`` seconds instead of once per
@@ -221,11 +235,12 @@ class LimitedHandler(HeadTimedHandler):
     45.80, 45.81 / 45.72, 45.96, 45.68; pass-1k 415.8, 418.3 / 420.2, 419.6, 416.6, the
     spread of the runs); at each new connection a length comparison and the keep-alive timer
     armed again, and a walk over the connections only once over the cap (with one ioctl for
-    each it would close as idle, or that is being sampled). ``limited`` says what happened (the
-    listener logs and counts it)."""
+    each it would close as idle, or that is being sampled; when it closes nothing, one pass
+    more counting the replies just found, and a timer for a connection held). ``limited``
+    says what happened (the listener logs and counts it)."""
 
-    __slots__ = ("_finished", "_handled", "_max_connections", "_moved_at", "_opened", "_send_handle",
-                 "_send_timeout", "_started", "_unsent")
+    __slots__ = ("_finished", "_found_at", "_handled", "_hold_handle", "_max_connections", "_moved_at",
+                 "_opened", "_send_handle", "_send_timeout", "_started", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
                  **kwargs: Any) -> None:
@@ -247,6 +262,11 @@ class LimitedHandler(HeadTimedHandler):
         self._unsent = 0
         self._moved_at = 0.0
         self._opened = self._loop.time()  # (a TLS connection's accept, near enough: its handshake's end)
+        # When its reply was found in the kernel's queue alone (``reply_pending``): for
+        # ``CAP_STALLED`` after, whether its client stopped reading is not known yet.
+        self._found_at = -CAP_STALLED
+        # The cap's second look at this connection, held over ``max_connections`` (``_hold``).
+        self._hold_handle: asyncio.TimerHandle | None = None
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -268,6 +288,7 @@ class LimitedHandler(HeadTimedHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._send_ended()
+        self._hold_ended()
         super().connection_lost(exc)
 
     def _send_ended(self) -> None:
@@ -423,9 +444,64 @@ class LimitedHandler(HeadTimedHandler):
         if close_oldest_waiting(live, self, self._max_connections) is not None:
             self.limited("cap_oldest")
             return
+        if self._hold(live):
+            return
         log.debug("more than %d connections, all busy: %s closed", self._max_connections, self.peername)
         self.limited("cap_refused")
         self.drop()  # (a TLS one aborted: no close_notify wait)
+
+    def _hold(self, live: list[LimitedHandler]) -> bool:
+        """Whether this new connection, over ``max_connections`` with nothing to close for it, is
+        held (served as usual) for the cap's decision ``CAP_STALLED`` later (``_held_expired``):
+        so when replies were just found in the kernel's queue alone (by this walk or the
+        keep-alive timer) whose clients may have stopped reading long ago, their first sample
+        only now begun. Refusing at once, new clients were refused for a second although every
+        slot was held by replies unread for seconds. At most as many held at once as there are
+        such replies, never more than the cap: past that, refused at once."""
+        manager = self._manager
+        if not isinstance(manager, LimitedServer):
+            return False
+        now = self._loop.time()
+        found = sum(1 for c in live if c._send_handle is not None and now - c._found_at < CAP_STALLED)
+        held = manager.held
+        if len(held) >= min(found, self._max_connections):
+            return False
+        held.add(self)
+        # (just after the found replies' next sample: a stopped one is then stalled for sure)
+        self._hold_handle = self._loop.call_later(CAP_STALLED + HOLD_MARGIN, self._held_expired)
+        log.debug("more than %d connections, %d replies just found unsent: %s held for %gs",
+                  self._max_connections, found, self.peername, CAP_STALLED)
+        return True
+
+    def _hold_ended(self) -> None:
+        handle = self._hold_handle
+        if handle is not None:
+            handle.cancel()
+            self._hold_handle = None
+            manager = self._manager
+            if isinstance(manager, LimitedServer):
+                manager.held.discard(self)
+
+    def _held_expired(self) -> None:
+        """The cap's decision on a held connection, taken again: close the oldest one waiting
+        for its client (a reply found unsent, if its queue did not move since), else this one
+        (reset if mid-reply, as ``drop`` does)."""
+        self._hold_handle = None
+        manager = self._manager
+        if isinstance(manager, LimitedServer):
+            manager.held.discard(self)
+        if manager is None or self._force_close:
+            return
+        live = [c for c in manager._connections if isinstance(c, LimitedHandler) and not c._force_close]
+        if len(live) <= self._max_connections:
+            return  # (others ended meanwhile)
+        if close_oldest_waiting(live, self, self._max_connections) is not None:
+            self.limited("cap_oldest")
+            return
+        log.debug("more than %d connections, all busy a second later: %s closed", self._max_connections,
+                  self.peername)
+        self.limited("cap_refused")
+        self.drop()
 
     def limited(self, what: str) -> None:
         """A limit closed a connection: ``send_timeout`` (this one's reply unread), ``cap_oldest``
@@ -457,6 +533,7 @@ class LimitedHandler(HeadTimedHandler):
             return False
         if self._send_handle is None:
             self._sampled(self.unsent())
+            self._found_at = self._moved_at
         return True
 
     def waits_for_client(self) -> bool:
@@ -571,6 +648,8 @@ class LimitedServer(web.Server):
 
     def __init__(self, handler: Any, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        # Connections held over ``max_connections`` for the cap's second look (``LimitedHandler._hold``).
+        self.held: set[LimitedHandler] = set()
         factory: Callable[..., web.BaseRequest] | None = kwargs.get("request_factory")
         if factory is None:
             return

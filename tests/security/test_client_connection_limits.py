@@ -350,15 +350,18 @@ async def test_a_tls_listener_counts_handshakes_and_frees_what_the_cap_closes(
 MID = bytes(range(256)) * 1024  # 256 KB: the kernel's send queue takes it whole, writes never pause
 
 
-def fin_wait_1(port: int) -> int:
+def fin_wait_1(port: int, clients: list[socket.socket] | None = None) -> int:
     """Sockets of ``port`` in FIN-WAIT-1: closed with bytes still unsent (an orphan, once its
-    descriptor is gone, that holds them in the host's TCP memory until the client reads or goes)."""
+    descriptor is gone, that holds them in the host's TCP memory until the client reads or goes).
+    Only those to ``clients``, if given (another's FIN may be in flight for a moment)."""
+    peers = None if clients is None else {f"{s.getsockname()[1]:04X}" for s in clients}
     found = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(FileNotFoundError), open(table) as f:
             for line in list(f)[1:]:
                 fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "04":
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "04" and (
+                        peers is None or fields[2].rsplit(":", 1)[1] in peers):
                     found += 1
     return found
 
@@ -450,7 +453,7 @@ async def test_a_slow_steady_reader_of_a_reply_in_the_kernel_queue_keeps_its_con
     # others busy), and it asks again on the same connection once its reply ends.
     proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nsend_timeout: 1s\nmax_connections: 2\n"
                                     "cache: {memory: 64MB, memory_max_object: 4MB}\n")
-    body = MID[:48 * 1024]
+    body = MID[:64 * 1024]  # (read over about 3 s)
     origin.route("/m", body=body, headers={"Cache-Control": "max-age=600"})
     origin.route("/slow", body=b"slow", delay=3.5)
     assert (await proxy.raw("GET", "/m", "a.test")).body == body
@@ -479,8 +482,10 @@ async def test_a_slow_steady_reader_of_a_reply_in_the_kernel_queue_keeps_its_con
     busy[1].write(b"GET /slow HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
     try:
         assert await until(lambda: origin.count("/slow") == 1, 5)
-        for _ in range(6):  # new connections while it reads: refused, it is not idle
-            await asyncio.sleep(0.3)
+        # New connections while it reads: refused, it is not idle (the first a second late: the
+        # cap had only just found its reply, which might have stalled).
+        for _ in range(6):
+            await asyncio.sleep(0.2)
             r, w = await asyncio.open_connection(host, port)
             with contextlib.suppress(ConnectionResetError):
                 assert await asyncio.wait_for(r.read(), 5) == b""
@@ -545,3 +550,138 @@ async def test_the_keepalive_timeout_resets_an_idle_connection_whose_reply_is_un
         sock.close()
         await server.shutdown(1.0)
         listening.close()
+
+
+async def slow_request(proxy: Proxy, origin: Origin, tag: str, count: int
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection whose whole request is being answered (the origin has ``count`` of them)."""
+    host, port = proxy.listeners.proxy_addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET /slow?{tag} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n".encode())
+    await until(lambda: origin.count("/slow") >= count or reader.at_eof(), 2)
+    return reader, writer
+
+
+async def refused(reader: asyncio.StreamReader) -> bool:
+    """Closed with nothing answered."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_the_cap_holds_new_connections_while_replies_just_found_unread_show_they_stalled(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    # Every slot held by a client that read none of a reply the kernel's queue took whole: the
+    # cap's walk only then found those replies, as if just moved, and refused the new clients
+    # for a second. Now each new one is held, and a second later an unread reply makes room.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 3\n"
+                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
+    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    origin.route("/slow", body=b"slow", delay=1.6)
+    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID
+    _, port = proxy.listeners.proxy_addresses[0]
+    before = client_connections(proxy)
+    stopped = [unread(proxy, "/mid") for _ in range(3)]
+    new: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert await until(lambda: client_connections(proxy) == before + 3, 5)
+        await asyncio.sleep(0.3)  # their replies written (to the kernel), the loop back waiting
+        for i in range(3):
+            new.append(await slow_request(proxy, origin, str(i), i + 1))
+        assert origin.count("/slow") == 3, "a new connection was refused"
+        for reader, _ in new:  # each gets its answer
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        for sock in stopped:  # each unread reply made room, reset
+            assert await asyncio.to_thread(how_it_ends, sock, 2.0) == "reset"
+        assert fin_wait_1(port, stopped) == 0
+        assert await closed_count(proxy, "cap_oldest") == 3
+        assert await closed_count(proxy, "cap_refused") <= 0
+    finally:
+        for sock in stopped:
+            sock.close()
+        for _, w in new:
+            w.close()
+
+
+async def test_the_cap_refuses_held_connections_when_the_replies_just_found_are_being_read(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    # Slow steady readers of replies in the kernel's queue, just found by the cap: the new
+    # connections are held a second, then refused, and no reader is closed.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 2\n"
+                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
+    body = MID[:64 * 1024]
+    origin.route("/m", body=body, headers={"Cache-Control": "max-age=600"})
+    origin.route("/slow", body=b"slow", delay=2.0)
+    assert (await proxy.raw("GET", "/m", "a.test")).body == body
+    host, port = proxy.listeners.proxy_addresses[0]
+
+    def steady() -> int:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, port))
+            sock.sendall(b"GET /m HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            got = b""
+            while b"\r\n\r\n" not in got or len(got) - got.index(b"\r\n\r\n") - 4 < len(body):
+                time.sleep(0.1)
+                data = sock.recv(2048)
+                assert data, "closed before its reply ended"
+                got += data
+            return len(got) - got.index(b"\r\n\r\n") - 4
+
+    before = client_connections(proxy)
+    readers = [asyncio.ensure_future(asyncio.to_thread(steady)) for _ in range(2)]
+    new: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert await until(lambda: client_connections(proxy) == before + 2, 5)
+        await asyncio.sleep(0.3)
+        for i in range(2):
+            new.append(await slow_request(proxy, origin, str(i), i + 1))
+        assert origin.count("/slow") == 2
+        assert await closed_count(proxy, "cap_refused") <= 0  # held, not refused at once
+        for reader, _ in new:  # refused a second later: the readers' queues moved
+            assert await refused(reader)
+        assert await asyncio.gather(*readers) == [len(body), len(body)]
+        assert await closed_count(proxy, "cap_refused") == 2
+        assert await closed_count(proxy, "cap_oldest") <= 0
+    finally:
+        for task in readers:
+            task.cancel()
+        for _, w in new:
+            w.close()
+
+
+async def test_the_cap_holds_no_more_new_connections_than_replies_just_found(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    # Two unread replies just found: two new connections are held, the ones after are refused
+    # at once (the excess over the cap stays bounded by what may make room).
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 2\n"
+                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
+    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    origin.route("/slow", body=b"slow", delay=1.6)
+    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID
+    _, port = proxy.listeners.proxy_addresses[0]
+    before = client_connections(proxy)
+    stopped = [unread(proxy, "/mid") for _ in range(2)]
+    new: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert await until(lambda: client_connections(proxy) == before + 2, 5)
+        await asyncio.sleep(0.3)
+        for i in range(4):
+            new.append(await slow_request(proxy, origin, str(i), min(i + 1, 2)))
+        for reader, _ in new[2:]:  # refused at once, before the held ones' second look
+            assert await refused(reader)
+        assert await closed_count(proxy, "cap_refused") == 2
+        assert await closed_count(proxy, "cap_oldest") <= 0
+        assert origin.count("/slow") == 2
+        for reader, _ in new[:2]:
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        for sock in stopped:
+            assert await asyncio.to_thread(how_it_ends, sock, 2.0) == "reset"
+        assert fin_wait_1(port, stopped) == 0
+        assert await closed_count(proxy, "cap_oldest") == 2
+    finally:
+        for sock in stopped:
+            sock.close()
+        for _, w in new:
+            w.close()
