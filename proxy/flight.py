@@ -1280,8 +1280,10 @@ class MissPath:
                 return await self._slice(attempt, flight, reader, answer, otherwise)
             case PreconditionFailed() | NotModified() | Unsatisfiable():
                 reader.close()
-                # (not shareable: fetched for this client alone, its cookies are its own)
-                own = None if fhead.shareable else _cookies(headers)
+                # The response was fetched for this client (the leader: a follower's fields have
+                # no Set-Cookie, and it gets none here either): its cookies are its own, the
+                # rules' edits applied (a rule's removal of Set-Cookie holds on the 304 too).
+                own = None if otherwise.coalesced else _cookies(edited)
                 return self._early(plan, answer, otherwise.x_cache, own)
             case _:
                 assert_never(answer)
@@ -1539,7 +1541,7 @@ class MissPath:
                 return None
             case PreconditionFailed() | NotModified() | Unsatisfiable():
                 resp.release()
-                return self._early(plan, answer, "MISS", _cookies(headers))
+                return self._early(plan, answer, "MISS", _cookies(edited))
             case Send():
                 end = answer.offset + answer.length
                 whole = resp.complete_body()

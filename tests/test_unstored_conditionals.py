@@ -180,3 +180,35 @@ async def test_a_304_or_412_made_from_a_clients_own_response_carries_its_set_coo
     assert (reply.status, reply.headers.getall("Set-Cookie", [])) == (412, ["s=A"])
     reply = await proxy.get("/psc", headers={"Range": "bytes=0-9"})
     assert (reply.status, reply.headers.getall("Set-Cookie", [])) == (206, ["s=A"])
+
+
+COOKIE_RULES = """
+rules:
+  - name: cookies removed
+    match: {path: "/rm/**"}
+    response_headers: {remove: [Set-Cookie]}
+  - name: landing cookies are harmless
+    match: {path: "/asc/**"}
+    allow_set_cookie: true
+"""
+
+
+async def test_a_304s_cookie_follows_the_rules_and_goes_to_the_filling_client_only(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The 304 made from the head takes the rules' edits as the 200 would (a rule removing
+    Set-Cookie left it on the 304), and under ``allow_set_cookie`` the client whose request made
+    the fill gets its cookie on its 304 too, as on its 200, while a client that joined the fill
+    gets none."""
+    origin.route("/rm/p", body=BODY, headers={"Cache-Control": "private", "ETag": '"r"', "Set-Cookie": "s=R"})
+    origin.route("/asc/p", body=BODY, headers={"Cache-Control": "max-age=60", "ETag": '"a"', "Set-Cookie": "s=A"},
+                 delay=0.3)
+    proxy = await make_proxy(rules=COOKIE_RULES)
+    reply = await proxy.get("/rm/p", headers={"If-None-Match": '"r"'})
+    assert (reply.status, reply.headers.getall("Set-Cookie", [])) == (304, [])
+    leader = asyncio.ensure_future(proxy.get("/asc/p", headers={"If-None-Match": '"a"'}))
+    await asyncio.sleep(0.1)
+    follower = await proxy.get("/asc/p", headers={"If-None-Match": '"a"'})
+    first = await leader
+    assert (first.status, first.headers.getall("Set-Cookie", [])) == (304, ["s=A"])
+    assert (follower.status, follower.headers.getall("Set-Cookie", [])) == (304, [])
+    assert "collapsed" in follower.cache_status and origin.count("/asc/p") == 1

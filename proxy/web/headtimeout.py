@@ -441,8 +441,7 @@ class LimitedHandler(HeadTimedHandler):
         live = [c for c in manager._connections if isinstance(c, LimitedHandler) and not c._force_close]
         if len(live) <= self._max_connections:
             return
-        if close_oldest_waiting(live, self, self._max_connections) is not None:
-            self.limited("cap_oldest")
+        if self._close_oldest_waiting(live):
             return
         if self._hold(live):
             return
@@ -464,13 +463,36 @@ class LimitedHandler(HeadTimedHandler):
         now = self._loop.time()
         found = sum(1 for c in live if c._send_handle is not None and now - c._found_at < CAP_STALLED)
         held = manager.held
-        if len(held) >= min(found, self._max_connections):
+        # (and never past the cap and those held: ``_close_oldest_waiting`` keeps it so)
+        if len(held) >= min(found, self._max_connections) or \
+                len(live) > self._max_connections + len(held) + 1:
             return False
         held.add(self)
         # (just after the found replies' next sample: a stopped one is then stalled for sure)
         self._hold_handle = self._loop.call_later(CAP_STALLED + HOLD_MARGIN, self._held_expired)
         log.debug("more than %d connections, %d replies just found unsent: %s held for %gs",
                   self._max_connections, found, self.peername, CAP_STALLED)
+        return True
+
+    def _close_oldest_waiting(self, live: list[LimitedHandler]) -> bool:
+        """Close the oldest connection waiting for its client to make room for this one, if any
+        (``oldest_waiting``). One held over the cap (``_hold``) hands this one its place among
+        those held and its second look: else each such closing admitted one connection more for
+        good (a held connection served, then idle, was the oldest waiting for the next: a
+        worker with a cap of 10 kept 135 open under 200 new connections a second)."""
+        other = oldest_waiting(live, self)
+        if other is None:
+            return False
+        hold = other._hold_handle
+        _close_waiting(other, self._max_connections)
+        self.limited("cap_oldest")
+        if hold is not None:
+            when = hold.when()
+            other._hold_ended()
+            manager = self._manager
+            if isinstance(manager, LimitedServer) and self._hold_handle is None:
+                manager.held.add(self)
+                self._hold_handle = self._loop.call_at(when, self._held_expired)
         return True
 
     def _hold_ended(self) -> None:
@@ -493,10 +515,10 @@ class LimitedHandler(HeadTimedHandler):
         if manager is None or self._force_close:
             return
         live = [c for c in manager._connections if isinstance(c, LimitedHandler) and not c._force_close]
-        if len(live) <= self._max_connections:
-            return  # (others ended meanwhile)
-        if close_oldest_waiting(live, self, self._max_connections) is not None:
-            self.limited("cap_oldest")
+        held = len(manager.held) if isinstance(manager, LimitedServer) else 0
+        if len(live) <= self._max_connections + held:
+            return  # (others ended meanwhile; those still held have their own second look)
+        if self._close_oldest_waiting(live):
             return
         log.debug("more than %d connections, all busy a second later: %s closed", self._max_connections,
                   self.peername)

@@ -686,3 +686,42 @@ async def test_the_cap_holds_no_more_new_connections_than_replies_just_found(
             sock.close()
         for _, w in new:
             w.close()
+
+
+async def test_connections_held_over_the_cap_stay_bounded_when_each_is_served_then_idle(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    # A held connection, served and then idle, was the oldest waiting for the next one's walk:
+    # closed, its hold went with it and the newcomer came in on top, one more for good each
+    # time (a cap of 10 kept 135 open under 200 new connections a second). The newcomer now
+    # takes the closed one's place among those held.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 2\n"
+                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
+    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    origin.route("/small", body=b"small", headers={"Cache-Control": "max-age=600"})
+    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID
+    assert (await proxy.raw("GET", "/small", "a.test")).body == b"small"
+    host, port = proxy.listeners.proxy_addresses[0]
+    before = client_connections(proxy)
+    stopped = [unread(proxy, "/mid") for _ in range(2)]
+    new: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    most = 0
+    try:
+        assert await until(lambda: client_connections(proxy) == before + 2, 5)
+        await asyncio.sleep(0.3)
+        for i in range(24):  # in turn: one more that reads nothing, one served and then idle
+            if i % 2 == 0:
+                stopped.append(unread(proxy, "/mid"))
+            else:
+                reader, writer = await asyncio.open_connection(host, port)
+                new.append((reader, writer))
+                writer.write(b"GET /small HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                    await asyncio.wait_for(reader.readuntil(b"small"), 2)
+            await asyncio.sleep(0.03)
+            most = max(most, client_connections(proxy) - before)
+        assert most <= 2 * 2 + 1, most  # the cap and as many held, and the one arriving
+    finally:
+        for sock in stopped:
+            sock.close()
+        for _, w in new:
+            w.close()
