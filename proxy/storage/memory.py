@@ -76,6 +76,7 @@ KEY_OVERHEAD = 300
 VARIANT_OVERHEAD = 900
 FIELD_OVERHEAD = 120  # a (name, value) tuple, the value's str object (names are shared)
 DOORKEEPER_KEYS = 4096  # keys seen once that a process remembers (then forgets all at once)
+UNSURE_RECORDS = 256  # records with variants not known to be anywhere a process remembers (``_unsure``)
 
 
 class Heads:
@@ -198,6 +199,10 @@ class MemoryTier:
         self._doorkeeper_keys = doorkeeper
         # Keys seen once lately and not kept decoded (the doorkeeper): the uses that sighting counts.
         self._read_once: dict[str, int] = {}
+        # Variants a record read here lists as not on disk yet with no body record found
+        # (record position -> them): left out of what was read, carried into a put that
+        # replaces that record (``_unsure``). A rare path: the dict is nearly always empty.
+        self._unsure: dict[int, list[Entry]] = {}
 
     def close(self) -> None:
         self._decoded.clear()
@@ -374,7 +379,11 @@ class MemoryTier:
                 elif state != ALL_TO_WRITE:  # the disk has its body: read from there
                     variants.append(Cached(e, None, pos=rec, state=state, apart=True, rec=rec))
                 else:
-                    continue  # nowhere (the ring dropped it before it was written behind): a miss
+                    # Not at hand: a miss. Maybe on disk all the same (its batch committed it
+                    # after this record was written): write-behind, which knows, decides
+                    # whether it stays listed (``put`` carries it over, ``_unsure``).
+                    self._note_unsure(rec, e)
+                    continue
                 starts.append(-1)
                 continue
             body = None
@@ -385,7 +394,8 @@ class MemoryTier:
             else:
                 starts.append(-1)
             variants.append(Cached(e, body, pos=rec, state=state, rec=rec))
-        if not variants:  # (each was a body the ring dropped before the disk had it)
+        if not variants:  # (each was a body the ring dropped: what the disk has is read from there)
+            self._unsure.pop(rec, None)
             self.arena.delete(key, rec)
             return None
         before = self._admit(key)
@@ -393,6 +403,31 @@ class MemoryTier:
         if before is not None:
             return self._hold(key, tuple(variants), rec, tuple(starts), before, bodies)
         return Slot(tuple(variants), 0, 0, rec, tuple(starts), bodies)  # for this read only
+
+    def _note_unsure(self, rec: int, e: Entry) -> None:
+        unsure = self._unsure
+        if len(unsure) >= UNSURE_RECORDS and rec not in unsure:
+            unsure.clear()
+        found = unsure.setdefault(rec, [])
+        if e not in found:
+            found.append(e)
+
+    def _carried(self, expect: int | None, metas: list[tuple[Entry, int, int]]
+                 ) -> list[tuple[Entry, int, int]]:
+        """The variants the record being replaced (``expect``) lists as not on disk yet whose
+        body records were not found when it was read (``_load``), and which ``metas`` neither
+        holds nor replaces: carried over as they were. Why: a batch in flight may have just
+        committed one (a fill copied it before its body record was marked persisted, then the
+        ring dropped that record); left out here, the key's record in memory lacked a variant
+        the disk has, a miss for good (the disk is not read for a key memory holds). Write-behind
+        tells: on disk (it committed it lately) it is marked so, else written out of the record."""
+        unsure = self._unsure.pop(expect, None) if expect else None
+        if not unsure:
+            return []
+        ids = {e.body_id for e, _, _ in metas}
+        varies = {e.response.vary for e, _, _ in metas}
+        return [(e, APART, ALL_TO_WRITE) for e in unsure
+                if e.body_id not in ids and e.response.vary not in varies]
 
     def _admit(self, key: str, read: bool = True) -> int | None:
         """Whether a key just decoded (``read``), or just written by a fill or a promotion from
@@ -506,7 +541,7 @@ class MemoryTier:
         # (Each variant fits the ring alone, ``proxy.storage.writes.Writer.room``, and a key with
         # several keeps their bodies apart: a record the ring refuses is a key's one variant, or
         # a key and metadata past what a record holds, which can never fit.)
-        meta = encode_record(metas)
+        meta = encode_record(metas + self._carried(expect, metas) if self._unsure and apart else metas)
         persisted = all(state == ON_DISK for _, _, state in metas)
         pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, expect=expect)
         if pos == CHANGED:  # (``expect``) another process's record of the key stands

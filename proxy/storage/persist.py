@@ -47,6 +47,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,6 +85,12 @@ PERSIST_POLL = 0.05
 EARLY_COMMIT_SHARE = 8
 BATCH_BYTES = 16 << 20  # bodies committed in one go at most (a batch holds them in memory)
 MAX_ATTEMPTS = 3  # batches that may fail (a shard's lock timed out) on a record before it is left out
+# Variants of keys with Vary whose bodies the last batches committed, remembered by the owner
+# (``Persister._recent``): a record written meanwhile may list one as not on disk yet (copied
+# while its batch was in the thread), and the ring may drop its body record before the next
+# batch. A few hundred KB at most; past it, the oldest are forgotten.
+RECENT_BODIES = 4096
+RELIST_TRIES = 3  # rewrites of a key's newer record (``_mark_on_disk``) another process may beat
 
 Merge = Callable[[tuple[Entry, ...]], tuple[tuple[Entry, ...], list[str]]]
 
@@ -196,6 +203,8 @@ class Persister:
         # Records of the batch in the thread with variants whose bodies the ring dropped before
         # they were written (position -> their body ids): written again without them (``_relist``).
         self._lost: dict[int, tuple[Record, set[str]]] = {}
+        # (key, body id) -> the entry committed with that body, for keys with Vary (RECENT_BODIES).
+        self._recent: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self._lock = asyncio.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist")
         self.closed = False
@@ -402,10 +411,14 @@ class Persister:
                 if body_len == APART:
                     if state == ALL_TO_WRITE:
                         item = self._apart(record, e)
-                        if item is None:
-                            lost.add(e.body_id)
-                        else:
+                        if item is not None:
                             found.append(item)
+                            continue
+                        committed = self._recent.get((record.key, e.body_id))
+                        if committed is None:
+                            lost.add(e.body_id)
+                        elif committed != e:  # (on disk with older metadata)
+                            found.append(_Item(record.pos, e, None, False))
                     elif state == META_TO_WRITE:
                         found.append(_Item(record.pos, e, None, False))
                     continue
@@ -459,14 +472,54 @@ class Persister:
         if any(body_len >= 0 for _, body_len, _ in decoded):  # pragma: no cover (never with bodies apart)
             return
         kept = [(e, body_len, ON_DISK) for e, body_len, _ in decoded if e.body_id not in lost]
-        log.info("%d variant(s) of %s left the shared memory before they were written to disk: "
-                 "misses from now on", len(lost), record.key)
-        if not kept:
-            self.arena.delete(record.key, pos)
-            return
-        done = self.arena.put(record.key, encode_record(kept), b"", F_PERSISTED, expect=pos)
-        if done == CHANGED:
-            return  # replaced meanwhile: the newer record is written behind in its turn
+        if kept:
+            done = self.arena.put(record.key, encode_record(kept), b"", F_PERSISTED, expect=pos) > 0
+        else:
+            done = self.arena.delete(record.key, pos)
+        if done:  # (else replaced meanwhile: the newer record is written behind in its turn)
+            log.info("%d variant(s) of %s left the shared memory before they were written to disk: "
+                     "misses from now on", len(decoded) - len(kept), record.key)
+
+    def _remember(self, committed: list[Entry]) -> None:
+        """Note the variants of keys with Vary just committed with their bodies (``_recent``),
+        and mark them on disk in a record of their key written since their batch took its own
+        (``_mark_on_disk``)."""
+        recent = self._recent
+        by_key: dict[str, dict[str, Entry]] = {}
+        for e in committed:
+            recent[(e.key, e.body_id)] = e
+            recent.move_to_end((e.key, e.body_id))
+            by_key.setdefault(e.key, {})[e.body_id] = e
+        while len(recent) > RECENT_BODIES:
+            recent.popitem(last=False)
+        for key, bodies in by_key.items():
+            self._mark_on_disk(key, bodies)
+
+    def _mark_on_disk(self, key: str, bodies: dict[str, Entry]) -> None:
+        """Rewrite the key's record written while the batch that committed ``bodies`` was in the
+        thread (a worker's fill of another variant copied them as not on disk yet, their body
+        records not marked persisted then) with them on disk. Why: the ring may drop their body
+        records before the next batch, and a variant not on disk with no body record is left out
+        when the record is read (a miss, though the disk has it)."""
+        for _ in range(RELIST_TRIES):
+            record = self.arena.find(key)
+            if record is None or record.flags & F_PERSISTED:
+                return
+            decoded = decode_record(key, record.meta)
+            if not decoded or any(body_len >= 0 for _, body_len, _ in decoded):
+                return  # (a key's one variant: its body in the record, written behind with it)
+            variants, changed = [], False
+            for e, body_len, state in decoded:
+                done = bodies.get(e.body_id)
+                if state == ALL_TO_WRITE and done is not None:
+                    state, changed = (ON_DISK if done == e else META_TO_WRITE), True
+                variants.append((e, body_len, state))
+            if not changed:
+                return
+            persisted = all(state == ON_DISK for _, _, state in variants)
+            if self.arena.put(key, encode_record(variants), b"", F_PERSISTED if persisted else 0,
+                              expect=record.pos) != CHANGED:
+                return
 
     def _write_part(self, items: list[_Item], positions: list[int], errors: list[tuple[int, Exception]]
                     ) -> list[int]:
@@ -539,6 +592,10 @@ class Persister:
             self._lost.pop(pos, None)
         bodies = [i.body_pos for i, good in zip(items, ok, strict=True) if good and i.body_pos]
         self.arena.set_flags_many(committed + bodies, F_PERSISTED)
+        varied = [i.entry for i, good in zip(items, ok, strict=True)
+                  if good and i.whole and i.entry.response.vary]
+        if varied:  # (after the marks: a record written from now on finds its body records on disk)
+            self._remember(varied)
         self._written.update(committed)
         for pos in committed:
             self._retry.pop(pos, None)

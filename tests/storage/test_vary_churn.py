@@ -6,7 +6,9 @@ ring); and a variant the key lists always has its body in memory or on disk."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -214,3 +216,53 @@ async def test_two_workers_fill_32_variants_and_each_is_then_a_hit(origin: Origi
         assert origin.count("/page") == fetched
     finally:
         await proxy.stop()
+
+
+async def test_a_variant_committed_while_a_new_one_was_filled_is_still_served_once_its_body_leaves_the_ring(
+        tmp_path: Path) -> None:
+    """A batch commits variant 2's body while a fill of variant 3 writes the key's record again,
+    copying variant 2 as not yet on disk; then the ring drops variant 2's body record. Variant 2
+    is on disk: it stays listed and served (it used to be taken for a body the ring dropped
+    before write-behind reached it, written out of the key's record: a miss for good, while the
+    disk listed it)."""
+    s = open_store(str(tmp_path / "c"), memory=8 * MB, memory_max_object=MB)
+    release = [threading.Event(), threading.Event()]
+    try:
+        persister = s.persister
+        assert persister is not None
+        for i in range(2):
+            await _fill_variant(s, i, flush=True)
+        await _fill_variant(s, 2)
+        entered = [threading.Event(), threading.Event()]
+        commit_many = persister.disk.commit_many
+
+        def held_commit(*args: Any, **kwargs: Any) -> Any:
+            turn = sum(e.is_set() for e in entered)
+            if turn < 2:  # (the two batches of the flush below)
+                entered[turn].set()
+                assert release[turn].wait(10)
+            return commit_many(*args, **kwargs)
+
+        persister.disk.commit_many = held_commit  # type: ignore[method-assign]
+        flushing = asyncio.ensure_future(s.flush())
+        assert await asyncio.to_thread(entered[0].wait, 10)  # the batch holding variant 2 is in the thread
+        await _fill_variant(s, 3)  # copies variant 2 (its body record not marked persisted yet)
+        two = next(body_id for body_id, agent in _listed(s) if agent == "agent-2")
+        # The ring drops its body record (as its tail would, exactly this one).
+        assert s.memory.arena.delete(body_key(PAGE, two))
+        release[0].set()
+        assert await asyncio.to_thread(entered[1].wait, 10)  # the next batch: variant 3's record
+        s.memory._forget(PAGE)  # (read again as another worker would, before that batch ends)
+        assert len(s.memory.peek(PAGE) or ()) == 4, _listed(s)
+        release[1].set()
+        await flushing
+        persister.disk.commit_many = commit_many  # type: ignore[method-assign]
+        s.memory._forget(PAGE)
+        assert len(s.memory.peek(PAGE) or ()) == 4, _listed(s)
+        await s.flush()
+        assert sorted(agent for _, agent in _listed(s)) == [f"agent-{i}" for i in range(4)]
+        assert await _each_variant_served(s) == 4
+    finally:
+        for r in release:  # (a failed check must not leave the batch waiting)
+            r.set()
+        s.close()
