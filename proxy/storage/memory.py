@@ -335,9 +335,32 @@ class MemoryTier:
         found = self.find_body(key, e)
         if found is not None:
             return found.pos
-        pos = self.arena.put(body_key(key, e.body_id), b"", body, F_BODY | (F_PERSISTED if on_disk else 0))
+        bkey = body_key(key, e.body_id)
+        pos = self.arena.put(bkey, b"", body, F_BODY | (F_PERSISTED if on_disk else 0))
         self._forget(key)
+        if pos > 0 and not self._names(key, e.body_id):
+            # The key's record was purged or replaced since the body was read from disk: no
+            # variant would ever name this record (it took ring space and counted as an entry
+            # until it aged out). A purge drops the key's record before its body records
+            # (``delete``), so one written after that purge looked is found gone here.
+            self.arena.delete(bkey, pos)
+            return 0
         return max(pos, 0)
+
+    def _names(self, key: str, body_id: str) -> bool:
+        """Whether the key's record (looked up as ``find_body(sure=True)`` does) lists ``body_id``."""
+        record = self._find_sure(key)
+        return record is not None and any(
+            e.body_id == body_id for e, _, _ in decode_record(key, record.meta) or ())
+
+    def _find_sure(self, key: str) -> Record | None:
+        """The key's record, looked up again under the ring's lock when not found (one being
+        moved round the ring is out of the index meanwhile: ``find_body``)."""
+        record = self.arena.find(key)
+        if record is None:
+            with self.arena.locked():
+                record = self.arena.find(key)
+        return record
 
     def alive(self, cached: Cached) -> bool:
         """Whether a variant's view of the arena still shows its body (after copying from it)."""
@@ -505,10 +528,11 @@ class MemoryTier:
         written: list[Cached] = []
         # Each variant's body record and view (a key with several variants only).
         views: list[tuple[int, memoryview | None]] | None = [] if apart else None
+        wrote: list[tuple[str, int]] = []  # body records this put wrote (body id, position)
         for c in variants:
             body, state = c.body, c.state
             if apart and (body is not None or c.apart):
-                kept = self._apart(key, c)
+                kept = self._apart(key, c, wrote)
                 assert views is not None
                 if kept is None:
                     if state == ALL_TO_WRITE:
@@ -544,6 +568,8 @@ class MemoryTier:
         meta = encode_record(metas + self._carried(expect, metas) if self._unsure and apart else metas)
         persisted = all(state == ON_DISK for _, _, state in metas)
         pos = self.arena.put(key, meta, parts, F_PERSISTED if persisted else 0, expect=expect)
+        if pos <= 0 and wrote:
+            self._unwrite(key, wrote)
         if pos == CHANGED:  # (``expect``) another process's record of the key stands
             self._forget(key)
             return None
@@ -581,10 +607,25 @@ class MemoryTier:
         self._hold(key, tuple(held), pos, tuple(starts), before, tuple(positions) if positions else ())
         return True
 
-    def _apart(self, key: str, c: Cached) -> tuple[int, memoryview, bool] | None:
+    def _unwrite(self, key: str, wrote: list[tuple[str, int]]) -> None:
+        """Drop the body records a put wrote before its key's record was refused (another
+        process's record stands: ``expect``; a purge since), unless the key's record names them
+        now (another put found them meanwhile). Left, no variant would ever name them: they
+        took ring space and counted as entries until they aged out (a purge racing a
+        promotion from disk or a fill of another variant left 2-8 in 20 s)."""
+        record = self._find_sure(key)
+        named = set()
+        if record is not None:
+            named = {e.body_id for e, _, _ in decode_record(key, record.meta) or ()}
+        for body_id, pos in wrote:
+            if body_id not in named:
+                self.arena.delete(body_key(key, body_id), pos)
+
+    def _apart(self, key: str, c: Cached, wrote: list[tuple[str, int]]
+               ) -> tuple[int, memoryview, bool] | None:
         """The record holding ``c``'s body apart (written now when the ring has none: from its
-        bytes, a view of a record still there, or the key's record as it is now), its view, and
-        whether the disk has it; None when the body is at hand nowhere."""
+        bytes, a view of a record still there, or the key's record as it is now, and noted in
+        ``wrote``), its view, and whether the disk has it; None when the body is at hand nowhere."""
         if c.apart and c.body is not None and self._alive(c.pos):
             return c.pos, c.body if isinstance(c.body, memoryview) else memoryview(c.body), \
                 self.arena.persisted(c.pos)
@@ -603,6 +644,7 @@ class MemoryTier:
                                  F_BODY | (F_PERSISTED if on_disk else 0))
             if pos <= 0:
                 return None
+            wrote.append((c.entry.body_id, pos))
             found = self.arena.read(pos)
             if found is None:
                 return None
@@ -628,11 +670,14 @@ class MemoryTier:
         """Drop the key's record, and the records of its bodies kept apart (left behind, they
         would never be served: no variant names them any more; dropped, they free the ring)."""
         self._forget(key)
-        record = self.arena.find(key)
+        record = self._find_sure(key)
+        # The key's record first: a body put back from disk meanwhile (``put_body``) then finds
+        # its key's record gone and drops itself, else it is found here.
+        dropped = self.arena.delete(key)
         for e, body_len, _ in (decode_record(key, record.meta) or ()) if record is not None else ():
             if body_len == APART:
                 self.arena.delete(body_key(key, e.body_id))
-        return self.arena.delete(key)
+        return dropped
 
     def clear(self) -> int:
         self._decoded.clear()

@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, ON_DISK, body_key
-from proxy.storage.memory import Cached, MemoryTier
+from proxy.storage.entry import ALL_TO_WRITE, APART, META_TO_WRITE, ON_DISK, body_key, decode_record
+from proxy.storage.memory import Cached, MemoryTier, record_of
 from tests.storage.helpers import entry
 
 KB = 1024
@@ -344,3 +344,63 @@ def test_a_variant_whose_view_died_and_that_is_on_disk_nowhere_is_left_out_not_w
     assert one.body_bytes(held["c"]) == b"c" * KB and held["c"].state == ALL_TO_WRITE
     other.close()
     one.close()
+
+
+def _variant(name: str, state: int, key: str = "http://h/v") -> Cached:
+    e = entry(key, vary=(("user-agent", name),))
+    return Cached(replace(e, body_id=name, body_size=KB), name.encode() * KB, state=state)
+
+
+def test_a_body_put_back_from_disk_for_a_key_purged_meanwhile_is_dropped_again() -> None:
+    """A variant's body read from disk goes back in a record of its own (``put_body``); when the
+    key was purged (or its record replaced without that body) since the read, nothing would ever
+    name that record: it is dropped at once instead of taking ring space until it ages out."""
+    m = MemoryTier(budget=8 << 20, max_object=100 * KB)
+    a, b = _variant("a", ON_DISK), _variant("b", ON_DISK)
+    assert m.put("http://h/v", (a, b))
+    assert m.arena.delete(body_key("http://h/v", "a"))  # (the ring dropped it: read from disk)
+    assert m.put_body("http://h/v", a.entry, b"a" * KB, on_disk=True) > 0  # named: kept
+    assert m.arena.find(body_key("http://h/v", "a")) is not None
+    assert m.delete("http://h/v")  # a purge, while another read of "a" was on disk
+    assert m.arena.find(body_key("http://h/v", "a")) is None
+    assert m.put_body("http://h/v", a.entry, b"a" * KB, on_disk=True) == 0
+    assert [r.key for r in m.arena.scan()] == []
+    m.close()
+
+
+def test_a_variant_not_on_disk_yet_whose_body_record_is_gone_is_carried_into_the_next_record() -> None:
+    """A variant listed as not on disk yet whose body record the ring dropped is not served (a
+    miss), but a put over that record keeps listing it: whether the disk has it (a batch in
+    flight may have just committed it) is write-behind's to tell, which marks it on disk or
+    writes it out. A refill of the same Vary values replaces it."""
+    m = MemoryTier(budget=8 << 20, max_object=100 * KB)
+    assert m.put("http://h/v", (_variant("a", ON_DISK), _variant("b", ALL_TO_WRITE)))
+    assert m.arena.delete(body_key("http://h/v", "b"))
+    seen = m.peek("http://h/v") or ()
+    assert [c.entry.body_id for c in seen] == ["a"]
+    assert m.put("http://h/v", (*seen, _variant("c", ALL_TO_WRITE)), expect=record_of(seen))
+    record = m.arena.find("http://h/v")
+    assert record is not None
+    listed = {e.body_id: (body_len, state) for e, body_len, state in decode_record("http://h/v", record.meta) or ()}
+    assert listed == {"a": (APART, ON_DISK), "c": (APART, ALL_TO_WRITE), "b": (APART, ALL_TO_WRITE)}
+    seen = m.peek("http://h/v") or ()
+    assert sorted(c.entry.body_id for c in seen) == ["a", "c"]  # (still a miss)
+    refill = Cached(replace(_variant("b", ALL_TO_WRITE).entry, body_id="b2"), b"B" * KB, state=ALL_TO_WRITE)
+    assert m.put("http://h/v", (*seen, refill), expect=record_of(seen))
+    record = m.arena.find("http://h/v")
+    assert record is not None
+    assert sorted(e.body_id for e, _, _ in decode_record("http://h/v", record.meta) or ()) == ["a", "b2", "c"]
+    m.close()
+
+
+def test_a_put_refused_for_a_record_written_meanwhile_leaves_no_body_records_behind() -> None:
+    """A promotion from disk (``expect=0``) finds the key written meanwhile (a fill, after a
+    purge): its variants' body records, written before the key's record was refused, are
+    dropped again; one the key's record names now is kept."""
+    m = MemoryTier(budget=8 << 20, max_object=100 * KB)
+    assert m.put("http://h/v", (_variant("c", ALL_TO_WRITE), _variant("d", ALL_TO_WRITE)))
+    assert m.put("http://h/v", (_variant("a", ON_DISK), _variant("b", ON_DISK), _variant("d", ON_DISK)),
+                 expect=0) is None
+    bodies = sorted(r.key.rsplit("\x00", 1)[1] for r in m.arena.scan() if "\x00" in r.key)
+    assert bodies == ["c", "d"]
+    m.close()
