@@ -1292,10 +1292,11 @@ class MissPath:
                x_cache: str, own: list[tuple[str, str]] | None = None) -> Reply:
         """The 412, 304 or 416 a response's head answers a client's conditionals or range with
         (``reply_on_arrival``), before any of its body: a flight's, or a client's own. ``own``:
-        the Set-Cookie fields of a response fetched for this client alone (not stored), which
-        its 304 or 412 carries: the 304's fields are those a stored response may give anyone,
-        and a client revalidating a private page lost the cookie the origin set (a session's
-        refresh, a logout's), every time the key passed."""
+        the Set-Cookie fields of the response fetched for this client (a flight's leader, or a
+        client's own response; never a follower), which its 304 or 412 carries: the 304's
+        fields are those a stored response may give anyone, and a client revalidating a private
+        page lost the cookie the origin set (a session's refresh, a logout's), every time the
+        key passed."""
         match answer:
             case PreconditionFailed():
                 text = b"412 Precondition Failed\n"
