@@ -571,23 +571,36 @@ async def refused(reader: asyncio.StreamReader) -> bool:
         return True
 
 
+async def every_slot_unread(make_proxy: MakeProxy, origin: Origin, cap: int
+                            ) -> tuple[Proxy, list[socket.socket]]:
+    """A proxy whose ``cap`` connections are all held by clients that read none of a reply the
+    kernel's queue took whole (``/mid``), their replies written and the loop back waiting."""
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0'}}\nmax_connections: {cap}\n"
+                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
+    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID
+    before = client_connections(proxy)
+    stopped = [unread(proxy, "/mid") for _ in range(cap)]
+    try:
+        assert await until(lambda: client_connections(proxy) == before + cap, 5)
+    except BaseException:
+        for sock in stopped:
+            sock.close()
+        raise
+    await asyncio.sleep(0.3)
+    return proxy, stopped
+
+
 async def test_the_cap_holds_new_connections_while_replies_just_found_unread_show_they_stalled(
         make_proxy: MakeProxy, origin: Origin) -> None:
     # Every slot held by a client that read none of a reply the kernel's queue took whole: the
     # cap's walk only then found those replies, as if just moved, and refused the new clients
     # for a second. Now each new one is held, and a second later an unread reply makes room.
-    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 3\n"
-                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
-    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    proxy, stopped = await every_slot_unread(make_proxy, origin, 3)
     origin.route("/slow", body=b"slow", delay=1.6)
-    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID
     _, port = proxy.listeners.proxy_addresses[0]
-    before = client_connections(proxy)
-    stopped = [unread(proxy, "/mid") for _ in range(3)]
     new: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        assert await until(lambda: client_connections(proxy) == before + 3, 5)
-        await asyncio.sleep(0.3)  # their replies written (to the kernel), the loop back waiting
         for i in range(3):
             new.append(await slow_request(proxy, origin, str(i), i + 1))
         assert origin.count("/slow") == 3, "a new connection was refused"
@@ -656,18 +669,11 @@ async def test_the_cap_holds_no_more_new_connections_than_replies_just_found(
         make_proxy: MakeProxy, origin: Origin) -> None:
     # Two unread replies just found: two new connections are held, the ones after are refused
     # at once (the excess over the cap stays bounded by what may make room).
-    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 2\n"
-                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
-    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    proxy, stopped = await every_slot_unread(make_proxy, origin, 2)
     origin.route("/slow", body=b"slow", delay=1.6)
-    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID
     _, port = proxy.listeners.proxy_addresses[0]
-    before = client_connections(proxy)
-    stopped = [unread(proxy, "/mid") for _ in range(2)]
     new: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        assert await until(lambda: client_connections(proxy) == before + 2, 5)
-        await asyncio.sleep(0.3)
         for i in range(4):
             new.append(await slow_request(proxy, origin, str(i), min(i + 1, 2)))
         for reader, _ in new[2:]:  # refused at once, before the held ones' second look
@@ -694,20 +700,13 @@ async def test_connections_held_over_the_cap_stay_bounded_when_each_is_served_th
     # closed, its hold went with it and the newcomer came in on top, one more for good each
     # time (a cap of 10 kept 135 open under 200 new connections a second). The newcomer now
     # takes the closed one's place among those held.
-    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 2\n"
-                                    "cache: {memory: 64MB, memory_max_object: 4MB}\n")
-    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    proxy, stopped = await every_slot_unread(make_proxy, origin, 2)
     origin.route("/small", body=b"small", headers={"Cache-Control": "max-age=600"})
-    assert (await proxy.raw("GET", "/mid", "a.test")).body == MID
-    assert (await proxy.raw("GET", "/small", "a.test")).body == b"small"
     host, port = proxy.listeners.proxy_addresses[0]
-    before = client_connections(proxy)
-    stopped = [unread(proxy, "/mid") for _ in range(2)]
+    before = client_connections(proxy) - 2
     new: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     most = 0
     try:
-        assert await until(lambda: client_connections(proxy) == before + 2, 5)
-        await asyncio.sleep(0.3)
         for i in range(24):  # in turn: one more that reads nothing, one served and then idle
             if i % 2 == 0:
                 stopped.append(unread(proxy, "/mid"))
