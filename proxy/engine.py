@@ -37,7 +37,7 @@ from proxy.control import Channel
 from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamError, first_report
 from proxy.flight import Attempt, HeldFill, MissPath, unasked_304
 from proxy.http_client import InterimHook
-from proxy.leases import LeaseClient, LeaseTable
+from proxy.leases import Busy, Granted, LeaseClient, LeaseTable, Waiting
 from proxy.logs import RepeatedFailure, note_key, note_upstream
 from proxy.metrics import CounterChild, HistogramChild, Metrics
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
@@ -583,6 +583,15 @@ class Engine:
                         return await self._range_after_elsewhere(attempt, spec, old)
                     case JoinFill():
                         return await self.miss.fetch(replace(attempt, part=spec))
+                    case FetchRange(lead=True) if self.leases is not None:
+                        # Leading, it holds the key's fill: under the key's lease, as a plain
+                        # miss's fill is, or a miss of the key in another worker did not wait
+                        # for it and fetched the object too (an origin that ignores Range: two
+                        # whole downloads). Taken by another worker since the look: waited for.
+                        lease = await self.leases.acquire(key, wait=False)
+                        if isinstance(lease, Busy | Waiting):
+                            return await self._range_after_elsewhere(attempt, spec, old)
+                        return await self._fetch_part(attempt, spec, old, lead=True, lease=lease)
                     case FetchRange(lead=lead):
                         return await self._fetch_part(attempt, spec, old, lead=lead)
                     case _:
@@ -639,14 +648,14 @@ class Engine:
         assert attempt.part is not None
         return await self._range_miss(attempt, attempt.part, alone=True)
 
-    async def _fetch_part(self, attempt: Attempt, spec: RangeSpec, old: Cached | None, *, lead: bool
-                          ) -> Reply:
+    async def _fetch_part(self, attempt: Attempt, spec: RangeSpec, old: Cached | None, *, lead: bool,
+                          lease: Granted | None = None) -> Reply:
         """The range from the origin. ``lead``: the key's fill is held meanwhile (``MissPath.hold``)
         and told what the answer means for it: the whole object when the 206 may be stored
         (never for one that may not: a private object's every range cost a whole fetch of it),
         the 200 itself when the origin ignored Range, the error; whatever happens, the fill
         is never left waiting."""
-        fill = self.miss.hold(attempt) if lead else None
+        fill = self.miss.hold(attempt, lease) if lead else None
         try:
             return await self._ask_part(attempt, spec, old, fill)
         finally:

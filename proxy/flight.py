@@ -409,16 +409,19 @@ class MissPath:
         else:
             await self._origin(run, run.attempt.revalidating)
 
-    def hold(self, attempt: Attempt) -> HeldFill:
+    def hold(self, attempt: Attempt, lease: Granted | None = None) -> HeldFill:
         """The key's fill, registered now for a range miss that asks the origin for its range
         first (``proxy.policy.partial.FetchRange(lead=True)``), and held until that answer
         says what it does (``HeldFill.say``). Meanwhile the key's other misses wait for it
         (their range sliced from its body) rather than each going to the origin: one range and
         one whole fetch for a herd of them; their ``lock_timeout`` for its head begins once it
-        is told (``Flight.held``, ``answer``)."""
+        is told (``Flight.held``, ``answer``). ``lease``: the key's cross-worker lease, taken
+        for it before the range went out (``Engine._range_miss``), held until the fill ends:
+        the other workers' misses of the key wait for it as for any fill."""
         word: asyncio.Future[HeldWord] = asyncio.get_running_loop().create_future()
 
         async def fly(run: _Run) -> None:
+            run.lease = lease  # released by ``_end``, however the fill ends
             said = await word
             match said:
                 case "whole" | "drop" if said == "whole" or run.flight.whole_followers:
@@ -427,8 +430,13 @@ class MissPath:
                     # nothing of the object): their one whole fetch, not one each (ranges alone
                     # ask each for its own: ``range_alone``). It waits for another worker's
                     # lease as theirs would: as a background fill it skipped it, and each of them
-                    # then fetched the whole object alone.
-                    await self._fly(run)
+                    # then fetched the whole object alone. Holding the lease already, it
+                    # looks in the store first, as a holder does (``_leased``), then fetches.
+                    if run.lease is not None:
+                        if not await self._answer_from_store(run):
+                            await self._fill(run)
+                    else:
+                        await self._fly(run)
                 case Delivery():
                     await self._deliver(run, said.resp, said.store_detail, said.entry, said.response_time,
                                         said.epoch)

@@ -461,3 +461,57 @@ async def test_ranges_in_one_worker_wait_for_the_other_workers_fill_of_the_key(
         finally:
             await proxy.stop(signal.SIGTERM)
     assert video.ranges == [None]  # one fetch of the object, and no range of it
+
+
+@pytest.mark.parametrize("honours", [True, False], ids=["origin-serves-ranges", "origin-ignores-range"])
+async def test_a_range_that_leads_a_fill_holds_the_keys_lease_for_the_other_workers(
+        origin: Origin, tmp_path: Path, honours: bool) -> None:
+    """Two workers, range_fill: whole. A range leads the key's fill in one worker (it asks the
+    origin for its range first); ranges and a plain GET of the key come to the other worker
+    meanwhile. The leading range holds the key's lease, as a plain miss's fill does, so they
+    wait for its fill and are answered from what it stored: one whole download per machine. It
+    held its fill without the lease, so the other worker's first range led a fill of its own and
+    its GET fetched the object too (an origin that ignores Range: three whole downloads)."""
+    video = Video(ranges=honours, held=True, delay=0.3 if honours else 0.0)
+    origin.route("/v", video)
+    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
+    cache = ("cache: {memory: 64MB, range_fill: whole, lock_timeout: 20s, "
+             "disk: {path: cache, size: 512MB, shards: 2}}\n")
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
+    await proxy.start("--workers", "2")
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
+            for _ in range(200):  # keep-alive connections until each worker has accepted 4
+                session = await stack.enter_async_context(aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
+                async with session.get(proxy.url + "/probe") as r:
+                    await r.read()
+                    by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
+                if len(by_worker) == 2 and all(len(s) >= 4 for s in by_worker.values()):
+                    break
+            (leader, *_), others = by_worker.values()
+
+            async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[int, bytes]:
+                async with session.get(proxy.url + "/v", headers=headers) as r:
+                    return r.status, await r.read()
+
+            first = asyncio.ensure_future(get(leader, {"Range": "bytes=100-199"}))
+            for _ in range(500):  # the range is at the origin: the key's fill is held, leased
+                if video.seen:
+                    break
+                await asyncio.sleep(0.01)
+            ranges = [asyncio.ensure_future(get(s, {"Range": f"bytes={i * 1000}-{i * 1000 + 9}"}))
+                      for i, s in enumerate(others[:3], 1)]
+            plain = asyncio.ensure_future(get(others[3], {}))
+            await asyncio.sleep(0.8)  # they are waiting in the other worker
+            video.release.set()
+            assert await first == (206, BODY[100:200])
+            assert [await r for r in ranges] == [(206, BODY[i * 1000:i * 1000 + 10]) for i in (1, 2, 3)]
+            assert await plain == (200, BODY)
+        finally:
+            await proxy.stop(signal.SIGTERM)
+    # The leading range, and the whole fetch its storable 206 sends for (none when its answer
+    # was the whole object already).
+    assert video.ranges == (["bytes=100-199", None] if honours else ["bytes=100-199"]), video.ranges
