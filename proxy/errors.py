@@ -71,6 +71,12 @@ class UpstreamProtocolError(UpstreamError):
     cache_detail = "UPSTREAM-INVALID"
 
 
+class UnaskedPartial(UpstreamProtocolError):
+    """A 206 to a request that sent no Range (RFC 9110 §15.3.7): an origin that answers so does
+    it for every request of the URL, so a whole fill of it cannot succeed (the range path stops
+    asking for one for a while: ``MissPath.hold``)."""
+
+
 class NoUpstreamAvailable(UpstreamError):
     """Every upstream of the pool is marked down."""
 

@@ -75,6 +75,7 @@ from proxy.errors import (
     OutOfResources,
     ProxyStopping,
     ResponseAborted,
+    UnaskedPartial,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -437,6 +438,7 @@ class MissPath:
                             await self._fill(run)
                     else:
                         await self._fly(run)
+                    self._whole_failed(run)
                 case Delivery():
                     await self._deliver(run, said.resp, said.store_detail, said.entry, said.response_time,
                                         said.epoch)
@@ -450,6 +452,27 @@ class MissPath:
         flight = self._launch(attempt, True, False, fly)
         flight.held = word  # its followers' wait for the head begins once it is told (``answer``)
         return HeldFill(flight, word)
+
+    def _whole_failed(self, run: _Run) -> None:
+        """A held fill's whole fetch that the origin answered with a 206 (``UnaskedPartial``: it
+        sends one to every request of the URL, one without Range too). Said once per failed
+        fetch (``first_report``: nobody else may; a fetch behind a range often has no client
+        of its own) and the key marked hit-for-pass (``cache.hit_for_pass``): its next range
+        misses ask the origin for their range alone (``decide_range_fetch``), where each one
+        sent a whole fetch after its range that failed as this one did, silently. Hit-for-pass
+        rather than a mark of its own: it is what the code already says of a key whose whole
+        response cannot be cached, and its plain requests, which such an origin fails all the
+        same, go straight through until it expires or a storable answer ends it."""
+        outcome = run.outcome
+        if not isinstance(outcome, Unreachable) or not isinstance(outcome.error, UnaskedPartial):
+            return
+        key = run.attempt.key
+        self.coalescer.mark_pass(key)
+        if first_report(outcome.error):
+            passing = self.engine.settings.cache.hit_for_pass
+            then = f"; hit-for-pass for {passing:g}s: its ranges go to the origin alone" if passing else ""
+            log.warning("upstream failed: %s (the whole fetch of %s behind a range%s)", outcome.error,
+                        key, then)
 
     async def answer_held(self, held: HeldFill, attempt: Attempt, resp: UpstreamResponse,
                           request_time: float, response_time: float, epoch: int) -> Reply:

@@ -97,6 +97,7 @@ from proxy.errors import (
     NoUpstreamAvailable,
     OutOfResources,
     ProxyStopping,
+    UnaskedPartial,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -762,8 +763,8 @@ class UpstreamPool:
             resp.discard()
             self._done(upstream)
             self._passive_failure(upstream, "protocol", RESPONSE)  # an invalid response
-            error = UpstreamProtocolError(f"{upstream.name}: 206 Partial Content to a request without Range",
-                                          detail="a 206 Partial Content to a request without Range")
+            error = UnaskedPartial(f"{upstream.name}: 206 Partial Content to a request without Range",
+                                   detail="a 206 Partial Content to a request without Range")
             error.upstream = upstream.name
             raise error
         if resp.status in UNAVAILABLE:

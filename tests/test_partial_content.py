@@ -5,13 +5,16 @@ response under one strong validator, never across two; a range miss answered at 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 
 import pytest
 from aiohttp import web
 
+from tests.admin.test_metrics import scrape, value
 from tests.conftest import MakeProxy
 from tests.harness import Clock, Origin, Proxy, directory_ready
+from tests.test_conditional_fills import flights_over
 
 BODY = bytes(range(48, 58))  # b"0123456789"
 NONE = "cache: {memory: 64MB, range_fill: none, disk: {path: cache, size: 512MB, shards: 2}}\n"
@@ -317,3 +320,39 @@ async def test_a_suffix_range_of_an_empty_representation_gets_the_empty_200(
     assert await get(proxy, "bytes=-5") == (200, "MISS", None, b"")
     assert await get(proxy, "bytes=-5") == (200, "HIT", None, b"")
     assert await get(proxy, "bytes=0-") == (416, "HIT", "bytes */0", b"")
+
+
+async def test_a_whole_fetch_an_origin_answers_with_a_206_is_said_counted_and_not_tried_again(
+        origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """range_fill: whole, an origin that answers 206 to every request, one without Range too. Each
+    range miss's storable 206 sent the whole fetch behind it, which failed (a 206 to a request
+    without Range is an invalid response) with no client to tell: nothing in the error log,
+    and the next range miss started one again. The failure is one warning, counted as the
+    invalid response it is, and the key is hit-for-pass for ``cache.hit_for_pass``: the next
+    ranges go to the origin alone, never behind another whole fetch."""
+    seen: list[str | None] = []
+
+    async def always_206(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Range"))
+        return web.Response(status=206, body=bytes(100), headers={
+            "Cache-Control": "max-age=3600", "ETag": '"v1"', "Content-Range": "bytes 0-99/1000"})
+
+    origin.route("/a", always_206)
+    proxy = await make_proxy(config="cache: {memory: 64MB, range_fill: whole, hit_for_pass: 1h, "
+                                    "disk: {path: cache, size: 512MB, shards: 2}}\n"
+                                    "upstream: {retries: 0}\n")
+    before = await scrape(proxy)
+    with caplog.at_level(logging.WARNING, logger="cachegate"):
+        for i in range(3):
+            reply = await proxy.get("/a", headers={"Range": f"bytes={200 + i}-{200 + i}"})
+            assert (reply.status, reply.headers["Content-Range"]) == (206, "bytes 0-99/1000")
+            await flights_over(proxy)
+    assert seen == ["bytes=200-200", None, "bytes=201-201", "bytes=202-202"], seen
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "206 Partial Content to a request without Range" in warnings[0], warnings
+    assert "/a" in warnings[0], warnings
+    after = await scrape(proxy)
+    grew = value(after, "cachegate_upstream_errors_total", upstream=origin.url, kind="protocol") \
+        - value(before, "cachegate_upstream_errors_total", upstream=origin.url, kind="protocol")
+    assert grew == 1
