@@ -751,6 +751,10 @@ class Engine:
                         self.write_failures.failed("spool", spool.entry.key, exc)
                         self.metrics.not_stored_because("STORE-FAILED", spool.entry.url)
                         kept = False
+                    else:
+                        if not kept:  # past its Content-Range's length (chunked), or no room
+                            self._part_not_kept(spool, "LENGTH-MISMATCH" if spool.size > held.length
+                                                else "SPOOLS-FULL" if spool.no_room else "TOO-LARGE")
                     if not kept:
                         spool = None
                 yield chunk
@@ -765,6 +769,13 @@ class Engine:
                 log.exception("storing a part of %s failed", entry.key)
                 self.metrics.storage_errors.labels("write").inc()
 
+    def _part_not_kept(self, spool: BodySpool, reason: str) -> None:
+        """A part given up once its head (which said "stored") had gone out: counted, and said
+        in the debug log with its lengths (the access log keeps what the head said)."""
+        self.metrics.not_stored_because(reason, spool.entry.url)
+        log.debug("part of %s not stored (%s): %d bytes of body received, its Content-Range says %s",
+                  spool.entry.url, reason, spool.size, spool.expected_length)
+
     async def _store_part(self, entry: Entry, spool: BodySpool, old: Cached | None) -> None:
         """Store a received part; combined with the one held for the same variant when RFC 9111
         §3.4 allows it (one strong validator) and both are small enough to hold in memory
@@ -773,8 +784,14 @@ class Engine:
         client) or that a purge covered meanwhile is stored neither alone nor combined: a short
         body spliced in would shift every byte after it in a "complete" 200."""
         own = part_range(entry.response)
-        if not spool.complete or spool.doomed or own is None or spool.size != own.length:
+        if spool.doomed:
             spool.discard()
+            return
+        if not spool.complete or own is None or spool.size != own.length:
+            # A chunked part (no Content-Length) whose body disagrees with its Content-Range: its
+            # head said "stored" before its length was known (docs/caching.md).
+            spool.discard()
+            self._part_not_kept(spool, "LENGTH-MISMATCH")
             return
         if spool.size > self.storage.room(entry):
             # The disk shards' budget was lowered while it streamed (``Writer.finalize``).

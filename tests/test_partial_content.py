@@ -356,3 +356,41 @@ async def test_a_whole_fetch_an_origin_answers_with_a_206_is_said_counted_and_no
     grew = value(after, "cachegate_upstream_errors_total", upstream=origin.url, kind="protocol") \
         - value(before, "cachegate_upstream_errors_total", upstream=origin.url, kind="protocol")
     assert grew == 1
+
+
+@pytest.mark.parametrize("sent", [150, 50], ids=["longer", "shorter"])
+async def test_a_chunked_part_whose_body_disagrees_with_its_content_range_is_counted_not_stored(
+        origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture, sent: int) -> None:
+    """A chunked 206 (no Content-Length) says ``bytes 0-99/1000`` and sends another length. Its
+    head went out saying ``stored`` (its length is known only once its body has ended, as a
+    fill's with no Content-Length: a documented limit); it was then dropped with no count. It
+    is counted in cachegate_not_stored_total (LENGTH-MISMATCH, as one whose Content-Length
+    disagrees up front) and the debug log says it was not kept; nothing is stored."""
+    seen: list[str | None] = []
+
+    async def chunked_206(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Range"))
+        resp = web.StreamResponse(status=206, headers={
+            "Cache-Control": "max-age=3600", "ETag": '"v1"', "Content-Range": "bytes 0-99/1000"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"x" * sent)
+        await resp.write_eof()
+        return resp
+
+    origin.route("/c", chunked_206)
+    proxy = await make_proxy(config=NONE)
+    before = await scrape(proxy)
+    with caplog.at_level(logging.DEBUG, logger="cachegate"):
+        reply = await proxy.get("/c", headers={"Range": "bytes=0-99"})
+        await flights_over(proxy)
+    assert (reply.status, reply.body) == (206, b"x" * sent)  # relayed as the origin framed it
+    assert "stored" in reply.headers["Cache-Status"].split("; ")  # said before its body came
+    after = await scrape(proxy)
+    assert value(after, "cachegate_not_stored_total", reason="LENGTH-MISMATCH") \
+        - value(before, "cachegate_not_stored_total", reason="LENGTH-MISMATCH") == 1
+    said = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    assert len(said) == 1 and "/c" in said[0] and "LENGTH-MISMATCH" in said[0], said
+    again = await proxy.get("/c", headers={"Range": "bytes=0-99"})
+    assert again.x_cache == "MISS"
+    assert seen == ["bytes=0-99", "bytes=0-99"]
