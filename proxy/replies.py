@@ -45,6 +45,9 @@ class ClientRequest:
     planned: Planned | None = None  # the fast path's plan and key of this request, if it made them
 
 
+# A streamed body (an async iterator) may yield b"", a beat: it is reading bytes it does not
+# send (a range's skip to its offset), and its writer checks the client is still there, and
+# closes the body if not (``proxy_handler.write_reply``).
 Body = bytes | IO[bytes] | AsyncIterator[bytes] | None
 
 

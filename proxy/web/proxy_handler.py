@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, assert_never
@@ -296,6 +297,25 @@ def client_left(request: web.BaseRequest) -> bool:
     return request.transport is None
 
 
+def client_reset(request: web.BaseRequest) -> bool:
+    """The client's connection is gone, or was reset: asked between writes by a body that reads
+    bytes it does not send (a beat). A client that closed its socket answers the head written
+    after its FIN with a reset, and asyncio, which reads nothing more once it has kept a
+    half-closed connection open (``ProxyRequestHandler.eof_received``), only notices at the
+    next write: the reset is the socket's pending error (read, it is cleared; the connection is
+    aborted then). A half-closed client that still reads has none, and goes on being answered."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    except OSError:
+        return True
+
+
 def _unbuildable(request: web.BaseRequest) -> web.StreamResponse:
     """A 400 for a request aiohttp could not build (``UnbuildableRequest``), by the connection's
     own answer to a malformed request (``ProxyRequestHandler.handle_error``: Server, request id,
@@ -447,6 +467,10 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
                 info.sent = len(body)
             elif hasattr(body, "__anext__"):
                 async for chunk in body:  # type: ignore[union-attr]
+                    if not chunk:  # a beat (``Body``): the body reads on without sending
+                        if client_reset(request):
+                            raise ConnectionResetError("the client reset the connection")
+                        continue
                     await resp.write(chunk)
                     info.sent += len(chunk)
             else:
