@@ -134,13 +134,14 @@ WHOLE_FOR_LEADER = 64 * 1024
 # A flight answered from what another worker (proxy.leases) or node (proxy.cluster) stored.
 STORED_ELSEWHERE = "STORED-ELSEWHERE"
 STORED_CHUNK = 256 * 1024  # reads of a stored body for a client that fell behind its fill
-# Seconds a 206 sliced from a response that is not stored (``MissPath._unstored_from_head``)
-# holds its head back waiting for the range's first bytes; then the head goes out and the
-# skip to the range's offset reads on with beats (``_sliced``). Only a write tells a client
-# that closed its socket from one that half-closed it and waits (its FIN is the same): the
-# head is that write, answered by a reset, and the writer stops the download at the next beat.
-# Without it, a far range of a big unstored body (2.5 MB at 100 KB/s: 25 s) was downloaded
-# for nobody up to its offset after the client had gone.
+# Seconds a 206 sliced from a response that is not stored (``MissPath._unstored_from_head``,
+# ``_slice`` of a flight not storing its body) holds its head back for the range's first
+# bytes; then the head goes out and the skip to the range's offset reads on with beats
+# (``_sliced``). Only a write tells a client that closed its socket from one that half-closed
+# it and waits (its FIN is the same): the head is that write, answered by a reset, and the
+# writer stops the download at the next beat. Without it, a far range of a big unstored body
+# (2.5 MB at 100 KB/s: 25 s) was downloaded for nobody up to its offset after the client had
+# gone. One second keeps the clean 502 of an origin that fails at once.
 SLICE_HEAD_WAIT = 1.0
 
 
