@@ -16,16 +16,17 @@ stored again under the current rules.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.policy.cache_control import CacheControl
+from proxy.policy.cache_control import CacheControl, parse_cache_control
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fields import body_length, content_length
 from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill, freshened
 from proxy.policy.freshness import heuristic_withheld, origin_freshness_only, rule_stale_windows_apply
+from proxy.policy.headers import reply_edits
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
@@ -258,6 +259,12 @@ BODY_WHY = ("the request carries a body (Content-Length over 0, or chunked), whi
             "reads: it is forwarded with its body, neither looked up, nor coalesced, nor stored")
 
 
+def _ttl_kind(sp: StorePlan) -> str:
+    """A rule ttl in the CLI's words: the matched rule's own, or the defaults' (``ttl_owner``)."""
+    own = sp.rule is not None and sp.rule.actions.ttl is not None
+    return "rule ttl" if own else "the rules' defaults ttl"
+
+
 def _rule_label(rule: Rule | None) -> str:
     return f"{rule.name!r} ({rule.where})" if rule is not None else "none (defaults only)"
 
@@ -289,11 +296,47 @@ def _key_changes(spec: KeySpec) -> list[str]:
     return out
 
 
-def _edits_text(edits: HeaderEdits | None) -> str:
+def _edits_text(edits: HeaderEdits | None, fields: Sequence[tuple[str, str]]) -> str:
+    """The rule's ``response_headers`` edits as a reply with ``fields`` (the origin's, and the
+    ``Cache-Status`` the proxy adds) gets them: through ``reply_edits``, as ``HeaderEdits.apply``
+    runs them, with those withheld from a personal reply said as withheld, and why. Listing
+    them all showed a ``Cache-Control: public, max-age=600`` the proxy never sends on a private
+    or bypassed reply."""
     if not edits:
         return "none"
-    parts = [f"set {k}: {v}" for k, v in edits.add] + [f"remove {n}" for n in edits.remove]
-    return "; ".join(parts)
+    add, drop = reply_edits(fields, edits.add, edits.drop) if edits.caching else (edits.add, edits.drop)
+    kept = [f"set {k}: {v}" for k, v in edits.add if (k, v) in add]
+    kept += [f"remove {n}" for n in edits.remove if n.lower() in drop]
+    withheld = [f"set {k}: {v}" for k, v in edits.add if (k, v) not in add]
+    withheld += [f"remove {n}" for n in edits.remove if n.lower() not in drop]
+    text = "; ".join(kept) or "none"
+    if withheld:
+        text += (f"; withheld: {'; '.join(withheld)} ({_personal_why(fields)}: no cache after this "
+                 "one may be told to share it)")
+    return text
+
+
+def _personal_why(fields: Sequence[tuple[str, str]]) -> str:
+    """Why ``personal_reply`` holds for a reply with ``fields``, in words."""
+    for name, value in fields:
+        lower = name.lower()
+        if lower == "cache-status" and "fwd=bypass" in value:
+            return "the request is bypassed, so its reply may be one user's"
+        if lower == "set-cookie":
+            return "the reply sets a cookie"
+        if lower == "cache-control":
+            cc = parse_cache_control([value])
+            for directive in ("private", "no-store"):
+                if directive in cc:
+                    return f"the reply's Cache-Control says {directive}"
+        if lower == "cache-status" and "detail=AUTHORIZATION" in value:
+            return "the reply was not stored for the request's Authorization"
+    return "the reply is one no shared cache may keep"
+
+
+def reply_fields(response_headers: Sequence[tuple[str, str]], cs: str) -> list[tuple[str, str]]:
+    """The fields of the proxy's reply that decide its edits: the origin's and its Cache-Status."""
+    return [*response_headers, ("Cache-Status", cs)]
 
 
 def fill_decision(head: RequestHead, plan: RequestPlan, status: int, headers: CIMultiDictProxy[str],
@@ -333,8 +376,9 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
         case Fill():
             f = decision.response.freshness
             source = {
-                "rule": ("rule ttl; overrides the origin (override_origin)" if sp.options.override_origin
-                         else "rule ttl; used because the origin gave no freshness"),
+                "rule": _ttl_kind(sp) + ("; overrides the origin (override_origin)"
+                                         if sp.options.override_origin
+                                         else "; used because the origin gave no freshness"),
                 "heuristic": "heuristic: 10% of the time since Last-Modified (RFC 9111 4.2.2)",
                 "none": "no freshness: every use is revalidated or refetched",
             }.get(f.source, f"from the origin's {f.source}")
@@ -358,7 +402,17 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
         case _:
             assert_never(decision)
     lines.append(f"  deception guard     {'on' if sp.deception_guard else 'off'}")
-    lines.append(f"  response headers    {_edits_text(plan.response_headers_for(status, ctype))}")
+    edits = plan.response_headers_for(status, ctype)
+    stored = isinstance(decision, Fill)
+    # The reply to the request that fetched it (``flight``: the origin's fields, our Cache-Status).
+    cs = cache_status(fwd="uri-miss", fwd_status=status, stored=stored,
+                      detail=None if isinstance(decision, Fill) else decision.detail)
+    text = _edits_text(edits, reply_fields(response_headers, cs))
+    lines.append(f"  response headers    {text}")
+    if isinstance(decision, Fill):  # hits: the stored fields (without a Set-Cookie allow_set_cookie kept out)
+        hit = _edits_text(edits, reply_fields(decision.response.headers, cache_status(hit=True)))
+        if hit != text:
+            lines.append(f"  ... on hits         {hit}")
     return lines
 
 
@@ -422,6 +476,29 @@ def _bypass_why(plan: RequestPlan) -> str:
             "looked up nor stored")
 
 
+def unbypassed(rules: RuleSet, head: RequestHead, plan: RequestPlan) -> RequestPlan | None:
+    """For a GET or HEAD the rules bypass, the plan it has without the bypass, whose key holds
+    what the bypass hides (stored before it came, by a reload or by another request's plan,
+    and served again once it goes); None for a request that is not bypassed.
+
+    A bypass the rules did not ask for (a reading origins differ on, a lower-cased path decided
+    otherwise: ``RequestPlan.detail``) marks the request's own plan, whose key is the one. A
+    rule's ``bypass`` is taken away with every other rule's: the plan of the rules without
+    bypass rules is the one that stored under this URL and the one the proxy returns to when the
+    bypass goes (the rules' default key alone would miss a winning rule's ``key``, and taking away
+    only the first bypass rule may leave another in its place)."""
+    if not plan.bypass or head.method not in CACHED_METHODS:
+        return None
+    if plan.rule is None or not plan.rule.actions.bypass or plan.detail is not None:
+        return replace(plan, bypass=False, detail=None, read_as=None)
+    kept = tuple(replace(r) for r in rules.rules if not r.actions.bypass)  # (RuleSet sets their plans)
+    return RuleSet(rules.defaults, kept, rules.base, rules.files).plan(head)
+
+
+HIDDEN = ("stored under the key this URL has without the bypass ({rule}): not served while the "
+          "bypass holds, served again once it goes")
+
+
 def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool = True) -> list[str]:
     """The explanation, one line per string."""
     head = request_head(req)
@@ -450,6 +527,10 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
             lines.append(f"  why                 {_bypass_why(plan)}")
         if plan.lowered_by is not None and plan.lowered_by is plan.rule:
             lines.append(f"  note                {_lowered_differ(rules, head)}")
+        hidden = unbypassed(rules, head, plan)
+        if hidden is not None:
+            lines.append(f"  hidden key          {_key_text(cache_key(head, hidden.key))}: what is "
+                         + HIDDEN.format(rule=_rule_label(hidden.rule)) + " (GET /explain lists it)")
     else:
         key = cache_key(head, plan.key)
         changes = _key_changes(plan.key)
@@ -479,7 +560,10 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
             edits = plan.response_headers_for(status, ctype)
             if edits:
                 which = f" (response {status})" if len(req.statuses) > 1 else ""
-                lines.append(f"  response headers    {_edits_text(edits)}{which}")
+                cs = (cache_status(fwd=route.fwd, fwd_status=status, detail=route.detail)
+                      if isinstance(route, PassThrough) else cache_status())
+                text = _edits_text(edits, reply_fields(req.response_headers, cs))
+                lines.append(f"  response headers    {text}{which}")
     if show_all:
         lines.append("")
         lines.append("rules in order (first match wins):")
@@ -550,18 +634,45 @@ def _directives(cc: CacheControl) -> str:
     return ", ".join(k if v is None else f"{k}={v}" for k, v in cc.directives.items())
 
 
-def freshness_decided_by(f: Freshness, cc: CacheControl, cc_field: str, rule: Rule | None) -> str:
-    """The directive (or rule, or heuristic) that gave a stored response its lifetime, in words."""
+def ttl_owner(sp: StorePlan) -> str:
+    """Whose ``ttl`` the store plan's lifetime is: its rule's, when the rule sets one (it then
+    replaces the defaults' whole table: ``RuleSet._store_plan``), else the defaults'. Naming the
+    matched rule for a ttl it does not set sent the reader to a rule without one."""
+    rule = sp.rule
+    if rule is not None and rule.actions.ttl is not None:
+        return f"rule {rule.name!r} ({rule.where})"
+    return "the rules' defaults"
+
+
+def freshness_decided_by(f: Freshness, cc: CacheControl, cc_field: str, ttl_from: str) -> str:
+    """The directive (or rule, or heuristic) that gives a response its lifetime, in words;
+    ``ttl_from``: whose ttl a rule ttl is (``ttl_owner``)."""
     if f.source in ("s-maxage", "max-age"):
         return f"{f.source}={cc.delta(f.source)} in {cc_field}"
     if f.source == "expires":
         return "Expires minus Date"
     if f.source == "rule":
-        where = f"rule {rule.name!r} ({rule.where})" if rule is not None else "the rules' defaults"
-        return f"a ttl from {where}"
+        return f"a ttl from {ttl_from}"
     if f.source == "heuristic":
         return "heuristic: 10% of the time since Last-Modified (RFC 9111 §4.2.2)"
     return "no freshness information: every use is revalidated"
+
+
+def stored_decided_by(f: Freshness, cc: CacheControl, cc_field: str, now: dict[str, Any]) -> str:
+    """What gave a stored response its lifetime, in words. The entry keeps only the kind of
+    source (``Freshness.source``), not the rule: a rule's ttl is said as the rules' at store time
+    (its fill, or the last 304 that refreshed it) beside what the rules give now (``now``: the
+    ``_storability`` of the stored response under the current rules). Naming the rule that
+    matches now called a 1h entry stored under one rule "a ttl from rule 'short'" (5s) after a
+    reload, or named a no_store rule with no ttl at all."""
+    if f.source != "rule":  # the stored response's own fields (or the heuristic, or none) decided
+        return freshness_decided_by(f, cc, cc_field, "the rules")
+    then = f"a ttl from the rules at store time ({f.lifetime:g} s)"
+    if not now["stored"]:
+        return f"{then}; the rules now do not store it ({now['detail']})"
+    if now["freshness_source"] != "rule":
+        return f"{then}; the rules now give no ttl for it ({now['freshness_decided_by']} decides)"
+    return f"{then}; the rules now give {now['lifetime']:g} s ({now['freshness_decided_by']})"
 
 
 def _storability(head: RequestHead, plan: RequestPlan, status: int,
@@ -599,7 +710,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     if f.source == "none" and heuristic_withheld(status, headers, cc, head.headers, now, sp.options):
         reasons.append(NO_HEURISTIC)
     out.update(stored=True, detail=None, lifetime=f.lifetime, freshness_source=f.source,
-               freshness_decided_by=freshness_decided_by(f, cc, cc_field, sp.rule),
+               freshness_decided_by=freshness_decided_by(f, cc, cc_field, ttl_owner(sp)),
                # the windows the engine applies: none when the origin forbids serving it stale
                may_serve_stale=f.may_serve_stale(),
                stale_while_revalidate=f.stale_while_revalidate if f.may_serve_stale() else 0.0,
@@ -610,7 +721,9 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
 
 
 def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index: int, selected: int | None,
-                  now: float) -> dict[str, Any]:
+                  now: float, hidden: bool = False) -> dict[str, Any]:
+    """A stored variant for the trace; ``hidden``: the request is bypassed, and the variant is
+    one stored under the key it has without the bypass (``unbypassed``), which no client gets."""
     r = v.response
     f = r.freshness
     headers = CIMultiDictProxy(CIMultiDict(r.headers))
@@ -620,9 +733,12 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
     # The windows that apply: none when the origin forbids serving it stale (as ``_storability``);
     # 3600 beside may_serve_stale: false read as a stale-if-error hour that never comes.
     stale = f.may_serve_stale()
+    again = _storability(head, plan, r.status, headers, now)
     return {
         "index": index,
         "selected": index == selected,
+        "hidden_by_bypass": hidden,
+        **({"decision": "forward"} if hidden else {}),
         "vary": dict(r.vary),
         "vary_matches": vary_matches(r.vary, head.headers),
         "status": r.status,
@@ -637,13 +753,13 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
         "validators": {"etag": r.etag, "last_modified": r.last_modified},
         "freshness": {
             "source": f.source, "lifetime": f.lifetime,
-            "decided_by": freshness_decided_by(f, cc, cc_field, sp.rule),
+            "decided_by": stored_decided_by(f, cc, cc_field, again),
             "stale_while_revalidate": f.stale_while_revalidate if stale else 0.0,
             "stale_if_error": f.stale_if_error if stale else 0.0,
             "must_revalidate": f.must_revalidate, "no_cache": f.no_cache, "immutable": f.immutable,
             "may_serve_stale": stale,
         },
-        "storability": _storability(head, plan, r.status, headers, now),
+        "storability": again,
     }
 
 
@@ -906,6 +1022,10 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     plan = rules.plan(head)
     looked_up = isinstance(route_of(head, plan, body), LookUp)
     key = cache_key(head, plan.key) if looked_up else None
+    # A bypassed request: ``variants`` are those stored under the key it has without the bypass,
+    # judged under that plan, and hidden from clients (``unbypassed``).
+    hidden = unbypassed(rules, head, plan)
+    shown = plan if hidden is None else hidden
     selected = select_variant(head, [v.response for v in variants]) if variants else None
     rule_trace = []
     for rule, why, role in _rule_roles(rules, ruled_head(head, plan)):
@@ -924,12 +1044,17 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
         "cache_key": key,
         "key_changes": _key_changes(plan.key),
         "client_cache_control": plan.options.client_cache_control,
-        "stored": [_variant_json(head, plan, v, i, selected, now) for i, v in enumerate(variants)],
+        "hidden_key": None if hidden is None else cache_key(head, hidden.key),
+        "stored": [_variant_json(head, shown, v, i, selected, now, hidden is not None)
+                   for i, v in enumerate(variants)],
         "stored_parts": [_part_json(v, i, now) for i, v in enumerate(parts)],
         "decision": _now_decision(rules, head, plan, key, variants, now, parts, body, refresh_held,
                                   range_fill),
         "rules": rule_trace,
     }
+    if hidden is not None and (variants or parts):
+        out["decision"]["why"] += (f"; {len(variants)} variant(s) and {len(parts)} part(s) are "
+                                   + HIDDEN.format(rule=_rule_label(hidden.rule)))
     if responses and looked_up:
         out["if_fetched"] = [
             {"status": status, "headers": [list(h) for h in hdrs],

@@ -54,7 +54,15 @@ from multidict import MultiMapping
 
 from proxy.admin_client import ADMIN_FIELD
 from proxy.errors import BadRequest, ClientBodyError, ClientGone
-from proxy.explain import ExplainRequest, RangeFill, StoredVariant, explain_trace, request_body, route_of
+from proxy.explain import (
+    ExplainRequest,
+    RangeFill,
+    StoredVariant,
+    explain_trace,
+    request_body,
+    route_of,
+    unbypassed,
+)
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.live import upstreams_of_workers
@@ -741,10 +749,13 @@ async def explain(request: web.Request) -> web.Response:
     runtime = ctx.runtime
     rules = runtime.settings.rules
     plan = rules.plan(head)
-    key = cache_key(head, plan.key)
     body = request_body(req)
+    # A bypassed request: what is stored under the key it has without the bypass, which the
+    # bypass hides (``unbypassed``); "stored": [] said nothing was while GET /cache listed it.
+    hidden = unbypassed(rules, head, plan)
+    key = cache_key(head, (plan if hidden is None else hidden).key)
     found: dict[str, list[StoredVariant]] = {key: [], part_key(key): []}  # the key's, its parts
-    if isinstance(route_of(head, plan, body), LookUp):  # (as the engine decides: looked up)
+    if hidden is not None or isinstance(route_of(head, plan, body), LookUp):  # (as the engine: looked up)
         copies = [c for c in (await ctx.inspector.copies((), tuple(found))).copies if c.entry.key in found]
         for entry, cs in group_copies(copies):
             tiers = tuple(sorted({c.tier for c in cs}, key=("memory", "disk").index))

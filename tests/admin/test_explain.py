@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
+from proxy.config import Overrides
 from proxy.explain import ExplainRequest, request_head
+from proxy.explain import explain as explain_lines
+from proxy.web.server import install_reloader
 from tests.admin.util import absolute, js, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
@@ -327,3 +331,87 @@ async def test_an_ipv6_url_is_explained_under_the_key_every_spelling_shares(orig
     trace = js(reply)
     assert trace["cache_key"] == f"http://[::1]:{port}/six"
     assert trace["decision"]["x_cache_status"] == "HIT"
+
+
+async def reload_rules(proxy: Proxy, rules: str) -> None:
+    """Write the proxy's rules file anew and ``POST /reload`` it."""
+    Path(proxy.config_path).with_name("rules.yaml").write_text(rules)
+    reply = await proxy.admin("POST", "/reload")
+    assert reply.status == 200, reply.body
+
+
+def here(proxy: Proxy, text: str) -> str:
+    """``text`` with the rules file's directory left out of its FILE:LINE."""
+    return text.replace(f"{Path(proxy.config_path).parent}/", "")
+
+
+async def test_a_stored_rule_ttl_is_said_as_the_rules_at_store_time_not_as_the_rule_matching_now(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """An entry stored under rule 'rl' (1h) kept its 3600 s across reloads, but its decided_by
+    named whichever rule matched now: "a ttl from rule 'rl-short'" (5s), one with no_store and
+    no ttl at all, "the rules' defaults" with no rules."""
+    proxy = await make_proxy(rules='rules:\n  - {name: rl, match: {path: "/rl/**"}, ttl: {200: 1h}}\n')
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    origin.route("/rl/a", body=b"a")
+    await proxy.get("/rl/a")
+    await settle(proxy)
+
+    async def decided_by() -> str:
+        [variant] = (await explain(proxy, "/rl/a"))["stored"]
+        assert variant["freshness"]["lifetime"] == 3600
+        return here(proxy, variant["freshness"]["decided_by"])
+
+    at_store = "a ttl from the rules at store time (3600 s)"
+    assert await decided_by() == f"{at_store}; the rules now give 3600 s (a ttl from rule 'rl' (rules.yaml:2))"
+    await reload_rules(proxy, 'rules:\n  - {name: rl-short, match: {path: "/rl/**"}, ttl: {200: 5s}}\n')
+    assert await decided_by() == f"{at_store}; the rules now give 5 s (a ttl from rule 'rl-short' (rules.yaml:2))"
+    await reload_rules(proxy, 'rules:\n  - {name: rl-nostore, match: {path: "/rl/**"}, no_store: true}\n')
+    assert await decided_by() == f"{at_store}; the rules now do not store it (RULE-NO-STORE:rl-nostore)"
+    await reload_rules(proxy, "rules: []\n")
+    assert await decided_by() == f"{at_store}; the rules now do not store it (NO-FRESHNESS)"
+
+
+async def test_a_ttl_the_rule_does_not_set_is_the_defaults(origin: Origin, make_proxy: MakeProxy) -> None:
+    """A rule with no ttl of its own, whose 5m came from defaults.ttl, was named as its source."""
+    proxy = await make_proxy(rules='defaults: {ttl: {200: 5m}}\n'
+                                   'rules:\n  - {name: r1b, match: {path: "/r1b/**"}, tags: [t]}\n'
+                                   '  - {name: own, match: {path: "/own/**"}, ttl: {200: 1m}}\n')
+    await proxy.get("/")
+    for path in ("/r1b/a", "/own/a"):
+        origin.route(path, body=b"x")
+        await proxy.get(path)
+    await settle(proxy)
+    [variant] = (await explain(proxy, "/r1b/a", status=200))["stored"]
+    assert variant["storability"]["freshness_decided_by"] == "a ttl from the rules' defaults"
+    assert variant["freshness"]["decided_by"] == ("a ttl from the rules at store time (300 s); the rules now "
+                                                  "give 300 s (a ttl from the rules' defaults)")
+    trace = await explain(proxy, "/own/a", status=200)
+    assert here(proxy, trace["if_fetched"][0]["freshness_decided_by"]) == "a ttl from rule 'own' (rules.yaml:4)"
+
+
+async def test_a_bypass_shows_what_it_hides_under_the_key_without_it(origin: Origin, make_proxy: MakeProxy) -> None:
+    """After a reload added a bypass rule, /explain said "stored": [] while GET /cache listed the
+    variant, which is served again once the bypass goes."""
+    proxy = await make_proxy(rules='rules:\n  - {name: rl, match: {path: "/rl/**"}, ttl: {200: 1h}}\n')
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    origin.route("/rl/q", body=b"q")
+    await proxy.get("/rl/q")
+    await settle(proxy)
+    await reload_rules(proxy, 'rules:\n  - {name: rl-bypass, match: {path: "/rl/**"}, bypass: true}\n'
+                              '  - {name: rl, match: {path: "/rl/**"}, ttl: {200: 1h}}\n')
+    trace = await explain(proxy, "/rl/q")
+    assert trace["bypass"] is True and trace["cache_key"] is None
+    assert trace["hidden_key"] == absolute(proxy, "/rl/q")
+    [variant] = trace["stored"]
+    assert variant["hidden_by_bypass"] is True and variant["decision"] == "forward"
+    assert variant["storability"]["stored"] is True  # under 'rl', the plan without the bypass
+    assert here(proxy, variant["freshness"]["decided_by"]).endswith("(a ttl from rule 'rl' (rules.yaml:3))")
+    assert trace["decision"]["action"] == "forward"
+    assert "1 variant(s) and 0 part(s) are stored under the key this URL has without the bypass " \
+           "('rl' (rules.yaml:3))" in here(proxy, trace["decision"]["why"])
+    assert (await proxy.get("/rl/q")).headers["X-Cache-Status"] == "BYPASS"
+    lines = explain_lines(proxy.runtime.settings.rules, ExplainRequest(absolute(proxy, "/rl/q")), 0.0)
+    assert any(line.startswith(f"  hidden key          {absolute(proxy, '/rl/q')}: what is stored under the "
+                               "key this URL has without the bypass") for line in lines), lines
+    plain = await explain(proxy, "/other")
+    assert plain["hidden_key"] is None and "hidden_by_bypass" not in str(plain["stored"])
