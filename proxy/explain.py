@@ -28,7 +28,7 @@ from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill,
 from proxy.policy.freshness import heuristic_withheld, origin_freshness_only, rule_stale_windows_apply
 from proxy.policy.headers import reply_edits
 from proxy.policy.httpdate import format_http_date
-from proxy.policy.keys import KeySpec, cache_key, variant_of, vary_matches
+from proxy.policy.keys import ABSENT, KeySpec, cache_key, shown_vary, variant_of, vary_matches
 from proxy.policy.messages import Freshness, RequestHead, StoredResponse
 from proxy.policy.partial import (
     FetchRange,
@@ -739,7 +739,7 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
         "selected": index == selected,
         "hidden_by_bypass": hidden,
         **({"decision": "forward"} if hidden else {}),
-        "vary": dict(r.vary),
+        "vary": shown_vary(r.vary),
         "vary_matches": vary_matches(r.vary, head.headers),
         "status": r.status,
         "tiers": list(v.tiers),
@@ -769,9 +769,13 @@ def _vary_mismatch(head: RequestHead, variants: Sequence[StoredVariant]) -> str:
         for name, value in v.response.vary:
             mine = variant_of((name,), head.headers)[0][1]
             if mine != value:
-                parts.append(f"{name}: stored {value!r}, request {mine!r}")
+                parts.append(f"{name}: stored {_absent_or(value)}, request {_absent_or(mine)}")
                 break
     return "; ".join(parts)
+
+
+def _absent_or(value: str) -> str:
+    return "none" if value == ABSENT else repr(value)
 
 
 def _content_range(headers: Sequence[tuple[str, str]]) -> str:
@@ -997,7 +1001,7 @@ def _part_json(v: StoredVariant, index: int, now: float) -> dict[str, Any]:
     held = part_range(r)
     ttl = r.ttl(now)
     return {"index": index, "range": None if held is None else [held.first, held.last, held.total],
-            "vary": dict(r.vary), "tiers": list(v.tiers), "size": v.size,
+            "vary": shown_vary(r.vary), "tiers": list(v.tiers), "size": v.size,
             "age": round(r.freshness.age(now), 3), "ttl": round(ttl, 3),
             "fresh": ttl > 0 and not r.invalidated and not r.freshness.no_cache,
             "etag": r.etag}

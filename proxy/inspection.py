@@ -29,7 +29,7 @@ from typing import Any
 
 from proxy.logs import RepeatedFailure
 from proxy.metrics import ClusterMetrics, RequestWindow, Snapshot, hit_ratio, merge_single, render_families
-from proxy.policy.keys import normalise_host, url_of_key
+from proxy.policy.keys import normalise_host, shown_vary, url_of_key
 from proxy.purge import host_matches
 from proxy.runtime import Runtime
 from proxy.storage.entry import Entry, entry_from_json, entry_to_json
@@ -480,7 +480,7 @@ def variant_view(entry: Entry, copies: list[Copy], now: float) -> dict[str, Any]
         # Workers that each fetched the same variant before the other's copy reached the disk
         # hold different copies for a while: each copy is listed, told apart by its body id.
         "body_id": entry.body_id,
-        "vary": dict(r.vary),
+        "vary": shown_vary(r.vary),
         "status": r.status,
         "headers": [list(h) for h in r.headers],
         "size": entry.body_size,

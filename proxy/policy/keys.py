@@ -34,6 +34,12 @@ from proxy.policy.messages import HeaderList, Headers, RequestHead
 ABSENT = "\n"  # a value no header can have: marks a Vary field the request lacked
 
 
+def shown_vary(vary: HeaderList) -> dict[str, str | None]:
+    """A variant's Vary fields for the admin API's JSON: a field the request lacked is null,
+    never ABSENT's newline (which /explain and /cache showed as ``"\\n"``)."""
+    return {name: None if value == ABSENT else value for name, value in vary}
+
+
 @dataclass(frozen=True, slots=True)
 class KeySpec:
     """How a rule reshapes the key; the default keeps the URI as it is."""

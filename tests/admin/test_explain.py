@@ -126,6 +126,19 @@ async def test_a_vary_miss_names_the_header_that_differs(origin: Origin, ruled: 
     assert hit["decision"]["x_cache_status"] == "HIT"
 
 
+async def test_a_vary_field_the_storing_request_lacked_is_null_not_a_newline(origin: Origin, ruled: Proxy) -> None:
+    """The key's marker for an absent field (a newline) showed through as ``"\\n"``."""
+    origin.route("/gz", body=b"z", headers={"Cache-Control": "max-age=60", "Vary": "Accept-Encoding"})
+    host = ruled.url.removeprefix("http://")
+    assert (await send_raw(ruled, f"GET /gz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())).status == 200
+    await settle(ruled)
+    trace = await explain(ruled, "/gz", headers={"Accept-Encoding": "gzip"})
+    assert trace["stored"][0]["vary"] == {"accept-encoding": None}
+    assert "accept-encoding: stored none, request 'gzip'" in trace["decision"]["why"]
+    listed = js(await ruled.admin("GET", "/cache?url=" + quote(absolute(ruled, "/gz"))))
+    assert [v["vary"] for v in listed["variants"]] == [{"accept-encoding": None}]
+
+
 async def test_rules_key_and_bypass_are_explained(origin: Origin, ruled: Proxy) -> None:
     trace = await explain(ruled, "/search?q=shoe&utm=x", headers={"Accept-Language": "de"})
     assert trace["rule"]["name"] == "search keyed by q" and trace["rule"]["where"].endswith("rules.yaml:6")
