@@ -1101,8 +1101,9 @@ class Engine:
 def response_edits(plan: RequestPlan, status: int, headers: Sequence[tuple[str, str]]
                    ) -> HeaderEdits | None:
     """The rule's response_headers for a reply with this status and these fields (a 206's are
-    its 200's, whatever its source: ``RequestPlan.response_headers_for``)."""
-    if plan.response_rules:
+    its 200's, whatever its source: ``RequestPlan.response_headers_for``; a HEAD's own rules
+    may edit its reply by its status too: ``RequestPlan.head_rules``)."""
+    if plan.response_rules or plan.head_rules:
         ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
         return plan.response_headers_for(status, ctype)
     return plan.response_headers

@@ -13,6 +13,10 @@ moments, with one meaning of "first match":
   A rule with no response conditions holds for every response, so the two
   moments agree unless a rule with response conditions comes first.
 
+A HEAD that misses fills the GET entry, so a HEAD is decided at both moments as a
+GET of it; a rule for HEAD without GET met first adds only the HEAD's own ``bypass``,
+reply edits and ``client_cache_control`` (``RuleSet._scan_head``).
+
 Three modules, one job each:
 
 - ``match``    a rule's conditions, each compiled into one check that both the hot

@@ -11,7 +11,9 @@ A rule whose ``key`` lower-cases the path has the origin asked for the lower-cas
 rules are then read again on that path, and what they decide there wins (``RuleSet._lowered``).
 A path that some origins read as another path (``;`` parameters, an escaped ``/`` they do not
 decode, ``\\``, a NUL, a segment's trailing dots or spaces) is read that way too, and a plan there
-unsafe to share with this one bypasses (``RuleSet._read_otherwise``).
+unsafe to share with this one bypasses (``RuleSet._read_otherwise``). A HEAD is planned as a GET
+of it, with only the bypass, reply edits and client_cache_control of a rule for HEAD without GET
+met first (``RuleSet._scan_head``): its miss fills the entry every GET is answered from.
 
 Speed: the path's first segment picks the (precomputed, ordered) rules that can match
 it, and the scan stops at the first request-time rule. A rule's plan and store plan
@@ -113,6 +115,8 @@ class Rule:
     store: StorePlan = field(init=False)  # built by RuleSet, which knows the defaults
     holds: Predicate = field(init=False)  # the request conditions, compiled
     needs_response: bool = field(init=False)
+    # Matches HEAD without GET: it may only bypass the HEAD or edit its reply (``RuleSet._scan_head``).
+    head_only: bool = field(init=False)
     plan: RequestPlan = field(init=False)  # the request plan when this rule decides alone
 
     @property
@@ -139,6 +143,11 @@ class RequestPlan:
     detail: str | None = None
     # The path as some origins read it, when the rules decide otherwise there (``RuleSet._read_otherwise``).
     read_as: str | None = None
+    # A HEAD's plan when a rule for HEAD without GET holds for it (``RuleSet._scan_head``): the
+    # rules its own reading met, those with response conditions then the one that decided,
+    # whose first holding one edits the HEAD's reply when it is such a rule with response_headers
+    # (``response_headers_for``). Empty for every other plan.
+    head_rules: tuple[Rule, ...] = ()
 
     @property
     def bypass_detail(self) -> str:
@@ -162,9 +171,22 @@ class RequestPlan:
     def response_headers_for(self, status: int, content_type: str | None) -> HeaderEdits | None:
         """The edits for a reply of this status and type; a 206 takes its 200's
         (``representation_status``), from whichever source it comes."""
+        if self.head_rules:
+            return self._head_edits(representation_status(status), content_type)
         if not self.response_rules:
             return self.store.response_headers
         return self.for_response(representation_status(status), content_type).response_headers
+
+    def _head_edits(self, status: int, content_type: str | None) -> HeaderEdits | None:
+        """A HEAD's edits: those of the first of its own rules that holds for the reply when it
+        is for HEAD without GET and sets response_headers, else the GET's."""
+        for r in self.head_rules:
+            if r.needs_response and not r.match.response_holds(status, content_type):
+                continue
+            if r.head_only and r.actions.response_headers is not None:
+                return r.actions.response_headers
+            break
+        return self.for_response(status, content_type).response_headers
 
 
 def lowered_path(request: RequestHead) -> RequestHead:
@@ -214,14 +236,20 @@ def _shared_as(plan: RequestPlan) -> tuple[object, ...]:
              options.ttl_default is not None and options.ttl_default <= 0))
     return (plan.bypass, plan.key, plan.response_rules, store.no_store, store.response_headers,
             store.deception_guard, options.override_origin, options.allow_set_cookie,
-            options.client_cache_control, store.tags, ttls)
+            options.client_cache_control, store.tags, ttls, plan.head_rules)
+
+
+def _same_rules(again: RequestPlan, plan: RequestPlan) -> bool:
+    """Whether two plans come from the same rules (a HEAD's own ones included)."""
+    return (again.rule is plan.rule and again.response_rules == plan.response_rules
+            and again.head_rules == plan.head_rules)
 
 
 def _decides_otherwise(again: RequestPlan, plan: RequestPlan) -> bool:
     """Whether another reading of a request does something unsafe to share with this one
     (``_shared_as``): ``?category[]=shoes``, which PHP reads as ``category``, is still cached
     when the rule for ``category`` only sets a longer ttl."""
-    if again.rule is plan.rule and again.response_rules == plan.response_rules:
+    if _same_rules(again, plan):
         return again.bypass != plan.bypass
     return _shared_as(again) != _shared_as(plan)
 
@@ -242,6 +270,7 @@ class RuleSet:
             r.holds = r.match.predicate()
             r.needs_response = r.match.needs_response
             r.store = self._store_plan(r)
+            r.head_only = r.match.methods is not None and "GET" not in r.match.methods
             a = r.actions
             r.plan = RequestPlan(r, a.bypass, a.key or DEFAULT_KEY, r.store.options, r.store)
         self._plans: dict[tuple[Rule | None, ...], RequestPlan] = {}
@@ -266,6 +295,14 @@ class RuleSet:
                 matching.append(r)
         self._other = tuple(other)
         self._by_segment = {s: tuple(matching) for s, matching in by_segment.items()}
+        # The same index without the rules for HEAD without GET: what a GET of a HEAD meets
+        # (``_scan_head``). None when no rule is for HEAD alone: a HEAD is then scanned as a GET.
+        self._as_get: tuple[dict[str, tuple[Rule, ...]], tuple[Rule, ...]] | None = None
+        if any(r.head_only for r in rules):
+            self._as_get = ({s: tuple(r for r in matching if not r.head_only)
+                             for s, matching in self._by_segment.items()},
+                            tuple(r for r in self._other if not r.head_only))
+        self._heads: dict[tuple[int, int], tuple[RequestPlan, RequestPlan, RequestPlan]] = {}
 
     def rebased(self, base: CacheOptions) -> RuleSet:
         return RuleSet(self.defaults, tuple(replace(r) for r in self.rules), base, self.files)
@@ -307,7 +344,7 @@ class RuleSet:
             read_as = normalise_path(other.target.partition("?")[0])
             if again.bypass:
                 return replace(plan, bypass=True, detail=again.bypass_detail, read_as=read_as)
-            if again.rule is plan.rule and again.response_rules == plan.response_rules:
+            if _same_rules(again, plan):
                 continue
             if again.store.no_store and not plan.store.no_store and again.rule is not None:
                 return replace(plan, bypass=True, detail=f"RULE-BYPASS:{again.rule.name}", read_as=read_as)
@@ -330,7 +367,7 @@ class RuleSet:
         if lowered is request:
             return plan
         again = self._first_match(lowered)
-        if again.rule is plan.rule and again.response_rules == plan.response_rules:
+        if _same_rules(again, plan):
             return plan
         if again.bypass or again.key.lowercase_path:
             return replace(again, lowered_by=plan.rule)
@@ -395,11 +432,16 @@ class RuleSet:
             if (param, field) == found:
                 return plan
 
-    def _scan(self, view: RequestView) -> RequestPlan:
-        """The plan of the first rule that holds for ``view`` (one reading of the request)."""
+    def _scan(self, view: RequestView, rules: tuple[Rule, ...] | None = None) -> RequestPlan:
+        """The plan of the first rule that holds for ``view`` (one reading of the request), of
+        ``rules`` (by default, those its path's first segment can match)."""
+        if rules is None:
+            if self._as_get is not None and view.head.method == "HEAD":
+                return self._scan_head(view)
+            rules = self._by_segment.get(first_segment(view.path), self._other)
         response_rules: list[Rule] | None = None
         plan = self.default_plan
-        for r in self._by_segment.get(first_segment(view.path), self._other):
+        for r in rules:
             if not r.holds(view):
                 continue
             if r.needs_response:
@@ -413,6 +455,48 @@ class RuleSet:
             plan = self._composed(plan, response_rules)
         if (view._cookies is not None or plan.key.cookies) and not plan.bypass:
             plan = self._unambiguous(view, plan)
+        return plan
+
+    def _scan_head(self, view: RequestView) -> RequestPlan:
+        """The plan of a HEAD when some rule is for HEAD without GET: a HEAD that misses fills the
+        GET entry, and every GET is answered from it, so what is looked up and stored, and how,
+        is what a GET of the same request gets. Such a rule met first (before the rule a GET
+        meets) adds only what is the HEAD's own: its ``bypass`` (the HEAD is then bypassed), its
+        ``response_headers`` (the HEAD's reply, ``RequestPlan.head_rules``) and its
+        ``client_cache_control`` (the HEAD's lookup). Its plan alone, the defaults', replaced the
+        GET's: a HEAD with a session cookie stored the logged-in page a later bypass rule kept
+        from the cache, for every GET after it."""
+        assert self._as_get is not None
+        segment = first_segment(view.path)
+        own = self._scan(view, self._by_segment.get(segment, self._other))
+        rule = own.rule
+        if rule is not None and rule.head_only:
+            if rule.actions.bypass:
+                return own
+        elif not any(r.head_only for r in own.response_rules):
+            return own  # no rule for HEAD alone met: the GET's plan already
+        by_segment, other = self._as_get
+        return self._head_plan(self._scan(view, by_segment.get(segment, other)), own)
+
+    def _head_plan(self, as_get: RequestPlan, own: RequestPlan) -> RequestPlan:
+        """``as_get`` (the plan of a GET of the request) for a HEAD whose own reading is ``own``
+        (``_scan_head``); the few combinations are memoised (by the plans' ids, which the memo
+        keeps alive: each is a rule's plan or memoised too)."""
+        memo = (id(as_get), id(own))
+        found = self._heads.get(memo)
+        if found is not None:
+            return found[2]
+        rule = own.rule
+        options, edits = as_get.options, as_get.store.response_headers
+        if rule is not None and rule.head_only:
+            if rule.actions.client_cache_control is not None:
+                options = replace(options, client_cache_control=rule.actions.client_cache_control)
+            if rule.actions.response_headers is not None:
+                edits = rule.actions.response_headers
+        plan = replace(as_get, options=options, store=replace(as_get.store, response_headers=edits),
+                       head_rules=(*own.response_rules, *((rule,) if rule is not None else ())))
+        if len(self._heads) < 4096:
+            self._heads[memo] = (as_get, own, plan)
         return plan
 
     def _field_readings(self, request: RequestHead, view: RequestView) -> list[dict[str, str | None]] | None:
@@ -479,7 +563,9 @@ class RuleSet:
 
     def _unkeyable_plan(self, detail: str, plan: RequestPlan) -> RequestPlan:
         """``plan`` as a bypass with Cache-Status ``detail``; the few combinations are memoised."""
-        memo = (detail, plan.rule, *plan.response_rules)
+        memo: tuple[str | Rule | None, ...] = (detail, plan.rule, *plan.response_rules)
+        if plan.head_rules:
+            memo = (*memo, "HEAD", *plan.head_rules)
         bypass = self._unkeyable.get(memo)
         if bypass is None:
             bypass = replace(plan, bypass=True, detail=detail)

@@ -1,0 +1,243 @@
+"""A rule for HEAD without GET: it may bypass the HEAD or edit its reply, nothing else.
+
+A HEAD that misses fills the GET entry every GET is answered from, so what is looked up and
+stored, and how, is the plan of a GET of the same request (``RuleSet._scan_head``). Such a rule
+used to decide the HEAD alone, with the defaults: every later rule (a cookie ``bypass``, a
+``no_store``, a ``ttl``) was skipped for the fill, and a HEAD with a session cookie stored the
+logged-in page for every anonymous GET.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from tests.harness import Origin, Proxy
+from tests.rules.test_compile import compile_text, head
+from tests.rules.util import settle, ttl
+
+MakeProxy = Callable[..., Awaitable[Proxy]]
+
+HEAD_EDIT_THEN_BYPASS = """
+    defaults: {ttl: {200: 5m}}
+    rules:
+      - name: head-edit
+        match: {method: [HEAD]}
+        response_headers: {remove: [X-Internal]}
+      - name: logged-in users skip the cache
+        match: {cookie: {session: present}}
+        bypass: true
+"""
+
+
+def echo_cookie(origin: Origin, path: str) -> None:
+    """A page that shows whose session rendered it, with a field only the HEAD rule removes."""
+
+    async def page(request: web.Request) -> web.StreamResponse:
+        body = json.dumps({"cookie": request.headers.get("Cookie")}).encode()
+        return web.Response(body=body, headers={"X-Internal": "1", "Content-Type": "application/json"})
+
+    origin.route(path, page)
+
+
+# -- through the proxy ------------------------------------------------------------------------
+
+
+async def test_a_head_with_a_session_is_bypassed_and_stores_nothing_for_the_gets(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(rules=HEAD_EDIT_THEN_BYPASS)
+    echo_cookie(origin, "/account")
+    probe = await proxy.request("HEAD", "/account", headers={"Cookie": "session=alice"})
+    assert probe.x_cache == "BYPASS"
+    assert "RULE-BYPASS:logged-in users skip the cache" in probe.cache_status
+    assert "X-Internal" not in probe.headers  # the HEAD rule's edit still applies to its reply
+    await settle(proxy)
+    anonymous = await proxy.get("/account")
+    assert anonymous.x_cache == "MISS", anonymous.cache_status
+    assert json.loads(anonymous.body) == {"cookie": None}  # not alice's page
+    assert origin.seen[-1].method == "GET" and "Cookie" not in origin.seen[-1].headers
+
+
+async def test_a_head_under_a_later_no_store_rule_is_not_stored(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(rules="""
+        defaults: {ttl: {200: 5m}}
+        rules:
+          - {name: head-edit, match: {path: "/x/**", method: [HEAD]}, response_headers: {remove: [X-Internal]}}
+          - {name: private area, match: {path: "/x/**"}, no_store: true}
+    """)
+    origin.route("/x/a", body=b"secret", headers={"X-Internal": "1"})
+    probe = await proxy.request("HEAD", "/x/a")
+    assert "RULE-NO-STORE:private area" in probe.cache_status, probe.cache_status
+    assert "X-Internal" not in probe.headers
+    await settle(proxy)
+    for _ in range(2):
+        reply = await proxy.get("/x/a")
+        assert reply.x_cache == "MISS" and "RULE-NO-STORE:private area" in reply.cache_status
+        assert reply.headers["X-Internal"] == "1"
+    assert origin.count("/x/a") == 3
+
+
+async def test_a_head_only_edit_applies_to_heads_hit_and_miss_and_never_to_gets(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(rules="""
+        defaults: {ttl: {200: 5m}}
+        rules:
+          - name: head-edit
+            match: {method: [HEAD]}
+            response_headers: {remove: [X-Internal], add: {X-Probe: "1"}}
+          - name: pages
+            match: {path: "/**"}
+            ttl: {200: 1h}
+            response_headers: {add: {X-Page: "1"}}
+    """)
+    origin.route("/p", body=b"page", headers={"X-Internal": "1"})
+    miss = await proxy.request("HEAD", "/p")
+    assert miss.x_cache == "MISS"
+    assert "X-Internal" not in miss.headers and miss.headers["X-Probe"] == "1" and "X-Page" not in miss.headers
+    await settle(proxy)
+    hit = await proxy.get("/p")  # filled by the HEAD, under the GET's rule: its ttl and its edits
+    assert hit.x_cache == "HIT" and hit.body == b"page"
+    assert 3590 <= ttl(hit) <= 3600
+    assert hit.headers["X-Internal"] == "1" and hit.headers["X-Page"] == "1" and "X-Probe" not in hit.headers
+    again = await proxy.request("HEAD", "/p")
+    assert again.x_cache == "HIT"
+    assert "X-Internal" not in again.headers and again.headers["X-Probe"] == "1" and "X-Page" not in again.headers
+    assert origin.count("/p") == 1
+
+
+async def test_a_head_only_bypass_still_bypasses_heads_and_only_them(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(rules="""
+        defaults: {ttl: {200: 5m}}
+        rules:
+          - {name: probes go through, match: {method: [HEAD]}, bypass: true}
+    """)
+    origin.route("/p", body=b"page")
+    probe = await proxy.request("HEAD", "/p")
+    assert probe.x_cache == "BYPASS" and "RULE-BYPASS:probes go through" in probe.cache_status
+    assert [(await proxy.get("/p")).x_cache for _ in range(2)] == ["MISS", "HIT"]
+    await settle(proxy)
+    assert (await proxy.request("HEAD", "/p")).x_cache == "BYPASS"
+    assert origin.count("/p") == 3
+
+
+# -- RuleSet.plan -------------------------------------------------------------------------------
+
+RULES = compile_text("""
+    defaults:
+      ttl: {200: 5m}
+      response_headers: {add: {X-Default: "1"}}
+    rules:
+      - {name: head errors, match: {method: [HEAD], status: [503]}, response_headers: {add: {X-Head-Error: "1"}}}
+      - {name: head-edit, match: {path: "/h/**", method: [HEAD]}, response_headers: {remove: [X-Internal]}}
+      - {name: head-ccc, match: {path: "/c/**", method: [HEAD]}, client_cache_control: ignore}
+      - {name: head-bypass, match: {path: "/b/**", method: [HEAD]}, bypass: true}
+      - {name: sessions, match: {cookie: {session: present}}, bypass: true}
+      - {name: edit mode, match: {query: {mode: edit}}, bypass: true}
+      - {name: private, match: {path: "/h/private/**"}, no_store: true}
+      - {name: account, match: {path: "/account/**"}, bypass: true}
+      - name: pages
+        match: {path: "/**"}
+        ttl: {200: 1h}
+        override_origin: true
+        deception_guard: false
+        key: {query: ignore}
+        tags: [pages]
+        response_headers: {add: {X-Page: "1"}}
+""")
+HEAD_EDIT = RULES.rules[1].actions.response_headers
+HEAD_ERROR = RULES.rules[0].actions.response_headers
+PAGE = RULES.rules[-1].actions.response_headers
+
+
+def test_a_head_is_planned_as_its_get_but_for_the_edits_of_its_own_rule() -> None:
+    get, plan = RULES.plan(head("/h/x?a=1")), RULES.plan(head("/h/x?a=1", "HEAD"))
+    assert plan.rule is get.rule and plan.rule is not None and plan.rule.name == "pages"
+    assert (plan.bypass, plan.key, plan.options, plan.store.options, plan.store.tags, plan.store.no_store) \
+        == (get.bypass, get.key, get.options, get.store.options, get.store.tags, get.store.no_store)
+    assert get.response_headers is PAGE and plan.response_headers is HEAD_EDIT
+    assert [plan.response_headers_for(s, None) for s in (200, 206, 503)] == [HEAD_EDIT, HEAD_EDIT, HEAD_ERROR]
+    assert get.response_headers_for(503, None) is PAGE
+    stored = plan.for_response(503, None)  # stored as the GET's rule says, not as the HEAD's
+    assert (stored.rule, stored.options, stored.tags) == (get.store.rule, get.store.options, get.store.tags)
+    assert RULES.plan(head("/h/x?a=1", "HEAD")) is plan  # memoised
+
+
+def test_a_later_bypass_or_no_store_holds_for_a_head() -> None:
+    plan = RULES.plan(head("/h/x", "HEAD", Cookie="session=alice"))
+    assert plan.bypass and plan.bypass_detail == "RULE-BYPASS:sessions"
+    assert plan.response_headers is HEAD_EDIT
+    plan = RULES.plan(head("/h/private/x", "HEAD"))
+    assert not plan.bypass and plan.store.no_store and plan.store.no_store_rule == "private"
+
+
+def test_a_head_goes_through_the_gets_ambiguity_checks() -> None:
+    # _reread: the query read as Rails reads it holds the bypass a HEAD-only rule hid.
+    assert RULES.plan(head("/h/x?mode=view&mode=edit", "HEAD")).detail == "AMBIGUOUS-QUERY:mode"
+    # _read_otherwise: the rules read /static/page.html, a servlet /account, which is bypassed.
+    rules = compile_text("""
+        rules:
+          - {name: head-edit, match: {method: [HEAD]}, response_headers: {remove: [X-Internal]}}
+          - {name: account, match: {path: /account}, bypass: true}
+          - {name: static, match: {path: "/static/**"}, ttl: 1h, override_origin: true}
+    """)
+    target = "/account;%2f%2e%2e%2fstatic%2fpage.html"
+    get, plan = rules.plan(head(target)), rules.plan(head(target, "HEAD"))
+    assert get.bypass and get.bypass_detail == "RULE-BYPASS:account" and get.read_as == "/account"
+    assert (plan.bypass, plan.bypass_detail, plan.read_as) == (True, "RULE-BYPASS:account", "/account")
+    # _lowered: the origin is asked for the lower-cased path, which a bypass rule holds.
+    rules = compile_text("""
+        rules:
+          - {name: head-edit, match: {method: [HEAD]}, response_headers: {remove: [X-Internal]}}
+          - {name: account, match: {path: "/account/**"}, bypass: true}
+          - {name: pages, match: {path: "/**"}, key: {lowercase_path: true}}
+    """)
+    plan = rules.plan(head("/Account/x", "HEAD"))
+    assert plan.bypass and plan.bypass_detail == "RULE-BYPASS:account"
+
+
+def test_a_head_only_bypass_and_client_cache_control_are_the_heads_own() -> None:
+    plan = RULES.plan(head("/b/x", "HEAD"))
+    assert plan.bypass and plan.bypass_detail == "RULE-BYPASS:head-bypass"
+    assert not RULES.plan(head("/b/x")).bypass
+    plan, get = RULES.plan(head("/c/x", "HEAD")), RULES.plan(head("/c/x"))
+    assert plan.options.client_cache_control == "ignore" and get.options.client_cache_control == "honor"
+    assert plan.store == get.store  # no edits of its own: the GET's
+    assert plan.rule is get.rule
+
+
+def test_gets_and_other_methods_are_planned_as_before() -> None:
+    for target in ("/h/x", "/c/x", "/b/x", "/account/x"):
+        for method in ("GET", "POST"):
+            plan = RULES.plan(head(target, method))
+            assert plan.head_rules == ()
+            assert plan.rule is not None and not plan.rule.head_only
+    assert RULES.plan(head("/h/x")) is RULES.rules[-1].plan  # the rule's own plan, nothing built
+
+
+def test_without_rules_for_head_alone_a_head_is_scanned_once_as_a_get() -> None:
+    rules = compile_text("""
+        rules:
+          - {name: pages, match: {path: "/**", method: [GET]}, ttl: {200: 1h}}
+    """)
+    assert rules._as_get is None
+    assert rules.plan(head("/x", "HEAD")) is rules.plan(head("/x")) is rules.rules[0].plan
+
+
+async def test_a_get_that_waits_on_a_heads_fill_gets_the_gets_edits(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(rules="""
+        rules:
+          - {name: head-edit, match: {method: [HEAD]}, response_headers: {remove: [X-Internal], add: {X-Probe: "1"}}}
+          - {name: pages, match: {path: "/**"}, ttl: {200: 1h}, response_headers: {add: {X-Page: "1"}}}
+    """)
+    origin.route("/slow", body=b"page", headers={"X-Internal": "1"}, delay=0.3)
+    probe, get = await asyncio.gather(proxy.request("HEAD", "/slow"), proxy.get("/slow"))
+    assert origin.count("/slow") == 1  # one fill, led by either
+    assert "X-Internal" not in probe.headers and probe.headers["X-Probe"] == "1" and "X-Page" not in probe.headers
+    assert get.body == b"page"
+    assert get.headers["X-Internal"] == "1" and get.headers["X-Page"] == "1" and "X-Probe" not in get.headers
