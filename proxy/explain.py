@@ -580,7 +580,8 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
 def _rule_roles(rules: RuleSet, head: RequestHead) -> list[tuple[Rule, str | None, str]]:
     """Every rule, the first request condition that fails (None: they hold), and for a rule
     whose request conditions hold, its part: the winner, one decided by the response, or one
-    an earlier rule shadows (first match wins)."""
+    an earlier rule shadows (first match wins). A HEAD is cached as a GET of it: a HEAD-only
+    rule that does not bypass only edits the HEAD's reply, and the rules after it decide."""
     out = []
     decided = False
     for rule, why in rules.trace(head):
@@ -588,6 +589,8 @@ def _rule_roles(rules: RuleSet, head: RequestHead) -> list[tuple[Rule, str | Non
         if why is None:
             if decided:
                 role = "not reached: an earlier rule won"
+            elif rule.head_only and not rule.actions.bypass:
+                role = "edits the HEAD's reply only (a HEAD is cached as a GET of it)"
             elif rule.match.needs_response:
                 role = "applies when its status/content_type holds"
             else:

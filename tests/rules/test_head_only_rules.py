@@ -12,10 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import pytest
 from aiohttp import web
 
+from proxy.cli import main
 from tests.harness import Origin, Proxy
+from tests.rules.test_cli import write
 from tests.rules.test_compile import compile_text, head
 from tests.rules.util import settle, ttl
 
@@ -241,3 +245,16 @@ async def test_a_get_that_waits_on_a_heads_fill_gets_the_gets_edits(
     assert "X-Internal" not in probe.headers and probe.headers["X-Probe"] == "1" and "X-Page" not in probe.headers
     assert get.body == b"page"
     assert get.headers["X-Internal"] == "1" and get.headers["X-Page"] == "1" and "X-Probe" not in get.headers
+
+
+def test_cachegate_explain_says_a_head_only_rule_edits_the_heads_reply_and_the_next_rule_decides(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its "rules in order" list said the HEAD-only rule wins and the bypass after it is not
+    reached, while the bypass decides the HEAD."""
+    config = write(tmp_path, HEAD_EDIT_THEN_BYPASS)
+    assert main(["explain", "--config", config, "-X", "HEAD", "http://shop.example/account",
+                 "-H", "Cookie: session=alice"]) == 0
+    out = capsys.readouterr().out
+    assert "RULE-BYPASS:logged-in users skip the cache" in out
+    assert "rules.yaml:3): request conditions hold -> edits the HEAD's reply only (a HEAD is cached as a GET of it)" in out
+    assert "rules.yaml:6): request conditions hold -> wins" in out
