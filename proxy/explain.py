@@ -492,11 +492,24 @@ def unbypassed(rules: RuleSet, head: RequestHead, plan: RequestPlan) -> RequestP
     if plan.rule is None or not plan.rule.actions.bypass or plan.detail is not None:
         return replace(plan, bypass=False, detail=None, read_as=None)
     kept = tuple(replace(r) for r in rules.rules if not r.actions.bypass)  # (RuleSet sets their plans)
+    # (a bypass still, when they bypass it otherwise: ``hidden_why`` says so)
     return RuleSet(rules.defaults, kept, rules.base, rules.files).plan(head)
 
 
 HIDDEN = ("stored under the key this URL has without the bypass ({rule}): not served while the "
           "bypass holds, served again once it goes")
+HIDDEN_STILL = ("stored under the key this URL has without the bypass ({rule}): not served while "
+                "the bypass holds, nor once it goes: the request is bypassed without it too ({detail})")
+
+
+def hidden_why(hidden: RequestPlan) -> str:
+    """What ``unbypassed``'s plan means for what is stored under its key: served again once the
+    bypass goes, or not even then, when that plan bypasses too (a reading origins differ on, a
+    lower-cased path decided otherwise): "served again" sent an operator to remove a bypass
+    that changed nothing."""
+    if hidden.bypass:
+        return HIDDEN_STILL.format(rule=_rule_label(hidden.rule), detail=hidden.bypass_detail)
+    return HIDDEN.format(rule=_rule_label(hidden.rule))
 
 
 def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool = True) -> list[str]:
@@ -530,7 +543,7 @@ def explain(rules: RuleSet, req: ExplainRequest, now: float, *, show_all: bool =
         hidden = unbypassed(rules, head, plan)
         if hidden is not None:
             lines.append(f"  hidden key          {_key_text(cache_key(head, hidden.key))}: what is "
-                         + HIDDEN.format(rule=_rule_label(hidden.rule)) + " (GET /explain lists it)")
+                         + hidden_why(hidden) + " (GET /explain lists it)")
     else:
         key = cache_key(head, plan.key)
         changes = _key_changes(plan.key)
@@ -1061,7 +1074,7 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     }
     if hidden is not None and (variants or parts):
         out["decision"]["why"] += (f"; {len(variants)} variant(s) and {len(parts)} part(s) are "
-                                   + HIDDEN.format(rule=_rule_label(hidden.rule)))
+                                   + hidden_why(hidden))
     if responses and looked_up:
         out["if_fetched"] = [
             {"status": status, "headers": [list(h) for h in hdrs],

@@ -428,3 +428,25 @@ async def test_a_bypass_shows_what_it_hides_under_the_key_without_it(origin: Ori
                                "key this URL has without the bypass") for line in lines), lines
     plain = await explain(proxy, "/other")
     assert plain["hidden_key"] is None and "hidden_by_bypass" not in str(plain["stored"])
+
+
+async def test_what_a_bypass_hides_is_not_said_to_come_back_when_the_url_stays_bypassed_without_it(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A URL whose query origins read two ways stays bypassed (AMBIGUOUS-QUERY) once a reload
+    takes the rule's bypass away: explain said its stored variant was "served again once it goes"."""
+    proxy = await make_proxy(rules='rules:\n  - {name: rl, match: {path: "/rl/**"}, ttl: {200: 1h}}\n')
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    origin.route("/rl/q", body=b"q")
+    path = "/rl/q?mode=view&mode=edit"
+    assert (await proxy.get(path)).headers["X-Cache-Status"] == "MISS"  # (no rule reads mode yet)
+    await settle(proxy)
+    edit_no_store = '  - {name: edit, match: {query: {mode: edit}}, no_store: true}\n'
+    await reload_rules(proxy, 'rules:\n  - {name: rl-bypass, match: {path: "/rl/**"}, bypass: true}\n'
+                       + edit_no_store)
+    trace = await explain(proxy, path)
+    assert trace["hidden_key"] == absolute(proxy, path) and trace["stored"]
+    why = trace["decision"]["why"]
+    assert "served again" not in why
+    assert "nor once it goes: the request is bypassed without it too (AMBIGUOUS-QUERY:mode)" in why, why
+    await reload_rules(proxy, "rules:\n" + edit_no_store)  # the bypass gone: still not served
+    assert "AMBIGUOUS-QUERY:mode" in (await proxy.get(path)).headers["Cache-Status"]
