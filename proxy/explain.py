@@ -683,11 +683,17 @@ def stored_decided_by(f: Freshness, cc: CacheControl, cc_field: str, now: dict[s
     reload, or named a no_store rule with no ttl at all."""
     if f.source != "rule":  # the stored response's own fields (or the heuristic, or none) decided
         return freshness_decided_by(f, cc, cc_field, "the rules")
-    then = f"a ttl from the rules at store time ({f.lifetime:g} s)"
+    then = f"a ttl from the rules at store time ({round(f.lifetime, 1):g} s)"
     if not now["stored"]:
         return f"{then}; the rules now do not store it ({now['detail']})"
     if now["freshness_source"] != "rule":
         return f"{then}; the rules now give no ttl for it ({now['freshness_decided_by']} decides)"
+    jitter = now["ttl_jitter"]
+    if jitter and now["lifetime"] * (1 - jitter) - 0.05 <= f.lifetime <= now["lifetime"] + 0.05:
+        # (shortened by ttl_jitter, not changed by a reload: "the rules now give 100 s" beside
+        # 57.6 s read as if they had)
+        return (f"{then}: the rules' {now['lifetime']:g} s less its ttl_jitter (up to {jitter:.0%}; "
+                f"{now['freshness_decided_by']})")
     return f"{then}; the rules now give {now['lifetime']:g} s ({now['freshness_decided_by']})"
 
 
@@ -725,7 +731,8 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
         reasons.append("it sets a cookie; allow_set_cookie stores it without the Set-Cookie")
     if f.source == "none" and heuristic_withheld(status, headers, cc, head.headers, now, sp.options):
         reasons.append(NO_HEURISTIC)
-    out.update(stored=True, detail=None, lifetime=f.lifetime, freshness_source=f.source,
+    out.update(stored=True, detail=None, lifetime=f.lifetime, ttl_jitter=sp.ttl_jitter,
+               freshness_source=f.source,
                freshness_decided_by=freshness_decided_by(f, cc, cc_field, ttl_owner(sp)),
                # the windows the engine applies: none when the origin forbids serving it stale
                may_serve_stale=f.may_serve_stale(),
