@@ -450,9 +450,14 @@ class Engine:
         detail: str | None = None,
         collapsed: bool = False,
         mark_stored: bool = False,
+        cookies: Sequence[tuple[str, str]] = (),
     ) -> Reply | None:
         """A reply from a stored variant; None when its body has gone missing from disk, or the
         variant cannot answer this request (``reply_head``).
+
+        ``cookies``: the Set-Cookie fields of the origin's 304 to this client's own
+        revalidation (never stored: ``freshen``), on whatever reply it gets (a 304 or 412 to
+        its conditionals too), after the rule's edits, as a fill's client gets its 200's.
 
         The rule's response_headers are those of the stored response (its status and type:
         what its 200 gets, on the fast path too; a stored part's, as every 206 is, those of
@@ -465,10 +470,17 @@ class Engine:
         cs = cache_status(hit=hit, fwd=fwd, fwd_status=fwd_status, ttl=ttl, detail=detail,
                           collapsed=collapsed, stored=mark_stored)
         headers = served_headers(stored.headers, str(int(age)), cs, x_cache)
+        # Before the edits: a rule removing Set-Cookie removes these too, and one's caching
+        # fields are withheld from a reply that sets a cookie (``reply_edits``).
+        headers.extend(cookies)
         edits = response_edits(plan, stored.status, stored.headers)
         if edits:
             headers = edits.apply(headers)
         answer = reply_head(req.head, stored, entry.body_size, headers, not_modified)
+        if isinstance(answer, PreconditionFailed | NotModified) and cookies:
+            # (a 304's and a 412's fields are picked from the 200's: no Set-Cookie among them)
+            answer = replace(answer, headers=[*answer.headers,
+                                              *((k, v) for k, v in headers if k.lower() == "set-cookie")])
         if isinstance(answer, PreconditionFailed):
             text = b"412 Precondition Failed\n"
             return self.finish(plan, Reply(412, "Precondition Failed",

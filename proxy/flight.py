@@ -1232,8 +1232,9 @@ class MissPath:
                 reader.close()
                 # Its leader and its followers alike: their requests came before the origin's
                 # answer, so what it stored or validated (the variant each selects) is theirs.
+                cookies = _cookies(list(fhead.headers.items())) if step.cookies else []
                 return await self._serve_after_flight(attempt, fhead.status, step.x_cache, step.collapsed,
-                                                      flight, own=True, stored=step.stored)
+                                                      flight, own=True, stored=step.stored, cookies=cookies)
             case StaleInstead():  # (answered above)
                 raise AssertionError("stale-if-error without a stored response")
             case OnItsOwn():
@@ -1642,7 +1643,8 @@ class MissPath:
 
     async def _serve_after_flight(self, attempt: Attempt, fwd_status: int | None, x_cache: str,
                                   collapsed: bool, flight: Flight | None, *, own: bool,
-                                  stored: bool = False) -> Reply:
+                                  stored: bool = False, cookies: list[tuple[str, str]] | None = None
+                                  ) -> Reply:
         """Answer from the store once ``flight`` has ended.
 
         A client of the flight (``own``: its leader or a follower that joined it, whose request
@@ -1663,7 +1665,8 @@ class MissPath:
 
         Else the request is fetched for this client alone, once: that fetch never comes back
         here (its flight answers from its own head: ``after_head``), and ``refetched`` makes
-        sure of it."""
+        sure of it. ``cookies``: the Set-Cookie fields of the 304 the flight's origin gave this
+        client's own request (``FromStore.cookies``), which its reply from the store carries."""
         engine, req, key = self.engine, attempt.req, attempt.key
         if flight is not None:
             if own:
@@ -1693,6 +1696,7 @@ class MissPath:
                 response.freshness.age(now), client_not_modified(req.head.headers, cached.entry.response),
                 hit=hit, fwd=attempt.fwd, collapsed=collapsed, mark_stored=stored,
                 fwd_status=fwd_status if fwd_status is not None else cached.entry.response.status,
+                cookies=cookies or (),
             )
             if reply is not None:
                 return reply
@@ -1759,6 +1763,10 @@ class FromStore:
     # Cache-Status ``stored``: the fetch it went forward with stored the response (another
     # worker's or node's fill: its own followers say so too).
     stored: bool = False
+    # The origin's 304 answered this client's own request (the leader of this worker's
+    # revalidation): its Set-Cookie fields are this client's, never stored nor anyone else's
+    # (a session's refresh or a logout sent on a 304 was lost).
+    cookies: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1852,7 +1860,7 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
     if origin_error(fhead.status) and stale and fhead.store_detail != "":
         return StaleInstead("ORIGIN-ERROR")
     if fhead.status == 304 and fhead.store_detail == "FRESHENED":
-        return FromStore("REVALIDATED", collapsed=collapsed, coalesced=collapsed)
+        return FromStore("REVALIDATED", collapsed=collapsed, coalesced=collapsed, cookies=not collapsed)
     if collapsed and (not fhead.shareable or fhead.vary != variant_of(tuple(n for n, _ in fhead.vary),
                                                                       request.headers)):
         return OnItsOwn()
