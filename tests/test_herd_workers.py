@@ -221,7 +221,8 @@ async def test_a_herd_on_a_stale_key_the_origin_answers_304_says_so_whichever_wo
     cachegate_requests_total: ``REVALIDATED`` with ``fwd-status=304``, ``collapsed`` for all but
     the one whose request went. The other worker's clients, which waited for that revalidation
     under its lease, said ``HIT`` with ``fwd-status=200`` (the stored response's status, not the
-    origin's answer), and this worker's own followers were not counted as coalesced."""
+    origin's answer), and this worker's own followers were not counted as coalesced. The 304's
+    Set-Cookie goes to the client whose request went, and to no other (in neither worker)."""
     conditionals = 0
 
     async def page(request: web.Request) -> web.Response:
@@ -230,7 +231,8 @@ async def test_a_herd_on_a_stale_key_the_origin_answers_304_says_so_whichever_wo
             return web.Response(text="v1", headers={"ETag": '"v1"', "Cache-Control": "max-age=1"})
         conditionals += 1
         await asyncio.sleep(0.5)  # the herd arrives meanwhile
-        return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60"})
+        return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60",
+                                                 "Set-Cookie": "s=renewed"})
 
     origin.route("/r", page)
     proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, PATIENT + "access_log: true\n"))
@@ -248,6 +250,8 @@ async def test_a_herd_on_a_stale_key_the_origin_answers_304_says_so_whichever_wo
         went = "cachegate; fwd=stale; fwd-status=304; ttl=N"
         told = Counter(re.sub(r"ttl=\d+", "ttl=N", r.headers["Cache-Status"]) for r in results)
         assert told == {went: 1, went + "; collapsed": 15}
+        assert Counter((r.headers.get("Set-Cookie"), "collapsed" in r.headers["Cache-Status"])
+                       for r in results) == {("s=renewed", False): 1, (None, True): 15}
         assert {r.x_cache for r in results} == {"REVALIDATED"}
         await proxy.wait_for(lambda: sum('"path":"/r"' in line for line in proxy.lines) == 17, 10)
         logged = [json.loads(line) for line in proxy.lines if '"path":"/r"' in line][1:]
