@@ -558,6 +558,14 @@ class Engine:
 
     # -- partial content (RFC 9111 §3.3-3.4) ----------------------------------------------
 
+    def _range_fetch(self, attempt: Attempt, spec: RangeSpec, fill_received: int | None, elsewhere: bool
+                     ) -> RangeFetch:
+        """``decide_range_fetch`` for this request's range, with the running proxy's settings."""
+        return decide_range_fetch(spec, fill_whole=self.settings.cache.range_fill == "whole",
+                                  fill_received=fill_received, passing=self.coalescer.is_pass(attempt.key),
+                                  authorization="Authorization" in attempt.req.head.headers,
+                                  filling_elsewhere=elsewhere)
+
     async def _range_miss(self, attempt: Attempt, spec: RangeSpec, *, alone: bool = False) -> Reply:
         """A single byte range that no complete stored response answers: from a stored part
         that holds it, else as ``decide_range_fetch`` says: from the key's whole fill (joined
@@ -585,11 +593,8 @@ class Engine:
                     # says whether one is in flight (a plain miss would wait for it).
                     leases = self.leases
                     elsewhere = flight is None and leases is not None and leases.fetching_elsewhere(key)
-                    how = decide_range_fetch(spec, fill_whole=self.settings.cache.range_fill == "whole",
-                                             fill_received=flight.body.size if flight is not None else None,
-                                             passing=self.coalescer.is_pass(key),
-                                             authorization="Authorization" in req.head.headers,
-                                             filling_elsewhere=elsewhere)
+                    how = self._range_fetch(attempt, spec, flight.body.size if flight is not None else None,
+                                            elsewhere)
                 match how:
                     case JoinFill(reason="elsewhere"):
                         return await self._range_after_elsewhere(attempt, spec, old)
@@ -599,10 +604,15 @@ class Engine:
                         # Leading, it holds the key's fill: under the key's lease, as a plain
                         # miss's fill is, or a miss of the key in another worker did not wait
                         # for it and fetched the object too (an origin that ignores Range: two
-                        # whole downloads). Taken by another worker since the look: waited for.
+                        # whole downloads). Taken by another worker since the look: decided as
+                        # if seen then (a range near the start waits for that fetch; a seek far
+                        # on is asked of the origin at once, never made to wait for the whole
+                        # download).
                         lease = await self.leases.acquire(key, wait=False)
                         if isinstance(lease, Busy | Waiting):
-                            return await self._range_after_elsewhere(attempt, spec, old)
+                            if isinstance(self._range_fetch(attempt, spec, None, True), JoinFill):
+                                return await self._range_after_elsewhere(attempt, spec, old)
+                            return await self._fetch_part(attempt, spec, old, lead=False)
                         return await self._fetch_part(attempt, spec, old, lead=True, lease=lease)
                     case FetchRange(lead=lead):
                         return await self._fetch_part(attempt, spec, old, lead=lead)

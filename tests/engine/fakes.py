@@ -327,6 +327,16 @@ class FakeLeases:
     async def acquire(self, key: str, wait: bool = True) -> Granted | Waiting | Busy | None:
         return self.answers.pop(0)
 
+    async def await_fetch(self, key: str, deadline: float) -> bool:
+        """The other worker's fetch does not end before ``deadline``: nothing stored."""
+        await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+        return False
+
+    def fetching_elsewhere(self, key: str) -> bool:
+        """No other worker held the key's lease when this one looked (a range miss's look):
+        ``acquire``'s answers say what it finds when it asks, a moment later."""
+        return False
+
     async def wait(self, key: str, waiting: Waiting, deadline: float,
                    fetch_wait: float | None = None) -> dict[str, Any]:
         """The word the wait was given, or ``timeout`` at ``deadline`` (no table to look at, nor a

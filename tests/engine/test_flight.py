@@ -691,3 +691,24 @@ async def test_a_follower_that_went_on_its_own_after_a_fill_does_not_mark_the_ke
     reply = await rig.get("/v")
     assert (reply.x_cache, await read(reply)) == ("HIT", b"anonymous")
     await rig.engine.close()
+
+
+async def test_a_far_range_that_finds_the_lease_taken_once_it_asks_goes_to_the_origin_at_once(
+        tmp_path: Path) -> None:
+    """range_fill: whole. Two workers' ranges of a cold key, at the same instant: both look, no
+    lease yet, both decide to lead; the other worker takes the lease first (``Busy`` here). A
+    range near the start waits for that worker's fetch; a seek far on was made to wait too (for
+    the whole download, up to lock_timeout: 4 s at an origin sending 2 MB over 4 s), where one
+    that finds the lease taken at its look is asked of the origin at once."""
+    rig = make_rig(tmp_path, config="cache: {range_fill: whole, lock_timeout: 20s}\n")
+    leases = FakeLeases(Busy())
+    rig.engine.leases = leases
+    big = bytes(i % 251 for i in range(3 << 20))
+    first = 2_500_000
+    rig.origin.route("/v", answer(206, big[first:first + 100], {
+        **CACHEABLE, "ETag": '"v"', "Content-Range": f"bytes {first}-{first + 99}/{len(big)}"}))
+    reply = await asyncio.wait_for(rig.get("/v", {"Range": f"bytes={first}-{first + 99}"}), 5)
+    assert (reply.status, await read(reply)) == (206, big[first:first + 100])
+    assert [s.headers.get("Range") for s in rig.origin.sent] == [f"bytes={first}-{first + 99}"]
+    assert leases.answers == []  # (it asked, and was told another worker had it)
+    await rig.engine.close()
