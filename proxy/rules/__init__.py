@@ -15,7 +15,7 @@ moments, with one meaning of "first match":
 
 A HEAD that misses fills the GET entry, so a HEAD is decided at both moments as a
 GET of it; a rule for HEAD without GET met first adds only the HEAD's own ``bypass``,
-reply edits and ``client_cache_control`` (``RuleSet._scan_head``).
+reply edits and ``client_cache_control``, read on the rules' own reading (``RuleSet._head``).
 
 Three modules, one job each:
 

@@ -12,8 +12,9 @@ rules are then read again on that path, and what they decide there wins (``RuleS
 A path that some origins read as another path (``;`` parameters, an escaped ``/`` they do not
 decode, ``\\``, a NUL, a segment's trailing dots or spaces) is read that way too, and a plan there
 unsafe to share with this one bypasses (``RuleSet._read_otherwise``). A HEAD is planned as a GET
-of it, with only the bypass, reply edits and client_cache_control of a rule for HEAD without GET
-met first (``RuleSet._scan_head``): its miss fills the entry every GET is answered from.
+of it, every reading and check included, with only the bypass, reply edits and
+client_cache_control of a rule for HEAD without GET met first on the rules' own reading
+(``RuleSet._head``): its miss fills the entry every GET is answered from.
 
 Speed: the path's first segment picks the (precomputed, ordered) rules that can match
 it, and the scan stops at the first request-time rule. A rule's plan and store plan
@@ -115,7 +116,7 @@ class Rule:
     store: StorePlan = field(init=False)  # built by RuleSet, which knows the defaults
     holds: Predicate = field(init=False)  # the request conditions, compiled
     needs_response: bool = field(init=False)
-    # Matches HEAD without GET: it may only bypass the HEAD or edit its reply (``RuleSet._scan_head``).
+    # Matches HEAD without GET: it may only bypass the HEAD or edit its reply (``RuleSet._head``).
     head_only: bool = field(init=False)
     plan: RequestPlan = field(init=False)  # the request plan when this rule decides alone
 
@@ -143,7 +144,7 @@ class RequestPlan:
     detail: str | None = None
     # The path as some origins read it, when the rules decide otherwise there (``RuleSet._read_otherwise``).
     read_as: str | None = None
-    # A HEAD's plan when a rule for HEAD without GET holds for it (``RuleSet._scan_head``): the
+    # A HEAD's plan when a rule for HEAD without GET holds for it (``RuleSet._head``): the
     # rules its own reading met, those with response conditions then the one that decided,
     # whose first holding one edits the HEAD's reply when it is such a rule with response_headers
     # (``response_headers_for``). Empty for every other plan.
@@ -236,13 +237,13 @@ def _shared_as(plan: RequestPlan) -> tuple[object, ...]:
              options.ttl_default is not None and options.ttl_default <= 0))
     return (plan.bypass, plan.key, plan.response_rules, store.no_store, store.response_headers,
             store.deception_guard, options.override_origin, options.allow_set_cookie,
-            options.client_cache_control, store.tags, ttls, plan.head_rules)
+            options.client_cache_control, store.tags, ttls)
 
 
 def _same_rules(again: RequestPlan, plan: RequestPlan) -> bool:
-    """Whether two plans come from the same rules (a HEAD's own ones included)."""
-    return (again.rule is plan.rule and again.response_rules == plan.response_rules
-            and again.head_rules == plan.head_rules)
+    """Whether two plans come from the same rules. Both are a GET's (a HEAD's readings are its
+    GET's: ``RuleSet._head``), so a rule for HEAD alone is in neither."""
+    return again.rule is plan.rule and again.response_rules == plan.response_rules
 
 
 def _decides_otherwise(again: RequestPlan, plan: RequestPlan) -> bool:
@@ -295,19 +296,17 @@ class RuleSet:
                 matching.append(r)
         self._other = tuple(other)
         self._by_segment = {s: tuple(matching) for s, matching in by_segment.items()}
-        # The same index without the rules for HEAD without GET: what a GET of a HEAD meets
-        # (``_scan_head``). None when no rule is for HEAD alone: a HEAD is then scanned as a GET.
-        self._as_get: tuple[dict[str, tuple[Rule, ...]], tuple[Rule, ...]] | None = None
-        if any(r.head_only for r in rules):
-            self._as_get = ({s: tuple(r for r in matching if not r.head_only)
-                             for s, matching in self._by_segment.items()},
-                            tuple(r for r in self._other if not r.head_only))
-        self._heads: dict[tuple[int, int], tuple[RequestPlan, RequestPlan, RequestPlan]] = {}
+        # Whether some rule is for HEAD without GET: a HEAD is then planned as a GET of it plus
+        # what such a rule adds (``_head``); otherwise it is scanned as a GET, once.
+        self._head_only = any(r.head_only for r in rules)
+        self._heads: dict[tuple[int | Rule, ...], tuple[RequestPlan, RequestPlan]] = {}
 
     def rebased(self, base: CacheOptions) -> RuleSet:
         return RuleSet(self.defaults, tuple(replace(r) for r in self.rules), base, self.files)
 
     def plan(self, request: RequestHead) -> RequestPlan:
+        if self._head_only and request.method == "HEAD":
+            return self._head(request)
         plan = self._first_match(request)
         if plan.key.lowercase_path and not plan.bypass:
             plan = self._lowered(request, plan)
@@ -432,16 +431,11 @@ class RuleSet:
             if (param, field) == found:
                 return plan
 
-    def _scan(self, view: RequestView, rules: tuple[Rule, ...] | None = None) -> RequestPlan:
-        """The plan of the first rule that holds for ``view`` (one reading of the request), of
-        ``rules`` (by default, those its path's first segment can match)."""
-        if rules is None:
-            if self._as_get is not None and view.head.method == "HEAD":
-                return self._scan_head(view)
-            rules = self._by_segment.get(first_segment(view.path), self._other)
+    def _scan(self, view: RequestView) -> RequestPlan:
+        """The plan of the first rule that holds for ``view`` (one reading of the request)."""
         response_rules: list[Rule] | None = None
         plan = self.default_plan
-        for r in rules:
+        for r in self._by_segment.get(first_segment(view.path), self._other):
             if not r.holds(view):
                 continue
             if r.needs_response:
@@ -457,36 +451,50 @@ class RuleSet:
             plan = self._unambiguous(view, plan)
         return plan
 
-    def _scan_head(self, view: RequestView) -> RequestPlan:
+    def _head(self, request: RequestHead) -> RequestPlan:
         """The plan of a HEAD when some rule is for HEAD without GET: a HEAD that misses fills the
         GET entry, and every GET is answered from it, so what is looked up and stored, and how,
-        is what a GET of the same request gets. Such a rule met first (before the rule a GET
-        meets) adds only what is the HEAD's own: its ``bypass`` (the HEAD is then bypassed), its
-        ``response_headers`` (the HEAD's reply, ``RequestPlan.head_rules``) and its
-        ``client_cache_control`` (the HEAD's lookup). Its plan alone, the defaults', replaced the
-        GET's: a HEAD with a session cookie stored the logged-in page a later bypass rule kept
-        from the cache, for every GET after it."""
-        assert self._as_get is not None
-        segment = first_segment(view.path)
-        own = self._scan(view, self._by_segment.get(segment, self._other))
-        rule = own.rule
+        is what a GET of the same request gets, every ambiguity check included (``plan``).
+        Such a rule met first (before the rule a GET meets) adds only what is the HEAD's own: its
+        ``bypass`` (the HEAD is then bypassed), its ``response_headers`` (the HEAD's reply,
+        ``RequestPlan.head_rules``) and its ``client_cache_control`` (the HEAD's lookup). Its
+        plan alone, the defaults', replaced the GET's: a HEAD with a session cookie stored the
+        logged-in page a later bypass rule kept from the cache, for every GET after it.
+
+        Such rules are read on the rules' own reading only, on a view of their own: what only
+        they read (``?v=1&v=2``, ``Cookie: beta=1; beta=2``, ``/static/..;/account/x``) is no
+        ambiguity for the HEAD. They decide nothing another client gets: the HEAD's answer is
+        the GET's entry, whose readings ``plan`` checks, or, bypassed, the origin's, stored
+        for no one. Read in every reading, they bypassed a HEAD whose GET was a HIT."""
+        own = RequestView(request)
+        response_rules: list[Rule] = []
+        rule: Rule | None = None
+        for r in self._by_segment.get(first_segment(own.path), self._other):
+            if not r.holds(own):
+                continue
+            if r.needs_response:
+                response_rules.append(r)
+                continue
+            rule = r
+            break
         if rule is not None and rule.head_only:
             if rule.actions.bypass:
-                return own
-        elif not any(r.head_only for r in own.response_rules):
-            return own  # no rule for HEAD alone met: the GET's plan already
-        by_segment, other = self._as_get
-        return self._head_plan(self._scan(view, by_segment.get(segment, other)), own)
+                return self._composed(rule.plan, response_rules) if response_rules else rule.plan
+        elif not any(r.head_only for r in response_rules):
+            return self.plan(request._replace(method="GET"))  # none met: the GET's plan
+        as_get = self.plan(request._replace(method="GET"))
+        return self._head_plan(as_get, (*response_rules, *((rule,) if rule is not None else ())))
 
-    def _head_plan(self, as_get: RequestPlan, own: RequestPlan) -> RequestPlan:
-        """``as_get`` (the plan of a GET of the request) for a HEAD whose own reading is ``own``
-        (``_scan_head``); the few combinations are memoised (by the plans' ids, which the memo
-        keeps alive: each is a rule's plan or memoised too)."""
-        memo = (id(as_get), id(own))
+    def _head_plan(self, as_get: RequestPlan, head_rules: tuple[Rule, ...]) -> RequestPlan:
+        """``as_get`` (the plan of a GET of the request) for a HEAD whose own reading met
+        ``head_rules`` (``_head``: those with response conditions, then the one that decided).
+        Memoised by ``as_get``'s id (the memo keeps it alive) when it is a rule's plan or
+        memoised too: a plan another path reading or a lower-cased path built is made anew."""
+        memo: tuple[int | Rule, ...] = (id(as_get), *head_rules)
         found = self._heads.get(memo)
         if found is not None:
-            return found[2]
-        rule = own.rule
+            return found[1]
+        rule = head_rules[-1] if head_rules and not head_rules[-1].needs_response else None
         options, edits = as_get.options, as_get.store.response_headers
         if rule is not None and rule.head_only:
             if rule.actions.client_cache_control is not None:
@@ -494,9 +502,9 @@ class RuleSet:
             if rule.actions.response_headers is not None:
                 edits = rule.actions.response_headers
         plan = replace(as_get, options=options, store=replace(as_get.store, response_headers=edits),
-                       head_rules=(*own.response_rules, *((rule,) if rule is not None else ())))
-        if len(self._heads) < 4096:
-            self._heads[memo] = (as_get, own, plan)
+                       head_rules=head_rules)
+        if len(self._heads) < 4096 and as_get.read_as is None and as_get.lowered_by is None:
+            self._heads[memo] = (as_get, plan)
         return plan
 
     def _field_readings(self, request: RequestHead, view: RequestView) -> list[dict[str, str | None]] | None:
@@ -563,9 +571,7 @@ class RuleSet:
 
     def _unkeyable_plan(self, detail: str, plan: RequestPlan) -> RequestPlan:
         """``plan`` as a bypass with Cache-Status ``detail``; the few combinations are memoised."""
-        memo: tuple[str | Rule | None, ...] = (detail, plan.rule, *plan.response_rules)
-        if plan.head_rules:
-            memo = (*memo, "HEAD", *plan.head_rules)
+        memo = (detail, plan.rule, *plan.response_rules)
         bypass = self._unkeyable.get(memo)
         if bypass is None:
             bypass = replace(plan, bypass=True, detail=detail)

@@ -1,7 +1,7 @@
 """A rule for HEAD without GET: it may bypass the HEAD or edit its reply, nothing else.
 
 A HEAD that misses fills the GET entry every GET is answered from, so what is looked up and
-stored, and how, is the plan of a GET of the same request (``RuleSet._scan_head``). Such a rule
+stored, and how, is the plan of a GET of the same request (``RuleSet._head``). Such a rule
 used to decide the HEAD alone, with the defaults: every later rule (a cookie ``bypass``, a
 ``no_store``, a ``ttl``) was skipped for the fill, and a HEAD with a session cookie stored the
 logged-in page for every anonymous GET.
@@ -129,6 +129,33 @@ async def test_a_head_only_bypass_still_bypasses_heads_and_only_them(
     assert origin.count("/p") == 3
 
 
+AMBIGUOUS_ONLY_FOR_HEAD_RULES = """
+    defaults: {ttl: {200: 5m}}
+    rules:
+      - {name: head-v2, match: {method: [HEAD], query: {v: "2"}}, response_headers: {add: {X-Head: v2}}}
+      - {name: head-account, match: {method: [HEAD], path: "/account/**"}, response_headers: {add: {X-Head: account}}}
+      - {name: head-beta, match: {method: [HEAD], cookie: {beta: "1"}}, response_headers: {add: {X-Head: beta}}}
+      - {name: static, match: {path: "/static/**"}, ttl: {200: 1h}}
+"""
+# Each request reads ambiguously only for what a HEAD-only rule reads: a GET of it is cached.
+AMBIGUOUS_ONLY_FOR_HEADS: list[tuple[str, dict[str, str]]] = [("/q?v=1&v=2", {}), ("/static/..;/account/x", {}),
+                            ("/c", {"Cookie": "beta=1; beta=2"})]
+
+
+async def test_a_head_is_a_hit_where_its_get_is_though_a_head_only_rule_reads_it_ambiguously(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A HEAD-only rule's own conditions went through the ambiguity checks: the HEAD was
+    bypassed (AMBIGUOUS-QUERY:v, AMBIGUOUS-PATH, AMBIGUOUS-COOKIE:beta) where its GET was a HIT."""
+    proxy = await make_proxy(rules=AMBIGUOUS_ONLY_FOR_HEAD_RULES)
+    heads = []
+    for target, headers in AMBIGUOUS_ONLY_FOR_HEADS:
+        origin.route(target.partition("?")[0], body=b"page")
+        assert [(await proxy.get(target, headers=headers)).x_cache for _ in range(2)] == ["MISS", "HIT"]
+        heads.append((await proxy.request("HEAD", target, headers=headers)).cache_status)
+    assert [status.split("; ")[1] for status in heads] == ["hit", "hit", "hit"], heads
+    assert [origin.count(target.partition("?")[0]) for target, _ in AMBIGUOUS_ONLY_FOR_HEADS] == [1, 1, 1]
+
+
 # -- RuleSet.plan -------------------------------------------------------------------------------
 
 RULES = compile_text("""
@@ -214,6 +241,39 @@ def test_a_head_only_bypass_and_client_cache_control_are_the_heads_own() -> None
     assert plan.rule is get.rule
 
 
+@pytest.mark.parametrize(("target", "headers"), AMBIGUOUS_ONLY_FOR_HEADS)
+def test_what_only_a_head_only_rule_reads_ambiguously_is_no_ambiguity_for_the_head(
+        target: str, headers: dict[str, str]) -> None:
+    rules = compile_text(AMBIGUOUS_ONLY_FOR_HEAD_RULES)
+    get, plan = rules.plan(head(target, **headers)), rules.plan(head(target, "HEAD", **headers))
+    assert not get.bypass and not plan.bypass, plan.detail
+    assert (plan.rule, plan.key, plan.store, plan.detail) == (get.rule, get.key, get.store, None)
+
+
+def test_a_head_only_rules_edits_are_those_of_the_rules_own_reading() -> None:
+    rules = compile_text(AMBIGUOUS_ONLY_FOR_HEAD_RULES)
+    # v=1 first: head-v2 does not hold on the rules' reading, and Rails' v=2 does not bypass.
+    plan = rules.plan(head("/q?v=1&v=2", "HEAD"))
+    assert not plan.bypass and plan.head_rules == () and plan.response_headers is None
+    plan = rules.plan(head("/q?v=2&v=1", "HEAD"))
+    assert not plan.bypass and [r.name for r in plan.head_rules] == ["head-v2"]
+    assert plan.response_headers is rules.rules[0].actions.response_headers
+
+
+def test_a_head_only_bypass_is_decided_on_the_rules_own_reading() -> None:
+    """Its bypass keeps only the HEAD's own answer from the cache, and a bypassed HEAD stores
+    nothing: another reading of it is no ambiguity, the HEAD is then the GET's."""
+    rules = compile_text("""
+        rules:
+          - {name: live probes, match: {method: [HEAD], query: {live: "1"}}, bypass: true}
+          - {name: pages, match: {path: "/**"}, ttl: {200: 1h}}
+    """)
+    plan = rules.plan(head("/p?live=1&live=0", "HEAD"))
+    assert plan.bypass and plan.bypass_detail == "RULE-BYPASS:live probes"
+    get, plan = rules.plan(head("/p?live=0&live=1")), rules.plan(head("/p?live=0&live=1", "HEAD"))
+    assert not plan.bypass and plan is get and plan.rule is rules.rules[1]
+
+
 def test_gets_and_other_methods_are_planned_as_before() -> None:
     for target in ("/h/x", "/c/x", "/b/x", "/account/x"):
         for method in ("GET", "POST"):
@@ -228,7 +288,7 @@ def test_without_rules_for_head_alone_a_head_is_scanned_once_as_a_get() -> None:
         rules:
           - {name: pages, match: {path: "/**", method: [GET]}, ttl: {200: 1h}}
     """)
-    assert rules._as_get is None
+    assert not rules._head_only
     assert rules.plan(head("/x", "HEAD")) is rules.plan(head("/x")) is rules.rules[0].plan
 
 
