@@ -277,8 +277,11 @@ class RuleSet:
         self._plans: dict[tuple[Rule | None, ...], RequestPlan] = {}
         self._unkeyable: dict[tuple[str | Rule | None, ...], RequestPlan] = {}
         # The cookies any rule reads in a condition: a request whose Cookie reads ambiguously
-        # for one of them (``policy.fields.cookies``) is not cached (see ``plan``).
-        self.cookie_names = tuple(dict.fromkeys(c.name for r in rules for c in r.match.cookies))
+        # for one of them (``policy.fields.cookies``) is not cached (see ``plan``). Not those
+        # only a rule for HEAD without GET reads: they decide nothing stored (``_head``), and a
+        # GET with ``beta=1; beta=2`` was bypassed for a HEAD rule's ``beta``.
+        self.cookie_names = tuple(dict.fromkeys(c.name for r in rules if not r.head_only
+                                                for c in r.match.cookies))
         # The header fields any rule's condition reads, lower-cased (``_field_readings``).
         self.header_names = tuple(dict.fromkeys(c.name.lower() for r in rules for c in r.match.headers))
         # Index by the first path segment: the rules a path with segment S can match, in order

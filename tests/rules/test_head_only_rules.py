@@ -260,6 +260,23 @@ def test_a_head_only_rules_edits_are_those_of_the_rules_own_reading() -> None:
     assert plan.response_headers is rules.rules[0].actions.response_headers
 
 
+def test_a_cookie_only_a_head_only_rule_reads_makes_neither_a_get_nor_a_head_ambiguous() -> None:
+    """A GET that read some cookie condition was bypassed (AMBIGUOUS-COOKIE:beta) for a cookie
+    only a HEAD rule reads, which decides nothing a GET gets."""
+    rules = compile_text("""
+        rules:
+          - {name: head-beta, match: {method: [HEAD], cookie: {beta: "1"}}, response_headers: {add: {X-Head: beta}}}
+          - {name: sessions, match: {cookie: {session: present}}, bypass: true}
+          - {name: pages, match: {path: "/**"}, ttl: {200: 1h}}
+    """)
+    for method in ("GET", "HEAD"):
+        plan = rules.plan(head("/x", method, Cookie="beta=1; beta=2"))
+        assert not plan.bypass and plan.rule is rules.rules[2], (method, plan.detail)
+    # A cookie a GET's rule reads still makes both a bypass:
+    for method in ("GET", "HEAD"):
+        assert rules.plan(head("/x", method, Cookie="session=; session=a")).bypass
+
+
 def test_a_head_only_bypass_is_decided_on_the_rules_own_reading() -> None:
     """Its bypass keeps only the HEAD's own answer from the cache, and a bypassed HEAD stores
     nothing: another reading of it is no ambiguity, the HEAD is then the GET's."""
