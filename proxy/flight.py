@@ -1192,6 +1192,11 @@ class MissPath:
             return await self._fetch_alone(attempt)
         except UpstreamError as exc:
             reader.close()
+            if isinstance(exc, UnaskedPartial) and attempt.part is not None:
+                # A range that joined a held fill whose whole fetch the origin answered with a
+                # 206 (``_whole_failed``): the object cannot be fetched whole, its ranges can.
+                # Its own range, not the whole fetch's 502 (one for each range that joined it).
+                return await self._fetch_alone(attempt)
             if fetches_again(exc, collapsed=collapsed, again=attempt.again or flight.again,
                              stale=stale is not None, part=attempt.part is not None):
                 return await self._again(attempt, flight)

@@ -394,3 +394,35 @@ async def test_a_chunked_part_whose_body_disagrees_with_its_content_range_is_cou
     again = await proxy.get("/c", headers={"Range": "bytes=0-99"})
     assert again.x_cache == "MISS"
     assert seen == ["bytes=0-99", "bytes=0-99"]
+
+
+async def test_ranges_that_joined_a_whole_fetch_an_origin_answers_with_a_206_ask_their_own(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """range_fill: whole, an origin that answers each Range with its 206 and a request without
+    Range with a 206 too. Ranges of a cold key at once: the first leads (its range, then the
+    whole fetch behind it); the others joined that whole fetch, and got its error, a 502
+    UPSTREAM-INVALID, where the origin serves their ranges: each asks for its own now."""
+    body = bytes(i % 251 for i in range(1000))
+    seen: list[str | None] = []
+
+    async def ranges_only(request: web.Request) -> web.Response:
+        rng = request.headers.get("Range")
+        seen.append(rng)
+        await asyncio.sleep(0.2)  # (the herd arrives meanwhile)
+        first, last = (int(x) for x in (rng or "bytes=0-99").removeprefix("bytes=").split("-"))
+        return web.Response(status=206, body=body[first:last + 1], headers={
+            "Cache-Control": "max-age=3600", "ETag": '"v1"', "Content-Range": f"bytes {first}-{last}/1000"})
+
+    origin.route("/a", ranges_only)
+    proxy = await make_proxy(config="cache: {memory: 64MB, range_fill: whole, hit_for_pass: 1h}\n"
+                                    "upstream: {retries: 0}\n")
+    lead = asyncio.ensure_future(proxy.get("/a", headers={"Range": "bytes=0-9"}))
+    for _ in range(500):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    herd = await asyncio.gather(*(proxy.get("/a", headers={"Range": f"bytes={i * 10}-{i * 10 + 9}"})
+                                  for i in range(1, 6)))
+    assert ((await lead).status, (await lead).body) == (206, body[:10])
+    assert [(r.status, r.body) for r in herd] == [(206, body[i * 10:i * 10 + 10]) for i in range(1, 6)]
+    assert seen.count(None) == 1 and len(seen) == 7, seen  # one whole fetch; each range asked once
