@@ -457,7 +457,8 @@ class Engine:
 
         ``cookies``: the Set-Cookie fields of the origin's 304 to this client's own
         revalidation (never stored: ``freshen``), on whatever reply it gets (a 304 or 412 to
-        its conditionals too), after the rule's edits, as a fill's client gets its 200's.
+        its conditionals too), edited by the rule's response_headers as the reply is (a rule
+        that removes Set-Cookie removes them), as a fill's client gets its 200's.
 
         The rule's response_headers are those of the stored response (its status and type:
         what its 200 gets, on the fast path too; a stored part's, as every 206 is, those of

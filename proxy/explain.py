@@ -596,14 +596,17 @@ def _rule_roles(rules: RuleSet, head: RequestHead) -> list[tuple[Rule, str | Non
     an earlier rule shadows (first match wins). A HEAD is cached as a GET of it: a HEAD-only
     rule that does not bypass only edits the HEAD's reply, and the rules after it decide."""
     out = []
-    decided = False
+    decided = False  # the plan is decided: a rule won (a GET's, or a HEAD-only bypass)
+    head_edit = False  # a HEAD-only rule met first edits the HEAD's reply (``RuleSet._head``)
     for rule, why in rules.trace(head):
         role = ""
         if why is None:
             if decided:
                 role = "not reached: an earlier rule won"
-            elif rule.head_only and not rule.actions.bypass:
-                role = "edits the HEAD's reply only (a HEAD is cached as a GET of it)"
+            elif rule.head_only and head_edit:
+                role = "not reached: an earlier HEAD-only rule edits the HEAD's reply"
+            elif rule.head_only and not rule.match.needs_response and not rule.actions.bypass:
+                role, head_edit = "edits the HEAD's reply only (a HEAD is cached as a GET of it)", True
             elif rule.match.needs_response:
                 role = "applies when its status/content_type holds"
             else:
@@ -683,18 +686,22 @@ def stored_decided_by(f: Freshness, cc: CacheControl, cc_field: str, now: dict[s
     reload, or named a no_store rule with no ttl at all."""
     if f.source != "rule":  # the stored response's own fields (or the heuristic, or none) decided
         return freshness_decided_by(f, cc, cc_field, "the rules")
-    then = f"a ttl from the rules at store time ({round(f.lifetime, 1):g} s)"
+    then = f"a ttl from the rules at store time ({_seconds(f.lifetime)} s)"
     if not now["stored"]:
         return f"{then}; the rules now do not store it ({now['detail']})"
     if now["freshness_source"] != "rule":
         return f"{then}; the rules now give no ttl for it ({now['freshness_decided_by']} decides)"
     jitter = now["ttl_jitter"]
-    if jitter and now["lifetime"] * (1 - jitter) - 0.05 <= f.lifetime <= now["lifetime"] + 0.05:
-        # (shortened by ttl_jitter, not changed by a reload: "the rules now give 100 s" beside
-        # 57.6 s read as if they had)
-        return (f"{then}: the rules' {now['lifetime']:g} s less its ttl_jitter (up to {jitter:.0%}; "
-                f"{now['freshness_decided_by']})")
-    return f"{then}; the rules now give {now['lifetime']:g} s ({now['freshness_decided_by']})"
+    # ttl_jitter: the entry does not keep its draw, so a lifetime under the rules' ttl may be the
+    # jitter or a reload; said as both are (57.6 s beside "the rules now give 100 s" read as a
+    # reload that never was).
+    less = f", less up to {jitter:.0%} by ttl_jitter" if jitter else ""
+    return f"{then}; the rules now give {_seconds(now['lifetime'])} s{less} ({now['freshness_decided_by']})"
+
+
+def _seconds(value: float) -> str:
+    """Seconds to 0.1 s, never in exponent form (``:g`` wrote a 30-day ttl ``2.592e+06``)."""
+    return f"{value:.1f}".removesuffix(".0")
 
 
 def _storability(head: RequestHead, plan: RequestPlan, status: int,

@@ -48,7 +48,7 @@ async def test_an_operator_logs_in_watches_inspects_purges_reloads_and_logs_out(
         origin: Origin, tmp_path: Path, workers: int) -> None:
     need_browser()
     origin.route("/static/app.js", body=b"console.log(1)" * 50, headers={"Cache-Control": "max-age=300",
-                                                                          "Surrogate-Key": "js"})
+                                                                          "Surrogate-Key": "js", "Vary": "X-Tenant"})
     origin.route("/account", body=b"me", headers={"Cache-Control": "private"})
     await asyncio.to_thread(write, tmp_path / "rules.yaml", RULES)
     config = write_config(str(tmp_path), origin.url, "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n",
@@ -109,6 +109,7 @@ async def run_console(page, proxy: ProxyProcess) -> None:  # type: ignore[no-unt
     row = page.locator("#variants tbody tr").first
     await expect(row).to_contain_text("fresh")
     await expect(row).to_contain_text("js")
+    await expect(row).to_contain_text("x-tenant: (absent)")  # (sent by no client: not the word null)
     await expect(page.locator("#inspect-decision")).to_contain_text("serve")
     await expect(page.locator("#inspect-rules")).to_contain_text("static")
 

@@ -335,3 +335,34 @@ def test_cachegate_explain_says_a_head_only_rule_edits_the_heads_reply_and_the_n
     assert "RULE-BYPASS:logged-in users skip the cache" in out
     assert "rules.yaml:3): request conditions hold -> edits the HEAD's reply only (a HEAD is cached as a GET of it)" in out
     assert "rules.yaml:6): request conditions hold -> wins" in out
+
+
+def test_cachegate_explain_lists_later_head_only_rules_as_not_reached(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A HEAD-only edit rule met first: the HEAD-only rules after it (a bypass among them) are
+    not reached (``RuleSet._head`` takes the first), and the GET rules decide. The list named
+    the later HEAD-only bypass the winner and the GET rule that decided "not reached"."""
+    config = write(tmp_path, """
+        defaults: {ttl: {200: 5m}}
+        rules:
+          - name: head edits one
+            match: {method: [HEAD]}
+            response_headers: {add: {X-Head1: "1"}}
+          - name: head bypass
+            match: {method: [HEAD]}
+            bypass: true
+          - name: head edits two
+            match: {method: [HEAD]}
+            response_headers: {add: {X-Head2: "1"}}
+          - name: static
+            match: {path: "/hh/**"}
+            ttl: {200: 1h}
+    """)
+    assert main(["explain", "--config", config, "-X", "HEAD", "http://shop.example/hh/x"]) == 0
+    out = capsys.readouterr().out
+    roles = [line.split(" -> ", 1)[1] for line in out.splitlines() if " -> " in line]
+    assert roles == ["edits the HEAD's reply only (a HEAD is cached as a GET of it)",
+                     "not reached: an earlier HEAD-only rule edits the HEAD's reply",
+                     "not reached: an earlier HEAD-only rule edits the HEAD's reply",
+                     "wins"], out
+    assert "request-time rule   'static'" in out

@@ -437,7 +437,9 @@ async function inspect(url, headerText) {
     $("inspect-decision").textContent =
       `${d.action || "?"} → X-Cache-Status: ${d.x_cache_status || "?"}; ${d.why || ""} · key ${trace.cache_key || "(none)"} · ${rule}`;
     fillTable("variants", stored.variants.map((v) => [
-      td(Object.entries(v.vary).map(([k, x]) => `${k}: ${x}`).join("; ") || "–"),
+      // (null: the request that stored it did not send the field; a value is quoted, so that a
+      // field sent as "null" is not read as absent)
+      td(Object.entries(v.vary).map(([k, x]) => `${k}: ${x === null ? "(absent)" : JSON.stringify(x)}`).join("; ") || "–"),
       td(v.status, "num"),
       td(v.soft_purged ? "soft-purged" : v.fresh ? "fresh" : "stale"),
       td(seconds(v.age), "num"),
