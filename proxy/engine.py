@@ -184,8 +184,8 @@ class Upstreams(Protocol):
     """What the engine uses of the upstream pool (``proxy.upstream.UpstreamPool``)."""
 
     async def send(self, method: str, target: str, headers: list[tuple[str, str]],
-                   body: AsyncIterable[bytes] | None = None, on_interim: InterimHook | None = None
-                   ) -> UpstreamResponse: ...
+                   body: AsyncIterable[bytes] | bytes | None = None,
+                   on_interim: InterimHook | None = None) -> UpstreamResponse: ...
     def snapshot(self) -> list[dict[str, Any]]: ...
 
 
@@ -919,7 +919,7 @@ class Engine:
             delay = elapsed
         return response_time - delay, response_time
 
-    async def send(self, request: UpstreamRequest, body: AsyncIterable[bytes] | None = None,
+    async def send(self, request: UpstreamRequest, body: AsyncIterable[bytes] | bytes | None = None,
                     on_interim: InterimHook | None = None) -> UpstreamResponse:
         started = time.monotonic()
         # Errors are counted by the pool.

@@ -37,7 +37,9 @@ class Planned:
 class ClientRequest:
     head: RequestHead  # normalised (proxy.policy.request): all that may reach the origin
     remote: str  # the peer's IP address (X-Forwarded-For)
-    body: AsyncIterable[bytes] | None = None  # None when the request has no body
+    # None when the request has no body; bytes when it was read whole before going upstream
+    # (``client_body_buffer``: it can be sent again, on a retry), else a stream.
+    body: AsyncIterable[bytes] | bytes | None = None
     # Where the origin's interim responses go (RFC 9110 §15.2); None: nowhere (an HTTP/1.0
     # client, or a caller without a client connection).
     interim: InterimSink | None = None

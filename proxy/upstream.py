@@ -615,9 +615,14 @@ class UpstreamPool:
         on_interim: InterimHook | None = None,
     ) -> UpstreamResponse:
         """Send a request; retry on another upstream when the connection failed before any byte.
-        Interim (1xx) responses go to ``on_interim`` as they arrive (``proxy.http_client``)."""
-        streamed = body is not None and not isinstance(body, bytes)
-        retryable = not streamed and (method in IDEMPOTENT or self.settings.retry_non_idempotent)
+        Interim (1xx) responses go to ``on_interim`` as they arrive (``proxy.http_client``).
+
+        A body as bytes (read whole before: ``client_body_buffer``) is sent anew on each try. A
+        streamed one is retried only while nothing of it was read (``_Watched``): a connection
+        refused or timed out before the request was written. Once a try has read from it, that
+        try is the last: the part read is gone, never sent twice."""
+        watched = _Watched(body) if body is not None and not isinstance(body, bytes) else None
+        retryable = method in IDEMPOTENT or self.settings.retry_non_idempotent
         attempts = 1 + (self.settings.retries if retryable else 0)
         new = False  # a pooled connection closed as the request left: new connections only since
         avoid: str | None = None  # its upstream: not the next choice while another is up
@@ -636,11 +641,14 @@ class UpstreamPool:
                     raise NoUpstreamAvailable("no upstream is available (all are down)")
                 tried.add(upstream.name)
                 try:
-                    return await self._send_once(upstream, method, target, headers, body, on_interim,
+                    return await self._send_once(upstream, method, target, headers,
+                                                 body if watched is None else watched, on_interim,
                                                  new=new, wait=waited is None)
                 except UpstreamDisconnected as exc:
                     last = exc
-                    if retryable and exc.reused and not new:
+                    if watched is not None and watched.read:
+                        attempts = 0  # some of a streamed body was read: it cannot be sent again
+                    elif retryable and exc.reused and not new:
                         # A keep-alive connection the upstream closed as the request left (its idle
                         # timeout, not its answer): no try of that upstream nor a retry used up.
                         # The next try prefers another upstream, and every later one goes on a
@@ -658,7 +666,10 @@ class UpstreamPool:
                     waited = waited or exc
                 except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
                     last = exc
-                    attempts -= 1
+                    if watched is not None and watched.read:
+                        attempts = 0  # (as above: a reset after some of the body was sent)
+                    else:
+                        attempts -= 1
             assert last is not None
             raise last
         except UpstreamError as exc:
@@ -774,6 +785,22 @@ class UpstreamPool:
                 self._on_error(upstream.name, f"status_{resp.status}")  # counted, not held against it
             self._passive_success(upstream)
         return UpstreamResponse(resp, upstream, self)
+
+
+class _Watched:
+    """A streamed request body that tells whether a try began reading it (``read``): until then
+    (a connection refused, or that timed out, before the request was written: nothing is read
+    before the head is) the next try may send it; after, never (the part read is gone)."""
+
+    __slots__ = ("_body", "read")
+
+    def __init__(self, body: AsyncIterable[bytes]) -> None:
+        self._body = body
+        self.read = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        self.read = True
+        return aiter(self._body)
 
 
 def passive_failure(exc: UpstreamError, conn: UpstreamConnection | None, fresh: bool) -> str | None:

@@ -68,6 +68,10 @@ class BodyReader:
         self.received += len(chunk)
         return chunk
 
+    def at_eof(self) -> bool:
+        """Whether the body has ended and all of it was read (no ``read`` needed to learn it)."""
+        return self._content.at_eof()
+
     def _too_slow(self) -> BodyTimedOut:
         return BodyTimedOut(f"the request body came slower than {self._min_rate} bytes/s "
                                f"({self.received} bytes)")

@@ -137,28 +137,33 @@ def interim_sender(request: web.BaseRequest, continued: bool = False
 
 
 async def client_body(request: web.BaseRequest, silence: float, min_rate: int, buffer: int
-                      ) -> AsyncIterator[bytes] | None:
+                      ) -> bytes | AsyncIterator[bytes] | None:
     """The client's request body as it will go upstream: its first ``buffer`` bytes (all of a
     smaller body) read now, before the engine takes an upstream connection for it, the rest as
     it arrives (``BodyReader``'s limits on both). A body that trickles in then holds only its
     own client connection, not a pooled one (nginx reads the whole body first by default). An
     ``Expect: 100-continue`` client is sent cachegate's own ``100`` first, as nginx and Varnish
-    do: otherwise it holds a pooled connection having sent nothing (``continued_here``)."""
+    do: otherwise it holds a pooled connection having sent nothing (``continued_here``).
+
+    A body read whole so is handed over as bytes: it can be sent again, so the pool retries
+    it as it does a bodiless request (on a refused or reset connection, or a keep-alive one
+    the upstream closed as it left). As a stream, any failed try was the last, and a write
+    with a body failed with 502 where a GET was retried (nginx buffers the body and resends it)."""
     if not request.body_exists:
         return None
     reader = BodyReader(request, silence, min_rate)
     first: list[bytes] = []
-    ended = False
     if buffer > 0:
         if continued_here(request, buffer):
             send_continue(request)
         while reader.received < buffer:
             chunk = await reader.read(buffer - reader.received)
             if not chunk:
-                ended = True
-                break
+                return b"".join(first)
             first.append(chunk)
-    return _body_stream(reader, first, ended)
+        if reader.at_eof():  # exactly ``buffer`` bytes: whole too
+            return b"".join(first)
+    return _body_stream(reader, first)
 
 
 def continued_here(request: web.BaseRequest, buffer: int) -> bool:
@@ -176,12 +181,10 @@ def send_continue(request: web.BaseRequest) -> None:
         transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
-async def _body_stream(reader: BodyReader, first: list[bytes], ended: bool) -> AsyncIterator[bytes]:
+async def _body_stream(reader: BodyReader, first: list[bytes]) -> AsyncIterator[bytes]:
     """What was read before, then the rest as it arrives."""
     if first:
         yield b"".join(first)
-    if ended:
-        return
     while chunk := await reader.read(64 * 1024):
         yield chunk
 
