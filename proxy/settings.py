@@ -961,7 +961,8 @@ class Settings:
     client_body_buffer: int = setting(64 * 1024, "this much of a request body (all of a smaller one) is "
                                                  "read before an upstream connection is taken for it "
                                                  "(an Expect: 100-continue client is sent cachegate's "
-                                                 "own 100 first); 0: none, and such a client gets the "
+                                                 "own 100 first); a body read whole can be sent again "
+                                                 "on a retry; 0: none, and such a client gets the "
                                                  "origin's 100",
                                       byte_size())
     client_body_min_rate: int = setting(500, "bytes per second a request body must average, after the "

@@ -34,17 +34,19 @@ Health:
   connection or a pooled connection closed as the request left is no passive
   failure.
 
-A request is retried on another upstream only when the connection failed before
-any response byte arrived (refused, reset, closed with nothing read, or a connect
-timeout), only for idempotent methods (unless ``retry_non_idempotent``), and never
-when the request body was streamed. A reused connection that closes with nothing read
-is a keep-alive connection closed by the upstream as the request left (its idle timeout,
-not its answer): it uses up neither that upstream's try nor a retry; the next try prefers
-another upstream (the same one when no other is up), and that try and every later one go
-on a new connection (the upstream's other idle ones may be closed as well). A new
-connection closed so is a failed try like any other (the upstream dropped that request). A 5xx
-answer, a read timeout or a connection that closes part-way through the response
-head is not retried: the upstream may have acted on the request.
+A request is retried on another upstream only when the connection failed before any response
+byte arrived (refused, reset, closed with nothing read, or a connect timeout), only for
+idempotent methods (unless ``retry_non_idempotent``), and with a body only when it can be
+sent again: one read whole before (bytes: ``client_body_buffer``) always, a streamed one
+only while no try has read any of it (``_Watched``: a connection refused or timed out before
+the head was written), never twice. A reused connection that closes with nothing read is a
+keep-alive connection closed by the upstream as the request left (its idle timeout, not its
+answer): it uses up neither that upstream's try nor a retry; the next try prefers another
+upstream (the same one when no other is up), and that try and every later one go on a new
+connection (the upstream's other idle ones may be closed as well). A new connection closed
+so is a failed try like any other (the upstream dropped that request). A 5xx answer, a read
+timeout or a connection that closes part-way through the response head is not retried: the
+upstream may have acted on the request.
 
 An upstream whose pool is full (``HostPool.free``) is passed over while another has a
 connection free, as nginx's max_conns. A request that waited the connect timeout in vain

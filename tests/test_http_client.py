@@ -260,8 +260,17 @@ async def test_request_bodies_are_framed_by_what_is_really_sent(
 
     assert (await proxy.request("POST", "/len", data=b"payload")).status == 200
     assert b"Content-Length: 7" in up.heads[-1] and up.bodies[-1] == b"payload"
+    # A chunked body read whole (within client_body_buffer) goes with its length, as nginx
+    # sends a buffered one; a longer one is streamed, chunked.
     assert (await proxy.request("POST", "/chunked", data=chunks())).status == 200
-    assert b"Transfer-Encoding: chunked" in up.heads[-1] and up.bodies[-1] == b"abcdef"
+    assert b"Content-Length: 6" in up.heads[-1] and up.bodies[-1] == b"abcdef"
+
+    async def long_chunks() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"x" * 40_000
+
+    assert (await proxy.request("POST", "/chunked", data=long_chunks())).status == 200
+    assert b"Transfer-Encoding: chunked" in up.heads[-1] and up.bodies[-1] == b"x" * 120_000
     # A GET with a body is passed through with it; one with an empty body is filled without
     # one: no Content-Length may go with no body.
     assert (await proxy.request("GET", "/get", data=b"passed")).status == 200
