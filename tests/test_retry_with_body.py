@@ -59,28 +59,32 @@ async def test_a_small_body_on_a_keep_alive_connection_dropped_as_it_left_is_sen
     make_proxy: MakeProxy,
 ) -> None:
     """The upstream's idle timeout closes the pooled connection as the PUT arrives: one more
-    try, on a new connection, with the whole body (it was a 502)."""
+    try, on a new connection, with the whole body (it was a 502). A body of exactly
+    client_body_buffer bytes is one read whole too."""
     answered: list[bytes] = []
 
-    async def drop_first_connection_on_reuse(conn: Conn) -> None:
-        while True:
+    async def drop_a_put_on_reuse(conn: Conn) -> None:
+        for n in range(2):
             head = await conn.reader.readuntil(b"\r\n\r\n")
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                            if line.lower().startswith(b"content-length:")), 0)
             body = await conn.reader.readexactly(length)
-            if conn.index == 0 and head.startswith(b"PUT"):
+            if n == 1 and head.startswith(b"PUT"):
                 return  # closed with nothing sent
             answered.append(body)
             await conn.send(response("200 OK", {"Cache-Control": "no-store"}, b"ok"))
 
     async with raw_origins() as start:
-        lone = await start(drop_first_connection_on_reuse)
+        lone = await start(drop_a_put_on_reuse)
         proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[lone.url])
         assert (await proxy.get("/warm")).status == 200  # connection 0, pooled
-        reply = await proxy.request("PUT", "/put", data=b"small body")
+        reply = await proxy.request("PUT", "/put", data=b"small body")  # 0 dropped, then 1
         assert (reply.status, reply.body) == (200, b"ok")
-        assert answered == [b"", b"small body"]
-        assert lone.connections == 2
+        exact = bytes(range(256)) * 256  # 64 KB: client_body_buffer
+        reply = await proxy.request("PUT", "/put", data=exact)  # 1 dropped, then 2
+        assert (reply.status, reply.body) == (200, b"ok")
+        assert answered == [b"", b"small body", exact]
+        assert lone.connections == 3
 
 
 async def test_a_streamed_body_whose_connection_was_refused_is_retried_whole(
