@@ -91,6 +91,9 @@ FORWARDING_FIELDS = frozenset({
     "x-client-ip", "x-cluster-client-ip", "client-ip", "x-originating-ip", "x-remote-ip",
     "x-remote-addr", "x-proxyuser-ip", "x-azure-clientip", "x-azure-socketip", "x-arr-clientip",
     "x-envoy-external-address", "akamai-client-ip", "x-appengine-user-ip",
+    # ingress-nginx's (and others') copy of the X-Forwarded-For it replaced: an origin behind
+    # it reads the client IP there
+    "x-original-forwarded-for",
     # scheme and TLS
     "front-end-https", "x-url-scheme", "x-scheme", "x-arr-ssl", "cf-visitor", "x-https",
     # host

@@ -25,7 +25,7 @@ ATTACK_FIELDS = [
     "X-Real-IP", "True-Client-IP", "CF-Connecting-IP", "CF-Connecting-IPv6", "Fastly-Client-IP",
     "X-Client-IP", "X-Cluster-Client-IP", "Client-IP", "X-Originating-IP", "X-Remote-IP", "X-Remote-Addr",
     "X-ProxyUser-IP", "X-Azure-ClientIP", "X-Azure-SocketIP", "X-ARR-ClientIP", "X-Envoy-External-Address",
-    "Akamai-Client-IP", "X-AppEngine-User-IP",
+    "Akamai-Client-IP", "X-AppEngine-User-IP", "X-Original-Forwarded-For",
     # scheme and TLS
     "Front-End-Https", "X-Url-Scheme", "X-Scheme", "X-ARR-SSL", "CF-Visitor", "X-Https",
     # host
@@ -74,12 +74,13 @@ async def test_a_trusted_proxy_keeps_its_forwarding_fields(origin: Origin, make_
     proxy = await make_proxy(config="trusted_proxies: [127.0.0.0/8]\n")
     reply = await send_raw(proxy, get(
         "/page", "X-Forwarded-For: 203.0.113.9", "X-Forwarded-Proto: https", "X-Real-IP: 203.0.113.9",
-        "X-Forwarded-Prefix: /shop", "Via: 1.1 edge"))
+        "X-Forwarded-Prefix: /shop", "Via: 1.1 edge", "X-Original-Forwarded-For: 198.51.100.4"))
     seen = received(reply)["fields"]
     assert seen["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
     assert seen["x-forwarded-proto"] == ["https"]
     assert seen["x-real-ip"] == ["203.0.113.9"]
     assert seen["x-forwarded-prefix"] == ["/shop"]
+    assert seen["x-original-forwarded-for"] == ["198.51.100.4"]
     assert seen["via"] == ["1.1 edge, 1.1 cachegate"]
 
 
