@@ -567,6 +567,12 @@ rule files have their own reference, [rules.md](rules.md).
   workers it starts nor restarts, which use what it made; a reload only warns (the cache
   tiers change at a restart), so a machine that reports less memory since (a `swapoff`, a
   balloon driver) never keeps a running instance's workers from starting again.
+- Choices that weaken a safe default
+  ([SECURITY.md](../SECURITY.md#safe-defaults-and-what-each-option-does-to-them)) are warnings
+  at their line: a `trusted_proxies` or `admin.purge_from` network wider than a
+  /8 (IPv4) or a /32 (IPv6; unique-local `fc00::/7` and link-local `fe80::/10` are not), as
+  `0.0.0.0/0` or `::/0` (everyone may set forwarding fields, or purge), and
+  `upstream.tls.verify: false` (upstream certificates are not checked).
 - A reload (SIGHUP, `POST /reload`) applies most keys at once; `listen` (its addresses),
   `admin.listen`, `upstreams`, `upstream`, `workers`, `cluster` and every `cache` key but
   `cache.tag_headers`, `cache.lock_timeout` and `cache.range_fill` keep their running values

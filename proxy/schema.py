@@ -620,8 +620,9 @@ def hostport(*, off: Bool = False) -> Parser[Any]:
                   show=lambda v: "null" if v is None else show_hostport(v))
 
 
-def networks() -> Parser[tuple[Any, ...]]:
-    """IP addresses and CIDR networks: a list, or one."""
+def networks(wide: Callable[[Any], Str | None] | None = None) -> Parser[tuple[Any, ...]]:
+    """IP addresses and CIDR networks: a list, or one. ``wide`` says why a network is a risk
+    worth a warning at its line (None: nothing to say); it is kept either way."""
     def read(item: Src, ctx: Context) -> tuple[Any, ...]:
         out = []
         for element in elements(item):
@@ -631,16 +632,21 @@ def networks() -> Parser[tuple[Any, ...]]:
                 continue
             text = str(element.value)
             try:
-                out.append(ipaddress.ip_network(text, strict=True))
+                network = ipaddress.ip_network(text, strict=True)
             except ValueError:
                 try:  # host bits set: which network was meant is a guess (trust is at stake)
-                    wide = ipaddress.ip_network(text, strict=False)
+                    meant = ipaddress.ip_network(text, strict=False)
                 except ValueError:
                     ctx.problem(element, f"{element.value!r} is not an IP address or CIDR network")
                     continue
                 host = text.split("/", 1)[0].strip()
-                ctx.problem(element, f"{text} has host bits set: write {host}/{wide.max_prefixlen} "
-                                     f"for the host or {wide} for the network")
+                ctx.problem(element, f"{text} has host bits set: write {host}/{meant.max_prefixlen} "
+                                     f"for the host or {meant} for the network")
+                continue
+            out.append(network)
+            why = wide(network) if wide is not None else None
+            if why is not None:
+                ctx.problems.warn(element, f"{ctx.name}: {network} {why}" if ctx.name else f"{network} {why}")
         return tuple(out)
 
     return Parser("list of IP addresses or CIDR networks (10.0.0.0/8: with host bits set, as 10.0.0.1/8, "

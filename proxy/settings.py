@@ -73,6 +73,9 @@ MemoryPolicy = Literal["lru", "lfu"]
 DiskEviction = Literal["least-recently-stored", "least-recently-used"]
 LogFormat = Literal["json", "combined"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Networks that cannot reach cachegate from the internet however wide they are: IPv6
+# unique-local (fc00::/7, the counterpart of 10.0.0.0/8) and link-local addresses.
+_LOCAL_V6 = (ipaddress.IPv6Network("fc00::/7"), ipaddress.IPv6Network("fe80::/10"))
 
 MB = 1 << 20
 GB = 1 << 30
@@ -369,6 +372,25 @@ def _with_ca_data(tls: TLSSettings, ctx: Context) -> TLSSettings:
     return replace(tls, ca_data=ctx.sources.read.get(os.path.abspath(tls.ca_file)))
 
 
+def _tls_section() -> Parser[TLSSettings]:
+    """``upstream.tls``; ``verify: false`` (without a ca_file: that has its own warning) is
+    warned of at its line: a test setting left in, or a shortcut past a private CA, that
+    lets anyone on the path answer as the origin for every client."""
+    base = section(TLSSettings, check=_with_ca_data)
+
+    def read(item: Src, ctx: Context) -> TLSSettings:
+        tls = base.read(item, ctx)
+        if not tls.verify and tls.ca_file is None:
+            ctx.problems.warn(item.value.get("verify", item),
+                              f"{ctx.name}.verify is false: upstream certificates and names are not "
+                              "checked, so anyone on the path to an https:// upstream can answer as it "
+                              "and have the answer cached for every client; give the upstream's CA (or "
+                              "its self-signed certificate) in ca_file instead")
+        return tls
+
+    return replace(base, read=read)
+
+
 @dataclass(frozen=True)
 class PoolSettings:
     """How the pool talks to upstreams (docs/upstreams.md)."""
@@ -388,7 +410,7 @@ class PoolSettings:
         factory=PassiveHealth, doc="passive health checks",
         parse=section(PassiveHealth, check=lambda v, ctx: replace(v, configured=True)))
     tls: TLSSettings = setting(factory=TLSSettings, doc="certificate checks of https:// upstreams",
-                               parse=section(TLSSettings, check=_with_ca_data))
+                               parse=_tls_section())
 
 
 # -- the cache -----------------------------------------------------------------------------
@@ -440,6 +462,30 @@ class CacheSettings:
 
 
 # -- the admin API -------------------------------------------------------------------------
+
+
+def too_wide(network: Network) -> bool:
+    """Whether a network granted trust (``trusted_proxies``, ``admin.purge_from``) is wider than
+    any one site's proxies or purgers are: wider than a /8 (IPv4; 10.0.0.0/8 is the widest
+    private network) or a /32 (IPv6: a whole provider's allocation), unless it is IPv6
+    unique-local or link-local. ``0.0.0.0/0`` and ``::/0`` read as "everyone".
+
+    >>> [too_wide(ipaddress.ip_network(n)) for n in ("0.0.0.0/0", "::/0", "0.0.0.0/1", "2000::/3",
+    ...                                             "10.0.0.0/8", "2001:db8::/32", "fc00::/7", "::1")]
+    [True, True, True, True, False, False, False, False]
+    """
+    if isinstance(network, ipaddress.IPv4Network):
+        return network.prefixlen < 8
+    return network.prefixlen < 32 and not any(network.subnet_of(local) for local in _LOCAL_V6)
+
+
+def _wider_than_a_site(risk: str) -> Callable[[Network], str | None]:
+    def why(network: Network) -> str | None:
+        if not too_wide(network):
+            return None
+        who = "every client" if network.prefixlen == 0 else "every address in it"
+        return f"is wider than a /{8 if network.version == 4 else 32}: {who} {risk}"
+    return why
 
 
 _HOST_PATTERN = r"(\*\.)?[a-z0-9_.-]+(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?"
@@ -521,7 +567,11 @@ class AdminSettings:
     # Not loopback by default: behind a TLS terminator or sidecar on the same host, every
     # client arrives from 127.0.0.1.
     purge_from: tuple[Network, ...] = setting((), "peers (IPs, CIDRs) that may send PURGE to the client "
-                                                  "listener; empty: PURGE is off", networks())
+                                                  "listener; empty: PURGE is off",
+                                            networks(_wider_than_a_site(
+                                                "may PURGE any URL, emptying the cache of what it likes "
+                                                "(each purge a miss that reaches the origin); list the "
+                                                "hosts that purge (your CMS, deploy hosts)")))
     hosts: tuple[str, ...] = setting((), "hosts admin URLs may name (empty: the hosts asked for since start "
                                          "and the hosts in the store)", HOSTS)
     # Checked without a token, or with one when listed (proxy.web.admin_guard).
@@ -884,7 +934,12 @@ class Settings:
     # A tuple: Settings stays hashable.
     sources: tuple[tuple[str, bytes], ...] = internal(())
     trusted_proxies: tuple[Network, ...] = setting((), "peers (IPs, CIDRs) whose forwarding fields "
-                                                       "(X-Forwarded-*, X-Real-IP, ...) are kept", networks())
+                                                       "(X-Forwarded-*, X-Real-IP, ...) are kept",
+                                                networks(_wider_than_a_site(
+                                                    "may set X-Forwarded-For, X-Real-IP, Forwarded and "
+                                                    "the scheme (X-Forwarded-Proto): the origin then sees "
+                                                    "the client addresses and schemes they claim; list "
+                                                    "your own proxies' or load balancers' addresses")))
     workers: int = setting(1, "worker processes, or auto: one per CPU this process may use (affinity and "
                               "cgroup quota), at most 64 (the workers that share a fetch of a key)",
                            Parser("integer 1-64 or auto", _workers))

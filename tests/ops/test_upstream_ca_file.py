@@ -195,3 +195,5 @@ def test_a_ca_file_beside_verify_false_is_said_to_be_ignored(
     said = (f"{config}:3: warning: upstream.tls.ca_file is ignored: verify is false, so upstream "
             "certificates are not checked at all") in out.err + out.out
     assert said == warned, out
+    # once: verify: false has its own warning, which would say the same thing again
+    assert (out.err + out.out).count(": warning: ") == int(warned), out
