@@ -598,7 +598,7 @@ class Engine:
                                             elsewhere)
                 match how:
                     case JoinFill(reason="elsewhere"):
-                        return await self._range_after_elsewhere(attempt, spec, old)
+                        return await self._range_after_elsewhere(attempt, spec)
                     case JoinFill():
                         return await self.miss.fetch(replace(attempt, part=spec))
                     case FetchRange(lead=True) if self.leases is not None:
@@ -612,7 +612,7 @@ class Engine:
                         lease = await self.leases.acquire(key, wait=False)
                         if isinstance(lease, Busy | Waiting):
                             if isinstance(self._range_fetch(attempt, spec, None, True), JoinFill):
-                                return await self._range_after_elsewhere(attempt, spec, old)
+                                return await self._range_after_elsewhere(attempt, spec)
                             return await self._fetch_part(attempt, spec, old, lead=False)
                         return await self._fetch_part(attempt, spec, old, lead=True, lease=lease)
                     case FetchRange(lead=lead):
@@ -639,11 +639,13 @@ class Engine:
             return reply, decision.otherwise, parts  # (None: its body has gone from disk)
         return None, decision, parts
 
-    async def _range_after_elsewhere(self, attempt: Attempt, spec: RangeSpec, old: Cached | None) -> Reply:
+    async def _range_after_elsewhere(self, attempt: Attempt, spec: RangeSpec) -> Reply:
         """A range miss while another worker fetches the object under its lease: wait for that
         fetch (``lock_timeout`` at most, as a plain miss does) and answer from what it stored;
-        when it stored nothing this request may have (not shareable, failed, too late), ask
-        the origin for the range alone, as a range does after a fill here it could not share."""
+        when it stored nothing this request may have (not shareable, failed, too late), as a
+        range does after a fill here it could not share (``range_alone``): from a part stored
+        meanwhile (that worker's range, when its whole fetch failed: each waiter asked the
+        origin for the range it had), else its range alone."""
         leases = self.leases
         assert leases is not None
         req, plan, key = attempt.req, attempt.plan, attempt.key
@@ -663,7 +665,7 @@ class Engine:
                 if reply is not None:
                     self.metrics.coalesced.inc()
                     return reply
-        return await self._fetch_part(attempt, spec, old, lead=False)
+        return await self._range_miss(replace(attempt, part=spec), spec, alone=True)
 
     async def range_alone(self, attempt: Attempt) -> Reply:
         """A range miss that waited for the key's fill and must fetch on its own after all (the

@@ -515,3 +515,58 @@ async def test_a_range_that_leads_a_fill_holds_the_keys_lease_for_the_other_work
     # The leading range, and the whole fetch its storable 206 sends for (none when its answer
     # was the whole object already).
     assert video.ranges == (["bytes=100-199", None] if honours else ["bytes=100-199"]), video.ranges
+
+
+async def test_ranges_that_waited_on_another_workers_failed_whole_fetch_are_answered_from_its_part(
+        origin: Origin, tmp_path: Path) -> None:
+    """Two workers, range_fill: whole, an origin that serves ranges and answers a request without
+    Range with a 206 too. A range leads the key's fill in one worker: its 206 is stored as a
+    part, and the whole fetch behind it fails. Ranges of the same bytes in the other worker
+    waited for that worker's lease; told nothing whole was stored, each asked the origin for
+    its range, though the part the leader stored holds it: they look at the parts first now."""
+    body = bytes(i % 251 for i in range(1000))
+    seen: list[str | None] = []
+
+    async def ranges_only(request: web.Request) -> web.Response:
+        rng = request.headers.get("Range")
+        seen.append(rng)
+        await asyncio.sleep(0.5 if rng else 1.0)  # (the other worker's ranges come and wait meanwhile)
+        first, last = (int(x) for x in (rng or "bytes=0-99").removeprefix("bytes=").split("-"))
+        return web.Response(status=206, body=body[first:last + 1], headers={
+            "Cache-Control": "max-age=3600", "ETag": '"v1"', "Content-Range": f"bytes {first}-{last}/1000"})
+
+    origin.route("/a", ranges_only)
+    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
+    cache = ("cache: {memory: 64MB, range_fill: whole, lock_timeout: 20s, "
+             "disk: {path: cache, size: 512MB, shards: 2}}\nupstream: {retries: 0}\n")
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
+    await proxy.start("--workers", "2")
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
+            for _ in range(200):  # keep-alive connections until each worker has accepted 3
+                session = await stack.enter_async_context(aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
+                async with session.get(proxy.url + "/probe") as r:
+                    await r.read()
+                    by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
+                if len(by_worker) == 2 and all(len(s) >= 3 for s in by_worker.values()):
+                    break
+            (leader, *_), others = by_worker.values()
+
+            async def get(session: aiohttp.ClientSession) -> tuple[int, bytes]:
+                async with session.get(proxy.url + "/a", headers={"Range": "bytes=0-99"}) as r:
+                    return r.status, await r.read()
+
+            first = asyncio.ensure_future(get(leader))
+            for _ in range(500):  # its range is at the origin (the key's lease taken, no part yet)
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            waiting = [asyncio.ensure_future(get(s)) for s in others[:3]]
+            assert await first == (206, body[:100])
+            assert [await w for w in waiting] == [(206, body[:100])] * 3
+        finally:
+            await proxy.stop(signal.SIGTERM)
+    assert seen == ["bytes=0-99", None], seen  # the leader's range and its whole fetch, nothing else
