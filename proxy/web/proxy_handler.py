@@ -384,6 +384,10 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         interim = interim_sender(request, continued)
         reply = await runtime.engine.handle(ClientRequest(head, remote, body, interim,
                                                           request_id=info.request_id, planned=planned))
+        # A body read whole is bytes (resent on a retry: ``client_body``): not kept while the
+        # reply is written, for as long as a slow reader takes (40 readers of 4 MB uploads
+        # held 155 MB more, measured).
+        body = None
     except ClientBodyError as exc:
         # The client broke off its own upload (it is most likely gone): a 400 if it still
         # listens, and one line at DEBUG; nothing about the upstream, which did no wrong. Or
