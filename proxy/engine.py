@@ -35,7 +35,7 @@ from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamError, first_report
-from proxy.flight import Attempt, HeldFill, MissPath, unasked_304
+from proxy.flight import Attempt, HeldFill, MissPath, Whole, unasked_304
 from proxy.http_client import InterimHook
 from proxy.leases import Busy, Granted, LeaseClient, LeaseTable, Waiting
 from proxy.logs import RepeatedFailure, note_key, note_upstream
@@ -63,6 +63,7 @@ from proxy.policy.partial import (
     RangeFetch,
     decide_combine,
     decide_range_fetch,
+    other_representation,
     parse_content_range,
     part_range,
     representation_status,
@@ -596,6 +597,11 @@ class Engine:
                     elsewhere = flight is None and leases is not None and leases.fetching_elsewhere(key)
                     how = self._range_fetch(attempt, spec, flight.body.size if flight is not None else None,
                                             elsewhere)
+                if isinstance(how, FetchRange) and not alone and self.shared is not None \
+                        and not self.coalescer.is_pass(key) and await self.miss.shared_holds(attempt):
+                    # Another node stored the object: the key's fill adopts it (its range sliced
+                    # from it, the next ranges hits), where the origin was asked for the range.
+                    how = JoinFill("whole")
                 match how:
                     case JoinFill(reason="elsewhere"):
                         return await self._range_after_elsewhere(attempt, spec)
@@ -736,7 +742,8 @@ class Engine:
             # (``_store_part``), and known now, before the head says "stored".
             detail, entry = "LENGTH-MISMATCH", None
         if fill is not None and entry is not None:
-            fill.say("whole")  # the origin serves ranges, storable ones: the whole object follows
+            # The origin serves ranges, storable ones: the whole object follows, of this version.
+            fill.say(Whole(entry.response))
         if detail:
             self.metrics.not_stored.labels(detail).inc()
         cs = cache_status(fwd=fwd, fwd_status=206, stored=entry is not None, detail=detail or None)
@@ -1072,6 +1079,23 @@ class Engine:
                 await self.storage.update_many(entries)
         except Exception as exc:
             self.write_failures.failed("write", entry.key, exc)
+
+    async def drop_other_parts(self, key: str, whole: StoredResponse) -> None:
+        """Forget the key's parts when one of them is of another representation than ``whole``,
+        just stored from the shared tier (``MissPath._adopt_shared``): once the whole is gone
+        (evicted), a range would be answered from that part, a version its clients were no
+        longer served. The store removes keys, not single variants: all its parts go."""
+        pkey = part_key(key)
+        parts = self.storage.memory_get(pkey)
+        if parts is None and self.storage.absent(pkey):
+            return
+        try:
+            if parts is None:
+                parts = await self.load(pkey)
+            if any(other_representation(c.entry.response, whole) for c in parts):
+                await self.storage.delete([pkey])
+        except Exception as exc:
+            self.write_failures.failed("write", pkey, exc)
 
     async def drop_superseded(self, cached: Cached) -> None:
         """Forget the key's stored responses while ``cached`` is still among them: the origin's

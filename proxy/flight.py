@@ -91,6 +91,7 @@ from proxy.policy.freshness import carries_credentials
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
 from proxy.policy.messages import HeaderList, RequestHead, StoredResponse
+from proxy.policy.partial import other_representation
 from proxy.policy.ranges import RangeSpec
 from proxy.policy.reply import (
     AsArrives,
@@ -312,6 +313,9 @@ class _Run:
     # Cluster mode: called with the stored entry and its body (when in memory) as soon as the
     # fill is complete, to write it through to the shared tier (``_locked_fill``).
     on_filled: Callable[[Entry, bytes | None], None] | None = None
+    # A held fill's: the part its range just got from the origin (``Whole``). What is stored
+    # elsewhere of another representation is not taken for it (``_adopt_shared``).
+    after: StoredResponse | None = None
     outcome: FlightOutcome | None = field(default=None)  # set once, by ``_end``
     retry_after: str | None = None  # the origin's Retry-After, for a refresh that failed
 
@@ -434,8 +438,10 @@ class MissPath:
             run.lease = lease  # released by ``_end``, however the fill ends
             said = await word
             match said:
-                case "whole" | "drop" if said == "whole" or run.flight.whole_followers:
-                    # "whole": the object follows the range; "drop" with misses for the whole
+                case Whole() | "drop" if isinstance(said, Whole) or run.flight.whole_followers:
+                    if isinstance(said, Whole):
+                        run.after = said.part
+                    # ``Whole``: the object follows the range; "drop" with misses for the whole
                     # object behind it (the range's answer, a 416 or a part not to store, says
                     # nothing of the object): their one whole fetch, not one each (ranges alone
                     # ask each for its own: ``range_alone``). It waits for another worker's
@@ -461,6 +467,22 @@ class MissPath:
         flight = self._launch(attempt, True, False, fly)
         flight.held = word  # its followers' wait for the head begins once it is told (``answer``)
         return HeldFill(flight, word)
+
+    async def shared_holds(self, attempt: Attempt) -> bool:
+        """Whether the cluster's shared tier holds a variant fresh for ``attempt``'s request,
+        looked up without taking the key's fill lock: a range miss is then answered through
+        the key's fill, which adopts it (kept here, the range sliced from it), rather than
+        from the origin (what one node fetched the others serve, ranges too)."""
+        engine = self.engine
+        shared, cluster = engine.shared, engine.cluster
+        if shared is None or (cluster is not None and cluster.invalidations_pending):
+            return False
+        found = await shared.lookup(attempt.key, 0.0)
+        if not isinstance(found, Found):
+            return False
+        decision = decide_lookup(attempt.req.head, [e.response for e, _ in found.variants], engine.clock(),
+                                 attempt.plan.options)
+        return isinstance(decision, Serve) and decision.status == "HIT"
 
     def _whole_failed(self, run: _Run) -> None:
         """A held fill's whole fetch that the origin answered with a 206 (``UnaskedPartial``: it
@@ -783,6 +805,8 @@ class MissPath:
             return False
         cached = variants[decision.index]
         entry = cached.entry
+        if run.after is not None and other_representation(run.after, entry.response):
+            return False  # not what this held fill's range just got: fetched anew
         # Bring a small body into memory once, for every client of the flight.
         if cached.body is None and entry.body_size <= engine.storage.memory.max_object \
                 and await engine.open_body(cached) is None:
@@ -881,6 +905,11 @@ class MissPath:
         if not isinstance(decision, Serve) or decision.status != "HIT":
             return False
         entry, body = found.variants[decision.index]
+        if run.after is not None and other_representation(run.after, entry.response):
+            # Another node stored another version (an older one, say) than the part this held
+            # fill's range just got from the origin: its client's next range would be served
+            # from it. Fetched from the origin under the lock, as when nothing is stored.
+            return False
         spool = storage.spool(entry, len(body))
         if not await spool.write(body):
             spool.discard()
@@ -889,6 +918,7 @@ class MissPath:
         if final is None:
             return False
         in_memory = storage.put_memory(final, spool)
+        await engine.drop_other_parts(attempt.key, final.response)
         flight.set_head(_stored_head(final.response, final.body_size))
         self.coalescer.retire(flight)
         if run.lease is None and in_memory:
@@ -1995,10 +2025,19 @@ class Delivery:
     epoch: int
 
 
-# What a held fill is told (``MissPath.hold``): fetch the whole object ("whole": the range's 206
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """The range's 206 may be stored: the held fill fetches the whole object, and takes no
+    stored copy of it (another worker's, the shared tier's) whose validators show another
+    representation than this ``part``, which its client just got (``other_representation``)."""
+
+    part: StoredResponse
+
+
+# What a held fill is told (``MissPath.hold``): fetch the whole object (``Whole``: the range's 206
 # may be stored), deliver the 200 the range got, fail as the range's fetch did (its waiting
 # clients get that error, as a fill's followers do), or end without fetching ("drop").
-HeldWord = Literal["whole", "drop"] | Delivery | UpstreamError
+HeldWord = Literal["drop"] | Whole | Delivery | UpstreamError
 
 
 class HeldFill:

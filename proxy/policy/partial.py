@@ -83,6 +83,26 @@ def strong_etag(stored: StoredResponse) -> str | None:
     return etag if etag is not None and etag.startswith('"') else None
 
 
+def other_representation(served: StoredResponse, found: StoredResponse) -> bool:
+    """Whether ``found`` is shown by its validators to be another representation than the
+    ``served`` one (a part a client just got): its ETag differs (compared weakly, RFC 9110
+    §8.8.3.2: a weak match is still that version), or, when ``served`` has no ETag, its
+    Last-Modified differs. A cache that gave a client v1's bytes then answers its next range
+    from v0 hands it a version older than one it already has, and a client without If-Range
+    splices the two. Nothing to compare (neither validator on ``served``): not shown.
+    """
+    if served.etag is not None:
+        return found.etag is None or _opaque(found.etag) != _opaque(served.etag)
+    if served.last_modified is not None:
+        return found.last_modified is None or found.last_modified.strip() != served.last_modified.strip()
+    return False
+
+
+def _opaque(etag: str) -> str:
+    etag = etag.strip()
+    return etag[2:] if etag.startswith("W/") else etag
+
+
 def answerable(stored: StoredResponse, spec: RangeSpec) -> ByteRange | None:
     """The range of the representation a stored 206 answers for ``spec``: only when it lies
     wholly within the stored part (RFC 9111 §3.3); None otherwise."""
