@@ -58,7 +58,16 @@ from typing import IO, TYPE_CHECKING, ClassVar, Literal, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.cluster.fills import Contended, Found, Locked, SharedCache
+from proxy.cluster.fills import (
+    NOT_SHARED,
+    STORED,
+    TOO_LARGE,
+    Contended,
+    Found,
+    Locked,
+    SharedCache,
+    WriteThrough,
+)
 from proxy.coalescer import (
     BodyView,
     Coalescer,
@@ -310,9 +319,10 @@ class _Run:
     background: bool = False  # nobody waits for it (a stale-while-revalidate refresh)
     register: bool = True  # findable by the key's other clients (``MissPath.start``)
     lease: Granted | None = None  # the cross-worker lease it holds (proxy.leases)
-    # Cluster mode: called with the stored entry and its body (when in memory) as soon as the
-    # fill is complete, to write it through to the shared tier (``_locked_fill``).
-    on_filled: Callable[[Entry, bytes | None], None] | None = None
+    # Cluster mode: the fill under the cluster's fill lock (``_locked_fill``): told of the head,
+    # of a body past what is shared, and of the stored entry and its body (when in memory) as
+    # soon as the fill is complete, to write it through to the shared tier.
+    through: WriteThrough | None = None
     # A held fill's: the part its range just got from the origin (``Whole``). What is stored
     # elsewhere of another representation is not taken for it (``_adopt_shared``).
     after: StoredResponse | None = None
@@ -865,7 +875,7 @@ class MissPath:
                         waited = True
                     told = await shared.wait_filled(key, min(left, answer.wait + 0.05)) \
                         if left > 0 else None
-                    if told not in (None, "stored") or loop.time() >= deadline:
+                    if told not in (None, STORED) or loop.time() >= deadline:
                         break  # not shareable, failed, or waited long enough: fetch here
                 case None:
                     break
@@ -877,22 +887,15 @@ class MissPath:
 
     async def _locked_fill(self, run: _Run, shared: SharedCache, lock: Locked) -> None:
         """Fetch under the cluster-wide fill lock; write the fill through, then release the lock
-        (which wakes the other nodes' waiters)."""
-        writes: list[asyncio.Future[bool]] = []
-        clock = self.engine.clock
-
-        def filled(entry: Entry, body: bytes | None) -> None:
-            if body is not None and len(body) <= shared.max_object:
-                writes.append(asyncio.ensure_future(shared.write(entry, body, lock, clock())))
-
-        run.on_filled = filled
-        told = "failed"
+        (which wakes the other nodes' waiters). A fill that will not be written through lets
+        the lock go as soon as that is known (``WriteThrough``), not when its body ends."""
+        engine = self.engine
+        run.through = WriteThrough(shared, run.attempt.key, lock,
+                                   min(shared.max_object, engine.storage.spool_in_memory), engine.clock)
         try:
             await self._origin(run, None)
-            if writes and await writes[0]:
-                told = "stored"
         finally:
-            await shared.release(run.attempt.key, lock, told)
+            await run.through.release()
 
     async def _adopt_shared(self, run: _Run, found: Found) -> bool:
         """End the flight with a variant another node stored in the shared tier, when it is a
@@ -1045,6 +1048,9 @@ class MissPath:
                 store_detail = "SPOOLS-FULL"
                 if shareable:  # (else counted below, with any other reason)
                     engine.metrics.not_stored_because(store_detail, url_of_key(key))
+        through = run.through
+        if through is not None:  # (the other nodes waiting on the fill lock fetch now if in vain)
+            through.head(spool is not None, resp.body_length, spool is not None and spool.too_large)
         if entry is not None:
             flight.tags = entry.tags  # (before its head: its followers ask purges with them)
         # (not stored: the head as it arrived answers its clients' conditionals and range all
@@ -1084,6 +1090,10 @@ class MissPath:
                     if abandoned:
                         spool = None
                         body.stop_storing()
+                        if through is not None:
+                            through.let_go(TOO_LARGE if abandoned == "TOO-LARGE" else NOT_SHARED)
+                    elif through is not None and spool.size > through.limit:
+                        through.let_go(TOO_LARGE)  # (a length the head did not say)
                 if body.readers == 0 and spool is None:
                     resp.close()  # nobody reads it and nothing stores it
                     self._end(run, Abandoned())
@@ -1127,8 +1137,8 @@ class MissPath:
             engine.metrics.not_stored_because(spool.refused, url_of_key(key))
             self._end(run, Passed(spool.refused))
             return
-        if run.on_filled is not None:
-            run.on_filled(final, spool.body_bytes())
+        if through is not None:
+            through.filled(final, spool.body_bytes())
         self.coalescer.retire(flight)
         # Stored: the key's hit-for-pass mark ends before this worker's clients have their answer
         # (``_end`` clears it only once the disk has it, after them: a client's next request for

@@ -101,7 +101,9 @@ class ClusterSettings:
                                  duration(positive=True))
     shared_cache: bool = setting(False, "Redis as a shared tier too, with one origin request per key "
                                         "cluster-wide")
-    shared_max_object: int = setting(256 * KB, "bigger bodies stay in each node's own tiers", byte_size())
+    shared_max_object: int = setting(256 * KB, "bigger bodies stay in each node's own tiers (each node "
+                                               "fetches them, without waiting for another's download)",
+                                     byte_size())
     required: bool = setting(True, "false: start and serve alone when Redis cannot be reached at start")
     stream_max: int = setting(100_000, "purge stream entries kept (older ones are trimmed)",
                               integer(minimum=100))

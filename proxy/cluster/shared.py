@@ -65,7 +65,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from proxy.cluster.fills import Contended, Found, Locked, Lookup
+from proxy.cluster.fills import TOO_LARGE, Contended, Found, Locked, Lookup
 from proxy.cluster.redis_io import REDIS_DOWN, DeadSubscription, Names, client, subscribed
 from proxy.cluster.settings import ClusterSettings
 from proxy.logs import RepeatedFailure
@@ -464,6 +464,11 @@ class SharedTier:
         return False
 
     async def release(self, key: str, lock: Locked, outcome: str) -> None:
+        """Let go of the key's fill lock, publishing ``outcome`` to the nodes waiting on it
+        (``proxy.cluster.fills``: ``too_large`` counts a fill not written for its size, as
+        ``write`` counts one it was handed)."""
+        if outcome == TOO_LARGE:
+            self.counts["too_large"] += 1
         n = self.names
         try:
             await self._redis.eval(RELEASE, 0, n.l2, key, lock.token, n.filled, outcome)

@@ -148,6 +148,12 @@ class Storage:
     def max_object(self, value: int) -> None:
         self.writes.max_object = value
 
+    @property
+    def spool_in_memory(self) -> int:
+        """The biggest body a fill keeps in memory while it streams (``BodySpool.body_bytes``; a
+        bigger one goes to a spool file)."""
+        return self.writes.spill_threshold
+
     def room(self, entry: Entry) -> int:
         """The biggest body ``entry`` can be stored with (``Writer.room``): what the engine
         refuses a response by up front, when its Content-Length says it is bigger."""

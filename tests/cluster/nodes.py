@@ -18,9 +18,11 @@ CACHE = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
 class Nodes:
     """Nodes of one cluster (a namespace of their own in Redis), each in its own folder."""
 
-    def __init__(self, base: str, origin_url: str, redis_url: str, top: str = "", **cluster: Any) -> None:
+    def __init__(self, base: str, origin_url: str, redis_url: str, top: str = "", cache: str = CACHE,
+                 **cluster: Any) -> None:
         self.base = base
         self.top = top  # top-level config lines of every node
+        self.cache = cache  # their cache: line
         self.origin_url = origin_url
         self.redis_url = redis_url
         self.namespace = f"t{uuid.uuid4().hex[:8]}"
@@ -32,7 +34,7 @@ class Nodes:
         os.makedirs(directory, exist_ok=True)
         cluster = {"redis": self.redis_url, "node": name, "namespace": self.namespace, **self.cluster,
                    **overrides}
-        return write_config(directory, self.origin_url, CACHE, f"cluster: {json.dumps(cluster)}\n" + self.top)
+        return write_config(directory, self.origin_url, self.cache, f"cluster: {json.dumps(cluster)}\n" + self.top)
 
     async def start(self, name: str, *args: str, **overrides: Any) -> ProxyProcess:
         proc = ProxyProcess(os.path.join(self.base, name), self.config(name, **overrides))

@@ -4,12 +4,13 @@ herd however it is spread over the nodes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from tests.cluster.nodes import Nodes, metrics, purge
+from tests.cluster.nodes import CACHE, Nodes, metrics, purge
 from tests.cluster.redis_server import RedisServer
 from tests.harness import Origin
 
@@ -93,4 +94,59 @@ async def test_a_node_of_two_workers_waiting_on_a_dead_lock_holder_makes_one_ori
         assert {r.worker for r in replies} == {"0", "1"}, "the herd did not reach both workers"
         assert calls["n"] == 2, f"{calls['n'] - 1} origin requests from the waiting node, not 1"
     finally:
+        await nodes.stop_all()
+
+
+@pytest.mark.parametrize(("kind", "too_large"), [
+    ("long", True),  # its Content-Length is over shared_max_object (256 KB)
+    ("chunked", True),  # no length: it is over once 300 KB arrived
+    ("cookie", False),  # a Set-Cookie: never stored, never shared
+])
+async def test_a_node_waiting_on_a_fill_that_cannot_be_shared_fetches_as_soon_as_that_is_known(
+        origin: Origin, tmp_path: Path, shared_redis: RedisServer, kind: str, too_large: bool) -> None:
+    """Node a holds the fill lock; b waits on it. When a's response cannot be written through
+    (too large, or not stored at all), b is told at its head (or once the body passed the size)
+    and fetches at once: the origin sees b's request while a's body is still held back (b used
+    to wait out a's whole download, or ``lock_timeout``, for nothing)."""
+    started, second = asyncio.Event(), asyncio.Event()
+    size = 400 * 1024
+    first = 300 * 1024 if kind == "chunked" else 64 * 1024
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        headers = {"Cache-Control": "max-age=300"}
+        if kind == "cookie":
+            headers["Set-Cookie"] = "s=1"
+        resp = web.StreamResponse(headers=headers)
+        if kind != "chunked":
+            resp.content_length = size
+        await resp.prepare(request)
+        await resp.write(b"x" * first)
+        if origin.count("/big") == 1:  # the first fetch holds the rest until the second comes
+            started.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(second.wait(), 20)
+        else:
+            second.set()
+        await resp.write(b"x" * (size - first))
+        await resp.write_eof()
+        return resp
+
+    origin.route("/big", big)
+    nodes = Nodes(str(tmp_path), origin.url, shared_redis.url,
+                  cache=CACHE.replace("}}", "}, lock_timeout: 30s}"), shared_cache=True)
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b"))
+        held = asyncio.ensure_future(a.get("/big"))
+        await asyncio.wait_for(started.wait(), 10)  # a holds the lock, and its body
+        waiting = asyncio.ensure_future(b.get("/big"))
+        # b's request reaches the origin while a's body is still held back for it.
+        await asyncio.wait_for(second.wait(), 10)
+        ra, rb = await asyncio.gather(held, waiting)
+        assert (ra.status, len(ra.body)) == (200, size) and (rb.status, len(rb.body)) == (200, size)
+        assert origin.count("/big") == 2
+        m = await metrics(a)
+        assert m[("cachegate_cluster_shared_total", (("event", "too_large"),))] == (1 if too_large else 0)
+        assert m[("cachegate_cluster_shared_total", (("event", "written"),))] == 0
+    finally:
+        second.set()
         await nodes.stop_all()

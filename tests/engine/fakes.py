@@ -92,6 +92,7 @@ class FakeStore:
         self.max_object = max_object
         self.epoch = 0
         self.memory_only = False
+        self.spool_in_memory = 1 << 30  # (every body is received in memory here)
         self.full = False
         self.puts: list[Entry] = []  # every entry stored, in order
         self.updates: list[Entry] = []

@@ -74,6 +74,45 @@ async def test_a_fill_another_node_wrote_through_to_the_shared_tier_is_adopted_w
         await rig.engine.close()
 
 
+@pytest.mark.parametrize(("headers", "length_known", "word"), [
+    ({}, True, "too_large"),  # its Content-Length is over shared_max_object
+    ({}, False, "too_large"),  # chunked: let go once its body grows past it
+    ({"Set-Cookie": "s=1"}, True, "not_shared"),  # not stored at all
+])
+async def test_a_fill_that_will_not_be_written_through_lets_the_cluster_lock_go_before_its_body_ends(
+        tmp_path: Path, headers: dict[str, str], length_known: bool, word: str) -> None:
+    """The other nodes waiting on the fill lock fetch at once: they are told as soon as the
+    head (or the body's growth) shows the fill cannot be shared, not when the download ends."""
+    shared = FakeShared()
+    shared.max_object = 150_000
+    rig = make_rig(tmp_path)
+    rig.engine.shared = shared
+    a = answer(body=b"x" * 300_000, headers={**CACHEABLE, **headers}, chunk=100_000, hold=asyncio.Queue())
+    if not length_known:
+        del a.headers["Content-Length"]
+    rig.origin.route("/big", a)
+    reply = await rig.get("/big")
+    assert reply.body is not None and not isinstance(reply.body, bytes)
+    body = reply.body.__aiter__()
+    got = await body.__anext__()
+    key = key_of(rig, "/big")
+    if not length_known:
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert shared.released == []  # 100 KB so far: it may still be shared
+        a.release()
+        got += await body.__anext__()
+    await until(lambda: bool(shared.released))
+    assert shared.released == [(key, word)]
+    assert rig.origin.wires[0].sent < len(a.chunks)  # the body is still coming
+    a.release(len(a.chunks))
+    got += b"".join([c async for c in body])
+    assert got == b"x" * 300_000
+    await rig.settled(filled=1) if word == "too_large" else await rig.settled(passed=1)
+    assert shared.released == [(key, word)] and shared.stored == {}  # released once, nothing written
+    await rig.engine.close()
+
+
 async def test_a_flight_that_waited_out_another_workers_lease_does_not_wait_for_another_nodes_lock_too(
         tmp_path: Path) -> None:
     # lock_timeout is the longest a request waits for another's fetch of its key, in all.
