@@ -84,23 +84,19 @@ def strong_etag(stored: StoredResponse) -> str | None:
 
 
 def other_representation(served: StoredResponse, found: StoredResponse) -> bool:
-    """Whether ``found`` is shown by its validators to be another representation than the
-    ``served`` one (a part a client just got): its ETag differs (compared weakly, RFC 9110
-    §8.8.3.2: a weak match is still that version), or, when ``served`` has no ETag, its
-    Last-Modified differs. A cache that gave a client v1's bytes then answers its next range
-    from v0 hands it a version older than one it already has, and a client without If-Range
-    splices the two. Nothing to compare (neither validator on ``served``): not shown.
-    """
-    if served.etag is not None:
-        return found.etag is None or _opaque(found.etag) != _opaque(served.etag)
-    if served.last_modified is not None:
-        return found.last_modified is None or found.last_modified.strip() != served.last_modified.strip()
-    return False
-
-
-def _opaque(etag: str) -> str:
-    etag = etag.strip()
-    return etag[2:] if etag.startswith("W/") else etag
+    """Whether ``found`` is not shown by its validators to be the representation ``served`` (a
+    part a client just got) is: the same only when both carry one strong ETag (RFC 9110
+    §13.1.5: ranges are compared strongly). A cache that gave a client v1's bytes then answers
+    its next range from v0 hands it a version older than one it already has, and a client
+    without If-Range splices the two. A weak ETag (another encoding of it may have other
+    bytes), a Last-Modified (one-second grain: two versions in one second share it) or none
+    cannot show it: such a copy is taken for another (one more origin fetch in a race, never
+    a splice; the Last-Modified and weak comparisons let one through, measured)."""
+    mine, theirs = served.etag, found.etag
+    if mine is None or theirs is None:
+        return True
+    mine, theirs = mine.strip(), theirs.strip()
+    return mine.startswith("W/") or mine != theirs
 
 
 def answerable(stored: StoredResponse, spec: RangeSpec) -> ByteRange | None:
