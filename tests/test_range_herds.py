@@ -85,6 +85,23 @@ async def ranged(proxy: Proxy, ranges: list[str], headers: dict[str, str] | None
         return await asyncio.gather(*(one(r) for r in ranges))
 
 
+async def pinned(proxy: ProxyProcess, stack: contextlib.AsyncExitStack, each: int
+                 ) -> tuple[aiohttp.ClientSession, list[aiohttp.ClientSession]]:
+    """Keep-alive connections (one per session) until each of two workers has accepted ``each``
+    (a no-store ``/probe`` says which): one of the first worker's, and the other worker's."""
+    by_worker: dict[str, list[aiohttp.ClientSession]] = {}
+    for _ in range(200):
+        session = await stack.enter_async_context(aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
+        async with session.get(proxy.url + "/probe") as r:
+            await r.read()
+            by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
+        if len(by_worker) == 2 and all(len(s) >= each for s in by_worker.values()):
+            break
+    (leader, *_), others = by_worker.values()
+    return leader, others
+
+
 def answers(ranges: list[str], body: bytes = BODY) -> list[tuple[int, str | None, bytes]]:
     """The 206 each range asks for."""
     out: list[tuple[int, str | None, bytes]] = []
@@ -482,16 +499,7 @@ async def test_a_range_that_leads_a_fill_holds_the_keys_lease_for_the_other_work
     async with contextlib.AsyncExitStack() as stack:
         try:
             await proxy.wait_for(lambda: len(proxy.workers) == 2)
-            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
-            for _ in range(200):  # keep-alive connections until each worker has accepted 4
-                session = await stack.enter_async_context(aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
-                async with session.get(proxy.url + "/probe") as r:
-                    await r.read()
-                    by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
-                if len(by_worker) == 2 and all(len(s) >= 4 for s in by_worker.values()):
-                    break
-            (leader, *_), others = by_worker.values()
+            leader, others = await pinned(proxy, stack, 4)
 
             async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[int, bytes]:
                 async with session.get(proxy.url + "/v", headers=headers) as r:
@@ -544,16 +552,7 @@ async def test_ranges_that_waited_on_another_workers_failed_whole_fetch_are_answ
     async with contextlib.AsyncExitStack() as stack:
         try:
             await proxy.wait_for(lambda: len(proxy.workers) == 2)
-            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
-            for _ in range(200):  # keep-alive connections until each worker has accepted 3
-                session = await stack.enter_async_context(aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
-                async with session.get(proxy.url + "/probe") as r:
-                    await r.read()
-                    by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
-                if len(by_worker) == 2 and all(len(s) >= 3 for s in by_worker.values()):
-                    break
-            (leader, *_), others = by_worker.values()
+            leader, others = await pinned(proxy, stack, 3)
 
             async def get(session: aiohttp.ClientSession) -> tuple[int, bytes]:
                 async with session.get(proxy.url + "/a", headers={"Range": "bytes=0-99"}) as r:
