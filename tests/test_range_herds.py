@@ -16,6 +16,7 @@ import contextlib
 import json
 import re
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -85,22 +86,31 @@ async def ranged(proxy: Proxy, ranges: list[str], headers: dict[str, str] | None
         return await asyncio.gather(*(one(r) for r in ranges))
 
 
-async def pinned(proxy: ProxyProcess, stack: contextlib.AsyncExitStack, each: int
-                 ) -> tuple[aiohttp.ClientSession, list[aiohttp.ClientSession]]:
-    """Keep-alive connections (one per session) until each of two workers has accepted ``each``
-    (a no-store ``/probe`` says which): one of the first worker's, and the other worker's."""
-    by_worker: dict[str, list[aiohttp.ClientSession]] = {}
-    for _ in range(200):
-        session = await stack.enter_async_context(aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
-        async with session.get(proxy.url + "/probe") as r:
-            await r.read()
-            by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
-        if len(by_worker) == 2 and all(len(s) >= each for s in by_worker.values()):
-            break
-    (leader, *_), others = by_worker.values()
-    return leader, others
-
+@contextlib.asynccontextmanager
+async def pinned(origin: Origin, tmp_path: Path, cache: str, each: int
+                 ) -> AsyncIterator[tuple[ProxyProcess, aiohttp.ClientSession, list[aiohttp.ClientSession]]]:
+    """cachegate with two workers and ``cache``, and keep-alive connections (one per session)
+    until each worker has accepted ``each`` (a no-store ``/probe`` says which): the proxy, one
+    of the first worker's connections, and the other worker's. Stopped (SIGTERM) on the way out."""
+    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
+    await proxy.start("--workers", "2")
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
+            for _ in range(200):
+                session = await stack.enter_async_context(aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
+                async with session.get(proxy.url + "/probe") as r:
+                    await r.read()
+                    by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
+                if len(by_worker) == 2 and all(len(s) >= each for s in by_worker.values()):
+                    break
+            (leader, *_), others = by_worker.values()
+            yield proxy, leader, others
+        finally:
+            await proxy.stop(signal.SIGTERM)
 
 def answers(ranges: list[str], body: bytes = BODY) -> list[tuple[int, str | None, bytes]]:
     """The 206 each range asks for."""
@@ -491,35 +501,27 @@ async def test_a_range_that_leads_a_fill_holds_the_keys_lease_for_the_other_work
     its GET fetched the object too (an origin that ignores Range: three whole downloads)."""
     video = Video(ranges=honours, held=True, delay=0.3 if honours else 0.0)
     origin.route("/v", video)
-    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
     cache = ("cache: {memory: 64MB, range_fill: whole, lock_timeout: 20s, "
              "disk: {path: cache, size: 512MB, shards: 2}}\n")
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
-    await proxy.start("--workers", "2")
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            await proxy.wait_for(lambda: len(proxy.workers) == 2)
-            leader, others = await pinned(proxy, stack, 4)
+    async with pinned(origin, tmp_path, cache, 4) as (proxy, leader, others):
 
-            async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[int, bytes]:
-                async with session.get(proxy.url + "/v", headers=headers) as r:
-                    return r.status, await r.read()
+        async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[int, bytes]:
+            async with session.get(proxy.url + "/v", headers=headers) as r:
+                return r.status, await r.read()
 
-            first = asyncio.ensure_future(get(leader, {"Range": "bytes=100-199"}))
-            for _ in range(500):  # the range is at the origin: the key's fill is held, leased
-                if video.seen:
-                    break
-                await asyncio.sleep(0.01)
-            ranges = [asyncio.ensure_future(get(s, {"Range": f"bytes={i * 1000}-{i * 1000 + 9}"}))
-                      for i, s in enumerate(others[:3], 1)]
-            plain = asyncio.ensure_future(get(others[3], {}))
-            await asyncio.sleep(0.8)  # they are waiting in the other worker
-            video.release.set()
-            assert await first == (206, BODY[100:200])
-            assert [await r for r in ranges] == [(206, BODY[i * 1000:i * 1000 + 10]) for i in (1, 2, 3)]
-            assert await plain == (200, BODY)
-        finally:
-            await proxy.stop(signal.SIGTERM)
+        first = asyncio.ensure_future(get(leader, {"Range": "bytes=100-199"}))
+        for _ in range(500):  # the range is at the origin: the key's fill is held, leased
+            if video.seen:
+                break
+            await asyncio.sleep(0.01)
+        ranges = [asyncio.ensure_future(get(s, {"Range": f"bytes={i * 1000}-{i * 1000 + 9}"}))
+                  for i, s in enumerate(others[:3], 1)]
+        plain = asyncio.ensure_future(get(others[3], {}))
+        await asyncio.sleep(0.8)  # they are waiting in the other worker
+        video.release.set()
+        assert await first == (206, BODY[100:200])
+        assert [await r for r in ranges] == [(206, BODY[i * 1000:i * 1000 + 10]) for i in (1, 2, 3)]
+        assert await plain == (200, BODY)
     # The leading range, and the whole fetch its storable 206 sends for (none when its answer
     # was the whole object already).
     assert video.ranges == (["bytes=100-199", None] if honours else ["bytes=100-199"]), video.ranges
@@ -544,28 +546,20 @@ async def test_ranges_that_waited_on_another_workers_failed_whole_fetch_are_answ
             "Cache-Control": "max-age=3600", "ETag": '"v1"', "Content-Range": f"bytes {first}-{last}/1000"})
 
     origin.route("/a", ranges_only)
-    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
     cache = ("cache: {memory: 64MB, range_fill: whole, lock_timeout: 20s, "
              "disk: {path: cache, size: 512MB, shards: 2}}\nupstream: {retries: 0}\n")
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
-    await proxy.start("--workers", "2")
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            await proxy.wait_for(lambda: len(proxy.workers) == 2)
-            leader, others = await pinned(proxy, stack, 3)
+    async with pinned(origin, tmp_path, cache, 3) as (proxy, leader, others):
 
-            async def get(session: aiohttp.ClientSession) -> tuple[int, bytes]:
-                async with session.get(proxy.url + "/a", headers={"Range": "bytes=0-99"}) as r:
-                    return r.status, await r.read()
+        async def get(session: aiohttp.ClientSession) -> tuple[int, bytes]:
+            async with session.get(proxy.url + "/a", headers={"Range": "bytes=0-99"}) as r:
+                return r.status, await r.read()
 
-            first = asyncio.ensure_future(get(leader))
-            for _ in range(500):  # its range is at the origin (the key's lease taken, no part yet)
-                if seen:
-                    break
-                await asyncio.sleep(0.01)
-            waiting = [asyncio.ensure_future(get(s)) for s in others[:3]]
-            assert await first == (206, body[:100])
-            assert [await w for w in waiting] == [(206, body[:100])] * 3
-        finally:
-            await proxy.stop(signal.SIGTERM)
+        first = asyncio.ensure_future(get(leader))
+        for _ in range(500):  # its range is at the origin (the key's lease taken, no part yet)
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.ensure_future(get(s)) for s in others[:3]]
+        assert await first == (206, body[:100])
+        assert [await w for w in waiting] == [(206, body[:100])] * 3
     assert seen == ["bytes=0-99", None], seen  # the leader's range and its whole fetch, nothing else
