@@ -432,6 +432,38 @@ def test_another_writers_cut_line_stays_alone_on_its_line(
         sys.stdout.close()
 
 
+def test_another_workers_write_caught_in_the_middle_is_not_taken_for_a_cut_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle worker looks at the file's end before it writes; another worker's write being
+    copied in shows the file ending mid-line for a moment (ext4 grows a file a page at a time),
+    and the idle worker put a line end before its own write: a blank line once that write was
+    whole (6 in 365,000 lines of a two-worker soak). It looks again a moment later: a write in
+    progress has moved on. (The kernel's moment cannot be produced on demand: the other
+    worker's write is finished during that wait here.)"""
+    log_file = tmp_path / "access.log"
+    other_fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    mine = AccessLog(AccessLogSettings("json", str(log_file)), "1")
+    line = b'{"time":"2026-12-07T06:00:00.000Z","path":"/other"}\n'
+    sleeps: list[float] = []
+
+    def copied_meanwhile(seconds: float) -> None:
+        sleeps.append(seconds)
+        os.write(other_fd, line[20:])  # the rest of the other worker's line arrives
+
+    try:
+        log_batches(mine, 0, 1)
+        time.sleep(0.03)  # longer than CHECK_AFTER since its last write: it looks
+        os.write(other_fd, line[:20])  # half of the other's line: the file ends mid-line
+        monkeypatch.setattr("proxy.logs.time.sleep", copied_meanwhile)
+        log_batches(mine, 10, 1)
+        lines = log_file.read_bytes().split(b"\n")
+        assert lines[-1] == b"" and all(parses(line) for line in lines[:-1]), lines  # no blank line
+        assert len(lines) == 22 and sleeps, lines
+    finally:
+        mine.close()
+        os.close(other_fd)
+
+
 def parses(line: bytes) -> bool:
     try:
         json.loads(line)
