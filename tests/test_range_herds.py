@@ -88,10 +88,11 @@ async def ranged(proxy: Proxy, ranges: list[str], headers: dict[str, str] | None
 
 @contextlib.asynccontextmanager
 async def pinned(origin: Origin, tmp_path: Path, cache: str, each: int
-                 ) -> AsyncIterator[tuple[ProxyProcess, aiohttp.ClientSession, list[aiohttp.ClientSession]]]:
-    """cachegate with two workers and ``cache``, and keep-alive connections (one per session)
-    until each worker has accepted ``each`` (a no-store ``/probe`` says which): the proxy, one
-    of the first worker's connections, and the other worker's. Stopped (SIGTERM) on the way out."""
+                 ) -> AsyncIterator[tuple[ProxyProcess, list[aiohttp.ClientSession], list[aiohttp.ClientSession]]]:
+    """cachegate with two workers and ``cache``, and keep-alive connections (one per session,
+    each answered by the worker that accepted it) until each worker has accepted ``each`` (a
+    no-store ``/probe`` says which): the proxy, one worker's connections and the other's.
+    Stopped (SIGTERM) on the way out."""
     origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
     proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
     await proxy.start("--workers", "2")
@@ -107,8 +108,8 @@ async def pinned(origin: Origin, tmp_path: Path, cache: str, each: int
                     by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
                 if len(by_worker) == 2 and all(len(s) >= each for s in by_worker.values()):
                     break
-            (leader, *_), others = by_worker.values()
-            yield proxy, leader, others
+            mine, others = by_worker.values()
+            yield proxy, mine, others
         finally:
             await proxy.stop(signal.SIGTERM)
 
@@ -391,40 +392,23 @@ async def test_whole_misses_behind_a_held_fill_in_one_of_two_workers_share_its_o
     under the key's lease, is the GETs' one fetch (each of them fetched the object alone)."""
     video = Video(delay=1.4)
     origin.route("/v", video)
-    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
     cache = ("cache: {memory: 64MB, range_fill: whole, lock_timeout: 2s, "
              "disk: {path: cache, size: 512MB, shards: 2}}\n")
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
-    await proxy.start("--workers", "2")
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            await proxy.wait_for(lambda: len(proxy.workers) == 2)
-            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
-            for _ in range(200):  # connections until one worker has accepted 11 of them
-                session = await stack.enter_async_context(aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
-                async with session.get(proxy.url + "/probe") as r:
-                    await r.read()
-                    sessions = by_worker.setdefault(r.headers["X-Cachegate-Worker"], [])
-                sessions.append(session)
-                if len(sessions) == 11:
-                    break
-            worker, pinned = next((w, s) for w, s in by_worker.items() if len(s) == 11)
+    async with pinned(origin, tmp_path, cache, 11) as (proxy, one, _):
 
-            async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[str, int, bytes]:
-                async with session.get(proxy.url + "/v", headers=headers) as r:
-                    return r.headers["X-Cachegate-Worker"], r.status, await r.read()
+        async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[str, int, bytes]:
+            async with session.get(proxy.url + "/v", headers=headers) as r:
+                return r.headers["X-Cachegate-Worker"], r.status, await r.read()
 
-            first = asyncio.ensure_future(get(pinned[0], {"Range": "bytes=100-199"}))
-            for _ in range(500):  # the range is at the origin: the key's fill is held
-                if video.seen:
-                    break
-                await asyncio.sleep(0.01)
-            plain = await asyncio.gather(*(get(s, {}) for s in pinned[1:]))
-            assert plain == [(worker, 200, BODY)] * 10
-            assert await first == (worker, 206, BODY[100:200])
-        finally:
-            await proxy.stop(signal.SIGTERM)
+        first = asyncio.ensure_future(get(one[0], {"Range": "bytes=100-199"}))
+        for _ in range(500):  # the range is at the origin: the key's fill is held
+            if video.seen:
+                break
+            await asyncio.sleep(0.01)
+        plain = await asyncio.gather(*(get(s, {}) for s in one[1:11]))
+        worker, *got = await first
+        assert plain == [(worker, 200, BODY)] * 10  # all in the range's worker
+        assert got == [206, BODY[100:200]]
     assert video.ranges == ["bytes=100-199", None]  # the range, then one whole fetch
 
 
@@ -442,51 +426,34 @@ async def test_ranges_in_one_worker_wait_for_the_other_workers_fill_of_the_key(
     as if the object had been stored before they came."""
     video = Video(ranges=honours, held=True)
     origin.route("/v", video)
-    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
     cache = ("cache: {memory: 64MB, lock_timeout: 20s, disk: {path: cache, size: 512MB, shards: 2}}\n"
              "access_log: true\n")
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
-    await proxy.start("--workers", "2")
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            await proxy.wait_for(lambda: len(proxy.workers) == 2)
-            by_worker: dict[str, list[aiohttp.ClientSession]] = {}
-            for _ in range(200):  # keep-alive connections until each worker has accepted 4
-                session = await stack.enter_async_context(aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=1), headers={"Host": HOST}))
-                async with session.get(proxy.url + "/probe") as r:
-                    await r.read()
-                    by_worker.setdefault(r.headers["X-Cachegate-Worker"], []).append(session)
-                if len(by_worker) == 2 and all(len(s) >= 4 for s in by_worker.values()):
-                    break
-            (filler, beside, *_), (_, *others) = by_worker.values()
+    async with pinned(origin, tmp_path, cache, 4) as (proxy, (filler, beside, *_), (_, *others)):
 
-            async def get(session: aiohttp.ClientSession, headers: dict[str, str]
-                          ) -> tuple[int, bytes, str, str]:
-                async with session.get(proxy.url + "/v", headers=headers) as r:
-                    return r.status, await r.read(), r.headers["X-Cache-Status"], r.headers["Cache-Status"]
+        async def get(session: aiohttp.ClientSession, headers: dict[str, str]
+                      ) -> tuple[int, bytes, str, str]:
+            async with session.get(proxy.url + "/v", headers=headers) as r:
+                return r.status, await r.read(), r.headers["X-Cache-Status"], r.headers["Cache-Status"]
 
-            whole = asyncio.ensure_future(get(filler, {}))
-            await asyncio.wait_for(video.started.wait(), 10)  # the fill is under way in one worker
-            ranges = [asyncio.ensure_future(get(s, {"Range": "bytes=100-200"})) for s in others[:3]]
-            joined = asyncio.ensure_future(get(beside, {"Range": "bytes=100-200"}))  # in the filling worker
-            await asyncio.sleep(0.5)  # they are waiting in the other worker
-            video.release.set()
-            assert await whole == (200, BODY, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; stored")
-            assert await joined == (206, BODY[100:201], "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; "
-                                    "collapsed")
-            # Said as in the filling worker (they used to leave "stored" out).
-            waited = (206, BODY[100:201], "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed")
-            assert [await r for r in ranges] == [waited] * 3
-            await proxy.wait_for(lambda: sum('"path":"/v"' in line for line in proxy.lines) == 5, 10)
-            logged = [json.loads(line) for line in proxy.lines if '"path":"/v"' in line]
-            assert sorted((e["status"], e["cache"], e["cache_status"]) for e in logged) == [
-                (200, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; stored"),
-                *[(206, "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed")] * 4]
-            metrics = (await proxy.admin("GET", "/metrics")).body.decode()
-            assert "cachegate_coalesced_requests_total 4.0" in metrics
-        finally:
-            await proxy.stop(signal.SIGTERM)
+        whole = asyncio.ensure_future(get(filler, {}))
+        await asyncio.wait_for(video.started.wait(), 10)  # the fill is under way in one worker
+        ranges = [asyncio.ensure_future(get(s, {"Range": "bytes=100-200"})) for s in others[:3]]
+        joined = asyncio.ensure_future(get(beside, {"Range": "bytes=100-200"}))  # in the filling worker
+        await asyncio.sleep(0.5)  # they are waiting in the other worker
+        video.release.set()
+        assert await whole == (200, BODY, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; stored")
+        assert await joined == (206, BODY[100:201], "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; "
+                                "collapsed")
+        # Said as in the filling worker (they used to leave "stored" out).
+        waited = (206, BODY[100:201], "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed")
+        assert [await r for r in ranges] == [waited] * 3
+        await proxy.wait_for(lambda: sum('"path":"/v"' in line for line in proxy.lines) == 5, 10)
+        logged = [json.loads(line) for line in proxy.lines if '"path":"/v"' in line]
+        assert sorted((e["status"], e["cache"], e["cache_status"]) for e in logged) == [
+            (200, "MISS", "cachegate; fwd=uri-miss; fwd-status=200; stored"),
+            *[(206, "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed")] * 4]
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        assert "cachegate_coalesced_requests_total 4.0" in metrics
     assert video.ranges == [None]  # one fetch of the object, and no range of it
 
 
@@ -503,7 +470,7 @@ async def test_a_range_that_leads_a_fill_holds_the_keys_lease_for_the_other_work
     origin.route("/v", video)
     cache = ("cache: {memory: 64MB, range_fill: whole, lock_timeout: 20s, "
              "disk: {path: cache, size: 512MB, shards: 2}}\n")
-    async with pinned(origin, tmp_path, cache, 4) as (proxy, leader, others):
+    async with pinned(origin, tmp_path, cache, 4) as (proxy, (leader, *_), others):
 
         async def get(session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[int, bytes]:
             async with session.get(proxy.url + "/v", headers=headers) as r:
@@ -548,7 +515,7 @@ async def test_ranges_that_waited_on_another_workers_failed_whole_fetch_are_answ
     origin.route("/a", ranges_only)
     cache = ("cache: {memory: 64MB, range_fill: whole, lock_timeout: 20s, "
              "disk: {path: cache, size: 512MB, shards: 2}}\nupstream: {retries: 0}\n")
-    async with pinned(origin, tmp_path, cache, 3) as (proxy, leader, others):
+    async with pinned(origin, tmp_path, cache, 3) as (proxy, (leader, *_), others):
 
         async def get(session: aiohttp.ClientSession) -> tuple[int, bytes]:
             async with session.get(proxy.url + "/a", headers={"Range": "bytes=0-99"}) as r:
