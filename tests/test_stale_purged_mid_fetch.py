@@ -27,8 +27,10 @@ async def test_a_stale_response_purged_while_the_origin_fails_gives_the_origins_
         "cache: {memory: 16MB, disk: null}\n"
     proxy = await make_proxy(config=config)
     assert (await proxy.get("/s")).x_cache == "MISS"
-    assert (await proxy.get("/s")).x_cache == "HIT"
+    # Stored: a HIT, or EXPIRED when a loaded machine took over a second (stored again then).
+    assert (await proxy.get("/s")).x_cache in ("HIT", "EXPIRED")
     await asyncio.sleep(1.2)  # stale now
+    asked_before = origin.count("/s")
     origin.route("/s", status=500, body=b"the origin's own error", delay=0.5,
                  headers={"Content-Type": "text/plain"})
     if ask == "HEAD":
@@ -36,7 +38,7 @@ async def test_a_stale_response_purged_while_the_origin_fails_gives_the_origins_
     else:
         asked = asyncio.create_task(proxy.get("/s", headers={"If-None-Match": '"v1"'} if ask != "GET" else None))
     for _ in range(100):
-        if origin.count("/s") == 2:
+        if origin.count("/s") == asked_before + 1:
             break
         await asyncio.sleep(0.01)
     purged = await proxy.admin("POST", "/purge", json={"urls": [proxy.url + "/s"]})

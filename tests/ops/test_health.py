@@ -239,7 +239,9 @@ async def test_one_kill_of_a_young_ready_worker_leaves_healthz_200_and_restarts_
             reply = await proxy.admin("GET", "/healthz")
             answers.append((reply.status, reply.body))
             await asyncio.sleep(0.02)
-        assert proxy.workers[0] != killed, proxy.lines  # replaced meanwhile
+        # Replaced meanwhile; on a loaded machine its replacement's start may outlast the 3 s
+        # (seen at a load of 16): the line below says it was started without a backoff.
+        await proxy.wait_for(lambda: proxy.workers[0] != killed)
         assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
         assert any("worker 0" in line and "restarting in 0.0s" in line for line in proxy.lines), proxy.lines
     finally:
