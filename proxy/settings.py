@@ -1024,6 +1024,21 @@ class Settings:
                                              "first client_body_timeout; slower: 408, the connection "
                                              "closed (0: no minimum)",
                                         byte_size())
+    # A connection closed at once after a reply to a client still sending (a body timed out or
+    # refused mid-upload, a head over max_request_head) was reset by the kernel at the client's
+    # next bytes, and the reset could discard the reply before the client read it (curl: "Send
+    # failure: Connection reset by peer"). nginx: lingering_close on, lingering_time,
+    # lingering_timeout (proxy.web.lingering).
+    lingering_time: float = setting(30.0, "after a reply that closes the connection while the client "
+                                          "may still be sending (a body timed out or refused, bytes "
+                                          "after a refused request), the longest cachegate reads and "
+                                          "drops what it sends, so that its close is not a reset that "
+                                          "loses the reply (nginx: lingering_time; 0: closed at once)",
+                                    duration())
+    lingering_timeout: float = setting(5.0, "the longest silence in that lingering close; then the "
+                                            "connection closes (nginx: lingering_timeout; 0: closed at "
+                                            "once)",
+                                       duration())
     # FILE:LINE: warning: ... lines: the config runs, but probably not as meant (cachegate
     # check prints them, run and reload log them).
     warnings: tuple[str, ...] = internal(())

@@ -391,11 +391,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(400, "the client went away")
     except ClientBodyError as exc:  # (a BadRequest) the body did not come in time: it never will
         response = json_error(408, f"{exc}: the request body did not arrive in time")
+        # Once it is written, closed by a lingering close (``LimitedHandler.closed_after``): not
+        # aiohttp's read of what is left of the body.
         response.force_close()
-        # Once it is written, close: aiohttp would otherwise linger, reading what is left of the body.
-        task, protocol = asyncio.current_task(), request.protocol
-        if task is not None and protocol is not None:
-            task.add_done_callback(lambda _: protocol.force_close())
         return response
     except BadRequest as exc:
         return json_error(400, str(exc))

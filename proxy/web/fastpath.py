@@ -317,7 +317,7 @@ class FastPath:
 class ProxyRequestHandler(LimitedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front", "_half_closed",
+    __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front",
                  "_head_bytes", "_head_max", "_late", "_line", "_parser_args", "_refused_version", "_taken",
                  "declined", "gone_logged")
 
@@ -352,7 +352,6 @@ class ProxyRequestHandler(LimitedHandler):
         # The version of the request line of a request the parser refused (``_refusal``): the
         # message aiohttp hands ``handle_error`` for it says HTTP/1.0 whatever the client sent.
         self._refused_version: tuple[int, int] = HttpVersion11
-        self._half_closed = False  # the client shut its sending side (``eof_received``)
         self._taken: Any = EMPTY_PAYLOAD  # the body of the request aiohttp's loop took last
         # The body of a request aiohttp's loop took before it had all come (``_late_ended``).
         self._late: Any = None
@@ -658,7 +657,7 @@ class ProxyRequestHandler(LimitedHandler):
         # (the request line's version when this read began the head; else HTTP/1.1)
         self._refused_version = _line_version(piece) if piece else HttpVersion11
         self._enqueue([(_ErrInfo(status=431, exc=err, message=why + "\n"), EMPTY_PAYLOAD)], False, b"")
-        self._parser = _Discarding()  # type: ignore[assignment]
+        self._discard_rest()
         self._head_bytes = 0
         self.head_ended()
 
@@ -887,7 +886,7 @@ class ProxyRequestHandler(LimitedHandler):
                 and (messages[-1][0].should_close or asks_to_close(messages[-1][0].version,
                                                                    messages[-1][0].headers))):
             messages.append(self._refusal(refused, piece))
-        self._parser = _Discarding()  # type: ignore[assignment]
+        self._discard_rest()
         self._enqueue(messages, False, b"")
 
     def _parsed_until_refused(self, data: bytes
@@ -934,7 +933,7 @@ class ProxyRequestHandler(LimitedHandler):
     def _refuse(self, exc: HttpProcessingError, piece: bytes | None) -> None:
         """The 400 alone; the connection's parser then discards what comes (the reply closes)."""
         self._fail_body(exc)
-        self._parser = _Discarding()  # type: ignore[assignment]
+        self._discard_rest()
         self._enqueue([self._refusal(exc, piece)], False, b"")
 
     def _fail_body(self, exc: BaseException) -> None:
@@ -946,21 +945,28 @@ class ProxyRequestHandler(LimitedHandler):
         handler waited ``client_body_timeout`` for more body and answered 408, holding the
         upstream connection with half a body all that time.
 
-        aiohttp never reads a refused body after its answer: its lingering close (up to
-        ``lingering_time``, reading the rest of a body the handler left) met the refusal and
+        aiohttp never reads a refused body after its answer: its own read of the rest of a body
+        the handler left (up to its ``lingering_time``, through the parser) met the refusal and
         logged "Unhandled exception" at ERROR with a traceback, one per refused request, which
-        any client could send. The connection closes after the answer instead, and a body whose
-        handler has already returned (aiohttp may be lingering on it) is ended, not failed."""
+        any client could send. The connection closes after the answer instead (a lingering close
+        that drops what still comes unparsed: ``LimitedHandler.closed_after``), and a body whose
+        handler has already returned (aiohttp may be reading it so) is ended, not failed."""
         if not isinstance(exc, HttpProcessingError):
             return
         status, text = parser_refusal(exc)
-        self._lingering_time = 0.0  # (the connection closes after the answer: nothing to read)
+        self._lingering_time = 0.0  # (the connection closes after the answer: nothing to parse)
         for body in {id(p): p for p in (self._late, self._body) if p is not None}.values():
             if _body_pending(body) and body.exception() is None:
                 if body is self._handled:
                     body.feed_eof()  # its handler is done: aiohttp's lingering read ends quietly
                 else:
                     body.set_exception(BodyRefused(status, text.rstrip("\n")))
+
+    def _discard_rest(self) -> None:
+        """Nothing more on this connection is parsed: what comes is dropped (``_Discarding``), and
+        the connection's close after its refusal lingers (``LimitedHandler.input_pending``)."""
+        self._parser = _Discarding()  # type: ignore[assignment]
+        self._unread = True
 
     def _refuse_unparsable(self, exc: Exception) -> None:
         """A request the parser failed on with something other than its own refusal: yarl raises
@@ -1242,12 +1248,13 @@ class ProxyServer(LimitedServer):
             return UnbuildableRequest(exc, ERROR, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> RequestHandler:
-        # Read per connection: a reload's client_header_timeout and send_timeout apply to the
-        # next ones.
+        # Read per connection: a reload's client_header_timeout, send_timeout and lingering
+        # times apply to the next ones.
         settings = self._front.runtime.settings
         return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, front=self._front,
                                    head_timeout=settings.client_header_timeout,
                                    send_timeout=settings.send_timeout,
+                                   lingering=(settings.lingering_time, settings.lingering_timeout),
                                    max_connections=self.max_connections, **self._kwargs)
 
 

@@ -27,7 +27,7 @@ import logging
 import socket
 import struct
 import termios
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -35,18 +35,24 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
+from proxy.web.lingering import Lingering
+
 log = logging.getLogger("cachegate.server")
 
 
 class HeadTimedHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` with a limit on how long one request head may take."""
 
-    __slots__ = ("_head_handle", "_head_timeout")
+    __slots__ = ("_head_handle", "_head_timeout", "_unread")
 
     def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = head_timeout
         self._head_handle: asyncio.TimerHandle | None = None
+        # Bytes the client sent were dropped unparsed (a refused upgrade's, a refused request's
+        # and what follows it): it may still be sending when the connection closes, which then
+        # lingers (``LimitedHandler.input_pending``).
+        self._unread = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -62,12 +68,6 @@ class HeadTimedHandler(RequestHandler):
         super().data_received(data)
         self.head_checked(before, data, body)
 
-    async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None
-                              ) -> tuple[web.StreamResponse, bool]:
-        if self._upgraded and not self._messages and self._payload_parser is None:
-            self.upgrade_refused(resp)
-        return await super().finish_response(request, resp, start_time)
-
     def upgrade_refused(self, resp: web.StreamResponse) -> None:
         """The answer ``resp`` to a request the parser took for a protocol switch (a ``CONNECT``,
         or an ``Upgrade: websocket`` asked by ``Connection``), which cachegate never makes, on
@@ -80,6 +80,7 @@ class HeadTimedHandler(RequestHandler):
         stored) as if the client had sent it, and a front end that frames by Content-Length
         and reuses its connection gave that answer to the next client (request smuggling)."""
         self._message_tail = b""
+        self._unread = True  # (the tunnel's bytes may still be coming: the close lingers)
         if isinstance(resp, web.StreamResponse):  # (aiohttp answers 500 for anything else)
             resp.force_close()  # its head says Connection: close, if not written yet
         self.close()  # nothing more is read
@@ -237,16 +238,28 @@ class LimitedHandler(HeadTimedHandler):
     armed again, and a walk over the connections only once over the cap (with one ioctl for
     each it would close as idle, or that is being sampled; when it closes nothing, one pass
     more counting the replies just found, and a timer for a connection held). ``limited``
-    says what happened (the listener logs and counts it)."""
+    says what happened (the listener logs and counts it).
 
-    __slots__ = ("_finished", "_found_at", "_handled", "_hold_handle", "_max_connections", "_moved_at",
-                 "_opened", "_send_handle", "_send_timeout", "_started", "_unsent")
+    A reply that closes the connection while its client may still be sending (``input_pending``)
+    is followed by a lingering close (``proxy.web.lingering``: ``closed_after``, ``linger``), so
+    that the client's next bytes are read and dropped rather than answered with a reset that can
+    take the reply with it. Such a connection stays listed and counted (``counted``), and is the
+    cap's first pick (``lingers``): its exchange is over."""
+
+    __slots__ = ("_finished", "_found_at", "_half_closed", "_handled", "_hold_handle", "_linger_for",
+                 "_lingering", "_max_connections", "_moved_at", "_opened", "_send_handle", "_send_timeout",
+                 "_started", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
-                 **kwargs: Any) -> None:
+                 lingering: tuple[float, float] = (0.0, 0.0), **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._max_connections = max_connections
         self._send_timeout = send_timeout
+        # lingering_time and lingering_timeout (either 0: no lingering close), and the close
+        # under way (``linger``).
+        self._linger_for = lingering
+        self._lingering: Lingering | None = None
+        self._half_closed = False  # the client shut its sending side (the client listener's ``eof_received``)
         self._send_handle: asyncio.TimerHandle | None = None
         # Requests aiohttp's loop took from its queue (``LimitedServer``'s request factory) and
         # whose handling ended; the fast path's answers are neither.
@@ -436,9 +449,7 @@ class LimitedHandler(HeadTimedHandler):
         manager = self._manager
         if manager is None or len(manager._connections) <= self._max_connections:
             return
-        # Closed ones stay listed until their connection_lost, which comes later: a burst of
-        # connections accepted at once would otherwise pick the same one again and again.
-        live = [c for c in manager._connections if isinstance(c, LimitedHandler) and not c._force_close]
+        live = live_connections(manager._connections)
         if len(live) <= self._max_connections:
             return
         if self._close_oldest_waiting(live):
@@ -514,7 +525,7 @@ class LimitedHandler(HeadTimedHandler):
             manager.held.discard(self)
         if manager is None or self._force_close:
             return
-        live = [c for c in manager._connections if isinstance(c, LimitedHandler) and not c._force_close]
+        live = live_connections(manager._connections)
         held = len(manager.held) if isinstance(manager, LimitedServer) else 0
         if len(live) <= self._max_connections + held:
             return  # (others ended meanwhile; those still held have their own second look)
@@ -589,12 +600,126 @@ class LimitedHandler(HeadTimedHandler):
             self._finished += 1
             self._handled = request._payload
 
+    async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None
+                              ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's (a refused upgrade first: ``upgrade_refused``); then, when the reply closes
+        the connection, a client that may still be sending gets a lingering close rather than a
+        reset (``closed_after``)."""
+        if self._upgraded and not self._messages and self._payload_parser is None:
+            self.upgrade_refused(resp)
+        out = await super().finish_response(request, resp, start_time)
+        if not out[1] and (self._close or not out[0].keep_alive) and not self._force_close:
+            self.closed_after(request._payload)
+        return out
+
+    def close(self) -> None:
+        """aiohttp's: close once the requests being answered are. When aiohttp calls it for a body
+        its handler left unread and it gave up reading (its own ``lingering_time``, to keep the
+        connection: "Uncompleted request"), the client is still sending that body: a lingering
+        close (``linger``). A stop's (``pre_shutdown``) never lingers."""
+        if (not (self._request_in_progress or self._force_close or self._close) and self._handled is not None
+                and not self._handled.is_eof() and self.linger()):
+            return
+        super().close()
+
+    def closed_after(self, payload: Any) -> None:
+        """A reply that closes the connection was handed over (``payload``: its request's body):
+        the one place such a close is decided. Nothing more can come (``input_pending``): aiohttp
+        closes it as usual. Else a lingering close, or when there can be none, a close now: never
+        aiohttp's reading of the rest of the body through the parser (up to its
+        ``lingering_time``, 10 s, for a client that may have stopped sending long ago)."""
+        if self.input_pending(payload) and not self.linger():
+            self.force_close()
+
+    def input_pending(self, payload: Any) -> bool:
+        """Whether the client may still be sending: its request's body (``payload``) is not whole,
+        bytes it sent were dropped unparsed (``_unread``: a refused request and what followed, a
+        refused upgrade), requests are queued behind that will not be answered, or the kernel
+        holds bytes nobody read yet (nginx: its lingering close's reasons). Not once the client
+        has shut its sending side."""
+        if self._half_closed:
+            return False
+        return self._unread or bool(self._messages) or not payload.is_eof() or self.received() > 0
+
+    def received(self) -> int:
+        """Bytes in the socket's receive queue (``FIONREAD``); 0 when it cannot be asked."""
+        transport = self.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        with contextlib.suppress(OSError, ValueError):
+            return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+        return 0
+
+    def linger(self) -> bool:
+        """Begin this connection's lingering close (``proxy.web.lingering``), if it can have one:
+        half-closed once its reply is out, then what the client still sends read and dropped by
+        ``Lingering`` until it closes or the times run out (``lingered``). aiohttp's loop is done
+        with the connection (``_force_close``: it parses, answers and closes nothing more), which
+        stays listed by its server: counted against the cap (``counted``), closed by a stop.
+        False when it cannot: already closing, lingering off (a time of 0), the listener
+        stopping. (A TLS connection is not half-closed: asyncio's TLS transports cannot.)"""
+        transport = self.transport
+        time, timeout = self._linger_for
+        if (transport is None or transport.is_closing() or time <= 0 or timeout <= 0
+                or self.listener_stopping()):
+            return False
+        self._force_close = True
+        if self._waiter is not None:
+            self._waiter.cancel()
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        self.head_ended()
+        self._messages.clear()  # (never answered: the connection is closing)
+        self._lingering = lingering = Lingering(self, self._loop, time, timeout)
+        transport.set_protocol(lingering)
+        try:
+            if transport.can_write_eof():  # (not TLS: asyncio's TLS transports cannot half-close)
+                transport.write_eof()  # (the FIN goes after what the transport still holds of the reply)
+            transport.resume_reading()  # (paused when the handler left the body unread)
+        except (OSError, RuntimeError) as exc:  # the connection broke meanwhile
+            log.debug("lingering close of %s not begun: %r", self.peername, exc)
+            self.lingered()
+        else:
+            log.debug("lingering close of %s: at most %gs, %gs of silence", self.peername, time, timeout)
+        return True
+
+    def lingered(self) -> None:
+        """The lingering close is over (nothing heard for lingering_timeout, or lingering_time
+        past): closed as a limit closes a connection (``drop``: reset if its reply is unsent)."""
+        lingering = self._lingering
+        if lingering is not None:
+            lingering.cancel()
+        self.drop()
+
+    def lingers(self) -> bool:
+        """In its lingering close with its reply out: its exchange is over, the cap's first pick."""
+        return self._lingering is not None and self.counted() and self.waits_for_client()
+
+    def counted(self) -> bool:
+        """Counted against the cap: not closed yet (a lingering close is not closed)."""
+        return not self._force_close or (self._lingering is not None and self.transport is not None)
+
+    def listener_stopping(self) -> bool:
+        """The listener is stopping (``LimitedServer.pre_shutdown``): no close lingers then."""
+        manager = self._manager
+        return isinstance(manager, LimitedServer) and manager.stopping
+
+
+def live_connections(connections: Iterable[Any]) -> list[LimitedHandler]:
+    """The connections the cap counts: not closed (closed ones stay listed until their
+    ``connection_lost``, which comes later: a burst of connections accepted at once would
+    otherwise pick the same one again and again), lingering ones included (``counted``)."""
+    return [c for c in connections if isinstance(c, LimitedHandler) and c.counted()]
+
 
 def oldest_waiting(live: list[LimitedHandler], new: LimitedHandler | None) -> LimitedHandler | None:
     """The oldest of ``live`` (but ``new``) that waits for its client, if any (a dict keeps the
-    order they came): one with nothing sent to its client (idle, a head or a body still coming),
-    else one whose reply its client stopped reading."""
-    for waits in (LimitedHandler.waits_for_client, LimitedHandler.reply_stalled):
+    order they came): one in its lingering close with its reply out (its exchange is over),
+    else one with nothing sent to its client (idle, a head or a body still coming), else one
+    whose reply its client stopped reading."""
+    for waits in (LimitedHandler.lingers, LimitedHandler.waits_for_client, LimitedHandler.reply_stalled):
         for other in live:
             if other is not new and waits(other):
                 return other
@@ -672,6 +797,7 @@ class LimitedServer(web.Server):
         super().__init__(handler, **kwargs)
         # Connections held over ``max_connections`` for the cap's second look (``LimitedHandler._hold``).
         self.held: set[LimitedHandler] = set()
+        self.stopping = False  # (``pre_shutdown``)
         factory: Callable[..., web.BaseRequest] | None = kwargs.get("request_factory")
         if factory is None:
             return
@@ -689,6 +815,12 @@ class LimitedServer(web.Server):
             protocol._started += 1
         return super()._make_request(message, payload, protocol, writer, task)
 
+    def pre_shutdown(self) -> None:
+        """A stop begins (aiohttp's cleanup, once the listener stopped accepting): no close lingers
+        from now on, and the lingering ones close with the idle ones (aiohttp's ``shutdown``)."""
+        self.stopping = True
+        super().pre_shutdown()
+
     def make_room(self, pending: int, oldest_pending: float) -> bool:
         """For a TLS listener's acceptor, which holds ``pending`` connections before their
         handshake's end (the oldest accepted at ``oldest_pending``, loop time) and has just
@@ -698,7 +830,7 @@ class LimitedServer(web.Server):
         cap = getattr(self, "max_connections", 0)
         if not isinstance(cap, int) or cap <= 0:
             return True
-        live = [c for c in self._connections if isinstance(c, LimitedHandler) and not c._force_close]
+        live = live_connections(self._connections)
         if len(live) + pending + 1 <= cap:
             return True
         other = oldest_waiting(live, None)
@@ -711,21 +843,24 @@ class LimitedServer(web.Server):
 
 class CappedServer(LimitedServer):
     """``LimitedServer`` whose connections are ``CappedHandler``s; ``head_timeout`` and
-    ``server_header`` are read at each new connection (or answer), so a reload applies."""
+    ``server_header`` and ``lingering`` (lingering_time, lingering_timeout) are read at each new
+    connection (or answer), so a reload applies."""
 
     def __init__(self, handler: Any, *, head_timeout: Callable[[], float], max_connections: int,
-                 server_header: Callable[[], str], send_timeout: float = 0.0, **kwargs: Any) -> None:
+                 server_header: Callable[[], str], send_timeout: float = 0.0,
+                 lingering: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0), **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._head_timeout_of = head_timeout
         self._max = self.max_connections = max_connections  # (read by a TLS listener's acceptor)
         self._server_header = server_header
         self._send_timeout = send_timeout
+        self._lingering_of = lingering
 
     def __call__(self) -> RequestHandler:
         return CappedHandler(self, loop=self._loop, head_timeout=float(self._head_timeout_of()),
                              max_connections=self._max, server_header=self._server_header,
-                             send_timeout=self._send_timeout, **self._kwargs)
+                             send_timeout=self._send_timeout, lingering=self._lingering_of(), **self._kwargs)
 
 
 __all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "LimitedHandler", "LimitedServer",
-           "close_oldest_waiting", "empty_lines", "oldest_waiting", "unfinished_head"]
+           "close_oldest_waiting", "empty_lines", "live_connections", "oldest_waiting", "unfinished_head"]

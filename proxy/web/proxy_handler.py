@@ -395,12 +395,10 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         log.debug("%s %s from %s: %s", request.method, request.raw_path, request.remote, exc)
         fe.requests("ERROR", request.method).inc()
         refused = _plain(exc.status_hint, exc.public_text(), "ERROR", fe, info, request, exc.cache_detail)
-        refused.force_close()  # the rest of its body, if any, is not worth reading
-        # Closed once the answer is written: aiohttp would otherwise linger, reading the rest of
-        # the body (up to 10 s) of a client that said nothing for client_body_timeout.
-        task, protocol = asyncio.current_task(), request.protocol
-        if task is not None and protocol is not None:
-            task.add_done_callback(lambda _: protocol.force_close())
+        # The rest of its body, if any, is not worth reading: closed once the answer is out, by a
+        # lingering close that drops what the client still sends, never parsing it
+        # (``LimitedHandler.closed_after``), not aiohttp's read of the rest through the parser.
+        refused.force_close()
         return _own(refused, info, request.method)
     except CachegateError as exc:
         if not isinstance(exc, BadRequest):

@@ -401,7 +401,10 @@ class AdminRunner(web.AppRunner):
                             handler_cancellation=server.handler_cancellation, loop=server._loop,
                             head_timeout=lambda: runtime.settings.client_header_timeout,
                             max_connections=ADMIN_MAX_CONNECTIONS, send_timeout=ADMIN_SEND_TIMEOUT,
-                            server_header=lambda: runtime.settings.server_header, **server._kwargs)
+                            server_header=lambda: runtime.settings.server_header,
+                            lingering=lambda: (runtime.settings.lingering_time,
+                                               runtime.settings.lingering_timeout),
+                            **server._kwargs)
 
 
 def announce(listeners: Listeners) -> None:

@@ -1,0 +1,101 @@
+"""The lingering close of a client connection, for both listeners (nginx: ``lingering_close on``,
+``lingering_time``, ``lingering_timeout``).
+
+Why: cachegate answers some requests while their client is still sending, then closes the
+connection: a body that came too slowly (408), one the parser refused mid-upload (400, 431), one
+over the admin API's limit (413), a head over ``max_request_head`` (431), bytes after a refused
+request. Closed at once, the socket still had the client's unread bytes in its receive queue, or
+got more after: the kernel answers either with a TCP reset. The reset drops whatever of the reply
+the kernel had not sent yet, and at the client it fails the next send (curl: "Send failure:
+Connection reset by peer") or the read (asyncio: ConnectionResetError, and what was read with
+it), so the client saw a reset instead of the answer that says why (a stalled upload's 408 in
+tests/security/test_stalled_upload.py, on a loaded machine).
+
+What: once such a reply is handed to the transport, the connection is half-closed (its FIN goes
+out after the reply: ``write_eof``), and its transport is handed to ``Lingering``, which reads
+what the client still sends and drops it at once (never parsed, never kept: a read's bytes are
+freed as soon as they are counted as heard), until the client closes its side (its FIN; then the
+close is clean, and the client has its whole reply), nothing arrives for ``lingering_timeout``
+(5 s), or ``lingering_time`` (30 s) has passed since the half-close; then the connection is
+closed as a limit closes one (``LimitedHandler.drop``: reset if its reply is still unsent).
+``LimitedHandler`` decides when (``input_pending``: a body not whole, bytes dropped unparsed,
+requests queued behind, bytes unread in the kernel) and begins it (``linger``); every close of
+a connection whose client may still be sending after a reply goes through there.
+
+Bounds: a lingering connection keeps its place among the listener's connections (aiohttp's
+server lists it until the transport is lost): it counts against ``max_connections``, and the
+cap closes it first when it needs room (its reply is out, it only waits for its client). A stop
+closes it at once, as an idle connection (aiohttp's shutdown closes every connection whose
+request is done), and none begins once the listener is stopping. Memory: this object and a
+timer; the bytes of one read at a time.
+
+Over TLS there is no half-close (asyncio's TLS transports have none): the connection lingers
+all the same, reading and dropping, and the client gets no end of stream before it ends. A
+client still sending used to meet the ``close_notify`` and a closed connection ("EOF occurred
+in violation of protocol" on its send); one that reads its answer by its ``Content-Length``
+(every HTTP client: the answer says ``Connection: close``) closes as soon as it has it, and one
+that reads to the end of the connection waits ``lingering_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.web.headtimeout import LimitedHandler
+
+
+class Lingering(asyncio.Protocol):
+    """The protocol of a connection in its lingering close: it hears what the client sends and
+    drops it; ``handler`` (the connection's ``LimitedHandler``) still owns the connection, hears
+    its writes pause and resume (the reply may still be going out) and its loss, and is told when
+    the time is up (``lingered``)."""
+
+    __slots__ = ("_deadline", "_handler", "_heard", "_loop", "_timeout", "_timer")
+
+    def __init__(self, handler: LimitedHandler, loop: asyncio.AbstractEventLoop, time: float,
+                 timeout: float) -> None:
+        self._handler = handler
+        self._loop = loop
+        now = loop.time()
+        self._deadline = now + time
+        self._timeout = timeout
+        self._heard = now  # when the client's bytes last arrived (the half-close, at first)
+        self._timer: asyncio.TimerHandle | None = loop.call_at(min(self._deadline, now + timeout),
+                                                               self._expired)
+
+    def data_received(self, data: bytes) -> None:
+        self._heard = self._loop.time()  # (and ``data`` dropped: never parsed, never kept)
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side: the transport closes, cleanly
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.cancel()
+        self._handler.connection_lost(exc)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        """Nothing heard for ``lingering_timeout``, or ``lingering_time`` over: the connection
+        closes. Else looked at again when the later of the two can first run out (one timer,
+        not one per read)."""
+        self._timer = None
+        end = min(self._deadline, self._heard + self._timeout)
+        if self._loop.time() < end:
+            self._timer = self._loop.call_at(end, self._expired)
+            return
+        self._handler.lingered()
+
+
+__all__ = ["Lingering"]

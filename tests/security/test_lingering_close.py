@@ -1,0 +1,305 @@
+"""A client still sending when cachegate answers and closes its connection reads the whole answer
+(a lingering close, as nginx's ``lingering_close on``: ``proxy.web.lingering``).
+
+cachegate answers some requests while their client is still sending: a body that came too slowly
+(408), a body the parser refused mid-upload (400), a head over ``max_request_head`` (431), the
+admin API's body over 1 MiB (413). It closed the connection at once: the client's next bytes met
+a closed socket, whose kernel answered with a reset, so the client's send failed (curl: "Send
+failure: Connection reset by peer") and the answer that said why could be lost with it. Now the
+connection is half-closed after the answer and what the client still sends is read and dropped
+until it closes, goes silent for ``lingering_timeout`` or ``lingering_time`` passes; such a
+connection counts against ``max_connections`` and a stop does not wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.web.fastpath import ProxyServer
+from proxy.web.headtimeout import LimitedHandler
+from tests.conftest import MakeProxy
+from tests.harness import Origin, Proxy
+from tests.ops.test_tls import Certs, client_context, tls_config
+from tests.security.test_client_connection_limits import closed_count, until
+from tests.storage.procs import ProxyProcess, write_config
+
+MORE = 2 * 1024 * 1024  # what the client still sends after cachegate answered: 2 MB
+TCP_CLOSE_WAIT = 8  # (linux/tcp_states.h)
+
+# What makes cachegate answer and close while the client is still sending, on the client listener.
+CLIENT_CASES = {
+    # 100 MB announced, 10 bytes sent, then silence for client_body_timeout (1 s): 408.
+    "408 slow body": (b"POST /upload HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 100000000\r\n\r\n"
+                      + b"x" * 10, b"HTTP/1.1 408 "),
+    # A chunk, then a chunk-size line that is not one: 400 at once.
+    "400 malformed chunk": (b"POST /upload HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"5\r\nhello\r\nZZZ\r\n", b"HTTP/1.1 400 "),
+    # A head growing past max_request_head (32 KB): 431 before it ends.
+    "431 head too large": (b"GET / HTTP/1.1\r\nHost: shop.example\r\nX-Big: " + b"a" * 100_000, b"HTTP/1.1 431 "),
+}
+
+
+def _fin_came(sock: socket.socket) -> bool:
+    """The server's FIN has arrived (the socket is in CLOSE_WAIT): it answered, then closed the
+    connection or half-closed it."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == TCP_CLOSE_WAIT
+
+
+def keeps_sending(address: tuple[str, int], first: bytes, *, after_fin: bool) -> tuple[str | None, bytes]:
+    """A raw client: ``first`` (what makes cachegate answer and close), then MORE bytes as fast
+    as the socket takes them (once cachegate's FIN came, when ``after_fin``: its answer is
+    written and it closed, so the race goes against the client every time), then everything it
+    can read, to the end: the error it met (None: none) and what it read."""
+    error = None
+    data = b""
+    with socket.create_connection(address, timeout=20) as sock:
+        try:
+            sock.sendall(first)
+            if after_fin:
+                deadline = time.monotonic() + 20
+                while not _fin_came(sock):
+                    assert time.monotonic() < deadline, "no answer and FIN from cachegate"
+                    time.sleep(0.01)
+            sock.sendall(b"y" * MORE)
+        except OSError as exc:
+            error = f"sending: {exc!r}"
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError as exc:
+            error = (error or "") + f" reading: {exc!r}"
+    return error, data
+
+
+def whole(reply: bytes) -> bool:
+    """A whole reply: its head, and as much body as its Content-Length says."""
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in
+              (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+    return bool(sep) and int(fields.get(b"content-length", b"-1")) == len(body)
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def lingering(proxy: Proxy) -> int:
+    """Connections of the client listener in their lingering close."""
+    for runner in proxy.listeners.runners:
+        if isinstance(runner.server, ProxyServer):
+            return sum(1 for c in runner.server._connections
+                       if isinstance(c, LimitedHandler) and c._lingering is not None)
+    raise AssertionError("no client listener")
+
+
+@pytest.mark.parametrize("case", sorted(CLIENT_CASES))
+async def test_a_client_still_sending_after_cachegate_answered_and_closed_reads_the_whole_answer(
+        make_proxy: MakeProxy, case: str) -> None:
+    # Deterministic: the client sends on only once cachegate has answered and closed. Its bytes
+    # then met a closed socket, reset: "Broken pipe" on the send. Now they are read and dropped.
+    first, status = CLIENT_CASES[case]
+    proxy = await make_proxy(config="client_body_timeout: 1s\nclient_body_min_rate: 0\n")
+    for _ in range(3):
+        error, reply = await asyncio.to_thread(keeps_sending, address(proxy.url), first, after_fin=True)
+        assert error is None, (case, error, reply[:80])
+        assert reply.startswith(status) and whole(reply), reply[:200]
+    assert await until(lambda: lingering(proxy) == 0, 10)  # each ended with its client's close
+
+
+async def test_the_admin_apis_413_and_408_reach_a_client_still_sending(make_proxy: MakeProxy) -> None:
+    """The admin listener closes the same way: a body over its 1 MiB limit sent as fast as the
+    client can, 20 times, gets the whole 413 each time; a body that stalls gets its 408 although
+    the client sends on after it."""
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nclient_body_timeout: 1s\n"
+                                    "client_body_min_rate: 0\n")
+    host, port = address(proxy.admin_url)
+    head = (f"POST /purge HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {MORE + 100}\r\nConnection: close\r\n\r\n").encode()
+    for _ in range(20):
+        error, reply = await asyncio.to_thread(keeps_sending, (host, port), head + b"[" * 100, after_fin=False)
+        assert error is None, (error, reply[:80])
+        assert reply.startswith(b"HTTP/1.1 413 ") and whole(reply), reply[:200]
+    stalled = head.replace(f"{MORE + 100}".encode(), b"1000000") + b"[" * 10  # (under the limit)
+    error, reply = await asyncio.to_thread(keeps_sending, (host, port), stalled, after_fin=True)
+    assert error is None, (error, reply[:80])
+    assert reply.startswith(b"HTTP/1.1 408 ") and whole(reply), reply[:200]
+
+
+async def test_a_refused_upload_sent_as_fast_as_the_client_can_gets_its_whole_answer_every_time(
+        make_proxy: MakeProxy) -> None:
+    """No waiting for the answer: the malformed chunk and 2 MB behind it in one go, then the
+    read, 20 times (without the lingering close the send failed whenever the answer and the
+    close came before the client was done)."""
+    proxy = await make_proxy()
+    first, status = CLIENT_CASES["400 malformed chunk"]
+    for _ in range(20):
+        error, reply = await asyncio.to_thread(keeps_sending, address(proxy.url), first, after_fin=False)
+        assert error is None, (error, reply[:80])
+        assert reply.startswith(status) and whole(reply), reply[:200]
+
+
+def reads_then_sends(address: tuple[str, int], first: bytes) -> tuple[str | None, bytes]:
+    """A TLS client: ``first``, then its answer read (by its Content-Length: TLS has no
+    half-close to wait for), then MORE bytes, then everything up to the connection's end: the
+    error it met (None: none) and what it read."""
+    error = None
+    context = client_context()
+    with socket.create_connection(address, timeout=20) as raw, context.wrap_socket(raw) as sock:
+        sock.sendall(first)
+        data = b""
+        while not whole(data):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        try:
+            sock.sendall(b"y" * MORE)
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError as exc:
+            error = repr(exc)
+    return error, data
+
+
+async def test_over_tls_a_client_still_sending_after_its_answer_gets_no_error(
+        make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """A TLS connection lingers too, without the half-close (asyncio's TLS transports have none):
+    the client sends on after reading its answer and meets no error; the connection ends after
+    lingering_timeout. Its close used to send close_notify, and the bytes the client sent on
+    met a closed connection ("EOF occurred in violation of protocol" on its send)."""
+    proxy = await make_proxy(config=tls_config(Certs(tmp_path)) + "lingering_timeout: 1s\n")
+    first, status = CLIENT_CASES["400 malformed chunk"]
+    host, port = address(proxy.listeners.proxy_urls[1].replace("https://", "http://"))
+    error, reply = await asyncio.to_thread(reads_then_sends, (host, port), first)
+    assert error is None, (error, reply[:80])
+    assert reply.startswith(status) and whole(reply), reply[:200]
+
+
+async def test_a_lingering_close_ends_after_lingering_timeout_of_silence_or_lingering_time(
+        make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(config="lingering_time: 3s\nlingering_timeout: 1s\n")
+    first, status = CLIENT_CASES["400 malformed chunk"]
+    host, port = address(proxy.url)
+    # A client that got its answer (and cachegate's FIN) and sends nothing more, nor closes.
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(first)
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(status)
+    assert lingering(proxy) == 1
+    assert await until(lambda: lingering(proxy) == 0, 10)  # closed after lingering_timeout
+    writer.close()
+    # One that drips a byte every 0.1 s: never silent for lingering_timeout, so it lingers on
+    # past it, until lingering_time.
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(first)
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(status)
+    started = asyncio.get_running_loop().time()
+
+    async def drip() -> None:
+        with contextlib.suppress(ConnectionError):
+            while not writer.is_closing():
+                writer.write(b"x")
+                await asyncio.sleep(0.1)
+
+    dripping = asyncio.ensure_future(drip())
+    try:
+        await asyncio.sleep(2.0)  # twice lingering_timeout
+        assert lingering(proxy) == 1
+        assert await until(lambda: lingering(proxy) == 0, 10)  # lingering_time ended it
+        assert asyncio.get_running_loop().time() - started >= 2.5
+    finally:
+        writer.close()
+        dripping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dripping
+
+
+async def test_a_lingering_close_is_off_with_a_lingering_time_of_0(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(config="lingering_time: 0\n")
+    first, status = CLIENT_CASES["400 malformed chunk"]
+    reader, writer = await asyncio.open_connection(*address(proxy.url))
+    writer.write(first)
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(status)
+    assert lingering(proxy) == 0
+    writer.close()
+
+
+async def test_lingering_connections_count_against_max_connections_and_make_room_first(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 3\n"
+                                    "lingering_time: 60s\nlingering_timeout: 60s\n")
+    origin.route("/page", body=b"page", headers={"Cache-Control": "max-age=600"})
+    first, status = CLIENT_CASES["400 malformed chunk"]
+    host, port = address(proxy.url)
+    idle = await asyncio.open_connection(host, port)  # the oldest: idle, never asked anything
+    conns = []
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(first)
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(status)
+        conns.append((reader, writer))
+    assert lingering(proxy) == 2
+    try:
+        # A fourth connection: over the cap, which closes a lingering one (the older), not the
+        # idle one older still (an idle client may ask again; a lingering one's exchange is over).
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /page HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"page"), answer
+        assert lingering(proxy) == 1
+        assert await closed_count(proxy, "cap_oldest") == 1
+        assert not idle[0].at_eof()
+        idle[1].write(b"GET /page HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(idle[0].read(), 10)).endswith(b"page")
+    finally:
+        idle[1].close()
+        for _, w in conns:
+            w.close()
+
+
+def _with_grace(config: str, grace: str) -> None:
+    """``config`` (written by ``write_config``, with shutdown_grace 2 s) with ``grace``."""
+    path = Path(config)
+    path.write_text(path.read_text().replace("shutdown_grace: 2s", f"shutdown_grace: {grace}"))
+
+
+async def test_a_stop_does_not_wait_for_a_lingering_close(origin: Origin, tmp_path: Path) -> None:
+    """SIGTERM to a real ``cachegate run`` while a connection lingers (its client dripping a byte
+    every 0.1 s, lingering_time and lingering_timeout 60 s, shutdown_grace 30 s): the process
+    closes it and exits at once, as it does with idle connections."""
+    config = write_config(str(tmp_path), origin.url, "cache: {memory: 16MB}\n",
+                          "lingering_time: 60s\nlingering_timeout: 60s\n")
+    _with_grace(config, "30s")
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start(with_log=True)
+    first, status = CLIENT_CASES["400 malformed chunk"]
+    reader, writer = await asyncio.open_connection(*address(proxy.url))
+
+    async def drip() -> None:
+        with contextlib.suppress(ConnectionError):
+            while not writer.is_closing():
+                writer.write(b"x")
+                await asyncio.sleep(0.1)
+
+    dripping = None
+    try:
+        writer.write(first)
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(status)  # answered, half-closed
+        dripping = asyncio.ensure_future(drip())
+        await asyncio.sleep(0.5)
+        assert not writer.is_closing()  # still read (closed, the drips would have met a reset)
+        code = await proxy.stop(wait=15)  # neither lingering_time nor shutdown_grace waited for
+    finally:
+        writer.close()
+        if dripping is not None:
+            dripping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dripping
+        await proxy.kill()
+    assert code == 0, proxy.lines
