@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from proxy.web.fastpath import ProxyServer
 from proxy.web.headtimeout import LimitedHandler
@@ -303,3 +304,34 @@ async def test_a_stop_does_not_wait_for_a_lingering_close(origin: Origin, tmp_pa
                 await dripping
         await proxy.kill()
     assert code == 0, proxy.lines
+
+
+async def test_a_body_aiohttp_gave_up_reading_to_keep_the_connection_ends_in_a_lingering_close(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The origin answers an upload without reading it (a 401): the answer keeps the connection,
+    and aiohttp reads the rest of the body through its parser for its own lingering_time (10 s;
+    1 s here) so that the next request can be parsed. A body still coming then was closed on at
+    once, and the client's next bytes were reset; now that close lingers too."""
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=401, body=b"who are you", headers={"Cache-Control": "no-store"})
+
+    origin.route("/upload", refuse)
+    proxy = await make_proxy(config="lingering_time: 3s\nlingering_timeout: 3s\n")
+    for runner in proxy.listeners.runners:
+        if isinstance(runner.server, ProxyServer):
+            runner.server._kwargs["lingering_time"] = 1.0  # aiohttp's own (10 s by default)
+    reader, writer = await asyncio.open_connection(*address(proxy.url))
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 100000000\r\n\r\n"
+                 + b"x" * 100_000)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 401 "), head
+    assert await asyncio.wait_for(reader.readexactly(11), 10) == b"who are you"
+    try:
+        for _ in range(20):  # 2 s of drips: past aiohttp's 1 s, within lingering_time
+            writer.write(b"x" * 1000)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        assert lingering(proxy) == 1
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # half-closed, nothing more said
+    finally:
+        writer.close()
