@@ -377,6 +377,7 @@ class ProxyRequestHandler(LimitedHandler):
         refused = isinstance(exc, HttpProcessingError)
         version = None
         if isinstance(exc, HttpProcessingError):
+            self._unread = True  # nothing after a refused request is parsed: the close lingers
             version = self._refused_version  # (aiohttp's placeholder message says HTTP/1.0)
             if status == 400:
                 status, message = parser_refusal(exc)

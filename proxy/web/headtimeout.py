@@ -770,6 +770,7 @@ class CappedHandler(LimitedHandler):
         (aiohttp's own answer is text with a traceback in the log). Its own 500s stay aiohttp's."""
         if status == 500 or not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
+        self._unread = True  # nothing after a refused request is parsed: the close lingers
         text = str(exc.message)
         if isinstance(exc, LineTooLong) and f"more than {self.max_line_size} bytes" in text:
             status, why = 414, (f"the request line (method, URL, version) is over {self.max_line_size:,} "

@@ -114,10 +114,10 @@ async def test_a_client_still_sending_after_cachegate_answered_and_closed_reads_
     assert await until(lambda: lingering(proxy) == 0, 10)  # each ended with its client's close
 
 
-async def test_the_admin_apis_413_and_408_reach_a_client_still_sending(make_proxy: MakeProxy) -> None:
+async def test_the_admin_apis_413_431_and_408_reach_a_client_still_sending(make_proxy: MakeProxy) -> None:
     """The admin listener closes the same way: a body over its 1 MiB limit sent as fast as the
-    client can, 20 times, gets the whole 413 each time; a body that stalls gets its 408 although
-    the client sends on after it."""
+    client can, 20 times, gets the whole 413 each time; a head over its field limit gets its 431
+    and a body that stalls its 408, although the client sends on after each."""
     proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nclient_body_timeout: 1s\n"
                                     "client_body_min_rate: 0\n")
     host, port = address(proxy.admin_url)
@@ -127,6 +127,11 @@ async def test_the_admin_apis_413_and_408_reach_a_client_still_sending(make_prox
         error, reply = await asyncio.to_thread(keeps_sending, (host, port), head + b"[" * 100, after_fin=False)
         assert error is None, (error, reply[:80])
         assert reply.startswith(b"HTTP/1.1 413 ") and whole(reply), reply[:200]
+    # A head over the admin listener's field limit (8 KB), refused by aiohttp's parser: 431.
+    big = f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\nX-Big: ".encode() + b"a" * 100_000
+    error, reply = await asyncio.to_thread(keeps_sending, (host, port), big, after_fin=True)
+    assert error is None, (error, reply[:80])
+    assert reply.startswith(b"HTTP/1.0 431 ") and whole(reply), reply[:200]
     stalled = head.replace(f"{MORE + 100}".encode(), b"1000000") + b"[" * 10  # (under the limit)
     error, reply = await asyncio.to_thread(keeps_sending, (host, port), stalled, after_fin=True)
     assert error is None, (error, reply[:80])
