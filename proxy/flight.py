@@ -990,6 +990,7 @@ class MissPath:
                     if await self._purged_meanwhile(attempt.key, revalidating):
                         # The 304 vouches for the response stored before a purge of it came (a
                         # soft purge's mark would be undone): fetched anew instead.
+                        engine.metrics.unusable_304s.labels("purged").inc()
                         await self._origin(run, None)
                         return
                 await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head)
@@ -998,6 +999,7 @@ class MissPath:
                 return
             case Refetch():
                 resp.release()
+                engine.metrics.unusable_304s.labels("validator").inc()
                 await self._origin(run, None)
                 return
             case ServeStale():

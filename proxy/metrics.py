@@ -103,6 +103,8 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     # how a flight ended: ``proxy.flight.FlightOutcome``'s labels
     "cachegate_flights": ("filled", "freshened", "passed", "broke_off", "abandoned", "unreachable",
                           "adopted", "stored_elsewhere", "dispersed", "skipped", "stopped", "aborted"),
+    # why a 304 to a revalidation was not used: ``proxy.flight.MissPath._origin``
+    "cachegate_unusable_304s": ("validator", "purged"),
     "cachegate_purges": ("url", "prefix", "tag", "all", "invalidation"),  # ``PurgeSpec.kinds``
     # where a body came from: ``proxy.web.frontend.TIERS``
     "cachegate_response_bytes": ("memory", "disk", "upstream", "none"),
@@ -316,6 +318,11 @@ class Metrics:
         self.flights = Counter("cachegate_flights",
                                "Origin fetches shared by a key's clients (flights), by how they ended "
                                "(proxy.flight)", ["outcome"], registry=r)
+        self.unusable_304s = Counter("cachegate_unusable_304s",
+                                     "304s to a revalidation that could not freshen the stored response, "
+                                     "each followed by a full fetch, by reason: validator (its ETag or "
+                                     "Last-Modified is another response's), purged (the stored response "
+                                     "was purged meanwhile)", ["reason"], registry=r)
         # Fast-path hits are timed one in FAST_SAMPLE and counted FAST_SAMPLE times (proxy.live).
         self.request_duration = LeanHistogram(
             "cachegate_request_duration_seconds",
@@ -324,7 +331,7 @@ class Metrics:
         self.live = LiveStats()
         for family in (self.reloads, self.storage_errors, self.admin_refused, self.purge_refused,
                        self.slow_readers, self.not_stored, self.flights, self.purges,
-                       self.response_bytes, self.out_of_resources, self.client_closed):
+                       self.response_bytes, self.out_of_resources, self.client_closed, self.unusable_304s):
             for value in KNOWN_LABELS[family.name]:
                 family.labels(value)  # at 0 from the start (KNOWN_LABELS)
         # Whether this process's client listeners answer fresh hits on the fast path (set when

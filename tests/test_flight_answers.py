@@ -57,6 +57,7 @@ async def test_a_revalidation_answered_after_a_soft_purge_does_not_make_the_purg
     after = await proxy.get("/p")
     assert after.body == b"v3"  # the response fetched after the purge, not v1 made fresh again
     assert served == 3
+    assert proxy.runtime.metrics.unusable_304s.labels("purged").value == 1  # the 304 not used
 
 
 async def test_a_purge_of_another_key_during_a_revalidation_does_not_make_it_fetch_again(
@@ -91,6 +92,7 @@ async def test_a_purge_of_another_key_during_a_revalidation_does_not_make_it_fet
     reply = await revalidation
     assert (reply.x_cache, reply.body) == ("REVALIDATED", b"v1")
     assert served == 2  # the 304 was used: no second fetch
+    assert sum(proxy.runtime.metrics.unusable_304s.values().values()) == 0
 
 
 async def test_a_client_too_late_to_join_a_failing_revalidation_is_not_served_the_stale_response(

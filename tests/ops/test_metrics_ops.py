@@ -224,7 +224,8 @@ async def test_a_fresh_cachegate_exports_its_known_events_at_zero(origin: Origin
              "cachegate_admin_refused": "reason", "cachegate_purge_refused": "reason",
              "cachegate_slow_readers": "outcome", "cachegate_not_stored": "reason",
              "cachegate_flights": "outcome", "cachegate_purges": "kind", "cachegate_response_bytes": "tier",
-             "cachegate_out_of_resources": "where", "cachegate_client_connections_closed": "reason"}
+             "cachegate_out_of_resources": "where", "cachegate_client_connections_closed": "reason",
+             "cachegate_unusable_304s": "reason"}
     assert set(label) == set(KNOWN_LABELS)
     for family, values in KNOWN_LABELS.items():
         for value in values:
