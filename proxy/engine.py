@@ -1117,7 +1117,8 @@ class Engine:
                                 head: RequestHead) -> list[Entry]:
         """RFC 9111 §4.3.4: "All the stored responses with the same strong validator are
         identified for update": the key's other Vary variants holding the 304's strong ETag (the
-        same representation, selected by other request fields), freshened too rather than each
+        same representation, selected by other request fields; compared exactly: the weak
+        comparison is for the revalidated variant alone, ``validates_stored``), freshened too rather than each
         revalidated in turn. Asked only for a key whose responses vary, and only when that saves
         a request to the origin (``worth_freshening_others``: never for ``no-cache``). Returned
         to be written with the revalidated variant: written one by one, each rewrote the key's

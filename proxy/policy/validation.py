@@ -3,7 +3,8 @@
 - ``conditional_headers``: the validators a revalidation sends (§4.3.1).
 - ``decide_on_validation``: what the origin's answer means for the stored
   response, as the engine carries it out: ``Freshen`` (a 304 about it: update its
-  headers, keep the body, §4.3.4, done by ``freshen_stored``), ``Refetch`` (a 304
+  headers, keep the body, §4.3.4, done by ``freshen_stored``; its ETag compared weakly
+  with the one sent, ``validates_stored``), ``Refetch`` (a 304
   about something else: ask again without validators), ``ServeStale`` (a 500, 502,
   503 or 504 the stored response may hide, RFC 5861 §4: it stays) or ``Replace`` (a new response,
   decided as any fill by ``proxy.policy.fill``; when it is not stored, the stored one is
@@ -88,16 +89,18 @@ def conditional_headers(stored: StoredResponse) -> HeaderList:
     return tuple(headers)
 
 
-def merge_headers(stored: HeaderList, update: Headers) -> HeaderList:
+def merge_headers(stored: HeaderList, update: Headers, keep: tuple[str, ...] = ()) -> HeaderList:
     """Stored headers with every field present in ``update`` replaced (RFC 9111 §3.2).
 
-    Never replaced: ``NOT_UPDATED_BY_304`` and the fields the 304's Connection lists.
+    Never replaced: ``NOT_UPDATED_BY_304``, the fields the 304's Connection lists, and those
+    in ``keep`` (lower-case: a stored weak ETag, ``freshen_stored``).
     A Set-Cookie arriving on a 304 is never stored, whatever the rules allow: it is the
     revalidating client's, and would be replayed to everyone who gets the stored response
     (a rule's ``allow_set_cookie`` stores a fill without its Set-Cookie, for the same reason).
     """
     fresh = end_to_end(update)
-    skip = {*NOT_UPDATED_BY_304, "set-cookie"}  # (Set-Cookie2, RFC 2965, is obsolete: ignored by user agents)
+    # (Set-Cookie2, RFC 2965, is obsolete: ignored by user agents)
+    skip = {*NOT_UPDATED_BY_304, "set-cookie", *keep}
     replaced = {k.lower() for k, _ in fresh if k.lower() not in skip}
     kept = [(k, v) for k, v in stored if k.lower() not in replaced]
     added = [(k, v) for k, v in fresh if k.lower() in replaced]
@@ -135,10 +138,15 @@ def freshen_stored(
     (RFC 9111 §3.5), whoever's request the 304 answered. (A 304 to a request with
     Authorization about a response filled without it says that the shared response is valid
     for that client too; it does not make it theirs.)
+    A 304 never makes the stored ETag strong: a stored ``W/"x"`` stays so when the 304 says
+    ``"x"`` (nginx's 304 to a gzip response it sent as ``W/"x"``, ``validates_stored``: the
+    strong tag names the uncompressed bytes, not the gzip ones held, and a client's If-Range
+    or If-Match would take it for theirs). A weak ETag on the 304 replaces a strong stored one,
+    as any field (it claims less).
     """
     credentials = credentials or stored.credentials
     authorization = stored.authorization
-    merged = merge_headers(stored.headers, update)
+    merged = merge_headers(stored.headers, update, ("etag",) if _strengthens(stored.etag, update) else ())
     if "date" not in update:
         merged = dated(tuple([(k, v) for k, v in merged if k.lower() != "date"]), response_time)
     view: CIMultiDict[str] = CIMultiDict((k, v) for k, v in merged if k.lower() not in ("age", "date"))
@@ -172,22 +180,35 @@ def _strong(tag: str) -> str:
     return tag[2:] if tag.startswith("W/") else tag
 
 
-def validates_stored(stored: StoredResponse, headers: Headers) -> bool:
-    """Does this 304 refer to the stored response (RFC 9111 §4.3.4)?
+def _strengthens(stored: str | None, update: Headers) -> bool:
+    """Would the 304's ETag turn the stored weak one strong (``freshen_stored`` keeps it)?"""
+    new = update.get("ETag")
+    return stored is not None and new is not None and stored.strip().startswith("W/") \
+        and not new.strip().startswith("W/")
 
-    A strong ETag in the 304 must equal the stored strong ETag; a weak one must
-    match it weakly; a 304 without an ETag but with a Last-Modified must carry the
-    stored one. A 304 with no validator at all answers the conditional request we
-    made about this very response, so it refers to it.
+
+def validates_stored(stored: StoredResponse, headers: Headers) -> bool:
+    """Does this 304, the answer to the conditional request made with ``stored``'s own
+    validators, refer to it (RFC 9111 §4.3.4)?
+
+    An ETag in the 304 must match the stored one, which is the one sent, by the weak
+    comparison (the same opaque tag, ``W/`` on either side or none): the origin evaluated our
+    If-None-Match so (RFC 9110 §13.1.2), and its 304 says the response we hold is current
+    (§15.4.5). nginx with ``gzip on`` sends a compressed response as ``W/"x"`` and its 304 to
+    ``If-None-Match: W/"x"`` as ``"x"`` (its gzip filter does not run on a 304): taken
+    strictly, every revalidation of a gzip copy was a wasted 304 and a full 200. (nginx's own
+    proxy_cache_revalidate refreshes the entry it asked about on any 304.) The stored ETag
+    stays weak (``freshen_stored``). The key's other variants are selected strictly, by the
+    304's strong ETag alone (§4.3.4, ``Engine._freshen_siblings``): this rule is for the one
+    response whose validator was sent.
+
+    A 304 without an ETag but with a Last-Modified must carry the stored one. A 304 with no
+    validator at all answers the conditional request we made about this very response, so it
+    refers to it.
     """
     etag = headers.get("ETag")
     if etag is not None:
-        etag = etag.strip()
-        if stored.etag is None:
-            return False
-        if not etag.startswith("W/"):
-            return not stored.etag.startswith("W/") and stored.etag == etag
-        return _strong(stored.etag) == _strong(etag)
+        return stored.etag is not None and _strong(stored.etag.strip()) == _strong(etag.strip())
     last_modified = headers.get("Last-Modified")
     if last_modified is not None and stored.last_modified is not None:
         new, old = parse_http_date(last_modified), parse_http_date(stored.last_modified)

@@ -48,10 +48,17 @@ ANSWERS: list[tuple[str, Pairs, int, Pairs, bool, str]] = [
      [("ETag", '"a"')], 304, [("ETag", '"a"')], False, "Freshen"),
     ("a 304 with another strong ETag must not update it: fetched again (RFC 9111 §4.3.4)",
      [("ETag", '"a"')], 304, [("ETag", '"b"')], False, "Refetch"),
-    ("a 304 with a strong ETag does not select a weakly validated response",
-     [("ETag", 'W/"a"')], 304, [("ETag", '"a"')], False, "Refetch"),
+    ("a 304 with the strong form of the weak ETag sent freshens it: the origin compared weakly "
+     "(RFC 9110 §13.1.2; nginx's 304 to a gzip response's W/ tag)",
+     [("ETag", 'W/"a"')], 304, [("ETag", '"a"')], False, "Freshen"),
+    ("a 304 with another strong ETag than the weak one sent does not",
+     [("ETag", 'W/"a"')], 304, [("ETag", '"b"')], False, "Refetch"),
+    ("a 304 with another weak ETag does not either",
+     [("ETag", 'W/"a"')], 304, [("ETag", 'W/"b"')], False, "Refetch"),
     ("a 304 with a weak ETag selects by weak comparison",
      [("ETag", '"a"')], 304, [("ETag", 'W/"a"')], False, "Freshen"),
+    ("a 304 with an ETag does not select a response stored without one",
+     [("Last-Modified", LM)], 304, [("ETag", '"a"'), ("Last-Modified", LM)], False, "Refetch"),
     ("a 304 with only the stored Last-Modified freshens it",
      [("Last-Modified", LM)], 304, [("Last-Modified", LM)], False, "Freshen"),
     ("a 304 with another Last-Modified does not",
@@ -236,6 +243,27 @@ def test_a_freshened_response_s_date_is_the_304_s_or_the_time_it_was_received(
     assert fresh is not None
     assert [v for k, v in fresh.headers if k.lower() == "date"] == [stored_date]
     assert fresh.freshness.age(T0 + 100) == T0 + 100 - parse_http_date(stored_date)  # Date and age agree
+
+
+# (case, the stored ETag, the 304's, the stored ETag after it)
+ETAG_KEPT = [
+    ("a 304 never makes a stored weak ETag strong: the strong tag is the uncompressed bytes' "
+     "(nginx gzip)", 'W/"a"', '"a"', 'W/"a"'),
+    ("a weak one replaces a strong stored one, as any field: it claims less", '"a"', 'W/"a"', 'W/"a"'),
+    ("the same tag stays", 'W/"a"', 'W/"a"', 'W/"a"'),
+    ("a 304 without ETag keeps the stored one (RFC 9111 §3.2)", 'W/"a"', None, 'W/"a"'),
+]
+
+
+@pytest.mark.parametrize(("case", "mine", "theirs", "after"), ETAG_KEPT, ids=[e[0] for e in ETAG_KEPT])
+def test_the_etag_a_freshened_response_keeps(case: str, mine: str, theirs: str | None, after: str) -> None:
+    s = stored([("Cache-Control", "max-age=60"), ("ETag", mine), ("Content-Encoding", "gzip")])
+    update = [("Cache-Control", "max-age=120")] + ([("ETag", theirs)] if theirs else [])
+    fresh = freshen_stored(s, headers(*update), T0 + 100, T0 + 100, CacheOptions())
+    assert fresh is not None and fresh.freshness.lifetime == 120  # (the rest merged as any 304)
+    assert fresh.etag == after
+    assert [v for k, v in fresh.headers if k.lower() == "etag"] == [after]
+    assert conditional_headers(fresh) == (("If-None-Match", after),)  # what the next revalidation sends
 
 
 def test_a_304_with_a_new_max_age_changes_the_lifetime() -> None:
