@@ -104,6 +104,14 @@ WHY_NOT = {
     "UNCACHEABLE-STATUS": "the status is not cacheable by default and neither the origin nor a rule "
                           "gives it a freshness lifetime (a ttl default never covers an error status "
                           "other than 404, 405, 410, 414 and 501); name the status in a rule's ttl",
+    "COOKIE-NO-FRESHNESS": "the request has a Cookie and the response is not public and has no lifetime "
+                           "above 0 ({given}): stored, it would be reused only after asking the "
+                           "origin with this response's validators, and an origin that compares only "
+                           "the validator answers the next client (another cookie, or none) with a 304 "
+                           "for this one's page; have the origin send a lifetime (max-age, Expires) or "
+                           "public when the page is the same for everyone, private when it is not, or "
+                           "give a rule a ttl for this status (with override_origin: true over the "
+                           "origin's own max-age=0 or no-cache)",
     "NO-FRESHNESS": "the origin gave no freshness (max-age, s-maxage, Expires), no validator "
                     "(ETag, Last-Modified) and no rule ttl applies; add a ttl for this status in a rule",
     "METHOD": "only GET and HEAD are cached",
@@ -128,6 +136,14 @@ def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str], expired_
     rule's ttl of 0s) is not "no freshness": adding a rule ttl, the fix for that, does nothing
     against the origin's own lifetime without override_origin."""
     field = next((k for k in headers if k.lower() == cc_field.lower()), "Cache-Control")
+    if detail == "COOKIE-NO-FRESHNESS":
+        given = {
+            "": "no max-age, s-maxage or Expires, and no heuristic for a request with a Cookie",
+            "rule": "the rule's ttl for this status is 0s",
+            "expires": "the origin's Expires is not after its Date, or invalid",
+            "no-cache": f"the origin's {field}: no-cache has every use revalidated",
+        }.get(expired_by, f"the origin's {field}: {expired_by}=0")
+        return WHY_NOT[detail].replace("{given}", given)
     if detail == "NO-FRESHNESS" and expired_by:
         if expired_by == "rule":
             given, fix = "the rule's ttl for this status is 0s", "give the rule a ttl above 0s"
@@ -142,8 +158,8 @@ def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str], expired_
     return WHY_NOT.get(detail.partition(":")[0], "").replace("{field}", field)
 
 
-NO_HEURISTIC = ("no heuristic freshness: the request carries Cookie or Authorization and the response is "
-                "not public, so it is revalidated before every use (a rule ttl would share it)")
+NO_HEURISTIC = ("no heuristic freshness: the request carries Authorization and the response is not "
+                "public, so it is revalidated before every use")
 
 
 NO_RULE_STALE = ("the rules' stale_while_revalidate / stale_if_error apply only to a response with a "
@@ -155,6 +171,11 @@ NO_RULE_STALE = ("the rules' stale_while_revalidate / stale_if_error apply only 
 AUTHORIZATION_ORIGIN_ONLY = ("the request has Authorization and only must-revalidate lets a shared cache "
                              "keep the response (RFC 9111 3.5): the origin's freshness alone, the rule's ttl "
                              "and override_origin do not apply")
+
+
+# The details of a response not stored for having no lifetime above 0, which a rule's ttl that
+# ``origin_freshness_only`` dropped would have given it one.
+NO_LIFETIME = frozenset({"NO-FRESHNESS", "COOKIE-NO-FRESHNESS"})
 
 
 def authorization_origin_only(head: RequestHead, status: int, cc: CacheControl, sp: StorePlan) -> bool:
@@ -371,7 +392,7 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
             why = "the rule says no_store" if sp.no_store_rule is not None \
                 else why_not(detail, response_cache_control(headers, sp.options)[1], headers, expired_by)
             lines.append(f"  decision            not stored: {detail} ({why})")
-            if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, _cc_of(headers, sp), sp):
+            if detail in NO_LIFETIME and authorization_origin_only(head, status, _cc_of(headers, sp), sp):
                 lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
         case Fill():
             f = decision.response.freshness
@@ -716,7 +737,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
         case NoFill(detail=detail, expired_by=expired_by):
             why = f"rule {sp.no_store_rule!r} says no_store" if sp.no_store_rule is not None \
                 else why_not(detail, cc_field, headers, expired_by)
-            if detail == "NO-FRESHNESS" and authorization_origin_only(head, status, cc, sp):
+            if detail in NO_LIFETIME and authorization_origin_only(head, status, cc, sp):
                 why += "; " + AUTHORIZATION_ORIGIN_ONLY
             if detail == "TOO-LARGE":
                 # The figure in force (the rules' max_object, or the running store's room now).

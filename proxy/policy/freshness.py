@@ -11,8 +11,11 @@ statuses (§4.2.2), else zero. ``override_origin`` makes the rule TTL win.
 No heuristic for a response to a request with credentials (``Cookie`` or
 ``Authorization``) unless the response says ``public``: the origin said nothing about
 sharing a response that may be personal, and a heuristic would hand it to everyone
-for up to a day. It is then stored without a lifetime, so every reuse is revalidated
-with the origin first (a rule's ``ttl`` still applies: the operator's choice).
+for up to a day. Without a lifetime it is not stored for a request with a ``Cookie``
+(``storability``: ``COOKIE-NO-FRESHNESS``), and stored for one with ``Authorization`` that
+``s-maxage`` or ``must-revalidate`` lets a shared cache keep (RFC 9111 §3.5) only to be
+revalidated with the origin before every reuse (a rule's ``ttl`` still applies: the
+operator's choice).
 
 A response to a request with ``Authorization`` that a shared cache may keep only because
 it says ``must-revalidate`` (no ``public``, no ``s-maxage``: RFC 9111 §3.5) gets the

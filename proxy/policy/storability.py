@@ -7,6 +7,25 @@ requests with ``Authorization`` (unless ``public``, ``s-maxage`` or
 ``must-revalidate`` allow it; with ``must-revalidate`` alone, with the origin's freshness
 only: ``freshness.origin_freshness_only``), nor ``Set-Cookie`` responses unless a rule says so.
 
+A response to a request with a ``Cookie`` that would be reused only after asking the origin
+(no lifetime above 0: no ``Cache-Control`` at all, ``max-age=0``, ``Expires: -1``; or
+``no-cache``) is not stored unless it says ``public`` (``COOKIE-NO-FRESHNESS``), whatever
+validators or ``stale-if-error=`` / ``stale-while-revalidate=`` it carries. It is often that
+user's page, personalised by the cookie, with a validator that names the article, not the
+page (a constant ``Last-Modified``): stored, the next client's request (another cookie, or
+none) was revalidated with the first one's ``If-None-Match`` / ``If-Modified-Since``, and an
+origin comparing only the validator answered 304, so the first user's page went to everyone
+(and, with a stale window, to everyone while the origin failed). nginx and Varnish keep no
+response with a lifetime of 0 at all. A lifetime the origin gives (``max-age``, ``s-maxage``,
+``Expires``) lets every shared cache reuse the page without asking, and a rule's ``ttl`` is the
+operator's choice: both are stored as before (no heuristic is given to such a request:
+``freshness``). ``Authorization`` keeps RFC 9111 §3.5's permission: ``s-maxage`` or
+``must-revalidate`` store it (to be revalidated) as ``public`` does, the origin's explicit word
+to a shared cache (with a ``Cookie`` too, the ``Cookie`` decides). ``Vary: Cookie`` changes
+nothing: it would keep one entry per visitor, each asked about at every use. Not hit-for-pass
+(``fill.hit_for_pass``): it is the request's cookie, and the next anonymous request fills the
+key as usual.
+
 A response whose ``Vary`` names a field the request also carried under another spelling
 (``X_Tenant`` beside or instead of ``X-Tenant``: ``policy.spellings``) is not stored either
 (``AMBIGUOUS-HEADER:<name>``): a CGI, WSGI or Rack origin reads both spellings as one field,
@@ -35,7 +54,7 @@ from proxy.policy.fields import body_length, content_length
 from proxy.policy.freshness import carries_credentials, compute_freshness, origin_freshness_only
 from proxy.policy.headers import dated, end_to_end
 from proxy.policy.keys import variant_of, vary_names, vary_refusal
-from proxy.policy.messages import CacheOptions, Headers, RequestHead, StoredResponse
+from proxy.policy.messages import CacheOptions, Freshness, Headers, RequestHead, StoredResponse
 from proxy.policy.partial import parse_content_range
 from proxy.policy.spellings import spelled_otherwise
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
@@ -66,9 +85,10 @@ class Store:
 @dataclass(frozen=True, slots=True)
 class DontStore:
     detail: str  # the Cache-Status detail token: PRIVATE, NO-STORE, SET-COOKIE, ...
-    # NO-FRESHNESS only: what gave the lifetime of 0 that expired it at once (``max-age``,
-    # ``s-maxage``, ``expires``, ``rule``), "" when nothing gave one. One detail token for both
-    # (Cache-Status stays stable); explain tells them apart, as their fixes differ.
+    # NO-FRESHNESS and COOKIE-NO-FRESHNESS only: what gave the lifetime of 0 that expired it at
+    # once (``max-age``, ``s-maxage``, ``expires``, ``rule``), ``no-cache`` (COOKIE-NO-FRESHNESS:
+    # a lifetime, but every use revalidated), "" when nothing gave one. One detail token for
+    # each (Cache-Status stays stable); explain tells them apart, as their fixes differ.
     expired_by: str = ""
 
 
@@ -194,6 +214,8 @@ def _decide(
     credentials = carries_credentials(request.headers)
     freshness = compute_freshness(semantics, headers, cc, request_time, response_time, options,
                                   cc_source=source, credentials=credentials)
+    if "cookie" in request.headers and "public" not in directives and revalidate_only(freshness):
+        return DontStore("COOKIE-NO-FRESHNESS", _unfresh_by(freshness))  # see the module docstring
     etag = headers.get("ETag")
     last_modified = headers.get("Last-Modified")
     reusable = (
@@ -204,7 +226,7 @@ def _decide(
         or freshness.stale_while_revalidate > 0
     )
     if not reusable:
-        return DontStore("NO-FRESHNESS", "" if freshness.source == "none" else freshness.source)
+        return DontStore("NO-FRESHNESS", _unfresh_by(freshness))
     return Store(
         StoredResponse(
             status=status,
@@ -220,6 +242,28 @@ def _decide(
             authorization=authorization,
         )
     )
+
+
+def revalidate_only(freshness: Freshness) -> bool:
+    """Would a stored response with this freshness be reused only after asking the origin (no
+    lifetime above 0, or ``no-cache``)? For a request with a Cookie it is then not stored
+    (``COOKIE-NO-FRESHNESS``: see the module docstring).
+
+    >>> zero, minute = Freshness(0.0, "max-age", 0.0, 0.0), Freshness(60.0, "max-age", 0.0, 0.0)
+    >>> no_cache = Freshness(60.0, "max-age", 0.0, 0.0, no_cache=True)
+    >>> revalidate_only(zero), revalidate_only(minute), revalidate_only(no_cache)
+    (True, False, True)
+    """
+    return freshness.lifetime <= 0 or freshness.no_cache
+
+
+def _unfresh_by(freshness: Freshness) -> str:
+    """What left a response without a lifetime above 0 (``DontStore.expired_by``): ``no-cache``,
+    the source of a lifetime of 0 (``max-age``, ``s-maxage``, ``expires``, ``rule``), or ""
+    when nothing gave one."""
+    if freshness.lifetime > 0:
+        return "no-cache" if freshness.no_cache else ""
+    return "" if freshness.source == "none" else freshness.source
 
 
 def too_large(length: int | None, room: int) -> bool:

@@ -273,9 +273,9 @@ def supersedes_stored(answer: UnstoredAnswer) -> bool:
     - the stored response has no Vary: the store drops whole keys, so one client's variant
       would take every other client's with it;
     - it was not the request that kept the answer out of the store (``REQUEST_REFUSALS``: its
-      own no-store, its Authorization, a field spelled two ways), nor an answer meant for one
-      client (``private``, a ``Set-Cookie``: whatever credential of its own, a custom API key
-      field too, the client sent);
+      own no-store, its Authorization, its Cookie, a field spelled two ways), nor an answer
+      meant for one client (``private``, a ``Set-Cookie``: whatever credential of its own, a
+      custom API key field too, the client sent);
     - the cache sent the fetch (the stored response stale, or refreshed in the background),
       not the client's own directives (``max-age=0``, ``no-cache``: fwd=request), which any
       client may send for a response every other client is still served fresh.
@@ -306,8 +306,8 @@ SUPERSEDING_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 # Why a fill is not stored that is about the request, not the resource (``supersedes_stored``),
 # as ``proxy.policy.storability`` says them (AMBIGUOUS-HEADER is followed by ":<field>").
 # PRIVATE and SET-COOKIE: an answer for one client (``supersedes_stored``).
-REQUEST_REFUSALS = frozenset({"REQUEST-NO-STORE", "AUTHORIZATION", "AMBIGUOUS-HEADER", "PRIVATE",
-                              "SET-COOKIE"})
+REQUEST_REFUSALS = frozenset({"REQUEST-NO-STORE", "AUTHORIZATION", "COOKIE-NO-FRESHNESS", "AMBIGUOUS-HEADER",
+                              "PRIVATE", "SET-COOKIE"})
 
 
 # RFC 5861 §4: "an error is any situation that would result in a 500, 502, 503, or 504 HTTP

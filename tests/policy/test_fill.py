@@ -163,14 +163,15 @@ def test_a_304_saying_private_ends_the_stored_response() -> None:
     assert freshened(s, update, Rules(), SETTINGS) is None
 
 
-# (case, filled for a request with a cookie, the revalidating request has one, the 304's
-# fields, the freshness source after it)
+# (case, filled for a request with Authorization, the revalidating request has a cookie, the
+# 304's fields, the freshness source after it). (A fill with a cookie and no lifetime is not
+# stored at all: COOKIE-NO-FRESHNESS; with Authorization, must-revalidate stores it.)
 FRESHENED_CREDENTIALS = [
     ("anonymous fill, anonymous revalidation: the heuristic applies", False, False, [], "heuristic"),
-    ("a fill with a cookie, an anonymous revalidation: still no heuristic (whose page it is stays known)",
-     True, False, [], "none"),
+    ("a fill with Authorization, an anonymous revalidation: still no heuristic (whose page it is "
+     "stays known)", True, False, [], "none"),
     ("an anonymous fill, a revalidation with a cookie: no heuristic", False, True, [], "none"),
-    ("a fill with a cookie, a 304 saying public: the heuristic applies", True, False,
+    ("a fill with Authorization, a 304 saying public: the heuristic applies", True, False,
      [("Cache-Control", "public")], "heuristic"),
 ]
 
@@ -180,7 +181,8 @@ FRESHENED_CREDENTIALS = [
 def test_a_response_filled_with_credentials_gets_no_heuristic_lifetime_from_a_304(
         case: str, filled: bool, revalidated: bool, update: Pairs, source: str) -> None:
     cookie = [("Cookie", "session=alice")]
-    s = stored([("Last-Modified", date(-864_000)), ("Date", date(0))], req=request(*cookie if filled else []))
+    s = stored([("Last-Modified", date(-864_000)), ("Date", date(0)), ("Cache-Control", "must-revalidate")],
+               req=request(*[("Authorization", "Bearer alice")] if filled else []))
     assert s.credentials is filled and s.freshness.source == ("none" if filled else "heuristic")
     answer = Exchange(request(*cookie if revalidated else []), 304, "", headers(("Date", date(50)), *update),
                       T0 + 50, T0 + 50)
@@ -291,6 +293,8 @@ HIT_FOR_PASS: list[tuple[str, str, int, dict[str, str], bool]] = [
     ("a 304 answers the request's own preconditions", "UNCACHEABLE-STATUS", 304, {}, False),
     ("too large to keep does not mark", "TOO-LARGE", 200, {}, False),
     ("the request's own Authorization does not mark", "AUTHORIZATION", 200, {"Authorization": "x"}, False),
+    ("the request's own Cookie (no lifetime for it) does not mark", "COOKIE-NO-FRESHNESS", 200,
+     {"Cookie": "s=1"}, False),
 ]
 
 

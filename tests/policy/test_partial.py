@@ -58,6 +58,16 @@ def test_a_206_is_stored_as_a_part_as_its_200_would_be(case: str, fields: Pairs,
         assert decision.response.status == 206
 
 
+def test_a_part_for_a_request_with_a_cookie_is_decided_as_its_200() -> None:
+    """Without a lifetime above 0 it is not stored (COOKIE-NO-FRESHNESS), whatever its validator."""
+    part = [("Cache-Control", "max-age=0"), ("ETag", '"a"'), ("Content-Range", "bytes 0-4/10")]
+    cookie = request(("Cookie", "session=alice"), ("Range", "bytes=0-4"))
+    assert decide_store_part(cookie, "Partial Content", headers(*part), T0, T0, CacheOptions()) \
+        == DontStore("COOKIE-NO-FRESHNESS", "max-age")
+    assert isinstance(decide_store_part(request(("Range", "bytes=0-4")), "Partial Content", headers(*part),
+                                        T0, T0, CacheOptions()), Store)
+
+
 ANSWERS: list[tuple[str, RangeSpec, ByteRange | None]] = [
     ("the stored range itself", (4, 9), ByteRange(4, 9, 10)),
     ("a range inside it", (6, 8), ByteRange(6, 8, 10)),

@@ -85,6 +85,23 @@ def test_no_store_private_set_cookie_and_authorization_are_never_stored(
                       DontStore)
 
 
+@given(directive_lines, other_fields, statuses, st.booleans(), st.sampled_from([None, 0.0, 60.0]), st.booleans())
+def test_a_response_to_a_request_with_a_cookie_is_stored_only_with_a_lifetime_or_public(
+    cc_lines: list[str], others: list[tuple[str, str]], status: int, authorization: bool,
+    rule_ttl: float | None, override: bool,
+) -> None:
+    """Stored only to be revalidated, the next client's request would carry its validators, and
+    an origin comparing only them would answer 304 for this user's page (COOKIE-NO-FRESHNESS)."""
+    response = headers([*(("Cache-Control", v) for v in cc_lines), *others])
+    req_fields = [("Cookie", "session=alice"), *([("Authorization", "Basic x")] if authorization else [])]
+    req = RequestHead("GET", "http", "h", "/", headers(req_fields))
+    options = CacheOptions(ttl_by_status={} if rule_ttl is None else {status: rule_ttl}, override_origin=override)
+    decision = decide_store(req, status, "", response, T0, T0, options)
+    if isinstance(decision, Store):
+        f = decision.response.freshness
+        assert (f.lifetime > 0 and not f.no_cache) or "public" in response_cache_control(response, options)[0]
+
+
 @settings(max_examples=200)
 @given(directive_lines, other_fields, statuses, times, st.floats(0, 100), st.floats(0, 10**6),
        st.floats(0, 10**6))

@@ -23,7 +23,7 @@ from proxy.policy.request import (
     stated_scheme,
     upstream_request,
 )
-from proxy.policy.storability import Store
+from proxy.policy.storability import DontStore, Store
 from tests.policy.build import T0, date, headers, store
 from tests.security.test_forwarding_fields import ATTACK_FIELDS
 
@@ -368,17 +368,20 @@ LAST_MODIFIED = ("Last-Modified", date(-10 * 86400))
 
 @pytest.mark.parametrize(("request_field", "response", "lifetime"), [
     (None, [LAST_MODIFIED], 86400.0),
-    (("Cookie", "a=1"), [LAST_MODIFIED], 0.0),
+    (("Cookie", "a=1"), [LAST_MODIFIED], None),  # no lifetime: not stored (COOKIE-NO-FRESHNESS)
     (("Authorization", "Bearer x"), [LAST_MODIFIED, ("Cache-Control", "must-revalidate")], 0.0),
     (("Cookie", "a=1"), [LAST_MODIFIED, ("Cache-Control", "public")], 86400.0),
     (("Cookie", "a=1"), [LAST_MODIFIED, ("Cache-Control", "max-age=30")], 30.0),
 ])
 def test_no_heuristic_freshness_for_a_response_to_a_request_with_credentials(
-        request_field: tuple[str, str] | None, response: list[tuple[str, str]], lifetime: float) -> None:
+        request_field: tuple[str, str] | None, response: list[tuple[str, str]], lifetime: float | None) -> None:
     from tests.policy.build import request
 
     req = request(*([request_field] if request_field else []))
     decision = store(response, req=req)
+    if lifetime is None:
+        assert decision == DontStore("COOKIE-NO-FRESHNESS")
+        return
     assert isinstance(decision, Store)  # stored, to be revalidated before each use when lifetime is 0
     assert decision.response.freshness.lifetime == lifetime
 

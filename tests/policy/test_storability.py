@@ -11,6 +11,81 @@ from tests.policy.build import T0, date, request, store, stored
 Pairs = list[tuple[str, str]]
 FRESH = ("Cache-Control", "max-age=60")
 
+COOKIE = ("Cookie", "session=alice")
+ETAG = ("ETag", '"article-7"')  # names the article, not the page rendered for one user
+LAST_MODIFIED = ("Last-Modified", date(-86400))
+RULE_TTL = CacheOptions(ttl_by_status={200: 60.0})
+
+# A response to a request with a Cookie that would be reused only after asking the origin (no
+# lifetime above 0, or no-cache) is not stored unless public: the next client's revalidation
+# would carry this one's validators, and an origin comparing only them answers 304 for this
+# user's page. (case, request, status, response fields, options, detail)
+COOKIE_CASES: list[tuple[str, RequestHead, int, Pairs, CacheOptions, str | None]] = [
+    ("a Cookie, no Cache-Control, a constant Last-Modified: no heuristic, not stored", request(COOKIE), 200,
+     [LAST_MODIFIED, ("Date", date(0))], CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, max-age=0 and an ETag", request(COOKIE), 200, [("Cache-Control", "max-age=0"), ETAG],
+     CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, no-cache and an ETag", request(COOKIE), 200, [("Cache-Control", "no-cache"), ETAG],
+     CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, no-cache beside a max-age: every use asks the origin all the same", request(COOKIE), 200,
+     [("Cache-Control", "no-cache, max-age=600"), ETAG], CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, max-age=0, must-revalidate", request(COOKIE), 200,
+     [("Cache-Control", "max-age=0, must-revalidate"), LAST_MODIFIED], CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, s-maxage=0", request(COOKIE), 200, [("Cache-Control", "s-maxage=0"), ETAG], CacheOptions(),
+     "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, Expires: -1", request(COOKIE), 200, [("Date", date(0)), ("Expires", "-1"), ETAG],
+     CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, the origin's own stale-if-error beside max-age=0: it would serve that page on an error",
+     request(COOKIE), 200, [("Cache-Control", "max-age=0, stale-if-error=3600"), ETAG], CacheOptions(),
+     "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, stale-while-revalidate beside max-age=0: it would serve that page at once",
+     request(COOKIE), 200, [("Cache-Control", "max-age=0, stale-while-revalidate=60")], CacheOptions(),
+     "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, no freshness and no validator: the Cookie's reason", request(COOKIE), 200, [("Date", date(0))],
+     CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    ("a Cookie and Vary: Cookie: not stored either", request(COOKIE), 200,
+     [("Cache-Control", "no-cache"), ETAG, ("Vary", "Cookie")], CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, a rule ttl of 0s", request(COOKIE), 200, [ETAG], CacheOptions(ttl_by_status={200: 0.0}),
+     "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, a rule ttl beside the origin's max-age=0 (no override_origin): the origin's 0 decides",
+     request(COOKIE), 200, [("Cache-Control", "max-age=0"), ETAG], RULE_TTL, "COOKIE-NO-FRESHNESS"),
+    ("a Cookie, a rule ttl beside the origin's no-cache (no override_origin): every use asks the origin",
+     request(COOKIE), 200, [("Cache-Control", "no-cache"), ETAG], RULE_TTL, "COOKIE-NO-FRESHNESS"),
+    ("a Cookie and Authorization, must-revalidate without a lifetime: the Cookie decides",
+     request(COOKIE, ("Authorization", "Bearer alice")), 200, [("Cache-Control", "must-revalidate"), ETAG],
+     CacheOptions(), "COOKIE-NO-FRESHNESS"),
+    # Stored: a lifetime, public, or the operator's rule ttl.
+    ("a Cookie and max-age: stored", request(COOKIE), 200, [FRESH, ETAG], CacheOptions(), None),
+    ("a Cookie and Expires in the future: stored", request(COOKIE), 200,
+     [("Date", date(0)), ("Expires", date(60))], CacheOptions(), None),
+    ("a Cookie and public, max-age=0: stored to be revalidated (the origin says it is everyone's)",
+     request(COOKIE), 200, [("Cache-Control", "public, max-age=0"), ETAG], CacheOptions(), None),
+    ("a Cookie and public, no-cache: stored to be revalidated", request(COOKIE), 200,
+     [("Cache-Control", "public, no-cache"), ETAG], CacheOptions(), None),
+    ("a Cookie, public and a Last-Modified: stored with a heuristic lifetime", request(COOKIE), 200,
+     [("Cache-Control", "public"), LAST_MODIFIED, ("Date", date(0))], CacheOptions(), None),
+    ("a Cookie, a rule ttl where the origin gave none: stored (the operator's choice)", request(COOKIE), 200,
+     [ETAG], RULE_TTL, None),
+    ("a Cookie, an override_origin rule ttl over max-age=0, no-cache: stored", request(COOKIE), 200,
+     [("Cache-Control", "max-age=0, no-cache"), ETAG],
+     CacheOptions(ttl_by_status={200: 60.0}, override_origin=True), None),
+    ("a targeted CDN-Cache-Control lifetime beside Cache-Control: no-cache, with a Cookie: stored",
+     request(COOKIE), 200, [("Cache-Control", "no-cache"), ("CDN-Cache-Control", "max-age=60"), ETAG],
+     CacheOptions(targeted_fields=("cdn-cache-control",)), None),
+    # Authorization keeps RFC 9111 §3.5's permission: the origin's explicit word to a shared cache.
+    ("Authorization with max-age=0, must-revalidate: stored to be revalidated (RFC 9111 §3.5)",
+     request(("Authorization", "Bearer alice")), 200, [("Cache-Control", "max-age=0, must-revalidate"), ETAG],
+     CacheOptions(), None),
+    ("Authorization with s-maxage=0: stored to be revalidated (RFC 9111 §3.5)",
+     request(("Authorization", "Bearer alice")), 200, [("Cache-Control", "s-maxage=0"), ETAG], CacheOptions(),
+     None),
+    # Without a Cookie, as before: stored to be revalidated.
+    ("no Cookie, max-age=0 and an ETag: stored to be revalidated", request(), 200,
+     [("Cache-Control", "max-age=0"), ETAG], CacheOptions(), None),
+    ("no Cookie, no-cache and an ETag: stored to be revalidated", request(), 200,
+     [("Cache-Control", "no-cache"), ETAG], CacheOptions(), None),
+]
+
 # (case, request, status, response fields, options, None when stored or the DontStore detail)
 CASES: list[tuple[str, RequestHead, int, Pairs, CacheOptions, str | None]] = [
     ("a 200 with max-age is stored", request(), 200, [FRESH], CacheOptions(), None),
@@ -129,6 +204,7 @@ CASES: list[tuple[str, RequestHead, int, Pairs, CacheOptions, str | None]] = [
      [("Cache-Control", "max-age=60, x-private, private-ext=1")], CacheOptions(), None),
     ("a garbled request no-store still forbids storing its response",
      request(("Cache-Control", "no-store; x")), 200, [FRESH], CacheOptions(), "REQUEST-NO-STORE"),
+    *COOKIE_CASES,
 ]
 
 
@@ -159,6 +235,21 @@ def test_no_freshness_tells_a_lifetime_of_0_from_none(pairs: Pairs, options: Cac
     """One detail token (NO-FRESHNESS) for both, but their fixes differ: explain said "no rule
     ttl applies; add a ttl" for max-age=0, which a rule ttl does not override."""
     assert store(pairs, options=options) == DontStore("NO-FRESHNESS", expired_by)
+
+
+@pytest.mark.parametrize(("pairs", "options", "expired_by"), [
+    ([LAST_MODIFIED, ("Date", date(0))], CacheOptions(), ""),
+    ([("Cache-Control", "max-age=0"), ETAG], CacheOptions(), "max-age"),
+    ([("Cache-Control", "s-maxage=0, max-age=60"), ETAG], CacheOptions(), "s-maxage"),
+    ([("Date", date(0)), ("Expires", "-1"), ETAG], CacheOptions(), "expires"),
+    ([ETAG], CacheOptions(ttl_by_status={200: 0.0}), "rule"),
+    ([("Cache-Control", "no-cache, max-age=60"), ETAG], CacheOptions(), "no-cache"),
+], ids=["nothing", "max-age=0", "s-maxage=0", "Expires: -1", "rule ttl 0s", "no-cache"])
+def test_a_response_to_a_cookie_says_what_left_it_without_a_lifetime(pairs: Pairs, options: CacheOptions,
+                                                                     expired_by: str) -> None:
+    """explain names it: a rule ttl fixes "nothing"; a lifetime of 0 or no-cache the origin gave
+    needs override_origin."""
+    assert store(pairs, req=request(COOKIE), options=options) == DontStore("COOKIE-NO-FRESHNESS", expired_by)
 
 
 @pytest.mark.parametrize("value", ["no-cache; max-age=600", "max-age=600, no-cache =1", '"no-cache, max-age=600"'])

@@ -142,6 +142,8 @@ SUPERSEDES: list[tuple[str, UnstoredAnswer, bool]] = [
     ("private to an Authorization (PRIVATE is said before AUTHORIZATION)",
      UnstoredAnswer(200, "PRIVATE", True, False), False),
     ("no-store to a Cookie", UnstoredAnswer(200, "NO-STORE", True, False), False),
+    ("no lifetime for a Cookie: about the request's cookie",
+     UnstoredAnswer(200, "COOKIE-NO-FRESHNESS", True, False), False),
     ("a 404 to a Cookie", UnstoredAnswer(404, "UNCACHEABLE-STATUS", True, False), False),
     # The stored response varies: the whole key, every client's variant, would go.
     ("no-store for one variant", UnstoredAnswer(200, "NO-STORE", False, True), False),

@@ -423,10 +423,29 @@ def test_explain_never_promises_stale_serving_the_origin_forbids(
 @pytest.mark.parametrize("response", ["Expires: -1", "Expires: 0", "Cache-Control: max-age=0"])
 def test_explain_says_the_rules_stale_windows_skip_a_page_expired_at_once(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], response: str) -> None:
-    out = stored_lines(explain(tmp_path, capsys, "http://shop.example/home", "-H", "Cookie: theme=dark",
-                               "-R", response, "-R", 'ETag: "a"'))
+    out = stored_lines(explain(tmp_path, capsys, "http://shop.example/home", "-R", response, "-R", 'ETag: "a"'))
     assert "stale               while revalidating 0s, if error 0s\n" in out
     assert "the rules' stale_while_revalidate / stale_if_error apply only to a response with a lifetime" in out
+
+
+@pytest.mark.parametrize(("response", "given"), [
+    (["-R", "Cache-Control: max-age=0, must-revalidate"], "the origin's Cache-Control: max-age=0"),
+    (["-R", "Cache-Control: no-cache, max-age=60"], "the origin's Cache-Control: no-cache has every use revalidated"),
+    (["-R", "Expires: -1"], "the origin's Expires is not after its Date, or invalid"),
+    (["-R", "Last-Modified: Mon, 01 Jan 2024 00:00:00 GMT"], None),  # the defaults' ttl of 5m
+], ids=["max-age=0", "no-cache", "Expires: -1", "a rule ttl"])
+def test_explain_says_why_a_response_to_a_cookie_without_a_lifetime_is_not_stored(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], response: list[str], given: str | None) -> None:
+    """Stored only to be revalidated, the next client's revalidation would carry this one's
+    validators, and an origin comparing only them answers 304 for this user's page. A rule's
+    ttl where the origin gave none is the operator's word: stored."""
+    out = stored_lines(explain(tmp_path, capsys, "http://shop.example/home", "-H", "Cookie: theme=dark",
+                               *response, "-R", 'ETag: "article-7"'))
+    if given is None:
+        assert "stored, fresh for 5m" in out and "COOKIE-NO-FRESHNESS" not in out, out
+        return
+    assert (f"not stored: COOKIE-NO-FRESHNESS (the request has a Cookie and the response is not public and "
+            f"has no lifetime above 0 ({given}): stored, it would be reused only after asking") in out, out
 
 
 def test_explain_names_where_each_stale_window_comes_from(tmp_path: Path,

@@ -2,12 +2,16 @@
 
 Origins that personalise by cookie often say "do not reuse this" with a lifetime of 0 rather
 than ``private``: ASP.NET's ``Expires: -1``, PHP's ``Expires: Thu, 19 Nov 1981 ...``,
-``Expires: 0`` (with ``Pragma: no-cache``) or ``max-age=0``. cachegate stores such a page (it
+``Expires: 0`` (with ``Pragma: no-cache``) or ``max-age=0``. cachegate stored such a page (it
 has a validator) only to revalidate it before every use. The rules' ``stale_if_error``
 (``rules/default.yaml`` ships 1h) used to apply to it, so while the origin was down or
 answered 503, Bob got Alice's page as STALE; with the rules' ``stale_while_revalidate`` he got
 it at once (UPDATING) while the origin was up. The rules' windows now apply only to a response
-with a lifetime; the origin's own ``stale-if-error=`` still does (RFC 5861).
+with a lifetime; the origin's own ``stale-if-error=`` still does (RFC 5861). Since, a response
+to a request with a Cookie and no lifetime is not stored at all (``COOKIE-NO-FRESHNESS``:
+tests/security/test_cookie_no_lifetime.py), so Alice's page is not there to be served stale;
+the windows' own limit (for a page personalised by something else than a cookie) is held by
+the policy tables (tests/policy/test_freshness.py).
 """
 
 from __future__ import annotations
@@ -88,13 +92,19 @@ async def test_with_the_rules_stale_while_revalidate_bob_gets_his_own_page(
 
 async def test_the_origins_own_stale_if_error_still_serves_a_zero_lifetime_page(
         origin: Origin, make_proxy: MakeProxy) -> None:
-    """RFC 5861: the origin's stale-if-error= is its word that the stale page may be shared."""
+    """RFC 5861: the origin's stale-if-error= is its word that the stale page may be shared: an
+    anonymous fill's. A fill for a request with a Cookie is not stored at all without a lifetime
+    (COOKIE-NO-FRESHNESS), stale-if-error= or not: Bob gets the origin's error, not Alice's page."""
     proxy = await make_proxy(rules=SHIPPED_RULES)
     page = Personal({"Cache-Control": "max-age=0, stale-if-error=600"})
+    origin.route("/account", page)
+    assert (await proxy.get("/account")).body == b"Hello stranger"
     await alice_fills(origin, proxy, page)
     page.failing = True
     again = await proxy.get("/account")
-    assert (again.status, again.x_cache, again.body) == (200, "STALE", b"Hello alice")
+    assert (again.status, again.x_cache, again.body) == (200, "STALE", b"Hello stranger")
+    bob = await proxy.get("/account", headers={"Cookie": "session=bob"})
+    assert (bob.status, bob.x_cache) == (200, "STALE") and b"alice" not in bob.body
 
 
 async def test_a_page_with_a_lifetime_is_still_served_stale_by_the_rules(

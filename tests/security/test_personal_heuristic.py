@@ -3,7 +3,9 @@
 cache keep it for 10% of its age; shared with the next client, that is the victim's page.
 
 A response to a request with ``Cookie`` or ``Authorization`` gets no heuristic freshness
-unless it says ``public`` or a rule gives it a ``ttl``: it is stored to be revalidated
+unless it says ``public`` or a rule gives it a ``ttl``: with a ``Cookie`` it is then not
+stored at all (``COOKIE-NO-FRESHNESS``: tests/security/test_cookie_no_lifetime.py); with
+``Authorization`` and ``must-revalidate`` (RFC 9111 §3.5) it is stored to be revalidated
 before each use, and this origin (which answers every request in full) is asked again.
 """
 
@@ -45,19 +47,21 @@ async def test_heuristic_freshness_never_shares_a_response_to_a_request_with_cre
 async def test_an_anonymous_revalidation_gives_a_personal_page_no_heuristic_freshness(
         origin: Origin, make_proxy: MakeProxy) -> None:
     """The origin validates by Last-Modified alone (as static and CMS servers do) and answers
-    a logged-in request in full: one anonymous revalidation answered 304 must not make the
-    page stored for Alice fresh for a day, or Bob gets it without the origin being asked."""
+    a request with credentials in full: one anonymous revalidation answered 304 must not make
+    the page stored for Alice (``must-revalidate`` lets a shared cache keep a response to
+    Authorization: RFC 9111 §3.5) fresh for a day, or Bob gets it without the origin being asked."""
     async def page(request: web.Request) -> web.Response:
-        who = request.cookies.get("session")
+        who = request.headers.get("Authorization", "").removeprefix("Bearer ") or None
+        fields = {"Last-Modified": LAST_MODIFIED, "Cache-Control": "must-revalidate"}
         if who is None and "If-Modified-Since" in request.headers:
-            return web.Response(status=304, headers={"Last-Modified": LAST_MODIFIED})
-        return web.Response(text=f"hello {who}", headers={"Last-Modified": LAST_MODIFIED})
+            return web.Response(status=304, headers=fields)
+        return web.Response(text=f"hello {who}", headers=fields)
     origin.route("/me", page)
     proxy = await make_proxy()
-    assert (await send_raw(proxy, get("/me", "Cookie: session=alice"))).body == b"hello alice"
+    assert (await send_raw(proxy, get("/me", "Authorization: Bearer alice"))).body == b"hello alice"
     anonymous = await send_raw(proxy, get("/me"))
     assert anonymous.x_cache == "REVALIDATED" and origin.count("/me") == 2
-    bob = await send_raw(proxy, get("/me", "Cookie: session=bob"))
+    bob = await send_raw(proxy, get("/me", "Authorization: Bearer bob"))
     assert (bob.x_cache, bob.body) != ("HIT", b"hello alice")
     assert bob.body == b"hello bob" and origin.count("/me") == 3
 
@@ -86,10 +90,16 @@ def test_explain_says_why_no_heuristic_applies() -> None:
     from proxy.explain import NO_HEURISTIC, ExplainRequest, explain
     from proxy.rules import RuleSet
 
-    req = ExplainRequest("http://shop.example/me", headers=(("Cookie", "session=alice"),),
-                         response_headers=(("Last-Modified", LAST_MODIFIED),))
+    req = ExplainRequest("http://shop.example/me", headers=(("Authorization", "Bearer alice"),),
+                         response_headers=(("Last-Modified", LAST_MODIFIED), ("Cache-Control", "must-revalidate")))
     text = "\n".join(explain(RuleSet(), req, time.time()))
     assert "stored, fresh for 0s" in text and NO_HEURISTIC in text
     anonymous = "\n".join(explain(RuleSet(), ExplainRequest(req.url, response_headers=req.response_headers),
                                   time.time()))
     assert NO_HEURISTIC not in anonymous and "heuristic: 10%" in anonymous
+    cookie = ExplainRequest(req.url, headers=(("Cookie", "session=alice"),),
+                            response_headers=(("Last-Modified", LAST_MODIFIED),))
+    text = "\n".join(explain(RuleSet(), cookie, time.time()))
+    assert ("not stored: COOKIE-NO-FRESHNESS (the request has a Cookie and the response is not public and has "
+            "no lifetime above 0 (no max-age, s-maxage or Expires, and no heuristic for a request with a "
+            "Cookie)") in text, text
