@@ -989,6 +989,42 @@ async def test_via_is_on_every_answer_once_the_fast_path_included(origin: Origin
     assert (hit.header("X-Cache-Status"), hit.header("Via")) == ("HIT", "1.1 revalidating-lb, 1.1 cachegate")
 
 
+@pytest.mark.parametrize("condition", ['If-None-Match: "v"', "If-None-Match: *"])
+async def test_a_304_carries_the_via_its_200_would(origin: Origin, make_proxy: MakeProxy, condition: str) -> None:
+    """RFC 9110 §7.6.3: a 304 from a HIT, from a REVALIDATED answer and from a response not stored
+    (its head as it arrives) carries the Via the 200 would, once; the fast path leaves a
+    client's conditional to the general path, and both ports answer it alike."""
+    async def page(request: web.Request) -> web.Response:
+        cc = "private" if request.path == "/via-private" else "max-age=1"
+        if request.headers.get("If-None-Match") == '"v"':
+            return web.Response(status=304, headers={"ETag": '"v"', "Cache-Control": "max-age=300",
+                                                     "Via": "1.1 revalidating-lb"})
+        return web.Response(text="page", headers={"Cache-Control": cc, "ETag": '"v"', "Via": "1.1 origin-lb"})
+
+    origin.route("/via", page)
+    origin.route("/via-private", page)
+    p = await pair(make_proxy)
+    clock = Clock()
+    p.proxy.runtime.engine.clock = clock
+    want = "1.1 origin-lb, 1.1 cachegate"
+    await exchange(p.fast_port, req("GET", "/via"), ["GET"])
+    answers = []
+    for port in (p.fast_port, p.general_port):
+        (hit,), _ = await exchange(port, req("GET", "/via", condition), ["GET"])
+        answers.append(hit)
+        assert (hit.status_line, hit.header("X-Cache-Status"), hit.header("Via")) \
+            == ("HTTP/1.1 304 Not Modified", "HIT", want), hit.fields
+        assert [k.lower() for k, _ in hit.fields].count("via") == 1
+    assert answers[0].comparable() == answers[1].comparable()
+    clock.advance(5)
+    (revalidated,), _ = await exchange(p.fast_port, req("GET", "/via", condition), ["GET"])
+    assert (revalidated.status_line, revalidated.header("X-Cache-Status"), revalidated.header("Via")) \
+        == ("HTTP/1.1 304 Not Modified", "REVALIDATED", "1.1 revalidating-lb, 1.1 cachegate"), revalidated.fields
+    (unstored,), _ = await exchange(p.fast_port, req("GET", "/via-private", condition), ["GET"])
+    assert (unstored.status_line, unstored.header("X-Cache-Status"), unstored.header("Via")) \
+        == ("HTTP/1.1 304 Not Modified", "MISS", want), unstored.fields
+
+
 async def test_every_via_line_of_the_origin_is_kept_on_relayed_and_stored_answers(
         origin: Origin, make_proxy: MakeProxy) -> None:
     """An origin behind two intermediaries may send Via as two field lines: both members stay,

@@ -7,7 +7,7 @@ client's request, which reply those fields head:
 - ``PreconditionFailed``: the client's If-Match or If-Unmodified-Since is false for the
   stored response (RFC 9110 §13.1.1, §13.1.4: 412, before anything else is considered);
 - ``NotModified``: the client's own conditional matched (RFC 9110 §15.4.5: a 304
-  carries only the fields a 200 would have that describe the representation);
+  carries only the fields a 200 would have that describe the representation, and its Via);
 - ``Unsatisfiable``: a Range outside a stored 200 (416 with ``Content-Range: bytes */size``);
 - ``Send``: the stored body, whole (its own status) or one range of it (206, RFC 9110
   §14.2); a stored part (RFC 9111 §3.3) only for a range it holds whole;
@@ -33,9 +33,10 @@ from proxy.policy.validation import client_not_modified, precondition_failed
 # were dropped on the way in (proxy.policy.headers.OWN_RESPONSE_FIELDS) still holds an origin's.
 SERVED_DROPS = frozenset({"age", "content-length", "server", "x-request-id", "x-cache-status",
                           "cachegate-admin"})
-# The fields a 304 keeps (RFC 9110 §15.4.5), besides this cache's own.
+# The fields a 304 keeps (RFC 9110 §15.4.5), besides this cache's own; and Via (RFC 9110 §7.6.3),
+# the path the 200 it stands for came by, this cache last: as on that 200 (a hit's is stored).
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary",
-                       "last-modified")  # fmt: skip
+                       "last-modified", "via")  # fmt: skip
 _OWN_FIELDS = ("Age", "Cache-Status", "X-Cache-Status")
 
 

@@ -47,6 +47,17 @@ def test_a_304_keeps_only_the_fields_that_describe_the_representation_rfc_9110_s
                                   ("Cache-Status", "cachegate; hit"), ("X-Cache-Status", "HIT")])
 
 
+def test_a_304_carries_the_via_its_200_would_rfc_9110_section_7_6_3() -> None:
+    """The stored Via (the origin's path, this cache last: ``fill.with_via``) goes on the 304 too,
+    from the store or from a head as it arrives."""
+    via = stored([*FIELDS, ("Via", "1.1 lb, 1.1 cachegate")])
+    fields = served(via)
+    hit = reply_head(request(), via, 10, fields, True)
+    assert isinstance(hit, NotModified) and ("Via", "1.1 lb, 1.1 cachegate") in hit.headers
+    arriving = reply_on_arrival(request(("If-None-Match", '"a"')), via, 10, fields)
+    assert isinstance(arriving, NotModified) and ("Via", "1.1 lb, 1.1 cachegate") in arriving.headers
+
+
 # (case, method, request fields, the stored response, status, Content-Range, length, offset; None: cannot answer)
 CASES: list[tuple[str, str, list[tuple[str, str]], str, tuple[int, str | None, int, int] | None]] = [
     ("no Range: the whole body", "GET", [], "whole", (200, None, 10, 0)),
