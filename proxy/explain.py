@@ -352,6 +352,8 @@ def _personal_why(fields: Sequence[tuple[str, str]]) -> str:
                     return f"the reply's Cache-Control says {directive}"
         if lower == "cache-status" and "detail=AUTHORIZATION" in value:
             return "the reply was not stored for the request's Authorization"
+        if lower == "cache-status" and "COOKIE-NO-FRESHNESS" in value:
+            return "the reply was not stored: the request's cookie, and no lifetime of its own"
     return "the reply is one no shared cache may keep"
 
 

@@ -128,7 +128,9 @@ def caching_field(name: str) -> bool:
 def personal_reply(fields: Sequence[tuple[str, str]]) -> bool:
     """Is this reply one no shared cache may keep? Its Cache-Control says ``private`` or
     ``no-store``, it sets a cookie, this cache refused to store it for the request's
-    ``Authorization`` (its ``Cache-Status`` member says ``detail=AUTHORIZATION``), or the
+    ``Authorization`` (its ``Cache-Status`` member says ``detail=AUTHORIZATION``) or for the
+    request's cookie with no lifetime of its own (``COOKIE-NO-FRESHNESS``: often one user's page),
+    or the
     request was not cached at all (``fwd=bypass``: a rule's bypass, usually for what a session
     or ``Authorization`` makes personal, or a cookie origins read differently).
 
@@ -137,6 +139,8 @@ def personal_reply(fields: Sequence[tuple[str, str]]) -> bool:
     >>> personal_reply([("Cache-Status", "cachegate; fwd=uri-miss; fwd-status=200; detail=AUTHORIZATION")])
     True
     >>> personal_reply([("Cache-Status", 'cachegate; fwd=bypass; fwd-status=200; detail="RULE-BYPASS:s"')])
+    True
+    >>> personal_reply([("Cache-Status", "cachegate; fwd=uri-miss; detail=COOKIE-NO-FRESHNESS")])
     True
     >>> personal_reply([("Cache-Control", "max-age=60"), ("Cache-Status", "cachegate; hit")])
     False
@@ -151,7 +155,7 @@ def personal_reply(fields: Sequence[tuple[str, str]]) -> bool:
                 return True
         elif lower == "cache-status" and any(
                 m.strip().startswith(f"{CACHE_NAME};")
-                and ("detail=AUTHORIZATION" in m or "fwd=bypass" in m)
+                and ("detail=AUTHORIZATION" in m or "fwd=bypass" in m or "COOKIE-NO-FRESHNESS" in m)
                 for m in value.split(",")):
             return True
     return False
