@@ -36,9 +36,9 @@ from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamError, first_report
 from proxy.flight import Attempt, HeldFill, MissPath, Whole, unasked_304
-from proxy.http_client import InterimHook
+from proxy.http_client import InterimHook, body_error_kind, error_kind
 from proxy.leases import Busy, Granted, LeaseClient, LeaseTable, Waiting
-from proxy.logs import RepeatedFailure, note_key, note_upstream
+from proxy.logs import RepeatedFailure, Summarised, note_key, note_upstream
 from proxy.metrics import CounterChild, HistogramChild, Metrics
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fields import body_length, ends_at_head, split_list
@@ -236,6 +236,8 @@ class Engine:
         # failing (its write-ahead log removed while running) logged a traceback per request.
         self.read_failures = RepeatedFailure(log, "reading the cache's storage", settle=READS_SETTLE,
                                              then="the request is answered as a miss (from the origin)")
+        # An origin's failures: one line per upstream, kind and message a while (``warn_upstream``).
+        self.upstream_warnings = Summarised()
         self._forgetting: set[asyncio.Future[None]] = set()  # see body_file_cut_short
         # ``send``'s metric children by (upstream, status class), looked up once each: two
         # ``labels()`` and an ``inc()`` were five Python-level calls on every upstream request.
@@ -267,6 +269,7 @@ class Engine:
         await self.coalescer.close(max(0.0, deadline - loop.time()))
         if self.leases is not None:
             await self.leases.close(max(NOTICE_GRACE, deadline - loop.time()))
+        self.upstream_warnings.close()  # what was counted and not said yet
 
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the
@@ -954,6 +957,16 @@ class Engine:
         children[1].value += 1
         return resp
 
+    def warn_upstream(self, logger: logging.Logger, exc: UpstreamError, msg: str, *args: Any,
+                      body: bool = False) -> None:
+        """The warning of a failed origin fetch (``first_report`` said it is this one's to
+        give), summarised by its upstream, its kind (``cachegate_upstream_errors_total``'s:
+        ``body_error_kind`` for a ``body`` that broke off) and ``msg``: the first at once, then
+        a count per while (``proxy.logs.Summarised``). An origin down under load logged a line
+        per failed request; the metrics count every one."""
+        kind = body_error_kind(exc) if body else error_kind(exc)
+        self.upstream_warnings.warning(logger, (exc.upstream, kind, msg), msg, *args, stacklevel=3)
+
     def upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str | None = None,
                         collapsed: bool = False) -> Reply:
         """The error answer when the origin failed; ``x_cache`` as ``fwd`` says (``EXPIRED``
@@ -968,7 +981,8 @@ class Engine:
         elif isinstance(exc, OutOfResources):  # cachegate's own: the pool warns once per streak
             log.debug("answered %d: %s", status, exc)
         elif first_report(exc):  # once per failed fetch, not once per client coalesced on it
-            log.warning("upstream failed: %s", exc)  # the detail (address, timeout) for the operator only
+            # The detail (address, timeout) for the operator only; one line a while (warn_upstream).
+            self.warn_upstream(log, exc, "upstream failed: %s", exc)
         else:
             log.debug("answered %d: %s", status, exc)
         return self.finish(plan, error_reply(status, reason, f"{status} {reason}: {exc.public_text()}",

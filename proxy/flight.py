@@ -512,8 +512,8 @@ class MissPath:
         if first_report(outcome.error):
             passing = self.engine.settings.cache.hit_for_pass
             then = f"; hit-for-pass for {passing:g}s: its ranges go to the origin alone" if passing else ""
-            log.warning("upstream failed: %s (the whole fetch of %s behind a range%s)", outcome.error,
-                        key, then)
+            self.engine.warn_upstream(log, outcome.error, "upstream failed: %s (the whole fetch of %s "
+                                      "behind a range%s)", outcome.error, key, then)
 
     async def answer_held(self, held: HeldFill, attempt: Attempt, resp: UpstreamResponse,
                           request_time: float, response_time: float, epoch: int) -> Reply:
@@ -1106,8 +1106,8 @@ class MissPath:
                 # Clients joined to the body, whether or not a byte of it reached them yet (some
                 # may still be waiting for their head, and get a 502 with no body): "waiting on".
                 readers = body.readers
-                log.warning("upstream body broke off for %s (%d client%s waiting on it): %s", key,
-                            readers, "" if readers == 1 else "s", exc)
+                engine.warn_upstream(log, exc, "upstream body broke off for %s (%d client%s waiting on it): "
+                                     "%s", key, readers, "" if readers == 1 else "s", exc, body=True)
             if spool is not None:
                 spool.discard()
             self._end(run, BrokeOff(exc))
@@ -1469,14 +1469,15 @@ class MissPath:
             if isinstance(exc, OutOfResources):
                 log.debug("stale response served (stale-if-error): %s", exc)
             elif not own and first_report(exc):
-                log.warning("upstream failed, stale response served (stale-if-error): %s", exc)
+                engine.warn_upstream(log, exc, "upstream failed, stale response served (stale-if-error): %s",
+                                     exc)
             return await self._serve_stale(attempt, attempt.stale, None,
                                            exc.cache_detail if own else "ORIGIN-UNREACHABLE", collapsed)
         if attempt.stale_prohibited and not own:  # (own: the 503 says why, not the origin)
             # RFC 9111 §5.2.2.2: a stored response that may not be served stale
             # (must-revalidate, no-cache, ...) and an unreachable origin: 504.
             if first_report(exc):
-                log.warning("upstream failed, stale response not allowed: %s", exc)
+                engine.warn_upstream(log, exc, "upstream failed, stale response not allowed: %s", exc)
             return engine.finish(plan, error_reply(
                 504, "Gateway Timeout", "504 Gateway Timeout: origin unreachable", forwarded_x_cache(fwd),
                 cache_status(fwd=fwd, collapsed=collapsed, detail="STALE-NOT-ALLOWED")))

@@ -35,6 +35,8 @@ may cut a write short inside a line: see ``AccessLog._write_file``.
 
 **Error log.** Every line of cachegate's own logging (warnings, errors, tracebacks) is one
 line per event, with the worker and the request id; JSON objects when the access log is JSON.
+Warnings that come at the rate of requests (an origin that is down) are summarised, one line a
+while per kind with a count (``Summarised``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ CHECK_AFTER = 0.01  # seconds
 # one, measured), and a line end put before it was a blank line (6 in 365,000 lines of a
 # two-worker soak). A cut line stays as it is; a write in progress has moved on.
 END_SETTLE = 0.001  # seconds
+# Warnings that repeat at the request rate (an upstream's failures: ``Summarised``) are one line
+# per this while and kind. 5 s: rsyslog's recommended rate-limit interval, 12 lines a minute for
+# each upstream and kind of failure (journald drops a service's lines past 10,000 per 30 s),
+# and the end of an outage is in the log within 5 s (the metrics, scraped every 15 s or so,
+# count every failure).
+SUMMARY_WINDOW = 5.0  # seconds
 
 
 # -- request ids ---------------------------------------------------------------------------
@@ -740,6 +748,11 @@ class LineFormatter(logging.Formatter):
         if self.as_json:
             out: dict[str, Any] = {"time": when, "level": record.levelname.lower(), "logger": record.name,
                                    "worker": self._worker(), "request_id": rid, "message": message}
+            suppressed = getattr(record, "suppressed", None)  # (``Summarised``)
+            if suppressed is not None:
+                out["suppressed"] = suppressed
+                if getattr(record, "summary", False):
+                    out["summary"] = True
             if exc is not None:
                 out["exc"] = exc
             return json.dumps(out, ensure_ascii=False)
@@ -888,6 +901,118 @@ class RepeatedFailure:
             self._failing.clear()
             return True
         return False
+
+
+class _Streak:
+    """One kind of warning's lines (``Summarised``): when its last line went out, how many like
+    it were not logged since, and the last of those (its logger, format and arguments)."""
+
+    __slots__ = ("count", "last", "since")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.count = 0
+        self.last: tuple[logging.Logger, str, tuple[Any, ...]] | None = None
+
+
+class Summarised:
+    """Warnings that repeat at the rate of requests, summarised: at most one line per
+    ``window`` for each kind (``key``: the caller's, e.g. an upstream and its kind of failure).
+
+    The first warning of a kind is logged at once, as it is (its request id with it); the ones
+    of that kind within ``window`` after it are only counted (each at DEBUG, so ``--log-level
+    debug`` still shows every one), and once the window is over one line says how many there
+    were, with the last one's message: ``... (57 more like it in the last 5.0s, not logged one
+    by one)``, ``suppressed`` and ``summary`` in a JSON line. That line opens the next window:
+    while the failures go on, a kind writes one line per window. A warning that comes after a
+    window with none counted is logged at once again; one that finds a count not yet said
+    (the timer late) says it: ``... (and 57 more like it in the last 5.2s)``. Why: an origin
+    down under load logged one line per failed request (4,368 for an outage of a second at 20
+    connections), and a long outage's millions of identical lines ran into journald's rate limit
+    (10,000 lines per 30 s by default), which then dropped the lines that mattered.
+
+    The count is said by one timer for all kinds, armed when a window first counts something
+    and not again until it has run: no timer per warning, and nothing at all on the way of a
+    request that does not warn. At most ``KEPT`` kinds are held (a kind with nothing counted
+    is dropped when its window is over); past that the oldest is said and forgotten."""
+
+    KEPT = 1024
+
+    def __init__(self, window: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = SUMMARY_WINDOW if window is None else window
+        self._clock = clock
+        self._kinds: dict[Any, _Streak] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def warning(self, logger: logging.Logger, key: Any, msg: str, *args: Any, stacklevel: int = 2) -> None:
+        """``logger.warning(msg, *args)``, or counted when a line of ``key`` went out less than
+        ``window`` ago; ``stacklevel`` as ``logging``'s (the line's place: the caller's)."""
+        now = self._clock()
+        streak = self._kinds.get(key)
+        if streak is not None and now - streak.since < self.window:
+            streak.count += 1
+            streak.last = (logger, msg, args)
+            logger.debug(msg, *args, stacklevel=stacklevel)
+            if self._timer is None:
+                self._arm(streak.since + self.window - now)
+            return
+        if streak is None:
+            if len(self._kinds) >= self.KEPT:
+                self._forget(now)
+            streak = self._kinds[key] = _Streak(now)
+        more, span = streak.count, now - streak.since
+        streak.since, streak.count, streak.last = now, 0, None
+        if more:
+            logger.warning(f"{msg} (and %d more like it in the last %.1fs)", *args, more, span,
+                           extra={"suppressed": more}, stacklevel=stacklevel)
+        else:
+            logger.warning(msg, *args, stacklevel=stacklevel)
+
+    def flush(self, final: bool = False) -> None:
+        """Say the counts of the windows that are over (every count, when ``final``)."""
+        self._timer = None
+        now = self._clock()
+        due: float | None = None
+        for key, streak in list(self._kinds.items()):
+            over = now - streak.since >= self.window
+            if streak.count and (over or final):
+                self._say(streak, now)
+            elif over:
+                del self._kinds[key]  # nothing counted: the next one is logged at once anyway
+                continue
+            if streak.count:
+                at = streak.since + self.window
+                due = at if due is None else min(due, at)
+        if due is not None and not final:
+            self._arm(due - now)
+
+    def close(self) -> None:
+        """Say what is still counted, and stop the timer (at a stop)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush(final=True)
+
+    def _say(self, streak: _Streak, now: float) -> None:
+        assert streak.last is not None
+        logger, msg, args = streak.last
+        more, span = streak.count, now - streak.since
+        streak.since, streak.count, streak.last = now, 0, None
+        logger.warning(f"{msg} (%d more like it in the last %.1fs, not logged one by one)", *args, more, span,
+                       extra={"suppressed": more, "summary": True})
+
+    def _forget(self, now: float) -> None:
+        key = next(iter(self._kinds))
+        streak = self._kinds.pop(key)
+        if streak.count:
+            self._say(streak, now)
+
+    def _arm(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test's own call): said at the next line or the close
+            return
+        # In a context of its own: the one at hand is a request's, and the line is about none.
+        self._timer = loop.call_later(max(delay, 0.0), self.flush, context=contextvars.Context())
 
 
 # ``say``'s failed writes: logged once (standard error may still be read), then once a minute.

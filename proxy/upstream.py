@@ -431,6 +431,7 @@ class UpstreamPool:
         """A response whose body failed after its head came (``body_error_kind``): counted
         once per exchange, however many clients it cut; not held against the upstream's
         health (its head was an answer)."""
+        exc.upstream = upstream.name  # (its warning is summarised by upstream: ``Engine.warn_upstream``)
         if not isinstance(exc, ProxyStopping):
             self._error(upstream, body_error_kind(exc))
 

@@ -401,7 +401,9 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
         refused.force_close()
         return _own(refused, info, request.method)
     except CachegateError as exc:
-        if not isinstance(exc, BadRequest):
+        if isinstance(exc, UpstreamError):  # (one line per while, as the engine's own)
+            runtime.engine.warn_upstream(log, exc, "%s %s failed: %s", request.method, request.raw_path, exc)
+        elif not isinstance(exc, BadRequest):
             log.warning("%s %s failed: %s", request.method, request.raw_path, exc)
         fe.requests("ERROR", request.method).inc()
         return _own(_plain(exc.status_hint, exc.public_text(), "ERROR", fe, info, request,
@@ -499,7 +501,7 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
             info.x_cache = "ERROR"
             info.cache_status = cut_short(info.cache_status, upstream_detail(exc))
             if first_report(exc):  # (a coalesced fetch's clients all get this one error)
-                log.warning("aborting client response: %s", exc)
+                runtime.engine.warn_upstream(log, exc, "aborting client response: %s", exc, body=True)
             else:
                 log.debug("aborting client response to %s: %s", request.remote, exc)
         else:

@@ -1,0 +1,175 @@
+"""An origin that is down under load is a few lines in the error log, not one per failed
+request: the first failure of each upstream and kind at once (with its request id), the ones
+after it within a window counted, and one line per window saying how many there were
+(``suppressed``, in a JSON line). Before, one warning per failed request: 1,195-4,368 lines for
+an outage of a second at 20 connections, and journald's rate limit then dropped the rest.
+Every failure is still in the metrics: the lines and their counts add up to them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+import proxy.logs
+from proxy.logs import LineFormatter
+from tests.conftest import MakeProxy
+from tests.harness import spawn_cachegate, write_config
+
+WINDOW = 1.0  # seconds: the in-process proxy's window, shorter than the default to keep the test short
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: a connection to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Lines(logging.Handler):
+    """cachegate's error log lines as the JSON formatter writes them, formatted as they are
+    logged (in the context of the request that logged them: its request id)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(LineFormatter(lambda: "0", as_json=True))
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+    def about(self, url: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line["message"].startswith(f"upstream failed: {url}:")]
+
+
+@pytest.fixture
+def lines() -> Iterator[Lines]:
+    handler = Lines()
+    logger = logging.getLogger("cachegate")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def failures(metrics: str, url: str) -> int:
+    """``cachegate_upstream_errors_total`` of ``url``, all kinds."""
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in metrics.splitlines()
+               if line.startswith("cachegate_upstream_errors_total{") and f'upstream="{url}"' in line)
+
+
+def counted(lines: list[dict[str, Any]]) -> int:
+    """The failures ``lines`` tell of: each line one (a summary none of its own), and its
+    ``suppressed`` more."""
+    return sum((0 if line.get("summary") else 1) + line.get("suppressed", 0) for line in lines)
+
+
+async def test_an_outage_under_load_is_a_few_lines_per_upstream_that_add_up_to_the_metric(
+        make_proxy: MakeProxy, lines: Lines, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy.logs, "SUMMARY_WINDOW", WINDOW, raising=False)
+    a, b = (f"http://127.0.0.1:{closed_port()}" for _ in range(2))
+    # Each request one try (retries: 0) at one of the two (round robin), and both stay in the
+    # pool (passive checks off): every request is one failure of one upstream.
+    cg = await make_proxy(config="upstream: {retries: 0, passive: {failures: 0}}\n", upstreams=[a, b])
+    ids: set[str] = set()
+    started = time.monotonic()
+    for batch in range(10):  # 200 requests in about a second, 20 at a time
+        replies = await asyncio.gather(*(cg.get(f"/p{batch}-{i}") for i in range(20)))
+        assert {r.status for r in replies} == {502}
+        ids.update(r.headers["X-Request-Id"] for r in replies)
+        await asyncio.sleep(0.1)
+    took = time.monotonic() - started
+    await asyncio.sleep(WINDOW + 0.3)  # the last window is over: its count is said
+    metrics = (await cg.admin("GET", "/metrics")).body.decode()
+    for url in (a, b):
+        said = lines.about(url)
+        # The first at once, as it was (its request's id, nothing counted), then a line per window.
+        assert said[0]["request_id"] in ids and "suppressed" not in said[0], said
+        assert 2 <= len(said) <= 2 + took / WINDOW, said
+        assert all(line["level"] == "warning" for line in said)
+        assert any(line.get("summary") and line["request_id"] is None
+                   and re.search(r" \(\d+ more like it in the last \d+\.\ds, not logged one by one\)$",
+                                 line["message"]) for line in said), said
+        assert counted(said) == failures(metrics, url) > 0, said
+    assert failures(metrics, a) + failures(metrics, b) == 200
+
+    # Once a window has passed with nothing counted, a failure is logged at once again, by itself.
+    await asyncio.sleep(WINDOW + 0.2)
+    before = len(lines.lines)
+    replies = await asyncio.gather(cg.get("/again-1"), cg.get("/again-2"))  # one to each
+    new = lines.lines[before:]
+    assert sorted(line["request_id"] for line in new) == sorted(r.headers["X-Request-Id"] for r in replies)
+    assert all("suppressed" not in line and line["message"].startswith("upstream failed: ") for line in new)
+    assert {url for url in (a, b) if any(url in line["message"] for line in new)} == {a, b}
+
+
+@pytest.mark.slow
+def test_cachegate_run_summarises_the_failures_of_a_down_origin_in_its_json_error_log(tmp_path: Path) -> None:
+    """The default window, in a real process, as an operator's journal gets it: JSON lines on
+    standard error (the access log is JSON)."""
+    url = f"http://127.0.0.1:{closed_port()}"
+    config = write_config(str(tmp_path), url, "access_log: {format: json, path: access.log}\n"
+                                              "upstream: {retries: 0, passive: {failures: 0}}\n")
+    cg = spawn_cachegate(["run", "--config", config])
+    try:
+        async def load() -> set[int]:
+            async with aiohttp.ClientSession() as session:
+                async def one(path: str) -> int:
+                    async with session.get(cg.proxy_url + path) as resp:
+                        await resp.read()
+                        return resp.status
+
+                statuses: set[int] = set()
+                for batch in range(10):  # 200 requests in about a second, 20 at a time
+                    statuses.update(await asyncio.gather(*(one(f"/p{batch}-{i}") for i in range(20))))
+                    await asyncio.sleep(0.1)
+                return statuses
+
+        assert asyncio.run(load()) == {502}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and '"summary": true' not in cg.text:
+            time.sleep(0.1)
+        assert cg.admin_url is not None
+        with urllib.request.urlopen(cg.admin_url + "/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+    finally:
+        assert cg.stop() == 0, cg.text
+    said = [json.loads(line) for line in cg.text.splitlines()
+            if line.startswith("{") and "upstream failed: " in line]
+    assert said and said[0]["request_id"] and "suppressed" not in said[0], cg.text
+    assert len(said) <= 4, said  # about a second of failures: the first, then a line per 5 s
+    assert said[-1]["summary"] is True and said[-1]["suppressed"] > 0, said
+    assert counted(said) == failures(metrics, url) == 200, said
+
+
+def test_the_kinds_held_are_bounded_and_a_kind_forgotten_says_its_count_first() -> None:
+    """Hosts in errors may vary without end: at most ``KEPT`` kinds are held, and the oldest,
+    when it goes, says what it counted (the lines still add up)."""
+    now = [0.0]
+    summarised = proxy.logs.Summarised(window=5.0, clock=lambda: now[0])
+    summarised.KEPT = 3
+    handler = Lines()
+    logger = logging.getLogger("cachegate.test_failure_lines")
+    logger.addHandler(handler)
+    try:
+        for host in range(10):
+            for _ in range(4):  # each kind: one line and three counted
+                summarised.warning(logger, host, "upstream failed: host %d", host)
+                now[0] += 0.01
+        assert len(summarised._kinds) <= 3
+        summarised.close()
+    finally:
+        logger.removeHandler(handler)
+    assert counted(handler.lines) == 40, handler.lines
+    assert len(handler.lines) == 20  # per kind: its first line, and its count
