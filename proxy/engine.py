@@ -35,7 +35,7 @@ from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
 from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamError, first_report
-from proxy.flight import Attempt, HeldFill, MissPath, Whole, unasked_304
+from proxy.flight import Attempt, HeldFill, MissPath, Whole, fill_response, unasked_304
 from proxy.http_client import InterimHook, body_error_kind, error_kind
 from proxy.leases import Busy, Granted, LeaseClient, LeaseTable, Waiting
 from proxy.logs import RepeatedFailure, Summarised, note_key, note_upstream
@@ -65,6 +65,7 @@ from proxy.policy.partial import (
     decide_range_fetch,
     other_representation,
     parse_content_range,
+    part_fetch_fields,
     part_range,
     representation_status,
 )
@@ -580,12 +581,14 @@ class Engine:
         ``bytes=0-``), or from the origin at once (a Range request, its 206 stored as a part,
         combined with the part already held when their strong validators agree; with
         ``range_fill: whole`` the whole object is fetched after it when that 206 may be
-        stored, so the next ranges are hits). A conditional range, or an If-Range the part
-        does not satisfy (``FetchWhole``), is answered by the whole fill. ``alone``: for this
-        client alone, joining no fill (``range_alone``)."""
+        stored, so the next ranges are hits). An If-Range goes with the range for the origin to
+        evaluate; a conditional range, or an If-Range that the part holding the range or the
+        fill's head does not satisfy (``FetchWhole``), is answered by the whole fill. ``alone``:
+        for this client alone, joining no fill (``range_alone``)."""
         attempt = replace(attempt, nowhere=False)  # the range path awaits: things may be stored meanwhile
         req, plan, key = attempt.req, attempt.plan, attempt.key
-        reply, decision, parts = await self._from_part(req, plan, key, spec)
+        filling = None if alone else fill_response(self.coalescer.get(key), req.head)
+        reply, decision, parts = await self._from_part(req, plan, key, spec, filling)
         if reply is not None:
             return reply
         match decision:
@@ -633,16 +636,18 @@ class Engine:
             case _:
                 assert_never(decision)
 
-    async def _from_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec
+    async def _from_part(self, req: ClientRequest, plan: RequestPlan, key: str, spec: RangeSpec,
+                         filling: StoredResponse | None = None
                          ) -> tuple[Reply | None, FetchPart | FetchWhole, tuple[Cached, ...]]:
-        """The key's stored parts against a single range (``decide_part_lookup``): the reply
-        from a fresh part that holds it, or None; what to fetch otherwise; the parts."""
+        """The key's stored parts against a single range (``decide_part_lookup``; ``filling``:
+        the response of the key's fill in flight, ``fill_response``): the reply from a fresh
+        part that holds it, or None; what to fetch otherwise; the parts."""
         pkey = part_key(key)
         parts = self.storage.memory_get(pkey)
         if parts is None:
             parts = await self.load(pkey, bodies=True)
         decision: PartLookup = decide_part_lookup(req.head, spec, [c.entry.response for c in parts],
-                                                  self.clock(), plan.options)
+                                                  self.clock(), plan.options, filling)
         if isinstance(decision, FromPart):
             found = decision.serve
             reply = await self.serve(req, plan, parts[found.index], "HIT", found.ttl, found.age,
@@ -689,8 +694,8 @@ class Engine:
         """The range from the origin. ``lead``: the key's fill is held meanwhile (``MissPath.hold``)
         and told what the answer means for it: the whole object when the 206 may be stored
         (never for one that may not: a private object's every range cost a whole fetch of it),
-        the 200 itself when the origin ignored Range, the error; whatever happens, the fill
-        is never left waiting."""
+        the 200 itself when the origin ignored Range (or its If-Range did not hold), the error;
+        whatever happens, the fill is never left waiting."""
         fill = self.miss.hold(attempt, lease) if lead else None
         try:
             return await self._ask_part(attempt, spec, old, fill)
@@ -702,10 +707,8 @@ class Engine:
                         ) -> Reply:
         req, plan, key, fwd = attempt.req, attempt.plan, attempt.key, attempt.fwd
         head = req.head
-        first, last = spec
         upstream = self.upstream(req, plan)
-        wanted = f"bytes={'' if first is None else first}-{'' if last is None else last}"
-        upstream = replace(upstream, headers=(*upstream.headers, ("Range", wanted)))
+        upstream = replace(upstream, headers=(*upstream.headers, *part_fetch_fields(spec, head.headers)))
         sent = self.sending()
         epoch = self.storage.epoch
         if fill is not None:

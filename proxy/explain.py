@@ -891,8 +891,8 @@ def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts
         lookup = lookup.otherwise
     match lookup:
         case FetchWhole(reason="if-range"):
-            return None, ("; the client's If-Range does not hold for the stored part that has the range: "
-                          "the whole response is fetched"), "whole"
+            return None, ("; the client's If-Range does not hold for the stored part that has the range "
+                          "(or came on several lines): the whole response is fetched"), "whole"
         case FetchWhole():
             return None, ("; a conditional range: the whole response is fetched, stored, and answers it"), \
                 "whole"
@@ -908,7 +908,9 @@ def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts
                 case FetchRange(lead=lead):
                     why = ("; the range alone is asked of the origin, its 206 stored as a part"
                            + (" (combined with the part held when their strong validators agree)"
-                              if held is not None else ""))
+                              if held is not None else "")
+                           + ("; the client's If-Range goes with it: the origin's whole 200 answers when "
+                              "it does not hold" if "If-Range" in head.headers else ""))
                     if lead:
                         return None, why + ("; range_fill: whole: when that 206 may be stored, the whole "
                                             "response is fetched after it, so the next ranges are hits"), \

@@ -1931,6 +1931,24 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
     return plain
 
 
+def fill_response(flight: Flight | None, request: RequestHead) -> StoredResponse | None:
+    """The response of the key's fill in flight, once its head has come, when ``request``'s
+    client would be answered from it (``after_head`` would not send it to fetch on its own:
+    shareable, and of its variant): what a range's If-Range is evaluated against
+    (``proxy.policy.reuse.decide_part_lookup``). None otherwise (no flight, no head yet, a
+    failed one, or another worker's or node's fetch: nothing known of its representation)."""
+    if flight is None:
+        return None
+    head = flight.head
+    if not head.done() or head.cancelled() or head.exception() is not None:
+        return None
+    fhead = head.result()
+    if fhead.response is None or not fhead.shareable \
+            or fhead.vary != variant_of(tuple(n for n, _ in fhead.vary), request.headers):
+        return None
+    return fhead.response
+
+
 def asks_of_head(status: int, request: RequestHead) -> bool:
     """Whether ``request`` asks what a fill did not send the origin (its conditionals, its
     range) of a response of ``status``, to be answered from that response's head

@@ -158,13 +158,16 @@ Said = tuple[int | None, str, str]
 
 def representation(clock: Clock, fields: dict[str, str]) -> Handler:
     """An origin's answer dated by the proxy's clock (so ages are what the test sets), with a
-    304 for a matching If-None-Match and a 206 for a range ``bytes=first-last``."""
+    304 for a matching If-None-Match and a 206 for a range ``bytes=first-last`` (when its
+    If-Range, if any, is the ETag)."""
     async def answer(request: web.Request) -> web.Response:
         headers = {**fields, "Date": format_http_date(clock.now)}
         if "ETag" in fields and request.headers.get("If-None-Match") == fields["ETag"]:
             return web.Response(status=304, headers=headers)
         headers.setdefault("Content-Type", "text/plain")
-        m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+        if_range = request.headers.get("If-Range", fields.get("ETag"))
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", "")) \
+            if if_range == fields.get("ETag") else None
         if m is not None:
             first, last = int(m.group(1)), min(int(m.group(2)), len(BODY) - 1)
             return web.Response(status=206, body=BODY[first:last + 1],
@@ -321,6 +324,29 @@ async def test_explain_sees_the_stored_parts_a_range_is_answered_from(
                     "part (combined with the part held", 206)
     # An If-Range the part does not satisfy wants the whole representation: fetched whole.
     await forwarded({"Range": "bytes=3-5", "If-Range": '"other"'}, "If-Range does not hold", 200)
+
+
+async def test_explain_says_a_cold_ranges_if_range_goes_to_the_origin_with_it(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A range with If-Range that nothing stored answers is asked of the origin as a plain range
+    is, its If-Range with it (explain said the whole response was fetched): the origin's 206
+    when it holds, its whole 200 when not."""
+    proxy = await make_proxy(config=CONFIG.replace("{memory: 64MB,", "{memory: 64MB, range_fill: none,"))
+    clock = Clock()
+    proxy.runtime.engine.clock = clock
+    await proxy.get("/")  # a request names the listener's host: a host it serves (and explains)
+    for i, (if_range, status) in enumerate((('"c1"', 206), ('"c0"', 200))):
+        path = f"/seek{i}"
+        origin.route(path, representation(clock, {"Cache-Control": "max-age=100", "ETag": '"c1"'}))
+        fields = {"Range": "bytes=2-5", "If-Range": if_range}
+        decision = (await trace_of(proxy, path, fields))["decision"]
+        got = await proxy.get(path, headers=fields)
+        await settle(proxy)
+        assert (decision["action"], decision["range_fetch"], got.status) == ("forward", "range", status)
+        assert "the client's If-Range goes with it" in decision["why"], decision
+        assert got.cache_status.startswith(decision["cache_status"] + ";"), (decision, got.cache_status)
+        sent = [(s.headers.get("Range"), s.headers.get("If-Range")) for s in origin.seen if s.path == path]
+        assert sent == [("bytes=2-5", if_range)]
 
 
 def asked_since(origin: Origin, path: str, since: int) -> list[str]:

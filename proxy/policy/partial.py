@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.policy.fields import digits
-from proxy.policy.messages import StoredResponse
+from proxy.policy.messages import HeaderList, Headers, StoredResponse
 from proxy.policy.ranges import RangeSpec, resolve_range
 
 
@@ -167,10 +167,10 @@ class JoinFill:
 
 @dataclass(frozen=True, slots=True)
 class FetchRange:
-    """Ask the origin for the range alone (``FetchPart``). ``lead``: the key's fill is held for
-    it until its 206 arrives: the whole object is fetched after it only when that 206 may be
-    stored, and the key's other range misses meanwhile wait for that fill (a herd of them is
-    one range and one whole fetch, not one each)."""
+    """Ask the origin for the range alone (``FetchPart``: ``part_fetch_fields``). ``lead``: the
+    key's fill is held for it until its 206 arrives: the whole object is fetched after it only
+    when that 206 may be stored, and the key's other range misses meanwhile wait for that fill
+    (a herd of them is one range and one whole fetch, not one each)."""
 
     lead: bool
 
@@ -211,6 +211,26 @@ def decide_range_fetch(spec: RangeSpec, *, fill_whole: bool, fill_received: int 
     if spec == (0, None):
         return JoinFill("whole")
     return FetchRange(lead=fill_whole and not authorization)
+
+
+def part_fetch_fields(spec: RangeSpec, request_headers: Headers) -> HeaderList:
+    """What a part's fetch adds to the fill request (which drops the client's Range and
+    If-Range: ``proxy.policy.request.FILL_DROPS``): the range ``spec``, and the client's one
+    If-Range line, for the origin to evaluate (RFC 9110 §13.1.5): its 206 when the validator
+    holds, else the whole 200, which answers the client as a response to its range does
+    (``reply_on_arrival``: the whole 200). Several If-Range lines never come here
+    (``decide_part_lookup``: the whole response).
+
+    >>> from multidict import CIMultiDict
+    >>> part_fetch_fields((5, None), CIMultiDict({"If-Range": '"v1"'}))
+    (('Range', 'bytes=5-'), ('If-Range', '"v1"'))
+    >>> part_fetch_fields((None, 9), CIMultiDict())
+    (('Range', 'bytes=-9'),)
+    """
+    first, last = spec
+    wanted = ("Range", f"bytes={'' if first is None else first}-{'' if last is None else last}")
+    if_range = request_headers.getall("If-Range", ())
+    return (wanted, ("If-Range", if_range[0])) if len(if_range) == 1 else (wanted,)
 
 
 def widen(spec: RangeSpec, slice_size: int) -> RangeSpec:

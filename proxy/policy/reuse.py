@@ -12,8 +12,8 @@
   stored: answer 504 (§5.2.1.7), unless a stored part answers its range.
 
 ``decide_part_lookup`` is the same question for a single range no complete response
-answers, asked of the stored parts (206 responses, RFC 9111 §3.3): ``FromPart``,
-``FetchPart`` or ``FetchWhole``.
+answers, asked of the stored parts (206 responses, RFC 9111 §3.3) and of the head of the key's
+fill in flight: ``FromPart``, ``FetchPart`` or ``FetchWhole``.
 
 Stale responses are never served when the response said ``must-revalidate``,
 ``proxy-revalidate``, ``s-maxage`` or ``no-cache`` (§4.2.4), whatever the request's
@@ -304,11 +304,13 @@ class FetchPart:
 
 @dataclass(frozen=True, slots=True)
 class FetchWhole:
-    """Not through a part: the complete response is fetched and answers the range. ``reason``:
-    ``if-range`` (the client's If-Range does not hold for the part that has the range: it wants
-    the whole representation) or ``conditional`` (a conditional range: If-Range, If-Match,
-    If-Unmodified-Since, If-None-Match or If-Modified-Since, answered from the complete
-    response's head as it arrives, the range sliced from its body)."""
+    """Not through a part: the complete response is fetched (or the key's fill in flight joined)
+    and answers the range. ``reason``: ``if-range`` (the client's If-Range does not hold for
+    what the cache knows the representation to be, the stored part that has the range or the
+    head of the fill in flight, or it came on several lines: it wants the whole 200, which that
+    fill is) or ``conditional`` (a range with If-Match, If-Unmodified-Since, If-None-Match or
+    If-Modified-Since, answered from the complete response's head as it arrives, the range
+    sliced from its body)."""
 
     reason: Literal["if-range", "conditional"]
 
@@ -326,9 +328,32 @@ PartLookup = FromPart | FetchPart | FetchWhole
 
 
 def decide_part_lookup(request: RequestHead, spec: RangeSpec, parts: Sequence[StoredResponse], now: float,
-                       options: CacheOptions) -> PartLookup:
+                       options: CacheOptions, filling: StoredResponse | None = None) -> PartLookup:
     """A GET for the single range ``spec`` that no complete stored response answers (a
-    ``uri-miss`` or ``vary-miss``), decided against the key's stored ``parts``."""
+    ``uri-miss`` or ``vary-miss``), decided against the key's stored ``parts`` and ``filling``:
+    the response of the key's fill in flight, once its head has come and its clients may take
+    it (None: no fill, no head yet, or one this request could not be answered from; a status
+    other than 200 says nothing of the representation a range is of).
+
+    If-Range only says whether the range applies (RFC 9110 §13.1.5, §14.2): the range is
+    fetched as a plain one is, its If-Range sent with it for the origin to evaluate (its 206,
+    or the whole 200 when it does not hold: ``proxy.policy.partial.part_fetch_fields``), at
+    once (a seek into a cold video was made to wait for the whole download to reach it). Only
+    when a part holding the range or the fill's head shows it does not hold is the whole
+    response the answer: ``FetchWhole("if-range")``, which joins that fill.
+
+    >>> from proxy.policy.messages import Freshness
+    >>> from multidict import CIMultiDict
+    >>> def head(*fields: tuple[str, str]) -> RequestHead:
+    ...     return RequestHead("GET", "http", "a.example", "/v", CIMultiDict(fields))
+    >>> fill = StoredResponse(200, "OK", (), 0, 0, Freshness(60, "max-age", 0, 0), etag='"v2"')
+    >>> seek = ("Range", "bytes=5000-")
+    >>> [decide_part_lookup(head(seek, ("If-Range", tag)), (5000, None), [], 0, CacheOptions(), filling)
+    ...  for tag, filling in (('"v1"', None), ('"v2"', fill), ('"v1"', fill))]
+    [FetchPart(held=None), FetchPart(held=None), FetchWhole(reason='if-range')]
+    >>> decide_part_lookup(head(seek, ("If-None-Match", '"v1"')), (5000, None), [], 0, CacheOptions())
+    FetchWhole(reason='conditional')
+    """
     found: Serve | None = None
     held: int | None = None
     if parts:
@@ -344,11 +369,15 @@ def decide_part_lookup(request: RequestHead, spec: RangeSpec, parts: Sequence[St
         held = select_variant(request, parts)
     fields = request.headers
     otherwise: FetchPart | FetchWhole = FetchPart(held)
-    if "if-range" in fields or "if-match" in fields or "if-unmodified-since" in fields \
-            or "if-none-match" in fields or "if-modified-since" in fields:
+    if "if-match" in fields or "if-unmodified-since" in fields or "if-none-match" in fields \
+            or "if-modified-since" in fields:
         # RFC 9110 §13.2.2: the preconditions, then If-None-Match / If-Modified-Since, are
         # evaluated before Range, against the representation: a part's fetch does not carry
         # them, so the whole fill answers them from its head (a 304, a 412, or the range
         # sliced from its body as it arrives: ``proxy.policy.reply.reply_on_arrival``).
         otherwise = FetchWhole("conditional")
+    elif "if-range" in fields and (len(fields.getall("If-Range")) > 1
+                                   or (filling is not None and filling.status == 200
+                                       and not if_range_allows(fields, filling))):
+        otherwise = FetchWhole("if-range")
     return otherwise if found is None else FromPart(found, otherwise)

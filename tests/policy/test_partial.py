@@ -18,6 +18,7 @@ from proxy.policy.partial import (
     decide_range_fetch,
     other_representation,
     parse_content_range,
+    part_fetch_fields,
 )
 from proxy.policy.ranges import RangeSpec
 from proxy.policy.storability import DontStore, Store, decide_store_part
@@ -193,3 +194,24 @@ def test_a_range_miss_shares_the_whole_fill_or_asks_for_its_range(
         expected: RangeFetch) -> None:
     assert decide_range_fetch(spec, fill_whole=whole, fill_received=received, passing=passing,
                               authorization=authorization) == expected
+
+
+# (case, the client's range, its fields, what the part's fetch adds to the fill request)
+PART_FETCHES: list[tuple[str, RangeSpec, Pairs, Pairs]] = [
+    ("a range", (100, 199), [], [("Range", "bytes=100-199")]),
+    ("open-ended", (100, None), [], [("Range", "bytes=100-")]),
+    ("a suffix", (None, 16384), [], [("Range", "bytes=-16384")]),
+    ("with If-Range: the origin evaluates it", (100, None), [("If-Range", '"v1"')],
+     [("Range", "bytes=100-"), ("If-Range", '"v1"')]),
+    ("If-Range as a date, as sent", (100, None), [("If-Range", "Mon, 01 Jan 2024 00:00:00 GMT")],
+     [("Range", "bytes=100-"), ("If-Range", "Mon, 01 Jan 2024 00:00:00 GMT")]),
+    ("several If-Range lines are not sent (decide_part_lookup: the whole response)", (100, None),
+     [("If-Range", '"v1"'), ("If-Range", '"v2"')], [("Range", "bytes=100-")]),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "fields", "expected"), PART_FETCHES, ids=[c[0] for c in PART_FETCHES])
+def test_a_parts_fetch_asks_for_the_range_with_the_clients_if_range(
+        case: str, spec: RangeSpec, fields: Pairs, expected: Pairs) -> None:
+    """RFC 9110 §13.1.5: the origin answers the range when the validator holds, else the whole 200."""
+    assert list(part_fetch_fields(spec, headers(*fields))) == expected

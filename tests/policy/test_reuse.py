@@ -324,8 +324,15 @@ def part_lookup(after: float, *req_fields: tuple[str, str], parts: int = 1) -> s
     (10, [("Range", "bytes=0-3")], 1, "FetchPart(held=0)"),  # reaches before the part
     (10, [("Range", "bytes=3-5")], 0, "FetchPart(held=None)"),  # no part stored
     (100, [("Range", "bytes=3-5")], 1, "FetchPart(held=0)"),  # the part is stale: not a HIT
-    (10, [("Range", "bytes=3-5"), ("If-Range", '"v1"')], 1, "part 0, else FetchWhole(reason='conditional')"),
+    # If-Range says only whether the range applies (RFC 9110 §13.1.5): the range's fetch carries it
+    (10, [("Range", "bytes=3-5"), ("If-Range", '"v1"')], 1, "part 0, else FetchPart(held=0)"),
     (10, [("Range", "bytes=3-5"), ("If-Range", '"v2"')], 1, "FetchWhole(reason='if-range')"),
+    (10, [("Range", "bytes=0-3"), ("If-Range", '"v2"')], 1, "FetchPart(held=0)"),  # not the part's range
+    (10, [("Range", "bytes=3-5"), ("If-Range", '"v1"')], 0, "FetchPart(held=None)"),
+    (10, [("Range", "bytes=3-5"), ("If-Range", '"v1"'), ("If-Range", '"v1"')], 0,
+     "FetchWhole(reason='if-range')"),  # several lines: the whole response, as from a stored one
+    (10, [("Range", "bytes=0-3"), ("If-Range", '"v1"'), ("If-None-Match", '"v0"')], 0,
+     "FetchWhole(reason='conditional')"),
     (10, [("Range", "bytes=0-3"), ("If-Match", '"v1"')], 1, "FetchWhole(reason='conditional')"),
     (10, [("Range", "bytes=3-5"), ("If-Match", '"v2"')], 1, "part 0, else FetchWhole(reason='conditional')"),
     # If-None-Match / If-Modified-Since come before Range (RFC 9110 §13.2.2): not a part's fetch
@@ -337,6 +344,41 @@ def part_lookup(after: float, *req_fields: tuple[str, str], parts: int = 1) -> s
 def test_a_range_is_answered_by_a_fresh_part_that_holds_it_else_fetched_alone_or_whole(
         after: float, fields: Pairs, parts: int, expected: str) -> None:
     assert part_lookup(after, *fields, parts=parts) == expected
+
+
+# (case, If-Range, the fill's response fields (None: no fill, or its head has not come), decision)
+FILLING: list[tuple[str, str, Pairs | None, str]] = [
+    ("no fill: the range's fetch carries it", '"v0"', None, "FetchPart(held=None)"),
+    ("the fill's ETag: a plain range", '"v1"', [("Cache-Control", "max-age=60"), ETAG], "FetchPart(held=None)"),
+    ("another ETag: the whole 200 from the fill", '"v0"', [("Cache-Control", "max-age=60"), ETAG],
+     "FetchWhole(reason='if-range')"),
+    ("a weak ETag never holds (strong comparison)", 'W/"v1"', [("Cache-Control", "max-age=60"), ETAG],
+     "FetchWhole(reason='if-range')"),
+    ("the fill's Last-Modified (a second before its Date): a plain range", date(-60),
+     [("Cache-Control", "max-age=60"), ("Last-Modified", date(-60))], "FetchPart(held=None)"),
+    ("another date: the whole 200", date(-120), [("Cache-Control", "max-age=60"), ("Last-Modified", date(-60))],
+     "FetchWhole(reason='if-range')"),
+    ("a date, and a fill without Last-Modified: the whole 200", date(-60), [("Cache-Control", "max-age=60"), ETAG],
+     "FetchWhole(reason='if-range')"),
+]
+
+
+@pytest.mark.parametrize(("case", "if_range", "filling", "expected"), FILLING, ids=[c[0] for c in FILLING])
+def test_an_if_range_seek_is_a_plain_range_unless_the_fills_head_shows_it_does_not_hold(
+        case: str, if_range: str, filling: Pairs | None, expected: str) -> None:
+    """RFC 9110 §13.1.5, §14.2: If-Range decides only whether Range applies. A fill in flight
+    whose head is known is the representation: a seek it holds for is decided as a plain range
+    (at once, when far from what the fill has), one it does not gets the whole 200 from the fill."""
+    head = request(("Range", "bytes=5000-"), ("If-Range", if_range))
+    fill = stored(filling) if filling is not None else None
+    assert str(decide_part_lookup(head, (5000, None), [], T0 + 1, CacheOptions(), fill)) == expected
+
+
+def test_a_fill_whose_head_is_not_a_200_says_nothing_of_a_ranges_if_range() -> None:
+    """(Its 404 or 500 is the answer whichever way the range goes.)"""
+    head = request(("Range", "bytes=5000-"), ("If-Range", '"v0"'))
+    error = replace(stored([("Cache-Control", "max-age=60"), ETAG]), status=404)
+    assert str(decide_part_lookup(head, (5000, None), [], T0 + 1, CacheOptions(), error)) == "FetchPart(held=None)"
 
 
 @pytest.mark.parametrize(("inm", "not_modified"), [('"v1"', True), ('W/"v1"', True), ('"v2"', False)])
