@@ -68,6 +68,7 @@ from proxy.policy.partial import (
     part_fetch_fields,
     part_range,
     representation_status,
+    whole_follows,
 )
 from proxy.policy.ranges import RangeSpec, request_range
 from proxy.policy.reply import (
@@ -692,10 +693,11 @@ class Engine:
     async def _fetch_part(self, attempt: Attempt, spec: RangeSpec, old: Cached | None, *, lead: bool,
                           lease: Granted | None = None) -> Reply:
         """The range from the origin. ``lead``: the key's fill is held meanwhile (``MissPath.hold``)
-        and told what the answer means for it: the whole object when the 206 may be stored
-        (never for one that may not: a private object's every range cost a whole fetch of it),
-        the 200 itself when the origin ignored Range (or its If-Range did not hold), the error;
-        whatever happens, the fill is never left waiting."""
+        and told what the answer means for it: the whole object when the 206 may be stored and
+        the object too (never for one that may not: a private object's every range cost a whole
+        fetch of it, and one over ``max_object``'s a whole fetch dropped at its head:
+        ``whole_follows``), the 200 itself when the origin ignored Range (or its If-Range did
+        not hold), the error; whatever happens, the fill is never left waiting."""
         fill = self.miss.hold(attempt, lease) if lead else None
         try:
             return await self._ask_part(attempt, spec, old, fill)
@@ -749,8 +751,10 @@ class Engine:
             # Its length disagrees with its Content-Range: relayed as framed, never stored
             # (``_store_part``), and known now, before the head says "stored".
             detail, entry = "LENGTH-MISMATCH", None
-        if fill is not None and entry is not None:
-            # The origin serves ranges, storable ones: the whole object follows, of this version.
+        if fill is not None and entry is not None \
+                and whole_follows(held, min(plan.options.max_object, self.storage.room(entry))):
+            # The origin serves ranges, storable ones, of an object the store may keep: the
+            # whole object follows, of this version.
             fill.say(Whole(entry.response))
         if detail:
             self.metrics.not_stored.labels(detail).inc()

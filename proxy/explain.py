@@ -912,9 +912,10 @@ def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts
                            + ("; the client's If-Range goes with it: the origin's whole 200 answers when "
                               "it does not hold" if "If-Range" in head.headers else ""))
                     if lead:
-                        return None, why + ("; range_fill: whole: when that 206 may be stored, the whole "
-                                            "response is fetched after it, so the next ranges are hits"), \
-                            "range, then whole"
+                        return None, why + (
+                            "; range_fill: whole: when that 206 may be stored, and the object is no "
+                            "larger than the store keeps (cache.max_object), the whole response is "
+                            "fetched after it, so the next ranges are hits"), "range, then whole"
                     if range_fill.passing:
                         why += "; the key is hit-for-pass: no whole fetch follows"
                     elif range_fill.whole:

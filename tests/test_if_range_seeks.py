@@ -26,6 +26,7 @@ from aiohttp import web
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.storage.procs import ProxyProcess, write_config
 from tests.test_conditional_fills import flights_over
 from tests.test_range_herds import pinned
 
@@ -35,6 +36,7 @@ FIRST = 64 * 1024  # a whole download's bytes sent with its head; the rest once 
 ETAG = '"v1"'
 TAIL = {"Range": "bytes=-16384", "If-Range": ETAG}  # what a video element asks for after bytes=0-
 WHOLE = "cache: {memory: 64MB, lock_timeout: 20s, range_fill: whole, disk: {path: cache, size: 512MB, shards: 2}}\n"
+TOO_LARGE = WHOLE.replace("{memory: 64MB,", "{memory: 64MB, max_object: 1MB,")
 WAIT = 10  # seconds before a seek that waits for the download counts as never answered
 
 
@@ -167,6 +169,29 @@ async def test_a_mismatched_if_range_gets_the_whole_200(origin: Origin, make_pro
     await flights_over(proxy)
 
 
+SEEKS = [TAIL, *({"Range": f"bytes={first}-{first + 99999}", "If-Range": ETAG} for first in (3000000, 2000000)),
+         {"Range": "bytes=1000000-1099999"}]  # (without If-Range: no whole fetch follows it either)
+
+
+async def test_if_range_seeks_of_an_object_over_max_object_each_reach_the_origin_as_a_range(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """The object is over max_object: never stored. Each seek (with If-Range, or without) is
+    the origin's range, and no whole fetch follows any of them: one fetched the object from byte
+    0 to the seek and threw it away, every time (4 seeks of a 19 MB video: 81 MB)."""
+    video = Seekable()
+    origin.route("/v.webm", video)
+    proxy = await make_proxy(config=TOO_LARGE)
+    got = 0
+    for fields in SEEKS:
+        status, _, body = await asyncio.wait_for(seek(proxy, fields), WAIT)
+        assert status == 206
+        got += len(body)
+        await flights_over(proxy)
+    assert video.whole == 0, video.seen
+    assert video.seen == [(f["Range"], f.get("If-Range")) for f in SEEKS]
+    assert video.sent == got  # the origin sent what the seeks asked for, no more
+
+
 async def test_if_range_seeks_in_either_of_two_workers_are_asked_of_the_origin_while_one_fills(
         origin: Origin, tmp_path: Path) -> None:
     """Two workers: one fills the key (``bytes=0-``); the seeks to its end come to both. In the
@@ -194,3 +219,23 @@ async def test_if_range_seeks_in_either_of_two_workers_are_asked_of_the_origin_w
         assert video.seen.count((None, None)) == 1
         video.release.set()
         assert await player == (206, f"bytes 0-{SIZE - 1}/{SIZE}", BODY)
+
+
+async def test_if_range_seeks_of_an_object_over_max_object_never_fetch_it_whole_in_two_workers(
+        origin: Origin, tmp_path: Path) -> None:
+    """The same with two workers (a worker's range takes the key's lease: the other worker's
+    seeks may wait for it, never for a whole fetch)."""
+    video = Seekable()
+    origin.route("/v.webm", video)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, TOO_LARGE))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: len(proxy.workers) == 2)
+        for fields in SEEKS:
+            reply = await asyncio.wait_for(proxy.get("/v.webm", headers=fields), WAIT)
+            assert reply.status == 206
+    finally:
+        video.release.set()
+        await proxy.stop()
+    assert video.whole == 0, video.seen
+    assert video.seen == [(f["Range"], f.get("If-Range")) for f in SEEKS]

@@ -169,8 +169,9 @@ class JoinFill:
 class FetchRange:
     """Ask the origin for the range alone (``FetchPart``: ``part_fetch_fields``). ``lead``: the
     key's fill is held for it until its 206 arrives: the whole object is fetched after it only
-    when that 206 may be stored, and the key's other range misses meanwhile wait for that fill
-    (a herd of them is one range and one whole fetch, not one each)."""
+    when that 206 may be stored and the object may be too (``whole_follows``), and the key's
+    other range misses meanwhile wait for that fill (a herd of them is one range and one whole
+    fetch, not one each)."""
 
     lead: bool
 
@@ -231,6 +232,19 @@ def part_fetch_fields(spec: RangeSpec, request_headers: Headers) -> HeaderList:
     wanted = ("Range", f"bytes={'' if first is None else first}-{'' if last is None else last}")
     if_range = request_headers.getall("If-Range", ())
     return (wanted, ("If-Range", if_range[0])) if len(if_range) == 1 else (wanted,)
+
+
+def whole_follows(part: ByteRange, room: int) -> bool:
+    """``range_fill: whole``: is the whole object fetched after a storable 206 of it? Only when
+    the object, ``part.total`` bytes by its Content-Range, fits in ``room`` (the biggest body
+    the store keeps: ``max_object``, or less). A larger one is never stored: that fetch was
+    refused at its head, after the origin had begun sending it, at every range of a video
+    over ``max_object`` (a seek's range, and a whole download started and dropped).
+
+    >>> whole_follows(ByteRange(0, 99, 1000), 1000), whole_follows(ByteRange(0, 99, 1001), 1000)
+    (True, False)
+    """
+    return part.total <= room
 
 
 def widen(spec: RangeSpec, slice_size: int) -> RangeSpec:

@@ -19,6 +19,7 @@ from proxy.policy.partial import (
     other_representation,
     parse_content_range,
     part_fetch_fields,
+    whole_follows,
 )
 from proxy.policy.ranges import RangeSpec
 from proxy.policy.storability import DontStore, Store, decide_store_part
@@ -215,3 +216,12 @@ def test_a_parts_fetch_asks_for_the_range_with_the_clients_if_range(
         case: str, spec: RangeSpec, fields: Pairs, expected: Pairs) -> None:
     """RFC 9110 §13.1.5: the origin answers the range when the validator holds, else the whole 200."""
     assert list(part_fetch_fields(spec, headers(*fields))) == expected
+
+
+@pytest.mark.parametrize(("total", "room", "follows"), [
+    (1000, 1000, True), (1001, 1000, False), (19_185_895, 100 << 20, True), (19_185_895, 5 << 20, False)])
+def test_the_whole_object_follows_a_stored_part_only_when_the_store_may_keep_it(
+        total: int, room: int, follows: bool) -> None:
+    """range_fill: whole: an object over max_object is never stored; its whole fetch was started
+    behind each of its ranges and dropped at its head."""
+    assert whole_follows(ByteRange(0, 99, total), room) is follows
