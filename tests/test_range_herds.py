@@ -93,7 +93,7 @@ async def pinned(origin: Origin, tmp_path: Path, cache: str, each: int
     each answered by the worker that accepted it) until each worker has accepted ``each`` (a
     no-store ``/probe`` says which): the proxy, one worker's connections and the other's.
     Stopped (SIGTERM) on the way out."""
-    origin.route("/probe", lambda _: web.Response(text="x", headers={"Cache-Control": "no-store"}))
+    origin.route("/probe", body="x", headers={"Cache-Control": "no-store"})
     proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, cache))
     await proxy.start("--workers", "2")
     async with contextlib.AsyncExitStack() as stack:
