@@ -620,9 +620,39 @@ def hostport(*, off: Bool = False) -> Parser[Any]:
                   show=lambda v: "null" if v is None else show_hostport(v))
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # IPv4-mapped IPv6 addresses (RFC 4291 §2.5.5.2)
+
+
+def unmapped(network: Any) -> Any:
+    """An IPv4-mapped IPv6 network (``::ffff:127.0.0.0/104``, ``::ffff:10.0.0.1``) as the IPv4
+    network it maps (``127.0.0.0/8``, ``10.0.0.1/32``); any other network as it is.
+
+    >>> [str(unmapped(ipaddress.ip_network(n))) for n in ("::ffff:127.0.0.0/104", "::ffff:10.0.0.1",
+    ...                                                     "::ffff:0:0/96", "::/0", "10.0.0.0/8")]
+    ['127.0.0.0/8', '10.0.0.1/32', '0.0.0.0/0', '::/0', '10.0.0.0/8']
+    """
+    if not isinstance(network, ipaddress.IPv6Network) or not network.subnet_of(_MAPPED):
+        return network
+    return ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
+
+
+def _mapped_host(text: Str) -> Any:
+    """The IPv4 address an IPv4-mapped IPv6 address maps (None: it is not one)."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+
+
 def networks(wide: Callable[[Any], Str | None] | None = None) -> Parser[tuple[Any, ...]]:
     """IP addresses and CIDR networks: a list, or one. ``wide`` says why a network is a risk
-    worth a warning at its line (None: nothing to say); it is kept either way."""
+    worth a warning at its line (None: nothing to say); it is kept either way.
+
+    An IPv4-mapped entry (``::ffff:127.0.0.1``, as dual-stack software logs an IPv4 peer) is
+    taken as the IPv4 network it maps, with a warning saying so: each listener serves one
+    family (a ``[::]`` one IPv6 alone), so an IPv4 client's address is always seen as IPv4, and
+    the entry as written never matched anyone."""
     def read(item: Src, ctx: Context) -> tuple[Any, ...]:
         out = []
         for element in elements(item):
@@ -639,10 +669,21 @@ def networks(wide: Callable[[Any], Str | None] | None = None) -> Parser[tuple[An
                 except ValueError:
                     ctx.problem(element, f"{element.value!r} is not an IP address or CIDR network")
                     continue
-                host = text.split("/", 1)[0].strip()
+                host: Any = text.split("/", 1)[0].strip()
+                mapped = _mapped_host(host)
+                if mapped is not None and unmapped(meant) is not meant:  # the forms that can match
+                    host, meant = mapped, unmapped(meant)
                 ctx.problem(element, f"{text} has host bits set: write {host}/{meant.max_prefixlen} "
                                      f"for the host or {meant} for the network")
                 continue
+            four = unmapped(network)
+            if four is not network:
+                shown = four.network_address if four.prefixlen == four.max_prefixlen else four
+                said = (f"{text.strip()} is written IPv4-mapped (::ffff:...), a form no peer's address "
+                        "takes here (an IPv4 client is seen as its IPv4 address): taken as "
+                        f"{shown}; write {shown}")
+                ctx.problems.warn(element, f"{ctx.name}: {said}" if ctx.name else said)
+                network = four
             out.append(network)
             why = wide(network) if wide is not None else None
             if why is not None:
@@ -650,7 +691,8 @@ def networks(wide: Callable[[Any], Str | None] | None = None) -> Parser[tuple[An
         return tuple(out)
 
     return Parser("list of IP addresses or CIDR networks (10.0.0.0/8: with host bits set, as 10.0.0.1/8, "
-                  "an error)", read, show=_show_list)
+                  "an error; IPv4-mapped, as ::ffff:10.0.0.0/104, taken as the IPv4 network, "
+                  "10.0.0.0/8, with a warning)", read, show=_show_list)
 
 
 def file_path(*, must_exist: Bool = False, strict: Bool = False, folder: Bool = False) -> Parser[Str]:
