@@ -918,7 +918,10 @@ class Settings:
     source: str = internal()  # the config file, or "<defaults>"
     # Client listeners, in the order given (``listen`` is the first one's address).
     listeners: tuple[Listener, ...] = setting((Listener("127.0.0.1", 8080),),
-                                              "the client listeners, plain or TLS (docs/deploy.md)", LISTEN,
+                                              "the client listeners, plain or TLS (docs/deploy.md); "
+                                              "each serves the family of its address alone: `[::]:8080` "
+                                              "IPv6, `0.0.0.0:8080` (or `:8080`) IPv4; for both, list "
+                                              "both: `[\"0.0.0.0:8080\", \"[::]:8080\"]`", LISTEN,
                                               key="listen")
     upstreams: tuple[UpstreamSettings, ...] = setting(
         (), "the origin servers: URLs, or {url, weight} mappings; each one once (compared normalised)",

@@ -516,6 +516,11 @@ class Supervisor:
                 reserved.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    # IPv6 alone, as the workers' listeners (asyncio sets it on each): the
+                    # system's dual-stack default held the port's IPv4 half too, which nothing
+                    # here serves, and kept another server from listening there.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
                     sock.bind(addr)
                 except OSError as exc:  # a connection's local end, say: "[Errno 98]" alone
