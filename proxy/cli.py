@@ -52,7 +52,7 @@ def _overrides(args: argparse.Namespace) -> Overrides:
 def cmd_check(args: argparse.Namespace) -> int:
     """Problems exit 2; warnings are printed (``FILE:LINE: warning: ...``) and exit 0, or 2
     with ``--strict`` (for CI)."""
-    settings = load_settings(args.config, Overrides(), warn=True)
+    settings = load_settings(args.config, Overrides(), warn=True, names=not args.no_lookup)
     if settings is None:
         return EXIT_CONFIG
     rules = settings.rules
@@ -514,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "as FILE:LINE: warning: message (exit 0, unless --strict).")
     _add_config_args(p)
     p.add_argument("--strict", action="store_true", help="exit 2 when there are warnings too")
+    p.add_argument("--no-lookup", action="store_true",
+                   help="do not look the upstreams' names up (where the deployment's DNS is not: a CI "
+                        "builder, an image build)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("explain", help="show the rule, cache key and TTL decision for a URL",

@@ -12,6 +12,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
+import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -203,9 +207,13 @@ MachineCheck = Literal["start", "reload", "no"]
 
 
 def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
-           running_admin: HostPort | None = None, machine: MachineCheck = "start") -> None:
+           running_admin: HostPort | None = None, machine: MachineCheck = "start",
+           names: bool = False) -> None:
     """Problems that involve several fields, each reported at the line of the field concerned
-    (or the command line, when an override set it)."""
+    (or the command line, when an override set it); with ``names``, upstream names that do
+    not resolve here too (``_check_upstream_names``)."""
+    if names:
+        _check_upstream_names(problems, root, o)
     configured = root.value.get("upstreams") if isinstance(root.value, dict) else None
     entries = configured.value if configured is not None and isinstance(configured.value, list) else []
     # Upstreams that were given but invalid are reported where they are, once.
@@ -341,6 +349,83 @@ def _check_max_object(s: Settings, problems: Problems, root: Src) -> None:
                                     f"are passed through unstored; {fix}")
 
 
+NAME_LOOKUP_TIMEOUT = 2.0  # seconds for every upstream name together (looked up at once)
+
+
+def _check_upstream_names(problems: Problems, root: Src, o: Overrides) -> None:
+    """An upstream whose name does not resolve here: a warning at its line (``cachegate check``).
+
+    nginx refuses such a config ("host not found in upstream"); cachegate starts, each
+    connection to that upstream fails (health checks take it out, and bring it back once the
+    name resolves), and a mistyped name passed check unsaid. A warning, not a problem: DNS may be out
+    of reach where check runs (a CI builder, a container build), and ``--strict`` refuses it.
+    The names are looked up at once, NAME_LOOKUP_TIMEOUT for all of them together: a resolver
+    that never answers (glibc waits 5 s a try, and tries again) must not hold check up."""
+    written: list[tuple[str, Src | tuple[str, int]]] = []
+    if o.upstreams:
+        written = [(text, ("<command line>", 0)) for text in o.upstreams]
+    else:
+        configured = root.value.get("upstreams") if isinstance(root.value, dict) else None
+        entries = configured.value if configured is not None and isinstance(configured.value, list) else []
+        for entry in entries:
+            url = entry.value.get("url") if isinstance(entry.value, dict) else entry
+            if url is not None and isinstance(url.value, str):
+                written.append((url.value, url))
+    named: list[tuple[str, str, int, Src | tuple[str, int]]] = []
+    for text, at in written:
+        try:
+            url = upstream_url(text)
+        except ValueError:
+            continue  # refused at its line already
+        host = url.raw_host or ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            named.append((text, host, url.port or 0, at))
+    if not named:
+        return
+    failed = lookup_names([(host, port) for _, host, port, _ in named], NAME_LOOKUP_TIMEOUT)
+    for text, host, port, at in named:
+        exc = failed[(host, port)]
+        if isinstance(exc, TimeoutError):
+            problems.warn(at, f"upstream {text!r}: looking up its name {host} had no answer within "
+                              f"{NAME_LOOKUP_TIMEOUT:g}s (the resolver here is slow or out of reach): "
+                              "whether it resolves is not known; check the resolver (/etc/resolv.conf)")
+        elif exc is not None:
+            why = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
+            problems.warn(at, f"upstream {text!r}: its name {host} does not resolve here ({why}): "
+                              "cachegate would start, and each connection to this upstream fail "
+                              "until it does; check the name, or the resolver here (/etc/hosts, "
+                              "/etc/resolv.conf)")
+
+
+def lookup_names(names: Iterable[tuple[str, int]], timeout: float
+                 ) -> dict[tuple[str, int], Exception | None]:
+    """Why each ``(name, port)`` does not resolve here (None: it does; TimeoutError: no answer
+    in time), looked up as the pool does (``getaddrinfo``, TCP); each name in a thread of its
+    own, all of them within ``timeout``. The threads are daemons: a lookup that outlives
+    ``timeout`` is left to finish (the C resolver cannot be cancelled) without keeping the
+    process from exiting."""
+    found: dict[tuple[str, int], Exception | None] = {}
+
+    def look(key: tuple[str, int]) -> None:
+        try:
+            socket.getaddrinfo(key[0], key[1], type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            found[key] = exc
+        else:
+            found[key] = None
+
+    threads = {key: threading.Thread(target=look, args=(key,), name=f"lookup {key[0]}", daemon=True)
+               for key in dict.fromkeys(names)}
+    for thread in threads.values():
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads.values():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return {key: found[key] if key in found else TimeoutError() for key in threads}
+
+
 def _check_addresses(s: Settings, problems: Problems, root: Src, o: Overrides) -> None:
     """admin.listen on the address of a client listener: the second one cannot bind, and the
     start fails ("address already in use") after the config passed."""
@@ -404,7 +489,7 @@ def base_cache_options(s: Settings) -> CacheOptions:
 
 def load_config(path: str | None, overrides: Overrides | None = None, *,
                 running_admin: HostPort | None = None, display: str | None = None,
-                machine: MachineCheck = "start") -> Settings:
+                machine: MachineCheck = "start", names: bool = False) -> Settings:
     """Load and validate; raise ConfigError with every ``FILE:LINE: message`` found.
 
     ``running_admin`` is the admin listener of a process that reloads: it keeps listening there
@@ -413,7 +498,9 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
     load the config and rule files as it last loaded them good, ``ConfigCopy``): it is loaded
     from the snapshot's bytes alone, messages name it, and relative paths in it are relative to
     its directory. ``machine``: whether the config is checked against this machine
-    (``MachineCheck``). The settings keep the bytes of every file read (``Settings.sources``)."""
+    (``MachineCheck``). ``names``: whether the upstreams' names are looked up, an unresolved
+    one a warning (``cachegate check``; the pool resolves them as it connects). The settings
+    keep the bytes of every file read (``Settings.sources``)."""
     problems = Problems()
     overrides = overrides or Overrides()
     sources = Sources()
@@ -435,7 +522,7 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
         base_dir = os.path.dirname(os.path.abspath(path))
     settings = read_settings(root, Context(problems, base_dir, sources=sources))
     settings = _apply_overrides(settings, overrides, problems)
-    _check(settings, problems, root, overrides, running_admin, machine)
+    _check(settings, problems, root, overrides, running_admin, machine, names)
     files = [(f, os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f)
              for f in settings.rule_files if sources.why_not(f) is None]
     rules = load_rules(files, base_cache_options(settings), problems, sources)
@@ -567,6 +654,12 @@ rule files have their own reference, [rules.md](rules.md).
   workers it starts nor restarts, which use what it made; a reload only warns (the cache
   tiers change at a restart), so a machine that reports less memory since (a `swapoff`, a
   balloon driver) never keeps a running instance's workers from starting again.
+- `cachegate check` looks each upstream's name up (all at once, 2s at most in all) and warns
+  at its line of one that does not resolve there, or that the resolver did not answer for in
+  time: not an error, as DNS may be out of reach where `check` runs (a CI builder); `--strict`
+  refuses it, and `--no-lookup` looks no name up (a CI builder's `check --strict`). The start
+  and a reload look nothing up: the pool resolves names as it connects
+  ([upstreams.md](upstreams.md#the-upstream-pool)).
 - Choices that weaken a safe default
   ([SECURITY.md](../SECURITY.md#safe-defaults-and-what-each-option-does-to-them)) are warnings
   at their line: a `trusted_proxies` or `admin.purge_from` network wider than a

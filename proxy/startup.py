@@ -52,11 +52,12 @@ def start_logging(level: str, worker: str | None = None) -> None:
 
 
 def load_settings(path: str | None, overrides: Overrides, *, warn: bool = False,
-                  display: str | None = None, machine: MachineCheck = "start") -> Settings | None:
+                  display: str | None = None, machine: MachineCheck = "start",
+                  names: bool = False) -> Settings | None:
     """The settings, or None after printing every problem (and, with ``warn``, every warning);
-    ``display`` and ``machine`` as for ``load_config``."""
+    ``display``, ``machine`` and ``names`` as for ``load_config``."""
     try:
-        settings = load_config(path, overrides, display=display, machine=machine)
+        settings = load_config(path, overrides, display=display, machine=machine, names=names)
     except ConfigError as exc:
         for line in exc.problems + (exc.warnings if warn else []):
             write_line(sys.stderr, line)
