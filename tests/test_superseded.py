@@ -27,6 +27,11 @@ from tests.test_herd_workers import answered, herd, until_each_worker
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 CACHE = "cache: {memory: 64MB, disk: {path: cache, size: 256MB, shards: 2}}\n"
+# Long enough for a max-age=1 response stored before it to be stale: its age counts from its
+# Date, which is never later than its arrival (whole seconds: it may even arrive nearly 1 s old),
+# so it is stale at most 1 s after it was answered. (A wait that is too short fails the test:
+# the stale answers it expects never come.)
+STALE = 1.2
 
 # What the origin answers once the stored response is stale: (status, fields), none storable.
 UNSTORABLE: dict[str, tuple[int, dict[str, str]]] = {
@@ -85,7 +90,7 @@ async def test_a_refresh_answered_with_a_response_not_to_store_drops_the_stale_e
         sequence(origin, path, {"Cache-Control": "max-age=1, stale-while-revalidate=600"},
                  (status, b"new", fields))
         assert (await running.get(path)).x_cache == "MISS"
-    await asyncio.sleep(2.1)  # all stale, within stale-while-revalidate
+    await asyncio.sleep(STALE)  # all stale, within stale-while-revalidate
     for name, (status, _) in UNSTORABLE.items():
         path = f"/swr-{name}"
         first = await running.get(path)
@@ -107,7 +112,7 @@ async def test_a_revalidation_answered_no_store_leaves_nothing_for_stale_if_erro
     sequence(origin, "/fg", {"Cache-Control": "max-age=1, stale-if-error=600"},
              (200, b"new", {"Cache-Control": "no-store"}), (503, b"down", {}))
     assert (await running.get("/fg")).x_cache == "MISS"
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(STALE)
     r = await running.get("/fg")
     assert (r.status, r.body, r.x_cache) == (200, b"new", "EXPIRED")
     r = await running.get("/fg")
@@ -120,7 +125,7 @@ async def test_an_origin_error_on_a_refresh_keeps_the_stale_entry(origin: Origin
     sequence(origin, "/err", {"Cache-Control": "max-age=1, stale-while-revalidate=600, stale-if-error=600"},
              (503, b"down", {}))
     assert (await running.get("/err")).x_cache == "MISS"
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(STALE)
     assert (await running.get("/err")).x_cache == "UPDATING"
     await running.wait_for(lambda: origin.count("/err") >= 2, 10)
     await asyncio.sleep(0.2)
@@ -136,7 +141,7 @@ async def test_an_answer_the_request_kept_out_of_the_store_leaves_the_stored_res
     sequence(origin, "/mine", {"Cache-Control": "max-age=1, stale-if-error=600"},
              (200, b"new", {"Cache-Control": "max-age=100"}), (503, b"down", {}))
     assert (await running.get("/mine")).x_cache == "MISS"
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(STALE)
     r = await running.get("/mine", headers={"Cache-Control": "no-store"})
     assert (r.status, r.body) == (200, b"new")
     r = await running.get("/mine")
@@ -199,7 +204,7 @@ async def test_a_client_s_own_answer_on_a_revalidation_leaves_the_entry_for_stal
     pages = {name: Page(origin, f"/sie-{name}", "max-age=1, stale-if-error=600") for name in ATTACKS}
     for name in ATTACKS:
         assert (await running.get(f"/sie-{name}")).x_cache == "MISS"
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(STALE)
     for name, fields in ATTACKS.items():
         r = await running.get(f"/sie-{name}", headers=dict(fields))
         assert r.body in {b"yours", b"your account", b"not acceptable"}, name  # the origin's, to it alone
@@ -217,7 +222,7 @@ async def test_a_client_s_own_answer_on_a_background_refresh_leaves_the_stale_en
     pages = {name: Page(origin, f"/swr-{name}", "max-age=1, stale-while-revalidate=600") for name in ATTACKS}
     for name in ATTACKS:
         assert (await running.get(f"/swr-{name}")).x_cache == "MISS"
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(STALE)
     for name, fields in ATTACKS.items():
         r = await running.get(f"/swr-{name}", headers=dict(fields))
         assert (r.status, r.body, r.x_cache) == (200, b"old", "UPDATING"), name
@@ -234,7 +239,7 @@ async def test_one_client_s_variant_answered_for_it_alone_leaves_the_other_varia
     page = Page(origin, "/vary-cookie", "max-age=1, stale-while-revalidate=600", vary=True)
     for lang in ("en", "fr"):
         assert (await running.get("/vary-cookie", headers={"Accept-Language": lang})).x_cache == "MISS"
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(STALE)
     r = await running.get("/vary-cookie", headers={"Accept-Language": "fr", "Cookie": "sid=1"})
     assert (r.body, r.x_cache) == (b"old fr", "UPDATING")
     await refreshed(running, origin, "/vary-cookie", 3)
@@ -251,7 +256,7 @@ async def test_a_variant_the_origin_withdraws_does_not_drop_the_other_variants(
     page = Page(origin, "/vary-gone", "max-age=1, stale-while-revalidate=600", vary=True, withdrawn="fr")
     for lang in ("en", "fr"):
         assert (await running.get("/vary-gone", headers={"Accept-Language": lang})).x_cache == "MISS"
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(STALE)
     page.renewed = True
     r = await running.get("/vary-gone", headers={"Accept-Language": "fr"})
     assert (r.body, r.x_cache) == (b"old fr", "UPDATING")

@@ -20,6 +20,7 @@ import re
 import resource
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -219,17 +220,19 @@ async def test_a_start_raises_the_soft_open_files_limit_to_the_hard_one(origin: 
 
 
 def slow_read(host: str, port: int, path: str, chunk: int, every: float, stop_after: int = 0,
-              stop_for: float = 0.0) -> tuple[int, int, str]:
+              stop_for: float = 0.0, hurry: threading.Event | None = None) -> tuple[int, int, str]:
     """A client that reads ``chunk`` bytes of the answer to ``path`` every ``every`` seconds
     (once it has ``stop_after`` bytes, if set, reads nothing for ``stop_for`` seconds, then all
-    it can): the length announced, the body bytes it got, and how it ended: ``whole``, ``eof``
-    or ``reset``."""
+    it can; once ``hurry`` is set, all it can): the length announced, the body bytes it got, and
+    how it ended: ``whole``, ``eof`` or ``reset``."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
         sock.connect((host, port))
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode())
         got, length, head = b"", -1, 0
         while True:
+            if hurry is not None and hurry.is_set():
+                every = 0.0
             time.sleep(every)
             try:
                 data = sock.recv(chunk)
@@ -258,12 +261,14 @@ async def test_a_client_that_reads_slowly_keeps_its_connection_past_send_timeout
     # send_timeout bounds the time between two steps of progress, not the whole reply: the
     # kernel tells the writer to go on only once a third of its large send buffer is free,
     # seconds apart under a slow reader (here at most 640 KB/s: up to 4 MB sent, a third of it
-    # is 2 s), and the reply was aborted at send_timeout.
+    # is 2 s), and the reply was aborted at send_timeout. The first 3 MB are read slowly (at
+    # least 4.8 s: the writer waited over a second for the kernel at least once), the rest at
+    # once.
     proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nsend_timeout: 1s\n")
     origin.route("/large", body=LARGE, headers={"Cache-Control": "max-age=600"})
     assert (await proxy.get("/large")).body == LARGE
     host, port = proxy.listeners.proxy_addresses[0]
-    length, got, how = await asyncio.to_thread(slow_read, host, port, "/large", 32768, 0.05)
+    length, got, how = await asyncio.to_thread(slow_read, host, port, "/large", 32768, 0.05, 3 << 20)
     assert (length, got, how) == (len(LARGE), len(LARGE), "whole")
     assert await closed_count(proxy, "send_timeout") <= 0
     # One that stops reading is reset a send_timeout later: it sees a reset, never an end that
@@ -282,7 +287,8 @@ async def test_max_connections_never_closes_a_reply_its_client_is_reading(make_p
     origin.route("/large", body=LARGE, headers={"Cache-Control": "max-age=600"})
     assert (await proxy.get("/large")).body == LARGE
     host, port = proxy.listeners.proxy_addresses[0]
-    reading = asyncio.ensure_future(asyncio.to_thread(slow_read, host, port, "/large", 32768, 0.05))
+    hurry = threading.Event()  # the flood is over: the rest of the reply is read at once
+    reading = asyncio.ensure_future(asyncio.to_thread(slow_read, host, port, "/large", 32768, 0.05, hurry=hurry))
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         assert await until(lambda: any(getattr(c, "writing_paused", False) for r in proxy.listeners.runners
@@ -290,6 +296,8 @@ async def test_max_connections_never_closes_a_reply_its_client_is_reading(make_p
         for _ in range(20):  # idle keep-alive connections past the cap, the last ones kept
             idle.append(await asyncio.open_connection(host, port))
             await asyncio.sleep(0.1)
+        assert not reading.done(), reading.result()  # read slowly all through the flood, never cut
+        hurry.set()
         assert await reading == (len(LARGE), len(LARGE), "whole")
         assert await closed_count(proxy, "cap_oldest") >= 15
         assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
