@@ -17,7 +17,12 @@ This client keeps what a reverse proxy needs and nothing else:
   ``limit`` unread bytes (flow control: a 1 GiB download is never held in memory);
 - ``HostPool`` keeps up to ``pool_size`` connections per upstream, reuses idle ones (most
   recently used first) and closes those idle for ``KEEPALIVE_IDLE`` (before the origin's own
-  keep-alive timeout closes them under a request).
+  keep-alive timeout closes them under a request);
+- a new connection goes to the upstream's addresses (``proxy.resolver.Addresses``: an upstream
+  given by name is looked up once in flight, refreshed in the background, kept through a
+  resolver outage, its addresses taken in turn) by Happy Eyeballs (RFC 8305: the next address
+  tried ``HAPPY_EYEBALLS_DELAY`` after the last, the first to connect wins); a connection to an
+  address its name no longer lists is not reused (``HostPool._readdressed``).
 
 A connection is reused only when its response was read to the end by the parser, the
 response did not ask to close, the request body was sent whole, and nothing followed the
@@ -65,12 +70,14 @@ status line of a version other than HTTP/1.0 and HTTP/1.1 (llhttp reads "HTTP/2.
 has no status line), is refused like any invalid response: a 502, never relayed nor stored.
 
 Errors are ``proxy.errors`` types whose ``kind`` names them for the metrics: ``connect``
-(refused, reset, TLS), ``connect_timeout``, ``pool_wait`` (no pooled connection came free
-within ``connect``: cachegate's limit, not the upstream's failure), ``read_timeout`` (no
-byte for ``read`` seconds while waiting for one), ``total_timeout`` (the whole exchange), ``protocol``
-(unparseable, or closed part-way through the head). ``UpstreamDisconnected`` means the
-connection closed after the request left and before any response byte: most often a
-keep-alive connection the upstream had just closed, which the pool may retry.
+(refused, reset, TLS), ``connect_timeout``, ``dns`` (no address of the upstream's name known:
+its lookup failed or did not answer in time, ``UpstreamDNSError``), ``pool_wait`` (no pooled
+connection came free within ``connect``: cachegate's limit, not the upstream's failure),
+``read_timeout`` (no byte for ``read`` seconds while waiting for one), ``total_timeout`` (the
+whole exchange), ``protocol`` (unparseable, or closed part-way through the head).
+``UpstreamDisconnected`` means the connection closed after the request left and before any
+response byte: most often a keep-alive connection the upstream had just closed, which the pool
+may retry.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ from collections.abc import AsyncIterable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
+from aiohappyeyeballs import start_connection
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
@@ -108,6 +116,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.policy.fields import ends_at_head
+from proxy.resolver import Addresses, LookupFailed, Peer, peer_of
 
 CHUNK = 64 * 1024  # the StreamReader's limit: reading stops past twice this many unread bytes
 MAX_LINE = 16 * 1024  # the longest status line or header field accepted
@@ -124,7 +133,9 @@ MAX_INTERIMS = 16
 # before the origin does. Otherwise a request can take a connection the origin has
 # just closed and fail (a body that was streamed cannot be resent).
 KEEPALIVE_IDLE = 4.0
-DNS_TTL = 60.0
+# Happy Eyeballs (RFC 8305 §5): with several addresses, the next is tried this long after the
+# last attempt began if none has connected yet (aiohttp's own client waits as long).
+HAPPY_EYEBALLS_DELAY = 0.25
 SMALL_BODY = 64 * 1024  # a request body up to this size leaves with the head, in one write
 # Methods whose request carries a body by definition: sent with "Content-Length: 0" when
 # there is none (RFC 9110 §8.6), as aiohttp's client did.
@@ -158,6 +169,30 @@ class PoolWaitTimeout(UpstreamConnectTimeout):
 
     kind = "pool_wait"
     public = "no free connection to the origin server within the connect timeout (every pooled one was busy)"
+
+
+class UpstreamDNSError(UpstreamConnectError):
+    """No address of the upstream's name is known: its lookup failed (``proxy.resolver``). The
+    resolver's failure, not the upstream's: not held against it by passive health (an active
+    check does fail: the upstream cannot be reached), tried on another upstream, and counted as
+    ``kind="dns"``. The pool warns once per streak (``Addresses``): no warning per request."""
+
+    kind = "dns"
+    public = "the origin server could not be reached (its name did not resolve)"
+    reported = True  # (``first_report``: said once per streak by the pool, not per request)
+
+
+class UpstreamDNSTimeout(UpstreamConnectTimeout):
+    """As ``UpstreamDNSError``, for a lookup that did not answer within the connect timeout (told
+    as a lookup timed out, not as a connect: no connection was tried)."""
+
+    kind = "dns"
+    public = "the origin server could not be reached in time (looking up its name timed out)"
+    reported = True
+
+
+# The failures of an upstream's name lookup (``passive_failure``: not held against the upstream).
+DNS_ERRORS = (UpstreamDNSError, UpstreamDNSTimeout)
 
 
 class UpstreamDisconnected(UpstreamConnectError):
@@ -229,7 +264,7 @@ def error_kind(exc: UpstreamError) -> str:
 
 # Every kind ``error_kind`` and ``body_error_kind`` give (a 5xx answer's ``status_5NN`` aside):
 # exported at 0 for each upstream from the start (``proxy.metrics.KNOWN_LABELS`` says why).
-UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "pool_wait", "read_timeout", "total_timeout",
+UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "dns", "pool_wait", "read_timeout", "total_timeout",
                         "protocol", "body_broke_off", "body_read_timeout", "body_total_timeout")
 
 
@@ -351,7 +386,7 @@ class UpstreamConnection(BaseProtocol):
         "_body_task", "_broke", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes",
         "_head_carry", "_head_method", "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim",
         "_payload", "_pool", "_read_timeout", "_read_timer", "_sent", "_stray", "_total_timer", "busy",
-        "exchange", "idle_since",
+        "exchange", "idle_since", "peer", "retired",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -360,6 +395,10 @@ class UpstreamConnection(BaseProtocol):
         self.busy = False
         self.exchange = 0
         self.idle_since = 0.0
+        self.peer: Peer | None = None  # the address connected to (``HostPool._connect``)
+        # Its address is no longer the upstream's (``HostPool._readdressed``): closed when its
+        # exchange ends, never pooled again.
+        self.retired = False
         self._head: asyncio.Future[Response] | None = None
         self._on_interim: InterimHook | None = None
         self._interims = 0
@@ -926,7 +965,7 @@ class HostPool:
         self._conns: set[UpstreamConnection] = set()  # open (busy or idle)
         self._connecting = 0
         self._waiters: collections.deque[asyncio.Future[UpstreamConnection | None]] = collections.deque()
-        self._addresses: tuple[float, list[tuple[int, str]]] | None = None
+        self.addresses = Addresses(self.name, self.host, self.port, self._readdressed, clock=clock)
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -1025,8 +1064,8 @@ class HostPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """A connection whose exchange ended cleanly: to a waiter, or idle (one made apart from
-        the pool is closed)."""
-        if self._closed or not conn.alive() or conn not in self._conns:
+        the pool, or to an address the name no longer lists, is closed)."""
+        if self._closed or conn.retired or not conn.alive() or conn not in self._conns:
             conn.close()
             return
         while self._waiters:
@@ -1056,6 +1095,19 @@ class HostPool:
                 waiter.set_result(None)
                 return
 
+    def _readdressed(self, listed: frozenset[Peer]) -> None:
+        """The name's addresses changed (``Addresses``): a connection to one no longer ``listed``
+        is closed when idle, and not pooled again when its exchange ends (``retired``). Reused
+        most recently first, the pool kept sending steady traffic to the old address for as
+        long as it accepted (a connection never idled ``KEEPALIVE_IDLE``), while health checks,
+        on new connections, checked the new one; nginx reuses a keep-alive connection only when
+        its address is the peer chosen now."""
+        for conn in list(self._conns):
+            if conn.peer not in listed:
+                conn.retired = True
+        for conn in [c for c in self._idle if c.retired]:
+            conn.close()
+
     def _sweep(self) -> None:
         """Close connections idle for KEEPALIVE_IDLE (oldest first)."""
         self._sweeper = None
@@ -1083,76 +1135,69 @@ class HostPool:
         return conn
 
     async def _connect(self, deadline: float | None) -> UpstreamConnection:
+        """A new connection: the upstream's addresses (``Addresses``: looked up only when none is
+        known), then Happy Eyeballs over them (RFC 8305: the next address is tried
+        ``HAPPY_EYEBALLS_DELAY`` after the last began, the first to connect wins), all within the
+        connect timeout. Tried one after another instead, a first address that drops packets (an
+        IPv6 route that goes nowhere, a host that is down) took the whole timeout, and the next
+        one, alive, was never tried: every request was a 504."""
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.connect_timeout
-        handshake = False  # the TCP connection is made, the TLS handshake under way
+        step = "lookup"  # then "connect"; "handshake" once TCP is connected, TLS under way
         try:
             async with asyncio.timeout_at(deadline):
-                addresses = await self._resolve(loop)
-                last: OSError | None = None
-                for family, address in addresses:
-                    handshake = False
-                    try:
-                        if self.ssl is None:
-                            _, conn = await loop.create_connection(
-                                lambda: UpstreamConnection(loop, self), address, self.port, family=family)
-                            return conn
-                        # TCP first, then TLS: a plain-HTTP server behind an https:// URL waits
-                        # for a request head that never comes, and was reported as a connect
-                        # that timed out.
-                        sock = await self._tcp(loop, family, address)
-                        handshake = True
-                        # (The loop owns the socket now: it closes it if the handshake fails.)
-                        _, conn = await loop.create_connection(
-                            lambda: UpstreamConnection(loop, self), sock=sock, ssl=self.ssl,
-                            server_hostname=self.host)
-                        return conn
-                    except OSError as exc:
-                        last = exc
-                raise last if last is not None else OSError(f"{self.host}: no address")
+                addresses = self.addresses
+                infos = addresses.known if addresses.fixed is not None else await addresses.get()
+                assert infos is not None
+                step = "connect"
+                sock = await start_connection(infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1,
+                                              loop=loop)
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    peer = peer_of(sock.getpeername())
+                except BaseException:
+                    sock.close()
+                    raise
+                # TCP first, then TLS: a plain-HTTP server behind an https:// URL waits for a
+                # request head that never comes, and was reported as a connect that timed out.
+                # (The loop owns the socket now: it closes it if the handshake fails.)
+                if self.ssl is None:
+                    _, conn = await loop.create_connection(lambda: UpstreamConnection(loop, self), sock=sock)
+                else:
+                    step = "handshake"
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(loop, self), sock=sock, ssl=self.ssl,
+                        server_hostname=self.host)
+                conn.peer = peer
+                return conn
+        except LookupFailed as exc:
+            raise (UpstreamDNSTimeout if exc.timeout else UpstreamDNSError)(f"{self.name}: {exc}") from None
         except TimeoutError:
-            if handshake:
+            if step == "lookup":
+                why = self.addresses.timed_out(self.connect_timeout, "timeouts.connect")
+                raise UpstreamDNSTimeout(f"{self.name}: {why}") from None
+            if step == "handshake":
                 raise UpstreamConnectTimeout(f"{self.name}: TLS handshake timed out (connected; is it "
                                              "an https server?)") from None
             raise UpstreamConnectTimeout(f"{self.name}: connect timed out") from None
-        except OSError as exc:  # refused, unreachable, DNS, TLS verification (ssl.SSLError)
+        except (OSError, RuntimeError) as exc:  # refused, unreachable, TLS verification (ssl.SSLError)
+            # (uvloop raises RuntimeError for some socket failures)
             mine = exhausted(exc)
             if mine is not None:  # out of descriptors here: not the upstream's failure
                 raise out_of_resources(self.name, mine) from exc
-            if handshake:
+            if step == "handshake":
                 raise UpstreamConnectError(f"{self.name}: TLS handshake failed: {exc}") from exc
             raise UpstreamConnectError(f"{self.name}: cannot connect: {exc}") from exc
 
-    async def _tcp(self, loop: asyncio.AbstractEventLoop, family: int, address: str) -> socket.socket:
-        """A TCP connection to ``address``, not yet wrapped in TLS."""
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, (address, self.port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, str]]:
-        """The upstream's addresses (an IP literal as is; names cached for DNS_TTL)."""
-        host = self.host
-        for family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                socket.inet_pton(family, host)
-                return [(family, host)]
-        cached = self._addresses
-        now = self._clock()
-        if cached is not None and now - cached[0] < DNS_TTL:
-            return cached[1]
-        infos = await loop.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
-        addresses = list(dict.fromkeys((int(i[0]), str(i[4][0])) for i in infos))
-        self._addresses = (now, addresses)
-        return addresses
+    @property
+    def resolving(self) -> bool:
+        """A new connection now waits for the name's first lookup (no address known yet)."""
+        return self.addresses.waiting
 
     async def close(self) -> None:
         self._closed = True
+        self.addresses.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

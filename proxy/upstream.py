@@ -31,8 +31,9 @@ Health:
   up) stays up (``_may_take_out``, as Envoy's max_ejection_percent): one URL that
   fails or is dropped cannot take every upstream out, and a lone upstream is never
   taken out by them. Another 5xx, a slow or broken body, a wait for a free pooled
-  connection or a pooled connection closed as the request left is no passive
-  failure.
+  connection, a pooled connection closed as the request left or a lookup of the upstream's
+  name that failed (``DNS_ERRORS``: the resolver's failure, shared by every named upstream;
+  nothing was sent) is no passive failure.
 
 A request is retried on another upstream only when the connection failed before any response
 byte arrived (refused, reset, closed with nothing read, or a connect timeout), only for
@@ -84,6 +85,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import ssl
 import time
@@ -105,6 +107,7 @@ from proxy.errors import (
     UpstreamProtocolError,
 )
 from proxy.http_client import (
+    DNS_ERRORS,
     KEEPALIVE_IDLE,
     SMALL_BODY,
     HostPool,
@@ -330,7 +333,8 @@ def check_error(exc: BaseException) -> str:
         return f"TLS: {cause.reason or 'CERTIFICATE_VERIFY_FAILED'}: {cause.verify_message}"
     if isinstance(cause, ssl.SSLError):
         return f"TLS: {cause.reason or cause}"
-    if isinstance(cause, ConnectionRefusedError):
+    if isinstance(cause, ConnectionRefusedError) or (
+            isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED):  # (each of several addresses)
         return "connection refused"
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror[:1].lower() + cause.strerror[1:]
@@ -566,6 +570,8 @@ class UpstreamPool:
                     return CheckResult(True)
                 return CheckResult(False, f"answered {resp.status} to GET {health.path}")
         except TimeoutError:
+            if host.resolving:  # still waiting for the name's first lookup: say so
+                return CheckResult(False, str(host.addresses.timed_out(health.timeout, "health.timeout")))
             return CheckResult(False, f"no answer within {health.timeout:g}s (health.timeout)")
         except (UpstreamError, OSError, RuntimeError) as exc:
             if isinstance(exc, OutOfResources) or exhausted(exc) is not None:
@@ -823,9 +829,11 @@ def passive_failure(exc: UpstreamError, conn: UpstreamConnection | None, fresh: 
     None: a pooled connection that closed as the request left (the upstream's idle timeout, not
     its state: the request is tried again), a wait for a free pooled connection that timed out
     (``PoolWaitTimeout``: ``pool_size`` busy, perhaps with slow answers to one URL, and no
-    connection tried), a request cachegate refused to send (a CR or LF in a field)."""
+    connection tried), a request cachegate refused to send (a CR or LF in a field), a lookup of
+    the upstream's name that failed with no address known (``DNS_ERRORS``: the resolver's
+    failure, which every named upstream shares; no connection was tried)."""
     if conn is None:
-        if isinstance(exc, PoolWaitTimeout):
+        if isinstance(exc, (PoolWaitTimeout, *DNS_ERRORS)):
             return None
         return CONNECT if isinstance(exc, (UpstreamConnectError, UpstreamConnectTimeout)) else None
     if isinstance(exc, UpstreamProtocolError):

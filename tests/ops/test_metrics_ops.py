@@ -254,6 +254,8 @@ def test_the_known_label_sets_cover_the_typed_ones() -> None:
         PoolWaitTimeout,
         UpstreamBodyError,
         UpstreamConnectTimeout,
+        UpstreamDNSError,
+        UpstreamDNSTimeout,
         UpstreamReadTimeout,
         UpstreamTotalTimeout,
         body_error_kind,
@@ -272,7 +274,8 @@ def test_the_known_label_sets_cover_the_typed_ones() -> None:
     assert {k for spec in specs for k in spec.kinds} == set(KNOWN_LABELS["cachegate_purges"])
     assert set(TIERS) == set(KNOWN_LABELS["cachegate_response_bytes"])
     errors = (UpstreamConnectError("x"), UpstreamConnectTimeout("x"), PoolWaitTimeout("x"), UpstreamReadTimeout("x"),
-              UpstreamTotalTimeout("x"), UpstreamProtocolError("x"), UpstreamBodyError("x"))
+              UpstreamTotalTimeout("x"), UpstreamProtocolError("x"), UpstreamBodyError("x"), UpstreamDNSError("x"),
+              UpstreamDNSTimeout("x"))
     in_a_body = (UpstreamReadTimeout("x"), UpstreamTotalTimeout("x"), UpstreamBodyError("x"))
     kinds = {error_kind(e) for e in errors} | {body_error_kind(e) for e in in_a_body}
     assert kinds == set(UPSTREAM_ERROR_KINDS)
