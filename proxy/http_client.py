@@ -956,6 +956,13 @@ class HostPool:
         self.host = url.raw_host or ""
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.host_header = url.host_port_subcomponent or self.host
+        # An IPv6 literal's zone (``[fe80::1%25eth0]``) names an interface of this machine: never
+        # sent (RFC 6874 §4), neither in Host (a strict server answers 400: the upstream was taken
+        # out by its own health checks) nor as the TLS server name.
+        self.sni = self.host
+        if "%" in self.host:
+            self.sni = self.host.partition("%")[0]
+            self.host_header = self.host_header.replace(self.host, self.sni, 1)
         self.limit = max(1, limit)
         self.ssl = ssl_context if url.scheme == "https" else None
         self.connect_timeout = connect_timeout
@@ -1168,7 +1175,7 @@ class HostPool:
                     step = "handshake"
                     _, conn = await loop.create_connection(
                         lambda: UpstreamConnection(loop, self), sock=sock, ssl=self.ssl,
-                        server_hostname=self.host)
+                        server_hostname=self.sni)
                 conn.peer = peer
                 return conn
         except LookupFailed as exc:

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from proxy import resolver
+from proxy.http_client import HostPool
 from tests.conftest import MakeProxy
 
 Answer = list[str] | socket.gaierror | None  # addresses, a failure, or None: no answer (yet)
@@ -377,3 +379,39 @@ async def test_a_names_addresses_take_new_connections_in_turn(make_proxy: MakePr
             assert {r.status for r in replies} == {200}
         counts = [len(s.paths()) for s in servers]
         assert sum(counts) == 90 and min(counts) >= 15, counts
+
+
+# -- an IPv6 zone -----------------------------------------------------------------------------
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+async def test_an_ipv6_zone_never_goes_out_in_host(make_proxy: MakeProxy) -> None:
+    """RFC 6874 §4: ``http://[::1%25lo]:P`` sent ``Host: [::1%25lo]:P`` (health checks always,
+    requests with ``preserve_host: false``); a strict origin (cachegate itself) answers 400, and
+    its health checks took the upstream out."""
+    origin = Tagged("v6", strict=True)
+    origin.server = await asyncio.start_server(origin.handle, "::1", 0)
+    port = origin.server.sockets[0].getsockname()[1]
+    try:
+        pool = HostPool(URL(f"http://[::1%25lo]:{port}"), 2, None, 2.0)
+        assert pool.host_header == f"[::1]:{port}"
+        await pool.close()
+        proxy = await make_proxy(
+            config="cache: {memory: 16MB}\nupstream: {preserve_host: false, health: {path: /healthz, "
+                   "interval: 100ms, timeout: 1s, healthy: 1, unhealthy: 1}}\n",
+            upstreams=[f"http://[::1%25lo]:{port}"])
+        reply = await proxy.get("/zone")
+        assert (reply.status, reply.body) == (200, b"v6"), reply
+        await asyncio.sleep(0.3)
+        assert proxy.runtime.pool.snapshot()[0]["health_check"]["last_error"] is None
+        assert {host for _, host in origin.seen} == {f"[::1]:{port}"}, origin.seen
+    finally:
+        await origin.stop()
