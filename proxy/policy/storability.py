@@ -214,8 +214,6 @@ def _decide(
     credentials = carries_credentials(request.headers)
     freshness = compute_freshness(semantics, headers, cc, request_time, response_time, options,
                                   cc_source=source, credentials=credentials)
-    if "cookie" in request.headers and "public" not in directives and revalidate_only(freshness):
-        return DontStore("COOKIE-NO-FRESHNESS", _unfresh_by(freshness))  # see the module docstring
     etag = headers.get("ETag")
     last_modified = headers.get("Last-Modified")
     reusable = (
@@ -227,6 +225,10 @@ def _decide(
     )
     if not reusable:
         return DontStore("NO-FRESHNESS", _unfresh_by(freshness))
+    if "cookie" in request.headers and "public" not in directives and revalidate_only(freshness):
+        # (After NO-FRESHNESS: one with nothing to revalidate by is never stored, cookie or not.)
+        return DontStore("COOKIE-NO-FRESHNESS",  # see the module docstring
+                         "no-cache" if freshness.no_cache else _unfresh_by(freshness))
     return Store(
         StoredResponse(
             status=status,

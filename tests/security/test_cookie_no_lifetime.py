@@ -141,7 +141,8 @@ async def test_explain_says_why_it_is_not_stored(origin: Origin, make_proxy: Mak
     anonymous = await fetched()
     assert anonymous["stored"] is True and anonymous["why"] == "storable: to be revalidated"
     reply = await proxy.admin("GET", "/explain", params={"url": url, "headers": '{"Cookie": "session=alice"}',
-                                                         "response_headers": '{"Cache-Control": "no-cache"}'})
+                                                         "response_headers": '{"Cache-Control": "no-cache", "ETag": "\\"v1\\""}'})
     assert reply.status == 200, reply.body
     [got] = js(reply)["if_fetched"]
     assert (got["stored"], got["detail"]) == (False, "COOKIE-NO-FRESHNESS")
+    assert "no-cache has every use revalidated" in got["why"], got["why"]
