@@ -38,7 +38,7 @@ from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamEr
 from proxy.flight import Attempt, HeldFill, MissPath, Whole, fill_response, unasked_304
 from proxy.http_client import InterimHook, body_error_kind, error_kind
 from proxy.leases import Busy, Granted, LeaseClient, LeaseTable, Waiting
-from proxy.logs import RepeatedFailure, Summarised, note_key, note_upstream
+from proxy.logs import RepeatedFailure, Summarised, failure_text, note_key, note_upstream
 from proxy.metrics import CounterChild, HistogramChild, Metrics
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fields import body_length, ends_at_head, split_list
@@ -968,11 +968,15 @@ class Engine:
                       body: bool = False) -> None:
         """The warning of a failed origin fetch (``first_report`` said it is this one's to
         give), summarised by its upstream, its kind (``cachegate_upstream_errors_total``'s:
-        ``body_error_kind`` for a ``body`` that broke off) and ``msg``: the first at once, then
-        a count per while (``proxy.logs.Summarised``). An origin down under load logged a line
-        per failed request; the metrics count every one."""
+        ``body_error_kind`` for a ``body`` that broke off), ``msg`` and the failure itself
+        (``failure_text``: its numbers aside): the first at once, then a count per while
+        (``proxy.logs.Summarised``). An origin down under load logged a line per failed
+        request; the metrics count every one. Keyed on ``msg`` alone (a format), every failure
+        of an upstream and kind was one: "Connection refused" after "closed the connection"
+        was only counted under the other's line."""
         kind = body_error_kind(exc) if body else error_kind(exc)
-        self.upstream_warnings.warning(logger, (exc.upstream, kind, msg), msg, *args, stacklevel=3)
+        self.upstream_warnings.warning(logger, (exc.upstream, kind, msg, failure_text(exc)), msg, *args,
+                                       stacklevel=3)
 
     def upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str | None = None,
                         collapsed: bool = False) -> Reply:

@@ -75,10 +75,13 @@ CHECK_AFTER = 0.01  # seconds
 END_SETTLE = 0.001  # seconds
 # Warnings that repeat at the request rate (an upstream's failures: ``Summarised``) are one line
 # per this while and kind. 5 s: rsyslog's recommended rate-limit interval, 12 lines a minute for
-# each upstream and kind of failure (journald drops a service's lines past 10,000 per 30 s),
+# each upstream and failure (journald drops a service's lines past 10,000 per 30 s),
 # and the end of an outage is in the log within 5 s (the metrics, scraped every 15 s or so,
 # count every failure).
 SUMMARY_WINDOW = 5.0  # seconds
+# What differs between failures that are alike (``failure_text``): numbers (ports, byte counts,
+# errnos, IPv4 addresses) and IPv6 addresses (hex digits between colons).
+_VARYING = re.compile(r"(?:[0-9A-Fa-f]{0,4}:){2,}(?:[0-9A-Fa-f.]*[0-9A-Fa-f]|(?<=::))|\d+")
 
 
 # -- request ids ---------------------------------------------------------------------------
@@ -901,6 +904,20 @@ class RepeatedFailure:
             self._failing.clear()
             return True
         return False
+
+
+def failure_text(exc: BaseException) -> str:
+    """``exc`` as a kind of failure (a ``Summarised`` key's part): its type and message, its
+    numbers and IPv6 addresses masked, so that the same failure with another byte count, port
+    or address of the upstream's is the same kind, and another failure (refused after closed)
+    is not.
+
+    >>> failure_text(ConnectionError("http://[2001:db8::5]:8080: received 1000 of 4096 bytes"))
+    'ConnectionError: http://[#]:#: received # of # bytes'
+    >>> failure_text(OSError("[Errno 111] Connect call failed ('10.0.0.5', 9000)"))
+    "OSError: [Errno #] Connect call failed ('#.#.#.#', #)"
+    """
+    return f"{type(exc).__name__}: {_VARYING.sub('#', str(exc)[:300])}"
 
 
 class _Streak:

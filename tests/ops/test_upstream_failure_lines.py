@@ -1,6 +1,6 @@
 """An origin that is down under load is a few lines in the error log, not one per failed
-request: the first failure of each upstream and kind at once (with its request id), the ones
-after it within a window counted, and one line per window saying how many there were
+request: the first failure of each upstream, kind and message at once (with its request id),
+the ones after it within a window counted, and one line per window saying how many there were
 (``suppressed``, in a JSON line). Before, one warning per failed request: 1,195-4,368 lines for
 an outage of a second at 20 connections, and journald's rate limit then dropped the rest.
 Every failure is still in the metrics: the lines and their counts add up to them."""
@@ -8,6 +8,8 @@ Every failure is still in the metrics: the lines and their counts add up to them
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import re
@@ -173,3 +175,81 @@ def test_the_kinds_held_are_bounded_and_a_kind_forgotten_says_its_count_first() 
         logger.removeHandler(handler)
     assert counted(handler.lines) == 40, handler.lines
     assert len(handler.lines) == 20  # per kind: its first line, and its count
+
+
+class FailingOrigin:
+    """A loopback origin that fails as told (``mode``): ``"short"``, a head and 10 bytes of a
+    body whose Content-Length grows with each request (the same failure, with other numbers in
+    its message); ``"close"``, the request read and the connection closed without an answer;
+    ``stop()``, nothing listening any more (a connection is refused)."""
+
+    def __init__(self) -> None:
+        self.mode = "short"
+        self.served = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.served += 1
+            if self.mode == "short":
+                writer.write(b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (1000 + self.served, b"x" * 10))
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_another_failure_of_the_same_upstream_and_kind_is_logged_at_once(
+        make_proxy: MakeProxy, lines: Lines, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within one window, an origin that closes connections unanswered and then refuses them:
+    both are ``connect`` failures of one upstream, and each is logged at once with its request
+    id (summarised by message too, not by the format of the line alone: the refusal, the origin
+    down, was only counted under the first one's line, and no line said it). Bodies cut short at
+    ever other lengths are one failure, not one per length."""
+    monkeypatch.setattr(proxy.logs, "SUMMARY_WINDOW", 60.0, raising=False)  # all in one window
+    origin = FailingOrigin()
+    url = await origin.start()
+    try:
+        cg = await make_proxy(config="upstream: {retries: 0, passive: {failures: 0}}\n", upstreams=[url])
+
+        async def fail(path: str) -> str:
+            async with cg.session.get(cg.url + path) as resp:
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    await resp.read()
+                return resp.headers["X-Request-Id"]
+
+        short = [await fail(f"/short-{i}") for i in range(3)]
+        origin.mode = "close"
+        closed = [await fail(f"/closed-{i}") for i in range(3)]
+        await origin.stop()
+        refused = [await fail(f"/refused-{i}") for i in range(3)]
+    finally:
+        await origin.stop()
+    said = [line for line in lines.lines if url in line["message"]]
+    assert all(line["level"] == "warning" for line in said)
+    assert [(line["request_id"], "suppressed" in line) for line in said] == [
+        (short[0], False), (closed[0], False), (refused[0], False)], said
+    assert re.search(r"body broke off: .*received 10 of 1001 bytes", said[0]["message"]), said
+    assert said[1]["message"] == f"upstream failed: {url}: closed the connection before answering", said
+    assert said[2]["message"].startswith(f"upstream failed: {url}: cannot connect: "), said
+    assert f"[Errno {errno.ECONNREFUSED}]" in said[2]["message"], said
+    warnings = cg.runtime.engine.upstream_warnings
+    assert len(warnings._kinds) == 3, list(warnings._kinds)  # the lengths made no kinds of their own
+    warnings.close()  # the counts, said: each line's own failure's
+    metrics = (await cg.admin("GET", "/metrics")).body.decode()
+    said = [line for line in lines.lines if url in line["message"]]
+    assert counted(said) == failures(metrics, url) == 9, said
+    assert [line.get("suppressed") for line in said[3:]] == [2, 2, 2], said
+    assert re.search(r"received 10 of 1003 bytes.* \(2 more like it", said[3]["message"]), said
+    assert "closed the connection before answering (2 more like it" in said[4]["message"], said
+
