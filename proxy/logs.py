@@ -948,9 +948,10 @@ class Summarised:
     connections), and a long outage's millions of identical lines ran into journald's rate limit
     (10,000 lines per 30 s by default), which then dropped the lines that mattered.
 
-    The count is said by one timer for all kinds, armed when a window first counts something
-    and not again until it has run: no timer per warning, and nothing at all on the way of a
-    request that does not warn. At most ``KEPT`` kinds are held (a kind with nothing counted
+    The count is said by one timer for all kinds, armed for the first window with a count to
+    end: armed again only by a count in a window that ends sooner (one kind's count waited for
+    another's timer, up to a window late), no timer per warning, and nothing at all on the way
+    of a request that does not warn. At most ``KEPT`` kinds are held (a kind with nothing counted
     is dropped when its window is over); past that the oldest is said and forgotten."""
 
     KEPT = 1024
@@ -960,6 +961,7 @@ class Summarised:
         self._clock = clock
         self._kinds: dict[Any, _Streak] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when ``_timer`` runs (``clock``'s time)
 
     def warning(self, logger: logging.Logger, key: Any, msg: str, *args: Any, stacklevel: int = 2) -> None:
         """``logger.warning(msg, *args)``, or counted when a line of ``key`` went out less than
@@ -970,8 +972,9 @@ class Summarised:
             streak.count += 1
             streak.last = (logger, msg, args)
             logger.debug(msg, *args, stacklevel=stacklevel)
-            if self._timer is None:
-                self._arm(streak.since + self.window - now)
+            due = streak.since + self.window
+            if self._timer is None or due < self._due:
+                self._arm(due, now)
             return
         if streak is None:
             if len(self._kinds) >= self.KEPT:
@@ -1001,7 +1004,7 @@ class Summarised:
                 at = streak.since + self.window
                 due = at if due is None else min(due, at)
         if due is not None and not final:
-            self._arm(due - now)
+            self._arm(due, now)
 
     def close(self) -> None:
         """Say what is still counted, and stop the timer (at a stop)."""
@@ -1023,13 +1026,16 @@ class Summarised:
         if streak.count:
             self._say(streak, now)
 
-    def _arm(self, delay: float) -> None:
+    def _arm(self, due: float, now: float) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test's own call): said at the next line or the close
             return
+        if self._timer is not None:
+            self._timer.cancel()
         # In a context of its own: the one at hand is a request's, and the line is about none.
-        self._timer = loop.call_later(max(delay, 0.0), self.flush, context=contextvars.Context())
+        self._timer = loop.call_later(max(due - now, 0.0), self.flush, context=contextvars.Context())
+        self._due = due
 
 
 # ``say``'s failed writes: logged once (standard error may still be read), then once a minute.

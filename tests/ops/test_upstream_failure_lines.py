@@ -253,3 +253,49 @@ async def test_another_failure_of_the_same_upstream_and_kind_is_logged_at_once(
     assert re.search(r"received 10 of 1003 bytes.* \(2 more like it", said[3]["message"]), said
     assert "closed the connection before answering (2 more like it" in said[4]["message"], said
 
+
+async def test_a_count_is_said_when_its_window_ends_not_when_an_earlier_armed_timer_runs() -> None:
+    """One timer says the counts of every kind: a count whose window ends before the one the
+    timer is armed for arms it again, sooner (it waited for the other kind's timer: its count
+    was said up to a window late)."""
+    now = [0.0]
+    summarised = proxy.logs.Summarised(window=1.0, clock=lambda: now[0])
+    handler = Lines()
+    logger = logging.getLogger("cachegate.test_failure_lines")
+    logger.addHandler(handler)
+    loop = asyncio.get_running_loop()
+
+    def armed_for() -> float:
+        """When the timer runs (``clock``'s time)."""
+        assert summarised._timer is not None
+        return now[0] + summarised._timer.when() - loop.time()
+
+    def run_timer() -> None:
+        """The timer's run, at ``now`` (not waited for)."""
+        assert summarised._timer is not None
+        summarised._timer.cancel()
+        summarised.flush()
+
+    try:
+        summarised.warning(logger, "B", "B failed")  # B's window: 0 to 1
+        now[0] = 0.5
+        summarised.warning(logger, "A", "A failed")  # A's window: 0.5 to 1.5
+        now[0] = 0.6
+        summarised.warning(logger, "A", "A failed again")  # counted: the timer for 1.5
+        assert armed_for() == pytest.approx(1.5, abs=0.05)
+        now[0] = 0.7
+        summarised.warning(logger, "B", "B failed again")  # counted: B's window ends sooner
+        assert armed_for() == pytest.approx(1.0, abs=0.05)
+        now[0] = 1.0  # the timer runs
+        run_timer()
+        assert [line["message"] for line in handler.lines[2:]] == [
+            "B failed again (1 more like it in the last 1.0s, not logged one by one)"]
+        assert armed_for() == pytest.approx(1.5, abs=0.05)  # then A's
+        now[0] = 1.5
+        run_timer()
+        assert [line["message"] for line in handler.lines[3:]] == [
+            "A failed again (1 more like it in the last 1.0s, not logged one by one)"]
+        assert summarised._timer is None  # nothing counted any more
+    finally:
+        summarised.close()
+        logger.removeHandler(handler)
