@@ -182,6 +182,12 @@ class UpstreamDNSError(UpstreamConnectError):
     reported = True  # (``first_report``: said once per streak by the pool, not per request)
 
 
+class UpstreamNoSuchName(UpstreamDNSError):
+    """As ``UpstreamDNSError``, for the resolver's definite answer that the name has no address
+    (NXDOMAIN, NODATA): the upstream cannot be reached, whatever the resolver's state, and passive
+    health holds it against the upstream as a refused connection (``passive_failure``)."""
+
+
 class UpstreamDNSTimeout(UpstreamConnectTimeout):
     """As ``UpstreamDNSError``, for a lookup that did not answer within the connect timeout (told
     as a lookup timed out, not as a connect: no connection was tried)."""
@@ -191,7 +197,8 @@ class UpstreamDNSTimeout(UpstreamConnectTimeout):
     reported = True
 
 
-# The failures of an upstream's name lookup (``passive_failure``: not held against the upstream).
+# The failures of an upstream's name lookup (``passive_failure``: not held against the upstream,
+# except ``UpstreamNoSuchName``).
 DNS_ERRORS = (UpstreamDNSError, UpstreamDNSTimeout)
 
 
@@ -1179,7 +1186,9 @@ class HostPool:
                 conn.peer = peer
                 return conn
         except LookupFailed as exc:
-            raise (UpstreamDNSTimeout if exc.timeout else UpstreamDNSError)(f"{self.name}: {exc}") from None
+            if exc.timeout:
+                raise UpstreamDNSTimeout(f"{self.name}: {exc}") from None
+            raise (UpstreamNoSuchName if exc.definite else UpstreamDNSError)(f"{self.name}: {exc}") from None
         except TimeoutError:
             if step == "lookup":
                 why = self.addresses.timed_out(self.connect_timeout, "timeouts.connect")

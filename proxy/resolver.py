@@ -99,11 +99,13 @@ def literal(host: str, port: int) -> list[AddrInfo] | None:
 
 class LookupFailed(Exception):
     """No address of the name is known: its lookup failed (``timeout`` False) or did not answer
-    in time (True). The message says which, and names the host."""
+    in time (True). The message says which, and names the host. ``definite``: the resolver
+    answered that the name has no address (``NO_SUCH_NAME``), not the resolver's own trouble."""
 
-    def __init__(self, message: str, timeout: bool) -> None:
+    def __init__(self, message: str, timeout: bool, definite: bool = False) -> None:
         super().__init__(message)
         self.timeout = timeout
+        self.definite = definite
 
 
 def _shown(infos: list[AddrInfo]) -> str:
@@ -128,8 +130,9 @@ class Addresses:
         self.fixed = literal(host, port)  # an IP literal: never looked up
         self.known: list[AddrInfo] | None = self.fixed
         self.resolved_at = 0.0
-        # The last failure while nothing is known, remembered for DNS_RETRY: (when, why, timeout).
-        self._failure: tuple[float, str, bool] | None = None
+        # The last failure while nothing is known, remembered for DNS_RETRY: (when, why, timeout,
+        # definite).
+        self._failure: tuple[float, str, bool, bool] | None = None
         self._lookup: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._next = 0  # where the next connection starts in the list
@@ -157,7 +160,7 @@ class Addresses:
     async def _first(self) -> list[AddrInfo]:
         failure = self._failure
         if failure is not None and self._clock() - failure[0] < DNS_RETRY:
-            raise LookupFailed(failure[1], failure[2])
+            raise LookupFailed(failure[1], failure[2], failure[3])
         task = self._lookup or self._start()
         await asyncio.wait((task,))  # (cancelling this wait leaves the lookup to the others)
         if self._closed:
@@ -165,8 +168,9 @@ class Addresses:
         known = self.known
         if known is None:
             failure = self._failure
-            raise LookupFailed(failure[1] if failure is not None else f"DNS lookup of {self.host} failed",
-                               failure[2] if failure is not None else False)
+            if failure is None:
+                raise LookupFailed(f"DNS lookup of {self.host} failed", False)
+            raise LookupFailed(failure[1], failure[2], failure[3])
         return known
 
     def timed_out(self, seconds: float, setting: str) -> LookupFailed:
@@ -175,7 +179,7 @@ class Addresses:
         of once; the lookup goes on."""
         why = f"DNS lookup of {self.host}: no answer within {seconds:g}s ({setting})"
         if self.known is None:
-            self._failure = (self._clock(), why, True)
+            self._failure = (self._clock(), why, True, False)
             self._warn(why, "requests to it fail until it resolves")
         return LookupFailed(why, True)
 
@@ -242,7 +246,7 @@ class Addresses:
                             "still used")
             return
         self.known = None
-        self._failure = (self._clock(), why, False)
+        self._failure = (self._clock(), why, False, definite)
         then = "requests to it fail until it resolves"
         if known is not None:  # the name has no address now: the ones known are dropped
             self._on_change(frozenset())

@@ -32,8 +32,9 @@ Health:
   fails or is dropped cannot take every upstream out, and a lone upstream is never
   taken out by them. Another 5xx, a slow or broken body, a wait for a free pooled
   connection, a pooled connection closed as the request left or a lookup of the upstream's
-  name that failed (``DNS_ERRORS``: the resolver's failure, shared by every named upstream;
-  nothing was sent) is no passive failure.
+  name that failed for the resolver's trouble (``DNS_ERRORS``, shared by every named upstream;
+  nothing was sent) is no passive failure; a name that does not exist (``UpstreamNoSuchName``)
+  is a ``CONNECT`` one.
 
 A request is retried on another upstream only when the connection failed before any response
 byte arrived (refused, reset, closed with nothing read, or a connect timeout), only for
@@ -118,6 +119,7 @@ from proxy.http_client import (
     UpstreamConnection,
     UpstreamConnectTimeout,
     UpstreamDisconnected,
+    UpstreamNoSuchName,
     UpstreamReadTimeout,
     UpstreamTotalTimeout,
     body_error_kind,
@@ -817,7 +819,8 @@ def passive_failure(exc: UpstreamError, conn: UpstreamConnection | None, fresh: 
     ``RESPONSE`` or None (counted as an error, not held against the upstream).
 
     ``CONNECT``, before the request was written (``conn`` None): refused, unreachable, a TLS
-    handshake that failed, a connect timeout. Unambiguous: the upstream cannot be reached.
+    handshake that failed, a connect timeout, a name the resolver says has no address
+    (``UpstreamNoSuchName``: NXDOMAIN, NODATA). Unambiguous: the upstream cannot be reached.
 
     ``RESPONSE``, after it was written, what a hung or broken upstream does: an invalid
     response (``UpstreamProtocolError``: garbage, a head that breaks off), no response head
@@ -830,9 +833,13 @@ def passive_failure(exc: UpstreamError, conn: UpstreamConnection | None, fresh: 
     its state: the request is tried again), a wait for a free pooled connection that timed out
     (``PoolWaitTimeout``: ``pool_size`` busy, perhaps with slow answers to one URL, and no
     connection tried), a request cachegate refused to send (a CR or LF in a field), a lookup of
-    the upstream's name that failed with no address known (``DNS_ERRORS``: the resolver's
-    failure, which every named upstream shares; no connection was tried)."""
+    the upstream's name that failed with no address known for the resolver's trouble (no
+    answer in time, SERVFAIL, ``EAI_AGAIN``: ``DNS_ERRORS``, which every named upstream shares;
+    no connection was tried). Held against none, a name that does not exist was never taken
+    out without active checks: every other request went to it and failed."""
     if conn is None:
+        if isinstance(exc, UpstreamNoSuchName):
+            return CONNECT
         if isinstance(exc, (PoolWaitTimeout, *DNS_ERRORS)):
             return None
         return CONNECT if isinstance(exc, (UpstreamConnectError, UpstreamConnectTimeout)) else None

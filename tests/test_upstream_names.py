@@ -279,18 +279,17 @@ async def test_a_resolver_outage_keeps_the_last_good_addresses(
         assert len(origin.paths()) == 13
 
 
-async def test_a_name_that_no_longer_exists_drops_its_addresses_without_holding_it_against_the_upstream(
+async def test_a_name_that_no_longer_exists_drops_its_addresses(
         make_proxy: MakeProxy, names: Resolver, quick_dns: None, caplog: pytest.LogCaptureFixture) -> None:
     """NXDOMAIN is an answer: the addresses are dropped (as nginx's resolve does), the pooled
     connection closed, and requests fail at once (502, "its name did not resolve") until the
-    name resolves again. The failure is the resolver's answer, not the server's: no passive
-    failure (one would take the upstream out here), one warning rather than one per request."""
+    name resolves again; one warning rather than one per request. (A lone upstream without
+    ``passive:`` configured is never taken out; with another one, the next test.)"""
     caplog.set_level(logging.INFO, logger="cachegate")
     name = "gone.cachegate.test"
     async with origins(("127.0.0.1", "up")) as (port, [origin]):
         names.answers[name] = ["127.0.0.1"]
-        proxy = await make_proxy(config="cache: {memory: 16MB}\nupstream: {passive: {failures: 1, cooldown: 30s}}\n",
-                                 upstreams=[f"http://{name}:{port}"])
+        proxy = await make_proxy(config="cache: {memory: 16MB}\n", upstreams=[f"http://{name}:{port}"])
         assert (await proxy.get("/before")).status == 200
         names.answers[name] = no_such_name()
         for _ in range(50):
@@ -312,6 +311,27 @@ async def test_a_name_that_no_longer_exists_drops_its_addresses_without_holding_
         names.answers[name] = ["127.0.0.1"]
         await asyncio.sleep(0.5)
         assert (await proxy.get("/back")).status == 200
+
+
+async def test_a_name_that_does_not_exist_is_taken_out_by_passive_health(
+        make_proxy: MakeProxy, names: Resolver) -> None:
+    """Two upstreams, one given by a name that does not exist (NXDOMAIN), no active checks. Its
+    definite answer was held against nothing, like a resolver outage: the upstream stayed up for
+    ever and every other POST (not retried) was a 502. It is a connect failure now (the upstream
+    cannot be reached): ``passive.failures`` of them take it out and the other one serves."""
+    async with origins(("127.0.0.1", "up")) as (port, [origin]):
+        names.answers["nx.cachegate.test"] = no_such_name()
+        proxy = await make_proxy(
+            config="cache: {memory: 16MB}\nupstream: {passive: {failures: 3, cooldown: 30s}}\n",
+            upstreams=[f"http://127.0.0.1:{port}", f"http://nx.cachegate.test:{port}"])
+        first = [(await proxy.request("POST", f"/first{i}", data=b"x")).status for i in range(8)]
+        assert first.count(502) == 3 and first.count(200) == 5, first
+        states = {s["url"]: s for s in proxy.runtime.pool.snapshot()}
+        gone = states[f"http://nx.cachegate.test:{port}"]
+        assert not gone["available"] and gone["passive"]["down_for"] > 0, gone
+        after = [(await proxy.request("POST", f"/after{i}", data=b"x")).status for i in range(20)]
+        assert after == [200] * 20, after
+        assert len([p for p in origin.paths() if p.startswith("/after")]) == 20
 
 
 async def test_a_lookup_that_does_not_answer_is_told_as_a_lookup_timeout(
