@@ -20,8 +20,9 @@ This client keeps what a reverse proxy needs and nothing else:
   keep-alive timeout closes them under a request);
 - a new connection goes to the upstream's addresses (``proxy.resolver.Addresses``: an upstream
   given by name is looked up once in flight, refreshed in the background, kept through a
-  resolver outage, its addresses taken in turn) by Happy Eyeballs (RFC 8305: the next address
-  tried ``HAPPY_EYEBALLS_DELAY`` after the last, the first to connect wins); a connection to an
+  resolver outage, its addresses taken in turn, one that failed last) by Happy Eyeballs (RFC
+  8305: the next address tried ``HAPPY_EYEBALLS_DELAY`` after the last, or sooner so that every
+  one is tried within the connect timeout; the first to connect wins); a connection to an
   address its name no longer lists is not reused (``HostPool._readdressed``).
 
 A connection is reused only when its response was read to the end by the parser, the
@@ -134,7 +135,8 @@ MAX_INTERIMS = 16
 # just closed and fail (a body that was streamed cannot be resent).
 KEEPALIVE_IDLE = 4.0
 # Happy Eyeballs (RFC 8305 §5): with several addresses, the next is tried this long after the
-# last attempt began if none has connected yet (aiohttp's own client waits as long).
+# last attempt began if none has connected yet (aiohttp's own client waits as long); less when
+# the connect timeout would end before every address was tried (``HostPool._connect``).
 HAPPY_EYEBALLS_DELAY = 0.25
 SMALL_BODY = 64 * 1024  # a request body up to this size leaves with the head, in one write
 # Methods whose request carries a body by definition: sent with "Content-Length: 0" when
@@ -1154,25 +1156,47 @@ class HostPool:
         ``HAPPY_EYEBALLS_DELAY`` after the last began, the first to connect wins), all within the
         connect timeout. Tried one after another instead, a first address that drops packets (an
         IPv6 route that goes nowhere, a host that is down) took the whole timeout, and the next
-        one, alive, was never tried: every request was a 504."""
+        one, alive, was never tried: every request was a 504. The addresses tried and the one that
+        connected are told to ``Addresses.tried``: one that failed is tried last for a while."""
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.connect_timeout
         step = "lookup"  # then "connect"; "handshake" once TCP is connected, TLS under way
+        addresses = self.addresses
+        attempted: list[Peer] = []  # the addresses tried, in order (several only)
         try:
             async with asyncio.timeout_at(deadline):
-                addresses = self.addresses
                 infos = addresses.known if addresses.fixed is not None else await addresses.get()
                 assert infos is not None
                 step = "connect"
-                sock = await start_connection(infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1,
-                                              loop=loop)
+                if len(infos) == 1:
+                    sock = await start_connection(infos, loop=loop)
+                else:
+                    # Every address gets its try within the connect timeout: with 0.25 s between
+                    # tries, a 100 ms timeout never reached the second address.
+                    delay = min(HAPPY_EYEBALLS_DELAY, max(0.0, deadline - loop.time()) / len(infos))
+
+                    def opened(info: Any) -> socket.socket:
+                        attempted.append(peer_of(info[4]))
+                        return socket.socket(info[0], info[1], info[2])
+
+                    try:
+                        sock = await start_connection(infos, happy_eyeballs_delay=delay, interleave=1,
+                                                      loop=loop, socket_factory=opened)
+                    except (OSError, RuntimeError):  # every address failed
+                        addresses.tried(attempted, None)
+                        raise
+                    except BaseException:  # cancelled (the connect timeout, or the caller's)
+                        addresses.tried(attempted[:-1], None)  # (the last one was still under way)
+                        raise
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     peer = peer_of(sock.getpeername())
                 except BaseException:
                     sock.close()
                     raise
+                if attempted:
+                    addresses.tried(attempted, peer)
                 # TCP first, then TLS: a plain-HTTP server behind an https:// URL waits for a
                 # request head that never comes, and was reported as a connect that timed out.
                 # (The loop owns the socket now: it closes it if the handshake fails.)

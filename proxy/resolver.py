@@ -28,10 +28,17 @@ becomes the address's scope). An upstream given by a name has the addresses its 
 - **Said once.** One WARNING when lookups of a name start failing (naming the failure, and
   whether the last known addresses are still used), one when it resolves again; an address
   change is logged at INFO. Not one line per request.
-- **Taken in turn.** Each new connection starts at the next address (round robin over the
-  list), so a name with several live addresses spreads its connections over them, as nginx
-  makes one peer of each address; Happy Eyeballs (``proxy.http_client``) then tries the
-  others, 0.25 s apart, when the first does not answer.
+- **Taken in turn, a failed address last.** Each new connection starts at the next address
+  (round robin), so a name with several live addresses spreads its connections over them, as
+  nginx makes one peer of each address; Happy Eyeballs (``proxy.http_client``) then tries the
+  others, 0.25 s apart at most, when the first does not answer. An address that failed to
+  connect (refused, timed out, or passed by a later address while it had not answered: the
+  pool tells ``tried``) goes behind the others, in ``getaddrinfo``'s order (RFC 6724), for
+  ``ADDRESS_RETRY`` (10 s: nginx's defaults for each peer of a name, ``max_fails=1`` and
+  ``fail_timeout=10s``) or until a connection to it succeeds; the turn goes round the others. Taken
+  in turn regardless, a black-holed address was first for one new connection in N, each paying
+  the stagger delay (and a ``504`` under a connect timeout shorter than it). After 10 s one
+  connection tries it first again, at the cost of one stagger delay if it is still down.
 
 What a change means for pooled connections is the pool's (``on_change`` is told the
 addresses now listed: ``HostPool`` closes idle connections to any other and does not pool
@@ -55,6 +62,8 @@ log = logging.getLogger("cachegate.upstream")
 DNS_TTL = 60.0
 # How long a failed lookup is remembered, and how often a failing name is looked up again.
 DNS_RETRY = 5.0
+# How long an address that failed to connect is tried after the others (``Addresses.tried``).
+ADDRESS_RETRY = 10.0
 
 # What ``getaddrinfo`` says when the name definitely has no address (NXDOMAIN, or no A/AAAA
 # record): the addresses known are dropped. Any other failure is the resolver's (no answer,
@@ -136,6 +145,7 @@ class Addresses:
         self._lookup: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._next = 0  # where the next connection starts in the list
+        self._failing: dict[Peer, float] = {}  # address -> when it last failed to connect
         self._warned: str | None = None  # the failure warned of (once per streak)
         self._closed = False
 
@@ -150,12 +160,34 @@ class Addresses:
         known = self.known
         if known is None:
             known = await self._first()
-        count = len(known)
-        if count == 1:
+        if len(known) == 1:
             return known
+        failed: list[AddrInfo] = []
+        if self._failing:
+            since = self._clock() - ADDRESS_RETRY
+            for peer, when in list(self._failing.items()):
+                if when <= since:
+                    del self._failing[peer]
+            failed = [i for i in known if peer_of(i[4]) in self._failing]
+            if failed and len(failed) < len(known):
+                known = [i for i in known if peer_of(i[4]) not in self._failing]
+            else:
+                failed = []  # every address failed (or none still counts): all in turn
+        count = len(known)
         start = self._next % count
         self._next = start + 1
-        return known[start:] + known[:start]
+        return known[start:] + known[:start] + failed
+
+    def tried(self, attempted: list[Peer], winner: Peer | None) -> None:
+        """A connect tried the ``attempted`` addresses, in order, and ``winner`` connected (None:
+        none did). Each other address tried failed, or had not answered when a later one did: it
+        goes behind the others for ADDRESS_RETRY (``get``); the winner is back in turn."""
+        now = self._clock()
+        for peer in attempted:
+            if peer != winner:
+                self._failing[peer] = now
+        if winner is not None:
+            self._failing.pop(winner, None)
 
     async def _first(self) -> list[AddrInfo]:
         failure = self._failure
@@ -267,4 +299,5 @@ class Addresses:
             self._lookup.cancel()
 
 
-__all__ = ["DNS_RETRY", "DNS_TTL", "AddrInfo", "Addresses", "LookupFailed", "Peer", "literal", "peer_of"]
+__all__ = ["ADDRESS_RETRY", "DNS_RETRY", "DNS_TTL", "AddrInfo", "Addresses", "LookupFailed", "Peer",
+           "literal", "peer_of"]

@@ -95,6 +95,7 @@ class Tagged:
     go: asyncio.Event = field(default_factory=asyncio.Event)
     waiting: asyncio.Event = field(default_factory=asyncio.Event)  # a /slow request came
     strict: bool = False  # a Host with a '%' (an IPv6 zone) is answered 400, as cachegate does
+    close: bool = False  # each response closes its connection: every request a new connection
     server: asyncio.Server | None = None
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -114,8 +115,11 @@ class Tagged:
                     await self.go.wait()
                 status, body = ("400 Bad Request", b"invalid Host") if self.strict and "%" in host \
                     else ("200 OK", self.tag.encode())
-                writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nCache-Control: no-store\r\n\r\n%s"
-                             % (status.encode(), len(body), body))
+                writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nCache-Control: no-store\r\n%s\r\n%s"
+                             % (status.encode(), len(body), b"Connection: close\r\n" if self.close else b"",
+                                body))
+                if self.close:
+                    break
         writer.close()
 
     async def stop(self) -> None:
@@ -399,6 +403,68 @@ async def test_a_names_addresses_take_new_connections_in_turn(make_proxy: MakePr
             assert {r.status for r in replies} == {200}
         counts = [len(s.paths()) for s in servers]
         assert sum(counts) == 90 and min(counts) >= 15, counts
+
+
+@contextlib.contextmanager
+def connects(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The address of every TCP connect the proxy begins (each SYN it sends), in order."""
+    loop = asyncio.get_running_loop()
+    real = loop.sock_connect
+    begun: list[str] = []
+
+    async def sock_connect(sock: socket.socket, address: Any) -> None:
+        begun.append(address[0])
+        await real(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", sock_connect)
+    yield begun
+
+
+async def test_an_address_that_failed_is_tried_after_the_others_and_every_one_within_the_connect_timeout(
+        make_proxy: MakeProxy, names: Resolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name [black hole, live], ``connect: 200ms``. The next address was tried 0.25 s after the
+    first, after the connect timeout: every new connection that started at the black hole (one in
+    two, taken in turn) was a 504. And nothing remembered the failure: the black hole stayed first
+    for one new connection in two for ever, each paying the stagger delay. Now the stagger fits
+    every address into the connect timeout, and an address that failed is tried last."""
+    async with origins(("127.0.0.3", "blackhole"), ("127.0.0.1", "live")) as (port, [live]):
+        live.close = True  # every request on a new connection
+        names.answers["dead.cachegate.test"] = ["127.0.0.3", "127.0.0.1"]
+        proxy = await make_proxy(config="cache: {memory: 16MB}\nupstream: {retries: 0, timeouts: {connect: 200ms}}\n",
+                                 upstreams=[f"http://dead.cachegate.test:{port}"])
+        with connects(monkeypatch) as begun:
+            replies = await asyncio.gather(*(proxy.get(f"/burst{i}") for i in range(30)))
+            assert [(r.status, r.body) for r in replies] == [(200, b"live")] * 30, replies
+            assert "127.0.0.3" in begun, begun  # (some started at the black hole)
+            begun.clear()
+            for i in range(10):
+                reply = await proxy.get(f"/then{i}")
+                assert (reply.status, reply.body) == (200, b"live"), reply
+            assert begun == ["127.0.0.1"] * 10, begun
+
+
+async def test_new_connections_go_round_the_live_addresses_past_a_dead_one(
+        make_proxy: MakeProxy, names: Resolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name [black hole, three live]: the turn goes round the live three, the black hole is
+    not tried again once it failed."""
+    where = (("127.0.0.3", "blackhole"), ("127.0.0.5", "r5"), ("127.0.0.6", "r6"), ("127.0.0.7", "r7"))
+    async with origins(*where) as (port, servers):
+        for server in servers:
+            server.close = True
+        names.answers["rd.cachegate.test"] = ["127.0.0.3", "127.0.0.5", "127.0.0.6", "127.0.0.7"]
+        proxy = await make_proxy(config="cache: {memory: 16MB}\nupstream: {retries: 0}\n",
+                                 upstreams=[f"http://rd.cachegate.test:{port}"])
+        assert (await proxy.get("/first")).status == 200  # (the first connection starts at the black hole)
+        with connects(monkeypatch) as begun:
+            for burst in range(3):
+                replies = await asyncio.gather(*(proxy.get(f"/rd{burst}-{i}") for i in range(10)))
+                assert {r.status for r in replies} == {200}, replies
+                await asyncio.sleep(0)
+            sequential = [(await proxy.get(f"/seq{i}")).body for i in range(9)]
+        assert sorted(sequential) == sorted([b"r5", b"r6", b"r7"] * 3), sequential
+        counts = [len(s.paths()) for s in servers]
+        assert sum(counts) == 40 and min(counts) >= 10, counts
+        assert "127.0.0.3" not in begun, begun
 
 
 # -- an IPv6 zone -----------------------------------------------------------------------------
