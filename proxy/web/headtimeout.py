@@ -564,10 +564,15 @@ class LimitedHandler(HeadTimedHandler):
             return False
         if self.unsent(SIOCOUTQNSD) <= 0:
             return False
+        self._found()
+        return True
+
+    def _found(self) -> None:
+        """A reply found in the kernel's queue: its progress is sampled from now on (``unsent``),
+        unless it is already."""
         if self._send_handle is None:
             self._sampled(self.unsent())
             self._found_at = self._moved_at
-        return True
 
     def waits_for_client(self) -> bool:
         """Nothing to answer yet, or nothing more to answer: no request, or one whose body is
@@ -682,12 +687,26 @@ class LimitedHandler(HeadTimedHandler):
             log.debug("lingering close of %s not begun: %r", self.peername, exc)
             self.lingered()
         else:
-            log.debug("lingering close of %s: at most %gs, %gs of silence", self.peername, time, timeout)
+            log.debug("lingering close of %s: at most %gs, %gs of silence, once its reply is out",
+                      self.peername, time, timeout)
+            lingering.begin()
         return True
+
+    def reply_out(self) -> bool:
+        """The reply has left: nothing of it in the transport's buffers, nor unsent in the
+        kernel's queue (its lingering close's clocks start then: ``Lingering``). One still there
+        has its progress sampled (``reply_pending``), so that ``send_timeout`` resets the
+        connection of a client that stopped reading it."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.unsent(SIOCOUTQNSD) <= 0:
+            return True
+        self._found()
+        return False
 
     def lingered(self) -> None:
         """The lingering close is over (nothing heard for lingering_timeout, or lingering_time
-        past): closed as a limit closes a connection (``drop``: reset if its reply is unsent)."""
+        past, both from the reply's end): closed as a limit closes a connection (``drop``: a
+        plain close, the reply being out, its FIN already sent)."""
         lingering = self._lingering
         if lingering is not None:
             lingering.cancel()

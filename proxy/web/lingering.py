@@ -16,8 +16,13 @@ out after the reply: ``write_eof``), and its transport is handed to ``Lingering`
 what the client still sends and drops it at once (never parsed, never kept: a read's bytes are
 freed as soon as they are counted as heard), until the client closes its side (its FIN; then the
 close is clean, and the client has its whole reply), nothing arrives for ``lingering_timeout``
-(5 s), or ``lingering_time`` (30 s) has passed since the half-close; then the connection is
-closed as a limit closes one (``LimitedHandler.drop``: reset if its reply is still unsent).
+(5 s), or ``lingering_time`` (30 s) has passed; then the connection is closed as a limit closes
+one (``LimitedHandler.drop``: a plain close, the reply being out). Both count from when the reply
+is out (``LimitedHandler.reply_out``: nothing of it in the transport, nor unsent in the kernel's
+queue), as nginx lingers only once its whole response is written: from the hand-over, a long
+reply read slowly by a client that sends nothing outlasted them, and the close reset it with
+megabytes unsent. Until then the reply is bounded as any other: ``send_timeout`` resets the
+connection of a client that stops reading it.
 ``LimitedHandler`` decides when (``input_pending``: a body not whole, bytes dropped unparsed,
 requests queued behind, bytes unread in the kernel) and begins it (``linger``); every close of
 a connection whose client may still be sending after a reply goes through there.
@@ -49,21 +54,42 @@ if TYPE_CHECKING:
 class Lingering(asyncio.Protocol):
     """The protocol of a connection in its lingering close: it hears what the client sends and
     drops it; ``handler`` (the connection's ``LimitedHandler``) still owns the connection, hears
-    its writes pause and resume (the reply may still be going out) and its loss, and is told when
-    the time is up (``lingered``)."""
+    its writes pause and resume (the reply may still be going out) and its loss, says when the
+    reply is out (``reply_out``), and is told when the time is up (``lingered``).
 
-    __slots__ = ("_deadline", "_handler", "_heard", "_loop", "_timeout", "_timer")
+    The clocks start once the reply is out (``begin``, ``_out``): not when it was handed to the
+    transport, with megabytes of it still in the kernel's send queue for a client that reads
+    slowly and sends nothing. Started then, they ran out while the reply was still being read,
+    and the close reset the connection with the end of the reply unsent. Until it is out, the
+    reply is bounded as any other (``send_timeout``: a client that stops reading it)."""
+
+    __slots__ = ("_deadline", "_handler", "_heard", "_loop", "_time", "_timeout", "_timer")
 
     def __init__(self, handler: LimitedHandler, loop: asyncio.AbstractEventLoop, time: float,
                  timeout: float) -> None:
         self._handler = handler
         self._loop = loop
-        now = loop.time()
-        self._deadline = now + time
+        self._time = time
         self._timeout = timeout
-        self._heard = now  # when the client's bytes last arrived (the half-close, at first)
-        self._timer: asyncio.TimerHandle | None = loop.call_at(min(self._deadline, now + timeout),
-                                                               self._expired)
+        self._deadline = self._heard = 0.0  # (from when the reply is out: ``_out``)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self) -> None:
+        """The transport is this protocol's: the clocks start once the reply is out."""
+        self._out()
+
+    def _out(self) -> None:
+        """Whether the reply is out; if so the clocks start, else looked at again a sample
+        later."""
+        self._timer = None
+        handler = self._handler
+        if not handler.reply_out():
+            self._timer = self._loop.call_later(handler.sample_every(), self._out)
+            return
+        now = self._loop.time()
+        self._deadline = now + self._time
+        self._heard = now  # (the reply's end, at first)
+        self._timer = self._loop.call_at(min(self._deadline, now + self._timeout), self._expired)
 
     def data_received(self, data: bytes) -> None:
         self._heard = self._loop.time()  # (and ``data`` dropped: never parsed, never kept)
@@ -91,8 +117,9 @@ class Lingering(asyncio.Protocol):
         closes. Else looked at again when the later of the two can first run out (one timer,
         not one per read)."""
         self._timer = None
+        now = self._loop.time()
         end = min(self._deadline, self._heard + self._timeout)
-        if self._loop.time() < end:
+        if now < end:
             self._timer = self._loop.call_at(end, self._expired)
             return
         self._handler.lingered()

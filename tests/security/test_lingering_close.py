@@ -31,7 +31,7 @@ from tests.security.test_client_connection_limits import closed_count, until
 from tests.storage.procs import ProxyProcess, write_config
 
 MORE = 2 * 1024 * 1024  # what the client still sends after cachegate answered: 2 MB
-TCP_CLOSE_WAIT = 8  # (linux/tcp_states.h)
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # (linux/tcp_states.h)
 
 # What makes cachegate answer and close while the client is still sending, on the client listener.
 CLIENT_CASES = {
@@ -340,3 +340,84 @@ async def test_a_body_aiohttp_gave_up_reading_to_keep_the_connection_ends_in_a_l
         assert await asyncio.wait_for(reader.read(), 10) == b""  # half-closed, nothing more said
     finally:
         writer.close()
+
+
+BIG = 3 * 1024 * 1024  # a reply longer than the kernel's send queue holds for a slow reader
+
+
+def reads_slowly(address: tuple[str, int], request: bytes) -> tuple[str | None, bytes]:
+    """A raw client with a small receive window: ``request``, then 32 KB every 0.02 s to the
+    end of the connection: the error it met (None: none) and what it read."""
+    error = None
+    data = b""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(20)
+        sock.connect(address)
+        sock.sendall(request)
+        try:
+            while chunk := sock.recv(32768):
+                data += chunk
+                time.sleep(0.02)
+        except OSError as exc:
+            error = repr(exc)
+    return error, data
+
+
+def stops_reading(address: tuple[str, int], request: bytes, after: int) -> int:
+    """A raw client with a small receive window: ``request``, then reads ``after`` bytes and no
+    more, until its connection ends: the TCP state it ends in (TCP_CLOSE: reset)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(20)
+        sock.connect(address)
+        sock.sendall(request)
+        read = 0
+        while read < after:
+            read += len(sock.recv(min(32768, after - read)))
+        deadline = time.monotonic() + 20
+        while (state := sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]) not in (
+                TCP_CLOSE, TCP_CLOSE_WAIT) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return state
+
+
+async def test_a_slowly_read_reply_gets_every_byte_before_its_lingering_close_ends(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    """A reply that closes the connection with requests queued behind it (so its close lingers),
+    read slowly: the lingering timers start once the reply has left the kernel's send queue.
+    They started when the reply was handed to the transport, with megabytes of it still queued:
+    its client, reading and sending nothing, was reset after lingering_timeout (or
+    lingering_time), the end of its reply lost."""
+    proxy = await make_proxy(config="lingering_time: 0.5s\nlingering_timeout: 0.3s\n")
+    origin.route("/big", body=b"b" * BIG, headers={"Cache-Control": "max-age=600"})
+    origin.route("/small", body=b"small", headers={"Cache-Control": "max-age=600"})
+    async with proxy.session.get(proxy.url + "/big") as r:  # stored: the reply is a hit
+        assert len(await r.read()) == BIG
+    request = (b"GET /big HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"
+               b"GET /small HTTP/1.1\r\nHost: shop.example\r\n\r\n")  # (queued behind: never answered)
+    error, reply = await asyncio.to_thread(reads_slowly, address(proxy.url), request)
+    assert error is None, (error, len(reply))
+    assert reply.startswith(b"HTTP/1.1 200 ") and whole(reply), (reply[:200], len(reply))
+    assert await until(lambda: lingering(proxy) == 0, 10)  # its client closed: the close ended
+
+
+async def test_a_reply_its_client_stopped_reading_is_reset_after_send_timeout_though_its_close_lingers(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    """A lingering close waits for its reply to be out, not for ever: a client that stops
+    reading it is reset after send_timeout (1 s here), as any reply it stops reading, whatever
+    lingering_time and lingering_timeout (60 s here)."""
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nsend_timeout: 1s\n"
+                                    "lingering_time: 60s\nlingering_timeout: 60s\n")
+    origin.route("/big", body=b"b" * BIG, headers={"Cache-Control": "max-age=600"})
+    async with proxy.session.get(proxy.url + "/big") as r:
+        assert len(await r.read()) == BIG
+    request = (b"GET /big HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"
+               b"GET /big HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    state = await asyncio.to_thread(stops_reading, address(proxy.url), request, 256 * 1024)
+    assert state == TCP_CLOSE, state  # reset
+    assert loop.time() - started < 15
+    assert lingering(proxy) == 0
+    assert await closed_count(proxy, "send_timeout") == 1
