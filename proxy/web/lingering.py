@@ -34,17 +34,25 @@ closes it at once, as an idle connection (aiohttp's shutdown closes every connec
 request is done), and none begins once the listener is stopping. Memory: this object and a
 timer; the bytes of one read at a time.
 
-Over TLS there is no half-close (asyncio's TLS transports have none): the connection lingers
-all the same, reading and dropping, and the client gets no end of stream before it ends. A
-client still sending used to meet the ``close_notify`` and a closed connection ("EOF occurred
-in violation of protocol" on its send); one that reads its answer by its ``Content-Length``
-(every HTTP client: the answer says ``Connection: close``) closes as soon as it has it, and one
-that reads to the end of the connection waits ``lingering_timeout``.
+Over TLS there is no TCP half-close (asyncio's TLS transports have none): once the reply is
+out, the connection says its ``close_notify`` (``close_notify``: the TLS layer's close), as
+nginx does before it lingers, so that a client reading to the end of the connection has a clean
+end at once; the TLS layer then reads and drops what the client still sends until the client's
+own close_notify or the end of its connection, and the lingering close's clocks bound it as
+over TCP, the client's silence as the kernel counts it (``heard_ago``: the TLS layer keeps its
+reads). Before the lingering close, the ``close_notify`` closed the connection and a client
+still sending met a closed one ("EOF occurred in violation of protocol" on its send); the first
+lingering close said none and ended with an abort, so a client reading to the end got that
+error after ``lingering_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import ssl
+import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -63,7 +71,7 @@ class Lingering(asyncio.Protocol):
     and the close reset the connection with the end of the reply unsent. Until it is out, the
     reply is bounded as any other (``send_timeout``: a client that stops reading it)."""
 
-    __slots__ = ("_deadline", "_handler", "_heard", "_loop", "_time", "_timeout", "_timer")
+    __slots__ = ("_deadline", "_handler", "_heard", "_loop", "_time", "_timeout", "_timer", "_unheard")
 
     def __init__(self, handler: LimitedHandler, loop: asyncio.AbstractEventLoop, time: float,
                  timeout: float) -> None:
@@ -72,6 +80,9 @@ class Lingering(asyncio.Protocol):
         self._time = time
         self._timeout = timeout
         self._deadline = self._heard = 0.0  # (from when the reply is out: ``_out``)
+        # What the client sends is read by the TLS layer, which drops it after its close_notify:
+        # when it last came is the kernel's to say (``heard_ago``).
+        self._unheard = False
         self._timer: asyncio.TimerHandle | None = None
 
     def begin(self) -> None:
@@ -79,8 +90,8 @@ class Lingering(asyncio.Protocol):
         self._out()
 
     def _out(self) -> None:
-        """Whether the reply is out; if so the clocks start, else looked at again a sample
-        later."""
+        """Whether the reply is out; if so the clocks start (and a TLS connection says its
+        close_notify: ``close_notify``), else looked at again a sample later."""
         self._timer = None
         handler = self._handler
         if not handler.reply_out():
@@ -89,6 +100,10 @@ class Lingering(asyncio.Protocol):
         now = self._loop.time()
         self._deadline = now + self._time
         self._heard = now  # (the reply's end, at first)
+        transport = handler.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            close_notify(transport)
+            self._unheard = True
         self._timer = self._loop.call_at(min(self._deadline, now + self._timeout), self._expired)
 
     def data_received(self, data: bytes) -> None:
@@ -118,6 +133,10 @@ class Lingering(asyncio.Protocol):
         not one per read)."""
         self._timer = None
         now = self._loop.time()
+        if self._unheard:
+            ago = heard_ago(self._handler.transport)
+            if ago is not None:
+                self._heard = max(self._heard, now - ago)
         end = min(self._deadline, self._heard + self._timeout)
         if now < end:
             self._timer = self._loop.call_at(end, self._expired)
@@ -125,4 +144,55 @@ class Lingering(asyncio.Protocol):
         self._handler.lingered()
 
 
-__all__ = ["Lingering"]
+def close_notify(transport: asyncio.BaseTransport) -> None:
+    """End a TLS connection whose reply is out as nginx does before it lingers: its close_notify
+    (the TLS layer's close), so that a client reading to the end of the connection has a clean
+    end at once. The loop's TLS layer then waits for the client's close_notify or the end of its
+    connection (at most its shutdown timeout, the listener's ``send_timeout``), reading and
+    dropping what application data the client still sends, so its bytes never meet a closed
+    socket (uvloop's does so; asyncio's own, in Python, ended the connection with an error,
+    "application data after close notify", at the first such record: made to drop it too).
+
+    Before, the lingering connection was aborted when it ended, with no close_notify: a client
+    reading to the end got its reply, then "EOF occurred in violation of protocol" after
+    ``lingering_timeout``."""
+    protocol = getattr(transport, "_ssl_protocol", None)  # (asyncio's own TLS; uvloop's is C)
+    shutdown = getattr(protocol, "_do_shutdown", None)
+    if protocol is not None and callable(shutdown) and hasattr(protocol, "_sslobj"):
+
+        def dropping_first() -> None:
+            tls = protocol._sslobj
+            if tls is not None and not getattr(protocol, "_eof_received", False):
+                with contextlib.suppress(ssl.SSLError):  # (the client's close_notify ends it, too)
+                    while tls.read(TLS_READ):
+                        pass
+            shutdown()
+
+        protocol._do_shutdown = dropping_first
+    transport.close()
+
+
+TLS_READ = 64 * 1024  # a read of what the client sends after cachegate's close_notify (dropped)
+
+# ``struct tcp_info`` (linux/tcp.h): ``tcpi_last_data_recv``, milliseconds since data last came.
+TCP_INFO_SIZE = 56
+LAST_DATA_RECV = 52
+
+
+def heard_ago(transport: asyncio.BaseTransport | None) -> float | None:
+    """Seconds since the client last sent anything, as the kernel counts (``TCP_INFO``); None
+    when it cannot be asked."""
+    sock = None if transport is None else transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_INFO", None)
+    if sock is None or option is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, TCP_INFO_SIZE)
+    except (OSError, ValueError):
+        return None
+    if len(info) < TCP_INFO_SIZE:
+        return None
+    return float(struct.unpack_from("I", info, LAST_DATA_RECV)[0]) / 1000
+
+
+__all__ = ["Lingering", "close_notify", "heard_ago"]

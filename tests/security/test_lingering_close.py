@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -92,12 +93,11 @@ def address(url: str) -> tuple[str, int]:
 
 
 def lingering(proxy: Proxy) -> int:
-    """Connections of the client listener in their lingering close."""
-    for runner in proxy.listeners.runners:
-        if isinstance(runner.server, ProxyServer):
-            return sum(1 for c in runner.server._connections
-                       if isinstance(c, LimitedHandler) and c._lingering is not None)
-    raise AssertionError("no client listener")
+    """Connections of the client listeners (a TLS one's too) in their lingering close."""
+    servers = [r.server for r in proxy.listeners.runners if isinstance(r.server, ProxyServer)]
+    assert servers, "no client listener"
+    return sum(1 for server in servers for c in server._connections
+               if isinstance(c, LimitedHandler) and c._lingering is not None)
 
 
 @pytest.mark.parametrize("case", sorted(CLIENT_CASES))
@@ -151,13 +151,16 @@ async def test_a_refused_upload_sent_as_fast_as_the_client_can_gets_its_whole_an
         assert reply.startswith(status) and whole(reply), reply[:200]
 
 
-def reads_then_sends(address: tuple[str, int], first: bytes) -> tuple[str | None, bytes]:
+def tls_client(address: tuple[str, int], first: bytes, *, send_more: bool) -> tuple[str | None, bytes]:
     """A TLS client: ``first``, then its answer read (by its Content-Length: TLS has no
-    half-close to wait for), then MORE bytes, then everything up to the connection's end: the
-    error it met (None: none) and what it read."""
+    half-close to wait for), then (``send_more``) MORE bytes, then everything up to the end of
+    the connection, which must be a clean one (cachegate's close_notify: an end without it is an
+    error here, "EOF occurred in violation of protocol"): the error it met (None: none) and what
+    it read."""
     error = None
     context = client_context()
-    with socket.create_connection(address, timeout=20) as raw, context.wrap_socket(raw) as sock:
+    with socket.create_connection(address, timeout=10) as raw, \
+            context.wrap_socket(raw, suppress_ragged_eofs=False) as sock:
         sock.sendall(first)
         data = b""
         while not whole(data):
@@ -165,7 +168,8 @@ def reads_then_sends(address: tuple[str, int], first: bytes) -> tuple[str | None
             assert chunk, data
             data += chunk
         try:
-            sock.sendall(b"y" * MORE)
+            if send_more:
+                sock.sendall(b"y" * MORE)
             while chunk := sock.recv(65536):
                 data += chunk
         except OSError as exc:
@@ -173,18 +177,81 @@ def reads_then_sends(address: tuple[str, int], first: bytes) -> tuple[str | None
     return error, data
 
 
-async def test_over_tls_a_client_still_sending_after_its_answer_gets_no_error(
-        make_proxy: MakeProxy, tmp_path: Path) -> None:
+def tls_address(url: str) -> tuple[str, int]:
+    return address(url.replace("https://", "http://"))
+
+
+@pytest.mark.parametrize("send_more", [True, False], ids=["sending on", "reading to the end"])
+async def test_over_tls_a_lingering_close_says_close_notify_and_a_client_still_sending_meets_no_error(
+        make_proxy: MakeProxy, tmp_path: Path, send_more: bool) -> None:
     """A TLS connection lingers too, without the half-close (asyncio's TLS transports have none):
-    the client sends on after reading its answer and meets no error; the connection ends after
-    lingering_timeout. Its close used to send close_notify, and the bytes the client sent on
-    met a closed connection ("EOF occurred in violation of protocol" on its send)."""
-    proxy = await make_proxy(config=tls_config(Certs(tmp_path)) + "lingering_timeout: 1s\n")
+    once its answer is out it says close_notify, as nginx does before it lingers, then reads and
+    drops what the client still sends. A client that sends on after reading its answer meets no
+    error, and one that reads to the end of the connection has a clean end at once, not after
+    lingering_timeout (30 s here). The connection used to be aborted when its lingering close
+    ended, with no close_notify ("EOF occurred in violation of protocol" after lingering_timeout);
+    before the lingering close, its close sent close_notify and the bytes the client sent on met
+    a closed connection (the same error on its send)."""
+    proxy = await make_proxy(config=tls_config(Certs(tmp_path)) + "lingering_timeout: 30s\n")
     first, status = CLIENT_CASES["400 malformed chunk"]
-    host, port = address(proxy.listeners.proxy_urls[1].replace("https://", "http://"))
-    error, reply = await asyncio.to_thread(reads_then_sends, (host, port), first)
-    assert error is None, (error, reply[:80])
-    assert reply.startswith(status) and whole(reply), reply[:200]
+    tls = tls_address(proxy.listeners.proxy_urls[1])
+    for _ in range(3):
+        error, reply = await asyncio.to_thread(tls_client, tls, first, send_more=send_more)
+        assert error is None, (error, reply[:80])
+        assert reply.startswith(status) and whole(reply), reply[:200]
+    assert await until(lambda: lingering(proxy) == 0, 10)  # each ended with its client's close
+
+
+async def test_over_tls_a_silent_client_is_closed_after_lingering_timeout(
+        make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """After its close_notify the TLS layer reads what the client sends: the silence is the
+    kernel's to tell. A client that reads its answer and the close_notify, then neither sends
+    nor closes, is closed after lingering_timeout (1 s), not lingering_time (60 s)."""
+    proxy = await make_proxy(config=tls_config(Certs(tmp_path)) + "lingering_timeout: 1s\nlingering_time: 60s\n")
+    first, status = CLIENT_CASES["400 malformed chunk"]
+    tls = tls_address(proxy.listeners.proxy_urls[1])
+
+    def read_to_the_end() -> tuple[ssl.SSLSocket, bytes]:
+        sock = client_context().wrap_socket(socket.create_connection(tls, timeout=10))
+        sock.sendall(first)
+        data = b""
+        while chunk := sock.recv(65536):  # to its close_notify
+            data += chunk
+        return sock, data  # (kept open)
+
+    sock, reply = await asyncio.to_thread(read_to_the_end)
+    try:
+        assert reply.startswith(status) and whole(reply), reply[:200]
+        assert lingering(proxy) == 1
+        assert await until(lambda: lingering(proxy) == 0, 10)
+    finally:
+        sock.close()
+
+
+@pytest.mark.slow
+async def test_over_tls_on_uvloop_a_lingering_close_says_close_notify_and_drops_what_comes(
+        origin: Origin, tmp_path: Path) -> None:
+    """The same on a real ``cachegate run`` (uvloop's TLS, in C)."""
+    from tests.harness import spawn_cachegate
+    from tests.harness import write_config as harness_config
+
+    config = harness_config(str(tmp_path), origin.url, tls_config(Certs(tmp_path)) + "lingering_timeout: 30s\n")
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    try:
+        urls: list[str] = []
+        for _ in range(100):
+            urls = [line.split("proxy listening on ", 1)[1].split()[0] for line in proc.output
+                    if "proxy listening on https://" in line]
+            if urls:
+                break
+            await asyncio.sleep(0.05)
+        first, status = CLIENT_CASES["400 malformed chunk"]
+        for send_more in (True, False):
+            error, reply = await asyncio.to_thread(tls_client, tls_address(urls[0]), first, send_more=send_more)
+            assert error is None, (send_more, error, reply[:80])
+            assert reply.startswith(status) and whole(reply), reply[:200]
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
 
 
 async def test_a_lingering_close_ends_after_lingering_timeout_of_silence_or_lingering_time(
