@@ -812,21 +812,25 @@ class UpstreamConnection(BaseProtocol):
         if self._total_timer is not None:
             self._total_timer.cancel()
             self._total_timer = None
-        if not reuse or (self._message is not None and self._message.should_close):
-            self._parser = None
-            self.busy = False
-            self.close()
-            return
         if self._body_task is not None:
             # The origin answered before the request body was all sent: it has not read (and
             # may never read) the rest, and would take what follows as its next request. That
             # rest was the client's to choose: on a reused connection it made the next
             # client's request part of a request of its own, and the answer to that was stored
             # under the next client's URL. RFC 9112 §9.5: stop sending the body and close; an
-            # abort, so that nothing of it still buffered goes out either.
+            # abort, so that nothing of it still buffered goes out either. Whether or not the
+            # answer closes the connection: when it did, the body's task read on, and the
+            # client's connection, answered meanwhile, read the same body to its end (aiohttp's
+            # read of a body its handler left), two readers of one stream: "readany() called
+            # while another coroutine is already waiting", an ERROR line per such upload.
             self._parser = None
             self.busy = False
             self.abort()  # (cancels the body's task)
+            return
+        if not reuse or (self._message is not None and self._message.should_close):
+            self._parser = None
+            self.busy = False
+            self.close()
             return
         self._finish()
 

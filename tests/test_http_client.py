@@ -411,12 +411,16 @@ async def test_a_client_body_that_breaks_off_is_told_apart_from_the_upstream_fai
         await server.wait_closed()
 
 
-async def test_a_body_still_going_out_when_the_response_ended_is_cut_and_its_connection_dropped() -> None:
+@pytest.mark.parametrize("closes", [False, True], ids=["keeps the connection", "closes it"])
+async def test_a_body_still_going_out_when_the_response_ended_is_cut_and_its_connection_dropped(
+        closes: bool) -> None:
     """An origin that answers a POST at its head, without reading the body, and keeps the
     connection: the rest of the body (the client's bytes) must not be sent after the answer, and
     the connection must not carry another request (the origin would read that body as the start
     of it: RFC 9112 §9.5). Without the cut, the origin received ``SMUGGLED`` and then the next
-    request on the same connection."""
+    request on the same connection. An answer that closes the connection cuts the body too: no
+    more of it is read once the answer is whole (the client's connection may be reading it then,
+    to its end: two readers of one stream). Its reading went on until the connection was gone."""
     received: list[bytes] = []
     accepted: list[asyncio.StreamWriter] = []
 
@@ -424,7 +428,8 @@ async def test_a_body_still_going_out_when_the_response_ended_is_cut_and_its_con
         accepted.append(writer)
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")  # body unread
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n%s\r\nearly"  # body unread
+                         % (b"Connection: close\r\n" if closes else b""))
             while chunk := await reader.read(65536):
                 received.append(chunk)
             received.append(b"<closed>")
@@ -433,10 +438,12 @@ async def test_a_body_still_going_out_when_the_response_ended_is_cut_and_its_con
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     pool = HostPool(URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"), 4, None, 1.0)
     answered = asyncio.Event()
+    asked_after: list[bool] = []
 
     async def body() -> AsyncIterator[bytes]:
         yield b"first"
         await answered.wait()  # the rest comes after the origin's answer
+        asked_after.append(True)
         yield b"SMUGGLED"
 
     try:
@@ -448,6 +455,7 @@ async def test_a_body_still_going_out_when_the_response_ended_is_cut_and_its_con
         answered.set()
         await asyncio.sleep(0.2)
         assert b"SMUGGLED" not in b"".join(received) and received[-1:] == [b"<closed>"]
+        assert not asked_after  # the body's task was cancelled with the answer whole
         assert pool.size == 0 and pool.idle == 0
     finally:
         await pool.close()

@@ -208,8 +208,15 @@ class ReplyResponse(web.StreamResponse):
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = request.keep_alive
+        # The connection ends after this reply when it must (``closing``), when the client asks,
+        # and when the request's body has not all come (an origin answered an upload without
+        # reading it: nginx closes then too, by a lingering close, as it does whenever it
+        # answers while still reading a body). Kept open, the rest of the body was read through
+        # the parser (aiohttp's read of a body its handler left, up to 10 s) for nothing, and
+        # the client waited on an open connection once it had sent it.
         if keep_alive and (closing(request.protocol) or ends_connection(request.headers)
-                           or asks_to_close(request.version, request.headers)):
+                           or asks_to_close(request.version, request.headers)
+                           or not request.content.is_eof()):
             keep_alive = False
         version = request.version if self._reply_version is None else self._reply_version
         framing = frame(self._headers, self._status, request.method, reply_version(version),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import time
@@ -24,7 +25,7 @@ import pytest
 from aiohttp import web
 
 from proxy.web.fastpath import ProxyServer
-from proxy.web.headtimeout import LimitedHandler
+from proxy.web.headtimeout import CappedServer, LimitedHandler
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 from tests.ops.test_tls import Certs, client_context, tls_config
@@ -379,32 +380,31 @@ async def test_a_stop_does_not_wait_for_a_lingering_close(origin: Origin, tmp_pa
 
 
 async def test_a_body_aiohttp_gave_up_reading_to_keep_the_connection_ends_in_a_lingering_close(
-        origin: Origin, make_proxy: MakeProxy) -> None:
-    """The origin answers an upload without reading it (a 401): the answer keeps the connection,
-    and aiohttp reads the rest of the body through its parser for its own lingering_time (10 s;
-    1 s here) so that the next request can be parsed. A body still coming then was closed on at
-    once, and the client's next bytes were reset; now that close lingers too."""
-    async def refuse(request: web.Request) -> web.Response:
-        return web.Response(status=401, body=b"who are you", headers={"Cache-Control": "no-store"})
-
-    origin.route("/upload", refuse)
-    proxy = await make_proxy(config="lingering_time: 3s\nlingering_timeout: 3s\n")
-    for runner in proxy.listeners.runners:
-        if isinstance(runner.server, ProxyServer):
-            runner.server._kwargs["lingering_time"] = 1.0  # aiohttp's own (10 s by default)
-    reader, writer = await asyncio.open_connection(*address(proxy.url))
-    writer.write(b"POST /upload HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 100000000\r\n\r\n"
+        make_proxy: MakeProxy) -> None:
+    """The admin listener answers a request without reading its body (``/healthz`` with 100 MB
+    announced): the answer keeps the connection, and aiohttp reads the rest of the body through
+    its parser for its own lingering_time (10 s; 1 s here) so that the next request can be
+    parsed. A body still coming then was closed on at once, and the client's next bytes were
+    reset; now that close lingers too. (The client listener's answer closes the connection
+    instead while a body is still coming:
+    ``test_an_upload_the_origin_answers_before_reading_it_gets_that_answer_and_no_reset``.)"""
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nlingering_time: 3s\nlingering_timeout: 3s\n")
+    admin = [r.server for r in proxy.listeners.runners if isinstance(r.server, CappedServer)]
+    assert len(admin) == 1
+    admin[0]._kwargs["lingering_time"] = 1.0  # aiohttp's own (10 s by default)
+    host, port = address(proxy.admin_url)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 100000000\r\n\r\n".encode()
                  + b"x" * 100_000)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert head.startswith(b"HTTP/1.1 401 "), head
-    assert await asyncio.wait_for(reader.readexactly(11), 10) == b"who are you"
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head, head
     try:
         for _ in range(20):  # 2 s of drips: past aiohttp's 1 s, within lingering_time
             writer.write(b"x" * 1000)
             await writer.drain()
             await asyncio.sleep(0.1)
-        assert lingering(proxy) == 1
-        assert await asyncio.wait_for(reader.read(), 10) == b""  # half-closed, nothing more said
+        assert sum(1 for c in admin[0]._connections if c._lingering is not None) == 1
+        await asyncio.wait_for(reader.read(), 10)  # (the answer's body, then the half-close)
     finally:
         writer.close()
 
@@ -488,3 +488,60 @@ async def test_a_reply_its_client_stopped_reading_is_reset_after_send_timeout_th
     assert loop.time() - started < 15
     assert lingering(proxy) == 0
     assert await closed_count(proxy, "send_timeout") == 1
+
+
+def uploads_after_an_early_answer(address: tuple[str, int], size: int) -> tuple[str | None, bytes, bytes]:
+    """A raw client uploading ``size`` bytes: its head and the first 100 KB, then the answer
+    read (whole, by its Content-Length), then the rest of the body sent, then everything up to
+    the end of the connection. The error it met (None: none), the answer, and what came after."""
+    error = None
+    first = 100_000
+    with socket.create_connection(address, timeout=20) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: shop.example\r\nContent-Length: %d\r\n\r\n" % size
+                     + b"x" * first)
+        answer = b""
+        while not whole(answer):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        after = b""
+        try:
+            sent = first
+            while sent < size:
+                sent += sock.send(b"x" * min(1 << 20, size - sent))
+            while chunk := sock.recv(65536):
+                after += chunk
+        except OSError as exc:
+            error = repr(exc)
+    return error, answer, after
+
+
+@pytest.mark.parametrize("origin_closes", [True, False], ids=["origin closes", "origin keeps alive"])
+async def test_an_upload_the_origin_answers_before_reading_it_gets_that_answer_and_no_reset(
+        make_proxy: MakeProxy, origin: Origin, caplog: pytest.LogCaptureFixture, origin_closes: bool) -> None:
+    """The origin answers an upload at once (403) without reading its body. The body's upload to
+    it stops when its answer is whole, and the answer closes the client's connection (the rest
+    of the body is not worth reading: nginx closes too when it answers while still reading a
+    body) by a lingering close, which drops what the client still sends. The client reads the
+    403, sends the rest of its 20 MB and meets no error, and nothing is logged at ERROR. Before,
+    the answer said keep-alive, and aiohttp's own read of the rest of the body met the upload's
+    read of it still going ("readany() called while another coroutine is already waiting":
+    "Unhandled exception" at ERROR, per request, which any client could cause), then the
+    connection was closed at once: the client's sends met a reset (BrokenPipeError)."""
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=403, body=b"no thanks",
+                            headers={"Connection": "close"} if origin_closes else {})
+
+    origin.route("/upload", refuse)
+    proxy = await make_proxy()
+    caplog.set_level(logging.DEBUG)
+    for _ in range(3):
+        error, answer, after = await asyncio.to_thread(uploads_after_an_early_answer, address(proxy.url),
+                                                       20_000_000)
+        assert error is None, (error, answer[:200])
+        assert answer.startswith(b"HTTP/1.1 403 ") and answer.endswith(b"no thanks"), answer
+        assert b"\r\nConnection: close\r\n" in answer, answer
+        assert after == b""
+    assert await until(lambda: lingering(proxy) == 0, 10)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [(r.name, r.getMessage()) for r in errors]
