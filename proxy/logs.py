@@ -920,6 +920,33 @@ def failure_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_VARYING.sub('#', str(exc)[:300])}"
 
 
+class ThrottledLines:
+    """Lines about what a flood repeats at the rate of connections (the connection cap closing
+    them: ``ProxyServer.capped``): the first of each kind at once, then at most one per ``every``
+    seconds while it goes on, saying how many there were since the last line (the exact count
+    is the metrics'). Nothing failed: a kind's level is the caller's, and nothing says "works
+    again" (the cap closing nothing more is the normal state)."""
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log = logger
+        self.every = every
+        self._clock = clock
+        self._kinds: dict[str, list[float]] = {}  # kind -> [not logged since, when last logged]
+
+    def note(self, kind: str, level: int, msg: str, *args: Any) -> None:
+        now = self._clock()
+        state = self._kinds.get(kind)
+        if state is not None and now - state[1] < self.every:
+            state[0] += 1
+            return
+        if state is not None and state[0]:
+            self.log.log(level, msg + " (%d more in the last %.0fs)", *args, int(state[0]), now - state[1])
+        else:
+            self.log.log(level, msg, *args)
+        self._kinds[kind] = [0, now]
+
+
 class _Streak:
     """One kind of warning's lines (``Summarised``): when its last line went out, how many like
     it were not logged since, and the last of those (its logger, format and arguments)."""

@@ -83,7 +83,7 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 from proxy.engine import response_edits
 from proxy.errors import BodyRefused, drop_traceback
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
-from proxy.logs import RepeatedFailure
+from proxy.logs import ThrottledLines
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
@@ -410,13 +410,13 @@ class ProxyRequestHandler(LimitedHandler):
                         status, size, "ERROR", PROXY_ERROR, None, None, None, None))
         return resp
 
-    def limited(self, what: str) -> None:
+    def limited(self, what: str, *, lingering: bool = False) -> None:
         """A connection closed by ``send_timeout`` or ``max_connections``: counted, and the cap's
-        closings logged once per streak (``ProxyServer.capped``)."""
+        closings logged, a line a minute at most for each kind (``ProxyServer.capped``)."""
         self._front.runtime.metrics.client_closed.labels(what).inc()
         manager = self._manager
         if what != "send_timeout" and isinstance(manager, ProxyServer):
-            manager.capped(self._max_connections)
+            manager.capped(self._max_connections, what, lingering=lingering)
 
     def head_timed_out(self, timeout: float) -> None:
         """A head begun (some of its bytes came) and not whole within ``timeout``: logged 408 with
@@ -1192,10 +1192,7 @@ class ProxyServer(LimitedServer):
         self._front = front
         self._capped_by: Settings | None = None  # the settings ``max_connections`` was taken from
         self._max_connections = DEFAULT_MAX_CONNECTIONS
-        self._capped = RepeatedFailure(log, "admitting client connections", traceback=False,
-                                       level=logging.WARNING,
-                                       then="connections waiting for their client are closed to make "
-                                            "room, else new ones")
+        self._capped = ThrottledLines(log)  # (``capped``)
         state = probe()
         front.runtime.metrics.fast_path = state  # cachegate_fast_path_enabled, /stats
         self._fast = fast if state.enabled else None
@@ -1216,16 +1213,30 @@ class ProxyServer(LimitedServer):
             self._max_connections = connection_cap(settings)
         return self._max_connections
 
-    def capped(self, limit: int) -> None:
-        """One line when connections begin to be closed at the cap, then one a minute at most."""
-        reached = ConnectionCapReached(f"{limit} connections open in this worker (max_connections)")
-        self._capped.failed(reached)
+    def capped(self, limit: int, what: str, *, lingering: bool = False) -> None:
+        """The cap closed a connection (``what``: ``cap_oldest``, one waiting for its client, to
+        admit a new one; ``cap_refused``, the new one, every other busy): a line saying which when
+        it begins, then one a minute at most while it goes on, for each kind, with how many
+        there were meanwhile. A lingering close closed so is INFO: its reply is out, it only
+        drops what its client still sends, the cheapest to close (the line said "admitting
+        client connections failed" for it, when nothing had failed)."""
+        if what == "cap_refused":
+            self._capped.note("refused", logging.WARNING, "max_connections (%d) reached in this worker with "
+                              "every connection busy: new connections are closed", limit)
+        elif lingering:
+            self._capped.note("lingering", logging.INFO, "max_connections (%d) reached in this worker: "
+                              "connections in their lingering close (reply sent, dropping what their "
+                              "client still sends) are closed to make room for new ones", limit)
+        else:
+            self._capped.note("waiting", logging.WARNING, "max_connections (%d) reached in this worker: "
+                              "connections waiting for their client (idle, a request or TLS handshake "
+                              "unfinished, a reply unread) are closed to make room for new ones", limit)
 
     def closed_before_handshake(self) -> None:
         """A TLS listener closed its oldest connection not yet handshaken, to stay within
         ``max_connections`` (``TLSAcceptor``): counted and logged as the cap's other closings."""
         self._front.runtime.metrics.client_closed.labels("cap_oldest").inc()
-        self.capped(self.max_connections)
+        self.capped(self.max_connections, "cap_oldest")
 
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
                       ) -> web.BaseRequest:
@@ -1257,10 +1268,6 @@ class ProxyServer(LimitedServer):
                                    send_timeout=settings.send_timeout,
                                    lingering=(settings.lingering_time, settings.lingering_timeout),
                                    max_connections=self.max_connections, **self._kwargs)
-
-
-class ConnectionCapReached(Exception):
-    """The client listener's ``max_connections`` closed a connection (for the streak's log line)."""
 
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "FastPath", "ProxyRequestHandler", "ProxyServer", "connection_cap",

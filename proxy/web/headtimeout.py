@@ -495,8 +495,7 @@ class LimitedHandler(HeadTimedHandler):
         if other is None:
             return False
         hold = other._hold_handle
-        _close_waiting(other, self._max_connections)
-        self.limited("cap_oldest")
+        self.limited("cap_oldest", lingering=_close_waiting(other, self._max_connections))
         if hold is not None:
             when = hold.when()
             other._hold_ended()
@@ -536,10 +535,11 @@ class LimitedHandler(HeadTimedHandler):
         self.limited("cap_refused")
         self.drop()
 
-    def limited(self, what: str) -> None:
+    def limited(self, what: str, *, lingering: bool = False) -> None:
         """A limit closed a connection: ``send_timeout`` (this one's reply unread), ``cap_oldest``
-        (an older one, to admit this one), ``cap_refused`` (this one, all others busy). The
-        admin listener only logs it (at DEBUG, above); the client listener counts it too."""
+        (an older one, to admit this one; ``lingering``: one in its lingering close), ``cap_refused``
+        (this one, all others busy). The admin listener only logs it (at DEBUG, above); the
+        client listener counts it too."""
 
     def reply_stalled(self) -> bool:
         """A reply (or pipelined ones) its client has not read any of for ``CAP_STALLED``
@@ -754,10 +754,13 @@ def close_oldest_waiting(live: list[LimitedHandler], new: LimitedHandler | None,
     return other
 
 
-def _close_waiting(other: LimitedHandler, cap: int) -> None:
-    log.debug("more than %d connections: the oldest waiting for its client, from %s, closed",
-              cap, other.peername)
+def _close_waiting(other: LimitedHandler, cap: int) -> bool:
+    """Close ``other``, picked by ``oldest_waiting``: whether it was in its lingering close."""
+    lingering = other.lingers()
+    log.debug("more than %d connections: the oldest %s, from %s, closed", cap,
+              "in its lingering close" if lingering else "waiting for its client", other.peername)
     other.drop()
+    return lingering
 
 
 class CappedHandler(LimitedHandler):
@@ -856,8 +859,7 @@ class LimitedServer(web.Server):
         other = oldest_waiting(live, None)
         if other is None or (pending and other._opened > oldest_pending):
             return False
-        other.limited("cap_oldest")
-        _close_waiting(other, cap)
+        other.limited("cap_oldest", lingering=_close_waiting(other, cap))
         return True
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import proxy.runtime
-from proxy.logs import RepeatedFailure
+from proxy.logs import RepeatedFailure, ThrottledLines
 from tests.conftest import MakeProxy
 from tests.harness import spawn_cachegate, write_config
 
@@ -218,3 +218,20 @@ def test_a_streak_of_write_failures_ends_on_time_when_the_clock_steps_back(
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
         "storage write failed", "storage writes succeed again, after 1 failed", "storage write failed"]
     assert writes.snapshot()["last_failed_at"] == clock.wall  # (shown: the wall clock's)
+
+
+def test_throttled_lines_say_each_kind_at_once_then_once_a_minute_with_the_count(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    lines = ThrottledLines(logging.getLogger("cachegate.test"), clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, "cachegate.test"):
+        for _ in range(3):
+            lines.note("a", logging.INFO, "cap reached (%d): a closed", 5)
+        lines.note("b", logging.WARNING, "cap reached (%d): b closed", 5)  # another kind: at once
+        now[0] += 61
+        lines.note("a", logging.INFO, "cap reached (%d): a closed", 5)
+        now[0] += 61
+        lines.note("a", logging.INFO, "cap reached (%d): a closed", 5)  # (none in between)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "cap reached (5): a closed"), ("WARNING", "cap reached (5): b closed"),
+        ("INFO", "cap reached (5): a closed (2 more in the last 61s)"), ("INFO", "cap reached (5): a closed")]

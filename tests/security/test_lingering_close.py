@@ -304,7 +304,11 @@ async def test_a_lingering_close_is_off_with_a_lingering_time_of_0(make_proxy: M
 
 
 async def test_lingering_connections_count_against_max_connections_and_make_room_first(
-        make_proxy: MakeProxy, origin: Origin) -> None:
+        make_proxy: MakeProxy, origin: Origin, caplog: pytest.LogCaptureFixture) -> None:
+    """The cap closes a lingering connection first, and says so at INFO, as what it is: nothing
+    failed (its line said "admitting client connections failed", at WARNING). The idle one it
+    closes next is a WARNING: a client that may ask again lost its connection."""
+    caplog.set_level(logging.INFO, "cachegate.proxy")
     proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_connections: 3\n"
                                     "lingering_time: 60s\nlingering_timeout: 60s\n")
     origin.route("/page", body=b"page", headers={"Cache-Control": "max-age=600"})
@@ -331,6 +335,26 @@ async def test_lingering_connections_count_against_max_connections_and_make_room
         assert not idle[0].at_eof()
         idle[1].write(b"GET /page HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n")
         assert (await asyncio.wait_for(idle[0].read(), 10)).endswith(b"page")
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "cachegate.proxy"]
+        assert lines == [("INFO", "max_connections (3) reached in this worker: connections in their "
+                                  "lingering close (reply sent, dropping what their client still sends) are "
+                                  "closed to make room for new ones")], lines
+        # Four more (the idle one's answer closed it): the third closes the other lingering one
+        # (said within the minute: no line more), the fourth the oldest idle one, the first
+        # (another kind: said at once).
+        more = []
+        for _ in range(4):
+            more.append(await asyncio.open_connection(host, port))
+            await asyncio.sleep(0.1)
+        assert lingering(proxy) == 0
+        assert await asyncio.wait_for(more[0][0].read(), 10) == b""  # (idle: closed, unanswered)
+        for _, w in more:
+            w.close()
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "cachegate.proxy"]
+        assert lines[1:] == [("WARNING", "max_connections (3) reached in this worker: connections waiting "
+                                         "for their client (idle, a request or TLS handshake unfinished, a "
+                                         "reply unread) are closed to make room for new ones")], lines
+        assert not any("failed" in text for _, text in lines)
     finally:
         idle[1].close()
         for _, w in conns:
