@@ -180,12 +180,15 @@ class Addresses:
 
     def tried(self, attempted: list[Peer], winner: Peer | None) -> None:
         """A connect tried the ``attempted`` addresses, in order, and ``winner`` connected (None:
-        none did). Each other address tried failed, or had not answered when a later one did: it
-        goes behind the others for ADDRESS_RETRY (``get``); the winner is back in turn."""
+        none did). Each address tried before the winner failed, or had not answered when a later
+        one did: it goes behind the others for ADDRESS_RETRY (``get``); the winner is back in
+        turn. One started after the winner is not marked: it was only slower to answer (a live
+        address a short connect timeout's stagger started was marked, and the name's traffic
+        went to its first address alone, two connects each)."""
         now = self._clock()
-        for peer in attempted:
-            if peer != winner:
-                self._failing[peer] = now
+        before = attempted[:attempted.index(winner)] if winner in attempted else attempted
+        for peer in before:
+            self._failing[peer] = now
         if winner is not None:
             self._failing.pop(winner, None)
 

@@ -467,6 +467,29 @@ async def test_new_connections_go_round_the_live_addresses_past_a_dead_one(
         assert "127.0.0.3" not in begun, begun
 
 
+async def test_a_live_address_only_slower_to_answer_than_the_winner_keeps_its_turn(
+        make_proxy: MakeProxy, names: Resolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two live addresses 60 ms away behind a 100 ms connect timeout: the stagger (50 ms) starts
+    the second before the first answers, and the first wins. The second was marked failed for
+    having lost, so every new connection started at the first again (20 requests: 20 and 0)."""
+    loop = asyncio.get_running_loop()
+    real = loop.sock_connect
+
+    async def far(sock: socket.socket, address: Any) -> None:
+        await asyncio.sleep(0.06)
+        await real(sock, address)
+
+    async with origins(("127.0.0.2", "A"), ("127.0.0.3", "B")) as (port, servers):
+        for server in servers:
+            server.close = True
+        names.answers["far.cachegate.test"] = ["127.0.0.2", "127.0.0.3"]
+        proxy = await make_proxy(config="cache: {memory: 16MB}\nupstream: {retries: 0, timeouts: {connect: 100ms}}\n",
+                                 upstreams=[f"http://far.cachegate.test:{port}"])
+        monkeypatch.setattr(loop, "sock_connect", far)
+        served = collections.Counter([(await proxy.get(f"/far{i}")).body for i in range(20)])
+        assert served[b"A"] >= 5 and served[b"B"] >= 5, served
+
+
 # -- an IPv6 zone -----------------------------------------------------------------------------
 
 def _has_ipv6_loopback() -> bool:
