@@ -613,6 +613,7 @@ class Supervisor:
             os.close(running_fd)
         w.started_at = time.monotonic()
         w.channel = await Channel.open(parent_end, self._handlers(w), name=f"worker {w.worker_id}")
+        self._tell_node(w.channel)
         say(f"cachegate: worker {w.worker_id} started (pid {w.process.pid})", event="worker_started",
             worker_id=w.worker_id, pid=w.process.pid)
         self._track(self._watch(w, w.process, w.channel))
@@ -647,13 +648,6 @@ class Supervisor:
             process, channel = w.process, w.channel
             if process is not None and channel is not None:
                 self._track(self._watchdog(w, process, channel))
-                node = self.runtime.cluster if self.runtime is not None else None
-                if node is not None and node.invalidations_pending:  # (a worker started meanwhile)
-                    self._track(_tell_quietly(channel, OUTBOX_CALL, pending=True))
-                if node is not None and not node.connected:  # its shared tier is not asked meanwhile
-                    n, deadline, held, away = node.beat_word()
-                    self._track(_tell_quietly(channel, BEAT_CALL, n=n, deadline=deadline, held=held,
-                                              away=away))
             say(f"cachegate: worker {worker_id} ready (pid {pid})", event="worker_ready",
                 worker_id=worker_id, pid=pid)
 
@@ -664,6 +658,20 @@ class Supervisor:
             name: functools.partial(fn, worker_id=w.worker_id) for name, fn in self.worker_calls.items()}
         calls.update({"ready": ready, "purge": purge})
         return calls
+
+    def _tell_node(self, channel: Channel) -> None:
+        """Tell a worker just spawned what the node's member (this supervisor) last told the
+        others: when its heartbeat expires and whether hits wait, whether it is cut off from Redis,
+        whether invalidations wait for it. Said as its channel opens, so that the worker has it
+        before it serves (a supervisor stopped before its next heartbeat would leave it serving
+        without a deadline); every later word goes to every open channel (``call_all``), in order."""
+        node = self.runtime.cluster if self.runtime is not None else None
+        if node is None:
+            return
+        if node.invalidations_pending:
+            self._track(_tell_quietly(channel, OUTBOX_CALL, pending=True))
+        n, deadline, held, away = node.beat_word()
+        self._track(_tell_quietly(channel, BEAT_CALL, n=n, deadline=deadline, held=held, away=away))
 
     def _next_backoff(self, w: Worker) -> float:
         delay = w.backoff

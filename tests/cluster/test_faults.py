@@ -453,15 +453,21 @@ async def test_the_workers_of_a_node_whose_supervisor_is_stopped_past_its_heartb
     purge answers 200 without the node, and its workers, which go on running, hold hits until it
     runs again and has caught up."""
     versioned(origin, "/p")
-    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
+    # c's heartbeat is long, so that its workers start and serve before its supervisor's first
+    # heartbeat after it joined, and it is stopped before that heartbeat: the workers know when
+    # its last one expires from the moment they start (it tells them as their channel opens).
+    # A heartbeat's TTL is the longest of three heartbeats, 2 s, and a heartbeat plus two
+    # cluster.timeouts: 6 s for c, 4.3 s for a (whose slower heartbeats on a loaded machine
+    # then stay far inside it).
+    nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="2s")
     try:
-        a, c = await asyncio.gather(nodes.start("a"), nodes.start("c", "--workers", "2"))
+        a, c = await asyncio.gather(nodes.start("a"), nodes.start("c", "--workers", "2", heartbeat="2s"))
         await a.get("/p")
         old = (await c.get("/p")).body
         await wait_until(lambda: _hit(c, "/p"))
         c.send(signal.SIGSTOP)  # the supervisor alone
         try:
-            await wait_until(lambda: _live_count(a, 1), wait=5)
+            await wait_until(lambda: _live_count(a, 1), wait=10)
             status, answer = await purge(a, urls=[f"http://{HOST}/p"])
             assert status == 200 and set(answer["nodes"]) == {"a"}, answer
             waiting = [asyncio.ensure_future(c.get("/p")) for _ in range(2)]
