@@ -925,7 +925,9 @@ class ThrottledLines:
     them: ``ProxyServer.capped``): the first of each kind at once, then at most one per ``every``
     seconds while it goes on, saying how many there were since the last line (the exact count
     is the metrics'). Nothing failed: a kind's level is the caller's, and nothing says "works
-    again" (the cap closing nothing more is the normal state)."""
+    again" (the cap closing nothing more is the normal state). A count is said when its minute
+    ends (a timer, set once per minute that counts anything, when a loop runs), not only at the
+    next event: a flood that stopped left its count unsaid, or said an hour later."""
 
     def __init__(self, logger: logging.Logger, every: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -939,7 +941,20 @@ class ThrottledLines:
         state = self._kinds.get(kind)
         if state is not None and now - state[1] < self.every:
             state[0] += 1
+            if state[0] == 1:
+                with contextlib.suppress(RuntimeError):  # (no loop runs: said at the next event)
+                    asyncio.get_running_loop().call_later(state[1] + self.every - now, self._due, kind,
+                                                          level, msg, args)
             return
+        self._say(kind, level, msg, args, now)
+
+    def _due(self, kind: str, level: int, msg: str, args: tuple[Any, ...]) -> None:
+        state = self._kinds.get(kind)
+        if state is not None and state[0]:
+            self._say(kind, level, msg, args, self._clock())
+
+    def _say(self, kind: str, level: int, msg: str, args: tuple[Any, ...], now: float) -> None:
+        state = self._kinds.get(kind)
         if state is not None and state[0]:
             self.log.log(level, msg + " (%d more in the last %.0fs)", *args, int(state[0]), now - state[1])
         else:

@@ -235,3 +235,16 @@ def test_throttled_lines_say_each_kind_at_once_then_once_a_minute_with_the_count
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("INFO", "cap reached (5): a closed"), ("WARNING", "cap reached (5): b closed"),
         ("INFO", "cap reached (5): a closed (2 more in the last 61s)"), ("INFO", "cap reached (5): a closed")]
+
+
+async def test_throttled_lines_say_a_count_when_its_window_ends_without_another_event(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A flood that stops: its count is said when the window ends (it was said only at the
+    next event, an hour later, or never)."""
+    lines = ThrottledLines(logging.getLogger("cachegate.test"), every=0.2)
+    with caplog.at_level(logging.INFO, "cachegate.test"):
+        for _ in range(4):
+            lines.note("a", logging.INFO, "cap reached (%d): a closed", 5)
+        await asyncio.sleep(0.4)
+    assert [r.getMessage() for r in caplog.records] == [
+        "cap reached (5): a closed", "cap reached (5): a closed (3 more in the last 0s)"]
