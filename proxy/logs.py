@@ -920,58 +920,16 @@ def failure_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_VARYING.sub('#', str(exc)[:300])}"
 
 
-class ThrottledLines:
-    """Lines about what a flood repeats at the rate of connections (the connection cap closing
-    them: ``ProxyServer.capped``): the first of each kind at once, then at most one per ``every``
-    seconds while it goes on, saying how many there were since the last line (the exact count
-    is the metrics'). Nothing failed: a kind's level is the caller's, and nothing says "works
-    again" (the cap closing nothing more is the normal state). A count is said when its minute
-    ends (a timer, set once per minute that counts anything, when a loop runs), not only at the
-    next event: a flood that stopped left its count unsaid, or said an hour later."""
-
-    def __init__(self, logger: logging.Logger, every: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.log = logger
-        self.every = every
-        self._clock = clock
-        self._kinds: dict[str, list[float]] = {}  # kind -> [not logged since, when last logged]
-
-    def note(self, kind: str, level: int, msg: str, *args: Any) -> None:
-        now = self._clock()
-        state = self._kinds.get(kind)
-        if state is not None and now - state[1] < self.every:
-            state[0] += 1
-            if state[0] == 1:
-                with contextlib.suppress(RuntimeError):  # (no loop runs: said at the next event)
-                    asyncio.get_running_loop().call_later(state[1] + self.every - now, self._due, kind,
-                                                          level, msg, args)
-            return
-        self._say(kind, level, msg, args, now)
-
-    def _due(self, kind: str, level: int, msg: str, args: tuple[Any, ...]) -> None:
-        state = self._kinds.get(kind)
-        if state is not None and state[0]:
-            self._say(kind, level, msg, args, self._clock())
-
-    def _say(self, kind: str, level: int, msg: str, args: tuple[Any, ...], now: float) -> None:
-        state = self._kinds.get(kind)
-        if state is not None and state[0]:
-            self.log.log(level, msg + " (%d more in the last %.0fs)", *args, int(state[0]), now - state[1])
-        else:
-            self.log.log(level, msg, *args)
-        self._kinds[kind] = [0, now]
-
-
 class _Streak:
     """One kind of warning's lines (``Summarised``): when its last line went out, how many like
-    it were not logged since, and the last of those (its logger, format and arguments)."""
+    it were not logged since, and the last of those (its logger, level, format and arguments)."""
 
     __slots__ = ("count", "last", "since")
 
     def __init__(self, since: float) -> None:
         self.since = since
         self.count = 0
-        self.last: tuple[logging.Logger, str, tuple[Any, ...]] | None = None
+        self.last: tuple[logging.Logger, int, str, tuple[Any, ...]] | None = None
 
 
 class Summarised:
@@ -1008,11 +966,17 @@ class Summarised:
     def warning(self, logger: logging.Logger, key: Any, msg: str, *args: Any, stacklevel: int = 2) -> None:
         """``logger.warning(msg, *args)``, or counted when a line of ``key`` went out less than
         ``window`` ago; ``stacklevel`` as ``logging``'s (the line's place: the caller's)."""
+        self.log(logging.WARNING, logger, key, msg, *args, stacklevel=stacklevel + 1)
+
+    def log(self, level: int, logger: logging.Logger, key: Any, msg: str, *args: Any, stacklevel: int = 2
+            ) -> None:
+        """``warning`` at ``level`` (the connection cap's closings of lingering connections are
+        INFO: nothing failed)."""
         now = self._clock()
         streak = self._kinds.get(key)
         if streak is not None and now - streak.since < self.window:
             streak.count += 1
-            streak.last = (logger, msg, args)
+            streak.last = (logger, level, msg, args)
             logger.debug(msg, *args, stacklevel=stacklevel)
             due = streak.since + self.window
             if self._timer is None or due < self._due:
@@ -1025,10 +989,10 @@ class Summarised:
         more, span = streak.count, now - streak.since
         streak.since, streak.count, streak.last = now, 0, None
         if more:
-            logger.warning(f"{msg} (and %d more like it in the last %.1fs)", *args, more, span,
-                           extra={"suppressed": more}, stacklevel=stacklevel)
+            logger.log(level, f"{msg} (and %d more like it in the last %.1fs)", *args, more, span,
+                       extra={"suppressed": more}, stacklevel=stacklevel)
         else:
-            logger.warning(msg, *args, stacklevel=stacklevel)
+            logger.log(level, msg, *args, stacklevel=stacklevel)
 
     def flush(self, final: bool = False) -> None:
         """Say the counts of the windows that are over (every count, when ``final``)."""
@@ -1056,11 +1020,11 @@ class Summarised:
 
     def _say(self, streak: _Streak, now: float) -> None:
         assert streak.last is not None
-        logger, msg, args = streak.last
+        logger, level, msg, args = streak.last
         more, span = streak.count, now - streak.since
         streak.since, streak.count, streak.last = now, 0, None
-        logger.warning(f"{msg} (%d more like it in the last %.1fs, not logged one by one)", *args, more, span,
-                       extra={"suppressed": more, "summary": True})
+        logger.log(level, f"{msg} (%d more like it in the last %.1fs, not logged one by one)", *args, more,
+                   span, extra={"suppressed": more, "summary": True})
 
     def _forget(self, now: float) -> None:
         key = next(iter(self._kinds))

@@ -83,7 +83,7 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 from proxy.engine import response_edits
 from proxy.errors import BodyRefused, drop_traceback
 from proxy.live import FAST_SAMPLE, FAST_SAMPLE_MASK
-from proxy.logs import ThrottledLines
+from proxy.logs import Summarised
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
@@ -1192,7 +1192,7 @@ class ProxyServer(LimitedServer):
         self._front = front
         self._capped_by: Settings | None = None  # the settings ``max_connections`` was taken from
         self._max_connections = DEFAULT_MAX_CONNECTIONS
-        self._capped = ThrottledLines(log)  # (``capped``)
+        self._capped = Summarised(window=60.0)  # (``capped``)
         state = probe()
         front.runtime.metrics.fast_path = state  # cachegate_fast_path_enabled, /stats
         self._fast = fast if state.enabled else None
@@ -1220,17 +1220,18 @@ class ProxyServer(LimitedServer):
         there were meanwhile. A lingering close closed so is INFO: its reply is out, it only
         drops what its client still sends, the cheapest to close (the line said "admitting
         client connections failed" for it, when nothing had failed)."""
+        capped, busy = self._capped, "max_connections (%d) reached in this worker"
         if what == "cap_refused":
-            self._capped.note("refused", logging.WARNING, "max_connections (%d) reached in this worker with "
-                              "every connection busy: new connections are closed", limit)
+            capped.log(logging.WARNING, log, "refused", f"{busy} with every connection busy: new connections "
+                       "are closed", limit)
         elif lingering:
-            self._capped.note("lingering", logging.INFO, "max_connections (%d) reached in this worker: "
-                              "connections in their lingering close (reply sent, dropping what their "
-                              "client still sends) are closed to make room for new ones", limit)
+            capped.log(logging.INFO, log, "lingering", f"{busy}: connections in their lingering close (reply "
+                       "sent, dropping what their client still sends) are closed to make room for new ones",
+                       limit)
         else:
-            self._capped.note("waiting", logging.WARNING, "max_connections (%d) reached in this worker: "
-                              "connections waiting for their client (idle, a request or TLS handshake "
-                              "unfinished, a reply unread) are closed to make room for new ones", limit)
+            capped.log(logging.WARNING, log, "waiting", f"{busy}: connections waiting for their client "
+                       "(idle, a request or TLS handshake unfinished, a reply unread) are closed to make "
+                       "room for new ones", limit)
 
     def closed_before_handshake(self) -> None:
         """A TLS listener closed its oldest connection not yet handshaken, to stay within

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import proxy.runtime
-from proxy.logs import RepeatedFailure, ThrottledLines
+from proxy.logs import RepeatedFailure, Summarised
 from tests.conftest import MakeProxy
 from tests.harness import spawn_cachegate, write_config
 
@@ -220,31 +220,18 @@ def test_a_streak_of_write_failures_ends_on_time_when_the_clock_steps_back(
     assert writes.snapshot()["last_failed_at"] == clock.wall  # (shown: the wall clock's)
 
 
-def test_throttled_lines_say_each_kind_at_once_then_once_a_minute_with_the_count(
+async def test_summarised_lines_keep_each_kinds_level_and_say_a_count_when_its_window_ends(
         caplog: pytest.LogCaptureFixture) -> None:
-    now = [100.0]
-    lines = ThrottledLines(logging.getLogger("cachegate.test"), clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, "cachegate.test"):
-        for _ in range(3):
-            lines.note("a", logging.INFO, "cap reached (%d): a closed", 5)
-        lines.note("b", logging.WARNING, "cap reached (%d): b closed", 5)  # another kind: at once
-        now[0] += 61
-        lines.note("a", logging.INFO, "cap reached (%d): a closed", 5)
-        now[0] += 61
-        lines.note("a", logging.INFO, "cap reached (%d): a closed", 5)  # (none in between)
-    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-        ("INFO", "cap reached (5): a closed"), ("WARNING", "cap reached (5): b closed"),
-        ("INFO", "cap reached (5): a closed (2 more in the last 61s)"), ("INFO", "cap reached (5): a closed")]
-
-
-async def test_throttled_lines_say_a_count_when_its_window_ends_without_another_event(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """A flood that stops: its count is said when the window ends (it was said only at the
-    next event, an hour later, or never)."""
-    lines = ThrottledLines(logging.getLogger("cachegate.test"), every=0.2)
+    """The connection cap's lines (``ProxyServer.capped``): a lingering close closed is INFO,
+    the others WARNING, each kind at once and then its count when its window ends, with no
+    later line needed (a flood that stops)."""
+    lines = Summarised(window=0.2)
+    log = logging.getLogger("cachegate.test")
     with caplog.at_level(logging.INFO, "cachegate.test"):
         for _ in range(4):
-            lines.note("a", logging.INFO, "cap reached (%d): a closed", 5)
+            lines.log(logging.INFO, log, "a", "cap reached (%d): a closed", 5)
+        lines.log(logging.WARNING, log, "b", "cap reached (%d): b closed", 5)  # another kind: at once
         await asyncio.sleep(0.4)
-    assert [r.getMessage() for r in caplog.records] == [
-        "cap reached (5): a closed", "cap reached (5): a closed (3 more in the last 0s)"]
+    assert [(r.levelname, r.getMessage().split(" in the last")[0]) for r in caplog.records] == [
+        ("INFO", "cap reached (5): a closed"), ("WARNING", "cap reached (5): b closed"),
+        ("INFO", "cap reached (5): a closed (3 more like it")]
