@@ -584,11 +584,15 @@ class Coalescer:
         self._flights[key] = flight
 
         def settle() -> None:
-            # The safety net under the flight's own end (proxy.flight), however it ended.
+            # The safety net under the flight's own end (proxy.flight), however it ended. What
+            # that end did already is not built again to be dropped (the errors of a head and a
+            # body that have ended: six Python-level calls a fill, ``scripts/bench-calls``).
             if self._flights.get(key) is flight:
                 del self._flights[key]
-            flight.fail_head(self.headless())
-            flight.body.fail(ResponseAborted("the fetch ended before its body did"))  # if not ended
+            if not flight.head.done():
+                flight.fail_head(self.headless())
+            if not flight.body.ended:
+                flight.body.fail(ResponseAborted("the fetch ended before its body did"))
             if not flight.result.done():
                 flight.result.set_result(FlightResult(False, "ABORTED"))
 

@@ -590,8 +590,11 @@ class MissPath:
             try:
                 await fly(run)
             finally:
-                # (Nothing when it has ended already.) Cut off by the stop: the stop's own error.
-                self._end(run, Stopped(cut_off()) if self.coalescer.closing else Aborted())
+                # Not ended by its states (it raised, or was cancelled): cut off by the stop, the
+                # stop's own error. (Asked here, not by ``_end``'s own test: a fill's outcome and
+                # the call were built for nothing, ``scripts/bench-calls``.)
+                if run.outcome is None:
+                    self._end(run, Stopped(cut_off()) if self.coalescer.closing else Aborted())
 
         name = attempt.key if register else f"\x00solo:{id(attempt.req)}:{attempt.key}"
         return self.coalescer.start(name, task)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cluster.fills import Contended
-from proxy.flight import Attempt
+from proxy.flight import Aborted, Attempt
 from proxy.leases import Busy, Granted, Waiting
 from tests.engine.fakes import (
     FakeLeases,
@@ -438,16 +438,20 @@ async def test_a_flight_ends_once_whatever_calls_its_end_again(tmp_path: Path) -
     rig.engine.leases = leases
     rig.origin.route("/a", answer(body=b"hello", headers=CACHEABLE))
     ends = []
+    runs = []
     real_end = rig.engine.miss._end
 
     def spy(run, outcome):
         ends.append(type(outcome).__name__)
+        runs.append(run)
         real_end(run, outcome)
 
     rig.engine.miss._end = spy
     await read(await rig.get("/a"))
     await rig.settled(filled=1)
-    assert ends == ["Filled", "Aborted"]  # the task's own guard calls it again, to no effect
+    assert ends == ["Filled"]  # the task's own guard ends it only when nothing else did
+    real_end(runs[0], Aborted())  # ended again (the guard's end, had it asked): no effect
+    await rig.settled(filled=1)
     assert leases.released == [(key_of(rig, "/a"), 5, "stored")]
     await rig.engine.close()
 
