@@ -422,16 +422,17 @@ class MissPath:
 
         return self._launch(attempt, register, background, self._fly)
 
-    async def _fly(self, run: _Run) -> None:
+    def _fly(self, run: _Run) -> Awaitable[None]:
         """A flight's fetch: under the key's lease (workers), through the shared tier (a
-        coalesced fill in cluster mode), or straight from the origin."""
+        coalesced fill in cluster mode), or straight from the origin. (The state's coroutine,
+        awaited by the flight's task: a coroutine of its own here was resumed, a Python-level
+        call, at every step the flight waits, ``scripts/bench-calls``; so is ``_fill``.)"""
         register = run.register
         if register and self.engine.leases is not None:
-            await self._leased(run)
-        elif register and not run.background:
-            await self._fill(run)
-        else:
-            await self._origin(run, run.attempt.revalidating)
+            return self._leased(run)
+        if register and not run.background:
+            return self._fill(run)
+        return self._origin(run, run.attempt.revalidating)
 
     def hold(self, attempt: Attempt, lease: Granted | None = None) -> HeldFill:
         """The key's fill, registered now for a range miss that asks the origin for its range
@@ -828,7 +829,7 @@ class MissPath:
         self._end(run, StoredElsewhere())
         return True
 
-    async def _fill(self, run: _Run, deadline: float | None = None) -> None:
+    def _fill(self, run: _Run, deadline: float | None = None) -> Awaitable[None]:
         """A coalesced flight's fetch. In cluster mode with a shared tier (``proxy.cluster.fills``)
         it asks the other nodes first: what one of them stored is kept here and served; else
         one node in the cluster fetches under the key's fill lock and writes its fill through,
@@ -837,12 +838,15 @@ class MissPath:
         passes the deadline it had then, so that its clients do not wait for the shared tier all
         over again). A lease holder's wait here is not its waiters' (``LeaseTable.fetch_from``):
         they wait for it, then for its fetch. Revalidations stay with each node."""
-        engine = self.engine
-        shared = engine.shared
+        shared = self.engine.shared
         revalidating = run.attempt.revalidating
         if shared is None or revalidating is not None:
-            await self._origin(run, revalidating)
-            return
+            return self._origin(run, revalidating)
+        return self._shared_fill(run, shared, deadline)
+
+    async def _shared_fill(self, run: _Run, shared: SharedCache, deadline: float | None) -> None:
+        """``_fill`` in cluster mode with a shared tier (its docstring)."""
+        engine = self.engine
         cluster = engine.cluster
         key = run.attempt.key
         loop = asyncio.get_running_loop()
