@@ -89,6 +89,22 @@ class Storage:
         self.memory_get: Callable[[str], tuple[Cached, ...] | None] = memory.get
         self.fresh_view: Callable[[str], Slot | None] = memory.slot
         self.alive: Callable[[Cached], bool] = memory.alive
+        # A fill's steps, bound the same way to the role that does each: a method here that
+        # only forwarded was a Python-level call more per step, seven per fill
+        # (``scripts/bench-calls``).
+        # After memory missed: whether the disk tier is known not to hold the key either.
+        self.absent = self.reads.absent
+        # The key's variants as the machine has them now (another worker may have stored them).
+        self.reread = self.reads.reread
+        # The biggest body an entry can be stored with: what the engine refuses a response by
+        # up front, when its Content-Length says it is bigger.
+        self.room = self.writes.room
+        # Storing a body: received into a spool, finalized, made visible in the shared memory,
+        # then the disk's part (``writes.Writer``; ``commit`` does the four at once).
+        self.spool = self.writes.spool
+        self.finalize = self.writes.finalize
+        self.put_memory = self.writes.put_memory
+        self.put_disk = self.writes.put_disk
 
     # -- what the store is made of -----------------------------------------------------------
 
@@ -154,11 +170,6 @@ class Storage:
         bigger one goes to a spool file)."""
         return self.writes.spill_threshold
 
-    def room(self, entry: Entry) -> int:
-        """The biggest body ``entry`` can be stored with (``Writer.room``): what the engine
-        refuses a response by up front, when its Content-Length says it is bigger."""
-        return self.writes.room(entry)
-
     @property
     def body_files(self) -> OpenBodies:
         return self.reads.body_files
@@ -199,17 +210,9 @@ class Storage:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def absent(self, key: str) -> bool:
-        """After memory missed: whether the disk tier is known not to hold the key either (see
-        ``reads.Reader.absent``)."""
-        return self.reads.absent(key)
-
     async def get(self, key: str, *, bodies: bool = False) -> tuple[Cached, ...]:
         """The key's variants: from memory, else from disk (see ``reads.Reader.get``)."""
         return await self.reads.get(key, bodies=bodies)
-
-    async def reread(self, key: str) -> tuple[Cached, ...]:
-        return await self.reads.reread(key)
 
     def serve_from(self, key: str, slot: Slot, cached: Cached, max_file: int | None
                    ) -> tuple[bool, SharedFile | None]:
@@ -246,18 +249,6 @@ class Storage:
         return self.tiers.work.writing_urls(urls)
 
     # -- writing -----------------------------------------------------------------------------
-
-    def spool(self, entry: Entry, expected_length: int | None, since: int | None = None) -> BodySpool:
-        return self.writes.spool(entry, expected_length, since)
-
-    def finalize(self, entry: Entry, spool: BodySpool) -> Entry | None:
-        return self.writes.finalize(entry, spool)
-
-    def put_memory(self, entry: Entry, spool: BodySpool) -> bool:
-        return self.writes.put_memory(entry, spool)
-
-    async def put_disk(self, entry: Entry, spool: BodySpool) -> bool:
-        return await self.writes.put_disk(entry, spool)
 
     async def commit(self, entry: Entry, spool: BodySpool) -> bool:
         """Store ``entry`` with the spooled body at once, as a fill does in steps (``finalize``,
