@@ -77,6 +77,9 @@ class Forward:
     stale_prohibited: bool = False  # must-revalidate & co: an unreachable origin means 504
 
 
+URI_MISS = Forward("uri-miss")  # (frozen: one for every plain miss)
+
+
 @dataclass(frozen=True, slots=True)
 class OnlyIfCachedMiss:
     """``unmatched``: no complete stored response matches the request (what would otherwise be
@@ -155,6 +158,13 @@ def decide_lookup(
     now: float,
     options: CacheOptions,
 ) -> LookupDecision:
+    if not candidates:
+        # Nothing stored, a GET or HEAD without directives: the plain miss, as
+        # ``decide_lookup_in_full`` decides it (every fill asks: four Python-level calls fewer
+        # than the full decision, ``scripts/bench-calls``; tests/policy compare the two).
+        headers = request.headers
+        if request.method in LOOKUP_METHODS and "Cache-Control" not in headers and "Pragma" not in headers:
+            return URI_MISS
     plain = plain_fresh_hit(request, candidates, now)
     if plain is not None:
         return Serve(plain[0], "HIT", plain[1], plain[2])
