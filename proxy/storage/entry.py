@@ -267,17 +267,18 @@ def encode_record(variants: list[tuple[Entry, int, int]]) -> bytes:
         at = r.response_time
         # One comprehension, ``_plain`` inline: two appends and a call or two per field were
         # most of this function's Python-level calls on every fill (``scripts/bench-calls``).
+        # (Tags and Vary values without a generator each: most fills have neither.)
         fields = [x for k, v in r.headers
                   for x in (_NAME_CODE.get(k) or (k if type(k) is str else str(k)),
                             v if type(v) is str else str(v))]
         out.append((
             "" if e.url == e.key else str(e.url), e.body_id, e.body_size, body_len,
-            tuple(_plain(t) for t in e.tags), None if e.stored_at == at else e.stored_at, e.seq,
+            tuple(map(_plain, e.tags)), None if e.stored_at == at else e.stored_at, e.seq,
             r.status, None if r.reason == _phrase(r.status) else str(r.reason), tuple(fields),
             None if r.request_time == at else r.request_time, at,
             (f.lifetime, f.source, f.initial_age, None if f.response_time == at else f.response_time,
              f.must_revalidate, f.no_cache, f.stale_while_revalidate, f.stale_if_error, f.immutable),
-            tuple(_plain(x) for v in r.vary for x in v), r.etag and str(r.etag),
+            tuple(_plain(x) for v in r.vary for x in v) if r.vary else (), r.etag and str(r.etag),
             r.last_modified and str(r.last_modified), _flags(r), state))
     return marshal.dumps((ARENA_VERSION, tuple(out)))
 

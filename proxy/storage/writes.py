@@ -268,12 +268,17 @@ class Writer:
         memory = self.t.memory
         entry = new.entry
         for _ in range(PUT_TRIES):
-            current = memory.peek(entry.key) or ()
-            merged, dropped = merge_variant(tuple(c.entry for c in current), entry)
-            held = {c.entry.body_id: c for c in current}
-            done = memory.put(entry.key, tuple(
-                new if e.body_id == entry.body_id else held[e.body_id] for e in merged),
-                admit=not current, expect=record_of(current))
+            current = memory.peek(entry.key)
+            if current:
+                merged, dropped = merge_variant(tuple(c.entry for c in current), entry)
+                held = {c.entry.body_id: c for c in current}
+                variants = tuple(new if e.body_id == entry.body_id else held[e.body_id] for e in merged)
+            else:
+                # A key memory does not hold (most fills): the variant alone, what the merge
+                # gives (its comprehensions and generators were seven Python-level calls a fill,
+                # ``scripts/bench-calls``).
+                variants, dropped = (new,), []
+            done = memory.put(entry.key, variants, admit=not current, expect=record_of(current))
             if done is not None:
                 for body_id in dropped:  # (a refill's older body, kept apart: no variant names it)
                     if held[body_id].apart:
