@@ -679,9 +679,12 @@ class Coalescer:
 
     def refresh_ok(self, key: str) -> None:
         """Something is stored under ``key`` anew, or a purge covered it: its next refresh need
-        not wait."""
-        self._refresh_failed_until.discard(key)
-        self._refresh_failed_at.pop(key, None)
+        not wait. (Every stored fill asks: nothing to do unless a refresh failed lately, each
+        mark having its epoch in ``_refresh_failed_at``: three calls a fill fewer.)"""
+        at = self._refresh_failed_at
+        if at:
+            self._refresh_failed_until.discard(key)
+            at.pop(key, None)
 
     def headless(self) -> Exception:
         """What the clients of a flight that ended without a response head are told: that the
