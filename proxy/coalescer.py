@@ -422,7 +422,8 @@ class Broadcast:
             return
         self._ended = True
         self._end_error = item
-        self._move()
+        if self._moved is not None:  # (a late reader of the spool waits: as ``push`` asks)
+            self._move()
         for r in self._readers:
             r._put(item)
         self._readers = []
@@ -440,7 +441,8 @@ class Broadcast:
     def _remove(self, reader: Reader) -> None:
         if reader in self._readers:
             self._readers.remove(reader)
-        self._reader_progressed()
+        if self._drained is not None:  # (a fetch waits for its readers: as ``Reader`` asks)
+            self._reader_progressed()
 
 
 @dataclass(frozen=True, slots=True)
