@@ -237,6 +237,8 @@ class LeaseTable:
             at, (_, _, _, waiters, _, _, _) = found
             self._count(outcome if outcome in _COUNTER_AT else "failed")
             self._clear(at)
+        if not waiters:
+            return []  # nobody waits (nearly every lease): no word to build (``_tell``)
         event = {"key": key, "token": token, "outcome": outcome, "status": status, "message": message}
         if detail:
             event["detail"] = detail
