@@ -23,10 +23,11 @@ class BodyReader:
     trickled a byte every few seconds hold an upstream connection for as long as it liked.
     Running out is the client's failure (``BodyTimedOut``: 408)."""
 
-    __slots__ = ("_content", "_min_rate", "_silence", "_waited", "received")
+    __slots__ = ("_content", "_min_rate", "_protocol", "_silence", "_waited", "received")
 
     def __init__(self, request: web.BaseRequest, silence: float, min_rate: int) -> None:
         self._content = request.content
+        self._protocol = request.protocol
         self._silence = silence
         self._min_rate = min_rate
         self._waited = 0.0  # seconds spent in ``read`` so far
@@ -55,6 +56,17 @@ class BodyReader:
             drop_traceback(exc)  # (the stream keeps it: a cycle through these frames)
             raise ClientGone(f"the client's connection closed {self.received} bytes into the "
                                   f"request body: {exc}") from None
+        except RuntimeError:
+            if self._protocol.connected:
+                raise
+            # The connection closed before the request's handler began (max_connections closes
+            # the oldest connection waiting for its client, one whose request body is still
+            # coming among them; or the client left then), and aiohttp still hands the request
+            # over. Its connection_lost fails the body of the request being handled only
+            # (``ConnectionError``, above): a read of this one says "Connection closed." (it
+            # went to the handler's catch-all, an ERROR with a traceback per request).
+            raise ClientGone(f"the connection closed before the request's handling began, {self.received} "
+                             "bytes into its body") from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():

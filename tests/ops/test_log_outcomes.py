@@ -423,3 +423,39 @@ async def test_an_answer_at_hand_for_a_client_already_gone_is_not_counted_as_sen
     assert read.body == b"four"
     assert (await sent())[0] - after[0] == 4
     assert records(proxy, log_file)[-1]["bytes"] == 4
+
+
+async def test_an_upload_whose_connection_the_cap_closed_before_its_handler_began_is_a_499(
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """max_connections closes the oldest connection waiting for its client, a POST whose body
+    is still coming among them. Closed after its head was parsed and before its handler began,
+    aiohttp still runs the handler, whose first read of the body raised "Connection closed."
+    (not a ``ConnectionError``): an ERROR "unhandled error for POST" with a traceback per
+    request. Now a client gone, at DEBUG: 499.
+
+    The window is one turn of the event loop (a Go client with 32 keep-alive connections met it
+    a few times in 30 s): a new connection accepted in one turn and the POST's bytes read in
+    the next put the cap's close between the two. The client sockets are blocking, so the test
+    chooses the turn: the POST sent after ``turns`` turns of the loop (one of them meets it)."""
+    origin.route("/p", body=b"ok")
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\nmax_connections: 1\n")
+    caplog.set_level(logging.DEBUG, logger="cachegate")
+    port = port_of(proxy)
+    for turns in range(4):
+        with socket.create_connection(("127.0.0.1", port)) as upload:
+            await asyncio.sleep(0.2)  # accepted, idle
+            with socket.create_connection(("127.0.0.1", port)) as new:  # one over the cap
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                upload.sendall(b"POST /p HTTP/1.1\r\nHost: example.test\r\nContent-Length: 1000\r\n\r\nabc")
+                new.sendall(b"GET /p HTTP/1.1\r\nHost: example.test\r\n\r\n")
+                await asyncio.sleep(0.5)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+    assert not any(r.exc_info for r in caplog.records)
+    gone = [r for r in caplog.records if "before the request's handling began" in r.getMessage()]
+    assert gone and all(r.levelno == logging.DEBUG for r in gone)  # the window was met
+    posts = [(r["status"], r["cache"]) for r in records(proxy, log_file) if r["method"] == "POST"]
+    assert posts and set(posts) == {(499, "ERROR")}, posts
