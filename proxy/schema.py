@@ -578,9 +578,9 @@ def byte_size(*, minimum: Int | None = None, why: Str = "") -> Parser[Int]:
 
 
 def duration(*, positive: Bool = False, minimum: float | None = None, maximum: float | None = None,
-             why: Str = "") -> Parser[float]:
+             why: Str = "", zero: Str = "") -> Parser[float]:
     """A duration; ``minimum``: a floor below which the setting breaks serving (``why`` says
-    how, after "must be at least ...")."""
+    how, after "must be at least ..."); ``zero``: what 0 means, when 0 is allowed below it."""
     def read(item: Src, ctx: Context) -> float:
         try:
             value = parse_duration(item.value, item.raw)
@@ -588,14 +588,15 @@ def duration(*, positive: Bool = False, minimum: float | None = None, maximum: f
             raise Invalid(str(exc)) from None
         if positive and value <= 0:
             raise Invalid("must be more than 0")
-        if minimum is not None and value < minimum:
-            raise Invalid(f"must be at least {show_duration(minimum)}{why}, got {show_duration(value)}")
+        if minimum is not None and value < minimum and not (zero and value == 0):
+            floor = f"{f'0 ({zero}) or ' if zero else ''}at least {show_duration(minimum)}"
+            raise Invalid(f"must be {floor}{why}, got {show_duration(value)}")
         if maximum is not None and value > maximum:
             raise Invalid(f"must be at most {show_duration(maximum)}")
         return value
 
     if minimum is not None:
-        kind = f"duration (30s, 5m, 1h, 1d) ≥ {show_duration(minimum)}"
+        kind = f"duration (30s, 5m, 1h, 1d) ≥ {show_duration(minimum)}" + (f", or 0 ({zero})" if zero else "")
     else:
         kind = "duration (30s, 5m, 1h, 1d)" + (" > 0" if positive else "")
     if maximum is not None:

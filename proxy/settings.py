@@ -98,6 +98,10 @@ CLIENT_TIMEOUT_FLOOR = (" (a client's round trip, and its TLS handshake, take lo
 MIN_CONSISTENCY_WAIT = 1.0
 CONSISTENCY_WAIT_FLOOR = (" (the supervisor answers an invalidation in a moment, later under load; "
                           "less has workers make the supervisor's invalidations themselves)")
+# An idle timeout under a second closes connections between the requests of one page: a request
+# sent as it lapses meets the close (the race keep-alive timeouts are tuned to avoid).
+KEEPALIVE_FLOOR = (" (a client's next request often comes later than that: one sent as the "
+                   "connection closes fails)")
 BODY_TIMEOUT_FLOOR = (" (a client's next part of a body takes its round trip and more: a tiny limit "
                       "answers uploads 408)")
 
@@ -995,6 +999,17 @@ class Settings:
                                         "also how long a connection cachegate closes may take to hand "
                                         "the client what its TLS layer still holds",
                                   duration(minimum=MIN_CLIENT_TIMEOUT, why=CLIENT_TIMEOUT_FLOOR))
+    # Fixed at aiohttp's 75 s before: a load balancer that keeps its idle connections to the
+    # backend longer (AWS ALB's idle timeout goes to 4000 s, Google's needs over 600 s) sent
+    # requests into connections cachegate was closing, and answered those 502.
+    keepalive_timeout: float = setting(75.0, "how long an idle client connection stays open for its "
+                                             "next request (nginx: keepalive_timeout); behind a load "
+                                             "balancer, longer than its idle timeout: "
+                                             "[deploy.md](deploy.md#keep-alive-behind-a-load-balancer); "
+                                             "0: no keep-alive, every reply closes its connection "
+                                             "(Connection: close)",
+                                       duration(minimum=MIN_CLIENT_TIMEOUT, zero="no keep-alive",
+                                                why=KEEPALIVE_FLOOR))
     # Without a cap, connections that only wait for their client (idle, a head or body never
     # finished, a reply never read) ran a worker out of file descriptors, and every connection
     # after them was closed unanswered.

@@ -1261,12 +1261,15 @@ class ProxyServer(LimitedServer):
             return UnbuildableRequest(exc, ERROR, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> RequestHandler:
-        # Read per connection: a reload's client_header_timeout, send_timeout and lingering
-        # times apply to the next ones.
+        # Read per connection: a reload's client_header_timeout, send_timeout, keepalive_timeout
+        # and lingering times apply to the next ones. keepalive_timeout 0 (no keep-alive): every
+        # reply says Connection: close (``heads.closing``), so none is the fast path's (its
+        # heads keep the connection).
         settings = self._front.runtime.settings
-        return ProxyRequestHandler(self, loop=self._loop, fast=self._fast, front=self._front,
-                                   head_timeout=settings.client_header_timeout,
-                                   send_timeout=settings.send_timeout,
+        keepalive = settings.keepalive_timeout
+        return ProxyRequestHandler(self, loop=self._loop, fast=self._fast if keepalive > 0 else None,
+                                   front=self._front, head_timeout=settings.client_header_timeout,
+                                   send_timeout=settings.send_timeout, keepalive_timeout=keepalive,
                                    lingering=(settings.lingering_time, settings.lingering_timeout),
                                    max_connections=self.max_connections, **self._kwargs)
 

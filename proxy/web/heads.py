@@ -130,12 +130,14 @@ def serialise_octets(line: str, fields: CIMultiDict[str]) -> bytes:
 
 def closing(protocol: Any) -> bool:
     """The connection ends after this response whatever the request asked: aiohttp's handler
-    was told to close (``close``, or ``shutdown`` of a graceful stop, which forces it), or the
-    process is stopping (``ProxyRequestHandler.stopping``, before aiohttp is told). The head
-    then says ``Connection: close``, so a client does not send its next request into it."""
+    was told to close (``close``, or ``shutdown`` of a graceful stop, which forces it), the
+    connection keeps none alive (``keepalive_timeout`` 0), or the process is stopping
+    (``ProxyRequestHandler.stopping``, before aiohttp is told). The head then says
+    ``Connection: close``, so a client does not send its next request into it."""
     if protocol is None:
         return False
-    return bool(protocol._force_close or protocol._close or getattr(protocol, "stopping", False))
+    return bool(protocol._force_close or protocol._close or protocol._keepalive_timeout <= 0
+                or getattr(protocol, "stopping", False))
 
 
 def ends_connection(fields: Any) -> bool:

@@ -275,7 +275,6 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
         max_line_size=MAX_REQUEST_LINE,
         max_field_size=MAX_REQUEST_LINE,
         max_headers=128,
-        keepalive_timeout=75.0,
         access_log=None,  # cachegate's own, on both paths (proxy.logs)
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.shutdown_grace)

@@ -53,6 +53,8 @@ WORKER_FLOOR = ("must be at least 1s (a worker busy for a moment answers the sup
      "requests), got 0.005s"),
     ("client_body_timeout: 500ms", "c.yaml:2: client_body_timeout: must be at least 1s (a client's next part "
      "of a body takes its round trip and more: a tiny limit answers uploads 408), got 0.5s"),
+    ("keepalive_timeout: 500ms", "c.yaml:2: keepalive_timeout: must be 0 (no keep-alive) or at least 1s (a "
+     "client's next request often comes later than that: one sent as the connection closes fails), got 0.5s"),
 ])
 def test_a_timer_below_its_floor_is_refused_at_its_line(tmp_path: Path, line: str, expected: str) -> None:
     assert problems(tmp_path, U + line + "\n") == [expected]
@@ -60,9 +62,11 @@ def test_a_timer_below_its_floor_is_refused_at_its_line(tmp_path: Path, line: st
 
 def test_the_floors_themselves_load(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(U + "worker_timeout: 1s\nclient_header_timeout: 1s\n"
-                                         "client_body_timeout: 1000ms\n")
+                                         "client_body_timeout: 1000ms\nkeepalive_timeout: 1s\n")
     s = load_config(str(tmp_path / "c.yaml"))
-    assert (s.worker_timeout, s.client_header_timeout, s.client_body_timeout) == (1.0, 1.0, 1.0)
+    assert (s.worker_timeout, s.client_header_timeout, s.client_body_timeout, s.keepalive_timeout) == (1.0,) * 4
+    (tmp_path / "c.yaml").write_text(U + "keepalive_timeout: 0\n")  # no keep-alive
+    assert load_config(str(tmp_path / "c.yaml")).keepalive_timeout == 0
 
 
 def _read(path: str) -> str:

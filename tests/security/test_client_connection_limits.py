@@ -514,7 +514,7 @@ async def test_the_keepalive_timeout_resets_an_idle_connection_whose_reply_is_un
     # unread in the kernel's queue, an orphan in FIN-WAIT-1 kept it. Now it is reset when its
     # queue did not move over the last sample; a client still reading gets the graceful close,
     # and all of its reply. (A server of the listeners' handlers, with a 1 s keep-alive timeout
-    # and no send_timeout: the client listener's timeout is 75 s.)
+    # and no send_timeout: the client listener's keepalive_timeout is 75 s by default.)
     from aiohttp import web
 
     from proxy.web.headtimeout import CappedServer
