@@ -194,8 +194,9 @@ class Upstreams(Protocol):
     def snapshot(self) -> list[dict[str, Any]]: ...
 
 
-# Engine.fresh_hit: (plan, key, variant, age, ttl, its open body file when the body is on disk)
-FreshHit = tuple["RequestPlan", str, Cached, float, float, SharedFile | None]
+# Engine.fresh_hit: (plan, key, variant, age, ttl, its open body file when the body is on disk,
+# whether the client's If-None-Match / If-Modified-Since matched: a 304, no body)
+FreshHit = tuple["RequestPlan", str, Cached, float, float, SharedFile | None, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,8 +384,9 @@ class Engine:
         """``handle`` up to its decision, for the fast path (``proxy.web.fastpath``): a GET or
         HEAD that ``handle`` would answer with ``_serve`` as a plain fresh HIT, with the body at
         hand (in memory, or a disk-only body of at most ``max_file`` bytes whose file is already
-        open; a HEAD needs none), as (plan, variant, age, ttl, open body file: also for a big
-        body in memory once its disk file is open, since sendfile is cheaper than writing it).
+        open; a HEAD or a 304 needs none), as (plan, variant, age, ttl, open body file: also for
+        a big body in memory once its disk file is open, since sendfile is cheaper than writing
+        it, and whether the client's own conditional made it a 304).
         None for anything else: the general path then starts over, and no use of the key was
         counted. ``plain_fresh_hit`` is the first step of ``decide_lookup``: the same decision."""
         planned = self.planned(head)
@@ -418,10 +420,12 @@ class Engine:
         if plain is None:
             return None
         cached = variants[plain[0]]
-        ok, shared = storage.serve_from(key, slot, cached, None if head.method == "HEAD" else max_file)
+        not_modified = plain[3]
+        ok, shared = storage.serve_from(key, slot, cached,
+                                        None if not_modified or head.method == "HEAD" else max_file)
         if not ok:
             return None
-        return plan, key, cached, plain[1], plain[2], shared
+        return plan, key, cached, plain[1], plain[2], shared, not_modified
 
     async def load(self, key: str, bodies: bool = False) -> tuple[Cached, ...]:
         """The key's variants (``bodies``: a GET, which will send one: read a small body with

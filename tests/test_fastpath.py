@@ -142,6 +142,21 @@ def routes(origin: Origin) -> None:
     origin.route("/nodate/a", body=b"n" * 10, headers=cc)
     origin.route("/typed/a", body=b"t", headers={**cc, "Content-Type": "text/plain"})
     origin.route("/percent", body=b"%", headers={**cc, "X-Odd": "100% %d %s"})
+    origin.route("/dated", body=b"d" * 10, headers={**cc, "ETag": 'W/"w1"', "Last-Modified": MODIFIED,
+                                                      "Content-Location": "/dated.txt", "X-Origin": "o"})
+    origin.route("/nocontent", status=204, headers=cc)
+
+
+MODIFIED = "Mon, 01 Jan 2024 00:00:00 GMT"  # /dated's Last-Modified
+LATER = "Fri, 01 Jan 2100 00:00:00 GMT"  # after every stored Date and Last-Modified
+
+
+def inm(tags: str) -> str:
+    return f"If-None-Match: {tags}"
+
+
+def ims(date: str) -> str:
+    return f"If-Modified-Since: {date}"
 
 
 # (request bytes, the method of each response, whether the fast path must answer it)
@@ -165,8 +180,45 @@ CASES: list[tuple[str, bytes, str, bool]] = [
     ("HTTP/1.0 without Host", req("GET", "/plain", version="1.0", host=""), "GET", False),
     ("Connection: close", req("GET", "/plain", "Connection: close"), "GET", False),
     ("Range", req("GET", "/plain", "Range: bytes=0-9"), "GET", False),
-    ("If-None-Match", req("GET", "/plain", 'If-None-Match: "v1"'), "GET", False),
-    ("If-None-Match, other tag", req("GET", "/plain", 'If-None-Match: "v0"'), "GET", False),
+    # A client's own conditional, decided by the general path's evaluation (client_not_modified):
+    # its 304, or the 200 when it does not match.
+    ("If-None-Match", req("GET", "/plain", inm('"v1"')), "GET", True),
+    ("If-None-Match, other tag", req("GET", "/plain", inm('"v0"')), "GET", True),
+    ("If-None-Match, weak", req("GET", "/plain", inm('W/"v1"')), "GET", True),
+    ("If-None-Match of a weak ETag", req("GET", "/dated", inm('"w1"')), "GET", True),
+    ("If-None-Match: *", req("GET", "/plain", inm("*")), "GET", True),
+    ("If-None-Match, a list", req("GET", "/plain", inm('"a", W/"b",  "v1"')), "GET", True),
+    ("If-None-Match, a list on two lines", req("GET", "/plain", inm('"a"'), inm('"v1"')), "GET", True),
+    ("If-None-Match, a list without it", req("GET", "/plain", inm('"a", "b"')), "GET", True),
+    ("If-Modified-Since, equal", req("GET", "/dated", ims(MODIFIED)), "GET", True),
+    ("If-Modified-Since, older", req("GET", "/dated", ims("Sun, 31 Dec 2023 23:59:59 GMT")), "GET", True),
+    ("If-Modified-Since, newer", req("GET", "/dated", ims("Tue, 02 Jan 2024 00:00:00 GMT")), "GET", True),
+    ("If-Modified-Since, invalid date", req("GET", "/dated", ims("yesterday")), "GET", True),
+    ("If-Modified-Since, two lines", req("GET", "/dated", ims(MODIFIED), ims(MODIFIED)), "GET", True),
+    ("If-Modified-Since against Date", req("GET", "/plain", ims(LATER)), "GET", True),
+    ("If-Modified-Since, no validator but Date", req("GET", "/empty", ims(LATER)), "GET", True),
+    ("If-None-Match, no ETag stored", req("GET", "/empty", inm('"v1"')), "GET", True),
+    ("both, If-None-Match matching", req("GET", "/dated", inm('W/"w1"'), ims("Sun, 31 Dec 2023 00:00:00 GMT")),
+     "GET", True),
+    ("both, If-None-Match not matching", req("GET", "/dated", inm('"x"'), ims(MODIFIED)), "GET", True),
+    ("HEAD, If-None-Match", req("HEAD", "/plain", inm('"v1"')), "HEAD", True),
+    ("HEAD, If-Modified-Since older", req("HEAD", "/dated", ims("Sun, 31 Dec 2023 00:00:00 GMT")), "HEAD", True),
+    ("HTTP/1.0 keep-alive, If-None-Match", req("GET", "/plain", "Connection: keep-alive", inm('"v1"'),
+                                               version="1.0"), "GET", True),
+    ("HTTP/1.0, If-None-Match", req("GET", "/plain", inm('"v1"'), version="1.0"), "GET", False),
+    ("a Vary variant, If-None-Match: *", req("GET", "/vary", "Accept-Encoding: gzip", inm("*")), "GET", True),
+    ("rule edits, 304", req("GET", "/edited/a", ims(LATER)), "GET", True),
+    ("rule removing Date, 304", req("GET", "/nodate/a", ims(LATER)), "GET", True),
+    ("rule by response type, 304", req("GET", "/typed/a", inm("*")), "GET", True),
+    ("% in fields, 304", req("GET", "/percent", inm("*")), "GET", True),
+    ("cached 404, If-None-Match: *", req("GET", "/missing", inm("*")), "GET", True),
+    ("If-None-Match and Range", req("GET", "/plain", inm('"v1"'), "Range: bytes=0-1"), "GET", False),
+    ("If-None-Match and If-Match", req("GET", "/plain", inm('"v1"'), 'If-Match: "v1"'), "GET", False),
+    ("If-None-Match and Cache-Control", req("GET", "/plain", inm('"v1"'), "Cache-Control: max-age=0"),
+     "GET", False),
+    ("stored 204", req("GET", "/nocontent"), "GET", True),
+    ("HEAD of a stored 204", req("HEAD", "/nocontent"), "HEAD", True),
+    ("stored 204, If-None-Match: *", req("GET", "/nocontent", inm("*")), "GET", True),
     ("Cache-Control: max-stale", req("GET", "/plain", "Cache-Control: max-stale=5"), "GET", False),
     ("Pragma", req("GET", "/plain", "Pragma: x"), "GET", False),
     ("POST", req("POST", "/plain", "Content-Length: 0"), "GET", False),
@@ -189,10 +241,27 @@ CASES: list[tuple[str, bytes, str, bool]] = [
 ]
 
 
+# The status of the conditional rows (the table compares both paths; this says they are 304s).
+STATUSES = {
+    **dict.fromkeys(["If-None-Match", "If-None-Match, weak", "If-None-Match of a weak ETag", "If-None-Match: *",
+                     "If-None-Match, a list", "If-None-Match, a list on two lines", "If-Modified-Since, equal",
+                     "If-Modified-Since, newer", "If-Modified-Since against Date",
+                     "If-Modified-Since, no validator but Date", "both, If-None-Match matching",
+                     "HEAD, If-None-Match", "HTTP/1.0 keep-alive, If-None-Match", "a Vary variant, If-None-Match: *",
+                     "rule edits, 304", "rule removing Date, 304", "rule by response type, 304",
+                     "% in fields, 304"], 304),
+    **dict.fromkeys(["If-None-Match, other tag", "If-None-Match, a list without it", "If-Modified-Since, older",
+                     "If-Modified-Since, invalid date", "If-Modified-Since, two lines",
+                     "If-None-Match, no ETag stored", "both, If-None-Match not matching",
+                     "HEAD, If-Modified-Since older"], 200),
+    **dict.fromkeys(["stored 204", "HEAD of a stored 204", "stored 204, If-None-Match: *"], 204),
+}
+
+
 async def warm(p: Pair) -> None:
     for path, extra in (("/plain", ()), ("/big", ()), ("/empty", ()), ("/missing", ()),
                         ("/vary", ("Accept-Encoding: gzip",)), ("/edited/a", ()), ("/nodate/a", ()),
-                        ("/typed/a", ()), ("/percent", ())):
+                        ("/typed/a", ()), ("/percent", ()), ("/dated", ()), ("/nocontent", ())):
         await exchange(p.general_port, req("GET", path, *extra), ["GET"])
     await asyncio.sleep(0.1)  # disk writes finish after the response
     await p.proxy.runtime.storage.flush()  # and what write-behind commits
@@ -226,6 +295,10 @@ async def test_fast_and_general_answers_are_identical(
         assert got.header("X-Cache-Status") == "HIT"
         assert got.header("Age") is not None
         assert got.header("Date") is not None
+    if name in STATUSES:
+        assert got.status_line.split(" ")[1] == str(STATUSES[name]), got.status_line
+        if STATUSES[name] != 200:
+            assert got.header("Content-Length") is None and got.header("Transfer-Encoding") is None
     # The same bytes again: remembered whole (fastpath.Known), answered without a parse, alike.
     known = p.fast.known_answered
     (again,), again_closed = await exchange(p.fast_port, request_bytes, [method], check_close)
@@ -561,13 +634,16 @@ async def test_debug_headers_are_the_same_on_both_paths(origin: Origin, make_pro
     p.proxy.runtime.worker_id = 3
     await warm(p)
     freeze_clock(p)
-    for method in ("GET", "HEAD"):
-        (got,), _ = await exchange(p.fast_port, req(method, "/plain"), [method])
-        (want,), _ = await exchange(p.general_port, req(method, "/plain"), [method])
+    # (a 304 has no body: the general path's tier for it is "none")
+    for method, extra, tier in (("GET", (), "memory"), ("HEAD", (), "memory"),
+                                ("GET", (inm('"v1"'),), "none"), ("HEAD", (ims(LATER),), "none"),
+                                ("GET", (inm('"v0"'),), "memory")):
+        (got,), _ = await exchange(p.fast_port, req(method, "/plain", *extra), [method])
+        (want,), _ = await exchange(p.general_port, req(method, "/plain", *extra), [method])
         assert got.comparable() == want.comparable()
-        assert got.header("X-Cachegate-Tier") == "memory"
+        assert got.header("X-Cachegate-Tier") == tier
         assert got.header("X-Cachegate-Worker") == "3"
-    assert p.fast.answered == 2
+    assert p.fast.answered == 5
 
 
 async def test_close_requests_close_and_keep_alive_ones_stay_open(origin: Origin,
@@ -679,6 +755,72 @@ async def test_fast_hits_are_counted_like_general_ones(origin: Origin, make_prox
     assert metrics.requests.labels("HIT", "HEAD").value == heads + 1
     assert metrics.response_bytes.labels("memory").value == sent + 1024
     assert p.proxy.runtime.storage.memory.hits("http://example.test/plain") >= 2
+
+
+async def test_fast_304s_are_logged_and_counted_like_general_ones(
+        tmp_path: Path, origin: Origin, make_proxy: MakeProxy) -> None:
+    """A 304 from a fresh stored response, on the fast path: the same access-log line, request and
+    byte counters, latency count and console top-URL count as the general path's 304 (a HIT
+    of 0 bytes), for GET and HEAD."""
+    import json
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.live import FAST_SAMPLE
+
+    routes(origin)
+    log_file = tmp_path / "access.log"
+    p = await pair(make_proxy, config=f"access_log: {{format: json, path: {log_file}}}\n")
+    await warm(p)
+    freeze_clock(p)
+    runtime = p.proxy.runtime
+    access = runtime.access_log
+    assert access is not None
+    url = "http://example.test/dated"
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = (await p.proxy.admin("GET", "/metrics")).body.decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def top() -> list[int]:
+        return next((r[1:] for r in runtime.metrics.live.top.top(100) if r[0] == url), [0, 0])
+
+    def delta(after: dict[Any, float], before: dict[Any, float]) -> dict[Any, float]:
+        keys = ("cachegate_requests_total", "cachegate_response_bytes_total",
+                "cachegate_request_duration_seconds_count")
+        return {k: v - before.get(k, 0) for k, v in after.items() if k[0] in keys and v != before.get(k, 0)}
+
+    lines: dict[int, list[dict[str, Any]]] = {}
+    counted: dict[int, dict[Any, float]] = {}
+    tops: dict[int, list[int]] = {}
+    for port in (p.fast_port, p.general_port):
+        access.flush()
+        seen = len(log_file.read_text().splitlines())
+        before, top_before, answered = await scrape(), top(), p.fast.answered
+        batch = b"".join(req(m, "/dated", inm('W/"w1"')) for m in ("GET", "HEAD") * (FAST_SAMPLE // 2))
+        replies, _ = await exchange(port, batch, ["GET", "HEAD"] * (FAST_SAMPLE // 2))
+        assert {r.status_line for r in replies} == {"HTTP/1.1 304 Not Modified"}
+        assert p.fast.answered - answered == (FAST_SAMPLE if port == p.fast_port else 0)
+        access.flush()
+        lines[port] = [json.loads(line) for line in log_file.read_text().splitlines()[seen:]]
+        for line, reply in zip(lines[port], replies, strict=True):
+            assert line["request_id"] == reply.header("X-Request-Id")
+            assert line["cache_status"] == reply.header("Cache-Status")
+        counted[port] = delta(await scrape(), before)
+        after = top()
+        tops[port] = [after[0] - top_before[0], after[1] - top_before[1]]
+
+    def same(line: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in line.items() if k not in ("time", "request_id", "duration_us")}
+
+    fast, general = lines[p.fast_port], lines[p.general_port]
+    assert [same(x) for x in fast] == [same(x) for x in general]
+    assert (fast[0]["status"], fast[0]["bytes"], fast[0]["cache"]) == (304, 0, "HIT")
+    assert counted[p.fast_port] == counted[p.general_port]
+    assert counted[p.fast_port][("cachegate_requests_total", (("cache_status", "HIT"), ("method", "GET")))] \
+        == FAST_SAMPLE // 2
+    assert tops[p.fast_port] == tops[p.general_port] == [FAST_SAMPLE, FAST_SAMPLE]
 
 
 async def test_stale_and_purged_entries_go_to_the_general_path(origin: Origin, make_proxy: MakeProxy) -> None:
@@ -992,8 +1134,8 @@ async def test_via_is_on_every_answer_once_the_fast_path_included(origin: Origin
 @pytest.mark.parametrize("condition", ['If-None-Match: "v"', "If-None-Match: *"])
 async def test_a_304_carries_the_via_its_200_would(origin: Origin, make_proxy: MakeProxy, condition: str) -> None:
     """RFC 9110 §7.6.3: a 304 from a HIT, from a REVALIDATED answer and from a response not stored
-    (its head as it arrives) carries the Via the 200 would, once; the fast path leaves a
-    client's conditional to the general path, and both ports answer it alike."""
+    (its head as it arrives) carries the Via the 200 would, once; the fast path answers a
+    client's conditional from a fresh stored response, and both ports answer it alike."""
     async def page(request: web.Request) -> web.Response:
         cc = "private" if request.path == "/via-private" else "max-age=1"
         if request.headers.get("If-None-Match") == '"v"':

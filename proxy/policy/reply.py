@@ -164,9 +164,16 @@ def _conditions(request: RequestHead, stored: StoredResponse, headers: list[tupl
     if ("If-Match" in fields or "If-Unmodified-Since" in fields) and precondition_failed(fields, stored):
         return PreconditionFailed([(k, v) for k, v in headers if k in _OWN_FIELDS and k != "Age"])
     if not_modified:
-        return NotModified([(k, v) for k, v in headers
-                            if k.lower() in NOT_MODIFIED_FIELDS or k in _OWN_FIELDS])
+        return NotModified(not_modified_fields(headers))
     return None
+
+
+def not_modified_fields(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The fields of a 304 that stands for a 200 headed by ``headers`` (``served_headers``, the
+    rule's edits applied): those RFC 9110 §15.4.5 keeps, Via, and this cache's own. The one
+    choice, for the general path (``NotModified``) and the fast path's 304 heads
+    (``proxy.web.fastheads``), which call it on field names alone."""
+    return [(k, v) for k, v in headers if k.lower() in NOT_MODIFIED_FIELDS or k in _OWN_FIELDS]
 
 
 def reply_on_arrival(request: RequestHead, response: StoredResponse, length: int | None,

@@ -119,18 +119,19 @@ def select_variant(request: RequestHead, candidates: Sequence[StoredResponse]) -
 
 def plain_fresh_hit(
     request: RequestHead, candidates: Sequence[StoredResponse], now: float
-) -> tuple[int, float, float] | None:
+) -> tuple[int, float, float, bool] | None:
     """The common case of ``decide_lookup``, decided without building a decision.
 
-    A GET or HEAD without Cache-Control, Pragma, If-None-Match or If-Modified-Since,
-    and a matching stored response that is fresh (not no-cache, not soft-purged): it
-    is served as a plain HIT, whatever the options say (they only bound what a request's
-    own directives may ask). Returns (index, age, ttl) exactly as ``decide_lookup``'s
-    ``Serve`` would carry them; None means "not this case: ask ``decide_lookup``".
+    A GET or HEAD without Cache-Control or Pragma, and a matching stored response that is
+    fresh (not no-cache, not soft-purged): it is served as a plain HIT, whatever the options
+    say (they only bound what a request's own directives may ask). Returns (index, age, ttl,
+    not_modified) exactly as ``decide_lookup``'s ``Serve`` would carry them (``not_modified``:
+    the client's If-None-Match / If-Modified-Since matched, a 304: ``client_not_modified``, the
+    one evaluation, asked only when the request has either); None means "not this case: ask
+    ``decide_lookup``".
     """
     headers = request.headers
     if (not candidates or "Cache-Control" in headers or "Pragma" in headers
-            or "If-None-Match" in headers or "If-Modified-Since" in headers
             or request.method not in LOOKUP_METHODS):
         return None
     if len(candidates) == 1:
@@ -149,7 +150,9 @@ def plain_fresh_hit(
     ttl = f.lifetime - age
     if ttl <= 0 or stored.invalidated or f.no_cache:
         return None
-    return index, age, ttl
+    if "If-None-Match" in headers or "If-Modified-Since" in headers:
+        return index, age, ttl, client_not_modified(headers, stored)
+    return index, age, ttl, False
 
 
 def decide_lookup(
@@ -167,7 +170,7 @@ def decide_lookup(
             return URI_MISS
     plain = plain_fresh_hit(request, candidates, now)
     if plain is not None:
-        return Serve(plain[0], "HIT", plain[1], plain[2])
+        return Serve(plain[0], "HIT", plain[1], plain[2], not_modified=plain[3])
     return decide_lookup_in_full(request, candidates, now, options)
 
 

@@ -1,5 +1,6 @@
 """The fast path's pre-serialised response heads (``proxy.web.fastpath``): one per stored
-variant, rule edits, HTTP version and GET/HEAD, with holes for what changes per request (Age,
+variant, rule edits, HTTP version and GET/HEAD (or the variant's 304, for a client whose own
+If-None-Match / If-Modified-Since matched), with holes for what changes per request (Age,
 the ttl of Cache-Status, X-Request-Id, and Date when the stored response has none).
 
 A head is built by the same steps the general path takes (``build_head``: the front end's own
@@ -10,11 +11,11 @@ samples on 100,000 random keys (py-spy). But what those steps decide depends on 
 *names* only (which to drop, which to add, which framing fields are missing), never on their
 values, which the serialiser copies through once it has checked them. So ``HeadShapes`` builds
 a head once per *shape* (status, reason, field names, rule edits, front-end fields, version,
-GET/HEAD, empty body or not) with a placeholder for each stored value and for the length, and
-a variant's head is that template with its values put in: a join of bytes. A value the
-serialiser would refuse (a control character, or the placeholder character) goes through
-``build_head`` itself, which refuses it as before. tests/test_fastheads.py checks that both
-ways give the same bytes for a table of responses.
+GET/HEAD, empty body or not, the response or its 304) with a placeholder for each stored
+value and for the length, and a variant's head is that template with its values put in: a
+join of bytes. A value the serialiser would refuse (a control character, or the placeholder
+character) goes through ``build_head`` itself, which refuses it as before.
+tests/test_fastheads.py checks that both ways give the same bytes for a table of responses.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from multidict import CIMultiDict
 from proxy.engine import served_headers
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import StoredResponse
+from proxy.policy.reply import not_modified_fields
 from proxy.rules import HeaderEdits
 from proxy.storage.memory import Cached
 from proxy.web.frontend import Extras, add_own_fields
@@ -48,7 +50,9 @@ assert _HIT_ZERO.endswith("=0"), _HIT_ZERO
 # truncation is the floor.
 _HIT_PREFIX = _HIT_ZERO[:-1].encode().replace(b"%", b"%%")
 _FILL = {b"A": b"%d", b"C": _HIT_PREFIX + b"%d", b"D": b"%s", b"R": b"%s"}
-UNSERVABLE = (204, 304)  # aiohttp frames these differently; the general path answers them
+# A head's flavor (``Head.flavor``, ``HeadShapes.head``): bits, or'ed with 1 for HTTP/1.0.
+HEAD_ONLY, NOT_MODIFIED = 2, 4
+NOT_MODIFIED_STATUS = (304, "Not Modified")  # as the engine's reply to a matching conditional
 
 
 class Head:
@@ -140,29 +144,40 @@ class HeadShapes:
 
     def head(self, cached: Cached, edits: HeaderEdits | None, flavor: int, extras: Extras,
              version: tuple[int, int]) -> Head:
-        """The head of ``cached`` for this rule ``edits``, ``flavor`` (2: HEAD, 1: HTTP/1.0) and
-        front-end ``extras``; its ``fmt`` is None when the general path must answer."""
+        """The head of ``cached`` for this rule ``edits``, ``flavor`` (``HEAD_ONLY``, 1: HTTP/1.0,
+        ``NOT_MODIFIED``: the 304 of a stored 200, for GET and HEAD alike) and front-end
+        ``extras``; its ``fmt`` is None when the general path must answer.
+
+        A stored 304 is left to the general path, and so is a stored 204 unless its empty body
+        is in memory: the answer is then its head alone, whatever the method (``heads.frame``
+        gives it no Content-Length, as the general path's reply)."""
         stored = cached.entry.response
-        head_only = bool(flavor & 2)
+        head_only = bool(flavor & HEAD_ONLY)
         built = None
-        if stored.status >= 200 and stored.status not in UNSERVABLE:
+        status = stored.status
+        if flavor & NOT_MODIFIED:
+            if status == 200:  # (``client_not_modified``: only a stored 200 has a 304)
+                built = self._built(stored, edits, extras, False, version, 0, True)
+        elif status >= 200 and status != 304 and (status != 204 or (cached.body is not None
+                                                                    and not cached.body)):
             length = cached.entry.body_size if head_only or cached.body is None else len(cached.body)
             built = self._built(stored, edits, extras, head_only, version, length)
         return Head(edits, flavor, extras, *(built or (None, b"")))
 
     def _built(self, stored: StoredResponse, edits: HeaderEdits | None, extras: Extras, head_only: bool,
-               version: tuple[int, int], length: int) -> tuple[bytes, bytes] | None:
+               version: tuple[int, int], length: int, not_modified: bool = False
+               ) -> tuple[bytes, bytes] | None:
         fields = stored.headers
         values = [v for _, v in fields]
         if not _REFUSED.search("".join(values)):
             shape = (stored.status, stored.reason, tuple([k for k, _ in fields]), id(edits), id(extras),
-                     head_only, version, length == 0)
+                     head_only, version, length == 0, not_modified)
             found = self._templates.get(shape)
             if found is None or found[0] is not edits or found[1] is not extras:
                 if len(self._templates) >= MAX_SHAPES:
                     self._templates.clear()
                 found = self._templates[shape] = (edits, extras, _template(stored, edits, extras, head_only,
-                                                                            version, length))
+                                                                            version, length, not_modified))
             template = found[2]
             if template is None:
                 return None  # the shape itself is refused (its reason, a field name)
@@ -173,25 +188,31 @@ class HeadShapes:
                                  else values[p].encode().replace(b"%", b"%%") for p in parts]), holes
             except UnicodeEncodeError:
                 pass  # (a lone surrogate): build_head decides
-        return build_head(stored.status, stored.reason, _served(fields, edits), extras.debug, length,
+        status, reason = NOT_MODIFIED_STATUS if not_modified else (stored.status, stored.reason)
+        return build_head(status, reason, _served(fields, edits, not_modified), extras.debug, length,
                           head_only, version, extras.server)
 
 
-def _served(fields: Sequence[tuple[str, str]], edits: HeaderEdits | None) -> list[tuple[str, str]]:
+def _served(fields: Sequence[tuple[str, str]], edits: HeaderEdits | None, not_modified: bool = False
+            ) -> list[tuple[str, str]]:
     """A stored response's fields as a fresh hit serves them (Age and Cache-Status as holes),
-    with the rule's edits."""
+    with the rule's edits; ``not_modified``: those its 304 keeps, as the engine picks them
+    (``proxy.policy.reply.not_modified_fields``, after the edits, as ``Engine.serve``)."""
     headers = served_headers(fields, MARK_AGE, MARK_STATUS, "HIT")
-    return edits.apply(headers) if edits else headers
+    if edits:
+        headers = edits.apply(headers)
+    return not_modified_fields(headers) if not_modified else headers
 
 
 def _template(stored: StoredResponse, edits: HeaderEdits | None, extras: Extras, head_only: bool,
-              version: tuple[int, int], length: int) -> Template | None:
+              version: tuple[int, int], length: int, not_modified: bool = False) -> Template | None:
     """``build_head`` of a shape: (parts, holes), where a part is bytes (the head, per-request
     holes included, escaped for ``%``), a stored value's index, or ``_LENGTH``."""
     if any(_MARK in k for k, _ in stored.headers):
         return None  # (not a token: the origin's parser refuses it) the general path answers
     placeholders = [(k, f"{_MARK}{i}{_MARK}") for i, (k, _) in enumerate(stored.headers)]
-    raw = _raw_head(stored.status, stored.reason, _served(placeholders, edits), extras.debug, length,
+    status, reason = NOT_MODIFIED_STATUS if not_modified else (stored.status, stored.reason)
+    raw = _raw_head(status, reason, _served(placeholders, edits, not_modified), extras.debug, length,
                     head_only, version, extras.server, length_hole=True)
     if raw is None:
         return None

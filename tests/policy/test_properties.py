@@ -184,5 +184,5 @@ def test_the_plain_hit_shortcut_decides_as_the_full_lookup(
     plain = plain_fresh_hit(req, candidates, now)
     if plain is not None:
         assert (full.index, full.status, full.age, full.ttl, full.refresh, full.not_modified) == (  # type: ignore[union-attr]
-            plain[0], "HIT", plain[1], plain[2], False, False)
+            plain[0], "HIT", plain[1], plain[2], False, plain[3])
     assert decide_lookup(req, candidates, now, options) == full
