@@ -94,7 +94,6 @@ MAX_WORKERS = 64  # waiters are a bit mask
 # and the status of a head not shareable because not stored (``head``: an origin error there has
 # the waiters serve stale-if-error, as the holder's own followers do).
 _SLOT = struct.Struct("<QQdQHHH2x")
-_Q = struct.Struct("<Q")
 SLOTS = 8
 _FPS = struct.Struct("<" + "Q32x" * SLOTS)  # the fingerprints of a bucket's slots, read at once
 assert _FPS.size == SLOTS * _SLOT.size
@@ -122,6 +121,10 @@ class LeaseTable:
     def __init__(self, arena: Arena, clock: Callable[[], float] = time.monotonic) -> None:
         self._arena = arena
         self._mm = arena.mm
+        # The header's words, read by the supervisor's metrics without the table's lock: each
+        # written in one store (``struct.pack_into`` zeroes its target first: a scrape in
+        # between read a counter as 0, a reset to Prometheus).
+        self._words = arena.words
         self._locked = arena.lease_locked()  # the table's lock (one object for the arena's life)
         self._at, size = arena.lease_region
         self._buckets = (size - _HEAD) // (SLOTS * _SLOT.size)
@@ -147,18 +150,18 @@ class LeaseTable:
         self._held(-1)
 
     def _held(self, delta: int) -> None:
-        at = self._at + _HELD_AT
-        held = int(_Q.unpack_from(self._mm, at)[0]) + delta
-        _Q.pack_into(self._mm, at, held if held > 0 else 0)
+        at = (self._at + _HELD_AT) >> 3
+        held = self._words[at] + delta
+        self._words[at] = held if held > 0 else 0
 
     def _count(self, event: str) -> None:
-        at = self._at + _COUNTER_AT[event]
-        _Q.pack_into(self._mm, at, _Q.unpack_from(self._mm, at)[0] + 1)
+        at = (self._at + _COUNTER_AT[event]) >> 3
+        self._words[at] += 1
 
     def _next_token(self) -> int:
-        at = self._at + _TOKEN_AT
-        token = int(_Q.unpack_from(self._mm, at)[0]) + 1
-        _Q.pack_into(self._mm, at, token)
+        at = (self._at + _TOKEN_AT) >> 3
+        token: int = self._words[at] + 1
+        self._words[at] = token
         return token
 
     @staticmethod
@@ -329,10 +332,10 @@ class LeaseTable:
 
     @property
     def held(self) -> int:
-        return int(_Q.unpack_from(self._mm, self._at + _HELD_AT)[0])
+        return int(self._words[(self._at + _HELD_AT) >> 3])
 
     def counts(self) -> dict[str, int]:
-        return {e: int(_Q.unpack_from(self._mm, self._at + 8 * i)[0]) for i, e in enumerate(EVENTS)}
+        return {e: int(self._words[(self._at >> 3) + i]) for i, e in enumerate(EVENTS)}
 
 
 def _head_word(flags: int, status: int) -> dict[str, Any]:

@@ -30,15 +30,30 @@ hung holds up every process that asks for its lock; the supervisor's watchdog fi
 ``/proc/locks`` and kills it, not its waiters (``proxy.storage.lockwait``). A record is written
 whole, its ``pos`` field last; then ``head`` moves past it; only then does the index point to
 it. A record's ``pos`` is zeroed when it dies (dropped, replaced, deleted) and before its bytes
-are overwritten. A write may name the record it replaces (``put``'s ``expect``, checked under
-the lock): a process that read a key's variants and merges its own in then never drops what
-another process wrote in between (it reads again and merges anew).
+are overwritten. A key's index slot goes from its old record to its new one in one store, before
+the old one dies; a record read since it was written that goes round the ring keeps its slot,
+naming it dead, until its copy at the head is written and the slot names that. A write may
+name the record it replaces (``put``'s ``expect``, checked under the lock): a process that
+read a key's variants and merges its own in then never drops what another process wrote in
+between (it reads again and merges anew).
 
 **Reads** take no lock: a reader copies what it needs, then checks that the record's ``pos``
 field still holds the record's position (a seqlock). A record overwritten meanwhile reads
-as gone (a miss), never as another key's bytes. This relies on stores becoming visible in
-program order, which x86-64 guarantees (TSO); on other CPUs ``CHECK_BODIES`` makes readers
-check a body's CRC after copying it as well.
+as gone, never as another key's bytes. A lookup whose slot named a record that died while it
+read it reads the bucket again: changed, it follows the slot; unchanged (a writer is between
+killing that record and pointing the slot at its new copy: one going round), or changed
+``FIND_TRIES`` times (the key rewritten faster than this reader reads), it looks once more
+under the ring's lock, so that a key being written anew is never a miss. This relies on stores
+becoming visible in program order, which x86-64 guarantees (TSO); on other CPUs
+``CHECK_BODIES`` makes readers check a body's CRC after copying it as well.
+
+**Words read without the lock** (a slot's fields, a record's ``pos``, the header's) are written
+with one 8-byte store each, through ``words`` (the mapping as native u64s), never with
+``struct.pack_into``: that zeroes its target before writing the value, and a reader in
+between saw a key's slot name position 0 while it was pointed at the key's new record (a miss;
+or, read as the dead record at the ring's first byte, an older copy, and every later check of
+it passed while other records were written there). Native byte order throughout (``=``): the
+arena lives in RAM, never on disk.
 
 **The directory** holds a fingerprint per key the disk tier has, so a request for a key no
 process ever stored costs no disk I/O: the owner fills it from the disk tier's index at
@@ -73,7 +88,7 @@ DISK_BYTES_PER_SLOT = 4096  # directory size: one slot per this many bytes of di
 MIN_BUCKETS = 64
 LEASE_BYTES = 128 + 512 * 8 * 40  # the cross-worker lease table (proxy.leases): 4,096 leases
 FLAGS_PER_LOCK = 64  # records write-behind marks persisted per taking of the ring's lock
-FIND_TRIES = 4  # readings of a key's bucket that changed under a lookup before it counts as a miss
+FIND_TRIES = 4  # readings of a key's bucket that changed under a lookup before it looks under the lock
 MAX_SECOND_CHANCES = 16  # records read since written that go round again per write (bounds its work)
 
 # The bytes of the memfd whose POSIX record locks guard the three regions (``_Locked``), and
@@ -91,7 +106,7 @@ H_PROCESSES = 8 * 13  # the serving processes sharing the arena (at least 1)
 H_SHARD_BUDGET = 8 * 14
 H_SECRET = 128  # 16 bytes
 
-_HEAD = struct.Struct("<QQIIIHBBII")
+_HEAD = struct.Struct("=QQIIIHBBII")
 HEADER = _HEAD.size  # 40
 F_PERSISTED = 1  # the disk tier has this record's content
 CHANGED = -1  # ``Arena.put(expect=...)``: the key's record is not the one expected; nothing written
@@ -103,14 +118,12 @@ F_TAKEN = 8
 # A Vary variant's body in a record of its own (``proxy.storage.memory``: ``body_key``), apart
 # from its key's record; F_PERSISTED on it: the disk tier has that body.
 F_BODY = 16
-_Q = struct.Struct("<Q")
-_COUNTS = struct.Struct("<QQQ")  # H_ENTRIES, H_EVICTIONS, H_LOST (adjacent)
-_SIZES = struct.Struct("<QQ")  # H_WRITES, H_BYTES (adjacent)
-_SLOT = struct.Struct("<QQ")
-_EMPTY_SLOT = bytes(SLOT)
+_Q = struct.Struct("=Q")
+_COUNTS = struct.Struct("=QQQ")  # H_ENTRIES, H_EVICTIONS, H_LOST (adjacent)
+_SIZES = struct.Struct("=QQ")  # H_WRITES, H_BYTES (adjacent)
 FINGERPRINTS_KEPT = 1024  # keys whose fingerprint a process remembers (then forgets all at once)
-_BUCKET = struct.Struct(f"<{2 * BUCKET_SLOTS}Q")
-_DIR_BUCKET = struct.Struct(f"<{BUCKET_SLOTS}Q")
+_BUCKET = struct.Struct(f"={2 * BUCKET_SLOTS}Q")
+_DIR_BUCKET = struct.Struct(f"={BUCKET_SLOTS}Q")
 # Only x86-64 orders stores as the lock-free readers assume (see the module docstring).
 CHECK_BODIES = platform.machine().lower() not in ("x86_64", "amd64")
 
@@ -171,6 +184,8 @@ class Arena:
         self._owns_fd = owner_fd
         self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.mm)
+        # The mapping as u64s: ``words[at >> 3] = v`` is one 8-byte store (see the docstring).
+        self.words = self.view.cast("Q")
         mm = self.mm
         if _Q.unpack_from(mm, H_MAGIC)[0] != MAGIC:
             raise ValueError("not a cachegate arena")
@@ -248,6 +263,7 @@ class Arena:
         if self.closed:
             return
         self.closed = True
+        self.words.release()
         self.view.release()
         with contextlib.suppress(BufferError):
             self.mm.close()
@@ -261,7 +277,7 @@ class Arena:
         return int(_Q.unpack_from(self.mm, at)[0])
 
     def _set(self, at: int, value: int) -> None:
-        _Q.pack_into(self.mm, at, value)
+        self.words[at >> 3] = value
 
     @property
     def entries(self) -> int:
@@ -371,12 +387,29 @@ class Arena:
                     found = self.read(slots[i + 1], key)
                     if found is not None:
                         return found
-            # The record the slot named died while it was read: a writer that replaced it has
-            # pointed the slot at the new one first (``_link``), so the bucket read again finds it.
+            # The record the slot named died while it was read. A writer that replaced it has
+            # pointed the slot at the new one first (``_link``): the bucket read again finds it.
             again = _BUCKET.unpack_from(self.mm, bucket)
             if again == slots:
-                return None
+                break  # a writer is between killing it and pointing the slot on (see below)
+            if fp not in again:
+                return None  # dropped or deleted since
             slots = again
+        # The slot still names a record that died (one going round the ring: its copy at the
+        # head is not written yet; a bucket's oldest being dropped), or the key was rewritten
+        # each time this reader read it: once more under the lock, where no writer is halfway.
+        # (Rare: a hit and a plain miss never come here.)
+        with self._locked:
+            return self._find_locked(key, fp)
+
+    def _find_locked(self, key: str, fp: int) -> Record | None:
+        """``find``, for a caller holding the ring's lock (nothing changes under it)."""
+        slots = _BUCKET.unpack_from(self.mm, self._bucket_at(fp))
+        for i in range(0, 2 * BUCKET_SLOTS, 2):
+            if slots[i] == fp:
+                found = self.read(slots[i + 1], key)
+                if found is not None:
+                    return found
         return None
 
     def read(self, pos: int, key: str | None = None) -> Record | None:
@@ -387,7 +420,8 @@ class Arena:
             rpos, _, size, meta_len, body_len, key_len, flags, _, crc, _ = _HEAD.unpack_from(mm, at)
         except struct.error:
             return None
-        if rpos != pos or flags & F_FILLER or HEADER + key_len + meta_len + body_len > size:
+        # (No record is at position 0: it is what a dead record's ``pos`` holds.)
+        if rpos != pos or not pos or flags & F_FILLER or HEADER + key_len + meta_len + body_len > size:
             return None
         start = at + HEADER
         raw = mm[start:start + key_len + meta_len]
@@ -474,7 +508,7 @@ class Arena:
         crc = zlib.crc32(meta, zlib.crc32(kb))
         with self._locked:  # (``locked()``)
             if expect is not None:
-                found = self.find(key, fp)
+                found = self._find_locked(key, fp)
                 if (0 if found is None else found.pos) != expect:
                     return CHANGED
             written = 0
@@ -491,7 +525,7 @@ class Arena:
                 for p, n in zip(parts, lengths, strict=True):
                     mm[off:off + n] = p
                     off += n
-                _Q.pack_into(mm, at, pos)  # complete: readers may take it from now on
+                self.words[at >> 3] = pos  # complete: readers may take it from now on
                 self._set(H_HEAD, pos + size)
                 self._link(key, fp, pos, size)
                 written = 1
@@ -504,15 +538,18 @@ class Arena:
         before it is let go). A process killed in the middle of a write leaves that write's
         share uncounted: the counters are statistics (entries, live bytes, evictions, lost),
         never read to decide anything, and are kept from going below zero."""
-        mm = self.mm
+        mm, words = self.mm, self.words
         if self._entries or self._evictions or self._lost:
             entries, evictions, lost = _COUNTS.unpack_from(mm, H_ENTRIES)
-            _COUNTS.pack_into(mm, H_ENTRIES, max(0, entries + self._entries), evictions + self._evictions,
-                              lost + self._lost)
+            at = H_ENTRIES >> 3  # (H_EVICTIONS and H_LOST follow: a word each, as ``_set``)
+            words[at] = max(0, entries + self._entries)
+            words[at + 1] = evictions + self._evictions
+            words[at + 2] = lost + self._lost
             self._entries = self._evictions = self._lost = 0
         if writes or self._bytes:
             done, live = _SIZES.unpack_from(mm, H_WRITES)
-            _SIZES.pack_into(mm, H_WRITES, done + writes, max(0, live + self._bytes))
+            words[H_WRITES >> 3] = done + writes
+            words[H_BYTES >> 3] = max(0, live + self._bytes)
             self._bytes = 0
 
     def _reserve(self, size: int, chances: int = MAX_SECOND_CHANCES) -> int:
@@ -527,31 +564,37 @@ class Arena:
             if gap >= HEADER:
                 at = self._phys(head)
                 _HEAD.pack_into(mm, at, 0, 0, gap, 0, 0, 0, F_FILLER, 0, 0, 0)
-                _Q.pack_into(mm, at, head)
+                self.words[at >> 3] = head
             head += gap
             self._set(H_HEAD, head)
         survivors = self._make_room(head, size, chances)
         if not survivors:
             return head
-        for key, fp, raw in survivors:  # round again, without a second chance this lap
+        words = self.words
+        for key, fp, raw, old in survivors:  # round again, without a second chance this lap
             pos = self._reserve(len(raw), 0)
             at = self._phys(pos)
-            mm[at:at + len(raw)] = raw
-            mm[at:at + 8] = bytes(8)
+            words[at >> 3] = 0  # (its ``pos`` last, as any record's)
+            mm[at + 8:at + len(raw)] = memoryview(raw)[8:]
             mm[at + 30] &= ~F_TAKEN  # (a new record: no batch has taken it)
             mm[at + 31] = 0
-            _Q.pack_into(mm, at, pos)
+            words[at >> 3] = pos
             self._set(H_HEAD, pos + len(raw))
-            self._link(key, fp, pos, len(raw))
+            # Its slot still names the copy that died at the tail (a reader finding it so looks
+            # again under the lock): now the new one. (Out of the index meanwhile, the key was a
+            # miss in the other processes, a fill from the origin.)
+            if not self._repoint(fp, old, pos):  # pragma: no cover (nothing else moves a slot meanwhile)
+                self._link(key, fp, pos, len(raw))
         return self._reserve(size, 0)
 
-    def _make_room(self, head: int, size: int, chances: int) -> list[tuple[str, int, bytes]]:
+    def _make_room(self, head: int, size: int, chances: int) -> list[tuple[str, int, bytes, int]]:
         """Drop the oldest records until ``size`` bytes at ``head`` are free. Up to ``chances``
         of them that were read since they were written are taken out instead, to be written
-        again: (key, fingerprint, bytes) each."""
+        again: (key, fingerprint, bytes, position) each; they die here, and their slots keep
+        naming them until ``_reserve`` points them at their copies."""
         mm = self.mm
         tail = self._get(H_TAIL)
-        survivors: list[tuple[str, int, bytes]] = []
+        survivors: list[tuple[str, int, bytes, int]] = []
         while head + size - tail > self.capacity:
             tail = self._lap(tail)
             if head + size - tail <= self.capacity:
@@ -560,17 +603,17 @@ class Arena:
             rpos, fp, rsize, _, _, key_len, flags, accessed, _, _ = _HEAD.unpack_from(mm, at)
             slot = self._slot_of(fp, tail) if rpos == tail and not flags & F_FILLER else None
             if slot is not None:
-                self._unlink_slot(slot, rsize)
                 if accessed and len(survivors) < chances:
                     key = bytes(mm[at + HEADER:at + HEADER + key_len]).decode("utf-8", "surrogatepass")
-                    survivors.append((key, fp, mm[at:at + rsize]))
+                    survivors.append((key, fp, mm[at:at + rsize], tail))
                 else:
+                    self._unlink_slot(slot, rsize)
                     self._evictions += 1
                     # (a body record: its key's record counts)
                     if not flags & (F_PERSISTED | F_TAKEN | F_BODY):
                         self._lost += 1
             if rpos == tail:
-                _Q.pack_into(mm, at, 0)
+                self.words[at >> 3] = 0
             if rsize < HEADER or rsize % 8:  # pragma: no cover (a damaged ring): start it afresh
                 self._reset()
                 return []
@@ -613,7 +656,7 @@ class Arena:
             if size < HEADER or size % 8:  # damage: no walking on, wipe the ring's headers
                 mm[self._ring_at:self._ring_at + self.capacity] = bytes(self.capacity)
                 break
-            _Q.pack_into(mm, at, 0)
+            self.words[at >> 3] = 0
             pos += size
         self._set(H_TAIL, head)
         self._set(H_ENTRIES, 0)
@@ -628,10 +671,13 @@ class Arena:
                 return at + i * 8
         return None
 
-    def _repoint(self, fp: int, old: int, new: int) -> None:
+    def _repoint(self, fp: int, old: int, new: int) -> bool:
+        """Point the slot naming ``old`` at ``new`` (one store); whether there was one."""
         slot = self._slot_of(fp, old)
-        if slot is not None:
-            _Q.pack_into(self.mm, slot + 8, new)
+        if slot is None:
+            return False
+        self.words[(slot >> 3) + 1] = new
+        return True
 
     def _unlink(self, fp: int, pos: int, size: int) -> None:
         slot = self._slot_of(fp, pos)
@@ -639,23 +685,25 @@ class Arena:
             self._unlink_slot(slot, size)
 
     def _unlink_slot(self, slot: int, size: int) -> None:
-        self.mm[slot:slot + SLOT] = _EMPTY_SLOT
+        self.words[slot >> 3] = 0  # the fingerprint first: no reader then takes its position
+        self.words[(slot >> 3) + 1] = 0
         self._entries -= 1
         self._bytes -= size
 
     def _link(self, key: str, fp: int, pos: int, size: int) -> None:
         """Point the index at the new record ``pos`` of ``key``: in place of the key's older
         record (which dies), else in a free slot, else in place of the bucket's oldest."""
-        mm = self.mm
+        words = self.words
         at = self._bucket_at(fp)
-        slots = _BUCKET.unpack_from(mm, at)
+        slots = _BUCKET.unpack_from(self.mm, at)
         free = oldest = -1
         for i in range(0, 2 * BUCKET_SLOTS, 2):
             sfp, spos = slots[i], slots[i + 1]
             if sfp == fp and spos != pos and self._key_at(spos) == key:
-                # The slot first, then the old record dies: killed first, a reader in another
-                # process that came between found the key gone (a miss for a key being replaced).
-                _Q.pack_into(mm, at + i * 8 + 8, pos)
+                # The slot first (one store), then the old record dies: killed first, a reader
+                # in another process that came between found the key gone (a miss for a key
+                # being replaced).
+                words[(at >> 3) + i + 1] = pos
                 self._bytes += size - self._size_at(spos)
                 self._kill(spos)
                 return
@@ -673,7 +721,8 @@ class Arena:
             self._kill(victim)
             self._entries -= 1
             free = oldest
-        _SLOT.pack_into(mm, at + free * 8, fp, pos)
+        words[(at >> 3) + free + 1] = pos  # its position first: a reader that sees the fingerprint
+        words[(at >> 3) + free] = fp  # finds the record (a victim's key finds another key's)
         self._entries += 1
         self._bytes += size
 
@@ -693,13 +742,13 @@ class Arena:
     def _kill(self, pos: int) -> None:
         at = self._phys(pos)
         if _Q.unpack_from(self.mm, at)[0] == pos:
-            _Q.pack_into(self.mm, at, 0)
+            self.words[at >> 3] = 0
 
     def delete(self, key: str, pos: int | None = None) -> bool:
         """Drop ``key``'s record (only the one at ``pos``, when given); whether one was dropped."""
         fp = self.fingerprint(key)
         with self.locked():
-            found = self.find(key, fp) if pos is None else self.read(pos, key)
+            found = self._find_locked(key, fp) if pos is None else self.read(pos, key)
             if found is None:
                 return False
             try:
@@ -746,7 +795,7 @@ class Arena:
                     if _Q.unpack_from(mm, at)[0] == pos:
                         mm[at + 30] &= ~F_TAKEN
                         continue
-                    found = self.find(key)
+                    found = self._find_locked(key, self.fingerprint(key))
                     if found is None or found.pos < pos:
                         self._lost += 1
                         lost += 1
@@ -813,7 +862,7 @@ class Arena:
                 except ValueError:
                     mm[self._dir_flags_at + b] = 1  # overflowed: its keys are asked on disk
                     continue
-                _Q.pack_into(mm, at + i * DIR_SLOT, fp)
+                self.words[(at >> 3) + i] = fp
                 added += 1
             self._set(H_DIR_ENTRIES, self._get(H_DIR_ENTRIES) + added)
 
@@ -829,7 +878,7 @@ class Arena:
                 at = self._dir_at + (fp % self.dir_buckets) * BUCKET_SLOTS * DIR_SLOT
                 slots = _DIR_BUCKET.unpack_from(mm, at)
                 if fp in slots:
-                    _Q.pack_into(mm, at + slots.index(fp) * DIR_SLOT, 0)
+                    self.words[(at >> 3) + slots.index(fp)] = 0
                     removed += 1
             self._set(H_DIR_ENTRIES, self._get(H_DIR_ENTRIES) - removed)
 

@@ -299,18 +299,11 @@ class MemoryTier:
         if cached.apart and cached.body is not None:
             self.arena.mark(cached.pos)
 
-    def find_body(self, key: str, e: Entry, sure: bool = False) -> Record | None:
+    def find_body(self, key: str, e: Entry) -> Record | None:
         """The live record of the body of ``e`` (a variant of ``key``), if the ring has it: found
         by its body id, and of its length (its bytes stay in place; check ``alive`` after copying).
-        ``sure``: not found, it is looked up again under the ring's lock. Why: a record read
-        since it was written that reaches the ring's tail is moved to its head (CLOCK's second
-        chance), out of the index meanwhile; taken for gone, a variant not on disk yet would be
-        left out of its key's next record, for good."""
-        bkey = body_key(key, e.body_id)
-        found = self.arena.find(bkey)
-        if found is None and sure:
-            with self.arena.locked():
-                found = self.arena.find(bkey)
+        (One being moved round the ring is found too: ``Arena.find``.)"""
+        found = self.arena.find(body_key(key, e.body_id))
         if found is None or not found.flags & F_BODY or found.body_len != e.body_size:
             return None
         return found
@@ -348,19 +341,10 @@ class MemoryTier:
         return max(pos, 0)
 
     def _names(self, key: str, body_id: str) -> bool:
-        """Whether the key's record (looked up as ``find_body(sure=True)`` does) lists ``body_id``."""
-        record = self._find_sure(key)
+        """Whether the key's record lists ``body_id``."""
+        record = self.arena.find(key)
         return record is not None and any(
             e.body_id == body_id for e, _, _ in decode_record(key, record.meta) or ())
-
-    def _find_sure(self, key: str) -> Record | None:
-        """The key's record, looked up again under the ring's lock when not found (one being
-        moved round the ring is out of the index meanwhile: ``find_body``)."""
-        record = self.arena.find(key)
-        if record is None:
-            with self.arena.locked():
-                record = self.arena.find(key)
-        return record
 
     def alive(self, cached: Cached) -> bool:
         """Whether a variant's view of the arena still shows its body (after copying from it)."""
@@ -392,7 +376,7 @@ class MemoryTier:
             if persisted:
                 state = ON_DISK
             if body_len == APART:
-                found = self.find_body(key, e, sure=state == ALL_TO_WRITE)
+                found = self.find_body(key, e)
                 if found is not None:
                     if state == ALL_TO_WRITE and found.flags & F_PERSISTED:
                         state = ON_DISK  # (written behind since the key's record was)
@@ -613,7 +597,7 @@ class MemoryTier:
         now (another put found them meanwhile). Left, no variant would ever name them: they
         took ring space and counted as entries until they aged out (a purge racing a
         promotion from disk or a fill of another variant left 2-8 in 20 s)."""
-        record = self._find_sure(key)
+        record = self.arena.find(key)
         named = set()
         if record is not None:
             named = {e.body_id for e, _, _ in decode_record(key, record.meta) or ()}
@@ -629,7 +613,7 @@ class MemoryTier:
         if c.apart and c.body is not None and self._alive(c.pos):
             return c.pos, c.body if isinstance(c.body, memoryview) else memoryview(c.body), \
                 self.arena.persisted(c.pos)
-        found = self.find_body(key, c.entry, sure=c.apart)
+        found = self.find_body(key, c.entry)
         if found is None:
             body = c.body
             if isinstance(body, memoryview):
@@ -670,7 +654,7 @@ class MemoryTier:
         """Drop the key's record, and the records of its bodies kept apart (left behind, they
         would never be served: no variant names them any more; dropped, they free the ring)."""
         self._forget(key)
-        record = self._find_sure(key)
+        record = self.arena.find(key)
         # The key's record first: a body put back from disk meanwhile (``put_body``) then finds
         # its key's record gone and drops itself, else it is found here.
         dropped = self.arena.delete(key)

@@ -453,10 +453,7 @@ class Persister:
         """The item of a variant whose body is kept apart, its body copied from its own record
         (None: the ring dropped it, or it changed while it was copied)."""
         bkey = body_key(record.key, e.body_id)
-        found = self.arena.find(bkey)
-        if found is None:  # (or being moved round the ring: ``MemoryTier.find_body``)
-            with self.arena.locked():
-                found = self.arena.find(bkey)
+        found = self.arena.find(bkey)  # (one being moved round the ring too: ``Arena.find``)
         if found is None or not found.flags & F_BODY or found.body_len != e.body_size:
             return None
         body = self.arena.body(found)
