@@ -149,6 +149,8 @@ class Store(Protocol):
     said once there); ``tests/engine`` drives the engine with an in-memory fake of this."""
 
     memory_get: Callable[[str], tuple[Cached, ...] | None]
+    # ``memory_get`` with the bodies copied at once (bytes no later write changes)
+    memory_copied: Callable[[str], tuple[Cached, ...] | None]
     fresh_view: Callable[[str], Slot | None]
     alive: Callable[[Cached], bool]  # whether a variant's record in the shared memory still stands
 
@@ -316,7 +318,7 @@ class Engine:
         if cluster is not None and cluster.hits_held():
             await cluster.caught_up()
         note_key(key)
-        variants = self.storage.memory_get(key)
+        variants = self.storage.memory_copied(key) if looked_again else self.storage.memory_get(key)
         nowhere = False  # the key is nowhere, as of this step (no await since)
         if variants is None:
             fields = head.headers
@@ -348,7 +350,9 @@ class Engine:
                 if not looked_again and not self.storage.alive(cached):
                     # Its record in the shared memory was replaced while its body was read (a
                     # refresh or fill, maybe another worker's): the key is stored anew, not gone.
-                    # Looked up again once, where a full miss used to go to the origin.
+                    # Looked up again once, where a full miss used to go to the origin, with the
+                    # bodies copied at once: a view of the new record could be replaced in its
+                    # turn (a worker preempted in that instant, under load), a miss again.
                     return await self.handle(req, looked_again=True)
                 return await self.miss.fetch(Attempt(req, plan, key, "uri-miss"))
             case Revalidate():

@@ -5,6 +5,7 @@ the web layer whole."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.engine import ClientRequest, Reply
 from proxy.policy.messages import RequestHead
+from proxy.storage.arena import Arena
+from proxy.storage.memory import ALL_TO_WRITE, Cached, MemoryTier
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, directory_ready
 from tests.storage.procs import ProxyProcess, write_config
@@ -188,3 +191,38 @@ async def test_with_two_workers_a_key_one_worker_knows_absent_is_found_once_the_
         assert origin.count("/flip") == before + 1  # the other worker found it in the store
     finally:
         await proxy.stop()
+
+
+async def test_a_hit_whose_record_another_worker_replaces_at_each_read_of_its_body_is_no_miss(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A hit whose record in the shared memory is replaced (another worker's refresh) while its
+    body is read looks the key up again: that second read is of a copy taken at once, which
+    nothing written later changes. Before, it read a view of the new record, which could be
+    replaced in its turn (a worker preempted in that instant, under load): the request went to
+    the origin as a full miss (``fwd=uri-miss``) for a key stored all along. Here the other
+    worker replaces the record each time a body is read from the shared memory."""
+    proxy = await make_proxy(config="cache: {memory: 16MB}\n")  # no disk tier: nothing to hide a miss
+    origin.route("/swr", body=b"w" * 100, headers={"Cache-Control": "max-age=0, stale-while-revalidate=600"})
+    assert (await proxy.get("/swr")).x_cache == "MISS"
+    memory = proxy.runtime.storage.memory
+    other = MemoryTier(16 << 20, 1 << 20, arena=Arena.attach(os.dup(memory.arena.fd)), owns_arena=True)
+    real = memory.body_bytes
+    versions: list[bytes] = []
+
+    def replaced_by_another_worker(cached: Cached) -> bytes | None:
+        if isinstance(cached.body, memoryview):
+            body = b"v%d" % len(versions) * 25
+            versions.append(body)
+            e = cached.entry.with_body(f"other-{len(versions)}", len(body))
+            assert other.put(e.key, (Cached(e, body, state=ALL_TO_WRITE),)) is True
+        return real(cached)
+
+    memory.body_bytes = replaced_by_another_worker  # type: ignore[method-assign]
+    try:
+        served = await proxy.get("/swr")
+    finally:
+        memory.body_bytes = real  # type: ignore[method-assign]
+        other.close()
+    assert "fwd=uri-miss" not in served.headers["Cache-Status"], served.headers["Cache-Status"]
+    assert served.body in versions  # the copy another worker wrote, whole
+    assert origin.count("/swr") <= 2  # the fill, and maybe the background refresh: no miss

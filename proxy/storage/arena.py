@@ -412,6 +412,23 @@ class Arena:
                     return found
         return None
 
+    def find_copy(self, key: str) -> tuple[Record, bytes] | None:
+        """``find``, and a copy of the record's body taken at once: bytes no later write changes.
+        A record replaced while it was copied is looked up again (the key's new one is there),
+        past ``FIND_TRIES`` copies under the lock. For a reader whose view of a body was
+        overwritten: a view of the new record could be in its turn (``MemoryTier.get_copied``)."""
+        fp = self._fps.get(key) or self.fingerprint(key)
+        for _ in range(FIND_TRIES):
+            found = self.find(key, fp)
+            if found is None:
+                return None
+            body = self.body(found)
+            if body is not None:
+                return found, body
+        with self._locked:
+            found = self._find_locked(key, fp)
+            return None if found is None else (found, self.mm[found.body_at:found.body_at + found.body_len])
+
     def read(self, pos: int, key: str | None = None) -> Record | None:
         """The record at ``pos`` (None when it is gone, damaged, or another key's)."""
         mm = self.mm

@@ -242,6 +242,18 @@ class MemoryTier:
         self.use(slot)
         return slot.variants
 
+    def get_copied(self, key: str) -> tuple[Cached, ...] | None:
+        """``get``, with the bodies copied out of the shared memory at once (bytes: no later
+        write changes them; not kept decoded). For a hit whose view of its body was overwritten
+        while it was read (its record replaced by a refresh or a fill, maybe another worker's):
+        read by ``get`` again, the new record's view could be replaced in its turn, and a key
+        stored all along went to the origin as a miss."""
+        slot = self._load(key, copied=True)
+        if slot is None:
+            return None
+        self.use(slot)
+        return slot.variants
+
     def slot(self, key: str) -> Slot | None:
         """The key's decoded ``Slot`` without counting a use (``use`` counts one once the caller
         serves from it: the fast path)."""
@@ -359,8 +371,16 @@ class MemoryTier:
         data = bytes(body)
         return data if self._alive(cached.pos) else None
 
-    def _load(self, key: str) -> Slot | None:
-        record = self.arena.find(key)
+    def _load(self, key: str, copied: bool = False) -> Slot | None:
+        """The key's record decoded, kept decoded when the doorkeeper admits it; ``copied``:
+        with copies of the bodies (``get_copied``), never kept."""
+        data: bytes | None = None  # (``copied``) the record's body bytes, copied with it
+        record: Record | None
+        if copied:
+            copy = self.arena.find_copy(key)
+            record, data = copy if copy is not None else (None, None)
+        else:
+            record = self.arena.find(key)
         if record is None:
             return None
         decoded = decode_record(key, record.meta)
@@ -377,10 +397,13 @@ class MemoryTier:
                 state = ON_DISK
             if body_len == APART:
                 found = self.find_body(key, e)
-                if found is not None:
+                # (A body record is never rewritten with other bytes: a new body has a new id.)
+                apart_copy = None if found is None or data is None else self.arena.body(found)
+                if found is not None and (data is None or apart_copy is not None):
                     if state == ALL_TO_WRITE and found.flags & F_PERSISTED:
                         state = ON_DISK  # (written behind since the key's record was)
-                    variants.append(Cached(e, view[found.body_at:found.body_at + found.body_len],
+                    variants.append(Cached(e, view[found.body_at:found.body_at + found.body_len]
+                                           if apart_copy is None else apart_copy,
                                            pos=found.pos, state=state, apart=True, rec=rec))
                     apart.append(found.pos)
                 elif state != ALL_TO_WRITE:  # the disk has its body: read from there
@@ -393,9 +416,10 @@ class MemoryTier:
                     continue
                 starts.append(-1)
                 continue
-            body = None
+            body: bytes | memoryview | None = None
             if body_len >= 0:
-                body = view[at:at + body_len]
+                body = view[at:at + body_len] if data is None else \
+                    data[at - record.body_at:at - record.body_at + body_len]
                 starts.append(at - base)
                 at += body_len
             else:
@@ -405,7 +429,7 @@ class MemoryTier:
             self._unsure.pop(rec, None)
             self.arena.delete(key, rec)
             return None
-        before = self._admit(key)
+        before = None if copied else self._admit(key)
         bodies = tuple(apart) if apart else ()
         if before is not None:
             return self._hold(key, tuple(variants), rec, tuple(starts), before, bodies)

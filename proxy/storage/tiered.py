@@ -87,6 +87,7 @@ class Storage:
         # The hit paths' first look: one call straight into the memory tier (no wrapper: each
         # level of call is ≈ 0.1 µs of a ≈ 25 µs hit).
         self.memory_get: Callable[[str], tuple[Cached, ...] | None] = memory.get
+        self.memory_copied: Callable[[str], tuple[Cached, ...] | None] = memory.get_copied
         self.fresh_view: Callable[[str], Slot | None] = memory.slot
         self.alive: Callable[[Cached], bool] = memory.alive
         # A fill's steps, bound the same way to the role that does each: a method here that

@@ -102,6 +102,8 @@ class FakeStore:
     def memory_get(self, key: str) -> tuple[Cached, ...] | None:
         return self.variants.get(key)
 
+    memory_copied = memory_get  # (bodies are bytes here already)
+
     def fresh_view(self, key: str) -> None:
         return None  # the fast path is not the engine's: tests/test_fastpath.py
 
