@@ -73,6 +73,7 @@ from proxy.policy.reuse import (
     select_variant,
 )
 from proxy.policy.storability import response_cache_control, too_large
+from proxy.policy.validation import may_hide_errors
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan, lowered_path
 
 # What each "not stored" detail means, and what to change.
@@ -419,7 +420,7 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
                 lines.append(f"  note                {NO_HEURISTIC}")
             if authorization_origin_only(head, status, _cc_of(headers, sp), sp):
                 lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
-            lines.extend(_stale_lines(f, _cc_of(headers, sp), sp))
+            lines.extend(_stale_lines(f, _cc_of(headers, sp), sp, may_hide_errors(decision.response)))
             if sp.tags:
                 lines.append(f"  tags                {', '.join(sp.tags)} (besides Surrogate-Key/Cache-Tag)")
         case _:
@@ -439,10 +440,11 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
     return lines
 
 
-def _stale_lines(f: Freshness, cc: CacheControl, sp: StorePlan) -> list[str]:
+def _stale_lines(f: Freshness, cc: CacheControl, sp: StorePlan, hides_errors: bool) -> list[str]:
     """Which stale windows the engine applies to this stored response, and where each comes from:
-    none when the origin forbids serving it stale (``Freshness.may_serve_stale``), and the rules'
-    only for a response with a lifetime (``rule_stale_windows_apply``)."""
+    none when the origin forbids serving it stale (``Freshness.may_serve_stale``), the rules'
+    only for a response with a lifetime (``rule_stale_windows_apply``), and no stale-if-error for
+    a stored error (``hides_errors``: ``proxy.policy.validation.may_hide_errors``)."""
     if not f.may_serve_stale():
         which = "no-cache" if f.no_cache else "/".join(
             d for d in ("must-revalidate", "proxy-revalidate", "s-maxage") if d in cc)
@@ -454,9 +456,11 @@ def _stale_lines(f: Freshness, cc: CacheControl, sp: StorePlan) -> list[str]:
             return f"{fmt_duration(value)} (the origin's {directive})"
         return f"{fmt_duration(value)} (the rules' {rule_name})" if value > 0 else fmt_duration(value)
 
+    if_error = window(f.stale_if_error, "stale-if-error", "stale_if_error") if hides_errors \
+        else "never (a stored error does not stand in for the origin's new one)"
     lines = [f"  stale               while revalidating "
              f"{window(f.stale_while_revalidate, 'stale-while-revalidate', 'stale_while_revalidate')}"
-             f", if error {window(f.stale_if_error, 'stale-if-error', 'stale_if_error')}"]
+             f", if error {if_error}"]
     ruled = sp.options.stale_while_revalidate or sp.options.stale_if_error
     if ruled and not rule_stale_windows_apply(f.lifetime):
         lines.append(f"  note                {NO_RULE_STALE}")
@@ -767,7 +771,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
                # the windows the engine applies: none when the origin forbids serving it stale
                may_serve_stale=f.may_serve_stale(),
                stale_while_revalidate=f.stale_while_revalidate if f.may_serve_stale() else 0.0,
-               stale_if_error=f.stale_if_error if f.may_serve_stale() else 0.0,
+               stale_if_error=f.stale_if_error if may_hide_errors(decision.response) else 0.0,
                tags=list(sp.tags), why="; ".join(reasons) or "storable: " + (
                    f"fresh for {fmt_duration(f.lifetime)}" if f.lifetime > 0 else "to be revalidated"))
     return out
@@ -808,7 +812,7 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
             "source": f.source, "lifetime": f.lifetime,
             "decided_by": stored_decided_by(f, cc, cc_field, again),
             "stale_while_revalidate": f.stale_while_revalidate if stale else 0.0,
-            "stale_if_error": f.stale_if_error if stale else 0.0,
+            "stale_if_error": f.stale_if_error if may_hide_errors(r) else 0.0,
             "must_revalidate": f.must_revalidate, "no_cache": f.no_cache, "immutable": f.immutable,
             "may_serve_stale": stale,
         },

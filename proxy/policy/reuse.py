@@ -44,7 +44,7 @@ from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
 from proxy.policy.partial import answerable
 from proxy.policy.ranges import RangeSpec, if_range_allows
 from proxy.policy.spellings import spelled_otherwise
-from proxy.policy.validation import client_not_modified, has_validator
+from proxy.policy.validation import client_not_modified, has_validator, may_hide_errors
 
 LOOKUP_METHODS = frozenset({"GET", "HEAD"})
 
@@ -241,7 +241,7 @@ def decide_lookup_in_full(
 
     if only_if_cached:
         return OnlyIfCachedMiss()
-    stale_if_error = may_serve_stale and (
+    stale_if_error = may_hide_errors(stored) and (
         _within(-ttl, fresh_info.stale_if_error) or _request_allows_stale_on_error(req_cc, -ttl)
     )
     if validator and vouches(request, stored):

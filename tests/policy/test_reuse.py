@@ -269,6 +269,34 @@ def test_a_soft_purged_must_revalidate_response_is_revalidated_first() -> None:
     assert kind(decide_lookup(request(), [s], T0 + 1, CacheOptions())) == "revalidate stale"
 
 
+RULES_SIE = CacheOptions(stale_if_error=3600)
+
+
+# (case, status, response fields, seconds after storing, request fields, expected): RULES_SIE applies
+STORED_ERRORS: list[tuple[str, int, Pairs, float, Pairs, str]] = [
+    ("a stale 503 never hides the origin's new error", 503, [("Cache-Control", "max-age=2")], 3, [],
+     "forward stale"),
+    ("nor with a validator", 503, [("Cache-Control", "max-age=2"), ETAG], 3, [], "revalidate stale"),
+    ("nor under its own stale-if-error", 500, [("Cache-Control", "max-age=2, stale-if-error=60")], 3, [],
+     "forward stale"),
+    ("nor a request's stale-if-error", 503, [("Cache-Control", "max-age=2")], 3,
+     [("Cache-Control", "stale-if-error=60")], "forward stale"),
+    ("a stale 404 does (not an error)", 404, [("Cache-Control", "max-age=2")], 3, [], "forward stale sie"),
+    ("a stale 200 does", 200, [("Cache-Control", "max-age=2")], 3, [], "forward stale sie"),
+]
+
+
+@pytest.mark.parametrize(("case", "status", "response", "after", "req", "expected"), STORED_ERRORS,
+                         ids=[c[0] for c in STORED_ERRORS])
+def test_only_a_stored_non_error_response_is_kept_for_an_origin_error(
+        case: str, status: int, response: Pairs, after: float, req: Pairs, expected: str) -> None:
+    """A stored 503 with a lifetime was served STALE (its old body, no Retry-After) in place of
+    the origin's new 503 for the rules' whole stale_if_error hour: the lookup's stale-if-error
+    lacked the stored-status test the validation had (``may_hide_errors``, now both)."""
+    s = stored(response, status=status, options=RULES_SIE)
+    assert kind(decide_lookup(request(*req), [s], T0 + after, RULES_SIE)) == expected
+
+
 def test_request_heads_are_plain_data() -> None:
     head: RequestHead = request(("Cache-Control", "max-age=5"), target="/x?y=1")
     assert head.url == "http://example.com/x?y=1"
