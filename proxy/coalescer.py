@@ -548,6 +548,11 @@ def cut_off() -> ProxyStopping:
     return ProxyStopping("the fetch was cut off at the stop's deadline")
 
 
+# How many keys whose soft-purged response failed its refresh a worker remembers
+# (``Coalescer.soft_failed_at``): a key and an int each, a few MB at most.
+SOFT_FAILED_KEYS = 65_536
+
+
 class Coalescer:
     def __init__(self, history_limit: int, hit_for_pass: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -566,6 +571,13 @@ class Coalescer:
         # the stale response lifts its mark (``MissPath.refresh_held_back``). Pruned to the
         # marks kept whenever it holds twice as many keys.
         self._refresh_failed_at: dict[str, int] = {}
+        # Keys whose soft-purged response's background refresh failed, with the store's purge
+        # epoch then: that response is served stale only within its own windows from then on
+        # (``proxy.policy.reuse.decide_lookup``'s ``soft_refresh_failed``), however long ago,
+        # until something is stored under the key or a purge since covers it
+        # (``MissPath.soft_refresh_failed``). At most ``SOFT_FAILED_KEYS``, the oldest forgotten
+        # first: that key's next request is served the old copy and refreshes it once more.
+        self._soft_failed_at: dict[str, int] = {}
         self._history_limit = history_limit
         self._hit_for_pass = hit_for_pass
         self._clock = clock
@@ -661,15 +673,27 @@ class Coalescer:
     def is_pass(self, key: str) -> bool:
         return self._pass_until.holds(key, self._clock())
 
-    def refresh_failed(self, key: str, until: float, now: float, epoch: int) -> None:
+    def refresh_failed(self, key: str, until: float, now: float, epoch: int, *, soft: bool = False) -> None:
         """A background refresh of ``key`` failed at ``now``, the store's purge epoch being
         ``epoch``: the next waits until ``until`` (``proxy.policy.reuse.refresh_retry_at``),
-        unless a purge since covers the response (``refresh_held_back``)."""
+        unless a purge since covers the response (``refresh_held_back``). ``soft``: the stale
+        response was soft-purged (``soft_failed_at``)."""
         marks, at = self._refresh_failed_until, self._refresh_failed_at
         marks.set(key, until, now)
         at[key] = epoch
         if len(at) > 2 * len(marks) + 16:
             self._refresh_failed_at = {k: e for k, e in at.items() if marks.holds(k, now)}
+        if soft:
+            soft_at = self._soft_failed_at
+            soft_at.pop(key, None)  # (to the end: the newest)
+            soft_at[key] = epoch
+            if len(soft_at) > SOFT_FAILED_KEYS:
+                del soft_at[next(iter(soft_at))]
+
+    def soft_failed_at(self, key: str) -> int | None:
+        """The store's purge epoch when a background refresh of the soft-purged response under
+        ``key`` failed; None: none has since something was stored under it (``refresh_ok``)."""
+        return self._soft_failed_at.get(key)
 
     def refresh_held_back(self, key: str, now: float) -> tuple[float, int] | None:
         """When a refresh of ``key`` failed recently enough that none starts now: until when,
@@ -687,6 +711,9 @@ class Coalescer:
         if at:
             self._refresh_failed_until.discard(key)
             at.pop(key, None)
+        soft = self._soft_failed_at
+        if soft:
+            soft.pop(key, None)
 
     def headless(self) -> Exception:
         """What the clients of a flight that ended without a response head are told: that the

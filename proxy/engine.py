@@ -336,7 +336,8 @@ class Engine:
             nowhere = self.storage.absent(key)
             variants = () if nowhere else await self.load(key, bodies=head.method == "GET")
         now = self.clock()
-        decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options)
+        decision = decide_lookup(head, [c.entry.response for c in variants], now, plan.options,
+                                 self.miss.soft_refresh_failed(key, (c.entry.tags for c in variants)))
         match decision:
             case Serve():
                 cached = variants[decision.index]

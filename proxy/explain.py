@@ -15,7 +15,7 @@ stored again under the current rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, assert_never
 
@@ -648,6 +648,9 @@ def _rule_roles(rules: RuleSet, head: RequestHead) -> list[tuple[Rule, str | Non
 # Until when the running proxy holds back a refresh of the key's stale response with these
 # tags after one failed (None: it would start one): ``MissPath.refresh_held_back``.
 RefreshHeld = Callable[[str, Collection[str], float], float | None]
+# Whether a background refresh of the key's soft-purged response failed since the purge, given
+# the tags of the responses stored under it: ``MissPath.soft_refresh_failed``.
+SoftFailed = Callable[[str, Iterable[Collection[str]]], bool]
 
 
 @dataclass(frozen=True)
@@ -935,8 +938,8 @@ def _range_decision(head: RequestHead, plan: RequestPlan, spec: RangeSpec, parts
 def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str | None,
                   variants: Sequence[StoredVariant], now: float,
                   parts: Sequence[StoredVariant] = (), body: bool = False,
-                  refresh_held: RefreshHeld | None = None, range_fill: RangeFill = RangeFill()
-                  ) -> dict[str, Any]:
+                  refresh_held: RefreshHeld | None = None, range_fill: RangeFill = RangeFill(),
+                  soft_failed: SoftFailed | None = None) -> dict[str, Any]:
     """What the proxy would do with this request now, as the engine decides it (no origin contact)."""
     route = route_of(head, plan, body)
     if isinstance(route, PassThrough) and route.detail == REQUEST_BODY and not plan.bypass:
@@ -959,7 +962,8 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                         if plan.lowered_by is not None and plan.lowered_by is plan.rule else
                         f"rule {plan.rule.name!r} ({plan.rule.where}) says bypass: neither looked up "
                         "nor stored")}
-    decision = decide_lookup(head, [v.response for v in variants], now, plan.options)
+    failed = soft_failed is not None and key is not None and soft_failed(key, (v.tags for v in variants))
+    decision = decide_lookup(head, [v.response for v in variants], now, plan.options, failed)
     out: dict[str, Any]
     match decision:
         case Serve():
@@ -1002,6 +1006,9 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                                                   ("If-Modified-Since", v.last_modified)) if x)
             if decision.fwd == "request":
                 why = "the client asked for a fresh response (Cache-Control no-cache/max-age/min-fresh)"
+            elif v.invalidated and failed and v.freshness.may_serve_stale():
+                why = ("soft-purged, and its background refresh failed: served stale only within its "
+                       "stale windows now, as any stale response (none applies)")
             elif v.invalidated:
                 why = "soft-purged and not allowed to be served stale"
             else:
@@ -1071,7 +1078,8 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
                   responses: Sequence[tuple[int, Sequence[tuple[str, str]]]] = (),
                   parts: Sequence[StoredVariant] = (), body: bool = False,
                   refresh_held: RefreshHeld | None = None, room: int | None = None,
-                  range_fill: RangeFill = RangeFill()) -> dict[str, Any]:
+                  range_fill: RangeFill = RangeFill(), soft_failed: SoftFailed | None = None
+                  ) -> dict[str, Any]:
     """The whole decision trace for one request, as JSON-ready data (``GET /explain``).
 
     ``variants`` are what the store holds under the request's key, in every tier, and
@@ -1079,8 +1087,10 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     ``responses`` are hypothetical origin answers (status, headers) to decide storing for.
     ``body``: the request carries a body (``request_body``). ``refresh_held``: the running
     proxy's answer to whether a stale response's refresh waits after one failed (until when;
-    ``MissPath.refresh_held_back``). ``room``: the biggest body the running store keeps now
-    (``fill_decision``). ``range_fill``: what a range miss's fetch depends on (``RangeFill``).
+    ``MissPath.refresh_held_back``), and ``soft_failed`` whether a soft-purged one's refresh
+    failed since the purge (``MissPath.soft_refresh_failed``). ``room``: the biggest body the
+    running store keeps now (``fill_decision``). ``range_fill``: what a range miss's fetch
+    depends on (``RangeFill``).
     Pure: nothing here touches the origin or the store.
     """
     plan = rules.plan(head)
@@ -1113,7 +1123,7 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
                    for i, v in enumerate(variants)],
         "stored_parts": [_part_json(v, i, now) for i, v in enumerate(parts)],
         "decision": _now_decision(rules, head, plan, key, variants, now, parts, body, refresh_held,
-                                  range_fill),
+                                  range_fill, soft_failed),
         "rules": rule_trace,
     }
     if hidden is not None and (variants or parts):

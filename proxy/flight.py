@@ -52,7 +52,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, ClassVar, Literal, assert_never
 
@@ -568,11 +568,30 @@ class MissPath:
             return None
         return until
 
+    def soft_refresh_failed(self, key: str, tag_sets: Iterable[Collection[str]]) -> bool:
+        """Whether a background refresh of the soft-purged response under ``key`` failed in this
+        worker since the purge (``proxy.policy.reuse.decide_lookup``'s input of that name): it is
+        then served stale only within its own windows. ``tag_sets``: the tags of the responses
+        stored under the key; a purge since the failure that covers one of them lifts it (the
+        operator's soft purge once the origin is mended: its first request is served the old
+        copy at once again while one refreshes it), as it lifts the refresh's wait
+        (``refresh_held_back``). Asked by ``GET /explain`` too."""
+        since = self.coalescer.soft_failed_at(key)
+        if since is None:
+            return False
+        storage = self.engine.storage
+        if any(storage.purged_since(since, key, tags) for tags in tag_sets):
+            self.coalescer.refresh_ok(key)
+            return False
+        return True
+
     def _refresh_failed(self, run: _Run) -> None:
         """A background refresh ended with the stale response still as it was (no answer, an
         error, a 304 it did not ask for, an answer not stored): the key's next refresh waits
         (``proxy.policy.reuse.refresh_retry_at``). Per worker: with N workers, at most N
-        refreshes a while."""
+        refreshes a while. A soft-purged response is served stale only within its own windows
+        from then on (``soft_refresh_failed``): per worker too, so each worker serves it at once
+        until its own refresh of it has failed."""
         stale = run.attempt.revalidating or run.attempt.stale
         if stale is None:
             return
@@ -581,7 +600,8 @@ class MissPath:
         # (The epoch when its request went out: a purge during the refresh lifts the wait too.)
         epoch = run.flight.epoch
         self.coalescer.refresh_failed(run.attempt.key, until, now,
-                                      self.engine.storage.epoch if epoch is None else epoch)
+                                      self.engine.storage.epoch if epoch is None else epoch,
+                                      soft=stale.entry.response.invalidated)
 
     def _launch(self, attempt: Attempt, register: bool, background: bool,
                 fly: Callable[[_Run], Awaitable[None]]) -> Flight:

@@ -19,6 +19,10 @@ Stale responses are never served when the response said ``must-revalidate``,
 ``proxy-revalidate``, ``s-maxage`` or ``no-cache`` (§4.2.4), whatever the request's
 ``max-stale`` or the rules' stale-if-error say.
 
+A soft-purged response (``invalidated``) is stale from the purge on: the first request gets it
+at once (``UPDATING``) and refreshes it in the background; once such a refresh has failed
+(``soft_refresh_failed``) it is served stale only as any stale response is, within its windows.
+
 Request directives (§5.2.1): ``no-cache`` and ``Pragma: no-cache`` (when there is no
 Cache-Control) go to the origin; ``max-age``, ``min-fresh`` and ``max-stale`` bound
 the age accepted (a ``max-stale`` bound, stale-while-revalidate's stale serving too);
@@ -160,7 +164,16 @@ def decide_lookup(
     candidates: Sequence[StoredResponse],
     now: float,
     options: CacheOptions,
+    soft_refresh_failed: bool = False,
 ) -> LookupDecision:
+    """``soft_refresh_failed``: a background refresh of the key's soft-purged response has failed
+    since the purge (what the engine remembers: ``MissPath.soft_refresh_failed``). Until then a
+    soft-purged response is served at once (``UPDATING``) while one request refreshes it, the
+    purge's promise; from then on it is an ordinary stale response, served stale only within its
+    own stale-while-revalidate / stale-if-error windows or the rules', else revalidated first
+    (the origin's error, or a 504, as for a response that was never purged). Without this, it
+    was served stale without any bound for as long as the origin failed: more than the same
+    response un-purged."""
     if not candidates:
         # Nothing stored, a GET or HEAD without directives: the plain miss, as
         # ``decide_lookup_in_full`` decides it (every fill asks: four Python-level calls fewer
@@ -171,7 +184,7 @@ def decide_lookup(
     plain = plain_fresh_hit(request, candidates, now)
     if plain is not None:
         return Serve(plain[0], "HIT", plain[1], plain[2], not_modified=plain[3])
-    return decide_lookup_in_full(request, candidates, now, options)
+    return decide_lookup_in_full(request, candidates, now, options, soft_refresh_failed)
 
 
 def decide_lookup_in_full(
@@ -179,6 +192,7 @@ def decide_lookup_in_full(
     candidates: Sequence[StoredResponse],
     now: float,
     options: CacheOptions,
+    soft_refresh_failed: bool = False,
 ) -> LookupDecision:
     """``decide_lookup`` without its shortcut for plain fresh hits (the tests compare both)."""
     if request.method not in LOOKUP_METHODS:
@@ -236,7 +250,8 @@ def decide_lookup_in_full(
             limit = float("inf") if max_stale is None else float(req_cc.delta("max-stale") or 0)
             if -ttl <= limit:
                 return serve("STALE")
-        elif stored.invalidated or _within(-ttl, fresh_info.stale_while_revalidate):
+        elif (stored.invalidated and not soft_refresh_failed) \
+                or _within(-ttl, fresh_info.stale_while_revalidate):
             return serve("UPDATING", refresh=vouches(request, stored))
 
     if only_if_cached:

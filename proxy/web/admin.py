@@ -763,7 +763,8 @@ async def explain(request: web.Request) -> web.Response:
                           [(s, req.response_headers) for s in req.statuses], found[part_key(key)],
                           body, runtime.engine.miss.refresh_held_back, runtime.storage.max_object,
                           RangeFill(whole=runtime.settings.cache.range_fill == "whole",
-                                    passing=runtime.engine.coalescer.is_pass(key)))
+                                    passing=runtime.engine.coalescer.is_pass(key)),
+                          runtime.engine.miss.soft_refresh_failed)
     return web.json_response(trace)
 
 

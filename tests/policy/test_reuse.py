@@ -270,6 +270,56 @@ def test_a_soft_purged_must_revalidate_response_is_revalidated_first() -> None:
 
 
 RULES_SIE = CacheOptions(stale_if_error=3600)
+# (case, response fields, rules' options, seconds after storing, refresh failed, expected): the
+# response was soft-purged some time after it was stored.
+SOFT: list[tuple[str, Pairs, CacheOptions, float, bool, str]] = [
+    ("before any refresh failed: served at once, refreshed (the purge's promise)",
+     [("Cache-Control", "max-age=60"), ETAG], CacheOptions(), 1, False, "serve UPDATING refresh"),
+    ("however stale, before any refresh failed", [("Cache-Control", "max-age=60"), ETAG], CacheOptions(),
+     30 * 86400, False, "serve UPDATING refresh"),
+    ("max-age=0 too, before any refresh failed", [("Cache-Control", "max-age=0"), ETAG], RULES_SIE,
+     1, False, "serve UPDATING refresh"),
+    ("its refresh failed, no window: revalidated first, the origin's error passes",
+     [("Cache-Control", "max-age=60"), ETAG], CacheOptions(), 1, True, "revalidate stale"),
+    ("its refresh failed, no validator: fetched, the origin's error passes",
+     [("Cache-Control", "max-age=60")], CacheOptions(), 1, True, "forward stale"),
+    ("its refresh failed, 30 days stale: as an un-purged response", [("Cache-Control", "max-age=60"), ETAG],
+     CacheOptions(), 30 * 86400, True, "revalidate stale"),
+    ("its refresh failed, within the rules' stale_if_error: stale on an origin error",
+     [("Cache-Control", "max-age=60"), ETAG], RULES_SIE, 100, True, "revalidate stale sie"),
+    ("its refresh failed, past the rules' stale_if_error", [("Cache-Control", "max-age=60"), ETAG], RULES_SIE,
+     60 + 3601, True, "revalidate stale"),
+    ("its refresh failed, max-age=0: the rules' windows never apply", [("Cache-Control", "max-age=0"), ETAG],
+     RULES_SIE, 1, True, "revalidate stale"),
+    ("its refresh failed, within its own stale-if-error", [("Cache-Control", "max-age=60, stale-if-error=100"),
+                                                           ETAG], CacheOptions(), 150, True, "revalidate stale sie"),
+    ("its refresh failed, within its own stale-while-revalidate: still served at once",
+     [("Cache-Control", "max-age=60, stale-while-revalidate=100"), ETAG], CacheOptions(), 150, True,
+     "serve UPDATING refresh"),
+    ("its refresh failed, past its own stale-while-revalidate",
+     [("Cache-Control", "max-age=60, stale-while-revalidate=100"), ETAG], CacheOptions(), 161, True,
+     "revalidate stale"),
+    ("its refresh failed, a client's max-stale still holds", [("Cache-Control", "max-age=60"), ETAG],
+     CacheOptions(), 100, True, "serve STALE"),
+]
+
+
+@pytest.mark.parametrize(("case", "response", "options", "after", "failed", "expected"), SOFT,
+                         ids=[c[0] for c in SOFT])
+def test_a_soft_purged_response_is_an_ordinary_stale_one_once_its_refresh_failed(
+        case: str, response: Pairs, options: CacheOptions, after: float, failed: bool, expected: str) -> None:
+    """A soft-purged response was served UPDATING however stale for as long as its refresh
+    failed, whatever its own windows (max-age=60 then an origin 500: UPDATING after 30 days,
+    where the same response un-purged got the origin's 500): more than not purging."""
+    s = replace(stored(response, options=options), invalidated=True)
+    req = [("Cache-Control", "max-stale")] if "max-stale" in case else []
+    assert kind(decide_lookup(request(*req), [s], T0 + after, options, soft_refresh_failed=failed)) == expected
+
+
+def test_a_failed_soft_refresh_changes_nothing_for_a_response_not_soft_purged() -> None:
+    s = stored([("Cache-Control", "max-age=60"), ETAG])
+    for after, expected in ((1, "serve HIT"), (61, "revalidate stale")):
+        assert kind(decide_lookup(request(), [s], T0 + after, CacheOptions(), soft_refresh_failed=True)) == expected
 
 
 # (case, status, response fields, seconds after storing, request fields, expected): RULES_SIE applies
