@@ -138,6 +138,11 @@ def record_of(variants: tuple[Cached, ...] | None) -> int:
     return variants[0].rec if variants else 0
 
 
+def _body_of(found: Record, e: Entry) -> bool:
+    """Whether ``found`` (the record under ``e``'s body key) holds ``e``'s body."""
+    return bool(found.flags & F_BODY) and found.body_len == e.body_size
+
+
 def cost(variants: tuple[Cached, ...]) -> int:
     """What a key's decoded variants cost a process (bodies excepted: they are the arena's,
     unless a variant holds its own bytes)."""
@@ -316,21 +321,26 @@ class MemoryTier:
         by its body id, and of its length (its bytes stay in place; check ``alive`` after copying).
         (One being moved round the ring is found too: ``Arena.find``.)"""
         found = self.arena.find(body_key(key, e.body_id))
-        if found is None or not found.flags & F_BODY or found.body_len != e.body_size:
-            return None
-        return found
+        return found if found is not None and _body_of(found, e) else None
+
+    def copy_body(self, key: str, e: Entry) -> tuple[Record, builtins.bytes] | None:
+        """``find_body`` with the body copied at once (bytes no later write changes), or None
+        when the ring does not hold it. A body record that went round the ring while it was
+        copied (CLOCK's second chance: alive at the head) is looked up again, never taken as
+        gone (``Arena.find_copy``): taken so, a variant not on disk yet was dropped from the
+        key, and the key's record with it when no variant was left."""
+        copy = self.arena.find_copy(body_key(key, e.body_id))
+        return copy if copy is not None and _body_of(copy[0], e) else None
 
     def body_apart(self, key: str, e: Entry) -> builtins.bytes | None:
         """A copy of ``e``'s body from its own record (None: the ring does not hold it). This
         process's decoded entry of the key is dropped when it is found (it was read while the
         ring lacked the body: another process put it back since), so the next hit takes it."""
-        found = self.find_body(key, e)
-        if found is None:
+        copy = self.copy_body(key, e)
+        if copy is None:
             return None
-        data = self.arena.body(found)
-        if data is not None:
-            self._forget(key)
-        return data
+        self._forget(key)
+        return copy[1]
 
     def put_body(self, key: str, e: Entry, body: builtins.bytes, on_disk: bool) -> int:
         """Write ``body`` (of ``e``, a variant of ``key`` whose body is kept apart) into a record
@@ -396,15 +406,17 @@ class MemoryTier:
             if persisted:
                 state = ON_DISK
             if body_len == APART:
-                found = self.find_body(key, e)
-                # (A body record is never rewritten with other bytes: a new body has a new id.)
-                apart_copy = None if found is None or data is None else self.arena.body(found)
-                if found is not None and (data is None or apart_copy is not None):
+                apart_body: bytes | memoryview | None = None
+                if data is None:
+                    found = self.find_body(key, e)
+                    if found is not None:
+                        apart_body = view[found.body_at:found.body_at + found.body_len]
+                else:  # (a body record is never rewritten with other bytes: a new body has a new id)
+                    found, apart_body = self.copy_body(key, e) or (None, None)
+                if found is not None:
                     if state == ALL_TO_WRITE and found.flags & F_PERSISTED:
                         state = ON_DISK  # (written behind since the key's record was)
-                    variants.append(Cached(e, view[found.body_at:found.body_at + found.body_len]
-                                           if apart_copy is None else apart_copy,
-                                           pos=found.pos, state=state, apart=True, rec=rec))
+                    variants.append(Cached(e, apart_body, pos=found.pos, state=state, apart=True, rec=rec))
                     apart.append(found.pos)
                 elif state != ALL_TO_WRITE:  # the disk has its body: read from there
                     variants.append(Cached(e, None, pos=rec, state=state, apart=True, rec=rec))
@@ -426,8 +438,9 @@ class MemoryTier:
                 starts.append(-1)
             variants.append(Cached(e, body, pos=rec, state=state, rec=rec))
         if not variants:  # (each was a body the ring dropped: what the disk has is read from there)
-            self._unsure.pop(rec, None)
-            self.arena.delete(key, rec)
+            if not copied:  # (the looked-again read leaves the record to the next plain one)
+                self._unsure.pop(rec, None)
+                self.arena.delete(key, rec)
             return None
         before = None if copied else self._admit(key)
         bodies = tuple(apart) if apart else ()

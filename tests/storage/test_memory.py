@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.storage.arena import Arena, Record
 from proxy.storage.entry import ALL_TO_WRITE, APART, META_TO_WRITE, ON_DISK, body_key, decode_record
 from proxy.storage.memory import Cached, MemoryTier, record_of
 from tests.storage.helpers import entry
@@ -403,4 +405,58 @@ def test_a_put_refused_for_a_record_written_meanwhile_leaves_no_body_records_beh
                  expect=0) is None
     bodies = sorted(r.key.rsplit("\x00", 1)[1] for r in m.arena.scan() if "\x00" in r.key)
     assert bodies == ["c", "d"]
+    m.close()
+
+
+@pytest.mark.parametrize("reader", ["get_copied", "body_apart"])
+def test_a_body_record_that_goes_round_the_ring_while_it_is_copied_is_found_at_its_new_place(
+        reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Vary key's variants not on disk yet, their bodies in records of their own: between
+    finding a body record and copying its body, another process's write makes room and the
+    record, read since it was written, goes round the ring (CLOCK's second chance: its copy
+    alive at the head). The copy read as "overwritten": the looked-again read (``get_copied``)
+    took the variant as not at hand, and with no variant left deleted the key's record (every
+    variant lost though its body was in memory all along); ``body_apart`` said the ring did
+    not hold it. Now the body is looked up again and found where it went."""
+    m = MemoryTier(budget=256 * KB, max_object=64 * KB)
+    arena = m.arena
+    key = "http://h/v"
+
+    def variant(name: str) -> Cached:
+        e = entry(key, vary=(("user-agent", name),))
+        return Cached(replace(e, body_id=name, body_size=20 * KB), name.encode() * 20 * KB, state=ALL_TO_WRITE)
+
+    a, b = variant("a"), variant("b")
+    assert m.put(key, (a, b))
+    for k in (body_key(key, "a"), body_key(key, "b"), key):  # read: they go round, not out
+        found = arena.find(k)
+        assert found is not None
+        arena.mark(found.pos)
+    i = 0
+    while arena.head + 2100 < arena.capacity:  # never read: what room-making drops first
+        arena.put(f"pad{i}", b"", b"p" * 2000)
+        i += 1
+    copy = Arena.body
+    moved: list[tuple[int, int]] = []
+
+    def body(self: Arena, record: Record) -> bytes | None:
+        if not moved and record.key == body_key(key, "a"):
+            n = 0
+            while (now := arena.find(record.key)) is not None and now.pos == record.pos:
+                arena.put(f"other{n}", b"", b"o" * 4000)  # another process's writes
+                n += 1
+            assert now is not None  # alive at its new place
+            moved.append((record.pos, now.pos))
+        return copy(self, record)
+
+    monkeypatch.setattr(Arena, "body", body)
+    if reader == "get_copied":
+        got = m.get_copied(key)
+        assert got is not None and [c.entry.body_id for c in got] == ["a"]  # ("b" was dropped to make room)
+        assert bytes(got[0].body or b"") == b"a" * 20 * KB and got[0].pos == moved[0][1]
+    else:
+        assert m.body_apart(key, a.entry) == b"a" * 20 * KB
+    assert moved and moved[0][0] != moved[0][1]
+    monkeypatch.undo()
+    assert [c.entry.body_id for c in m.get(key) or ()] == ["a"]  # the key's record stands
     m.close()
