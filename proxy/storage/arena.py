@@ -43,9 +43,12 @@ as gone, never as another key's bytes. A lookup whose slot named a record that d
 read it reads the bucket again: changed, it follows the slot; unchanged (a writer is between
 killing that record and pointing the slot at its new copy: one going round), or changed
 ``FIND_TRIES`` times (the key rewritten faster than this reader reads), it looks once more
-under the ring's lock, so that a key being written anew is never a miss. This relies on stores
-becoming visible in program order, which x86-64 guarantees (TSO); on other CPUs
-``CHECK_BODIES`` makes readers check a body's CRC after copying it as well.
+under the ring's lock, so that a key being written anew is never a miss. There a slot of its
+fingerprint still naming a dead record is the leftover of a writer killed halfway (SIGKILL):
+it is unlinked (and a write of the key takes such a slot), so its later lookups and misses do
+not take the lock each time. This relies on stores becoming visible in program order, which
+x86-64 guarantees (TSO); on other CPUs ``CHECK_BODIES`` makes readers check a body's CRC after
+copying it as well.
 
 **Words read without the lock** (a slot's fields, a record's ``pos``, the header's) are written
 with one 8-byte store each, through ``words`` (the mapping as native u64s), never with
@@ -119,6 +122,7 @@ F_TAKEN = 8
 # from its key's record; F_PERSISTED on it: the disk tier has that body.
 F_BODY = 16
 _Q = struct.Struct("=Q")
+_QQ = struct.Struct("=QQ")  # a record's pos and fp
 _COUNTS = struct.Struct("=QQQ")  # H_ENTRIES, H_EVICTIONS, H_LOST (adjacent)
 _SIZES = struct.Struct("=QQ")  # H_WRITES, H_BYTES (adjacent)
 FINGERPRINTS_KEPT = 1024  # keys whose fingerprint a process remembers (then forgets all at once)
@@ -403,14 +407,34 @@ class Arena:
             return self._find_locked(key, fp)
 
     def _find_locked(self, key: str, fp: int) -> Record | None:
-        """``find``, for a caller holding the ring's lock (nothing changes under it)."""
-        slots = _BUCKET.unpack_from(self.mm, self._bucket_at(fp))
+        """``find``, for a caller holding the ring's lock (nothing changes under it). A slot of
+        this fingerprint naming a record that is not there is a writer's leftover (one killed
+        between taking a record going round out of the ring and pointing its slot at the copy,
+        or between dropping a full bucket's oldest and pointing the slot at the new record):
+        under the lock no writer is halfway, so it is unlinked here, else every lookup of the
+        key would look again under the lock until the bucket overflowed."""
+        at = self._bucket_at(fp)
+        slots = _BUCKET.unpack_from(self.mm, at)
         for i in range(0, 2 * BUCKET_SLOTS, 2):
             if slots[i] == fp:
                 found = self.read(slots[i + 1], key)
                 if found is not None:
                     return found
+                if self._stale(fp, slots[i + 1]):
+                    self._unlink_slot(at + i * 8, self._dead_size(fp, slots[i + 1]))
+                    self._tally()
         return None
+
+    def _stale(self, fp: int, pos: int) -> bool:
+        """Whether the record a slot of ``fp`` names at ``pos`` is not there (dead, or another
+        fingerprint's): under the lock, a leftover of a writer killed halfway."""
+        rpos, rfp = _QQ.unpack_from(self.mm, self._phys(pos))
+        return rpos != pos or rfp != fp or not pos
+
+    def _dead_size(self, fp: int, pos: int) -> int:
+        """The size of the dead record of ``fp`` at ``pos`` as the live bytes counted it, if its
+        header is still its own (else 0: the counters are statistics, ``_tally``)."""
+        return self._size_at(pos) if _QQ.unpack_from(self.mm, self._phys(pos))[1] == fp else 0
 
     def find_copy(self, key: str) -> tuple[Record, bytes] | None:
         """``find``, and a copy of the record's body taken at once: bytes no later write changes.
@@ -709,26 +733,35 @@ class Arena:
 
     def _link(self, key: str, fp: int, pos: int, size: int) -> None:
         """Point the index at the new record ``pos`` of ``key``: in place of the key's older
-        record (which dies), else in a free slot, else in place of the bucket's oldest."""
+        record (which dies), else of a slot of its fingerprint naming a record that is not there
+        (a writer's leftover: ``_find_locked``), else in a free slot, else in place of the
+        bucket's oldest."""
         words = self.words
         at = self._bucket_at(fp)
         slots = _BUCKET.unpack_from(self.mm, at)
-        free = oldest = -1
+        free = oldest = stale = -1
         for i in range(0, 2 * BUCKET_SLOTS, 2):
             sfp, spos = slots[i], slots[i + 1]
-            if sfp == fp and spos != pos and self._key_at(spos) == key:
-                # The slot first (one store), then the old record dies: killed first, a reader
-                # in another process that came between found the key gone (a miss for a key
-                # being replaced).
-                words[(at >> 3) + i + 1] = pos
-                self._bytes += size - self._size_at(spos)
-                self._kill(spos)
-                return
+            if sfp == fp and spos != pos:
+                if self._key_at(spos) == key:
+                    # The slot first (one store), then the old record dies: killed first, a
+                    # reader in another process that came between found the key gone (a miss
+                    # for a key being replaced).
+                    words[(at >> 3) + i + 1] = pos
+                    self._bytes += size - self._size_at(spos)
+                    self._kill(spos)
+                    return
+                if stale < 0 and self._stale(fp, spos):
+                    stale = i
             if sfp == 0:
                 if free < 0:
                     free = i
             elif oldest < 0 or spos < slots[oldest + 1]:
                 oldest = i
+        if stale >= 0:  # (counted in ``entries`` already)
+            words[(at >> 3) + stale + 1] = pos
+            self._bytes += size - self._dead_size(fp, slots[stale + 1])
+            return
         if free < 0:  # a full bucket: its oldest record leaves memory early
             victim = slots[oldest + 1]
             self._bytes -= self._size_at(victim)

@@ -401,6 +401,82 @@ def test_a_key_written_anew_is_never_a_miss_nor_an_older_copy_wherever_its_write
     assert min(seen.values()) > 0 if what == "replace" else len(places) > 10
 
 
+DYING = """
+import os, signal, sys
+from proxy.storage.arena import Arena
+a = Arena.attach(int(sys.argv[1]))
+def dies_after(done):
+    def dying(*args):
+        done(*args)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return dying
+if sys.argv[2] == "go-round":  # killed between a read record's going out and its slot's repointing
+    Arena._repoint = dies_after(lambda *args: None)
+else:  # "victim": killed between a full bucket's oldest dying and its slot naming the new record
+    a.fingerprint = lambda key: 1 + int(key[1:]) * a.index_buckets
+    Arena._kill = dies_after(Arena._kill)
+a.put("k999", b"m", b"y" * 1000)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["lookup", "write"])
+@pytest.mark.parametrize("what", ["go-round", "victim"])
+def test_a_slot_left_naming_a_dead_record_by_a_killed_writer_is_mended_by_the_next_lookup_or_write(
+        what: str, first: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer SIGKILLed between taking a record out of the ring and pointing its slot at the
+    new place (a record going round; a full bucket's oldest replaced) left the slot naming a
+    dead record. Nothing mended it: every lookup of that key, and every miss of it once it was
+    written anew and deleted, found the slot, saw the bucket unchanged (a writer halfway, as
+    far as it could tell) and took the ring's lock, until the bucket overflowed; ``entries``
+    stayed one high. Now a lookup under the lock, where no writer is halfway, unlinks it, and a
+    write of the key takes that slot."""
+    a = Arena.create(64 * KB)
+    try:
+        if what == "go-round":
+            keys = [f"k{i}" for i in range(62)]  # a full ring, every record read: they go round
+        else:
+            monkeypatch.setattr(a, "fingerprint", lambda key: 1 + int(key[1:]) * a.index_buckets)
+            keys = [f"k{i}" for i in range(BUCKET_SLOTS)]  # one full bucket
+        for key in keys:
+            a.put(key, b"m", b"x" * 1000)
+            found = a.find(key)
+            assert found is not None
+            a.mark(found.pos)
+        child = subprocess.Popen([sys.executable, "-c", DYING, str(a.fd), what], pass_fds=(a.fd,))
+        assert child.wait(timeout=30) == -signal.SIGKILL
+        locked = 0
+        find_locked = Arena._find_locked
+
+        def counted(self: Arena, key: str, fp: int) -> object:
+            nonlocal locked
+            locked += 1
+            return find_locked(self, key, fp)
+
+        monkeypatch.setattr(Arena, "_find_locked", counted)
+        lost = "k0"  # (the oldest: the first to go round, the bucket's oldest)
+        if first == "lookup":
+            assert [key for key in keys if a.find(key) is None] == [lost]
+            assert locked == 1  # (its slot named a dead record: looked under the lock)
+            locked = 0
+            for _ in range(100):
+                assert a.find(lost) is None
+            assert locked == 0
+            assert a.entries == len(keys) - 1  # (the dead record's slot is counted no more)
+        a.put(lost, b"m", b"n" * 1000)  # written anew (in place of that slot), then purged
+        assert a.entries == sum(a.find(key) is not None for key in keys)
+        found = a.find(lost)
+        assert found is not None and a.body(found) == b"n" * 1000
+        assert a.delete(lost)
+        locked = 0
+        for _ in range(100):
+            assert a.find(lost) is None  # a plain miss
+        assert locked == 0
+        assert a.entries == sum(a.find(key) is not None for key in keys)
+    finally:
+        a.close()
+
+
 def test_a_scan_yields_live_records_oldest_first(arena: Arena) -> None:
     for i in range(10):
         arena.put(f"k{i}", b"", b"x" * 100)
