@@ -330,11 +330,17 @@ class LeaseTable:
                         _SLOT.pack_into(mm, at, fp, token, started, waiters, holder, flags, status)
         return told
 
+    # The counters, for the supervisor's metrics: none once the arena is closed (a scrape racing
+    # the stop; the shared memory's words are let go then), as the other readers of a closed
+    # arena (the console's samples, the lock watchdog) read nothing.
+
     @property
     def held(self) -> int:
-        return int(self._words[(self._at + _HELD_AT) >> 3])
+        return 0 if self._arena.closed else int(self._words[(self._at + _HELD_AT) >> 3])
 
     def counts(self) -> dict[str, int]:
+        if self._arena.closed:
+            return {}
         return {e: int(self._words[(self._at >> 3) + i]) for i, e in enumerate(EVENTS)}
 
 

@@ -397,3 +397,23 @@ async def test_a_waiter_waits_past_its_deadline_while_its_holder_waits_for_anoth
         assert await client.wait("k", waiting, loop.time() + LEASE_POLL / 2) == {"outcome": "timeout"}
     finally:
         arena.close()
+
+
+def test_a_closed_arenas_lease_counters_read_as_none_not_an_error() -> None:
+    """A metrics scrape racing the stop: the arena closed (its words let go) while a view of it
+    was still held (a response being sent). The counters raised ValueError (a released
+    memoryview), the scrape failed; now they read as nothing held and no samples, as the other
+    readers of a closed arena read nothing."""
+    arena = Arena.create(64 * 1024)
+    t = LeaseTable(arena, Clock())
+    t.acquire(0, "k")
+    arena.put("k", b"m", b"body")
+    found = arena.find("k")
+    assert found is not None and t.held == 1 and t.counts()["granted"] == 1
+    view = arena.view[found.body_at:found.body_at + 4]  # (a body being sent)
+    arena.close()
+    assert t.held == 0 and t.counts() == {}
+    families = {m.name: [s.value for s in m.samples] for m in LeaseRelay(t, lambda w, e: None).collect()}
+    assert families == {"cachegate_cross_worker_leases": [], "cachegate_cross_worker_leases_held": [0]}
+    assert bytes(view) == b"body"
+    view.release()
