@@ -31,10 +31,10 @@ def answered_fast(proxy: Proxy) -> int:
     return server.fast.answered
 
 
-async def started(make_proxy: MakeProxy, origin: Origin, keepalive: str) -> Proxy:
+async def started(make_proxy: MakeProxy, origin: Origin, keepalive: str, more: str = "") -> Proxy:
     origin.route("/hit", body=b"h" * 100, headers={"Cache-Control": "max-age=300"})
     origin.route("/miss", body=b"m" * 100, headers={"Cache-Control": "no-store"})
-    proxy = await make_proxy(config=f"keepalive_timeout: {keepalive}\n")
+    proxy = await make_proxy(config=f"keepalive_timeout: {keepalive}\n{more}")
     assert (await proxy.get("/hit", headers={"Host": "example.test"})).x_cache == "MISS"  # stored: the next ones are fast-path hits
     return proxy
 
@@ -113,6 +113,55 @@ async def test_keepalive_timeout_0_closes_the_connection_after_every_reply(
     finally:
         conn.close()
     assert answered_fast(proxy) == before  # a hit too: the fast path's heads keep the connection
+
+
+@pytest.mark.parametrize("path", ["/miss", "/hit"], ids=["general-path", "fast-path"])
+async def test_a_head_begun_before_the_keepalive_timeout_and_finished_after_it_is_answered(
+        make_proxy: MakeProxy, origin: Origin, path: str) -> None:
+    """A kept-alive connection whose client began its next head just before the keep-alive
+    timeout (a load balancer sending a large head) was closed mid-head at the timeout: no
+    answer, no access-log line, and the load balancer answered its client 502. Once bytes of
+    the next request have come, client_header_timeout governs it (nginx): it is answered."""
+    proxy = await started(make_proxy, origin, "1s", "client_header_timeout: 4s\n")
+    conn = await Conn(proxy, path).open()
+    try:
+        await conn.ask()
+        await asyncio.sleep(0.2)  # (the timeout is 1 s after the answer was written)
+        target = "/miss?late" if path == "/miss" else path
+        conn.writer.write(f"GET {target} HTTP/1.1\r\nHo".encode())
+        await asyncio.sleep(1.3)  # past the keep-alive timeout, well within the head's 4 s
+        fast = answered_fast(proxy)
+        conn.writer.write(b"st: example.test\r\n\r\n")
+        raw = await asyncio.wait_for(read_response(conn.reader, "GET"), HANG)
+        assert raw.status_line == "HTTP/1.1 200 OK", raw
+        assert answered_fast(proxy) - fast == (path == "/hit")  # (on the path it means)
+        await conn.ask()  # and the connection is kept alive after it, as after any request
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", ["/miss", "/hit"], ids=["general-path", "fast-path"])
+async def test_a_head_begun_on_a_kept_alive_connection_and_never_finished_is_a_408_at_client_header_timeout(
+        tmp_path: Path, make_proxy: MakeProxy, origin: Origin, path: str) -> None:
+    """The other side of it: a head begun and never finished is closed at client_header_timeout
+    from its first byte, not at the keep-alive timeout, and logged 408 (nothing is sent)."""
+    from tests.ops.test_log_outcomes import records
+
+    log_file = tmp_path / "access.log"
+    proxy = await started(make_proxy, origin, "1s", f"client_header_timeout: 2s\naccess_log: {{path: {log_file}}}\n")
+    conn = await Conn(proxy, path).open()
+    try:
+        await conn.ask()
+        await asyncio.sleep(0.2)
+        conn.writer.write(b"GET /never HTTP/1.1\r\nHo")
+        closed = await conn.closed_after()
+        # From its first byte: 2 s (the keep-alive timer would have closed it 0.8 s after it).
+        assert 1.8 <= closed < HANG, closed
+    finally:
+        conn.close()
+    logged = records(proxy, log_file)
+    assert [r["status"] for r in logged] == [200, 200, 408], logged  # (the MISS that stored /hit first)
+    assert (logged[-1]["method"], logged[-1]["path"], logged[-1]["duration_us"]) == (None, None, 2_000_000)
 
 
 async def test_a_reload_applies_keepalive_timeout_to_the_connections_opened_after_it(

@@ -7,7 +7,8 @@ holds a file descriptor each for as long as that timer lets it. ``HeadTimedHandl
 the connection when a head is not whole ``head_timeout`` seconds after it began: after the
 connection opened, for the first request; after its first byte, for the next ones (the time
 in between is the keep-alive timeout's; empty lines there begin no head, RFC 9112 §2.2:
-``empty_lines``). Nothing is answered (as nginx: the client never
+``empty_lines``; once a byte of the next head has come, the keep-alive timer leaves the
+connection to this one: ``head_pending``). Nothing is answered (as nginx: the client never
 finished asking); the proxy listener logs a head begun that way as nginx does, 408
 (``head_timed_out``). The timer is armed only when a chunk leaves a head unfinished: a request
 that arrives whole in one read, the common case, costs a counter comparison.
@@ -43,12 +44,15 @@ log = logging.getLogger("cachegate.server")
 class HeadTimedHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` with a limit on how long one request head may take."""
 
-    __slots__ = ("_head_handle", "_head_timeout", "_unread")
+    __slots__ = ("_head_handle", "_head_open", "_head_timeout", "_unread")
 
     def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = head_timeout
         self._head_handle: asyncio.TimerHandle | None = None
+        # Bytes of a request head came since the last request (``head_begun``): the connection
+        # is not idle, its head timer governs it, not the keep-alive one (``head_pending``).
+        self._head_open = False
         # Bytes the client sent were dropped unparsed (a refused upgrade's, a refused request's
         # and what follows it): it may still be sending when the connection closes, which then
         # lingers (``LimitedHandler.input_pending``).
@@ -56,7 +60,7 @@ class HeadTimedHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.head_begun()
+        self._head_timed()  # (the first head is timed from the opening, before any byte of it)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.head_ended()
@@ -122,10 +126,22 @@ class HeadTimedHandler(RequestHandler):
         return self.waiting_for_head()
 
     def head_begun(self) -> None:
+        """Bytes of a request head came, and it is not whole yet: timed from the first of them."""
+        self._head_open = True
+        self._head_timed()
+
+    def _head_timed(self) -> None:
         if self._head_handle is None and self._head_timeout > 0 and not self._force_close:
             self._head_handle = self._loop.call_later(self._head_timeout, self._head_expired)
 
+    def head_pending(self) -> bool:
+        """A head begun (some of its bytes came) is being timed: the keep-alive timer leaves the
+        connection to the head timer (nginx: once bytes of the next request arrive, it is
+        client_header_timeout's, not keepalive_timeout's)."""
+        return self._head_open and self._head_handle is not None
+
     def head_ended(self) -> None:
+        self._head_open = False
         handle = self._head_handle
         if handle is not None:
             handle.cancel()
@@ -136,7 +152,7 @@ class HeadTimedHandler(RequestHandler):
         if self._force_close:
             return
         if not self.head_idle():
-            self.head_begun()  # requests before the head are still being answered: again later
+            self._head_timed()  # requests before the head are still being answered: again later
             return
         log.debug("a request head from %s was not whole within %gs (client_header_timeout): "
                   "connection closed", self.peername, self._head_timeout)
@@ -346,7 +362,8 @@ class LimitedHandler(HeadTimedHandler):
         its FIN waited behind the unsent bytes, an orphan socket holding them for as long as the
         client kept its end. One whose client is still reading (or whose queue was only just
         found) is looked at again a sample later: closed gracefully once its reply is read,
-        nothing lost."""
+        nothing lost. One whose next head has begun (``head_pending``) is not idle: its head
+        timer (client_header_timeout) governs it from its first byte."""
         self._keepalive_handle = None
         if self._force_close or not self._keepalive:
             return
@@ -362,6 +379,12 @@ class LimitedHandler(HeadTimedHandler):
             return
         if waiter is None or waiter.done():
             # Busy: aiohttp's timer stops here (it is armed again after the reply).
+            self._keepalive_handle = loop.call_at(now + self.check_every(), self._process_keepalive)
+            return
+        if self.head_pending():
+            # Not idle: bytes of its next request came (a head straddling the timeout, e.g. a load
+            # balancer's just sent). client_header_timeout bounds that head (and logs 408 if it
+            # never ends); closed here, the request was lost with no answer and no log line.
             self._keepalive_handle = loop.call_at(now + self.check_every(), self._process_keepalive)
             return
         if pending:
