@@ -10,6 +10,11 @@ from aiohttp import web
 
 from proxy.errors import BodyCutOff, BodyTimedOut, ClientGone, drop_traceback
 
+# What aiohttp's ``StreamReader`` raises (a ``RuntimeError``) when a read begins on a connection
+# already gone (aiohttp 3.14, ``streams.py``: ``_wait``): matched exactly, so that no other
+# ``RuntimeError`` is taken for a client gone.
+CONNECTION_CLOSED = ("Connection closed.",)
+
 
 class BodyReader:
     """Reads a client's request body with two limits: at most ``silence`` seconds
@@ -56,9 +61,9 @@ class BodyReader:
             drop_traceback(exc)  # (the stream keeps it: a cycle through these frames)
             raise ClientGone(f"the client's connection closed {self.received} bytes into the "
                                   f"request body: {exc}") from None
-        except RuntimeError:
-            if self._protocol.connected:
-                raise
+        except RuntimeError as exc:
+            if self._protocol.connected or exc.args != CONNECTION_CLOSED:
+                raise  # (any other, or one an aiohttp upgrade adds: a fault, not the client's going)
             # The connection closed before the request's handler began (max_connections closes
             # the oldest connection waiting for its client, one whose request body is still
             # coming among them; or the client left then), and aiohttp still hands the request

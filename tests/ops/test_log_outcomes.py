@@ -11,11 +11,16 @@ import socket
 import struct
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.streams import StreamReader
 
+from proxy.errors import ClientGone
+from proxy.web.bodyreader import BodyReader
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
 from tests.rules.util import settle
@@ -459,3 +464,33 @@ async def test_an_upload_whose_connection_the_cap_closed_before_its_handler_bega
     assert gone and all(r.levelno == logging.DEBUG for r in gone)  # the window was met
     posts = [(r["status"], r["cache"]) for r in records(proxy, log_file) if r["method"] == "POST"]
     assert posts and set(posts) == {(499, "ERROR")}, posts
+
+
+class _Gone(BaseProtocol):
+    """A request's protocol whose connection has closed (no transport: ``connected`` is False)."""
+
+
+@pytest.mark.parametrize(("message", "gone"), [
+    ("Connection closed.", True),  # aiohttp's own, for a read on a connection already gone
+    ("readany() called while another coroutine is already waiting for incoming data", False),
+    ("Connection closed", False),  # (an aiohttp upgrade's other wording: not taken for it)
+])
+async def test_only_aiohttps_connection_closed_is_taken_for_a_client_gone(message: str, gone: bool) -> None:
+    """The body read takes the ``RuntimeError`` aiohttp raises for a read on a closed connection
+    for the client's going (499, DEBUG); any other ``RuntimeError`` is a fault and goes on (an
+    ERROR with its traceback), also on a connection that has closed: matching on the connection
+    alone, an aiohttp upgrade raising something else there would have been swallowed."""
+    loop = asyncio.get_running_loop()
+    protocol = _Gone(loop)
+
+    class Stream(StreamReader):
+        async def read(self, n: int = -1) -> bytes:
+            if message == "Connection closed.":
+                return await super().read(n)  # (aiohttp's real one raises it: no transport)
+            raise RuntimeError(message)
+
+    request = SimpleNamespace(content=Stream(protocol, 2**16, loop=loop), protocol=protocol)
+    reader = BodyReader(request, 5.0, 0)  # type: ignore[arg-type]  # (only these two are read)
+    with pytest.raises(ClientGone if gone else RuntimeError) as raised:
+        await reader.read(1024)
+    assert gone or str(raised.value) == message
