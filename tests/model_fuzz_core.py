@@ -59,6 +59,7 @@ RANGES = (None, None, None, "bytes=0-9", "bytes=5-", "bytes=-7", "bytes=5000-600
 INMS = (None, None, None, "current", "previous", '"nope"')
 HEURISTIC = (200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501)
 ERRORS = (500, 502, 503, 504)
+START_VARY = {"k1": ("X-Lang",), "k2": ("Accept-Encoding",)}  # the others start without
 
 
 @dataclass
@@ -158,7 +159,10 @@ class Model:
     directory: str
     rules: bool = True  # rules/default.yaml's defaults: stale_if_error 1h
     proxy: Proxy | None = None
-    policies: dict[str, Policy] = field(default_factory=lambda: {k: Policy() for k in KEYS})
+    # Two keys start with a Vary so that a short sequence asks a fresh stored variant for another
+    # value (a planted Vary-blind fresh hit passed 12 x 30 steps when every key started without).
+    policies: dict[str, Policy] = field(default_factory=lambda: {k: Policy(vary=START_VARY.get(k, ()))
+                                                                 for k in KEYS})
     versions: dict[str, int] = field(default_factory=lambda: {k: 1 for k in KEYS})
     made_at: dict[tuple[str, int], float] = field(default_factory=dict)
     sent: dict[int, Sent] = field(default_factory=dict)
