@@ -25,7 +25,12 @@ from proxy.policy.cache_control import CacheControl, parse_cache_control
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
 from proxy.policy.fields import body_length, content_length
 from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill, freshened
-from proxy.policy.freshness import heuristic_withheld, origin_freshness_only, rule_stale_windows_apply
+from proxy.policy.freshness import (
+    heuristic_withheld,
+    may_be_served_stale,
+    origin_freshness_only,
+    rule_stale_windows_apply,
+)
 from proxy.policy.headers import reply_edits
 from proxy.policy.httpdate import format_http_date
 from proxy.policy.keys import ABSENT, KeySpec, cache_key, shown_vary, variant_of, vary_matches
@@ -73,7 +78,6 @@ from proxy.policy.reuse import (
     select_variant,
 )
 from proxy.policy.storability import response_cache_control, too_large
-from proxy.policy.validation import may_hide_errors
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan, lowered_path
 
 # What each "not stored" detail means, and what to change.
@@ -124,11 +128,15 @@ WHY_NOT = {
 
 
 EXPIRED_AT_ONCE = ("{given}: it is expired at once, and with no validator (ETag, Last-Modified) "
-                   "nothing makes it reusable; have the origin send a validator (or its own "
-                   "stale-if-error=), or {fix}")
+                   "nothing makes it reusable; have the origin send a validator{stale}, or {fix}")
+# (a stored error's stale windows are never used: ``proxy.policy.freshness.may_be_served_stale``)
+EXPIRED_STALE = {True: " (or its own stale-if-error=)",
+                 False: " (its stale-if-error= or stale-while-revalidate= does nothing for an error: "
+                        "a stored error is never served stale)"}
 
 
-def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str], expired_by: str = "") -> str:
+def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str], expired_by: str = "",
+            status: int = 200) -> str:
     """What a "not stored" detail means, naming the field whose directive decided (spelled as
     the response spelled it): a targeted field (CDN-Cache-Control: no-store) overrides
     Cache-Control, and blaming Cache-Control sent the reader to a field that said max-age=500.
@@ -155,7 +163,7 @@ def why_not(detail: str, cc_field: str, headers: CIMultiDictProxy[str], expired_
         else:
             given = f"the origin's {field}: {expired_by}=0 gives it a lifetime of 0"
             fix = "give a rule a ttl for this status with override_origin: true"
-        return EXPIRED_AT_ONCE.format(given=given, fix=fix)
+        return EXPIRED_AT_ONCE.format(given=given, fix=fix, stale=EXPIRED_STALE[status < 500])
     return WHY_NOT.get(detail.partition(":")[0], "").replace("{field}", field)
 
 
@@ -393,7 +401,8 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
     match decision:
         case NoFill(detail=detail, expired_by=expired_by):
             why = "the rule says no_store" if sp.no_store_rule is not None \
-                else why_not(detail, response_cache_control(headers, sp.options)[1], headers, expired_by)
+                else why_not(detail, response_cache_control(headers, sp.options)[1], headers, expired_by,
+                             status)
             lines.append(f"  decision            not stored: {detail} ({why})")
             if detail in NO_LIFETIME and authorization_origin_only(head, status, _cc_of(headers, sp), sp):
                 lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
@@ -420,7 +429,7 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
                 lines.append(f"  note                {NO_HEURISTIC}")
             if authorization_origin_only(head, status, _cc_of(headers, sp), sp):
                 lines.append(f"  note                {AUTHORIZATION_ORIGIN_ONLY}")
-            lines.extend(_stale_lines(f, _cc_of(headers, sp), sp, may_hide_errors(decision.response)))
+            lines.extend(_stale_lines(f, _cc_of(headers, sp), sp, decision.response.status))
             if sp.tags:
                 lines.append(f"  tags                {', '.join(sp.tags)} (besides Surrogate-Key/Cache-Tag)")
         case _:
@@ -440,27 +449,29 @@ def _store_lines(head: RequestHead, plan: RequestPlan, status: int,
     return lines
 
 
-def _stale_lines(f: Freshness, cc: CacheControl, sp: StorePlan, hides_errors: bool) -> list[str]:
+def _stale_lines(f: Freshness, cc: CacheControl, sp: StorePlan, status: int) -> list[str]:
     """Which stale windows the engine applies to this stored response, and where each comes from:
     none when the origin forbids serving it stale (``Freshness.may_serve_stale``), the rules'
-    only for a response with a lifetime (``rule_stale_windows_apply``), and no stale-if-error for
-    a stored error (``hides_errors``: ``proxy.policy.validation.may_hide_errors``)."""
+    only for a response with a lifetime (``rule_stale_windows_apply``), and none for a stored
+    error (``proxy.policy.freshness.may_be_served_stale``)."""
     if not f.may_serve_stale():
         which = "no-cache" if f.no_cache else "/".join(
             d for d in ("must-revalidate", "proxy-revalidate", "s-maxage") if d in cc)
         return [f"  stale               never served stale: the origin requires revalidation ({which}); "
                 "if it cannot be reached, 504"]
+    if not may_be_served_stale(status, f):
+        return ["  stale               never served stale: a stored error is revalidated first, and the "
+                "client gets the origin's answer (its new error, or the proxy's 502/504 if it cannot be "
+                "reached)"]
 
     def window(value: float, directive: str, rule_name: str) -> str:
         if cc.delta(directive) is not None:
             return f"{fmt_duration(value)} (the origin's {directive})"
         return f"{fmt_duration(value)} (the rules' {rule_name})" if value > 0 else fmt_duration(value)
 
-    if_error = window(f.stale_if_error, "stale-if-error", "stale_if_error") if hides_errors \
-        else "never (a stored error does not stand in for the origin's new one)"
     lines = [f"  stale               while revalidating "
              f"{window(f.stale_while_revalidate, 'stale-while-revalidate', 'stale_while_revalidate')}"
-             f", if error {if_error}"]
+             f", if error {window(f.stale_if_error, 'stale-if-error', 'stale_if_error')}"]
     ruled = sp.options.stale_while_revalidate or sp.options.stale_if_error
     if ruled and not rule_stale_windows_apply(f.lifetime):
         lines.append(f"  note                {NO_RULE_STALE}")
@@ -745,7 +756,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     match decision:
         case NoFill(detail=detail, expired_by=expired_by):
             why = f"rule {sp.no_store_rule!r} says no_store" if sp.no_store_rule is not None \
-                else why_not(detail, cc_field, headers, expired_by)
+                else why_not(detail, cc_field, headers, expired_by, status)
             if detail in NO_LIFETIME and authorization_origin_only(head, status, cc, sp):
                 why += "; " + AUTHORIZATION_ORIGIN_ONLY
             if detail == "TOO-LARGE":
@@ -758,6 +769,7 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
             f = decision.response.freshness
         case _:
             assert_never(decision)
+    stale = may_be_served_stale(status, f)
     reasons = []
     if "authorization" in head.headers:
         allowed = [d for d in ("public", "s-maxage", "must-revalidate") if d in cc]
@@ -771,10 +783,11 @@ def _storability(head: RequestHead, plan: RequestPlan, status: int,
     out.update(stored=True, detail=None, lifetime=f.lifetime, ttl_jitter=sp.ttl_jitter,
                freshness_source=f.source,
                freshness_decided_by=freshness_decided_by(f, cc, cc_field, ttl_owner(sp)),
-               # the windows the engine applies: none when the origin forbids serving it stale
-               may_serve_stale=f.may_serve_stale(),
-               stale_while_revalidate=f.stale_while_revalidate if f.may_serve_stale() else 0.0,
-               stale_if_error=f.stale_if_error if may_hide_errors(decision.response) else 0.0,
+               # the windows the engine applies: none when the origin forbids serving it stale,
+               # nor for a stored error
+               may_serve_stale=stale,
+               stale_while_revalidate=f.stale_while_revalidate if stale else 0.0,
+               stale_if_error=f.stale_if_error if stale else 0.0,
                tags=list(sp.tags), why="; ".join(reasons) or "storable: " + (
                    f"fresh for {fmt_duration(f.lifetime)}" if f.lifetime > 0 else "to be revalidated"))
     return out
@@ -792,7 +805,7 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
     ttl = r.ttl(now)
     # The windows that apply: none when the origin forbids serving it stale (as ``_storability``);
     # 3600 beside may_serve_stale: false read as a stale-if-error hour that never comes.
-    stale = f.may_serve_stale()
+    stale = may_be_served_stale(r.status, f)
     again = _storability(head, plan, r.status, headers, now)
     return {
         "index": index,
@@ -815,7 +828,7 @@ def _variant_json(head: RequestHead, plan: RequestPlan, v: StoredVariant, index:
             "source": f.source, "lifetime": f.lifetime,
             "decided_by": stored_decided_by(f, cc, cc_field, again),
             "stale_while_revalidate": f.stale_while_revalidate if stale else 0.0,
-            "stale_if_error": f.stale_if_error if may_hide_errors(r) else 0.0,
+            "stale_if_error": f.stale_if_error if stale else 0.0,
             "must_revalidate": f.must_revalidate, "no_cache": f.no_cache, "immutable": f.immutable,
             "may_serve_stale": stale,
         },

@@ -66,3 +66,38 @@ async def test_a_stale_stored_error_is_never_served_in_place_of_the_origins_new_
             assert r.headers["Cache-Status"].endswith("detail=ORIGIN-ERROR")
     finally:
         await proxy.stop()
+
+
+async def test_a_stored_error_with_stale_while_revalidate_is_revalidated_first(
+        origin: Origin, tmp_path: Path) -> None:
+    """A stored 503 with the origin's stale-while-revalidate=600 was served ``UPDATING`` (its old
+    body, no Retry-After) for ten minutes while the origin's new 503 said Retry-After: 77, and
+    stood in for the 502 once the origin was down. Now every request gets the origin's answer."""
+    answers = 0
+
+    async def page(request: web.Request) -> web.Response:
+        nonlocal answers
+        answers += 1
+        if answers == 1:
+            return web.Response(status=503, text="answer 1\n",
+                                headers={"Cache-Control": "max-age=1, stale-while-revalidate=600"})
+        return web.Response(status=503, text=f"answer {answers}\n", headers={"Retry-After": "77"})
+
+    origin.route("/p", page)
+    rules = f"rules: [{ROOT / 'rules' / 'default.yaml'}]\n"
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, rules))
+    await proxy.start()
+    try:
+        stored = await proxy.get("/p")
+        assert stored.headers["Cache-Status"].endswith("; stored")
+        await asyncio.sleep(1.2)  # stale, within its stale-while-revalidate
+        for n in (2, 3):
+            r = await proxy.get("/p")
+            assert (r.status, r.body, r.headers.get("Retry-After")) == (503, f"answer {n}\n".encode(), "77"), \
+                (r.x_cache, r.headers.get("Cache-Status"))
+            assert r.x_cache not in ("UPDATING", "STALE") and answers == n
+        await origin.stop()
+        down = await proxy.get("/p")
+        assert down.status == 502 and down.body != b"answer 1\n", (down.x_cache, down.headers.get("Cache-Status"))
+    finally:
+        await proxy.stop()

@@ -69,6 +69,7 @@ from proxy.cluster.fills import TOO_LARGE, Contended, Found, Locked, Lookup
 from proxy.cluster.redis_io import REDIS_DOWN, DeadSubscription, Names, client, subscribed
 from proxy.cluster.settings import ClusterSettings
 from proxy.logs import RepeatedFailure
+from proxy.policy.freshness import may_be_served_stale
 from proxy.policy.keys import url_of_key
 from proxy.purge import PurgeSpec
 from proxy.storage.entry import UNREADABLE_RECORD, Entry, decode_variants, encode_variants
@@ -233,9 +234,12 @@ def origin_of(url: str) -> str:
 
 
 def shared_ttl(entry: Entry, now: float) -> float:
-    """Seconds a shared entry is worth keeping: freshness left plus the stale windows."""
+    """Seconds a shared entry is worth keeping: freshness left plus the stale windows, when it
+    may be served stale at all (a stored 5xx never is)."""
     f = entry.response.freshness
-    return min(TTL_MAX, max(0.0, f.ttl(now)) + max(f.stale_while_revalidate, f.stale_if_error))
+    stale = may_be_served_stale(entry.response.status, f)
+    windows = max(f.stale_while_revalidate, f.stale_if_error) if stale else 0.0
+    return min(TTL_MAX, max(0.0, f.ttl(now)) + windows)
 
 
 def counter_start() -> int:

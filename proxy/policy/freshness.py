@@ -149,6 +149,25 @@ def heuristic_withheld(status: int, headers: Headers, cc: CacheControl, request_
             and heuristic_lifetime(status, headers, cc, response_time, options) is not None)
 
 
+def may_be_served_stale(status: int, freshness: Freshness) -> bool:
+    """May a stored response of this ``status`` and ``freshness`` ever be served stale: stand in
+    for an origin error (stale-if-error, RFC 5861 §4), be served while it refreshes
+    (stale-while-revalidate, a soft purge) or to a client's max-stale? Not when it is an error
+    itself (5xx: a stale 503 is never preferred over the origin's new one, which may say more, a
+    Retry-After, nor over the proxy's own 502/504; it is revalidated first and the client gets
+    the origin's answer), nor when it may never be served stale (RFC 9111 §4.2.4). The one test
+    of it: for keeping it over an error (``proxy.policy.validation.error_keeps_stored``), for
+    serving it stale (``proxy.policy.reuse``), for whether its stale windows make it worth
+    storing or keeping (``proxy.policy.storability``, ``proxy.cluster.shared``) and for what
+    ``cachegate explain`` says of them.
+
+    >>> f = Freshness(2, "max-age", 0, 0, stale_if_error=3600)
+    >>> [may_be_served_stale(s, f) for s in (200, 404, 500, 503)]
+    [True, True, False, False]
+    """
+    return status < 500 and freshness.may_serve_stale()
+
+
 def rule_stale_windows_apply(lifetime: float) -> bool:
     """Do the rules' ``stale_if_error`` / ``stale_while_revalidate`` apply to a response of this
     lifetime? Only when it is above 0. A response with no freshness information, or one the

@@ -42,13 +42,14 @@ from typing import Literal
 
 from proxy.policy.cache_control import EMPTY_CACHE_CONTROL, CacheControl, parse_cache_control
 from proxy.policy.fields import split_list
+from proxy.policy.freshness import may_be_served_stale
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.keys import vary_matches
 from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
 from proxy.policy.partial import answerable
 from proxy.policy.ranges import RangeSpec, if_range_allows
 from proxy.policy.spellings import spelled_otherwise
-from proxy.policy.validation import client_not_modified, has_validator, may_hide_errors
+from proxy.policy.validation import client_not_modified, has_validator
 
 LOOKUP_METHODS = frozenset({"GET", "HEAD"})
 
@@ -211,7 +212,7 @@ def decide_lookup_in_full(
     age = fresh_info.age(now)
     ttl = stored.ttl(now)
     stale = ttl <= 0 or stored.invalidated
-    may_serve_stale = fresh_info.may_serve_stale()
+    may_serve_stale = may_be_served_stale(stored.status, fresh_info)  # (not a 5xx, not must-revalidate)
     mode = options.client_cache_control
     validator = has_validator(stored)
 
@@ -256,13 +257,13 @@ def decide_lookup_in_full(
 
     if only_if_cached:
         return OnlyIfCachedMiss()
-    stale_if_error = may_hide_errors(stored) and (
+    stale_if_error = may_serve_stale and (
         _within(-ttl, fresh_info.stale_if_error) or _request_allows_stale_on_error(req_cc, -ttl)
     )
     if validator and vouches(request, stored):
-        return Revalidate(index, "stale", stale_if_error, stale_prohibited=not may_serve_stale)
+        return Revalidate(index, "stale", stale_if_error, stale_prohibited=not fresh_info.may_serve_stale())
     return Forward("stale", stale_index=index if stale_if_error else None,
-                   stale_prohibited=not may_serve_stale)
+                   stale_prohibited=not fresh_info.may_serve_stale())
 
 
 def vouches(request: RequestHead, stored: StoredResponse) -> bool:

@@ -51,7 +51,12 @@ from proxy.policy.cache_control import (
     targeted_cache_control,
 )
 from proxy.policy.fields import body_length, content_length
-from proxy.policy.freshness import carries_credentials, compute_freshness, origin_freshness_only
+from proxy.policy.freshness import (
+    carries_credentials,
+    compute_freshness,
+    may_be_served_stale,
+    origin_freshness_only,
+)
 from proxy.policy.headers import dated, end_to_end
 from proxy.policy.keys import variant_of, vary_names, vary_refusal
 from proxy.policy.messages import CacheOptions, Freshness, Headers, RequestHead, StoredResponse
@@ -220,8 +225,9 @@ def _decide(
         freshness.lifetime > 0
         or etag is not None
         or last_modified is not None
-        or freshness.stale_if_error > 0
-        or freshness.stale_while_revalidate > 0
+        # (stale windows only for a response that may be served stale: not a 5xx)
+        or (may_be_served_stale(status, freshness)
+            and (freshness.stale_if_error > 0 or freshness.stale_while_revalidate > 0))
     )
     if not reusable:
         return DontStore("NO-FRESHNESS", _unfresh_by(freshness))

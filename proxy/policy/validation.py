@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from multidict import CIMultiDict
 
 from proxy.policy.fields import split_list
-from proxy.policy.freshness import compute_freshness, origin_freshness_only
+from proxy.policy.freshness import compute_freshness, may_be_served_stale, origin_freshness_only
 from proxy.policy.headers import HOP_BY_HOP, dated, end_to_end
 from proxy.policy.httpdate import parse_http_date
 from proxy.policy.keys import vary_names
@@ -327,29 +327,14 @@ def origin_error(status: int) -> bool:
     return status in ORIGIN_ERRORS
 
 
-def may_hide_errors(stored: StoredResponse) -> bool:
-    """May ``stored`` ever stand in for an origin error (stale-if-error, RFC 5861 §4)? Not when it
-    is an error itself (5xx: a stale 503 is never preferred over the origin's new one, which may
-    say more, a Retry-After), nor when it may never be served stale (RFC 9111 §4.2.4). The one
-    test of it: for keeping it over the error (``error_keeps_stored``) and for serving it in
-    place of the error (``proxy.policy.reuse``'s ``stale_if_error``).
-
-    >>> from proxy.policy.messages import Freshness
-    >>> f = Freshness(2, "max-age", 0, 0, stale_if_error=3600)
-    >>> [may_hide_errors(StoredResponse(s, "", (), 0, 0, f)) for s in (200, 404, 500, 503)]
-    [True, True, False, False]
-    """
-    return stored.status < 500 and stored.freshness.may_serve_stale()
-
-
 def error_keeps_stored(stored: StoredResponse, status: int, now: float) -> bool:
     """Must this origin error leave the stored response in place rather than replace it (RFC 5861 §4)?
 
     True when ``status`` is an ``origin_error``, the stored response may hide it
-    (``may_hide_errors``) and is still fresh or within its stale-if-error window: an
+    (``may_be_served_stale``) and is still fresh or within its stale-if-error window: an
     origin's failure then hides behind the stored response instead of being cached over it.
     """
-    if not origin_error(status) or not may_hide_errors(stored):
+    if not origin_error(status) or not may_be_served_stale(stored.status, stored.freshness):
         return False
     return -stored.freshness.ttl(now) <= stored.freshness.stale_if_error
 

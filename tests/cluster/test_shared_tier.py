@@ -13,7 +13,7 @@ import pytest
 
 from proxy.cluster.fills import Found, Locked
 from proxy.cluster.settings import ClusterSettings
-from proxy.cluster.shared import SharedTier
+from proxy.cluster.shared import SharedTier, shared_ttl
 from proxy.purge import PurgeSpec
 from proxy.storage.entry import Entry, entry_from_json
 from tests.cluster.redis_server import RedisServer
@@ -256,3 +256,16 @@ async def test_after_a_lookup_redis_did_not_answer_the_next_ones_skip_it_for_a_w
     finally:
         os.kill(own_redis.proc.pid, signal.SIGCONT)
         await tier.close()
+
+
+@pytest.mark.parametrize(("status", "kept"), [(200, 610.0), (404, 610.0), (503, 10.0), (500, 10.0)])
+def test_a_shared_error_is_kept_for_its_freshness_only_never_its_stale_windows(status: int, kept: float) -> None:
+    """A stored 5xx is never served stale, yet Redis kept it for its stale-if-error window."""
+    now = time.time()
+    e = entry_from_json({
+        "key": HOT, "url": HOT, "body_id": "b", "body_size": 1, "tags": [], "stored_at": now, "seq": 0,
+        "status": status, "reason": "", "headers": [["Cache-Control", "max-age=10, stale-if-error=600"]],
+        "request_time": now, "response_time": now,
+        "freshness": [10.0, "max-age", 0.0, now, False, False, 0.0, 600.0, False],
+        "vary": [], "etag": None, "last_modified": None, "invalidated": False})
+    assert shared_ttl(e, now) == pytest.approx(kept)

@@ -331,7 +331,15 @@ STORED_ERRORS: list[tuple[str, int, Pairs, float, Pairs, str]] = [
      "forward stale"),
     ("nor a request's stale-if-error", 503, [("Cache-Control", "max-age=2")], 3,
      [("Cache-Control", "stale-if-error=60")], "forward stale"),
+    ("nor within its stale-while-revalidate: revalidated first", 503,
+     [("Cache-Control", "max-age=2, stale-while-revalidate=600"), ETAG], 3, [], "revalidate stale"),
+    ("nor fetched again in the background without a validator", 500,
+     [("Cache-Control", "max-age=2, stale-while-revalidate=600")], 3, [], "forward stale"),
+    ("nor to a client's max-stale", 503, [("Cache-Control", "max-age=2")], 3,
+     [("Cache-Control", "max-stale=60")], "forward stale"),
     ("a stale 404 does (not an error)", 404, [("Cache-Control", "max-age=2")], 3, [], "forward stale sie"),
+    ("a 404 within its stale-while-revalidate is served", 404,
+     [("Cache-Control", "max-age=2, stale-while-revalidate=600")], 3, [], "serve UPDATING refresh"),
     ("a stale 200 does", 200, [("Cache-Control", "max-age=2")], 3, [], "forward stale sie"),
 ]
 
@@ -342,7 +350,9 @@ def test_only_a_stored_non_error_response_is_kept_for_an_origin_error(
         case: str, status: int, response: Pairs, after: float, req: Pairs, expected: str) -> None:
     """A stored 503 with a lifetime was served STALE (its old body, no Retry-After) in place of
     the origin's new 503 for the rules' whole stale_if_error hour: the lookup's stale-if-error
-    lacked the stored-status test the validation had (``may_hide_errors``, now both)."""
+    lacked the stored-status test the validation had (``may_hide_errors``, now both). Within
+    its stale-while-revalidate it was served UPDATING, the origin's new 503 (Retry-After) only
+    refreshing it in the background, and with the origin down it stood in for the 502."""
     s = stored(response, status=status, options=RULES_SIE)
     assert kind(decide_lookup(request(*req), [s], T0 + after, RULES_SIE)) == expected
 

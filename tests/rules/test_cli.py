@@ -554,3 +554,22 @@ def test_explain_shows_the_response_header_edits_a_bypassed_reply_gets_for_each_
     assert "  response headers    set X-From: xbyp (response 404)" in out
     assert main(["explain", "--config", config, "http://a.example/x/1", "--status", "200"]) == 0
     assert "  response headers    set X-From: x200\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("response", "stored"), [
+    ("max-age=60, stale-while-revalidate=600, stale-if-error=600", True),
+    ("max-age=0, stale-if-error=600", False),
+])
+def test_explain_never_promises_stale_serving_of_a_stored_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], response: str, stored: bool) -> None:
+    """A stored 503 is never served stale (revalidated first: the client gets the origin's
+    answer); a 503 with max-age=0, stale-if-error=600 was stored on every request for windows
+    that never applied, and explain told the origin to send the stale-if-error it sent."""
+    out = explain(tmp_path, capsys, "http://shop.example/home", "--status", "503", "-R", f"Cache-Control: {response}")
+    if stored:
+        out = stored_lines(out)
+        assert "never served stale: a stored error is revalidated first" in out, out
+        assert "while revalidating" not in out and "if error" not in out
+    else:
+        assert "not stored: NO-FRESHNESS (the origin's Cache-Control: max-age=0 gives it a lifetime of 0" in out
+        assert "does nothing for an error" in out and "or its own stale-if-error" not in out, out
