@@ -228,9 +228,10 @@ class ExplainRequest:
 def fmt_duration(seconds: float) -> str:
     """``90`` -> ``1m30s``; ``0`` -> ``0s``.
 
-    >>> fmt_duration(90), fmt_duration(86400 * 7), fmt_duration(0.5)
-    ('1m30s', '7d', '0.5s')
+    >>> fmt_duration(90), fmt_duration(86400 * 7), fmt_duration(0.5), fmt_duration(-0.0)
+    ('1m30s', '7d', '0.5s', '0s')
     """
+    seconds += 0.0  # (-0.0, as -min(ttl, 0.0) gives, reads 0s, not -0s)
     if seconds < 1:
         return f"{seconds:g}s"
     rest = round(seconds)
@@ -990,7 +991,9 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
             if held is not None:
                 # (The engine's own wait after a failed refresh: ``MissPath.refresh_held_back``.)
                 out["refresh_held_back"] = round(held - now, 3)
-                why = (f"stale by {fmt_duration(-decision.ttl)}: served at once; no background request "
+                # (a soft-purged response's ttl is at most 0: "stale by 0s" said nothing)
+                stale_by = "soft-purged" if v.invalidated else f"stale by {fmt_duration(-decision.ttl)}"
+                why = (f"{stale_by}: served at once; no background request "
                        f"revalidates it for {fmt_duration(held - now)} more (the last refresh failed)")
             elif detail is None:
                 why = f"a stored variant is fresh for {fmt_duration(max(decision.ttl, 0))} more"
@@ -1019,9 +1022,10 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                                                   ("If-Modified-Since", v.last_modified)) if x)
             if decision.fwd == "request":
                 why = "the client asked for a fresh response (Cache-Control no-cache/max-age/min-fresh)"
-            elif v.invalidated and failed and v.freshness.may_serve_stale():
+            elif v.invalidated and failed and may_be_served_stale(v.status, v.freshness):
                 why = ("soft-purged, and its background refresh failed: served stale only within its "
-                       "stale windows now, as any stale response (none applies)")
+                       "stale windows now, as any stale response"
+                       + ("" if decision.stale_if_error else " (none applies)"))
             elif v.invalidated:
                 why = "soft-purged and not allowed to be served stale"
             else:

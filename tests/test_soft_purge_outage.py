@@ -114,7 +114,11 @@ async def test_a_soft_purged_page_is_served_at_once_then_as_any_stale_page_while
         again = await proxy.get("/p")
         assert (again.status, again.x_cache) == (status, x_cache)
         assert page.served == served + 1
-        assert "its background refresh failed" in (await explained(proxy))["why"]
+        why = (await explained(proxy))["why"]
+        assert "its background refresh failed" in why
+        # (It said "(none applies)" beside the stale-if-error it serves STALE by.)
+        assert ("(none applies)" in why) == (status != 200), why
+        assert ("if the origin fails, the stored response is served (stale-if-error)" in why) == (status == 200)
 
         # The origin mended, the operator soft-purges again: the old copy at once, once more,
         # while one request refreshes it; then the new version.
@@ -174,5 +178,33 @@ async def test_with_two_workers_each_serves_the_soft_purged_page_at_once_until_i
             await asyncio.sleep(0.01)
         assert len(errored) == 2, f"workers that gave the origin's error: {errored}"
         assert not late, f"UPDATING again after the origin's error in that worker: {late}"
+    finally:
+        await proxy.stop()
+
+
+async def test_explain_of_a_soft_purged_page_whose_refresh_is_held_back_says_soft_purged(
+        origin: Origin, tmp_path: Path) -> None:
+    """Within its stale-while-revalidate after a failed refresh, GET /explain said "stale by
+    -0s" of a soft-purged page that was still fresh."""
+    page = Page("max-age=60, stale-while-revalidate=600")
+    origin.route("/p", page)
+    proxy = await start(origin, tmp_path)
+    try:
+        await proxy.get("/p")
+        await soft_purge(proxy)
+        page.failing = True  # its 500 says Retry-After: 120: the next refresh waits
+        assert (await proxy.get("/p")).x_cache == "UPDATING"
+        await proxy.wait_for(lambda: page.served == 2)
+        decision: dict[str, Any] = {}
+
+        async def held() -> bool:
+            decision.update(await explained(proxy))
+            return "refresh_held_back" in decision
+        for _ in range(100):
+            if await held():
+                break
+            await asyncio.sleep(0.05)
+        assert decision["why"].startswith("soft-purged: served at once; no background request"), decision
+        assert "-0s" not in decision["why"]
     finally:
         await proxy.stop()
