@@ -549,8 +549,11 @@ def cut_off() -> ProxyStopping:
 
 
 # How many keys whose soft-purged response failed its refresh a worker remembers
-# (``Coalescer.soft_failed_at``): a key and an int each, a few MB at most.
+# (``Coalescer.soft_failed_at``), and how many characters of key in all: a key may be up to
+# 8 KB (``MAX_REQUEST_LINE``), so the count alone would let 65,536 of them hold about 0.5 GB;
+# with both, the record holds at most about 16 MB of keys plus ~10 MB of dict and ints.
 SOFT_FAILED_KEYS = 65_536
+SOFT_FAILED_CHARS = 16 * 1024 * 1024
 
 
 class Coalescer:
@@ -575,9 +578,11 @@ class Coalescer:
         # epoch then: that response is served stale only within its own windows from then on
         # (``proxy.policy.reuse.decide_lookup``'s ``soft_refresh_failed``), however long ago,
         # until something is stored under the key or a purge since covers it
-        # (``MissPath.soft_refresh_failed``). At most ``SOFT_FAILED_KEYS``, the oldest forgotten
-        # first: that key's next request is served the old copy and refreshes it once more.
+        # (``MissPath.soft_refresh_failed``). At most ``SOFT_FAILED_KEYS`` keys of
+        # ``SOFT_FAILED_CHARS`` in all (``_soft_failed_chars``), the oldest forgotten first:
+        # that key's next request is served the old copy and refreshes it once more.
         self._soft_failed_at: dict[str, int] = {}
+        self._soft_failed_chars = 0
         self._history_limit = history_limit
         self._hit_for_pass = hit_for_pass
         self._clock = clock
@@ -685,10 +690,14 @@ class Coalescer:
             self._refresh_failed_at = {k: e for k, e in at.items() if marks.holds(k, now)}
         if soft:
             soft_at = self._soft_failed_at
-            soft_at.pop(key, None)  # (to the end: the newest)
+            if soft_at.pop(key, None) is not None:  # (to the end: the newest)
+                self._soft_failed_chars -= len(key)
             soft_at[key] = epoch
-            if len(soft_at) > SOFT_FAILED_KEYS:
-                del soft_at[next(iter(soft_at))]
+            self._soft_failed_chars += len(key)
+            while len(soft_at) > SOFT_FAILED_KEYS or self._soft_failed_chars > SOFT_FAILED_CHARS:
+                oldest = next(iter(soft_at))
+                del soft_at[oldest]
+                self._soft_failed_chars -= len(oldest)
 
     def soft_failed_at(self, key: str) -> int | None:
         """The store's purge epoch when a background refresh of the soft-purged response under
@@ -712,8 +721,8 @@ class Coalescer:
             self._refresh_failed_until.discard(key)
             at.pop(key, None)
         soft = self._soft_failed_at
-        if soft:
-            soft.pop(key, None)
+        if soft and soft.pop(key, None) is not None:
+            self._soft_failed_chars -= len(key)
 
     def headless(self) -> Exception:
         """What the clients of a flight that ended without a response head are told: that the
