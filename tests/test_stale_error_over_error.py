@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -22,6 +23,15 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 1}}\n"
+
+
+async def started(origin: Origin, tmp_path: Path, page: Any) -> ProxyProcess:
+    """A real ``cachegate run`` with the shipped rules in front of ``page`` at ``/p``."""
+    origin.route("/p", page)
+    rules = f"rules: [{ROOT / 'rules' / 'default.yaml'}]\n"
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, rules))
+    await proxy.start()
+    return proxy
 
 
 CASES = {
@@ -46,10 +56,7 @@ async def test_a_stale_stored_error_is_never_served_in_place_of_the_origins_new_
             return web.Response(status=first, text="answer 1\n", headers={"Cache-Control": "max-age=1"})
         return web.Response(status=503, text=f"answer {answers}\n", headers=later)
 
-    origin.route("/p", page)
-    rules = f"rules: [{ROOT / 'rules' / 'default.yaml'}]\n"
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, rules))
-    await proxy.start()
+    proxy = await started(origin, tmp_path, page)
     try:
         stored = await proxy.get("/p")
         assert (stored.status, stored.body) == (first, b"answer 1\n")
@@ -83,10 +90,7 @@ async def test_a_stored_error_with_stale_while_revalidate_is_revalidated_first(
                                 headers={"Cache-Control": "max-age=1, stale-while-revalidate=600"})
         return web.Response(status=503, text=f"answer {answers}\n", headers={"Retry-After": "77"})
 
-    origin.route("/p", page)
-    rules = f"rules: [{ROOT / 'rules' / 'default.yaml'}]\n"
-    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE, rules))
-    await proxy.start()
+    proxy = await started(origin, tmp_path, page)
     try:
         stored = await proxy.get("/p")
         assert stored.headers["Cache-Status"].endswith("; stored")
