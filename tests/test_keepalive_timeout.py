@@ -140,6 +140,30 @@ async def test_a_head_begun_before_the_keepalive_timeout_and_finished_after_it_i
         conn.close()
 
 
+async def test_a_head_begun_in_the_read_that_ends_a_body_is_timed_as_a_head(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    """A client pipelining after an upload: its next head begins in the read that ends the
+    body. That head was left to the keep-alive timer (where the body ended in the read was
+    not known), which closed the connection mid-head, nothing answered, nothing logged. It is
+    client_header_timeout's from its first byte, as any head begun: answered. (After a chunked
+    body the connection closes: ``heads.ends_connection``.)"""
+    proxy = await started(make_proxy, origin, "1s", "client_header_timeout: 4s\n")
+    conn = await Conn(proxy, "/miss").open()
+    try:
+        conn.writer.write(b"POST /miss?up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\nab")
+        await asyncio.sleep(0.2)
+        conn.writer.write(b"cdeGET /miss?next HTTP/1.1\r\n")  # the body's end, then a head begun
+        raw = await asyncio.wait_for(read_response(conn.reader, "POST"), HANG)
+        assert raw.status_line == "HTTP/1.1 200 OK", raw
+        await asyncio.sleep(1.3)  # past the keep-alive timeout, well within the head's 4 s
+        conn.writer.write(b"Host: example.test\r\n\r\n")
+        raw = await asyncio.wait_for(read_response(conn.reader, "GET"), HANG)
+        assert raw.status_line == "HTTP/1.1 200 OK", raw
+        await conn.ask()  # kept alive after it
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("path", ["/miss", "/hit"], ids=["general-path", "fast-path"])
 async def test_a_head_begun_on_a_kept_alive_connection_and_never_finished_is_a_408_at_client_header_timeout(
         tmp_path: Path, make_proxy: MakeProxy, origin: Origin, path: str) -> None:

@@ -68,9 +68,10 @@ class HeadTimedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
-        body = bool(data) and self._reading_body()
+        body = self._body_coming() if data else None
+        had = 0 if body is None else body[1].total_bytes
         super().data_received(data)
-        self.head_checked(before, data, body)
+        self.head_checked(before, data, body, had)
 
     def upgrade_refused(self, resp: web.StreamResponse) -> None:
         """The answer ``resp`` to a request the parser took for a protocol switch (a ``CONNECT``,
@@ -89,9 +90,11 @@ class HeadTimedHandler(RequestHandler):
             resp.force_close()  # its head says Connection: close, if not written yet
         self.close()  # nothing more is read
 
-    def head_checked(self, before: int, data: bytes, body: bool) -> None:
+    def head_checked(self, before: int, data: bytes, body: tuple[Any, Any] | None = None,
+                     had: int = 0) -> None:
         """After a chunk ``data`` was parsed (``before``: the request count before it; ``body``:
-        a request body was still coming when it arrived)."""
+        the request (message, payload) whose body was still coming when it arrived, ``had``:
+        the bytes of that body read before it)."""
         if self._request_count != before:
             if not data:
                 # aiohttp parsing again what it held while its queue was full: requests read
@@ -102,20 +105,33 @@ class HeadTimedHandler(RequestHandler):
             # The next head begun in the same read, behind a request without a body.
             if messages and messages[-1][1] is EMPTY_PAYLOAD and unfinished_head(data):
                 self.head_begun()
-        elif data and not body and not self._reading_body() and not empty_lines(data):
-            # (a read that ends a body is not a head: where the body ends in it is not known;
-            # nor are empty lines, which a server ignores before a request line)
-            self.head_begun()
+        elif not data or self._reading_body():
+            return
+        elif body is None:
+            if not empty_lines(data):  # (empty lines begin no head: a server ignores them)
+                self.head_begun()
+        else:
+            # The read ended the body: the next head begun behind it, after pipelined bytes
+            # (a head begun there was left to the keep-alive timer, which closed it unanswered).
+            rest = after_body(data, *body, had)
+            if rest and not empty_lines(rest):
+                self.head_begun()
+
+    def _body_coming(self) -> tuple[Any, Any] | None:
+        """The request (its message, its payload) whose body is not whole yet, if the last one
+        parsed has one: what is read goes to it."""
+        if self._messages:
+            message, payload = self._messages[-1]
+        elif self._current_request is not None:
+            request = self._current_request
+            message, payload = request._message, request.content
+        else:
+            return None
+        return None if payload is EMPTY_PAYLOAD or payload.is_eof() else (message, payload)
 
     def _reading_body(self) -> bool:
         """The last request parsed has a body not yet whole (what is read goes to it)."""
-        if self._messages:
-            payload = self._messages[-1][1]
-        elif self._current_request is not None:
-            payload = self._current_request.content
-        else:
-            return False
-        return payload is not EMPTY_PAYLOAD and not payload.is_eof()
+        return self._body_coming() is not None
 
     def waiting_for_head(self) -> bool:
         waiter = self._waiter
@@ -173,6 +189,29 @@ def empty_lines(data: bytes) -> bool:
     (True, True, False, False)
     """
     return data[:1] in (b"\r", b"\n") and not data.strip(b"\r\n")
+
+
+def after_body(data: bytes, message: Any, payload: Any, had: int) -> bytes:
+    r"""The bytes of ``data``, a read that ended the body of ``message`` (``payload``, which had
+    ``had`` bytes before it), after that body's end: pipelined bytes of the next request.
+    Chunked, the body ends with its last chunk and trailers, a CRLF CRLF (the last in ``data``:
+    a head not whole has none); by Content-Length, at the bytes it lacked. b"" when not known
+    (a body aiohttp decodes, ``Content-Encoding``: it counts the decoded bytes).
+
+    >>> class P: total_bytes = 5
+    >>> class M: chunked, compression = False, None
+    >>> after_body(b"cdeGET /", M, P, 2)
+    b'GET /'
+    >>> M.chunked = True
+    >>> after_body(b"a\r\n\r\n0\r\n\r\nGET /", M, P, 0)
+    b'GET /'
+    """
+    if message.chunked:
+        end = data.rfind(b"\r\n\r\n")
+        return data if end < 0 else data[end + 4:]
+    if getattr(message, "compression", None):
+        return b""
+    return data[payload.total_bytes - had:]
 
 
 def unfinished_head(data: bytes) -> bool:
@@ -908,4 +947,5 @@ class CappedServer(LimitedServer):
 
 
 __all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "LimitedHandler", "LimitedServer",
-           "close_oldest_waiting", "empty_lines", "live_connections", "oldest_waiting", "unfinished_head"]
+           "after_body", "close_oldest_waiting", "empty_lines", "live_connections", "oldest_waiting",
+           "unfinished_head"]
