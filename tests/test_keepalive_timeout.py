@@ -164,6 +164,30 @@ async def test_a_head_begun_in_the_read_that_ends_a_body_is_timed_as_a_head(
         conn.close()
 
 
+async def test_a_head_begun_in_the_read_that_ends_a_body_and_never_finished_is_a_408(
+        tmp_path: Path, make_proxy: MakeProxy, origin: Origin) -> None:
+    """Such a head never finished: closed at client_header_timeout from its first byte (not at
+    the keep-alive timeout), and logged 408, as any head begun and not finished."""
+    from tests.ops.test_log_outcomes import records
+
+    log_file = tmp_path / "access.log"
+    proxy = await started(make_proxy, origin, "1s", f"client_header_timeout: 2s\naccess_log: {{path: {log_file}}}\n")
+    conn = await Conn(proxy, "/miss").open()
+    try:
+        conn.writer.write(b"POST /miss?up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\nab")
+        await asyncio.sleep(0.2)
+        conn.writer.write(b"cdeGET /never HTTP/1.1\r\nHo")
+        raw = await asyncio.wait_for(read_response(conn.reader, "POST"), HANG)
+        assert raw.status_line == "HTTP/1.1 200 OK", raw
+        closed = await conn.closed_after()
+        assert 1.5 <= closed < HANG, closed  # (2 s from the head's first byte, which came before the answer)
+    finally:
+        conn.close()
+    logged = records(proxy, log_file)
+    assert [r["status"] for r in logged] == [200, 200, 408], logged  # (the MISS that stored /hit first)
+    assert (logged[-1]["method"], logged[-1]["path"]) == (None, None)
+
+
 @pytest.mark.parametrize("path", ["/miss", "/hit"], ids=["general-path", "fast-path"])
 async def test_a_head_begun_on_a_kept_alive_connection_and_never_finished_is_a_408_at_client_header_timeout(
         tmp_path: Path, make_proxy: MakeProxy, origin: Origin, path: str) -> None:

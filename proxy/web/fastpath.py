@@ -332,7 +332,7 @@ class FastPath:
 class ProxyRequestHandler(LimitedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
-    __slots__ = ("_answered", "_body", "_boundary", "_fast", "_front",
+    __slots__ = ("_answered", "_begun", "_body", "_boundary", "_fast", "_front",
                  "_head_bytes", "_head_max", "_late", "_line", "_parser_args", "_refused_version", "_taken",
                  "declined", "gone_logged")
 
@@ -361,6 +361,8 @@ class ProxyRequestHandler(LimitedHandler):
         self._head_max = front.current().listener.max_head
         self._head_bytes = 0
         self._body: Any = None
+        # The bytes after a body's end that began the next head in the same read (``body_ended``).
+        self._begun = b""
         # The start of an unfinished head's request line, while it may still be an HTTP/0.9 one
         # (``_first_line``); b"": a head starts at the next byte; None: settled, or not known.
         self._line: bytes | None = b""
@@ -553,6 +555,7 @@ class ProxyRequestHandler(LimitedHandler):
         looked at until it is settled (``_first_line``)."""
         line = self._line
         self._line = None
+        begun, self._begun = self._begun, b""
         if self._buffer_paused:
             # The queue of pipelined requests is full: the parser holds back the rest of what
             # it was given, which was not parsed yet (so not known to be head bytes).
@@ -566,12 +569,13 @@ class ProxyRequestHandler(LimitedHandler):
                 else:
                     self._first_line(rest)
         elif body is not None:
-            # Body bytes. If the body ended in this read, where the next head began in it is not
-            # known: that head is counted from the next read on (it can pass the cap by what
-            # this one read held of it, never by more).
+            # Body bytes. If the body ended in this read, what followed its end, when a head
+            # begun (``body_ended``), is that head's.
             if body.is_eof():
                 self._body = None
-            self._head_bytes = 0
+            self._head_bytes = len(begun)
+            if begun:
+                self._first_line(begun)
         elif self._upgraded:
             pass
         elif self._head_bytes or not empty_lines(data):
@@ -582,6 +586,14 @@ class ProxyRequestHandler(LimitedHandler):
             # Empty lines before a request line begin no head (RFC 9112 §2.2): a head would
             # still start at the next byte.
             self._line = line
+
+    def body_ended(self, rest: bytes) -> None:
+        """``HeadTimedHandler``'s, and a head begun in ``rest`` kept for ``_count``: its bytes
+        count towards max_request_head, its request line is looked at, and it is logged 408 if
+        it is not whole in time (``head_timed_out``)."""
+        super().body_ended(rest)
+        if self._head_open:
+            self._begun = rest
 
     def _first_line(self, start: bytes) -> None:
         """``start``, the beginning of a head not whole yet: refused at once if its request line

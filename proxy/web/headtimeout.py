@@ -113,9 +113,13 @@ class HeadTimedHandler(RequestHandler):
         else:
             # The read ended the body: the next head begun behind it, after pipelined bytes
             # (a head begun there was left to the keep-alive timer, which closed it unanswered).
-            rest = after_body(data, *body, had)
-            if rest and not empty_lines(rest):
-                self.head_begun()
+            self.body_ended(after_body(data, *body, had))
+
+    def body_ended(self, rest: bytes) -> None:
+        """A read ended the body being read; ``rest``: its bytes after that body's end (b"" when
+        not known). Unless empty lines, they begin the next head."""
+        if rest and not empty_lines(rest):
+            self.head_begun()
 
     def _body_coming(self) -> tuple[Any, Any] | None:
         """The request (its message, its payload) whose body is not whole yet, if the last one
