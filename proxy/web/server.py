@@ -275,6 +275,11 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
         max_line_size=MAX_REQUEST_LINE,
         max_field_size=MAX_REQUEST_LINE,
         max_headers=128,
+        # A request body goes upstream as the client sent it: aiohttp's server decodes a body
+        # with Content-Encoding gzip/deflate/br by default, and the origin got the decoded bytes
+        # still labelled gzip, with the decoded length (a corrupt upload: a gzipped JSON POST, an
+        # OTLP export), and a body that did not decode was a 500.
+        auto_decompress=False,
         access_log=None,  # cachegate's own, on both paths (proxy.logs)
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
