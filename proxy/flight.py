@@ -900,7 +900,7 @@ class MissPath:
                         # the fetch after it (one origin request for the node, not one each).
                         leases.fetch_from(key, lease, left)
                         waited = True
-                    told = await shared.wait_filled(key, min(left, answer.wait + 0.05)) \
+                    told = await shared.wait_filled(key, min(left, answer.wait + 0.05), answer.holder) \
                         if left > 0 else None
                     if told not in (None, STORED) or loop.time() >= deadline:
                         break  # not shareable, failed, or waited long enough: fetch here

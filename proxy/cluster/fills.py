@@ -52,6 +52,7 @@ class Locked:
 @dataclass(frozen=True, slots=True)
 class Contended:
     wait: float  # seconds the holder's lock has left
+    holder: int = 0  # the lock's fencing token (0: not known)
 
 
 Lookup = Found | Locked | Contended | None
@@ -64,7 +65,7 @@ class SharedCache(Protocol):
 
     async def lookup(self, key: str, lock_for: float, lock_only: bool = False) -> Lookup: ...
 
-    async def wait_filled(self, key: str, wait: float) -> str | None: ...
+    async def wait_filled(self, key: str, wait: float, holder: int = 0) -> str | None: ...
 
     async def write(self, entry: Entry, body: bytes, lock: Locked, now: float) -> bool: ...
 

@@ -65,7 +65,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from proxy.cluster.fills import TOO_LARGE, Contended, Found, Locked, Lookup
+from proxy.cluster.fills import STORED, TOO_LARGE, Contended, Found, Locked, Lookup
 from proxy.cluster.redis_io import REDIS_DOWN, DeadSubscription, Names, client, subscribed
 from proxy.cluster.settings import ClusterSettings
 from proxy.logs import RepeatedFailure
@@ -151,7 +151,7 @@ if redis.call('SET', lock, token, 'NX', 'PX', ARGV[4]) then
   if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[6]) end
   return {'locked', token, redis.call('GET', KEYS[2])}
 end
-return {'busy', redis.call('PTTL', lock)}
+return {'busy', redis.call('PTTL', lock), redis.call('GET', lock) or '0'}
 """
 # KEYS: gen, purges. ARGV: l2 prefix, key, field, body id, record, body, ttl ms, token,
 # purges at lock time, the sets' names (u:..., h:..., t:...) as a JSON list, a new generation
@@ -288,7 +288,7 @@ class SharedTier:
         self._quiet_until = 0.0
         self.counts: dict[str, int] = dict.fromkeys(
             ("hit", "miss", "locked", "contended", "woken", "wait_timeout", "written", "write_voided",
-             "too_large", "error", "skipped", "dead_subscriptions"), 0)
+             "too_large", "error", "skipped", "dead_subscriptions", "released_unheard"), 0)
         self._failures = RepeatedFailure(log, "cluster: the shared tier", settle=SETTLE, traceback=False,
                                          level=logging.WARNING)
 
@@ -355,7 +355,8 @@ class SharedTier:
         if kind == "locked":
             result, event = Locked(int(answer[1]), int(answer[2])), "locked"
         elif kind == "busy":
-            result, event = Contended(max(0, int(answer[1])) / 1000), "contended"
+            holder = int(answer[2]) if len(answer) > 2 else 0
+            result, event = Contended(max(0, int(answer[1])) / 1000, holder), "contended"
         elif kind == "miss":
             result, event = None, ""
         else:
@@ -365,13 +366,21 @@ class SharedTier:
             self.counts[event] += 1
         return result
 
-    async def wait_filled(self, key: str, wait: float) -> str | None:
+    async def wait_filled(self, key: str, wait: float, holder: int = 0) -> str | None:
         """Wait until another node releases the key's fill lock: its outcome ("stored",
-        "failed", ...), or None after ``wait`` seconds."""
+        "failed", ...), or None after ``wait`` seconds. ``holder``: the lock's token when the
+        lookup found it taken (``Contended``; 0 unknown). Once this waiter is registered, the
+        lock is asked again: a release published between the lookup's answer and the
+        registration was heard by the listener with nobody to wake (the two arrive on two
+        connections, in either order), and its waiter slept out the whole lock's time (a
+        cluster test's flake); a lock no longer held by ``holder`` is "stored": look again."""
         self._ensure_listener()
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(fut)
         try:
+            if holder and await self._released_since(key, holder) and not fut.done():
+                fut.set_result(STORED)
+                self.counts["released_unheard"] += 1
             outcome = await asyncio.wait_for(fut, wait)
             self.counts["woken"] += 1
             return outcome
@@ -385,6 +394,19 @@ class SharedTier:
                     waiting.remove(fut)
                 if not waiting:
                     del self._waiters[key]
+
+    async def _released_since(self, key: str, holder: int) -> bool:
+        """Whether the key's fill lock is no longer ``holder``'s (False when Redis cannot say:
+        the wait then counts on the release's message, as before)."""
+        try:
+            now: Any = await self._redis.get(f"{self.names.l2}:lock:{key}")
+        except REDIS_DOWN as exc:
+            log.debug("shared tier: the fill lock of %s not read again: %s", key, exc)
+            return False
+        try:
+            return now is None or int(now) != holder
+        except UNREADABLE:
+            return False
 
     def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():

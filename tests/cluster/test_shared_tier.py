@@ -4,6 +4,7 @@ that restarted empty."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -11,7 +12,7 @@ import uuid
 
 import pytest
 
-from proxy.cluster.fills import Found, Locked
+from proxy.cluster.fills import Contended, Found, Locked
 from proxy.cluster.settings import ClusterSettings
 from proxy.cluster.shared import SharedTier, shared_ttl
 from proxy.purge import PurgeSpec
@@ -269,3 +270,39 @@ def test_a_shared_error_is_kept_for_its_freshness_only_never_its_stale_windows(s
         "freshness": [10.0, "max-age", 0.0, now, False, False, 0.0, 600.0, False],
         "vary": [], "etag": None, "last_modified": None, "invalidated": False})
     assert shared_ttl(e, now) == pytest.approx(kept)
+
+
+async def test_a_release_heard_before_its_waiter_registered_still_wakes_it(shared_redis: RedisServer) -> None:
+    """The lookup's answer (the lock is taken) and the release's message come on two
+    connections: when the message is read first, the listener has nobody to wake, and the
+    waiter that registers next used to sleep out its whole wait (the lock's time left). It
+    asks the lock again once registered, and looks again at once."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    a, b = tier_on(shared_redis, ns), tier_on(shared_redis, ns)
+    key = f"{SITE}/herd"
+    try:
+        assert await asyncio.wait_for(b.wait_filled("warm-up", 5), 3) == "stored"  # b's listener is up
+        lock = await a.lookup(key, 10.0)
+        assert isinstance(lock, Locked)
+        busy = await b.lookup(key, 10.0)
+        assert isinstance(busy, Contended) and busy.holder == lock.token
+        await a.release(key, lock, "not_shared")
+        await asyncio.sleep(0.3)  # b's listener has read the message: nobody was waiting
+        started = time.monotonic()
+        told = await b.wait_filled(key, 5.0, busy.holder)
+        assert told == "stored" and time.monotonic() - started < 2
+        assert b.counts["released_unheard"] == 1 and b.counts["wait_timeout"] == 0
+        # A lock still held by the token looked up is waited for, and its release heard.
+        lock = await a.lookup(key, 10.0)
+        assert isinstance(lock, Locked)
+        busy = await b.lookup(key, 10.0)
+        assert isinstance(busy, Contended)
+        waiting = asyncio.ensure_future(b.wait_filled(key, 5.0, busy.holder))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await a.release(key, lock, "failed")
+        assert await asyncio.wait_for(waiting, 2) == "failed"
+        assert b.counts["released_unheard"] == 1
+    finally:
+        await a.close()
+        await b.close()

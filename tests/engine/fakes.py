@@ -470,7 +470,7 @@ class FakeShared:
             return Found((found,))
         return Locked(1, 0)
 
-    async def wait_filled(self, key: str, wait: float) -> str | None:
+    async def wait_filled(self, key: str, wait: float, holder: int = 0) -> str | None:
         return None
 
     async def write(self, entry: Entry, body: bytes, lock: Locked, now: float) -> bool:

@@ -126,7 +126,7 @@ async def test_a_flight_that_waited_out_another_workers_lease_does_not_wait_for_
         async def lookup(self, key: str, lock_for: float, lock_only: bool = False) -> Contended:
             return Contended(5.0)
 
-        async def wait_filled(self, key: str, wait: float) -> str | None:
+        async def wait_filled(self, key: str, wait: float, holder: int = 0) -> str | None:
             waits.append(wait)
             await asyncio.sleep(wait)
             return None
