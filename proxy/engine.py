@@ -745,16 +745,16 @@ class Engine:
                 if fill is not None:
                     fill.say(unasked)
                 return self.upstream_failed(plan, unasked, fwd)
-            return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=resp.status),
-                                      False)
+            return self.direct_reply(plan, resp, forwarded_x_cache(fwd),
+                                     cache_status(fwd=fwd, fwd_status=resp.status), False)
         held = parse_content_range(resp.headers.get("Content-Range"))
         if held is None:
             # A multipart answer, or none that says its range: passed on as it is, and why it
             # is not stored said as for any other part (its Cache-Status had no detail).
             detail, _ = self._part_decision(head, plan, key, resp, None, request_time, response_time)
             self.metrics.not_stored.labels(detail).inc()
-            return self.direct_reply(plan, resp, "MISS", cache_status(fwd=fwd, fwd_status=206, detail=detail),
-                                      False)
+            return self.direct_reply(plan, resp, forwarded_x_cache(fwd),
+                                     cache_status(fwd=fwd, fwd_status=206, detail=detail), False)
         detail, entry = self._part_decision(head, plan, key, resp, held.length, request_time, response_time)
         if entry is not None and resp.content_length not in (None, held.length):
             # Its length disagrees with its Content-Range: relayed as framed, never stored
@@ -770,12 +770,12 @@ class Engine:
         cs = cache_status(fwd=fwd, fwd_status=206, stored=entry is not None, detail=detail or None)
         out = self.response_headers(resp.headers)
         out.append(("Cache-Status", cs))
-        out.append(("X-Cache-Status", "MISS"))
+        out.append(("X-Cache-Status", forwarded_x_cache(fwd)))
         body = self._tee_part(resp, entry, held, old, epoch)
         # Framed by the origin's own length: a body that disagrees with its Content-Range reaches
         # the client as sent, and is not stored (the spool expects the range's length).
-        return self.finish(plan, Reply(206, resp.reason, out, body, resp.content_length, "MISS",
-                                        "upstream"))
+        return self.finish(plan, Reply(206, resp.reason, out, body, resp.content_length,
+                                        forwarded_x_cache(fwd), "upstream"))
 
     def _part_decision(self, head: RequestHead, plan: RequestPlan, key: str, resp: UpstreamResponse,
                        length: int | None, request_time: float, response_time: float

@@ -1588,7 +1588,8 @@ class MissPath:
                 or (resp.status == 412 and ("If-Match" in fields or "If-Unmodified-Since" in fields)) \
                 or (resp.status in (206, 416) and "Range" in fields and not head_only):
             cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status)
-            return engine.direct_reply(attempt.plan, resp, "MISS", cs, head.method == "HEAD")
+            return engine.direct_reply(attempt.plan, resp, forwarded_x_cache(attempt.fwd), cs,
+                                       head.method == "HEAD")
         unasked = unasked_304(resp, resp.status == 304 and asks_validation(upstream.headers))
         if unasked is not None:
             return engine.upstream_failed(attempt.plan, unasked, attempt.fwd)
@@ -1614,7 +1615,7 @@ class MissPath:
         if entry is not None and head_only:
             self.coalescer.clear_pass(attempt.key)
             cs = cache_status(fwd=attempt.fwd, fwd_status=resp.status)
-            return engine.direct_reply(attempt.plan, resp, "MISS", cs, True)
+            return engine.direct_reply(attempt.plan, resp, forwarded_x_cache(attempt.fwd), cs, True)
         if entry is not None:
             async def deliver(run: _Run) -> None:
                 await self._deliver(run, resp, store_detail, entry, response_time, epoch)
@@ -1640,7 +1641,8 @@ class MissPath:
             reply = await self._unstored_from_head(attempt, resp, response_time, cs)
             if reply is not None:
                 return reply
-        return engine.direct_reply(attempt.plan, resp, "MISS", cs, head_only or head.method == "HEAD")
+        return engine.direct_reply(attempt.plan, resp, forwarded_x_cache(attempt.fwd), cs,
+                                   head_only or head.method == "HEAD")
 
     async def _unstored_from_head(self, attempt: Attempt, resp: UpstreamResponse, response_time: float,
                                   cs: str) -> Reply | None:
@@ -1653,7 +1655,7 @@ class MissPath:
         engine, plan = self.engine, attempt.plan
         headers = engine.response_headers(resp.headers)
         headers.append(("Cache-Status", cs))
-        headers.append(("X-Cache-Status", "MISS"))
+        headers.append(("X-Cache-Status", forwarded_x_cache(attempt.fwd)))
         edited = engine.edited(plan, resp.status, headers)
         response = arrived(resp.status, resp.reason, resp.headers, response_time)
         answer = reply_on_arrival(attempt.req.head, response, resp.content_length, edited)
@@ -1662,7 +1664,7 @@ class MissPath:
                 return None
             case PreconditionFailed() | NotModified() | Unsatisfiable():
                 resp.release()
-                return self._early(plan, answer, "MISS", _cookies(edited))
+                return self._early(plan, answer, forwarded_x_cache(attempt.fwd), _cookies(edited))
             case Send():
                 end = answer.offset + answer.length
                 whole = resp.complete_body()
@@ -1670,7 +1672,7 @@ class MissPath:
                     piece = whole[answer.offset:end]
                     if len(piece) == answer.length:
                         return Reply(answer.status, answer.reason, answer.headers, piece, answer.length,
-                                     "MISS", "upstream")
+                                     forwarded_x_cache(attempt.fwd), "upstream")
                     return engine.upstream_failed(plan, UpstreamProtocolError(
                         "the response's body ended before the range asked for"), attempt.fwd)
                 pieces = _sliced(resp.iter_chunks(), answer.offset, end, beats=True)
@@ -1679,7 +1681,7 @@ class MissPath:
                 except UpstreamError as exc:
                     return engine.upstream_failed(plan, exc, attempt.fwd)
                 return Reply(answer.status, answer.reason, answer.headers, _Led(lead, pieces), answer.length,
-                             "MISS", "upstream")
+                             forwarded_x_cache(attempt.fwd), "upstream")
             case _:
                 assert_never(answer)
 
@@ -1802,7 +1804,7 @@ class MissPath:
         reply = await self._stale_reply(attempt, stale, fwd_status, detail, collapsed)
         if reply is None:
             return self.engine.finish(attempt.plan, error_reply(
-                502, "Bad Gateway", "502 Bad Gateway", "MISS",
+                502, "Bad Gateway", "502 Bad Gateway", forwarded_x_cache(attempt.fwd),
                 cache_status(fwd=attempt.fwd, collapsed=collapsed, detail=detail)))
         return reply
 

@@ -219,3 +219,27 @@ async def test_obs_text_in_an_origins_fields_and_reason_reaches_the_client_byte_
             check(*await _raw_get(restarted, b"", path), path, b"HIT")  # read from disk
             check(*await _raw_get(restarted, b"", path), path, b"HIT")
         assert len(origin.requests) == len(odd)
+
+
+async def test_x_cache_status_says_expired_whenever_cache_status_says_a_stale_copy_went_forward(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
+    """A stored copy gone stale, then answers the cache may not store (private: the key passes)
+    and a range of it: X-Cache-Status is EXPIRED as long as Cache-Status says ``fwd=stale``
+    (the passed and range answers said MISS)."""
+    served = {"n": 0}
+
+    async def handler(request: web.Request) -> web.Response:
+        served["n"] += 1
+        cc = "max-age=1" if served["n"] == 1 else "private"
+        return web.Response(body=b"0123456789", headers={"Cache-Control": cc, "Date": format_http_date(clock())})
+
+    origin.route("/s", handler)
+    origin.route("/r", body=b"0123456789", headers={"Cache-Control": "max-age=1"})
+    proxy = await clocked(make_proxy, clock)
+    assert (await proxy.get("/s")).x_cache == (await proxy.get("/r")).x_cache == "MISS"
+    clock.advance(5)
+    seen = [await proxy.get("/s") for _ in range(3)]
+    seen.append(await proxy.get("/r", headers={"Range": "bytes=0-3"}))
+    for reply in seen:
+        assert "fwd=stale" in reply.cache_status, reply.cache_status
+        assert reply.x_cache == "EXPIRED", (reply.x_cache, reply.cache_status)
