@@ -92,7 +92,7 @@ MEAN_GAUGES = frozenset({"cachegate_upstream_up", "cachegate_fast_path_enabled"}
 KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "cachegate_config_reloads": ("success", "failure"),
     "cachegate_storage_errors": ("read", "spool", "write", "invalidate", "forget"),
-    "cachegate_admin_refused": ("host", "origin", "content_type", "rate", "csrf"),
+    "cachegate_admin_refused": ("host", "origin", "content_type", "content_encoding", "rate", "csrf"),
     "cachegate_purge_refused": ("forbidden", "disabled", "origin"),
     "cachegate_slow_readers": ("resumed", "cut_off"),
     # ``proxy.web.headtimeout.LimitedHandler.limited``
@@ -287,7 +287,8 @@ class Metrics:
                                           registry=r)
         self.admin_refused = Counter("cachegate_admin_refused",
                                      "Admin API requests refused before the token check (DNS rebinding "
-                                     "and CSRF guards), by reason: host, origin, content_type, csrf",
+                                     "and CSRF guards, an encoded body, wrong tokens too fast), by "
+                                     "reason: host, origin, content_type, content_encoding, rate, csrf",
                                      ["reason"], registry=r)
         self.reloads = Counter("cachegate_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.storage_errors = Counter("cachegate_storage_errors",

@@ -36,7 +36,10 @@ may name any host. Token guesses that remain possible (a wrong bearer token from
 wrong login from an allowed one) are slowed by ``GuessLimiter``. ``/healthz`` is never
 checked (it tells nothing, and load balancers name hosts of their own).
 
-Refusals are 403 (Host, Origin) or 415 (Content-Type) with ``{"error": "..."}`` saying
+A state-changing request whose body has a ``Content-Encoding`` (but ``identity``) is refused
+415 whatever the token: the listener reads a body as sent, and the admin API takes plain JSON.
+
+Refusals are 403 (Host, Origin) or 415 (Content-Type, Content-Encoding) with ``{"error": "..."}`` saying
 why, counted in ``cachegate_admin_refused_total{reason}``. ``decide`` is pure (the
 request's method, path and headers in, a ``Refused`` or None out) and
 ``guard_middleware`` applies it to every route of the admin app, including routes
@@ -70,7 +73,7 @@ from proxy.purge import host_matches
 log = logging.getLogger("cachegate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RefusalReason = Literal["host", "origin", "content_type", "rate"]
+RefusalReason = Literal["host", "origin", "content_type", "content_encoding", "rate"]
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 UNCHECKED_PATHS = frozenset({"/healthz"})
 JSON_TYPE = "application/json"
@@ -224,6 +227,10 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
             return Refused(403, "origin", f"Origin {origin!r} is not this admin listener's own origin: "
                                           "state-changing requests from other pages are refused "
                                           "(cross-site request forgery)")
+    encoded = body_coding(headers)
+    if encoded is not None:
+        return Refused(415, "content_encoding", f"the admin API takes no Content-Encoding: {encoded}: send "
+                                                "the body as it is (JSON, no Content-Encoding field)")
     if not settings.token_set:
         ctype = headers.get("Content-Type", "")
         media = ctype.split(";", 1)[0].strip().lower()
@@ -234,6 +241,22 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
                                                 "form cannot, so a page elsewhere cannot forge them); "
                                                 f"curl: -H 'Content-Type: {JSON_TYPE}'")
     return None
+
+
+MAX_SHOWN_CODING = 100  # characters of a refused Content-Encoding an answer repeats
+
+
+def body_coding(headers: MultiMapping[str]) -> str | None:
+    """The request's ``Content-Encoding`` (every field, as sent, cut short) when it names a
+    coding other than ``identity``; else None. The admin listener does not decode a body
+    (``auto_decompress=False``): a body it cannot read as sent is refused, not decoded (a gzip
+    that did not decode was a 500 with a traceback), nor read as the JSON it is not."""
+    fields = headers.getall("Content-Encoding", ())
+    codings = [c.strip().lower() for f in fields for c in f.split(",")]
+    if all(c in ("", "identity") for c in codings):
+        return None
+    text = ", ".join(f.strip() for f in fields)
+    return text if len(text) <= MAX_SHOWN_CODING else text[:MAX_SHOWN_CODING] + "..."
 
 
 def decide_purge_method(headers: MultiMapping[str]) -> Refused | None:

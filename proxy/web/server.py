@@ -356,7 +356,11 @@ async def start_admin_listener(runtime: Runtime, settings: Settings,
     app = create_admin_app(runtime, purge, inspector)
     runner = AdminRunner(app, handle_signals=False, access_log=None,
                          shutdown_timeout=settings.shutdown_grace, keepalive_timeout=ADMIN_KEEPALIVE,
-                         max_line_size=ADMIN_MAX_LINE)
+                         max_line_size=ADMIN_MAX_LINE,
+                         # A body is read as sent: one with a Content-Encoding is refused 415 by
+                         # the guard (``admin_guard.decide``). Decoded by aiohttp, a body that did
+                         # not decode was a 500 with a traceback, a gzip bomb up to 1 MiB decoded.
+                         auto_decompress=False)
     await runner.setup()
     host, port = settings.admin.listen
     try:
