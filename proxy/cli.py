@@ -70,16 +70,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from proxy.explain import ExplainRequest, explain, parse_header
 
+    try:  # a field no client could send: a usage error, as the admin API's /explain refuses it
+        headers = tuple(parse_header(h, "-H") for h in args.header)
+        response_headers = tuple(parse_header(h, "-R") for h in args.response_header)
+    except ValueError as exc:
+        print(f"cachegate explain: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     settings = load_settings(args.config, Overrides(), machine="no")
     if settings is None:
         return EXIT_CONFIG
     try:
-        req = ExplainRequest(
-            url=args.url, method=args.method,
-            headers=tuple(parse_header(h) for h in args.header),
-            statuses=tuple(args.status) or (200,),
-            response_headers=tuple(parse_header(h) for h in args.response_header),
-        )
+        req = ExplainRequest(url=args.url, method=args.method, headers=headers,
+                             statuses=tuple(args.status) or (200,), response_headers=response_headers)
         lines = explain(settings.rules, req, time.time(), show_all=not args.brief)
     except ValueError as exc:
         print(f"cachegate explain: {exc}", file=sys.stderr)

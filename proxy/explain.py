@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.cache_control import CacheControl, parse_cache_control
 from proxy.policy.cache_status import cache_status, forwarded_x_cache, serve_detail
-from proxy.policy.fields import body_length, content_length
+from proxy.policy.fields import body_length, content_length, is_token
 from proxy.policy.fill import Exchange, Fill, FillSettings, NoFill, decide_fill, freshened
 from proxy.policy.freshness import (
     heuristic_withheld,
@@ -243,12 +243,35 @@ def fmt_duration(seconds: float) -> str:
     return "".join(parts)
 
 
-def parse_header(text: str) -> tuple[str, str]:
-    """``'Name: value'`` -> ``('Name', 'value')``; ValueError otherwise."""
+def field_problem(name: str, value: str) -> str | None:
+    """Why no client could send the field ``name: value`` to the proxy (its parser would
+    refuse it), or None: the one check of a field to explain, ``cachegate explain -H/-R`` and
+    the admin API's ``/explain`` alike, so that neither explains a request nobody can send."""
+    if not is_token(name):
+        return (f"{name!r} is not a field name: a name is a token of ASCII letters, digits and "
+                "!#$%&'*+-.^_`|~ (RFC 9110 §5.1), as the proxy's parser takes them")
+    bad = next((c for c in value if c in "\r\n\x00"), None)
+    if bad is not None:
+        return f"the value of {name!r} holds {bad!r}, which no field value may (RFC 9110 §5.5)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8, as argv and aiohttp read one (\udcXX)
+        return f"the value of {name!r} is not UTF-8: give the field's text as UTF-8"
+    return None
+
+
+def parse_header(text: str, option: str = "-H") -> tuple[str, str]:
+    """``'Name: value'`` (``option``'s argument) -> ``('Name', 'value')``; ValueError with
+    ``field_problem``'s reason otherwise. Only spaces and tabs around the value are dropped
+    (its OWS, as the parser drops them): ``str.strip`` also took a CR or LF at its end."""
     name, sep, value = text.partition(":")
-    if not sep or not name.strip() or " " in name.strip():
-        raise ValueError(f"expected 'Name: value', got {text!r}")
-    return name.strip(), value.strip()
+    if not sep or not name:
+        raise ValueError(f"{option} {text!r}: expected 'Name: value'")
+    value = value.strip(" \t")
+    problem = field_problem(name, value)
+    if problem is not None:
+        raise ValueError(f"{option} {text!r}: {problem}")
+    return name, value
 
 
 def request_head(req: ExplainRequest) -> RequestHead:

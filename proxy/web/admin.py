@@ -59,6 +59,7 @@ from proxy.explain import (
     RangeFill,
     StoredVariant,
     explain_trace,
+    field_problem,
     request_body,
     route_of,
     unbypassed,
@@ -651,18 +652,14 @@ def _header_pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
         raise BadRequest(f"{what!r} must be a JSON object like {EXAMPLE_HEADERS}")
     out: list[tuple[str, str]] = []
     for name, v in value.items():
-        if not is_token(name):
-            raise BadRequest(f"{what!r}: {name!r} is not a field name: a name is a token of ASCII "
-                             "letters, digits and !#$%&'*+-.^_`|~ (RFC 9110 §5.1), as the proxy's "
-                             "parser takes them")
+        if (problem := field_problem(name, "")) is not None:
+            raise BadRequest(f"{what!r}: {problem}")
         values = v if isinstance(v, list) else [v]
         if not all(isinstance(x, str) for x in values):
             raise BadRequest(f"{what!r}: {name!r} must map to a string or a list of strings")
         for x in values:
-            bad = next((c for c in x if c in "\r\n\x00"), None)
-            if bad is not None:
-                raise BadRequest(f"{what!r}: the value of {name!r} holds {bad!r}, which no field value "
-                                 "may (RFC 9110 §5.5)")
+            if (problem := field_problem(name, x)) is not None:
+                raise BadRequest(f"{what!r}: {problem}")
         out.extend((name, x) for x in values)
     return tuple(out)
 
