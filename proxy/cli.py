@@ -10,8 +10,10 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from proxy import __version__
 from proxy.config import Overrides
@@ -226,25 +228,69 @@ def _whole(least: int, most: int | None = None) -> Any:
     return whole
 
 
-def _read_source(name: str) -> str:
-    if name == "-":
-        return sys.stdin.read()
-    with open(name, encoding="utf-8", errors="replace") as f:
-        return f.read()
+# Bytes of one line of a URL list or an access log: no URL or log line is that long. A file
+# without line ends (a binary given by mistake) was read whole, as one line.
+MAX_SOURCE_LINE = 1 << 20
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def _source_lines(name: str) -> list[bytes]:
-    """A URL list's lines as bytes (``-``: standard input): whether one is UTF-8 is
-    ``url_lines``' to say, at its line. A line ends at CR LF, LF or a lone CR (a list saved by
-    an old Mac editor: read by LF alone, its URLs were one URL with %0D in it, warmed as a key
-    no client asks for)."""
+class SourceError(Exception):
+    """A ``--urls`` or ``--from-access-log`` source that cannot be read as lines (its message)."""
+
+
+def _source_lines(name: str, what: str = "a list of URLs, one a line") -> Iterator[bytes]:
+    """A URL list's (or an access log's) lines as bytes, read as a stream (``-``: standard
+    input): whether one is UTF-8 is ``url_lines``' to say, at its line. A line ends at CR LF,
+    LF or a lone CR (a list saved by an old Mac editor: read by LF alone, its URLs were one URL
+    with %0D in it, warmed as a key no client asks for). ``SourceError`` for a path that is
+    neither a regular file nor a FIFO or pipe (``yamlsrc.open_regular``: a directory, a device
+    such as /dev/zero, which was read until memory ran out, a socket), one that cannot be read,
+    and a line over ``MAX_SOURCE_LINE`` bytes."""
     if name == "-":
         buffer = getattr(sys.stdin, "buffer", None)
         if buffer is None:  # a text stream put in its place (a test's StringIO)
-            return sys.stdin.read().encode("utf-8", "surrogateescape").splitlines()
-        return bytes(buffer.read()).splitlines()
-    with open(name, "rb") as f:
-        return f.read().splitlines()
+            yield from sys.stdin.read().encode("utf-8", "surrogateescape").splitlines()
+            return
+        yield from _lines_of(buffer, "<stdin>", what)
+        return
+    from proxy.yamlsrc import NotRegularFile, open_regular
+
+    try:
+        f = open_regular(name, fifo=True)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SourceError(f"{name} does not exist") from None
+    except NotRegularFile as exc:  # "is a directory", "is not a regular file (a device)"
+        raise SourceError(f"{name} {exc.strerror}: give {what}") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {name}: {exc.strerror or exc}") from None
+    with f:
+        yield from _lines_of(f, name, what)
+
+
+def _lines_of(f: BinaryIO, name: str, what: str) -> Iterator[bytes]:
+    pending = b""
+    number = 0
+    while True:
+        try:
+            chunk = f.read(1 << 16)
+        except OSError as exc:
+            raise SourceError(f"cannot read {name}: {exc.strerror or exc}") from None
+        data = pending + chunk
+        start = 0
+        for end in _LINE_END.finditer(data):
+            if chunk and end.end() == len(data) and end.group() == b"\r":
+                break  # a CR at the end of what was read: its LF may come next
+            number += 1
+            yield data[start:end.start()]
+            start = end.end()
+        pending = data[start:]
+        if len(pending) > MAX_SOURCE_LINE:
+            raise SourceError(f"{name}:{number + 1}: a line of over {MAX_SOURCE_LINE >> 20} MiB (no URL "
+                              f"or log line is that long): give {what}")
+        if not chunk:
+            if pending:
+                yield pending
+            return
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
@@ -308,9 +354,10 @@ def cmd_warm(args: argparse.Namespace) -> int:
         for name in args.urls:
             urls += url_lines(_source_lines(name), "<stdin>" if name == "-" else name, warmer.check, refused)
         for name in args.from_access_log:
-            logged = parse_access_log(_read_source(name).splitlines(), refused)
+            lines = _source_lines(name, "an access log, one request a line")
+            logged = parse_access_log((line.decode("utf-8", "replace") for line in lines), refused)
             urls += warmer.sendable(logged, refused)
-    except OSError as exc:
+    except SourceError as exc:
         print(f"cachegate warm: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not urls and not args.sitemap and not refused:

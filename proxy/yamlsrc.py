@@ -15,7 +15,7 @@ import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -160,11 +160,20 @@ def _not_regular(mode: int) -> str:
 
 
 def read_regular(path: str) -> bytes:
-    """The bytes of ``path``, a regular file; ``NotRegularFile`` for anything else. Opened
+    """The bytes of ``path``, a regular file; ``NotRegularFile`` for anything else
+    (``open_regular``)."""
+    with open_regular(path) as f:
+        return f.read()
+
+
+def open_regular(path: str, fifo: bool = False) -> BinaryIO:
+    """``path`` open for reading, a regular file; ``NotRegularFile`` for anything else. Opened
     without blocking and checked on the open file (no window to swap it between a check and
     the read): a FIFO's open and read would wait for a writer forever (a reload that never
     answered, a stop that never ended, ``cachegate check`` hung), /dev/zero never ends; /dev/null
-    is the empty file it reads as (``_is_null``)."""
+    is the empty file it reads as (``_is_null``). With ``fifo``, a FIFO or pipe is taken too,
+    opened again to wait for its writer (a command's input: ``--urls <(grep ...)``), as a
+    stream its reader bounds."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:  # a socket cannot be opened (ENXIO): say what it is
@@ -177,14 +186,17 @@ def read_regular(path: str) -> bytes:
         raise NotRegularFile(exc.errno, _not_regular(mode), path) from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            if _is_null(st):
-                return b""
+        if fifo and stat.S_ISFIFO(st.st_mode):
+            os.close(fd)
+            fd = -1
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # (waits for a writer)
+            st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) and not _is_null(st) and not (fifo and stat.S_ISFIFO(st.st_mode)):
             raise NotRegularFile(errno.EINVAL, _not_regular(st.st_mode), path)
         os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            return f.read()
+        f = os.fdopen(fd, "rb")
+        fd = -1
+        return f
     finally:
         if fd >= 0:
             os.close(fd)
