@@ -166,6 +166,13 @@ def read_regular(path: str) -> bytes:
         return f.read()
 
 
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def open_regular(path: str, fifo: bool = False) -> BinaryIO:
     """``path`` open for reading, a regular file; ``NotRegularFile`` for anything else. Opened
     without blocking and checked on the open file (no window to swap it between a check and
@@ -174,8 +181,12 @@ def open_regular(path: str, fifo: bool = False) -> BinaryIO:
     is the empty file it reads as (``_is_null``). With ``fifo``, a FIFO or pipe is taken too,
     opened again to wait for its writer (a command's input: ``--urls <(grep ...)``), as a
     stream its reader bounds."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        # A FIFO taken is opened once, waiting for its writer: opened without blocking, then
+        # closed and opened again, what a writer wrote in between was dropped with the last
+        # reader gone (the reader then waited for another writer, for ever).
+        fd = os.open(path, flags if fifo and _is_fifo(path) else flags | os.O_NONBLOCK)
     except OSError as exc:  # a socket cannot be opened (ENXIO): say what it is
         try:
             mode = os.stat(path).st_mode
@@ -186,10 +197,10 @@ def open_regular(path: str, fifo: bool = False) -> BinaryIO:
         raise NotRegularFile(exc.errno, _not_regular(mode), path) from None
     try:
         st = os.fstat(fd)
-        if fifo and stat.S_ISFIFO(st.st_mode):
-            os.close(fd)
+        if fifo and stat.S_ISFIFO(st.st_mode) and os.get_blocking(fd) is False:
+            os.close(fd)  # (a FIFO only since the look above: rare; see there for what it costs)
             fd = -1
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # (waits for a writer)
+            fd = os.open(path, flags)  # (waits for a writer)
             st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) and not _is_null(st) and not (fifo and stat.S_ISFIFO(st.st_mode)):
             raise NotRegularFile(errno.EINVAL, _not_regular(st.st_mode), path)

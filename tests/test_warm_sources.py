@@ -12,10 +12,12 @@ a MemoryError, not a machine out of memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,42 @@ async def test_a_fifo_is_still_read_once_its_writer_comes(tmp_path: Path, origin
     status, out, err = await warm
     assert status == 0, err
     assert out.startswith("cachegate warm: 2 of 2 requests in "), out
+
+
+def test_what_a_fifos_writer_wrote_at_once_is_read() -> None:
+    """A writer already waiting on the FIFO writes as soon as a reader opens it. The FIFO was
+    opened without blocking (to look at what it is), closed, and opened again: what the writer
+    wrote in between was dropped with the last reader gone, and the reader then waited for
+    another writer for ever (11 of 50 here). A FIFO taken is now opened once."""
+    import tempfile
+    import threading
+
+    from proxy.yamlsrc import open_regular
+
+    lost = 0
+    for _ in range(30):
+        path = os.path.join(tempfile.mkdtemp(), "fifo")
+        os.mkfifo(path)
+
+        def write(path: str = path) -> None:
+            with contextlib.suppress(BrokenPipeError), open(path, "wb") as f:
+                f.write(b"/a\n")
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        time.sleep(0.01)  # the writer waits in its open for a reader
+        read: dict[str, bytes] = {}
+
+        def reader(path: str = path, read: dict[str, bytes] = read) -> None:
+            with open_regular(path, fifo=True) as f:
+                read["lines"] = f.read()
+
+        r = threading.Thread(target=reader, daemon=True)
+        r.start()
+        r.join(2)
+        if read.get("lines") != b"/a\n":
+            lost += 1
+            with contextlib.suppress(OSError):  # (a writer for the reader left waiting)
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        writer.join(2)
+    assert lost == 0, f"{lost} of 30 FIFOs' lines lost"
