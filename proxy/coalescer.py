@@ -566,9 +566,12 @@ class Coalescer:
         # directory lookup (``passes_unlooked``).
         self._unlooked_until = PassMarks()
         # Keys whose last stale-while-revalidate refresh failed: no other starts until then
-        # (``refresh_failed``), on the engine's clock. The whiles differ (a Retry-After), so
-        # the front-first pruning may keep an expired mark behind a longer one: bounded all
-        # the same, and ``holds`` drops an expired one when asked.
+        # (``refresh_failed``), on the monotonic clock as the hit-for-pass marks: a mark on the
+        # wall clock held every refresh back for the length of a step of that clock backwards
+        # (two days back: the copy served stale, UPDATING, for two days past its windows while
+        # the mended origin was never asked). The whiles differ (a Retry-After), so the
+        # front-first pruning may keep an expired mark behind a longer one: bounded all the
+        # same, and ``holds`` drops an expired one when asked.
         self._refresh_failed_until = PassMarks()
         # The store's purge epoch when each of those marks was set: a purge since that covers
         # the stale response lifts its mark (``MissPath.refresh_held_back``). Pruned to the
@@ -678,13 +681,15 @@ class Coalescer:
     def is_pass(self, key: str) -> bool:
         return self._pass_until.holds(key, self._clock())
 
-    def refresh_failed(self, key: str, until: float, now: float, epoch: int, *, soft: bool = False) -> None:
-        """A background refresh of ``key`` failed at ``now``, the store's purge epoch being
-        ``epoch``: the next waits until ``until`` (``proxy.policy.reuse.refresh_retry_at``),
-        unless a purge since covers the response (``refresh_held_back``). ``soft``: the stale
-        response was soft-purged (``soft_failed_at``)."""
+    def refresh_failed(self, key: str, wait: float, epoch: int, *, soft: bool = False) -> None:
+        """A background refresh of ``key`` failed, the store's purge epoch being ``epoch``: the
+        next waits ``wait`` seconds (``proxy.policy.reuse.refresh_retry_at``), of monotonic time
+        (a step of the wall clock neither stretches nor shortens it), unless a purge since
+        covers the response (``refresh_held_back``). ``soft``: the stale response was
+        soft-purged (``soft_failed_at``)."""
         marks, at = self._refresh_failed_until, self._refresh_failed_at
-        marks.set(key, until, now)
+        now = self._clock()
+        marks.set(key, now + wait, now)
         at[key] = epoch
         if len(at) > 2 * len(marks) + 16:
             self._refresh_failed_at = {k: e for k, e in at.items() if marks.holds(k, now)}
@@ -704,13 +709,14 @@ class Coalescer:
         ``key`` failed; None: none has since something was stored under it (``refresh_ok``)."""
         return self._soft_failed_at.get(key)
 
-    def refresh_held_back(self, key: str, now: float) -> tuple[float, int] | None:
-        """When a refresh of ``key`` failed recently enough that none starts now: until when,
-        and the store's purge epoch at the failure (a purge since may lift it); else None."""
-        marks = self._refresh_failed_until
+    def refresh_held_back(self, key: str) -> tuple[float, int] | None:
+        """When a refresh of ``key`` failed recently enough that none starts now: for how many
+        seconds more, and the store's purge epoch at the failure (a purge since may lift it);
+        else None."""
+        marks, now = self._refresh_failed_until, self._clock()
         if not marks.holds(key, now):
             return None
-        return marks.until(key), self._refresh_failed_at.get(key, 0)
+        return marks.until(key) - now, self._refresh_failed_at.get(key, 0)
 
     def refresh_ok(self, key: str) -> None:
         """Something is stored under ``key`` anew, or a purge covered it: its next refresh need

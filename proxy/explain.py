@@ -680,9 +680,9 @@ def _rule_roles(rules: RuleSet, head: RequestHead) -> list[tuple[Rule, str | Non
 # -- the JSON trace behind GET /explain --------------------------------------------------------
 
 
-# Until when the running proxy holds back a refresh of the key's stale response with these
-# tags after one failed (None: it would start one): ``MissPath.refresh_held_back``.
-RefreshHeld = Callable[[str, Collection[str], float], float | None]
+# For how many seconds more the running proxy holds back a refresh of the key's stale response
+# with these tags after one failed (None: it would start one): ``MissPath.refresh_held_back``.
+RefreshHeld = Callable[[str, Collection[str]], float | None]
 # Whether a background refresh of the key's soft-purged response failed since the purge, given
 # the tags of the responses stored under it: ``MissPath.soft_refresh_failed``.
 SoftFailed = Callable[[str, Iterable[Collection[str]]], bool]
@@ -1010,14 +1010,14 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
             detail = serve_detail(decision.status, v)  # the engine's own
             held = None
             if decision.refresh and refresh_held is not None and key is not None:
-                held = refresh_held(key, stored.tags, now)
+                held = refresh_held(key, stored.tags)
             if held is not None:
                 # (The engine's own wait after a failed refresh: ``MissPath.refresh_held_back``.)
-                out["refresh_held_back"] = round(held - now, 3)
+                out["refresh_held_back"] = round(held, 3)
                 # (a soft-purged response's ttl is at most 0: "stale by 0s" said nothing)
                 stale_by = "soft-purged" if v.invalidated else f"stale by {fmt_duration(-decision.ttl)}"
                 why = (f"{stale_by}: served at once; no background request "
-                       f"revalidates it for {fmt_duration(held - now)} more (the last refresh failed)")
+                       f"revalidates it for {fmt_duration(held)} more (the last refresh failed)")
             elif detail is None:
                 why = f"a stored variant is fresh for {fmt_duration(max(decision.ttl, 0))} more"
             elif detail == "SOFT-PURGED":
@@ -1126,7 +1126,7 @@ def explain_trace(rules: RuleSet, head: RequestHead, variants: Sequence[StoredVa
     ``parts`` the parts (206 responses) it holds beside them (``part_key``);
     ``responses`` are hypothetical origin answers (status, headers) to decide storing for.
     ``body``: the request carries a body (``request_body``). ``refresh_held``: the running
-    proxy's answer to whether a stale response's refresh waits after one failed (until when;
+    proxy's answer to whether a stale response's refresh waits after one failed (how long more;
     ``MissPath.refresh_held_back``), and ``soft_failed`` whether a soft-purged one's refresh
     failed since the purge (``MissPath.soft_refresh_failed``). ``room``: the biggest body the
     running store keeps now (``fill_decision``). ``range_fill``: what a range miss's fetch

@@ -550,23 +550,24 @@ class MissPath:
         again at every request the stale response answers."""
         key, coalescer = attempt.key, self.coalescer
         if coalescer.get(key) is None and (attempt.revalidating is None or self.refresh_held_back(
-                key, attempt.revalidating.entry.tags, self.engine.clock()) is None):
+                key, attempt.revalidating.entry.tags) is None):
             self.start(attempt, register=True, background=True)  # nobody reads it: it ends alone
 
-    def refresh_held_back(self, key: str, tags: Collection[str], now: float) -> float | None:
-        """Until when a stale-while-revalidate refresh under ``key`` (of a response with ``tags``)
-        waits after one failed (``_refresh_failed``); None: it may start. A purge since the
-        failure that covers it (an operator's soft purge once the origin is mended, one by its
-        tag) lifts the wait: the purge log says, as it does for fills (``Storage.purged_since``).
+    def refresh_held_back(self, key: str, tags: Collection[str]) -> float | None:
+        """For how many seconds more a stale-while-revalidate refresh under ``key`` (of a
+        response with ``tags``) waits after one failed (``_refresh_failed``); None: it may start.
+        A purge since the failure that covers it (an operator's soft purge once the origin is
+        mended, one by its tag) lifts the wait: the purge log says, as it does for fills
+        (``Storage.purged_since``).
         Asked by ``GET /explain`` too, so it says what the next request would do."""
-        held = self.coalescer.refresh_held_back(key, now)
+        held = self.coalescer.refresh_held_back(key)
         if held is None:
             return None
-        until, since = held
+        left, since = held
         if self.engine.storage.purged_since(since, key, tags):
             self.coalescer.refresh_ok(key)
             return None
-        return until
+        return left
 
     def soft_refresh_failed(self, key: str, tag_sets: Iterable[Collection[str]]) -> bool:
         """Whether a background refresh of the soft-purged response under ``key`` failed in this
@@ -596,10 +597,12 @@ class MissPath:
         if stale is None:
             return
         now = self.engine.clock()
-        until = refresh_retry_at(stale.entry.response, now, run.retry_after)
+        # (The wait is decided on the engine's clock, as the response's windows are, and kept
+        # by the coalescer as a while of monotonic time: ``Coalescer.refresh_failed``.)
+        wait = refresh_retry_at(stale.entry.response, now, run.retry_after) - now
         # (The epoch when its request went out: a purge during the refresh lifts the wait too.)
         epoch = run.flight.epoch
-        self.coalescer.refresh_failed(run.attempt.key, until, now,
+        self.coalescer.refresh_failed(run.attempt.key, wait,
                                       self.engine.storage.epoch if epoch is None else epoch,
                                       soft=stale.entry.response.invalidated)
 

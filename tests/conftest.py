@@ -69,9 +69,9 @@ def clock() -> Clock:
 
 
 async def clocked(make_proxy: MakeProxy, clock: Clock, config: str = "", rules: str | None = None) -> Proxy:
-    """A proxy whose engine runs on ``clock``."""
+    """A proxy whose engine runs on ``clock`` (``Clock.run_on``)."""
     proxy = await make_proxy(config=config, rules=rules)
-    proxy.runtime.engine.clock = clock
+    clock.run_on(proxy.runtime)
     return proxy
 
 

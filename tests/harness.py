@@ -140,16 +140,33 @@ class Reply:
 
 class Clock:
     """A clock a test moves by hand (set as ``runtime.engine.clock``), so nothing sleeps for
-    freshness to run out. It starts at the current whole second, as Date headers have it."""
+    freshness to run out. It starts at the current whole second, as Date headers have it.
+    ``monotonic`` is the time that passes beside it (the coalescer's clock: ``run_on``):
+    ``advance`` moves both, ``step`` only the wall clock (an operator or NTP setting it)."""
 
     def __init__(self) -> None:
         self.now = float(int(time.time()))
+        self.elapsed = time.monotonic()
 
     def __call__(self) -> float:
         return self.now
 
+    def monotonic(self) -> float:
+        return self.elapsed
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
+        self.elapsed += seconds
+
+    def step(self, seconds: float) -> None:
+        """The wall clock set forwards or back: no time passes."""
+        self.now += seconds
+
+    def run_on(self, runtime: Runtime) -> None:
+        """Run ``runtime``'s engine on this clock: the wall clock its decisions read, and the
+        monotonic one its coalescer's whiles (hit-for-pass, a failed refresh's wait) run on."""
+        runtime.engine.clock = self
+        runtime.engine.coalescer._clock = self.monotonic
 
 
 @dataclass

@@ -333,6 +333,44 @@ async def test_a_purge_covering_a_stale_response_lifts_the_wait_after_its_failed
         assert origin.count("/r") == 2
 
 
+@pytest.mark.parametrize("step", [-2 * 86400, -600, 3600])
+async def test_a_failed_refresh_waits_its_while_of_time_passed_whatever_the_wall_clock_is_set_to(
+        origin: Origin, make_proxy: MakeProxy, clock: Clock, step: float) -> None:
+    """The wait after a failed refresh was a mark on the wall clock: set back two days once it
+    had failed, every request was served the old copy (UPDATING) for two days, the mended
+    origin never asked, and GET /explain said the refresh was held back two days more."""
+    state = {"served": 0, "down": False}
+
+    async def handler(request: web.Request) -> web.Response:
+        state["served"] += 1
+        dated = {"Date": format_http_date(clock())}
+        if state["down"]:
+            return web.Response(status=500, body=b"down", headers=dated)
+        body = b"OLD" if state["served"] == 1 else b"NEW"
+        return web.Response(body=body, headers={**dated, "Cache-Control": "max-age=60, stale-while-revalidate=300"})
+
+    origin.route("/r", handler)
+    proxy = await clocked(make_proxy, clock)
+    assert (await proxy.get("/r")).body == b"OLD"
+    clock.advance(70)
+    state["down"] = True
+    assert await updating(proxy) == ("UPDATING", b"OLD")
+    assert origin.count("/r") == 2  # the refresh failed: the next waits 5 s
+    state["down"] = False
+    clock.step(step)
+    clock.advance(1)
+    decision = await explained(proxy)
+    if "refresh_held_back" in decision:  # (set forwards, the copy may be past its windows)
+        assert decision["refresh_held_back"] == 4, decision
+        assert "for 4s more" in decision["why"], decision["why"]
+        assert await updating(proxy) == ("UPDATING", b"OLD")
+        assert origin.count("/r") == 2  # its while holds
+    clock.advance(4)  # its while is over, whatever the wall clock says
+    await updating(proxy)
+    assert origin.count("/r") == 3  # asked again
+    assert (await proxy.get("/r")).body == b"NEW"
+
+
 async def test_a_clients_max_stale_bounds_what_stale_while_revalidate_serves_it(
         origin: Origin, make_proxy: MakeProxy, clock: Clock) -> None:
     """A client that accepts at most 1 s of staleness was served a response 3 s stale
@@ -484,7 +522,7 @@ async def test_a_clock_stepped_a_day_forward_during_a_fill_neither_breaks_the_he
     (RFC 9111 §4.2.3's response_delay is measured on the monotonic clock then)."""
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.3)  # the herd joins the fill meanwhile
-        clock.advance(86400)  # the proxy's clock was a day behind; the origin's Date is right
+        clock.step(86400)  # the proxy's clock was a day behind; the origin's Date is right
         return web.Response(body=b"page", headers={"Cache-Control": "max-age=600",
                                                    "Date": format_http_date(clock())})
 
@@ -509,7 +547,7 @@ async def test_the_delay_of_a_response_is_the_wall_clocks_unless_that_clock_was_
     clock.advance(0.01)
     assert engine.answered(sent) == (clock.now - 0.01, clock.now)  # less than elapsed: the wall's
     for step in (86400.0, -3600.0):  # a step forward, a step back: the monotonic time elapsed
-        clock.advance(step)
+        clock.step(step)
         request_time, response_time = engine.answered(sent)
         assert response_time == clock.now
         assert 0.05 <= response_time - request_time < 5

@@ -764,13 +764,13 @@ def test_the_soft_failure_record_is_bounded_by_the_length_of_its_keys_too() -> N
     c = Coalescer(history_limit=16)
     long = [f"http://cachegate.test/{i:06d}/" + "x" * 8000 for i in range(3000)]  # ~24 MB of keys
     for key in long:
-        c.refresh_failed(key, 10.0, 0.0, 1, soft=True)
+        c.refresh_failed(key, 10.0, 1, soft=True)
     kept = [k for k in long if c.soft_failed_at(k) is not None]
     assert sum(map(len, kept)) <= SOFT_FAILED_CHARS < sum(map(len, kept)) + len(long[0])
     assert kept == long[-len(kept):]  # the oldest forgotten first
-    c.refresh_failed(kept[0], 10.0, 0.0, 2, soft=True)  # failed again: now the newest
+    c.refresh_failed(kept[0], 10.0, 2, soft=True)  # failed again: now the newest
     newer = "http://cachegate.test/newer/" + "x" * 8000
-    c.refresh_failed(newer, 10.0, 0.0, 2, soft=True)
+    c.refresh_failed(newer, 10.0, 2, soft=True)
     assert c.soft_failed_at(kept[0]) == 2 and c.soft_failed_at(kept[1]) is None  # (room made)
     for key in kept:  # stored anew: forgotten, and their length with them
         c.refresh_ok(key)
