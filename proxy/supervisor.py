@@ -586,7 +586,9 @@ class Supervisor:
         except BaseException:
             os.close(running_fd)
             raise
-        args = [sys.executable, "-m", "proxy.supervisor", "worker", CODE_ID_ARG, self.code_id,
+        # -P: not the current directory first on sys.path (as -m puts it), where a ``proxy/``
+        # package (planted in /tmp, another version's checkout) would run in every worker.
+        args = [sys.executable, "-P", "-m", "proxy.supervisor", "worker", CODE_ID_ARG, self.code_id,
                 "--supervisor-pid", str(os.getpid()),
                 "--worker-id", str(w.worker_id), "--control-fd", str(child_end.fileno()),
                 "--arena-fd", str(arena_fd), "--running-fd", str(running_fd),
