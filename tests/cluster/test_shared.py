@@ -42,6 +42,8 @@ async def test_a_herd_over_three_nodes_costs_one_origin_request_and_fills_are_sh
         for proc in (b, c):
             r = await proc.get("/s")
             assert (r.status, r.body, r.x_cache) == (200, b"shared", "HIT")
+            # (As README.md and deploy/compose.cluster.yaml show it.)
+            assert r.headers["Cache-Status"] == "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed"
             assert int(r.headers["Age"]) >= 1
         assert origin.count("/s") == 1
 
