@@ -403,7 +403,7 @@ def test_the_systemd_unit_is_hardened_and_runs_cachegate() -> None:
 def systemd_venv() -> str:
     """The virtualenv docs/deploy.md's systemd steps install cachegate into."""
     section = (ROOT / "docs/deploy.md").read_text().split("## systemd", 1)[1]
-    made = re.search(r"^python3 -m venv (\S+)", section, re.M)
+    made = re.search(r"^(?:/usr/bin/)?python3 -m venv (\S+)", section, re.M)
     assert made, "docs/deploy.md: no python3 -m venv in the systemd steps"
     assert f"{made.group(1)}/bin/pip install ." in section
     return made.group(1)
@@ -639,3 +639,20 @@ def test_the_cluster_compose_file_runs_two_nodes_of_one_cluster_on_redis(
     monkeypatch.setenv("CACHEGATE_ADMIN_TOKEN", "0123456789abcdef0123")
     monkeypatch.setenv("CACHEGATE_NODE", "a")
     assert main(["check", "--config", str(tmp_path / "cluster.yaml")]) == 0
+
+
+def test_the_readme_deploy_rows_name_every_step_of_the_deploy_guide() -> None:
+    """README's one-row recipes for Kubernetes and systemd leave out no step docs/deploy.md runs
+    (a namespace not created: the secret fails; a unit not daemon-reloaded: not found)."""
+    readme = (ROOT / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in readme.split("## Deploy", 1)[1].splitlines()
+            if line.startswith("| ")}
+    guide = (ROOT / "docs/deploy.md").read_text()
+    for name, must in (("Kubernetes", ("kubectl create namespace cachegate", "kubectl apply -k deploy/kubernetes")),
+                       ("systemd", ("/etc/cachegate/cachegate.yaml", "/etc/cachegate/rules", "/etc/cachegate/env",
+                                    "install -m 0644 deploy/systemd/cachegate.service /etc/systemd/system/",
+                                    "systemctl daemon-reload", "/usr/bin/python3 -m venv /opt/cachegate"))):
+        block = guide.split(f"## {name}\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+        for step in must:
+            assert step in block, (name, step)  # (the guide runs it)
+            assert step in rows[name], (name, step)
