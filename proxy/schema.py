@@ -427,6 +427,12 @@ def read_section(cls: type[T], src: Src, ctx: Context, **fixed: Any) -> T:
     for f in declared:
         item = sec.raw(f.key)
         sub = ctx.child(f.key, sec.line_of(f.key))
+        if item is not None and item.refused:  # its problem said where it is written, once
+            if f.required:
+                complete = False
+            else:
+                values[f.name] = default_of(f, sub)
+            continue
         if item is None or (item.value is None and (f.required or f.parser.on_null is None)):
             if f.required:
                 sub.problems.add(ctx.where or (src.file, src.line), f"{sub.name}: required{f.missing}")

@@ -30,7 +30,9 @@ class Src:
     key_lines: dict[Any, int] = field(default_factory=dict)  # for mappings: the line of each key
     raw: str | None = None  # a plain scalar YAML read as a number: as written (1:30 for 90)
     key_texts: dict[Any, str] = field(default_factory=dict)  # mapping keys read as numbers: as written
-    refused: tuple[str, ...] = ()  # a scalar read as null after these problems (an unset ${VAR})
+    # A scalar read as null after these problems (an unset ${VAR}, a value YAML cannot build):
+    # said where it is written, and not again as a missing value ("required").
+    refused: tuple[str, ...] = ()
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -311,11 +313,11 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
         return Src(out, file, line, key_lines, key_texts=key_texts)
     if isinstance(node, yaml.SequenceNode):
         return Src([_convert(n, file, loader, problems) for n in node.value], file, line)
+    before = len(problems.items)
     value = _scalar(node, file, loader, problems)
     if value is _UNREADABLE:
-        return Src(None, file, line)
+        return Src(None, file, line, refused=tuple(problems.items[before:]))
     if isinstance(value, str) and node.tag == "tag:yaml.org,2002:str":
-        before = len(problems.items)
         value = _expand_env(value, (file, line), problems)
         if value is None:  # its problems kept on it: another value may share its line (flow style)
             return Src(None, file, line, refused=tuple(problems.items[before:]))

@@ -656,3 +656,28 @@ def test_the_readme_deploy_rows_name_every_step_of_the_deploy_guide() -> None:
         for step in must:
             assert step in block, (name, step)  # (the guide runs it)
             assert step in rows[name], (name, step)
+
+
+def test_the_credential_key_path_deploy_md_gives_checks_by_hand_and_under_systemd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``${CREDENTIALS_DIRECTORY:-/etc/ssl/private}/cachegate.key``: the service (systemd sets the
+    variable) reads its copy; a ``cachegate check`` by hand (not set) reads the file itself."""
+    from tests.harness import self_signed
+
+    guide = (ROOT / "docs/deploy.md").read_text()
+    written = re.search(r"`(\$\{CREDENTIALS_DIRECTORY:-/etc/ssl/private\}/cachegate\.key)`", guide)
+    assert written, "docs/deploy.md: no ${CREDENTIALS_DIRECTORY:-...} key path"
+    key, cert = self_signed(tmp_path, "a", "a.test", "IP:127.0.0.1")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "credentials").mkdir()
+    shutil.copy(key, tmp_path / "private" / "cachegate.key")
+    shutil.copy(key, tmp_path / "credentials" / "cachegate.key")
+    config = tmp_path / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\nlisten:\n  - 127.0.0.1:0\n"
+                      f"  - {{address: 127.0.0.1:0, tls: {{cert: {cert}, key: "
+                      f"'{written.group(1).replace('/etc/ssl/private', str(tmp_path / 'private'))}'}}}}\n")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert main(["check", "--config", str(config)]) == 0, capsys.readouterr().err
+    (tmp_path / "private" / "cachegate.key").unlink()  # only systemd's copy now
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "credentials"))
+    assert main(["check", "--config", str(config)]) == 0, capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.units import MAX_DURATION, MAX_SIZE, parse_duration, parse_size
+from tests.harness import self_signed
 
 
 @pytest.mark.parametrize("value", ["9" * 400 + "KB", "9" * 400, 10 ** 20, "1025TB", MAX_SIZE + 1])
@@ -164,3 +165,22 @@ def test_each_mistake_gets_one_clear_message(
         "the system chooses)"]
     assert check("upstreams: [http://127.0.0.1:9]\n", "--workers", "0", command="run") == [
         "<command line>:0: --workers: expected a positive number or auto, got '0'"]
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("'${CACHEGATE_TEST_UNSET}/tls.key'", "environment variable CACHEGATE_TEST_UNSET is not set"),
+    ("2024-13-45", "cannot read '2024-13-45' as a timestamp"),
+])
+def test_a_required_value_refused_where_it_is_written_is_not_missing_as_well(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        key: str, expected: str) -> None:
+    """``key: ${CREDENTIALS_DIRECTORY}/tls.key`` checked by hand, where systemd's variable is not
+    set, also said "listen[1].tls.key: required (a PEM file)": one problem, one message."""
+    monkeypatch.delenv("CACHEGATE_TEST_UNSET", raising=False)
+    _, cert = self_signed(tmp_path, "a", "a.test", "IP:127.0.0.1")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [http://127.0.0.1:9]\nlisten:\n  - 127.0.0.1:0\n"
+                      f"  - {{address: 127.0.0.1:0, tls: {{cert: {cert}, key: {key}}}}}\n")
+    assert main(["check", "--config", str(config)]) == 2
+    [message] = capsys.readouterr().err.splitlines()
+    assert message.startswith(f"{config}:4: {expected}"), message
