@@ -130,6 +130,33 @@ async def test_stale_if_error_serves_the_stale_response_on_a_5xx_within_its_wind
     assert (past.status, past.body) == (503, b"down")
 
 
+async def test_an_error_passed_through_for_a_stale_response_says_why_it_is_not_stored(
+    origin: Origin, make_proxy: MakeProxy, clock: Clock
+) -> None:
+    """must-revalidate: a 503 to the revalidation is relayed (never stale), not stored
+    (UNCACHEABLE-STATUS: no freshness of its own), and the stored response stays: the next
+    request revalidates it. ORIGIN-ERROR is the detail of a stale response served instead of
+    an error (docs/admin-api.md)."""
+    proxy = await clocked(make_proxy, clock)
+    answers = [(200, b"good"), (503, b"down"), (304, b"")]
+
+    async def handler(request: web.Request) -> web.Response:
+        status, body = answers.pop(0)
+        return web.Response(status=status, body=body, headers={
+            "Date": format_http_date(clock()), "ETag": '"m"', "Cache-Control": "max-age=1, must-revalidate"}
+            if status != 503 else {"Date": format_http_date(clock())})
+
+    origin.route("/m", handler)
+    await proxy.get("/m")
+    clock.advance(5)
+    error = await proxy.get("/m")
+    assert (error.status, error.body, error.x_cache) == (503, b"down", "EXPIRED")
+    assert error.cache_status == "cachegate; fwd=stale; fwd-status=503; detail=UNCACHEABLE-STATUS"
+    again = await proxy.get("/m")
+    assert (again.status, again.body, again.x_cache) == (200, b"good", "REVALIDATED")
+    assert origin.count("/m") == 3
+
+
 @pytest.mark.parametrize("code", [501, 505])
 @pytest.mark.parametrize("error_cc", ["max-age=10", "no-store"])  # stored over the stale response, or not
 async def test_stale_if_error_never_hides_an_answer_rfc_5861_does_not_call_an_error(
