@@ -14,6 +14,7 @@ that holds it. The lock is non-blocking: a second instance is told at once and r
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -155,6 +156,31 @@ def local_port_range() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return low, high
+
+
+def bind_refused(where: str, port: int, whose: str, exc: OSError) -> str | None:
+    """Why ``where`` cannot be bound and what to do, for the errors that need saying more than
+    the system's words: a port in use (``port_in_use``), a privileged port refused ("[Errno 13]
+    Permission denied", alone, named neither the address nor the capability it takes). None
+    for the others."""
+    if exc.errno == errno.EADDRINUSE:
+        return port_in_use(where, port, whose)
+    first = unprivileged_port_start()
+    if exc.errno == errno.EACCES and 0 < port < first:
+        return (f"{where}: permission denied: a port below {first} needs the CAP_NET_BIND_SERVICE "
+                "capability (systemd: uncomment AmbientCapabilities=CAP_NET_BIND_SERVICE and "
+                f"CapabilityBoundingSet=CAP_NET_BIND_SERVICE in the unit); or give {whose} a port "
+                f"from {first} up")
+    return None
+
+
+def unprivileged_port_start() -> int:
+    """net.ipv4.ip_unprivileged_port_start: the first port any user may bind (Linux; 1024)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
 
 
 def port_in_use(where: str, port: int, whose: str) -> str:

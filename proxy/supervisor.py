@@ -59,7 +59,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import errno
 import functools
 import json
 import logging
@@ -86,7 +85,7 @@ from proxy.config import Overrides, Settings
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
-from proxy.lockfile import HeldLock, LockTaken, port_in_use, runtime_dir
+from proxy.lockfile import HeldLock, LockTaken, bind_refused, port_in_use, runtime_dir
 from proxy.logs import say, setup_logging, tell
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.runtime import ReloadResult, ReplacedWorker, Runtime
@@ -523,10 +522,11 @@ class Supervisor:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
                     sock.bind(addr)
-                except OSError as exc:  # a connection's local end, say: "[Errno 98]" alone
-                    if exc.errno != errno.EADDRINUSE:
+                except OSError as exc:  # a connection's local end, a low port: "[Errno 98]" alone
+                    why = bind_refused(f"{_fmt(host)}:{port}", port, "this listener", exc)
+                    if why is None:
                         raise
-                    raise OSError(port_in_use(f"{_fmt(host)}:{port}", port, "this listener")) from None
+                    raise OSError(why) from None
                 self._lock_address(family, sock.getsockname())
         except OSError:
             self._release(reserved)

@@ -44,7 +44,7 @@ from proxy.config import (
 from proxy.control import Channel, ChannelClosed, RemoteError
 from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
-from proxy.lockfile import port_in_use
+from proxy.lockfile import bind_refused
 from proxy.logs import RepeatedFailure, say, tell
 from proxy.policy.request import MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
@@ -299,11 +299,12 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        if exc.errno != errno.EADDRINUSE:
-            raise
         # aiohttp's "[Errno 98] error while attempting to bind on address ...": named as the
-        # supervisor names it, with who holds the port.
-        raise OSError(port_in_use(show_hostport((host, port)), port, "this listener")) from None
+        # supervisor names it, with who holds the port (or the capability a low port takes).
+        why = bind_refused(show_hostport((host, port)), port, "this listener", exc)
+        if why is None:
+            raise
+        raise OSError(why) from None
     except BaseException:
         await runner.cleanup()
         raise
@@ -376,9 +377,7 @@ def _admin_unbound(host: str, port: int, exc: OSError) -> str:
     processes that listen on it (as the client listeners' refusal does); it said only
     "[Errno 98] address already in use"."""
     where = f"admin.listen {show_hostport((host, port))}"
-    if exc.errno != errno.EADDRINUSE:
-        return f"{where}: {exc.strerror or exc}"
-    return port_in_use(where, port, "the admin API")
+    return bind_refused(where, port, "the admin API", exc) or f"{where}: {exc.strerror or exc}"
 
 
 # The admin listener's limits on connections (the client listener's come from the config:
