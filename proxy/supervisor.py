@@ -605,9 +605,21 @@ class Supervisor:
             w.process = await asyncio.create_subprocess_exec(
                 *args, pass_fds=(child_end.fileno(), arena_fd, running_fd))
         except OSError as exc:
-            log.error("cannot start worker %d: %s", w.worker_id, exc)
             parent_end.close()
             child_end.close()
+            runtime = self.runtime
+            if runtime is not None and runtime.state == "starting" and self._stop is not None:
+                # Not even exec'd: an interpreter this user cannot run (a virtualenv of pyenv's
+                # Python in /root, under ProtectHome=). Nor would a retry be, for ever: the start
+                # fails, once, and the service manager says so (not after TimeoutStartSec).
+                if not self._startup_failed:
+                    log.error("cannot start worker %d: %s: %s; stopping (make the virtualenv with the "
+                              "system's Python, which the service's user can run)", w.worker_id,
+                              sys.executable, exc.strerror or exc)
+                self._startup_failed = True
+                self._stop.set()
+                return
+            log.error("cannot start worker %d: %s", w.worker_id, exc)
             self._spawn_soon(w, self._next_backoff(w))
             return
         finally:
