@@ -313,7 +313,8 @@ class HealthSettings:
 class PassiveHealth:
     """Passive checks: consecutive failures take an upstream out for a cool-down. Failures to connect
     have no cap; a hang, an invalid answer, a connection dropped before any answer or a 502/503/504
-    take out at most half the upstreams (see docs/upstreams.md)."""
+    take out at most half the upstreams (see docs/upstreams.md). A lone upstream is taken out only
+    when the config has a `passive:` section (the defaults below apply to a pool of two or more)."""
 
     failures: int = setting(3, "consecutive failures that take an upstream out (0: off)",
                             integer(minimum=0))

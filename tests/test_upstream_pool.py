@@ -1231,3 +1231,18 @@ async def test_with_workers_upstreams_top_level_is_the_workers_state_and_counts(
         assert (shown["state"], shown["available"]) == ("down (passive) in 2 of 2 workers", False)
     finally:
         await proxy.stop()
+
+
+@pytest.mark.parametrize(("section", "taken_out"), [("", False), ("passive: {}\n", True)])
+def test_a_lone_upstream_is_taken_out_only_when_passive_is_configured(
+        tmp_path: Path, section: str, taken_out: bool) -> None:
+    """docs/configuration.md's ``failures: 3`` default applies to a lone upstream only when the
+    config has a ``passive:`` section (as nginx's max_fails): refused connections included."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstreams: [http://127.0.0.1:9]\ncache: {{disk: null}}\nupstream:\n  {section or 'retries: 0'}\n")
+    settings = load_config(str(config))
+    pool = UpstreamPool(settings.upstreams, settings.pool, clock=lambda: 0.0)
+    (lone,) = pool.upstreams
+    for _ in range(settings.pool.passive.failures + 2):
+        pool._passive_failure(lone, "connect", CONNECT)
+    assert (lone.down_until > 0) is taken_out
