@@ -484,7 +484,8 @@ def base_cache_options(s: Settings) -> CacheOptions:
     c = s.cache
     disk = (c.disk.size, c.disk.shards) if c.disk is not None else None
     return CacheOptions(max_object=storable_limit(c.max_object, disk, c.memory_max_object, c.memory,
-                                                  s.workers))
+                                                  s.workers),
+                        apparent_age=c.apparent_age)
 
 
 def load_config(path: str | None, overrides: Overrides | None = None, *,

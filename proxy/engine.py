@@ -51,6 +51,7 @@ from proxy.policy.fill import (
     freshened,
     worth_freshening_others,
 )
+from proxy.policy.freshness import origin_date_behind
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import cache_key, part_key, whole_key
@@ -117,6 +118,9 @@ from proxy.storage.tiered import BodySpool
 from proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
+# An origin's Date behind this clock is said once per upstream per this many seconds (a count
+# of the others with it): it stays so until someone sets that clock.
+DATE_BEHIND_WINDOW = 600.0
 
 # A relayed response's fields this proxy writes itself (its Via member appended to the origin's,
 # the framing and Server of its own server), left out with the hop-by-hop ones (``end_to_end``).
@@ -243,6 +247,8 @@ class Engine:
                                              then="the request is answered as a miss (from the origin)")
         # An origin's failures: one line per upstream, kind and message a while (``warn_upstream``).
         self.upstream_warnings = Summarised()
+        # An origin whose Date is behind this clock: one line per upstream a while (``_date_behind``).
+        self.date_warnings = Summarised(DATE_BEHIND_WINDOW)
         self._forgetting: set[asyncio.Future[None]] = set()  # see body_file_cut_short
         # ``send``'s metric children by (upstream, status class), looked up once each: two
         # ``labels()`` and an ``inc()`` were five Python-level calls on every upstream request.
@@ -275,6 +281,7 @@ class Engine:
         if self.leases is not None:
             await self.leases.close(max(NOTICE_GRACE, deadline - loop.time()))
         self.upstream_warnings.close()  # what was counted and not said yet
+        self.date_warnings.close()
 
     def join_cluster(self, channel: Channel, worker_id: int) -> None:
         """In a worker of ``--workers N``: coalesce fetches with the other workers through the
@@ -1060,9 +1067,25 @@ class Engine:
         plan for its status and type)?"""
         store_plan = attempt.plan.for_response(resp.status, resp.headers.get("Content-Type"))
         # The GET's body: a HEAD's Content-Length describes it, a 204's describes nothing.
-        return self._decided(attempt.key, store_plan, Exchange(
+        detail, entry = self._decided(attempt.key, store_plan, Exchange(
             attempt.req.head, resp.status, resp.reason, resp.headers, request_time, response_time,
             resp.close_delimited_tls), body_length(resp.status, resp.content_length))
+        if entry is not None:
+            self.date_behind(resp.upstream.name, entry.response)
+        return detail, entry
+
+    def date_behind(self, upstream: str, stored: StoredResponse) -> None:
+        """Count and say (one line per upstream a while) a response from ``upstream`` that arrived
+        stale only because its Date is behind this clock (``origin_date_behind``): nothing it
+        sends of that lifetime is ever reused, and nothing else would say why."""
+        behind = origin_date_behind(stored)
+        if not behind:
+            return
+        self.metrics.origin_date_behind.labels(upstream).inc()
+        self.date_warnings.warning(
+            log, upstream, "origin %s: its Date is %.0f s behind this clock; its responses arrive stale "
+            "and are not reused: set the origin's clock (NTP), or cache.apparent_age: false",
+            upstream, behind)
 
     def _decided(self, key: str, store_plan: StorePlan, exchange: Exchange, length: int | None, *,
                  part: bool = False) -> tuple[str, Entry | None]:
@@ -1093,15 +1116,19 @@ class Engine:
     # -- what a flight stores (proxy.flight carries it out) ---------------------------------
 
     async def freshen(self, cached: Cached, update: CIMultiDictProxy[str], plan: RequestPlan,
-                       request_time: float, response_time: float, head: RequestHead) -> None:
+                       request_time: float, response_time: float, head: RequestHead, *,
+                       upstream: str = "") -> None:
         """RFC 9111 §4.3.4: update the stored headers and freshness from a 304; the body stays.
-        The variants freshened with it (``_freshen_siblings``) are written with it, at once."""
+        The variants freshened with it (``_freshen_siblings``) are written with it, at once.
+        ``upstream``: the name of the one that sent the 304 (``date_behind``)."""
         entry = cached.entry
         old = entry.response
         content_type = update.get("Content-Type") or old.header_dict().get("Content-Type")
         store_plan = plan.for_response(old.status, content_type)
         updated = freshened(old, Exchange(head, 304, "", update, request_time, response_time), store_plan,
                             self._fill_settings, jitter=self._random.random())
+        if updated is not None and upstream:
+            self.date_behind(upstream, updated)
         try:
             if updated is None:  # the 304 said no-store, private or another Vary: forget the key's responses
                 await self.storage.delete([entry.key])

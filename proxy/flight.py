@@ -1023,7 +1023,8 @@ class MissPath:
                         engine.metrics.unusable_304s.labels("purged").inc()
                         await self._origin(run, None)
                         return
-                await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head)
+                await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head,
+                                     upstream=resp.upstream.name)
                 flight.set_head(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
                 self._end(run, Freshened(revalidating.entry))
                 return

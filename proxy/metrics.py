@@ -276,6 +276,11 @@ class Metrics:
                                  "Requests served from another request's fetch", registry=r)
         self.not_stored = Counter("cachegate_not_stored", "Responses not stored, by reason",
                                   ["reason"], registry=r)
+        self.origin_date_behind = Counter(
+            "cachegate_origin_date_behind",
+            "Responses that arrived stale only because their Date was behind this clock by more than "
+            "their lifetime and 60 s (the origin's clock is behind: cache.apparent_age), by upstream",
+            ["upstream"], registry=r)
         self.purges = Counter("cachegate_purges", "Purge operations by kind", ["kind"], registry=r)
         self.purged_entries = Counter("cachegate_purged_entries", "Entries removed or marked stale by purges",
                                       registry=r)

@@ -329,6 +329,7 @@ class Runtime:
         for upstream in pool.upstreams:  # at 0 from the start (proxy.metrics.KNOWN_LABELS)
             for kind in UPSTREAM_ERROR_KINDS:
                 metrics.upstream_errors.labels(upstream.name, kind)
+            metrics.origin_date_behind.labels(upstream.name)
         lock: HeldLock | None = None
         try:
             lock = lock_cache_directory(settings) if owner else None

@@ -35,7 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.deception import deception_refuses
 from proxy.policy.fields import latin1_unless_utf8, split_list
-from proxy.policy.freshness import carries_credentials
+from proxy.policy.freshness import carries_credentials, stale_by_date_alone
 from proxy.policy.headers import dated, end_to_end
 from proxy.policy.messages import CacheOptions, Freshness, HeaderList, Headers, RequestHead, StoredResponse
 from proxy.policy.storability import DontStore, decide_store, decide_store_part
@@ -262,10 +262,30 @@ def hit_for_pass(detail: str, status: int, request_headers: Headers) -> bool:
 def shareable_with_followers(stored: StoredResponse, now: float) -> bool:
     """May the clients that joined a fill take its response as it arrives (``now``: on arrival)?
 
-    Only when it is fresh then: a response that is already stale (or ``no-cache``) would
-    otherwise be reused without the validation it needs.
+    When it is fresh then, and not ``no-cache``: a response already stale would otherwise be
+    reused without the validation it needs. Also when it is stale on arrival only through
+    its Date's apparent age (``stale_by_date_alone``: the origin's clock is behind this one by
+    more than its lifetime, while its ``Age`` field and the delay leave it fresh): they waited
+    for exactly that fetch, made after they asked, and each fetch of their own would arrive
+    just as stale (8 clients of a herd went to the origin one after the other). A lifetime of
+    0 (``max-age=0``), ``no-cache`` or an ``Age`` field that makes it stale still send them on.
+
+    >>> from proxy.policy.httpdate import format_http_date
+    >>> def r(initial_age: float, *fields: tuple[str, str], no_cache: bool = False) -> StoredResponse:
+    ...     return StoredResponse(200, "OK", (("Date", format_http_date(93_000.0)), *fields), 100_000.0,
+    ...                           100_000.0, Freshness(600.0, "max-age", initial_age, 100_000.0,
+    ...                                                no_cache=no_cache))
+    >>> shareable_with_followers(r(0.0), 100_000.0), shareable_with_followers(r(7000.0), 100_000.0)
+    (True, True)
+    >>> shareable_with_followers(r(7000.0, ("Age", "900")), 100_000.0)
+    False
+    >>> shareable_with_followers(r(0.0, no_cache=True), 100_000.0)
+    False
     """
-    return stored.freshness.ttl(now) > 0 and not stored.freshness.no_cache
+    freshness = stored.freshness
+    if freshness.no_cache:
+        return False
+    return freshness.ttl(now) > 0 or stale_by_date_alone(stored) > 0
 
 
 def arrived(status: int, reason: str, headers: Headers, response_time: float) -> StoredResponse:

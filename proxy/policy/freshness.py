@@ -27,13 +27,14 @@ to everyone without asking the origin.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from types import MappingProxyType
 
 from proxy.policy.cache_control import CacheControl
 from proxy.policy.fields import DELTA_SECONDS_MAX, delta_seconds, first_member
 from proxy.policy.httpdate import parse_http_date
-from proxy.policy.messages import CacheOptions, Freshness, Headers
+from proxy.policy.messages import CacheOptions, Freshness, Headers, StoredResponse
 from proxy.policy.statuses import HEURISTICALLY_CACHEABLE
 
 
@@ -44,28 +45,94 @@ def parse_age(headers: Headers) -> float:
     that is not a non-negative integer (``abc``, ``-7200``, ``7200.0``, ``7200;x=1``) is
     ignored, as if absent; 2**31 and more read as 2**31 (stale for any lifetime).
     """
-    first = first_member(headers.getall("Age", ()))
+    return _age_value(headers.getall("Age", ()))
+
+
+def _age_value(values: Sequence[str]) -> float:
+    first = first_member(values)
     value = delta_seconds(first) if first is not None else None
     return 0.0 if value is None else float(value)
 
 
 def corrected_initial_age(
-    headers: Headers, request_time: float, response_time: float
+    headers: Headers, request_time: float, response_time: float, *, apparent_age: bool = True
 ) -> float:
     """RFC 9111 §4.2.3 ``corrected_initial_age``: the age when the response arrived.
 
     ``apparent_age = max(0, response_time - date_value)`` (a Date in the future
     gives 0), ``corrected_age_value = age_value + (response_time - request_time)``,
-    and the larger of the two wins.
+    and the larger of the two wins. With ``apparent_age`` False (``cache.apparent_age``)
+    the Date is not used: ``corrected_age_value`` alone, the alternative §4.2.3 allows
+    ("corrected_initial_age = corrected_age_value" where every cache on the way is
+    HTTP/1.1 or later), as Varnish and nginx count age: an origin whose clock is behind
+    does not make every response arrive stale.
     """
+    response_delay = max(0.0, response_time - request_time)
+    corrected_age_value = parse_age(headers) + response_delay
+    if not apparent_age:
+        return corrected_age_value
     date_values = headers.getall("Date", ())
     date_value = parse_http_date(date_values[0]) if date_values else None
     if date_value is None:
         date_value = response_time
-    apparent_age = max(0.0, response_time - date_value)
-    response_delay = max(0.0, response_time - request_time)
-    corrected_age_value = parse_age(headers) + response_delay
-    return max(apparent_age, corrected_age_value)
+    apparent = max(0.0, response_time - date_value)
+    return max(apparent, corrected_age_value)
+
+
+# How far behind this clock an origin's Date must be, besides more than the response's lifetime,
+# for ``origin_date_behind`` to say so: below it, a Date of a response that took a while or an
+# origin's clock a little off (NTP keeps clocks far closer), never worth a warning.
+DATE_BEHIND_SLACK = 60.0
+
+
+def stale_by_date_alone(stored: StoredResponse) -> float:
+    """How many seconds the Date of ``stored`` was behind this clock when it arrived, when that
+    alone made it arrive stale (RFC 9111 §4.2.3's apparent age over its lifetime, while its
+    ``Age`` field plus the response delay leave it fresh: an origin whose clock is behind, no
+    cache on the way saying it aged); 0.0 when it arrived fresh, or stale by its lifetime (0:
+    ``max-age=0``), its ``Age`` field or its delay as well. Read from what is stored (the Date
+    and Age it arrived with, its request and response times); only a response stale on arrival
+    is looked at further (one comparison for the others).
+
+    >>> from proxy.policy.httpdate import format_http_date
+    >>> def r(lifetime: float, initial_age: float, *fields: tuple[str, str]) -> StoredResponse:
+    ...     return StoredResponse(200, "OK", fields, 99_999.0, 100_000.0,
+    ...                           Freshness(lifetime, "max-age", initial_age, 100_000.0))
+    >>> behind = ("Date", format_http_date(100_000.0 - 7200))
+    >>> stale_by_date_alone(r(600.0, 7200.0, behind))
+    7200.0
+    >>> stale_by_date_alone(r(600.0, 7200.0, behind, ("Age", "700")))  # its Age made it stale too
+    0.0
+    >>> stale_by_date_alone(r(0.0, 7200.0, behind)), stale_by_date_alone(r(600.0, 1.0, behind))
+    (0.0, 0.0)
+    """
+    freshness = stored.freshness
+    if freshness.initial_age < freshness.lifetime:
+        return 0.0  # fresh on arrival
+    arrival = stored.response_time
+    ages = [v for k, v in stored.headers if k.lower() == "age"]
+    if _age_value(ages) + max(0.0, arrival - stored.request_time) >= freshness.lifetime:
+        return 0.0
+    dates = [v for k, v in stored.headers if k.lower() == "date"]
+    date = parse_http_date(dates[0]) if dates else None
+    return max(0.0, arrival - date) if date is not None else 0.0
+
+
+def origin_date_behind(stored: StoredResponse) -> float:
+    """``stale_by_date_alone`` when it is more than ``DATE_BEHIND_SLACK`` too: the origin's clock
+    is behind this one by more than the response's lifetime, and every response it sends of
+    that lifetime arrives stale (the operator is told: ``Engine.fill_decision``); else 0.0. Not
+    for a ``no-cache`` response: it is revalidated before every use whatever its age.
+
+    >>> from proxy.policy.httpdate import format_http_date
+    >>> def r(behind: float) -> StoredResponse:
+    ...     return StoredResponse(200, "OK", (("Date", format_http_date(100_000.0 - behind)),), 100_000.0,
+    ...                           100_000.0, Freshness(10.0, "max-age", behind, 100_000.0))
+    >>> origin_date_behind(r(30.0)), origin_date_behind(r(3600.0))
+    (0.0, 3600.0)
+    """
+    behind = 0.0 if stored.freshness.no_cache else stale_by_date_alone(stored)
+    return behind if behind > DATE_BEHIND_SLACK else 0.0
 
 
 def explicit_lifetime(
@@ -239,7 +306,8 @@ def compute_freshness(
     return Freshness(
         lifetime=lifetime,
         source=source,
-        initial_age=corrected_initial_age(headers, request_time, response_time),
+        initial_age=corrected_initial_age(headers, request_time, response_time,
+                                          apparent_age=options.apparent_age),
         response_time=response_time,
         must_revalidate=must_revalidate,
         # no-cache="field" is treated as strictly as plain no-cache: revalidate every use.

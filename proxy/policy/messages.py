@@ -168,6 +168,9 @@ class CacheOptions:
     targeted_fields: tuple[str, ...] = ("cachegate-cache-control", "cdn-cache-control")
     surrogate_device: str | None = "cachegate"  # obey Surrogate-Control for this device; None: ignore it
     max_object: int = 100 * 1024 * 1024
+    # RFC 9111 §4.2.3's full formula, the Date's apparent age counted (``cache.apparent_age``);
+    # False: the Age field plus the response delay alone (``freshness.corrected_initial_age``).
+    apparent_age: bool = True
 
     def rule_ttl(self, status: int) -> float | None:
         """The rule's lifetime for ``status``: named in the table, else the default when it

@@ -451,7 +451,8 @@ def _fmt(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-LIVE_CACHE_KEYS = ("tag_headers", "lock_timeout", "range_fill")  # the cache keys a reload applies
+# the cache keys a reload applies
+LIVE_CACHE_KEYS = ("tag_headers", "lock_timeout", "range_fill", "apparent_age")
 
 
 def _cache_keys(old: Any, new: Any, prefix: str = "cache") -> list[tuple[str, Any, Any]]:
@@ -482,7 +483,8 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
 
     Rules, the admin token, purge_from and server_names, trusted_proxies, via (but not on
     responses already stored: their head keeps the Via of their fill, docs/rules.md), tag_headers,
-    lock_timeout, range_fill, shutdown_grace, worker_timeout, server_header and the access log apply at once
+    lock_timeout, range_fill, apparent_age (to new fills), shutdown_grace, worker_timeout, server_header and
+    the access log apply at once
     (they are read per request), and so do TLS certificates (read again, also from the same
     files). Listener addresses, upstreams, the other cache keys (each named: ``cache.max_object``,
     ``cache.disk.size``) and workers keep their running values until a restart; they are named
@@ -504,7 +506,8 @@ def live_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
         cluster=old.cluster,
         admin=replace(new.admin, listen=old.admin.listen),
         cache=replace(old.cache, tag_headers=new.cache.tag_headers,
-                      lock_timeout=new.cache.lock_timeout, range_fill=new.cache.range_fill),
+                      lock_timeout=new.cache.lock_timeout, range_fill=new.cache.range_fill,
+                      apparent_age=new.cache.apparent_age),
     )
     if merged.cache.max_object != new.cache.max_object:
         merged = replace(merged, rules=new.rules.rebased(base_cache_options(merged)))

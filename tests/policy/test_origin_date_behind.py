@@ -1,0 +1,78 @@
+"""An origin whose clock is behind this one (RFC 9111 §4.2.3): its Date's apparent age, the
+``cache.apparent_age`` choice, what the followers of a fill may take and when it is said."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.policy.fill import Exchange, Fill, FillSettings, decide_fill, shareable_with_followers
+from proxy.policy.freshness import corrected_initial_age, origin_date_behind
+from proxy.policy.messages import CacheOptions
+from tests.policy.build import T0, date, headers, request
+from tests.policy.test_fill import Rules
+
+Pairs = list[tuple[str, str]]
+FULL, AGE_ONLY = CacheOptions(), CacheOptions(apparent_age=False)
+
+
+# (case, response fields, options, fresh on arrival, followers take it, seconds said behind);
+# the request went out at T0 - 1, the response arrived at T0.
+CASES: list[tuple[str, Pairs, CacheOptions, bool, bool, float]] = [
+    ("Date behind by less than the lifetime: fresh, nothing said",
+     [("Cache-Control", "max-age=600"), ("Date", date(-300))], FULL, True, True, 0.0),
+    ("Date behind by more than the lifetime, no Age: stale on arrival by the Date alone",
+     [("Cache-Control", "max-age=600"), ("Date", date(-7200))], FULL, False, True, 7200.0),
+    ("Date behind, an Age within the lifetime: stale by the Date alone still",
+     [("Cache-Control", "max-age=600"), ("Date", date(-7200)), ("Age", "100")], FULL, False, True, 7200.0),
+    ("Date behind, an Age over the lifetime: its Age makes it stale too, followers go on",
+     [("Cache-Control", "max-age=600"), ("Date", date(-7200)), ("Age", "700")], FULL, False, False, 0.0),
+    ("an Age over the lifetime with a right Date: stale, followers go on, nothing said",
+     [("Cache-Control", "max-age=600"), ("Date", date(0)), ("Age", "700")], FULL, False, False, 0.0),
+    ("Date behind by more than a short lifetime and 60 s: said",
+     [("Cache-Control", "max-age=10"), ("Date", date(-90))], FULL, False, True, 90.0),
+    ("Date behind by more than the lifetime but not 60 s: followers take it, nothing said",
+     [("Cache-Control", "max-age=10"), ("Date", date(-50))], FULL, False, True, 0.0),
+    ("Expires minus Date behind: the same as max-age",
+     [("Date", date(-7200)), ("Expires", date(-7200 + 600))], FULL, False, True, 7200.0),
+    ("s-maxage and stale-while-revalidate: the same",
+     [("Cache-Control", "s-maxage=600, stale-while-revalidate=60"), ("Date", date(-7200))], FULL, False, True,
+     7200.0),
+    ("max-age=0: stale by its lifetime, followers go on",
+     [("Cache-Control", "max-age=0"), ("Date", date(-7200)), ("ETag", '"a"')], FULL, False, False, 0.0),
+    ("no-cache: revalidated before each use, followers go on",
+     [("Cache-Control", "no-cache, max-age=600"), ("Date", date(-7200))], FULL, False, False, 0.0),
+    ("a Date in the future: age 0",
+     [("Cache-Control", "max-age=600"), ("Date", date(3600))], FULL, True, True, 0.0),
+    ("apparent_age false: Date behind by more than the lifetime, no Age: fresh",
+     [("Cache-Control", "max-age=600"), ("Date", date(-7200))], AGE_ONLY, True, True, 0.0),
+    ("apparent_age false: an Age within the lifetime: fresh",
+     [("Cache-Control", "max-age=600"), ("Date", date(-7200)), ("Age", "100")], AGE_ONLY, True, True, 0.0),
+    ("apparent_age false: an Age over the lifetime: stale, followers go on",
+     [("Cache-Control", "max-age=600"), ("Date", date(-7200)), ("Age", "700")], AGE_ONLY, False, False, 0.0),
+    ("apparent_age false: no-cache still goes on",
+     [("Cache-Control", "no-cache, max-age=600"), ("Date", date(-7200))], AGE_ONLY, True, False, 0.0),
+]
+
+
+@pytest.mark.parametrize(("case", "pairs", "options", "fresh", "shared", "behind"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_an_origin_date_behind_this_clock(case: str, pairs: Pairs, options: CacheOptions, fresh: bool,
+                                          shared: bool, behind: float) -> None:
+    decision = decide_fill(Exchange(request(), 200, "OK", headers(*pairs), T0 - 1, T0), Rules(options),
+                           FillSettings())
+    assert isinstance(decision, Fill), decision
+    stored = decision.response
+    assert (stored.freshness.ttl(T0) > 0) == fresh
+    assert shareable_with_followers(stored, T0) == shared
+    assert origin_date_behind(stored) == behind
+
+
+@pytest.mark.parametrize(("pairs", "expected"), [
+    ([("Date", date(-7200))], 1.0),  # the Date is not used: the delay alone
+    ([("Date", date(-7200)), ("Age", "30")], 31.0),
+    ([("Date", date(3600)), ("Age", "5")], 6.0),
+    ([("Age", "5")], 6.0),
+])
+def test_apparent_age_false_is_the_age_field_plus_the_delay(pairs: Pairs, expected: float) -> None:
+    assert corrected_initial_age(headers(*pairs), T0 - 1, T0, apparent_age=False) == expected
+    assert corrected_initial_age(headers(*pairs), T0 - 1, T0) >= expected  # the full formula: never less
