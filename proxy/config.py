@@ -23,7 +23,17 @@ from proxy.cluster.settings import ClusterSettings
 from proxy.cpus import cgroup_memory_limit
 from proxy.errors import ConfigError, UnsetTokenVariable
 from proxy.policy.messages import CacheOptions
-from proxy.room import human_size, machine_memory, space
+from proxy.room import (
+    MIN_CONNECTIONS,
+    OTHER_FILES,
+    SHARD_FILES,
+    human_size,
+    machine_memory,
+    most_shards,
+    open_files_limit,
+    space,
+    store_files,
+)
 from proxy.rules import load_rules
 from proxy.schema import Context, parse_hostport, read_section, reference
 from proxy.settings import (
@@ -223,6 +233,7 @@ def _check(s: Settings, problems: Problems, root: Src, o: Overrides,
     if machine != "no":
         _check_disk_room(s, problems, root)
         _check_memory(s, problems, root, machine)
+        _check_open_files(s, problems, root, machine)
     _check_stores_something(s, problems, root)
     _check_max_object(s, problems, root)
     _check_addresses(s, problems, root, o)
@@ -257,6 +268,37 @@ def _check_disk_room(s: Settings, problems: Problems, root: Src) -> None:
                   f"cache.disk.size {human_size(disk.size)} is more than the whole filesystem of "
                   f"{disk.path} ({human_size(room[1])}): cachegate would fill it, then fail its writes "
                   "(and a start on the full filesystem); set it below what that filesystem can spare")
+
+
+def _check_open_files(s: Settings, problems: Problems, root: Src, machine: MachineCheck = "start",
+                      limit: int | None = None) -> None:
+    """The disk shards' open files (``SHARD_FILES`` each, in every process) against the
+    open-files limit this machine gives a start (``open_files_limit``: the soft limit raised to
+    the hard one, as the start does): when they leave fewer than MIN_CONNECTIONS, a start
+    announced it listened, then closed every connection unanswered (EMFILE at the accept) and
+    its storage upkeep failed each round. A problem (on a reload, which opens no shard, a
+    warning for the next start). ``limit``: the limit to check against (tests)."""
+    disk = s.cache.disk
+    if limit is None:
+        limit = open_files_limit()
+    if disk is None or limit is None:
+        return
+    need = store_files(disk.shards) + MIN_CONNECTIONS
+    if need <= limit:
+        return
+    most = most_shards(limit)
+    fix = (f"set cache.disk.shards to at most {most}" if most else "run memory-only (cache.disk: null)")
+    said = (f"cache.disk.shards {disk.shards}: its shards keep up to {disk.shards * SHARD_FILES} files "
+            f"open in every process ({SHARD_FILES} each), and with {OTHER_FILES} more for logs, "
+            f"listeners and bodies being read and {MIN_CONNECTIONS} for connections that is {need}, "
+            f"over this machine's open-files limit, {limit} (RLIMIT_NOFILE: the hard limit, which a "
+            f"start raises to): {fix}, or raise the hard limit (LimitNOFILE= of the unit, ulimit -Hn)")
+    at = _line(root, "cache", "disk", "shards")
+    if machine == "reload":
+        problems.warn(at, said.replace(": set", ": a restart would be refused; set", 1)
+                      .replace(": run", ": a restart would be refused; run", 1))
+    else:
+        problems.add(at, said)
 
 
 def _check_memory(s: Settings, problems: Problems, root: Src, machine: MachineCheck = "start") -> None:
@@ -660,6 +702,11 @@ rule files have their own reference, [rules.md](rules.md).
   memory alone or than the memory limit of the process's cgroup (a container's, a unit's
   `MemoryMax=`: `memory.max`, or `memory.limit_in_bytes` with cgroup v1), and a
   `cache.disk.size` bigger than the whole filesystem under `cache.disk.path`, are warnings.
+  A `cache.disk.shards` whose open files (up to 14 a shard in every process: each of the
+  threads that use a shard keeps its own SQLite connection, a database and a log file) leave
+  fewer than 128 connections under this machine's open-files limit (the hard `RLIMIT_NOFILE`,
+  which a start raises its soft limit to) is a problem (on a reload, a warning), naming the
+  most shards that fit: such a start listened, then closed every connection unanswered.
   The checks against this machine are made by `cachegate check` and when `cachegate run`
   starts (the process that makes the shared memory and the cache directory), not by the
   workers it starts nor restarts, which use what it made; a reload only warns (the cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 
 SQLITE_IOERR, SQLITE_FULL = 10, 13
 # Free bytes under which an I/O error of SQLite counts as the filesystem being full: opening a
@@ -156,3 +157,76 @@ class MemoryUnavailable(Exception):
                if machine is not None else "")
         super().__init__(f"cannot map the shared memory of cache.memory ({human_size(budget)}): "
                          f"{cause.strerror or cause}{has}; set cache.memory lower")
+
+
+# -- open files ------------------------------------------------------------------------------
+
+# The soft open-files limit a start raises itself to, at most (the hard limit bounds it:
+# ``proxy.startup.raise_open_files``).
+OPEN_FILES_WANTED = 1 << 20
+# Threads of a process that read and write the disk shards: the store's pool (its ``disk``
+# threads, ``proxy.storage.tiered``) and, beside them, the thread that opened the shards and
+# the owner's persister. diskcache gives each thread its own SQLite connection to each shard.
+DISK_THREADS = 4
+SHARD_THREADS = DISK_THREADS + 2
+# Files one shard keeps open in a process that uses it from SHARD_THREADS threads: each
+# connection its database and its write-ahead log, and the shard its shared-memory file and a
+# database descriptor SQLite keeps for the locks of a connection it closed. Measured under
+# load: 14 a shard in a lone process, 11 in a worker, 10 in a supervisor (3 idle in a worker,
+# 8 idle in an owner); 2,000 shards held 8,000 files in every process before a request came.
+SHARD_FILES = 2 + 2 * SHARD_THREADS
+# What else a serving process may have open: logs, listeners, the loop's own, Redis, and the
+# disk bodies being read (``proxy.storage.bodyfiles.OpenBodies``).
+OTHER_FILES = 64 + 256
+# The fewest connections (clients' and upstreams' together) a process must be able to open
+# beside what its store keeps open, for the open-files limit to be worth starting under.
+MIN_CONNECTIONS = 128
+
+
+def store_files(shards: int) -> int:
+    """The files a process's store keeps open at most, for ``shards`` disk shards (0: memory only)."""
+    return shards * SHARD_FILES + OTHER_FILES
+
+
+def open_files_limit() -> int | None:
+    """The soft open-files limit a start runs with (None: unlimited): the current soft limit
+    raised towards the hard one, as ``raise_open_files`` does before the workers start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    target = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    return max(soft, target)
+
+
+def most_shards(limit: int) -> int:
+    """The most disk shards that leave MIN_CONNECTIONS under an open-files ``limit`` (0: none)."""
+    return max((limit - OTHER_FILES - MIN_CONNECTIONS) // SHARD_FILES, 0)
+
+
+class OutOfFiles(OSError):
+    """The storage could not open a file (a shard's database: SQLite says only "unable to open
+    database file") because this process has reached its open-files limit: said as that, with
+    what to do, in one line and no traceback (the failure is the machine's state, not a bug)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        super().__init__(errno.EMFILE, f"this process has reached its open-files limit, {soft} ({cause}): "
+                                       "new client connections are closed unanswered meanwhile; lower "
+                                       "max_connections or cache.disk.shards, or raise the limit "
+                                       "(LimitNOFILE= of the unit, ulimit -n)")
+
+
+def out_of_files(exc: BaseException) -> bool:
+    """Whether ``exc`` is this process having reached its open-files limit: an ``EMFILE`` or
+    ``ENFILE``, or SQLite's "unable to open database file" (SQLITE_CANTOPEN, which is what
+    EMFILE becomes inside SQLite) while no file can be opened here."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None or int(code) & 0xFF != SQLITE_CANTOPEN:
+        return False
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as probe:
+        return probe.errno in (errno.EMFILE, errno.ENFILE)
+    return False

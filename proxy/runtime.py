@@ -34,7 +34,7 @@ from proxy.lockfile import HeldLock, LockTaken
 from proxy.logs import AccessLog, RepeatedFailure, RequestIds, setup_logging, worker_label
 from proxy.metrics import Metrics, tier_families
 from proxy.purge import PurgeOutcome, Purger, PurgeSpec, PurgeUnavailable
-from proxy.room import MemoryUnavailable
+from proxy.room import MemoryUnavailable, OutOfFiles, out_of_files
 from proxy.settings import arena_capacity, shard_budget, storable_limit
 from proxy.storage.arena import Arena
 from proxy.storage.disk import (
@@ -498,7 +498,10 @@ class Runtime:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures.failed(exc)
+                if out_of_files(exc):  # said in one line, with what to do (no traceback)
+                    failures.failed(OutOfFiles(exc), traceback=False)
+                else:
+                    failures.failed(exc)
             else:
                 failures.succeeded()
             orphans_before = None

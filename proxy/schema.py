@@ -500,7 +500,8 @@ def flag() -> Parser[Bool]:
     return Parser("true/false", read)
 
 
-def integer(minimum: Int | None = None) -> Parser[Int]:
+def integer(minimum: Int | None = None, maximum: Int | None = None, why: Str = "") -> Parser[Int]:
+    """An integer; ``why`` says what is wrong past ``maximum`` (after "must be at most ...")."""
     def read(item: Src, ctx: Context) -> Int:
         value = item.value
         if not isinstance(value, int) or isinstance(value, bool):
@@ -511,9 +512,14 @@ def integer(minimum: Int | None = None) -> Parser[Int]:
             raise Invalid(str(exc)) from None
         if minimum is not None and value < minimum:
             raise Invalid(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise Invalid(f"must be at most {maximum}{why}, got {value}")
         return value
 
-    return Parser("integer" if minimum is None else f"integer ≥ {minimum}", read)
+    kind = "integer" if minimum is None else f"integer ≥ {minimum}"
+    if maximum is not None:
+        kind += f", at most {maximum}"
+    return Parser(kind, read)
 
 
 def _text(item: Src, strict: Bool) -> Str:

@@ -40,6 +40,7 @@ from proxy.policy.fields import unsendable
 from proxy.policy.keys import bracket_problem, literal_in, normalise_host
 from proxy.policy.request import DEFAULT_MAX_HEAD, parse_url
 from proxy.policy.request import Listener as RequestListener
+from proxy.room import SHARD_FILES
 from proxy.rules import RuleSet
 from proxy.schema import (
     Context,
@@ -115,6 +116,14 @@ def shard_budget(size: int, shards: int) -> int:
     """diskcache's budget per shard: its share of ``size`` less the RESERVE."""
     return max(int(size * (1 - RESERVE)) // shards, 1)
 
+
+# The most disk shards. A shard is a lock that writers take in turn: more of them than ~4 a
+# worker (64 workers at most) lets no more writes run at once, while each costs SHARD_FILES
+# open files in every process and ~25 ms at each start (2,000 shards: 55 s, and 8,000 open
+# files in every process, before serving). nginx's and Varnish's stores are one file.
+MAX_SHARDS = 256
+SHARDS_CEILING = (f" (each shard keeps up to {SHARD_FILES} files open in every process and is opened "
+                  "at each start; more than a few a worker lets no more writes run at once)")
 
 SHARD_FLOOR = 256 * 1024  # the least the index's bytes lower a shard's budget to (``shard_budget_beside``)
 
@@ -431,8 +440,11 @@ class DiskSettings:
     shards: int = setting(8, "SQLite databases the budget is split into (a body takes half of one at "
                           "most); a new count applies at the next start, which moves each entry whose "
                           "shard changed into its new shard before serving (about 0.3 ms per entry "
-                          "moved) and removes the folders past the count (docs/storage.md)",
-                          integer(minimum=1))
+                          "moved) and removes the folders past the count (docs/storage.md). At most "
+                          f"{MAX_SHARDS}: each shard keeps up to {SHARD_FILES} files open in every "
+                          "process, and is opened at each start; a start (and `check`) refuses more "
+                          "than the open-files limit leaves room for, beside connections",
+                          integer(minimum=1, maximum=MAX_SHARDS, why=SHARDS_CEILING))
     eviction: DiskEviction = setting("least-recently-stored", "what goes first when the budget is full "
                                      "(least-recently-used makes every disk read a write too)")
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from proxy.config import MachineCheck, Overrides, Settings, load_config
 from proxy.errors import ConfigError
 from proxy.logs import write_line
+from proxy.room import OPEN_FILES_WANTED
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # A worker that cannot open the cache directory (a full filesystem, say; it printed why): what
@@ -27,8 +28,6 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # supervisor stops instead of restarting it forever.
 EXIT_CACHE_DIR = 3
 T = TypeVar("T")
-# The soft open-files limit a start raises itself to, at most (the hard limit bounds it).
-OPEN_FILES_WANTED = 1 << 20
 
 
 def run_async(coro: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:

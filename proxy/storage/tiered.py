@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import IO, Any, TypeVar
 
+from proxy.room import DISK_THREADS
 from proxy.storage.bans import BanList, PurgeMatch
 from proxy.storage.bodyfiles import OpenBodies, SharedFile
 from proxy.storage.disk import ORPHAN_AGE, DiskTier
@@ -72,8 +73,8 @@ class Storage:
         # Over max_object: a config warning at FILE:LINE (proxy.config), not logged here by
         # every process.
         self._own_executor = executor is None
-        self.tiers = Tiers(memory, disk, index, BanList(index.bans() if index is not None else ()),
-                           executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="disk"))
+        pool = executor or ThreadPoolExecutor(max_workers=DISK_THREADS, thread_name_prefix="disk")
+        self.tiers = Tiers(memory, disk, index, BanList(index.bans() if index is not None else ()), pool)
         root = spool_root or (os.path.join(disk.path, SPOOLS) if disk is not None
                               else os.path.join(tempfile.gettempdir(), "cachegate-spool"))
         self.spools = SpoolDir(root)

@@ -104,6 +104,7 @@ from proxy.policy.request import (
     simple_request,
 )
 from proxy.replies import Planned
+from proxy.room import store_files
 from proxy.rules import RequestPlan, RuleSet
 from proxy.settings import Settings
 from proxy.storage.bodyfiles import SharedFile
@@ -1190,14 +1191,16 @@ def fast_path_supported() -> bool:
 # is what keeps a flood from making the accept fail (EMFILE, where new connections are closed
 # unanswered and unlogged): the cap leaves room for what else a worker opens.
 DEFAULT_MAX_CONNECTIONS = 10_000
-OTHER_FILES = 64 + 256  # logs, listeners, the loop's own, Redis; the open disk bodies (OpenBodies)
 
 
 def connection_cap(settings: Settings, nofile: int | None = None) -> int:
     """The client connections one worker keeps open at once: ``max_connections``, or when it is
     null DEFAULT_MAX_CONNECTIONS lowered below the open-files limit (``nofile``: the soft
-    RLIMIT_NOFILE) by what else a worker may have open (each upstream's pool, the disk shards'
-    three files each, OTHER_FILES), and never below a quarter of that limit."""
+    RLIMIT_NOFILE) by what else a worker may have open: what its store keeps open (the disk
+    shards' files, ``SHARD_FILES`` each, and OTHER_FILES: ``store_files``), always, and each
+    upstream's pool, at most. The pools' share is a most, seldom all open: the cap never goes
+    below a quarter of what the store leaves (a start refuses shards that leave too little:
+    ``proxy.config``)."""
     if settings.max_connections is not None:
         return settings.max_connections
     if nofile is None:
@@ -1205,9 +1208,9 @@ def connection_cap(settings: Settings, nofile: int | None = None) -> int:
     if nofile == resource.RLIM_INFINITY or nofile <= 0:
         return DEFAULT_MAX_CONNECTIONS
     disk = settings.cache.disk
-    reserve = (settings.pool.pool_size * len(settings.upstreams) + (3 * disk.shards if disk else 0)
-               + OTHER_FILES)
-    return max(min(DEFAULT_MAX_CONNECTIONS, max(nofile - reserve, nofile // 4)), 1)
+    room = nofile - store_files(disk.shards if disk is not None else 0)
+    pools = settings.pool.pool_size * len(settings.upstreams)
+    return max(min(DEFAULT_MAX_CONNECTIONS, max(room - pools, room // 4)), 1)
 
 
 class ProxyServer(LimitedServer):

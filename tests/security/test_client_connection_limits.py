@@ -28,6 +28,7 @@ import aiohttp
 import pytest
 
 from proxy.config import load_config
+from proxy.room import OTHER_FILES, SHARD_FILES
 from proxy.web.fastpath import ProxyServer, connection_cap
 from proxy.web.server import OpenFilesWatch
 from tests.conftest import MakeProxy
@@ -170,8 +171,10 @@ async def test_the_open_files_limit_reached_is_logged_once_and_its_end_too(
 
 @pytest.mark.parametrize(("config", "nofile", "cap"), [
     ("", 65536, 10_000),  # the default, well below the limit
-    ("", 1024, 256),  # 1,024 - (2 x 256 pooled + 8 x 3 shard files + 320) < a quarter
-    ("", 4096, 4096 - 2 * 256 - 24 - 320),
+    # What the store keeps open (8 shards x SHARD_FILES, and OTHER_FILES) is always taken off;
+    # the pools (2 x 256) at most, never below a quarter of what the store leaves.
+    ("", 1024, (1024 - 8 * SHARD_FILES - OTHER_FILES) // 4),
+    ("", 4096, 4096 - 8 * SHARD_FILES - OTHER_FILES - 2 * 256),
     ("max_connections: 50\n", 1024, 50),  # as set
 ])
 def test_the_default_cap_stays_below_the_open_files_limit(tmp_path: Path, config: str, nofile: int,
