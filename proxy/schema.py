@@ -12,6 +12,7 @@ field carrying its parser (``setting``, ``read_section``): the config file's set
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -725,9 +726,34 @@ def file_path(*, must_exist: Bool = False, strict: Bool = False, folder: Bool = 
                 what = "a file" if os.path.isfile(parent) else "not a directory"
                 raise Invalid(f"{resolved} cannot be made: {parent} is {what}; give a directory "
                               "elsewhere")
+        why = _unmakeable(resolved) if folder else None
+        if why is not None:
+            raise Invalid(f"{why}; give a directory the user cachegate runs as can make and write "
+                          "(or make this one so)")
         return resolved
 
     return Parser("path", read, resolve=lambda v, ctx: None if v is None else ctx.path(v))
+
+
+def _unmakeable(path: Str) -> Str | None:
+    """Why this user cannot make the folder ``path`` or write in it (None: it can), tried as the
+    start makes it: a folder under one it may not write (/var/lib/x for nobody), in /proc or
+    /sys passed the check, then the start failed ("Permission denied") without the config's
+    line. The first missing folder is made and removed again; one that exists is asked."""
+    if os.path.isdir(path):
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} cannot be written"
+    first = path
+    while not os.path.lexists(os.path.dirname(first)) and os.path.dirname(first) != first:
+        first = os.path.dirname(first)
+    try:
+        os.mkdir(first, 0o700)
+    except FileExistsError:  # made meanwhile (another start): the start will see
+        return None
+    except OSError as exc:
+        return f"{path} cannot be made: {exc.strerror or exc} (making {first})"
+    with contextlib.suppress(OSError):
+        os.rmdir(first)
+    return None
 
 
 def _nearest_existing(path: Str) -> Str:
