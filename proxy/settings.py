@@ -60,6 +60,7 @@ from proxy.schema import (
     section,
     setting,
     show_hostport,
+    strings,
     text,
     type_name,
 )
@@ -103,6 +104,11 @@ CONSISTENCY_WAIT_FLOOR = (" (the supervisor answers an invalidation in a moment,
 # sent as it lapses meets the close (the race keep-alive timeouts are tuned to avoid).
 KEEPALIVE_FLOOR = (" (a client's next request often comes later than that: one sent as the "
                    "connection closes fails)")
+# Every worker checks every upstream: 1ms was 1,000 checks a second per worker, a load on the
+# upstream of its own; nginx's health_check interval is counted in seconds, HAProxy's is 2s.
+MIN_HEALTH_INTERVAL = 0.1
+HEALTH_INTERVAL_FLOOR = (" (every worker checks every upstream that often: less is a load of its own on "
+                         "the upstreams, not a quicker verdict)")
 BODY_TIMEOUT_FLOOR = (" (a client's next part of a body takes its round trip and more: a tiny limit "
                       "answers uploads 408)")
 
@@ -312,7 +318,9 @@ class HealthSettings:
     path: str = setting("/healthz", "the path each upstream is asked for", text(check=_absolute_path))
     # A 0 interval checked each upstream thousands of times a second; a 0 timeout failed
     # every check, and took every upstream out.
-    interval: float = setting(5.0, "time between two checks of an upstream", duration(positive=True))
+    interval: float = setting(5.0, "time between two checks of an upstream (by every worker: at least "
+                                   "100ms, less is a load on the upstreams of its own)", duration(
+        minimum=MIN_HEALTH_INTERVAL, why=HEALTH_INTERVAL_FLOOR))
     timeout: float = setting(1.0, "a check that takes longer failed", duration(positive=True))
     healthy: int = setting(2, "consecutive successes that bring a down upstream back", integer(minimum=1))
     unhealthy: int = setting(3, "consecutive failures that take an upstream out", integer(minimum=1))
@@ -430,6 +438,37 @@ class PoolSettings:
 # -- the cache -----------------------------------------------------------------------------
 
 
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.1: a token
+
+
+def field_names() -> Parser[tuple[str, ...]]:
+    """A list of header field names (one name: a list of one); an empty name, one with a space
+    in it, or one repeated (in any case: field names are case-insensitive) is refused at its line."""
+    base = strings()
+
+    def read(item: Src, ctx: Context) -> tuple[str, ...]:
+        out: list[str] = []
+        seen: dict[str, str] = {}
+        for element in elements(item):
+            if not isinstance(element.value, str | int | float) or isinstance(element.value, bool):
+                ctx.problem(element, f"expected strings in the list, got {type_name(element.value)}")
+                continue
+            name = element.as_text()
+            if not _FIELD_NAME.fullmatch(name):
+                ctx.problem(element, f"{name!r} is not a header field name (a token: letters, digits and "
+                                     "!#$%&'*+-.^_`|~, without spaces)")
+            elif name.lower() in seen:
+                also = "" if seen[name.lower()] == name else f" (as {seen[name.lower()]}: field names are " \
+                                                            "case-insensitive)"
+                ctx.problem(element, f"{name} is listed twice{also}; list it once")
+            else:
+                seen[name.lower()] = name
+                out.append(name)
+        return tuple(out)
+
+    return replace(base, kind="list of header field names", read=read)
+
+
 @dataclass(frozen=True)
 class DiskSettings:
     """The disk tier (docs/storage.md), shared by every worker; ``disk: null`` runs memory-only."""
@@ -478,7 +517,8 @@ class CacheSettings:
                                  "there is then kept fresh for its whole lifetime again "
                                  "(docs/caching.md). A reload applies it to new fills")
     tag_headers: tuple[str, ...] = setting(("Surrogate-Key", "Cache-Tag"),
-                                           "response fields whose values tag an entry, for purges by tag")
+                                           "response fields whose values tag an entry, for purges by tag",
+                                           field_names())
     # A range request that misses: "whole" also fetches the whole object in the background when
     # the range's 206 may be stored (stored, it answers every later range); "none" fetches only
     # the ranges asked for. Either way a range joins the key's fill in flight (docs/caching.md).

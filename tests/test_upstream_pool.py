@@ -178,7 +178,7 @@ async def test_health_checks_do_not_wait_for_a_pool_busy_with_slow_answers(
     origin.route("/slow", slow)
     proxy = await make_proxy(
         config="upstream: {pool_size: 2, passive: {failures: 0}, retries: 0, health: {path: /healthz, "
-               "interval: 50ms, timeout: 200ms, healthy: 1, unhealthy: 2}}\n")
+               "interval: 100ms, timeout: 200ms, healthy: 1, unhealthy: 2}}\n")
     up = proxy.runtime.pool.upstreams[0]
     host = proxy.runtime.pool._hosts[up.name]
     busy = [asyncio.create_task(proxy.get(f"/slow?{i}")) for i in range(2)]

@@ -44,6 +44,11 @@ FRAMING_FIELDS = frozenset({
     "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "trailer",
     "te", "proxy-connection", "content-encoding", "content-range",
 })  # fmt: skip
+# ... nor set the fields cachegate writes on every reply it makes: a hit's Age (RFC 9111 §5.1)
+# and its member of Cache-Status (RFC 9211), which an add replaced (the hit lost its Age, the
+# Cache-Status its cachegate member), and Date, which a downstream cache takes the reply's age
+# from (a fixed Date makes every reply look as old as it says). Removing them stays allowed.
+OWN_FIELDS = frozenset({"age", "cache-status", "date"})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # RE2's words for what Python's re (a backtracking engine) has and it has not.
 _RE2_HAS_NO = ("perl operator", "escape sequence", "repetition operator", "repetition size",
@@ -421,14 +426,22 @@ def _warn_error_ttls(src: Src, statuses: frozenset[int] | None, label: str, prob
                           f"them ({CPDOS})")
 
 
-def _names(src: Src | None, problems: Problems, what: str) -> tuple[str, ...]:
+def _names(src: Src | None, problems: Problems, what: str, *, fold: bool = False) -> tuple[str, ...]:
+    """Names (``fold``: header names, case-insensitive); one listed twice is refused at its
+    line, as a repeated ``header:`` condition is (``[Accept, accept]`` keyed on one field)."""
     if src is None or src.value is None:
         return ()
     out: list[str] = []
+    seen: dict[str, str] = {}
     for name, at in _str_items(src, problems, what):
+        same = name.lower() if fold else name
         if not _TOKEN.fullmatch(name):
             problems.add(at, f"{what}: {name!r} is not a valid name")
+        elif same in seen:
+            also = "" if seen[same] == name else f" (as {seen[same]!r}: header names are case-insensitive)"
+            problems.add(at, f"{what}: {name!r} is listed twice{also}; list it once")
         else:
+            seen[same] = name
             out.append(name)
     return tuple(out)
 
@@ -440,7 +453,7 @@ def _key_spec(src: Src, problems: Problems, where: str) -> KeySpec | None:
         return None
     sec = Section(src, problems, where, ("query", "headers", "cookies", "lowercase_path"))
     spec = KeySpec(
-        headers=tuple(h.lower() for h in _names(sec.raw("headers"), problems, f"{where}.headers")),
+        headers=tuple(h.lower() for h in _names(sec.raw("headers"), problems, f"{where}.headers", fold=True)),
         cookies=_names(sec.raw("cookies"), problems, f"{where}.cookies"),
         lowercase_path=sec.bool("lowercase_path", False),
     )
@@ -496,13 +509,18 @@ def _header_edits(src: Src, problems: Problems, where: str) -> HeaderEdits | Non
     sec = Section(src, problems, where, ("add", "remove"))
     add: list[tuple[str, str]] = []
 
-    def check_name(name: str, at: Src | tuple[str, int]) -> bool:
+    def check_name(name: str, at: Src | tuple[str, int], adding: bool = False) -> bool:
         if not _TOKEN.fullmatch(name):
             problems.add(at, f"{where}: {name!r} is not a valid header name")
             return False
         if name.lower() in FRAMING_FIELDS:
             problems.add(at, f"{where}: {name} describes the message framing or "
                              "connection; cachegate sets it")
+            return False
+        if adding and name.lower() in OWN_FIELDS:
+            problems.add(at, f"{where}.add: {name} is cachegate's own on every reply (a hit's age, its "
+                             "Cache-Status member, the time a downstream cache counts the age from): "
+                             "cachegate sets it; remove: may drop it")
             return False
         return True
 
@@ -512,8 +530,8 @@ def _header_edits(src: Src, problems: Problems, where: str) -> HeaderEdits | Non
             seen: dict[str, tuple[str, int]] = {}
             for name, value in adds.value.items():
                 at = (adds.file, adds.key_lines.get(name, value.line))
-                if not check_name(str(name), at) or _duplicate_name(str(name), at, seen, problems,
-                                                                    f"{where}.add"):
+                if not check_name(str(name), at, adding=True) or _duplicate_name(
+                        str(name), at, seen, problems, f"{where}.add"):
                     continue
                 v = value.value
                 if not isinstance(v, str | int | float) or isinstance(v, bool):

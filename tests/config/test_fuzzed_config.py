@@ -4,8 +4,10 @@ the start and by a reload (which keeps the running config)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,8 @@ import pytest
 
 from proxy.config import load_config
 from proxy.errors import ConfigError
+from tests.harness import Origin
+from tests.storage.procs import ProxyProcess, write_config
 
 U = "listen: 127.0.0.1:0\nadmin: {listen: null}\nupstreams: [http://127.0.0.1:9]\n"
 
@@ -73,3 +77,91 @@ def test_a_cache_directory_that_can_be_made_is_left_unmade_by_check(tmp_path: Pa
     (tmp_path / "c.yaml").write_text(U + "cache: {disk: {path: a/b/c}}\n")
     assert load_config(str(tmp_path / "c.yaml")).cache.disk is not None
     assert not (tmp_path / "a").exists()
+
+
+# -- fields cachegate writes itself; names that are no names; names listed twice -----------
+
+R = "rules: [r.yaml]\n"
+
+
+def _rule(body: str) -> str:
+    return f"rules:\n  - name: a\n    match: {{path: /**}}\n{body}"
+
+
+@pytest.mark.parametrize("name", ["Age", "cache-status", "Date"])
+def test_response_headers_may_not_set_the_fields_cachegate_writes(tmp_path: Path, name: str) -> None:
+    found = problems(tmp_path, U + R, _rule(f"    response_headers:\n      add: {{{name}: '5'}}\n"))
+    assert found == [f"r.yaml:5: rules[0].response_headers.add: {name} is cachegate's own on every reply "
+                     "(a hit's age, its Cache-Status member, the time a downstream cache counts the age "
+                     "from): cachegate sets it; remove: may drop it"]
+    (tmp_path / "r.yaml").write_text(_rule(f"    response_headers:\n      remove: [{name}]\n"))
+    assert load_config(str(tmp_path / "c.yaml")).rules is not None
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("{headers: [Accept, accept]}", "rules[0].key.headers: 'accept' is listed twice (as 'Accept': header "
+                                    "names are case-insensitive); list it once"),
+    ("{cookies: [a, a]}", "rules[0].key.cookies: 'a' is listed twice; list it once"),
+])
+def test_a_key_name_listed_twice_is_refused_as_a_repeated_header_match_is(tmp_path: Path, key: str,
+                                                                          expected: str) -> None:
+    assert problems(tmp_path, U + R, _rule(f"    key: {key}\n")) == [f"r.yaml:4: {expected}"]
+
+
+def test_a_key_of_two_cookies_differing_in_case_is_two_cookies(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(_rule("    key: {cookies: [a, A], headers: [Accept, X-A]}\n"))
+    (tmp_path / "c.yaml").write_text(U + R)
+    assert load_config(str(tmp_path / "c.yaml")).rules is not None
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("['', ' ']", ["c.yaml:4: cache.tag_headers: '' is not a header field name (a token: letters, digits and "
+                   "!#$%&'*+-.^_`|~, without spaces)",
+                   "c.yaml:4: cache.tag_headers: ' ' is not a header field name (a token: letters, digits and "
+                   "!#$%&'*+-.^_`|~, without spaces)"]),
+    ("[Surrogate Key]", ["c.yaml:4: cache.tag_headers: 'Surrogate Key' is not a header field name (a token: "
+                         "letters, digits and !#$%&'*+-.^_`|~, without spaces)"]),
+    ("[Cache-Tag, cache-tag]", ["c.yaml:4: cache.tag_headers: cache-tag is listed twice (as Cache-Tag: field "
+                                "names are case-insensitive); list it once"]),
+])
+def test_tag_headers_are_field_names(tmp_path: Path, value: str, expected: list[str]) -> None:
+    assert problems(tmp_path, U + f"cache: {{tag_headers: {value}}}\n") == expected
+
+
+@pytest.mark.parametrize("interval", ["1ms", "99ms", "0.05"])
+def test_a_health_check_interval_below_100ms_is_refused(tmp_path: Path, interval: str) -> None:
+    found = problems(tmp_path, U + f"upstream: {{health: {{interval: {interval}}}}}\n")
+    assert len(found) == 1 and found[0].startswith(
+        "c.yaml:4: upstream.health.interval: must be at least 0.1s (every worker checks every upstream that "
+        "often: less is a load of its own on the upstreams, not a quicker verdict), got "), found
+    (tmp_path / "c.yaml").write_text(U + "upstream: {health: {interval: 100ms}}\n")
+    health = load_config(str(tmp_path / "c.yaml")).pool.health
+    assert health is not None and health.interval == 0.1
+
+
+async def test_a_reload_adding_age_or_a_duplicate_key_is_refused_and_the_running_rules_stay(
+        origin: Origin, tmp_path: Path) -> None:
+    """A rule's add: {Age: ...} replaced the Age of every hit; a reload to it is refused at its
+    line (400), and hits keep cachegate's own Age and Cache-Status."""
+    origin.route("/x", body=b"x", headers={"Cache-Control": "max-age=60"})
+    (tmp_path / "r.yaml").write_text(_rule("    response_headers: {add: {X-A: '1'}}\n"))
+    config = write_config(str(tmp_path), origin.url, "cache: {memory: 16MB, disk: null}\n", "rules: [r.yaml]\n")
+    proxy = ProxyProcess(str(tmp_path), config)
+    await proxy.start(with_log=True)
+    try:
+        await proxy.wait_for(lambda: bool(proxy.admin_url))
+        await proxy.get("/x")
+        for body, line, said in [
+                ("    response_headers: {add: {X-A: '1', Age: '0'}}\n", 4, "response_headers.add: Age is "),
+                ("    response_headers: {add: {Cache-Status: x}}\n", 4, "response_headers.add: Cache-Status is "),
+                ("    key: {headers: [Accept, accept]}\n", 4, "key.headers: 'accept' is listed twice")]:
+            (tmp_path / "r.yaml").write_text(_rule(body))
+            reply = await proxy.admin("POST", "/reload")
+            assert reply.status == 400, reply.body
+            problem = json.loads(reply.body)["problems"][0]
+            assert f"r.yaml:{line}: rules[0].{said}" in problem, problem
+        hit = await proxy.get("/x")
+        assert hit.headers.get("X-A") == "1" and "Age" in hit.headers, hit.headers
+        assert hit.headers["Cache-Status"].startswith("cachegate; hit"), hit.headers
+    finally:
+        await proxy.stop(signal.SIGTERM)
