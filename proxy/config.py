@@ -681,8 +681,9 @@ rule files have their own reference, [rules.md](rules.md).
   base 60: 90) and `010` (octal: 8) are refused: write `1m30s`, `10`. Where a string is
   expected (a header value or name, a rule's `equals`), a bare number is taken as written:
   `010` is the text `010`, `1.50` the text `1.50`.
-- Config and rule files are UTF-8 YAML without anchors and aliases (`&name`, `*name`,
-  `<<: *name`): write each value out. Each is a regular file (or a link to one): a FIFO, a
+- Config and rule files are UTF-8 YAML without anchors, aliases and merge keys (`&name`,
+  `*name`, `<<:`): write each value out. Messages show values in YAML's words (`null`, `true`,
+  `!!binary aGk=`, `2024-01-01`). Each is a regular file (or a link to one): a FIFO, a
   socket, a device or a directory is refused at start, on reload and by `check`, in the same
   words for the config as for a rule file (`FILE:0: cannot read file: is not a regular file (a
   FIFO)`, `... is a directory`), never waited on; `/dev/null` reads as an empty file.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import datetime
 import ipaddress
 import os
 import re
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeAlias, TypeVar
 
-from proxy.units import parse_duration, parse_size, yaml_number
+from proxy.units import parse_duration, parse_size, yaml_number, yaml_scalar
 from proxy.yamlsrc import Problems, Sources, Src
 
 T = TypeVar("T")
@@ -48,6 +49,12 @@ def type_name(value: Any) -> str:
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
+    if isinstance(value, bytes):
+        return "binary data (!!binary)"
+    if isinstance(value, datetime.datetime):
+        return "a date and time"
+    if isinstance(value, datetime.date):
+        return "a date"
     return type(value).__name__
 
 
@@ -70,8 +77,12 @@ class Section:
         for key in self.values:
             if key not in allowed:
                 line = src.key_lines.get(key, src.line)
-                hint = _suggest(str(key), allowed)
-                self.problems.add((src.file, line), f"unknown key {self._name(key)!r}{hint}")
+                # A key YAML read as no string (null, true, !!binary, a date) is shown in its words.
+                word = key if isinstance(key, str) else yaml_scalar(key)
+                hint = _suggest(str(word), allowed)
+                name = self._name(word)
+                shown = repr(name) if isinstance(key, str) else name
+                self.problems.add((src.file, line), f"unknown key {shown}{hint}")
 
     def _name(self, key: Any) -> Str:
         return f"{self.path}.{key}" if self.path else str(key)
@@ -277,6 +288,12 @@ class Context:
         if unwritable is not None:
             raise Invalid(unwritable)
         return text if os.path.isabs(text) else os.path.normpath(os.path.join(self.base_dir, text))
+
+
+def show_path(text: Str) -> Str:
+    """A path as a message shows it: as it is, or quoted (``'a\\nb.yaml'``) when it holds a
+    character that would not show as itself (a newline broke the message's line in two)."""
+    return text if text.isprintable() else repr(text)
 
 
 def unencodable_path(text: Str) -> Str | None:

@@ -60,6 +60,7 @@ from proxy.schema import (
     section,
     setting,
     show_hostport,
+    show_path,
     strings,
     text,
     type_name,
@@ -947,13 +948,13 @@ def _rule_files(item: Src, ctx: Context) -> tuple[str, ...]:
             continue
         real = ctx.sources.identity(resolved)
         if real in seen:
-            also = "" if seen[real] == written else f" (as {seen[real]} before)"
-            ctx.problem(element, f"rule file {written} is listed twice{also}; list it once")
+            also = "" if seen[real] == written else f" (as {show_path(seen[real])} before)"
+            ctx.problem(element, f"rule file {show_path(written)} is listed twice{also}; list it once")
             continue
         seen[real] = written
         why = ctx.sources.why_not(resolved)
         if why is not None:
-            ctx.problem(element, f"rule file {resolved} {why}")
+            ctx.problem(element, f"rule file {show_path(resolved)} {why}")
         files.append(resolved)
     return tuple(files)
 

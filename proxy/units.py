@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import math
 import re
 from decimal import Decimal
@@ -109,9 +111,29 @@ def _ascii(text: str) -> str:
     return " (in the digits 0-9)" if any(c.isdigit() and not c.isascii() for c in text) else ""
 
 
+def yaml_scalar(value: object) -> str:
+    """A scalar as YAML writes it, for messages: ``null``, ``true``, ``!!binary aGk=``, the date
+    ``2024-01-01``; a string or a number as Python's ``repr`` (a string quoted). Python's own
+    words (``None``, ``True``, ``b'hi'``, ``datetime.date(...)``) name nothing in a YAML file.
+
+    >>> [yaml_scalar(v) for v in (None, True, b"hi", datetime.date(2024, 1, 1), "x", 5)]
+    ['null', 'true', '!!binary aGk=', '2024-01-01', "'x'", '5']
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes):
+        return "!!binary " + base64.b64encode(value).decode("ascii")
+    if isinstance(value, datetime.date):  # (a datetime too)
+        return value.isoformat(sep=" ") if isinstance(value, datetime.datetime) else value.isoformat()
+    return repr(value)
+
+
 def _short(value: object) -> str:
-    """``value`` as a message shows it, a huge number cut to its first digits and its length."""
-    text = repr(value)
+    """``value`` as a message shows it (``yaml_scalar``), a huge number cut to its first digits
+    and its length."""
+    text = yaml_scalar(value)
     return text if len(text) <= 60 else f"{text[:20]}... ({len(text)} characters)"
 
 

@@ -19,6 +19,8 @@ from typing import Any, BinaryIO
 
 import yaml
 
+from proxy.units import yaml_scalar
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -231,6 +233,10 @@ def load_snapshot(path: str) -> Sources:
     return Sources({str(p): base64.b64decode(d, validate=True) for p, d in files.items()})
 
 
+MERGE_REFUSED = ("merge keys (<<:) are not supported in cachegate's files, as anchors and aliases are "
+                 "not: write the values out")
+
+
 class _Refused(yaml.MarkedYAMLError):
     """Valid YAML that cachegate's files do not take (reported without "syntax error")."""
 
@@ -301,11 +307,13 @@ def _convert(node: yaml.Node, file: str, loader: _Loader, problems: Problems) ->
             if not isinstance(key_node, yaml.ScalarNode):  # before hashing it
                 problems.add((file, key_node.start_mark.line + 1), "a key must be a scalar")
                 continue
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<:``, with or without an alias
+                raise _Refused(problem=MERGE_REFUSED, problem_mark=key_node.start_mark)
             key = _scalar(key_node, file, loader, problems)
             if key is _UNREADABLE:
                 continue
             if key in out:
-                problems.add((file, key_node.start_mark.line + 1), f"duplicate key {key!r}")
+                problems.add((file, key_node.start_mark.line + 1), f"duplicate key {yaml_scalar(key)}")
             out[key] = _convert(value_node, file, loader, problems)
             key_lines[key] = key_node.start_mark.line + 1
             if isinstance(key, int | float) and not isinstance(key, bool):

@@ -355,7 +355,8 @@ def _ttl_table(src: Src, problems: Problems, what: str) -> tuple[Mapping[int, fl
         if status == "default":
             pass
         elif not (isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599):
-            problems.add((src.file, line), f"{what}: {status!r} is not a status code (100-599) or 'default'")
+            problems.add((src.file, line), f"{what}: {shown(status)} is not a status code (100-599) or "
+                                           "'default'")
             continue
         try:
             seconds = parse_duration(value.value, value.raw)

@@ -154,14 +154,59 @@ async def test_a_reload_adding_age_or_a_duplicate_key_is_refused_and_the_running
         for body, line, said in [
                 ("    response_headers: {add: {X-A: '1', Age: '0'}}\n", 4, "response_headers.add: Age is "),
                 ("    response_headers: {add: {Cache-Status: x}}\n", 4, "response_headers.add: Cache-Status is "),
-                ("    key: {headers: [Accept, accept]}\n", 4, "key.headers: 'accept' is listed twice")]:
+                ("    key: {headers: [Accept, accept]}\n", 4, "key.headers: 'accept' is listed twice"),
+                ("    ttl: {~: 1m}\n", 4, "ttl: null is not a status code")]:
             (tmp_path / "r.yaml").write_text(_rule(body))
             reply = await proxy.admin("POST", "/reload")
             assert reply.status == 400, reply.body
             problem = json.loads(reply.body)["problems"][0]
             assert f"r.yaml:{line}: rules[0].{said}" in problem, problem
+        (tmp_path / "r.yaml").write_text(_rule("    <<: {ttl: 1m}\n"))
+        reply = await proxy.admin("POST", "/reload")
+        assert reply.status == 400, reply.body
+        assert json.loads(reply.body)["problems"][0].endswith(
+            "r.yaml:4: merge keys (<<:) are not supported in cachegate's files, as anchors and aliases are "
+            "not: write the values out"), reply.body
         hit = await proxy.get("/x")
         assert hit.headers.get("X-A") == "1" and "Age" in hit.headers, hit.headers
         assert hit.headers["Cache-Status"].startswith("cachegate; hit"), hit.headers
     finally:
         await proxy.stop(signal.SIGTERM)
+
+
+# -- messages in YAML's words, not Python's -------------------------------------------------
+
+@pytest.mark.parametrize(("text", "rules", "expected"), [
+    (U + R, _rule("    ttl: {~: 1m, true: 2m, 2024-01-01: 1m}\n"), [
+        "r.yaml:4: rules[0].ttl: null is not a status code (100-599) or 'default'",
+        "r.yaml:4: rules[0].ttl: true is not a status code (100-599) or 'default'",
+        "r.yaml:4: rules[0].ttl: 2024-01-01 is not a status code (100-599) or 'default'"]),
+    (U + "~: 1\n", None, ["c.yaml:4: unknown key null"]),
+    (U + "!!binary aGk=: 1\n", None, ["c.yaml:4: unknown key !!binary aGk="]),
+    (U + "cache: {true: 1}\n", None, ["c.yaml:4: unknown key cache.true (allowed: memory, memory_max_object, "
+                                      "memory_policy, max_object, lock_timeout, hit_for_pass, disk, tag_headers, "
+                                      "range_fill)"]),
+    (U + "via: !!binary aGk=\n", None, ["c.yaml:4: via: expected a string, got binary data (!!binary)"]),
+    (U + "via: 2024-01-01\n", None, ["c.yaml:4: via: expected a string, got a date"]),
+    (U + "via: 2024-01-01 10:00:00\n", None, ["c.yaml:4: via: expected a string, got a date and time"]),
+    (U + "cache: {memory: ~, max_object: true}\n", None,
+     ["c.yaml:4: cache.max_object: expected a size like 256MB, got true"]),
+    (U + 'rules: ["a\\nb.yaml"]\n', None, ["c.yaml:4: rules: rule file 'a\\nb.yaml' does not exist"]),
+    (U + "cache:\n  <<: {memory: 1MB}\n", None, ["c.yaml:5: merge keys (<<:) are not supported in cachegate's "
+                                               "files, as anchors and aliases are not: write the values out"]),
+    (U + "~: 1\n~: 2\n", None, ["c.yaml:5: duplicate key null", "c.yaml:5: unknown key null"]),
+])
+def test_messages_show_values_in_yaml_words(tmp_path: Path, text: str, rules: str | None,
+                                            expected: list[str]) -> None:
+    found = problems(tmp_path, text, rules)
+    assert found == expected
+    assert not any(word in p for p in found for word in ("None", "True", "b'", "datetime", "constructor"))
+
+
+def test_check_says_them_in_yaml_words_too(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(U + "~: 1\nvia: 2024-01-01\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "check", "--no-lookup", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.splitlines()) == (2, [f"{config}:4: unknown key null",
+                                                               f"{config}:5: via: expected a string, got a date"])

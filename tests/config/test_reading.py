@@ -242,7 +242,7 @@ PROBLEMS: list[tuple[str, list[str]]] = [
     ("upstream: {timeouts: {conect: 1}}", ["2: unknown key 'upstream.timeouts.conect' (did you mean 'connect'?)"]),
     ("cache: {memory: x}", [f"2: cache.memory: bad size 'x': {BAD_SIZE}"]),
     ("cache: {memory: -1}", ["2: cache.memory: size must not be negative, got -1"]),
-    ("cache: {memory: true}", ["2: cache.memory: expected a size like 256MB, got True"]),
+    ("cache: {memory: true}", ["2: cache.memory: expected a size like 256MB, got true"]),
     ("cache: {memory_policy: x}", ["2: cache.memory_policy: must be one of lru, lfu, got 'x'"]),
     ("cache: {hit_for_pass: x}", [f"2: cache.hit_for_pass: bad duration 'x': {BAD_DURATION}"]),
     ("cache: {disk: {eviction: x}}",
