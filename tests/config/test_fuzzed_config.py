@@ -16,22 +16,11 @@ from pathlib import Path
 import pytest
 
 from proxy.config import load_config
-from proxy.errors import ConfigError
+from tests.config.test_values_that_break_serving import problems
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, write_config
 
 U = "listen: 127.0.0.1:0\nadmin: {listen: null}\nupstreams: [http://127.0.0.1:9]\n"
-
-
-def problems(folder: Path, text: str, rules: str | None = None) -> list[str]:
-    """The problems of a config (``rules``: the rule file r.yaml), without the folder."""
-    if rules is not None:
-        (folder / "r.yaml").write_text(rules)
-    path = folder / "c.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_config(str(path))
-    return [p.replace(f"{folder}/", "") for p in info.value.problems]
 
 
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
