@@ -76,7 +76,6 @@ async def test_an_unwritable_shard_at_start_is_one_line_and_exit_1(
 
 @pytest.mark.parametrize(("unwritable", "named"), [
     ("index.sqlite3", "index.sqlite3"),  # SQLite opened it read-only without a word: it started
-    (".", "index.sqlite3"),  # the cache directory: a 49-line traceback (its index's journal)
     (".lock", ".lock"),  # "Permission denied", naming nothing (an existing cache of another user)
     ("tmp", "tmp/"),  # the spool folder: the same bare message
 ])
@@ -94,5 +93,23 @@ async def test_an_unwritable_part_of_the_cache_directory_at_start_is_one_line_na
     assert "make it and its folder writable by the user cachegate runs as" in said[0], out
     assert not [p for p in cache.iterdir() if ".corrupt-" in p.name]  # nothing set aside
 
+    proxy = await make_proxy(config=CONFIG, directory=directory)
+    assert await x_caches(proxy) == ["HIT"] * KEYS
+
+
+async def test_an_unwritable_cache_directory_at_start_is_refused_at_its_line(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """The cache directory itself read-only: a 49-line traceback (its index's journal), then one
+    line naming its index; now the config's line, as ``check`` says it (exit 2), and nothing in
+    it changed."""
+    directory = tmp_path / "p"
+    await filled(origin, make_proxy, directory)
+    cache = directory / "cache"
+    config = write_config(str(directory), origin.url, CONFIG)
+    with read_only(cache):
+        code, out = run(config, 1)
+    assert (code, "Traceback" in out) == (2, False), out
+    assert (f"{config}:4: cache.disk.path: {cache} cannot be written; give a directory the user cachegate runs "
+            "as can make and write (or make this one so)") in out.splitlines(), out
     proxy = await make_proxy(config=CONFIG, directory=directory)
     assert await x_caches(proxy) == ["HIT"] * KEYS
