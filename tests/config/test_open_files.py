@@ -126,3 +126,24 @@ def test_a_shard_that_cannot_open_at_the_limit_is_said_as_the_limit(tmp_path: Pa
     said = str(OutOfFiles(failed[0]))
     assert "open-files limit" in said and "lower max_connections or cache.disk.shards" in said, said
     shard.close()
+
+
+def test_a_reload_warns_of_shards_the_next_start_would_refuse(tmp_path: Path) -> None:
+    """A reload opens no shard (shards change at a restart): what a start refuses, it warns of."""
+    from proxy.config import _check_open_files
+    from proxy.yamlsrc import Problems, load_yaml
+
+    path = _config(tmp_path, 100)
+    settings = load_config(str(path), machine="no")
+    root = load_yaml(str(path), Problems())
+    assert root is not None
+    for machine in ("start", "reload"):
+        found = Problems()
+        _check_open_files(settings, found, root, machine, limit=LIMIT)
+        said = found.items if machine == "start" else found.warnings
+        assert [line.split(": ", 1)[0] for line in said] == [f"{path}:10"], said
+        assert "set cache.disk.shards to at most 41" in said[0], said
+        assert (machine == "reload") == ("a restart would be refused" in said[0]), said
+    found = Problems()
+    _check_open_files(settings, found, root, "start", limit=100 * SHARD_FILES + OTHER_FILES + MIN_CONNECTIONS)
+    assert not found.items and not found.warnings
