@@ -173,7 +173,7 @@ async def test_a_reload_adding_age_or_a_duplicate_key_is_refused_and_the_running
     (U + "~: 1\n", None, ["c.yaml:4: unknown key null"]),
     (U + "!!binary aGk=: 1\n", None, ["c.yaml:4: unknown key !!binary aGk="]),
     (U + "cache: {true: 1}\n", None, ["c.yaml:4: unknown key cache.true (allowed: memory, memory_max_object, "
-                                      "memory_policy, max_object, lock_timeout, hit_for_pass, disk, tag_headers, "
+                                      "memory_policy, max_object, lock_timeout, hit_for_pass, disk, apparent_age, tag_headers, "
                                       "range_fill)"]),
     (U + "via: !!binary aGk=\n", None, ["c.yaml:4: via: expected a string, got binary data (!!binary)"]),
     (U + "via: 2024-01-01\n", None, ["c.yaml:4: via: expected a string, got a date"]),
