@@ -79,6 +79,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.control import Channel
+from proxy.logs import Summarised
 from proxy.storage.arena import Arena
 
 log = logging.getLogger("cachegate.leases")
@@ -425,6 +426,11 @@ class LeaseClient:
         self._waits: dict[str, Waiting] = {}
         self._by_token: dict[int, tuple[str, Waiting]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # A word late past LEASE_WORD_WAIT: the supervisor's relay was slow (a reload's or a
+        # burst's messages ahead of it: 1.2-2.4 s in a soak), not a fault; the fallback (ask
+        # again) answers right. At INFO, one line per window: at WARNING, 8 lines a burst had
+        # operators chase a failure that was not one.
+        self._late_words = Summarised()
         channel.handlers["lease_event"] = self._event
 
     async def acquire(self, key: str, wait: bool = True) -> Granted | Waiting | Busy | None:
@@ -485,8 +491,9 @@ class LeaseClient:
                 ended_at = loop.time()  # the word may be on its way
             if loop.time() - ended_at < LEASE_WORD_WAIT:
                 continue
-            log.warning("lease on %s ended without word to worker %d (%.2fs ago): asking again",
-                        key, self._worker, loop.time() - ended_at)
+            self._late_words.log(logging.INFO, log, "late word",
+                                 "lease on %s ended without word to worker %d (%.2fs ago): asking again",
+                                 key, self._worker, loop.time() - ended_at)
             return {"outcome": "ended"}
 
     def fetching_elsewhere(self, key: str) -> bool:

@@ -6,6 +6,7 @@ The end-to-end behaviour through ``cachegate run --workers 2`` is in test_herd_w
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -264,7 +265,8 @@ class QuietChannel:
         self.sent.append((name, args))
 
 
-async def test_a_waiter_that_hears_nothing_finds_the_lease_over_in_the_table() -> None:
+async def test_a_waiter_that_hears_nothing_finds_the_lease_over_in_the_table(
+        caplog: pytest.LogCaptureFixture) -> None:
     """The holder's word is lost (its worker closed its control channel first, as a stop once
     did): the waiter finds the lease gone from the table, gives the word LEASE_WORD_WAIT more,
     and asks again (it waited until lock_timeout). A head that is not shareable is read there
@@ -273,6 +275,7 @@ async def test_a_waiter_that_hears_nothing_finds_the_lease_over_in_the_table() -
 
     from proxy.leases import LEASE_POLL, LEASE_WORD_WAIT, LeaseClient, Waiting
 
+    caplog.set_level(logging.DEBUG, logger="cachegate")
     arena = Arena.create(64 * 1024)
     try:
         t = LeaseTable(arena)
@@ -296,6 +299,9 @@ async def test_a_waiter_that_hears_nothing_finds_the_lease_over_in_the_table() -
             assert told == {"outcome": "ended" if end == "release" else end}
             took = loop.time() - started - LEASE_POLL * 1.5
             assert took < LEASE_POLL * 2 + (LEASE_WORD_WAIT if end == "release" else 0), took
+        # Said at INFO (a slow relay, not a fault: the waiter asked again), one line a window.
+        late = [r for r in caplog.records if "ended without word" in r.getMessage()]
+        assert [r.levelno for r in late] == [logging.INFO], late
         # The word when it comes first; "timeout" at the deadline when neither comes.
         granted, _ = t.acquire(0, "w")
         assert granted is not None
