@@ -18,8 +18,16 @@ import pytest
 if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
     sys.dont_write_bytecode = False
 
+from hypothesis import settings as hypothesis_settings
+
 from tests.harness import Clock, Origin, Proxy, start_proxy
 from tests.storage.procs import kill_leftovers
+
+# Hypothesis's deadline (200 ms an example) is a wall-clock assertion: on 2 shared cores a policy
+# property test's example took 305 ms once and failed a full run. Tests assert behaviour, never
+# speed: no deadline.
+hypothesis_settings.register_profile("cachegate", deadline=None)
+hypothesis_settings.load_profile("cachegate")
 
 MakeProxy = Callable[..., Awaitable[Proxy]]
 
