@@ -95,7 +95,7 @@ from proxy.http_client import UpstreamBodyError
 from proxy.leases import Busy, Granted, Waiting
 from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
 from proxy.policy.fields import ends_at_head
-from proxy.policy.fill import arrived, hit_for_pass, shareable_with_followers
+from proxy.policy.fill import arrived, hit_for_pass, shareable_with_followers, stored_for_waiters
 from proxy.policy.freshness import carries_credentials
 from proxy.policy.headers import dated, end_to_end, shared_interim
 from proxy.policy.keys import url_of_key, variant_of
@@ -242,10 +242,12 @@ class Unreachable:
 
 @dataclass(frozen=True, slots=True)
 class Adopted:
-    """A fresh variant another node stored in the cluster's shared tier, kept here and served."""
+    """A variant another node stored in the cluster's shared tier, kept here and served: a
+    fresh one, or the one its fill stored while this flight waited for it (``stored_for_waiters``)."""
 
     label: ClassVar[str] = "adopted"
 
+    entry: Entry | None = None  # what is kept here (its clients are answered from it)
     on_disk: bool = True  # False: the disk write failed (known only when other workers waited for it)
 
 
@@ -254,6 +256,8 @@ class StoredElsewhere:
     """Another worker fetched and stored it (its lease): the clients are answered from the store."""
 
     label: ClassVar[str] = "stored_elsewhere"
+
+    entry: Entry | None = None  # what they are answered from (``stored_for_waiters`` chose it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,16 +673,18 @@ class MissPath:
                 flight.fail_head(error)
                 flight.body.fail(ResponseAborted("the fetch ended before its body did"))
                 result = FlightResult(False, "UNREACHABLE")
-            case Adopted(on_disk=on_disk):
+            case Adopted(entry=entry, on_disk=on_disk):
                 coalescer.retire(flight)
                 flight.body.finish()
                 coalescer.forget_unlooked(run.attempt.key)
-                result = FlightResult(True, STORED_ELSEWHERE if on_disk else "STORE-FAILED")
-            case StoredElsewhere():
+                # (its entry: the flight's clients are answered from it, fresh or not:
+                # ``_serve_after_flight``)
+                result = FlightResult(True, STORED_ELSEWHERE if on_disk else "STORE-FAILED", entry)
+            case StoredElsewhere(entry=entry):
                 coalescer.retire(flight)
                 flight.body.finish()
                 coalescer.forget_unlooked(run.attempt.key)
-                result = FlightResult(True, STORED_ELSEWHERE)
+                result = FlightResult(True, STORED_ELSEWHERE, entry)
             case Stopped(error=error):
                 flight.fail_head(error)
                 flight.body.fail(ResponseAborted("the fetch was cut off by the stop before its body ended"))
@@ -756,14 +762,17 @@ class MissPath:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.engine.settings.cache.lock_timeout
         again = run.attempt.again  # fetched once more after the holder's failure (``fetches_again``)
+        began = self.engine.clock()  # what the holder stores from now on is what this waits for
+        waited: float | None = None  # ``began``, once it waited for a holder (``stored_for_waiters``)
         for _ in range(3):  # a holder that dies hands the lease on: ask again
             lease = await leases.acquire(key, wait=not background)
             match lease:
                 case Granted():
                     run.lease = lease
                     # Look again first: another worker may have stored it since we looked (the
-                    # shared memory holds it then: no disk read).
-                    if await self._answer_from_store(run):
+                    # shared memory holds it then: no disk read), or the holder it waited for
+                    # (its word lost, or it died once it had stored it).
+                    if await self._answer_from_store(run, None, waited):
                         return
                     await self._fill(run, deadline)
                     return
@@ -781,9 +790,10 @@ class MissPath:
                                                  self.engine.settings.cache.lock_timeout)
                     finally:
                         leases.forget(key, lease)
+                    waited = began
                     match told["outcome"]:
                         case "stored":
-                            if await self._answer_from_store(run, told.get("status") or None):
+                            if await self._answer_from_store(run, told.get("status") or None, waited):
                                 return
                         case "error" if told.get("detail") == ProxyStopping.cache_detail:
                             run.flight.elsewhere = True
@@ -823,10 +833,13 @@ class MissPath:
             break
         await self._fill(run, deadline)
 
-    async def _answer_from_store(self, run: _Run, fetched: int | None = None) -> bool:
+    async def _answer_from_store(self, run: _Run, fetched: int | None = None, since: float | None = None
+                                 ) -> bool:
         """End the flight with what the shared store now holds for the key, when that is fresh
         for the flight's request (another worker stored it, its fetch answered ``fetched``: a
-        304 that freshened it, else the stored response's own status); False when it is not."""
+        304 that freshened it, else the stored response's own status), or is what the fetch
+        it waited for since ``since`` stored, as this worker's own followers of that fetch
+        would take it (``stored_for_waiters``); False when it is neither."""
         engine, attempt, flight = self.engine, run.attempt, run.flight
         key = attempt.key
         try:
@@ -836,11 +849,11 @@ class MissPath:
             return False
         if not variants:
             return False  # (the common case: nobody stored it meanwhile)
-        decision = decide_lookup(attempt.req.head, [c.entry.response for c in variants], engine.clock(),
-                                 attempt.plan.options)
-        if not isinstance(decision, Serve) or decision.status != "HIT":
+        index = stored_for_waiters(attempt.req.head, [c.entry.response for c in variants], engine.clock(),
+                                   attempt.plan.options, since)
+        if index is None:
             return False
-        cached = variants[decision.index]
+        cached = variants[index]
         entry = cached.entry
         if run.after is not None and other_representation(run.after, entry.response):
             return False  # not what this held fill's range just got: fetched anew
@@ -849,7 +862,7 @@ class MissPath:
                 and await engine.open_body(cached) is None:
             return False
         flight.set_head(_stored_head(entry.response, entry.body_size, fetched))
-        self._end(run, StoredElsewhere())
+        self._end(run, StoredElsewhere(entry))
         return True
 
     def _fill(self, run: _Run, deadline: float | None = None) -> Awaitable[None]:
@@ -879,6 +892,8 @@ class MissPath:
         lock_only = False
         leases, lease = engine.leases, run.lease
         waited = False  # for another node's fill, holding this node's lease (``fetch_from``)
+        began = engine.clock()
+        since: float | None = None  # once it waited for another node's fill: what that one stores
         for _ in range(4):
             if cluster is not None and cluster.invalidations_pending:
                 break  # invalidations made here wait for Redis: the shared tier may hold what they cover
@@ -888,7 +903,7 @@ class MissPath:
                 case Found():
                     if engine.storage.epoch != epoch:
                         continue  # a purge was applied here meanwhile: what was found may be purged
-                    if await self._adopt_shared(run, answer):
+                    if await self._adopt_shared(run, answer, since):
                         return
                     lock_only = True  # stored, but not fresh for this request: fetch under the lock
                 case Locked():
@@ -903,6 +918,7 @@ class MissPath:
                         # the fetch after it (one origin request for the node, not one each).
                         leases.fetch_from(key, lease, left)
                         waited = True
+                    since = began
                     told = await shared.wait_filled(key, min(left, answer.wait + 0.05), answer.holder) \
                         if left > 0 else None
                     if told not in (None, STORED) or loop.time() >= deadline:
@@ -927,17 +943,18 @@ class MissPath:
         finally:
             await run.through.release()
 
-    async def _adopt_shared(self, run: _Run, found: Found) -> bool:
+    async def _adopt_shared(self, run: _Run, found: Found, since: float | None = None) -> bool:
         """End the flight with a variant another node stored in the shared tier, when it is a
-        fresh hit for the flight's request: kept in this node's tiers (the same way a fill is),
-        then served from them; False when none is."""
+        fresh hit for the flight's request, or what that node's fill stored while this flight
+        waited for it since ``since`` (``stored_for_waiters``): kept in this node's tiers (the
+        same way a fill is), then served from them; False when none is."""
         engine, attempt, flight = self.engine, run.attempt, run.flight
         storage = engine.storage
-        decision = decide_lookup(attempt.req.head, [e.response for e, _ in found.variants], engine.clock(),
-                                 attempt.plan.options)
-        if not isinstance(decision, Serve) or decision.status != "HIT":
+        index = stored_for_waiters(attempt.req.head, [e.response for e, _ in found.variants], engine.clock(),
+                                   attempt.plan.options, since)
+        if index is None:
             return False
-        entry, body = found.variants[decision.index]
+        entry, body = found.variants[index]
         if run.after is not None and other_representation(run.after, entry.response):
             # Another node stored another version (an older one, say) than the part this held
             # fill's range just got from the origin: its client's next range would be served
@@ -956,12 +973,12 @@ class MissPath:
         self.coalescer.retire(flight)
         if run.lease is None and in_memory:
             # In memory now: the flight's clients are answered at once, the disk copy follows.
-            self._end(run, Adopted())
+            self._end(run, Adopted(final))
             await self._put_disk(attempt.key, final, spool)
             return True
         # Other workers wait for this key (proxy.leases): they read it from disk, so the flight
         # ends once it is there.
-        self._end(run, Adopted(await self._put_disk(attempt.key, final, spool)))
+        self._end(run, Adopted(final, await self._put_disk(attempt.key, final, spool)))
         return True
 
     async def _origin(self, run: _Run, revalidating: Cached | None) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from proxy.policy.httpdate import format_http_date
 from tests.harness import Origin, Versions
 from tests.storage.procs import HOST, ProxyProcess, Response, shared, write_config
 
@@ -136,6 +138,34 @@ async def test_500_concurrent_clients_over_two_workers_make_one_origin_request(
     assert all(w["upstreams"][0]["state"] == "up" for w in state["workers"])
     assert sum(await upstream_requests(two_workers)) - requested == 1
     assert state["upstreams"][0]["url"] == origin.url
+
+
+@SHARED
+async def test_a_herd_on_a_response_stale_by_its_date_alone_costs_one_fetch_for_both_workers(
+        shared_pair: tuple[Origin, ProxyProcess]) -> None:
+    """The origin's clock is 2 h behind: its max-age=600 response arrives stale through its
+    Date's apparent age alone. The other worker's clients, which waited for the fetch under its
+    lease, take what it stored, as this worker's own followers of that fetch do. They reread it,
+    wanted a fresh hit, and fetched again (a reviewer: 2 fetches for 30 clients, the slowest
+    answered at twice the origin's time). What is stored stays stale for the next request."""
+    origin, two_workers = shared_pair
+
+    async def page(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.Response(body=b"page", headers={"Cache-Control": "max-age=600",
+                                                   "Date": format_http_date(time.time() - 7200)})
+
+    origin.route("/date-behind", page)
+    results = answered(await herd(two_workers.url, "/date-behind", 30))
+    assert len(results) == 30 and {(r.status, r.body) for r in results} == {(200, b"page")}
+    assert {r.worker for r in results} == {"0", "1"}, "the herd did not reach both workers"
+    assert origin.count("/date-behind") == 1
+    assert Counter(r.x_cache for r in results) == {"MISS": 1, "HIT": 29}
+    assert {(r.worker, r.headers["Cache-Status"]) for r in results if r.x_cache == "HIT"} == {
+        (w, "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed") for w in ("0", "1")}
+    after = await two_workers.get("/date-behind")  # nobody waits for a fetch now: stale, as any
+    assert (after.status, after.x_cache) == (200, "EXPIRED")
+    assert origin.count("/date-behind") == 2
 
 
 async def test_a_body_slower_than_lock_timeout_costs_one_fetch_per_worker_not_one_per_client(

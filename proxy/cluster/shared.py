@@ -69,6 +69,7 @@ from proxy.cluster.fills import STORED, TOO_LARGE, Contended, Found, Locked, Loo
 from proxy.cluster.redis_io import REDIS_DOWN, DeadSubscription, Names, client, subscribed
 from proxy.cluster.settings import ClusterSettings
 from proxy.logs import RepeatedFailure
+from proxy.policy.fill import shareable_with_followers
 from proxy.policy.freshness import may_be_served_stale
 from proxy.policy.keys import url_of_key
 from proxy.purge import PurgeSpec
@@ -463,7 +464,10 @@ class SharedTier:
             self.counts["too_large"] += 1
             return False
         ttl = shared_ttl(entry, now)
-        if ttl <= 0:
+        if ttl <= 0 and not shareable_with_followers(entry.response, entry.response.response_time):
+            # Stale: of use to nobody. One its fill's followers take (stale on arrival only
+            # through its Date: the origin's clock is behind) is written for TTL_MARGIN, for
+            # the other nodes waiting on that fill (``stored_for_waiters``): else each fetched it.
             return False
         n = self.names
         field = json.dumps(entry.response.vary, separators=(",", ":"))

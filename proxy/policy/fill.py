@@ -20,14 +20,16 @@ tags) or ``NoFill`` with the ``Cache-Status`` detail token, decided in this orde
 
 ``freshened`` is the same last step for a stored response a 304 updated (RFC 9111
 §4.3.4), and ``shareable_with_followers`` says whether coalesced followers may take a
-fill's response as it arrives; ``arrived`` is the head of one that is not stored, which its
-client's conditionals and range are answered from all the same.
+fill's response as it arrives (``stored_for_waiters``: the same, for the clients of another
+worker or node that waited for that fill and read it from the store); ``arrived`` is the
+head of one that is not stored, which its client's conditionals and range are answered
+from all the same.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
@@ -38,6 +40,7 @@ from proxy.policy.fields import latin1_unless_utf8, split_list
 from proxy.policy.freshness import carries_credentials, stale_by_date_alone
 from proxy.policy.headers import dated, end_to_end
 from proxy.policy.messages import CacheOptions, Freshness, HeaderList, Headers, RequestHead, StoredResponse
+from proxy.policy.reuse import Serve, decide_lookup, select_variant
 from proxy.policy.storability import DontStore, decide_store, decide_store_part
 from proxy.policy.validation import freshen_stored
 
@@ -286,6 +289,51 @@ def shareable_with_followers(stored: StoredResponse, now: float) -> bool:
     if freshness.no_cache:
         return False
     return freshness.ttl(now) > 0 or stale_by_date_alone(stored) > 0
+
+
+def stored_for_waiters(request: RequestHead, candidates: Sequence[StoredResponse], now: float,
+                       options: CacheOptions, since: float | None = None) -> int | None:
+    """Which of the ``candidates`` (the key's variants, read from the store once another worker
+    or node said it stored the key) answers the clients of a flight that did not fetch: a fresh
+    hit for ``request`` (``decide_lookup``); else, when the flight waited for that fetch
+    (``since``: this clock when its wait began; None: it did not wait), the variant ``request``
+    selects when that fetch stored it and this worker's own followers of it would have taken
+    it (``shareable_with_followers`` on arrival: stale only through its Date, the origin's
+    clock behind). None: fetch (revalidate) as for any stale response.
+
+    "That fetch stored it" is its ``response_time`` (when its head arrived; a 304's, for a
+    response it freshened) at or after ``since``: a response stored before the wait began
+    is an older one, stale as any, and is never taken so. Not the body id: a 304 keeps it,
+    a flight does not keep the ids of what its lookup saw (a stale variant forwarded without
+    a validator, another Vary's), and an adopted copy gets this node's own. A head that arrived
+    before the wait began, its body after (a slow body), is not taken: fetched, as before.
+    Across nodes it compares two machines' clocks (synchronised, as docs/cluster.md asks).
+
+    >>> from proxy.policy.httpdate import format_http_date
+    >>> def r(arrival: float, *fields: tuple[str, str]) -> StoredResponse:
+    ...     return StoredResponse(200, "OK", (("Date", format_http_date(arrival - 7200)), *fields), arrival,
+    ...                           arrival, Freshness(600.0, "max-age", 7200.0, arrival))
+    >>> get = RequestHead("GET", "http", "a.example", "/", CIMultiDictProxy(CIMultiDict()))
+    >>> options = CacheOptions()
+    >>> stored_for_waiters(get, [r(100_000.0)], 100_001.0, options, since=99_998.0)  # stored after: taken
+    0
+    >>> stored_for_waiters(get, [r(100_000.0)], 100_001.0, options, since=100_000.5)  # before the wait
+    >>> stored_for_waiters(get, [r(100_000.0)], 100_001.0, options)  # no wait: a fresh hit only
+    >>> stored_for_waiters(get, [r(100_000.0, ("Age", "900"))], 100_001.0, options, since=99_998.0)
+    """
+    decision = decide_lookup(request, candidates, now, options)
+    if isinstance(decision, Serve) and decision.status == "HIT":
+        return decision.index
+    if since is None:
+        return None
+    index = select_variant(request, candidates)
+    if index is None:
+        return None
+    stored = candidates[index]
+    if stored.response_time < since or stored.invalidated \
+            or not shareable_with_followers(stored, stored.response_time):
+        return None
+    return index
 
 
 def arrived(status: int, reason: str, headers: Headers, response_time: float) -> StoredResponse:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from proxy.policy.httpdate import format_http_date
 from tests.cluster.nodes import CACHE, Nodes, metrics, purge
 from tests.cluster.redis_server import RedisServer
 from tests.harness import Origin
@@ -95,6 +97,41 @@ async def test_a_node_of_two_workers_waiting_on_a_dead_lock_holder_makes_one_ori
         assert {(r.status, r.body) for r in replies} == {(200, b"herd-body")}
         assert {r.worker for r in replies} == {"0", "1"}, "the herd did not reach both workers"
         assert calls["n"] == 2, f"{calls['n'] - 1} origin requests from the waiting node, not 1"
+    finally:
+        await nodes.stop_all()
+
+
+async def test_nodes_waiting_on_a_fill_stale_by_its_date_alone_take_it(
+        origin: Origin, tmp_path: Path, shared_redis: RedisServer) -> None:
+    """The origin's clock is 2 h behind: its max-age=600 response arrives stale through its
+    Date's apparent age alone. Node b (two workers: one waits on the cluster's fill lock, the
+    other on that worker's lease) takes what a's fill stored, as a's own followers of it do. It
+    was not written through (stale: no TTL left), or, found, not taken (not a fresh hit): b
+    fetched again once a was done (a reviewer: 2 fetches, b's MISS at 3.7 s on a 2 s origin).
+    Stored, it stays stale for a request that waits for nobody."""
+    fetching = asyncio.Event()
+
+    async def page(request: web.Request) -> web.Response:
+        fetching.set()
+        await asyncio.sleep(0.8)
+        return web.Response(body=b"page", headers={"Cache-Control": "max-age=600",
+                                                   "Date": format_http_date(time.time() - 7200)})
+
+    origin.route("/date-behind", page)
+    nodes = Nodes(str(tmp_path), origin.url, shared_redis.url, shared_cache=True)
+    try:
+        a, b = await asyncio.gather(nodes.start("a"), nodes.start("b", "--workers", "2"))
+        first = asyncio.ensure_future(a.get("/date-behind"))
+        await asyncio.wait_for(fetching.wait(), 10)  # a has the fill lock and is fetching
+        replies = await asyncio.gather(*(b.get("/date-behind") for _ in range(12)))
+        assert ((await first).status, (await first).x_cache) == (200, "MISS")
+        assert {(r.status, r.body, r.x_cache, r.headers["Cache-Status"]) for r in replies} == {
+            (200, b"page", "HIT", "cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed")}
+        assert {r.worker for r in replies} == {"0", "1"}, "the herd did not reach both workers"
+        assert origin.count("/date-behind") == 1
+        after = await b.get("/date-behind")
+        assert (after.status, after.x_cache) == (200, "EXPIRED")
+        assert origin.count("/date-behind") == 2
     finally:
         await nodes.stop_all()
 

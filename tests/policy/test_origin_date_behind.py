@@ -3,11 +3,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from proxy.policy.fill import Exchange, Fill, FillSettings, decide_fill, shareable_with_followers
+from proxy.policy.fill import (
+    Exchange,
+    Fill,
+    FillSettings,
+    decide_fill,
+    shareable_with_followers,
+    stored_for_waiters,
+)
 from proxy.policy.freshness import corrected_initial_age, origin_date_behind
-from proxy.policy.messages import CacheOptions
+from proxy.policy.messages import CacheOptions, StoredResponse
 from tests.policy.build import T0, date, headers, request
 from tests.policy.test_fill import Rules
 
@@ -76,3 +85,47 @@ def test_an_origin_date_behind_this_clock(case: str, pairs: Pairs, options: Cach
 def test_apparent_age_false_is_the_age_field_plus_the_delay(pairs: Pairs, expected: float) -> None:
     assert corrected_initial_age(headers(*pairs), T0 - 1, T0, apparent_age=False) == expected
     assert corrected_initial_age(headers(*pairs), T0 - 1, T0) >= expected  # the full formula: never less
+
+
+def _arrived(pairs: Pairs, at: float, vary: tuple[tuple[str, str], ...] = ()) -> StoredResponse:
+    decision = decide_fill(Exchange(request(), 200, "OK", headers(*pairs), at - 1, at), Rules(FULL), FillSettings())
+    assert isinstance(decision, Fill), decision
+    return replace(decision.response, vary=vary)
+
+
+BEHIND_PAGE: Pairs = [("Cache-Control", "max-age=600"), ("Date", date(-7200))]
+WAIT = T0 - 0.5  # the flight began to wait for another worker's (node's) fetch; that one arrived at T0
+
+
+# (case, the key's variants, the request's fields, since, which one answers the flight's clients)
+WAITERS: list[tuple[str, list[StoredResponse], Pairs, float | None, int | None]] = [
+    ("stale by its Date alone, stored by the fetch waited for: taken",
+     [_arrived(BEHIND_PAGE, T0)], [], WAIT, 0),
+    ("the same, the flight did not wait (its own lease, a plain lookup): not taken",
+     [_arrived(BEHIND_PAGE, T0)], [], None, None),
+    ("stale by its Date alone, stored before the wait began: an older one, not taken",
+     [_arrived(BEHIND_PAGE, T0)], [], T0 + 0.1, None),
+    ("stale by its Age too: not taken",
+     [_arrived([*BEHIND_PAGE, ("Age", "900")], T0)], [], WAIT, None),
+    ("no-cache: not taken",
+     [_arrived([("Cache-Control", "no-cache, max-age=600"), ("Date", date(-7200))], T0)], [], WAIT, None),
+    ("soft-purged since it was stored: not taken",
+     [replace(_arrived(BEHIND_PAGE, T0), invalidated=True)], [], WAIT, None),
+    ("the fetch stored another variant; the request's own is older: not taken",
+     [_arrived(BEHIND_PAGE, T0 - 60, (("accept-encoding", "identity"),)),
+      _arrived(BEHIND_PAGE, T0, (("accept-encoding", "gzip"),))], [("Accept-Encoding", "identity")], WAIT,
+     None),
+    ("the fetch stored the request's own variant: that one",
+     [_arrived(BEHIND_PAGE, T0 - 60, (("accept-encoding", "identity"),)),
+      _arrived(BEHIND_PAGE, T0, (("accept-encoding", "gzip"),))], [("Accept-Encoding", "gzip")], WAIT, 1),
+    ("a fresh hit, waited for or not: taken",
+     [_arrived([("Cache-Control", "max-age=600"), ("Date", date(0))], T0 - 60)], [], None, 0),
+]
+
+
+@pytest.mark.parametrize(("case", "variants", "fields", "since", "expected"), WAITERS,
+                         ids=[c[0] for c in WAITERS])
+def test_what_the_clients_of_a_flight_that_waited_for_another_fetch_take(
+        case: str, variants: list[StoredResponse], fields: Pairs, since: float | None,
+        expected: int | None) -> None:
+    assert stored_for_waiters(request(*fields), variants, T0 + 1, FULL, since) == expected
