@@ -206,7 +206,9 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
             record_scheme(c.disk.path, KEY_SCHEME)  # (the entries left are of this scheme)
     limit = storable_limit(c.max_object, (c.disk.size, c.disk.shards) if c.disk is not None else None,
                            c.memory_max_object, c.memory, arena.processes)
-    return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit)
+    # (A memory-only owner says once why it spools in a folder of its own; its workers do not.)
+    return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit,
+                   spool_warn=arena_fd is None)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ CPU at a million entries).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -33,16 +35,65 @@ log = logging.getLogger("cachegate.storage")
 SPOOLS = "tmp"  # the spool folders' folder in the cache directory
 LOCK_NAME = ".owner.lock"
 INTENTS_NAME = ".intents"
+SHARED_NAME = "cachegate-spool"  # a memory-only instance's: <temp dir>/cachegate-spool-<uid>
 INTENTS_COMPACT = 256 * 1024  # rewrite the log with only the pending lines past this size
 SEP = "\x1f"
+
+
+def _unsafe(path: str) -> str | None:
+    """Why the folder at ``path`` is not this user's alone (None when it is): looked at through
+    the folder itself, opened without following a symbolic link, so what was judged is what is
+    used."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            return "it is a symbolic link"
+        if exc.errno == errno.ENOTDIR:
+            return "it is not a folder"
+        return exc.strerror or str(exc)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if st.st_uid != os.geteuid():
+        return f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & 0o077:
+        return f"others may use it (mode {stat.S_IMODE(st.st_mode):o}, not 700)"
+    return None
+
+
+def private_spool_root(warn: bool = True) -> tuple[str, bool]:
+    """Where a process with no cache directory spools: ``<temp dir>/cachegate-spool-<uid>``,
+    made mode 700, the same across restarts (so the sweep finds a dead process's folders there),
+    and whether it is a fresh one of this process's own instead (to remove at its close).
+
+    Why not one folder for every user: another local user could make it first and own it, then
+    rename this user's folders, plant links or read the bodies (or, leaving it unwritable, stop
+    every other user's cachegate from starting). When the per-user folder is not this user's
+    alone (someone else's, a link, open to others), a fresh private one is made instead
+    (``tempfile.mkdtemp``), and said once (``warn``: the owner process; its workers are quiet)."""
+    base = tempfile.gettempdir()
+    root = os.path.join(base, f"{SHARED_NAME}-{os.geteuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(root, 0o700)
+    why = _unsafe(root)
+    if why is None:
+        return root, False
+    fallback = tempfile.mkdtemp(prefix=f"{SHARED_NAME}-{os.geteuid()}-", dir=base)
+    if warn:
+        log.warning("the spool folder %s is not safe to use (%s): another local user may have "
+                    "made it; spooling in a private one instead: %s", root, why, fallback)
+    return fallback, True
 
 
 class SpoolDir:
     """This process's spool folder, locked for the process's lifetime."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, own_root: bool = False) -> None:
         os.makedirs(root, exist_ok=True)
         self.root = root
+        self._own_root = own_root  # a folder made for this process alone: removed at its close
         self._lock_fd: int | None = None
         # Between the lock file's creation and its flock, a sweep (``sweep_dead_spools``: at
         # start, hourly, and whenever the supervisor sees a worker die, as siblings restart)
@@ -51,7 +102,8 @@ class SpoolDir:
         for _ in range(16):
             path = os.path.join(root, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.makedirs(path)
-            fd = os.open(os.path.join(path, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+            fd = os.open(os.path.join(path, LOCK_NAME),
+                         os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a sweep holds it now: the folder is going
@@ -94,7 +146,7 @@ class SpoolDir:
         return tempfile.NamedTemporaryFile(dir=self.path, prefix="spool-", delete=False)
 
     def close(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.root if self._own_root else self.path, ignore_errors=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

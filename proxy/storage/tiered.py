@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -40,7 +39,7 @@ from proxy.storage.memory import Cached, MemoryTier, Slot
 from proxy.storage.persist import Persister
 from proxy.storage.purging import Purging
 from proxy.storage.reads import Reader
-from proxy.storage.spool import SPOOLS, SpoolDir
+from proxy.storage.spool import SPOOLS, SpoolDir, private_spool_root
 from proxy.storage.upkeep import Upkeep, UpkeepStats
 from proxy.storage.work import InProgress, Tiers
 from proxy.storage.writes import BodySpool, Writer
@@ -58,6 +57,7 @@ class Storage:
         max_object: int,
         executor: ThreadPoolExecutor | None = None,
         spool_root: str | None = None,
+        spool_warn: bool = True,
         configured_limit: int | None = None,
     ) -> None:
         """``configured_limit``: what the config's sizes let the store keep (``storable_limit``,
@@ -75,9 +75,15 @@ class Storage:
         self._own_executor = executor is None
         pool = executor or ThreadPoolExecutor(max_workers=DISK_THREADS, thread_name_prefix="disk")
         self.tiers = Tiers(memory, disk, index, BanList(index.bans() if index is not None else ()), pool)
-        root = spool_root or (os.path.join(disk.path, SPOOLS) if disk is not None
-                              else os.path.join(tempfile.gettempdir(), "cachegate-spool"))
-        self.spools = SpoolDir(root)
+        # Without a cache directory: this user's own folder in the temp dir, never one that
+        # every user shares (``private_spool_root``).
+        own = False
+        if spool_root is None:
+            if disk is not None:
+                spool_root = os.path.join(disk.path, SPOOLS)
+            else:
+                spool_root, own = private_spool_root(warn=spool_warn)
+        self.spools = SpoolDir(spool_root, own_root=own)
         self.reads = Reader(self.tiers)
         self.writes = Writer(self.tiers, storable, self.spools)
         # What fills put in the shared memory reaches the disk behind them, written by the

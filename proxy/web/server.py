@@ -791,6 +791,13 @@ async def open_runtime(settings: Settings, owner: bool, *, arena_fd: int | None 
             cause = FilesystemFull(disk.path, cause)
         elif denied(cause):  # its lock file, a spool folder: named, with the fix
             cause = NotWritable(os.fsdecode(cause.filename), cause)
+        if disk is None:  # memory-only: its spool folder, in the temp directory, is all on disk
+            detail = cause.strerror or str(cause)
+            if not isinstance(cause, NotWritable) and isinstance(cause.filename, str | bytes):
+                detail = f"{os.fsdecode(cause.filename)}: {detail}"  # (NotWritable's names it)
+            tell(f"cachegate: cannot make a spool folder in the temp directory (TMPDIR; there is "
+                 f"no cache.disk): {detail}")
+            return None
         tell(f"cachegate: cannot open the cache directory {where} (cache.disk.path): "
              f"{cause.strerror or cause}")
         return None
