@@ -333,6 +333,30 @@ def supervise(settings: Settings, config_path: str | None, overrides: Overrides,
                      use_uvloop)
 
 
+def worker_environment(path: Sequence[str] | None = None, cwd: str | None = None,
+                       environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The environment the workers start with (None: this process's own), so that ``python -P``
+    imports the ``proxy`` package this process runs.
+
+    ``-P`` leaves the current directory off the workers' ``sys.path`` (a ``proxy/`` planted
+    there must not run). A supervisor started as ``python -m proxy`` from a checkout that is
+    not installed imported its ``proxy`` from there only because it was the current directory:
+    its workers could not import it at all ("No module named 'proxy'"), restarted for ever. Then
+    that one directory, absolute, goes first on their ``PYTHONPATH``; nothing else is added."""
+    path = sys.path if path is None else path
+    cwd = os.getcwd() if cwd is None else cwd
+    environ = os.environ if environ is None else environ
+    home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds proxy/
+    as_cwd = {"", cwd, os.curdir}
+    if not any(entry in as_cwd or os.path.abspath(entry) == cwd for entry in path[:1]) \
+            or home != os.path.abspath(cwd):
+        return None  # not imported from the current directory
+    if any(entry and os.path.abspath(entry) == home for entry in path[1:]):
+        return None  # on the path anyway: the workers find it there
+    before = environ.get("PYTHONPATH", "")
+    return {**environ, "PYTHONPATH": home + (os.pathsep + before if before else "")}
+
+
 class Supervisor:
     def __init__(self, settings: Settings, config_path: str | None, overrides: Overrides,
                  use_uvloop: bool = True) -> None:
@@ -343,6 +367,7 @@ class Supervisor:
         # The code this process runs, as its workers must run it (``proxy.codeid``): hashed now,
         # before anything could be installed over it.
         self.code_id = identity()
+        self._worker_env = worker_environment()
         self.workers = [Worker(i) for i in range(settings.workers)]
         self.stopping = False
         self.runtime: Runtime | None = None
@@ -603,7 +628,7 @@ class Supervisor:
         w.ready.clear()
         try:
             w.process = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(child_end.fileno(), arena_fd, running_fd))
+                *args, pass_fds=(child_end.fileno(), arena_fd, running_fd), env=self._worker_env)
         except OSError as exc:
             parent_end.close()
             child_end.close()
