@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -301,6 +302,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         EXIT_INTERRUPTED,
         EXIT_USAGE,
         Outcome,
+        Tally,
         Warmer,
         WarmError,
         WarmOptions,
@@ -350,6 +352,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     urls: list[str] = []
     refused: list[tuple[Outcome, str]] = []  # lines and logged paths that cannot be sent: errors
+    reading = time.monotonic()
     try:
         for name in args.urls:
             urls += url_lines(_source_lines(name), "<stdin>" if name == "-" else name, warmer.check, refused)
@@ -360,6 +363,14 @@ def cmd_warm(args: argparse.Namespace) -> int:
     except SourceError as exc:
         print(f"cachegate warm: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Ctrl-C while a source is read (a FIFO, a pipe, a terminal that waits for lines): before
+        # ``Warmer.run`` takes SIGINT, so the summary so far (nothing sent) and 130, as after.
+        tally = Tally(total=0)
+        for outcome, url in refused:
+            tally.refuse(outcome, url)
+        print("\n".join(summary(tally, time.monotonic() - reading, proxy, True)), flush=True)
+        return EXIT_INTERRUPTED
     if not urls and not args.sitemap and not refused:
         print("cachegate warm: nothing to warm: give --sitemap URL, --urls FILE (- for stdin) or "
               "--from-access-log FILE", file=sys.stderr)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -143,3 +144,50 @@ def test_what_a_fifos_writer_wrote_at_once_is_read() -> None:
                 os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         writer.join(2)
     assert lost == 0, f"{lost} of 30 FIFOs' lines lost"
+
+
+def _blocked_reading(pid: int, waits: tuple[str, ...], within: float = 30.0) -> None:
+    """Until the process waits in the kernel for a FIFO's writer or a pipe's data (its wchan)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+        except OSError:  # not shown here: time enough to be in the read
+            time.sleep(3)
+            return
+        if wchan in waits:
+            return
+        time.sleep(0.05)  # ("0": running)
+    raise AssertionError(f"warm did not wait on its source within {within} s")
+
+
+@pytest.mark.parametrize("source", ["fifo without a writer", "fifo whose writer stalls", "stdin"])
+def test_ctrl_c_while_a_source_is_read_ends_with_130_and_the_summary(
+        tmp_path: Path, origin: Origin, source: str) -> None:
+    """Ctrl-C before any request (a FIFO or pipe waits for lines): it was a KeyboardInterrupt
+    traceback and "killed by SIGINT" (the handler that makes it 130 came after the sources)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    name = "-" if source == "stdin" else str(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "warm", "--progress", "none", "--proxy", origin.url,
+                             "--urls", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    writer = -1
+    try:
+        if source == "fifo whose writer stalls":
+            writer = os.open(fifo, os.O_WRONLY)  # (returns once warm has opened it to read)
+            os.write(writer, b"/a\n")
+        _blocked_reading(proc.pid, ("wait_for_partner",) if source == "fifo without a writer"
+                         else ("pipe_read", "anon_pipe_read", "pipe_wait", "fifo_pipe_read"))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+    assert out.startswith(b"cachegate warm: 0 of 0 requests in "), out
+    assert b"(interrupted)" in out.splitlines()[0], out
