@@ -90,11 +90,17 @@ class GuardSettings:
     bearer_ok: bool = False  # the request carries the right ``Authorization: Bearer`` token
 
 
+ACCEPT_IDENTITY = (("Accept-Encoding", "identity"),)
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     status: int  # 403 or 415
     reason: RefusalReason  # the metric's label
     message: str
+    # Fields the answer carries: a 415 for a Content-Encoding says which one the API takes
+    # (``Accept-Encoding: identity``, RFC 9110 §12.5.3).
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 _NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")  # a DNS name or IPv4 address, lower-cased
@@ -230,7 +236,8 @@ def decide(method: str, path: str, headers: MultiMapping[str], settings: GuardSe
     encoded = body_coding(headers)
     if encoded is not None:
         return Refused(415, "content_encoding", f"the admin API takes no Content-Encoding: {encoded}: send "
-                                                "the body as it is (JSON, no Content-Encoding field)")
+                                                "the body as it is (JSON, no Content-Encoding field)",
+                       ACCEPT_IDENTITY)
     if not settings.token_set:
         ctype = headers.get("Content-Type", "")
         media = ctype.split(";", 1)[0].strip().lower()
@@ -360,7 +367,8 @@ def guard_middleware(settings_of: Callable[[web.Request], GuardSettings],
         refused(request, verdict.reason)
         log.debug("admin %s %s refused (%s) for %s", request.method, request.path, verdict.reason,
                   request.remote)
-        return web.json_response({"error": verdict.message}, status=verdict.status)
+        return web.json_response({"error": verdict.message}, status=verdict.status,
+                                 headers=dict(verdict.headers) if verdict.headers else None)
 
     return guard
 

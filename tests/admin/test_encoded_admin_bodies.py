@@ -53,6 +53,8 @@ async def test_an_encoded_admin_body_is_a_415_and_logged_as_a_refusal(
         reply = await locked.admin("POST", path, data=body,
                                    headers={"Content-Encoding": coding, **(AUTH if auth else {})})
         assert (reply.status, js(reply)) == (415, refusal(coding)), (coding, reply.body)
+        # What the API takes instead (RFC 9110 §12.5.3: a 415 for a content coding says it).
+        assert reply.headers.getall("Accept-Encoding", []) == ["identity"], (coding, reply.headers)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
     lines = admin_lines(caplog)
@@ -86,6 +88,7 @@ async def test_without_a_token_an_encoded_body_is_a_415_too(
     caplog.set_level(logging.INFO, logger="cachegate")
     reply = await proxy.admin("POST", "/purge", data=b"garbage", headers={"Content-Encoding": "deflate"})
     assert (reply.status, js(reply)) == (415, refusal("deflate"))
+    assert reply.headers.get("Accept-Encoding") == "identity"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -100,4 +103,5 @@ async def test_brotli_is_the_same_415(locked: Proxy) -> None:
     writer.close()
     head, _, answer = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 415 "), head
+    assert b"\r\naccept-encoding: identity\r\n" in head.lower(), head
     assert json.loads(answer) == refusal("br")
