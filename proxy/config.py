@@ -59,6 +59,7 @@ from proxy.settings import (
     listed_twice,
     parse_workers,
     read_settings,
+    rule_file_shown,
     shared_address,
     storable_limit,
     upstream_twice,
@@ -566,23 +567,12 @@ def load_config(path: str | None, overrides: Overrides | None = None, *,
     settings = read_settings(root, Context(problems, base_dir, sources=sources))
     settings = _apply_overrides(settings, overrides, problems)
     _check(settings, problems, root, overrides, running_admin, machine, names)
-    files = [(f, _rule_file_shown(f, path)) for f in settings.rule_files if sources.why_not(f) is None]
+    files = [(f, rule_file_shown(f, path)) for f in settings.rule_files if sources.why_not(f) is None]
     rules = load_rules(files, base_cache_options(settings), problems, sources)
     if problems:
         raise ConfigError(problems.ordered(), problems.ordered_warnings())
     return replace(settings, rules=rules, warnings=tuple(problems.ordered_warnings()),
                    sources=tuple(sources.read.items()))
-
-
-def _rule_file_shown(resolved: str, config: str | None) -> str:
-    """A rule file's name in problems, ``check``, /reload and explain: shown as the config's own
-    path is. Absolute when the config was named by an absolute path (a service's, whose working
-    directory is / : "etc/cachegate/rules/site.yaml" read as a path relative to nothing);
-    relative to the current directory, as the config's, when it was named by a relative one."""
-    if config is None or os.path.isabs(config):
-        return resolved
-    shown = os.path.relpath(resolved)
-    return resolved if shown.startswith("..") else shown
 
 
 def load_admin_access(path: str, *, token: bool = False) -> AdminSettings:

@@ -931,6 +931,17 @@ def _workers(item: Src, ctx: Context) -> int:
         raise Reported from None
 
 
+def rule_file_shown(resolved: str, config: str | None) -> str:
+    """A rule file's name in problems, ``check``, /reload and explain: shown as the config's own
+    path is. Absolute when the config was named by an absolute path (a service's, whose working
+    directory is / : "etc/cachegate/rules/site.yaml" read as a path relative to nothing);
+    relative to the current directory, as the config's, when it was named by a relative one."""
+    if config is None or os.path.isabs(config):
+        return resolved
+    shown = os.path.relpath(resolved)
+    return resolved if shown.startswith("..") else shown
+
+
 def _rule_files(item: Src, ctx: Context) -> tuple[str, ...]:
     """Rule file paths (a list, or one), each a regular file, each listed once."""
     files = []
@@ -954,7 +965,8 @@ def _rule_files(item: Src, ctx: Context) -> tuple[str, ...]:
         seen[real] = written
         why = ctx.sources.why_not(resolved)
         if why is not None:
-            ctx.problem(element, f"rule file {show_path(resolved)} {why}")
+            # (Named as the files loaded are: from the config's own name, as written.)
+            ctx.problem(element, f"rule file {show_path(rule_file_shown(resolved, element.file))} {why}")
         files.append(resolved)
     return tuple(files)
 

@@ -55,3 +55,21 @@ def test_the_rule_files_loaded_are_named_as_the_config_is(tmp_path: Path, monkey
     assert load_config(str(config)).rules.files == (f"{tmp_path}/etc/rules/site.yaml",)
     monkeypatch.chdir(tmp_path)
     assert load_config("etc/c.yaml").rules.files == ("etc/rules/site.yaml",)
+
+
+@pytest.mark.parametrize(("config", "cwd", "shown"), [
+    ("./c.yaml", "etc", "rules/missing.yaml"), ("c.yaml", "etc", "rules/missing.yaml"),
+    ("etc/c.yaml", "", "etc/rules/missing.yaml"), ("ABS/etc/c.yaml", "", "ABS/etc/rules/missing.yaml"),
+])
+def test_a_missing_rule_file_is_named_as_the_existing_ones_are(
+        tmp_path: Path, config: str, cwd: str, shown: str) -> None:
+    """It was named by its absolute path after a relative config's name
+    (``./c.yaml:3: rules: rule file /srv/.../rules/missing.yaml does not exist``)."""
+    _site(tmp_path, GOOD)
+    (tmp_path / "etc" / "c.yaml").write_text(
+        "upstreams: [http://127.0.0.1:9]\nrules: [rules/site.yaml, rules/missing.yaml]\ncache: {disk: null}\n")
+    config, shown = config.replace("ABS", str(tmp_path)), shown.replace("ABS", str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", config], cwd=tmp_path / cwd,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{config}:2: rules: rule file {shown} does not exist" in done.stderr, done.stderr
