@@ -57,7 +57,7 @@ from proxy.storage.failures import SETTLE
 from proxy.storage.index import UrlTagIndex, of_earlier_release
 from proxy.storage.memory import MemoryTier
 from proxy.storage.persist import PERSIST_INTERVAL
-from proxy.storage.spool import SPOOLS, empty_dead_spools
+from proxy.storage.spool import SPOOLS, empty_dead_spools, sweep_dead_spools
 from proxy.storage.tiered import Storage
 from proxy.upstream import UpstreamPool
 
@@ -207,8 +207,11 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
     limit = storable_limit(c.max_object, (c.disk.size, c.disk.shards) if c.disk is not None else None,
                            c.memory_max_object, c.memory, arena.processes)
     # (A memory-only owner says once why it spools in a folder of its own; its workers do not.)
-    return Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit,
-                   spool_warn=arena_fd is None)
+    storage = Storage(memory, disk, index, max_object=c.max_object, configured_limit=limit,
+                      spool_warn=arena_fd is None)
+    if disk is None and arena_fd is None:  # what killed processes left in this user's spool root
+        sweep_dead_spools(storage.spools.root)
+    return storage
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,8 @@ class Upkeep:
         At the orphan sweeps, and at once when the supervisor sees a worker die."""
         t = self.t
         disk = t.disk
-        if disk is None:
-            return 0
+        if disk is None:  # memory-only: the folders alone (no body is ever written from them)
+            return await t.run(sweep_dead_spools, self.spools.root)
 
         def sweep_dead() -> int:
             orphans = 0

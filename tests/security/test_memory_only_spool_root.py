@@ -196,3 +196,28 @@ async def test_a_spool_folder_that_cannot_be_made_is_named_at_the_start(
     assert line.startswith("cachegate: cannot make a spool folder in the temp directory (TMPDIR; "
                            f"there is no cache.disk): {where} cannot be made (Permission denied)"), line
     assert "cache.disk.path" not in line and "?" not in line, line
+
+
+def test_a_killed_processs_spool_folder_is_swept_at_the_next_start(tmpdir_env: Path) -> None:
+    """The per-user root is the same across restarts, so a memory-only start finds there what a
+    process killed by SIGKILL left (its folder and lock file); a running one's stays."""
+    from proxy.config import load_config
+    from proxy.runtime import open_storage
+    from proxy.storage.spool import private_spool_root
+
+    root, _ = private_spool_root()
+    killed = subprocess.run([sys.executable, "-c", "import os, signal\nfrom proxy.storage.spool import SpoolDir\n"
+                             f"s = SpoolDir({root!r})\nprint(s.path, flush=True)\n"
+                             "os.kill(os.getpid(), signal.SIGKILL)"],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, TMPDIR=str(tmpdir_env)))
+    left = killed.stdout.strip()
+    assert killed.returncode == -9 and os.path.isdir(left), killed
+    config = tmpdir_env / "c.yaml"
+    config.write_text("upstreams: [http://127.0.0.1:9]\ncache: {memory: 64MB, disk: null}\n")
+    storage = open_storage(load_config(str(config)))
+    try:
+        assert storage.spools.root == root
+        assert not os.path.exists(left)
+        assert os.listdir(root) == [os.path.basename(storage.spools.path)]
+    finally:
+        storage.close()
